@@ -1,0 +1,132 @@
+//! Thin route handlers: read the body, validate, hand over to the pipeline.
+
+use super::error::ApiError;
+use super::request_id::RequestId;
+use super::types::{ModelCard, ModelList};
+use super::validate::{self, InferenceRequest};
+use crate::pipeline::{self, RequestCtx};
+use crate::state::AppState;
+use crate::tenants::Tenant;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+type Validator = fn(&[u8], &crate::config::ServerConfig) -> Result<InferenceRequest, ApiError>;
+
+async fn inference(
+    state: AppState,
+    tenant: Arc<Tenant>,
+    id: RequestId,
+    body: Result<Bytes, BytesRejection>,
+    validate: Validator,
+) -> Response {
+    let started = Instant::now();
+    let parsed = body
+        .map_err(|r| match r.status() {
+            http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+                limit: state.config.server.max_body_bytes,
+            },
+            _ => ApiError::bad(format!("Could not read the request body: {r}"), None),
+        })
+        .and_then(|b| validate(&b, &state.config.server));
+    match parsed {
+        Ok(req) => {
+            let ctx = RequestCtx {
+                request_id: id.0,
+                tenant,
+                started,
+            };
+            pipeline::serve(&state, ctx, req).await
+        }
+        Err(e) => {
+            state.metrics.count(&tenant.id, "", e.status().as_str());
+            tracing::info!(error = %e, "invalid request");
+            e.into_response()
+        }
+    }
+}
+
+pub async fn chat(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    inference(state, tenant, id, body, validate::chat).await
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    inference(state, tenant, id, body, validate::completion).await
+}
+
+/// The models this tenant can reach.
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+) -> Json<ModelList> {
+    let data = state
+        .config
+        .models
+        .iter()
+        .filter(|m| {
+            state
+                .router
+                .pool_for(&m.id, tenant.cfg.pool.as_deref())
+                .is_some()
+        })
+        .map(|m| ModelCard {
+            id: m.id.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "tollgate",
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+/// Liveness: the process serves HTTP.
+pub async fn health() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: not draining, and every pool has a routable worker.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    for pool in &state.router.pools {
+        if !pool.slots.iter().any(|s| s.healthy()) {
+            let msg = format!("pool {} has no healthy worker\n", pool.name);
+            return (http::StatusCode::SERVICE_UNAVAILABLE, msg).into_response();
+        }
+    }
+    "ready\n".into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.router),
+    )
+        .into_response()
+}
+
+pub async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}

@@ -1,0 +1,38 @@
+//! The HTTP surface: the tenant API (`/v1/...`, behind auth), and the operational endpoints
+//! (`/health`, `/ready`, `/metrics`). Cross-cutting concerns are layers: request id and
+//! tracing span ([`request_id`]), tenant authentication ([`auth`]), body limit.
+
+pub mod auth;
+pub mod error;
+mod handlers;
+pub mod render;
+pub mod request_id;
+pub mod types;
+pub mod validate;
+
+use crate::state::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::Router;
+
+/// The gateway's whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_tenant,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(state.config.server.max_body_bytes))
+        .layer(middleware::from_fn(request_id::layer))
+        .with_state(state)
+}

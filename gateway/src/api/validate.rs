@@ -1,0 +1,374 @@
+//! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
+//!
+//! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
+//! (`n > 1`, tools, logprobs, penalties, …) are refused with a 400 that says so rather than
+//! silently dropped.
+
+use super::error::ApiError;
+use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
+use crate::config::ServerConfig;
+use crate::worker::{ChatMessage, Prompt, SamplingParams};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Which endpoint a request came in on (decides the response shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// A validated request, ready for the pipeline.
+#[derive(Debug, Clone)]
+pub struct InferenceRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn typed<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." || path.is_empty() {
+            ApiError::bad(format!("Invalid request body: {inner}"), None)
+        } else {
+            ApiError::bad(format!("Invalid value for `{path}`: {inner}"), Some(path))
+        }
+    })
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("Request body is not valid JSON: {e}"), None))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("Request body must be a JSON object.", None));
+    }
+    Ok(v)
+}
+
+fn not_null(v: &Option<Value>) -> bool {
+    matches!(v, Some(x) if !x.is_null())
+}
+
+fn range(name: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::bad(
+            format!("`{name}` must be between {lo} and {hi}, got {v}."),
+            Some(name.to_string()),
+        ))
+    }
+}
+
+fn common(
+    c: CommonParams,
+    max_tokens: Option<u32>,
+    server: &ServerConfig,
+) -> Result<(String, SamplingParams, bool, bool), ApiError> {
+    if c.model.is_empty() {
+        return Err(ApiError::bad(
+            "`model` must not be empty.",
+            Some("model".into()),
+        ));
+    }
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::unsupported("n", "more than one choice (`n` > 1)"));
+        }
+    }
+    let max_tokens = max_tokens
+        .or(c.max_tokens)
+        .unwrap_or(server.default_max_tokens);
+    if max_tokens == 0 || max_tokens > server.max_tokens_limit {
+        return Err(ApiError::bad(
+            format!(
+                "`max_tokens` must be between 1 and {}, got {max_tokens}.",
+                server.max_tokens_limit
+            ),
+            Some("max_tokens".into()),
+        ));
+    }
+    let temperature = range("temperature", c.temperature.unwrap_or(1.0), 0.0, 2.0)?;
+    let top_p = range("top_p", c.top_p.unwrap_or(1.0), 0.0, 1.0)?;
+    for (name, v) in [
+        ("presence_penalty", c.presence_penalty),
+        ("frequency_penalty", c.frequency_penalty),
+    ] {
+        if let Some(v) = v {
+            range(name, v, -2.0, 2.0)?;
+            if v != 0.0 {
+                return Err(ApiError::unsupported(name, "a non-zero penalty"));
+            }
+        }
+    }
+    if matches!(&c.logit_bias, Some(Value::Object(m)) if !m.is_empty()) {
+        return Err(ApiError::unsupported("logit_bias", "logit bias"));
+    }
+    if matches!(&c.logprobs, Some(v) if !(v.is_null() || *v == Value::Bool(false))) {
+        return Err(ApiError::unsupported("logprobs", "returning logprobs"));
+    }
+    let stop = match c.stop {
+        None => vec![],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad(
+            "`stop` takes at most 4 non-empty strings.",
+            Some("stop".into()),
+        ));
+    }
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::bad(
+            "`stream_options` is only allowed when `stream` is true.",
+            Some("stream_options".into()),
+        ));
+    }
+    let include_usage = c.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
+    Ok((
+        c.model,
+        SamplingParams {
+            max_tokens,
+            temperature,
+            top_p,
+            seed: c.seed.map(|s| s as u64),
+            stop,
+        },
+        stream,
+        include_usage,
+    ))
+}
+
+/// Validates a `/v1/chat/completions` body.
+pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
+    let v = parse_json(body)?;
+    let req: ChatRequest = typed(&v)?;
+    let c: CommonParams = typed(&v)?;
+    if not_null(&req.tools) && req.tools != Some(Value::Array(vec![])) {
+        return Err(ApiError::unsupported("tools", "tool calling"));
+    }
+    if not_null(&req.functions) || not_null(&req.function_call) {
+        return Err(ApiError::unsupported("functions", "function calling"));
+    }
+    if not_null(&req.tool_choice) && req.tool_choice != Some(Value::String("none".into())) {
+        return Err(ApiError::unsupported("tool_choice", "tool calling"));
+    }
+    if not_null(&req.top_logprobs) {
+        return Err(ApiError::unsupported("top_logprobs", "returning logprobs"));
+    }
+    if let Some(rf) = &req.response_format {
+        if !rf.is_null() && rf["type"] != "text" {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "structured output",
+            ));
+        }
+    }
+    let _ = req.parallel_tool_calls;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad(
+            "`messages` must contain at least one message.",
+            Some("messages".into()),
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let param = |f: &str| Some(format!("messages[{i}].{f}"));
+        match m.role.as_str() {
+            "system" | "developer" | "user" | "assistant" => {}
+            "tool" | "function" => {
+                return Err(ApiError::unsupported(
+                    &format!("messages[{i}].role"),
+                    "tool messages",
+                ))
+            }
+            other => {
+                return Err(ApiError::bad(
+                    format!("Invalid role {other:?} in `messages[{i}].role`."),
+                    param("role"),
+                ))
+            }
+        }
+        if m.tool_calls.is_some() {
+            return Err(ApiError::unsupported(
+                &format!("messages[{i}].tool_calls"),
+                "tool calls",
+            ));
+        }
+        let _ = m.name;
+        let content = match m.content {
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::unsupported(
+                                &format!("messages[{i}].content[{j}]"),
+                                &format!("content of type {kind:?}"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            None if m.role == "assistant" => String::new(),
+            None => {
+                return Err(ApiError::bad(
+                    format!("`messages[{i}].content` is required."),
+                    param("content"),
+                ))
+            }
+        };
+        messages.push(ChatMessage {
+            role: m.role,
+            content,
+        });
+    }
+    let (model, params, stream, include_usage) = common(c, req.max_completion_tokens, server)?;
+    Ok(InferenceRequest {
+        endpoint: Endpoint::Chat,
+        model,
+        prompt: Prompt::Chat(messages),
+        params,
+        stream,
+        include_usage,
+    })
+}
+
+/// Validates a `/v1/completions` body.
+pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
+    let v = parse_json(body)?;
+    let req: CompletionRequest = typed(&v)?;
+    let c: CommonParams = typed(&v)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::unsupported("echo", "echoing the prompt"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::unsupported("best_of", "`best_of` > 1"));
+    }
+    if not_null(&req.suffix) {
+        return Err(ApiError::unsupported("suffix", "a suffix (insertion)"));
+    }
+    let prompt = match req.prompt {
+        Value::String(s) => s,
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Value::Array(a) if a.iter().all(Value::is_string) => {
+            return Err(ApiError::unsupported(
+                "prompt",
+                "more than one prompt per request",
+            ))
+        }
+        Value::Array(_) => return Err(ApiError::unsupported("prompt", "a prompt of token ids")),
+        _ => {
+            return Err(ApiError::bad(
+                "Invalid value for `prompt`: expected a string.",
+                Some("prompt".into()),
+            ))
+        }
+    };
+    let (model, params, stream, include_usage) = common(c, None, server)?;
+    Ok(InferenceRequest {
+        endpoint: Endpoint::Completion,
+        model,
+        prompt: Prompt::Text(prompt),
+        params,
+        stream,
+        include_usage,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ServerConfig {
+        ServerConfig::default()
+    }
+
+    fn err(body: &str) -> (u16, Option<String>, String) {
+        match chat(body.as_bytes(), &server()) {
+            Err(e) => {
+                let status = e.status().as_u16();
+                let v: Value = serde_json::from_str(&e.to_json()).unwrap();
+                (
+                    status,
+                    v["error"]["param"].as_str().map(str::to_string),
+                    v["error"]["message"].as_str().unwrap().to_string(),
+                )
+            }
+            Ok(r) => panic!("accepted: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_normal_request() {
+        let r = chat(
+            br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stream_options":{"include_usage":true},"stop":"\n","seed":7,"max_tokens":9,"temperature":0}"#,
+            &server(),
+        )
+        .unwrap();
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.params.max_tokens, 9);
+        assert_eq!(r.params.stop, vec!["\n"]);
+        assert_eq!(r.params.seed, Some(7));
+        let Prompt::Chat(m) = r.prompt else { panic!() };
+        assert_eq!(m[1].content, "hi");
+    }
+
+    #[test]
+    fn names_the_field_of_a_wrong_type() {
+        let (s, p, m) =
+            err(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#);
+        assert_eq!((s, p.as_deref()), (400, Some("temperature")), "{m}");
+        let (s, p, _) = err(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#);
+        assert_eq!((s, p.as_deref()), (400, Some("messages[0].content")));
+        let (s, _, m) = err(r#"{"model":"m","messages":"#);
+        assert!(s == 400 && m.contains("not valid JSON"));
+        let (s, p, _) = err(r#"{"messages":[]}"#);
+        assert_eq!(s, 400, "{p:?}");
+    }
+
+    #[test]
+    fn ranges_and_unsupported_options() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        for (extra, param) in [
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""max_tokens":100000"#, "max_tokens"),
+            (r#""temperature":2.5"#, "temperature"),
+            (r#""top_p":1.5"#, "top_p"),
+            (r#""n":2"#, "n"),
+            (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""logprobs":true"#, "logprobs"),
+            (
+                r#""stream_options":{"include_usage":true}"#,
+                "stream_options",
+            ),
+            (r#""stop":["a","b","c","d","e"]"#, "stop"),
+        ] {
+            let (s, p, m) = err(&format!("{{{base},{extra}}}"));
+            assert_eq!((s, p.as_deref()), (400, Some(param)), "{extra}: {m}");
+        }
+        let (_, _, m) = err(&format!("{{{base},\"n\":3}}"));
+        assert!(m.contains("not supported"), "{m}");
+    }
+
+    #[test]
+    fn completion_prompts() {
+        let ok = completion(br#"{"model":"m","prompt":["once"]}"#, &server()).unwrap();
+        assert!(matches!(ok.prompt, Prompt::Text(ref t) if t == "once"));
+        assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
+        assert!(completion(br#"{"model":"m","prompt":[1,2]}"#, &server()).is_err());
+        assert!(completion(br#"{"model":"m","prompt":"x","echo":true}"#, &server()).is_err());
+    }
+}

@@ -1,0 +1,431 @@
+//! Operator configuration: the TOML file's shape, its defaults, and whole-file validation.
+//!
+//! Every field is documented in `config/README.md` at the repository root. A config is
+//! parsed and validated as a whole ([`Config::from_toml`]); nothing half-valid is ever
+//! returned. The embedded default ([`DEFAULT_CONFIG`]) serves one demo tenant on loopback.
+
+pub mod keys;
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The embedded default config (`config/gateway.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/gateway.toml");
+
+/// Errors in reading or validating a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+fn positive(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}
+
+fn non_negative(x: f64) -> bool {
+    x >= 0.0 && x.is_finite()
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(msg.into()))
+}
+
+/// The whole operator config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// `[server]`: listeners and request-level limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Tenant API listener.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT: how long in-flight requests may finish before the process exits.
+    pub drain_timeout_secs: f64,
+    /// Upper bound on one request's whole life (admission to last byte).
+    pub request_timeout_secs: f64,
+    /// How many other workers a request may be retried on before its first byte.
+    pub max_retries: u32,
+    /// `max_tokens` used when a request gives none.
+    pub default_max_tokens: u32,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            max_body_bytes: 1 << 20,
+            drain_timeout_secs: 30.0,
+            request_timeout_secs: 600.0,
+            max_retries: 2,
+            default_max_tokens: 256,
+            max_tokens_limit: 32768,
+        }
+    }
+}
+
+/// `[[models]]`: a model id tenants may ask for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub id: String,
+    /// Where the weights come from (a known name or a `.gguf` path); used by the in-process
+    /// engine. Pools of `sim` and `openai` workers do not read it.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Weight of one output token against one input token in a tenant's token rate.
+    #[serde(default = "default_output_weight")]
+    pub output_weight: f64,
+}
+
+fn default_output_weight() -> f64 {
+    3.0
+}
+
+/// `[[pools]]`: workers that serve one model, and how requests are routed among them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub model: String,
+    pub workers: Vec<WorkerConfig>,
+    /// Seconds between active health probes of each worker.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_secs: f64,
+    /// Consecutive failures that open a worker's circuit breaker (passive ejection).
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps a worker out before a trial request.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_secs: f64,
+}
+
+fn default_health_interval() -> f64 {
+    5.0
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown() -> f64 {
+    5.0
+}
+
+/// One entry of a pool's `workers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WorkerConfig {
+    /// A simulated GPU worker (see `gateway::worker::sim`). Not a model: it produces
+    /// deterministic filler text on a latency model, to test and load-test the gateway.
+    Sim(SimConfig),
+    /// Any OpenAI-compatible upstream: vLLM, SGLang, llama.cpp server, another tollgate.
+    Openai(OpenAiConfig),
+}
+
+/// Parameters of the simulated GPU worker's latency model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// How many identical simulated workers this entry stands for.
+    pub count: usize,
+    /// Prefill speed, prompt tokens per second (0 = instantaneous).
+    pub prefill_tokens_per_s: f64,
+    /// Decode step time at batch size 1, milliseconds.
+    pub decode_step_ms: f64,
+    /// Extra decode step time per running sequence, milliseconds.
+    pub decode_step_ms_per_seq: f64,
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// KV-cache capacity in tokens; a request reserves prompt + max_tokens.
+    pub kv_tokens: usize,
+    /// Natural answer length range (tokens) before the simulated end-of-sequence.
+    pub min_output_tokens: u32,
+    pub max_output_tokens: u32,
+    /// Most requests the router sends this worker at once (running + queued inside it).
+    pub max_concurrency: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            count: 1,
+            prefill_tokens_per_s: 20000.0,
+            decode_step_ms: 10.0,
+            decode_step_ms_per_seq: 0.05,
+            max_batch: 64,
+            kv_tokens: 262144,
+            min_output_tokens: 16,
+            max_output_tokens: 128,
+            max_concurrency: 256,
+        }
+    }
+}
+
+/// An OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8000` (the `/v1/...` paths are appended).
+    pub url: String,
+    /// Model name to send upstream; defaults to the pool's model id.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Speak HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    #[serde(default)]
+    pub http2: bool,
+    /// Most requests in flight to this upstream at once.
+    #[serde(default = "default_upstream_concurrency")]
+    pub max_concurrency: usize,
+    /// Seconds to wait for the upstream's response headers.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_secs: f64,
+    /// Path probed by active health checks (expects 2xx).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    /// Bearer key sent upstream, if it needs one.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+fn default_upstream_concurrency() -> usize {
+    1024
+}
+fn default_upstream_timeout() -> f64 {
+    30.0
+}
+fn default_health_path() -> String {
+    "/v1/models".into()
+}
+
+/// `[[tenants]]`: who may call, with which keys, under which contract.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    /// Hex SHA-256 digests of the tenant's API keys (`gateway keys new` prints one).
+    pub keys_sha256: Vec<String>,
+    /// Purchased rate of weighted tokens per second (enforced by the capacity limiter).
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
+    /// Bucket depth in seconds of the rate.
+    #[serde(default)]
+    pub burst_seconds: Option<f64>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Cap on the tenant's in-flight requests (over it → 429).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub tier: Tier,
+    #[serde(default)]
+    pub overflow: Overflow,
+    /// Dedicated pool; without it the tenant uses the first pool listed for the model.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    #[default]
+    Reserved,
+    Spot,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    #[default]
+    Reject,
+    BestEffort,
+}
+
+impl Config {
+    /// Parses and validates a whole config.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded default config.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes < 1024 {
+            return invalid("server.max_body_bytes must be at least 1024");
+        }
+        if !(s.drain_timeout_secs >= 0.0 && s.drain_timeout_secs.is_finite()) {
+            return invalid("server.drain_timeout_secs must be a finite number >= 0");
+        }
+        if !(s.request_timeout_secs > 0.0 && s.request_timeout_secs.is_finite()) {
+            return invalid("server.request_timeout_secs must be > 0");
+        }
+        if s.default_max_tokens == 0 || s.default_max_tokens > s.max_tokens_limit {
+            return invalid("server.default_max_tokens must be in 1..=server.max_tokens_limit");
+        }
+        let mut model_ids = HashSet::new();
+        for m in &self.models {
+            if m.id.is_empty() {
+                return invalid("models: id must not be empty");
+            }
+            if !model_ids.insert(m.id.as_str()) {
+                return invalid(format!("models: duplicate id {:?}", m.id));
+            }
+            if !(m.output_weight > 0.0 && m.output_weight.is_finite()) {
+                return invalid(format!("models.{}: output_weight must be > 0", m.id));
+            }
+        }
+        let mut pool_names = HashSet::new();
+        for p in &self.pools {
+            if !pool_names.insert(p.name.as_str()) {
+                return invalid(format!("pools: duplicate name {:?}", p.name));
+            }
+            if !model_ids.contains(p.model.as_str()) {
+                return invalid(format!("pools.{}: unknown model {:?}", p.name, p.model));
+            }
+            if p.workers.is_empty() {
+                return invalid(format!("pools.{}: needs at least one worker", p.name));
+            }
+            if !positive(p.health_interval_secs) || !non_negative(p.breaker_cooldown_secs) {
+                return invalid(format!(
+                    "pools.{}: health_interval_secs must be > 0 and breaker_cooldown_secs >= 0",
+                    p.name
+                ));
+            }
+            if p.breaker_failures == 0 {
+                return invalid(format!("pools.{}: breaker_failures must be >= 1", p.name));
+            }
+            for w in &p.workers {
+                w.validate(&p.name)?;
+            }
+        }
+        let mut tenant_ids = HashSet::new();
+        let mut key_hashes = HashSet::new();
+        for t in &self.tenants {
+            if t.id.is_empty() {
+                return invalid("tenants: id must not be empty");
+            }
+            if !tenant_ids.insert(t.id.as_str()) {
+                return invalid(format!("tenants: duplicate id {:?}", t.id));
+            }
+            if t.keys_sha256.is_empty() {
+                return invalid(format!("tenants.{}: keys_sha256 must list a key", t.id));
+            }
+            for k in &t.keys_sha256 {
+                let digest = keys::parse_digest(k).map_err(|e| {
+                    ConfigError::Invalid(format!("tenants.{}: keys_sha256: {e}", t.id))
+                })?;
+                if !key_hashes.insert(digest) {
+                    return invalid(format!(
+                        "tenants.{}: a key digest is listed twice (keys must be unique)",
+                        t.id
+                    ));
+                }
+            }
+            if let Some(pool) = &t.pool {
+                if !pool_names.contains(pool.as_str()) {
+                    return invalid(format!("tenants.{}: unknown pool {pool:?}", t.id));
+                }
+            }
+            for (name, v) in [
+                ("tokens_per_second", t.tokens_per_second),
+                ("burst_seconds", t.burst_seconds),
+            ] {
+                if let Some(v) = v {
+                    if !(v > 0.0 && v.is_finite()) {
+                        return invalid(format!("tenants.{}: {name} must be > 0", t.id));
+                    }
+                }
+            }
+            if t.max_concurrency == Some(0) || t.requests_per_minute == Some(0) {
+                return invalid(format!(
+                    "tenants.{}: max_concurrency and requests_per_minute must be >= 1",
+                    t.id
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WorkerConfig {
+    fn validate(&self, pool: &str) -> Result<(), ConfigError> {
+        match self {
+            WorkerConfig::Sim(s) => {
+                if s.count == 0 || s.max_batch == 0 || s.max_concurrency == 0 {
+                    return invalid(format!(
+                        "pools.{pool}: sim count, max_batch and max_concurrency must be >= 1"
+                    ));
+                }
+                if s.min_output_tokens > s.max_output_tokens || s.max_output_tokens == 0 {
+                    return invalid(format!(
+                        "pools.{pool}: sim needs 0 < min_output_tokens <= max_output_tokens"
+                    ));
+                }
+                for (n, v) in [
+                    ("prefill_tokens_per_s", s.prefill_tokens_per_s),
+                    ("decode_step_ms", s.decode_step_ms),
+                    ("decode_step_ms_per_seq", s.decode_step_ms_per_seq),
+                ] {
+                    if !(v >= 0.0 && v.is_finite()) {
+                        return invalid(format!("pools.{pool}: sim {n} must be >= 0"));
+                    }
+                }
+            }
+            WorkerConfig::Openai(o) => {
+                let uri: http::Uri = o
+                    .url
+                    .parse()
+                    .map_err(|e| ConfigError::Invalid(format!("pools.{pool}: url: {e}")))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return invalid(format!(
+                        "pools.{pool}: url {:?} must be http://host:port",
+                        o.url
+                    ));
+                }
+                if o.max_concurrency == 0 || !positive(o.timeout_secs) {
+                    return invalid(format!(
+                        "pools.{pool}: openai max_concurrency and timeout_secs must be > 0"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! The worker seam: one trait for everything that generates tokens.
+//!
+//! A worker takes a [`WorkerRequest`] and answers with a stream of [`WorkerEvent`]s that
+//! ends with exactly one [`WorkerEvent::Done`] (or an error). Dropping the stream cancels
+//! the request: the worker frees its slot and stops generating (for an upstream, the
+//! connection is closed). Workers report their own load; the router keeps its own
+//! outstanding-work counters on top (see `route`).
+//!
+//! Kinds: [`sim::SimWorker`] (simulated GPU), [`openai::OpenAiWorker`] (any
+//! OpenAI-compatible upstream). The in-process engine implements the same trait.
+
+pub mod openai;
+pub mod sim;
+mod sse_parse;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// What the client asked to have completed.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// `/v1/chat/completions`: the messages, already validated.
+    Chat(Vec<ChatMessage>),
+    /// `/v1/completions`: a plain prompt.
+    Text(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling and stopping parameters, validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// One request as a worker sees it.
+#[derive(Debug, Clone)]
+pub struct WorkerRequest {
+    pub request_id: Arc<str>,
+    pub tenant: Arc<str>,
+    pub model: Arc<str>,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    /// The client streams: upstream workers should stream too.
+    pub stream: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ContentFilter,
+}
+
+impl FinishReason {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stop" | "eos" => Some(Self::Stop),
+            "length" => Some(Self::Length),
+            "content_filter" => Some(Self::ContentFilter),
+            _ => None,
+        }
+    }
+}
+
+/// Token counts of one finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// What a worker emits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    /// The next piece of generated text (one or more tokens).
+    Delta { text: String, tokens: u32 },
+    /// Generation ended; always the last event.
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+}
+
+/// A worker's answer: events until `Done`. Drop it to cancel.
+pub type EventStream = BoxStream<'static, Result<WorkerEvent, WorkerError>>;
+
+/// Failures of a worker, classified for the router.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    /// Could not reach the worker (refused, reset, DNS, timeout before headers).
+    #[error("worker unreachable: {0}")]
+    Unreachable(String),
+    /// The worker answered with an error status it owns (5xx, 429).
+    #[error("worker failed with status {status}: {message}")]
+    Failed { status: u16, message: String },
+    /// The worker rejected the request itself (4xx other than 429): not the worker's fault.
+    #[error("{message}")]
+    Rejected { status: u16, message: String },
+    /// The worker's answer did not follow the protocol, or broke off mid-stream.
+    #[error("worker protocol error: {0}")]
+    Protocol(String),
+}
+
+impl WorkerError {
+    /// Whether another worker might succeed where this one failed.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, WorkerError::Rejected { .. })
+    }
+    /// Whether this failure counts against the worker's health.
+    pub fn counts_against_worker(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::Unreachable(_) | WorkerError::Failed { .. } | WorkerError::Protocol(_)
+        )
+    }
+}
+
+/// A worker's own view of its load.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Load {
+    /// Requests being generated.
+    pub running: u64,
+    /// Requests accepted but waiting inside the worker (batch or KV full).
+    pub queued: u64,
+}
+
+/// Everything that generates tokens.
+pub trait Worker: Send + Sync + 'static {
+    /// Stable name, used in metrics and logs.
+    fn name(&self) -> &str;
+    /// Starts a request. Resolves once the worker accepted it (an upstream answered with
+    /// its headers); failures before then are retryable on another worker.
+    fn submit(
+        &self,
+        req: Arc<WorkerRequest>,
+    ) -> BoxFuture<'static, Result<EventStream, WorkerError>>;
+    /// The worker's current load.
+    fn load(&self) -> Load;
+    /// Active health probe.
+    fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>>;
+    /// Most requests the router may have in flight on this worker.
+    fn max_concurrency(&self) -> usize;
+}

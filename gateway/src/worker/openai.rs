@@ -1,0 +1,393 @@
+//! A worker that is any OpenAI-compatible upstream (vLLM, SGLang, llama.cpp's server,
+//! another tollgate), over a pooled HTTP/1.1 or HTTP/2 (h2c) client.
+//!
+//! Streaming requests are sent upstream with `stream_options.include_usage`, and the
+//! upstream's SSE body is parsed chunk by chunk as the gateway's client reads (so a slow
+//! client slows the upstream: backpressure end to end). Dropping the event stream drops
+//! the upstream response, which closes that connection: the upstream sees the cancel.
+
+use super::sim::estimate_prompt_tokens;
+use super::sse_parse::SseParser;
+use super::{
+    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+};
+use crate::config::OpenAiConfig;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Largest non-streamed upstream answer accepted.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+pub struct OpenAiWorker {
+    name: String,
+    base: String,
+    model: Option<String>,
+    auth: Option<http::HeaderValue>,
+    client: HttpClient,
+    cfg: OpenAiConfig,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl OpenAiWorker {
+    pub fn new(name: String, cfg: OpenAiConfig) -> Result<Self, String> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(cfg.max_concurrency)
+            .http2_only(cfg.http2)
+            .build(connector);
+        let auth = match &cfg.api_key {
+            Some(k) => Some(
+                http::HeaderValue::from_str(&format!("Bearer {k}"))
+                    .map_err(|_| "api_key has characters not allowed in a header".to_string())?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            name,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            model: cfg.model.clone(),
+            auth,
+            client,
+            cfg,
+            in_flight: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn body(&self, req: &WorkerRequest) -> (&'static str, Value) {
+        let p = &req.params;
+        let model = self.model.as_deref().unwrap_or(&req.model);
+        let (path, mut body) = match &req.prompt {
+            Prompt::Chat(messages) => (
+                "/v1/chat/completions",
+                json!({ "model": model, "messages": messages }),
+            ),
+            Prompt::Text(prompt) => (
+                "/v1/completions",
+                json!({ "model": model, "prompt": prompt }),
+            ),
+        };
+        body["max_tokens"] = json!(p.max_tokens);
+        body["temperature"] = json!(p.temperature);
+        body["top_p"] = json!(p.top_p);
+        if let Some(seed) = p.seed {
+            body["seed"] = json!(seed);
+        }
+        if !p.stop.is_empty() {
+            body["stop"] = json!(p.stop);
+        }
+        if req.stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({ "include_usage": true });
+        }
+        (path, body)
+    }
+}
+
+/// Decrements the in-flight count when the request's stream ends or is dropped.
+struct InFlight(Arc<AtomicU64>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let u = v.get("usage")?;
+    Some(Usage {
+        prompt_tokens: u.get("prompt_tokens")?.as_u64()? as u32,
+        completion_tokens: u.get("completion_tokens")?.as_u64()? as u32,
+    })
+}
+
+fn finish_of(choice: &Value) -> Option<FinishReason> {
+    choice["finish_reason"]
+        .as_str()
+        .map(|s| FinishReason::parse(s).unwrap_or(FinishReason::Stop))
+}
+
+impl Worker for OpenAiWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn submit(
+        &self,
+        req: Arc<WorkerRequest>,
+    ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
+        let (path, body) = self.body(&req);
+        let mut builder = http::Request::post(format!("{}{}", self.base, path))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &*req.request_id);
+        if let Some(a) = &self.auth {
+            builder = builder.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let request = builder.body(Full::new(Bytes::from(body.to_string())));
+        let client = self.client.clone();
+        let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
+        let in_flight = self.in_flight.clone();
+        async move {
+            let request = request.map_err(|e| WorkerError::Protocol(e.to_string()))?;
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let guard = InFlight(in_flight);
+            let resp = tokio::time::timeout(timeout, client.request(request))
+                .await
+                .map_err(|_| {
+                    WorkerError::Unreachable("timed out waiting for upstream headers".into())
+                })?
+                .map_err(|e| WorkerError::Unreachable(format!("{e:#}")))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let body = Limited::new(resp.into_body(), 1 << 20)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let message = error_message(&body);
+                let status = status.as_u16();
+                return Err(if status == 429 || status >= 500 {
+                    WorkerError::Failed { status, message }
+                } else {
+                    WorkerError::Rejected { status, message }
+                });
+            }
+            if req.stream {
+                Ok(stream_events(resp.into_body(), req, guard))
+            } else {
+                let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                    .collect()
+                    .await
+                    .map_err(|e| WorkerError::Protocol(format!("reading upstream body: {e}")))?
+                    .to_bytes();
+                let events = parse_full(&body, &req)?;
+                drop(guard);
+                Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed())
+            }
+        }
+        .boxed()
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            running: self.in_flight.load(Ordering::Relaxed),
+            queued: 0,
+        }
+    }
+
+    fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>> {
+        let uri = format!("{}{}", self.base, self.cfg.health_path);
+        let client = self.client.clone();
+        let auth = self.auth.clone();
+        async move {
+            let mut b = http::Request::get(uri);
+            if let Some(a) = auth {
+                b = b.header(http::header::AUTHORIZATION, a);
+            }
+            let req = b
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| WorkerError::Protocol(e.to_string()))?;
+            let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
+                .await
+                .map_err(|_| WorkerError::Unreachable("health probe timed out".into()))?
+                .map_err(|e| WorkerError::Unreachable(format!("{e:#}")))?;
+            let status = resp.status();
+            // Drain so the connection goes back to the pool.
+            let _ = Limited::new(resp.into_body(), 1 << 20).collect().await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(WorkerError::Failed {
+                    status: status.as_u16(),
+                    message: "health probe failed".into(),
+                })
+            }
+        }
+        .boxed()
+    }
+
+    fn max_concurrency(&self) -> usize {
+        self.cfg.max_concurrency
+    }
+}
+
+/// A non-streamed upstream answer as events.
+fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| WorkerError::Protocol(format!("upstream answer is not JSON: {e}")))?;
+    let choice = &v["choices"][0];
+    let text = match req.prompt {
+        Prompt::Chat(_) => choice["message"]["content"].as_str(),
+        Prompt::Text(_) => choice["text"].as_str(),
+    }
+    .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices[0] text".into()))?;
+    let usage = usage_of(&v).unwrap_or(Usage {
+        prompt_tokens: estimate_prompt_tokens(&req.prompt),
+        completion_tokens: 0,
+    });
+    Ok(vec![
+        WorkerEvent::Delta {
+            text: text.to_string(),
+            tokens: usage.completion_tokens,
+        },
+        WorkerEvent::Done {
+            finish_reason: finish_of(choice).unwrap_or(FinishReason::Stop),
+            usage,
+        },
+    ])
+}
+
+struct StreamState {
+    body: Incoming,
+    parser: SseParser,
+    req: Arc<WorkerRequest>,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+    deltas: u32,
+    ended: bool,
+    _guard: InFlight,
+}
+
+impl StreamState {
+    fn done(&mut self) -> Result<WorkerEvent, WorkerError> {
+        self.ended = true;
+        let finish_reason = self.finish.ok_or_else(|| {
+            WorkerError::Protocol("upstream stream ended without a finish_reason".into())
+        })?;
+        let usage = self.usage.unwrap_or(Usage {
+            prompt_tokens: estimate_prompt_tokens(&self.req.prompt),
+            completion_tokens: self.deltas,
+        });
+        Ok(WorkerEvent::Done {
+            finish_reason,
+            usage,
+        })
+    }
+
+    /// Interprets one SSE payload; `Some` when it yields an event.
+    fn on_data(&mut self, data: &str) -> Option<Result<WorkerEvent, WorkerError>> {
+        if data == "[DONE]" {
+            return Some(self.done());
+        }
+        let v: Value = match serde_json::from_str(data) {
+            Ok(v) => v,
+            Err(e) => {
+                self.ended = true;
+                return Some(Err(WorkerError::Protocol(format!(
+                    "bad upstream chunk: {e}"
+                ))));
+            }
+        };
+        if let Some(err) = v.get("error") {
+            self.ended = true;
+            let message = err["message"]
+                .as_str()
+                .unwrap_or("upstream error")
+                .to_string();
+            return Some(Err(WorkerError::Failed {
+                status: 502,
+                message,
+            }));
+        }
+        if let Some(u) = usage_of(&v) {
+            self.usage = Some(u);
+        }
+        let choice = &v["choices"][0];
+        if let Some(f) = finish_of(choice) {
+            self.finish = Some(f);
+        }
+        let text = match self.req.prompt {
+            Prompt::Chat(_) => choice["delta"]["content"].as_str(),
+            Prompt::Text(_) => choice["text"].as_str(),
+        };
+        match text {
+            Some(t) if !t.is_empty() => {
+                self.deltas += 1;
+                Some(Ok(WorkerEvent::Delta {
+                    text: t.to_string(),
+                    tokens: 1,
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn stream_events(body: Incoming, req: Arc<WorkerRequest>, guard: InFlight) -> EventStream {
+    let state = StreamState {
+        body,
+        parser: SseParser::default(),
+        req,
+        finish: None,
+        usage: None,
+        deltas: 0,
+        ended: false,
+        _guard: guard,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.ended {
+                return None;
+            }
+            match st.parser.next_event() {
+                Err(e) => {
+                    st.ended = true;
+                    return Some((Err(WorkerError::Protocol(e)), st));
+                }
+                Ok(Some(data)) => {
+                    if let Some(ev) = st.on_data(&data) {
+                        return Some((ev, st));
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            match st.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        st.parser.push(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    st.ended = true;
+                    return Some((
+                        Err(WorkerError::Protocol(format!("upstream stream broke: {e}"))),
+                        st,
+                    ));
+                }
+                None => {
+                    // EOF without [DONE]: complete only if the upstream said how it finished.
+                    let ev = if st.finish.is_some() {
+                        st.done()
+                    } else {
+                        st.ended = true;
+                        Err(WorkerError::Protocol(
+                            "upstream stream ended before finishing".into(),
+                        ))
+                    };
+                    return Some((ev, st));
+                }
+            }
+        }
+    })
+    .boxed()
+}
