@@ -1,0 +1,236 @@
+//! Test harness: runs the real `gateway` binary on an ephemeral loopback port, and
+//! in-process upstream stubs (from the `loadtest` crate) for it to route to.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "sk-tollgate-demo";
+pub const KEY_SHA256: &str = "179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f";
+
+/// A running gateway process, killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub base: String,
+    _dir: tempdir::TempDir,
+}
+
+pub mod tempdir {
+    /// A scratch directory removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl TempDir {
+        pub fn new() -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "tollgate-test-{}-{}",
+                std::process::id(),
+                uuid_like()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    fn uuid_like() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A config with one model `m`, a pool with the given workers, and the demo tenant.
+pub fn config(workers: &str, extra_tenant: &str, server: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 4096
+drain_timeout_secs = 10.0
+{server}
+
+[[models]]
+id = "m"
+
+[[pools]]
+name = "p"
+model = "m"
+health_interval_secs = 0.2
+workers = [{workers}]
+
+[[tenants]]
+id = "demo"
+keys_sha256 = ["{KEY_SHA256}"]
+{extra_tenant}
+"#
+    )
+}
+
+/// A fast simulated worker: fixed 8-token answers, no delays.
+pub const FAST_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 0.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 8, max_output_tokens = 8 }"#;
+
+impl Gateway {
+    pub fn start(config: &str) -> Gateway {
+        Self::start_with_log(config, "warn")
+    }
+
+    /// Starts with `RUST_LOG=log`; stderr goes to a file read by [`Gateway::log`].
+    pub fn start_with_log(config: &str, log: &str) -> Gateway {
+        let dir = tempdir::TempDir::new();
+        let path = dir.0.join("gateway.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.0.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("start gateway");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("tollgate listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+        Gateway {
+            child,
+            addr,
+            base: url,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (up to `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one metric line (exact name and labels as rendered).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// An in-process upstream stub; `kill` closes all its connections at once.
+pub struct Stub {
+    pub addr: SocketAddr,
+    pub stats: Arc<loadtest::stub::Stats>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Stub {
+    pub async fn start(args: loadtest::stub::StubArgs) -> Stub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(loadtest::stub::Stats::default());
+        let task = tokio::spawn(loadtest::stub::serve(listener, args, stats.clone()));
+        Stub { addr, stats, task }
+    }
+
+    pub fn worker(&self) -> String {
+        format!(r#"{{ kind = "openai", url = "http://{}" }}"#, self.addr)
+    }
+
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    pub fn get(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(gw.url(path))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Reads a whole SSE body into its `data:` payloads.
+pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
