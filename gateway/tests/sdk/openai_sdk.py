@@ -1,0 +1,70 @@
+"""The official OpenAI Python SDK against a running tollgate gateway.
+
+Usage: python openai_sdk.py BASE_URL KEY MODEL
+Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
+"""
+import sys
+
+import openai
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+# Models.
+ids = [m.id for m in client.models.list()]
+assert model in ids, ids
+
+# A chat completion, with usage.
+r = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=6
+)
+assert r.object == "chat.completion", r
+assert r.choices[0].message.role == "assistant"
+assert r.choices[0].message.content, r
+assert r.choices[0].finish_reason in ("stop", "length"), r
+assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0, r.usage
+assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+# A streamed chat with usage.
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Say hello"}],
+    max_tokens=6,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, usage, finish = "", None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            text += c.delta.content
+        if c.finish_reason:
+            finish = c.finish_reason
+assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
+assert finish == r.choices[0].finish_reason
+assert usage is not None and usage.completion_tokens == 6, usage
+
+# A legacy completion.
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3)
+assert c.choices[0].text and c.usage.completion_tokens == 3, c
+
+# Errors become the SDK's typed exceptions.
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
+try:
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], temperature=9)
+    raise AssertionError("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "temperature", e.body
+try:
+    openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    raise AssertionError("expected AuthenticationError")
+except openai.AuthenticationError:
+    pass
+
+print("ok")
