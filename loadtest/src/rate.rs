@@ -63,7 +63,7 @@ async fn connect(addr: &str) -> Result<http1::SendRequest<Full<Bytes>>, String> 
 pub async fn run(a: RateArgs) -> Result<(), String> {
     let uri: http::Uri = a.url.parse().map_err(|e| format!("--url: {e}"))?;
     let authority = uri.authority().ok_or("--url needs host:port")?.to_string();
-    if !(a.rate > 0.0) {
+    if a.rate.is_nan() || a.rate <= 0.0 {
         return Err("--rate must be > 0".into());
     }
     let (tx, rx) = async_channel::unbounded::<(Instant, bool)>();
