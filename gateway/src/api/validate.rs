@@ -29,25 +29,20 @@ pub struct InferenceRequest {
     pub include_usage: bool,
 }
 
-fn typed<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
+/// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
+fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path == "." || path.is_empty() {
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad(format!("Request body is not valid JSON: {inner}"), None)
+        } else if path == "." || path.is_empty() {
             ApiError::bad(format!("Invalid request body: {inner}"), None)
         } else {
             ApiError::bad(format!("Invalid value for `{path}`: {inner}"), Some(path))
         }
     })
-}
-
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad(format!("Request body is not valid JSON: {e}"), None))?;
-    if !v.is_object() {
-        return Err(ApiError::bad("Request body must be a JSON object.", None));
-    }
-    Ok(v)
 }
 
 fn not_null(v: &Option<Value>) -> bool {
@@ -148,9 +143,8 @@ fn common(
 
 /// Validates a `/v1/chat/completions` body.
 pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
-    let v = parse_json(body)?;
-    let req: ChatRequest = typed(&v)?;
-    let c: CommonParams = typed(&v)?;
+    let req: ChatRequest = typed(body)?;
+    let c: CommonParams = typed(body)?;
     if not_null(&req.tools) && req.tools != Some(Value::Array(vec![])) {
         return Err(ApiError::unsupported("tools", "tool calling"));
     }
@@ -246,9 +240,8 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
 
 /// Validates a `/v1/completions` body.
 pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
-    let v = parse_json(body)?;
-    let req: CompletionRequest = typed(&v)?;
-    let c: CommonParams = typed(&v)?;
+    let req: CompletionRequest = typed(body)?;
+    let c: CommonParams = typed(body)?;
     if req.echo == Some(true) {
         return Err(ApiError::unsupported("echo", "echoing the prompt"));
     }

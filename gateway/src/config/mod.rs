@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub max_retries: u32,
     /// `max_tokens` used when a request gives none.
     pub default_max_tokens: u32,
+    /// Runtime threads serving HTTP: 0 = one per CPU; 1 = a single-threaded runtime (no
+    /// cross-thread wakeups: lowest latency when the gateway shares a small machine).
+    pub threads: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: u32,
 }
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 600.0,
             max_retries: 2,
             default_max_tokens: 256,
+            threads: 0,
             max_tokens_limit: 32768,
         }
     }

@@ -8,6 +8,7 @@
 
 use super::sim::estimate_prompt_tokens;
 use super::sse_parse::SseParser;
+use super::ChatMessage;
 use super::{
     EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
@@ -19,7 +20,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,33 +70,115 @@ impl OpenAiWorker {
         })
     }
 
-    fn body(&self, req: &WorkerRequest) -> (&'static str, Value) {
+    fn body(&self, req: &WorkerRequest) -> (&'static str, Vec<u8>) {
         let p = &req.params;
-        let model = self.model.as_deref().unwrap_or(&req.model);
-        let (path, mut body) = match &req.prompt {
-            Prompt::Chat(messages) => (
-                "/v1/chat/completions",
-                json!({ "model": model, "messages": messages }),
-            ),
-            Prompt::Text(prompt) => (
-                "/v1/completions",
-                json!({ "model": model, "prompt": prompt }),
-            ),
+        let (path, messages, prompt) = match &req.prompt {
+            Prompt::Chat(m) => ("/v1/chat/completions", Some(m.as_slice()), None),
+            Prompt::Text(t) => ("/v1/completions", None, Some(t.as_str())),
         };
-        body["max_tokens"] = json!(p.max_tokens);
-        body["temperature"] = json!(p.temperature);
-        body["top_p"] = json!(p.top_p);
-        if let Some(seed) = p.seed {
-            body["seed"] = json!(seed);
+        let body = UpstreamRequest {
+            model: self.model.as_deref().unwrap_or(&req.model),
+            messages,
+            prompt,
+            max_tokens: p.max_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed: p.seed,
+            stop: (!p.stop.is_empty()).then_some(p.stop.as_slice()),
+            stream: req.stream,
+            stream_options: req.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        (path, serde_json::to_vec(&body).unwrap_or_default())
+    }
+}
+
+#[derive(Serialize)]
+struct UpstreamRequest<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<&'a [ChatMessage]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Option<&'a [String]>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The parts of an upstream answer (whole or chunk) that tollgate reads.
+#[derive(Deserialize)]
+struct UpstreamAnswer<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<UpstreamChoice<'a>>,
+    #[serde(default)]
+    usage: Option<UpstreamUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<UpstreamText<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<UpstreamText<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamText<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct UpstreamUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl From<UpstreamUsage> for Usage {
+    fn from(u: UpstreamUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
         }
-        if !p.stop.is_empty() {
-            body["stop"] = json!(p.stop);
+    }
+}
+
+impl<'a> UpstreamChoice<'a> {
+    /// The generated text in this choice, whatever the endpoint.
+    fn text(&self, chat: bool) -> Option<&str> {
+        if chat {
+            self.message
+                .as_ref()
+                .or(self.delta.as_ref())
+                .and_then(|m| m.content.as_deref())
+        } else {
+            self.text.as_deref()
         }
-        if req.stream {
-            body["stream"] = json!(true);
-            body["stream_options"] = json!({ "include_usage": true });
-        }
-        (path, body)
+    }
+
+    fn finish(&self) -> Option<FinishReason> {
+        self.finish_reason
+            .as_deref()
+            .map(|s| FinishReason::parse(s).unwrap_or(FinishReason::Stop))
     }
 }
 
@@ -112,20 +197,6 @@ fn error_message(body: &[u8]) -> String {
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
 }
 
-fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    Some(Usage {
-        prompt_tokens: u.get("prompt_tokens")?.as_u64()? as u32,
-        completion_tokens: u.get("completion_tokens")?.as_u64()? as u32,
-    })
-}
-
-fn finish_of(choice: &Value) -> Option<FinishReason> {
-    choice["finish_reason"]
-        .as_str()
-        .map(|s| FinishReason::parse(s).unwrap_or(FinishReason::Stop))
-}
-
 impl Worker for OpenAiWorker {
     fn name(&self) -> &str {
         &self.name
@@ -142,7 +213,7 @@ impl Worker for OpenAiWorker {
         if let Some(a) = &self.auth {
             builder = builder.header(http::header::AUTHORIZATION, a.clone());
         }
-        let request = builder.body(Full::new(Bytes::from(body.to_string())));
+        let request = builder.body(Full::new(Bytes::from(body)));
         let client = self.client.clone();
         let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
         let in_flight = self.in_flight.clone();
@@ -232,15 +303,17 @@ impl Worker for OpenAiWorker {
 
 /// A non-streamed upstream answer as events.
 fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
-    let v: Value = serde_json::from_slice(body)
+    let v: UpstreamAnswer = serde_json::from_slice(body)
         .map_err(|e| WorkerError::Protocol(format!("upstream answer is not JSON: {e}")))?;
-    let choice = &v["choices"][0];
-    let text = match req.prompt {
-        Prompt::Chat(_) => choice["message"]["content"].as_str(),
-        Prompt::Text(_) => choice["text"].as_str(),
-    }
-    .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices[0] text".into()))?;
-    let usage = usage_of(&v).unwrap_or(Usage {
+    let chat = matches!(req.prompt, Prompt::Chat(_));
+    let choice = v
+        .choices
+        .first()
+        .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices".into()))?;
+    let text = choice
+        .text(chat)
+        .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices[0] text".into()))?;
+    let usage = v.usage.map(Usage::from).unwrap_or(Usage {
         prompt_tokens: estimate_prompt_tokens(&req.prompt),
         completion_tokens: 0,
     });
@@ -250,7 +323,7 @@ fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, Work
             tokens: usage.completion_tokens,
         },
         WorkerEvent::Done {
-            finish_reason: finish_of(choice).unwrap_or(FinishReason::Stop),
+            finish_reason: choice.finish().unwrap_or(FinishReason::Stop),
             usage,
         },
     ])
@@ -288,38 +361,30 @@ impl StreamState {
         if data == "[DONE]" {
             return Some(self.done());
         }
-        let v: Value = match serde_json::from_str(data) {
+        let v: UpstreamAnswer = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
                 self.ended = true;
-                return Some(Err(WorkerError::Protocol(format!(
-                    "bad upstream chunk: {e}"
-                ))));
+                return Some(Err(WorkerError::Protocol(format!("bad upstream chunk: {e}"))));
             }
         };
-        if let Some(err) = v.get("error") {
+        if let Some(err) = v.error {
             self.ended = true;
-            let message = err["message"]
-                .as_str()
-                .unwrap_or("upstream error")
-                .to_string();
+            let message = err["message"].as_str().unwrap_or("upstream error").to_string();
             return Some(Err(WorkerError::Failed {
                 status: 502,
                 message,
             }));
         }
-        if let Some(u) = usage_of(&v) {
-            self.usage = Some(u);
+        if let Some(u) = v.usage {
+            self.usage = Some(u.into());
         }
-        let choice = &v["choices"][0];
-        if let Some(f) = finish_of(choice) {
+        let choice = v.choices.first()?;
+        if let Some(f) = choice.finish() {
             self.finish = Some(f);
         }
-        let text = match self.req.prompt {
-            Prompt::Chat(_) => choice["delta"]["content"].as_str(),
-            Prompt::Text(_) => choice["text"].as_str(),
-        };
-        match text {
+        let chat = matches!(self.req.prompt, Prompt::Chat(_));
+        match choice.text(chat) {
             Some(t) if !t.is_empty() => {
                 self.deltas += 1;
                 Some(Ok(WorkerEvent::Delta {
