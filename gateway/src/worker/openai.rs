@@ -365,12 +365,17 @@ impl StreamState {
             Ok(v) => v,
             Err(e) => {
                 self.ended = true;
-                return Some(Err(WorkerError::Protocol(format!("bad upstream chunk: {e}"))));
+                return Some(Err(WorkerError::Protocol(format!(
+                    "bad upstream chunk: {e}"
+                ))));
             }
         };
         if let Some(err) = v.error {
             self.ended = true;
-            let message = err["message"].as_str().unwrap_or("upstream error").to_string();
+            let message = err["message"]
+                .as_str()
+                .unwrap_or("upstream error")
+                .to_string();
             return Some(Err(WorkerError::Failed {
                 status: 502,
                 message,
