@@ -1,0 +1,65 @@
+//! The compute backend seam: one batched model step. The CPU backend lives here; the CUDA
+//! backend implements the same trait.
+
+use crate::forward::{Batch, Model, Scratch, StepError};
+use crate::kv::KvCache;
+use crate::model::LlamaConfig;
+use std::sync::Arc;
+
+/// Runs batched forward steps over its own KV cache.
+pub trait Backend: Send {
+    fn name(&self) -> &str;
+    fn config(&self) -> &LlamaConfig;
+    /// Tokens per KV block, and how many blocks the cache holds.
+    fn kv_geometry(&self) -> (usize, usize);
+    /// One step: returns `batch.n_logits() × vocab` logits.
+    fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError>;
+}
+
+/// The multi-threaded CPU backend.
+pub struct CpuBackend {
+    model: Arc<Model>,
+    kv: KvCache,
+    scratch: Scratch,
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// `threads = 0`: one per CPU.
+    pub fn new(
+        model: Arc<Model>,
+        block_size: usize,
+        n_blocks: usize,
+        threads: usize,
+    ) -> Result<Self, String> {
+        let c = &model.config;
+        let kv = KvCache::new(c.n_layers, c.kv_dim(), block_size, n_blocks);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cpu-step-{i}"))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            model,
+            kv,
+            scratch: Scratch::default(),
+            pool,
+        })
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+    fn config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+    fn kv_geometry(&self) -> (usize, usize) {
+        (self.kv.block_size, self.kv.n_blocks)
+    }
+    fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
+        let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
+        self.pool.install(|| model.forward(batch, kv, scratch))
+    }
+}

@@ -1,0 +1,47 @@
+//! Chat templates: the GGUF's `tokenizer.chat_template` (Jinja) rendered with minijinja, so
+//! that a chat request becomes exactly the text the model was trained on.
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Message<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+}
+
+/// ChatML, used when a model file carries no template.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+fn raise_exception(msg: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, Error> {
+        let mut env = Environment::new();
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())?;
+        Ok(Self {
+            env,
+            bos: bos.into(),
+            eos: eos.into(),
+        })
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn opening.
+    pub fn render(&self, messages: &[Message<'_>]) -> Result<String, Error> {
+        self.env.get_template("chat")?.render(context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &self.bos,
+            eos_token => &self.eos,
+        })
+    }
+}

@@ -1,0 +1,305 @@
+//! The forward step over a *packed batch*: many sequences, each a run of consecutive
+//! positions (a prefill chunk, or one decode token), concatenated into one token list.
+//! Each sequence reads and writes its keys and values through its own block table.
+//!
+//! Shapes (T = tokens in the batch, D = dim, Q = heads·head_dim, K = kv heads·head_dim,
+//! F = ffn dim, V = vocab, S = sequences that want logits):
+//!
+//! ```text
+//! x[T,D]   = embed(tokens)
+//! per layer:
+//!   h      = rmsnorm(x) · attn_norm
+//!   q[T,Q], k[T,K], v[T,K] = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ ; rope(q, k) at each token's position
+//!   cache[seq, pos] ← k, v
+//!   a[T,Q] = causal GQA attention of q over its sequence's cache
+//!   x     += a·Woᵀ
+//!   h      = rmsnorm(x) · ffn_norm
+//!   x     += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ
+//! logits[S,V] = rmsnorm(x[last row of each seq]) · output_norm · Woutᵀ
+//! ```
+
+use crate::kv::KvCache;
+use crate::matmul::{matmul, Acts};
+use crate::model::{LlamaConfig, Weights};
+use crate::ops;
+use rayon::prelude::*;
+
+/// One sequence's part of a packed batch.
+#[derive(Debug, Clone)]
+pub struct BatchSeq {
+    /// First row of this sequence in `Batch::tokens`.
+    pub start: usize,
+    /// Rows (consecutive positions).
+    pub len: usize,
+    /// KV blocks of this sequence, covering every position up to its last row.
+    pub block_table: Vec<u32>,
+    /// Whether to return logits for the last row.
+    pub logits: bool,
+}
+
+/// A packed batch.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub seqs: Vec<BatchSeq>,
+}
+
+impl Batch {
+    /// Appends a sequence's run of tokens starting at position `pos0`.
+    pub fn push(&mut self, tokens: &[u32], pos0: usize, block_table: Vec<u32>, logits: bool) {
+        let start = self.tokens.len();
+        self.tokens.extend_from_slice(tokens);
+        self.positions
+            .extend((0..tokens.len()).map(|i| (pos0 + i) as u32));
+        self.seqs.push(BatchSeq {
+            start,
+            len: tokens.len(),
+            block_table,
+            logits,
+        });
+    }
+
+    pub fn n_logits(&self) -> usize {
+        self.seqs.iter().filter(|s| s.logits).count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("bad batch: {0}")]
+    BadBatch(String),
+}
+
+/// A loaded model and its precomputed tables.
+pub struct Model {
+    pub config: LlamaConfig,
+    pub weights: Weights,
+    inv_freq: Vec<f32>,
+}
+
+/// Reusable buffers of one forward step.
+#[derive(Default)]
+pub struct Scratch {
+    x: Acts,
+    h: Acts,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Acts,
+    o: Vec<f32>,
+    gate: Acts,
+    up: Vec<f32>,
+    last: Acts,
+}
+
+impl Model {
+    pub fn new(config: LlamaConfig, weights: Weights) -> Self {
+        let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_base);
+        Self {
+            config,
+            weights,
+            inv_freq,
+        }
+    }
+
+    fn check(&self, batch: &Batch, kv: &KvCache) -> Result<(), StepError> {
+        let bad = |m: String| Err(StepError::BadBatch(m));
+        if batch.tokens.len() != batch.positions.len() {
+            return bad("tokens and positions differ in length".into());
+        }
+        if let Some(t) = batch
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab)
+        {
+            return bad(format!("token id {t} is outside the vocabulary"));
+        }
+        let mut next = 0;
+        for s in &batch.seqs {
+            if s.start != next || s.len == 0 || s.start + s.len > batch.tokens.len() {
+                return bad("sequences must tile the token list in order".into());
+            }
+            next = s.start + s.len;
+            let pos0 = batch.positions[s.start] as usize;
+            for i in 0..s.len {
+                if batch.positions[s.start + i] as usize != pos0 + i {
+                    return bad("a sequence's positions must be consecutive".into());
+                }
+            }
+            let last = pos0 + s.len - 1;
+            if last >= self.config.context_len.max(1) * 64 {
+                return bad(format!("position {last} is far past the context"));
+            }
+            let need = last / kv.block_size + 1;
+            if s.block_table.len() < need {
+                return bad(format!(
+                    "block table covers {} blocks, needs {need}",
+                    s.block_table.len()
+                ));
+            }
+            if s.block_table[..need]
+                .iter()
+                .any(|&b| b as usize >= kv.n_blocks)
+            {
+                return bad("block table names a block outside the cache".into());
+            }
+        }
+        if next != batch.tokens.len() {
+            return bad("sequences must cover every token".into());
+        }
+        Ok(())
+    }
+
+    /// Runs one step. Returns logits (`n_logits × vocab`, in sequence order).
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<Vec<f32>, StepError> {
+        self.check(batch, kv)?;
+        let c = &self.config;
+        let w = &self.weights;
+        let t = batch.tokens.len();
+        let (d, qd, kvd, hd) = (c.dim, c.n_heads * c.head_dim, c.kv_dim(), c.head_dim);
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        // Row → its sequence.
+        let mut row_seq = vec![0usize; t];
+        for (i, sq) in batch.seqs.iter().enumerate() {
+            row_seq[sq.start..sq.start + sq.len].fill(i);
+        }
+
+        s.x.resize(t, d);
+        for (r, &tok) in batch.tokens.iter().enumerate() {
+            w.token_embd.row_f32(tok as usize, s.x.row_mut(r));
+        }
+        s.h.resize(t, d);
+        s.att.resize(t, qd);
+        s.gate.resize(t, c.ffn_dim);
+        s.q.resize(t * qd, 0.0);
+        s.k.resize(t * kvd, 0.0);
+        s.v.resize(t * kvd, 0.0);
+        s.o.resize(t * d.max(c.ffn_dim), 0.0);
+        s.up.resize(t * c.ffn_dim, 0.0);
+
+        for (li, l) in w.layers.iter().enumerate() {
+            // Attention block.
+            norm_rows(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
+            matmul(&l.wq, &mut s.h, &mut s.q);
+            matmul(&l.wk, &mut s.h, &mut s.k);
+            matmul(&l.wv, &mut s.h, &mut s.v);
+            for r in 0..t {
+                let pos = batch.positions[r];
+                ops::rope(&mut s.q[r * qd..(r + 1) * qd], hd, pos, &self.inv_freq);
+                ops::rope(&mut s.k[r * kvd..(r + 1) * kvd], hd, pos, &self.inv_freq);
+                let table = &batch.seqs[row_seq[r]].block_table;
+                kv.write(
+                    li,
+                    table,
+                    pos as usize,
+                    &s.k[r * kvd..(r + 1) * kvd],
+                    &s.v[r * kvd..(r + 1) * kvd],
+                );
+            }
+            attention(c, li, batch, &row_seq, &s.q, kv, &mut s.att);
+            matmul(&l.wo, &mut s.att, &mut s.o);
+            add_rows(&mut s.x, &s.o);
+
+            // Feed-forward block.
+            norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
+            matmul(&l.w_gate, &mut s.h, &mut s.gate.f32);
+            matmul(&l.w_up, &mut s.h, &mut s.up);
+            s.gate
+                .f32
+                .par_chunks_mut(c.ffn_dim)
+                .zip(s.up.par_chunks(c.ffn_dim))
+                .for_each(|(g, u)| ops::swiglu(g, u));
+            s.gate.touched();
+            matmul(&l.w_down, &mut s.gate, &mut s.o);
+            add_rows(&mut s.x, &s.o);
+        }
+
+        // Logits for the last row of each sequence that asks.
+        let rows: Vec<usize> = batch
+            .seqs
+            .iter()
+            .filter(|sq| sq.logits)
+            .map(|sq| sq.start + sq.len - 1)
+            .collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        s.last.resize(rows.len(), d);
+        for (i, &r) in rows.iter().enumerate() {
+            let x = s.x.row(r).to_vec();
+            ops::rmsnorm(&x, &w.output_norm, c.rms_eps, s.last.row_mut(i));
+        }
+        let mut logits = vec![0f32; rows.len() * c.vocab];
+        matmul(w.output(), &mut s.last, &mut logits);
+        Ok(logits)
+    }
+}
+
+fn norm_rows(x: &Acts, w: &[f32], eps: f32, out: &mut Acts) {
+    let cols = x.cols;
+    out.f32
+        .par_chunks_mut(cols)
+        .zip(x.f32.par_chunks(cols))
+        .for_each(|(o, r)| ops::rmsnorm(r, w, eps, o));
+    out.touched();
+}
+
+fn add_rows(x: &mut Acts, o: &[f32]) {
+    let n = x.rows * x.cols;
+    for (a, b) in x.f32[..n].iter_mut().zip(&o[..n]) {
+        *a += b;
+    }
+    x.touched();
+}
+
+/// Causal grouped-query attention of every row's query over its sequence's cached keys
+/// and values (positions 0..=its own).
+fn attention(
+    c: &LlamaConfig,
+    layer: usize,
+    batch: &Batch,
+    row_seq: &[usize],
+    q: &[f32],
+    kv: &KvCache,
+    out: &mut Acts,
+) {
+    let (hd, nh, qd) = (c.head_dim, c.n_heads, c.n_heads * c.head_dim);
+    let group = c.n_heads / c.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.f32.par_chunks_mut(qd).enumerate().for_each(|(r, o)| {
+        let pos = batch.positions[r] as usize;
+        let table = &batch.seqs[row_seq[r]].block_table;
+        let mut scores = vec![0f32; (pos + 1) * nh];
+        for j in 0..=pos {
+            let (k, _) = kv.read(layer, table, j);
+            for h in 0..nh {
+                let kh = &k[(h / group) * hd..(h / group + 1) * hd];
+                let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+                scores[h * (pos + 1) + j] = crate::matmul::dot_f32(qh, kh) * scale;
+            }
+        }
+        o.fill(0.0);
+        for h in 0..nh {
+            ops::softmax(&mut scores[h * (pos + 1)..(h + 1) * (pos + 1)]);
+        }
+        for j in 0..=pos {
+            let (_, v) = kv.read(layer, table, j);
+            for h in 0..nh {
+                let p = scores[h * (pos + 1) + j];
+                let vh = &v[(h / group) * hd..(h / group + 1) * hd];
+                for (a, b) in o[h * hd..(h + 1) * hd].iter_mut().zip(vh) {
+                    *a += p * b;
+                }
+            }
+        }
+    });
+    out.touched();
+}

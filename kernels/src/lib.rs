@@ -1,0 +1,18 @@
+//! tollgate's compute: GGUF loading, quantized CPU kernels, the tokenizer and chat
+//! template, sampling, and the Llama forward step over a packed batch of sequences.
+//!
+//! This crate knows nothing of tenants or HTTP: it computes one batched model step.
+
+pub mod backend;
+pub mod chat;
+pub mod forward;
+pub mod gguf;
+pub mod kv;
+pub mod load;
+pub mod matmul;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod sampler;
+pub mod synth;
+pub mod tokenizer;

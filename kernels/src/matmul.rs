@@ -1,0 +1,172 @@
+//! Matrix products on the CPU: `out[b][n] = Σ_k x[b][k] · W[n][k]` for a weight matrix in
+//! its file format (quantized blocks, or f32) and a batch of activation rows, split over
+//! output rows across the thread pool.
+
+use crate::gguf::GgmlType;
+use crate::quant::{self, Q8Block, QK};
+use rayon::prelude::*;
+
+/// A weight matrix: `rows` outputs × `cols` inputs, each row contiguous.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: MatData,
+}
+
+pub enum MatData {
+    /// Rows of quantized blocks, as in the file.
+    Quant(GgmlType, Vec<u8>),
+    /// Plain f32 rows (F32, F16 and BF16 tensors are widened at load).
+    F32(Vec<f32>),
+}
+
+impl Matrix {
+    /// Bytes of one row in storage.
+    fn row_bytes(&self) -> usize {
+        match &self.data {
+            MatData::Quant(ty, _) => self.cols / QK * ty.block_bytes(),
+            MatData::F32(_) => self.cols * 4,
+        }
+    }
+
+    /// Dequantizes row `r` into `out`.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        match &self.data {
+            MatData::Quant(ty, d) => {
+                let rb = self.row_bytes();
+                quant::dequantize_row(*ty, &d[r * rb..(r + 1) * rb], out)
+            }
+            MatData::F32(d) => out.copy_from_slice(&d[r * self.cols..(r + 1) * self.cols]),
+        }
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        match &self.data {
+            MatData::Quant(_, d) => d.len(),
+            MatData::F32(d) => d.len() * 4,
+        }
+    }
+}
+
+/// A batch of activation rows, in f32 and (once asked for) quantized to Q8 blocks.
+#[derive(Default)]
+pub struct Acts {
+    pub rows: usize,
+    pub cols: usize,
+    pub f32: Vec<f32>,
+    q8: Vec<Q8Block>,
+    q8_valid: bool,
+}
+
+impl Acts {
+    pub fn resize(&mut self, rows: usize, cols: usize) {
+        self.rows = rows;
+        self.cols = cols;
+        self.f32.resize(rows * cols, 0.0);
+        self.q8_valid = false;
+    }
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.f32[r * self.cols..(r + 1) * self.cols]
+    }
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        self.q8_valid = false;
+        &mut self.f32[r * self.cols..(r + 1) * self.cols]
+    }
+    /// Marks the f32 data as changed (re-quantize on next use).
+    pub fn touched(&mut self) {
+        self.q8_valid = false;
+    }
+    fn quantized(&mut self) -> &[Q8Block] {
+        if !self.q8_valid {
+            let nb = self.cols / QK;
+            self.q8.resize(self.rows * nb, Q8Block::default());
+            let cols = self.cols;
+            self.q8
+                .par_chunks_mut(nb)
+                .zip(self.f32.par_chunks(cols))
+                .for_each(|(q, x)| quant::quantize_row_q8(x, q));
+            self.q8_valid = true;
+        }
+        &self.q8
+    }
+}
+
+/// Writes to disjoint parts of one output buffer from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of indices (its own output columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[b * w.rows + n] = x[b] · W[n]` for all rows b of `x` and n of `w`.
+pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32]) {
+    assert_eq!(x.cols, w.cols, "matmul: inner dimensions differ");
+    assert!(out.len() >= x.rows * w.rows, "matmul: output too small");
+    let (b_rows, n_rows) = (x.rows, w.rows);
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (n_rows / (threads * 4)).clamp(8, 256);
+    let ptr = OutPtr(out.as_mut_ptr());
+    match &w.data {
+        MatData::Quant(ty, data) => {
+            let ty = *ty;
+            let rb = w.row_bytes();
+            let nb = w.cols / QK;
+            let q8 = x.quantized();
+            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                let ptr = ptr;
+                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
+                    let wr = &data[n * rb..(n + 1) * rb];
+                    for b in 0..b_rows {
+                        let v = quant::dot(ty, wr, &q8[b * nb..(b + 1) * nb]);
+                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
+                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                    }
+                }
+            });
+        }
+        MatData::F32(data) => {
+            let cols = w.cols;
+            let xs = &x.f32;
+            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                let ptr = ptr;
+                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
+                    let wr = &data[n * cols..(n + 1) * cols];
+                    for b in 0..b_rows {
+                        let v = dot_f32(wr, &xs[b * cols..(b + 1) * cols]);
+                        // SAFETY: as above.
+                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// f32 dot product, written so that it vectorizes.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Reference: the same product from dequantized f32 weights (for tests).
+pub fn matmul_reference(w: &Matrix, x: &Acts, out: &mut [f32]) {
+    let mut row = vec![0f32; w.cols];
+    for n in 0..w.rows {
+        w.row_f32(n, &mut row);
+        for b in 0..x.rows {
+            out[b * w.rows + n] = x.row(b).iter().zip(&row).map(|(a, c)| a * c).sum();
+        }
+    }
+}

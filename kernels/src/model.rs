@@ -1,0 +1,184 @@
+//! The Llama-family model: hyperparameters from GGUF metadata, and weights checked against
+//! them (a tensor whose shape disagrees with the metadata is an error).
+
+use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
+use crate::matmul::{MatData, Matrix};
+use crate::quant;
+
+/// Hyperparameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layers: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub vocab: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+    pub context_len: usize,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(GgufError::Metadata(format!(
+                "architecture {arch:?} is not supported (llama only)"
+            )));
+        }
+        let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let dim = u("embedding_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
+        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(GgufError::Metadata(format!(
+                "inconsistent heads: dim {dim}, heads {n_heads}, kv heads {n_kv_heads}"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        if head_dim % 2 != 0 {
+            return Err(GgufError::Metadata(format!(
+                "odd head dimension {head_dim}"
+            )));
+        }
+        let vocab = match u("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g.get_strings("tokenizer.ggml.tokens")?.len(),
+        };
+        Ok(Self {
+            n_layers: u("block_count")?,
+            dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_dim: u("feed_forward_length")?,
+            vocab,
+            rope_base: g.get_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rms_eps: g
+                .get_f64("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5) as f32,
+            context_len: u("context_length").unwrap_or(2048),
+        })
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Matrix,
+    pub w_up: Matrix,
+    pub w_down: Matrix,
+}
+
+pub struct Weights {
+    pub token_embd: Matrix,
+    pub layers: Vec<Layer>,
+    pub output_norm: Vec<f32>,
+    /// `None` when the output head is tied to the embedding.
+    pub output: Option<Matrix>,
+}
+
+impl Weights {
+    pub fn output(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+    pub fn storage_bytes(&self) -> usize {
+        let mut n =
+            self.token_embd.storage_bytes() + self.output.as_ref().map_or(0, Matrix::storage_bytes);
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                n += m.storage_bytes();
+            }
+        }
+        n
+    }
+}
+
+fn find<'a>(g: &'a Gguf, name: &str) -> Result<&'a TensorInfo, GgufError> {
+    g.tensor(name).ok_or_else(|| GgufError::Tensor {
+        name: name.into(),
+        why: "missing".into(),
+    })
+}
+
+fn shape_err(t: &TensorInfo, want: &[usize]) -> GgufError {
+    GgufError::Tensor {
+        name: t.name.clone(),
+        why: format!(
+            "shape {:?} does not match the metadata (expected {want:?})",
+            t.dims
+        ),
+    }
+}
+
+fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, GgufError> {
+    let t = find(g, name)?;
+    if t.dims != [cols, rows] {
+        return Err(shape_err(t, &[cols, rows]));
+    }
+    let bytes = g.data(t);
+    let data = match t.ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => MatData::Quant(t.ty, bytes.to_vec()),
+        ty => {
+            let mut v = vec![0f32; rows * cols];
+            quant::dequantize_row(ty, bytes, &mut v);
+            MatData::F32(v)
+        }
+    };
+    Ok(Matrix { rows, cols, data })
+}
+
+fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
+    let t = find(g, name)?;
+    if t.dims != [n] {
+        return Err(shape_err(t, &[n]));
+    }
+    if t.ty.block_elems() != 1 && n % quant::QK != 0 {
+        return Err(shape_err(t, &[n]));
+    }
+    let mut v = vec![0f32; n];
+    quant::dequantize_row(t.ty, g.data(t), &mut v);
+    Ok(v)
+}
+
+impl Weights {
+    pub fn from_gguf(g: &Gguf, c: &LlamaConfig) -> Result<Self, GgufError> {
+        let (d, q, kv, f) = (c.dim, c.n_heads * c.head_dim, c.kv_dim(), c.ffn_dim);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: vector(g, &n("attn_norm"), d)?,
+                wq: matrix(g, &n("attn_q"), d, q)?,
+                wk: matrix(g, &n("attn_k"), d, kv)?,
+                wv: matrix(g, &n("attn_v"), d, kv)?,
+                wo: matrix(g, &n("attn_output"), q, d)?,
+                ffn_norm: vector(g, &n("ffn_norm"), d)?,
+                w_gate: matrix(g, &n("ffn_gate"), d, f)?,
+                w_up: matrix(g, &n("ffn_up"), d, f)?,
+                w_down: matrix(g, &n("ffn_down"), f, d)?,
+            });
+        }
+        let output = if g.tensor("output.weight").is_some() {
+            Some(matrix(g, "output.weight", d, c.vocab)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            token_embd: matrix(g, "token_embd.weight", d, c.vocab)?,
+            layers,
+            output_norm: vector(g, "output_norm.weight", d)?,
+            output,
+        })
+    }
+}

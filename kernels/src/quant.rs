@@ -1,0 +1,362 @@
+//! Quantized blocks: GGML's Q4_0, Q4_1 and Q8_0 layouts, their (de)quantization, and the
+//! dot products the CPU matmul runs straight on the weight blocks against activations
+//! quantized to 8 bits (as llama.cpp does), with an AVX2 path and a scalar twin.
+//!
+//! Block layouts (32 elements each; `d`, `m` are f16):
+//! - Q4_0: `d, qs[16]`; element j = d·(nibble_j − 8)
+//! - Q4_1: `d, m, qs[16]`; element j = d·nibble_j + m
+//! - Q8_0: `d, qs[32] (i8)`; element j = d·qs_j
+//!
+//! with nibble_j = `qs[j] & 15` for j < 16 and `qs[j − 16] >> 4` for j ≥ 16.
+
+use crate::gguf::GgmlType;
+use half::{bf16, f16};
+
+pub const QK: usize = 32;
+
+/// One block of 32 activations quantized to i8: value j = `d · qs[j]`; `s = d · Σ qs`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(16))]
+pub struct Q8Block {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl Default for Q8Block {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK],
+        }
+    }
+}
+
+/// Quantizes `x` (length a multiple of 32) into `out`.
+pub fn quantize_row_q8(x: &[f32], out: &mut [Q8Block]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in b.qs.iter_mut().zip(chunk) {
+            let r = (v * id).round() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+#[inline]
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes one row (`n` elements) of type `ty` from `src` into `out`.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let bb = ty.block_bytes();
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(bb)) {
+                let d = h(b, 0);
+                let (m, qs) = if ty == GgmlType::Q4_1 {
+                    (h(b, 2), &b[4..20])
+                } else {
+                    (-8.0 * d, &b[2..18])
+                };
+                for j in 0..16 {
+                    o[j] = d * (qs[j] & 15) as f32 + m;
+                    o[j + 16] = d * (qs[j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
+                let d = h(b, 0);
+                for j in 0..QK {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes a row to Q4_1 bytes (used by the synthetic model writer).
+pub fn quantize_row_q4_1(x: &[f32], out: &mut Vec<u8>) {
+    for c in x.chunks_exact(QK) {
+        let (mn, mx) = c
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let d = (mx - mn) / 15.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
+        for j in 0..16 {
+            let lo = (((c[j] - mn) * id).round() as i32).clamp(0, 15) as u8;
+            let hi = (((c[j + 16] - mn) * id).round() as i32).clamp(0, 15) as u8;
+            out.push(lo | (hi << 4));
+        }
+    }
+}
+
+/// Quantizes a row to Q8_0 bytes.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    for c in x.chunks_exact(QK) {
+        let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        for v in c {
+            out.push(((v * id).round() as i32).clamp(-127, 127) as i8 as u8);
+        }
+    }
+}
+
+/// Quantizes a row to Q4_0 bytes.
+pub fn quantize_row_q4_0(x: &[f32], out: &mut Vec<u8>) {
+    for c in x.chunks_exact(QK) {
+        let max = c
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        for j in 0..16 {
+            let lo = ((c[j] * id + 8.5) as i32).clamp(0, 15) as u8;
+            let hi = ((c[j + 16] * id + 8.5) as i32).clamp(0, 15) as u8;
+            out.push(lo | (hi << 4));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dot products
+
+/// Scalar reference: one weight row (`ty` blocks) · one activation row (Q8 blocks).
+pub fn dot_scalar(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for (b, x) in w.chunks_exact(bb).zip(a) {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let d = h(b, 0);
+                let qs = if ty == GgmlType::Q4_1 {
+                    &b[4..20]
+                } else {
+                    &b[2..18]
+                };
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s += (qs[j] & 15) as i32 * x.qs[j] as i32;
+                    s += (qs[j] >> 4) as i32 * x.qs[j + 16] as i32;
+                }
+                if ty == GgmlType::Q4_1 {
+                    acc += d * x.d * s as f32 + h(b, 2) * x.s;
+                } else {
+                    acc += d * x.d * s as f32 - 8.0 * d * x.s;
+                }
+            }
+            GgmlType::Q8_0 => {
+                let d = h(b, 0);
+                let mut s = 0i32;
+                for j in 0..QK {
+                    s += (b[2 + j] as i8) as i32 * x.qs[j] as i32;
+                }
+                acc += d * x.d * s as f32;
+            }
+            _ => unreachable!("dot_scalar is for quantized types"),
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{h, Q8Block};
+    use crate::gguf::GgmlType;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ over 32 lanes of u8 · i8, as 8 i32 lanes converted to f32.
+    #[inline(always)]
+    unsafe fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(w, a);
+        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+        _mm256_cvtepi32_ps(p32)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
+        let bb = ty.block_bytes();
+        let n = a.len().min(w.len() / bb);
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_min = 0f32;
+        let low = _mm256_set1_epi8(15);
+        let p = w.as_ptr();
+        for i in 0..n {
+            let b = p.add(i * bb);
+            let x = a.get_unchecked(i);
+            let xa = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+            let d = h(std::slice::from_raw_parts(b, 2), 0) * x.d;
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q4_0 => {
+                    let off = if ty == GgmlType::Q4_1 { 4 } else { 2 };
+                    let q = _mm_loadu_si128(b.add(off) as *const __m128i);
+                    let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+                    let s = dot_u8_i8(qw, xa);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+                    let m = if ty == GgmlType::Q4_1 {
+                        h(std::slice::from_raw_parts(b.add(2), 2), 0)
+                    } else {
+                        -8.0 * h(std::slice::from_raw_parts(b, 2), 0)
+                    };
+                    acc_min += m * x.s;
+                }
+                _ => {
+                    let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                    // u8·i8 trick: |w| · (a with w's sign).
+                    let s = dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xa, qw));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+                }
+            }
+        }
+        hsum(acc) + acc_min
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("TOLLGATE_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One quantized weight row · one Q8 activation row, on the fastest path this CPU has.
+#[inline]
+pub fn dot(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time; the kernel reads only within
+        // `w` (n·block_bytes ≤ w.len()) and `a`.
+        return unsafe { avx2::dot(ty, w, a) };
+    }
+    dot_scalar(ty, w, a)
+}
+
+/// Name of the dot-product path in use (for logs and benchmarks).
+pub fn simd_path() -> &'static str {
+    if has_avx2() {
+        "avx2"
+    } else {
+        "scalar"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantize_dequantize_round_trips_within_step() {
+        let x = rand_vec(256, 1);
+        for (ty, tol) in [
+            (GgmlType::Q4_1, 0.07),
+            (GgmlType::Q4_0, 0.15),
+            (GgmlType::Q8_0, 0.005),
+        ] {
+            let mut q = Vec::new();
+            match ty {
+                GgmlType::Q4_1 => quantize_row_q4_1(&x, &mut q),
+                GgmlType::Q4_0 => quantize_row_q4_0(&x, &mut q),
+                _ => quantize_row_q8_0(&x, &mut q),
+            }
+            assert_eq!(q.len(), 256 / 32 * ty.block_bytes());
+            let mut y = vec![0.0; 256];
+            dequantize_row(ty, &q, &mut y);
+            let err = x
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < tol, "{ty:?}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_scalar_and_f32() {
+        let n = 576;
+        let x = rand_vec(n, 7);
+        let wf = rand_vec(n, 9);
+        let mut a = vec![Q8Block::default(); n / QK];
+        quantize_row_q8(&x, &mut a);
+        for ty in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0] {
+            let mut w = Vec::new();
+            match ty {
+                GgmlType::Q4_1 => quantize_row_q4_1(&wf, &mut w),
+                GgmlType::Q4_0 => quantize_row_q4_0(&wf, &mut w),
+                _ => quantize_row_q8_0(&wf, &mut w),
+            }
+            let mut wd = vec![0.0; n];
+            dequantize_row(ty, &w, &mut wd);
+            let exact: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let s = dot_scalar(ty, &w, &a);
+            let f = dot(ty, &w, &a);
+            assert!(
+                (s - f).abs() <= 1e-3 * (1.0 + s.abs()),
+                "{ty:?}: scalar {s} vs {} {f}",
+                simd_path()
+            );
+            assert!(
+                (s - exact).abs() < 0.05 * (1.0 + exact.abs()),
+                "{ty:?}: {s} vs exact {exact}"
+            );
+        }
+    }
+}

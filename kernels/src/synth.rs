@@ -1,0 +1,246 @@
+//! The synthetic model writer: a GGUF file of the Llama architecture with random weights
+//! from a seed (SmolLM2-135M's shape by default), a real byte-level BPE vocabulary and the
+//! ChatML template. Tests that need no real weights, and GPU checks, use it.
+
+use crate::chat::CHATML;
+use crate::gguf::write::{self, Tensor};
+use crate::gguf::{GgmlType, Value};
+use crate::quant;
+use crate::tokenizer::byte_to_char;
+use std::io::{self, BufWriter};
+use std::path::Path;
+
+/// Shape and seed of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    pub n_layers: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub ffn_dim: usize,
+    pub vocab: usize,
+    pub context_len: usize,
+    pub seed: u64,
+    /// Type of the projection matrices (the embedding is Q8_0, norms F32).
+    pub matrix_type: GgmlType,
+}
+
+impl Default for SynthSpec {
+    /// SmolLM2-135M's shape.
+    fn default() -> Self {
+        Self {
+            n_layers: 30,
+            dim: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            ffn_dim: 1536,
+            vocab: 49152,
+            context_len: 8192,
+            seed: 42,
+            matrix_type: GgmlType::Q4_1,
+        }
+    }
+}
+
+impl SynthSpec {
+    /// A small model for fast tests (same architecture, fewer and narrower layers).
+    pub fn tiny() -> Self {
+        Self {
+            n_layers: 2,
+            dim: 128,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 256,
+            vocab: 2048,
+            context_len: 2048,
+            seed: 7,
+            matrix_type: GgmlType::Q4_1,
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    /// Approximately normal (sum of 4 uniforms), standard deviation `std`.
+    fn normal(&mut self, std: f32) -> f32 {
+        let mut s = 0.0;
+        for _ in 0..4 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            s += ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        }
+        s * std * 1.732
+    }
+}
+
+fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len());
+    match ty {
+        GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
+        GgmlType::Q4_0 => quant::quantize_row_q4_0(x, &mut out),
+        GgmlType::Q8_0 => quant::quantize_row_q8_0(x, &mut out),
+        GgmlType::F16 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+    }
+    out
+}
+
+/// The vocabulary: 3 special tokens, 256 byte tokens, then merged pairs and triples of
+/// printable characters (with their merges), up to `vocab` tokens.
+fn vocabulary(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
+    let mut types = vec![3, 3, 3];
+    let table = byte_to_char();
+    for c in table {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let printable: Vec<String> = (b' '..=b'~')
+        .map(|b| table[b as usize].to_string())
+        .collect();
+    let mut merges = Vec::new();
+    'fill: for a in &printable {
+        for b in &printable {
+            if tokens.len() >= vocab {
+                break 'fill;
+            }
+            merges.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+            types.push(1);
+        }
+    }
+    'fill3: for a in &printable {
+        for b in &printable {
+            for c in &printable {
+                if tokens.len() >= vocab {
+                    break 'fill3;
+                }
+                merges.push(format!("{a}{b} {c}"));
+                tokens.push(format!("{a}{b}{c}"));
+                types.push(1);
+            }
+        }
+    }
+    tokens.truncate(vocab);
+    types.truncate(vocab);
+    (tokens, types, merges)
+}
+
+/// Writes the synthetic model to `path`.
+pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
+    let s = spec;
+    let head_dim = s.dim / s.n_heads;
+    let kv_dim = s.n_kv_heads * head_dim;
+    let (tokens, types, merges) = vocabulary(s.vocab.max(259));
+    let vocab = tokens.len();
+    let u32v = |v: usize| Value::U32(v as u32);
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        (
+            "general.name".into(),
+            Value::String(format!("tollgate-synthetic-seed{}", s.seed)),
+        ),
+        ("llama.block_count".into(), u32v(s.n_layers)),
+        ("llama.context_length".into(), u32v(s.context_len)),
+        ("llama.embedding_length".into(), u32v(s.dim)),
+        ("llama.feed_forward_length".into(), u32v(s.ffn_dim)),
+        ("llama.attention.head_count".into(), u32v(s.n_heads)),
+        ("llama.attention.head_count_kv".into(), u32v(s.n_kv_heads)),
+        ("llama.rope.freq_base".into(), Value::F32(100000.0)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
+        ("llama.vocab_size".into(), u32v(vocab)),
+        ("llama.rope.dimension_count".into(), u32v(head_dim)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
+    ];
+    let mut rng = Rng(s.seed);
+    let mut mat = |name: String, cols: usize, rows: usize, ty: GgmlType, std: f32| {
+        let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal(std)).collect();
+        Tensor {
+            name,
+            dims: vec![cols, rows],
+            ty,
+            data: encode(ty, &x),
+        }
+    };
+    let mut tensors = vec![mat(
+        "token_embd.weight".into(),
+        s.dim,
+        vocab,
+        GgmlType::Q8_0,
+        1.0,
+    )];
+    let norm = |name: String, n: usize, r: &mut Rng| Tensor {
+        name,
+        dims: vec![n],
+        ty: GgmlType::F32,
+        data: encode(
+            GgmlType::F32,
+            &(0..n).map(|_| 1.0 + r.normal(0.1)).collect::<Vec<_>>(),
+        ),
+    };
+    let mt = s.matrix_type;
+    let std_in = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    for i in 0..s.n_layers {
+        let n = |x: &str| format!("blk.{i}.{x}.weight");
+        let mut r2 = Rng(s.seed ^ (i as u64 + 1) * 0x1234_5678);
+        tensors.push(norm(n("attn_norm"), s.dim, &mut r2));
+        tensors.push(mat(n("attn_q"), s.dim, s.dim, mt, std_in(s.dim)));
+        tensors.push(mat(n("attn_k"), s.dim, kv_dim, mt, std_in(s.dim)));
+        tensors.push(mat(n("attn_v"), s.dim, kv_dim, mt, std_in(s.dim)));
+        tensors.push(mat(n("attn_output"), s.dim, s.dim, mt, 0.5 * std_in(s.dim)));
+        tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
+        tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
+        tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
+        tensors.push(mat(
+            n("ffn_down"),
+            s.ffn_dim,
+            s.dim,
+            mt,
+            0.5 * std_in(s.ffn_dim),
+        ));
+    }
+    let mut r3 = Rng(s.seed ^ 0xABCD);
+    tensors.push(norm("output_norm.weight".into(), s.dim, &mut r3));
+    let tmp = path.with_extension("gguf.partial");
+    {
+        let mut f = BufWriter::new(std::fs::File::create(&tmp)?);
+        write::gguf(&mut f, &meta, &tensors)?;
+        std::io::Write::flush(&mut f)?;
+    }
+    std::fs::rename(&tmp, path)
+}

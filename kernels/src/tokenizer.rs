@@ -1,0 +1,274 @@
+//! The tokenizer, built from GGUF metadata: byte-level BPE (`tokenizer.ggml.model =
+//! gpt2`) with the `smollm` pre-tokenizer (digits split one per token, then the GPT-2
+//! split), special tokens from the token types, and a streaming detokenizer that emits
+//! only whole UTF-8 characters across token boundaries.
+
+use crate::gguf::{Gguf, GgufError, Value};
+use std::collections::HashMap;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+/// GGUF token types.
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{0}")]
+    Gguf(#[from] GgufError),
+    #[error("unsupported tokenizer: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Build(String),
+}
+
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    /// Each token's bytes (byte-level decoded); special tokens map to their text.
+    token_bytes: Vec<Vec<u8>>,
+    special: Vec<bool>,
+    pub bos: Option<u32>,
+    pub eos: u32,
+    /// Tokens that end generation (EOS and the chat turn end).
+    pub stop_tokens: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+/// GPT-2's byte ↔ printable-character table: byte b is written as `table[b]`.
+pub fn byte_to_char() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap_or('?')
+        } else {
+            let c = char::from_u32(256 + n).unwrap_or('?');
+            n += 1;
+            c
+        };
+    }
+    table
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(TokenizerError::Unsupported(format!(
+                "tokenizer.ggml.model = {model:?} (byte-level BPE `gpt2` only)"
+            )));
+        }
+        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let digits_individually = match pre {
+            "smollm" => true,
+            "gpt-2" | "default" => false,
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "pre-tokenizer {other:?} (supported: smollm, gpt-2)"
+                )))
+            }
+        };
+        let tokens = g.get_strings("tokenizer.ggml.tokens")?;
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            Some(a) => a
+                .iter()
+                .map(|v| match v {
+                    Value::I32(x) => *x as i64,
+                    other => other.as_u64().map(|x| x as i64).unwrap_or(1),
+                })
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let merges: Vec<(String, String)> = g
+            .get_strings("tokenizer.ggml.merges")
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| TokenizerError::Build(format!("bad merge {m:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        let mut inner = HfTokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        if digits_individually {
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        } else {
+            inner.with_pre_tokenizer(Some(byte_level));
+        }
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let special: Vec<bool> = (0..tokens.len())
+            .map(|i| {
+                matches!(
+                    types.get(i),
+                    Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)
+                )
+            })
+            .collect();
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&special)
+            .filter(|(_, s)| **s)
+            .map(|(t, _)| AddedToken::from(t.to_string(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
+
+        let mut from_char = HashMap::new();
+        for (b, c) in byte_to_char().iter().enumerate() {
+            from_char.insert(*c, b as u8);
+        }
+        let token_bytes = tokens
+            .iter()
+            .zip(&special)
+            .map(|(t, &s)| {
+                if s {
+                    t.as_bytes().to_vec()
+                } else {
+                    t.chars()
+                        .map(|c| from_char.get(&c).copied().unwrap_or(b'?'))
+                        .collect()
+                }
+            })
+            .collect();
+        let id = |k: &str| g.get_u64(k).ok().map(|v| v as u32);
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
+        let mut stop_tokens = vec![eos];
+        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(&i) = tokens.iter().position(|t| *t == name).as_ref() {
+                let i = i as u32;
+                if !stop_tokens.contains(&i) {
+                    stop_tokens.push(i);
+                }
+            }
+        }
+        Ok(Self {
+            inner,
+            token_bytes,
+            special,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            stop_tokens,
+            chat_template: g
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_string),
+        })
+    }
+
+    /// Token ids of `text`; special-token text (`<|im_start|>`) becomes its special id.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// The text of `ids` (special tokens included as text).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i))
+            .copied()
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+}
+
+/// Streams text out of token ids, holding back bytes until they form whole characters.
+#[derive(Default)]
+pub struct Detokenizer {
+    pending: Vec<u8>,
+}
+
+impl Detokenizer {
+    /// Adds one token's bytes; returns the text that is now complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) => match e.error_len() {
+                // Invalid (not just incomplete) bytes: replace them and move on.
+                Some(_) => {
+                    let s = String::from_utf8_lossy(&self.pending).into_owned();
+                    self.pending.clear();
+                    return s;
+                }
+                None => e.valid_up_to(),
+            },
+        };
+        let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+        self.pending.drain(..valid);
+        out
+    }
+
+    /// Whatever is left at the end (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detokenizer_holds_partial_utf8() {
+        let mut d = Detokenizer::default();
+        let e = "é".as_bytes();
+        assert_eq!(d.push(&[b'a', e[0]]), "a");
+        assert_eq!(d.push(&[e[1]]), "é");
+        let crab = "🦀".as_bytes();
+        assert_eq!(d.push(&crab[..1]), "");
+        assert_eq!(d.push(&crab[1..3]), "");
+        assert_eq!(d.push(&crab[3..]), "🦀");
+        assert_eq!(d.push(&[0xff]), "\u{fffd}");
+        assert_eq!(d.push(&crab[..2]), "");
+        assert_eq!(d.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn byte_table_is_a_bijection() {
+        let t = byte_to_char();
+        let set: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(set.len(), 256);
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+    }
+}
