@@ -18,7 +18,7 @@ fn pool(n: usize) -> Pool {
         health_interval_secs: 5.0,
         breaker_failures: 3,
         breaker_cooldown_secs: 5.0,
-    })
+    }, None)
     .expect("pool")
 }
 

@@ -8,7 +8,9 @@
 
 pub mod api;
 pub mod config;
+pub mod engine;
 pub mod metrics;
+pub mod model_fetch;
 pub mod pipeline;
 pub mod route;
 pub mod server;

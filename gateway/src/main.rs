@@ -30,6 +30,11 @@ enum Command {
     },
     /// Validate a config file and print a summary.
     CheckConfig { file: PathBuf },
+    /// Download a known model into the local cache (checked by SHA-256).
+    FetchModel {
+        /// A known model name (smollm2-135m).
+        name: String,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -119,7 +124,8 @@ fn main() -> ExitCode {
                             .iter()
                             .map(|w| match w {
                                 gateway::config::WorkerConfig::Sim(s) => s.count,
-                                gateway::config::WorkerConfig::Openai(_) => 1,
+                                gateway::config::WorkerConfig::Openai(_)
+                                | gateway::config::WorkerConfig::Engine(_) => 1,
                             })
                             .sum::<usize>()
                     })
@@ -136,6 +142,23 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::FetchModel { name } => match gateway::model_fetch::KNOWN.iter().find(|k| k.name == name) {
+            Some(k) => match gateway::model_fetch::ensure(k) {
+                Ok(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            None => {
+                let known: Vec<_> = gateway::model_fetch::KNOWN.iter().map(|k| k.name).collect();
+                eprintln!("error: unknown model {name:?}; known: {}", known.join(", "));
                 ExitCode::from(2)
             }
         },

@@ -147,6 +147,52 @@ pub enum WorkerConfig {
     Sim(SimConfig),
     /// Any OpenAI-compatible upstream: vLLM, SGLang, llama.cpp server, another tollgate.
     Openai(OpenAiConfig),
+    /// The in-process engine: the pool's model, continuously batched.
+    Engine(EngineConfig),
+}
+
+/// Which compute backend an engine uses.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// CUDA where a driver and device are present, else the CPU (with a log line).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The in-process engine's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub backend: BackendKind,
+    /// CPU backend threads (0 = one per CPU).
+    pub threads: usize,
+    /// Most tokens computed in one step (prefill chunks + decodes).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// KV-cache capacity in tokens (all sequences together).
+    pub kv_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most requests the router sends this engine at once (running + waiting).
+    pub max_concurrency: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Auto,
+            threads: 0,
+            max_batch_tokens: 512,
+            max_seqs: 64,
+            kv_tokens: 32768,
+            block_size: 16,
+            max_concurrency: 256,
+        }
+    }
 }
 
 /// Parameters of the simulated GPU worker's latency model.
@@ -337,6 +383,15 @@ impl Config {
             }
             for w in &p.workers {
                 w.validate(&p.name)?;
+                if matches!(w, WorkerConfig::Engine(_)) {
+                    let m = self.models.iter().find(|m| m.id == p.model);
+                    if m.and_then(|m| m.source.as_ref()).is_none() {
+                        return invalid(format!(
+                            "pools.{}: an engine worker needs models.{}.source (a known name or a .gguf path)",
+                            p.name, p.model
+                        ));
+                    }
+                }
             }
         }
         let mut tenant_ids = HashSet::new();
@@ -410,6 +465,18 @@ impl WorkerConfig {
                     if !(v >= 0.0 && v.is_finite()) {
                         return invalid(format!("pools.{pool}: sim {n} must be >= 0"));
                     }
+                }
+            }
+            WorkerConfig::Engine(e) => {
+                if e.max_batch_tokens == 0
+                    || e.max_seqs == 0
+                    || e.block_size == 0
+                    || e.max_concurrency == 0
+                    || e.kv_tokens < e.block_size
+                {
+                    return invalid(format!(
+                        "pools.{pool}: engine max_batch_tokens, max_seqs, block_size and max_concurrency must be >= 1, and kv_tokens >= block_size"
+                    ));
                 }
             }
             WorkerConfig::Openai(o) => {

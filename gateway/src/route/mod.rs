@@ -11,7 +11,8 @@
 
 pub mod health;
 
-use crate::config::{Config, PoolConfig, WorkerConfig};
+use crate::config::{Config, ModelConfig, PoolConfig, WorkerConfig};
+use crate::engine::EngineWorker;
 use crate::worker::{openai::OpenAiWorker, sim::SimWorker, Worker};
 use health::Breaker;
 use rand::Rng;
@@ -89,7 +90,8 @@ pub enum NoWorker {
 }
 
 impl Pool {
-    pub fn from_config(cfg: &PoolConfig) -> Result<Self, String> {
+    /// Builds a pool; engine workers load `model`'s weights (fetching a known model).
+    pub fn from_config(cfg: &PoolConfig, model: Option<&ModelConfig>) -> Result<Self, String> {
         let mut slots = Vec::new();
         let breaker = || {
             Breaker::new(
@@ -109,6 +111,19 @@ impl Pool {
                         let worker: Arc<dyn Worker> = Arc::new(SimWorker::new(name, s.clone()));
                         slots.push(Arc::new(WorkerSlot::new(worker, breaker())));
                     }
+                }
+                WorkerConfig::Engine(e) => {
+                    let source = model
+                        .and_then(|m| m.source.as_deref())
+                        .ok_or_else(|| format!("pools.{}: the engine needs a model source", cfg.name))?;
+                    let path = crate::model_fetch::resolve(source).map_err(|e| e.to_string())?;
+                    let started = std::time::Instant::now();
+                    let loaded = kernels::load::load(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    tracing::info!(model = %cfg.model, path = %path.display(), elapsed = ?started.elapsed(), "model loaded");
+                    let name = format!("{}/{i}-engine", cfg.name);
+                    let worker: Arc<dyn Worker> = Arc::new(EngineWorker::start(name, &loaded, e)?);
+                    slots.push(Arc::new(WorkerSlot::new(worker, breaker())));
                 }
                 WorkerConfig::Openai(o) => {
                     let name = format!("{}/{i}-{}", cfg.name, o.url);
@@ -261,7 +276,8 @@ impl Router {
         let mut by_name = HashMap::new();
         let mut default_for_model = HashMap::new();
         for p in &cfg.pools {
-            let pool = Arc::new(Pool::from_config(p)?);
+            let model = cfg.models.iter().find(|m| m.id == p.model);
+            let pool = Arc::new(Pool::from_config(p, model)?);
             by_name.insert(pool.name.clone(), pool.clone());
             default_for_model
                 .entry(pool.model.clone())
@@ -307,7 +323,7 @@ mod tests {
             breaker_failures: 2,
             breaker_cooldown_secs: 60.0,
         };
-        Pool::from_config(&cfg).unwrap()
+        Pool::from_config(&cfg, None).unwrap()
     }
 
     #[test]

@@ -1,0 +1,391 @@
+//! The in-process engine: a real model served with continuous batching, as a [`Worker`].
+//!
+//! Requests are tokenized (chat requests through the model's own chat template) on the
+//! caller's task, then handed to the engine thread. That thread loops: take new arrivals,
+//! drop cancelled sequences, let the [`scheduler`] plan a step (decodes first, chunked
+//! prefill under a token budget, preemption when KV blocks run out), run it on the
+//! backend, sample each finished row, and stream text deltas back. A sequence leaves the
+//! batch — and frees its blocks — the step it finishes or its client goes away.
+
+pub mod blocks;
+pub mod output;
+pub mod scheduler;
+
+use crate::config::{BackendKind, EngineConfig};
+use crate::worker::{
+    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent,
+    WorkerRequest,
+};
+use blocks::BlockPool;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use kernels::backend::{Backend, CpuBackend};
+use kernels::chat::{ChatTemplate, Message};
+use kernels::forward::Batch;
+use kernels::load::Loaded;
+use kernels::sampler::{Sampler, SamplingConfig};
+use kernels::tokenizer::Tokenizer;
+use output::TextOut;
+use scheduler::{Limits, Schedulable};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::mpsc as tmpsc;
+
+type Events = tmpsc::UnboundedSender<Result<WorkerEvent, WorkerError>>;
+
+/// Counters the engine publishes for the router and metrics.
+#[derive(Default)]
+pub struct EngineStats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub steps: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub alive: AtomicBool,
+}
+
+struct NewSeq {
+    prompt: Vec<u32>,
+    max_tokens: u32,
+    sampling: SamplingConfig,
+    seed: u64,
+    stop: Vec<String>,
+    tx: Events,
+}
+
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    computed: usize,
+    blocks: Vec<u32>,
+    max_tokens: u32,
+    sampler: Sampler,
+    out: TextOut,
+    tx: Events,
+}
+
+impl Schedulable for Seq {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn blocks_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.blocks
+    }
+    fn reset(&mut self) {
+        self.computed = 0;
+    }
+}
+
+impl Seq {
+    fn generated(&self) -> u32 {
+        (self.tokens.len() - self.prompt_len) as u32
+    }
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.generated(),
+        }
+    }
+    fn send(&self, ev: WorkerEvent) {
+        let _ = self.tx.send(Ok(ev));
+    }
+}
+
+/// The in-process engine worker.
+pub struct EngineWorker {
+    name: String,
+    tx: mpsc::Sender<NewSeq>,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    max_context: usize,
+    stats: Arc<EngineStats>,
+    max_concurrency: usize,
+}
+
+impl EngineWorker {
+    /// Starts the engine thread for a loaded model.
+    pub fn start(name: String, loaded: &Loaded, cfg: &EngineConfig) -> Result<Self, String> {
+        let backend: Box<dyn Backend> = match cfg.backend {
+            BackendKind::Cuda => {
+                return Err("backend = \"cuda\": the CUDA backend is not in this build yet".into())
+            }
+            BackendKind::Auto | BackendKind::Cpu => {
+                if cfg.backend == BackendKind::Auto {
+                    tracing::info!(worker = %name, "backend auto: no CUDA backend in this build; using the CPU");
+                }
+                let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
+                Box::new(CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?)
+            }
+        };
+        let (bs, n_blocks) = backend.kv_geometry();
+        let model_ctx = loaded.model.config.context_len;
+        let max_context = model_ctx.min(bs * n_blocks);
+        let stats = Arc::new(EngineStats::default());
+        stats.kv_blocks_total.store(n_blocks as u64, Ordering::Relaxed);
+        stats.alive.store(true, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let limits = Limits {
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_seqs: cfg.max_seqs,
+            block_size: bs,
+        };
+        let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                let alive = st.clone();
+                run_engine(backend, tok, rx, limits, n_blocks, st);
+                alive.alive.store(false, Ordering::Relaxed);
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            name,
+            tx,
+            tokenizer: loaded.tokenizer.clone(),
+            template: loaded.template.clone(),
+            max_context,
+            stats,
+            max_concurrency: cfg.max_concurrency,
+        })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    fn prepare(&self, req: &WorkerRequest) -> Result<NewSeq, WorkerError> {
+        let reject = |message: String| WorkerError::Rejected { status: 400, message };
+        let text = match &req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(msgs) => {
+                let m: Vec<Message> = msgs
+                    .iter()
+                    .map(|m| Message {
+                        role: &m.role,
+                        content: &m.content,
+                    })
+                    .collect();
+                self.template
+                    .render(&m)
+                    .map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
+            }
+        };
+        let prompt = self
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))?;
+        if prompt.is_empty() {
+            return Err(reject("The prompt is empty.".into()));
+        }
+        let need = prompt.len() + req.params.max_tokens as usize;
+        if need > self.max_context {
+            return Err(reject(format!(
+                "This model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {}.",
+                self.max_context,
+                prompt.len(),
+                req.params.max_tokens
+            )));
+        }
+        let p = &req.params;
+        Ok(NewSeq {
+            prompt,
+            max_tokens: p.max_tokens,
+            sampling: SamplingConfig {
+                temperature: p.temperature,
+                top_p: if p.top_p <= 0.0 { 1e-6 } else { p.top_p },
+                top_k: 0,
+            },
+            seed: p.seed.unwrap_or_else(rand::random),
+            stop: p.stop.clone(),
+            tx: tmpsc::unbounded_channel().0,
+        })
+    }
+}
+
+impl Worker for EngineWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn submit(&self, req: Arc<WorkerRequest>) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
+        let prepared = self.prepare(&req);
+        let tx = self.tx.clone();
+        async move {
+            let mut seq = prepared?;
+            let (etx, erx) = tmpsc::unbounded_channel();
+            seq.tx = etx;
+            tx.send(seq)
+                .map_err(|_| WorkerError::Unreachable("the engine thread has stopped".into()))?;
+            let stream = futures::stream::unfold(erx, |mut rx| async move {
+                rx.recv().await.map(|ev| (ev, rx))
+            });
+            Ok(Box::pin(stream) as EventStream)
+        }
+        .boxed()
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            running: self.stats.running.load(Ordering::Relaxed),
+            queued: self.stats.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>> {
+        let ok = self.stats.alive.load(Ordering::Relaxed);
+        futures::future::ready(if ok {
+            Ok(())
+        } else {
+            Err(WorkerError::Unreachable("the engine thread has stopped".into()))
+        })
+        .boxed()
+    }
+
+    fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+}
+
+fn admit(n: NewSeq) -> Seq {
+    Seq {
+        prompt_len: n.prompt.len(),
+        tokens: n.prompt,
+        computed: 0,
+        blocks: Vec::new(),
+        max_tokens: n.max_tokens,
+        sampler: Sampler::new(n.sampling, n.seed),
+        out: TextOut::new(n.stop),
+        tx: n.tx,
+    }
+}
+
+/// The engine thread's loop; returns when every submitter is gone.
+fn run_engine(
+    mut backend: Box<dyn Backend>,
+    tok: Arc<Tokenizer>,
+    rx: mpsc::Receiver<NewSeq>,
+    limits: Limits,
+    n_blocks: usize,
+    stats: Arc<EngineStats>,
+) {
+    let vocab = backend.config().vocab;
+    let mut pool = BlockPool::new(n_blocks);
+    let mut running: Vec<Seq> = Vec::new();
+    let mut waiting: VecDeque<Seq> = VecDeque::new();
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(n) => waiting.push_back(admit(n)),
+                Err(_) => return,
+            }
+        }
+        while let Ok(n) = rx.try_recv() {
+            waiting.push_back(admit(n));
+        }
+        // Cancelled: the client went away.
+        running.retain_mut(|s| {
+            let gone = s.tx.is_closed();
+            if gone {
+                pool.release(&mut s.blocks);
+            }
+            !gone
+        });
+        waiting.retain_mut(|s| {
+            let gone = s.tx.is_closed();
+            if gone {
+                pool.release(&mut s.blocks);
+            }
+            !gone
+        });
+        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits);
+        stats.preemptions.fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        if plan.items.is_empty() {
+            publish(&stats, &running, &waiting, &pool);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        let mut batch = Batch::default();
+        for &(i, n) in &plan.items {
+            let s = &running[i];
+            let end = s.computed + n;
+            batch.push(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), end == s.tokens.len());
+        }
+        let logits = match backend.step(&batch) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "engine step failed; failing its sequences");
+                let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let mut s = running.remove(i);
+                    let _ = s.tx.send(Err(WorkerError::Protocol(format!("engine step failed: {e}"))));
+                    pool.release(&mut s.blocks);
+                }
+                continue;
+            }
+        };
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        let mut row = 0;
+        let mut finished = Vec::new();
+        for &(i, n) in &plan.items {
+            let s = &mut running[i];
+            s.computed += n;
+            if s.computed != s.tokens.len() {
+                continue;
+            }
+            let l = &mut logits[row * vocab..(row + 1) * vocab].to_vec();
+            row += 1;
+            let id = s.sampler.sample(l);
+            s.tokens.push(id);
+            if let Some(reason) = emit(s, &tok, id) {
+                let tail = s.out.finish();
+                if !tail.is_empty() {
+                    s.send(WorkerEvent::Delta { text: tail, tokens: 0 });
+                }
+                s.send(WorkerEvent::Done {
+                    finish_reason: reason,
+                    usage: s.usage(),
+                });
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for i in finished {
+            let mut s = running.remove(i);
+            pool.release(&mut s.blocks);
+        }
+        publish(&stats, &running, &waiting, &pool);
+    }
+}
+
+/// Sends the text of a sampled token; returns why the sequence ends, if it does.
+fn emit(s: &mut Seq, tok: &Tokenizer, id: u32) -> Option<FinishReason> {
+    if tok.stop_tokens.contains(&id) {
+        return Some(FinishReason::Stop);
+    }
+    let e = s.out.push(tok, id);
+    if !e.text.is_empty() {
+        s.send(WorkerEvent::Delta {
+            text: e.text,
+            tokens: 1,
+        });
+    }
+    if e.stopped {
+        return Some(FinishReason::Stop);
+    }
+    (s.generated() >= s.max_tokens).then_some(FinishReason::Length)
+}
+
+fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: &BlockPool) {
+    stats.running.store(running.len() as u64, Ordering::Relaxed);
+    stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
+    stats
+        .kv_blocks_used
+        .store((pool.total() - pool.free_count()) as u64, Ordering::Relaxed);
+}

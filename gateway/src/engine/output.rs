@@ -1,0 +1,70 @@
+//! A sequence's way out: sampled token → detokenizer (whole UTF-8 characters) → stop-string
+//! check (text that could still become a stop string is held back) → text deltas.
+
+use kernels::tokenizer::{Detokenizer, Tokenizer};
+
+/// Turns sampled tokens into text to send, and finds where generation must stop.
+pub struct TextOut {
+    detok: Detokenizer,
+    stop: Vec<String>,
+    held: String,
+}
+
+/// What one token produced.
+pub struct Emit {
+    pub text: String,
+    /// A stop string was reached: generation ends (its text is not emitted).
+    pub stopped: bool,
+}
+
+impl TextOut {
+    pub fn new(stop: Vec<String>) -> Self {
+        Self {
+            detok: Detokenizer::default(),
+            stop,
+            held: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Emit {
+        let piece = self.detok.push(tok.token_bytes(id));
+        self.held.push_str(&piece);
+        if let Some(cut) = self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            self.held.truncate(cut);
+            return Emit {
+                text: std::mem::take(&mut self.held),
+                stopped: true,
+            };
+        }
+        // Hold back the longest tail that is a prefix of some stop string.
+        let keep = self
+            .stop
+            .iter()
+            .map(|s| {
+                (1..s.len().min(self.held.len()) + 1)
+                    .rev()
+                    .find(|&k| {
+                        self.held.is_char_boundary(self.held.len() - k)
+                            && s.is_char_boundary(k)
+                            && self.held.ends_with(&s[..k])
+                    })
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let emit_to = self.held.len() - keep;
+        let text = self.held[..emit_to].to_string();
+        self.held.drain(..emit_to);
+        Emit {
+            text,
+            stopped: false,
+        }
+    }
+
+    /// End of generation for another reason: release what was held.
+    pub fn finish(&mut self) -> String {
+        let mut s = std::mem::take(&mut self.held);
+        s.push_str(&self.detok.finish());
+        s
+    }
+}

