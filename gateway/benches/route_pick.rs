@@ -8,17 +8,20 @@ use gateway::config::{PoolConfig, SimConfig, WorkerConfig};
 use gateway::route::Pool;
 
 fn pool(n: usize) -> Pool {
-    Pool::from_config(&PoolConfig {
-        name: "bench".into(),
-        model: "m".into(),
-        workers: vec![WorkerConfig::Sim(SimConfig {
-            count: n,
-            ..SimConfig::default()
-        })],
-        health_interval_secs: 5.0,
-        breaker_failures: 3,
-        breaker_cooldown_secs: 5.0,
-    }, None)
+    Pool::from_config(
+        &PoolConfig {
+            name: "bench".into(),
+            model: "m".into(),
+            workers: vec![WorkerConfig::Sim(SimConfig {
+                count: n,
+                ..SimConfig::default()
+            })],
+            health_interval_secs: 5.0,
+            breaker_failures: 3,
+            breaker_cooldown_secs: 5.0,
+        },
+        None,
+    )
     .expect("pool")
 }
 

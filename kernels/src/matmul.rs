@@ -48,7 +48,20 @@ impl Matrix {
     }
 }
 
-/// A batch of activation rows, in f32 and (once asked for) quantized to Q8 blocks.
+/// How activations meet quantized weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ActPrecision {
+    /// f32 activations against weights unpacked from their blocks in registers: matches
+    /// an f32 reference to ~1e-5 relative.
+    #[default]
+    F32,
+    /// Activations quantized to 8-bit blocks, integer dot products (llama.cpp's way):
+    /// faster when compute-bound, ~1e-2 relative error.
+    Q8,
+}
+
+/// A batch of activation rows, in f32 and (once asked for) quantized to Q8 blocks or
+/// summed per block.
 #[derive(Default)]
 pub struct Acts {
     pub rows: usize,
@@ -56,6 +69,8 @@ pub struct Acts {
     pub f32: Vec<f32>,
     q8: Vec<Q8Block>,
     q8_valid: bool,
+    sums: Vec<f32>,
+    sums_valid: bool,
 }
 
 impl Acts {
@@ -63,18 +78,32 @@ impl Acts {
         self.rows = rows;
         self.cols = cols;
         self.f32.resize(rows * cols, 0.0);
-        self.q8_valid = false;
+        self.touched();
     }
     pub fn row(&self, r: usize) -> &[f32] {
         &self.f32[r * self.cols..(r + 1) * self.cols]
     }
     pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
-        self.q8_valid = false;
+        self.touched();
         &mut self.f32[r * self.cols..(r + 1) * self.cols]
     }
     /// Marks the f32 data as changed (re-quantize on next use).
     pub fn touched(&mut self) {
         self.q8_valid = false;
+        self.sums_valid = false;
+    }
+    fn block_sums(&mut self) -> &[f32] {
+        if !self.sums_valid {
+            let n = self.rows * self.cols;
+            self.sums.clear();
+            self.sums.extend(
+                self.f32[..n]
+                    .chunks_exact(QK)
+                    .map(|c| c.iter().sum::<f32>()),
+            );
+            self.sums_valid = true;
+        }
+        &self.sums
     }
     fn quantized(&mut self) -> &[Q8Block] {
         if !self.q8_valid {
@@ -99,15 +128,18 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// `out[b * w.rows + n] = x[b] · W[n]` for all rows b of `x` and n of `w`.
-pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32]) {
+///
+/// Every output element is computed the same way whatever the batch's size or makeup, so a
+/// sequence's results do not depend on what it is batched with.
+pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     assert_eq!(x.cols, w.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= x.rows * w.rows, "matmul: output too small");
     let (b_rows, n_rows) = (x.rows, w.rows);
     let threads = rayon::current_num_threads().max(1);
-    let chunk = (n_rows / (threads * 4)).clamp(8, 256);
+    let chunk = (n_rows / (threads * 4)).clamp(4, 256);
     let ptr = OutPtr(out.as_mut_ptr());
-    match &w.data {
-        MatData::Quant(ty, data) => {
+    match (&w.data, prec) {
+        (MatData::Quant(ty, data), ActPrecision::Q8) => {
             let ty = *ty;
             let rb = w.row_bytes();
             let nb = w.cols / QK;
@@ -124,7 +156,43 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32]) {
                 }
             });
         }
-        MatData::F32(data) => {
+        (MatData::Quant(ty, data), ActPrecision::F32) => {
+            let ty = *ty;
+            let rb = w.row_bytes();
+            let (cols, nb) = (w.cols, w.cols / QK);
+            x.block_sums();
+            let (xs, sums) = (&x.f32, &x.sums);
+            let row = |b: usize| &xs[b * cols..(b + 1) * cols];
+            let sum = |b: usize| &sums[b * nb..(b + 1) * nb];
+            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                let ptr = ptr;
+                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
+                    let wr = &data[n * rb..(n + 1) * rb];
+                    let put = |b: usize, v: f32| {
+                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
+                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                    };
+                    let mut b = 0;
+                    while b + 4 <= b_rows {
+                        let v = quant::dot_f32_rows(
+                            ty,
+                            wr,
+                            [row(b), row(b + 1), row(b + 2), row(b + 3)],
+                            [sum(b), sum(b + 1), sum(b + 2), sum(b + 3)],
+                        );
+                        for (k, v) in v.into_iter().enumerate() {
+                            put(b + k, v);
+                        }
+                        b += 4;
+                    }
+                    while b < b_rows {
+                        put(b, quant::dot_f32_rows(ty, wr, [row(b)], [sum(b)])[0]);
+                        b += 1;
+                    }
+                }
+            });
+        }
+        (MatData::F32(data), _) => {
             let cols = w.cols;
             let xs = &x.f32;
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {

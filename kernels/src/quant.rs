@@ -188,6 +188,51 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
     acc
 }
 
+/// Scalar reference: one weight row (`ty` blocks) · `R` f32 activation rows at once.
+/// `xsum[r][i]` is the sum of row r's block i.
+pub fn dot_f32_rows_scalar<const R: usize>(
+    ty: GgmlType,
+    w: &[u8],
+    xs: [&[f32]; R],
+    xsum: [&[f32]; R],
+) -> [f32; R] {
+    let bb = ty.block_bytes();
+    let mut acc = [0f32; R];
+    let mut q = [0f32; QK];
+    for (i, b) in w.chunks_exact(bb).enumerate() {
+        let d = h(b, 0);
+        let m = match ty {
+            GgmlType::Q4_1 => {
+                for j in 0..16 {
+                    q[j] = (b[4 + j] & 15) as f32;
+                    q[j + 16] = (b[4 + j] >> 4) as f32;
+                }
+                h(b, 2)
+            }
+            GgmlType::Q4_0 => {
+                for j in 0..16 {
+                    q[j] = (b[2 + j] & 15) as f32;
+                    q[j + 16] = (b[2 + j] >> 4) as f32;
+                }
+                -8.0 * d
+            }
+            GgmlType::Q8_0 => {
+                for j in 0..QK {
+                    q[j] = (b[2 + j] as i8) as f32;
+                }
+                0.0
+            }
+            _ => unreachable!("quantized types only"),
+        };
+        for r in 0..R {
+            let x = &xs[r][i * QK..(i + 1) * QK];
+            let s: f32 = q.iter().zip(x).map(|(a, b)| a * b).sum();
+            acc[r] += d * s + m * xsum[r][i];
+        }
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{h, Q8Block};
@@ -249,6 +294,89 @@ mod avx2 {
         }
         hsum(acc) + acc_min
     }
+
+    /// One weight row · R f32 rows: each weight block is unpacked to f32 once and used
+    /// for all R rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_rows<const R: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        xs: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [f32; R] {
+        let bb = ty.block_bytes();
+        let n = w.len() / bb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [0f32; R];
+        let low = _mm_set1_epi8(15);
+        let p = w.as_ptr();
+        for i in 0..n {
+            let b = p.add(i * bb);
+            let d = h(std::slice::from_raw_parts(b, 2), 0);
+            let (w0, w1, w2, w3, m) = match ty {
+                GgmlType::Q8_0 => {
+                    let q = b.add(2);
+                    let c = |o: usize| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            q.add(o) as *const __m128i
+                        )))
+                    };
+                    (c(0), c(8), c(16), c(24), 0.0)
+                }
+                _ => {
+                    let (off, m) = if ty == GgmlType::Q4_1 {
+                        (4, h(std::slice::from_raw_parts(b.add(2), 2), 0))
+                    } else {
+                        (2, -8.0 * d)
+                    };
+                    let q = _mm_loadu_si128(b.add(off) as *const __m128i);
+                    let lo = _mm_and_si128(q, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+                    let c = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                    (
+                        c(lo),
+                        c(_mm_srli_si128(lo, 8)),
+                        c(hi),
+                        c(_mm_srli_si128(hi, 8)),
+                        m,
+                    )
+                }
+            };
+            let dv = _mm256_set1_ps(d);
+            for r in 0..R {
+                let x = xs[r].as_ptr().add(i * 32);
+                let mut t = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
+                t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), t);
+                t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x.add(16)), t);
+                t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x.add(24)), t);
+                acc[r] = _mm256_fmadd_ps(dv, t, acc[r]);
+                acc_min[r] += m * *xsum[r].get_unchecked(i);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + acc_min[r];
+        }
+        out
+    }
+}
+
+/// One quantized weight row · R f32 activation rows (see [`dot_f32_rows_scalar`]).
+#[inline]
+pub fn dot_f32_rows<const R: usize>(
+    ty: GgmlType,
+    w: &[u8],
+    xs: [&[f32]; R],
+    xsum: [&[f32]; R],
+) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let nb = w.len() / ty.block_bytes();
+        assert!(xs.iter().all(|x| x.len() >= nb * QK) && xsum.iter().all(|s| s.len() >= nb));
+        // SAFETY: AVX2/FMA detected; reads stay within `w`, `xs` and `xsum` (asserted).
+        return unsafe { avx2::dot_f32_rows(ty, w, xs, xsum) };
+    }
+    dot_f32_rows_scalar(ty, w, xs, xsum)
 }
 
 fn has_avx2() -> bool {

@@ -13,8 +13,7 @@ pub mod scheduler;
 
 use crate::config::{BackendKind, EngineConfig};
 use crate::worker::{
-    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent,
-    WorkerRequest,
+    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use blocks::BlockPool;
 use futures::future::BoxFuture;
@@ -120,14 +119,21 @@ impl EngineWorker {
                     tracing::info!(worker = %name, "backend auto: no CUDA backend in this build; using the CPU");
                 }
                 let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
-                Box::new(CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?)
+                Box::new(CpuBackend::new(
+                    loaded.model.clone(),
+                    cfg.block_size,
+                    n_blocks,
+                    cfg.threads,
+                )?)
             }
         };
         let (bs, n_blocks) = backend.kv_geometry();
         let model_ctx = loaded.model.config.context_len;
         let max_context = model_ctx.min(bs * n_blocks);
         let stats = Arc::new(EngineStats::default());
-        stats.kv_blocks_total.store(n_blocks as u64, Ordering::Relaxed);
+        stats
+            .kv_blocks_total
+            .store(n_blocks as u64, Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let limits = Limits {
@@ -160,7 +166,10 @@ impl EngineWorker {
     }
 
     fn prepare(&self, req: &WorkerRequest) -> Result<NewSeq, WorkerError> {
-        let reject = |message: String| WorkerError::Rejected { status: 400, message };
+        let reject = |message: String| WorkerError::Rejected {
+            status: 400,
+            message,
+        };
         let text = match &req.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(msgs) => {
@@ -213,7 +222,10 @@ impl Worker for EngineWorker {
         &self.name
     }
 
-    fn submit(&self, req: Arc<WorkerRequest>) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
+    fn submit(
+        &self,
+        req: Arc<WorkerRequest>,
+    ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
         let prepared = self.prepare(&req);
         let tx = self.tx.clone();
         async move {
@@ -222,9 +234,11 @@ impl Worker for EngineWorker {
             seq.tx = etx;
             tx.send(seq)
                 .map_err(|_| WorkerError::Unreachable("the engine thread has stopped".into()))?;
-            let stream = futures::stream::unfold(erx, |mut rx| async move {
-                rx.recv().await.map(|ev| (ev, rx))
-            });
+            let stream =
+                futures::stream::unfold(
+                    erx,
+                    |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+                );
             Ok(Box::pin(stream) as EventStream)
         }
         .boxed()
@@ -242,7 +256,9 @@ impl Worker for EngineWorker {
         futures::future::ready(if ok {
             Ok(())
         } else {
-            Err(WorkerError::Unreachable("the engine thread has stopped".into()))
+            Err(WorkerError::Unreachable(
+                "the engine thread has stopped".into(),
+            ))
         })
         .boxed()
     }
@@ -304,7 +320,9 @@ fn run_engine(
             !gone
         });
         let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits);
-        stats.preemptions.fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        stats
+            .preemptions
+            .fetch_add(plan.preempted as u64, Ordering::Relaxed);
         if plan.items.is_empty() {
             publish(&stats, &running, &waiting, &pool);
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -314,7 +332,12 @@ fn run_engine(
         for &(i, n) in &plan.items {
             let s = &running[i];
             let end = s.computed + n;
-            batch.push(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), end == s.tokens.len());
+            batch.push(
+                &s.tokens[s.computed..end],
+                s.computed,
+                s.blocks.clone(),
+                end == s.tokens.len(),
+            );
         }
         let logits = match backend.step(&batch) {
             Ok(l) => l,
@@ -324,7 +347,9 @@ fn run_engine(
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
                     let mut s = running.remove(i);
-                    let _ = s.tx.send(Err(WorkerError::Protocol(format!("engine step failed: {e}"))));
+                    let _ = s.tx.send(Err(WorkerError::Protocol(format!(
+                        "engine step failed: {e}"
+                    ))));
                     pool.release(&mut s.blocks);
                 }
                 continue;
@@ -346,7 +371,10 @@ fn run_engine(
             if let Some(reason) = emit(s, &tok, id) {
                 let tail = s.out.finish();
                 if !tail.is_empty() {
-                    s.send(WorkerEvent::Delta { text: tail, tokens: 0 });
+                    s.send(WorkerEvent::Delta {
+                        text: tail,
+                        tokens: 0,
+                    });
                 }
                 s.send(WorkerEvent::Done {
                     finish_reason: reason,

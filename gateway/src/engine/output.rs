@@ -29,7 +29,12 @@ impl TextOut {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Emit {
         let piece = self.detok.push(tok.token_bytes(id));
         self.held.push_str(&piece);
-        if let Some(cut) = self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(cut) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.held.truncate(cut);
             return Emit {
                 text: std::mem::take(&mut self.held),

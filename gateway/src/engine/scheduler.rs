@@ -93,7 +93,9 @@ pub fn schedule<S: Schedulable>(
         i += 1;
     }
     while budget > 0 && running.len() < lim.max_seqs {
-        let Some(front) = waiting.front_mut() else { break };
+        let Some(front) = waiting.front_mut() else {
+            break;
+        };
         let n = front.pending().min(budget);
         if !grow(front, front.computed() + n, pool, lim.block_size) {
             break;
@@ -131,22 +133,38 @@ mod tests {
         }
     }
     fn s(total: usize) -> S {
-        S { total, computed: 0, blocks: vec![] }
+        S {
+            total,
+            computed: 0,
+            blocks: vec![],
+        }
     }
-    const L: Limits = Limits { max_batch_tokens: 8, max_seqs: 4, block_size: 4 };
+    const L: Limits = Limits {
+        max_batch_tokens: 8,
+        max_seqs: 4,
+        block_size: 4,
+    };
 
     #[test]
     fn chunked_prefill_under_the_budget_and_decodes_first() {
         let mut pool = BlockPool::new(100);
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(20), s(3)]));
         let p = schedule(&mut run, &mut wait, &mut pool, L);
-        assert_eq!(p.items, vec![(0, 8)], "a long prompt is chunked to the budget");
+        assert_eq!(
+            p.items,
+            vec![(0, 8)],
+            "a long prompt is chunked to the budget"
+        );
         run[0].computed += 8;
         let p = schedule(&mut run, &mut wait, &mut pool, L);
         assert_eq!(p.items, vec![(0, 8)]);
         run[0].computed += 8;
         let p = schedule(&mut run, &mut wait, &mut pool, L);
-        assert_eq!(p.items, vec![(0, 4), (1, 3)], "the rest, then a new arrival joins");
+        assert_eq!(
+            p.items,
+            vec![(0, 4), (1, 3)],
+            "the rest, then a new arrival joins"
+        );
         run[0].computed = 20;
         run[0].total = 21; // decoding
         run[1].computed = 3;
@@ -159,7 +177,15 @@ mod tests {
     fn preempts_the_youngest_when_blocks_run_out() {
         let mut pool = BlockPool::new(3);
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
-        let p = schedule(&mut run, &mut wait, &mut pool, Limits { max_batch_tokens: 16, ..L });
+        let p = schedule(
+            &mut run,
+            &mut wait,
+            &mut pool,
+            Limits {
+                max_batch_tokens: 16,
+                ..L
+            },
+        );
         assert_eq!(p.items.len(), 2);
         for r in &mut run {
             r.computed = 4;

@@ -113,9 +113,9 @@ impl Pool {
                     }
                 }
                 WorkerConfig::Engine(e) => {
-                    let source = model
-                        .and_then(|m| m.source.as_deref())
-                        .ok_or_else(|| format!("pools.{}: the engine needs a model source", cfg.name))?;
+                    let source = model.and_then(|m| m.source.as_deref()).ok_or_else(|| {
+                        format!("pools.{}: the engine needs a model source", cfg.name)
+                    })?;
                     let path = crate::model_fetch::resolve(source).map_err(|e| e.to_string())?;
                     let started = std::time::Instant::now();
                     let loaded = kernels::load::load(&path)

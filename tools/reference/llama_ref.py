@@ -1,0 +1,128 @@
+"""Independent reference for tollgate's engine: a plain numpy Llama forward pass over a
+GGUF file (weights dequantized by the `gguf` package), the HF `tokenizers` library
+configured like SmolLM2's tokenizer.json, and jinja2 for the chat template.
+
+Usage: python llama_ref.py MODEL.gguf CASES.json > OUT.json
+CASES.json: [{"prompt": "...", "chat": false, "n": 16}, ...]
+OUT: [{"text": rendered prompt, "prompt_ids": [...], "greedy": [...], "last_logits": [...]}]
+"last_logits" are the logits after the prompt (for the logits comparison).
+"""
+import json
+import sys
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+def field(r, key):
+    f = r.fields[key]
+    if len(f.data) == 1 and f.types[0].name != "ARRAY":
+        v = f.parts[f.data[0]]
+        return bytes(v).decode() if f.types[0].name == "STRING" else v[0]
+    return [bytes(f.parts[i]).decode() if f.types[-1].name == "STRING" else f.parts[i][0] for i in f.data]
+
+
+class Model:
+    def __init__(self, path):
+        r = GGUFReader(path)
+        self.n_layers = int(field(r, "llama.block_count"))
+        self.dim = int(field(r, "llama.embedding_length"))
+        self.n_heads = int(field(r, "llama.attention.head_count"))
+        self.n_kv = int(field(r, "llama.attention.head_count_kv"))
+        self.eps = float(field(r, "llama.attention.layer_norm_rms_epsilon"))
+        self.base = float(field(r, "llama.rope.freq_base"))
+        self.hd = self.dim // self.n_heads
+        self.w = {}
+        for t in r.tensors:
+            shape = [int(x) for x in reversed(t.shape)]
+            self.w[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        self.out = self.w.get("output.weight", self.w["token_embd.weight"])
+        self.tokens = field(r, "tokenizer.ggml.tokens")
+        self.types = field(r, "tokenizer.ggml.token_type")
+        self.merges = field(r, "tokenizer.ggml.merges")
+        self.template = field(r, "tokenizer.chat_template") if "tokenizer.chat_template" in r.fields else None
+
+    def rms(self, x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
+
+    def rope(self, x, pos):
+        # x: [T, heads, hd]; adjacent pairs (2i, 2i+1), GGUF's Llama layout.
+        inv = 1.0 / self.base ** (np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
+        ang = pos[:, None].astype(np.float64) * inv[None, :]
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = a * s + b * c
+        return out
+
+    def forward(self, ids):
+        T = len(ids)
+        x = self.w["token_embd.weight"][ids]
+        pos = np.arange(T)
+        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+        g = self.n_heads // self.n_kv
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            h = self.rms(x, self.w[p + "attn_norm.weight"])
+            q = (h @ self.w[p + "attn_q.weight"].T).reshape(T, self.n_heads, self.hd)
+            k = (h @ self.w[p + "attn_k.weight"].T).reshape(T, self.n_kv, self.hd)
+            v = (h @ self.w[p + "attn_v.weight"].T).reshape(T, self.n_kv, self.hd)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+            att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd) + mask
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            o = np.einsum("hts,shd->thd", att, v).reshape(T, self.dim)
+            x = x + o @ self.w[p + "attn_output.weight"].T
+            h = self.rms(x, self.w[p + "ffn_norm.weight"])
+            gt = h @ self.w[p + "ffn_gate.weight"].T
+            up = h @ self.w[p + "ffn_up.weight"].T
+            x = x + (gt / (1 + np.exp(-gt)) * up) @ self.w[p + "ffn_down.weight"].T
+        return self.rms(x[-1], self.w["output_norm.weight"]) @ self.out.T
+
+
+def tokenizer(m):
+    from tokenizers import Tokenizer, AddedToken, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(m.tokens)}
+    merges = [tuple(x.split(" ", 1)) for x in m.merges]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(m.tokens, m.types) if ty in (3, 4)])
+    return tk
+
+
+def main():
+    m = Model(sys.argv[1])
+    cases = json.load(open(sys.argv[2]))
+    tk = tokenizer(m)
+    out = []
+    for c in cases:
+        text = c["prompt"]
+        if c.get("chat"):
+            import jinja2
+
+            text = jinja2.Template(m.template).render(
+                messages=[{"role": "user", "content": text}], add_generation_prompt=True
+            )
+        ids = tk.encode(text, add_special_tokens=False).ids
+        seq = list(ids)
+        greedy, last = [], None
+        for step in range(c.get("n", 16)):
+            logits = m.forward(np.array(seq))
+            if step == 0:
+                last = logits
+            t = int(np.argmax(logits))
+            greedy.append(t)
+            seq.append(t)
+        out.append({"text": text, "prompt_ids": ids, "greedy": greedy, "last_logits": [float(v) for v in last]})
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
