@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite. Makes .venv (the official openai Python SDK, for the SDK test) on
-# first run, then runs every Rust test in the workspace.
+# The whole test suite. Makes .venv on first run (the official openai Python SDK for the
+# SDK test; numpy, gguf, tokenizers and jinja2 for the independent model reference in
+# tools/reference), then runs every Rust test in the workspace. Tests that need the real
+# model fetch it through `gateway`'s own fetch code into the model cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import openai" 2>/dev/null; then
+if ! .venv/bin/python -c "import openai, numpy, gguf, tokenizers, jinja2" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check "openai>=1.40,<3"
+  .venv/bin/pip install --quiet --disable-pip-version-check \
+    "openai>=1.40,<3" "numpy>=1.26,<3" "gguf>=0.10,<1" "tokenizers>=0.20,<1" "jinja2>=3,<4"
 fi
 export TOLLGATE_PYTHON="$PWD/.venv/bin/python"
-export TOLLGATE_REQUIRE_SDK=1
+export TOLLGATE_REQUIRE_TOOLS=1
 cargo test --workspace --locked "$@"

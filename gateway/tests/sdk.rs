@@ -1,39 +1,33 @@
 //! The official `openai` Python SDK, unchanged, against the real gateway binary.
 //!
-//! Needs a Python with `openai` installed: `$TOLLGATE_PYTHON`, else `.venv/bin/python` at
-//! the repository root (`scripts/test.sh` makes it). Without one the test is skipped with
-//! a printed reason, unless `TOLLGATE_REQUIRE_SDK=1` (set by the test script and CI), in
-//! which case it fails.
+//! Needs a Python with `openai` installed (see `common::python_with`).
 
 mod common;
 use common::*;
-use std::path::PathBuf;
 use std::process::Command;
-
-fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("TOLLGATE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python"))
-        });
-    let ok = Command::new(&candidate)
-        .args(["-c", "import openai"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ok.then_some(candidate)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openai_python_sdk_lists_completes_and_streams() {
-    let Some(py) = python() else {
-        if std::env::var("TOLLGATE_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("TOLLGATE_REQUIRE_SDK=1 but no Python with the openai package was found");
-        }
-        eprintln!("SKIPPED: no Python with the `openai` package (run scripts/test.sh, or set TOLLGATE_PYTHON)");
+    let Some(py) = python_with("openai") else {
         return;
     };
     let gw = Gateway::start(&config(FAST_SIM, "", ""));
+    run_sdk(&py, &gw).await;
+}
+
+/// The same SDK checks against the real SmolLM2 served by the in-process engine.
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_python_sdk_against_the_real_model() {
+    let Some(py) = python_with("openai") else {
+        return;
+    };
+    let model = gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m");
+    let gw = Gateway::start(&engine_config(&model, ""));
+    run_sdk(&py, &gw).await;
+}
+
+async fn run_sdk(py: &std::path::Path, gw: &Gateway) {
+    let py = py.to_path_buf();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
     let base = gw.base.clone();
     let out = tokio::task::spawn_blocking(move || {

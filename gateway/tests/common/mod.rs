@@ -234,3 +234,41 @@ pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bo
     }
     false
 }
+
+/// A Python that can import `modules`: `$TOLLGATE_PYTHON`, else `.venv/bin/python` at the
+/// repository root (made by `scripts/test.sh`). `None` means skip — unless
+/// `TOLLGATE_REQUIRE_TOOLS=1` (the test script, CI), where a missing tool is a failure.
+pub fn python_with(modules: &str) -> Option<std::path::PathBuf> {
+    let candidate = std::env::var_os("TOLLGATE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").into());
+    let ok = Command::new(&candidate)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(candidate);
+    }
+    if std::env::var("TOLLGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("TOLLGATE_REQUIRE_TOOLS=1 but no Python with {modules} was found");
+    }
+    eprintln!("SKIPPED: no Python with {modules} (run scripts/test.sh, or set TOLLGATE_PYTHON)");
+    None
+}
+
+/// A gateway config serving `model_path` with the in-process engine.
+pub fn engine_config(model_path: &std::path::Path, engine: &str) -> String {
+    config(
+        &format!("{{ kind = \"engine\", backend = \"cpu\" {engine} }}"),
+        "",
+        "",
+    )
+    .replace(
+        "[[models]]\nid = \"m\"",
+        &format!(
+            "[[models]]\nid = \"m\"\nsource = {:?}",
+            model_path.display().to_string()
+        ),
+    )
+}

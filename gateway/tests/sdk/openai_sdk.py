@@ -16,13 +16,14 @@ assert model in ids, ids
 
 # A chat completion, with usage.
 r = client.chat.completions.create(
-    model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=6
+    model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=6, temperature=0
 )
 assert r.object == "chat.completion", r
 assert r.choices[0].message.role == "assistant"
 assert r.choices[0].message.content, r
 assert r.choices[0].finish_reason in ("stop", "length"), r
-assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0, r.usage
+assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 0, r.usage
+assert (r.choices[0].finish_reason == "length") == (r.usage.completion_tokens == 6)
 assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 # A streamed chat with usage.
@@ -30,6 +31,7 @@ stream = client.chat.completions.create(
     model=model,
     messages=[{"role": "user", "content": "Say hello"}],
     max_tokens=6,
+    temperature=0,
     stream=True,
     stream_options={"include_usage": True},
 )
@@ -44,11 +46,12 @@ for chunk in stream:
             finish = c.finish_reason
 assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
 assert finish == r.choices[0].finish_reason
-assert usage is not None and usage.completion_tokens == 6, usage
+assert usage is not None and usage.completion_tokens == r.usage.completion_tokens, usage
+assert usage.prompt_tokens == r.usage.prompt_tokens, usage
 
 # A legacy completion.
-c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3)
-assert c.choices[0].text and c.usage.completion_tokens == 3, c
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0)
+assert c.choices[0].text and 0 < c.usage.completion_tokens <= 3, c
 
 # Errors become the SDK's typed exceptions.
 try:

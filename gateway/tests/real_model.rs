@@ -1,0 +1,234 @@
+//! The real model (SmolLM2-135M-Instruct, fetched through `gateway`'s own fetch code)
+//! against independent references: the tokenizer against golden ids, and greedy decoding
+//! and logits against the numpy reference in `tools/reference/llama_ref.py` (which reads
+//! the GGUF with the `gguf` package, tokenizes with HF `tokenizers` and renders the chat
+//! template with jinja2). The same reference checks the synthetic model's logits.
+
+mod common;
+use common::*;
+use kernels::backend::{Backend, CpuBackend};
+use kernels::forward::Batch;
+use kernels::sampler::argmax;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model() -> PathBuf {
+    gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m")
+}
+
+#[test]
+fn tokenizer_matches_golden_ids() {
+    let m = kernels::load::load(&model()).unwrap();
+    let t = &m.tokenizer;
+    // Ids from HF `tokenizers` configured as SmolLM2's tokenizer.json (digits one per
+    // token, then the GPT-2 byte-level split), special tokens included.
+    let cases: &[(&str, &[u32])] = &[
+        (
+            "12345 apples cost $3.50",
+            &[33, 34, 35, 36, 37, 13855, 1708, 1885, 35, 30, 37, 32],
+        ),
+        (
+            "naïve café — 日本語 🦀!",
+            &[
+                3546, 46494, 37366, 1841, 17097, 241, 115, 40993, 179, 120, 248, 15107, 116, 218,
+                17,
+            ],
+        ),
+        (
+            "a    b\n\n\n  c\t\td",
+            &[81, 333, 278, 1116, 3805, 265, 197, 197, 84],
+        ),
+        ("<|im_start|>user\nhi<|im_end|>", &[1, 4093, 198, 6004, 2]),
+        ("  leading and trailing  ", &[216, 2899, 284, 35079, 256]),
+        (
+            "x=1000000;y=-42.5e3",
+            &[
+                104, 45, 33, 32, 32, 32, 32, 32, 32, 43, 105, 15196, 36, 34, 30, 37, 85, 35,
+            ],
+        ),
+        (
+            "Hello, World! It's 2024.",
+            &[19556, 28, 2260, 17, 657, 506, 216, 34, 32, 34, 36, 30],
+        ),
+    ];
+    for (text, ids) in cases {
+        assert_eq!(t.encode(text).unwrap(), *ids, "{text:?}");
+        assert_eq!(t.decode(ids), *text, "round trip of {text:?}");
+    }
+    assert_eq!(t.eos, 2);
+    assert!(t.stop_tokens.contains(&2));
+}
+
+/// Runs the numpy reference on `cases` for `model`.
+fn reference(py: &Path, model: &Path, cases: &Value) -> Vec<Value> {
+    let dir = tempdir::TempDir::new();
+    let f = dir.0.join("cases.json");
+    std::fs::write(&f, cases.to_string()).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tools/reference/llama_ref.py"
+    );
+    let out = Command::new(py)
+        .arg(script)
+        .arg(model)
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Greedy decoding of `ids` for `n` tokens on the CPU backend; also the first logits.
+fn greedy(m: &kernels::load::Loaded, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let bs = 16;
+    let blocks = (ids.len() + n) / bs + 1;
+    let mut be = CpuBackend::new(m.model.clone(), bs, blocks, 0).unwrap();
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut b = Batch::default();
+    b.push(ids, 0, table.clone(), true);
+    let first = be.step(&b).unwrap();
+    let mut out = vec![argmax(&first)];
+    while out.len() < n {
+        let mut b = Batch::default();
+        b.push(
+            &[*out.last().unwrap()],
+            ids.len() + out.len() - 1,
+            table.clone(),
+            true,
+        );
+        out.push(argmax(&be.step(&b).unwrap()));
+    }
+    (out, first)
+}
+
+fn max_rel_diff(a: &[f32], b: &[Value]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b
+        .iter()
+        .map(|v| v.as_f64().unwrap().abs() as f32)
+        .fold(1.0, f32::max);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y.as_f64().unwrap() as f32).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+const CASES: &str = r#"[
+  {"prompt": "The capital of France is", "n": 16},
+  {"prompt": "def fibonacci(n):\n    ", "n": 16},
+  {"prompt": "What is the capital of France?", "chat": true, "n": 16},
+  {"prompt": "List three colors.", "chat": true, "n": 16}
+]"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_decoding_matches_the_numpy_reference() {
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let path = model();
+    let cases: Value = serde_json::from_str(CASES).unwrap();
+    let refs = reference(&py, &path, &cases);
+    let m = kernels::load::load(&path).unwrap();
+    let gw = Gateway::start(&engine_config(&path, ""));
+    for (case, r) in cases.as_array().unwrap().iter().zip(&refs) {
+        let prompt = case["prompt"].as_str().unwrap();
+        let chat = case["chat"].as_bool().unwrap_or(false);
+        let want_ids: Vec<u32> = serde_json::from_value(r["prompt_ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
+        // Same prompt text (chat template) and the same token ids.
+        let text = if chat {
+            m.template
+                .render(&[kernels::chat::Message {
+                    role: "user",
+                    content: prompt,
+                }])
+                .unwrap()
+        } else {
+            prompt.to_string()
+        };
+        assert_eq!(text, r["text"].as_str().unwrap(), "chat template rendering");
+        let ids = m.tokenizer.encode(&text).unwrap();
+        assert_eq!(ids, want_ids, "prompt tokens of {prompt:?}");
+        // Greedy tokens, token for token, and the first logits within 1e-3 of the largest.
+        let (got, logits) = greedy(&m, &ids, 16);
+        assert_eq!(got, want, "greedy continuation of {prompt:?}");
+        let d = max_rel_diff(&logits, r["last_logits"].as_array().unwrap());
+        assert!(
+            d < 1e-3,
+            "logits differ by {d} (relative to the largest) for {prompt:?}"
+        );
+        // Through the gateway: the same answer, and usage that counts the same prompt.
+        let body = if chat {
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0})
+        } else {
+            serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0})
+        };
+        let path = if chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let v: Value = post(&gw, path, &body.to_string())
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+            want_ids.len()
+        );
+        let until_eos: Vec<u32> = want
+            .iter()
+            .copied()
+            .take_while(|t| !m.tokenizer.stop_tokens.contains(t))
+            .collect();
+        let content = if chat {
+            &v["choices"][0]["message"]["content"]
+        } else {
+            &v["choices"][0]["text"]
+        };
+        assert_eq!(
+            content.as_str().unwrap(),
+            m.tokenizer.decode(&until_eos),
+            "{prompt:?} through the gateway"
+        );
+        let finish = if until_eos.len() < want.len() {
+            "stop"
+        } else {
+            "length"
+        };
+        assert_eq!(v["choices"][0]["finish_reason"], finish);
+        assert_eq!(
+            v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+            (until_eos.len() + 1).min(16)
+        );
+    }
+}
+
+#[test]
+fn synthetic_model_logits_match_the_numpy_reference() {
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let dir = tempdir::TempDir::new();
+    let path = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let cases = serde_json::json!([{"prompt": "hello synthetic world, 123", "n": 4}]);
+    let refs = reference(&py, &path, &cases);
+    let m = kernels::load::load(&path).unwrap();
+    let ids = m.tokenizer.encode("hello synthetic world, 123").unwrap();
+    assert_eq!(serde_json::to_value(&ids).unwrap(), refs[0]["prompt_ids"]);
+    let (got, logits) = greedy(&m, &ids, 4);
+    let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
+    assert!(
+        d < 1e-3,
+        "synthetic logits differ by {d} relative to the largest"
+    );
+    assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);
+}
