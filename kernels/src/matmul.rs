@@ -127,6 +127,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Pointer to element `i` (a method, so closures capture the whole `Sync` wrapper).
+    #[inline]
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers pass indices inside the output buffer (asserted by `matmul`).
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `out[b * w.rows + n] = x[b] · W[n]` for all rows b of `x` and n of `w`.
 ///
 /// Every output element is computed the same way whatever the batch's size or makeup, so a
@@ -145,13 +154,12 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
             let nb = w.cols / QK;
             let q8 = x.quantized();
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let ptr = ptr;
                 for n in c * chunk..((c + 1) * chunk).min(n_rows) {
                     let wr = &data[n * rb..(n + 1) * rb];
                     for b in 0..b_rows {
                         let v = quant::dot(ty, wr, &q8[b * nb..(b + 1) * nb]);
                         // SAFETY: (b, n) is written by this task only; in bounds (asserted).
-                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                        unsafe { *ptr.at(b * n_rows + n) = v };
                     }
                 }
             });
@@ -165,12 +173,11 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
             let row = |b: usize| &xs[b * cols..(b + 1) * cols];
             let sum = |b: usize| &sums[b * nb..(b + 1) * nb];
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let ptr = ptr;
                 for n in c * chunk..((c + 1) * chunk).min(n_rows) {
                     let wr = &data[n * rb..(n + 1) * rb];
                     let put = |b: usize, v: f32| {
                         // SAFETY: (b, n) is written by this task only; in bounds (asserted).
-                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                        unsafe { *ptr.at(b * n_rows + n) = v };
                     };
                     let mut b = 0;
                     while b + 4 <= b_rows {
@@ -196,13 +203,12 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
             let cols = w.cols;
             let xs = &x.f32;
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let ptr = ptr;
                 for n in c * chunk..((c + 1) * chunk).min(n_rows) {
                     let wr = &data[n * cols..(n + 1) * cols];
                     for b in 0..b_rows {
                         let v = dot_f32(wr, &xs[b * cols..(b + 1) * cols]);
                         // SAFETY: as above.
-                        unsafe { *ptr.0.add(b * n_rows + n) = v };
+                        unsafe { *ptr.at(b * n_rows + n) = v };
                     }
                 }
             });

@@ -143,7 +143,7 @@ fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
     if t.dims != [n] {
         return Err(shape_err(t, &[n]));
     }
-    if t.ty.block_elems() != 1 && n % quant::QK != 0 {
+    if t.ty.block_elems() != 1 && !n.is_multiple_of(quant::QK) {
         return Err(shape_err(t, &[n]));
     }
     let mut v = vec![0f32; n];

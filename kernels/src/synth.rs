@@ -217,12 +217,12 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let std_in = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     for i in 0..s.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
-        let mut r2 = Rng(s.seed ^ (i as u64 + 1) * 0x1234_5678);
+        let mut r2 = Rng(s.seed ^ ((i as u64 + 1) * 0x1234_5678));
         tensors.push(norm(n("attn_norm"), s.dim, &mut r2));
         tensors.push(mat(n("attn_q"), s.dim, s.dim, mt, std_in(s.dim)));
         tensors.push(mat(n("attn_k"), s.dim, kv_dim, mt, std_in(s.dim)));
         tensors.push(mat(n("attn_v"), s.dim, kv_dim, mt, std_in(s.dim)));
-        tensors.push(mat(n("attn_output"), s.dim, s.dim, mt, 0.5 * std_in(s.dim)));
+        tensors.push(mat(n("attn_output"), s.dim, s.dim, mt, 2.0 * std_in(s.dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
         tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
         tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
@@ -231,11 +231,16 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             s.ffn_dim,
             s.dim,
             mt,
-            0.5 * std_in(s.ffn_dim),
+            2.0 * std_in(s.ffn_dim),
         ));
     }
+    // A small final norm keeps logits in a realistic range (a few units apart), so that
+    // sampling has a real distribution to draw from.
     let mut r3 = Rng(s.seed ^ 0xABCD);
-    tensors.push(norm("output_norm.weight".into(), s.dim, &mut r3));
+    let mut out_norm = norm("output_norm.weight".into(), s.dim, &mut r3);
+    let scaled: Vec<f32> = (0..s.dim).map(|_| 0.1 * (1.0 + r3.normal(0.1))).collect();
+    out_norm.data = encode(GgmlType::F32, &scaled);
+    tensors.push(out_norm);
     let tmp = path.with_extension("gguf.partial");
     {
         let mut f = BufWriter::new(std::fs::File::create(&tmp)?);

@@ -1,0 +1,206 @@
+//! The in-process engine on the synthetic model: batching invariance (alone versus inside
+//! a batch of 16 mixed-length sequences, with and without preemption), cancellation,
+//! stop strings, seeds, and context limits.
+
+mod common;
+use common::tempdir::TempDir;
+use futures::StreamExt;
+use gateway::config::EngineConfig;
+use gateway::engine::EngineWorker;
+use gateway::worker::{
+    FinishReason, Prompt, SamplingParams, Worker, WorkerError, WorkerEvent, WorkerRequest,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn synthetic() -> (TempDir, kernels::load::Loaded) {
+    let dir = TempDir::new();
+    let path = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let loaded = kernels::load::load(&path).unwrap();
+    (dir, loaded)
+}
+
+fn engine(loaded: &kernels::load::Loaded, cfg: EngineConfig) -> Arc<EngineWorker> {
+    Arc::new(EngineWorker::start("test".into(), loaded, &cfg).unwrap())
+}
+
+fn req(
+    prompt: &str,
+    max_tokens: u32,
+    temperature: f32,
+    seed: Option<u64>,
+    stop: Vec<String>,
+) -> Arc<WorkerRequest> {
+    Arc::new(WorkerRequest {
+        request_id: "r".into(),
+        tenant: "t".into(),
+        model: "m".into(),
+        prompt: Prompt::Text(prompt.into()),
+        params: SamplingParams {
+            max_tokens,
+            temperature,
+            top_p: 1.0,
+            seed,
+            stop,
+        },
+        stream: true,
+    })
+}
+
+/// Runs a request to the end: (text, finish reason, usage.completion_tokens).
+async fn run(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, u32) {
+    let mut s = w.submit(r).await.unwrap();
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
+            WorkerEvent::Done {
+                finish_reason,
+                usage,
+            } => return (text, finish_reason, usage.completion_tokens),
+        }
+    }
+    panic!("no Done event");
+}
+
+fn prompts() -> Vec<String> {
+    // 16 mixed lengths: about 10 to 300 tokens.
+    (0..16)
+        .map(|i| format!("{} seq{i}", "lorem ipsum dolor sit amet ".repeat(i + 1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_preemption() {
+    let (_d, m) = synthetic();
+    let base = EngineConfig {
+        threads: 2,
+        max_batch_tokens: 64,
+        max_seqs: 16,
+        ..EngineConfig::default()
+    };
+    let solo_engine = engine(&m, base.clone());
+    let mut solo = Vec::new();
+    for p in prompts() {
+        solo.push(run(&solo_engine, req(&p, 24, 0.0, None, vec![])).await);
+    }
+    let distinct: std::collections::HashSet<_> = solo.iter().map(|s| &s.0).collect();
+    assert!(
+        distinct.len() >= 8,
+        "the prompts should give varied outputs: {solo:?}"
+    );
+    for (label, cfg) in [
+        ("batched", base.clone()),
+        // 64 blocks of 16 tokens cannot hold 16 sequences of up to ~380 tokens at once.
+        (
+            "batched with preemption",
+            EngineConfig {
+                kv_tokens: 1024,
+                ..base.clone()
+            },
+        ),
+    ] {
+        let e = engine(&m, cfg);
+        let tasks: Vec<_> = prompts()
+            .into_iter()
+            .map(|p| {
+                let e = e.clone();
+                tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(
+                t.await.unwrap(),
+                solo[i],
+                "{label}: sequence {i} differs from its solo run"
+            );
+        }
+        let pre = e.stats().preemptions.load(Ordering::Relaxed);
+        if label.contains("preemption") {
+            assert!(pre > 0, "the small cache should have forced preemption");
+        } else {
+            assert_eq!(pre, 0);
+        }
+        assert_eq!(
+            e.stats().kv_blocks_used.load(Ordering::Relaxed),
+            0,
+            "{label}: finished sequences free their blocks"
+        );
+        assert!(
+            e.stats().steps.load(Ordering::Relaxed) < 16 * 30,
+            "{label}: sequences were batched"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeds_stops_limits_and_cancellation() {
+    let (_d, m) = synthetic();
+    let e = engine(
+        &m,
+        EngineConfig {
+            threads: 2,
+            kv_tokens: 1024,
+            ..EngineConfig::default()
+        },
+    );
+    // Same seed, same sample; the length limit gives finish_reason "length".
+    let a = run(&e, req("sampling test", 20, 1.0, Some(11), vec![])).await;
+    let b = run(&e, req("sampling test", 20, 1.0, Some(11), vec![])).await;
+    assert_eq!(a, b, "a seed makes sampling reproducible");
+    let mut differs = false;
+    for seed in 12..20 {
+        differs |= run(&e, req("sampling test", 20, 1.0, Some(seed), vec![])).await != a;
+    }
+    assert!(differs, "different seeds give different samples");
+    // A stop string taken from the greedy output cuts the text before it.
+    let (full, _, n) = run(&e, req("stop test", 30, 0.0, None, vec![])).await;
+    if n == 30 && full.chars().count() > 12 {
+        let stop: String = full.chars().skip(8).take(3).collect();
+        let (cut, reason, _) = run(&e, req("stop test", 30, 0.0, None, vec![stop.clone()])).await;
+        assert_eq!(cut, full[..full.find(&stop).unwrap()], "stop {stop:?}");
+        assert_eq!(reason, FinishReason::Stop);
+    }
+    // Over the context: a 400 from the worker, before any generation.
+    match e.submit(req("x", 5000, 0.0, None, vec![])).await {
+        Err(WorkerError::Rejected {
+            status: 400,
+            message,
+        }) => assert!(message.contains("context"), "{message}"),
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
+    // Cancelling (dropping the stream) frees the sequence's blocks at once.
+    let mut s = e
+        .submit(req(&"long prompt ".repeat(20), 700, 0.0, None, vec![]))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            s.next().await,
+            Some(Ok(WorkerEvent::Delta { .. }))
+        ));
+    }
+    let mut held = false;
+    for _ in 0..200 {
+        if e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(held, "a running sequence holds KV blocks");
+    drop(s);
+    let mut freed = false;
+    for _ in 0..200 {
+        if e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            && e.stats().running.load(Ordering::Relaxed) == 0
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "cancelled sequence still holds blocks");
+}

@@ -1,0 +1,98 @@
+//! Malformed GGUF files are clear errors, never panics or out-of-bounds reads.
+
+use kernels::gguf::{GgmlType, Gguf, GgufError, Value};
+use kernels::synth::{write_model, SynthSpec};
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tollgate-gguf-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join("m.gguf")
+}
+
+fn open_bytes(name: &str, bytes: &[u8]) -> Result<Gguf, GgufError> {
+    let p = tmp(name);
+    std::fs::write(&p, bytes).unwrap();
+    Gguf::open(&p)
+}
+
+#[test]
+fn synthetic_model_round_trips_and_corruptions_are_errors() {
+    let p = tmp("good");
+    write_model(&p, &SynthSpec::tiny()).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let g = Gguf::open(&p).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
+    assert_eq!(g.tensor("token_embd.weight").unwrap().ty, GgmlType::Q8_0);
+    assert_eq!(g.tensor("blk.0.attn_q.weight").unwrap().ty, GgmlType::Q4_1);
+    assert!(kernels::load::load(&p).is_ok());
+
+    // Wrong magic.
+    let mut b = good.clone();
+    b[0] = b'X';
+    assert!(matches!(open_bytes("magic", &b), Err(GgufError::Magic(_))));
+    // Unsupported version.
+    let mut b = good.clone();
+    b[4] = 9;
+    assert!(matches!(
+        open_bytes("version", &b),
+        Err(GgufError::Version(9))
+    ));
+    // Truncated anywhere: header, metadata, tensor infos, tensor data.
+    for cut in [3, 20, 200, 5000, good.len() / 2, good.len() - 1] {
+        let r = open_bytes("trunc", &good[..cut]);
+        assert!(r.is_err(), "truncated at {cut} was accepted");
+    }
+    // An absurd string length.
+    let mut b = good.clone();
+    b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(open_bytes("len", &b).is_err());
+}
+
+#[test]
+fn unsupported_types_and_shape_mismatches_are_errors() {
+    use kernels::gguf::write::{gguf, Tensor};
+    let meta = vec![(
+        "general.architecture".to_string(),
+        Value::String("llama".into()),
+    )];
+    let t = |ty: GgmlType| Tensor {
+        name: "x".into(),
+        dims: vec![32],
+        ty,
+        data: vec![0; ty.block_bytes() * 32 / ty.block_elems()],
+    };
+    let mut bytes = Vec::new();
+    gguf(&mut bytes, &meta, &[t(GgmlType::F32)]).unwrap();
+    assert!(open_bytes("ok", &bytes).is_ok());
+    // Patch the tensor's type id to 12 (Q4_K): unsupported. Its info is: name (u64 length,
+    // "x"), n_dims (u32), dims (u64), then the type (u32).
+    let mut b2 = bytes.clone();
+    let name = b2
+        .windows(9)
+        .position(|w| w == b"\x01\0\0\0\0\0\0\0x")
+        .unwrap();
+    b2[name + 9 + 4 + 8] = 12;
+    match open_bytes("type", &b2) {
+        Err(GgufError::UnsupportedType { ty: 12, .. }) => {}
+        other => panic!("expected unsupported type, got {:?}", other.map(|_| ())),
+    }
+    // A model whose tensor shape disagrees with its metadata.
+    let p = tmp("shape");
+    let spec = SynthSpec {
+        ffn_dim: 256,
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    let mut g = std::fs::read(&p).unwrap();
+    // Change llama.feed_forward_length (256) to 512 in the metadata.
+    let key = b"llama.feed_forward_length";
+    let at = g.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    g[at..at + 4].copy_from_slice(&512u32.to_le_bytes());
+    std::fs::write(&p, &g).unwrap();
+    match kernels::load::load(&p) {
+        Err(e) => assert!(e.to_string().contains("does not match the metadata"), "{e}"),
+        Ok(_) => panic!("shape mismatch accepted"),
+    }
+}
