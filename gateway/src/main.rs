@@ -30,6 +30,29 @@ enum Command {
     },
     /// Validate a config file and print a summary.
     CheckConfig { file: PathBuf },
+    /// Serve one model with the in-process engine over the same OpenAI API, for gateways
+    /// to route to as an `openai` worker. Callers authenticate with the shared secret in
+    /// `$TOLLGATE_WORKER_SECRET` (a gateway sends it as its `api_key`); they are trusted to
+    /// name the tenant of each request (`x-tollgate-tenant`, `x-tollgate-weight`).
+    Worker {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Model source: a known name (fetched) or a .gguf path.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// The model id clients ask for (defaults to --model).
+        #[arg(long)]
+        model_id: Option<String>,
+        /// Compute backend: auto, cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// CPU backend threads (0 = one per CPU).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// KV-cache capacity in tokens.
+        #[arg(long, default_value_t = 32768)]
+        kv_tokens: usize,
+    },
     /// Download a known model into the local cache (checked by SHA-256).
     FetchModel {
         /// A known model name (smollm2-135m).
@@ -77,106 +100,163 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { config, listen } => {
-            let mut cfg = match load_config(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
+    match Cli::parse().command {
+        Command::Serve { config, listen } => match load_config(config) {
+            Ok(mut cfg) => {
+                if let Some(addr) = listen {
+                    cfg.server.listen = addr;
                 }
-            };
-            if let Some(addr) = listen {
-                cfg.server.listen = addr;
-            }
-            let mut builder = match cfg.server.threads {
-                1 => tokio::runtime::Builder::new_current_thread(),
-                0 => tokio::runtime::Builder::new_multi_thread(),
-                n => {
-                    let mut b = tokio::runtime::Builder::new_multi_thread();
-                    b.worker_threads(n);
-                    b
-                }
-            };
-            let rt = match builder.enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(gateway::server::run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(cfg) => {
-                let workers: usize = cfg
-                    .pools
-                    .iter()
-                    .map(|p| {
-                        p.workers
-                            .iter()
-                            .map(|w| match w {
-                                gateway::config::WorkerConfig::Sim(s) => s.count,
-                                gateway::config::WorkerConfig::Openai(_)
-                                | gateway::config::WorkerConfig::Engine(_) => 1,
-                            })
-                            .sum::<usize>()
-                    })
-                    .sum();
-                println!(
-                    "{}: ok ({} models, {} pools, {} workers, {} tenants)",
-                    file.display(),
-                    cfg.models.len(),
-                    cfg.pools.len(),
-                    workers,
-                    cfg.tenants.len()
-                );
-                ExitCode::SUCCESS
+                serve(cfg)
             }
             Err(e) => {
-                eprintln!("{}: {e}", file.display());
+                eprintln!("error: {e}");
                 ExitCode::from(2)
             }
         },
-        Command::FetchModel { name } => {
-            match gateway::model_fetch::KNOWN.iter().find(|k| k.name == name) {
-                Some(k) => match gateway::model_fetch::ensure(k) {
-                    Ok(path) => {
-                        println!("{}", path.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                },
-                None => {
-                    let known: Vec<_> =
-                        gateway::model_fetch::KNOWN.iter().map(|k| k.name).collect();
-                    eprintln!("error: unknown model {name:?}; known: {}", known.join(", "));
-                    ExitCode::from(2)
-                }
+        Command::Worker {
+            listen,
+            model,
+            model_id,
+            backend,
+            threads,
+            kv_tokens,
+        } => match worker_config(listen, &model, model_id, &backend, threads, kv_tokens) {
+            Ok(cfg) => serve(cfg),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
             }
-        }
+        },
+        Command::CheckConfig { file } => check_config(&file),
+        Command::FetchModel { name } => fetch_model(&name),
         Command::Keys {
             command: KeysCommand::New { tenant },
-        } => {
-            let key = keys::generate();
-            let digest = hex::encode(keys::digest(&key));
-            println!("API key for tenant {tenant:?} (shown once; give it to the tenant):");
-            println!("  {key}");
-            println!("Add its digest to the tenant in the config:");
-            println!("  [[tenants]]");
-            println!("  id = {tenant:?}");
-            println!("  keys_sha256 = [\"{digest}\"]");
-            ExitCode::SUCCESS
+        } => new_key(&tenant),
+    }
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    let mut builder = match cfg.server.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(gateway::server::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// The config of `gateway worker`: one model, one engine, and the calling gateway as a
+/// trusted tenant authenticated by the shared secret.
+fn worker_config(
+    listen: SocketAddr,
+    model: &str,
+    model_id: Option<String>,
+    backend: &str,
+    threads: usize,
+    kv_tokens: usize,
+) -> Result<Config, String> {
+    let secret = std::env::var("TOLLGATE_WORKER_SECRET").map_err(|_| {
+        "set TOLLGATE_WORKER_SECRET: the shared secret gateways send as their api_key".to_string()
+    })?;
+    if secret.len() < 16 {
+        return Err("TOLLGATE_WORKER_SECRET must be at least 16 characters".into());
+    }
+    let id = model_id.unwrap_or_else(|| model.to_string());
+    let digest = hex::encode(keys::digest(&secret));
+    let text = format!(
+        r#"[server]
+listen = "{listen}"
+
+[[models]]
+id = {id:?}
+source = {model:?}
+
+[[pools]]
+name = "worker"
+model = {id:?}
+workers = [{{ kind = "engine", backend = {backend:?}, threads = {threads}, kv_tokens = {kv_tokens} }}]
+
+[[tenants]]
+id = "gateway"
+keys_sha256 = ["{digest}"]
+trusted = true
+"#
+    );
+    Config::from_toml(&text).map_err(|e| e.to_string())
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(cfg) => {
+            let workers: usize = cfg
+                .pools
+                .iter()
+                .flat_map(|p| &p.workers)
+                .map(|w| match w {
+                    gateway::config::WorkerConfig::Sim(s) => s.count,
+                    gateway::config::WorkerConfig::Openai(_)
+                    | gateway::config::WorkerConfig::Engine(_) => 1,
+                })
+                .sum();
+            println!(
+                "{}: ok ({} models, {} pools, {} workers, {} tenants)",
+                file.display(),
+                cfg.models.len(),
+                cfg.pools.len(),
+                workers,
+                cfg.tenants.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn fetch_model(name: &str) -> ExitCode {
+    let Some(k) = gateway::model_fetch::KNOWN.iter().find(|k| k.name == name) else {
+        let known: Vec<_> = gateway::model_fetch::KNOWN.iter().map(|k| k.name).collect();
+        eprintln!("error: unknown model {name:?}; known: {}", known.join(", "));
+        return ExitCode::from(2);
+    };
+    match gateway::model_fetch::ensure(k) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn new_key(tenant: &str) -> ExitCode {
+    let key = keys::generate();
+    let digest = hex::encode(keys::digest(&key));
+    println!("API key for tenant {tenant:?} (shown once; give it to the tenant):");
+    println!("  {key}");
+    println!("Add its digest to the tenant in the config:");
+    println!("  [[tenants]]");
+    println!("  id = {tenant:?}");
+    println!("  keys_sha256 = [\"{digest}\"]");
+    ExitCode::SUCCESS
 }

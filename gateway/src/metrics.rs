@@ -178,7 +178,7 @@ impl Metrics {
         if out.ends_with("# EOF\n") {
             out.truncate(out.len() - "# EOF\n".len());
         }
-        let gauges: [(&str, &str); 5] = [
+        let gauges: [(&str, &str); 7] = [
             (
                 "tollgate_worker_healthy",
                 "1 when the worker passes its health probes",
@@ -199,6 +199,14 @@ impl Metrics {
                 "tollgate_worker_queued",
                 "Requests the worker reports as queued inside it",
             ),
+            (
+                "tollgate_worker_kv_blocks_used",
+                "KV-cache blocks in use (engines)",
+            ),
+            (
+                "tollgate_worker_kv_blocks_free",
+                "KV-cache blocks free (engines)",
+            ),
         ];
         let now = Instant::now();
         for (i, (name, help)) in gauges.iter().enumerate() {
@@ -206,12 +214,15 @@ impl Metrics {
             for pool in &router.pools {
                 for slot in &pool.slots {
                     let load = slot.worker.load();
-                    let v = match i {
-                        0 => slot.healthy() as u64,
-                        1 => slot.breaker.is_open(now) as u64,
-                        2 => slot.in_flight(),
-                        3 => load.running,
-                        _ => load.queued,
+                    let v = match (i, load.kv_blocks) {
+                        (0, _) => slot.healthy() as u64,
+                        (1, _) => slot.breaker.is_open(now) as u64,
+                        (2, _) => slot.in_flight(),
+                        (3, _) => load.running,
+                        (4, _) => load.queued,
+                        (5, Some((used, _))) => used,
+                        (6, Some((used, total))) => total - used,
+                        _ => continue,
                     };
                     let _ = writeln!(
                         out,

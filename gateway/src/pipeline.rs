@@ -28,7 +28,23 @@ use tracing::Instrument;
 pub struct RequestCtx {
     pub request_id: Arc<str>,
     pub tenant: Arc<Tenant>,
+    /// Set when a trusted gateway names the tenant the request is for.
+    pub acting: Option<crate::api::auth::ActingFor>,
     pub started: Instant,
+}
+
+impl RequestCtx {
+    /// The tenant the request is for: a trusted gateway's tenant, else the caller.
+    pub fn tenant_id(&self) -> &Arc<str> {
+        self.acting.as_ref().map_or(&self.tenant.id, |a| &a.tenant)
+    }
+    /// Its scheduling weight: the trusted gateway's word, else the purchased rate.
+    pub fn weight(&self) -> Option<f64> {
+        match &self.acting {
+            Some(a) => a.weight,
+            None => self.tenant.cfg.tokens_per_second,
+        }
+    }
 }
 
 /// Serves one validated request end to end.
@@ -38,13 +54,13 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         .pool_for(&req.model, ctx.tenant.cfg.pool.as_deref())
         .cloned()
     else {
-        state.metrics.count(&ctx.tenant.id, "", "404");
+        state.metrics.count(ctx.tenant_id(), "", "404");
         return ApiError::ModelNotFound(req.model).into_response();
     };
     let model: Arc<str> = req.model.as_str().into();
     let mut meter = Meter::start(
         state.metrics.clone(),
-        state.metrics.handles(&ctx.tenant.id, &model),
+        state.metrics.handles(ctx.tenant_id(), &model),
         ctx.started,
     );
     match run(state, &ctx, &pool, req, &mut meter).await {
@@ -87,7 +103,8 @@ async fn run(
     let stream = req.stream;
     let wreq = Arc::new(WorkerRequest {
         request_id: ctx.request_id.clone(),
-        tenant: ctx.tenant.id.clone(),
+        tenant: ctx.tenant_id().clone(),
+        weight: ctx.weight(),
         model: req.model.as_str().into(),
         prompt: req.prompt,
         params: req.params,

@@ -36,6 +36,7 @@ fn req(
     Arc::new(WorkerRequest {
         request_id: "r".into(),
         tenant: "t".into(),
+        weight: None,
         model: "m".into(),
         prompt: Prompt::Text(prompt.into()),
         params: SamplingParams {
@@ -203,4 +204,67 @@ async fn seeds_stops_limits_and_cancellation() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(freed, "cancelled sequence still holds blocks");
+}
+
+/// `gateway worker` serves the engine over the OpenAI API; a gateway routes to it as an
+/// `openai` worker with the shared secret, and passes its tenant along.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_worker_mode_behind_a_gateway() {
+    use common::*;
+    let dir = TempDir::new();
+    let model = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let secret = "a-shared-secret-of-some-length";
+    let args: Vec<String> = [
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+        "--model-id",
+        "m",
+        "--backend",
+        "cpu",
+        "--kv-tokens",
+        "4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let worker = Gateway::start_args(&args, &[("TOLLGATE_WORKER_SECRET", secret)]);
+    // Without the secret: 401.
+    let r = client()
+        .get(worker.url("/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let upstream = format!(
+        r#"{{ kind = "openai", url = "{}", api_key = "{secret}", forward_tenant = true }}"#,
+        worker.base
+    );
+    let gw = Gateway::start(&config(&upstream, "tokens_per_second = 500.0", ""));
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let events = sse_events(post(&gw, "/v1/chat/completions", body).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(
+        usage["usage"]["prompt_tokens"].as_u64().unwrap() > 5,
+        "the worker counts the chat template"
+    );
+    // The worker attributes the request to the gateway's tenant, and reports its KV cache.
+    let m = worker.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"tollgate_requests_total{tenant="demo",model="m",status="200"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        m.contains("tollgate_worker_kv_blocks_free{pool=\"worker\""),
+        "{m}"
+    );
 }

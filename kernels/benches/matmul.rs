@@ -18,7 +18,11 @@ fn weights(rows: usize, cols: usize) -> Matrix {
         })
         .collect();
     quant::quantize_row_q4_1(&x, &mut data);
-    Matrix { rows, cols, data: MatData::Quant(GgmlType::Q4_1, data) }
+    Matrix {
+        rows,
+        cols,
+        data: MatData::Quant(GgmlType::Q4_1, data),
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -27,10 +31,17 @@ fn bench(c: &mut Criterion) {
     for b in [1usize, 16, 64] {
         let mut x = Acts::default();
         x.resize(b, 576);
-        x.f32.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32 * 0.1);
+        x.f32
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i % 7) as f32 * 0.1);
         let mut out = vec![0f32; b * 1536];
         g.throughput(Throughput::Elements((b * 1536 * 576) as u64));
-        for (name, p) in [("i16", ActPrecision::I16), ("f32", ActPrecision::F32), ("q8", ActPrecision::Q8)] {
+        for (name, p) in [
+            ("i16", ActPrecision::I16),
+            ("f32", ActPrecision::F32),
+            ("q8", ActPrecision::Q8),
+        ] {
             g.bench_with_input(BenchmarkId::new(name, b), &b, |bn, _| {
                 bn.iter(|| {
                     x.touched();

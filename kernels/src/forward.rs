@@ -264,7 +264,8 @@ fn add_rows(x: &mut Acts, o: &[f32]) {
 }
 
 /// Causal grouped-query attention of every row's query over its sequence's cached keys
-/// and values (positions 0..=its own).
+/// and values (positions 0..=its own). One task per (row, KV head): the query heads that
+/// share a KV head read its keys and values once.
 fn attention(
     c: &LlamaConfig,
     layer: usize,
@@ -274,35 +275,42 @@ fn attention(
     kv: &KvCache,
     out: &mut Acts,
 ) {
-    let (hd, nh, qd) = (c.head_dim, c.n_heads, c.n_heads * c.head_dim);
+    let (hd, qd) = (c.head_dim, c.n_heads * c.head_dim);
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    out.f32.par_chunks_mut(qd).enumerate().for_each(|(r, o)| {
-        let pos = batch.positions[r] as usize;
-        let table = &batch.seqs[row_seq[r]].block_table;
-        let mut scores = vec![0f32; (pos + 1) * nh];
-        for j in 0..=pos {
-            let (k, _) = kv.read(layer, table, j);
-            for h in 0..nh {
-                let kh = &k[(h / group) * hd..(h / group + 1) * hd];
-                let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
-                scores[h * (pos + 1) + j] = crate::matmul::dot_f32(qh, kh) * scale;
-            }
-        }
-        o.fill(0.0);
-        for h in 0..nh {
-            ops::softmax(&mut scores[h * (pos + 1)..(h + 1) * (pos + 1)]);
-        }
-        for j in 0..=pos {
-            let (_, v) = kv.read(layer, table, j);
-            for h in 0..nh {
-                let p = scores[h * (pos + 1) + j];
-                let vh = &v[(h / group) * hd..(h / group + 1) * hd];
-                for (a, b) in o[h * hd..(h + 1) * hd].iter_mut().zip(vh) {
-                    *a += p * b;
+    let gw = group * hd; // output width of one task
+    out.f32
+        .par_chunks_mut(gw)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let (r, kvh) = (task / c.n_kv_heads, task % c.n_kv_heads);
+            let pos = batch.positions[r] as usize;
+            let table = &batch.seqs[row_seq[r]].block_table;
+            let n = pos + 1;
+            let mut scores = vec![0f32; n * group];
+            let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
+            for j in 0..n {
+                let (k, _) = kv.read(layer, table, j);
+                let kh = &k[kvh * hd..(kvh + 1) * hd];
+                for g in 0..group {
+                    scores[g * n + j] =
+                        crate::matmul::dot_f32(&qrow[g * hd..(g + 1) * hd], kh) * scale;
                 }
             }
-        }
-    });
+            for g in 0..group {
+                ops::softmax(&mut scores[g * n..(g + 1) * n]);
+            }
+            o.fill(0.0);
+            for j in 0..n {
+                let (_, v) = kv.read(layer, table, j);
+                let vh = &v[kvh * hd..(kvh + 1) * hd];
+                for g in 0..group {
+                    let p = scores[g * n + j];
+                    for (a, b) in o[g * hd..(g + 1) * hd].iter_mut().zip(vh) {
+                        *a += p * b;
+                    }
+                }
+            }
+        });
     out.touched();
 }

@@ -235,7 +235,11 @@ pub fn dot_f32_rows_scalar<const R: usize>(
 
 /// Quantizes one row to 16-bit blocks: value j of block i = `d[i] · q[32i + j]`.
 pub fn quantize_row_i16(x: &[f32], q: &mut [i16], d: &mut [f32]) {
-    for ((c, qb), db) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut()) {
+    for ((c, qb), db) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+    {
         let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = amax / 32767.0;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };

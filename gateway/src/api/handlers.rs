@@ -1,5 +1,6 @@
 //! Thin route handlers: read the body, validate, hand over to the pipeline.
 
+use super::auth::ActingFor;
 use super::error::ApiError;
 use super::request_id::RequestId;
 use super::types::{ModelCard, ModelList};
@@ -21,6 +22,7 @@ type Validator = fn(&[u8], &crate::config::ServerConfig) -> Result<InferenceRequ
 async fn inference(
     state: AppState,
     tenant: Arc<Tenant>,
+    acting: Option<ActingFor>,
     id: RequestId,
     body: Result<Bytes, BytesRejection>,
     validate: Validator,
@@ -39,6 +41,7 @@ async fn inference(
             let ctx = RequestCtx {
                 request_id: id.0,
                 tenant,
+                acting,
                 started,
             };
             pipeline::serve(&state, ctx, req).await
@@ -54,19 +57,29 @@ async fn inference(
 pub async fn chat(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
     Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    inference(state, tenant, id, body, validate::chat).await
+    inference(state, tenant, acting.map(|a| a.0), id, body, validate::chat).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
     Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    inference(state, tenant, id, body, validate::completion).await
+    inference(
+        state,
+        tenant,
+        acting.map(|a| a.0),
+        id,
+        body,
+        validate::completion,
+    )
+    .await
 }
 
 /// The models this tenant can reach.

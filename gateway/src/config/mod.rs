@@ -258,6 +258,10 @@ pub struct OpenAiConfig {
     /// Bearer key sent upstream, if it needs one.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Send the tenant's id and weight upstream (`x-tollgate-tenant`, `x-tollgate-weight`):
+    /// for tollgate workers that trust this gateway. Off by default (tenant ids stay here).
+    #[serde(default)]
+    pub forward_tenant: bool,
 }
 
 fn default_upstream_concurrency() -> usize {
@@ -295,6 +299,11 @@ pub struct TenantConfig {
     /// Dedicated pool; without it the tenant uses the first pool listed for the model.
     #[serde(default)]
     pub pool: Option<String>,
+    /// A gateway in front of this one (remote worker mode): its requests may name the
+    /// tenant they are made for in `x-tollgate-tenant` (and its weight in
+    /// `x-tollgate-weight`); metrics and scheduling then see that tenant.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -248,6 +248,10 @@ impl Worker for EngineWorker {
         Load {
             running: self.stats.running.load(Ordering::Relaxed),
             queued: self.stats.waiting.load(Ordering::Relaxed),
+            kv_blocks: Some((
+                self.stats.kv_blocks_used.load(Ordering::Relaxed),
+                self.stats.kv_blocks_total.load(Ordering::Relaxed),
+            )),
         }
     }
 

@@ -47,7 +47,10 @@ pub struct SamplingParams {
 #[derive(Debug, Clone)]
 pub struct WorkerRequest {
     pub request_id: Arc<str>,
+    /// The tenant the request is for (a trusted gateway's tenant, when it names one).
     pub tenant: Arc<str>,
+    /// The tenant's scheduling weight (its purchased rate), when known.
+    pub weight: Option<f64>,
     pub model: Arc<str>,
     pub prompt: Prompt,
     pub params: SamplingParams,
@@ -135,6 +138,8 @@ pub struct Load {
     pub running: u64,
     /// Requests accepted but waiting inside the worker (batch or KV full).
     pub queued: u64,
+    /// KV-cache blocks in use and in all, for workers that page a KV cache.
+    pub kv_blocks: Option<(u64, u64)>,
 }
 
 /// Everything that generates tokens.

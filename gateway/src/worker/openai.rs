@@ -213,6 +213,12 @@ impl Worker for OpenAiWorker {
         if let Some(a) = &self.auth {
             builder = builder.header(http::header::AUTHORIZATION, a.clone());
         }
+        if self.cfg.forward_tenant {
+            builder = builder.header("x-tollgate-tenant", &*req.tenant);
+            if let Some(w) = req.weight {
+                builder = builder.header("x-tollgate-weight", w.to_string());
+            }
+        }
         let request = builder.body(Full::new(Bytes::from(body)));
         let client = self.client.clone();
         let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
@@ -262,6 +268,7 @@ impl Worker for OpenAiWorker {
         Load {
             running: self.in_flight.load(Ordering::Relaxed),
             queued: 0,
+            kv_blocks: None,
         }
     }
 

@@ -326,6 +326,7 @@ impl Worker for SimWorker {
         Load {
             running: self.running.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
+            kv_blocks: None,
         }
     }
 
@@ -347,6 +348,7 @@ mod tests {
         Arc::new(WorkerRequest {
             request_id: "r".into(),
             tenant: "t".into(),
+            weight: None,
             model: "m".into(),
             prompt: Prompt::Text(prompt.into()),
             params: SamplingParams {

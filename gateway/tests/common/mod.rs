@@ -85,10 +85,25 @@ impl Gateway {
         let dir = tempdir::TempDir::new();
         let path = dir.0.join("gateway.toml");
         std::fs::write(&path, config).unwrap();
+        let args = vec![
+            "serve".to_string(),
+            "--config".into(),
+            path.display().to_string(),
+        ];
+        Self::spawn(dir, &args, &[("RUST_LOG", log)])
+    }
+
+    /// Runs `gateway ARGS...` (a command that serves and prints its address first).
+    pub fn start_args(args: &[String], env: &[(&str, &str)]) -> Gateway {
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "warn"));
+        Self::spawn(tempdir::TempDir::new(), args, &env)
+    }
+
+    fn spawn(dir: tempdir::TempDir, args: &[String], env: &[(&str, &str)]) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", log)
+            .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.0.join("stderr.log")).unwrap())
             .spawn()
