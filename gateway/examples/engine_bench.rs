@@ -64,9 +64,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => gateway::model_fetch::resolve("smollm2-135m")?,
     };
     let loaded = kernels::load::load(&path)?;
+    let activations = match std::env::var("ACTIVATIONS").as_deref() {
+        Ok("q8") => gateway::config::Activations::Q8,
+        Ok("f32") => gateway::config::Activations::F32,
+        _ => gateway::config::Activations::I16,
+    };
+    println!("activations: {activations:?} (ACTIVATIONS=i16|q8|f32)");
     let cfg = EngineConfig {
         max_seqs: 64,
         kv_tokens: 32768,
+        activations,
         ..EngineConfig::default()
     };
     let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg)?);

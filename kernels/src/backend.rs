@@ -3,6 +3,7 @@
 
 use crate::forward::{Batch, Model, Scratch, StepError};
 use crate::kv::KvCache;
+use crate::matmul::ActPrecision;
 use crate::model::LlamaConfig;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub struct CpuBackend {
     kv: KvCache,
     scratch: Scratch,
     pool: rayon::ThreadPool,
+    precision: ActPrecision,
 }
 
 impl CpuBackend {
@@ -44,7 +46,14 @@ impl CpuBackend {
             kv,
             scratch: Scratch::default(),
             pool,
+            precision: ActPrecision::default(),
         })
+    }
+
+    /// How activations meet quantized weights (default: 16-bit, see [`ActPrecision`]).
+    pub fn with_precision(mut self, p: ActPrecision) -> Self {
+        self.precision = p;
+        self
     }
 }
 
@@ -59,7 +68,8 @@ impl Backend for CpuBackend {
         (self.kv.block_size, self.kv.n_blocks)
     }
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
-        let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
-        self.pool.install(|| model.forward(batch, kv, scratch))
+        let (model, kv, scratch, p) =
+            (&self.model, &mut self.kv, &mut self.scratch, self.precision);
+        self.pool.install(|| model.forward(batch, kv, scratch, p))
     }
 }

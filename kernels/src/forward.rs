@@ -75,8 +75,6 @@ pub enum StepError {
 pub struct Model {
     pub config: LlamaConfig,
     pub weights: Weights,
-    /// How activations meet quantized weights (see [`ActPrecision`]).
-    pub precision: ActPrecision,
     inv_freq: Vec<f32>,
 }
 
@@ -93,6 +91,19 @@ pub struct Scratch {
     gate: Acts,
     up: Vec<f32>,
     last: Acts,
+    fused: Vec<f32>,
+}
+
+/// Splits rows of `[a | b | c]` (widths `wa, wb, wc`) into three row-major buffers.
+fn split_rows(src: &[f32], rows: usize, outs: &mut [(&mut Vec<f32>, usize)]) {
+    let total: usize = outs.iter().map(|(_, w)| w).sum();
+    for r in 0..rows {
+        let mut off = r * total;
+        for (dst, w) in outs.iter_mut() {
+            dst[r * *w..(r + 1) * *w].copy_from_slice(&src[off..off + *w]);
+            off += *w;
+        }
+    }
 }
 
 impl Model {
@@ -101,7 +112,6 @@ impl Model {
         Self {
             config,
             weights,
-            precision: ActPrecision::default(),
             inv_freq,
         }
     }
@@ -154,12 +164,14 @@ impl Model {
         Ok(())
     }
 
-    /// Runs one step. Returns logits (`n_logits × vocab`, in sequence order).
+    /// Runs one step with activations meeting the weights at `prec`. Returns logits
+    /// (`n_logits × vocab`, in sequence order).
     pub fn forward(
         &self,
         batch: &Batch,
         kv: &mut KvCache,
         s: &mut Scratch,
+        prec: ActPrecision,
     ) -> Result<Vec<f32>, StepError> {
         self.check(batch, kv)?;
         let c = &self.config;
@@ -191,9 +203,19 @@ impl Model {
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             norm_rows(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
-            matmul(&l.wq, &mut s.h, &mut s.q, self.precision);
-            matmul(&l.wk, &mut s.h, &mut s.k, self.precision);
-            matmul(&l.wv, &mut s.h, &mut s.v, self.precision);
+            if let Some(wqkv) = &l.wqkv {
+                s.fused.resize(t * wqkv.rows, 0.0);
+                matmul(wqkv, &mut s.h, &mut s.fused, prec);
+                split_rows(
+                    &s.fused,
+                    t,
+                    &mut [(&mut s.q, qd), (&mut s.k, kvd), (&mut s.v, kvd)],
+                );
+            } else {
+                matmul(&l.wq, &mut s.h, &mut s.q, prec);
+                matmul(&l.wk, &mut s.h, &mut s.k, prec);
+                matmul(&l.wv, &mut s.h, &mut s.v, prec);
+            }
             for r in 0..t {
                 let pos = batch.positions[r];
                 ops::rope(&mut s.q[r * qd..(r + 1) * qd], hd, pos, &self.inv_freq);
@@ -208,20 +230,31 @@ impl Model {
                 );
             }
             attention(c, li, batch, &row_seq, &s.q, kv, &mut s.att);
-            matmul(&l.wo, &mut s.att, &mut s.o, self.precision);
+            matmul(&l.wo, &mut s.att, &mut s.o, prec);
             add_rows(&mut s.x, &s.o);
 
             // Feed-forward block.
             norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
-            matmul(&l.w_gate, &mut s.h, &mut s.gate.f32, self.precision);
-            matmul(&l.w_up, &mut s.h, &mut s.up, self.precision);
-            s.gate
-                .f32
-                .par_chunks_mut(c.ffn_dim)
-                .zip(s.up.par_chunks(c.ffn_dim))
-                .for_each(|(g, u)| ops::swiglu(g, u));
+            if let Some(wgu) = &l.w_gate_up {
+                s.fused.resize(t * wgu.rows, 0.0);
+                matmul(wgu, &mut s.h, &mut s.fused, prec);
+                let f = c.ffn_dim;
+                split_rows(&s.fused, t, &mut [(&mut s.gate.f32, f), (&mut s.up, f)]);
+            } else {
+                matmul(&l.w_gate, &mut s.h, &mut s.gate.f32, prec);
+                matmul(&l.w_up, &mut s.h, &mut s.up, prec);
+            }
+            if t < PAR_ROWS {
+                ops::swiglu(&mut s.gate.f32[..t * c.ffn_dim], &s.up[..t * c.ffn_dim]);
+            } else {
+                s.gate
+                    .f32
+                    .par_chunks_mut(c.ffn_dim)
+                    .zip(s.up.par_chunks(c.ffn_dim))
+                    .for_each(|(g, u)| ops::swiglu(g, u));
+            }
             s.gate.touched();
-            matmul(&l.w_down, &mut s.gate, &mut s.o, self.precision);
+            matmul(&l.w_down, &mut s.gate, &mut s.o, prec);
             add_rows(&mut s.x, &s.o);
         }
 
@@ -241,17 +274,32 @@ impl Model {
             ops::rmsnorm(&x, &w.output_norm, c.rms_eps, s.last.row_mut(i));
         }
         let mut logits = vec![0f32; rows.len() * c.vocab];
-        matmul(w.output(), &mut s.last, &mut logits, self.precision);
+        matmul(w.output(), &mut s.last, &mut logits, prec);
         Ok(logits)
     }
 }
 
+/// Rows below which elementwise work stays on the calling thread (cheaper than waking
+/// the pool).
+const PAR_ROWS: usize = 16;
+
 fn norm_rows(x: &Acts, w: &[f32], eps: f32, out: &mut Acts) {
     let cols = x.cols;
-    out.f32
-        .par_chunks_mut(cols)
-        .zip(x.f32.par_chunks(cols))
-        .for_each(|(o, r)| ops::rmsnorm(r, w, eps, o));
+    if x.rows < PAR_ROWS {
+        for (o, r) in out
+            .f32
+            .chunks_mut(cols)
+            .zip(x.f32.chunks(cols))
+            .take(x.rows)
+        {
+            ops::rmsnorm(r, w, eps, o);
+        }
+    } else {
+        out.f32
+            .par_chunks_mut(cols)
+            .zip(x.f32.par_chunks(cols))
+            .for_each(|(o, r)| ops::rmsnorm(r, w, eps, o));
+    }
     out.touched();
 }
 
@@ -289,25 +337,33 @@ fn attention(
             let n = pos + 1;
             let mut scores = vec![0f32; n * group];
             let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
-            for j in 0..n {
-                let (k, _) = kv.read(layer, table, j);
-                let kh = &k[kvh * hd..(kvh + 1) * hd];
-                for g in 0..group {
-                    scores[g * n + j] =
-                        crate::matmul::dot_f32(&qrow[g * hd..(g + 1) * hd], kh) * scale;
+            let (bs, kvd) = (kv.block_size, c.kv_dim());
+            // Walk the sequence's blocks: positions inside a block are contiguous.
+            for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
+                let (kb, _) = kv.block(layer, blk);
+                let j0 = bi * bs;
+                for s in 0..bs.min(n - j0) {
+                    let kh = &kb[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                    for g in 0..group {
+                        scores[g * n + j0 + s] =
+                            crate::matmul::dot_f32(&qrow[g * hd..(g + 1) * hd], kh) * scale;
+                    }
                 }
             }
             for g in 0..group {
                 ops::softmax(&mut scores[g * n..(g + 1) * n]);
             }
             o.fill(0.0);
-            for j in 0..n {
-                let (_, v) = kv.read(layer, table, j);
-                let vh = &v[kvh * hd..(kvh + 1) * hd];
-                for g in 0..group {
-                    let p = scores[g * n + j];
-                    for (a, b) in o[g * hd..(g + 1) * hd].iter_mut().zip(vh) {
-                        *a += p * b;
+            for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
+                let (_, vb) = kv.block(layer, blk);
+                let j0 = bi * bs;
+                for s in 0..bs.min(n - j0) {
+                    let vh = &vb[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                    for g in 0..group {
+                        let p = scores[g * n + j0 + s];
+                        for (a, b) in o[g * hd..(g + 1) * hd].iter_mut().zip(vh) {
+                            *a += p * b;
+                        }
                     }
                 }
             }

@@ -48,6 +48,14 @@ impl KvCache {
         self.v[i..i + self.kv_dim].copy_from_slice(v);
     }
 
+    /// Keys and values of one whole block (`block_size × kv_dim` each, slot-major).
+    #[inline]
+    pub fn block(&self, layer: usize, block: u32) -> (&[f32], &[f32]) {
+        let i = self.at(layer, block as usize, 0);
+        let n = self.block_size * self.kv_dim;
+        (&self.k[i..i + n], &self.v[i..i + n])
+    }
+
     /// Keys and values (all KV heads) at `pos`.
     #[inline]
     pub fn read(&self, layer: usize, table: &[u32], pos: usize) -> (&[f32], &[f32]) {

@@ -40,6 +40,36 @@ impl Matrix {
         }
     }
 
+    /// Stacks matrices with the same input width and storage type into one (rows of the
+    /// first, then the second, ...), so that one product computes all of them.
+    pub fn stack(ms: &[&Matrix]) -> Option<Matrix> {
+        let cols = ms.first()?.cols;
+        let rows = ms.iter().map(|m| m.rows).sum();
+        let data = match &ms[0].data {
+            MatData::Quant(ty, _) => {
+                let mut v = Vec::new();
+                for m in ms {
+                    match &m.data {
+                        MatData::Quant(t, d) if t == ty && m.cols == cols => v.extend_from_slice(d),
+                        _ => return None,
+                    }
+                }
+                MatData::Quant(*ty, v)
+            }
+            MatData::F32(_) => {
+                let mut v = Vec::new();
+                for m in ms {
+                    match &m.data {
+                        MatData::F32(d) if m.cols == cols => v.extend_from_slice(d),
+                        _ => return None,
+                    }
+                }
+                MatData::F32(v)
+            }
+        };
+        Some(Matrix { rows, cols, data })
+    }
+
     pub fn storage_bytes(&self) -> usize {
         match &self.data {
             MatData::Quant(_, d) => d.len(),
@@ -174,13 +204,28 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
             let rb = w.row_bytes();
             let nb = w.cols / QK;
             let q8 = x.quantized();
+            let row = |b: usize| &q8[b * nb..(b + 1) * nb];
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
                 for n in c * chunk..((c + 1) * chunk).min(n_rows) {
                     let wr = &data[n * rb..(n + 1) * rb];
-                    for b in 0..b_rows {
-                        let v = quant::dot(ty, wr, &q8[b * nb..(b + 1) * nb]);
+                    let put = |b: usize, v: f32| {
                         // SAFETY: (b, n) is written by this task only; in bounds (asserted).
                         unsafe { *ptr.at(b * n_rows + n) = v };
+                    };
+                    let mut b = 0;
+                    while b + 8 <= b_rows {
+                        let rows: [usize; 8] = std::array::from_fn(|k| b + k);
+                        for (k, v) in quant::dot_q8_rows(ty, wr, rows.map(row))
+                            .into_iter()
+                            .enumerate()
+                        {
+                            put(b + k, v);
+                        }
+                        b += 8;
+                    }
+                    while b < b_rows {
+                        put(b, quant::dot_q8_rows(ty, wr, [row(b)])[0]);
+                        b += 1;
                     }
                 }
             });
@@ -203,14 +248,19 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
                         unsafe { *ptr.at(b * n_rows + n) = v };
                     };
                     let mut b = 0;
+                    while b + 8 <= b_rows {
+                        let rows: [usize; 8] = std::array::from_fn(|k| b + k);
+                        let v =
+                            quant::dot_i16_rows(ty, wr, rows.map(q), rows.map(d), rows.map(sum));
+                        for (k, v) in v.into_iter().enumerate() {
+                            put(b + k, v);
+                        }
+                        b += 8;
+                    }
                     while b + 4 <= b_rows {
-                        let v = quant::dot_i16_rows(
-                            ty,
-                            wr,
-                            [q(b), q(b + 1), q(b + 2), q(b + 3)],
-                            [d(b), d(b + 1), d(b + 2), d(b + 3)],
-                            [sum(b), sum(b + 1), sum(b + 2), sum(b + 3)],
-                        );
+                        let rows: [usize; 4] = std::array::from_fn(|k| b + k);
+                        let v =
+                            quant::dot_i16_rows(ty, wr, rows.map(q), rows.map(d), rows.map(sum));
                         for (k, v) in v.into_iter().enumerate() {
                             put(b + k, v);
                         }

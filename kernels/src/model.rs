@@ -78,6 +78,10 @@ pub struct Layer {
     pub w_gate: Matrix,
     pub w_up: Matrix,
     pub w_down: Matrix,
+    /// `wq; wk; wv` stacked (when their storage types agree): one product for all three.
+    pub wqkv: Option<Matrix>,
+    /// `w_gate; w_up` stacked.
+    pub w_gate_up: Option<Matrix>,
 }
 
 pub struct Weights {
@@ -157,15 +161,26 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let (wq, wk, wv) = (
+                matrix(g, &n("attn_q"), d, q)?,
+                matrix(g, &n("attn_k"), d, kv)?,
+                matrix(g, &n("attn_v"), d, kv)?,
+            );
+            let (w_gate, w_up) = (
+                matrix(g, &n("ffn_gate"), d, f)?,
+                matrix(g, &n("ffn_up"), d, f)?,
+            );
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
-                wq: matrix(g, &n("attn_q"), d, q)?,
-                wk: matrix(g, &n("attn_k"), d, kv)?,
-                wv: matrix(g, &n("attn_v"), d, kv)?,
+                wqkv: Matrix::stack(&[&wq, &wk, &wv]),
+                w_gate_up: Matrix::stack(&[&w_gate, &w_up]),
+                wq,
+                wk,
+                wv,
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
-                w_gate: matrix(g, &n("ffn_gate"), d, f)?,
-                w_up: matrix(g, &n("ffn_up"), d, f)?,
+                w_gate,
+                w_up,
                 w_down: matrix(g, &n("ffn_down"), f, d)?,
             });
         }

@@ -307,6 +307,62 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// One weight row · R rows of Q8 activations; each weight block is unpacked once and
+    /// used for all R rows (`maddubs`: 32 products per instruction).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_rows<const R: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        a: [&[Q8Block]; R],
+    ) -> [f32; R] {
+        let bb = ty.block_bytes();
+        let n = w.len() / bb;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [0f32; R];
+        let low = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        let p = w.as_ptr();
+        for i in 0..n {
+            let b = p.add(i * bb);
+            let dw = f16_at(b);
+            match ty {
+                GgmlType::Q8_0 => {
+                    let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                    let aw = _mm256_sign_epi8(qw, qw);
+                    for r in 0..R {
+                        let x = a[r].get_unchecked(i);
+                        let xa = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+                        let p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xa, qw));
+                        let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), s, acc[r]);
+                    }
+                }
+                _ => {
+                    let (off, m) = if ty == GgmlType::Q4_1 {
+                        (4, f16_at(b.add(2)))
+                    } else {
+                        (2, -8.0 * dw)
+                    };
+                    let q = _mm_loadu_si128(b.add(off) as *const __m128i);
+                    let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+                    for r in 0..R {
+                        let x = a[r].get_unchecked(i);
+                        let xa = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+                        let p16 = _mm256_maddubs_epi16(qw, xa);
+                        let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), s, acc[r]);
+                        acc_min[r] += m * x.s;
+                    }
+                }
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + acc_min[r];
+        }
+        out
+    }
+
     /// One weight row · R rows of 16-bit activations; each weight block is widened to i16
     /// once and used for all R rows (`madd_epi16`: 16 products per instruction).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -485,6 +541,19 @@ mod avx2 {
     }
 }
 
+/// One quantized weight row · R rows of Q8 activations.
+#[inline]
+pub fn dot_q8_rows<const R: usize>(ty: GgmlType, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let nb = w.len() / ty.block_bytes();
+        assert!(a.iter().all(|x| x.len() >= nb));
+        // SAFETY: AVX2/FMA/F16C detected; reads stay within `w` and `a` (asserted).
+        return unsafe { avx2::dot_q8_rows(ty, w, a) };
+    }
+    a.map(|x| dot_scalar(ty, w, x))
+}
+
 /// One quantized weight row · R rows of 16-bit activations (see [`dot_i16_rows_scalar`]).
 #[inline]
 pub fn dot_i16_rows<const R: usize>(
@@ -499,6 +568,11 @@ pub fn dot_i16_rows<const R: usize>(
         let nb = w.len() / ty.block_bytes();
         assert!(q.iter().all(|x| x.len() >= nb * QK));
         assert!(d.iter().chain(xsum.iter()).all(|s| s.len() >= nb));
+        if has_avx512() {
+            // SAFETY: AVX-512F/BW (and AVX2/FMA/F16C) detected; reads stay within `w`,
+            // `q`, `d`, `xsum` (asserted).
+            return unsafe { avx512::dot_i16_rows(ty, w, q, d, xsum) };
+        }
         // SAFETY: AVX2/FMA/F16C detected; reads stay within `w`, `q`, `d`, `xsum` (asserted).
         return unsafe { avx2::dot_i16_rows(ty, w, q, d, xsum) };
     }
@@ -521,6 +595,85 @@ pub fn dot_f32_rows<const R: usize>(
         return unsafe { avx2::dot_f32_rows(ty, w, xs, xsum) };
     }
     dot_f32_rows_scalar(ty, w, xs, xsum)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::gguf::GgmlType;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = (p.read_unaligned() as u32) | ((p.add(1).read_unaligned() as u32) << 8);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// [`super::avx2::dot_i16_rows`] on 512-bit registers: a whole weight block (32
+    /// values) widened to i16 in one register, one `madd` per row and block.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dot_i16_rows<const R: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [f32; R] {
+        let bb = ty.block_bytes();
+        let n = w.len() / bb;
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_min = [0f32; R];
+        let low = _mm_set1_epi8(15);
+        let p = w.as_ptr();
+        for i in 0..n {
+            let b = p.add(i * bb);
+            let dw = f16_at(b);
+            let (wv, m) = match ty {
+                GgmlType::Q8_0 => (
+                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.add(2) as *const __m256i)),
+                    0.0,
+                ),
+                _ => {
+                    let (off, m) = if ty == GgmlType::Q4_1 {
+                        (4, f16_at(b.add(2)))
+                    } else {
+                        (2, -8.0 * dw)
+                    };
+                    let raw = _mm_loadu_si128(b.add(off) as *const __m128i);
+                    let lo = _mm_and_si128(raw, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                    (_mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo)), m)
+                }
+            };
+            for r in 0..R {
+                let a = _mm512_loadu_si512(q[r].as_ptr().add(i * 32) as *const _);
+                let s = _mm512_madd_epi16(wv, a);
+                let scale = _mm512_set1_ps(dw * *d[r].get_unchecked(i));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+                acc_min[r] += m * *xsum[r].get_unchecked(i);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) + acc_min[r];
+        }
+        out
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2()
+                && std::env::var("TOLLGATE_SIMD").as_deref() != Ok("avx2")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn has_avx2() -> bool {
@@ -553,7 +706,9 @@ pub fn dot(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
 
 /// Name of the dot-product path in use (for logs and benchmarks).
 pub fn simd_path() -> &'static str {
-    if has_avx2() {
+    if has_avx512() {
+        "avx512"
+    } else if has_avx2() {
         "avx2"
     } else {
         "scalar"
@@ -621,6 +776,11 @@ mod tests {
             let exact: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
             let s = dot_scalar(ty, &w, &a);
             let f = dot(ty, &w, &a);
+            let [t1, t2] = dot_q8_rows(ty, &w, [&a, &a]);
+            assert!(
+                (t1 - s).abs() <= 1e-3 * (1.0 + s.abs()) && t1 == t2,
+                "{ty:?}: tiled q8 {t1} vs {s}"
+            );
             assert!(
                 (s - f).abs() <= 1e-3 * (1.0 + s.abs()),
                 "{ty:?}: scalar {s} vs {} {f}",

@@ -162,6 +162,19 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// How the CPU backend's activations meet quantized weights.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// 16-bit activation blocks: matches an f32 reference to ~1e-5 (the default).
+    #[default]
+    I16,
+    /// 8-bit activation blocks (llama.cpp's way): faster, ~1e-2 relative error.
+    Q8,
+    /// f32 activations, weights unpacked in registers.
+    F32,
+}
+
 /// The in-process engine's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +182,8 @@ pub struct EngineConfig {
     pub backend: BackendKind,
     /// CPU backend threads (0 = one per CPU).
     pub threads: usize,
+    /// CPU backend activation precision.
+    pub activations: Activations,
     /// Most tokens computed in one step (prefill chunks + decodes).
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
@@ -186,6 +201,7 @@ impl Default for EngineConfig {
         Self {
             backend: BackendKind::Auto,
             threads: 0,
+            activations: Activations::I16,
             max_batch_tokens: 512,
             max_seqs: 64,
             kv_tokens: 32768,

@@ -22,6 +22,7 @@ use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
 use kernels::forward::Batch;
 use kernels::load::Loaded;
+use kernels::matmul::ActPrecision;
 use kernels::sampler::{Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
 use output::TextOut;
@@ -119,12 +120,15 @@ impl EngineWorker {
                     tracing::info!(worker = %name, "backend auto: no CUDA backend in this build; using the CPU");
                 }
                 let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
-                Box::new(CpuBackend::new(
-                    loaded.model.clone(),
-                    cfg.block_size,
-                    n_blocks,
-                    cfg.threads,
-                )?)
+                let precision = match cfg.activations {
+                    crate::config::Activations::I16 => ActPrecision::I16,
+                    crate::config::Activations::Q8 => ActPrecision::Q8,
+                    crate::config::Activations::F32 => ActPrecision::F32,
+                };
+                Box::new(
+                    CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                        .with_precision(precision),
+                )
             }
         };
         let (bs, n_blocks) = backend.kv_geometry();
