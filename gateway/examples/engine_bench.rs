@@ -23,6 +23,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
             max_tokens,
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             seed: None,
             stop: vec![],
         },

@@ -43,6 +43,7 @@ fn req(
             max_tokens,
             temperature,
             top_p: 1.0,
+            top_k: 0,
             seed,
             stop,
         },
@@ -124,11 +125,16 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
         } else {
             assert_eq!(pre, 0);
         }
-        assert_eq!(
-            e.stats().kv_blocks_used.load(Ordering::Relaxed),
-            0,
-            "{label}: finished sequences free their blocks"
-        );
+        // Stats are published after each step, just after the last events went out.
+        let mut freed = false;
+        for _ in 0..200 {
+            if e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0 {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(freed, "{label}: finished sequences free their blocks");
         assert!(
             e.stats().steps.load(Ordering::Relaxed) < 16 * 30,
             "{label}: sequences were batched"
@@ -156,6 +162,17 @@ async fn seeds_stops_limits_and_cancellation() {
         differs |= run(&e, req("sampling test", 20, 1.0, Some(seed), vec![])).await != a;
     }
     assert!(differs, "different seeds give different samples");
+    // top_k = 1 is greedy, whatever the temperature and seed.
+    let greedy = run(&e, req("top-k test", 12, 0.0, None, vec![])).await;
+    for seed in 0..4 {
+        let mut r = (*req("top-k test", 12, 1.5, Some(seed), vec![])).clone();
+        r.params.top_k = 1;
+        assert_eq!(
+            run(&e, Arc::new(r)).await,
+            greedy,
+            "top_k = 1 must be greedy"
+        );
+    }
     // A stop string taken from the greedy output cuts the text before it.
     let (full, _, n) = run(&e, req("stop test", 30, 0.0, None, vec![])).await;
     if n == 30 && full.chars().count() > 12 {

@@ -25,6 +25,8 @@ pub struct CommonParams {
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Not in OpenAI's API; accepted as vLLM and llama.cpp accept it (0 = off).
+    pub top_k: Option<u32>,
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: Option<bool>,

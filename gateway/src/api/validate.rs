@@ -133,6 +133,7 @@ fn common(
             max_tokens,
             temperature,
             top_p,
+            top_k: c.top_k.unwrap_or(0),
             seed: c.seed.map(|s| s as u64),
             stop,
         },

@@ -212,7 +212,7 @@ impl EngineWorker {
             sampling: SamplingConfig {
                 temperature: p.temperature,
                 top_p: if p.top_p <= 0.0 { 1e-6 } else { p.top_p },
-                top_k: 0,
+                top_k: p.top_k as usize,
             },
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),

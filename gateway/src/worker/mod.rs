@@ -39,6 +39,8 @@ pub struct SamplingParams {
     pub max_tokens: u32,
     pub temperature: f32,
     pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = no cut).
+    pub top_k: u32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
 }

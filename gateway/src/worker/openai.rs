@@ -83,6 +83,7 @@ impl OpenAiWorker {
             max_tokens: p.max_tokens,
             temperature: p.temperature,
             top_p: p.top_p,
+            top_k: (p.top_k > 0).then_some(p.top_k),
             seed: p.seed,
             stop: (!p.stop.is_empty()).then_some(p.stop.as_slice()),
             stream: req.stream,
@@ -104,6 +105,8 @@ struct UpstreamRequest<'a> {
     max_tokens: u32,
     temperature: f32,
     top_p: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -355,6 +355,7 @@ mod tests {
                 max_tokens,
                 temperature: 1.0,
                 top_p: 1.0,
+                top_k: 0,
                 seed: None,
                 stop,
             },
