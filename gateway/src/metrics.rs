@@ -278,6 +278,13 @@ impl Meter {
         self.h.input_tokens.inc_by(input as u64);
         self.h.output_tokens.inc_by(output as u64);
         self.end();
+        tracing::info!(
+            status = 200,
+            input_tokens = input,
+            output_tokens = output,
+            ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "request done"
+        );
     }
 
     /// A request that ended otherwise (`"429"`, `"502"`, `"stream_error"`, ...).
@@ -285,6 +292,11 @@ impl Meter {
         self.metrics
             .count(&self.h.labels.tenant, &self.h.labels.model, status);
         self.end();
+        tracing::info!(
+            status,
+            ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "request ended"
+        );
     }
 
     fn end(&mut self) {
