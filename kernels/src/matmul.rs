@@ -187,142 +187,141 @@ impl OutPtr {
     }
 }
 
+/// Activations prepared for one product with quantized weights, in the chosen precision.
+enum Prepared<'a> {
+    Q8 {
+        q8: &'a [Q8Block],
+        nb: usize,
+    },
+    I16 {
+        q: &'a [i16],
+        d: &'a [f32],
+        sums: &'a [f32],
+        cols: usize,
+        nb: usize,
+    },
+    F32 {
+        x: &'a [f32],
+        sums: &'a [f32],
+        cols: usize,
+        nb: usize,
+    },
+}
+
+impl Prepared<'_> {
+    /// Weight row `wr` · activation rows `b0 .. b0 + R`.
+    #[inline]
+    fn tile<const R: usize>(&self, ty: GgmlType, wr: &[u8], b0: usize) -> [f32; R] {
+        let rows: [usize; R] = std::array::from_fn(|k| b0 + k);
+        match *self {
+            Prepared::Q8 { q8, nb } => {
+                quant::dot_q8_rows(ty, wr, rows.map(|b| &q8[b * nb..(b + 1) * nb]))
+            }
+            Prepared::I16 {
+                q,
+                d,
+                sums,
+                cols,
+                nb,
+            } => quant::dot_i16_rows(
+                ty,
+                wr,
+                rows.map(|b| &q[b * cols..(b + 1) * cols]),
+                rows.map(|b| &d[b * nb..(b + 1) * nb]),
+                rows.map(|b| &sums[b * nb..(b + 1) * nb]),
+            ),
+            Prepared::F32 { x, sums, cols, nb } => quant::dot_f32_rows(
+                ty,
+                wr,
+                rows.map(|b| &x[b * cols..(b + 1) * cols]),
+                rows.map(|b| &sums[b * nb..(b + 1) * nb]),
+            ),
+        }
+    }
+}
+
 /// `out[b * w.rows + n] = x[b] · W[n]` for all rows b of `x` and n of `w`.
 ///
-/// Every output element is computed the same way whatever the batch's size or makeup, so a
-/// sequence's results do not depend on what it is batched with.
+/// Weight rows are split across the thread pool; each weight row meets the activation
+/// rows in tiles of 8, then 4, then 1, so a weight block is unpacked once per tile. Every
+/// output element is computed the same way whatever the tile, so a sequence's results do
+/// not depend on what it is batched with.
 pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     assert_eq!(x.cols, w.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= x.rows * w.rows, "matmul: output too small");
-    let (b_rows, n_rows) = (x.rows, w.rows);
+    let (b_rows, n_rows, cols) = (x.rows, w.rows, w.cols);
     let threads = rayon::current_num_threads().max(1);
     let chunk = (n_rows / (threads * 4)).clamp(4, 256);
     let ptr = OutPtr(out.as_mut_ptr());
-    match (&w.data, prec) {
-        (MatData::Quant(ty, data), ActPrecision::Q8) => {
-            let ty = *ty;
-            let rb = w.row_bytes();
-            let nb = w.cols / QK;
-            let q8 = x.quantized();
-            let row = |b: usize| &q8[b * nb..(b + 1) * nb];
-            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
-                    let wr = &data[n * rb..(n + 1) * rb];
-                    let put = |b: usize, v: f32| {
-                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
-                        unsafe { *ptr.at(b * n_rows + n) = v };
-                    };
-                    let mut b = 0;
-                    while b + 8 <= b_rows {
-                        let rows: [usize; 8] = std::array::from_fn(|k| b + k);
-                        for (k, v) in quant::dot_q8_rows(ty, wr, rows.map(row))
-                            .into_iter()
-                            .enumerate()
-                        {
-                            put(b + k, v);
-                        }
-                        b += 8;
-                    }
-                    while b < b_rows {
-                        put(b, quant::dot_q8_rows(ty, wr, [row(b)])[0]);
-                        b += 1;
-                    }
-                }
-            });
-        }
-        (MatData::Quant(ty, data), ActPrecision::I16) => {
-            let ty = *ty;
-            let rb = w.row_bytes();
-            let (cols, nb) = (w.cols, w.cols / QK);
-            x.block_sums();
-            x.quantize_i16();
-            let (qs, ds, sums) = (&x.i16, &x.i16_d, &x.sums);
-            let q = |b: usize| &qs[b * cols..(b + 1) * cols];
-            let d = |b: usize| &ds[b * nb..(b + 1) * nb];
-            let sum = |b: usize| &sums[b * nb..(b + 1) * nb];
-            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
-                    let wr = &data[n * rb..(n + 1) * rb];
-                    let put = |b: usize, v: f32| {
-                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
-                        unsafe { *ptr.at(b * n_rows + n) = v };
-                    };
-                    let mut b = 0;
-                    while b + 8 <= b_rows {
-                        let rows: [usize; 8] = std::array::from_fn(|k| b + k);
-                        let v =
-                            quant::dot_i16_rows(ty, wr, rows.map(q), rows.map(d), rows.map(sum));
-                        for (k, v) in v.into_iter().enumerate() {
-                            put(b + k, v);
-                        }
-                        b += 8;
-                    }
-                    while b + 4 <= b_rows {
-                        let rows: [usize; 4] = std::array::from_fn(|k| b + k);
-                        let v =
-                            quant::dot_i16_rows(ty, wr, rows.map(q), rows.map(d), rows.map(sum));
-                        for (k, v) in v.into_iter().enumerate() {
-                            put(b + k, v);
-                        }
-                        b += 4;
-                    }
-                    while b < b_rows {
-                        put(b, quant::dot_i16_rows(ty, wr, [q(b)], [d(b)], [sum(b)])[0]);
-                        b += 1;
-                    }
-                }
-            });
-        }
-        (MatData::Quant(ty, data), ActPrecision::F32) => {
-            let ty = *ty;
-            let rb = w.row_bytes();
-            let (cols, nb) = (w.cols, w.cols / QK);
-            x.block_sums();
-            let (xs, sums) = (&x.f32, &x.sums);
-            let row = |b: usize| &xs[b * cols..(b + 1) * cols];
-            let sum = |b: usize| &sums[b * nb..(b + 1) * nb];
-            (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                for n in c * chunk..((c + 1) * chunk).min(n_rows) {
-                    let wr = &data[n * rb..(n + 1) * rb];
-                    let put = |b: usize, v: f32| {
-                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
-                        unsafe { *ptr.at(b * n_rows + n) = v };
-                    };
-                    let mut b = 0;
-                    while b + 4 <= b_rows {
-                        let v = quant::dot_f32_rows(
-                            ty,
-                            wr,
-                            [row(b), row(b + 1), row(b + 2), row(b + 3)],
-                            [sum(b), sum(b + 1), sum(b + 2), sum(b + 3)],
-                        );
-                        for (k, v) in v.into_iter().enumerate() {
-                            put(b + k, v);
-                        }
-                        b += 4;
-                    }
-                    while b < b_rows {
-                        put(b, quant::dot_f32_rows(ty, wr, [row(b)], [sum(b)])[0]);
-                        b += 1;
-                    }
-                }
-            });
-        }
-        (MatData::F32(data), _) => {
-            let cols = w.cols;
+    let (ty, data) = match &w.data {
+        MatData::Quant(ty, data) => (*ty, data),
+        MatData::F32(data) => {
             let xs = &x.f32;
             (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
                 for n in c * chunk..((c + 1) * chunk).min(n_rows) {
                     let wr = &data[n * cols..(n + 1) * cols];
                     for b in 0..b_rows {
                         let v = dot_f32(wr, &xs[b * cols..(b + 1) * cols]);
-                        // SAFETY: as above.
+                        // SAFETY: (b, n) is written by this task only; in bounds (asserted).
                         unsafe { *ptr.at(b * n_rows + n) = v };
                     }
                 }
             });
+            return;
         }
-    }
+    };
+    let nb = cols / QK;
+    let prepared = match prec {
+        ActPrecision::Q8 => Prepared::Q8 {
+            q8: x.quantized(),
+            nb,
+        },
+        ActPrecision::I16 => {
+            x.block_sums();
+            x.quantize_i16();
+            Prepared::I16 {
+                q: &x.i16,
+                d: &x.i16_d,
+                sums: &x.sums,
+                cols,
+                nb,
+            }
+        }
+        ActPrecision::F32 => {
+            x.block_sums();
+            Prepared::F32 {
+                x: &x.f32,
+                sums: &x.sums,
+                cols,
+                nb,
+            }
+        }
+    };
+    let rb = w.row_bytes();
+    (0..n_rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        for n in c * chunk..((c + 1) * chunk).min(n_rows) {
+            let wr = &data[n * rb..(n + 1) * rb];
+            let put = |b0: usize, vals: &[f32]| {
+                for (k, v) in vals.iter().enumerate() {
+                    // SAFETY: (b, n) is written by this task only; in bounds (asserted).
+                    unsafe { *ptr.at((b0 + k) * n_rows + n) = *v };
+                }
+            };
+            let mut b = 0;
+            while b + 8 <= b_rows {
+                put(b, &prepared.tile::<8>(ty, wr, b));
+                b += 8;
+            }
+            while b + 4 <= b_rows {
+                put(b, &prepared.tile::<4>(ty, wr, b));
+                b += 4;
+            }
+            while b < b_rows {
+                put(b, &prepared.tile::<1>(ty, wr, b));
+                b += 1;
+            }
+        }
+    });
 }
 
 /// f32 dot product, written so that it vectorizes.
