@@ -13,6 +13,12 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Largest |logit difference| allowed against the f32 numpy reference, relative to the
+/// largest |logit|. The engine's default path quantizes activations to 16-bit blocks
+/// (relative error ~1e-5 per element) and sums in a different order than BLAS; over 30
+/// layers that compounds to ~1e-3 of the largest logit (0.02 on logits of ~17).
+const LOGIT_TOL: f32 = 2.5e-3;
+
 fn model() -> PathBuf {
     gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m")
 }
@@ -155,12 +161,12 @@ async fn greedy_decoding_matches_the_numpy_reference() {
         assert_eq!(text, r["text"].as_str().unwrap(), "chat template rendering");
         let ids = m.tokenizer.encode(&text).unwrap();
         assert_eq!(ids, want_ids, "prompt tokens of {prompt:?}");
-        // Greedy tokens, token for token, and the first logits within 1e-3 of the largest.
+        // Greedy tokens, token for token, and the first logits within LOGIT_TOL.
         let (got, logits) = greedy(&m, &ids, 16);
         assert_eq!(got, want, "greedy continuation of {prompt:?}");
         let d = max_rel_diff(&logits, r["last_logits"].as_array().unwrap());
         assert!(
-            d < 1e-3,
+            d < LOGIT_TOL,
             "logits differ by {d} (relative to the largest) for {prompt:?}"
         );
         // Through the gateway: the same answer, and usage that counts the same prompt.
@@ -227,7 +233,7 @@ fn synthetic_model_logits_match_the_numpy_reference() {
     let (got, logits) = greedy(&m, &ids, 4);
     let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
     assert!(
-        d < 1e-3,
+        d < LOGIT_TOL,
         "synthetic logits differ by {d} relative to the largest"
     );
     assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);

@@ -35,7 +35,7 @@ impl CpuBackend {
         threads: usize,
     ) -> Result<Self, String> {
         let c = &model.config;
-        let kv = KvCache::new(c.n_layers, c.kv_dim(), block_size, n_blocks);
+        let kv = KvCache::new(c.n_layers, c.n_kv_heads, c.kv_dim(), block_size, n_blocks);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("cpu-step-{i}"))

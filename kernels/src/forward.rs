@@ -337,13 +337,13 @@ fn attention(
             let n = pos + 1;
             let mut scores = vec![0f32; n * group];
             let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
-            let (bs, kvd) = (kv.block_size, c.kv_dim());
+            let bs = kv.block_size;
             // Walk the sequence's blocks: positions inside a block are contiguous.
             for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
-                let (kb, _) = kv.block(layer, blk);
+                let (kb, _) = kv.head_block(layer, blk, kvh);
                 let j0 = bi * bs;
                 for s in 0..bs.min(n - j0) {
-                    let kh = &kb[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                    let kh = &kb[s * hd..(s + 1) * hd];
                     for g in 0..group {
                         scores[g * n + j0 + s] =
                             crate::matmul::dot_f32(&qrow[g * hd..(g + 1) * hd], kh) * scale;
@@ -355,10 +355,10 @@ fn attention(
             }
             o.fill(0.0);
             for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
-                let (_, vb) = kv.block(layer, blk);
+                let (_, vb) = kv.head_block(layer, blk, kvh);
                 let j0 = bi * bs;
                 for s in 0..bs.min(n - j0) {
-                    let vh = &vb[s * kvd + kvh * hd..s * kvd + (kvh + 1) * hd];
+                    let vh = &vb[s * hd..(s + 1) * hd];
                     for g in 0..group {
                         let p = scores[g * n + j0 + s];
                         for (a, b) in o[g * hd..(g + 1) * hd].iter_mut().zip(vh) {

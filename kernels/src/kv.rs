@@ -1,5 +1,6 @@
 //! The paged KV cache's storage: `n_blocks` blocks of `block_size` token slots, per layer,
-//! for keys and values. Which block belongs to which sequence (block tables, the free
+//! for keys and values. Inside a block the layout is head-major (`[kv_head][slot][dim]`),
+//! so attention for one KV head reads each block as one contiguous run. Which block belongs to which sequence (block tables, the free
 //! list) is the engine's bookkeeping, not this module's.
 
 pub struct KvCache {
@@ -7,18 +8,27 @@ pub struct KvCache {
     pub n_blocks: usize,
     n_layers: usize,
     kv_dim: usize,
+    n_heads: usize,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> Self {
+    /// `kv_dim = n_heads × head_dim`.
+    pub fn new(
+        n_layers: usize,
+        n_heads: usize,
+        kv_dim: usize,
+        block_size: usize,
+        n_blocks: usize,
+    ) -> Self {
         let n = n_layers * n_blocks * block_size * kv_dim;
         Self {
             block_size,
             n_blocks,
             n_layers,
             kv_dim,
+            n_heads,
             k: vec![0.0; n],
             v: vec![0.0; n],
         }
@@ -29,10 +39,11 @@ impl KvCache {
         n_layers * kv_dim * 2 * 4
     }
 
+    /// Start of a block (all heads) for a layer.
     #[inline]
-    fn at(&self, layer: usize, block: usize, slot: usize) -> usize {
-        debug_assert!(layer < self.n_layers && block < self.n_blocks && slot < self.block_size);
-        ((layer * self.n_blocks + block) * self.block_size + slot) * self.kv_dim
+    fn block_start(&self, layer: usize, block: usize) -> usize {
+        debug_assert!(layer < self.n_layers && block < self.n_blocks);
+        (layer * self.n_blocks + block) * self.block_size * self.kv_dim
     }
 
     /// Slot of position `pos` under a block table.
@@ -41,26 +52,25 @@ impl KvCache {
         (table[pos / self.block_size] as usize, pos % self.block_size)
     }
 
+    /// Stores the keys and values (all KV heads, head after head) of position `pos`.
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
-        let (b, s) = self.locate(table, pos);
-        let i = self.at(layer, b, s);
-        self.k[i..i + self.kv_dim].copy_from_slice(k);
-        self.v[i..i + self.kv_dim].copy_from_slice(v);
+        let (b, slot) = self.locate(table, pos);
+        let base = self.block_start(layer, b);
+        let hd = self.kv_dim / self.n_heads;
+        for h in 0..self.n_heads {
+            let i = base + (h * self.block_size + slot) * hd;
+            self.k[i..i + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            self.v[i..i + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        }
     }
 
-    /// Keys and values of one whole block (`block_size × kv_dim` each, slot-major).
+    /// Keys and values of one KV head across a whole block: `block_size × head_dim` each,
+    /// slot after slot.
     #[inline]
-    pub fn block(&self, layer: usize, block: u32) -> (&[f32], &[f32]) {
-        let i = self.at(layer, block as usize, 0);
-        let n = self.block_size * self.kv_dim;
+    pub fn head_block(&self, layer: usize, block: u32, head: usize) -> (&[f32], &[f32]) {
+        let hd = self.kv_dim / self.n_heads;
+        let i = self.block_start(layer, block as usize) + head * self.block_size * hd;
+        let n = self.block_size * hd;
         (&self.k[i..i + n], &self.v[i..i + n])
-    }
-
-    /// Keys and values (all KV heads) at `pos`.
-    #[inline]
-    pub fn read(&self, layer: usize, table: &[u32], pos: usize) -> (&[f32], &[f32]) {
-        let (b, s) = self.locate(table, pos);
-        let i = self.at(layer, b, s);
-        (&self.k[i..i + self.kv_dim], &self.v[i..i + self.kv_dim])
     }
 }
