@@ -338,15 +338,23 @@ fn attention(
             let mut scores = vec![0f32; n * group];
             let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
             let bs = kv.block_size;
-            // Walk the sequence's blocks: positions inside a block are contiguous.
+            // Walk the sequence's blocks: scores of a block's slots are built one key
+            // dimension at a time (keys are stored dim-major within a block).
             for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
                 let (kb, _) = kv.head_block(layer, blk, kvh);
                 let j0 = bi * bs;
-                for s in 0..bs.min(n - j0) {
-                    let kh = &kb[s * hd..(s + 1) * hd];
-                    for g in 0..group {
-                        scores[g * n + j0 + s] =
-                            crate::matmul::dot_f32(&qrow[g * hd..(g + 1) * hd], kh) * scale;
+                let valid = bs.min(n - j0);
+                for g in 0..group {
+                    let out = &mut scores[g * n + j0..g * n + j0 + valid];
+                    let qg = &qrow[g * hd..(g + 1) * hd];
+                    for (d, &qv) in qg.iter().enumerate() {
+                        let kd = &kb[d * bs..d * bs + valid];
+                        for (o, k) in out.iter_mut().zip(kd) {
+                            *o += qv * k;
+                        }
+                    }
+                    for o in out.iter_mut() {
+                        *o *= scale;
                     }
                 }
             }

@@ -1,6 +1,8 @@
 //! The paged KV cache's storage: `n_blocks` blocks of `block_size` token slots, per layer,
-//! for keys and values. Inside a block the layout is head-major (`[kv_head][slot][dim]`),
-//! so attention for one KV head reads each block as one contiguous run. Which block belongs to which sequence (block tables, the free
+//! for keys and values. Inside a block the layout is head-major, so attention for one KV
+//! head reads each block as one contiguous run: values are `[kv_head][slot][dim]`, keys
+//! are transposed to `[kv_head][dim][slot]` so that a query meets a block's keys as
+//! `head_dim` vector multiply-adds across slots, with no horizontal sums. Which block belongs to which sequence (block tables, the free
 //! list) is the engine's bookkeeping, not this module's.
 
 pub struct KvCache {
@@ -57,15 +59,19 @@ impl KvCache {
         let (b, slot) = self.locate(table, pos);
         let base = self.block_start(layer, b);
         let hd = self.kv_dim / self.n_heads;
+        let bs = self.block_size;
         for h in 0..self.n_heads {
-            let i = base + (h * self.block_size + slot) * hd;
-            self.k[i..i + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            let i = base + (h * bs + slot) * hd;
             self.v[i..i + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            let kt = base + h * bs * hd + slot;
+            for d in 0..hd {
+                self.k[kt + d * bs] = k[h * hd + d];
+            }
         }
     }
 
-    /// Keys and values of one KV head across a whole block: `block_size × head_dim` each,
-    /// slot after slot.
+    /// Keys (`head_dim × block_size`, dim-major) and values (`block_size × head_dim`,
+    /// slot-major) of one KV head across a whole block.
     #[inline]
     pub fn head_block(&self, layer: usize, block: u32, head: usize) -> (&[f32], &[f32]) {
         let hd = self.kv_dim / self.n_heads;
