@@ -294,11 +294,14 @@ mod tests {
         match chat(body.as_bytes(), &server()) {
             Err(e) => {
                 let status = e.status().as_u16();
-                let v: Value = serde_json::from_str(&e.to_json()).unwrap();
+                let v: Value = serde_json::from_str(&e.to_json()).expect("test input");
                 (
                     status,
                     v["error"]["param"].as_str().map(str::to_string),
-                    v["error"]["message"].as_str().unwrap().to_string(),
+                    v["error"]["message"]
+                        .as_str()
+                        .expect("test input")
+                        .to_string(),
                 )
             }
             Ok(r) => panic!("accepted: {r:?}"),
@@ -311,7 +314,7 @@ mod tests {
             br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stream_options":{"include_usage":true},"stop":"\n","seed":7,"max_tokens":9,"temperature":0}"#,
             &server(),
         )
-        .unwrap();
+        .expect("test input");
         assert!(r.stream && r.include_usage);
         assert_eq!(r.params.max_tokens, 9);
         assert_eq!(r.params.stop, vec!["\n"]);
@@ -359,7 +362,7 @@ mod tests {
 
     #[test]
     fn completion_prompts() {
-        let ok = completion(br#"{"model":"m","prompt":["once"]}"#, &server()).unwrap();
+        let ok = completion(br#"{"model":"m","prompt":["once"]}"#, &server()).expect("test input");
         assert!(matches!(ok.prompt, Prompt::Text(ref t) if t == "once"));
         assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
         assert!(completion(br#"{"model":"m","prompt":[1,2]}"#, &server()).is_err());
