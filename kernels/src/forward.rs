@@ -141,8 +141,11 @@ impl Model {
                 }
             }
             let last = pos0 + s.len - 1;
-            if last >= self.config.context_len.max(1) * 64 {
-                return bad(format!("position {last} is far past the context"));
+            if last >= self.config.context_len {
+                return bad(format!(
+                    "position {last} is past the model's context of {} tokens",
+                    self.config.context_len
+                ));
             }
             let need = last / kv.block_size + 1;
             if s.block_table.len() < need {
