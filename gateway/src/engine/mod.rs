@@ -347,7 +347,7 @@ fn run_engine(
                 end == s.tokens.len(),
             );
         }
-        let logits = match backend.step(&batch) {
+        let mut logits = match backend.step(&batch) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
@@ -372,7 +372,7 @@ fn run_engine(
             if s.computed != s.tokens.len() {
                 continue;
             }
-            let l = &mut logits[row * vocab..(row + 1) * vocab].to_vec();
+            let l = &mut logits[row * vocab..(row + 1) * vocab];
             row += 1;
             let id = s.sampler.sample(l);
             s.tokens.push(id);
