@@ -20,7 +20,7 @@
 
 use crate::kv::KvCache;
 use crate::matmul::{matmul, ActPrecision, Acts};
-use crate::model::{LlamaConfig, Weights};
+use crate::model::{LlamaConfig, Projections, Weights};
 use crate::ops;
 use rayon::prelude::*;
 
@@ -94,14 +94,32 @@ pub struct Scratch {
     fused: Vec<f32>,
 }
 
-/// Splits rows of `[a | b | c]` (widths `wa, wb, wc`) into three row-major buffers.
-fn split_rows(src: &[f32], rows: usize, outs: &mut [(&mut Vec<f32>, usize)]) {
-    let total: usize = outs.iter().map(|(_, w)| w).sum();
-    for r in 0..rows {
-        let mut off = r * total;
-        for (dst, w) in outs.iter_mut() {
-            dst[r * *w..(r + 1) * *w].copy_from_slice(&src[off..off + *w]);
-            off += *w;
+/// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
+/// (then each row of the stacked result is split into the outputs).
+fn project(
+    p: &Projections,
+    h: &mut Acts,
+    fused: &mut Vec<f32>,
+    outs: &mut [&mut Vec<f32>],
+    prec: ActPrecision,
+) {
+    let rows = h.rows;
+    match p {
+        Projections::Stacked { m, widths } => {
+            fused.resize(rows * m.rows, 0.0);
+            matmul(m, h, fused, prec);
+            for r in 0..rows {
+                let mut off = r * m.rows;
+                for (dst, &w) in outs.iter_mut().zip(widths) {
+                    dst[r * w..(r + 1) * w].copy_from_slice(&fused[off..off + w]);
+                    off += w;
+                }
+            }
+        }
+        Projections::Separate(parts) => {
+            for (m, dst) in parts.iter().zip(outs.iter_mut()) {
+                matmul(m, h, dst, prec);
+            }
         }
     }
 }
@@ -200,25 +218,19 @@ impl Model {
         s.q.resize(t * qd, 0.0);
         s.k.resize(t * kvd, 0.0);
         s.v.resize(t * kvd, 0.0);
-        s.o.resize(t * d.max(c.ffn_dim), 0.0);
+        s.o.resize(t * d, 0.0);
         s.up.resize(t * c.ffn_dim, 0.0);
 
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
             norm_rows(&s.x, &l.attn_norm, c.rms_eps, &mut s.h);
-            if let Some(wqkv) = &l.wqkv {
-                s.fused.resize(t * wqkv.rows, 0.0);
-                matmul(wqkv, &mut s.h, &mut s.fused, prec);
-                split_rows(
-                    &s.fused,
-                    t,
-                    &mut [(&mut s.q, qd), (&mut s.k, kvd), (&mut s.v, kvd)],
-                );
-            } else {
-                matmul(&l.wq, &mut s.h, &mut s.q, prec);
-                matmul(&l.wk, &mut s.h, &mut s.k, prec);
-                matmul(&l.wv, &mut s.h, &mut s.v, prec);
-            }
+            project(
+                &l.qkv,
+                &mut s.h,
+                &mut s.fused,
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                prec,
+            );
             for r in 0..t {
                 let pos = batch.positions[r];
                 ops::rope(&mut s.q[r * qd..(r + 1) * qd], hd, pos, &self.inv_freq);
@@ -238,15 +250,13 @@ impl Model {
 
             // Feed-forward block.
             norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
-            if let Some(wgu) = &l.w_gate_up {
-                s.fused.resize(t * wgu.rows, 0.0);
-                matmul(wgu, &mut s.h, &mut s.fused, prec);
-                let f = c.ffn_dim;
-                split_rows(&s.fused, t, &mut [(&mut s.gate.f32, f), (&mut s.up, f)]);
-            } else {
-                matmul(&l.w_gate, &mut s.h, &mut s.gate.f32, prec);
-                matmul(&l.w_up, &mut s.h, &mut s.up, prec);
-            }
+            project(
+                &l.gate_up,
+                &mut s.h,
+                &mut s.fused,
+                &mut [&mut s.gate.f32, &mut s.up],
+                prec,
+            );
             if t < PAR_ROWS {
                 ops::swiglu(&mut s.gate.f32[..t * c.ffn_dim], &s.up[..t * c.ffn_dim]);
             } else {
@@ -273,8 +283,7 @@ impl Model {
         }
         s.last.resize(rows.len(), d);
         for (i, &r) in rows.iter().enumerate() {
-            let x = s.x.row(r).to_vec();
-            ops::rmsnorm(&x, &w.output_norm, c.rms_eps, s.last.row_mut(i));
+            ops::rmsnorm(s.x.row(r), &w.output_norm, c.rms_eps, s.last.row_mut(i));
         }
         let mut logits = vec![0f32; rows.len() * c.vocab];
         matmul(w.output(), &mut s.last, &mut logits, prec);

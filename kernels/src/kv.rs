@@ -36,11 +36,6 @@ impl KvCache {
         }
     }
 
-    /// Bytes one token takes across all layers (keys and values).
-    pub fn bytes_per_token(n_layers: usize, kv_dim: usize) -> usize {
-        n_layers * kv_dim * 2 * 4
-    }
-
     /// Start of a block (all heads) for a layer.
     #[inline]
     fn block_start(&self, layer: usize, block: usize) -> usize {

@@ -41,40 +41,35 @@ impl Matrix {
     }
 
     /// Stacks matrices with the same input width and storage type into one (rows of the
-    /// first, then the second, ...), so that one product computes all of them.
-    pub fn stack(ms: &[&Matrix]) -> Option<Matrix> {
-        let cols = ms.first()?.cols;
-        let rows = ms.iter().map(|m| m.rows).sum();
-        let data = match &ms[0].data {
-            MatData::Quant(ty, _) => {
-                let mut v = Vec::new();
-                for m in ms {
-                    match &m.data {
-                        MatData::Quant(t, d) if t == ty && m.cols == cols => v.extend_from_slice(d),
-                        _ => return None,
-                    }
-                }
-                MatData::Quant(*ty, v)
-            }
-            MatData::F32(_) => {
-                let mut v = Vec::new();
-                for m in ms {
-                    match &m.data {
-                        MatData::F32(d) if m.cols == cols => v.extend_from_slice(d),
-                        _ => return None,
-                    }
-                }
-                MatData::F32(v)
-            }
+    /// first, then the second, ...), so that one product computes all of them. Gives the
+    /// parts back when they cannot be stacked.
+    pub fn stack(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
+        let Some(first) = parts.first() else {
+            return Err(parts);
         };
-        Some(Matrix { rows, cols, data })
-    }
-
-    pub fn storage_bytes(&self) -> usize {
-        match &self.data {
-            MatData::Quant(_, d) => d.len(),
-            MatData::F32(d) => d.len() * 4,
+        let cols = first.cols;
+        let same = parts.iter().all(|m| {
+            m.cols == cols
+                && match (&m.data, &first.data) {
+                    (MatData::Quant(a, _), MatData::Quant(b, _)) => a == b,
+                    (MatData::F32(_), MatData::F32(_)) => true,
+                    _ => false,
+                }
+        });
+        if !same {
+            return Err(parts);
         }
+        let rows = parts.iter().map(|m| m.rows).sum();
+        let mut iter = parts.into_iter();
+        let mut data = iter.next().map(|m| m.data).ok_or_else(Vec::new)?;
+        for m in iter {
+            match (&mut data, m.data) {
+                (MatData::Quant(_, v), MatData::Quant(_, d)) => v.extend_from_slice(&d),
+                (MatData::F32(v), MatData::F32(d)) => v.extend_from_slice(&d),
+                _ => unreachable!("checked above"),
+            }
+        }
+        Ok(Matrix { rows, cols, data })
     }
 }
 

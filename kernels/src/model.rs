@@ -68,20 +68,32 @@ impl LlamaConfig {
     }
 }
 
+/// Several projections of the same input: stacked into one matrix (one product for all)
+/// when their storage types agree, else kept apart. Held once either way.
+pub enum Projections {
+    Stacked { m: Matrix, widths: Vec<usize> },
+    Separate(Vec<Matrix>),
+}
+
+impl Projections {
+    pub fn new(parts: Vec<Matrix>) -> Self {
+        let widths = parts.iter().map(|m| m.rows).collect();
+        match Matrix::stack(parts) {
+            Ok(m) => Projections::Stacked { m, widths },
+            Err(parts) => Projections::Separate(parts),
+        }
+    }
+}
+
 pub struct Layer {
     pub attn_norm: Vec<f32>,
-    pub wq: Matrix,
-    pub wk: Matrix,
-    pub wv: Matrix,
+    /// Q, K and V.
+    pub qkv: Projections,
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: Matrix,
-    pub w_up: Matrix,
+    /// Gate and up.
+    pub gate_up: Projections,
     pub w_down: Matrix,
-    /// `wq; wk; wv` stacked (when their storage types agree): one product for all three.
-    pub wqkv: Option<Matrix>,
-    /// `w_gate; w_up` stacked.
-    pub w_gate_up: Option<Matrix>,
 }
 
 pub struct Weights {
@@ -95,16 +107,6 @@ pub struct Weights {
 impl Weights {
     pub fn output(&self) -> &Matrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
-    }
-    pub fn storage_bytes(&self) -> usize {
-        let mut n =
-            self.token_embd.storage_bytes() + self.output.as_ref().map_or(0, Matrix::storage_bytes);
-        for l in &self.layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                n += m.storage_bytes();
-            }
-        }
-        n
     }
 }
 
@@ -161,26 +163,19 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let (wq, wk, wv) = (
-                matrix(g, &n("attn_q"), d, q)?,
-                matrix(g, &n("attn_k"), d, kv)?,
-                matrix(g, &n("attn_v"), d, kv)?,
-            );
-            let (w_gate, w_up) = (
-                matrix(g, &n("ffn_gate"), d, f)?,
-                matrix(g, &n("ffn_up"), d, f)?,
-            );
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
-                wqkv: Matrix::stack(&[&wq, &wk, &wv]),
-                w_gate_up: Matrix::stack(&[&w_gate, &w_up]),
-                wq,
-                wk,
-                wv,
+                qkv: Projections::new(vec![
+                    matrix(g, &n("attn_q"), d, q)?,
+                    matrix(g, &n("attn_k"), d, kv)?,
+                    matrix(g, &n("attn_v"), d, kv)?,
+                ]),
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
-                w_gate,
-                w_up,
+                gate_up: Projections::new(vec![
+                    matrix(g, &n("ffn_gate"), d, f)?,
+                    matrix(g, &n("ffn_up"), d, f)?,
+                ]),
                 w_down: matrix(g, &n("ffn_down"), f, d)?,
             });
         }

@@ -56,6 +56,34 @@ fn h(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// One quantized block as integers: element j = `d · q[j] + m`.
+fn unpack(ty: GgmlType, b: &[u8]) -> ([i32; QK], f32, f32) {
+    let mut q = [0i32; QK];
+    let d = h(b, 0);
+    let m = match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let off = if ty == GgmlType::Q4_1 { 4 } else { 2 };
+            for j in 0..16 {
+                q[j] = (b[off + j] & 15) as i32;
+                q[j + 16] = (b[off + j] >> 4) as i32;
+            }
+            if ty == GgmlType::Q4_1 {
+                h(b, 2)
+            } else {
+                -8.0 * d
+            }
+        }
+        GgmlType::Q8_0 => {
+            for j in 0..QK {
+                q[j] = (b[2 + j] as i8) as i32;
+            }
+            0.0
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
+    };
+    (q, d, m)
+}
+
 /// Dequantizes one row (`n` elements) of type `ty` from `src` into `out`.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
     match ty {
@@ -74,26 +102,14 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                 *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let bb = ty.block_bytes();
-            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(bb)) {
-                let d = h(b, 0);
-                let (m, qs) = if ty == GgmlType::Q4_1 {
-                    (h(b, 2), &b[4..20])
-                } else {
-                    (-8.0 * d, &b[2..18])
-                };
-                for j in 0..16 {
-                    o[j] = d * (qs[j] & 15) as f32 + m;
-                    o[j + 16] = d * (qs[j] >> 4) as f32 + m;
-                }
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
-                let d = h(b, 0);
-                for j in 0..QK {
-                    o[j] = d * (b[2 + j] as i8) as f32;
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+            for (o, b) in out
+                .chunks_exact_mut(QK)
+                .zip(src.chunks_exact(ty.block_bytes()))
+            {
+                let (q, d, m) = unpack(ty, b);
+                for (o, q) in o.iter_mut().zip(q) {
+                    *o = d * q as f32 + m;
                 }
             }
         }
@@ -152,38 +168,11 @@ pub fn quantize_row_q4_0(x: &[f32], out: &mut Vec<u8>) {
 
 /// Scalar reference: one weight row (`ty` blocks) · one activation row (Q8 blocks).
 pub fn dot_scalar(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
-    let bb = ty.block_bytes();
     let mut acc = 0f32;
-    for (b, x) in w.chunks_exact(bb).zip(a) {
-        match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let d = h(b, 0);
-                let qs = if ty == GgmlType::Q4_1 {
-                    &b[4..20]
-                } else {
-                    &b[2..18]
-                };
-                let mut s = 0i32;
-                for j in 0..16 {
-                    s += (qs[j] & 15) as i32 * x.qs[j] as i32;
-                    s += (qs[j] >> 4) as i32 * x.qs[j + 16] as i32;
-                }
-                if ty == GgmlType::Q4_1 {
-                    acc += d * x.d * s as f32 + h(b, 2) * x.s;
-                } else {
-                    acc += d * x.d * s as f32 - 8.0 * d * x.s;
-                }
-            }
-            GgmlType::Q8_0 => {
-                let d = h(b, 0);
-                let mut s = 0i32;
-                for j in 0..QK {
-                    s += (b[2 + j] as i8) as i32 * x.qs[j] as i32;
-                }
-                acc += d * x.d * s as f32;
-            }
-            _ => unreachable!("dot_scalar is for quantized types"),
-        }
+    for (b, x) in w.chunks_exact(ty.block_bytes()).zip(a) {
+        let (q, d, m) = unpack(ty, b);
+        let s: i32 = q.iter().zip(&x.qs).map(|(w, a)| w * *a as i32).sum();
+        acc += d * x.d * s as f32 + m * x.s;
     }
     acc
 }
@@ -196,37 +185,12 @@ pub fn dot_f32_rows_scalar<const R: usize>(
     xs: [&[f32]; R],
     xsum: [&[f32]; R],
 ) -> [f32; R] {
-    let bb = ty.block_bytes();
     let mut acc = [0f32; R];
-    let mut q = [0f32; QK];
-    for (i, b) in w.chunks_exact(bb).enumerate() {
-        let d = h(b, 0);
-        let m = match ty {
-            GgmlType::Q4_1 => {
-                for j in 0..16 {
-                    q[j] = (b[4 + j] & 15) as f32;
-                    q[j + 16] = (b[4 + j] >> 4) as f32;
-                }
-                h(b, 2)
-            }
-            GgmlType::Q4_0 => {
-                for j in 0..16 {
-                    q[j] = (b[2 + j] & 15) as f32;
-                    q[j + 16] = (b[2 + j] >> 4) as f32;
-                }
-                -8.0 * d
-            }
-            GgmlType::Q8_0 => {
-                for j in 0..QK {
-                    q[j] = (b[2 + j] as i8) as f32;
-                }
-                0.0
-            }
-            _ => unreachable!("quantized types only"),
-        };
+    for (i, b) in w.chunks_exact(ty.block_bytes()).enumerate() {
+        let (q, d, m) = unpack(ty, b);
         for r in 0..R {
             let x = &xs[r][i * QK..(i + 1) * QK];
-            let s: f32 = q.iter().zip(x).map(|(a, b)| a * b).sum();
+            let s: f32 = q.iter().zip(x).map(|(a, b)| *a as f32 * b).sum();
             acc[r] += d * s + m * xsum[r][i];
         }
     }
@@ -259,32 +223,9 @@ pub fn dot_i16_rows_scalar<const R: usize>(
     d: [&[f32]; R],
     xsum: [&[f32]; R],
 ) -> [f32; R] {
-    let bb = ty.block_bytes();
     let mut acc = [0f32; R];
-    let mut wq = [0i32; QK];
-    for (i, b) in w.chunks_exact(bb).enumerate() {
-        let dw = h(b, 0);
-        let m = match ty {
-            GgmlType::Q4_1 | GgmlType::Q4_0 => {
-                let off = if ty == GgmlType::Q4_1 { 4 } else { 2 };
-                for j in 0..16 {
-                    wq[j] = (b[off + j] & 15) as i32;
-                    wq[j + 16] = (b[off + j] >> 4) as i32;
-                }
-                if ty == GgmlType::Q4_1 {
-                    h(b, 2)
-                } else {
-                    -8.0 * dw
-                }
-            }
-            GgmlType::Q8_0 => {
-                for j in 0..QK {
-                    wq[j] = (b[2 + j] as i8) as i32;
-                }
-                0.0
-            }
-            _ => unreachable!("quantized types only"),
-        };
+    for (i, b) in w.chunks_exact(ty.block_bytes()).enumerate() {
+        let (wq, dw, m) = unpack(ty, b);
         for r in 0..R {
             let a = &q[r][i * QK..(i + 1) * QK];
             let s: i32 = wq.iter().zip(a).map(|(x, y)| x * *y as i32).sum();
@@ -294,18 +235,23 @@ pub fn dot_i16_rows_scalar<const R: usize>(
     acc
 }
 
+/// An f16 (little-endian bytes at `p`) to f32 with the F16C instruction.
+///
+/// # Safety
+/// `p..p+2` must be readable and the CPU must have F16C (callers are `f16c` kernels).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let bits = (p.read_unaligned() as u32) | ((p.add(1).read_unaligned() as u32) << 8);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{h, Q8Block};
+    use super::{f16_at, h, Q8Block};
     use crate::gguf::GgmlType;
     use std::arch::x86_64::*;
-
-    /// An f16 (little-endian bytes at `p`) to f32 with the F16C instruction.
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = (p.read_unaligned() as u32) | ((p.add(1).read_unaligned() as u32) << 8);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
 
     /// One weight row · R rows of Q8 activations; each weight block is unpacked once and
     /// used for all R rows (`maddubs`: 32 products per instruction).
@@ -427,52 +373,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    /// Σ over 32 lanes of u8 · i8, as 8 i32 lanes converted to f32.
-    #[inline(always)]
-    unsafe fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256 {
-        let p16 = _mm256_maddubs_epi16(w, a);
-        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-        _mm256_cvtepi32_ps(p32)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
-        let bb = ty.block_bytes();
-        let n = a.len().min(w.len() / bb);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_min = 0f32;
-        let low = _mm256_set1_epi8(15);
-        let p = w.as_ptr();
-        for i in 0..n {
-            let b = p.add(i * bb);
-            let x = a.get_unchecked(i);
-            let xa = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-            let d = h(std::slice::from_raw_parts(b, 2), 0) * x.d;
-            match ty {
-                GgmlType::Q4_1 | GgmlType::Q4_0 => {
-                    let off = if ty == GgmlType::Q4_1 { 4 } else { 2 };
-                    let q = _mm_loadu_si128(b.add(off) as *const __m128i);
-                    let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
-                    let s = dot_u8_i8(qw, xa);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                    let m = if ty == GgmlType::Q4_1 {
-                        h(std::slice::from_raw_parts(b.add(2), 2), 0)
-                    } else {
-                        -8.0 * h(std::slice::from_raw_parts(b, 2), 0)
-                    };
-                    acc_min += m * x.s;
-                }
-                _ => {
-                    let qw = _mm256_loadu_si256(b.add(2) as *const __m256i);
-                    // u8·i8 trick: |w| · (a with w's sign).
-                    let s = dot_u8_i8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(xa, qw));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-                }
-            }
-        }
-        hsum(acc) + acc_min
     }
 
     /// One weight row · R f32 rows: each weight block is unpacked to f32 once and used
@@ -599,14 +499,9 @@ pub fn dot_f32_rows<const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::f16_at;
     use crate::gguf::GgmlType;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = (p.read_unaligned() as u32) | ((p.add(1).read_unaligned() as u32) << 8);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
 
     /// [`super::avx2::dot_i16_rows`] on 512-bit registers: a whole weight block (32
     /// values) widened to i16 in one register, one `madd` per row and block.
@@ -692,18 +587,6 @@ fn has_avx2() -> bool {
     false
 }
 
-/// One quantized weight row · one Q8 activation row, on the fastest path this CPU has.
-#[inline]
-pub fn dot(ty: GgmlType, w: &[u8], a: &[Q8Block]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time; the kernel reads only within
-        // `w` (n·block_bytes ≤ w.len()) and `a`.
-        return unsafe { avx2::dot(ty, w, a) };
-    }
-    dot_scalar(ty, w, a)
-}
-
 /// Name of the dot-product path in use (for logs and benchmarks).
 pub fn simd_path() -> &'static str {
     if has_avx512() {
@@ -775,7 +658,7 @@ mod tests {
             dequantize_row(ty, &w, &mut wd);
             let exact: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
             let s = dot_scalar(ty, &w, &a);
-            let f = dot(ty, &w, &a);
+            let [f] = dot_q8_rows(ty, &w, [&a]);
             let [t1, t2] = dot_q8_rows(ty, &w, [&a, &a]);
             assert!(
                 (t1 - s).abs() <= 1e-3 * (1.0 + s.abs()) && t1 == t2,
