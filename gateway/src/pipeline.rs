@@ -136,8 +136,8 @@ async fn dispatch(
     max_retries: u32,
     deadline: TokioInstant,
 ) -> Result<(Lease, EventStream, WorkerEvent), ApiError> {
-    let tokens = crate::worker::sim::estimate_prompt_tokens(&wreq.prompt) as u64
-        + wreq.params.max_tokens as u64;
+    let tokens =
+        crate::worker::estimate_prompt_tokens(&wreq.prompt) as u64 + wreq.params.max_tokens as u64;
     let mut tried = Vec::new();
     let mut last: Option<ApiError> = None;
     for attempt in 0..=max_retries {

@@ -169,7 +169,8 @@ impl EngineWorker {
         &self.stats
     }
 
-    fn prepare(&self, req: &WorkerRequest) -> Result<NewSeq, WorkerError> {
+    /// Tokenizes and checks a request; its events will go to `tx`.
+    fn prepare(&self, req: &WorkerRequest, tx: Events) -> Result<NewSeq, WorkerError> {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
@@ -216,7 +217,7 @@ impl EngineWorker {
             },
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
-            tx: tmpsc::unbounded_channel().0,
+            tx,
         })
     }
 }
@@ -230,13 +231,11 @@ impl Worker for EngineWorker {
         &self,
         req: Arc<WorkerRequest>,
     ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
-        let prepared = self.prepare(&req);
+        let (etx, erx) = tmpsc::unbounded_channel();
+        let prepared = self.prepare(&req, etx);
         let tx = self.tx.clone();
         async move {
-            let mut seq = prepared?;
-            let (etx, erx) = tmpsc::unbounded_channel();
-            seq.tx = etx;
-            tx.send(seq)
+            tx.send(prepared?)
                 .map_err(|_| WorkerError::Unreachable("the engine thread has stopped".into()))?;
             let stream =
                 futures::stream::unfold(
@@ -313,20 +312,15 @@ fn run_engine(
             waiting.push_back(admit(n));
         }
         // Cancelled: the client went away.
-        running.retain_mut(|s| {
+        let mut keep = |s: &mut Seq| {
             let gone = s.tx.is_closed();
             if gone {
                 pool.release(&mut s.blocks);
             }
             !gone
-        });
-        waiting.retain_mut(|s| {
-            let gone = s.tx.is_closed();
-            if gone {
-                pool.release(&mut s.blocks);
-            }
-            !gone
-        });
+        };
+        running.retain_mut(&mut keep);
+        waiting.retain_mut(&mut keep);
         let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits);
         stats
             .preemptions

@@ -33,6 +33,19 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Estimated prompt tokens, for workers that do not tokenize (the simulator) and until an
+/// upstream reports its usage: one per 4 bytes, at least one.
+pub fn estimate_prompt_tokens(prompt: &Prompt) -> u32 {
+    let bytes: usize = match prompt {
+        Prompt::Text(t) => t.len(),
+        Prompt::Chat(msgs) => msgs
+            .iter()
+            .map(|m| m.content.len() + m.role.len() + 4)
+            .sum(),
+    };
+    (bytes.div_ceil(4).max(1)).min(u32::MAX as usize) as u32
+}
+
 /// Sampling and stopping parameters, validated by the API layer.
 #[derive(Debug, Clone)]
 pub struct SamplingParams {

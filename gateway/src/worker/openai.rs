@@ -6,9 +6,8 @@
 //! client slows the upstream: backpressure end to end). Dropping the event stream drops
 //! the upstream response, which closes that connection: the upstream sees the cancel.
 
-use super::sim::estimate_prompt_tokens;
 use super::sse_parse::SseParser;
-use super::ChatMessage;
+use super::{estimate_prompt_tokens, ChatMessage};
 use super::{
     EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };

@@ -16,7 +16,8 @@
 //! Prompt tokens are estimated as one per 4 bytes of prompt text (at least 1).
 
 use super::{
-    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    estimate_prompt_tokens, EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError,
+    WorkerEvent, WorkerRequest,
 };
 use crate::config::SimConfig;
 use futures::future::BoxFuture;
@@ -101,18 +102,6 @@ impl SimWorker {
             cfg,
         }
     }
-}
-
-/// Estimated prompt tokens: one per 4 bytes, at least one.
-pub fn estimate_prompt_tokens(prompt: &Prompt) -> u32 {
-    let bytes: usize = match prompt {
-        Prompt::Text(t) => t.len(),
-        Prompt::Chat(msgs) => msgs
-            .iter()
-            .map(|m| m.content.len() + m.role.len() + 4)
-            .sum(),
-    };
-    (bytes.div_ceil(4).max(1)).min(u32::MAX as usize) as u32
 }
 
 fn prompt_hash(req: &WorkerRequest) -> u64 {
