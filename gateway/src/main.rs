@@ -27,6 +27,26 @@ enum Command {
         /// Listen address; overrides `server.listen` (port 0 picks a free port).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Admin listen address; overrides `server.admin_listen`.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Export metered usage: per-tenant, per-minute totals from the usage database.
+    Usage {
+        /// Start: an RFC 3339 time (2026-11-27T10:00:00Z) or a duration ago (15m, 2h, 7d).
+        #[arg(long)]
+        since: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: UsageFormat,
+        /// The usage database; default: `metering.path` of the config.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Config file whose `metering.path` names the database.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Validate a config file and print a summary.
     CheckConfig { file: PathBuf },
@@ -65,6 +85,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UsageFormat {
+    Csv,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Make a fresh API key: prints the key once, and the config line holding its digest.
@@ -76,18 +102,23 @@ enum KeysCommand {
 
 const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
 
-fn load_config(path: Option<PathBuf>) -> Result<Config, String> {
+/// The config and the file it came from (none for the embedded default).
+fn load_config(path: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), String> {
+    let path = path.or_else(|| {
+        let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+        p.exists().then_some(p)
+    });
     match path {
-        Some(p) => Config::load(&p).map_err(|e| format!("{}: {e}", p.display())),
-        None if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            Config::load(DEFAULT_CONFIG_PATH.as_ref())
-                .map_err(|e| format!("{DEFAULT_CONFIG_PATH}: {e}"))
-        }
+        Some(p) => Config::load(&p)
+            .map(|c| (c, Some(p.clone())))
+            .map_err(|e| format!("{}: {e}", p.display())),
         None => {
             tracing::info!(
                 "no config file given and no {DEFAULT_CONFIG_PATH}: using the embedded default"
             );
-            Config::embedded_default().map_err(|e| format!("embedded default config: {e}"))
+            Config::embedded_default()
+                .map(|c| (c, None))
+                .map_err(|e| format!("embedded default config: {e}"))
         }
     }
 }
@@ -101,12 +132,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config, listen } => match load_config(config) {
-            Ok(mut cfg) => {
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+        } => match load_config(config) {
+            Ok((mut cfg, path)) => {
                 if let Some(addr) = listen {
                     cfg.server.listen = addr;
                 }
-                serve(cfg)
+                if let Some(addr) = admin_listen {
+                    cfg.server.admin_listen = Some(addr);
+                }
+                serve(cfg, path)
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -121,13 +159,20 @@ fn main() -> ExitCode {
             threads,
             kv_tokens,
         } => match worker_config(listen, &model, model_id, &backend, threads, kv_tokens) {
-            Ok(cfg) => serve(cfg),
+            Ok(cfg) => serve(cfg, None),
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)
             }
         },
         Command::CheckConfig { file } => check_config(&file),
+        Command::Usage {
+            since,
+            tenant,
+            format,
+            db,
+            config,
+        } => usage(&since, tenant.as_deref(), format, db, config),
         Command::FetchModel { name } => fetch_model(&name),
         Command::Keys {
             command: KeysCommand::New { tenant },
@@ -135,7 +180,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cfg: Config) -> ExitCode {
+fn serve(cfg: Config, path: Option<PathBuf>) -> ExitCode {
     let mut builder = match cfg.server.threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         0 => tokio::runtime::Builder::new_multi_thread(),
@@ -152,7 +197,7 @@ fn serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(gateway::server::run(cfg)) {
+    match rt.block_on(gateway::server::run(cfg, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -196,6 +241,10 @@ workers = [{{ kind = "engine", backend = {backend:?}, threads = {threads}, kv_to
 id = "gateway"
 keys_sha256 = ["{digest}"]
 trusted = true
+
+# The gateway in front meters and limits; a worker does neither.
+[metering]
+enabled = false
 "#
     );
     Config::from_toml(&text).map_err(|e| e.to_string())
@@ -227,6 +276,58 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("{}: {e}", file.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn usage(
+    since: &str,
+    tenant: Option<&str>,
+    format: UsageFormat,
+    db: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    use gateway::meter::export;
+    let db = match db {
+        Some(db) => db,
+        None => match load_config(config) {
+            Ok((cfg, path)) => {
+                gateway::state::resolve_relative(path.as_deref(), &cfg.metering.path)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let since_ms = match export::parse_since(since) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !db.exists() {
+        eprintln!("error: no usage database at {}", db.display());
+        return ExitCode::FAILURE;
+    }
+    match export::totals(&db, since_ms, tenant) {
+        Ok(rows) => {
+            match format {
+                UsageFormat::Csv => print!("{}", export::to_csv(&rows)),
+                UsageFormat::Json => match serde_json::to_string_pretty(&rows) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", db.display());
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,10 +1,17 @@
-//! Prometheus metrics: per tenant and model (requests by status, tokens, time to first
-//! token, end-to-end latency, in flight) and per worker (health, in flight, queue, breaker).
+//! Prometheus metrics: per tenant and model (requests by status, tokens, weighted tokens,
+//! time to first token, end-to-end latency, in flight), per worker (health, in flight,
+//! queue, breaker, KV blocks), config reloads, the limiter's backend and the usage ledger.
 //!
 //! Per-(tenant, model) handles are created once and cached, so the request path touches
-//! only atomics. Worker gauges are read from the router at scrape time.
+//! only atomics. Worker, limiter and ledger gauges are read at scrape time.
+//!
+//! [`Meter`] is one request's accounting: metrics, its contract reservation (settled with
+//! what the request really used) and its usage record in the ledger.
 
+use crate::limits::Reservation;
+use crate::meter::{unix_ms, Ledger, UsageRecord};
 use crate::route::Router;
+use crate::state::Shared;
 use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +27,11 @@ use std::time::Instant;
 struct TenantModel {
     tenant: String,
     model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +57,8 @@ pub struct Metrics {
     e2e: HistFamily,
     in_flight: Family<TenantModel, Gauge>,
     auth_failures: Counter,
+    weighted_tokens: Family<TenantModel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    reloads: Family<ResultLabel, Counter>,
     handles: DashMap<(Arc<str>, Arc<str>), Arc<Handles>>,
 }
 
@@ -54,6 +68,7 @@ pub struct Handles {
     ok: Counter,
     input_tokens: Counter,
     output_tokens: Counter,
+    weighted_tokens: Counter<f64, std::sync::atomic::AtomicU64>,
     ttft: Histogram,
     e2e: Histogram,
     in_flight: Gauge,
@@ -75,6 +90,19 @@ impl Metrics {
         let e2e = HistFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
         let in_flight = Family::<TenantModel, Gauge>::default();
         let auth_failures = Counter::default();
+        let weighted_tokens =
+            Family::<TenantModel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "weighted_tokens",
+            "Weighted tokens charged to tenants' contracts (input + output_weight x output)",
+            weighted_tokens.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (ok, error)",
+            reloads.clone(),
+        );
         registry.register(
             "requests",
             "Finished requests by tenant, model and status",
@@ -119,6 +147,8 @@ impl Metrics {
             e2e,
             in_flight,
             auth_failures,
+            weighted_tokens,
+            reloads,
             handles: DashMap::new(),
         }
     }
@@ -143,6 +173,7 @@ impl Metrics {
                 .clone(),
             input_tokens: self.input_tokens.get_or_create(&labels).clone(),
             output_tokens: self.output_tokens.get_or_create(&labels).clone(),
+            weighted_tokens: self.weighted_tokens.get_or_create(&labels).clone(),
             ttft: self.ttft.get_or_create(&labels).clone(),
             e2e: self.e2e.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
@@ -169,8 +200,18 @@ impl Metrics {
         self.auth_failures.inc();
     }
 
+    /// Counts a config reload attempt (`"ok"` or `"error"`).
+    pub fn reload(&self, result: &str) {
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// The Prometheus text exposition, worker gauges included.
-    pub fn render(&self, router: &Router) -> String {
+    pub fn render(&self, state: &Shared) -> String {
+        let router: &Router = &state.router;
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -233,6 +274,37 @@ impl Metrics {
                 }
             }
         }
+        if let Some(r) = state.limiter.redis() {
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_limits_backend_up 1 while the global limiter (Redis) answers.\n# TYPE tollgate_limits_backend_up gauge\ntollgate_limits_backend_up {}",
+                r.is_up() as u8
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_limits_backend_errors Failed or timed-out calls to the global limiter.\n# TYPE tollgate_limits_backend_errors counter\ntollgate_limits_backend_errors_total {}",
+                r.errors()
+            );
+        }
+        if let Some(l) = &state.ledger {
+            let (written, failed, dropped) = l.counts();
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_usage_records Usage records by outcome (written, failed, dropped).\n# TYPE tollgate_usage_records counter"
+            );
+            for (k, v) in [
+                ("written", written),
+                ("failed", failed),
+                ("dropped", dropped),
+            ] {
+                let _ = writeln!(out, "tollgate_usage_records_total{{outcome=\"{k}\"}} {v}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_config_generation Applied config generation (1 at start).\n# TYPE tollgate_config_generation gauge\ntollgate_config_generation {}",
+            state.live().generation
+        );
         out.push_str("# EOF\n");
         out
     }
@@ -244,51 +316,132 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// One request's metering: in-flight while alive; exactly one status recorded.
+/// What a [`Meter`] records besides metrics.
+pub struct MeterCtx {
+    pub ledger: Option<Ledger>,
+    pub request_id: Arc<str>,
+    pub output_weight: f64,
+}
+
+/// One request's accounting: in flight while alive; exactly one status recorded; its
+/// reservation settled and its usage record written when it ends.
 pub struct Meter {
     metrics: Arc<Metrics>,
     h: Arc<Handles>,
+    ctx: MeterCtx,
     started: Instant,
-    first_token: bool,
+    ttft_ms: Option<f64>,
     finished: bool,
+    reservation: Option<Reservation>,
+    /// Prompt tokens as counted (or estimated) at admission.
+    input_tokens: u32,
+    /// Tokens generated so far.
+    generated: u32,
+    pub worker: String,
+    pub best_effort: bool,
 }
 
 impl Meter {
-    pub fn start(metrics: Arc<Metrics>, h: Arc<Handles>, started: Instant) -> Self {
+    pub fn start(metrics: Arc<Metrics>, h: Arc<Handles>, started: Instant, ctx: MeterCtx) -> Self {
         h.in_flight.inc();
         Self {
             metrics,
             h,
+            ctx,
             started,
-            first_token: false,
+            ttft_ms: None,
             finished: false,
+            reservation: None,
+            input_tokens: 0,
+            generated: 0,
+            worker: String::new(),
+            best_effort: false,
         }
     }
 
-    pub fn first_token(&mut self) {
-        if !self.first_token {
-            self.first_token = true;
-            self.h.ttft.observe(self.started.elapsed().as_secs_f64());
+    /// The request was admitted: it holds `r` until it ends.
+    pub fn admitted(&mut self, r: Reservation, input_tokens: u32) {
+        self.reservation = Some(r);
+        self.input_tokens = input_tokens;
+    }
+
+    /// `tokens` more tokens were generated.
+    pub fn tokens(&mut self, tokens: u32) {
+        if self.ttft_ms.is_none() {
+            let t = self.started.elapsed().as_secs_f64();
+            self.ttft_ms = Some(t * 1e3);
+            self.h.ttft.observe(t);
+        }
+        self.generated = self.generated.saturating_add(tokens);
+    }
+
+    fn weighted(&self, input: u32, output: u32) -> f64 {
+        input as f64 + self.ctx.output_weight * output as f64
+    }
+
+    fn record(&self, status: &str, input: u32, output: u32, weighted: f64) -> UsageRecord {
+        UsageRecord {
+            ts_ms: unix_ms(),
+            request_id: self.ctx.request_id.to_string(),
+            tenant: self.h.labels.tenant.clone(),
+            model: self.h.labels.model.clone(),
+            worker: self.worker.clone(),
+            input_tokens: input,
+            output_tokens: output,
+            weighted_tokens: weighted,
+            status: status.to_string(),
+            ttft_ms: self.ttft_ms,
+            duration_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            best_effort: self.best_effort,
         }
     }
 
-    /// A request that completed: status 200 and its token counts.
-    pub fn success(&mut self, input: u32, output: u32) {
+    /// A request that completed with the worker's true counts. Settles the reservation and
+    /// commits the usage record; returns once it is durable (see `meter`).
+    pub async fn success(&mut self, input: u32, output: u32) {
+        let weighted = self.weighted(input, output);
+        if let Some(r) = &mut self.reservation {
+            r.settle(Some(weighted));
+        }
         self.h.ok.inc();
         self.h.input_tokens.inc_by(input as u64);
         self.h.output_tokens.inc_by(output as u64);
+        self.h.weighted_tokens.inc_by(weighted);
         self.end();
         tracing::info!(
             status = 200,
             input_tokens = input,
             output_tokens = output,
+            weighted_tokens = weighted,
             ms = self.started.elapsed().as_secs_f64() * 1e3,
             "request done"
         );
+        if let Some(l) = &self.ctx.ledger {
+            if !l
+                .record_durable(self.record("200", input, output, weighted))
+                .await
+            {
+                tracing::error!("usage record could not be committed");
+            }
+        }
     }
 
-    /// A request that ended otherwise (`"429"`, `"502"`, `"stream_error"`, ...).
+    /// A request that ended otherwise (`"429"`, `"502"`, `"stream_error"`, `"cancelled"`):
+    /// charged only what it generated (its prompt and output, once a token came out).
     pub fn failure(&mut self, status: &str) {
+        if self.finished {
+            return;
+        }
+        let (input, output) = if self.generated > 0 {
+            (self.input_tokens, self.generated)
+        } else {
+            (0, 0)
+        };
+        let weighted = self.weighted(input, output);
+        if let Some(r) = &mut self.reservation {
+            r.settle((self.generated > 0).then_some(weighted));
+        }
+        self.h.weighted_tokens.inc_by(weighted);
         self.metrics
             .count(&self.h.labels.tenant, &self.h.labels.model, status);
         self.end();
@@ -297,6 +450,9 @@ impl Meter {
             ms = self.started.elapsed().as_secs_f64() * 1e3,
             "request ended"
         );
+        if let Some(l) = &self.ctx.ledger {
+            l.record(self.record(status, input, output, weighted));
+        }
     }
 
     fn end(&mut self) {

@@ -1,19 +1,25 @@
-//! The one place a validated request goes through: admit → route → stream → meter.
+//! The one place a validated request goes through: admit → queue → route → stream →
+//! reconcile and meter.
 //!
-//! Handlers parse and validate, then call [`serve`]. Here the tenant's concurrency slot is
-//! taken, a worker is picked (retrying on another worker while nothing has reached the
-//! client), and the worker's events become the response: a JSON body, or SSE frames sent
-//! as the client reads them. Everything a request holds (tenant slot, worker lease, meter)
-//! lives in the response stream, so a client that disconnects releases it all at once and
-//! cancels the worker's generation.
+//! Handlers parse and validate, then call [`serve`]. Here the request is held to its
+//! tenant's contract (tier, concurrency cap, token and request buckets: a reservation of
+//! `input + output_weight × max_tokens`), a worker is picked (waiting in the pool's
+//! bounded queue when all are busy, retrying on another worker while nothing has reached
+//! the client), and the worker's events become the response: a JSON body, or SSE frames
+//! sent as the client reads them. Everything a request holds (concurrency slot, worker
+//! lease, reservation, meter) lives in the response stream, so a client that disconnects
+//! releases it all at once and cancels the worker's generation; the reservation is then
+//! settled with what was really generated.
 
 use crate::api::error::ApiError;
 use crate::api::render::Renderer;
 use crate::api::validate::InferenceRequest;
-use crate::metrics::Meter;
+use crate::config::{Overflow, Tier};
+use crate::limits::{headers, AdmitError, Buckets, ConcurrencySlot, Contract, Limiter};
+use crate::metrics::{Meter, MeterCtx};
 use crate::route::{Lease, NoWorker, Pool};
 use crate::state::AppState;
-use crate::tenants::{Tenant, TenantSlot};
+use crate::tenants::Tenant;
 use crate::worker::{EventStream, WorkerError, WorkerEvent, WorkerRequest};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -23,6 +29,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
 use tracing::Instrument;
+
+/// Marks a response admitted past contract under `overflow = "best_effort"`.
+pub const OVERFLOW_HEADER: &str = "x-tollgate-overflow";
 
 /// Who is asking, and since when.
 pub struct RequestCtx {
@@ -58,24 +67,149 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         return ApiError::ModelNotFound(req.model).into_response();
     };
     let model: Arc<str> = req.model.as_str().into();
+    let output_weight = state.live().output_weight(&req.model);
     let mut meter = Meter::start(
         state.metrics.clone(),
         state.metrics.handles(ctx.tenant_id(), &model),
         ctx.started,
+        MeterCtx {
+            ledger: state.ledger.clone(),
+            request_id: ctx.request_id.clone(),
+            output_weight,
+        },
     );
-    match run(state, &ctx, &pool, req, &mut meter).await {
+    let (contract, scope) = ctx.tenant.limits.for_model(&req.model);
+    let mut buckets = None;
+    let mut resp = match run(
+        state,
+        &ctx,
+        &pool,
+        req,
+        &mut meter,
+        output_weight,
+        &mut buckets,
+    )
+    .await
+    {
         Ok(Reply::Whole(resp)) => resp,
-        Ok(Reply::Stream(stream)) => stream.into_response(meter),
+        Ok(Reply::Stream(stream)) => {
+            let best_effort = meter.best_effort;
+            let mut r = stream.into_response(meter);
+            if best_effort {
+                r.headers_mut().insert(
+                    OVERFLOW_HEADER,
+                    http::HeaderValue::from_static("best_effort"),
+                );
+            }
+            r
+        }
         Err(e) => {
             meter.failure(e.status().as_str());
             e.into_response()
         }
-    }
+    };
+    let buckets = buckets.unwrap_or_else(|| scope.snapshot(contract));
+    headers::apply(resp.headers_mut(), contract, &buckets);
+    resp
 }
 
 enum Reply {
     Whole(Response),
     Stream(SseStream),
+}
+
+fn ms(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000).max(1)
+}
+
+/// What a request asks of its contract.
+struct Ask<'a> {
+    contract: &'a Contract,
+    scope: &'a Arc<crate::limits::Scope>,
+    /// Weighted tokens to reserve.
+    cost: f64,
+    input_tokens: u32,
+}
+
+/// Holds the request to its contract: tier, concurrency, buckets. On success the
+/// reservation is in `meter`; `buckets` gets the state to report in headers.
+async fn admit(
+    state: &AppState,
+    ctx: &RequestCtx,
+    pool: &Pool,
+    ask: Ask<'_>,
+    meter: &mut Meter,
+    buckets: &mut Option<Buckets>,
+) -> Result<ConcurrencySlot, ApiError> {
+    let Ask {
+        contract,
+        scope,
+        cost,
+        input_tokens,
+    } = ask;
+    let tenant = ctx.tenant_id();
+    if let Some(rate) = contract.token_rate() {
+        if cost > rate.burst {
+            return Err(ApiError::BadRequest {
+                message: format!(
+                    "This request needs {cost:.0} weighted tokens (prompt + output_weight × max_tokens), more than tenant `{tenant}`'s whole burst of {:.0} ({} tokens/s × {} s): it could never be admitted. Lower `max_tokens` or shorten the prompt.",
+                    rate.burst, rate.per_sec, contract.burst_seconds
+                ),
+                param: Some("max_tokens".into()),
+                code: Some("request_exceeds_contract"),
+            });
+        }
+    }
+    let idle_below = state.server.idle_below;
+    if contract.tier == Tier::Spot && !pool.idle(idle_below) {
+        return Err(ApiError::Overloaded {
+            message: format!(
+                "Tenant `{tenant}` is on the spot tier, which runs only on idle capacity, and pool `{}` has none now.",
+                pool.name
+            ),
+            retry_after_ms: 1000,
+        });
+    }
+    let slot =
+        scope
+            .try_acquire(contract.max_concurrency)
+            .ok_or_else(|| ApiError::RateLimited {
+                message: format!(
+                    "Tenant `{tenant}` is at its limit of {} concurrent requests.",
+                    contract.max_concurrency.unwrap_or(0)
+                ),
+                // Not a rate: nothing says when a slot frees up. A short, bounded wait.
+                retry_after_ms: 1000,
+            })?;
+    match state.limiter.admit(scope, contract, cost).await {
+        Ok(r) => {
+            *buckets = Some(r.buckets);
+            meter.admitted(r, input_tokens);
+        }
+        Err(AdmitError::Refused(refused)) => {
+            *buckets = Some(refused.buckets);
+            if contract.overflow == Overflow::BestEffort && pool.idle(idle_below) {
+                meter.best_effort = true;
+                meter.admitted(Limiter::free(scope, contract), input_tokens);
+            } else {
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "Tenant `{tenant}` is past its contract ({} bucket); this request ({cost:.0} weighted tokens) fits in {} ms.",
+                        refused.bucket,
+                        ms(refused.retry_after_ns)
+                    ),
+                    retry_after_ms: ms(refused.retry_after_ns),
+                });
+            }
+        }
+        Err(AdmitError::Unavailable) => {
+            return Err(ApiError::Overloaded {
+                message: "The global rate limiter is unreachable; retry shortly.".into(),
+                retry_after_ms: 1000,
+            })
+        }
+    }
+    Ok(slot)
 }
 
 async fn run(
@@ -84,19 +218,22 @@ async fn run(
     pool: &Pool,
     req: InferenceRequest,
     meter: &mut Meter,
+    output_weight: f64,
+    buckets: &mut Option<Buckets>,
 ) -> Result<Reply, ApiError> {
-    let tenant_slot = ctx
-        .tenant
-        .try_acquire()
-        .ok_or_else(|| ApiError::RateLimited {
-            message: format!(
-                "Tenant `{}` is at its limit of {} concurrent requests.",
-                ctx.tenant.id,
-                ctx.tenant.cfg.max_concurrency.unwrap_or(0)
-            ),
-            retry_after_ms: 1000,
-        })?;
-    let server = &state.config.server;
+    let (contract, scope) = ctx.tenant.limits.for_model(&req.model);
+    let input_tokens = pool
+        .count_prompt_tokens(&req.prompt)
+        .unwrap_or_else(|| crate::worker::estimate_prompt_tokens(&req.prompt));
+    let cost = input_tokens as f64 + output_weight * req.params.max_tokens as f64;
+    let ask = Ask {
+        contract,
+        scope,
+        cost,
+        input_tokens,
+    };
+    let concurrency_slot = admit(state, ctx, pool, ask, meter, buckets).await?;
+    let server = &state.server;
     let deadline = TokioInstant::from_std(ctx.started)
         + std::time::Duration::from_secs_f64(server.request_timeout_secs);
     let renderer = Renderer::new(req.endpoint, &req.model, req.include_usage);
@@ -104,28 +241,60 @@ async fn run(
     let wreq = Arc::new(WorkerRequest {
         request_id: ctx.request_id.clone(),
         tenant: ctx.tenant_id().clone(),
-        weight: ctx.weight(),
+        weight: if meter.best_effort {
+            Some(1e-3)
+        } else {
+            ctx.weight()
+        },
         model: req.model.as_str().into(),
         prompt: req.prompt,
         params: req.params,
         stream,
     });
-    let (lease, events, first) = dispatch(pool, &wreq, server.max_retries, deadline).await?;
+    let queue = Queue {
+        depth: server.queue_depth,
+        until: TokioInstant::now() + std::time::Duration::from_secs_f64(server.queue_timeout_secs),
+    };
+    let (lease, events, first) = dispatch(
+        pool,
+        &wreq,
+        input_tokens,
+        server.max_retries,
+        deadline,
+        queue,
+    )
+    .await?;
+    meter.worker = lease.worker().name().to_string();
     tracing::debug!(worker = lease.worker().name(), "routed");
     let sse = SseStream {
         renderer,
         events,
         first: Some(first),
         lease,
-        _tenant_slot: tenant_slot,
+        _concurrency_slot: concurrency_slot,
         deadline,
         text: String::new(),
     };
     if stream {
         Ok(Reply::Stream(sse))
     } else {
-        sse.collect(meter).await.map(Reply::Whole)
+        let best_effort = meter.best_effort;
+        let mut resp = sse.collect(meter).await?;
+        if best_effort {
+            resp.headers_mut().insert(
+                OVERFLOW_HEADER,
+                http::HeaderValue::from_static("best_effort"),
+            );
+        }
+        Ok(Reply::Whole(resp))
     }
+}
+
+/// How long and how many requests may wait for a worker slot.
+#[derive(Clone, Copy)]
+struct Queue {
+    depth: usize,
+    until: TokioInstant,
 }
 
 /// Picks a worker and gets its first event, retrying on other workers while nothing has
@@ -133,21 +302,23 @@ async fn run(
 async fn dispatch(
     pool: &Pool,
     wreq: &Arc<WorkerRequest>,
+    input_tokens: u32,
     max_retries: u32,
     deadline: TokioInstant,
+    queue: Queue,
 ) -> Result<(Lease, EventStream, WorkerEvent), ApiError> {
-    let tokens =
-        crate::worker::estimate_prompt_tokens(&wreq.prompt) as u64 + wreq.params.max_tokens as u64;
+    let tokens = input_tokens as u64 + wreq.params.max_tokens as u64;
     let mut tried = Vec::new();
     let mut last: Option<ApiError> = None;
     for attempt in 0..=max_retries {
-        let mut lease = match pool.pick(tokens, &tried) {
+        let until = queue.until.min(deadline);
+        let mut lease = match pool.pick_or_wait(tokens, &tried, queue.depth, until).await {
             Ok(l) => l,
             Err(why) => {
                 return Err(last.unwrap_or_else(|| ApiError::Overloaded {
                     message: match why {
                         NoWorker::Saturated => format!(
-                            "All workers of pool `{}` are at capacity; retry shortly.",
+                            "All workers of pool `{}` are at capacity and the wait for one is over; retry shortly. (Not counted against your contract.)",
                             pool.name
                         ),
                         NoWorker::Unhealthy => {
@@ -207,7 +378,7 @@ struct SseStream {
     events: EventStream,
     first: Option<WorkerEvent>,
     lease: Lease,
-    _tenant_slot: TenantSlot,
+    _concurrency_slot: ConcurrencySlot,
     deadline: TokioInstant,
     text: String,
 }
@@ -245,8 +416,8 @@ impl SseStream {
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
         loop {
             match self.next_step().await {
-                Step::Event(WorkerEvent::Delta { text, .. }) => {
-                    meter.first_token();
+                Step::Event(WorkerEvent::Delta { text, tokens }) => {
+                    meter.tokens(tokens);
                     self.text.push_str(&text);
                 }
                 Step::Event(WorkerEvent::Done {
@@ -254,7 +425,9 @@ impl SseStream {
                     usage,
                 }) => {
                     self.lease.success();
-                    meter.success(usage.prompt_tokens, usage.completion_tokens);
+                    meter
+                        .success(usage.prompt_tokens, usage.completion_tokens)
+                        .await;
                     let body = self.renderer.full(&self.text, finish_reason, usage);
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -280,8 +453,8 @@ impl SseStream {
                 }
                 let mut out = head.unwrap_or_default();
                 let ended = match s.next_step().await {
-                    Step::Event(WorkerEvent::Delta { text, .. }) => {
-                        meter.first_token();
+                    Step::Event(WorkerEvent::Delta { text, tokens }) => {
+                        meter.tokens(tokens);
                         s.renderer.delta_frame(&mut out, &text);
                         false
                     }
@@ -290,7 +463,10 @@ impl SseStream {
                         usage,
                     }) => {
                         s.lease.success();
-                        meter.success(usage.prompt_tokens, usage.completion_tokens);
+                        // Durable before the final frames go out (see `meter`).
+                        meter
+                            .success(usage.prompt_tokens, usage.completion_tokens)
+                            .await;
                         s.renderer.final_frames(&mut out, finish_reason, usage);
                         true
                     }

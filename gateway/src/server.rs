@@ -1,6 +1,7 @@
-//! Running the server: bind, serve HTTP/1.1 and HTTP/2, probe workers, and shut down
-//! gracefully: on SIGTERM or SIGINT stop accepting, let in-flight requests (streams
-//! included) finish up to `server.drain_timeout_secs`, then exit.
+//! Running the server: bind the tenant and admin listeners, serve HTTP/1.1 and HTTP/2,
+//! probe workers, reload the config on change, and shut down gracefully: on SIGTERM or
+//! SIGINT stop accepting, let in-flight requests (streams included) finish up to
+//! `server.drain_timeout_secs`, then exit.
 
 use crate::api;
 use crate::config::Config;
@@ -8,6 +9,7 @@ use crate::route::health;
 use crate::state::Shared;
 use axum::serve::ListenerExt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -25,18 +27,40 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Binds `config.server.listen` and serves until shutdown.
-pub async fn run(config: Config) -> Result<(), ServeError> {
-    let addr = config.server.listen;
-    let listener = TcpListener::bind(addr)
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    serve(listener, config).await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Binds `config.server.listen` and serves until shutdown. `path` is the config file, if
+/// the config came from one (reloads read it again).
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), ServeError> {
+    let listener = bind(config.server.listen).await?;
+    serve(listener, config, path).await
 }
 
 /// Serves on an already bound listener until SIGTERM/SIGINT and the drain that follows.
-pub async fn serve(listener: TcpListener, config: Config) -> Result<(), ServeError> {
-    let state = Shared::new(config).map_err(ServeError::Setup)?;
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    path: Option<PathBuf>,
+) -> Result<(), ServeError> {
+    let state = Shared::new(config, path).map_err(ServeError::Setup)?;
+    if let Some(addr) = state.server.admin_listen {
+        let admin = bind(addr).await?;
+        let local = admin.local_addr()?;
+        // Printed before the tenant listener's line, which scripts wait for.
+        println!("tollgate admin on http://{local}");
+        tracing::info!(%local, "admin API listening");
+        let app = api::admin::app(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, app).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    crate::reload::spawn_triggers(state.clone());
     let probes: Vec<_> = state
         .router
         .pools
@@ -47,7 +71,7 @@ pub async fn serve(listener: TcpListener, config: Config) -> Result<(), ServeErr
     // Tests and scripts read this line to find an ephemeral port.
     println!("tollgate listening on http://{local}");
     tracing::info!(%local, "listening");
-    let drain = Duration::from_secs_f64(state.config.server.drain_timeout_secs);
+    let drain = Duration::from_secs_f64(state.server.drain_timeout_secs);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -1,17 +1,60 @@
-//! The state every request shares: config, tenants, router, metrics.
+//! The state every request shares: the live config (swapped whole on reload), the router,
+//! the limiter, metrics and the usage ledger.
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
+use crate::limits::Limiter;
+use crate::meter::Ledger;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::route::Router;
 use crate::tenants::Tenants;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-pub struct Shared {
+/// What a reload replaces, as one unit: a request sees one generation or the next, never
+/// a mix.
+pub struct Live {
     pub config: Config,
     pub tenants: Tenants,
+    output_weights: HashMap<String, f64>,
+    /// Counts applied configs: 1 at start.
+    pub generation: u64,
+}
+
+impl Live {
+    pub fn new(config: Config, limiter: &Limiter, generation: u64) -> Self {
+        let output_weights = config
+            .models
+            .iter()
+            .map(|m| (m.id.clone(), m.output_weight))
+            .collect();
+        Self {
+            tenants: Tenants::from_config(&config, limiter),
+            config,
+            output_weights,
+            generation,
+        }
+    }
+
+    /// Weight of one output token of `model` in a tenant's token rate.
+    pub fn output_weight(&self, model: &str) -> f64 {
+        self.output_weights.get(model).copied().unwrap_or(3.0)
+    }
+}
+
+pub struct Shared {
+    /// `[server]` as started (changing it needs a restart).
+    pub server: ServerConfig,
+    pub live: ArcSwap<Live>,
     pub router: Router,
+    pub limiter: Limiter,
     pub metrics: Arc<Metrics>,
+    /// The usage ledger (`None` with `metering.enabled = false`).
+    pub ledger: Option<Ledger>,
+    pub reloader: Reloader,
     /// Set once shutdown began: `/ready` answers 503.
     pub draining: AtomicBool,
 }
@@ -19,13 +62,42 @@ pub struct Shared {
 pub type AppState = Arc<Shared>;
 
 impl Shared {
-    pub fn new(config: Config) -> Result<AppState, String> {
+    /// Builds the state; `path` is the config file (for reloads and relative paths).
+    pub fn new(config: Config, path: Option<PathBuf>) -> Result<AppState, String> {
+        let limiter = Limiter::new(&config);
+        let ledger = if config.metering.enabled {
+            let db = resolve_relative(path.as_deref(), &config.metering.path);
+            Some(Ledger::start(&db, config.metering.synchronous).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
-            tenants: Tenants::from_config(&config),
+            server: config.server.clone(),
             router: Router::from_config(&config)?,
+            live: ArcSwap::from_pointee(Live::new(config, &limiter, 1)),
+            limiter,
             metrics: Arc::new(Metrics::new()),
+            ledger,
+            reloader: Reloader::new(path),
             draining: AtomicBool::new(false),
-            config,
         }))
+    }
+
+    /// The live config generation.
+    pub fn live(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
+    }
+}
+
+/// `p` as given if absolute, else relative to the config file's folder (or the working
+/// directory without a file).
+pub fn resolve_relative(config_path: Option<&std::path::Path>, p: &str) -> PathBuf {
+    let p = std::path::Path::new(p);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match config_path.and_then(|c| c.parent()) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_path_buf(),
     }
 }

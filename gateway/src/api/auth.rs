@@ -51,7 +51,8 @@ pub async fn require_tenant(
         )
         .into_response();
     };
-    match state.tenants.authenticate(key) {
+    let found = state.live().tenants.authenticate(key);
+    match found {
         Some(tenant) => {
             let on_behalf = tenant
                 .cfg

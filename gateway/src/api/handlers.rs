@@ -31,11 +31,11 @@ async fn inference(
     let parsed = body
         .map_err(|r| match r.status() {
             http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
-                limit: state.config.server.max_body_bytes,
+                limit: state.server.max_body_bytes,
             },
             _ => ApiError::bad(format!("Could not read the request body: {r}"), None),
         })
-        .and_then(|b| validate(&b, &state.config.server));
+        .and_then(|b| validate(&b, &state.server));
     match parsed {
         Ok(req) => {
             let ctx = RequestCtx {
@@ -49,9 +49,16 @@ async fn inference(
         Err(e) => {
             state.metrics.count(&tenant.id, "", e.status().as_str());
             tracing::info!(error = %e, "invalid request");
-            e.into_response()
+            with_limits(&tenant, e.into_response())
         }
     }
+}
+
+/// Adds the tenant's rate-limit headers (its default scope) to a response.
+fn with_limits(tenant: &Tenant, mut resp: Response) -> Response {
+    let (contract, scope) = (&tenant.limits.default.0, &tenant.limits.default.1);
+    crate::limits::headers::apply(resp.headers_mut(), contract, &scope.snapshot(contract));
+    resp
 }
 
 pub async fn chat(
@@ -86,8 +93,9 @@ pub async fn completions(
 pub async fn models(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
-) -> Json<ModelList> {
+) -> Response {
     let data = state
+        .live()
         .config
         .models
         .iter()
@@ -104,10 +112,12 @@ pub async fn models(
             owned_by: "tollgate",
         })
         .collect();
-    Json(ModelList {
+    let resp = Json(ModelList {
         object: "list",
         data,
     })
+    .into_response();
+    with_limits(&tenant, resp)
 }
 
 /// Liveness: the process serves HTTP.
@@ -135,7 +145,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state.router),
+        state.metrics.render(&state),
     )
         .into_response()
 }

@@ -2,6 +2,7 @@
 //! (`/health`, `/ready`, `/metrics`). Cross-cutting concerns are layers: request id and
 //! tracing span ([`request_id`]), tenant authentication ([`auth`]), body limit.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 mod handlers;
@@ -32,7 +33,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
-        .layer(DefaultBodyLimit::max(state.config.server.max_body_bytes))
+        .layer(DefaultBodyLimit::max(state.server.max_body_bytes))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }

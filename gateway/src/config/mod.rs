@@ -6,8 +6,8 @@
 
 pub mod keys;
 
-use serde::Deserialize;
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -41,7 +41,7 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 }
 
 /// The whole operator config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -52,14 +52,107 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub metering: MeteringConfig,
+}
+
+/// `[limits]`: where tenants' rate buckets live.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `local`: buckets in this process. `redis`: one global bucket per tenant in Redis,
+    /// shared by every gateway replica that points at the same Redis.
+    pub backend: LimitsBackend,
+    /// `redis://host:port[/db]` (with `backend = "redis"`).
+    pub redis_url: Option<String>,
+    /// Longest wait for one Redis answer before it counts as unreachable.
+    pub redis_timeout_ms: u64,
+    /// While Redis is unreachable: `open` admits under this replica's local buckets (each
+    /// replica enforces the whole contract on its own), `closed` answers 503.
+    pub on_redis_error: FailMode,
+    /// Prefix of the Redis keys.
+    pub redis_prefix: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            backend: LimitsBackend::Local,
+            redis_url: None,
+            redis_timeout_ms: 100,
+            on_redis_error: FailMode::Open,
+            redis_prefix: "tollgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
+}
+
+/// `[metering]`: the usage ledger (SQLite).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    pub enabled: bool,
+    /// Database file; a relative path is relative to the config file's folder.
+    pub path: String,
+    /// SQLite `synchronous` in WAL mode: `normal` (a committed record survives a crash of
+    /// the process; the last commits may be lost on power loss) or `full` (fsync per batch:
+    /// survives power loss).
+    pub synchronous: Synchronous,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "tollgate-usage.db".into(),
+            synchronous: Synchronous::Normal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
 }
 
 /// `[server]`: listeners and request-level limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Tenant API listener.
     pub listen: SocketAddr,
+    /// Admin API listener (contracts, live usage, reload, audit); none = no admin API.
+    pub admin_listen: Option<SocketAddr>,
+    /// Hex SHA-256 of the admin token (required with `admin_listen`).
+    pub admin_token_sha256: Option<String>,
+    /// Requests that may wait in the gateway for a worker slot when every worker of a pool
+    /// is at its cap; past it → 503.
+    pub queue_depth: usize,
+    /// Longest wait for a worker slot; past it → 503.
+    pub queue_timeout_secs: f64,
+    /// A pool has idle capacity (for `overflow = "best_effort"` and `tier = "spot"`) while
+    /// its in-flight requests are below this fraction of its workers' caps and nothing waits.
+    pub idle_below: f64,
     /// Largest accepted request body, in bytes (larger → 413).
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT: how long in-flight requests may finish before the process exits.
@@ -81,6 +174,11 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".parse().expect("static address"),
+            admin_listen: None,
+            admin_token_sha256: None,
+            queue_depth: 128,
+            queue_timeout_secs: 1.0,
+            idle_below: 0.5,
             max_body_bytes: 1 << 20,
             drain_timeout_secs: 30.0,
             request_timeout_secs: 600.0,
@@ -93,7 +191,7 @@ impl Default for ServerConfig {
 }
 
 /// `[[models]]`: a model id tenants may ask for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub id: String,
@@ -111,7 +209,7 @@ fn default_output_weight() -> f64 {
 }
 
 /// `[[pools]]`: workers that serve one model, and how requests are routed among them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
@@ -139,7 +237,7 @@ fn default_breaker_cooldown() -> f64 {
 }
 
 /// One entry of a pool's `workers`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum WorkerConfig {
     /// A simulated GPU worker (see `gateway::worker::sim`). Not a model: it produces
@@ -176,7 +274,7 @@ pub enum Activations {
 }
 
 /// The in-process engine's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     pub backend: BackendKind,
@@ -212,7 +310,7 @@ impl Default for EngineConfig {
 }
 
 /// Parameters of the simulated GPU worker's latency model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
     /// How many identical simulated workers this entry stands for.
@@ -251,7 +349,7 @@ impl Default for SimConfig {
 }
 
 /// An OpenAI-compatible upstream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
     /// Base URL, e.g. `http://127.0.0.1:8000` (the `/v1/...` paths are appended).
@@ -291,7 +389,7 @@ fn default_health_path() -> String {
 }
 
 /// `[[tenants]]`: who may call, with which keys, under which contract.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub id: String,
@@ -320,9 +418,23 @@ pub struct TenantConfig {
     /// `x-tollgate-weight`); metrics and scheduling then see that tenant.
     #[serde(default)]
     pub trusted: bool,
+    /// Per-model overrides: a model listed here gets its own contract (fields not given are
+    /// the tenant's) and its own buckets, apart from the tenant's other traffic.
+    #[serde(default)]
+    pub models: BTreeMap<String, ContractOverride>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+/// `[tenants.models."MODEL"]`: a tenant's contract for one model.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ContractOverride {
+    pub tokens_per_second: Option<f64>,
+    pub burst_seconds: Option<f64>,
+    pub requests_per_minute: Option<u32>,
+    pub max_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
     #[default]
@@ -330,7 +442,7 @@ pub enum Tier {
     Spot,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Overflow {
     #[default]
@@ -373,6 +485,40 @@ impl Config {
         }
         if s.default_max_tokens == 0 || s.default_max_tokens > s.max_tokens_limit {
             return invalid("server.default_max_tokens must be in 1..=server.max_tokens_limit");
+        }
+        if !non_negative(s.queue_timeout_secs) {
+            return invalid("server.queue_timeout_secs must be a finite number >= 0");
+        }
+        if !(s.idle_below > 0.0 && s.idle_below <= 1.0) {
+            return invalid("server.idle_below must be in (0, 1]");
+        }
+        match (&s.admin_listen, &s.admin_token_sha256) {
+            (Some(_), None) => {
+                return invalid("server.admin_listen needs server.admin_token_sha256 (`gateway keys new --tenant admin` makes one)")
+            }
+            (_, Some(t)) => {
+                keys::parse_digest(t).map_err(|e| {
+                    ConfigError::Invalid(format!("server.admin_token_sha256: {e}"))
+                })?;
+            }
+            _ => {}
+        }
+        let l = &self.limits;
+        if l.backend == LimitsBackend::Redis {
+            match &l.redis_url {
+                Some(u) if u.starts_with("redis://") => {}
+                _ => {
+                    return invalid(
+                        "limits.backend = \"redis\" needs limits.redis_url = \"redis://host:port\"",
+                    )
+                }
+            }
+        }
+        if l.redis_timeout_ms == 0 {
+            return invalid("limits.redis_timeout_ms must be >= 1");
+        }
+        if self.metering.enabled && self.metering.path.is_empty() {
+            return invalid("metering.path must not be empty (or set metering.enabled = false)");
         }
         let mut model_ids = HashSet::new();
         for m in &self.models {
@@ -462,6 +608,30 @@ impl Config {
                     "tenants.{}: max_concurrency and requests_per_minute must be >= 1",
                     t.id
                 ));
+            }
+            for (model, o) in &t.models {
+                if !model_ids.contains(model.as_str()) {
+                    return invalid(format!("tenants.{}.models: unknown model {model:?}", t.id));
+                }
+                for (name, v) in [
+                    ("tokens_per_second", o.tokens_per_second),
+                    ("burst_seconds", o.burst_seconds),
+                ] {
+                    if let Some(v) = v {
+                        if !positive(v) {
+                            return invalid(format!(
+                                "tenants.{}.models.{model}: {name} must be > 0",
+                                t.id
+                            ));
+                        }
+                    }
+                }
+                if o.max_concurrency == Some(0) || o.requests_per_minute == Some(0) {
+                    return invalid(format!(
+                        "tenants.{}.models.{model}: max_concurrency and requests_per_minute must be >= 1",
+                        t.id
+                    ));
+                }
             }
         }
         Ok(())

@@ -169,13 +169,13 @@ impl EngineWorker {
         &self.stats
     }
 
-    /// Tokenizes and checks a request; its events will go to `tx`.
-    fn prepare(&self, req: &WorkerRequest, tx: Events) -> Result<NewSeq, WorkerError> {
+    /// The prompt as the model sees it (chat requests through the chat template).
+    fn prompt_text(&self, prompt: &Prompt) -> Result<String, WorkerError> {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
         };
-        let text = match &req.prompt {
+        Ok(match prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(msgs) => {
                 let m: Vec<Message> = msgs
@@ -189,7 +189,16 @@ impl EngineWorker {
                     .render(&m)
                     .map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
             }
+        })
+    }
+
+    /// Tokenizes and checks a request; its events will go to `tx`.
+    fn prepare(&self, req: &WorkerRequest, tx: Events) -> Result<NewSeq, WorkerError> {
+        let reject = |message: String| WorkerError::Rejected {
+            status: 400,
+            message,
         };
+        let text = self.prompt_text(&req.prompt)?;
         let prompt = self
             .tokenizer
             .encode(&text)
@@ -272,6 +281,11 @@ impl Worker for EngineWorker {
 
     fn max_concurrency(&self) -> usize {
         self.max_concurrency
+    }
+
+    fn count_prompt_tokens(&self, prompt: &Prompt) -> Option<u32> {
+        let text = self.prompt_text(prompt).ok()?;
+        self.tokenizer.encode(&text).ok().map(|t| t.len() as u32)
     }
 }
 

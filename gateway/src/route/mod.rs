@@ -8,6 +8,10 @@
 //!
 //! The [`Lease`] a pick returns holds the worker's slot until dropped (request finished,
 //! failed or cancelled) and carries the outcome back to the breaker.
+//!
+//! When every healthy worker is at its cap, a request may wait in a bounded queue
+//! ([`Pool::pick_or_wait`]: `server.queue_depth`, `server.queue_timeout_secs`); a released
+//! slot wakes the waiters. A full queue or a wait past the limit is a saturated fleet: 503.
 
 pub mod health;
 
@@ -17,7 +21,7 @@ use crate::worker::{openai::OpenAiWorker, sim::SimWorker, Worker};
 use health::Breaker;
 use rand::Rng;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,12 +76,32 @@ impl WorkerSlot {
     }
 }
 
+/// A pool's shared counters: requests in flight on any of its workers, and waiters.
+#[derive(Default)]
+pub struct PoolSignal {
+    released: tokio::sync::Notify,
+    waiters: AtomicUsize,
+    in_flight: AtomicU64,
+}
+
 /// A pool of workers for one model.
 pub struct Pool {
     pub name: String,
     pub model: String,
     pub slots: Vec<Arc<WorkerSlot>>,
     pub health_interval: Duration,
+    signal: Arc<PoolSignal>,
+    /// Sum of the workers' concurrency caps.
+    cap_total: u64,
+}
+
+/// Leaves the wait queue when dropped (also when the waiting request is cancelled).
+struct Waiting<'a>(&'a PoolSignal);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why no worker could be picked.
@@ -135,12 +159,68 @@ impl Pool {
                 }
             }
         }
+        let cap_total = slots.iter().map(|s| s.cap).sum();
         Ok(Self {
             name: cfg.name.clone(),
             model: cfg.model.clone(),
             slots,
             health_interval: Duration::from_secs_f64(cfg.health_interval_secs),
+            signal: Arc::default(),
+            cap_total,
         })
+    }
+
+    /// Whether the pool has idle capacity: nothing waits, and fewer requests are in flight
+    /// than `below` × the workers' caps.
+    pub fn idle(&self, below: f64) -> bool {
+        self.signal.waiters.load(Ordering::Relaxed) == 0
+            && (self.signal.in_flight.load(Ordering::Relaxed) as f64)
+                < below * self.cap_total as f64
+    }
+
+    /// Requests waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.signal.waiters.load(Ordering::Relaxed)
+    }
+
+    /// Exact prompt tokens, where the pool's workers tokenize with the model's tokenizer.
+    pub fn count_prompt_tokens(&self, prompt: &crate::worker::Prompt) -> Option<u32> {
+        self.slots.first()?.worker.count_prompt_tokens(prompt)
+    }
+
+    /// Like [`Pool::pick`], but when every worker is at its cap, waits for a released slot
+    /// (at most `depth` requests wait; none past `until`).
+    pub async fn pick_or_wait(
+        &self,
+        tokens: u64,
+        exclude: &[usize],
+        depth: usize,
+        until: tokio::time::Instant,
+    ) -> Result<Lease, NoWorker> {
+        loop {
+            let notified = self.signal.released.notified();
+            tokio::pin!(notified);
+            // Registered before the pick: a release between the pick and the wait is seen.
+            notified.as_mut().enable();
+            match self.pick(tokens, exclude) {
+                Err(NoWorker::Saturated) => {}
+                other => return other,
+            }
+            let queued = self
+                .signal
+                .waiters
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < depth).then_some(n + 1)
+                })
+                .is_ok();
+            if !queued {
+                return Err(NoWorker::Saturated);
+            }
+            let _waiting = Waiting(&self.signal);
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return Err(NoWorker::Saturated);
+            }
+        }
     }
 
     /// Picks a worker for a request of `tokens` outstanding tokens, skipping the indices in
@@ -210,7 +290,9 @@ impl Pool {
             }
         };
         slot.outstanding_tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.signal.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
+            signal: self.signal.clone(),
             slot: slot.clone(),
             index: i,
             tokens,
@@ -222,6 +304,7 @@ impl Pool {
 
 /// A worker's slot held by one request.
 pub struct Lease {
+    signal: Arc<PoolSignal>,
     pub slot: Arc<WorkerSlot>,
     pub index: usize,
     tokens: u64,
@@ -259,6 +342,10 @@ impl Drop for Lease {
             .fetch_sub(self.tokens, Ordering::Relaxed);
         if self.trial && !self.reported {
             self.slot.breaker.abandon_trial();
+        }
+        self.signal.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.signal.waiters.load(Ordering::Acquire) > 0 {
+            self.signal.released.notify_waiters();
         }
     }
 }

@@ -173,4 +173,8 @@ pub trait Worker: Send + Sync + 'static {
     fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>>;
     /// Most requests the router may have in flight on this worker.
     fn max_concurrency(&self) -> usize;
+    /// The prompt's exact token count, for workers that hold the model's tokenizer.
+    fn count_prompt_tokens(&self, _prompt: &Prompt) -> Option<u32> {
+        None
+    }
 }

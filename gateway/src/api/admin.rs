@@ -1,0 +1,122 @@
+//! The admin API, on its own listener (`server.admin_listen`, loopback by default) and with
+//! its own token (`Authorization: Bearer TOKEN`, checked against
+//! `server.admin_token_sha256` in constant time):
+//!
+//! - `GET /admin/contracts`: each tenant's effective contracts (per-model overrides resolved)
+//! - `GET /admin/usage`: live usage per tenant scope (in flight, admitted, refused, charged
+//!   weighted tokens, what remains in the buckets)
+//! - `POST /admin/reload`: reload the config file (200 with the changes, 400 with why not)
+//! - `GET /admin/audit`: every config change applied since start
+
+use super::error::ApiError;
+use crate::config::keys;
+use crate::state::AppState;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/admin/contracts", get(contracts))
+        .route("/admin/usage", get(usage))
+        .route("/admin/reload", post(reload))
+        .route("/admin/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .fallback(|uri: http::Uri| async move {
+            ApiError::NotFound(format!("no admin route for {}", uri.path()))
+        })
+        .with_state(state)
+}
+
+async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| keys::digest(k.trim()));
+    let expected = state
+        .server
+        .admin_token_sha256
+        .as_deref()
+        .and_then(|d| keys::parse_digest(d).ok());
+    match (presented, expected) {
+        (Some(p), Some(e)) if bool::from(p.ct_eq(&e)) => next.run(req).await,
+        _ => {
+            tracing::warn!("admin API: refused a request without the admin token");
+            ApiError::Unauthorized("The admin API needs the admin token.").into_response()
+        }
+    }
+}
+
+async fn contracts(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let live = state.live();
+    let mut tenants: Vec<_> = live
+        .tenants
+        .iter()
+        .map(|t| {
+            let models: serde_json::Map<String, serde_json::Value> = t
+                .limits
+                .per_model
+                .iter()
+                .map(|(m, c, _)| (m.clone(), json!(c)))
+                .collect();
+            json!({
+                "id": &*t.id,
+                "pool": t.cfg.pool,
+                "contract": t.limits.default.0,
+                "models": models,
+            })
+        })
+        .collect();
+    tenants.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let weights: serde_json::Map<String, serde_json::Value> = live
+        .config
+        .models
+        .iter()
+        .map(|m| (m.id.clone(), json!(m.output_weight)))
+        .collect();
+    Json(json!({
+        "generation": live.generation,
+        "output_weights": weights,
+        "tenants": tenants,
+    }))
+}
+
+async fn usage(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let live = state.live();
+    let mut rows: Vec<_> = state
+        .limiter
+        .scopes()
+        .into_iter()
+        .filter_map(|scope| {
+            let t = live.tenants.get(&scope.tenant)?;
+            let c = match &scope.model {
+                Some(m) => t.limits.for_model(m).0,
+                None => &t.limits.default.0,
+            };
+            Some(scope.usage(c))
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.tenant, &a.model).cmp(&(&b.tenant, &b.model)));
+    Json(json!({ "scopes": rows }))
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    match crate::reload::reload(&state, "admin-api").await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => ApiError::bad(
+            format!("reload rejected; the running config stays: {e}"),
+            None,
+        )
+        .into_response(),
+    }
+}
+
+async fn audit(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "entries": state.reloader.audit() }))
+}
