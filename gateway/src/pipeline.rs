@@ -105,6 +105,10 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         }
         Err(e) => {
             meter.failure(e.status().as_str());
+            if state.limiter.redis().is_none() && !matches!(e, ApiError::RateLimited { .. }) {
+                // Failed after admission: its reservation is back; report the bucket now.
+                buckets = None;
+            }
             e.into_response()
         }
     };

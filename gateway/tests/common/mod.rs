@@ -16,8 +16,15 @@ pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
     pub base: String,
+    /// The admin API's base URL, when the config has `admin_listen`.
+    pub admin: Option<String>,
     _dir: tempdir::TempDir,
 }
+
+/// The admin token the test configs' `ADMIN_SERVER` lines accept.
+pub const ADMIN_TOKEN: &str = "sk-tollgate-admin-demo";
+/// `[server]` lines that open the admin API on an ephemeral loopback port.
+pub const ADMIN_SERVER: &str = "admin_listen = \"127.0.0.1:0\"\nadmin_token_sha256 = \"89fc741a02ccba763dd23dad9bbcbeab2e95fef69c0a4bab66317295ac2dab1f\"";
 
 pub mod tempdir {
     /// A scratch directory removed on drop.
@@ -109,8 +116,15 @@ impl Gateway {
             .spawn()
             .expect("start gateway");
         let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        reader.read_line(&mut line).unwrap();
+        let mut admin = None;
+        if let Some(a) = line.trim().strip_prefix("tollgate admin on ") {
+            admin = Some(a.to_string());
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
         let url = line
             .trim()
             .strip_prefix("tollgate listening on ")
@@ -121,8 +135,29 @@ impl Gateway {
             child,
             addr,
             base: url,
+            admin,
             _dir: dir,
         }
+    }
+
+    /// The gateway's scratch folder (its config file and usage database live there).
+    pub fn dir(&self) -> &std::path::Path {
+        &self._dir.0
+    }
+
+    /// Rewrites the config file the gateway was started with.
+    pub fn write_config(&self, text: &str) {
+        let tmp = self._dir.0.join("gateway.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self._dir.0.join("gateway.toml")).unwrap();
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "{}{}",
+            self.admin.as_deref().expect("admin API enabled"),
+            path
+        )
     }
 
     /// Everything the gateway logged so far.
