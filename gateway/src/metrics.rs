@@ -319,6 +319,8 @@ fn escape(s: &str) -> String {
 /// What a [`Meter`] records besides metrics.
 pub struct MeterCtx {
     pub ledger: Option<Ledger>,
+    /// `metering.wait_for_commit`.
+    pub durable: bool,
     pub request_id: Arc<str>,
     pub output_weight: f64,
 }

@@ -74,6 +74,7 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         ctx.started,
         MeterCtx {
             ledger: state.ledger.clone(),
+            durable: state.metering_wait,
             request_id: ctx.request_id.clone(),
             output_weight,
         },

@@ -54,6 +54,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The usage ledger (`None` with `metering.enabled = false`).
     pub ledger: Option<Ledger>,
+    /// `metering.wait_for_commit`.
+    pub metering_wait: bool,
     pub reloader: Reloader,
     /// Set once shutdown began: `/ready` answers 503.
     pub draining: AtomicBool,
@@ -71,6 +73,7 @@ impl Shared {
         } else {
             None
         };
+        let metering_wait = config.metering.wait_for_commit;
         Ok(Arc::new(Self {
             server: config.server.clone(),
             router: Router::from_config(&config)?,
@@ -78,6 +81,7 @@ impl Shared {
             limiter,
             metrics: Arc::new(Metrics::new()),
             ledger,
+            metering_wait,
             reloader: Reloader::new(path),
             draining: AtomicBool::new(false),
         }))

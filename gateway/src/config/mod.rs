@@ -115,6 +115,11 @@ pub struct MeteringConfig {
     /// the process; the last commits may be lost on power loss) or `full` (fsync per batch:
     /// survives power loss).
     pub synchronous: Synchronous,
+    /// Hold a completed request's last bytes until its usage record is committed (the
+    /// default: every answer a client received in full is on record). `false` records
+    /// without waiting: ~150 µs less latency per request on a loaded 2-core machine, but
+    /// a crash loses the records of the last few milliseconds.
+    pub wait_for_commit: bool,
 }
 
 impl Default for MeteringConfig {
@@ -123,6 +128,7 @@ impl Default for MeteringConfig {
             enabled: true,
             path: "tollgate-usage.db".into(),
             synchronous: Synchronous::Normal,
+            wait_for_commit: true,
         }
     }
 }

@@ -109,10 +109,21 @@ impl Ledger {
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
+        // Checkpoints (which fsync the database file) run on their own connection and
+        // thread, so that the writer's commits never wait behind one.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Connection::open(path).map_err(|source| LedgerError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         let c = counters.clone();
         std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || writer(conn, rx, &c))
+            .map_err(LedgerError::Thread)?;
+        std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || checkpoints(checkpointer))
             .map_err(LedgerError::Thread)?;
         Ok(Self {
             tx,
@@ -180,6 +191,17 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, counters: &Counters
             if let Msg::Usage(_, Some(ack)) = m {
                 let _ = ack.send(ok);
             }
+        }
+    }
+}
+
+/// A passive checkpoint every second (it never blocks the writer), for as long as the
+/// process runs.
+fn checkpoints(conn: Connection) {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "usage ledger: checkpoint failed");
         }
     }
 }

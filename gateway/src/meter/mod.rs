@@ -13,7 +13,9 @@
 //! cache: it survives the process, not a power loss; `"full"` fsyncs each batch and
 //! survives both). Requests that end otherwise (refused, failed, cancelled by the client)
 //! are recorded without waiting: a crash in the milliseconds after may lose those records.
-//! Requests refused before the pipeline (bad JSON, unknown key) are not metered.
+//! Requests refused before the pipeline (bad JSON, unknown key) are not metered. With
+//! `metering.wait_for_commit = false` no record is waited for (lower latency; a crash
+//! loses the last few milliseconds of records).
 
 pub mod export;
 mod ledger;
