@@ -26,7 +26,14 @@ impl Redis {
     fn start(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -34,7 +41,10 @@ impl Redis {
         let r = Redis { child, port };
         let start = Instant::now();
         while !r.ping() {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         r
@@ -69,7 +79,9 @@ fn redis_available() -> bool {
         .unwrap_or(false);
     if !found {
         if std::env::var("TOLLGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("TOLLGATE_REQUIRE_TOOLS=1 but redis-server is not on PATH (.ci/run installs it)");
+            panic!(
+                "TOLLGATE_REQUIRE_TOOLS=1 but redis-server is not on PATH (.ci/run installs it)"
+            );
         }
         eprintln!("SKIPPED: no redis-server on PATH (apt-get install redis-server)");
     }
@@ -135,8 +147,15 @@ async fn three_replicas_share_one_global_limit_and_survive_redis_outages() {
         i += 1;
     }
     let window = (last - start).as_secs_f64();
-    let results: Vec<_> = join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
-    assert!(results.iter().all(|r| r.0 == 200 || r.0 == 429), "only 200 and 429");
+    let results: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        results.iter().all(|r| r.0 == 200 || r.0 == 429),
+        "only 200 and 429"
+    );
     let admitted: f64 = results.iter().map(|r| r.1).sum();
     let expected = 300.0 * window + 300.0;
     let err = (admitted - expected).abs() / expected;
@@ -149,8 +168,11 @@ async fn three_replicas_share_one_global_limit_and_survive_redis_outages() {
     // Each replica admitted some: the limit is shared, not per replica.
     for (k, gw) in replicas.iter().enumerate() {
         let m = gw.metrics().await;
-        let n = metric(&m, "tollgate_requests_total{tenant=\"demo\",model=\"m\",status=\"200\"}")
-            .unwrap_or(0.0);
+        let n = metric(
+            &m,
+            "tollgate_requests_total{tenant=\"demo\",model=\"m\",status=\"200\"}",
+        )
+        .unwrap_or(0.0);
         assert!(n > 0.0, "replica {k} admitted nothing");
         assert_eq!(metric(&m, "tollgate_limits_backend_up"), Some(1.0));
     }

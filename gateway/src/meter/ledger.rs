@@ -10,6 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 4096;
+/// How long records nobody waits for may gather before a commit.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 /// Records that may wait for the writer before senders wait too.
 const QUEUE: usize = 65536;
 
@@ -165,15 +167,26 @@ impl Ledger {
     }
 }
 
+fn drain(rx: &mut mpsc::Receiver<Msg>, batch: &mut Vec<Msg>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
+}
+
 fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, counters: &Counters) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
+        drain(&mut rx, &mut batch);
+        let waited_for = batch.iter().any(|m| matches!(m, Msg::Usage(_, Some(_))));
+        if !waited_for && batch.len() < MAX_BATCH {
+            // Nobody waits on this batch: let more records gather, so that a busy gateway
+            // commits a few hundred times a second rather than once per record.
+            std::thread::sleep(GATHER);
+            drain(&mut rx, &mut batch);
         }
         let n = batch.len() as u64;
         let ok = match commit(&mut conn, &batch) {
