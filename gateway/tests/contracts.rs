@@ -136,20 +136,26 @@ async fn retry_after_is_honest_and_headers_describe_the_bucket() {
     let wait_ms = header_f64(&r, "retry-after-ms");
     // 14 tokens short at 10/s: 1.4 s (less what refilled since the first request).
     assert!(
-        (1000.0..=1400.0).contains(&wait_ms),
+        (700.0..=1400.0).contains(&wait_ms),
         "retry-after-ms {wait_ms}"
     );
-    assert_eq!(header(&r, "retry-after"), Some("2"));
+    let secs = ((wait_ms / 1000.0).ceil() as u64).to_string();
+    assert_eq!(header(&r, "retry-after"), Some(secs.as_str()));
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     assert_eq!(v["error"]["type"], "rate_limit_error");
 
-    // Early: still refused (and a refusal costs nothing).
-    tokio::time::sleep(Duration::from_millis(wait_ms as u64 - 300)).await;
+    // Early: still refused (and a refusal costs nothing), with the rest of the wait.
+    let half = (wait_ms / 2.0) as u64;
+    tokio::time::sleep(Duration::from_millis(half)).await;
     let r = post(&gw, "/v1/completions", BODY).await;
     assert_eq!(r.status(), 429);
-    let wait_ms = header_f64(&r, "retry-after-ms");
-    assert!(wait_ms <= 320.0, "{wait_ms}");
+    let rest = header_f64(&r, "retry-after-ms");
+    assert!(
+        rest <= wait_ms - half as f64 + 1.0,
+        "{rest} after {half} of {wait_ms}"
+    );
+    let wait_ms = rest;
     // On time: admitted.
     tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
     let r = post(&gw, "/v1/completions", BODY).await;
@@ -240,7 +246,7 @@ async fn saturated_fleet_is_503_and_not_charged_while_a_short_wait_is_served() {
     // 1000 − 27 held by the request in flight: the refused one was not charged.
     let remaining = header_f64(&r, "x-ratelimit-remaining-tokens");
     assert!(
-        (973.0..=974.0).contains(&remaining),
+        (973.0..=976.0).contains(&remaining),
         "remaining {remaining}"
     );
     let v: serde_json::Value = r.json().await.unwrap();
@@ -257,11 +263,11 @@ async fn saturated_fleet_is_503_and_not_charged_while_a_short_wait_is_served() {
 async fn best_effort_overflow_runs_only_on_idle_capacity() {
     // Contract: 30 tokens (one request). Pool: one worker, cap 2; idle while < 1 in flight.
     let gw = Gateway::start(&config(
-        &slow_sim(50, 2),
+        &slow_sim(100, 2),
         "tokens_per_second = 1.0\nburst_seconds = 30.0\noverflow = \"best_effort\"",
         "idle_below = 0.5",
     ));
-    // Within contract, and it keeps the pool busy for ~400 ms.
+    // Within contract, and it keeps the pool busy for ~800 ms.
     let first = tokio::spawn({
         let url = gw.url("/v1/completions");
         async move {
@@ -275,7 +281,7 @@ async fn best_effort_overflow_runs_only_on_idle_capacity() {
                 .unwrap()
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let r = post(&gw, "/v1/completions", BODY).await;
     assert_eq!(r.status(), 429, "past contract and the pool is busy");
     let first = first.await.unwrap();
@@ -456,12 +462,12 @@ fn other_tenant() -> String {
 
 #[tokio::test]
 async fn removed_tenant_finishes_its_streams_and_then_gets_401() {
-    let with_other = config(&slow_sim(40, 64), &other_tenant(), ADMIN_SERVER);
+    let with_other = config(&slow_sim(100, 64), &other_tenant(), ADMIN_SERVER);
     let gw = Gateway::start(&with_other);
     let url = gw.url("/v1/completions");
     let in_flight = tokio::spawn(stream_one(url.clone(), OTHER_KEY));
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    gw.write_config(&config(&slow_sim(40, 64), "", ADMIN_SERVER));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    gw.write_config(&config(&slow_sim(100, 64), "", ADMIN_SERVER));
     let r = admin(&gw, reqwest::Method::POST, "/admin/reload").await;
     assert_eq!(r.status(), 200);
     let applied: serde_json::Value = r.json().await.unwrap();
