@@ -23,6 +23,20 @@ fn slow_sim(step_ms: u32, cap: u32) -> String {
     )
 }
 
+/// Posts `body` as the demo tenant in a task of its own.
+fn spawn_post(url: String, body: &'static str) -> tokio::task::JoinHandle<reqwest::Response> {
+    tokio::spawn(async move {
+        client()
+            .post(url)
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -49,7 +63,6 @@ async fn conformance_three_times_the_contract_for_20s() {
         "tokens_per_second = 500.0\nburst_seconds = 2.0",
         "",
     ));
-    let client = client();
     let per_request = Duration::from_secs_f64(COST / 1500.0);
     let duration = Duration::from_secs(20);
     let mut tick = tokio::time::interval(per_request);
@@ -59,16 +72,10 @@ async fn conformance_three_times_the_contract_for_20s() {
     while start.elapsed() < duration {
         tick.tick().await;
         last_send = Instant::now();
-        let (c, url) = (client.clone(), gw.url("/v1/completions"));
+        let url = gw.url("/v1/completions");
+        let request = spawn_post(url, BODY);
         tasks.push(tokio::spawn(async move {
-            let r = c
-                .post(url)
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(BODY)
-                .send()
-                .await
-                .unwrap();
+            let r = request.await.unwrap();
             match r.status().as_u16() {
                 200 => (200, weighted(r).await),
                 s => (s, 0.0),
@@ -222,19 +229,7 @@ async fn saturated_fleet_is_503_and_not_charged_while_a_short_wait_is_served() {
         "queue_depth = 1\nqueue_timeout_secs = 0.15",
     );
     let gw = Gateway::start(&cfg);
-    let busy = tokio::spawn({
-        let url = gw.url("/v1/completions");
-        async move {
-            client()
-                .post(url)
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(BODY)
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let busy = spawn_post(gw.url("/v1/completions"), BODY);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let r = post(&gw, "/v1/completions", BODY).await;
     assert_eq!(
@@ -268,19 +263,7 @@ async fn best_effort_overflow_runs_only_on_idle_capacity() {
         "idle_below = 0.5",
     ));
     // Within contract, and it keeps the pool busy for ~800 ms.
-    let first = tokio::spawn({
-        let url = gw.url("/v1/completions");
-        async move {
-            client()
-                .post(url)
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(BODY)
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let first = spawn_post(gw.url("/v1/completions"), BODY);
     tokio::time::sleep(Duration::from_millis(250)).await;
     let r = post(&gw, "/v1/completions", BODY).await;
     assert_eq!(r.status(), 429, "past contract and the pool is busy");
