@@ -5,11 +5,17 @@
 # model fetch it through `gateway`'s own fetch code into the model cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import openai, numpy, gguf, tokenizers, jinja2" 2>/dev/null; then
+NVRTC_LIB=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)
+if ! .venv/bin/python -c "import openai, numpy, gguf, tokenizers, jinja2" 2>/dev/null \
+   || [ -z "$NVRTC_LIB" ] || [ ! -e "$NVRTC_LIB/libnvrtc.so.13" ]; then
   python3 -m venv .venv
+  # nvidia-cuda-nvrtc: NVRTC without a GPU, so that every CUDA kernel is compiled to PTX.
   .venv/bin/pip install --quiet --disable-pip-version-check \
-    "openai>=1.40,<3" "numpy>=1.26,<3" "gguf>=0.10,<1" "tokenizers>=0.20,<1" "jinja2>=3,<4"
+    "openai>=1.40,<3" "numpy>=1.26,<3" "gguf>=0.10,<1" "tokenizers>=0.20,<1" "jinja2>=3,<4" \
+    "nvidia-cuda-nvrtc>=13.0,<13.1"
+  NVRTC_LIB=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/lib | head -1)
 fi
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export TOLLGATE_PYTHON="$PWD/.venv/bin/python"
 export TOLLGATE_REQUIRE_TOOLS=1
 cargo test --workspace --locked "$@"

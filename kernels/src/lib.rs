@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod cuda;
 pub mod forward;
 pub mod gguf;
 pub mod kv;

@@ -1,0 +1,110 @@
+//! The CUDA side of the kernels: CUDA C sources (`kernels/cuda/*.cu`), their run-time
+//! compilation by NVRTC ([`compile`]), the CPU twin of every kernel ([`twins`]: the same
+//! arithmetic, the reference for parity tests), and the backend that runs the forward
+//! step on a GPU ([`backend`]).
+//!
+//! Nothing here touches CUDA unless [`available`] said the driver library is present
+//! (cudarc loads libraries dynamically; calling into a missing one panics), so one binary
+//! built without CUDA runs everywhere.
+
+pub mod backend;
+pub mod compile;
+pub mod twins;
+
+/// A kernel source file.
+pub struct Source {
+    pub name: &'static str,
+    pub code: &'static str,
+    /// The `extern "C"` entry points it defines.
+    pub entries: &'static [&'static str],
+}
+
+/// Helpers prepended to every source.
+pub const COMMON: &str = include_str!("../../cuda/common.cuh");
+
+/// Every kernel source.
+pub const SOURCES: &[Source] = &[
+    Source {
+        name: "batch",
+        code: include_str!("../../cuda/batch.cu"),
+        entries: &["build_batch"],
+    },
+    Source {
+        name: "embed",
+        code: include_str!("../../cuda/embed.cu"),
+        entries: &["embed"],
+    },
+    Source {
+        name: "norm",
+        code: include_str!("../../cuda/norm.cu"),
+        entries: &["add_rmsnorm"],
+    },
+    Source {
+        name: "rope",
+        code: include_str!("../../cuda/rope.cu"),
+        entries: &["rope"],
+    },
+    Source {
+        name: "kv",
+        code: include_str!("../../cuda/kv.cu"),
+        entries: &["kv_write"],
+    },
+    Source {
+        name: "attention",
+        code: include_str!("../../cuda/attention.cu"),
+        entries: &["attention_prefill", "attention_decode"],
+    },
+    Source {
+        name: "swiglu",
+        code: include_str!("../../cuda/swiglu.cu"),
+        entries: &["swiglu"],
+    },
+    Source {
+        name: "sample",
+        code: include_str!("../../cuda/sample.cu"),
+        entries: &["sample"],
+    },
+];
+
+/// What is missing for CUDA, or `Ok` when the driver, NVRTC and cuBLAS libraries load.
+pub fn libraries() -> Result<(), String> {
+    // SAFETY: these only try to open the shared libraries; they call nothing in them.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    let mut missing = Vec::new();
+    if !driver {
+        missing.push("the CUDA driver (libcuda)");
+    }
+    if !nvrtc {
+        missing.push("NVRTC (libnvrtc)");
+    }
+    if !cublas {
+        missing.push("cuBLAS (libcublas)");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not found: {}", missing.join(", ")))
+    }
+}
+
+/// Whether NVRTC alone loads (enough to compile kernels to PTX, without a GPU).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only opens the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// How many GPUs the driver sees, or why CUDA cannot be used.
+pub fn available() -> Result<usize, String> {
+    libraries()?;
+    let n = cudarc::driver::CudaContext::device_count().map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("the CUDA driver sees no device".into());
+    }
+    Ok(n as usize)
+}
