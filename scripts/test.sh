@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite. Makes .venv on first run (the official openai Python SDK for the
 # SDK test; numpy, gguf, tokenizers and jinja2 for the independent model reference in
-# tools/reference), then runs every Rust test in the workspace. Tests that need the real
-# model fetch it through `gateway`'s own fetch code into the model cache.
+# tools/reference; NVRTC from nvidia-cuda-nvrtc, so that every CUDA kernel compiles to
+# PTX without a GPU), then runs every Rust test in the workspace. Tests that need the
+# real model fetch it through `gateway`'s own fetch code into the model cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVRTC_LIB=$(ls -d "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1 || true)

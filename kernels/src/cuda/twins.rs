@@ -1,1 +1,505 @@
-//! (in progress)
+//! The CPU twin of every CUDA kernel: the same inputs, layouts, precisions (f16 storage,
+//! f32 arithmetic) and algorithm, written plainly. Parity tests compare each kernel with
+//! its twin on fresh random inputs; [`TwinModel::forward`] chains the twins in the order
+//! the CUDA backend launches the kernels, and is itself checked against the CPU engine.
+//!
+//! Layouts (T rows, S sequences, B max blocks per sequence):
+//! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
+//! - KV cache of one layer, keys and values alike: `[block][kv_head][slot][dim]`, f16
+
+use crate::forward::Batch;
+use crate::model::LlamaConfig;
+use half::f16;
+
+/// The packed inputs of one step, as `build_batch` makes them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepInputs {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slot_mapping: Vec<i32>,
+    pub seq_of_row: Vec<i32>,
+    pub block_tables: Vec<i32>,
+    /// Last row of each sequence that wants logits, in order; then −1.
+    pub logit_rows: Vec<i32>,
+}
+
+/// The host's one staging buffer for a batch (`max_blocks` table entries per sequence).
+pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
+    let s = batch.seqs.len();
+    let mut out = Vec::with_capacity(4 * s + batch.tokens.len() + s * max_blocks);
+    for sq in &batch.seqs {
+        out.extend([
+            sq.start as u32,
+            sq.len as u32,
+            batch.positions[sq.start],
+            sq.logits as u32,
+        ]);
+    }
+    out.extend_from_slice(&batch.tokens);
+    for sq in &batch.seqs {
+        let n = sq.block_table.len().min(max_blocks);
+        out.extend_from_slice(&sq.block_table[..n]);
+        out.extend(std::iter::repeat_n(0, max_blocks - n));
+    }
+    out
+}
+
+/// Twin of `build_batch`.
+pub fn build_batch(
+    staging: &[u32],
+    n_seqs: usize,
+    n_tokens: usize,
+    max_blocks: usize,
+    block_size: usize,
+) -> StepInputs {
+    let heads = &staging[..4 * n_seqs];
+    let toks = &staging[4 * n_seqs..4 * n_seqs + n_tokens];
+    let tables = &staging[4 * n_seqs + n_tokens..];
+    let mut o = StepInputs {
+        tokens: toks.to_vec(),
+        positions: vec![0; n_tokens],
+        slot_mapping: vec![0; n_tokens],
+        seq_of_row: vec![0; n_tokens],
+        block_tables: tables[..n_seqs * max_blocks]
+            .iter()
+            .map(|&b| b as i32)
+            .collect(),
+        logit_rows: vec![-1; n_seqs],
+    };
+    for i in 0..n_tokens {
+        let s = (0..n_seqs)
+            .rev()
+            .find(|&s| heads[4 * s] as usize <= i)
+            .unwrap_or(0);
+        let pos = heads[4 * s + 2] + (i as u32 - heads[4 * s]);
+        o.positions[i] = pos;
+        o.seq_of_row[i] = s as i32;
+        let blk = tables[s * max_blocks + pos as usize / block_size] as i32;
+        o.slot_mapping[i] = blk * block_size as i32 + (pos as usize % block_size) as i32;
+    }
+    let mut k = 0;
+    for s in 0..n_seqs {
+        if heads[4 * s + 3] != 0 {
+            o.logit_rows[k] = (heads[4 * s] + heads[4 * s + 1] - 1) as i32;
+            k += 1;
+        }
+    }
+    o
+}
+
+/// Twin of `embed`.
+pub fn embed(table: &[f16], tokens: &[u32], dim: usize) -> Vec<f32> {
+    tokens
+        .iter()
+        .flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].iter())
+        .map(|h| h.to_f32())
+        .collect()
+}
+
+/// Twin of `add_rmsnorm` (one output row per entry of `rows`, or per row of `x`).
+pub fn add_rmsnorm(
+    x: &mut [f32],
+    delta: Option<&[f32]>,
+    w: &[f32],
+    rows: Option<&[i32]>,
+    dim: usize,
+    eps: f32,
+) -> Vec<f16> {
+    let n_out = rows.map_or(x.len() / dim, |r| r.len());
+    let mut out = vec![f16::ZERO; n_out * dim];
+    for i in 0..n_out {
+        let r = rows.map_or(i as i32, |r| r[i]);
+        if r < 0 {
+            continue;
+        }
+        let xr = &mut x[r as usize * dim..(r as usize + 1) * dim];
+        if let (Some(d), None) = (delta, rows) {
+            for (a, b) in xr.iter_mut().zip(&d[r as usize * dim..]) {
+                *a += b;
+            }
+        }
+        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / dim as f32 + eps).sqrt();
+        for d in 0..dim {
+            out[i * dim + d] = f16::from_f32(xr[d] * inv * w[d]);
+        }
+    }
+    out
+}
+
+/// Twin of `rope`.
+pub fn rope(
+    q: &mut [f32],
+    k: &mut [f32],
+    positions: &[u32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    base: f32,
+) {
+    for (r, &pos) in positions.iter().enumerate() {
+        for h in 0..n_heads + n_kv_heads {
+            let v = if h < n_heads {
+                &mut q[(r * n_heads + h) * head_dim..][..head_dim]
+            } else {
+                &mut k[(r * n_kv_heads + h - n_heads) * head_dim..][..head_dim]
+            };
+            for p in 0..head_dim / 2 {
+                let inv_freq = 1.0 / base.powf(2.0 * p as f32 / head_dim as f32);
+                let (s, c) = (pos as f32 * inv_freq).sin_cos();
+                let (a, b) = (v[2 * p], v[2 * p + 1]);
+                v[2 * p] = a * c - b * s;
+                v[2 * p + 1] = a * s + b * c;
+            }
+        }
+    }
+}
+
+/// Twin of `kv_write` into one layer's cache.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_write(
+    k: &[f32],
+    v: &[f32],
+    kc: &mut [f16],
+    vc: &mut [f16],
+    slot_mapping: &[i32],
+    n_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) {
+    let kv_dim = n_kv_heads * head_dim;
+    for (r, &sm) in slot_mapping.iter().enumerate() {
+        let (blk, slot) = (sm as usize / block_size, sm as usize % block_size);
+        for h in 0..n_kv_heads {
+            for d in 0..head_dim {
+                let at = ((blk * n_kv_heads + h) * block_size + slot) * head_dim + d;
+                kc[at] = f16::from_f32(k[r * kv_dim + h * head_dim + d]);
+                vc[at] = f16::from_f32(v[r * kv_dim + h * head_dim + d]);
+            }
+        }
+    }
+}
+
+/// Twin of `attention_prefill` (and of `attention_decode`, with `seq_of_row[r] = r`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    block_tables: &[i32],
+    seq_of_row: &[i32],
+    positions: &[u32],
+    max_blocks: usize,
+    c: &LlamaConfig,
+    block_size: usize,
+) -> Vec<f16> {
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![f16::ZERO; positions.len() * nh * hd];
+    let mut scores = Vec::new();
+    for (r, &pos) in positions.iter().enumerate() {
+        let table = &block_tables[seq_of_row[r] as usize * max_blocks..][..max_blocks];
+        let n = pos as usize + 1;
+        for h in 0..nh {
+            let kvh = h / group;
+            let qh = &q[(r * nh + h) * hd..][..hd];
+            let at = |j: usize| {
+                let blk = table[j / block_size] as usize;
+                ((blk * nkv + kvh) * block_size + j % block_size) * hd
+            };
+            scores.clear();
+            scores.extend((0..n).map(|j| {
+                let kb = &kc[at(j)..][..hd];
+                qh.iter()
+                    .zip(kb)
+                    .map(|(a, b)| a * scale * b.to_f32())
+                    .sum::<f32>()
+            }));
+            crate::ops::softmax(&mut scores);
+            for d in 0..hd {
+                let s: f32 = (0..n).map(|j| scores[j] * vc[at(j) + d].to_f32()).sum();
+                out[(r * nh + h) * hd + d] = f16::from_f32(s);
+            }
+        }
+    }
+    out
+}
+
+/// Twin of `swiglu`.
+pub fn swiglu(gu: &[f32], rows: usize, ffn: usize) -> Vec<f16> {
+    let mut out = Vec::with_capacity(rows * ffn);
+    for r in 0..rows {
+        let (g, u) = gu[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
+        out.extend(
+            g.iter()
+                .zip(u)
+                .map(|(&g, &u)| f16::from_f32(g / (1.0 + (-g).exp()) * u)),
+        );
+    }
+    out
+}
+
+/// The sampling kernel's uniform draw: SplitMix64 of (seed, step), 24 bits.
+pub fn uniform01(seed: u64, step: u32) -> f32 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(step as u64 + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Per-sequence sampling parameters of the `sample` kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// <= 0: greedy.
+    pub temperature: f32,
+    /// 0: no cut.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub step: u32,
+}
+
+/// Threads per block of the `sample` kernel (the twin walks the same chunks).
+pub const SAMPLE_THREADS: usize = 1024;
+const BISECT: usize = 40;
+
+/// Twin of `sample` for one sequence.
+pub fn sample(x: &[f32], p: SampleParams) -> u32 {
+    let vocab = x.len();
+    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if p.temperature <= 0.0 {
+        return x.iter().position(|&v| v == mx).unwrap_or(0) as u32;
+    }
+    let inv_t = 1.0 / p.temperature;
+    let probs: Vec<f32> = x.iter().map(|&v| ((v - mx) * inv_t).exp()).collect();
+    let mut keep = 0.0f32;
+    if p.top_k > 0 && (p.top_k as usize) < vocab {
+        let (mut lo, mut hi) = (0.0f32, 1.0f32);
+        for _ in 0..BISECT {
+            let mid = 0.5 * (lo + hi);
+            let c = probs.iter().filter(|&&q| q >= mid).count();
+            if c >= p.top_k as usize {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        keep = lo;
+    }
+    let mass = |t: f32| {
+        probs
+            .iter()
+            .filter(|&&q| q >= t)
+            .map(|&q| q as f64)
+            .sum::<f64>()
+    };
+    let mass_k = mass(keep);
+    if p.top_p < 1.0 {
+        let (mut lo, mut hi) = (keep, 1.0f32);
+        for _ in 0..BISECT {
+            let mid = 0.5 * (lo + hi);
+            if mass(mid) >= p.top_p as f64 * mass_k {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        keep = lo;
+    }
+    let u = uniform01(p.seed, p.step) as f64 * mass(keep);
+    let mut run = 0.0f64;
+    let mut pick = 0u32;
+    for (i, &q) in probs.iter().enumerate() {
+        if q < keep {
+            continue;
+        }
+        pick = i as u32;
+        run += q as f64;
+        if run >= u {
+            break;
+        }
+    }
+    pick
+}
+
+/// A model's weights as the CUDA backend holds them: f16 matrices (dequantized once at
+/// load), f32 norms.
+pub struct TwinModel {
+    pub config: LlamaConfig,
+    pub embed: Vec<f16>,
+    pub layers: Vec<TwinLayer>,
+    pub output_norm: Vec<f32>,
+    /// `vocab × dim`.
+    pub output: Vec<f16>,
+}
+
+pub struct TwinLayer {
+    pub attn_norm: Vec<f32>,
+    /// Stacked Q|K|V rows: `(q_dim + 2·kv_dim) × dim`.
+    pub wqkv: Vec<f16>,
+    /// `dim × q_dim`.
+    pub wo: Vec<f16>,
+    pub ffn_norm: Vec<f32>,
+    /// Stacked gate|up rows: `2·ffn × dim`.
+    pub w_gate_up: Vec<f16>,
+    /// `dim × ffn`.
+    pub w_down: Vec<f16>,
+}
+
+fn rows_f16(m: &crate::matmul::Matrix) -> Vec<f16> {
+    let mut row = vec![0f32; m.cols];
+    let mut out = Vec::with_capacity(m.rows * m.cols);
+    for r in 0..m.rows {
+        m.row_f32(r, &mut row);
+        out.extend(row.iter().map(|&v| f16::from_f32(v)));
+    }
+    out
+}
+
+fn stacked_f16(p: &crate::model::Projections) -> Vec<f16> {
+    match p {
+        crate::model::Projections::Stacked { m, .. } => rows_f16(m),
+        crate::model::Projections::Separate(parts) => parts.iter().flat_map(rows_f16).collect(),
+    }
+}
+
+/// `y[rows × n] = x[rows × k] · w[n × k]ᵀ`, f16 inputs, f32 accumulation (cuBLAS's
+/// `GemmEx` with f16 A/B, f32 C and compute).
+pub fn gemm(x: &[f16], w: &[f16], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let mut y = vec![0f32; rows * n];
+    let mut wrow = vec![0f32; k];
+    for j in 0..n {
+        for (a, b) in wrow.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+            *a = b.to_f32();
+        }
+        for r in 0..rows {
+            y[r * n + j] = xf[r * k..(r + 1) * k]
+                .iter()
+                .zip(&wrow)
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+    y
+}
+
+/// One layer's f16 KV cache (keys and values).
+pub struct TwinKv {
+    pub k: Vec<Vec<f16>>,
+    pub v: Vec<Vec<f16>>,
+    pub block_size: usize,
+    pub n_blocks: usize,
+}
+
+impl TwinModel {
+    /// Dequantizes a loaded model's weights to f16 (as the CUDA backend does at load).
+    pub fn from_model(m: &crate::forward::Model) -> Self {
+        let w = &m.weights;
+        Self {
+            config: m.config.clone(),
+            embed: rows_f16(&w.token_embd),
+            layers: w
+                .layers
+                .iter()
+                .map(|l| TwinLayer {
+                    attn_norm: l.attn_norm.clone(),
+                    wqkv: stacked_f16(&l.qkv),
+                    wo: rows_f16(&l.wo),
+                    ffn_norm: l.ffn_norm.clone(),
+                    w_gate_up: stacked_f16(&l.gate_up),
+                    w_down: rows_f16(&l.w_down),
+                })
+                .collect(),
+            output_norm: w.output_norm.clone(),
+            output: rows_f16(w.output()),
+        }
+    }
+
+    pub fn kv(&self, block_size: usize, n_blocks: usize) -> TwinKv {
+        let c = &self.config;
+        let n = n_blocks * block_size * c.kv_dim();
+        TwinKv {
+            k: vec![vec![f16::ZERO; n]; c.n_layers],
+            v: vec![vec![f16::ZERO; n]; c.n_layers],
+            block_size,
+            n_blocks,
+        }
+    }
+
+    /// One step, kernel by kernel in the CUDA backend's order. Returns logits
+    /// (`n_logits × vocab`).
+    pub fn forward(&self, batch: &Batch, kv: &mut TwinKv) -> Vec<f32> {
+        let c = &self.config;
+        let (d, qd, kvd, f) = (c.dim, c.n_heads * c.head_dim, c.kv_dim(), c.ffn_dim);
+        let max_blocks = c.context_len.div_ceil(kv.block_size);
+        let staging = stage(batch, max_blocks);
+        let (s, t) = (batch.seqs.len(), batch.tokens.len());
+        let inp = build_batch(&staging, s, t, max_blocks, kv.block_size);
+        let mut x = embed(&self.embed, &inp.tokens, d);
+        let mut delta: Option<Vec<f32>> = None;
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = add_rmsnorm(&mut x, delta.as_deref(), &l.attn_norm, None, d, c.rms_eps);
+            let qkv = gemm(&h, &l.wqkv, t, d, qd + 2 * kvd);
+            let (mut q, mut k, mut v) =
+                (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+            for r in 0..t {
+                let row = &qkv[r * (qd + 2 * kvd)..];
+                q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
+                k[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..qd + 2 * kvd]);
+            }
+            rope(
+                &mut q,
+                &mut k,
+                &inp.positions,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.rope_base,
+            );
+            kv_write(
+                &k,
+                &v,
+                &mut kv.k[li],
+                &mut kv.v[li],
+                &inp.slot_mapping,
+                c.n_kv_heads,
+                c.head_dim,
+                kv.block_size,
+            );
+            let a = attention(
+                &q,
+                &kv.k[li],
+                &kv.v[li],
+                &inp.block_tables,
+                &inp.seq_of_row,
+                &inp.positions,
+                max_blocks,
+                c,
+                kv.block_size,
+            );
+            let o = gemm(&a, &l.wo, t, qd, d);
+            let h = add_rmsnorm(&mut x, Some(&o), &l.ffn_norm, None, d, c.rms_eps);
+            let gu = gemm(&h, &l.w_gate_up, t, d, 2 * f);
+            let g = swiglu(&gu, t, f);
+            delta = Some(gemm(&g, &l.w_down, t, f, d));
+        }
+        // The last residual add (its normalized rows unused), then the final norm of the
+        // rows that want logits.
+        add_rmsnorm(
+            &mut x,
+            delta.as_deref(),
+            &self.output_norm,
+            None,
+            d,
+            c.rms_eps,
+        );
+        let n_logits = batch.n_logits();
+        let rows: Vec<i32> = inp.logit_rows[..n_logits].to_vec();
+        let h = add_rmsnorm(&mut x, None, &self.output_norm, Some(&rows), d, c.rms_eps);
+        gemm(&h, &self.output, n_logits, d, c.vocab)
+    }
+}
