@@ -113,11 +113,21 @@ impl EngineWorker {
     pub fn start(name: String, loaded: &Loaded, cfg: &EngineConfig) -> Result<Self, String> {
         let backend: Box<dyn Backend> = match cfg.backend {
             BackendKind::Cuda => {
-                return Err("backend = \"cuda\": the CUDA backend is not in this build yet".into())
+                return Err(match kernels::cuda::available() {
+                    Err(why) => format!("backend = \"cuda\": CUDA is not usable here ({why})"),
+                    Ok(n) => format!(
+                        "backend = \"cuda\": {n} GPU(s) present, but the CUDA forward step is not wired into the engine yet (its kernels are: kernels/cuda)"
+                    ),
+                })
             }
             BackendKind::Auto | BackendKind::Cpu => {
                 if cfg.backend == BackendKind::Auto {
-                    tracing::info!(worker = %name, "backend auto: no CUDA backend in this build; using the CPU");
+                    // Checks the libraries before any CUDA call (a missing one would panic).
+                    let why = match kernels::cuda::available() {
+                        Err(why) => why,
+                        Ok(n) => format!("{n} GPU(s) present, but the CUDA forward step is not wired into the engine yet"),
+                    };
+                    tracing::info!(worker = %name, reason = %why, "backend auto: using the CPU");
                 }
                 let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
                 let precision = match cfg.activations {

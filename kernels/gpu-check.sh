@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA kernels, in one script.
+#
+#   bash kernels/gpu-check.sh --build   # here (cargo, no GPU needed): release test and bench
+#                                       # binaries into target/gpu-check/
+#   bash kernels/gpu-check.sh           # on the GPU machine (no cargo there): runs them
+#
+# Carry `target/gpu-check` to the GPU machine. It runs every kernel's parity test against
+# its CPU twin, the twin chain against the CPU engine, the NVRTC compile of every kernel
+# for the device, and the bandwidth/latency benchmark, and prints one table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=target/gpu-check
+if [ "${1:-}" = "--build" ]; then
+  set -e
+  mkdir -p "$OUT"
+  for t in cuda_parity cuda_compile cuda_twins; do
+    bin=$(cargo test --release -p kernels --test "$t" --no-run --message-format=json 2>/dev/null \
+      | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" | tail -1)
+    cp "$bin" "$OUT/$t"
+  done
+  cargo build --release -q -p kernels --example gpu_bench
+  cp target/release/examples/gpu_bench "$OUT/gpu_bench"
+  du -sh "$OUT"
+  exit 0
+fi
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+status=0
+printf '\n| check | result |\n|---|---|\n'
+for t in cuda_compile cuda_twins cuda_parity; do
+  log=$(mktemp)
+  if "$OUT/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
+  grep -q "SKIPPED" "$log" && r="$r (skipped: $(grep -m1 SKIPPED "$log" | cut -c1-80))"
+  printf '| %s | %s — %s |\n' "$t" "$r" "$(grep -m1 'test result' "$log")"
+  [ "$r" = "pass" ] || tail -30 "$log"
+done
+echo
+"$OUT/gpu_bench" || status=1
+exit $status
