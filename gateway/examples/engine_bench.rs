@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         activations,
         ..EngineConfig::default()
     };
-    let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg)?);
+    let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg, 0)?);
     println!(
         "model {} | kernels: {} | threads: {}",
         path.display(),

@@ -23,7 +23,7 @@ fn synthetic() -> (TempDir, kernels::load::Loaded) {
 }
 
 fn engine(loaded: &kernels::load::Loaded, cfg: EngineConfig) -> Arc<EngineWorker> {
-    Arc::new(EngineWorker::start("test".into(), loaded, &cfg).unwrap())
+    Arc::new(EngineWorker::start("test".into(), loaded, &cfg, 0).unwrap())
 }
 
 fn req(

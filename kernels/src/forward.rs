@@ -69,6 +69,9 @@ impl Batch {
 pub enum StepError {
     #[error("bad batch: {0}")]
     BadBatch(String),
+    /// The device failed the step (CUDA driver or cuBLAS error).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// A loaded model and its precomputed tables.

@@ -298,6 +298,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Most requests the router sends this engine at once (running + waiting).
     pub max_concurrency: usize,
+    /// GPUs to run on (CUDA backend): one engine per device, each its own pool member.
+    pub devices: Vec<usize>,
 }
 
 impl Default for EngineConfig {
@@ -311,6 +313,7 @@ impl Default for EngineConfig {
             kv_tokens: 32768,
             block_size: 16,
             max_concurrency: 256,
+            devices: vec![0],
         }
     }
 }
@@ -669,6 +672,11 @@ impl WorkerConfig {
                 }
             }
             WorkerConfig::Engine(e) => {
+                if e.devices.is_empty() {
+                    return invalid(format!(
+                        "pools.{pool}: engine devices must list a GPU (default [0])"
+                    ));
+                }
                 if e.max_batch_tokens == 0
                     || e.max_seqs == 0
                     || e.block_size == 0

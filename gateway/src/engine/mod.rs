@@ -20,6 +20,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
+use kernels::cuda::backend::CudaBackend;
 use kernels::forward::Batch;
 use kernels::load::Loaded;
 use kernels::matmul::ActPrecision;
@@ -109,27 +110,38 @@ pub struct EngineWorker {
 }
 
 impl EngineWorker {
-    /// Starts the engine thread for a loaded model.
-    pub fn start(name: String, loaded: &Loaded, cfg: &EngineConfig) -> Result<Self, String> {
+    /// Starts the engine thread for a loaded model, on `device` (a GPU ordinal) when the
+    /// backend is CUDA.
+    pub fn start(
+        name: String,
+        loaded: &Loaded,
+        cfg: &EngineConfig,
+        device: usize,
+    ) -> Result<Self, String> {
+        let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
+        let cuda = || -> Result<Box<dyn Backend>, String> {
+            let b = CudaBackend::new(
+                &loaded.model,
+                device,
+                cfg.block_size,
+                n_blocks,
+                cfg.max_batch_tokens,
+                cfg.max_seqs,
+            )
+            .map_err(|e| format!("backend = \"cuda\" on device {device}: {e}"))?;
+            tracing::info!(worker = %name, backend = b.name(), "engine on the GPU");
+            Ok(Box::new(b))
+        };
         let backend: Box<dyn Backend> = match cfg.backend {
-            BackendKind::Cuda => {
-                return Err(match kernels::cuda::available() {
-                    Err(why) => format!("backend = \"cuda\": CUDA is not usable here ({why})"),
-                    Ok(n) => format!(
-                        "backend = \"cuda\": {n} GPU(s) present, but the CUDA forward step is not wired into the engine yet (its kernels are: kernels/cuda)"
-                    ),
-                })
-            }
+            BackendKind::Cuda => cuda()?,
+            BackendKind::Auto if kernels::cuda::available().is_ok() => cuda()?,
             BackendKind::Auto | BackendKind::Cpu => {
                 if cfg.backend == BackendKind::Auto {
-                    // Checks the libraries before any CUDA call (a missing one would panic).
-                    let why = match kernels::cuda::available() {
-                        Err(why) => why,
-                        Ok(n) => format!("{n} GPU(s) present, but the CUDA forward step is not wired into the engine yet"),
-                    };
-                    tracing::info!(worker = %name, reason = %why, "backend auto: using the CPU");
+                    // `available` checks the libraries before any CUDA call (a missing one
+                    // would panic).
+                    let why = kernels::cuda::available().err().unwrap_or_default();
+                    tracing::info!(worker = %name, reason = %why, "backend auto: no usable GPU; using the CPU");
                 }
-                let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
                 let precision = match cfg.activations {
                     crate::config::Activations::I16 => ActPrecision::I16,
                     crate::config::Activations::Q8 => ActPrecision::Q8,

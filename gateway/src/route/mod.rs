@@ -145,9 +145,21 @@ impl Pool {
                     let loaded = kernels::load::load(&path)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
                     tracing::info!(model = %cfg.model, path = %path.display(), elapsed = ?started.elapsed(), "model loaded");
-                    let name = format!("{}/{i}-engine", cfg.name);
-                    let worker: Arc<dyn Worker> = Arc::new(EngineWorker::start(name, &loaded, e)?);
-                    slots.push(Arc::new(WorkerSlot::new(worker, breaker())));
+                    // One engine per GPU on CUDA; one engine on the CPU.
+                    let on_gpu = e.backend == crate::config::BackendKind::Cuda
+                        || (e.backend == crate::config::BackendKind::Auto
+                            && kernels::cuda::available().is_ok());
+                    let devices = if on_gpu { e.devices.clone() } else { vec![0] };
+                    for dev in devices {
+                        let name = if on_gpu {
+                            format!("{}/{i}-engine-gpu{dev}", cfg.name)
+                        } else {
+                            format!("{}/{i}-engine", cfg.name)
+                        };
+                        let worker: Arc<dyn Worker> =
+                            Arc::new(EngineWorker::start(name, &loaded, e, dev)?);
+                        slots.push(Arc::new(WorkerSlot::new(worker, breaker())));
+                    }
                 }
                 WorkerConfig::Openai(o) => {
                     let name = format!("{}/{i}-{}", cfg.name, o.url);

@@ -1,12 +1,13 @@
 //! The CUDA side of the kernels: CUDA C sources (`kernels/cuda/*.cu`), their run-time
 //! compilation by NVRTC ([`compile`]), the CPU twin of every kernel ([`twins`]: the same
-//! arithmetic, the reference for parity tests), and a device handle with every kernel
-//! loaded ([`device`]).
+//! arithmetic, the reference for parity tests), a device handle with every kernel loaded
+//! ([`device`]), and the backend that runs the forward step on a GPU ([`backend`]).
 //!
 //! Nothing here touches CUDA unless [`available`] said the driver library is present
 //! (cudarc loads libraries dynamically; calling into a missing one panics), so one binary
 //! built without CUDA runs everywhere.
 
+pub mod backend;
 pub mod compile;
 pub mod device;
 pub mod twins;
