@@ -80,10 +80,13 @@ impl Breaker {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         let half_open = self.open_until.load(Ordering::Acquire) != 0;
         if n >= self.threshold || half_open {
-            self.open_until
-                .store(millis(now + self.cooldown).max(1), Ordering::Release);
+            let prev = self
+                .open_until
+                .swap(millis(now + self.cooldown).max(1), Ordering::AcqRel);
             self.trial_taken.store(false, Ordering::Release);
-            return true;
+            // Newly opened (it was closed, or half-open after its cooldown), not merely
+            // extended by another request that was already in flight when it opened.
+            return prev == 0 || prev <= millis(now);
         }
         false
     }
@@ -139,6 +142,8 @@ mod tests {
         assert_eq!(b.admit(t0), Some(false));
         assert!(!b.record_failure(t0));
         assert!(b.record_failure(t0));
+        // Requests already in flight that fail now extend it, but did not open it.
+        assert!(!b.record_failure(t0));
         assert!(!b.allows(t0) && b.admit(t0).is_none());
         let t1 = t0 + Duration::from_millis(60);
         assert!(b.allows(t1));
