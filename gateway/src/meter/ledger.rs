@@ -143,6 +143,13 @@ impl Ledger {
         done.await.unwrap_or(false)
     }
 
+    /// Queues a record, waiting only for room in the queue (not for the commit).
+    pub async fn record_queued(&self, r: UsageRecord) {
+        if self.tx.send(Msg::Usage(r, None)).await.is_err() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Records without waiting (from places that cannot wait: drops).
     pub fn record(&self, r: UsageRecord) {
         if self.tx.try_send(Msg::Usage(r, None)).is_err() {
