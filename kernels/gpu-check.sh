@@ -2,7 +2,7 @@
 # The GPU checks of the CUDA kernels, in one script.
 #
 #   bash kernels/gpu-check.sh --build   # here (cargo, no GPU needed): release test and bench
-#                                       # binaries into target/gpu-check/
+#                                       # binaries into target/gpu-check/ (~12 MB stripped)
 #   bash kernels/gpu-check.sh           # on the GPU machine (no cargo there): runs them
 #
 # Carry `target/gpu-check` to the GPU machine. It runs every kernel's parity test against
@@ -24,6 +24,8 @@ for l in sys.stdin:
   done
   cargo build --release -q -p kernels --example gpu_bench
   cp target/release/examples/gpu_bench "$OUT/gpu_bench"
+  # Debug info is not needed there; the carry limit is 64 MiB.
+  command -v strip >/dev/null && strip --strip-debug "$OUT"/*
   du -sh "$OUT"
   exit 0
 fi
