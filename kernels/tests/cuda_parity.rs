@@ -6,6 +6,8 @@
 //! On a GPU machine: `kernels/gpu-check.sh` runs this binary (built here with
 //! `cargo test --release -p kernels --test cuda_parity --no-run`).
 
+mod common;
+
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kernels::cuda::device::Gpu;
@@ -494,60 +496,24 @@ fn whole_model_gpu_matches_cpu_and_the_twin_chain() {
     if gpu().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tollgate-gpu-model-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tiny.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let model = kernels::load::load(&path).unwrap().model.clone();
+    let model = common::tiny("gpu-model");
     let mut cuda = CudaBackend::new(&model, 0, 16, 64, 512, 16).unwrap();
     let mut cpu = CpuBackend::new(model.clone(), 16, 64, 2).unwrap();
     let twin = twins::TwinModel::from_model(&model);
     let mut twin_kv = twin.kv(16, 64);
-    let v = model.config.vocab;
-    let prompts: [Vec<u32>; 2] = [(1..40).collect(), (100..107).collect()];
-    let tables: [Vec<u32>; 2] = [(0..32).collect(), (32..64).collect()];
-    let mut b = Batch::default();
-    for (p, t) in prompts.iter().zip(&tables) {
-        b.push(p, 0, t.clone(), true);
-    }
-    let mut lens = [prompts[0].len(), prompts[1].len()];
-    let (mut agree, mut total) = (0, 0);
-    let argmax = |x: &[f32]| {
-        x.iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0
-    };
-    for step in 0..8 {
-        let got = cuda.step(&b).unwrap();
-        let want = cpu.step(&b).unwrap();
-        let chain = twin.forward(&b, &mut twin_kv);
-        assert!(
-            rel(&got, &chain) < 2e-3,
-            "step {step}: GPU vs twin chain {}",
-            rel(&got, &chain)
-        );
-        assert!(
-            rel(&got, &want) < 2e-2,
-            "step {step}: GPU vs CPU {}",
-            rel(&got, &want)
-        );
-        let mut next = Batch::default();
-        for s in 0..2 {
-            let (g, w) = (
-                argmax(&got[s * v..(s + 1) * v]),
-                argmax(&want[s * v..(s + 1) * v]),
-            );
-            agree += (g == w) as usize;
-            total += 1;
-            next.push(&[w as u32], lens[s], tables[s].clone(), true);
-            lens[s] += 1;
-        }
-        b = next;
-    }
+    let (agree, total) = common::greedy_compare(
+        model.config.vocab,
+        8,
+        2e-2,
+        |b| {
+            let got = cuda.step(b).unwrap();
+            let chain = twin.forward(b, &mut twin_kv);
+            let e = common::rel_err(&got, &chain);
+            assert!(e < 2e-3, "GPU vs the twin chain: {e}");
+            got
+        },
+        |b| cpu.step(b).unwrap(),
+    );
     assert!(
         agree * 10 >= total * 9,
         "greedy tokens agree {agree}/{total}"

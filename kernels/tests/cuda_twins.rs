@@ -3,72 +3,27 @@
 //! tokens on the synthetic model; the batch builder, KV layout and sampler keep their
 //! stated invariants. The GPU kernels are then held to these twins (`cuda_parity.rs`).
 
+mod common;
+
+use common::{argmax, greedy_compare, tiny};
 use kernels::backend::{Backend, CpuBackend};
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
 use kernels::forward::Batch;
-use kernels::synth::{write_model, SynthSpec};
-
-fn tiny() -> std::sync::Arc<kernels::forward::Model> {
-    let dir = std::env::temp_dir().join(format!("tollgate-twins-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    kernels::load::load(&path).unwrap().model.clone()
-}
-
-fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0
-}
-
-/// Largest |a − b| relative to the largest |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
 
 #[test]
 fn twin_forward_matches_the_cpu_engine() {
-    let model = tiny();
+    let model = tiny("twins");
     let twin = TwinModel::from_model(&model);
     let mut cpu = CpuBackend::new(model.clone(), 16, 64, 2).unwrap();
     let mut kv = twin.kv(16, 64);
-    let v = model.config.vocab;
-    // Two prompts of different lengths (prefill), then decodes with both in the batch.
-    let prompts: [Vec<u32>; 2] = [(1..40).collect(), (100..107).collect()];
-    let tables: [Vec<u32>; 2] = [(0..32).collect(), (32..64).collect()];
-    let mut b = Batch::default();
-    for (p, t) in prompts.iter().zip(&tables) {
-        b.push(p, 0, t.clone(), true);
-    }
-    let mut lens = [prompts[0].len(), prompts[1].len()];
-    let mut agree = 0;
-    let mut total = 0;
-    for step in 0..6 {
-        let want = cpu.step(&b).unwrap();
-        let got = twin.forward(&b, &mut kv);
-        assert_eq!(got.len(), want.len());
-        let err = rel_err(&got, &want);
-        // f16 weights, activations between products and KV cache: ~1e-3 relative.
-        assert!(err < 2e-2, "step {step}: logits differ by {err}");
-        let mut next = Batch::default();
-        for s in 0..2 {
-            let (g, w) = (
-                argmax(&got[s * v..(s + 1) * v]),
-                argmax(&want[s * v..(s + 1) * v]),
-            );
-            agree += (g == w) as usize;
-            total += 1;
-            next.push(&[w as u32], lens[s], tables[s].clone(), true);
-            lens[s] += 1;
-        }
-        b = next;
-    }
+    // f16 weights, activations between products and KV cache: ~1e-3 relative.
+    let (agree, total) = greedy_compare(
+        model.config.vocab,
+        6,
+        2e-2,
+        |b| twin.forward(b, &mut kv),
+        |b| cpu.step(b).unwrap(),
+    );
     assert!(
         agree * 10 >= total * 9,
         "greedy tokens agree {agree}/{total}"

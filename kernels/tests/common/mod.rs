@@ -1,0 +1,79 @@
+//! Shared by the kernels' tests: the tiny synthetic model, and a greedy run that compares
+//! two backends step by step.
+#![allow(dead_code)]
+
+use kernels::forward::{Batch, Model};
+use kernels::synth::{write_model, SynthSpec};
+use std::sync::Arc;
+
+/// The tiny synthetic model, written once per test process under `name`.
+pub fn tiny(name: &str) -> Arc<Model> {
+    let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    kernels::load::load(&path).unwrap().model.clone()
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0
+}
+
+/// Largest |a − b| relative to the largest |b| (NaN → infinity).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    }) / scale
+}
+
+/// Two prompts of different lengths (a prefill step), then `steps − 1` decode steps with
+/// both in the batch, fed the reference's greedy tokens. `got` and `want` run one step each;
+/// their logits must agree within `tol` (relative). Returns how many greedy tokens agreed
+/// and how many there were.
+pub fn greedy_compare(
+    vocab: usize,
+    steps: usize,
+    tol: f32,
+    mut got: impl FnMut(&Batch) -> Vec<f32>,
+    mut want: impl FnMut(&Batch) -> Vec<f32>,
+) -> (usize, usize) {
+    let prompts: [Vec<u32>; 2] = [(1..40).collect(), (100..107).collect()];
+    let tables: [Vec<u32>; 2] = [(0..32).collect(), (32..64).collect()];
+    let mut b = Batch::default();
+    for (p, t) in prompts.iter().zip(&tables) {
+        b.push(p, 0, t.clone(), true);
+    }
+    let mut lens = [prompts[0].len(), prompts[1].len()];
+    let (mut agree, mut total) = (0, 0);
+    for step in 0..steps {
+        let (g, w) = (got(&b), want(&b));
+        let err = rel_err(&g, &w);
+        assert!(err < tol, "step {step}: logits differ by {err}");
+        let mut next = Batch::default();
+        for s in 0..2 {
+            let (a, r) = (
+                argmax(&g[s * vocab..(s + 1) * vocab]),
+                argmax(&w[s * vocab..(s + 1) * vocab]),
+            );
+            agree += (a == r) as usize;
+            total += 1;
+            next.push(&[r as u32], lens[s], tables[s].clone(), true);
+            lens[s] += 1;
+        }
+        b = next;
+    }
+    (agree, total)
+}
