@@ -19,6 +19,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         weight: None,
         model: "m".into(),
         prompt: Prompt::Text(prompt),
+        prompt_ids: None,
         params: SamplingParams {
             max_tokens,
             temperature: 0.0,

@@ -80,30 +80,17 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         },
     );
     let (contract, scope) = ctx.tenant.limits.for_model(&req.model);
-    let mut buckets = None;
-    let mut resp = match run(
-        state,
-        &ctx,
-        &pool,
-        req,
-        &mut meter,
+    let terms = Terms {
+        contract,
+        scope,
         output_weight,
-        &mut buckets,
-    )
-    .await
-    {
+    };
+    let mut buckets = None;
+    let result = run(state, &ctx, &pool, req, &mut meter, terms, &mut buckets).await;
+    let best_effort = meter.best_effort;
+    let mut resp = match result {
         Ok(Reply::Whole(resp)) => resp,
-        Ok(Reply::Stream(stream)) => {
-            let best_effort = meter.best_effort;
-            let mut r = stream.into_response(meter);
-            if best_effort {
-                r.headers_mut().insert(
-                    OVERFLOW_HEADER,
-                    http::HeaderValue::from_static("best_effort"),
-                );
-            }
-            r
-        }
+        Ok(Reply::Stream(stream)) => stream.into_response(meter),
         Err(e) => {
             meter.failure(e.status().as_str());
             if state.limiter.redis().is_none() && !matches!(e, ApiError::RateLimited { .. }) {
@@ -113,9 +100,23 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
             e.into_response()
         }
     };
+    if best_effort && resp.status().is_success() {
+        resp.headers_mut().insert(
+            OVERFLOW_HEADER,
+            http::HeaderValue::from_static("best_effort"),
+        );
+    }
     let buckets = buckets.unwrap_or_else(|| scope.snapshot(contract));
     headers::apply(resp.headers_mut(), contract, &buckets);
     resp
+}
+
+/// The contract a request is held to, and how its output tokens weigh.
+#[derive(Clone, Copy)]
+struct Terms<'a> {
+    contract: &'a Contract,
+    scope: &'a Arc<crate::limits::Scope>,
+    output_weight: f64,
 }
 
 enum Reply {
@@ -223,17 +224,20 @@ async fn run(
     pool: &Pool,
     req: InferenceRequest,
     meter: &mut Meter,
-    output_weight: f64,
+    terms: Terms<'_>,
     buckets: &mut Option<Buckets>,
 ) -> Result<Reply, ApiError> {
-    let (contract, scope) = ctx.tenant.limits.for_model(&req.model);
-    let input_tokens = pool
-        .count_prompt_tokens(&req.prompt)
-        .unwrap_or_else(|| crate::worker::estimate_prompt_tokens(&req.prompt));
-    let cost = input_tokens as f64 + output_weight * req.params.max_tokens as f64;
+    // Tokenized once, here, where the pool has the model's tokenizer: the count is exact,
+    // and the engine takes the ids as they are.
+    let prompt_ids: Option<Arc<[u32]>> = pool.tokenize_prompt(&req.prompt).map(Arc::from);
+    let input_tokens = prompt_ids.as_ref().map_or_else(
+        || crate::worker::estimate_prompt_tokens(&req.prompt),
+        |ids| ids.len() as u32,
+    );
+    let cost = input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64;
     let ask = Ask {
-        contract,
-        scope,
+        contract: terms.contract,
+        scope: terms.scope,
         cost,
         input_tokens,
     };
@@ -253,6 +257,7 @@ async fn run(
         },
         model: req.model.as_str().into(),
         prompt: req.prompt,
+        prompt_ids,
         params: req.params,
         stream,
     });
@@ -283,15 +288,7 @@ async fn run(
     if stream {
         Ok(Reply::Stream(sse))
     } else {
-        let best_effort = meter.best_effort;
-        let mut resp = sse.collect(meter).await?;
-        if best_effort {
-            resp.headers_mut().insert(
-                OVERFLOW_HEADER,
-                http::HeaderValue::from_static("best_effort"),
-            );
-        }
-        Ok(Reply::Whole(resp))
+        sse.collect(meter).await.map(Reply::Whole)
     }
 }
 

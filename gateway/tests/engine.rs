@@ -39,6 +39,7 @@ fn req(
         weight: None,
         model: "m".into(),
         prompt: Prompt::Text(prompt.into()),
+        prompt_ids: None,
         params: SamplingParams {
             max_tokens,
             temperature,

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::rel_err as rel;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kernels::cuda::device::Gpu;
@@ -66,20 +67,6 @@ fn down<T: DeviceRepr + Default + Clone>(g: &Gpu, v: &CudaSlice<T>) -> Vec<T> {
 
 fn nan16(n: usize) -> Vec<f16> {
     vec![f16::NAN; n]
-}
-
-/// Largest |a − b| over the largest |b| (NaN anywhere → infinity).
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| {
-        let d = (x - y).abs();
-        if d.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max(d)
-        }
-    }) / scale
 }
 
 fn f32s(v: &[f16]) -> Vec<f32> {

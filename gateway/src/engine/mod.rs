@@ -220,11 +220,15 @@ impl EngineWorker {
             status: 400,
             message,
         };
-        let text = self.prompt_text(&req.prompt)?;
-        let prompt = self
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))?;
+        let prompt = match &req.prompt_ids {
+            Some(ids) => ids.to_vec(),
+            None => {
+                let text = self.prompt_text(&req.prompt)?;
+                self.tokenizer
+                    .encode(&text)
+                    .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))?
+            }
+        };
         if prompt.is_empty() {
             return Err(reject("The prompt is empty.".into()));
         }
@@ -305,9 +309,9 @@ impl Worker for EngineWorker {
         self.max_concurrency
     }
 
-    fn count_prompt_tokens(&self, prompt: &Prompt) -> Option<u32> {
+    fn tokenize_prompt(&self, prompt: &Prompt) -> Option<Vec<u32>> {
         let text = self.prompt_text(prompt).ok()?;
-        self.tokenizer.encode(&text).ok().map(|t| t.len() as u32)
+        self.tokenizer.encode(&text).ok()
     }
 }
 

@@ -195,9 +195,10 @@ impl Pool {
         self.signal.waiters.load(Ordering::Relaxed)
     }
 
-    /// Exact prompt tokens, where the pool's workers tokenize with the model's tokenizer.
-    pub fn count_prompt_tokens(&self, prompt: &crate::worker::Prompt) -> Option<u32> {
-        self.slots.first()?.worker.count_prompt_tokens(prompt)
+    /// The prompt's token ids, where the pool's workers tokenize with the model's
+    /// tokenizer (every worker of a pool serves the same model).
+    pub fn tokenize_prompt(&self, prompt: &crate::worker::Prompt) -> Option<Vec<u32>> {
+        self.slots.first()?.worker.tokenize_prompt(prompt)
     }
 
     /// Like [`Pool::pick`], but when every worker is at its cap, waits for a released slot

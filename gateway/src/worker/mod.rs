@@ -68,6 +68,9 @@ pub struct WorkerRequest {
     pub weight: Option<f64>,
     pub model: Arc<str>,
     pub prompt: Prompt,
+    /// The prompt's token ids, when the gateway already tokenized it with the pool's
+    /// tokenizer (to count it exactly at admission): an engine uses them as they are.
+    pub prompt_ids: Option<Arc<[u32]>>,
     pub params: SamplingParams,
     /// The client streams: upstream workers should stream too.
     pub stream: bool,
@@ -173,8 +176,8 @@ pub trait Worker: Send + Sync + 'static {
     fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>>;
     /// Most requests the router may have in flight on this worker.
     fn max_concurrency(&self) -> usize;
-    /// The prompt's exact token count, for workers that hold the model's tokenizer.
-    fn count_prompt_tokens(&self, _prompt: &Prompt) -> Option<u32> {
+    /// The prompt's token ids, for workers that hold the model's tokenizer.
+    fn tokenize_prompt(&self, _prompt: &Prompt) -> Option<Vec<u32>> {
         None
     }
 }

@@ -340,6 +340,7 @@ mod tests {
             weight: None,
             model: "m".into(),
             prompt: Prompt::Text(prompt.into()),
+            prompt_ids: None,
             params: SamplingParams {
                 max_tokens,
                 temperature: 1.0,

@@ -473,18 +473,3 @@ impl Backend for CudaBackend {
             .map_err(|e| StepError::Device(e.to_string()))
     }
 }
-
-/// The model on every listed device (one backend each).
-pub fn on_devices(
-    model: &Arc<Model>,
-    devices: &[usize],
-    block_size: usize,
-    n_blocks: usize,
-    max_tokens: usize,
-    max_seqs: usize,
-) -> Result<Vec<CudaBackend>, GpuError> {
-    devices
-        .iter()
-        .map(|&d| CudaBackend::new(model, d, block_size, n_blocks, max_tokens, max_seqs))
-        .collect()
-}
