@@ -1,7 +1,8 @@
 // RMSNorm fused with the residual add: x += delta (when delta is not null), then
 // out = x / rms(x) · w, as f16 (the next matrix product's input).
-// With `rows` not null, output row i normalizes x row rows[i] and no add happens (the
-// final norm of the rows that want logits; rows[i] < 0 writes zeros).
+// With `rows` not null, output row i normalizes x row rows[i] (after adding delta's row
+// rows[i], when delta is not null): the last residual add and final norm of just the rows
+// that want logits. rows[i] < 0 writes zeros; the entries >= 0 must be distinct.
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __restrict__ delta,
                                        const float* __restrict__ w, half_t* __restrict__ out,
                                        const int* __restrict__ rows, int dim, float eps) {
@@ -17,7 +18,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
     float ss = 0.0f;
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float v = xr[d];
-        if (delta && !rows) {
+        if (delta) {
             v += delta[(size_t)r * dim + d];
             xr[d] = v;
         }

@@ -1,6 +1,7 @@
 //! The compute backend seam: one batched model step. The CPU backend lives here; the CUDA
 //! backend implements the same trait.
 
+use crate::cuda::twins::{sample, SampleParams};
 use crate::forward::{Batch, Model, Scratch, StepError};
 use crate::kv::KvCache;
 use crate::matmul::ActPrecision;
@@ -15,6 +16,35 @@ pub trait Backend: Send {
     fn kv_geometry(&self) -> (usize, usize);
     /// One step: returns `batch.n_logits() × vocab` logits.
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError>;
+    /// Whether [`Backend::step_sample`] samples where the logits are (the GPU), so that a
+    /// caller should prefer it to [`Backend::step`] plus its own sampler.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// One step, and the next token of each row that wants logits, drawn with `params`
+    /// (one per such row, in order) by the `sample` kernel's rule
+    /// ([`crate::cuda::twins::sample`]). The default runs [`Backend::step`] and that rule
+    /// on the CPU.
+    fn step_sample(
+        &mut self,
+        batch: &Batch,
+        params: &[SampleParams],
+    ) -> Result<Vec<u32>, StepError> {
+        if params.len() != batch.n_logits() {
+            return Err(StepError::BadBatch(format!(
+                "{} sampling parameters for {} logits rows",
+                params.len(),
+                batch.n_logits()
+            )));
+        }
+        let logits = self.step(batch)?;
+        let vocab = self.config().vocab;
+        Ok(params
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(&p, row)| sample(row, p))
+            .collect())
+    }
 }
 
 /// The multi-threaded CPU backend.

@@ -201,15 +201,15 @@ fn add_rmsnorm_matches_its_twin() {
     assert!(rel(&down(&g, &xd), &xw) < 1e-6, "residual add");
     let e = rel(&f32s(&down(&g, &out)), &f32s(&want));
     assert!(e < 2e-3, "normalized rows: {e}");
-    // Selected rows (the logits path), with an unused −1 entry.
+    // Selected rows with the add (the logits path), with an unused −1 entry.
     let rows = vec![5i32, 0, 256, -1];
-    let want = twins::add_rmsnorm(&mut xw, None, &w, Some(&rows), dim, eps);
+    let want = twins::add_rmsnorm(&mut xw, Some(&delta), &w, Some(&rows), dim, eps);
     let rd = up(&g, &rows);
     let mut out = up(&g, &nan16(rows.len() * dim));
     let a0 = dim as i32;
     let mut l = g.stream.launch_builder(g.kernel("add_rmsnorm").unwrap());
     l.arg(&mut xd)
-        .arg(&0u64)
+        .arg(&dd)
         .arg(&wd)
         .arg(&mut out)
         .arg(&rd)
@@ -218,6 +218,10 @@ fn add_rmsnorm_matches_its_twin() {
     unsafe { l.launch(cfg(rows.len() as u32, 256)) }.unwrap();
     let e = rel(&f32s(&down(&g, &out)), &f32s(&want));
     assert!(e < 2e-3, "selected rows: {e}");
+    assert!(
+        rel(&down(&g, &xd), &xw) < 1e-6,
+        "residual add of the selected rows"
+    );
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! The forward step refuses malformed batches with an error (never a panic or an
-//! out-of-bounds access), and computes each row independently of its batch-mates.
+//! out-of-bounds access), and computes each row independently of its batch-mates; the
+//! backend's default `step_sample` is the `sample` rule over its logits.
+
+mod common;
 
 use kernels::backend::{Backend, CpuBackend};
 use kernels::forward::Batch;
@@ -57,4 +60,40 @@ fn a_row_does_not_depend_on_its_batch_mates() {
     let v = be.config().vocab;
     assert_eq!(m.len(), 2 * v);
     assert_eq!(&m[v..], &a[..], "same logits bit for bit");
+}
+
+#[test]
+fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
+    use kernels::cuda::twins::{self, SampleParams};
+    let model = common::tiny("step-sample");
+    let mut cpu = CpuBackend::new(model.clone(), 16, 16, 1).unwrap();
+    assert!(!cpu.samples_on_device());
+    let mut b = Batch::default();
+    b.push(&[1, 2, 3], 0, vec![0], true);
+    b.push(&[4, 5], 0, vec![1], false);
+    b.push(&[6], 0, vec![2], true);
+    let p = |t: f32, seed: u64| SampleParams {
+        temperature: t,
+        top_k: 10,
+        top_p: 0.9,
+        seed,
+        step: 2,
+    };
+    let params = [p(0.0, 1), p(0.9, 7)];
+    let logits = cpu.step(&b).unwrap();
+    let vocab = model.config.vocab;
+    let tokens = cpu.step_sample(&b, &params).unwrap();
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .zip(params)
+        .map(|(r, q)| twins::sample(r, q))
+        .collect();
+    assert_eq!(tokens, want);
+    assert_eq!(tokens[0], common::argmax(&logits[..vocab]) as u32);
+    let err = cpu.step_sample(&b, &params[..1]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("1 sampling parameters for 2 logits rows"),
+        "{err}"
+    );
 }

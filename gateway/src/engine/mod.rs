@@ -21,6 +21,7 @@ use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
 use kernels::cuda::backend::CudaBackend;
+use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::load::Loaded;
 use kernels::matmul::ActPrecision;
@@ -63,7 +64,11 @@ struct Seq {
     computed: usize,
     blocks: Vec<u32>,
     max_tokens: u32,
+    /// The CPU sampler (its own random state), for backends that return logits.
     sampler: Sampler,
+    /// What a device sampler needs: the request's settings and seed.
+    sampling: SamplingConfig,
+    seed: u64,
     out: TextOut,
     tx: Events,
 }
@@ -120,38 +125,60 @@ impl EngineWorker {
     ) -> Result<Self, String> {
         let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
         let cuda = || -> Result<Box<dyn Backend>, String> {
-            let b = CudaBackend::new(
-                &loaded.model,
+            let fail = |e: String| format!("backend = \"cuda\" on device {device}: {e}");
+            let twin = TwinModel::from_model(&loaded.model);
+            let mut b = CudaBackend::from_twin(
+                &twin,
                 device,
                 cfg.block_size,
                 n_blocks,
                 cfg.max_batch_tokens,
                 cfg.max_seqs,
             )
-            .map_err(|e| format!("backend = \"cuda\" on device {device}: {e}"))?;
-            tracing::info!(worker = %name, backend = b.name(), "engine on the GPU");
+            .map_err(|e| fail(e.to_string()))?;
+            // Before serving: one prefill and one graph decode step against the CPU twin.
+            let err = b
+                .self_check(&twin)
+                .map_err(|e| fail(format!("self-check against the CPU failed: {e}")))?;
+            tracing::info!(
+                worker = %name,
+                backend = b.name(),
+                graphs = ?b.graph_buckets(),
+                graphs_off = b.graphs_off().unwrap_or(""),
+                self_check_rel_err = err,
+                "engine on the GPU"
+            );
             Ok(Box::new(b))
+        };
+        let cpu = || -> Result<Box<dyn Backend>, String> {
+            let precision = match cfg.activations {
+                crate::config::Activations::I16 => ActPrecision::I16,
+                crate::config::Activations::Q8 => ActPrecision::Q8,
+                crate::config::Activations::F32 => ActPrecision::F32,
+            };
+            Ok(Box::new(
+                CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                    .with_precision(precision),
+            ))
         };
         let backend: Box<dyn Backend> = match cfg.backend {
             BackendKind::Cuda => cuda()?,
-            BackendKind::Auto if kernels::cuda::available().is_ok() => cuda()?,
-            BackendKind::Auto | BackendKind::Cpu => {
-                if cfg.backend == BackendKind::Auto {
-                    // `available` checks the libraries before any CUDA call (a missing one
-                    // would panic).
-                    let why = kernels::cuda::available().err().unwrap_or_default();
+            BackendKind::Cpu => cpu()?,
+            // `available` checks the libraries before any CUDA call (a missing one would
+            // panic).
+            BackendKind::Auto => match kernels::cuda::available() {
+                Ok(_) => match cuda() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(worker = %name, error = %e, "backend auto: the GPU is not usable; using the CPU");
+                        cpu()?
+                    }
+                },
+                Err(why) => {
                     tracing::info!(worker = %name, reason = %why, "backend auto: no usable GPU; using the CPU");
+                    cpu()?
                 }
-                let precision = match cfg.activations {
-                    crate::config::Activations::I16 => ActPrecision::I16,
-                    crate::config::Activations::Q8 => ActPrecision::Q8,
-                    crate::config::Activations::F32 => ActPrecision::F32,
-                };
-                Box::new(
-                    CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
-                        .with_precision(precision),
-                )
-            }
+            },
         };
         let (bs, n_blocks) = backend.kv_geometry();
         let model_ctx = loaded.model.config.context_len;
@@ -323,6 +350,8 @@ fn admit(n: NewSeq) -> Seq {
         blocks: Vec::new(),
         max_tokens: n.max_tokens,
         sampler: Sampler::new(n.sampling, n.seed),
+        sampling: n.sampling,
+        seed: n.seed,
         out: TextOut::new(n.stop),
         tx: n.tx,
     }
@@ -338,6 +367,7 @@ fn run_engine(
     stats: Arc<EngineStats>,
 ) {
     let vocab = backend.config().vocab;
+    let on_device = backend.samples_on_device();
     let mut pool = BlockPool::new(n_blocks);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: VecDeque<Seq> = VecDeque::new();
@@ -381,8 +411,34 @@ fn run_engine(
                 end == s.tokens.len(),
             );
         }
-        let mut logits = match backend.step(&batch) {
-            Ok(l) => l,
+        let stepped = if on_device {
+            let params: Vec<SampleParams> = plan
+                .items
+                .iter()
+                .map(|&(i, n)| (&running[i], n))
+                .filter(|(s, n)| s.computed + n == s.tokens.len())
+                .map(|(s, _)| device_params(s))
+                .collect();
+            backend.step_sample(&batch, &params).map(Next::Tokens)
+        } else {
+            backend.step(&batch).map(Next::Logits)
+        };
+        let rows = batch.n_logits();
+        let stepped = stepped.and_then(|next| {
+            let got = match &next {
+                Next::Tokens(t) => t.len(),
+                Next::Logits(l) => l.len() / vocab.max(1),
+            };
+            if got == rows {
+                Ok(next)
+            } else {
+                Err(kernels::forward::StepError::Device(format!(
+                    "the backend returned {got} rows for {rows}"
+                )))
+            }
+        });
+        let mut next = match stepped {
+            Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
                 let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
@@ -406,9 +462,11 @@ fn run_engine(
             if s.computed != s.tokens.len() {
                 continue;
             }
-            let l = &mut logits[row * vocab..(row + 1) * vocab];
+            let id = match &mut next {
+                Next::Tokens(t) => t[row],
+                Next::Logits(l) => s.sampler.sample(&mut l[row * vocab..(row + 1) * vocab]),
+            };
             row += 1;
-            let id = s.sampler.sample(l);
             s.tokens.push(id);
             if let Some(reason) = emit(s, &tok, id) {
                 let tail = s.out.finish();
@@ -431,6 +489,29 @@ fn run_engine(
             pool.release(&mut s.blocks);
         }
         publish(&stats, &running, &waiting, &pool);
+    }
+}
+
+/// A step's result: the next tokens (sampled by the backend) or the logits to sample.
+enum Next {
+    Tokens(Vec<u32>),
+    Logits(Vec<f32>),
+}
+
+/// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's
+/// temperature cut, and the draw for its `generated()`-th token.
+fn device_params(s: &Seq) -> SampleParams {
+    let c = s.sampling;
+    SampleParams {
+        temperature: if c.temperature < 1e-5 {
+            0.0
+        } else {
+            c.temperature
+        },
+        top_k: c.top_k.min(i32::MAX as usize) as i32,
+        top_p: c.top_p,
+        seed: s.seed,
+        step: s.generated(),
     }
 }
 

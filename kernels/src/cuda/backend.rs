@@ -1,159 +1,90 @@
-//! The forward step on one GPU: the CPU twins' chain ([`super::twins::TwinModel::forward`])
-//! launched kernel for kernel, with cuBLAS for the matrix products.
+//! The forward step on one GPU, as a [`Backend`]: a step's inputs go from one pinned host
+//! staging buffer to the device in one copy ([`super::staging`]), the device work is
+//! enqueued by [`Device::enqueue`], and only the sampled tokens (or, when asked, the logits)
+//! come back.
 //!
-//! Weights are dequantized once at load to f16 (matrices) and f32 (norms) and stay on the
-//! device; products run as `cublasGemmEx` with f16 inputs, f32 accumulation and output.
-//! The KV cache is f16, paged, `[block][kv_head][slot][dim]` per layer. Every buffer a
-//! step uses is allocated once, for `max_tokens` rows and `max_seqs` sequences; a step
-//! sends its inputs in one host-to-device copy (the staging buffer) and the batching
-//! kernel unpacks them on the device. Per layer (T rows):
+//! **CUDA graphs.** Decode steps (every sequence one row, every row wanting logits) are
+//! replayed from a graph captured per batch-size bucket at load: the step is padded to the
+//! smallest bucket that holds it with dummy rows that write only the cache's spare block.
+//! A graph's launches read everything from the fixed device buffers, so one capture
+//! serves every step of its bucket. Other steps (prefill chunks, mixed batches) launch
+//! their kernels directly. If a capture fails, graphs are turned off with one log line and
+//! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
-//! ```text
-//! h[T,D]f16  = add_rmsnorm(x += previous layer's down output)
-//! q,k,v      = gemm(h, Wq), gemm(h, Wk), gemm(h, Wv)      f32
-//! rope(q, k); kv_write(k, v → cache[slot_mapping])
-//! a[T,Q]f16  = attention over the paged cache
-//! o[T,D]     = gemm(a, Wo);  h = add_rmsnorm(x += o)
-//! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
-//! ```
-//!
-//! Not yet here (measured work owed on a GPU): CUDA graphs for decode steps, sampling
-//! on the device in the engine's step (the `sample` kernel exists and is tested; this
-//! backend returns logits, as the trait asks).
+//! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
+//! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
+//! sent in the same staging copy; a step returns one `u32` per sequence.
 
-use super::device::{Gpu, GpuError};
-use super::twins::{stage, TwinModel};
+use super::device::GpuError;
+use super::staging::{self, Layout};
+use super::step::{Device, RunError};
+use super::twins::{SampleParams, TwinModel};
 use crate::backend::Backend;
 use crate::forward::{Batch, Model, StepError};
 use crate::model::LlamaConfig;
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use half::f16;
-use std::sync::Arc;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, DevicePtr, PinnedHostSlice};
 
-struct Layer {
-    attn_norm: CudaSlice<f32>,
-    wqkv: CudaSlice<f16>,
-    wo: CudaSlice<f16>,
-    ffn_norm: CudaSlice<f32>,
-    w_gate_up: CudaSlice<f16>,
-    w_down: CudaSlice<f16>,
-    k_cache: CudaSlice<f16>,
-    v_cache: CudaSlice<f16>,
+const GREEDY: SampleParams = SampleParams {
+    temperature: 0.0,
+    top_k: 0,
+    top_p: 1.0,
+    seed: 0,
+    step: 0,
+};
+
+/// Largest |a − b| relative to the largest |b| (NaN when any value is).
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::NAN;
+    }
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        });
+    worst / scale
 }
 
-/// Per-step buffers, sized once.
-struct Bufs {
-    staging: CudaSlice<u32>,
-    tokens: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<i32>,
-    seq_of_row: CudaSlice<i32>,
-    tables: CudaSlice<i32>,
-    logit_rows: CudaSlice<i32>,
-    x: CudaSlice<f32>,
-    h: CudaSlice<f16>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    att: CudaSlice<f16>,
-    o: CudaSlice<f32>,
-    gu: CudaSlice<f32>,
-    g: CudaSlice<f16>,
-    logits: CudaSlice<f32>,
+/// Decode batch sizes that get a graph (capped at the backend's largest step).
+const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
+
+/// A captured decode step for `bucket` sequences.
+struct Graph {
+    bucket: usize,
+    graph: CudaGraph,
 }
+
+// SAFETY: a `CudaGraph` holds raw CUDA handles and is not to be used from two threads at
+// once; the backend owns its graphs and launches them only through `&mut self`, so at most
+// one thread touches a graph at any time (CUDA allows a graph to be used from any thread
+// with its context current, which cudarc makes so on every call).
+unsafe impl Send for Graph {}
 
 /// The CUDA backend.
 pub struct CudaBackend {
-    gpu: Gpu,
-    blas: CudaBlas,
-    config: LlamaConfig,
-    embed: CudaSlice<f16>,
-    layers: Vec<Layer>,
-    output_norm: CudaSlice<f32>,
-    output: CudaSlice<f16>,
-    block_size: usize,
+    dev: Device,
+    /// Host side of the staging buffer (page-locked, write-combined).
+    pinned: PinnedHostSlice<u32>,
+    graphs: Vec<Graph>,
+    /// Why graphs are off, when they are.
+    graphs_off: Option<String>,
     n_blocks: usize,
-    max_blocks: usize,
     max_tokens: usize,
     max_seqs: usize,
-    bufs: Bufs,
     name: String,
 }
 
-/// Why a step failed on the device.
-#[derive(Debug, thiserror::Error)]
-enum RunError {
-    #[error("CUDA driver: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
-    #[error("{0}")]
-    Gpu(#[from] GpuError),
-    #[error("cuBLAS: {0}")]
-    Blas(#[from] cudarc::cublas::result::CublasError),
-}
-
-/// `y[rows × n] = x[rows × k] · w[n × k]ᵀ`, with `w` starting `w_row0` rows in: f16
-/// inputs, f32 accumulation and output.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    blas: &CudaBlas,
-    s: &Arc<CudaStream>,
-    x: &CudaSlice<f16>,
-    w: &CudaSlice<f16>,
-    w_row0: usize,
-    y: &mut CudaSlice<f32>,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), RunError> {
-    let (xp, _rx) = x.device_ptr(s);
-    let (wp, _rw) = w.device_ptr(s);
-    let (yp, _ry) = y.device_ptr_mut(s);
-    let wp = wp + (w_row0 * k * 2) as u64;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    // Column-major view: Yᵀ[n × rows] = W[k × n]ᵀ · Xᵀ[k × rows].
-    // SAFETY: the pointers are live device buffers of at least these extents (sized at
-    // construction for max_tokens rows), and alpha/beta are host f32s.
-    unsafe {
-        blas::gemm_ex(
-            *blas.handle(),
-            blas_sys::cublasOperation_t::CUBLAS_OP_T,
-            blas_sys::cublasOperation_t::CUBLAS_OP_N,
-            n as i32,
-            rows as i32,
-            k as i32,
-            (&alpha) as *const f32 as *const _,
-            wp as *const _,
-            blas_sys::cudaDataType::CUDA_R_16F,
-            k as i32,
-            xp as *const _,
-            blas_sys::cudaDataType::CUDA_R_16F,
-            k as i32,
-            (&beta) as *const f32 as *const _,
-            yp as *mut _,
-            blas_sys::cudaDataType::CUDA_R_32F,
-            n as i32,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }?;
-    Ok(())
-}
-
-fn launch(n: u32, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(block), 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn rows(n: u32, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n, 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
+enum Out {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
 }
 
 impl CudaBackend {
@@ -167,76 +98,151 @@ impl CudaBackend {
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
-        let gpu = Gpu::open(device)?;
-        let s = gpu.stream.clone();
-        let c = model.config.clone();
         let twin = TwinModel::from_model(model);
-        let kv_len = n_blocks * block_size * c.kv_dim();
-        let layers = twin
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(Layer {
-                    attn_norm: s.memcpy_stod(&l.attn_norm)?,
-                    wqkv: s.memcpy_stod(&l.wqkv)?,
-                    wo: s.memcpy_stod(&l.wo)?,
-                    ffn_norm: s.memcpy_stod(&l.ffn_norm)?,
-                    w_gate_up: s.memcpy_stod(&l.w_gate_up)?,
-                    w_down: s.memcpy_stod(&l.w_down)?,
-                    k_cache: s.alloc_zeros(kv_len)?,
-                    v_cache: s.alloc_zeros(kv_len)?,
-                })
-            })
-            .collect::<Result<Vec<_>, cudarc::driver::DriverError>>()?;
-        let max_blocks = c.context_len.div_ceil(block_size);
-        let (t, d, qd, kvd, f) = (
-            max_tokens,
-            c.dim,
-            c.n_heads * c.head_dim,
-            c.kv_dim(),
-            c.ffn_dim,
-        );
-        let bufs = Bufs {
-            staging: s.alloc_zeros(4 * max_seqs + t + max_seqs * max_blocks)?,
-            tokens: s.alloc_zeros(t)?,
-            positions: s.alloc_zeros(t)?,
-            slots: s.alloc_zeros(t)?,
-            seq_of_row: s.alloc_zeros(t)?,
-            tables: s.alloc_zeros(max_seqs * max_blocks)?,
-            logit_rows: s.alloc_zeros(max_seqs)?,
-            x: s.alloc_zeros(t * d)?,
-            h: s.alloc_zeros(t * d)?,
-            q: s.alloc_zeros(t * qd)?,
-            k: s.alloc_zeros(t * kvd)?,
-            v: s.alloc_zeros(t * kvd)?,
-            att: s.alloc_zeros(t * qd)?,
-            o: s.alloc_zeros(t * d)?,
-            gu: s.alloc_zeros(t * 2 * f)?,
-            g: s.alloc_zeros(t * f)?,
-            logits: s.alloc_zeros(max_seqs * c.vocab)?,
-        };
-        let blas = CudaBlas::new(s.clone()).map_err(|e| GpuError::Unavailable(e.to_string()))?;
-        let name = format!("cuda:{device} {}", gpu.describe());
-        Ok(Self {
-            embed: s.memcpy_stod(&twin.embed)?,
-            output_norm: s.memcpy_stod(&twin.output_norm)?,
-            output: s.memcpy_stod(&twin.output)?,
-            gpu,
-            blas,
-            config: c,
-            layers,
-            block_size,
+        Self::from_twin(&twin, device, block_size, n_blocks, max_tokens, max_seqs)
+    }
+
+    /// As [`CudaBackend::new`], from weights already dequantized for the GPU.
+    pub fn from_twin(
+        twin: &TwinModel,
+        device: usize,
+        block_size: usize,
+        n_blocks: usize,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Self, GpuError> {
+        let dev = Device::new(twin, device, block_size, n_blocks, max_tokens, max_seqs)?;
+        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
+        // SAFETY: every word a step copies is written first (`staging::write`).
+        let pinned = unsafe { dev.gpu.ctx.alloc_pinned::<u32>(cap) }?;
+        let name = format!("cuda:{device} {}", dev.gpu.describe());
+        let mut b = Self {
+            dev,
+            pinned,
+            graphs: Vec::new(),
+            graphs_off: None,
             n_blocks,
-            max_blocks,
             max_tokens,
             max_seqs,
-            bufs,
             name,
+        };
+        // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
+        // outside any capture.
+        b.run(&Batch::default(), 1, None, Some(&[]))
+            .map_err(|e| GpuError::Unavailable(format!("first step on the device: {e}")))?;
+        if std::env::var("TOLLGATE_CUDA_GRAPHS").as_deref() == Ok("0") {
+            b.graphs_off = Some("TOLLGATE_CUDA_GRAPHS=0".into());
+        } else if let Err(e) = b.capture_all() {
+            let why = format!("capturing decode graphs failed ({e}); launching directly");
+            tracing::warn!(device, "{why}");
+            b.graphs.clear();
+            b.graphs_off = Some(why);
+        }
+        Ok(b)
+    }
+
+    /// Checks this GPU's step against the twin chain on the CPU (`twin`: the weights this
+    /// backend was loaded from): a 6-token prefill's logits within 2 % (relative to the
+    /// largest), then a decode step through the graph path whose greedy token must be one
+    /// the twin scores as its best (within 1 % for near-ties). Returns the prefill's
+    /// relative error. Writes KV blocks 0.. (the engine overwrites what it uses).
+    pub fn self_check(&mut self, twin: &TwinModel) -> Result<f32, String> {
+        let c = self.dev.config.clone();
+        let bs = self.dev.block_size;
+        let prompt: Vec<u32> = (0..6u32).map(|i| (17 + 101 * i) % c.vocab as u32).collect();
+        let blocks: Vec<u32> = (0..(prompt.len() + 1).div_ceil(bs) as u32).collect();
+        if blocks.len() > self.n_blocks {
+            return Err("the KV cache is too small for the self-check".into());
+        }
+        let mut kv = twin.kv(bs, blocks.len());
+        let mut prefill = Batch::default();
+        prefill.push(&prompt, 0, blocks.clone(), true);
+        let got = self.step(&prefill).map_err(|e| e.to_string())?;
+        let want = twin.forward(&prefill, &mut kv);
+        let err = rel_err(&got, &want);
+        if err.is_nan() || err > 2e-2 {
+            return Err(format!(
+                "prefill logits differ from the CPU twin by {err:.3e} (relative)"
+            ));
+        }
+        let next = super::twins::sample(&want, GREEDY);
+        let mut decode = Batch::default();
+        decode.push(&[next], prompt.len(), blocks, true);
+        let token = self
+            .step_sample(&decode, &[GREEDY])
+            .map_err(|e| e.to_string())?;
+        let want = twin.forward(&decode, &mut kv);
+        let best = want.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
+        let ok = token
+            .first()
+            .and_then(|&t| want.get(t as usize))
+            .is_some_and(|&v| best - v <= 1e-2 * scale);
+        if !ok {
+            return Err(format!(
+                "the decode step's greedy token {token:?} is not the CPU twin's best"
+            ));
+        }
+        Ok(err)
+    }
+
+    /// The decode buckets that have a graph (empty when graphs are off).
+    pub fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.iter().map(|g| g.bucket).collect()
+    }
+
+    /// Why graphs are off, if they are.
+    pub fn graphs_off(&self) -> Option<&str> {
+        self.graphs_off.as_deref()
+    }
+
+    /// Turns graphs on or off (for comparisons; they are on by default).
+    pub fn set_graphs(&mut self, on: bool) -> Result<(), String> {
+        if !on {
+            self.graphs.clear();
+            self.graphs_off = Some("turned off".into());
+            return Ok(());
+        }
+        if self.graphs.is_empty() {
+            self.capture_all().map_err(|e| e.to_string())?;
+            self.graphs_off = None;
+        }
+        Ok(())
+    }
+
+    fn capture_all(&mut self) -> Result<(), RunError> {
+        let cap = self.max_seqs.min(self.max_tokens);
+        let mut sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b < cap).collect();
+        sizes.push(cap);
+        for bucket in sizes {
+            let graph = self.capture(bucket)?;
+            self.graphs.push(Graph { bucket, graph });
+            // Replay it once on dummy rows: a graph that cannot launch fails here, at load.
+            let i = self.graphs.len() - 1;
+            self.run(&Batch::default(), 0, Some(i), None)?;
+        }
+        Ok(())
+    }
+
+    fn capture(&mut self, bucket: usize) -> Result<CudaGraph, RunError> {
+        let s = self.dev.gpu.stream.clone();
+        let lay = Layout::new(bucket, bucket, self.dev.max_blocks);
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let enqueued = self.dev.enqueue(lay, bucket, true);
+        // Always end the capture, so that the stream leaves capture mode.
+        let graph = s
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        enqueued?;
+        graph?.ok_or_else(|| {
+            RunError::Gpu(GpuError::Unavailable(format!(
+                "capturing the decode step for {bucket} sequences gave no graph"
+            )))
         })
     }
 
     fn check(&self, batch: &Batch) -> Result<(), StepError> {
         let bad = |m: String| Err(StepError::BadBatch(m));
+        let c = &self.dev.config;
         if batch.tokens.len() > self.max_tokens || batch.seqs.len() > self.max_seqs {
             return bad(format!(
                 "{} tokens in {} sequences: this GPU backend was sized for {} and {}",
@@ -248,10 +254,10 @@ impl CudaBackend {
         }
         for s in &batch.seqs {
             let last = batch.positions[s.start] as usize + s.len - 1;
-            if last >= self.config.context_len {
+            if last >= c.context_len {
                 return bad(format!("position {last} is past the model's context"));
             }
-            let need = last / self.block_size + 1;
+            let need = last / self.dev.block_size + 1;
             if s.block_table.len() < need
                 || s.block_table[..need]
                     .iter()
@@ -260,197 +266,122 @@ impl CudaBackend {
                 return bad("block table too short or outside the cache".into());
             }
         }
-        if batch
-            .tokens
-            .iter()
-            .any(|&t| t as usize >= self.config.vocab)
-        {
+        if batch.tokens.iter().any(|&t| t as usize >= c.vocab) {
             return bad("token id outside the vocabulary".into());
         }
         Ok(())
     }
 
-    fn run(&mut self, batch: &Batch) -> Result<Vec<f32>, RunError> {
-        let Self {
-            gpu: g,
-            blas,
-            config: c,
-            embed,
-            layers,
-            output_norm,
-            output,
-            block_size,
-            max_blocks,
-            bufs: b,
-            ..
-        } = self;
-        let (t, n_seqs) = (batch.tokens.len(), batch.seqs.len());
-        let (d, qd, kvd, f) = (c.dim, c.n_heads * c.head_dim, c.kv_dim(), c.ffn_dim);
-        let s = g.stream.clone();
-        // One copy in, then the batching kernel.
-        let staging = stage(batch, *max_blocks);
-        s.memcpy_htod(&staging, &mut b.staging.slice_mut(0..staging.len()))?;
-        let (ti, si, mbi, bsi) = (
-            t as i32,
-            n_seqs as i32,
-            *max_blocks as i32,
-            *block_size as i32,
+    /// The graph for a decode step of `n` sequences, if there is one.
+    fn graph_for(&self, batch: &Batch) -> Option<usize> {
+        let n = batch.seqs.len();
+        let decode = n > 0 && batch.tokens.len() == n && batch.seqs.iter().all(|s| s.logits);
+        if !decode {
+            return None;
+        }
+        self.graphs.iter().position(|g| g.bucket >= n)
+    }
+
+    /// Sends and enqueues one step (not awaited): `batch` padded with dummy decode rows to
+    /// `min_rows` sequences, or to its graph's bucket; sampled when `params` is given.
+    /// Returns how many logits rows are `batch`'s own.
+    fn launch(
+        &mut self,
+        batch: &Batch,
+        min_rows: usize,
+        graph: Option<usize>,
+        params: Option<&[SampleParams]>,
+    ) -> Result<usize, RunError> {
+        let n = batch.seqs.len();
+        let n_logits = batch.n_logits();
+        let pad = match graph {
+            Some(i) => self.graphs[i].bucket - n,
+            None => min_rows.saturating_sub(n),
+        };
+        let s = self.dev.gpu.stream.clone();
+        let trash = self.n_blocks as u32;
+        // Waits for the previous copy out of this buffer (each step ends synchronized).
+        let host = self.pinned.as_mut_slice()?;
+        let lay = staging::write(
+            host,
+            batch,
+            pad,
+            self.dev.max_blocks,
+            trash,
+            params.unwrap_or_default(),
         );
         {
-            let mut l = s.launch_builder(g.kernel("build_batch")?);
-            l.arg(&b.staging)
-                .arg(&si)
-                .arg(&ti)
-                .arg(&mbi)
-                .arg(&bsi)
-                .arg(&mut b.tokens)
-                .arg(&mut b.positions)
-                .arg(&mut b.slots)
-                .arg(&mut b.seq_of_row)
-                .arg(&mut b.tables)
-                .arg(&mut b.logit_rows);
-            let n = t.max(n_seqs * *max_blocks) as u32;
-            unsafe { l.launch(launch(n, 256)) }?;
+            let (dst, _sync) = self.dev.bufs.staging.device_ptr(&s);
+            // SAFETY: `dst` holds `Layout::new(max_seqs, max_tokens)` words, which bounds
+            // `lay.len`; the host side is page-locked and not written again until the
+            // stream has synchronized at the end of this step.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst, &host[..lay.len], s.cu_stream())
+            }?;
         }
-        let (di, eps) = (d as i32, c.rms_eps);
-        {
-            let mut l = s.launch_builder(g.kernel("embed")?);
-            l.arg(&*embed).arg(&b.tokens).arg(&mut b.x).arg(&di);
-            unsafe { l.launch(rows(t as u32, 256)) }?;
+        match graph {
+            Some(i) => self.graphs[i].graph.launch()?,
+            None => self.dev.enqueue(lay, n_logits + pad, params.is_some())?,
         }
-        let (nh, nkv, hd) = (c.n_heads as i32, c.n_kv_heads as i32, c.head_dim as i32);
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let (fi, base) = (f as i32, c.rope_base);
-        let null = 0u64;
-        for (li, w) in layers.iter_mut().enumerate() {
-            // h = rmsnorm(x += the previous layer's down output).
-            {
-                let mut l = s.launch_builder(g.kernel("add_rmsnorm")?);
-                l.arg(&mut b.x);
-                if li == 0 {
-                    l.arg(&null);
-                } else {
-                    l.arg(&b.o);
-                }
-                l.arg(&w.attn_norm)
-                    .arg(&mut b.h)
-                    .arg(&null)
-                    .arg(&di)
-                    .arg(&eps);
-                unsafe { l.launch(rows(t as u32, 256)) }?;
-            }
-            gemm(blas, &s, &b.h, &w.wqkv, 0, &mut b.q, t, d, qd)?;
-            gemm(blas, &s, &b.h, &w.wqkv, qd, &mut b.k, t, d, kvd)?;
-            gemm(blas, &s, &b.h, &w.wqkv, qd + kvd, &mut b.v, t, d, kvd)?;
-            {
-                let mut l = s.launch_builder(g.kernel("rope")?);
-                l.arg(&mut b.q)
-                    .arg(&mut b.k)
-                    .arg(&b.positions)
-                    .arg(&ti)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&base);
-                let n = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
-                unsafe { l.launch(launch(n, 256)) }?;
-            }
-            {
-                let mut l = s.launch_builder(g.kernel("kv_write")?);
-                l.arg(&b.k)
-                    .arg(&b.v)
-                    .arg(&mut w.k_cache)
-                    .arg(&mut w.v_cache)
-                    .arg(&b.slots)
-                    .arg(&ti)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&bsi);
-                unsafe { l.launch(launch((t * kvd) as u32, 256)) }?;
-            }
-            {
-                let mut l = s.launch_builder(g.kernel("attention_prefill")?);
-                l.arg(&b.q)
-                    .arg(&w.k_cache)
-                    .arg(&w.v_cache)
-                    .arg(&b.tables)
-                    .arg(&b.seq_of_row)
-                    .arg(&b.positions)
-                    .arg(&mut b.att)
-                    .arg(&mbi)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&bsi)
-                    .arg(&scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (t as u32, c.n_kv_heads as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { l.launch(cfg) }?;
-            }
-            gemm(blas, &s, &b.att, &w.wo, 0, &mut b.o, t, qd, d)?;
-            {
-                let mut l = s.launch_builder(g.kernel("add_rmsnorm")?);
-                l.arg(&mut b.x)
-                    .arg(&b.o)
-                    .arg(&w.ffn_norm)
-                    .arg(&mut b.h)
-                    .arg(&null)
-                    .arg(&di)
-                    .arg(&eps);
-                unsafe { l.launch(rows(t as u32, 256)) }?;
-            }
-            gemm(blas, &s, &b.h, &w.w_gate_up, 0, &mut b.gu, t, d, 2 * f)?;
-            {
-                let mut l = s.launch_builder(g.kernel("swiglu")?);
-                l.arg(&b.gu).arg(&mut b.g).arg(&ti).arg(&fi);
-                unsafe { l.launch(launch((t * f) as u32, 256)) }?;
-            }
-            gemm(blas, &s, &b.g, &w.w_down, 0, &mut b.o, t, f, d)?;
+        Ok(n_logits)
+    }
+
+    /// The first `rows` rows of logits, or of sampled tokens; the stream then idle.
+    fn copy_out(&self, rows: usize, tokens: bool) -> Result<Out, RunError> {
+        let (s, b) = (&self.dev.gpu.stream, &self.dev.bufs);
+        let out = if tokens {
+            Out::Tokens(s.memcpy_dtov(&b.sampled.slice(0..rows))?)
+        } else {
+            let v = self.dev.config.vocab;
+            Out::Logits(s.memcpy_dtov(&b.logits.slice(0..rows * v))?)
+        };
+        s.synchronize()?;
+        Ok(out)
+    }
+
+    /// A step padded to `min_rows` (graphs as they apply), then its results.
+    fn run(
+        &mut self,
+        batch: &Batch,
+        min_rows: usize,
+        graph: Option<usize>,
+        params: Option<&[SampleParams]>,
+    ) -> Result<Out, RunError> {
+        let r = self
+            .launch(batch, min_rows, graph, params)
+            .and_then(|rows| self.copy_out(rows, params.is_some()));
+        if r.is_err() {
+            // Leave the stream idle before the staging buffer is written again.
+            let _ = self.dev.gpu.stream.synchronize();
         }
-        // x += the last down output (its normalized rows unused), then the final norm of
-        // the rows that want logits.
-        {
-            let mut l = s.launch_builder(g.kernel("add_rmsnorm")?);
-            l.arg(&mut b.x)
-                .arg(&b.o)
-                .arg(&*output_norm)
-                .arg(&mut b.h)
-                .arg(&null)
-                .arg(&di)
-                .arg(&eps);
-            unsafe { l.launch(rows(t as u32, 256)) }?;
+        r
+    }
+
+    fn step_checked(
+        &mut self,
+        batch: &Batch,
+        params: Option<&[SampleParams]>,
+    ) -> Result<Out, StepError> {
+        self.check(batch)?;
+        if let Some(p) = params {
+            if p.len() != batch.n_logits() {
+                return Err(StepError::BadBatch(format!(
+                    "{} sampling parameters for {} logits rows",
+                    p.len(),
+                    batch.n_logits()
+                )));
+            }
         }
-        let n_logits = batch.n_logits();
-        if n_logits == 0 {
-            s.synchronize()?;
-            return Ok(Vec::new());
+        if batch.tokens.is_empty() {
+            return Ok(if params.is_some() {
+                Out::Tokens(Vec::new())
+            } else {
+                Out::Logits(Vec::new())
+            });
         }
-        {
-            let mut l = s.launch_builder(g.kernel("add_rmsnorm")?);
-            l.arg(&mut b.x)
-                .arg(&null)
-                .arg(&*output_norm)
-                .arg(&mut b.h)
-                .arg(&b.logit_rows)
-                .arg(&di)
-                .arg(&eps);
-            unsafe { l.launch(rows(n_logits as u32, 256)) }?;
-        }
-        gemm(
-            blas,
-            &s,
-            &b.h,
-            output,
-            0,
-            &mut b.logits,
-            n_logits,
-            d,
-            c.vocab,
-        )?;
-        Ok(s.memcpy_dtov(&b.logits.slice(0..n_logits * c.vocab))?)
+        let graph = self.graph_for(batch);
+        self.run(batch, 0, graph, params)
+            .map_err(|e| StepError::Device(e.to_string()))
     }
 }
 
@@ -459,17 +390,28 @@ impl Backend for CudaBackend {
         &self.name
     }
     fn config(&self) -> &LlamaConfig {
-        &self.config
+        &self.dev.config
     }
     fn kv_geometry(&self) -> (usize, usize) {
-        (self.block_size, self.n_blocks)
+        (self.dev.block_size, self.n_blocks)
     }
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
-        self.check(batch)?;
-        if batch.tokens.is_empty() {
-            return Ok(Vec::new());
+        match self.step_checked(batch, None)? {
+            Out::Logits(l) => Ok(l),
+            Out::Tokens(_) => Err(StepError::Device("tokens where logits were asked".into())),
         }
-        self.run(batch)
-            .map_err(|e| StepError::Device(e.to_string()))
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn step_sample(
+        &mut self,
+        batch: &Batch,
+        params: &[SampleParams],
+    ) -> Result<Vec<u32>, StepError> {
+        match self.step_checked(batch, Some(params))? {
+            Out::Tokens(t) => Ok(t),
+            Out::Logits(_) => Err(StepError::Device("logits where tokens were asked".into())),
+        }
     }
 }

@@ -1,5 +1,8 @@
 //! One GPU with every kernel loaded: a context, its stream, and the kernels by name,
 //! compiled (or read from the PTX cache) for the device's compute capability.
+//!
+//! Everything on a device runs on its one non-default stream, in order, with cudarc's
+//! cross-stream event tracking turned off (see [`Gpu::open`]).
 
 use super::compile::{self, CompileError};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
@@ -36,6 +39,11 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // One stream per device and nothing shared across streams: cudarc's per-buffer
+        // events are not needed, and an event recorded outside a graph capture cannot be
+        // waited on inside it. Turned off before any buffer exists.
+        // SAFETY: every buffer of this context is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let arch = compile::arch_for(major, minor)?;
         let mut kernels = HashMap::new();
@@ -45,7 +53,8 @@ impl Gpu {
                 kernels.insert(entry, module.load_function(entry)?);
             }
         }
-        let stream = ctx.default_stream();
+        // Not the legacy default stream: CUDA graphs cannot be captured on it.
+        let stream = ctx.new_stream()?;
         Ok(Self {
             ctx,
             stream,

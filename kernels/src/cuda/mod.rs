@@ -1,7 +1,9 @@
 //! The CUDA side of the kernels: CUDA C sources (`kernels/cuda/*.cu`), their run-time
 //! compilation by NVRTC ([`compile`]), the CPU twin of every kernel ([`twins`]: the same
 //! arithmetic, the reference for parity tests), a device handle with every kernel loaded
-//! ([`device`]), and the backend that runs the forward step on a GPU ([`backend`]).
+//! ([`device`]), the step's device work (`step`), its one host-to-device copy
+//! ([`staging`]), and the backend that runs the forward step on a GPU ([`backend`]): CUDA
+//! graphs for decode steps, sampling on the device.
 //!
 //! Nothing here touches CUDA unless [`available`] said the driver library is present
 //! (cudarc loads libraries dynamically; calling into a missing one panics), so one binary
@@ -10,6 +12,8 @@
 pub mod backend;
 pub mod compile;
 pub mod device;
+pub mod staging;
+mod step;
 pub mod twins;
 
 /// A kernel source file.

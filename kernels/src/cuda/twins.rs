@@ -96,7 +96,8 @@ pub fn embed(table: &[f16], tokens: &[u32], dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Twin of `add_rmsnorm` (one output row per entry of `rows`, or per row of `x`).
+/// Twin of `add_rmsnorm` (one output row per entry of `rows`, or per row of `x`; `delta`'s
+/// row is added to each normalized row of `x` first).
 pub fn add_rmsnorm(
     x: &mut [f32],
     delta: Option<&[f32]>,
@@ -113,7 +114,7 @@ pub fn add_rmsnorm(
             continue;
         }
         let xr = &mut x[r as usize * dim..(r as usize + 1) * dim];
-        if let (Some(d), None) = (delta, rows) {
+        if let Some(d) = delta {
             for (a, b) in xr.iter_mut().zip(&d[r as usize * dim..]) {
                 *a += b;
             }
@@ -487,19 +488,17 @@ impl TwinModel {
             let g = swiglu(&gu, t, f);
             delta = Some(gemm(&g, &l.w_down, t, f, d));
         }
-        // The last residual add (its normalized rows unused), then the final norm of the
-        // rows that want logits.
-        add_rmsnorm(
+        // The last residual add and the final norm, of the rows that want logits only.
+        let n_logits = batch.n_logits();
+        let rows: Vec<i32> = inp.logit_rows[..n_logits].to_vec();
+        let h = add_rmsnorm(
             &mut x,
             delta.as_deref(),
             &self.output_norm,
-            None,
+            Some(&rows),
             d,
             c.rms_eps,
         );
-        let n_logits = batch.n_logits();
-        let rows: Vec<i32> = inp.logit_rows[..n_logits].to_vec();
-        let h = add_rmsnorm(&mut x, None, &self.output_norm, Some(&rows), d, c.rms_eps);
         gemm(&h, &self.output, n_logits, d, c.vocab)
     }
 }

@@ -1,0 +1,204 @@
+//! The one host-to-device copy of a step: what the host writes into its pinned staging
+//! buffer, and where each part lies.
+//!
+//! Words (u32), for `S` sequences and `T` rows with `max_blocks` table entries each:
+//!
+//! ```text
+//! [0, 4S)            headers {start, len, pos0, want_logits}   ┐ read by `build_batch`
+//! [4S, 4S+T)         token ids                                 │ (its twin:
+//! [.., +S·max_blocks) block tables                             ┘  `twins::stage`)
+//! sample (even)      temperature[S] f32 | top_k[S] i32 | top_p[S] f32 | step[S] u32
+//! sample + 4S        seed[S] u64 (two words each, 8-byte aligned)
+//! ```
+//!
+//! The sampling part is indexed by logits row (the `sample` kernel's block index). A step
+//! may be padded to a CUDA-graph bucket with dummy decode rows: each is one token at
+//! position 0 whose whole block table is the cache's spare `trash` block, and wants
+//! logits (sampled greedily, then dropped).
+
+use super::twins::SampleParams;
+use crate::forward::Batch;
+
+/// Offsets of one step's staging words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub n_seqs: usize,
+    pub n_tokens: usize,
+    /// First word of the sampling part (even).
+    pub sample: usize,
+    /// Words in all.
+    pub len: usize,
+}
+
+impl Layout {
+    pub fn new(n_seqs: usize, n_tokens: usize, max_blocks: usize) -> Self {
+        let end = 4 * n_seqs + n_tokens + n_seqs * max_blocks;
+        let sample = end + (end & 1);
+        Self {
+            n_seqs,
+            n_tokens,
+            sample,
+            len: sample + 6 * n_seqs,
+        }
+    }
+    pub fn temperature(&self) -> std::ops::Range<usize> {
+        self.sample..self.sample + self.n_seqs
+    }
+    pub fn top_k(&self) -> std::ops::Range<usize> {
+        let a = self.sample + self.n_seqs;
+        a..a + self.n_seqs
+    }
+    pub fn top_p(&self) -> std::ops::Range<usize> {
+        let a = self.sample + 2 * self.n_seqs;
+        a..a + self.n_seqs
+    }
+    pub fn steps(&self) -> std::ops::Range<usize> {
+        let a = self.sample + 3 * self.n_seqs;
+        a..a + self.n_seqs
+    }
+    /// The seeds, in words (two per seed).
+    pub fn seeds(&self) -> std::ops::Range<usize> {
+        let a = self.sample + 4 * self.n_seqs;
+        a..a + 2 * self.n_seqs
+    }
+}
+
+const GREEDY: SampleParams = SampleParams {
+    temperature: 0.0,
+    top_k: 0,
+    top_p: 1.0,
+    seed: 0,
+    step: 0,
+};
+
+/// Writes `batch`, padded with `pad` dummy decode rows, and the sampling parameters of its
+/// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent) into
+/// `out`. Returns the layout; `out` must hold at least its `len` words.
+pub fn write(
+    out: &mut [u32],
+    batch: &Batch,
+    pad: usize,
+    max_blocks: usize,
+    trash: u32,
+    params: &[SampleParams],
+) -> Layout {
+    let n = batch.seqs.len();
+    let t = batch.tokens.len();
+    let lay = Layout::new(n + pad, t + pad, max_blocks);
+    let out = &mut out[..lay.len];
+    let mut w = 0;
+    for sq in &batch.seqs {
+        out[w..w + 4].copy_from_slice(&[
+            sq.start as u32,
+            sq.len as u32,
+            batch.positions[sq.start],
+            sq.logits as u32,
+        ]);
+        w += 4;
+    }
+    for i in 0..pad {
+        out[w..w + 4].copy_from_slice(&[(t + i) as u32, 1, 0, 1]);
+        w += 4;
+    }
+    out[w..w + t].copy_from_slice(&batch.tokens);
+    w += t;
+    out[w..w + pad].fill(0);
+    w += pad;
+    for sq in &batch.seqs {
+        let k = sq.block_table.len().min(max_blocks);
+        out[w..w + k].copy_from_slice(&sq.block_table[..k]);
+        out[w + k..w + max_blocks].fill(0);
+        w += max_blocks;
+    }
+    out[w..w + pad * max_blocks].fill(trash);
+    for row in 0..lay.n_seqs {
+        let p = params.get(row).copied().unwrap_or(GREEDY);
+        out[lay.temperature().start + row] = p.temperature.to_bits();
+        out[lay.top_k().start + row] = p.top_k as u32;
+        out[lay.top_p().start + row] = p.top_p.to_bits();
+        out[lay.steps().start + row] = p.step;
+        let s = lay.seeds().start + 2 * row;
+        out[s] = p.seed as u32;
+        out[s + 1] = (p.seed >> 32) as u32;
+    }
+    if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
+        out[lay.sample - 1] = 0;
+    }
+    lay
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::twins;
+
+    fn batch() -> Batch {
+        let mut b = Batch::default();
+        b.push(&[5, 6, 7], 0, vec![3, 4], true);
+        b.push(&[9], 20, vec![1, 2], false);
+        b.push(&[11], 7, vec![8], true);
+        b
+    }
+
+    #[test]
+    fn the_build_batch_part_is_the_twins_staging() {
+        let b = batch();
+        let mut out = vec![u32::MAX; 4096];
+        let lay = write(&mut out, &b, 0, 4, 99, &[]);
+        let twin = twins::stage(&b, 4);
+        assert_eq!(&out[..twin.len()], &twin[..]);
+        assert_eq!(lay.len, lay.sample + 18);
+        assert!(
+            out[..lay.len].iter().all(|&w| w != u32::MAX),
+            "every word written"
+        );
+    }
+
+    #[test]
+    fn padding_adds_trash_decode_rows_that_build_batch_understands() {
+        let b = batch();
+        let (mb, bs, trash) = (4, 16, 99u32);
+        let mut out = vec![u32::MAX; 4096];
+        let lay = write(&mut out, &b, 2, mb, trash, &[]);
+        assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
+        let inputs = twins::build_batch(&out[..lay.len], 5, 7, mb, bs);
+        // The real rows are unchanged; the dummy rows write slot 0 of the trash block.
+        assert_eq!(&inputs.tokens[..5], &b.tokens[..]);
+        assert_eq!(
+            &inputs.slot_mapping[5..],
+            &[(trash as usize * bs) as i32; 2]
+        );
+        assert_eq!(&inputs.positions[5..], &[0, 0]);
+        assert_eq!(&inputs.seq_of_row[5..], &[3, 4]);
+        // Logits rows: the two real ones that want logits, then both dummies.
+        assert_eq!(&inputs.logit_rows[..4], &[2, 4, 5, 6]);
+    }
+
+    #[test]
+    fn sampling_parameters_sit_by_logits_row_and_seeds_are_aligned() {
+        let b = batch();
+        let p = |t: f32, k: i32, seed: u64| SampleParams {
+            temperature: t,
+            top_k: k,
+            top_p: 0.9,
+            seed,
+            step: 3,
+        };
+        let params = [p(0.7, 40, 0x1234_5678_9abc_def0), p(0.0, 0, 7)];
+        let mut out = vec![u32::MAX; 4096];
+        let lay = write(&mut out, &b, 1, 3, 0, &params);
+        assert_eq!(lay.sample % 2, 0);
+        assert_eq!(f32::from_bits(out[lay.temperature().start]), 0.7);
+        assert_eq!(out[lay.top_k().start] as i32, 40);
+        assert_eq!(f32::from_bits(out[lay.top_p().start + 1]), 0.9);
+        assert_eq!(out[lay.steps().start], 3);
+        let s = lay.seeds().start;
+        assert_eq!(
+            out[s] as u64 | (out[s + 1] as u64) << 32,
+            0x1234_5678_9abc_def0
+        );
+        // Rows past the given parameters (the dummy) are greedy.
+        assert_eq!(f32::from_bits(out[lay.temperature().start + 2]), 0.0);
+        assert_eq!(f32::from_bits(out[lay.top_p().start + 3]), 1.0);
+    }
+}
