@@ -2,19 +2,23 @@
 # The GPU checks of the CUDA kernels, in one script.
 #
 #   bash kernels/gpu-check.sh --build   # here (cargo, no GPU needed): release test and bench
-#                                       # binaries into target/gpu-check/ (~12 MB stripped)
+#                                       # binaries into target/gpu-check/ (stripped)
 #   bash kernels/gpu-check.sh           # on the GPU machine (no cargo there): runs them
 #
 # Carry `target/gpu-check` to the GPU machine. It runs every kernel's parity test against
 # its CPU twin, the twin chain against the CPU engine, the NVRTC compile of every kernel
-# for the device, and the bandwidth/latency benchmark, and prints one table.
+# for the device, the CUDA backend's tests (graphs vs direct launches, sampling on the
+# device, the load-time self-check), then the benchmarks: kernel bandwidth against the
+# card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
+# weights floor (decode_bench), and aggregate decode tokens/s through the engine at 1, 64
+# and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=target/gpu-check
 if [ "${1:-}" = "--build" ]; then
   set -e
   mkdir -p "$OUT"
-  for t in cuda_parity cuda_compile cuda_twins; do
+  for t in cuda_parity cuda_compile cuda_twins cuda_backend; do
     bin=$(cargo test --release -p kernels --test "$t" --no-run --message-format=json 2>/dev/null \
       | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -22,8 +26,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" | tail -1)
     cp "$bin" "$OUT/$t"
   done
-  cargo build --release -q -p kernels --example gpu_bench
-  cp target/release/examples/gpu_bench "$OUT/gpu_bench"
+  cargo build --release -q -p kernels --example gpu_bench --example decode_bench --example synth
+  cargo build --release -q -p gateway --example engine_bench
+  for e in gpu_bench decode_bench synth engine_bench; do cp "target/release/examples/$e" "$OUT/$e"; done
   # Debug info is not needed there; the carry limit is 64 MiB.
   command -v strip >/dev/null && strip --strip-debug "$OUT"/*
   du -sh "$OUT"
@@ -36,13 +41,19 @@ export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 status=0
 printf '\n| check | result |\n|---|---|\n'
-for t in cuda_compile cuda_twins cuda_parity; do
+for t in cuda_compile cuda_twins cuda_parity cuda_backend; do
   log=$(mktemp)
-  if "$OUT/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
+  if timeout 300 "$OUT/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
   grep -q "SKIPPED" "$log" && r="$r (skipped: $(grep -m1 SKIPPED "$log" | cut -c1-80))"
   printf '| %s | %s — %s |\n' "$t" "$r" "$(grep -m1 'test result' "$log")"
   [ "$r" = "pass" ] || tail -30 "$log"
 done
 echo
-"$OUT/gpu_bench" || status=1
+timeout 120 "$OUT/gpu_bench" || status=1
+model=$(mktemp -d)/smollm2-shape.gguf
+"$OUT/synth" "$model" >/dev/null || status=1
+echo
+timeout 240 "$OUT/decode_bench" "$model" || status=1
+echo
+BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 240 "$OUT/engine_bench" "$model" || status=1
 exit $status

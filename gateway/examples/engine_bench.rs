@@ -1,9 +1,13 @@
-//! Engine throughput on the real model (CPU backend): single-stream prefill, and decode
-//! tokens/s at 1, 4, 16 and 64 concurrent streams through the continuous-batching engine.
+//! Engine throughput: single-stream prefill, and aggregate decode tokens/s at several
+//! numbers of concurrent streams through the continuous-batching engine.
 //!
 //!     cargo run --release -p gateway --example engine_bench [-- MODEL.gguf]
 //!
-//! Greedy decoding, 128 new tokens per stream (fewer if the model ends its answer).
+//! Greedy decoding, `TOKENS` (default 128) new tokens per stream (fewer if the model ends
+//! its answer). Environment: `BACKEND=auto|cpu|cuda` (default cpu), `STREAMS=1,4,16,64`
+//! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU).
+//! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
+//! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 
 use futures::StreamExt;
 use gateway::config::EngineConfig;
@@ -72,15 +76,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => gateway::config::Activations::I16,
     };
     println!("activations: {activations:?} (ACTIVATIONS=i16|q8|f32)");
+    let backend = match std::env::var("BACKEND").as_deref() {
+        Ok("cuda") => gateway::config::BackendKind::Cuda,
+        Ok("auto") => gateway::config::BackendKind::Auto,
+        _ => gateway::config::BackendKind::Cpu,
+    };
+    let streams: Vec<usize> = match std::env::var("STREAMS") {
+        Ok(v) => v
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()?,
+        Err(_) => vec![1, 4, 16, 64],
+    };
+    let tokens: u32 = match std::env::var("TOKENS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 128,
+    };
+    let max_seqs = streams.iter().copied().max().unwrap_or(1);
     let cfg = EngineConfig {
-        max_seqs: 64,
-        kv_tokens: 32768,
+        backend,
+        max_seqs,
+        max_concurrency: max_seqs.max(256),
+        max_batch_tokens: if backend == gateway::config::BackendKind::Cpu {
+            512
+        } else {
+            2048
+        },
+        // Room for every stream's prompt and answer.
+        kv_tokens: (max_seqs * (tokens as usize + 128)).max(32768),
         activations,
         ..EngineConfig::default()
     };
     let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg, 0)?);
     println!(
-        "model {} | kernels: {} | threads: {}",
+        "model {} | backend {backend:?} | kernels: {} | threads: {}",
         path.display(),
         kernels::quant::simd_path(),
         std::thread::available_parallelism()?
@@ -105,10 +134,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:>8} {:>10} {:>12} {:>14}",
         "streams", "tokens", "seconds", "tokens/s"
     );
-    for c in [1usize, 4, 16, 64] {
+    for c in streams {
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..c)
-            .map(|i| tokio::spawn(run(w.clone(), chat(format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains."), 128))))
+            .map(|i| tokio::spawn(run(w.clone(), chat(format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains."), tokens))))
             .collect();
         let mut tokens = 0;
         for t in tasks {

@@ -1,0 +1,223 @@
+//! Decode step time of the forward step at batch 1, 16, 64 and 256 (SmolLM2-135M's shape,
+//! synthetic weights), against the floor of reading the weights (and the batch's KV) once
+//! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table.
+//!
+//!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
+//!     decode_bench [MODEL.gguf] [--cpu] [--ctx N] [--batches 1,16,64,256]
+//!
+//! Without a model path it writes the synthetic SmolLM2-shaped model to a temporary
+//! folder. `--cpu` runs the same harness on the CPU backend (a check of the harness,
+//! not a GPU number). Each step is the engine's decode step: one token per sequence at
+//! position `ctx`, sampled on the device (greedy).
+
+use kernels::backend::{Backend, CpuBackend};
+use kernels::cuda::backend::CudaBackend;
+use kernels::cuda::twins::{SampleParams, TwinModel};
+use kernels::forward::Batch;
+use kernels::synth::{write_model, SynthSpec};
+use std::time::Instant;
+
+const BLOCK: usize = 16;
+
+struct Args {
+    model: Option<String>,
+    cpu: bool,
+    ctx: usize,
+    batches: Vec<usize>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        model: None,
+        cpu: false,
+        ctx: 256,
+        batches: vec![1, 16, 64, 256],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--cpu" => a.cpu = true,
+            "--ctx" => {
+                a.ctx = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--ctx N")?
+            }
+            "--batches" => {
+                a.batches = it
+                    .next()
+                    .ok_or("--batches 1,16,...")?
+                    .split(',')
+                    .map(|v| v.parse().map_err(|_| format!("bad batch size {v}")))
+                    .collect::<Result<_, _>>()?
+            }
+            _ if !x.starts_with('-') => a.model = Some(x),
+            _ => return Err(format!("unknown argument {x}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Sequence `s` of a batch owns blocks `[s·per, (s+1)·per)`.
+fn table(s: usize, per: usize) -> Vec<u32> {
+    ((s * per) as u32..((s + 1) * per) as u32).collect()
+}
+
+/// Fills the cache of `n` sequences up to position `ctx` (prefill chunks of up to
+/// `max_tokens` rows).
+fn prefill(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, max_tokens: usize) {
+    let vocab = b.config().vocab as u32;
+    let chunk = max_tokens.min(ctx);
+    for s in 0..n {
+        let mut pos = 0;
+        while pos < ctx {
+            let len = chunk.min(ctx - pos);
+            let toks: Vec<u32> = (0..len)
+                .map(|i| ((pos + i) as u32 * 31 + s as u32) % vocab)
+                .collect();
+            let mut batch = Batch::default();
+            batch.push(&toks, pos, table(s, per), false);
+            b.step(&batch).expect("prefill step");
+            pos += len;
+        }
+    }
+}
+
+/// Seconds per decode step of `n` sequences at position `ctx` (each step rewrites the same
+/// position's keys and values, so the state stays the same).
+fn time_decode(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usize) -> f64 {
+    let mut batch = Batch::default();
+    for s in 0..n {
+        batch.push(&[(s as u32 * 7) % 100], ctx, table(s, per), true);
+    }
+    let params = vec![
+        SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            step: 0,
+        };
+        n
+    ];
+    for _ in 0..3 {
+        b.step_sample(&batch, &params).expect("decode step");
+    }
+    let t = Instant::now();
+    for _ in 0..iters {
+        b.step_sample(&batch, &params).expect("decode step");
+    }
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = args()?;
+    if !a.cpu {
+        if let Err(e) = kernels::cuda::available() {
+            println!("SKIPPED: decode_bench needs a GPU ({e}); --cpu checks the harness");
+            return Ok(());
+        }
+    }
+    let path = match &a.model {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            let dir = std::env::temp_dir().join(format!("tollgate-decode-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let p = dir.join("smollm2-shape.gguf");
+            write_model(&p, &SynthSpec::default())?;
+            p
+        }
+    };
+    let model = kernels::load::load(&path)?.model.clone();
+    let c = model.config.clone();
+    let max_n = a.batches.iter().copied().max().unwrap_or(1);
+    let per = (a.ctx + 1).div_ceil(BLOCK);
+    let (n_blocks, max_tokens) = (max_n * per, 2048);
+    let twin = TwinModel::from_model(&model);
+    let weight_bytes = 2.0
+        * (twin.output.len()
+            + twin
+                .layers
+                .iter()
+                .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
+                .sum::<usize>()) as f64;
+    let (mut which, copy_gbs) = if a.cpu {
+        let b = CpuBackend::new(model.clone(), BLOCK, n_blocks, 0)?;
+        (Which::Cpu(b), f64::NAN)
+    } else {
+        let bw = copy_bandwidth()?;
+        let b = CudaBackend::from_twin(&twin, 0, BLOCK, n_blocks, max_tokens, max_n)?;
+        (Which::Cuda(Box::new(b)), bw)
+    };
+    drop(twin);
+    let backend = which.backend();
+    println!(
+        "{} | model {} ({} layers, dim {}) | weights {:.0} MB f16 | copy {:.0} GB/s | context {}",
+        backend.name(),
+        path.display(),
+        c.n_layers,
+        c.dim,
+        weight_bytes / 1e6,
+        copy_gbs,
+        a.ctx
+    );
+    prefill(backend, max_n, a.ctx, per, max_tokens);
+    println!("| batch | step (graphs) | step (direct) | floor: weights | floor: +KV | tokens/s (best) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &n in &a.batches {
+        let iters = if a.cpu { 3 } else { 200 };
+        let kv_bytes = (n * (a.ctx + 1) * c.n_layers * c.kv_dim() * 2 * 2) as f64;
+        let floor_w = weight_bytes / (copy_gbs * 1e9);
+        let floor_kv = (weight_bytes + kv_bytes) / (copy_gbs * 1e9);
+        let (graphs, direct) = match &mut which {
+            Which::Cuda(cuda) => {
+                cuda.set_graphs(true)?;
+                let g = time_decode(cuda.as_mut(), n, a.ctx, per, iters);
+                cuda.set_graphs(false)?;
+                let d = time_decode(cuda.as_mut(), n, a.ctx, per, iters);
+                (g, d)
+            }
+            Which::Cpu(cpu) => (f64::NAN, time_decode(cpu, n, a.ctx, per, iters)),
+        };
+        println!(
+            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
+            graphs * 1e6,
+            direct * 1e6,
+            floor_w * 1e6,
+            floor_kv * 1e6,
+            n as f64 / if graphs.is_nan() { direct } else { graphs.min(direct) }
+        );
+    }
+    Ok(())
+}
+
+enum Which {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+impl Which {
+    fn backend(&mut self) -> &mut dyn Backend {
+        match self {
+            Which::Cpu(b) => b,
+            Which::Cuda(b) => b.as_mut(),
+        }
+    }
+}
+
+/// Device-to-device copy bandwidth (read + write), GB/s, over 1 GiB.
+fn copy_bandwidth() -> Result<f64, Box<dyn std::error::Error>> {
+    let g = kernels::cuda::device::Gpu::open(0)?;
+    let s = &g.stream;
+    let n = 1usize << 28;
+    let src = s.alloc_zeros::<f32>(n)?;
+    let mut dst = s.alloc_zeros::<f32>(n)?;
+    s.memcpy_dtod(&src, &mut dst)?;
+    s.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..20 {
+        s.memcpy_dtod(&src, &mut dst)?;
+    }
+    s.synchronize()?;
+    Ok(2.0 * 4.0 * n as f64 * 20.0 / t.elapsed().as_secs_f64() / 1e9)
+}
