@@ -37,12 +37,7 @@ fn args() -> Result<Args, String> {
     while let Some(x) = it.next() {
         match x.as_str() {
             "--cpu" => a.cpu = true,
-            "--ctx" => {
-                a.ctx = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--ctx N")?
-            }
+            "--ctx" => a.ctx = it.next().and_then(|v| v.parse().ok()).ok_or("--ctx N")?,
             "--batches" => {
                 a.batches = it
                     .next()
@@ -143,7 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .sum::<usize>()) as f64;
     let (mut which, copy_gbs) = if a.cpu {
         let b = CpuBackend::new(model.clone(), BLOCK, n_blocks, 0)?;
-        (Which::Cpu(b), f64::NAN)
+        (Which::Cpu(Box::new(b)), f64::NAN)
     } else {
         let bw = copy_bandwidth()?;
         let b = CudaBackend::from_twin(&twin, 0, BLOCK, n_blocks, max_tokens, max_n)?;
@@ -162,7 +157,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         a.ctx
     );
     prefill(backend, max_n, a.ctx, per, max_tokens);
-    println!("| batch | step (graphs) | step (direct) | floor: weights | floor: +KV | tokens/s (best) |");
+    println!(
+        "| batch | step (graphs) | step (direct) | floor: weights | floor: +KV | tokens/s (best) |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     for &n in &a.batches {
         let iters = if a.cpu { 3 } else { 200 };
@@ -177,7 +174,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let d = time_decode(cuda.as_mut(), n, a.ctx, per, iters);
                 (g, d)
             }
-            Which::Cpu(cpu) => (f64::NAN, time_decode(cpu, n, a.ctx, per, iters)),
+            Which::Cpu(cpu) => (f64::NAN, time_decode(cpu.as_mut(), n, a.ctx, per, iters)),
         };
         println!(
             "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
@@ -185,21 +182,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             direct * 1e6,
             floor_w * 1e6,
             floor_kv * 1e6,
-            n as f64 / if graphs.is_nan() { direct } else { graphs.min(direct) }
+            n as f64
+                / if graphs.is_nan() {
+                    direct
+                } else {
+                    graphs.min(direct)
+                }
         );
     }
     Ok(())
 }
 
 enum Which {
-    Cpu(CpuBackend),
+    Cpu(Box<CpuBackend>),
     Cuda(Box<CudaBackend>),
 }
 
 impl Which {
     fn backend(&mut self) -> &mut dyn Backend {
         match self {
-            Which::Cpu(b) => b,
+            Which::Cpu(b) => b.as_mut(),
             Which::Cuda(b) => b.as_mut(),
         }
     }

@@ -2,13 +2,135 @@
 //! NVRTC path, with no GPU: CI installs NVRTC from the PyPI package `nvidia-cuda-nvrtc`
 //! (13.0.x) and puts its `nvidia/cu13/lib` on `LD_LIBRARY_PATH`. A kernel that does not
 //! compile fails this test. Without NVRTC it skips, unless `TOLLGATE_REQUIRE_TOOLS=1`.
+//!
+//! With `ptxas` (PyPI `nvidia-cuda-nvcc` 13.0.x, its path in `TOLLGATE_PTXAS`; CI sets it),
+//! every entry point is also assembled for sm_90: it must fit its launch's block size in
+//! registers (registers × threads ≤ 64 K, or the launch fails on the GPU) and spill
+//! nothing. The report (registers, shared memory) is printed.
 
-use kernels::cuda::{compile, nvrtc_present, SOURCES};
+use kernels::cuda::{compile, nvrtc_present, LAUNCH_THREADS, SOURCES};
+
+fn tools_required() -> bool {
+    std::env::var("TOLLGATE_REQUIRE_TOOLS").as_deref() == Ok("1")
+}
+
+/// `ptxas -v` figures of one entry point.
+#[derive(Debug, Default)]
+struct Report {
+    registers: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    smem: u32,
+}
+
+fn parse_ptxas(log: &str) -> Vec<(String, Report)> {
+    let mut out: Vec<(String, Report)> = Vec::new();
+    let num_before = |line: &str, word: &str| -> u32 {
+        let toks: Vec<&str> = line
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .collect();
+        toks.iter()
+            .position(|t| *t == word)
+            .and_then(|i| toks[..i].iter().rev().find_map(|t| t.parse().ok()))
+            .unwrap_or(0)
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push((name, Report::default()));
+        } else if let Some((_, r)) = out.last_mut() {
+            if line.contains("spill stores") {
+                // "N bytes stack frame, N bytes spill stores, N bytes spill loads"
+                for part in line.split(',') {
+                    if part.contains("spill stores") {
+                        r.spill_stores = num_before(part, "bytes");
+                    } else if part.contains("spill loads") {
+                        r.spill_loads = num_before(part, "bytes");
+                    }
+                }
+            } else if line.contains("Used") && line.contains("registers") {
+                r.registers = num_before(line, "registers");
+                if line.contains("smem") {
+                    let smem = line.split("barriers,").nth(1).unwrap_or("");
+                    r.smem = num_before(smem, "bytes");
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_fits_its_launch_on_sm_90() {
+    let ptxas = std::env::var("TOLLGATE_PTXAS").ok();
+    let Some(ptxas) = ptxas.filter(|p| std::path::Path::new(p).exists()) else {
+        assert!(
+            !tools_required(),
+            "TOLLGATE_REQUIRE_TOOLS=1 but TOLLGATE_PTXAS is not set to ptxas"
+        );
+        eprintln!("SKIPPED: no ptxas (pip install nvidia-cuda-nvcc; TOLLGATE_PTXAS=.../nvidia/cu13/bin/ptxas)");
+        return;
+    };
+    if !nvrtc_present() {
+        assert!(
+            !tools_required(),
+            "TOLLGATE_REQUIRE_TOOLS=1 but NVRTC is not loadable"
+        );
+        eprintln!("SKIPPED: NVRTC not found");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tollgate-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    eprintln!("| kernel | threads | registers | spills (st/ld bytes) | shared memory |");
+    for src in SOURCES {
+        let ptx = compile::compile(src, "compute_90").unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join(format!("{}.ptx", src.name));
+        std::fs::write(&path, ptx).unwrap();
+        let out = std::process::Command::new(&ptxas)
+            .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
+            .arg(&path)
+            .output()
+            .expect("run ptxas");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "ptxas failed on {}.cu:\n{log}",
+            src.name
+        );
+        let reports = parse_ptxas(&log);
+        for entry in src.entries {
+            let (_, r) = reports
+                .iter()
+                .find(|(n, _)| n == entry)
+                .unwrap_or_else(|| panic!("no ptxas report for {entry}:\n{log}"));
+            let threads = LAUNCH_THREADS
+                .iter()
+                .find(|(n, _)| n == entry)
+                .unwrap_or_else(|| panic!("{entry} has no LAUNCH_THREADS entry"))
+                .1;
+            eprintln!(
+                "| {entry} | {threads} | {} | {}/{} | {} B |",
+                r.registers, r.spill_stores, r.spill_loads, r.smem
+            );
+            assert!(r.registers > 0, "{entry}: no register count in\n{log}");
+            assert!(
+                r.registers * threads <= 65536,
+                "{entry}: {} registers × {threads} threads exceed the 64 K registers of a block",
+                r.registers
+            );
+            assert_eq!(
+                (r.spill_stores, r.spill_loads),
+                (0, 0),
+                "{entry} spills registers"
+            );
+        }
+    }
+}
 
 #[test]
 fn every_kernel_compiles_to_ptx_for_compute_90() {
     if !nvrtc_present() {
-        if std::env::var("TOLLGATE_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        if tools_required() {
             panic!("TOLLGATE_REQUIRE_TOOLS=1 but libnvrtc.so.13 is not loadable (LD_LIBRARY_PATH)");
         }
         eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc; LD_LIBRARY_PATH=.../nvidia/cu13/lib)");
@@ -47,4 +169,27 @@ fn a_broken_kernel_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("broken.cu"), "{err}");
+}
+
+#[test]
+fn ptxas_reports_are_parsed() {
+    let log = "ptxas info    : 24 bytes gmem
+ptxas info    : Compiling entry function 'rope' for 'sm_90'
+ptxas info    : Function properties for rope
+    32 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 20 registers, used 0 barriers, 32 bytes cumulative stack size
+ptxas info    : Compiling entry function 'sample' for 'sm_90'
+ptxas info    : Function properties for sample
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 72 registers, used 1 barriers, 4224 bytes smem
+";
+    let r = parse_ptxas(log);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].0, "rope");
+    assert_eq!(
+        (r[0].1.registers, r[0].1.spill_stores, r[0].1.spill_loads),
+        (20, 8, 4)
+    );
+    assert_eq!(r[1].0, "sample");
+    assert_eq!((r[1].1.registers, r[1].1.smem), (72, 4224));
 }

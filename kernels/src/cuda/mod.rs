@@ -71,6 +71,21 @@ pub const SOURCES: &[Source] = &[
     },
 ];
 
+/// Threads per block each entry point is launched with (`step.rs`, the benches and the
+/// parity tests): `cuda_compile` checks with `ptxas` that each fits its registers at that
+/// size on sm_90.
+pub const LAUNCH_THREADS: &[(&str, u32)] = &[
+    ("build_batch", 256),
+    ("embed", 256),
+    ("add_rmsnorm", 256),
+    ("rope", 256),
+    ("kv_write", 256),
+    ("attention_prefill", 128),
+    ("attention_decode", 128),
+    ("swiglu", 256),
+    ("sample", 1024),
+];
+
 /// What is missing for CUDA, or `Ok` when the driver, NVRTC and cuBLAS libraries load.
 pub fn libraries() -> Result<(), String> {
     // SAFETY: these only try to open the shared libraries; they call nothing in them.
