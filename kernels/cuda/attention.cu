@@ -10,8 +10,16 @@
 // attention_prefill: any packed batch (prefill chunks and decodes); row r attends to
 // positions 0..=positions[r] of its sequence seq_of_row[r].
 // attention_decode: one row per sequence (row r is sequence r), as in decode steps.
+//
+// MAX_GROUP (query heads per KV head) and MAX_DPL (head_dim / 32) size the per-thread
+// state; the loader sets them to the model's values (-D) so that no register is unused,
+// else these general limits apply.
+#ifndef MAX_GROUP
 #define MAX_GROUP 8
+#endif
+#ifndef MAX_DPL
 #define MAX_DPL 4   // head_dim <= 128
+#endif
 #define MAX_WARPS 4
 
 __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,

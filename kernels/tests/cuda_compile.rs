@@ -82,93 +82,60 @@ fn every_kernel_fits_its_launch_on_sm_90() {
     let dir = std::env::temp_dir().join(format!("tollgate-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     eprintln!("| kernel | threads | registers | spills (st/ld bytes) | shared memory |");
-    for src in SOURCES {
-        let ptx = compile::compile(src, "compute_90").unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.join(format!("{}.ptx", src.name));
-        std::fs::write(&path, ptx).unwrap();
-        let out = std::process::Command::new(&ptxas)
-            .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
-            .arg(&path)
-            .output()
-            .expect("run ptxas");
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "ptxas failed on {}.cu:\n{log}",
-            src.name
-        );
-        let reports = parse_ptxas(&log);
-        for entry in src.entries {
-            let (_, r) = reports
-                .iter()
-                .find(|(n, _)| n == entry)
-                .unwrap_or_else(|| panic!("no ptxas report for {entry}:\n{log}"));
-            let threads = LAUNCH_THREADS
-                .iter()
-                .find(|(n, _)| n == entry)
-                .unwrap_or_else(|| panic!("{entry} has no LAUNCH_THREADS entry"))
-                .1;
-            eprintln!(
-                "| {entry} | {threads} | {} | {}/{} | {} B |",
-                r.registers, r.spill_stores, r.spill_loads, r.smem
-            );
-            assert!(r.registers > 0, "{entry}: no register count in\n{log}");
+    eprintln!("|---|---:|---:|---:|---:|");
+    // The general build, then the one the backend loads for SmolLM2 (3 query heads per
+    // KV head, head_dim 64).
+    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2)];
+    for (defines, label) in [(&[][..], ""), (smol, " (SmolLM2)")] {
+        for src in SOURCES {
+            let specialized = src.code.contains("#ifndef MAX_GROUP");
+            if !defines.is_empty() && !specialized {
+                continue;
+            }
+            let ptx =
+                compile::compile_with(src, "compute_90", defines).unwrap_or_else(|e| panic!("{e}"));
+            let path = dir.join(format!("{}.ptx", src.name));
+            std::fs::write(&path, ptx).unwrap();
+            let out = std::process::Command::new(&ptxas)
+                .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .expect("run ptxas");
+            let log = String::from_utf8_lossy(&out.stderr);
             assert!(
-                r.registers * threads <= 65536,
-                "{entry}: {} registers × {threads} threads exceed the 64 K registers of a block",
-                r.registers
-            );
-            assert_eq!(
-                (r.spill_stores, r.spill_loads),
-                (0, 0),
-                "{entry} spills registers"
-            );
-        }
-    }
-}
-
-#[test]
-fn every_kernel_compiles_to_ptx_for_compute_90() {
-    if !nvrtc_present() {
-        if tools_required() {
-            panic!("TOLLGATE_REQUIRE_TOOLS=1 but libnvrtc.so.13 is not loadable (LD_LIBRARY_PATH)");
-        }
-        eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc; LD_LIBRARY_PATH=.../nvidia/cu13/lib)");
-        return;
-    }
-    for src in SOURCES {
-        let ptx = compile::compile(src, "compute_90").unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            ptx.contains(".target sm_90"),
-            "{}: {}",
-            src.name,
-            &ptx[..200.min(ptx.len())]
-        );
-        for entry in src.entries {
-            assert!(
-                ptx.contains(&format!(".entry {entry}(")),
-                "{}.cu: no entry point {entry}",
+                out.status.success(),
+                "ptxas failed on {}.cu:\n{log}",
                 src.name
             );
+            let reports = parse_ptxas(&log);
+            for entry in src.entries {
+                let (_, r) = reports
+                    .iter()
+                    .find(|(n, _)| n == entry)
+                    .unwrap_or_else(|| panic!("no ptxas report for {entry}:\n{log}"));
+                let threads = LAUNCH_THREADS
+                    .iter()
+                    .find(|(n, _)| n == entry)
+                    .unwrap_or_else(|| panic!("{entry} has no LAUNCH_THREADS entry"))
+                    .1;
+                eprintln!(
+                    "| {entry}{label} | {threads} | {} | {}/{} | {} B |",
+                    r.registers, r.spill_stores, r.spill_loads, r.smem
+                );
+                assert!(r.registers > 0, "{entry}: no register count in\n{log}");
+                assert!(
+                    r.registers * threads <= 65536,
+                    "{entry}: {} registers × {threads} threads exceed the 64 K registers of a block",
+                    r.registers
+                );
+                assert_eq!(
+                    (r.spill_stores, r.spill_loads),
+                    (0, 0),
+                    "{entry} spills registers"
+                );
+            }
         }
     }
-}
-
-#[test]
-fn a_broken_kernel_is_a_clear_error() {
-    if !nvrtc_present() {
-        eprintln!("SKIPPED: NVRTC not found");
-        return;
-    }
-    let bad = kernels::cuda::Source {
-        name: "broken",
-        code: "extern \"C\" __global__ void broken(float* x) { x[0] = undefined_name; }",
-        entries: &["broken"],
-    };
-    let err = compile::compile(&bad, "compute_90")
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("broken.cu"), "{err}");
 }
 
 #[test]

@@ -15,14 +15,21 @@ pub enum CompileError {
     Arch(String),
 }
 
+/// Compile-time constants for the kernels (`-DNAME=VALUE`), e.g. the attention kernel's
+/// `MAX_GROUP` and `MAX_DPL` fitted to a model's heads so that it holds no unused
+/// registers. Empty: the sources' general defaults.
+pub type Defines<'a> = &'a [(&'static str, usize)];
+
 /// NVRTC options for every kernel.
-fn options(arch: &'static str, name: &'static str) -> CompileOptions {
+fn options(arch: &'static str, name: &'static str, defines: Defines) -> CompileOptions {
+    let mut options = vec!["--std=c++17".to_string()];
+    options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     CompileOptions {
         arch: Some(arch),
         name: Some(format!("{name}.cu")),
         // Precise division and sqrt: the CPU twins are compared at tight tolerances.
         use_fast_math: Some(false),
-        options: vec!["--std=c++17".into()],
+        options,
         ..Default::default()
     }
 }
@@ -49,10 +56,19 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("tollgate-ptx"))
 }
 
-/// Compiles one source (no cache).
+/// Compiles one source (no cache) with the sources' default constants.
 pub fn compile(src: &Source, arch: &'static str) -> Result<String, CompileError> {
+    compile_with(src, arch, &[])
+}
+
+/// Compiles one source (no cache) with `defines`.
+pub fn compile_with(
+    src: &Source,
+    arch: &'static str,
+    defines: Defines,
+) -> Result<String, CompileError> {
     let code = format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", src.name, src.code);
-    compile_ptx_with_opts(code, options(arch, src.name))
+    compile_ptx_with_opts(code, options(arch, src.name, defines))
         .map(|p| p.to_src())
         .map_err(|e| CompileError::Nvrtc {
             name: src.name,
@@ -61,18 +77,18 @@ pub fn compile(src: &Source, arch: &'static str) -> Result<String, CompileError>
 }
 
 /// Compiles one source, or reads it from the cache.
-pub fn cached(src: &Source, arch: &'static str) -> Result<Ptx, CompileError> {
+pub fn cached(src: &Source, arch: &'static str, defines: Defines) -> Result<Ptx, CompileError> {
     let mut h = Sha256::new();
     h.update(COMMON);
     h.update(src.code);
     h.update(arch);
-    h.update(format!("{:?}", options(arch, src.name).options));
+    h.update(format!("{:?}", options(arch, src.name, defines).options));
     let key = hex::encode(&h.finalize()[..12]);
     let path = cache_dir().join(format!("{}-{arch}-{key}.ptx", src.name));
     if let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(Ptx::from_src(ptx));
     }
-    let ptx = compile(src, arch)?;
+    let ptx = compile_with(src, arch, defines)?;
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         // Write then rename: concurrent compilers never see a half-written file.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -83,7 +99,13 @@ pub fn cached(src: &Source, arch: &'static str) -> Result<Ptx, CompileError> {
     Ok(Ptx::from_src(ptx))
 }
 
-/// Every source, compiled (or cached) for `arch`.
-pub fn all(arch: &'static str) -> Result<Vec<(&'static Source, Ptx)>, CompileError> {
-    SOURCES.iter().map(|s| Ok((s, cached(s, arch)?))).collect()
+/// Every source, compiled (or cached) for `arch` with `defines`.
+pub fn all(
+    arch: &'static str,
+    defines: Defines,
+) -> Result<Vec<(&'static Source, Ptx)>, CompileError> {
+    SOURCES
+        .iter()
+        .map(|s| Ok((s, cached(s, arch, defines)?)))
+        .collect()
 }

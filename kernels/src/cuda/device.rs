@@ -5,6 +5,7 @@
 //! cross-stream event tracking turned off (see [`Gpu::open`]).
 
 use super::compile::{self, CompileError};
+use crate::model::LlamaConfig;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,8 +31,20 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens device `ordinal` (checking first that the CUDA libraries load).
+    /// Opens device `ordinal` (checking first that the CUDA libraries load), with the
+    /// kernels compiled for any model shape they support.
     pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        Self::open_with(ordinal, &[])
+    }
+
+    /// Opens device `ordinal` with the kernels compiled for `config`'s attention shape
+    /// (query heads per KV head, head dimension), or an error naming what the kernels do
+    /// not support.
+    pub fn open_for(ordinal: usize, config: &LlamaConfig) -> Result<Self, GpuError> {
+        Self::open_with(ordinal, &attention_defines(config)?)
+    }
+
+    fn open_with(ordinal: usize, defines: compile::Defines) -> Result<Self, GpuError> {
         let n = super::available().map_err(GpuError::Unavailable)?;
         if ordinal >= n {
             return Err(GpuError::Unavailable(format!(
@@ -47,7 +60,7 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability()?;
         let arch = compile::arch_for(major, minor)?;
         let mut kernels = HashMap::new();
-        for (src, ptx) in compile::all(arch)? {
+        for (src, ptx) in compile::all(arch, defines)? {
             let module = ctx.load_module(ptx)?;
             for &entry in src.entries {
                 kernels.insert(entry, module.load_function(entry)?);
@@ -75,4 +88,28 @@ impl Gpu {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         format!("{name} ({})", self.arch)
     }
+}
+
+/// The attention kernel's limits: query heads per KV head, and head dimension (a multiple
+/// of 32, one warp's lanes times `MAX_DPL`).
+pub const MAX_GROUP: usize = 8;
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// `MAX_GROUP` and `MAX_DPL` for a model (its group and head_dim / 32), or why the CUDA
+/// kernels cannot run it.
+pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, GpuError> {
+    let group = c.n_heads / c.n_kv_heads.max(1);
+    if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) || group > MAX_GROUP {
+        return Err(GpuError::Unavailable(format!(
+            "{} query heads over {} KV heads: the CUDA attention supports groups of up to {MAX_GROUP}",
+            c.n_heads, c.n_kv_heads
+        )));
+    }
+    if !c.head_dim.is_multiple_of(32) || c.head_dim > MAX_HEAD_DIM || c.head_dim == 0 {
+        return Err(GpuError::Unavailable(format!(
+            "head dimension {}: the CUDA attention supports multiples of 32 up to {MAX_HEAD_DIM}",
+            c.head_dim
+        )));
+    }
+    Ok(vec![("MAX_GROUP", group), ("MAX_DPL", c.head_dim / 32)])
 }

@@ -167,7 +167,7 @@ impl Device {
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
-        let gpu = Gpu::open(device)?;
+        let gpu = Gpu::open_for(device, &twin.config)?;
         let s = gpu.stream.clone();
         let c = twin.config.clone();
         let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
