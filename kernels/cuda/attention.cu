@@ -5,7 +5,8 @@
 // head_dim (dims lane, lane+32, ...), and each warp keeps an online-softmax state per
 // query head of the group, so the group's heads read each key and value once. The warps'
 // states are merged through shared memory at the end. Output: f16 [rows, n_heads·head_dim]
-// (the output projection's input).
+// (the output projection's input). Query row r starts at q + r · q_stride (the QKV
+// product's rows, whose first n_heads · head_dim floats are the queries).
 //
 // attention_prefill: any packed batch (prefill chunks and decodes); row r attends to
 // positions 0..=positions[r] of its sequence seq_of_row[r].
@@ -97,7 +98,7 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     }
 }
 
-extern "C" __global__ void attention_prefill(const float* __restrict__ q,
+extern "C" __global__ void attention_prefill(const float* __restrict__ q, int q_stride,
                                              const half_t* __restrict__ kc,
                                              const half_t* __restrict__ vc,
                                              const int* __restrict__ block_tables,
@@ -108,12 +109,12 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q,
                                              int block_size, float scale) {
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
-    attend(q + (size_t)r * n_heads * head_dim, kc, vc,
+    attend(q + (size_t)r * q_stride, kc, vc,
            block_tables + (size_t)seq_of_row[r] * max_blocks, (int)positions[r] + 1, kvh,
            n_kv_heads, head_dim, block_size, group, scale, out + (size_t)r * n_heads * head_dim);
 }
 
-extern "C" __global__ void attention_decode(const float* __restrict__ q,
+extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_stride,
                                             const half_t* __restrict__ kc,
                                             const half_t* __restrict__ vc,
                                             const int* __restrict__ block_tables,
@@ -123,7 +124,7 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q,
                                             int block_size, float scale) {
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
-    attend(q + (size_t)r * n_heads * head_dim, kc, vc, block_tables + (size_t)r * max_blocks,
+    attend(q + (size_t)r * q_stride, kc, vc, block_tables + (size_t)r * max_blocks,
            (int)positions[r] + 1, kvh, n_kv_heads, head_dim, block_size, group, scale,
            out + (size_t)r * n_heads * head_dim);
 }

@@ -1,4 +1,4 @@
-//! Memory-bound kernel bandwidth on a GPU, against the card's measured device-to-device
+//! Memory-bound kernel bandwidth on a GPU (add_rmsnorm, rope_kv_write, build_batch), against the card's measured device-to-device
 //! copy bandwidth; and paged decode attention at batch 1, 16, 64, 256. Prints one table.
 //!
 //! `cargo build --release -p kernels --example gpu_bench` here; run by
@@ -41,7 +41,20 @@ fn row(name: &str, bytes: f64, secs: f64, copy: f64) {
 }
 
 fn main() {
-    let g = match Gpu::open(0) {
+    // Kernels as the backend loads them for SmolLM2 (attention fitted to its heads).
+    let smol = kernels::model::LlamaConfig {
+        n_layers: 30,
+        dim: 576,
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        ffn_dim: 1536,
+        vocab: 49152,
+        rope_base: 100000.0,
+        rms_eps: 1e-5,
+        context_len: 8192,
+    };
+    let g = match Gpu::open_for(0, &smol) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("SKIPPED: {e}");
@@ -90,32 +103,38 @@ fn main() {
         copy,
     );
 
-    // rope: 32k rows, SmolLM2's 9 q heads + 3 k heads of 64.
+    // rope_kv_write: 32k rows of SmolLM2's QKV (9 q + 3 k + 3 v heads of 64): q and k
+    // rotated in place (read + write), k and v written to the cache in f16.
     let (nh, nkv, hd) = (9i32, 3i32, 64i32);
-    let mut q: CudaSlice<f32> = s.alloc_zeros(t * 576).unwrap();
-    let mut k: CudaSlice<f32> = s.alloc_zeros(t * 192).unwrap();
+    let w = 576 + 2 * 192;
+    let mut qkv: CudaSlice<f32> = s.alloc_zeros(t * w).unwrap();
     let pos: CudaSlice<u32> = s.alloc_zeros(t).unwrap();
-    let (ti, base) = (t as i32, 100000f32);
+    let slots = s.memcpy_stod(&(0..t as i32).collect::<Vec<_>>()).unwrap();
+    let mut kc: CudaSlice<f16> = s.alloc_zeros(t * 192).unwrap();
+    let mut vc: CudaSlice<f16> = s.alloc_zeros(t * 192).unwrap();
+    let (wi, ti, bsi, base) = (w as i32, t as i32, 16i32, 100000f32);
     let threads = (t * 12 * 32) as u32;
-    let f = g.kernel("rope").unwrap();
+    let f = g.kernel("rope_kv_write").unwrap();
     let secs = time(&g, || {
         let mut l = s.launch_builder(f);
-        l.arg(&mut q)
-            .arg(&mut k)
+        l.arg(&mut qkv)
+            .arg(&wi)
             .arg(&pos)
+            .arg(&slots)
+            .arg(&mut kc)
+            .arg(&mut vc)
             .arg(&ti)
             .arg(&nh)
             .arg(&nkv)
             .arg(&hd)
+            .arg(&bsi)
             .arg(&base);
         unsafe { l.launch(cfg((threads.div_ceil(256), 1), 256)) }.unwrap();
     });
-    row(
-        "rope 32768 rows",
-        (t * 768) as f64 * 8.0 + t as f64 * 4.0,
-        secs,
-        copy,
-    );
+    drop((qkv, kc, vc));
+    // q, k read and written (f32); v read (f32); k, v written (f16); positions, slots.
+    let bytes = (t * 768) as f64 * 8.0 + (t * 192) as f64 * (4.0 + 2.0 * 2.0) + t as f64 * 8.0;
+    row("rope_kv_write 32768 rows", bytes, secs, copy);
 
     // build_batch: 256 sequences × 64 tokens, 512 table entries each.
     let (ns, per, mb, bs) = (256usize, 64usize, 512usize, 16i32);
@@ -160,12 +179,14 @@ fn main() {
         let tb = s.memcpy_stod(&tables).unwrap();
         let pos = s.memcpy_stod(&vec![(ctx - 1) as u32; batch]).unwrap();
         let qd: CudaSlice<f32> = s.alloc_zeros(batch * 576).unwrap();
+        let q_stride = 576i32;
         let mut out: CudaSlice<f16> = s.alloc_zeros(batch * 576).unwrap();
         let (mbi, scale) = ((ctx / 16) as i32, 0.125f32);
         let f = g.kernel("attention_decode").unwrap();
         let secs = time(&g, || {
             let mut l = s.launch_builder(f);
             l.arg(&qd)
+                .arg(&q_stride)
                 .arg(&kc)
                 .arg(&vc)
                 .arg(&tb)

@@ -224,65 +224,29 @@ fn add_rmsnorm_matches_its_twin() {
     );
 }
 
-#[test]
-fn rope_matches_its_twin() {
-    let Some(g) = gpu() else { return };
-    let mut rng = Rng(4);
-    let c = smol();
-    let t = 200;
-    let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
-    let mut q = rng.vec(t * qd, 2.0);
-    let mut k = rng.vec(t * kd, 2.0);
-    let pos: Vec<u32> = (0..t).map(|_| rng.below(8192) as u32).collect();
-    let (mut qg, mut kg) = (up(&g, &q), up(&g, &k));
-    let pd = up(&g, &pos);
-    twins::rope(
-        &mut q,
-        &mut k,
-        &pos,
-        c.n_heads,
-        c.n_kv_heads,
-        c.head_dim,
-        c.rope_base,
-    );
-    let n = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
-    let a0 = t as i32;
-    let a1 = c.n_heads as i32;
-    let a2 = c.n_kv_heads as i32;
-    let a3 = c.head_dim as i32;
-    let mut l = g.stream.launch_builder(g.kernel("rope").unwrap());
-    l.arg(&mut qg)
-        .arg(&mut kg)
-        .arg(&pd)
-        .arg(&a0)
-        .arg(&a1)
-        .arg(&a2)
-        .arg(&a3)
-        .arg(&c.rope_base);
-    unsafe { l.launch(cfg(n.div_ceil(256), 256)) }.unwrap();
-    // Angles up to 8192 rad: float argument reduction differs in the last bits.
-    assert!(rel(&down(&g, &qg), &q) < 1e-3);
-    assert!(rel(&down(&g, &kg), &k) < 1e-3);
-}
-
 struct Cache {
     k: Vec<f16>,
     v: Vec<f16>,
+    /// The QKV rows after RoPE (queries and keys rotated), `stride` floats each.
+    qkv: Vec<f32>,
+    stride: usize,
 }
 
-/// A random batch's keys and values written into a poisoned cache, on both sides.
-fn write_cache(
+/// A random batch's QKV rows through `rope_kv_write` into a cache filled with arbitrary
+/// values, on both sides; returns the twin's cache and rows and the GPU's.
+fn rope_kv(
     g: &Gpu,
     c: &LlamaConfig,
     b: &Batch,
     bs: usize,
     n_blocks: usize,
     rng: &mut Rng,
-) -> (Cache, CudaSlice<f16>, CudaSlice<f16>) {
+) -> (Cache, CudaSlice<f32>, CudaSlice<f16>, CudaSlice<f16>) {
     let t = b.tokens.len();
-    let kd = c.kv_dim();
-    let k = rng.vec(t * kd, 1.0);
-    let v = rng.vec(t * kd, 1.0);
+    let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
+    // A row stride wider than q|k|v, as a guard that the kernel follows it.
+    let stride = qd + 2 * kd + 8;
+    let mut qkv = rng.vec(t * stride, 2.0);
     let max_blocks = c.context_len / bs;
     let inp = twins::build_batch(
         &twins::stage(b, max_blocks),
@@ -294,50 +258,66 @@ fn write_cache(
     let n = n_blocks * bs * kd;
     // Slots no row writes hold arbitrary (finite) values on both sides.
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
-    let mut cache = Cache {
-        k: fill.clone(),
-        v: fill.clone(),
-    };
-    twins::kv_write(
-        &k,
-        &v,
-        &mut cache.k,
-        &mut cache.v,
+    let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
+    let mut qg = qg;
+    let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+    let mut cache_k = fill.clone();
+    let mut cache_v = fill;
+    twins::rope_kv_write(
+        &mut qkv,
+        stride,
+        &inp.positions,
         &inp.slot_mapping,
-        c.n_kv_heads,
-        c.head_dim,
+        &mut cache_k,
+        &mut cache_v,
+        c,
         bs,
     );
-    let (kg, vg, sm) = (up(g, &k), up(g, &v), up(g, &inp.slot_mapping));
-    let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
-    let total = (t * kd) as u32;
-    let a0 = t as i32;
-    let a1 = c.n_kv_heads as i32;
-    let a2 = c.head_dim as i32;
-    let a3 = bs as i32;
-    let mut l = g.stream.launch_builder(g.kernel("kv_write").unwrap());
-    l.arg(&kg)
-        .arg(&vg)
+    let n_threads = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
+    let (a0, a1, a2, a3, a4, a5) = (
+        stride as i32,
+        t as i32,
+        c.n_heads as i32,
+        c.n_kv_heads as i32,
+        c.head_dim as i32,
+        bs as i32,
+    );
+    let mut l = g.stream.launch_builder(g.kernel("rope_kv_write").unwrap());
+    l.arg(&mut qg)
+        .arg(&a0)
+        .arg(&pd)
+        .arg(&sm)
         .arg(&mut kc)
         .arg(&mut vc)
-        .arg(&sm)
-        .arg(&a0)
         .arg(&a1)
         .arg(&a2)
-        .arg(&a3);
-    unsafe { l.launch(cfg(total.div_ceil(256), 256)) }.unwrap();
-    (cache, kc, vc)
+        .arg(&a3)
+        .arg(&a4)
+        .arg(&a5)
+        .arg(&c.rope_base);
+    unsafe { l.launch(cfg(n_threads.div_ceil(256), 256)) }.unwrap();
+    let cache = Cache {
+        k: cache_k,
+        v: cache_v,
+        qkv,
+        stride,
+    };
+    (cache, qg, kc, vc)
 }
 
 #[test]
-fn kv_write_matches_its_twin() {
+fn rope_kv_write_matches_its_twin() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(5);
+    let mut rng = Rng(4);
     let c = smol();
+    // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    let (cache, kc, vc) = write_cache(&g, &c, &b, 16, 1024, &mut rng);
-    assert_eq!(down(&g, &kc), cache.k);
-    assert_eq!(down(&g, &vc), cache.v);
+    let (want, qg, kc, vc) = rope_kv(&g, &c, &b, 16, 1024, &mut rng);
+    // Angles of hundreds of radians: float argument reduction differs in the last bits.
+    assert!(rel(&down(&g, &qg), &want.qkv) < 1e-3, "rotated rows");
+    let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
+    assert!(close(&down(&g, &kc), &want.k) < 2e-3, "keys in the cache");
+    assert_eq!(down(&g, &vc), want.v, "values in the cache");
 }
 
 #[test]
@@ -354,7 +334,7 @@ fn attention_prefill_and_decode_match_their_twin() {
         } else {
             random_batch(&mut rng, 9, 60, bs, max_blocks)
         };
-        let (cache, kc, vc) = write_cache(&g, &c, &b, bs, n_blocks, &mut rng);
+        let (cache, _, kc, vc) = rope_kv(&g, &c, &b, bs, n_blocks, &mut rng);
         let t = b.tokens.len();
         let inp = twins::build_batch(
             &twins::stage(&b, max_blocks),
@@ -363,9 +343,10 @@ fn attention_prefill_and_decode_match_their_twin() {
             max_blocks,
             bs,
         );
-        let q = rng.vec(t * c.n_heads * c.head_dim, 1.0);
+        // Both sides read the twin's rotated rows; the caches were written by each side.
         let want = twins::attention(
-            &q,
+            &cache.qkv,
+            cache.stride,
             &cache.k,
             &cache.v,
             &inp.block_tables,
@@ -376,19 +357,20 @@ fn attention_prefill_and_decode_match_their_twin() {
             bs,
         );
         let (qd, tb, sr, pd) = (
-            up(&g, &q),
+            up(&g, &cache.qkv),
             up(&g, &inp.block_tables),
             up(&g, &inp.seq_of_row),
             up(&g, &inp.positions),
         );
         let mut out = up(&g, &nan16(t * c.n_heads * c.head_dim));
+        let stride = cache.stride as i32;
         let a0 = max_blocks as i32;
         let a1 = c.n_heads as i32;
         let a2 = c.n_kv_heads as i32;
         let a3 = c.head_dim as i32;
         let a4 = bs as i32;
         let mut l = g.stream.launch_builder(g.kernel(name).unwrap());
-        l.arg(&qd).arg(&kc).arg(&vc).arg(&tb);
+        l.arg(&qd).arg(&stride).arg(&kc).arg(&vc).arg(&tb);
         if !decode {
             l.arg(&sr);
         }

@@ -45,14 +45,9 @@ pub const SOURCES: &[Source] = &[
         entries: &["add_rmsnorm"],
     },
     Source {
-        name: "rope",
-        code: include_str!("../../cuda/rope.cu"),
-        entries: &["rope"],
-    },
-    Source {
-        name: "kv",
-        code: include_str!("../../cuda/kv.cu"),
-        entries: &["kv_write"],
+        name: "rope_kv",
+        code: include_str!("../../cuda/rope_kv.cu"),
+        entries: &["rope_kv_write"],
     },
     Source {
         name: "attention",
@@ -78,8 +73,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("build_batch", 256),
     ("embed", 256),
     ("add_rmsnorm", 256),
-    ("rope", 256),
-    ("kv_write", 256),
+    ("rope_kv_write", 256),
     ("attention_prefill", 128),
     ("attention_decode", 128),
     ("swiglu", 256),

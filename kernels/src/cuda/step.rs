@@ -10,9 +10,9 @@
 //!
 //! ```text
 //! h[T,D]f16  = add_rmsnorm(x += previous layer's down output)
-//! q,k,v      = gemm(h, Wq), gemm(h, Wk), gemm(h, Wv)      f32
-//! rope(q, k); kv_write(k, v → cache[slot_mapping])
-//! a[T,Q]f16  = attention over the paged cache
+//! qkv[T,Q+2K] = gemm(h, Wq|Wk|Wv)                           f32, one product
+//! rope_kv_write(qkv): rotate q, k in place; k, v → cache[slot_mapping]
+//! a[T,Q]f16  = attention(q = qkv rows) over the paged cache
 //! o[T,D]     = gemm(a, Wo);  h = add_rmsnorm(x += o)
 //! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
 //! ```
@@ -55,9 +55,7 @@ pub(super) struct Bufs {
     logit_rows: CudaSlice<i32>,
     x: CudaSlice<f32>,
     h: CudaSlice<f16>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
     att: CudaSlice<f16>,
     o: CudaSlice<f32>,
     gu: CudaSlice<f32>,
@@ -205,9 +203,7 @@ impl Device {
             logit_rows: s.alloc_zeros(max_seqs)?,
             x: s.alloc_zeros(t * d)?,
             h: s.alloc_zeros(t * d)?,
-            q: s.alloc_zeros(t * qd)?,
-            k: s.alloc_zeros(t * kvd)?,
-            v: s.alloc_zeros(t * kvd)?,
+            qkv: s.alloc_zeros(t * (qd + 2 * kvd))?,
             att: s.alloc_zeros(t * qd)?,
             o: s.alloc_zeros(t * d)?,
             gu: s.alloc_zeros(t * 2 * f)?,
@@ -297,6 +293,8 @@ impl Device {
         let (nh, nkv, hd) = (c.n_heads as i32, c.n_kv_heads as i32, c.head_dim as i32);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let (fi, base) = (f as i32, c.rope_base);
+        let qkv_w = qd + 2 * kvd;
+        let qkv_wi = qkv_w as i32;
         let null = 0u64;
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
@@ -315,38 +313,28 @@ impl Device {
                     .arg(&eps);
                 unsafe { l.launch(rows(t as u32, 256)) }?;
             }
-            gemm(blas, &s, &b.h, &w.wqkv, 0, &mut b.q, t, d, qd)?;
-            gemm(blas, &s, &b.h, &w.wqkv, qd, &mut b.k, t, d, kvd)?;
-            gemm(blas, &s, &b.h, &w.wqkv, qd + kvd, &mut b.v, t, d, kvd)?;
+            gemm(blas, &s, &b.h, &w.wqkv, 0, &mut b.qkv, t, d, qkv_w)?;
             {
-                let mut l = s.launch_builder(g.kernel("rope")?);
-                l.arg(&mut b.q)
-                    .arg(&mut b.k)
+                let mut l = s.launch_builder(g.kernel("rope_kv_write")?);
+                l.arg(&mut b.qkv)
+                    .arg(&qkv_wi)
                     .arg(&b.positions)
+                    .arg(&b.slots)
+                    .arg(&mut w.k_cache)
+                    .arg(&mut w.v_cache)
                     .arg(&ti)
                     .arg(&nh)
                     .arg(&nkv)
                     .arg(&hd)
+                    .arg(&bsi)
                     .arg(&base);
                 let n = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
                 unsafe { l.launch(launch(n, 256)) }?;
             }
             {
-                let mut l = s.launch_builder(g.kernel("kv_write")?);
-                l.arg(&b.k)
-                    .arg(&b.v)
-                    .arg(&mut w.k_cache)
-                    .arg(&mut w.v_cache)
-                    .arg(&b.slots)
-                    .arg(&ti)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&bsi);
-                unsafe { l.launch(launch((t * kvd) as u32, 256)) }?;
-            }
-            {
                 let mut l = s.launch_builder(g.kernel("attention_prefill")?);
-                l.arg(&b.q)
+                l.arg(&b.qkv)
+                    .arg(&qkv_wi)
                     .arg(&w.k_cache)
                     .arg(&w.v_cache)
                     .arg(&b.tables)

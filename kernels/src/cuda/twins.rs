@@ -128,54 +128,39 @@ pub fn add_rmsnorm(
     out
 }
 
-/// Twin of `rope`.
-pub fn rope(
-    q: &mut [f32],
-    k: &mut [f32],
-    positions: &[u32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    base: f32,
-) {
-    for (r, &pos) in positions.iter().enumerate() {
-        for h in 0..n_heads + n_kv_heads {
-            let v = if h < n_heads {
-                &mut q[(r * n_heads + h) * head_dim..][..head_dim]
-            } else {
-                &mut k[(r * n_kv_heads + h - n_heads) * head_dim..][..head_dim]
-            };
-            for p in 0..head_dim / 2 {
-                let inv_freq = 1.0 / base.powf(2.0 * p as f32 / head_dim as f32);
-                let (s, c) = (pos as f32 * inv_freq).sin_cos();
-                let (a, b) = (v[2 * p], v[2 * p + 1]);
-                v[2 * p] = a * c - b * s;
-                v[2 * p + 1] = a * s + b * c;
-            }
-        }
-    }
-}
-
-/// Twin of `kv_write` into one layer's cache.
+/// Twin of `rope_kv_write` into one layer's cache: rotates each row's q and k heads in
+/// place in `qkv` (`stride` floats per row: q heads, k heads, v heads) and writes the
+/// rotated keys and the values to the paged cache at the row's slot.
 #[allow(clippy::too_many_arguments)]
-pub fn kv_write(
-    k: &[f32],
-    v: &[f32],
+pub fn rope_kv_write(
+    qkv: &mut [f32],
+    stride: usize,
+    positions: &[u32],
+    slot_mapping: &[i32],
     kc: &mut [f16],
     vc: &mut [f16],
-    slot_mapping: &[i32],
-    n_kv_heads: usize,
-    head_dim: usize,
+    c: &LlamaConfig,
     block_size: usize,
 ) {
-    let kv_dim = n_kv_heads * head_dim;
-    for (r, &sm) in slot_mapping.iter().enumerate() {
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
+        let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
+        for h in 0..nh + nkv {
+            let x = &mut row[h * hd..][..hd];
+            for p in 0..hd / 2 {
+                let inv_freq = 1.0 / c.rope_base.powf(2.0 * p as f32 / hd as f32);
+                let (s, co) = (pos as f32 * inv_freq).sin_cos();
+                let (a, b) = (x[2 * p], x[2 * p + 1]);
+                x[2 * p] = a * co - b * s;
+                x[2 * p + 1] = a * s + b * co;
+            }
+        }
         let (blk, slot) = (sm as usize / block_size, sm as usize % block_size);
-        for h in 0..n_kv_heads {
-            for d in 0..head_dim {
-                let at = ((blk * n_kv_heads + h) * block_size + slot) * head_dim + d;
-                kc[at] = f16::from_f32(k[r * kv_dim + h * head_dim + d]);
-                vc[at] = f16::from_f32(v[r * kv_dim + h * head_dim + d]);
+        for kvh in 0..nkv {
+            let at = ((blk * nkv + kvh) * block_size + slot) * hd;
+            for d in 0..hd {
+                kc[at + d] = f16::from_f32(row[(nh + kvh) * hd + d]);
+                vc[at + d] = f16::from_f32(row[(nh + nkv + kvh) * hd + d]);
             }
         }
     }
@@ -185,6 +170,7 @@ pub fn kv_write(
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
+    q_stride: usize,
     kc: &[f16],
     vc: &[f16],
     block_tables: &[i32],
@@ -204,7 +190,7 @@ pub fn attention(
         let n = pos as usize + 1;
         for h in 0..nh {
             let kvh = h / group;
-            let qh = &q[(r * nh + h) * hd..][..hd];
+            let qh = &q[r * q_stride + h * hd..][..hd];
             let at = |j: usize| {
                 let blk = table[j / block_size] as usize;
                 ((blk * nkv + kvh) * block_size + j % block_size) * hd
@@ -443,36 +429,21 @@ impl TwinModel {
         let mut delta: Option<Vec<f32>> = None;
         for (li, l) in self.layers.iter().enumerate() {
             let h = add_rmsnorm(&mut x, delta.as_deref(), &l.attn_norm, None, d, c.rms_eps);
-            let qkv = gemm(&h, &l.wqkv, t, d, qd + 2 * kvd);
-            let (mut q, mut k, mut v) =
-                (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
-            for r in 0..t {
-                let row = &qkv[r * (qd + 2 * kvd)..];
-                q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
-                k[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
-                v[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..qd + 2 * kvd]);
-            }
-            rope(
-                &mut q,
-                &mut k,
+            let w = qd + 2 * kvd;
+            let mut qkv = gemm(&h, &l.wqkv, t, d, w);
+            rope_kv_write(
+                &mut qkv,
+                w,
                 &inp.positions,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                c.rope_base,
-            );
-            kv_write(
-                &k,
-                &v,
+                &inp.slot_mapping,
                 &mut kv.k[li],
                 &mut kv.v[li],
-                &inp.slot_mapping,
-                c.n_kv_heads,
-                c.head_dim,
+                c,
                 kv.block_size,
             );
             let a = attention(
-                &q,
+                &qkv,
+                w,
                 &kv.k[li],
                 &kv.v[li],
                 &inp.block_tables,
