@@ -329,6 +329,14 @@ impl CudaBackend {
     /// The first `rows` rows of logits, or of sampled tokens; the stream then idle.
     fn copy_out(&self, rows: usize, tokens: bool) -> Result<Out, RunError> {
         let (s, b) = (&self.dev.gpu.stream, &self.dev.bufs);
+        if rows == 0 {
+            s.synchronize()?;
+            return Ok(if tokens {
+                Out::Tokens(Vec::new())
+            } else {
+                Out::Logits(Vec::new())
+            });
+        }
         let out = if tokens {
             Out::Tokens(s.memcpy_dtov(&b.sampled.slice(0..rows))?)
         } else {
