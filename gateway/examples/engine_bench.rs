@@ -95,15 +95,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let max_seqs = streams.iter().copied().max().unwrap_or(1);
     let cfg = EngineConfig {
         backend,
-        max_seqs,
+        max_seqs: Some(max_seqs),
         max_concurrency: max_seqs.max(256),
-        max_batch_tokens: if backend == gateway::config::BackendKind::Cpu {
-            512
-        } else {
-            2048
-        },
         // Room for every stream's prompt and answer.
-        kv_tokens: (max_seqs * (tokens as usize + 128)).max(32768),
+        kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
         activations,
         ..EngineConfig::default()
     };

@@ -69,9 +69,10 @@ enum Command {
         /// CPU backend threads (0 = one per CPU).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// KV-cache capacity in tokens.
-        #[arg(long, default_value_t = 32768)]
-        kv_tokens: usize,
+        /// KV-cache capacity in tokens (default: 32768 on the CPU; on a GPU, most of its
+        /// free memory).
+        #[arg(long)]
+        kv_tokens: Option<usize>,
     },
     /// Download a known model into the local cache (checked by SHA-256).
     FetchModel {
@@ -214,7 +215,7 @@ fn worker_config(
     model_id: Option<String>,
     backend: &str,
     threads: usize,
-    kv_tokens: usize,
+    kv_tokens: Option<usize>,
 ) -> Result<Config, String> {
     let secret = std::env::var("TOLLGATE_WORKER_SECRET").map_err(|_| {
         "set TOLLGATE_WORKER_SECRET: the shared secret gateways send as their api_key".to_string()
@@ -224,6 +225,7 @@ fn worker_config(
     }
     let id = model_id.unwrap_or_else(|| model.to_string());
     let digest = hex::encode(keys::digest(&secret));
+    let kv = kv_tokens.map_or(String::new(), |k| format!(", kv_tokens = {k}"));
     let text = format!(
         r#"[server]
 listen = "{listen}"
@@ -235,7 +237,7 @@ source = {model:?}
 [[pools]]
 name = "worker"
 model = {id:?}
-workers = [{{ kind = "engine", backend = {backend:?}, threads = {threads}, kv_tokens = {kv_tokens} }}]
+workers = [{{ kind = "engine", backend = {backend:?}, threads = {threads}{kv} }}]
 
 [[tenants]]
 id = "gateway"

@@ -80,8 +80,8 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
     let (_d, m) = synthetic();
     let base = EngineConfig {
         threads: 2,
-        max_batch_tokens: 64,
-        max_seqs: 16,
+        max_batch_tokens: Some(64),
+        max_seqs: Some(16),
         ..EngineConfig::default()
     };
     let solo_engine = engine(&m, base.clone());
@@ -100,7 +100,7 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
         (
             "batched with preemption",
             EngineConfig {
-                kv_tokens: 1024,
+                kv_tokens: Some(1024),
                 ..base.clone()
             },
         ),
@@ -150,7 +150,7 @@ async fn seeds_stops_limits_and_cancellation() {
         &m,
         EngineConfig {
             threads: 2,
-            kv_tokens: 1024,
+            kv_tokens: Some(1024),
             ..EngineConfig::default()
         },
     );

@@ -288,12 +288,18 @@ pub struct EngineConfig {
     pub threads: usize,
     /// CPU backend activation precision.
     pub activations: Activations,
-    /// Most tokens computed in one step (prefill chunks + decodes).
-    pub max_batch_tokens: usize,
-    /// Most sequences running at once.
-    pub max_seqs: usize,
-    /// KV-cache capacity in tokens (all sequences together).
-    pub kv_tokens: usize,
+    /// Most tokens computed in one step (prefill chunks + decodes); unset: the backend's
+    /// default ([`EngineConfig::sizes`]).
+    pub max_batch_tokens: Option<usize>,
+    /// Most sequences running at once; unset: the backend's default.
+    pub max_seqs: Option<usize>,
+    /// KV-cache capacity in tokens (all sequences together); unset: 32,768 on the CPU, and
+    /// on a GPU `gpu_memory_fraction` of the memory left after the weights.
+    pub kv_tokens: Option<usize>,
+    /// CUDA with `kv_tokens` unset: the share of the GPU memory free after loading the
+    /// weights and step buffers that the KV cache takes (capped at every sequence slot at
+    /// full context).
+    pub gpu_memory_fraction: f64,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Most requests the router sends this engine at once (running + waiting).
@@ -302,15 +308,43 @@ pub struct EngineConfig {
     pub devices: Vec<usize>,
 }
 
+/// An engine's step and cache sizes, once its backend is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineSizes {
+    pub max_batch_tokens: usize,
+    pub max_seqs: usize,
+    /// `None`: sized from the GPU's free memory (`gpu_memory_fraction`).
+    pub kv_tokens: Option<usize>,
+}
+
+impl EngineConfig {
+    /// The sizes for a CPU or a GPU backend: what the config sets, else the backend's
+    /// defaults (CPU: 512-token steps, 64 sequences, 32,768 KV tokens; GPU: 2,048-token
+    /// steps, 256 sequences, KV from free memory).
+    pub fn sizes(&self, gpu: bool) -> EngineSizes {
+        let (tokens, seqs, kv) = if gpu {
+            (2048, 256, None)
+        } else {
+            (512, 64, Some(32768))
+        };
+        EngineSizes {
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(tokens),
+            max_seqs: self.max_seqs.unwrap_or(seqs),
+            kv_tokens: self.kv_tokens.or(kv),
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             backend: BackendKind::Auto,
             threads: 0,
             activations: Activations::I16,
-            max_batch_tokens: 512,
-            max_seqs: 64,
-            kv_tokens: 32768,
+            max_batch_tokens: None,
+            max_seqs: None,
+            kv_tokens: None,
+            gpu_memory_fraction: 0.85,
             block_size: 16,
             max_concurrency: 256,
             devices: vec![0],
@@ -677,14 +711,20 @@ impl WorkerConfig {
                         "pools.{pool}: engine devices must list a GPU (default [0])"
                     ));
                 }
-                if e.max_batch_tokens == 0
-                    || e.max_seqs == 0
+                if e.max_batch_tokens == Some(0)
+                    || e.max_seqs == Some(0)
                     || e.block_size == 0
                     || e.max_concurrency == 0
-                    || e.kv_tokens < e.block_size
+                    || e.kv_tokens.is_some_and(|k| k < e.block_size)
                 {
                     return invalid(format!(
                         "pools.{pool}: engine max_batch_tokens, max_seqs, block_size and max_concurrency must be >= 1, and kv_tokens >= block_size"
+                    ));
+                }
+                if !(e.gpu_memory_fraction > 0.0 && e.gpu_memory_fraction <= 0.98) {
+                    return invalid(format!(
+                        "pools.{pool}: engine gpu_memory_fraction must be in (0, 0.98], not {}",
+                        e.gpu_memory_fraction
                     ));
                 }
             }
@@ -707,5 +747,80 @@ impl WorkerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_pool(fields: &str) -> String {
+        format!(
+            r#"
+[[models]]
+id = "m"
+source = "m.gguf"
+
+[[pools]]
+name = "p"
+model = "m"
+workers = [{{ kind = "engine"{fields} }}]
+"#
+        )
+    }
+
+    fn engine(cfg: &Config) -> &EngineConfig {
+        match &cfg.pools[0].workers[0] {
+            WorkerConfig::Engine(e) => e,
+            other => panic!("not an engine: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn engine_sizes_default_by_backend_and_follow_the_config() {
+        let cfg = Config::from_toml(&engine_pool("")).unwrap();
+        let e = engine(&cfg);
+        assert_eq!(
+            e.sizes(false),
+            EngineSizes {
+                max_batch_tokens: 512,
+                max_seqs: 64,
+                kv_tokens: Some(32768)
+            }
+        );
+        assert_eq!(
+            e.sizes(true),
+            EngineSizes {
+                max_batch_tokens: 2048,
+                max_seqs: 256,
+                kv_tokens: None
+            }
+        );
+        let cfg = Config::from_toml(&engine_pool(
+            ", max_seqs = 8, kv_tokens = 4096, max_batch_tokens = 128",
+        ))
+        .unwrap();
+        let set = EngineSizes {
+            max_batch_tokens: 128,
+            max_seqs: 8,
+            kv_tokens: Some(4096),
+        };
+        assert_eq!(engine(&cfg).sizes(true), set);
+        assert_eq!(engine(&cfg).sizes(false), set);
+    }
+
+    #[test]
+    fn bad_engine_sizes_are_refused() {
+        for bad in [
+            ", max_seqs = 0",
+            ", kv_tokens = 8",
+            ", gpu_memory_fraction = 0.0",
+            ", gpu_memory_fraction = 1.5",
+        ] {
+            let err = Config::from_toml(&engine_pool(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("pools.p: engine"), "{bad}: {err}");
+        }
     }
 }

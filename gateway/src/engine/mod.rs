@@ -11,7 +11,7 @@ pub mod blocks;
 pub mod output;
 pub mod scheduler;
 
-use crate::config::{BackendKind, EngineConfig};
+use crate::config::{BackendKind, EngineConfig, EngineSizes};
 use crate::worker::{
     EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
-use kernels::cuda::backend::CudaBackend;
+use kernels::cuda::backend::{CudaBackend, KvCapacity};
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::load::Loaded;
@@ -123,17 +123,26 @@ impl EngineWorker {
         cfg: &EngineConfig,
         device: usize,
     ) -> Result<Self, String> {
-        let n_blocks = cfg.kv_tokens.div_ceil(cfg.block_size);
-        let cuda = || -> Result<Box<dyn Backend>, String> {
+        let cuda = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
             let fail = |e: String| format!("backend = \"cuda\" on device {device}: {e}");
+            let sizes = cfg.sizes(true);
+            let kv = match sizes.kv_tokens {
+                Some(k) => KvCapacity::Blocks(k.div_ceil(cfg.block_size)),
+                // Enough for every sequence slot at the model's full context, at most.
+                None => KvCapacity::FreeMemory {
+                    fraction: cfg.gpu_memory_fraction,
+                    max_blocks: sizes.max_seqs
+                        * loaded.model.config.context_len.div_ceil(cfg.block_size),
+                },
+            };
             let twin = TwinModel::from_model(&loaded.model);
-            let mut b = CudaBackend::from_twin(
+            let mut b = CudaBackend::with_capacity(
                 &twin,
                 device,
                 cfg.block_size,
-                n_blocks,
-                cfg.max_batch_tokens,
-                cfg.max_seqs,
+                kv,
+                sizes.max_batch_tokens,
+                sizes.max_seqs,
             )
             .map_err(|e| fail(e.to_string()))?;
             // Before serving: one prefill and one graph decode step against the CPU twin.
@@ -146,22 +155,25 @@ impl EngineWorker {
                 graphs = ?b.graph_buckets(),
                 graphs_off = b.graphs_off().unwrap_or(""),
                 self_check_rel_err = err,
+                kv_blocks = b.kv_geometry().1,
                 "engine on the GPU"
             );
-            Ok(Box::new(b))
+            Ok((Box::new(b), sizes))
         };
-        let cpu = || -> Result<Box<dyn Backend>, String> {
+        let cpu = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
+            let sizes = cfg.sizes(false);
+            let kv_tokens = sizes.kv_tokens.unwrap_or(32768);
+            let n_blocks = kv_tokens.div_ceil(cfg.block_size);
             let precision = match cfg.activations {
                 crate::config::Activations::I16 => ActPrecision::I16,
                 crate::config::Activations::Q8 => ActPrecision::Q8,
                 crate::config::Activations::F32 => ActPrecision::F32,
             };
-            Ok(Box::new(
-                CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
-                    .with_precision(precision),
-            ))
+            let b = CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                .with_precision(precision);
+            Ok((Box::new(b), sizes))
         };
-        let backend: Box<dyn Backend> = match cfg.backend {
+        let (backend, sizes) = match cfg.backend {
             BackendKind::Cuda => cuda()?,
             BackendKind::Cpu => cpu()?,
             // `available` checks the libraries before any CUDA call (a missing one would
@@ -190,8 +202,8 @@ impl EngineWorker {
         stats.alive.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let limits = Limits {
-            max_batch_tokens: cfg.max_batch_tokens,
-            max_seqs: cfg.max_seqs,
+            max_batch_tokens: sizes.max_batch_tokens,
+            max_seqs: sizes.max_seqs,
             block_size: bs,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());

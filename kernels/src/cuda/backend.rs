@@ -17,6 +17,7 @@
 
 use super::device::GpuError;
 use super::staging::{self, Layout};
+pub use super::step::KvCapacity;
 use super::step::{Device, RunError};
 use super::twins::{SampleParams, TwinModel};
 use crate::backend::Backend;
@@ -111,7 +112,22 @@ impl CudaBackend {
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
-        let dev = Device::new(twin, device, block_size, n_blocks, max_tokens, max_seqs)?;
+        let kv = KvCapacity::Blocks(n_blocks);
+        Self::with_capacity(twin, device, block_size, kv, max_tokens, max_seqs)
+    }
+
+    /// As [`CudaBackend::from_twin`], with the KV cache sized by `kv` (e.g. from the
+    /// memory left on the device).
+    pub fn with_capacity(
+        twin: &TwinModel,
+        device: usize,
+        block_size: usize,
+        kv: KvCapacity,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Self, GpuError> {
+        let dev = Device::new(twin, device, block_size, kv, max_tokens, max_seqs)?;
+        let n_blocks = dev.n_blocks;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
         // SAFETY: every word a step copies is written first (`staging::write`).
         let pinned = unsafe { dev.gpu.ctx.alloc_pinned::<u32>(cap) }?;

@@ -75,8 +75,20 @@ pub(super) struct Device {
     output_norm: CudaSlice<f32>,
     output: CudaSlice<f16>,
     pub block_size: usize,
+    /// KV blocks the engine may use (the cache holds one more, the spare).
+    pub n_blocks: usize,
     pub max_blocks: usize,
     pub bufs: Bufs,
+}
+
+/// How big the KV cache is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCapacity {
+    /// This many blocks.
+    Blocks(usize),
+    /// This share of the device memory free once the weights and step buffers are
+    /// loaded, at most `max_blocks` blocks.
+    FreeMemory { fraction: f64, max_blocks: usize },
 }
 
 /// Why a step failed on the device.
@@ -155,34 +167,31 @@ fn rows(n: u32, block: u32) -> LaunchConfig {
 }
 
 impl Device {
-    /// Uploads `twin`'s weights to GPU `device`; a KV cache of `n_blocks` blocks (plus the
-    /// spare) of `block_size` tokens; buffers for `max_tokens` rows and `max_seqs` sequences.
+    /// Uploads `twin`'s weights to GPU `device`; a KV cache of `kv` blocks (plus the spare)
+    /// of `block_size` tokens; buffers for `max_tokens` rows and `max_seqs` sequences.
     pub fn new(
         twin: &TwinModel,
         device: usize,
         block_size: usize,
-        n_blocks: usize,
+        kv: KvCapacity,
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
         let gpu = Gpu::open_for(device, &twin.config)?;
         let s = gpu.stream.clone();
         let c = twin.config.clone();
-        let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
-        let layers = twin
+        let weights = twin
             .layers
             .iter()
             .map(|l| {
-                Ok(Layer {
-                    attn_norm: s.memcpy_stod(&l.attn_norm)?,
-                    wqkv: s.memcpy_stod(&l.wqkv)?,
-                    wo: s.memcpy_stod(&l.wo)?,
-                    ffn_norm: s.memcpy_stod(&l.ffn_norm)?,
-                    w_gate_up: s.memcpy_stod(&l.w_gate_up)?,
-                    w_down: s.memcpy_stod(&l.w_down)?,
-                    k_cache: s.alloc_zeros(kv_len)?,
-                    v_cache: s.alloc_zeros(kv_len)?,
-                })
+                Ok((
+                    s.memcpy_stod(&l.attn_norm)?,
+                    s.memcpy_stod(&l.wqkv)?,
+                    s.memcpy_stod(&l.wo)?,
+                    s.memcpy_stod(&l.ffn_norm)?,
+                    s.memcpy_stod(&l.w_gate_up)?,
+                    s.memcpy_stod(&l.w_down)?,
+                ))
             })
             .collect::<Result<Vec<_>, cudarc::driver::DriverError>>()?;
         let max_blocks = c.context_len.div_ceil(block_size);
@@ -226,10 +235,49 @@ impl Device {
             .result()
             .map_err(unavailable)?;
         }
+        let embed = s.memcpy_stod(&twin.embed)?;
+        let output_norm = s.memcpy_stod(&twin.output_norm)?;
+        let output = s.memcpy_stod(&twin.output)?;
+        // The KV cache last, from what is left: one spare block past the engine's.
+        let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
+        let n_blocks = match kv {
+            KvCapacity::Blocks(n) => n,
+            KvCapacity::FreeMemory {
+                fraction,
+                max_blocks,
+            } => {
+                gpu.ctx.bind_to_thread()?;
+                let (free, _) = cudarc::driver::result::mem_get_info()?;
+                let n = ((free as f64 * fraction) as usize / block_bytes).saturating_sub(1);
+                if n == 0 {
+                    return Err(GpuError::Unavailable(format!(
+                        "no GPU memory left for the KV cache ({free} bytes free after the weights)"
+                    )));
+                }
+                n.min(max_blocks)
+            }
+        };
+        let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
+        let layers = weights
+            .into_iter()
+            .map(|(attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down)| {
+                Ok(Layer {
+                    attn_norm,
+                    wqkv,
+                    wo,
+                    ffn_norm,
+                    w_gate_up,
+                    w_down,
+                    k_cache: s.alloc_zeros(kv_len)?,
+                    v_cache: s.alloc_zeros(kv_len)?,
+                })
+            })
+            .collect::<Result<Vec<_>, cudarc::driver::DriverError>>()?;
         Ok(Self {
-            embed: s.memcpy_stod(&twin.embed)?,
-            output_norm: s.memcpy_stod(&twin.output_norm)?,
-            output: s.memcpy_stod(&twin.output)?,
+            embed,
+            output_norm,
+            output,
+            n_blocks,
             gpu,
             blas,
             _blas_workspace: workspace,
