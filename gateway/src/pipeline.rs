@@ -241,6 +241,7 @@ async fn run(
         cost,
         input_tokens,
     };
+    let spot = ask.contract.tier == Tier::Spot;
     let concurrency_slot = admit(state, ctx, pool, ask, meter, buckets).await?;
     let server = &state.server;
     let deadline = TokioInstant::from_std(ctx.started)
@@ -250,8 +251,8 @@ async fn run(
     let wreq = Arc::new(WorkerRequest {
         request_id: ctx.request_id.clone(),
         tenant: ctx.tenant_id().clone(),
-        weight: if meter.best_effort {
-            Some(1e-3)
+        weight: if meter.best_effort || spot {
+            Some(crate::worker::LOWEST_WEIGHT)
         } else {
             ctx.weight()
         },

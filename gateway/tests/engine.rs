@@ -1,6 +1,7 @@
 //! The in-process engine on the synthetic model: batching invariance (alone versus inside
 //! a batch of 16 mixed-length sequences, with and without preemption), cancellation,
-//! stop strings, seeds, and context limits.
+//! stop strings, seeds, context limits, and the fair share of batch slots between tenants
+//! (virtual token counters, by weight).
 
 mod common;
 use common::tempdir::TempDir;
@@ -284,5 +285,112 @@ async fn remote_worker_mode_behind_a_gateway() {
     assert!(
         m.contains("tollgate_worker_kv_blocks_free{pool=\"worker\""),
         "{m}"
+    );
+}
+
+fn tenant_req(tenant: &str, weight: Option<f64>) -> Arc<WorkerRequest> {
+    let mut r = (*req("fair share", 24, 0.0, None, vec![])).clone();
+    r.tenant = tenant.into();
+    r.weight = weight;
+    Arc::new(r)
+}
+
+/// Runs every request at once (in this order); returns the tenants in completion order.
+async fn completion_order(e: &Arc<EngineWorker>, reqs: Vec<Arc<WorkerRequest>>) -> Vec<String> {
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tasks: Vec<_> = reqs
+        .into_iter()
+        .map(|r| {
+            let (e, order) = (e.clone(), order.clone());
+            tokio::spawn(async move {
+                let tenant = r.tenant.to_string();
+                run(&e, r).await;
+                order.lock().unwrap().push(tenant);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = order.lock().unwrap().clone();
+    v
+}
+
+fn fair_engine(m: &kernels::load::Loaded) -> Arc<EngineWorker> {
+    engine(
+        m,
+        EngineConfig {
+            threads: 2,
+            max_seqs: Some(2),
+            ..EngineConfig::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_arriving_behind_a_backlog_gets_the_next_free_slots() {
+    let (_d, m) = synthetic();
+    let e = fair_engine(&m);
+    // Tenant a fills both slots and queues 6 more; then b asks for 2.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let spawn = |tenant: &'static str, tasks: &mut Vec<_>| {
+        let (e, order) = (e.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            run(&e, tenant_req(tenant, None)).await;
+            order.lock().unwrap().push(tenant);
+        }));
+    };
+    for _ in 0..8 {
+        spawn("a", &mut tasks);
+    }
+    let mut queued = false;
+    for _ in 0..500 {
+        let s = e.stats();
+        if s.running.load(Ordering::Relaxed) == 2 && s.waiting.load(Ordering::Relaxed) == 6 {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(queued, "a's requests should be running and queued");
+    for _ in 0..2 {
+        spawn("b", &mut tasks);
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    // First come first served would finish b's two last (9th and 10th); by virtual token
+    // counters b takes the next free slots, behind only what was running.
+    let last_b = order.iter().rposition(|t| *t == "b").unwrap();
+    assert!(
+        last_b < 4,
+        "b's requests should finish among the first 4: {order:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_are_shared_by_weight_while_both_tenants_wait() {
+    let (_d, m) = synthetic();
+    let e = fair_engine(&m);
+    // a queued first, 12 each; b bought three times a's rate.
+    let mut reqs: Vec<_> = (0..12).map(|_| tenant_req("a", Some(100.0))).collect();
+    reqs.extend((0..12).map(|_| tenant_req("b", Some(300.0))));
+    let order = completion_order(&e, reqs).await;
+    let b_first_12 = order[..12].iter().filter(|t| *t == "b").count();
+    // By weight, b gets about 3 of every 4 slots (9 of 12); first come first served: 0.
+    assert!(
+        (7..=11).contains(&b_first_12),
+        "b finished {b_first_12} of the first 12: {order:?}"
+    );
+    // Equal weights: an even share.
+    let mut reqs: Vec<_> = (0..12).map(|_| tenant_req("a", Some(100.0))).collect();
+    reqs.extend((0..12).map(|_| tenant_req("b", Some(100.0))));
+    let order = completion_order(&e, reqs).await;
+    let b_first_12 = order[..12].iter().filter(|t| *t == "b").count();
+    assert!(
+        (4..=8).contains(&b_first_12),
+        "b finished {b_first_12} of the first 12: {order:?}"
     );
 }

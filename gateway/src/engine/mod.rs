@@ -3,11 +3,13 @@
 //! Requests are tokenized (chat requests through the model's own chat template) on the
 //! caller's task, then handed to the engine thread. That thread loops: take new arrivals,
 //! drop cancelled sequences, let the [`scheduler`] plan a step (decodes first, chunked
-//! prefill under a token budget, preemption when KV blocks run out), run it on the
+//! prefill under a token budget, free slots to the least-served tenant by weighted virtual
+//! token counters ([`fair`]), preemption when KV blocks run out), run it on the
 //! backend, sample each finished row, and stream text deltas back. A sequence leaves the
 //! batch — and frees its blocks — the step it finishes or its client goes away.
 
 pub mod blocks;
+pub mod fair;
 pub mod output;
 pub mod scheduler;
 
@@ -16,6 +18,7 @@ use crate::worker::{
     EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use blocks::BlockPool;
+use fair::{Fair, Tenanted};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
@@ -50,6 +53,8 @@ pub struct EngineStats {
 }
 
 struct NewSeq {
+    tenant: Arc<str>,
+    weight: f64,
     prompt: Vec<u32>,
     max_tokens: u32,
     sampling: SamplingConfig,
@@ -59,6 +64,9 @@ struct NewSeq {
 }
 
 struct Seq {
+    tenant: Arc<str>,
+    /// Fair-share weight (the tenant's purchased rate).
+    weight: f64,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -71,6 +79,15 @@ struct Seq {
     seed: u64,
     out: TextOut,
     tx: Events,
+}
+
+impl Tenanted for Seq {
+    fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+    fn weight(&self) -> f64 {
+        self.weight
+    }
 }
 
 impl Schedulable for Seq {
@@ -282,6 +299,8 @@ impl EngineWorker {
         }
         let p = &req.params;
         Ok(NewSeq {
+            tenant: req.tenant.clone(),
+            weight: req.weight.unwrap_or(1.0),
             prompt,
             max_tokens: p.max_tokens,
             sampling: SamplingConfig {
@@ -356,6 +375,8 @@ impl Worker for EngineWorker {
 
 fn admit(n: NewSeq) -> Seq {
     Seq {
+        tenant: n.tenant,
+        weight: n.weight,
         prompt_len: n.prompt.len(),
         tokens: n.prompt,
         computed: 0,
@@ -383,15 +404,23 @@ fn run_engine(
     let mut pool = BlockPool::new(n_blocks);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: VecDeque<Seq> = VecDeque::new();
+    let mut fair = Fair::default();
+    // A tenant back from idle is lifted to the least served tenant with work.
+    let arrive = |n: NewSeq, fair: &mut Fair, running: &[Seq], waiting: &mut VecDeque<Seq>| {
+        let backlogged = running.iter().chain(waiting.iter()).map(|s| &s.tenant);
+        fair.arrive(&n.tenant, backlogged);
+        waiting.push_back(admit(n));
+    };
     loop {
         if running.is_empty() && waiting.is_empty() {
+            fair.reset();
             match rx.recv() {
-                Ok(n) => waiting.push_back(admit(n)),
+                Ok(n) => arrive(n, &mut fair, &running, &mut waiting),
                 Err(_) => return,
             }
         }
         while let Ok(n) = rx.try_recv() {
-            waiting.push_back(admit(n));
+            arrive(n, &mut fair, &running, &mut waiting);
         }
         // Cancelled: the client went away.
         let mut keep = |s: &mut Seq| {
@@ -403,7 +432,7 @@ fn run_engine(
         };
         running.retain_mut(&mut keep);
         waiting.retain_mut(&mut keep);
-        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits);
+        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits, &mut fair);
         stats
             .preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);

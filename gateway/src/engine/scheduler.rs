@@ -3,16 +3,19 @@
 //!
 //! Order of service each step: running sequences in admission order (a decode costs one
 //! token, a prefill in progress takes a chunk of what budget is left), then waiting
-//! sequences are admitted while budget, sequence slots and blocks allow. When a running
-//! sequence needs a block and none is free, the most recently admitted sequence is
-//! preempted: its blocks are freed and it goes back to the head of the queue, to be
-//! recomputed later (its generated tokens become part of its prefill).
+//! sequences are admitted while budget, sequence slots and blocks allow — the least
+//! served tenant's first ([`super::fair`]). When a running sequence needs a block and
+//! none is free, a sequence not yet served this step is preempted — the most served
+//! tenant's, its most recently admitted: its blocks are freed and it goes back to the
+//! head of the queue, to be recomputed later (its generated tokens become part of its
+//! prefill). Every token planned is charged to its tenant's counter.
 
 use super::blocks::BlockPool;
+use super::fair::{Fair, Tenanted};
 use std::collections::VecDeque;
 
 /// What the scheduler needs to know of a sequence.
-pub trait Schedulable {
+pub trait Schedulable: Tenanted {
     /// Tokens whose keys and values are not yet in the cache.
     fn pending(&self) -> usize;
     /// Tokens already in the cache.
@@ -67,6 +70,7 @@ pub fn schedule<S: Schedulable>(
     waiting: &mut VecDeque<S>,
     pool: &mut BlockPool,
     lim: Limits,
+    fair: &mut Fair,
 ) -> Plan {
     let mut plan = Plan::default();
     let mut budget = lim.max_batch_tokens;
@@ -76,7 +80,9 @@ pub fn schedule<S: Schedulable>(
         let target = running[i].computed() + n;
         let mut ok = grow(&mut running[i], target, pool, lim.block_size);
         while !ok && running.len() > i + 1 {
-            let victim = running.pop().expect("len > i + 1");
+            // Only sequences after i: those before are already in this step's plan.
+            let v = i + 1 + fair.victim(running[i + 1..].iter()).unwrap_or(0);
+            let victim = running.remove(v);
             preempt(victim, pool, waiting);
             plan.preempted += 1;
             ok = grow(&mut running[i], target, pool, lim.block_size);
@@ -88,19 +94,24 @@ pub fn schedule<S: Schedulable>(
             plan.preempted += 1;
             break;
         }
+        fair.charge(running[i].tenant(), n, running[i].weight());
         plan.items.push((i, n));
         budget -= n;
         i += 1;
     }
     while budget > 0 && running.len() < lim.max_seqs {
-        let Some(front) = waiting.front_mut() else {
+        let Some(next) = fair.pick(waiting.iter(), running) else {
             break;
         };
-        let n = front.pending().min(budget);
-        if !grow(front, front.computed() + n, pool, lim.block_size) {
+        let s = &mut waiting[next];
+        let n = s.pending().min(budget);
+        if !grow(s, s.computed() + n, pool, lim.block_size) {
             break;
         }
-        let s = waiting.pop_front().expect("front exists");
+        let Some(s) = waiting.remove(next) else {
+            break;
+        };
+        fair.charge(s.tenant(), n, s.weight());
         running.push(s);
         plan.items.push((running.len() - 1, n));
         budget -= n;
@@ -111,12 +122,22 @@ pub fn schedule<S: Schedulable>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[derive(Debug)]
     struct S {
         total: usize,
         computed: usize,
         blocks: Vec<u32>,
+        tenant: Arc<str>,
+    }
+    impl Tenanted for S {
+        fn tenant(&self) -> &Arc<str> {
+            &self.tenant
+        }
+        fn weight(&self) -> f64 {
+            1.0
+        }
     }
     impl Schedulable for S {
         fn pending(&self) -> usize {
@@ -133,10 +154,14 @@ mod tests {
         }
     }
     fn s(total: usize) -> S {
+        st(total, "a")
+    }
+    fn st(total: usize, tenant: &str) -> S {
         S {
             total,
             computed: 0,
             blocks: vec![],
+            tenant: tenant.into(),
         }
     }
     const L: Limits = Limits {
@@ -148,18 +173,19 @@ mod tests {
     #[test]
     fn chunked_prefill_under_the_budget_and_decodes_first() {
         let mut pool = BlockPool::new(100);
+        let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(20), s(3)]));
-        let p = schedule(&mut run, &mut wait, &mut pool, L);
+        let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(
             p.items,
             vec![(0, 8)],
             "a long prompt is chunked to the budget"
         );
         run[0].computed += 8;
-        let p = schedule(&mut run, &mut wait, &mut pool, L);
+        let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(p.items, vec![(0, 8)]);
         run[0].computed += 8;
-        let p = schedule(&mut run, &mut wait, &mut pool, L);
+        let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(
             p.items,
             vec![(0, 4), (1, 3)],
@@ -169,13 +195,14 @@ mod tests {
         run[0].total = 21; // decoding
         run[1].computed = 3;
         run[1].total = 4;
-        let p = schedule(&mut run, &mut wait, &mut pool, L);
+        let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(p.items, vec![(0, 1), (1, 1)]);
     }
 
     #[test]
     fn preempts_the_youngest_when_blocks_run_out() {
         let mut pool = BlockPool::new(3);
+        let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
         let p = schedule(
             &mut run,
@@ -185,18 +212,73 @@ mod tests {
                 max_batch_tokens: 16,
                 ..L
             },
+            &mut fair,
         );
         assert_eq!(p.items.len(), 2);
         for r in &mut run {
             r.computed = 4;
             r.total = 5; // next token needs a second block each: only one left
         }
-        let p = schedule(&mut run, &mut wait, &mut pool, L);
+        let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(p.items, vec![(0, 1)]);
         assert_eq!(p.preempted, 1);
         assert_eq!(run.len(), 1);
         assert_eq!(wait.len(), 1);
         assert_eq!(wait[0].computed, 0, "preempted sequences recompute");
         assert_eq!(pool.free_count(), 1);
+    }
+
+    #[test]
+    fn slots_go_to_the_least_served_tenant_and_preemption_to_the_most_served() {
+        let mut pool = BlockPool::new(100);
+        let mut fair = Fair::default();
+        let lim = Limits {
+            max_batch_tokens: 64,
+            max_seqs: 2,
+            block_size: 4,
+        };
+        // Tenant a queued 4 sequences before b's 2; two slots.
+        let mut wait: VecDeque<S> = (0..4).map(|_| st(8, "a")).collect();
+        wait.extend((0..2).map(|_| st(8, "b")));
+        let mut run = vec![];
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        // a and b both at counter 0: the first a, then b (fewer running) rather than a's second.
+        assert_eq!(p.items, vec![(0, 8), (1, 8)]);
+        let tenants: Vec<&str> = run.iter().map(|s| &*s.tenant).collect();
+        assert_eq!(tenants, ["a", "b"]);
+        // a's finishes; b's decode is charged first (9), so a (8) is the least served.
+        let mut done = run.remove(0);
+        pool.release(&mut done.blocks);
+        run[0].computed = 8;
+        run[0].total = 9;
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.items, vec![(0, 1), (1, 8)]);
+        assert_eq!(&*run[1].tenant, "a");
+        assert_eq!(fair.counter("a"), 16.0);
+        assert_eq!(fair.counter("b"), 9.0);
+
+        // Blocks run out: the victim is the most served tenant's sequence after the one
+        // being grown, not simply the youngest.
+        let mut pool = BlockPool::new(4);
+        let mut fair = Fair::default();
+        fair.charge(&"a".into(), 100, 1.0);
+        let lim = Limits {
+            max_batch_tokens: 64,
+            max_seqs: 3,
+            block_size: 4,
+        };
+        let mut wait: VecDeque<S> = VecDeque::from(vec![st(4, "b"), st(4, "a"), st(4, "b")]);
+        let mut run = vec![];
+        schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        let tenants: Vec<&str> = run.iter().map(|s| &*s.tenant).collect();
+        assert_eq!(tenants, ["b", "b", "a"], "b first (a is far ahead)");
+        for r in &mut run {
+            r.computed = 4;
+            r.total = 5; // each needs a second block; one is free
+        }
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.preempted, 1);
+        assert_eq!(&*wait[0].tenant, "a", "a's sequence was preempted");
+        assert_eq!(p.items, vec![(0, 1), (1, 1)]);
     }
 }

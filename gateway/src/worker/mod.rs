@@ -58,13 +58,18 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
 }
 
+/// The fair-share weight of spot-tier and best-effort requests: below any purchased rate,
+/// so an engine admits them last and preempts them first.
+pub const LOWEST_WEIGHT: f64 = 1e-3;
+
 /// One request as a worker sees it.
 #[derive(Debug, Clone)]
 pub struct WorkerRequest {
     pub request_id: Arc<str>,
     /// The tenant the request is for (a trusted gateway's tenant, when it names one).
     pub tenant: Arc<str>,
-    /// The tenant's scheduling weight (its purchased rate), when known.
+    /// The tenant's scheduling weight (its purchased rate), when known; [`LOWEST_WEIGHT`]
+    /// for spot-tier and best-effort requests.
     pub weight: Option<f64>,
     pub model: Arc<str>,
     pub prompt: Prompt,
