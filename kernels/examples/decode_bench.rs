@@ -85,16 +85,7 @@ fn time_decode(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usi
     for s in 0..n {
         batch.push(&[(s as u32 * 7) % 100], ctx, table(s, per), true);
     }
-    let params = vec![
-        SampleParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            step: 0,
-        };
-        n
-    ];
+    let params = vec![SampleParams::GREEDY; n];
     for _ in 0..3 {
         b.step_sample(&batch, &params).expect("decode step");
     }

@@ -42,18 +42,7 @@ fn row(name: &str, bytes: f64, secs: f64, copy: f64) {
 
 fn main() {
     // Kernels as the backend loads them for SmolLM2 (attention fitted to its heads).
-    let smol = kernels::model::LlamaConfig {
-        n_layers: 30,
-        dim: 576,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        ffn_dim: 1536,
-        vocab: 49152,
-        rope_base: 100000.0,
-        rms_eps: 1e-5,
-        context_len: 8192,
-    };
+    let smol = kernels::model::LlamaConfig::smollm2_135m();
     let g = match Gpu::open_for(0, &smol) {
         Ok(g) => g,
         Err(e) => {

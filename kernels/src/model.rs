@@ -21,6 +21,22 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// SmolLM2-135M's shape (the default model; what benchmarks and GPU tests size for).
+    pub fn smollm2_135m() -> Self {
+        Self {
+            n_layers: 30,
+            dim: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            vocab: 49152,
+            rope_base: 100000.0,
+            rms_eps: 1e-5,
+            context_len: 8192,
+        }
+    }
+
     pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
         let arch = g.get_str("general.architecture")?;
         if arch != "llama" {

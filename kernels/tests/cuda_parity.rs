@@ -76,16 +76,8 @@ fn f32s(v: &[f16]) -> Vec<f32> {
 /// SmolLM2's attention shape.
 fn smol() -> LlamaConfig {
     LlamaConfig {
-        n_layers: 30,
-        dim: 576,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        ffn_dim: 1536,
-        vocab: 49152,
-        rope_base: 100000.0,
-        rms_eps: 1e-5,
         context_len: 2048,
+        ..LlamaConfig::smollm2_135m()
     }
 }
 

@@ -26,14 +26,6 @@ use crate::model::LlamaConfig;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, DevicePtr, PinnedHostSlice};
 
-const GREEDY: SampleParams = SampleParams {
-    temperature: 0.0,
-    top_k: 0,
-    top_p: 1.0,
-    seed: 0,
-    step: 0,
-};
-
 /// Largest |a − b| relative to the largest |b| (NaN when any value is).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     if a.len() != b.len() {
@@ -181,11 +173,11 @@ impl CudaBackend {
                 "prefill logits differ from the CPU twin by {err:.3e} (relative)"
             ));
         }
-        let next = super::twins::sample(&want, GREEDY);
+        let next = super::twins::sample(&want, SampleParams::GREEDY);
         let mut decode = Batch::default();
         decode.push(&[next], prompt.len(), blocks, true);
         let token = self
-            .step_sample(&decode, &[GREEDY])
+            .step_sample(&decode, &[SampleParams::GREEDY])
             .map_err(|e| e.to_string())?;
         let want = twin.forward(&decode, &mut kv);
         let best = want.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

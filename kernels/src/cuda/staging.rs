@@ -63,14 +63,6 @@ impl Layout {
     }
 }
 
-const GREEDY: SampleParams = SampleParams {
-    temperature: 0.0,
-    top_k: 0,
-    top_p: 1.0,
-    seed: 0,
-    step: 0,
-};
-
 /// Writes `batch`, padded with `pad` dummy decode rows, and the sampling parameters of its
 /// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent) into
 /// `out`. Returns the layout; `out` must hold at least its `len` words.
@@ -112,7 +104,7 @@ pub fn write(
     }
     out[w..w + pad * max_blocks].fill(trash);
     for row in 0..lay.n_seqs {
-        let p = params.get(row).copied().unwrap_or(GREEDY);
+        let p = params.get(row).copied().unwrap_or(SampleParams::GREEDY);
         out[lay.temperature().start + row] = p.temperature.to_bits();
         out[lay.top_k().start + row] = p.top_k as u32;
         out[lay.top_p().start + row] = p.top_p.to_bits();

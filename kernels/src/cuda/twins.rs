@@ -248,6 +248,17 @@ pub struct SampleParams {
     pub step: u32,
 }
 
+impl SampleParams {
+    /// Greedy (the lowest index among the largest logits).
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        step: 0,
+    };
+}
+
 /// Threads per block of the `sample` kernel (the twin walks the same chunks).
 pub const SAMPLE_THREADS: usize = 1024;
 const BISECT: usize = 40;
