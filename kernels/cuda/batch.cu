@@ -6,7 +6,8 @@
 // Outputs: tokens[T], positions[T], slot_mapping[T] (block × block_size + slot, where row
 // r's key and value go), seq_of_row[T], block_tables[n_seqs × max_blocks] and
 // logit_rows[n_seqs] (the last row of each sequence that wants logits, packed in order;
-// unused entries −1).
+// unused entries −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
+// a multiple of 32 threads (block 0 also computes logit_rows).
 extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_seqs, int n_tokens,
                                        int max_blocks, int block_size, u32* __restrict__ tokens,
                                        u32* __restrict__ positions, int* __restrict__ slot_mapping,
@@ -32,13 +33,40 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
         slot_mapping[i] = blk * block_size + (int)(pos % block_size);
     }
     if (i < n_seqs * max_blocks) block_tables[i] = (int)tables[i];
-    if (i < n_seqs) {
-        int before = 0;
-        for (int j = 0; j < i; ++j) before += heads[4 * j + 3] != 0;
-        if (heads[4 * i + 3] != 0) logit_rows[before] = (int)(heads[4 * i] + heads[4 * i + 1] - 1);
-        int total = before;
-        for (int j = i; j < n_seqs; ++j) total += heads[4 * j + 3] != 0;
+    // logit_rows: a prefix count of the sequences that want logits, by block 0 alone
+    // (a block-wide scan per chunk of blockDim.x sequences; O(n_seqs) work).
+    if (blockIdx.x == 0) {
+        __shared__ int warp_sums[32];
+        __shared__ int carry;
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+        if (threadIdx.x == 0) carry = 0;
+        __syncthreads();
+        for (int base = 0; base < n_seqs; base += blockDim.x) {
+            int j = base + threadIdx.x;
+            int want = (j < n_seqs && heads[4 * j + 3] != 0) ? 1 : 0;
+            int v = want;  // inclusive scan within the warp
+            for (int o = 1; o < 32; o <<= 1) {
+                int t = __shfl_up_sync(0xffffffffu, v, o);
+                if (lane >= o) v += t;
+            }
+            if (lane == 31) warp_sums[warp] = v;
+            __syncthreads();
+            if (warp == 0) {
+                int w = lane < n_warps ? warp_sums[lane] : 0;
+                for (int o = 1; o < 32; o <<= 1) {
+                    int t = __shfl_up_sync(0xffffffffu, w, o);
+                    if (lane >= o) w += t;
+                }
+                warp_sums[lane] = w;  // inclusive prefix over warps
+            }
+            __syncthreads();
+            int before = carry + v - want + (warp > 0 ? warp_sums[warp - 1] : 0);
+            if (want) logit_rows[before] = (int)(heads[4 * j] + heads[4 * j + 1] - 1);
+            __syncthreads();
+            if (threadIdx.x == blockDim.x - 1) carry = before + want;
+            __syncthreads();
+        }
         // Entries past the last wanted one are unused.
-        if (i >= total) logit_rows[i] = -1;
+        for (int j = carry + threadIdx.x; j < n_seqs; j += blockDim.x) logit_rows[j] = -1;
     }
 }

@@ -125,39 +125,48 @@ fn main() {
     let bytes = (t * 768) as f64 * 8.0 + (t * 192) as f64 * (4.0 + 2.0 * 2.0) + t as f64 * 8.0;
     row("rope_kv_write 32768 rows", bytes, secs, copy);
 
-    // build_batch: 256 sequences × 64 tokens, 512 table entries each.
-    let (ns, per, mb, bs) = (256usize, 64usize, 512usize, 16i32);
-    let tt = ns * per;
-    let mut staging = Vec::with_capacity(4 * ns + tt + ns * mb);
-    for i in 0..ns {
-        staging.extend([(i * per) as u32, per as u32, 100, 1]);
+    // build_batch: an engine-sized step (256 sequences × 64 tokens, 512 table entries
+    // each), then a large one (2048 × 32 tokens, 2048 entries each: 32 MB of tables).
+    for (ns, per, mb) in [(256usize, 64usize, 512usize), (2048, 32, 2048)] {
+        let bs = 16i32;
+        let tt = ns * per;
+        let mut staging = Vec::with_capacity(4 * ns + tt + ns * mb);
+        for i in 0..ns {
+            staging.extend([(i * per) as u32, per as u32, 100, (i % 2) as u32]);
+        }
+        staging.extend((0..tt as u32).map(|i| i % 49152));
+        staging.extend((0..(ns * mb) as u32).map(|i| i % 60000));
+        let st = s.memcpy_stod(&staging).unwrap();
+        let mut o_tok: CudaSlice<u32> = s.alloc_zeros(tt).unwrap();
+        let mut o_pos: CudaSlice<u32> = s.alloc_zeros(tt).unwrap();
+        let mut o_slot: CudaSlice<i32> = s.alloc_zeros(tt).unwrap();
+        let mut o_seq: CudaSlice<i32> = s.alloc_zeros(tt).unwrap();
+        let mut o_tab: CudaSlice<i32> = s.alloc_zeros(ns * mb).unwrap();
+        let mut o_log: CudaSlice<i32> = s.alloc_zeros(ns).unwrap();
+        let (nsi, tti, mbi) = (ns as i32, tt as i32, mb as i32);
+        let f = g.kernel("build_batch").unwrap();
+        let n_threads = (ns * mb).max(tt) as u32;
+        let secs = time(&g, || {
+            let mut l = s.launch_builder(f);
+            l.arg(&st).arg(&nsi).arg(&tti).arg(&mbi).arg(&bs);
+            l.arg(&mut o_tok)
+                .arg(&mut o_pos)
+                .arg(&mut o_slot)
+                .arg(&mut o_seq)
+                .arg(&mut o_tab)
+                .arg(&mut o_log);
+            unsafe { l.launch(cfg((n_threads.div_ceil(256), 1), 256)) }.unwrap();
+        });
+        let bytes = staging.len() as f64 * 4.0 + (tt * 16 + ns * mb * 4 + ns * 4) as f64;
+        row(
+            &format!("build_batch {ns} seqs × {per} tok, {mb} blk"),
+            bytes,
+            secs,
+            copy,
+        );
     }
-    staging.extend((0..tt as u32).map(|i| i % 49152));
-    staging.extend((0..(ns * mb) as u32).map(|i| i % 60000));
-    let st = s.memcpy_stod(&staging).unwrap();
-    let mut o_tok: CudaSlice<u32> = s.alloc_zeros(tt).unwrap();
-    let mut o_pos: CudaSlice<u32> = s.alloc_zeros(tt).unwrap();
-    let mut o_slot: CudaSlice<i32> = s.alloc_zeros(tt).unwrap();
-    let mut o_seq: CudaSlice<i32> = s.alloc_zeros(tt).unwrap();
-    let mut o_tab: CudaSlice<i32> = s.alloc_zeros(ns * mb).unwrap();
-    let mut o_log: CudaSlice<i32> = s.alloc_zeros(ns).unwrap();
-    let (nsi, tti, mbi) = (ns as i32, tt as i32, mb as i32);
-    let f = g.kernel("build_batch").unwrap();
-    let n_threads = (ns * mb).max(tt) as u32;
-    let secs = time(&g, || {
-        let mut l = s.launch_builder(f);
-        l.arg(&st).arg(&nsi).arg(&tti).arg(&mbi).arg(&bs);
-        l.arg(&mut o_tok)
-            .arg(&mut o_pos)
-            .arg(&mut o_slot)
-            .arg(&mut o_seq)
-            .arg(&mut o_tab)
-            .arg(&mut o_log);
-        unsafe { l.launch(cfg((n_threads.div_ceil(256), 1), 256)) }.unwrap();
-    });
-    let bytes = staging.len() as f64 * 4.0 + (tt * 16 + ns * mb * 4 + ns * 4) as f64;
-    row("build_batch 256 seqs × 64 tokens", bytes, secs, copy);
 
+    let bs = 16i32;
     // Paged decode attention: context 512 per sequence, SmolLM2 heads, one layer.
     let ctx = 512usize;
     for batch in [1usize, 16, 64, 256] {
