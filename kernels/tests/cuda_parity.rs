@@ -108,42 +108,45 @@ fn build_batch_matches_its_twin() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(1);
     let (bs, mb) = (16, 64);
-    let b = random_batch(&mut rng, 37, 40, bs, mb);
-    let (s, t) = (b.seqs.len(), b.tokens.len());
-    let staging = twins::stage(&b, mb);
-    let want = twins::build_batch(&staging, s, t, mb, bs);
-    let st = up(&g, &staging);
-    let mut tokens = up(&g, &vec![0xDEAD_BEEFu32; t]);
-    let mut positions = up(&g, &vec![0xDEAD_BEEFu32; t]);
-    let mut slots = up(&g, &vec![-7i32; t]);
-    let mut seq_of_row = up(&g, &vec![-7i32; t]);
-    let mut tables = up(&g, &vec![-7i32; s * mb]);
-    let mut logit_rows = up(&g, &vec![-7i32; s]);
-    let n = t.max(s * mb).max(s) as u32;
-    let f = g.kernel("build_batch").unwrap();
-    let a0 = s as i32;
-    let a1 = t as i32;
-    let a2 = mb as i32;
-    let a3 = bs as i32;
-    let mut l = g.stream.launch_builder(f);
-    l.arg(&st)
-        .arg(&a0)
-        .arg(&a1)
-        .arg(&a2)
-        .arg(&a3)
-        .arg(&mut tokens)
-        .arg(&mut positions)
-        .arg(&mut slots)
-        .arg(&mut seq_of_row)
-        .arg(&mut tables)
-        .arg(&mut logit_rows);
-    unsafe { l.launch(cfg(n.div_ceil(256), 256)) }.unwrap();
-    assert_eq!(down(&g, &tokens), want.tokens);
-    assert_eq!(down(&g, &positions), want.positions);
-    assert_eq!(down(&g, &slots), want.slot_mapping);
-    assert_eq!(down(&g, &seq_of_row), want.seq_of_row);
-    assert_eq!(down(&g, &tables), want.block_tables);
-    assert_eq!(down(&g, &logit_rows), want.logit_rows);
+    // 600 sequences: the logit-rows scan runs over several chunks of one block.
+    for (seqs, max_len) in [(37, 40), (600, 3)] {
+        let b = random_batch(&mut rng, seqs, max_len, bs, mb);
+        let (s, t) = (b.seqs.len(), b.tokens.len());
+        let staging = twins::stage(&b, mb);
+        let want = twins::build_batch(&staging, s, t, mb, bs);
+        let st = up(&g, &staging);
+        let mut tokens = up(&g, &vec![0xDEAD_BEEFu32; t]);
+        let mut positions = up(&g, &vec![0xDEAD_BEEFu32; t]);
+        let mut slots = up(&g, &vec![-7i32; t]);
+        let mut seq_of_row = up(&g, &vec![-7i32; t]);
+        let mut tables = up(&g, &vec![-7i32; s * mb]);
+        let mut logit_rows = up(&g, &vec![-7i32; s]);
+        let n = t.max(s * mb).max(s) as u32;
+        let f = g.kernel("build_batch").unwrap();
+        let a0 = s as i32;
+        let a1 = t as i32;
+        let a2 = mb as i32;
+        let a3 = bs as i32;
+        let mut l = g.stream.launch_builder(f);
+        l.arg(&st)
+            .arg(&a0)
+            .arg(&a1)
+            .arg(&a2)
+            .arg(&a3)
+            .arg(&mut tokens)
+            .arg(&mut positions)
+            .arg(&mut slots)
+            .arg(&mut seq_of_row)
+            .arg(&mut tables)
+            .arg(&mut logit_rows);
+        unsafe { l.launch(cfg(n.div_ceil(256), 256)) }.unwrap();
+        assert_eq!(down(&g, &tokens), want.tokens);
+        assert_eq!(down(&g, &positions), want.positions);
+        assert_eq!(down(&g, &slots), want.slot_mapping);
+        assert_eq!(down(&g, &seq_of_row), want.seq_of_row);
+        assert_eq!(down(&g, &tables), want.block_tables);
+        assert_eq!(down(&g, &logit_rows), want.logit_rows, "{seqs} sequences");
+    }
 }
 
 #[test]
