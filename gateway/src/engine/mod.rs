@@ -465,18 +465,25 @@ fn run_engine(
             backend.step(&batch).map(Next::Logits)
         };
         let rows = batch.n_logits();
+        // A backend's answer is checked before any of it reaches a client: the right
+        // number of rows, and token ids inside the vocabulary.
         let stepped = stepped.and_then(|next| {
+            let bad = |m: String| Err(kernels::forward::StepError::Device(m));
             let got = match &next {
                 Next::Tokens(t) => t.len(),
                 Next::Logits(l) => l.len() / vocab.max(1),
             };
-            if got == rows {
-                Ok(next)
-            } else {
-                Err(kernels::forward::StepError::Device(format!(
-                    "the backend returned {got} rows for {rows}"
-                )))
+            if got != rows {
+                return bad(format!("the backend returned {got} rows for {rows}"));
             }
+            if let Next::Tokens(t) = &next {
+                if let Some(id) = t.iter().find(|&&id| id as usize >= vocab) {
+                    return bad(format!(
+                        "the backend sampled token {id}, past the vocabulary"
+                    ));
+                }
+            }
+            Ok(next)
         });
         let mut next = match stepped {
             Ok(next) => next,
