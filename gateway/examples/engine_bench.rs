@@ -21,6 +21,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         request_id: "bench".into(),
         tenant: "bench".into(),
         weight: None,
+        output_weight: 3.0,
         model: "m".into(),
         prompt: Prompt::Text(prompt),
         prompt_ids: None,

@@ -234,7 +234,8 @@ async fn run(
         || crate::worker::estimate_prompt_tokens(&req.prompt),
         |ids| ids.len() as u32,
     );
-    let cost = input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64;
+    let terms_output_weight = terms.output_weight;
+    let cost = input_tokens as f64 + terms_output_weight * req.params.max_tokens as f64;
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
@@ -256,6 +257,7 @@ async fn run(
         } else {
             ctx.weight()
         },
+        output_weight: terms_output_weight,
         model: req.model.as_str().into(),
         prompt: req.prompt,
         prompt_ids,

@@ -38,6 +38,7 @@ fn req(
         request_id: "r".into(),
         tenant: "t".into(),
         weight: None,
+        output_weight: 3.0,
         model: "m".into(),
         prompt: Prompt::Text(prompt.into()),
         prompt_ids: None,

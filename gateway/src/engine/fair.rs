@@ -1,8 +1,10 @@
 //! Fair share of the engine between tenants: weighted virtual token counters (Sheng et
 //! al., "Fairness in Serving Large Language Models", OSDI 2024).
 //!
-//! Each tenant has a counter of the tokens the engine has computed for it (prefill and
-//! decode), divided by its weight (its purchased rate). When batch slots or KV blocks are
+//! Each tenant has a counter of the weighted tokens the engine has computed for it (input
+//! tokens count 1, output tokens — decodes, and generated tokens recomputed after a
+//! preemption — count the model's `output_weight`, as in the tenant's contract), divided
+//! by its weight (its purchased rate). When batch slots or KV blocks are
 //! contended, the scheduler admits the waiting sequence of the tenant with the smallest
 //! counter, and preempts from the tenant with the largest. A tenant that comes back from
 //! idle has its counter lifted to the smallest counter among the tenants with work, so it
@@ -25,6 +27,10 @@ const MIN_WEIGHT: f64 = 1e-6;
 pub trait Tenanted {
     fn tenant(&self) -> &Arc<str>;
     fn weight(&self) -> f64;
+    /// The weighted tokens of computing its next `n` tokens (default: `n`).
+    fn token_cost(&self, n: usize) -> f64 {
+        n as f64
+    }
 }
 
 /// The tenants' virtual token counters.
@@ -44,10 +50,10 @@ impl Fair {
         self.counters.clear();
     }
 
-    /// `tokens` computed for a sequence of `tenant` with `weight`.
-    pub fn charge(&mut self, tenant: &Arc<str>, tokens: usize, weight: f64) {
+    /// `cost` weighted tokens computed for a sequence of `tenant` with `weight`.
+    pub fn charge(&mut self, tenant: &Arc<str>, cost: f64, weight: f64) {
         let c = self.counters.entry(tenant.clone()).or_insert(0.0);
-        *c += tokens as f64 / weight.max(MIN_WEIGHT);
+        *c += cost / weight.max(MIN_WEIGHT);
     }
 
     /// A sequence of `tenant` arrives; `backlogged` are the tenants with sequences running
@@ -115,14 +121,8 @@ impl<T: Tenanted> Tenanted for &T {
     fn weight(&self) -> f64 {
         (**self).weight()
     }
-}
-
-impl<T: Tenanted> Tenanted for &mut T {
-    fn tenant(&self) -> &Arc<str> {
-        (**self).tenant()
-    }
-    fn weight(&self) -> f64 {
-        (**self).weight()
+    fn token_cost(&self, n: usize) -> f64 {
+        (**self).token_cost(n)
     }
 }
 
@@ -147,11 +147,11 @@ mod tests {
     fn the_least_served_tenant_goes_first_by_weight() {
         let mut f = Fair::default();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        f.charge(&a, 300, 3.0); // 100
-        f.charge(&b, 150, 1.0); // 150
+        f.charge(&a, 300.0, 3.0); // 100
+        f.charge(&b, 150.0, 1.0); // 150
         let waiting = [s("b"), s("a")];
         assert_eq!(f.pick(waiting.iter(), &[] as &[S]), Some(1));
-        f.charge(&a, 300, 3.0); // 200
+        f.charge(&a, 300.0, 3.0); // 200
         assert_eq!(f.pick(waiting.iter(), &[] as &[S]), Some(0));
         assert_eq!(f.victim([s("a"), s("b")].iter()), Some(0));
     }
@@ -160,7 +160,7 @@ mod tests {
     fn a_tenant_back_from_idle_is_lifted_but_goes_first_on_a_tie() {
         let mut f = Fair::default();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        f.charge(&a, 1000, 1.0);
+        f.charge(&a, 1000.0, 1.0);
         // b was idle all along: no banked credit, lifted to a's counter.
         f.arrive(&b, [&a]);
         assert_eq!(f.counter("b"), 1000.0);
@@ -168,7 +168,7 @@ mod tests {
         let waiting = [s("a"), s("b")];
         assert_eq!(f.pick(waiting.iter(), &[s("a")]), Some(1));
         // Arriving while already backlogged changes nothing; neither does a lower min.
-        f.charge(&b, 10, 1.0);
+        f.charge(&b, 10.0, 1.0);
         f.arrive(&b, [&a, &b]);
         assert_eq!(f.counter("b"), 1010.0);
         f.arrive(&a, [&b]);
@@ -188,8 +188,8 @@ mod tests {
     fn lowest_weight_is_served_last_and_preempted_first() {
         let mut f = Fair::default();
         let (spot, r): (Arc<str>, Arc<str>) = ("spot".into(), "reserved".into());
-        f.charge(&spot, 10, 1e-3);
-        f.charge(&r, 5000, 2000.0);
+        f.charge(&spot, 10.0, 1e-3);
+        f.charge(&r, 5000.0, 2000.0);
         assert_eq!(
             f.pick([s("spot"), s("reserved")].iter(), &[] as &[S]),
             Some(1)

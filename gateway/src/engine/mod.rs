@@ -55,6 +55,7 @@ pub struct EngineStats {
 struct NewSeq {
     tenant: Arc<str>,
     weight: f64,
+    output_weight: f64,
     prompt: Vec<u32>,
     max_tokens: u32,
     sampling: SamplingConfig,
@@ -67,6 +68,7 @@ struct Seq {
     tenant: Arc<str>,
     /// Fair-share weight (the tenant's purchased rate).
     weight: f64,
+    output_weight: f64,
     tokens: Vec<u32>,
     prompt_len: usize,
     computed: usize,
@@ -87,6 +89,15 @@ impl Tenanted for Seq {
     }
     fn weight(&self) -> f64 {
         self.weight
+    }
+    /// Prompt positions count 1, generated ones (decodes, or recomputed after a
+    /// preemption) `output_weight`.
+    fn token_cost(&self, n: usize) -> f64 {
+        let input = self
+            .prompt_len
+            .min(self.computed + n)
+            .saturating_sub(self.computed);
+        input as f64 + (n - input) as f64 * self.output_weight
     }
 }
 
@@ -301,6 +312,7 @@ impl EngineWorker {
         Ok(NewSeq {
             tenant: req.tenant.clone(),
             weight: req.weight.unwrap_or(1.0),
+            output_weight: req.output_weight,
             prompt,
             max_tokens: p.max_tokens,
             sampling: SamplingConfig {
@@ -377,6 +389,7 @@ fn admit(n: NewSeq) -> Seq {
     Seq {
         tenant: n.tenant,
         weight: n.weight,
+        output_weight: n.output_weight,
         prompt_len: n.prompt.len(),
         tokens: n.prompt,
         computed: 0,
@@ -587,4 +600,39 @@ fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: 
     stats
         .kv_blocks_used
         .store((pool.total() - pool.free_count()) as u64, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sequence_costs_prompt_tokens_at_one_and_generated_ones_at_output_weight() {
+        let (tx, _rx) = tmpsc::unbounded_channel();
+        let mut s = admit(NewSeq {
+            tenant: "t".into(),
+            weight: 1.0,
+            output_weight: 3.0,
+            prompt: vec![1; 10],
+            max_tokens: 8,
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            seed: 0,
+            stop: vec![],
+            tx,
+        });
+        assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");
+        s.computed = 8;
+        s.tokens.extend([5, 6]); // two generated tokens, not yet computed
+        assert_eq!(
+            s.token_cost(4),
+            2.0 + 2.0 * 3.0,
+            "the prompt's end and two generated"
+        );
+        s.computed = 11;
+        assert_eq!(s.token_cost(1), 3.0, "a decode");
+    }
 }

@@ -94,7 +94,11 @@ pub fn schedule<S: Schedulable>(
             plan.preempted += 1;
             break;
         }
-        fair.charge(running[i].tenant(), n, running[i].weight());
+        fair.charge(
+            running[i].tenant(),
+            running[i].token_cost(n),
+            running[i].weight(),
+        );
         plan.items.push((i, n));
         budget -= n;
         i += 1;
@@ -111,7 +115,7 @@ pub fn schedule<S: Schedulable>(
         let Some(s) = waiting.remove(next) else {
             break;
         };
-        fair.charge(s.tenant(), n, s.weight());
+        fair.charge(s.tenant(), s.token_cost(n), s.weight());
         running.push(s);
         plan.items.push((running.len() - 1, n));
         budget -= n;
@@ -261,7 +265,7 @@ mod tests {
         // being grown, not simply the youngest.
         let mut pool = BlockPool::new(4);
         let mut fair = Fair::default();
-        fair.charge(&"a".into(), 100, 1.0);
+        fair.charge(&"a".into(), 100.0, 1.0);
         let lim = Limits {
             max_batch_tokens: 64,
             max_seqs: 3,

@@ -71,6 +71,9 @@ pub struct WorkerRequest {
     /// The tenant's scheduling weight (its purchased rate), when known; [`LOWEST_WEIGHT`]
     /// for spot-tier and best-effort requests.
     pub weight: Option<f64>,
+    /// What one output token weighs against an input token (the model's
+    /// `output_weight`): engines count a tenant's service in these weighted tokens.
+    pub output_weight: f64,
     pub model: Arc<str>,
     pub prompt: Prompt,
     /// The prompt's token ids, when the gateway already tokenized it with the pool's

@@ -338,6 +338,7 @@ mod tests {
             request_id: "r".into(),
             tenant: "t".into(),
             weight: None,
+            output_weight: 3.0,
             model: "m".into(),
             prompt: Prompt::Text(prompt.into()),
             prompt_ids: None,
