@@ -97,7 +97,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = EngineConfig {
         backend,
         max_seqs: Some(max_seqs),
-        max_concurrency: max_seqs.max(256),
+        max_concurrency: Some(max_seqs.max(256)),
         // Room for every stream's prompt and answer.
         kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
         activations,

@@ -302,8 +302,10 @@ pub struct EngineConfig {
     pub gpu_memory_fraction: f64,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Most requests the router sends this engine at once (running + waiting).
-    pub max_concurrency: usize,
+    /// Most requests the router sends this engine at once (running + waiting); unset: four
+    /// times `max_seqs`, so that contended slots are shared inside the engine by its fair
+    /// share (the gateway's pool queue holds the rest).
+    pub max_concurrency: Option<usize>,
     /// GPUs to run on (CUDA backend): one engine per device, each its own pool member.
     pub devices: Vec<usize>,
 }
@@ -315,22 +317,25 @@ pub struct EngineSizes {
     pub max_seqs: usize,
     /// `None`: sized from the GPU's free memory (`gpu_memory_fraction`).
     pub kv_tokens: Option<usize>,
+    pub max_concurrency: usize,
 }
 
 impl EngineConfig {
     /// The sizes for a CPU or a GPU backend: what the config sets, else the backend's
     /// defaults (CPU: 512-token steps, 64 sequences, 32,768 KV tokens; GPU: 2,048-token
-    /// steps, 256 sequences, KV from free memory).
+    /// steps, 256 sequences, KV from free memory; both: 4 × max_seqs in flight).
     pub fn sizes(&self, gpu: bool) -> EngineSizes {
         let (tokens, seqs, kv) = if gpu {
             (2048, 256, None)
         } else {
             (512, 64, Some(32768))
         };
+        let max_seqs = self.max_seqs.unwrap_or(seqs);
         EngineSizes {
             max_batch_tokens: self.max_batch_tokens.unwrap_or(tokens),
-            max_seqs: self.max_seqs.unwrap_or(seqs),
+            max_seqs,
             kv_tokens: self.kv_tokens.or(kv),
+            max_concurrency: self.max_concurrency.unwrap_or(4 * max_seqs),
         }
     }
 }
@@ -346,7 +351,7 @@ impl Default for EngineConfig {
             kv_tokens: None,
             gpu_memory_fraction: 0.85,
             block_size: 16,
-            max_concurrency: 256,
+            max_concurrency: None,
             devices: vec![0],
         }
     }
@@ -714,7 +719,7 @@ impl WorkerConfig {
                 if e.max_batch_tokens == Some(0)
                     || e.max_seqs == Some(0)
                     || e.block_size == 0
-                    || e.max_concurrency == 0
+                    || e.max_concurrency == Some(0)
                     || e.kv_tokens.is_some_and(|k| k < e.block_size)
                 {
                     return invalid(format!(
@@ -785,7 +790,8 @@ workers = [{{ kind = "engine"{fields} }}]
             EngineSizes {
                 max_batch_tokens: 512,
                 max_seqs: 64,
-                kv_tokens: Some(32768)
+                kv_tokens: Some(32768),
+                max_concurrency: 256,
             }
         );
         assert_eq!(
@@ -793,7 +799,8 @@ workers = [{{ kind = "engine"{fields} }}]
             EngineSizes {
                 max_batch_tokens: 2048,
                 max_seqs: 256,
-                kv_tokens: None
+                kv_tokens: None,
+                max_concurrency: 1024,
             }
         );
         let cfg = Config::from_toml(&engine_pool(
@@ -804,6 +811,7 @@ workers = [{{ kind = "engine"{fields} }}]
             max_batch_tokens: 128,
             max_seqs: 8,
             kv_tokens: Some(4096),
+            max_concurrency: 32,
         };
         assert_eq!(engine(&cfg).sizes(true), set);
         assert_eq!(engine(&cfg).sizes(false), set);
@@ -813,6 +821,7 @@ workers = [{{ kind = "engine"{fields} }}]
     fn bad_engine_sizes_are_refused() {
         for bad in [
             ", max_seqs = 0",
+            ", max_concurrency = 0",
             ", kv_tokens = 8",
             ", gpu_memory_fraction = 0.0",
             ", gpu_memory_fraction = 1.5",

@@ -250,7 +250,7 @@ impl EngineWorker {
             template: loaded.template.clone(),
             max_context,
             stats,
-            max_concurrency: cfg.max_concurrency,
+            max_concurrency: sizes.max_concurrency,
         })
     }
 
