@@ -61,6 +61,57 @@ fn parse_ptxas(log: &str) -> Vec<(String, Report)> {
 }
 
 #[test]
+fn every_kernel_compiles_to_ptx_for_compute_90() {
+    if !nvrtc_present() {
+        assert!(
+            !tools_required(),
+            "TOLLGATE_REQUIRE_TOOLS=1 but libnvrtc.so.13 is not loadable (LD_LIBRARY_PATH)"
+        );
+        eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc; LD_LIBRARY_PATH=.../nvidia/cu13/lib)");
+        return;
+    }
+    // The general build, and the attention kernel fitted to SmolLM2's heads.
+    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2)];
+    for defines in [&[][..], smol] {
+        for src in SOURCES {
+            let ptx =
+                compile::compile_with(src, "compute_90", defines).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                ptx.contains(".target sm_90"),
+                "{}: {}",
+                src.name,
+                &ptx[..200.min(ptx.len())]
+            );
+            for entry in src.entries {
+                assert!(
+                    ptx.contains(&format!(".entry {entry}(")),
+                    "{}.cu: no entry point {entry}",
+                    src.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_broken_kernel_is_a_clear_error() {
+    if !nvrtc_present() {
+        eprintln!("SKIPPED: NVRTC not found");
+        return;
+    }
+    let bad = kernels::cuda::Source {
+        name: "broken",
+        code: "extern \"C\" __global__ void broken(float* x) { x[0] = undefined_name; }",
+        entries: &["broken"],
+    };
+    let err = compile::compile(&bad, "compute_90")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.cu"), "{err}");
+    assert!(err.contains("undefined_name"), "{err}");
+}
+
+#[test]
 fn every_kernel_fits_its_launch_on_sm_90() {
     let ptxas = std::env::var("TOLLGATE_PTXAS").ok();
     let Some(ptxas) = ptxas.filter(|p| std::path::Path::new(p).exists()) else {
