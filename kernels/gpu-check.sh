@@ -14,46 +14,52 @@
 # and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=target/gpu-check
+# Where the device tool collects files (its $OUT), if set: the report is also written there.
+RESULTS=${OUT:-}
+BIN=target/gpu-check
 if [ "${1:-}" = "--build" ]; then
   set -e
-  mkdir -p "$OUT"
+  mkdir -p "$BIN"
   for t in cuda_parity cuda_compile cuda_twins cuda_backend; do
     bin=$(cargo test --release -p kernels --test "$t" --no-run --message-format=json 2>/dev/null \
       | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" | tail -1)
-    cp "$bin" "$OUT/$t"
+    cp "$bin" "$BIN/$t"
   done
   cargo build --release -q -p kernels --example gpu_bench --example decode_bench --example synth
   cargo build --release -q -p gateway --example engine_bench
-  for e in gpu_bench decode_bench synth engine_bench; do cp "target/release/examples/$e" "$OUT/$e"; done
+  for e in gpu_bench decode_bench synth engine_bench; do cp "target/release/examples/$e" "$BIN/$e"; done
   # Debug info is not needed there; the carry limit is 64 MiB.
-  command -v strip >/dev/null && strip --strip-debug "$OUT"/*
-  du -sh "$OUT"
+  command -v strip >/dev/null && strip --strip-debug "$BIN"/*
+  du -sh "$BIN"
   exit 0
 fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
+if [ -n "$RESULTS" ] && [ -d "$RESULTS" ]; then
+  exec > >(tee "$RESULTS/gpu-check.txt") 2>&1
+fi
+date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 status=0
 printf '\n| check | result |\n|---|---|\n'
 for t in cuda_compile cuda_twins cuda_parity cuda_backend; do
   log=$(mktemp)
-  if timeout 300 "$OUT/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
+  if timeout 300 "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
   grep -q "SKIPPED" "$log" && r="$r (skipped: $(grep -m1 SKIPPED "$log" | cut -c1-80))"
   printf '| %s | %s — %s |\n' "$t" "$r" "$(grep -m1 'test result' "$log")"
   [ "$r" = "pass" ] || tail -30 "$log"
 done
 echo
-timeout 120 "$OUT/gpu_bench" || status=1
+timeout 120 "$BIN/gpu_bench" || status=1
 model=$(mktemp -d)/smollm2-shape.gguf
-"$OUT/synth" "$model" >/dev/null || status=1
+"$BIN/synth" "$model" >/dev/null || status=1
 echo
-timeout 240 "$OUT/decode_bench" "$model" || status=1
+timeout 240 "$BIN/decode_bench" "$model" || status=1
 echo
-BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 240 "$OUT/engine_bench" "$model" || status=1
+BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 240 "$BIN/engine_bench" "$model" || status=1
 exit $status
