@@ -39,6 +39,7 @@ fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
+[ -x /usr/local/cuda/bin/ptxas ] && export TOLLGATE_PTXAS=${TOLLGATE_PTXAS:-/usr/local/cuda/bin/ptxas}
 export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
 if [ -n "$RESULTS" ] && [ -d "$RESULTS" ]; then
   exec > >(tee "$RESULTS/gpu-check.txt") 2>&1
