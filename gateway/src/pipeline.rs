@@ -313,11 +313,20 @@ async fn dispatch(
     queue: Queue,
 ) -> Result<(Lease, EventStream, WorkerEvent), ApiError> {
     let tokens = input_tokens as u64 + wreq.params.max_tokens as u64;
+    // In the pool's wait room: the tenant, its weight and the request's weighted tokens.
+    let who = crate::route::room::Who {
+        tenant: wreq.tenant.clone(),
+        weight: wreq.weight.unwrap_or(1.0),
+        cost: input_tokens as f64 + wreq.output_weight * wreq.params.max_tokens as f64,
+    };
     let mut tried = Vec::new();
     let mut last: Option<ApiError> = None;
     for attempt in 0..=max_retries {
         let until = queue.until.min(deadline);
-        let mut lease = match pool.pick_or_wait(tokens, &tried, queue.depth, until).await {
+        let mut lease = match pool
+            .pick_or_wait(tokens, &tried, queue.depth, until, &who)
+            .await
+        {
             Ok(l) => l,
             Err(why) => {
                 return Err(last.unwrap_or_else(|| ApiError::Overloaded {

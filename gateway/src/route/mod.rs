@@ -10,10 +10,12 @@
 //! failed or cancelled) and carries the outcome back to the breaker.
 //!
 //! When every healthy worker is at its cap, a request may wait in a bounded queue
-//! ([`Pool::pick_or_wait`]: `server.queue_depth`, `server.queue_timeout_secs`); a released
-//! slot wakes the waiters. A full queue or a wait past the limit is a saturated fleet: 503.
+//! ([`Pool::pick_or_wait`]: `server.queue_depth`, `server.queue_timeout_secs`), the pool's
+//! wait [`room`]: a released slot is offered to the least-served tenant's request. A full
+//! queue or a wait past the limit is a saturated fleet: 503.
 
 pub mod health;
+pub mod room;
 
 use crate::config::{Config, ModelConfig, PoolConfig, WorkerConfig};
 use crate::engine::EngineWorker;
@@ -21,7 +23,7 @@ use crate::worker::{openai::OpenAiWorker, sim::SimWorker, Worker};
 use health::Breaker;
 use rand::Rng;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,11 +78,10 @@ impl WorkerSlot {
     }
 }
 
-/// A pool's shared counters: requests in flight on any of its workers, and waiters.
+/// A pool's shared state: requests in flight on any of its workers, and its wait room.
 #[derive(Default)]
 pub struct PoolSignal {
-    released: tokio::sync::Notify,
-    waiters: AtomicUsize,
+    room: room::Room,
     in_flight: AtomicU64,
 }
 
@@ -93,15 +94,6 @@ pub struct Pool {
     signal: Arc<PoolSignal>,
     /// Sum of the workers' concurrency caps.
     cap_total: u64,
-}
-
-/// Leaves the wait queue when dropped (also when the waiting request is cancelled).
-struct Waiting<'a>(&'a PoolSignal);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiters.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Why no worker could be picked.
@@ -185,14 +177,14 @@ impl Pool {
     /// Whether the pool has idle capacity: nothing waits, and fewer requests are in flight
     /// than `below` × the workers' caps.
     pub fn idle(&self, below: f64) -> bool {
-        self.signal.waiters.load(Ordering::Relaxed) == 0
+        self.signal.room.is_empty()
             && (self.signal.in_flight.load(Ordering::Relaxed) as f64)
                 < below * self.cap_total as f64
     }
 
     /// Requests waiting for a slot.
     pub fn waiting(&self) -> usize {
-        self.signal.waiters.load(Ordering::Relaxed)
+        self.signal.room.len()
     }
 
     /// The prompt's token ids, where the pool's workers tokenize with the model's
@@ -201,37 +193,47 @@ impl Pool {
         self.slots.first()?.worker.tokenize_prompt(prompt)
     }
 
-    /// Like [`Pool::pick`], but when every worker is at its cap, waits for a released slot
-    /// (at most `depth` requests wait; none past `until`).
+    /// Like [`Pool::pick`], but when every worker is at its cap (or others already wait),
+    /// waits in the pool's room for a slot offered to `who` (at most `depth` requests
+    /// wait; none past `until`).
     pub async fn pick_or_wait(
         &self,
         tokens: u64,
         exclude: &[usize],
         depth: usize,
         until: tokio::time::Instant,
+        who: &room::Who,
     ) -> Result<Lease, NoWorker> {
-        loop {
-            let notified = self.signal.released.notified();
-            tokio::pin!(notified);
-            // Registered before the pick: a release between the pick and the wait is seen.
-            notified.as_mut().enable();
+        let room = &self.signal.room;
+        // Nobody waiting: a free slot is taken at once.
+        if room.is_empty() {
             match self.pick(tokens, exclude) {
                 Err(NoWorker::Saturated) => {}
                 other => return other,
             }
-            let queued = self
-                .signal
-                .waiters
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                    (n < depth).then_some(n + 1)
-                })
-                .is_ok();
-            if !queued {
+        }
+        let Some(ticket) = room.join(who, depth) else {
+            // The room is full: only a slot free right now will do.
+            return self.pick(tokens, exclude);
+        };
+        // A slot freed before this request joined (or while others wait) is offered now.
+        if self.signal.in_flight.load(Ordering::Acquire) < self.cap_total {
+            room.wake_next();
+        }
+        loop {
+            if tokio::time::timeout_at(until, ticket.offered())
+                .await
+                .is_err()
+            {
                 return Err(NoWorker::Saturated);
             }
-            let _waiting = Waiting(&self.signal);
-            if tokio::time::timeout_at(until, notified).await.is_err() {
-                return Err(NoWorker::Saturated);
+            match self.pick(tokens, exclude) {
+                Ok(lease) => {
+                    ticket.served();
+                    return Ok(lease);
+                }
+                Err(NoWorker::Saturated) => ticket.decline(!exclude.is_empty()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -356,9 +358,9 @@ impl Drop for Lease {
         if self.trial && !self.reported {
             self.slot.breaker.abandon_trial();
         }
-        self.signal.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if self.signal.waiters.load(Ordering::Acquire) > 0 {
-            self.signal.released.notify_waiters();
+        self.signal.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !self.signal.room.is_empty() {
+            self.signal.room.wake_next();
         }
     }
 }
@@ -478,5 +480,41 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_to_the_least_served_waiting_tenant() {
+        let p = Arc::new(pool(1, 1));
+        let held = p.pick(1, &[]).unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut tasks = Vec::new();
+        for (i, t) in ["a", "a", "a", "b"].into_iter().enumerate() {
+            let (pc, order) = (p.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let who = room::Who {
+                    tenant: t.into(),
+                    weight: 1.0,
+                    cost: 100.0,
+                };
+                let lease = pc.pick_or_wait(1, &[], 16, until, &who).await.unwrap();
+                order.lock().unwrap().push(t);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(lease);
+            }));
+            // Joined in this order.
+            while p.waiting() < i + 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // The slot is still held: nothing is free to pick.
+        assert_eq!(p.pick(1, &[]).err(), Some(NoWorker::Saturated));
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b", "a", "a"]);
+        assert_eq!(p.waiting(), 0);
+        assert!(p.idle(1.0));
     }
 }
