@@ -21,7 +21,12 @@
 #ifndef MAX_DPL
 #define MAX_DPL 4   // head_dim <= 128
 #endif
+// Warps per block that share a row's keys (a launch with more leaves the extra idle);
+// the loader raises it where the model's state fits in shared memory, and launches more
+// warps when the step has few rows (decode at small batch).
+#ifndef MAX_WARPS
 #define MAX_WARPS 4
+#endif
 
 __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,
                        const half_t* __restrict__ vc, const int* __restrict__ table, int n_keys,
@@ -30,7 +35,9 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     __shared__ float sm_m[MAX_WARPS][MAX_GROUP];
     __shared__ float sm_l[MAX_WARPS][MAX_GROUP];
     __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nw = min((int)(blockDim.x >> 5), MAX_WARPS);
+    bool active = warp < nw;
     int dpl = head_dim / 32;
     float qv[MAX_GROUP][MAX_DPL], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][MAX_DPL];
 #pragma unroll
@@ -45,7 +52,7 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
                            : 0.0f;
         }
     }
-    for (int j = warp; j < n_keys; j += nw) {
+    for (int j = warp; active && j < n_keys; j += nw) {
         int blk = table[j / block_size], slot = j % block_size;
         size_t base = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim;
         float kk[MAX_DPL], vv[MAX_DPL];
@@ -72,6 +79,7 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
         if (g >= group) break;
+        if (!active) break;
         if (lane == 0) {
             sm_m[warp][g] = m[g];
             sm_l[warp][g] = l[g];

@@ -191,7 +191,9 @@ fn main() {
                 .arg(&pos)
                 .arg(&mut out);
             l.arg(&mbi).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
-            unsafe { l.launch(cfg((batch as u32, 3), 128)) }.unwrap();
+            // As the backend launches it: more warps per row at small batch.
+            let threads = 32 * kernels::cuda::device::attention_warps(batch, 16) as u32;
+            unsafe { l.launch(cfg((batch as u32, 3), threads)) }.unwrap();
         });
         let bytes = (batch * ctx * 192 * 2 * 2) as f64;
         row(

@@ -71,7 +71,7 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
         return;
     }
     // The general build, and the attention kernel fitted to SmolLM2's heads.
-    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2)];
+    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
     for defines in [&[][..], smol] {
         for src in SOURCES {
             let ptx =
@@ -136,7 +136,7 @@ fn every_kernel_fits_its_launch_on_sm_90() {
     eprintln!("|---|---:|---:|---:|---:|");
     // The general build, then the one the backend loads for SmolLM2 (3 query heads per
     // KV head, head_dim 64).
-    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2)];
+    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
     for (defines, label) in [(&[][..], ""), (smol, " (SmolLM2)")] {
         for src in SOURCES {
             let specialized = src.code.contains("#ifndef MAX_GROUP");

@@ -95,8 +95,8 @@ impl Gpu {
 pub const MAX_GROUP: usize = 8;
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// `MAX_GROUP` and `MAX_DPL` for a model (its group and head_dim / 32), or why the CUDA
-/// kernels cannot run it.
+/// `MAX_GROUP`, `MAX_DPL` and `MAX_WARPS` for a model (its group, head_dim / 32, and the
+/// most warps whose state fits in shared memory), or why the CUDA kernels cannot run it.
 pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, GpuError> {
     let group = c.n_heads / c.n_kv_heads.max(1);
     if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) || group > MAX_GROUP {
@@ -111,5 +111,79 @@ pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, 
             c.head_dim
         )));
     }
-    Ok(vec![("MAX_GROUP", group), ("MAX_DPL", c.head_dim / 32)])
+    let dpl = c.head_dim / 32;
+    Ok(vec![
+        ("MAX_GROUP", group),
+        ("MAX_DPL", dpl),
+        ("MAX_WARPS", attention_max_warps(group, dpl)),
+    ])
+}
+
+/// Shared memory the attention kernel's merge may use, per block.
+const ATTENTION_SMEM: usize = 32 << 10;
+
+/// The most warps (16, 8 or 4) whose per-warp attention state (`group` heads of
+/// `dpl × 32` floats, plus two floats each) fits in [`ATTENTION_SMEM`].
+pub fn attention_max_warps(group: usize, dpl: usize) -> usize {
+    let per_warp = group * (dpl * 32 * 4 + 8);
+    [16, 8, 4]
+        .into_iter()
+        .find(|w| w * per_warp <= ATTENTION_SMEM)
+        .unwrap_or(4)
+}
+
+/// Warps per attention block for a step of `rows` rows: few rows (decode at small batch)
+/// get more warps each, so that a row's keys are split further; at most `max`.
+pub fn attention_warps(rows: usize, max: usize) -> usize {
+    let w = if rows <= 16 {
+        16
+    } else if rows <= 64 {
+        8
+    } else {
+        4
+    };
+    w.min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_builds_fit_the_model_and_shared_memory() {
+        let smol = LlamaConfig::smollm2_135m();
+        assert_eq!(
+            attention_defines(&smol).unwrap(),
+            [("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)]
+        );
+        // The general limits (groups of 8, head_dim 128) leave room for 4 warps only.
+        assert_eq!(attention_max_warps(8, 4), 4);
+        assert_eq!(attention_max_warps(4, 4), 8);
+        let wide = LlamaConfig {
+            n_heads: 32,
+            n_kv_heads: 2,
+            ..smol.clone()
+        };
+        assert!(attention_defines(&wide)
+            .unwrap_err()
+            .to_string()
+            .contains("groups of up to 8"));
+        let odd = LlamaConfig {
+            head_dim: 80,
+            ..smol
+        };
+        assert!(attention_defines(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("head dimension 80"));
+    }
+
+    #[test]
+    fn few_rows_get_more_warps_each_within_the_build() {
+        assert_eq!(attention_warps(1, 16), 16);
+        assert_eq!(attention_warps(16, 16), 16);
+        assert_eq!(attention_warps(64, 16), 8);
+        assert_eq!(attention_warps(256, 16), 4);
+        assert_eq!(attention_warps(1, 4), 4, "capped by MAX_WARPS");
+    }
 }

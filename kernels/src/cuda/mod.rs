@@ -66,16 +66,16 @@ pub const SOURCES: &[Source] = &[
     },
 ];
 
-/// Threads per block each entry point is launched with (`step.rs`, the benches and the
-/// parity tests): `cuda_compile` checks with `ptxas` that each fits its registers at that
-/// size on sm_90.
+/// The most threads per block each entry point is launched with (`step.rs`, the benches
+/// and the parity tests; attention: 4 to 16 warps by the step's rows): `cuda_compile`
+/// checks with `ptxas` that each fits its registers at that size on sm_90.
 pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("build_batch", 256),
     ("embed", 256),
     ("add_rmsnorm", 256),
     ("rope_kv_write", 256),
-    ("attention_prefill", 128),
-    ("attention_decode", 128),
+    ("attention_prefill", 512),
+    ("attention_decode", 512),
     ("swiglu", 256),
     ("sample", 1024),
 ];

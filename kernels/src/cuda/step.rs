@@ -20,7 +20,7 @@
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
 //! kernel over the logits rows with the parameters from the staging buffer.
 
-use super::device::{Gpu, GpuError};
+use super::device::{attention_warps, Gpu, GpuError};
 use super::staging::Layout;
 use super::twins::TwinModel;
 use crate::model::LlamaConfig;
@@ -77,6 +77,8 @@ pub(super) struct Device {
     pub block_size: usize,
     /// KV blocks the engine may use (the cache holds one more, the spare).
     pub n_blocks: usize,
+    /// The most warps per attention block this build allows (`MAX_WARPS`).
+    att_warps: usize,
     pub max_blocks: usize,
     pub bufs: Bufs,
 }
@@ -273,7 +275,9 @@ impl Device {
                 })
             })
             .collect::<Result<Vec<_>, cudarc::driver::DriverError>>()?;
+        let group = c.n_heads / c.n_kv_heads;
         Ok(Self {
+            att_warps: super::device::attention_max_warps(group, c.head_dim / 32),
             embed,
             output_norm,
             output,
@@ -304,6 +308,7 @@ impl Device {
             output,
             block_size,
             max_blocks,
+            att_warps,
             bufs: b,
             ..
         } = self;
@@ -397,7 +402,7 @@ impl Device {
                     .arg(&scale);
                 let cfg = LaunchConfig {
                     grid_dim: (t as u32, c.n_kv_heads as u32, 1),
-                    block_dim: (128, 1, 1),
+                    block_dim: (32 * attention_warps(t, *att_warps) as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 unsafe { l.launch(cfg) }?;
