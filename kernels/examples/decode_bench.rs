@@ -11,7 +11,7 @@
 //! position `ctx`, sampled on the device (greedy).
 
 use kernels::backend::{Backend, CpuBackend};
-use kernels::cuda::backend::CudaBackend;
+use kernels::cuda::backend::{CudaBackend, KvCapacity};
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::synth::{write_model, SynthSpec};
@@ -132,7 +132,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Which::Cpu(Box::new(b)), f64::NAN)
     } else {
         let bw = copy_bandwidth()?;
-        let b = CudaBackend::from_twin(&twin, 0, BLOCK, n_blocks, max_tokens, max_n)?;
+        let b = CudaBackend::with_capacity(
+            &twin,
+            0,
+            BLOCK,
+            KvCapacity::Blocks(n_blocks),
+            max_tokens,
+            max_n,
+        )?;
         (Which::Cuda(Box::new(b)), bw)
     };
     drop(twin);

@@ -9,7 +9,7 @@ mod common;
 
 use common::rel_err;
 use kernels::backend::Backend;
-use kernels::cuda::backend::CudaBackend;
+use kernels::cuda::backend::{CudaBackend, KvCapacity};
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
 use kernels::forward::Batch;
 
@@ -20,7 +20,7 @@ fn backend(name: &str) -> Option<(CudaBackend, TwinModel)> {
     }
     let model = common::tiny(name);
     let twin = TwinModel::from_model(&model);
-    let b = CudaBackend::from_twin(&twin, 0, 16, 128, 512, 64).unwrap();
+    let b = CudaBackend::with_capacity(&twin, 0, 16, KvCapacity::Blocks(128), 512, 64).unwrap();
     eprintln!("{} graphs for {:?}", b.name(), b.graph_buckets());
     Some((b, twin))
 }

@@ -92,24 +92,13 @@ impl CudaBackend {
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
         let twin = TwinModel::from_model(model);
-        Self::from_twin(&twin, device, block_size, n_blocks, max_tokens, max_seqs)
-    }
-
-    /// As [`CudaBackend::new`], from weights already dequantized for the GPU.
-    pub fn from_twin(
-        twin: &TwinModel,
-        device: usize,
-        block_size: usize,
-        n_blocks: usize,
-        max_tokens: usize,
-        max_seqs: usize,
-    ) -> Result<Self, GpuError> {
         let kv = KvCapacity::Blocks(n_blocks);
-        Self::with_capacity(twin, device, block_size, kv, max_tokens, max_seqs)
+        Self::with_capacity(&twin, device, block_size, kv, max_tokens, max_seqs)
     }
 
-    /// As [`CudaBackend::from_twin`], with the KV cache sized by `kv` (e.g. from the
-    /// memory left on the device).
+    /// As [`CudaBackend::new`], from weights already dequantized for the GPU (`twin`), with
+    /// the KV cache sized by `kv`: a number of blocks, or from the memory left on the
+    /// device.
     pub fn with_capacity(
         twin: &TwinModel,
         device: usize,
