@@ -20,6 +20,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Sequences running per tenant.
+pub type InRun = HashMap<Arc<str>, usize>;
+
 /// Weights below this are treated as this (no division by zero or by a negative).
 const MIN_WEIGHT: f64 = 1e-6;
 
@@ -78,21 +81,27 @@ impl Fair {
         }
     }
 
+    /// Sequences per tenant in `running` (for [`Fair::pick`]'s ties).
+    pub fn count(running: &[impl Tenanted]) -> InRun {
+        let mut n = InRun::new();
+        for r in running {
+            *n.entry(r.tenant().clone()).or_default() += 1;
+        }
+        n
+    }
+
     /// Which waiting sequence to admit next: the tenant with the smallest counter; on a
-    /// tie the one with fewer sequences in `running`; then the earliest in the queue.
+    /// tie the one with fewer sequences running (`in_run`, from [`Fair::count`], kept up to
+    /// date by the caller as it admits); then the earliest in the queue.
     pub fn pick<S: Tenanted>(
         &self,
         waiting: impl IntoIterator<Item = S>,
-        running: &[impl Tenanted],
+        in_run: &InRun,
     ) -> Option<usize> {
-        let mut in_run: HashMap<&str, usize> = HashMap::new();
-        for r in running {
-            *in_run.entry(&**r.tenant()).or_default() += 1;
-        }
         let mut best: Option<(usize, f64, usize)> = None;
         for (i, s) in waiting.into_iter().enumerate() {
             let c = self.counter(s.tenant());
-            let n = in_run.get(&**s.tenant()).copied().unwrap_or(0);
+            let n = in_run.get(s.tenant()).copied().unwrap_or(0);
             if best.is_none_or(|(_, bc, bn)| c < bc || (c == bc && n < bn)) {
                 best = Some((i, c, n));
             }
@@ -150,9 +159,9 @@ mod tests {
         f.charge(&a, 300.0, 3.0); // 100
         f.charge(&b, 150.0, 1.0); // 150
         let waiting = [s("b"), s("a")];
-        assert_eq!(f.pick(waiting.iter(), &[] as &[S]), Some(1));
+        assert_eq!(f.pick(waiting.iter(), &InRun::new()), Some(1));
         f.charge(&a, 300.0, 3.0); // 200
-        assert_eq!(f.pick(waiting.iter(), &[] as &[S]), Some(0));
+        assert_eq!(f.pick(waiting.iter(), &InRun::new()), Some(0));
         assert_eq!(f.victim([s("a"), s("b")].iter()), Some(0));
     }
 
@@ -166,7 +175,7 @@ mod tests {
         assert_eq!(f.counter("b"), 1000.0);
         // A tie: b has nothing running, a has a sequence running.
         let waiting = [s("a"), s("b")];
-        assert_eq!(f.pick(waiting.iter(), &[s("a")]), Some(1));
+        assert_eq!(f.pick(waiting.iter(), &Fair::count(&[s("a")])), Some(1));
         // Arriving while already backlogged changes nothing; neither does a lower min.
         f.charge(&b, 10.0, 1.0);
         f.arrive(&b, [&a, &b]);
@@ -179,9 +188,9 @@ mod tests {
     fn ties_keep_queue_order_and_preempt_the_youngest() {
         let f = Fair::default();
         let waiting = [s("a"), s("a"), s("b")];
-        assert_eq!(f.pick(waiting.iter(), &[] as &[S]), Some(0));
+        assert_eq!(f.pick(waiting.iter(), &InRun::new()), Some(0));
         assert_eq!(f.victim([s("a"), s("b"), s("a")].iter()), Some(2));
-        assert_eq!(f.pick(std::iter::empty::<&S>(), &[] as &[S]), None);
+        assert_eq!(f.pick(std::iter::empty::<&S>(), &InRun::new()), None);
     }
 
     #[test]
@@ -191,7 +200,7 @@ mod tests {
         f.charge(&spot, 10.0, 1e-3);
         f.charge(&r, 5000.0, 2000.0);
         assert_eq!(
-            f.pick([s("spot"), s("reserved")].iter(), &[] as &[S]),
+            f.pick([s("spot"), s("reserved")].iter(), &InRun::new()),
             Some(1)
         );
         assert_eq!(f.victim([s("spot"), s("reserved")].iter()), Some(0));

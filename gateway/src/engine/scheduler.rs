@@ -103,8 +103,9 @@ pub fn schedule<S: Schedulable>(
         budget -= n;
         i += 1;
     }
+    let mut in_run = Fair::count(running);
     while budget > 0 && running.len() < lim.max_seqs {
-        let Some(next) = fair.pick(waiting.iter(), running) else {
+        let Some(next) = fair.pick(waiting.iter(), &in_run) else {
             break;
         };
         let s = &mut waiting[next];
@@ -116,6 +117,7 @@ pub fn schedule<S: Schedulable>(
             break;
         };
         fair.charge(s.tenant(), s.token_cost(n), s.weight());
+        *in_run.entry(s.tenant().clone()).or_default() += 1;
         running.push(s);
         plan.items.push((running.len() - 1, n));
         budget -= n;

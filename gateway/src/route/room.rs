@@ -12,7 +12,7 @@
 //! waits again; a request that had excluded workers passes the offer on to a later
 //! arrival, so the offers along a chain always end.
 
-use crate::engine::fair::{Fair, Tenanted};
+use crate::engine::fair::{Fair, InRun, Tenanted};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
@@ -113,7 +113,7 @@ impl Room {
 
     fn offer(g: &mut Inner, after: Option<u64>) {
         let open = |e: &&Entry| !e.woken && after.is_none_or(|a| e.id > a);
-        let Some(k) = g.fair.pick(g.entries.iter().filter(open), &[] as &[Entry]) else {
+        let Some(k) = g.fair.pick(g.entries.iter().filter(open), &InRun::new()) else {
             return;
         };
         if let Some(e) = g.entries.iter_mut().filter(|e| open(&&**e)).nth(k) {
