@@ -234,8 +234,7 @@ async fn run(
         || crate::worker::estimate_prompt_tokens(&req.prompt),
         |ids| ids.len() as u32,
     );
-    let terms_output_weight = terms.output_weight;
-    let cost = input_tokens as f64 + terms_output_weight * req.params.max_tokens as f64;
+    let cost = input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64;
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
@@ -249,15 +248,16 @@ async fn run(
         + std::time::Duration::from_secs_f64(server.request_timeout_secs);
     let renderer = Renderer::new(req.endpoint, &req.model, req.include_usage);
     let stream = req.stream;
+    let weight = if meter.best_effort || spot {
+        Some(crate::worker::LOWEST_WEIGHT)
+    } else {
+        ctx.weight()
+    };
     let wreq = Arc::new(WorkerRequest {
         request_id: ctx.request_id.clone(),
         tenant: ctx.tenant_id().clone(),
-        weight: if meter.best_effort || spot {
-            Some(crate::worker::LOWEST_WEIGHT)
-        } else {
-            ctx.weight()
-        },
-        output_weight: terms_output_weight,
+        weight,
+        output_weight: terms.output_weight,
         model: req.model.as_str().into(),
         prompt: req.prompt,
         prompt_ids,
@@ -267,6 +267,12 @@ async fn run(
     let queue = Queue {
         depth: server.queue_depth,
         until: TokioInstant::now() + std::time::Duration::from_secs_f64(server.queue_timeout_secs),
+        // In the pool's wait room: the tenant, its weight and the request's weighted tokens.
+        who: crate::route::room::Who {
+            tenant: wreq.tenant.clone(),
+            weight: weight.unwrap_or(1.0),
+            cost,
+        },
     };
     let (lease, events, first) = dispatch(
         pool,
@@ -295,11 +301,11 @@ async fn run(
     }
 }
 
-/// How long and how many requests may wait for a worker slot.
-#[derive(Clone, Copy)]
+/// How long and how many requests may wait for a worker slot, and who this one is.
 struct Queue {
     depth: usize,
     until: TokioInstant,
+    who: crate::route::room::Who,
 }
 
 /// Picks a worker and gets its first event, retrying on other workers while nothing has
@@ -313,18 +319,12 @@ async fn dispatch(
     queue: Queue,
 ) -> Result<(Lease, EventStream, WorkerEvent), ApiError> {
     let tokens = input_tokens as u64 + wreq.params.max_tokens as u64;
-    // In the pool's wait room: the tenant, its weight and the request's weighted tokens.
-    let who = crate::route::room::Who {
-        tenant: wreq.tenant.clone(),
-        weight: wreq.weight.unwrap_or(1.0),
-        cost: input_tokens as f64 + wreq.output_weight * wreq.params.max_tokens as f64,
-    };
     let mut tried = Vec::new();
     let mut last: Option<ApiError> = None;
     for attempt in 0..=max_retries {
         let until = queue.until.min(deadline);
         let mut lease = match pool
-            .pick_or_wait(tokens, &tried, queue.depth, until, &who)
+            .pick_or_wait(tokens, &tried, queue.depth, until, &queue.who)
             .await
         {
             Ok(l) => l,

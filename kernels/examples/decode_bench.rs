@@ -131,7 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let b = CpuBackend::new(model.clone(), BLOCK, n_blocks, 0)?;
         (Which::Cpu(Box::new(b)), f64::NAN)
     } else {
-        let bw = copy_bandwidth()?;
+        let bw = kernels::cuda::device::Gpu::open(0)?.copy_bandwidth()?.1;
         let b = CudaBackend::with_capacity(
             &twin,
             0,
@@ -203,21 +203,4 @@ impl Which {
             Which::Cuda(b) => b.as_mut(),
         }
     }
-}
-
-/// Device-to-device copy bandwidth (read + write), GB/s, over 1 GiB.
-fn copy_bandwidth() -> Result<f64, Box<dyn std::error::Error>> {
-    let g = kernels::cuda::device::Gpu::open(0)?;
-    let s = &g.stream;
-    let n = 1usize << 28;
-    let src = s.alloc_zeros::<f32>(n)?;
-    let mut dst = s.alloc_zeros::<f32>(n)?;
-    s.memcpy_dtod(&src, &mut dst)?;
-    s.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..20 {
-        s.memcpy_dtod(&src, &mut dst)?;
-    }
-    s.synchronize()?;
-    Ok(2.0 * 4.0 * n as f64 * 20.0 / t.elapsed().as_secs_f64() / 1e9)
 }

@@ -52,13 +52,7 @@ fn main() {
     };
     println!("GPU: {}", g.describe());
     let s = &g.stream;
-    // Copy bandwidth: 1 GiB device to device (read + write counted).
-    let n = 1usize << 28;
-    let src: CudaSlice<f32> = s.alloc_zeros(n).unwrap();
-    let mut dst: CudaSlice<f32> = s.alloc_zeros(n).unwrap();
-    let secs = time(&g, || s.memcpy_dtod(&src, &mut dst).unwrap());
-    let copy = 2.0 * 4.0 * n as f64 / secs / 1e9;
-    drop((src, dst));
+    let (secs, copy) = g.copy_bandwidth().unwrap();
     println!("| kernel                             |   time      |  achieved    | of copy |");
     println!("|---|---:|---:|---:|");
     println!(

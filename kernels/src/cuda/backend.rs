@@ -26,26 +26,6 @@ use crate::model::LlamaConfig;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, DevicePtr, PinnedHostSlice};
 
-/// Largest |a − b| relative to the largest |b| (NaN when any value is).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    if a.len() != b.len() {
-        return f32::NAN;
-    }
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, |m, d| {
-            if d.is_nan() || m.is_nan() {
-                f32::NAN
-            } else {
-                m.max(d)
-            }
-        });
-    worst / scale
-}
-
 /// Decode batch sizes that get a graph (capped at the backend's largest step).
 const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
@@ -69,15 +49,24 @@ pub struct CudaBackend {
     graphs: Vec<Graph>,
     /// Why graphs are off, when they are.
     graphs_off: Option<String>,
-    n_blocks: usize,
     max_tokens: usize,
     max_seqs: usize,
     name: String,
 }
 
-enum Out {
-    Logits(Vec<f32>),
-    Tokens(Vec<u32>),
+/// Reads a step's first rows back from the device: logits, or sampled tokens.
+type Read<T> = fn(&Device, usize) -> Result<Vec<T>, RunError>;
+
+fn logits(dev: &Device, rows: usize) -> Result<Vec<f32>, RunError> {
+    let n = rows * dev.config.vocab;
+    Ok(dev.gpu.stream.memcpy_dtov(&dev.bufs.logits.slice(0..n))?)
+}
+
+fn tokens(dev: &Device, rows: usize) -> Result<Vec<u32>, RunError> {
+    Ok(dev
+        .gpu
+        .stream
+        .memcpy_dtov(&dev.bufs.sampled.slice(0..rows))?)
 }
 
 impl CudaBackend {
@@ -108,7 +97,6 @@ impl CudaBackend {
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
         let dev = Device::new(twin, device, block_size, kv, max_tokens, max_seqs)?;
-        let n_blocks = dev.n_blocks;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
         // SAFETY: every word a step copies is written first (`staging::write`).
         let pinned = unsafe { dev.gpu.ctx.alloc_pinned::<u32>(cap) }?;
@@ -118,14 +106,13 @@ impl CudaBackend {
             pinned,
             graphs: Vec::new(),
             graphs_off: None,
-            n_blocks,
             max_tokens,
             max_seqs,
             name,
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
-        b.run(&Batch::default(), 1, None, Some(&[]))
+        b.run(&Batch::default(), 1, None, Some(&[]), tokens)
             .map_err(|e| GpuError::Unavailable(format!("first step on the device: {e}")))?;
         if std::env::var("TOLLGATE_CUDA_GRAPHS").as_deref() == Ok("0") {
             b.graphs_off = Some("TOLLGATE_CUDA_GRAPHS=0".into());
@@ -148,7 +135,7 @@ impl CudaBackend {
         let bs = self.dev.block_size;
         let prompt: Vec<u32> = (0..6u32).map(|i| (17 + 101 * i) % c.vocab as u32).collect();
         let blocks: Vec<u32> = (0..(prompt.len() + 1).div_ceil(bs) as u32).collect();
-        if blocks.len() > self.n_blocks {
+        if blocks.len() > self.dev.n_blocks {
             return Err("the KV cache is too small for the self-check".into());
         }
         let mut kv = twin.kv(bs, blocks.len());
@@ -156,8 +143,8 @@ impl CudaBackend {
         prefill.push(&prompt, 0, blocks.clone(), true);
         let got = self.step(&prefill).map_err(|e| e.to_string())?;
         let want = twin.forward(&prefill, &mut kv);
-        let err = rel_err(&got, &want);
-        if err.is_nan() || err > 2e-2 {
+        let err = super::twins::rel_err(&got, &want);
+        if err > 2e-2 {
             return Err(format!(
                 "prefill logits differ from the CPU twin by {err:.3e} (relative)"
             ));
@@ -216,7 +203,7 @@ impl CudaBackend {
             self.graphs.push(Graph { bucket, graph });
             // Replay it once on dummy rows: a graph that cannot launch fails here, at load.
             let i = self.graphs.len() - 1;
-            self.run(&Batch::default(), 0, Some(i), None)?;
+            self.run(&Batch::default(), 0, Some(i), None, logits)?;
         }
         Ok(())
     }
@@ -258,7 +245,7 @@ impl CudaBackend {
             if s.block_table.len() < need
                 || s.block_table[..need]
                     .iter()
-                    .any(|&b| b as usize >= self.n_blocks)
+                    .any(|&b| b as usize >= self.dev.n_blocks)
             {
                 return bad("block table too short or outside the cache".into());
             }
@@ -296,7 +283,7 @@ impl CudaBackend {
             None => min_rows.saturating_sub(n),
         };
         let s = self.dev.gpu.stream.clone();
-        let trash = self.n_blocks as u32;
+        let trash = self.dev.n_blocks as u32;
         // Waits for the previous copy out of this buffer (each step ends synchronized).
         let host = self.pinned.as_mut_slice()?;
         let lay = staging::write(
@@ -323,38 +310,27 @@ impl CudaBackend {
         Ok(n_logits)
     }
 
-    /// The first `rows` rows of logits, or of sampled tokens; the stream then idle.
-    fn copy_out(&self, rows: usize, tokens: bool) -> Result<Out, RunError> {
-        let (s, b) = (&self.dev.gpu.stream, &self.dev.bufs);
-        if rows == 0 {
-            s.synchronize()?;
-            return Ok(if tokens {
-                Out::Tokens(Vec::new())
-            } else {
-                Out::Logits(Vec::new())
-            });
-        }
-        let out = if tokens {
-            Out::Tokens(s.memcpy_dtov(&b.sampled.slice(0..rows))?)
-        } else {
-            let v = self.dev.config.vocab;
-            Out::Logits(s.memcpy_dtov(&b.logits.slice(0..rows * v))?)
-        };
-        s.synchronize()?;
-        Ok(out)
-    }
-
-    /// A step padded to `min_rows` (graphs as they apply), then its results.
-    fn run(
+    /// A step padded to `min_rows` (graphs as they apply), then its first rows read back
+    /// by `read`; the stream is idle when it returns, also on an error.
+    fn run<T>(
         &mut self,
         batch: &Batch,
         min_rows: usize,
         graph: Option<usize>,
         params: Option<&[SampleParams]>,
-    ) -> Result<Out, RunError> {
+        read: Read<T>,
+    ) -> Result<Vec<T>, RunError> {
         let r = self
             .launch(batch, min_rows, graph, params)
-            .and_then(|rows| self.copy_out(rows, params.is_some()));
+            .and_then(|rows| {
+                let out = if rows == 0 {
+                    Vec::new()
+                } else {
+                    read(&self.dev, rows)?
+                };
+                self.dev.gpu.stream.synchronize()?;
+                Ok(out)
+            });
         if r.is_err() {
             // Leave the stream idle before the staging buffer is written again.
             let _ = self.dev.gpu.stream.synchronize();
@@ -362,11 +338,12 @@ impl CudaBackend {
         r
     }
 
-    fn step_checked(
+    fn step_checked<T>(
         &mut self,
         batch: &Batch,
         params: Option<&[SampleParams]>,
-    ) -> Result<Out, StepError> {
+        read: Read<T>,
+    ) -> Result<Vec<T>, StepError> {
         self.check(batch)?;
         if let Some(p) = params {
             if p.len() != batch.n_logits() {
@@ -378,14 +355,10 @@ impl CudaBackend {
             }
         }
         if batch.tokens.is_empty() {
-            return Ok(if params.is_some() {
-                Out::Tokens(Vec::new())
-            } else {
-                Out::Logits(Vec::new())
-            });
+            return Ok(Vec::new());
         }
         let graph = self.graph_for(batch);
-        self.run(batch, 0, graph, params)
+        self.run(batch, 0, graph, params, read)
             .map_err(|e| StepError::Device(e.to_string()))
     }
 }
@@ -398,13 +371,10 @@ impl Backend for CudaBackend {
         &self.dev.config
     }
     fn kv_geometry(&self) -> (usize, usize) {
-        (self.dev.block_size, self.n_blocks)
+        (self.dev.block_size, self.dev.n_blocks)
     }
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
-        match self.step_checked(batch, None)? {
-            Out::Logits(l) => Ok(l),
-            Out::Tokens(_) => Err(StepError::Device("tokens where logits were asked".into())),
-        }
+        self.step_checked(batch, None, logits)
     }
     fn samples_on_device(&self) -> bool {
         true
@@ -414,9 +384,6 @@ impl Backend for CudaBackend {
         batch: &Batch,
         params: &[SampleParams],
     ) -> Result<Vec<u32>, StepError> {
-        match self.step_checked(batch, Some(params))? {
-            Out::Tokens(t) => Ok(t),
-            Out::Logits(_) => Err(StepError::Device("logits where tokens were asked".into())),
-        }
+        self.step_checked(batch, Some(params), tokens)
     }
 }

@@ -83,6 +83,23 @@ impl Gpu {
             .ok_or_else(|| GpuError::NoKernel(name.to_string()))
     }
 
+    /// Device-to-device copy of 1 GiB: seconds per copy, and GB/s with reads and writes
+    /// counted (what "memory bandwidth" means in the kernels' benchmarks).
+    pub fn copy_bandwidth(&self) -> Result<(f64, f64), DriverError> {
+        let (s, n, iters) = (&self.stream, 1usize << 28, 20);
+        let src = s.alloc_zeros::<f32>(n)?;
+        let mut dst = s.alloc_zeros::<f32>(n)?;
+        s.memcpy_dtod(&src, &mut dst)?;
+        s.synchronize()?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            s.memcpy_dtod(&src, &mut dst)?;
+        }
+        s.synchronize()?;
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        Ok((secs, 2.0 * 4.0 * n as f64 / secs / 1e9))
+    }
+
     /// The device's name and memory, for reports.
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());

@@ -23,25 +23,31 @@ pub struct StepInputs {
     pub logit_rows: Vec<i32>,
 }
 
-/// The host's one staging buffer for a batch (`max_blocks` table entries per sequence).
+/// The part of a batch's staging words that `build_batch` reads (`max_blocks` table
+/// entries per sequence; [`super::staging`] has the whole layout).
 pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
-    let s = batch.seqs.len();
-    let mut out = Vec::with_capacity(4 * s + batch.tokens.len() + s * max_blocks);
-    for sq in &batch.seqs {
-        out.extend([
-            sq.start as u32,
-            sq.len as u32,
-            batch.positions[sq.start],
-            sq.logits as u32,
-        ]);
-    }
-    out.extend_from_slice(&batch.tokens);
-    for sq in &batch.seqs {
-        let n = sq.block_table.len().min(max_blocks);
-        out.extend_from_slice(&sq.block_table[..n]);
-        out.extend(std::iter::repeat_n(0, max_blocks - n));
-    }
+    let (n, t) = (batch.seqs.len(), batch.tokens.len());
+    let mut out = vec![0; super::staging::Layout::new(n, t, max_blocks).len];
+    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[]);
+    out.truncate(4 * n + t + n * max_blocks);
     out
+}
+
+/// Largest |a − b| relative to the largest |b|: how far a GPU result is from its twin's
+/// (infinity when the lengths differ or a value is NaN).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    }) / scale
 }
 
 /// Twin of `build_batch`.

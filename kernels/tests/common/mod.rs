@@ -25,18 +25,10 @@ pub fn argmax(x: &[f32]) -> usize {
         .0
 }
 
-/// Largest |a − b| relative to the largest |b| (NaN → infinity).
+/// Largest |a − b| relative to the largest |b| (NaN → infinity), of equal lengths.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| {
-        let d = (x - y).abs();
-        if d.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max(d)
-        }
-    }) / scale
+    kernels::cuda::twins::rel_err(a, b)
 }
 
 /// Two prompts of different lengths (a prefill step), then `steps − 1` decode steps with
