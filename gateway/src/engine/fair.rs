@@ -55,8 +55,15 @@ impl Fair {
 
     /// `cost` weighted tokens computed for a sequence of `tenant` with `weight`.
     pub fn charge(&mut self, tenant: &Arc<str>, cost: f64, weight: f64) {
-        let c = self.counters.entry(tenant.clone()).or_insert(0.0);
-        *c += cost / weight.max(MIN_WEIGHT);
+        let add = cost / weight.max(MIN_WEIGHT);
+        // Every step charges every running sequence: look up by name, and copy the name
+        // only for a tenant's first charge.
+        match self.counters.get_mut(tenant.as_ref()) {
+            Some(c) => *c += add,
+            None => {
+                self.counters.insert(tenant.clone(), add);
+            }
+        }
     }
 
     /// A sequence of `tenant` arrives; `backlogged` are the tenants with sequences running

@@ -10,6 +10,7 @@
 
 pub mod blocks;
 pub mod fair;
+pub mod outbox;
 pub mod output;
 pub mod scheduler;
 
@@ -30,6 +31,7 @@ use kernels::load::Loaded;
 use kernels::matmul::ActPrecision;
 use kernels::sampler::{Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
+use outbox::{Events, Outbox};
 use output::TextOut;
 use scheduler::{Limits, Schedulable};
 use std::collections::VecDeque;
@@ -37,8 +39,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::mpsc as tmpsc;
-
-type Events = tmpsc::UnboundedSender<Result<WorkerEvent, WorkerError>>;
 
 /// Counters the engine publishes for the router and metrics.
 #[derive(Default)]
@@ -49,6 +49,11 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicU64,
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Nanoseconds the engine thread spent in the backend's steps.
+    pub backend_ns: AtomicU64,
+    /// Nanoseconds it spent around them on steps: arrivals, scheduling, building the
+    /// batch, sampling on the CPU, detokenizing and sending (the host's share of a step).
+    pub host_ns: AtomicU64,
     pub alive: AtomicBool,
 }
 
@@ -126,8 +131,8 @@ impl Seq {
             completion_tokens: self.generated(),
         }
     }
-    fn send(&self, ev: WorkerEvent) {
-        let _ = self.tx.send(Ok(ev));
+    fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
+        out.push(&self.tx, Ok(ev));
     }
 }
 
@@ -235,11 +240,12 @@ impl EngineWorker {
             block_size: bs,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
+        let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
                 let alive = st.clone();
-                run_engine(backend, tok, rx, limits, n_blocks, st);
+                run_engine(backend, tok, rx, limits, n_blocks, st, outbox);
                 alive.alive.store(false, Ordering::Relaxed);
             })
             .map_err(|e| e.to_string())?;
@@ -411,6 +417,7 @@ fn run_engine(
     limits: Limits,
     n_blocks: usize,
     stats: Arc<EngineStats>,
+    mut outbox: Outbox,
 ) {
     let vocab = backend.config().vocab;
     let on_device = backend.samples_on_device();
@@ -432,6 +439,7 @@ fn run_engine(
                 Err(_) => return,
             }
         }
+        let t_loop = std::time::Instant::now();
         while let Ok(n) = rx.try_recv() {
             arrive(n, &mut fair, &running, &mut waiting);
         }
@@ -465,6 +473,7 @@ fn run_engine(
                 end == s.tokens.len(),
             );
         }
+        let t_step = std::time::Instant::now();
         let stepped = if on_device {
             let params: Vec<SampleParams> = plan
                 .items
@@ -477,6 +486,7 @@ fn run_engine(
         } else {
             backend.step(&batch).map(Next::Logits)
         };
+        let backend_ns = t_step.elapsed().as_nanos() as u64;
         let rows = batch.n_logits();
         // A backend's answer is checked before any of it reaches a client: the right
         // number of rows, and token ids inside the vocabulary.
@@ -506,11 +516,13 @@ fn run_engine(
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
                     let mut s = running.remove(i);
-                    let _ = s.tx.send(Err(WorkerError::Protocol(format!(
-                        "engine step failed: {e}"
-                    ))));
+                    outbox.push(
+                        &s.tx,
+                        Err(WorkerError::Protocol(format!("engine step failed: {e}"))),
+                    );
                     pool.release(&mut s.blocks);
                 }
+                outbox.flush();
                 continue;
             }
         };
@@ -529,18 +541,24 @@ fn run_engine(
             };
             row += 1;
             s.tokens.push(id);
-            if let Some(reason) = emit(s, &tok, id) {
+            if let Some(reason) = emit(s, &tok, id, &mut outbox) {
                 let tail = s.out.finish();
                 if !tail.is_empty() {
-                    s.send(WorkerEvent::Delta {
-                        text: tail,
-                        tokens: 0,
-                    });
+                    s.send(
+                        &mut outbox,
+                        WorkerEvent::Delta {
+                            text: tail,
+                            tokens: 0,
+                        },
+                    );
                 }
-                s.send(WorkerEvent::Done {
-                    finish_reason: reason,
-                    usage: s.usage(),
-                });
+                s.send(
+                    &mut outbox,
+                    WorkerEvent::Done {
+                        finish_reason: reason,
+                        usage: s.usage(),
+                    },
+                );
                 finished.push(i);
             }
         }
@@ -549,7 +567,13 @@ fn run_engine(
             let mut s = running.remove(i);
             pool.release(&mut s.blocks);
         }
+        outbox.flush();
         publish(&stats, &running, &waiting, &pool);
+        let total = t_loop.elapsed().as_nanos() as u64;
+        stats.backend_ns.fetch_add(backend_ns, Ordering::Relaxed);
+        stats
+            .host_ns
+            .fetch_add(total.saturating_sub(backend_ns), Ordering::Relaxed);
     }
 }
 
@@ -577,16 +601,19 @@ fn device_params(s: &Seq) -> SampleParams {
 }
 
 /// Sends the text of a sampled token; returns why the sequence ends, if it does.
-fn emit(s: &mut Seq, tok: &Tokenizer, id: u32) -> Option<FinishReason> {
+fn emit(s: &mut Seq, tok: &Tokenizer, id: u32, outbox: &mut Outbox) -> Option<FinishReason> {
     if tok.stop_tokens.contains(&id) {
         return Some(FinishReason::Stop);
     }
     let e = s.out.push(tok, id);
     if !e.text.is_empty() {
-        s.send(WorkerEvent::Delta {
-            text: e.text,
-            tokens: 1,
-        });
+        s.send(
+            outbox,
+            WorkerEvent::Delta {
+                text: e.text,
+                tokens: 1,
+            },
+        );
     }
     if e.stopped {
         return Some(FinishReason::Stop);
