@@ -12,6 +12,8 @@
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model.
+# Every part has its own time limit, and together they fit one device call (600 s): a part
+# that hangs costs its limit, not the session's GPU time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Where the device tool collects files (its $OUT), if set: the report is also written there.
@@ -50,17 +52,17 @@ status=0
 printf '\n| check | result |\n|---|---|\n'
 for t in cuda_compile cuda_twins cuda_parity cuda_backend; do
   log=$(mktemp)
-  if timeout 300 "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
+  if timeout 90 "$BIN/$t" --test-threads=1 --nocapture >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
   grep -q "SKIPPED" "$log" && r="$r (skipped: $(grep -m1 SKIPPED "$log" | cut -c1-80))"
   printf '| %s | %s — %s |\n' "$t" "$r" "$(grep -m1 'test result' "$log")"
   [ "$r" = "pass" ] || tail -30 "$log"
 done
 echo
-timeout 120 "$BIN/gpu_bench" || status=1
+timeout 60 "$BIN/gpu_bench" || status=1
 model=$(mktemp -d)/smollm2-shape.gguf
 "$BIN/synth" "$model" >/dev/null || status=1
 echo
-timeout 240 "$BIN/decode_bench" "$model" || status=1
+timeout 90 "$BIN/decode_bench" "$model" || status=1
 echo
-BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 240 "$BIN/engine_bench" "$model" || status=1
+BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 120 "$BIN/engine_bench" "$model" || status=1
 exit $status
