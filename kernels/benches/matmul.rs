@@ -18,11 +18,7 @@ fn weights(rows: usize, cols: usize) -> Matrix {
         })
         .collect();
     quant::quantize_row_q4_1(&x, &mut data);
-    Matrix {
-        rows,
-        cols,
-        data: MatData::Quant(GgmlType::Q4_1, data),
-    }
+    Matrix::new(rows, cols, MatData::Quant(GgmlType::Q4_1, data))
 }
 
 fn bench(c: &mut Criterion) {

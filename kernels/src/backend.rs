@@ -71,18 +71,21 @@ impl CpuBackend {
             .thread_name(|i| format!("cpu-step-{i}"))
             .build()
             .map_err(|e| e.to_string())?;
+        let precision = ActPrecision::default();
+        pool.install(|| model.weights.prepare(precision));
         Ok(Self {
             model,
             kv,
             scratch: Scratch::default(),
             pool,
-            precision: ActPrecision::default(),
+            precision,
         })
     }
 
     /// How activations meet quantized weights (default: 16-bit, see [`ActPrecision`]).
     pub fn with_precision(mut self, p: ActPrecision) -> Self {
         self.precision = p;
+        self.pool.install(|| self.model.weights.prepare(p));
         self
     }
 }

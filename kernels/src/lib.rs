@@ -16,6 +16,7 @@ pub mod load;
 pub mod matmul;
 pub mod model;
 pub mod ops;
+pub mod packed;
 pub mod quant;
 pub mod sampler;
 pub mod synth;

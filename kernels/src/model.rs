@@ -124,6 +124,33 @@ impl Weights {
     pub fn output(&self) -> &Matrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
     }
+
+    /// Every matrix a step multiplies by.
+    pub fn matrices(&self) -> impl Iterator<Item = &Matrix> {
+        fn proj(p: &Projections) -> Vec<&Matrix> {
+            match p {
+                Projections::Stacked { m, .. } => vec![m],
+                Projections::Separate(ms) => ms.iter().collect(),
+            }
+        }
+        self.layers
+            .iter()
+            .flat_map(move |l| {
+                let mut v = proj(&l.qkv);
+                v.push(&l.wo);
+                v.extend(proj(&l.gate_up));
+                v.push(&l.w_down);
+                v
+            })
+            .chain(std::iter::once(self.output()))
+    }
+
+    /// Prepares every matrix for products at `prec` (in parallel on the current pool).
+    pub fn prepare(&self, prec: crate::matmul::ActPrecision) {
+        use rayon::prelude::*;
+        let all: Vec<&Matrix> = self.matrices().collect();
+        all.par_iter().for_each(|m| m.prepare(prec));
+    }
 }
 
 fn find<'a>(g: &'a Gguf, name: &str) -> Result<&'a TensorInfo, GgufError> {
@@ -157,7 +184,7 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
             MatData::F32(v)
         }
     };
-    Ok(Matrix { rows, cols, data })
+    Ok(Matrix::new(rows, cols, data))
 }
 
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {

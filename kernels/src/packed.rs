@@ -1,0 +1,390 @@
+//! Quantized weights repacked for wide integer dot products (AVX-512 VNNI): 16 output rows
+//! side by side, so that one 512-bit register holds one pair of inputs for 16 rows and one
+//! `vpdpwssd` adds 32 products into 16 per-row integer sums.
+//!
+//! The file's layout (one row after the other, [`crate::quant`]) makes every 32-value
+//! block end in a horizontal sum and a float conversion per activation row. Here a block's
+//! integer sums for 16 rows build up in one register over 16 instructions — each taking
+//! its activation pair as a broadcast — and are converted and scaled once, for 16 rows at
+//! a time. Weights stay 4-bit in memory (a byte holds one input pair of one row) and are
+//! unpacked once per pair and used for every activation row of a tile.
+//!
+//! Layout, for group `g` (rows `16g .. 16g + 16`) and block `i` (inputs `32i .. 32i + 32`),
+//! pair `p` (inputs `32i + 2p`, `+1`), lane `l` (row `16g + l`):
+//! - Q4_0 / Q4_1: byte `(g·nb + i)·256 + 16p + l` = `v[2p] | v[2p + 1] << 4` (raw nibbles)
+//! - Q8_0: bytes `(g·nb + i)·512 + 32p + 2l`, `+1` = `q[2p]`, `q[2p + 1]` (i8)
+//! - `scales[(g·nb + i)·16 + l]` = the block's `d`; `mins[...]` = `m` (Q4_1), `−8d` (Q4_0)
+//!   (none for Q8_0)
+//!
+//! Against activations quantized to 16-bit blocks (`q`, `d`, f32 block sums `xsum`, as
+//! [`crate::quant::quantize_row_i16`] makes them), output `l` of an activation row is
+//! `Σ_i fma(float(Σ_k v_k q_k) · d_i, scale_il, ·)` then `fma(min_il, xsum_i, ·)`, block by
+//! block in that order, on the CPU kernel and its scalar twin alike (bit for bit).
+
+use crate::gguf::GgmlType;
+use crate::quant::QK;
+use half::f16;
+
+/// Output rows per group.
+pub const LANES: usize = 16;
+
+/// A quantized matrix in the interleaved layout.
+pub struct Packed {
+    ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    nb: usize,
+    vals: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+fn f16_le(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+impl Packed {
+    /// Bytes of packed values per group and block.
+    fn vb(ty: GgmlType) -> usize {
+        if ty == GgmlType::Q8_0 {
+            2 * QK * LANES / 2
+        } else {
+            QK * LANES / 2
+        }
+    }
+
+    /// Repacks `rows × cols` quantized weights in the file's layout; `None` for types it
+    /// does not cover or a row count that is not a multiple of 16.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<Self> {
+        if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+            || rows % LANES != 0
+            || cols % QK != 0
+        {
+            return None;
+        }
+        let (nb, bb) = (cols / QK, ty.block_bytes());
+        if data.len() != rows * nb * bb {
+            return None;
+        }
+        let groups = rows / LANES;
+        let vb = Self::vb(ty);
+        let mut vals = vec![0u8; groups * nb * vb];
+        let mut scales = vec![0f32; groups * nb * LANES];
+        let mut mins = if ty == GgmlType::Q8_0 {
+            Vec::new()
+        } else {
+            vec![0f32; groups * nb * LANES]
+        };
+        for n in 0..rows {
+            let (g, l) = (n / LANES, n % LANES);
+            for i in 0..nb {
+                let b = &data[(n * nb + i) * bb..(n * nb + i + 1) * bb];
+                let gi = g * nb + i;
+                let d = f16_le(b, 0);
+                scales[gi * LANES + l] = d;
+                let v = &mut vals[gi * vb..(gi + 1) * vb];
+                match ty {
+                    GgmlType::Q8_0 => {
+                        for p in 0..QK / 2 {
+                            v[32 * p + 2 * l] = b[2 + 2 * p];
+                            v[32 * p + 2 * l + 1] = b[2 + 2 * p + 1];
+                        }
+                    }
+                    _ => {
+                        let (qs, m) = if ty == GgmlType::Q4_1 {
+                            (&b[4..20], f16_le(b, 2))
+                        } else {
+                            (&b[2..18], -8.0 * d)
+                        };
+                        mins[gi * LANES + l] = m;
+                        let nib = |k: usize| {
+                            if k < 16 {
+                                qs[k] & 15
+                            } else {
+                                qs[k - 16] >> 4
+                            }
+                        };
+                        for p in 0..QK / 2 {
+                            v[16 * p + l] = nib(2 * p) | nib(2 * p + 1) << 4;
+                        }
+                    }
+                }
+            }
+        }
+        Some(Self {
+            ty,
+            rows,
+            cols,
+            nb,
+            vals,
+            scales,
+            mins,
+        })
+    }
+
+    /// Weight `k` of row `n` as an integer (before scale and min).
+    fn int(&self, n: usize, k: usize) -> i32 {
+        let (g, l, i, j) = (n / LANES, n % LANES, k / QK, k % QK);
+        let vb = Self::vb(self.ty);
+        let v = &self.vals[(g * self.nb + i) * vb..];
+        let p = j / 2;
+        if self.ty == GgmlType::Q8_0 {
+            v[32 * p + 2 * l + j % 2] as i8 as i32
+        } else {
+            let byte = v[16 * p + l];
+            (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32
+        }
+    }
+
+    /// Dequantizes row `n` into `out`.
+    pub fn row_f32(&self, n: usize, out: &mut [f32]) {
+        let (g, l) = (n / LANES, n % LANES);
+        for (k, o) in out[..self.cols].iter_mut().enumerate() {
+            let gi = g * self.nb + k / QK;
+            let m = self.mins.get(gi * LANES + l).copied().unwrap_or(0.0);
+            *o = self.scales[gi * LANES + l] * self.int(n, k) as f32 + m;
+        }
+    }
+
+    /// Scalar twin of [`Packed::dot_rows`], with the same rounding.
+    pub fn dot_rows_scalar<const R: usize>(
+        &self,
+        g: usize,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [[f32; LANES]; R] {
+        let mut out = [[0f32; LANES]; R];
+        for i in 0..self.nb {
+            let gi = g * self.nb + i;
+            for r in 0..R {
+                for l in 0..LANES {
+                    let n = g * LANES + l;
+                    let s: i32 = (0..QK)
+                        .map(|j| self.int(n, i * QK + j) * q[r][i * QK + j] as i32)
+                        .sum();
+                    let sc = self.scales[gi * LANES + l];
+                    let mut o = (s as f32 * d[r][i]).mul_add(sc, out[r][l]);
+                    if let Some(&m) = self.mins.get(gi * LANES + l) {
+                        o = m.mul_add(xsum[r][i], o);
+                    }
+                    out[r][l] = o;
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows `16g .. 16g + 16` against R rows of 16-bit activations (row `r`: values `q`,
+    /// block scales `d`, f32 block sums `xsum`): `out[r][l]` = row `16g + l` · activation
+    /// row `r`.
+    #[inline]
+    pub fn dot_rows<const R: usize>(
+        &self,
+        g: usize,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [[f32; LANES]; R] {
+        assert!(g < self.rows / LANES);
+        assert!(q.iter().all(|x| x.len() >= self.cols));
+        assert!(d.iter().chain(xsum.iter()).all(|s| s.len() >= self.nb));
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (g is
+            // a group) and `q`, `d`, `xsum` (asserted).
+            return unsafe {
+                if self.ty == GgmlType::Q8_0 {
+                    vnni::dot_rows::<R, true>(self, g, q, d, xsum)
+                } else {
+                    vnni::dot_rows::<R, false>(self, g, q, d, xsum)
+                }
+            };
+        }
+        self.dot_rows_scalar(g, q, d, xsum)
+    }
+}
+
+/// Whether this CPU runs the packed kernel (AVX-512 with VNNI; `TOLLGATE_SIMD=avx2` or
+/// `=avx512` turns it off, for comparisons).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            crate::quant::simd_path() == "avx512"
+                && std::env::var("TOLLGATE_SIMD").as_deref() != Ok("avx512")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Packed, LANES};
+    use crate::quant::QK;
+    use std::arch::x86_64::*;
+
+    /// See [`Packed::dot_rows`]; `Q8`: the values are i8 pairs, else nibble pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_rows<const R: usize, const Q8: bool>(
+        pk: &Packed,
+        g: usize,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [[f32; LANES]; R] {
+        let nb = pk.nb;
+        let vb = Packed::vb(pk.ty);
+        let mut out = [_mm512_setzero_ps(); R];
+        let nibbles = _mm512_set1_epi32(0x000F_000F);
+        for i in 0..nb {
+            let gi = g * nb + i;
+            let v = pk.vals.as_ptr().add(gi * vb);
+            let mut acc = [_mm512_setzero_si512(); R];
+            for p in 0..QK / 2 {
+                let w = if Q8 {
+                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.add(32 * p) as *const __m256i))
+                } else {
+                    // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(16 * p) as *const __m128i));
+                    _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32::<12>(b)), nibbles)
+                };
+                for r in 0..R {
+                    let pair = (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
+                    acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
+                }
+            }
+            let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
+            for r in 0..R {
+                let f = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(acc[r]),
+                    _mm512_set1_ps(*d[r].get_unchecked(i)),
+                );
+                out[r] = _mm512_fmadd_ps(f, sc, out[r]);
+            }
+            if !Q8 {
+                let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
+                for r in 0..R {
+                    out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsum[r].get_unchecked(i)), out[r]);
+                }
+            }
+        }
+        let mut res = [[0f32; LANES]; R];
+        for r in 0..R {
+            _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match ty {
+            GgmlType::Q4_0 => quant::quantize_row_q4_0(x, &mut out),
+            GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
+            _ => quant::quantize_row_q8_0(x, &mut out),
+        }
+        out
+    }
+
+    #[test]
+    fn packed_rows_dequantize_like_the_file_layout() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (rows, cols) = (48, 96);
+            let data = quantized(ty, &rand(rows * cols, 3));
+            let pk = Packed::new(ty, rows, cols, &data).expect("packs");
+            let rb = cols / QK * ty.block_bytes();
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for n in 0..rows {
+                quant::dequantize_row(ty, &data[n * rb..(n + 1) * rb], &mut a);
+                pk.row_f32(n, &mut b);
+                assert_eq!(a, b, "{ty:?} row {n}");
+            }
+        }
+        assert!(Packed::new(GgmlType::Q4_1, 40, 64, &[0; 40 * 2 * 20]).is_none());
+    }
+
+    #[test]
+    fn the_kernel_matches_its_scalar_twin_bit_for_bit_and_the_f32_product_closely() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (rows, cols, b) = (32, 576, 5);
+            let data = quantized(ty, &rand(rows * cols, 11));
+            let pk = Packed::new(ty, rows, cols, &data).expect("packs");
+            let x = rand(b * cols, 29);
+            let nb = cols / QK;
+            let mut q = vec![0i16; b * cols];
+            let mut d = vec![0f32; b * nb];
+            for r in 0..b {
+                quant::quantize_row_i16(
+                    &x[r * cols..(r + 1) * cols],
+                    &mut q[r * cols..(r + 1) * cols],
+                    &mut d[r * nb..(r + 1) * nb],
+                );
+            }
+            let sums: Vec<f32> = x.chunks_exact(QK).map(|c| c.iter().sum()).collect();
+            let qa = |r: usize| &q[r * cols..(r + 1) * cols];
+            let da = |r: usize| &d[r * nb..(r + 1) * nb];
+            let sa = |r: usize| &sums[r * nb..(r + 1) * nb];
+            let mut w = vec![0f32; cols];
+            for g in 0..rows / LANES {
+                let four = pk.dot_rows::<4>(
+                    g,
+                    [qa(0), qa(1), qa(2), qa(3)],
+                    [da(0), da(1), da(2), da(3)],
+                    [sa(0), sa(1), sa(2), sa(3)],
+                );
+                let twin = pk.dot_rows_scalar::<4>(
+                    g,
+                    [qa(0), qa(1), qa(2), qa(3)],
+                    [da(0), da(1), da(2), da(3)],
+                    [sa(0), sa(1), sa(2), sa(3)],
+                );
+                assert_eq!(four, twin, "{ty:?} group {g}");
+                for r in 0..b {
+                    let one = pk.dot_rows::<1>(g, [qa(r)], [da(r)], [sa(r)]);
+                    if r < 4 {
+                        assert_eq!(
+                            one[0], four[r],
+                            "a row's result does not depend on its tile"
+                        );
+                    }
+                    for l in 0..LANES {
+                        pk.row_f32(g * LANES + l, &mut w);
+                        let want: f64 = w
+                            .iter()
+                            .zip(&x[r * cols..(r + 1) * cols])
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let got = one[0][l] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                            "{ty:?} row {} · x{r}: {got} vs {want}",
+                            g * LANES + l
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
