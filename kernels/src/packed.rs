@@ -57,8 +57,8 @@ impl Packed {
     /// does not cover or a row count that is not a multiple of 16.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<Self> {
         if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-            || rows % LANES != 0
-            || cols % QK != 0
+            || !rows.is_multiple_of(LANES)
+            || !cols.is_multiple_of(QK)
         {
             return None;
         }
