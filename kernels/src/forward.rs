@@ -329,6 +329,131 @@ fn add_rows(x: &mut Acts, o: &[f32]) {
 /// Causal grouped-query attention of every row's query over its sequence's cached keys
 /// and values (positions 0..=its own). One task per (row, KV head): the query heads that
 /// share a KV head read its keys and values once.
+/// One block's attention scores for one query head (unscaled): `out[s] = q · k_s` for its
+/// first `out.len()` slots; keys dim-major (`kb[d·BS + s]`). The block's scores stay in
+/// registers across the key dimensions.
+#[inline(always)]
+fn block_scores<const BS: usize>(q: &[f32], kb: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; BS];
+    for (d, &qv) in q.iter().enumerate() {
+        let kd = &kb[d * BS..(d + 1) * BS];
+        for s in 0..BS {
+            acc[s] += qv * kd[s];
+        }
+    }
+    let n = out.len();
+    out.copy_from_slice(&acc[..n]);
+}
+
+/// [`block_scores`] for any block size.
+fn block_scores_any(q: &[f32], kb: &[f32], bs: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let n = out.len();
+    for (d, &qv) in q.iter().enumerate() {
+        for (o, k) in out.iter_mut().zip(&kb[d * bs..d * bs + n]) {
+            *o += qv * k;
+        }
+    }
+}
+
+/// `out = Σ p_s · v_s` over `(values, weights)` blocks (values slot-major, `HD` per slot),
+/// slot by slot in order; the sum stays in registers.
+#[inline(always)]
+fn weighted_values<'a, const HD: usize>(
+    blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>,
+    out: &mut [f32],
+) {
+    let mut acc = [0f32; HD];
+    for (vb, p) in blocks {
+        for (s, &w) in p.iter().enumerate() {
+            let v = &vb[s * HD..(s + 1) * HD];
+            for i in 0..HD {
+                acc[i] += w * v[i];
+            }
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// [`weighted_values`] for any head size.
+fn weighted_values_any<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>, out: &mut [f32]) {
+    let hd = out.len();
+    out.fill(0.0);
+    for (vb, p) in blocks {
+        for (s, &w) in p.iter().enumerate() {
+            for (a, b) in out.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
+                *a += w * b;
+            }
+        }
+    }
+}
+
+/// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
+/// `kvh`, over the row's first `n` positions.
+struct HeadTask<'a> {
+    layer: usize,
+    kvh: usize,
+    group: usize,
+    hd: usize,
+    scale: f32,
+    n: usize,
+    table: &'a [u32],
+}
+
+impl HeadTask<'_> {
+    /// [`HeadTask::run`] compiled for AVX2 (wide registers hold a block's scores and a
+    /// head's sum; the arithmetic, and so the result, is the same).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+        self.run(kv, qrow, o)
+    }
+
+    #[inline(always)]
+    fn run(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+        let (layer, kvh, group, hd, scale, n) = (
+            self.layer, self.kvh, self.group, self.hd, self.scale, self.n,
+        );
+        let mut scores = vec![0f32; n * group];
+        let bs = kv.block_size;
+        // Walk the sequence's blocks: scores of a block's slots are built one key
+        // dimension at a time (keys are stored dim-major within a block).
+        let blocks = &self.table[..n.div_ceil(bs)];
+        for g in 0..group {
+            let qg = &qrow[g * hd..(g + 1) * hd];
+            let sg = &mut scores[g * n..(g + 1) * n];
+            for (bi, &blk) in blocks.iter().enumerate() {
+                let (kb, _) = kv.head_block(layer, blk, kvh);
+                let j0 = bi * bs;
+                let out = &mut sg[j0..j0 + bs.min(n - j0)];
+                match bs {
+                    16 => block_scores::<16>(qg, kb, out),
+                    32 => block_scores::<32>(qg, kb, out),
+                    _ => block_scores_any(qg, kb, bs, out),
+                }
+                for o in out.iter_mut() {
+                    *o *= scale;
+                }
+            }
+            ops::softmax(sg);
+        }
+        for g in 0..group {
+            let p = &scores[g * n..(g + 1) * n];
+            let og = &mut o[g * hd..(g + 1) * hd];
+            let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
+                let (_, vb) = kv.head_block(layer, blk, kvh);
+                let j0 = bi * bs;
+                (vb, &p[j0..j0 + bs.min(n - j0)])
+            });
+            match hd {
+                64 => weighted_values::<64>(rows, og),
+                128 => weighted_values::<128>(rows, og),
+                _ => weighted_values_any(rows, og),
+            }
+        }
+    }
+}
+
 fn attention(
     c: &LlamaConfig,
     layer: usize,
@@ -350,46 +475,22 @@ fn attention(
             let pos = batch.positions[r] as usize;
             let table = &batch.seqs[row_seq[r]].block_table;
             let n = pos + 1;
-            let mut scores = vec![0f32; n * group];
             let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
-            let bs = kv.block_size;
-            // Walk the sequence's blocks: scores of a block's slots are built one key
-            // dimension at a time (keys are stored dim-major within a block).
-            for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
-                let (kb, _) = kv.head_block(layer, blk, kvh);
-                let j0 = bi * bs;
-                let valid = bs.min(n - j0);
-                for g in 0..group {
-                    let out = &mut scores[g * n + j0..g * n + j0 + valid];
-                    let qg = &qrow[g * hd..(g + 1) * hd];
-                    for (d, &qv) in qg.iter().enumerate() {
-                        let kd = &kb[d * bs..d * bs + valid];
-                        for (o, k) in out.iter_mut().zip(kd) {
-                            *o += qv * k;
-                        }
-                    }
-                    for o in out.iter_mut() {
-                        *o *= scale;
-                    }
-                }
+            let t = HeadTask {
+                layer,
+                kvh,
+                group,
+                hd,
+                scale,
+                n,
+                table,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::simd_path() != "scalar" {
+                // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+                return unsafe { t.run_avx2(kv, qrow, o) };
             }
-            for g in 0..group {
-                ops::softmax(&mut scores[g * n..(g + 1) * n]);
-            }
-            o.fill(0.0);
-            for (bi, &blk) in table.iter().enumerate().take(n.div_ceil(bs)) {
-                let (_, vb) = kv.head_block(layer, blk, kvh);
-                let j0 = bi * bs;
-                for s in 0..bs.min(n - j0) {
-                    let vh = &vb[s * hd..(s + 1) * hd];
-                    for g in 0..group {
-                        let p = scores[g * n + j0 + s];
-                        for (a, b) in o[g * hd..(g + 1) * hd].iter_mut().zip(vh) {
-                            *a += p * b;
-                        }
-                    }
-                }
-            }
+            t.run(kv, qrow, o);
         });
     out.touched();
 }
