@@ -95,6 +95,8 @@ pub struct Scratch {
     up: Vec<f32>,
     last: Acts,
     fused: Vec<f32>,
+    /// Each row's rotary (cos, sin) pairs: positions are the same in every layer.
+    rope: Vec<f32>,
 }
 
 /// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
@@ -222,6 +224,11 @@ impl Model {
         s.k.resize(t * kvd, 0.0);
         s.v.resize(t * kvd, 0.0);
         s.o.resize(t * d, 0.0);
+        let half = hd / 2;
+        s.rope.resize(t * hd, 0.0);
+        for (r, cs) in s.rope.chunks_exact_mut(hd).enumerate() {
+            ops::rope_table(batch.positions[r], &self.inv_freq[..half], cs);
+        }
         s.up.resize(t * c.ffn_dim, 0.0);
 
         for (li, l) in w.layers.iter().enumerate() {
@@ -236,8 +243,9 @@ impl Model {
             );
             for r in 0..t {
                 let pos = batch.positions[r];
-                ops::rope(&mut s.q[r * qd..(r + 1) * qd], hd, pos, &self.inv_freq);
-                ops::rope(&mut s.k[r * kvd..(r + 1) * kvd], hd, pos, &self.inv_freq);
+                let cs = &s.rope[r * hd..(r + 1) * hd];
+                ops::rope_with(&mut s.q[r * qd..(r + 1) * qd], cs);
+                ops::rope_with(&mut s.k[r * kvd..(r + 1) * kvd], cs);
                 let table = &batch.seqs[row_seq[r]].block_table;
                 kv.write(
                     li,

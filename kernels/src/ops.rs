@@ -23,6 +23,26 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32]) {
     }
 }
 
+/// [`rope`]'s rotation at `pos` as (cos, sin) pairs, one per inverse frequency.
+pub fn rope_table(pos: u32, inv_freq: &[f32], cs: &mut [f32]) {
+    for (i, f) in inv_freq.iter().enumerate() {
+        let (s, c) = (pos as f32 * f).sin_cos();
+        cs[2 * i] = c;
+        cs[2 * i + 1] = s;
+    }
+}
+
+/// [`rope`] with its rotation from [`rope_table`] (`cs.len()` = head_dim): the same result.
+pub fn rope_with(x: &mut [f32], cs: &[f32]) {
+    for head in x.chunks_exact_mut(cs.len()) {
+        for (pair, r) in head.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
+            let (a, b, c, s) = (pair[0], pair[1], r[0], r[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}
+
 /// Inverse frequencies for [`rope`].
 pub fn rope_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
     (0..head_dim / 2)
@@ -32,21 +52,116 @@ pub fn rope_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
 
 /// `g = silu(g) · u`, in place.
 pub fn swiglu(g: &mut [f32], u: &[f32]) {
-    for (a, b) in g.iter_mut().zip(u) {
-        *a = *a / (1.0 + (-*a).exp()) * b;
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_path() != "scalar" {
+        // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+        return unsafe { swiglu_avx2(g, u) };
     }
+    swiglu_body(g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(g: &mut [f32], u: &[f32]) {
+    swiglu_body(g, u)
+}
+
+#[inline(always)]
+fn swiglu_body(g: &mut [f32], u: &[f32]) {
+    for (a, b) in g.iter_mut().zip(u) {
+        *a = *a / (1.0 + exp(-*a)) * b;
+    }
+}
+
+/// `e^x` within 2 ulp of `f32::exp` over the range that matters (below −87.3 it returns
+/// about 1e-38 rather than a denormal or zero; above 88.7 about 3.4e38 rather than
+/// infinity), written so that it vectorizes: `x = n·ln2 + r`, a degree-6 polynomial for
+/// `e^r` on |r| ≤ ln2/2, and `2^n` put straight into the exponent bits.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    // ln 2 in two parts (Cody–Waite), so that `r` is accurate.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_66;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n ∈ [−126, 128]: 2^n as bits (n = 128 only for x at the clamp, where e < 1).
+    let scale = f32::from_bits((((n as i32) + 127).clamp(1, 254) as u32) << 23);
+    let e = if n > 127.0 { e * 2.0 } else { e };
+    e * scale
 }
 
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_path() != "scalar" {
+        // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+        return unsafe { softmax_avx2(x) };
+    }
+    softmax_body(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    softmax_body(x)
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32]) {
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - m).exp();
+        *v = exp(*v - m);
         sum += *v;
     }
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod exp_tests {
+    #[test]
+    fn exp_is_within_two_ulp_of_the_library_exp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert!(super::exp(-1e4) < 1e-37 && super::exp(-1e4) >= 0.0);
+        assert!(super::exp(1e4).is_finite() && super::exp(1e4) > 3e38);
+        assert_eq!(super::exp(0.0), 1.0);
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    #[test]
+    fn rope_from_a_table_is_rope_bit_for_bit() {
+        let inv = super::rope_inv_freq(64, 100_000.0);
+        let x: Vec<f32> = (0..576)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.031)
+            .collect();
+        for pos in [0u32, 1, 17, 511, 8191] {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            super::rope(&mut a, 64, pos, &inv);
+            let mut cs = vec![0f32; 64];
+            super::rope_table(pos, &inv, &mut cs);
+            super::rope_with(&mut b, &cs);
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "pos {pos}"
+            );
+        }
     }
 }
