@@ -362,7 +362,7 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
 }
 
 /// The product on packed weights: groups of 16 weight rows split across the thread pool,
-/// each meeting the activation rows in tiles of 8, 4, then 1 (every output computed the
+/// each meeting the activation rows in tiles of 12, 8, 4, then 1 (every output computed the
 /// same way whatever its tile).
 fn matmul_packed(pk: &Packed, x: &Acts, ptr: OutPtr, threads: usize) {
     let (b_rows, n_rows, cols, nb) = (x.rows, pk.rows, pk.cols, pk.cols / QK);
@@ -385,6 +385,15 @@ fn matmul_packed(pk: &Packed, x: &Acts, ptr: OutPtr, threads: usize) {
             }
         };
         match n {
+            12 => {
+                let r = pk.dot_rows::<12>(
+                    g,
+                    std::array::from_fn(qa),
+                    std::array::from_fn(da),
+                    std::array::from_fn(sa),
+                );
+                r.iter().enumerate().for_each(|(k, v)| put(k, v));
+            }
             8 => {
                 let r = pk.dot_rows::<8>(
                     g,
@@ -412,6 +421,10 @@ fn matmul_packed(pk: &Packed, x: &Acts, ptr: OutPtr, threads: usize) {
     (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for g in c * chunk..((c + 1) * chunk).min(groups) {
             let mut b = 0;
+            while b + 12 <= b_rows {
+                tile(g, b, 12);
+                b += 12;
+            }
             while b + 8 <= b_rows {
                 tile(g, b, 8);
                 b += 8;
