@@ -1,0 +1,299 @@
+//! Attention on the CPU: causal grouped-query attention of every row's query over its
+//! sequence's paged KV cache (positions 0..=its own), one task per (row, KV head) so that
+//! the query heads sharing a KV head read its keys and values from cache together.
+//!
+//! A task scores one KV block at a time (keys are stored dim-major within a block, so a
+//! block's scores build up in registers across the key dimensions), takes the softmax,
+//! then sums the values weighted by it. For the common shapes (16-token blocks, 64-wide
+//! heads) the two inner loops are written with AVX2/FMA intrinsics; the portable loops
+//! beside them do the same operations in the same order, so both give the same bits.
+
+use crate::forward::Batch;
+use crate::kv::KvCache;
+use crate::matmul::Acts;
+use crate::model::LlamaConfig;
+use crate::ops;
+use rayon::prelude::*;
+
+/// Partial sums a block's scores are split into over the key dimensions (dimension `d`
+/// goes to sum `d % PARTS`), so that the multiply-adds do not wait on each other; they are
+/// combined as `(s0 + s1) + (s2 + s3)`.
+const PARTS: usize = 4;
+
+/// One block's attention scores for one query head (unscaled): `out[s] = q · k_s` for its
+/// first `out.len()` slots; keys dim-major (`kb[d·bs + s]`, `bs` = `BS`, or `bs` for
+/// `BS = 0`).
+fn block_scores<const BS: usize>(q: &[f32], kb: &[f32], bs: usize, out: &mut [f32]) {
+    let bs = if BS == 0 { bs } else { BS };
+    let n = out.len();
+    let mut acc = [[0f32; 32]; PARTS];
+    let mut rest = vec![[0f32; PARTS]; if bs > 32 { n } else { 0 }];
+    for (d, &qv) in q.iter().enumerate() {
+        let kd = &kb[d * bs..d * bs + n];
+        if bs <= 32 {
+            for (a, k) in acc[d % PARTS].iter_mut().zip(kd) {
+                *a = qv.mul_add(*k, *a);
+            }
+        } else {
+            for (a, k) in rest.iter_mut().zip(kd) {
+                a[d % PARTS] = qv.mul_add(*k, a[d % PARTS]);
+            }
+        }
+    }
+    for (s, o) in out.iter_mut().enumerate() {
+        let p = if bs <= 32 {
+            [acc[0][s], acc[1][s], acc[2][s], acc[3][s]]
+        } else {
+            rest[s]
+        };
+        *o = (p[0] + p[1]) + (p[2] + p[3]);
+    }
+}
+
+/// `out = Σ p_s · v_s` over `(values, weights)` blocks (values slot-major, `out.len()` per
+/// slot), slot by slot in order.
+fn weighted_values<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>, out: &mut [f32]) {
+    let hd = out.len();
+    out.fill(0.0);
+    for (vb, p) in blocks {
+        for (s, &w) in p.iter().enumerate() {
+            for (a, b) in out.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
+                *a = w.mul_add(*b, *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::PARTS;
+    use std::arch::x86_64::*;
+
+    /// [`super::block_scores`] for 16-slot blocks.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `kb.len() ≥ 16·q.len()`, `q.len()` a multiple of 4, `out.len() ≤ 16`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores16(q: &[f32], kb: &[f32], out: &mut [f32]) {
+        let mut a = [_mm256_setzero_ps(); 2 * PARTS];
+        let kp = kb.as_ptr();
+        for d in (0..q.len()).step_by(PARTS) {
+            for j in 0..PARTS {
+                let qv = _mm256_set1_ps(*q.get_unchecked(d + j));
+                let k = kp.add((d + j) * 16);
+                a[2 * j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(8)), a[2 * j + 1]);
+            }
+        }
+        let mut s = [0f32; 16];
+        for h in 0..2 {
+            let v = _mm256_add_ps(
+                _mm256_add_ps(a[h], a[2 + h]),
+                _mm256_add_ps(a[4 + h], a[6 + h]),
+            );
+            _mm256_storeu_ps(s.as_mut_ptr().add(8 * h), v);
+        }
+        let n = out.len();
+        out.copy_from_slice(&s[..n]);
+    }
+
+    /// [`super::weighted_values`] for 64-wide heads: the sum stays in eight registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `out.len() == 64`; each block's values hold 64 per weight.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn values64<'a>(
+        blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>,
+        out: &mut [f32],
+    ) {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for (vb, p) in blocks {
+            let vp = vb.as_ptr();
+            for (s, &w) in p.iter().enumerate() {
+                let wv = _mm256_set1_ps(w);
+                let v = vp.add(s * 64);
+                for i in 0..8 {
+                    a[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * i)), a[i]);
+                }
+            }
+        }
+        for i in 0..8 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), a[i]);
+        }
+    }
+}
+
+/// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
+/// `kvh`, over the row's first `n` positions.
+struct HeadTask<'a> {
+    layer: usize,
+    kvh: usize,
+    group: usize,
+    hd: usize,
+    scale: f32,
+    n: usize,
+    table: &'a [u32],
+}
+
+impl HeadTask<'_> {
+    /// [`HeadTask::run`] compiled for AVX2 and FMA, with the intrinsic inner loops where
+    /// the shapes fit. The arithmetic, and so the result, is the same as without them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+        self.run::<true>(kv, qrow, o)
+    }
+
+    #[inline(always)]
+    fn run<const AVX2: bool>(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+        let (layer, kvh, group, hd, scale, n) = (
+            self.layer, self.kvh, self.group, self.hd, self.scale, self.n,
+        );
+        let mut scores = vec![0f32; n * group];
+        let bs = kv.block_size;
+        let blocks = &self.table[..n.div_ceil(bs)];
+        for g in 0..group {
+            let qg = &qrow[g * hd..(g + 1) * hd];
+            let sg = &mut scores[g * n..(g + 1) * n];
+            for (bi, &blk) in blocks.iter().enumerate() {
+                let (kb, _) = kv.head_block(layer, blk, kvh);
+                let j0 = bi * bs;
+                let out = &mut sg[j0..j0 + bs.min(n - j0)];
+                match bs {
+                    #[cfg(target_arch = "x86_64")]
+                    16 if AVX2 && hd % PARTS == 0 => {
+                        assert!(kb.len() >= 16 * hd);
+                        // SAFETY: AVX2/FMA (this is the AVX2 build); sizes asserted above
+                        // (`out` is at most one block).
+                        unsafe { avx2::scores16(qg, kb, out) }
+                    }
+                    16 => block_scores::<16>(qg, kb, bs, out),
+                    32 => block_scores::<32>(qg, kb, bs, out),
+                    _ => block_scores::<0>(qg, kb, bs, out),
+                }
+                for o in out.iter_mut() {
+                    *o *= scale;
+                }
+            }
+            ops::softmax(sg);
+        }
+        for g in 0..group {
+            let p = &scores[g * n..(g + 1) * n];
+            let og = &mut o[g * hd..(g + 1) * hd];
+            let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
+                let (_, vb) = kv.head_block(layer, blk, kvh);
+                let j0 = bi * bs;
+                let p = &p[j0..j0 + bs.min(n - j0)];
+                assert!(vb.len() >= p.len() * hd);
+                (vb, p)
+            });
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 && hd == 64 {
+                // SAFETY: AVX2/FMA (this is the AVX2 build); `og` is 64 wide and each
+                // block's values cover its weights (asserted as they are produced).
+                unsafe { avx2::values64(rows, og) };
+                continue;
+            }
+            weighted_values(rows, og);
+        }
+    }
+}
+
+/// Causal grouped-query attention of every row's query (`q`: rows × heads × head_dim)
+/// over its sequence's cached keys and values, into `out`.
+pub(crate) fn attention(
+    c: &LlamaConfig,
+    layer: usize,
+    batch: &Batch,
+    row_seq: &[usize],
+    q: &[f32],
+    kv: &KvCache,
+    out: &mut Acts,
+) {
+    let (hd, qd) = (c.head_dim, c.n_heads * c.head_dim);
+    let group = c.n_heads / c.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let gw = group * hd; // output width of one task
+    out.f32
+        .par_chunks_mut(gw)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let (r, kvh) = (task / c.n_kv_heads, task % c.n_kv_heads);
+            let pos = batch.positions[r] as usize;
+            let table = &batch.seqs[row_seq[r]].block_table;
+            let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
+            let t = HeadTask {
+                layer,
+                kvh,
+                group,
+                hd,
+                scale,
+                n: pos + 1,
+                table,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::simd_path() != "scalar" {
+                // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+                return unsafe { t.run_avx2(kv, qrow, o) };
+            }
+            t.run::<false>(kv, qrow, o);
+        });
+    out.touched();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_avx2_loops_give_the_portable_loops_bits() {
+        if crate::quant::simd_path() == "scalar" {
+            eprintln!("SKIPPED: no AVX2/FMA on this CPU");
+            return;
+        }
+        let (q, kb) = (rand(64, 1), rand(16 * 64, 2));
+        for n in [1, 7, 16] {
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            block_scores::<16>(&q, &kb, 16, &mut a);
+            // SAFETY: AVX2/FMA detected; kb is 16 × 64, q 64 wide, n ≤ 16.
+            unsafe { avx2::scores16(&q, &kb, &mut b) };
+            assert_eq!(a, b, "scores of {n} slots");
+            let mut c = vec![0f32; n];
+            block_scores::<0>(&q, &kb, 16, &mut c);
+            assert_eq!(a, c, "any-size loop");
+        }
+        let vals: Vec<Vec<f32>> = (0..3).map(|i| rand(16 * 64, 10 + i)).collect();
+        let ws: Vec<Vec<f32>> = (0..3)
+            .map(|i| rand(if i == 2 { 5 } else { 16 }, 20 + i))
+            .collect();
+        let blocks = || {
+            vals.iter()
+                .zip(&ws)
+                .map(|(v, w)| (v.as_slice(), w.as_slice()))
+        };
+        let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+        weighted_values(blocks(), &mut a);
+        // SAFETY: AVX2/FMA detected; 64-wide output, each block holds 16 × 64 values.
+        unsafe { avx2::values64(blocks(), &mut b) };
+        assert_eq!(a, b);
+        // Against plain f64 sums.
+        for (s, got) in a.iter().enumerate() {
+            let want: f64 = blocks()
+                .flat_map(|(v, w)| (0..w.len()).map(move |j| w[j] as f64 * v[j * 64 + s] as f64))
+                .sum();
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+}
