@@ -47,10 +47,10 @@ impl Matrix {
             .as_ref()
     }
 
-    /// Prepares what products at `prec` will use (the packed form, for 16-bit
+    /// Prepares what products at `prec` will use (the packed form, for 16- and 8-bit
     /// activations), so that the first step does not pay for it.
     pub fn prepare(&self, prec: ActPrecision) {
-        if prec == ActPrecision::I16 {
+        if prec != ActPrecision::F32 {
             self.packed();
         }
     }
@@ -300,13 +300,20 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
         }
     };
     let nb = cols / QK;
-    if prec == ActPrecision::I16 {
-        if let Some(pk) = w.packed() {
-            x.block_sums();
-            x.quantize_i16();
-            matmul_packed(pk, x, ptr, threads);
-            return;
-        }
+    let packed = match prec {
+        ActPrecision::F32 => None,
+        _ => w.packed(),
+    };
+    if let Some(pk) = packed {
+        // 8-bit weights have no 8-bit packed kernel: they meet 16-bit activations (more
+        // precise, and as fast).
+        let prec = if pk.takes_q8() {
+            prec
+        } else {
+            ActPrecision::I16
+        };
+        matmul_packed(pk, x, prec, ptr, threads);
+        return;
     }
     let prepared = match prec {
         ActPrecision::Q8 => Prepared::Q8 {
@@ -361,81 +368,88 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     });
 }
 
-/// The product on packed weights: groups of 16 weight rows split across the thread pool,
-/// each meeting the activation rows in tiles of 12, 8, 4, then 1 (every output computed the
-/// same way whatever its tile).
-fn matmul_packed(pk: &Packed, x: &Acts, ptr: OutPtr, threads: usize) {
+/// The product on packed weights ([`crate::packed`]) at 16-bit (`I16`) or 8-bit (`Q8`)
+/// activations: groups of 16 weight rows split across the thread pool, each meeting the
+/// activation rows in tiles of 12, 8, 4, then 1 (every output computed the same way
+/// whatever its tile).
+fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, threads: usize) {
     let (b_rows, n_rows, cols, nb) = (x.rows, pk.rows, pk.cols, pk.cols / QK);
-    let groups = n_rows / LANES;
-    let chunk = (groups / (threads * 4)).clamp(1, 16);
-    let (q, d, sums) = (&x.i16, &x.i16_d, &x.sums);
-    let tile = |g: usize, b0: usize, n: usize| {
-        let qa = |k: usize| &q[(b0 + k) * cols..(b0 + k + 1) * cols];
-        let da = |k: usize| &d[(b0 + k) * nb..(b0 + k + 1) * nb];
-        let sa = |k: usize| &sums[(b0 + k) * nb..(b0 + k + 1) * nb];
-        let put = |k: usize, vals: &[f32; LANES]| {
-            // SAFETY: row b0 + k, columns 16g .. 16g + 16 are written by this task only;
-            // in bounds (asserted by `matmul`).
+    let put = |g: usize, b0: usize, vals: &[[f32; LANES]]| {
+        for (k, v) in vals.iter().enumerate() {
+            // SAFETY: row b0 + k, columns 16g .. 16g + 16 are written by this task only; in
+            // bounds (asserted by `matmul`).
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    vals.as_ptr(),
+                    v.as_ptr(),
                     ptr.at((b0 + k) * n_rows + g * LANES),
                     LANES,
                 )
             }
-        };
-        match n {
-            12 => {
-                let r = pk.dot_rows::<12>(
-                    g,
-                    std::array::from_fn(qa),
-                    std::array::from_fn(da),
-                    std::array::from_fn(sa),
-                );
-                r.iter().enumerate().for_each(|(k, v)| put(k, v));
-            }
-            8 => {
-                let r = pk.dot_rows::<8>(
-                    g,
-                    std::array::from_fn(qa),
-                    std::array::from_fn(da),
-                    std::array::from_fn(sa),
-                );
-                r.iter().enumerate().for_each(|(k, v)| put(k, v));
-            }
-            4 => {
-                let r = pk.dot_rows::<4>(
-                    g,
-                    std::array::from_fn(qa),
-                    std::array::from_fn(da),
-                    std::array::from_fn(sa),
-                );
-                r.iter().enumerate().for_each(|(k, v)| put(k, v));
-            }
-            _ => {
-                let r = pk.dot_rows::<1>(g, [qa(0)], [da(0)], [sa(0)]);
-                put(0, &r[0]);
-            }
         }
     };
+    if prec == ActPrecision::Q8 {
+        let a = x.quantized();
+        let aa = |b0: usize| move |k: usize| &a[(b0 + k) * nb..(b0 + k + 1) * nb];
+        packed_tiles(pk, b_rows, threads, &[8, 4, 1], |g, b0, n| match n {
+            8 => put(g, b0, &pk.dot_rows_q8::<8>(g, std::array::from_fn(aa(b0)))),
+            4 => put(g, b0, &pk.dot_rows_q8::<4>(g, std::array::from_fn(aa(b0)))),
+            _ => put(g, b0, &pk.dot_rows_q8::<1>(g, [aa(b0)(0)])),
+        });
+        return;
+    }
+    x.block_sums();
+    x.quantize_i16();
+    let (q, d, sums) = (&x.i16, &x.i16_d, &x.sums);
+    let qa = |b0: usize| move |k: usize| &q[(b0 + k) * cols..(b0 + k + 1) * cols];
+    let da = |b0: usize| move |k: usize| &d[(b0 + k) * nb..(b0 + k + 1) * nb];
+    let sa = |b0: usize| move |k: usize| &sums[(b0 + k) * nb..(b0 + k + 1) * nb];
+    packed_tiles(pk, b_rows, threads, &[12, 8, 4, 1], |g, b0, n| {
+        use std::array::from_fn;
+        match n {
+            12 => put(
+                g,
+                b0,
+                &pk.dot_rows::<12>(g, from_fn(qa(b0)), from_fn(da(b0)), from_fn(sa(b0))),
+            ),
+            8 => put(
+                g,
+                b0,
+                &pk.dot_rows::<8>(g, from_fn(qa(b0)), from_fn(da(b0)), from_fn(sa(b0))),
+            ),
+            4 => put(
+                g,
+                b0,
+                &pk.dot_rows::<4>(g, from_fn(qa(b0)), from_fn(da(b0)), from_fn(sa(b0))),
+            ),
+            _ => put(
+                g,
+                b0,
+                &pk.dot_rows::<1>(g, [qa(b0)(0)], [da(b0)(0)], [sa(b0)(0)]),
+            ),
+        }
+    });
+}
+
+/// Runs `tile(group, first activation row, rows)` over every group of `pk` and every
+/// activation row, in tiles of `sizes` rows (largest first, ending in 1), groups split
+/// across the thread pool.
+fn packed_tiles(
+    pk: &Packed,
+    b_rows: usize,
+    threads: usize,
+    sizes: &[usize],
+    tile: impl Fn(usize, usize, usize) + Sync + Send,
+) {
+    let groups = pk.rows / LANES;
+    let chunk = (groups / (threads * 4)).clamp(1, 16);
     (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for g in c * chunk..((c + 1) * chunk).min(groups) {
             let mut b = 0;
-            while b + 12 <= b_rows {
-                tile(g, b, 12);
-                b += 12;
-            }
-            while b + 8 <= b_rows {
-                tile(g, b, 8);
-                b += 8;
-            }
-            while b + 4 <= b_rows {
-                tile(g, b, 4);
-                b += 4;
-            }
-            while b < b_rows {
-                tile(g, b, 1);
-                b += 1;
+            for &n in sizes {
+                while b + n <= b_rows {
+                    tile(g, b, n);
+                    b += n;
+                }
             }
         }
     });
@@ -471,6 +485,95 @@ pub fn matmul_reference(w: &Matrix, x: &Acts, out: &mut [f32]) {
         w.row_f32(n, &mut row);
         for b in 0..x.rows {
             out[b * w.rows + n] = x.row(b).iter().zip(&row).map(|(a, c)| a * c).sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Matrix {
+        let w = rand(rows * cols, seed);
+        let mut data = Vec::new();
+        match ty {
+            GgmlType::Q4_0 => quant::quantize_row_q4_0(&w, &mut data),
+            GgmlType::Q4_1 => quant::quantize_row_q4_1(&w, &mut data),
+            _ => quant::quantize_row_q8_0(&w, &mut data),
+        }
+        Matrix::new(rows, cols, MatData::Quant(ty, data))
+    }
+
+    fn acts(rows: usize, cols: usize, seed: u64) -> Acts {
+        let mut x = Acts::default();
+        x.resize(rows, cols);
+        x.f32.copy_from_slice(&rand(rows * cols, seed));
+        x
+    }
+
+    /// Every precision, weight type and layout (48 rows pack, 40 do not), at batch sizes
+    /// that use every tile: close to the f32 product of the dequantized weights, and a
+    /// row's result the same alone as in any batch.
+    #[test]
+    fn every_path_is_close_to_the_reference_and_independent_of_its_batch() {
+        let cols = 96;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for rows in [48, 40] {
+                let w = matrix(ty, rows, cols, 5);
+                for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
+                    // Relative to Σ|w·x|: 8-bit activations err by up to 1/254 of a block's
+                    // largest value, 16-bit ones by 1/65534.
+                    let tol = match prec {
+                        ActPrecision::Q8 => 2e-3,
+                        ActPrecision::I16 => 2e-5,
+                        ActPrecision::F32 => 1e-6,
+                    };
+                    for b in [1usize, 5, 13, 30] {
+                        let mut x = acts(b, cols, 9);
+                        let mut out = vec![0f32; b * rows];
+                        matmul(&w, &mut x, &mut out, prec);
+                        let mut want = vec![0f32; b * rows];
+                        matmul_reference(&w, &x, &mut want);
+                        let mut row = vec![0f32; cols];
+                        for n in 0..rows {
+                            w.row_f32(n, &mut row);
+                            for r in 0..b {
+                                let size: f32 =
+                                    row.iter().zip(x.row(r)).map(|(p, q)| (p * q).abs()).sum();
+                                let (got, exp) = (out[r * rows + n], want[r * rows + n]);
+                                assert!(
+                                    (got - exp).abs() <= tol * size + 1e-6,
+                                    "{ty:?} {rows}×{cols} {prec:?} b={b} ({r},{n}): {got} vs {exp}"
+                                );
+                            }
+                        }
+                        // Each row alone gives the same bits as in the batch.
+                        for r in [0, b - 1] {
+                            let mut one = acts(1, cols, 0);
+                            one.f32.copy_from_slice(x.row(r));
+                            let mut o1 = vec![0f32; rows];
+                            matmul(&w, &mut one, &mut o1, prec);
+                            assert_eq!(
+                                o1[..],
+                                out[r * rows..(r + 1) * rows],
+                                "{ty:?} {rows} rows {prec:?}: row {r} of {b}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::gguf::GgmlType;
 use crate::quant::QK;
 use half::f16;
 
+mod q8;
+
 /// Output rows per group.
 pub const LANES: usize = 16;
 
@@ -286,7 +288,7 @@ mod tests {
     use super::*;
     use crate::quant;
 
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
