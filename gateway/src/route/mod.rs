@@ -142,14 +142,32 @@ impl Pool {
                         || (e.backend == crate::config::BackendKind::Auto
                             && kernels::cuda::available().is_ok());
                     let devices = if on_gpu { e.devices.clone() } else { vec![0] };
-                    for dev in devices {
-                        let name = if on_gpu {
-                            format!("{}/{i}-engine-gpu{dev}", cfg.name)
-                        } else {
-                            format!("{}/{i}-engine", cfg.name)
-                        };
-                        let worker: Arc<dyn Worker> =
-                            Arc::new(EngineWorker::start(name, &loaded, e, dev)?);
+                    // GPUs start side by side (weights, graphs and the self-check take
+                    // seconds each); slots keep the configured order.
+                    let loaded = &loaded;
+                    let started: Vec<Result<EngineWorker, String>> = std::thread::scope(|s| {
+                        let handles: Vec<_> = devices
+                            .iter()
+                            .map(|&dev| {
+                                let name = if on_gpu {
+                                    format!("{}/{i}-engine-gpu{dev}", cfg.name)
+                                } else {
+                                    format!("{}/{i}-engine", cfg.name)
+                                };
+                                s.spawn(move || EngineWorker::start(name, loaded, e, dev))
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .map(|h| {
+                                h.join().unwrap_or_else(|_| {
+                                    Err("an engine panicked while starting".to_string())
+                                })
+                            })
+                            .collect()
+                    });
+                    for w in started {
+                        let worker: Arc<dyn Worker> = Arc::new(w?);
                         slots.push(Arc::new(WorkerSlot::new(worker, breaker())));
                     }
                 }

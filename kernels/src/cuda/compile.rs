@@ -90,8 +90,11 @@ pub fn cached(src: &Source, arch: &'static str, defines: Defines) -> Result<Ptx,
     }
     let ptx = compile_with(src, arch, defines)?;
     if std::fs::create_dir_all(cache_dir()).is_ok() {
-        // Write then rename: concurrent compilers never see a half-written file.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Write then rename: concurrent compilers (other processes, or other threads of
+        // this one) never see a half-written file; each writer has its own temporary.
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         if std::fs::write(&tmp, &ptx).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
