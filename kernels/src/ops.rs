@@ -10,7 +10,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Rotary embedding over `x` (heads × head_dim) at `pos`, rotating adjacent pairs
-/// (x[2i], x[2i+1]) by pos·base^(−2i/head_dim): GGUF's Llama layout (the converter
+/// (`x[2i]`, `x[2i+1]`) by pos·base^(−2i/head_dim): GGUF's Llama layout (the converter
 /// permutes Q and K so that this equals the original model's rotation).
 pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32]) {
     for head in x.chunks_exact_mut(head_dim) {

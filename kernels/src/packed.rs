@@ -20,7 +20,7 @@
 //! [`crate::quant::quantize_row_i16`] makes them), output `l` of an activation row is
 //! `Σ_i fma(float(Σ_k v_k q_k) · d_i, scale_il, ·)` then `fma(min_il, xsum_i, ·)`, block by
 //! block in that order, on the CPU kernel and its scalar twin alike (bit for bit). The
-//! [`q8`] submodule runs 8-bit activations against the same packed 4-bit weights.
+//! `q8` submodule runs 8-bit activations against the same packed 4-bit weights.
 
 use crate::gguf::GgmlType;
 use crate::quant::QK;

@@ -1,6 +1,6 @@
 //! The forward step on one GPU, as a [`Backend`]: a step's inputs go from one pinned host
 //! staging buffer to the device in one copy ([`super::staging`]), the device work is
-//! enqueued by [`Device::enqueue`], and only the sampled tokens (or, when asked, the logits)
+//! enqueued by `Device::enqueue`, and only the sampled tokens (or, when asked, the logits)
 //! come back.
 //!
 //! **CUDA graphs.** Decode steps (every sequence one row, every row wanting logits) are

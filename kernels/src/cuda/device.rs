@@ -140,7 +140,7 @@ pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, 
 const ATTENTION_SMEM: usize = 32 << 10;
 
 /// The most warps (16, 8 or 4) whose per-warp attention state (`group` heads of
-/// `dpl × 32` floats, plus two floats each) fits in [`ATTENTION_SMEM`].
+/// `dpl × 32` floats, plus two floats each) fits in `ATTENTION_SMEM`.
 pub fn attention_max_warps(group: usize, dpl: usize) -> usize {
     let per_warp = group * (dpl * 32 * 4 + 8);
     [16, 8, 4]
