@@ -1,4 +1,4 @@
-//! Tenant authentication layer: `Authorization: Bearer KEY` → [`Tenant`] in the request's
+//! Tenant authentication layer: `Authorization: Bearer KEY` → [`Tenant`](crate::tenants::Tenant) in the request's
 //! extensions, or a 401 in the OpenAI shape. The key itself is never logged.
 
 use super::error::ApiError;
