@@ -181,7 +181,6 @@ impl Packed {
     /// Rows `16g .. 16g + 16` against R rows of 16-bit activations (row `r`: values `q`,
     /// block scales `d`, f32 block sums `xsum`): `out[r][l]` = row `16g + l` · activation
     /// row `r`.
-    #[inline]
     pub fn dot_rows<const R: usize>(
         &self,
         g: usize,
@@ -189,22 +188,41 @@ impl Packed {
         d: [&[f32]; R],
         xsum: [&[f32]; R],
     ) -> [[f32; LANES]; R] {
-        assert!(g < self.rows / LANES);
+        let mut out = [[0f32; LANES]; R];
+        self.dot_rows_groups(g..g + 1, q, d, xsum, &mut |_, r| out = *r);
+        out
+    }
+
+    /// [`Packed::dot_rows`] for each group of `groups` in turn, handing each result to
+    /// `put(group, result)`: the activation rows are set up once for all of them.
+    #[inline]
+    pub fn dot_rows_groups<const R: usize>(
+        &self,
+        groups: std::ops::Range<usize>,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
+        assert!(groups.end <= self.rows / LANES);
         assert!(q.iter().all(|x| x.len() >= self.cols));
         assert!(d.iter().chain(xsum.iter()).all(|s| s.len() >= self.nb));
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (g is
-            // a group) and `q`, `d`, `xsum` (asserted).
-            return unsafe {
+            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (the
+            // groups exist) and `q`, `d`, `xsum` (asserted).
+            unsafe {
                 if self.ty == GgmlType::Q8_0 {
-                    vnni::dot_rows::<R, true>(self, g, q, d, xsum)
+                    vnni::dot_rows::<R, true>(self, groups, q, d, xsum, put)
                 } else {
-                    vnni::dot_rows::<R, false>(self, g, q, d, xsum)
+                    vnni::dot_rows::<R, false>(self, groups, q, d, xsum, put)
                 }
             };
+            return;
         }
-        self.dot_rows_scalar(g, q, d, xsum)
+        for g in groups {
+            put(g, &self.dot_rows_scalar(g, q, d, xsum));
+        }
     }
 }
 
@@ -231,56 +249,62 @@ mod vnni {
     use crate::quant::QK;
     use std::arch::x86_64::*;
 
-    /// See [`Packed::dot_rows`]; `Q8`: the values are i8 pairs, else nibble pairs.
+    /// See [`Packed::dot_rows_groups`]; `Q8`: the values are i8 pairs, else nibble pairs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_rows<const R: usize, const Q8: bool>(
         pk: &Packed,
-        g: usize,
+        groups: std::ops::Range<usize>,
         q: [&[i16]; R],
         d: [&[f32]; R],
         xsum: [&[f32]; R],
-    ) -> [[f32; LANES]; R] {
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
         let nb = pk.nb;
         let vb = Packed::vb(pk.ty);
-        let mut out = [_mm512_setzero_ps(); R];
         let nibbles = _mm512_set1_epi32(0x000F_000F);
-        for i in 0..nb {
-            let gi = g * nb + i;
-            let v = pk.vals.as_ptr().add(gi * vb);
-            let mut acc = [_mm512_setzero_si512(); R];
-            for p in 0..QK / 2 {
-                let w = if Q8 {
-                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.add(32 * p) as *const __m256i))
-                } else {
-                    // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
-                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(16 * p) as *const __m128i));
-                    _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32::<12>(b)), nibbles)
-                };
+        for g in groups {
+            let mut out = [_mm512_setzero_ps(); R];
+            for i in 0..nb {
+                let gi = g * nb + i;
+                let v = pk.vals.as_ptr().add(gi * vb);
+                let mut acc = [_mm512_setzero_si512(); R];
+                for p in 0..QK / 2 {
+                    let w = if Q8 {
+                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.add(32 * p) as *const __m256i))
+                    } else {
+                        // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
+                        let b =
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(16 * p) as *const __m128i));
+                        _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32::<12>(b)), nibbles)
+                    };
+                    for r in 0..R {
+                        let pair =
+                            (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
+                        acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
+                    }
+                }
+                let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
                 for r in 0..R {
-                    let pair = (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
-                    acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
+                    let f = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(acc[r]),
+                        _mm512_set1_ps(*d[r].get_unchecked(i)),
+                    );
+                    out[r] = _mm512_fmadd_ps(f, sc, out[r]);
+                }
+                if !Q8 {
+                    let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
+                    for r in 0..R {
+                        out[r] =
+                            _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsum[r].get_unchecked(i)), out[r]);
+                    }
                 }
             }
-            let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
+            let mut res = [[0f32; LANES]; R];
             for r in 0..R {
-                let f = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(acc[r]),
-                    _mm512_set1_ps(*d[r].get_unchecked(i)),
-                );
-                out[r] = _mm512_fmadd_ps(f, sc, out[r]);
+                _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
             }
-            if !Q8 {
-                let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
-                for r in 0..R {
-                    out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsum[r].get_unchecked(i)), out[r]);
-                }
-            }
+            put(g, &res);
         }
-        let mut res = [[0f32; LANES]; R];
-        for r in 0..R {
-            _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
-        }
-        res
     }
 }
 

@@ -47,18 +47,34 @@ impl Packed {
 
     /// Rows `16g .. 16g + 16` (4-bit weights) against R rows of 8-bit activation blocks:
     /// `out[r][l]` = row `16g + l` · activation row `r`.
-    #[inline]
     pub fn dot_rows_q8<const R: usize>(&self, g: usize, a: [&[Q8Block]; R]) -> [[f32; LANES]; R] {
+        let mut out = [[0f32; LANES]; R];
+        self.dot_rows_q8_groups(g..g + 1, a, &mut |_, r| out = *r);
+        out
+    }
+
+    /// [`Packed::dot_rows_q8`] for each group of `groups` in turn, handing each result to
+    /// `put(group, result)`.
+    #[inline]
+    pub fn dot_rows_q8_groups<const R: usize>(
+        &self,
+        groups: std::ops::Range<usize>,
+        a: [&[Q8Block]; R],
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
         assert!(self.takes_q8(), "8-bit weights take the row-wise kernel");
-        assert!(g < self.rows / LANES);
+        assert!(groups.end <= self.rows / LANES);
         assert!(a.iter().all(|x| x.len() >= self.nb));
         #[cfg(target_arch = "x86_64")]
         if available() {
-            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (g is
-            // a group, 4-bit layout) and `a` (asserted).
-            return unsafe { vnni::dot_rows(self, g, a) };
+            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (the
+            // groups exist, 4-bit layout) and `a` (asserted).
+            unsafe { vnni::dot_rows(self, groups, a, put) };
+            return;
         }
-        self.dot_rows_q8_scalar(g, a)
+        for g in groups {
+            put(g, &self.dot_rows_q8_scalar(g, a));
+        }
     }
 }
 
@@ -68,48 +84,52 @@ mod vnni {
     use crate::quant::{Q8Block, QK};
     use std::arch::x86_64::*;
 
-    /// See [`Packed::dot_rows_q8`].
+    /// See [`Packed::dot_rows_q8_groups`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_rows<const R: usize>(
         pk: &Packed,
-        g: usize,
+        groups: std::ops::Range<usize>,
         a: [&[Q8Block]; R],
-    ) -> [[f32; LANES]; R] {
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
         let nb = pk.nb;
         let vb = Packed::vb(pk.ty);
-        let mut out = [_mm512_setzero_ps(); R];
         let nibbles = _mm512_set1_epi32(0x0F0F_0F0F);
-        for i in 0..nb {
-            let gi = g * nb + i;
-            let v = pk.vals.as_ptr().add(gi * vb);
-            let mut acc = [_mm512_setzero_si512(); R];
-            for q in 0..QK / 4 {
-                // Lane l: bytes A = v0 | v1 << 4 and B = v2 | v3 << 4 → bytes (v0, v1, v2, v3).
-                let lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(32 * q) as *const __m128i));
-                let hi =
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(32 * q + 16) as *const __m128i));
-                let x = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-                let w = _mm512_and_si512(_mm512_or_si512(x, _mm512_slli_epi32::<4>(x)), nibbles);
+        for g in groups {
+            let mut out = [_mm512_setzero_ps(); R];
+            for i in 0..nb {
+                let gi = g * nb + i;
+                let v = pk.vals.as_ptr().add(gi * vb);
+                let mut acc = [_mm512_setzero_si512(); R];
+                for q in 0..QK / 4 {
+                    // Lane l: bytes A = v0 | v1 << 4 and B = v2 | v3 << 4 → bytes (v0, v1, v2, v3).
+                    let lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(32 * q) as *const __m128i));
+                    let hi =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(32 * q + 16) as *const __m128i));
+                    let x = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                    let w =
+                        _mm512_and_si512(_mm512_or_si512(x, _mm512_slli_epi32::<4>(x)), nibbles);
+                    for r in 0..R {
+                        let quad = (a[r].get_unchecked(i).qs.as_ptr().add(4 * q) as *const i32)
+                            .read_unaligned();
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi32(quad));
+                    }
+                }
+                let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
+                let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
                 for r in 0..R {
-                    let quad = (a[r].get_unchecked(i).qs.as_ptr().add(4 * q) as *const i32)
-                        .read_unaligned();
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi32(quad));
+                    let x = a[r].get_unchecked(i);
+                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(x.d));
+                    out[r] = _mm512_fmadd_ps(f, sc, out[r]);
+                    out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(x.s), out[r]);
                 }
             }
-            let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
-            let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
+            let mut res = [[0f32; LANES]; R];
             for r in 0..R {
-                let x = a[r].get_unchecked(i);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(x.d));
-                out[r] = _mm512_fmadd_ps(f, sc, out[r]);
-                out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(x.s), out[r]);
+                _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
             }
+            put(g, &res);
         }
-        let mut res = [[0f32; LANES]; R];
-        for r in 0..R {
-            _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
-        }
-        res
     }
 }
 
