@@ -274,7 +274,7 @@ pub enum Activations {
     /// CPUs with AVX-512 VNNI also the fastest (weights repacked 16 rows wide).
     #[default]
     I16,
-    /// 8-bit activation blocks (llama.cpp's way): ~1e-2 relative error, about 10 % faster
+    /// 8-bit activation blocks (llama.cpp's way): ~1e-2 relative error, about 10–15 % faster
     /// than i16 in aggregate with AVX-512 VNNI (8-bit weights still meet 16-bit
     /// activations there).
     Q8,
