@@ -22,3 +22,6 @@ pub mod quant;
 pub mod sampler;
 pub mod synth;
 pub mod tokenizer;
+
+#[cfg(test)]
+mod testutil;

@@ -502,18 +502,7 @@ pub fn matmul_reference(w: &Matrix, x: &Acts, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand;
 
     fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Matrix {
         let w = rand(rows * cols, seed);

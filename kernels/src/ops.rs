@@ -96,6 +96,24 @@ pub fn exp(x: f32) -> f32 {
     e * scale
 }
 
+/// The largest value of `x` (NaNs passed over; −∞ for none), in 16 lanes so that it
+/// vectorizes (the maximum does not depend on the order).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -114,19 +132,8 @@ unsafe fn softmax_avx2(x: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_body(x: &mut [f32]) {
-    // Maximum and sum in eight lanes, so that every loop vectorizes.
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
-        }
-    }
-    let m = chunks
-        .remainder()
-        .iter()
-        .chain(lanes.iter())
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    // Maximum and sum in lanes, so that every loop vectorizes.
+    let m = max(x);
     for v in x.iter_mut() {
         *v = exp(*v - m);
     }

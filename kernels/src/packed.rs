@@ -312,18 +312,7 @@ mod vnni {
 mod tests {
     use super::*;
     use crate::quant;
-
-    pub(super) fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand;
 
     fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -645,18 +645,7 @@ pub fn simd_path() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand as rand_vec;
 
     #[test]
     fn round_away_is_f32_round() {

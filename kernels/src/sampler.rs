@@ -78,21 +78,10 @@ impl Sampler {
 
 /// Index of the largest logit (the lowest index on ties).
 /// The lowest index holding the largest value (NaNs are passed over; 0 if all are NaN or
-/// `x` is empty). Two passes that vectorize: the maximum in 16 lanes, then its first
-/// position.
+/// `x` is empty). Two passes that vectorize: the maximum ([`crate::ops::max`]), then its
+/// first position.
 pub fn argmax(x: &[f32]) -> u32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for j in 0..16 {
-            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
-        }
-    }
-    let m = chunks
-        .remainder()
-        .iter()
-        .chain(lanes.iter())
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let m = crate::ops::max(x);
     x.iter().position(|&v| v == m).unwrap_or(0) as u32
 }
 

@@ -142,7 +142,7 @@ mod tests {
     fn the_q8_kernel_matches_its_scalar_twin_bit_for_bit_and_the_f32_product_roughly() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
             let (rows, cols, b) = (32, 576, 5);
-            let w = super::super::tests::rand(rows * cols, 13);
+            let w = crate::testutil::rand(rows * cols, 13);
             let mut data = Vec::new();
             if ty == GgmlType::Q4_0 {
                 quant::quantize_row_q4_0(&w, &mut data);
@@ -151,7 +151,7 @@ mod tests {
             }
             let pk = Packed::new(ty, rows, cols, &data).expect("packs");
             assert!(pk.takes_q8());
-            let x = super::super::tests::rand(b * cols, 31);
+            let x = crate::testutil::rand(b * cols, 31);
             let nb = cols / QK;
             let mut a = vec![Q8Block::default(); b * nb];
             for r in 0..b {
