@@ -374,7 +374,7 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
 /// activation rows in tiles of 12, 8, 4, then 1 (every output computed the same way
 /// whatever its tile).
 fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, threads: usize) {
-    let (b_rows, n_rows, cols, nb) = (x.rows, pk.rows, pk.cols, pk.cols / QK);
+    let (b_rows, n_rows) = (x.rows, pk.rows);
     let put = |b0: usize| {
         move |g: usize, vals: &[[f32; LANES]]| {
             for (k, v) in vals.iter().enumerate() {
@@ -392,52 +392,63 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
     };
     if prec == ActPrecision::Q8 {
         let a = x.quantized();
-        let aa = |b0: usize| move |k: usize| &a[(b0 + k) * nb..(b0 + k + 1) * nb];
         packed_tiles(pk, b_rows, threads, &[8, 4, 1], |gs, b0, n| {
             let p = put(b0);
             match n {
-                8 => pk.dot_rows_q8_groups::<8>(gs, from_fn(aa(b0)), &mut |g, r| p(g, r)),
-                4 => pk.dot_rows_q8_groups::<4>(gs, from_fn(aa(b0)), &mut |g, r| p(g, r)),
-                _ => pk.dot_rows_q8_groups::<1>(gs, [aa(b0)(0)], &mut |g, r| p(g, r)),
+                8 => q8_tile::<8>(pk, gs, b0, a, &p),
+                4 => q8_tile::<4>(pk, gs, b0, a, &p),
+                _ => q8_tile::<1>(pk, gs, b0, a, &p),
             }
         });
         return;
     }
     x.block_sums();
     x.quantize_i16();
-    let (q, d, sums) = (&x.i16, &x.i16_d, &x.sums);
-    let qa = |b0: usize| move |k: usize| &q[(b0 + k) * cols..(b0 + k + 1) * cols];
-    let da = |b0: usize| move |k: usize| &d[(b0 + k) * nb..(b0 + k + 1) * nb];
-    let sa = |b0: usize| move |k: usize| &sums[(b0 + k) * nb..(b0 + k + 1) * nb];
+    let acts = (&x.i16[..], &x.i16_d[..], &x.sums[..]);
     packed_tiles(pk, b_rows, threads, &[12, 8, 4, 1], |gs, b0, n| {
         let p = put(b0);
         match n {
-            12 => pk.dot_rows_groups::<12>(
-                gs,
-                from_fn(qa(b0)),
-                from_fn(da(b0)),
-                from_fn(sa(b0)),
-                &mut |g, r| p(g, r),
-            ),
-            8 => pk.dot_rows_groups::<8>(
-                gs,
-                from_fn(qa(b0)),
-                from_fn(da(b0)),
-                from_fn(sa(b0)),
-                &mut |g, r| p(g, r),
-            ),
-            4 => pk.dot_rows_groups::<4>(
-                gs,
-                from_fn(qa(b0)),
-                from_fn(da(b0)),
-                from_fn(sa(b0)),
-                &mut |g, r| p(g, r),
-            ),
-            _ => pk.dot_rows_groups::<1>(gs, [qa(b0)(0)], [da(b0)(0)], [sa(b0)(0)], &mut |g, r| {
-                p(g, r)
-            }),
+            12 => i16_tile::<12>(pk, gs, b0, acts, &p),
+            8 => i16_tile::<8>(pk, gs, b0, acts, &p),
+            4 => i16_tile::<4>(pk, gs, b0, acts, &p),
+            _ => i16_tile::<1>(pk, gs, b0, acts, &p),
         }
     });
+}
+
+/// Activation rows `b0 .. b0 + R` at 16 bits (values, block scales, f32 block sums of all
+/// rows) against the packed groups `gs`, each result handed to `put(group, rows)`.
+fn i16_tile<const R: usize>(
+    pk: &Packed,
+    gs: std::ops::Range<usize>,
+    b0: usize,
+    (q, d, sums): (&[i16], &[f32], &[f32]),
+    put: &dyn Fn(usize, &[[f32; LANES]]),
+) {
+    let (cols, nb) = (pk.cols, pk.cols / QK);
+    pk.dot_rows_groups::<R>(
+        gs,
+        from_fn(|k| &q[(b0 + k) * cols..(b0 + k + 1) * cols]),
+        from_fn(|k| &d[(b0 + k) * nb..(b0 + k + 1) * nb]),
+        from_fn(|k| &sums[(b0 + k) * nb..(b0 + k + 1) * nb]),
+        &mut |g, r| put(g, r),
+    )
+}
+
+/// [`i16_tile`] for 8-bit activation blocks `a` (of all rows).
+fn q8_tile<const R: usize>(
+    pk: &Packed,
+    gs: std::ops::Range<usize>,
+    b0: usize,
+    a: &[Q8Block],
+    put: &dyn Fn(usize, &[[f32; LANES]]),
+) {
+    let nb = pk.cols / QK;
+    pk.dot_rows_q8_groups::<R>(
+        gs,
+        from_fn(|k| &a[(b0 + k) * nb..(b0 + k + 1) * nb]),
+        &mut |g, r| put(g, r),
+    )
 }
 
 /// Runs `tile(groups, first activation row, rows)` over chunks of `pk`'s groups split

@@ -248,6 +248,7 @@ mod vnni {
     use super::{Packed, LANES};
     use crate::quant::QK;
     use std::arch::x86_64::*;
+    use std::array::from_fn;
 
     /// See [`Packed::dot_rows_groups`]; `Q8`: the values are i8 pairs, else nibble pairs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -283,28 +284,54 @@ mod vnni {
                         acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
                     }
                 }
-                let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
-                for r in 0..R {
-                    let f = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(acc[r]),
-                        _mm512_set1_ps(*d[r].get_unchecked(i)),
-                    );
-                    out[r] = _mm512_fmadd_ps(f, sc, out[r]);
-                }
-                if !Q8 {
-                    let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
-                    for r in 0..R {
-                        out[r] =
-                            _mm512_fmadd_ps(mn, _mm512_set1_ps(*xsum[r].get_unchecked(i)), out[r]);
-                    }
-                }
+                let dr = from_fn(|r| *d[r].get_unchecked(i));
+                let mins = (!Q8).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+                add_block(pk, gi, &mut out, &acc, dr, mins);
             }
-            let mut res = [[0f32; LANES]; R];
-            for r in 0..R {
-                _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
-            }
-            put(g, &res);
+            hand_over(g, &out, put);
         }
+    }
+
+    /// Adds block `gi`'s integer sums (`acc`, one register of 16 rows per activation row)
+    /// into the outputs: `out[r] = fma(float(acc[r]) · d[r], scale, out[r])`, then, with
+    /// the rows' block sums `s`, `out[r] = fma(min, s[r], out[r])` — the order the scalar
+    /// twins follow.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn add_block<const R: usize>(
+        pk: &Packed,
+        gi: usize,
+        out: &mut [__m512; R],
+        acc: &[__m512i; R],
+        d: [f32; R],
+        s: Option<[f32; R]>,
+    ) {
+        let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
+        for r in 0..R {
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(d[r]));
+            out[r] = _mm512_fmadd_ps(f, sc, out[r]);
+        }
+        if let Some(s) = s {
+            let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
+            for r in 0..R {
+                out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(s[r]), out[r]);
+            }
+        }
+    }
+
+    /// Stores a group's outputs and hands them to `put`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn hand_over<const R: usize>(
+        g: usize,
+        out: &[__m512; R],
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
+        let mut res = [[0f32; LANES]; R];
+        for r in 0..R {
+            _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
+        }
+        put(g, &res);
     }
 }
 

@@ -80,9 +80,11 @@ impl Packed {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::super::vnni::{add_block, hand_over};
     use super::super::{Packed, LANES};
     use crate::quant::{Q8Block, QK};
     use std::arch::x86_64::*;
+    use std::array::from_fn;
 
     /// See [`Packed::dot_rows_q8_groups`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -115,20 +117,11 @@ mod vnni {
                         acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi32(quad));
                     }
                 }
-                let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
-                let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
-                for r in 0..R {
-                    let x = a[r].get_unchecked(i);
-                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(x.d));
-                    out[r] = _mm512_fmadd_ps(f, sc, out[r]);
-                    out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(x.s), out[r]);
-                }
+                let d = from_fn(|r| a[r].get_unchecked(i).d);
+                let s = from_fn(|r| a[r].get_unchecked(i).s);
+                add_block(pk, gi, &mut out, &acc, d, Some(s));
             }
-            let mut res = [[0f32; LANES]; R];
-            for r in 0..R {
-                _mm512_storeu_ps(res[r].as_mut_ptr(), out[r]);
-            }
-            put(g, &res);
+            hand_over(g, &out, put);
         }
     }
 }
