@@ -1,33 +1,23 @@
 //! Each CUDA kernel against its CPU twin (`kernels::cuda::twins`) on fresh random inputs.
 //! Output buffers are poisoned before each launch (NaN, or a sentinel for integers), so an
-//! element the kernel fails to write fails the comparison. Skips with a printed reason
-//! where there is no GPU (the CUDA driver library or a device is missing).
+//! element the kernel fails to write fails the comparison.
 //!
-//! On a GPU machine: `kernels/gpu-check.sh` runs this binary (built here with
-//! `cargo test --release -p kernels --test cuda_parity --no-run`).
+//! Every test runs twice: on the CPU emulator (`kernels::cuda::emu`, the kernel sources
+//! themselves built for the host; always, where the build has it) and on GPU 0 (skipped
+//! with a printed reason where there is none). On a GPU machine `kernels/gpu-check.sh` runs
+//! this binary (built here with `cargo test --release -p kernels --test cuda_parity
+//! --no-run`).
 
 mod common;
 
 use common::rel_err as rel;
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use common::{emu, emu_for, gpu, gpu_for};
+use cudarc::driver::LaunchConfig;
 use half::f16;
-use kernels::cuda::device::Gpu;
+use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
 use kernels::cuda::twins::{self, SampleParams};
 use kernels::forward::Batch;
 use kernels::model::LlamaConfig;
-
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => {
-            eprintln!("GPU: {}", g.describe());
-            Some(g)
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: no GPU for the parity tests: {e}");
-            None
-        }
-    }
-}
 
 /// xorshift64*: reproducible random inputs without a dependency.
 struct Rng(u64);
@@ -57,12 +47,16 @@ fn cfg(grid: u32, block: u32) -> LaunchConfig {
     }
 }
 
-fn up<T: DeviceRepr>(g: &Gpu, v: &[T]) -> CudaSlice<T> {
-    g.stream.memcpy_stod(v).unwrap()
+fn up<E: Exec, T: Elem>(e: &E, v: &[T]) -> E::Buf<T> {
+    e.upload(v).unwrap()
 }
 
-fn down<T: DeviceRepr + Default + Clone>(g: &Gpu, v: &CudaSlice<T>) -> Vec<T> {
-    g.stream.memcpy_dtov(v).unwrap()
+fn down<E: Exec, T: Elem>(e: &E, v: &E::Buf<T>) -> Vec<T> {
+    e.download(v, v.elems()).unwrap()
+}
+
+fn i(v: usize) -> Arg {
+    Arg::I32(v as i32)
 }
 
 fn nan16(n: usize) -> Vec<f16> {
@@ -103,9 +97,24 @@ fn random_batch(
     b
 }
 
+/// Runs `case` on the emulator (the general build) and on GPU 0, where each is present.
+macro_rules! on_each {
+    ($case:ident) => {{
+        if let Some(e) = emu() {
+            $case(&e);
+        }
+        if let Some(g) = gpu() {
+            $case(&g);
+        }
+    }};
+}
+
 #[test]
 fn build_batch_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(build_batch_case);
+}
+
+fn build_batch_case<E: Exec>(g: &E) {
     let mut rng = Rng(1);
     let (bs, mb) = (16, 64);
     // 600 sequences: the logit-rows scan runs over several chunks of one block.
@@ -114,44 +123,49 @@ fn build_batch_matches_its_twin() {
         let (s, t) = (b.seqs.len(), b.tokens.len());
         let staging = twins::stage(&b, mb);
         let want = twins::build_batch(&staging, s, t, mb, bs);
-        let st = up(&g, &staging);
-        let mut tokens = up(&g, &vec![0xDEAD_BEEFu32; t]);
-        let mut positions = up(&g, &vec![0xDEAD_BEEFu32; t]);
-        let mut slots = up(&g, &vec![-7i32; t]);
-        let mut seq_of_row = up(&g, &vec![-7i32; t]);
-        let mut tables = up(&g, &vec![-7i32; s * mb]);
-        let mut logit_rows = up(&g, &vec![-7i32; s]);
+        let st = up(g, &staging);
+        let tokens = up(g, &vec![0xDEAD_BEEFu32; t]);
+        let positions = up(g, &vec![0xDEAD_BEEFu32; t]);
+        let slots = up(g, &vec![-7i32; t]);
+        let seq_of_row = up(g, &vec![-7i32; t]);
+        let tables = up(g, &vec![-7i32; s * mb]);
+        let logit_rows = up(g, &vec![-7i32; s]);
         let n = t.max(s * mb).max(s) as u32;
-        let f = g.kernel("build_batch").unwrap();
-        let a0 = s as i32;
-        let a1 = t as i32;
-        let a2 = mb as i32;
-        let a3 = bs as i32;
-        let mut l = g.stream.launch_builder(f);
-        l.arg(&st)
-            .arg(&a0)
-            .arg(&a1)
-            .arg(&a2)
-            .arg(&a3)
-            .arg(&mut tokens)
-            .arg(&mut positions)
-            .arg(&mut slots)
-            .arg(&mut seq_of_row)
-            .arg(&mut tables)
-            .arg(&mut logit_rows);
-        unsafe { l.launch(cfg(n.div_ceil(256), 256)) }.unwrap();
-        assert_eq!(down(&g, &tokens), want.tokens);
-        assert_eq!(down(&g, &positions), want.positions);
-        assert_eq!(down(&g, &slots), want.slot_mapping);
-        assert_eq!(down(&g, &seq_of_row), want.seq_of_row);
-        assert_eq!(down(&g, &tables), want.block_tables);
-        assert_eq!(down(&g, &logit_rows), want.logit_rows, "{seqs} sequences");
+        let args = [
+            st.arg(),
+            i(s),
+            i(t),
+            i(mb),
+            i(bs),
+            tokens.arg(),
+            positions.arg(),
+            slots.arg(),
+            seq_of_row.arg(),
+            tables.arg(),
+            logit_rows.arg(),
+        ];
+        g.launch("build_batch", cfg(n.div_ceil(256), 256), &args)
+            .unwrap();
+        let what = g.describe();
+        assert_eq!(down(g, &tokens), want.tokens, "{what}");
+        assert_eq!(down(g, &positions), want.positions, "{what}");
+        assert_eq!(down(g, &slots), want.slot_mapping, "{what}");
+        assert_eq!(down(g, &seq_of_row), want.seq_of_row, "{what}");
+        assert_eq!(down(g, &tables), want.block_tables, "{what}");
+        assert_eq!(
+            down(g, &logit_rows),
+            want.logit_rows,
+            "{what}: {seqs} sequences"
+        );
     }
 }
 
 #[test]
 fn embed_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(embed_case);
+}
+
+fn embed_case<E: Exec>(g: &E) {
     let mut rng = Rng(2);
     let (vocab, dim, t) = (5000, 576, 300);
     let table: Vec<f16> = rng
@@ -161,18 +175,20 @@ fn embed_matches_its_twin() {
         .collect();
     let toks: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
     let want = twins::embed(&table, &toks, dim);
-    let (td, tk) = (up(&g, &table), up(&g, &toks));
-    let mut x = up(&g, &vec![f32::NAN; t * dim]);
-    let a0 = dim as i32;
-    let mut l = g.stream.launch_builder(g.kernel("embed").unwrap());
-    l.arg(&td).arg(&tk).arg(&mut x).arg(&a0);
-    unsafe { l.launch(cfg(t as u32, 256)) }.unwrap();
-    assert_eq!(down(&g, &x), want);
+    let (td, tk) = (up(g, &table), up(g, &toks));
+    let x = up(g, &vec![f32::NAN; t * dim]);
+    let args = [td.arg(), tk.arg(), x.arg(), i(dim)];
+    g.launch("embed", cfg(t as u32, 256), &args).unwrap();
+    assert_eq!(down(g, &x), want, "{}", g.describe());
 }
 
 #[test]
 fn add_rmsnorm_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(add_rmsnorm_case);
+}
+
+fn add_rmsnorm_case<E: Exec>(g: &E) {
+    let what = g.describe();
     let mut rng = Rng(3);
     let (t, dim, eps) = (257, 576, 1e-5f32);
     let x0 = rng.vec(t * dim, 3.0);
@@ -180,42 +196,43 @@ fn add_rmsnorm_matches_its_twin() {
     let w = rng.vec(dim, 1.0);
     let mut xw = x0.clone();
     let want = twins::add_rmsnorm(&mut xw, Some(&delta), &w, None, dim, eps);
-    let mut xd = up(&g, &x0);
-    let (dd, wd) = (up(&g, &delta), up(&g, &w));
-    let mut out = up(&g, &nan16(t * dim));
-    let a0 = dim as i32;
-    let mut l = g.stream.launch_builder(g.kernel("add_rmsnorm").unwrap());
-    l.arg(&mut xd)
-        .arg(&dd)
-        .arg(&wd)
-        .arg(&mut out)
-        .arg(&0u64)
-        .arg(&a0)
-        .arg(&eps);
-    unsafe { l.launch(cfg(t as u32, 256)) }.unwrap();
-    assert!(rel(&down(&g, &xd), &xw) < 1e-6, "residual add");
-    let e = rel(&f32s(&down(&g, &out)), &f32s(&want));
-    assert!(e < 2e-3, "normalized rows: {e}");
+    let xd = up(g, &x0);
+    let (dd, wd) = (up(g, &delta), up(g, &w));
+    let out = up(g, &nan16(t * dim));
+    let args = [
+        xd.arg(),
+        dd.arg(),
+        wd.arg(),
+        out.arg(),
+        Arg::Null,
+        i(dim),
+        Arg::F32(eps),
+    ];
+    g.launch("add_rmsnorm", cfg(t as u32, 256), &args).unwrap();
+    assert!(rel(&down(g, &xd), &xw) < 1e-6, "{what}: residual add");
+    let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+    assert!(e < 2e-3, "{what}: normalized rows: {e}");
     // Selected rows with the add (the logits path), with an unused −1 entry.
     let rows = vec![5i32, 0, 256, -1];
     let want = twins::add_rmsnorm(&mut xw, Some(&delta), &w, Some(&rows), dim, eps);
-    let rd = up(&g, &rows);
-    let mut out = up(&g, &nan16(rows.len() * dim));
-    let a0 = dim as i32;
-    let mut l = g.stream.launch_builder(g.kernel("add_rmsnorm").unwrap());
-    l.arg(&mut xd)
-        .arg(&dd)
-        .arg(&wd)
-        .arg(&mut out)
-        .arg(&rd)
-        .arg(&a0)
-        .arg(&eps);
-    unsafe { l.launch(cfg(rows.len() as u32, 256)) }.unwrap();
-    let e = rel(&f32s(&down(&g, &out)), &f32s(&want));
-    assert!(e < 2e-3, "selected rows: {e}");
+    let rd = up(g, &rows);
+    let out = up(g, &nan16(rows.len() * dim));
+    let args = [
+        xd.arg(),
+        dd.arg(),
+        wd.arg(),
+        out.arg(),
+        rd.arg(),
+        i(dim),
+        Arg::F32(eps),
+    ];
+    g.launch("add_rmsnorm", cfg(rows.len() as u32, 256), &args)
+        .unwrap();
+    let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+    assert!(e < 2e-3, "{what}: selected rows: {e}");
     assert!(
-        rel(&down(&g, &xd), &xw) < 1e-6,
-        "residual add of the selected rows"
+        rel(&down(g, &xd), &xw) < 1e-6,
+        "{what}: residual add of the selected rows"
     );
 }
 
@@ -227,16 +244,23 @@ struct Cache {
     stride: usize,
 }
 
+/// The device's rotated rows, key cache and value cache.
+type Written<E> = (
+    <E as Exec>::Buf<f32>,
+    <E as Exec>::Buf<f16>,
+    <E as Exec>::Buf<f16>,
+);
+
 /// A random batch's QKV rows through `rope_kv_write` into a cache filled with arbitrary
-/// values, on both sides; returns the twin's cache and rows and the GPU's.
-fn rope_kv(
-    g: &Gpu,
+/// values, on both sides; returns the twin's cache and rows and the device's.
+fn rope_kv<E: Exec>(
+    g: &E,
     c: &LlamaConfig,
     b: &Batch,
     bs: usize,
     n_blocks: usize,
     rng: &mut Rng,
-) -> (Cache, CudaSlice<f32>, CudaSlice<f16>, CudaSlice<f16>) {
+) -> (Cache, Written<E>) {
     let t = b.tokens.len();
     let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
     // A row stride wider than q|k|v, as a guard that the kernel follows it.
@@ -254,8 +278,7 @@ fn rope_kv(
     // Slots no row writes hold arbitrary (finite) values on both sides.
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
     let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
-    let mut qg = qg;
-    let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+    let (kc, vc) = (up(g, &fill), up(g, &fill));
     let mut cache_k = fill.clone();
     let mut cache_v = fill;
     twins::rope_kv_write(
@@ -269,69 +292,76 @@ fn rope_kv(
         bs,
     );
     let n_threads = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
-    let (a0, a1, a2, a3, a4, a5) = (
-        stride as i32,
-        t as i32,
-        c.n_heads as i32,
-        c.n_kv_heads as i32,
-        c.head_dim as i32,
-        bs as i32,
-    );
-    let mut l = g.stream.launch_builder(g.kernel("rope_kv_write").unwrap());
-    l.arg(&mut qg)
-        .arg(&a0)
-        .arg(&pd)
-        .arg(&sm)
-        .arg(&mut kc)
-        .arg(&mut vc)
-        .arg(&a1)
-        .arg(&a2)
-        .arg(&a3)
-        .arg(&a4)
-        .arg(&a5)
-        .arg(&c.rope_base);
-    unsafe { l.launch(cfg(n_threads.div_ceil(256), 256)) }.unwrap();
+    let args = [
+        qg.arg(),
+        i(stride),
+        pd.arg(),
+        sm.arg(),
+        kc.arg(),
+        vc.arg(),
+        i(t),
+        i(c.n_heads),
+        i(c.n_kv_heads),
+        i(c.head_dim),
+        i(bs),
+        Arg::F32(c.rope_base),
+    ];
+    g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)
+        .unwrap();
     let cache = Cache {
         k: cache_k,
         v: cache_v,
         qkv,
         stride,
     };
-    (cache, qg, kc, vc)
+    (cache, (qg, kc, vc))
 }
 
 #[test]
 fn rope_kv_write_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(rope_case);
+}
+
+fn rope_case<E: Exec>(g: &E) {
+    let what = g.describe();
     let mut rng = Rng(4);
     let c = smol();
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    let (want, qg, kc, vc) = rope_kv(&g, &c, &b, 16, 1024, &mut rng);
+    let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng);
     // Angles of hundreds of radians: float argument reduction differs in the last bits.
-    assert!(rel(&down(&g, &qg), &want.qkv) < 1e-3, "rotated rows");
+    assert!(rel(&down(g, &qg), &want.qkv) < 1e-3, "{what}: rotated rows");
     let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
-    assert!(close(&down(&g, &kc), &want.k) < 2e-3, "keys in the cache");
-    assert_eq!(down(&g, &vc), want.v, "values in the cache");
+    assert!(
+        close(&down(g, &kc), &want.k) < 2e-3,
+        "{what}: keys in the cache"
+    );
+    assert_eq!(down(g, &vc), want.v, "{what}: values in the cache");
 }
 
 #[test]
 fn attention_prefill_and_decode_match_their_twin() {
-    let Some(general) = gpu() else { return };
     // The general build with 4 warps per block (and a 16-warp launch, whose extra warps it
     // must leave idle), and the build the backend loads for SmolLM2 with 4 and 16 warps.
-    let fitted = Gpu::open_for(0, &smol()).unwrap();
-    for (g, threads) in [
-        (&general, 128u32),
-        (&general, 512),
-        (&fitted, 128),
-        (&fitted, 512),
-    ] {
-        attention_case(g, threads);
+    if let (Some(general), Some(fitted)) = (emu(), emu_for(&smol())) {
+        for (g, threads) in [(&general, 128u32), (&general, 512)] {
+            attention_case(g, threads);
+        }
+        for threads in [128u32, 512] {
+            attention_case(&fitted, threads);
+        }
+    }
+    if let (Some(general), Some(fitted)) = (gpu(), gpu_for(&smol())) {
+        for (g, threads) in [(&general, 128u32), (&general, 512)] {
+            attention_case(g, threads);
+        }
+        for threads in [128u32, 512] {
+            attention_case(&fitted, threads);
+        }
     }
 }
 
-fn attention_case(g: &Gpu, threads: u32) {
+fn attention_case<E: Exec>(g: &E, threads: u32) {
     let mut rng = Rng(6);
     let c = smol();
     let (bs, n_blocks) = (16, 1024);
@@ -343,7 +373,7 @@ fn attention_case(g: &Gpu, threads: u32) {
         } else {
             random_batch(&mut rng, 9, 60, bs, max_blocks)
         };
-        let (cache, _, kc, vc) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng);
+        let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng);
         let t = b.tokens.len();
         let inp = twins::build_batch(
             &twins::stage(&b, max_blocks),
@@ -371,57 +401,60 @@ fn attention_case(g: &Gpu, threads: u32) {
             up(g, &inp.seq_of_row),
             up(g, &inp.positions),
         );
-        let mut out = up(g, &nan16(t * c.n_heads * c.head_dim));
-        let stride = cache.stride as i32;
-        let a0 = max_blocks as i32;
-        let a1 = c.n_heads as i32;
-        let a2 = c.n_kv_heads as i32;
-        let a3 = c.head_dim as i32;
-        let a4 = bs as i32;
-        let mut l = g.stream.launch_builder(g.kernel(name).unwrap());
-        l.arg(&qd).arg(&stride).arg(&kc).arg(&vc).arg(&tb);
+        let out = up(g, &nan16(t * c.n_heads * c.head_dim));
+        let mut args = vec![qd.arg(), i(cache.stride), kc.arg(), vc.arg(), tb.arg()];
         if !decode {
-            l.arg(&sr);
+            args.push(sr.arg());
         }
-        l.arg(&pd)
-            .arg(&mut out)
-            .arg(&a0)
-            .arg(&a1)
-            .arg(&a2)
-            .arg(&a3)
-            .arg(&a4)
-            .arg(&scale);
+        args.extend([
+            pd.arg(),
+            out.arg(),
+            i(max_blocks),
+            i(c.n_heads),
+            i(c.n_kv_heads),
+            i(c.head_dim),
+            i(bs),
+            Arg::F32(scale),
+        ]);
         let launch = LaunchConfig {
             grid_dim: (t as u32, c.n_kv_heads as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { l.launch(launch) }.unwrap();
+        g.launch(name, launch, &args).unwrap();
         let e = rel(&f32s(&down(g, &out)), &f32s(&want));
-        assert!(e < 3e-3, "{name}, {threads} threads: {e}");
+        assert!(e < 3e-3, "{}: {name}, {threads} threads: {e}", g.describe());
     }
 }
 
 #[test]
 fn swiglu_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(swiglu_case);
+}
+
+fn swiglu_case<E: Exec>(g: &E) {
     let mut rng = Rng(7);
     let (t, ffn) = (100, 1536);
     let gu = rng.vec(t * 2 * ffn, 4.0);
     let want = twins::swiglu(&gu, t, ffn);
-    let gd = up(&g, &gu);
-    let mut out = up(&g, &nan16(t * ffn));
-    let a0 = t as i32;
-    let a1 = ffn as i32;
-    let mut l = g.stream.launch_builder(g.kernel("swiglu").unwrap());
-    l.arg(&gd).arg(&mut out).arg(&a0).arg(&a1);
-    unsafe { l.launch(cfg(((t * ffn) as u32).div_ceil(256), 256)) }.unwrap();
-    assert!(rel(&f32s(&down(&g, &out)), &f32s(&want)) < 2e-3);
+    let gd = up(g, &gu);
+    let out = up(g, &nan16(t * ffn));
+    let args = [gd.arg(), out.arg(), i(t), i(ffn)];
+    g.launch("swiglu", cfg(((t * ffn) as u32).div_ceil(256), 256), &args)
+        .unwrap();
+    assert!(
+        rel(&f32s(&down(g, &out)), &f32s(&want)) < 2e-3,
+        "{}",
+        g.describe()
+    );
 }
 
 #[test]
 fn sampling_matches_its_twin() {
-    let Some(g) = gpu() else { return };
+    on_each!(sampling_case);
+}
+
+fn sampling_case<E: Exec>(g: &E) {
     let mut rng = Rng(8);
     let (s, vocab) = (64, 49152);
     let logits = rng.vec(s * vocab, 8.0);
@@ -441,34 +474,33 @@ fn sampling_matches_its_twin() {
     let want: Vec<u32> = (0..s)
         .map(|i| twins::sample(&logits[i * vocab..(i + 1) * vocab], params[i]))
         .collect();
-    let ld = up(&g, &logits);
-    let temp = up(
-        &g,
-        &params.iter().map(|p| p.temperature).collect::<Vec<_>>(),
-    );
-    let topk = up(&g, &params.iter().map(|p| p.top_k).collect::<Vec<_>>());
-    let topp = up(&g, &params.iter().map(|p| p.top_p).collect::<Vec<_>>());
-    let seeds = up(&g, &params.iter().map(|p| p.seed).collect::<Vec<_>>());
-    let steps = up(&g, &params.iter().map(|p| p.step).collect::<Vec<_>>());
-    let mut out = up(&g, &vec![u32::MAX; s]);
-    let a0 = vocab as i32;
-    let mut l = g.stream.launch_builder(g.kernel("sample").unwrap());
-    l.arg(&ld)
-        .arg(&a0)
-        .arg(&temp)
-        .arg(&topk)
-        .arg(&topp)
-        .arg(&seeds)
-        .arg(&steps)
-        .arg(&mut out);
-    unsafe { l.launch(cfg(s as u32, twins::SAMPLE_THREADS as u32)) }.unwrap();
-    let got = down(&g, &out);
+    let ld = up(g, &logits);
+    let temp = up(g, &params.iter().map(|p| p.temperature).collect::<Vec<_>>());
+    let topk = up(g, &params.iter().map(|p| p.top_k).collect::<Vec<_>>());
+    let topp = up(g, &params.iter().map(|p| p.top_p).collect::<Vec<_>>());
+    let seeds = up(g, &params.iter().map(|p| p.seed).collect::<Vec<_>>());
+    let steps = up(g, &params.iter().map(|p| p.step).collect::<Vec<_>>());
+    let out = up(g, &vec![u32::MAX; s]);
+    let args = [
+        ld.arg(),
+        i(vocab),
+        temp.arg(),
+        topk.arg(),
+        topp.arg(),
+        seeds.arg(),
+        steps.arg(),
+        out.arg(),
+    ];
+    g.launch("sample", cfg(s as u32, twins::SAMPLE_THREADS as u32), &args)
+        .unwrap();
+    let got = down(g, &out);
+    let what = g.describe();
     for i in (0..s).step_by(4) {
-        assert_eq!(got[i], want[i], "greedy row {i}");
+        assert_eq!(got[i], want[i], "{what}: greedy row {i}");
     }
     // Sums in another order may move a draw that lands within ~1e-6 of a boundary.
     let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    assert!(same >= s - 1, "{same}/{s} sampled tokens agree");
+    assert!(same >= s - 1, "{what}: {same}/{s} sampled tokens agree");
 }
 
 #[test]

@@ -15,10 +15,12 @@
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence.
 
+use super::device::Gpu;
 use super::device::GpuError;
+use super::exec::ExecError;
 use super::staging::{self, Layout};
+use super::step::Device;
 pub use super::step::KvCapacity;
-use super::step::{Device, RunError};
 use super::twins::{SampleParams, TwinModel};
 use crate::backend::Backend;
 use crate::forward::{Batch, Model, StepError};
@@ -43,7 +45,7 @@ unsafe impl Send for Graph {}
 
 /// The CUDA backend.
 pub struct CudaBackend {
-    dev: Device,
+    dev: Device<Gpu>,
     /// Host side of the staging buffer (page-locked, write-combined).
     pinned: PinnedHostSlice<u32>,
     graphs: Vec<Graph>,
@@ -55,16 +57,16 @@ pub struct CudaBackend {
 }
 
 /// Reads a step's first rows back from the device: logits, or sampled tokens.
-type Read<T> = fn(&Device, usize) -> Result<Vec<T>, RunError>;
+type Read<T> = fn(&Device<Gpu>, usize) -> Result<Vec<T>, ExecError>;
 
-fn logits(dev: &Device, rows: usize) -> Result<Vec<f32>, RunError> {
+fn logits(dev: &Device<Gpu>, rows: usize) -> Result<Vec<f32>, ExecError> {
     let n = rows * dev.config.vocab;
-    Ok(dev.gpu.stream.memcpy_dtov(&dev.bufs.logits.slice(0..n))?)
+    Ok(dev.exec.stream.memcpy_dtov(&dev.bufs.logits.slice(0..n))?)
 }
 
-fn tokens(dev: &Device, rows: usize) -> Result<Vec<u32>, RunError> {
+fn tokens(dev: &Device<Gpu>, rows: usize) -> Result<Vec<u32>, ExecError> {
     Ok(dev
-        .gpu
+        .exec
         .stream
         .memcpy_dtov(&dev.bufs.sampled.slice(0..rows))?)
 }
@@ -96,11 +98,13 @@ impl CudaBackend {
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
-        let dev = Device::new(twin, device, block_size, kv, max_tokens, max_seqs)?;
+        let gpu = Gpu::open_for(device, &twin.config)?;
+        let dev = Device::new(gpu, twin, block_size, kv, max_tokens, max_seqs)
+            .map_err(|e| GpuError::Unavailable(e.to_string()))?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
         // SAFETY: every word a step copies is written first (`staging::write`).
-        let pinned = unsafe { dev.gpu.ctx.alloc_pinned::<u32>(cap) }?;
-        let name = format!("cuda:{device} {}", dev.gpu.describe());
+        let pinned = unsafe { dev.exec.ctx.alloc_pinned::<u32>(cap) }?;
+        let name = format!("cuda:{device} {}", dev.exec.describe());
         let mut b = Self {
             dev,
             pinned,
@@ -194,7 +198,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn capture_all(&mut self) -> Result<(), RunError> {
+    fn capture_all(&mut self) -> Result<(), ExecError> {
         let cap = self.max_seqs.min(self.max_tokens);
         let mut sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b < cap).collect();
         sizes.push(cap);
@@ -208,8 +212,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn capture(&mut self, bucket: usize) -> Result<CudaGraph, RunError> {
-        let s = self.dev.gpu.stream.clone();
+    fn capture(&mut self, bucket: usize) -> Result<CudaGraph, ExecError> {
+        let s = self.dev.exec.stream.clone();
         let lay = Layout::new(bucket, bucket, self.dev.max_blocks);
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let enqueued = self.dev.enqueue(lay, bucket, true);
@@ -218,7 +222,7 @@ impl CudaBackend {
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
         enqueued?;
         graph?.ok_or_else(|| {
-            RunError::Gpu(GpuError::Unavailable(format!(
+            ExecError::Gpu(GpuError::Unavailable(format!(
                 "capturing the decode step for {bucket} sequences gave no graph"
             )))
         })
@@ -275,14 +279,14 @@ impl CudaBackend {
         min_rows: usize,
         graph: Option<usize>,
         params: Option<&[SampleParams]>,
-    ) -> Result<usize, RunError> {
+    ) -> Result<usize, ExecError> {
         let n = batch.seqs.len();
         let n_logits = batch.n_logits();
         let pad = match graph {
             Some(i) => self.graphs[i].bucket - n,
             None => min_rows.saturating_sub(n),
         };
-        let s = self.dev.gpu.stream.clone();
+        let s = self.dev.exec.stream.clone();
         let trash = self.dev.n_blocks as u32;
         // Waits for the previous copy out of this buffer (each step ends synchronized).
         let host = self.pinned.as_mut_slice()?;
@@ -319,7 +323,7 @@ impl CudaBackend {
         graph: Option<usize>,
         params: Option<&[SampleParams]>,
         read: Read<T>,
-    ) -> Result<Vec<T>, RunError> {
+    ) -> Result<Vec<T>, ExecError> {
         let r = self
             .launch(batch, min_rows, graph, params)
             .and_then(|rows| {
@@ -328,12 +332,12 @@ impl CudaBackend {
                 } else {
                     read(&self.dev, rows)?
                 };
-                self.dev.gpu.stream.synchronize()?;
+                self.dev.exec.stream.synchronize()?;
                 Ok(out)
             });
         if r.is_err() {
             // Leave the stream idle before the staging buffer is written again.
-            let _ = self.dev.gpu.stream.synchronize();
+            let _ = self.dev.exec.stream.synchronize();
         }
         r
     }

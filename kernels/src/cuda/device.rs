@@ -5,10 +5,20 @@
 //! cross-stream event tracking turned off (see [`Gpu::open`]).
 
 use super::compile::{self, CompileError};
+use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
 use crate::model::LlamaConfig;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    LaunchConfig, PushKernelArg,
+};
+use half::f16;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// cuBLAS workspace: set explicitly so that products captured into a graph use it rather
+/// than allocating (32 MiB, NVIDIA's advice for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -22,8 +32,11 @@ pub enum GpuError {
     NoKernel(String),
 }
 
-/// A device with the kernels loaded.
+/// A device with the kernels loaded, and a cuBLAS handle on its stream.
 pub struct Gpu {
+    // Dropped first: the handle before its workspace.
+    blas: CudaBlas,
+    _blas_workspace: CudaSlice<u8>,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub arch: &'static str,
@@ -68,7 +81,23 @@ impl Gpu {
         }
         // Not the legacy default stream: CUDA graphs cannot be captured on it.
         let stream = ctx.new_stream()?;
+        let unavailable = |e: blas::CublasError| GpuError::Unavailable(e.to_string());
+        let blas = CudaBlas::new(stream.clone()).map_err(unavailable)?;
+        let workspace: CudaSlice<u8> = stream.alloc_zeros(BLAS_WORKSPACE)?;
+        {
+            let (wp, _rw) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace outlives the handle (both fields of `Gpu`, the handle
+            // dropped first); set after `CudaBlas::new`'s cublasSetStream, which resets the
+            // workspace.
+            unsafe {
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, BLAS_WORKSPACE)
+            }
+            .result()
+            .map_err(unavailable)?;
+        }
         Ok(Self {
+            blas,
+            _blas_workspace: workspace,
             ctx,
             stream,
             arch,
@@ -104,6 +133,116 @@ impl Gpu {
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         format!("{name} ({})", self.arch)
+    }
+}
+
+impl<T: Elem> DevBuf<T> for CudaSlice<T> {
+    fn addr(&self) -> u64 {
+        self.device_ptr(self.stream()).0
+    }
+    fn elems(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Exec for Gpu {
+    type Buf<T: Elem> = CudaSlice<T>;
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>, ExecError> {
+        Ok(self.stream.alloc_zeros(n)?)
+    }
+
+    fn upload<T: Elem>(&self, v: &[T]) -> Result<CudaSlice<T>, ExecError> {
+        Ok(self.stream.memcpy_stod(v)?)
+    }
+
+    fn download<T: Elem>(&self, b: &CudaSlice<T>, n: usize) -> Result<Vec<T>, ExecError> {
+        if n > b.len() {
+            return Err(ExecError::Bounds(format!(
+                "{n} elements of a buffer of {}",
+                b.len()
+            )));
+        }
+        Ok(self.stream.memcpy_dtov(&b.slice(0..n))?)
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        const NULL: u64 = 0;
+        let mut l = self.stream.launch_builder(self.kernel(kernel)?);
+        for a in args {
+            match a {
+                Arg::Ptr { addr, .. } => l.arg(addr),
+                Arg::Null => l.arg(&NULL),
+                Arg::I32(v) => l.arg(v),
+                Arg::U32(v) => l.arg(v),
+                Arg::F32(v) => l.arg(v),
+                Arg::U64(v) => l.arg(v),
+            };
+        }
+        // SAFETY: the argument list is the kernel's (the emulator checks every launch of
+        // `step.rs` and the parity tests against the kernels' signatures), and pointers
+        // are live buffers of this device of the extents the launch implies.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        w_row0: usize,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), ExecError> {
+        check_gemm((x.len(), w.len(), y.len()), w_row0, rows, k, n)?;
+        let s = &self.stream;
+        let (xp, _rx) = x.device_ptr(s);
+        let (wp, _rw) = w.device_ptr(s);
+        let (yp, _ry) = y.device_ptr_mut(s);
+        let wp = wp + (w_row0 * k * 2) as u64;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major view: Yᵀ[n × rows] = W[k × n]ᵀ · Xᵀ[k × rows].
+        // SAFETY: the extents were just checked against the buffers, and alpha/beta are
+        // host f32s.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                blas_sys::cudaDataType::CUDA_R_16F,
+                k as i32,
+                xp as *const _,
+                blas_sys::cudaDataType::CUDA_R_16F,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
+
+    fn free_memory(&self) -> Result<usize, ExecError> {
+        self.ctx.bind_to_thread()?;
+        Ok(cudarc::driver::result::mem_get_info()?.0)
+    }
+
+    fn synchronize(&self) -> Result<(), ExecError> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    fn describe(&self) -> String {
+        Gpu::describe(self)
     }
 }
 

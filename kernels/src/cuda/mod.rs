@@ -12,6 +12,8 @@
 pub mod backend;
 pub mod compile;
 pub mod device;
+pub mod emu;
+pub mod exec;
 pub mod staging;
 mod step;
 pub mod twins;

@@ -1,0 +1,146 @@
+//! Builds the CUDA emulator (`kernels/emu/`): every kernel source in `kernels/cuda/`,
+//! compiled by the host C++ compiler against the emulator's CUDA shim, once per set of
+//! attention constants the tests use, so that the kernels' own code runs (and is checked
+//! against its CPU twins) on machines without a GPU. Sets `cfg(tollgate_emu)` when built;
+//! without a C++ compiler, or off x86-64 Linux, it warns and leaves the emulator out
+//! (`TOLLGATE_REQUIRE_EMU=1` makes that an error instead).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Emulator builds: a name and the attention kernel's `MAX_GROUP`, `MAX_DPL`,
+/// `MAX_WARPS` (the sources' general defaults; SmolLM2-135M's; the tiny synthetic model's).
+const VARIANTS: &[(&str, usize, usize, usize)] = &[
+    ("general", 8, 4, 4),
+    ("g3d2w16", 3, 2, 16),
+    ("g2d1w16", 2, 1, 16),
+];
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(tollgate_emu)");
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-changed=emu");
+    println!("cargo:rerun-if-env-changed=TOLLGATE_REQUIRE_EMU");
+    let required = std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1");
+    let skip = |why: String| {
+        if required {
+            panic!("TOLLGATE_REQUIRE_EMU=1 but the CUDA emulator cannot be built: {why}");
+        }
+        println!("cargo:warning=CUDA emulator left out: {why}");
+    };
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if arch != "x86_64" || os != "linux" {
+        return skip(format!("it runs on x86-64 Linux only (target {arch}-{os})"));
+    }
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
+    let mut sources = match kernel_sources(&root.join("cuda")) {
+        Ok(s) => s,
+        Err(e) => return skip(format!("reading kernels/cuda: {e}")),
+    };
+    // The emulator's own checks (emulator builds only).
+    let selftest = root.join("emu/selftest.cu");
+    match entries_of(&selftest) {
+        Ok(e) => sources.push((selftest, e)),
+        Err(e) => return skip(format!("reading {}: {e}", selftest.display())),
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(false)
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .include(root.join("emu"))
+        .file(root.join("emu/runtime.cpp"));
+    let mut list = String::from("#include \"emu.h\"\n");
+    for (name, group, dpl, warps) in VARIANTS {
+        let path = out.join(format!("emu_{name}.cpp"));
+        let code = variant(&root, &sources, name, *group, *dpl, *warps);
+        if let Err(e) = std::fs::write(&path, code) {
+            return skip(format!("writing {}: {e}", path.display()));
+        }
+        build.file(&path);
+        let _ = writeln!(
+            list,
+            "extern \"C\" const emu::Variant* tollgate_emu_variant_{name}();"
+        );
+    }
+    list.push_str(
+        "extern \"C\" const emu::Variant* tollgate_emu_variant(unsigned i) {\n  switch (i) {\n",
+    );
+    for (i, (name, ..)) in VARIANTS.iter().enumerate() {
+        let _ = writeln!(list, "    case {i}: return tollgate_emu_variant_{name}();");
+    }
+    list.push_str("    default: return nullptr;\n  }\n}\n");
+    let path = out.join("emu_variants.cpp");
+    if let Err(e) = std::fs::write(&path, list) {
+        return skip(format!("writing {}: {e}", path.display()));
+    }
+    build.file(&path);
+    match build.try_compile("tollgate_emu") {
+        Ok(()) => println!("cargo:rustc-cfg=tollgate_emu"),
+        Err(e) => skip(format!("the C++ compiler failed: {e}")),
+    }
+}
+
+/// Every `.cu` file (sorted) with the `extern "C" __global__` entry points it defines.
+fn kernel_sources(dir: &Path) -> std::io::Result<Vec<(PathBuf, Vec<String>)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| Ok((p.clone(), entries_of(&p)?)))
+        .collect()
+}
+
+/// The `extern "C" __global__` entry points a source defines.
+fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
+    let code = std::fs::read_to_string(path)?;
+    Ok(code
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .map(|n| n.trim().to_string())
+        .collect())
+}
+
+/// One emulator build: the constants, every entry point renamed for this build (so that
+/// builds link side by side), the shared helpers and sources, and the entry table.
+fn variant(
+    root: &Path,
+    sources: &[(PathBuf, Vec<String>)],
+    name: &str,
+    group: usize,
+    dpl: usize,
+    warps: usize,
+) -> String {
+    let mut s = String::from("// Generated by kernels/build.rs.\n#include \"emu.h\"\n");
+    let _ = writeln!(
+        s,
+        "#define MAX_GROUP {group}\n#define MAX_DPL {dpl}\n#define MAX_WARPS {warps}"
+    );
+    let entries: Vec<&String> = sources.iter().flat_map(|(_, e)| e).collect();
+    for e in &entries {
+        let _ = writeln!(s, "#define {e} {e}__{name}");
+    }
+    s.push_str("namespace {\n");
+    let _ = writeln!(s, "#include \"{}\"", root.join("cuda/common.cuh").display());
+    for (path, _) in sources {
+        let _ = writeln!(s, "#include \"{}\"", path.display());
+    }
+    s.push_str("}  // namespace\nstatic const emu::Entry ENTRIES[] = {\n");
+    for e in &entries {
+        let _ = writeln!(s, "    EMU_ENTRY({e}),");
+    }
+    let _ = writeln!(
+        s,
+        "}};\nextern \"C\" const emu::Variant* tollgate_emu_variant_{name}() {{\n  static const emu::Variant v = {{\"{name}\", {group}, {dpl}, {warps}, ENTRIES, {}}};\n  return &v;\n}}",
+        entries.len()
+    );
+    s
+}

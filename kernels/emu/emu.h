@@ -1,0 +1,225 @@
+// tollgate's CUDA emulator: what a kernel source (`kernels/cuda/*.cu`) needs from CUDA,
+// for the host C++ compiler. Included before `common.cuh` in every emulator build (see
+// `variant.cpp`); the runtime behind it is `runtime.cpp`.
+//
+// Each CUDA thread of a block is a fiber with its own stack; the block's fibers run on
+// one OS thread, each until it reaches a synchronization point (`__syncthreads`, a warp
+// shuffle) or exits, in an order shuffled per round. Shared memory is a function-local
+// `static thread_local` (one block runs at a time on a thread). Misuse that is undefined
+// on a GPU fails the launch with a message: a barrier or shuffle some threads never reach
+// (deadlock), a shuffle reading a lane that did not take part.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <type_traits>
+#include <utility>
+
+#define TOLLGATE_EMU 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static thread_local
+
+struct dim3 {
+    unsigned x, y, z;
+};
+
+namespace emu {
+
+struct Fiber {
+    void* sp;
+    dim3 tid;
+    unsigned linear;  // x + y·bx + z·bx·by: warp = linear / 32, lane = linear % 32
+    bool done;
+};
+
+struct Launch {
+    dim3 block_idx, block_dim, grid_dim;
+};
+
+extern thread_local Fiber* tl_fiber;
+extern thread_local Launch* tl_launch;
+
+void syncthreads();
+uint64_t warp_exchange(uint64_t bits, int src_lane);
+[[noreturn]] void fail(const char* why);
+
+template <class T>
+inline T exchange(T v, int src) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    bits = warp_exchange(bits, src);
+    T out;
+    memcpy(&out, &bits, sizeof(T));
+    return out;
+}
+
+inline int lane() { return (int)(tl_fiber->linear & 31u); }
+
+}  // namespace emu
+
+#define threadIdx (emu::tl_fiber->tid)
+#define blockIdx (emu::tl_launch->block_idx)
+#define blockDim (emu::tl_launch->block_dim)
+#define gridDim (emu::tl_launch->grid_dim)
+
+inline void __syncthreads() { emu::syncthreads(); }
+
+// Full-warp shuffles (the only kind the kernels use: the mask must name all 32 lanes).
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    return emu::exchange(v, emu::lane() ^ lane_mask);
+}
+
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    int l = emu::lane(), src = l - (int)delta;
+    return emu::exchange(v, src < 0 ? l : src);
+}
+
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    int l = emu::lane(), src = l + (int)delta;
+    return emu::exchange(v, src > 31 ? l : src);
+}
+
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src) {
+    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    return emu::exchange(v, src & 31);
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    memcpy(&i, &f, 4);
+    return i;
+}
+
+// f16 <-> f32 as PTX's cvt.f32.f16 and cvt.rn.f16.f32 (round to nearest even).
+typedef unsigned short half_t;
+
+inline float h2f(half_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0);  // inf, quiet NaN
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        int e = -1;
+        do {
+            ++e;
+            man <<= 1;
+        } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline half_t f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)  // inf or NaN (quiet, payload's top bits kept)
+        return (half_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
+    if (ax >= 0x477ff000u) return (half_t)(sign | 0x7c00u);  // rounds to >= 65520: inf
+    if (ax >= 0x38800000u) {  // normal half
+        uint32_t r = ax - 0x38000000u;  // rebias exponent 127 -> 15
+        uint32_t keep = r >> 13, rest = r & 0x1fffu;
+        keep += (rest > 0x1000u) || (rest == 0x1000u && (keep & 1u));
+        return (half_t)(sign | keep);
+    }
+    if (ax < 0x33000000u) return (half_t)sign;  // below half the smallest subnormal
+    // Subnormal half: shift the 24-bit significand.
+    uint32_t man = (ax & 0x7fffffu) | 0x800000u;
+    int shift = 126 - (int)(ax >> 23);  // 14 + (113 - exp)
+    uint32_t keep = man >> shift, rest = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    keep += (rest > halfway) || (rest == halfway && (keep & 1u));
+    return (half_t)(sign | keep);
+}
+
+namespace emu {
+
+// One letter per kernel parameter, for the launcher's check of a launch's arguments:
+// scalars lower case, pointers upper case (h f16, f f32, u u32, i i32, l u64, b u8).
+template <class T>
+constexpr char code() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_pointer_v<U>) {
+        constexpr char c = code<std::remove_cv_t<std::remove_pointer_t<U>>>();
+        return (char)(c - 'a' + 'A');
+    } else if constexpr (std::is_same_v<U, unsigned short>) {
+        return 'h';
+    } else if constexpr (std::is_same_v<U, float>) {
+        return 'f';
+    } else if constexpr (std::is_same_v<U, unsigned int>) {
+        return 'u';
+    } else if constexpr (std::is_same_v<U, int>) {
+        return 'i';
+    } else if constexpr (std::is_same_v<U, unsigned long long> || std::is_same_v<U, unsigned long>) {
+        return 'l';
+    } else if constexpr (std::is_same_v<U, unsigned char>) {
+        return 'b';
+    } else {
+        static_assert(sizeof(T) == 0, "kernel parameter of a type the emulator does not know");
+        return '?';
+    }
+}
+
+template <class F>
+struct Kernel;
+
+template <class... A>
+struct Kernel<void (*)(A...)> {
+    static constexpr char sig[sizeof...(A) + 1] = {code<A>()..., 0};
+
+    // Calls the kernel with its parameters read from `args` (one pointer per parameter,
+    // to its value), as cuLaunchKernel's kernelParams.
+    template <void (*F)(A...), size_t... I>
+    static void call_with(void** args, std::index_sequence<I...>) {
+        F(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+    }
+    template <void (*F)(A...)>
+    static void call(void** args) {
+        call_with<F>(args, std::index_sequence_for<A...>{});
+    }
+};
+
+struct Entry {
+    const char* name;
+    const char* sig;
+    void (*call)(void** args);
+};
+
+struct Variant {
+    const char* name;
+    unsigned max_group, max_dpl, max_warps;
+    const Entry* entries;
+    unsigned n_entries;
+};
+
+}  // namespace emu
+
+#define EMU_ENTRY(k) \
+    { #k, emu::Kernel<decltype(&k)>::sig, &emu::Kernel<decltype(&k)>::call<&k> }

@@ -1,0 +1,291 @@
+// The emulator's runtime: fibers (x86-64 context switch), the per-block scheduler with its
+// barrier and warp-exchange bookkeeping, guarded allocations, and the C entry points the
+// Rust side calls (`kernels/src/cuda/emu.rs`). See `emu.h` for what is emulated.
+#include "emu.h"
+
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <vector>
+
+namespace emu {
+
+thread_local Fiber* tl_fiber = nullptr;
+thread_local Launch* tl_launch = nullptr;
+
+namespace {
+
+extern "C" void tollgate_emu_switch(void** save_sp, void* to_sp);
+// Saves the callee-saved registers on the current stack, stores its pointer in *save_sp,
+// switches to to_sp and restores the registers saved there.
+asm(R"(
+    .text
+    .p2align 4
+    .local tollgate_emu_switch
+    .type tollgate_emu_switch, @function
+tollgate_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size tollgate_emu_switch, .-tollgate_emu_switch
+)");
+
+constexpr size_t STACK = 256 << 10;  // per fiber, with a guard page below
+constexpr unsigned MAX_THREADS = 1024;
+
+struct Warp {
+    unsigned live, count;
+    unsigned long gen;
+    uint64_t vals[2][32];
+    unsigned long stamp[2][32];
+};
+
+struct Block {
+    unsigned n, live, bar_count;
+    unsigned long bar_gen, progress;
+    Warp warps[MAX_THREADS / 32];
+    const char* error;
+    void (*call)(void**);
+    void** args;
+    void* sched_sp;
+};
+
+thread_local Block* tl_block = nullptr;
+
+struct Stacks {
+    std::vector<char*> bases;
+    ~Stacks() {
+        for (char* b : bases) munmap(b, STACK);
+    }
+    // The stack of fiber i (mapped on first use, kept for the thread's later launches).
+    char* get(unsigned i) {
+        while (bases.size() <= i) {
+            void* m = mmap(nullptr, STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) return nullptr;
+            mprotect(m, (size_t)sysconf(_SC_PAGESIZE), PROT_NONE);
+            bases.push_back((char*)m);
+        }
+        return bases[i];
+    }
+};
+thread_local Stacks tl_stacks;
+
+void yield() { tollgate_emu_switch(&tl_fiber->sp, tl_block->sched_sp); }
+
+void release_barrier(Block& b) {
+    b.bar_count = 0;
+    b.bar_gen++;
+}
+
+[[noreturn]] void fiber_main() {
+    Block& b = *tl_block;
+    b.call(b.args);
+    Fiber* f = tl_fiber;
+    f->done = true;
+    b.progress++;
+    b.live--;
+    if (b.bar_count && b.bar_count == b.live) release_barrier(b);
+    Warp& w = b.warps[f->linear / 32];
+    w.live--;
+    if (w.count && w.count == w.live) {
+        w.count = 0;
+        w.gen++;
+    }
+    tollgate_emu_switch(&f->sp, b.sched_sp);
+    __builtin_trap();  // a finished fiber is never resumed
+}
+
+// A fresh stack whose first switch "returns" into fiber_main with the stack aligned as
+// at a function's entry.
+void* fresh_sp(char* base) {
+    uintptr_t top = ((uintptr_t)(base + STACK)) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 8 * sizeof(void*));  // 16-byte aligned
+    for (int i = 0; i < 6; ++i) sp[i] = nullptr;     // r15 r14 r13 r12 rbx rbp
+    sp[6] = (void*)&fiber_main;                      // ret target
+    sp[7] = nullptr;                                 // fiber_main's "return address"
+    return sp;
+}
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        return s * 0x2545F4914F6CDD1Dull;
+    }
+};
+
+}  // namespace
+
+void syncthreads() {
+    Block& b = *tl_block;
+    unsigned long g = b.bar_gen;
+    b.progress++;
+    if (++b.bar_count == b.live) {
+        release_barrier(b);
+        return;
+    }
+    while (b.bar_gen == g) yield();
+}
+
+uint64_t warp_exchange(uint64_t bits, int src) {
+    Block& b = *tl_block;
+    Fiber* f = tl_fiber;
+    Warp& w = b.warps[f->linear / 32];
+    unsigned lane = f->linear & 31u;
+    unsigned long g = w.gen;
+    w.vals[g & 1][lane] = bits;
+    w.stamp[g & 1][lane] = g + 1;
+    b.progress++;
+    if (++w.count == w.live) {
+        w.count = 0;
+        w.gen++;
+    } else {
+        while (w.gen == g) yield();
+    }
+    if (src < 0 || src > 31 || w.stamp[g & 1][src] != g + 1)
+        fail("a warp shuffle reads a lane that did not take part in it");
+    return w.vals[g & 1][src];
+}
+
+void fail(const char* why) {
+    Block& b = *tl_block;
+    if (!b.error) b.error = why;
+    tl_fiber->done = true;  // abandoned: the launch fails, its fibers are not resumed
+    tollgate_emu_switch(&tl_fiber->sp, b.sched_sp);
+    __builtin_trap();
+}
+
+}  // namespace emu
+
+using namespace emu;
+
+extern "C" {
+
+// Runs `call(args)` as a grid of grid[0..3] blocks of block[0..3] threads. Returns 0, or
+// -1 with a message in `err`.
+int tollgate_emu_launch(void (*call)(void**), const unsigned* grid, const unsigned* block,
+                        void** args, uint64_t seed, char* err, size_t err_len) {
+    unsigned n = block[0] * block[1] * block[2];
+    auto bad = [&](const char* why) {
+        snprintf(err, err_len, "%s", why);
+        return -1;
+    };
+    if (n == 0 || n > MAX_THREADS) return bad("block size must be 1 to 1024 threads");
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return bad("empty grid");
+    if (grid[1] > 65535 || grid[2] > 65535) return bad("grid y and z must be at most 65535");
+    std::vector<Fiber> fibers(n);
+    for (unsigned i = 0; i < n; ++i)
+        if (!tl_stacks.get(i)) return bad("out of memory for fiber stacks");
+    Block* bp = new Block();
+    Block& b = *bp;
+    Launch launch;
+    launch.block_dim = {block[0], block[1], block[2]};
+    launch.grid_dim = {grid[0], grid[1], grid[2]};
+    Rng rng{seed * 0x9E3779B97F4A7C15ull + 1};
+    uint64_t total = (uint64_t)grid[0] * grid[1] * grid[2];
+    // Blocks in a rotated, possibly reversed order; threads in a fresh rotation and
+    // direction each round: results must not depend on either.
+    uint64_t b0 = rng.next() % total;
+    bool brev = rng.next() & 1;
+    int rc = 0;
+    Block* saved_block = tl_block;
+    Fiber* saved_fiber = tl_fiber;
+    Launch* saved_launch = tl_launch;
+    tl_block = bp;
+    tl_launch = &launch;
+    for (uint64_t k = 0; k < total && rc == 0; ++k) {
+        uint64_t bi = brev ? (b0 + total - k) % total : (b0 + k) % total;
+        launch.block_idx = {(unsigned)(bi % grid[0]), (unsigned)(bi / grid[0] % grid[1]),
+                            (unsigned)(bi / grid[0] / grid[1])};
+        b.n = n;
+        b.live = n;
+        b.bar_count = 0;
+        b.bar_gen = 0;
+        b.progress = 0;
+        b.error = nullptr;
+        b.call = call;
+        b.args = args;
+        for (unsigned w = 0; w * 32 < n; ++w) {
+            Warp& wp = b.warps[w];
+            wp.live = (n - w * 32) < 32 ? n - w * 32 : 32;
+            wp.count = 0;
+            wp.gen = 0;
+            memset(wp.stamp, 0, sizeof wp.stamp);
+        }
+        for (unsigned i = 0; i < n; ++i) {
+            Fiber& f = fibers[i];
+            f.linear = i;
+            f.tid = {i % block[0], i / block[0] % block[1], i / (block[0] * block[1])};
+            f.done = false;
+            f.sp = fresh_sp(tl_stacks.get(i));
+        }
+        while (b.live > 0 && !b.error) {
+            unsigned long before = b.progress;
+            unsigned start = (unsigned)(rng.next() % n);
+            bool rev = rng.next() & 1;
+            for (unsigned k2 = 0; k2 < n && !b.error; ++k2) {
+                unsigned i = rev ? (start + n - k2) % n : (start + k2) % n;
+                if (fibers[i].done) continue;
+                tl_fiber = &fibers[i];
+                tollgate_emu_switch(&b.sched_sp, fibers[i].sp);
+            }
+            if (b.error) break;
+            if (b.live > 0 && b.progress == before) {
+                snprintf(err, err_len,
+                         "deadlock in block (%u, %u, %u): %u of %u threads wait at a "
+                         "barrier or warp shuffle the others never reach",
+                         launch.block_idx.x, launch.block_idx.y, launch.block_idx.z, b.live, n);
+                rc = -1;
+                break;
+            }
+        }
+        if (b.error) {
+            snprintf(err, err_len, "block (%u, %u, %u): %s", launch.block_idx.x,
+                     launch.block_idx.y, launch.block_idx.z, b.error);
+            rc = -1;
+        }
+    }
+    tl_block = saved_block;
+    tl_fiber = saved_fiber;
+    tl_launch = saved_launch;
+    delete bp;
+    return rc;
+}
+
+// `bytes` of zeroed memory ending against an inaccessible page (so that an access past
+// the end faults), 16-byte aligned. Returns the data pointer; `*map`/`*map_len` free it.
+void* tollgate_emu_alloc(size_t bytes, void** map, size_t* map_len) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t data = (bytes + 15) & ~(size_t)15;
+    size_t len = (data + page - 1) / page * page + page;
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    char* guard = (char*)m + len - page;
+    if (mprotect(guard, page, PROT_NONE) != 0) {
+        munmap(m, len);
+        return nullptr;
+    }
+    *map = m;
+    *map_len = len;
+    return guard - data;
+}
+
+void tollgate_emu_free(void* map, size_t map_len) { munmap(map, map_len); }
+
+}  // extern "C"

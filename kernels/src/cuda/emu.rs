@@ -1,0 +1,555 @@
+//! The CUDA emulator's Rust side: [`Emu`] runs the kernel sources themselves
+//! (`kernels/cuda/*.cu`, built for the host by `build.rs` against `kernels/emu/`) on the
+//! CPU, one block at a time, each CUDA thread a fiber. It is an [`Exec`], so the parity
+//! tests and the whole step (`step.rs`) run on it where there is no GPU: what it checks is
+//! the kernels' own index arithmetic, reductions, barriers and shuffles, and the launches'
+//! grids and argument lists (count and types, against each kernel's signature).
+//!
+//! Buffers end against an inaccessible page, so a kernel writing or reading past the end
+//! of one faults. Within a block, threads run between synchronization points in an order
+//! shuffled per launch (`TOLLGATE_EMU_SEED` fixes the sequence), so a result that depends
+//! on a missing barrier changes from run to run. Math functions are the host's (`expf`,
+//! `sincosf`, …), which differ from CUDA's in the last bits.
+
+use super::device::{attention_defines, GpuError};
+use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
+use crate::model::LlamaConfig;
+use cudarc::driver::LaunchConfig;
+use half::f16;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether this build has the emulator (`build.rs` leaves it out without a C++ compiler
+/// or off x86-64 Linux), or why not.
+pub fn available() -> Result<(), String> {
+    if cfg!(tollgate_emu) {
+        Ok(())
+    } else {
+        Err("this build has no CUDA emulator (no C++ compiler, or not x86-64 Linux)".into())
+    }
+}
+
+#[cfg(tollgate_emu)]
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    #[repr(C)]
+    pub struct Entry {
+        pub name: *const c_char,
+        pub sig: *const c_char,
+        pub call: *const c_void,
+    }
+
+    #[repr(C)]
+    pub struct Variant {
+        pub name: *const c_char,
+        pub max_group: u32,
+        pub max_dpl: u32,
+        pub max_warps: u32,
+        pub entries: *const Entry,
+        pub n_entries: u32,
+    }
+
+    extern "C" {
+        pub fn tollgate_emu_variant(i: u32) -> *const Variant;
+        pub fn tollgate_emu_launch(
+            call: *const c_void,
+            grid: *const u32,
+            block: *const u32,
+            args: *mut *mut c_void,
+            seed: u64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i32;
+        pub fn tollgate_emu_alloc(
+            bytes: usize,
+            map: *mut *mut c_void,
+            map_len: *mut usize,
+        ) -> *mut c_void;
+        pub fn tollgate_emu_free(map: *mut c_void, map_len: usize);
+    }
+}
+
+/// One kernel of an emulator build.
+struct Kernel {
+    sig: Vec<u8>,
+    call: *const c_void,
+}
+
+/// The CPU emulator with one build of the kernels (one set of attention constants).
+pub struct Emu {
+    build: String,
+    kernels: HashMap<String, Kernel>,
+}
+
+// SAFETY: `call` pointers are functions of the linked emulator, callable from any thread;
+// a launch keeps all its state on the calling thread.
+unsafe impl Send for Emu {}
+unsafe impl Sync for Emu {}
+
+/// Seeds the launches' thread orders: `TOLLGATE_EMU_SEED` (default 1), then one more per
+/// launch.
+fn next_seed() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let base = std::env::var("TOLLGATE_EMU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1u64);
+    base.wrapping_add(N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Emu {
+    /// The build with the sources' general constants (any model the kernels support, with
+    /// at most 4 attention warps per block).
+    pub fn open() -> Result<Self, GpuError> {
+        Self::open_build(&[("MAX_GROUP", 8), ("MAX_DPL", 4), ("MAX_WARPS", 4)])
+    }
+
+    /// The build with `config`'s attention constants, as [`super::device::Gpu::open_for`]
+    /// compiles them, or why there is none.
+    pub fn open_for(config: &LlamaConfig) -> Result<Self, GpuError> {
+        Self::open_build(&attention_defines(config)?)
+    }
+
+    fn open_build(defines: &[(&'static str, usize)]) -> Result<Self, GpuError> {
+        available().map_err(GpuError::Unavailable)?;
+        let want = |k: &str| defines.iter().find(|d| d.0 == k).map_or(0, |d| d.1);
+        let (g, d, w) = (want("MAX_GROUP"), want("MAX_DPL"), want("MAX_WARPS"));
+        builds()
+            .into_iter()
+            .find(|b| (b.1, b.2, b.3) == (g, d, w))
+            .map(|b| Self {
+                build: b.0,
+                kernels: b.4,
+            })
+            .ok_or_else(|| {
+                GpuError::Unavailable(format!(
+                    "no emulator build for MAX_GROUP={g} MAX_DPL={d} MAX_WARPS={w} \
+                     (add it to VARIANTS in kernels/build.rs)"
+                ))
+            })
+    }
+
+    /// The kernels of this build, by name, with their signatures (one letter per
+    /// parameter: scalars lower case, pointers upper case).
+    pub fn signatures(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .kernels
+            .iter()
+            .map(|(n, k)| (n.clone(), String::from_utf8_lossy(&k.sig).into_owned()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+type Build = (String, usize, usize, usize, HashMap<String, Kernel>);
+
+#[cfg(tollgate_emu)]
+fn builds() -> Vec<Build> {
+    let text = |p: *const c_char| {
+        // SAFETY: the emulator's tables hold static NUL-terminated strings.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    let mut out = Vec::new();
+    for i in 0.. {
+        // SAFETY: returns a static table, or null past the last build.
+        let v = unsafe { ffi::tollgate_emu_variant(i) };
+        if v.is_null() {
+            break;
+        }
+        // SAFETY: non-null tables are static and `entries` holds `n_entries` entries.
+        let v = unsafe { &*v };
+        let entries = unsafe { std::slice::from_raw_parts(v.entries, v.n_entries as usize) };
+        let kernels = entries
+            .iter()
+            .map(|e| {
+                let k = Kernel {
+                    sig: text(e.sig).into_bytes(),
+                    call: e.call,
+                };
+                (text(e.name), k)
+            })
+            .collect();
+        out.push((
+            text(v.name),
+            v.max_group as usize,
+            v.max_dpl as usize,
+            v.max_warps as usize,
+            kernels,
+        ));
+    }
+    out
+}
+
+#[cfg(not(tollgate_emu))]
+fn builds() -> Vec<Build> {
+    let _ = (CStr::from_bytes_with_nul(b"\0"), std::ptr::null::<c_char>());
+    Vec::new()
+}
+
+/// Checks a launch's arguments against a kernel's signature.
+fn check_args(kernel: &str, sig: &[u8], args: &[Arg]) -> Result<(), ExecError> {
+    if sig.len() != args.len() {
+        return Err(ExecError::Emu(format!(
+            "{kernel} takes {} arguments, the launch passes {}",
+            sig.len(),
+            args.len()
+        )));
+    }
+    for (i, (&want, a)) in sig.iter().zip(args).enumerate() {
+        let ok = match *a {
+            Arg::Ptr { elem, .. } => want == elem.to_ascii_uppercase(),
+            Arg::Null => want.is_ascii_uppercase(),
+            Arg::I32(_) => want == b'i',
+            Arg::U32(_) => want == b'u',
+            Arg::F32(_) => want == b'f',
+            Arg::U64(_) => want == b'l',
+        };
+        if !ok {
+            return Err(ExecError::Emu(format!(
+                "{kernel} argument {i}: the kernel takes `{}`, the launch passes {a:?} \
+                 (signature {})",
+                want as char,
+                String::from_utf8_lossy(sig)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An emulator buffer: host memory ending against an inaccessible page.
+pub struct EmuBuf<T> {
+    ptr: *mut T,
+    len: usize,
+    map: *mut c_void,
+    map_len: usize,
+}
+
+// SAFETY: the buffer owns its mapping; access goes through `&self`/`&mut self` or kernel
+// launches, which run on the launching thread.
+unsafe impl<T: Send> Send for EmuBuf<T> {}
+unsafe impl<T: Sync> Sync for EmuBuf<T> {}
+
+impl<T> Drop for EmuBuf<T> {
+    fn drop(&mut self) {
+        #[cfg(tollgate_emu)]
+        // SAFETY: `map`/`map_len` are the mapping `tollgate_emu_alloc` made for this buffer.
+        unsafe {
+            ffi::tollgate_emu_free(self.map, self.map_len)
+        };
+    }
+}
+
+impl<T: Elem> DevBuf<T> for EmuBuf<T> {
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    fn elems(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T> EmuBuf<T> {
+    fn as_slice(&self) -> &[T] {
+        // SAFETY: `ptr` holds `len` initialized (zeroed or written) elements.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as above, and `&mut self` is the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Exec for Emu {
+    type Buf<T: Elem> = EmuBuf<T>;
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<EmuBuf<T>, ExecError> {
+        #[cfg(tollgate_emu)]
+        {
+            let (mut map, mut map_len) = (std::ptr::null_mut(), 0usize);
+            let bytes = n * std::mem::size_of::<T>();
+            // SAFETY: plain allocation; the result is checked for null.
+            let ptr = unsafe { ffi::tollgate_emu_alloc(bytes, &mut map, &mut map_len) };
+            if ptr.is_null() {
+                return Err(ExecError::Emu(format!("cannot allocate {bytes} bytes")));
+            }
+            Ok(EmuBuf {
+                ptr: ptr.cast(),
+                len: n,
+                map,
+                map_len,
+            })
+        }
+        #[cfg(not(tollgate_emu))]
+        {
+            let _ = n;
+            Err(ExecError::Emu(available().unwrap_err()))
+        }
+    }
+
+    fn upload<T: Elem>(&self, v: &[T]) -> Result<EmuBuf<T>, ExecError> {
+        let mut b = self.zeros(v.len())?;
+        b.as_mut_slice().copy_from_slice(v);
+        Ok(b)
+    }
+
+    fn download<T: Elem>(&self, b: &EmuBuf<T>, n: usize) -> Result<Vec<T>, ExecError> {
+        b.as_slice()
+            .get(..n)
+            .map(<[T]>::to_vec)
+            .ok_or_else(|| ExecError::Bounds(format!("{n} elements of a buffer of {}", b.len)))
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        let k = self
+            .kernels
+            .get(kernel)
+            .ok_or_else(|| ExecError::Gpu(GpuError::NoKernel(kernel.to_string())))?;
+        check_args(kernel, &k.sig, args)?;
+        if cfg.shared_mem_bytes != 0 {
+            return Err(ExecError::Emu(
+                "dynamic shared memory is not emulated (no kernel uses it)".into(),
+            ));
+        }
+        // Each argument's value in its own 8-byte slot, as cuLaunchKernel's kernelParams.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr { addr, .. } => addr,
+                Arg::Null => 0,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::U32(v) => v as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+                Arg::U64(v) => v,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> =
+            slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+        let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
+        let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
+        let mut err = [0 as c_char; 512];
+        #[cfg(tollgate_emu)]
+        // SAFETY: `call` is this build's launcher for `kernel`, whose parameter list the
+        // arguments were just checked against; pointer arguments are the caller's buffers
+        // (as on a GPU, the kernel trusts the extents it is given).
+        let rc = unsafe {
+            ffi::tollgate_emu_launch(
+                k.call,
+                grid.as_ptr(),
+                block.as_ptr(),
+                params.as_mut_ptr(),
+                next_seed(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        #[cfg(not(tollgate_emu))]
+        let rc = {
+            let _ = (&mut params, grid, block, next_seed());
+            -1
+        };
+        if rc != 0 {
+            // SAFETY: the runtime wrote a NUL-terminated message into `err`.
+            let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            return Err(ExecError::Emu(format!("{kernel}: {why}")));
+        }
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        x: &EmuBuf<f16>,
+        w: &EmuBuf<f16>,
+        w_row0: usize,
+        y: &mut EmuBuf<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), ExecError> {
+        check_gemm((x.len, w.len, y.len), w_row0, rows, k, n)?;
+        let out = super::twins::gemm(
+            &x.as_slice()[..rows * k],
+            &w.as_slice()[w_row0 * k..(w_row0 + n) * k],
+            rows,
+            k,
+            n,
+        );
+        y.as_mut_slice()[..rows * n].copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn free_memory(&self) -> Result<usize, ExecError> {
+        Err(ExecError::Emu(
+            "sizing the KV cache from free memory is for GPUs; give a number of blocks".into(),
+        ))
+    }
+
+    fn synchronize(&self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("CUDA emulator ({} build)", self.build)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn emu() -> Option<Emu> {
+        match Emu::open() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn every_build_has_every_kernel_of_the_sources() {
+        let Some(_) = emu() else { return };
+        let names: Vec<&str> = super::super::SOURCES
+            .iter()
+            .flat_map(|s| s.entries.iter().copied())
+            .collect();
+        for b in builds() {
+            for n in &names {
+                assert!(b.4.contains_key(*n), "build {} lacks {n}", b.0);
+            }
+        }
+        let smol = LlamaConfig::smollm2_135m();
+        assert!(Emu::open_for(&smol).is_ok());
+        let odd = LlamaConfig {
+            n_heads: 12,
+            n_kv_heads: 3,
+            ..smol
+        };
+        let e = Emu::open_for(&odd).err().expect("no build for groups of 4");
+        assert!(e.to_string().contains("MAX_GROUP=4"), "{e}");
+    }
+
+    #[test]
+    fn blocks_and_threads_get_their_indices_and_meet_at_barriers() {
+        let Some(e) = emu() else { return };
+        let (grid, block) = ((3, 2, 2), (8, 4, 2));
+        let n = 8 * 4 * 2;
+        let out = e.upload(&vec![u32::MAX; 12 * n]).unwrap();
+        e.launch("emu_selftest_ids", cfg(grid, block), &[out.arg()])
+            .unwrap();
+        let got = e.download(&out, 12 * n).unwrap();
+        for bz in 0..2u32 {
+            for by in 0..2u32 {
+                for bx in 0..3u32 {
+                    for tz in 0..2u32 {
+                        for ty in 0..4u32 {
+                            for tx in 0..8u32 {
+                                let b = bx + 3 * (by + 2 * bz);
+                                let t = tx + 8 * (ty + 4 * tz);
+                                let want = (bz << 28)
+                                    | (by << 24)
+                                    | (bx << 16)
+                                    | (tz << 12)
+                                    | (ty << 8)
+                                    | t;
+                                assert_eq!(got[(b * n as u32 + t) as usize], want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn warp_shuffles_add_up_each_warp() {
+        let Some(e) = emu() else { return };
+        let input: Vec<f32> = (0..128).map(|i| (i % 37) as f32 * 0.5).collect();
+        let (a, out) = (e.upload(&input).unwrap(), e.zeros::<f32>(128).unwrap());
+        e.launch(
+            "emu_selftest_warp_sum",
+            cfg((2, 1, 1), (64, 1, 1)),
+            &[a.arg(), out.arg()],
+        )
+        .unwrap();
+        let got = e.download(&out, 128).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let w = i / 32 * 32;
+            let want: f32 = input[w..w + 32].iter().sum();
+            assert_eq!(*g, want, "thread {i}");
+        }
+    }
+
+    #[test]
+    fn misuse_fails_the_launch_with_a_reason() {
+        let Some(e) = emu() else { return };
+        let out = e.zeros::<f32>(64).unwrap();
+        let err = e
+            .launch(
+                "emu_selftest_deadlock",
+                cfg((1, 1, 1), (64, 1, 1)),
+                &[out.arg()],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("deadlock"), "{err}");
+        let err = e
+            .launch(
+                "emu_selftest_exited_lane",
+                cfg((1, 1, 1), (32, 1, 1)),
+                &[out.arg()],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not take part"), "{err}");
+        // Arguments are checked before anything runs.
+        let err = e
+            .launch("embed", cfg((1, 1, 1), (32, 1, 1)), &[out.arg()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("takes 4 arguments"), "{err}");
+        let err = e
+            .launch("no_such_kernel", cfg((1, 1, 1), (32, 1, 1)), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no_such_kernel"), "{err}");
+        let ids = e.zeros::<u32>(2048).unwrap();
+        let err = e
+            .launch(
+                "emu_selftest_ids",
+                cfg((1, 1, 1), (2048, 1, 1)),
+                &[ids.arg()],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1 to 1024"), "{err}");
+        // The emulator still works after failed launches.
+        blocks_and_threads_get_their_indices_and_meet_at_barriers();
+    }
+
+    #[test]
+    fn arguments_are_checked_against_the_signature() {
+        let sig = b"FiH";
+        let p = |elem| Arg::Ptr { addr: 8, elem };
+        assert!(check_args("k", sig, &[p(b'f'), Arg::I32(1), p(b'h')]).is_ok());
+        assert!(check_args("k", sig, &[p(b'f'), Arg::I32(1), Arg::Null]).is_ok());
+        let e = check_args("k", sig, &[p(b'f'), Arg::I32(1)]).unwrap_err();
+        assert!(e.to_string().contains("takes 3 arguments"), "{e}");
+        let e = check_args("k", sig, &[p(b'h'), Arg::I32(1), p(b'h')]).unwrap_err();
+        assert!(e.to_string().contains("argument 0"), "{e}");
+        let e = check_args("k", sig, &[p(b'f'), Arg::F32(1.0), p(b'h')]).unwrap_err();
+        assert!(e.to_string().contains("argument 1"), "{e}");
+        assert!(check_args("k", b"i", &[Arg::Null]).is_err());
+    }
+}

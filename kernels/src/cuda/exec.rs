@@ -1,0 +1,150 @@
+//! Where the kernels run: a GPU through cudarc ([`super::device::Gpu`]) or the CPU
+//! emulator ([`super::emu::Emu`]), behind one interface: device buffers, a kernel launched
+//! by name with its arguments, and the f16 matrix product. The step's device work
+//! (`step.rs`) and the parity tests are written once against it, so the emulator runs the
+//! same launches, with the same grids and argument lists, as the GPU.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use half::f16;
+use std::ops::Range;
+
+/// An element type of device buffers, with its letter in the emulator's kernel
+/// signatures (f16 `h`, f32 `f`, u32 `u`, i32 `i`, u64 `l`, u8 `b`).
+pub trait Elem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static
+{
+    const CODE: u8;
+}
+
+macro_rules! elem {
+    ($($t:ty => $c:literal),*) => { $(impl Elem for $t { const CODE: u8 = $c; })* };
+}
+elem!(f16 => b'h', f32 => b'f', u32 => b'u', i32 => b'i', u64 => b'l', u8 => b'b');
+
+/// One kernel argument, as the kernels take them: a device address (with its element
+/// type) or a scalar.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    Ptr {
+        addr: u64,
+        elem: u8,
+    },
+    /// A null pointer (the kernels' optional inputs).
+    Null,
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    U64(u64),
+}
+
+/// A device buffer of `T`s.
+pub trait DevBuf<T: Elem> {
+    /// Its device address.
+    fn addr(&self) -> u64;
+    /// Its length in elements.
+    fn elems(&self) -> usize;
+    /// The buffer as a kernel argument.
+    fn arg(&self) -> Arg {
+        Arg::Ptr {
+            addr: self.addr(),
+            elem: T::CODE,
+        }
+    }
+    /// Elements `r` of the buffer as a kernel argument (a pointer to the first).
+    fn arg_at(&self, r: Range<usize>) -> Arg {
+        assert!(
+            r.start <= r.end && r.end <= self.elems(),
+            "{r:?} outside a buffer of {}",
+            self.elems()
+        );
+        Arg::Ptr {
+            addr: self.addr() + (r.start * std::mem::size_of::<T>()) as u64,
+            elem: T::CODE,
+        }
+    }
+    /// Elements `r` as a kernel argument pointing at `U`s: the staging buffer's words hold
+    /// the sampling parameters (f32, i32, u64), laid out for their alignment.
+    fn arg_at_as<U: Elem>(&self, r: Range<usize>) -> Arg {
+        match self.arg_at(r) {
+            Arg::Ptr { addr, .. } => {
+                debug_assert_eq!(addr % std::mem::align_of::<U>() as u64, 0);
+                Arg::Ptr {
+                    addr,
+                    elem: U::CODE,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Why a launch, copy or allocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("{0}")]
+    Gpu(#[from] super::device::GpuError),
+    /// The emulator refused a launch or a kernel failed in it.
+    #[error("emulator: {0}")]
+    Emu(String),
+    /// A launch's extents exceed its buffers.
+    #[error("{0}")]
+    Bounds(String),
+}
+
+/// A device the kernels run on. Work is in stream order: a download sees every launch
+/// before it.
+pub trait Exec {
+    type Buf<T: Elem>: DevBuf<T>;
+
+    /// A zeroed buffer of `n` elements.
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>, ExecError>;
+    /// A buffer holding `v`.
+    fn upload<T: Elem>(&self, v: &[T]) -> Result<Self::Buf<T>, ExecError>;
+    /// The first `n` elements of `b`.
+    fn download<T: Elem>(&self, b: &Self::Buf<T>, n: usize) -> Result<Vec<T>, ExecError>;
+    /// Launches `kernel` over `cfg` with `args` (enqueued on a GPU; run to completion in
+    /// the emulator).
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError>;
+    /// `y[rows × n] = x[rows × k] · w[n × k]ᵀ`, with `w` starting `w_row0` rows in: f16
+    /// inputs, f32 accumulation and output.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: &Self::Buf<f16>,
+        w: &Self::Buf<f16>,
+        w_row0: usize,
+        y: &mut Self::Buf<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), ExecError>;
+    /// Device memory free now, in bytes (to size the KV cache from what is left).
+    fn free_memory(&self) -> Result<usize, ExecError>;
+    /// Waits for all enqueued work.
+    fn synchronize(&self) -> Result<(), ExecError>;
+    /// What it is, for logs and reports.
+    fn describe(&self) -> String;
+}
+
+/// Checks a product's extents against its buffers.
+pub(super) fn check_gemm(
+    lens: (usize, usize, usize),
+    w_row0: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
+    let (x, w, y) = lens;
+    if rows * k > x || (w_row0 + n) * k > w || rows * n > y {
+        return Err(ExecError::Bounds(format!(
+            "gemm of {rows}×{k} by rows {w_row0}..{} of a {k}-wide matrix into {rows}×{n} \
+             exceeds its buffers ({x}, {w}, {y} elements)",
+            w_row0 + n
+        )));
+    }
+    Ok(())
+}
