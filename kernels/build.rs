@@ -3,7 +3,8 @@
 //! attention constants the tests use, so that the kernels' own code runs (and is checked
 //! against its CPU twins) on machines without a GPU. Sets `cfg(tollgate_emu)` when built;
 //! without a C++ compiler, or off x86-64 Linux, it warns and leaves the emulator out
-//! (`TOLLGATE_REQUIRE_EMU=1` makes that an error instead).
+//! (`TOLLGATE_REQUIRE_EMU=1` makes that an error instead; `TOLLGATE_NO_EMU=1` leaves it
+//! out on purpose, to check that path).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-env-changed=TOLLGATE_REQUIRE_EMU");
+    println!("cargo:rerun-if-env-changed=TOLLGATE_NO_EMU");
     let required = std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1");
     let skip = |why: String| {
         if required {
@@ -28,6 +30,9 @@ fn main() {
         }
         println!("cargo:warning=CUDA emulator left out: {why}");
     };
+    if std::env::var("TOLLGATE_NO_EMU").as_deref() == Ok("1") {
+        return skip("TOLLGATE_NO_EMU=1".into());
+    }
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if arch != "x86_64" || os != "linux" {

@@ -43,6 +43,8 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib
 done
 [ -x /usr/local/cuda/bin/ptxas ] && export TOLLGATE_PTXAS=${TOLLGATE_PTXAS:-/usr/local/cuda/bin/ptxas}
 export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
+# The CPU emulator runs the same tests in CI; here the device time goes to the GPU.
+export TOLLGATE_EMU=${TOLLGATE_EMU:-0}
 if [ -n "$RESULTS" ] && [ -d "$RESULTS" ]; then
   exec > >(tee "$RESULTS/gpu-check.txt") 2>&1
 fi

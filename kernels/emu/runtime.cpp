@@ -3,6 +3,7 @@
 // Rust side calls (`kernels/src/cuda/emu.rs`). See `emu.h` for what is emulated.
 #include "emu.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -130,6 +131,39 @@ struct Rng {
     }
 };
 
+// What runs now on this thread, for the fault handler's message.
+thread_local const char* tl_kernel = nullptr;
+
+// A kernel reading or writing outside its buffers faults (buffers end against an
+// inaccessible page); say which kernel, block and thread before the process dies.
+void on_fault(int sig, siginfo_t* info, void*) {
+    if (tl_kernel && tl_fiber && tl_launch) {
+        char msg[256];
+        int n = snprintf(msg, sizeof msg,
+                         "CUDA emulator: kernel %s, block (%u, %u, %u), thread (%u, %u, %u): "
+                         "invalid access at %p (outside its buffers)\n",
+                         tl_kernel, tl_launch->block_idx.x, tl_launch->block_idx.y,
+                         tl_launch->block_idx.z, tl_fiber->tid.x, tl_fiber->tid.y,
+                         tl_fiber->tid.z, info->si_addr);
+        if (n > 0) {
+            ssize_t w = write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+            (void)w;
+        }
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void install_fault_handler() {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+}
+
 }  // namespace
 
 void syncthreads() {
@@ -177,10 +211,14 @@ using namespace emu;
 
 extern "C" {
 
-// Runs `call(args)` as a grid of grid[0..3] blocks of block[0..3] threads. Returns 0, or
+// Installs the fault handler (once per process; call before any launch, from one thread).
+void tollgate_emu_init(void) { install_fault_handler(); }
+
+// Runs kernel `name`'s launcher `call(args)` as a grid of grid[0..3] blocks of block[0..3] threads. Returns 0, or
 // -1 with a message in `err`.
-int tollgate_emu_launch(void (*call)(void**), const unsigned* grid, const unsigned* block,
-                        void** args, uint64_t seed, char* err, size_t err_len) {
+int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* grid,
+                        const unsigned* block, void** args, uint64_t seed, char* err,
+                        size_t err_len) {
     unsigned n = block[0] * block[1] * block[2];
     auto bad = [&](const char* why) {
         snprintf(err, err_len, "%s", why);
@@ -209,6 +247,8 @@ int tollgate_emu_launch(void (*call)(void**), const unsigned* grid, const unsign
     Launch* saved_launch = tl_launch;
     tl_block = bp;
     tl_launch = &launch;
+    const char* saved_kernel = tl_kernel;
+    tl_kernel = name;
     for (uint64_t k = 0; k < total && rc == 0; ++k) {
         uint64_t bi = brev ? (b0 + total - k) % total : (b0 + k) % total;
         launch.block_idx = {(unsigned)(bi % grid[0]), (unsigned)(bi / grid[0] % grid[1]),
@@ -264,6 +304,7 @@ int tollgate_emu_launch(void (*call)(void**), const unsigned* grid, const unsign
     tl_block = saved_block;
     tl_fiber = saved_fiber;
     tl_launch = saved_launch;
+    tl_kernel = saved_kernel;
     delete bp;
     return rc;
 }

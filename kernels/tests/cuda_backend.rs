@@ -1,21 +1,38 @@
 //! The CUDA backend as the engine uses it, on the tiny synthetic model: decode steps
 //! replayed from CUDA graphs (padded to their bucket) give the logits of direct launches;
 //! sampling on the device gives the tokens of the `sample` rule on the CPU; the load-time
-//! self-check passes. Skips with a printed reason where there is no GPU.
+//! self-check passes.
 //!
-//! On a GPU machine: `kernels/gpu-check.sh` runs this binary.
+//! Each test runs on the CPU emulator (the same kernel sources, launches, staging copy and
+//! graph logic; a graph there replays its recorded launches with their captured arguments)
+//! and on GPU 0, skipped with a printed reason where there is none. On a GPU machine:
+//! `kernels/gpu-check.sh` runs this binary.
 
 mod common;
 
 use common::rel_err;
 use kernels::backend::Backend;
 use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::emu::Emu;
+use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
 use kernels::forward::Batch;
 
-fn backend(name: &str) -> Option<(CudaBackend, TwinModel)> {
+/// The backend on the emulator (16 sequences of up to 128 rows, buckets up to 16).
+fn on_emu(name: &str) -> Option<(CudaBackend<Emu>, TwinModel)> {
+    let model = common::tiny(name);
+    let twin = TwinModel::from_model(&model);
+    let emu = common::emu_for(&twin.config)?;
+    let what = emu.describe();
+    let b = CudaBackend::on(emu, what, &twin, 16, KvCapacity::Blocks(128), 128, 16).unwrap();
+    eprintln!("{} graphs for {:?}", b.name(), b.graph_buckets());
+    Some((b, twin))
+}
+
+/// The backend on GPU 0.
+fn on_gpu(name: &str) -> Option<(CudaBackend, TwinModel)> {
     if let Err(e) = kernels::cuda::available() {
-        eprintln!("SKIPPED: no GPU for the CUDA backend tests: {e}");
+        eprintln!("SKIPPED on a GPU: {e}");
         return None;
     }
     let model = common::tiny(name);
@@ -23,6 +40,18 @@ fn backend(name: &str) -> Option<(CudaBackend, TwinModel)> {
     let b = CudaBackend::with_capacity(&twin, 0, 16, KvCapacity::Blocks(128), 512, 64).unwrap();
     eprintln!("{} graphs for {:?}", b.name(), b.graph_buckets());
     Some((b, twin))
+}
+
+/// Runs `case` on the emulator's backend and on the GPU's, where each is present.
+macro_rules! on_each {
+    ($name:literal, $case:ident) => {{
+        if let Some((mut b, twin)) = on_emu($name) {
+            $case(&mut b, &twin);
+        }
+        if let Some((mut b, twin)) = on_gpu($name) {
+            $case(&mut b, &twin);
+        }
+    }};
 }
 
 /// `n` sequences with prompts of different lengths, each with its own 4 blocks.
@@ -56,9 +85,10 @@ fn greedy(logits: &[f32], vocab: usize) -> Vec<u32> {
 
 #[test]
 fn graph_decode_steps_match_direct_launches_for_every_padding() {
-    let Some((mut cuda, _)) = backend("graphs") else {
-        return;
-    };
+    on_each!("graphs", graphs_case);
+}
+
+fn graphs_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert!(cuda.graphs_off().is_none(), "{:?}", cuda.graphs_off());
     let vocab = cuda.config().vocab;
     // 3 and 5 sequences pad to the 4 and 8 buckets; 16 fills its bucket.
@@ -94,9 +124,10 @@ fn graph_decode_steps_match_direct_launches_for_every_padding() {
 
 #[test]
 fn sampling_on_the_device_follows_the_sample_rule() {
-    let Some((mut cuda, _)) = backend("device-sampling") else {
-        return;
-    };
+    on_each!("device-sampling", sampling_case);
+}
+
+fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert!(cuda.samples_on_device());
     let vocab = cuda.config().vocab;
     let n = 12;
@@ -148,10 +179,11 @@ fn sampling_on_the_device_follows_the_sample_rule() {
 
 #[test]
 fn the_load_time_self_check_passes() {
-    let Some((mut cuda, twin)) = backend("self-check") else {
-        return;
-    };
-    let e = cuda.self_check(&twin).unwrap();
+    on_each!("self-check", self_check_case);
+}
+
+fn self_check_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    let e = cuda.self_check(twin).unwrap();
     eprintln!("self-check relative error {e:.2e}");
     assert!(e < 2e-3);
 }

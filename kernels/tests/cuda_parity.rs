@@ -504,17 +504,37 @@ fn sampling_case<E: Exec>(g: &E) {
 }
 
 #[test]
-fn whole_model_gpu_matches_cpu_and_the_twin_chain() {
-    use kernels::backend::{Backend, CpuBackend};
-    use kernels::cuda::backend::CudaBackend;
-    if gpu().is_none() {
-        return;
-    }
+fn whole_model_matches_cpu_and_the_twin_chain() {
+    use kernels::cuda::backend::{CudaBackend, KvCapacity};
     let model = common::tiny("gpu-model");
-    let mut cuda = CudaBackend::new(&model, 0, 16, 64, 512, 16).unwrap();
-    let mut cpu = CpuBackend::new(model.clone(), 16, 64, 2).unwrap();
     let twin = twins::TwinModel::from_model(&model);
+    if let Some(e) = emu_for(&twin.config) {
+        let what = e.describe();
+        let kv = KvCapacity::Blocks(64);
+        whole_model_case(
+            &model,
+            CudaBackend::on(e, what, &twin, 16, kv, 128, 16).unwrap(),
+        );
+    }
+    if gpu().is_some() {
+        whole_model_case(
+            &model,
+            CudaBackend::new(&model, 0, 16, 64, 512, 16).unwrap(),
+        );
+    }
+}
+
+/// Greedy decoding of two prompts on `cuda`, step by step against the CPU engine (logits
+/// within 2 %, 90 % of greedy tokens equal) and the twin chain (logits within 0.2 %).
+fn whole_model_case<E: Exec>(
+    model: &std::sync::Arc<kernels::forward::Model>,
+    mut cuda: kernels::cuda::backend::CudaBackend<E>,
+) {
+    use kernels::backend::{Backend, CpuBackend};
+    let mut cpu = CpuBackend::new(model.clone(), 16, 64, 2).unwrap();
+    let twin = twins::TwinModel::from_model(model);
     let mut twin_kv = twin.kv(16, 64);
+    let what = cuda.name().to_string();
     let (agree, total) = common::greedy_compare(
         model.config.vocab,
         8,
@@ -523,13 +543,13 @@ fn whole_model_gpu_matches_cpu_and_the_twin_chain() {
             let got = cuda.step(b).unwrap();
             let chain = twin.forward(b, &mut twin_kv);
             let e = common::rel_err(&got, &chain);
-            assert!(e < 2e-3, "GPU vs the twin chain: {e}");
+            assert!(e < 2e-3, "{what} vs the twin chain: {e}");
             got
         },
         |b| cpu.step(b).unwrap(),
     );
     assert!(
         agree * 10 >= total * 9,
-        "greedy tokens agree {agree}/{total}"
+        "{what}: greedy tokens agree {agree}/{total}"
     );
 }

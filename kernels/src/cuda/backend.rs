@@ -15,9 +15,8 @@
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence.
 
-use super::device::Gpu;
-use super::device::GpuError;
-use super::exec::ExecError;
+use super::device::{Gpu, GpuError};
+use super::exec::{Exec, ExecError};
 use super::staging::{self, Layout};
 use super::step::Device;
 pub use super::step::KvCapacity;
@@ -25,30 +24,23 @@ use super::twins::{SampleParams, TwinModel};
 use crate::backend::Backend;
 use crate::forward::{Batch, Model, StepError};
 use crate::model::LlamaConfig;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, DevicePtr, PinnedHostSlice};
 
 /// Decode batch sizes that get a graph (capped at the backend's largest step).
 const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
 /// A captured decode step for `bucket` sequences.
-struct Graph {
+struct Graph<E: Exec> {
     bucket: usize,
-    graph: CudaGraph,
+    graph: E::Graph,
 }
 
-// SAFETY: a `CudaGraph` holds raw CUDA handles and is not to be used from two threads at
-// once; the backend owns its graphs and launches them only through `&mut self`, so at most
-// one thread touches a graph at any time (CUDA allows a graph to be used from any thread
-// with its context current, which cudarc makes so on every call).
-unsafe impl Send for Graph {}
-
-/// The CUDA backend.
-pub struct CudaBackend {
-    dev: Device<Gpu>,
-    /// Host side of the staging buffer (page-locked, write-combined).
-    pinned: PinnedHostSlice<u32>,
-    graphs: Vec<Graph>,
+/// The CUDA backend: on a GPU, or (for tests without one) on the CPU emulator, which runs
+/// the same kernel sources, launches and graph logic.
+pub struct CudaBackend<E: Exec = Gpu> {
+    dev: Device<E>,
+    /// Host side of the staging buffer (page-locked on a GPU).
+    pinned: E::Host,
+    graphs: Vec<Graph<E>>,
     /// Why graphs are off, when they are.
     graphs_off: Option<String>,
     max_tokens: usize,
@@ -57,21 +49,17 @@ pub struct CudaBackend {
 }
 
 /// Reads a step's first rows back from the device: logits, or sampled tokens.
-type Read<T> = fn(&Device<Gpu>, usize) -> Result<Vec<T>, ExecError>;
+type Read<E, T> = fn(&Device<E>, usize) -> Result<Vec<T>, ExecError>;
 
-fn logits(dev: &Device<Gpu>, rows: usize) -> Result<Vec<f32>, ExecError> {
-    let n = rows * dev.config.vocab;
-    Ok(dev.exec.stream.memcpy_dtov(&dev.bufs.logits.slice(0..n))?)
+fn logits<E: Exec>(dev: &Device<E>, rows: usize) -> Result<Vec<f32>, ExecError> {
+    dev.exec.download(&dev.bufs.logits, rows * dev.config.vocab)
 }
 
-fn tokens(dev: &Device<Gpu>, rows: usize) -> Result<Vec<u32>, ExecError> {
-    Ok(dev
-        .exec
-        .stream
-        .memcpy_dtov(&dev.bufs.sampled.slice(0..rows))?)
+fn tokens<E: Exec>(dev: &Device<E>, rows: usize) -> Result<Vec<u32>, ExecError> {
+    dev.exec.download(&dev.bufs.sampled, rows)
 }
 
-impl CudaBackend {
+impl CudaBackend<Gpu> {
     /// Loads `model` onto GPU `device`, with a KV cache of `n_blocks` blocks of
     /// `block_size` tokens, for steps of up to `max_tokens` rows and `max_seqs` sequences.
     pub fn new(
@@ -99,12 +87,28 @@ impl CudaBackend {
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
         let gpu = Gpu::open_for(device, &twin.config)?;
-        let dev = Device::new(gpu, twin, block_size, kv, max_tokens, max_seqs)
-            .map_err(|e| GpuError::Unavailable(e.to_string()))?;
+        let name = format!("cuda:{device} {}", gpu.describe());
+        Self::on(gpu, name, twin, block_size, kv, max_tokens, max_seqs)
+            .map_err(|e| GpuError::Unavailable(e.to_string()))
+    }
+}
+
+impl<E: Exec> CudaBackend<E> {
+    /// Loads `twin`'s weights onto `exec` (which must have the kernels built for the
+    /// model's attention shape), sized as [`CudaBackend::with_capacity`]; runs a first
+    /// step, then captures the decode graphs (unless turned off) as on a GPU.
+    pub fn on(
+        exec: E,
+        name: String,
+        twin: &TwinModel,
+        block_size: usize,
+        kv: KvCapacity,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Self, ExecError> {
+        let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
-        // SAFETY: every word a step copies is written first (`staging::write`).
-        let pinned = unsafe { dev.exec.ctx.alloc_pinned::<u32>(cap) }?;
-        let name = format!("cuda:{device} {}", dev.exec.describe());
+        let pinned = dev.exec.host(cap)?;
         let mut b = Self {
             dev,
             pinned,
@@ -117,12 +121,12 @@ impl CudaBackend {
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
         b.run(&Batch::default(), 1, None, Some(&[]), tokens)
-            .map_err(|e| GpuError::Unavailable(format!("first step on the device: {e}")))?;
+            .map_err(|e| ExecError::Emu(format!("first step on the device: {e}")))?;
         if std::env::var("TOLLGATE_CUDA_GRAPHS").as_deref() == Ok("0") {
             b.graphs_off = Some("TOLLGATE_CUDA_GRAPHS=0".into());
         } else if let Err(e) = b.capture_all() {
             let why = format!("capturing decode graphs failed ({e}); launching directly");
-            tracing::warn!(device, "{why}");
+            tracing::warn!(backend = %b.name, "{why}");
             b.graphs.clear();
             b.graphs_off = Some(why);
         }
@@ -212,20 +216,14 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn capture(&mut self, bucket: usize) -> Result<CudaGraph, ExecError> {
-        let s = self.dev.exec.stream.clone();
+    fn capture(&mut self, bucket: usize) -> Result<E::Graph, ExecError> {
         let lay = Layout::new(bucket, bucket, self.dev.max_blocks);
-        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        self.dev.exec.begin_capture()?;
         let enqueued = self.dev.enqueue(lay, bucket, true);
         // Always end the capture, so that the stream leaves capture mode.
-        let graph = s
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        let graph = self.dev.exec.end_capture();
         enqueued?;
-        graph?.ok_or_else(|| {
-            ExecError::Gpu(GpuError::Unavailable(format!(
-                "capturing the decode step for {bucket} sequences gave no graph"
-            )))
-        })
+        graph
     }
 
     fn check(&self, batch: &Batch) -> Result<(), StepError> {
@@ -286,10 +284,9 @@ impl CudaBackend {
             Some(i) => self.graphs[i].bucket - n,
             None => min_rows.saturating_sub(n),
         };
-        let s = self.dev.exec.stream.clone();
         let trash = self.dev.n_blocks as u32;
         // Waits for the previous copy out of this buffer (each step ends synchronized).
-        let host = self.pinned.as_mut_slice()?;
+        let host = self.dev.exec.host_words(&mut self.pinned)?;
         let lay = staging::write(
             host,
             batch,
@@ -298,17 +295,13 @@ impl CudaBackend {
             trash,
             params.unwrap_or_default(),
         );
-        {
-            let (dst, _sync) = self.dev.bufs.staging.device_ptr(&s);
-            // SAFETY: `dst` holds `Layout::new(max_seqs, max_tokens)` words, which bounds
-            // `lay.len`; the host side is page-locked and not written again until the
-            // stream has synchronized at the end of this step.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(dst, &host[..lay.len], s.cu_stream())
-            }?;
-        }
+        // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words, which bounds
+        // `lay.len`.
+        self.dev
+            .exec
+            .send(&self.pinned, lay.len, &mut self.dev.bufs.staging)?;
         match graph {
-            Some(i) => self.graphs[i].graph.launch()?,
+            Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
             None => self.dev.enqueue(lay, n_logits + pad, params.is_some())?,
         }
         Ok(n_logits)
@@ -322,7 +315,7 @@ impl CudaBackend {
         min_rows: usize,
         graph: Option<usize>,
         params: Option<&[SampleParams]>,
-        read: Read<T>,
+        read: Read<E, T>,
     ) -> Result<Vec<T>, ExecError> {
         let r = self
             .launch(batch, min_rows, graph, params)
@@ -332,12 +325,12 @@ impl CudaBackend {
                 } else {
                     read(&self.dev, rows)?
                 };
-                self.dev.exec.stream.synchronize()?;
+                self.dev.exec.synchronize()?;
                 Ok(out)
             });
         if r.is_err() {
             // Leave the stream idle before the staging buffer is written again.
-            let _ = self.dev.exec.stream.synchronize();
+            let _ = self.dev.exec.synchronize();
         }
         r
     }
@@ -346,7 +339,7 @@ impl CudaBackend {
         &mut self,
         batch: &Batch,
         params: Option<&[SampleParams]>,
-        read: Read<T>,
+        read: Read<E, T>,
     ) -> Result<Vec<T>, StepError> {
         self.check(batch)?;
         if let Some(p) = params {
@@ -367,7 +360,7 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl<E: Exec> Backend for CudaBackend<E> {
     fn name(&self) -> &str {
         &self.name
     }

@@ -8,9 +8,10 @@ use super::compile::{self, CompileError};
 use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
 use crate::model::LlamaConfig;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use half::f16;
 use std::collections::HashMap;
@@ -145,8 +146,70 @@ impl<T: Elem> DevBuf<T> for CudaSlice<T> {
     }
 }
 
+/// A CUDA graph of one device.
+pub struct GpuGraph(CudaGraph);
+
+// SAFETY: a `CudaGraph` holds raw CUDA handles and is not to be used from two threads at
+// once; its owner (the backend) launches it only through `&mut self`, so at most one
+// thread touches a graph at any time (CUDA allows a graph to be used from any thread with
+// its context current, which cudarc makes so on every call).
+unsafe impl Send for GpuGraph {}
+
 impl Exec for Gpu {
     type Buf<T: Elem> = CudaSlice<T>;
+    type Host = PinnedHostSlice<u32>;
+    type Graph = GpuGraph;
+
+    fn host(&self, n: usize) -> Result<PinnedHostSlice<u32>, ExecError> {
+        // SAFETY: every word a step copies is written first (`staging::write`).
+        Ok(unsafe { self.ctx.alloc_pinned::<u32>(n) }?)
+    }
+
+    fn host_words<'a>(&self, h: &'a mut PinnedHostSlice<u32>) -> Result<&'a mut [u32], ExecError> {
+        Ok(h.as_mut_slice()?)
+    }
+
+    fn send(
+        &self,
+        h: &PinnedHostSlice<u32>,
+        n: usize,
+        dst: &mut CudaSlice<u32>,
+    ) -> Result<(), ExecError> {
+        if n > dst.len() || n > h.len() {
+            return Err(ExecError::Bounds(format!(
+                "sending {n} words into {} from {}",
+                dst.len(),
+                h.len()
+            )));
+        }
+        let s = &self.stream;
+        let (dst, _sync) = dst.device_ptr_mut(s);
+        let src = h.as_slice()?;
+        // SAFETY: both sides hold at least `n` words (checked above); the host side is
+        // page-locked and its owner does not write it again before the stream has
+        // synchronized (`host_words` waits for that).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &src[..n], s.cu_stream()) }?;
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), ExecError> {
+        Ok(self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?)
+    }
+
+    fn end_capture(&self) -> Result<GpuGraph, ExecError> {
+        self.stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?
+            .map(GpuGraph)
+            .ok_or_else(|| {
+                ExecError::Gpu(GpuError::Unavailable("the capture gave no graph".into()))
+            })
+    }
+
+    fn replay(&self, g: &GpuGraph) -> Result<(), ExecError> {
+        Ok(g.0.launch()?)
+    }
 
     fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>, ExecError> {
         Ok(self.stream.alloc_zeros(n)?)

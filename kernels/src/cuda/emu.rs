@@ -19,19 +19,23 @@ use half::f16;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// Whether this build has the emulator (`build.rs` leaves it out without a C++ compiler
 /// or off x86-64 Linux), or why not.
+/// `TOLLGATE_EMU=0` turns it off (the GPU script does, to spend device time on the GPU).
 pub fn available() -> Result<(), String> {
-    if cfg!(tollgate_emu) {
-        Ok(())
-    } else {
+    if !cfg!(tollgate_emu) {
         Err("this build has no CUDA emulator (no C++ compiler, or not x86-64 Linux)".into())
+    } else if std::env::var("TOLLGATE_EMU").as_deref() == Ok("0") {
+        Err("TOLLGATE_EMU=0".into())
+    } else {
+        Ok(())
     }
 }
 
-#[cfg(tollgate_emu)]
-mod ffi {
+/// The emulator's tables (`emu::Entry`, `emu::Variant` in `kernels/emu/emu.h`).
+mod ffi_types {
     use std::ffi::{c_char, c_void};
 
     #[repr(C)]
@@ -50,10 +54,19 @@ mod ffi {
         pub entries: *const Entry,
         pub n_entries: u32,
     }
+}
+
+#[cfg(tollgate_emu)]
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    use super::ffi_types::Variant;
 
     extern "C" {
         pub fn tollgate_emu_variant(i: u32) -> *const Variant;
+        pub fn tollgate_emu_init();
         pub fn tollgate_emu_launch(
+            name: *const c_char,
             call: *const c_void,
             grid: *const u32,
             block: *const u32,
@@ -71,8 +84,48 @@ mod ffi {
     }
 }
 
+/// Without the emulator: the same entry points, reporting that nothing is built (never
+/// reached past [`available`], which every constructor checks first).
+#[cfg(not(tollgate_emu))]
+#[allow(clippy::missing_safety_doc)]
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    use super::ffi_types::Variant;
+
+    pub unsafe fn tollgate_emu_init() {}
+    pub unsafe fn tollgate_emu_variant(_: u32) -> *const Variant {
+        std::ptr::null()
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tollgate_emu_launch(
+        _: *const c_char,
+        _: *const c_void,
+        _: *const u32,
+        _: *const u32,
+        _: *mut *mut c_void,
+        _: u64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32 {
+        let msg = b"no emulator in this build\0";
+        let n = msg.len().min(err_len);
+        std::ptr::copy_nonoverlapping(msg.as_ptr().cast(), err, n);
+        if n > 0 {
+            *err.add(n - 1) = 0;
+        }
+        -1
+    }
+    pub unsafe fn tollgate_emu_alloc(_: usize, _: *mut *mut c_void, _: *mut usize) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn tollgate_emu_free(_: *mut c_void, _: usize) {}
+}
+
 /// One kernel of an emulator build.
 struct Kernel {
+    /// Its name, NUL-terminated (for the fault handler's message).
+    name: std::ffi::CString,
     sig: Vec<u8>,
     call: *const c_void,
 }
@@ -81,7 +134,35 @@ struct Kernel {
 pub struct Emu {
     build: String,
     kernels: HashMap<String, Kernel>,
+    /// The launches recorded since `begin_capture`, while capturing.
+    capturing: Mutex<Option<Vec<Recorded>>>,
 }
+
+/// One recorded launch or product of a captured graph.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    Launch {
+        kernel: String,
+        cfg: LaunchConfig,
+        args: Vec<Arg>,
+    },
+    Gemm(RawGemm),
+}
+
+/// A product by address: `y[rows × n] = x[rows × k] · w[n × k]ᵀ`.
+#[derive(Debug, Clone, Copy)]
+pub struct RawGemm {
+    x: *const f16,
+    w: *const f16,
+    y: *mut f32,
+    rows: usize,
+    k: usize,
+    n: usize,
+}
+
+// SAFETY: addresses of emulator buffers, valid on any thread while the buffers live (the
+// graph's owner keeps them, as a CUDA graph's owner keeps its device buffers).
+unsafe impl Send for RawGemm {}
 
 // SAFETY: `call` pointers are functions of the linked emulator, callable from any thread;
 // a launch keeps all its state on the calling thread.
@@ -122,6 +203,7 @@ impl Emu {
             .map(|b| Self {
                 build: b.0,
                 kernels: b.4,
+                capturing: Mutex::new(None),
             })
             .ok_or_else(|| {
                 GpuError::Unavailable(format!(
@@ -146,12 +228,14 @@ impl Emu {
 
 type Build = (String, usize, usize, usize, HashMap<String, Kernel>);
 
-#[cfg(tollgate_emu)]
 fn builds() -> Vec<Build> {
     let text = |p: *const c_char| {
         // SAFETY: the emulator's tables hold static NUL-terminated strings.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     };
+    static INIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: installs a signal handler once, before any launch.
+    INIT.call_once(|| unsafe { ffi::tollgate_emu_init() });
     let mut out = Vec::new();
     for i in 0.. {
         // SAFETY: returns a static table, or null past the last build.
@@ -166,6 +250,8 @@ fn builds() -> Vec<Build> {
             .iter()
             .map(|e| {
                 let k = Kernel {
+                    // SAFETY: a static NUL-terminated string of the emulator's table.
+                    name: unsafe { CStr::from_ptr(e.name) }.to_owned(),
                     sig: text(e.sig).into_bytes(),
                     call: e.call,
                 };
@@ -181,12 +267,6 @@ fn builds() -> Vec<Build> {
         ));
     }
     out
-}
-
-#[cfg(not(tollgate_emu))]
-fn builds() -> Vec<Build> {
-    let _ = (CStr::from_bytes_with_nul(b"\0"), std::ptr::null::<c_char>());
-    Vec::new()
 }
 
 /// Checks a launch's arguments against a kernel's signature.
@@ -234,11 +314,8 @@ unsafe impl<T: Sync> Sync for EmuBuf<T> {}
 
 impl<T> Drop for EmuBuf<T> {
     fn drop(&mut self) {
-        #[cfg(tollgate_emu)]
         // SAFETY: `map`/`map_len` are the mapping `tollgate_emu_alloc` made for this buffer.
-        unsafe {
-            ffi::tollgate_emu_free(self.map, self.map_len)
-        };
+        unsafe { ffi::tollgate_emu_free(self.map, self.map_len) };
     }
 }
 
@@ -264,29 +341,23 @@ impl<T> EmuBuf<T> {
 
 impl Exec for Emu {
     type Buf<T: Elem> = EmuBuf<T>;
+    type Host = Vec<u32>;
+    type Graph = Vec<Recorded>;
 
     fn zeros<T: Elem>(&self, n: usize) -> Result<EmuBuf<T>, ExecError> {
-        #[cfg(tollgate_emu)]
-        {
-            let (mut map, mut map_len) = (std::ptr::null_mut(), 0usize);
-            let bytes = n * std::mem::size_of::<T>();
-            // SAFETY: plain allocation; the result is checked for null.
-            let ptr = unsafe { ffi::tollgate_emu_alloc(bytes, &mut map, &mut map_len) };
-            if ptr.is_null() {
-                return Err(ExecError::Emu(format!("cannot allocate {bytes} bytes")));
-            }
-            Ok(EmuBuf {
-                ptr: ptr.cast(),
-                len: n,
-                map,
-                map_len,
-            })
+        let (mut map, mut map_len) = (std::ptr::null_mut(), 0usize);
+        let bytes = n * std::mem::size_of::<T>();
+        // SAFETY: plain allocation; the result is checked for null.
+        let ptr = unsafe { ffi::tollgate_emu_alloc(bytes, &mut map, &mut map_len) };
+        if ptr.is_null() {
+            return Err(ExecError::Emu(format!("cannot allocate {bytes} bytes")));
         }
-        #[cfg(not(tollgate_emu))]
-        {
-            let _ = n;
-            Err(ExecError::Emu(available().unwrap_err()))
-        }
+        Ok(EmuBuf {
+            ptr: ptr.cast(),
+            len: n,
+            map,
+            map_len,
+        })
     }
 
     fn upload<T: Elem>(&self, v: &[T]) -> Result<EmuBuf<T>, ExecError> {
@@ -303,11 +374,129 @@ impl Exec for Emu {
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        if let Some(rec) = self.recording()?.as_mut() {
+            // Checked now, as a CUDA capture checks a launch's configuration.
+            self.check_launch(kernel, args)?;
+            rec.push(Recorded::Launch {
+                kernel: kernel.to_string(),
+                cfg,
+                args: args.to_vec(),
+            });
+            return Ok(());
+        }
+        self.run_launch(kernel, cfg, args)
+    }
+
+    fn gemm(
+        &self,
+        x: &EmuBuf<f16>,
+        w: &EmuBuf<f16>,
+        w_row0: usize,
+        y: &mut EmuBuf<f32>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<(), ExecError> {
+        check_gemm((x.len, w.len, y.len), w_row0, rows, k, n)?;
+        let g = RawGemm {
+            x: x.ptr,
+            // SAFETY: within `w` (checked above).
+            w: unsafe { w.ptr.add(w_row0 * k) },
+            y: y.ptr,
+            rows,
+            k,
+            n,
+        };
+        match self.recording()?.as_mut() {
+            Some(rec) => rec.push(Recorded::Gemm(g)),
+            // SAFETY: the extents were checked against live buffers.
+            None => unsafe { run_gemm(g) },
+        }
+        Ok(())
+    }
+
+    fn host(&self, n: usize) -> Result<Vec<u32>, ExecError> {
+        Ok(vec![0; n])
+    }
+
+    fn host_words<'a>(&self, h: &'a mut Vec<u32>) -> Result<&'a mut [u32], ExecError> {
+        Ok(h.as_mut_slice())
+    }
+
+    fn send(&self, h: &Vec<u32>, n: usize, dst: &mut EmuBuf<u32>) -> Result<(), ExecError> {
+        if n > dst.len || n > h.len() {
+            return Err(ExecError::Bounds(format!(
+                "sending {n} words into {} from {}",
+                dst.len,
+                h.len()
+            )));
+        }
+        dst.as_mut_slice()[..n].copy_from_slice(&h[..n]);
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), ExecError> {
+        let mut r = self.recording()?;
+        if r.is_some() {
+            return Err(ExecError::Emu("already capturing".into()));
+        }
+        *r = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Vec<Recorded>, ExecError> {
+        self.recording()?
+            .take()
+            .ok_or_else(|| ExecError::Emu("end of a capture that was not begun".into()))
+    }
+
+    fn replay(&self, g: &Vec<Recorded>) -> Result<(), ExecError> {
+        for r in g {
+            match r {
+                Recorded::Launch { kernel, cfg, args } => self.launch(kernel, *cfg, args)?,
+                // SAFETY: recorded from checked extents of buffers the graph's owner keeps.
+                Recorded::Gemm(g) => unsafe { run_gemm(*g) },
+            }
+        }
+        Ok(())
+    }
+
+    fn free_memory(&self) -> Result<usize, ExecError> {
+        Err(ExecError::Emu(
+            "sizing the KV cache from free memory is for GPUs; give a number of blocks".into(),
+        ))
+    }
+
+    fn synchronize(&self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("CUDA emulator ({} build)", self.build)
+    }
+}
+
+impl Emu {
+    /// The kernel `kernel`, with `args` checked against its signature.
+    fn check_launch(&self, kernel: &str, args: &[Arg]) -> Result<&Kernel, ExecError> {
         let k = self
             .kernels
             .get(kernel)
             .ok_or_else(|| ExecError::Gpu(GpuError::NoKernel(kernel.to_string())))?;
         check_args(kernel, &k.sig, args)?;
+        Ok(k)
+    }
+
+    /// The capture state.
+    fn recording(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<Recorded>>>, ExecError> {
+        self.capturing
+            .lock()
+            .map_err(|_| ExecError::Emu("a capture panicked".into()))
+    }
+
+    /// Runs one launch to completion.
+    fn run_launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        let k = self.check_launch(kernel, args)?;
         if cfg.shared_mem_bytes != 0 {
             return Err(ExecError::Emu(
                 "dynamic shared memory is not emulated (no kernel uses it)".into(),
@@ -330,12 +519,12 @@ impl Exec for Emu {
         let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
         let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
         let mut err = [0 as c_char; 512];
-        #[cfg(tollgate_emu)]
         // SAFETY: `call` is this build's launcher for `kernel`, whose parameter list the
         // arguments were just checked against; pointer arguments are the caller's buffers
         // (as on a GPU, the kernel trusts the extents it is given).
         let rc = unsafe {
             ffi::tollgate_emu_launch(
+                k.name.as_ptr(),
                 k.call,
                 grid.as_ptr(),
                 block.as_ptr(),
@@ -345,11 +534,6 @@ impl Exec for Emu {
                 err.len(),
             )
         };
-        #[cfg(not(tollgate_emu))]
-        let rc = {
-            let _ = (&mut params, grid, block, next_seed());
-            -1
-        };
         if rc != 0 {
             // SAFETY: the runtime wrote a NUL-terminated message into `err`.
             let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
@@ -357,42 +541,17 @@ impl Exec for Emu {
         }
         Ok(())
     }
+}
 
-    fn gemm(
-        &self,
-        x: &EmuBuf<f16>,
-        w: &EmuBuf<f16>,
-        w_row0: usize,
-        y: &mut EmuBuf<f32>,
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<(), ExecError> {
-        check_gemm((x.len, w.len, y.len), w_row0, rows, k, n)?;
-        let out = super::twins::gemm(
-            &x.as_slice()[..rows * k],
-            &w.as_slice()[w_row0 * k..(w_row0 + n) * k],
-            rows,
-            k,
-            n,
-        );
-        y.as_mut_slice()[..rows * n].copy_from_slice(&out);
-        Ok(())
-    }
-
-    fn free_memory(&self) -> Result<usize, ExecError> {
-        Err(ExecError::Emu(
-            "sizing the KV cache from free memory is for GPUs; give a number of blocks".into(),
-        ))
-    }
-
-    fn synchronize(&self) -> Result<(), ExecError> {
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        format!("CUDA emulator ({} build)", self.build)
-    }
+/// Runs a product on the CPU (the twins' arithmetic).
+///
+/// # Safety
+/// The addresses must hold `rows × k`, `n × k` and `rows × n` elements.
+unsafe fn run_gemm(g: RawGemm) {
+    let x = std::slice::from_raw_parts(g.x, g.rows * g.k);
+    let w = std::slice::from_raw_parts(g.w, g.n * g.k);
+    let out = super::twins::gemm(x, w, g.rows, g.k, g.n);
+    std::slice::from_raw_parts_mut(g.y, g.rows * g.n).copy_from_slice(&out);
 }
 
 #[cfg(test)]

@@ -97,8 +97,14 @@ pub enum ExecError {
 
 /// A device the kernels run on. Work is in stream order: a download sees every launch
 /// before it.
-pub trait Exec {
-    type Buf<T: Elem>: DevBuf<T>;
+pub trait Exec: Send {
+    type Buf<T: Elem>: DevBuf<T> + Send;
+    /// Host memory that staging words are written into before [`Exec::send`]
+    /// (page-locked on a GPU).
+    type Host: Send;
+    /// A captured sequence of launches, replayed as one: a CUDA graph on a GPU, the
+    /// recorded launches in the emulator.
+    type Graph: Send;
 
     /// A zeroed buffer of `n` elements.
     fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>, ExecError>;
@@ -122,6 +128,18 @@ pub trait Exec {
         k: usize,
         n: usize,
     ) -> Result<(), ExecError>;
+    /// Host staging memory for `n` words.
+    fn host(&self, n: usize) -> Result<Self::Host, ExecError>;
+    /// The words of `h`, to write (waits for an earlier send out of them to finish).
+    fn host_words<'a>(&self, h: &'a mut Self::Host) -> Result<&'a mut [u32], ExecError>;
+    /// Enqueues the copy of the first `n` words of `h` into `dst`.
+    fn send(&self, h: &Self::Host, n: usize, dst: &mut Self::Buf<u32>) -> Result<(), ExecError>;
+    /// Starts capturing: launches and products are recorded into a graph, not run.
+    fn begin_capture(&self) -> Result<(), ExecError>;
+    /// Ends the capture begun last (always leaving capture mode) and returns its graph.
+    fn end_capture(&self) -> Result<Self::Graph, ExecError>;
+    /// Enqueues a captured graph: its launches, with the arguments they were captured with.
+    fn replay(&self, g: &Self::Graph) -> Result<(), ExecError>;
     /// Device memory free now, in bytes (to size the KV cache from what is left).
     fn free_memory(&self) -> Result<usize, ExecError>;
     /// Waits for all enqueued work.
