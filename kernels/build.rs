@@ -2,9 +2,9 @@
 //! compiled by the host C++ compiler against the emulator's CUDA shim, once per set of
 //! attention constants the tests use, so that the kernels' own code runs (and is checked
 //! against its CPU twins) on machines without a GPU. Sets `cfg(tollgate_emu)` when built;
-//! without a C++ compiler, or off x86-64 Linux, it warns and leaves the emulator out
-//! (`TOLLGATE_REQUIRE_EMU=1` makes that an error instead; `TOLLGATE_NO_EMU=1` leaves it
-//! out on purpose, to check that path).
+//! without a C++ compiler, or off x86-64 Linux, it warns and leaves the emulator out (the
+//! tests then skip their emulator runs, or fail under `TOLLGATE_REQUIRE_EMU=1`, as in
+//! `scripts/test.sh`); `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -21,15 +21,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu)");
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=emu");
-    println!("cargo:rerun-if-env-changed=TOLLGATE_REQUIRE_EMU");
     println!("cargo:rerun-if-env-changed=TOLLGATE_NO_EMU");
-    let required = std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1");
-    let skip = |why: String| {
-        if required {
-            panic!("TOLLGATE_REQUIRE_EMU=1 but the CUDA emulator cannot be built: {why}");
-        }
-        println!("cargo:warning=CUDA emulator left out: {why}");
-    };
+    let skip = |why: String| println!("cargo:warning=CUDA emulator left out: {why}");
     if std::env::var("TOLLGATE_NO_EMU").as_deref() == Ok("1") {
         return skip("TOLLGATE_NO_EMU=1".into());
     }

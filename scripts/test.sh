@@ -22,4 +22,7 @@ export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export TOLLGATE_PTXAS="$NVRTC_LIB/../bin/ptxas"
 export TOLLGATE_PYTHON="$PWD/.venv/bin/python"
 export TOLLGATE_REQUIRE_TOOLS=1
+# The CUDA emulator (kernels/emu, built with the host C++ compiler) runs every kernel and
+# the CUDA backend against their CPU twins: a build without it fails the suite.
+export TOLLGATE_REQUIRE_EMU=1
 cargo test --workspace --locked "$@"

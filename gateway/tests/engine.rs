@@ -2,11 +2,15 @@
 //! a batch of 16 mixed-length sequences, with and without preemption), cancellation,
 //! stop strings, seeds, context limits, and the fair share of batch slots between tenants
 //! (virtual token counters, by weight).
+//!
+//! The batching and sampling tests run twice: on the CPU backend, and on the CUDA backend
+//! over the CPU emulator (`backend = "emulator"`: the GPU path, with sampling on the
+//! device, run by the kernel sources themselves on the CPU).
 
 mod common;
 use common::tempdir::TempDir;
 use futures::StreamExt;
-use gateway::config::EngineConfig;
+use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{
     FinishReason, Prompt, SamplingParams, Worker, WorkerError, WorkerEvent, WorkerRequest,
@@ -79,8 +83,18 @@ fn prompts() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_preemption() {
+    batching_case(BackendKind::Cpu).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_greedy_output_is_the_same_alone_and_in_a_batch() {
+    batching_case(BackendKind::Emulator).await;
+}
+
+async fn batching_case(backend: BackendKind) {
     let (_d, m) = synthetic();
     let base = EngineConfig {
+        backend,
         threads: 2,
         max_batch_tokens: Some(64),
         max_seqs: Some(16),
@@ -147,10 +161,20 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seeds_stops_limits_and_cancellation() {
+    seeds_case(BackendKind::Cpu).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_seeds_stops_limits_and_cancellation() {
+    seeds_case(BackendKind::Emulator).await;
+}
+
+async fn seeds_case(backend: BackendKind) {
     let (_d, m) = synthetic();
     let e = engine(
         &m,
         EngineConfig {
+            backend,
             threads: 2,
             kv_tokens: Some(1024),
             ..EngineConfig::default()

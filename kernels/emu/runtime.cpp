@@ -55,6 +55,7 @@ struct Warp {
 };
 
 struct Block {
+    Fiber* fibers;
     unsigned n, live, bar_count;
     unsigned long bar_gen, progress;
     Warp warps[MAX_THREADS / 32];
@@ -86,6 +87,23 @@ struct Stacks {
 thread_local Stacks tl_stacks;
 
 void yield() { tollgate_emu_switch(&tl_fiber->sp, tl_block->sched_sp); }
+
+// While waiting at a warp shuffle: runs the next unfinished lane of the warp directly
+// (it either reaches the shuffle too or yields to the scheduler at a barrier), so that a
+// shuffle costs one switch per lane rather than a trip through the scheduler's round.
+void pass_in_warp() {
+    Block& b = *tl_block;
+    Fiber* me = tl_fiber;
+    unsigned base = me->linear & ~31u, lane = me->linear & 31u;
+    for (unsigned k = 1; k < 32; ++k) {
+        unsigned j = base + ((lane + k) & 31u);
+        if (j >= b.n || b.fibers[j].done) continue;
+        tl_fiber = &b.fibers[j];
+        tollgate_emu_switch(&me->sp, b.fibers[j].sp);
+        return;  // resumed: tl_fiber is `me` again (set by whoever switched back)
+    }
+    yield();
+}
 
 void release_barrier(Block& b) {
     b.bar_count = 0;
@@ -190,7 +208,7 @@ uint64_t warp_exchange(uint64_t bits, int src) {
         w.count = 0;
         w.gen++;
     } else {
-        while (w.gen == g) yield();
+        while (w.gen == g) pass_in_warp();
     }
     if (src < 0 || src > 31 || w.stamp[g & 1][src] != g + 1)
         fail("a warp shuffle reads a lane that did not take part in it");
@@ -261,6 +279,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         b.error = nullptr;
         b.call = call;
         b.args = args;
+        b.fibers = fibers.data();
         for (unsigned w = 0; w * 32 < n; ++w) {
             Warp& wp = b.warps[w];
             wp.live = (n - w * 32) < 32 ? n - w * 32 : 32;

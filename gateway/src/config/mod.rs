@@ -264,6 +264,10 @@ pub enum BackendKind {
     Auto,
     Cpu,
     Cuda,
+    /// The CUDA backend on the CPU emulator: the GPU code path (kernel sources, launches,
+    /// graphs, sampling on the device) without a GPU. Orders of magnitude slower; for
+    /// development and tests.
+    Emulator,
 }
 
 /// How the CPU backend's activations meet quantized weights.

@@ -25,6 +25,8 @@ use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
 use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::emu::Emu;
+use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::load::Loaded;
@@ -169,7 +171,7 @@ impl EngineWorker {
                 },
             };
             let twin = TwinModel::from_model(&loaded.model);
-            let mut b = CudaBackend::with_capacity(
+            let b = CudaBackend::with_capacity(
                 &twin,
                 device,
                 cfg.block_size,
@@ -178,20 +180,28 @@ impl EngineWorker {
                 sizes.max_seqs,
             )
             .map_err(|e| fail(e.to_string()))?;
-            // Before serving: one prefill and one graph decode step against the CPU twin.
-            let err = b
-                .self_check(&twin)
-                .map_err(|e| fail(format!("self-check against the CPU failed: {e}")))?;
-            tracing::info!(
-                worker = %name,
-                backend = b.name(),
-                graphs = ?b.graph_buckets(),
-                graphs_off = b.graphs_off().unwrap_or(""),
-                self_check_rel_err = err,
-                kv_blocks = b.kv_geometry().1,
-                "engine on the GPU"
-            );
-            Ok((Box::new(b), sizes))
+            Ok((checked(b, &twin, &name).map_err(fail)?, sizes))
+        };
+        // The CUDA path on the CPU emulator, with the CPU backend's sizes.
+        let emulator = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
+            let fail = |e: String| format!("backend = \"emulator\": {e}");
+            let sizes = cfg.sizes(false);
+            let kv_tokens = sizes.kv_tokens.unwrap_or(32768);
+            let kv = KvCapacity::Blocks(kv_tokens.div_ceil(cfg.block_size));
+            let twin = TwinModel::from_model(&loaded.model);
+            let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
+            let label = emu.describe();
+            let b = CudaBackend::on(
+                emu,
+                label,
+                &twin,
+                cfg.block_size,
+                kv,
+                sizes.max_batch_tokens,
+                sizes.max_seqs,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            Ok((checked(b, &twin, &name).map_err(fail)?, sizes))
         };
         let cpu = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
             let sizes = cfg.sizes(false);
@@ -209,6 +219,7 @@ impl EngineWorker {
         let (backend, sizes) = match cfg.backend {
             BackendKind::Cuda => cuda()?,
             BackendKind::Cpu => cpu()?,
+            BackendKind::Emulator => emulator()?,
             // `available` checks the libraries before any CUDA call (a missing one would
             // panic).
             BackendKind::Auto => match kernels::cuda::available() {
@@ -407,6 +418,28 @@ fn admit(n: NewSeq) -> Seq {
         out: TextOut::new(n.stop),
         tx: n.tx,
     }
+}
+
+/// A CUDA backend (on a GPU or the emulator) after its self-check: one prefill and one
+/// graph decode step against the CPU twin, before it serves.
+fn checked<E: Exec + 'static>(
+    mut b: CudaBackend<E>,
+    twin: &TwinModel,
+    worker: &str,
+) -> Result<Box<dyn Backend>, String> {
+    let err = b
+        .self_check(twin)
+        .map_err(|e| format!("self-check against the CPU failed: {e}"))?;
+    tracing::info!(
+        worker,
+        backend = b.name(),
+        graphs = ?b.graph_buckets(),
+        graphs_off = b.graphs_off().unwrap_or(""),
+        self_check_rel_err = err,
+        kv_blocks = b.kv_geometry().1,
+        "engine on the CUDA backend"
+    );
+    Ok(Box::new(b))
 }
 
 /// The engine thread's loop; returns when every submitter is gone.
