@@ -2,11 +2,16 @@
 //! against independent references: the tokenizer against golden ids, and greedy decoding
 //! and logits against the numpy reference in `tools/reference/llama_ref.py` (which reads
 //! the GGUF with the `gguf` package, tokenizes with HF `tokenizers` and renders the chat
-//! template with jinja2). The same reference checks the synthetic model's logits.
+//! template with jinja2). The same reference checks the synthetic model's logits, and the
+//! CUDA backend's path (f16 weights, the kernel sources, sampling on the device) run on
+//! the CPU emulator.
 
 mod common;
 use common::*;
 use kernels::backend::{Backend, CpuBackend};
+use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::emu::Emu;
+use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::matmul::ActPrecision;
 use kernels::sampler::argmax;
@@ -24,6 +29,10 @@ const LOGIT_TOL: f32 = 2.5e-3;
 /// ~1e-2 relative error per element). Measured on these prompts: 2–6e-2 with the packed
 /// kernel and with the file-layout one alike; a wrong kernel is off by the logits' size.
 const Q8_LOGIT_TOL: f32 = 8e-2;
+
+/// The same bound for the CUDA backend's path (f16 weights, f16 activations between the
+/// matrix products, f16 KV cache). Measured on the emulator on these prompts: 1.1–1.4e-3.
+const GPU_LOGIT_TOL: f32 = 5e-3;
 
 fn model() -> PathBuf {
     gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m")
@@ -118,6 +127,41 @@ fn greedy(m: &kernels::load::Loaded, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f3
     (out, first)
 }
 
+/// The CUDA backend on the emulator for the real model (its SmolLM2 build of the
+/// kernels), for one sequence of up to 128 tokens: None where the build has no emulator.
+fn emulated(m: &kernels::load::Loaded) -> Option<CudaBackend<Emu>> {
+    let twin = TwinModel::from_model(&m.model);
+    let emu = match Emu::open_for(&twin.config) {
+        Ok(e) => e,
+        Err(e) if std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1") => {
+            panic!("TOLLGATE_REQUIRE_EMU=1: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED on the emulator: {e}");
+            return None;
+        }
+    };
+    let kv = KvCapacity::Blocks(8);
+    Some(CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1).unwrap())
+}
+
+/// Greedy decoding of `ids` for `n` tokens on `be`: the prefill's logits read back, then
+/// decode steps (a CUDA graph) sampled on the device.
+fn greedy_on_device<B: Backend>(be: &mut B, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let table: Vec<u32> = (0..8).collect();
+    let mut b = Batch::default();
+    b.push(ids, 0, table.clone(), true);
+    let first = be.step(&b).unwrap();
+    let mut out = vec![argmax(&first)];
+    while out.len() < n {
+        let mut b = Batch::default();
+        let pos = ids.len() + out.len() - 1;
+        b.push(&[*out.last().unwrap()], pos, table.clone(), true);
+        out.extend(be.step_sample(&b, &[SampleParams::GREEDY]).unwrap());
+    }
+    (out, first)
+}
+
 /// The logits after prefilling `ids` on the CPU backend at activation precision `prec`.
 fn first_logits(m: &kernels::load::Loaded, ids: &[u32], prec: ActPrecision) -> Vec<f32> {
     let bs = 16;
@@ -160,6 +204,7 @@ async fn greedy_decoding_matches_the_numpy_reference() {
     let refs = reference(&py, &path, &cases);
     let m = kernels::load::load(&path).unwrap();
     let gw = Gateway::start(&engine_config(&path, ""));
+    let mut emu = emulated(&m);
     for (case, r) in cases.as_array().unwrap().iter().zip(&refs) {
         let prompt = case["prompt"].as_str().unwrap();
         let chat = case["chat"].as_bool().unwrap_or(false);
@@ -194,6 +239,20 @@ async fn greedy_decoding_matches_the_numpy_reference() {
             d8 < Q8_LOGIT_TOL,
             "q8 logits differ by {d8} (relative to the largest) for {prompt:?}"
         );
+        // The GPU path on the emulator: f16 weights and activations between products.
+        if let Some(be) = emu.as_mut() {
+            let (got, logits) = greedy_on_device(be, &ids, 16);
+            let d = max_rel_diff(&logits, r["last_logits"].as_array().unwrap());
+            eprintln!("{prompt:?}: emulated GPU path logits within {d:.1e}; tokens {got:?}");
+            assert_eq!(
+                got, want,
+                "greedy continuation of {prompt:?} on the GPU path"
+            );
+            assert!(
+                d < GPU_LOGIT_TOL,
+                "GPU path logits differ by {d} for {prompt:?}"
+            );
+        }
         // Through the gateway: the same answer, and usage that counts the same prompt.
         let body = if chat {
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0})
