@@ -31,6 +31,9 @@ pub enum GpuError {
     Compile(#[from] CompileError),
     #[error("no kernel named {0}")]
     NoKernel(String),
+    /// The CPU emulator is not built, turned off, or has no build for a model's shape.
+    #[error("CUDA emulator: {0}")]
+    Emulator(String),
 }
 
 /// A device with the kernels loaded, and a cuBLAS handle on its stream.

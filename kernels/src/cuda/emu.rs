@@ -190,11 +190,12 @@ impl Emu {
     /// The build with `config`'s attention constants, as [`super::device::Gpu::open_for`]
     /// compiles them, or why there is none.
     pub fn open_for(config: &LlamaConfig) -> Result<Self, GpuError> {
-        Self::open_build(&attention_defines(config)?)
+        let defines = attention_defines(config).map_err(|e| GpuError::Emulator(e.to_string()))?;
+        Self::open_build(&defines)
     }
 
     fn open_build(defines: &[(&'static str, usize)]) -> Result<Self, GpuError> {
-        available().map_err(GpuError::Unavailable)?;
+        available().map_err(GpuError::Emulator)?;
         let want = |k: &str| defines.iter().find(|d| d.0 == k).map_or(0, |d| d.1);
         let (g, d, w) = (want("MAX_GROUP"), want("MAX_DPL"), want("MAX_WARPS"));
         builds()
@@ -206,8 +207,8 @@ impl Emu {
                 capturing: Mutex::new(None),
             })
             .ok_or_else(|| {
-                GpuError::Unavailable(format!(
-                    "no emulator build for MAX_GROUP={g} MAX_DPL={d} MAX_WARPS={w} \
+                GpuError::Emulator(format!(
+                    "no build for MAX_GROUP={g} MAX_DPL={d} MAX_WARPS={w} \
                      (add it to VARIANTS in kernels/build.rs)"
                 ))
             })

@@ -5,6 +5,11 @@
 //! ([`staging`]), and the backend that runs the forward step on a GPU ([`backend`]): CUDA
 //! graphs for decode steps, sampling on the device.
 //!
+//! The step and the backend are written against [`exec::Exec`], which a GPU
+//! ([`device::Gpu`]) and the CPU emulator ([`emu::Emu`]: the same `.cu` sources built for
+//! the host, each CUDA thread a fiber) both implement: the parity tests, the backend tests
+//! and the engine's tests run the GPU code path on the emulator wherever there is no GPU.
+//!
 //! Nothing here touches CUDA unless [`available`] said the driver library is present
 //! (cudarc loads libraries dynamically; calling into a missing one panics), so one binary
 //! built without CUDA runs everywhere.
