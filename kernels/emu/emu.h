@@ -5,7 +5,8 @@
 // Each CUDA thread of a block is a fiber with its own stack; the block's fibers run on
 // one OS thread, each until it reaches a synchronization point (`__syncthreads`, a warp
 // shuffle) or exits, in an order shuffled per round. Shared memory is a function-local
-// `static thread_local` (one block runs at a time on a thread). Misuse that is undefined
+// static in its own section, poisoned before each block (one block runs at a time in the
+// process). Misuse that is undefined
 // on a GPU fails the launch with a message: a barrier or shuffle some threads never reach
 // (deadlock), a shuffle reading a lane that did not take part.
 #pragma once
@@ -21,7 +22,10 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__ static thread_local
+// Shared memory: block-scope statics in one section, which the runtime fills with 0xff
+// bytes (NaN as floats, -1 as ints) before every block, so that a read before any thread
+// of the block wrote it shows. One launch runs at a time in the process.
+#define __shared__ static __attribute__((section("tollgate_emu_shared"), aligned(16)))
 
 struct dim3 {
     unsigned x, y, z;

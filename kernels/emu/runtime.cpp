@@ -8,7 +8,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <vector>
+
+// The bounds of every kernel's shared memory (see `__shared__` in emu.h), from the linker.
+extern "C" char __start_tollgate_emu_shared[] __attribute__((weak));
+extern "C" char __stop_tollgate_emu_shared[] __attribute__((weak));
 
 namespace emu {
 
@@ -243,6 +248,9 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         return -1;
     };
     if (n == 0 || n > MAX_THREADS) return bad("block size must be 1 to 1024 threads");
+    // One launch at a time in the process: shared memory is one static area.
+    static std::mutex one_at_a_time;
+    std::lock_guard<std::mutex> hold(one_at_a_time);
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return bad("empty grid");
     if (grid[1] > 65535 || grid[2] > 65535) return bad("grid y and z must be at most 65535");
     std::vector<Fiber> fibers(n);
@@ -280,6 +288,9 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         b.call = call;
         b.args = args;
         b.fibers = fibers.data();
+        if (__start_tollgate_emu_shared && __stop_tollgate_emu_shared)
+            memset(__start_tollgate_emu_shared, 0xff,
+                   (size_t)(__stop_tollgate_emu_shared - __start_tollgate_emu_shared));
         for (unsigned w = 0; w * 32 < n; ++w) {
             Warp& wp = b.warps[w];
             wp.live = (n - w * 32) < 32 ? n - w * 32 : 32;

@@ -37,3 +37,11 @@ extern "C" __global__ void emu_selftest_warp_sum(const float* __restrict__ in,
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     out[i] = warp_sum(in[i]);
 }
+
+// Reads shared memory no thread wrote (undefined on a GPU): the emulator's poison shows.
+extern "C" __global__ void emu_selftest_unwritten_shared(float* __restrict__ out) {
+    __shared__ float never_written[64];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = never_written[threadIdx.x];
+    __syncthreads();
+    never_written[threadIdx.x] = 1.0f;  // the next block must not see this
+}

@@ -652,6 +652,22 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_is_poisoned_before_every_block() {
+        let Some(e) = emu() else { return };
+        let out = e.zeros::<f32>(3 * 64).unwrap();
+        for _ in 0..2 {
+            e.launch(
+                "emu_selftest_unwritten_shared",
+                cfg((3, 1, 1), (64, 1, 1)),
+                &[out.arg()],
+            )
+            .unwrap();
+            let got = e.download(&out, 3 * 64).unwrap();
+            assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
+        }
+    }
+
+    #[test]
     fn misuse_fails_the_launch_with_a_reason() {
         let Some(e) = emu() else { return };
         let out = e.zeros::<f32>(64).unwrap();
