@@ -4,7 +4,8 @@
 //!     cargo run --release -p gateway --example engine_bench [-- MODEL.gguf]
 //!
 //! Greedy decoding, `TOKENS` (default 128) new tokens per stream (fewer if the model ends
-//! its answer). Environment: `BACKEND=auto|cpu|cuda` (default cpu), `STREAMS=1,4,16,64`
+//! its answer). Environment: `BACKEND=auto|cpu|cuda|emulator` (default cpu; `emulator` checks the
+//! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
@@ -83,6 +84,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backend = match std::env::var("BACKEND").as_deref() {
         Ok("cuda") => gateway::config::BackendKind::Cuda,
         Ok("auto") => gateway::config::BackendKind::Auto,
+        Ok("emulator") => gateway::config::BackendKind::Emulator,
         _ => gateway::config::BackendKind::Cpu,
     };
     let streams: Vec<usize> = match std::env::var("STREAMS") {

@@ -3,15 +3,17 @@
 //! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table.
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
-//!     decode_bench [MODEL.gguf] [--cpu] [--ctx N] [--batches 1,16,64,256]
+//!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256]
 //!
 //! Without a model path it writes the synthetic SmolLM2-shaped model to a temporary
-//! folder. `--cpu` runs the same harness on the CPU backend (a check of the harness,
-//! not a GPU number). Each step is the engine's decode step: one token per sequence at
+//! folder. `--cpu` runs the same harness on the CPU backend, `--emu` on the CUDA backend
+//! over the CPU emulator (checks of the harness, not GPU numbers; use a small model). Each step is the engine's decode step: one token per sequence at
 //! position `ctx`, sampled on the device (greedy).
 
 use kernels::backend::{Backend, CpuBackend};
 use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::emu::Emu;
+use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::synth::{write_model, SynthSpec};
@@ -22,6 +24,7 @@ const BLOCK: usize = 16;
 struct Args {
     model: Option<String>,
     cpu: bool,
+    emu: bool,
     ctx: usize,
     batches: Vec<usize>,
 }
@@ -30,6 +33,7 @@ fn args() -> Result<Args, String> {
     let mut a = Args {
         model: None,
         cpu: false,
+        emu: false,
         ctx: 256,
         batches: vec![1, 16, 64, 256],
     };
@@ -37,6 +41,7 @@ fn args() -> Result<Args, String> {
     while let Some(x) = it.next() {
         match x.as_str() {
             "--cpu" => a.cpu = true,
+            "--emu" => a.emu = true,
             "--ctx" => a.ctx = it.next().and_then(|v| v.parse().ok()).ok_or("--ctx N")?,
             "--batches" => {
                 a.batches = it
@@ -98,7 +103,7 @@ fn time_decode(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usi
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = args()?;
-    if !a.cpu {
+    if !a.cpu && !a.emu {
         if let Err(e) = kernels::cuda::available() {
             println!("SKIPPED: decode_bench needs a GPU ({e}); --cpu checks the harness");
             return Ok(());
@@ -130,6 +135,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut which, copy_gbs) = if a.cpu {
         let b = CpuBackend::new(model.clone(), BLOCK, n_blocks, 0)?;
         (Which::Cpu(Box::new(b)), f64::NAN)
+    } else if a.emu {
+        let e = Emu::open_for(&c)?;
+        let name = e.describe();
+        let kv = KvCapacity::Blocks(n_blocks);
+        let b = CudaBackend::on(e, name, &twin, BLOCK, kv, 256, max_n)?;
+        (Which::Emu(Box::new(b)), f64::NAN)
     } else {
         let bw = kernels::cuda::device::Gpu::open(0)?.copy_bandwidth()?.1;
         let b = CudaBackend::with_capacity(
@@ -160,18 +171,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("|---:|---:|---:|---:|---:|---:|");
     for &n in &a.batches {
-        let iters = if a.cpu { 3 } else { 200 };
+        let iters = if a.cpu || a.emu { 3 } else { 200 };
         let kv_bytes = (n * (a.ctx + 1) * c.n_layers * c.kv_dim() * 2 * 2) as f64;
         let floor_w = weight_bytes / (copy_gbs * 1e9);
         let floor_kv = (weight_bytes + kv_bytes) / (copy_gbs * 1e9);
         let (graphs, direct) = match &mut which {
-            Which::Cuda(cuda) => {
-                cuda.set_graphs(true)?;
-                let g = time_decode(cuda.as_mut(), n, a.ctx, per, iters);
-                cuda.set_graphs(false)?;
-                let d = time_decode(cuda.as_mut(), n, a.ctx, per, iters);
-                (g, d)
-            }
+            Which::Cuda(cuda) => graphs_and_direct(cuda.as_mut(), n, a.ctx, per, iters)?,
+            Which::Emu(emu) => graphs_and_direct(emu.as_mut(), n, a.ctx, per, iters)?,
             Which::Cpu(cpu) => (f64::NAN, time_decode(cpu.as_mut(), n, a.ctx, per, iters)),
         };
         println!(
@@ -191,9 +197,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Seconds per decode step with CUDA graphs, then with direct launches.
+fn graphs_and_direct<E: Exec>(
+    cuda: &mut CudaBackend<E>,
+    n: usize,
+    ctx: usize,
+    per: usize,
+    iters: usize,
+) -> Result<(f64, f64), String> {
+    cuda.set_graphs(true)?;
+    let g = time_decode(cuda, n, ctx, per, iters);
+    cuda.set_graphs(false)?;
+    let d = time_decode(cuda, n, ctx, per, iters);
+    Ok((g, d))
+}
+
 enum Which {
     Cpu(Box<CpuBackend>),
     Cuda(Box<CudaBackend>),
+    Emu(Box<CudaBackend<Emu>>),
 }
 
 impl Which {
@@ -201,6 +223,7 @@ impl Which {
         match self {
             Which::Cpu(b) => b.as_mut(),
             Which::Cuda(b) => b.as_mut(),
+            Which::Emu(b) => b.as_mut(),
         }
     }
 }

@@ -553,3 +553,19 @@ fn whole_model_case<E: Exec>(
         "{what}: greedy tokens agree {agree}/{total}"
     );
 }
+
+/// The GPU benchmark's launches (`kernels::cuda::bench`, timed by `examples/gpu_bench.rs`)
+/// at small sizes on the emulator: their arguments and extents hold before they spend
+/// device time.
+#[test]
+fn the_kernel_benchmarks_launches_run_on_the_emulator() {
+    use kernels::cuda::bench::{run, Sizes};
+    let Some(e) = emu_for(&smol()) else { return };
+    let rows = run(&e, &Sizes::smoke(), 1).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(rows.len(), 5, "{names:?}");
+    assert!(
+        rows.iter().all(|r| r.secs > 0.0 && r.bytes > 0.0),
+        "{rows:?}"
+    );
+}

@@ -15,6 +15,7 @@
 //! built without CUDA runs everywhere.
 
 pub mod backend;
+pub mod bench;
 pub mod compile;
 pub mod device;
 pub mod emu;

@@ -1,0 +1,234 @@
+//! The kernel benchmarks' launches (`examples/gpu_bench.rs` times them on a GPU): the
+//! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch) at engine and large
+//! sizes, and paged decode attention at several batch sizes, each with the bytes it must
+//! move. Written against [`Exec`], so a test runs the same launches on the emulator at
+//! small sizes: a benchmark that would fail on the GPU fails in CI first.
+
+use super::device::attention_warps;
+use super::exec::{Arg, DevBuf, Exec, ExecError};
+use cudarc::driver::LaunchConfig;
+use half::f16;
+use std::time::Instant;
+
+/// How big each benchmark is.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// Rows for add_rmsnorm and rope_kv_write.
+    pub rows: usize,
+    /// build_batch steps: (sequences, tokens each, block-table entries each).
+    pub steps: Vec<(usize, usize, usize)>,
+    /// Decode attention batch sizes, and the context of every sequence.
+    pub decode: Vec<usize>,
+    pub ctx: usize,
+}
+
+impl Sizes {
+    /// The sizes the GPU table reports.
+    pub fn full() -> Self {
+        Self {
+            rows: 32768,
+            steps: vec![(256, 64, 512), (2048, 32, 2048)],
+            decode: vec![1, 16, 64, 256],
+            ctx: 512,
+        }
+    }
+
+    /// Small enough for the emulator.
+    pub fn smoke() -> Self {
+        Self {
+            rows: 64,
+            steps: vec![(8, 4, 16)],
+            decode: vec![1, 3],
+            ctx: 48,
+        }
+    }
+}
+
+/// One benchmark's result: seconds per launch and the bytes it moves.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub secs: f64,
+    pub bytes: f64,
+}
+
+fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Seconds per launch of `kernel` (after a warm-up launch), synchronized at the end.
+fn time<E: Exec>(
+    e: &E,
+    iters: u32,
+    kernel: &str,
+    c: LaunchConfig,
+    args: &[Arg],
+) -> Result<f64, ExecError> {
+    e.launch(kernel, c, args)?;
+    e.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        e.launch(kernel, c, args)?;
+    }
+    e.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
+/// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
+pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecError> {
+    let mut rows = Vec::new();
+    let i = |v: usize| Arg::I32(v as i32);
+
+    // add_rmsnorm: rows of 576 (read x, delta; write x, out f16).
+    let (t, d) = (sizes.rows, 576usize);
+    let x = e.zeros::<f32>(t * d)?;
+    let delta = e.zeros::<f32>(t * d)?;
+    let w = e.zeros::<f32>(d)?;
+    let out = e.zeros::<f16>(t * d)?;
+    let args = [
+        x.arg(),
+        delta.arg(),
+        w.arg(),
+        out.arg(),
+        Arg::Null,
+        i(d),
+        Arg::F32(1e-5),
+    ];
+    let secs = time(e, iters, "add_rmsnorm", cfg((t as u32, 1), 256), &args)?;
+    rows.push(Row {
+        name: format!("add_rmsnorm {t}×{d}"),
+        secs,
+        bytes: (t * d) as f64 * (4.0 + 4.0 + 4.0 + 2.0),
+    });
+    drop((x, delta, out));
+
+    // rope_kv_write: rows of SmolLM2's QKV (9 q + 3 k + 3 v heads of 64): q and k rotated
+    // in place (read + write), k and v written to the cache in f16.
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    let width = 576 + 2 * 192;
+    let qkv = e.zeros::<f32>(t * width)?;
+    let pos = e.zeros::<u32>(t)?;
+    let slots = e.upload(&(0..t as i32).collect::<Vec<_>>())?;
+    // Slot s is in block s / 16: t rows fill t / 16 blocks (plus a partial one).
+    let cache = t.div_ceil(bs) * bs * 192;
+    let (kc, vc) = (e.zeros::<f16>(cache)?, e.zeros::<f16>(cache)?);
+    let threads = (t * (nh + nkv) * hd / 2) as u32;
+    let args = [
+        qkv.arg(),
+        i(width),
+        pos.arg(),
+        slots.arg(),
+        kc.arg(),
+        vc.arg(),
+        i(t),
+        i(nh),
+        i(nkv),
+        i(hd),
+        i(bs),
+        Arg::F32(100000.0),
+    ];
+    let secs = time(
+        e,
+        iters,
+        "rope_kv_write",
+        cfg((threads.div_ceil(256), 1), 256),
+        &args,
+    )?;
+    // q, k read and written (f32); v read (f32); k, v written (f16); positions, slots.
+    let bytes = (t * 768) as f64 * 8.0 + (t * 192) as f64 * (4.0 + 2.0 * 2.0) + t as f64 * 8.0;
+    rows.push(Row {
+        name: format!("rope_kv_write {t} rows"),
+        secs,
+        bytes,
+    });
+    drop((qkv, kc, vc));
+
+    // build_batch: the staging words of `ns` sequences of `per` tokens, `mb` table entries.
+    for &(ns, per, mb) in &sizes.steps {
+        let tt = ns * per;
+        let mut staging = Vec::with_capacity(4 * ns + tt + ns * mb);
+        for s in 0..ns {
+            staging.extend([(s * per) as u32, per as u32, 100, (s % 2) as u32]);
+        }
+        staging.extend((0..tt as u32).map(|v| v % 49152));
+        staging.extend((0..(ns * mb) as u32).map(|v| v % 60000));
+        // Positions 100 .. 100 + per must fall inside each table.
+        debug_assert!((100 + per).div_ceil(16) <= mb);
+        let st = e.upload(&staging)?;
+        let o_tok = e.zeros::<u32>(tt)?;
+        let o_pos = e.zeros::<u32>(tt)?;
+        let o_slot = e.zeros::<i32>(tt)?;
+        let o_seq = e.zeros::<i32>(tt)?;
+        let o_tab = e.zeros::<i32>(ns * mb)?;
+        let o_log = e.zeros::<i32>(ns)?;
+        let n_threads = (ns * mb).max(tt) as u32;
+        let args = [
+            st.arg(),
+            i(ns),
+            i(tt),
+            i(mb),
+            i(16),
+            o_tok.arg(),
+            o_pos.arg(),
+            o_slot.arg(),
+            o_seq.arg(),
+            o_tab.arg(),
+            o_log.arg(),
+        ];
+        let secs = time(
+            e,
+            iters,
+            "build_batch",
+            cfg((n_threads.div_ceil(256), 1), 256),
+            &args,
+        )?;
+        rows.push(Row {
+            name: format!("build_batch {ns} seqs × {per} tok, {mb} blk"),
+            secs,
+            bytes: staging.len() as f64 * 4.0 + (tt * 16 + ns * mb * 4 + ns * 4) as f64,
+        });
+    }
+
+    // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx`.
+    let ctx = sizes.ctx;
+    let per = ctx.div_ceil(bs);
+    for &batch in &sizes.decode {
+        let blocks = batch * per;
+        let kc = e.zeros::<f16>(blocks * bs * 192)?;
+        let vc = e.zeros::<f16>(blocks * bs * 192)?;
+        let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
+        let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
+        let q = e.zeros::<f32>(batch * 576)?;
+        let out = e.zeros::<f16>(batch * 576)?;
+        let args = [
+            q.arg(),
+            i(576),
+            kc.arg(),
+            vc.arg(),
+            tb.arg(),
+            pos.arg(),
+            out.arg(),
+            i(per),
+            i(nh),
+            i(nkv),
+            i(hd),
+            i(bs),
+            Arg::F32(0.125),
+        ];
+        // As the backend launches it: more warps per row at small batch.
+        let threads = 32 * attention_warps(batch, 16) as u32;
+        let c = cfg((batch as u32, nkv as u32), threads);
+        let secs = time(e, iters, "attention_decode", c, &args)?;
+        rows.push(Row {
+            name: format!("attention_decode batch {batch}, ctx {ctx}"),
+            secs,
+            bytes: (batch * ctx * 192 * 2 * 2) as f64,
+        });
+    }
+    Ok(rows)
+}
