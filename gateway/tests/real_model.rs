@@ -109,6 +109,17 @@ fn greedy(m: &kernels::load::Loaded, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f3
     let bs = 16;
     let blocks = (ids.len() + n) / bs + 1;
     let mut be = CpuBackend::new(m.model.clone(), bs, blocks, 0).unwrap();
+    decode_greedy(&mut be, ids, n, blocks)
+}
+
+/// Greedy decoding of `ids` for `n` tokens on `be` (KV blocks `0..blocks`): the prefill's
+/// logits read back; then decode steps, sampled on the device where the backend does.
+fn decode_greedy<B: Backend>(
+    be: &mut B,
+    ids: &[u32],
+    n: usize,
+    blocks: usize,
+) -> (Vec<u32>, Vec<f32>) {
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut b = Batch::default();
     b.push(ids, 0, table.clone(), true);
@@ -116,13 +127,13 @@ fn greedy(m: &kernels::load::Loaded, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f3
     let mut out = vec![argmax(&first)];
     while out.len() < n {
         let mut b = Batch::default();
-        b.push(
-            &[*out.last().unwrap()],
-            ids.len() + out.len() - 1,
-            table.clone(),
-            true,
-        );
-        out.push(argmax(&be.step(&b).unwrap()));
+        let pos = ids.len() + out.len() - 1;
+        b.push(&[*out.last().unwrap()], pos, table.clone(), true);
+        if be.samples_on_device() {
+            out.extend(be.step_sample(&b, &[SampleParams::GREEDY]).unwrap());
+        } else {
+            out.push(argmax(&be.step(&b).unwrap()));
+        }
     }
     (out, first)
 }
@@ -143,23 +154,6 @@ fn emulated(m: &kernels::load::Loaded) -> Option<CudaBackend<Emu>> {
     };
     let kv = KvCapacity::Blocks(8);
     Some(CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1).unwrap())
-}
-
-/// Greedy decoding of `ids` for `n` tokens on `be`: the prefill's logits read back, then
-/// decode steps (a CUDA graph) sampled on the device.
-fn greedy_on_device<B: Backend>(be: &mut B, ids: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let table: Vec<u32> = (0..8).collect();
-    let mut b = Batch::default();
-    b.push(ids, 0, table.clone(), true);
-    let first = be.step(&b).unwrap();
-    let mut out = vec![argmax(&first)];
-    while out.len() < n {
-        let mut b = Batch::default();
-        let pos = ids.len() + out.len() - 1;
-        b.push(&[*out.last().unwrap()], pos, table.clone(), true);
-        out.extend(be.step_sample(&b, &[SampleParams::GREEDY]).unwrap());
-    }
-    (out, first)
 }
 
 /// The logits after prefilling `ids` on the CPU backend at activation precision `prec`.
@@ -241,7 +235,7 @@ async fn greedy_decoding_matches_the_numpy_reference() {
         );
         // The GPU path on the emulator: f16 weights and activations between products.
         if let Some(be) = emu.as_mut() {
-            let (got, logits) = greedy_on_device(be, &ids, 16);
+            let (got, logits) = decode_greedy(be, &ids, 16, 8);
             let d = max_rel_diff(&logits, r["last_logits"].as_array().unwrap());
             eprintln!("{prompt:?}: emulated GPU path logits within {d:.1e}; tokens {got:?}");
             assert_eq!(

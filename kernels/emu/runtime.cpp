@@ -157,8 +157,13 @@ struct Rng {
 // What runs now on this thread, for the fault handler's message.
 thread_local const char* tl_kernel = nullptr;
 
+// The handlers the fault handler stands in front of (Rust's stack-overflow report, or the
+// default action).
+struct sigaction old_segv, old_bus;
+
 // A kernel reading or writing outside its buffers faults (buffers end against an
-// inaccessible page); say which kernel, block and thread before the process dies.
+// inaccessible page); say which kernel, block and thread, then hand the fault to the
+// handler that was there before: returning re-runs the access, which faults again.
 void on_fault(int sig, siginfo_t* info, void*) {
     if (tl_kernel && tl_fiber && tl_launch) {
         char msg[256];
@@ -173,18 +178,18 @@ void on_fault(int sig, siginfo_t* info, void*) {
             (void)w;
         }
     }
-    signal(sig, SIG_DFL);
-    raise(sig);
+    sigaction(sig, sig == SIGBUS ? &old_bus : &old_segv, nullptr);
 }
 
 void install_fault_handler() {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    // On the alternate stack where the thread has one (a fault may be a stack overflow).
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
 }
 
 }  // namespace
