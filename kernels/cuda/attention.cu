@@ -1,10 +1,13 @@
 // Causal grouped-query attention over the paged KV cache (f16, layout of one layer
 // [block][kv_head][slot][dim]), written for this step before it runs.
 //
-// One block per (query row, KV head): its warps split the row's keys, its lanes split
-// head_dim (dims lane, lane+32, ...), and each warp keeps an online-softmax state per
-// query head of the group, so the group's heads read each key and value once. The warps'
-// states are merged through shared memory at the end. Output: f16 [rows, n_heads·head_dim]
+// One block per (query row, KV head): the row's keys fall into MAX_WARPS fixed slices (key
+// j in slice j % MAX_WARPS), its warps take the slices in turn (warp w: slices w, w + nw,
+// ...), its lanes split head_dim (dims lane, lane+32, ...), and a warp keeps an
+// online-softmax state per query head of the group, so the group's heads read each key and
+// value once. The slices' states are merged through shared memory at the end, in slice
+// order. The partition does not depend on how many warps a launch has, so a row's output
+// has the same bits whatever the batch around it. Output: f16 [rows, n_heads·head_dim]
 // (the output projection's input). Query row r starts at q + r · q_stride (the QKV
 // product's rows, whose first n_heads · head_dim floats are the queries).
 //
@@ -21,9 +24,10 @@
 #ifndef MAX_DPL
 #define MAX_DPL 4   // head_dim <= 128
 #endif
-// Warps per block that share a row's keys (a launch with more leaves the extra idle);
-// the loader raises it where the model's state fits in shared memory, and launches more
-// warps when the step has few rows (decode at small batch).
+// Key slices per row, and the most warps per block (a launch with more leaves the extra
+// idle; one with fewer runs several slices per warp); the loader raises it where the
+// model's state fits in shared memory, and launches more warps when the step has few rows
+// (decode at small batch).
 #ifndef MAX_WARPS
 #define MAX_WARPS 4
 #endif
@@ -37,56 +41,59 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nw = min((int)(blockDim.x >> 5), MAX_WARPS);
-    bool active = warp < nw;
     int dpl = head_dim / 32;
     float qv[MAX_GROUP][MAX_DPL], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][MAX_DPL];
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
 #pragma unroll
-        for (int t = 0; t < MAX_DPL; ++t) {
-            acc[g][t] = 0.0f;
+        for (int t = 0; t < MAX_DPL; ++t)
             qv[g][t] = (g < group && t < dpl)
                            ? q_row[(kvh * group + g) * head_dim + t * 32 + lane] * scale
                            : 0.0f;
-        }
     }
-    for (int j = warp; active && j < n_keys; j += nw) {
-        int blk = table[j / block_size], slot = j % block_size;
-        size_t base = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim;
-        float kk[MAX_DPL], vv[MAX_DPL];
+    for (int slice = warp; slice < MAX_WARPS; slice += nw) {
 #pragma unroll
-        for (int t = 0; t < MAX_DPL; ++t) {
-            kk[t] = t < dpl ? h2f(kc[base + t * 32 + lane]) : 0.0f;
-            vv[t] = t < dpl ? h2f(vc[base + t * 32 + lane]) : 0.0f;
+        for (int g = 0; g < MAX_GROUP; ++g) {
+            m[g] = -INFINITY;
+            l[g] = 0.0f;
+#pragma unroll
+            for (int t = 0; t < MAX_DPL; ++t) acc[g][t] = 0.0f;
+        }
+        for (int j = slice; j < n_keys; j += MAX_WARPS) {
+            int blk = table[j / block_size], slot = j % block_size;
+            size_t base = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim;
+            float kk[MAX_DPL], vv[MAX_DPL];
+#pragma unroll
+            for (int t = 0; t < MAX_DPL; ++t) {
+                kk[t] = t < dpl ? h2f(kc[base + t * 32 + lane]) : 0.0f;
+                vv[t] = t < dpl ? h2f(vc[base + t * 32 + lane]) : 0.0f;
+            }
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; ++g) {
+                if (g >= group) break;
+                float s = 0.0f;
+#pragma unroll
+                for (int t = 0; t < MAX_DPL; ++t) s += qv[g][t] * kk[t];
+                s = warp_sum(s);
+                float mn = fmaxf(m[g], s);
+                float corr = expf(m[g] - mn), p = expf(s - mn);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int t = 0; t < MAX_DPL; ++t) acc[g][t] = acc[g][t] * corr + p * vv[t];
+                m[g] = mn;
+            }
         }
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g) {
             if (g >= group) break;
-            float s = 0.0f;
+            if (lane == 0) {
+                sm_m[slice][g] = m[g];
+                sm_l[slice][g] = l[g];
+            }
 #pragma unroll
-            for (int t = 0; t < MAX_DPL; ++t) s += qv[g][t] * kk[t];
-            s = warp_sum(s);
-            float mn = fmaxf(m[g], s);
-            float corr = expf(m[g] - mn), p = expf(s - mn);
-            l[g] = l[g] * corr + p;
-#pragma unroll
-            for (int t = 0; t < MAX_DPL; ++t) acc[g][t] = acc[g][t] * corr + p * vv[t];
-            m[g] = mn;
+            for (int t = 0; t < MAX_DPL; ++t)
+                if (t < dpl) sm_acc[slice][g][t * 32 + lane] = acc[g][t];
         }
-    }
-#pragma unroll
-    for (int g = 0; g < MAX_GROUP; ++g) {
-        if (g >= group) break;
-        if (!active) break;
-        if (lane == 0) {
-            sm_m[warp][g] = m[g];
-            sm_l[warp][g] = l[g];
-        }
-#pragma unroll
-        for (int t = 0; t < MAX_DPL; ++t)
-            if (t < dpl) sm_acc[warp][g][t * 32 + lane] = acc[g][t];
     }
     __syncthreads();
     // Merge: thread i of the block produces output elements i, i + blockDim.x, ...
@@ -94,9 +101,9 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     for (int e = threadIdx.x; e < width; e += blockDim.x) {
         int g = e / head_dim, d = e % head_dim;
         float mx = -INFINITY;
-        for (int w = 0; w < nw; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        for (int w = 0; w < MAX_WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
         float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < nw; ++w) {
+        for (int w = 0; w < MAX_WARPS; ++w) {
             if (sm_l[w][g] == 0.0f) continue;
             float c = expf(sm_m[w][g] - mx);
             num += sm_acc[w][g][d] * c;
