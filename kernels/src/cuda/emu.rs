@@ -21,9 +21,9 @@ use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Whether this build has the emulator (`build.rs` leaves it out without a C++ compiler
-/// or off x86-64 Linux), or why not.
-/// `TOLLGATE_EMU=0` turns it off (the GPU script does, to spend device time on the GPU).
+/// Whether the emulator can run, or why not: `build.rs` leaves it out without a C++
+/// compiler or off x86-64 Linux, and `TOLLGATE_EMU=0` turns it off (the GPU script does,
+/// to spend device time on the GPU).
 pub fn available() -> Result<(), String> {
     if !cfg!(tollgate_emu) {
         Err("this build has no CUDA emulator (no C++ compiler, or not x86-64 Linux)".into())
@@ -200,10 +200,10 @@ impl Emu {
         let (g, d, w) = (want("MAX_GROUP"), want("MAX_DPL"), want("MAX_WARPS"));
         builds()
             .into_iter()
-            .find(|b| (b.1, b.2, b.3) == (g, d, w))
+            .find(|b| b.defines == (g, d, w))
             .map(|b| Self {
-                build: b.0,
-                kernels: b.4,
+                build: b.name,
+                kernels: b.kernels,
                 capturing: Mutex::new(None),
             })
             .ok_or_else(|| {
@@ -213,21 +213,14 @@ impl Emu {
                 ))
             })
     }
-
-    /// The kernels of this build, by name, with their signatures (one letter per
-    /// parameter: scalars lower case, pointers upper case).
-    pub fn signatures(&self) -> Vec<(String, String)> {
-        let mut v: Vec<_> = self
-            .kernels
-            .iter()
-            .map(|(n, k)| (n.clone(), String::from_utf8_lossy(&k.sig).into_owned()))
-            .collect();
-        v.sort();
-        v
-    }
 }
 
-type Build = (String, usize, usize, usize, HashMap<String, Kernel>);
+/// One emulator build: its name, attention constants and kernels by name.
+struct Build {
+    name: String,
+    defines: (usize, usize, usize),
+    kernels: HashMap<String, Kernel>,
+}
 
 fn builds() -> Vec<Build> {
     let text = |p: *const c_char| {
@@ -259,13 +252,15 @@ fn builds() -> Vec<Build> {
                 (text(e.name), k)
             })
             .collect();
-        out.push((
-            text(v.name),
-            v.max_group as usize,
-            v.max_dpl as usize,
-            v.max_warps as usize,
+        out.push(Build {
+            name: text(v.name),
+            defines: (
+                v.max_group as usize,
+                v.max_dpl as usize,
+                v.max_warps as usize,
+            ),
             kernels,
-        ));
+        });
     }
     out
 }
@@ -586,7 +581,7 @@ mod tests {
             .collect();
         for b in builds() {
             for n in &names {
-                assert!(b.4.contains_key(*n), "build {} lacks {n}", b.0);
+                assert!(b.kernels.contains_key(*n), "build {} lacks {n}", b.name);
             }
         }
         let smol = LlamaConfig::smollm2_135m();
