@@ -1,8 +1,10 @@
 //! The kernel benchmarks' launches (`examples/gpu_bench.rs` times them on a GPU): the
-//! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch) at engine and large
-//! sizes, and paged decode attention at several batch sizes, each with the bytes it must
-//! move. Written against [`Exec`], so a test runs the same launches on the emulator at
-//! small sizes: a benchmark that would fail on the GPU fails in CI first.
+//! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch, swiglu) at engine and
+//! large sizes, paged decode attention at several batch sizes, the sampling kernel
+//! (greedy, and with top-k and top-p cuts), and the step's matrix products at decode batch
+//! sizes, each with the bytes it must move (for the products: the weights, read once).
+//! Written against [`Exec`], so a test runs the same launches on the emulator at small
+//! sizes: a benchmark that would fail on the GPU fails in CI first.
 
 use super::device::attention_warps;
 use super::exec::{Arg, DevBuf, Exec, ExecError};
@@ -20,6 +22,11 @@ pub struct Sizes {
     /// Decode attention batch sizes, and the context of every sequence.
     pub decode: Vec<usize>,
     pub ctx: usize,
+    /// Sampling: rows, and the vocabulary.
+    pub sample: (usize, usize),
+    /// Matrix products: (name, k, n) weight shapes, each at these row counts.
+    pub products: Vec<(&'static str, usize, usize)>,
+    pub product_rows: Vec<usize>,
 }
 
 impl Sizes {
@@ -30,6 +37,16 @@ impl Sizes {
             steps: vec![(256, 64, 512), (2048, 32, 2048)],
             decode: vec![1, 16, 64, 256],
             ctx: 512,
+            sample: (256, 49152),
+            // SmolLM2-135M's: QKV, output, gate|up, down, and the LM head.
+            products: vec![
+                ("qkv", 576, 960),
+                ("o", 576, 576),
+                ("gate|up", 576, 3072),
+                ("down", 1536, 576),
+                ("lm head", 576, 49152),
+            ],
+            product_rows: vec![1, 16, 64, 256],
         }
     }
 
@@ -40,6 +57,9 @@ impl Sizes {
             steps: vec![(8, 4, 16)],
             decode: vec![1, 3],
             ctx: 48,
+            sample: (3, 3000),
+            products: vec![("small", 64, 96)],
+            product_rows: vec![1, 5],
         }
     }
 }
@@ -229,6 +249,77 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             secs,
             bytes: (batch * ctx * 192 * 2 * 2) as f64,
         });
+    }
+    // swiglu: rows of SmolLM2's gate|up product (read 2 × 1536 f32, write 1536 f16).
+    let ffn = 1536usize;
+    let gu = e.zeros::<f32>(t * 2 * ffn)?;
+    let g = e.zeros::<f16>(t * ffn)?;
+    let n = (t * ffn) as u32;
+    let args = [gu.arg(), g.arg(), i(t), i(ffn)];
+    let secs = time(e, iters, "swiglu", cfg((n.div_ceil(256), 1), 256), &args)?;
+    rows.push(Row {
+        name: format!("swiglu {t}×{ffn}"),
+        secs,
+        bytes: (t * ffn) as f64 * (8.0 + 2.0),
+    });
+    drop((gu, g));
+
+    // sample: one block per row over the vocabulary; greedy, then with both cuts (the
+    // bisection passes).
+    let (n_rows, vocab) = sizes.sample;
+    let logits: Vec<f32> = (0..n_rows * vocab)
+        .map(|k| ((k as u64 * 2654435761) % 1000) as f32 * 0.01)
+        .collect();
+    let lg = e.upload(&logits)?;
+    let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
+    let steps = e.zeros::<u32>(n_rows)?;
+    let out = e.zeros::<u32>(n_rows)?;
+    for (label, temp, top_k, top_p) in [
+        ("greedy", 0.0f32, 0i32, 1.0f32),
+        ("top-k 50, top-p 0.9", 0.8, 50, 0.9),
+    ] {
+        let tv = e.upload(&vec![temp; n_rows])?;
+        let kv = e.upload(&vec![top_k; n_rows])?;
+        let pv = e.upload(&vec![top_p; n_rows])?;
+        let args = [
+            lg.arg(),
+            i(vocab),
+            tv.arg(),
+            kv.arg(),
+            pv.arg(),
+            seeds.arg(),
+            steps.arg(),
+            out.arg(),
+        ];
+        let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
+        let secs = time(e, iters, "sample", c, &args)?;
+        rows.push(Row {
+            name: format!("sample {n_rows}×{vocab}, {label}"),
+            secs,
+            bytes: (n_rows * vocab * 4) as f64,
+        });
+    }
+    drop((lg, out));
+
+    // The products at decode batch sizes: the weights read once is the floor.
+    for &(name, k, n) in &sizes.products {
+        let w = e.zeros::<f16>(n * k)?;
+        for &m in &sizes.product_rows {
+            let x = e.zeros::<f16>(m * k)?;
+            let mut y = e.zeros::<f32>(m * n)?;
+            e.gemm(&x, &w, 0, &mut y, m, k, n)?;
+            e.synchronize()?;
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                e.gemm(&x, &w, 0, &mut y, m, k, n)?;
+            }
+            e.synchronize()?;
+            rows.push(Row {
+                name: format!("gemm {name} {m}×{k}·{k}×{n}"),
+                secs: t0.elapsed().as_secs_f64() / iters.max(1) as f64,
+                bytes: (n * k * 2 + m * k * 2 + m * n * 4) as f64,
+            });
+        }
     }
     Ok(rows)
 }
