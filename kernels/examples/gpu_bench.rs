@@ -1,7 +1,7 @@
-//! Memory-bound kernel bandwidth on a GPU (add_rmsnorm, rope_kv_write, build_batch, swiglu), against
-//! the card's measured device-to-device copy bandwidth; paged decode attention at batch 1,
-//! 16, 64, 256; the sampling kernel; the step's cuBLAS products at decode batch sizes
-//! against reading their weights once. Prints one table. The launches are
+//! Memory-bound kernel bandwidth on a GPU (add_rmsnorm, rope_kv_write, build_batch,
+//! swiglu), against the card's measured device-to-device copy bandwidth; paged decode
+//! attention at batch 1, 16, 64, 256; the sampling kernel; the step's cuBLAS products at
+//! decode batch sizes against reading their weights once. Prints one table. The launches are
 //! `kernels::cuda::bench`'s (a test runs them on the CPU emulator at small sizes).
 //!
 //! `cargo build --release -p kernels --example gpu_bench` here; run by
