@@ -31,6 +31,10 @@ struct dim3 {
     unsigned x, y, z;
 };
 
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
 namespace emu {
 
 struct Fiber {

@@ -463,6 +463,37 @@ fn swiglu_case<E: Exec>(g: &E) {
 }
 
 #[test]
+fn gemv_matches_the_product_twin() {
+    on_each!(gemv_case);
+}
+
+/// `gemv_f16` against the product's twin (cuBLAS's arithmetic: f16 inputs, f32 sums) for
+/// 1 to 4 rows, with a weight offset, a column count that is no multiple of the block's
+/// warps, and a poisoned output.
+fn gemv_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::gemv;
+    let mut rng = Rng(9);
+    let (k, n, row0) = (576, 1003, 5);
+    let w: Vec<f16> = rng
+        .vec((n + row0) * k, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let wd = up(g, &w);
+    for m in 1..=4 {
+        let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
+        let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
+        let xd = up(g, &x);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        gemv(g, &xd, &wd, row0, &mut y, m, k, n).unwrap();
+        let e = rel(&down(g, &y), &want);
+        assert!(e < 1e-5, "{}: {m} rows: {e}", g.describe());
+    }
+    let (xd, mut y) = (up(g, &vec![f16::ZERO; 5 * k]), up(g, &vec![0f32; 5 * n]));
+    assert!(gemv(g, &xd, &wd, 0, &mut y, 5, k, n).is_err(), "5 rows");
+}
+
+#[test]
 fn sampling_matches_its_twin() {
     on_each!(sampling_case);
 }
@@ -577,8 +608,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     let rows = run(&e, &Sizes::smoke(), 1).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     // rmsnorm, rope, one build_batch, two attention batches, swiglu, two sampling
-    // settings, one product at two row counts.
-    assert_eq!(rows.len(), 10, "{names:?}");
+    // settings, one product at two row counts by cuBLAS's stand-in and at one by gemv_f16.
+    assert_eq!(rows.len(), 11, "{names:?}");
     assert!(
         rows.iter().all(|r| r.secs > 0.0 && r.bytes > 0.0),
         "{rows:?}"

@@ -2,7 +2,8 @@
 //! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch, swiglu) at engine and
 //! large sizes, paged decode attention at several batch sizes, the sampling kernel
 //! (greedy, and with top-k and top-p cuts), and the step's matrix products at decode batch
-//! sizes, each with the bytes it must move (for the products: the weights, read once).
+//! sizes (cuBLAS, and our `gemv_f16` where it applies), each with the bytes it must move
+//! (for the products: the weights, read once).
 //! Written against [`Exec`], so a test runs the same launches on the emulator at small
 //! sizes: a benchmark that would fail on the GPU fails in CI first.
 
@@ -46,7 +47,7 @@ impl Sizes {
                 ("down", 1536, 576),
                 ("lm head", 576, 49152),
             ],
-            product_rows: vec![1, 16, 64, 256],
+            product_rows: vec![1, 4, 16, 64, 256],
         }
     }
 
@@ -314,11 +315,27 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 e.gemm(&x, &w, 0, &mut y, m, k, n)?;
             }
             e.synchronize()?;
+            let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
             rows.push(Row {
                 name: format!("gemm {name} {m}×{k}·{k}×{n}"),
                 secs: t0.elapsed().as_secs_f64() / iters.max(1) as f64,
-                bytes: (n * k * 2 + m * k * 2 + m * n * 4) as f64,
+                bytes,
             });
+            // Our own kernel for a few rows, against cuBLAS's row above.
+            if super::gemv::fits(m, k) {
+                super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)?;
+                e.synchronize()?;
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)?;
+                }
+                e.synchronize()?;
+                rows.push(Row {
+                    name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),
+                    secs: t0.elapsed().as_secs_f64() / iters.max(1) as f64,
+                    bytes,
+                });
+            }
         }
     }
     Ok(rows)

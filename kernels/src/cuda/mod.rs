@@ -20,6 +20,7 @@ pub mod compile;
 pub mod device;
 pub mod emu;
 pub mod exec;
+pub mod gemv;
 pub mod staging;
 mod step;
 pub mod twins;
@@ -68,6 +69,11 @@ pub const SOURCES: &[Source] = &[
         entries: &["swiglu"],
     },
     Source {
+        name: "gemv",
+        code: include_str!("../../cuda/gemv.cu"),
+        entries: &["gemv_f16"],
+    },
+    Source {
         name: "sample",
         code: include_str!("../../cuda/sample.cu"),
         entries: &["sample"],
@@ -86,6 +92,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("attention_decode", 512),
     ("swiglu", 256),
     ("sample", 1024),
+    ("gemv_f16", 256),
 ];
 
 /// What is missing for CUDA, or `Ok` when the driver, NVRTC and cuBLAS libraries load.
