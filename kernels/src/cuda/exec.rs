@@ -50,31 +50,29 @@ pub trait DevBuf<T: Elem> {
             elem: T::CODE,
         }
     }
-    /// Elements `r` of the buffer as a kernel argument (a pointer to the first).
-    fn arg_at(&self, r: Range<usize>) -> Arg {
-        assert!(
-            r.start <= r.end && r.end <= self.elems(),
-            "{r:?} outside a buffer of {}",
-            self.elems()
-        );
-        Arg::Ptr {
-            addr: self.addr() + (r.start * std::mem::size_of::<T>()) as u64,
-            elem: T::CODE,
-        }
+    /// Elements `r` of the buffer as a kernel argument (a pointer to the first), or an
+    /// error when `r` is not inside the buffer.
+    fn arg_at(&self, r: Range<usize>) -> Result<Arg, ExecError> {
+        self.arg_at_as::<T>(r)
     }
     /// Elements `r` as a kernel argument pointing at `U`s: the staging buffer's words hold
     /// the sampling parameters (f32, i32, u64), laid out for their alignment.
-    fn arg_at_as<U: Elem>(&self, r: Range<usize>) -> Arg {
-        match self.arg_at(r) {
-            Arg::Ptr { addr, .. } => {
-                debug_assert_eq!(addr % std::mem::align_of::<U>() as u64, 0);
-                Arg::Ptr {
-                    addr,
-                    elem: U::CODE,
-                }
-            }
-            other => other,
+    fn arg_at_as<U: Elem>(&self, r: Range<usize>) -> Result<Arg, ExecError> {
+        let addr = self.addr() + (r.start * std::mem::size_of::<T>()) as u64;
+        if r.start > r.end
+            || r.end > self.elems()
+            || !addr.is_multiple_of(std::mem::align_of::<U>() as u64)
+        {
+            return Err(ExecError::Bounds(format!(
+                "elements {r:?} of a buffer of {} (as {})",
+                self.elems(),
+                std::any::type_name::<U>()
+            )));
         }
+        Ok(Arg::Ptr {
+            addr,
+            elem: U::CODE,
+        })
     }
 }
 

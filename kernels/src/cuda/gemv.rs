@@ -43,7 +43,7 @@ pub fn gemv<E: Exec>(
     };
     let args = [
         x.arg(),
-        w.arg_at(w_row0 * k..(w_row0 + n) * k),
+        w.arg_at(w_row0 * k..(w_row0 + n) * k)?,
         y.arg(),
         Arg::I32(rows as i32),
         Arg::I32(k as i32),

@@ -378,11 +378,11 @@ impl<E: Exec> Device<E> {
                 &[
                     b.logits.arg(),
                     Arg::I32(c.vocab as i32),
-                    st.arg_at_as::<f32>(lay.temperature()),
-                    st.arg_at_as::<i32>(lay.top_k()),
-                    st.arg_at_as::<f32>(lay.top_p()),
-                    st.arg_at_as::<u64>(lay.seeds()),
-                    st.arg_at_as::<u32>(lay.steps()),
+                    st.arg_at_as::<f32>(lay.temperature())?,
+                    st.arg_at_as::<i32>(lay.top_k())?,
+                    st.arg_at_as::<f32>(lay.top_p())?,
+                    st.arg_at_as::<u64>(lay.seeds())?,
+                    st.arg_at_as::<u32>(lay.steps())?,
                     b.sampled.arg(),
                 ],
             )?;
