@@ -164,3 +164,41 @@ pub(super) fn check_gemm(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer's address and length, which is all `arg_at` reads.
+    struct At(u64, usize);
+    impl DevBuf<u32> for At {
+        fn addr(&self) -> u64 {
+            self.0
+        }
+        fn elems(&self) -> usize {
+            self.1
+        }
+    }
+
+    #[test]
+    fn sub_buffer_arguments_stay_inside_and_aligned() {
+        let b = At(4096, 10);
+        assert_eq!(
+            b.arg_at(2..5).unwrap(),
+            Arg::Ptr {
+                addr: 4104,
+                elem: b'u'
+            }
+        );
+        assert_eq!(
+            b.arg_at_as::<u64>(2..6).unwrap(),
+            Arg::Ptr {
+                addr: 4104,
+                elem: b'l'
+            }
+        );
+        assert!(b.arg_at(8..11).is_err(), "past the end");
+        assert!(b.arg_at_as::<u64>(1..3).is_err(), "u64s at an odd word");
+        assert!(b.arg_at(10..10).is_ok(), "an empty range at the end");
+    }
+}
