@@ -121,7 +121,11 @@ impl<E: Exec> CudaBackend<E> {
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
         b.run(&Batch::default(), 1, None, Some(&[]), tokens)
-            .map_err(|e| ExecError::Emu(format!("first step on the device: {e}")))?;
+            .map_err(|e| {
+                ExecError::Gpu(GpuError::Unavailable(format!(
+                    "first step on the device: {e}"
+                )))
+            })?;
         if std::env::var("TOLLGATE_CUDA_GRAPHS").as_deref() == Ok("0") {
             b.graphs_off = Some("TOLLGATE_CUDA_GRAPHS=0".into());
         } else if let Err(e) = b.capture_all() {
