@@ -142,16 +142,7 @@ fn decode_greedy<B: Backend>(
 /// kernels), for one sequence of up to 128 tokens: None where the build has no emulator.
 fn emulated(m: &kernels::load::Loaded) -> Option<CudaBackend<Emu>> {
     let twin = TwinModel::from_model(&m.model);
-    let emu = match Emu::open_for(&twin.config) {
-        Ok(e) => e,
-        Err(e) if std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1") => {
-            panic!("TOLLGATE_REQUIRE_EMU=1: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED on the emulator: {e}");
-            return None;
-        }
-    };
+    let emu = kernels::cuda::emu::or_skip(Emu::open_for(&twin.config))?;
     let kv = KvCapacity::Blocks(8);
     Some(CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1).unwrap())
 }

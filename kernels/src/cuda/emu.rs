@@ -215,6 +215,22 @@ impl Emu {
     }
 }
 
+/// For tests: `opened`, or `None` with the reason printed where the emulator is missing;
+/// under `TOLLGATE_REQUIRE_EMU=1` (as `scripts/test.sh` sets) a missing emulator panics
+/// instead, so that a suite cannot pass by skipping it.
+pub fn or_skip(opened: Result<Emu, GpuError>) -> Option<Emu> {
+    match opened {
+        Ok(e) => Some(e),
+        Err(e) if std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1") => {
+            panic!("TOLLGATE_REQUIRE_EMU=1: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED on the emulator: {e}");
+            None
+        }
+    }
+}
+
 /// One emulator build: its name, attention constants and kernels by name.
 struct Build {
     name: String,
@@ -563,13 +579,7 @@ mod tests {
     }
 
     fn emu() -> Option<Emu> {
-        match Emu::open() {
-            Ok(e) => Some(e),
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                None
-            }
-        }
+        or_skip(Emu::open())
     }
 
     #[test]

@@ -73,27 +73,12 @@ pub fn greedy_compare(
 /// The CPU emulator's general build, or `None` with a printed reason (a failure instead
 /// under `TOLLGATE_REQUIRE_EMU=1`, as in CI).
 pub fn emu() -> Option<kernels::cuda::emu::Emu> {
-    emu_or_skip(kernels::cuda::emu::Emu::open())
+    kernels::cuda::emu::or_skip(kernels::cuda::emu::Emu::open())
 }
 
 /// The emulator's build for `config`'s attention shape.
 pub fn emu_for(config: &kernels::model::LlamaConfig) -> Option<kernels::cuda::emu::Emu> {
-    emu_or_skip(kernels::cuda::emu::Emu::open_for(config))
-}
-
-fn emu_or_skip(
-    r: Result<kernels::cuda::emu::Emu, kernels::cuda::device::GpuError>,
-) -> Option<kernels::cuda::emu::Emu> {
-    match r {
-        Ok(e) => Some(e),
-        Err(e) if std::env::var("TOLLGATE_REQUIRE_EMU").as_deref() == Ok("1") => {
-            panic!("TOLLGATE_REQUIRE_EMU=1: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED on the emulator: {e}");
-            None
-        }
-    }
+    kernels::cuda::emu::or_skip(kernels::cuda::emu::Emu::open_for(config))
 }
 
 /// GPU 0 with the kernels' general build, or `None` with a printed reason.
