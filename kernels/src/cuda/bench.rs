@@ -81,22 +81,31 @@ fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
-/// Seconds per launch of `kernel` (after a warm-up launch), synchronized at the end.
+/// Seconds per call of `f` (after a warm-up call), synchronized at the end.
 fn time<E: Exec>(
+    e: &E,
+    iters: u32,
+    mut f: impl FnMut() -> Result<(), ExecError>,
+) -> Result<f64, ExecError> {
+    f()?;
+    e.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    e.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Seconds per launch of `kernel`.
+fn time_launch<E: Exec>(
     e: &E,
     iters: u32,
     kernel: &str,
     c: LaunchConfig,
     args: &[Arg],
 ) -> Result<f64, ExecError> {
-    e.launch(kernel, c, args)?;
-    e.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..iters {
-        e.launch(kernel, c, args)?;
-    }
-    e.synchronize()?;
-    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+    time(e, iters, || e.launch(kernel, c, args))
 }
 
 /// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
@@ -120,7 +129,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         i(d),
         Arg::F32(1e-5),
     ];
-    let secs = time(e, iters, "add_rmsnorm", cfg((t as u32, 1), 256), &args)?;
+    let secs = time_launch(e, iters, "add_rmsnorm", cfg((t as u32, 1), 256), &args)?;
     rows.push(Row {
         name: format!("add_rmsnorm {t}×{d}"),
         secs,
@@ -153,7 +162,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         i(bs),
         Arg::F32(100000.0),
     ];
-    let secs = time(
+    let secs = time_launch(
         e,
         iters,
         "rope_kv_write",
@@ -201,7 +210,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             o_tab.arg(),
             o_log.arg(),
         ];
-        let secs = time(
+        let secs = time_launch(
             e,
             iters,
             "build_batch",
@@ -244,7 +253,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // As the backend launches it: more warps per row at small batch.
         let threads = 32 * attention_warps(batch, 16) as u32;
         let c = cfg((batch as u32, nkv as u32), threads);
-        let secs = time(e, iters, "attention_decode", c, &args)?;
+        let secs = time_launch(e, iters, "attention_decode", c, &args)?;
         rows.push(Row {
             name: format!("attention_decode batch {batch}, ctx {ctx}"),
             secs,
@@ -257,7 +266,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     let g = e.zeros::<f16>(t * ffn)?;
     let n = (t * ffn) as u32;
     let args = [gu.arg(), g.arg(), i(t), i(ffn)];
-    let secs = time(e, iters, "swiglu", cfg((n.div_ceil(256), 1), 256), &args)?;
+    let secs = time_launch(e, iters, "swiglu", cfg((n.div_ceil(256), 1), 256), &args)?;
     rows.push(Row {
         name: format!("swiglu {t}×{ffn}"),
         secs,
@@ -293,7 +302,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             out.arg(),
         ];
         let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
-        let secs = time(e, iters, "sample", c, &args)?;
+        let secs = time_launch(e, iters, "sample", c, &args)?;
         rows.push(Row {
             name: format!("sample {n_rows}×{vocab}, {label}"),
             secs,
@@ -308,31 +317,21 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
             let mut y = e.zeros::<f32>(m * n)?;
-            e.gemm(&x, &w, 0, &mut y, m, k, n)?;
-            e.synchronize()?;
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                e.gemm(&x, &w, 0, &mut y, m, k, n)?;
-            }
-            e.synchronize()?;
             let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
+            let secs = time(e, iters, || e.gemm(&x, &w, 0, &mut y, m, k, n))?;
             rows.push(Row {
                 name: format!("gemm {name} {m}×{k}·{k}×{n}"),
-                secs: t0.elapsed().as_secs_f64() / iters.max(1) as f64,
+                secs,
                 bytes,
             });
             // Our own kernel for a few rows, against cuBLAS's row above.
             if super::gemv::fits(m, k) {
-                super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)?;
-                e.synchronize()?;
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)?;
-                }
-                e.synchronize()?;
+                let secs = time(e, iters, || {
+                    super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)
+                })?;
                 rows.push(Row {
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),
-                    secs: t0.elapsed().as_secs_f64() / iters.max(1) as f64,
+                    secs,
                     bytes,
                 });
             }
