@@ -24,7 +24,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
-use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::backend::{gpu_name, CudaBackend, KvCapacity};
+use kernels::cuda::device::Gpu;
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
@@ -171,16 +172,10 @@ impl EngineWorker {
                 },
             };
             let twin = TwinModel::from_model(&loaded.model);
-            let b = CudaBackend::with_capacity(
-                &twin,
-                device,
-                cfg.block_size,
-                kv,
-                sizes.max_batch_tokens,
-                sizes.max_seqs,
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            Ok((checked(b, &twin, &name).map_err(fail)?, sizes))
+            let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
+            let label = gpu_name(device, &gpu);
+            let b = cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &name).map_err(fail)?;
+            Ok((b, sizes))
         };
         // The CUDA path on the CPU emulator, with the CPU backend's sizes.
         let emulator = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
@@ -191,17 +186,8 @@ impl EngineWorker {
             let twin = TwinModel::from_model(&loaded.model);
             let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
             let label = emu.describe();
-            let b = CudaBackend::on(
-                emu,
-                label,
-                &twin,
-                cfg.block_size,
-                kv,
-                sizes.max_batch_tokens,
-                sizes.max_seqs,
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            Ok((checked(b, &twin, &name).map_err(fail)?, sizes))
+            let b = cuda_backend(emu, label, &twin, cfg, &sizes, kv, &name).map_err(fail)?;
+            Ok((b, sizes))
         };
         let cpu = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
             let sizes = cfg.sizes(false);
@@ -420,13 +406,21 @@ fn admit(n: NewSeq) -> Seq {
     }
 }
 
-/// A CUDA backend (on a GPU or the emulator) after its self-check: one prefill and one
-/// graph decode step against the CPU twin, before it serves.
-fn checked<E: Exec + 'static>(
-    mut b: CudaBackend<E>,
+/// The CUDA backend on `exec` (a GPU or the emulator), sized by `sizes` and `kv`, after its
+/// self-check: one prefill and one graph decode step against the CPU twin, before it
+/// serves.
+fn cuda_backend<E: Exec + 'static>(
+    exec: E,
+    label: String,
     twin: &TwinModel,
+    cfg: &EngineConfig,
+    sizes: &EngineSizes,
+    kv: KvCapacity,
     worker: &str,
 ) -> Result<Box<dyn Backend>, String> {
+    let (tokens, seqs) = (sizes.max_batch_tokens, sizes.max_seqs);
+    let mut b = CudaBackend::on(exec, label, twin, cfg.block_size, kv, tokens, seqs)
+        .map_err(|e| e.to_string())?;
     let err = b
         .self_check(twin)
         .map_err(|e| format!("self-check against the CPU failed: {e}"))?;

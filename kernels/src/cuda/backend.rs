@@ -59,6 +59,11 @@ fn tokens<E: Exec>(dev: &Device<E>, rows: usize) -> Result<Vec<u32>, ExecError> 
     dev.exec.download(&dev.bufs.sampled, rows)
 }
 
+/// The backend's name on GPU `device` (logs, `Backend::name`).
+pub fn gpu_name(device: usize, gpu: &Gpu) -> String {
+    format!("cuda:{device} {}", gpu.describe())
+}
+
 impl CudaBackend<Gpu> {
     /// Loads `model` onto GPU `device`, with a KV cache of `n_blocks` blocks of
     /// `block_size` tokens, for steps of up to `max_tokens` rows and `max_seqs` sequences.
@@ -87,7 +92,7 @@ impl CudaBackend<Gpu> {
         max_seqs: usize,
     ) -> Result<Self, GpuError> {
         let gpu = Gpu::open_for(device, &twin.config)?;
-        let name = format!("cuda:{device} {}", gpu.describe());
+        let name = gpu_name(device, &gpu);
         Self::on(gpu, name, twin, block_size, kv, max_tokens, max_seqs)
             .map_err(|e| GpuError::Unavailable(e.to_string()))
     }
