@@ -78,29 +78,35 @@ inline int lane() { return (int)(tl_fiber->linear & 31u); }
 inline void __syncthreads() { emu::syncthreads(); }
 
 // Full-warp shuffles (the only kind the kernels use: the mask must name all 32 lanes).
+namespace emu {
+inline void full_warp(unsigned mask) {
+    if (mask != 0xffffffffu) fail("partial-warp shuffle");
+}
+}  // namespace emu
+
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
-    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    emu::full_warp(mask);
     return emu::exchange(v, emu::lane() ^ lane_mask);
 }
 
 template <class T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
-    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    emu::full_warp(mask);
     int l = emu::lane(), src = l - (int)delta;
     return emu::exchange(v, src < 0 ? l : src);
 }
 
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
-    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    emu::full_warp(mask);
     int l = emu::lane(), src = l + (int)delta;
     return emu::exchange(v, src > 31 ? l : src);
 }
 
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src) {
-    if (mask != 0xffffffffu) emu::fail("partial-warp shuffle");
+    emu::full_warp(mask);
     return emu::exchange(v, src & 31);
 }
 

@@ -259,8 +259,9 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return bad("empty grid");
     if (grid[1] > 65535 || grid[2] > 65535) return bad("grid y and z must be at most 65535");
     std::vector<Fiber> fibers(n);
+    std::vector<char*> stacks(n);  // each fiber's, looked up once for every block
     for (unsigned i = 0; i < n; ++i)
-        if (!tl_stacks.get(i)) return bad("out of memory for fiber stacks");
+        if (!(stacks[i] = tl_stacks.get(i))) return bad("out of memory for fiber stacks");
     Block* bp = new Block();
     Block& b = *bp;
     Launch launch;
@@ -308,7 +309,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
             f.linear = i;
             f.tid = {i % block[0], i / block[0] % block[1], i / (block[0] * block[1])};
             f.done = false;
-            f.sp = fresh_sp(tl_stacks.get(i));
+            f.sp = fresh_sp(stacks[i]);
         }
         while (b.live > 0 && !b.error) {
             unsigned long before = b.progress;
