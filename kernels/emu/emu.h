@@ -37,6 +37,15 @@ struct alignas(16) uint4 {
 
 namespace emu {
 
+// The bits of `v` as a `To` of the same size (C++20's std::bit_cast).
+template <class To, class From>
+inline To bit_cast(From v) {
+    static_assert(sizeof(To) == sizeof(From), "bit_cast between sizes");
+    To out;
+    memcpy(&out, &v, sizeof(To));
+    return out;
+}
+
 struct Fiber {
     void* sp;
     dim3 tid;
@@ -115,16 +124,8 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-inline float __int_as_float(int i) {
-    float f;
-    memcpy(&f, &i, 4);
-    return f;
-}
-inline int __float_as_int(float f) {
-    int i;
-    memcpy(&i, &f, 4);
-    return i;
-}
+inline float __int_as_float(int i) { return emu::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return emu::bit_cast<int>(f); }
 
 // f16 <-> f32 as PTX's cvt.f32.f16 and cvt.rn.f16.f32 (round to nearest even).
 typedef unsigned short half_t;
@@ -146,14 +147,11 @@ inline float h2f(half_t h) {
         } while (!(man & 0x400u));
         bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
     }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return emu::bit_cast<float>(bits);
 }
 
 inline half_t f2h(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
+    uint32_t x = emu::bit_cast<uint32_t>(f);
     uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
     if (ax >= 0x7f800000u)  // inf or NaN (quiet, payload's top bits kept)
         return (half_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
