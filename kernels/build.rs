@@ -50,6 +50,8 @@ fn main() {
         .opt_level(2)
         .warnings(false)
         .flag_if_supported("-Wno-unknown-pragmas")
+        // Kernels store pairs of f16 words as one 32-bit word, as CUDA allows.
+        .flag_if_supported("-fno-strict-aliasing")
         .include(root.join("emu"))
         .file(root.join("emu/runtime.cpp"));
     let mut list = String::from("#include \"emu.h\"\n");

@@ -38,9 +38,32 @@ for l in sys.stdin:
   du -sh "$BIN"
   exit 0
 fi
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Where the CUDA libraries may be, first found first used: the toolkit, NVIDIA's Python
+# wheels (nvidia-cuda-nvrtc, nvidia-cublas: `nvidia/cu13/lib` beside PyTorch), the
+# driver's mount. cudarc opens libcuda.so.1, libnvrtc.so.13 and libcublas.so.13 by name.
+libdirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+for py in python3 /opt/torch/.venv/bin/python3; do
+  site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null) || continue
+  libdirs+=("$site/nvidia/cu13/lib" "$site"/nvidia/*/lib)
 done
+libdirs+=(/usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu)
+path=""
+for d in "${libdirs[@]}"; do
+  [ -d "$d" ] && case ":$path:" in *":$d:"*) ;; *) path="${path:+$path:}$d" ;; esac
+done
+export LD_LIBRARY_PATH="$path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Which file each library resolves to (a missing one turns every test below into a skip).
+libs() {
+  for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
+    found=""
+    IFS=: read -ra dirs <<<"$LD_LIBRARY_PATH"
+    for d in "${dirs[@]}"; do
+      [ -e "$d/$lib" ] && { found="$d/$lib"; break; }
+    done
+    [ -n "$found" ] || found=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l { print $NF; exit }')
+    echo "$lib: ${found:-NOT FOUND}"
+  done
+}
 [ -x /usr/local/cuda/bin/ptxas ] && export TOLLGATE_PTXAS=${TOLLGATE_PTXAS:-/usr/local/cuda/bin/ptxas}
 export TOLLGATE_PTX_CACHE=${TOLLGATE_PTX_CACHE:-$(mktemp -d)}
 # The CPU emulator runs the same tests in CI; here the device time goes to the GPU.
@@ -50,6 +73,7 @@ if [ -n "$RESULTS" ] && [ -d "$RESULTS" ]; then
 fi
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+libs
 status=0
 printf '\n| check | result |\n|---|---|\n'
 for t in cuda_compile cuda_twins cuda_parity cuda_backend; do

@@ -33,40 +33,39 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
         slot_mapping[i] = blk * block_size + (int)(pos % block_size);
     }
     if (i < n_seqs * max_blocks) block_tables[i] = (int)tables[i];
-    // logit_rows: a prefix count of the sequences that want logits, by block 0 alone
-    // (a block-wide scan per chunk of blockDim.x sequences; O(n_seqs) work).
+    // logit_rows: an exclusive prefix count of the sequences that want logits, by block 0
+    // alone in one pass: each thread counts a run of consecutive sequences, one
+    // block-wide scan of those counts gives each run its first output entry, and each
+    // thread writes its run's entries. One barrier round whatever n_seqs is, so block 0
+    // finishes with the others.
     if (blockIdx.x == 0) {
         __shared__ int warp_sums[32];
-        __shared__ int carry;
         int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-        if (threadIdx.x == 0) carry = 0;
-        __syncthreads();
-        for (int base = 0; base < n_seqs; base += blockDim.x) {
-            int j = base + threadIdx.x;
-            int want = (j < n_seqs && heads[4 * j + 3] != 0) ? 1 : 0;
-            int v = want;  // inclusive scan within the warp
-            for (int o = 1; o < 32; o <<= 1) {
-                int t = __shfl_up_sync(0xffffffffu, v, o);
-                if (lane >= o) v += t;
-            }
-            if (lane == 31) warp_sums[warp] = v;
-            __syncthreads();
-            if (warp == 0) {
-                int w = lane < n_warps ? warp_sums[lane] : 0;
-                for (int o = 1; o < 32; o <<= 1) {
-                    int t = __shfl_up_sync(0xffffffffu, w, o);
-                    if (lane >= o) w += t;
-                }
-                warp_sums[lane] = w;  // inclusive prefix over warps
-            }
-            __syncthreads();
-            int before = carry + v - want + (warp > 0 ? warp_sums[warp - 1] : 0);
-            if (want) logit_rows[before] = (int)(heads[4 * j] + heads[4 * j + 1] - 1);
-            __syncthreads();
-            if (threadIdx.x == blockDim.x - 1) carry = before + want;
-            __syncthreads();
+        int per = (n_seqs + (int)blockDim.x - 1) / (int)blockDim.x;
+        int j0 = min((int)threadIdx.x * per, n_seqs), j1 = min(j0 + per, n_seqs);
+        int count = 0;
+        for (int j = j0; j < j1; ++j) count += heads[4 * j + 3] != 0 ? 1 : 0;
+        int v = count;  // inclusive scan within the warp
+        for (int o = 1; o < 32; o <<= 1) {
+            int t = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o) v += t;
         }
+        if (lane == 31) warp_sums[warp] = v;
+        __syncthreads();
+        if (warp == 0) {
+            int w = lane < n_warps ? warp_sums[lane] : 0;
+            for (int o = 1; o < 32; o <<= 1) {
+                int t = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += t;
+            }
+            warp_sums[lane] = w;  // inclusive prefix over warps
+        }
+        __syncthreads();
+        int at = v - count + (warp > 0 ? warp_sums[warp - 1] : 0);
+        for (int j = j0; j < j1; ++j)
+            if (heads[4 * j + 3] != 0) logit_rows[at++] = (int)(heads[4 * j] + heads[4 * j + 1] - 1);
         // Entries past the last wanted one are unused.
-        for (int j = carry + threadIdx.x; j < n_seqs; j += blockDim.x) logit_rows[j] = -1;
+        for (int j = warp_sums[n_warps - 1] + threadIdx.x; j < n_seqs; j += blockDim.x)
+            logit_rows[j] = -1;
     }
 }

@@ -3,28 +3,43 @@
 // With `rows` not null, output row i normalizes x row rows[i] (after adding delta's row
 // rows[i], when delta is not null): the last residual add and final norm of just the rows
 // that want logits. rows[i] < 0 writes zeros; the entries >= 0 must be distinct.
+//
+// One warp per output row (n_out rows; blockDim.x / 32 rows per block): a row of a few
+// hundred to a few thousand floats is a few dozen independent loads per lane, reduced by
+// shuffles alone, with no block barrier between a row's loads and its stores. The second
+// pass reads the row again from L1. A row's sum runs in the same order in any launch.
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __restrict__ delta,
                                        const float* __restrict__ w, half_t* __restrict__ out,
-                                       const int* __restrict__ rows, int dim, float eps) {
-    __shared__ float red[32];
-    int i = blockIdx.x;
+                                       const int* __restrict__ rows, int n_out, int dim,
+                                       float eps) {
+    int lane = threadIdx.x & 31;
+    int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= n_out) return;
     int r = rows ? rows[i] : i;
     half_t* o = out + (size_t)i * dim;
     if (r < 0) {
-        for (int d = threadIdx.x; d < dim; d += blockDim.x) o[d] = 0;
+        for (int d = lane; d < dim; d += 32) o[d] = 0;
         return;
     }
     float* xr = x + (size_t)r * dim;
     float ss = 0.0f;
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
-        float v = xr[d];
-        if (delta) {
-            v += delta[(size_t)r * dim + d];
+    if (delta) {
+        const float* dr = delta + (size_t)r * dim;
+#pragma unroll 4
+        for (int d = lane; d < dim; d += 32) {
+            float v = xr[d] + dr[d];
             xr[d] = v;
+            ss += v * v;
         }
-        ss += v * v;
+    } else {
+#pragma unroll 4
+        for (int d = lane; d < dim; d += 32) {
+            float v = xr[d];
+            ss += v * v;
+        }
     }
-    ss = block_sum(ss, red);
+    ss = warp_sum(ss);
     float inv = rsqrtf(ss / dim + eps);
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) o[d] = f2h(xr[d] * inv * w[d]);
+#pragma unroll 4
+    for (int d = lane; d < dim; d += 32) o[d] = f2h(xr[d] * inv * w[d]);
 }

@@ -5,8 +5,14 @@
 // k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
 // pos · base^(−2i/head_dim) (GGUF's Llama layout); then the rotated keys and the values go
 // to the paged f16 cache (one layer: [block][kv_head][slot][dim]) at slot_mapping[r] =
-// block × block_size + slot. One thread per (row, head, pair); heads [0, n_heads) are q's,
-// then k's (a k thread also writes its pair of keys and the same pair of values).
+// block × block_size + slot.
+//
+// One thread per (row, pair): its angle's sine and cosine are computed once and serve
+// every q and k head of the row (the same pair of each head turns by the same angle), so
+// the transcendental work is n_heads + n_kv_heads times smaller than per (row, head,
+// pair), and the kernel is bound by memory. A warp's lanes take adjacent pairs: each
+// head's loads and stores are contiguous across the warp, and a pair of f16 cache
+// entries goes out as one 32-bit store. Launch: n_rows · head_dim / 2 threads.
 extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          const u32* __restrict__ positions,
                                          const int* __restrict__ slot_mapping,
@@ -14,28 +20,36 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          int n_rows, int n_heads, int n_kv_heads, int head_dim,
                                          int block_size, float base) {
     int half_dim = head_dim / 2;
-    int per_row = (n_heads + n_kv_heads) * half_dim;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_rows * per_row) return;
-    int r = i / per_row, rest = i % per_row;
-    int h = rest / half_dim, p = rest % half_dim;
-    float* row = qkv + (size_t)r * stride;
-    float* x = row + (size_t)h * head_dim;  // k heads follow the q heads in the row
+    if (i >= n_rows * half_dim) return;
+    int r = i / half_dim, p = i - r * half_dim;
     float inv_freq = 1.0f / powf(base, (2.0f * p) / head_dim);
     float s, c;
     sincosf((float)positions[r] * inv_freq, &s, &c);
-    float a = x[2 * p], b = x[2 * p + 1];
-    float ra = a * c - b * s, rb = a * s + b * c;
-    x[2 * p] = ra;
-    x[2 * p + 1] = rb;
-    if (h < n_heads) return;
-    int kvh = h - n_heads;
+    float* row = qkv + (size_t)r * stride + 2 * p;
+#pragma unroll 4
+    for (int h = 0; h < n_heads; ++h) {
+        float* x = row + (size_t)h * head_dim;
+        float a = x[0], b = x[1];
+        x[0] = a * c - b * s;
+        x[1] = a * s + b * c;
+    }
     int slot_all = slot_mapping[r];
-    int blk = slot_all / block_size, slot = slot_all % block_size;
-    size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + 2 * p;
-    const float* v = row + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
-    kc[at] = f2h(ra);
-    kc[at + 1] = f2h(rb);
-    vc[at] = f2h(v[2 * p]);
-    vc[at + 1] = f2h(v[2 * p + 1]);
+    int blk = slot_all / block_size, slot = slot_all - blk * block_size;
+    // Entry 2p of (block, kv head 0, slot); each further KV head is block_size rows on.
+    size_t at = (((size_t)blk * n_kv_heads) * block_size + slot) * head_dim + 2 * p;
+    size_t head_step = (size_t)block_size * head_dim;
+#pragma unroll 4
+    for (int kvh = 0; kvh < n_kv_heads; ++kvh) {
+        float* x = row + (size_t)(n_heads + kvh) * head_dim;
+        const float* v = row + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
+        float a = x[0], b = x[1], va = v[0], vb = v[1];
+        float ra = a * c - b * s, rb = a * s + b * c;
+        x[0] = ra;
+        x[1] = rb;
+        // Two f16 entries at an even index: one aligned 32-bit word, the lower one first.
+        size_t e = at + kvh * head_step;
+        *(u32*)(kc + e) = (u32)f2h(ra) | ((u32)f2h(rb) << 16);
+        *(u32*)(vc + e) = (u32)f2h(va) | ((u32)f2h(vb) << 16);
+    }
 }

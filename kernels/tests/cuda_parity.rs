@@ -15,6 +15,7 @@ use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
+use kernels::cuda::norm_launch;
 use kernels::cuda::twins::{self, SampleParams};
 use kernels::forward::Batch;
 use kernels::model::LlamaConfig;
@@ -117,7 +118,7 @@ fn build_batch_matches_its_twin() {
 fn build_batch_case<E: Exec>(g: &E) {
     let mut rng = Rng(1);
     let (bs, mb) = (16, 64);
-    // 600 sequences: the logit-rows scan runs over several chunks of one block.
+    // 600 sequences: each thread of the logit-rows scan counts a run of 3.
     for (seqs, max_len) in [(37, 40), (600, 3)] {
         let b = random_batch(&mut rng, seqs, max_len, bs, mb);
         let (s, t) = (b.seqs.len(), b.tokens.len());
@@ -205,10 +206,11 @@ fn add_rmsnorm_case<E: Exec>(g: &E) {
         wd.arg(),
         out.arg(),
         Arg::Null,
+        i(t),
         i(dim),
         Arg::F32(eps),
     ];
-    g.launch("add_rmsnorm", cfg(t as u32, 256), &args).unwrap();
+    g.launch("add_rmsnorm", norm_launch(t), &args).unwrap();
     assert!(rel(&down(g, &xd), &xw) < 1e-6, "{what}: residual add");
     let e = rel(&f32s(&down(g, &out)), &f32s(&want));
     assert!(e < 2e-3, "{what}: normalized rows: {e}");
@@ -223,10 +225,11 @@ fn add_rmsnorm_case<E: Exec>(g: &E) {
         wd.arg(),
         out.arg(),
         rd.arg(),
+        i(rows.len()),
         i(dim),
         Arg::F32(eps),
     ];
-    g.launch("add_rmsnorm", cfg(rows.len() as u32, 256), &args)
+    g.launch("add_rmsnorm", norm_launch(rows.len()), &args)
         .unwrap();
     let e = rel(&f32s(&down(g, &out)), &f32s(&want));
     assert!(e < 2e-3, "{what}: selected rows: {e}");
@@ -291,7 +294,7 @@ fn rope_kv<E: Exec>(
         c,
         bs,
     );
-    let n_threads = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
+    let n_threads = (t * c.head_dim / 2) as u32;
     let args = [
         qg.arg(),
         i(stride),

@@ -126,10 +126,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         w.arg(),
         out.arg(),
         Arg::Null,
+        i(t),
         i(d),
         Arg::F32(1e-5),
     ];
-    let secs = time_launch(e, iters, "add_rmsnorm", cfg((t as u32, 1), 256), &args)?;
+    let secs = time_launch(e, iters, "add_rmsnorm", super::norm_launch(t), &args)?;
     rows.push(Row {
         name: format!("add_rmsnorm {t}×{d}"),
         secs,
@@ -147,7 +148,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     // Slot s is in block s / 16: t rows fill t / 16 blocks (plus a partial one).
     let cache = t.div_ceil(bs) * bs * 192;
     let (kc, vc) = (e.zeros::<f16>(cache)?, e.zeros::<f16>(cache)?);
-    let threads = (t * (nh + nkv) * hd / 2) as u32;
+    let threads = (t * hd / 2) as u32;
     let args = [
         qkv.arg(),
         i(width),

@@ -95,6 +95,16 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_f16", 256),
 ];
 
+/// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
+/// block of 256 threads.
+pub fn norm_launch(n_out: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: ((n_out as u32).div_ceil(8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// What is missing for CUDA, or `Ok` when the driver, NVRTC and cuBLAS libraries load.
 pub fn libraries() -> Result<(), String> {
     // SAFETY: these only try to open the shared libraries; they call nothing in them.

@@ -22,6 +22,7 @@
 
 use super::device::{attention_max_warps, attention_warps};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
+use super::norm_launch;
 use super::staging::Layout;
 use super::twins::TwinModel;
 use crate::model::LlamaConfig;
@@ -273,19 +274,20 @@ impl<E: Exec> Device<E> {
             let delta = if li == 0 { Arg::Null } else { b.o.arg() };
             e.launch(
                 "add_rmsnorm",
-                rows(t as u32, 256),
+                norm_launch(t),
                 &[
                     b.x.arg(),
                     delta,
                     w.attn_norm.arg(),
                     b.h.arg(),
                     Arg::Null,
+                    ti,
                     di,
                     eps,
                 ],
             )?;
             e.gemm(&b.h, &w.wqkv, 0, &mut b.qkv, t, d, qkv_w)?;
-            let n = (t * (c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u32;
+            let n = (t * c.head_dim / 2) as u32;
             e.launch(
                 "rope_kv_write",
                 launch(n, 256),
@@ -332,13 +334,14 @@ impl<E: Exec> Device<E> {
             e.gemm(&b.att, &w.wo, 0, &mut b.o, t, qd, d)?;
             e.launch(
                 "add_rmsnorm",
-                rows(t as u32, 256),
+                norm_launch(t),
                 &[
                     b.x.arg(),
                     b.o.arg(),
                     w.ffn_norm.arg(),
                     b.h.arg(),
                     Arg::Null,
+                    ti,
                     di,
                     eps,
                 ],
@@ -358,13 +361,14 @@ impl<E: Exec> Device<E> {
         // (packed by `logit_rows`).
         e.launch(
             "add_rmsnorm",
-            rows(n_logits as u32, 256),
+            norm_launch(n_logits),
             &[
                 b.x.arg(),
                 b.o.arg(),
                 output_norm.arg(),
                 b.h.arg(),
                 b.logit_rows.arg(),
+                Arg::I32(n_logits as i32),
                 di,
                 eps,
             ],
