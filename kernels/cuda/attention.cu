@@ -1,36 +1,56 @@
 // Causal grouped-query attention over the paged KV cache (f16, layout of one layer
 // [block][kv_head][slot][dim]), written for this step before it runs.
 //
-// One block per (query row, KV head): the row's keys fall into MAX_WARPS fixed slices (key
-// j in slice j % MAX_WARPS), its warps take the slices in turn (warp w: slices w, w + nw,
-// ...), its lanes split head_dim (dims lane, lane+32, ...), and a warp keeps an
-// online-softmax state per query head of the group, so the group's heads read each key and
-// value once. The slices' states are merged through shared memory at the end, in slice
-// order. The partition does not depend on how many warps a launch has, so a row's output
-// has the same bits whatever the batch around it. Output: f16 [rows, n_heads·head_dim]
-// (the output projection's input). Query row r starts at q + r · q_stride (the QKV
-// product's rows, whose first n_heads · head_dim floats are the queries).
+// One block per (query row, KV head). A key is read by a group of lanes, each lane
+// holding 8 consecutive dimensions (one 16-byte load of the key and one of the value):
+// lpk = head_dim / 8 lanes per key (rounded up to a power of two), so a warp works on
+// kpw = 32 / lpk keys at once (4 for head_dim 64), and a key's score for each query head of
+// the group needs log2(lpk) shuffles. Each lane group keeps an online-softmax state per
+// query head (max, sum, its 8 dimensions of the output), rescaled only when a key raises
+// the max, so the group's heads read each key and value once.
+//
+// The keys are dealt to MAX_WARPS × kpw fixed streams (key j to stream j % streams); a
+// slice is one warp's kpw streams, and a launch's warps take the slices in turn (warp w:
+// slices w, w + nw, ...). A slice's streams are merged by shuffles in a fixed order, the
+// slices through shared memory in slice order. The partition does not depend on how many
+// warps a launch has, so a row's output has the same bits whatever the batch around it.
+// Output: f16 [rows, n_heads·head_dim] (the output projection's input). Query row r starts
+// at q + r · q_stride (the QKV product's rows, whose first n_heads · head_dim floats are
+// the queries). The cache and head_dim · 2 bytes are 16-byte aligned.
 //
 // attention_prefill: any packed batch (prefill chunks and decodes); row r attends to
 // positions 0..=positions[r] of its sequence seq_of_row[r].
 // attention_decode: one row per sequence (row r is sequence r), as in decode steps.
 //
 // MAX_GROUP (query heads per KV head) and MAX_DPL (head_dim / 32) size the per-thread
-// state; the loader sets them to the model's values (-D) so that no register is unused,
-// else these general limits apply.
+// state and the merge; the loader sets them to the model's values (-D) so that no
+// register is unused, else these general limits apply.
 #ifndef MAX_GROUP
 #define MAX_GROUP 8
 #endif
 #ifndef MAX_DPL
 #define MAX_DPL 4   // head_dim <= 128
 #endif
-// Key slices per row, and the most warps per block (a launch with more leaves the extra
-// idle; one with fewer runs several slices per warp); the loader raises it where the
-// model's state fits in shared memory, and launches more warps when the step has few rows
-// (decode at small batch).
+// Slices per row, and the most warps per block (a launch with more leaves the extra idle;
+// one with fewer runs several slices per warp); the loader raises it where the model's
+// state fits in registers and shared memory, and launches more warps when the step has few
+// rows (decode at small batch).
 #ifndef MAX_WARPS
 #define MAX_WARPS 4
 #endif
+
+#define FULL_MASK 0xffffffffu
+
+// Eight consecutive f16 values (16-byte aligned) as floats.
+__device__ __forceinline__ void load8(const half_t* __restrict__ p, float* f) {
+    uint4 q = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        f[2 * h] = h2f((half_t)(w[h] & 0xffffu));
+        f[2 * h + 1] = h2f((half_t)(w[h] >> 16));
+    }
+}
 
 __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,
                        const half_t* __restrict__ vc, const int* __restrict__ table, int n_keys,
@@ -41,15 +61,18 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nw = min((int)(blockDim.x >> 5), MAX_WARPS);
-    int dpl = head_dim / 32;
-    float qv[MAX_GROUP][MAX_DPL], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][MAX_DPL];
+    int lpk = 1;
+    while (lpk * 8 < head_dim) lpk <<= 1;
+    int kpw = 32 / lpk, streams = MAX_WARPS * kpw;
+    int kg = lane / lpk, d0 = (lane % lpk) * 8;
+    bool dims = d0 < head_dim;  // lanes past head_dim (head_dim 96) only join the shuffles
+    float qv[MAX_GROUP][8], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][8];
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
 #pragma unroll
-        for (int t = 0; t < MAX_DPL; ++t)
-            qv[g][t] = (g < group && t < dpl)
-                           ? q_row[(kvh * group + g) * head_dim + t * 32 + lane] * scale
-                           : 0.0f;
+        for (int t = 0; t < 8; ++t)
+            qv[g][t] = (g < group && dims) ? q_row[(kvh * group + g) * head_dim + d0 + t] * scale
+                                           : 0.0f;
     }
     for (int slice = warp; slice < MAX_WARPS; slice += nw) {
 #pragma unroll
@@ -57,30 +80,62 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
             m[g] = -INFINITY;
             l[g] = 0.0f;
 #pragma unroll
-            for (int t = 0; t < MAX_DPL; ++t) acc[g][t] = 0.0f;
+            for (int t = 0; t < 8; ++t) acc[g][t] = 0.0f;
         }
-        for (int j = slice; j < n_keys; j += MAX_WARPS) {
-            int blk = table[j / block_size], slot = j % block_size;
-            size_t base = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim;
-            float kk[MAX_DPL], vv[MAX_DPL];
+        // Every lane runs the same iterations (the shuffles need the whole warp); lane
+        // group kg takes key `first + kg` of each.
+        for (int first = slice * kpw; first < n_keys; first += streams) {
+            int j = first + kg;
+            bool live = j < n_keys;
+            float kk[8], vv[8];
+            if (live && dims) {
+                int blk = table[j / block_size], slot = j % block_size;
+                size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + d0;
+                load8(kc + at, kk);
+                load8(vc + at, vv);
+            } else {
 #pragma unroll
-            for (int t = 0; t < MAX_DPL; ++t) {
-                kk[t] = t < dpl ? h2f(kc[base + t * 32 + lane]) : 0.0f;
-                vv[t] = t < dpl ? h2f(vc[base + t * 32 + lane]) : 0.0f;
+                for (int t = 0; t < 8; ++t) kk[t] = vv[t] = 0.0f;
             }
 #pragma unroll
             for (int g = 0; g < MAX_GROUP; ++g) {
                 if (g >= group) break;
                 float s = 0.0f;
 #pragma unroll
-                for (int t = 0; t < MAX_DPL; ++t) s += qv[g][t] * kk[t];
-                s = warp_sum(s);
-                float mn = fmaxf(m[g], s);
-                float corr = expf(m[g] - mn), p = expf(s - mn);
-                l[g] = l[g] * corr + p;
+                for (int t = 0; t < 8; ++t) s += qv[g][t] * kk[t];
+                // A butterfly within the lane group: every lane of it ends with the same sum.
+                for (int o = 1; o < lpk; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+                if (!live) continue;
+                if (s > m[g]) {
+                    float c = expf(m[g] - s);
+                    l[g] *= c;
 #pragma unroll
-                for (int t = 0; t < MAX_DPL; ++t) acc[g][t] = acc[g][t] * corr + p * vv[t];
-                m[g] = mn;
+                    for (int t = 0; t < 8; ++t) acc[g][t] *= c;
+                    m[g] = s;
+                }
+                float p = expf(s - m[g]);
+                l[g] += p;
+#pragma unroll
+                for (int t = 0; t < 8; ++t) acc[g][t] += p * vv[t];
+            }
+        }
+        // The slice's kpw streams, merged pairwise (lane groups o apart), into lane group 0.
+        for (int o = lpk; o < 32; o <<= 1) {
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; ++g) {
+                if (g >= group) break;
+                float mo = __shfl_xor_sync(FULL_MASK, m[g], o);
+                float lo = __shfl_xor_sync(FULL_MASK, l[g], o);
+                float mx = fmaxf(m[g], mo);
+                float c1 = l[g] > 0.0f ? expf(m[g] - mx) : 0.0f;
+                float c2 = lo > 0.0f ? expf(mo - mx) : 0.0f;
+                l[g] = l[g] * c1 + lo * c2;
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    float ao = __shfl_xor_sync(FULL_MASK, acc[g][t], o);
+                    acc[g][t] = acc[g][t] * c1 + ao * c2;
+                }
+                m[g] = mx;
             }
         }
 #pragma unroll
@@ -90,9 +145,10 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
                 sm_m[slice][g] = m[g];
                 sm_l[slice][g] = l[g];
             }
+            if (kg == 0 && dims) {
 #pragma unroll
-            for (int t = 0; t < MAX_DPL; ++t)
-                if (t < dpl) sm_acc[slice][g][t * 32 + lane] = acc[g][t];
+                for (int t = 0; t < 8; ++t) sm_acc[slice][g][d0 + t] = acc[g][t];
+            }
         }
     }
     __syncthreads();
@@ -101,7 +157,8 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     for (int e = threadIdx.x; e < width; e += blockDim.x) {
         int g = e / head_dim, d = e % head_dim;
         float mx = -INFINITY;
-        for (int w = 0; w < MAX_WARPS; ++w) mx = fmaxf(mx, sm_m[w][g]);
+        for (int w = 0; w < MAX_WARPS; ++w)
+            if (sm_l[w][g] > 0.0f) mx = fmaxf(mx, sm_m[w][g]);
         float num = 0.0f, den = 0.0f;
         for (int w = 0; w < MAX_WARPS; ++w) {
             if (sm_l[w][g] == 0.0f) continue;

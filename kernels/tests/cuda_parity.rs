@@ -357,15 +357,36 @@ fn attention_prefill_and_decode_match_their_twin() {
 /// Each build against the twin at every launch width; and within a build, the same bits
 /// whatever the width (the keys' split into slices does not depend on it, so a row's
 /// output does not depend on the batch around it).
+/// The general build also runs the other head shapes it supports: groups of 8 with
+/// head_dim 128 (16 lanes per key), and head_dim 96 (lanes past the head in each key's
+/// group of 16).
 fn attention_builds<E: Exec>(general: &E, fitted: &E) {
-    for g in [general, fitted] {
-        let base = attention_case(g, 128);
+    let wide = LlamaConfig {
+        n_heads: 16,
+        n_kv_heads: 2,
+        head_dim: 128,
+        ..smol()
+    };
+    let odd = LlamaConfig {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 96,
+        ..smol()
+    };
+    for (g, c) in [
+        (general, smol()),
+        (general, wide),
+        (general, odd),
+        (fitted, smol()),
+    ] {
+        let base = attention_case(g, 128, &c);
         for threads in [256u32, 512] {
-            let other = attention_case(g, threads);
+            let other = attention_case(g, threads, &c);
             assert!(
                 other == base,
-                "{}: {threads} threads give other bits than 128",
-                g.describe()
+                "{}: head_dim {}: {threads} threads give other bits than 128",
+                g.describe(),
+                c.head_dim
             );
         }
     }
@@ -373,10 +394,10 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
 
 /// Prefill and decode attention on random batches (the same for every call) with
 /// `threads` per block, each against the twin; returns both outputs' bits.
-fn attention_case<E: Exec>(g: &E, threads: u32) -> Vec<Vec<u16>> {
+fn attention_case<E: Exec>(g: &E, threads: u32, c: &LlamaConfig) -> Vec<Vec<u16>> {
     let mut outs = Vec::new();
     let mut rng = Rng(6);
-    let c = smol();
+    let c = c.clone();
     let (bs, n_blocks) = (16, 1024);
     let max_blocks = c.context_len / bs;
     let scale = 1.0 / (c.head_dim as f32).sqrt();
@@ -437,7 +458,12 @@ fn attention_case<E: Exec>(g: &E, threads: u32) -> Vec<Vec<u16>> {
         g.launch(name, launch, &args).unwrap();
         let got = down(g, &out);
         let e = rel(&f32s(&got), &f32s(&want));
-        assert!(e < 3e-3, "{}: {name}, {threads} threads: {e}", g.describe());
+        assert!(
+            e < 3e-3,
+            "{}: {name}, head_dim {}, {threads} threads: {e}",
+            g.describe(),
+            c.head_dim
+        );
         outs.push(got.iter().map(|h| h.to_bits()).collect());
     }
     outs

@@ -8,7 +8,7 @@ use super::compile::{self, CompileError};
 use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
 use crate::model::LlamaConfig;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -309,6 +309,11 @@ impl Exec for Gpu {
         Ok(cudarc::driver::result::mem_get_info()?.0)
     }
 
+    fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK;
+        Ok(self.kernel(kernel)?.get_attribute(attr)? as usize)
+    }
+
     fn synchronize(&self) -> Result<(), ExecError> {
         Ok(self.stream.synchronize()?)
     }
@@ -351,7 +356,9 @@ pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, 
 const ATTENTION_SMEM: usize = 32 << 10;
 
 /// The most warps (16, 8 or 4) whose per-warp attention state (`group` heads of
-/// `dpl × 32` floats, plus two floats each) fits in `ATTENTION_SMEM`.
+/// `dpl × 32` floats, plus two floats each) fits in `ATTENTION_SMEM`: the build's
+/// `MAX_WARPS`. The step launches no more warps than the loaded kernels' registers allow
+/// ([`Exec::max_threads`]): a narrower launch runs several slices per warp.
 pub fn attention_max_warps(group: usize, dpl: usize) -> usize {
     let per_warp = group * (dpl * 32 * 4 + 8);
     [16, 8, 4]

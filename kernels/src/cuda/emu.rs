@@ -479,6 +479,14 @@ impl Exec for Emu {
         ))
     }
 
+    fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {
+        // Any kernel of the build may run 1024 threads a block (no register file here).
+        match self.kernels.get(kernel) {
+            Some(_) => Ok(1024),
+            None => Err(ExecError::Gpu(GpuError::NoKernel(kernel.to_string()))),
+        }
+    }
+
     fn synchronize(&self) -> Result<(), ExecError> {
         Ok(())
     }

@@ -140,6 +140,9 @@ pub trait Exec: Send {
     fn replay(&self, g: &Self::Graph) -> Result<(), ExecError>;
     /// Device memory free now, in bytes (to size the KV cache from what is left).
     fn free_memory(&self) -> Result<usize, ExecError>;
+    /// The most threads a block of `kernel` may have (on a GPU, what its registers per
+    /// thread allow).
+    fn max_threads(&self, kernel: &str) -> Result<usize, ExecError>;
     /// Waits for all enqueued work.
     fn synchronize(&self) -> Result<(), ExecError>;
     /// What it is, for logs and reports.

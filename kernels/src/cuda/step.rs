@@ -195,8 +195,13 @@ impl<E: Exec> Device<E> {
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
         let group = c.n_heads / c.n_kv_heads;
+        // The build's slices, within what the kernels' registers allow per block.
+        let fit = ["attention_prefill", "attention_decode"]
+            .iter()
+            .map(|k| exec.max_threads(k))
+            .try_fold(usize::MAX, |m, t| t.map(|t| m.min(t / 32)))?;
         Ok(Self {
-            att_warps: attention_max_warps(group, c.head_dim / 32),
+            att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
             embed,
             output_norm,
             output,
