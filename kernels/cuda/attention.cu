@@ -83,19 +83,28 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
             for (int t = 0; t < 8; ++t) acc[g][t] = 0.0f;
         }
         // Every lane runs the same iterations (the shuffles need the whole warp); lane
-        // group kg takes key `first + kg` of each.
+        // group kg takes key j = `first + kg` of each, at table entry jb, slot js (kept by
+        // adding, not dividing, as j moves on by `streams`).
+        int j = slice * kpw + kg, jb = j / block_size, js = j - jb * block_size;
+        int step_b = streams / block_size, step_s = streams - step_b * block_size;
         for (int first = slice * kpw; first < n_keys; first += streams) {
-            int j = first + kg;
             bool live = j < n_keys;
             float kk[8], vv[8];
             if (live && dims) {
-                int blk = table[j / block_size], slot = j % block_size;
-                size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + d0;
+                int blk = table[jb];
+                size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + js) * head_dim + d0;
                 load8(kc + at, kk);
                 load8(vc + at, vv);
             } else {
 #pragma unroll
                 for (int t = 0; t < 8; ++t) kk[t] = vv[t] = 0.0f;
+            }
+            j += streams;
+            jb += step_b;
+            js += step_s;
+            if (js >= block_size) {
+                js -= block_size;
+                ++jb;
             }
 #pragma unroll
             for (int g = 0; g < MAX_GROUP; ++g) {
@@ -104,7 +113,9 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
 #pragma unroll
                 for (int t = 0; t < 8; ++t) s += qv[g][t] * kk[t];
                 // A butterfly within the lane group: every lane of it ends with the same sum.
-                for (int o = 1; o < lpk; o <<= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+#pragma unroll
+                for (int o = 1; o < 16; o <<= 1)
+                    if (o < lpk) s += __shfl_xor_sync(FULL_MASK, s, o);
                 if (!live) continue;
                 if (s > m[g]) {
                     float c = expf(m[g] - s);
