@@ -15,8 +15,8 @@ use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
-use kernels::cuda::norm_launch;
 use kernels::cuda::twins::{self, SampleParams};
+use kernels::cuda::{norm_launch, swiglu_launch};
 use kernels::forward::Batch;
 use kernels::model::LlamaConfig;
 
@@ -476,19 +476,22 @@ fn swiglu_matches_its_twin() {
 
 fn swiglu_case<E: Exec>(g: &E) {
     let mut rng = Rng(7);
-    let (t, ffn) = (100, 1536);
-    let gu = rng.vec(t * 2 * ffn, 4.0);
-    let want = twins::swiglu(&gu, t, ffn);
-    let gd = up(g, &gu);
-    let out = up(g, &nan16(t * ffn));
-    let args = [gd.arg(), out.arg(), i(t), i(ffn)];
-    g.launch("swiglu", cfg(((t * ffn) as u32).div_ceil(256), 256), &args)
-        .unwrap();
-    assert!(
-        rel(&f32s(&down(g, &out)), &f32s(&want)) < 2e-3,
-        "{}",
-        g.describe()
-    );
+    // SmolLM2's width with the usual launch; then a width that leaves a block partly
+    // idle, and 7 rows of blocks for 100 rows (each block row takes every 7th row).
+    let narrow = LaunchConfig {
+        grid_dim: (4, 7, 1),
+        ..swiglu_launch(100, 1000)
+    };
+    for (t, ffn, launch) in [(100, 1536, swiglu_launch(100, 1536)), (100, 1000, narrow)] {
+        let gu = rng.vec(t * 2 * ffn, 4.0);
+        let want = twins::swiglu(&gu, t, ffn);
+        let gd = up(g, &gu);
+        let out = up(g, &nan16(t * ffn));
+        let args = [gd.arg(), out.arg(), i(t), i(ffn)];
+        g.launch("swiglu", launch, &args).unwrap();
+        let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+        assert!(e < 2e-3, "{}: {t}×{ffn}: {e}", g.describe());
+    }
 }
 
 #[test]

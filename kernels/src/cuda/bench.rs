@@ -265,9 +265,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     let ffn = 1536usize;
     let gu = e.zeros::<f32>(t * 2 * ffn)?;
     let g = e.zeros::<f16>(t * ffn)?;
-    let n = (t * ffn) as u32;
     let args = [gu.arg(), g.arg(), i(t), i(ffn)];
-    let secs = time_launch(e, iters, "swiglu", cfg((n.div_ceil(256), 1), 256), &args)?;
+    let secs = time_launch(e, iters, "swiglu", super::swiglu_launch(t, ffn), &args)?;
     rows.push(Row {
         name: format!("swiglu {t}×{ffn}"),
         secs,

@@ -105,6 +105,20 @@ pub fn norm_launch(n_out: usize) -> cudarc::driver::LaunchConfig {
     }
 }
 
+/// The launch of `swiglu` over `n_rows` rows of `ffn` columns: 256 columns a block, a
+/// row of blocks per row (at most 65,535 rows of blocks; each then takes several rows).
+pub fn swiglu_launch(n_rows: usize, ffn: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (
+            (ffn as u32).div_ceil(256),
+            (n_rows as u32).clamp(1, 65535),
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// What is missing for CUDA, or `Ok` when the driver, NVRTC and cuBLAS libraries load.
 pub fn libraries() -> Result<(), String> {
     // SAFETY: these only try to open the shared libraries; they call nothing in them.

@@ -22,9 +22,9 @@
 
 use super::device::{attention_max_warps, attention_warps};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
-use super::norm_launch;
 use super::staging::Layout;
 use super::twins::TwinModel;
+use super::{norm_launch, swiglu_launch};
 use crate::model::LlamaConfig;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -354,7 +354,7 @@ impl<E: Exec> Device<E> {
             e.gemm(&b.h, &w.w_gate_up, 0, &mut b.gu, t, d, 2 * f)?;
             e.launch(
                 "swiglu",
-                launch((t * f) as u32, 256),
+                swiglu_launch(t, f),
                 &[b.gu.arg(), b.g.arg(), ti, fi],
             )?;
             e.gemm(&b.g, &w.w_down, 0, &mut b.o, t, f, d)?;
