@@ -401,8 +401,29 @@ fn attention_case<E: Exec>(g: &E, threads: u32, c: &LlamaConfig) -> Vec<Vec<u16>
     let (bs, n_blocks) = (16, 1024);
     let max_blocks = c.context_len / bs;
     let scale = 1.0 / (c.head_dim as f32).sqrt();
-    for (name, decode) in [("attention_prefill", false), ("attention_decode", true)] {
-        let b = if decode {
+    // Short contexts (up to ~360 keys), then a decode step at long ones (1,200–2,000 keys:
+    // every stream walks many keys and table entries).
+    for (name, decode, long) in [
+        ("attention_prefill", false, false),
+        ("attention_decode", true, false),
+        ("attention_decode", true, true),
+    ] {
+        let b = if long {
+            let mut b = Batch::default();
+            let mut next = 0u32;
+            for _ in 0..5 {
+                let pos0 = 1200 + rng.below(800);
+                let need = (pos0 + 1).div_ceil(bs) as u32;
+                b.push(
+                    &[rng.below(49152) as u32],
+                    pos0,
+                    (next..next + need).collect(),
+                    true,
+                );
+                next += need;
+            }
+            b
+        } else if decode {
             random_batch(&mut rng, 33, 1, bs, max_blocks)
         } else {
             random_batch(&mut rng, 9, 60, bs, max_blocks)
