@@ -22,21 +22,16 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
         return;
     }
     float* xr = x + (size_t)r * dim;
+    const float* dr = delta ? delta + (size_t)r * dim : nullptr;
     float ss = 0.0f;
-    if (delta) {
-        const float* dr = delta + (size_t)r * dim;
 #pragma unroll 4
-        for (int d = lane; d < dim; d += 32) {
-            float v = xr[d] + dr[d];
+    for (int d = lane; d < dim; d += 32) {
+        float v = xr[d];
+        if (dr) {
+            v += dr[d];
             xr[d] = v;
-            ss += v * v;
         }
-    } else {
-#pragma unroll 4
-        for (int d = lane; d < dim; d += 32) {
-            float v = xr[d];
-            ss += v * v;
-        }
+        ss += v * v;
     }
     ss = warp_sum(ss);
     float inv = rsqrtf(ss / dim + eps);

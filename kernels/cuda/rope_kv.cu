@@ -13,6 +13,13 @@
 // pair), and the kernel is bound by memory. A warp's lanes take adjacent pairs: each
 // head's loads and stores are contiguous across the warp, and a pair of f16 cache
 // entries goes out as one 32-bit store. Launch: n_rows · head_dim / 2 threads.
+// Turns the pair x[0], x[1] by the angle whose cosine is c and sine s, in place.
+__device__ __forceinline__ void rotate(float* x, float c, float s) {
+    float a = x[0], b = x[1];
+    x[0] = a * c - b * s;
+    x[1] = a * s + b * c;
+}
+
 extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          const u32* __restrict__ positions,
                                          const int* __restrict__ slot_mapping,
@@ -28,12 +35,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
     sincosf((float)positions[r] * inv_freq, &s, &c);
     float* row = qkv + (size_t)r * stride + 2 * p;
 #pragma unroll 4
-    for (int h = 0; h < n_heads; ++h) {
-        float* x = row + (size_t)h * head_dim;
-        float a = x[0], b = x[1];
-        x[0] = a * c - b * s;
-        x[1] = a * s + b * c;
-    }
+    for (int h = 0; h < n_heads; ++h) rotate(row + (size_t)h * head_dim, c, s);
     int slot_all = slot_mapping[r];
     int blk = slot_all / block_size, slot = slot_all - blk * block_size;
     // Entry 2p of (block, kv head 0, slot); each further KV head is block_size rows on.
@@ -43,13 +45,10 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
     for (int kvh = 0; kvh < n_kv_heads; ++kvh) {
         float* x = row + (size_t)(n_heads + kvh) * head_dim;
         const float* v = row + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
-        float a = x[0], b = x[1], va = v[0], vb = v[1];
-        float ra = a * c - b * s, rb = a * s + b * c;
-        x[0] = ra;
-        x[1] = rb;
+        rotate(x, c, s);
         // Two f16 entries at an even index: one aligned 32-bit word, the lower one first.
         size_t e = at + kvh * head_step;
-        *(u32*)(kc + e) = (u32)f2h(ra) | ((u32)f2h(rb) << 16);
-        *(u32*)(vc + e) = (u32)f2h(va) | ((u32)f2h(vb) << 16);
+        *(u32*)(kc + e) = (u32)f2h(x[0]) | ((u32)f2h(x[1]) << 16);
+        *(u32*)(vc + e) = (u32)f2h(v[0]) | ((u32)f2h(v[1]) << 16);
     }
 }

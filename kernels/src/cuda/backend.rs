@@ -227,6 +227,7 @@ impl<E: Exec> CudaBackend<E> {
 
     fn capture(&mut self, bucket: usize) -> Result<E::Graph, ExecError> {
         let lay = Layout::new(bucket, bucket, self.dev.max_blocks);
+        self.dev.exec.make_current()?;
         self.dev.exec.begin_capture()?;
         let enqueued = self.dev.enqueue(lay, bucket, true);
         // Always end the capture, so that the stream leaves capture mode.
@@ -294,6 +295,7 @@ impl<E: Exec> CudaBackend<E> {
             None => min_rows.saturating_sub(n),
         };
         let trash = self.dev.n_blocks as u32;
+        self.dev.exec.make_current()?;
         // Waits for the previous copy out of this buffer (each step ends synchronized).
         let host = self.dev.exec.host_words(&mut self.pinned)?;
         let lay = staging::write(

@@ -186,9 +186,6 @@ impl Exec for Gpu {
             )));
         }
         let s = &self.stream;
-        // The raw copy below does not make the context current itself, and the engine
-        // steps on another thread than the one that opened the device.
-        self.ctx.bind_to_thread()?;
         let (dst, _sync) = dst.device_ptr_mut(s);
         let src = h.as_slice()?;
         // SAFETY: both sides hold at least `n` words (checked above); the host side is
@@ -267,9 +264,6 @@ impl Exec for Gpu {
     ) -> Result<(), ExecError> {
         check_gemm((x.len(), w.len(), y.len()), w_row0, rows, k, n)?;
         let s = &self.stream;
-        // cuBLAS runs in the calling thread's current context: make it this device's (the
-        // engine's thread did not open it, and with several GPUs another may be current).
-        self.ctx.bind_to_thread()?;
         let (xp, _rx) = x.device_ptr(s);
         let (wp, _rw) = w.device_ptr(s);
         let (yp, _ry) = y.device_ptr_mut(s);
@@ -307,6 +301,10 @@ impl Exec for Gpu {
     fn free_memory(&self) -> Result<usize, ExecError> {
         self.ctx.bind_to_thread()?;
         Ok(cudarc::driver::result::mem_get_info()?.0)
+    }
+
+    fn make_current(&self) -> Result<(), ExecError> {
+        Ok(self.ctx.bind_to_thread()?)
     }
 
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {

@@ -479,6 +479,10 @@ impl Exec for Emu {
         ))
     }
 
+    fn make_current(&self) -> Result<(), ExecError> {
+        Ok(())
+    }
+
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {
         // Any kernel of the build may run 1024 threads a block (no register file here).
         match self.kernels.get(kernel) {

@@ -140,6 +140,11 @@ pub trait Exec: Send {
     fn replay(&self, g: &Self::Graph) -> Result<(), ExecError>;
     /// Device memory free now, in bytes (to size the KV cache from what is left).
     fn free_memory(&self) -> Result<usize, ExecError>;
+    /// Makes the device current on the calling thread. A step calls it first: the engine
+    /// steps on another thread than the one that opened the device, and the cuBLAS call
+    /// and the staging copy run in whatever context is current (with several GPUs,
+    /// possibly another device's).
+    fn make_current(&self) -> Result<(), ExecError>;
     /// The most threads a block of `kernel` may have (on a GPU, what its registers per
     /// thread allow).
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError>;
