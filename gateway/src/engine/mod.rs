@@ -7,6 +7,10 @@
 //! token counters ([`fair`]), preemption when KV blocks run out), run it on the
 //! backend, sample each finished row, and stream text deltas back. A sequence leaves the
 //! batch — and frees its blocks — the step it finishes or its client goes away.
+//!
+//! A step the device fails ([`StepError::Device`]) takes the engine out of service: its
+//! sequences fail, its probe fails and it refuses new work while it builds its backend
+//! again (the failed one dropped first, then a fresh one until one passes its self-check).
 
 pub mod blocks;
 pub mod fair;
@@ -29,7 +33,7 @@ use kernels::cuda::device::Gpu;
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
-use kernels::forward::Batch;
+use kernels::forward::{Batch, Model, StepError};
 use kernels::load::Loaded;
 use kernels::matmul::ActPrecision;
 use kernels::sampler::{Sampler, SamplingConfig};
@@ -58,6 +62,24 @@ pub struct EngineStats {
     /// batch, sampling on the CPU, detokenizing and sending (the host's share of a step).
     pub host_ns: AtomicU64,
     pub alive: AtomicBool,
+    /// Device faults so far: steps the device failed, each followed by a rebuild.
+    pub faults: AtomicU64,
+    /// While the engine rebuilds its backend after a device fault: why. It takes no work
+    /// then, and its probe fails, so the pool routes around it.
+    pub fault: std::sync::Mutex<Option<String>>,
+}
+
+impl EngineStats {
+    /// Why the engine is out of service after a device fault, if it is.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn set_fault(&self, why: Option<String>) {
+        if let Ok(mut f) = self.fault.lock() {
+            *f = why;
+        }
+    }
 }
 
 struct NewSeq {
@@ -159,70 +181,34 @@ impl EngineWorker {
         cfg: &EngineConfig,
         device: usize,
     ) -> Result<Self, String> {
-        let cuda = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
-            let fail = |e: String| format!("backend = \"cuda\" on device {device}: {e}");
-            let sizes = cfg.sizes(true);
-            let kv = match sizes.kv_tokens {
-                Some(k) => KvCapacity::Blocks(k.div_ceil(cfg.block_size)),
-                // Enough for every sequence slot at the model's full context, at most.
-                None => KvCapacity::FreeMemory {
-                    fraction: cfg.gpu_memory_fraction,
-                    max_blocks: sizes.max_seqs
-                        * loaded.model.config.context_len.div_ceil(cfg.block_size),
-                },
-            };
-            let twin = TwinModel::from_model(&loaded.model);
-            let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
-            let label = gpu_name(device, &gpu);
-            let b = cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &name).map_err(fail)?;
-            Ok((b, sizes))
+        let mut factory = Factory {
+            model: loaded.model.clone(),
+            cfg: cfg.clone(),
+            device,
+            name: name.clone(),
+            kv_blocks: None,
         };
-        // The CUDA path on the CPU emulator, with the CPU backend's sizes.
-        let emulator = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
-            let fail = |e: String| format!("backend = \"emulator\": {e}");
-            let sizes = cfg.sizes(false);
-            let kv_tokens = sizes.kv_tokens.unwrap_or(32768);
-            let kv = KvCapacity::Blocks(kv_tokens.div_ceil(cfg.block_size));
-            let twin = TwinModel::from_model(&loaded.model);
-            let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
-            let label = emu.describe();
-            let b = cuda_backend(emu, label, &twin, cfg, &sizes, kv, &name).map_err(fail)?;
-            Ok((b, sizes))
-        };
-        let cpu = || -> Result<(Box<dyn Backend>, EngineSizes), String> {
-            let sizes = cfg.sizes(false);
-            let kv_tokens = sizes.kv_tokens.unwrap_or(32768);
-            let n_blocks = kv_tokens.div_ceil(cfg.block_size);
-            let precision = match cfg.activations {
-                crate::config::Activations::I16 => ActPrecision::I16,
-                crate::config::Activations::Q8 => ActPrecision::Q8,
-                crate::config::Activations::F32 => ActPrecision::F32,
-            };
-            let b = CpuBackend::new(loaded.model.clone(), cfg.block_size, n_blocks, cfg.threads)?
-                .with_precision(precision);
-            Ok((Box::new(b), sizes))
-        };
-        let (backend, sizes) = match cfg.backend {
-            BackendKind::Cuda => cuda()?,
-            BackendKind::Cpu => cpu()?,
-            BackendKind::Emulator => emulator()?,
+        let (kind, (backend, sizes)) = match cfg.backend {
             // `available` checks the libraries before any CUDA call (a missing one would
             // panic).
             BackendKind::Auto => match kernels::cuda::available() {
-                Ok(_) => match cuda() {
-                    Ok(b) => b,
+                Ok(_) => match factory.build(BackendKind::Cuda) {
+                    Ok(b) => (BackendKind::Cuda, b),
                     Err(e) => {
                         tracing::error!(worker = %name, error = %e, "backend auto: the GPU is not usable; using the CPU");
-                        cpu()?
+                        (BackendKind::Cpu, factory.build(BackendKind::Cpu)?)
                     }
                 },
                 Err(why) => {
                     tracing::info!(worker = %name, reason = %why, "backend auto: no usable GPU; using the CPU");
-                    cpu()?
+                    (BackendKind::Cpu, factory.build(BackendKind::Cpu)?)
                 }
             },
+            kind => (kind, factory.build(kind)?),
         };
         let (bs, n_blocks) = backend.kv_geometry();
+        // A backend built again after a device fault gets the same KV cache.
+        factory.kv_blocks = Some(n_blocks);
         let model_ctx = loaded.model.config.context_len;
         let max_context = model_ctx.min(bs * n_blocks);
         let stats = Arc::new(EngineStats::default());
@@ -241,9 +227,16 @@ impl EngineWorker {
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
-                let alive = st.clone();
-                run_engine(backend, tok, rx, limits, n_blocks, st, outbox);
-                alive.alive.store(false, Ordering::Relaxed);
+                // Marks the engine gone when its thread ends, by return or by panic.
+                struct Gone(Arc<EngineStats>);
+                impl Drop for Gone {
+                    fn drop(&mut self) {
+                        self.0.alive.store(false, Ordering::Relaxed);
+                    }
+                }
+                let _gone = Gone(st.clone());
+                let rebuild = move || factory.build(kind).map(|(b, _)| b);
+                run_engine(backend, Box::new(rebuild), tok, rx, limits, st, outbox);
             })
             .map_err(|e| e.to_string())?;
         Ok(Self {
@@ -339,6 +332,9 @@ impl Worker for EngineWorker {
         &self,
         req: Arc<WorkerRequest>,
     ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
+        if let Some(why) = self.stats.fault() {
+            return futures::future::ready(Err(WorkerError::Unreachable(why))).boxed();
+        }
         let (etx, erx) = tmpsc::unbounded_channel();
         let prepared = self.prepare(&req, etx);
         let tx = self.tx.clone();
@@ -367,15 +363,16 @@ impl Worker for EngineWorker {
     }
 
     fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>> {
-        let ok = self.stats.alive.load(Ordering::Relaxed);
-        futures::future::ready(if ok {
-            Ok(())
-        } else {
+        let result = if !self.stats.alive.load(Ordering::Relaxed) {
             Err(WorkerError::Unreachable(
                 "the engine thread has stopped".into(),
             ))
-        })
-        .boxed()
+        } else if let Some(why) = self.stats.fault() {
+            Err(WorkerError::Unreachable(why))
+        } else {
+            Ok(())
+        };
+        futures::future::ready(result).boxed()
     }
 
     fn max_concurrency(&self) -> usize {
@@ -403,6 +400,78 @@ fn admit(n: NewSeq) -> Seq {
         seed: n.seed,
         out: TextOut::new(n.stop),
         tx: n.tx,
+    }
+}
+
+/// What builds an engine's backend: at start, and again after a device fault.
+struct Factory {
+    model: Arc<Model>,
+    cfg: EngineConfig,
+    /// The GPU ordinal, for the CUDA backend.
+    device: usize,
+    name: String,
+    /// The KV cache's blocks once the first backend is built: a backend built again gets
+    /// the same number, so that the engine's limits still hold.
+    kv_blocks: Option<usize>,
+}
+
+impl Factory {
+    /// A backend of `kind` (not `Auto`: the caller chose) and its sizes.
+    fn build(&self, kind: BackendKind) -> Result<(Box<dyn Backend>, EngineSizes), String> {
+        let cfg = &self.cfg;
+        let model = &self.model;
+        // The emulator's and the CPU's KV cache: a number of blocks.
+        let blocks = |kv_tokens: Option<usize>| {
+            let n = kv_tokens.unwrap_or(32768).div_ceil(cfg.block_size);
+            self.kv_blocks.unwrap_or(n)
+        };
+        match kind {
+            BackendKind::Cuda | BackendKind::Auto => {
+                let device = self.device;
+                let fail = |e: String| format!("backend = \"cuda\" on device {device}: {e}");
+                let sizes = cfg.sizes(true);
+                let kv = match (self.kv_blocks, sizes.kv_tokens) {
+                    (Some(n), _) => KvCapacity::Blocks(n),
+                    (None, Some(k)) => KvCapacity::Blocks(k.div_ceil(cfg.block_size)),
+                    // Enough for every sequence slot at the model's full context, at most.
+                    (None, None) => KvCapacity::FreeMemory {
+                        fraction: cfg.gpu_memory_fraction,
+                        max_blocks: sizes.max_seqs
+                            * model.config.context_len.div_ceil(cfg.block_size),
+                    },
+                };
+                let twin = TwinModel::from_model(model);
+                let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
+                let label = gpu_name(device, &gpu);
+                let b =
+                    cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &self.name).map_err(fail)?;
+                Ok((b, sizes))
+            }
+            // The CUDA path on the CPU emulator, with the CPU backend's sizes.
+            BackendKind::Emulator => {
+                let fail = |e: String| format!("backend = \"emulator\": {e}");
+                let sizes = cfg.sizes(false);
+                let kv = KvCapacity::Blocks(blocks(sizes.kv_tokens));
+                let twin = TwinModel::from_model(model);
+                let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
+                let label = emu.describe();
+                let b =
+                    cuda_backend(emu, label, &twin, cfg, &sizes, kv, &self.name).map_err(fail)?;
+                Ok((b, sizes))
+            }
+            BackendKind::Cpu => {
+                let sizes = cfg.sizes(false);
+                let n_blocks = blocks(sizes.kv_tokens);
+                let precision = match cfg.activations {
+                    crate::config::Activations::I16 => ActPrecision::I16,
+                    crate::config::Activations::Q8 => ActPrecision::Q8,
+                    crate::config::Activations::F32 => ActPrecision::F32,
+                };
+                let b = CpuBackend::new(model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                    .with_precision(precision);
+                Ok((Box::new(b), sizes))
+            }
+        }
     }
 }
 
@@ -439,16 +508,16 @@ fn cuda_backend<E: Exec + 'static>(
 /// The engine thread's loop; returns when every submitter is gone.
 fn run_engine(
     mut backend: Box<dyn Backend>,
+    mut rebuild: Rebuild,
     tok: Arc<Tokenizer>,
     rx: mpsc::Receiver<NewSeq>,
     limits: Limits,
-    n_blocks: usize,
     stats: Arc<EngineStats>,
     mut outbox: Outbox,
 ) {
     let vocab = backend.config().vocab;
-    let on_device = backend.samples_on_device();
-    let mut pool = BlockPool::new(n_blocks);
+    let mut on_device = backend.samples_on_device();
+    let mut pool = BlockPool::new(backend.kv_geometry().1);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: VecDeque<Seq> = VecDeque::new();
     let mut fair = Fair::default();
@@ -539,6 +608,16 @@ fn run_engine(
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
+                // Out of service before any client hears of the failure.
+                let fault = match &e {
+                    StepError::Device(why) => {
+                        let why = format!("the engine's device failed ({why}); rebuilding it");
+                        stats.faults.fetch_add(1, Ordering::Relaxed);
+                        stats.set_fault(Some(why.clone()));
+                        Some(why)
+                    }
+                    StepError::BadBatch(_) => None,
+                };
                 let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
@@ -550,6 +629,30 @@ fn run_engine(
                     pool.release(&mut s.blocks);
                 }
                 outbox.flush();
+                if let Some(why) = fault {
+                    // The device is in doubt (a CUDA error is sticky: every later call
+                    // fails too): nothing more runs on it. The engine's other sequences
+                    // fail now (the gateway retries those that sent nothing yet on another
+                    // worker), and the backend is built again from scratch.
+                    for s in running.drain(..).chain(waiting.drain(..)) {
+                        outbox.push(&s.tx, Err(WorkerError::Unreachable(why.clone())));
+                    }
+                    outbox.flush();
+                    publish(&stats, &running, &waiting, &pool);
+                    backend = match recover(backend, &mut rebuild, &rx, &mut outbox, &why) {
+                        Some(b) => b,
+                        None => return,
+                    };
+                    on_device = backend.samples_on_device();
+                    pool = BlockPool::new(backend.kv_geometry().1);
+                    fair.reset();
+                    stats.set_fault(None);
+                    publish(&stats, &running, &waiting, &pool);
+                    tracing::info!(
+                        backend = backend.name(),
+                        "engine rebuilt after a device fault; serving again"
+                    );
+                }
                 continue;
             }
         };
@@ -602,6 +705,51 @@ fn run_engine(
             .host_ns
             .fetch_add(total.saturating_sub(backend_ns), Ordering::Relaxed);
     }
+}
+
+/// Builds the engine's backend again (after a device fault).
+type Rebuild = Box<dyn FnMut() -> Result<Box<dyn Backend>, String> + Send>;
+
+/// After a device fault: drops the failed backend (its device memory and context with
+/// it), then builds a new one until one passes its self-check, waiting 0.5 s, 1 s, 2 s, …
+/// (at most 30 s) between tries. Requests that arrive meanwhile fail at once. `None` when
+/// every submitter is gone.
+fn recover(
+    failed: Box<dyn Backend>,
+    rebuild: &mut Rebuild,
+    rx: &mpsc::Receiver<NewSeq>,
+    outbox: &mut Outbox,
+    why: &str,
+) -> Option<Box<dyn Backend>> {
+    // A library may panic tearing down after a device fault (cudarc unwraps
+    // cublasDestroy's status): that must not end the engine thread.
+    let teardown = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(failed)));
+    if teardown.is_err() {
+        tracing::error!("tearing down the failed backend panicked; building a new one anyway");
+    }
+    let mut wait = std::time::Duration::from_millis(500);
+    for attempt in 1u32.. {
+        match rebuild() {
+            Ok(b) => return Some(b),
+            Err(e) => {
+                tracing::error!(attempt, error = %e, retry_in = ?wait, "rebuilding the engine's backend failed");
+            }
+        }
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(n) => {
+                    outbox.push(&n.tx, Err(WorkerError::Unreachable(why.to_string())));
+                    outbox.flush();
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+        wait = (wait * 2).min(std::time::Duration::from_secs(30));
+    }
+    None
 }
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.

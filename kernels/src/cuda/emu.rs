@@ -18,7 +18,7 @@ use cudarc::driver::LaunchConfig;
 use half::f16;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Whether the emulator can run, or why not: `build.rs` leaves it out without a C++
@@ -136,6 +136,30 @@ pub struct Emu {
     kernels: HashMap<String, Kernel>,
     /// The launches recorded since `begin_capture`, while capturing.
     capturing: Mutex<Option<Vec<Recorded>>>,
+    /// [`FAULTS`] when it was opened: once that moves on, every call fails.
+    epoch: u64,
+}
+
+/// Injected device faults so far (see [`fault_open_devices`]).
+static FAULTS: AtomicU64 = AtomicU64::new(0);
+
+/// Fault injection, for the tests of what the engine does when its device fails: every
+/// emulated device open now fails each later call, as a GPU does after a sticky error (an
+/// illegal address, an Xid); a device opened afterwards is healthy, as one is after its
+/// context is torn down and made again. Process-wide: a test that calls it runs in a test
+/// binary of its own.
+pub fn fault_open_devices() {
+    FAULTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Whether opening an emulated device fails (fault injection, as [`fault_open_devices`]):
+/// a device that cannot be brought back yet.
+static REFUSE: AtomicBool = AtomicBool::new(false);
+
+/// Fault injection: while `on`, opening an emulated device fails, as opening a GPU does
+/// while it is lost; process-wide, as [`fault_open_devices`].
+pub fn refuse_opens(on: bool) {
+    REFUSE.store(on, Ordering::SeqCst);
 }
 
 /// One recorded launch or product of a captured graph.
@@ -196,6 +220,11 @@ impl Emu {
 
     fn open_build(defines: &[(&'static str, usize)]) -> Result<Self, GpuError> {
         available().map_err(GpuError::Emulator)?;
+        if REFUSE.load(Ordering::SeqCst) {
+            return Err(GpuError::Emulator(
+                "injected fault: the device cannot be opened".into(),
+            ));
+        }
         let want = |k: &str| defines.iter().find(|d| d.0 == k).map_or(0, |d| d.1);
         let (g, d, w) = (want("MAX_GROUP"), want("MAX_DPL"), want("MAX_WARPS"));
         builds()
@@ -205,6 +234,7 @@ impl Emu {
                 build: b.name,
                 kernels: b.kernels,
                 capturing: Mutex::new(None),
+                epoch: FAULTS.load(Ordering::SeqCst),
             })
             .ok_or_else(|| {
                 GpuError::Emulator(format!(
@@ -379,6 +409,7 @@ impl Exec for Emu {
     }
 
     fn download<T: Elem>(&self, b: &EmuBuf<T>, n: usize) -> Result<Vec<T>, ExecError> {
+        self.sticky()?;
         b.as_slice()
             .get(..n)
             .map(<[T]>::to_vec)
@@ -386,6 +417,7 @@ impl Exec for Emu {
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        self.sticky()?;
         if let Some(rec) = self.recording()?.as_mut() {
             // Checked now, as a CUDA capture checks a launch's configuration.
             self.check_launch(kernel, args)?;
@@ -409,6 +441,7 @@ impl Exec for Emu {
         k: usize,
         n: usize,
     ) -> Result<(), ExecError> {
+        self.sticky()?;
         check_gemm((x.len, w.len, y.len), w_row0, rows, k, n)?;
         let g = RawGemm {
             x: x.ptr,
@@ -436,6 +469,7 @@ impl Exec for Emu {
     }
 
     fn send(&self, h: &Vec<u32>, n: usize, dst: &mut EmuBuf<u32>) -> Result<(), ExecError> {
+        self.sticky()?;
         if n > dst.len || n > h.len() {
             return Err(ExecError::Bounds(format!(
                 "sending {n} words into {} from {}",
@@ -463,6 +497,7 @@ impl Exec for Emu {
     }
 
     fn replay(&self, g: &Vec<Recorded>) -> Result<(), ExecError> {
+        self.sticky()?;
         for r in g {
             match r {
                 Recorded::Launch { kernel, cfg, args } => self.launch(kernel, *cfg, args)?,
@@ -480,7 +515,7 @@ impl Exec for Emu {
     }
 
     fn make_current(&self) -> Result<(), ExecError> {
-        Ok(())
+        self.sticky()
     }
 
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {
@@ -492,7 +527,7 @@ impl Exec for Emu {
     }
 
     fn synchronize(&self) -> Result<(), ExecError> {
-        Ok(())
+        self.sticky()
     }
 
     fn describe(&self) -> String {
@@ -501,6 +536,17 @@ impl Exec for Emu {
 }
 
 impl Emu {
+    /// Err once a fault was injected after this device was opened ([`fault_open_devices`]).
+    fn sticky(&self) -> Result<(), ExecError> {
+        if FAULTS.load(Ordering::SeqCst) == self.epoch {
+            Ok(())
+        } else {
+            Err(ExecError::Emu(
+                "injected device fault: every call fails until the device is opened again".into(),
+            ))
+        }
+    }
+
     /// The kernel `kernel`, with `args` checked against its signature.
     fn check_launch(&self, kernel: &str, args: &[Arg]) -> Result<&Kernel, ExecError> {
         let k = self
