@@ -11,7 +11,8 @@
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model.
+# and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model; last, in the
+# time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
 # that hangs costs its limit, not the session's GPU time.
 set -uo pipefail
@@ -94,4 +95,30 @@ echo
 timeout 90 "$BIN/decode_bench" "$model" || status=1
 echo
 BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 120 "$BIN/engine_bench" "$model" || status=1
+# Last, in the time left of one device call: compute-sanitizer over the kernels' parity
+# tests. memcheck: out-of-bounds and misaligned accesses on the device; racecheck, on the
+# kernels that use shared memory: hazards that the emulator's thread orders did not show.
+# A run cut short by its time limit is reported as such, not as a failure.
+san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+echo
+printf '| sanitizer | result |\n|---|---|\n'
+for run in "memcheck" "racecheck attention build_batch sampling gemv"; do
+  read -r tool filters <<<"$run"
+  left=$((560 - SECONDS))
+  if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi
+  if [ $left -lt 45 ]; then printf '| %s | not run: %d s left |\n' "$tool" "$left"; continue; fi
+  log=$(mktemp)
+  # shellcheck disable=SC2086 # the filters are separate arguments
+  timeout $((left - 15)) "$san" --tool "$tool" --error-exitcode 9 --print-limit 10 \
+    "$BIN/cuda_parity" --test-threads=1 $filters >"$log" 2>&1
+  rc=$?
+  case $rc in
+    0) r="pass — $(grep -m1 'ERROR SUMMARY' "$log" || echo 'no summary')" ;;
+    124) r="cut short at $((left - 15)) s (not a failure)" ;;
+    *) r="FAIL (exit $rc) — $(grep -m1 'ERROR SUMMARY' "$log")"; status=1 ;;
+  esac
+  printf '| %s | %s |\n' "$tool" "$r"
+  [ $rc = 0 ] || [ $rc = 124 ] || grep -v '^ *$' "$log" | head -40
+done
+echo "total: $SECONDS s"
 exit $status

@@ -12,6 +12,7 @@ use crate::limits::Reservation;
 use crate::meter::{unix_ms, Ledger, UsageRecord};
 use crate::route::Router;
 use crate::state::Shared;
+use crate::worker::EngineCounters;
 use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -274,6 +275,7 @@ impl Metrics {
                 }
             }
         }
+        render_engines(router, &mut out);
         if let Some(r) = state.limiter.redis() {
             let _ = writeln!(
                 out,
@@ -307,6 +309,57 @@ impl Metrics {
         );
         out.push_str("# EOF\n");
         out
+    }
+}
+
+/// The in-process engines' counters, one series per engine worker.
+fn render_engines(router: &Router, out: &mut String) {
+    let engines: Vec<_> = router
+        .pools
+        .iter()
+        .flat_map(|p| p.slots.iter().map(move |s| (p, s)))
+        .filter_map(|(p, s)| s.worker.engine_counters().map(|c| (p, s, c)))
+        .collect();
+    if engines.is_empty() {
+        return;
+    }
+    type Pick = fn(&EngineCounters) -> f64;
+    let series: [(&str, &str, Pick); 5] = [
+        ("tollgate_engine_steps", "Forward steps the engine ran", |c| {
+            c.steps as f64
+        }),
+        (
+            "tollgate_engine_preemptions",
+            "Sequences preempted for want of KV blocks (recomputed later)",
+            |c| c.preemptions as f64,
+        ),
+        (
+            "tollgate_engine_device_faults",
+            "Steps the device failed (each followed by a rebuild of the backend)",
+            |c| c.device_faults as f64,
+        ),
+        (
+            "tollgate_engine_backend_seconds",
+            "Seconds the engine thread spent in the backend's steps",
+            |c| c.backend_seconds,
+        ),
+        (
+            "tollgate_engine_host_seconds",
+            "Seconds the engine thread spent around the steps (scheduling, batching, sampling on the CPU, detokenizing)",
+            |c| c.host_seconds,
+        ),
+    ];
+    for (name, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for (pool, slot, c) in &engines {
+            let _ = writeln!(
+                out,
+                "{name}_total{{pool=\"{}\",worker=\"{}\"}} {}",
+                escape(&pool.name),
+                escape(slot.worker.name()),
+                pick(c)
+            );
+        }
     }
 }
 

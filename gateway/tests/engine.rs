@@ -311,6 +311,22 @@ async fn remote_worker_mode_behind_a_gateway() {
         m.contains("tollgate_worker_kv_blocks_free{pool=\"worker\""),
         "{m}"
     );
+    // And its engine's counters: the steps it ran (one per generated token at least), no
+    // device fault, time in and around the backend.
+    let engine = |name: &str| {
+        let series = m
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}_total{{pool=\"worker\"")))
+            .unwrap_or_else(|| panic!("no {name} in {m}"));
+        series.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    let generated = usage["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(generated > 0);
+    assert!(engine("tollgate_engine_steps") >= generated as f64, "{m}");
+    assert_eq!(engine("tollgate_engine_device_faults"), 0.0);
+    assert_eq!(engine("tollgate_engine_preemptions"), 0.0);
+    assert!(engine("tollgate_engine_backend_seconds") > 0.0, "{m}");
+    assert!(engine("tollgate_engine_host_seconds") > 0.0, "{m}");
 }
 
 fn tenant_req(tenant: &str, weight: Option<f64>) -> Arc<WorkerRequest> {

@@ -20,7 +20,8 @@ pub mod scheduler;
 
 use crate::config::{BackendKind, EngineConfig, EngineSizes};
 use crate::worker::{
-    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    EngineCounters, EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError,
+    WorkerEvent, WorkerRequest,
 };
 use blocks::BlockPool;
 use fair::{Fair, Tenanted};
@@ -382,6 +383,18 @@ impl Worker for EngineWorker {
     fn tokenize_prompt(&self, prompt: &Prompt) -> Option<Vec<u32>> {
         let text = self.prompt_text(prompt).ok()?;
         self.tokenizer.encode(&text).ok()
+    }
+
+    fn engine_counters(&self) -> Option<EngineCounters> {
+        let s = &self.stats;
+        let secs = |ns: &AtomicU64| ns.load(Ordering::Relaxed) as f64 / 1e9;
+        Some(EngineCounters {
+            steps: s.steps.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
+            device_faults: s.faults.load(Ordering::Relaxed),
+            backend_seconds: secs(&s.backend_ns),
+            host_seconds: secs(&s.host_ns),
+        })
     }
 }
 

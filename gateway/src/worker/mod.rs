@@ -168,6 +168,20 @@ pub struct Load {
     pub kv_blocks: Option<(u64, u64)>,
 }
 
+/// An in-process engine's running totals, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineCounters {
+    /// Forward steps run.
+    pub steps: u64,
+    /// Sequences preempted (their KV cache dropped, to be recomputed) for want of blocks.
+    pub preemptions: u64,
+    /// Steps the device failed, each followed by a rebuild of the backend.
+    pub device_faults: u64,
+    /// Seconds the engine thread spent in the backend's steps, and around them.
+    pub backend_seconds: f64,
+    pub host_seconds: f64,
+}
+
 /// Everything that generates tokens.
 pub trait Worker: Send + Sync + 'static {
     /// Stable name, used in metrics and logs.
@@ -186,6 +200,10 @@ pub trait Worker: Send + Sync + 'static {
     fn max_concurrency(&self) -> usize;
     /// The prompt's token ids, for workers that hold the model's tokenizer.
     fn tokenize_prompt(&self, _prompt: &Prompt) -> Option<Vec<u32>> {
+        None
+    }
+    /// The engine's running totals, for workers that run one in-process.
+    fn engine_counters(&self) -> Option<EngineCounters> {
         None
     }
 }
