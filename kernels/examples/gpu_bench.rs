@@ -38,13 +38,28 @@ fn main() {
     );
     match bench::run(&g, &Sizes::full(), ITERS) {
         Ok(rows) => {
-            for r in rows {
+            for r in &rows {
                 let gbs = r.bytes / r.secs / 1e9;
                 println!(
                     "| {:<34} | {:>9.1} µs | {gbs:>8.0} GB/s | {:>5.0} % |",
                     r.name,
                     r.secs * 1e6,
                     100.0 * gbs / copy
+                );
+            }
+            // What a decode step's kernels add up to, each launched alone: against the
+            // step's own time (decode_bench, below), the rest is launch gaps.
+            println!();
+            println!("| decode batch (ctx 512) | its kernels, launched alone | products | attention | other kernels |");
+            println!("|---:|---:|---:|---:|---:|");
+            for s in bench::step_sums(&rows) {
+                println!(
+                    "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                    s.batch,
+                    s.total() * 1e6,
+                    s.products * 1e6,
+                    s.attention * 1e6,
+                    s.other * 1e6
                 );
             }
         }

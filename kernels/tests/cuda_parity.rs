@@ -658,13 +658,34 @@ fn whole_model_case<E: Exec>(
 fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     use kernels::cuda::bench::{run, Sizes};
     let Some(e) = emu_for(&smol()) else { return };
-    let rows = run(&e, &Sizes::smoke(), 1).unwrap();
+    let sizes = Sizes::smoke();
+    let rows = run(&e, &sizes, 1).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     // rmsnorm, rope, one build_batch, two attention batches, swiglu, two sampling
-    // settings, one product at two row counts by cuBLAS's stand-in and at one by gemv_f16.
-    assert_eq!(rows.len(), 11, "{names:?}");
+    // settings; at each of the two decode batches a step's norm, rope, swiglu and greedy
+    // sampling; one product at three row counts by cuBLAS's stand-in, and at the two
+    // small ones by gemv_f16.
+    assert_eq!(rows.len(), 21, "{names:?}");
     assert!(
         rows.iter().all(|r| r.secs > 0.0 && r.bytes > 0.0),
         "{rows:?}"
     );
+    // Each decode batch's step adds up products, attention and the other kernels, each
+    // counted as often as a step runs it.
+    let sums = kernels::cuda::bench::step_sums(&rows);
+    assert_eq!(
+        sums.iter().map(|s| s.batch).collect::<Vec<_>>(),
+        sizes.decode
+    );
+    for s in &sums {
+        assert!(
+            s.products > 0.0 && s.attention > 0.0 && s.other > 0.0,
+            "{s:?}"
+        );
+        let attention = rows
+            .iter()
+            .find(|r| r.name.starts_with("attention") && r.in_step == Some((s.batch, 2)))
+            .unwrap();
+        assert_eq!(s.attention, attention.secs * sizes.layers as f64);
+    }
 }

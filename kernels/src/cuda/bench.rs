@@ -25,9 +25,12 @@ pub struct Sizes {
     pub ctx: usize,
     /// Sampling: rows, and the vocabulary.
     pub sample: (usize, usize),
-    /// Matrix products: (name, k, n) weight shapes, each at these row counts.
-    pub products: Vec<(&'static str, usize, usize)>,
+    /// Matrix products: (name, k, n, once per layer) weight shapes, each at these row
+    /// counts (a product not run per layer runs once per step: the LM head).
+    pub products: Vec<(&'static str, usize, usize, bool)>,
     pub product_rows: Vec<usize>,
+    /// Layers of the model whose decode step the parts add up to.
+    pub layers: usize,
 }
 
 impl Sizes {
@@ -43,13 +46,14 @@ impl Sizes {
             sample: (256, 49152),
             // SmolLM2-135M's: QKV, output, gate|up, down, and the LM head.
             products: vec![
-                ("qkv", 576, 960),
-                ("o", 576, 576),
-                ("gate|up", 576, 3072),
-                ("down", 1536, 576),
-                ("lm head", 576, 49152),
+                ("qkv", 576, 960, true),
+                ("o", 576, 576, true),
+                ("gate|up", 576, 3072, true),
+                ("down", 1536, 576, true),
+                ("lm head", 576, 49152, false),
             ],
             product_rows: vec![1, 4, 16, 64, 256],
+            layers: 30,
         }
     }
 
@@ -61,8 +65,9 @@ impl Sizes {
             decode: vec![1, 3],
             ctx: 48,
             sample: (3, 3000),
-            products: vec![("small", 64, 96)],
-            product_rows: vec![1, 5],
+            products: vec![("small", 64, 96, true)],
+            product_rows: vec![1, 3, 5],
+            layers: 2,
         }
     }
 }
@@ -73,6 +78,57 @@ pub struct Row {
     pub name: String,
     pub secs: f64,
     pub bytes: f64,
+    /// Where the launch is one of a decode step's, at that step's size: the batch, and
+    /// how many times a step runs it (per layer, or once).
+    pub in_step: Option<(usize, usize)>,
+}
+
+/// What a decode step's kernels add up to when each is launched alone (so without the
+/// gaps between launches that a step's time also holds).
+#[derive(Debug, Clone, Default)]
+pub struct StepSum {
+    pub batch: usize,
+    /// Seconds per step in the matrix products, attention, and the other kernels.
+    pub products: f64,
+    pub attention: f64,
+    pub other: f64,
+}
+
+impl StepSum {
+    pub fn total(&self) -> f64 {
+        self.products + self.attention + self.other
+    }
+}
+
+/// The decode steps' sums, by batch, from `rows`' parts.
+pub fn step_sums(rows: &[Row]) -> Vec<StepSum> {
+    let mut sums: Vec<StepSum> = Vec::new();
+    for r in rows {
+        let Some((batch, times)) = r.in_step else {
+            continue;
+        };
+        let at = match sums.iter().position(|s| s.batch == batch) {
+            Some(i) => i,
+            None => {
+                sums.push(StepSum {
+                    batch,
+                    ..StepSum::default()
+                });
+                sums.len() - 1
+            }
+        };
+        let secs = r.secs * times as f64;
+        let s = &mut sums[at];
+        if r.name.starts_with("gemm") {
+            s.products += secs;
+        } else if r.name.starts_with("attention") {
+            s.attention += secs;
+        } else {
+            s.other += secs;
+        }
+    }
+    sums.sort_by_key(|s| s.batch);
+    sums
 }
 
 fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
@@ -110,14 +166,18 @@ fn time_launch<E: Exec>(
     time(e, iters, || e.launch(kernel, c, args))
 }
 
-/// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
-/// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
-pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecError> {
-    let mut rows = Vec::new();
-    let i = |v: usize| Arg::I32(v as i32);
+fn i(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
 
-    // add_rmsnorm: rows of 576 (read x, delta; write x, out f16).
-    let (t, d) = (sizes.rows, 576usize);
+/// add_rmsnorm over `t` rows of 576 (read x, delta; write x, out f16).
+fn norm<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
+    let d = 576usize;
     let x = e.zeros::<f32>(t * d)?;
     let delta = e.zeros::<f32>(t * d)?;
     let w = e.zeros::<f32>(d)?;
@@ -133,15 +193,22 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         Arg::F32(1e-5),
     ];
     let secs = time_launch(e, iters, "add_rmsnorm", super::norm_launch(t), &args)?;
-    rows.push(Row {
+    Ok(Row {
         name: format!("add_rmsnorm {t}×{d}"),
         secs,
         bytes: (t * d) as f64 * (4.0 + 4.0 + 4.0 + 2.0),
-    });
-    drop((x, delta, out));
+        in_step,
+    })
+}
 
-    // rope_kv_write: rows of SmolLM2's QKV (9 q + 3 k + 3 v heads of 64): q and k rotated
-    // in place (read + write), k and v written to the cache in f16.
+/// rope_kv_write over `t` rows of SmolLM2's QKV (9 q + 3 k + 3 v heads of 64): q and k
+/// rotated in place (read + write), k and v written to the cache in f16.
+fn rope<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
     let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
     let width = 576 + 2 * 192;
     let qkv = e.zeros::<f32>(t * width)?;
@@ -165,21 +232,94 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         i(bs),
         Arg::F32(100000.0),
     ];
-    let secs = time_launch(
-        e,
-        iters,
-        "rope_kv_write",
-        cfg((threads.div_ceil(256), 1), 256),
-        &args,
-    )?;
+    let c = cfg((threads.div_ceil(256), 1), 256);
+    let secs = time_launch(e, iters, "rope_kv_write", c, &args)?;
     // q, k read and written (f32); v read (f32); k, v written (f16); positions, slots.
     let bytes = (t * 768) as f64 * 8.0 + (t * 192) as f64 * (4.0 + 2.0 * 2.0) + t as f64 * 8.0;
-    rows.push(Row {
+    Ok(Row {
         name: format!("rope_kv_write {t} rows"),
         secs,
         bytes,
-    });
-    drop((qkv, kc, vc));
+        in_step,
+    })
+}
+
+/// swiglu over `t` rows of SmolLM2's gate|up product (read 2 × 1536 f32, write 1536 f16).
+fn swiglu<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
+    let ffn = 1536usize;
+    let gu = e.zeros::<f32>(t * 2 * ffn)?;
+    let g = e.zeros::<f16>(t * ffn)?;
+    let args = [gu.arg(), g.arg(), i(t), i(ffn)];
+    let secs = time_launch(e, iters, "swiglu", super::swiglu_launch(t, ffn), &args)?;
+    Ok(Row {
+        name: format!("swiglu {t}×{ffn}"),
+        secs,
+        bytes: (t * ffn) as f64 * (8.0 + 2.0),
+        in_step,
+    })
+}
+
+/// sample: one block per row over the vocabulary; greedy, and (with `cuts`) top-k 50 and
+/// top-p 0.9 too (the bisection passes).
+fn sample<E: Exec>(
+    e: &E,
+    (n_rows, vocab): (usize, usize),
+    cuts: bool,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Vec<Row>, ExecError> {
+    let logits: Vec<f32> = (0..n_rows * vocab)
+        .map(|k| ((k as u64 * 2654435761) % 1000) as f32 * 0.01)
+        .collect();
+    let lg = e.upload(&logits)?;
+    let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
+    let steps = e.zeros::<u32>(n_rows)?;
+    let out = e.zeros::<u32>(n_rows)?;
+    let mut rows = Vec::new();
+    let settings = [
+        ("greedy", 0.0f32, 0i32, 1.0f32),
+        ("top-k 50, top-p 0.9", 0.8, 50, 0.9),
+    ];
+    for (label, temp, top_k, top_p) in &settings[..if cuts { 2 } else { 1 }] {
+        let tv = e.upload(&vec![*temp; n_rows])?;
+        let kv = e.upload(&vec![*top_k; n_rows])?;
+        let pv = e.upload(&vec![*top_p; n_rows])?;
+        let args = [
+            lg.arg(),
+            i(vocab),
+            tv.arg(),
+            kv.arg(),
+            pv.arg(),
+            seeds.arg(),
+            steps.arg(),
+            out.arg(),
+        ];
+        let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
+        let secs = time_launch(e, iters, "sample", c, &args)?;
+        rows.push(Row {
+            name: format!("sample {n_rows}×{vocab}, {label}"),
+            secs,
+            bytes: (n_rows * vocab * 4) as f64,
+            in_step: if cuts { None } else { in_step },
+        });
+    }
+    Ok(rows)
+}
+
+/// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
+/// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
+/// Besides the large sizes, the kernels of a decode step are timed at each decode batch
+/// (their rows carry `in_step`; [`step_sums`] adds them up).
+pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecError> {
+    let mut rows = Vec::new();
+    let t = sizes.rows;
+    rows.push(norm(e, t, iters, None)?);
+    rows.push(rope(e, t, iters, None)?);
 
     // build_batch: the staging words of `ns` sequences of `per` tokens, `mb` table entries.
     for &(ns, per, mb) in &sizes.steps {
@@ -224,10 +364,12 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             name: format!("build_batch {ns} seqs × {per} tok, {mb} blk"),
             secs,
             bytes: staging.len() as f64 * 4.0 + (tt * 16 + ns * mb * 4 + ns * 4) as f64,
+            in_step: None,
         });
     }
 
     // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx`.
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
     let ctx = sizes.ctx;
     let per = ctx.div_ceil(bs);
     for &batch in &sizes.decode {
@@ -261,61 +403,27 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             name: format!("attention_decode batch {batch}, ctx {ctx}"),
             secs,
             bytes: (batch * ctx * 192 * 2 * 2) as f64,
+            in_step: Some((batch, sizes.layers)),
         });
     }
-    // swiglu: rows of SmolLM2's gate|up product (read 2 × 1536 f32, write 1536 f16).
-    let ffn = 1536usize;
-    let gu = e.zeros::<f32>(t * 2 * ffn)?;
-    let g = e.zeros::<f16>(t * ffn)?;
-    let args = [gu.arg(), g.arg(), i(t), i(ffn)];
-    let secs = time_launch(e, iters, "swiglu", super::swiglu_launch(t, ffn), &args)?;
-    rows.push(Row {
-        name: format!("swiglu {t}×{ffn}"),
-        secs,
-        bytes: (t * ffn) as f64 * (8.0 + 2.0),
-    });
-    drop((gu, g));
+    rows.push(swiglu(e, t, iters, None)?);
+    rows.extend(sample(e, sizes.sample, true, iters, None)?);
 
-    // sample: one block per row over the vocabulary; greedy, then with both cuts (the
-    // bisection passes).
-    let (n_rows, vocab) = sizes.sample;
-    let logits: Vec<f32> = (0..n_rows * vocab)
-        .map(|k| ((k as u64 * 2654435761) % 1000) as f32 * 0.01)
-        .collect();
-    let lg = e.upload(&logits)?;
-    let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
-    let steps = e.zeros::<u32>(n_rows)?;
-    let out = e.zeros::<u32>(n_rows)?;
-    for (label, temp, top_k, top_p) in [
-        ("greedy", 0.0f32, 0i32, 1.0f32),
-        ("top-k 50, top-p 0.9", 0.8, 50, 0.9),
-    ] {
-        let tv = e.upload(&vec![temp; n_rows])?;
-        let kv = e.upload(&vec![top_k; n_rows])?;
-        let pv = e.upload(&vec![top_p; n_rows])?;
-        let args = [
-            lg.arg(),
-            i(vocab),
-            tv.arg(),
-            kv.arg(),
-            pv.arg(),
-            seeds.arg(),
-            steps.arg(),
-            out.arg(),
-        ];
-        let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
-        let secs = time_launch(e, iters, "sample", c, &args)?;
-        rows.push(Row {
-            name: format!("sample {n_rows}×{vocab}, {label}"),
-            secs,
-            bytes: (n_rows * vocab * 4) as f64,
-        });
+    // A decode step's other kernels at its batch: two norms per layer and the final one,
+    // RoPE with the cache write, SwiGLU, and sampling (greedy) once.
+    for &batch in &sizes.decode {
+        let layers = sizes.layers;
+        rows.push(norm(e, batch, iters, Some((batch, 2 * layers + 1)))?);
+        rows.push(rope(e, batch, iters, Some((batch, layers)))?);
+        rows.push(swiglu(e, batch, iters, Some((batch, layers)))?);
+        let vocab = sizes.sample.1;
+        rows.extend(sample(e, (batch, vocab), false, iters, Some((batch, 1)))?);
     }
-    drop((lg, out));
 
     // The products at decode batch sizes: the weights read once is the floor.
-    for &(name, k, n) in &sizes.products {
+    for &(name, k, n, per_layer) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
+        let times = if per_layer { sizes.layers } else { 1 };
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
             let mut y = e.zeros::<f32>(m * n)?;
@@ -325,6 +433,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 name: format!("gemm {name} {m}×{k}·{k}×{n}"),
                 secs,
                 bytes,
+                in_step: sizes.decode.contains(&m).then_some((m, times)),
             });
             // Our own kernel for a few rows, against cuBLAS's row above.
             if super::gemv::fits(m, k) {
@@ -335,6 +444,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),
                     secs,
                     bytes,
+                    in_step: None,
                 });
             }
         }
