@@ -324,7 +324,7 @@ fn render_engines(router: &Router, out: &mut String) {
         return;
     }
     type Pick = fn(&EngineCounters) -> f64;
-    let series: [(&str, &str, Pick); 5] = [
+    let series: [(&str, &str, Pick); 7] = [
         ("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -337,6 +337,16 @@ fn render_engines(router: &Router, out: &mut String) {
             "tollgate_engine_device_faults",
             "Steps the device failed (each followed by a rebuild of the backend)",
             |c| c.device_faults as f64,
+        ),
+        (
+            "tollgate_engine_prompt_tokens",
+            "Prompt tokens of the requests the engine finished",
+            |c| c.prompt_tokens as f64,
+        ),
+        (
+            "tollgate_engine_cached_prompt_tokens",
+            "Of those, the tokens served from the prefix cache (not computed again)",
+            |c| c.cached_tokens as f64,
         ),
         (
             "tollgate_engine_backend_seconds",

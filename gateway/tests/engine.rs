@@ -13,7 +13,7 @@ use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{
-    FinishReason, Prompt, SamplingParams, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    FinishReason, Prompt, SamplingParams, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,6 +60,12 @@ fn req(
 
 /// Runs a request to the end: (text, finish reason, usage.completion_tokens).
 async fn run(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, u32) {
+    let (text, reason, usage) = run_usage(w, r).await;
+    (text, reason, usage.completion_tokens)
+}
+
+/// Runs a request to the end: (text, finish reason, usage).
+async fn run_usage(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, Usage) {
     let mut s = w.submit(r).await.unwrap();
     let mut text = String::new();
     while let Some(ev) = s.next().await {
@@ -68,7 +74,7 @@ async fn run(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, 
             WorkerEvent::Done {
                 finish_reason,
                 usage,
-            } => return (text, finish_reason, usage.completion_tokens),
+            } => return (text, finish_reason, usage),
         }
     }
     panic!("no Done event");
@@ -117,6 +123,16 @@ async fn batching_case(backend: BackendKind) {
             "batched with preemption",
             EngineConfig {
                 kv_tokens: Some(1024),
+                prefix_caching: false,
+                ..base.clone()
+            },
+        ),
+        // The prompts share long prefixes: with the prefix cache they share blocks, and
+        // half the cache still forces preemption.
+        (
+            "batched with preemption and prefix caching",
+            EngineConfig {
+                kv_tokens: Some(512),
                 ..base.clone()
             },
         ),
@@ -157,6 +173,74 @@ async fn batching_case(backend: BackendKind) {
             "{label}: sequences were batched"
         );
     }
+}
+
+/// A prompt whose start an earlier request of the same tenant computed takes those
+/// blocks from the prefix cache: the usage says how many tokens, and the answer is the
+/// one computing them gives. Another tenant's identical prompt shares nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_prefix_cache_serves_a_tenants_repeated_prefix_and_changes_no_token() {
+    let (_d, m) = synthetic();
+    let cfg = EngineConfig {
+        backend: BackendKind::Cpu,
+        threads: 2,
+        max_batch_tokens: Some(64),
+        ..EngineConfig::default()
+    };
+    let e = engine(&m, cfg.clone());
+    let system = "you are a helpful assistant who answers briefly. ".repeat(8);
+    let ask = |tenant: &str, q: &str| {
+        let mut r = (*req(&format!("{system}{q}"), 16, 0.0, None, vec![])).clone();
+        r.tenant = tenant.into();
+        Arc::new(r)
+    };
+    let first = run_usage(&e, ask("a", "what is one?")).await;
+    assert_eq!(first.2.cached_tokens, 0, "nothing cached yet");
+    let prompt = first.2.prompt_tokens;
+    assert!(prompt > 100, "{prompt}");
+    // The same prompt again: all its whole blocks but the one holding its last token.
+    let again = run_usage(&e, ask("a", "what is one?")).await;
+    assert_eq!(again.0, first.0, "the cached prefix gives the same answer");
+    assert_eq!(again.2.cached_tokens, (prompt - 1) / 16 * 16);
+    // Another question after the same system prompt: the shared whole blocks.
+    let other = run_usage(&e, ask("a", "and what is two?")).await;
+    assert!(other.2.cached_tokens > 0 && other.2.cached_tokens < prompt);
+    let cold = engine(&m, cfg.clone());
+    assert_eq!(
+        run_usage(&cold, ask("a", "and what is two?")).await.0,
+        other.0,
+        "the answer does not depend on what was cached"
+    );
+    // Tenant b sends a's prompt: nothing is shared across tenants.
+    let b = run_usage(&e, ask("b", "what is one?")).await;
+    assert_eq!(b.2.cached_tokens, 0);
+    assert_eq!(b.0, first.0);
+    let c = e.engine_counters().unwrap();
+    assert_eq!(
+        c.cached_tokens,
+        (again.2.cached_tokens + other.2.cached_tokens) as u64
+    );
+    // Three prompts of a's length on this engine (a twice, b once), and the other one.
+    assert_eq!(
+        c.prompt_tokens,
+        3 * prompt as u64 + other.2.prompt_tokens as u64
+    );
+    // Turned off: nothing is cached.
+    let off = engine(
+        &m,
+        EngineConfig {
+            prefix_caching: false,
+            ..cfg
+        },
+    );
+    run_usage(&off, ask("a", "what is one?")).await;
+    assert_eq!(
+        run_usage(&off, ask("a", "what is one?"))
+            .await
+            .2
+            .cached_tokens,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

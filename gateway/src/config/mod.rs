@@ -315,6 +315,9 @@ pub struct EngineConfig {
     pub max_concurrency: Option<usize>,
     /// GPUs to run on (CUDA backend): one engine per device, each its own pool member.
     pub devices: Vec<usize>,
+    /// Keep the KV blocks of finished prompts and share them with later prompts of the
+    /// same tenant that start with the same tokens.
+    pub prefix_caching: bool,
 }
 
 /// An engine's step and cache sizes, once its backend is known.
@@ -360,6 +363,7 @@ impl Default for EngineConfig {
             block_size: 16,
             max_concurrency: None,
             devices: vec![0],
+            prefix_caching: true,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::worker::{
     EngineCounters, EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError,
     WorkerEvent, WorkerRequest,
 };
-use blocks::BlockPool;
+use blocks::{chain, BlockPool};
 use fair::{Fair, Tenanted};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -43,6 +43,7 @@ use outbox::{Events, Outbox};
 use output::TextOut;
 use scheduler::{Limits, Schedulable};
 use std::collections::VecDeque;
+use std::hash::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -65,6 +66,10 @@ pub struct EngineStats {
     pub alive: AtomicBool,
     /// Device faults so far: steps the device failed, each followed by a rebuild.
     pub faults: AtomicU64,
+    /// Prompt tokens of the requests finished so far, and those of them served from the
+    /// prefix cache.
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
     /// While the engine rebuilds its backend after a device fault: why. It takes no work
     /// then, and its probe fails, so the pool routes around it.
     pub fault: std::sync::Mutex<Option<String>>,
@@ -104,6 +109,12 @@ struct Seq {
     prompt_len: usize,
     computed: usize,
     blocks: Vec<u32>,
+    /// Content hashes of the full blocks of `tokens` known so far (prefix caching).
+    hashes: Vec<u64>,
+    /// Blocks registered in the pool's prefix cache (the first ones of `blocks`).
+    registered: usize,
+    /// Prompt tokens taken from the prefix cache (reported in the usage).
+    cached: usize,
     max_tokens: u32,
     /// The CPU sampler (its own random state), for backends that return logits.
     sampler: Sampler,
@@ -144,6 +155,27 @@ impl Schedulable for Seq {
     }
     fn reset(&mut self) {
         self.computed = 0;
+        self.registered = 0;
+        if self.generated() == 0 {
+            self.cached = 0;
+        }
+    }
+    fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64] {
+        chain(
+            hasher,
+            &self.tenant,
+            &self.tokens,
+            block_size,
+            &mut self.hashes,
+        );
+        &self.hashes
+    }
+    fn skip(&mut self, n: usize, block_size: usize) {
+        self.computed = n;
+        self.registered = n / block_size;
+        if self.generated() == 0 {
+            self.cached = n.min(self.prompt_len);
+        }
     }
 }
 
@@ -155,6 +187,7 @@ impl Seq {
         Usage {
             prompt_tokens: self.prompt_len as u32,
             completion_tokens: self.generated(),
+            cached_tokens: self.cached as u32,
         }
     }
     fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
@@ -222,6 +255,7 @@ impl EngineWorker {
             max_batch_tokens: sizes.max_batch_tokens,
             max_seqs: sizes.max_seqs,
             block_size: bs,
+            prefix_caching: cfg.prefix_caching,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
@@ -392,6 +426,8 @@ impl Worker for EngineWorker {
             steps: s.steps.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
             device_faults: s.faults.load(Ordering::Relaxed),
+            prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
             backend_seconds: secs(&s.backend_ns),
             host_seconds: secs(&s.host_ns),
         })
@@ -407,6 +443,9 @@ fn admit(n: NewSeq) -> Seq {
         tokens: n.prompt,
         computed: 0,
         blocks: Vec::new(),
+        hashes: Vec::new(),
+        registered: 0,
+        cached: 0,
         max_tokens: n.max_tokens,
         sampler: Sampler::new(n.sampling, n.seed),
         sampling: n.sampling,
@@ -530,7 +569,7 @@ fn run_engine(
 ) {
     let vocab = backend.config().vocab;
     let mut on_device = backend.samples_on_device();
-    let mut pool = BlockPool::new(backend.kv_geometry().1);
+    let mut pool = BlockPool::new(backend.kv_geometry().1, limits.prefix_caching);
     let mut running: Vec<Seq> = Vec::new();
     let mut waiting: VecDeque<Seq> = VecDeque::new();
     let mut fair = Fair::default();
@@ -657,7 +696,7 @@ fn run_engine(
                         None => return,
                     };
                     on_device = backend.samples_on_device();
-                    pool = BlockPool::new(backend.kv_geometry().1);
+                    pool = BlockPool::new(backend.kv_geometry().1, limits.prefix_caching);
                     fair.reset();
                     stats.set_fault(None);
                     publish(&stats, &running, &waiting, &pool);
@@ -675,6 +714,22 @@ fn run_engine(
         for &(i, n) in &plan.items {
             let s = &mut running[i];
             s.computed += n;
+            // The blocks this step filled join the prefix cache.
+            let full = s.computed / limits.block_size;
+            if full > s.registered {
+                let done = &s.tokens[..s.computed];
+                chain(
+                    pool.hasher(),
+                    &s.tenant,
+                    done,
+                    limits.block_size,
+                    &mut s.hashes,
+                );
+                for b in s.registered..full {
+                    pool.register(s.blocks[b], s.hashes[b]);
+                }
+                s.registered = full;
+            }
             if s.computed != s.tokens.len() {
                 continue;
             }
@@ -695,11 +750,18 @@ fn run_engine(
                         },
                     );
                 }
+                let usage = s.usage();
+                stats
+                    .prompt_tokens
+                    .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+                stats
+                    .cached_tokens
+                    .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
                 s.send(
                     &mut outbox,
                     WorkerEvent::Done {
                         finish_reason: reason,
-                        usage: s.usage(),
+                        usage,
                     },
                 );
                 finished.push(i);

@@ -97,6 +97,7 @@ mod tests {
                 usage: Usage {
                     prompt_tokens: 1,
                     completion_tokens: 100,
+                    cached_tokens: 0,
                 },
             }),
         );

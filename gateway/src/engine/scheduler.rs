@@ -13,6 +13,7 @@
 use super::blocks::BlockPool;
 use super::fair::{Fair, Tenanted};
 use std::collections::VecDeque;
+use std::hash::RandomState;
 
 /// What the scheduler needs to know of a sequence.
 pub trait Schedulable: Tenanted {
@@ -23,6 +24,11 @@ pub trait Schedulable: Tenanted {
     fn blocks_mut(&mut self) -> &mut Vec<u32>;
     /// Forget the cache (after preemption): everything is pending again.
     fn reset(&mut self);
+    /// The content hashes of the full blocks of its tokens ([`super::blocks::chain`]).
+    fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64];
+    /// Its first `n` tokens (whole blocks, now at the head of its block table) were found
+    /// in the prefix cache: they count as computed.
+    fn skip(&mut self, n: usize, block_size: usize);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +36,8 @@ pub struct Limits {
     pub max_batch_tokens: usize,
     pub max_seqs: usize,
     pub block_size: usize,
+    /// Whether full blocks are cached and shared by prompts that start alike.
+    pub prefix_caching: bool,
 }
 
 /// The step's plan: `(index in running, tokens to compute)`, and how many sequences were
@@ -56,6 +64,23 @@ fn grow<S: Schedulable>(s: &mut S, tokens: usize, pool: &mut BlockPool, bs: usiz
             true
         }
         None => false,
+    }
+}
+
+/// Gives a sequence that holds no blocks the cached blocks of its longest cached prefix,
+/// leaving at least its last token to compute (its logits are wanted).
+fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
+    if s.computed() > 0 || !s.blocks_mut().is_empty() {
+        return;
+    }
+    let total = s.pending();
+    let hashes = s.block_hashes(pool.hasher(), bs);
+    let usable = (total.saturating_sub(1) / bs).min(hashes.len());
+    let found = pool.lookup(&hashes[..usable]);
+    if !found.is_empty() {
+        let n = found.len() * bs;
+        s.blocks_mut().extend(found);
+        s.skip(n, bs);
     }
 }
 
@@ -109,8 +134,12 @@ pub fn schedule<S: Schedulable>(
             break;
         };
         let s = &mut waiting[next];
+        reuse(s, pool, lim.block_size);
         let n = s.pending().min(budget);
         if !grow(s, s.computed() + n, pool, lim.block_size) {
+            // Not now: what it took from the cache goes back (and stays cached).
+            pool.release(s.blocks_mut());
+            s.reset();
             break;
         }
         let Some(s) = waiting.remove(next) else {
@@ -136,6 +165,7 @@ mod tests {
         computed: usize,
         blocks: Vec<u32>,
         tenant: Arc<str>,
+        hashes: Vec<u64>,
     }
     impl Tenanted for S {
         fn tenant(&self) -> &Arc<str> {
@@ -158,6 +188,20 @@ mod tests {
         fn reset(&mut self) {
             self.computed = 0;
         }
+        fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64] {
+            let tokens: Vec<u32> = (0..self.total as u32).collect();
+            super::super::blocks::chain(
+                hasher,
+                &self.tenant,
+                &tokens,
+                block_size,
+                &mut self.hashes,
+            );
+            &self.hashes
+        }
+        fn skip(&mut self, n: usize, _block_size: usize) {
+            self.computed = n;
+        }
     }
     fn s(total: usize) -> S {
         st(total, "a")
@@ -168,17 +212,19 @@ mod tests {
             computed: 0,
             blocks: vec![],
             tenant: tenant.into(),
+            hashes: vec![],
         }
     }
     const L: Limits = Limits {
         max_batch_tokens: 8,
         max_seqs: 4,
         block_size: 4,
+        prefix_caching: true,
     };
 
     #[test]
     fn chunked_prefill_under_the_budget_and_decodes_first() {
-        let mut pool = BlockPool::new(100);
+        let mut pool = BlockPool::new(100, true);
         let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(20), s(3)]));
         let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
@@ -207,7 +253,7 @@ mod tests {
 
     #[test]
     fn preempts_the_youngest_when_blocks_run_out() {
-        let mut pool = BlockPool::new(3);
+        let mut pool = BlockPool::new(3, true);
         let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
         let p = schedule(
@@ -236,12 +282,13 @@ mod tests {
 
     #[test]
     fn slots_go_to_the_least_served_tenant_and_preemption_to_the_most_served() {
-        let mut pool = BlockPool::new(100);
+        let mut pool = BlockPool::new(100, true);
         let mut fair = Fair::default();
         let lim = Limits {
             max_batch_tokens: 64,
             max_seqs: 2,
             block_size: 4,
+            prefix_caching: true,
         };
         // Tenant a queued 4 sequences before b's 2; two slots.
         let mut wait: VecDeque<S> = (0..4).map(|_| st(8, "a")).collect();
@@ -265,13 +312,14 @@ mod tests {
 
         // Blocks run out: the victim is the most served tenant's sequence after the one
         // being grown, not simply the youngest.
-        let mut pool = BlockPool::new(4);
+        let mut pool = BlockPool::new(4, true);
         let mut fair = Fair::default();
         fair.charge(&"a".into(), 100.0, 1.0);
         let lim = Limits {
             max_batch_tokens: 64,
             max_seqs: 3,
             block_size: 4,
+            prefix_caching: true,
         };
         let mut wait: VecDeque<S> = VecDeque::from(vec![st(4, "b"), st(4, "a"), st(4, "b")]);
         let mut run = vec![];

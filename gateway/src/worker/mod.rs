@@ -109,6 +109,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose keys and values came from the worker's prefix cache (counted
+    /// in `prompt_tokens` too).
+    pub cached_tokens: u32,
 }
 
 /// What a worker emits.
@@ -177,6 +180,9 @@ pub struct EngineCounters {
     pub preemptions: u64,
     /// Steps the device failed, each followed by a rebuild of the backend.
     pub device_faults: u64,
+    /// Prompt tokens of finished requests, and those of them served from the prefix cache.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
     /// Seconds the engine thread spent in the backend's steps, and around them.
     pub backend_seconds: f64,
     pub host_seconds: f64,

@@ -153,6 +153,15 @@ struct UpstreamText<'a> {
 struct UpstreamUsage {
     prompt_tokens: u32,
     completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<UpstreamPromptDetails>,
+}
+
+/// vLLM, SGLang and tollgate workers report prompt tokens served from their prefix cache.
+#[derive(Deserialize, Clone, Copy)]
+struct UpstreamPromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
 }
 
 impl From<UpstreamUsage> for Usage {
@@ -160,6 +169,10 @@ impl From<UpstreamUsage> for Usage {
         Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
+            cached_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
         }
     }
 }
@@ -325,6 +338,7 @@ fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, Work
     let usage = v.usage.map(Usage::from).unwrap_or(Usage {
         prompt_tokens: estimate_prompt_tokens(&req.prompt),
         completion_tokens: 0,
+        cached_tokens: 0,
     });
     Ok(vec![
         WorkerEvent::Delta {
@@ -358,6 +372,7 @@ impl StreamState {
         let usage = self.usage.unwrap_or(Usage {
             prompt_tokens: estimate_prompt_tokens(&self.req.prompt),
             completion_tokens: self.deltas,
+            cached_tokens: 0,
         });
         Ok(WorkerEvent::Done {
             finish_reason,

@@ -177,6 +177,7 @@ impl Gen {
             usage: Usage {
                 prompt_tokens: self.prompt_tokens,
                 completion_tokens: self.produced,
+                cached_tokens: 0,
             },
         }
     }
