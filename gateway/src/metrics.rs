@@ -13,6 +13,7 @@ use crate::meter::{unix_ms, Ledger, UsageRecord};
 use crate::route::Router;
 use crate::state::Shared;
 use crate::worker::EngineCounters;
+use crate::worker::Usage;
 use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,6 +54,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<WithStatus, Counter>,
     input_tokens: Family<TenantModel, Counter>,
+    cached_input_tokens: Family<TenantModel, Counter>,
     output_tokens: Family<TenantModel, Counter>,
     ttft: HistFamily,
     e2e: HistFamily,
@@ -68,6 +70,7 @@ pub struct Handles {
     labels: TenantModel,
     ok: Counter,
     input_tokens: Counter,
+    cached_input_tokens: Counter,
     output_tokens: Counter,
     weighted_tokens: Counter<f64, std::sync::atomic::AtomicU64>,
     ttft: Histogram,
@@ -86,6 +89,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tollgate");
         let requests = Family::<WithStatus, Counter>::default();
         let input_tokens = Family::<TenantModel, Counter>::default();
+        let cached_input_tokens = Family::<TenantModel, Counter>::default();
         let output_tokens = Family::<TenantModel, Counter>::default();
         let ttft = HistFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
         let e2e = HistFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
@@ -96,7 +100,7 @@ impl Metrics {
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "weighted_tokens",
-            "Weighted tokens charged to tenants' contracts (input + output_weight x output)",
+            "Weighted tokens charged to tenants' contracts (input + output_weight x output, cached input at cached_input_weight)",
             weighted_tokens.clone(),
         );
         registry.register(
@@ -113,6 +117,11 @@ impl Metrics {
             "input_tokens",
             "Prompt tokens of finished requests",
             input_tokens.clone(),
+        );
+        registry.register(
+            "cached_input_tokens",
+            "Prompt tokens of finished requests that the worker served from its prefix cache",
+            cached_input_tokens.clone(),
         );
         registry.register(
             "output_tokens",
@@ -143,6 +152,7 @@ impl Metrics {
             registry,
             requests,
             input_tokens,
+            cached_input_tokens,
             output_tokens,
             ttft,
             e2e,
@@ -173,6 +183,7 @@ impl Metrics {
                 })
                 .clone(),
             input_tokens: self.input_tokens.get_or_create(&labels).clone(),
+            cached_input_tokens: self.cached_input_tokens.get_or_create(&labels).clone(),
             output_tokens: self.output_tokens.get_or_create(&labels).clone(),
             weighted_tokens: self.weighted_tokens.get_or_create(&labels).clone(),
             ttft: self.ttft.get_or_create(&labels).clone(),
@@ -386,6 +397,9 @@ pub struct MeterCtx {
     pub durable: bool,
     pub request_id: Arc<str>,
     pub output_weight: f64,
+    /// Weight of a prompt token served from the worker's prefix cache (1 = a full input
+    /// token).
+    pub cached_input_weight: f64,
 }
 
 /// One request's accounting: in flight while alive; exactly one status recorded; its
@@ -440,19 +454,24 @@ impl Meter {
         self.generated = self.generated.saturating_add(tokens);
     }
 
-    fn weighted(&self, input: u32, output: u32) -> f64 {
-        input as f64 + self.ctx.output_weight * output as f64
+    /// `input − cached + cached_input_weight × cached + output_weight × output`.
+    fn weighted(&self, input: u32, cached: u32, output: u32) -> f64 {
+        let cached = cached.min(input) as f64;
+        input as f64 - cached
+            + self.ctx.cached_input_weight * cached
+            + self.ctx.output_weight * output as f64
     }
 
-    fn record(&self, status: &str, input: u32, output: u32, weighted: f64) -> UsageRecord {
+    fn record(&self, status: &str, u: Usage, weighted: f64) -> UsageRecord {
         UsageRecord {
             ts_ms: unix_ms(),
             request_id: self.ctx.request_id.to_string(),
             tenant: self.h.labels.tenant.clone(),
             model: self.h.labels.model.clone(),
             worker: self.worker.clone(),
-            input_tokens: input,
-            output_tokens: output,
+            input_tokens: u.prompt_tokens,
+            cached_tokens: u.cached_tokens,
+            output_tokens: u.completion_tokens,
             weighted_tokens: weighted,
             status: status.to_string(),
             ttft_ms: self.ttft_ms,
@@ -463,29 +482,37 @@ impl Meter {
 
     /// A request that completed with the worker's true counts. Settles the reservation and
     /// commits the usage record; returns once it is durable (see `meter`).
-    pub async fn success(&mut self, input: u32, output: u32) {
-        let weighted = self.weighted(input, output);
+    pub async fn success(&mut self, usage: Usage) {
+        let (input, cached, output) = (
+            usage.prompt_tokens,
+            usage.cached_tokens.min(usage.prompt_tokens),
+            usage.completion_tokens,
+        );
+        let weighted = self.weighted(input, cached, output);
         if let Some(r) = &mut self.reservation {
             r.settle(Some(weighted));
         }
         self.h.ok.inc();
         self.h.input_tokens.inc_by(input as u64);
+        self.h.cached_input_tokens.inc_by(cached as u64);
         self.h.output_tokens.inc_by(output as u64);
         self.h.weighted_tokens.inc_by(weighted);
         self.end();
         tracing::info!(
             status = 200,
             input_tokens = input,
+            cached_input_tokens = cached,
             output_tokens = output,
             weighted_tokens = weighted,
             ms = self.started.elapsed().as_secs_f64() * 1e3,
             "request done"
         );
+        let usage = Usage {
+            cached_tokens: cached,
+            ..usage
+        };
         if let Some(l) = &self.ctx.ledger {
-            if !l
-                .record_durable(self.record("200", input, output, weighted))
-                .await
-            {
+            if !l.record_durable(self.record("200", usage, weighted)).await {
                 tracing::error!("usage record could not be committed");
             }
         }
@@ -502,7 +529,8 @@ impl Meter {
         } else {
             (0, 0)
         };
-        let weighted = self.weighted(input, output);
+        // What the worker served from its cache is not known before its last event.
+        let weighted = self.weighted(input, 0, output);
         if let Some(r) = &mut self.reservation {
             r.settle((self.generated > 0).then_some(weighted));
         }
@@ -516,7 +544,12 @@ impl Meter {
             "request ended"
         );
         if let Some(l) = &self.ctx.ledger {
-            l.record(self.record(status, input, output, weighted));
+            let usage = Usage {
+                prompt_tokens: input,
+                completion_tokens: output,
+                cached_tokens: 0,
+            };
+            l.record(self.record(status, usage, weighted));
         }
     }
 

@@ -67,7 +67,10 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
         return ApiError::ModelNotFound(req.model).into_response();
     };
     let model: Arc<str> = req.model.as_str().into();
-    let output_weight = state.live().output_weight(&req.model);
+    let live = state.live();
+    let output_weight = live.output_weight(&req.model);
+    let cached_input_weight = live.cached_input_weight(&req.model);
+    drop(live);
     let mut meter = Meter::start(
         state.metrics.clone(),
         state.metrics.handles(ctx.tenant_id(), &model),
@@ -77,6 +80,7 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
             durable: state.metering_wait,
             request_id: ctx.request_id.clone(),
             output_weight,
+            cached_input_weight,
         },
     );
     let (contract, scope) = ctx.tenant.limits.for_model(&req.model);
@@ -439,9 +443,7 @@ impl SseStream {
                     usage,
                 }) => {
                     self.lease.success();
-                    meter
-                        .success(usage.prompt_tokens, usage.completion_tokens)
-                        .await;
+                    meter.success(usage).await;
                     let body = self.renderer.full(&self.text, finish_reason, usage);
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -478,9 +480,7 @@ impl SseStream {
                     }) => {
                         s.lease.success();
                         // Durable before the final frames go out (see `meter`).
-                        meter
-                            .success(usage.prompt_tokens, usage.completion_tokens)
-                            .await;
+                        meter.success(usage).await;
                         s.renderer.final_frames(&mut out, finish_reason, usage);
                         true
                     }

@@ -1,7 +1,8 @@
 //! Live config changes: the file watcher, SIGHUP and `POST /admin/reload` all land here.
 //!
 //! A reload reads the file, validates it whole, checks that it changes only what can
-//! change live (tenants, their keys and contracts, models' `output_weight`), and swaps the
+//! change live (tenants, their keys and contracts, models' `output_weight` and
+//! `cached_input_weight`), and swaps the
 //! new generation in atomically. Limiter scopes are updated in place, so bucket state and
 //! in-flight counts survive: raised limits apply to the next request, lowered ones clamp
 //! the bucket. Requests in flight keep the tenant they were admitted as (a removed tenant's
@@ -128,6 +129,12 @@ fn diff(old: &Config, new: &Config) -> Vec<String> {
                     m.id, o.output_weight, m.output_weight
                 ));
             }
+            if o.cached_input_weight != m.cached_input_weight {
+                out.push(format!(
+                    "model {} cached_input_weight {} -> {}",
+                    m.id, o.cached_input_weight, m.cached_input_weight
+                ));
+            }
         }
     }
     out
@@ -164,7 +171,7 @@ fn apply(state: &AppState, actor: &str) -> Result<Applied, String> {
     let fixed = restart_only(&old.config, &new);
     if !fixed.is_empty() {
         return Err(format!(
-            "{}: {} changed; these need a restart (live: tenants, their keys and contracts, models' output_weight)",
+            "{}: {} changed; these need a restart (live: tenants, their keys and contracts, models' output_weight and cached_input_weight)",
             path.display(),
             fixed.join(", ")
         ));

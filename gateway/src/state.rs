@@ -19,29 +19,35 @@ use std::sync::Arc;
 pub struct Live {
     pub config: Config,
     pub tenants: Tenants,
-    output_weights: HashMap<String, f64>,
+    /// Per model: (output_weight, cached_input_weight).
+    weights: HashMap<String, (f64, f64)>,
     /// Counts applied configs: 1 at start.
     pub generation: u64,
 }
 
 impl Live {
     pub fn new(config: Config, limiter: &Limiter, generation: u64) -> Self {
-        let output_weights = config
+        let weights = config
             .models
             .iter()
-            .map(|m| (m.id.clone(), m.output_weight))
+            .map(|m| (m.id.clone(), (m.output_weight, m.cached_input_weight)))
             .collect();
         Self {
             tenants: Tenants::from_config(&config, limiter),
             config,
-            output_weights,
+            weights,
             generation,
         }
     }
 
     /// Weight of one output token of `model` in a tenant's token rate.
     pub fn output_weight(&self, model: &str) -> f64 {
-        self.output_weights.get(model).copied().unwrap_or(3.0)
+        self.weights.get(model).map_or(3.0, |w| w.0)
+    }
+
+    /// Weight of one prompt token of `model` served from a worker's prefix cache.
+    pub fn cached_input_weight(&self, model: &str) -> f64 {
+        self.weights.get(model).map_or(1.0, |w| w.1)
     }
 }
 

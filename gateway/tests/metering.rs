@@ -144,7 +144,7 @@ async fn completed_requests_survive_kill_9_and_export_per_minute_totals() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
-        "minute,tenant,requests,completed,input_tokens,output_tokens,weighted_tokens\n"
+        "minute,tenant,requests,completed,input_tokens,output_tokens,weighted_tokens,cached_tokens\n"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["usage", "--since", "last tuesday", "--db"])
@@ -221,4 +221,95 @@ async fn refused_and_cancelled_requests_are_metered_with_what_they_used() {
         n, 1,
         "the {refused_status} is recorded, with nothing charged"
     );
+}
+
+/// A prompt the engine serves partly from its prefix cache is charged those tokens at the
+/// model's `cached_input_weight`; the ledger, the export and `/metrics` say how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_tokens_from_the_prefix_cache_are_charged_at_the_cached_input_weight() {
+    let dir = tempdir::TempDir::new();
+    let model = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let cfg = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[models]]
+id = "m"
+source = "{}"
+cached_input_weight = 0.25
+
+[[pools]]
+name = "p"
+model = "m"
+workers = [{{ kind = "engine", backend = "cpu", threads = 2, kv_tokens = 4096 }}]
+
+[[tenants]]
+id = "demo"
+keys_sha256 = ["{KEY_SHA256}"]
+tokens_per_second = 100000.0
+"#,
+        model.display()
+    );
+    let gw = Gateway::start(&cfg);
+    let prompt = "a shared instruction that many requests start with. ".repeat(10);
+    let body = serde_json::json!({
+        "model": "m", "prompt": prompt, "max_tokens": 4, "temperature": 0
+    })
+    .to_string();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = post(&gw, "/v1/completions", &body).await;
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        let v: serde_json::Value = r.json().await.unwrap();
+        let u = &v["usage"];
+        let field = |k: &str| u[k].as_u64().unwrap();
+        let cached = u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        seen.push((
+            id,
+            field("prompt_tokens"),
+            cached,
+            field("completion_tokens"),
+        ));
+    }
+    let (input, cached) = (seen[1].1, seen[1].2);
+    assert_eq!(seen[0].2, 0, "the first request computes its whole prompt");
+    assert!(input > 50 && cached > 0 && cached < input, "{seen:?}");
+    let conn = rusqlite::Connection::open(gw.dir().join("tollgate-usage.db")).unwrap();
+    for (id, input, cached, output) in &seen {
+        let (c, w): (u32, f64) = conn
+            .query_row(
+                "SELECT cached_tokens, weighted_tokens FROM usage WHERE request_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(c as u64, *cached);
+        let want = (input - cached) as f64 + 0.25 * *cached as f64 + 3.0 * *output as f64;
+        assert_eq!(w, want, "{id}");
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"tollgate_cached_input_tokens_total{tenant="demo",model="m"}"#
+        ),
+        Some(cached as f64),
+        "{m}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["usage", "--since", "1h", "--format", "json", "--db"])
+        .arg(gw.dir().join("tollgate-usage.db"))
+        .output()
+        .unwrap();
+    let totals: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let summed: u64 = totals
+        .iter()
+        .map(|t| t["cached_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(summed, cached);
 }

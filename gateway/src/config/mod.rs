@@ -208,6 +208,14 @@ pub struct ModelConfig {
     /// Weight of one output token against one input token in a tenant's token rate.
     #[serde(default = "default_output_weight")]
     pub output_weight: f64,
+    /// Weight of a prompt token the worker served from its prefix cache, in [0, 1]:
+    /// settled at the end of the request (admission reserves it as a full input token).
+    #[serde(default = "default_cached_input_weight")]
+    pub cached_input_weight: f64,
+}
+
+fn default_cached_input_weight() -> f64 {
+    1.0
 }
 
 fn default_output_weight() -> f64 {
@@ -589,6 +597,12 @@ impl Config {
             }
             if !(m.output_weight > 0.0 && m.output_weight.is_finite()) {
                 return invalid(format!("models.{}: output_weight must be > 0", m.id));
+            }
+            if !(0.0..=1.0).contains(&m.cached_input_weight) {
+                return invalid(format!(
+                    "models.{}: cached_input_weight must be in [0, 1]",
+                    m.id
+                ));
             }
         }
         let mut pool_names = HashSet::new();

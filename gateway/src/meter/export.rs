@@ -15,6 +15,8 @@ pub struct MinuteTotal {
     /// Requests that completed (status 200).
     pub completed: u64,
     pub input_tokens: u64,
+    /// Of the input tokens, those served from a worker's prefix cache.
+    pub cached_tokens: u64,
     pub output_tokens: u64,
     pub weighted_tokens: f64,
 }
@@ -48,7 +50,7 @@ pub fn totals(
     conn.busy_timeout(Duration::from_secs(5))?;
     let mut stmt = conn.prepare(
         "SELECT (ts_ms / 60000) * 60000 AS minute, tenant, COUNT(*), SUM(status = '200'),
-                SUM(input_tokens), SUM(output_tokens), SUM(weighted_tokens)
+                SUM(input_tokens), SUM(output_tokens), SUM(weighted_tokens), SUM(cached_tokens)
          FROM usage WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2)
          GROUP BY minute, tenant ORDER BY minute, tenant",
     )?;
@@ -65,6 +67,7 @@ pub fn totals(
             input_tokens: r.get::<_, i64>(4)? as u64,
             output_tokens: r.get::<_, i64>(5)? as u64,
             weighted_tokens: r.get(6)?,
+            cached_tokens: r.get::<_, i64>(7)? as u64,
         })
     })?;
     rows.collect()
@@ -81,18 +84,19 @@ fn csv_field(s: &str) -> String {
 /// CSV with a header line.
 pub fn to_csv(rows: &[MinuteTotal]) -> String {
     let mut out = String::from(
-        "minute,tenant,requests,completed,input_tokens,output_tokens,weighted_tokens\n",
+        "minute,tenant,requests,completed,input_tokens,output_tokens,weighted_tokens,cached_tokens\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{}\n",
             r.minute,
             csv_field(&r.tenant),
             r.requests,
             r.completed,
             r.input_tokens,
             r.output_tokens,
-            r.weighted_tokens
+            r.weighted_tokens,
+            r.cached_tokens
         ));
     }
     out
@@ -119,9 +123,10 @@ mod tests {
             requests: 1,
             completed: 1,
             input_tokens: 2,
+            cached_tokens: 1,
             output_tokens: 3,
             weighted_tokens: 11.0,
         }];
-        assert!(to_csv(&rows).ends_with("1970-01-01T00:00:00Z,\"a,\"\"b\"\"\",1,1,2,3,11\n"));
+        assert!(to_csv(&rows).ends_with("1970-01-01T00:00:00Z,\"a,\"\"b\"\"\",1,1,2,3,11,1\n"));
     }
 }

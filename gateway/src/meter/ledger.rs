@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS usage (
     status TEXT NOT NULL,
     ttft_ms REAL,
     duration_ms REAL NOT NULL,
-    best_effort INTEGER NOT NULL
+    best_effort INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms, tenant);
 CREATE TABLE IF NOT EXISTS audit (
@@ -98,7 +99,23 @@ pub fn open(path: &Path, sync: Synchronous) -> Result<Connection, LedgerError> {
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     Ok(conn)
+}
+
+/// Brings a ledger written by an earlier version up to [`SCHEMA`]: columns added since are
+/// added, with their defaults for the rows already there.
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('usage')")?;
+    let columns: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if !columns.iter().any(|c| c == "cached_tokens") {
+        conn.execute_batch(
+            "ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }
 
 impl Ledger {
@@ -230,8 +247,8 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     {
         let mut usage = tx.prepare_cached(
-            "INSERT INTO usage (ts_ms, request_id, tenant, model, worker, input_tokens, output_tokens, weighted_tokens, status, ttft_ms, duration_ms, best_effort)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO usage (ts_ms, request_id, tenant, model, worker, input_tokens, output_tokens, weighted_tokens, status, ttft_ms, duration_ms, best_effort, cached_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let mut audit = tx.prepare_cached(
             "INSERT INTO audit (ts_ms, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
@@ -252,6 +269,7 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> Result<(), rusqlite::Error> {
                         r.ttft_ms,
                         r.duration_ms,
                         r.best_effort,
+                        r.cached_tokens,
                     ])?;
                 }
                 Msg::Audit(e) => {
@@ -261,4 +279,47 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> Result<(), rusqlite::Error> {
         }
     }
     tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_from_before_cached_tokens_gains_the_column() {
+        let dir = std::env::temp_dir().join(format!("tollgate-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        let _ = std::fs::remove_file(&path);
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE usage (ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL,
+                    tenant TEXT NOT NULL, model TEXT NOT NULL, worker TEXT NOT NULL,
+                    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+                    weighted_tokens REAL NOT NULL, status TEXT NOT NULL, ttft_ms REAL,
+                    duration_ms REAL NOT NULL, best_effort INTEGER NOT NULL);
+                 INSERT INTO usage VALUES (1, 'old', 't', 'm', 'w', 5, 1, 8.0, '200', NULL, 1.0, 0);",
+            )
+            .unwrap();
+        }
+        let c = open(&path, Synchronous::Normal).unwrap();
+        let old: i64 = c
+            .query_row(
+                "SELECT cached_tokens FROM usage WHERE request_id = 'old'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "rows from before read as nothing cached");
+        drop(c);
+        // Opened again, it is left as it is.
+        let c = open(&path, Synchronous::Normal).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        drop(c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -33,8 +33,11 @@ pub struct UsageRecord {
     /// The worker that served it (empty when none did).
     pub worker: String,
     pub input_tokens: u32,
+    /// Of the input tokens, those the worker served from its prefix cache.
+    pub cached_tokens: u32,
     pub output_tokens: u32,
-    /// `input + output_weight × output`, as charged to the tenant's contract.
+    /// `input + output_weight × output` (the cached input tokens at the model's
+    /// `cached_input_weight`), as charged to the tenant's contract.
     pub weighted_tokens: f64,
     /// `"200"`, `"429"`, `"503"`, `"cancelled"`, `"stream_error"`, …
     pub status: String,
