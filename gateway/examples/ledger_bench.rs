@@ -14,6 +14,7 @@ fn rec(i: u64) -> UsageRecord {
         model: "m".into(),
         worker: "p/0-sim".into(),
         input_tokens: 12,
+        cached_tokens: 0,
         output_tokens: 40,
         weighted_tokens: 132.0,
         status: "200".into(),
