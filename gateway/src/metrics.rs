@@ -370,6 +370,20 @@ fn render_engines(router: &Router, out: &mut String) {
             |c| c.host_seconds,
         ),
     ];
+    let name = "tollgate_engine_kv_blocks_cached";
+    let _ = writeln!(
+        out,
+        "# HELP {name} KV blocks in the engine's prefix cache (in use or idle; idle ones count as free).\n# TYPE {name} gauge"
+    );
+    for (pool, slot, c) in &engines {
+        let _ = writeln!(
+            out,
+            "{name}{{pool=\"{}\",worker=\"{}\"}} {}",
+            escape(&pool.name),
+            escape(slot.worker.name()),
+            c.kv_blocks_cached
+        );
+    }
     for (name, help, pick) in series {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
         for (pool, slot, c) in &engines {

@@ -225,6 +225,23 @@ async fn the_prefix_cache_serves_a_tenants_repeated_prefix_and_changes_no_token(
         c.prompt_tokens,
         3 * prompt as u64 + other.2.prompt_tokens as u64
     );
+    // The blocks stay cached while nobody holds them (the gauge is published after each
+    // step, just after its events went out).
+    let want = ((prompt - 1) / 16) as u64;
+    let mut held = 0;
+    for _ in 0..200 {
+        held = e.stats().kv_blocks_cached.load(Ordering::Relaxed);
+        if held >= want && e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held >= want, "{held} cached blocks, want at least {want}");
+    assert_eq!(
+        e.stats().kv_blocks_used.load(Ordering::Relaxed),
+        0,
+        "idle cached blocks count as free"
+    );
     // Turned off: nothing is cached.
     let off = engine(
         &m,
@@ -411,6 +428,11 @@ async fn remote_worker_mode_behind_a_gateway() {
     assert_eq!(engine("tollgate_engine_preemptions"), 0.0);
     assert!(engine("tollgate_engine_backend_seconds") > 0.0, "{m}");
     assert!(engine("tollgate_engine_host_seconds") > 0.0, "{m}");
+    // The request's prompt blocks stay in its prefix cache.
+    assert!(
+        m.contains("tollgate_engine_kv_blocks_cached{pool=\"worker\""),
+        "{m}"
+    );
 }
 
 fn tenant_req(tenant: &str, weight: Option<f64>) -> Arc<WorkerRequest> {

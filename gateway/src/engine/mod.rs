@@ -55,6 +55,8 @@ pub struct EngineStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
     pub kv_blocks_used: AtomicU64,
+    /// Blocks held in the prefix cache (in use or idle).
+    pub kv_blocks_cached: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
@@ -428,6 +430,7 @@ impl Worker for EngineWorker {
             device_faults: s.faults.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
+            kv_blocks_cached: s.kv_blocks_cached.load(Ordering::Relaxed),
             backend_seconds: secs(&s.backend_ns),
             host_seconds: secs(&s.host_ns),
         })
@@ -877,6 +880,9 @@ fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: 
     stats
         .kv_blocks_used
         .store((pool.total() - pool.free_count()) as u64, Ordering::Relaxed);
+    stats
+        .kv_blocks_cached
+        .store(pool.cached_count() as u64, Ordering::Relaxed);
 }
 
 #[cfg(test)]

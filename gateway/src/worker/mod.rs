@@ -183,6 +183,8 @@ pub struct EngineCounters {
     /// Prompt tokens of finished requests, and those of them served from the prefix cache.
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
+    /// Now (a gauge): KV blocks in the prefix cache, in use or idle.
+    pub kv_blocks_cached: u64,
     /// Seconds the engine thread spent in the backend's steps, and around them.
     pub backend_seconds: f64,
     pub host_seconds: f64,
