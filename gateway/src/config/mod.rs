@@ -323,6 +323,9 @@ pub struct EngineConfig {
     pub max_concurrency: Option<usize>,
     /// GPUs to run on (CUDA backend): one engine per device, each its own pool member.
     pub devices: Vec<usize>,
+    /// A step running longer than this takes the engine out of rotation until it ends
+    /// (a device stuck in a kernel never returns from it).
+    pub step_timeout_secs: f64,
     /// Keep the KV blocks of finished prompts and share them with later prompts of the
     /// same tenant that start with the same tokens.
     pub prefix_caching: bool,
@@ -371,6 +374,7 @@ impl Default for EngineConfig {
             block_size: 16,
             max_concurrency: None,
             devices: vec![0],
+            step_timeout_secs: 60.0,
             prefix_caching: true,
         }
     }
@@ -755,6 +759,11 @@ impl WorkerConfig {
                     return invalid(format!(
                         "pools.{pool}: engine gpu_memory_fraction must be in (0, 0.98], not {}",
                         e.gpu_memory_fraction
+                    ));
+                }
+                if !positive(e.step_timeout_secs) {
+                    return invalid(format!(
+                        "pools.{pool}: engine step_timeout_secs must be > 0"
                     ));
                 }
             }

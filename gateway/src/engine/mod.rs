@@ -72,15 +72,42 @@ pub struct EngineStats {
     /// prefix cache.
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// When the step in progress began ([`now_ms`]), or 0 between steps.
+    pub step_since_ms: AtomicU64,
     /// While the engine rebuilds its backend after a device fault: why. It takes no work
     /// then, and its probe fails, so the pool routes around it.
     pub fault: std::sync::Mutex<Option<String>>,
+}
+
+/// Milliseconds since the first call in this process, plus one (so never 0).
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl EngineStats {
     /// Why the engine is out of service after a device fault, if it is.
     pub fn fault(&self) -> Option<String> {
         self.fault.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Why the engine is out of service: a device fault, or a step running past
+    /// `limit` (the device may be stuck; the engine is back once the step returns).
+    fn out_of_service(&self, limit: std::time::Duration) -> Option<String> {
+        let since = self.step_since_ms.load(Ordering::Relaxed);
+        let running = now_ms().saturating_sub(since);
+        if since != 0 && running as u128 > limit.as_millis() {
+            return Some(format!(
+                "the engine's step has run for {:.1} s (step_timeout_secs {:.1}): the device may be stuck",
+                running as f64 / 1e3,
+                limit.as_secs_f64()
+            ));
+        }
+        self.fault()
     }
 
     fn set_fault(&self, why: Option<String>) {
@@ -206,6 +233,8 @@ pub struct EngineWorker {
     max_context: usize,
     stats: Arc<EngineStats>,
     max_concurrency: usize,
+    /// A step running longer takes the engine out of rotation (`step_timeout_secs`).
+    step_timeout: std::time::Duration,
 }
 
 impl EngineWorker {
@@ -284,6 +313,7 @@ impl EngineWorker {
             max_context,
             stats,
             max_concurrency: sizes.max_concurrency,
+            step_timeout: std::time::Duration::from_secs_f64(cfg.step_timeout_secs),
         })
     }
 
@@ -369,7 +399,7 @@ impl Worker for EngineWorker {
         &self,
         req: Arc<WorkerRequest>,
     ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
-        if let Some(why) = self.stats.fault() {
+        if let Some(why) = self.stats.out_of_service(self.step_timeout) {
             return futures::future::ready(Err(WorkerError::Unreachable(why))).boxed();
         }
         let (etx, erx) = tmpsc::unbounded_channel();
@@ -404,7 +434,7 @@ impl Worker for EngineWorker {
             Err(WorkerError::Unreachable(
                 "the engine thread has stopped".into(),
             ))
-        } else if let Some(why) = self.stats.fault() {
+        } else if let Some(why) = self.stats.out_of_service(self.step_timeout) {
             Err(WorkerError::Unreachable(why))
         } else {
             Ok(())
@@ -625,6 +655,7 @@ fn run_engine(
             );
         }
         let t_step = std::time::Instant::now();
+        stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
         let stepped = if on_device {
             let params: Vec<SampleParams> = plan
                 .items
@@ -637,6 +668,7 @@ fn run_engine(
         } else {
             backend.step(&batch).map(Next::Logits)
         };
+        stats.step_since_ms.store(0, Ordering::Relaxed);
         let backend_ns = t_step.elapsed().as_nanos() as u64;
         let rows = batch.n_logits();
         // A backend's answer is checked before any of it reaches a client: the right

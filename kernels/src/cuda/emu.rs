@@ -152,6 +152,15 @@ pub fn fault_open_devices() {
     FAULTS.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Microseconds each launch waits before it runs (see [`stall_launches`]).
+static STALL_US: AtomicU64 = AtomicU64::new(0);
+
+/// Fault injection: each launch on any emulated device waits `wait` first (zero: none),
+/// as launches on a GPU stuck in a kernel do; process-wide, as [`fault_open_devices`].
+pub fn stall_launches(wait: std::time::Duration) {
+    STALL_US.store(wait.as_micros() as u64, Ordering::SeqCst);
+}
+
 /// Whether opening an emulated device fails (fault injection, as [`fault_open_devices`]):
 /// a device that cannot be brought back yet.
 static REFUSE: AtomicBool = AtomicBool::new(false);
@@ -566,6 +575,10 @@ impl Emu {
 
     /// Runs one launch to completion.
     fn run_launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        let stall = STALL_US.load(Ordering::SeqCst);
+        if stall > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(stall));
+        }
         let k = self.check_launch(kernel, args)?;
         if cfg.shared_mem_bytes != 0 {
             return Err(ExecError::Emu(
