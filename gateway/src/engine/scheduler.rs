@@ -36,7 +36,8 @@ pub struct Limits {
     pub max_batch_tokens: usize,
     pub max_seqs: usize,
     pub block_size: usize,
-    /// Whether full blocks are cached and shared by prompts that start alike.
+    /// Whether full blocks are cached and shared by prompts that start alike (the engine
+    /// makes its block pool with it; the scheduler asks the pool either way).
     pub prefix_caching: bool,
 }
 
@@ -249,6 +250,37 @@ mod tests {
         run[1].total = 4;
         let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
         assert_eq!(p.items, vec![(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn a_new_sequence_takes_its_cached_prefix_but_computes_its_last_token() {
+        let mut pool = BlockPool::new(100, true);
+        let mut fair = Fair::default();
+        // An earlier sequence of tenant a filled blocks 0 and 1 with tokens 0..8.
+        let mut hashes = vec![];
+        let tokens: Vec<u32> = (0..8).collect();
+        super::super::blocks::chain(pool.hasher(), "a", &tokens, 4, &mut hashes);
+        let mut earlier = pool.alloc(2).unwrap();
+        pool.register(earlier[0], hashes[0]);
+        pool.register(earlier[1], hashes[1]);
+        let ids = earlier.clone();
+        pool.release(&mut earlier);
+        // Tokens 0..10 of tenant a: both blocks cached, 2 tokens to compute. Tokens 0..8:
+        // one block, since its last token must be computed. Tenant b: nothing.
+        let mut wait = VecDeque::from(vec![s(10), s(8), st(10, "b")]);
+        let mut run = vec![];
+        let lim = Limits {
+            max_batch_tokens: 64,
+            ..L
+        };
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        // (b, less served once a's first is charged, is admitted before a's second.)
+        assert_eq!(p.items, vec![(0, 2), (1, 10), (2, 4)]);
+        assert_eq!(&*run[1].tenant, "b");
+        assert_eq!(run[1].computed, 0, "nothing shared across tenants");
+        assert_eq!((run[0].computed, run[2].computed), (8, 4));
+        assert_eq!(run[0].blocks[..2], ids[..], "the cached blocks, shared");
+        assert_eq!(run[2].blocks[0], ids[0]);
     }
 
     #[test]
