@@ -323,12 +323,13 @@ async fn dispatch(
     queue: Queue,
 ) -> Result<(Lease, EventStream, WorkerEvent), ApiError> {
     let tokens = input_tokens as u64 + wreq.params.max_tokens as u64;
+    let key = pool.key(&wreq.tenant, &wreq.prompt, wreq.prompt_ids.as_deref());
     let mut tried = Vec::new();
     let mut last: Option<ApiError> = None;
     for attempt in 0..=max_retries {
         let until = queue.until.min(deadline);
         let mut lease = match pool
-            .pick_or_wait(tokens, &tried, queue.depth, until, &queue.who)
+            .pick_or_wait(tokens, &tried, key, queue.depth, until, &queue.who)
             .await
         {
             Ok(l) => l,

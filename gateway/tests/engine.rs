@@ -541,3 +541,75 @@ async fn slots_are_shared_by_weight_while_both_tenants_wait() {
         "b finished {b_first_12} of the first 12: {order:?}"
     );
 }
+
+/// A pool of two engines (as `devices = [0, 1]` makes on two GPUs): a tenant's prompts
+/// that start alike go to the same one, whose prefix cache then serves them, while prompts
+/// that start otherwise spread over both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_of_engines_sends_prompts_that_start_alike_to_the_same_one() {
+    use common::*;
+    let dir = TempDir::new();
+    let model = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let engine = r#"{ kind = "engine", backend = "cpu", threads = 1, kv_tokens = 4096 }"#;
+    let cfg = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[models]]
+id = "m"
+source = "{}"
+
+[[pools]]
+name = "p"
+model = "m"
+workers = [{engine}, {engine}]
+
+[[tenants]]
+id = "demo"
+keys_sha256 = ["{KEY_SHA256}"]
+tokens_per_second = 100000.0
+"#,
+        model.display()
+    );
+    let gw = Gateway::start(&cfg);
+    let system = "the instructions every request of this application starts with. ".repeat(6);
+    let ask = |q: String| {
+        serde_json::json!({"model": "m", "prompt": format!("{system}{q}"), "max_tokens": 2})
+            .to_string()
+    };
+    for i in 0..6 {
+        let r = post(&gw, "/v1/completions", &ask(format!("question {i}"))).await;
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if i == 0 {
+            assert_eq!(cached, 0);
+        } else {
+            assert!(cached >= 64, "request {i}: {cached} cached tokens");
+        }
+    }
+    // Short prompts that differ at once spread over both engines.
+    for i in 0..24 {
+        let r = post(&gw, "/v1/completions", &ask_short(i)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let m = gw.metrics().await;
+    let steps: Vec<f64> = m
+        .lines()
+        .filter(|l| l.starts_with("tollgate_engine_steps_total{pool=\"p\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 2, "{m}");
+    assert!(
+        steps.iter().all(|&s| s > 0.0),
+        "both engines served: {steps:?}"
+    );
+}
+
+fn ask_short(i: u32) -> String {
+    serde_json::json!({"model": "m", "prompt": format!("{i} short"), "max_tokens": 2}).to_string()
+}

@@ -238,6 +238,20 @@ pub struct PoolConfig {
     /// How long an open breaker keeps a worker out before a trial request.
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown_secs: f64,
+    /// Whether requests whose prompts start alike go to the same worker (to hit its
+    /// prefix cache); unset: `prefix` for pools of engine workers, else `none`.
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+}
+
+/// A pool's routing affinity.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// Power of two choices on outstanding work alone.
+    None,
+    /// A request's tenant and prompt start pick one of the two candidates.
+    Prefix,
 }
 
 fn default_health_interval() -> f64 {

@@ -6,6 +6,12 @@
 //! O(1) in the pool's size; only when most workers are unavailable (several draws in a row
 //! find no eligible worker) does it fall back to one scan of the pool.
 //!
+//! **Prefix affinity** (a pool's `affinity = "prefix"`, the default for pools of engines):
+//! one of the two candidates is the request's own worker, chosen by a hash of its tenant
+//! and the start of its prompt, and it is taken unless it is busier than the other by
+//! [`AFFINITY_SLACK`] requests and half again. Prompts that start alike (a shared system
+//! prompt, a chat's earlier turns) then meet the same worker's prefix cache.
+//!
 //! The [`Lease`] a pick returns holds the worker's slot until dropped (request finished,
 //! failed or cancelled) and carries the outcome back to the breaker.
 //!
@@ -17,6 +23,7 @@
 pub mod health;
 pub mod room;
 
+pub use crate::config::Affinity;
 use crate::config::{Config, ModelConfig, PoolConfig, WorkerConfig};
 use crate::engine::EngineWorker;
 use crate::worker::{openai::OpenAiWorker, sim::SimWorker, Worker};
@@ -29,6 +36,44 @@ use std::time::{Duration, Instant};
 
 /// How many random pairs a pick draws before it scans the pool.
 const PICK_ATTEMPTS: usize = 4;
+
+/// How many more requests in flight than the other candidate a key's own worker may have
+/// (and half again) before a request goes to the other one.
+pub const AFFINITY_SLACK: u64 = 8;
+
+/// Prompt tokens (or, without the model's tokenizer, prompt bytes) that an affinity key
+/// covers: prompts that start alike for this long go to the same worker.
+const KEY_TOKENS: usize = 256;
+const KEY_BYTES: usize = 1024;
+
+/// The affinity key of a request: its tenant (a worker's prefix cache is per tenant) and
+/// the start of its prompt, as token ids where the pool holds the tokenizer, else as text.
+pub fn affinity_key(tenant: &str, prompt: &crate::worker::Prompt, ids: Option<&[u32]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tenant.hash(&mut h);
+    match ids {
+        Some(ids) => ids[..ids.len().min(KEY_TOKENS)].hash(&mut h),
+        None => {
+            let mut left = KEY_BYTES;
+            let mut take = |s: &str| {
+                let b = &s.as_bytes()[..s.len().min(left)];
+                h.write(b);
+                left -= b.len();
+            };
+            match prompt {
+                crate::worker::Prompt::Text(t) => take(t),
+                crate::worker::Prompt::Chat(msgs) => {
+                    for m in msgs {
+                        take(&m.role);
+                        take(&m.content);
+                    }
+                }
+            }
+        }
+    }
+    h.finish()
+}
 
 /// One worker in a pool, with the router's counters for it.
 pub struct WorkerSlot {
@@ -94,6 +139,8 @@ pub struct Pool {
     signal: Arc<PoolSignal>,
     /// Sum of the workers' concurrency caps.
     cap_total: u64,
+    /// Whether requests that start alike go to the same worker.
+    pub affinity: Affinity,
 }
 
 /// Why no worker could be picked.
@@ -182,7 +229,19 @@ impl Pool {
             }
         }
         let cap_total = slots.iter().map(|s| s.cap).sum();
+        // Engines keep a prefix cache: by default their pools send prompts that start
+        // alike to the same one.
+        let engines = cfg
+            .workers
+            .iter()
+            .all(|w| matches!(w, WorkerConfig::Engine(_)));
+        let affinity = cfg.affinity.unwrap_or(if engines {
+            Affinity::Prefix
+        } else {
+            Affinity::None
+        });
         Ok(Self {
+            affinity,
             name: cfg.name.clone(),
             model: cfg.model.clone(),
             slots,
@@ -214,10 +273,12 @@ impl Pool {
     /// Like [`Pool::pick`], but when every worker is at its cap (or others already wait),
     /// waits in the pool's room for a slot offered to `who` (at most `depth` requests
     /// wait; none past `until`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn pick_or_wait(
         &self,
         tokens: u64,
         exclude: &[usize],
+        key: Option<u64>,
         depth: usize,
         until: tokio::time::Instant,
         who: &room::Who,
@@ -225,14 +286,14 @@ impl Pool {
         let room = &self.signal.room;
         // Nobody waiting: a free slot is taken at once.
         if room.is_empty() {
-            match self.pick(tokens, exclude) {
+            match self.pick_for(tokens, exclude, key) {
                 Err(NoWorker::Saturated) => {}
                 other => return other,
             }
         }
         let Some(ticket) = room.join(who, depth) else {
             // The room is full: only a slot free right now will do.
-            return self.pick(tokens, exclude);
+            return self.pick_for(tokens, exclude, key);
         };
         // A slot freed before this request joined (or while others wait) is offered now.
         if self.signal.in_flight.load(Ordering::Acquire) < self.cap_total {
@@ -245,7 +306,7 @@ impl Pool {
             {
                 return Err(NoWorker::Saturated);
             }
-            match self.pick(tokens, exclude) {
+            match self.pick_for(tokens, exclude, key) {
                 Ok(lease) => {
                     ticket.served();
                     return Ok(lease);
@@ -259,6 +320,31 @@ impl Pool {
     /// Picks a worker for a request of `tokens` outstanding tokens, skipping the indices in
     /// `exclude` (workers already tried for this request).
     pub fn pick(&self, tokens: u64, exclude: &[usize]) -> Result<Lease, NoWorker> {
+        self.pick_for(tokens, exclude, None)
+    }
+
+    /// The request's affinity key under the pool's `affinity` ([`affinity_key`]), if any.
+    pub fn key(
+        &self,
+        tenant: &str,
+        prompt: &crate::worker::Prompt,
+        ids: Option<&[u32]>,
+    ) -> Option<u64> {
+        match self.affinity {
+            Affinity::Prefix if self.slots.len() > 1 => Some(affinity_key(tenant, prompt, ids)),
+            _ => None,
+        }
+    }
+
+    /// As [`Pool::pick`]; with a `key`, the key's own worker is one of the two candidates
+    /// and is taken unless it is unusable, at its cap, or busier than the other by
+    /// [`AFFINITY_SLACK`] requests and half again.
+    pub fn pick_for(
+        &self,
+        tokens: u64,
+        exclude: &[usize],
+        key: Option<u64>,
+    ) -> Result<Lease, NoWorker> {
         let n = self.slots.len();
         let now = Instant::now();
         let usable = |i: usize| !exclude.contains(&i) && self.slots[i].eligible(now);
@@ -267,8 +353,11 @@ impl Pool {
         }
         let mut rng = rand::thread_rng();
         let mut saw_eligible = false;
-        for _ in 0..PICK_ATTEMPTS {
-            let a = rng.gen_range(0..n);
+        for attempt in 0..PICK_ATTEMPTS {
+            let home = key
+                .filter(|_| attempt == 0)
+                .map(|k| (k % n as u64) as usize);
+            let a = home.unwrap_or_else(|| rng.gen_range(0..n));
             let b = if n > 1 {
                 (a + rng.gen_range(1..n)) % n
             } else {
@@ -277,6 +366,14 @@ impl Pool {
             let (ua, ub) = (usable(a), usable(b));
             saw_eligible |= ua || ub;
             let mut order = match (ua, ub) {
+                (true, true) if home.is_some() => {
+                    let (fa, fb) = (self.slots[a].in_flight(), self.slots[b].in_flight());
+                    if fa >= fb + AFFINITY_SLACK.max(fb / 2) {
+                        [Some(b), Some(a)]
+                    } else {
+                        [Some(a), Some(b)]
+                    }
+                }
                 (true, true) => {
                     if self.slots[b].outstanding_tokens() < self.slots[a].outstanding_tokens() {
                         [Some(b), Some(a)]
@@ -442,6 +539,7 @@ mod tests {
             health_interval_secs: 5.0,
             breaker_failures: 2,
             breaker_cooldown_secs: 60.0,
+            affinity: None,
         };
         Pool::from_config(&cfg, None).unwrap()
     }
@@ -468,6 +566,66 @@ mod tests {
         assert!(
             max - min <= 10,
             "power of two choices keeps loads close: {loads:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_goes_to_its_own_worker_until_that_one_is_busier_by_the_slack() {
+        let p = pool(8, 1000);
+        let home = (12345u64 % 8) as usize;
+        // Up to the slack, every request of the key lands on its worker.
+        let held: Vec<_> = (0..AFFINITY_SLACK)
+            .map(|_| p.pick_for(10, &[], Some(12345)).unwrap())
+            .collect();
+        assert!(held.iter().all(|l| l.index == home));
+        // Busier than the other candidate by the slack: the next goes elsewhere.
+        let spilled = p.pick_for(10, &[], Some(12345)).unwrap();
+        assert_ne!(spilled.index, home);
+        drop((held, spilled));
+        assert_eq!(p.pick_for(10, &[], Some(12345)).unwrap().index, home);
+        // Excluded (already tried) or unhealthy: elsewhere.
+        assert_ne!(p.pick_for(10, &[home], Some(12345)).unwrap().index, home);
+        p.slots[home].set_healthy(false);
+        assert_ne!(p.pick_for(10, &[], Some(12345)).unwrap().index, home);
+        // Many keys spread over the pool.
+        let hit: std::collections::HashSet<usize> = (0..64u64)
+            .map(|k| p.pick_for(1, &[], Some(k)).unwrap().index)
+            .collect();
+        assert!(hit.len() >= 6, "{hit:?}");
+    }
+
+    #[test]
+    fn the_affinity_key_is_the_tenant_and_the_start_of_the_prompt() {
+        use crate::worker::{ChatMessage, Prompt};
+        let text = |s: &str| Prompt::Text(s.to_string());
+        let long = "x".repeat(KEY_BYTES);
+        let k = |t: &str, p: &Prompt| affinity_key(t, p, None);
+        assert_eq!(
+            k("a", &text(&format!("{long}1"))),
+            k("a", &text(&format!("{long}2")))
+        );
+        assert_ne!(k("a", &text("one")), k("a", &text("two")));
+        assert_ne!(k("a", &text("one")), k("b", &text("one")));
+        let chat = |c: &str| {
+            Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: c.into(),
+            }])
+        };
+        assert_ne!(k("a", &chat("one")), k("a", &chat("two")));
+        // With the model's token ids: the first KEY_TOKENS of them.
+        let ids: Vec<u32> = (0..KEY_TOKENS as u32 + 5).collect();
+        let mut other = ids.clone();
+        *other.last_mut().unwrap() = 7;
+        let p = text("");
+        assert_eq!(
+            affinity_key("a", &p, Some(&ids)),
+            affinity_key("a", &p, Some(&other))
+        );
+        other[3] = 99;
+        assert_ne!(
+            affinity_key("a", &p, Some(&ids)),
+            affinity_key("a", &p, Some(&other))
         );
     }
 
@@ -515,7 +673,10 @@ mod tests {
                     weight: 1.0,
                     cost: 100.0,
                 };
-                let lease = pc.pick_or_wait(1, &[], 16, until, &who).await.unwrap();
+                let lease = pc
+                    .pick_or_wait(1, &[], None, 16, until, &who)
+                    .await
+                    .unwrap();
                 order.lock().unwrap().push(t);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(lease);
