@@ -14,9 +14,29 @@
 //!
 //! Tenants never share cached blocks: the hash chain starts from the tenant, so one
 //! tenant cannot learn from another's time to first token which prompts it sent.
+//!
+//! A hit does not rest on the hash alone: each cached block also keeps its tokens and its
+//! link to the cached block before it (that block's id and registration count, so a link
+//! to a block since evicted and reused is seen as broken; the first block keeps its
+//! tenant). [`BlockPool::lookup`] checks every link and every token, so a hash collision
+//! costs a miss, never another prompt's keys and values.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+/// What a cached block holds, checked on every hit.
+struct Content {
+    /// The tenant, for a sequence's first block; else the cached block before it and its
+    /// registration count then.
+    link: Link,
+    tokens: Box<[u32]>,
+}
+
+enum Link {
+    First(Arc<str>),
+    After { block: u32, generation: u64 },
+}
 
 pub struct BlockPool {
     /// Blocks with nothing worth keeping, handed out first.
@@ -25,6 +45,10 @@ pub struct BlockPool {
     refs: Vec<u32>,
     /// Per block: its content hash, while it is cached.
     hash: Vec<Option<u64>>,
+    /// Per block: what it holds, while it is cached.
+    content: Vec<Option<Content>>,
+    /// Per block: how many times it was registered (links name the registration).
+    generation: Vec<u64>,
     /// Cached blocks by content hash.
     by_hash: HashMap<u64, u32>,
     /// Cached blocks nobody holds, by when they were let go (oldest first).
@@ -67,6 +91,8 @@ impl BlockPool {
             free: (0..total as u32).rev().collect(),
             refs: vec![0; total],
             hash: vec![None; total],
+            content: (0..total).map(|_| None).collect(),
+            generation: vec![0; total],
             by_hash: HashMap::new(),
             idle: BTreeMap::new(),
             idle_at: vec![0; total],
@@ -110,6 +136,7 @@ impl BlockPool {
                     if let Some(h) = self.hash[b as usize].take() {
                         self.by_hash.remove(&h);
                     }
+                    self.content[b as usize] = None;
                     b
                 }
             };
@@ -140,18 +167,39 @@ impl BlockPool {
         }
     }
 
-    /// The cached blocks that hold the longest prefix of `hashes` (a sequence's first
-    /// blocks), each now also held by the caller.
-    pub fn lookup(&mut self, hashes: &[u64]) -> Vec<u32> {
-        let mut out = Vec::new();
+    /// The cached blocks that hold the longest prefix of `hashes` (the content hashes of
+    /// the first blocks of `tenant`'s `tokens`, `block_size` tokens each), each checked
+    /// against those tokens and now also held by the caller.
+    pub fn lookup(
+        &mut self,
+        hashes: &[u64],
+        tokens: &[u32],
+        tenant: &str,
+        block_size: usize,
+    ) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
         if !self.caching {
             return out;
         }
-        for h in hashes {
+        for (k, h) in hashes.iter().enumerate() {
             let Some(&b) = self.by_hash.get(h) else {
                 break;
             };
             let i = b as usize;
+            let want = tokens.get(k * block_size..(k + 1) * block_size);
+            let holds = self.content[i].as_ref().is_some_and(|c| {
+                Some(&*c.tokens) == want
+                    && match &c.link {
+                        Link::First(t) => k == 0 && **t == *tenant,
+                        Link::After { block, generation } => {
+                            out.last() == Some(block)
+                                && self.generation[*block as usize] == *generation
+                        }
+                    }
+            });
+            if !holds {
+                break;
+            }
             if self.refs[i] == 0 {
                 self.idle.remove(&self.idle_at[i]);
             }
@@ -161,14 +209,39 @@ impl BlockPool {
         out
     }
 
-    /// Records that `block` (held by the caller, every position computed) holds the
-    /// prefix whose hash is `hash`. Where another block already holds that prefix (two
-    /// sequences computed it side by side), that one stays the cached one.
-    pub fn register(&mut self, block: u32, hash: u64) {
+    /// Records that `block` (held by the caller, every position computed) holds `tokens`
+    /// after the prefix whose last block's hash is `after` (none: the first block of a
+    /// sequence of `tenant`), under the content hash `hash`. Where another block already
+    /// holds that prefix (two sequences computed it side by side), that one stays the
+    /// cached one; a block whose prefix is not cached is not cached either (no lookup
+    /// could reach it).
+    pub fn register(
+        &mut self,
+        block: u32,
+        hash: u64,
+        after: Option<u64>,
+        tokens: &[u32],
+        tenant: &Arc<str>,
+    ) {
         let i = block as usize;
         if !self.caching || self.hash[i].is_some() || self.by_hash.contains_key(&hash) {
             return;
         }
+        let link = match after {
+            None => Link::First(tenant.clone()),
+            Some(prev) => match self.by_hash.get(&prev) {
+                Some(&p) => Link::After {
+                    block: p,
+                    generation: self.generation[p as usize],
+                },
+                None => return,
+            },
+        };
+        self.generation[i] += 1;
+        self.content[i] = Some(Content {
+            link,
+            tokens: tokens.into(),
+        });
         self.hash[i] = Some(hash);
         self.by_hash.insert(hash, block);
     }
@@ -177,6 +250,19 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registers `blocks` as holding `tenant`'s `tokens` (2 per block) in order; returns
+    /// the chain.
+    fn fill(p: &mut BlockPool, blocks: &[u32], tenant: &str, tokens: &[u32]) -> Vec<u64> {
+        let t: Arc<str> = tenant.into();
+        let mut hashes = vec![];
+        chain(p.hasher(), tenant, tokens, 2, &mut hashes);
+        for (k, &b) in blocks.iter().enumerate() {
+            let after = k.checked_sub(1).map(|j| hashes[j]);
+            p.register(b, hashes[k], after, &tokens[2 * k..2 * k + 2], &t);
+        }
+        hashes
+    }
 
     #[test]
     fn alloc_release_conserves_blocks() {
@@ -217,11 +303,11 @@ mod tests {
     #[test]
     fn cached_blocks_are_shared_kept_while_idle_and_evicted_oldest_first() {
         let mut p = BlockPool::new(4, true);
+        let toks = [1, 2, 3, 4, 5, 6];
         let mut a = p.alloc(3).unwrap();
-        p.register(a[0], 10);
-        p.register(a[1], 11);
+        let h = fill(&mut p, &a[..2], "t", &toks[..4]);
         // A second sequence with the same first two blocks shares them.
-        let mut b = p.lookup(&[10, 11, 12]);
+        let mut b = p.lookup(&h, &toks, "t", 2);
         assert_eq!(b, a[..2]);
         assert_eq!(p.free_count(), 1);
         // a lets go: its uncached block is free, its cached ones stay held by b.
@@ -231,16 +317,19 @@ mod tests {
         p.release(&mut b);
         assert_eq!(p.free_count(), 4);
         assert_eq!(p.cached_count(), 2);
-        let mut c = p.lookup(&[10]);
+        let mut c = p.lookup(&h[..1], &toks, "t", 2);
         assert_eq!(c.len(), 1);
         p.release(&mut c);
         // Plain free blocks go first; then idle cached ones, least recently used first:
-        // block of hash 11 (let go before 10 was looked up and let go again).
+        // the second block (let go before the first was looked up and let go again).
         let mut d = p.alloc(3).unwrap();
         assert_eq!(p.cached_count(), 1);
-        assert!(p.lookup(&[11]).is_empty(), "11 was evicted");
-        let mut e = p.lookup(&[10]);
-        assert_eq!(e.len(), 1, "10 is still cached");
+        let mut e = p.lookup(&h, &toks, "t", 2);
+        assert_eq!(
+            e.len(),
+            1,
+            "the first block is still cached, the second is not"
+        );
         assert!(p.alloc(1).is_none());
         p.release(&mut d);
         p.release(&mut e);
@@ -248,18 +337,59 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_is_checked_token_by_token_and_link_by_link() {
+        let mut p = BlockPool::new(8, true);
+        let toks = [1, 2, 3, 4];
+        let a = p.alloc(2).unwrap();
+        let h = fill(&mut p, &a, "t", &toks);
+        // A colliding hash (as if another prompt hashed alike): its tokens differ, a miss.
+        assert_eq!(p.lookup(&h, &[1, 2, 9, 9], "t", 2), a[..1]);
+        assert!(p.lookup(&h, &[7, 2, 3, 4], "t", 2).is_empty());
+        // Another tenant's prompt that collides: a miss.
+        assert!(p.lookup(&h, &toks, "u", 2).is_empty());
+        // Whole, it hits.
+        assert_eq!(p.lookup(&h, &toks, "t", 2), a);
+    }
+
+    #[test]
+    fn a_link_to_a_block_evicted_and_cached_again_is_broken() {
+        let mut p = BlockPool::new(2, true);
+        let toks = [1, 2, 3, 4];
+        let mut a = p.alloc(2).unwrap();
+        let h = fill(&mut p, &a, "t", &toks);
+        p.release(&mut a);
+        // Another sequence holds both; it lets go of the first only, which is evicted
+        // for new work and then cached again (the same tokens, a new registration).
+        let held = p.lookup(&h, &toks, "t", 2);
+        assert_eq!(held.len(), 2);
+        p.release(&mut vec![held[0]]);
+        let x = p.alloc(1).unwrap();
+        assert_eq!(x, [held[0]]);
+        let t: Arc<str> = "t".into();
+        p.register(x[0], h[0], None, &toks[..2], &t);
+        // The second block's link names the first one's earlier registration: the chain
+        // stops after the first block.
+        assert_eq!(p.lookup(&h, &toks, "t", 2), [x[0]]);
+    }
+
+    #[test]
     fn a_prefix_computed_twice_keeps_one_cached_copy_and_caching_can_be_off() {
         let mut p = BlockPool::new(4, true);
+        let t: Arc<str> = "t".into();
         let mut a = p.alloc(2).unwrap();
-        p.register(a[0], 7);
-        p.register(a[1], 7);
+        p.register(a[0], 7, None, &[1, 2], &t);
+        p.register(a[1], 7, None, &[1, 2], &t);
         assert_eq!(p.cached_count(), 1);
         p.release(&mut a);
-        assert_eq!(p.lookup(&[7]).len(), 1);
+        assert_eq!(p.lookup(&[7], &[1, 2], "t", 2).len(), 1);
+        // A block whose prefix is not cached is not cached either.
+        let b = p.alloc(1).unwrap();
+        p.register(b[0], 8, Some(99), &[3, 4], &t);
+        assert_eq!(p.cached_count(), 1);
         let mut off = BlockPool::new(4, false);
         let b = off.alloc(1).unwrap();
-        off.register(b[0], 7);
-        assert!(off.lookup(&[7]).is_empty());
+        off.register(b[0], 7, None, &[1, 2], &t);
+        assert!(off.lookup(&[7], &[1, 2], "t", 2).is_empty());
         assert_eq!(off.cached_count(), 0);
     }
 }

@@ -189,7 +189,7 @@ impl Schedulable for Seq {
             self.cached = 0;
         }
     }
-    fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64] {
+    fn cache_keys(&mut self, hasher: &RandomState, block_size: usize) -> (&[u64], &[u32]) {
         chain(
             hasher,
             &self.tenant,
@@ -197,7 +197,7 @@ impl Schedulable for Seq {
             block_size,
             &mut self.hashes,
         );
-        &self.hashes
+        (&self.hashes, &self.tokens)
     }
     fn skip(&mut self, n: usize, block_size: usize) {
         self.computed = n;
@@ -760,8 +760,11 @@ fn run_engine(
                     limits.block_size,
                     &mut s.hashes,
                 );
+                let bs = limits.block_size;
                 for b in s.registered..full {
-                    pool.register(s.blocks[b], s.hashes[b]);
+                    let after = b.checked_sub(1).map(|p| s.hashes[p]);
+                    let tokens = &s.tokens[b * bs..(b + 1) * bs];
+                    pool.register(s.blocks[b], s.hashes[b], after, tokens, &s.tenant);
                 }
                 s.registered = full;
             }

@@ -24,8 +24,9 @@ pub trait Schedulable: Tenanted {
     fn blocks_mut(&mut self) -> &mut Vec<u32>;
     /// Forget the cache (after preemption): everything is pending again.
     fn reset(&mut self);
-    /// The content hashes of the full blocks of its tokens ([`super::blocks::chain`]).
-    fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64];
+    /// The content hashes of the full blocks of its tokens ([`super::blocks::chain`]),
+    /// and its tokens.
+    fn cache_keys(&mut self, hasher: &RandomState, block_size: usize) -> (&[u64], &[u32]);
     /// Its first `n` tokens (whole blocks, now at the head of its block table) were found
     /// in the prefix cache: they count as computed.
     fn skip(&mut self, n: usize, block_size: usize);
@@ -75,9 +76,10 @@ fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
         return;
     }
     let total = s.pending();
-    let hashes = s.block_hashes(pool.hasher(), bs);
+    let tenant = s.tenant().clone();
+    let (hashes, tokens) = s.cache_keys(pool.hasher(), bs);
     let usable = (total.saturating_sub(1) / bs).min(hashes.len());
-    let found = pool.lookup(&hashes[..usable]);
+    let found = pool.lookup(&hashes[..usable], tokens, &tenant, bs);
     if !found.is_empty() {
         let n = found.len() * bs;
         s.blocks_mut().extend(found);
@@ -167,6 +169,7 @@ mod tests {
         blocks: Vec<u32>,
         tenant: Arc<str>,
         hashes: Vec<u64>,
+        tokens: Vec<u32>,
     }
     impl Tenanted for S {
         fn tenant(&self) -> &Arc<str> {
@@ -189,16 +192,16 @@ mod tests {
         fn reset(&mut self) {
             self.computed = 0;
         }
-        fn block_hashes(&mut self, hasher: &RandomState, block_size: usize) -> &[u64] {
-            let tokens: Vec<u32> = (0..self.total as u32).collect();
+        fn cache_keys(&mut self, hasher: &RandomState, block_size: usize) -> (&[u64], &[u32]) {
+            self.tokens = (0..self.total as u32).collect();
             super::super::blocks::chain(
                 hasher,
                 &self.tenant,
-                &tokens,
+                &self.tokens,
                 block_size,
                 &mut self.hashes,
             );
-            &self.hashes
+            (&self.hashes, &self.tokens)
         }
         fn skip(&mut self, n: usize, _block_size: usize) {
             self.computed = n;
@@ -214,6 +217,7 @@ mod tests {
             blocks: vec![],
             tenant: tenant.into(),
             hashes: vec![],
+            tokens: vec![],
         }
     }
     const L: Limits = Limits {
@@ -261,8 +265,9 @@ mod tests {
         let tokens: Vec<u32> = (0..8).collect();
         super::super::blocks::chain(pool.hasher(), "a", &tokens, 4, &mut hashes);
         let mut earlier = pool.alloc(2).unwrap();
-        pool.register(earlier[0], hashes[0]);
-        pool.register(earlier[1], hashes[1]);
+        let a: Arc<str> = "a".into();
+        pool.register(earlier[0], hashes[0], None, &tokens[..4], &a);
+        pool.register(earlier[1], hashes[1], Some(hashes[0]), &tokens[4..], &a);
         let ids = earlier.clone();
         pool.release(&mut earlier);
         // Tokens 0..10 of tenant a: both blocks cached, 2 tokens to compute. Tokens 0..8:
