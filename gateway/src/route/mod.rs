@@ -273,7 +273,6 @@ impl Pool {
     /// Like [`Pool::pick`], but when every worker is at its cap (or others already wait),
     /// waits in the pool's room for a slot offered to `who` (at most `depth` requests
     /// wait; none past `until`).
-    #[allow(clippy::too_many_arguments)]
     pub async fn pick_or_wait(
         &self,
         tokens: u64,
