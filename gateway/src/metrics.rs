@@ -335,61 +335,58 @@ fn render_engines(router: &Router, out: &mut String) {
         return;
     }
     type Pick = fn(&EngineCounters) -> f64;
-    let series: [(&str, &str, Pick); 7] = [
-        ("tollgate_engine_steps", "Forward steps the engine ran", |c| {
+    fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
+        (name, help, "counter", pick)
+    }
+    let series: [(&str, &str, &str, Pick); 8] = [
+        counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
-        (
+        counter(
             "tollgate_engine_preemptions",
             "Sequences preempted for want of KV blocks (recomputed later)",
             |c| c.preemptions as f64,
         ),
-        (
+        counter(
             "tollgate_engine_device_faults",
             "Steps the device failed (each followed by a rebuild of the backend)",
             |c| c.device_faults as f64,
         ),
-        (
+        counter(
             "tollgate_engine_prompt_tokens",
             "Prompt tokens of the requests the engine finished",
             |c| c.prompt_tokens as f64,
         ),
-        (
+        counter(
             "tollgate_engine_cached_prompt_tokens",
             "Of those, the tokens served from the prefix cache (not computed again)",
             |c| c.cached_tokens as f64,
         ),
-        (
+        counter(
             "tollgate_engine_backend_seconds",
             "Seconds the engine thread spent in the backend's steps",
             |c| c.backend_seconds,
         ),
-        (
+        counter(
             "tollgate_engine_host_seconds",
             "Seconds the engine thread spent around the steps (scheduling, batching, sampling on the CPU, detokenizing)",
             |c| c.host_seconds,
         ),
+        (
+            "tollgate_engine_kv_blocks_cached",
+            "KV blocks in the engine's prefix cache (in use or idle; idle ones count as free)",
+            "gauge",
+            |c| c.kv_blocks_cached as f64,
+        ),
     ];
-    let name = "tollgate_engine_kv_blocks_cached";
-    let _ = writeln!(
-        out,
-        "# HELP {name} KV blocks in the engine's prefix cache (in use or idle; idle ones count as free).\n# TYPE {name} gauge"
-    );
-    for (pool, slot, c) in &engines {
-        let _ = writeln!(
-            out,
-            "{name}{{pool=\"{}\",worker=\"{}\"}} {}",
-            escape(&pool.name),
-            escape(slot.worker.name()),
-            c.kv_blocks_cached
-        );
-    }
-    for (name, help, pick) in series {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+    for (name, help, kind, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+        // OpenMetrics: a counter's sample is named `<name>_total`.
+        let suffix = if kind == "counter" { "_total" } else { "" };
         for (pool, slot, c) in &engines {
             let _ = writeln!(
                 out,
-                "{name}_total{{pool=\"{}\",worker=\"{}\"}} {}",
+                "{name}{suffix}{{pool=\"{}\",worker=\"{}\"}} {}",
                 escape(&pool.name),
                 escape(slot.worker.name()),
                 pick(c)

@@ -13,18 +13,14 @@ use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{
-    FinishReason, Prompt, SamplingParams, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    FinishReason, SamplingParams, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 fn synthetic() -> (TempDir, kernels::load::Loaded) {
-    let dir = TempDir::new();
-    let path = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let loaded = kernels::load::load(&path).unwrap();
-    (dir, loaded)
+    common::synthetic_model()
 }
 
 fn engine(loaded: &kernels::load::Loaded, cfg: EngineConfig) -> Arc<EngineWorker> {
@@ -38,24 +34,14 @@ fn req(
     seed: Option<u64>,
     stop: Vec<String>,
 ) -> Arc<WorkerRequest> {
-    Arc::new(WorkerRequest {
-        request_id: "r".into(),
-        tenant: "t".into(),
-        weight: None,
-        output_weight: 3.0,
-        model: "m".into(),
-        prompt: Prompt::Text(prompt.into()),
-        prompt_ids: None,
-        params: SamplingParams {
-            max_tokens,
-            temperature,
-            top_p: 1.0,
-            top_k: 0,
-            seed,
-            stop,
-        },
-        stream: true,
-    })
+    let mut r = (*common::worker_req(prompt, max_tokens)).clone();
+    r.params = SamplingParams {
+        temperature,
+        seed,
+        stop,
+        ..r.params
+    };
+    Arc::new(r)
 }
 
 /// Runs a request to the end: (text, finish reason, usage.completion_tokens).
@@ -552,28 +538,9 @@ async fn a_pool_of_engines_sends_prompts_that_start_alike_to_the_same_one() {
     let model = dir.0.join("synthetic.gguf");
     kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
     let engine = r#"{ kind = "engine", backend = "cpu", threads = 1, kv_tokens = 4096 }"#;
-    let cfg = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[[models]]
-id = "m"
-source = "{}"
-
-[[pools]]
-name = "p"
-model = "m"
-workers = [{engine}, {engine}]
-
-[[tenants]]
-id = "demo"
-keys_sha256 = ["{KEY_SHA256}"]
-tokens_per_second = 100000.0
-"#,
-        model.display()
-    );
-    let gw = Gateway::start(&cfg);
+    let workers = format!("{engine}, {engine}");
+    let tenant = "tokens_per_second = 100000.0";
+    let gw = Gateway::start(&engine_pool_config(&model, "", &workers, tenant));
     let system = "the instructions every request of this application starts with. ".repeat(6);
     let ask = |q: String| {
         serde_json::json!({"model": "m", "prompt": format!("{system}{q}"), "max_tokens": 2})

@@ -8,36 +8,15 @@
 //! The fault injection is process-wide, so this test has a binary of its own.
 
 mod common;
-use common::tempdir::TempDir;
+use common::worker_req as req;
 use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
-use gateway::worker::{Prompt, SamplingParams, Worker, WorkerError, WorkerEvent, WorkerRequest};
+use gateway::worker::{Worker, WorkerError, WorkerEvent};
 use kernels::cuda::emu;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn req(prompt: &str, max_tokens: u32) -> Arc<WorkerRequest> {
-    Arc::new(WorkerRequest {
-        request_id: "r".into(),
-        tenant: "t".into(),
-        weight: None,
-        output_weight: 3.0,
-        model: "m".into(),
-        prompt: Prompt::Text(prompt.into()),
-        prompt_ids: None,
-        params: SamplingParams {
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            stop: vec![],
-        },
-        stream: true,
-    })
-}
 
 /// The text of a request run to its end.
 async fn greedy(w: &EngineWorker, prompt: &str) -> String {
@@ -55,18 +34,10 @@ async fn greedy(w: &EngineWorker, prompt: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_fault_fails_the_sequences_in_flight_takes_the_engine_out_of_rotation_and_it_recovers(
 ) {
-    if let Err(why) = emu::available() {
-        assert!(
-            std::env::var("TOLLGATE_REQUIRE_EMU").is_err(),
-            "the emulator is required: {why}"
-        );
-        println!("SKIPPED: no CUDA emulator ({why})");
+    if !common::emulator_present() {
         return;
     }
-    let dir = TempDir::new();
-    let path = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let loaded = kernels::load::load(&path).unwrap();
+    let (_dir, loaded) = common::synthetic_model();
     let cfg = EngineConfig {
         backend: BackendKind::Emulator,
         threads: 2,

@@ -7,50 +7,21 @@
 //! The stall is injected process-wide, so this test has a binary of its own.
 
 mod common;
-use common::tempdir::TempDir;
+use common::worker_req;
 use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
-use gateway::worker::{Prompt, SamplingParams, Worker, WorkerError, WorkerEvent, WorkerRequest};
+use gateway::worker::{Worker, WorkerError, WorkerEvent};
 use kernels::cuda::emu;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn req(max_tokens: u32) -> Arc<WorkerRequest> {
-    Arc::new(WorkerRequest {
-        request_id: "r".into(),
-        tenant: "t".into(),
-        weight: None,
-        output_weight: 3.0,
-        model: "m".into(),
-        prompt: Prompt::Text("a prompt".into()),
-        prompt_ids: None,
-        params: SamplingParams {
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            stop: vec![],
-        },
-        stream: true,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_past_its_timeout_takes_the_engine_out_of_rotation_until_it_returns() {
-    if let Err(why) = emu::available() {
-        assert!(
-            std::env::var("TOLLGATE_REQUIRE_EMU").is_err(),
-            "the emulator is required: {why}"
-        );
-        println!("SKIPPED: no CUDA emulator ({why})");
+    if !common::emulator_present() {
         return;
     }
-    let dir = TempDir::new();
-    let path = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let loaded = kernels::load::load(&path).unwrap();
+    let (_dir, loaded) = common::synthetic_model();
     let cfg = EngineConfig {
         backend: BackendKind::Emulator,
         threads: 2,
@@ -62,7 +33,7 @@ async fn a_step_past_its_timeout_takes_the_engine_out_of_rotation_until_it_retur
     assert!(e.probe().await.is_ok());
     // Each launch now waits 100 ms: a step (dozens of launches) runs for seconds.
     emu::stall_launches(Duration::from_millis(100));
-    let mut s = e.submit(req(2)).await.unwrap();
+    let mut s = e.submit(worker_req("a prompt", 2)).await.unwrap();
     let t = Instant::now();
     let why = loop {
         match e.probe().await {
@@ -77,7 +48,7 @@ async fn a_step_past_its_timeout_takes_the_engine_out_of_rotation_until_it_retur
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(why.contains("may be stuck"), "{why}");
-    match e.submit(req(2)).await {
+    match e.submit(worker_req("a prompt", 2)).await {
         Err(WorkerError::Unreachable(_)) => {}
         Err(other) => panic!("expected Unreachable, got {other:?}"),
         Ok(_) => panic!("an engine out of rotation must refuse new work"),

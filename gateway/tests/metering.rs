@@ -230,27 +230,11 @@ async fn prompt_tokens_from_the_prefix_cache_are_charged_at_the_cached_input_wei
     let dir = tempdir::TempDir::new();
     let model = dir.0.join("synthetic.gguf");
     kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let cfg = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[[models]]
-id = "m"
-source = "{}"
-cached_input_weight = 0.25
-
-[[pools]]
-name = "p"
-model = "m"
-workers = [{{ kind = "engine", backend = "cpu", threads = 2, kv_tokens = 4096 }}]
-
-[[tenants]]
-id = "demo"
-keys_sha256 = ["{KEY_SHA256}"]
-tokens_per_second = 100000.0
-"#,
-        model.display()
+    let cfg = engine_pool_config(
+        &model,
+        "cached_input_weight = 0.25",
+        r#"{ kind = "engine", backend = "cpu", threads = 2, kv_tokens = 4096 }"#,
+        "tokens_per_second = 100000.0",
     );
     let gw = Gateway::start(&cfg);
     let prompt = "a shared instruction that many requests start with. ".repeat(10);

@@ -102,6 +102,11 @@ impl BlockPool {
         }
     }
 
+    /// Whether prefix caching is on.
+    pub fn caching(&self) -> bool {
+        self.caching
+    }
+
     /// What keys this pool's content hashes (for [`chain`]).
     pub fn hasher(&self) -> &RandomState {
         &self.hasher

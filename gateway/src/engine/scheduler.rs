@@ -72,7 +72,7 @@ fn grow<S: Schedulable>(s: &mut S, tokens: usize, pool: &mut BlockPool, bs: usiz
 /// Gives a sequence that holds no blocks the cached blocks of its longest cached prefix,
 /// leaving at least its last token to compute (its logits are wanted).
 fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
-    if s.computed() > 0 || !s.blocks_mut().is_empty() {
+    if !pool.caching() || s.computed() > 0 || !s.blocks_mut().is_empty() {
         return;
     }
     let total = s.pending();

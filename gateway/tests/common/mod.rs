@@ -309,16 +309,76 @@ pub fn python_with(modules: &str) -> Option<std::path::PathBuf> {
 
 /// A gateway config serving `model_path` with the in-process engine.
 pub fn engine_config(model_path: &std::path::Path, engine: &str) -> String {
-    config(
+    engine_pool_config(
+        model_path,
+        "",
         &format!("{{ kind = \"engine\", backend = \"cpu\" {engine} }}"),
         "",
-        "",
     )
-    .replace(
+}
+
+/// A gateway config whose model `m` comes from `model_path` (with `model_extra` lines
+/// under `[[models]]`), served by `workers`, for tenant `demo` (with `extra_tenant`).
+pub fn engine_pool_config(
+    model_path: &std::path::Path,
+    model_extra: &str,
+    workers: &str,
+    extra_tenant: &str,
+) -> String {
+    config(workers, extra_tenant, "").replace(
         "[[models]]\nid = \"m\"",
         &format!(
-            "[[models]]\nid = \"m\"\nsource = {:?}",
+            "[[models]]\nid = \"m\"\nsource = {:?}\n{model_extra}",
             model_path.display().to_string()
         ),
     )
+}
+
+/// The synthetic tiny model, written to a scratch directory (kept while the `TempDir`
+/// lives) and loaded.
+pub fn synthetic_model() -> (tempdir::TempDir, kernels::load::Loaded) {
+    let dir = tempdir::TempDir::new();
+    let path = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let loaded = kernels::load::load(&path).unwrap();
+    (dir, loaded)
+}
+
+/// A streamed, greedy request for a worker, of tenant `t`.
+pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerRequest> {
+    use gateway::worker::{Prompt, SamplingParams, WorkerRequest};
+    Arc::new(WorkerRequest {
+        request_id: "r".into(),
+        tenant: "t".into(),
+        weight: None,
+        output_weight: 3.0,
+        model: "m".into(),
+        prompt: Prompt::Text(prompt.into()),
+        prompt_ids: None,
+        params: SamplingParams {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: vec![],
+        },
+        stream: true,
+    })
+}
+
+/// Whether the CUDA emulator is built; if not, prints why the test is skipped (and panics
+/// under `TOLLGATE_REQUIRE_EMU`, as `scripts/test.sh` sets).
+pub fn emulator_present() -> bool {
+    match kernels::cuda::emu::available() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("TOLLGATE_REQUIRE_EMU").is_err(),
+                "the emulator is required: {why}"
+            );
+            println!("SKIPPED: no CUDA emulator ({why})");
+            false
+        }
+    }
 }
