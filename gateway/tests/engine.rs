@@ -422,7 +422,11 @@ async fn remote_worker_mode_behind_a_gateway() {
 }
 
 fn tenant_req(tenant: &str, weight: Option<f64>) -> Arc<WorkerRequest> {
-    let mut r = (*req("fair share", 24, 0.0, None, vec![])).clone();
+    tenant_req_of(tenant, weight, 24)
+}
+
+fn tenant_req_of(tenant: &str, weight: Option<f64>, max_tokens: u32) -> Arc<WorkerRequest> {
+    let mut r = (*req("fair share", max_tokens, 0.0, None, vec![])).clone();
     r.tenant = tenant.into();
     r.weight = weight;
     Arc::new(r)
@@ -467,10 +471,12 @@ async fn a_tenant_arriving_behind_a_backlog_gets_the_next_free_slots() {
     // Tenant a fills both slots and queues 6 more; then b asks for 2.
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
+    // Long enough answers (160 tokens) that b's requests reach the engine before a's
+    // running ones finish, also on a loaded machine.
     let spawn = |tenant: &'static str, tasks: &mut Vec<_>| {
         let (e, order) = (e.clone(), order.clone());
         tasks.push(tokio::spawn(async move {
-            run(&e, tenant_req(tenant, None)).await;
+            run(&e, tenant_req_of(tenant, None, 160)).await;
             order.lock().unwrap().push(tenant);
         }));
     };
