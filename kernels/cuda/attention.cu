@@ -41,14 +41,36 @@
 
 #define FULL_MASK 0xffffffffu
 
-// Eight consecutive f16 values (16-byte aligned) as floats.
-__device__ __forceinline__ void load8(const half_t* __restrict__ p, float* f) {
-    uint4 q = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ uint4 make_zero4() {
+    uint4 z;
+    z.x = z.y = z.z = z.w = 0u;
+    return z;
+}
+
+// Eight f16 values (one 16-byte load) as floats.
+__device__ __forceinline__ void unpack8(uint4 q, float* f) {
     u32 w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
         f[2 * h] = h2f((half_t)(w[h] & 0xffffu));
         f[2 * h + 1] = h2f((half_t)(w[h] >> 16));
+    }
+}
+
+// Key j's and value j's 8 dimensions from d0 for this lane (zeros past the keys, or for
+// lanes past head_dim), at table entry jb, slot js.
+__device__ __forceinline__ void fetch(const half_t* __restrict__ kc, const half_t* __restrict__ vc,
+                                      const int* __restrict__ table, int j, int n_keys, bool dims,
+                                      int kvh, int n_kv_heads, int block_size, int head_dim,
+                                      int d0, int jb, int js, uint4& k, uint4& v) {
+    if (j < n_keys && dims) {
+        int blk = table[jb];
+        size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + js) * head_dim + d0;
+        k = *reinterpret_cast<const uint4*>(kc + at);
+        v = *reinterpret_cast<const uint4*>(vc + at);
+    } else {
+        k = make_zero4();
+        v = make_zero4();
     }
 }
 
@@ -84,21 +106,17 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
         }
         // Every lane runs the same iterations (the shuffles need the whole warp); lane
         // group kg takes key j = `first + kg` of each, at table entry jb, slot js (kept by
-        // adding, not dividing, as j moves on by `streams`).
+        // adding, not dividing, as j moves on by `streams`). The next iteration's key and
+        // value are loaded before this one's are used, so that a warp has two iterations'
+        // loads in flight (the order of the arithmetic, and so the bits, is unchanged).
         int j = slice * kpw + kg, jb = j / block_size, js = j - jb * block_size;
         int step_b = streams / block_size, step_s = streams - step_b * block_size;
+        uint4 kn = make_zero4(), vn = make_zero4();
+        fetch(kc, vc, table, j, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb, js,
+              kn, vn);
         for (int first = slice * kpw; first < n_keys; first += streams) {
-            bool live = j < n_keys;
-            float kk[8], vv[8];
-            if (live && dims) {
-                int blk = table[jb];
-                size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + js) * head_dim + d0;
-                load8(kc + at, kk);
-                load8(vc + at, vv);
-            } else {
-#pragma unroll
-                for (int t = 0; t < 8; ++t) kk[t] = vv[t] = 0.0f;
-            }
+            bool live = first + kg < n_keys;
+            uint4 kq = kn, vq = vn;
             j += streams;
             jb += step_b;
             js += step_s;
@@ -106,6 +124,11 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
                 js -= block_size;
                 ++jb;
             }
+            fetch(kc, vc, table, j, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb,
+                  js, kn, vn);
+            float kk[8], vv[8];
+            unpack8(kq, kk);
+            unpack8(vq, vv);
 #pragma unroll
             for (int g = 0; g < MAX_GROUP; ++g) {
                 if (g >= group) break;
