@@ -10,7 +10,7 @@
 # for the device, the CUDA backend's tests (graphs vs direct launches, sampling on the
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
-# weights floor (decode_bench), and aggregate decode tokens/s through the engine at 1, 64
+# weights floor (decode_bench; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench), all on the synthetic SmolLM2-shaped model; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
@@ -95,6 +95,9 @@ echo
 # Position 511: each row attends to 512 keys, as gpu_bench's decode attention and its
 # "launched alone" sums, so that the step's time minus that sum is the launch gaps.
 timeout 90 "$BIN/decode_bench" "$model" --ctx 511 || status=1
+echo
+# Long rows at small batch: each row's attention chunks spread over several blocks.
+timeout 60 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 || status=1
 echo
 BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 120 "$BIN/engine_bench" "$model" || status=1
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity

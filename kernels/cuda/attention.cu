@@ -14,6 +14,18 @@
 // slices w, w + nw, ...). A slice's streams are merged by shuffles in a fixed order, the
 // slices through shared memory in slice order. The partition does not depend on how many
 // warps a launch has, so a row's output has the same bits whatever the batch around it.
+//
+// Long rows are cut into chunks of CHUNK_KEYS keys (keys [c·CHUNK_KEYS, (c+1)·CHUNK_KEYS)):
+// each chunk is attended as above (its own streams and slices) to a partial state per
+// output element (max, sum, unnormalized output), and the chunks' states are merged in
+// chunk order, always by the same `merge`. A launch with gridDim.z = Z > 1 spreads a row's
+// chunks over min(Z, chunks) blocks (block z: chunks z, z + Z, ...), which write their
+// partial states to `part`; the last of them to finish (an arrival count per row and KV
+// head in `arrive`, set back to 0 by that block) merges them all in chunk order. With
+// Z = 1 a block merges its chunks as it goes, in the same order with the same arithmetic,
+// so a row's output has the same bits for any Z too: the step chooses Z by its rows alone
+// (decode at small batch spreads a long row over many SMs, flash-decoding style). Rows at
+// or past `part_rows`, or with more chunks than `part` holds per row, keep Z = 1.
 // Output: f16 [rows, n_heads·head_dim] (the output projection's input). Query row r starts
 // at q + r · q_stride (the QKV product's rows, whose first n_heads · head_dim floats are
 // the queries). The cache and head_dim · 2 bytes are 16-byte aligned.
@@ -37,6 +49,11 @@
 // rows (decode at small batch).
 #ifndef MAX_WARPS
 #define MAX_WARPS 4
+#endif
+
+// Keys per chunk (a multiple of every build's streams: MAX_WARPS · kpw).
+#ifndef CHUNK_KEYS
+#define CHUNK_KEYS 512
 #endif
 
 #define FULL_MASK 0xffffffffu
@@ -74,13 +91,24 @@ __device__ __forceinline__ void fetch(const half_t* __restrict__ kc, const half_
     }
 }
 
-__device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,
-                       const half_t* __restrict__ vc, const int* __restrict__ table, int n_keys,
-                       int kvh, int n_kv_heads, int head_dim, int block_size, int group,
-                       float scale, half_t* __restrict__ out_row) {
-    __shared__ float sm_m[MAX_WARPS][MAX_GROUP];
-    __shared__ float sm_l[MAX_WARPS][MAX_GROUP];
-    __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
+// Merges partial state (m, l, a) into the running (M, L, A): one output element's.
+// Explicit fused multiply-adds, so that every merge of the same states rounds the same.
+__device__ __forceinline__ void merge(float& M, float& L, float& A, float m, float l, float a) {
+    float mx = fmaxf(M, m);
+    float c1 = L > 0.0f ? expf(M - mx) : 0.0f;
+    float c2 = l > 0.0f ? expf(m - mx) : 0.0f;
+    L = fmaf(L, c1, l * c2);
+    A = fmaf(A, c1, a * c2);
+    M = mx;
+}
+
+// One chunk, keys [k0, k1): every slice's online-softmax state into the shared arrays
+// (slices in turn over the block's warps), then a barrier.
+__device__ __forceinline__ void attend_chunk(
+    const float (&qv)[MAX_GROUP][8], const half_t* __restrict__ kc,
+    const half_t* __restrict__ vc, const int* __restrict__ table, int k0, int n_keys, int kvh,
+    int n_kv_heads, int head_dim, int block_size, int group, float (*sm_m)[MAX_GROUP],
+    float (*sm_l)[MAX_GROUP], float (*sm_acc)[MAX_GROUP][MAX_DPL * 32]) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nw = min((int)(blockDim.x >> 5), MAX_WARPS);
     int lpk = 1;
@@ -88,14 +116,7 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     int kpw = 32 / lpk, streams = MAX_WARPS * kpw;
     int kg = lane / lpk, d0 = (lane % lpk) * 8;
     bool dims = d0 < head_dim;  // lanes past head_dim (head_dim 96) only join the shuffles
-    float qv[MAX_GROUP][8], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][8];
-#pragma unroll
-    for (int g = 0; g < MAX_GROUP; ++g) {
-#pragma unroll
-        for (int t = 0; t < 8; ++t)
-            qv[g][t] = (g < group && dims) ? q_row[(kvh * group + g) * head_dim + d0 + t] * scale
-                                           : 0.0f;
-    }
+    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][8];
     for (int slice = warp; slice < MAX_WARPS; slice += nw) {
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g) {
@@ -109,12 +130,12 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
         // adding, not dividing, as j moves on by `streams`). The next iteration's key and
         // value are loaded before this one's are used, so that a warp has two iterations'
         // loads in flight (the order of the arithmetic, and so the bits, is unchanged).
-        int j = slice * kpw + kg, jb = j / block_size, js = j - jb * block_size;
+        int j = k0 + slice * kpw + kg, jb = j / block_size, js = j - jb * block_size;
         int step_b = streams / block_size, step_s = streams - step_b * block_size;
         uint4 kn = make_zero4(), vn = make_zero4();
         fetch(kc, vc, table, j, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb, js,
               kn, vn);
-        for (int first = slice * kpw; first < n_keys; first += streams) {
+        for (int first = k0 + slice * kpw; first < n_keys; first += streams) {
             bool live = first + kg < n_keys;
             uint4 kq = kn, vq = vn;
             j += streams;
@@ -186,21 +207,106 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
         }
     }
     __syncthreads();
-    // Merge: thread i of the block produces output elements i, i + blockDim.x, ...
+}
+
+// Row `row`'s attention for KV head kvh over its n_keys keys, into out_row; `part` and
+// `arrive` are the split launches' partial states and arrival counts (see the top).
+__device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,
+                       const half_t* __restrict__ vc, const int* __restrict__ table, int n_keys,
+                       int kvh, int n_kv_heads, int head_dim, int block_size, int group,
+                       float scale, half_t* __restrict__ out_row, int row,
+                       float* __restrict__ part, int* __restrict__ arrive, int part_rows,
+                       int part_chunks) {
+    __shared__ float sm_m[MAX_WARPS][MAX_GROUP];
+    __shared__ float sm_l[MAX_WARPS][MAX_GROUP];
+    __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
+    // The running state of the chunks merged so far, per output element (each element
+    // belongs to one thread).
+    __shared__ float run_m[MAX_GROUP * MAX_DPL * 32];
+    __shared__ float run_l[MAX_GROUP * MAX_DPL * 32];
+    __shared__ float run_a[MAX_GROUP * MAX_DPL * 32];
+    __shared__ int last;
     int width = group * head_dim;
+    int chunks = (n_keys + CHUNK_KEYS - 1) / CHUNK_KEYS;
+    int parts = 1;
+    if (gridDim.z > 1 && row < part_rows && chunks <= part_chunks)
+        parts = min((int)gridDim.z, chunks);
+    int z = blockIdx.z;
+    if (z >= parts) return;  // the whole block: no barrier is left waiting
+    int lane = threadIdx.x & 31;
+    int lpk = 1;
+    while (lpk * 8 < head_dim) lpk <<= 1;
+    int d0 = (lane % lpk) * 8;
+    bool dims = d0 < head_dim;
+    float qv[MAX_GROUP][8];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+            qv[g][t] = (g < group && dims) ? q_row[(kvh * group + g) * head_dim + d0 + t] * scale
+                                           : 0.0f;
+    }
+    for (int e = threadIdx.x; e < width; e += blockDim.x) {
+        run_m[e] = -INFINITY;
+        run_l[e] = 0.0f;
+        run_a[e] = 0.0f;
+    }
+    // This (row, KV head)'s partial states: [chunk][element][m, l, a].
+    float* mine =
+        parts > 1 ? part + ((size_t)row * n_kv_heads + kvh) * part_chunks * width * 3 : nullptr;
+    for (int c = z; c < chunks; c += parts) {
+        int k0 = c * CHUNK_KEYS;
+        attend_chunk(qv, kc, vc, table, k0, min(n_keys, k0 + CHUNK_KEYS), kvh, n_kv_heads,
+                     head_dim, block_size, group, sm_m, sm_l, sm_acc);
+        // The chunk's slices merged in slice order: thread i takes elements i, i +
+        // blockDim.x, ...
+        for (int e = threadIdx.x; e < width; e += blockDim.x) {
+            int g = e / head_dim, d = e % head_dim;
+            float mx = -INFINITY;
+            for (int w = 0; w < MAX_WARPS; ++w)
+                if (sm_l[w][g] > 0.0f) mx = fmaxf(mx, sm_m[w][g]);
+            float num = 0.0f, den = 0.0f;
+            for (int w = 0; w < MAX_WARPS; ++w) {
+                if (sm_l[w][g] == 0.0f) continue;
+                float cw = expf(sm_m[w][g] - mx);
+                num += sm_acc[w][g][d] * cw;
+                den += sm_l[w][g] * cw;
+            }
+            if (parts == 1) {
+                merge(run_m[e], run_l[e], run_a[e], mx, den, num);
+            } else {
+                float* at = mine + ((size_t)c * width + e) * 3;
+                at[0] = mx;
+                at[1] = den;
+                at[2] = num;
+            }
+        }
+        __syncthreads();  // the next chunk writes the slice states again
+    }
+    if (parts > 1) {
+        // Publish this block's partial states, count it in, and let the last block in
+        // merge them all.
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(arrive + row * n_kv_heads + kvh, 1) == parts - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        for (int e = threadIdx.x; e < width; e += blockDim.x) {
+            float M = -INFINITY, L = 0.0f, A = 0.0f;
+            for (int c = 0; c < chunks; ++c) {
+                const float* at = mine + ((size_t)c * width + e) * 3;
+                merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
+            }
+            run_l[e] = L;
+            run_a[e] = A;
+        }
+        if (threadIdx.x == 0) arrive[row * n_kv_heads + kvh] = 0;  // for the next launch
+    }
     for (int e = threadIdx.x; e < width; e += blockDim.x) {
         int g = e / head_dim, d = e % head_dim;
-        float mx = -INFINITY;
-        for (int w = 0; w < MAX_WARPS; ++w)
-            if (sm_l[w][g] > 0.0f) mx = fmaxf(mx, sm_m[w][g]);
-        float num = 0.0f, den = 0.0f;
-        for (int w = 0; w < MAX_WARPS; ++w) {
-            if (sm_l[w][g] == 0.0f) continue;
-            float c = expf(sm_m[w][g] - mx);
-            num += sm_acc[w][g][d] * c;
-            den += sm_l[w][g] * c;
-        }
-        out_row[(kvh * group + g) * head_dim + d] = f2h(den > 0.0f ? num / den : 0.0f);
+        out_row[(kvh * group + g) * head_dim + d] =
+            f2h(run_l[e] > 0.0f ? run_a[e] / run_l[e] : 0.0f);
     }
 }
 
@@ -212,12 +318,15 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q, int q_
                                              const u32* __restrict__ positions,
                                              half_t* __restrict__ out, int max_blocks,
                                              int n_heads, int n_kv_heads, int head_dim,
-                                             int block_size, float scale) {
+                                             int block_size, float scale,
+                                             float* __restrict__ part, int* __restrict__ arrive,
+                                             int part_rows, int part_chunks) {
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc,
            block_tables + (size_t)seq_of_row[r] * max_blocks, (int)positions[r] + 1, kvh,
-           n_kv_heads, head_dim, block_size, group, scale, out + (size_t)r * n_heads * head_dim);
+           n_kv_heads, head_dim, block_size, group, scale, out + (size_t)r * n_heads * head_dim,
+           r, part, arrive, part_rows, part_chunks);
 }
 
 extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_stride,
@@ -227,10 +336,12 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_s
                                             const u32* __restrict__ positions,
                                             half_t* __restrict__ out, int max_blocks,
                                             int n_heads, int n_kv_heads, int head_dim,
-                                            int block_size, float scale) {
+                                            int block_size, float scale,
+                                            float* __restrict__ part, int* __restrict__ arrive,
+                                            int part_rows, int part_chunks) {
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc, block_tables + (size_t)r * max_blocks,
            (int)positions[r] + 1, kvh, n_kv_heads, head_dim, block_size, group, scale,
-           out + (size_t)r * n_heads * head_dim);
+           out + (size_t)r * n_heads * head_dim, r, part, arrive, part_rows, part_chunks);
 }

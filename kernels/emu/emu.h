@@ -119,6 +119,19 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
     return emu::exchange(v, src & 31);
 }
 
+// Atomics and fences: a launch's blocks run one at a time, each block's threads on one OS
+// thread, so a plain read-modify-write is atomic and every write is already visible.
+inline int atomicAdd(int* p, int v) {
+    int old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
+template <class T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
+
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }

@@ -123,7 +123,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let c = model.config.clone();
     let max_n = a.batches.iter().copied().max().unwrap_or(1);
     let per = (a.ctx + 1).div_ceil(BLOCK);
-    let (n_blocks, max_tokens) = (max_n * per, 2048);
+    // Prefill chunks of up to 2,048 rows (256 on the emulator, which is slow).
+    let (n_blocks, max_tokens) = (max_n * per, if a.emu { 256 } else { 2048 });
     let twin = TwinModel::from_model(&model);
     let weight_bytes = 2.0
         * (twin.output.len()
@@ -139,7 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let e = Emu::open_for(&c)?;
         let name = e.describe();
         let kv = KvCapacity::Blocks(n_blocks);
-        let b = CudaBackend::on(e, name, &twin, BLOCK, kv, 256, max_n)?;
+        let b = CudaBackend::on(e, name, &twin, BLOCK, kv, max_tokens, max_n)?;
         (Which::Emu(Box::new(b)), f64::NAN)
     } else {
         let bw = kernels::cuda::device::Gpu::open(0)?.copy_bandwidth()?.1;

@@ -14,6 +14,7 @@ use common::rel_err as rel;
 use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
+use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
 use kernels::cuda::twins::{self, SampleParams};
 use kernels::cuda::{norm_launch, swiglu_launch};
@@ -354,9 +355,10 @@ fn attention_prefill_and_decode_match_their_twin() {
     }
 }
 
-/// Each build against the twin at every launch width; and within a build, the same bits
-/// whatever the width (the keys' split into slices does not depend on it, so a row's
-/// output does not depend on the batch around it).
+/// Each build against the twin at every launch width and split; and within a build, the
+/// same bits whatever the width (the keys' split into slices does not depend on it) and
+/// whatever the number of blocks a row's chunks are spread over (they are merged in chunk
+/// order either way), so a row's output does not depend on the batch around it.
 /// The general build also runs the other head shapes it supports: groups of 8 with
 /// head_dim 128 (16 lanes per key), and head_dim 96 (lanes past the head in each key's
 /// group of 16).
@@ -379,12 +381,21 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
         (general, odd),
         (fitted, smol()),
     ] {
-        let base = attention_case(g, 128, &c);
-        for threads in [256u32, 512] {
-            let other = attention_case(g, threads, &c);
+        let base = attention_case(g, 128, Spread::One, &c);
+        // Wider blocks; chunks spread over 2 and 5 blocks (with 5, only the first half of
+        // the rows may split: the rest keep one block); more blocks than any row's chunks.
+        for (threads, spread) in [
+            (256, Spread::One),
+            (512, Spread::One),
+            (128, Spread::Blocks(2)),
+            (512, Spread::HalfRows(5)),
+            (256, Spread::Blocks(64)),
+        ] {
+            let other = attention_case(g, threads, spread, &c);
             assert!(
                 other == base,
-                "{}: head_dim {}: {threads} threads give other bits than 128",
+                "{}: head_dim {}: {threads} threads, {spread:?} give other bits than 128 \
+                 threads in one block",
                 g.describe(),
                 c.head_dim
             );
@@ -392,41 +403,72 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
     }
 }
 
+/// How an attention launch spreads a row's chunks over blocks.
+#[derive(Debug, Clone, Copy)]
+enum Spread {
+    One,
+    /// Over this many blocks (the grid's z).
+    Blocks(u32),
+    /// Over this many blocks, rows in the first half of the batch only.
+    HalfRows(u32),
+}
+
 /// Prefill and decode attention on random batches (the same for every call) with
-/// `threads` per block, each against the twin; returns both outputs' bits.
-fn attention_case<E: Exec>(g: &E, threads: u32, c: &LlamaConfig) -> Vec<Vec<u16>> {
+/// `threads` per block and the chunks spread as `spread`, each against the twin; returns
+/// the outputs' bits.
+fn attention_case<E: Exec>(g: &E, threads: u32, spread: Spread, c: &LlamaConfig) -> Vec<Vec<u16>> {
     let mut outs = Vec::new();
     let mut rng = Rng(6);
     let c = c.clone();
     let (bs, n_blocks) = (16, 1024);
     let max_blocks = c.context_len / bs;
     let scale = 1.0 / (c.head_dim as f32).sqrt();
-    // Short contexts (up to ~360 keys), then a decode step at long ones (1,200–2,000 keys:
-    // every stream walks many keys and table entries).
-    for (name, decode, long) in [
-        ("attention_prefill", false, false),
-        ("attention_decode", true, false),
-        ("attention_decode", true, true),
+    // Short contexts (up to ~360 keys, one chunk); a decode step at long ones (1,200–2,000
+    // keys: every stream walks many keys and table entries, over 3–4 chunks); a decode step
+    // at the chunks' edges; and a prefill whose rows cross them.
+    for (name, decode, kind) in [
+        ("attention_prefill", false, "short"),
+        ("attention_decode", true, "short"),
+        ("attention_decode", true, "long"),
+        ("attention_decode", true, "edges"),
+        ("attention_prefill", false, "across"),
     ] {
-        let b = if long {
-            let mut b = Batch::default();
-            let mut next = 0u32;
-            for _ in 0..5 {
-                let pos0 = 1200 + rng.below(800);
-                let need = (pos0 + 1).div_ceil(bs) as u32;
-                b.push(
-                    &[rng.below(49152) as u32],
-                    pos0,
-                    (next..next + need).collect(),
-                    true,
-                );
-                next += need;
+        let b = match kind {
+            "long" | "edges" => {
+                let keys: Vec<usize> = if kind == "long" {
+                    (0..5).map(|_| 1201 + rng.below(800)).collect()
+                } else {
+                    let ck = ATTENTION_CHUNK_KEYS;
+                    vec![1, ck - 1, ck, ck + 1, 2 * ck, 2 * ck + 1, 3 * ck - 1]
+                };
+                let mut b = Batch::default();
+                let mut next = 0u32;
+                for n in keys {
+                    let need = n.div_ceil(bs) as u32;
+                    b.push(
+                        &[rng.below(49152) as u32],
+                        n - 1,
+                        (next..next + need).collect(),
+                        true,
+                    );
+                    next += need;
+                }
+                b
             }
-            b
-        } else if decode {
-            random_batch(&mut rng, 33, 1, bs, max_blocks)
-        } else {
-            random_batch(&mut rng, 9, 60, bs, max_blocks)
+            "across" => {
+                let mut b = Batch::default();
+                let mut next = 0u32;
+                for pos0 in [ATTENTION_CHUNK_KEYS - 20, 1000] {
+                    let len = 40;
+                    let need = (pos0 + len).div_ceil(bs) as u32;
+                    let toks: Vec<u32> = (0..len).map(|_| rng.below(49152) as u32).collect();
+                    b.push(&toks, pos0, (next..next + need).collect(), true);
+                    next += need;
+                }
+                b
+            }
+            _ if decode => random_batch(&mut rng, 33, 1, bs, max_blocks),
+            _ => random_batch(&mut rng, 9, 60, bs, max_blocks),
         };
         let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng);
         let t = b.tokens.len();
@@ -471,8 +513,20 @@ fn attention_case<E: Exec>(g: &E, threads: u32, c: &LlamaConfig) -> Vec<Vec<u16>
             i(bs),
             Arg::F32(scale),
         ]);
+        // Partial states poisoned (a merge of one never written shows as NaN), arrival
+        // counts zeroed as the backend allocates them.
+        let (z, part_rows) = match spread {
+            Spread::One => (1, t),
+            Spread::Blocks(z) => (z, t),
+            Spread::HalfRows(z) => (z, t / 2),
+        };
+        let chunks = (max_blocks * bs).div_ceil(ATTENTION_CHUNK_KEYS);
+        let width = c.n_heads * c.head_dim;
+        let part = up(g, &vec![f32::NAN; t * chunks * width * 3]);
+        let arrive = up(g, &vec![0i32; t * c.n_kv_heads]);
+        args.extend([part.arg(), arrive.arg(), i(part_rows), i(chunks)]);
         let launch = LaunchConfig {
-            grid_dim: (t as u32, c.n_kv_heads as u32, 1),
+            grid_dim: (t as u32, c.n_kv_heads as u32, z),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -481,9 +535,15 @@ fn attention_case<E: Exec>(g: &E, threads: u32, c: &LlamaConfig) -> Vec<Vec<u16>
         let e = rel(&f32s(&got), &f32s(&want));
         assert!(
             e < 3e-3,
-            "{}: {name}, head_dim {}, {threads} threads: {e}",
+            "{}: {name} ({kind}), head_dim {}, {threads} threads, {spread:?}: {e}",
             g.describe(),
             c.head_dim
+        );
+        assert!(
+            down(g, &arrive).iter().all(|&n| n == 0),
+            "{}: {name} ({kind}), {spread:?}: the arrival counts are left at 0 for the next \
+             launch",
+            g.describe()
         );
         outs.push(got.iter().map(|h| h.to_bits()).collect());
     }
@@ -661,11 +721,16 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     let sizes = Sizes::smoke();
     let rows = run(&e, &sizes, 1).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    // rmsnorm, rope, one build_batch, two attention batches, swiglu, two sampling
-    // settings; at each of the two decode batches a step's norm, rope, swiglu and greedy
-    // sampling; one product at three row counts by cuBLAS's stand-in, and at the two
-    // small ones by gemv_f16.
-    assert_eq!(rows.len(), 21, "{names:?}");
+    // rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
+    // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
+    // heads), swiglu, two sampling settings; at each of the two decode batches a step's
+    // norm, rope, swiglu and greedy sampling; one product at three row counts by
+    // cuBLAS's stand-in, and at the two small ones by gemv_f16.
+    assert_eq!(rows.len(), 24, "{names:?}");
+    assert!(
+        names.contains(&"attention_decode batch 1, ctx 1100, 3 blocks per row"),
+        "{names:?}"
+    );
     assert!(
         rows.iter().all(|r| r.secs > 0.0 && r.bytes > 0.0),
         "{rows:?}"

@@ -7,7 +7,7 @@
 //! Written against [`Exec`], so a test runs the same launches on the emulator at small
 //! sizes: a benchmark that would fail on the GPU fails in CI first.
 
-use super::device::attention_warps;
+use super::device::{attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -20,9 +20,11 @@ pub struct Sizes {
     pub rows: usize,
     /// build_batch steps: (sequences, tokens each, block-table entries each).
     pub steps: Vec<(usize, usize, usize)>,
-    /// Decode attention batch sizes, and the context of every sequence.
+    /// Decode attention batch sizes, and the context of every sequence (a decode step's);
+    /// then a long context, one block per row and with the rows' chunks spread over blocks.
     pub decode: Vec<usize>,
     pub ctx: usize,
+    pub long_ctx: usize,
     /// Sampling: rows, and the vocabulary.
     pub sample: (usize, usize),
     /// Matrix products: (name, k, n, once per layer) weight shapes, each at these row
@@ -43,6 +45,7 @@ impl Sizes {
             steps: vec![(256, 64, 512), (4096, 64, 8192)],
             decode: vec![1, 16, 64, 256],
             ctx: 512,
+            long_ctx: 4096,
             sample: (256, 49152),
             // SmolLM2-135M's: QKV, output, gate|up, down, and the LM head.
             products: vec![
@@ -64,6 +67,7 @@ impl Sizes {
             steps: vec![(8, 4, 16)],
             decode: vec![1, 3],
             ctx: 48,
+            long_ctx: 1100,
             sample: (3, 3000),
             products: vec![("small", 64, 96, true)],
             product_rows: vec![1, 3, 5],
@@ -368,43 +372,70 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         });
     }
 
-    // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx`.
+    // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx` (as in
+    // the decode step), then at `long_ctx`: one block per row and KV head, and split as
+    // the step launches it (a row's chunks over several blocks when rows are few).
     let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
-    let ctx = sizes.ctx;
-    let per = ctx.div_ceil(bs);
+    let sms = e.multiprocessors()?;
     for &batch in &sizes.decode {
-        let blocks = batch * per;
-        let kc = e.zeros::<f16>(blocks * bs * 192)?;
-        let vc = e.zeros::<f16>(blocks * bs * 192)?;
-        let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
-        let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
-        let q = e.zeros::<f32>(batch * 576)?;
-        let out = e.zeros::<f16>(batch * 576)?;
-        let args = [
-            q.arg(),
-            i(576),
-            kc.arg(),
-            vc.arg(),
-            tb.arg(),
-            pos.arg(),
-            out.arg(),
-            i(per),
-            i(nh),
-            i(nkv),
-            i(hd),
-            i(bs),
-            Arg::F32(0.125),
-        ];
-        // As the backend launches it: more warps per row at small batch.
-        let threads = 32 * attention_warps(batch, 16) as u32;
-        let c = cfg((batch as u32, nkv as u32), threads);
-        let secs = time_launch(e, iters, "attention_decode", c, &args)?;
-        rows.push(Row {
-            name: format!("attention_decode batch {batch}, ctx {ctx}"),
-            secs,
-            bytes: (batch * ctx * 192 * 2 * 2) as f64,
-            in_step: Some((batch, sizes.layers)),
-        });
+        for ctx in [sizes.ctx, sizes.long_ctx] {
+            let per = ctx.div_ceil(bs);
+            let chunks = (per * bs).div_ceil(ATTENTION_CHUNK_KEYS);
+            let blocks = batch * per;
+            let kc = e.zeros::<f16>(blocks * bs * 192)?;
+            let vc = e.zeros::<f16>(blocks * bs * 192)?;
+            let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
+            let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
+            let q = e.zeros::<f32>(batch * 576)?;
+            let out = e.zeros::<f16>(batch * 576)?;
+            let part = e.zeros::<f32>(batch * chunks * 576 * 3)?;
+            let arrive = e.zeros::<i32>(batch * nkv)?;
+            let args = [
+                q.arg(),
+                i(576),
+                kc.arg(),
+                vc.arg(),
+                tb.arg(),
+                pos.arg(),
+                out.arg(),
+                i(per),
+                i(nh),
+                i(nkv),
+                i(hd),
+                i(bs),
+                Arg::F32(0.125),
+                part.arg(),
+                arrive.arg(),
+                i(batch),
+                i(chunks),
+            ];
+            // As the backend launches it: more warps per row at small batch.
+            let threads = 32 * attention_warps(batch, 16) as u32;
+            let split = attention_splits(batch, nkv, sms, chunks);
+            let mut spreads = vec![split];
+            if ctx == sizes.long_ctx && split > 1 {
+                spreads.push(1);
+            }
+            for z in spreads {
+                let c = LaunchConfig {
+                    grid_dim: (batch as u32, nkv as u32, z as u32),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let secs = time_launch(e, iters, "attention_decode", c, &args)?;
+                let how = if z > 1 {
+                    format!(", {z} blocks per row")
+                } else {
+                    String::new()
+                };
+                rows.push(Row {
+                    name: format!("attention_decode batch {batch}, ctx {ctx}{how}"),
+                    secs,
+                    bytes: (batch * ctx * 192 * 2 * 2) as f64,
+                    in_step: (ctx == sizes.ctx).then_some((batch, sizes.layers)),
+                });
+            }
+        }
     }
     rows.push(swiglu(e, t, iters, None)?);
     rows.extend(sample(e, sizes.sample, true, iters, None)?);

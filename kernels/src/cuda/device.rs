@@ -8,7 +8,9 @@ use super::compile::{self, CompileError};
 use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
 use crate::model::LlamaConfig;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
@@ -312,6 +314,11 @@ impl Exec for Gpu {
         Ok(self.kernel(kernel)?.get_attribute(attr)? as usize)
     }
 
+    fn multiprocessors(&self) -> Result<usize, ExecError> {
+        let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        Ok(self.ctx.attribute(attr)?.max(1) as usize)
+    }
+
     fn synchronize(&self) -> Result<(), ExecError> {
         Ok(self.stream.synchronize()?)
     }
@@ -365,6 +372,19 @@ pub fn attention_max_warps(group: usize, dpl: usize) -> usize {
         .unwrap_or(4)
 }
 
+/// Keys per attention chunk (`CHUNK_KEYS` in `kernels/cuda/attention.cu`): a row's keys
+/// are attended chunk by chunk, and a split launch spreads a row's chunks over blocks.
+pub const ATTENTION_CHUNK_KEYS: usize = 512;
+
+/// Blocks per (row, KV head) for an attention launch of `rows` rows (the grid's z): enough
+/// that the launch has about one block per multiprocessor when rows are few (a long row's
+/// chunks then run side by side), at most `max_chunks` (a row's most chunks), and 1 when
+/// the rows alone fill the device. The output has the same bits for any value.
+pub fn attention_splits(rows: usize, n_kv_heads: usize, sms: usize, max_chunks: usize) -> usize {
+    let blocks = (rows * n_kv_heads).max(1);
+    sms.div_ceil(blocks).clamp(1, max_chunks.max(1))
+}
+
 /// Warps per attention block for a step of `rows` rows: few rows (decode at small batch)
 /// get more warps each, so that a row's keys are split further; at most `max`.
 pub fn attention_warps(rows: usize, max: usize) -> usize {
@@ -413,6 +433,18 @@ mod tests {
 
     #[test]
     fn few_rows_get_more_warps_each_within_the_build() {
+        let source = include_str!("../../cuda/attention.cu");
+        assert!(
+            source.contains(&format!("#define CHUNK_KEYS {ATTENTION_CHUNK_KEYS}\n")),
+            "ATTENTION_CHUNK_KEYS is the kernel's CHUNK_KEYS"
+        );
+        // H100 (132 SMs), SmolLM2 (3 KV heads), context 8192 (16 chunks).
+        assert_eq!(attention_splits(1, 3, 132, 16), 16);
+        assert_eq!(attention_splits(4, 3, 132, 16), 11);
+        assert_eq!(attention_splits(16, 3, 132, 16), 3);
+        assert_eq!(attention_splits(44, 3, 132, 16), 1);
+        assert_eq!(attention_splits(256, 3, 132, 16), 1);
+        assert_eq!(attention_splits(0, 3, 132, 0), 1);
         assert_eq!(attention_warps(1, 16), 16);
         assert_eq!(attention_warps(16, 16), 16);
         assert_eq!(attention_warps(64, 16), 8);

@@ -140,6 +140,9 @@ pub struct Emu {
     epoch: u64,
 }
 
+/// The multiprocessors the emulator reports: a small GPU's.
+const EMU_MULTIPROCESSORS: usize = 8;
+
 /// Injected device faults so far (see [`fault_open_devices`]).
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 
@@ -533,6 +536,12 @@ impl Exec for Emu {
             Some(_) => Ok(1024),
             None => Err(ExecError::Gpu(GpuError::NoKernel(kernel.to_string()))),
         }
+    }
+
+    fn multiprocessors(&self) -> Result<usize, ExecError> {
+        // Blocks run one at a time here; a GPU-like count, so that launches take the
+        // shapes they take on a small GPU (a step with few rows splits its attention).
+        Ok(EMU_MULTIPROCESSORS)
     }
 
     fn synchronize(&self) -> Result<(), ExecError> {

@@ -148,6 +148,9 @@ pub trait Exec: Send {
     /// The most threads a block of `kernel` may have (on a GPU, what its registers per
     /// thread allow).
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError>;
+    /// Its multiprocessors (SMs): how many blocks run side by side, to size a launch's
+    /// grid (the attention split of a step with few rows).
+    fn multiprocessors(&self) -> Result<usize, ExecError>;
     /// Waits for all enqueued work.
     fn synchronize(&self) -> Result<(), ExecError>;
     /// What it is, for logs and reports.

@@ -20,7 +20,7 @@
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
 //! kernel over the logits rows with the parameters from the staging buffer.
 
-use super::device::{attention_max_warps, attention_warps};
+use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
 use super::staging::Layout;
 use super::twins::TwinModel;
@@ -58,6 +58,22 @@ pub(super) struct Bufs<E: Exec> {
     g: E::Buf<f16>,
     pub logits: E::Buf<f32>,
     pub sampled: E::Buf<u32>,
+    /// Split attention's partial states, [row < part.rows][kv head][chunk][element][3],
+    /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
+    part: E::Buf<f32>,
+    arrive: E::Buf<i32>,
+}
+
+/// Which attention launches split their rows over several blocks, and the scratch for it.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// The device's multiprocessors.
+    sms: usize,
+    /// Rows that may split (fewer rows than this leave SMs idle with one block per row
+    /// and KV head); rows at or past it keep one block.
+    rows: usize,
+    /// A row's most chunks.
+    chunks: usize,
 }
 
 /// A model on one device (a GPU, or the emulator), with its KV cache and step buffers.
@@ -73,6 +89,7 @@ pub struct Device<E: Exec> {
     pub n_blocks: usize,
     /// The most warps per attention block this build allows (`MAX_WARPS`).
     att_warps: usize,
+    split: Split,
     pub max_blocks: usize,
     pub(super) bufs: Bufs<E>,
 }
@@ -139,6 +156,13 @@ impl<E: Exec> Device<E> {
             c.kv_dim(),
             c.ffn_dim,
         );
+        // Split attention: rows up to one block per SM and KV head may spread their chunks.
+        let sms = e.multiprocessors()?;
+        let split = Split {
+            sms,
+            rows: sms.div_ceil(c.n_kv_heads).min(t),
+            chunks: (max_blocks * block_size).div_ceil(ATTENTION_CHUNK_KEYS),
+        };
         let bufs = Bufs {
             staging: e.zeros(Layout::new(max_seqs, t, max_blocks).len)?,
             tokens: e.zeros(t)?,
@@ -156,6 +180,8 @@ impl<E: Exec> Device<E> {
             g: e.zeros(t * f)?,
             logits: e.zeros(max_seqs * c.vocab)?,
             sampled: e.zeros(max_seqs)?,
+            part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
+            arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
         };
         let embed = e.upload(&twin.embed)?;
         let output_norm = e.upload(&twin.output_norm)?;
@@ -202,6 +228,7 @@ impl<E: Exec> Device<E> {
             .try_fold(usize::MAX, |m, t| t.map(|t| m.min(t / 32)))?;
         Ok(Self {
             att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
+            split,
             embed,
             output_norm,
             output,
@@ -230,6 +257,7 @@ impl<E: Exec> Device<E> {
             block_size,
             max_blocks,
             att_warps,
+            split,
             bufs: b,
             ..
         } = self;
@@ -311,8 +339,13 @@ impl<E: Exec> Device<E> {
                     base,
                 ],
             )?;
+            let splits = if t < split.rows {
+                attention_splits(t, c.n_kv_heads, split.sms, split.chunks)
+            } else {
+                1
+            };
             let cfg = LaunchConfig {
-                grid_dim: (t as u32, c.n_kv_heads as u32, 1),
+                grid_dim: (t as u32, c.n_kv_heads as u32, splits as u32),
                 block_dim: (32 * attention_warps(t, *att_warps) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -334,6 +367,10 @@ impl<E: Exec> Device<E> {
                     hd,
                     bsi,
                     scale,
+                    b.part.arg(),
+                    b.arrive.arg(),
+                    Arg::I32(split.rows as i32),
+                    Arg::I32(split.chunks as i32),
                 ],
             )?;
             e.gemm(&b.att, &w.wo, 0, &mut b.o, t, qd, d)?;
