@@ -68,4 +68,37 @@ fn main() {
             std::process::exit(1);
         }
     }
+    // The attention chunk size (CHUNK_KEYS, 512 in the step's build) against 256 and 1,024,
+    // for long rows at small batch, each split as the step would split it.
+    println!();
+    println!("| attention, 4,096 keys, chunk size | time | achieved | of copy |");
+    println!("|---|---:|---:|---:|");
+    for chunk in [256usize, 512, 1024] {
+        let built = Gpu::open_for_with(0, &smol, &[("CHUNK_KEYS", chunk)]);
+        for batch in [1usize, 16] {
+            let row = built.as_ref().map_err(|e| e.to_string()).and_then(|b| {
+                let sms =
+                    kernels::cuda::exec::Exec::multiprocessors(b).map_err(|e| e.to_string())?;
+                let z = kernels::cuda::device::attention_splits(
+                    batch,
+                    3,
+                    sms,
+                    4096usize.div_ceil(chunk),
+                );
+                bench::attention(b, batch, 4096, chunk, z, ITERS).map_err(|e| e.to_string())
+            });
+            match row {
+                Ok(r) => {
+                    let gbs = r.bytes / r.secs / 1e9;
+                    println!(
+                        "| {chunk} keys: {} | {:.1} µs | {gbs:.0} GB/s | {:.0} % |",
+                        r.name,
+                        r.secs * 1e6,
+                        100.0 * gbs / copy
+                    );
+                }
+                Err(e) => println!("| chunks of {chunk}, batch {batch} | FAILED: {e} | | |"),
+            }
+        }
+    }
 }

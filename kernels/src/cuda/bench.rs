@@ -315,6 +315,70 @@ fn sample<E: Exec>(
     Ok(rows)
 }
 
+/// Decode attention over one layer with SmolLM2's heads (9 query heads over 3 KV heads of
+/// 64): `batch` sequences at `ctx` keys each, on a build with `CHUNK_KEYS = chunk_keys`,
+/// each row's chunks spread over `z` blocks (1: one block per row and KV head).
+pub fn attention<E: Exec>(
+    e: &E,
+    batch: usize,
+    ctx: usize,
+    chunk_keys: usize,
+    z: usize,
+    iters: u32,
+) -> Result<Row, ExecError> {
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    let per = ctx.div_ceil(bs);
+    let chunks = (per * bs).div_ceil(chunk_keys);
+    let blocks = batch * per;
+    let kc = e.zeros::<f16>(blocks * bs * 192)?;
+    let vc = e.zeros::<f16>(blocks * bs * 192)?;
+    let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
+    let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
+    let q = e.zeros::<f32>(batch * 576)?;
+    let out = e.zeros::<f16>(batch * 576)?;
+    let part = e.zeros::<f32>(batch * chunks * 576 * 3)?;
+    let arrive = e.zeros::<i32>(batch * nkv)?;
+    let args = [
+        q.arg(),
+        i(576),
+        kc.arg(),
+        vc.arg(),
+        tb.arg(),
+        pos.arg(),
+        out.arg(),
+        i(per),
+        i(nh),
+        i(nkv),
+        i(hd),
+        i(bs),
+        Arg::F32(0.125),
+        part.arg(),
+        arrive.arg(),
+        i(batch),
+        i(chunks),
+    ];
+    // As the backend launches it: more warps per row at small batch.
+    let c = LaunchConfig {
+        grid_dim: (batch as u32, nkv as u32, z as u32),
+        block_dim: (32 * attention_warps(batch, 16) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let secs = time_launch(e, iters, "attention_decode", c, &args)?;
+    let mut name = format!("attention_decode batch {batch}, ctx {ctx}");
+    if chunk_keys != ATTENTION_CHUNK_KEYS {
+        name += &format!(", chunks of {chunk_keys}");
+    }
+    if z > 1 {
+        name += &format!(", {z} blocks per row");
+    }
+    Ok(Row {
+        name,
+        secs,
+        bytes: (batch * ctx * 192 * 2 * 2) as f64,
+        in_step: None,
+    })
+}
+
 /// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
 /// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
 /// Besides the large sizes, the kernels of a decode step are timed at each decode batch
@@ -373,67 +437,24 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     }
 
     // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx` (as in
-    // the decode step), then at `long_ctx`: one block per row and KV head, and split as
-    // the step launches it (a row's chunks over several blocks when rows are few).
-    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    // the decode step), then at `long_ctx`: split as the step launches it (a row's chunks
+    // over several blocks when rows are few), and with one block per row and KV head.
     let sms = e.multiprocessors()?;
     for &batch in &sizes.decode {
         for ctx in [sizes.ctx, sizes.long_ctx] {
-            let per = ctx.div_ceil(bs);
-            let chunks = (per * bs).div_ceil(ATTENTION_CHUNK_KEYS);
-            let blocks = batch * per;
-            let kc = e.zeros::<f16>(blocks * bs * 192)?;
-            let vc = e.zeros::<f16>(blocks * bs * 192)?;
-            let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
-            let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
-            let q = e.zeros::<f32>(batch * 576)?;
-            let out = e.zeros::<f16>(batch * 576)?;
-            let part = e.zeros::<f32>(batch * chunks * 576 * 3)?;
-            let arrive = e.zeros::<i32>(batch * nkv)?;
-            let args = [
-                q.arg(),
-                i(576),
-                kc.arg(),
-                vc.arg(),
-                tb.arg(),
-                pos.arg(),
-                out.arg(),
-                i(per),
-                i(nh),
-                i(nkv),
-                i(hd),
-                i(bs),
-                Arg::F32(0.125),
-                part.arg(),
-                arrive.arg(),
-                i(batch),
-                i(chunks),
-            ];
-            // As the backend launches it: more warps per row at small batch.
-            let threads = 32 * attention_warps(batch, 16) as u32;
-            let split = attention_splits(batch, nkv, sms, chunks);
+            let chunks = ctx
+                .div_ceil(16)
+                .saturating_mul(16)
+                .div_ceil(ATTENTION_CHUNK_KEYS);
+            let split = attention_splits(batch, 3, sms, chunks);
             let mut spreads = vec![split];
             if ctx == sizes.long_ctx && split > 1 {
                 spreads.push(1);
             }
             for z in spreads {
-                let c = LaunchConfig {
-                    grid_dim: (batch as u32, nkv as u32, z as u32),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let secs = time_launch(e, iters, "attention_decode", c, &args)?;
-                let how = if z > 1 {
-                    format!(", {z} blocks per row")
-                } else {
-                    String::new()
-                };
-                rows.push(Row {
-                    name: format!("attention_decode batch {batch}, ctx {ctx}{how}"),
-                    secs,
-                    bytes: (batch * ctx * 192 * 2 * 2) as f64,
-                    in_step: (ctx == sizes.ctx).then_some((batch, sizes.layers)),
-                });
+                let mut r = attention(e, batch, ctx, ATTENTION_CHUNK_KEYS, z, iters)?;
+                r.in_step = (ctx == sizes.ctx).then_some((batch, sizes.layers));
+                rows.push(r);
             }
         }
     }

@@ -63,6 +63,18 @@ impl Gpu {
         Self::open_with(ordinal, &attention_defines(config)?)
     }
 
+    /// As [`Gpu::open_for`], with `extra` compile-time constants besides (a benchmark's
+    /// variant of a kernel, e.g. another `CHUNK_KEYS`).
+    pub fn open_for_with(
+        ordinal: usize,
+        config: &LlamaConfig,
+        extra: compile::Defines,
+    ) -> Result<Self, GpuError> {
+        let mut defines = attention_defines(config)?;
+        defines.extend_from_slice(extra);
+        Self::open_with(ordinal, &defines)
+    }
+
     fn open_with(ordinal: usize, defines: compile::Defines) -> Result<Self, GpuError> {
         let n = super::available().map_err(GpuError::Unavailable)?;
         if ordinal >= n {
