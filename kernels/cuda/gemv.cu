@@ -1,8 +1,8 @@
 // Products for a few rows: y[r, j] = x[r, :] · w[j, :] for r < m, f16 inputs, f32
 // accumulation and output — the step's product (`y = x · wᵀ`, as cuBLAS computes it) for
 // decode steps of few sequences, where reading the weights once is all the work. A
-// candidate against cuBLAS: `gpu_bench` times both; the step uses cuBLAS until the numbers
-// say otherwise.
+// candidate against cuBLAS: at load the backend times whole decode steps both ways and
+// keeps the faster per row count (`gpu_bench` also times each product both ways).
 //
 // One warp per output column (grid-stride over columns), each lane reading 16 bytes (8
 // weights) at a time; x is staged once per block in shared memory as f32. Needs

@@ -152,6 +152,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_tokens,
             max_n,
         )?;
+        // The load-time choice between cuBLAS and gemv_f16 for products of few rows.
+        for t in b.small_product_timings() {
+            println!(
+                "decode step of {}: products on cuBLAS {:.1} µs, on gemv_f16 {:.1} µs",
+                t.bucket,
+                t.cublas_secs * 1e6,
+                t.gemv_secs * 1e6
+            );
+        }
+        println!("{:?}", b.small_products());
         (Which::Cuda(Box::new(b)), bw)
     };
     drop(twin);

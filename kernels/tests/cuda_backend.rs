@@ -12,7 +12,7 @@ mod common;
 
 use common::rel_err;
 use kernels::backend::Backend;
-use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::backend::{CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
@@ -312,4 +312,76 @@ fn long_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         }
     }
     cuda.set_graphs(true).unwrap();
+}
+
+#[test]
+fn products_of_few_rows_on_gemv_match_cublas_and_the_twin_chain() {
+    on_each!("small-products", small_products_case);
+}
+
+/// Steps of 1 to 5 rows (prefills of up to 4 tokens, decodes of up to 5 sequences) with the
+/// products of 1–4 rows on `gemv_f16` and on cuBLAS: each within the twin chain's bound,
+/// from graphs and direct launches; then the load-time choice, timed, keeps the faster
+/// per bucket.
+fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    let vocab = twin.config.vocab;
+    let (bs, n_blocks) = cuda.kv_geometry();
+    for small in [
+        SmallProducts(u8::MAX),
+        SmallProducts(0),
+        SmallProducts(0b0101),
+    ] {
+        cuda.set_small_products(small).unwrap();
+        assert_eq!(cuda.small_products(), small);
+        let mut kv = twin.kv(bs, n_blocks);
+        for n in 1..=5usize {
+            // n sequences, each with its own 4 blocks past the previous n's.
+            let base = 4 * (n * (n - 1) / 2) as u32;
+            let mut p = Batch::default();
+            for s in 0..n {
+                let toks: Vec<u32> = (0..(1 + s % 4) as u32)
+                    .map(|i| 3 + i * 5 + s as u32)
+                    .collect();
+                let first = base + 4 * s as u32;
+                p.push(&toks, 0, (first..first + 4).collect(), true);
+            }
+            let got = cuda.step(&p).unwrap();
+            let want = twin.forward(&p, &mut kv);
+            let e = rel_err(&got, &want);
+            assert!(e < 2e-3, "{small:?}: prefill of {n}: {e}");
+            let mut step = decode(&p, &greedy(&got, vocab));
+            for graphs in [true, false] {
+                cuda.set_graphs(graphs).unwrap();
+                let got = cuda.step(&step).unwrap();
+                let want = twin.forward(&step, &mut kv);
+                let e = rel_err(&got, &want);
+                assert!(e < 2e-3, "{small:?}: decode of {n}, graphs {graphs}: {e}");
+                step = decode(&step, &greedy(&got, vocab));
+            }
+        }
+    }
+    // Buckets 1, 2 and 4 timed both ways; each row count follows its bucket's faster.
+    cuda.set_graphs(true).unwrap();
+    let timings = cuda.tune_small_products(3).unwrap();
+    assert_eq!(
+        timings.iter().map(|t| t.bucket).collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    let small = cuda.small_products();
+    for t in &timings {
+        assert!(t.cublas_secs > 0.0 && t.gemv_secs > 0.0, "{t:?}");
+        let rows: &[usize] = match t.bucket {
+            1 => &[1],
+            2 => &[2],
+            _ => &[3, 4],
+        };
+        for &r in rows {
+            assert_eq!(
+                small.gemv(r),
+                t.gemv_secs < t.cublas_secs,
+                "{t:?}: {small:?}"
+            );
+        }
+    }
+    assert_eq!(cuda.small_product_timings(), &timings[..]);
 }

@@ -528,8 +528,8 @@ impl Factory {
                 let twin = TwinModel::from_model(model);
                 let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
                 let label = gpu_name(device, &gpu);
-                let b =
-                    cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &self.name).map_err(fail)?;
+                let b = cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &self.name, true)
+                    .map_err(fail)?;
                 Ok((b, sizes))
             }
             // The CUDA path on the CPU emulator, with the CPU backend's sizes.
@@ -540,8 +540,8 @@ impl Factory {
                 let twin = TwinModel::from_model(model);
                 let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
                 let label = emu.describe();
-                let b =
-                    cuda_backend(emu, label, &twin, cfg, &sizes, kv, &self.name).map_err(fail)?;
+                let b = cuda_backend(emu, label, &twin, cfg, &sizes, kv, &self.name, false)
+                    .map_err(fail)?;
                 Ok((b, sizes))
             }
             BackendKind::Cpu => {
@@ -560,9 +560,11 @@ impl Factory {
     }
 }
 
-/// The CUDA backend on `exec` (a GPU or the emulator), sized by `sizes` and `kv`, after its
-/// self-check: one prefill and one graph decode step against the CPU twin, before it
-/// serves.
+/// The CUDA backend on `exec` (a GPU or the emulator), sized by `sizes` and `kv`, with its
+/// products of few rows placed by their timings when `timed` (a GPU's timings mean
+/// something; the emulator's do not), after its self-check: one prefill and one graph
+/// decode step against the CPU twin, before it serves.
+#[allow(clippy::too_many_arguments)]
 fn cuda_backend<E: Exec + 'static>(
     exec: E,
     label: String,
@@ -571,10 +573,14 @@ fn cuda_backend<E: Exec + 'static>(
     sizes: &EngineSizes,
     kv: KvCapacity,
     worker: &str,
+    timed: bool,
 ) -> Result<Box<dyn Backend>, String> {
     let (tokens, seqs) = (sizes.max_batch_tokens, sizes.max_seqs);
     let mut b = CudaBackend::on(exec, label, twin, cfg.block_size, kv, tokens, seqs)
         .map_err(|e| e.to_string())?;
+    if timed {
+        b.choose_small_products();
+    }
     let err = b
         .self_check(twin)
         .map_err(|e| format!("self-check against the CPU failed: {e}"))?;
@@ -583,6 +589,7 @@ fn cuda_backend<E: Exec + 'static>(
         backend = b.name(),
         graphs = ?b.graph_buckets(),
         graphs_off = b.graphs_off().unwrap_or(""),
+        small_products_on_gemv = b.small_products().0,
         self_check_rel_err = err,
         kv_blocks = b.kv_geometry().1,
         "engine on the CUDA backend"

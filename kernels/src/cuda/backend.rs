@@ -11,19 +11,28 @@
 //! their kernels directly. If a capture fails, graphs are turned off with one log line and
 //! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
+//! **Products of few rows.** At load on a GPU, each decode graph of up to 4 sequences is
+//! timed with its matrix products on cuBLAS and on our `gemv_f16`, and the faster is kept
+//! for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
+//! cublas|gemv` fixes it instead).
+//!
 //! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence.
 
 use super::device::{Gpu, GpuError};
 use super::exec::{Exec, ExecError};
+use super::gemv;
 use super::staging::{self, Layout};
 use super::step::Device;
-pub use super::step::KvCapacity;
+pub use super::step::{KvCapacity, SmallProducts};
 use super::twins::{SampleParams, TwinModel};
 use crate::backend::Backend;
 use crate::forward::{Batch, Model, StepError};
 use crate::model::LlamaConfig;
+
+/// Decode steps timed per choice when choosing the small products at load.
+const TUNE_STEPS: usize = 30;
 
 /// Decode batch sizes that get a graph (capped at the backend's largest step).
 const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
@@ -46,6 +55,16 @@ pub struct CudaBackend<E: Exec = Gpu> {
     max_tokens: usize,
     max_seqs: usize,
     name: String,
+    /// The last [`CudaBackend::tune_small_products`]'s timings.
+    tuned: Vec<SmallProductTiming>,
+}
+
+/// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmallProductTiming {
+    pub bucket: usize,
+    pub cublas_secs: f64,
+    pub gemv_secs: f64,
 }
 
 /// Reads a step's first rows back from the device: logits, or sampled tokens.
@@ -93,8 +112,10 @@ impl CudaBackend<Gpu> {
     ) -> Result<Self, GpuError> {
         let gpu = Gpu::open_for(device, &twin.config)?;
         let name = gpu_name(device, &gpu);
-        Self::on(gpu, name, twin, block_size, kv, max_tokens, max_seqs)
-            .map_err(|e| GpuError::Unavailable(e.to_string()))
+        let mut b = Self::on(gpu, name, twin, block_size, kv, max_tokens, max_seqs)
+            .map_err(|e| GpuError::Unavailable(e.to_string()))?;
+        b.choose_small_products();
+        Ok(b)
     }
 }
 
@@ -122,6 +143,7 @@ impl<E: Exec> CudaBackend<E> {
             max_tokens,
             max_seqs,
             name,
+            tuned: Vec::new(),
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
@@ -185,6 +207,93 @@ impl<E: Exec> CudaBackend<E> {
             ));
         }
         Ok(err)
+    }
+
+    /// Chooses where products of a few rows run, by `TOLLGATE_SMALL_PRODUCTS`: `cublas`
+    /// or `gemv` for all, else (the default) whichever gives the faster decode step here
+    /// ([`CudaBackend::tune_small_products`]). A failure leaves cuBLAS for all, logged.
+    pub fn choose_small_products(&mut self) {
+        let chosen = match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
+            Ok("cublas") => Ok(()),
+            Ok("gemv") => self.set_small_products(SmallProducts(u8::MAX)),
+            _ => self.tune_small_products(TUNE_STEPS).map(|t| {
+                tracing::info!(backend = %self.name, timings = ?t, chosen = ?self.dev.small,
+                    "products of few rows: cuBLAS or gemv_f16, by decode step time");
+            }),
+        };
+        if let Err(e) = chosen {
+            tracing::warn!(backend = %self.name,
+                "choosing the small products failed ({e}); cuBLAS for all");
+            let _ = self.set_small_products(SmallProducts::default());
+        }
+    }
+
+    /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
+    pub fn small_products(&self) -> SmallProducts {
+        self.dev.small
+    }
+
+    /// The timings behind [`CudaBackend::small_products`], when it was tuned.
+    pub fn small_product_timings(&self) -> &[SmallProductTiming] {
+        &self.tuned
+    }
+
+    /// Runs products of few rows as `small` says, from the next step on (the decode
+    /// graphs are captured again).
+    pub fn set_small_products(&mut self, small: SmallProducts) -> Result<(), ExecError> {
+        self.dev.small = small;
+        for i in 0..self.graphs.len() {
+            self.recapture(i)?;
+        }
+        Ok(())
+    }
+
+    /// Times each decode graph of at most [`gemv::MAX_ROWS`] sequences over `steps`
+    /// replays with its products on cuBLAS and on `gemv_f16`, and keeps the faster for the
+    /// row counts that bucket serves (direct launches of as many rows follow it). Nothing
+    /// changes when graphs are off.
+    pub fn tune_small_products(
+        &mut self,
+        steps: usize,
+    ) -> Result<Vec<SmallProductTiming>, ExecError> {
+        let mut out = Vec::new();
+        let mut below = 0;
+        for i in 0..self.graphs.len() {
+            let bucket = self.graphs[i].bucket;
+            if bucket > gemv::MAX_ROWS {
+                break;
+            }
+            let rows = below + 1..=bucket;
+            below = bucket;
+            let mut secs = [0.0f64; 2];
+            for (k, on) in [false, true].into_iter().enumerate() {
+                self.dev.small = rows.clone().fold(self.dev.small, |s, r| s.with(r, on));
+                self.recapture(i)?;
+                let t = std::time::Instant::now();
+                for _ in 0..steps {
+                    self.run(&Batch::default(), 0, Some(i), None, logits)?;
+                }
+                secs[k] = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+            }
+            let gemv = secs[1] < secs[0];
+            self.dev.small = rows.fold(self.dev.small, |s, r| s.with(r, gemv));
+            self.recapture(i)?;
+            out.push(SmallProductTiming {
+                bucket,
+                cublas_secs: secs[0],
+                gemv_secs: secs[1],
+            });
+        }
+        self.tuned = out.clone();
+        Ok(out)
+    }
+
+    /// Captures graph `i` again (after the step's launches changed), and replays it once.
+    fn recapture(&mut self, i: usize) -> Result<(), ExecError> {
+        let graph = self.capture(self.graphs[i].bucket)?;
+        self.graphs[i].graph = graph;
+        self.run(&Batch::default(), 0, Some(i), None, logits)?;
+        Ok(())
     }
 
     /// The decode buckets that have a graph (empty when graphs are off).

@@ -1,6 +1,6 @@
 //! The `gemv_f16` kernel's launch (`kernels/cuda/gemv.cu`): the step's product for a few
-//! rows, a candidate against cuBLAS at decode batch 1–4. `gpu_bench` times both; the step
-//! keeps cuBLAS until a GPU's numbers say otherwise.
+//! rows, a candidate against cuBLAS at decode batch 1–4: the backend times whole decode
+//! steps both ways at load and keeps the faster (`step::SmallProducts`).
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;

@@ -22,6 +22,7 @@
 
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
+use super::gemv;
 use super::staging::Layout;
 use super::twins::TwinModel;
 use super::{norm_launch, swiglu_launch};
@@ -90,8 +91,53 @@ pub struct Device<E: Exec> {
     /// The most warps per attention block this build allows (`MAX_WARPS`).
     att_warps: usize,
     split: Split,
+    /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
+    pub small: SmallProducts,
     pub max_blocks: usize,
     pub(super) bufs: Bufs<E>,
+}
+
+/// Which row counts of a step's matrix products (1 to [`gemv::MAX_ROWS`]) run on our
+/// `gemv_f16` kernel instead of cuBLAS: bit r − 1 for r rows. cuBLAS for all by default;
+/// the backend sets it from timings of whole decode steps on the device
+/// (`CudaBackend::tune_small_products`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SmallProducts(pub u8);
+
+impl SmallProducts {
+    /// Whether a product of `rows` rows runs on `gemv_f16`.
+    pub fn gemv(self, rows: usize) -> bool {
+        (1..=gemv::MAX_ROWS).contains(&rows) && self.0 & (1 << (rows - 1)) != 0
+    }
+
+    /// The same, with `rows` rows' choice set to `on`.
+    pub fn with(self, rows: usize, on: bool) -> Self {
+        if !(1..=gemv::MAX_ROWS).contains(&rows) {
+            return self;
+        }
+        let bit = 1u8 << (rows - 1);
+        Self(if on { self.0 | bit } else { self.0 & !bit })
+    }
+}
+
+/// `y = x · wᵀ` for `rows` rows: `gemv_f16` where `small` says so and the shape fits,
+/// else cuBLAS.
+#[allow(clippy::too_many_arguments)]
+fn product<E: Exec>(
+    e: &E,
+    small: SmallProducts,
+    x: &E::Buf<f16>,
+    w: &E::Buf<f16>,
+    y: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
+    if small.gemv(rows) && gemv::fits(rows, k) {
+        gemv::gemv(e, x, w, 0, y, rows, k, n)
+    } else {
+        e.gemm(x, w, 0, y, rows, k, n)
+    }
 }
 
 /// How big the KV cache is.
@@ -229,6 +275,7 @@ impl<E: Exec> Device<E> {
         Ok(Self {
             att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
             split,
+            small: SmallProducts::default(),
             embed,
             output_norm,
             output,
@@ -258,6 +305,7 @@ impl<E: Exec> Device<E> {
             max_blocks,
             att_warps,
             split,
+            small,
             bufs: b,
             ..
         } = self;
@@ -319,7 +367,7 @@ impl<E: Exec> Device<E> {
                     eps,
                 ],
             )?;
-            e.gemm(&b.h, &w.wqkv, 0, &mut b.qkv, t, d, qkv_w)?;
+            product(e, *small, &b.h, &w.wqkv, &mut b.qkv, t, d, qkv_w)?;
             let n = (t * c.head_dim / 2) as u32;
             e.launch(
                 "rope_kv_write",
@@ -373,7 +421,7 @@ impl<E: Exec> Device<E> {
                     Arg::I32(split.chunks as i32),
                 ],
             )?;
-            e.gemm(&b.att, &w.wo, 0, &mut b.o, t, qd, d)?;
+            product(e, *small, &b.att, &w.wo, &mut b.o, t, qd, d)?;
             e.launch(
                 "add_rmsnorm",
                 norm_launch(t),
@@ -388,13 +436,13 @@ impl<E: Exec> Device<E> {
                     eps,
                 ],
             )?;
-            e.gemm(&b.h, &w.w_gate_up, 0, &mut b.gu, t, d, 2 * f)?;
+            product(e, *small, &b.h, &w.w_gate_up, &mut b.gu, t, d, 2 * f)?;
             e.launch(
                 "swiglu",
                 swiglu_launch(t, f),
                 &[b.gu.arg(), b.g.arg(), ti, fi],
             )?;
-            e.gemm(&b.g, &w.w_down, 0, &mut b.o, t, f, d)?;
+            product(e, *small, &b.g, &w.w_down, &mut b.o, t, f, d)?;
         }
         if n_logits == 0 {
             return Ok(());
@@ -415,7 +463,7 @@ impl<E: Exec> Device<E> {
                 eps,
             ],
         )?;
-        e.gemm(&b.h, output, 0, &mut b.logits, n_logits, d, c.vocab)?;
+        product(e, *small, &b.h, output, &mut b.logits, n_logits, d, c.vocab)?;
         if sample {
             let st = &b.staging;
             e.launch(
