@@ -38,6 +38,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
             top_k: 0,
             seed: None,
             stop: vec![],
+            logprobs: None,
         },
         stream: true,
     })

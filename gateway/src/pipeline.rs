@@ -250,7 +250,12 @@ async fn run(
     let server = &state.server;
     let deadline = TokioInstant::from_std(ctx.started)
         + std::time::Duration::from_secs_f64(server.request_timeout_secs);
-    let renderer = Renderer::new(req.endpoint, &req.model, req.include_usage);
+    let renderer = Renderer::new(
+        req.endpoint,
+        &req.model,
+        req.include_usage,
+        req.params.logprobs.is_some(),
+    );
     let stream = req.stream;
     let weight = if meter.best_effort || spot {
         Some(crate::worker::LOWEST_WEIGHT)
@@ -297,6 +302,7 @@ async fn run(
         _concurrency_slot: concurrency_slot,
         deadline,
         text: String::new(),
+        logprobs: Vec::new(),
     };
     if stream {
         Ok(Reply::Stream(sse))
@@ -400,6 +406,7 @@ struct SseStream {
     _concurrency_slot: ConcurrencySlot,
     deadline: TokioInstant,
     text: String,
+    logprobs: Vec<crate::worker::TokenLogprob>,
 }
 
 enum Step {
@@ -435,9 +442,14 @@ impl SseStream {
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
         loop {
             match self.next_step().await {
-                Step::Event(WorkerEvent::Delta { text, tokens }) => {
+                Step::Event(WorkerEvent::Delta {
+                    text,
+                    tokens,
+                    logprobs,
+                }) => {
                     meter.tokens(tokens);
                     self.text.push_str(&text);
+                    self.logprobs.extend(logprobs);
                 }
                 Step::Event(WorkerEvent::Done {
                     finish_reason,
@@ -445,7 +457,9 @@ impl SseStream {
                 }) => {
                     self.lease.success();
                     meter.success(usage).await;
-                    let body = self.renderer.full(&self.text, finish_reason, usage);
+                    let body = self
+                        .renderer
+                        .full(&self.text, &self.logprobs, finish_reason, usage);
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
                     );
@@ -470,9 +484,13 @@ impl SseStream {
                 }
                 let mut out = head.unwrap_or_default();
                 let ended = match s.next_step().await {
-                    Step::Event(WorkerEvent::Delta { text, tokens }) => {
+                    Step::Event(WorkerEvent::Delta {
+                        text,
+                        tokens,
+                        logprobs,
+                    }) => {
                         meter.tokens(tokens);
-                        s.renderer.delta_frame(&mut out, &text);
+                        s.renderer.delta_frame(&mut out, &text, &logprobs);
                         false
                     }
                     Step::Event(WorkerEvent::Done {

@@ -191,7 +191,8 @@ async fn every_error_path_answers_in_the_openai_shape() {
             r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
             "tools",
         ),
-        (r#""logprobs":true"#, "logprobs"),
+        (r#""top_logprobs":2"#, "top_logprobs"),
+        (r#""logprobs":"yes""#, "logprobs"),
     ] {
         let body =
             format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#);

@@ -12,7 +12,7 @@ async fn openai_python_sdk_lists_completes_and_streams() {
         return;
     };
     let gw = Gateway::start(&config(FAST_SIM, "", ""));
-    run_sdk(&py, &gw).await;
+    run_sdk(&py, &gw, &[]).await;
 }
 
 /// The same SDK checks against the real SmolLM2 served by the in-process engine.
@@ -23,16 +23,19 @@ async fn openai_python_sdk_against_the_real_model() {
     };
     let model = gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m");
     let gw = Gateway::start(&engine_config(&model, ""));
-    run_sdk(&py, &gw).await;
+    run_sdk(&py, &gw, &["logprobs"]).await;
 }
 
-async fn run_sdk(py: &std::path::Path, gw: &Gateway) {
+/// Runs the SDK script against `gw` (`extra`: its optional arguments).
+async fn run_sdk(py: &std::path::Path, gw: &Gateway, extra: &[&str]) {
     let py = py.to_path_buf();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
     let base = gw.base.clone();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(py)
             .args([script, &base, KEY, "m"])
+            .args(&extra)
             .output()
             .unwrap()
     })

@@ -21,6 +21,16 @@ pub trait Backend: Send {
     fn samples_on_device(&self) -> bool {
         false
     }
+    /// Rows `rows` (indices among the logits rows) of the last step's logits, `vocab`
+    /// floats each: what [`Backend::step_sample`] left on the device, read back for the
+    /// rows whose log-probabilities are asked for. Backends that sample on the host
+    /// return every row from [`Backend::step`] and keep none.
+    fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
+        let _ = rows;
+        Err(StepError::BadBatch(
+            "this backend keeps no logits after a step".into(),
+        ))
+    }
     /// One step, and the next token of each row that wants logits, drawn with `params`
     /// (one per such row, in order) by the `sample` kernel's rule
     /// ([`crate::cuda::twins::sample`]). The default runs [`Backend::step`] and that rule

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod gguf;
 pub mod kv;
 pub mod load;
+pub mod logprobs;
 pub mod matmul;
 pub mod model;
 pub mod ops;

@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::types::*;
 use super::validate::Endpoint;
-use crate::worker::{FinishReason, Usage};
+use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
@@ -15,6 +15,10 @@ pub struct Renderer {
     pub model: String,
     pub created: u64,
     pub include_usage: bool,
+    /// The request asked for log-probabilities.
+    pub logprobs: bool,
+    /// Characters of completion text rendered so far (the legacy `text_offset`).
+    offset: usize,
 }
 
 fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
@@ -25,7 +29,7 @@ fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl Renderer {
-    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool) -> Self {
+    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool) -> Self {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl-",
             Endpoint::Completion => "cmpl-",
@@ -39,6 +43,8 @@ impl Renderer {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             include_usage,
+            logprobs,
+            offset: 0,
         }
     }
 
@@ -51,6 +57,7 @@ impl Renderer {
         out: &mut BytesMut,
         delta: Delta<'_>,
         text: &str,
+        logprobs: Option<&[TokenLogprob]>,
         finish: Option<FinishReason>,
     ) {
         match self.endpoint {
@@ -64,7 +71,10 @@ impl Renderer {
                     choices: vec![ChunkChoice {
                         index: 0,
                         delta,
-                        logprobs: None,
+                        logprobs: logprobs.map(|content| ChatLogprobs {
+                            content,
+                            refusal: None,
+                        }),
                         finish_reason: finish,
                     }],
                     usage: self.usage_field(),
@@ -80,7 +90,7 @@ impl Renderer {
                     choices: vec![TextChoice {
                         index: 0,
                         text,
-                        logprobs: None,
+                        logprobs: logprobs.map(|items| TextLogprobs::new(items, self.offset)),
                         finish_reason: finish,
                     }],
                     usage: self.usage_field(),
@@ -96,21 +106,26 @@ impl Renderer {
                 role: Some("assistant"),
                 content: Some(""),
             };
-            self.chunk(out, delta, "", None);
+            self.chunk(out, delta, "", None, None);
         }
     }
 
-    pub fn delta_frame(&self, out: &mut BytesMut, text: &str) {
+    /// A piece of text, with its tokens' log-probabilities when the request asked.
+    pub fn delta_frame(&mut self, out: &mut BytesMut, text: &str, logprobs: &[TokenLogprob]) {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        self.chunk(out, delta, text, None);
+        self.chunk(out, delta, text, self.logprobs.then_some(logprobs), None);
+        self.offset += logprobs
+            .iter()
+            .map(|t| t.token.chars().count())
+            .sum::<usize>();
     }
 
     /// The finish frame, the usage frame (when asked for) and `[DONE]`.
     pub fn final_frames(&self, out: &mut BytesMut, finish: FinishReason, usage: Usage) {
-        self.chunk(out, Delta::default(), "", Some(finish));
+        self.chunk(out, Delta::default(), "", None, Some(finish));
         if self.include_usage {
             let usage = Some(Some(UsageOut::from(usage)));
             match self.endpoint {
@@ -148,8 +163,16 @@ impl Renderer {
         out.put_slice(b"\n\n");
     }
 
-    /// A whole (non-streamed) response body.
-    pub fn full(&self, text: &str, finish: FinishReason, usage: Usage) -> Bytes {
+    /// A whole (non-streamed) response body, with its tokens' log-probabilities when the
+    /// request asked.
+    pub fn full(
+        &self,
+        text: &str,
+        logprobs: &[TokenLogprob],
+        finish: FinishReason,
+        usage: Usage,
+    ) -> Bytes {
+        let logprobs = self.logprobs.then_some(logprobs);
         let body = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
                 id: &self.id,
@@ -162,7 +185,10 @@ impl Renderer {
                         role: "assistant",
                         content: text,
                     },
-                    logprobs: None,
+                    logprobs: logprobs.map(|content| ChatLogprobs {
+                        content,
+                        refusal: None,
+                    }),
                     finish_reason: finish,
                 }],
                 usage: usage.into(),
@@ -176,7 +202,7 @@ impl Renderer {
                 choices: [TextChoice {
                     index: 0,
                     text,
-                    logprobs: None,
+                    logprobs: logprobs.map(|items| TextLogprobs::new(items, 0)),
                     finish_reason: Some(finish),
                 }],
                 usage: usage.into(),

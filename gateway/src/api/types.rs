@@ -1,9 +1,10 @@
 //! OpenAI wire types: what tenants send (requests) and what they get back (responses,
 //! stream chunks). Parsing only; checking ranges and support lives in `validate`.
 
-use crate::worker::{FinishReason, Usage};
+use crate::worker::{FinishReason, TokenLogprob, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -128,7 +129,7 @@ pub struct ChatCompletion<'a> {
 pub struct ChatChoice<'a> {
     pub index: u32,
     pub message: AssistantMessage<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs<'a>>,
     pub finish_reason: FinishReason,
 }
 
@@ -152,7 +153,7 @@ pub struct TextCompletion<'a> {
 pub struct TextChoice<'a> {
     pub index: u32,
     pub text: &'a str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<TextLogprobs<'a>>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -171,8 +172,51 @@ pub struct ChatChunk<'a> {
 pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs<'a>>,
     pub finish_reason: Option<FinishReason>,
+}
+
+/// A chat choice's log-probabilities: one item per generated token.
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs<'a> {
+    pub content: &'a [TokenLogprob],
+    pub refusal: Option<()>,
+}
+
+/// A completion choice's log-probabilities, in the legacy shape: parallel lists, each
+/// token's alternatives as a `{token: logprob}` map, and where each token starts in the
+/// completion's text (in characters).
+#[derive(Debug, Serialize)]
+pub struct TextLogprobs<'a> {
+    pub tokens: Vec<&'a str>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<&'a str, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl<'a> TextLogprobs<'a> {
+    /// `items`, the first starting `offset` characters into the completion.
+    pub fn new(items: &'a [TokenLogprob], mut offset: usize) -> Self {
+        let mut out = Self {
+            tokens: Vec::with_capacity(items.len()),
+            token_logprobs: Vec::with_capacity(items.len()),
+            top_logprobs: Vec::with_capacity(items.len()),
+            text_offset: Vec::with_capacity(items.len()),
+        };
+        for t in items {
+            out.tokens.push(&t.token);
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs.push(
+                t.top_logprobs
+                    .iter()
+                    .map(|a| (a.token.as_str(), a.logprob))
+                    .collect(),
+            );
+            out.text_offset.push(offset);
+            offset += t.token.chars().count();
+        }
+        out
+    }
 }
 
 #[derive(Debug, Serialize, Default)]

@@ -1,8 +1,8 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (`n > 1`, tools, logprobs, penalties, …) are refused with a 400 that says so rather than
-//! silently dropped.
+//! (`n > 1`, tools, penalties, …) are refused with a 400 that says so rather than silently
+//! dropped.
 
 use super::error::ApiError;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
@@ -60,9 +60,56 @@ fn range(name: &str, v: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
     }
 }
 
+/// The most alternatives per token: `top_logprobs` (chat) and `logprobs` (completions, as
+/// OpenAI's legacy endpoint allows).
+const MAX_TOP_LOGPROBS: u64 = kernels::logprobs::MAX_TOP as u64;
+const MAX_COMPLETION_LOGPROBS: u64 = 5;
+
+/// A count of alternatives from 0 to `max`, or a 400 naming `name`.
+fn alternatives(name: &str, v: &Value, max: u64) -> Result<u8, ApiError> {
+    match v.as_u64() {
+        Some(n) if n <= max => Ok(n as u8),
+        _ => Err(ApiError::bad(
+            format!("`{name}` must be an integer from 0 to {max}, got {v}."),
+            Some(name.to_string()),
+        )),
+    }
+}
+
+/// Chat: `logprobs` (a boolean) and `top_logprobs` (0 to 20, only with `logprobs`).
+fn chat_logprobs(logprobs: &Option<Value>, top: &Option<Value>) -> Result<Option<u8>, ApiError> {
+    let on = match logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) => {
+            return Err(ApiError::bad(
+                format!("`logprobs` must be a boolean, got {v}."),
+                Some("logprobs".into()),
+            ))
+        }
+    };
+    match (on, top) {
+        (_, None | Some(Value::Null)) => Ok(on.then_some(0)),
+        (true, Some(v)) => alternatives("top_logprobs", v, MAX_TOP_LOGPROBS).map(Some),
+        (false, Some(_)) => Err(ApiError::bad(
+            "`top_logprobs` requires `logprobs` to be true.",
+            Some("top_logprobs".into()),
+        )),
+    }
+}
+
+/// Completions: `logprobs`, the number of alternatives (0 to 5).
+fn completion_logprobs(logprobs: &Option<Value>) -> Result<Option<u8>, ApiError> {
+    match logprobs {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => alternatives("logprobs", v, MAX_COMPLETION_LOGPROBS).map(Some),
+    }
+}
+
 fn common(
     c: CommonParams,
     max_tokens: Option<u32>,
+    logprobs: Option<u8>,
     server: &ServerConfig,
 ) -> Result<(String, SamplingParams, bool, bool), ApiError> {
     if c.model.is_empty() {
@@ -104,9 +151,6 @@ fn common(
     if matches!(&c.logit_bias, Some(Value::Object(m)) if !m.is_empty()) {
         return Err(ApiError::unsupported("logit_bias", "logit bias"));
     }
-    if matches!(&c.logprobs, Some(v) if !(v.is_null() || *v == Value::Bool(false))) {
-        return Err(ApiError::unsupported("logprobs", "returning logprobs"));
-    }
     let stop = match c.stop {
         None => vec![],
         Some(OneOrMany::One(s)) => vec![s],
@@ -136,6 +180,7 @@ fn common(
             top_k: c.top_k.unwrap_or(0),
             seed: c.seed.map(|s| s as u64),
             stop,
+            logprobs,
         },
         stream,
         include_usage,
@@ -154,9 +199,6 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     }
     if not_null(&req.tool_choice) && req.tool_choice != Some(Value::String("none".into())) {
         return Err(ApiError::unsupported("tool_choice", "tool calling"));
-    }
-    if not_null(&req.top_logprobs) {
-        return Err(ApiError::unsupported("top_logprobs", "returning logprobs"));
     }
     if let Some(rf) = &req.response_format {
         if !rf.is_null() && rf["type"] != "text" {
@@ -228,7 +270,9 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
             content,
         });
     }
-    let (model, params, stream, include_usage) = common(c, req.max_completion_tokens, server)?;
+    let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
+    let (model, params, stream, include_usage) =
+        common(c, req.max_completion_tokens, logprobs, server)?;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,
@@ -271,7 +315,8 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
             ))
         }
     };
-    let (model, params, stream, include_usage) = common(c, None, server)?;
+    let logprobs = completion_logprobs(&c.logprobs)?;
+    let (model, params, stream, include_usage) = common(c, None, logprobs, server)?;
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
         model,
@@ -346,7 +391,10 @@ mod tests {
             (r#""top_p":1.5"#, "top_p"),
             (r#""n":2"#, "n"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
-            (r#""logprobs":true"#, "logprobs"),
+            (r#""logprobs":1"#, "logprobs"),
+            (r#""top_logprobs":2"#, "top_logprobs"),
+            (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+            (r#""logprobs":true,"top_logprobs":-1"#, "top_logprobs"),
             (
                 r#""stream_options":{"include_usage":true}"#,
                 "stream_options",
@@ -358,6 +406,35 @@ mod tests {
         }
         let (_, _, m) = err(&format!("{{{base},\"n\":3}}"));
         assert!(m.contains("not supported"), "{m}");
+    }
+
+    #[test]
+    fn logprobs_of_each_endpoint() {
+        let chat_lp = |extra: &str| {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            chat(body.as_bytes(), &server()).map(|r| r.params.logprobs)
+        };
+        assert_eq!(chat_lp("").ok(), Some(None));
+        assert_eq!(chat_lp(r#","logprobs":false"#).ok(), Some(None));
+        assert_eq!(chat_lp(r#","logprobs":true"#).ok(), Some(Some(0)));
+        assert_eq!(
+            chat_lp(r#","logprobs":true,"top_logprobs":20"#).ok(),
+            Some(Some(20))
+        );
+        assert_eq!(
+            chat_lp(r#","logprobs":false,"top_logprobs":null"#).ok(),
+            Some(None)
+        );
+        let text_lp = |extra: &str| {
+            let body = format!(r#"{{"model":"m","prompt":"x"{extra}}}"#);
+            completion(body.as_bytes(), &server()).map(|r| r.params.logprobs)
+        };
+        assert_eq!(text_lp("").ok(), Some(None));
+        assert_eq!(text_lp(r#","logprobs":0"#).ok(), Some(Some(0)));
+        assert_eq!(text_lp(r#","logprobs":5"#).ok(), Some(Some(5)));
+        assert!(text_lp(r#","logprobs":6"#).is_err());
+        assert!(text_lp(r#","logprobs":true"#).is_err());
     }
 
     #[test]

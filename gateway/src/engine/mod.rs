@@ -20,8 +20,8 @@ pub mod scheduler;
 
 use crate::config::{BackendKind, EngineConfig, EngineSizes};
 use crate::worker::{
-    EngineCounters, EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError,
-    WorkerEvent, WorkerRequest,
+    EngineCounters, EventStream, FinishReason, Load, Prompt, TokenLogprob, TopLogprob, Usage,
+    Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use blocks::{chain, BlockPool};
 use fair::{Fair, Tenanted};
@@ -36,6 +36,7 @@ use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::{Batch, Model, StepError};
 use kernels::load::Loaded;
+use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::matmul::ActPrecision;
 use kernels::sampler::{Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
@@ -126,6 +127,8 @@ struct NewSeq {
     sampling: SamplingConfig,
     seed: u64,
     stop: Vec<String>,
+    /// Log-probabilities asked for: this many alternatives per token.
+    logprobs: Option<u8>,
     tx: Events,
 }
 
@@ -151,6 +154,10 @@ struct Seq {
     sampling: SamplingConfig,
     seed: u64,
     out: TextOut,
+    /// Log-probabilities asked for (alternatives per token), and those of the tokens whose
+    /// text is not sent yet.
+    logprobs: Option<u8>,
+    pending_logprobs: Vec<TokenLogprob>,
     tx: Events,
 }
 
@@ -385,6 +392,7 @@ impl EngineWorker {
             },
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
+            logprobs: p.logprobs,
             tx,
         })
     }
@@ -484,6 +492,8 @@ fn admit(n: NewSeq) -> Seq {
         sampling: n.sampling,
         seed: n.seed,
         out: TextOut::new(n.stop),
+        logprobs: n.logprobs,
+        pending_logprobs: Vec::new(),
         tx: n.tx,
     }
 }
@@ -671,7 +681,24 @@ fn run_engine(
                 .filter(|(s, n)| s.computed + n == s.tokens.len())
                 .map(|(s, _)| device_params(s))
                 .collect();
-            backend.step_sample(&batch, &params).map(Next::Tokens)
+            // Rows whose log-probabilities are asked for: their logits, read back.
+            let want: Vec<usize> = plan
+                .items
+                .iter()
+                .map(|&(i, n)| (&running[i], n))
+                .filter(|(s, n)| s.computed + n == s.tokens.len())
+                .enumerate()
+                .filter(|(_, (s, _))| s.logprobs.is_some())
+                .map(|(row, _)| row)
+                .collect();
+            backend.step_sample(&batch, &params).and_then(|t| {
+                let rows = if want.is_empty() {
+                    Vec::new()
+                } else {
+                    backend.logits_rows(&want)?
+                };
+                Ok(Next::Tokens(t, want, rows))
+            })
         } else {
             backend.step(&batch).map(Next::Logits)
         };
@@ -683,13 +710,20 @@ fn run_engine(
         let stepped = stepped.and_then(|next| {
             let bad = |m: String| Err(kernels::forward::StepError::Device(m));
             let got = match &next {
-                Next::Tokens(t) => t.len(),
+                Next::Tokens(t, ..) => t.len(),
                 Next::Logits(l) => l.len() / vocab.max(1),
             };
             if got != rows {
                 return bad(format!("the backend returned {got} rows for {rows}"));
             }
-            if let Next::Tokens(t) = &next {
+            if let Next::Tokens(t, want, logits) = &next {
+                if logits.len() != want.len() * vocab {
+                    return bad(format!(
+                        "the backend returned {} floats for {} logits rows",
+                        logits.len(),
+                        want.len()
+                    ));
+                }
                 if let Some(id) = t.iter().find(|&&id| id as usize >= vocab) {
                     return bad(format!(
                         "the backend sampled token {id}, past the vocabulary"
@@ -778,20 +812,40 @@ fn run_engine(
             if s.computed != s.tokens.len() {
                 continue;
             }
-            let id = match &mut next {
-                Next::Tokens(t) => t[row],
-                Next::Logits(l) => s.sampler.sample(&mut l[row * vocab..(row + 1) * vocab]),
+            let (id, lp) = match &mut next {
+                Next::Tokens(t, want, logits) => {
+                    let lp = s.logprobs.and_then(|k| {
+                        let at = want.iter().position(|&r| r == row)?;
+                        let l = &logits[at * vocab..(at + 1) * vocab];
+                        Some(token_logprobs(l, t[row], k as usize))
+                    });
+                    (t[row], lp)
+                }
+                Next::Logits(l) => {
+                    let l = &mut l[row * vocab..(row + 1) * vocab];
+                    // The model's distribution, before the sampler's temperature and cuts.
+                    let raw = s.logprobs.map(|k| (l.to_vec(), k));
+                    let id = s.sampler.sample(l);
+                    (id, raw.map(|(raw, k)| token_logprobs(&raw, id, k as usize)))
+                }
             };
             row += 1;
+            if let Some(lp) = lp {
+                if !tok.stop_tokens.contains(&id) {
+                    s.pending_logprobs.push(logprob_item(&tok, &lp));
+                }
+            }
             s.tokens.push(id);
             if let Some(reason) = emit(s, &tok, id, &mut outbox) {
                 let tail = s.out.finish();
-                if !tail.is_empty() {
+                let logprobs = std::mem::take(&mut s.pending_logprobs);
+                if !tail.is_empty() || !logprobs.is_empty() {
                     s.send(
                         &mut outbox,
                         WorkerEvent::Delta {
                             text: tail,
                             tokens: 0,
+                            logprobs,
                         },
                     );
                 }
@@ -874,8 +928,37 @@ fn recover(
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.
 enum Next {
-    Tokens(Vec<u32>),
+    /// Sampled on the device; the rows whose log-probabilities are asked for, and their
+    /// logits.
+    Tokens(Vec<u32>, Vec<usize>, Vec<f32>),
     Logits(Vec<f32>),
+}
+
+/// A token's log-probabilities as the API reports them: token texts from their bytes, and
+/// −9999 for an impossible token (JSON has no −∞; OpenAI reports the same).
+fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob {
+    let text = |id: u32| {
+        let bytes = tok.token_bytes(id).to_vec();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = text(lp.id);
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: lp.logprob.max(-9999.0),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let (token, bytes) = text(id);
+                TopLogprob {
+                    token,
+                    bytes,
+                    logprob: logprob.max(-9999.0),
+                }
+            })
+            .collect(),
+    }
 }
 
 /// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's
@@ -901,12 +984,19 @@ fn emit(s: &mut Seq, tok: &Tokenizer, id: u32, outbox: &mut Outbox) -> Option<Fi
         return Some(FinishReason::Stop);
     }
     let e = s.out.push(tok, id);
+    if e.stopped {
+        // The token that completed a stop string: its text is not sent, nor its
+        // log-probability.
+        s.pending_logprobs.pop();
+    }
     if !e.text.is_empty() {
+        let logprobs = std::mem::take(&mut s.pending_logprobs);
         s.send(
             outbox,
             WorkerEvent::Delta {
                 text: e.text,
                 tokens: 1,
+                logprobs,
             },
         );
     }
@@ -947,6 +1037,7 @@ mod tests {
             },
             seed: 0,
             stop: vec![],
+            logprobs: None,
             tx,
         });
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");

@@ -77,6 +77,7 @@ mod tests {
         Ok(WorkerEvent::Delta {
             text: i.to_string(),
             tokens: 1,
+            logprobs: Vec::new(),
         })
     }
 

@@ -15,7 +15,7 @@ mod sse_parse;
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// What the client asked to have completed.
@@ -56,6 +56,9 @@ pub struct SamplingParams {
     pub top_k: u32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Return each generated token's log-probability and this many most likely
+    /// alternatives' (0 to 20); `None`: no log-probabilities.
+    pub logprobs: Option<u8>,
 }
 
 /// The fair-share weight of spot-tier and best-effort requests: below any purchased rate,
@@ -114,11 +117,35 @@ pub struct Usage {
     pub cached_tokens: u32,
 }
 
+/// One generated token's log-probability under the model (before temperature and cuts),
+/// with the most likely alternatives' when asked: the OpenAI chat `logprobs.content` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's bytes (its text may be part of a character).
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// An alternative token at the same position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
 /// What a worker emits.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
-    /// The next piece of generated text (one or more tokens).
-    Delta { text: String, tokens: u32 },
+    /// The next piece of generated text (one or more tokens), with the log-probabilities
+    /// of the tokens it completes when the request asked for them.
+    Delta {
+        text: String,
+        tokens: u32,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Generation ended; always the last event.
     Done {
         finish_reason: FinishReason,

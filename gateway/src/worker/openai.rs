@@ -9,7 +9,8 @@
 use super::sse_parse::SseParser;
 use super::{estimate_prompt_tokens, ChatMessage};
 use super::{
-    EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    EventStream, FinishReason, Load, Prompt, TokenLogprob, TopLogprob, Usage, Worker, WorkerError,
+    WorkerEvent, WorkerRequest,
 };
 use crate::config::OpenAiConfig;
 use bytes::Bytes;
@@ -89,6 +90,12 @@ impl OpenAiWorker {
             stream_options: req.stream.then_some(StreamOptions {
                 include_usage: true,
             }),
+            // Chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: n`.
+            logprobs: p.logprobs.map(|n| match messages {
+                Some(_) => Value::Bool(true),
+                None => Value::from(n),
+            }),
+            top_logprobs: p.logprobs.filter(|_| messages.is_some()),
         };
         (path, serde_json::to_vec(&body).unwrap_or_default())
     }
@@ -113,6 +120,10 @@ struct UpstreamRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
 }
 
 #[derive(Serialize)]
@@ -141,6 +152,92 @@ struct UpstreamChoice<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    logprobs: Option<UpstreamLogprobs>,
+}
+
+/// A choice's log-probabilities: the chat shape (`content`: one item per token) or the
+/// legacy completions shape (parallel lists, alternatives as `{token: logprob}` maps).
+#[derive(Deserialize, Default)]
+struct UpstreamLogprobs {
+    #[serde(default)]
+    content: Option<Vec<UpstreamTokenLogprob>>,
+    #[serde(default)]
+    tokens: Option<Vec<String>>,
+    #[serde(default)]
+    token_logprobs: Option<Vec<Option<f32>>>,
+    #[serde(default)]
+    top_logprobs: Option<Vec<Option<std::collections::BTreeMap<String, f32>>>>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamTokenLogprob {
+    token: String,
+    logprob: f32,
+    #[serde(default)]
+    bytes: Option<Vec<u8>>,
+    #[serde(default)]
+    top_logprobs: Vec<UpstreamTop>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamTop {
+    token: String,
+    logprob: f32,
+    #[serde(default)]
+    bytes: Option<Vec<u8>>,
+}
+
+impl UpstreamLogprobs {
+    /// As the gateway's items (bytes from the token text where the upstream gave none).
+    fn items(self) -> Vec<TokenLogprob> {
+        if let Some(content) = self.content {
+            return content
+                .into_iter()
+                .map(|t| TokenLogprob {
+                    bytes: t.bytes.unwrap_or_else(|| t.token.as_bytes().to_vec()),
+                    token: t.token,
+                    logprob: t.logprob,
+                    top_logprobs: t
+                        .top_logprobs
+                        .into_iter()
+                        .map(|a| TopLogprob {
+                            bytes: a.bytes.unwrap_or_else(|| a.token.as_bytes().to_vec()),
+                            token: a.token,
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                })
+                .collect();
+        }
+        let tokens = self.tokens.unwrap_or_default();
+        let lps = self.token_logprobs.unwrap_or_default();
+        let mut tops = self.top_logprobs.unwrap_or_default().into_iter();
+        tokens
+            .into_iter()
+            .zip(lps)
+            .map(|(token, lp)| {
+                let mut top: Vec<TopLogprob> = tops
+                    .next()
+                    .flatten()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(token, logprob)| TopLogprob {
+                        bytes: token.as_bytes().to_vec(),
+                        token,
+                        logprob,
+                    })
+                    .collect();
+                top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+                TokenLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: lp.unwrap_or(f32::NEG_INFINITY),
+                    top_logprobs: top,
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]
@@ -340,13 +437,23 @@ fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, Work
         completion_tokens: 0,
         cached_tokens: 0,
     });
+    let text = text.to_string();
+    let finish_reason = choice.finish().unwrap_or(FinishReason::Stop);
+    let logprobs = v
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|c| c.logprobs)
+        .map(UpstreamLogprobs::items)
+        .unwrap_or_default();
     Ok(vec![
         WorkerEvent::Delta {
-            text: text.to_string(),
+            text,
             tokens: usage.completion_tokens,
+            logprobs,
         },
         WorkerEvent::Done {
-            finish_reason: choice.finish().unwrap_or(FinishReason::Stop),
+            finish_reason,
             usage,
         },
     ])
@@ -408,21 +515,25 @@ impl StreamState {
         if let Some(u) = v.usage {
             self.usage = Some(u.into());
         }
-        let choice = v.choices.first()?;
+        let choice = v.choices.into_iter().next()?;
         if let Some(f) = choice.finish() {
             self.finish = Some(f);
         }
         let chat = matches!(self.req.prompt, Prompt::Chat(_));
-        match choice.text(chat) {
-            Some(t) if !t.is_empty() => {
-                self.deltas += 1;
-                Some(Ok(WorkerEvent::Delta {
-                    text: t.to_string(),
-                    tokens: 1,
-                }))
-            }
-            _ => None,
+        let text = choice.text(chat).unwrap_or_default().to_string();
+        let logprobs = choice
+            .logprobs
+            .map(UpstreamLogprobs::items)
+            .unwrap_or_default();
+        if text.is_empty() && logprobs.is_empty() {
+            return None;
         }
+        self.deltas += 1;
+        Some(Ok(WorkerEvent::Delta {
+            text,
+            tokens: 1,
+            logprobs,
+        }))
     }
 }
 

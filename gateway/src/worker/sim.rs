@@ -231,11 +231,13 @@ impl Gen {
             return Some(WorkerEvent::Delta {
                 text: emit,
                 tokens: 1,
+                logprobs: Vec::new(),
             });
         }
         Some(WorkerEvent::Delta {
             text: self.text[before..].to_string(),
             tokens: 1,
+            logprobs: Vec::new(),
         })
     }
 }
@@ -255,6 +257,13 @@ impl Worker for SimWorker {
         let running = self.running.clone();
         let queued = self.queued.clone();
         async move {
+            if req.params.logprobs.is_some() {
+                // Its text is made up: it has no distribution to report.
+                return Err(WorkerError::Rejected {
+                    status: 400,
+                    message: "this pool's workers are simulated and return no logprobs".into(),
+                });
+            }
             let prompt_tokens = estimate_prompt_tokens(&req.prompt);
             let need = prompt_tokens as usize + req.params.max_tokens as usize;
             if need > cfg.kv_tokens.min(Semaphore::MAX_PERMITS) {
@@ -350,6 +359,7 @@ mod tests {
                 top_k: 0,
                 seed: None,
                 stop,
+                logprobs: None,
             },
             stream: true,
         })

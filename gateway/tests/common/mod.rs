@@ -362,6 +362,7 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
             top_k: 0,
             seed: None,
             stop: vec![],
+            logprobs: None,
         },
         stream: true,
     })

@@ -1,6 +1,8 @@
 """The official OpenAI Python SDK against a running tollgate gateway.
 
-Usage: python openai_sdk.py BASE_URL KEY MODEL
+Usage: python openai_sdk.py BASE_URL KEY MODEL [logprobs]
+With `logprobs` (a real model behind the gateway), also checks log-probabilities in both
+endpoints; without, checks that asking for them is refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import sys
@@ -8,6 +10,7 @@ import sys
 import openai
 
 base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+with_logprobs = sys.argv[4:] == ["logprobs"]
 client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
 # Models.
@@ -52,6 +55,45 @@ assert usage.prompt_tokens == r.usage.prompt_tokens, usage
 # A legacy completion.
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0)
 assert c.choices[0].text and 0 < c.usage.completion_tokens <= 3, c
+
+# Log-probabilities: parsed by the SDK's own types.
+if with_logprobs:
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    items = r.choices[0].logprobs.content
+    assert "".join(t.token for t in items) == r.choices[0].message.content, items
+    for t in items:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+        assert t.top_logprobs[0].token == t.token, t
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    streamed = [t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in items]
+    c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text, lp
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), lp
+    assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs), lp
+else:
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], logprobs=True)
+        raise AssertionError("expected BadRequestError")
+    except openai.BadRequestError as e:
+        assert "logprobs" in e.body["message"], e.body
 
 # Errors become the SDK's typed exceptions.
 try:

@@ -57,6 +57,8 @@ pub struct CudaBackend<E: Exec = Gpu> {
     name: String,
     /// The last [`CudaBackend::tune_small_products`]'s timings.
     tuned: Vec<SmallProductTiming>,
+    /// Logits rows the last step left in the logits buffer.
+    last_rows: usize,
 }
 
 /// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
@@ -144,6 +146,7 @@ impl<E: Exec> CudaBackend<E> {
             max_seqs,
             name,
             tuned: Vec::new(),
+            last_rows: 0,
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
@@ -475,8 +478,12 @@ impl<E: Exec> CudaBackend<E> {
             return Ok(Vec::new());
         }
         let graph = self.graph_for(batch);
-        self.run(batch, 0, graph, params, read)
-            .map_err(|e| StepError::Device(e.to_string()))
+        self.last_rows = 0;
+        let out = self
+            .run(batch, 0, graph, params, read)
+            .map_err(|e| StepError::Device(e.to_string()))?;
+        self.last_rows = batch.n_logits();
+        Ok(out)
     }
 }
 
@@ -495,6 +502,25 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
     fn samples_on_device(&self) -> bool {
         true
+    }
+    fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
+        let vocab = self.dev.config.vocab;
+        if let Some(r) = rows.iter().find(|&&r| r >= self.last_rows) {
+            return Err(StepError::BadBatch(format!(
+                "logits row {r} of a step with {} rows",
+                self.last_rows
+            )));
+        }
+        let mut out = Vec::with_capacity(rows.len() * vocab);
+        for &r in rows {
+            let row = self
+                .dev
+                .exec
+                .download_at(&self.dev.bufs.logits, r * vocab..(r + 1) * vocab)
+                .map_err(|e| StepError::Device(e.to_string()))?;
+            out.extend(row);
+        }
+        Ok(out)
     }
     fn step_sample(
         &mut self,

@@ -246,6 +246,20 @@ impl Exec for Gpu {
         Ok(self.stream.memcpy_dtov(&b.slice(0..n))?)
     }
 
+    fn download_at<T: Elem>(
+        &self,
+        b: &CudaSlice<T>,
+        r: std::ops::Range<usize>,
+    ) -> Result<Vec<T>, ExecError> {
+        if r.start > r.end || r.end > b.len() {
+            return Err(ExecError::Bounds(format!(
+                "elements {r:?} of a buffer of {}",
+                b.len()
+            )));
+        }
+        Ok(self.stream.memcpy_dtov(&b.slice(r))?)
+    }
+
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
         const NULL: u64 = 0;
         let mut l = self.stream.launch_builder(self.kernel(kernel)?);

@@ -428,6 +428,18 @@ impl Exec for Emu {
             .ok_or_else(|| ExecError::Bounds(format!("{n} elements of a buffer of {}", b.len)))
     }
 
+    fn download_at<T: Elem>(
+        &self,
+        b: &EmuBuf<T>,
+        r: std::ops::Range<usize>,
+    ) -> Result<Vec<T>, ExecError> {
+        self.sticky()?;
+        b.as_slice()
+            .get(r.clone())
+            .map(<[T]>::to_vec)
+            .ok_or_else(|| ExecError::Bounds(format!("elements {r:?} of a buffer of {}", b.len)))
+    }
+
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
         self.sticky()?;
         if let Some(rec) = self.recording()?.as_mut() {

@@ -110,6 +110,8 @@ pub trait Exec: Send {
     fn upload<T: Elem>(&self, v: &[T]) -> Result<Self::Buf<T>, ExecError>;
     /// The first `n` elements of `b`.
     fn download<T: Elem>(&self, b: &Self::Buf<T>, n: usize) -> Result<Vec<T>, ExecError>;
+    /// Elements `r` of `b`.
+    fn download_at<T: Elem>(&self, b: &Self::Buf<T>, r: Range<usize>) -> Result<Vec<T>, ExecError>;
     /// Launches `kernel` over `cfg` with `args` (enqueued on a GPU; run to completion in
     /// the emulator).
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError>;

@@ -1,0 +1,359 @@
+//! Log-probabilities (`logprobs`): from the engine on the CPU backend and on the GPU path
+//! (the CUDA emulator, where the logits of the rows that ask are read back after sampling
+//! on the device); through the gateway in both endpoints' shapes, streamed and not; passed
+//! on by a gateway from a remote tollgate worker; refused by simulated workers.
+
+mod common;
+use common::*;
+use futures::StreamExt;
+use gateway::config::{BackendKind, EngineConfig};
+use gateway::engine::EngineWorker;
+use gateway::worker::{FinishReason, TokenLogprob, Worker, WorkerEvent};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// A request's text, log-probability items and how it ended.
+async fn run_logprobs(
+    w: &EngineWorker,
+    temperature: f32,
+    top: u8,
+) -> (String, Vec<TokenLogprob>, FinishReason, u32) {
+    let mut r = (*worker_req("the quick brown fox", 12)).clone();
+    r.params.temperature = temperature;
+    r.params.seed = Some(5);
+    r.params.logprobs = Some(top);
+    let mut s = w.submit(Arc::new(r)).await.unwrap();
+    let (mut text, mut items) = (String::new(), Vec::new());
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            WorkerEvent::Delta {
+                text: t, logprobs, ..
+            } => {
+                text.push_str(&t);
+                items.extend(logprobs);
+            }
+            WorkerEvent::Done {
+                finish_reason,
+                usage,
+            } => return (text, items, finish_reason, usage.completion_tokens),
+        }
+    }
+    panic!("no Done event");
+}
+
+/// One item per generated token (the end-of-sequence token has none), whose bytes make
+/// up the text; log-probabilities at most 0; `top` alternatives, most likely first;
+/// greedy picks the first.
+fn check_items(
+    text: &str,
+    items: &[TokenLogprob],
+    finish: FinishReason,
+    tokens: u32,
+    top: usize,
+    greedy: bool,
+) {
+    let eos = u32::from(finish == FinishReason::Stop);
+    assert_eq!(items.len() as u32, tokens - eos, "{items:?}");
+    let bytes: Vec<u8> = items.iter().flat_map(|t| t.bytes.clone()).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), text);
+    for t in items {
+        assert!(t.logprob <= 0.0 && t.logprob > -9999.0, "{t:?}");
+        assert_eq!(t.top_logprobs.len(), top, "{t:?}");
+        assert!(
+            t.top_logprobs
+                .windows(2)
+                .all(|w| w[0].logprob >= w[1].logprob),
+            "{t:?}"
+        );
+        if let Some(alt) = t.top_logprobs.iter().find(|a| a.bytes == t.bytes) {
+            assert_eq!(
+                alt.logprob, t.logprob,
+                "the same token, the same number: {t:?}"
+            );
+        }
+        if greedy && top > 0 {
+            assert_eq!(t.top_logprobs[0].logprob, t.logprob, "{t:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
+    let (_dir, loaded) = synthetic_model();
+    let mut kinds = vec![BackendKind::Cpu];
+    if emulator_present() {
+        kinds.push(BackendKind::Emulator);
+    }
+    let mut greedy_runs = Vec::new();
+    for kind in kinds {
+        let cfg = EngineConfig {
+            backend: kind,
+            threads: 2,
+            ..EngineConfig::default()
+        };
+        let w = EngineWorker::start("lp".into(), &loaded, &cfg, 0).unwrap();
+        let (text, items, finish, n) = run_logprobs(&w, 0.0, 3).await;
+        check_items(&text, &items, finish, n, 3, true);
+        let (text2, items2, finish2, n2) = run_logprobs(&w, 1.0, 0).await;
+        check_items(&text2, &items2, finish2, n2, 0, false);
+        greedy_runs.push((kind, items));
+    }
+    // The GPU path's numbers are the CPU's (f16 weights: within a few hundredths), over
+    // the tokens both chose alike.
+    if let [(_, cpu), (_, gpu)] = &greedy_runs[..] {
+        let same = cpu.iter().zip(gpu).take_while(|(a, b)| a.bytes == b.bytes);
+        let mut n = 0;
+        for (a, b) in same {
+            assert!((a.logprob - b.logprob).abs() < 0.05, "{a:?} vs {b:?}");
+            n += 1;
+        }
+        assert!(n > 0, "the two paths chose different first tokens");
+    }
+}
+
+/// A gateway over the CPU engine: chat and completions, whole and streamed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_renders_logprobs_in_each_endpoints_shape() {
+    let dir = tempdir::TempDir::new();
+    let model = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"temperature":0,"logprobs":true,"top_logprobs":2}"#;
+
+    // Chat, whole: one item per token, its text the message's.
+    let v: Value = post(&gw, "/v1/chat/completions", chat)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let message = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let joined: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, message, "{v}");
+    let eos = u64::from(v["choices"][0]["finish_reason"] == "stop");
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap() - eos
+    );
+    for t in &content {
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0, "{t}");
+        assert!(t["bytes"].is_array(), "{t}");
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{t}");
+        assert_eq!(top[0]["token"], t["token"], "greedy: {t}");
+    }
+    assert!(v["choices"][0]["logprobs"]["refusal"].is_null());
+
+    // Chat, streamed: each text chunk carries its tokens' items; the same items in all.
+    let body = chat.replace(r#""logprobs":true"#, r#""stream":true,"logprobs":true"#);
+    let events = sse_events(post(&gw, "/v1/chat/completions", &body).await).await;
+    let mut streamed = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let choice = &c["choices"][0];
+        if let Some(items) = choice["logprobs"]["content"].as_array() {
+            let text: String = items.iter().map(|t| t["token"].as_str().unwrap()).collect();
+            assert_eq!(text, choice["delta"]["content"].as_str().unwrap(), "{c}");
+            streamed.extend(items.iter().cloned());
+        }
+    }
+    assert_eq!(streamed, content, "streamed and whole give the same items");
+
+    // Completions: the legacy lists, of equal length; offsets into the text.
+    let text_body =
+        r#"{"model":"m","prompt":"once upon","max_tokens":10,"temperature":0,"logprobs":2}"#;
+    let v: Value = post(&gw, "/v1/completions", text_body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(tokens.concat(), text, "{v}");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{v}");
+        at += t.chars().count() as u64;
+    }
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(tops.len(), tokens.len());
+    for (t, top) in tokens.iter().zip(tops) {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+        assert!(top.contains_key(*t), "greedy: {t:?} among {top:?}");
+    }
+    // Streamed completions: offsets continue from chunk to chunk.
+    let body = text_body.replace(r#""logprobs":2"#, r#""stream":true,"logprobs":2"#);
+    let events = sse_events(post(&gw, "/v1/completions", &body).await).await;
+    let mut streamed_offsets = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        if let Some(o) = c["choices"][0]["logprobs"]["text_offset"].as_array() {
+            streamed_offsets.extend(o.iter().map(|o| o.as_u64().unwrap()));
+        }
+    }
+    assert_eq!(streamed_offsets, offsets);
+
+    // Not asked: null.
+    let plain = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    let v: Value = post(&gw, "/v1/chat/completions", plain)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+}
+
+/// A gateway in front of `gateway worker` asks the upstream for logprobs and passes them
+/// on; simulated workers refuse them.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_pass_through_a_remote_worker_and_simulated_workers_refuse_them() {
+    let dir = tempdir::TempDir::new();
+    let model = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let secret = "a-shared-secret-of-some-length";
+    let args: Vec<String> = [
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+        "--model-id",
+        "m",
+        "--backend",
+        "cpu",
+        "--kv-tokens",
+        "4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let worker = Gateway::start_args(&args, &[("TOLLGATE_WORKER_SECRET", secret)]);
+    let upstream = format!(
+        r#"{{ kind = "openai", url = "{}", api_key = "{secret}", forward_tenant = true }}"#,
+        worker.base
+    );
+    let gw = Gateway::start(&config(&upstream, "", ""));
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"temperature":0,"logprobs":true,"top_logprobs":3}"#,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"hi","max_tokens":8,"temperature":0,"logprobs":3}"#,
+        ),
+    ] {
+        for stream in [false, true] {
+            let body = if stream {
+                body.replace(r#""temperature":0"#, r#""temperature":0,"stream":true"#)
+            } else {
+                body.to_string()
+            };
+            // The same request straight to the worker (with its secret), and through the
+            // gateway: the same log-probabilities.
+            let direct = client()
+                .post(worker.url(path))
+                .bearer_auth(secret)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let through = post(&gw, path, &body).await;
+            let (a, b) = if stream {
+                (
+                    logprobs_of_stream(sse_events(direct).await),
+                    logprobs_of_stream(sse_events(through).await),
+                )
+            } else {
+                let a: Value = direct.json().await.unwrap();
+                let b: Value = through.json().await.unwrap();
+                (
+                    vec![a["choices"][0]["logprobs"].clone()],
+                    vec![b["choices"][0]["logprobs"].clone()],
+                )
+            };
+            assert!(
+                !a.is_empty() && a.iter().all(|v| !v.is_null()),
+                "{path}: {a:?}"
+            );
+            assert_eq!(
+                merged(&a),
+                merged(&b),
+                "{path}, stream {stream}: the gateway passes the worker's logprobs on"
+            );
+        }
+    }
+    // Simulated workers make their text up: a request for logprobs is refused.
+    let sim = Gateway::start(&config(FAST_SIM, "", ""));
+    let r = post(
+        &sim,
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"logprobs":true}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("logprobs"),
+        "{v}"
+    );
+}
+
+/// The `logprobs` objects of a stream's chunks that have one.
+fn logprobs_of_stream(events: Vec<String>) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"].get(0).map(|ch| ch["logprobs"].clone()))
+        .filter(|l| !l.is_null())
+        .collect()
+}
+
+/// The token items (chat) or the token lists (completions) of several `logprobs`
+/// objects, in order, as one list of (token, logprob, alternatives) (chunk boundaries
+/// differ between a worker and a gateway that re-frames its stream).
+fn merged(parts: &[Value]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for p in parts {
+        if let Some(items) = p["content"].as_array() {
+            for t in items {
+                out.push((
+                    t["token"].to_string(),
+                    t["logprob"].to_string(),
+                    t["top_logprobs"].to_string(),
+                ));
+            }
+        } else if let Some(tokens) = p["tokens"].as_array() {
+            for (i, t) in tokens.iter().enumerate() {
+                out.push((
+                    t.to_string(),
+                    p["token_logprobs"][i].to_string(),
+                    p["top_logprobs"][i].to_string(),
+                ));
+            }
+        }
+    }
+    out
+}

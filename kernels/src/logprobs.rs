@@ -1,0 +1,107 @@
+//! Log-probabilities of a sampled token and of the most likely alternatives, from a step's
+//! raw logits: the model's own distribution (before temperature, top-k or top-p), as the
+//! OpenAI API reports `logprobs`.
+
+/// The most alternatives a request may ask for (`top_logprobs`).
+pub const MAX_TOP: usize = 20;
+
+/// One sampled token's log-probability, and the `top` most likely tokens' (most likely
+/// first; equal logits by lower id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `id`'s log-softmax in `logits`, and the `top` (at most [`MAX_TOP`]) largest entries'.
+/// The normalizer is summed in f64, so a row of 49,152 logits loses nothing to rounding.
+/// NaN logits count as impossible.
+pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> TokenLogprobs {
+    let top = top.min(MAX_TOP).min(logits.len());
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        let sum: f64 = logits
+            .iter()
+            .filter(|x| !x.is_nan())
+            .map(|&x| ((x - max) as f64).exp())
+            .sum();
+        max as f64 + sum.ln()
+    } else {
+        max as f64
+    };
+    let lp = |x: f32| {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            (x as f64 - lse) as f32
+        }
+    };
+    // The `top` largest, kept sorted (largest first); a later equal logit goes after.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if x.is_nan() || (best.len() == top && x <= best[top - 1].1) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, y)| y >= x);
+            best.insert(at, (i as u32, x));
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        id,
+        logprob: logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        top: best.into_iter().map(|(i, x)| (i, lp(x))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_are_the_largest_in_order() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, 0.5, f32::NAN];
+        let r = token_logprobs(&logits, 4, 3);
+        let z: f64 = logits[..5].iter().map(|&x| (x as f64).exp()).sum();
+        let want = |x: f32| (x as f64 - z.ln()) as f32;
+        assert!((r.logprob - want(0.5)).abs() < 1e-6, "{r:?}");
+        let ids: Vec<u32> = r.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0], "ties by lower id");
+        assert!((r.top[0].1 - want(3.0)).abs() < 1e-6);
+        assert!((r.top[2].1 - want(1.0)).abs() < 1e-6);
+        // The probabilities sum to 1; none is positive.
+        let total: f64 = logits[..5]
+            .iter()
+            .enumerate()
+            .map(|(i, _)| (token_logprobs(&logits, i as u32, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert_eq!(token_logprobs(&logits, 5, 0).logprob, f32::NEG_INFINITY);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(
+            token_logprobs(&logits, 0, 99).top.len(),
+            5,
+            "at most the finite ones"
+        );
+    }
+
+    #[test]
+    fn a_large_vocabulary_keeps_its_precision() {
+        // 49,152 equal logits: each token's probability is exactly 1/49,152.
+        let logits = vec![7.25f32; 49152];
+        let r = token_logprobs(&logits, 123, 20);
+        let want = -(49152f64.ln()) as f32;
+        assert!((r.logprob - want).abs() < 1e-5, "{} vs {want}", r.logprob);
+        assert_eq!(r.top.len(), 20);
+        assert_eq!(r.top[0].0, 0);
+        assert_eq!(r.top[19].0, 19);
+    }
+}
