@@ -159,6 +159,17 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
         same + 1 >= n,
         "{same}/{n} sampled tokens agree with the CPU rule"
     );
+    // The logits the sampled step left on the device, read back by row (what logprobs
+    // need): the unsampled step's rows; rows past the step's are refused.
+    let rows = cuda.logits_rows(&[0, 5, n - 1]).unwrap();
+    for (k, r) in [0, 5, n - 1].into_iter().enumerate() {
+        let e = rel_err(
+            &rows[k * vocab..(k + 1) * vocab],
+            &logits[r * vocab..(r + 1) * vocab],
+        );
+        assert!(e < 1e-6, "row {r}: {e}");
+    }
+    assert!(cuda.logits_rows(&[n]).is_err());
     // A decode step (a graph) samples on the device too.
     let d = decode(&p, &tokens);
     let mut greedy_params = params.clone();
