@@ -39,6 +39,9 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
             seed: None,
             stop: vec![],
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: vec![],
         },
         stream: true,
     })

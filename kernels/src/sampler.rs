@@ -153,3 +153,64 @@ mod tests {
         assert!((0..200).all(|_| s.sample(&mut logits.clone()) == 1));
     }
 }
+
+/// OpenAI's presence and frequency penalties and logit bias: what a sequence's generated
+/// tokens and its request do to a row of logits before sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    /// Subtracted once from every token already generated.
+    pub presence: f32,
+    /// Subtracted from every token once per time it was generated.
+    pub frequency: f32,
+    /// Added to these tokens' logits.
+    pub bias: Vec<(u32, f32)>,
+}
+
+impl Penalties {
+    /// Whether they change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && self.bias.iter().all(|b| b.1 == 0.0)
+    }
+
+    /// `logits[t] += bias[t] − frequency·count[t] − presence·[count[t] > 0]`, with
+    /// `counts` the generated tokens' counts (ids past the row are passed over).
+    pub fn apply(&self, logits: &mut [f32], counts: &std::collections::HashMap<u32, u32>) {
+        for &(t, b) in &self.bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if self.presence != 0.0 || self.frequency != 0.0 {
+            for (&t, &c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.frequency * c as f32 + if c > 0 { self.presence } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod penalty_tests {
+    use super::*;
+
+    #[test]
+    fn penalties_follow_openais_rule() {
+        let p = Penalties {
+            presence: 0.5,
+            frequency: 0.25,
+            bias: vec![(1, 3.0), (9, 1.0)],
+        };
+        let counts = std::collections::HashMap::from([(0u32, 4u32), (2, 1), (7, 2)]);
+        let mut l = [1.0f32, 1.0, 1.0, 1.0];
+        p.apply(&mut l, &counts);
+        assert_eq!(l, [1.0 - 0.5 - 1.0, 4.0, 1.0 - 0.5 - 0.25, 1.0]);
+        assert!(!p.is_empty());
+        assert!(Penalties::default().is_empty());
+        assert!(Penalties {
+            bias: vec![(3, 0.0)],
+            ..Default::default()
+        }
+        .is_empty());
+    }
+}

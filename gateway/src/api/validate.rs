@@ -1,7 +1,7 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (`n > 1`, tools, penalties, …) are refused with a 400 that says so rather than silently
+//! (`n > 1`, tools, structured output, …) are refused with a 400 that says so rather than silently
 //! dropped.
 
 use super::error::ApiError;
@@ -98,6 +98,46 @@ fn chat_logprobs(logprobs: &Option<Value>, top: &Option<Value>) -> Result<Option
     }
 }
 
+/// The most entries a `logit_bias` may have (OpenAI's limit).
+const MAX_LOGIT_BIAS: usize = 300;
+
+/// `logit_bias`: `{"token id": bias}` with biases from −100 to 100, at most 300 entries
+/// (whether an id is in the vocabulary is the worker's to say).
+fn logit_bias(v: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| Err(ApiError::bad(m, Some("logit_bias".into())));
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return bad(format!(
+                "`logit_bias` must map token ids to biases, got {other}."
+            ))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return bad(format!(
+            "`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens, got {}.",
+            map.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, b) in map {
+        let Ok(id) = k.parse::<u32>() else {
+            return bad(format!("`logit_bias` key {k:?} is not a token id."));
+        };
+        match b.as_f64() {
+            Some(b) if (-100.0..=100.0).contains(&b) => out.push((id, b as f32)),
+            _ => {
+                return bad(format!(
+                    "`logit_bias` for token {id} must be a number from -100 to 100, got {b}."
+                ))
+            }
+        }
+    }
+    out.sort_by_key(|e| e.0);
+    Ok(out)
+}
+
 /// Completions: `logprobs`, the number of alternatives (0 to 5).
 fn completion_logprobs(logprobs: &Option<Value>) -> Result<Option<u8>, ApiError> {
     match logprobs {
@@ -137,20 +177,19 @@ fn common(
     }
     let temperature = range("temperature", c.temperature.unwrap_or(1.0), 0.0, 2.0)?;
     let top_p = range("top_p", c.top_p.unwrap_or(1.0), 0.0, 1.0)?;
-    for (name, v) in [
-        ("presence_penalty", c.presence_penalty),
-        ("frequency_penalty", c.frequency_penalty),
-    ] {
-        if let Some(v) = v {
-            range(name, v, -2.0, 2.0)?;
-            if v != 0.0 {
-                return Err(ApiError::unsupported(name, "a non-zero penalty"));
-            }
-        }
-    }
-    if matches!(&c.logit_bias, Some(Value::Object(m)) if !m.is_empty()) {
-        return Err(ApiError::unsupported("logit_bias", "logit bias"));
-    }
+    let presence_penalty = range(
+        "presence_penalty",
+        c.presence_penalty.unwrap_or(0.0),
+        -2.0,
+        2.0,
+    )?;
+    let frequency_penalty = range(
+        "frequency_penalty",
+        c.frequency_penalty.unwrap_or(0.0),
+        -2.0,
+        2.0,
+    )?;
+    let logit_bias = logit_bias(&c.logit_bias)?;
     let stop = match c.stop {
         None => vec![],
         Some(OneOrMany::One(s)) => vec![s],
@@ -181,6 +220,9 @@ fn common(
             seed: c.seed.map(|s| s as u64),
             stop,
             logprobs,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
         },
         stream,
         include_usage,
@@ -391,6 +433,11 @@ mod tests {
             (r#""top_p":1.5"#, "top_p"),
             (r#""n":2"#, "n"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""presence_penalty":2.5"#, "presence_penalty"),
+            (r#""frequency_penalty":-3"#, "frequency_penalty"),
+            (r#""logit_bias":{"x":1}"#, "logit_bias"),
+            (r#""logit_bias":{"5":101}"#, "logit_bias"),
+            (r#""logit_bias":[1]"#, "logit_bias"),
             (r#""logprobs":1"#, "logprobs"),
             (r#""top_logprobs":2"#, "top_logprobs"),
             (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
@@ -435,6 +482,23 @@ mod tests {
         assert_eq!(text_lp(r#","logprobs":5"#).ok(), Some(Some(5)));
         assert!(text_lp(r#","logprobs":6"#).is_err());
         assert!(text_lp(r#","logprobs":true"#).is_err());
+    }
+
+    #[test]
+    fn penalties_and_logit_bias() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"presence_penalty":0.5,"frequency_penalty":-1,"logit_bias":{"7":-100,"3":2.5}}"#;
+        let p = chat(body, &server()).expect("test input").params;
+        assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
+        assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
+        let many: String = (0..301)
+            .map(|i| format!("\"{i}\":1"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let body = format!(r#"{{"model":"m","prompt":"x","logit_bias":{{{many}}}}}"#);
+        assert!(
+            completion(body.as_bytes(), &server()).is_err(),
+            "301 entries"
+        );
     }
 
     #[test]

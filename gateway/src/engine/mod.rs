@@ -38,12 +38,12 @@ use kernels::forward::{Batch, Model, StepError};
 use kernels::load::Loaded;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::matmul::ActPrecision;
-use kernels::sampler::{Sampler, SamplingConfig};
+use kernels::sampler::{Penalties, Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
 use outbox::{Events, Outbox};
 use output::TextOut;
 use scheduler::{Limits, Schedulable};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -129,6 +129,7 @@ struct NewSeq {
     stop: Vec<String>,
     /// Log-probabilities asked for: this many alternatives per token.
     logprobs: Option<u8>,
+    penalties: Option<Penalties>,
     tx: Events,
 }
 
@@ -158,6 +159,10 @@ struct Seq {
     /// text is not sent yet.
     logprobs: Option<u8>,
     pending_logprobs: Vec<TokenLogprob>,
+    /// Presence and frequency penalties and logit bias, when the request has any; and
+    /// how often each token has been generated.
+    penalties: Option<Penalties>,
+    counts: HashMap<u32, u32>,
     tx: Events,
 }
 
@@ -369,6 +374,12 @@ impl EngineWorker {
         if prompt.is_empty() {
             return Err(reject("The prompt is empty.".into()));
         }
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(&(id, _)) = req.params.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+            return Err(reject(format!(
+                "`logit_bias` names token {id}; this model's vocabulary has {vocab} tokens."
+            )));
+        }
         let need = prompt.len() + req.params.max_tokens as usize;
         if need > self.max_context {
             return Err(reject(format!(
@@ -393,6 +404,12 @@ impl EngineWorker {
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
             logprobs: p.logprobs,
+            penalties: Some(Penalties {
+                presence: p.presence_penalty,
+                frequency: p.frequency_penalty,
+                bias: p.logit_bias.clone(),
+            })
+            .filter(|p| !p.is_empty()),
             tx,
         })
     }
@@ -494,6 +511,8 @@ fn admit(n: NewSeq) -> Seq {
         out: TextOut::new(n.stop),
         logprobs: n.logprobs,
         pending_logprobs: Vec::new(),
+        penalties: n.penalties,
+        counts: HashMap::new(),
         tx: n.tx,
     }
 }
@@ -688,7 +707,7 @@ fn run_engine(
                 .map(|&(i, n)| (&running[i], n))
                 .filter(|(s, n)| s.computed + n == s.tokens.len())
                 .enumerate()
-                .filter(|(_, (s, _))| s.logprobs.is_some())
+                .filter(|(_, (s, _))| s.logprobs.is_some() || s.penalties.is_some())
                 .map(|(row, _)| row)
                 .collect();
             backend.step_sample(&batch, &params).and_then(|t| {
@@ -814,22 +833,42 @@ fn run_engine(
             }
             let (id, lp) = match &mut next {
                 Next::Tokens(t, want, logits) => {
-                    let lp = s.logprobs.and_then(|k| {
-                        let at = want.iter().position(|&r| r == row)?;
-                        let l = &logits[at * vocab..(at + 1) * vocab];
-                        Some(token_logprobs(l, t[row], k as usize))
-                    });
-                    (t[row], lp)
+                    let raw = want
+                        .iter()
+                        .position(|&r| r == row)
+                        .map(|at| &logits[at * vocab..(at + 1) * vocab]);
+                    // With penalties the device's draw is replaced by the same rule's on
+                    // the penalized row (the `sample` kernel's twin, same seed and step).
+                    let id = match (&s.penalties, raw) {
+                        (Some(p), Some(raw)) => {
+                            let mut l = raw.to_vec();
+                            p.apply(&mut l, &s.counts);
+                            kernels::cuda::twins::sample(&l, device_params(s))
+                        }
+                        _ => t[row],
+                    };
+                    let lp = s
+                        .logprobs
+                        .zip(raw)
+                        .map(|(k, raw)| token_logprobs(raw, id, k as usize));
+                    (id, lp)
                 }
                 Next::Logits(l) => {
                     let l = &mut l[row * vocab..(row + 1) * vocab];
-                    // The model's distribution, before the sampler's temperature and cuts.
+                    // The model's distribution, before penalties and the sampler's
+                    // temperature and cuts.
                     let raw = s.logprobs.map(|k| (l.to_vec(), k));
+                    if let Some(p) = &s.penalties {
+                        p.apply(l, &s.counts);
+                    }
                     let id = s.sampler.sample(l);
                     (id, raw.map(|(raw, k)| token_logprobs(&raw, id, k as usize)))
                 }
             };
             row += 1;
+            if s.penalties.is_some() {
+                *s.counts.entry(id).or_insert(0) += 1;
+            }
             if let Some(lp) = lp {
                 if !tok.stop_tokens.contains(&id) {
                     s.pending_logprobs.push(logprob_item(&tok, &lp));
@@ -1038,6 +1077,7 @@ mod tests {
             seed: 0,
             stop: vec![],
             logprobs: None,
+            penalties: None,
             tx,
         });
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");

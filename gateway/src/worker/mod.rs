@@ -59,6 +59,11 @@ pub struct SamplingParams {
     /// Return each generated token's log-probability and this many most likely
     /// alternatives' (0 to 20); `None`: no log-probabilities.
     pub logprobs: Option<u8>,
+    /// OpenAI's `presence_penalty` and `frequency_penalty` (−2 to 2).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// `logit_bias`: added to these token ids' logits (−100 to 100).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// The fair-share weight of spot-tier and best-effort requests: below any purchased rate,

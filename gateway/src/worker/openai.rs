@@ -96,6 +96,14 @@ impl OpenAiWorker {
                 None => Value::from(n),
             }),
             top_logprobs: p.logprobs.filter(|_| messages.is_some()),
+            presence_penalty: (p.presence_penalty != 0.0).then_some(p.presence_penalty),
+            frequency_penalty: (p.frequency_penalty != 0.0).then_some(p.frequency_penalty),
+            logit_bias: (!p.logit_bias.is_empty()).then(|| {
+                p.logit_bias
+                    .iter()
+                    .map(|&(id, b)| (id.to_string(), b))
+                    .collect()
+            }),
         };
         (path, serde_json::to_vec(&body).unwrap_or_default())
     }
@@ -124,6 +132,12 @@ struct UpstreamRequest<'a> {
     logprobs: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 #[derive(Serialize)]

@@ -360,6 +360,9 @@ mod tests {
                 seed: None,
                 stop,
                 logprobs: None,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                logit_bias: vec![],
             },
             stream: true,
         })

@@ -363,6 +363,9 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
             seed: None,
             stop: vec![],
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: vec![],
         },
         stream: true,
     })
