@@ -42,6 +42,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: vec![],
+            json_object: false,
         },
         stream: true,
     })

@@ -23,7 +23,7 @@ async fn openai_python_sdk_against_the_real_model() {
     };
     let model = gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m");
     let gw = Gateway::start(&engine_config(&model, ""));
-    run_sdk(&py, &gw, &["logprobs"]).await;
+    run_sdk(&py, &gw, &["engine"]).await;
 }
 
 /// Runs the SDK script against `gw` (`extra`: its optional arguments).

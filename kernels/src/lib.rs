@@ -12,6 +12,7 @@ pub mod chat;
 pub mod cuda;
 pub mod forward;
 pub mod gguf;
+pub mod json_mode;
 pub mod kv;
 pub mod load;
 pub mod logprobs;

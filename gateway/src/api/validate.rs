@@ -223,6 +223,7 @@ fn common(
             presence_penalty,
             frequency_penalty,
             logit_bias,
+            json_object: false,
         },
         stream,
         include_usage,
@@ -242,14 +243,28 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     if not_null(&req.tool_choice) && req.tool_choice != Some(Value::String("none".into())) {
         return Err(ApiError::unsupported("tool_choice", "tool calling"));
     }
-    if let Some(rf) = &req.response_format {
-        if !rf.is_null() && rf["type"] != "text" {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "structured output",
-            ));
-        }
-    }
+    let json_object = match req.response_format.as_ref().filter(|v| !v.is_null()) {
+        None => false,
+        Some(rf) => match rf["type"].as_str() {
+            Some("text") => false,
+            Some("json_object") => true,
+            Some("json_schema") => {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    "structured output with a JSON schema (`json_object` is supported)",
+                ))
+            }
+            _ => {
+                return Err(ApiError::bad(
+                    format!(
+                        "`response_format.type` must be \"text\" or \"json_object\", got {}.",
+                        rf["type"]
+                    ),
+                    Some("response_format".into()),
+                ))
+            }
+        },
+    };
     let _ = req.parallel_tool_calls;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
@@ -313,8 +328,9 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         });
     }
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
-    let (model, params, stream, include_usage) =
+    let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, logprobs, server)?;
+    params.json_object = json_object;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,
@@ -438,6 +454,11 @@ mod tests {
             (r#""logit_bias":{"x":1}"#, "logit_bias"),
             (r#""logit_bias":{"5":101}"#, "logit_bias"),
             (r#""logit_bias":[1]"#, "logit_bias"),
+            (
+                r#""response_format":{"type":"json_schema"}"#,
+                "response_format",
+            ),
+            (r#""response_format":{"type":"xml"}"#, "response_format"),
             (r#""logprobs":1"#, "logprobs"),
             (r#""top_logprobs":2"#, "top_logprobs"),
             (r#""logprobs":true,"top_logprobs":21"#, "top_logprobs"),
@@ -490,6 +511,14 @@ mod tests {
         let p = chat(body, &server()).expect("test input").params;
         assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
         assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
+        assert!(!p.json_object);
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#;
+        assert!(
+            chat(body, &server())
+                .expect("test input")
+                .params
+                .json_object
+        );
         let many: String = (0..301)
             .map(|i| format!("\"{i}\":1"))
             .collect::<Vec<_>>()

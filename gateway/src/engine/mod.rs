@@ -35,6 +35,7 @@ use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::{Batch, Model, StepError};
+use kernels::json_mode::{JsonState, JsonVocab};
 use kernels::load::Loaded;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::matmul::ActPrecision;
@@ -130,6 +131,7 @@ struct NewSeq {
     /// Log-probabilities asked for: this many alternatives per token.
     logprobs: Option<u8>,
     penalties: Option<Penalties>,
+    json_object: bool,
     tx: Events,
 }
 
@@ -163,6 +165,8 @@ struct Seq {
     /// how often each token has been generated.
     penalties: Option<Penalties>,
     counts: HashMap<u32, u32>,
+    /// JSON mode: where the object generated so far stands.
+    json: Option<JsonState>,
     tx: Events,
 }
 
@@ -233,6 +237,28 @@ impl Seq {
     }
     fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
         out.push(&self.tx, Ok(ev));
+    }
+    /// Whether its next token is drawn from adjusted logits (penalties, JSON mode).
+    fn constrained(&self) -> bool {
+        self.penalties.is_some() || self.json.is_some()
+    }
+    /// Its penalties and JSON mode, applied to a row of logits; a JSON mask that would
+    /// leave no token (a vocabulary without the bytes the object needs) leaves the stop
+    /// tokens.
+    fn adjust(&self, logits: &mut [f32], tok: &Tokenizer, json_vocab: &mut Option<JsonVocab>) {
+        if let Some(p) = &self.penalties {
+            p.apply(logits, &self.counts);
+        }
+        if let Some(json) = &self.json {
+            json.mask(logits, json_vocab.get_or_insert_with(|| JsonVocab::of(tok)));
+            if !logits.iter().any(|l| l.is_finite()) {
+                for &id in &tok.stop_tokens {
+                    if let Some(l) = logits.get_mut(id as usize) {
+                        *l = 0.0;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -410,6 +436,7 @@ impl EngineWorker {
                 bias: p.logit_bias.clone(),
             })
             .filter(|p| !p.is_empty()),
+            json_object: p.json_object,
             tx,
         })
     }
@@ -513,6 +540,7 @@ fn admit(n: NewSeq) -> Seq {
         pending_logprobs: Vec::new(),
         penalties: n.penalties,
         counts: HashMap::new(),
+        json: n.json_object.then(JsonState::new),
         tx: n.tx,
     }
 }
@@ -637,6 +665,8 @@ fn run_engine(
     mut outbox: Outbox,
 ) {
     let vocab = backend.config().vocab;
+    // JSON mode's view of the vocabulary, made on the first request that asks.
+    let mut json_vocab: Option<JsonVocab> = None;
     let mut on_device = backend.samples_on_device();
     let mut pool = BlockPool::new(backend.kv_geometry().1, limits.prefix_caching);
     let mut running: Vec<Seq> = Vec::new();
@@ -707,7 +737,7 @@ fn run_engine(
                 .map(|&(i, n)| (&running[i], n))
                 .filter(|(s, n)| s.computed + n == s.tokens.len())
                 .enumerate()
-                .filter(|(_, (s, _))| s.logprobs.is_some() || s.penalties.is_some())
+                .filter(|(_, (s, _))| s.logprobs.is_some() || s.constrained())
                 .map(|(row, _)| row)
                 .collect();
             backend.step_sample(&batch, &params).and_then(|t| {
@@ -837,13 +867,19 @@ fn run_engine(
                         .iter()
                         .position(|&r| r == row)
                         .map(|at| &logits[at * vocab..(at + 1) * vocab]);
-                    // With penalties the device's draw is replaced by the same rule's on
-                    // the penalized row (the `sample` kernel's twin, same seed and step).
-                    let id = match (&s.penalties, raw) {
-                        (Some(p), Some(raw)) => {
+                    // With penalties or JSON mode the device's draw is replaced by the same
+                    // rule's on the adjusted row (the `sample` kernel's twin, same seed and
+                    // step).
+                    let id = match raw {
+                        Some(raw) if s.constrained() => {
                             let mut l = raw.to_vec();
-                            p.apply(&mut l, &s.counts);
-                            kernels::cuda::twins::sample(&l, device_params(s))
+                            s.adjust(&mut l, &tok, &mut json_vocab);
+                            let id = kernels::cuda::twins::sample(&l, device_params(s));
+                            if l[id as usize].is_finite() {
+                                id
+                            } else {
+                                kernels::sampler::argmax(&l)
+                            }
                         }
                         _ => t[row],
                     };
@@ -858,9 +894,7 @@ fn run_engine(
                     // The model's distribution, before penalties and the sampler's
                     // temperature and cuts.
                     let raw = s.logprobs.map(|k| (l.to_vec(), k));
-                    if let Some(p) = &s.penalties {
-                        p.apply(l, &s.counts);
-                    }
+                    s.adjust(l, &tok, &mut json_vocab);
                     let id = s.sampler.sample(l);
                     (id, raw.map(|(raw, k)| token_logprobs(&raw, id, k as usize)))
                 }
@@ -868,6 +902,11 @@ fn run_engine(
             row += 1;
             if s.penalties.is_some() {
                 *s.counts.entry(id).or_insert(0) += 1;
+            }
+            if let Some(json) = &mut s.json {
+                if !tok.stop_tokens.contains(&id) {
+                    json.advance(tok.token_bytes(id));
+                }
             }
             if let Some(lp) = lp {
                 if !tok.stop_tokens.contains(&id) {
@@ -1078,6 +1117,7 @@ mod tests {
             stop: vec![],
             logprobs: None,
             penalties: None,
+            json_object: false,
             tx,
         });
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");

@@ -64,6 +64,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// `logit_bias`: added to these token ids' logits (−100 to 100).
     pub logit_bias: Vec<(u32, f32)>,
+    /// `response_format: {"type": "json_object"}`: the output is one JSON object.
+    pub json_object: bool,
 }
 
 /// The fair-share weight of spot-tier and best-effort requests: below any purchased rate,

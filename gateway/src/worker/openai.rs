@@ -98,6 +98,9 @@ impl OpenAiWorker {
             top_logprobs: p.logprobs.filter(|_| messages.is_some()),
             presence_penalty: (p.presence_penalty != 0.0).then_some(p.presence_penalty),
             frequency_penalty: (p.frequency_penalty != 0.0).then_some(p.frequency_penalty),
+            response_format: p
+                .json_object
+                .then(|| serde_json::json!({"type": "json_object"})),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()
@@ -138,6 +141,8 @@ struct UpstreamRequest<'a> {
     frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<Value>,
 }
 
 #[derive(Serialize)]

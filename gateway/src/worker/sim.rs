@@ -257,11 +257,16 @@ impl Worker for SimWorker {
         let running = self.running.clone();
         let queued = self.queued.clone();
         async move {
-            if req.params.logprobs.is_some() {
-                // Its text is made up: it has no distribution to report.
+            if req.params.logprobs.is_some() || req.params.json_object {
+                // Its text is made up: it has no distribution to report or constrain.
+                let what = if req.params.json_object {
+                    "JSON mode (`response_format`)"
+                } else {
+                    "logprobs"
+                };
                 return Err(WorkerError::Rejected {
                     status: 400,
-                    message: "this pool's workers are simulated and return no logprobs".into(),
+                    message: format!("this pool's workers are simulated: no {what}"),
                 });
             }
             let prompt_tokens = estimate_prompt_tokens(&req.prompt);
@@ -363,6 +368,7 @@ mod tests {
                 presence_penalty: 0.0,
                 frequency_penalty: 0.0,
                 logit_bias: vec![],
+                json_object: false,
             },
             stream: true,
         })

@@ -366,6 +366,7 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: vec![],
+            json_object: false,
         },
         stream: true,
     })

@@ -1,16 +1,17 @@
 """The official OpenAI Python SDK against a running tollgate gateway.
 
-Usage: python openai_sdk.py BASE_URL KEY MODEL [logprobs]
-With `logprobs` (a real model behind the gateway), also checks log-probabilities in both
-endpoints; without, checks that asking for them is refused (simulated workers).
+Usage: python openai_sdk.py BASE_URL KEY MODEL [engine]
+With `engine` (a real model behind the gateway), also checks log-probabilities in both
+endpoints and JSON mode; without, checks that they are refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
+import json
 import sys
 
 import openai
 
 base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
-with_logprobs = sys.argv[4:] == ["logprobs"]
+engine = sys.argv[4:] == ["engine"]
 client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
 # Models.
@@ -69,7 +70,7 @@ r = client.chat.completions.create(
 assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0, r
 
 # Log-probabilities: parsed by the SDK's own types.
-if with_logprobs:
+if engine:
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "Say hello"}],
@@ -100,12 +101,30 @@ if with_logprobs:
     assert "".join(lp.tokens) == c.choices[0].text, lp
     assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), lp
     assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs), lp
+    # JSON mode: one JSON object.
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}],
+        max_tokens=120,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    obj = json.loads(r.choices[0].message.content)
+    assert isinstance(obj, dict), obj
 else:
     try:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], logprobs=True)
         raise AssertionError("expected BadRequestError")
     except openai.BadRequestError as e:
         assert "logprobs" in e.body["message"], e.body
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
+        )
+        raise AssertionError("expected BadRequestError")
+    except openai.BadRequestError as e:
+        assert "JSON mode" in e.body["message"], e.body
 
 # Errors become the SDK's typed exceptions.
 try:

@@ -1,0 +1,63 @@
+//! JSON mode's per-step cost: masking one row of logits (each token checked against the
+//! recognizer's state), for a vocabulary the size of SmolLM2's.
+//!
+//! `cargo bench -p kernels --bench json_mask`. With `TOLLGATE_GGUF=path.gguf` the
+//! model's own vocabulary is used; otherwise 49,152 tokens: the 256 single bytes and
+//! random strings of 2 to 8 printable bytes (about as long as byte-level BPE tokens).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kernels::json_mode::{JsonState, JsonVocab};
+
+fn vocab() -> Vec<Vec<u8>> {
+    if let Ok(path) = std::env::var("TOLLGATE_GGUF") {
+        let loaded = kernels::load::load(std::path::Path::new(&path)).expect("load the model");
+        let t = &loaded.tokenizer;
+        return (0..t.vocab_size() as u32)
+            .map(|i| t.token_bytes(i).to_vec())
+            .collect();
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut v: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    while v.len() < 49152 {
+        let n = 2 + (next() % 7) as usize;
+        v.push((0..n).map(|_| 0x20 + (next() % 95) as u8).collect());
+    }
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    let v = vocab();
+    let jv = JsonVocab::new(v.len(), |id| &v[id as usize], |_| false, &[0]);
+    // Three states: before the object, inside a string, between values of a nested array.
+    let states = [
+        ("start", JsonState::new()),
+        ("in a string", {
+            let mut s = JsonState::new();
+            assert!(s.advance(b"{\"name\": \"Wh"));
+            s
+        }),
+        ("in an array", {
+            let mut s = JsonState::new();
+            assert!(s.advance(b"{\"a\": [1, {\"b\": [true"));
+            s
+        }),
+    ];
+    let mut logits = vec![0.0f32; v.len()];
+    for (name, st) in &states {
+        c.bench_function(&format!("mask {} tokens, {name}", v.len()), |b| {
+            b.iter(|| {
+                st.mask(&mut logits, &jv);
+                logits[0]
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
