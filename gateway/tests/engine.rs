@@ -342,27 +342,8 @@ async fn seeds_case(backend: BackendKind) {
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_worker_mode_behind_a_gateway() {
     use common::*;
-    let dir = TempDir::new();
-    let model = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let secret = "a-shared-secret-of-some-length";
-    let args: Vec<String> = [
-        "worker",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model.to_str().unwrap(),
-        "--model-id",
-        "m",
-        "--backend",
-        "cpu",
-        "--kv-tokens",
-        "4096",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let worker = Gateway::start_args(&args, &[("TOLLGATE_WORKER_SECRET", secret)]);
+    let (_dir, model) = synthetic_model_file();
+    let worker = remote_worker(&model);
     // Without the secret: 401.
     let r = client()
         .get(worker.url("/v1/models"))
@@ -371,11 +352,11 @@ async fn remote_worker_mode_behind_a_gateway() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let upstream = format!(
-        r#"{{ kind = "openai", url = "{}", api_key = "{secret}", forward_tenant = true }}"#,
-        worker.base
-    );
-    let gw = Gateway::start(&config(&upstream, "tokens_per_second = 500.0", ""));
+    let gw = Gateway::start(&config(
+        &remote_upstream(&worker),
+        "tokens_per_second = 500.0",
+        "",
+    ));
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#;
     let events = sse_events(post(&gw, "/v1/chat/completions", body).await).await;
     assert_eq!(events.last().unwrap(), "[DONE]");

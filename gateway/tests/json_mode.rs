@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use futures::StreamExt;
-use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{FinishReason, Worker, WorkerEvent};
 use kernels::json_mode::JsonState;
@@ -36,14 +35,6 @@ async fn run(
     panic!("no Done event");
 }
 
-fn backends() -> Vec<BackendKind> {
-    let mut kinds = vec![BackendKind::Cpu];
-    if emulator_present() {
-        kinds.push(BackendKind::Emulator);
-    }
-    kinds
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
     let (_dir, loaded) = synthetic_model();
@@ -52,13 +43,8 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
     let close = (0..tok.vocab_size() as u32)
         .find(|&i| tok.token_bytes(i) == b"}")
         .expect("a `}` token");
-    for kind in backends() {
-        let cfg = EngineConfig {
-            backend: kind,
-            threads: 2,
-            ..EngineConfig::default()
-        };
-        let w = EngineWorker::start("json".into(), &loaded, &cfg, 0).unwrap();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
         let mut stopped = 0;
         for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.3, 3), (0.7, 4)] {
             let (text, finish) = run(&w, temperature, seed, 48, vec![]).await;
@@ -89,9 +75,7 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
 /// workers refuse JSON mode.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_takes_json_object_and_refuses_what_it_cannot_honour() {
-    let dir = tempdir::TempDir::new();
-    let model = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
     let body = r#"{"model":"m","messages":[{"role":"user","content":"json"}],"max_tokens":40,"temperature":0,"response_format":{"type":"json_object"}}"#;
     let v: Value = post(&gw, "/v1/chat/completions", body)

@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use futures::StreamExt;
-use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{FinishReason, TokenLogprob, Worker, WorkerEvent};
 use serde_json::Value;
@@ -80,18 +79,9 @@ fn check_items(
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
     let (_dir, loaded) = synthetic_model();
-    let mut kinds = vec![BackendKind::Cpu];
-    if emulator_present() {
-        kinds.push(BackendKind::Emulator);
-    }
     let mut greedy_runs = Vec::new();
-    for kind in kinds {
-        let cfg = EngineConfig {
-            backend: kind,
-            threads: 2,
-            ..EngineConfig::default()
-        };
-        let w = EngineWorker::start("lp".into(), &loaded, &cfg, 0).unwrap();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
         let (text, items, finish, n) = run_logprobs(&w, 0.0, 3).await;
         check_items(&text, &items, finish, n, 3, true);
         let (text2, items2, finish2, n2) = run_logprobs(&w, 1.0, 0).await;
@@ -114,9 +104,7 @@ async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
 /// A gateway over the CPU engine: chat and completions, whole and streamed.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_renders_logprobs_in_each_endpoints_shape() {
-    let dir = tempdir::TempDir::new();
-    let model = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
+    let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"temperature":0,"logprobs":true,"top_logprobs":2}"#;
 
@@ -227,32 +215,9 @@ async fn the_api_renders_logprobs_in_each_endpoints_shape() {
 /// on; simulated workers refuse them.
 #[tokio::test(flavor = "multi_thread")]
 async fn logprobs_pass_through_a_remote_worker_and_simulated_workers_refuse_them() {
-    let dir = tempdir::TempDir::new();
-    let model = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&model, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let secret = "a-shared-secret-of-some-length";
-    let args: Vec<String> = [
-        "worker",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model.to_str().unwrap(),
-        "--model-id",
-        "m",
-        "--backend",
-        "cpu",
-        "--kv-tokens",
-        "4096",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let worker = Gateway::start_args(&args, &[("TOLLGATE_WORKER_SECRET", secret)]);
-    let upstream = format!(
-        r#"{{ kind = "openai", url = "{}", api_key = "{secret}", forward_tenant = true }}"#,
-        worker.base
-    );
-    let gw = Gateway::start(&config(&upstream, "", ""));
+    let (_dir, model) = synthetic_model_file();
+    let worker = remote_worker(&model);
+    let gw = Gateway::start(&config(&remote_upstream(&worker), "", ""));
     for (path, body) in [
         (
             "/v1/chat/completions",
@@ -273,7 +238,7 @@ async fn logprobs_pass_through_a_remote_worker_and_simulated_workers_refuse_them
             // gateway: the same log-probabilities.
             let direct = client()
                 .post(worker.url(path))
-                .bearer_auth(secret)
+                .bearer_auth(WORKER_SECRET)
                 .header("content-type", "application/json")
                 .body(body.clone())
                 .send()

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use futures::StreamExt;
-use gateway::config::{BackendKind, EngineConfig};
+use gateway::config::BackendKind;
 use gateway::engine::EngineWorker;
 use gateway::worker::{TokenLogprob, Worker, WorkerEvent};
 use std::collections::HashMap;
@@ -40,24 +40,11 @@ fn tokens(items: &[TokenLogprob]) -> Vec<&str> {
     items.iter().map(|t| t.token.as_str()).collect()
 }
 
-fn backends() -> Vec<BackendKind> {
-    let mut kinds = vec![BackendKind::Cpu];
-    if emulator_present() {
-        kinds.push(BackendKind::Emulator);
-    }
-    kinds
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_greedy_token_is_the_best_after_penalties() {
     let (_dir, loaded) = synthetic_model();
-    for kind in backends() {
-        let cfg = EngineConfig {
-            backend: kind,
-            threads: 2,
-            ..EngineConfig::default()
-        };
-        let w = EngineWorker::start("pen".into(), &loaded, &cfg, 0).unwrap();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
         let (presence, frequency) = (0.5f32, 1.5f32);
         let items = run(&w, presence, frequency, vec![]).await;
         assert!(items.len() > 4, "{kind:?}: {:?}", tokens(&items));
@@ -97,13 +84,8 @@ async fn each_greedy_token_is_the_best_after_penalties() {
 async fn logit_bias_forces_and_bans_tokens() {
     let (_dir, loaded) = synthetic_model();
     let tok = loaded.tokenizer.clone();
-    for kind in backends() {
-        let cfg = EngineConfig {
-            backend: kind,
-            threads: 2,
-            ..EngineConfig::default()
-        };
-        let w = EngineWorker::start("bias".into(), &loaded, &cfg, 0).unwrap();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
         // +100 on token 300: every token is 300.
         let forced = run(&w, 0.0, 0.0, vec![(300, 100.0)]).await;
         assert_eq!(forced.len(), 16, "{kind:?}");
@@ -126,7 +108,7 @@ async fn logit_bias_forces_and_bans_tokens() {
         );
     }
     // A token past the vocabulary is refused.
-    let w = EngineWorker::start("bias".into(), &loaded, &EngineConfig::default(), 0).unwrap();
+    let w = engine_on(&loaded, BackendKind::Cpu);
     let mut r = (*worker_req("x", 4)).clone();
     r.params.logit_bias = vec![(1 << 30, 1.0)];
     match w.submit(Arc::new(r)).await {

@@ -344,6 +344,70 @@ pub fn synthetic_model() -> (tempdir::TempDir, kernels::load::Loaded) {
     (dir, loaded)
 }
 
+/// The synthetic tiny model written to a scratch directory (kept while the `TempDir`
+/// lives), for a gateway config's `source`.
+pub fn synthetic_model_file() -> (tempdir::TempDir, std::path::PathBuf) {
+    let dir = tempdir::TempDir::new();
+    let path = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
+    (dir, path)
+}
+
+/// The secret between a gateway and the `gateway worker` behind it.
+pub const WORKER_SECRET: &str = "a-shared-secret-of-some-length";
+
+/// `gateway worker` serving `model` (id `m`) on the CPU backend, with [`WORKER_SECRET`].
+pub fn remote_worker(model: &std::path::Path) -> Gateway {
+    let args: Vec<String> = [
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model.to_str().unwrap(),
+        "--model-id",
+        "m",
+        "--backend",
+        "cpu",
+        "--kv-tokens",
+        "4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Gateway::start_args(&args, &[("TOLLGATE_WORKER_SECRET", WORKER_SECRET)])
+}
+
+/// A pool's `openai` worker entry for `worker`, passing the tenant on.
+pub fn remote_upstream(worker: &Gateway) -> String {
+    format!(
+        r#"{{ kind = "openai", url = "{}", api_key = "{WORKER_SECRET}", forward_tenant = true }}"#,
+        worker.base
+    )
+}
+
+/// The engine backends to run a test on: the CPU, and the GPU path on the CUDA emulator
+/// where it is built.
+pub fn engine_backends() -> Vec<gateway::config::BackendKind> {
+    let mut kinds = vec![gateway::config::BackendKind::Cpu];
+    if emulator_present() {
+        kinds.push(gateway::config::BackendKind::Emulator);
+    }
+    kinds
+}
+
+/// An engine worker on `kind` with 2 CPU threads and the default sizes.
+pub fn engine_on(
+    loaded: &kernels::load::Loaded,
+    kind: gateway::config::BackendKind,
+) -> gateway::engine::EngineWorker {
+    let cfg = gateway::config::EngineConfig {
+        backend: kind,
+        threads: 2,
+        ..gateway::config::EngineConfig::default()
+    };
+    gateway::engine::EngineWorker::start("test".into(), loaded, &cfg, 0).unwrap()
+}
+
 /// A streamed, greedy request for a worker, of tenant `t`.
 pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerRequest> {
     use gateway::worker::{Prompt, SamplingParams, WorkerRequest};

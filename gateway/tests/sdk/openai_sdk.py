@@ -69,31 +69,33 @@ r = client.chat.completions.create(
 )
 assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0, r
 
+
+def hello(**extra):
+    """A short greedy chat with `extra` options."""
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=6, temperature=0, **extra
+    )
+
+
+def refused(**extra):
+    """The BadRequestError's body for a chat with `extra` options."""
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], **extra)
+    except openai.BadRequestError as e:
+        return e.body
+    raise AssertionError(f"expected BadRequestError for {extra}")
+
+
 # Log-probabilities: parsed by the SDK's own types.
 if engine:
-    r = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Say hello"}],
-        max_tokens=6,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-    )
+    r = hello(logprobs=True, top_logprobs=3)
     items = r.choices[0].logprobs.content
     assert "".join(t.token for t in items) == r.choices[0].message.content, items
     for t in items:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
         assert t.top_logprobs[0].token == t.token, t
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Say hello"}],
-        max_tokens=6,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-        stream=True,
-    )
+    stream = hello(logprobs=True, top_logprobs=3, stream=True)
     streamed = [t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in items]
     c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0, logprobs=2)
@@ -113,18 +115,8 @@ if engine:
     obj = json.loads(r.choices[0].message.content)
     assert isinstance(obj, dict), obj
 else:
-    try:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], logprobs=True)
-        raise AssertionError("expected BadRequestError")
-    except openai.BadRequestError as e:
-        assert "logprobs" in e.body["message"], e.body
-    try:
-        client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
-        )
-        raise AssertionError("expected BadRequestError")
-    except openai.BadRequestError as e:
-        assert "JSON mode" in e.body["message"], e.body
+    assert "logprobs" in refused(logprobs=True)["message"]
+    assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
 
 # Errors become the SDK's typed exceptions.
 try:
@@ -132,11 +124,7 @@ try:
     raise AssertionError("expected NotFoundError")
 except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
-try:
-    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], temperature=9)
-    raise AssertionError("expected BadRequestError")
-except openai.BadRequestError as e:
-    assert e.body["param"] == "temperature", e.body
+assert refused(temperature=9)["param"] == "temperature"
 try:
     openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
     raise AssertionError("expected AuthenticationError")
