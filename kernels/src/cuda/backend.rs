@@ -511,14 +511,19 @@ impl<E: Exec> Backend for CudaBackend<E> {
                 self.last_rows
             )));
         }
+        let (Some(&lo), Some(&hi)) = (rows.iter().min(), rows.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        // One copy of the rows from the first asked to the last (a step's logits rows are
+        // contiguous), then the asked ones picked out.
+        let span = self
+            .dev
+            .exec
+            .download_at(&self.dev.bufs.logits, lo * vocab..(hi + 1) * vocab)
+            .map_err(|e| StepError::Device(e.to_string()))?;
         let mut out = Vec::with_capacity(rows.len() * vocab);
         for &r in rows {
-            let row = self
-                .dev
-                .exec
-                .download_at(&self.dev.bufs.logits, r * vocab..(r + 1) * vocab)
-                .map_err(|e| StepError::Device(e.to_string()))?;
-            out.extend(row);
+            out.extend_from_slice(&span[(r - lo) * vocab..(r - lo + 1) * vocab]);
         }
         Ok(out)
     }
