@@ -257,6 +257,11 @@ async fn run(
         req.params.logprobs.is_some(),
     );
     let stream = req.stream;
+    // Completions' `echo`: the prompt goes out first.
+    let echo = match (&req.prompt, req.echo) {
+        (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
+        _ => None,
+    };
     let weight = if meter.best_effort || spot {
         Some(crate::worker::LOWEST_WEIGHT)
     } else {
@@ -303,6 +308,7 @@ async fn run(
         deadline,
         text: String::new(),
         logprobs: Vec::new(),
+        echo,
     };
     if stream {
         Ok(Reply::Stream(sse))
@@ -407,6 +413,8 @@ struct SseStream {
     deadline: TokioInstant,
     text: String,
     logprobs: Vec<crate::worker::TokenLogprob>,
+    /// The prompt, to send before the completion (`echo`).
+    echo: Option<String>,
 }
 
 enum Step {
@@ -440,6 +448,9 @@ impl SseStream {
 
     /// Non-streamed: gather the whole answer, then one JSON body.
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
+        if let Some(prompt) = self.echo.take() {
+            self.text = prompt;
+        }
         loop {
             match self.next_step().await {
                 Step::Event(WorkerEvent::Delta {
@@ -470,9 +481,12 @@ impl SseStream {
     }
 
     /// Streamed: SSE frames produced as the client reads them.
-    fn into_response(self, meter: Meter) -> Response {
+    fn into_response(mut self, meter: Meter) -> Response {
         let mut head = BytesMut::new();
         self.renderer.role_frame(&mut head);
+        if let Some(prompt) = self.echo.take() {
+            self.renderer.delta_frame(&mut head, &prompt, &[]);
+        }
         let state = (self, meter, Some(head), false);
         // The request's span outlives its handler: keep it on the body's work too.
         let span = tracing::Span::current();

@@ -319,3 +319,33 @@ async fn tenant_concurrency_cap_gives_429() {
         .await
     );
 }
+
+/// Completions' `echo`: the prompt first, in the body and as the stream's first text.
+#[tokio::test]
+async fn completions_echo_the_prompt_first() {
+    let gw = Gateway::start(&config(FAST_SIM, "", ""));
+    let plain = r#"{"model":"m","prompt":"once upon","max_tokens":4}"#;
+    let echoed = r#"{"model":"m","prompt":"once upon","max_tokens":4,"echo":true}"#;
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let a: Value = post(&gw, "/v1/completions", plain)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let b: Value = post(&gw, "/v1/completions", echoed)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(text(&b), format!("once upon{}", text(&a)));
+    assert_eq!(a["usage"], b["usage"], "the echo is not generated");
+    let body = echoed.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);
+    let events = sse_events(post(&gw, "/v1/completions", &body).await).await;
+    let texts: Vec<String> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| text(&serde_json::from_str(e).unwrap()))
+        .collect();
+    assert_eq!(texts[0], "once upon");
+    assert_eq!(texts.concat(), text(&b));
+}

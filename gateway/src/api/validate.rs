@@ -27,6 +27,8 @@ pub struct InferenceRequest {
     pub params: SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
+    /// Completions with `echo`: the prompt, sent back before the completion.
+    pub echo: bool,
 }
 
 /// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
@@ -338,6 +340,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         params,
         stream,
         include_usage,
+        echo: false,
     })
 }
 
@@ -345,9 +348,6 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
 pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
     let req: CompletionRequest = typed(body)?;
     let c: CommonParams = typed(body)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::unsupported("echo", "echoing the prompt"));
-    }
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::unsupported("best_of", "`best_of` > 1"));
     }
@@ -374,6 +374,13 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         }
     };
     let logprobs = completion_logprobs(&c.logprobs)?;
+    let echo = req.echo == Some(true);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::unsupported(
+            "echo",
+            "`echo` with `logprobs` (the prompt's log-probabilities)",
+        ));
+    }
     let (model, params, stream, include_usage) = common(c, None, logprobs, server)?;
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
@@ -382,6 +389,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         params,
         stream,
         include_usage,
+        echo,
     })
 }
 
@@ -536,6 +544,12 @@ mod tests {
         assert!(matches!(ok.prompt, Prompt::Text(ref t) if t == "once"));
         assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
         assert!(completion(br#"{"model":"m","prompt":[1,2]}"#, &server()).is_err());
-        assert!(completion(br#"{"model":"m","prompt":"x","echo":true}"#, &server()).is_err());
+        let echo = completion(br#"{"model":"m","prompt":"x","echo":true}"#, &server());
+        assert!(echo.expect("test input").echo);
+        assert!(completion(
+            br#"{"model":"m","prompt":"x","echo":true,"logprobs":1}"#,
+            &server()
+        )
+        .is_err());
     }
 }
