@@ -12,7 +12,7 @@
 //! settled with what was really generated.
 
 use crate::api::error::ApiError;
-use crate::api::render::Renderer;
+use crate::api::render::{ChoiceOut, Renderer};
 use crate::api::validate::InferenceRequest;
 use crate::config::{Overflow, Tier};
 use crate::limits::{headers, AdmitError, Buckets, ConcurrencySlot, Contract, Limiter};
@@ -238,7 +238,10 @@ async fn run(
         || crate::worker::estimate_prompt_tokens(&req.prompt),
         |ids| ids.len() as u32,
     );
-    let cost = input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64;
+    // `n` choices: each its own sequence, so its own prompt and output.
+    let n = req.n.max(1) as usize;
+    let cost =
+        n as f64 * (input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64);
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
@@ -255,6 +258,7 @@ async fn run(
         &req.model,
         req.include_usage,
         req.params.logprobs.is_some(),
+        n,
     );
     let stream = req.stream;
     // Completions' `echo`: the prompt goes out first.
@@ -285,29 +289,49 @@ async fn run(
         who: crate::route::room::Who {
             tenant: wreq.tenant.clone(),
             weight: weight.unwrap_or(1.0),
-            cost,
+            cost: cost / n as f64,
         },
     };
-    let (lease, events, first) = dispatch(
-        pool,
-        &wreq,
-        input_tokens,
-        server.max_retries,
-        deadline,
-        queue,
-    )
+    // Each choice is routed on its own (a seed, when given, moves on by the choice's
+    // index, so that the choices differ and are reproducible), all at once.
+    let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                return wreq.clone();
+            }
+            let mut r = (*wreq).clone();
+            r.params.seed = r.params.seed.map(|s| s.wrapping_add(i as u64));
+            Arc::new(r)
+        })
+        .collect();
+    let routed = futures::future::try_join_all(wreqs.iter().map(|r| {
+        dispatch(
+            pool,
+            r,
+            input_tokens,
+            server.max_retries,
+            deadline,
+            queue.clone(),
+        )
+    }))
     .await?;
-    meter.worker = lease.worker().name().to_string();
-    tracing::debug!(worker = lease.worker().name(), "routed");
+    meter.worker = routed[0].0.worker().name().to_string();
+    tracing::debug!(worker = %meter.worker, choices = n, "routed");
     let sse = SseStream {
         renderer,
-        events,
-        first: Some(first),
-        lease,
+        choices: routed
+            .into_iter()
+            .map(|(lease, events, first)| Choice {
+                lease,
+                events,
+                first: Some(first),
+                text: String::new(),
+                logprobs: Vec::new(),
+                done: None,
+            })
+            .collect(),
         _concurrency_slot: concurrency_slot,
         deadline,
-        text: String::new(),
-        logprobs: Vec::new(),
         echo,
     };
     if stream {
@@ -318,6 +342,7 @@ async fn run(
 }
 
 /// How long and how many requests may wait for a worker slot, and who this one is.
+#[derive(Clone)]
 struct Queue {
     depth: usize,
     until: TokioInstant,
@@ -403,42 +428,89 @@ fn worker_error(e: WorkerError) -> ApiError {
     }
 }
 
-/// A routed request's remaining life: the worker's events, rendered.
-struct SseStream {
-    renderer: Renderer,
+/// One choice of a routed request: its worker's events, and what it has produced.
+struct Choice {
+    lease: Lease,
     events: EventStream,
     first: Option<WorkerEvent>,
-    lease: Lease,
-    _concurrency_slot: ConcurrencySlot,
-    deadline: TokioInstant,
     text: String,
     logprobs: Vec<crate::worker::TokenLogprob>,
+    /// How it finished, once it has.
+    done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
+}
+
+/// A routed request's remaining life: its choices' events, rendered.
+struct SseStream {
+    renderer: Renderer,
+    choices: Vec<Choice>,
+    _concurrency_slot: ConcurrencySlot,
+    deadline: TokioInstant,
     /// The prompt, to send before the completion (`echo`).
     echo: Option<String>,
 }
 
 enum Step {
-    Event(WorkerEvent),
+    /// Choice `usize`'s next event.
+    Event(usize, WorkerEvent),
     Failed(ApiError),
 }
 
+/// The usage of a request's choices together: the prompt once (each choice's sequence
+/// computed it, possibly from the prefix cache; the least cached counts), the completions
+/// added up.
+fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
+    let done = choices.iter().filter_map(|c| c.done.map(|d| d.1));
+    done.fold(None, |acc: Option<crate::worker::Usage>, u| {
+        Some(match acc {
+            None => u,
+            Some(a) => crate::worker::Usage {
+                prompt_tokens: a.prompt_tokens.max(u.prompt_tokens),
+                completion_tokens: a.completion_tokens + u.completion_tokens,
+                cached_tokens: a.cached_tokens.min(u.cached_tokens),
+            },
+        })
+    })
+    .unwrap_or_default()
+}
+
 impl SseStream {
+    /// The next event of any unfinished choice (first events first, in choice order).
     async fn next_step(&mut self) -> Step {
-        if let Some(ev) = self.first.take() {
-            return Step::Event(ev);
+        for (i, c) in self.choices.iter_mut().enumerate() {
+            if let Some(ev) = c.first.take() {
+                return Step::Event(i, ev);
+            }
         }
-        match tokio::time::timeout_at(self.deadline, self.events.next()).await {
-            Err(_) => Step::Failed(ApiError::Timeout),
-            Ok(Some(Ok(ev))) => Step::Event(ev),
-            Ok(Some(Err(e))) => {
+        let next = if self.choices.len() == 1 {
+            let e = &mut self.choices[0].events;
+            tokio::time::timeout_at(self.deadline, async { (0, e.next().await) }).await
+        } else {
+            let pending = self
+                .choices
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, c)| c.done.is_none())
+                .map(|(i, c)| Box::pin(async move { (i, c.events.next().await) }));
+            tokio::time::timeout_at(self.deadline, futures::future::select_all(pending))
+                .await
+                .map(|(got, _, _)| got)
+        };
+        let (i, ev) = match next {
+            Err(_) => return Step::Failed(ApiError::Timeout),
+            Ok(got) => got,
+        };
+        let lease = &mut self.choices[i].lease;
+        match ev {
+            Some(Ok(ev)) => Step::Event(i, ev),
+            Some(Err(e)) => {
                 if e.counts_against_worker() {
-                    self.lease.failure();
+                    lease.failure();
                 }
-                tracing::warn!(worker = self.lease.worker().name(), error = %e, "worker failed mid-request");
+                tracing::warn!(worker = lease.worker().name(), error = %e, "worker failed mid-request");
                 Step::Failed(worker_error(e))
             }
-            Ok(None) => {
-                self.lease.failure();
+            None => {
+                lease.failure();
                 Step::Failed(ApiError::Upstream(
                     "The worker's answer ended early.".into(),
                 ))
@@ -446,31 +518,63 @@ impl SseStream {
         }
     }
 
+    /// Takes choice `i`'s end; true once every choice has ended.
+    fn finish(
+        &mut self,
+        i: usize,
+        finish: crate::worker::FinishReason,
+        usage: crate::worker::Usage,
+    ) -> bool {
+        let c = &mut self.choices[i];
+        c.lease.success();
+        c.done = Some((finish, usage));
+        self.choices.iter().all(|c| c.done.is_some())
+    }
+
     /// Non-streamed: gather the whole answer, then one JSON body.
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
         if let Some(prompt) = self.echo.take() {
-            self.text = prompt;
+            for c in &mut self.choices {
+                c.text = prompt.clone();
+            }
         }
         loop {
             match self.next_step().await {
-                Step::Event(WorkerEvent::Delta {
-                    text,
-                    tokens,
-                    logprobs,
-                }) => {
+                Step::Event(
+                    i,
+                    WorkerEvent::Delta {
+                        text,
+                        tokens,
+                        logprobs,
+                    },
+                ) => {
                     meter.tokens(tokens);
-                    self.text.push_str(&text);
-                    self.logprobs.extend(logprobs);
+                    let c = &mut self.choices[i];
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprobs);
                 }
-                Step::Event(WorkerEvent::Done {
-                    finish_reason,
-                    usage,
-                }) => {
-                    self.lease.success();
+                Step::Event(
+                    i,
+                    WorkerEvent::Done {
+                        finish_reason,
+                        usage,
+                    },
+                ) => {
+                    if !self.finish(i, finish_reason, usage) {
+                        continue;
+                    }
+                    let usage = total_usage(&self.choices);
                     meter.success(usage).await;
-                    let body = self
-                        .renderer
-                        .full(&self.text, &self.logprobs, finish_reason, usage);
+                    let out: Vec<ChoiceOut<'_>> = self
+                        .choices
+                        .iter()
+                        .map(|c| ChoiceOut {
+                            text: &c.text,
+                            logprobs: &c.logprobs,
+                            finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
+                        })
+                        .collect();
+                    let body = self.renderer.full(&out, usage);
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
                     );
@@ -485,7 +589,9 @@ impl SseStream {
         let mut head = BytesMut::new();
         self.renderer.role_frame(&mut head);
         if let Some(prompt) = self.echo.take() {
-            self.renderer.delta_frame(&mut head, &prompt, &[]);
+            for i in 0..self.choices.len() {
+                self.renderer.delta_frame(&mut head, i, &prompt, &[]);
+            }
         }
         let state = (self, meter, Some(head), false);
         // The request's span outlives its handler: keep it on the body's work too.
@@ -498,24 +604,35 @@ impl SseStream {
                 }
                 let mut out = head.unwrap_or_default();
                 let ended = match s.next_step().await {
-                    Step::Event(WorkerEvent::Delta {
-                        text,
-                        tokens,
-                        logprobs,
-                    }) => {
+                    Step::Event(
+                        i,
+                        WorkerEvent::Delta {
+                            text,
+                            tokens,
+                            logprobs,
+                        },
+                    ) => {
                         meter.tokens(tokens);
-                        s.renderer.delta_frame(&mut out, &text, &logprobs);
+                        s.renderer.delta_frame(&mut out, i, &text, &logprobs);
                         false
                     }
-                    Step::Event(WorkerEvent::Done {
-                        finish_reason,
-                        usage,
-                    }) => {
-                        s.lease.success();
-                        // Durable before the final frames go out (see `meter`).
-                        meter.success(usage).await;
-                        s.renderer.final_frames(&mut out, finish_reason, usage);
-                        true
+                    Step::Event(
+                        i,
+                        WorkerEvent::Done {
+                            finish_reason,
+                            usage,
+                        },
+                    ) => {
+                        let all = s.finish(i, finish_reason, usage);
+                        if all {
+                            // Durable before the final frames go out (see `meter`).
+                            meter.success(total_usage(&s.choices)).await;
+                        }
+                        s.renderer.finish_frame(&mut out, i, finish_reason);
+                        if all {
+                            s.renderer.end_frames(&mut out, total_usage(&s.choices));
+                        }
+                        all
                     }
                     Step::Failed(e) => {
                         meter.failure("stream_error");

@@ -17,8 +17,16 @@ pub struct Renderer {
     pub include_usage: bool,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
-    /// Characters of completion text rendered so far (the legacy `text_offset`).
-    offset: usize,
+    /// Per choice: characters of completion text rendered so far (the legacy
+    /// `text_offset`).
+    offsets: Vec<usize>,
+}
+
+/// One finished choice of a whole response.
+pub struct ChoiceOut<'a> {
+    pub text: &'a str,
+    pub logprobs: &'a [TokenLogprob],
+    pub finish: FinishReason,
 }
 
 fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
@@ -29,7 +37,14 @@ fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl Renderer {
-    pub fn new(endpoint: Endpoint, model: &str, include_usage: bool, logprobs: bool) -> Self {
+    /// A renderer of `n` choices.
+    pub fn new(
+        endpoint: Endpoint,
+        model: &str,
+        include_usage: bool,
+        logprobs: bool,
+        n: usize,
+    ) -> Self {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl-",
             Endpoint::Completion => "cmpl-",
@@ -44,7 +59,7 @@ impl Renderer {
                 .unwrap_or(0),
             include_usage,
             logprobs,
-            offset: 0,
+            offsets: vec![0; n.max(1)],
         }
     }
 
@@ -55,6 +70,7 @@ impl Renderer {
     fn chunk(
         &self,
         out: &mut BytesMut,
+        index: usize,
         delta: Delta<'_>,
         text: &str,
         logprobs: Option<&[TokenLogprob]>,
@@ -69,7 +85,7 @@ impl Renderer {
                     created: self.created,
                     model: &self.model,
                     choices: vec![ChunkChoice {
-                        index: 0,
+                        index: index as u32,
                         delta,
                         logprobs: logprobs.map(|content| ChatLogprobs {
                             content,
@@ -88,9 +104,11 @@ impl Renderer {
                     created: self.created,
                     model: &self.model,
                     choices: vec![TextChoice {
-                        index: 0,
+                        index: index as u32,
                         text,
-                        logprobs: logprobs.map(|items| TextLogprobs::new(items, self.offset)),
+                        logprobs: logprobs.map(|items| {
+                            TextLogprobs::new(items, self.offsets.get(index).copied().unwrap_or(0))
+                        }),
                         finish_reason: finish,
                     }],
                     usage: self.usage_field(),
@@ -99,33 +117,55 @@ impl Renderer {
         }
     }
 
-    /// The first frame of a chat stream announces the assistant role.
+    /// The first frames of a chat stream announce the assistant role, one per choice.
     pub fn role_frame(&self, out: &mut BytesMut) {
         if self.endpoint == Endpoint::Chat {
-            let delta = Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            };
-            self.chunk(out, delta, "", None, None);
+            for index in 0..self.offsets.len() {
+                let delta = Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                };
+                self.chunk(out, index, delta, "", None, None);
+            }
         }
     }
 
-    /// A piece of text, with its tokens' log-probabilities when the request asked.
-    pub fn delta_frame(&mut self, out: &mut BytesMut, text: &str, logprobs: &[TokenLogprob]) {
+    /// A piece of choice `index`'s text, with its tokens' log-probabilities when the
+    /// request asked.
+    pub fn delta_frame(
+        &mut self,
+        out: &mut BytesMut,
+        index: usize,
+        text: &str,
+        logprobs: &[TokenLogprob],
+    ) {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        self.chunk(out, delta, text, self.logprobs.then_some(logprobs), None);
-        self.offset += logprobs
-            .iter()
-            .map(|t| t.token.chars().count())
-            .sum::<usize>();
+        self.chunk(
+            out,
+            index,
+            delta,
+            text,
+            self.logprobs.then_some(logprobs),
+            None,
+        );
+        if let Some(o) = self.offsets.get_mut(index) {
+            *o += logprobs
+                .iter()
+                .map(|t| t.token.chars().count())
+                .sum::<usize>();
+        }
     }
 
-    /// The finish frame, the usage frame (when asked for) and `[DONE]`.
-    pub fn final_frames(&self, out: &mut BytesMut, finish: FinishReason, usage: Usage) {
-        self.chunk(out, Delta::default(), "", None, Some(finish));
+    /// Choice `index`'s finish frame.
+    pub fn finish_frame(&self, out: &mut BytesMut, index: usize, finish: FinishReason) {
+        self.chunk(out, index, Delta::default(), "", None, Some(finish));
+    }
+
+    /// The usage frame (when asked for) and `[DONE]`, once every choice has finished.
+    pub fn end_frames(&self, out: &mut BytesMut, usage: Usage) {
         if self.include_usage {
             let usage = Some(Some(UsageOut::from(usage)));
             match self.endpoint {
@@ -163,34 +203,34 @@ impl Renderer {
         out.put_slice(b"\n\n");
     }
 
-    /// A whole (non-streamed) response body, with its tokens' log-probabilities when the
-    /// request asked.
-    pub fn full(
-        &self,
-        text: &str,
-        logprobs: &[TokenLogprob],
-        finish: FinishReason,
-        usage: Usage,
-    ) -> Bytes {
-        let logprobs = self.logprobs.then_some(logprobs);
+    /// A whole (non-streamed) response body, with each choice's tokens' log-probabilities
+    /// when the request asked.
+    pub fn full(&self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
         let body = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
                 id: &self.id,
                 object: "chat.completion",
                 created: self.created,
                 model: &self.model,
-                choices: [ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: text,
-                    },
-                    logprobs: logprobs.map(|content| ChatLogprobs {
-                        content,
-                        refusal: None,
-                    }),
-                    finish_reason: finish,
-                }],
+                choices: choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ChatChoice {
+                        index: i as u32,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: c.text,
+                        },
+                        logprobs: self
+                            .logprobs
+                            .then_some(c.logprobs)
+                            .map(|content| ChatLogprobs {
+                                content,
+                                refusal: None,
+                            }),
+                        finish_reason: c.finish,
+                    })
+                    .collect(),
                 usage: usage.into(),
                 system_fingerprint: None,
             }),
@@ -199,12 +239,19 @@ impl Renderer {
                 object: "text_completion",
                 created: self.created,
                 model: &self.model,
-                choices: [TextChoice {
-                    index: 0,
-                    text,
-                    logprobs: logprobs.map(|items| TextLogprobs::new(items, 0)),
-                    finish_reason: Some(finish),
-                }],
+                choices: choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| TextChoice {
+                        index: i as u32,
+                        text: c.text,
+                        logprobs: self
+                            .logprobs
+                            .then_some(c.logprobs)
+                            .map(|items| TextLogprobs::new(items, 0)),
+                        finish_reason: Some(c.finish),
+                    })
+                    .collect(),
                 usage: usage.into(),
             }),
         };

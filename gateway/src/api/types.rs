@@ -120,7 +120,7 @@ pub struct ChatCompletion<'a> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
+    pub choices: Vec<ChatChoice<'a>>,
     pub usage: UsageOut,
     pub system_fingerprint: Option<&'a str>,
 }
@@ -145,7 +145,7 @@ pub struct TextCompletion<'a> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [TextChoice<'a>; 1],
+    pub choices: Vec<TextChoice<'a>>,
     pub usage: UsageOut,
 }
 

@@ -29,7 +29,12 @@ pub struct InferenceRequest {
     pub include_usage: bool,
     /// Completions with `echo`: the prompt, sent back before the completion.
     pub echo: bool,
+    /// Choices to generate (`n`), each on its own sequence.
+    pub n: u32,
 }
+
+/// The most choices a request may ask for (`n`).
+pub const MAX_N: u32 = 16;
 
 /// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
 fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -148,6 +153,18 @@ fn completion_logprobs(logprobs: &Option<Value>) -> Result<Option<u8>, ApiError>
     }
 }
 
+/// `n`: 1 when absent, else from 1 to [`MAX_N`].
+fn choices(n: Option<u32>) -> Result<u32, ApiError> {
+    match n {
+        None => Ok(1),
+        Some(n) if (1..=MAX_N).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad(
+            format!("`n` must be from 1 to {MAX_N}, got {n}."),
+            Some("n".into()),
+        )),
+    }
+}
+
 fn common(
     c: CommonParams,
     max_tokens: Option<u32>,
@@ -159,11 +176,6 @@ fn common(
             "`model` must not be empty.",
             Some("model".into()),
         ));
-    }
-    if let Some(n) = c.n {
-        if n != 1 {
-            return Err(ApiError::unsupported("n", "more than one choice (`n` > 1)"));
-        }
     }
     let max_tokens = max_tokens
         .or(c.max_tokens)
@@ -330,6 +342,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         });
     }
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
+    let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, logprobs, server)?;
     params.json_object = json_object;
@@ -341,6 +354,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         stream,
         include_usage,
         echo: false,
+        n,
     })
 }
 
@@ -375,6 +389,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     };
     let logprobs = completion_logprobs(&c.logprobs)?;
     let echo = req.echo == Some(true);
+    let n = choices(c.n)?;
     if echo && logprobs.is_some() {
         return Err(ApiError::unsupported(
             "echo",
@@ -390,6 +405,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         stream,
         include_usage,
         echo,
+        n,
     })
 }
 
@@ -455,7 +471,8 @@ mod tests {
             (r#""max_tokens":100000"#, "max_tokens"),
             (r#""temperature":2.5"#, "temperature"),
             (r#""top_p":1.5"#, "top_p"),
-            (r#""n":2"#, "n"),
+            (r#""n":0"#, "n"),
+            (r#""n":17"#, "n"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""presence_penalty":2.5"#, "presence_penalty"),
             (r#""frequency_penalty":-3"#, "frequency_penalty"),
@@ -480,7 +497,7 @@ mod tests {
             let (s, p, m) = err(&format!("{{{base},{extra}}}"));
             assert_eq!((s, p.as_deref()), (400, Some(param)), "{extra}: {m}");
         }
-        let (_, _, m) = err(&format!("{{{base},\"n\":3}}"));
+        let (_, _, m) = err(&format!("{{{base},\"tools\":[{{\"type\":\"function\"}}]}}"));
         assert!(m.contains("not supported"), "{m}");
     }
 

@@ -57,18 +57,6 @@ assert usage.prompt_tokens == r.usage.prompt_tokens, usage
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0)
 assert c.choices[0].text and 0 < c.usage.completion_tokens <= 3, c
 
-# Penalties and logit bias are accepted (and applied by engines).
-r = client.chat.completions.create(
-    model=model,
-    messages=[{"role": "user", "content": "Say hello"}],
-    max_tokens=4,
-    temperature=0,
-    presence_penalty=0.2,
-    frequency_penalty=0.5,
-    logit_bias={"0": -100},
-)
-assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0, r
-
 
 def hello(**extra):
     """A short greedy chat with `extra` options."""
@@ -85,6 +73,23 @@ def refused(**extra):
         return e.body
     raise AssertionError(f"expected BadRequestError for {extra}")
 
+
+# Several choices.
+r = hello(n=2, seed=3)
+assert [c.index for c in r.choices] == [0, 1], r
+assert all(c.message.content for c in r.choices), r
+
+# Penalties and logit bias are accepted (and applied by engines).
+r = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Say hello"}],
+    max_tokens=4,
+    temperature=0,
+    presence_penalty=0.2,
+    frequency_penalty=0.5,
+    logit_bias={"0": -100},
+)
+assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0, r
 
 # Log-probabilities: parsed by the SDK's own types.
 if engine:

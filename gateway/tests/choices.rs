@@ -1,0 +1,145 @@
+//! `n` choices per request: each its own sequence on the engine (routed on its own), whole
+//! and streamed, with the seed moving on by the choice's index; admission reserves for
+//! all of them.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+fn chat(n: u32, extra: &str) -> String {
+    format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":8,"temperature":1,"seed":7,"n":{n}{extra}}}"#
+    )
+}
+
+fn texts(v: &Value) -> Vec<String> {
+    v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i as u64, "{v}");
+            c["message"]["content"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn n_choices_whole_and_streamed() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let one: Value = post(&gw, "/v1/chat/completions", &chat(1, ""))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let three: Value = post(&gw, "/v1/chat/completions", &chat(3, ""))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let t = texts(&three);
+    assert_eq!(t.len(), 3);
+    // Choice 0 has the request's seed; the others the seed plus their index.
+    assert_eq!(t[0], texts(&one)[0], "{three}");
+    assert!(t[1] != t[0] || t[2] != t[0], "the choices differ: {t:?}");
+    let again: Value = post(&gw, "/v1/chat/completions", &chat(3, ""))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(texts(&again), t, "the same seed, the same choices");
+    // Usage: the prompt once, the completions added up.
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    let done = three["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((3..=24).contains(&done), "{three}");
+
+    // Streamed: a role frame per choice, each choice's text and finish by its index, one
+    // usage frame after all have finished, then [DONE].
+    let body = chat(
+        3,
+        r#","stream":true,"stream_options":{"include_usage":true}"#,
+    );
+    let events = sse_events(post(&gw, "/v1/chat/completions", &body).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let (mut text, mut roles, mut finishes) = (BTreeMap::new(), 0, 0);
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert!(usage.is_none(), "nothing after the usage frame: {c}");
+        if !c["usage"].is_null() {
+            usage = Some(c["usage"].clone());
+            continue;
+        }
+        let ch = &c["choices"][0];
+        let i = ch["index"].as_u64().unwrap();
+        if ch["delta"]["role"] == "assistant" {
+            roles += 1;
+        }
+        if let Some(s) = ch["delta"]["content"].as_str() {
+            text.entry(i).or_insert_with(String::new).push_str(s);
+        }
+        if !ch["finish_reason"].is_null() {
+            finishes += 1;
+        }
+    }
+    assert_eq!((roles, finishes), (3, 3), "{events:?}");
+    assert_eq!(
+        text.into_values().collect::<Vec<_>>(),
+        t,
+        "streamed as whole"
+    );
+    assert_eq!(usage.unwrap()["completion_tokens"], done);
+
+    // Completions with logprobs: each choice its own lists.
+    let body = r#"{"model":"m","prompt":"once","max_tokens":4,"temperature":0,"n":2,"logprobs":1}"#;
+    let v: Value = post(&gw, "/v1/completions", body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for c in choices {
+        let tokens: Vec<&str> = c["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.concat(), c["text"].as_str().unwrap(), "{v}");
+    }
+    assert_eq!(
+        choices[0]["text"], choices[1]["text"],
+        "greedy: the same text"
+    );
+}
+
+/// Admission reserves for every choice: a request that fits the burst alone does not
+/// with three choices.
+#[tokio::test(flavor = "multi_thread")]
+async fn admission_reserves_for_every_choice() {
+    let gw = Gateway::start(&config(
+        FAST_SIM,
+        "tokens_per_second = 10.0\nburst_seconds = 10.0",
+        "",
+    ));
+    let body = |n: u32| {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"max_tokens":12,"n":{n}}}"#
+        )
+    };
+    let r = post(&gw, "/v1/chat/completions", &body(1)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    let r = post(&gw, "/v1/chat/completions", &body(3)).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_exceeds_contract", "{v}");
+}
