@@ -30,6 +30,10 @@ use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
 use tracing::Instrument;
 
+/// Prompts of at least this many tokens route a request's other choices after its first
+/// has started (see `run`).
+const STAGGER_PROMPT_TOKENS: usize = 256;
+
 /// Marks a response admitted past contract under `overflow = "best_effort"`.
 pub const OVERFLOW_HEADER: &str = "x-tollgate-overflow";
 
@@ -304,17 +308,20 @@ async fn run(
             Arc::new(r)
         })
         .collect();
-    let routed = futures::future::try_join_all(wreqs.iter().map(|r| {
-        dispatch(
-            pool,
-            r,
-            input_tokens,
-            server.max_retries,
-            deadline,
-            queue.clone(),
-        )
-    }))
-    .await?;
+    let route = |r: Arc<WorkerRequest>| {
+        let queue = queue.clone();
+        async move { dispatch(pool, &r, input_tokens, server.max_retries, deadline, queue).await }
+    };
+    // With a long prompt the other choices wait for the first one's first event: by then
+    // its prompt's KV blocks are in its engine's prefix cache, and prefix affinity routes
+    // the others there, so the prompt is computed once rather than n times.
+    let routed = if n > 1 && input_tokens as usize >= STAGGER_PROMPT_TOKENS {
+        let first = route(wreqs[0].clone()).await?;
+        let rest = futures::future::try_join_all(wreqs[1..].iter().cloned().map(route)).await?;
+        std::iter::once(first).chain(rest).collect()
+    } else {
+        futures::future::try_join_all(wreqs.iter().cloned().map(route)).await?
+    };
     meter.worker = routed[0].0.worker().name().to_string();
     tracing::debug!(worker = %meter.worker, choices = n, "routed");
     let sse = SseStream {

@@ -143,3 +143,34 @@ async fn admission_reserves_for_every_choice() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "request_exceeds_contract", "{v}");
 }
+
+/// With a long prompt the other choices start after the first: they find its prompt in the
+/// engine's prefix cache, so the prompt is computed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn choices_of_a_long_prompt_share_its_computation() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let prompt = "lorem ipsum dolor sit amet ".repeat(60);
+    let body =
+        format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":3,"temperature":0,"n":3}}"#);
+    let v: Value = post(&gw, "/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens >= 256, "{v}");
+    let m = gw.metrics().await;
+    let cached = m
+        .lines()
+        .find(|l| l.starts_with("tollgate_engine_cached_prompt_tokens_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no cached prompt tokens in {m}"));
+    // Two choices took whole blocks of the prompt from the cache (all but the last block,
+    // partly filled, and at most one block less than the prompt).
+    assert!(
+        cached >= 2.0 * (prompt_tokens as f64 - 32.0),
+        "{cached} cached of 2 × {prompt_tokens}"
+    );
+}
