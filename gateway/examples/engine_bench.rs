@@ -31,19 +31,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         model: "m".into(),
         prompt: Prompt::Text(prompt),
         prompt_ids: None,
-        params: SamplingParams {
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            stop: vec![],
-            logprobs: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            logit_bias: vec![],
-            json_object: false,
-        },
+        params: SamplingParams::greedy(max_tokens),
         stream: true,
     })
 }

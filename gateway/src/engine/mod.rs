@@ -238,6 +238,23 @@ impl Seq {
     fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
         out.push(&self.tx, Ok(ev));
     }
+    /// Takes its next token `id`, with its log-probabilities when asked: counted for the
+    /// penalties, fed to JSON mode, its item queued for the next text sent (a stop token
+    /// is counted only).
+    fn take(&mut self, id: u32, lp: Option<TokenLogprobs>, tok: &Tokenizer) {
+        if self.penalties.is_some() {
+            *self.counts.entry(id).or_insert(0) += 1;
+        }
+        if !tok.stop_tokens.contains(&id) {
+            if let Some(json) = &mut self.json {
+                json.advance(tok.token_bytes(id));
+            }
+            if let Some(lp) = lp {
+                self.pending_logprobs.push(logprob_item(tok, &lp));
+            }
+        }
+        self.tokens.push(id);
+    }
     /// Whether its next token is drawn from adjusted logits (penalties, JSON mode).
     fn constrained(&self) -> bool {
         self.penalties.is_some() || self.json.is_some()
@@ -730,7 +747,8 @@ fn run_engine(
                 .filter(|(s, n)| s.computed + n == s.tokens.len())
                 .map(|(s, _)| device_params(s))
                 .collect();
-            // Rows whose log-probabilities are asked for: their logits, read back.
+            // Rows that want log-probabilities, or whose token is drawn from adjusted
+            // logits (penalties, JSON mode): their logits, read back.
             let want: Vec<usize> = plan
                 .items
                 .iter()
@@ -900,20 +918,7 @@ fn run_engine(
                 }
             };
             row += 1;
-            if s.penalties.is_some() {
-                *s.counts.entry(id).or_insert(0) += 1;
-            }
-            if let Some(json) = &mut s.json {
-                if !tok.stop_tokens.contains(&id) {
-                    json.advance(tok.token_bytes(id));
-                }
-            }
-            if let Some(lp) = lp {
-                if !tok.stop_tokens.contains(&id) {
-                    s.pending_logprobs.push(logprob_item(&tok, &lp));
-                }
-            }
-            s.tokens.push(id);
+            s.take(id, lp, &tok);
             if let Some(reason) = emit(s, &tok, id, &mut outbox) {
                 let tail = s.out.finish();
                 let logprobs = std::mem::take(&mut s.pending_logprobs);

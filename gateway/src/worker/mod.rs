@@ -68,6 +68,25 @@ pub struct SamplingParams {
     pub json_object: bool,
 }
 
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens` tokens, with no other option set.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: Vec::new(),
+            logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            json_object: false,
+        }
+    }
+}
+
 /// The fair-share weight of spot-tier and best-effort requests: below any purchased rate,
 /// so an engine admits them last and preempts them first.
 pub const LOWEST_WEIGHT: f64 = 1e-3;

@@ -358,17 +358,9 @@ mod tests {
             prompt: Prompt::Text(prompt.into()),
             prompt_ids: None,
             params: SamplingParams {
-                max_tokens,
                 temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-                seed: None,
                 stop,
-                logprobs: None,
-                presence_penalty: 0.0,
-                frequency_penalty: 0.0,
-                logit_bias: vec![],
-                json_object: false,
+                ..SamplingParams::greedy(max_tokens)
             },
             stream: true,
         })
