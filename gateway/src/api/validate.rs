@@ -1,8 +1,8 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (`n > 1`, tools, structured output, …) are refused with a 400 that says so rather than silently
-//! dropped.
+//! (tools, `json_schema`, `best_of`, …) are refused with a 400 that says so rather than
+//! silently dropped.
 
 use super::error::ApiError;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
