@@ -631,13 +631,14 @@ impl SseStream {
                         },
                     ) => {
                         let all = s.finish(i, finish_reason, usage);
-                        if all {
+                        let total = all.then(|| total_usage(&s.choices));
+                        if let Some(total) = total {
                             // Durable before the final frames go out (see `meter`).
-                            meter.success(total_usage(&s.choices)).await;
+                            meter.success(total).await;
                         }
                         s.renderer.finish_frame(&mut out, i, finish_reason);
-                        if all {
-                            s.renderer.end_frames(&mut out, total_usage(&s.choices));
+                        if let Some(total) = total {
+                            s.renderer.end_frames(&mut out, total);
                         }
                         all
                     }

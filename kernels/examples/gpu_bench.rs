@@ -77,14 +77,7 @@ fn main() {
         let built = Gpu::open_for_with(0, &smol, &[("CHUNK_KEYS", chunk)]);
         for batch in [1usize, 16] {
             let row = built.as_ref().map_err(|e| e.to_string()).and_then(|b| {
-                let sms =
-                    kernels::cuda::exec::Exec::multiprocessors(b).map_err(|e| e.to_string())?;
-                let z = kernels::cuda::device::attention_splits(
-                    batch,
-                    3,
-                    sms,
-                    4096usize.div_ceil(chunk),
-                );
+                let z = bench::attention_split(b, batch, 4096, chunk).map_err(|e| e.to_string())?;
                 bench::attention(b, batch, 4096, chunk, z, ITERS).map_err(|e| e.to_string())
             });
             match row {

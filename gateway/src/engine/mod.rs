@@ -740,23 +740,19 @@ fn run_engine(
         let t_step = std::time::Instant::now();
         stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
         let stepped = if on_device {
-            let params: Vec<SampleParams> = plan
+            // The sequences that get a token this step, one per logits row.
+            let sampled: Vec<&Seq> = plan
                 .items
                 .iter()
                 .map(|&(i, n)| (&running[i], n))
                 .filter(|(s, n)| s.computed + n == s.tokens.len())
-                .map(|(s, _)| device_params(s))
+                .map(|(s, _)| s)
                 .collect();
+            let params: Vec<SampleParams> = sampled.iter().map(|s| device_params(s)).collect();
             // Rows that want log-probabilities, or whose token is drawn from adjusted
             // logits (penalties, JSON mode): their logits, read back.
-            let want: Vec<usize> = plan
-                .items
-                .iter()
-                .map(|&(i, n)| (&running[i], n))
-                .filter(|(s, n)| s.computed + n == s.tokens.len())
-                .enumerate()
-                .filter(|(_, (s, _))| s.logprobs.is_some() || s.constrained())
-                .map(|(row, _)| row)
+            let want: Vec<usize> = (0..sampled.len())
+                .filter(|&r| sampled[r].logprobs.is_some() || sampled[r].constrained())
                 .collect();
             backend.step_sample(&batch, &params).and_then(|t| {
                 let rows = if want.is_empty() {

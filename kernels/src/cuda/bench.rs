@@ -315,6 +315,18 @@ fn sample<E: Exec>(
     Ok(rows)
 }
 
+/// The blocks per row the step gives a decode attention of `batch` rows at `ctx` keys
+/// (the benchmark's 16-slot KV blocks) with chunks of `chunk_keys`, on `e`.
+pub fn attention_split<E: Exec>(
+    e: &E,
+    batch: usize,
+    ctx: usize,
+    chunk_keys: usize,
+) -> Result<usize, ExecError> {
+    let chunks = (ctx.div_ceil(16) * 16).div_ceil(chunk_keys);
+    Ok(attention_splits(batch, 3, e.multiprocessors()?, chunks))
+}
+
 /// Decode attention over one layer with SmolLM2's heads (9 query heads over 3 KV heads of
 /// 64): `batch` sequences at `ctx` keys each, on a build with `CHUNK_KEYS = chunk_keys`,
 /// each row's chunks spread over `z` blocks (1: one block per row and KV head).
@@ -439,14 +451,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     // Paged decode attention: one layer, SmolLM2's heads, every sequence at `ctx` (as in
     // the decode step), then at `long_ctx`: split as the step launches it (a row's chunks
     // over several blocks when rows are few), and with one block per row and KV head.
-    let sms = e.multiprocessors()?;
     for &batch in &sizes.decode {
         for ctx in [sizes.ctx, sizes.long_ctx] {
-            let chunks = ctx
-                .div_ceil(16)
-                .saturating_mul(16)
-                .div_ceil(ATTENTION_CHUNK_KEYS);
-            let split = attention_splits(batch, 3, sms, chunks);
+            let split = attention_split(e, batch, ctx, ATTENTION_CHUNK_KEYS)?;
             let mut spreads = vec![split];
             if ctx == sizes.long_ctx && split > 1 {
                 spreads.push(1);
