@@ -63,11 +63,7 @@ async fn chat_and_completion_non_streamed_with_usage() {
 #[tokio::test]
 async fn streamed_chat_matches_non_streamed_and_reports_usage() {
     let gw = Gateway::start(&config(FAST_SIM, "", ""));
-    let whole: Value = post(&gw, "/v1/chat/completions", CHAT)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let whole: Value = post_json(&gw, "/v1/chat/completions", CHAT).await;
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}"#;
     let r = post(&gw, "/v1/chat/completions", body).await;
     assert_eq!(r.status(), 200);
@@ -327,16 +323,8 @@ async fn completions_echo_the_prompt_first() {
     let plain = r#"{"model":"m","prompt":"once upon","max_tokens":4}"#;
     let echoed = r#"{"model":"m","prompt":"once upon","max_tokens":4,"echo":true}"#;
     let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
-    let a: Value = post(&gw, "/v1/completions", plain)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let b: Value = post(&gw, "/v1/completions", echoed)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let a: Value = post_json(&gw, "/v1/completions", plain).await;
+    let b: Value = post_json(&gw, "/v1/completions", echoed).await;
     assert_eq!(text(&b), format!("once upon{}", text(&a)));
     assert_eq!(a["usage"], b["usage"], "the echo is not generated");
     let body = echoed.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);

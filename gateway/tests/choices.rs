@@ -30,26 +30,14 @@ fn texts(v: &Value) -> Vec<String> {
 async fn n_choices_whole_and_streamed() {
     let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
-    let one: Value = post(&gw, "/v1/chat/completions", &chat(1, ""))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let three: Value = post(&gw, "/v1/chat/completions", &chat(3, ""))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let one: Value = post_json(&gw, "/v1/chat/completions", &chat(1, "")).await;
+    let three: Value = post_json(&gw, "/v1/chat/completions", &chat(3, "")).await;
     let t = texts(&three);
     assert_eq!(t.len(), 3);
     // Choice 0 has the request's seed; the others the seed plus their index.
     assert_eq!(t[0], texts(&one)[0], "{three}");
     assert!(t[1] != t[0] || t[2] != t[0], "the choices differ: {t:?}");
-    let again: Value = post(&gw, "/v1/chat/completions", &chat(3, ""))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = post_json(&gw, "/v1/chat/completions", &chat(3, "")).await;
     assert_eq!(texts(&again), t, "the same seed, the same choices");
     // Usage: the prompt once, the completions added up.
     assert_eq!(
@@ -98,11 +86,7 @@ async fn n_choices_whole_and_streamed() {
 
     // Completions with logprobs: each choice its own lists.
     let body = r#"{"model":"m","prompt":"once","max_tokens":4,"temperature":0,"n":2,"logprobs":1}"#;
-    let v: Value = post(&gw, "/v1/completions", body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/completions", body).await;
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 2);
     for c in choices {
@@ -153,11 +137,7 @@ async fn choices_of_a_long_prompt_share_its_computation() {
     let prompt = "lorem ipsum dolor sit amet ".repeat(60);
     let body =
         format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":3,"temperature":0,"n":3}}"#);
-    let v: Value = post(&gw, "/v1/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/completions", &body).await;
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens >= 256, "{v}");
     let m = gw.metrics().await;

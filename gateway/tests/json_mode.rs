@@ -78,11 +78,7 @@ async fn the_api_takes_json_object_and_refuses_what_it_cannot_honour() {
     let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
     let body = r#"{"model":"m","messages":[{"role":"user","content":"json"}],"max_tokens":40,"temperature":0,"response_format":{"type":"json_object"}}"#;
-    let v: Value = post(&gw, "/v1/chat/completions", body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/chat/completions", body).await;
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     let mut st = JsonState::new();
     assert!(st.advance(text.as_bytes()), "{v}");

@@ -109,11 +109,7 @@ async fn the_api_renders_logprobs_in_each_endpoints_shape() {
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"temperature":0,"logprobs":true,"top_logprobs":2}"#;
 
     // Chat, whole: one item per token, its text the message's.
-    let v: Value = post(&gw, "/v1/chat/completions", chat)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/chat/completions", chat).await;
     let content = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
@@ -156,11 +152,7 @@ async fn the_api_renders_logprobs_in_each_endpoints_shape() {
     // Completions: the legacy lists, of equal length; offsets into the text.
     let text_body =
         r#"{"model":"m","prompt":"once upon","max_tokens":10,"temperature":0,"logprobs":2}"#;
-    let v: Value = post(&gw, "/v1/completions", text_body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/completions", text_body).await;
     let lp = &v["choices"][0]["logprobs"];
     let tokens: Vec<&str> = lp["tokens"]
         .as_array()
@@ -203,11 +195,7 @@ async fn the_api_renders_logprobs_in_each_endpoints_shape() {
 
     // Not asked: null.
     let plain = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
-    let v: Value = post(&gw, "/v1/chat/completions", plain)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&gw, "/v1/chat/completions", plain).await;
     assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
 }
 

@@ -265,6 +265,11 @@ pub async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// `post`, and its body as JSON.
+pub async fn post_json(gw: &Gateway, path: &str, body: &str) -> serde_json::Value {
+    post(gw, path, body).await.json().await.unwrap()
+}
+
 /// Reads a whole SSE body into its `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.unwrap();
