@@ -43,6 +43,7 @@ async fn run_sdk(py: &std::path::Path, gw: &Gateway, extra: &[&str]) {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stdout}");
     assert!(
         out.status.success() && stdout.trim_end().ends_with("ok"),
         "SDK check failed:\n{stdout}\n{stderr}"

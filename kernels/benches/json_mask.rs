@@ -4,9 +4,12 @@
 //! `cargo bench -p kernels --bench json_mask`. With `TOLLGATE_GGUF=path.gguf` the
 //! model's own vocabulary is used; otherwise 49,152 tokens: the 256 single bytes and
 //! random strings of 2 to 8 printable bytes (about as long as byte-level BPE tokens).
+//! JSON mode's states, then structured output's (a schema with fixed keys, an enum and
+//! optional properties).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kernels::json_mode::{JsonState, JsonVocab};
+use kernels::json_schema::Schema;
 
 fn vocab() -> Vec<Vec<u8>> {
     if let Ok(path) = std::env::var("TOLLGATE_GGUF") {
@@ -48,8 +51,41 @@ fn bench(c: &mut Criterion) {
             s
         }),
     ];
+    // Structured output: a Pydantic-like schema, where keys and an enum are fixed texts
+    // and optional properties leave several readings.
+    let schema = std::sync::Arc::new(
+        Schema::compile(&serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "kind": {"enum": ["cat", "dog", "bird"]},
+                "age": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                "nickname": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}}
+            },
+            "required": ["name", "kind"],
+            "additionalProperties": false
+        }))
+        .expect("the schema compiles"),
+    );
+    let at = |prefix: &[u8]| {
+        let mut s = JsonState::with_schema(schema.clone());
+        assert!(s.advance(prefix));
+        s
+    };
+    let states = states.into_iter().chain([
+        ("schema: in a string", at(b"{\"name\": \"Wh")),
+        (
+            "schema: in an enum",
+            at(b"{\"name\": \"Whiskers\", \"kind\": \""),
+        ),
+        (
+            "schema: optional keys",
+            at(b"{\"name\": \"Whiskers\", \"kind\": \"cat\", "),
+        ),
+    ]);
     let mut logits = vec![0.0f32; v.len()];
-    for (name, st) in &states {
+    for (name, st) in states {
         c.bench_function(&format!("mask {} tokens, {name}", v.len()), |b| {
             b.iter(|| {
                 st.mask(&mut logits, &jv);

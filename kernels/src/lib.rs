@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod forward;
 pub mod gguf;
 pub mod json_mode;
+pub mod json_schema;
 pub mod kv;
 pub mod load;
 pub mod logprobs;

@@ -40,6 +40,21 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// A `json_schema` the engine cannot follow: a 400 that names the keyword or the place.
+impl From<kernels::json_schema::SchemaError> for ApiError {
+    fn from(e: kernels::json_schema::SchemaError) -> Self {
+        let code = match e {
+            kernels::json_schema::SchemaError::Unsupported { .. } => Some("unsupported_parameter"),
+            _ => None,
+        };
+        ApiError::BadRequest {
+            message: format!("`response_format.json_schema.schema`: {e}."),
+            param: Some("response_format.json_schema.schema".into()),
+            code,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     error: Inner<'a>,

@@ -1,15 +1,17 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (tools, `json_schema`, `best_of`, …) are refused with a 400 that says so rather than
-//! silently dropped.
+//! (tools, `best_of`, schema keywords its structured output cannot follow, …) are refused
+//! with a 400 that says so rather than silently dropped.
 
 use super::error::ApiError;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
 use crate::config::ServerConfig;
-use crate::worker::{ChatMessage, Prompt, SamplingParams};
+use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
+use kernels::json_schema::Schema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Which endpoint a request came in on (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,11 +239,56 @@ fn common(
             presence_penalty,
             frequency_penalty,
             logit_bias,
-            json_object: false,
+            json: None,
         },
         stream,
         include_usage,
     ))
+}
+
+/// `response_format`: text (`None`), JSON mode, or structured output with its schema
+/// compiled here, so that a schema the engine cannot follow is refused before it is
+/// admitted.
+fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
+    let Some(rf) = rf.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match rf["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(JsonFormat::Object)),
+        Some("json_schema") => {
+            let param = "response_format.json_schema";
+            let spec = rf
+                .get("json_schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "`response_format.json_schema` must be an object with the `schema`.",
+                        Some(param.into()),
+                    )
+                })?;
+            if spec.get("name").is_some_and(|n| !n.is_string()) {
+                return Err(ApiError::bad(
+                    "`response_format.json_schema.name` must be a string.",
+                    Some(format!("{param}.name")),
+                ));
+            }
+            // No schema: any JSON value (the empty schema).
+            let schema = spec.get("schema").cloned().unwrap_or(Value::Bool(true));
+            let compiled = Schema::compile(&schema).map_err(ApiError::from)?;
+            Ok(Some(JsonFormat::Schema {
+                spec: Arc::new(spec.clone()),
+                compiled: Arc::new(compiled),
+            }))
+        }
+        _ => Err(ApiError::bad(
+            format!(
+                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}.",
+                rf["type"]
+            ),
+            Some("response_format".into()),
+        )),
+    }
 }
 
 /// Validates a `/v1/chat/completions` body.
@@ -257,28 +304,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     if not_null(&req.tool_choice) && req.tool_choice != Some(Value::String("none".into())) {
         return Err(ApiError::unsupported("tool_choice", "tool calling"));
     }
-    let json_object = match req.response_format.as_ref().filter(|v| !v.is_null()) {
-        None => false,
-        Some(rf) => match rf["type"].as_str() {
-            Some("text") => false,
-            Some("json_object") => true,
-            Some("json_schema") => {
-                return Err(ApiError::unsupported(
-                    "response_format",
-                    "structured output with a JSON schema (`json_object` is supported)",
-                ))
-            }
-            _ => {
-                return Err(ApiError::bad(
-                    format!(
-                        "`response_format.type` must be \"text\" or \"json_object\", got {}.",
-                        rf["type"]
-                    ),
-                    Some("response_format".into()),
-                ))
-            }
-        },
-    };
+    let json = response_format(req.response_format.as_ref())?;
     let _ = req.parallel_tool_calls;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
@@ -345,7 +371,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, logprobs, server)?;
-    params.json_object = json_object;
+    params.json = json;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,
@@ -481,7 +507,15 @@ mod tests {
             (r#""logit_bias":[1]"#, "logit_bias"),
             (
                 r#""response_format":{"type":"json_schema"}"#,
-                "response_format",
+                "response_format.json_schema",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"string","pattern":"a+"}}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r##""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"$ref":"#/nowhere"}}}"##,
+                "response_format.json_schema.schema",
             ),
             (r#""response_format":{"type":"xml"}"#, "response_format"),
             (r#""logprobs":1"#, "logprobs"),
@@ -536,14 +570,17 @@ mod tests {
         let p = chat(body, &server()).expect("test input").params;
         assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
         assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
-        assert!(!p.json_object);
+        assert!(p.json.is_none());
         let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#;
-        assert!(
-            chat(body, &server())
-                .expect("test input")
-                .params
-                .json_object
-        );
+        assert!(matches!(
+            chat(body, &server()).expect("test input").params.json,
+            Some(JsonFormat::Object)
+        ));
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":false}}}}"#;
+        match chat(body, &server()).expect("test input").params.json {
+            Some(JsonFormat::Schema { spec, .. }) => assert_eq!(spec["name"], "p"),
+            other => panic!("{other:?}"),
+        }
         let many: String = (0..301)
             .map(|i| format!("\"{i}\":1"))
             .collect::<Vec<_>>()

@@ -20,8 +20,8 @@ pub mod scheduler;
 
 use crate::config::{BackendKind, EngineConfig, EngineSizes};
 use crate::worker::{
-    EngineCounters, EventStream, FinishReason, Load, Prompt, TokenLogprob, TopLogprob, Usage,
-    Worker, WorkerError, WorkerEvent, WorkerRequest,
+    EngineCounters, EventStream, FinishReason, JsonFormat, Load, Prompt, TokenLogprob, TopLogprob,
+    Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
 };
 use blocks::{chain, BlockPool};
 use fair::{Fair, Tenanted};
@@ -131,7 +131,8 @@ struct NewSeq {
     /// Log-probabilities asked for: this many alternatives per token.
     logprobs: Option<u8>,
     penalties: Option<Penalties>,
-    json_object: bool,
+    /// JSON mode or structured output: where the document starts.
+    json: Option<JsonState>,
     tx: Events,
 }
 
@@ -165,7 +166,7 @@ struct Seq {
     /// how often each token has been generated.
     penalties: Option<Penalties>,
     counts: HashMap<u32, u32>,
-    /// JSON mode: where the object generated so far stands.
+    /// JSON mode or structured output: where the document generated so far stands.
     json: Option<JsonState>,
     tx: Events,
 }
@@ -453,7 +454,10 @@ impl EngineWorker {
                 bias: p.logit_bias.clone(),
             })
             .filter(|p| !p.is_empty()),
-            json_object: p.json_object,
+            json: p.json.as_ref().map(|j| match j {
+                JsonFormat::Object => JsonState::new(),
+                JsonFormat::Schema { compiled, .. } => JsonState::with_schema(compiled.clone()),
+            }),
             tx,
         })
     }
@@ -557,7 +561,7 @@ fn admit(n: NewSeq) -> Seq {
         pending_logprobs: Vec::new(),
         penalties: n.penalties,
         counts: HashMap::new(),
-        json: n.json_object.then(JsonState::new),
+        json: n.json,
         tx: n.tx,
     }
 }
@@ -1118,7 +1122,7 @@ mod tests {
             stop: vec![],
             logprobs: None,
             penalties: None,
-            json_object: false,
+            json: None,
             tx,
         });
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");

@@ -64,8 +64,35 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// `logit_bias`: added to these token ids' logits (−100 to 100).
     pub logit_bias: Vec<(u32, f32)>,
-    /// `response_format: {"type": "json_object"}`: the output is one JSON object.
-    pub json_object: bool,
+    /// `response_format` `json_object` or `json_schema`: the output is one JSON object, or
+    /// one document of a schema.
+    pub json: Option<JsonFormat>,
+}
+
+/// What shape of JSON a request's output must have.
+#[derive(Debug, Clone)]
+pub enum JsonFormat {
+    /// `{"type": "json_object"}`: one JSON object.
+    Object,
+    /// `{"type": "json_schema", "json_schema": spec}`: a document of `spec.schema`,
+    /// compiled when the request was validated; `spec` is passed on to upstreams as it
+    /// came.
+    Schema {
+        spec: Arc<serde_json::Value>,
+        compiled: Arc<kernels::json_schema::Schema>,
+    },
+}
+
+impl JsonFormat {
+    /// The `response_format` object that asks an OpenAI-compatible server for it.
+    pub fn response_format(&self) -> serde_json::Value {
+        match self {
+            Self::Object => serde_json::json!({"type": "json_object"}),
+            Self::Schema { spec, .. } => {
+                serde_json::json!({"type": "json_schema", "json_schema": spec.as_ref()})
+            }
+        }
+    }
 }
 
 impl SamplingParams {
@@ -82,7 +109,7 @@ impl SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
-            json_object: false,
+            json: None,
         }
     }
 }

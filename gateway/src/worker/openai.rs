@@ -98,9 +98,7 @@ impl OpenAiWorker {
             top_logprobs: p.logprobs.filter(|_| messages.is_some()),
             presence_penalty: (p.presence_penalty != 0.0).then_some(p.presence_penalty),
             frequency_penalty: (p.frequency_penalty != 0.0).then_some(p.frequency_penalty),
-            response_format: p
-                .json_object
-                .then(|| serde_json::json!({"type": "json_object"})),
+            response_format: p.json.as_ref().map(|j| j.response_format()),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

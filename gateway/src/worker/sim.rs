@@ -257,10 +257,10 @@ impl Worker for SimWorker {
         let running = self.running.clone();
         let queued = self.queued.clone();
         async move {
-            if req.params.logprobs.is_some() || req.params.json_object {
+            if req.params.logprobs.is_some() || req.params.json.is_some() {
                 // Its text is made up: it has no distribution to report or constrain.
-                let what = if req.params.json_object {
-                    "JSON mode (`response_format`)"
+                let what = if req.params.json.is_some() {
+                    "JSON mode or structured output (`response_format`)"
                 } else {
                     "logprobs"
                 };

@@ -2,7 +2,8 @@
 
 Usage: python openai_sdk.py BASE_URL KEY MODEL [engine]
 With `engine` (a real model behind the gateway), also checks log-probabilities in both
-endpoints and JSON mode; without, checks that they are refused (simulated workers).
+endpoints, JSON mode and structured output (a Pydantic model through the SDK's
+`parse`); without, checks that they are refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import json
@@ -119,6 +120,35 @@ if engine:
     assert r.choices[0].finish_reason == "stop", r
     obj = json.loads(r.choices[0].message.content)
     assert isinstance(obj, dict), obj
+    # Structured output: the SDK's own `parse` with a Pydantic model (it sends the model's
+    # strict JSON schema and validates the answer against the model).
+    from typing import Literal
+
+    import pydantic
+
+    class Cat(pydantic.BaseModel):
+        name: str
+        age: int
+        color: Literal["black", "white", "orange", "grey"]
+
+    chat = client.beta.chat.completions if hasattr(client, "beta") and hasattr(client.beta, "chat") else client.chat.completions
+    r = chat.parse(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object with a name, an age and a color."}],
+        max_tokens=120,
+        temperature=0,
+        response_format=Cat,
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    cat = r.choices[0].message.parsed
+    assert isinstance(cat, Cat), r
+    print("structured output:", r.choices[0].message.content)
+    assert "pattern" in refused(
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}},
+        }
+    )["message"]
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
