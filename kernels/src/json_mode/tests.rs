@@ -1,0 +1,376 @@
+//! The recognizer and the mask: whole documents, refusals where they go wrong, random
+//! walks through a schema, and the mask's shortcuts against trying every byte.
+
+use super::*;
+
+/// Feeds `s` byte by byte; returns how many bytes were taken.
+fn feed(s: &str) -> (JsonState, usize) {
+    let mut st = JsonState::new();
+    for (i, b) in s.bytes().enumerate() {
+        if !st.advance(&[b]) {
+            return (st, i);
+        }
+    }
+    (st, s.len())
+}
+
+#[test]
+fn whole_objects_are_accepted_and_complete() {
+    for doc in [
+        r#"{}"#,
+        r#"{"a":1}"#,
+        r#"{ "a" : [1, -2.5e+3, 0, 0.0, 1E9, true, false, null, "x\"\\\/\b\f\n\r\t\u00e9"] , "b": {"c": []} }"#,
+        "{\"k\": \"caf\u{e9} \u{1F600}\"}",
+        r#"{"nested":[[[{"d":[{}]}]]],"n":-0}"#,
+    ] {
+        let (st, n) = feed(doc);
+        assert_eq!(n, doc.len(), "{doc}: stopped at byte {n}");
+        assert!(st.done(), "{doc}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(doc).is_ok(),
+            "{doc}"
+        );
+    }
+}
+
+#[test]
+fn invalid_bytes_are_refused_where_they_appear() {
+    for (doc, at) in [
+        ("[1]", 0),
+        (" {}", 0),
+        ("\"s\"", 0),
+        ("{a", 1),
+        ("{\"a\" 1", 5),
+        ("{\"a\":01", 6),
+        ("{\"a\":1.}", 7),
+        ("{\"a\":-}", 6),
+        ("{\"a\":1e}", 7),
+        ("{\"a\":tru}", 8),
+        ("{\"a\":[1,]}", 8),
+        ("{\"a\":1,}", 7),
+        ("{\"a\":\"\\x\"}", 7),
+        ("{\"a\":\"\\u12g4\"}", 10),
+        ("{\"a\":\"line\nbreak\"}", 10),
+        ("{\"a\":1]", 6),
+        ("{} ", 2),
+        ("{\"a\":1e123}", 9),
+        ("{}{}", 2),
+    ] {
+        let (st, n) = feed(doc);
+        assert_eq!(n, at, "{doc}: {st:?}");
+    }
+}
+
+#[test]
+fn tokens_of_several_bytes_and_their_containers() {
+    let mut st = JsonState::new();
+    assert!(st.allows(b"{\""));
+    assert!(!st.allows(b"}"));
+    assert!(!st.allows(b""));
+    assert!(st.advance(b"{\"a\": [{"));
+    // A token that closes two containers and opens none: the state's own stack.
+    assert!(st.allows(b"}]"));
+    assert!(!st.allows(b"]]"));
+    assert!(st.advance(b"\"b\":1}], \"c\""));
+    assert!(!st.done());
+    assert!(st.advance(b":2}"));
+    assert!(st.done());
+    assert!(!st.allows(b" "));
+}
+
+#[test]
+fn whitespace_is_a_space_or_a_newline_and_indentation() {
+    let mut st = JsonState::new();
+    assert!(!st.allows(b" "), "the object starts at once");
+    assert!(st.advance(b"{"));
+    assert!(st.allows(b" ") && !st.allows(b"  ") && !st.allows(b" \n"));
+    assert!(!st.allows(b"\t") && !st.allows(b"\r") && !st.allows(b"\n\n"));
+    let indent = format!("\n{}", " \t".repeat(MAX_INDENT as usize / 2));
+    assert!(st.advance(indent.as_bytes()));
+    assert!(!st.allows(b" ") && !st.allows(b"\t"));
+    assert!(st.advance(b"\"k\""));
+    assert!(st.allows(b" "), "a run ends at the next other byte");
+    assert!(st.allows(b"\n    :"));
+}
+
+#[test]
+fn the_masks_shortcuts_decide_as_trying_every_byte_does() {
+    // Every single byte, and random tokens of printable and JSON-significant bytes.
+    let mut x = 7u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let alphabet = b"{}[]\":,\\ \n\t-+.0123456789eEtrufalsnxu\x01\xc3\xa9ab";
+    let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    for _ in 0..3000 {
+        let n = 1 + (next() % 6) as usize;
+        tokens.push(
+            (0..n)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    tokens.push(Vec::new());
+    let vocab = JsonVocab::new(tokens.len(), |id| &tokens[id as usize], |id| id == 3, &[5]);
+    let mut states = Vec::new();
+    for prefix in [
+        "",
+        "{",
+        "{\"k",
+        "{\"k\\",
+        "{\"k\\u0",
+        "{\"k\": ",
+        "{\"k\": -",
+        "{\"k\": 12",
+        "{\"k\": 1.5e",
+        "{\"k\": [tr",
+        "{\"k\": [{}, \"s",
+        "{\"k\": [1]",
+        "{\"k\": 1}",
+    ] {
+        let mut st = JsonState::new();
+        assert!(st.advance(prefix.as_bytes()), "{prefix}");
+        states.push((prefix, st));
+    }
+    for prefix in [
+        "",
+        "{\"name\": \"x",
+        "{\"name\": \"x\",",
+        "{\"name\": \"x\", \"kind\": 1",
+        "{\"name\": \"x\", \"kind\": \"c",
+        "{\"name\": \"x\", \"kind\": null, \"tags\": [\"a\"], ",
+        "{\"name\": \"x\", \"kind\": null, \"tags\": [\"a\"], \"sc",
+        "{\"name\": \"x\", \"kind\": null, \"tags\": [\"a\"], \"extra\": {\"k",
+    ] {
+        let mut st = schema(person());
+        assert!(st.advance(prefix.as_bytes()), "{prefix}");
+        states.push((prefix, st));
+    }
+    for (prefix, st) in states {
+        let mut l = vec![0.0f32; tokens.len()];
+        st.mask(&mut l, &vocab);
+        for (id, t) in tokens.iter().enumerate() {
+            let want = match id {
+                5 => st.done(),
+                3 => false,
+                _ => !st.done() && st.allows(t),
+            };
+            assert_eq!(l[id] == 0.0, want, "after {prefix:?}: token {t:?}");
+        }
+    }
+}
+
+fn schema(v: serde_json::Value) -> JsonState {
+    JsonState::with_schema(Arc::new(Schema::compile(&v).unwrap()))
+}
+
+/// Feeds `s` to a state byte by byte; returns how many bytes were taken.
+fn feed_into(mut st: JsonState, s: &str) -> (JsonState, usize) {
+    for (i, b) in s.bytes().enumerate() {
+        if !st.advance(&[b]) {
+            return (st, i);
+        }
+    }
+    (st, s.len())
+}
+
+fn person() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "kind": {"enum": ["cat", "dog", 12, 1, null]},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+            "owner": {"anyOf": [{"$ref": "#/$defs/P"}, {"type": "null"}]},
+            "score": {"type": ["number", "boolean"]},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}}
+        },
+        "required": ["name", "kind", "tags"],
+        "additionalProperties": false,
+        "$defs": {"P": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "p": {"$ref": "#/$defs/P"}}, "required": ["id"]}}
+    })
+}
+
+/// The schema above, checked by hand (independently of the recognizer).
+fn is_person(v: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value as V;
+    // An integer of any size (past i64, serde_json reads it as a float).
+    fn int(v: &V) -> bool {
+        v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.fract() == 0.0)
+    }
+    fn is_p(v: &V) -> bool {
+        let Some(o) = v.as_object() else { return false };
+        let keys: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
+        matches!(keys.as_slice(), ["id"] | ["id", "p"])
+            && int(&o["id"])
+            && o.get("p").is_none_or(is_p)
+    }
+    let o = v.as_object().ok_or("not an object")?;
+    let order = ["name", "age", "kind", "tags", "owner", "score", "extra"];
+    let mut last = None;
+    for k in o.keys() {
+        let i = order
+            .iter()
+            .position(|o| o == k)
+            .ok_or(format!("key {k}"))?;
+        if last.is_some_and(|l| l >= i) {
+            return Err(format!("order at {k}"));
+        }
+        last = Some(i);
+    }
+    let ok = o["name"].is_string()
+        && o.get("age").is_none_or(int)
+        && [
+            V::from("cat"),
+            V::from("dog"),
+            V::from(12),
+            V::from(1),
+            V::Null,
+        ]
+        .contains(&o["kind"])
+        && o["tags"]
+            .as_array()
+            .is_some_and(|t| (1..=3).contains(&t.len()) && t.iter().all(|x| x.is_string()))
+        && o.get("owner").is_none_or(|w| w.is_null() || is_p(w))
+        && o.get("score")
+            .is_none_or(|s| s.is_number() || s.is_boolean())
+        && o.get("extra")
+            .is_none_or(|e| e.as_object().is_some_and(|e| e.values().all(int)));
+    ok.then_some(()).ok_or_else(|| format!("values of {v}"))
+}
+
+#[test]
+fn schema_documents_are_accepted_and_others_refused_where_they_go_wrong() {
+    for doc in [
+        r#"{"name":"a","kind":"cat","tags":["x"]}"#,
+        r#"{ "name" : "b\"q", "age": -3, "kind": 12, "tags": ["x", "y", "z"], "owner": {"id": 1, "p": {"id": 2}}, "score": 1.5e3, "extra": {"k": 4, "": 0} }"#,
+        r#"{"name":"c","kind":null,"tags":["t"],"owner":null,"score":true}"#,
+        r#"{"name":"c","kind":1,"tags":["t"]}"#,
+    ] {
+        let (st, n) = feed_into(schema(person()), doc);
+        assert_eq!(n, doc.len(), "{doc}: stopped at byte {n}");
+        assert!(st.done(), "{doc}");
+        is_person(&serde_json::from_str(doc).unwrap()).unwrap();
+    }
+    for (doc, at) in [
+        (r#"{"kind":"cat"}"#, 2),                       // `name` is required first
+        (r#"{"name":"a","kind":"cow"}"#, 21),           // not in the enum
+        (r#"{"name":"a","age":1.5}"#, 19),              // an integer
+        (r#"{"name":"a","kind":"cat","tags":[]}"#, 33), // minItems 1
+        (r#"{"name":"a","kind":"cat","tags":["a","b","c","d"]}"#, 44), // maxItems 3
+        (r#"{"name":"a","kind":"cat"}"#, 24),           // `tags` is required
+        (r#"{"name":"a","kind":"cat","tags":["x"],"age":3}"#, 39), // order
+        (r#"{"name":"a","kind":"cat","tags":["x"],"owner":{"p":"#, 48), // `id` first
+        (
+            r#"{"name":"a","kind":"cat","tags":["x"],"extra":{"k":"v"}}"#,
+            51,
+        ),
+        (r#"{"name":"a","kind":123"#, 21), // 12 and then a digit
+        (r#"{"name":"a","kind":"cat","tags":["x"],"other":1}"#, 40), // "o" may begin "owner"
+    ] {
+        let (st, n) = feed_into(schema(person()), doc);
+        assert_eq!(n, at, "{doc}: {st:?}");
+    }
+}
+
+#[test]
+fn roots_other_than_objects_end_where_their_value_may_end() {
+    let (st, n) = feed_into(schema(serde_json::json!({"type": "integer"})), "-12");
+    assert_eq!(n, 3);
+    assert!(st.done() && st.allows(b"3") && !st.allows(b".") && !st.allows(b" "));
+    let (st, _) = feed_into(schema(serde_json::json!({"type": "integer"})), "-");
+    assert!(!st.done());
+    let lit = || schema(serde_json::json!({"enum": [1, 12, "a"]}));
+    let (st, _) = feed_into(lit(), "1");
+    assert!(st.done() && st.allows(b"2") && !st.allows(b"3"));
+    let (st, _) = feed_into(lit(), "12");
+    assert!(st.done() && !st.allows(b"2"));
+    let (st, _) = feed_into(lit(), "\"a");
+    assert!(!st.done());
+    let (st, _) = feed_into(lit(), "\"a\"");
+    assert!(st.done());
+    let (st, n) = feed_into(
+        schema(serde_json::json!({"type": ["array", "null"], "items": {"type": "boolean"}})),
+        "[true,false]",
+    );
+    assert_eq!(n, 12);
+    assert!(st.done());
+    assert!(
+        !schema(serde_json::json!({"type": "string"})).allows(b" \""),
+        "no whitespace first"
+    );
+    let closed = schema(serde_json::json!({"type": "object", "additionalProperties": false}));
+    assert!(closed.allows(b"{}") && !closed.allows(b"{\"") && !closed.allows(b"{ \""));
+}
+
+#[test]
+fn random_walks_through_a_schema_give_documents_it_accepts() {
+    // Each walk takes a random allowed byte at every step (preferring those that close
+    // strings and containers once it is long), until the document may end.
+    let mut x = 99u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let closing = b"\"}]";
+    for walk in 0..300 {
+        let mut st = schema(person());
+        let mut doc = Vec::new();
+        loop {
+            let allowed: Vec<u8> = (0x20u8..0x7f).filter(|&b| st.allows(&[b])).collect();
+            if st.done() && (doc.len() > 60 || allowed.is_empty() || next() % 4 == 0) {
+                break;
+            }
+            assert!(
+                !allowed.is_empty(),
+                "walk {walk} stuck at {:?}",
+                String::from_utf8_lossy(&doc)
+            );
+            let preferred: Vec<u8> = allowed
+                .iter()
+                .copied()
+                .filter(|b| closing.contains(b) || b.is_ascii_digit() || *b == b',')
+                .collect();
+            let pool = if doc.len() > 40 && !preferred.is_empty() && next() % 4 != 0 {
+                &preferred
+            } else {
+                &allowed
+            };
+            let b = pool[(next() % pool.len() as u64) as usize];
+            assert!(st.advance(&[b]));
+            doc.push(b);
+            assert!(doc.len() < 5000, "walk {walk} runs on");
+        }
+        let v: serde_json::Value = serde_json::from_slice(&doc)
+            .unwrap_or_else(|e| panic!("walk {walk}: {e}: {}", String::from_utf8_lossy(&doc)));
+        is_person(&v).unwrap_or_else(|e| panic!("walk {walk}: {e}"));
+    }
+}
+
+#[test]
+fn the_mask_keeps_continuations_and_stop_tokens_only_at_the_end() {
+    let tokens: Vec<&[u8]> = vec![b"{", b"}", b"\"a\"", b":", b"1", b"x", b"", b"<eos>"];
+    let vocab = JsonVocab::new(tokens.len(), |id| tokens[id as usize], |id| id == 7, &[7]);
+    let mut st = JsonState::new();
+    let mut l = vec![0.0f32; tokens.len()];
+    st.mask(&mut l, &vocab);
+    let open: Vec<usize> = (0..l.len()).filter(|&i| l[i] == 0.0).collect();
+    assert_eq!(open, [0]);
+    st.advance(b"{");
+    let mut l = vec![0.0f32; tokens.len()];
+    st.mask(&mut l, &vocab);
+    let open: Vec<usize> = (0..l.len()).filter(|&i| l[i] == 0.0).collect();
+    assert_eq!(open, [1, 2]);
+    st.advance(b"}");
+    let mut l = vec![0.0f32; tokens.len()];
+    st.mask(&mut l, &vocab);
+    let open: Vec<usize> = (0..l.len()).filter(|&i| l[i] == 0.0).collect();
+    assert_eq!(open, [7], "only the stop token once complete");
+}
