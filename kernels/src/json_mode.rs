@@ -659,13 +659,6 @@ impl JsonState {
         !bytes.is_empty() && self.run(bytes, sc)
     }
 
-    /// [`JsonState::allows_in`] out of line, so that the mask's scan of the vocabulary
-    /// stays a tight loop.
-    #[inline(never)]
-    fn tries(&self, bytes: &[u8], sc: &mut Scratch) -> bool {
-        self.allows_in(bytes, sc)
-    }
-
     /// Takes `bytes` (which [`JsonState::allows`]); returns false, changing nothing, if
     /// they may not come next.
     pub fn advance(&mut self, bytes: &[u8]) -> bool {

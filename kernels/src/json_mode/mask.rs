@@ -8,10 +8,13 @@ impl JsonState {
     /// Sets every logit of a token that may not come next to −∞: tokens whose bytes do not
     /// continue the document, special tokens, and stop tokens until the document may end.
     ///
-    /// Two shortcuts keep a row of 49,152 tokens to a fraction of a millisecond: a token
+    /// Shortcuts keep a row of 49,152 tokens to a fraction of a millisecond: a token
     /// whose first byte cannot come next is refused without trying the rest (the 256
-    /// first bytes are tried once per call), and inside a free string a token with no
-    /// quote, backslash or control byte is taken whole.
+    /// first bytes are tried once per call); inside a free string a token with no quote,
+    /// backslash or control byte is taken whole, and one whose first such byte is a
+    /// control byte refused; leading whitespace is checked against the room left and the
+    /// byte after it against the first-byte table. Tokens alike in all of that are
+    /// decided as a group.
     pub fn mask(&self, logits: &mut [f32], vocab: &JsonVocab) {
         let done = self.done();
         let mut sc = Scratch::default();
@@ -55,14 +58,21 @@ impl JsonState {
             })
             .max()
             .unwrap_or(0);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let gate = vocab.gate.get(id).copied().unwrap_or(GATE_NEVER);
+        // Tokens of one signature (first byte, plain or not, leading whitespace and the
+        // byte after it) are decided together where the tables settle it; only the rest
+        // are tried one by one.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Decision {
+            Keep,
+            Refuse,
+            Try,
+        }
+        let decide = |gate: u32| {
             if !first[(gate & GATE_INDEX) as usize] {
-                *l = f32::NEG_INFINITY;
-                continue;
+                return Decision::Refuse;
             }
             if gate & GATE_INDEX >= GATE_STOP || (in_string && gate & GATE_PLAIN != 0) {
-                continue; // a stop token once the document may end, or plain string text
+                return Decision::Keep; // stop tokens once the document may end, or plain string text
             }
             let lead_ws = (gate >> GATE_LEAD_WS) as u8;
             let quick_no = ws_keeps_mode
@@ -70,11 +80,62 @@ impl JsonState {
                 && (lead_ws > ws_room
                     || (gate & GATE_HAS_AFTER != 0
                         && !first[((gate >> GATE_AFTER) & 0xff) as usize]));
-            let ok = !(quick_no || in_string && gate & GATE_CONTROL != 0)
-                && self.tries(&vocab.bytes[id], &mut sc);
-            if !ok {
-                *l = f32::NEG_INFINITY;
+            if quick_no || in_string && gate & GATE_CONTROL != 0 {
+                Decision::Refuse
+            } else {
+                Decision::Try
             }
+        };
+        let decisions: Vec<Decision> = vocab.groups.iter().map(|g| decide(g.0)).collect();
+        let refused: usize = vocab
+            .groups
+            .iter()
+            .zip(&decisions)
+            .filter(|(_, d)| **d == Decision::Refuse)
+            .map(|(g, _)| (g.2 - g.1) as usize)
+            .sum();
+        let groups = vocab.groups.iter().zip(&decisions);
+        let ids = |g: &(u32, u32, u32)| &vocab.order[g.1 as usize..g.2 as usize];
+        if refused * 2 > vocab.order.len() {
+            // Mostly refused: keep the few that stay, fill the row, put them back.
+            let mut kept: Vec<(usize, f32)> = Vec::new();
+            for (g, d) in groups {
+                for &id in ids(g) {
+                    let id = id as usize;
+                    let keep = match d {
+                        Decision::Keep => true,
+                        Decision::Refuse => false,
+                        Decision::Try => self.allows_in(&vocab.bytes[id], &mut sc),
+                    };
+                    if let Some(&l) = logits.get(id).filter(|_| keep) {
+                        kept.push((id, l));
+                    }
+                }
+            }
+            logits.fill(f32::NEG_INFINITY);
+            for (id, l) in kept {
+                logits[id] = l;
+            }
+            return;
+        }
+        for (g, d) in groups {
+            if *d == Decision::Keep {
+                continue;
+            }
+            for &id in ids(g) {
+                let refuse = match d {
+                    Decision::Keep => false,
+                    Decision::Refuse => true,
+                    Decision::Try => !self.allows_in(&vocab.bytes[id as usize], &mut sc),
+                };
+                if let Some(l) = logits.get_mut(id as usize).filter(|_| refuse) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // Logits past the vocabulary (a padded head) are no tokens.
+        for l in logits.iter_mut().skip(vocab.bytes.len()) {
+            *l = f32::NEG_INFINITY;
         }
     }
 }
@@ -100,15 +161,17 @@ enum Kind {
 /// A vocabulary as JSON mode sees it, built once per model.
 pub struct JsonVocab {
     bytes: Vec<Vec<u8>>,
-    /// Per token, its entry in the mask's gate table: a text token's first byte, or
-    /// [`GATE_STOP`], or [`GATE_NEVER`] (a dense array, so that the scan over the
-    /// vocabulary is one table lookup per token).
-    gate: Vec<u32>,
+    /// The token ids, grouped by their signature for the mask (`groups`: a signature
+    /// and the range of `order` that has it). A signature (its "gate") is a text token's
+    /// first byte, or [`GATE_STOP`], or [`GATE_NEVER`], with the flags below: what the
+    /// mask's tables decide a token by, so that they decide a whole group at once.
+    order: Vec<u32>,
+    groups: Vec<(u32, u32, u32)>,
 }
 
 const GATE_STOP: u32 = 256;
 const GATE_NEVER: u32 = 257;
-/// The gate's table index (bits 0–8); flags for a plain token and for a control byte
+/// A signature's table index (bits 0–8); flags for a plain token and for a control byte
 /// first among its other bytes (see [`Kind::Text`]), and for a byte after its leading
 /// whitespace; that byte (bits 16–23) and the leading whitespace (bits 24–31).
 const GATE_INDEX: u32 = 0x1ff;
@@ -152,7 +215,7 @@ impl JsonVocab {
                 }
             })
             .collect();
-        let gate = kind
+        let gate: Vec<u32> = kind
             .iter()
             .map(|&k| match k {
                 Kind::Stop => GATE_STOP,
@@ -172,7 +235,21 @@ impl JsonVocab {
                 }
             })
             .collect();
-        Self { bytes, gate }
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&id| gate[id as usize]);
+        let mut groups: Vec<(u32, u32, u32)> = Vec::new();
+        for (i, &id) in order.iter().enumerate() {
+            let g = gate[id as usize];
+            match groups.last_mut() {
+                Some((last, _, hi)) if *last == g => *hi = i as u32 + 1,
+                _ => groups.push((g, i as u32, i as u32 + 1)),
+            }
+        }
+        Self {
+            bytes,
+            order,
+            groups,
+        }
     }
 
     /// A model's tokenizer's.
