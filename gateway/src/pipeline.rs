@@ -263,6 +263,7 @@ async fn run(
         req.include_usage,
         req.params.logprobs.is_some(),
         n,
+        req.tool_calls,
     );
     let stream = req.stream;
     // Completions' `echo`: the prompt goes out first.

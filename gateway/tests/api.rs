@@ -184,16 +184,17 @@ async fn every_error_path_answers_in_the_openai_shape() {
         (r#""top_p":2"#, "top_p"),
         (r#""n":17"#, "n"),
         (
-            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-            "tools",
+            r#""tools":[{"type":"function","function":{"name":"f g"}}]"#,
+            "tools[0].function.name",
         ),
+        (r#""functions":[{"name":"f"}]"#, "functions"),
         (r#""top_logprobs":2"#, "top_logprobs"),
         (r#""logprobs":"yes""#, "logprobs"),
     ] {
         let body =
             format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
         let v = expect_error(&gw, c, &body, 400, Some(param)).await;
-        if param == "tools" {
+        if param == "functions" {
             assert!(v["error"]["message"]
                 .as_str()
                 .unwrap()

@@ -8,6 +8,7 @@ pub mod error;
 mod handlers;
 pub mod render;
 pub mod request_id;
+pub mod tools;
 pub mod types;
 pub mod validate;
 

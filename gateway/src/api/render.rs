@@ -2,6 +2,7 @@
 //! (`data: {json}\n\n`, ending with `data: [DONE]\n\n`), for both endpoints.
 
 use super::error::ApiError;
+use super::tools::{self, Answer};
 use super::types::*;
 use super::validate::Endpoint;
 use crate::worker::{FinishReason, TokenLogprob, Usage};
@@ -20,6 +21,28 @@ pub struct Renderer {
     /// Per choice: characters of completion text rendered so far (the legacy
     /// `text_offset`).
     offsets: Vec<usize>,
+    /// The answers are tool calls (see [`tools`]): streamed, each choice's text is held
+    /// until it ends, then sent as one call (or as content).
+    tools: bool,
+    held: Vec<String>,
+}
+
+/// A tool call of the response.
+fn tool_call<'a>(name: &'a str, arguments: &'a str, index: Option<u32>) -> ToolCallOut<'a> {
+    ToolCallOut {
+        index,
+        id: tools::call_id(),
+        kind: "function",
+        function: FunctionOut { name, arguments },
+    }
+}
+
+/// A choice's answer document, when the request's answers are tool calls and it ended
+/// complete.
+fn tool_answer(tools: bool, text: &str, finish: FinishReason) -> Option<Answer> {
+    (tools && finish == FinishReason::Stop)
+        .then(|| tools::answer(text))
+        .flatten()
 }
 
 /// One finished choice of a whole response.
@@ -37,13 +60,14 @@ fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl Renderer {
-    /// A renderer of `n` choices.
+    /// A renderer of `n` choices (`tools`: answers are tool calls).
     pub fn new(
         endpoint: Endpoint,
         model: &str,
         include_usage: bool,
         logprobs: bool,
         n: usize,
+        tools: bool,
     ) -> Self {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl-",
@@ -60,6 +84,8 @@ impl Renderer {
             include_usage,
             logprobs,
             offsets: vec![0; n.max(1)],
+            tools,
+            held: vec![String::new(); if tools { n.max(1) } else { 0 }],
         }
     }
 
@@ -124,6 +150,7 @@ impl Renderer {
                 let delta = Delta {
                     role: Some("assistant"),
                     content: Some(""),
+                    tool_calls: None,
                 };
                 self.chunk(out, index, delta, "", None, None);
             }
@@ -139,9 +166,16 @@ impl Renderer {
         text: &str,
         logprobs: &[TokenLogprob],
     ) {
+        if self.tools {
+            if let Some(h) = self.held.get_mut(index) {
+                h.push_str(text);
+            }
+            return;
+        }
         let delta = Delta {
             role: None,
             content: Some(text),
+            tool_calls: None,
         };
         self.chunk(
             out,
@@ -159,8 +193,35 @@ impl Renderer {
         }
     }
 
-    /// Choice `index`'s finish frame.
-    pub fn finish_frame(&self, out: &mut BytesMut, index: usize, finish: FinishReason) {
+    /// Choice `index`'s finish frame (for tool calls, after the call or the text held).
+    pub fn finish_frame(&mut self, out: &mut BytesMut, index: usize, finish: FinishReason) {
+        let mut finish = finish;
+        if self.tools {
+            let text = self
+                .held
+                .get_mut(index)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let answer = tool_answer(true, &text, finish);
+            let delta = match &answer {
+                Some(Answer::Call { name, arguments }) => {
+                    finish = FinishReason::ToolCalls;
+                    Delta {
+                        tool_calls: Some(vec![tool_call(name, arguments, Some(0))]),
+                        ..Delta::default()
+                    }
+                }
+                Some(Answer::Content(c)) => Delta {
+                    content: Some(c),
+                    ..Delta::default()
+                },
+                None => Delta {
+                    content: Some(&text),
+                    ..Delta::default()
+                },
+            };
+            self.chunk(out, index, delta, "", None, None);
+        }
         self.chunk(out, index, Delta::default(), "", None, Some(finish));
     }
 
@@ -206,6 +267,10 @@ impl Renderer {
     /// A whole (non-streamed) response body, with each choice's tokens' log-probabilities
     /// when the request asked.
     pub fn full(&self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
+        let answers: Vec<Option<Answer>> = choices
+            .iter()
+            .map(|c| tool_answer(self.tools, c.text, c.finish))
+            .collect();
         let body = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
                 id: &self.id,
@@ -215,11 +280,25 @@ impl Renderer {
                 choices: choices
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| ChatChoice {
+                    .zip(&answers)
+                    .map(|((i, c), answer)| ChatChoice {
                         index: i as u32,
-                        message: AssistantMessage {
-                            role: "assistant",
-                            content: c.text,
+                        message: match answer {
+                            Some(Answer::Call { name, arguments }) => AssistantMessage {
+                                role: "assistant",
+                                content: None,
+                                tool_calls: Some(vec![tool_call(name, arguments, None)]),
+                            },
+                            Some(Answer::Content(text)) => AssistantMessage {
+                                role: "assistant",
+                                content: Some(text),
+                                tool_calls: None,
+                            },
+                            None => AssistantMessage {
+                                role: "assistant",
+                                content: Some(c.text),
+                                tool_calls: None,
+                            },
                         },
                         logprobs: self
                             .logprobs
@@ -228,7 +307,10 @@ impl Renderer {
                                 content,
                                 refusal: None,
                             }),
-                        finish_reason: c.finish,
+                        finish_reason: match answer {
+                            Some(Answer::Call { .. }) => FinishReason::ToolCalls,
+                            _ => c.finish,
+                        },
                     })
                     .collect(),
                 usage: usage.into(),

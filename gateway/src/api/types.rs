@@ -61,6 +61,7 @@ pub struct Message {
     pub content: Option<Content>,
     pub name: Option<String>,
     pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,7 +137,28 @@ pub struct ChatChoice<'a> {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    /// `null` when the answer is a tool call.
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
+}
+
+/// A tool call, whole (`message.tool_calls[]`) or as a stream's delta (with `index`).
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionOut<'a> {
+    pub name: &'a str,
+    /// The arguments as a JSON string (OpenAI's shape).
+    pub arguments: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -225,6 +247,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
 }
 
 #[derive(Debug, Serialize)]

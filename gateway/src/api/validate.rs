@@ -1,10 +1,11 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (tools, `best_of`, schema keywords its structured output cannot follow, …) are refused
+//! (`functions`, `best_of`, schema keywords its structured output cannot follow, …) are refused
 //! with a 400 that says so rather than silently dropped.
 
 use super::error::ApiError;
+use super::tools;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
 use crate::config::ServerConfig;
 use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
@@ -33,6 +34,9 @@ pub struct InferenceRequest {
     pub echo: bool,
     /// Choices to generate (`n`), each on its own sequence.
     pub n: u32,
+    /// The answer is a tool call (or, with `tool_choice: "auto"`, words) in the JSON
+    /// shape of [`tools`], to be rendered as `tool_calls`.
+    pub tool_calls: bool,
 }
 
 /// The most choices a request may ask for (`n`).
@@ -295,16 +299,33 @@ fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
 pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
     let req: ChatRequest = typed(body)?;
     let c: CommonParams = typed(body)?;
-    if not_null(&req.tools) && req.tools != Some(Value::Array(vec![])) {
-        return Err(ApiError::unsupported("tools", "tool calling"));
-    }
     if not_null(&req.functions) || not_null(&req.function_call) {
-        return Err(ApiError::unsupported("functions", "function calling"));
+        return Err(ApiError::unsupported(
+            "functions",
+            "the deprecated `functions` (use `tools`)",
+        ));
     }
-    if not_null(&req.tool_choice) && req.tool_choice != Some(Value::String("none".into())) {
-        return Err(ApiError::unsupported("tool_choice", "tool calling"));
+    let tool_plan = tools::plan(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let mut json = response_format(req.response_format.as_ref())?;
+    if let Some(plan) = &tool_plan {
+        if json.is_some() {
+            return Err(ApiError::bad(
+                "`response_format` cannot be combined with tool calls (the answer is a call's JSON).",
+                Some("response_format".into()),
+            ));
+        }
+        if not_null(&c.logprobs) && c.logprobs != Some(Value::Bool(false)) {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "`logprobs` with tool calls",
+            ));
+        }
+        let compiled = Schema::compile(&plan.schema).map_err(ApiError::from)?;
+        json = Some(JsonFormat::Schema {
+            spec: Arc::new(serde_json::json!({"name": "tool_call", "schema": plan.schema})),
+            compiled: Arc::new(compiled),
+        });
     }
-    let json = response_format(req.response_format.as_ref())?;
     let _ = req.parallel_tool_calls;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
@@ -316,11 +337,11 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     for (i, m) in req.messages.into_iter().enumerate() {
         let param = |f: &str| Some(format!("messages[{i}].{f}"));
         match m.role.as_str() {
-            "system" | "developer" | "user" | "assistant" => {}
-            "tool" | "function" => {
+            "system" | "developer" | "user" | "assistant" | "tool" => {}
+            "function" => {
                 return Err(ApiError::unsupported(
                     &format!("messages[{i}].role"),
-                    "tool messages",
+                    "the deprecated `function` role (use `tool`)",
                 ))
             }
             other => {
@@ -329,12 +350,6 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
                     param("role"),
                 ))
             }
-        }
-        if m.tool_calls.is_some() {
-            return Err(ApiError::unsupported(
-                &format!("messages[{i}].tool_calls"),
-                "tool calls",
-            ));
         }
         let _ = m.name;
         let content = match m.content {
@@ -362,10 +377,34 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
                 ))
             }
         };
-        messages.push(ChatMessage {
-            role: m.role,
-            content,
-        });
+        // Tool turns become text every chat template takes (see `tools`).
+        let (role, content) = match (m.role.as_str(), &m.tool_calls) {
+            ("tool", _) => (
+                "user".to_string(),
+                tools::result_as_text(&content, m.tool_call_id.as_deref()),
+            ),
+            ("assistant", Some(calls)) if !calls.is_null() => {
+                let calls = tools::calls_as_text(calls, &format!("messages[{i}].tool_calls"))?;
+                let sep = if content.is_empty() { "" } else { "\n" };
+                (m.role, format!("{content}{sep}{calls}"))
+            }
+            _ => (m.role, content),
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    if let Some(plan) = &tool_plan {
+        match messages.first_mut() {
+            Some(m) if m.role == "system" || m.role == "developer" => {
+                m.content = format!("{}\n\n{}", m.content, plan.instructions);
+            }
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: plan.instructions.clone(),
+                },
+            ),
+        }
     }
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
     let n = choices(c.n)?;
@@ -381,6 +420,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         include_usage,
         echo: false,
         n,
+        tool_calls: tool_plan.is_some(),
     })
 }
 
@@ -432,6 +472,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         include_usage,
         echo,
         n,
+        tool_calls: false,
     })
 }
 
@@ -499,7 +540,15 @@ mod tests {
             (r#""top_p":1.5"#, "top_p"),
             (r#""n":0"#, "n"),
             (r#""n":17"#, "n"),
-            (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""tools":[{"type":"function"}]"#, "tools[0].function.name"),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"maybe""#,
+                "tool_choice",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
             (r#""presence_penalty":2.5"#, "presence_penalty"),
             (r#""frequency_penalty":-3"#, "frequency_penalty"),
             (r#""logit_bias":{"x":1}"#, "logit_bias"),
@@ -531,7 +580,7 @@ mod tests {
             let (s, p, m) = err(&format!("{{{base},{extra}}}"));
             assert_eq!((s, p.as_deref()), (400, Some(param)), "{extra}: {m}");
         }
-        let (_, _, m) = err(&format!("{{{base},\"tools\":[{{\"type\":\"function\"}}]}}"));
+        let (_, _, m) = err(&format!("{{{base},\"functions\":[{{\"name\":\"f\"}}]}}"));
         assert!(m.contains("not supported"), "{m}");
     }
 

@@ -147,6 +147,8 @@ pub enum FinishReason {
     Stop,
     Length,
     ContentFilter,
+    /// The answer is a tool call (rendered by the API layer; workers end with `Stop`).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -155,6 +157,7 @@ impl FinishReason {
             "stop" | "eos" => Some(Self::Stop),
             "length" => Some(Self::Length),
             "content_filter" => Some(Self::ContentFilter),
+            "tool_calls" => Some(Self::ToolCalls),
             _ => None,
         }
     }

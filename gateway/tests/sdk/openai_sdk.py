@@ -2,8 +2,8 @@
 
 Usage: python openai_sdk.py BASE_URL KEY MODEL [engine]
 With `engine` (a real model behind the gateway), also checks log-probabilities in both
-endpoints, JSON mode and structured output (a Pydantic model through the SDK's
-`parse`); without, checks that they are refused (simulated workers).
+endpoints, JSON mode, structured output (a Pydantic model through the SDK's `parse`)
+and tool calls; without, checks that they are refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import json
@@ -143,6 +143,44 @@ if engine:
     cat = r.choices[0].message.parsed
     assert isinstance(cat, Cat), r
     print("structured output:", r.choices[0].message.content)
+    # Tool calling: a call whose arguments the SDK reads back; then the tool's result in
+    # the conversation.
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(
+        model=model, messages=ask, tools=[weather], tool_choice="required", max_tokens=60, temperature=0
+    )
+    assert r.choices[0].finish_reason == "tool_calls", r
+    call = r.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(args) == {"city", "unit"}, call
+    print("tool call:", call.function.name, call.function.arguments)
+    r = client.chat.completions.create(
+        model=model,
+        messages=ask
+        + [
+            r.choices[0].message,
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'},
+        ],
+        tools=[weather],
+        max_tokens=60,
+        temperature=0,
+    )
+    m = r.choices[0].message
+    assert (m.tool_calls and r.choices[0].finish_reason == "tool_calls") or m.content is not None, r
+    print("after the result:", m.content if m.content is not None else m.tool_calls[0].function.arguments)
     assert "pattern" in refused(
         response_format={
             "type": "json_schema",
