@@ -15,6 +15,7 @@
 //! inside a string, which is still JSON).
 
 use crate::json_schema::{Node, NodeId, Schema, ANY_ARRAY, ANY_OBJECT, WORDS};
+use regex_automata::util::primitives::StateID;
 use std::sync::Arc;
 
 /// Whitespace between tokens of structure is one space, or a newline and at most this
@@ -106,6 +107,13 @@ enum Mode {
     /// Inside a free string (a key of a free object when `key`); `esc`: after a
     /// backslash; `hex`: \u digits left.
     Str { key: bool, esc: bool, hex: u8 },
+    /// Inside a string held to a rule (the string node `node`): the rule's DFA in
+    /// `state`, `chars` characters so far.
+    Pat {
+        node: NodeId,
+        state: StateID,
+        chars: u32,
+    },
     /// A number of `len` bytes so far (`int`: an integer).
     Num { int: bool, n: Num, len: u8 },
     /// The first `at` bytes of a fixed text are matched.
@@ -304,10 +312,15 @@ fn start(cx: &Cx, mut w: Work, node: NodeId, b: u8, depth: u8, out: &mut Vec<Wor
             w.push(Frame::Array { node, count: 0 });
             Mode::ArrayFirst
         }),
-        Node::String => (b == b'"').then_some(Mode::Str {
+        Node::String(None) => (b == b'"').then_some(Mode::Str {
             key: false,
             esc: false,
             hex: 0,
+        }),
+        Node::String(Some(rule)) => (b == b'"').then_some(Mode::Pat {
+            node,
+            state: rule.dfa.as_ref().map_or(StateID::ZERO, |d| d.start),
+            chars: 0,
         }),
         Node::Number => number(false),
         Node::Integer => number(true),
@@ -349,6 +362,13 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
         Mode::Num { int, n, len } => {
             let next = match (n, b) {
                 _ if len >= MAX_NUMBER => None,
+                // A part that needs a digit after it needs room for one.
+                (Num::Zero | Num::Int | Num::Frac, b'.' | b'e' | b'E')
+                | (Num::Exp, b'+' | b'-')
+                    if len + 1 >= MAX_NUMBER =>
+                {
+                    None
+                }
                 (Num::Minus, b'0') => Some(Num::Zero),
                 (Num::Minus, b'1'..=b'9') => Some(Num::Int),
                 (Num::Int, b'0'..=b'9') => Some(Num::Int),
@@ -472,6 +492,38 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
                 },
                 b'}' if first => close(w, b, out),
                 _ => {}
+            }
+        }
+        Mode::Pat { node, state, chars } => {
+            let Node::String(Some(rule)) = cx.schema.node(node) else {
+                return;
+            };
+            match b {
+                b'"' => {
+                    if chars >= rule.min && rule.dfa.as_ref().is_none_or(|d| d.accepts(state)) {
+                        w.mode = w.after_value(cx);
+                        emit(out, w);
+                    }
+                }
+                // Written without escapes (so that the bytes are the value's).
+                b'\\' | 0x00..=0x1f => {}
+                _ => {
+                    // A character starts at every byte that is not a continuation byte.
+                    let chars = chars + u32::from(!(0x80..0xc0).contains(&b));
+                    if chars > rule.max {
+                        return;
+                    }
+                    let state = match &rule.dfa {
+                        Some(d) => match d.next(state, b) {
+                            // Room left for the shortest way to a match.
+                            Some(s) if d.chars_to_match(s).saturating_add(chars) <= rule.max => s,
+                            _ => return,
+                        },
+                        None => state,
+                    };
+                    w.mode = Mode::Pat { node, state, chars };
+                    emit(out, w);
+                }
             }
         }
         Mode::Colon { value } => {

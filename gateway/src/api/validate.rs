@@ -559,7 +559,7 @@ mod tests {
                 "response_format.json_schema",
             ),
             (
-                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"string","pattern":"a+"}}}"#,
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"string","format":"hostname"}}}"#,
                 "response_format.json_schema.schema",
             ),
             (

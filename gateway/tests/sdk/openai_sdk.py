@@ -122,6 +122,7 @@ if engine:
     assert isinstance(obj, dict), obj
     # Structured output: the SDK's own `parse` with a Pydantic model (it sends the model's
     # strict JSON schema and validates the answer against the model).
+    import datetime
     from typing import Literal
 
     import pydantic
@@ -130,11 +131,14 @@ if engine:
         name: str
         age: int
         color: Literal["black", "white", "orange", "grey"]
+        born: datetime.date  # a `format: date` string
 
     chat = client.beta.chat.completions if hasattr(client, "beta") and hasattr(client.beta, "chat") else client.chat.completions
     r = chat.parse(
         model=model,
-        messages=[{"role": "user", "content": "Describe a cat as a JSON object with a name, an age and a color."}],
+        messages=[
+            {"role": "user", "content": "Describe a cat as a JSON object with a name, an age, a color and a birth date."}
+        ],
         max_tokens=120,
         temperature=0,
         response_format=Cat,
@@ -181,10 +185,10 @@ if engine:
     m = r.choices[0].message
     assert (m.tool_calls and r.choices[0].finish_reason == "tool_calls") or m.content is not None, r
     print("after the result:", m.content if m.content is not None else m.tool_calls[0].function.arguments)
-    assert "pattern" in refused(
+    assert "minimum" in refused(
         response_format={
             "type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}},
+            "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}},
         }
     )["message"]
 else:

@@ -374,3 +374,126 @@ fn the_mask_keeps_continuations_and_stop_tokens_only_at_the_end() {
     let open: Vec<usize> = (0..l.len()).filter(|&i| l[i] == 0.0).collect();
     assert_eq!(open, [7], "only the stop token once complete");
 }
+
+/// A string schema's documents, each fed whole: where each stops, and whether complete.
+fn strings(schema_json: serde_json::Value, cases: &[(&str, usize, bool)]) {
+    for &(doc, at, done) in cases {
+        let (st, n) = feed_into(schema(schema_json.clone()), doc);
+        assert_eq!((n, st.done()), (at, done), "{schema_json} on {doc}");
+    }
+}
+
+#[test]
+fn strings_follow_their_pattern_format_and_length() {
+    strings(
+        serde_json::json!({"type": "string", "pattern": "^[a-z]+-[0-9]{2}$"}),
+        &[
+            ("\"abc-12\"", 8, true),
+            ("\"abc-1\"", 6, false),
+            ("\"ABC", 1, false),
+            ("\"ab\\u0063-12\"", 3, false), // no escapes in a held string
+        ],
+    );
+    // Unanchored, as JSON Schema has it: the match may be anywhere.
+    strings(
+        serde_json::json!({"type": "string", "pattern": "cat"}),
+        &[("\"a cat!\"", 8, true), ("\"dog\"", 4, false)],
+    );
+    strings(
+        serde_json::json!({"type": "string", "format": "date-time"}),
+        &[
+            ("\"2024-02-28T12:00:00Z\"", 22, true),
+            ("\"2024-12-31T23:59:59.123+05:30\"", 31, true),
+            ("\"2024-02-30", 9, false),
+            ("\"2024-13", 7, false),
+            ("\"2024-01-01\"", 11, false),
+        ],
+    );
+    strings(
+        serde_json::json!({"type": "string", "format": "uuid"}),
+        &[
+            ("\"123e4567-e89b-12d3-a456-426614174000\"", 38, true),
+            ("\"123E", 4, false),
+        ],
+    );
+    strings(
+        serde_json::json!({"type": "string", "format": "email"}),
+        &[
+            ("\"ann.lee@mail.example.org\"", 26, true),
+            ("\"ann..lee", 5, false),
+            ("\"ann@x\"", 6, false),
+        ],
+    );
+    strings(
+        serde_json::json!({"type": "string", "format": "ipv4"}),
+        &[("\"192.168.0.255\"", 15, true), ("\"256", 3, false)],
+    );
+    // Lengths count characters, not bytes.
+    strings(
+        serde_json::json!({"type": "string", "minLength": 2, "maxLength": 3}),
+        &[
+            ("\"h\u{e9}\u{e9}\"", 7, true),
+            ("\"h\u{e9}\u{e9}x", 6, false),
+            ("\"a\"", 2, false),
+        ],
+    );
+}
+
+#[test]
+fn random_walks_through_held_strings_give_what_a_regex_engine_accepts() {
+    let mut x = 5u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let date_time = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$";
+    let email = r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$";
+    for (schema_json, check) in [
+        (
+            serde_json::json!({"type": "string", "pattern": "^(ab|c)+[0-9]{1,3}x?$"}),
+            r"^(ab|c)+[0-9]{1,3}x?$",
+        ),
+        (
+            serde_json::json!({"type": "string", "pattern": "[A-Z][a-z]+"}),
+            r"[A-Z][a-z]+",
+        ),
+        (
+            serde_json::json!({"type": "string", "format": "date-time"}),
+            date_time,
+        ),
+        (
+            serde_json::json!({"type": "string", "format": "email", "maxLength": 30}),
+            email,
+        ),
+    ] {
+        let re = regex::Regex::new(check).unwrap();
+        for walk in 0..100 {
+            let mut st = schema(schema_json.clone());
+            let mut doc = Vec::new();
+            while !st.done() {
+                let allowed: Vec<u8> = (0x20u8..0x7f).filter(|&b| st.allows(&[b])).collect();
+                assert!(
+                    !allowed.is_empty(),
+                    "{schema_json}: stuck at {:?}",
+                    String::from_utf8_lossy(&doc)
+                );
+                // Close the string as soon as it may be closed, some of the time.
+                let b = if allowed.contains(&b'"') && doc.len() > 1 && next() % 3 == 0 {
+                    b'"'
+                } else {
+                    allowed[(next() % allowed.len() as u64) as usize]
+                };
+                assert!(st.advance(&[b]));
+                doc.push(b);
+                assert!(doc.len() < 200, "{schema_json}: runs on");
+            }
+            let v: String = serde_json::from_slice(&doc).unwrap();
+            assert!(re.is_match(&v), "{schema_json}, walk {walk}: {v:?}");
+            if schema_json["maxLength"].is_u64() {
+                assert!(v.chars().count() <= 30, "{v}");
+            }
+        }
+    }
+}
