@@ -143,14 +143,16 @@ async fn the_engine_writes_documents_of_a_schema_on_the_cpu_and_on_the_gpu_path(
             }
         }
         eprintln!("{kind:?}: {complete} of 5 documents complete within 96 tokens");
-        // Strings held to a format and a pattern: short, so every draw completes.
+        // Strings held to a format and a pattern, a bounded number: short, so every draw
+        // completes.
         let held = serde_json::json!({
             "type": "object",
             "properties": {
                 "born": {"type": "string", "format": "date"},
-                "tag": {"type": "string", "pattern": "^[a-z]{2}-[0-9]{2}$"}
+                "tag": {"type": "string", "pattern": "^[a-z]{2}-[0-9]{2}$"},
+                "score": {"type": "number", "minimum": -1, "exclusiveMaximum": 1}
             },
-            "required": ["born", "tag"],
+            "required": ["born", "tag", "score"],
             "additionalProperties": false
         });
         for seed in 0..3 {
@@ -159,6 +161,8 @@ async fn the_engine_writes_documents_of_a_schema_on_the_cpu_and_on_the_gpu_path(
             let v: Value = serde_json::from_str(&text).unwrap();
             let born = v["born"].as_str().unwrap().as_bytes();
             let tag = v["tag"].as_str().unwrap().as_bytes();
+            let score = v["score"].as_f64().unwrap();
+            assert!((-1.0..1.0).contains(&score), "{text}");
             let digits = |b: &[u8]| b.iter().all(u8::is_ascii_digit);
             assert!(
                 born.len() == 10 && born[4] == b'-' && born[7] == b'-' && digits(&born[..4]),
@@ -225,8 +229,8 @@ async fn the_api_takes_json_object_and_json_schema_and_refuses_what_it_cannot_ho
             "hostname",
         ),
         (
-            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}}),
-            "minimum",
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}),
+            "multipleOf",
         ),
     ] {
         let r = post(&gw, "/v1/chat/completions", &with_schema(&schema, 8)).await;

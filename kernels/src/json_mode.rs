@@ -14,7 +14,7 @@
 //! whole characters; a model that emits a broken sequence gets a replacement character
 //! inside a string, which is still JSON).
 
-use crate::json_schema::{Node, NodeId, Schema, ANY_ARRAY, ANY_OBJECT, WORDS};
+use crate::json_schema::{Bounds, Node, NodeId, Schema, ANY_ARRAY, ANY_OBJECT, WORDS};
 use regex_automata::util::primitives::StateID;
 use std::sync::Arc;
 
@@ -114,6 +114,18 @@ enum Mode {
         state: StateID,
         chars: u32,
     },
+    /// A number of a node with bounds: its digits so far as `mant` (`digits` of them,
+    /// the last `frac` after the point), negative when `neg`. Written without an
+    /// exponent, in at most [`MAX_BOUNDED_DIGITS`] digits, and only as long as some
+    /// ending stays within the bounds.
+    BNum {
+        node: NodeId,
+        n: Num,
+        neg: bool,
+        digits: u8,
+        frac: u8,
+        mant: i64,
+    },
     /// A number of `len` bytes so far (`int`: an integer).
     Num { int: bool, n: Num, len: u8 },
     /// The first `at` bytes of a fixed text are matched.
@@ -204,6 +216,76 @@ impl Work {
 
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The most digits of a bounded number.
+const MAX_BOUNDED_DIGITS: u8 = 18;
+
+/// A bounded number node's bounds, and whether it is an integer.
+fn bounds_of(cx: &Cx, node: NodeId) -> Option<(Bounds, bool)> {
+    match cx.schema.node(node) {
+        Node::Number(Some(b)) => Some((*b, false)),
+        Node::Integer(Some(b)) => Some((*b, true)),
+        _ => None,
+    }
+}
+
+/// A bounded number's value so far.
+fn value(neg: bool, frac: u8, mant: i64) -> f64 {
+    let v = mant as f64 / 10f64.powi(frac as i32);
+    if neg {
+        -v
+    } else {
+        v
+    }
+}
+
+/// Whether a bounded number written so far (`mode`, a [`Mode::BNum`]) can still end
+/// within its bounds: the values its continuations reach, as intervals of magnitude,
+/// against the bounds.
+fn reachable(cx: &Cx, mode: Mode) -> bool {
+    let Mode::BNum {
+        node,
+        n,
+        neg,
+        digits,
+        frac,
+        mant,
+    } = mode
+    else {
+        return false;
+    };
+    let Some((b, int)) = bounds_of(cx, node) else {
+        return false;
+    };
+    // A closed interval of magnitudes, signed.
+    let meets = |lo: f64, hi: f64| {
+        let (x, y) = if neg { (-hi, -lo) } else { (lo, hi) };
+        b.meets(x, y, int)
+    };
+    let m = mant as f64;
+    match n {
+        Num::Minus => meets(0.0, f64::INFINITY),
+        Num::Zero if int => meets(0.0, 0.0),
+        Num::Zero => meets(0.0, 1.0),
+        // More integer digits (k of them), then for a number any fraction.
+        Num::Int => (0..=(MAX_BOUNDED_DIGITS - digits) as i32).any(|k| {
+            let p = 10f64.powi(k);
+            meets(
+                m * p,
+                if int {
+                    (m + 1.0) * p - 1.0
+                } else {
+                    (m + 1.0) * p
+                },
+            )
+        }),
+        Num::Dot | Num::Frac => {
+            let p = 10f64.powi(frac as i32);
+            meets(m / p, (m + 1.0) / p)
+        }
+        _ => false,
+    }
 }
 
 /// Whether a number may end in this state.
@@ -322,8 +404,25 @@ fn start(cx: &Cx, mut w: Work, node: NodeId, b: u8, depth: u8, out: &mut Vec<Wor
             state: rule.dfa.as_ref().map_or(StateID::ZERO, |d| d.start),
             chars: 0,
         }),
-        Node::Number => number(false),
-        Node::Integer => number(true),
+        Node::Number(None) => number(false),
+        Node::Integer(None) => number(true),
+        Node::Number(Some(_)) | Node::Integer(Some(_)) => {
+            let (n, neg, digits, mant) = match b {
+                b'-' => (Num::Minus, true, 0, 0),
+                b'0' => (Num::Zero, false, 1, 0),
+                b'1'..=b'9' => (Num::Int, false, 1, (b - b'0') as i64),
+                _ => return,
+            };
+            let mode = Mode::BNum {
+                node,
+                n,
+                neg,
+                digits,
+                frac: 0,
+                mant,
+            };
+            reachable(cx, mode).then_some(mode)
+        }
         Node::Literal(t) => {
             narrow(t, 0, t.len() as u32, 0, b).map(|(lo, hi)| literal(cx, &w, node, lo, hi, 1))
         }
@@ -353,6 +452,55 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
         if let Some(ws) = whitespace(w.ws, b) {
             w.ws = ws;
             emit(out, w);
+        }
+        return;
+    }
+    if let Mode::BNum {
+        node,
+        n,
+        neg,
+        digits,
+        frac,
+        mant,
+    } = w.mode
+    {
+        let Some((bounds, int)) = bounds_of(cx, node) else {
+            return;
+        };
+        let d = b.is_ascii_digit().then(|| (b - b'0') as i64);
+        let room = digits < MAX_BOUNDED_DIGITS;
+        let next = match (n, d) {
+            // `-0` only begins `-0.…` (alone, parsers read a float −0.0).
+            (Num::Minus, Some(0)) if !int => Some((Num::Zero, 1, 0, 0)),
+            (Num::Minus, Some(d)) if d > 0 => Some((Num::Int, 1, 0, d)),
+            (Num::Int, Some(d)) if room => Some((Num::Int, digits + 1, 0, mant * 10 + d)),
+            (Num::Zero | Num::Int, None) if b == b'.' && !int && room => {
+                Some((Num::Dot, digits, 0, mant))
+            }
+            (Num::Dot | Num::Frac, Some(d)) if room => {
+                Some((Num::Frac, digits + 1, frac + 1, mant * 10 + d))
+            }
+            _ => None,
+        };
+        if let Some((n, digits, frac, mant)) = next {
+            let mode = Mode::BNum {
+                node,
+                n,
+                neg,
+                digits,
+                frac,
+                mant,
+            };
+            if reachable(cx, mode) {
+                w.ws = 0;
+                w.mode = mode;
+                emit(out, w);
+            }
+            return;
+        }
+        if complete(n) && !(neg && n == Num::Zero) && bounds.holds(value(neg, frac, mant)) {
+            w.mode = w.after_value(cx);
+            step(cx, w, b, out);
         }
         return;
     }
@@ -628,7 +776,7 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
                 emit(out, w);
             }
         }
-        Mode::Num { .. } | Mode::Lit { .. } => unreachable!("handled above"),
+        Mode::Num { .. } | Mode::BNum { .. } | Mode::Lit { .. } => unreachable!("handled above"),
         Mode::Done => {}
     }
 }
@@ -661,6 +809,19 @@ impl JsonState {
         self.readings.iter().any(|r| match r.mode {
             Mode::Done => true,
             Mode::Num { n, .. } => r.stack.is_empty() && complete(n),
+            Mode::BNum {
+                node,
+                n,
+                neg,
+                frac,
+                mant,
+                ..
+            } => {
+                r.stack.is_empty()
+                    && complete(n)
+                    && !(neg && n == Num::Zero)
+                    && bounds_of(&cx, node).is_some_and(|(b, _)| b.holds(value(neg, frac, mant)))
+            }
             Mode::Lit {
                 lit: Lit::Value { node, lo, .. },
                 at,

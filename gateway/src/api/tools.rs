@@ -318,7 +318,7 @@ mod tests {
             ),
             (json!([{"type": "retrieval"}]), json!(null), "tools[0].type"),
             (
-                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "integer", "minimum": 0}}}]),
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "integer", "multipleOf": 2}}}]),
                 json!(null),
                 "tools[0].function.parameters",
             ),

@@ -129,7 +129,7 @@ if engine:
 
     class Cat(pydantic.BaseModel):
         name: str
-        age: int
+        age: int = pydantic.Field(ge=0, le=30)  # minimum and maximum
         color: Literal["black", "white", "orange", "grey"]
         born: datetime.date  # a `format: date` string
 
@@ -185,10 +185,10 @@ if engine:
     m = r.choices[0].message
     assert (m.tool_calls and r.choices[0].finish_reason == "tool_calls") or m.content is not None, r
     print("after the result:", m.content if m.content is not None else m.tool_calls[0].function.arguments)
-    assert "minimum" in refused(
+    assert "multipleOf" in refused(
         response_format={
             "type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}},
+            "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 2}},
         }
     )["message"]
 else:

@@ -497,3 +497,110 @@ fn random_walks_through_held_strings_give_what_a_regex_engine_accepts() {
         }
     }
 }
+
+#[test]
+fn bounded_numbers_end_only_within_their_bounds() {
+    let int = serde_json::json!({"type": "integer", "minimum": 1, "maximum": 10});
+    strings(
+        int.clone(),
+        &[
+            ("5", 1, true),
+            ("10", 2, true),
+            ("11", 1, true),
+            ("0", 0, false),
+            ("-", 0, false),
+            ("1.", 1, true),
+        ],
+    );
+    let unit = serde_json::json!({"type": "number", "exclusiveMinimum": 0, "maximum": 1});
+    strings(
+        unit,
+        &[
+            ("0.5", 3, true),
+            ("0", 1, false),
+            ("0.0", 3, false),
+            ("0.01", 4, true),
+            ("1.0", 3, true),
+            ("1.5", 2, false),
+            ("2", 0, false),
+            ("-", 0, false),
+            ("1e0", 1, true), // no exponents in a bounded number
+        ],
+    );
+    let neg = serde_json::json!({"type": "integer", "minimum": -250, "exclusiveMaximum": -99});
+    strings(
+        neg,
+        &[
+            ("-100", 4, true),
+            ("-250", 4, true),
+            ("-251", 3, false),
+            ("-99", 1, false),
+            ("-0", 1, false),
+            ("7", 0, false),
+        ],
+    );
+    // Draft 4's boolean exclusiveMaximum.
+    let old = serde_json::json!({"type": "number", "maximum": 3, "exclusiveMaximum": true});
+    strings(old, &[("2.99", 4, true), ("3", 0, false)]);
+}
+
+#[test]
+fn random_walks_through_bounded_numbers_stay_within_them() {
+    let mut x = 11u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for (schema_json, lo, hi, int) in [
+        (
+            serde_json::json!({"type": "integer", "minimum": -7, "maximum": 1234}),
+            -7.0,
+            1234.0,
+            true,
+        ),
+        (
+            serde_json::json!({"type": "number", "minimum": 0.25, "exclusiveMaximum": 0.5}),
+            0.25,
+            0.4999999,
+            false,
+        ),
+        (
+            serde_json::json!({"type": "number", "minimum": -3.5, "maximum": 12}),
+            -3.5,
+            12.0,
+            false,
+        ),
+        (
+            serde_json::json!({"type": "integer", "exclusiveMinimum": 99}),
+            100.0,
+            1e18,
+            true,
+        ),
+    ] {
+        for walk in 0..200 {
+            let mut st = schema(schema_json.clone());
+            let mut doc = Vec::new();
+            loop {
+                let allowed: Vec<u8> = (0x20u8..0x7f).filter(|&b| st.allows(&[b])).collect();
+                if st.done() && (allowed.is_empty() || next() % 3 == 0) {
+                    break;
+                }
+                assert!(
+                    !allowed.is_empty(),
+                    "{schema_json}: stuck at {:?}",
+                    String::from_utf8_lossy(&doc)
+                );
+                let b = allowed[(next() % allowed.len() as u64) as usize];
+                assert!(st.advance(&[b]));
+                doc.push(b);
+                assert!(doc.len() < 40, "{schema_json}: runs on");
+            }
+            let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+            let f = v.as_f64().unwrap();
+            assert!((lo..=hi).contains(&f), "{schema_json}, walk {walk}: {v}");
+            assert!(!int || v.is_i64(), "{v}");
+        }
+    }
+}
