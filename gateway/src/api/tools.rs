@@ -268,13 +268,16 @@ mod tests {
     }
 
     fn accepts(plan: &ToolPlan, doc: &str) -> bool {
-        let mut st = JsonState::with_schema(Arc::new(Schema::compile(&plan.schema).unwrap()));
+        let mut st =
+            JsonState::with_schema(Arc::new(Schema::compile(&plan.schema).expect("test input")));
         st.advance(doc.as_bytes()) && st.done()
     }
 
     #[test]
     fn calls_follow_the_tools_schemas_and_auto_allows_words() {
-        let auto = plan(Some(&weather()), None).unwrap().unwrap();
+        let auto = plan(Some(&weather()), None)
+            .expect("test input")
+            .expect("test input");
         assert!(auto.instructions.contains("get_weather") && auto.instructions.contains("\"now\""));
         assert!(accepts(
             &auto,
@@ -288,24 +291,24 @@ mod tests {
         ));
         assert!(!accepts(&auto, r#"{"name":"other","arguments":{}}"#));
         let required = plan(Some(&weather()), Some(&json!("required")))
-            .unwrap()
-            .unwrap();
+            .expect("test input")
+            .expect("test input");
         assert!(!accepts(&required, r#"{"content":"no"}"#));
         let named = plan(
             Some(&weather()),
             Some(&json!({"type": "function", "function": {"name": "now"}})),
         )
-        .unwrap()
-        .unwrap();
+        .expect("test input")
+        .expect("test input");
         assert!(accepts(&named, r#"{"name":"now","arguments":{}}"#));
         assert!(!accepts(
             &named,
             r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}"#
         ));
         assert!(plan(Some(&weather()), Some(&json!("none")))
-            .unwrap()
+            .expect("test input")
             .is_none());
-        assert!(plan(None, None).unwrap().is_none());
+        assert!(plan(None, None).expect("test input").is_none());
     }
 
     #[test]
@@ -359,7 +362,7 @@ mod tests {
         assert_eq!(answer(r#"{"name": "now", "argu"#), None);
         let calls = json!([{"id": "call_1", "type": "function", "function": {"name": "now", "arguments": "{\"tz\":\"UTC\"}"}}]);
         assert_eq!(
-            calls_as_text(&calls, "m").unwrap(),
+            calls_as_text(&calls, "m").expect("test input"),
             r#"{"name":"now","arguments":{"tz":"UTC"}}"#
         );
         assert!(call_id().starts_with("call_") && call_id().len() == 29);

@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// A seeded stream of pseudo-random numbers (xorshift64).
+fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// Feeds `s` byte by byte; returns how many bytes were taken.
 fn feed(s: &str) -> (JsonState, usize) {
     let mut st = JsonState::new();
@@ -96,13 +106,7 @@ fn whitespace_is_a_space_or_a_newline_and_indentation() {
 #[test]
 fn the_masks_shortcuts_decide_as_trying_every_byte_does() {
     // Every single byte, and random tokens of printable and JSON-significant bytes.
-    let mut x = 7u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(7);
     let alphabet = b"{}[]\":,\\ \n\t-+.0123456789eEtrufalsnxu\x01\xc3\xa9ab";
     let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
     for _ in 0..3000 {
@@ -312,20 +316,14 @@ fn roots_other_than_objects_end_where_their_value_may_end() {
 fn random_walks_through_a_schema_give_documents_it_accepts() {
     // Each walk takes a random allowed byte at every step (preferring those that close
     // strings and containers once it is long), until the document may end.
-    let mut x = 99u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(99);
     let closing = b"\"}]";
     for walk in 0..300 {
         let mut st = schema(person());
         let mut doc = Vec::new();
         loop {
             let allowed: Vec<u8> = (0x20u8..0x7f).filter(|&b| st.allows(&[b])).collect();
-            if st.done() && (doc.len() > 60 || allowed.is_empty() || next() % 4 == 0) {
+            if st.done() && (doc.len() > 60 || allowed.is_empty() || next().is_multiple_of(4)) {
                 break;
             }
             assert!(
@@ -338,7 +336,7 @@ fn random_walks_through_a_schema_give_documents_it_accepts() {
                 .copied()
                 .filter(|b| closing.contains(b) || b.is_ascii_digit() || *b == b',')
                 .collect();
-            let pool = if doc.len() > 40 && !preferred.is_empty() && next() % 4 != 0 {
+            let pool = if doc.len() > 40 && !preferred.is_empty() && !next().is_multiple_of(4) {
                 &preferred
             } else {
                 &allowed
@@ -441,13 +439,7 @@ fn strings_follow_their_pattern_format_and_length() {
 
 #[test]
 fn random_walks_through_held_strings_give_what_a_regex_engine_accepts() {
-    let mut x = 5u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(5);
     let date_time = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$";
     let email = r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$";
     for (schema_json, check) in [
@@ -480,7 +472,7 @@ fn random_walks_through_held_strings_give_what_a_regex_engine_accepts() {
                     String::from_utf8_lossy(&doc)
                 );
                 // Close the string as soon as it may be closed, some of the time.
-                let b = if allowed.contains(&b'"') && doc.len() > 1 && next() % 3 == 0 {
+                let b = if allowed.contains(&b'"') && doc.len() > 1 && next().is_multiple_of(3) {
                     b'"'
                 } else {
                     allowed[(next() % allowed.len() as u64) as usize]
@@ -546,13 +538,7 @@ fn bounded_numbers_end_only_within_their_bounds() {
 
 #[test]
 fn random_walks_through_bounded_numbers_stay_within_them() {
-    let mut x = 11u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(11);
     for (schema_json, lo, hi, int) in [
         (
             serde_json::json!({"type": "integer", "minimum": -7, "maximum": 1234}),
@@ -584,7 +570,7 @@ fn random_walks_through_bounded_numbers_stay_within_them() {
             let mut doc = Vec::new();
             loop {
                 let allowed: Vec<u8> = (0x20u8..0x7f).filter(|&b| st.allows(&[b])).collect();
-                if st.done() && (allowed.is_empty() || next() % 3 == 0) {
+                if st.done() && (allowed.is_empty() || next().is_multiple_of(3)) {
                     break;
                 }
                 assert!(
