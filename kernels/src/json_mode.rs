@@ -315,6 +315,16 @@ fn props<'a>(cx: &Cx<'a>, node: NodeId) -> &'a [crate::json_schema::Prop] {
     }
 }
 
+/// The node of element `i` (from 0) of an array of `node`; `None` past its `max`.
+fn element(cx: &Cx, node: NodeId, i: u32) -> Option<NodeId> {
+    match cx.schema.node(node) {
+        Node::Array {
+            prefix, items, max, ..
+        } if i < *max => Some(prefix.get(i as usize).copied().unwrap_or(*items)),
+        _ => None,
+    }
+}
+
 /// Whether an object of `node` may close with property `next` and those after it unwritten.
 fn closable(cx: &Cx, node: NodeId, next: u32) -> bool {
     props(cx, node)
@@ -585,14 +595,11 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
             let Some(Frame::Array { node, .. }) = w.top(cx) else {
                 return;
             };
-            let Node::Array { items, max, .. } = *cx.schema.node(node) else {
-                return;
-            };
             if b == b']' {
                 close(w, b, out);
-            } else if max > 0 {
+            } else if let Some(element) = element(cx, node, 0) {
                 w.replace_top(Frame::Array { node, count: 1 });
-                start(cx, w, items, b, 0, out);
+                start(cx, w, element, b, 0, out);
             }
         }
         Mode::Key { first } => {
@@ -692,16 +699,13 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
                 }
             }
             (b',', Some(Frame::Array { node, count })) => {
-                let Node::Array { items, max, .. } = *cx.schema.node(node) else {
-                    return;
-                };
-                if count < max {
+                if let Some(element) = element(cx, node, count) {
                     w.replace_top(Frame::Array {
                         node,
                         count: count + 1,
                     });
                     w.mode = Mode::Value {
-                        node: items,
+                        node: element,
                         top: false,
                     };
                     emit(out, w);

@@ -4,14 +4,18 @@
 //!
 //! The subset is that of OpenAI's structured outputs, plus what Pydantic models emit:
 //! `type` (one or a list), `properties`, `required`, `additionalProperties`, `items`,
-//! `minItems`/`maxItems`, `enum`, `const`, `anyOf`, `allOf` of one schema, `nullable`,
+//! `minItems`/`maxItems`, tuples (`prefixItems`; draft 7's `items` array with
+//! `additionalItems`), `enum`, `const`, `anyOf`, `oneOf` where no value can match two of
+//! its alternatives (as far as kinds, literals and required properties tell: Pydantic's
+//! discriminated unions), `allOf` of one schema, `nullable`,
 //! `$ref` into the document (`#`, `#/$defs/…`, `#/definitions/…`, recursion included),
 //! strings' `pattern`, `format` (`date-time`, `date`, `time`, `uuid`, `email`, `ipv4`)
 //! and `minLength`/`maxLength`, numbers' `minimum`, `maximum`, `exclusiveMinimum` and
 //! `exclusiveMaximum` (a bounded number is written without exponent, in at most 18
 //! digits, and each digit only while some ending stays within the bounds), and
 //! annotations (`title`, `description`, `default`, …), which are ignored. A keyword that would constrain the output in a way the recognizer
-//! cannot follow (`multipleOf`, `oneOf`, another `format`, …) is refused with a
+//! cannot follow (`multipleOf`, `uniqueItems`, an overlapping `oneOf`, another
+//! `format`, …) is refused with a
 //! [`SchemaError`] that names it, rather than ignored: the engine never returns a
 //! document its schema rejects.
 //!
@@ -68,7 +72,10 @@ pub enum Node {
         props: Vec<Prop>,
         values: Option<NodeId>,
     },
+    /// An array: its first elements of the `prefix` nodes in turn (a tuple), the rest of
+    /// `items`; between `min` and `max` elements.
     Array {
+        prefix: Vec<NodeId>,
         items: NodeId,
         min: u32,
         max: u32,
@@ -418,6 +425,7 @@ impl Schema {
                 values: Some(ANY),
             },
             Node::Array {
+                prefix: Vec::new(),
                 items: ANY,
                 min: 0,
                 max: u32::MAX,
@@ -555,12 +563,15 @@ impl<'a> Compiler<'a> {
             "maximum",
             "exclusiveMinimum",
             "exclusiveMaximum",
+            "prefixItems",
+            "additionalItems",
+            "oneOf",
         ];
         if let Some(k) = obj
             .keys()
             .find(|k| !KNOWN.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str()))
         {
-            // `uniqueItems: false` and `additionalItems` without `prefixItems` say nothing.
+            // `uniqueItems: false` says nothing.
             if !(k == "uniqueItems" && obj[k] == Value::Bool(false)) {
                 return Err(SchemaError::Unsupported {
                     keyword: k.clone(),
@@ -589,6 +600,27 @@ impl<'a> Compiler<'a> {
                     })
                 }
             }
+        } else if let Some(one) = obj.get("oneOf") {
+            // Generated as `anyOf`, which is the same where no document can match two
+            // alternatives: that has to be provable (Pydantic's discriminated unions are).
+            let alts = one
+                .as_array()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| invalid("`oneOf` must be a non-empty array"))?;
+            let mut ids: Vec<NodeId> = Vec::with_capacity(alts.len());
+            for (i, a) in alts.iter().enumerate() {
+                let id = self.node(a, &format!("{at}/oneOf/{i}"))?;
+                if let Some(j) = ids.iter().position(|&o| !disjoint(&self.nodes, o, id, 0)) {
+                    return Err(SchemaError::Unsupported {
+                        keyword: format!(
+                            "oneOf` whose alternatives {j} and {i} may both match (a discriminating `const` property, or `anyOf`, is followed"
+                        ),
+                        at: at.to_string(),
+                    });
+                }
+                ids.push(id);
+            }
+            self.push(Node::AnyOf(ids))?
         } else if let Some(any) = obj.get("anyOf") {
             let alts = any
                 .as_array()
@@ -612,7 +644,7 @@ impl<'a> Compiler<'a> {
             if types.is_empty() {
                 if obj.contains_key("properties") || obj.contains_key("additionalProperties") {
                     self.object(obj, at)?
-                } else if obj.contains_key("items") {
+                } else if obj.contains_key("items") || obj.contains_key("prefixItems") {
                     self.array(obj, at)?
                 } else {
                     ANY
@@ -792,18 +824,49 @@ impl<'a> Compiler<'a> {
             }
         };
         let min = count("minItems")?.unwrap_or(0);
-        let max = count("maxItems")?.unwrap_or(u32::MAX);
+        let mut max = count("maxItems")?.unwrap_or(u32::MAX);
+        // A tuple: `prefixItems` (2020-12), or `items` as an array (draft 7); then the
+        // rest's schema in `items` or `additionalItems`.
+        let (tuple, rest, rest_key) = match (obj.get("prefixItems"), obj.get("items")) {
+            (Some(p), rest) => (Some((p, "prefixItems")), rest, "items"),
+            (None, Some(Value::Array(_))) => (
+                Some((&obj["items"], "items")),
+                obj.get("additionalItems"),
+                "additionalItems",
+            ),
+            (None, rest) => (None, rest, "items"),
+        };
+        let mut prefix = Vec::new();
+        if let Some((t, key)) = tuple {
+            let t = t.as_array().ok_or_else(|| SchemaError::Invalid {
+                at: at.to_string(),
+                why: format!("`{key}` must be an array"),
+            })?;
+            for (i, s) in t.iter().enumerate() {
+                prefix.push(self.node(s, &format!("{at}/{key}/{i}"))?);
+            }
+        }
+        let items = match rest {
+            None | Some(Value::Bool(true)) => ANY,
+            // No elements past the tuple.
+            Some(Value::Bool(false)) => {
+                max = max.min(prefix.len() as u32);
+                ANY
+            }
+            Some(i) => self.node(i, &format!("{at}/{rest_key}"))?,
+        };
         if min > max {
             return Err(SchemaError::Invalid {
                 at: at.to_string(),
-                why: "`minItems` is above `maxItems`".into(),
+                why: "`minItems` is above `maxItems` (or the tuple's length)".into(),
             });
         }
-        let items = match obj.get("items") {
-            None => ANY,
-            Some(i) => self.node(i, &format!("{at}/items"))?,
-        };
-        self.push(Node::Array { items, min, max })
+        self.push(Node::Array {
+            prefix,
+            items,
+            min,
+            max,
+        })
     }
 
     /// A `$ref` into this document: compiled once, so that recursion closes on itself.
@@ -831,6 +894,72 @@ impl<'a> Compiler<'a> {
         let inner = self.node(target, r)?;
         self.nodes[id as usize] = Node::AnyOf(vec![inner]);
         Ok(id)
+    }
+}
+
+/// The kinds of JSON value a node may be (bits: object, array, string, number, boolean,
+/// null); all of them where that is not known (a `$ref` still being compiled).
+fn kinds(nodes: &[Node], n: NodeId, depth: u8) -> u8 {
+    const ALL: u8 = 0b11_1111;
+    match &nodes[n as usize] {
+        _ if depth > 16 => ALL,
+        Node::Any => ALL,
+        Node::Object { .. } => 1,
+        Node::Array { .. } => 2,
+        Node::String(_) => 4,
+        Node::Number(_) | Node::Integer(_) => 8,
+        Node::Literal(texts) => texts
+            .iter()
+            .map(|t| match t.first() {
+                Some(b'{') => 1,
+                Some(b'[') => 2,
+                Some(b'"') => 4,
+                Some(b't' | b'f') => 16,
+                Some(b'n') => 32,
+                _ => 8,
+            })
+            .fold(0, |a, k| a | k),
+        Node::AnyOf(alts) if alts.is_empty() => ALL,
+        Node::AnyOf(alts) => alts.iter().fold(0, |a, &x| a | kinds(nodes, x, depth + 1)),
+    }
+}
+
+/// Whether no value can be of both nodes, as far as can be told: different kinds,
+/// literals with no text in common, or objects with a required property of disjoint
+/// values in both.
+fn disjoint(nodes: &[Node], a: NodeId, b: NodeId, depth: u8) -> bool {
+    if depth > 16 {
+        return false;
+    }
+    if kinds(nodes, a, 0) & kinds(nodes, b, 0) == 0 {
+        return true;
+    }
+    // Through the one-alternative wrappers that `$ref`s compile to.
+    let unwrap = |mut n: NodeId| {
+        for _ in 0..16 {
+            match &nodes[n as usize] {
+                Node::AnyOf(alts) if alts.len() == 1 => n = alts[0],
+                _ => break,
+            }
+        }
+        n
+    };
+    let (a, b) = (unwrap(a), unwrap(b));
+    match (&nodes[a as usize], &nodes[b as usize]) {
+        (Node::Literal(x), Node::Literal(y)) => !x.iter().any(|t| y.contains(t)),
+        (Node::Object { props: pa, .. }, Node::Object { props: pb, .. }) => pa.iter().any(|p| {
+            p.required
+                && pb.iter().any(|q| {
+                    q.required && q.key == p.key && disjoint(nodes, p.value, q.value, depth + 1)
+                })
+        }),
+        (Node::AnyOf(alts), _) if !alts.is_empty() => {
+            alts.iter().all(|&x| disjoint(nodes, x, b, depth + 1))
+        }
+        (_, Node::AnyOf(alts)) if !alts.is_empty() => {
+            alts.iter().all(|&x| disjoint(nodes, a, x, depth + 1))
+        }
+        _ => false,
     }
 }
 
@@ -876,6 +1005,25 @@ mod tests {
     }
 
     #[test]
+    fn one_of_is_taken_where_its_alternatives_cannot_overlap() {
+        // Pydantic's discriminated union: a `const` tag in each alternative.
+        let s = Schema::compile(&json!({
+            "$defs": {
+                "Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}}, "required": ["kind", "lives"]},
+                "Dog": {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}, "required": ["kind", "good"]}
+            },
+            "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}, {"type": "null"}, {"type": "string"}],
+            "discriminator": {"propertyName": "kind"}
+        }));
+        assert!(s.is_ok(), "{s:?}");
+        // Recursion: an alternative still being compiled is taken to overlap.
+        let s = Schema::compile(
+            &json!({"$defs": {"T": {"oneOf": [{"type": "string"}, {"$ref": "#/$defs/T"}]}}, "$ref": "#/$defs/T"}),
+        );
+        assert!(s.is_err(), "{s:?}");
+    }
+
+    #[test]
     fn recursion_closes_on_itself() {
         let s = Schema::compile(&json!({
             "type": "object",
@@ -895,14 +1043,24 @@ mod tests {
             ),
             (json!({"type": "integer", "multipleOf": 3}), "multipleOf"),
             (json!({"type": "integer", "minimum": 1e20}), "beyond"),
-            (json!({"oneOf": [{"type": "string"}]}), "oneOf"),
+            (
+                json!({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}),
+                "may both match",
+            ),
+            (
+                json!({"oneOf": [
+                    {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
+                    {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"]}
+                ]}),
+                "alternatives 0 and 1",
+            ),
             (
                 json!({"$ref": "#/$defs/X", "minItems": 2, "$defs": {"X": {}}}),
                 "minItems",
             ),
             (
-                json!({"type": "object", "properties": {"a": {"type": "array", "prefixItems": []}}}),
-                "prefixItems",
+                json!({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": true}}}),
+                "uniqueItems",
             ),
         ] {
             let e = Schema::compile(&schema).unwrap_err();

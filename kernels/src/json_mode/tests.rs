@@ -590,3 +590,47 @@ fn random_walks_through_bounded_numbers_stay_within_them() {
         }
     }
 }
+
+#[test]
+fn tuples_and_discriminated_unions() {
+    let pair = serde_json::json!({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": false});
+    strings(
+        pair.clone(),
+        &[
+            ("[1,\"a\"]", 7, true),
+            ("[1,\"a\",", 6, false),
+            ("[\"a\"", 1, false),
+            ("[]", 2, true),
+        ],
+    );
+    let pair_min = serde_json::json!({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2});
+    strings(pair_min, &[("[1]", 2, false), ("[1, \"b\"]", 8, true)]);
+    // Draft 7: `items` as an array, the rest in `additionalItems`.
+    let draft7 = serde_json::json!({"type": "array", "items": [{"type": "boolean"}], "additionalItems": {"type": "integer"}});
+    strings(
+        draft7,
+        &[
+            ("[true,1,2]", 10, true),
+            ("[true,\"x\"", 6, false),
+            ("[1", 1, false),
+        ],
+    );
+    let pets = serde_json::json!({
+        "$defs": {
+            "Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}}, "required": ["kind", "lives"], "additionalProperties": false},
+            "Dog": {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}, "required": ["kind", "good"], "additionalProperties": false}
+        },
+        "type": "object",
+        "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}], "discriminator": {"propertyName": "kind"}}},
+        "required": ["pet"],
+        "additionalProperties": false
+    });
+    strings(
+        pets,
+        &[
+            (r#"{"pet":{"kind":"cat","lives":9}}"#, 32, true),
+            (r#"{"pet":{"kind":"dog","good":true}}"#, 34, true),
+            (r#"{"pet":{"kind":"dog","lives":9}}"#, 22, false),
+        ],
+    );
+}
