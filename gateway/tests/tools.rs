@@ -57,25 +57,47 @@ fn check_call(call: &Value) -> (String, Value) {
     (name, args)
 }
 
-/// The streamed answer's tool call and finish reason, from its chunks.
-async fn streamed(gw: &Gateway, body: &str) -> (Option<Value>, String, String) {
+/// The streamed answer's tool call (merged from its deltas, and how many there were),
+/// words and finish reason.
+async fn streamed(gw: &Gateway, body: &str) -> (Option<Value>, usize, String, String) {
     let events = sse_events(post(gw, "/v1/chat/completions", body).await).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let (mut call, mut content, mut finish) = (None, String::new(), String::new());
+    let mut deltas = 0;
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         let c = &v["choices"][0];
+        // The first delta of a call has its id, type and name; the others more of its
+        // arguments.
         if let Some(calls) = c["delta"]["tool_calls"].as_array() {
             assert_eq!(calls.len(), 1);
             assert_eq!(calls[0]["index"], 0);
-            call = Some(calls[0].clone());
+            deltas += 1;
+            let more = calls[0]["function"]["arguments"].as_str().unwrap();
+            match &mut call {
+                None => {
+                    assert!(
+                        calls[0]["id"].is_string() && calls[0]["function"]["name"].is_string(),
+                        "{e}"
+                    );
+                    call = Some(calls[0].clone());
+                }
+                Some(call) => {
+                    assert!(
+                        calls[0].get("id").is_none() && calls[0]["function"].get("name").is_none(),
+                        "{e}"
+                    );
+                    let args = call["function"]["arguments"].as_str().unwrap().to_string() + more;
+                    call["function"]["arguments"] = args.into();
+                }
+            }
         }
         content.push_str(c["delta"]["content"].as_str().unwrap_or_default());
         if let Some(f) = c["finish_reason"].as_str() {
             finish = f.to_string();
         }
     }
-    (call, content, finish)
+    (call, deltas, content, finish)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -96,10 +118,14 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
         let calls = c["message"]["tool_calls"].as_array().unwrap();
         assert_eq!(calls.len(), 1, "{v}");
         let whole = check_call(&calls[0]);
-        // The same draw, streamed: one call in one delta, then `tool_calls`.
-        let (call, content, finish) = streamed(&gw, &body(json!("required"), true, seed)).await;
+        // The same draw, streamed: the call's name, its arguments in pieces, then
+        // `tool_calls`.
+        let (call, deltas, content, finish) =
+            streamed(&gw, &body(json!("required"), true, seed)).await;
         assert_eq!((content.as_str(), finish.as_str()), ("", "tool_calls"));
         assert_eq!(check_call(&call.expect("a streamed call")), whole);
+        // The arguments came as they were written, not whole at the end.
+        assert!(deltas > 2, "{deltas} deltas");
         names.push(whole.0);
     }
     eprintln!("required: {names:?}");
@@ -108,8 +134,9 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
     let v = post_json(&gw, "/v1/chat/completions", &body(named, false, 0)).await;
     let (name, _) = check_call(&v["choices"][0]["message"]["tool_calls"][0]);
     assert_eq!(name, "now");
-    // Auto: a call or words, each in its own shape.
-    for seed in 0..3 {
+    // Auto: a call or words, each in its own shape, streamed as whole.
+    let mut words = 0;
+    for seed in 0..6 {
         let v = post_json(
             &gw,
             "/v1/chat/completions",
@@ -117,18 +144,25 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
         )
         .await;
         let c = &v["choices"][0];
-        match c["finish_reason"].as_str().unwrap() {
+        let (call, _, content, finish) = streamed(&gw, &body(json!("auto"), true, seed)).await;
+        assert_eq!(c["finish_reason"], finish.as_str(), "{v}");
+        match finish.as_str() {
             "tool_calls" => {
-                check_call(&c["message"]["tool_calls"][0]);
+                assert_eq!(
+                    check_call(&c["message"]["tool_calls"][0]),
+                    check_call(&call.unwrap())
+                );
             }
-            "stop" => assert!(
-                c["message"]["content"].is_string() && c["message"]["tool_calls"].is_null(),
-                "{v}"
-            ),
+            "stop" => {
+                words += 1;
+                assert!(c["message"]["tool_calls"].is_null(), "{v}");
+                assert_eq!(c["message"]["content"], content.as_str(), "{v}");
+            }
             "length" => assert!(c["message"]["content"].is_string(), "{v}"),
             other => panic!("{other}: {v}"),
         }
     }
+    eprintln!("auto: {words} of 6 answered in words");
     // `none`: no call, plain text.
     let v = post_json(&gw, "/v1/chat/completions", &body(json!("none"), false, 0)).await;
     assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");

@@ -2,7 +2,7 @@
 //! (`data: {json}\n\n`, ending with `data: [DONE]\n\n`), for both endpoints.
 
 use super::error::ApiError;
-use super::tools::{self, Answer};
+use super::tools::{self, Answer, AnswerStream, Piece};
 use super::types::*;
 use super::validate::Endpoint;
 use crate::worker::{FinishReason, TokenLogprob, Usage};
@@ -21,19 +21,22 @@ pub struct Renderer {
     /// Per choice: characters of completion text rendered so far (the legacy
     /// `text_offset`).
     offsets: Vec<usize>,
-    /// The answers are tool calls (see [`tools`]): streamed, each choice's text is held
-    /// until it ends, then sent as one call (or as content).
+    /// The answers are tool calls (see [`tools`]): streamed, each choice's text is read
+    /// as it comes, and sent as a call's name then its arguments (or as words).
     tools: bool,
-    held: Vec<String>,
+    answers: Vec<AnswerStream>,
 }
 
-/// A tool call of the response.
+/// A tool call of the response (`index`: in a stream's delta).
 fn tool_call<'a>(name: &'a str, arguments: &'a str, index: Option<u32>) -> ToolCallOut<'a> {
     ToolCallOut {
         index,
-        id: tools::call_id(),
-        kind: "function",
-        function: FunctionOut { name, arguments },
+        id: Some(tools::call_id()),
+        kind: Some("function"),
+        function: FunctionOut {
+            name: Some(name),
+            arguments,
+        },
     }
 }
 
@@ -85,7 +88,9 @@ impl Renderer {
             logprobs,
             offsets: vec![0; n.max(1)],
             tools,
-            held: vec![String::new(); if tools { n.max(1) } else { 0 }],
+            answers: (0..if tools { n.max(1) } else { 0 })
+                .map(|_| AnswerStream::default())
+                .collect(),
         }
     }
 
@@ -167,8 +172,12 @@ impl Renderer {
         logprobs: &[TokenLogprob],
     ) {
         if self.tools {
-            if let Some(h) = self.held.get_mut(index) {
-                h.push_str(text);
+            let pieces = match self.answers.get_mut(index) {
+                Some(a) => a.push(text),
+                None => Vec::new(),
+            };
+            for p in pieces {
+                self.piece_frame(out, index, &p);
             }
             return;
         }
@@ -193,34 +202,47 @@ impl Renderer {
         }
     }
 
-    /// Choice `index`'s finish frame (for tool calls, after the call or the text held).
+    /// A piece of a tool-calling answer, as a chat delta.
+    fn piece_frame(&self, out: &mut BytesMut, index: usize, piece: &Piece) {
+        let delta = match piece {
+            Piece::Call(name) => Delta {
+                tool_calls: Some(vec![tool_call(name, "", Some(0))]),
+                ..Delta::default()
+            },
+            Piece::Arguments(arguments) => Delta {
+                tool_calls: Some(vec![ToolCallOut {
+                    index: Some(0),
+                    id: None,
+                    kind: None,
+                    function: FunctionOut {
+                        name: None,
+                        arguments,
+                    },
+                }]),
+                ..Delta::default()
+            },
+            Piece::Content(text) => Delta {
+                content: Some(text),
+                ..Delta::default()
+            },
+        };
+        self.chunk(out, index, delta, "", None, None);
+    }
+
+    /// Choice `index`'s finish frame (for tool calls, after what was still held).
     pub fn finish_frame(&mut self, out: &mut BytesMut, index: usize, finish: FinishReason) {
         let mut finish = finish;
         if self.tools {
-            let text = self
-                .held
-                .get_mut(index)
-                .map(std::mem::take)
-                .unwrap_or_default();
-            let answer = tool_answer(true, &text, finish);
-            let delta = match &answer {
-                Some(Answer::Call { name, arguments }) => {
-                    finish = FinishReason::ToolCalls;
-                    Delta {
-                        tool_calls: Some(vec![tool_call(name, arguments, Some(0))]),
-                        ..Delta::default()
-                    }
-                }
-                Some(Answer::Content(c)) => Delta {
-                    content: Some(c),
-                    ..Delta::default()
-                },
-                None => Delta {
-                    content: Some(&text),
-                    ..Delta::default()
-                },
+            let (pieces, called) = match self.answers.get_mut(index) {
+                Some(a) => a.finish(),
+                None => (Vec::new(), false),
             };
-            self.chunk(out, index, delta, "", None, None);
+            for p in &pieces {
+                self.piece_frame(out, index, p);
+            }
+            if called && finish == FinishReason::Stop {
+                finish = FinishReason::ToolCalls;
+            }
         }
         self.chunk(out, index, Delta::default(), "", None, Some(finish));
     }

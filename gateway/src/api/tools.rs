@@ -7,7 +7,9 @@
 //! So a call's arguments always validate against the tool's schema, whatever the model,
 //! and no model-specific tool-call format needs parsing. The renderer turns the document
 //! back into the OpenAI shape (`message.tool_calls` and `finish_reason: "tool_calls"`, or
-//! `message.content`).
+//! `message.content`); streamed, [`AnswerStream`] reads the document as it is written, so
+//! that the call's name goes out as soon as it is complete and its arguments (or the
+//! words) as they come.
 //!
 //! Earlier turns (assistant messages with `tool_calls`, `tool` messages with results) are
 //! written into the conversation as text in the same JSON shape, so that every chat
@@ -243,6 +245,244 @@ pub fn answer(text: &str) -> Option<Answer> {
     })
 }
 
+/// A piece of a tool-calling answer that can be streamed as soon as it is generated.
+#[derive(Debug, PartialEq)]
+pub enum Piece {
+    /// A call begins: the function's name (its arguments follow).
+    Call(String),
+    /// More of the call's arguments (JSON text).
+    Arguments(String),
+    /// More of an answer in words (decoded from its JSON string).
+    Content(String),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Before the first key's value: `{`, the key, `:`.
+    #[default]
+    Head,
+    /// In the name's string.
+    Name,
+    /// Between the name and the arguments' first byte: `,`, `"arguments"`, `:`.
+    BeforeArguments,
+    /// In the arguments: their containers' depth, inside a string, after a backslash.
+    Arguments {
+        depth: u32,
+        string: bool,
+        escape: bool,
+    },
+    /// In the words' string.
+    Content,
+    /// The part to stream is over (what is left is the closing `}`).
+    Done,
+}
+
+/// Reads a tool-calling answer (the document of [`plan`]'s schema) as it is generated,
+/// so that a stream can send the call's name as soon as it is written, then its arguments
+/// as they come (or the words, decoded, as they come). The schema fixes the order: the
+/// first key is `name` or `content`, and `arguments` follows `name`.
+#[derive(Debug, Default)]
+pub struct AnswerStream {
+    text: String,
+    /// How far `text` is read.
+    at: usize,
+    phase: Phase,
+    /// Whether anything was sent, and whether a call began.
+    sent: bool,
+    called: bool,
+}
+
+impl AnswerStream {
+    /// Takes the next piece of generated text; returns what can be sent now.
+    pub fn push(&mut self, more: &str) -> Vec<Piece> {
+        self.text.push_str(more);
+        let mut out = Vec::new();
+        loop {
+            let rest = &self.text[self.at..];
+            match self.phase {
+                Phase::Head => {
+                    // `{`, whitespace, the key, whitespace, `:`, whitespace, `"`.
+                    let Some(q) = rest.find(':') else { break };
+                    let Some(open) = rest[q..].find('"').map(|i| q + i) else {
+                        break;
+                    };
+                    let key = rest[..q].trim_matches(|c: char| c == '{' || c.is_whitespace());
+                    self.at += open + 1;
+                    self.phase = if key == "\"content\"" {
+                        Phase::Content
+                    } else {
+                        Phase::Name
+                    };
+                }
+                Phase::Name => {
+                    let Some((value, used)) = json_string(rest) else {
+                        break;
+                    };
+                    self.at += used;
+                    out.push(Piece::Call(value));
+                    self.called = true;
+                    self.phase = Phase::BeforeArguments;
+                }
+                Phase::BeforeArguments => {
+                    let Some(colon) = rest.find(':') else { break };
+                    let after = &rest[colon + 1..];
+                    let Some(start) = after.find(|c: char| !c.is_whitespace()) else {
+                        break;
+                    };
+                    self.at += colon + 1 + start;
+                    self.phase = Phase::Arguments {
+                        depth: 0,
+                        string: false,
+                        escape: false,
+                    };
+                }
+                Phase::Arguments {
+                    mut depth,
+                    mut string,
+                    mut escape,
+                } => {
+                    let mut end = None;
+                    for (i, b) in rest.bytes().enumerate() {
+                        match (string, escape, b) {
+                            (true, true, _) => escape = false,
+                            (true, false, b'\\') => escape = true,
+                            (true, false, b'"') => string = false,
+                            (true, false, _) => {}
+                            (false, _, b'"') => string = true,
+                            (false, _, b'{' | b'[') => depth += 1,
+                            (false, _, b'}' | b']') => {
+                                depth = depth.saturating_sub(1);
+                                if depth == 0 {
+                                    end = Some(i + 1);
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Arguments that are not a container are sent whole at the end.
+                    if !rest.starts_with(['{', '[']) {
+                        break;
+                    }
+                    let take = end.unwrap_or(rest.len());
+                    if take > 0 {
+                        out.push(Piece::Arguments(rest[..take].to_string()));
+                    }
+                    self.at += take;
+                    self.phase = match end {
+                        Some(_) => Phase::Done,
+                        None => Phase::Arguments {
+                            depth,
+                            string,
+                            escape,
+                        },
+                    };
+                    break;
+                }
+                Phase::Content => {
+                    let (value, used) = match json_string(rest) {
+                        Some((v, used)) => {
+                            self.phase = Phase::Done;
+                            (v, used)
+                        }
+                        None => match decode_prefix(rest) {
+                            (v, used) if used > 0 => (v, used),
+                            _ => break,
+                        },
+                    };
+                    self.at += used;
+                    if !value.is_empty() {
+                        out.push(Piece::Content(value));
+                    }
+                    if self.phase != Phase::Done {
+                        break;
+                    }
+                }
+                Phase::Done => break,
+            }
+        }
+        self.sent |= !out.is_empty();
+        out
+    }
+
+    /// The answer has ended: what is still to send (arguments that were not a container;
+    /// or, when nothing could be read as a call or words, the text as it is), and whether
+    /// it was a call.
+    pub fn finish(&mut self) -> (Vec<Piece>, bool) {
+        let mut out = Vec::new();
+        match self.phase {
+            Phase::Arguments { .. } => {
+                let rest = self.text[self.at..].trim_end();
+                let rest = rest.strip_suffix('}').unwrap_or(rest).trim_end();
+                if !rest.is_empty() {
+                    out.push(Piece::Arguments(rest.to_string()));
+                }
+            }
+            _ if !self.sent && !self.text.is_empty() => {
+                out.push(Piece::Content(std::mem::take(&mut self.text)))
+            }
+            _ => {}
+        }
+        self.at = self.text.len();
+        (out, self.called)
+    }
+}
+
+/// A whole JSON string at the start of `s` (after its opening quote): its value and the
+/// bytes it took with the closing quote; `None` until it is complete.
+fn json_string(s: &str) -> Option<(String, usize)> {
+    let mut escape = false;
+    for (i, b) in s.bytes().enumerate() {
+        match (escape, b) {
+            (true, _) => escape = false,
+            (false, b'\\') => escape = true,
+            (false, b'"') => {
+                let v: String = serde_json::from_str(&format!("\"{}\"", &s[..i])).ok()?;
+                return Some((v, i + 1));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The longest start of a JSON string's inside (no closing quote yet) that decodes on its
+/// own: it stops before an escape whose characters have not all come (a `\uD83D` waits
+/// for its low surrogate).
+fn decode_prefix(s: &str) -> (String, usize) {
+    let b = s.as_bytes();
+    let mut end = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            end = i;
+            continue;
+        }
+        let need = match b.get(i + 1) {
+            None => break,
+            Some(b'u') => {
+                let high = s
+                    .get(i + 2..i + 6)
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                match high {
+                    None => break,
+                    Some(h) if (0xD800..0xDC00).contains(&h) => 12,
+                    Some(_) => 6,
+                }
+            }
+            Some(_) => 2,
+        };
+        if i + need > b.len() {
+            break;
+        }
+        i += need;
+        end = i;
+    }
+    let value = serde_json::from_str(&format!("\"{}\"", &s[..end])).unwrap_or_default();
+    (value, end)
+}
+
 /// A new tool call's id.
 pub fn call_id() -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -344,6 +584,67 @@ mod tests {
                 other => panic!("{tools}: {:?}", other.map(|p| p.map(|p| p.schema))),
             }
         }
+    }
+
+    /// Feeds `text` in pieces of `size` bytes (at character boundaries); returns all
+    /// pieces and whether it was a call.
+    fn stream(text: &str, size: usize) -> (Vec<Piece>, bool) {
+        let mut st = AnswerStream::default();
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let mut n = size.min(rest.len());
+            while !rest.is_char_boundary(n) {
+                n += 1;
+            }
+            out.extend(st.push(&rest[..n]));
+            rest = &rest[n..];
+        }
+        let (tail, called) = st.finish();
+        out.extend(tail);
+        (out, called)
+    }
+
+    /// The pieces merged: the call's name and arguments, or the words.
+    fn merged(pieces: &[Piece]) -> (Option<String>, String, String) {
+        let (mut name, mut args, mut words) = (None, String::new(), String::new());
+        for p in pieces {
+            match p {
+                Piece::Call(n) => name = Some(n.clone()),
+                Piece::Arguments(a) => args.push_str(a),
+                Piece::Content(c) => words.push_str(c),
+            }
+        }
+        (name, args, words)
+    }
+
+    #[test]
+    fn answers_stream_as_they_are_written() {
+        let call = "{\"name\": \"get_weather\",\n  \"arguments\": {\"city\": \"Oslo }\\\"\", \"n\": [1, {}]}\n}";
+        let words = "{\"content\": \"Hi \\\"you\\\"\\n caf\\u00e9 \u{e9} \\ud83d\\ude00!\"}";
+        for size in [1, 2, 3, 7, 100] {
+            let (pieces, called) = stream(call, size);
+            assert!(called);
+            assert!(
+                matches!(&pieces[0], Piece::Call(n) if n == "get_weather"),
+                "{pieces:?}"
+            );
+            let (_, args, _) = merged(&pieces);
+            assert_eq!(args, r#"{"city": "Oslo }\"", "n": [1, {}]}"#, "size {size}");
+            let (pieces, called) = stream(words, size);
+            assert!(!called);
+            assert_eq!(
+                merged(&pieces).2,
+                "Hi \"you\"\n caf\u{e9} \u{e9} \u{1F600}!",
+                "size {size}"
+            );
+        }
+        // Arguments that are not a container come at the end; a document cut short comes
+        // as the text it is.
+        let (pieces, _) = stream("{\"name\": \"f\", \"arguments\": 12}", 3);
+        assert_eq!(merged(&pieces).1, "12");
+        let (pieces, called) = stream("{\"na", 2);
+        assert_eq!((merged(&pieces).2.as_str(), called), ("{\"na", false));
     }
 
     #[test]

@@ -143,21 +143,24 @@ pub struct AssistantMessage<'a> {
     pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
 }
 
-/// A tool call, whole (`message.tool_calls[]`) or as a stream's delta (with `index`).
+/// A tool call, whole (`message.tool_calls[]`), or a stream's delta of one (with
+/// `index`; `id`, `type` and the name only in its first).
 #[derive(Debug, Serialize)]
 pub struct ToolCallOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
     pub function: FunctionOut<'a>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct FunctionOut<'a> {
-    pub name: &'a str,
-    /// The arguments as a JSON string (OpenAI's shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    /// The arguments as a JSON string (OpenAI's shape); in a delta, more of it.
     pub arguments: &'a str,
 }
 

@@ -171,6 +171,16 @@ if engine:
     args = json.loads(call.function.arguments)
     assert call.function.name == "get_weather" and set(args) == {"city", "unit"}, call
     print("tool call:", call.function.name, call.function.arguments)
+    # Streamed: the name first, the arguments in pieces, as the SDK's chunk types read them.
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=ask, tools=[weather], tool_choice="required", max_tokens=60, temperature=0, stream=True
+        )
+    )
+    deltas = [tc for ch in chunks for c in ch.choices if c.delta.tool_calls for tc in c.delta.tool_calls]
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2, deltas
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == args, deltas
+    assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
     r = client.chat.completions.create(
         model=model,
         messages=ask
