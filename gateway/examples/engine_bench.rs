@@ -7,7 +7,8 @@
 //! its answer). Environment: `BACKEND=auto|cpu|cuda|emulator` (default cpu; `emulator` checks the
 //! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
-//! `PREFIX_CACHING=0` (the prefix cache off).
+//! `PREFIX_CACHING=0` (the prefix cache off), `FORMAT=json|schema` (the streams' answers
+//! in JSON mode, or held to a small schema: the constrained-decoding mask's cost).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -36,8 +37,36 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     })
 }
 
+/// `FORMAT`: the streams' output format.
+fn format() -> Option<gateway::worker::JsonFormat> {
+    use gateway::worker::JsonFormat;
+    match std::env::var("FORMAT").as_deref() {
+        Ok("json") => Some(JsonFormat::Object),
+        Ok("schema") => {
+            let schema = serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "title": {"type": "string"},
+                    "traveller": {"enum": ["Alex", "Sam"]},
+                    "chapters": {"type": "array", "items": {"type": "string"}},
+                    "pages": {"type": "integer", "minimum": 1, "maximum": 999}
+                },
+                "required": ["title", "traveller", "chapters", "pages"],
+                "additionalProperties": false
+            });
+            let compiled = kernels::json_schema::Schema::compile(&schema).expect("the schema");
+            Some(JsonFormat::Schema {
+                spec: Arc::new(serde_json::json!({"name": "story", "schema": schema})),
+                compiled: Arc::new(compiled),
+            })
+        }
+        _ => None,
+    }
+}
+
 fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     let mut r = (*req(String::new(), max_tokens)).clone();
+    r.params.json = format();
     r.prompt = Prompt::Chat(vec![gateway::worker::ChatMessage {
         role: "user".into(),
         content: prompt,

@@ -13,6 +13,7 @@
 //! again (the failed one dropped first, then a fresh one until one passes its self-check).
 
 pub mod blocks;
+mod draw;
 pub mod fair;
 pub mod outbox;
 pub mod output;
@@ -37,7 +38,7 @@ use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::{Batch, Model, StepError};
 use kernels::json_mode::{JsonState, JsonVocab};
 use kernels::load::Loaded;
-use kernels::logprobs::{token_logprobs, TokenLogprobs};
+use kernels::logprobs::TokenLogprobs;
 use kernels::matmul::ActPrecision;
 use kernels::sampler::{Penalties, Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
@@ -263,12 +264,12 @@ impl Seq {
     /// Its penalties and JSON mode, applied to a row of logits; a JSON mask that would
     /// leave no token (a vocabulary without the bytes the object needs) leaves the stop
     /// tokens.
-    fn adjust(&self, logits: &mut [f32], tok: &Tokenizer, json_vocab: &mut Option<JsonVocab>) {
+    fn adjust(&self, logits: &mut [f32], tok: &Tokenizer, json_vocab: Option<&JsonVocab>) {
         if let Some(p) = &self.penalties {
             p.apply(logits, &self.counts);
         }
-        if let Some(json) = &self.json {
-            json.mask(logits, json_vocab.get_or_insert_with(|| JsonVocab::of(tok)));
+        if let (Some(json), Some(vocab)) = (&self.json, json_vocab) {
+            json.mask(logits, vocab);
             if !logits.iter().any(|l| l.is_finite()) {
                 for &id in &tok.stop_tokens {
                     if let Some(l) = logits.get_mut(id as usize) {
@@ -852,7 +853,18 @@ fn run_engine(
             }
         };
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        // The row of the step's answer of each sequence that gets a token (those whose
+        // tokens this step computes to the end), then every such token, drawn at once.
+        let mut rows: Vec<Option<usize>> = vec![None; running.len()];
         let mut row = 0;
+        for &(i, n) in &plan.items {
+            let s = &running[i];
+            if s.computed + n == s.tokens.len() {
+                rows[i] = Some(row);
+                row += 1;
+            }
+        }
+        let mut drawn = draw::draw(&mut running, &rows, &mut next, vocab, &tok, &mut json_vocab);
         let mut finished = Vec::new();
         for &(i, n) in &plan.items {
             let s = &mut running[i];
@@ -879,45 +891,9 @@ fn run_engine(
             if s.computed != s.tokens.len() {
                 continue;
             }
-            let (id, lp) = match &mut next {
-                Next::Tokens(t, want, logits) => {
-                    let raw = want
-                        .iter()
-                        .position(|&r| r == row)
-                        .map(|at| &logits[at * vocab..(at + 1) * vocab]);
-                    // With penalties or JSON mode the device's draw is replaced by the same
-                    // rule's on the adjusted row (the `sample` kernel's twin, same seed and
-                    // step).
-                    let id = match raw {
-                        Some(raw) if s.constrained() => {
-                            let mut l = raw.to_vec();
-                            s.adjust(&mut l, &tok, &mut json_vocab);
-                            let id = kernels::cuda::twins::sample(&l, device_params(s));
-                            if l[id as usize].is_finite() {
-                                id
-                            } else {
-                                kernels::sampler::argmax(&l)
-                            }
-                        }
-                        _ => t[row],
-                    };
-                    let lp = s
-                        .logprobs
-                        .zip(raw)
-                        .map(|(k, raw)| token_logprobs(raw, id, k as usize));
-                    (id, lp)
-                }
-                Next::Logits(l) => {
-                    let l = &mut l[row * vocab..(row + 1) * vocab];
-                    // The model's distribution, before penalties and the sampler's
-                    // temperature and cuts.
-                    let raw = s.logprobs.map(|k| (l.to_vec(), k));
-                    s.adjust(l, &tok, &mut json_vocab);
-                    let id = s.sampler.sample(l);
-                    (id, raw.map(|(raw, k)| token_logprobs(&raw, id, k as usize)))
-                }
+            let Some((id, lp)) = drawn.get_mut(i).and_then(Option::take) else {
+                continue;
             };
-            row += 1;
             s.take(id, lp, &tok);
             if let Some(reason) = emit(s, &tok, id, &mut outbox) {
                 let tail = s.out.finish();

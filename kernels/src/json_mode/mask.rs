@@ -36,10 +36,12 @@ impl JsonState {
             )
         });
         // Where whitespace leaves every reading's mode as it is (between tokens of
-        // structure, or inside a string), a token's first byte after its leading
-        // whitespace is checked by the same table.
+        // structure, or inside a string), or ends a number (whose next byte the table
+        // already tried after it), a token's first byte after its leading whitespace is
+        // checked by the same table.
         let ws_keeps_mode = self.readings.iter().all(|r| match r.mode {
             Mode::Value { top, .. } => !top,
+            Mode::Num { n, .. } | Mode::BNum { n, .. } => complete(n),
             Mode::ArrayFirst
             | Mode::Key { .. }
             | Mode::Colon { .. }
@@ -86,16 +88,26 @@ impl JsonState {
                 Decision::Try
             }
         };
-        let decisions: Vec<Decision> = vocab.groups.iter().map(|g| decide(g.0)).collect();
+        // A group left to try is tried by its shared beginning first: refused whole if
+        // that cannot come, kept whole if its tokens are nothing more.
+        let decisions: Vec<Decision> = vocab
+            .groups
+            .iter()
+            .map(|g| match decide(g.gate) {
+                Decision::Try if !self.run(&g.prefix, &mut sc) => Decision::Refuse,
+                Decision::Try if g.whole => Decision::Keep,
+                d => d,
+            })
+            .collect();
         let refused: usize = vocab
             .groups
             .iter()
             .zip(&decisions)
             .filter(|(_, d)| **d == Decision::Refuse)
-            .map(|(g, _)| (g.2 - g.1) as usize)
+            .map(|(g, _)| (g.hi - g.lo) as usize)
             .sum();
         let groups = vocab.groups.iter().zip(&decisions);
-        let ids = |g: &(u32, u32, u32)| &vocab.order[g.1 as usize..g.2 as usize];
+        let ids = |g: &Group| &vocab.order[g.lo as usize..g.hi as usize];
         if refused * 2 > vocab.order.len() {
             // Mostly refused: keep the few that stay, fill the row, put them back.
             let mut kept: Vec<(usize, f32)> = Vec::new();
@@ -166,7 +178,19 @@ pub struct JsonVocab {
     /// first byte, or [`GATE_STOP`], or [`GATE_NEVER`], with the flags below: what the
     /// mask's tables decide a token by, so that they decide a whole group at once.
     order: Vec<u32>,
-    groups: Vec<(u32, u32, u32)>,
+    groups: Vec<Group>,
+}
+
+/// Tokens alike for the mask: their signature (`gate`), the beginning they share (their
+/// leading whitespace and two bytes more), whether they are that beginning and nothing
+/// more, and their range of [`JsonVocab::order`].
+#[derive(Debug, Clone)]
+struct Group {
+    gate: u32,
+    prefix: Box<[u8]>,
+    whole: bool,
+    lo: u32,
+    hi: u32,
 }
 
 const GATE_STOP: u32 = 256;
@@ -235,14 +259,36 @@ impl JsonVocab {
                 }
             })
             .collect();
+        // Text tokens are grouped by their beginning too (leading whitespace and two
+        // bytes more): a group whose beginning cannot come is refused with one try.
+        let prefix = |id: u32| -> &[u8] {
+            let b = &bytes[id as usize];
+            match gate[id as usize] & GATE_INDEX {
+                i if i < 256 => {
+                    let lead = (gate[id as usize] >> GATE_LEAD_WS) as usize;
+                    &b[..b.len().min(lead + 2)]
+                }
+                _ => &[],
+            }
+        };
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by_key(|&id| gate[id as usize]);
-        let mut groups: Vec<(u32, u32, u32)> = Vec::new();
+        order.sort_by(|&a, &b| (gate[a as usize], prefix(a)).cmp(&(gate[b as usize], prefix(b))));
+        let mut groups: Vec<Group> = Vec::new();
         for (i, &id) in order.iter().enumerate() {
-            let g = gate[id as usize];
+            let (g, p) = (gate[id as usize], prefix(id));
+            let whole = p.len() == bytes[id as usize].len();
             match groups.last_mut() {
-                Some((last, _, hi)) if *last == g => *hi = i as u32 + 1,
-                _ => groups.push((g, i as u32, i as u32 + 1)),
+                Some(last) if last.gate == g && *last.prefix == *p => {
+                    last.hi = i as u32 + 1;
+                    last.whole &= whole;
+                }
+                _ => groups.push(Group {
+                    gate: g,
+                    prefix: p.into(),
+                    whole,
+                    lo: i as u32,
+                    hi: i as u32 + 1,
+                }),
             }
         }
         Self {
