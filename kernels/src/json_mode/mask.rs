@@ -88,37 +88,39 @@ impl JsonState {
                 Decision::Try
             }
         };
-        // A group left to try is tried by its shared beginning first: refused whole if
-        // that cannot come, kept whole if its tokens are nothing more.
-        let decisions: Vec<Decision> = vocab
-            .groups
-            .iter()
-            .map(|g| match decide(g.gate) {
-                Decision::Try if !self.run(&g.prefix, &mut sc) => Decision::Refuse,
-                Decision::Try if g.whole => Decision::Keep,
-                d => d,
-            })
-            .collect();
-        let refused: usize = vocab
-            .groups
-            .iter()
-            .zip(&decisions)
-            .filter(|(_, d)| **d == Decision::Refuse)
-            .map(|(g, _)| (g.hi - g.lo) as usize)
-            .sum();
-        let groups = vocab.groups.iter().zip(&decisions);
+        // Only the buckets of first bytes that may come are looked into. A group left to
+        // try is tried by its shared beginning first: refused whole if that cannot come,
+        // kept whole if its tokens are nothing more.
+        let mut decisions: Vec<(&Group, Decision)> = Vec::new();
+        let mut refused = 0;
+        for (b, bucket) in vocab.buckets.iter().enumerate() {
+            if !first[b] {
+                refused += bucket.tokens.len();
+                continue;
+            }
+            for g in &vocab.groups[bucket.groups.clone()] {
+                let d = match decide(g.gate) {
+                    Decision::Try if !self.run(&g.prefix, &mut sc) => Decision::Refuse,
+                    Decision::Try if g.whole => Decision::Keep,
+                    d => d,
+                };
+                if d == Decision::Refuse {
+                    refused += (g.hi - g.lo) as usize;
+                }
+                decisions.push((g, d));
+            }
+        }
         let ids = |g: &Group| &vocab.order[g.lo as usize..g.hi as usize];
         if refused * 2 > vocab.order.len() {
             // Mostly refused: keep the few that stay, fill the row, put them back.
             let mut kept: Vec<(usize, f32)> = Vec::new();
-            for (g, d) in groups {
+            for (g, d) in &decisions {
+                if *d == Decision::Refuse {
+                    continue;
+                }
                 for &id in ids(g) {
                     let id = id as usize;
-                    let keep = match d {
-                        Decision::Keep => true,
-                        Decision::Refuse => false,
-                        Decision::Try => self.allows_in(&vocab.bytes[id], &mut sc),
-                    };
+                    let keep = *d == Decision::Keep || self.allows_in(&vocab.bytes[id], &mut sc);
                     if let Some(&l) = logits.get(id).filter(|_| keep) {
                         kept.push((id, l));
                     }
@@ -130,18 +132,28 @@ impl JsonState {
             }
             return;
         }
-        for (g, d) in groups {
-            if *d == Decision::Keep {
-                continue;
-            }
-            for &id in ids(g) {
-                let refuse = match d {
-                    Decision::Keep => false,
-                    Decision::Refuse => true,
-                    Decision::Try => !self.allows_in(&vocab.bytes[id as usize], &mut sc),
-                };
-                if let Some(l) = logits.get_mut(id as usize).filter(|_| refuse) {
+        let refuse = |ids: &[u32], logits: &mut [f32]| {
+            for &id in ids {
+                if let Some(l) = logits.get_mut(id as usize) {
                     *l = f32::NEG_INFINITY;
+                }
+            }
+        };
+        for (b, bucket) in vocab.buckets.iter().enumerate() {
+            if !first[b] {
+                refuse(&vocab.order[bucket.tokens.clone()], logits);
+            }
+        }
+        for (g, d) in decisions {
+            match d {
+                Decision::Keep => {}
+                Decision::Refuse => refuse(ids(g), logits),
+                Decision::Try => {
+                    for &id in ids(g) {
+                        if !self.allows_in(&vocab.bytes[id as usize], &mut sc) {
+                            refuse(&[id], logits);
+                        }
+                    }
                 }
             }
         }
@@ -179,6 +191,15 @@ pub struct JsonVocab {
     /// mask's tables decide a token by, so that they decide a whole group at once.
     order: Vec<u32>,
     groups: Vec<Group>,
+    /// Per table index (a first byte, [`GATE_STOP`], [`GATE_NEVER`]): its tokens' range
+    /// of `order` and its groups' range of `groups`.
+    buckets: Vec<Bucket>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    tokens: std::ops::Range<usize>,
+    groups: std::ops::Range<usize>,
 }
 
 /// Tokens alike for the mask: their signature (`gate`), the beginning they share (their
@@ -272,7 +293,14 @@ impl JsonVocab {
             }
         };
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by(|&a, &b| (gate[a as usize], prefix(a)).cmp(&(gate[b as usize], prefix(b))));
+        let key = |id: u32| {
+            (
+                gate[id as usize] & GATE_INDEX,
+                gate[id as usize],
+                prefix(id),
+            )
+        };
+        order.sort_by(|&a, &b| key(a).cmp(&key(b)));
         let mut groups: Vec<Group> = Vec::new();
         for (i, &id) in order.iter().enumerate() {
             let (g, p) = (gate[id as usize], prefix(id));
@@ -291,10 +319,21 @@ impl JsonVocab {
                 }),
             }
         }
+        let mut buckets = vec![Bucket::default(); GATE_NEVER as usize + 1];
+        for (gi, g) in groups.iter().enumerate() {
+            let b = &mut buckets[(g.gate & GATE_INDEX) as usize];
+            if b.groups.is_empty() {
+                b.groups = gi..gi;
+                b.tokens = g.lo as usize..g.lo as usize;
+            }
+            b.groups.end = gi + 1;
+            b.tokens.end = g.hi as usize;
+        }
         Self {
             bytes,
             order,
             groups,
+            buckets,
         }
     }
 
