@@ -210,19 +210,25 @@ fn format_regex(format: &str) -> Option<&'static str> {
 /// `format`'s DFA, or a pattern's, is built once, not per request: building one takes
 /// 0.1–1 ms for the formats and up to milliseconds for Unicode classes).
 fn whole_match_dfa(regex: &str, source: &str) -> Result<Arc<Dfa>, String> {
-    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<Dfa>>>> =
-        std::sync::OnceLock::new();
+    /// The cache's DFAs, and the bytes they hold.
+    type Cache = (HashMap<String, Arc<Dfa>>, usize);
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();
+    // At most this many expressions, and this many bytes of DFAs (one can be 2 MB): past
+    // either, the cache starts again.
     const MAX_CACHED: usize = 512;
+    const MAX_CACHED_BYTES: usize = 64 << 20;
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(d) = cache.lock().ok().and_then(|c| c.get(regex).cloned()) {
+    if let Some(d) = cache.lock().ok().and_then(|c| c.0.get(regex).cloned()) {
         return Ok(d);
     }
     let d = Arc::new(build_dfa(regex, source)?);
     if let Ok(mut c) = cache.lock() {
-        if c.len() >= MAX_CACHED {
-            c.clear();
+        let size = d.dfa.memory_usage() + d.to_match.len() * 16;
+        if c.0.len() >= MAX_CACHED || c.1 + size > MAX_CACHED_BYTES {
+            *c = Cache::default();
         }
-        c.insert(regex.to_string(), d.clone());
+        c.0.insert(regex.to_string(), d.clone());
+        c.1 += size;
     }
     Ok(d)
 }

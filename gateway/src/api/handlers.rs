@@ -28,14 +28,24 @@ async fn inference(
     validate: Validator,
 ) -> Response {
     let started = Instant::now();
-    let parsed = body
-        .map_err(|r| match r.status() {
-            http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
-                limit: state.server.max_body_bytes,
-            },
-            _ => ApiError::bad(format!("Could not read the request body: {r}"), None),
-        })
-        .and_then(|b| validate(&b, &state.server));
+    let body = body.map_err(|r| match r.status() {
+        http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+            limit: state.server.max_body_bytes,
+        },
+        _ => ApiError::bad(format!("Could not read the request body: {r}"), None),
+    });
+    let parsed = match body {
+        // A schema's compilation (its patterns' DFAs: up to tens of milliseconds) runs
+        // off the runtime's threads.
+        Ok(b) if may_carry_schema(&b) => {
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || validate(&b, &st.server))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
+        }
+        Ok(b) => validate(&b, &state.server),
+        Err(e) => Err(e),
+    };
     match parsed {
         Ok(req) => {
             let ctx = RequestCtx {
@@ -52,6 +62,13 @@ async fn inference(
             with_limits(&tenant, e.into_response())
         }
     }
+}
+
+/// Whether a body may hold a JSON schema to compile (`response_format.json_schema`, or
+/// `tools`' parameters).
+fn may_carry_schema(body: &[u8]) -> bool {
+    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    has(b"\"json_schema\"") || has(b"\"tools\"")
 }
 
 /// Adds the tenant's rate-limit headers (its default scope) to a response.
