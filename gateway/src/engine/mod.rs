@@ -742,17 +742,18 @@ fn run_engine(
                 end == s.tokens.len(),
             );
         }
+        // The sequences that get a token this step (those whose tokens it computes to the
+        // end), by their index in `running`, in the order of the step's rows.
+        let sampled: Vec<usize> = plan
+            .items
+            .iter()
+            .filter(|&&(i, n)| running[i].computed + n == running[i].tokens.len())
+            .map(|&(i, _)| i)
+            .collect();
         let t_step = std::time::Instant::now();
         stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
         let stepped = if on_device {
-            // The sequences that get a token this step, one per logits row.
-            let sampled: Vec<&Seq> = plan
-                .items
-                .iter()
-                .map(|&(i, n)| (&running[i], n))
-                .filter(|(s, n)| s.computed + n == s.tokens.len())
-                .map(|(s, _)| s)
-                .collect();
+            let sampled: Vec<&Seq> = sampled.iter().map(|&i| &running[i]).collect();
             let params: Vec<SampleParams> = sampled.iter().map(|s| device_params(s)).collect();
             // Rows that want log-probabilities, or whose token is drawn from adjusted
             // logits (penalties, JSON mode): their logits, read back.
@@ -853,16 +854,10 @@ fn run_engine(
             }
         };
         stats.steps.fetch_add(1, Ordering::Relaxed);
-        // The row of the step's answer of each sequence that gets a token (those whose
-        // tokens this step computes to the end), then every such token, drawn at once.
+        // Each sampled sequence's row of the step's answer; every such token drawn at once.
         let mut rows: Vec<Option<usize>> = vec![None; running.len()];
-        let mut row = 0;
-        for &(i, n) in &plan.items {
-            let s = &running[i];
-            if s.computed + n == s.tokens.len() {
-                rows[i] = Some(row);
-                row += 1;
-            }
+        for (row, &i) in sampled.iter().enumerate() {
+            rows[i] = Some(row);
         }
         let mut drawn = draw::draw(&mut running, &rows, &mut next, vocab, &tok, &mut json_vocab);
         let mut finished = Vec::new();
