@@ -54,11 +54,8 @@ fn format() -> Option<gateway::worker::JsonFormat> {
                 "required": ["title", "traveller", "chapters", "pages"],
                 "additionalProperties": false
             });
-            let compiled = kernels::json_schema::Schema::compile(&schema).expect("the schema");
-            Some(JsonFormat::Schema {
-                spec: Arc::new(serde_json::json!({"name": "story", "schema": schema})),
-                compiled: Arc::new(compiled),
-            })
+            let spec = serde_json::json!({"name": "story", "schema": schema});
+            Some(JsonFormat::schema(spec).expect("the schema"))
         }
         _ => None,
     }

@@ -76,10 +76,7 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
 }
 
 fn schema_format(schema: Value) -> JsonFormat {
-    JsonFormat::Schema {
-        compiled: Arc::new(Schema::compile(&schema).unwrap()),
-        spec: Arc::new(serde_json::json!({"name": "t", "schema": schema})),
-    }
+    JsonFormat::schema(serde_json::json!({"name": "t", "schema": schema})).unwrap()
 }
 
 /// A schema with fixed keys, an enum, an integer, a boolean and an optional array of

@@ -9,10 +9,8 @@ use super::tools;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
 use crate::config::ServerConfig;
 use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
-use kernels::json_schema::Schema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::sync::Arc;
 
 /// Which endpoint a request came in on (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,13 +275,7 @@ fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
                     Some(format!("{param}.name")),
                 ));
             }
-            // No schema: any JSON value (the empty schema).
-            let schema = spec.get("schema").cloned().unwrap_or(Value::Bool(true));
-            let compiled = Schema::compile(&schema).map_err(ApiError::from)?;
-            Ok(Some(JsonFormat::Schema {
-                spec: Arc::new(spec.clone()),
-                compiled: Arc::new(compiled),
-            }))
+            Ok(Some(JsonFormat::schema(spec.clone())?))
         }
         _ => Err(ApiError::bad(
             format!(
@@ -320,11 +312,9 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
                 "`logprobs` with tool calls",
             ));
         }
-        let compiled = Schema::compile(&plan.schema).map_err(ApiError::from)?;
-        json = Some(JsonFormat::Schema {
-            spec: Arc::new(serde_json::json!({"name": "tool_call", "schema": plan.schema})),
-            compiled: Arc::new(compiled),
-        });
+        json = Some(JsonFormat::schema(
+            serde_json::json!({"name": "tool_call", "schema": plan.schema}),
+        )?);
     }
     let _ = req.parallel_tool_calls;
     if req.messages.is_empty() {

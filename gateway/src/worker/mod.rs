@@ -84,6 +84,20 @@ pub enum JsonFormat {
 }
 
 impl JsonFormat {
+    /// Structured output for a `json_schema` object (`name`, `schema`, …), its schema
+    /// compiled (no `schema`: any JSON value, the empty schema).
+    pub fn schema(spec: serde_json::Value) -> Result<Self, kernels::json_schema::SchemaError> {
+        let schema = spec
+            .get("schema")
+            .cloned()
+            .unwrap_or(serde_json::Value::Bool(true));
+        let compiled = kernels::json_schema::Schema::compile(&schema)?;
+        Ok(Self::Schema {
+            spec: Arc::new(spec),
+            compiled: Arc::new(compiled),
+        })
+    }
+
     /// The `response_format` object that asks an OpenAI-compatible server for it.
     pub fn response_format(&self) -> serde_json::Value {
         match self {
