@@ -788,7 +788,13 @@ fn step(cx: &Cx, mut w: Work, b: u8, out: &mut Vec<Work>) {
 impl JsonState {
     /// JSON mode: a JSON object must follow.
     pub fn new() -> Self {
-        Self::with_schema(Arc::new(Schema::any_object()))
+        // One schema for every JSON-mode sequence.
+        static ANY_OBJECT: std::sync::OnceLock<Arc<Schema>> = std::sync::OnceLock::new();
+        Self::with_schema(
+            ANY_OBJECT
+                .get_or_init(|| Arc::new(Schema::any_object()))
+                .clone(),
+        )
     }
 
     /// Structured output: a document of this schema must follow.

@@ -704,17 +704,8 @@ impl<'a> Compiler<'a> {
             at: at.to_string(),
             why,
         };
-        let count = |k: &str| -> Result<Option<u32>, SchemaError> {
-            obj.get(k)
-                .map(|v| {
-                    v.as_u64()
-                        .map(|n| n.min(u32::MAX as u64) as u32)
-                        .ok_or_else(|| invalid(format!("`{k}` must be a non-negative integer")))
-                })
-                .transpose()
-        };
-        let min = count("minLength")?.unwrap_or(0);
-        let max = count("maxLength")?.unwrap_or(u32::MAX);
+        let min = count(obj, "minLength", at)?.unwrap_or(0);
+        let max = count(obj, "maxLength", at)?.unwrap_or(u32::MAX);
         if min > max {
             return Err(invalid("`minLength` is above `maxLength`".into()));
         }
@@ -817,20 +808,8 @@ impl<'a> Compiler<'a> {
         obj: &'a serde_json::Map<String, Value>,
         at: &str,
     ) -> Result<NodeId, SchemaError> {
-        let count = |k: &str| -> Result<Option<u32>, SchemaError> {
-            match obj.get(k) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .map(|n| Some(n.min(u32::MAX as u64) as u32))
-                    .ok_or_else(|| SchemaError::Invalid {
-                        at: at.to_string(),
-                        why: format!("`{k}` must be a non-negative integer"),
-                    }),
-            }
-        };
-        let min = count("minItems")?.unwrap_or(0);
-        let mut max = count("maxItems")?.unwrap_or(u32::MAX);
+        let min = count(obj, "minItems", at)?.unwrap_or(0);
+        let mut max = count(obj, "maxItems", at)?.unwrap_or(u32::MAX);
         // A tuple: `prefixItems` (2020-12), or `items` as an array (draft 7); then the
         // rest's schema in `items` or `additionalItems`.
         let (tuple, rest, rest_key) = match (obj.get("prefixItems"), obj.get("items")) {
@@ -967,6 +946,24 @@ fn disjoint(nodes: &[Node], a: NodeId, b: NodeId, depth: u8) -> bool {
         }
         _ => false,
     }
+}
+
+/// A count keyword (`minItems`, `maxLength`, …) of the schema at `at`, if given.
+fn count(
+    obj: &serde_json::Map<String, Value>,
+    k: &str,
+    at: &str,
+) -> Result<Option<u32>, SchemaError> {
+    obj.get(k)
+        .map(|v| {
+            v.as_u64()
+                .map(|n| n.min(u32::MAX as u64) as u32)
+                .ok_or_else(|| SchemaError::Invalid {
+                    at: at.to_string(),
+                    why: format!("`{k}` must be a non-negative integer"),
+                })
+        })
+        .transpose()
 }
 
 /// A value's compact JSON text.

@@ -69,10 +69,8 @@ impl JsonState {
             Refuse,
             Try,
         }
+        // (Only groups of a first byte that may come are decided: see the buckets below.)
         let decide = |gate: u32| {
-            if !first[(gate & GATE_INDEX) as usize] {
-                return Decision::Refuse;
-            }
             if gate & GATE_INDEX >= GATE_STOP || (in_string && gate & GATE_PLAIN != 0) {
                 return Decision::Keep; // stop tokens once the document may end, or plain string text
             }
@@ -164,24 +162,6 @@ impl JsonState {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Stop,
-    /// Never allowed in JSON mode: special tokens, empty tokens.
-    Never,
-    /// A token of text: its first byte; whether it has no quote, backslash or control
-    /// byte (it can sit inside a string whole); its leading whitespace bytes (at most 255
-    /// counted) and the byte after them; whether its first byte that is not plain is a
-    /// control byte (refused inside a string before anything could end it).
-    Text {
-        first: u8,
-        plain: bool,
-        control: bool,
-        lead_ws: u8,
-        after_ws: Option<u8>,
-    },
-}
-
 /// A vocabulary as JSON mode sees it, built once per model.
 pub struct JsonVocab {
     bytes: Vec<Vec<u8>>,
@@ -216,9 +196,11 @@ struct Group {
 
 const GATE_STOP: u32 = 256;
 const GATE_NEVER: u32 = 257;
-/// A signature's table index (bits 0–8); flags for a plain token and for a control byte
-/// first among its other bytes (see [`Kind::Text`]), and for a byte after its leading
-/// whitespace; that byte (bits 16–23) and the leading whitespace (bits 24–31).
+/// A signature's table index (bits 0–8); flags for a plain token (no quote, backslash
+/// or control byte: it can sit inside a string whole), for a token whose first such byte
+/// is a control byte (refused inside a string before anything could end it), and for a
+/// byte after its leading whitespace; that byte (bits 16–23) and the leading whitespace
+/// (bits 24–31, at most 255 counted).
 const GATE_INDEX: u32 = 0x1ff;
 const GATE_PLAIN: u32 = 1 << 9;
 const GATE_CONTROL: u32 = 1 << 10;
@@ -236,48 +218,31 @@ impl JsonVocab {
         stop: &[u32],
     ) -> Self {
         let bytes: Vec<Vec<u8>> = (0..n as u32).map(|id| token_bytes(id).to_vec()).collect();
-        let kind: Vec<Kind> = bytes
+        // Each token's signature: stop, never allowed (special or empty), or a text
+        // token's first byte with the flags and bytes the mask decides it by.
+        let gate: Vec<u32> = bytes
             .iter()
             .enumerate()
             .map(|(id, b)| {
                 let id = id as u32;
                 if stop.contains(&id) {
-                    Kind::Stop
-                } else if special(id) || b.is_empty() {
-                    Kind::Never
-                } else {
-                    let lead = b.iter().take_while(|&&c| is_ws(c)).count();
-                    Kind::Text {
-                        first: b[0],
-                        plain: b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\'),
-                        control: b
-                            .iter()
-                            .find(|&&c| c < 0x20 || c == b'"' || c == b'\\')
-                            .is_some_and(|&c| c < 0x20),
-                        lead_ws: lead.min(255) as u8,
-                        after_ws: b.get(lead).copied(),
-                    }
+                    return GATE_STOP;
                 }
-            })
-            .collect();
-        let gate: Vec<u32> = kind
-            .iter()
-            .map(|&k| match k {
-                Kind::Stop => GATE_STOP,
-                Kind::Never => GATE_NEVER,
-                Kind::Text {
-                    first,
-                    plain,
-                    control,
-                    lead_ws,
-                    after_ws,
-                } => {
-                    first as u32
-                        | if plain { GATE_PLAIN } else { 0 }
-                        | if control { GATE_CONTROL } else { 0 }
-                        | after_ws.map_or(0, |c| GATE_HAS_AFTER | (c as u32) << GATE_AFTER)
-                        | (lead_ws as u32) << GATE_LEAD_WS
+                if special(id) || b.is_empty() {
+                    return GATE_NEVER;
                 }
+                let lead = b.iter().take_while(|&&c| is_ws(c)).count();
+                let plain = b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\');
+                let control = b
+                    .iter()
+                    .find(|&&c| c < 0x20 || c == b'"' || c == b'\\')
+                    .is_some_and(|&c| c < 0x20);
+                b[0] as u32
+                    | if plain { GATE_PLAIN } else { 0 }
+                    | if control { GATE_CONTROL } else { 0 }
+                    | b.get(lead)
+                        .map_or(0, |&c| GATE_HAS_AFTER | (c as u32) << GATE_AFTER)
+                    | (lead.min(255) as u32) << GATE_LEAD_WS
             })
             .collect();
         // Text tokens are grouped by their beginning too (leading whitespace and two
