@@ -39,6 +39,38 @@ async fn run(
     panic!("no Done event");
 }
 
+/// Five draws (greedy and sampled) of `format` on `w`: each must be a valid beginning of a
+/// document (`state` follows it), complete exactly when the engine stopped, and then
+/// `valid`. Returns how many completed.
+async fn draws(
+    w: &EngineWorker,
+    kind: gateway::config::BackendKind,
+    format: impl Fn() -> JsonFormat,
+    state: impl Fn() -> JsonState,
+    max_tokens: u32,
+    valid: impl Fn(&Value) -> bool,
+) -> usize {
+    let mut complete = 0;
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.3, 3), (0.7, 4)] {
+        let (text, finish) = run(w, format(), temperature, seed, max_tokens, vec![]).await;
+        let mut st = state();
+        assert!(
+            st.advance(text.as_bytes()),
+            "{kind:?}, temperature {temperature}: not the format's: {text:?}"
+        );
+        match finish {
+            FinishReason::Stop => {
+                complete += 1;
+                assert!(st.done(), "{kind:?}: stopped inside the document: {text:?}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert!(valid(&v), "{kind:?}: {text}");
+            }
+            _ => assert!(!st.done(), "{kind:?}: complete but not stopped: {text:?}"),
+        }
+    }
+    complete
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
     let (_dir, loaded) = synthetic_model();
@@ -49,24 +81,15 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
         .expect("a `}` token");
     for kind in engine_backends() {
         let w = engine_on(&loaded, kind);
-        let mut stopped = 0;
-        for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.3, 3), (0.7, 4)] {
-            let (text, finish) = run(&w, JsonFormat::Object, temperature, seed, 48, vec![]).await;
-            let mut st = JsonState::new();
-            assert!(
-                st.advance(text.as_bytes()),
-                "{kind:?}, temperature {temperature}: not JSON: {text:?}"
-            );
-            match finish {
-                FinishReason::Stop => {
-                    stopped += 1;
-                    assert!(st.done(), "{kind:?}: stopped inside the object: {text:?}");
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    assert!(v.is_object(), "{text}");
-                }
-                _ => assert!(!st.done(), "{kind:?}: complete but not stopped: {text:?}"),
-            }
-        }
+        let stopped = draws(
+            &w,
+            kind,
+            || JsonFormat::Object,
+            JsonState::new,
+            48,
+            Value::is_object,
+        )
+        .await;
         eprintln!("{kind:?}: {stopped} of 5 objects complete within 48 tokens");
         // Pushed to close at once, it closes, then stops: `{}` and nothing after.
         let (text, finish) = run(&w, JsonFormat::Object, 0.0, 0, 16, vec![(close, 30.0)]).await;
@@ -121,24 +144,15 @@ async fn the_engine_writes_documents_of_a_schema_on_the_cpu_and_on_the_gpu_path(
     });
     for kind in engine_backends() {
         let w = engine_on(&loaded, kind);
-        let mut complete = 0;
-        for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.3, 3), (0.7, 4)] {
-            let (text, finish) = run(&w, schema_format(pet()), temperature, seed, 96, vec![]).await;
-            let mut st = JsonState::with_schema(Arc::new(Schema::compile(&pet()).unwrap()));
-            assert!(
-                st.advance(text.as_bytes()),
-                "{kind:?}, temperature {temperature}: not the schema's: {text:?}"
-            );
-            match finish {
-                FinishReason::Stop => {
-                    complete += 1;
-                    assert!(st.done(), "{kind:?}: stopped inside the document: {text:?}");
-                    let v: Value = serde_json::from_str(&text).unwrap();
-                    assert!(is_pet(&v), "{kind:?}: {text}");
-                }
-                _ => assert!(!st.done(), "{kind:?}: complete but not stopped: {text:?}"),
-            }
-        }
+        let complete = draws(
+            &w,
+            kind,
+            || schema_format(pet()),
+            || JsonState::with_schema(Arc::new(Schema::compile(&pet()).unwrap())),
+            96,
+            is_pet,
+        )
+        .await;
         eprintln!("{kind:?}: {complete} of 5 documents complete within 96 tokens");
         // Strings held to a format and a pattern, a bounded number: short, so every draw
         // completes.
