@@ -40,14 +40,6 @@ fn tool_call<'a>(name: &'a str, arguments: &'a str, index: Option<u32>) -> ToolC
     }
 }
 
-/// A choice's answer document, when the request's answers are tool calls and it ended
-/// complete.
-fn tool_answer(tools: bool, text: &str, finish: FinishReason) -> Option<Answer> {
-    (tools && finish == FinishReason::Stop)
-        .then(|| tools::answer(text))
-        .flatten()
-}
-
 /// One finished choice of a whole response.
 pub struct ChoiceOut<'a> {
     pub text: &'a str,
@@ -289,9 +281,14 @@ impl Renderer {
     /// A whole (non-streamed) response body, with each choice's tokens' log-probabilities
     /// when the request asked.
     pub fn full(&self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
+        // With tool calls, each choice's answer document, when it ended complete.
         let answers: Vec<Option<Answer>> = choices
             .iter()
-            .map(|c| tool_answer(self.tools, c.text, c.finish))
+            .map(|c| {
+                (self.tools && c.finish == FinishReason::Stop)
+                    .then(|| tools::answer(c.text))
+                    .flatten()
+            })
             .collect();
         let body = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
