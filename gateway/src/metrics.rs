@@ -338,7 +338,7 @@ fn render_engines(router: &Router, out: &mut String) {
     fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
         (name, help, "counter", pick)
     }
-    let series: [(&str, &str, &str, Pick); 8] = [
+    let series: [(&str, &str, &str, Pick); 10] = [
         counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -346,6 +346,16 @@ fn render_engines(router: &Router, out: &mut String) {
             "tollgate_engine_preemptions",
             "Sequences preempted for want of KV blocks (recomputed later)",
             |c| c.preemptions as f64,
+        ),
+        counter(
+            "tollgate_engine_rows_adjusted_on_device",
+            "GPU path: rows adjusted on the device before their draw (penalties, logit bias, a grammar's mask)",
+            |c| c.rows_adjusted_on_device as f64,
+        ),
+        counter(
+            "tollgate_engine_logits_rows_read_back",
+            "GPU path: rows whose logits were read back to the host (log-probabilities, or adjustments past a step's room)",
+            |c| c.rows_read_back as f64,
         ),
         counter(
             "tollgate_engine_device_faults",

@@ -1,7 +1,8 @@
 //! JSON mode (`response_format: {"type": "json_object"}`) and structured output
 //! (`{"type": "json_schema"}`): the engine's output is one JSON object (one document of
-//! the schema), on the CPU backend and on the GPU path (the CUDA emulator: such rows are
-//! read back and drawn on the host from their masked logits), greedy and sampled;
+//! the schema), on the CPU backend and on the GPU path (the CUDA emulator: such rows go
+//! to the `sample` kernel with the mask's bits, and only their tokens come back), greedy
+//! and sampled;
 //! complete when the engine stops, a valid beginning of one when it runs out of tokens.
 //! Through the API, and through a gateway in front of a remote `gateway worker`.
 
@@ -95,6 +96,14 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
         let (text, finish) = run(&w, JsonFormat::Object, 0.0, 0, 16, vec![(close, 30.0)]).await;
         assert_eq!(text.trim(), "{}", "{kind:?}");
         assert_eq!(finish, FinishReason::Stop, "{kind:?}: {text:?}");
+        // On the GPU path every row was masked on the device; none was read back.
+        let c = w.engine_counters().unwrap();
+        if kind == gateway::config::BackendKind::Cpu {
+            assert_eq!((c.rows_adjusted_on_device, c.rows_read_back), (0, 0));
+        } else {
+            assert!(c.rows_adjusted_on_device > 10, "{kind:?}: {c:?}");
+            assert_eq!(c.rows_read_back, 0, "{kind:?}");
+        }
     }
 }
 

@@ -130,7 +130,7 @@ fn decode_greedy<B: Backend>(
         let pos = ids.len() + out.len() - 1;
         b.push(&[*out.last().unwrap()], pos, table.clone(), true);
         if be.samples_on_device() {
-            out.extend(be.step_sample(&b, &[SampleParams::GREEDY]).unwrap());
+            out.extend(be.step_sample(&b, &[SampleParams::GREEDY], &[]).unwrap());
         } else {
             out.push(argmax(&be.step(&b).unwrap()));
         }

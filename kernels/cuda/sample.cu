@@ -7,6 +7,13 @@
 // u = uniform(seed, step) × kept mass and return the first token (in vocabulary order)
 // whose running kept mass reaches u. `uniform` is SplitMix64 of (seed, step): the same
 // seed and step give the same token, on the GPU and in its CPU twin.
+//
+// A row may first be adjusted in place (its CPU twin: `Adjust::apply`): adjust[s] is
+// 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas,
+// mask_words, (token, delta as f32 bits) × n_deltas, mask words}. The deltas (penalties,
+// logit bias; one per token) are added, then every token whose mask bit is clear (or past
+// the mask's words) becomes −∞: a grammar's mask costs its bits in the step's staging copy
+// instead of the row's logits read back.
 #define SAMPLE_THREADS 1024
 #define BISECT 40
 
@@ -18,15 +25,33 @@ __device__ __forceinline__ float uniform01(u64 seed, u32 step) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
-extern "C" __global__ void sample(const float* __restrict__ logits, int vocab,
+extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
                                   const float* __restrict__ temperature,
                                   const int* __restrict__ top_k, const float* __restrict__ top_p,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
+                                  const u32* __restrict__ adjust, const u32* __restrict__ extra,
                                   u32* __restrict__ out) {
     __shared__ float red[32];
     __shared__ float chunk_mass[SAMPLE_THREADS];
     int s = blockIdx.x;
-    const float* x = logits + (size_t)s * vocab;
+    float* x = logits + (size_t)s * vocab;
+    u32 at = adjust[s];
+    if (at != 0xFFFFFFFFu) {
+        const u32* a = extra + at;
+        u32 n_deltas = a[0], mask_words = a[1];
+        for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {
+            u32 t = a[2 + 2 * j];
+            if (t < (u32)vocab) x[t] += __int_as_float((int)a[3 + 2 * j]);
+        }
+        __syncthreads();
+        const u32* mask = a + 2 + 2 * n_deltas;
+        if (mask_words > 0)
+            for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+                u32 w = (u32)i >> 5;
+                if (w >= mask_words || !((mask[w] >> (i & 31)) & 1u)) x[i] = -INFINITY;
+            }
+        __syncthreads();
+    }
     int per = (vocab + blockDim.x - 1) / blockDim.x;
     int lo_i = threadIdx.x * per, hi_i = min(vocab, lo_i + per);
     float mx = -INFINITY;

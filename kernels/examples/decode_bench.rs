@@ -92,11 +92,11 @@ fn time_decode(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usi
     }
     let params = vec![SampleParams::GREEDY; n];
     for _ in 0..3 {
-        b.step_sample(&batch, &params).expect("decode step");
+        b.step_sample(&batch, &params, &[]).expect("decode step");
     }
     let t = Instant::now();
     for _ in 0..iters {
-        b.step_sample(&batch, &params).expect("decode step");
+        b.step_sample(&batch, &params, &[]).expect("decode step");
     }
     t.elapsed().as_secs_f64() / iters as f64
 }

@@ -1,6 +1,7 @@
 //! The compute backend seam: one batched model step. The CPU backend lives here; the CUDA
 //! backend implements the same trait.
 
+use crate::adjust::Adjust;
 use crate::cuda::twins::{sample, SampleParams};
 use crate::forward::{Batch, Model, Scratch, StepError};
 use crate::kv::KvCache;
@@ -31,30 +32,65 @@ pub trait Backend: Send {
             "this backend keeps no logits after a step".into(),
         ))
     }
+    /// Words of adjustments ([`Adjust::words`]) that one [`Backend::step_sample`] may
+    /// carry; rows past it are left to the caller.
+    fn adjust_room(&self) -> usize {
+        usize::MAX
+    }
     /// One step, and the next token of each row that wants logits, drawn with `params`
     /// (one per such row, in order) by the `sample` kernel's rule
-    /// ([`crate::cuda::twins::sample`]). The default runs [`Backend::step`] and that rule
-    /// on the CPU.
+    /// ([`crate::cuda::twins::sample`]) after its adjustment, if any (`adjust`: none, or one
+    /// per such row). The default runs [`Backend::step`] and that rule on the CPU.
     fn step_sample(
         &mut self,
         batch: &Batch,
         params: &[SampleParams],
+        adjust: &[Option<Adjust>],
     ) -> Result<Vec<u32>, StepError> {
-        if params.len() != batch.n_logits() {
-            return Err(StepError::BadBatch(format!(
-                "{} sampling parameters for {} logits rows",
-                params.len(),
-                batch.n_logits()
-            )));
-        }
-        let logits = self.step(batch)?;
+        check_sample(batch, params, adjust, self.adjust_room())?;
+        let mut logits = self.step(batch)?;
         let vocab = self.config().vocab;
         Ok(params
             .iter()
-            .zip(logits.chunks_exact(vocab))
-            .map(|(&p, row)| sample(row, p))
+            .zip(logits.chunks_exact_mut(vocab))
+            .enumerate()
+            .map(|(i, (&p, row))| {
+                if let Some(Some(a)) = adjust.get(i) {
+                    a.apply(row);
+                }
+                sample(row, p)
+            })
             .collect())
     }
+}
+
+/// Checks a [`Backend::step_sample`]'s arguments against its batch: parameters for each
+/// logits row, adjustments for none or each, within `room` words.
+pub fn check_sample(
+    batch: &Batch,
+    params: &[SampleParams],
+    adjust: &[Option<Adjust>],
+    room: usize,
+) -> Result<(), StepError> {
+    let rows = batch.n_logits();
+    let bad = |m: String| Err(StepError::BadBatch(m));
+    if params.len() != rows {
+        return bad(format!(
+            "{} sampling parameters for {rows} logits rows",
+            params.len()
+        ));
+    }
+    if !adjust.is_empty() && adjust.len() != rows {
+        return bad(format!(
+            "{} adjustments for {rows} logits rows",
+            adjust.len()
+        ));
+    }
+    let words: usize = adjust.iter().flatten().map(Adjust::words).sum();
+    if words > room {
+        return bad(format!("{words} words of adjustments for a room of {room}"));
+    }
+    Ok(())
 }
 
 /// The multi-threaded CPU backend.

@@ -6,6 +6,7 @@
 // Numeric kernels index several arrays by the same position; iterator chains would hide it.
 #![allow(clippy::needless_range_loop)]
 
+pub mod adjust;
 pub mod attention;
 pub mod backend;
 pub mod chat;

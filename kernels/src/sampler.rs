@@ -175,18 +175,25 @@ impl Penalties {
     /// `logits[t] += bias[t] − frequency·count[t] − presence·[count[t] > 0]`, with
     /// `counts` the generated tokens' counts (ids past the row are passed over).
     pub fn apply(&self, logits: &mut [f32], counts: &std::collections::HashMap<u32, u32>) {
-        for &(t, b) in &self.bias {
+        for (t, d) in self.deltas(counts) {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l += b;
+                *l += d;
             }
         }
-        if self.presence != 0.0 || self.frequency != 0.0 {
-            for (&t, &c) in counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= self.frequency * c as f32 + if c > 0 { self.presence } else { 0.0 };
-                }
-            }
-        }
+    }
+
+    /// What [`Penalties::apply`] adds, one delta per token, sorted by token (the form the
+    /// GPU's `sample` kernel takes, see [`crate::adjust::Adjust`]).
+    pub fn deltas(&self, counts: &std::collections::HashMap<u32, u32>) -> Vec<(u32, f32)> {
+        let penalties = (self.presence != 0.0 || self.frequency != 0.0)
+            .then_some(counts)
+            .into_iter()
+            .flatten()
+            .map(|(&t, &c)| {
+                let p = if c > 0 { self.presence } else { 0.0 };
+                (t, -(self.frequency * c as f32 + p))
+            });
+        crate::adjust::Adjust::merged(self.bias.iter().copied().chain(penalties))
     }
 }
 

@@ -144,7 +144,7 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     // A step rewrites its rows' keys and values with the same values, so running the same
     // batch twice (logits, then sampled) sees the same cache.
     let logits = cuda.step(&p).unwrap();
-    let tokens = cuda.step_sample(&p, &params).unwrap();
+    let tokens = cuda.step_sample(&p, &params, &[]).unwrap();
     assert_eq!(tokens.len(), n);
     let want: Vec<u32> = logits
         .chunks_exact(vocab)
@@ -180,12 +180,12 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     cuda.set_graphs(false).unwrap();
     let l = cuda.step(&d).unwrap();
     cuda.set_graphs(true).unwrap();
-    let t = cuda.step_sample(&d, &greedy_params).unwrap();
+    let t = cuda.step_sample(&d, &greedy_params, &[]).unwrap();
     let want = greedy(&l, vocab);
     let same = t.iter().zip(&want).filter(|(a, b)| a == b).count();
     assert!(same + 1 >= n, "graph greedy decode: {same}/{n}");
     // Wrong parameter counts are refused.
-    assert!(cuda.step_sample(&d, &greedy_params[1..]).is_err());
+    assert!(cuda.step_sample(&d, &greedy_params[1..], &[]).is_err());
 }
 
 #[test]

@@ -14,6 +14,7 @@ use common::rel_err as rel;
 use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
+use kernels::adjust::{allowed, Adjust};
 use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
 use kernels::cuda::twins::{self, SampleParams};
@@ -628,8 +629,71 @@ fn sampling_case<E: Exec>(g: &E) {
             step: i as u32 * 3,
         })
         .collect();
+    // Rows 8 and on are adjusted, in turn: deltas only; a mask keeping about half the
+    // tokens; one keeping about 1 in 500 with deltas on some kept ones (a grammar's row);
+    // a mask shorter than the row (the rest refused).
+    let adjust: Vec<Option<Adjust>> = (0..s)
+        .map(|i| {
+            let deltas = |rng: &mut Rng, n: usize| {
+                Adjust::merged((0..n).map(|_| (rng.below(vocab + 10) as u32, rng.f32() * 3.0)))
+            };
+            let mask = |rng: &mut Rng, words: usize, keep_in: usize| {
+                let mut m = vec![0u32; words];
+                for t in 0..(words * 32).min(vocab) {
+                    if rng.below(keep_in) == 0 {
+                        m[t / 32] |= 1 << (t % 32);
+                    }
+                }
+                m
+            };
+            let words = vocab.div_ceil(32);
+            match (i >= 8).then_some(i % 4) {
+                None => None,
+                Some(0) => Some(Adjust {
+                    deltas: deltas(&mut rng, 300),
+                    mask: None,
+                }),
+                Some(1) => Some(Adjust {
+                    deltas: vec![],
+                    mask: Some(mask(&mut rng, words, 2)),
+                }),
+                Some(2) => {
+                    let m = mask(&mut rng, words, 500);
+                    let kept: Vec<u32> = (0..vocab as u32)
+                        .filter(|&t| allowed(&m, t as usize))
+                        .collect();
+                    Some(Adjust {
+                        deltas: Adjust::merged(kept.iter().step_by(3).map(|&t| (t, 2.5))),
+                        mask: Some(m),
+                    })
+                }
+                _ => Some(Adjust {
+                    deltas: deltas(&mut rng, 5),
+                    mask: Some(mask(&mut rng, words / 2, 4)),
+                }),
+            }
+        })
+        .collect();
+    let mut adjusted = logits.clone();
+    for (row, a) in adjusted.chunks_exact_mut(vocab).zip(&adjust) {
+        if let Some(a) = a {
+            a.apply(row);
+        }
+    }
     let want: Vec<u32> = (0..s)
-        .map(|i| twins::sample(&logits[i * vocab..(i + 1) * vocab], params[i]))
+        .map(|i| twins::sample(&adjusted[i * vocab..(i + 1) * vocab], params[i]))
+        .collect();
+    let mut extra = Vec::new();
+    let offsets: Vec<u32> = adjust
+        .iter()
+        .map(|a| match a {
+            Some(a) => {
+                let at = extra.len() as u32;
+                a.write(&mut extra);
+                at
+            }
+            None => u32::MAX,
+        })
         .collect();
     let ld = up(g, &logits);
     let temp = up(g, &params.iter().map(|p| p.temperature).collect::<Vec<_>>());
@@ -637,6 +701,7 @@ fn sampling_case<E: Exec>(g: &E) {
     let topp = up(g, &params.iter().map(|p| p.top_p).collect::<Vec<_>>());
     let seeds = up(g, &params.iter().map(|p| p.seed).collect::<Vec<_>>());
     let steps = up(g, &params.iter().map(|p| p.step).collect::<Vec<_>>());
+    let (offs, extra) = (up(g, &offsets), up(g, &extra));
     let out = up(g, &vec![u32::MAX; s]);
     let args = [
         ld.arg(),
@@ -646,14 +711,38 @@ fn sampling_case<E: Exec>(g: &E) {
         topp.arg(),
         seeds.arg(),
         steps.arg(),
+        offs.arg(),
+        extra.arg(),
         out.arg(),
     ];
     g.launch("sample", cfg(s as u32, twins::SAMPLE_THREADS as u32), &args)
         .unwrap();
     let got = down(g, &out);
     let what = g.describe();
+    // The rows as adjusted on the device: exactly the twin's (one f32 add per delta).
+    let rows = down(g, &ld);
+    for (i, (a, b)) in rows
+        .chunks_exact(vocab)
+        .zip(adjusted.chunks_exact(vocab))
+        .enumerate()
+    {
+        assert!(
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || x.is_nan() && y.is_nan()),
+            "{what}: row {i} adjusted unlike its twin"
+        );
+    }
     for i in (0..s).step_by(4) {
         assert_eq!(got[i], want[i], "{what}: greedy row {i}");
+    }
+    for (i, (&t, a)) in got.iter().zip(&adjust).enumerate() {
+        if let Some(m) = a.as_ref().and_then(|a| a.mask.as_ref()) {
+            assert!(
+                allowed(m, t as usize),
+                "{what}: row {i} drew refused token {t}"
+            );
+        }
     }
     // Sums in another order may move a draw that lands within ~1e-6 of a boundary.
     let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();

@@ -82,7 +82,7 @@ fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
     let params = [p(0.0, 1), p(0.9, 7)];
     let logits = cpu.step(&b).unwrap();
     let vocab = model.config.vocab;
-    let tokens = cpu.step_sample(&b, &params).unwrap();
+    let tokens = cpu.step_sample(&b, &params, &[]).unwrap();
     let want: Vec<u32> = logits
         .chunks_exact(vocab)
         .zip(params)
@@ -90,7 +90,7 @@ fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
         .collect();
     assert_eq!(tokens, want);
     assert_eq!(tokens[0], common::argmax(&logits[..vocab]) as u32);
-    let err = cpu.step_sample(&b, &params[..1]).unwrap_err();
+    let err = cpu.step_sample(&b, &params[..1], &[]).unwrap_err();
     assert!(
         err.to_string()
             .contains("1 sampling parameters for 2 logits rows"),

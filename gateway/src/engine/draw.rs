@@ -6,8 +6,15 @@
 //! pass over a 49,152-logit row, a JSON or schema mask (tens of microseconds a row), and
 //! on the GPU path the host draw of rows with penalties or a mask would otherwise add up
 //! on the engine thread, one row after another, between two steps.
+//!
+//! On the GPU path, a row with penalties or a mask is adjusted on the device before its
+//! draw: its adjustment ([`adjustments`]: one delta per penalized token, a bitmask of the
+//! tokens a grammar allows) goes in the step's staging copy, and only its token comes
+//! back. Rows that want log-probabilities, or do not fit the step's room, are read back
+//! and drawn here.
 
 use super::{device_params, Next, Seq};
+use kernels::adjust::Adjust;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
@@ -30,10 +37,7 @@ pub(super) fn draw(
     tok: &Tokenizer,
     json_vocab: &mut Option<JsonVocab>,
 ) -> Vec<Drawn> {
-    if running.iter().any(|s| s.json.is_some()) {
-        json_vocab.get_or_insert_with(|| JsonVocab::of(tok));
-    }
-    let jv = json_vocab.as_ref();
+    let jv = vocab_for(running.iter(), tok, json_vocab);
     let parallel = rows.iter().flatten().count() >= PARALLEL_ROWS;
     match next {
         Next::Tokens(t, want, logits) => {
@@ -97,5 +101,51 @@ pub(super) fn draw(
                 running.iter_mut().zip(slots.iter_mut()).map(one).collect()
             }
         }
+    }
+}
+
+/// The JSON vocabulary, built on first use by any of `seqs`.
+fn vocab_for<'a, 's>(
+    mut seqs: impl Iterator<Item = &'s Seq>,
+    tok: &Tokenizer,
+    json_vocab: &'a mut Option<JsonVocab>,
+) -> Option<&'a JsonVocab> {
+    if seqs.any(|s| s.json.is_some()) {
+        json_vocab.get_or_insert_with(|| JsonVocab::of(tok));
+    }
+    json_vocab.as_ref()
+}
+
+/// The device adjustments of a step's sampled rows (`sampled`, in row order, over rows of
+/// `vocab` logits): each row with penalties or JSON mode that wants no log-probabilities
+/// gets its [`Adjust`], in row order while they fit in `room` words; the rest get none.
+pub(super) fn adjustments(
+    sampled: &[&Seq],
+    room: usize,
+    vocab: usize,
+    tok: &Tokenizer,
+    json_vocab: &mut Option<JsonVocab>,
+) -> Vec<Option<Adjust>> {
+    let mut left = room;
+    let on_device: Vec<bool> = sampled
+        .iter()
+        .map(|s| {
+            let words = s.adjustment_words(vocab);
+            let fits = s.constrained() && s.logprobs.is_none() && words <= left;
+            if fits {
+                left -= words;
+            }
+            fits
+        })
+        .collect();
+    if !on_device.contains(&true) {
+        return Vec::new();
+    }
+    let jv = vocab_for(sampled.iter().copied(), tok, json_vocab);
+    let one = |(s, &on): (&&Seq, &bool)| on.then(|| s.adjustment(tok, jv, vocab));
+    if on_device.iter().filter(|&&on| on).count() >= PARALLEL_ROWS {
+        sampled.par_iter().zip(&on_device).map(one).collect()
+    } else {
+        sampled.iter().zip(&on_device).map(one).collect()
     }
 }

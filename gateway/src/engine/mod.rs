@@ -28,6 +28,7 @@ use blocks::{chain, BlockPool};
 use fair::{Fair, Tenanted};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use kernels::adjust::Adjust;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::chat::{ChatTemplate, Message};
 use kernels::cuda::backend::{gpu_name, CudaBackend, KvCapacity};
@@ -63,6 +64,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicU64,
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
+    /// GPU path: rows adjusted on the device before their draw, and rows whose logits
+    /// were read back (log-probabilities, or adjustments past a step's room).
+    pub rows_adjusted_on_device: AtomicU64,
+    pub rows_read_back: AtomicU64,
     /// Nanoseconds the engine thread spent in the backend's steps.
     pub backend_ns: AtomicU64,
     /// Nanoseconds it spent around them on steps: arrivals, scheduling, building the
@@ -261,23 +266,43 @@ impl Seq {
     fn constrained(&self) -> bool {
         self.penalties.is_some() || self.json.is_some()
     }
-    /// Its penalties and JSON mode, applied to a row of logits; a JSON mask that would
-    /// leave no token (a vocabulary without the bytes the object needs) leaves the stop
-    /// tokens.
+    /// Its penalties and JSON mode, applied to a row of logits.
     fn adjust(&self, logits: &mut [f32], tok: &Tokenizer, json_vocab: Option<&JsonVocab>) {
-        if let Some(p) = &self.penalties {
-            p.apply(logits, &self.counts);
-        }
-        if let (Some(json), Some(vocab)) = (&self.json, json_vocab) {
-            json.mask(logits, vocab);
-            if !logits.iter().any(|l| l.is_finite()) {
-                for &id in &tok.stop_tokens {
-                    if let Some(l) = logits.get_mut(id as usize) {
-                        *l = 0.0;
-                    }
+        self.adjustment(tok, json_vocab, logits.len()).apply(logits);
+    }
+    /// Its penalties and JSON mode as an adjustment of its next row of `n` logits (what
+    /// the GPU's `sample` kernel applies, and [`Seq::adjust`] on the host). A JSON mask
+    /// that would leave no token (a vocabulary without the bytes the object needs) leaves
+    /// the stop tokens.
+    fn adjustment(&self, tok: &Tokenizer, json_vocab: Option<&JsonVocab>, n: usize) -> Adjust {
+        let deltas = self
+            .penalties
+            .as_ref()
+            .map(|p| p.deltas(&self.counts))
+            .unwrap_or_default();
+        let mask = self.json.as_ref().zip(json_vocab).map(|(json, vocab)| {
+            let mut bits = json.allowed(vocab, n);
+            if bits.iter().all(|&w| w == 0) {
+                for &id in tok.stop_tokens.iter().filter(|&&id| (id as usize) < n) {
+                    bits[id as usize / 32] |= 1 << (id % 32);
                 }
             }
-        }
+            bits
+        });
+        Adjust { deltas, mask }
+    }
+    /// An upper bound of [`Seq::adjustment`]'s words, for rows of `n` logits.
+    fn adjustment_words(&self, n: usize) -> usize {
+        let deltas = self
+            .penalties
+            .as_ref()
+            .map_or(0, |p| p.bias.len() + self.counts.len());
+        let mask = if self.json.is_some() {
+            n.div_ceil(32)
+        } else {
+            0
+        };
+        2 + 2 * deltas + mask
     }
 }
 
@@ -531,6 +556,8 @@ impl Worker for EngineWorker {
         Some(EngineCounters {
             steps: s.steps.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
+            rows_adjusted_on_device: s.rows_adjusted_on_device.load(Ordering::Relaxed),
+            rows_read_back: s.rows_read_back.load(Ordering::Relaxed),
             device_faults: s.faults.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
@@ -755,12 +782,29 @@ fn run_engine(
         let stepped = if on_device {
             let sampled: Vec<&Seq> = sampled.iter().map(|&i| &running[i]).collect();
             let params: Vec<SampleParams> = sampled.iter().map(|s| device_params(s)).collect();
-            // Rows that want log-probabilities, or whose token is drawn from adjusted
-            // logits (penalties, JSON mode): their logits, read back.
+            // Rows whose token is drawn from adjusted logits (penalties, JSON mode) are
+            // adjusted on the device as its room allows. Rows that want log-probabilities,
+            // and adjusted ones past the room, get their logits read back.
+            let adjust = draw::adjustments(
+                &sampled,
+                backend.adjust_room(),
+                vocab,
+                &tok,
+                &mut json_vocab,
+            );
             let want: Vec<usize> = (0..sampled.len())
-                .filter(|&r| sampled[r].logprobs.is_some() || sampled[r].constrained())
+                .filter(|&r| {
+                    sampled[r].logprobs.is_some()
+                        || sampled[r].constrained() && adjust.get(r).is_none_or(Option::is_none)
+                })
                 .collect();
-            backend.step_sample(&batch, &params).and_then(|t| {
+            stats
+                .rows_adjusted_on_device
+                .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
+            stats
+                .rows_read_back
+                .fetch_add(want.len() as u64, Ordering::Relaxed);
+            backend.step_sample(&batch, &params, &adjust).and_then(|t| {
                 let rows = if want.is_empty() {
                     Vec::new()
                 } else {

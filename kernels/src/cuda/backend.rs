@@ -18,7 +18,9 @@
 //!
 //! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
-//! sent in the same staging copy; a step returns one `u32` per sequence.
+//! sent in the same staging copy; a step returns one `u32` per sequence. Rows may carry
+//! adjustments in that copy too (penalties, logit bias, a grammar's mask: [`Adjust`]),
+//! which the kernel applies before it draws, up to [`Backend::adjust_room`] words a step.
 
 use super::device::{Gpu, GpuError};
 use super::exec::{Exec, ExecError};
@@ -27,7 +29,8 @@ use super::staging::{self, Layout};
 use super::step::Device;
 pub use super::step::{KvCapacity, SmallProducts};
 use super::twins::{SampleParams, TwinModel};
-use crate::backend::Backend;
+use crate::adjust::Adjust;
+use crate::backend::{check_sample, Backend};
 use crate::forward::{Batch, Model, StepError};
 use crate::model::LlamaConfig;
 
@@ -68,6 +71,9 @@ pub struct SmallProductTiming {
     pub cublas_secs: f64,
     pub gemv_secs: f64,
 }
+
+/// A sampled step's parameters and adjustments, per logits row.
+type Sample<'a> = (&'a [SampleParams], &'a [Option<Adjust>]);
 
 /// Reads a step's first rows back from the device: logits, or sampled tokens.
 type Read<E, T> = fn(&Device<E>, usize) -> Result<Vec<T>, ExecError>;
@@ -135,7 +141,8 @@ impl<E: Exec> CudaBackend<E> {
         max_seqs: usize,
     ) -> Result<Self, ExecError> {
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
-        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len;
+        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len
+            + staging::adjust_room(max_seqs, dev.config.vocab);
         let pinned = dev.exec.host(cap)?;
         let mut b = Self {
             dev,
@@ -150,7 +157,7 @@ impl<E: Exec> CudaBackend<E> {
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
-        b.run(&Batch::default(), 1, None, Some(&[]), tokens)
+        b.run(&Batch::default(), 1, None, Some((&[], &[])), tokens)
             .map_err(|e| {
                 ExecError::Gpu(GpuError::Unavailable(format!(
                     "first step on the device: {e}"
@@ -195,7 +202,7 @@ impl<E: Exec> CudaBackend<E> {
         let mut decode = Batch::default();
         decode.push(&[next], prompt.len(), blocks, true);
         let token = self
-            .step_sample(&decode, &[SampleParams::GREEDY])
+            .step_sample(&decode, &[SampleParams::GREEDY], &[])
             .map_err(|e| e.to_string())?;
         let want = twin.forward(&decode, &mut kv);
         let best = want.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -391,14 +398,15 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Sends and enqueues one step (not awaited): `batch` padded with dummy decode rows to
-    /// `min_rows` sequences, or to its graph's bucket; sampled when `params` is given.
-    /// Returns how many logits rows are `batch`'s own.
+    /// `min_rows` sequences, or to its graph's bucket; sampled when `sample` (parameters
+    /// and adjustments per logits row) is given. Returns how many logits rows are
+    /// `batch`'s own.
     fn launch(
         &mut self,
         batch: &Batch,
         min_rows: usize,
         graph: Option<usize>,
-        params: Option<&[SampleParams]>,
+        sample: Option<Sample>,
     ) -> Result<usize, ExecError> {
         let n = batch.seqs.len();
         let n_logits = batch.n_logits();
@@ -410,22 +418,17 @@ impl<E: Exec> CudaBackend<E> {
         self.dev.exec.make_current()?;
         // Waits for the previous copy out of this buffer (each step ends synchronized).
         let host = self.dev.exec.host_words(&mut self.pinned)?;
-        let lay = staging::write(
-            host,
-            batch,
-            pad,
-            self.dev.max_blocks,
-            trash,
-            params.unwrap_or_default(),
-        );
-        // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words, which bounds
-        // `lay.len`.
+        let (params, adjust) = sample.unwrap_or_default();
+        // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
+        // adjustments' room, which `step_checked` held the step to.
+        let w = staging::write(host, batch, pad, self.dev.max_blocks, trash, params, adjust)
+            .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
         self.dev
             .exec
-            .send(&self.pinned, lay.len, &mut self.dev.bufs.staging)?;
+            .send(&self.pinned, w.words(), &mut self.dev.bufs.staging)?;
         match graph {
             Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
-            None => self.dev.enqueue(lay, n_logits + pad, params.is_some())?,
+            None => self.dev.enqueue(w.lay, n_logits + pad, sample.is_some())?,
         }
         Ok(n_logits)
     }
@@ -437,11 +440,11 @@ impl<E: Exec> CudaBackend<E> {
         batch: &Batch,
         min_rows: usize,
         graph: Option<usize>,
-        params: Option<&[SampleParams]>,
+        sample: Option<Sample>,
         read: Read<E, T>,
     ) -> Result<Vec<T>, ExecError> {
         let r = self
-            .launch(batch, min_rows, graph, params)
+            .launch(batch, min_rows, graph, sample)
             .and_then(|rows| {
                 let out = if rows == 0 {
                     Vec::new()
@@ -461,18 +464,12 @@ impl<E: Exec> CudaBackend<E> {
     fn step_checked<T>(
         &mut self,
         batch: &Batch,
-        params: Option<&[SampleParams]>,
+        sample: Option<Sample>,
         read: Read<E, T>,
     ) -> Result<Vec<T>, StepError> {
         self.check(batch)?;
-        if let Some(p) = params {
-            if p.len() != batch.n_logits() {
-                return Err(StepError::BadBatch(format!(
-                    "{} sampling parameters for {} logits rows",
-                    p.len(),
-                    batch.n_logits()
-                )));
-            }
+        if let Some((p, adjust)) = sample {
+            check_sample(batch, p, adjust, self.adjust_room())?;
         }
         if batch.tokens.is_empty() {
             return Ok(Vec::new());
@@ -480,7 +477,7 @@ impl<E: Exec> CudaBackend<E> {
         let graph = self.graph_for(batch);
         self.last_rows = 0;
         let out = self
-            .run(batch, 0, graph, params, read)
+            .run(batch, 0, graph, sample, read)
             .map_err(|e| StepError::Device(e.to_string()))?;
         self.last_rows = batch.n_logits();
         Ok(out)
@@ -527,11 +524,15 @@ impl<E: Exec> Backend for CudaBackend<E> {
         }
         Ok(out)
     }
+    fn adjust_room(&self) -> usize {
+        staging::adjust_room(self.max_seqs, self.dev.config.vocab)
+    }
     fn step_sample(
         &mut self,
         batch: &Batch,
         params: &[SampleParams],
+        adjust: &[Option<Adjust>],
     ) -> Result<Vec<u32>, StepError> {
-        self.step_checked(batch, Some(params), tokens)
+        self.step_checked(batch, Some((params, adjust)), tokens)
     }
 }

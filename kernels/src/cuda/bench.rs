@@ -269,7 +269,8 @@ fn swiglu<E: Exec>(
 }
 
 /// sample: one block per row over the vocabulary; greedy, and (with `cuts`) top-k 50 and
-/// top-p 0.9 too (the bisection passes).
+/// top-p 0.9 too (the bisection passes), and those after a grammar's mask (every third
+/// token kept) and 32 deltas on every row (the adjustment JSON mode sends).
 fn sample<E: Exec>(
     e: &E,
     (n_rows, vocab): (usize, usize),
@@ -284,12 +285,28 @@ fn sample<E: Exec>(
     let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
     let steps = e.zeros::<u32>(n_rows)?;
     let out = e.zeros::<u32>(n_rows)?;
+    // Every row's adjustment: the same words, at the extra part's start.
+    let adjust = crate::adjust::Adjust {
+        deltas: (0..32).map(|t| (t * 97, -0.5)).collect(),
+        mask: Some(
+            (0..vocab.div_ceil(32))
+                .map(|w| 0x4924_9249u32.rotate_left((w % 3) as u32))
+                .collect(),
+        ),
+    };
+    let mut words = Vec::new();
+    adjust.write(&mut words);
+    let extra = e.upload(&words)?;
+    let none = e.upload(&vec![u32::MAX; n_rows])?;
+    let all = e.zeros::<u32>(n_rows)?;
     let mut rows = Vec::new();
     let settings = [
-        ("greedy", 0.0f32, 0i32, 1.0f32),
-        ("top-k 50, top-p 0.9", 0.8, 50, 0.9),
+        ("greedy", 0.0f32, 0i32, 1.0f32, false),
+        ("top-k 50, top-p 0.9", 0.8, 50, 0.9, false),
+        ("greedy, masked", 0.0, 0, 1.0, true),
+        ("top-k 50, top-p 0.9, masked", 0.8, 50, 0.9, true),
     ];
-    for (label, temp, top_k, top_p) in &settings[..if cuts { 2 } else { 1 }] {
+    for (label, temp, top_k, top_p, masked) in &settings[..if cuts { 4 } else { 1 }] {
         let tv = e.upload(&vec![*temp; n_rows])?;
         let kv = e.upload(&vec![*top_k; n_rows])?;
         let pv = e.upload(&vec![*top_p; n_rows])?;
@@ -301,14 +318,22 @@ fn sample<E: Exec>(
             pv.arg(),
             seeds.arg(),
             steps.arg(),
+            if *masked { all.arg() } else { none.arg() },
+            extra.arg(),
             out.arg(),
         ];
         let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
         let secs = time_launch(e, iters, "sample", c, &args)?;
+        // The row read; masked, also its bits read and two thirds of it written.
+        let per_token = if *masked {
+            4.0 + 1.0 / 8.0 + 4.0 * 2.0 / 3.0
+        } else {
+            4.0
+        };
         rows.push(Row {
             name: format!("sample {n_rows}×{vocab}, {label}"),
             secs,
-            bytes: (n_rows * vocab * 4) as f64,
+            bytes: (n_rows * vocab) as f64 * per_token,
             in_step: if cuts { None } else { in_step },
         });
     }

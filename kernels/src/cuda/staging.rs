@@ -9,15 +9,33 @@
 //! [.., +S·max_blocks) block tables                             ┘  `twins::stage`)
 //! sample (even)      temperature[S] f32 | top_k[S] i32 | top_p[S] f32 | step[S] u32
 //! sample + 4S        seed[S] u64 (two words each, 8-byte aligned)
+//! sample + 6S        adjust[S]: where the row's adjustment starts in the extra part,
+//!                    or 0xFFFFFFFF for none
+//! len ..             the extra part: the adjustments' words ([`Adjust::write`])
 //! ```
 //!
-//! The sampling part is indexed by logits row (the `sample` kernel's block index). A step
+//! The sampling part is indexed by logits row (the `sample` kernel's block index). The
+//! extra part's length varies from step to step, but where it starts depends only on the
+//! layout, so that a captured graph reads each step's adjustments. A step
 //! may be padded to a CUDA-graph bucket with dummy decode rows: each is one token at
 //! position 0 whose whole block table is the cache's spare `trash` block, and wants
 //! logits (sampled greedily, then dropped).
 
 use super::twins::SampleParams;
+use crate::adjust::Adjust;
 use crate::forward::Batch;
+
+/// Delta words per row, on average, that the extra part makes room for (on top of a mask
+/// per row): a `logit_bias` of up to 300 tokens, or the counts of a few hundred distinct
+/// generated tokens under presence and frequency penalties. A step's rows that do not
+/// fit are read back and adjusted on the host instead.
+const DELTAS_PER_ROW: usize = 256;
+
+/// The extra part's room, in words, for steps of `max_seqs` rows over `vocab` logits: a
+/// mask and [`DELTAS_PER_ROW`] deltas per row.
+pub fn adjust_room(max_seqs: usize, vocab: usize) -> usize {
+    max_seqs * (2 + vocab.div_ceil(32) + 2 * DELTAS_PER_ROW)
+}
 
 /// Offsets of one step's staging words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +56,7 @@ impl Layout {
             n_seqs,
             n_tokens,
             sample,
-            len: sample + 6 * n_seqs,
+            len: sample + 7 * n_seqs,
         }
     }
     pub fn temperature(&self) -> std::ops::Range<usize> {
@@ -61,11 +79,31 @@ impl Layout {
         let a = self.sample + 4 * self.n_seqs;
         a..a + 2 * self.n_seqs
     }
+    /// Each row's adjustment, by its first word in the extra part.
+    pub fn adjust(&self) -> std::ops::Range<usize> {
+        let a = self.sample + 6 * self.n_seqs;
+        a..a + self.n_seqs
+    }
 }
 
-/// Writes `batch`, padded with `pad` dummy decode rows, and the sampling parameters of its
-/// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent) into
-/// `out`. Returns the layout; `out` must hold at least its `len` words.
+/// A step's staging words: its layout, and the extra part's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub lay: Layout,
+    pub extra: usize,
+}
+
+impl Written {
+    /// Words in all, to copy.
+    pub fn words(&self) -> usize {
+        self.lay.len + self.extra
+    }
+}
+
+/// Writes `batch`, padded with `pad` dummy decode rows, the sampling parameters of its
+/// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent) and
+/// their adjustments (`adjust[i]`, none where absent) into `out`. `out` must hold the
+/// layout's `len` words; `None` when the adjustments do not fit in the rest.
 pub fn write(
     out: &mut [u32],
     batch: &Batch,
@@ -73,11 +111,12 @@ pub fn write(
     max_blocks: usize,
     trash: u32,
     params: &[SampleParams],
-) -> Layout {
+    adjust: &[Option<Adjust>],
+) -> Option<Written> {
     let n = batch.seqs.len();
     let t = batch.tokens.len();
     let lay = Layout::new(n + pad, t + pad, max_blocks);
-    let out = &mut out[..lay.len];
+    let (out, rest) = out.split_at_mut(lay.len);
     let mut w = 0;
     for sq in &batch.seqs {
         out[w..w + 4].copy_from_slice(&[
@@ -116,7 +155,22 @@ pub fn write(
     if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
         out[lay.sample - 1] = 0;
     }
-    lay
+    let mut extra = 0;
+    let mut words = Vec::new();
+    for row in 0..lay.n_seqs {
+        out[lay.adjust().start + row] = match adjust.get(row).and_then(Option::as_ref) {
+            Some(a) => {
+                words.clear();
+                a.write(&mut words);
+                rest.get_mut(extra..extra + words.len())?
+                    .copy_from_slice(&words);
+                extra += words.len();
+                (extra - words.len()) as u32
+            }
+            None => u32::MAX,
+        };
+    }
+    Some(Written { lay, extra })
 }
 
 #[cfg(test)]
@@ -135,14 +189,19 @@ mod tests {
     #[test]
     fn the_build_batch_part_is_the_twins_staging() {
         let b = batch();
-        let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 0, 4, 99, &[]);
+        let poison = 0xdead_beef;
+        let mut out = vec![poison; 4096];
+        let lay = write(&mut out, &b, 0, 4, 99, &[], &[]).unwrap().lay;
         let twin = twins::stage(&b, 4);
         assert_eq!(&out[..twin.len()], &twin[..]);
-        assert_eq!(lay.len, lay.sample + 18);
+        assert_eq!(lay.len, lay.sample + 21);
         assert!(
-            out[..lay.len].iter().all(|&w| w != u32::MAX),
+            out[..lay.len].iter().all(|&w| w != poison),
             "every word written"
+        );
+        assert!(
+            out[lay.adjust()].iter().all(|&w| w == u32::MAX),
+            "no adjustments"
         );
     }
 
@@ -151,7 +210,7 @@ mod tests {
         let b = batch();
         let (mb, bs, trash) = (4, 16, 99u32);
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 2, mb, trash, &[]);
+        let lay = write(&mut out, &b, 2, mb, trash, &[], &[]).unwrap().lay;
         assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
         let inputs = twins::build_batch(&out[..lay.len], 5, 7, mb, bs);
         // The real rows are unchanged; the dummy rows write slot 0 of the trash block.
@@ -178,7 +237,7 @@ mod tests {
         };
         let params = [p(0.7, 40, 0x1234_5678_9abc_def0), p(0.0, 0, 7)];
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 1, 3, 0, &params);
+        let lay = write(&mut out, &b, 1, 3, 0, &params, &[]).unwrap().lay;
         assert_eq!(lay.sample % 2, 0);
         assert_eq!(f32::from_bits(out[lay.temperature().start]), 0.7);
         assert_eq!(out[lay.top_k().start] as i32, 40);
@@ -192,5 +251,28 @@ mod tests {
         // Rows past the given parameters (the dummy) are greedy.
         assert_eq!(f32::from_bits(out[lay.temperature().start + 2]), 0.0);
         assert_eq!(f32::from_bits(out[lay.top_p().start + 3]), 1.0);
+    }
+
+    #[test]
+    fn adjustments_follow_the_layout_by_row_and_must_fit() {
+        let b = batch();
+        let a = |t: u32| Adjust {
+            deltas: vec![(t, -1.5)],
+            mask: Some(vec![1 << t, 0]),
+        };
+        let adjust = [None, Some(a(3)), Some(a(5))];
+        let mut out = vec![u32::MAX; 4096];
+        let w = write(&mut out, &b, 1, 3, 0, &[], &adjust).unwrap();
+        let lay = w.lay;
+        assert_eq!(w.extra, 12);
+        assert_eq!(w.words(), lay.len + 12);
+        let offs = &out[lay.adjust()];
+        assert_eq!(offs, &[u32::MAX, 0, 6, u32::MAX][..lay.n_seqs]);
+        let mut words = Vec::new();
+        a(5).write(&mut words);
+        assert_eq!(&out[lay.len + 6..lay.len + 12], &words[..]);
+        // Adjustments past the buffer are refused, not cut.
+        let mut small = vec![0u32; lay.len + 11];
+        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust).is_none());
     }
 }

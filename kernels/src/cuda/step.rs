@@ -18,12 +18,13 @@
 //! ```
 //!
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
-//! kernel over the logits rows with the parameters from the staging buffer.
+//! kernel over the logits rows with the parameters and adjustments from the staging
+//! buffer.
 
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
 use super::gemv;
-use super::staging::Layout;
+use super::staging::{adjust_room, Layout};
 use super::twins::TwinModel;
 use super::{norm_launch, swiglu_launch};
 use crate::model::LlamaConfig;
@@ -210,7 +211,8 @@ impl<E: Exec> Device<E> {
             chunks: (max_blocks * block_size).div_ceil(ATTENTION_CHUNK_KEYS),
         };
         let bufs = Bufs {
-            staging: e.zeros(Layout::new(max_seqs, t, max_blocks).len)?,
+            staging: e
+                .zeros(Layout::new(max_seqs, t, max_blocks).len + adjust_room(max_seqs, c.vocab))?,
             tokens: e.zeros(t)?,
             positions: e.zeros(t)?,
             slots: e.zeros(t)?,
@@ -477,6 +479,8 @@ impl<E: Exec> Device<E> {
                     st.arg_at_as::<f32>(lay.top_p())?,
                     st.arg_at_as::<u64>(lay.seeds())?,
                     st.arg_at_as::<u32>(lay.steps())?,
+                    st.arg_at_as::<u32>(lay.adjust())?,
+                    st.arg_at_as::<u32>(lay.len..st.elems())?,
                     b.sampled.arg(),
                 ],
             )?;

@@ -28,7 +28,7 @@ pub struct StepInputs {
 pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
     let (n, t) = (batch.seqs.len(), batch.tokens.len());
     let mut out = vec![0; super::staging::Layout::new(n, t, max_blocks).len];
-    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[]);
+    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[], &[]);
     out.truncate(4 * n + t + n * max_blocks);
     out
 }

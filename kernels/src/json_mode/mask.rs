@@ -16,6 +16,26 @@ impl JsonState {
     /// byte after it against the first-byte table. Tokens alike in all of that are
     /// decided as a group.
     pub fn mask(&self, logits: &mut [f32], vocab: &JsonVocab) {
+        self.cut(&mut Logits(logits), vocab);
+    }
+
+    /// The same decision as [`JsonState::mask`], as a bitmask over a row of `n` logits:
+    /// bit `i % 32` of word `i / 32` set when token `i` may come next (the form the GPU's
+    /// `sample` kernel takes, see [`crate::adjust::Adjust`]).
+    pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
+        let mut bits = Bits {
+            words: vec![u32::MAX; n.div_ceil(32)],
+            n,
+        };
+        if !n.is_multiple_of(32) {
+            bits.words[n / 32] = (1u32 << (n % 32)) - 1;
+        }
+        self.cut(&mut bits, vocab);
+        bits.words
+    }
+
+    /// Refuses, in `row`, every token that may not come next.
+    fn cut(&self, row: &mut impl Cut, vocab: &JsonVocab) {
         let done = self.done();
         let mut sc = Scratch::default();
         // The gate: which first bytes may come next, then whether stop tokens may, then
@@ -110,54 +130,111 @@ impl JsonState {
         }
         let ids = |g: &Group| &vocab.order[g.lo as usize..g.hi as usize];
         if refused * 2 > vocab.order.len() {
-            // Mostly refused: keep the few that stay, fill the row, put them back.
-            let mut kept: Vec<(usize, f32)> = Vec::new();
+            // Mostly refused: refuse all but the few that stay.
+            let mut kept: Vec<u32> = Vec::new();
             for (g, d) in &decisions {
-                if *d == Decision::Refuse {
-                    continue;
-                }
-                for &id in ids(g) {
-                    let id = id as usize;
-                    let keep = *d == Decision::Keep || self.allows_in(&vocab.bytes[id], &mut sc);
-                    if let Some(&l) = logits.get(id).filter(|_| keep) {
-                        kept.push((id, l));
-                    }
+                match d {
+                    Decision::Refuse => {}
+                    Decision::Keep => kept.extend_from_slice(ids(g)),
+                    Decision::Try => kept.extend(
+                        ids(g)
+                            .iter()
+                            .filter(|&&id| self.allows_in(&vocab.bytes[id as usize], &mut sc)),
+                    ),
                 }
             }
-            logits.fill(f32::NEG_INFINITY);
-            for (id, l) in kept {
-                logits[id] = l;
-            }
+            row.only(&kept);
             return;
         }
-        let refuse = |ids: &[u32], logits: &mut [f32]| {
-            for &id in ids {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        };
         for (b, bucket) in vocab.buckets.iter().enumerate() {
             if !first[b] {
-                refuse(&vocab.order[bucket.tokens.clone()], logits);
+                row.refuse(&vocab.order[bucket.tokens.clone()]);
             }
         }
         for (g, d) in decisions {
             match d {
                 Decision::Keep => {}
-                Decision::Refuse => refuse(ids(g), logits),
+                Decision::Refuse => row.refuse(ids(g)),
                 Decision::Try => {
                     for &id in ids(g) {
                         if !self.allows_in(&vocab.bytes[id as usize], &mut sc) {
-                            refuse(&[id], logits);
+                            row.refuse(&[id]);
                         }
                     }
                 }
             }
         }
-        // Logits past the vocabulary (a padded head) are no tokens.
-        for l in logits.iter_mut().skip(vocab.bytes.len()) {
+        // Entries past the vocabulary (a padded head) are no tokens.
+        row.refuse_from(vocab.bytes.len());
+    }
+}
+
+/// Where the mask's decisions go: a row of logits, or a bitmask of the tokens kept.
+trait Cut {
+    /// Refuses these tokens (ids past the row are passed over).
+    fn refuse(&mut self, ids: &[u32]);
+    /// Refuses every token but these.
+    fn only(&mut self, ids: &[u32]);
+    /// Refuses every token from `id` on.
+    fn refuse_from(&mut self, id: usize);
+}
+
+/// Refused logits become −∞.
+struct Logits<'a>(&'a mut [f32]);
+
+impl Cut for Logits<'_> {
+    fn refuse(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if let Some(l) = self.0.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    fn only(&mut self, ids: &[u32]) {
+        let kept: Vec<(usize, f32)> = ids
+            .iter()
+            .filter_map(|&id| Some((id as usize, *self.0.get(id as usize)?)))
+            .collect();
+        self.0.fill(f32::NEG_INFINITY);
+        for (id, l) in kept {
+            self.0[id] = l;
+        }
+    }
+    fn refuse_from(&mut self, id: usize) {
+        for l in self.0.iter_mut().skip(id) {
             *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Refused tokens' bits are cleared; `n` tokens in all.
+struct Bits {
+    words: Vec<u32>,
+    n: usize,
+}
+
+impl Cut for Bits {
+    fn refuse(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if let Some(w) = self.words.get_mut(id as usize / 32) {
+                *w &= !(1 << (id % 32));
+            }
+        }
+    }
+    fn only(&mut self, ids: &[u32]) {
+        self.words.fill(0);
+        for &id in ids {
+            if (id as usize) < self.n {
+                self.words[id as usize / 32] |= 1 << (id % 32);
+            }
+        }
+    }
+    fn refuse_from(&mut self, id: usize) {
+        for i in id..self.n.min(id.next_multiple_of(32)) {
+            self.words[i / 32] &= !(1 << (i % 32));
+        }
+        for w in self.words.iter_mut().skip(id.div_ceil(32)) {
+            *w = 0;
         }
     }
 }

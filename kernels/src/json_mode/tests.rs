@@ -154,15 +154,27 @@ fn the_masks_shortcuts_decide_as_trying_every_byte_does() {
         states.push((prefix, st));
     }
     for (prefix, st) in states {
-        let mut l = vec![0.0f32; tokens.len()];
+        // A row padded past the vocabulary: the padding is never a token.
+        let n = tokens.len() + 40;
+        let mut l = vec![0.0f32; n];
         st.mask(&mut l, &vocab);
-        for (id, t) in tokens.iter().enumerate() {
-            let want = match id {
+        // The same decisions as the GPU's bitmask.
+        let bits = st.allowed(&vocab, n);
+        assert_eq!(bits.len(), n.div_ceil(32));
+        for id in 0..bits.len() * 32 {
+            let want = tokens.get(id).is_some_and(|t| match id {
                 5 => st.done(),
                 3 => false,
                 _ => !st.done() && st.allows(t),
-            };
-            assert_eq!(l[id] == 0.0, want, "after {prefix:?}: token {t:?}");
+            });
+            assert_eq!(
+                crate::adjust::allowed(&bits, id),
+                want,
+                "bits after {prefix:?}: token {id}"
+            );
+            if id < n {
+                assert_eq!(l[id] == 0.0, want, "after {prefix:?}: token {id}");
+            }
         }
     }
 }
