@@ -190,5 +190,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             per(after.2, before.2),
         );
     }
+    let s = w.stats();
+    let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    if r(&s.rows_adjusted_on_device) + r(&s.rows_read_back) > 0 {
+        println!(
+            "GPU path: {} rows adjusted on the device, {} rows' logits read back",
+            r(&s.rows_adjusted_on_device),
+            r(&s.rows_read_back)
+        );
+    }
     Ok(())
 }

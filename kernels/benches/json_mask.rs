@@ -92,6 +92,21 @@ fn bench(c: &mut Criterion) {
                 logits[0]
             })
         });
+        // The same decision as bits (what the GPU path sends), and those bits applied to
+        // the row (what the host path does with them).
+        c.bench_function(&format!("bits {} tokens, {name}", v.len()), |b| {
+            b.iter(|| st.allowed(&jv, v.len()))
+        });
+        c.bench_function(&format!("bits+apply {} tokens, {name}", v.len()), |b| {
+            b.iter(|| {
+                let a = kernels::adjust::Adjust {
+                    deltas: Vec::new(),
+                    mask: Some(st.allowed(&jv, v.len())),
+                };
+                a.apply(&mut logits);
+                logits[0]
+            })
+        });
     }
 }
 

@@ -11,6 +11,7 @@
 mod common;
 
 use common::rel_err;
+use kernels::adjust::Adjust;
 use kernels::backend::Backend;
 use kernels::cuda::backend::{CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
@@ -184,8 +185,51 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let want = greedy(&l, vocab);
     let same = t.iter().zip(&want).filter(|(a, b)| a == b).count();
     assert!(same + 1 >= n, "graph greedy decode: {same}/{n}");
-    // Wrong parameter counts are refused.
+    // Adjusted rows through the graph: every other row's best token refused by its mask,
+    // and a delta that lifts another; the draws are the adjusted rows' greedy tokens.
+    let adjust: Vec<Option<Adjust>> = (0..n)
+        .map(|r| {
+            let row = &l[r * vocab..(r + 1) * vocab];
+            (r % 2 == 1).then(|| {
+                let mut mask = vec![u32::MAX; vocab.div_ceil(32)];
+                let best = greedy(row, vocab)[0] as usize;
+                mask[best / 32] &= !(1 << (best % 32));
+                Adjust {
+                    deltas: vec![(7 + r as u32, 1.0)],
+                    mask: Some(mask),
+                }
+            })
+        })
+        .collect();
+    let t = cuda.step_sample(&d, &greedy_params, &adjust).unwrap();
+    let mut adjusted = l.clone();
+    for (row, a) in adjusted.chunks_exact_mut(vocab).zip(&adjust) {
+        if let Some(a) = a {
+            a.apply(row);
+        }
+    }
+    let want = greedy(&adjusted, vocab);
+    let same = t.iter().zip(&want).filter(|(a, b)| a == b).count();
+    assert!(same + 1 >= n, "graph greedy decode, adjusted: {same}/{n}");
+    for r in (1..n).step_by(2) {
+        assert_ne!(
+            t[r],
+            greedy(&l[r * vocab..(r + 1) * vocab], vocab)[0],
+            "row {r}: refused token drawn"
+        );
+    }
+    // Wrong parameter or adjustment counts, and adjustments past the room, are refused.
     assert!(cuda.step_sample(&d, &greedy_params[1..], &[]).is_err());
+    assert!(cuda.step_sample(&d, &greedy_params, &adjust[1..]).is_err());
+    let huge = Adjust {
+        deltas: vec![(0, 1.0); cuda.adjust_room() / 2],
+        mask: None,
+    };
+    let too_much: Vec<Option<Adjust>> = (0..n).map(|_| Some(huge.clone())).collect();
+    assert!(matches!(
+        cuda.step_sample(&d, &greedy_params, &too_much),
+        Err(kernels::forward::StepError::BadBatch(_))
+    ));
 }
 
 #[test]
