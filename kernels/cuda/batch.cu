@@ -1,12 +1,12 @@
 // The batching kernel: builds one step's packed inputs on the device from the single
 // staging buffer the host sends in one copy.
 //
-// staging (u32): n_seqs headers of 4 words {start, len, pos0, want_logits}, then the T
+// staging (u32): n_seqs headers of 4 words {start, len, pos0, logits}, then the T
 // token ids, then n_seqs × max_blocks block-table entries.
 // Outputs: tokens[T], positions[T], slot_mapping[T] (block × block_size + slot, where row
 // r's key and value go), seq_of_row[T], block_tables[n_seqs × max_blocks] and
-// logit_rows[n_seqs] (the last row of each sequence that wants logits, packed in order;
-// unused entries −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
+// logit_rows (the last `logits` rows of each sequence, packed in order: one row to draw
+// from, or more for a prompt's log-probabilities; entries past them up to n_seqs −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
 // a multiple of 32 threads (block 0 also computes logit_rows).
 extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_seqs, int n_tokens,
                                        int max_blocks, int block_size, u32* __restrict__ tokens,
@@ -44,7 +44,7 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
         int per = (n_seqs + (int)blockDim.x - 1) / (int)blockDim.x;
         int j0 = min((int)threadIdx.x * per, n_seqs), j1 = min(j0 + per, n_seqs);
         int count = 0;
-        for (int j = j0; j < j1; ++j) count += heads[4 * j + 3] != 0 ? 1 : 0;
+        for (int j = j0; j < j1; ++j) count += (int)heads[4 * j + 3];
         int v = count;  // inclusive scan within the warp
         for (int o = 1; o < 32; o <<= 1) {
             int t = __shfl_up_sync(0xffffffffu, v, o);
@@ -62,8 +62,10 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
         }
         __syncthreads();
         int at = v - count + (warp > 0 ? warp_sums[warp - 1] : 0);
-        for (int j = j0; j < j1; ++j)
-            if (heads[4 * j + 3] != 0) logit_rows[at++] = (int)(heads[4 * j] + heads[4 * j + 1] - 1);
+        for (int j = j0; j < j1; ++j) {
+            int end = (int)(heads[4 * j] + heads[4 * j + 1]);
+            for (int r = end - (int)heads[4 * j + 3]; r < end; ++r) logit_rows[at++] = r;
+        }
         // Entries past the last wanted one are unused.
         for (int j = warp_sums[n_warps - 1] + threadIdx.x; j < n_seqs; j += blockDim.x)
             logit_rows[j] = -1;

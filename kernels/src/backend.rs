@@ -32,6 +32,10 @@ pub trait Backend: Send {
             "this backend keeps no logits after a step".into(),
         ))
     }
+    /// Logits rows one step may return ([`Batch::n_logits`]).
+    fn max_logit_rows(&self) -> usize {
+        usize::MAX
+    }
     /// Words of adjustments ([`Adjust::words`]) that one [`Backend::step_sample`] may
     /// carry; rows past it are left to the caller.
     fn adjust_room(&self) -> usize {

@@ -3,7 +3,8 @@
 //! Each sequence reads and writes its keys and values through its own block table.
 //!
 //! Shapes (T = tokens in the batch, D = dim, Q = heads·head_dim, K = kv heads·head_dim,
-//! F = ffn dim, V = vocab, S = sequences that want logits):
+//! F = ffn dim, V = vocab, S = rows that want logits: the last row, or the last few, of
+//! each sequence that asks):
 //!
 //! ```text
 //! x[T,D]   = embed(tokens)
@@ -15,7 +16,7 @@
 //!   x     += a·Woᵀ
 //!   h      = rmsnorm(x) · ffn_norm
 //!   x     += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ
-//! logits[S,V] = rmsnorm(x[last row of each seq]) · output_norm · Woutᵀ
+//! logits[S,V] = rmsnorm(x[those rows]) · output_norm · Woutᵀ
 //! ```
 
 use crate::attention::attention;
@@ -34,8 +35,10 @@ pub struct BatchSeq {
     pub len: usize,
     /// KV blocks of this sequence, covering every position up to its last row.
     pub block_table: Vec<u32>,
-    /// Whether to return logits for the last row.
-    pub logits: bool,
+    /// How many of its last rows return logits: 0, 1 (the last row's, to draw the next
+    /// token), or more (a prompt's log-probabilities: each row's logits score the next
+    /// row's token).
+    pub logits: usize,
 }
 
 /// A packed batch.
@@ -47,8 +50,15 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Appends a sequence's run of tokens starting at position `pos0`.
+    /// Appends a sequence's run of tokens starting at position `pos0`, with logits for its
+    /// last row when `logits`.
     pub fn push(&mut self, tokens: &[u32], pos0: usize, block_table: Vec<u32>, logits: bool) {
+        self.push_rows(tokens, pos0, block_table, logits as usize);
+    }
+
+    /// The same, with logits for its last `logits` rows (at most all of them).
+    pub fn push_rows(&mut self, tokens: &[u32], pos0: usize, block_table: Vec<u32>, logits: usize) {
+        let logits = logits.min(tokens.len());
         let start = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.positions
@@ -61,8 +71,9 @@ impl Batch {
         });
     }
 
+    /// Rows that return logits, in all.
     pub fn n_logits(&self) -> usize {
-        self.seqs.iter().filter(|s| s.logits).count()
+        self.seqs.iter().map(|s| s.logits).sum()
     }
 }
 
@@ -283,12 +294,11 @@ impl Model {
             add_rows(&mut s.x, &s.o);
         }
 
-        // Logits for the last row of each sequence that asks.
+        // Logits for the last rows of each sequence that asks, in order.
         let rows: Vec<usize> = batch
             .seqs
             .iter()
-            .filter(|sq| sq.logits)
-            .map(|sq| sq.start + sq.len - 1)
+            .flat_map(|sq| sq.start + sq.len - sq.logits..sq.start + sq.len)
             .collect();
         if rows.is_empty() {
             return Ok(Vec::new());

@@ -249,7 +249,8 @@ fn random_mixed_batches_match_the_twin_chain() {
 }
 
 /// Steps of random shape (prefill chunks of 1–20 tokens continuing where each sequence
-/// left off, single-token decodes, logits wanted or not, non-contiguous shuffled block
+/// left off, single-token decodes, logits of no row, the last or the last few
+/// (a prompt's log-probabilities), non-contiguous shuffled block
 /// tables) against the twin chain over the same batches: the batch building, slot
 /// mapping, block tables and logits-row packing hold for layouts the engine makes.
 fn random_batches_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
@@ -285,7 +286,15 @@ fn random_batches_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
                 continue;
             }
             let toks: Vec<u32> = (0..n).map(|_| next(vocab) as u32).collect();
-            b.push(&toks, lens[s], tables[s].clone(), next(4) != 0);
+            // Logits for none, the last row, or (a prompt's log-probabilities) the last
+            // few or all.
+            let rows = match next(6) {
+                0 => 0,
+                1 => n,
+                2 => 1 + next(n),
+                _ => 1,
+            };
+            b.push_rows(&toks, lens[s], tables[s].clone(), rows);
             lens[s] += n;
         }
         if b.tokens.is_empty() {
@@ -345,7 +354,7 @@ fn long_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         for (s, l) in b
             .seqs
             .iter()
-            .filter(|s| s.logits)
+            .filter(|s| s.logits > 0)
             .zip(logits.chunks_exact(vocab))
         {
             let seq = tables.iter().position(|t| *t == s.block_table).unwrap();

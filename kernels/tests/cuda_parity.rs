@@ -812,10 +812,10 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     // rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
     // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
-    // heads), swiglu, two sampling settings; at each of the two decode batches a step's
-    // norm, rope, swiglu and greedy sampling; one product at three row counts by
-    // cuBLAS's stand-in, and at the two small ones by gemv_f16.
-    assert_eq!(rows.len(), 24, "{names:?}");
+    // heads), swiglu, four sampling settings (two with a mask); at each of the two
+    // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
+    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16.
+    assert_eq!(rows.len(), 26, "{names:?}");
     assert!(
         names.contains(&"attention_decode batch 1, ctx 1100, 3 blocks per row"),
         "{names:?}"

@@ -63,6 +63,32 @@ fn a_row_does_not_depend_on_its_batch_mates() {
 }
 
 #[test]
+fn a_prompts_rows_logits_are_each_prefixs_last_row() {
+    // Logits for every row of a prompt (its log-probabilities) are, row by row, those of
+    // the prompt cut after that row; a batch-mate wanting its last row only keeps its own.
+    let mut be = backend("rows");
+    let v = be.config().vocab;
+    let prompt = [10, 11, 12, 13, 14];
+    let mut all = Batch::default();
+    all.push(&[40, 41, 42], 0, vec![1], true);
+    all.push_rows(&prompt, 0, vec![0], prompt.len());
+    all.push_rows(&[7, 8], 0, vec![2], 0);
+    assert_eq!(all.n_logits(), 1 + prompt.len());
+    let got = be.step(&all).unwrap();
+    assert_eq!(got.len(), (1 + prompt.len()) * v);
+    for i in 0..prompt.len() {
+        let mut cut = Batch::default();
+        cut.push(&prompt[..=i], 0, vec![3], true);
+        let want = be.step(&cut).unwrap();
+        assert_eq!(&got[(1 + i) * v..(2 + i) * v], &want[..], "row {i}");
+    }
+    // More rows than the run has are capped to the run.
+    let mut over = Batch::default();
+    over.push_rows(&[1, 2], 0, vec![0], 9);
+    assert_eq!(over.n_logits(), 2);
+}
+
+#[test]
 fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
     use kernels::cuda::twins::{self, SampleParams};
     let model = common::tiny("step-sample");

@@ -141,8 +141,8 @@ impl<E: Exec> CudaBackend<E> {
         max_seqs: usize,
     ) -> Result<Self, ExecError> {
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
-        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks).len
-            + staging::adjust_room(max_seqs, dev.config.vocab);
+        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
+            + staging::adjust_room(dev.max_logits, dev.config.vocab);
         let pinned = dev.exec.host(cap)?;
         let mut b = Self {
             dev,
@@ -345,7 +345,7 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     fn capture(&mut self, bucket: usize) -> Result<E::Graph, ExecError> {
-        let lay = Layout::new(bucket, bucket, self.dev.max_blocks);
+        let lay = Layout::new(bucket, bucket, self.dev.max_blocks, bucket);
         self.dev.exec.make_current()?;
         self.dev.exec.begin_capture()?;
         let enqueued = self.dev.enqueue(lay, bucket, true);
@@ -358,6 +358,13 @@ impl<E: Exec> CudaBackend<E> {
     fn check(&self, batch: &Batch) -> Result<(), StepError> {
         let bad = |m: String| Err(StepError::BadBatch(m));
         let c = &self.dev.config;
+        if batch.n_logits() > self.dev.max_logits {
+            return bad(format!(
+                "{} logits rows: this GPU backend was sized for {}",
+                batch.n_logits(),
+                self.dev.max_logits
+            ));
+        }
         if batch.tokens.len() > self.max_tokens || batch.seqs.len() > self.max_seqs {
             return bad(format!(
                 "{} tokens in {} sequences: this GPU backend was sized for {} and {}",
@@ -390,7 +397,7 @@ impl<E: Exec> CudaBackend<E> {
     /// The graph for a decode step of `n` sequences, if there is one.
     fn graph_for(&self, batch: &Batch) -> Option<usize> {
         let n = batch.seqs.len();
-        let decode = n > 0 && batch.tokens.len() == n && batch.seqs.iter().all(|s| s.logits);
+        let decode = n > 0 && batch.tokens.len() == n && batch.seqs.iter().all(|s| s.logits == 1);
         if !decode {
             return None;
         }
@@ -524,8 +531,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
         }
         Ok(out)
     }
+    fn max_logit_rows(&self) -> usize {
+        self.dev.max_logits
+    }
     fn adjust_room(&self) -> usize {
-        staging::adjust_room(self.max_seqs, self.dev.config.vocab)
+        staging::adjust_room(self.dev.max_logits, self.dev.config.vocab)
     }
     fn step_sample(
         &mut self,

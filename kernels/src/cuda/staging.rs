@@ -4,17 +4,18 @@
 //! Words (u32), for `S` sequences and `T` rows with `max_blocks` table entries each:
 //!
 //! ```text
-//! [0, 4S)            headers {start, len, pos0, want_logits}   ┐ read by `build_batch`
+//! [0, 4S)            headers {start, len, pos0, logits rows}   ┐ read by `build_batch`
 //! [4S, 4S+T)         token ids                                 │ (its twin:
 //! [.., +S·max_blocks) block tables                             ┘  `twins::stage`)
-//! sample (even)      temperature[S] f32 | top_k[S] i32 | top_p[S] f32 | step[S] u32
-//! sample + 4S        seed[S] u64 (two words each, 8-byte aligned)
-//! sample + 6S        adjust[S]: where the row's adjustment starts in the extra part,
+//! sample (even)      temperature[L] f32 | top_k[L] i32 | top_p[L] f32 | step[L] u32
+//! sample + 4L        seed[L] u64 (two words each, 8-byte aligned)
+//! sample + 6L        adjust[L]: where the row's adjustment starts in the extra part,
 //!                    or 0xFFFFFFFF for none
 //! len ..             the extra part: the adjustments' words ([`Adjust::write`])
 //! ```
 //!
-//! The sampling part is indexed by logits row (the `sample` kernel's block index). The
+//! The sampling part is indexed by logits row (the `sample` kernel's block index), for
+//! the `L` logits rows (at least one per sequence, for the sequences' headers). The
 //! extra part's length varies from step to step, but where it starts depends only on the
 //! layout, so that a captured graph reads each step's adjustments. A step
 //! may be padded to a CUDA-graph bucket with dummy decode rows: each is one token at
@@ -31,10 +32,10 @@ use crate::forward::Batch;
 /// fit are read back and adjusted on the host instead.
 const DELTAS_PER_ROW: usize = 256;
 
-/// The extra part's room, in words, for steps of `max_seqs` rows over `vocab` logits: a
+/// The extra part's room, in words, for steps of `rows` logits rows over `vocab` logits: a
 /// mask and [`DELTAS_PER_ROW`] deltas per row.
-pub fn adjust_room(max_seqs: usize, vocab: usize) -> usize {
-    max_seqs * (2 + vocab.div_ceil(32) + 2 * DELTAS_PER_ROW)
+pub fn adjust_room(rows: usize, vocab: usize) -> usize {
+    rows * (2 + vocab.div_ceil(32) + 2 * DELTAS_PER_ROW)
 }
 
 /// Offsets of one step's staging words.
@@ -42,6 +43,8 @@ pub fn adjust_room(max_seqs: usize, vocab: usize) -> usize {
 pub struct Layout {
     pub n_seqs: usize,
     pub n_tokens: usize,
+    /// Logits rows the sampling part has room for.
+    pub n_logits: usize,
     /// First word of the sampling part (even).
     pub sample: usize,
     /// Words in all.
@@ -49,40 +52,43 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(n_seqs: usize, n_tokens: usize, max_blocks: usize) -> Self {
+    /// `n_logits` is raised to `n_seqs` (a step of one row per sequence, as a decode
+    /// graph's, keeps its layout whatever its rows want).
+    pub fn new(n_seqs: usize, n_tokens: usize, max_blocks: usize, n_logits: usize) -> Self {
+        let n_logits = n_logits.max(n_seqs);
         let end = 4 * n_seqs + n_tokens + n_seqs * max_blocks;
         let sample = end + (end & 1);
         Self {
             n_seqs,
             n_tokens,
+            n_logits,
             sample,
-            len: sample + 7 * n_seqs,
+            len: sample + 7 * n_logits,
         }
     }
+    fn part(&self, i: usize, words: usize) -> std::ops::Range<usize> {
+        let a = self.sample + i * self.n_logits;
+        a..a + words * self.n_logits
+    }
     pub fn temperature(&self) -> std::ops::Range<usize> {
-        self.sample..self.sample + self.n_seqs
+        self.part(0, 1)
     }
     pub fn top_k(&self) -> std::ops::Range<usize> {
-        let a = self.sample + self.n_seqs;
-        a..a + self.n_seqs
+        self.part(1, 1)
     }
     pub fn top_p(&self) -> std::ops::Range<usize> {
-        let a = self.sample + 2 * self.n_seqs;
-        a..a + self.n_seqs
+        self.part(2, 1)
     }
     pub fn steps(&self) -> std::ops::Range<usize> {
-        let a = self.sample + 3 * self.n_seqs;
-        a..a + self.n_seqs
+        self.part(3, 1)
     }
     /// The seeds, in words (two per seed).
     pub fn seeds(&self) -> std::ops::Range<usize> {
-        let a = self.sample + 4 * self.n_seqs;
-        a..a + 2 * self.n_seqs
+        self.part(4, 2)
     }
     /// Each row's adjustment, by its first word in the extra part.
     pub fn adjust(&self) -> std::ops::Range<usize> {
-        let a = self.sample + 6 * self.n_seqs;
-        a..a + self.n_seqs
+        self.part(6, 1)
     }
 }
 
@@ -115,7 +121,7 @@ pub fn write(
 ) -> Option<Written> {
     let n = batch.seqs.len();
     let t = batch.tokens.len();
-    let lay = Layout::new(n + pad, t + pad, max_blocks);
+    let lay = Layout::new(n + pad, t + pad, max_blocks, batch.n_logits() + pad);
     let (out, rest) = out.split_at_mut(lay.len);
     let mut w = 0;
     for sq in &batch.seqs {
@@ -142,7 +148,7 @@ pub fn write(
         w += max_blocks;
     }
     out[w..w + pad * max_blocks].fill(trash);
-    for row in 0..lay.n_seqs {
+    for row in 0..lay.n_logits {
         let p = params.get(row).copied().unwrap_or(SampleParams::GREEDY);
         out[lay.temperature().start + row] = p.temperature.to_bits();
         out[lay.top_k().start + row] = p.top_k as u32;
@@ -157,7 +163,7 @@ pub fn write(
     }
     let mut extra = 0;
     let mut words = Vec::new();
-    for row in 0..lay.n_seqs {
+    for row in 0..lay.n_logits {
         out[lay.adjust().start + row] = match adjust.get(row).and_then(Option::as_ref) {
             Some(a) => {
                 words.clear();
@@ -267,7 +273,7 @@ mod tests {
         assert_eq!(w.extra, 12);
         assert_eq!(w.words(), lay.len + 12);
         let offs = &out[lay.adjust()];
-        assert_eq!(offs, &[u32::MAX, 0, 6, u32::MAX][..lay.n_seqs]);
+        assert_eq!(offs, &[u32::MAX, 0, 6, u32::MAX][..lay.n_logits]);
         let mut words = Vec::new();
         a(5).write(&mut words);
         assert_eq!(&out[lay.len + 6..lay.len + 12], &words[..]);

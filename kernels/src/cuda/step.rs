@@ -95,8 +95,15 @@ pub struct Device<E: Exec> {
     /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
     pub small: SmallProducts,
     pub max_blocks: usize,
+    /// Logits rows a step may have: one per sequence, and [`PROMPT_LOGIT_ROWS`] more.
+    pub max_logits: usize,
     pub(super) bufs: Bufs<E>,
 }
+
+/// Logits rows a step may have beyond one per sequence: rows of prompts whose
+/// log-probabilities are asked for (`echo` with `logprobs`), 50 MB of logits buffer for
+/// SmolLM2's vocabulary.
+pub const PROMPT_LOGIT_ROWS: usize = 256;
 
 /// Which row counts of a step's matrix products (1 to [`gemv::MAX_ROWS`]) run on our
 /// `gemv_f16` kernel instead of cuBLAS: bit r − 1 for r rows. cuBLAS for all by default;
@@ -196,6 +203,7 @@ impl<E: Exec> Device<E> {
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
         let max_blocks = c.context_len.div_ceil(block_size);
+        let max_logits = max_seqs + PROMPT_LOGIT_ROWS.min(max_tokens);
         let (t, d, qd, kvd, f) = (
             max_tokens,
             c.dim,
@@ -211,14 +219,16 @@ impl<E: Exec> Device<E> {
             chunks: (max_blocks * block_size).div_ceil(ATTENTION_CHUNK_KEYS),
         };
         let bufs = Bufs {
-            staging: e
-                .zeros(Layout::new(max_seqs, t, max_blocks).len + adjust_room(max_seqs, c.vocab))?,
+            staging: e.zeros(
+                Layout::new(max_seqs, t, max_blocks, max_logits).len
+                    + adjust_room(max_logits, c.vocab),
+            )?,
             tokens: e.zeros(t)?,
             positions: e.zeros(t)?,
             slots: e.zeros(t)?,
             seq_of_row: e.zeros(t)?,
             tables: e.zeros(max_seqs * max_blocks)?,
-            logit_rows: e.zeros(max_seqs)?,
+            logit_rows: e.zeros(max_logits)?,
             x: e.zeros(t * d)?,
             h: e.zeros(t * d)?,
             qkv: e.zeros(t * (qd + 2 * kvd))?,
@@ -226,8 +236,8 @@ impl<E: Exec> Device<E> {
             o: e.zeros(t * d)?,
             gu: e.zeros(t * 2 * f)?,
             g: e.zeros(t * f)?,
-            logits: e.zeros(max_seqs * c.vocab)?,
-            sampled: e.zeros(max_seqs)?,
+            logits: e.zeros(max_logits * c.vocab)?,
+            sampled: e.zeros(max_logits)?,
             part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
             arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
         };
@@ -287,6 +297,7 @@ impl<E: Exec> Device<E> {
             layers,
             block_size,
             max_blocks,
+            max_logits,
             bufs,
         })
     }

@@ -27,7 +27,8 @@ pub struct StepInputs {
 /// entries per sequence; [`super::staging`] has the whole layout).
 pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
     let (n, t) = (batch.seqs.len(), batch.tokens.len());
-    let mut out = vec![0; super::staging::Layout::new(n, t, max_blocks).len];
+    let lay = super::staging::Layout::new(n, t, max_blocks, batch.n_logits());
+    let mut out = vec![0; lay.len];
     super::staging::write(&mut out, batch, 0, max_blocks, 0, &[], &[]);
     out.truncate(4 * n + t + n * max_blocks);
     out
@@ -70,7 +71,7 @@ pub fn build_batch(
             .iter()
             .map(|&b| b as i32)
             .collect(),
-        logit_rows: vec![-1; n_seqs],
+        logit_rows: Vec::new(),
     };
     for i in 0..n_tokens {
         let s = (0..n_seqs)
@@ -83,13 +84,14 @@ pub fn build_batch(
         let blk = tables[s * max_blocks + pos as usize / block_size] as i32;
         o.slot_mapping[i] = blk * block_size as i32 + (pos as usize % block_size) as i32;
     }
-    let mut k = 0;
     for s in 0..n_seqs {
-        if heads[4 * s + 3] != 0 {
-            o.logit_rows[k] = (heads[4 * s] + heads[4 * s + 1] - 1) as i32;
-            k += 1;
-        }
+        let end = heads[4 * s] + heads[4 * s + 1];
+        o.logit_rows
+            .extend((end - heads[4 * s + 3]..end).map(|r| r as i32));
     }
+    // Entries past the last wanted one (up to one per sequence) are unused.
+    let n = o.logit_rows.len().max(n_seqs);
+    o.logit_rows.resize(n, -1);
     o
 }
 
