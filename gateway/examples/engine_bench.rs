@@ -81,6 +81,7 @@ async fn run(w: Arc<EngineWorker>, r: Arc<WorkerRequest>) -> (Duration, u32) {
             WorkerEvent::Delta { .. } => {
                 ttft.get_or_insert(t0.elapsed());
             }
+            WorkerEvent::Prompt { .. } => {}
             WorkerEvent::Done { usage, .. } => {
                 return (ttft.unwrap_or(t0.elapsed()), usage.completion_tokens)
             }

@@ -266,6 +266,7 @@ async fn run(
         req.tool_calls,
     );
     let stream = req.stream;
+    let prompt_logprobs = req.params.prompt_logprobs;
     // Completions' `echo`: the prompt goes out first.
     let echo = match (&req.prompt, req.echo) {
         (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
@@ -341,6 +342,7 @@ async fn run(
         _concurrency_slot: concurrency_slot,
         deadline,
         echo,
+        prompt_logprobs,
     };
     if stream {
         Ok(Reply::Stream(sse))
@@ -455,6 +457,9 @@ struct SseStream {
     deadline: TokioInstant,
     /// The prompt, to send before the completion (`echo`).
     echo: Option<String>,
+    /// `echo` with `logprobs`: streamed, the prompt goes out with its tokens'
+    /// log-probabilities when the worker sends them ([`WorkerEvent::Prompt`]).
+    prompt_logprobs: bool,
 }
 
 enum Step {
@@ -561,6 +566,10 @@ impl SseStream {
                     c.text.push_str(&text);
                     c.logprobs.extend(logprobs);
                 }
+                Step::Event(i, WorkerEvent::Prompt { logprobs }) => {
+                    // The prompt's tokens come first, before the completion's.
+                    self.choices[i].logprobs.splice(0..0, logprobs);
+                }
                 Step::Event(
                     i,
                     WorkerEvent::Done {
@@ -596,9 +605,11 @@ impl SseStream {
     fn into_response(mut self, meter: Meter) -> Response {
         let mut head = BytesMut::new();
         self.renderer.role_frame(&mut head);
-        if let Some(prompt) = self.echo.take() {
-            for i in 0..self.choices.len() {
-                self.renderer.delta_frame(&mut head, i, &prompt, &[]);
+        if !self.prompt_logprobs {
+            if let Some(prompt) = self.echo.take() {
+                for i in 0..self.choices.len() {
+                    self.renderer.delta_frame(&mut head, i, &prompt, &[]);
+                }
             }
         }
         let state = (self, meter, Some(head), false);
@@ -622,6 +633,11 @@ impl SseStream {
                     ) => {
                         meter.tokens(tokens);
                         s.renderer.delta_frame(&mut out, i, &text, &logprobs);
+                        false
+                    }
+                    Step::Event(i, WorkerEvent::Prompt { logprobs }) => {
+                        let prompt = s.echo.as_deref().unwrap_or_default();
+                        s.renderer.delta_frame(&mut out, i, prompt, &logprobs);
                         false
                     }
                     Step::Event(

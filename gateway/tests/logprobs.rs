@@ -25,6 +25,7 @@ async fn run_logprobs(
     let (mut text, mut items) = (String::new(), Vec::new());
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
+            WorkerEvent::Prompt { .. } => {}
             WorkerEvent::Delta {
                 text: t, logprobs, ..
             } => {
@@ -309,4 +310,182 @@ fn merged(parts: &[Value]) -> Vec<(String, String, String)> {
         }
     }
     out
+}
+
+/// A request's prompt items (`echo` with `logprobs`, when `score`), generated items, text
+/// and prompt tokens; the prompt's items must come before any text.
+async fn run_scored(
+    w: &EngineWorker,
+    prompt: &str,
+    max_tokens: u32,
+    score: bool,
+) -> (Vec<TokenLogprob>, Vec<TokenLogprob>, String, u32) {
+    let mut r = (*worker_req(prompt, max_tokens)).clone();
+    r.params.logprobs = Some(2);
+    r.params.prompt_logprobs = score;
+    let mut s = w.submit(Arc::new(r)).await.unwrap();
+    let (mut scored, mut items, mut text) = (Vec::new(), Vec::new(), String::new());
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            WorkerEvent::Prompt { logprobs } => {
+                assert!(
+                    text.is_empty() && items.is_empty(),
+                    "the prompt comes first"
+                );
+                assert!(scored.is_empty(), "once");
+                scored = logprobs;
+            }
+            WorkerEvent::Delta {
+                text: t, logprobs, ..
+            } => {
+                text.push_str(&t);
+                items.extend(logprobs);
+            }
+            WorkerEvent::Done { usage, .. } => {
+                return (scored, items, text, usage.prompt_tokens);
+            }
+        }
+    }
+    panic!("no Done event");
+}
+
+/// `echo` with `logprobs`: every prompt token's log-probability, the first unscored. A
+/// prompt scored in one go and one scored over several steps (chunked prefill, its rows
+/// past a step's logits rows) give the same numbers as the tokens' log-probabilities
+/// when they were generated one by one; the CPU and the GPU path agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
+    let (_dir, loaded) = synthetic_model();
+    let mut long_scores = Vec::new();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
+        // Greedy generation with log-probabilities, then its text scored as a prompt.
+        let start = "the quick brown fox";
+        let (_, generated, text, _) = run_scored(&w, start, 8, false).await;
+        let prompt = format!("{start}{text}");
+        let (scored, _, _, n) = run_scored(&w, &prompt, 1, true).await;
+        assert_eq!(
+            scored.len() as u32,
+            n,
+            "{kind:?}: one item per prompt token"
+        );
+        assert!(scored[0].logprob.is_nan() && scored[0].top_logprobs.is_empty());
+        let bytes: Vec<u8> = scored.iter().flat_map(|t| t.bytes.clone()).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), prompt, "{kind:?}");
+        for t in &scored[1..] {
+            assert!(t.logprob <= 0.0 && t.logprob > -9999.0, "{kind:?}: {t:?}");
+            assert_eq!(t.top_logprobs.len(), 2, "{kind:?}: {t:?}");
+        }
+        // The generated tokens, scored in the prompt: the numbers they were drawn with.
+        let tail = &scored[scored.len() - generated.len()..];
+        for (a, b) in tail.iter().zip(&generated) {
+            assert_eq!(a.bytes, b.bytes, "{kind:?}: the same tokens");
+            assert!(
+                (a.logprob - b.logprob).abs() < 2e-2,
+                "{kind:?}: {a:?} vs {b:?}"
+            );
+        }
+        // A long prompt: scored over several steps on both paths (more tokens than a
+        // step of the test engines' 512, more rows than the GPU path's 64 + 256 logits
+        // rows a step).
+        let long = "the quick brown fox jumps over the lazy dog. ".repeat(30);
+        let (scored, _, _, n) = run_scored(&w, &long, 1, true).await;
+        assert_eq!(scored.len() as u32, n, "{kind:?}");
+        assert!(n > 512, "{n} tokens");
+        long_scores.push(scored);
+    }
+    if let [cpu, gpu] = &long_scores[..] {
+        for (i, (a, b)) in cpu.iter().zip(gpu).enumerate().skip(1) {
+            assert_eq!(a.bytes, b.bytes);
+            assert!(
+                (a.logprob - b.logprob).abs() < 0.05,
+                "token {i}: {a:?} vs {b:?}"
+            );
+        }
+    }
+}
+
+/// Completions with `echo` and `logprobs`, whole and streamed: the prompt's tokens first
+/// (the first with nulls), then the completion's, over the echoed text; a gateway in front
+/// of an OpenAI-compatible upstream refuses them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let body = r#"{"model":"m","prompt":"once upon a time","max_tokens":4,"temperature":0,"echo":true,"logprobs":1}"#;
+    let v: Value = post_json(&gw, "/v1/completions", body).await;
+    let choice = &v["choices"][0];
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with("once upon a time"), "{v}");
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text, "{v}");
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let eos = usize::from(choice["finish_reason"] == "stop");
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap() as usize - eos;
+    assert_eq!(tokens.len(), prompt_tokens + completion, "{v}");
+    let lps = lp["token_logprobs"].as_array().unwrap();
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    assert!(lps[0].is_null() && tops[0].is_null(), "{v}");
+    for (l, t) in lps.iter().zip(tops).skip(1) {
+        assert!(l.as_f64().unwrap() <= 0.0, "{v}");
+        assert_eq!(t.as_object().unwrap().len(), 1, "{v}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{v}");
+        at += t.chars().count() as u64;
+    }
+    // Streamed: the first text chunk is the prompt with its items; then the same lists.
+    let body_s = body.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);
+    let events = sse_events(post(&gw, "/v1/completions", &body_s).await).await;
+    let mut first = None;
+    let (mut streamed, mut streamed_lps) = (String::new(), Vec::new());
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let piece = c["choices"][0]["text"].as_str().unwrap_or_default();
+        if !piece.is_empty() && first.is_none() {
+            first = Some(c.clone());
+        }
+        streamed.push_str(piece);
+        if let Some(l) = c["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            streamed_lps.extend(l.iter().cloned());
+        }
+    }
+    let first = first.unwrap();
+    assert_eq!(first["choices"][0]["text"], "once upon a time", "{first}");
+    assert_eq!(
+        first["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        prompt_tokens
+    );
+    assert_eq!(streamed, text);
+    assert_eq!(&streamed_lps, lps);
+
+    // An upstream pool (here `gateway worker` behind an OpenAI-compatible worker) refuses.
+    let worker = remote_worker(&model);
+    let gw = Gateway::start(&config(&remote_upstream(&worker), "", ""));
+    let r = post(&gw, "/v1/completions", body).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("engine workers only"),
+        "{v}"
+    );
 }

@@ -210,12 +210,13 @@ pub struct ChatLogprobs<'a> {
 
 /// A completion choice's log-probabilities, in the legacy shape: parallel lists, each
 /// token's alternatives as a `{token: logprob}` map, and where each token starts in the
-/// completion's text (in characters).
+/// completion's text (in characters). With `echo`, the prompt's tokens come first, the
+/// first with `null`s (nothing before it scores it).
 #[derive(Debug, Serialize)]
 pub struct TextLogprobs<'a> {
     pub tokens: Vec<&'a str>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<BTreeMap<&'a str, f32>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<&'a str, f32>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -229,14 +230,16 @@ impl<'a> TextLogprobs<'a> {
             text_offset: Vec::with_capacity(items.len()),
         };
         for t in items {
+            // A NaN log-probability: a prompt's first token, which nothing scores.
+            let scored = !t.logprob.is_nan();
             out.tokens.push(&t.token);
-            out.token_logprobs.push(t.logprob);
-            out.top_logprobs.push(
+            out.token_logprobs.push(scored.then_some(t.logprob));
+            out.top_logprobs.push(scored.then(|| {
                 t.top_logprobs
                     .iter()
                     .map(|a| (a.token.as_str(), a.logprob))
-                    .collect(),
-            );
+                    .collect()
+            }));
             out.text_offset.push(offset);
             offset += t.token.chars().count();
         }

@@ -238,6 +238,7 @@ fn common(
             seed: c.seed.map(|s| s as u64),
             stop,
             logprobs,
+            prompt_logprobs: false,
             presence_penalty,
             frequency_penalty,
             logit_bias,
@@ -446,13 +447,8 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     let logprobs = completion_logprobs(&c.logprobs)?;
     let echo = req.echo == Some(true);
     let n = choices(c.n)?;
-    if echo && logprobs.is_some() {
-        return Err(ApiError::unsupported(
-            "echo",
-            "`echo` with `logprobs` (the prompt's log-probabilities)",
-        ));
-    }
-    let (model, params, stream, include_usage) = common(c, None, logprobs, server)?;
+    let (model, mut params, stream, include_usage) = common(c, None, logprobs, server)?;
+    params.prompt_logprobs = echo && logprobs.is_some();
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
         model,
@@ -638,11 +634,14 @@ mod tests {
         assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
         assert!(completion(br#"{"model":"m","prompt":[1,2]}"#, &server()).is_err());
         let echo = completion(br#"{"model":"m","prompt":"x","echo":true}"#, &server());
-        assert!(echo.expect("test input").echo);
-        assert!(completion(
+        let echo = echo.expect("test input");
+        assert!(echo.echo && !echo.params.prompt_logprobs);
+        let scored = completion(
             br#"{"model":"m","prompt":"x","echo":true,"logprobs":1}"#,
-            &server()
+            &server(),
         )
-        .is_err());
+        .expect("test input");
+        assert!(scored.params.prompt_logprobs);
+        assert_eq!(scored.params.logprobs, Some(1));
     }
 }

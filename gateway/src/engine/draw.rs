@@ -116,20 +116,22 @@ fn vocab_for<'a, 's>(
     json_vocab.as_ref()
 }
 
-/// The device adjustments of a step's sampled rows (`sampled`, in row order, over rows of
-/// `vocab` logits): each row with penalties or JSON mode that wants no log-probabilities
-/// gets its [`Adjust`], in row order while they fit in `room` words; the rest get none.
+/// The device adjustments of a step's logits rows (`rows`: the sequence a row draws for,
+/// over rows of `vocab` logits): each row with penalties or JSON mode that wants no
+/// log-probabilities gets its [`Adjust`], in row order while they fit in `room` words;
+/// the rest get none.
 pub(super) fn adjustments(
-    sampled: &[&Seq],
+    rows: &[Option<&Seq>],
     room: usize,
     vocab: usize,
     tok: &Tokenizer,
     json_vocab: &mut Option<JsonVocab>,
 ) -> Vec<Option<Adjust>> {
     let mut left = room;
-    let on_device: Vec<bool> = sampled
+    let on_device: Vec<bool> = rows
         .iter()
         .map(|s| {
+            let Some(s) = s else { return false };
             let words = s.adjustment_words(vocab);
             let fits = s.constrained() && s.logprobs.is_none() && words <= left;
             if fits {
@@ -141,11 +143,12 @@ pub(super) fn adjustments(
     if !on_device.contains(&true) {
         return Vec::new();
     }
-    let jv = vocab_for(sampled.iter().copied(), tok, json_vocab);
-    let one = |(s, &on): (&&Seq, &bool)| on.then(|| s.adjustment(tok, jv, vocab));
+    let jv = vocab_for(rows.iter().flatten().copied(), tok, json_vocab);
+    let one =
+        |(s, &on): (&Option<&Seq>, &bool)| s.filter(|_| on).map(|s| s.adjustment(tok, jv, vocab));
     if on_device.iter().filter(|&&on| on).count() >= PARALLEL_ROWS {
-        sampled.par_iter().zip(&on_device).map(one).collect()
+        rows.par_iter().zip(&on_device).map(one).collect()
     } else {
-        sampled.iter().zip(&on_device).map(one).collect()
+        rows.iter().zip(&on_device).map(one).collect()
     }
 }

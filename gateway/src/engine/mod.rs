@@ -39,7 +39,7 @@ use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::{Batch, Model, StepError};
 use kernels::json_mode::{JsonState, JsonVocab};
 use kernels::load::Loaded;
-use kernels::logprobs::TokenLogprobs;
+use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::matmul::ActPrecision;
 use kernels::sampler::{Penalties, Sampler, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
@@ -136,6 +136,8 @@ struct NewSeq {
     stop: Vec<String>,
     /// Log-probabilities asked for: this many alternatives per token.
     logprobs: Option<u8>,
+    /// The prompt's log-probabilities too (`echo` with `logprobs`).
+    prompt_logprobs: bool,
     penalties: Option<Penalties>,
     /// JSON mode or structured output: where the document starts.
     json: Option<JsonState>,
@@ -168,6 +170,11 @@ struct Seq {
     /// text is not sent yet.
     logprobs: Option<u8>,
     pending_logprobs: Vec<TokenLogprob>,
+    /// While its prompt is being scored (`echo` with `logprobs`): the next prompt token to
+    /// score (from 1: each row's logits score the next row's token), and the prompt's
+    /// tokens scored so far, its first unscored. Sent once all are, before any text.
+    prompt_next: Option<usize>,
+    prompt_scored: Vec<TokenLogprob>,
     /// Presence and frequency penalties and logit bias, when the request has any; and
     /// how often each token has been generated.
     penalties: Option<Penalties>,
@@ -228,6 +235,32 @@ impl Schedulable for Seq {
         if self.generated() == 0 {
             self.cached = n.min(self.prompt_len);
         }
+    }
+    /// Its last row when it reaches its end; while its prompt is scored, also every row
+    /// from the first that scores a prompt token not yet scored (a run to its end, as
+    /// the batch takes them: rows after the prompt's that a recomputation after a
+    /// preemption passes over are computed and dropped).
+    fn logit_rows(&self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let end = self.computed + n;
+        let last = usize::from(end == self.tokens.len());
+        match self.prompt_next {
+            // Row p scores prompt token p + 1.
+            Some(next) if next < self.prompt_len => {
+                let first = (next - 1).max(self.computed);
+                if first < end.min(self.prompt_len - 1) {
+                    end - first
+                } else {
+                    last
+                }
+            }
+            _ => last,
+        }
+    }
+    fn reuses_prefix(&self) -> bool {
+        self.prompt_next.is_none()
     }
 }
 
@@ -369,6 +402,8 @@ impl EngineWorker {
             max_seqs: sizes.max_seqs,
             block_size: bs,
             prefix_caching: cfg.prefix_caching,
+            // The backend's, each step (see `run_engine`).
+            max_logit_rows: usize::MAX,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
@@ -474,6 +509,7 @@ impl EngineWorker {
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
             logprobs: p.logprobs,
+            prompt_logprobs: p.prompt_logprobs && p.logprobs.is_some(),
             penalties: Some(Penalties {
                 presence: p.presence_penalty,
                 frequency: p.frequency_penalty,
@@ -587,6 +623,8 @@ fn admit(n: NewSeq) -> Seq {
         out: TextOut::new(n.stop),
         logprobs: n.logprobs,
         pending_logprobs: Vec::new(),
+        prompt_next: n.prompt_logprobs.then_some(1),
+        prompt_scored: Vec::new(),
         penalties: n.penalties,
         counts: HashMap::new(),
         json: n.json,
@@ -749,7 +787,11 @@ fn run_engine(
         };
         running.retain_mut(&mut keep);
         waiting.retain_mut(&mut keep);
-        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, limits, &mut fair);
+        let lim = Limits {
+            max_logit_rows: backend.max_logit_rows(),
+            ..limits
+        };
+        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, lim, &mut fair);
         stats
             .preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
@@ -759,43 +801,44 @@ fn run_engine(
             continue;
         }
         let mut batch = Batch::default();
+        // Each logits row's sequence (by its index in `running`) when the row draws its
+        // next token; `None` for a prompt's row that scores the prompt's next token.
+        let mut row_seq: Vec<Option<usize>> = Vec::new();
         for &(i, n) in &plan.items {
             let s = &running[i];
             let end = s.computed + n;
-            batch.push(
-                &s.tokens[s.computed..end],
-                s.computed,
-                s.blocks.clone(),
-                end == s.tokens.len(),
-            );
+            let k = s.logit_rows(n);
+            batch.push_rows(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), k);
+            let draws = end == s.tokens.len();
+            row_seq.extend((0..k).map(|j| (draws && j + 1 == k).then_some(i)));
         }
-        // The sequences that get a token this step (those whose tokens it computes to the
-        // end), by their index in `running`, in the order of the step's rows.
-        let sampled: Vec<usize> = plan
-            .items
-            .iter()
-            .filter(|&&(i, n)| running[i].computed + n == running[i].tokens.len())
-            .map(|&(i, _)| i)
-            .collect();
         let t_step = std::time::Instant::now();
         stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
         let stepped = if on_device {
-            let sampled: Vec<&Seq> = sampled.iter().map(|&i| &running[i]).collect();
-            let params: Vec<SampleParams> = sampled.iter().map(|s| device_params(s)).collect();
+            let row_seqs: Vec<Option<&Seq>> =
+                row_seq.iter().map(|r| r.map(|i| &running[i])).collect();
+            let params: Vec<SampleParams> = row_seqs
+                .iter()
+                .map(|s| s.map_or(SampleParams::GREEDY, device_params))
+                .collect();
             // Rows whose token is drawn from adjusted logits (penalties, JSON mode) are
-            // adjusted on the device as its room allows. Rows that want log-probabilities,
-            // and adjusted ones past the room, get their logits read back.
+            // adjusted on the device as its room allows. Rows that want log-probabilities
+            // (a prompt's rows among them), and adjusted ones past the room, get their
+            // logits read back.
             let adjust = draw::adjustments(
-                &sampled,
+                &row_seqs,
                 backend.adjust_room(),
                 vocab,
                 &tok,
                 &mut json_vocab,
             );
-            let want: Vec<usize> = (0..sampled.len())
-                .filter(|&r| {
-                    sampled[r].logprobs.is_some()
-                        || sampled[r].constrained() && adjust.get(r).is_none_or(Option::is_none)
+            let want: Vec<usize> = (0..row_seqs.len())
+                .filter(|&r| match row_seqs[r] {
+                    None => true,
+                    Some(s) => {
+                        s.logprobs.is_some()
+                            || s.constrained() && adjust.get(r).is_none_or(Option::is_none)
+                    }
                 })
                 .collect();
             stats
@@ -898,10 +941,19 @@ fn run_engine(
             }
         };
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        // Prompts scored this step: their rows' log-probabilities, before any token drawn.
+        let mut row = 0;
+        for (&(i, n), b) in plan.items.iter().zip(&batch.seqs) {
+            let rows = row..row + b.logits;
+            score_prompt(&mut running[i], n, rows, &next, vocab, &tok, &mut outbox);
+            row += b.logits;
+        }
         // Each sampled sequence's row of the step's answer; every such token drawn at once.
         let mut rows: Vec<Option<usize>> = vec![None; running.len()];
-        for (row, &i) in sampled.iter().enumerate() {
-            rows[i] = Some(row);
+        for (row, i) in row_seq.iter().enumerate() {
+            if let Some(i) = *i {
+                rows[i] = Some(row);
+            }
         }
         let mut drawn = draw::draw(&mut running, &rows, &mut next, vocab, &tok, &mut json_vocab);
         let mut finished = Vec::new();
@@ -1032,6 +1084,18 @@ enum Next {
     Logits(Vec<f32>),
 }
 
+impl Next {
+    /// Logits row `row` of the step, if the host has it.
+    fn row(&self, row: usize, vocab: usize) -> Option<&[f32]> {
+        let at = match self {
+            Next::Tokens(_, want, _) => want.iter().position(|&r| r == row)?,
+            Next::Logits(_) => row,
+        };
+        let (Next::Tokens(.., l) | Next::Logits(l)) = self;
+        l.get(at * vocab..(at + 1) * vocab)
+    }
+}
+
 /// A token's log-probabilities as the API reports them: token texts from their bytes, and
 /// −9999 for an impossible token (JSON has no −∞; OpenAI reports the same).
 fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob {
@@ -1057,6 +1121,54 @@ fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob {
             })
             .collect(),
     }
+}
+
+/// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of its `n`
+/// tokens computed this step, if it is being scored): each row's logits give the next
+/// row's token its log-probability. Once every prompt token is scored, sends them
+/// ([`WorkerEvent::Prompt`], the first unscored).
+fn score_prompt(
+    s: &mut Seq,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    next: &Next,
+    vocab: usize,
+    tok: &Tokenizer,
+    outbox: &mut Outbox,
+) {
+    let Some(mut want) = s.prompt_next else {
+        return;
+    };
+    let top = s.logprobs.unwrap_or(0) as usize;
+    let end = s.computed + n;
+    for (j, row) in rows.clone().enumerate() {
+        // Row `row` is position p; it scores token p + 1.
+        let target = end - rows.len() + j + 1;
+        if target != want || target >= s.prompt_len {
+            continue;
+        }
+        let Some(raw) = next.row(row, vocab) else {
+            continue;
+        };
+        let lp = token_logprobs(raw, s.tokens[target], top);
+        s.prompt_scored.push(logprob_item(tok, &lp));
+        want += 1;
+    }
+    s.prompt_next = Some(want);
+    if want < s.prompt_len {
+        return;
+    }
+    s.prompt_next = None;
+    let first = s.tokens[0];
+    let bytes = tok.token_bytes(first).to_vec();
+    let mut logprobs = vec![TokenLogprob {
+        token: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
+        logprob: f32::NAN,
+        top_logprobs: Vec::new(),
+    }];
+    logprobs.append(&mut s.prompt_scored);
+    s.send(outbox, WorkerEvent::Prompt { logprobs });
 }
 
 /// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's
@@ -1136,6 +1248,7 @@ mod tests {
             seed: 0,
             stop: vec![],
             logprobs: None,
+            prompt_logprobs: false,
             penalties: None,
             json: None,
             tx,

@@ -30,6 +30,16 @@ pub trait Schedulable: Tenanted {
     /// Its first `n` tokens (whole blocks, now at the head of its block table) were found
     /// in the prefix cache: they count as computed.
     fn skip(&mut self, n: usize, block_size: usize);
+    /// Rows of logits computing its next `n` tokens returns: its last row's, when that
+    /// reaches its end (to draw the next token from).
+    fn logit_rows(&self, n: usize) -> usize {
+        usize::from(n > 0 && n == self.pending())
+    }
+    /// Whether it may take its prompt's beginning from the prefix cache (not when every
+    /// prompt row's logits are wanted).
+    fn reuses_prefix(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +50,8 @@ pub struct Limits {
     /// Whether full blocks are cached and shared by prompts that start alike (the engine
     /// makes its block pool with it; the scheduler asks the pool either way).
     pub prefix_caching: bool,
+    /// Logits rows a step may return (the backend's); a chunk that wants more is cut.
+    pub max_logit_rows: usize,
 }
 
 /// The step's plan: `(index in running, tokens to compute)`, and how many sequences were
@@ -72,7 +84,7 @@ fn grow<S: Schedulable>(s: &mut S, tokens: usize, pool: &mut BlockPool, bs: usiz
 /// Gives a sequence that holds no blocks the cached blocks of its longest cached prefix,
 /// leaving at least its last token to compute (its logits are wanted).
 fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
-    if !pool.caching() || s.computed() > 0 || !s.blocks_mut().is_empty() {
+    if !pool.caching() || s.computed() > 0 || !s.blocks_mut().is_empty() || !s.reuses_prefix() {
         return;
     }
     let total = s.pending();
@@ -85,6 +97,24 @@ fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
         s.blocks_mut().extend(found);
         s.skip(n, bs);
     }
+}
+
+/// `n` tokens of `s`, cut so that their logits rows fit in the `left` of the step's (0: none
+/// fit); takes those rows from `left`.
+fn fit_rows<S: Schedulable>(s: &S, n: usize, left: &mut usize) -> usize {
+    let r = s.logit_rows(n);
+    // Each row cut from a chunk's end takes one of its logits rows with it.
+    let n = if r > *left {
+        n.saturating_sub(r - *left)
+    } else {
+        n
+    };
+    let r = s.logit_rows(n);
+    if r > *left {
+        return 0;
+    }
+    *left -= r;
+    n
 }
 
 fn preempt<S: Schedulable>(mut s: S, pool: &mut BlockPool, waiting: &mut VecDeque<S>) {
@@ -102,9 +132,19 @@ pub fn schedule<S: Schedulable>(
 ) -> Plan {
     let mut plan = Plan::default();
     let mut budget = lim.max_batch_tokens;
+    let mut rows_left = lim.max_logit_rows;
     let mut i = 0;
     while i < running.len() && budget > 0 {
-        let n = running[i].pending().min(budget);
+        let n = fit_rows(
+            &running[i],
+            running[i].pending().min(budget),
+            &mut rows_left,
+        );
+        if n == 0 {
+            // Its logits rows do not fit this step: it waits for the next.
+            i += 1;
+            continue;
+        }
         let target = running[i].computed() + n;
         let mut ok = grow(&mut running[i], target, pool, lim.block_size);
         while !ok && running.len() > i + 1 {
@@ -138,8 +178,9 @@ pub fn schedule<S: Schedulable>(
         };
         let s = &mut waiting[next];
         reuse(s, pool, lim.block_size);
-        let n = s.pending().min(budget);
-        if !grow(s, s.computed() + n, pool, lim.block_size) {
+        let mut rows = rows_left;
+        let n = fit_rows(s, s.pending().min(budget), &mut rows);
+        if n == 0 || !grow(s, s.computed() + n, pool, lim.block_size) {
             // Not now: what it took from the cache goes back (and stays cached).
             pool.release(s.blocks_mut());
             s.reset();
@@ -153,6 +194,7 @@ pub fn schedule<S: Schedulable>(
         running.push(s);
         plan.items.push((running.len() - 1, n));
         budget -= n;
+        rows_left = rows;
     }
     plan
 }
@@ -170,6 +212,8 @@ mod tests {
         tenant: Arc<str>,
         hashes: Vec<u64>,
         tokens: Vec<u32>,
+        /// Every row's logits wanted (a prompt's log-probabilities).
+        every_row: bool,
     }
     impl Tenanted for S {
         fn tenant(&self) -> &Arc<str> {
@@ -206,6 +250,16 @@ mod tests {
         fn skip(&mut self, n: usize, _block_size: usize) {
             self.computed = n;
         }
+        fn logit_rows(&self, n: usize) -> usize {
+            if self.every_row {
+                n
+            } else {
+                usize::from(n > 0 && n == self.pending())
+            }
+        }
+        fn reuses_prefix(&self) -> bool {
+            !self.every_row
+        }
     }
     fn s(total: usize) -> S {
         st(total, "a")
@@ -218,6 +272,7 @@ mod tests {
             tenant: tenant.into(),
             hashes: vec![],
             tokens: vec![],
+            every_row: false,
         }
     }
     const L: Limits = Limits {
@@ -225,7 +280,43 @@ mod tests {
         max_seqs: 4,
         block_size: 4,
         prefix_caching: true,
+        max_logit_rows: usize::MAX,
     };
+
+    #[test]
+    fn chunks_are_cut_to_the_steps_logits_rows_and_scored_prompts_skip_the_cache() {
+        let mut pool = BlockPool::new(100, true);
+        let mut fair = Fair::default();
+        let every = |total| S {
+            every_row: true,
+            ..s(total)
+        };
+        // A cached prefix that the scored prompt would otherwise take.
+        let tokens: Vec<u32> = (0..8).collect();
+        let mut hashes = vec![];
+        super::super::blocks::chain(pool.hasher(), "a", &tokens, 4, &mut hashes);
+        let mut earlier = pool.alloc(1).unwrap();
+        let a: Arc<str> = "a".into();
+        pool.register(earlier[0], hashes[0], None, &tokens[..4], &a);
+        pool.release(&mut earlier);
+        let (mut run, mut wait) = (vec![], VecDeque::from(vec![every(6), every(6), s(3)]));
+        let lim = Limits {
+            max_batch_tokens: 64,
+            max_logit_rows: 8,
+            ..L
+        };
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        // 6 rows, then 2 of the second's (its chunk cut), then none left for the third:
+        // its chunk stops short of its last row.
+        assert_eq!(p.items, vec![(0, 6), (1, 2), (2, 2)]);
+        assert_eq!(run[0].computed, 0, "a scored prompt computes every row");
+        run[0].computed = 6;
+        run[0].total = 7; // decoding: one row
+        run[1].computed = 2;
+        run[2].computed = 2;
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.items, vec![(0, 1), (1, 4), (2, 1)]);
+    }
 
     #[test]
     fn chunked_prefill_under_the_budget_and_decodes_first() {
@@ -324,8 +415,7 @@ mod tests {
         let lim = Limits {
             max_batch_tokens: 64,
             max_seqs: 2,
-            block_size: 4,
-            prefix_caching: true,
+            ..L
         };
         // Tenant a queued 4 sequences before b's 2; two slots.
         let mut wait: VecDeque<S> = (0..4).map(|_| st(8, "a")).collect();
@@ -355,8 +445,7 @@ mod tests {
         let lim = Limits {
             max_batch_tokens: 64,
             max_seqs: 3,
-            block_size: 4,
-            prefix_caching: true,
+            ..L
         };
         let mut wait: VecDeque<S> = VecDeque::from(vec![st(4, "b"), st(4, "a"), st(4, "b")]);
         let mut run = vec![];

@@ -59,6 +59,10 @@ pub struct SamplingParams {
     /// Return each generated token's log-probability and this many most likely
     /// alternatives' (0 to 20); `None`: no log-probabilities.
     pub logprobs: Option<u8>,
+    /// Completions' `echo` with `logprobs`: the prompt's tokens' log-probabilities too
+    /// (with `logprobs` alternatives each), sent as one [`WorkerEvent::Prompt`] before the
+    /// first generated text.
+    pub prompt_logprobs: bool,
     /// OpenAI's `presence_penalty` and `frequency_penalty` (−2 to 2).
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -120,6 +124,7 @@ impl SamplingParams {
             seed: None,
             stop: Vec::new(),
             logprobs: None,
+            prompt_logprobs: false,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
@@ -216,6 +221,11 @@ pub enum WorkerEvent {
         tokens: u32,
         logprobs: Vec<TokenLogprob>,
     },
+    /// The prompt's tokens with their log-probabilities, asked for by
+    /// [`SamplingParams::prompt_logprobs`]: before any `Delta`. The first token's
+    /// `logprob` is NaN (nothing comes before it to score it by) and it has no
+    /// alternatives.
+    Prompt { logprobs: Vec<TokenLogprob> },
     /// Generation ended; always the last event.
     Done {
         finish_reason: FinishReason,

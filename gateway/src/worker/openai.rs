@@ -335,6 +335,15 @@ impl Worker for OpenAiWorker {
         &self,
         req: Arc<WorkerRequest>,
     ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
+        if req.params.prompt_logprobs {
+            // Upstreams differ in whether and how they score a prompt; only tollgate's own
+            // engines do it here.
+            return futures::future::ready(Err(WorkerError::Rejected {
+                status: 400,
+                message: "`echo` with `logprobs` (the prompt's log-probabilities) is served by engine workers only; this pool's workers are OpenAI-compatible upstreams".into(),
+            }))
+            .boxed();
+        }
         let (path, body) = self.body(&req);
         let mut builder = http::Request::post(format!("{}{}", self.base, path))
             .header(http::header::CONTENT_TYPE, "application/json")
