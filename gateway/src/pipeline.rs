@@ -242,6 +242,19 @@ async fn run(
         || crate::worker::estimate_prompt_tokens(&req.prompt),
         |ids| ids.len() as u32,
     );
+    // Completions' `echo`: the prompt goes out first (one of token ids, as its text).
+    let echo = match (&req.prompt, req.echo) {
+        (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
+        (crate::worker::Prompt::Tokens(ids), true) => {
+            Some(pool.detokenize(ids).ok_or_else(|| {
+                ApiError::unsupported(
+                    "echo",
+                    "`echo` of a prompt of token ids outside the model's vocabulary, or on a pool without its tokenizer,",
+                )
+            })?)
+        }
+        _ => None,
+    };
     // `n` choices: each its own sequence, so its own prompt and output.
     let n = req.n.max(1) as usize;
     let cost =
@@ -267,11 +280,6 @@ async fn run(
     );
     let stream = req.stream;
     let prompt_logprobs = req.params.prompt_logprobs;
-    // Completions' `echo`: the prompt goes out first.
-    let echo = match (&req.prompt, req.echo) {
-        (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
-        _ => None,
-    };
     let weight = if meter.best_effort || spot {
         Some(crate::worker::LOWEST_WEIGHT)
     } else {

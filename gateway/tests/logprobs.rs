@@ -406,8 +406,9 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
 }
 
 /// Completions with `echo` and `logprobs`, whole and streamed: the prompt's tokens first
-/// (the first with nulls), then the completion's, over the echoed text; a gateway in front
-/// of an OpenAI-compatible upstream refuses them.
+/// (the first with nulls), then the completion's, over the echoed text, also for a prompt
+/// of token ids; a gateway in front of an OpenAI-compatible upstream refuses them (and
+/// passes token ids on).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     let (_dir, model) = synthetic_model_file();
@@ -475,9 +476,42 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     assert_eq!(streamed, text);
     assert_eq!(&streamed_lps, lps);
 
+    // The prompt as token ids (as evaluation harnesses send it), alone or as a list of
+    // one: the same answer; ids outside the vocabulary are refused.
+    let tok = kernels::load::load(&model).unwrap().tokenizer;
+    let ids = tok.encode("once upon a time").unwrap();
+    for prompt in [format!("{ids:?}"), format!("[{ids:?}]")] {
+        let by_ids = body.replace(r#""once upon a time""#, &prompt);
+        let w: Value = post_json(&gw, "/v1/completions", &by_ids).await;
+        assert_eq!(w["choices"][0]["text"], choice["text"], "{w}");
+        assert_eq!(w["choices"][0]["logprobs"], choice["logprobs"], "{w}");
+    }
+    let oov = body.replace(r#""once upon a time""#, "[1, 99999999]");
+    let r = post(&gw, "/v1/completions", &oov).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vocabulary"),
+        "{e}"
+    );
+
     // An upstream pool (here `gateway worker` behind an OpenAI-compatible worker) refuses.
     let worker = remote_worker(&model);
     let gw = Gateway::start(&config(&remote_upstream(&worker), "", ""));
+    // Token ids pass on to it as they are.
+    let plain = format!(r#"{{"model":"m","prompt":{ids:?},"max_tokens":4,"temperature":0}}"#);
+    let w: Value = post_json(&gw, "/v1/completions", &plain).await;
+    assert_eq!(
+        format!(
+            "once upon a time{}",
+            w["choices"][0]["text"].as_str().unwrap()
+        ),
+        text,
+        "{w}"
+    );
     let r = post(&gw, "/v1/completions", body).await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();

@@ -425,25 +425,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     if not_null(&req.suffix) {
         return Err(ApiError::unsupported("suffix", "a suffix (insertion)"));
     }
-    let prompt = match req.prompt {
-        Value::String(s) => s,
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        Value::Array(a) if a.iter().all(Value::is_string) => {
-            return Err(ApiError::unsupported(
-                "prompt",
-                "more than one prompt per request",
-            ))
-        }
-        Value::Array(_) => return Err(ApiError::unsupported("prompt", "a prompt of token ids")),
-        _ => {
-            return Err(ApiError::bad(
-                "Invalid value for `prompt`: expected a string.",
-                Some("prompt".into()),
-            ))
-        }
-    };
+    let prompt = completion_prompt(req.prompt)?;
     let logprobs = completion_logprobs(&c.logprobs)?;
     let echo = req.echo == Some(true);
     let n = choices(c.n)?;
@@ -452,7 +434,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
         model,
-        prompt: Prompt::Text(prompt),
+        prompt,
         params,
         stream,
         include_usage,
@@ -460,6 +442,41 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         n,
         tool_calls: false,
     })
+}
+
+/// A completions `prompt`: a string, or token ids (`[1, 2, 3]`), alone or as a list of
+/// one (`["…"]`, `[[1, 2, 3]]`).
+fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
+    let bad = |m: &str| ApiError::bad(m, Some("prompt".into()));
+    let ids = |a: &[Value]| -> Result<Prompt, ApiError> {
+        if a.is_empty() {
+            return Err(bad("The prompt is empty."));
+        }
+        a.iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        bad("Invalid value for `prompt`: token ids are integers from 0.")
+                    })
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Prompt::Tokens)
+    };
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s)),
+        Value::Array(a) if a.len() > 1 && a.iter().all(|p| p.is_string() || p.is_array()) => Err(
+            ApiError::unsupported("prompt", "more than one prompt per request"),
+        ),
+        Value::Array(a) => match a.first() {
+            Some(Value::String(s)) if a.len() == 1 => Ok(Prompt::Text(s.clone())),
+            Some(Value::Array(inner)) if a.len() == 1 => ids(inner),
+            _ => ids(&a),
+        },
+        _ => Err(bad(
+            "Invalid value for `prompt`: expected a string or token ids.",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -632,7 +649,27 @@ mod tests {
         let ok = completion(br#"{"model":"m","prompt":["once"]}"#, &server()).expect("test input");
         assert!(matches!(ok.prompt, Prompt::Text(ref t) if t == "once"));
         assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
-        assert!(completion(br#"{"model":"m","prompt":[1,2]}"#, &server()).is_err());
+        for body in [
+            r#"{"model":"m","prompt":[1,2]}"#,
+            r#"{"model":"m","prompt":[[1,2]]}"#,
+        ] {
+            let ids = completion(body.as_bytes(), &server()).expect("test input");
+            assert!(
+                matches!(ids.prompt, Prompt::Tokens(ref t) if t == &[1, 2]),
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"model":"m","prompt":[[1],[2]]}"#,
+            r#"{"model":"m","prompt":[]}"#,
+            r#"{"model":"m","prompt":[1,-2]}"#,
+            r#"{"model":"m","prompt":[1,4294967296]}"#,
+            r#"{"model":"m","prompt":[1,"a"]}"#,
+            r#"{"model":"m","prompt":{"a":1}}"#,
+        ] {
+            let e = completion(body.as_bytes(), &server()).expect_err(body);
+            assert_eq!(e.status().as_u16(), 400, "{body}");
+        }
         let echo = completion(br#"{"model":"m","prompt":"x","echo":true}"#, &server());
         let echo = echo.expect("test input");
         assert!(echo.echo && !echo.params.prompt_logprobs);

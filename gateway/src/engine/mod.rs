@@ -438,13 +438,23 @@ impl EngineWorker {
         &self.stats
     }
 
-    /// The prompt as the model sees it (chat requests through the chat template).
-    fn prompt_text(&self, prompt: &Prompt) -> Result<String, WorkerError> {
+    /// The prompt's token ids: as given, or its text as the model sees it (chat requests
+    /// through the chat template) tokenized.
+    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, WorkerError> {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
         };
-        Ok(match prompt {
+        let text = match prompt {
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size();
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(reject(format!(
+                        "The prompt has token {id}; this model's vocabulary has {vocab} tokens."
+                    )));
+                }
+                return Ok(ids.clone());
+            }
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(msgs) => {
                 let m: Vec<Message> = msgs
@@ -458,7 +468,10 @@ impl EngineWorker {
                     .render(&m)
                     .map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
             }
-        })
+        };
+        self.tokenizer
+            .encode(&text)
+            .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))
     }
 
     /// Tokenizes and checks a request; its events will go to `tx`.
@@ -468,13 +481,8 @@ impl EngineWorker {
             message,
         };
         let prompt = match &req.prompt_ids {
-            Some(ids) => ids.to_vec(),
-            None => {
-                let text = self.prompt_text(&req.prompt)?;
-                self.tokenizer
-                    .encode(&text)
-                    .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))?
-            }
+            Some(ids) if !matches!(req.prompt, Prompt::Tokens(_)) => ids.to_vec(),
+            _ => self.prompt_ids(&req.prompt)?,
         };
         if prompt.is_empty() {
             return Err(reject("The prompt is empty.".into()));
@@ -582,8 +590,14 @@ impl Worker for EngineWorker {
     }
 
     fn tokenize_prompt(&self, prompt: &Prompt) -> Option<Vec<u32>> {
-        let text = self.prompt_text(prompt).ok()?;
-        self.tokenizer.encode(&text).ok()
+        self.prompt_ids(prompt).ok()
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Option<String> {
+        let vocab = self.tokenizer.vocab_size();
+        ids.iter()
+            .all(|&id| (id as usize) < vocab)
+            .then(|| self.tokenizer.decode(ids))
     }
 
     fn engine_counters(&self) -> Option<EngineCounters> {

@@ -63,6 +63,7 @@ pub fn affinity_key(tenant: &str, prompt: &crate::worker::Prompt, ids: Option<&[
             };
             match prompt {
                 crate::worker::Prompt::Text(t) => take(t),
+                crate::worker::Prompt::Tokens(ids) => ids[..ids.len().min(KEY_TOKENS)].hash(&mut h),
                 crate::worker::Prompt::Chat(msgs) => {
                     for m in msgs {
                         take(&m.role);
@@ -268,6 +269,11 @@ impl Pool {
     /// tokenizer (every worker of a pool serves the same model).
     pub fn tokenize_prompt(&self, prompt: &crate::worker::Prompt) -> Option<Vec<u32>> {
         self.slots.first()?.worker.tokenize_prompt(prompt)
+    }
+
+    /// The text of token ids, where the pool's workers hold the model's tokenizer.
+    pub fn detokenize(&self, ids: &[u32]) -> Option<String> {
+        self.slots.first()?.worker.detokenize(ids)
     }
 
     /// Like [`Pool::pick`], but when every worker is at its cap (or others already wait),

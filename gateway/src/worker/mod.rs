@@ -25,6 +25,9 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// `/v1/completions`: a plain prompt.
     Text(String),
+    /// `/v1/completions`: a prompt of token ids (the model's vocabulary; checked by the
+    /// worker that runs it).
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +41,7 @@ pub struct ChatMessage {
 pub fn estimate_prompt_tokens(prompt: &Prompt) -> u32 {
     let bytes: usize = match prompt {
         Prompt::Text(t) => t.len(),
+        Prompt::Tokens(ids) => return (ids.len().max(1)).min(u32::MAX as usize) as u32,
         Prompt::Chat(msgs) => msgs
             .iter()
             .map(|m| m.content.len() + m.role.len() + 4)
@@ -320,6 +324,11 @@ pub trait Worker: Send + Sync + 'static {
     fn max_concurrency(&self) -> usize;
     /// The prompt's token ids, for workers that hold the model's tokenizer.
     fn tokenize_prompt(&self, _prompt: &Prompt) -> Option<Vec<u32>> {
+        None
+    }
+    /// The text of token ids, for workers that hold the model's tokenizer (`echo` of a
+    /// prompt of token ids).
+    fn detokenize(&self, _ids: &[u32]) -> Option<String> {
         None
     }
     /// The engine's running totals, for workers that run one in-process.

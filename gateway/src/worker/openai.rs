@@ -74,7 +74,8 @@ impl OpenAiWorker {
         let p = &req.params;
         let (path, messages, prompt) = match &req.prompt {
             Prompt::Chat(m) => ("/v1/chat/completions", Some(m.as_slice()), None),
-            Prompt::Text(t) => ("/v1/completions", None, Some(t.as_str())),
+            Prompt::Text(t) => ("/v1/completions", None, Some(UpstreamPrompt::Text(t))),
+            Prompt::Tokens(ids) => ("/v1/completions", None, Some(UpstreamPrompt::Tokens(ids))),
         };
         let body = UpstreamRequest {
             model: self.model.as_deref().unwrap_or(&req.model),
@@ -110,13 +111,21 @@ impl OpenAiWorker {
     }
 }
 
+/// A completions prompt as the upstream takes it: text, or token ids.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UpstreamPrompt<'a> {
+    Text(&'a str),
+    Tokens(&'a [u32]),
+}
+
 #[derive(Serialize)]
 struct UpstreamRequest<'a> {
     model: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     messages: Option<&'a [ChatMessage]>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<&'a str>,
+    prompt: Option<UpstreamPrompt<'a>>,
     max_tokens: u32,
     temperature: f32,
     top_p: f32,

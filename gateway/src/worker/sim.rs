@@ -108,6 +108,7 @@ fn prompt_hash(req: &WorkerRequest) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match &req.prompt {
         Prompt::Text(t) => t.hash(&mut h),
+        Prompt::Tokens(ids) => ids.hash(&mut h),
         Prompt::Chat(msgs) => {
             for m in msgs {
                 m.role.hash(&mut h);
