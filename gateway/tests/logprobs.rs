@@ -102,6 +102,35 @@ async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
     }
 }
 
+/// A completion's legacy `tokens` and `text_offset`: the tokens make up the text, and
+/// each offset is where its token starts in it (in characters).
+fn legacy_tokens(v: &Value) -> (Vec<&str>, Vec<u64>) {
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.concat(),
+        v["choices"][0]["text"].as_str().unwrap(),
+        "{v}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{v}");
+        at += t.chars().count() as u64;
+    }
+    (tokens, offsets)
+}
+
 /// A gateway over the CPU engine: chat and completions, whole and streamed.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_renders_logprobs_in_each_endpoints_shape() {
@@ -155,25 +184,7 @@ async fn the_api_renders_logprobs_in_each_endpoints_shape() {
         r#"{"model":"m","prompt":"once upon","max_tokens":10,"temperature":0,"logprobs":2}"#;
     let v: Value = post_json(&gw, "/v1/completions", text_body).await;
     let lp = &v["choices"][0]["logprobs"];
-    let tokens: Vec<&str> = lp["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    let text = v["choices"][0]["text"].as_str().unwrap();
-    assert_eq!(tokens.concat(), text, "{v}");
-    let offsets: Vec<u64> = lp["text_offset"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .collect();
-    let mut at = 0;
-    for (t, o) in tokens.iter().zip(&offsets) {
-        assert_eq!(*o, at, "{v}");
-        at += t.chars().count() as u64;
-    }
+    let (tokens, offsets) = legacy_tokens(&v);
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
     let tops = lp["top_logprobs"].as_array().unwrap();
     assert_eq!(tops.len(), tokens.len());
@@ -419,13 +430,7 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     let text = choice["text"].as_str().unwrap();
     assert!(text.starts_with("once upon a time"), "{v}");
     let lp = &choice["logprobs"];
-    let tokens: Vec<&str> = lp["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert_eq!(tokens.concat(), text, "{v}");
+    let (tokens, _) = legacy_tokens(&v);
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
     let eos = usize::from(choice["finish_reason"] == "stop");
     let completion = v["usage"]["completion_tokens"].as_u64().unwrap() as usize - eos;
@@ -436,17 +441,6 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     for (l, t) in lps.iter().zip(tops).skip(1) {
         assert!(l.as_f64().unwrap() <= 0.0, "{v}");
         assert_eq!(t.as_object().unwrap().len(), 1, "{v}");
-    }
-    let offsets: Vec<u64> = lp["text_offset"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .collect();
-    let mut at = 0;
-    for (t, o) in tokens.iter().zip(&offsets) {
-        assert_eq!(*o, at, "{v}");
-        at += t.chars().count() as u64;
     }
     // Streamed: the first text chunk is the prompt with its items; then the same lists.
     let body_s = body.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);
