@@ -235,30 +235,21 @@ async fn run(
     terms: Terms<'_>,
     buckets: &mut Option<Buckets>,
 ) -> Result<Reply, ApiError> {
-    // Tokenized once, here, where the pool has the model's tokenizer: the count is exact,
-    // and the engine takes the ids as they are.
-    let prompt_ids: Option<Arc<[u32]>> = pool.tokenize_prompt(&req.prompt).map(Arc::from);
-    let input_tokens = prompt_ids.as_ref().map_or_else(
-        || crate::worker::estimate_prompt_tokens(&req.prompt),
-        |ids| ids.len() as u32,
-    );
-    // Completions' `echo`: the prompt goes out first (one of token ids, as its text).
-    let echo = match (&req.prompt, req.echo) {
-        (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
-        (crate::worker::Prompt::Tokens(ids), true) => {
-            Some(pool.detokenize(ids).ok_or_else(|| {
-                ApiError::unsupported(
-                    "echo",
-                    "`echo` of a prompt of token ids outside the model's vocabulary, or on a pool without its tokenizer,",
-                )
-            })?)
-        }
-        _ => None,
-    };
-    // `n` choices: each its own sequence, so its own prompt and output.
+    // Each prompt tokenized once, here, where the pool has the model's tokenizer: the
+    // count is exact, and the engine takes the ids as they are.
+    let parts = req
+        .prompts
+        .into_iter()
+        .map(|prompt| PromptPart::new(pool, prompt, req.echo))
+        .collect::<Result<Vec<_>, _>>()?;
+    let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
+    // `n` choices per prompt: each its own sequence, so its own prompt and output.
     let n = req.n.max(1) as usize;
-    let cost =
-        n as f64 * (input_tokens as f64 + terms.output_weight * req.params.max_tokens as f64);
+    let choices = n * parts.len();
+    let cost = parts
+        .iter()
+        .map(|p| n as f64 * (p.tokens as f64 + terms.output_weight * req.params.max_tokens as f64))
+        .sum::<f64>();
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
@@ -275,7 +266,7 @@ async fn run(
         &req.model,
         req.include_usage,
         req.params.logprobs.is_some(),
-        n,
+        choices,
         req.tool_calls,
     );
     let stream = req.stream;
@@ -285,77 +276,129 @@ async fn run(
     } else {
         ctx.weight()
     };
-    let wreq = Arc::new(WorkerRequest {
-        request_id: ctx.request_id.clone(),
-        tenant: ctx.tenant_id().clone(),
-        weight,
-        output_weight: terms.output_weight,
-        model: req.model.as_str().into(),
-        prompt: req.prompt,
-        prompt_ids,
-        params: req.params,
-        stream,
-    });
     let queue = Queue {
         depth: server.queue_depth,
         until: TokioInstant::now() + std::time::Duration::from_secs_f64(server.queue_timeout_secs),
         // In the pool's wait room: the tenant, its weight and the request's weighted tokens.
         who: crate::route::room::Who {
-            tenant: wreq.tenant.clone(),
+            tenant: ctx.tenant_id().clone(),
             weight: weight.unwrap_or(1.0),
-            cost: cost / n as f64,
+            cost: cost / choices as f64,
         },
     };
-    // Each choice is routed on its own (a seed, when given, moves on by the choice's
-    // index, so that the choices differ and are reproducible), all at once.
-    let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
-        .map(|i| {
-            if i == 0 {
-                return wreq.clone();
-            }
-            let mut r = (*wreq).clone();
-            r.params.seed = r.params.seed.map(|s| s.wrapping_add(i as u64));
-            Arc::new(r)
-        })
-        .collect();
-    let route = |r: Arc<WorkerRequest>| {
+    let route = |r: Arc<WorkerRequest>, tokens: u32| {
         let queue = queue.clone();
-        async move { dispatch(pool, &r, input_tokens, server.max_retries, deadline, queue).await }
+        async move { dispatch(pool, &r, tokens, server.max_retries, deadline, queue).await }
     };
-    // With a long prompt the other choices wait for the first one's first event: by then
-    // its prompt's KV blocks are in its engine's prefix cache, and prefix affinity routes
-    // the others there, so the prompt is computed once rather than n times.
-    let routed = if n > 1 && input_tokens as usize >= STAGGER_PROMPT_TOKENS {
-        let first = route(wreqs[0].clone()).await?;
-        let rest = futures::future::try_join_all(wreqs[1..].iter().cloned().map(route)).await?;
-        std::iter::once(first).chain(rest).collect()
-    } else {
-        futures::future::try_join_all(wreqs.iter().cloned().map(route)).await?
-    };
-    meter.worker = routed[0].0.worker().name().to_string();
-    tracing::debug!(worker = %meter.worker, choices = n, "routed");
+    // Each choice is routed on its own, all at once. Choice j of a prompt draws with the
+    // seed, when given, moved on by j: the choices differ and are reproducible, and a
+    // prompt's answers do not depend on the other prompts of the request.
+    let groups = parts.iter().map(|part| {
+        let wreq = Arc::new(WorkerRequest {
+            request_id: ctx.request_id.clone(),
+            tenant: ctx.tenant_id().clone(),
+            weight,
+            output_weight: terms.output_weight,
+            model: req.model.as_str().into(),
+            prompt: part.prompt.clone(),
+            prompt_ids: part.ids.clone(),
+            params: req.params.clone(),
+            stream,
+        });
+        let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
+            .map(|j| {
+                if j == 0 {
+                    return wreq.clone();
+                }
+                let mut r = (*wreq).clone();
+                r.params.seed = r.params.seed.map(|s| s.wrapping_add(j as u64));
+                Arc::new(r)
+            })
+            .collect();
+        let tokens = part.tokens;
+        async move {
+            // With a long prompt the other choices wait for the first one's first event:
+            // by then its prompt's KV blocks are in its engine's prefix cache, and prefix
+            // affinity routes the others there, so the prompt is computed once rather
+            // than n times.
+            if n > 1 && tokens as usize >= STAGGER_PROMPT_TOKENS {
+                let first = route(wreqs[0].clone(), tokens).await?;
+                let rest = futures::future::try_join_all(
+                    wreqs[1..].iter().map(|r| route(r.clone(), tokens)),
+                )
+                .await?;
+                Ok::<_, ApiError>(std::iter::once(first).chain(rest).collect::<Vec<_>>())
+            } else {
+                futures::future::try_join_all(wreqs.iter().map(|r| route(r.clone(), tokens))).await
+            }
+        }
+    });
+    let routed = futures::future::try_join_all(groups).await?;
+    meter.worker = routed[0][0].0.worker().name().to_string();
+    tracing::debug!(worker = %meter.worker, choices, prompts = parts.len(), "routed");
     let sse = SseStream {
         renderer,
         choices: routed
             .into_iter()
-            .map(|(lease, events, first)| Choice {
-                lease,
-                events,
-                first: Some(first),
-                text: String::new(),
-                logprobs: Vec::new(),
-                done: None,
+            .zip(parts)
+            .enumerate()
+            .flat_map(|(prompt, (group, part))| {
+                group.into_iter().map(move |(lease, events, first)| Choice {
+                    lease,
+                    events,
+                    first: Some(first),
+                    prompt,
+                    echo: part.echo.clone(),
+                    text: String::new(),
+                    logprobs: Vec::new(),
+                    done: None,
+                })
             })
             .collect(),
         _concurrency_slot: concurrency_slot,
         deadline,
-        echo,
         prompt_logprobs,
     };
     if stream {
         Ok(Reply::Stream(sse))
     } else {
         sse.collect(meter).await.map(Reply::Whole)
+    }
+}
+
+/// One prompt of a request: its token ids and count (where the pool tokenizes), and the
+/// text that `echo` sends back before its choices' completions.
+struct PromptPart {
+    prompt: crate::worker::Prompt,
+    ids: Option<Arc<[u32]>>,
+    tokens: u32,
+    echo: Option<String>,
+}
+
+impl PromptPart {
+    fn new(pool: &Pool, prompt: crate::worker::Prompt, echo: bool) -> Result<Self, ApiError> {
+        let ids: Option<Arc<[u32]>> = pool.tokenize_prompt(&prompt).map(Arc::from);
+        let tokens = ids.as_ref().map_or_else(
+            || crate::worker::estimate_prompt_tokens(&prompt),
+            |ids| ids.len() as u32,
+        );
+        // One of token ids echoes as its text.
+        let echo = match (&prompt, echo) {
+            (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
+            (crate::worker::Prompt::Tokens(ids), true) => Some(pool.detokenize(ids).ok_or_else(|| {
+                ApiError::unsupported(
+                    "echo",
+                    "`echo` of a prompt of token ids outside the model's vocabulary, or on a pool without its tokenizer,",
+                )
+            })?),
+            _ => None,
+        };
+        Ok(Self {
+            prompt,
+            ids,
+            tokens,
+            echo,
+        })
     }
 }
 
@@ -451,6 +494,9 @@ struct Choice {
     lease: Lease,
     events: EventStream,
     first: Option<WorkerEvent>,
+    /// Which of the request's prompts it completes, and that prompt's `echo`.
+    prompt: usize,
+    echo: Option<String>,
     text: String,
     logprobs: Vec<crate::worker::TokenLogprob>,
     /// How it finished, once it has.
@@ -463,8 +509,6 @@ struct SseStream {
     choices: Vec<Choice>,
     _concurrency_slot: ConcurrencySlot,
     deadline: TokioInstant,
-    /// The prompt, to send before the completion (`echo`).
-    echo: Option<String>,
     /// `echo` with `logprobs`: streamed, the prompt goes out with its tokens'
     /// log-probabilities when the worker sends them ([`WorkerEvent::Prompt`]).
     prompt_logprobs: bool,
@@ -476,22 +520,34 @@ enum Step {
     Failed(ApiError),
 }
 
-/// The usage of a request's choices together: the prompt once (each choice's sequence
-/// computed it, possibly from the prefix cache; the least cached counts), the completions
-/// added up.
+/// The usage of a request's choices together: each prompt once (each of its choices'
+/// sequences computed it, possibly from the prefix cache; the least cached counts), the
+/// completions added up.
 fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
-    let done = choices.iter().filter_map(|c| c.done.map(|d| d.1));
-    done.fold(None, |acc: Option<crate::worker::Usage>, u| {
-        Some(match acc {
+    let mut per_prompt: Vec<Option<crate::worker::Usage>> = Vec::new();
+    let mut completion_tokens = 0;
+    for c in choices {
+        let Some((_, u)) = c.done else { continue };
+        completion_tokens += u.completion_tokens;
+        if per_prompt.len() <= c.prompt {
+            per_prompt.resize(c.prompt + 1, None);
+        }
+        let p = &mut per_prompt[c.prompt];
+        *p = Some(match *p {
             None => u,
             Some(a) => crate::worker::Usage {
                 prompt_tokens: a.prompt_tokens.max(u.prompt_tokens),
-                completion_tokens: a.completion_tokens + u.completion_tokens,
+                completion_tokens: 0,
                 cached_tokens: a.cached_tokens.min(u.cached_tokens),
             },
-        })
-    })
-    .unwrap_or_default()
+        });
+    }
+    let prompts = per_prompt.iter().flatten();
+    crate::worker::Usage {
+        prompt_tokens: prompts.clone().map(|u| u.prompt_tokens).sum(),
+        completion_tokens,
+        cached_tokens: prompts.map(|u| u.cached_tokens).sum(),
+    }
 }
 
 impl SseStream {
@@ -554,10 +610,8 @@ impl SseStream {
 
     /// Non-streamed: gather the whole answer, then one JSON body.
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
-        if let Some(prompt) = self.echo.take() {
-            for c in &mut self.choices {
-                c.text = prompt.clone();
-            }
+        for c in &mut self.choices {
+            c.text = c.echo.take().unwrap_or_default();
         }
         loop {
             match self.next_step().await {
@@ -614,8 +668,8 @@ impl SseStream {
         let mut head = BytesMut::new();
         self.renderer.role_frame(&mut head);
         if !self.prompt_logprobs {
-            if let Some(prompt) = self.echo.take() {
-                for i in 0..self.choices.len() {
+            for (i, c) in self.choices.iter_mut().enumerate() {
+                if let Some(prompt) = c.echo.take() {
                     self.renderer.delta_frame(&mut head, i, &prompt, &[]);
                 }
             }
@@ -644,8 +698,8 @@ impl SseStream {
                         false
                     }
                     Step::Event(i, WorkerEvent::Prompt { logprobs }) => {
-                        let prompt = s.echo.as_deref().unwrap_or_default();
-                        s.renderer.delta_frame(&mut out, i, prompt, &logprobs);
+                        let prompt = s.choices[i].echo.take().unwrap_or_default();
+                        s.renderer.delta_frame(&mut out, i, &prompt, &logprobs);
                         false
                     }
                     Step::Event(

@@ -1,6 +1,6 @@
 //! `n` choices per request: each its own sequence on the engine (routed on its own), whole
 //! and streamed, with the seed moving on by the choice's index; admission reserves for
-//! all of them.
+//! all of them; completions with several prompts, `n` choices each.
 
 mod common;
 use common::*;
@@ -102,6 +102,73 @@ async fn n_choices_whole_and_streamed() {
         choices[0]["text"], choices[1]["text"],
         "greedy: the same text"
     );
+}
+
+/// Completions with several prompts (text and token ids), `n` each: choices indexed
+/// prompt by prompt, each prompt's the same as its request alone; usage adds the prompts
+/// up; streamed, each choice by its index.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_prompts_in_one_completions_request() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let tok = kernels::load::load(&model).unwrap().tokenizer;
+    let ids = tok.encode("the quick").unwrap();
+    let body = |prompt: &str, extra: &str| {
+        format!(
+            r#"{{"model":"m","prompt":{prompt},"max_tokens":5,"temperature":1,"seed":3,"n":2,"echo":true{extra}}}"#
+        )
+    };
+    let alone_a: Value =
+        post_json(&gw, "/v1/completions", &body(r#""once upon a time""#, "")).await;
+    let alone_b: Value = post_json(&gw, "/v1/completions", &body(&format!("{ids:?}"), "")).await;
+    let both: Value = post_json(
+        &gw,
+        "/v1/completions",
+        &body(&format!(r#"["once upon a time", {ids:?}]"#), ""),
+    )
+    .await;
+    let text = |v: &Value, i: usize| v["choices"][i]["text"].as_str().unwrap().to_string();
+    let choices = both["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4, "{both}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i as u64, "{both}");
+    }
+    for j in 0..2 {
+        assert_eq!(text(&both, j), text(&alone_a, j), "{both}");
+        assert_eq!(text(&both, 2 + j), text(&alone_b, j), "{both}");
+    }
+    assert!(text(&both, 2).starts_with("the quick"), "{both}");
+    let sum =
+        |k: &str| alone_a["usage"][k].as_u64().unwrap() + alone_b["usage"][k].as_u64().unwrap();
+    assert_eq!(
+        both["usage"]["prompt_tokens"].as_u64().unwrap(),
+        sum("prompt_tokens")
+    );
+    assert_eq!(
+        both["usage"]["completion_tokens"].as_u64().unwrap(),
+        sum("completion_tokens")
+    );
+    // Streamed: each choice's text by its index, echo first.
+    let streamed = body(
+        &format!(r#"["once upon a time", {ids:?}]"#),
+        r#","stream":true"#,
+    );
+    let events = sse_events(post(&gw, "/v1/completions", &streamed).await).await;
+    let mut texts = BTreeMap::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let ch = &c["choices"][0];
+        if let Some(t) = ch["text"].as_str() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            texts.entry(i).or_insert_with(String::new).push_str(t);
+        }
+    }
+    let want: Vec<String> = (0..4).map(|i| text(&both, i)).collect();
+    assert_eq!(texts.into_values().collect::<Vec<_>>(), want);
+    // Too many choices in all.
+    let prompts = format!("[{}]", [r#""a""#; 9].join(","));
+    let many = body(&prompts, "").replace(r#""n":2"#, r#""n":16"#);
+    assert_eq!(post(&gw, "/v1/completions", &many).await.status(), 400);
 }
 
 /// Admission reserves for every choice: a request that fits the burst alone does not

@@ -24,7 +24,8 @@ pub enum Endpoint {
 pub struct InferenceRequest {
     pub endpoint: Endpoint,
     pub model: String,
-    pub prompt: Prompt,
+    /// One prompt; completions may send several, each with its `n` choices.
+    pub prompts: Vec<Prompt>,
     pub params: SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
@@ -39,6 +40,9 @@ pub struct InferenceRequest {
 
 /// The most choices a request may ask for (`n`).
 pub const MAX_N: u32 = 16;
+
+/// The most choices a completions request may make in all (prompts × `n`).
+pub const MAX_CHOICES: usize = 128;
 
 /// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
 fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -405,7 +409,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,
-        prompt: Prompt::Chat(messages),
+        prompts: vec![Prompt::Chat(messages)],
         params,
         stream,
         include_usage,
@@ -425,16 +429,26 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     if not_null(&req.suffix) {
         return Err(ApiError::unsupported("suffix", "a suffix (insertion)"));
     }
-    let prompt = completion_prompt(req.prompt)?;
+    let prompts = completion_prompts(req.prompt)?;
     let logprobs = completion_logprobs(&c.logprobs)?;
     let echo = req.echo == Some(true);
     let n = choices(c.n)?;
+    if prompts.len() * n as usize > MAX_CHOICES {
+        return Err(ApiError::bad(
+            format!(
+                "{} prompts × n = {n} is {} choices; at most {MAX_CHOICES} per request.",
+                prompts.len(),
+                prompts.len() * n as usize
+            ),
+            Some("n".into()),
+        ));
+    }
     let (model, mut params, stream, include_usage) = common(c, None, logprobs, server)?;
     params.prompt_logprobs = echo && logprobs.is_some();
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
         model,
-        prompt,
+        prompts,
         params,
         stream,
         include_usage,
@@ -444,9 +458,9 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     })
 }
 
-/// A completions `prompt`: a string, or token ids (`[1, 2, 3]`), alone or as a list of
-/// one (`["…"]`, `[[1, 2, 3]]`).
-fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
+/// A completions `prompt`: a string, or token ids (`[1, 2, 3]`), or a list of either
+/// (`["…", "…"]`, `[[1, 2], [3]]`): at most [`MAX_CHOICES`].
+fn completion_prompts(v: Value) -> Result<Vec<Prompt>, ApiError> {
     let bad = |m: &str| ApiError::bad(m, Some("prompt".into()));
     let ids = |a: &[Value]| -> Result<Prompt, ApiError> {
         if a.is_empty() {
@@ -463,20 +477,30 @@ fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
             .collect::<Result<Vec<u32>, _>>()
             .map(Prompt::Tokens)
     };
-    match v {
-        Value::String(s) => Ok(Prompt::Text(s)),
-        Value::Array(a) if a.len() > 1 && a.iter().all(|p| p.is_string() || p.is_array()) => Err(
-            ApiError::unsupported("prompt", "more than one prompt per request"),
-        ),
-        Value::Array(a) => match a.first() {
-            Some(Value::String(s)) if a.len() == 1 => Ok(Prompt::Text(s.clone())),
-            Some(Value::Array(inner)) if a.len() == 1 => ids(inner),
-            _ => ids(&a),
-        },
-        _ => Err(bad(
-            "Invalid value for `prompt`: expected a string or token ids.",
-        )),
+    let prompts = match v {
+        Value::String(s) => vec![Prompt::Text(s)],
+        Value::Array(a) if a.iter().all(|p| p.is_string() || p.is_array()) && !a.is_empty() => a
+            .into_iter()
+            .map(|p| match p {
+                Value::String(s) => Ok(Prompt::Text(s)),
+                Value::Array(inner) => ids(&inner),
+                _ => Err(bad("Invalid value for `prompt`.")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Value::Array(a) => vec![ids(&a)?],
+        _ => {
+            return Err(bad(
+                "Invalid value for `prompt`: expected a string, token ids, or a list of either.",
+            ))
+        }
+    };
+    if prompts.len() > MAX_CHOICES {
+        return Err(bad(&format!(
+            "Too many prompts: {} (at most {MAX_CHOICES}).",
+            prompts.len()
+        )));
     }
+    Ok(prompts)
 }
 
 #[cfg(test)]
@@ -516,7 +540,9 @@ mod tests {
         assert_eq!(r.params.max_tokens, 9);
         assert_eq!(r.params.stop, vec!["\n"]);
         assert_eq!(r.params.seed, Some(7));
-        let Prompt::Chat(m) = r.prompt else { panic!() };
+        let [Prompt::Chat(m)] = &r.prompts[..] else {
+            panic!()
+        };
         assert_eq!(m[1].content, "hi");
     }
 
@@ -647,21 +673,26 @@ mod tests {
     #[test]
     fn completion_prompts() {
         let ok = completion(br#"{"model":"m","prompt":["once"]}"#, &server()).expect("test input");
-        assert!(matches!(ok.prompt, Prompt::Text(ref t) if t == "once"));
-        assert!(completion(br#"{"model":"m","prompt":["a","b"]}"#, &server()).is_err());
+        assert!(matches!(&ok.prompts[..], [Prompt::Text(t)] if t == "once"));
+        let two = completion(br#"{"model":"m","prompt":["a",[7,8]],"n":2}"#, &server())
+            .expect("test input");
+        assert!(
+            matches!(&two.prompts[..], [Prompt::Text(a), Prompt::Tokens(b)] if a == "a" && b == &[7, 8])
+        );
         for body in [
             r#"{"model":"m","prompt":[1,2]}"#,
             r#"{"model":"m","prompt":[[1,2]]}"#,
         ] {
             let ids = completion(body.as_bytes(), &server()).expect("test input");
             assert!(
-                matches!(ids.prompt, Prompt::Tokens(ref t) if t == &[1, 2]),
+                matches!(&ids.prompts[..], [Prompt::Tokens(t)] if t == &[1, 2]),
                 "{body}"
             );
         }
         for body in [
-            r#"{"model":"m","prompt":[[1],[2]]}"#,
+            r#"{"model":"m","prompt":[[1],[]]}"#,
             r#"{"model":"m","prompt":[]}"#,
+            r#"{"model":"m","prompt":["a","b","c","d","e","f","g","h","i"],"n":16}"#,
             r#"{"model":"m","prompt":[1,-2]}"#,
             r#"{"model":"m","prompt":[1,4294967296]}"#,
             r#"{"model":"m","prompt":[1,"a"]}"#,
