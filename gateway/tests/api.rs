@@ -204,7 +204,7 @@ async fn every_error_path_answers_in_the_openai_shape() {
     expect_error(
         &gw,
         "/v1/completions",
-        r#"{"model":"m","prompt":["a","b"]}"#,
+        r#"{"model":"m","prompt":["a",{"b":1}]}"#,
         400,
         Some("prompt"),
     )

@@ -396,6 +396,29 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
                 "{kind:?}: {a:?} vs {b:?}"
             );
         }
+        // A scored prompt's lists end with the generated tokens, a stop token too (with no
+        // text).
+        let mut r = (*worker_req(start, 4)).clone();
+        r.params.logprobs = Some(1);
+        r.params.prompt_logprobs = true;
+        r.params.logit_bias = vec![(loaded.tokenizer.stop_tokens[0], 100.0)];
+        let mut st = w.submit(Arc::new(r)).await.unwrap();
+        let mut items = Vec::new();
+        while let Some(ev) = st.next().await {
+            match ev.unwrap() {
+                WorkerEvent::Delta { logprobs, .. } => items.extend(logprobs),
+                WorkerEvent::Done { finish_reason, .. } => {
+                    assert_eq!(finish_reason, FinishReason::Stop);
+                    break;
+                }
+                WorkerEvent::Prompt { .. } => {}
+            }
+        }
+        assert_eq!(items.len(), 1, "{kind:?}: {items:?}");
+        assert!(
+            items[0].token.is_empty() && items[0].logprob <= 0.0,
+            "{items:?}"
+        );
         // A long prompt: scored over several steps on both paths (more tokens than a
         // step of the test engines' 512, more rows than the GPU path's 64 + 256 logits
         // rows a step).
@@ -431,9 +454,9 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     assert!(text.starts_with("once upon a time"), "{v}");
     let lp = &choice["logprobs"];
     let (tokens, _) = legacy_tokens(&v);
+    // Every token, a stop token too (with no text): harnesses cut the last one off.
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
-    let eos = usize::from(choice["finish_reason"] == "stop");
-    let completion = v["usage"]["completion_tokens"].as_u64().unwrap() as usize - eos;
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
     assert_eq!(tokens.len(), prompt_tokens + completion, "{v}");
     let lps = lp["token_logprobs"].as_array().unwrap();
     let tops = lp["top_logprobs"].as_array().unwrap();

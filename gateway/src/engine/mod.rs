@@ -175,6 +175,8 @@ struct Seq {
     /// tokens scored so far, its first unscored. Sent once all are, before any text.
     prompt_next: Option<usize>,
     prompt_scored: Vec<TokenLogprob>,
+    /// Its prompt is scored (`echo` with `logprobs`): a stop token gets an item too.
+    scored: bool,
     /// Presence and frequency penalties and logit bias, when the request has any; and
     /// how often each token has been generated.
     penalties: Option<Penalties>,
@@ -292,6 +294,13 @@ impl Seq {
             if let Some(lp) = lp {
                 self.pending_logprobs.push(logprob_item(tok, &lp));
             }
+        } else if let Some(lp) = lp.filter(|_| self.scored) {
+            // A scored prompt's lists end with every generated token, the stop token too
+            // (with no text): harnesses cut the last entry off as the generated one.
+            let mut item = logprob_item(tok, &lp);
+            item.token.clear();
+            item.bytes.clear();
+            self.pending_logprobs.push(item);
         }
         self.tokens.push(id);
     }
@@ -639,6 +648,7 @@ fn admit(n: NewSeq) -> Seq {
         pending_logprobs: Vec::new(),
         prompt_next: n.prompt_logprobs.then_some(1),
         prompt_scored: Vec::new(),
+        scored: n.prompt_logprobs,
         penalties: n.penalties,
         counts: HashMap::new(),
         json: n.json,
