@@ -109,6 +109,19 @@ if engine:
     assert "".join(lp.tokens) == c.choices[0].text, lp
     assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), lp
     assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs), lp
+    # Scoring, as evaluation harnesses do: prompts of text and of token ids in one
+    # request, echoed with their tokens' log-probabilities (the first None), and one
+    # generated token at the end of each list.
+    scored = client.completions.create(
+        model=model, prompt=["Once upon a time", [1, 2, 3]], max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    assert [c.index for c in scored.choices] == [0, 1], scored
+    first = scored.choices[0]
+    assert first.text.startswith("Once upon a time"), first
+    assert first.logprobs.token_logprobs[0] is None and first.logprobs.top_logprobs[0] is None, first
+    assert all(x <= 0 for x in first.logprobs.token_logprobs[1:]), first
+    assert len(scored.choices[1].logprobs.tokens) == 4, scored.choices[1]
+    assert scored.usage.completion_tokens == 2, scored.usage
     # JSON mode: one JSON object.
     r = client.chat.completions.create(
         model=model,
