@@ -13,7 +13,7 @@
 //! back. Rows that want log-probabilities, or do not fit the step's room, are read back
 //! and drawn here.
 
-use super::{device_params, Next, Seq};
+use super::{device_params, read_back, Next, Seq};
 use kernels::adjust::Adjust;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
@@ -43,10 +43,7 @@ pub(super) fn draw(
         Next::Tokens(t, want, logits) => {
             let one = |(s, row): (&Seq, &Option<usize>)| -> Drawn {
                 let row = (*row)?;
-                let raw = want
-                    .iter()
-                    .position(|&r| r == row)
-                    .map(|at| &logits[at * vocab..(at + 1) * vocab]);
+                let raw = read_back(want, logits, row, vocab);
                 // With penalties or JSON mode the device's draw is replaced by the same
                 // rule's on the adjusted row (the `sample` kernel's twin, same seed and
                 // step).

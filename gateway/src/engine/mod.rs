@@ -1111,13 +1111,18 @@ enum Next {
 impl Next {
     /// Logits row `row` of the step, if the host has it.
     fn row(&self, row: usize, vocab: usize) -> Option<&[f32]> {
-        let at = match self {
-            Next::Tokens(_, want, _) => want.iter().position(|&r| r == row)?,
-            Next::Logits(_) => row,
-        };
-        let (Next::Tokens(.., l) | Next::Logits(l)) = self;
-        l.get(at * vocab..(at + 1) * vocab)
+        match self {
+            Next::Tokens(_, want, l) => read_back(want, l, row, vocab),
+            Next::Logits(l) => l.get(row * vocab..(row + 1) * vocab),
+        }
     }
+}
+
+/// Logits row `row` among `logits`, the rows `want` read back after sampling on the
+/// device, if it is one of them.
+fn read_back<'a>(want: &[usize], logits: &'a [f32], row: usize, vocab: usize) -> Option<&'a [f32]> {
+    let at = want.iter().position(|&r| r == row)?;
+    logits.get(at * vocab..(at + 1) * vocab)
 }
 
 /// A token's log-probabilities as the API reports them: token texts from their bytes, and
