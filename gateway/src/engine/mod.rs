@@ -456,13 +456,13 @@ impl EngineWorker {
         };
         let text = match prompt {
             Prompt::Tokens(ids) => {
-                let vocab = self.tokenizer.vocab_size();
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(reject(format!(
-                        "The prompt has token {id}; this model's vocabulary has {vocab} tokens."
-                    )));
-                }
-                return Ok(ids.clone());
+                return match self.unknown_token(ids) {
+                    Some(id) => Err(reject(format!(
+                        "The prompt has token {id}; this model's vocabulary has {} tokens.",
+                        self.tokenizer.vocab_size()
+                    ))),
+                    None => Ok(ids.clone()),
+                };
             }
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(msgs) => {
@@ -483,15 +483,23 @@ impl EngineWorker {
             .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))
     }
 
+    /// The first of `ids` outside the model's vocabulary, if any.
+    fn unknown_token(&self, ids: &[u32]) -> Option<u32> {
+        let vocab = self.tokenizer.vocab_size();
+        ids.iter().copied().find(|&id| id as usize >= vocab)
+    }
+
     /// Tokenizes and checks a request; its events will go to `tx`.
     fn prepare(&self, req: &WorkerRequest, tx: Events) -> Result<NewSeq, WorkerError> {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
         };
+        // Ids the gateway made with this model's tokenizer (`tokenize_prompt`), checked
+        // there.
         let prompt = match &req.prompt_ids {
-            Some(ids) if !matches!(req.prompt, Prompt::Tokens(_)) => ids.to_vec(),
-            _ => self.prompt_ids(&req.prompt)?,
+            Some(ids) => ids.to_vec(),
+            None => self.prompt_ids(&req.prompt)?,
         };
         if prompt.is_empty() {
             return Err(reject("The prompt is empty.".into()));
@@ -603,9 +611,8 @@ impl Worker for EngineWorker {
     }
 
     fn detokenize(&self, ids: &[u32]) -> Option<String> {
-        let vocab = self.tokenizer.vocab_size();
-        ids.iter()
-            .all(|&id| (id as usize) < vocab)
+        self.unknown_token(ids)
+            .is_none()
             .then(|| self.tokenizer.decode(ids))
     }
 
