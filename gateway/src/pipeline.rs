@@ -524,29 +524,24 @@ enum Step {
 /// sequences computed it, possibly from the prefix cache; the least cached counts), the
 /// completions added up.
 fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
-    let mut per_prompt: Vec<Option<crate::worker::Usage>> = Vec::new();
+    // Per prompt: its prompt tokens and the fewest of them cached.
+    let mut prompts: Vec<Option<(u32, u32)>> = Vec::new();
     let mut completion_tokens = 0;
     for c in choices {
         let Some((_, u)) = c.done else { continue };
         completion_tokens += u.completion_tokens;
-        if per_prompt.len() <= c.prompt {
-            per_prompt.resize(c.prompt + 1, None);
+        if prompts.len() <= c.prompt {
+            prompts.resize(c.prompt + 1, None);
         }
-        let p = &mut per_prompt[c.prompt];
-        *p = Some(match *p {
-            None => u,
-            Some(a) => crate::worker::Usage {
-                prompt_tokens: a.prompt_tokens.max(u.prompt_tokens),
-                completion_tokens: 0,
-                cached_tokens: a.cached_tokens.min(u.cached_tokens),
-            },
-        });
+        let (p, cached) = prompts[c.prompt].get_or_insert((u.prompt_tokens, u.cached_tokens));
+        *p = (*p).max(u.prompt_tokens);
+        *cached = (*cached).min(u.cached_tokens);
     }
-    let prompts = per_prompt.iter().flatten();
+    let prompts = prompts.iter().flatten();
     crate::worker::Usage {
-        prompt_tokens: prompts.clone().map(|u| u.prompt_tokens).sum(),
+        prompt_tokens: prompts.clone().map(|p| p.0).sum(),
         completion_tokens,
-        cached_tokens: prompts.map(|u| u.cached_tokens).sum(),
+        cached_tokens: prompts.map(|p| p.1).sum(),
     }
 }
 
