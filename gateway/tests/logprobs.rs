@@ -504,16 +504,7 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
         assert_eq!(w["choices"][0]["logprobs"], choice["logprobs"], "{w}");
     }
     let oov = body.replace(r#""once upon a time""#, "[1, 99999999]");
-    let r = post(&gw, "/v1/completions", &oov).await;
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().await.unwrap();
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("vocabulary"),
-        "{e}"
-    );
+    refused(&gw, &oov, "vocabulary").await;
 
     // An upstream pool (here `gateway worker` behind an OpenAI-compatible worker) refuses.
     let worker = remote_worker(&model);
@@ -529,14 +520,13 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
         text,
         "{w}"
     );
-    let r = post(&gw, "/v1/completions", body).await;
+    refused(&gw, body, "engine workers only").await;
+}
+
+/// A completions request refused with a 400 whose message says `why`.
+async fn refused(gw: &Gateway, body: &str, why: &str) {
+    let r = post(gw, "/v1/completions", body).await;
     assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("engine workers only"),
-        "{v}"
-    );
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
 }
