@@ -22,8 +22,13 @@ async fn openai_python_sdk_against_the_real_model() {
         return;
     };
     let model = gateway::model_fetch::resolve("smollm2-135m").expect("fetch smollm2-135m");
+    // The id of `[`, which the script pushes up to ask for several tool calls at once.
+    let gguf = kernels::gguf::Gguf::open(&model).expect("the real model");
+    let tokenizer = kernels::tokenizer::Tokenizer::from_gguf(&gguf).expect("its tokenizer");
+    let open = tokenizer.encode("[").expect("`[`");
+    assert_eq!(open.len(), 1);
     let gw = Gateway::start(&engine_config(&model, ""));
-    run_sdk(&py, &gw, &["engine"]).await;
+    run_sdk(&py, &gw, &["engine", &open[0].to_string()]).await;
 }
 
 /// Runs the SDK script against `gw` (`extra`: its optional arguments).

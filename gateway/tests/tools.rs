@@ -1,7 +1,7 @@
 //! Tool calling through the API on the engine (synthetic model): `tool_choice` required,
 //! named and auto; whole and streamed answers in the OpenAI shape, with arguments that
-//! validate against the tool's schema; earlier tool turns in the conversation; simulated
-//! workers refuse.
+//! validate against the tool's schema; several calls in one answer (`parallel_tool_calls`);
+//! earlier tool turns in the conversation; simulated workers refuse.
 
 mod common;
 use common::*;
@@ -21,7 +21,12 @@ fn tools() -> Value {
 }
 
 fn body(choice: Value, stream: bool, seed: u64) -> String {
-    json!({
+    body_with(choice, stream, seed, json!({}))
+}
+
+/// [`body`] with more fields (or others in place of its own).
+fn body_with(choice: Value, stream: bool, seed: u64, more: Value) -> String {
+    let mut body = json!({
         "model": "m",
         "messages": [{"role": "user", "content": "lamp"}],
         "max_tokens": 100,
@@ -30,8 +35,11 @@ fn body(choice: Value, stream: bool, seed: u64) -> String {
         "stream": stream,
         "tools": tools(),
         "tool_choice": choice,
-    })
-    .to_string()
+    });
+    for (k, v) in more.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body.to_string()
 }
 
 /// A call's name and arguments, checked against the tools by hand.
@@ -57,39 +65,34 @@ fn check_call(call: &Value) -> (String, Value) {
     (name, args)
 }
 
-/// The streamed answer's tool call (merged from its deltas, and how many there were),
-/// words and finish reason.
-async fn streamed(gw: &Gateway, body: &str) -> (Option<Value>, usize, String, String) {
+/// The streamed answer's tool calls (each merged from its deltas), how many deltas there
+/// were, the words and the finish reason.
+async fn streamed(gw: &Gateway, body: &str) -> (Vec<Value>, usize, String, String) {
     let events = sse_events(post(gw, "/v1/chat/completions", body).await).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let (mut call, mut content, mut finish) = (None, String::new(), String::new());
+    let (mut calls, mut content, mut finish) = (Vec::<Value>::new(), String::new(), String::new());
     let mut deltas = 0;
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         let c = &v["choices"][0];
-        // The first delta of a call has its id, type and name; the others more of its
+        // The first delta of a call has its index (the next), id, type and name; the
+        // others the index of the call they continue (the last begun), and more of its
         // arguments.
-        if let Some(calls) = c["delta"]["tool_calls"].as_array() {
-            assert_eq!(calls.len(), 1);
-            assert_eq!(calls[0]["index"], 0);
+        if let Some(delta) = c["delta"]["tool_calls"].as_array() {
+            assert_eq!(delta.len(), 1);
+            let d = &delta[0];
             deltas += 1;
-            let more = calls[0]["function"]["arguments"].as_str().unwrap();
-            match &mut call {
-                None => {
-                    assert!(
-                        calls[0]["id"].is_string() && calls[0]["function"]["name"].is_string(),
-                        "{e}"
-                    );
-                    call = Some(calls[0].clone());
-                }
-                Some(call) => {
-                    assert!(
-                        calls[0].get("id").is_none() && calls[0]["function"].get("name").is_none(),
-                        "{e}"
-                    );
-                    let args = call["function"]["arguments"].as_str().unwrap().to_string() + more;
-                    call["function"]["arguments"] = args.into();
-                }
+            let more = d["function"]["arguments"].as_str().unwrap();
+            if d["id"].is_string() {
+                assert_eq!(d["index"], calls.len(), "{e}");
+                assert!(d["function"]["name"].is_string(), "{e}");
+                calls.push(d.clone());
+            } else {
+                assert_eq!(d["index"], calls.len() - 1, "{e}");
+                assert!(d["function"].get("name").is_none(), "{e}");
+                let call = calls.last_mut().unwrap();
+                let args = call["function"]["arguments"].as_str().unwrap().to_string() + more;
+                call["function"]["arguments"] = args.into();
             }
         }
         content.push_str(c["delta"]["content"].as_str().unwrap_or_default());
@@ -97,7 +100,10 @@ async fn streamed(gw: &Gateway, body: &str) -> (Option<Value>, usize, String, St
             finish = f.to_string();
         }
     }
-    (call, deltas, content, finish)
+    for call in &mut calls {
+        call.as_object_mut().unwrap().remove("index");
+    }
+    (calls, deltas, content, finish)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,11 +111,12 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
     let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
     let mut names = Vec::new();
+    let single = json!({"parallel_tool_calls": false});
     for seed in 0..4 {
         let v = post_json(
             &gw,
             "/v1/chat/completions",
-            &body(json!("required"), false, seed),
+            &body_with(json!("required"), false, seed, single.clone()),
         )
         .await;
         let c = &v["choices"][0];
@@ -120,10 +127,14 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
         let whole = check_call(&calls[0]);
         // The same draw, streamed: the call's name, its arguments in pieces, then
         // `tool_calls`.
-        let (call, deltas, content, finish) =
-            streamed(&gw, &body(json!("required"), true, seed)).await;
+        let (calls, deltas, content, finish) = streamed(
+            &gw,
+            &body_with(json!("required"), true, seed, single.clone()),
+        )
+        .await;
         assert_eq!((content.as_str(), finish.as_str()), ("", "tool_calls"));
-        assert_eq!(check_call(&call.expect("a streamed call")), whole);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(check_call(&calls[0]), whole);
         // The arguments came as they were written, not whole at the end.
         assert!(deltas > 2, "{deltas} deltas");
         names.push(whole.0);
@@ -144,14 +155,15 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
         )
         .await;
         let c = &v["choices"][0];
-        let (call, _, content, finish) = streamed(&gw, &body(json!("auto"), true, seed)).await;
+        let (calls, _, content, finish) = streamed(&gw, &body(json!("auto"), true, seed)).await;
         assert_eq!(c["finish_reason"], finish.as_str(), "{v}");
         match finish.as_str() {
             "tool_calls" => {
-                assert_eq!(
-                    check_call(&c["message"]["tool_calls"][0]),
-                    check_call(&call.unwrap())
-                );
+                let whole = c["message"]["tool_calls"].as_array().unwrap();
+                assert_eq!(whole.len(), calls.len(), "{v}");
+                for (a, b) in whole.iter().zip(&calls) {
+                    assert_eq!(check_call(a), check_call(b));
+                }
             }
             "stop" => {
                 words += 1;
@@ -170,6 +182,86 @@ async fn tool_calls_whole_and_streamed_follow_the_tools_schemas() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn several_calls_in_one_answer_whole_and_streamed() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    // `[` pushed far up, so that the model opens an array wherever the schema lets it: it
+    // can only at the start, where the array is the several-calls form.
+    let tokenizer = kernels::load::load(&model).unwrap().tokenizer;
+    let open = tokenizer.encode("[").unwrap();
+    assert_eq!(open.len(), 1);
+    let bias = json!({"max_tokens": 600, "logit_bias": {open[0].to_string(): 100}});
+    let mut counts = Vec::new();
+    for seed in 0..3 {
+        let v = post_json(
+            &gw,
+            "/v1/chat/completions",
+            &body_with(json!("required"), false, seed, bias.clone()),
+        )
+        .await;
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert!(c["message"]["content"].is_null(), "{v}");
+        let whole = c["message"]["tool_calls"].as_array().unwrap();
+        assert!((2..=16).contains(&whole.len()), "{v}");
+        let ids: std::collections::HashSet<&str> =
+            whole.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), whole.len(), "each call its own id: {v}");
+        // The same draw, streamed: each call under its own index, in the same order.
+        let (calls, _, content, finish) =
+            streamed(&gw, &body_with(json!("required"), true, seed, bias.clone())).await;
+        assert_eq!((content.as_str(), finish.as_str()), ("", "tool_calls"));
+        assert_eq!(calls.len(), whole.len());
+        for (a, b) in whole.iter().zip(&calls) {
+            assert_eq!(check_call(a), check_call(b));
+        }
+        counts.push(whole.len());
+    }
+    eprintln!("calls per answer: {counts:?}");
+    // `parallel_tool_calls: false`, or a named function: the same push gets one call.
+    let named = json!({"type": "function", "function": {"name": "now"}});
+    for (choice, parallel) in [(json!("required"), json!(false)), (named, json!(true))] {
+        let mut more = bias.clone();
+        more["parallel_tool_calls"] = parallel;
+        let v = post_json(
+            &gw,
+            "/v1/chat/completions",
+            &body_with(choice, false, 0, more),
+        )
+        .await;
+        let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{v}");
+        check_call(&calls[0]);
+    }
+    // An earlier turn with several calls is taken.
+    let conversation = json!({
+        "model": "m", "max_tokens": 100, "temperature": 0, "tools": tools(),
+        "messages": [
+            {"role": "user", "content": "lamp on, and the time"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "set_mode", "arguments": "{\"mode\":\"on\",\"level\":2}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "noon"}
+        ]
+    });
+    let v = post_json(&gw, "/v1/chat/completions", &conversation.to_string()).await;
+    assert!(v["choices"][0]["finish_reason"].is_string(), "{v}");
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &body_with(
+            json!("auto"),
+            false,
+            0,
+            json!({"parallel_tool_calls": "yes"}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn earlier_tool_turns_are_taken_and_simulated_workers_refuse_tools() {
     let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
@@ -179,6 +271,7 @@ async fn earlier_tool_turns_are_taken_and_simulated_workers_refuse_tools() {
         "temperature": 0,
         "tools": tools(),
         "tool_choice": "required",
+        "parallel_tool_calls": false,
         "messages": [
             {"role": "system", "content": "You run a lamp."},
             {"role": "user", "content": "lamp on"},

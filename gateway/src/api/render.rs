@@ -197,18 +197,18 @@ impl Renderer {
     /// A piece of a tool-calling answer, as a chat delta.
     fn piece_frame(&self, out: &mut BytesMut, index: usize, piece: &Piece) {
         let delta = match piece {
-            Piece::Call(name) => Delta {
-                tool_calls: Some(vec![tool_call(name, "", Some(0))]),
+            Piece::Call { index, name } => Delta {
+                tool_calls: Some(vec![tool_call(name, "", Some(*index))]),
                 ..Delta::default()
             },
-            Piece::Arguments(arguments) => Delta {
+            Piece::Arguments { index, text } => Delta {
                 tool_calls: Some(vec![ToolCallOut {
-                    index: Some(0),
+                    index: Some(*index),
                     id: None,
                     kind: None,
                     function: FunctionOut {
                         name: None,
-                        arguments,
+                        arguments: text,
                     },
                 }]),
                 ..Delta::default()
@@ -303,10 +303,15 @@ impl Renderer {
                     .map(|((i, c), answer)| ChatChoice {
                         index: i as u32,
                         message: match answer {
-                            Some(Answer::Call { name, arguments }) => AssistantMessage {
+                            Some(Answer::Calls(calls)) => AssistantMessage {
                                 role: "assistant",
                                 content: None,
-                                tool_calls: Some(vec![tool_call(name, arguments, None)]),
+                                tool_calls: Some(
+                                    calls
+                                        .iter()
+                                        .map(|c| tool_call(&c.name, &c.arguments, None))
+                                        .collect(),
+                                ),
                             },
                             Some(Answer::Content(text)) => AssistantMessage {
                                 role: "assistant",
@@ -327,7 +332,7 @@ impl Renderer {
                                 refusal: None,
                             }),
                         finish_reason: match answer {
-                            Some(Answer::Call { .. }) => FinishReason::ToolCalls,
+                            Some(Answer::Calls(_)) => FinishReason::ToolCalls,
                             _ => c.finish,
                         },
                     })

@@ -2,14 +2,16 @@
 //!
 //! The model is told the functions (a system message) and its answer is constrained to one
 //! JSON document (structured output, [`crate::worker::JsonFormat`]):
-//! `{"name": <a tool's name>, "arguments": <that tool's parameters schema>}` for a call,
-//! or, with `tool_choice: "auto"`, also `{"content": "<text>"}` for an answer in words.
+//! `{"name": <a tool's name>, "arguments": <that tool's parameters schema>}` for a call;
+//! unless `parallel_tool_calls` is `false` (or `tool_choice` names one function), also an
+//! array of 2 to [`MAX_CALLS`] such objects for several calls at once; and, with
+//! `tool_choice: "auto"`, also `{"content": "<text>"}` for an answer in words.
 //! So a call's arguments always validate against the tool's schema, whatever the model,
 //! and no model-specific tool-call format needs parsing. The renderer turns the document
 //! back into the OpenAI shape (`message.tool_calls` and `finish_reason: "tool_calls"`, or
 //! `message.content`); streamed, [`AnswerStream`] reads the document as it is written, so
-//! that the call's name goes out as soon as it is complete and its arguments (or the
-//! words) as they come.
+//! that each call's name goes out as soon as it is complete and its arguments (or the
+//! words) as they come, each call under its own `index`.
 //!
 //! Earlier turns (assistant messages with `tool_calls`, `tool` messages with results) are
 //! written into the conversation as text in the same JSON shape, so that every chat
@@ -27,14 +29,30 @@ pub struct ToolPlan {
 
 /// The most tools a request may declare.
 const MAX_TOOLS: usize = 128;
+/// The most calls one answer may make (`parallel_tool_calls`).
+pub const MAX_CALLS: usize = 16;
 
 fn bad(message: String, param: &str) -> ApiError {
     ApiError::bad(message, Some(param.to_string()))
 }
 
-/// Validates `tools` and `tool_choice`; `None` when no tool may be called (no tools, or
-/// `tool_choice: "none"`).
-pub fn plan(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<ToolPlan>, ApiError> {
+/// Validates `tools`, `tool_choice` and `parallel_tool_calls`; `None` when no tool may be
+/// called (no tools, or `tool_choice: "none"`).
+pub fn plan(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+    parallel: Option<&Value>,
+) -> Result<Option<ToolPlan>, ApiError> {
+    let parallel = match parallel {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(bad(
+                "`parallel_tool_calls` must be a boolean.".into(),
+                "parallel_tool_calls",
+            ))
+        }
+    };
     let tools: &[Value] = match tools {
         None | Some(Value::Null) => &[],
         Some(Value::Array(t)) => t,
@@ -80,12 +98,13 @@ pub fn plan(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tool
         })?;
         declared.push((name, f));
     }
-    let (callable, auto): (Vec<&(&str, &Value)>, bool) = match choice {
-        None | Some(Value::Null) => (declared.iter().collect(), true),
+    // A named function is called once.
+    let (callable, auto, parallel): (Vec<&(&str, &Value)>, bool, bool) = match choice {
+        None | Some(Value::Null) => (declared.iter().collect(), true, parallel),
         Some(Value::String(s)) => match s.as_str() {
             "none" => return Ok(None),
-            "auto" => (declared.iter().collect(), true),
-            "required" => (declared.iter().collect(), false),
+            "auto" => (declared.iter().collect(), true, parallel),
+            "required" => (declared.iter().collect(), false, parallel),
             other => {
                 return Err(bad(
                     format!(
@@ -104,7 +123,7 @@ pub fn plan(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tool
                     "tool_choice",
                 ));
             }
-            (named, false)
+            (named, false, false)
         }
     };
     if callable.is_empty() {
@@ -130,6 +149,18 @@ pub fn plan(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tool
             })
         })
         .collect();
+    if parallel {
+        // Several calls: an array whose items are the calls above.
+        let calls: Vec<Value> = (0..alternatives.len())
+            .map(|i| json!({"$ref": format!("#/anyOf/{i}")}))
+            .collect();
+        alternatives.push(json!({
+            "type": "array",
+            "items": {"anyOf": calls},
+            "minItems": 2,
+            "maxItems": MAX_CALLS
+        }));
+    }
     if auto {
         alternatives.push(json!({
             "type": "object",
@@ -149,10 +180,11 @@ pub fn plan(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tool
         instructions.push_str(&t.to_string());
         instructions.push('\n');
     }
-    instructions.push_str(if auto {
-        "Answer with one JSON object: {\"name\": <function name>, \"arguments\": <its arguments>} to call a function, or {\"content\": <your answer>} to answer without one."
-    } else {
-        "Answer with one JSON object that calls a function: {\"name\": <function name>, \"arguments\": <its arguments>}."
+    instructions.push_str(match (auto, parallel) {
+        (true, false) => "Answer with one JSON object: {\"name\": <function name>, \"arguments\": <its arguments>} to call a function, or {\"content\": <your answer>} to answer without one.",
+        (true, true) => "Answer with one JSON object: {\"name\": <function name>, \"arguments\": <its arguments>} to call a function, a JSON array of such objects to call several at once, or {\"content\": <your answer>} to answer without one.",
+        (false, false) => "Answer with one JSON object that calls a function: {\"name\": <function name>, \"arguments\": <its arguments>}.",
+        (false, true) => "Answer with one JSON object that calls a function: {\"name\": <function name>, \"arguments\": <its arguments>}, or a JSON array of such objects to call several at once.",
     });
     Ok(Some(ToolPlan {
         instructions,
@@ -192,7 +224,7 @@ pub fn calls_as_text(calls: &Value, param: &str) -> Result<String, ApiError> {
     let calls = calls
         .as_array()
         .ok_or_else(|| bad(format!("`{param}` must be an array."), param))?;
-    let mut text = String::new();
+    let mut written = Vec::with_capacity(calls.len());
     for (j, c) in calls.iter().enumerate() {
         let f = &c["function"];
         let name = f["name"].as_str().ok_or_else(|| {
@@ -208,12 +240,13 @@ pub fn calls_as_text(calls: &Value, param: &str) -> Result<String, ApiError> {
             }
             other => other.clone(),
         };
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        text.push_str(&json!({"name": name, "arguments": arguments}).to_string());
+        written.push(json!({"name": name, "arguments": arguments}));
     }
-    Ok(text)
+    // As the model writes them: one call as its object, several as an array.
+    Ok(match written.len() {
+        1 => written[0].to_string(),
+        _ => Value::Array(written).to_string(),
+    })
 }
 
 /// A `tool` message's result, as the text the model reads.
@@ -224,42 +257,58 @@ pub fn result_as_text(content: &str, call_id: Option<&str>) -> String {
     }
 }
 
+/// A call of an answer: the function's name and its arguments as JSON text.
+#[derive(Debug, PartialEq)]
+pub struct Call {
+    pub name: String,
+    pub arguments: String,
+}
+
 /// What a tool-calling answer turned out to be.
 #[derive(Debug, PartialEq)]
 pub enum Answer {
-    /// A call: the function's name and its arguments as a JSON string.
-    Call { name: String, arguments: String },
+    /// One call, or several (`parallel_tool_calls`), in the order written.
+    Calls(Vec<Call>),
     /// An answer in words (`tool_choice: "auto"`).
     Content(String),
 }
 
 /// Reads a complete answer document; `None` if it is not one (cut short by `max_tokens`).
 pub fn answer(text: &str) -> Option<Answer> {
+    fn call(v: &Value) -> Option<Call> {
+        Some(Call {
+            name: v.get("name")?.as_str()?.to_string(),
+            arguments: v.get("arguments")?.to_string(),
+        })
+    }
     let v: Value = serde_json::from_str(text).ok()?;
     if let Some(c) = v.get("content").and_then(Value::as_str) {
         return Some(Answer::Content(c.to_string()));
     }
-    Some(Answer::Call {
-        name: v.get("name")?.as_str()?.to_string(),
-        arguments: v.get("arguments")?.to_string(),
-    })
+    Some(Answer::Calls(match &v {
+        Value::Array(calls) => calls.iter().map(call).collect::<Option<_>>()?,
+        one => vec![call(one)?],
+    }))
 }
 
 /// A piece of a tool-calling answer that can be streamed as soon as it is generated.
 #[derive(Debug, PartialEq)]
 pub enum Piece {
-    /// A call begins: the function's name (its arguments follow).
-    Call(String),
-    /// More of the call's arguments (JSON text).
-    Arguments(String),
+    /// Call `index` (0, 1, … in the answer) begins: the function's name (its arguments
+    /// follow).
+    Call { index: u32, name: String },
+    /// More of call `index`'s arguments (JSON text).
+    Arguments { index: u32, text: String },
     /// More of an answer in words (decoded from its JSON string).
     Content(String),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 enum Phase {
-    /// Before the first key's value: `{`, the key, `:`.
+    /// Before the document's first byte: `[` opens several calls.
     #[default]
+    Start,
+    /// Before an object's first key's value: `{`, the key, `:`.
     Head,
     /// In the name's string.
     Name,
@@ -271,25 +320,31 @@ enum Phase {
         string: bool,
         escape: bool,
     },
+    /// After a call in an array: its `}`, then `,` (another call) or `]`.
+    AfterCall,
     /// In the words' string.
     Content,
-    /// The part to stream is over (what is left is the closing `}`).
+    /// The part to stream is over (what is left closes the document).
     Done,
 }
 
 /// Reads a tool-calling answer (the document of [`plan`]'s schema) as it is generated,
-/// so that a stream can send the call's name as soon as it is written, then its arguments
-/// as they come (or the words, decoded, as they come). The schema fixes the order: the
-/// first key is `name` or `content`, and `arguments` follows `name`.
+/// so that a stream can send each call's name as soon as it is written, then its
+/// arguments as they come (or the words, decoded, as they come). The schema fixes the
+/// order: the first key is `name` or `content`, and `arguments` follows `name`; several
+/// calls are an array of such objects.
 #[derive(Debug, Default)]
 pub struct AnswerStream {
     text: String,
     /// How far `text` is read.
     at: usize,
     phase: Phase,
-    /// Whether anything was sent, and whether a call began.
+    /// The calls are an array.
+    array: bool,
+    /// Calls begun so far.
+    calls: u32,
+    /// Whether anything was sent.
     sent: bool,
-    called: bool,
 }
 
 impl AnswerStream {
@@ -300,6 +355,16 @@ impl AnswerStream {
         loop {
             let rest = &self.text[self.at..];
             match self.phase {
+                Phase::Start => {
+                    let Some(first) = rest.find(|c: char| !c.is_whitespace()) else {
+                        break;
+                    };
+                    if rest[first..].starts_with('[') {
+                        self.array = true;
+                        self.at += first + 1;
+                    }
+                    self.phase = Phase::Head;
+                }
                 Phase::Head => {
                     // `{`, whitespace, the key, whitespace, `:`, whitespace, `"`.
                     let Some(q) = rest.find(':') else { break };
@@ -315,12 +380,15 @@ impl AnswerStream {
                     };
                 }
                 Phase::Name => {
-                    let Some((value, used)) = json_string(rest) else {
+                    let Some((name, used)) = json_string(rest) else {
                         break;
                     };
                     self.at += used;
-                    out.push(Piece::Call(value));
-                    self.called = true;
+                    out.push(Piece::Call {
+                        index: self.calls,
+                        name,
+                    });
+                    self.calls += 1;
                     self.phase = Phase::BeforeArguments;
                 }
                 Phase::BeforeArguments => {
@@ -341,43 +409,76 @@ impl AnswerStream {
                     mut string,
                     mut escape,
                 } => {
+                    // The arguments end with their outer container or string, or, for a
+                    // number or word, at the first byte after it.
                     let mut end = None;
                     for (i, b) in rest.bytes().enumerate() {
-                        match (string, escape, b) {
-                            (true, true, _) => escape = false,
-                            (true, false, b'\\') => escape = true,
-                            (true, false, b'"') => string = false,
-                            (true, false, _) => {}
-                            (false, _, b'"') => string = true,
-                            (false, _, b'{' | b'[') => depth += 1,
-                            (false, _, b'}' | b']') => {
-                                depth = depth.saturating_sub(1);
+                        if string {
+                            match (escape, b) {
+                                (true, _) => escape = false,
+                                (false, b'\\') => escape = true,
+                                (false, b'"') => {
+                                    string = false;
+                                    if depth == 0 {
+                                        end = Some(i + 1);
+                                        break;
+                                    }
+                                }
+                                _ => {}
+                            }
+                            continue;
+                        }
+                        match b {
+                            b'"' => string = true,
+                            b'{' | b'[' => depth += 1,
+                            b'}' | b']' if depth > 0 => {
+                                depth -= 1;
                                 if depth == 0 {
                                     end = Some(i + 1);
                                     break;
                                 }
                             }
+                            b'}' | b']' | b',' if depth == 0 => {
+                                end = Some(i);
+                                break;
+                            }
+                            b if depth == 0 && b.is_ascii_whitespace() => {
+                                end = Some(i);
+                                break;
+                            }
                             _ => {}
                         }
                     }
-                    // Arguments that are not a container are sent whole at the end.
-                    if !rest.starts_with(['{', '[']) {
-                        break;
-                    }
                     let take = end.unwrap_or(rest.len());
                     if take > 0 {
-                        out.push(Piece::Arguments(rest[..take].to_string()));
+                        out.push(Piece::Arguments {
+                            index: self.calls.saturating_sub(1),
+                            text: rest[..take].to_string(),
+                        });
                     }
                     self.at += take;
-                    self.phase = match end {
-                        Some(_) => Phase::Done,
-                        None => Phase::Arguments {
+                    if end.is_none() {
+                        self.phase = Phase::Arguments {
                             depth,
                             string,
                             escape,
-                        },
+                        };
+                        break;
+                    }
+                    self.phase = match self.array {
+                        true => Phase::AfterCall,
+                        false => Phase::Done,
                     };
-                    break;
+                }
+                Phase::AfterCall => {
+                    let Some(at) = rest.find([',', ']']) else {
+                        break;
+                    };
+                    self.at += at + 1;
+                    self.phase = match rest.as_bytes()[at] {
+                        b',' => Phase::Head,
+                        _ => Phase::Done,
+                    };
                 }
                 Phase::Content => {
                     let (value, used) = match json_string(rest) {
@@ -405,26 +506,15 @@ impl AnswerStream {
         out
     }
 
-    /// The answer has ended: what is still to send (arguments that were not a container;
-    /// or, when nothing could be read as a call or words, the text as it is), and whether
-    /// it was a call.
+    /// The answer has ended: what is still to send (when nothing could be read as a call
+    /// or words, the text as it is), and whether it made a call.
     pub fn finish(&mut self) -> (Vec<Piece>, bool) {
         let mut out = Vec::new();
-        match self.phase {
-            Phase::Arguments { .. } => {
-                let rest = self.text[self.at..].trim_end();
-                let rest = rest.strip_suffix('}').unwrap_or(rest).trim_end();
-                if !rest.is_empty() {
-                    out.push(Piece::Arguments(rest.to_string()));
-                }
-            }
-            _ if !self.sent && !self.text.is_empty() => {
-                out.push(Piece::Content(std::mem::take(&mut self.text)))
-            }
-            _ => {}
+        if !self.sent && !self.text.is_empty() {
+            out.push(Piece::Content(std::mem::take(&mut self.text)));
         }
         self.at = self.text.len();
-        (out, self.called)
+        (out, self.calls > 0)
     }
 }
 
@@ -515,7 +605,7 @@ mod tests {
 
     #[test]
     fn calls_follow_the_tools_schemas_and_auto_allows_words() {
-        let auto = plan(Some(&weather()), None)
+        let auto = plan(Some(&weather()), None, None)
             .expect("test input")
             .expect("test input");
         assert!(auto.instructions.contains("get_weather") && auto.instructions.contains("\"now\""));
@@ -530,13 +620,14 @@ mod tests {
             r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"k"}}"#
         ));
         assert!(!accepts(&auto, r#"{"name":"other","arguments":{}}"#));
-        let required = plan(Some(&weather()), Some(&json!("required")))
+        let required = plan(Some(&weather()), Some(&json!("required")), None)
             .expect("test input")
             .expect("test input");
         assert!(!accepts(&required, r#"{"content":"no"}"#));
         let named = plan(
             Some(&weather()),
             Some(&json!({"type": "function", "function": {"name": "now"}})),
+            None,
         )
         .expect("test input")
         .expect("test input");
@@ -545,10 +636,51 @@ mod tests {
             &named,
             r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}"#
         ));
-        assert!(plan(Some(&weather()), Some(&json!("none")))
+        assert!(plan(Some(&weather()), Some(&json!("none")), None)
             .expect("test input")
             .is_none());
-        assert!(plan(None, None).expect("test input").is_none());
+        assert!(plan(None, None, None).expect("test input").is_none());
+    }
+
+    #[test]
+    fn several_calls_are_an_array_unless_parallel_calls_are_off() {
+        let call = r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}"#;
+        let now = r#"{"name":"now","arguments":{}}"#;
+        let array = |n: usize| format!("[{}]", vec![call, now].repeat(n)[..n].join(","));
+        for (choice, parallel) in [(None, None), (Some(json!("required")), Some(json!(true)))] {
+            let p = plan(Some(&weather()), choice.as_ref(), parallel.as_ref())
+                .expect("test input")
+                .expect("test input");
+            assert!(p.instructions.contains("array"), "{}", p.instructions);
+            assert!(accepts(&p, call));
+            assert!(accepts(&p, &array(2)));
+            assert!(accepts(&p, &format!("[ {now} ,\n{call}]")));
+            assert!(accepts(&p, &array(MAX_CALLS)));
+            // One call is written as its object; no more than MAX_CALLS; no words in it.
+            assert!(!accepts(&p, &array(1)));
+            assert!(!accepts(&p, &array(MAX_CALLS + 1)));
+            assert!(!accepts(&p, r#"[{"content":"x"},{"content":"y"}]"#));
+            assert!(!accepts(
+                &p,
+                r#"[{"name":"now","arguments":{}},{"name":"now","arguments":{"x":1}}]"#
+            ));
+        }
+        // Off, or a named function: one call.
+        let named = json!({"type": "function", "function": {"name": "now"}});
+        for (choice, parallel) in [(None, json!(false)), (Some(named), json!(null))] {
+            let p = plan(Some(&weather()), choice.as_ref(), Some(&parallel))
+                .expect("test input")
+                .expect("test input");
+            assert!(!p.instructions.contains("array"), "{}", p.instructions);
+            assert!(!accepts(&p, &format!("[{now},{now}]")));
+            assert!(accepts(&p, now));
+        }
+        match plan(Some(&weather()), None, Some(&json!("yes"))) {
+            Err(ApiError::BadRequest { param: Some(p), .. }) => {
+                assert_eq!(p, "parallel_tool_calls")
+            }
+            other => panic!("{:?}", other.map(|p| p.map(|p| p.schema))),
+        }
     }
 
     #[test]
@@ -579,7 +711,7 @@ mod tests {
             (json!([]), json!("required"), "tool_choice"),
         ] {
             let choice = (!choice.is_null()).then_some(&choice);
-            match plan(Some(&tools), choice) {
+            match plan(Some(&tools), choice, None) {
                 Err(ApiError::BadRequest { param: Some(p), .. }) => assert_eq!(p, param, "{tools}"),
                 other => panic!("{tools}: {:?}", other.map(|p| p.map(|p| p.schema))),
             }
@@ -605,56 +737,91 @@ mod tests {
         (out, called)
     }
 
-    /// The pieces merged: the call's name and arguments, or the words.
-    fn merged(pieces: &[Piece]) -> (Option<String>, String, String) {
-        let (mut name, mut args, mut words) = (None, String::new(), String::new());
+    /// The pieces merged: the calls' names and arguments, and the words.
+    fn merged(pieces: &[Piece]) -> (Vec<(String, String)>, String) {
+        let (mut calls, mut words) = (Vec::<(String, String)>::new(), String::new());
         for p in pieces {
             match p {
-                Piece::Call(n) => name = Some(n.clone()),
-                Piece::Arguments(a) => args.push_str(a),
+                Piece::Call { index, name } => {
+                    assert_eq!(*index as usize, calls.len(), "{pieces:?}");
+                    calls.push((name.clone(), String::new()));
+                }
+                Piece::Arguments { index, text } => {
+                    assert_eq!(*index as usize + 1, calls.len(), "{pieces:?}");
+                    calls[*index as usize].1.push_str(text);
+                }
                 Piece::Content(c) => words.push_str(c),
             }
         }
-        (name, args, words)
+        (calls, words)
     }
 
     #[test]
     fn answers_stream_as_they_are_written() {
         let call = "{\"name\": \"get_weather\",\n  \"arguments\": {\"city\": \"Oslo }\\\"\", \"n\": [1, {}]}\n}";
+        // Several calls, with arguments of every kind (those that are not a container end
+        // at the byte after them).
+        let many = " [ {\"name\": \"now\", \"arguments\": {}},{\"name\":\"f\",\"arguments\":12},\n {\"name\": \"g\", \"arguments\": \"a,]} b\"} , {\"name\": \"h\", \"arguments\": [1, [2]]}, {\"name\": \"i\", \"arguments\": true }, {\"name\": \"j\", \"arguments\":-0.5e3}]";
         let words = "{\"content\": \"Hi \\\"you\\\"\\n caf\\u00e9 \u{e9} \\ud83d\\ude00!\"}";
         for size in [1, 2, 3, 7, 100] {
             let (pieces, called) = stream(call, size);
             assert!(called);
             assert!(
-                matches!(&pieces[0], Piece::Call(n) if n == "get_weather"),
+                matches!(&pieces[0], Piece::Call { index: 0, name } if name == "get_weather"),
                 "{pieces:?}"
             );
-            let (_, args, _) = merged(&pieces);
-            assert_eq!(args, r#"{"city": "Oslo }\"", "n": [1, {}]}"#, "size {size}");
+            let (calls, _) = merged(&pieces);
+            assert_eq!(
+                calls,
+                [(
+                    "get_weather".to_string(),
+                    r#"{"city": "Oslo }\"", "n": [1, {}]}"#.to_string()
+                )],
+                "size {size}"
+            );
+            let (pieces, called) = stream(many, size);
+            assert!(called);
+            let expect: Vec<(String, String)> = [
+                ("now", "{}"),
+                ("f", "12"),
+                ("g", r#""a,]} b""#),
+                ("h", "[1, [2]]"),
+                ("i", "true"),
+                ("j", "-0.5e3"),
+            ]
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+            assert_eq!(merged(&pieces).0, expect, "size {size}");
             let (pieces, called) = stream(words, size);
             assert!(!called);
             assert_eq!(
-                merged(&pieces).2,
+                merged(&pieces).1,
                 "Hi \"you\"\n caf\u{e9} \u{e9} \u{1F600}!",
                 "size {size}"
             );
         }
-        // Arguments that are not a container come at the end; a document cut short comes
-        // as the text it is.
-        let (pieces, _) = stream("{\"name\": \"f\", \"arguments\": 12}", 3);
-        assert_eq!(merged(&pieces).1, "12");
+        // A document cut short comes as the text it is.
         let (pieces, called) = stream("{\"na", 2);
-        assert_eq!((merged(&pieces).2.as_str(), called), ("{\"na", false));
+        assert_eq!((merged(&pieces).1.as_str(), called), ("{\"na", false));
     }
 
     #[test]
     fn answers_and_earlier_turns_read_back() {
+        let call = |name: &str, arguments: &str| Call {
+            name: name.into(),
+            arguments: arguments.into(),
+        };
         assert_eq!(
             answer(r#"{"name": "now", "arguments": {}}"#),
-            Some(Answer::Call {
-                name: "now".into(),
-                arguments: "{}".into()
-            })
+            Some(Answer::Calls(vec![call("now", "{}")]))
+        );
+        assert_eq!(
+            answer(r#"[{"name": "now", "arguments": {}}, {"name": "f", "arguments": [1, "x"]}]"#),
+            Some(Answer::Calls(vec![
+                call("now", "{}"),
+                call("f", r#"[1,"x"]"#)
+            ]))
         );
         assert_eq!(
             answer(r#"{"content": "hi"}"#),
@@ -665,6 +832,12 @@ mod tests {
         assert_eq!(
             calls_as_text(&calls, "m").expect("test input"),
             r#"{"name":"now","arguments":{"tz":"UTC"}}"#
+        );
+        // Several calls are written as the array the model would write.
+        let two = json!([calls[0], {"function": {"name": "f", "arguments": "not json"}}]);
+        assert_eq!(
+            calls_as_text(&two, "m").expect("test input"),
+            r#"[{"name":"now","arguments":{"tz":"UTC"}},{"name":"f","arguments":"not json"}]"#
         );
         assert!(call_id().starts_with("call_") && call_id().len() == 29);
     }

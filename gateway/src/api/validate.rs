@@ -302,7 +302,11 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
             "the deprecated `functions` (use `tools`)",
         ));
     }
-    let tool_plan = tools::plan(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let tool_plan = tools::plan(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls.as_ref(),
+    )?;
     let mut json = response_format(req.response_format.as_ref())?;
     if let Some(plan) = &tool_plan {
         if json.is_some() {
@@ -321,7 +325,6 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
             serde_json::json!({"name": "tool_call", "schema": plan.schema}),
         )?);
     }
-    let _ = req.parallel_tool_calls;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
             "`messages` must contain at least one message.",

@@ -1,9 +1,11 @@
 """The official OpenAI Python SDK against a running tollgate gateway.
 
-Usage: python openai_sdk.py BASE_URL KEY MODEL [engine]
+Usage: python openai_sdk.py BASE_URL KEY MODEL [engine OPEN_BRACKET_ID]
 With `engine` (a real model behind the gateway), also checks log-probabilities in both
 endpoints, JSON mode, structured output (a Pydantic model through the SDK's `parse`)
-and tool calls; without, checks that they are refused (simulated workers).
+and tool calls (several at once: `OPEN_BRACKET_ID`, the token `[`, is pushed up with
+`logit_bias` so that the model opens the array of calls); without, checks that they are
+refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import json
@@ -12,7 +14,8 @@ import sys
 import openai
 
 base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
-engine = sys.argv[4:] == ["engine"]
+engine = sys.argv[4:5] == ["engine"]
+open_bracket = sys.argv[5] if len(sys.argv) > 5 else None
 client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
 # Models.
@@ -194,6 +197,37 @@ if engine:
     assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2, deltas
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == args, deltas
     assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
+    # Several calls in one answer (parallel tool calls): the SDK reads each, whole and
+    # streamed (its deltas sorted by index). The cities are an enum, so that the pushed-up
+    # `[` can only open the array of calls.
+    cities = json.loads(json.dumps(weather))
+    cities["function"]["parameters"]["properties"]["city"] = {"enum": ["Paris", "Oslo", "Rome"]}
+    both = dict(
+        model=model,
+        messages=[{"role": "user", "content": "What is the weather in Paris and in Oslo?"}],
+        tools=[cities],
+        tool_choice="required",
+        max_tokens=200,
+        temperature=0,
+        logit_bias={open_bracket: 30},
+    )
+    r2 = client.chat.completions.create(**both)
+    calls = r2.choices[0].message.tool_calls
+    assert r2.choices[0].finish_reason == "tool_calls" and len(calls) >= 2, r2
+    assert len({c.id for c in calls}) == len(calls), calls
+    for c in calls:
+        assert c.function.name == "get_weather" and set(json.loads(c.function.arguments)) == {"city", "unit"}, c
+    print("parallel tool calls:", [c.function.arguments for c in calls])
+    streamed = {}
+    for ch in client.chat.completions.create(**both, stream=True):
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            if tc.id:
+                assert tc.index == len(streamed), tc
+                streamed[tc.index] = [tc.function.name, ""]
+            streamed[tc.index][1] += tc.function.arguments or ""
+    assert [(n, json.loads(a)) for n, a in streamed.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls
+    ], streamed
     r = client.chat.completions.create(
         model=model,
         messages=ask
