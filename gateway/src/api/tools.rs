@@ -646,7 +646,7 @@ mod tests {
     fn several_calls_are_an_array_unless_parallel_calls_are_off() {
         let call = r#"{"name":"get_weather","arguments":{"city":"Oslo","unit":"c"}}"#;
         let now = r#"{"name":"now","arguments":{}}"#;
-        let array = |n: usize| format!("[{}]", vec![call, now].repeat(n)[..n].join(","));
+        let array = |n: usize| format!("[{}]", [call, now].repeat(n)[..n].join(","));
         for (choice, parallel) in [(None, None), (Some(json!("required")), Some(json!(true)))] {
             let p = plan(Some(&weather()), choice.as_ref(), parallel.as_ref())
                 .expect("test input")
