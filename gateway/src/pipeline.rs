@@ -240,7 +240,7 @@ async fn run(
     let parts = req
         .prompts
         .into_iter()
-        .map(|prompt| PromptPart::new(pool, prompt, req.echo))
+        .map(|prompt| PromptPart::new(pool, prompt, req.echo, req.params.prompt_logprobs))
         .collect::<Result<Vec<_>, _>>()?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
     // `n` choices per prompt: each its own sequence, so its own prompt and output.
@@ -376,21 +376,31 @@ struct PromptPart {
 }
 
 impl PromptPart {
-    fn new(pool: &Pool, prompt: crate::worker::Prompt, echo: bool) -> Result<Self, ApiError> {
+    /// `scored`: the prompt's log-probabilities were asked for, so the worker sends the
+    /// prompt's tokens (and, where the gateway has no tokenizer, its text).
+    fn new(
+        pool: &Pool,
+        prompt: crate::worker::Prompt,
+        echo: bool,
+        scored: bool,
+    ) -> Result<Self, ApiError> {
         let ids: Option<Arc<[u32]>> = pool.tokenize_prompt(&prompt).map(Arc::from);
         let tokens = ids.as_ref().map_or_else(
             || crate::worker::estimate_prompt_tokens(&prompt),
             |ids| ids.len() as u32,
         );
-        // One of token ids echoes as its text.
+        // One of token ids echoes as its text; scored, the worker echoes what the gateway
+        // cannot.
         let echo = match (&prompt, echo) {
             (crate::worker::Prompt::Text(t), true) => Some(t.clone()),
-            (crate::worker::Prompt::Tokens(ids), true) => Some(pool.detokenize(ids).ok_or_else(|| {
-                ApiError::unsupported(
+            (crate::worker::Prompt::Tokens(ids), true) => match pool.detokenize(ids) {
+                Some(text) => Some(text),
+                None if scored => None,
+                None => return Err(ApiError::unsupported(
                     "echo",
-                    "`echo` of a prompt of token ids outside the model's vocabulary, or on a pool without its tokenizer,",
-                )
-            })?),
+                    "`echo` without `logprobs` of a prompt of token ids outside the model's vocabulary, or on a pool without its tokenizer,",
+                )),
+            },
             _ => None,
         };
         Ok(Self {
@@ -494,7 +504,8 @@ struct Choice {
     lease: Lease,
     events: EventStream,
     first: Option<WorkerEvent>,
-    /// Which of the request's prompts it completes, and that prompt's `echo`.
+    /// Which of the request's prompts it completes, and that prompt's `echo` (`None` with
+    /// `echo` where the worker echoes it: [`WorkerEvent::Prompt`]'s text).
     prompt: usize,
     echo: Option<String>,
     text: String,
@@ -606,7 +617,7 @@ impl SseStream {
     /// Non-streamed: gather the whole answer, then one JSON body.
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
         for c in &mut self.choices {
-            c.text = c.echo.take().unwrap_or_default();
+            c.text = c.echo.clone().unwrap_or_default();
         }
         loop {
             match self.next_step().await {
@@ -623,9 +634,13 @@ impl SseStream {
                     c.text.push_str(&text);
                     c.logprobs.extend(logprobs);
                 }
-                Step::Event(i, WorkerEvent::Prompt { logprobs }) => {
+                Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
                     // The prompt's tokens come first, before the completion's.
-                    self.choices[i].logprobs.splice(0..0, logprobs);
+                    let c = &mut self.choices[i];
+                    c.logprobs.splice(0..0, logprobs);
+                    if let (None, Some(text)) = (&c.echo, text) {
+                        c.text.insert_str(0, &text);
+                    }
                 }
                 Step::Event(
                     i,
@@ -692,8 +707,8 @@ impl SseStream {
                         s.renderer.delta_frame(&mut out, i, &text, &logprobs);
                         false
                     }
-                    Step::Event(i, WorkerEvent::Prompt { logprobs }) => {
-                        let prompt = s.choices[i].echo.take().unwrap_or_default();
+                    Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
+                        let prompt = s.choices[i].echo.take().or(text).unwrap_or_default();
                         s.renderer.delta_frame(&mut out, i, &prompt, &logprobs);
                         false
                     }

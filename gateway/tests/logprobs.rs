@@ -338,7 +338,7 @@ async fn run_scored(
     let (mut scored, mut items, mut text) = (Vec::new(), Vec::new(), String::new());
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
-            WorkerEvent::Prompt { logprobs } => {
+            WorkerEvent::Prompt { logprobs, .. } => {
                 assert!(
                     text.is_empty() && items.is_empty(),
                     "the prompt comes first"
@@ -444,7 +444,7 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
 /// of token ids; a gateway in front of an OpenAI-compatible upstream refuses them (and
 /// passes token ids on).
 #[tokio::test(flavor = "multi_thread")]
-async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
+async fn the_api_echoes_a_scored_prompt_on_engines_and_through_upstream_pools() {
     let (_dir, model) = synthetic_model_file();
     let gw = Gateway::start(&engine_config(&model, ""));
     let body = r#"{"model":"m","prompt":"once upon a time","max_tokens":4,"temperature":0,"echo":true,"logprobs":1}"#;
@@ -506,7 +506,7 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
     let oov = body.replace(r#""once upon a time""#, "[1, 99999999]");
     refused(&gw, &oov, "vocabulary").await;
 
-    // An upstream pool (here `gateway worker` behind an OpenAI-compatible worker) refuses.
+    // An upstream pool (here `gateway worker` behind an OpenAI-compatible worker).
     let worker = remote_worker(&model);
     let gw = Gateway::start(&config(&remote_upstream(&worker), "", ""));
     // Token ids pass on to it as they are.
@@ -520,7 +520,30 @@ async fn the_api_echoes_a_scored_prompt_and_upstream_pools_refuse_it() {
         text,
         "{w}"
     );
-    refused(&gw, body, "engine workers only").await;
+    // Scoring: the upstream echoes and scores the prompt; the answer is the engine's,
+    // whole and streamed, by text and by token ids (whose text, with no tokenizer in this
+    // gateway, is the upstream's echo).
+    for prompt in [r#""once upon a time""#.to_string(), format!("{ids:?}")] {
+        let scored = body.replace(r#""once upon a time""#, &prompt);
+        let w: Value = post_json(&gw, "/v1/completions", &scored).await;
+        assert_eq!(w["choices"][0]["text"], choice["text"], "{w}");
+        assert_eq!(w["choices"][0]["logprobs"], choice["logprobs"], "{w}");
+        assert_eq!(w["usage"], v["usage"], "{w}");
+        let stream = scored.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);
+        let events = sse_events(post(&gw, "/v1/completions", &stream).await).await;
+        let (mut streamed_u, mut lps_u) = (String::new(), Vec::new());
+        for e in events.iter().filter(|e| *e != "[DONE]") {
+            let c: Value = serde_json::from_str(e).unwrap();
+            streamed_u.push_str(c["choices"][0]["text"].as_str().unwrap_or_default());
+            if let Some(l) = c["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+                lps_u.extend(l.iter().cloned());
+            }
+        }
+        assert_eq!((streamed_u.as_str(), &lps_u), (text, lps), "{prompt}");
+    }
+    // Echo of token ids without scoring needs the gateway's tokenizer.
+    let echo_ids = plain.replace(r#""temperature":0"#, r#""temperature":0,"echo":true"#);
+    refused(&gw, &echo_ids, "tokenizer").await;
 }
 
 /// A completions request refused with a 400 whose message says `why`.

@@ -1204,7 +1204,13 @@ fn score_prompt(
         top_logprobs: Vec::new(),
     }];
     logprobs.append(&mut s.prompt_scored);
-    s.send(outbox, WorkerEvent::Prompt { logprobs });
+    s.send(
+        outbox,
+        WorkerEvent::Prompt {
+            logprobs,
+            text: None,
+        },
+    );
 }
 
 /// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's

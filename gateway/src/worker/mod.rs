@@ -228,8 +228,12 @@ pub enum WorkerEvent {
     /// The prompt's tokens with their log-probabilities, asked for by
     /// [`SamplingParams::prompt_logprobs`]: before any `Delta`. The first token's
     /// `logprob` is NaN (nothing comes before it to score it by) and it has no
-    /// alternatives.
-    Prompt { logprobs: Vec<TokenLogprob> },
+    /// alternatives. `text`: the prompt as the worker echoed it (an upstream's `echo`);
+    /// engines leave it to the gateway, which has the prompt.
+    Prompt {
+        logprobs: Vec<TokenLogprob>,
+        text: Option<String>,
+    },
     /// Generation ended; always the last event.
     Done {
         finish_reason: FinishReason,

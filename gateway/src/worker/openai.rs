@@ -5,6 +5,11 @@
 //! upstream's SSE body is parsed chunk by chunk as the gateway's client reads (so a slow
 //! client slows the upstream: backpressure end to end). Dropping the event stream drops
 //! the upstream response, which closes that connection: the upstream sees the cancel.
+//!
+//! A prompt to score (completions' `echo` with `logprobs`) is sent with `echo: true` and
+//! never streamed upstream: the whole answer says (`usage.prompt_tokens`) which of its
+//! items are the prompt's, and they go out first ([`WorkerEvent::Prompt`], with the
+//! echoed text), then the completion.
 
 use super::sse_parse::SseParser;
 use super::{estimate_prompt_tokens, ChatMessage};
@@ -77,6 +82,8 @@ impl OpenAiWorker {
             Prompt::Text(t) => ("/v1/completions", None, Some(UpstreamPrompt::Text(t))),
             Prompt::Tokens(ids) => ("/v1/completions", None, Some(UpstreamPrompt::Tokens(ids))),
         };
+        // A scored prompt's answer is read whole (see the module's doc).
+        let stream = req.stream && !p.prompt_logprobs;
         let body = UpstreamRequest {
             model: self.model.as_deref().unwrap_or(&req.model),
             messages,
@@ -87,10 +94,11 @@ impl OpenAiWorker {
             top_k: (p.top_k > 0).then_some(p.top_k),
             seed: p.seed,
             stop: (!p.stop.is_empty()).then_some(p.stop.as_slice()),
-            stream: req.stream,
-            stream_options: req.stream.then_some(StreamOptions {
+            stream,
+            stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
             }),
+            echo: p.prompt_logprobs.then_some(true),
             // Chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: n`.
             logprobs: p.logprobs.map(|n| match messages {
                 Some(_) => Value::Bool(true),
@@ -138,6 +146,8 @@ struct UpstreamRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    echo: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,6 +204,9 @@ struct UpstreamLogprobs {
     token_logprobs: Option<Vec<Option<f32>>>,
     #[serde(default)]
     top_logprobs: Option<Vec<Option<std::collections::BTreeMap<String, f32>>>>,
+    /// Where each token's text starts in the choice's text, in characters.
+    #[serde(default)]
+    text_offset: Option<Vec<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -215,7 +228,8 @@ struct UpstreamTop {
 }
 
 impl UpstreamLogprobs {
-    /// As the gateway's items (bytes from the token text where the upstream gave none).
+    /// As the gateway's items (bytes from the token text where the upstream gave none; a
+    /// `null` log-probability, an echoed prompt's first, as NaN).
     fn items(self) -> Vec<TokenLogprob> {
         if let Some(content) = self.content {
             return content
@@ -258,7 +272,7 @@ impl UpstreamLogprobs {
                 TokenLogprob {
                     bytes: token.as_bytes().to_vec(),
                     token,
-                    logprob: lp.unwrap_or(f32::NEG_INFINITY),
+                    logprob: lp.unwrap_or(f32::NAN),
                     top_logprobs: top,
                 }
             })
@@ -344,15 +358,6 @@ impl Worker for OpenAiWorker {
         &self,
         req: Arc<WorkerRequest>,
     ) -> BoxFuture<'static, Result<EventStream, WorkerError>> {
-        if req.params.prompt_logprobs {
-            // Upstreams differ in whether and how they score a prompt; only tollgate's own
-            // engines do it here.
-            return futures::future::ready(Err(WorkerError::Rejected {
-                status: 400,
-                message: "`echo` with `logprobs` (the prompt's log-probabilities) is served by engine workers only; this pool's workers are OpenAI-compatible upstreams".into(),
-            }))
-            .boxed();
-        }
         let (path, body) = self.body(&req);
         let mut builder = http::Request::post(format!("{}{}", self.base, path))
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -395,7 +400,7 @@ impl Worker for OpenAiWorker {
                     WorkerError::Rejected { status, message }
                 });
             }
-            if req.stream {
+            if req.stream && !req.params.prompt_logprobs {
                 Ok(stream_events(resp.into_body(), req, guard))
             } else {
                 let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
@@ -472,26 +477,67 @@ fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, Work
         completion_tokens: 0,
         cached_tokens: 0,
     });
-    let text = text.to_string();
+    let mut text = text.to_string();
     let finish_reason = choice.finish().unwrap_or(FinishReason::Stop);
-    let logprobs = v
+    let mut lp = v
         .choices
         .into_iter()
         .next()
         .and_then(|c| c.logprobs)
-        .map(UpstreamLogprobs::items)
         .unwrap_or_default();
-    Ok(vec![
-        WorkerEvent::Delta {
-            text,
-            tokens: usage.completion_tokens,
-            logprobs,
-        },
-        WorkerEvent::Done {
-            finish_reason,
-            usage,
-        },
-    ])
+    let offsets = lp.text_offset.take().unwrap_or_default();
+    let mut logprobs = lp.items();
+    let mut events = Vec::with_capacity(3);
+    if req.params.prompt_logprobs {
+        let prompt_tokens = v.usage.map(|u| u.prompt_tokens as usize).ok_or_else(|| {
+            WorkerError::Protocol("upstream echoed a prompt without `usage`, so its tokens cannot be told from the completion's".into())
+        })?;
+        let (prompt, echoed) = split_echo(&mut text, &mut logprobs, &offsets, prompt_tokens)?;
+        events.push(WorkerEvent::Prompt {
+            logprobs: prompt,
+            text: Some(echoed),
+        });
+    }
+    events.push(WorkerEvent::Delta {
+        text,
+        tokens: usage.completion_tokens,
+        logprobs,
+    });
+    events.push(WorkerEvent::Done {
+        finish_reason,
+        usage,
+    });
+    Ok(events)
+}
+
+/// Splits an echoed answer: takes the prompt's items (the first `prompt_tokens`) and
+/// text (up to the first completion token's `text_offset`, in characters; without
+/// offsets, the prompt tokens' texts) off the front of `items` and `text`.
+fn split_echo(
+    text: &mut String,
+    items: &mut Vec<TokenLogprob>,
+    offsets: &[usize],
+    prompt_tokens: usize,
+) -> Result<(Vec<TokenLogprob>, String), WorkerError> {
+    if items.len() < prompt_tokens {
+        return Err(WorkerError::Protocol(format!(
+            "upstream scored {} tokens of a {prompt_tokens}-token prompt",
+            items.len()
+        )));
+    }
+    let rest = items.split_off(prompt_tokens);
+    let prompt = std::mem::replace(items, rest);
+    let chars = match offsets.get(prompt_tokens) {
+        _ if items.is_empty() => usize::MAX,
+        Some(&at) => at,
+        None => prompt.iter().map(|t| t.token.chars().count()).sum(),
+    };
+    let at = text
+        .char_indices()
+        .nth(chars)
+        .map_or(text.len(), |(i, _)| i);
+    let completion = text.split_off(at);
+    Ok((prompt, std::mem::replace(text, completion)))
 }
 
 struct StreamState {
@@ -630,4 +676,57 @@ fn stream_events(body: Incoming, req: Arc<WorkerRequest>, guard: InFlight) -> Ev
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(tokens: &[&str]) -> Vec<TokenLogprob> {
+        tokens
+            .iter()
+            .map(|t| TokenLogprob {
+                token: t.to_string(),
+                bytes: t.as_bytes().to_vec(),
+                logprob: -1.0,
+                top_logprobs: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn tokens(items: &[TokenLogprob]) -> Vec<&str> {
+        items.iter().map(|t| t.token.as_str()).collect()
+    }
+
+    #[test]
+    fn an_echoed_answer_splits_into_prompt_and_completion() {
+        // By the first completion token's offset (in characters: `é` is two bytes).
+        let (mut text, mut all) = (
+            "café au lait!".to_string(),
+            items(&["caf", "é", " au", " lait", "!"]),
+        );
+        let (prompt, echoed) = split_echo(&mut text, &mut all, &[0, 3, 4, 7, 12], 4).unwrap();
+        assert_eq!((echoed.as_str(), text.as_str()), ("café au lait", "!"));
+        assert_eq!(
+            (tokens(&prompt), tokens(&all)),
+            (vec!["caf", "é", " au", " lait"], vec!["!"])
+        );
+        // Without offsets, by the prompt tokens' texts.
+        let (mut text, mut all) = (
+            "café au lait!".to_string(),
+            items(&["caf", "é", " au", " lait", "!"]),
+        );
+        let (_, echoed) = split_echo(&mut text, &mut all, &[], 4).unwrap();
+        assert_eq!((echoed.as_str(), text.as_str()), ("café au lait", "!"));
+        // No completion token (a stop at once): all of the text is the prompt's.
+        let (mut text, mut all) = ("ab".to_string(), items(&["a", "b"]));
+        let (prompt, echoed) = split_echo(&mut text, &mut all, &[0, 1], 2).unwrap();
+        assert_eq!(
+            (echoed.as_str(), text.as_str(), prompt.len(), all.len()),
+            ("ab", "", 2, 0)
+        );
+        // Fewer items than the prompt's tokens: the upstream did not score it.
+        let (mut text, mut all) = ("ab".to_string(), items(&["a", "b"]));
+        assert!(split_echo(&mut text, &mut all, &[], 3).is_err());
+    }
 }
