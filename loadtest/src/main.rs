@@ -1,5 +1,8 @@
 //! `loadtest`: tollgate's load tools.
 //!
+//! - `loadtest run SCENARIO`: several tenants at once, each with its key and traffic
+//!   (open loop at a rate, or closed loop with users), reported per tenant: outcomes,
+//!   admitted tokens against the contract the gateway states, latency percentiles.
 //! - `loadtest rate`: an open-loop load generator. Requests are scheduled at fixed intended
 //!   times (`rate` per second) whether or not earlier ones have finished, and latency is
 //!   measured from the intended time, so a stalled server cannot hide its queueing
@@ -7,7 +10,7 @@
 //! - `loadtest stub`: a fixed-answer OpenAI-compatible upstream, for measuring what the
 //!   gateway adds and for exercising its failure handling (`--fail-status`, slow streams).
 
-use loadtest::{rate, stub};
+use loadtest::{rate, run, stub};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Play a multi-tenant scenario and report per tenant.
+    Run(run::RunArgs),
     /// Offer a fixed open-loop request rate and report latency percentiles.
     Rate(rate::RateArgs),
     /// Serve a fixed-answer OpenAI-compatible upstream.
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     let result = match cli.command {
+        Command::Run(a) => rt.block_on(run::run(a)),
         Command::Rate(a) => rt.block_on(rate::run(a)),
         Command::Stub(a) => rt.block_on(stub::run(a)),
     };

@@ -6,11 +6,10 @@
 //! complete − intended time. When every connection is busy, tickets wait, and that wait
 //! counts as latency.
 
+use crate::exchange::connect;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -46,18 +45,6 @@ struct Outcome {
     hist: Histogram<u64>,
     ok: u64,
     errors: u64,
-}
-
-async fn connect(addr: &str) -> Result<http1::SendRequest<Full<Bytes>>, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let (send, conn) = http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    Ok(send)
 }
 
 pub async fn run(a: RateArgs) -> Result<(), String> {

@@ -1,0 +1,239 @@
+//! One request and its whole answer over a keep-alive HTTP/1.1 connection, timed: the
+//! status, when the first generated text came and the gaps between later pieces (SSE
+//! streams), the `usage` the answer reported, and the contract the gateway stated in its
+//! `RateLimit-Policy` header.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// A connection's sending half.
+pub type Conn = http1::SendRequest<Full<Bytes>>;
+
+/// Opens a keep-alive connection to `addr` (`host:port`).
+pub async fn connect(addr: &str) -> Result<Conn, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// Token counts from an answer's `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+}
+
+/// What one request met.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// The answer's status; `None`: no answer (the connection failed).
+    pub status: Option<u16>,
+    /// When the first piece of generated text arrived.
+    pub first: Option<Instant>,
+    /// Microseconds between successive pieces of a stream.
+    pub gaps_us: Vec<u64>,
+    /// When the answer was complete.
+    pub end: Option<Instant>,
+    pub usage: Option<Tokens>,
+    /// A stream that carried an error event, or broke off.
+    pub stream_error: bool,
+    /// `RateLimit-Policy`'s tokens quota and window (seconds).
+    pub policy: Option<(f64, f64)>,
+}
+
+/// Sends `body` to `path` and reads the whole answer. On a connection failure the
+/// connection should be dropped (`status: None`).
+pub async fn exchange(
+    conn: &mut Conn,
+    authority: &str,
+    path: &str,
+    key: &str,
+    body: Vec<u8>,
+) -> Exchange {
+    let mut out = Exchange::default();
+    let req = http::Request::post(path)
+        .header("host", authority)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)));
+    let Ok(req) = req else { return out };
+    let resp = match conn.send_request(req).await {
+        Ok(r) => r,
+        Err(_) => return out,
+    };
+    out.status = Some(resp.status().as_u16());
+    out.policy = resp
+        .headers()
+        .get("ratelimit-policy")
+        .and_then(|v| v.to_str().ok())
+        .and_then(tokens_policy);
+    let stream = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => {
+                out.stream_error = true;
+                break;
+            }
+            Some(Ok(frame)) => {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                buf.extend_from_slice(data);
+                if !stream {
+                    continue;
+                }
+                let now = Instant::now();
+                // Whole events: `data: …` blocks ending with a blank line.
+                while let Some(at) = find(&buf, b"\n\n") {
+                    let event = buf.split_to(at + 2);
+                    let Some(data) = event.strip_prefix(b"data: ") else {
+                        continue;
+                    };
+                    let data = &data[..data.len() - 2];
+                    if data == b"[DONE]" {
+                        done = true;
+                        continue;
+                    }
+                    match stream_event(data) {
+                        Event::Text => {
+                            match last {
+                                None => out.first = Some(now),
+                                Some(t) => out.gaps_us.push((now - t).as_micros() as u64),
+                            }
+                            last = Some(now);
+                        }
+                        Event::Usage(u) => out.usage = Some(u),
+                        Event::Error => out.stream_error = true,
+                        Event::Other => {}
+                    }
+                }
+            }
+        }
+    }
+    out.end = Some(Instant::now());
+    if stream {
+        out.stream_error |= !done;
+    } else if out.status == Some(200) {
+        let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
+        out.usage = usage(&v["usage"]);
+        out.first = out.end;
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+enum Event {
+    /// Generated text (or a tool call's piece).
+    Text,
+    Usage(Tokens),
+    Error,
+    Other,
+}
+
+fn stream_event(data: &[u8]) -> Event {
+    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        return Event::Error;
+    };
+    if !v["error"].is_null() {
+        return Event::Error;
+    }
+    let c = &v["choices"][0];
+    let text = |x: &Value| x.as_str().is_some_and(|s| !s.is_empty());
+    if text(&c["text"]) || text(&c["delta"]["content"]) || c["delta"]["tool_calls"].is_array() {
+        return Event::Text;
+    }
+    match usage(&v["usage"]) {
+        Some(u) => Event::Usage(u),
+        None => Event::Other,
+    }
+}
+
+fn usage(u: &Value) -> Option<Tokens> {
+    Some(Tokens {
+        prompt: u["prompt_tokens"].as_u64()?,
+        completion: u["completion_tokens"].as_u64()?,
+        cached: u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+    })
+}
+
+/// The tokens quota and window of a `RateLimit-Policy` header (`"tokens";q=Q;w=W`).
+pub fn tokens_policy(header: &str) -> Option<(f64, f64)> {
+    header.split(',').find_map(|item| {
+        let mut parts = item.trim().split(';');
+        if parts.next()?.trim() != "\"tokens\"" {
+            return None;
+        }
+        let (mut q, mut w) = (None, None);
+        for p in parts {
+            match p.trim().split_once('=') {
+                Some(("q", v)) => q = v.parse().ok(),
+                Some(("w", v)) => w = v.parse().ok(),
+                _ => {}
+            }
+        }
+        Some((q?, w?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokens_policy_is_read_from_the_header() {
+        assert_eq!(
+            tokens_policy(r#""requests";q=10;w=10, "tokens";q=20000;w=10"#),
+            Some((20000.0, 10.0))
+        );
+        assert_eq!(tokens_policy(r#""requests";q=10;w=10"#), None);
+        assert_eq!(tokens_policy(r#""tokens";q=x;w=10"#), None);
+    }
+
+    #[test]
+    fn stream_events_are_told_apart() {
+        assert!(matches!(
+            stream_event(br#"{"choices":[{"delta":{"content":"hi"}}]}"#),
+            Event::Text
+        ));
+        assert!(matches!(
+            stream_event(br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#),
+            Event::Other
+        ));
+        assert!(matches!(
+            stream_event(br#"{"choices":[{"text":"x"}]}"#),
+            Event::Text
+        ));
+        assert!(matches!(
+            stream_event(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#),
+            Event::Usage(Tokens { prompt: 3, completion: 2, cached: 1 })
+        ));
+        assert!(matches!(
+            stream_event(br#"{"error":{"message":"x"}}"#),
+            Event::Error
+        ));
+    }
+}
