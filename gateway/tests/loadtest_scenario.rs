@@ -1,7 +1,7 @@
 //! The `loadtest` tool's scenario runner against a real gateway, with the shipped example
 //! (`config/examples/two-tenants.toml` played by `config/scenarios/two-tenants.toml`):
 //! the report shows each tenant what its contract says — the tenant inside its contract
-//! served in full, the one offering about three times its contract admitted at it and
+//! served in full, the one offering about 3.5 times its contract admitted at it and
 //! refused past it — and reads the contracts from the gateway's own headers. A closed-loop
 //! tenant on the completions endpoint rides along.
 
