@@ -3,7 +3,9 @@
 //! the report shows each tenant what its contract says — the tenant inside its contract
 //! served in full, the one offering about 3.5 times its contract admitted at it and
 //! refused past it — and reads the contracts from the gateway's own headers. A closed-loop
-//! tenant on the completions endpoint rides along.
+//! tenant on the completions endpoint rides along. With `config/examples/fair-share.toml`,
+//! a fleet too small for two tenants is shared by their weights. Every shipped scenario
+//! and example config reads.
 
 mod common;
 use common::*;
@@ -11,19 +13,12 @@ use loadtest::scenario::Scenario;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scenario_reports_each_tenant_held_to_its_contract() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let config = std::fs::read_to_string(format!("{root}/config/examples/two-tenants.toml"))
-        .unwrap()
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("127.0.0.1:8081", "127.0.0.1:0")
-        + &format!(
-            "\n[[tenants]]\nid = \"initech\"\nkeys_sha256 = [\"{KEY_SHA256}\"]\ntokens_per_second = 100000.0\n"
-        );
-    let gw = Gateway::start(&config);
-    let scenario = std::fs::read_to_string(format!("{root}/config/scenarios/two-tenants.toml"))
-        .unwrap()
-        + &format!(
-            r#"
+    let initech = format!(
+        "\n[[tenants]]\nid = \"initech\"\nkeys_sha256 = [\"{KEY_SHA256}\"]\ntokens_per_second = 100000.0\n"
+    );
+    let (_gw, mut sc) = example_with("two-tenants", &initech);
+    let more = format!(
+        r#"
 [[tenants]]
 name = "initech"
 key = "{KEY}"
@@ -34,9 +29,9 @@ prompt = "Hello"
 users = 2
 think_ms = 50
 "#
-        );
-    let mut sc = Scenario::parse(&scenario).unwrap();
-    sc.target = gw.base.clone();
+    );
+    let extra: Scenario = Scenario::parse(&format!("target = \"{}\"\n{more}", sc.target)).unwrap();
+    sc.tenants.extend(extra.tenants);
     sc.duration_secs = 4.0;
     sc.check().unwrap();
     let report = loadtest::run::execute(&sc).await.unwrap();
@@ -80,4 +75,71 @@ think_ms = 50
         "{initech:?}"
     );
     assert!(initech.completion_tokens_per_s > 0.0, "{initech:?}");
+}
+
+/// The shipped example config (with `more` config text after it) on ephemeral loopback
+/// ports, and its scenario aimed at the gateway started with it.
+fn example_with(name: &str, more: &str) -> (Gateway, Scenario) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let config = std::fs::read_to_string(format!("{root}/config/examples/{name}.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", "127.0.0.1:0")
+        + more;
+    let gw = Gateway::start(&config);
+    let text = std::fs::read_to_string(format!("{root}/config/scenarios/{name}.toml")).unwrap();
+    let mut sc = Scenario::parse(&text).unwrap();
+    sc.target = gw.base.clone();
+    (gw, sc)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scenario_shows_a_short_fleet_shared_by_weight() {
+    let (_gw, mut sc) = example_with("fair-share", "");
+    sc.warmup_secs = 1.0;
+    sc.duration_secs = 3.0;
+    let report = loadtest::run::execute(&sc).await.unwrap();
+    eprint!("{}", report.table());
+    let [big, small] = &report.tenants[..] else {
+        panic!("{report:?}")
+    };
+    // Both inside their contracts: nobody refused, everyone waits for the fleet.
+    for t in [big, small] {
+        assert_eq!((t.ok, t.limited, t.saturated), (t.sent, 0, 0), "{t:?}");
+    }
+    // Weights 3:1: the slots go about 3:1, and the lighter tenant waits longer.
+    let ratio = big.ok as f64 / small.ok.max(1) as f64;
+    assert!((2.2..4.2).contains(&ratio), "{ratio}: {report:?}");
+    assert!(small.ttft.p50_ms > big.ttft.p50_ms, "{report:?}");
+}
+
+#[test]
+fn every_shipped_scenario_and_example_config_reads() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("{root}/scenarios")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        Scenario::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        n += 1;
+    }
+    for entry in std::fs::read_dir(format!("{root}/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n += 1;
+    }
+    assert!(n >= 4, "{n} files");
 }
