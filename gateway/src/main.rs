@@ -69,7 +69,7 @@ enum Command {
         /// CPU backend threads (0 = one per CPU).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// KV-cache capacity in tokens (default: 32768 on the CPU; on a GPU, most of its
+        /// KV-cache capacity in tokens (default: 65536 on the CPU; on a GPU, most of its
         /// free memory).
         #[arg(long)]
         kv_tokens: Option<usize>,

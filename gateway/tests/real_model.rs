@@ -21,8 +21,9 @@ use std::process::Command;
 
 /// Largest |logit difference| allowed against the f32 numpy reference, relative to the
 /// largest |logit|. The engine's default path quantizes activations to 16-bit blocks
-/// (relative error ~1e-5 per element) and sums in a different order than BLAS; over 30
-/// layers that compounds to ~1e-3 of the largest logit (0.02 on logits of ~17).
+/// (relative error ~1e-5 per element), keeps the KV cache in f16 (~5e-4) and sums in a
+/// different order than BLAS; over 30 layers that compounds to ~1e-3 of the largest logit
+/// (0.02 on logits of ~17). Measured on these prompts: 3.2e-4–9.6e-4.
 const LOGIT_TOL: f32 = 2.5e-3;
 
 /// The same bound for llama.cpp's activation scheme (`activations = "q8"`: 8-bit blocks,

@@ -4,8 +4,9 @@
 //!
 //! A task scores one KV block at a time (keys are stored dim-major within a block, so a
 //! block's scores build up in registers across the key dimensions), takes the softmax,
-//! then sums the values weighted by it. For the common shapes (16-token blocks, 64-wide
-//! heads) the two inner loops are written with AVX2/FMA intrinsics; the portable loops
+//! then sums the values weighted by it. Keys and values are f16 in the cache, widened to
+//! f32 (exactly) as they are read. For the common shapes (16-token blocks, 64-wide heads)
+//! the two inner loops are written with AVX2/FMA/F16C intrinsics; the portable loops
 //! beside them do the same operations in the same order, so both give the same bits.
 
 use crate::forward::Batch;
@@ -13,6 +14,7 @@ use crate::kv::KvCache;
 use crate::matmul::Acts;
 use crate::model::LlamaConfig;
 use crate::ops;
+use half::f16;
 use rayon::prelude::*;
 
 /// Partial sums a block's scores are split into over the key dimensions (dimension `d`
@@ -23,7 +25,7 @@ const PARTS: usize = 4;
 /// One block's attention scores for one query head (unscaled): `out[s] = q · k_s` for its
 /// first `out.len()` slots; keys dim-major (`kb[d·bs + s]`, `bs` = `BS`, or `bs` for
 /// `BS = 0`).
-fn block_scores<const BS: usize>(q: &[f32], kb: &[f32], bs: usize, out: &mut [f32]) {
+fn block_scores<const BS: usize>(q: &[f32], kb: &[f16], bs: usize, out: &mut [f32]) {
     let bs = if BS == 0 { bs } else { BS };
     let n = out.len();
     let mut acc = [[0f32; 32]; PARTS];
@@ -32,11 +34,11 @@ fn block_scores<const BS: usize>(q: &[f32], kb: &[f32], bs: usize, out: &mut [f3
         let kd = &kb[d * bs..d * bs + n];
         if bs <= 32 {
             for (a, k) in acc[d % PARTS].iter_mut().zip(kd) {
-                *a = qv.mul_add(*k, *a);
+                *a = qv.mul_add(k.to_f32(), *a);
             }
         } else {
             for (a, k) in rest.iter_mut().zip(kd) {
-                a[d % PARTS] = qv.mul_add(*k, a[d % PARTS]);
+                a[d % PARTS] = qv.mul_add(k.to_f32(), a[d % PARTS]);
             }
         }
     }
@@ -52,13 +54,13 @@ fn block_scores<const BS: usize>(q: &[f32], kb: &[f32], bs: usize, out: &mut [f3
 
 /// `out = Σ p_s · v_s` over `(values, weights)` blocks (values slot-major, `out.len()` per
 /// slot), slot by slot in order.
-fn weighted_values<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>, out: &mut [f32]) {
+fn weighted_values<'a>(blocks: impl Iterator<Item = (&'a [f16], &'a [f32])>, out: &mut [f32]) {
     let hd = out.len();
     out.fill(0.0);
     for (vb, p) in blocks {
         for (s, &w) in p.iter().enumerate() {
             for (a, b) in out.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
-                *a = w.mul_add(*b, *a);
+                *a = w.mul_add(b.to_f32(), *a);
             }
         }
     }
@@ -67,22 +69,33 @@ fn weighted_values<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>, out
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::PARTS;
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// Eight f16 at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// F16C; `p..p+8` readable.
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
 
     /// [`super::block_scores`] for 16-slot blocks.
     ///
     /// # Safety
-    /// AVX2 and FMA; `kb.len() ≥ 16·q.len()`, `q.len()` a multiple of 4, `out.len() ≤ 16`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores16(q: &[f32], kb: &[f32], out: &mut [f32]) {
+    /// AVX2, FMA and F16C; `kb.len() ≥ 16·q.len()`, `q.len()` a multiple of 4,
+    /// `out.len() ≤ 16`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores16(q: &[f32], kb: &[f16], out: &mut [f32]) {
         let mut a = [_mm256_setzero_ps(); 2 * PARTS];
         let kp = kb.as_ptr();
         for d in (0..q.len()).step_by(PARTS) {
             for j in 0..PARTS {
                 let qv = _mm256_set1_ps(*q.get_unchecked(d + j));
                 let k = kp.add((d + j) * 16);
-                a[2 * j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k), a[2 * j]);
-                a[2 * j + 1] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add(8)), a[2 * j + 1]);
+                a[2 * j] = _mm256_fmadd_ps(qv, load8(k), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(qv, load8(k.add(8)), a[2 * j + 1]);
             }
         }
         let mut s = [0f32; 16];
@@ -100,10 +113,10 @@ mod avx2 {
     /// [`super::weighted_values`] for 64-wide heads: the sum stays in eight registers.
     ///
     /// # Safety
-    /// AVX2 and FMA; `out.len() == 64`; each block's values hold 64 per weight.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2, FMA and F16C; `out.len() == 64`; each block's values hold 64 per weight.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn values64<'a>(
-        blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>,
+        blocks: impl Iterator<Item = (&'a [f16], &'a [f32])>,
         out: &mut [f32],
     ) {
         let mut a = [_mm256_setzero_ps(); 8];
@@ -113,7 +126,7 @@ mod avx2 {
                 let wv = _mm256_set1_ps(w);
                 let v = vp.add(s * 64);
                 for i in 0..8 {
-                    a[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(8 * i)), a[i]);
+                    a[i] = _mm256_fmadd_ps(wv, load8(v.add(8 * i)), a[i]);
                 }
             }
         }
@@ -139,7 +152,7 @@ impl HeadTask<'_> {
     /// [`HeadTask::run`] compiled for AVX2 and FMA, with the intrinsic inner loops where
     /// the shapes fit. The arithmetic, and so the result, is the same as without them.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
         self.run::<true>(kv, qrow, o)
     }
@@ -163,7 +176,7 @@ impl HeadTask<'_> {
                     #[cfg(target_arch = "x86_64")]
                     16 if AVX2 && hd % PARTS == 0 => {
                         assert!(kb.len() >= 16 * hd);
-                        // SAFETY: AVX2/FMA (this is the AVX2 build); sizes asserted above
+                        // SAFETY: AVX2/FMA/F16C (this is the AVX2 build); sizes asserted above
                         // (`out` is at most one block).
                         unsafe { avx2::scores16(qg, kb, out) }
                     }
@@ -189,7 +202,7 @@ impl HeadTask<'_> {
             });
             #[cfg(target_arch = "x86_64")]
             if AVX2 && hd == 64 {
-                // SAFETY: AVX2/FMA (this is the AVX2 build); `og` is 64 wide and each
+                // SAFETY: AVX2/FMA/F16C (this is the AVX2 build); `og` is 64 wide and each
                 // block's values cover its weights (asserted as they are produced).
                 unsafe { avx2::values64(rows, og) };
                 continue;
@@ -233,7 +246,7 @@ pub(crate) fn attention(
             };
             #[cfg(target_arch = "x86_64")]
             if crate::quant::simd_path() != "scalar" {
-                // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+                // SAFETY: AVX2, FMA and F16C detected (the SIMD paths require them).
                 return unsafe { t.run_avx2(kv, qrow, o) };
             }
             t.run::<false>(kv, qrow, o);
@@ -252,7 +265,8 @@ mod tests {
             eprintln!("SKIPPED: no AVX2/FMA on this CPU");
             return;
         }
-        let (q, kb) = (rand(64, 1), rand(16 * 64, 2));
+        let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
+        let (q, kb) = (rand(64, 1), half(rand(16 * 64, 2)));
         for n in [1, 7, 16] {
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             block_scores::<16>(&q, &kb, 16, &mut a);
@@ -263,7 +277,7 @@ mod tests {
             block_scores::<0>(&q, &kb, 16, &mut c);
             assert_eq!(a, c, "any-size loop");
         }
-        let vals: Vec<Vec<f32>> = (0..3).map(|i| rand(16 * 64, 10 + i)).collect();
+        let vals: Vec<Vec<f16>> = (0..3).map(|i| half(rand(16 * 64, 10 + i))).collect();
         let ws: Vec<Vec<f32>> = (0..3)
             .map(|i| rand(if i == 2 { 5 } else { 16 }, 20 + i))
             .collect();
@@ -280,7 +294,7 @@ mod tests {
         // Against plain f64 sums.
         for (s, got) in a.iter().enumerate() {
             let want: f64 = blocks()
-                .flat_map(|(v, w)| (0..w.len()).map(move |j| w[j] as f64 * v[j * 64 + s] as f64))
+                .flat_map(|(v, w)| (0..w.len()).map(move |j| w[j] as f64 * v[j * 64 + s].to_f64()))
                 .sum();
             assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
         }

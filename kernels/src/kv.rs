@@ -2,8 +2,12 @@
 //! for keys and values. Inside a block the layout is head-major, so attention for one KV
 //! head reads each block as one contiguous run: values are `[kv_head][slot][dim]`, keys
 //! are transposed to `[kv_head][dim][slot]` so that a query meets a block's keys as
-//! `head_dim` vector multiply-adds across slots, with no horizontal sums. Which block belongs to which sequence (block tables, the free
-//! list) is the engine's bookkeeping, not this module's.
+//! `head_dim` vector multiply-adds across slots, with no horizontal sums. Entries are f16
+//! (as on the GPU): half the memory per token of f32, and half the bytes attention reads;
+//! each is widened to f32 exactly where it is used. Which block belongs to which sequence
+//! (block tables, the free list) is the engine's bookkeeping, not this module's.
+
+use half::f16;
 
 pub struct KvCache {
     pub block_size: usize,
@@ -11,8 +15,8 @@ pub struct KvCache {
     n_layers: usize,
     kv_dim: usize,
     n_heads: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
 }
 
 impl KvCache {
@@ -31,8 +35,8 @@ impl KvCache {
             n_layers,
             kv_dim,
             n_heads,
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+            k: vec![f16::ZERO; n],
+            v: vec![f16::ZERO; n],
         }
     }
 
@@ -49,7 +53,8 @@ impl KvCache {
         (table[pos / self.block_size] as usize, pos % self.block_size)
     }
 
-    /// Stores the keys and values (all KV heads, head after head) of position `pos`.
+    /// Stores the keys and values (all KV heads, head after head) of position `pos`,
+    /// rounded to f16 (to nearest, ties to even).
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let (b, slot) = self.locate(table, pos);
         let base = self.block_start(layer, b);
@@ -57,10 +62,12 @@ impl KvCache {
         let bs = self.block_size;
         for h in 0..self.n_heads {
             let i = base + (h * bs + slot) * hd;
-            self.v[i..i + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            for (to, &x) in self.v[i..i + hd].iter_mut().zip(&v[h * hd..(h + 1) * hd]) {
+                *to = f16::from_f32(x);
+            }
             let kt = base + h * bs * hd + slot;
             for d in 0..hd {
-                self.k[kt + d * bs] = k[h * hd + d];
+                self.k[kt + d * bs] = f16::from_f32(k[h * hd + d]);
             }
         }
     }
@@ -68,7 +75,7 @@ impl KvCache {
     /// Keys (`head_dim × block_size`, dim-major) and values (`block_size × head_dim`,
     /// slot-major) of one KV head across a whole block.
     #[inline]
-    pub fn head_block(&self, layer: usize, block: u32, head: usize) -> (&[f32], &[f32]) {
+    pub fn head_block(&self, layer: usize, block: u32, head: usize) -> (&[f16], &[f16]) {
         let hd = self.kv_dim / self.n_heads;
         let i = self.block_start(layer, block as usize) + head * self.block_size * hd;
         let n = self.block_size * hd;

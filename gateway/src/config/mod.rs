@@ -322,7 +322,7 @@ pub struct EngineConfig {
     pub max_batch_tokens: Option<usize>,
     /// Most sequences running at once; unset: the backend's default.
     pub max_seqs: Option<usize>,
-    /// KV-cache capacity in tokens (all sequences together); unset: 32,768 on the CPU, and
+    /// KV-cache capacity in tokens (all sequences together); unset: 65,536 on the CPU, and
     /// on a GPU `gpu_memory_fraction` of the memory left after the weights.
     pub kv_tokens: Option<usize>,
     /// CUDA with `kv_tokens` unset: the share of the GPU memory free after loading the
@@ -357,13 +357,13 @@ pub struct EngineSizes {
 
 impl EngineConfig {
     /// The sizes for a CPU or a GPU backend: what the config sets, else the backend's
-    /// defaults (CPU: 512-token steps, 64 sequences, 32,768 KV tokens; GPU: 2,048-token
+    /// defaults (CPU: 512-token steps, 64 sequences, 65,536 KV tokens; GPU: 2,048-token
     /// steps, 256 sequences, KV from free memory; both: 4 × max_seqs in flight).
     pub fn sizes(&self, gpu: bool) -> EngineSizes {
         let (tokens, seqs, kv) = if gpu {
             (2048, 256, None)
         } else {
-            (512, 64, Some(32768))
+            (512, 64, Some(65536))
         };
         let max_seqs = self.max_seqs.unwrap_or(seqs);
         EngineSizes {
@@ -838,7 +838,7 @@ workers = [{{ kind = "engine"{fields} }}]
             EngineSizes {
                 max_batch_tokens: 512,
                 max_seqs: 64,
-                kv_tokens: Some(32768),
+                kv_tokens: Some(65536),
                 max_concurrency: 256,
             }
         );

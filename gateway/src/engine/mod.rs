@@ -682,7 +682,7 @@ impl Factory {
         let model = &self.model;
         // The emulator's and the CPU's KV cache: a number of blocks.
         let blocks = |kv_tokens: Option<usize>| {
-            let n = kv_tokens.unwrap_or(32768).div_ceil(cfg.block_size);
+            let n = kv_tokens.unwrap_or(65536).div_ceil(cfg.block_size);
             self.kv_blocks.unwrap_or(n)
         };
         match kind {
