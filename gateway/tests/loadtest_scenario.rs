@@ -4,8 +4,9 @@
 //! served in full, the one offering about 3.5 times its contract admitted at it and
 //! refused past it — and reads the contracts from the gateway's own headers. A closed-loop
 //! tenant on the completions endpoint rides along. With `config/examples/fair-share.toml`,
-//! a fleet too small for two tenants is shared by their weights. Every shipped scenario
-//! and example config reads.
+//! a fleet too small for two tenants is shared by their weights. A contract raised while
+//! the load runs shows in the report's timeline. Every shipped scenario and example config
+//! reads.
 
 mod common;
 use common::*;
@@ -75,6 +76,60 @@ think_ms = 50
         "{initech:?}"
     );
     assert!(initech.completion_tokens_per_s > 0.0, "{initech:?}");
+    // The timeline adds up to the totals, a line per second of the window.
+    for t in &report.tenants {
+        assert_eq!(t.timeline.len(), 4, "{t:?}");
+        let sum = |f: fn(&loadtest::report::Second) -> u64| t.timeline.iter().map(f).sum::<u64>();
+        assert_eq!(
+            (sum(|s| s.sent), sum(|s| s.ok), sum(|s| s.limited)),
+            (t.sent, t.ok, t.limited)
+        );
+        let weighted: f64 = t.timeline.iter().map(|s| s.weighted_tokens).sum();
+        assert!(
+            (weighted / 4.0 - t.weighted_tokens_per_s).abs() < 1e-6,
+            "{t:?}"
+        );
+    }
+}
+
+/// An operator raises a tenant's contract while the load runs (the gateway watches its
+/// file): the timeline shows the admitted rate step up from the next second on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_contract_raised_mid_run_shows_in_the_timeline() {
+    // A burst of one second, so that the warm-up spends it.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let config = std::fs::read_to_string(format!("{root}/config/examples/two-tenants.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", "127.0.0.1:0")
+        .replace("burst_seconds = 5.0", "burst_seconds = 1.0");
+    let gw = Gateway::start(&config);
+    let text =
+        std::fs::read_to_string(format!("{root}/config/scenarios/two-tenants.toml")).unwrap();
+    let mut sc = Scenario::parse(&text).unwrap();
+    sc.target = gw.base.clone();
+    sc.warmup_secs = 1.0;
+    sc.duration_secs = 5.0;
+    sc.tenants.retain(|t| t.name == "globex");
+    let raised = config.replace("tokens_per_second = 1000.0", "tokens_per_second = 10000.0");
+    let run = loadtest::run::execute(&sc);
+    let reload = async {
+        // Two seconds into the window (after the run's 0.1 s start and 1 s warm-up).
+        tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+        gw.write_config(&raised);
+    };
+    let (report, ()) = tokio::join!(run, reload);
+    let report = report.unwrap();
+    eprint!("{}{}", report.table(), report.timeline());
+    let t = &report.tenants[0];
+    let w: Vec<f64> = t.timeline.iter().map(|s| s.weighted_tokens).collect();
+    // Before: held to 1,000 tokens/s (the burst left after the warm-up on top). After: all
+    // of its ~3,500 offered.
+    assert!(w[0] < 1600.0 && w[1] < 1600.0, "{w:?}");
+    assert!(w[3] > 2500.0 && w[4] > 2500.0, "{w:?}");
+    assert_eq!(t.timeline[4].limited, 0, "{t:?}");
+    // The contract reported is the latest the gateway stated.
+    assert_eq!(t.contract_tokens_per_s, Some(10000.0), "{t:?}");
 }
 
 /// The shipped example config (with `more` config text after it) on ephemeral loopback

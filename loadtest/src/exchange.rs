@@ -34,6 +34,14 @@ pub struct Tokens {
     pub cached: u64,
 }
 
+impl Tokens {
+    pub fn add(&mut self, o: Tokens) {
+        self.prompt += o.prompt;
+        self.completion += o.completion;
+        self.cached += o.cached;
+    }
+}
+
 /// What one request met.
 #[derive(Debug, Default)]
 pub struct Exchange {

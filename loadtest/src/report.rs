@@ -1,7 +1,8 @@
 //! What a scenario run measured, per tenant: requests by outcome, admitted rates in
 //! requests and tokens (weighted as the gateway charges them, set against the contract the
-//! gateway states in `RateLimit-Policy`), and latency percentiles (time to first token,
-//! whole answer, gaps between a stream's pieces), as a table and as JSON.
+//! gateway states in `RateLimit-Policy`), latency percentiles (time to first token, whole
+//! answer, gaps between a stream's pieces), and the same counts second by second (so that a
+//! limit changed during the run shows when it took effect), as a table and as JSON.
 
 use crate::exchange::{Exchange, Tokens};
 use hdrhistogram::Histogram;
@@ -29,7 +30,20 @@ pub struct Stats {
     pub ttft: Histogram<u64>,
     pub e2e: Histogram<u64>,
     pub gaps: Histogram<u64>,
-    pub policy: Option<(f64, f64)>,
+    /// The latest `RateLimit-Policy` tokens quota and window seen, and when.
+    pub policy: Option<(Instant, (f64, f64))>,
+    /// Per second of the window (by each request's intended or sending time).
+    pub seconds: Vec<SecondCounts>,
+}
+
+/// One second's requests of one tenant.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SecondCounts {
+    pub sent: u64,
+    pub ok: u64,
+    pub limited: u64,
+    pub saturated: u64,
+    pub tokens: Tokens,
 }
 
 impl Default for Stats {
@@ -48,6 +62,7 @@ impl Default for Stats {
             e2e: histogram(),
             gaps: histogram(),
             policy: None,
+            seconds: Vec::new(),
         }
     }
 }
@@ -57,20 +72,32 @@ fn us(from: Instant, to: Instant) -> u64 {
 }
 
 impl Stats {
-    /// Counts one measured request, intended (or sent) at `intended`.
-    pub fn record(&mut self, intended: Instant, x: &Exchange) {
+    /// The counts of second `at − window`.
+    fn second(&mut self, window: Instant, at: Instant) -> &mut SecondCounts {
+        let i = at.saturating_duration_since(window).as_secs() as usize;
+        if self.seconds.len() <= i {
+            self.seconds.resize(i + 1, SecondCounts::default());
+        }
+        &mut self.seconds[i]
+    }
+
+    /// Counts one measured request, intended (or sent) at `intended`, in the window that
+    /// began at `window`.
+    pub fn record(&mut self, window: Instant, intended: Instant, x: &Exchange) {
         self.sent += 1;
-        if x.policy.is_some() {
-            self.policy = x.policy;
+        self.second(window, intended).sent += 1;
+        if let (Some(p), Some(end)) = (x.policy, x.end) {
+            self.policy = Some((end, p));
         }
         match x.status {
             None => self.transport += 1,
             Some(200) => {
                 self.ok += 1;
+                let sec = self.second(window, intended);
+                sec.ok += 1;
                 if let Some(u) = x.usage {
-                    self.tokens.prompt += u.prompt;
-                    self.tokens.completion += u.completion;
-                    self.tokens.cached += u.cached;
+                    sec.tokens.add(u);
+                    self.tokens.add(u);
                 }
                 if x.stream_error {
                     self.stream_errors += 1;
@@ -85,10 +112,24 @@ impl Stats {
                     let _ = self.gaps.record(g.clamp(1, 600_000_000));
                 }
             }
-            Some(429) => self.limited += 1,
-            Some(503) => self.saturated += 1,
+            Some(429) => {
+                self.limited += 1;
+                self.second(window, intended).limited += 1;
+            }
+            Some(503) => {
+                self.saturated += 1;
+                self.second(window, intended).saturated += 1;
+            }
             Some(s) => *self.other.entry(s).or_default() += 1,
         }
+    }
+
+    /// A measured request that was never answered (cut off, or never sent, at the drain's
+    /// end).
+    pub fn unfinished(&mut self, window: Instant, intended: Instant) {
+        self.sent += 1;
+        self.unfinished += 1;
+        self.second(window, intended).sent += 1;
     }
 
     /// Adds another part of the same tenant's requests.
@@ -103,13 +144,25 @@ impl Stats {
         self.transport += o.transport;
         self.stream_errors += o.stream_errors;
         self.unfinished += o.unfinished;
-        self.tokens.prompt += o.tokens.prompt;
-        self.tokens.completion += o.tokens.completion;
-        self.tokens.cached += o.tokens.cached;
+        self.tokens.add(o.tokens);
+        if self.seconds.len() < o.seconds.len() {
+            self.seconds
+                .resize(o.seconds.len(), SecondCounts::default());
+        }
+        for (a, b) in self.seconds.iter_mut().zip(&o.seconds) {
+            a.sent += b.sent;
+            a.ok += b.ok;
+            a.limited += b.limited;
+            a.saturated += b.saturated;
+            a.tokens.add(b.tokens);
+        }
         let _ = self.ttft.add(&o.ttft);
         let _ = self.e2e.add(&o.e2e);
         let _ = self.gaps.add(&o.gaps);
-        self.policy = self.policy.or(o.policy);
+        self.policy = match (self.policy, o.policy) {
+            (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -162,7 +215,7 @@ pub struct TenantReport {
     /// `prompt + output_weight × completion` per second, as the gateway charges.
     pub weighted_tokens_per_s: f64,
     /// The contract as the gateway states it: `RateLimit-Policy`'s tokens quota over its
-    /// window.
+    /// window, the latest seen.
     pub contract_tokens_per_s: Option<f64>,
     /// Weighted tokens admitted per second, as a share of the contract.
     pub share_of_contract: Option<f64>,
@@ -170,6 +223,20 @@ pub struct TenantReport {
     pub e2e: Percentiles,
     /// Gaps between a stream's pieces of text.
     pub inter_token: Percentiles,
+    /// Second by second.
+    pub timeline: Vec<Second>,
+}
+
+/// One second of a tenant's window: its requests by outcome, and the weighted tokens of
+/// those served.
+#[derive(Debug, Serialize, Clone, Copy, PartialEq)]
+pub struct Second {
+    pub second: usize,
+    pub sent: u64,
+    pub ok: u64,
+    pub limited: u64,
+    pub saturated: u64,
+    pub weighted_tokens: f64,
 }
 
 impl TenantReport {
@@ -183,7 +250,11 @@ impl TenantReport {
     ) -> Self {
         let per_s = |n: u64| n as f64 / seconds;
         let weighted = per_s(s.tokens.prompt) + output_weight * per_s(s.tokens.completion);
-        let contract = s.policy.filter(|p| p.1 > 0.0).map(|(q, w)| q / w);
+        let contract = s
+            .policy
+            .map(|(_, p)| p)
+            .filter(|p| p.1 > 0.0)
+            .map(|(q, w)| q / w);
         Self {
             name: name.to_string(),
             offered_rps,
@@ -206,6 +277,20 @@ impl TenantReport {
             ttft: Percentiles::of(&s.ttft),
             e2e: Percentiles::of(&s.e2e),
             inter_token: Percentiles::of(&s.gaps),
+            timeline: s
+                .seconds
+                .iter()
+                .enumerate()
+                .map(|(second, c)| Second {
+                    second,
+                    sent: c.sent,
+                    ok: c.ok,
+                    limited: c.limited,
+                    saturated: c.saturated,
+                    weighted_tokens: c.tokens.prompt as f64
+                        + output_weight * c.tokens.completion as f64,
+                })
+                .collect(),
         }
     }
 }
@@ -284,6 +369,26 @@ impl Report {
                 format!("{}/{}", ms(t.e2e.p50_ms), ms(t.e2e.p99_ms)),
                 format!("{}/{}", ms(t.inter_token.p50_ms), ms(t.inter_token.p99_ms)),
             );
+        }
+        s
+    }
+
+    /// Each tenant's timeline as a table: a line per second.
+    pub fn timeline(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<12} {:>6} {:>7} {:>7} {:>6} {:>6} {:>10}",
+            "tenant", "second", "sent", "ok", "429", "503", "weighted"
+        );
+        for t in &self.tenants {
+            for x in &t.timeline {
+                let _ = writeln!(
+                    s,
+                    "{:<12} {:>6} {:>7} {:>7} {:>6} {:>6} {:>10.0}",
+                    t.name, x.second, x.sent, x.ok, x.limited, x.saturated, x.weighted_tokens
+                );
+            }
         }
         s
     }

@@ -34,6 +34,9 @@ pub struct RunArgs {
     /// Also write the report as JSON to this file (`-`: JSON on stdout, no table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also print each tenant's requests and weighted tokens second by second.
+    #[arg(long)]
+    timeline: bool,
 }
 
 /// When the run's phases begin and end.
@@ -62,12 +65,18 @@ pub async fn run(a: RunArgs) -> Result<(), String> {
     let report = execute(&sc).await?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     match a.json {
-        Some(p) if p.as_os_str() == "-" => println!("{json}"),
+        Some(p) if p.as_os_str() == "-" => {
+            println!("{json}");
+            return Ok(());
+        }
         Some(p) => {
             print!("{}", report.table());
             std::fs::write(&p, json).map_err(|e| format!("{}: {e}", p.display()))?;
         }
         None => print!("{}", report.table()),
+    }
+    if a.timeline {
+        print!("{}", report.timeline());
     }
     Ok(())
 }
@@ -154,15 +163,14 @@ impl Player {
                     *conn = None;
                 }
                 if measured {
-                    stats.record(intended, &x);
+                    stats.record(self.times.window, intended, &x);
                 }
             }
             // Cut off by the drain's end: the connection is mid-answer.
             None => {
                 *conn = None;
                 if measured {
-                    stats.sent += 1;
-                    stats.unfinished += 1;
+                    stats.unfinished(self.times.window, intended);
                 }
             }
         }
@@ -206,8 +214,7 @@ impl Player {
                     if Instant::now() >= p.times.deadline {
                         // Never sent: the drain is over.
                         if intended >= p.times.window {
-                            stats.sent += 1;
-                            stats.unfinished += 1;
+                            stats.unfinished(p.times.window, intended);
                         }
                         continue;
                     }
