@@ -243,12 +243,20 @@ async fn run(
         .map(|prompt| PromptPart::new(pool, prompt, req.echo, req.params.prompt_logprobs))
         .collect::<Result<Vec<_>, _>>()?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
-    // `n` choices per prompt: each its own sequence, so its own prompt and output.
-    let n = req.n.max(1) as usize;
+    // `best_of` (at least `n`) choices per prompt: each its own sequence, so its own prompt
+    // and output. Past `n`, the best `n` of each prompt's are kept (see `best`), which
+    // needs each token's log-probability.
+    let n = req.best_of.max(req.n).max(1) as usize;
+    let keep = req.n.max(1) as usize;
     let choices = n * parts.len();
+    let shown_logprobs = req.params.logprobs.is_some();
+    let mut params = req.params;
+    if n > keep {
+        params.logprobs.get_or_insert(0);
+    }
     let cost = parts
         .iter()
-        .map(|p| n as f64 * (p.tokens as f64 + terms.output_weight * req.params.max_tokens as f64))
+        .map(|p| n as f64 * (p.tokens as f64 + terms.output_weight * params.max_tokens as f64))
         .sum::<f64>();
     let ask = Ask {
         contract: terms.contract,
@@ -265,12 +273,12 @@ async fn run(
         req.endpoint,
         &req.model,
         req.include_usage,
-        req.params.logprobs.is_some(),
-        choices,
+        shown_logprobs,
+        keep * parts.len(),
         req.tool_calls,
     );
     let stream = req.stream;
-    let prompt_logprobs = req.params.prompt_logprobs;
+    let prompt_logprobs = params.prompt_logprobs;
     let weight = if meter.best_effort || spot {
         Some(crate::worker::LOWEST_WEIGHT)
     } else {
@@ -302,7 +310,7 @@ async fn run(
             model: req.model.as_str().into(),
             prompt: part.prompt.clone(),
             prompt_ids: part.ids.clone(),
-            params: req.params.clone(),
+            params: params.clone(),
             stream,
         });
         let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
@@ -351,6 +359,7 @@ async fn run(
                     echo: part.echo.clone(),
                     text: String::new(),
                     logprobs: Vec::new(),
+                    score: (0.0, 0),
                     done: None,
                 })
             })
@@ -358,6 +367,7 @@ async fn run(
         _concurrency_slot: concurrency_slot,
         deadline,
         prompt_logprobs,
+        keep,
     };
     if stream {
         Ok(Reply::Stream(sse))
@@ -510,6 +520,8 @@ struct Choice {
     echo: Option<String>,
     text: String,
     logprobs: Vec<crate::worker::TokenLogprob>,
+    /// Its completion tokens' log-probabilities added up, and how many (`best_of`).
+    score: (f64, u32),
     /// How it finished, once it has.
     done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
 }
@@ -523,12 +535,35 @@ struct SseStream {
     /// `echo` with `logprobs`: streamed, the prompt goes out with its tokens'
     /// log-probabilities when the worker sends them ([`WorkerEvent::Prompt`]).
     prompt_logprobs: bool,
+    /// Choices returned per prompt (`n`); the others (`best_of` past `n`) are dropped
+    /// once all have ended (whole answers only).
+    keep: usize,
 }
 
 enum Step {
     /// Choice `usize`'s next event.
     Event(usize, WorkerEvent),
     Failed(ApiError),
+}
+
+/// The choices to return: of each prompt's (consecutive, as routed), the `keep` with the
+/// highest mean log-probability per completion token, best first (ties: the earlier
+/// choice); all of them, in order, when each prompt has no more than `keep`.
+fn best(choices: &[Choice], keep: usize) -> impl Iterator<Item = &Choice> {
+    let mean = |c: &Choice| match c.score.1 {
+        0 => 0.0,
+        k => c.score.0 / k as f64,
+    };
+    let mut picked = Vec::with_capacity(choices.len());
+    for group in choices.chunk_by(|a, b| a.prompt == b.prompt) {
+        let mut order: Vec<&Choice> = group.iter().collect();
+        if order.len() > keep {
+            order.sort_by(|a, b| mean(b).total_cmp(&mean(a)));
+            order.truncate(keep);
+        }
+        picked.extend(order);
+    }
+    picked.into_iter()
 }
 
 /// The usage of a request's choices together: each prompt once (each of its choices'
@@ -632,6 +667,10 @@ impl SseStream {
                     meter.tokens(tokens);
                     let c = &mut self.choices[i];
                     c.text.push_str(&text);
+                    for t in logprobs.iter().filter(|t| t.logprob.is_finite()) {
+                        c.score.0 += t.logprob as f64;
+                        c.score.1 += 1;
+                    }
                     c.logprobs.extend(logprobs);
                 }
                 Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
@@ -654,9 +693,7 @@ impl SseStream {
                     }
                     let usage = total_usage(&self.choices);
                     meter.success(usage).await;
-                    let out: Vec<ChoiceOut<'_>> = self
-                        .choices
-                        .iter()
+                    let out: Vec<ChoiceOut<'_>> = best(&self.choices, self.keep)
                         .map(|c| ChoiceOut {
                             text: &c.text,
                             logprobs: &c.logprobs,

@@ -1,6 +1,6 @@
 //! `n` choices per request: each its own sequence on the engine (routed on its own), whole
 //! and streamed, with the seed moving on by the choice's index; admission reserves for
-//! all of them; completions with several prompts, `n` choices each.
+//! all of them; completions with several prompts, `n` choices each; `best_of`.
 
 mod common;
 use common::*;
@@ -169,6 +169,87 @@ async fn several_prompts_in_one_completions_request() {
     let prompts = format!("[{}]", [r#""a""#; 9].join(","));
     let many = body(&prompts, "").replace(r#""n":2"#, r#""n":16"#);
     assert_eq!(post(&gw, "/v1/completions", &many).await.status(), 400);
+}
+
+/// `best_of`: of each prompt's `best_of` choices, the `n` with the highest mean
+/// log-probability per token come back, best first; usage counts all of them; it cannot be
+/// streamed, and is refused below `n` or past 16.
+#[tokio::test(flavor = "multi_thread")]
+async fn best_of_returns_the_most_likely_choices() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let body = |extra: &str| {
+        format!(
+            r#"{{"model":"m","prompt":["once upon a time","the sea"],"max_tokens":6,"temperature":1.2,"seed":11{extra}}}"#
+        )
+    };
+    // The candidates: `n` = 4 with the same seed draws the same four per prompt.
+    let all: Value = post_json(&gw, "/v1/completions", &body(r#","n":4,"logprobs":1"#)).await;
+    let mean = |c: &Value| {
+        let lps: Vec<f64> = c["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        lps.iter().sum::<f64>() / lps.len().max(1) as f64
+    };
+    let candidates = all["choices"].as_array().unwrap();
+    let mut want = Vec::new();
+    for p in 0..2 {
+        let mut group: Vec<&Value> = candidates[p * 4..p * 4 + 4].iter().collect();
+        group.sort_by(|a, b| mean(b).total_cmp(&mean(a)));
+        want.extend(
+            group[..2]
+                .iter()
+                .map(|c| c["text"].as_str().unwrap().to_string()),
+        );
+    }
+    for extra in [
+        r#","n":2,"best_of":4,"logprobs":1"#,
+        r#","n":2,"best_of":4"#,
+    ] {
+        let v: Value = post_json(&gw, "/v1/completions", &body(extra)).await;
+        let got: Vec<String> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i as u64, "{v}");
+                // Log-probabilities only where asked for.
+                assert_eq!(c["logprobs"].is_null(), !extra.contains("logprobs"), "{v}");
+                c["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(got, want, "{extra}: {v}");
+        // All four candidates' tokens are counted.
+        assert_eq!(v["usage"], all["usage"], "{v}");
+    }
+    // The best are not simply the first ones drawn (else this would not tell).
+    let first: Vec<&str> = [0, 1, 4, 5]
+        .iter()
+        .map(|&i| candidates[i]["text"].as_str().unwrap())
+        .collect();
+    assert_ne!(want, first, "{all}");
+    for (extra, why) in [
+        (r#","n":3,"best_of":2"#, "best_of"),
+        (r#","best_of":17"#, "best_of"),
+        (r#","n":1,"best_of":2,"stream":true"#, "streamed"),
+    ] {
+        let r = post(&gw, "/v1/completions", &body(extra)).await;
+        assert_eq!(r.status(), 400, "{extra}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
+    }
+    // `best_of` equal to `n` streams as `n` does.
+    let r = post(
+        &gw,
+        "/v1/completions",
+        &body(r#","n":2,"best_of":2,"stream":true"#),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
 }
 
 /// Admission reserves for every choice: a request that fits the burst alone does not

@@ -1,7 +1,7 @@
 //! Validation: request bytes → a typed [`InferenceRequest`], or a 400 that names the field.
 //!
 //! Unknown fields are ignored (SDKs add new ones); known options this gateway cannot honour
-//! (`functions`, `best_of`, schema keywords its structured output cannot follow, …) are refused
+//! (`functions`, `suffix`, schema keywords its structured output cannot follow, …) are refused
 //! with a 400 that says so rather than silently dropped.
 
 use super::error::ApiError;
@@ -31,8 +31,11 @@ pub struct InferenceRequest {
     pub include_usage: bool,
     /// Completions with `echo`: the prompt, sent back before the completion.
     pub echo: bool,
-    /// Choices to generate (`n`), each on its own sequence.
+    /// Choices to return (`n`), each on its own sequence.
     pub n: u32,
+    /// Choices to generate per prompt (`best_of`, at least `n`): the `n` with the highest
+    /// mean log-probability per token are returned.
+    pub best_of: u32,
     /// The answer is a tool call (or, with `tool_choice: "auto"`, words) in the JSON
     /// shape of [`tools`], to be rendered as `tool_calls`.
     pub tool_calls: bool,
@@ -418,6 +421,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         include_usage,
         echo: false,
         n,
+        best_of: n,
         tool_calls: tool_plan.is_some(),
     })
 }
@@ -426,9 +430,6 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
 pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
     let req: CompletionRequest = typed(body)?;
     let c: CommonParams = typed(body)?;
-    if req.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::unsupported("best_of", "`best_of` > 1"));
-    }
     if not_null(&req.suffix) {
         return Err(ApiError::unsupported("suffix", "a suffix (insertion)"));
     }
@@ -436,14 +437,30 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     let logprobs = completion_logprobs(&c.logprobs)?;
     let echo = req.echo == Some(true);
     let n = choices(c.n)?;
-    if prompts.len() * n as usize > MAX_CHOICES {
+    let best_of = match req.best_of {
+        None => n,
+        Some(b) if (n..=MAX_N).contains(&b) => b,
+        Some(b) => {
+            return Err(ApiError::bad(
+                format!("`best_of` must be from `n` ({n}) to {MAX_N}, got {b}."),
+                Some("best_of".into()),
+            ))
+        }
+    };
+    if best_of > n && c.stream == Some(true) {
+        return Err(ApiError::bad(
+            "`best_of` greater than `n` cannot be streamed (the best are known only at the end).",
+            Some("best_of".into()),
+        ));
+    }
+    if prompts.len() * best_of as usize > MAX_CHOICES {
         return Err(ApiError::bad(
             format!(
-                "{} prompts × n = {n} is {} choices; at most {MAX_CHOICES} per request.",
+                "{} prompts × {best_of} choices each is {}; at most {MAX_CHOICES} per request.",
                 prompts.len(),
-                prompts.len() * n as usize
+                prompts.len() * best_of as usize
             ),
-            Some("n".into()),
+            Some(if best_of > n { "best_of" } else { "n" }.into()),
         ));
     }
     let (model, mut params, stream, include_usage) = common(c, None, logprobs, server)?;
@@ -457,6 +474,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         include_usage,
         echo,
         n,
+        best_of,
         tool_calls: false,
     })
 }
