@@ -283,6 +283,19 @@ async fn logprobs_pass_through_a_remote_worker_and_simulated_workers_refuse_them
         v["error"]["message"].as_str().unwrap().contains("logprobs"),
         "{v}"
     );
+    // So is `best_of` past `n`, which ranks by them.
+    let r = post(
+        &sim,
+        "/v1/completions",
+        r#"{"model":"m","prompt":"hi","best_of":2}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("best_of"),
+        "{v}"
+    );
 }
 
 /// The `logprobs` objects of a stream's chunks that have one.

@@ -263,7 +263,7 @@ impl Worker for SimWorker {
                 let what = if req.params.json.is_some() {
                     "JSON mode or structured output (`response_format`)"
                 } else {
-                    "logprobs"
+                    "log-probabilities (`logprobs`, or `best_of` past `n`, which ranks by them)"
                 };
                 return Err(WorkerError::Rejected {
                     status: 400,
