@@ -112,6 +112,10 @@ if engine:
     assert "".join(lp.tokens) == c.choices[0].text, lp
     assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), lp
     assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs), lp
+    # best_of: three drawn, the most likely one returned, all three counted.
+    b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=1, seed=5, best_of=3)
+    assert len(b.choices) == 1 and b.choices[0].logprobs is None, b
+    assert b.usage.completion_tokens >= 3, b.usage
     # Scoring, as evaluation harnesses do: prompts of text and of token ids in one
     # request, echoed with their tokens' log-probabilities (the first None), and one
     # generated token at the end of each list.
