@@ -266,6 +266,14 @@ pub async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
 }
 
 /// `post`, and its body as JSON.
+/// A request to `path` refused with a 400 whose message says `why`.
+pub async fn refused(gw: &Gateway, path: &str, body: &str, why: &str) {
+    let r = post(gw, path, body).await;
+    assert_eq!(r.status(), 400, "{body}");
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
+}
+
 pub async fn post_json(gw: &Gateway, path: &str, body: &str) -> serde_json::Value {
     post(gw, path, body).await.json().await.unwrap()
 }
