@@ -16,17 +16,13 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
-/// One tenant's measured requests, gathered as they end.
+/// One tenant's measured requests, gathered as they end. Requests by outcome and tokens
+/// are counted per second ([`Stats::seconds`]); the totals are their sums.
 pub struct Stats {
-    pub sent: u64,
-    pub ok: u64,
-    pub limited: u64,
-    pub saturated: u64,
     pub other: BTreeMap<u16, u64>,
     pub transport: u64,
     pub stream_errors: u64,
     pub unfinished: u64,
-    pub tokens: Tokens,
     pub ttft: Histogram<u64>,
     pub e2e: Histogram<u64>,
     pub gaps: Histogram<u64>,
@@ -46,18 +42,23 @@ pub struct SecondCounts {
     pub tokens: Tokens,
 }
 
+impl SecondCounts {
+    fn add(&mut self, o: &SecondCounts) {
+        self.sent += o.sent;
+        self.ok += o.ok;
+        self.limited += o.limited;
+        self.saturated += o.saturated;
+        self.tokens.add(o.tokens);
+    }
+}
+
 impl Default for Stats {
     fn default() -> Self {
         Self {
-            sent: 0,
-            ok: 0,
-            limited: 0,
-            saturated: 0,
             other: BTreeMap::new(),
             transport: 0,
             stream_errors: 0,
             unfinished: 0,
-            tokens: Tokens::default(),
             ttft: histogram(),
             e2e: histogram(),
             gaps: histogram(),
@@ -84,7 +85,6 @@ impl Stats {
     /// Counts one measured request, intended (or sent) at `intended`, in the window that
     /// began at `window`.
     pub fn record(&mut self, window: Instant, intended: Instant, x: &Exchange) {
-        self.sent += 1;
         self.second(window, intended).sent += 1;
         if let (Some(p), Some(end)) = (x.policy, x.end) {
             self.policy = Some((end, p));
@@ -92,12 +92,10 @@ impl Stats {
         match x.status {
             None => self.transport += 1,
             Some(200) => {
-                self.ok += 1;
                 let sec = self.second(window, intended);
                 sec.ok += 1;
                 if let Some(u) = x.usage {
                     sec.tokens.add(u);
-                    self.tokens.add(u);
                 }
                 if x.stream_error {
                     self.stream_errors += 1;
@@ -112,14 +110,8 @@ impl Stats {
                     let _ = self.gaps.record(g.clamp(1, 600_000_000));
                 }
             }
-            Some(429) => {
-                self.limited += 1;
-                self.second(window, intended).limited += 1;
-            }
-            Some(503) => {
-                self.saturated += 1;
-                self.second(window, intended).saturated += 1;
-            }
+            Some(429) => self.second(window, intended).limited += 1,
+            Some(503) => self.second(window, intended).saturated += 1,
             Some(s) => *self.other.entry(s).or_default() += 1,
         }
     }
@@ -127,34 +119,24 @@ impl Stats {
     /// A measured request that was never answered (cut off, or never sent, at the drain's
     /// end).
     pub fn unfinished(&mut self, window: Instant, intended: Instant) {
-        self.sent += 1;
         self.unfinished += 1;
         self.second(window, intended).sent += 1;
     }
 
     /// Adds another part of the same tenant's requests.
     pub fn merge(&mut self, o: Stats) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        self.limited += o.limited;
-        self.saturated += o.saturated;
         for (s, n) in o.other {
             *self.other.entry(s).or_default() += n;
         }
         self.transport += o.transport;
         self.stream_errors += o.stream_errors;
         self.unfinished += o.unfinished;
-        self.tokens.add(o.tokens);
         if self.seconds.len() < o.seconds.len() {
             self.seconds
                 .resize(o.seconds.len(), SecondCounts::default());
         }
         for (a, b) in self.seconds.iter_mut().zip(&o.seconds) {
-            a.sent += b.sent;
-            a.ok += b.ok;
-            a.limited += b.limited;
-            a.saturated += b.saturated;
-            a.tokens.add(b.tokens);
+            a.add(b);
         }
         let _ = self.ttft.add(&o.ttft);
         let _ = self.e2e.add(&o.e2e);
@@ -249,7 +231,11 @@ impl TenantReport {
         s: &Stats,
     ) -> Self {
         let per_s = |n: u64| n as f64 / seconds;
-        let weighted = per_s(s.tokens.prompt) + output_weight * per_s(s.tokens.completion);
+        let total = s.seconds.iter().fold(SecondCounts::default(), |mut t, x| {
+            t.add(x);
+            t
+        });
+        let weighted = per_s(total.tokens.prompt) + output_weight * per_s(total.tokens.completion);
         let contract = s
             .policy
             .map(|(_, p)| p)
@@ -259,18 +245,18 @@ impl TenantReport {
             name: name.to_string(),
             offered_rps,
             users,
-            sent: s.sent,
-            ok: s.ok,
-            limited: s.limited,
-            saturated: s.saturated,
+            sent: total.sent,
+            ok: total.ok,
+            limited: total.limited,
+            saturated: total.saturated,
             other: s.other.clone(),
             transport_errors: s.transport,
             stream_errors: s.stream_errors,
             unfinished: s.unfinished,
-            ok_rps: per_s(s.ok),
-            prompt_tokens_per_s: per_s(s.tokens.prompt),
-            cached_tokens_per_s: per_s(s.tokens.cached),
-            completion_tokens_per_s: per_s(s.tokens.completion),
+            ok_rps: per_s(total.ok),
+            prompt_tokens_per_s: per_s(total.tokens.prompt),
+            cached_tokens_per_s: per_s(total.tokens.cached),
+            completion_tokens_per_s: per_s(total.tokens.completion),
             weighted_tokens_per_s: weighted,
             contract_tokens_per_s: contract,
             share_of_contract: contract.filter(|c| *c > 0.0).map(|c| weighted / c),

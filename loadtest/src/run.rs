@@ -103,15 +103,19 @@ pub async fn execute(sc: &Scenario) -> Result<Report, String> {
             seed: sc.seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
             times,
         };
-        runs.push(match t.traffic()? {
-            Traffic::Open { rate, arrival } => tokio::spawn(player.open_loop(rate, arrival)),
-            Traffic::Closed { users } => tokio::spawn(player.closed_loop(users)),
-        });
+        let traffic = t.traffic()?;
+        runs.push((
+            traffic,
+            match traffic {
+                Traffic::Open { rate, arrival } => tokio::spawn(player.open_loop(rate, arrival)),
+                Traffic::Closed { users } => tokio::spawn(player.closed_loop(users)),
+            },
+        ));
     }
     let mut tenants = Vec::new();
-    for (t, run) in sc.tenants.iter().zip(runs) {
+    for (t, (traffic, run)) in sc.tenants.iter().zip(runs) {
         let stats = run.await.map_err(|e| e.to_string())?;
-        let (offered, users) = match t.traffic()? {
+        let (offered, users) = match traffic {
             Traffic::Open { rate, .. } => (Some(rate), None),
             Traffic::Closed { users } => (None, Some(users)),
         };
