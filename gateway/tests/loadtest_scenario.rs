@@ -17,7 +17,7 @@ async fn a_scenario_reports_each_tenant_held_to_its_contract() {
     let initech = format!(
         "\n[[tenants]]\nid = \"initech\"\nkeys_sha256 = [\"{KEY_SHA256}\"]\ntokens_per_second = 100000.0\n"
     );
-    let (_gw, mut sc) = example_with("two-tenants", &initech);
+    let (_gw, mut sc, _) = example("two-tenants", |c| c + &initech);
     let more = format!(
         r#"
 [[tenants]]
@@ -97,17 +97,9 @@ think_ms = 50
 #[tokio::test(flavor = "multi_thread")]
 async fn a_contract_raised_mid_run_shows_in_the_timeline() {
     // A burst of one second, so that the warm-up spends it.
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let config = std::fs::read_to_string(format!("{root}/config/examples/two-tenants.toml"))
-        .unwrap()
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("127.0.0.1:8081", "127.0.0.1:0")
-        .replace("burst_seconds = 5.0", "burst_seconds = 1.0");
-    let gw = Gateway::start(&config);
-    let text =
-        std::fs::read_to_string(format!("{root}/config/scenarios/two-tenants.toml")).unwrap();
-    let mut sc = Scenario::parse(&text).unwrap();
-    sc.target = gw.base.clone();
+    let (gw, mut sc, config) = example("two-tenants", |c| {
+        c.replace("burst_seconds = 5.0", "burst_seconds = 1.0")
+    });
     sc.warmup_secs = 1.0;
     sc.duration_secs = 5.0;
     sc.tenants.retain(|t| t.name == "globex");
@@ -132,25 +124,27 @@ async fn a_contract_raised_mid_run_shows_in_the_timeline() {
     assert_eq!(t.contract_tokens_per_s, Some(10000.0), "{t:?}");
 }
 
-/// The shipped example config (with `more` config text after it) on ephemeral loopback
-/// ports, and its scenario aimed at the gateway started with it.
-fn example_with(name: &str, more: &str) -> (Gateway, Scenario) {
+/// The shipped example config on ephemeral loopback ports, changed by `edit`; the gateway
+/// started with it, its scenario aimed at that gateway, and the config text it started
+/// with.
+fn example(name: &str, edit: impl FnOnce(String) -> String) -> (Gateway, Scenario, String) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let config = std::fs::read_to_string(format!("{root}/config/examples/{name}.toml"))
-        .unwrap()
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
-        .replace("127.0.0.1:8081", "127.0.0.1:0")
-        + more;
+    let config = edit(
+        std::fs::read_to_string(format!("{root}/config/examples/{name}.toml"))
+            .unwrap()
+            .replace("127.0.0.1:8080", "127.0.0.1:0")
+            .replace("127.0.0.1:8081", "127.0.0.1:0"),
+    );
     let gw = Gateway::start(&config);
     let text = std::fs::read_to_string(format!("{root}/config/scenarios/{name}.toml")).unwrap();
     let mut sc = Scenario::parse(&text).unwrap();
     sc.target = gw.base.clone();
-    (gw, sc)
+    (gw, sc, config)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scenario_shows_a_short_fleet_shared_by_weight() {
-    let (_gw, mut sc) = example_with("fair-share", "");
+    let (_gw, mut sc, _) = example("fair-share", |c| c);
     sc.warmup_secs = 1.0;
     sc.duration_secs = 3.0;
     let report = loadtest::run::execute(&sc).await.unwrap();
