@@ -6,21 +6,26 @@
 #
 #   bash bench/overhead.sh                 # rates 1000 5000 10000, 10 s each
 #   RATES="1000 2000" DURATION=5 bash bench/overhead.sh
+#   RUNTIMES="per_core shared" bash bench/overhead.sh   # a plain gateway per server.runtime
+#
+# The gateways' CPU per request (user + system, from /proc) is printed beside each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES=${RATES:-"1000 5000 10000"}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
+RUNTIMES=${RUNTIMES:-per_core}
 STUB_PORT=${STUB_PORT:-19100}
 PLAIN_PORT=${PLAIN_PORT:-19080}
 LIMITS_PORT=${LIMITS_PORT:-19081}
 cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-gw_config() { # port, tenant contract lines, metering lines
+gw_config() { # port, tenant contract lines, metering lines[, server.runtime]
   cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
+runtime = "${4:-per_core}"
 [[models]]
 id = "stub"
 [[pools]]
@@ -35,29 +40,52 @@ keys_sha256 = ["179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f
 $2
 TOML
 }
-gw_config "$PLAIN_PORT" "" "enabled = false" > "$tmp/plain.toml"
+# One plain gateway per runtime (ports PLAIN_PORT, PLAIN_PORT+2, ...), then `limits`.
+declare -A PORT PID
+port=$PLAIN_PORT
+for rt in $RUNTIMES; do
+  PORT[$rt]=$port
+  gw_config "$port" "" "enabled = false" "$rt" > "$tmp/plain-$rt.toml"
+  port=$((port + 2))
+done
 gw_config "$LIMITS_PORT" $'tokens_per_second = 1e9\nrequests_per_minute = 100000000\nmax_concurrency = 100000' \
   "path = \"$tmp/usage.db\"" > "$tmp/limits.toml"
 ./target/release/loadtest stub --listen 127.0.0.1:$STUB_PORT --tokens 4 >/dev/null &
-RUST_LOG=warn ./target/release/gateway serve --config "$tmp/plain.toml" >/dev/null &
+for rt in $RUNTIMES; do
+  RUST_LOG=warn ./target/release/gateway serve --config "$tmp/plain-$rt.toml" >/dev/null &
+  PID[$rt]=$!
+done
 RUST_LOG=warn ./target/release/gateway serve --config "$tmp/limits.toml" >/dev/null &
+PID[limits]=$!
 sleep 1
 BODY='{"model":"stub","messages":[{"role":"user","content":"hello"}],"max_tokens":4}'
-run() { ./target/release/loadtest rate --rate "$2" --duration "$DURATION" --connections "$CONNS" \
-          --key sk-tollgate-demo --body "$BODY" --label "$1" --url "$3"; }
-printf '%-8s %-10s %9s %9s %9s %9s\n' rate path achieved p50_us p99_us errors
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system CPU, in 1/100 s
+run() { # label, rate, url[, pid whose CPU to count]
+  local a b out
+  [ -n "${4:-}" ] && a=$(ticks "$4")
+  out=$(./target/release/loadtest rate --rate "$2" --duration "$DURATION" --connections "$CONNS" \
+          --key sk-tollgate-demo --body "$BODY" --label "$1" --url "$3")
+  if [ -n "${4:-}" ]; then
+    b=$(ticks "$4")
+    out=$(python3 -c 'import json,sys; x=json.loads(sys.argv[1]); x["cpu_us_per_req"]=round((int(sys.argv[2])*1e4)/max(1,x["achieved_rps"]*float(sys.argv[3]))); print(json.dumps(x))' "$out" "$((b - a))" "$DURATION")
+  fi
+  echo "$out"
+}
+printf '%-8s %-16s %9s %9s %9s %9s %12s\n' rate path achieved p50_us p99_us errors cpu_us/req
 for r in $RATES; do
-  d=$(run direct "$r" "http://127.0.0.1:$STUB_PORT/v1/chat/completions")
-  p=$(run plain "$r" "http://127.0.0.1:$PLAIN_PORT/v1/chat/completions")
-  l=$(run limits "$r" "http://127.0.0.1:$LIMITS_PORT/v1/chat/completions")
-  printf '%s\n%s\n%s\n' "$d" "$p" "$l" >> "$tmp/all.jsonl"
-  python3 - "$d" "$p" "$l" <<'PY'
+  runs=("$(run direct "$r" "http://127.0.0.1:$STUB_PORT/v1/chat/completions")")
+  for rt in $RUNTIMES; do
+    runs+=("$(run "plain/$rt" "$r" "http://127.0.0.1:${PORT[$rt]}/v1/chat/completions" "${PID[$rt]}")")
+  done
+  runs+=("$(run limits "$r" "http://127.0.0.1:$LIMITS_PORT/v1/chat/completions" "${PID[limits]}")")
+  printf '%s\n' "${runs[@]}" >> "$tmp/all.jsonl"
+  python3 - "${runs[@]}" <<'PY'
 import json,sys
-d,p,l=(json.loads(a) for a in sys.argv[1:4])
-for x in (d,p,l):
-    print(f"{x['offered_rps']:<8.0f} {x['label']:<10} {x['achieved_rps']:>9} {x['p50_us']:>9} {x['p99_us']:>9} {x['errors']:>9}")
-for x in (p,l):
-    print(f"{'':8} {'added/'+x['label']:<10} {'':>9} {x['p50_us']-d['p50_us']:>9} {x['p99_us']-d['p99_us']:>9}")
+d,*gws=(json.loads(a) for a in sys.argv[1:])
+for x in (d,*gws):
+    print(f"{x['offered_rps']:<8.0f} {x['label']:<16} {x['achieved_rps']:>9} {x['p50_us']:>9} {x['p99_us']:>9} {x['errors']:>9} {x.get('cpu_us_per_req', ''):>12}")
+for x in gws:
+    print(f"{'':8} {'added/'+x['label']:<16} {'':>9} {x['p50_us']-d['p50_us']:>9} {x['p99_us']-d['p99_us']:>9}")
 PY
 done
 echo "usage records written: $(sqlite3 "$tmp/usage.db" 'select count(*) from usage' 2>/dev/null || echo '?')"

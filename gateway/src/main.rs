@@ -1,7 +1,7 @@
 //! The `gateway` command: serve, check a config, make API keys.
 
 use clap::{Parser, Subcommand};
-use gateway::config::{keys, Config};
+use gateway::config::{keys, Config, RuntimeKind};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -182,12 +182,15 @@ fn main() -> ExitCode {
 }
 
 fn serve(cfg: Config, path: Option<PathBuf>) -> ExitCode {
-    let mut builder = match cfg.server.threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
+    // Per core: this runtime accepts and runs the background tasks (probes, reloads,
+    // the admin API); the serving threads have their own.
+    let mut builder = match (cfg.server.runtime, cfg.server.threads) {
+        (RuntimeKind::PerCore, _) | (RuntimeKind::Shared, 1) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        (RuntimeKind::Shared, n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
+            b.worker_threads(gateway::server::serving_threads(n));
             b
         }
     };

@@ -37,6 +37,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThreadLabel {
+    thread: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WithStatus {
     tenant: String,
     model: String,
@@ -62,6 +67,7 @@ pub struct Metrics {
     auth_failures: Counter,
     weighted_tokens: Family<TenantModel, Counter<f64, std::sync::atomic::AtomicU64>>,
     reloads: Family<ResultLabel, Counter>,
+    connections: Family<ThreadLabel, Gauge>,
     handles: DashMap<(Arc<str>, Arc<str>), Arc<Handles>>,
 }
 
@@ -98,6 +104,12 @@ impl Metrics {
         let weighted_tokens =
             Family::<TenantModel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
         let reloads = Family::<ResultLabel, Counter>::default();
+        let connections = Family::<ThreadLabel, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Tenant connections open, by serving thread (server.runtime = \"per_core\")",
+            connections.clone(),
+        );
         registry.register(
             "weighted_tokens",
             "Weighted tokens charged to tenants' contracts (input + output_weight x output, cached input at cached_input_weight)",
@@ -160,6 +172,7 @@ impl Metrics {
             auth_failures,
             weighted_tokens,
             reloads,
+            connections,
             handles: DashMap::new(),
         }
     }
@@ -206,6 +219,15 @@ impl Metrics {
                 status: status.into(),
             })
             .inc();
+    }
+
+    /// The gauge of a serving thread's open tenant connections.
+    pub fn open_connections(&self, thread: &str) -> Gauge {
+        self.connections
+            .get_or_create(&ThreadLabel {
+                thread: thread.into(),
+            })
+            .clone()
     }
 
     pub fn auth_failure(&self) {

@@ -1,15 +1,29 @@
-//! Process lifecycle and the CLI: graceful drain on SIGTERM, config checking, key making.
+//! Process lifecycle and the CLI: graceful drain on SIGTERM (with either way of serving,
+//! per core and shared), connections spread over the serving threads, config checking,
+//! key making.
 
 mod common;
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// `[server]` lines for each way of serving tenant connections.
+const RUNTIMES: [&str; 2] = [
+    "runtime = \"per_core\"\nthreads = 2",
+    "runtime = \"shared\"",
+];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_accepting_and_drains_in_flight_streams() {
+    for runtime in RUNTIMES {
+        drains_in_flight_streams(runtime).await;
+    }
+}
+
+async fn drains_in_flight_streams(runtime: &str) {
     // Each stream takes ~20 × 50 ms = 1 s.
     let slow = r#"{ kind = "sim", decode_step_ms = 50.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 20, max_output_tokens = 20 }"#;
-    let mut gw = Gateway::start(&config(slow, "", ""));
+    let mut gw = Gateway::start(&config(slow, "", runtime));
     let body = r#"{"model":"m","prompt":"x","max_tokens":20,"stream":true}"#;
     let mut streams = Vec::new();
     for _ in 0..3 {
@@ -46,8 +60,15 @@ async fn sigterm_stops_accepting_and_drains_in_flight_streams() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_deadline_bounds_shutdown() {
+    for runtime in RUNTIMES {
+        deadline_bounds_shutdown(runtime).await;
+    }
+}
+
+async fn deadline_bounds_shutdown(runtime: &str) {
     let slow = r#"{ kind = "sim", decode_step_ms = 50.0, min_output_tokens = 1000, max_output_tokens = 1000 }"#;
-    let cfg = config(slow, "", "").replace("drain_timeout_secs = 10.0", "drain_timeout_secs = 0.5");
+    let cfg =
+        config(slow, "", runtime).replace("drain_timeout_secs = 10.0", "drain_timeout_secs = 0.5");
     let mut gw = Gateway::start(&cfg);
     let mut r = post(
         &gw,
@@ -66,6 +87,46 @@ async fn drain_deadline_bounds_shutdown() {
         t0.elapsed() >= Duration::from_millis(400),
         "exited before the deadline"
     );
+}
+
+/// Per core, each new connection goes to the serving thread with the fewest open ones, and
+/// leaves its count when it closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_core_serving_spreads_connections_over_its_threads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start(&config(FAST_SIM, "", "runtime = \"per_core\"\nthreads = 3"));
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\r\n");
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        conns.push(c); // kept open
+    }
+    let open = |text: &str| -> Vec<f64> {
+        (0..3)
+            .map(|i| {
+                let line = format!("tollgate_open_connections{{thread=\"http-{i}\"}}");
+                metric(text, &line).unwrap_or_else(|| panic!("no {line} in {text}"))
+            })
+            .collect()
+    };
+    // The scrape's own connection is the seventh.
+    let during = open(&gw.metrics().await);
+    assert_eq!(during.iter().sum::<f64>(), 7.0, "{during:?}");
+    assert!(during.iter().all(|&n| n >= 2.0), "unbalanced: {during:?}");
+    drop(conns);
+    let mut last = Vec::new();
+    let closed = eventually(Duration::from_secs(5), async || {
+        last = open(&gw.metrics().await);
+        last.iter().sum::<f64>() == 1.0
+    })
+    .await;
+    assert!(closed, "closed connections still counted: {last:?}");
 }
 
 fn gateway_cmd(args: &[&str]) -> std::process::Output {

@@ -88,6 +88,20 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `server.runtime`: how the threads serving tenant HTTP share connections.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// One single-threaded runtime per thread. An acceptor hands each new connection to
+    /// the thread with the fewest open ones, and everything a request does in the gateway
+    /// (parsing, admission, the upstream call, the response) runs on that thread: no
+    /// wakeups from one of the gateway's threads to another on the request path.
+    #[default]
+    PerCore,
+    /// One work-stealing runtime: tasks move between threads to balance them.
+    Shared,
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LimitsBackend {
@@ -169,9 +183,11 @@ pub struct ServerConfig {
     pub max_retries: u32,
     /// `max_tokens` used when a request gives none.
     pub default_max_tokens: u32,
-    /// Runtime threads serving HTTP: 0 = one per CPU; 1 = a single-threaded runtime (no
-    /// cross-thread wakeups: lowest latency when the gateway shares a small machine).
+    /// Threads serving tenant HTTP: 0 = one per CPU.
     pub threads: usize,
+    /// How those threads share the work: `per_core` (each its own single-threaded
+    /// runtime; a connection stays on one thread) or `shared` (one work-stealing runtime).
+    pub runtime: RuntimeKind,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: u32,
 }
@@ -191,6 +207,7 @@ impl Default for ServerConfig {
             max_retries: 2,
             default_max_tokens: 256,
             threads: 0,
+            runtime: RuntimeKind::default(),
             max_tokens_limit: 32768,
         }
     }

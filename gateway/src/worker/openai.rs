@@ -31,6 +31,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use thread_local::ThreadLocal;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -42,21 +43,16 @@ pub struct OpenAiWorker {
     base: String,
     model: Option<String>,
     auth: Option<http::HeaderValue>,
-    client: HttpClient,
+    /// One connection pool per thread, so that a request's upstream connection is driven
+    /// by the thread that serves it (no cross-thread wakeups: [`crate::server`]'s
+    /// thread-per-core serving).
+    clients: ThreadLocal<HttpClient>,
     cfg: OpenAiConfig,
     in_flight: Arc<AtomicU64>,
 }
 
 impl OpenAiWorker {
     pub fn new(name: String, cfg: OpenAiConfig) -> Result<Self, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(cfg.max_concurrency)
-            .http2_only(cfg.http2)
-            .build(connector);
         let auth = match &cfg.api_key {
             Some(k) => Some(
                 http::HeaderValue::from_str(&format!("Bearer {k}"))
@@ -69,10 +65,26 @@ impl OpenAiWorker {
             base: cfg.url.trim_end_matches('/').to_string(),
             model: cfg.model.clone(),
             auth,
-            client,
+            clients: ThreadLocal::new(),
             cfg,
             in_flight: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// This thread's client (made on first use).
+    fn client(&self) -> HttpClient {
+        self.clients
+            .get_or(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(Duration::from_secs(5)));
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(self.cfg.max_concurrency)
+                    .http2_only(self.cfg.http2)
+                    .build(connector)
+            })
+            .clone()
     }
 
     fn body(&self, req: &WorkerRequest) -> (&'static str, Vec<u8>) {
@@ -372,7 +384,7 @@ impl Worker for OpenAiWorker {
             }
         }
         let request = builder.body(Full::new(Bytes::from(body)));
-        let client = self.client.clone();
+        let client = self.client();
         let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
         let in_flight = self.in_flight.clone();
         async move {
@@ -426,7 +438,7 @@ impl Worker for OpenAiWorker {
 
     fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>> {
         let uri = format!("{}{}", self.base, self.cfg.health_path);
-        let client = self.client.clone();
+        let client = self.client();
         let auth = self.auth.clone();
         async move {
             let mut b = http::Request::get(uri);

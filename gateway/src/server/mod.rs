@@ -2,12 +2,18 @@
 //! probe workers, reload the config on change, and shut down gracefully: on SIGTERM or
 //! SIGINT stop accepting, let in-flight requests (streams included) finish up to
 //! `server.drain_timeout_secs`, then exit.
+//!
+//! Tenant connections are served by one thread per core ([`cores`], the default) or by
+//! one work-stealing runtime (`server.runtime = "shared"`).
+
+mod cores;
 
 use crate::api;
-use crate::config::Config;
+use crate::config::{Config, RuntimeKind};
 use crate::route::health;
 use crate::state::Shared;
 use axum::serve::ListenerExt;
+use axum::Router;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -72,14 +78,15 @@ pub async fn serve(
     println!("tollgate listening on http://{local}");
     tracing::info!(%local, "listening");
     let drain = Duration::from_secs_f64(state.server.drain_timeout_secs);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server =
-        axum::serve(listener, api::app(state.clone())).with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = api::app(state.clone());
+    let threads = serving_threads(state.server.threads);
+    let server = async {
+        match state.server.runtime {
+            RuntimeKind::PerCore => per_core(listener, app, &state.metrics, threads, stop_rx).await,
+            RuntimeKind::Shared => shared(listener, app, stop_rx).await,
+        }
+    };
     let on_signal = async {
         shutdown_signal().await;
         state.draining.store(true, Ordering::Relaxed);
@@ -100,6 +107,62 @@ pub async fn serve(
     for p in probes {
         p.abort();
     }
+    Ok(())
+}
+
+/// Threads serving tenant HTTP for `server.threads` (0: one per CPU).
+pub fn serving_threads(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Serves on the calling runtime (the work-stealing one `main` builds for `shared`).
+async fn shared(
+    listener: TcpListener,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+/// Accepts here and hands each connection to a serving thread ([`cores`]); after `stop`,
+/// waits until every thread has drained.
+async fn per_core(
+    listener: TcpListener,
+    app: Router,
+    metrics: &crate::metrics::Metrics,
+    threads: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let mut cores = cores::Cores::start(threads, app, metrics, local, stop.clone())?;
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    cores.hand(tcp, peer);
+                }
+                Err(e) => {
+                    // Out of file descriptors, for one: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    drop(listener);
+    cores.drained().await;
     Ok(())
 }
 
