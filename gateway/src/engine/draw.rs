@@ -13,7 +13,8 @@
 //! back. Rows that want log-probabilities, or do not fit the step's room, are read back
 //! and drawn here.
 
-use super::{device_params, read_back, Next, Seq};
+use super::run::{read_back, Next};
+use super::seq::{device_params, Seq};
 use kernels::adjust::Adjust;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};

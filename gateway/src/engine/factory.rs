@@ -1,0 +1,125 @@
+//! Building an engine's backend — CPU, CUDA on a GPU, or CUDA on the emulator — at start
+//! and again after a device fault, with the CUDA backend's self-check before it serves.
+
+use crate::config::{BackendKind, EngineConfig, EngineSizes};
+use kernels::backend::{Backend, CpuBackend};
+use kernels::cuda::backend::{gpu_name, CudaBackend, KvCapacity};
+use kernels::cuda::device::Gpu;
+use kernels::cuda::emu::Emu;
+use kernels::cuda::exec::Exec;
+use kernels::cuda::twins::TwinModel;
+use kernels::forward::Model;
+use kernels::matmul::ActPrecision;
+use std::sync::Arc;
+
+/// What builds an engine's backend: at start, and again after a device fault.
+pub(super) struct Factory {
+    pub(super) model: Arc<Model>,
+    pub(super) cfg: EngineConfig,
+    /// The GPU ordinal, for the CUDA backend.
+    pub(super) device: usize,
+    pub(super) name: String,
+    /// The KV cache's blocks once the first backend is built: a backend built again gets
+    /// the same number, so that the engine's limits still hold.
+    pub(super) kv_blocks: Option<usize>,
+}
+
+impl Factory {
+    /// A backend of `kind` (not `Auto`: the caller chose) and its sizes.
+    pub(super) fn build(
+        &self,
+        kind: BackendKind,
+    ) -> Result<(Box<dyn Backend>, EngineSizes), String> {
+        let cfg = &self.cfg;
+        let model = &self.model;
+        // The emulator's and the CPU's KV cache: a number of blocks.
+        let blocks = |kv_tokens: Option<usize>| {
+            let n = kv_tokens.unwrap_or(65536).div_ceil(cfg.block_size);
+            self.kv_blocks.unwrap_or(n)
+        };
+        match kind {
+            BackendKind::Cuda | BackendKind::Auto => {
+                let device = self.device;
+                let fail = |e: String| format!("backend = \"cuda\" on device {device}: {e}");
+                let sizes = cfg.sizes(true);
+                let kv = match (self.kv_blocks, sizes.kv_tokens) {
+                    (Some(n), _) => KvCapacity::Blocks(n),
+                    (None, Some(k)) => KvCapacity::Blocks(k.div_ceil(cfg.block_size)),
+                    // Enough for every sequence slot at the model's full context, at most.
+                    (None, None) => KvCapacity::FreeMemory {
+                        fraction: cfg.gpu_memory_fraction,
+                        max_blocks: sizes.max_seqs
+                            * model.config.context_len.div_ceil(cfg.block_size),
+                    },
+                };
+                let twin = TwinModel::from_model(model);
+                let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
+                let label = gpu_name(device, &gpu);
+                let b = cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &self.name, true)
+                    .map_err(fail)?;
+                Ok((b, sizes))
+            }
+            // The CUDA path on the CPU emulator, with the CPU backend's sizes.
+            BackendKind::Emulator => {
+                let fail = |e: String| format!("backend = \"emulator\": {e}");
+                let sizes = cfg.sizes(false);
+                let kv = KvCapacity::Blocks(blocks(sizes.kv_tokens));
+                let twin = TwinModel::from_model(model);
+                let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
+                let label = emu.describe();
+                let b = cuda_backend(emu, label, &twin, cfg, &sizes, kv, &self.name, false)
+                    .map_err(fail)?;
+                Ok((b, sizes))
+            }
+            BackendKind::Cpu => {
+                let sizes = cfg.sizes(false);
+                let n_blocks = blocks(sizes.kv_tokens);
+                let precision = match cfg.activations {
+                    crate::config::Activations::I16 => ActPrecision::I16,
+                    crate::config::Activations::Q8 => ActPrecision::Q8,
+                    crate::config::Activations::F32 => ActPrecision::F32,
+                };
+                let b = CpuBackend::new(model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                    .with_precision(precision);
+                Ok((Box::new(b), sizes))
+            }
+        }
+    }
+}
+
+/// The CUDA backend on `exec` (a GPU or the emulator), sized by `sizes` and `kv`, with its
+/// products of few rows placed by their timings when `timed` (a GPU's timings mean
+/// something; the emulator's do not), after its self-check: one prefill and one graph
+/// decode step against the CPU twin, before it serves.
+#[allow(clippy::too_many_arguments)]
+fn cuda_backend<E: Exec + 'static>(
+    exec: E,
+    label: String,
+    twin: &TwinModel,
+    cfg: &EngineConfig,
+    sizes: &EngineSizes,
+    kv: KvCapacity,
+    worker: &str,
+    timed: bool,
+) -> Result<Box<dyn Backend>, String> {
+    let (tokens, seqs) = (sizes.max_batch_tokens, sizes.max_seqs);
+    let mut b = CudaBackend::on(exec, label, twin, cfg.block_size, kv, tokens, seqs)
+        .map_err(|e| e.to_string())?;
+    if timed {
+        b.choose_small_products();
+    }
+    let err = b
+        .self_check(twin)
+        .map_err(|e| format!("self-check against the CPU failed: {e}"))?;
+    tracing::info!(
+        worker,
+        backend = b.name(),
+        graphs = ?b.graph_buckets(),
+        graphs_off = b.graphs_off().unwrap_or(""),
+        small_products_on_gemv = b.small_products().0,
+        self_check_rel_err = err,
+        kv_blocks = b.kv_geometry().1,
+        "engine on the CUDA backend"
+    );
+    Ok(Box::new(b))
+}

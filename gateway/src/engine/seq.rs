@@ -1,0 +1,399 @@
+//! A sequence in the engine: what a request brings ([`NewSeq`]), its state while it runs
+//! ([`Seq`]: tokens, KV blocks, sampler, penalties, JSON mode, log-probabilities), what it
+//! costs its tenant and asks of the scheduler, and what it sends back as its tokens come
+//! ([`emit`]).
+
+use super::blocks::chain;
+use super::fair::Tenanted;
+use super::outbox::{Events, Outbox};
+use super::output::TextOut;
+use super::scheduler::Schedulable;
+use crate::worker::{FinishReason, TokenLogprob, TopLogprob, Usage, WorkerEvent};
+use kernels::adjust::Adjust;
+use kernels::cuda::twins::SampleParams;
+use kernels::json_mode::{JsonState, JsonVocab};
+use kernels::logprobs::TokenLogprobs;
+use kernels::sampler::{Penalties, Sampler, SamplingConfig};
+use kernels::tokenizer::Tokenizer;
+use std::collections::HashMap;
+use std::hash::RandomState;
+use std::sync::Arc;
+
+pub(super) struct NewSeq {
+    pub(super) tenant: Arc<str>,
+    pub(super) weight: f64,
+    pub(super) output_weight: f64,
+    pub(super) prompt: Vec<u32>,
+    pub(super) max_tokens: u32,
+    pub(super) sampling: SamplingConfig,
+    pub(super) seed: u64,
+    pub(super) stop: Vec<String>,
+    /// Log-probabilities asked for: this many alternatives per token.
+    pub(super) logprobs: Option<u8>,
+    /// The prompt's log-probabilities too (`echo` with `logprobs`).
+    pub(super) prompt_logprobs: bool,
+    pub(super) penalties: Option<Penalties>,
+    /// JSON mode or structured output: where the document starts.
+    pub(super) json: Option<JsonState>,
+    pub(super) tx: Events,
+}
+
+pub(super) struct Seq {
+    pub(super) tenant: Arc<str>,
+    /// Fair-share weight (the tenant's purchased rate).
+    pub(super) weight: f64,
+    pub(super) output_weight: f64,
+    pub(super) tokens: Vec<u32>,
+    pub(super) prompt_len: usize,
+    pub(super) computed: usize,
+    pub(super) blocks: Vec<u32>,
+    /// Content hashes of the full blocks of `tokens` known so far (prefix caching).
+    pub(super) hashes: Vec<u64>,
+    /// Blocks registered in the pool's prefix cache (the first ones of `blocks`).
+    pub(super) registered: usize,
+    /// Prompt tokens taken from the prefix cache (reported in the usage).
+    pub(super) cached: usize,
+    pub(super) max_tokens: u32,
+    /// The CPU sampler (its own random state), for backends that return logits.
+    pub(super) sampler: Sampler,
+    /// What a device sampler needs: the request's settings and seed.
+    pub(super) sampling: SamplingConfig,
+    pub(super) seed: u64,
+    pub(super) out: TextOut,
+    /// Log-probabilities asked for (alternatives per token), and those of the tokens whose
+    /// text is not sent yet.
+    pub(super) logprobs: Option<u8>,
+    pub(super) pending_logprobs: Vec<TokenLogprob>,
+    /// While its prompt is being scored (`echo` with `logprobs`): the next prompt token to
+    /// score (from 1: each row's logits score the next row's token), and the prompt's
+    /// tokens scored so far, its first unscored. Sent once all are, before any text.
+    pub(super) prompt_next: Option<usize>,
+    pub(super) prompt_scored: Vec<TokenLogprob>,
+    /// Its prompt is scored (`echo` with `logprobs`): a stop token gets an item too.
+    pub(super) scored: bool,
+    /// Presence and frequency penalties and logit bias, when the request has any; and
+    /// how often each token has been generated.
+    pub(super) penalties: Option<Penalties>,
+    pub(super) counts: HashMap<u32, u32>,
+    /// JSON mode or structured output: where the document generated so far stands.
+    pub(super) json: Option<JsonState>,
+    pub(super) tx: Events,
+}
+
+impl Tenanted for Seq {
+    fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+    fn weight(&self) -> f64 {
+        self.weight
+    }
+    /// Prompt positions count 1, generated ones (decodes, or recomputed after a
+    /// preemption) `output_weight`.
+    fn token_cost(&self, n: usize) -> f64 {
+        let input = self
+            .prompt_len
+            .min(self.computed + n)
+            .saturating_sub(self.computed);
+        input as f64 + (n - input) as f64 * self.output_weight
+    }
+}
+
+impl Schedulable for Seq {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn blocks_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.blocks
+    }
+    fn reset(&mut self) {
+        self.computed = 0;
+        self.registered = 0;
+        if self.generated() == 0 {
+            self.cached = 0;
+        }
+    }
+    fn cache_keys(&mut self, hasher: &RandomState, block_size: usize) -> (&[u64], &[u32]) {
+        chain(
+            hasher,
+            &self.tenant,
+            &self.tokens,
+            block_size,
+            &mut self.hashes,
+        );
+        (&self.hashes, &self.tokens)
+    }
+    fn skip(&mut self, n: usize, block_size: usize) {
+        self.computed = n;
+        self.registered = n / block_size;
+        if self.generated() == 0 {
+            self.cached = n.min(self.prompt_len);
+        }
+    }
+    /// Its last row when it reaches its end; while its prompt is scored, also every row
+    /// from the first that scores a prompt token not yet scored (a run to its end, as
+    /// the batch takes them: rows after the prompt's that a recomputation after a
+    /// preemption passes over are computed and dropped).
+    fn logit_rows(&self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let end = self.computed + n;
+        let last = usize::from(end == self.tokens.len());
+        match self.prompt_next {
+            // Row p scores prompt token p + 1.
+            Some(next) if next < self.prompt_len => {
+                let first = (next - 1).max(self.computed);
+                if first < end.min(self.prompt_len - 1) {
+                    end - first
+                } else {
+                    last
+                }
+            }
+            _ => last,
+        }
+    }
+    fn reuses_prefix(&self) -> bool {
+        self.prompt_next.is_none()
+    }
+}
+
+impl Seq {
+    pub(super) fn generated(&self) -> u32 {
+        (self.tokens.len() - self.prompt_len) as u32
+    }
+    pub(super) fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.generated(),
+            cached_tokens: self.cached as u32,
+        }
+    }
+    pub(super) fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
+        out.push(&self.tx, Ok(ev));
+    }
+    /// Takes its next token `id`, with its log-probabilities when asked: counted for the
+    /// penalties, fed to JSON mode, its item queued for the next text sent (a stop token
+    /// is counted only).
+    pub(super) fn take(&mut self, id: u32, lp: Option<TokenLogprobs>, tok: &Tokenizer) {
+        if self.penalties.is_some() {
+            *self.counts.entry(id).or_insert(0) += 1;
+        }
+        if !tok.stop_tokens.contains(&id) {
+            if let Some(json) = &mut self.json {
+                json.advance(tok.token_bytes(id));
+            }
+            if let Some(lp) = lp {
+                self.pending_logprobs.push(logprob_item(tok, &lp));
+            }
+        } else if let Some(lp) = lp.filter(|_| self.scored) {
+            // A scored prompt's lists end with every generated token, the stop token too
+            // (with no text): harnesses cut the last entry off as the generated one.
+            let mut item = logprob_item(tok, &lp);
+            item.token.clear();
+            item.bytes.clear();
+            self.pending_logprobs.push(item);
+        }
+        self.tokens.push(id);
+    }
+    /// Whether its next token is drawn from adjusted logits (penalties, JSON mode).
+    pub(super) fn constrained(&self) -> bool {
+        self.penalties.is_some() || self.json.is_some()
+    }
+    /// Its penalties and JSON mode, applied to a row of logits.
+    pub(super) fn adjust(
+        &self,
+        logits: &mut [f32],
+        tok: &Tokenizer,
+        json_vocab: Option<&JsonVocab>,
+    ) {
+        self.adjustment(tok, json_vocab, logits.len()).apply(logits);
+    }
+    /// Its penalties and JSON mode as an adjustment of its next row of `n` logits (what
+    /// the GPU's `sample` kernel applies, and [`Seq::adjust`] on the host). A JSON mask
+    /// that would leave no token (a vocabulary without the bytes the object needs) leaves
+    /// the stop tokens.
+    pub(super) fn adjustment(
+        &self,
+        tok: &Tokenizer,
+        json_vocab: Option<&JsonVocab>,
+        n: usize,
+    ) -> Adjust {
+        let deltas = self
+            .penalties
+            .as_ref()
+            .map(|p| p.deltas(&self.counts))
+            .unwrap_or_default();
+        let mask = self.json.as_ref().zip(json_vocab).map(|(json, vocab)| {
+            let mut bits = json.allowed(vocab, n);
+            if bits.iter().all(|&w| w == 0) {
+                for &id in tok.stop_tokens.iter().filter(|&&id| (id as usize) < n) {
+                    bits[id as usize / 32] |= 1 << (id % 32);
+                }
+            }
+            bits
+        });
+        Adjust { deltas, mask }
+    }
+    /// An upper bound of [`Seq::adjustment`]'s words, for rows of `n` logits.
+    pub(super) fn adjustment_words(&self, n: usize) -> usize {
+        let deltas = self
+            .penalties
+            .as_ref()
+            .map_or(0, |p| p.bias.len() + self.counts.len());
+        let mask = if self.json.is_some() {
+            n.div_ceil(32)
+        } else {
+            0
+        };
+        2 + 2 * deltas + mask
+    }
+}
+
+pub(super) fn admit(n: NewSeq) -> Seq {
+    Seq {
+        tenant: n.tenant,
+        weight: n.weight,
+        output_weight: n.output_weight,
+        prompt_len: n.prompt.len(),
+        tokens: n.prompt,
+        computed: 0,
+        blocks: Vec::new(),
+        hashes: Vec::new(),
+        registered: 0,
+        cached: 0,
+        max_tokens: n.max_tokens,
+        sampler: Sampler::new(n.sampling, n.seed),
+        sampling: n.sampling,
+        seed: n.seed,
+        out: TextOut::new(n.stop),
+        logprobs: n.logprobs,
+        pending_logprobs: Vec::new(),
+        prompt_next: n.prompt_logprobs.then_some(1),
+        prompt_scored: Vec::new(),
+        scored: n.prompt_logprobs,
+        penalties: n.penalties,
+        counts: HashMap::new(),
+        json: n.json,
+        tx: n.tx,
+    }
+}
+
+/// A token's log-probabilities as the API reports them: token texts from their bytes, and
+/// −9999 for an impossible token (JSON has no −∞; OpenAI reports the same).
+pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob {
+    let text = |id: u32| {
+        let bytes = tok.token_bytes(id).to_vec();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = text(lp.id);
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: lp.logprob.max(-9999.0),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let (token, bytes) = text(id);
+                TopLogprob {
+                    token,
+                    bytes,
+                    logprob: logprob.max(-9999.0),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's
+/// temperature cut, and the draw for its `generated()`-th token.
+pub(super) fn device_params(s: &Seq) -> SampleParams {
+    let c = s.sampling;
+    SampleParams {
+        temperature: if c.temperature < 1e-5 {
+            0.0
+        } else {
+            c.temperature
+        },
+        top_k: c.top_k.min(i32::MAX as usize) as i32,
+        top_p: c.top_p,
+        seed: s.seed,
+        step: s.generated(),
+    }
+}
+
+/// Sends the text of a sampled token; returns why the sequence ends, if it does.
+pub(super) fn emit(
+    s: &mut Seq,
+    tok: &Tokenizer,
+    id: u32,
+    outbox: &mut Outbox,
+) -> Option<FinishReason> {
+    if tok.stop_tokens.contains(&id) {
+        return Some(FinishReason::Stop);
+    }
+    let e = s.out.push(tok, id);
+    if e.stopped {
+        // The token that completed a stop string: its text is not sent, nor its
+        // log-probability.
+        s.pending_logprobs.pop();
+    }
+    if !e.text.is_empty() {
+        let logprobs = std::mem::take(&mut s.pending_logprobs);
+        s.send(
+            outbox,
+            WorkerEvent::Delta {
+                text: e.text,
+                tokens: 1,
+                logprobs,
+            },
+        );
+    }
+    if e.stopped {
+        return Some(FinishReason::Stop);
+    }
+    (s.generated() >= s.max_tokens).then_some(FinishReason::Length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc as tmpsc;
+
+    #[test]
+    fn a_sequence_costs_prompt_tokens_at_one_and_generated_ones_at_output_weight() {
+        let (tx, _rx) = tmpsc::unbounded_channel();
+        let mut s = admit(NewSeq {
+            tenant: "t".into(),
+            weight: 1.0,
+            output_weight: 3.0,
+            prompt: vec![1; 10],
+            max_tokens: 8,
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            seed: 0,
+            stop: vec![],
+            logprobs: None,
+            prompt_logprobs: false,
+            penalties: None,
+            json: None,
+            tx,
+        });
+        assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");
+        s.computed = 8;
+        s.tokens.extend([5, 6]); // two generated tokens, not yet computed
+        assert_eq!(
+            s.token_cost(4),
+            2.0 + 2.0 * 3.0,
+            "the prompt's end and two generated"
+        );
+        s.computed = 11;
+        assert_eq!(s.token_cost(1), 3.0, "a decode");
+    }
+}
