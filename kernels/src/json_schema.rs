@@ -233,19 +233,43 @@ fn whole_match_dfa(regex: &str, source: &str) -> Result<Arc<Dfa>, String> {
     Ok(d)
 }
 
+/// The DFA of a string schema's `pattern`, which matches anywhere in the string (JSON
+/// Schema's rule). The text around the match may be any characters, Unicode's (`u`) even
+/// where the pattern's classes fall back to ASCII ([`build_dfa`]).
+fn pattern_dfa(p: &str) -> Result<Arc<Dfa>, String> {
+    whole_match_dfa(&format!("(?su:.*)(?:{p})(?su:.*)"), p)
+}
+
 /// Builds a DFA that matches whole strings of `regex` (anchored at both ends).
+///
+/// Classes are Unicode's (`\w` takes every script's letters). Where that DFA is past
+/// [`MAX_DFA_BYTES`] (`(\w+\s){0,30}\w+` is), the pattern is compiled again with its
+/// classes' ASCII members (`\w`, `\d`, `\s`, case folding), and that DFA is followed
+/// instead: it accepts only strings the pattern accepts, so what the model writes still
+/// matches; it just cannot use other scripts there. A pattern that would then match more
+/// than before — a negated class (`\W`, `[^a]`) or `.` takes any byte in ASCII mode —
+/// can match bytes that are not UTF-8, and the second build refuses it: the first error
+/// stands.
 fn build_dfa(regex: &str, source: &str) -> Result<Dfa, String> {
-    let dfa = dense::Builder::new()
-        .configure(
-            dense::DFA::config()
-                .start_kind(StartKind::Anchored)
-                .minimize(true)
-                .dfa_size_limit(Some(MAX_DFA_BYTES))
-                .determinize_size_limit(Some(MAX_DFA_BYTES)),
-        )
-        .syntax(syntax::Config::new().unicode(true).utf8(true))
-        .build(&format!("^(?:{regex})$"))
-        .map_err(|e| e.to_string())?;
+    let build = |unicode: bool| {
+        dense::Builder::new()
+            .configure(
+                dense::DFA::config()
+                    .start_kind(StartKind::Anchored)
+                    .minimize(true)
+                    .dfa_size_limit(Some(MAX_DFA_BYTES))
+                    .determinize_size_limit(Some(MAX_DFA_BYTES)),
+            )
+            .syntax(syntax::Config::new().unicode(unicode).utf8(true))
+            .build(&format!("^(?:{regex})$"))
+    };
+    let dfa = match build(true) {
+        Ok(d) => d,
+        Err(e) if e.to_string().contains("size limit") => {
+            build(false).map_err(|_| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let start = dfa
         .start_state(&start::Config::new().anchored(Anchored::Yes))
         .map_err(|e| e.to_string())?;
@@ -731,11 +755,9 @@ impl<'a> Compiler<'a> {
                     at: at.to_string(),
                 })
             }
-            // A pattern matches anywhere in the string (JSON Schema's rule).
-            (Some(p), None) => Some(
-                whole_match_dfa(&format!("(?s:.*)(?:{p})(?s:.*)"), p)
-                    .map_err(|e| invalid(format!("`pattern` {p:?}: {e}")))?,
-            ),
+            (Some(p), None) => {
+                Some(pattern_dfa(p).map_err(|e| invalid(format!("`pattern` {p:?}: {e}")))?)
+            }
             (None, Some(f)) => Some(whole_match_dfa(f, f).map_err(invalid)?),
             (None, None) => None,
         };
@@ -979,6 +1001,48 @@ fn escape_pointer(k: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Whether `d` matches all of `text`.
+    fn matches(d: &Dfa, text: &str) -> bool {
+        let mut s = d.start;
+        for &b in text.as_bytes() {
+            match d.next(s, b) {
+                Some(n) => s = n,
+                None => return false,
+            }
+        }
+        d.accepts(s)
+    }
+
+    #[test]
+    fn a_pattern_too_large_with_unicode_classes_is_followed_with_their_ascii_members() {
+        // Small enough with Unicode classes: other scripts' letters are words.
+        let small = pattern_dfa(r"^\w+( \w+)?$").unwrap();
+        assert!(matches(&small, "héllo wörld"));
+        // Unanchored, a pattern may have any text around it, in ASCII mode too.
+        let around = pattern_dfa(r"(\w+\s){30}\w+").unwrap();
+        let thirty_one = vec!["w"; 31].join(" ");
+        assert!(matches(&around, &format!("«{thirty_one}» ✓")));
+        // (Unicode's `\w` would count "é" as the first of 31 words.)
+        assert!(!matches(&around, &format!("é {}", vec!["w"; 30].join(" "))));
+        // Unicode `\w` repeated 31 times is past the limit; its ASCII members are not.
+        let words = r"^(\w+\s){0,30}\w+$";
+        let d = pattern_dfa(words).unwrap();
+        let n_words = |n: usize| vec!["word"; n].join(" ");
+        assert!(matches(&d, &n_words(1)));
+        assert!(matches(&d, &n_words(31)));
+        assert!(!matches(&d, &n_words(32)), "the bound still holds");
+        assert!(!matches(&d, "héllo"), "only ASCII word characters");
+        // Every string it accepts, the pattern accepts (here: the regex crate's view).
+        let re = regex::Regex::new(words).unwrap();
+        for t in [n_words(1), n_words(31), "a_1 B2\tc".into()] {
+            assert!(matches(&d, &t) && re.is_match(&t), "{t:?}");
+        }
+        // Where ASCII mode would accept more (`\W` takes any byte there), the size error
+        // stands.
+        let e = pattern_dfa(r"^(\w+\W){0,30}\w+$").unwrap_err();
+        assert!(e.contains("size limit"), "{e}");
+    }
 
     #[test]
     fn pydantic_shapes_compile() {
