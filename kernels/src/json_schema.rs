@@ -262,13 +262,11 @@ fn build_dfa(regex: &str, source: &str) -> Result<Dfa, String> {
             )
             .syntax(syntax::Config::new().unicode(unicode).utf8(true))
             .build(&format!("^(?:{regex})$"))
+            .map_err(|e| e.to_string())
     };
     let dfa = match build(true) {
-        Ok(d) => d,
-        Err(e) if e.to_string().contains("size limit") => {
-            build(false).map_err(|_| e.to_string())?
-        }
-        Err(e) => return Err(e.to_string()),
+        Err(e) if e.contains("size limit") => build(false).map_err(|_| e)?,
+        built => built?,
     };
     let start = dfa
         .start_state(&start::Config::new().anchored(Anchored::Yes))
