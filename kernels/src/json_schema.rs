@@ -262,11 +262,12 @@ fn build_dfa(regex: &str, source: &str) -> Result<Dfa, String> {
             )
             .syntax(syntax::Config::new().unicode(unicode).utf8(true))
             .build(&format!("^(?:{regex})$"))
-            .map_err(|e| e.to_string())
+            .map_err(Box::new)
     };
     let dfa = match build(true) {
-        Err(e) if e.contains("size limit") => build(false).map_err(|_| e)?,
-        built => built?,
+        Ok(d) => d,
+        Err(e) if e.is_size_limit_exceeded() => build(false).map_err(|_| e.to_string())?,
+        Err(e) => return Err(e.to_string()),
     };
     let start = dfa
         .start_state(&start::Config::new().anchored(Anchored::Yes))
