@@ -40,8 +40,8 @@ struct Core {
     open: Gauge,
     /// Resolves (or errs: the thread is gone) when the thread's server has drained.
     done: Option<oneshot::Receiver<()>>,
-    /// Ends the thread's runtime, in-flight requests and all (on drop).
-    kill: Option<oneshot::Sender<()>>,
+    /// Dropped with the core, it ends the thread's runtime, in-flight requests and all.
+    _kill: oneshot::Sender<()>,
 }
 
 impl Cores {
@@ -80,6 +80,7 @@ impl Cores {
                                 }
                                 let _ = done_tx.send(());
                             }
+                            // Its sender dropped with the core: the thread ends.
                             _ = kill_rx => {}
                         }
                     });
@@ -90,7 +91,7 @@ impl Cores {
                 tx,
                 open: metrics.open_connections(&name),
                 done: Some(done),
-                kill: Some(kill),
+                _kill: kill,
             });
         }
         Ok(Self { cores })
@@ -119,16 +120,6 @@ impl Cores {
         for c in &mut self.cores {
             if let Some(done) = c.done.take() {
                 let _ = done.await;
-            }
-        }
-    }
-}
-
-impl Drop for Cores {
-    fn drop(&mut self) {
-        for c in &mut self.cores {
-            if let Some(kill) = c.kill.take() {
-                let _ = kill.send(());
             }
         }
     }
