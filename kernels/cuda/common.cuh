@@ -20,6 +20,19 @@ __device__ __forceinline__ half_t f2h(float f) {
     asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
     return h;
 }
+
+// d += A·B on tensor cores, one warp (all 32 lanes): A 16×16 f16 (row-major fragment),
+// B 16×8 f16 (column-major fragment), d 16×8 f32. Lane l (group g = l / 4, t = l % 4)
+// holds a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9],
+// a[3] = A[g+8][2t+8, 2t+9]; b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]; d[0..1] =
+// D[g][2t, 2t+1], d[2..3] = D[g+8][2t, 2t+1] (each pair of halves low element first).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 #endif
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -62,6 +62,9 @@ extern thread_local Launch* tl_launch;
 
 void syncthreads();
 uint64_t warp_exchange(uint64_t bits, int src_lane);
+// Every lane of the warp publishes n (at most 4) words; returns all 32 lanes' words
+// ([lane][4]), readable until the calling lane's next exchange or gather.
+const uint64_t* warp_gather(const uint64_t* words, int n);
 [[noreturn]] void fail(const char* why);
 
 template <class T>
@@ -182,6 +185,46 @@ inline half_t f2h(float f) {
     uint32_t keep = man >> shift, rest = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
     keep += (rest > halfway) || (rest == halfway && (keep & 1u));
     return (half_t)(sign | keep);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (common.cuh has the fragment
+// layout): each lane gathers the A rows and B columns of its four outputs from the lanes
+// holding them (one warp gather), and adds each output's 16 products to it in k order, one
+// fused multiply-add at a time. A GPU's tensor cores add them in their own order: the
+// emulator checks the kernel's indexing, the parity tests bound the rounding.
+inline void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    int l = emu::lane(), g = l >> 2, t = l & 3;
+    uint64_t mine[3] = {(uint64_t)a[0] | ((uint64_t)a[1] << 32),
+                        (uint64_t)a[2] | ((uint64_t)a[3] << 32),
+                        (uint64_t)b0 | ((uint64_t)b1 << 32)};
+    const uint64_t* all = emu::warp_gather(mine, 3);
+    auto half_of = [](uint64_t w, int h) { return h2f((half_t)((w >> (16 * h)) & 0xffffu)); };
+    float ar[2][16], bc[2][16];
+    for (int i = 0; i < 4; ++i) {
+        // Lane 4g + i: a[0], a[1] = rows g, g + 8 at k 2i, 2i + 1; a[2], a[3] at k 2i + 8,
+        // 2i + 9. Lane 4n + i: column n at k 2i, 2i + 1 (b0) and 2i + 8, 2i + 9 (b1).
+        const uint64_t* src = all + 4 * (4 * g + i);
+        for (int e = 0; e < 2; ++e) {
+            ar[0][2 * i + e] = half_of(src[0], e);
+            ar[1][2 * i + e] = half_of(src[0], 2 + e);
+            ar[0][8 + 2 * i + e] = half_of(src[1], e);
+            ar[1][8 + 2 * i + e] = half_of(src[1], 2 + e);
+        }
+        for (int c = 0; c < 2; ++c) {
+            uint64_t w = all[4 * (4 * (2 * t + c) + i) + 2];
+            for (int e = 0; e < 2; ++e) {
+                bc[c][2 * i + e] = half_of(w, e);
+                bc[c][8 + 2 * i + e] = half_of(w, 2 + e);
+            }
+        }
+    }
+    for (int r = 0; r < 2; ++r) {
+        for (int c = 0; c < 2; ++c) {
+            float acc = d[2 * r + c];
+            for (int k = 0; k < 16; ++k) acc = fmaf(ar[r][k], bc[c][k], acc);
+            d[2 * r + c] = acc;
+        }
+    }
 }
 
 namespace emu {

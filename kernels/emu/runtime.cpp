@@ -52,11 +52,15 @@ tollgate_emu_switch:
 constexpr size_t STACK = 256 << 10;  // per fiber, with a guard page below
 constexpr unsigned MAX_THREADS = 1024;
 
+// Words per lane a warp_gather carries.
+constexpr int GATHER_WORDS = 4;
+
 struct Warp {
     unsigned live, count;
     unsigned long gen;
     uint64_t vals[2][32];
     unsigned long stamp[2][32];
+    uint64_t wide[2][32][GATHER_WORDS];  // warp_gather's words, by generation parity
 };
 
 struct Block {
@@ -223,6 +227,28 @@ uint64_t warp_exchange(uint64_t bits, int src) {
     if (src < 0 || src > 31 || w.stamp[g & 1][src] != g + 1)
         fail("a warp shuffle reads a lane that did not take part in it");
     return w.vals[g & 1][src];
+}
+
+const uint64_t* warp_gather(const uint64_t* words, int n) {
+    if (n < 0 || n > GATHER_WORDS) fail("a warp gather of too many words");
+    Block& b = *tl_block;
+    Fiber* f = tl_fiber;
+    Warp& w = b.warps[f->linear / 32];
+    unsigned lane = f->linear & 31u;
+    unsigned long g = w.gen;
+    for (int i = 0; i < n; ++i) w.wide[g & 1][lane][i] = words[i];
+    w.stamp[g & 1][lane] = g + 1;
+    b.progress++;
+    if (++w.count == w.live) {
+        w.count = 0;
+        w.gen++;
+    } else {
+        while (w.gen == g) pass_in_warp();
+    }
+    for (int l = 0; l < 32; ++l)
+        if (w.stamp[g & 1][l] != g + 1) fail("a warp gather some lanes did not take part in");
+    // Valid until this lane's next exchange or gather (the other parity's turn).
+    return &w.wide[g & 1][0][0];
 }
 
 void fail(const char* why) {

@@ -382,7 +382,7 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
         (general, odd),
         (fitted, smol()),
     ] {
-        let base = attention_case(g, 128, Spread::One, &c);
+        let base = attention_case(g, 128, Spread::One, &c, false);
         // Wider blocks; chunks spread over 2 and 5 blocks (with 5, only the first half of
         // the rows may split: the rest keep one block); more blocks than any row's chunks.
         for (threads, spread) in [
@@ -392,7 +392,7 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
             (512, Spread::HalfRows(5)),
             (256, Spread::Blocks(64)),
         ] {
-            let other = attention_case(g, threads, spread, &c);
+            let other = attention_case(g, threads, spread, &c, false);
             assert!(
                 other == base,
                 "{}: head_dim {}: {threads} threads, {spread:?} give other bits than 128 \
@@ -416,8 +416,16 @@ enum Spread {
 
 /// Prefill and decode attention on random batches (the same for every call) with
 /// `threads` per block and the chunks spread as `spread`, each against the twin; returns
-/// the outputs' bits.
-fn attention_case<E: Exec>(g: &E, threads: u32, spread: Spread, c: &LlamaConfig) -> Vec<Vec<u16>> {
+/// the outputs' bits. With `tc`, every case runs `attention_tc` instead (which takes the
+/// prefill kernel's arguments), and each prefill case runs again with every row alone,
+/// as a decode step would hold it: the bits must not change.
+fn attention_case<E: Exec>(
+    g: &E,
+    threads: u32,
+    spread: Spread,
+    c: &LlamaConfig,
+    tc: bool,
+) -> Vec<Vec<u16>> {
     let mut outs = Vec::new();
     let mut rng = Rng(6);
     let c = c.clone();
@@ -500,8 +508,9 @@ fn attention_case<E: Exec>(g: &E, threads: u32, spread: Spread, c: &LlamaConfig)
             up(g, &inp.positions),
         );
         let out = up(g, &nan16(t * c.n_heads * c.head_dim));
+        let name = if tc { "attention_tc" } else { name };
         let mut args = vec![qd.arg(), i(cache.stride), kc.arg(), vc.arg(), tb.arg()];
-        if !decode {
+        if !decode || tc {
             args.push(sr.arg());
         }
         args.extend([
@@ -534,8 +543,10 @@ fn attention_case<E: Exec>(g: &E, threads: u32, spread: Spread, c: &LlamaConfig)
         g.launch(name, launch, &args).unwrap();
         let got = down(g, &out);
         let e = rel(&f32s(&got), &f32s(&want));
+        // attention_tc rounds the queries and the softmax weights to f16.
+        let bound = if tc { 6e-3 } else { 3e-3 };
         assert!(
-            e < 3e-3,
+            e < bound,
             "{}: {name} ({kind}), head_dim {}, {threads} threads, {spread:?}: {e}",
             g.describe(),
             c.head_dim
@@ -546,9 +557,82 @@ fn attention_case<E: Exec>(g: &E, threads: u32, spread: Spread, c: &LlamaConfig)
              launch",
             g.describe()
         );
+        if tc && !decode {
+            // Each row alone: its own sequence (its table copied), a tile of one.
+            let alone: Vec<i32> = (0..t as i32).collect();
+            let tables: Vec<i32> = inp
+                .seq_of_row
+                .iter()
+                .flat_map(|&s| inp.block_tables[s as usize * max_blocks..][..max_blocks].to_vec())
+                .collect();
+            let (tb1, sr1) = (up(g, &tables), up(g, &alone));
+            let out1 = up(g, &nan16(t * c.n_heads * c.head_dim));
+            let mut args1 = args.clone();
+            args1[4] = tb1.arg();
+            args1[5] = sr1.arg();
+            args1[7] = out1.arg();
+            g.launch(name, launch, &args1).unwrap();
+            assert!(
+                down(g, &out1) == got,
+                "{}: attention_tc ({kind}), head_dim {}, {spread:?}: a row alone gives other \
+                 bits than the same row in its prompt's tile",
+                g.describe(),
+                c.head_dim
+            );
+        }
         outs.push(got.iter().map(|h| h.to_bits()).collect());
     }
     outs
+}
+
+#[test]
+fn tensor_core_attention_matches_its_twin_and_a_rows_bits_do_not_depend_on_its_tile() {
+    if let (Some(general), Some(fitted)) = (emu(), emu_for(&smol())) {
+        tensor_core_builds(&general, &fitted);
+    }
+    if let (Some(general), Some(fitted)) = (gpu(), gpu_for(&smol())) {
+        tensor_core_builds(&general, &fitted);
+    }
+}
+
+/// `attention_tc` against the twin for each head shape, and within the build for SmolLM2
+/// the same bits for a wider launch and for any split of a row's chunks over blocks (the
+/// emulator runs each tensor-core product lane by lane: the other shapes run once).
+fn tensor_core_builds<E: Exec>(general: &E, fitted: &E) {
+    let wide = LlamaConfig {
+        n_heads: 16,
+        n_kv_heads: 2,
+        head_dim: 128,
+        ..smol()
+    };
+    let odd = LlamaConfig {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 96,
+        ..smol()
+    };
+    for (g, c) in [(general, wide), (general, odd)] {
+        attention_case(g, 128, Spread::One, &c, true);
+    }
+    {
+        let (g, c) = (fitted, smol());
+        let base = attention_case(g, 128, Spread::One, &c, true);
+        for (threads, spread) in [
+            (256, Spread::One),
+            (128, Spread::Blocks(2)),
+            (128, Spread::HalfRows(5)),
+            (128, Spread::Blocks(64)),
+        ] {
+            let other = attention_case(g, threads, spread, &c, true);
+            assert!(
+                other == base,
+                "{}: attention_tc, head_dim {}: {threads} threads, {spread:?} give other \
+                 bits than 128 threads in one block",
+                g.describe(),
+                c.head_dim
+            );
+        }
+    }
 }
 
 #[test]

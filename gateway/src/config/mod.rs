@@ -309,6 +309,18 @@ pub enum BackendKind {
     Emulator,
 }
 
+/// Which attention kernel the CUDA backend launches.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// f32 arithmetic on the CUDA cores, one block per (row, KV head).
+    #[default]
+    Simt,
+    /// Tensor cores (f16 operands, f32 sums) over tiles of a prompt's rows: each key is
+    /// read once per tile instead of once per row, for long prompts.
+    Tensor,
+}
+
 /// How the CPU backend's activations meet quantized weights.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -334,6 +346,8 @@ pub struct EngineConfig {
     pub threads: usize,
     /// CPU backend activation precision.
     pub activations: Activations,
+    /// CUDA backend attention kernel: `"simt"` (the default) or `"tensor"`.
+    pub attention: AttentionKind,
     /// Most tokens computed in one step (prefill chunks + decodes); unset: the backend's
     /// default ([`EngineConfig::sizes`]).
     pub max_batch_tokens: Option<usize>,
@@ -398,6 +412,7 @@ impl Default for EngineConfig {
             backend: BackendKind::Auto,
             threads: 0,
             activations: Activations::I16,
+            attention: AttentionKind::Simt,
             max_batch_tokens: None,
             max_seqs: None,
             kv_tokens: None,

@@ -1,9 +1,9 @@
 //! Building an engine's backend — CPU, CUDA on a GPU, or CUDA on the emulator — at start
 //! and again after a device fault, with the CUDA backend's self-check before it serves.
 
-use crate::config::{BackendKind, EngineConfig, EngineSizes};
+use crate::config::{AttentionKind, BackendKind, EngineConfig, EngineSizes};
 use kernels::backend::{Backend, CpuBackend};
-use kernels::cuda::backend::{gpu_name, CudaBackend, KvCapacity};
+use kernels::cuda::backend::{gpu_name, AttentionKernel, CudaBackend, KvCapacity};
 use kernels::cuda::device::Gpu;
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
@@ -105,6 +105,11 @@ fn cuda_backend<E: Exec + 'static>(
     let (tokens, seqs) = (sizes.max_batch_tokens, sizes.max_seqs);
     let mut b = CudaBackend::on(exec, label, twin, cfg.block_size, kv, tokens, seqs)
         .map_err(|e| e.to_string())?;
+    let attention = match cfg.attention {
+        AttentionKind::Simt => AttentionKernel::Simt,
+        AttentionKind::Tensor => AttentionKernel::Tensor,
+    };
+    b.set_attention(attention).map_err(|e| e.to_string())?;
     if timed {
         b.choose_small_products();
     }
@@ -117,6 +122,7 @@ fn cuda_backend<E: Exec + 'static>(
         graphs = ?b.graph_buckets(),
         graphs_off = b.graphs_off().unwrap_or(""),
         small_products_on_gemv = b.small_products().0,
+        attention = ?b.attention(),
         self_check_rel_err = err,
         kv_blocks = b.kv_geometry().1,
         "engine on the CUDA backend"

@@ -27,7 +27,7 @@ use super::exec::{Exec, ExecError};
 use super::gemv;
 use super::staging::{self, Layout};
 use super::step::Device;
-pub use super::step::{KvCapacity, SmallProducts};
+pub use super::step::{AttentionKernel, KvCapacity, SmallProducts};
 use super::twins::{SampleParams, TwinModel};
 use crate::adjust::Adjust;
 use crate::backend::{check_sample, Backend};
@@ -252,6 +252,21 @@ impl<E: Exec> CudaBackend<E> {
     /// graphs are captured again).
     pub fn set_small_products(&mut self, small: SmallProducts) -> Result<(), ExecError> {
         self.dev.small = small;
+        for i in 0..self.graphs.len() {
+            self.recapture(i)?;
+        }
+        Ok(())
+    }
+
+    /// The attention kernel the steps launch.
+    pub fn attention(&self) -> AttentionKernel {
+        self.dev.attention
+    }
+
+    /// Launches `kernel` for attention from the next step on (the decode graphs are
+    /// captured again).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<(), ExecError> {
+        self.dev.attention = kernel;
         for i in 0..self.graphs.len() {
             self.recapture(i)?;
         }

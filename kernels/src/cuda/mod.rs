@@ -64,6 +64,11 @@ pub const SOURCES: &[Source] = &[
         entries: &["attention_prefill", "attention_decode"],
     },
     Source {
+        name: "attention_tc",
+        code: include_str!("../../cuda/attention_tc.cu"),
+        entries: &["attention_tc"],
+    },
+    Source {
         name: "swiglu",
         code: include_str!("../../cuda/swiglu.cu"),
         entries: &["swiglu"],
@@ -90,6 +95,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("rope_kv_write", 256),
     ("attention_prefill", 512),
     ("attention_decode", 512),
+    ("attention_tc", 128),
     ("swiglu", 256),
     ("sample", 1024),
     ("gemv_f16", 256),

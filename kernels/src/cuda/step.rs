@@ -94,10 +94,36 @@ pub struct Device<E: Exec> {
     split: Split,
     /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
     pub small: SmallProducts,
+    /// Which attention kernel the step launches.
+    pub attention: AttentionKernel,
     pub max_blocks: usize,
     /// Logits rows a step may have: one per sequence, and [`PROMPT_LOGIT_ROWS`] more.
     pub max_logits: usize,
     pub(super) bufs: Bufs<E>,
+}
+
+/// The attention kernel a step launches. Each gives a row the same bits whatever the
+/// batch around it (a prompt's row and the same row decoded alike); the two differ from
+/// each other in rounding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `attention_prefill`: f32 arithmetic, one block per (row, KV head); a prompt's keys
+    /// are read once per row.
+    #[default]
+    Simt,
+    /// `attention_tc`: tensor cores (f16 operands, f32 sums) over tiles of a sequence's
+    /// consecutive rows, each key block read once per tile.
+    Tensor,
+}
+
+impl AttentionKernel {
+    /// The kernel's entry point.
+    pub fn entry(self) -> &'static str {
+        match self {
+            Self::Simt => "attention_prefill",
+            Self::Tensor => "attention_tc",
+        }
+    }
 }
 
 /// Logits rows a step may have beyond one per sequence: rows of prompts whose
@@ -288,6 +314,7 @@ impl<E: Exec> Device<E> {
             att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
             split,
             small: SmallProducts::default(),
+            attention: AttentionKernel::default(),
             embed,
             output_norm,
             output,
@@ -319,6 +346,7 @@ impl<E: Exec> Device<E> {
             att_warps,
             split,
             small,
+            attention,
             bufs: b,
             ..
         } = self;
@@ -405,13 +433,18 @@ impl<E: Exec> Device<E> {
             } else {
                 1
             };
+            // attention_tc: 4 warps, one per 16 rows of its tile's matrix.
+            let warps = match attention {
+                AttentionKernel::Simt => attention_warps(t, *att_warps),
+                AttentionKernel::Tensor => 4,
+            };
             let cfg = LaunchConfig {
                 grid_dim: (t as u32, c.n_kv_heads as u32, splits as u32),
-                block_dim: (32 * attention_warps(t, *att_warps) as u32, 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             e.launch(
-                "attention_prefill",
+                attention.entry(),
                 cfg,
                 &[
                     b.qkv.arg(),
