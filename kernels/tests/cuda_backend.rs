@@ -13,7 +13,7 @@ mod common;
 use common::rel_err;
 use kernels::adjust::Adjust;
 use kernels::backend::Backend;
-use kernels::cuda::backend::{CudaBackend, KvCapacity, SmallProducts};
+use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
@@ -306,6 +306,20 @@ fn random_batches_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         let e = rel_err(&got, &want);
         assert!(e < 2e-3, "step {step} ({} rows): {e}", b.tokens.len());
     }
+}
+
+#[test]
+fn tensor_core_attention_steps_match_the_twin_chain() {
+    on_each!("tensor-attention", tensor_attention_case);
+}
+
+/// With `attention_tc` launched: the random mixed batches (prefill chunks tiled, decodes
+/// alone), then the long rows split over blocks, from graphs captured again with it.
+fn tensor_attention_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    cuda.set_attention(AttentionKernel::Tensor).unwrap();
+    assert_eq!(cuda.attention(), AttentionKernel::Tensor);
+    random_batches_case(cuda, twin);
+    long_rows_case(cuda, twin);
 }
 
 #[test]
