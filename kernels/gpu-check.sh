@@ -11,7 +11,8 @@
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench; and in JSON mode at 64 and 256), all on the synthetic SmolLM2-shaped model; last, in the
+# and 256 streams (engine_bench; and in JSON mode at 64 and 256), then decode steps and the engine again with the
+# tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
 # that hangs costs its limit, not the session's GPU time.
@@ -101,6 +102,14 @@ timeout 60 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 || status=1
 echo
 BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 120 "$BIN/engine_bench" "$model" || status=1
 echo
+# The same with the tensor-core attention kernel (attention_tc): decode steps at 512 and
+# 4,096 keys, and through the engine (its prefill row is a 512-token prompt).
+timeout 60 "$BIN/decode_bench" "$model" --ctx 511 --batches 1,64,256 --tensor || status=1
+echo
+timeout 40 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 --tensor || status=1
+echo
+ATTENTION=tensor BACKEND=cuda STREAMS=1,256 TOKENS=256 timeout 90 "$BIN/engine_bench" "$model" || status=1
+echo
 # JSON mode: every row's mask goes to the device in the staging copy (no logits read back).
 BACKEND=cuda FORMAT=json STREAMS=64,256 TOKENS=128 timeout 90 "$BIN/engine_bench" "$model" || status=1
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity
@@ -110,7 +119,7 @@ BACKEND=cuda FORMAT=json STREAMS=64,256 TOKENS=128 timeout 90 "$BIN/engine_bench
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 echo
 printf '| sanitizer | result |\n|---|---|\n'
-for run in "memcheck" "racecheck attention build_batch sampling gemv"; do
+for run in "memcheck" "racecheck attention tensor_core build_batch sampling gemv"; do
   read -r tool filters <<<"$run"
   left=$((560 - SECONDS))
   if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi

@@ -7,7 +7,8 @@
 //! its answer). Environment: `BACKEND=auto|cpu|cuda|emulator` (default cpu; `emulator` checks the
 //! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
-//! `PREFIX_CACHING=0` (the prefix cache off), `FORMAT=json|schema` (the streams' answers
+//! `PREFIX_CACHING=0` (the prefix cache off), `ATTENTION=tensor` (CUDA: the tensor-core
+//! attention kernel), `FORMAT=json|schema` (the streams' answers
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
@@ -129,6 +130,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
         activations,
         prefix_caching: std::env::var("PREFIX_CACHING").as_deref() != Ok("0"),
+        attention: match std::env::var("ATTENTION").as_deref() {
+            Ok("tensor") => gateway::config::AttentionKind::Tensor,
+            _ => gateway::config::AttentionKind::Simt,
+        },
         ..EngineConfig::default()
     };
     let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg, 0)?);

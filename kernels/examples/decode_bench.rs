@@ -3,7 +3,9 @@
 //! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table.
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
-//!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256]
+//!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256] [--tensor]
+//!
+//! `--tensor`: the steps launch the tensor-core attention kernel (`attention_tc`).
 //!
 //! Without a model path it writes the synthetic SmolLM2-shaped model to a temporary
 //! folder. `--cpu` runs the same harness on the CPU backend, `--emu` on the CUDA backend
@@ -11,7 +13,7 @@
 //! position `ctx`, sampled on the device (greedy).
 
 use kernels::backend::{Backend, CpuBackend};
-use kernels::cuda::backend::{CudaBackend, KvCapacity};
+use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
@@ -27,6 +29,7 @@ struct Args {
     emu: bool,
     ctx: usize,
     batches: Vec<usize>,
+    tensor: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -36,12 +39,14 @@ fn args() -> Result<Args, String> {
         emu: false,
         ctx: 256,
         batches: vec![1, 16, 64, 256],
+        tensor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--cpu" => a.cpu = true,
             "--emu" => a.emu = true,
+            "--tensor" => a.tensor = true,
             "--ctx" => a.ctx = it.next().and_then(|v| v.parse().ok()).ok_or("--ctx N")?,
             "--batches" => {
                 a.batches = it
@@ -140,11 +145,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let e = Emu::open_for(&c)?;
         let name = e.describe();
         let kv = KvCapacity::Blocks(n_blocks);
-        let b = CudaBackend::on(e, name, &twin, BLOCK, kv, max_tokens, max_n)?;
+        let mut b = CudaBackend::on(e, name, &twin, BLOCK, kv, max_tokens, max_n)?;
+        if a.tensor {
+            b.set_attention(AttentionKernel::Tensor)?;
+        }
         (Which::Emu(Box::new(b)), f64::NAN)
     } else {
         let bw = kernels::cuda::device::Gpu::open(0)?.copy_bandwidth()?.1;
-        let b = CudaBackend::with_capacity(
+        let mut b = CudaBackend::with_capacity(
             &twin,
             0,
             BLOCK,
@@ -162,13 +170,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         println!("{:?}", b.small_products());
+        if a.tensor {
+            b.set_attention(AttentionKernel::Tensor)?;
+        }
         (Which::Cuda(Box::new(b)), bw)
     };
     drop(twin);
     let backend = which.backend();
     println!(
-        "{} | model {} ({} layers, dim {}) | weights {:.0} MB f16 | copy {:.0} GB/s | context {}",
+        "{}{} | model {} ({} layers, dim {}) | weights {:.0} MB f16 | copy {:.0} GB/s | context {}",
         backend.name(),
+        if a.tensor { " (attention_tc)" } else { "" },
         path.display(),
         c.n_layers,
         c.dim,

@@ -9,6 +9,7 @@
 
 use super::device::{attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
+use super::step::AttentionKernel;
 use cudarc::driver::LaunchConfig;
 use half::f16;
 use std::time::Instant;
@@ -25,6 +26,8 @@ pub struct Sizes {
     pub decode: Vec<usize>,
     pub ctx: usize,
     pub long_ctx: usize,
+    /// A long prompt's tokens, prefilled in one launch by each attention kernel.
+    pub prompt: usize,
     /// Sampling: rows, and the vocabulary.
     pub sample: (usize, usize),
     /// Matrix products: (name, k, n, once per layer) weight shapes, each at these row
@@ -46,6 +49,7 @@ impl Sizes {
             decode: vec![1, 16, 64, 256],
             ctx: 512,
             long_ctx: 4096,
+            prompt: 4096,
             sample: (256, 49152),
             // SmolLM2-135M's: QKV, output, gate|up, down, and the LM head.
             products: vec![
@@ -68,6 +72,7 @@ impl Sizes {
             decode: vec![1, 3],
             ctx: 48,
             long_ctx: 1100,
+            prompt: 80,
             sample: (3, 3000),
             products: vec![("small", 64, 96, true)],
             product_rows: vec![1, 3, 5],
@@ -416,6 +421,81 @@ pub fn attention<E: Exec>(
     })
 }
 
+/// Attention over one layer with SmolLM2's heads on the kernels that take a packed batch
+/// (`attention_prefill`, `attention_tc`): `prompt` = `Some(n)`: one sequence's prompt of n
+/// tokens, all its rows in one launch (a prefill); `None`: `batch` sequences decoding at
+/// `ctx` keys each, one block per row and KV head. Bytes: the keys and values once.
+pub fn attention_packed<E: Exec>(
+    e: &E,
+    kernel: AttentionKernel,
+    batch: usize,
+    ctx: usize,
+    prompt: Option<usize>,
+    iters: u32,
+) -> Result<Row, ExecError> {
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    let per = ctx.div_ceil(bs);
+    let chunks = (per * bs).div_ceil(ATTENTION_CHUNK_KEYS);
+    let (rows, seqs) = match prompt {
+        Some(n) => (n, 1),
+        None => (batch, batch),
+    };
+    let blocks = seqs * per;
+    let kc = e.zeros::<f16>(blocks * bs * 192)?;
+    let vc = e.zeros::<f16>(blocks * bs * 192)?;
+    let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
+    let (seq_of_row, positions): (Vec<i32>, Vec<u32>) = match prompt {
+        Some(n) => ((0..n).map(|_| 0).collect(), (0..n as u32).collect()),
+        None => ((0..batch as i32).collect(), vec![(ctx - 1) as u32; batch]),
+    };
+    let sr = e.upload(&seq_of_row)?;
+    let pos = e.upload(&positions)?;
+    let q = e.zeros::<f32>(rows * 576)?;
+    let out = e.zeros::<f16>(rows * 576)?;
+    let part = e.zeros::<f32>(3)?;
+    let arrive = e.zeros::<i32>(rows * nkv)?;
+    let args = [
+        q.arg(),
+        i(576),
+        kc.arg(),
+        vc.arg(),
+        tb.arg(),
+        sr.arg(),
+        pos.arg(),
+        out.arg(),
+        i(per),
+        i(nh),
+        i(nkv),
+        i(hd),
+        i(bs),
+        Arg::F32(0.125),
+        part.arg(),
+        arrive.arg(),
+        i(0),
+        i(chunks),
+    ];
+    let warps = match kernel {
+        AttentionKernel::Simt => attention_warps(rows, 16),
+        AttentionKernel::Tensor => 4,
+    };
+    let c = LaunchConfig {
+        grid_dim: (rows as u32, nkv as u32, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let secs = time_launch(e, iters, kernel.entry(), c, &args)?;
+    let name = match prompt {
+        Some(n) => format!("{} prefill, prompt {n}", kernel.entry()),
+        None => format!("{} batch {batch}, ctx {ctx}", kernel.entry()),
+    };
+    Ok(Row {
+        name,
+        secs,
+        bytes: (seqs * ctx * 192 * 2 * 2) as f64,
+        in_step: None,
+    })
+}
+
 /// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
 /// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
 /// Besides the large sizes, the kernels of a decode step are timed at each decode batch
@@ -489,6 +569,25 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 rows.push(r);
             }
         }
+    }
+    // The tensor-core kernel at the same decode sizes (one block per row), and both
+    // kernels over a long prompt (its rows' keys are read once per row by the SIMT kernel,
+    // once per tile of rows by the tensor-core one).
+    for &batch in &sizes.decode {
+        for ctx in [sizes.ctx, sizes.long_ctx] {
+            rows.push(attention_packed(
+                e,
+                AttentionKernel::Tensor,
+                batch,
+                ctx,
+                None,
+                iters,
+            )?);
+        }
+    }
+    for kernel in [AttentionKernel::Simt, AttentionKernel::Tensor] {
+        let n = sizes.prompt;
+        rows.push(attention_packed(e, kernel, 1, n, Some(n), iters)?);
     }
     rows.push(swiglu(e, t, iters, None)?);
     rows.extend(sample(e, sizes.sample, true, iters, None)?);
