@@ -543,10 +543,10 @@ fn attention_case<E: Exec>(
         g.launch(name, launch, &args).unwrap();
         let got = down(g, &out);
         let e = rel(&f32s(&got), &f32s(&want));
-        // attention_tc rounds the queries and the softmax weights to f16.
-        let bound = if tc { 6e-3 } else { 3e-3 };
+        // attention_tc rounds the queries and the softmax weights to f16: on the
+        // emulator it is within 0.4–0.9e-3 of the twin on these cases.
         assert!(
-            e < bound,
+            e < 3e-3,
             "{}: {name} ({kind}), head_dim {}, {threads} threads, {spread:?}: {e}",
             g.describe(),
             c.head_dim
