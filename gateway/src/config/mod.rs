@@ -898,6 +898,18 @@ workers = [{{ kind = "engine"{fields} }}]
     }
 
     #[test]
+    fn the_attention_kernel_is_chosen_by_name() {
+        let cfg = Config::from_toml(&engine_pool("")).unwrap();
+        assert_eq!(engine(&cfg).attention, AttentionKind::Simt);
+        let cfg = Config::from_toml(&engine_pool(r#", attention = "tensor""#)).unwrap();
+        assert_eq!(engine(&cfg).attention, AttentionKind::Tensor);
+        let err = Config::from_toml(&engine_pool(r#", attention = "flash""#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("simt") && err.contains("tensor"), "{err}");
+    }
+
+    #[test]
     fn bad_engine_sizes_are_refused() {
         for bad in [
             ", max_seqs = 0",
