@@ -91,17 +91,6 @@ __device__ __forceinline__ void fetch(const half_t* __restrict__ kc, const half_
     }
 }
 
-// Merges partial state (m, l, a) into the running (M, L, A): one output element's.
-// Explicit fused multiply-adds, so that every merge of the same states rounds the same.
-__device__ __forceinline__ void merge(float& M, float& L, float& A, float m, float l, float a) {
-    float mx = fmaxf(M, m);
-    float c1 = L > 0.0f ? expf(M - mx) : 0.0f;
-    float c2 = l > 0.0f ? expf(m - mx) : 0.0f;
-    L = fmaf(L, c1, l * c2);
-    A = fmaf(A, c1, a * c2);
-    M = mx;
-}
-
 // One chunk, keys [k0, k1): every slice's online-softmax state into the shared arrays
 // (slices in turn over the block's warps), then a barrier.
 __device__ __forceinline__ void attend_chunk(

@@ -58,17 +58,6 @@ __device__ __forceinline__ bool tc_leads(const int* __restrict__ seq_of_row,
            positions[i - 1] + 1 != positions[i] || positions[i] % tile_pos == 0;
 }
 
-// Merges a chunk's state (m, l, a) into the running (M, L, A): attention.cu's `merge`.
-__device__ __forceinline__ void tc_merge(float& M, float& L, float& A, float m, float l,
-                                         float a) {
-    float mx = fmaxf(M, m);
-    float c1 = L > 0.0f ? expf(M - mx) : 0.0f;
-    float c2 = l > 0.0f ? expf(m - mx) : 0.0f;
-    L = fmaf(L, c1, l * c2);
-    A = fmaf(A, c1, a * c2);
-    M = mx;
-}
-
 extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_stride,
                                         const half_t* __restrict__ kc,
                                         const half_t* __restrict__ vc,
@@ -270,7 +259,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
                 if (mr[h] >= rows_m) continue;
                 if (parts == 1) {
                     float M = run_m[h], L = run_l[h];
-                    tc_merge(M, L, run_a[n][e], m[h], l[h], o[n][e]);  // M, L: below
+                    merge(M, L, run_a[n][e], m[h], l[h], o[n][e]);  // M, L: below
                 } else {
                     int p = mr[h] / group, g = mr[h] % group;
                     float* at = mine_base +
@@ -286,7 +275,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 float a = 0.0f;
-                tc_merge(run_m[h], run_l[h], a, m[h], l[h], 0.0f);
+                merge(run_m[h], run_l[h], a, m[h], l[h], 0.0f);
             }
         }
     }
@@ -305,7 +294,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
             float M = -INFINITY, L = 0.0f, A = 0.0f;
             for (int c = 0; c < chunks; ++c) {
                 const float* at = base + ((size_t)c * width + g * head_dim + d) * 3;
-                tc_merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
+                merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
             }
             out[(size_t)(r + p) * n_heads * head_dim + (kvh * group + g) * head_dim + d] =
                 f2h(L > 0.0f ? A / L : 0.0f);

@@ -35,6 +35,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
 }
 #endif
 
+// Merges partial softmax state (m, l, a) into the running (M, L, A): one output element's
+// (attention's chunks). Explicit fused multiply-adds, so that every merge of the same
+// states rounds the same.
+__device__ __forceinline__ void merge(float& M, float& L, float& A, float m, float l, float a) {
+    float mx = fmaxf(M, m);
+    float c1 = L > 0.0f ? expf(M - mx) : 0.0f;
+    float c2 = l > 0.0f ? expf(m - mx) : 0.0f;
+    L = fmaf(L, c1, l * c2);
+    A = fmaf(A, c1, a * c2);
+    M = mx;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -209,13 +209,9 @@ void syncthreads() {
     while (b.bar_gen == g) yield();
 }
 
-uint64_t warp_exchange(uint64_t bits, int src) {
-    Block& b = *tl_block;
-    Fiber* f = tl_fiber;
-    Warp& w = b.warps[f->linear / 32];
-    unsigned lane = f->linear & 31u;
-    unsigned long g = w.gen;
-    w.vals[g & 1][lane] = bits;
+// Marks `lane` as having published its values for round g of warp w, and returns once
+// every live lane of the warp has (the last to arrive opens the next round).
+static void arrive_in_warp(Block& b, Warp& w, unsigned lane, unsigned long g) {
     w.stamp[g & 1][lane] = g + 1;
     b.progress++;
     if (++w.count == w.live) {
@@ -224,6 +220,16 @@ uint64_t warp_exchange(uint64_t bits, int src) {
     } else {
         while (w.gen == g) pass_in_warp();
     }
+}
+
+uint64_t warp_exchange(uint64_t bits, int src) {
+    Block& b = *tl_block;
+    Fiber* f = tl_fiber;
+    Warp& w = b.warps[f->linear / 32];
+    unsigned lane = f->linear & 31u;
+    unsigned long g = w.gen;
+    w.vals[g & 1][lane] = bits;
+    arrive_in_warp(b, w, lane, g);
     if (src < 0 || src > 31 || w.stamp[g & 1][src] != g + 1)
         fail("a warp shuffle reads a lane that did not take part in it");
     return w.vals[g & 1][src];
@@ -237,14 +243,7 @@ const uint64_t* warp_gather(const uint64_t* words, int n) {
     unsigned lane = f->linear & 31u;
     unsigned long g = w.gen;
     for (int i = 0; i < n; ++i) w.wide[g & 1][lane][i] = words[i];
-    w.stamp[g & 1][lane] = g + 1;
-    b.progress++;
-    if (++w.count == w.live) {
-        w.count = 0;
-        w.gen++;
-    } else {
-        while (w.gen == g) pass_in_warp();
-    }
+    arrive_in_warp(b, w, lane, g);
     for (int l = 0; l < 32; ++l)
         if (w.stamp[g & 1][l] != g + 1) fail("a warp gather some lanes did not take part in");
     // Valid until this lane's next exchange or gather (the other parity's turn).
