@@ -364,18 +364,7 @@ fn attention_prefill_and_decode_match_their_twin() {
 /// head_dim 128 (16 lanes per key), and head_dim 96 (lanes past the head in each key's
 /// group of 16).
 fn attention_builds<E: Exec>(general: &E, fitted: &E) {
-    let wide = LlamaConfig {
-        n_heads: 16,
-        n_kv_heads: 2,
-        head_dim: 128,
-        ..smol()
-    };
-    let odd = LlamaConfig {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 96,
-        ..smol()
-    };
+    let (wide, odd) = other_head_shapes();
     for (g, c) in [
         (general, smol()),
         (general, wide),
@@ -402,6 +391,24 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
             );
         }
     }
+}
+
+/// The other head shapes the general build supports: groups of 8 with head_dim 128 (16
+/// lanes per key), and head_dim 96 (lanes past the head in each key's group of 16).
+fn other_head_shapes() -> (LlamaConfig, LlamaConfig) {
+    let wide = LlamaConfig {
+        n_heads: 16,
+        n_kv_heads: 2,
+        head_dim: 128,
+        ..smol()
+    };
+    let odd = LlamaConfig {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 96,
+        ..smol()
+    };
+    (wide, odd)
 }
 
 /// How an attention launch spreads a row's chunks over blocks.
@@ -599,18 +606,7 @@ fn tensor_core_attention_matches_its_twin_and_a_rows_bits_do_not_depend_on_its_t
 /// the same bits for a wider launch and for any split of a row's chunks over blocks (the
 /// emulator runs each tensor-core product lane by lane: the other shapes run once).
 fn tensor_core_builds<E: Exec>(general: &E, fitted: &E) {
-    let wide = LlamaConfig {
-        n_heads: 16,
-        n_kv_heads: 2,
-        head_dim: 128,
-        ..smol()
-    };
-    let odd = LlamaConfig {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 96,
-        ..smol()
-    };
+    let (wide, odd) = other_head_shapes();
     for (g, c) in [(general, wide), (general, odd)] {
         attention_case(g, 128, Spread::One, &c, true);
     }
