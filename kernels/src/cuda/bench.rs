@@ -7,7 +7,7 @@
 //! Written against [`Exec`], so a test runs the same launches on the emulator at small
 //! sizes: a benchmark that would fail on the GPU fails in CI first.
 
-use super::device::{attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
+use super::device::{attention_splits, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
 use super::step::AttentionKernel;
 use cudarc::driver::LaunchConfig;
@@ -368,44 +368,19 @@ pub fn attention<E: Exec>(
     z: usize,
     iters: u32,
 ) -> Result<Row, ExecError> {
-    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
-    let per = ctx.div_ceil(bs);
-    let chunks = (per * bs).div_ceil(chunk_keys);
-    let blocks = batch * per;
-    let kc = e.zeros::<f16>(blocks * bs * 192)?;
-    let vc = e.zeros::<f16>(blocks * bs * 192)?;
-    let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
-    let pos = e.upload(&vec![(ctx - 1) as u32; batch])?;
-    let q = e.zeros::<f32>(batch * 576)?;
-    let out = e.zeros::<f16>(batch * 576)?;
-    let part = e.zeros::<f32>(batch * chunks * 576 * 3)?;
-    let arrive = e.zeros::<i32>(batch * nkv)?;
-    let args = [
-        q.arg(),
-        i(576),
-        kc.arg(),
-        vc.arg(),
-        tb.arg(),
-        pos.arg(),
-        out.arg(),
-        i(per),
-        i(nh),
-        i(nkv),
-        i(hd),
-        i(bs),
-        Arg::F32(0.125),
-        part.arg(),
-        arrive.arg(),
-        i(batch),
-        i(chunks),
-    ];
     // As the backend launches it: more warps per row at small batch.
-    let c = LaunchConfig {
-        grid_dim: (batch as u32, nkv as u32, z as u32),
-        block_dim: (32 * attention_warps(batch, 16) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let secs = time_launch(e, iters, "attention_decode", c, &args)?;
+    let warps = AttentionKernel::Simt.warps(batch, 16);
+    let secs = attention_launch(
+        e,
+        "attention_decode",
+        batch,
+        ctx,
+        None,
+        chunk_keys,
+        z,
+        warps,
+        iters,
+    )?;
     let mut name = format!("attention_decode batch {batch}, ctx {ctx}");
     if chunk_keys != ATTENTION_CHUNK_KEYS {
         name += &format!(", chunks of {chunk_keys}");
@@ -433,34 +408,67 @@ pub fn attention_packed<E: Exec>(
     prompt: Option<usize>,
     iters: u32,
 ) -> Result<Row, ExecError> {
-    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
-    let per = ctx.div_ceil(bs);
-    let chunks = (per * bs).div_ceil(ATTENTION_CHUNK_KEYS);
     let (rows, seqs) = match prompt {
         Some(n) => (n, 1),
         None => (batch, batch),
     };
-    let blocks = seqs * per;
+    let warps = kernel.warps(rows, 16);
+    let entry = kernel.entry();
+    let chunk_keys = ATTENTION_CHUNK_KEYS;
+    let secs = attention_launch(e, entry, batch, ctx, prompt, chunk_keys, 1, warps, iters)?;
+    let name = match prompt {
+        Some(n) => format!("{entry} prefill, prompt {n}"),
+        None => format!("{entry} batch {batch}, ctx {ctx}"),
+    };
+    Ok(Row {
+        name,
+        secs,
+        bytes: (seqs * ctx * 192 * 2 * 2) as f64,
+        in_step: None,
+    })
+}
+
+/// Seconds per launch of attention kernel `entry` over one layer with SmolLM2's heads,
+/// with `warps` warps per block and each row's chunks over `z` blocks: `prompt` = `Some(n)`:
+/// one sequence's n-token prompt; `None`: `batch` sequences decoding at `ctx` keys each.
+/// `attention_decode` takes no `seq_of_row` (row r is sequence r); the others do.
+#[allow(clippy::too_many_arguments)]
+fn attention_launch<E: Exec>(
+    e: &E,
+    entry: &str,
+    batch: usize,
+    ctx: usize,
+    prompt: Option<usize>,
+    chunk_keys: usize,
+    z: usize,
+    warps: usize,
+    iters: u32,
+) -> Result<f64, ExecError> {
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    let per = ctx.div_ceil(bs);
+    let chunks = (per * bs).div_ceil(chunk_keys);
+    let (seq_of_row, positions): (Vec<i32>, Vec<u32>) = match prompt {
+        Some(n) => (vec![0; n], (0..n as u32).collect()),
+        None => ((0..batch as i32).collect(), vec![(ctx - 1) as u32; batch]),
+    };
+    let seqs = if prompt.is_some() { 1 } else { batch };
+    let (rows, blocks) = (positions.len(), seqs * per);
     let kc = e.zeros::<f16>(blocks * bs * 192)?;
     let vc = e.zeros::<f16>(blocks * bs * 192)?;
     let tb = e.upload(&(0..blocks as i32).collect::<Vec<_>>())?;
-    let (seq_of_row, positions): (Vec<i32>, Vec<u32>) = match prompt {
-        Some(n) => ((0..n).map(|_| 0).collect(), (0..n as u32).collect()),
-        None => ((0..batch as i32).collect(), vec![(ctx - 1) as u32; batch]),
-    };
     let sr = e.upload(&seq_of_row)?;
     let pos = e.upload(&positions)?;
     let q = e.zeros::<f32>(rows * 576)?;
     let out = e.zeros::<f16>(rows * 576)?;
-    let part = e.zeros::<f32>(3)?;
+    // Partial states for rows whose chunks are split (decode rows; a prompt's keep z = 1).
+    let part_rows = if prompt.is_some() { 0 } else { rows };
+    let part = e.zeros::<f32>((part_rows * chunks * 576 * 3).max(3))?;
     let arrive = e.zeros::<i32>(rows * nkv)?;
-    let args = [
-        q.arg(),
-        i(576),
-        kc.arg(),
-        vc.arg(),
-        tb.arg(),
-        sr.arg(),
+    let mut args = vec![q.arg(), i(576), kc.arg(), vc.arg(), tb.arg()];
+    if entry != "attention_decode" {
+        args.push(sr.arg());
+    }
+    args.extend([
         pos.arg(),
         out.arg(),
         i(per),
@@ -471,29 +479,15 @@ pub fn attention_packed<E: Exec>(
         Arg::F32(0.125),
         part.arg(),
         arrive.arg(),
-        i(0),
+        i(part_rows),
         i(chunks),
-    ];
-    let warps = match kernel {
-        AttentionKernel::Simt => attention_warps(rows, 16),
-        AttentionKernel::Tensor => 4,
-    };
+    ]);
     let c = LaunchConfig {
-        grid_dim: (rows as u32, nkv as u32, 1),
+        grid_dim: (rows as u32, nkv as u32, z as u32),
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let secs = time_launch(e, iters, kernel.entry(), c, &args)?;
-    let name = match prompt {
-        Some(n) => format!("{} prefill, prompt {n}", kernel.entry()),
-        None => format!("{} batch {batch}, ctx {ctx}", kernel.entry()),
-    };
-    Ok(Row {
-        name,
-        secs,
-        bytes: (seqs * ctx * 192 * 2 * 2) as f64,
-        in_step: None,
-    })
+    time_launch(e, iters, entry, c, &args)
 }
 
 /// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the

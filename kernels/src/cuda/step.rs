@@ -124,6 +124,16 @@ impl AttentionKernel {
             Self::Tensor => "attention_tc",
         }
     }
+
+    /// Warps per block for a step of `rows` rows on a build allowing `max`: the SIMT
+    /// kernel's more when rows are few ([`attention_warps`]); the tensor-core kernel's
+    /// four, one per 16 rows of its tile's matrix.
+    pub fn warps(self, rows: usize, max: usize) -> usize {
+        match self {
+            Self::Simt => attention_warps(rows, max),
+            Self::Tensor => 4,
+        }
+    }
 }
 
 /// Logits rows a step may have beyond one per sequence: rows of prompts whose
@@ -433,11 +443,7 @@ impl<E: Exec> Device<E> {
             } else {
                 1
             };
-            // attention_tc: 4 warps, one per 16 rows of its tile's matrix.
-            let warps = match attention {
-                AttentionKernel::Simt => attention_warps(t, *att_warps),
-                AttentionKernel::Tensor => 4,
-            };
+            let warps = attention.warps(t, *att_warps);
             let cfg = LaunchConfig {
                 grid_dim: (t as u32, c.n_kv_heads as u32, splits as u32),
                 block_dim: (32 * warps as u32, 1, 1),
