@@ -132,7 +132,15 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
 #pragma unroll
     for (int n = 0; n < TC_HD / 8; ++n)
         for (int e = 0; e < 4; ++e) run_a[n][e] = 0.0f;
-    float* mine_base = part + ((size_t)r * n_kv_heads + kvh) * part_chunks * width * 3;
+    // Tile row p's element (head g, dimension d): in the output, and in chunk c's partial
+    // state (m, l, a) in `part` (its row's slot: [chunk][element][3]).
+    auto out_at = [&](int p, int g, int d) {
+        return out + (size_t)(r + p) * n_heads * head_dim + (kvh * group + g) * head_dim + d;
+    };
+    auto part_at = [&](int p, int c, int g, int d) {
+        return part + ((((size_t)(r + p) * n_kv_heads + kvh) * part_chunks + c) * width +
+                       g * head_dim + d) * 3;
+    };
 
     for (int c = z; c < chunks; c += parts) {
         int k0 = c * CHUNK_KEYS, k1 = min(n_keys, k0 + CHUNK_KEYS);
@@ -261,10 +269,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
                     float M = run_m[h], L = run_l[h];
                     merge(M, L, run_a[n][e], m[h], l[h], o[n][e]);  // M, L: below
                 } else {
-                    int p = mr[h] / group, g = mr[h] % group;
-                    float* at = mine_base +
-                                (size_t)p * n_kv_heads * part_chunks * width * 3 +
-                                ((size_t)c * width + g * head_dim + n * 8 + 2 * t4 + (e & 1)) * 3;
+                    float* at = part_at(mr[h] / group, c, mr[h] % group, n * 8 + 2 * t4 + (e & 1));
                     at[0] = m[h];
                     at[1] = l[h];
                     at[2] = o[n][e];
@@ -290,14 +295,12 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
         for (int e = threadIdx.x; e < rows_m * head_dim; e += blockDim.x) {
             int mrow = e / head_dim, d = e - mrow * head_dim;
             int p = mrow / group, g = mrow % group;
-            const float* base = mine_base + (size_t)p * n_kv_heads * part_chunks * width * 3;
             float M = -INFINITY, L = 0.0f, A = 0.0f;
             for (int c = 0; c < chunks; ++c) {
-                const float* at = base + ((size_t)c * width + g * head_dim + d) * 3;
+                const float* at = part_at(p, c, g, d);
                 merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
             }
-            out[(size_t)(r + p) * n_heads * head_dim + (kvh * group + g) * head_dim + d] =
-                f2h(L > 0.0f ? A / L : 0.0f);
+            *out_at(p, g, d) = f2h(L > 0.0f ? A / L : 0.0f);
         }
         if (threadIdx.x == 0) arrive[r * n_kv_heads + kvh] = 0;  // for the next launch
         return;
@@ -310,9 +313,8 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
         for (int e = 0; e < 4; ++e) {
             int h = e >> 1;
             if (mr[h] >= rows_m) continue;
-            int p = mr[h] / group, g = mr[h] % group;
-            out[(size_t)(r + p) * n_heads * head_dim + (kvh * group + g) * head_dim + n * 8 +
-                2 * t4 + (e & 1)] = f2h(run_l[h] > 0.0f ? run_a[n][e] / run_l[h] : 0.0f);
+            *out_at(mr[h] / group, mr[h] % group, n * 8 + 2 * t4 + (e & 1)) =
+                f2h(run_l[h] > 0.0f ? run_a[n][e] / run_l[h] : 0.0f);
         }
     }
 }
