@@ -371,25 +371,42 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
         (general, odd),
         (fitted, smol()),
     ] {
-        let base = attention_case(g, 128, Spread::One, &c, false);
         // Wider blocks; chunks spread over 2 and 5 blocks (with 5, only the first half of
         // the rows may split: the rest keep one block); more blocks than any row's chunks.
-        for (threads, spread) in [
-            (256, Spread::One),
-            (512, Spread::One),
-            (128, Spread::Blocks(2)),
-            (512, Spread::HalfRows(5)),
-            (256, Spread::Blocks(64)),
-        ] {
-            let other = attention_case(g, threads, spread, &c, false);
-            assert!(
-                other == base,
-                "{}: head_dim {}: {threads} threads, {spread:?} give other bits than 128 \
-                 threads in one block",
-                g.describe(),
-                c.head_dim
-            );
-        }
+        same_bits_for_every_launch(
+            g,
+            &c,
+            false,
+            &[
+                (256, Spread::One),
+                (512, Spread::One),
+                (128, Spread::Blocks(2)),
+                (512, Spread::HalfRows(5)),
+                (256, Spread::Blocks(64)),
+            ],
+        );
+    }
+}
+
+/// Runs [`attention_case`] with 128 threads in one block, then at each (threads, spread) of
+/// `launches`, each of which must give the same bits.
+fn same_bits_for_every_launch<E: Exec>(
+    g: &E,
+    c: &LlamaConfig,
+    tc: bool,
+    launches: &[(u32, Spread)],
+) {
+    let base = attention_case(g, 128, Spread::One, c, tc);
+    for &(threads, spread) in launches {
+        let other = attention_case(g, threads, spread, c, tc);
+        assert!(
+            other == base,
+            "{}: {}head_dim {}: {threads} threads, {spread:?} give other bits than 128 \
+             threads in one block",
+            g.describe(),
+            if tc { "attention_tc, " } else { "" },
+            c.head_dim
+        );
     }
 }
 
@@ -610,25 +627,17 @@ fn tensor_core_builds<E: Exec>(general: &E, fitted: &E) {
     for (g, c) in [(general, wide), (general, odd)] {
         attention_case(g, 128, Spread::One, &c, true);
     }
-    {
-        let (g, c) = (fitted, smol());
-        let base = attention_case(g, 128, Spread::One, &c, true);
-        for (threads, spread) in [
+    same_bits_for_every_launch(
+        fitted,
+        &smol(),
+        true,
+        &[
             (256, Spread::One),
             (128, Spread::Blocks(2)),
             (128, Spread::HalfRows(5)),
             (128, Spread::Blocks(64)),
-        ] {
-            let other = attention_case(g, threads, spread, &c, true);
-            assert!(
-                other == base,
-                "{}: attention_tc, head_dim {}: {threads} threads, {spread:?} give other \
-                 bits than 128 threads in one block",
-                g.describe(),
-                c.head_dim
-            );
-        }
-    }
+        ],
+    );
 }
 
 #[test]
