@@ -273,14 +273,8 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
         __syncthreads();  // the next chunk writes the slice states again
     }
     if (parts > 1) {
-        // Publish this block's partial states, count it in, and let the last block in
-        // merge them all.
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(arrive + row * n_kv_heads + kvh, 1) == parts - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        // The last block to publish its partial states merges them all.
+        if (!last_to_arrive(arrive + row * n_kv_heads + kvh, parts, &last)) return;
         for (int e = threadIdx.x; e < width; e += blockDim.x) {
             float M = -INFINITY, L = 0.0f, A = 0.0f;
             for (int c = 0; c < chunks; ++c) {
@@ -290,7 +284,6 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
             run_l[e] = L;
             run_a[e] = A;
         }
-        if (threadIdx.x == 0) arrive[row * n_kv_heads + kvh] = 0;  // for the next launch
     }
     for (int e = threadIdx.x; e < width; e += blockDim.x) {
         int g = e / head_dim, d = e % head_dim;

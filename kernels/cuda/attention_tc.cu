@@ -285,12 +285,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
         }
     }
     if (parts > 1) {
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) last = atomicAdd(arrive + r * n_kv_heads + kvh, 1) == parts - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+        if (!last_to_arrive(arrive + r * n_kv_heads + kvh, parts, &last)) return;
         // Every element of the tile's rows, its chunks merged in chunk order.
         for (int e = threadIdx.x; e < rows_m * head_dim; e += blockDim.x) {
             int mrow = e / head_dim, d = e - mrow * head_dim;
@@ -302,7 +297,6 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
             }
             *out_at(p, g, d) = f2h(L > 0.0f ? A / L : 0.0f);
         }
-        if (threadIdx.x == 0) arrive[r * n_kv_heads + kvh] = 0;  // for the next launch
         return;
     }
     if (!active) return;

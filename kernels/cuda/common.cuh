@@ -47,6 +47,23 @@ __device__ __forceinline__ void merge(float& M, float& L, float& A, float m, flo
     M = mx;
 }
 
+// For a result split over `n` blocks: publishes this block's writes, counts it in at
+// `count`, and says whether it is the last of the n to arrive (whose reads then see every
+// block's writes). The last sets the count back to 0 for the next launch. `flag` is one
+// shared int; every thread of the block must call it.
+__device__ __forceinline__ bool last_to_arrive(int* count, int n, int* flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *flag = atomicAdd(count, 1) == n - 1;
+        if (*flag) *count = 0;
+    }
+    __syncthreads();
+    bool last = *flag;
+    if (last) __threadfence();
+    return last;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
