@@ -52,6 +52,9 @@ fn main() {
         .flag_if_supported("-Wno-unknown-pragmas")
         // Kernels store pairs of f16 words as one 32-bit word, as CUDA allows.
         .flag_if_supported("-fno-strict-aliasing")
+        // a·b + c rounds twice whatever the host compiler's default; kernels that need the
+        // same bits everywhere (sample.cu's exp) say fmaf.
+        .flag_if_supported("-ffp-contract=off")
         .include(root.join("emu"))
         .file(root.join("emu/runtime.cpp"));
     let mut list = String::from("#include \"emu.h\"\n");

@@ -1,12 +1,20 @@
-// Sampling on the GPU: one block of 1024 threads per sequence.
+// Sampling on the GPU: one block of 1024 threads per sequence, every pass over the row
+// coalesced (thread t reads elements t, t + 1024, …).
 //
-// temperature <= 0: greedy (the lowest index among the maximal logits). Otherwise, with
-// p_i = exp((x_i − max) / temperature): keep the tokens with p_i >= a threshold found by
-// bisection so that at least top_k remain (top_k 0 = all; ties at the k-th value are all
-// kept), then raise it so that the kept mass stays >= top_p of the top-k mass; draw
-// u = uniform(seed, step) × kept mass and return the first token (in vocabulary order)
-// whose running kept mass reaches u. `uniform` is SplitMix64 of (seed, step): the same
-// seed and step give the same token, on the GPU and in its CPU twin.
+// temperature <= 0: greedy (the lowest index among the maximal logits), in one pass.
+// Otherwise each token gets p_i = sample_exp((x_i − max) / temperature) in (0, 1] (0 for
+// a refused token), its key (p_i's bits, which order as p_i does) and its mass
+// floor(p_i · 2^40), an integer. The cuts are exact selections over the keys, by radix
+// (four passes of 8-bit digits, histograms in shared memory):
+//   top_k (0 = none): keep the tokens whose key is >= the k-th largest key (ties kept);
+//   top_p (< 1):      of those, keep the tokens whose key is >= t, t the largest key
+//                     whose kept mass at or above it is >= top_p × the top-k mass.
+// The draw: r = floor(u · kept mass) with u = uniform(seed, step) (24 bits, SplitMix64 of
+// seed and step), and the token is the first (in vocabulary order) whose running kept
+// mass passes r. Masses are integers, so every sum is exact whatever its order: the same
+// logits, seed and step give the same token on any GPU, on any launch, and in the CPU twin
+// (`twins::sample`), which computes sample_exp with the same fused multiply-adds.
+// About 10 passes over the row with both cuts (the bisection this replaced made ~80).
 //
 // A row may first be adjusted in place (its CPU twin: `Adjust::apply`): adjust[s] is
 // 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas,
@@ -15,14 +23,125 @@
 // the mask's words) becomes −∞: a grammar's mask costs its bits in the step's staging copy
 // instead of the row's logits read back.
 #define SAMPLE_THREADS 1024
-#define BISECT 40
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define FULL_WARP 0xffffffffu
+// Copies of a radix level's histogram, warp w adding to copy w % SAMPLE_COPIES: most of
+// a row's tokens fall in a few bins of the first level, whose atomics would otherwise
+// all wait on each other.
+#define SAMPLE_COPIES 8
 
-__device__ __forceinline__ float uniform01(u64 seed, u32 step) {
+// e^z for z <= 0 (0 below about e^-86.6, and for NaN): z = n·ln 2 + r (Cody and Waite's
+// two-part ln 2), then Cephes' expf polynomial for e^r, all in explicit fused
+// multiply-adds, times 2^n; so that the twin computes the same bits (relative error
+// < 2e-7 against exp, and it never rises as z falls).
+__device__ __forceinline__ float sample_exp(float z) {
+    float t = z * 1.44269504088896341f;
+    if (!(t >= -125.0f)) return 0.0f;
+    float n = rintf(t);
+    float r = fmaf(n, -0.693359375f, z);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    float e = fmaf(p, r * r, r) + 1.0f;
+    return e * __int_as_float(((int)n + 127) << 23);
+}
+
+// A token's mass: floor(p · 2^40).
+__device__ __forceinline__ u64 sample_mass(float p) { return (u64)(p * 1099511627776.0f); }
+
+__device__ __forceinline__ u32 sample_key(float p) { return (u32)__float_as_int(p); }
+
+__device__ __forceinline__ u32 draw24(u64 seed, u32 step) {
     u64 z = seed + 0x9E3779B97F4A7C15ull * ((u64)step + 1ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z = z ^ (z >> 31);
-    return (float)(z >> 40) * (1.0f / 16777216.0f);
+    return (u32)(z >> 40);
+}
+
+// Inclusive sum over the warp's lanes, in lane order.
+__device__ __forceinline__ u64 warp_scan(u64 v) {
+    int lane = threadIdx.x & 31;
+    for (int o = 1; o < 32; o <<= 1) {
+        u64 u = __shfl_up_sync(FULL_WARP, v, o);
+        if (lane >= o) v += u;
+    }
+    return v;
+}
+
+// The lowest lane for which `yes` holds, or 32.
+__device__ __forceinline__ int first_lane(bool yes) {
+    int c = yes ? (threadIdx.x & 31) : 32;
+    for (int o = 16; o > 0; o >>= 1) c = min(c, __shfl_xor_sync(FULL_WARP, c, o));
+    return c;
+}
+
+// One radix level's answer (written by one lane of warp 0).
+struct Select {
+    u32 digit;  // the level's digit of the key
+    u64 want;   // the weight the level looked for
+    u64 above;  // the weight of the level's bins above `digit`
+};
+
+// One radix level, by warp 0: the digit d (from 255 down) at which the bins' running
+// weight first reaches `want` (0 if none does), and the weight above it. With `top_p` >= 0
+// (the first level of a top-p cut), `want` is top_p × the bins' total (at least 1).
+__device__ __forceinline__ void select_digit(const u64* bin, u64 want, float top_p, Select* sel) {
+    int lane = threadIdx.x & 31;
+    // Lane l holds bins 255 − 8l down to 248 − 8l.
+    u64 mine = 0;
+    for (int j = 0; j < 8; ++j) mine += bin[255 - 8 * lane - j];
+    u64 cum = warp_scan(mine);
+    if (top_p >= 0.0f) {
+        u64 w = (u64)((double)top_p * (double)__shfl_sync(FULL_WARP, cum, 31));
+        want = w > 1ull ? w : 1ull;
+    }
+    int at = first_lane(cum >= want);
+    if (lane == (at < 32 ? at : 31)) {
+        u64 run = cum - mine;
+        int d = 255 - 8 * lane, last = d - 7;
+        for (; d > last; --d) {
+            if (run + bin[d] >= want) break;
+            run += bin[d];
+        }
+        sel->digit = (u32)d;
+        sel->want = want;
+        sel->above = run;
+    }
+}
+
+// The largest key t among the tokens whose key is >= floor such that the weight (count,
+// or mass when `top_p` >= 0) of those with key >= t reaches `want` (by mass: top_p × their
+// total mass). Every thread of the block calls it and gets t.
+__device__ u32 select_key(const float* x, int vocab, float mx, float inv_t, u32 floor,
+                          u64 want, float top_p, u64* bin, Select* sel) {
+    bool by_mass = top_p >= 0.0f;
+    u32 prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256 * SAMPLE_COPIES; i += blockDim.x) bin[i] = 0;
+        __syncthreads();
+        u64* mine = bin + 256 * ((threadIdx.x >> 5) % SAMPLE_COPIES);
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float p = sample_exp((x[i] - mx) * inv_t);
+            u32 key = sample_key(p);
+            if (key >= floor && (key & mask) == prefix)
+                atomicAdd(&mine[(key >> shift) & 255u], by_mass ? sample_mass(p) : 1ull);
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < 256; d += blockDim.x)
+            for (int c = 1; c < SAMPLE_COPIES; ++c) bin[d] += bin[256 * c + d];
+        __syncthreads();
+        if (threadIdx.x < 32) select_digit(bin, want, shift == 24 ? top_p : -1.0f, sel);
+        __syncthreads();
+        prefix |= sel->digit << shift;
+        want = sel->want - sel->above;
+        mask |= 255u << shift;
+    }
+    return prefix;
 }
 
 extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
@@ -31,9 +150,14 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
                                   const u32* __restrict__ adjust, const u32* __restrict__ extra,
                                   u32* __restrict__ out) {
-    __shared__ float red[32];
-    __shared__ float chunk_mass[SAMPLE_THREADS];
-    int s = blockIdx.x;
+    __shared__ float best_v[SAMPLE_WARPS];
+    __shared__ int best_i[SAMPLE_WARPS];
+    __shared__ u64 bin[256 * SAMPLE_COPIES];
+    __shared__ u64 warp_mass[SAMPLE_WARPS];
+    __shared__ Select sel;
+    __shared__ int pick_warp;
+    __shared__ u64 pick_rest;
+    int s = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* x = logits + (size_t)s * vocab;
     u32 at = adjust[s];
     if (at != 0xFFFFFFFFu) {
@@ -52,85 +176,94 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
             }
         __syncthreads();
     }
-    int per = (vocab + blockDim.x - 1) / blockDim.x;
-    int lo_i = threadIdx.x * per, hi_i = min(vocab, lo_i + per);
+    // The largest logit and its lowest index: each thread's (its elements rise), then the
+    // warp's, then the block's.
     float mx = -INFINITY;
-    for (int i = lo_i; i < hi_i; ++i) mx = fmaxf(mx, x[i]);
-    mx = block_max(mx, red);
+    int mi = vocab;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        if (x[i] > mx || mi == vocab) {
+            mx = x[i];
+            mi = i;
+        }
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(FULL_WARP, mx, o);
+        int j = __shfl_xor_sync(FULL_WARP, mi, o);
+        if (v > mx || (v == mx && j < mi)) {
+            mx = v;
+            mi = j;
+        }
+    }
+    if (lane == 0) {
+        best_v[warp] = mx;
+        best_i[warp] = mi;
+    }
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    mx = lane < nw ? best_v[lane] : -INFINITY;
+    mi = lane < nw ? best_i[lane] : vocab;
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(FULL_WARP, mx, o);
+        int j = __shfl_xor_sync(FULL_WARP, mi, o);
+        if (v > mx || (v == mx && j < mi)) {
+            mx = v;
+            mi = j;
+        }
+    }
     float temp = temperature[s];
-    if (temp <= 0.0f) {
-        // Lowest index holding the maximum.
-        float first = (float)vocab;
-        for (int i = lo_i; i < hi_i; ++i)
-            if (x[i] == mx) { first = (float)i; break; }
-        first = -block_max(-first, red);
-        if (threadIdx.x == 0) out[s] = (u32)first;
+    if (temp <= 0.0f || !(mx > -INFINITY)) {
+        if (threadIdx.x == 0) out[s] = (u32)(mi < vocab ? mi : 0);
         return;
     }
     float inv_t = 1.0f / temp;
     int k = top_k[s];
-    // Top-k threshold: the largest t (by bisection) with count(p >= t) >= k.
-    float keep = 0.0f;
-    if (k > 0 && k < vocab) {
-        float lo = 0.0f, hi = 1.0f;
-        for (int it = 0; it < BISECT; ++it) {
-            float mid = 0.5f * (lo + hi);
-            float c = 0.0f;
-            for (int i = lo_i; i < hi_i; ++i) c += expf((x[i] - mx) * inv_t) >= mid ? 1.0f : 0.0f;
-            c = block_sum(c, red);
-            if (c >= (float)k) lo = mid; else hi = mid;
-        }
-        keep = lo;
-    }
-    // Top-p: the largest t >= keep whose kept mass is still >= top_p × the top-k mass.
-    float mass_k = 0.0f;
-    for (int i = lo_i; i < hi_i; ++i) {
-        float p = expf((x[i] - mx) * inv_t);
-        mass_k += p >= keep ? p : 0.0f;
-    }
-    mass_k = block_sum(mass_k, red);
     float tp = top_p[s];
-    if (tp < 1.0f) {
-        float lo = keep, hi = 1.0f;
-        for (int it = 0; it < BISECT; ++it) {
-            float mid = 0.5f * (lo + hi);
-            float m = 0.0f;
-            for (int i = lo_i; i < hi_i; ++i) {
-                float p = expf((x[i] - mx) * inv_t);
-                m += p >= mid ? p : 0.0f;
-            }
-            m = block_sum(m, red);
-            if (m >= tp * mass_k) lo = mid; else hi = mid;
-        }
-        keep = lo;
+    u32 keep = 0;
+    if (k > 0 && k < vocab)
+        keep = select_key(x, vocab, mx, inv_t, 0u, (u64)k, -1.0f, bin, &sel);
+    if (tp < 1.0f) keep = select_key(x, vocab, mx, inv_t, keep, 0ull, fmaxf(tp, 0.0f), bin, &sel);
+    // The draw. Warp w owns the elements [w·span, (w + 1)·span): their kept masses' sum,
+    // then the warp holding the draw walks its span 32 elements at a time.
+    int span = (vocab + nw - 1) / nw;
+    int lo = warp * span, hi = min(vocab, lo + span);
+    u64 m = 0;
+    for (int i = lo + lane; i < hi; i += 32) {
+        float p = sample_exp((x[i] - mx) * inv_t);
+        if (sample_key(p) >= keep) m += sample_mass(p);
     }
-    // Each thread's kept mass over its chunk, then a walk over chunks in order.
-    float mine = 0.0f;
-    for (int i = lo_i; i < hi_i; ++i) {
-        float p = expf((x[i] - mx) * inv_t);
-        mine += p >= keep ? p : 0.0f;
-    }
-    chunk_mass[threadIdx.x] = mine;
+    for (int o = 16; o > 0; o >>= 1) m += __shfl_xor_sync(FULL_WARP, m, o);
+    if (lane == 0) warp_mass[warp] = m;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float total = 0.0f;
-        for (int c = 0; c < blockDim.x; ++c) total += chunk_mass[c];
-        float u = uniform01(seeds[s], steps[s]) * total;
-        float run = 0.0f;
-        u32 pick = 0;
-        bool found = false;
-        for (int c = 0; c < blockDim.x && !found; ++c) {
-            if (run + chunk_mass[c] < u && c + 1 < (int)blockDim.x) { run += chunk_mass[c]; continue; }
-            int a = c * per, b = min(vocab, a + per);
-            for (int i = a; i < b; ++i) {
-                float p = expf((x[i] - mx) * inv_t);
-                if (p < keep) continue;
-                pick = (u32)i;
-                run += p;
-                if (run >= u) { found = true; break; }
-            }
-            if (!found && c + 1 >= (int)blockDim.x) found = true;
+    if (warp == 0) {
+        u64 mine = lane < nw ? warp_mass[lane] : 0ull;
+        u64 cum = warp_scan(mine);
+        u64 total = __shfl_sync(FULL_WARP, cum, 31);
+        u64 u = draw24(seeds[s], steps[s]);
+        u64 r = (total >> 24) * u + (((total & 0xFFFFFFull) * u) >> 24);
+        int w = first_lane(cum > r);
+        if (lane == (w < 32 ? w : 0)) {
+            pick_warp = w < 32 ? w : -1;
+            pick_rest = r - (cum - mine);
         }
-        out[s] = pick;
+    }
+    __syncthreads();
+    if (warp != pick_warp) {
+        if (pick_warp < 0 && threadIdx.x == 0) out[s] = (u32)mi;  // no mass kept: greedy
+        return;
+    }
+    u64 rest = pick_rest, run = 0;
+    for (int base = lo; base < hi; base += 32) {
+        int i = base + lane;
+        u64 mine = 0;
+        if (i < hi) {
+            float p = sample_exp((x[i] - mx) * inv_t);
+            if (sample_key(p) >= keep) mine = sample_mass(p);
+        }
+        u64 cum = warp_scan(mine);
+        int l = first_lane(run + cum > rest);
+        if (l < 32) {
+            if (lane == l) out[s] = (u32)i;
+            return;
+        }
+        run += __shfl_sync(FULL_WARP, cum, 31);
     }
 }

@@ -129,6 +129,11 @@ inline int atomicAdd(int* p, int v) {
     *p = old + v;
     return old;
 }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
 inline void __threadfence() {}
 template <class T>
 inline T __ldcg(const T* p) {

@@ -122,4 +122,93 @@ fn sampler_twin_follows_the_softmax() {
         let want = 0.1 * (i + 1) as f64;
         assert!((f - want).abs() < 0.015, "token {i}: {f} vs {want}");
     }
+    // top_p 0.5 keeps 0.4 and 0.3 (0.4 alone is short of half the mass): 4/7 and 3/7.
+    let mut counts = [0usize; 4];
+    for s in 0..n {
+        let p = SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 7,
+            step: s,
+        };
+        counts[twins::sample(&x, p) as usize] += 1;
+    }
+    assert_eq!(counts[0] + counts[1], 0);
+    let f = counts[3] as f64 / n as f64;
+    assert!((f - 4.0 / 7.0).abs() < 0.015, "token 3: {f}");
+}
+
+#[test]
+fn the_samplers_exp_follows_exp_and_keeps_its_order() {
+    use kernels::cuda::sample_twin::sample_exp;
+    assert_eq!(sample_exp(0.0), 1.0);
+    assert_eq!(sample_exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(sample_exp(f32::NAN), 0.0);
+    let mut worst = 0.0f64;
+    let mut last = 1.0f32;
+    let n = 2_000_000;
+    for i in 0..=n {
+        let z = -86.0 * i as f32 / n as f32;
+        let got = sample_exp(z);
+        let want = (z as f64).exp();
+        worst = worst.max((got as f64 - want).abs() / want);
+        // Keys order as probabilities, which must order as the logits.
+        assert!(got <= last, "exp({z}) = {got} rises past {last}");
+        last = got;
+    }
+    assert!(worst < 2e-7, "largest relative error {worst:e}");
+}
+
+#[test]
+fn the_samplers_cuts_are_exact() {
+    use kernels::cuda::sample_twin::{kept_key, mass};
+    // Probabilities with many ties (and zeros, refused tokens), as keys.
+    let mut seed = 0x1234_5678u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    for case in 0..200 {
+        let len = 1 + (next() % 3000) as usize;
+        let levels = 1 + next() % 50;
+        let probs: Vec<f32> = (0..len)
+            .map(|_| match next() % levels {
+                0 => 0.0,
+                l => 1.0 / (1 + l * 37 % 101) as f32,
+            })
+            .chain([1.0])
+            .collect();
+        let mut keys: Vec<u32> = probs.iter().map(|p| p.to_bits()).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let top_k = [0, 1, 2, 7, 40, len as i32 / 2, len as i32 + 1][case % 7];
+        let top_p = [1.0, 0.9, 0.5, 1e-6, 0.999, 0.0][case % 6];
+        // The definitions: the k-th largest key; then the largest key t whose mass at or
+        // above t (among those kept by k) reaches top_p × their mass (at least 1).
+        let mut want = 0;
+        if top_k > 0 && (top_k as usize) < probs.len() {
+            want = keys[top_k as usize - 1];
+        }
+        if top_p < 1.0 {
+            let kept: Vec<u32> = keys.iter().copied().filter(|&k| k >= want).collect();
+            let total: u64 = kept.iter().map(|&k| mass(f32::from_bits(k))).sum();
+            let goal = ((top_p as f64 * total as f64) as u64).max(1);
+            let mut run = 0;
+            for (i, &k) in kept.iter().enumerate() {
+                run += mass(f32::from_bits(k));
+                let last_of_ties = kept.get(i + 1) != Some(&k);
+                if last_of_ties && run >= goal {
+                    want = k;
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            kept_key(&probs, top_k, top_p),
+            want,
+            "case {case}: {len} tokens, top_k {top_k}, top_p {top_p}"
+        );
+    }
 }

@@ -274,7 +274,7 @@ fn swiglu<E: Exec>(
 }
 
 /// sample: one block per row over the vocabulary; greedy, and (with `cuts`) top-k 50 and
-/// top-p 0.9 too (the bisection passes), and those after a grammar's mask (every third
+/// top-p 0.9 too (the radix passes), and those after a grammar's mask (every third
 /// token kept) and 32 deltas on every row (the adjustment JSON mode sends).
 fn sample<E: Exec>(
     e: &E,

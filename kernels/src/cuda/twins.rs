@@ -2,6 +2,7 @@
 //! f32 arithmetic) and algorithm, written plainly. Parity tests compare each kernel with
 //! its twin on fresh random inputs; [`TwinModel::forward`] chains the twins in the order
 //! the CUDA backend launches the kernels, and is itself checked against the CPU engine.
+//! The sampling kernel's twin lives in [`super::sample_twin`] (re-exported here).
 //!
 //! Layouts (T rows, S sequences, B max blocks per sequence):
 //! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
@@ -235,100 +236,7 @@ pub fn swiglu(gu: &[f32], rows: usize, ffn: usize) -> Vec<f16> {
     out
 }
 
-/// The sampling kernel's uniform draw: SplitMix64 of (seed, step), 24 bits.
-pub fn uniform01(seed: u64, step: u32) -> f32 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(step as u64 + 1));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 * (1.0 / 16_777_216.0)
-}
-
-/// Per-sequence sampling parameters of the `sample` kernel.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SampleParams {
-    /// <= 0: greedy.
-    pub temperature: f32,
-    /// 0: no cut.
-    pub top_k: i32,
-    pub top_p: f32,
-    pub seed: u64,
-    pub step: u32,
-}
-
-impl SampleParams {
-    /// Greedy (the lowest index among the largest logits).
-    pub const GREEDY: Self = Self {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        step: 0,
-    };
-}
-
-/// Threads per block of the `sample` kernel (the twin walks the same chunks).
-pub const SAMPLE_THREADS: usize = 1024;
-const BISECT: usize = 40;
-
-/// Twin of `sample` for one sequence.
-pub fn sample(x: &[f32], p: SampleParams) -> u32 {
-    let vocab = x.len();
-    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if p.temperature <= 0.0 {
-        return x.iter().position(|&v| v == mx).unwrap_or(0) as u32;
-    }
-    let inv_t = 1.0 / p.temperature;
-    let probs: Vec<f32> = x.iter().map(|&v| ((v - mx) * inv_t).exp()).collect();
-    let mut keep = 0.0f32;
-    if p.top_k > 0 && (p.top_k as usize) < vocab {
-        let (mut lo, mut hi) = (0.0f32, 1.0f32);
-        for _ in 0..BISECT {
-            let mid = 0.5 * (lo + hi);
-            let c = probs.iter().filter(|&&q| q >= mid).count();
-            if c >= p.top_k as usize {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        keep = lo;
-    }
-    let mass = |t: f32| {
-        probs
-            .iter()
-            .filter(|&&q| q >= t)
-            .map(|&q| q as f64)
-            .sum::<f64>()
-    };
-    let mass_k = mass(keep);
-    if p.top_p < 1.0 {
-        let (mut lo, mut hi) = (keep, 1.0f32);
-        for _ in 0..BISECT {
-            let mid = 0.5 * (lo + hi);
-            if mass(mid) >= p.top_p as f64 * mass_k {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        keep = lo;
-    }
-    let u = uniform01(p.seed, p.step) as f64 * mass(keep);
-    let mut run = 0.0f64;
-    let mut pick = 0u32;
-    for (i, &q) in probs.iter().enumerate() {
-        if q < keep {
-            continue;
-        }
-        pick = i as u32;
-        run += q as f64;
-        if run >= u {
-            break;
-        }
-    }
-    pick
-}
+pub use super::sample_twin::{sample, SampleParams, SAMPLE_THREADS};
 
 /// A model's weights as the CUDA backend holds them: f16 matrices (dequantized once at
 /// load), f32 norms.

@@ -1,0 +1,41 @@
+//! Drawing a token on the host from one row of 49,152 logits (SmolLM2's vocabulary) with
+//! the `sample` kernel's twin: what the engine pays per row it reads back from the device
+//! (a row that also wants log-probabilities) and draws itself.
+//!
+//! `cargo bench -p kernels --bench sample_row`
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kernels::cuda::twins::{sample, SampleParams};
+
+fn bench(c: &mut Criterion) {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let logits: Vec<f32> = (0..49152)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 30.0 - 15.0
+        })
+        .collect();
+    let settings = [
+        ("greedy", 0.0, 0, 1.0),
+        ("temperature 0.8", 0.8, 0, 1.0),
+        ("top-p 0.9", 0.8, 0, 0.9),
+        ("top-k 50, top-p 0.9", 0.8, 50, 0.9),
+    ];
+    for (label, temperature, top_k, top_p) in settings {
+        let p = SampleParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: 7,
+            step: 3,
+        };
+        c.bench_function(&format!("sample a row of 49152 logits, {label}"), |b| {
+            b.iter(|| sample(&logits, p))
+        });
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

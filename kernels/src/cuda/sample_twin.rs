@@ -1,0 +1,182 @@
+//! The CPU twin of the `sample` kernel (`kernels/cuda/sample.cu`): greedy, or temperature
+//! with exact top-k and top-p cuts over integer masses, and a seeded draw. Its answer is
+//! the kernel's bit for bit: the probabilities come from the same `exp` (explicit fused
+//! multiply-adds), and every sum is of integers, so no order of addition matters. The
+//! engine also draws with it on the host, for rows whose logits it reads back.
+
+/// Threads per block of the `sample` kernel.
+pub const SAMPLE_THREADS: usize = 1024;
+
+/// Per-sequence sampling parameters of the `sample` kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// <= 0: greedy.
+    pub temperature: f32,
+    /// 0: no cut.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub step: u32,
+}
+
+impl SampleParams {
+    /// Greedy (the lowest index among the largest logits).
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        step: 0,
+    };
+}
+
+/// e^z for z <= 0 (0 below about e^-86.6, and for NaN), as the kernel's `sample_exp`:
+/// z = n·ln 2 + r (Cody and Waite's two-part ln 2), then Cephes' expf polynomial for e^r,
+/// all in fused multiply-adds, times 2^n.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // the kernel's literals, digit for digit
+pub fn sample_exp(z: f32) -> f32 {
+    let t = z * std::f32::consts::LOG2_E;
+    if t.is_nan() || t < -125.0 {
+        return 0.0;
+    }
+    let n = t.round_ties_even();
+    let r = n.mul_add(-0.693_359_375, z);
+    let r = n.mul_add(2.121_944_40e-4, r);
+    let mut p = 1.987_569_150_0e-4_f32;
+    for c in [
+        1.398_199_950_7e-3_f32,
+        8.333_451_907_3e-3,
+        4.166_579_589_4e-2,
+        1.666_666_545_9e-1,
+        5.000_000_120_1e-1,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let e = p.mul_add(r * r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// Each token's probability (unnormalized): `sample_exp((x − mx) · inv_t)`. Where the
+/// CPU has FMA, the fused multiply-adds are its instructions rather than libm's `fmaf`
+/// (the same bits, several times faster).
+fn probabilities(x: &[f32], mx: f32, inv_t: f32) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, as just checked.
+        return unsafe { probabilities_fma(x, mx, inv_t) };
+    }
+    x.iter().map(|&v| sample_exp((v - mx) * inv_t)).collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn probabilities_fma(x: &[f32], mx: f32, inv_t: f32) -> Vec<f32> {
+    let mut p = vec![0.0; x.len()];
+    for (p, &v) in p.iter_mut().zip(x) {
+        *p = sample_exp((v - mx) * inv_t);
+    }
+    p
+}
+
+/// A token's mass in the draw: floor(p · 2^40).
+pub fn mass(p: f32) -> u64 {
+    // p <= 1, so the product is below 2^41: the signed conversion is exact and quicker.
+    (p * (1u64 << 40) as f32) as i64 as u64
+}
+
+/// The draw's 24 random bits: SplitMix64 of (seed, step).
+pub fn draw24(seed: u64, step: u32) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(step as u64 + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z >> 40
+}
+
+/// The smallest key (bits of a probability, which order as the probabilities do) the cuts
+/// keep among `probs`: with `top_k` in 1..len, the k-th largest key (ties kept); then with
+/// `top_p` < 1, among the keys at or above that, the largest key t whose kept mass at or
+/// above t reaches `top_p` × their total (at least 1). 0 when nothing is cut.
+pub fn kept_key(probs: &[f32], top_k: i32, top_p: f32) -> u32 {
+    let keys: Vec<u32> = probs.iter().map(|p| p.to_bits()).collect();
+    let mut keep = 0;
+    if top_k > 0 && (top_k as usize) < probs.len() {
+        keep = select(&keys, |_| 1, 0, |_| top_k as u64);
+    }
+    if top_p < 1.0 {
+        let want = |total: u64| ((top_p.max(0.0) as f64 * total as f64) as u64).max(1);
+        keep = select(&keys, |k| mass(f32::from_bits(k)), keep, want);
+    }
+    keep
+}
+
+/// The largest key t among `keys` >= `floor` whose weight at or above t reaches `want`
+/// (given the first level's total): by radix, four 8-bit digits from the top, as the
+/// kernel finds it (digit 0 where no bin reaches `want`, which the callers never ask
+/// for). After the first level only the keys in its chosen bin are looked at again.
+fn select(keys: &[u32], weight: impl Fn(u32) -> u64, floor: u32, want: impl Fn(u64) -> u64) -> u32 {
+    let mut want_left = 0;
+    let (mut prefix, mut mask) = (0u32, 0u32);
+    let mut left: Vec<u32> = Vec::new();
+    for shift in [24, 16, 8, 0] {
+        let mut bins = [0u64; 256];
+        let among = if shift == 24 { keys } else { &left[..] };
+        for &k in among {
+            if k >= floor && k & mask == prefix {
+                bins[(k >> shift) as usize & 255] += weight(k);
+            }
+        }
+        if shift == 24 {
+            want_left = want(bins.iter().sum());
+        }
+        let mut d = 255;
+        while d > 0 && bins[d] < want_left {
+            want_left -= bins[d];
+            d -= 1;
+        }
+        prefix |= (d as u32) << shift;
+        mask |= 255 << shift;
+        if shift == 24 {
+            left = keys
+                .iter()
+                .copied()
+                .filter(|&k| k >= floor && k & mask == prefix)
+                .collect();
+        }
+    }
+    prefix
+}
+
+/// Twin of `sample` for one sequence's (adjusted) logits.
+pub fn sample(x: &[f32], p: SampleParams) -> u32 {
+    // The lowest index holding the largest logit (0 for an empty or all-NaN row).
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    let mx = x.get(best).copied().unwrap_or(f32::NEG_INFINITY);
+    if p.temperature <= 0.0 || mx.is_nan() || mx == f32::NEG_INFINITY {
+        return best as u32;
+    }
+    let inv_t = 1.0 / p.temperature;
+    let probs = probabilities(x, mx, inv_t);
+    let keep = kept_key(&probs, p.top_k, p.top_p);
+    let masses: Vec<u64> = probs
+        .iter()
+        .map(|&q| if q.to_bits() >= keep { mass(q) } else { 0 })
+        .collect();
+    let total: u64 = masses.iter().sum();
+    let u = draw24(p.seed, p.step);
+    let r = (total >> 24) * u + (((total & 0xFF_FFFF) * u) >> 24);
+    let mut run = 0u64;
+    for (i, &m) in masses.iter().enumerate() {
+        run += m;
+        if run > r {
+            return i as u32;
+        }
+    }
+    best as u32
+}
