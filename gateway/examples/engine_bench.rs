@@ -9,7 +9,8 @@
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
 //! `PREFIX_CACHING=0` (the prefix cache off), `ATTENTION=tensor` (CUDA: the tensor-core
 //! attention kernel), `FORMAT=json|schema` (the streams' answers
-//! in JSON mode, or held to a small schema: the constrained-decoding mask's cost).
+//! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
+//! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -65,6 +66,11 @@ fn format() -> Option<gateway::worker::JsonFormat> {
 fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     let mut r = (*req(String::new(), max_tokens)).clone();
     r.params.json = format();
+    if std::env::var("SAMPLING").as_deref() == Ok("top_p") {
+        r.params.temperature = 0.8;
+        r.params.top_p = 0.9;
+        r.params.seed = Some(7);
+    }
     r.prompt = Prompt::Chat(vec![gateway::worker::ChatMessage {
         role: "user".into(),
         content: prompt,

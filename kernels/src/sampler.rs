@@ -1,6 +1,11 @@
-//! Sampling the next token from logits, per sequence: greedy (temperature 0), or
-//! temperature with top-k and top-p, from a per-sequence generator seeded by the
-//! request's `seed` (the same seed gives the same tokens).
+//! Sampling the next token from a row of logits, one rule for every backend: the CPU
+//! engine draws with it, and it is the CPU twin of the GPU's `sample` kernel
+//! (`kernels/cuda/sample.cu`), whose answer it matches bit for bit. Greedy (temperature
+//! 0: the lowest index among the largest logits), or temperature with exact top-k and
+//! top-p cuts over integer masses and a draw from (seed, step): the same request seed
+//! gives the same tokens, on any backend, for the same logits. The probabilities come from
+//! one `exp` written in fused multiply-adds, and every sum is of integers, so no order of
+//! addition matters. Also OpenAI's penalties ([`Penalties`]).
 
 #[derive(Debug, Clone, Copy)]
 pub struct SamplingConfig {
@@ -10,70 +15,172 @@ pub struct SamplingConfig {
     pub top_k: usize,
 }
 
-/// A sequence's sampler: its configuration and random state.
-pub struct Sampler {
-    cfg: SamplingConfig,
-    state: u64,
+/// A sequence's sampling parameters for one draw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// <= 0: greedy.
+    pub temperature: f32,
+    /// 0: no cut.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub step: u32,
 }
 
-impl Sampler {
-    pub fn new(cfg: SamplingConfig, seed: u64) -> Self {
-        Self {
-            cfg,
-            state: seed ^ 0x5DEE_CE66_D1CE_4E5B,
-        }
-    }
+impl SampleParams {
+    /// Greedy (the lowest index among the largest logits).
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        step: 0,
+    };
+}
 
-    fn next_f32(&mut self) -> f32 {
-        // splitmix64
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+/// e^z for z <= 0 (0 below about e^-86.6, and for NaN), as the `sample` kernel computes it:
+/// z = n·ln 2 + r (Cody and Waite's two-part ln 2), then Cephes' expf polynomial for e^r,
+/// all in fused multiply-adds, times 2^n.
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // the kernel's literals, digit for digit
+pub fn sample_exp(z: f32) -> f32 {
+    let t = z * std::f32::consts::LOG2_E;
+    if t.is_nan() || t < -125.0 {
+        return 0.0;
     }
+    let n = t.round_ties_even();
+    let r = n.mul_add(-0.693_359_375, z);
+    let r = n.mul_add(2.121_944_40e-4, r);
+    let mut p = 1.987_569_150_0e-4_f32;
+    for c in [
+        1.398_199_950_7e-3_f32,
+        8.333_451_907_3e-3,
+        4.166_579_589_4e-2,
+        1.666_666_545_9e-1,
+        5.000_000_120_1e-1,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let e = p.mul_add(r * r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
 
-    /// Picks a token. `logits` is used as scratch.
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        if self.cfg.temperature < 1e-5 {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / self.cfg.temperature;
-        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        // Candidates: all tokens, cut to top-k if asked, sorted by probability.
-        let mut cand: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (((l - max) * inv_t).exp(), i as u32))
-            .filter(|(p, _)| *p > 1e-9)
-            .collect();
-        cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-        if self.cfg.top_k > 0 && cand.len() > self.cfg.top_k {
-            cand.truncate(self.cfg.top_k);
-        }
-        let total: f32 = cand.iter().map(|c| c.0).sum();
-        if self.cfg.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.0 / total;
-                if acc >= self.cfg.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep.max(1));
-        }
-        let total: f32 = cand.iter().map(|c| c.0).sum();
-        let mut r = self.next_f32() * total;
-        for &(p, id) in &cand {
-            r -= p;
-            if r <= 0.0 {
-                return id;
-            }
-        }
-        cand.last().map(|c| c.1).unwrap_or(0)
+/// Each token's probability (unnormalized): `sample_exp((x − mx) · inv_t)`. Where the
+/// CPU has FMA, the fused multiply-adds are its instructions rather than libm's `fmaf`
+/// (the same bits, several times faster).
+fn probabilities(x: &[f32], mx: f32, inv_t: f32) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, as just checked.
+        return unsafe { probabilities_fma(x, mx, inv_t) };
     }
+    x.iter().map(|&v| sample_exp((v - mx) * inv_t)).collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn probabilities_fma(x: &[f32], mx: f32, inv_t: f32) -> Vec<f32> {
+    let mut p = vec![0.0; x.len()];
+    for (p, &v) in p.iter_mut().zip(x) {
+        *p = sample_exp((v - mx) * inv_t);
+    }
+    p
+}
+
+/// A token's mass in the draw: floor(p · 2^40).
+pub fn mass(p: f32) -> u64 {
+    // p <= 1, so the product is below 2^41: the signed conversion is exact and quicker.
+    (p * (1u64 << 40) as f32) as i64 as u64
+}
+
+/// The draw's 24 random bits: SplitMix64 of (seed, step).
+pub fn draw24(seed: u64, step: u32) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(step as u64 + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z >> 40
+}
+
+/// The smallest key (bits of a probability, which order as the probabilities do) the cuts
+/// keep among `probs`: with `top_k` in 1..len, the k-th largest key (ties kept); then with
+/// `top_p` < 1, among the keys at or above that, the largest key t whose kept mass at or
+/// above t reaches `top_p` × their total (at least 1). 0 when nothing is cut.
+pub fn kept_key(probs: &[f32], top_k: i32, top_p: f32) -> u32 {
+    let keys: Vec<u32> = probs.iter().map(|p| p.to_bits()).collect();
+    let mut keep = 0;
+    if top_k > 0 && (top_k as usize) < probs.len() {
+        keep = select(&keys, |_| 1, 0, |_| top_k as u64);
+    }
+    if top_p < 1.0 {
+        let want = |total: u64| ((top_p.max(0.0) as f64 * total as f64) as u64).max(1);
+        keep = select(&keys, |k| mass(f32::from_bits(k)), keep, want);
+    }
+    keep
+}
+
+/// The largest key t among `keys` >= `floor` whose weight at or above t reaches `want`
+/// (given the first level's total): by radix, four 8-bit digits from the top, as the
+/// kernel finds it (digit 0 where no bin reaches `want`, which the callers never ask
+/// for). After the first level only the keys in its chosen bin are looked at again.
+fn select(keys: &[u32], weight: impl Fn(u32) -> u64, floor: u32, want: impl Fn(u64) -> u64) -> u32 {
+    let mut want_left = 0;
+    let (mut prefix, mut mask) = (0u32, 0u32);
+    let mut left: Vec<u32> = Vec::new();
+    for shift in [24, 16, 8, 0] {
+        let mut bins = [0u64; 256];
+        let among = if shift == 24 { keys } else { &left[..] };
+        for &k in among {
+            if k >= floor && k & mask == prefix {
+                bins[(k >> shift) as usize & 255] += weight(k);
+            }
+        }
+        if shift == 24 {
+            want_left = want(bins.iter().sum());
+        }
+        let mut d = 255;
+        while d > 0 && bins[d] < want_left {
+            want_left -= bins[d];
+            d -= 1;
+        }
+        prefix |= (d as u32) << shift;
+        mask |= 255 << shift;
+        if shift == 24 {
+            left = keys
+                .iter()
+                .copied()
+                .filter(|&k| k >= floor && k & mask == prefix)
+                .collect();
+        }
+    }
+    prefix
+}
+
+/// The token drawn from one sequence's (adjusted) logits: the `sample` kernel's rule.
+pub fn sample(x: &[f32], p: SampleParams) -> u32 {
+    let best = argmax(x) as usize;
+    let mx = x.get(best).copied().unwrap_or(f32::NEG_INFINITY);
+    if p.temperature <= 0.0 || mx.is_nan() || mx == f32::NEG_INFINITY {
+        return best as u32;
+    }
+    let inv_t = 1.0 / p.temperature;
+    let probs = probabilities(x, mx, inv_t);
+    let keep = kept_key(&probs, p.top_k, p.top_p);
+    let masses: Vec<u64> = probs
+        .iter()
+        .map(|&q| if q.to_bits() >= keep { mass(q) } else { 0 })
+        .collect();
+    let total: u64 = masses.iter().sum();
+    let u = draw24(p.seed, p.step);
+    let r = (total >> 24) * u + (((total & 0xFF_FFFF) * u) >> 24);
+    let mut run = 0u64;
+    for (i, &m) in masses.iter().enumerate() {
+        run += m;
+        if run > r {
+            return i as u32;
+        }
+    }
+    best as u32
 }
 
 /// Index of the largest logit (the lowest index on ties).
@@ -118,39 +225,23 @@ mod tests {
     #[test]
     fn greedy_seeded_topk_topp() {
         let logits = vec![0.0, 5.0, 1.0, 4.9, -3.0];
-        let g = SamplingConfig {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
+        let p = |temperature, top_k, top_p, seed, step| SampleParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            step,
         };
-        assert_eq!(Sampler::new(g, 1).sample(&mut logits.clone()), 1);
-        let t = SamplingConfig {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-        };
+        assert_eq!(sample(&logits, p(0.0, 0, 1.0, 1, 0)), 1);
         let draw = |seed| {
-            let mut s = Sampler::new(t, seed);
             (0..50)
-                .map(|_| s.sample(&mut logits.clone()))
+                .map(|step| sample(&logits, p(1.0, 0, 1.0, seed, step)))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7), "same seed, same tokens");
         assert_ne!(draw(7), draw(8));
-        let k2 = SamplingConfig {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 2,
-        };
-        let mut s = Sampler::new(k2, 3);
-        assert!((0..200).all(|_| matches!(s.sample(&mut logits.clone()), 1 | 3)));
-        let p = SamplingConfig {
-            temperature: 1.0,
-            top_p: 0.3,
-            top_k: 0,
-        };
-        let mut s = Sampler::new(p, 3);
-        assert!((0..200).all(|_| s.sample(&mut logits.clone()) == 1));
+        assert!((0..200).all(|step| matches!(sample(&logits, p(1.0, 2, 1.0, 3, step)), 1 | 3)));
+        assert!((0..200).all(|step| sample(&logits, p(1.0, 0, 0.3, 3, step)) == 1));
     }
 }
 

@@ -141,7 +141,7 @@ fn sampler_twin_follows_the_softmax() {
 
 #[test]
 fn the_samplers_exp_follows_exp_and_keeps_its_order() {
-    use kernels::cuda::sample_twin::sample_exp;
+    use kernels::sampler::sample_exp;
     assert_eq!(sample_exp(0.0), 1.0);
     assert_eq!(sample_exp(f32::NEG_INFINITY), 0.0);
     assert_eq!(sample_exp(f32::NAN), 0.0);
@@ -162,7 +162,7 @@ fn the_samplers_exp_follows_exp_and_keeps_its_order() {
 
 #[test]
 fn the_samplers_cuts_are_exact() {
-    use kernels::cuda::sample_twin::{kept_key, mass};
+    use kernels::sampler::{kept_key, mass};
     // Probabilities with many ties (and zeros, refused tokens), as keys.
     let mut seed = 0x1234_5678u64;
     let mut next = || {

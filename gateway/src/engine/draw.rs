@@ -1,9 +1,9 @@
 //! Drawing a step's tokens: for every sequence that gets one, its token (and its
 //! log-probabilities when asked), from the backend's answer.
 //!
-//! A row's draw depends only on its own sequence (its sampler's random state, penalties,
-//! JSON state) and its own logits, so the rows are drawn in parallel: the CPU sampler's
-//! pass over a 49,152-logit row, a JSON or schema mask (tens of microseconds a row), and
+//! A row's draw depends only on its own sequence (its seed and step, penalties, JSON
+//! state) and its own logits, so the rows are drawn in parallel: the sampling rule's
+//! passes over a 49,152-logit row, a JSON or schema mask (tens of microseconds a row), and
 //! on the GPU path the host draw of rows with penalties or a mask would otherwise add up
 //! on the engine thread, one row after another, between two steps.
 //!
@@ -14,7 +14,7 @@
 //! and drawn here.
 
 use super::run::{read_back, Next};
-use super::seq::{device_params, Seq};
+use super::seq::{sample_params, Seq};
 use kernels::adjust::Adjust;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
@@ -46,18 +46,12 @@ pub(super) fn draw(
                 let row = (*row)?;
                 let raw = read_back(want, logits, row, vocab);
                 // With penalties or JSON mode the device's draw is replaced by the same
-                // rule's on the adjusted row (the `sample` kernel's twin, same seed and
-                // step).
+                // rule's on the adjusted row (same seed and step).
                 let id = match raw {
                     Some(raw) if s.constrained() => {
                         let mut l = raw.to_vec();
                         s.adjust(&mut l, tok, jv);
-                        let id = kernels::cuda::twins::sample(&l, device_params(s));
-                        if l[id as usize].is_finite() {
-                            id
-                        } else {
-                            kernels::sampler::argmax(&l)
-                        }
+                        sample(s, &l)
                     }
                     _ => *t.get(row)?,
                 };
@@ -86,7 +80,7 @@ pub(super) fn draw(
                 // and cuts.
                 let raw = s.logprobs.map(|k| (l.to_vec(), k));
                 s.adjust(l, tok, jv);
-                let id = s.sampler.sample(l);
+                let id = sample(s, l);
                 Some((id, raw.map(|(raw, k)| token_logprobs(&raw, id, k as usize))))
             };
             if parallel {
@@ -100,6 +94,12 @@ pub(super) fn draw(
             }
         }
     }
+}
+
+/// `s`'s token from its adjusted row `l`, by the rule the device's `sample` kernel
+/// follows (so a row drawn here gets the token the device would have drawn).
+fn sample(s: &Seq, l: &[f32]) -> u32 {
+    kernels::sampler::sample(l, sample_params(s))
 }
 
 /// The JSON vocabulary, built on first use by any of `seqs`.

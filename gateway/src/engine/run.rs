@@ -8,7 +8,7 @@ use super::draw;
 use super::fair::Fair;
 use super::outbox::Outbox;
 use super::scheduler::{self, Limits, Schedulable};
-use super::seq::{admit, device_params, emit, logprob_item, NewSeq, Seq};
+use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
 use kernels::backend::Backend;
@@ -100,7 +100,7 @@ pub(super) fn run_engine(
                 row_seq.iter().map(|r| r.map(|i| &running[i])).collect();
             let params: Vec<SampleParams> = row_seqs
                 .iter()
-                .map(|s| s.map_or(SampleParams::GREEDY, device_params))
+                .map(|s| s.map_or(SampleParams::GREEDY, sample_params))
                 .collect();
             // Rows whose token is drawn from adjusted logits (penalties, JSON mode) are
             // adjusted on the device as its room allows. Rows that want log-probabilities

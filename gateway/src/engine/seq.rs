@@ -13,7 +13,7 @@ use kernels::adjust::Adjust;
 use kernels::cuda::twins::SampleParams;
 use kernels::json_mode::{JsonState, JsonVocab};
 use kernels::logprobs::TokenLogprobs;
-use kernels::sampler::{Penalties, Sampler, SamplingConfig};
+use kernels::sampler::{Penalties, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::hash::RandomState;
@@ -54,9 +54,8 @@ pub(super) struct Seq {
     /// Prompt tokens taken from the prefix cache (reported in the usage).
     pub(super) cached: usize,
     pub(super) max_tokens: u32,
-    /// The CPU sampler (its own random state), for backends that return logits.
-    pub(super) sampler: Sampler,
-    /// What a device sampler needs: the request's settings and seed.
+    /// The request's sampling settings and seed (each draw is the rule's for its
+    /// `generated()`-th token: [`sample_params`]).
     pub(super) sampling: SamplingConfig,
     pub(super) seed: u64,
     pub(super) out: TextOut,
@@ -265,7 +264,6 @@ pub(super) fn admit(n: NewSeq) -> Seq {
         registered: 0,
         cached: 0,
         max_tokens: n.max_tokens,
-        sampler: Sampler::new(n.sampling, n.seed),
         sampling: n.sampling,
         seed: n.seed,
         out: TextOut::new(n.stop),
@@ -308,9 +306,10 @@ pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob 
     }
 }
 
-/// A sequence's sampling settings for the device sampler: greedy below the CPU sampler's
-/// temperature cut, and the draw for its `generated()`-th token.
-pub(super) fn device_params(s: &Seq) -> SampleParams {
+/// A sequence's parameters for its next draw, on the device or the host (the same rule,
+/// [`kernels::sampler::sample`]): greedy below a temperature of 1e-5, and the draw for its
+/// `generated()`-th token.
+pub(super) fn sample_params(s: &Seq) -> SampleParams {
     let c = s.sampling;
     SampleParams {
         temperature: if c.temperature < 1e-5 {

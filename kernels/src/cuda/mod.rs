@@ -21,7 +21,6 @@ pub mod device;
 pub mod emu;
 pub mod exec;
 pub mod gemv;
-pub mod sample_twin;
 pub mod staging;
 mod step;
 pub mod twins;

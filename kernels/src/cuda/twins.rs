@@ -2,7 +2,7 @@
 //! f32 arithmetic) and algorithm, written plainly. Parity tests compare each kernel with
 //! its twin on fresh random inputs; [`TwinModel::forward`] chains the twins in the order
 //! the CUDA backend launches the kernels, and is itself checked against the CPU engine.
-//! The sampling kernel's twin lives in [`super::sample_twin`] (re-exported here).
+//! The sampling kernel's twin is the engine's sampling rule, [`crate::sampler::sample`].
 //!
 //! Layouts (T rows, S sequences, B max blocks per sequence):
 //! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
@@ -236,7 +236,11 @@ pub fn swiglu(gu: &[f32], rows: usize, ffn: usize) -> Vec<f16> {
     out
 }
 
-pub use super::sample_twin::{sample, SampleParams, SAMPLE_THREADS};
+/// The `sample` kernel's twin: the engine's sampling rule ([`crate::sampler`]).
+pub use crate::sampler::{sample, SampleParams};
+
+/// Threads per block of the `sample` kernel.
+pub const SAMPLE_THREADS: usize = 1024;
 
 /// A model's weights as the CUDA backend holds them: f16 matrices (dequantized once at
 /// load), f32 norms.
