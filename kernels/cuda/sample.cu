@@ -80,6 +80,18 @@ __device__ __forceinline__ int first_lane(bool yes) {
     return c;
 }
 
+// The warp's largest (value, index), the lowest index among equal values, in every lane.
+__device__ __forceinline__ void warp_argmax(float& mx, int& mi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(FULL_WARP, mx, o);
+        int j = __shfl_xor_sync(FULL_WARP, mi, o);
+        if (v > mx || (v == mx && j < mi)) {
+            mx = v;
+            mi = j;
+        }
+    }
+}
+
 // One radix level's answer (written by one lane of warp 0).
 struct Select {
     u32 digit;  // the level's digit of the key
@@ -185,14 +197,7 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
             mx = x[i];
             mi = i;
         }
-    for (int o = 16; o > 0; o >>= 1) {
-        float v = __shfl_xor_sync(FULL_WARP, mx, o);
-        int j = __shfl_xor_sync(FULL_WARP, mi, o);
-        if (v > mx || (v == mx && j < mi)) {
-            mx = v;
-            mi = j;
-        }
-    }
+    warp_argmax(mx, mi);
     if (lane == 0) {
         best_v[warp] = mx;
         best_i[warp] = mi;
@@ -201,14 +206,7 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
     int nw = blockDim.x >> 5;
     mx = lane < nw ? best_v[lane] : -INFINITY;
     mi = lane < nw ? best_i[lane] : vocab;
-    for (int o = 16; o > 0; o >>= 1) {
-        float v = __shfl_xor_sync(FULL_WARP, mx, o);
-        int j = __shfl_xor_sync(FULL_WARP, mi, o);
-        if (v > mx || (v == mx && j < mi)) {
-            mx = v;
-            mi = j;
-        }
-    }
+    warp_argmax(mx, mi);
     float temp = temperature[s];
     if (temp <= 0.0f || !(mx > -INFINITY)) {
         if (threadIdx.x == 0) out[s] = (u32)(mi < vocab ? mi : 0);

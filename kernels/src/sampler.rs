@@ -231,28 +231,6 @@ mod tests {
         assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), 2);
         assert_eq!(argmax(&[]), 0);
     }
-
-    #[test]
-    fn greedy_seeded_topk_topp() {
-        let logits = vec![0.0, 5.0, 1.0, 4.9, -3.0];
-        let p = |temperature, top_k, top_p, seed, step| SampleParams {
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            step,
-        };
-        assert_eq!(sample(&logits, p(0.0, 0, 1.0, 1, 0)), 1);
-        let draw = |seed| {
-            (0..50)
-                .map(|step| sample(&logits, p(1.0, 0, 1.0, seed, step)))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7), "same seed, same tokens");
-        assert_ne!(draw(7), draw(8));
-        assert!((0..200).all(|step| matches!(sample(&logits, p(1.0, 2, 1.0, 3, step)), 1 | 3)));
-        assert!((0..200).all(|step| sample(&logits, p(1.0, 0, 0.3, 3, step)) == 1));
-    }
 }
 
 /// OpenAI's presence and frequency penalties and logit bias: what a sequence's generated

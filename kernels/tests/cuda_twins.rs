@@ -86,6 +86,11 @@ fn sampler_twin_greedy_seeds_and_cuts() {
         .collect();
     assert_eq!(a, b);
     assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 3);
+    // Another seed, other draws.
+    let c: Vec<u32> = (0..50)
+        .map(|s| twins::sample(&x, p(0.8, 40, 0.9, 43, s)))
+        .collect();
+    assert_ne!(a, c);
     // Every pick is inside the top 40 (ties included).
     let mut sorted = x.clone();
     sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
