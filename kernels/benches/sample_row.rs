@@ -8,15 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use kernels::cuda::twins::{sample, SampleParams};
 
 fn bench(c: &mut Criterion) {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let logits: Vec<f32> = (0..49152)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 30.0 - 15.0
-        })
-        .collect();
+    let logits = kernels::synth::logits(49152, -15.0, 15.0);
     let settings = [
         ("greedy", 0.0, 0, 1.0),
         ("temperature 0.8", 0.8, 0, 1.0),

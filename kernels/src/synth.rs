@@ -1,6 +1,7 @@
 //! The synthetic model writer: a GGUF file of the Llama architecture with random weights
 //! from a seed (SmolLM2-135M's shape by default), a real byte-level BPE vocabulary and the
-//! ChatML template. Tests that need no real weights, and GPU checks, use it.
+//! ChatML template. Tests that need no real weights, and GPU checks, use it. Also a row of
+//! synthetic logits ([`logits`]) for the sampling and log-probability benchmarks.
 
 use crate::chat::CHATML;
 use crate::gguf::write::{self, Tensor};
@@ -9,6 +10,20 @@ use crate::quant;
 use crate::tokenizer::byte_to_char;
 use std::io::{self, BufWriter};
 use std::path::Path;
+
+/// `n` logits spread evenly over [lo, hi) by a fixed xorshift sequence: the same row on
+/// every run.
+pub fn logits(n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * (hi - lo) + lo
+        })
+        .collect()
+}
 
 /// Shape and seed of a synthetic model.
 #[derive(Debug, Clone)]
