@@ -98,3 +98,25 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     v = warp_max(v);
     return v;
 }
+
+// RMSNorm's row, one warp (add_rmsnorm's arithmetic, shared with the product that fuses
+// it): v = src[d] (+ delta[d] when delta is not null) for the lane's d = lane, lane + 32,
+// ..., stored to dst[d] (dst may be src: then stored only when delta adds something).
+// Returns 1 / rms(v) for the whole row, the same in every lane.
+__device__ __forceinline__ float add_rms_row(const float* src, const float* delta, float* dst,
+                                             int dim, float eps) {
+    bool store = delta || dst != src;
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int d = threadIdx.x & 31; d < dim; d += 32) {
+        float v = src[d];
+        if (delta) v += delta[d];
+        if (store) dst[d] = v;
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    return rsqrtf(ss / dim + eps);
+}
+
+// SwiGLU's element, silu(g) · u (the `swiglu` kernel's, and the product that fuses it).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }

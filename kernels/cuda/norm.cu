@@ -22,19 +22,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
         return;
     }
     float* xr = x + (size_t)r * dim;
-    const float* dr = delta ? delta + (size_t)r * dim : nullptr;
-    float ss = 0.0f;
-#pragma unroll 4
-    for (int d = lane; d < dim; d += 32) {
-        float v = xr[d];
-        if (dr) {
-            v += dr[d];
-            xr[d] = v;
-        }
-        ss += v * v;
-    }
-    ss = warp_sum(ss);
-    float inv = rsqrtf(ss / dim + eps);
+    float inv = add_rms_row(xr, delta ? delta + (size_t)r * dim : nullptr, xr, dim, eps);
 #pragma unroll 4
     for (int d = lane; d < dim; d += 32) o[d] = f2h(xr[d] * inv * w[d]);
 }

@@ -10,7 +10,6 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, half_t* __restri
     if (j >= ffn) return;
     for (int r = blockIdx.y; r < n_rows; r += gridDim.y) {
         const float* row = gu + (size_t)r * 2 * ffn;
-        float g = row[j], u = row[ffn + j];
-        out[(size_t)r * ffn + j] = f2h(g / (1.0f + expf(-g)) * u);
+        out[(size_t)r * ffn + j] = f2h(silu_mul(row[j], row[ffn + j]));
     }
 }

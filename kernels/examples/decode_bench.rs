@@ -1,6 +1,8 @@
 //! Decode step time of the forward step at batch 1, 16, 64 and 256 (SmolLM2-135M's shape,
 //! synthetic weights), against the floor of reading the weights (and the batch's KV) once
-//! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table.
+//! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table; then,
+//! for the batches of 1–4 rows, a second: the step with its products on cuBLAS, on
+//! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused.
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
 //!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256] [--tensor]
@@ -13,7 +15,7 @@
 //! position `ctx`, sampled on the device (greedy).
 
 use kernels::backend::{Backend, CpuBackend};
-use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity};
+use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{SampleParams, TwinModel};
@@ -217,7 +219,61 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
         );
     }
+    let iters = if a.emu { 3 } else { 200 };
+    match &mut which {
+        Which::Cuda(cuda) => small_products(cuda.as_mut(), &a.batches, a.ctx, per, iters)?,
+        Which::Emu(emu) => small_products(emu.as_mut(), &a.batches, a.ctx, per, iters)?,
+        Which::Cpu(_) => {}
+    }
     Ok(())
+}
+
+/// The decode steps of at most `gemv::MAX_ROWS` sequences among `batches`, from graphs,
+/// with their products on cuBLAS, on `gemv_f16` with the norms and swiglu apart, and on
+/// `gemv_f16` with them fused; then the backend's own choice again.
+fn small_products<E: Exec>(
+    cuda: &mut CudaBackend<E>,
+    batches: &[usize],
+    ctx: usize,
+    per: usize,
+    iters: usize,
+) -> Result<(), String> {
+    let small: Vec<usize> = batches
+        .iter()
+        .copied()
+        .filter(|&n| n <= kernels::cuda::gemv::MAX_ROWS)
+        .collect();
+    if small.is_empty() {
+        return Ok(());
+    }
+    let chosen = (cuda.small_products(), cuda.fused_small());
+    let set = |cuda: &mut CudaBackend<E>, (small, fused): (SmallProducts, bool)| {
+        cuda.set_small_products(small)
+            .and_then(|_| cuda.set_fused_small(fused))
+            .map_err(|e| e.to_string())
+    };
+    println!();
+    println!("| batch | products on cuBLAS | gemv_f16, norms and swiglu apart | gemv_f16, fused |");
+    println!("|---:|---:|---:|---:|");
+    cuda.set_graphs(true)?;
+    for n in small {
+        let mut row = Vec::new();
+        for ways in [
+            (SmallProducts(0), true),
+            (SmallProducts(u8::MAX), false),
+            (SmallProducts(u8::MAX), true),
+        ] {
+            set(cuda, ways)?;
+            row.push(time_decode(cuda, n, ctx, per, iters));
+        }
+        println!(
+            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs |",
+            row[0] * 1e6,
+            row[1] * 1e6,
+            row[2] * 1e6
+        );
+    }
+    set(cuda, chosen)
 }
 
 /// Seconds per decode step with CUDA graphs, then with direct launches.

@@ -393,6 +393,59 @@ fn long_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
 }
 
 #[test]
+fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
+    on_each!("fused-small", fused_small_case);
+}
+
+/// With every product of 1–4 rows on `gemv_f16`, steps of 1 to 5 rows (prefills and
+/// decodes, from graphs and direct launches) give the same logits, bit for bit, with the
+/// norms and swiglu fused into the products and launched apart (5 rows: cuBLAS, never
+/// fused, the control).
+fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    let vocab = twin.config.vocab;
+    cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();
+    assert!(cuda.fused_small(), "fused by default");
+    let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
+        let mut out = Vec::new();
+        for on in [true, false] {
+            cuda.set_fused_small(on).unwrap();
+            out.push(cuda.step(b).unwrap());
+        }
+        let same = out[0]
+            .iter()
+            .zip(&out[1])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{what}: fused and apart differ by {}",
+            rel_err(&out[0], &out[1])
+        );
+        out.swap_remove(0)
+    };
+    for n in 1..=5usize {
+        let base = 4 * (n * (n - 1) / 2) as u32;
+        let mut p = Batch::default();
+        for s in 0..n {
+            let toks: Vec<u32> = (0..(1 + s % 4) as u32)
+                .map(|i| 2 + i * 3 + s as u32)
+                .collect();
+            let first = base + 4 * s as u32;
+            p.push(&toks, 0, (first..first + 4).collect(), true);
+        }
+        let got = both(cuda, &p, &format!("prefill of {n}"));
+        let mut step = decode(&p, &greedy(&got, vocab));
+        for graphs in [true, false] {
+            cuda.set_graphs(graphs).unwrap();
+            let got = both(cuda, &step, &format!("decode of {n}, graphs {graphs}"));
+            step = decode(&step, &greedy(&got, vocab));
+        }
+    }
+    cuda.set_graphs(true).unwrap();
+    cuda.set_fused_small(true).unwrap();
+    cuda.set_small_products(SmallProducts::default()).unwrap();
+}
+
+#[test]
 fn products_of_few_rows_on_gemv_match_cublas_and_the_twin_chain() {
     on_each!("small-products", small_products_case);
 }

@@ -697,6 +697,151 @@ fn gemv_case<E: Exec>(g: &E) {
 }
 
 #[test]
+fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
+    on_each!(gemv_fused_case);
+}
+
+/// `gemv_f16_norm` and `gemv_f16_swiglu` for 1 to 4 rows: the same bits as `add_rmsnorm`
+/// (or `swiglu`) then `gemv_f16` on the same device, and within the twins' bound; the
+/// residual sums written to `x_out` exactly; picked rows (with a −1 entry, a row of zeros)
+/// for the final norm; poisoned outputs; and the launches it refuses.
+fn gemv_fused_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::{gemv, gemv_from, Input};
+    let what = g.describe();
+    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    let mut rng = Rng(21);
+    let (d, f, n, eps) = (576, 1536, 1003, 1e-5f32);
+    let w16 = |rng: &mut Rng, len: usize| -> Vec<f16> {
+        rng.vec(len, 0.5).into_iter().map(f16::from_f32).collect()
+    };
+    let (wn, wf) = (w16(&mut rng, n * d), w16(&mut rng, n * f));
+    let (wnd, wfd) = (up(g, &wn), up(g, &wf));
+    let nw = rng.vec(d, 1.0);
+    let nwd = up(g, &nw);
+    for m in 1..=4usize {
+        // Norm over the first m rows of 6, with the residual add written to x_out.
+        let x0 = rng.vec(6 * d, 3.0);
+        let delta = rng.vec(6 * d, 1.0);
+        let (xd, dd) = (up(g, &x0), up(g, &delta));
+        let mut x_out = up(g, &vec![f32::NAN; 6 * d]);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        let input = Input::Norm {
+            x: &xd,
+            delta: Some(&dd),
+            weight: &nwd,
+            x_out: Some(&mut x_out),
+            rows: None,
+            eps,
+        };
+        gemv_from(g, input, &wnd, 0, &mut y, m, d, n).unwrap();
+        let mut xw = x0.clone();
+        let h = twins::add_rmsnorm(&mut xw[..m * d], Some(&delta), &nw, None, d, eps);
+        let sums = down(g, &x_out);
+        assert!(
+            bits(&sums[..m * d], &xw[..m * d]),
+            "{what}: {m} rows: x_out"
+        );
+        assert!(
+            sums[m * d..].iter().all(|v| v.is_nan()),
+            "{what}: {m} rows: past x_out's rows"
+        );
+        assert_eq!(down(g, &xd), x0, "{what}: x is read only");
+        let got = down(g, &y);
+        let e = rel(&got, &twins::gemm(&h, &wn, m, d, n));
+        assert!(e < 1e-3, "{what}: norm then product, {m} rows: {e}");
+        // The same two kernels apart: add_rmsnorm in place, then gemv_f16.
+        let hd = up(g, &nan16(m * d));
+        let args = [
+            xd.arg(),
+            dd.arg(),
+            nwd.arg(),
+            hd.arg(),
+            Arg::Null,
+            i(m),
+            i(d),
+            Arg::F32(eps),
+        ];
+        g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
+        let mut apart = up(g, &vec![f32::NAN; m * n]);
+        gemv(g, &hd, &wnd, 0, &mut apart, m, d, n).unwrap();
+        assert!(
+            bits(&got, &down(g, &apart)),
+            "{what}: norm fused vs apart, {m} rows"
+        );
+
+        // The final norm's shape: picked rows of x, no x_out.
+        let rows: Vec<i32> = [4, -1, 0, 5][..m].to_vec();
+        let rd = up(g, &rows);
+        let xd = up(g, &x0);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        let input = Input::Norm {
+            x: &xd,
+            delta: Some(&dd),
+            weight: &nwd,
+            x_out: None,
+            rows: Some(&rd),
+            eps,
+        };
+        gemv_from(g, input, &wnd, 0, &mut y, m, d, n).unwrap();
+        let mut xw = x0.clone();
+        let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, Some(&rows), d, eps);
+        let got = down(g, &y);
+        let e = rel(&got, &twins::gemm(&h, &wn, m, d, n));
+        assert!(e < 1e-3, "{what}: picked rows, {m} rows: {e}");
+        if m > 1 {
+            assert!(
+                got[n..2 * n].iter().all(|&v| v == 0.0),
+                "{what}: the −1 row"
+            );
+        }
+        assert_eq!(down(g, &xd), x0, "{what}: x is read only");
+
+        // SwiGLU then the down product (k = 1536).
+        let gu = rng.vec(m * 2 * f, 4.0);
+        let gud = up(g, &gu);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        gemv_from(g, Input::Swiglu(&gud), &wfd, 0, &mut y, m, f, n).unwrap();
+        let got = down(g, &y);
+        let e = rel(&got, &twins::gemm(&twins::swiglu(&gu, m, f), &wf, m, f, n));
+        assert!(e < 1e-3, "{what}: swiglu then product, {m} rows: {e}");
+        let gd = up(g, &nan16(m * f));
+        g.launch(
+            "swiglu",
+            swiglu_launch(m, f),
+            &[gud.arg(), gd.arg(), i(m), i(f)],
+        )
+        .unwrap();
+        let mut apart = up(g, &vec![f32::NAN; m * n]);
+        gemv(g, &gd, &wfd, 0, &mut apart, m, f, n).unwrap();
+        assert!(
+            bits(&got, &down(g, &apart)),
+            "{what}: swiglu fused vs apart, {m} rows"
+        );
+    }
+    // Refused: 5 rows, a short input.
+    let xd = up(g, &vec![0f32; 6 * d]);
+    let mut same = up(g, &vec![0f32; 6 * d]);
+    let mut y = up(g, &vec![0f32; 5 * n]);
+    let input = Input::Norm {
+        x: &xd,
+        delta: None,
+        weight: &nwd,
+        x_out: Some(&mut same),
+        rows: None,
+        eps,
+    };
+    assert!(
+        gemv_from(g, input, &wnd, 0, &mut y, 5, d, n).is_err(),
+        "{what}: 5 rows"
+    );
+    let gud = up(g, &vec![0f32; 2 * f]);
+    assert!(
+        gemv_from(g, Input::Swiglu(&gud), &wfd, 0, &mut y, 2, f, n).is_err(),
+        "{what}: gate|up rows for 1 row, not 2"
+    );
+}
+
+#[test]
 fn sampling_matches_its_twin() {
     on_each!(sampling_case);
 }

@@ -258,6 +258,23 @@ impl<E: Exec> CudaBackend<E> {
         Ok(())
     }
 
+    /// Whether products of few rows on `gemv_f16` make their input themselves (the
+    /// norms and swiglu fused in; the default).
+    pub fn fused_small(&self) -> bool {
+        self.dev.fuse_small
+    }
+
+    /// Fuses the norms and swiglu into the products of few rows on `gemv_f16`, or
+    /// launches them apart (`on` false; the same bits either way), from the next step on
+    /// (the decode graphs are captured again).
+    pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
+        self.dev.fuse_small = on;
+        for i in 0..self.graphs.len() {
+            self.recapture(i)?;
+        }
+        Ok(())
+    }
+
     /// The attention kernel the steps launch.
     pub fn attention(&self) -> AttentionKernel {
         self.dev.attention

@@ -1,6 +1,9 @@
-//! The `gemv_f16` kernel's launch (`kernels/cuda/gemv.cu`): the step's product for a few
+//! The `gemv_f16` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few
 //! rows, a candidate against cuBLAS at decode batch 1–4: the backend times whole decode
-//! steps both ways at load and keeps the faster (`step::SmallProducts`).
+//! steps both ways at load and keeps the faster (`step::SmallProducts`). The product's
+//! input is f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the
+//! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
+//! launch instead of two, with the same bits.
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
@@ -13,6 +16,28 @@ pub const MAX_K: usize = 2048;
 /// Whether `gemv_f16` takes a product of `rows` rows over `k` (16-byte weight rows).
 pub fn fits(rows: usize, k: usize) -> bool {
     (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && k.is_multiple_of(8)
+}
+
+/// What a product's rows are made from.
+pub enum Input<'a, E: Exec> {
+    /// f16 rows, `rows × k` (`gemv_f16`).
+    Rows(&'a E::Buf<f16>),
+    /// `add_rmsnorm`'s output, made in the product (`gemv_f16_norm`): row i normalizes
+    /// row `rows[i]` of `x` (row i when `rows` is `None`; a negative entry gives zeros)
+    /// plus the same row of `delta`, scaled by `weight`; the sums are written to `x_out`
+    /// when given (another buffer than `x`, as its `&mut` makes sure: the product's other
+    /// blocks still read `x`).
+    Norm {
+        x: &'a E::Buf<f32>,
+        delta: Option<&'a E::Buf<f32>>,
+        weight: &'a E::Buf<f32>,
+        x_out: Option<&'a mut E::Buf<f32>>,
+        rows: Option<&'a E::Buf<i32>>,
+        eps: f32,
+    },
+    /// `swiglu`'s output over rows of `2k` (gate, then up), made in the product
+    /// (`gemv_f16_swiglu`).
+    Swiglu(&'a E::Buf<f32>),
 }
 
 /// `y[rows × n] = x[rows × k] · w[n × k]ᵀ` with `w` starting `w_row0` rows in, as
@@ -28,26 +53,95 @@ pub fn gemv<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
+    gemv_from(e, Input::Rows(x), w, w_row0, y, rows, k, n)
+}
+
+/// `y[rows × n] = input · w[n × k]ᵀ` with `w` starting `w_row0` rows in: [`gemv`] over
+/// rows that [`Input`] says how to make.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_from<E: Exec>(
+    e: &E,
+    input: Input<'_, E>,
+    w: &E::Buf<f16>,
+    w_row0: usize,
+    y: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
     if !fits(rows, k) {
         return Err(ExecError::Bounds(format!(
             "gemv_f16 takes 1 to {MAX_ROWS} rows and k a multiple of 8 up to {MAX_K}, not \
              {rows} rows of {k}"
         )));
     }
-    check_gemm((x.elems(), w.elems(), y.elems()), w_row0, rows, k, n)?;
+    let short = |what: &str, have: usize, need: usize| {
+        if have < need {
+            Err(ExecError::Bounds(format!(
+                "gemv_f16 of {rows}×{k}: {what} holds {have} elements, not {need}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    // The input's check and its arguments ahead of the product's own.
+    let (entry, mut args) = match input {
+        Input::Rows(x) => {
+            short("x", x.elems(), rows * k)?;
+            ("gemv_f16", vec![x.arg()])
+        }
+        Input::Norm {
+            x,
+            delta,
+            weight,
+            x_out,
+            rows: at,
+            eps,
+        } => {
+            // Rows picked by `at` may be any of x's; without it, the first `rows`.
+            let need = if at.is_some() { k } else { rows * k };
+            short("x", x.elems(), need)?;
+            short("the norm's weight", weight.elems(), k)?;
+            if let Some(d) = delta {
+                short("delta", d.elems(), x.elems())?;
+            }
+            if let Some(o) = &x_out {
+                short("x_out", o.elems(), x.elems())?;
+            }
+            if let Some(r) = at {
+                short("rows", r.elems(), rows)?;
+            }
+            let opt = |b: Option<Arg>| b.unwrap_or(Arg::Null);
+            (
+                "gemv_f16_norm",
+                vec![
+                    x.arg(),
+                    opt(delta.map(|d| d.arg())),
+                    weight.arg(),
+                    opt(x_out.map(|o| o.arg())),
+                    opt(at.map(|r| r.arg())),
+                    Arg::F32(eps),
+                ],
+            )
+        }
+        Input::Swiglu(gu) => {
+            short("gate|up", gu.elems(), rows * 2 * k)?;
+            ("gemv_f16_swiglu", vec![gu.arg()])
+        }
+    };
+    check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
     let warps = 8u32;
     let cfg = LaunchConfig {
         grid_dim: ((n as u32).div_ceil(warps).clamp(1, 4096), 1, 1),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
-    let args = [
-        x.arg(),
+    args.extend([
         w.arg_at(w_row0 * k..(w_row0 + n) * k)?,
         y.arg(),
         Arg::I32(rows as i32),
         Arg::I32(k as i32),
         Arg::I32(n as i32),
-    ];
-    e.launch("gemv_f16", cfg, &args)
+    ]);
+    e.launch(entry, cfg, &args)
 }

@@ -76,7 +76,7 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "gemv",
         code: include_str!("../../cuda/gemv.cu"),
-        entries: &["gemv_f16"],
+        entries: &["gemv_f16", "gemv_f16_norm", "gemv_f16_swiglu"],
     },
     Source {
         name: "sample",
@@ -99,6 +99,8 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("swiglu", 256),
     ("sample", 1024),
     ("gemv_f16", 256),
+    ("gemv_f16_norm", 256),
+    ("gemv_f16_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
