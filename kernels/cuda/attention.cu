@@ -303,6 +303,7 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q, int q_
                                              int block_size, float scale,
                                              float* __restrict__ part, int* __restrict__ arrive,
                                              int part_rows, int part_chunks) {
+    pdl_begin();
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc,
@@ -321,6 +322,7 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_s
                                             int block_size, float scale,
                                             float* __restrict__ part, int* __restrict__ arrive,
                                             int part_rows, int part_chunks) {
+    pdl_begin();
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc, block_tables + (size_t)r * max_blocks,

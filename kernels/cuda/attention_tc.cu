@@ -69,6 +69,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
                                         float scale, float* __restrict__ part,
                                         int* __restrict__ arrive, int part_rows,
                                         int part_chunks) {
+    pdl_begin();
     // As uint4, for 16-byte alignment (the keys are stored 16 bytes at a time).
     __shared__ uint4 ks4[TC_KEYS * TC_KS / 8];
     __shared__ uint4 vt4[TC_HD * TC_VS / 8];

@@ -13,6 +13,7 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
                                        u32* __restrict__ positions, int* __restrict__ slot_mapping,
                                        int* __restrict__ seq_of_row, int* __restrict__ block_tables,
                                        int* __restrict__ logit_rows) {
+    pdl_begin();
     const u32* heads = staging;
     const u32* toks = staging + 4 * n_seqs;
     const u32* tables = toks + n_tokens;

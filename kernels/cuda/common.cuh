@@ -120,3 +120,30 @@ __device__ __forceinline__ float add_rms_row(const float* src, const float* delt
 
 // SwiGLU's element, silu(g) · u (the `swiglu` kernel's, and the product that fuses it).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// Programmatic dependent launch (Hopper and later; nothing on older devices and on the
+// emulator). The step's kernels are launched so that each may be scheduled while the one
+// before it is still running; every kernel's first statement is pdl_begin(): it waits
+// until the previous kernel has finished and its writes are visible, then lets the next
+// kernel be scheduled. Before any access to memory that another kernel writes, and before
+// any return (a kernel that returned without waiting could finish before the one it
+// follows, and the kernel after it would not wait for that one).
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// pdl_begin(), after each warp asks L2 for its first row of a matrix that no kernel writes
+// (weights: `rows` rows of `row_bytes` bytes from `p`, row i for the i-th warp of the
+// grid, one warp per row as in gemv.cu): the loads overlap the previous kernel's end.
+__device__ __forceinline__ void pdl_begin_prefetch_row(const void* p, int row_bytes, int rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const char* c = static_cast<const char*>(p) + (size_t)row * row_bytes;
+    for (int o = (threadIdx.x & 31) * 128; row < rows && o < row_bytes; o += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+#endif
+    pdl_begin();
+}

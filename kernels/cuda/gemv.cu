@@ -54,6 +54,7 @@ __device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __re
 
 extern "C" __global__ void gemv_f16(const half_t* __restrict__ x, const half_t* __restrict__ w,
                                     float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
     __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
     __syncthreads();
@@ -71,6 +72,7 @@ extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
                                          const int* __restrict__ rows, float eps,
                                          const half_t* __restrict__ w, float* __restrict__ y,
                                          int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
     __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     int lane = threadIdx.x & 31, i = threadIdx.x >> 5;
     if (i < m) {
@@ -95,6 +97,7 @@ extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
 extern "C" __global__ void gemv_f16_swiglu(const float* __restrict__ gu,
                                            const half_t* __restrict__ w, float* __restrict__ y,
                                            int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
     __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
         const float* row = gu + (size_t)(e / k) * 2 * k;

@@ -12,6 +12,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
                                        const float* __restrict__ w, half_t* __restrict__ out,
                                        const int* __restrict__ rows, int n_out, int dim,
                                        float eps) {
+    pdl_begin();
     int lane = threadIdx.x & 31;
     int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (i >= n_out) return;

@@ -26,6 +26,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          half_t* __restrict__ kc, half_t* __restrict__ vc,
                                          int n_rows, int n_heads, int n_kv_heads, int head_dim,
                                          int block_size, float base) {
+    pdl_begin();
     int half_dim = head_dim / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_rows * half_dim) return;

@@ -162,6 +162,7 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
                                   const u32* __restrict__ adjust, const u32* __restrict__ extra,
                                   u32* __restrict__ out) {
+    pdl_begin();
     __shared__ float best_v[SAMPLE_WARPS];
     __shared__ int best_i[SAMPLE_WARPS];
     __shared__ u64 bin[256 * SAMPLE_COPIES];

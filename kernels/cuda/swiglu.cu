@@ -6,6 +6,7 @@
 // row. Launch: `swiglu_launch` (kernels::cuda).
 extern "C" __global__ void swiglu(const float* __restrict__ gu, half_t* __restrict__ out,
                                   int n_rows, int ffn) {
+    pdl_begin();
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= ffn) return;
     for (int r = blockIdx.y; r < n_rows; r += gridDim.y) {

@@ -1,6 +1,7 @@
 //! Decode step time of the forward step at batch 1, 16, 64 and 256 (SmolLM2-135M's shape,
 //! synthetic weights), against the floor of reading the weights (and the batch's KV) once
-//! at the card's measured copy bandwidth; CUDA graphs on and off. Prints one table; then,
+//! at the card's measured copy bandwidth; CUDA graphs on and off, and graphs without
+//! programmatic dependent launches (Hopper on; the default there). Prints one table; then,
 //! for the batches of 1–4 rows, a second: the step with its products on cuBLAS, on
 //! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused.
 //!
@@ -192,23 +193,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     prefill(backend, max_n, a.ctx, per, max_tokens);
     println!(
-        "| batch | step (graphs) | step (direct) | floor: weights | floor: +KV | tokens/s (best) |"
+        "| batch | step (graphs) | step (direct) | graphs, plain launches | floor: weights | floor: +KV | tokens/s (best) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &a.batches {
         let iters = if a.cpu || a.emu { 3 } else { 200 };
         let kv_bytes = (n * (a.ctx + 1) * c.n_layers * c.kv_dim() * 2 * 2) as f64;
         let floor_w = weight_bytes / (copy_gbs * 1e9);
         let floor_kv = (weight_bytes + kv_bytes) / (copy_gbs * 1e9);
-        let (graphs, direct) = match &mut which {
+        let (graphs, direct, plain) = match &mut which {
             Which::Cuda(cuda) => graphs_and_direct(cuda.as_mut(), n, a.ctx, per, iters)?,
             Which::Emu(emu) => graphs_and_direct(emu.as_mut(), n, a.ctx, per, iters)?,
-            Which::Cpu(cpu) => (f64::NAN, time_decode(cpu.as_mut(), n, a.ctx, per, iters)),
+            Which::Cpu(cpu) => (
+                f64::NAN,
+                time_decode(cpu.as_mut(), n, a.ctx, per, iters),
+                f64::NAN,
+            ),
         };
         println!(
-            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
+            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
             graphs * 1e6,
             direct * 1e6,
+            plain * 1e6,
             floor_w * 1e6,
             floor_kv * 1e6,
             n as f64
@@ -276,19 +282,30 @@ fn small_products<E: Exec>(
     set(cuda, chosen)
 }
 
-/// Seconds per decode step with CUDA graphs, then with direct launches.
+/// Seconds per decode step with CUDA graphs, with direct launches, and with graphs of
+/// plain launches where the kernels launch as dependent launches (else NaN).
 fn graphs_and_direct<E: Exec>(
     cuda: &mut CudaBackend<E>,
     n: usize,
     ctx: usize,
     per: usize,
     iters: usize,
-) -> Result<(f64, f64), String> {
+) -> Result<(f64, f64, f64), String> {
     cuda.set_graphs(true)?;
     let g = time_decode(cuda, n, ctx, per, iters);
     cuda.set_graphs(false)?;
     let d = time_decode(cuda, n, ctx, per, iters);
-    Ok((g, d))
+    cuda.set_graphs(true)?;
+    let mut plain = f64::NAN;
+    if cuda.dependent_launch() {
+        let off = |cuda: &mut CudaBackend<E>, on| {
+            cuda.set_dependent_launch(on).map_err(|e| e.to_string())
+        };
+        off(cuda, false)?;
+        plain = time_decode(cuda, n, ctx, per, iters);
+        off(cuda, true)?;
+    }
+    Ok((g, d, plain))
 }
 
 enum Which {

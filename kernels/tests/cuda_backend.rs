@@ -233,6 +233,47 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
 }
 
 #[test]
+fn dependent_launches_give_the_bits_of_plain_ones() {
+    on_each!("dependent", dependent_case);
+}
+
+/// Programmatic dependent launches (Hopper on) change when kernels start, not what they
+/// compute: prefills and decode steps (graphs and direct, few rows and many) give the
+/// same logits, bit for bit, with them on and off. Skipped where the device has none
+/// (the emulator runs kernels one after the other anyway).
+fn dependent_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
+    if !cuda.set_dependent_launch(true).unwrap() {
+        eprintln!("SKIPPED on the emulator or a pre-Hopper device: no dependent launches");
+        return;
+    }
+    let vocab = cuda.config().vocab;
+    let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
+        let mut out = Vec::new();
+        for on in [true, false] {
+            cuda.set_dependent_launch(on).unwrap();
+            out.push(cuda.step(b).unwrap());
+        }
+        let same = out[0]
+            .iter()
+            .zip(&out[1])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{what}: differ by {}", rel_err(&out[0], &out[1]));
+        out.swap_remove(0)
+    };
+    for n in [1usize, 3, 16] {
+        let p = prefill(n);
+        let mut step = decode(&p, &greedy(&both(cuda, &p, "prefill"), vocab));
+        for graphs in [true, false] {
+            cuda.set_graphs(graphs).unwrap();
+            let l = both(cuda, &step, &format!("decode of {n}, graphs {graphs}"));
+            step = decode(&step, &greedy(&l, vocab));
+        }
+    }
+    cuda.set_graphs(true).unwrap();
+    assert!(cuda.set_dependent_launch(true).unwrap());
+}
+
+#[test]
 fn the_load_time_self_check_passes() {
     on_each!("self-check", self_check_case);
 }

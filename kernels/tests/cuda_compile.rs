@@ -83,12 +83,46 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
                 &ptx[..200.min(ptx.len())]
             );
             for entry in src.entries {
+                let at = ptx
+                    .find(&format!(".entry {entry}("))
+                    .unwrap_or_else(|| panic!("{}.cu: no entry point {entry}", src.name));
+                // Its body (up to the next entry) waits for the kernel before it.
+                let body = &ptx[at..];
+                let body = &body[..body[1..].find(".entry ").map_or(body.len(), |e| e + 1)];
                 assert!(
-                    ptx.contains(&format!(".entry {entry}(")),
-                    "{}.cu: no entry point {entry}",
-                    src.name
+                    body.contains("griddepcontrol.wait"),
+                    "{entry}: no griddepcontrol.wait in its PTX for sm_90"
                 );
             }
+        }
+    }
+}
+
+/// Every entry point's first statement is `pdl_begin()` (or `pdl_begin_prefetch_row`,
+/// which ends with it): launched as dependent launches, a kernel that touched memory or
+/// returned before it could race the kernel before it, or let the one after it run
+/// early (`kernels/cuda/common.cuh`).
+#[test]
+fn every_kernel_first_waits_for_the_one_before_it() {
+    for src in SOURCES {
+        for entry in src.entries {
+            let sig = format!("__global__ void {entry}(");
+            let at = src
+                .code
+                .find(&sig)
+                .unwrap_or_else(|| panic!("{}.cu: no {sig}", src.name));
+            let body = &src.code[at..];
+            let open = body.find('{').expect("a body");
+            let first = body[open + 1..]
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("//"))
+                .unwrap_or("");
+            assert!(
+                first == "pdl_begin();" || first.starts_with("pdl_begin_prefetch_row("),
+                "{}.cu: {entry} starts with `{first}`, not pdl_begin()",
+                src.name
+            );
         }
     }
 }

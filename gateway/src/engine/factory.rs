@@ -114,7 +114,7 @@ fn cuda_backend<E: Exec + 'static>(
         b.choose_small_products();
     }
     let err = b
-        .self_check(twin)
+        .verify(twin)
         .map_err(|e| format!("self-check against the CPU failed: {e}"))?;
     tracing::info!(
         worker,
@@ -122,6 +122,7 @@ fn cuda_backend<E: Exec + 'static>(
         graphs = ?b.graph_buckets(),
         graphs_off = b.graphs_off().unwrap_or(""),
         small_products_on_gemv = b.small_products().0,
+        dependent_launch = b.dependent_launch(),
         attention = ?b.attention(),
         self_check_rel_err = err,
         kv_blocks = b.kv_geometry().1,

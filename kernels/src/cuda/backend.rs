@@ -16,6 +16,11 @@
 //! for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
 //! cublas|gemv` fixes it instead).
 //!
+//! **Dependent launches.** On Hopper and later, every kernel launches as a programmatic
+//! dependent launch ([`super::launch`]), so that its launch and start overlap the end of
+//! the kernel before it; the load-time self-check ([`CudaBackend::verify`]) falls back to
+//! plain launches if it fails with them, and `TOLLGATE_DEPENDENT_LAUNCH=0` turns them off.
+//!
 //! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence. Rows may carry
@@ -256,6 +261,37 @@ impl<E: Exec> CudaBackend<E> {
             self.recapture(i)?;
         }
         Ok(())
+    }
+
+    /// Whether the kernels launch as programmatic dependent launches (Hopper on: each may
+    /// be scheduled while the one before it runs: [`super::launch`]).
+    pub fn dependent_launch(&self) -> bool {
+        self.dev.exec.dependent_launch()
+    }
+
+    /// Turns dependent launches on or off from the next step on (the decode graphs are
+    /// captured again); says whether they are on (never where the device lacks them).
+    pub fn set_dependent_launch(&mut self, on: bool) -> Result<bool, ExecError> {
+        let on = self.dev.exec.set_dependent_launch(on);
+        for i in 0..self.graphs.len() {
+            self.recapture(i)?;
+        }
+        Ok(on)
+    }
+
+    /// [`CudaBackend::self_check`]; if it fails with dependent launches on, once more with
+    /// them off (logged), which they then stay.
+    pub fn verify(&mut self, twin: &TwinModel) -> Result<f32, String> {
+        match self.self_check(twin) {
+            Err(e) if self.dependent_launch() => {
+                tracing::warn!(backend = %self.name,
+                    "self-check failed with dependent launches ({e}); checking without them");
+                self.set_dependent_launch(false)
+                    .map_err(|e| format!("turning dependent launches off: {e}"))?;
+                self.self_check(twin)
+            }
+            r => r,
+        }
     }
 
     /// Whether products of few rows on `gemv_f16` make their input themselves (the

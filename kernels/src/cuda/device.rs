@@ -6,17 +6,19 @@
 
 use super::compile::{self, CompileError};
 use super::exec::{check_gemm, Arg, DevBuf, Elem, Exec, ExecError};
+use super::launch::{self, Kernels, Slot};
 use crate::model::LlamaConfig;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{
     CUdevice_attribute, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    LaunchConfig, PinnedHostSlice,
 };
 use half::f16;
-use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// cuBLAS workspace: set explicitly so that products captured into a graph use it rather
@@ -46,7 +48,11 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub arch: &'static str,
-    kernels: HashMap<&'static str, CudaFunction>,
+    kernels: Kernels,
+    /// Whether kernels launch as programmatic dependent launches ([`super::launch`]),
+    /// and whether the device has them (compute capability 9.0 on).
+    dependent: AtomicBool,
+    can_depend: AtomicBool,
 }
 
 impl Gpu {
@@ -90,13 +96,12 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let arch = compile::arch_for(major, minor)?;
-        let mut kernels = HashMap::new();
-        for (src, ptx) in compile::all(arch, defines)? {
-            let module = ctx.load_module(ptx)?;
-            for &entry in src.entries {
-                kernels.insert(entry, module.load_function(entry)?);
-            }
-        }
+        let kernels = Kernels::load(&ctx, compile::all(arch, defines)?)?;
+        // Dependent launches where the device has them (compute capability 9.0 on), unless
+        // `TOLLGATE_DEPENDENT_LAUNCH=0`.
+        let can_depend = major >= 9;
+        let dependent =
+            can_depend && std::env::var("TOLLGATE_DEPENDENT_LAUNCH").as_deref() != Ok("0");
         // Not the legacy default stream: CUDA graphs cannot be captured on it.
         let stream = ctx.new_stream()?;
         let unavailable = |e: blas::CublasError| GpuError::Unavailable(e.to_string());
@@ -120,11 +125,13 @@ impl Gpu {
             stream,
             arch,
             kernels,
+            dependent: AtomicBool::new(dependent),
+            can_depend: AtomicBool::new(can_depend),
         })
     }
 
     /// A loaded kernel.
-    pub fn kernel(&self, name: &str) -> Result<&CudaFunction, GpuError> {
+    fn kernel(&self, name: &str) -> Result<launch::Kernel, GpuError> {
         self.kernels
             .get(name)
             .ok_or_else(|| GpuError::NoKernel(name.to_string()))
@@ -261,23 +268,54 @@ impl Exec for Gpu {
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
-        const NULL: u64 = 0;
-        let mut l = self.stream.launch_builder(self.kernel(kernel)?);
-        for a in args {
-            match a {
-                Arg::Ptr { addr, .. } => l.arg(addr),
-                Arg::Null => l.arg(&NULL),
-                Arg::I32(v) => l.arg(v),
-                Arg::U32(v) => l.arg(v),
-                Arg::F32(v) => l.arg(v),
-                Arg::U64(v) => l.arg(v),
-            };
-        }
+        let f = self.kernel(kernel)?;
+        let mut slots: Vec<Slot> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr { addr, .. } => addr,
+                Arg::Null => 0,
+                Arg::I32(v) => u64::from(v as u32),
+                Arg::U32(v) => u64::from(v),
+                Arg::F32(v) => u64::from(v.to_bits()),
+                Arg::U64(v) => v,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut Slot as *mut c_void)
+            .collect();
+        self.ctx.bind_to_thread()?;
         // SAFETY: the argument list is the kernel's (the emulator checks every launch of
-        // `step.rs` and the parity tests against the kernels' signatures), and pointers
-        // are live buffers of this device of the extents the launch implies.
-        unsafe { l.launch(cfg) }?;
+        // `step.rs` and the parity tests against the kernels' signatures), pointers are
+        // live buffers of this device of the extents the launch implies, the stream is
+        // this context's, made current above; `slots` outlives the call.
+        let go = |dependent: bool, params: &mut [*mut c_void]| unsafe {
+            launch::launch(f, self.stream.cu_stream(), cfg, params, dependent)
+        };
+        let dependent = self.dependent_launch();
+        match go(dependent, &mut params) {
+            // A driver that refuses the attribute: plain launches from here on (the
+            // launch failed before it was enqueued, so it is simply made again).
+            Err(e) if dependent => {
+                self.dependent.store(false, Ordering::Relaxed);
+                self.can_depend.store(false, Ordering::Relaxed);
+                tracing::warn!(device = %self.describe(), kernel,
+                    "a dependent launch failed ({e}); launching plainly from now on");
+                go(false, &mut params)?;
+            }
+            r => r?,
+        }
         Ok(())
+    }
+
+    fn dependent_launch(&self) -> bool {
+        self.dependent.load(Ordering::Relaxed)
+    }
+
+    fn set_dependent_launch(&self, on: bool) -> bool {
+        let on = on && self.can_depend.load(Ordering::Relaxed);
+        self.dependent.store(on, Ordering::Relaxed);
+        on
     }
 
     fn gemm(
@@ -337,7 +375,7 @@ impl Exec for Gpu {
 
     fn max_threads(&self, kernel: &str) -> Result<usize, ExecError> {
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK;
-        Ok(self.kernel(kernel)?.get_attribute(attr)? as usize)
+        Ok(self.kernels.attribute(self.kernel(kernel)?, attr)? as usize)
     }
 
     fn multiprocessors(&self) -> Result<usize, ExecError> {

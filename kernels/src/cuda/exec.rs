@@ -155,6 +155,16 @@ pub trait Exec: Send {
     fn multiprocessors(&self) -> Result<usize, ExecError>;
     /// Waits for all enqueued work.
     fn synchronize(&self) -> Result<(), ExecError>;
+    /// Whether kernels launch as programmatic dependent launches (each may be scheduled
+    /// while the one before it runs, and waits inside for it: [`super::launch`]).
+    fn dependent_launch(&self) -> bool {
+        false
+    }
+    /// Turns dependent launches on or off from the next launch on, where the device has
+    /// them; says whether they are on.
+    fn set_dependent_launch(&self, _on: bool) -> bool {
+        false
+    }
     /// What it is, for logs and reports.
     fn describe(&self) -> String;
 }

@@ -21,6 +21,7 @@ pub mod device;
 pub mod emu;
 pub mod exec;
 pub mod gemv;
+pub mod launch;
 pub mod staging;
 mod step;
 pub mod twins;
