@@ -119,7 +119,7 @@ BACKEND=cuda FORMAT=json STREAMS=64,256 TOKENS=128 timeout 90 "$BIN/engine_bench
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 echo
 printf '| sanitizer | result |\n|---|---|\n'
-for run in "memcheck" "racecheck attention tensor_core build_batch sampling gemv"; do
+for run in "memcheck" "racecheck attention tensor_core build_batch sampling gemv qkv"; do
   read -r tool filters <<<"$run"
   left=$((560 - SECONDS))
   if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi

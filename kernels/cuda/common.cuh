@@ -118,6 +118,21 @@ __device__ __forceinline__ float add_rms_row(const float* src, const float* delt
     return rsqrtf(ss / dim + eps);
 }
 
+// RoPE's angle for rotation pair p (entries 2p, 2p + 1 of each head) at position pos:
+// its sine and cosine (rope_kv_write's, and the QKV product's that fuses it).
+__device__ __forceinline__ void rope_sincos(u32 pos, int p, int head_dim, float base, float* s,
+                                            float* c) {
+    float inv_freq = 1.0f / powf(base, (2.0f * p) / head_dim);
+    sincosf((float)pos * inv_freq, s, c);
+}
+
+// Turns the pair x[0], x[1] by the angle whose cosine is c and sine s, in place.
+__device__ __forceinline__ void rotate(float* x, float c, float s) {
+    float a = x[0], b = x[1];
+    x[0] = a * c - b * s;
+    x[1] = a * s + b * c;
+}
+
 // SwiGLU's element, silu(g) · u (the `swiglu` kernel's, and the product that fuses it).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 

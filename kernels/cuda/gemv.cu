@@ -8,72 +8,74 @@
 // weights) at a time; x is staged once per block in shared memory as f32. Needs
 // m <= GEMV_MAX_ROWS, k <= GEMV_MAX_K, k a multiple of 8 and w 16-byte aligned.
 //
-// Two entry points fuse the kernel that makes the product's input into the staging, so
-// that a decode step of few rows launches 6 kernels per layer instead of 9:
-// `gemv_f16_norm` (add_rmsnorm, then the product) and `gemv_f16_swiglu` (swiglu, then the
-// product). Each block computes the input rows itself (a few thousand floats, from L2),
-// with the unfused kernel's arithmetic (the helpers in common.cuh), so the product's
-// result has the same bits as the two kernels launched one after the other.
+// Three entry points fuse the kernels around the product into it, so that a decode step
+// of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
+// then the product), `gemv_f16_norm_rope` (the same, then rope_kv_write: the QKV
+// product) and `gemv_f16_swiglu` (swiglu, then the product). Each block computes the
+// input rows itself (a few thousand floats, from L2), and the epilogue its pairs, with the
+// unfused kernels' arithmetic (the helpers in common.cuh), so the results have the same
+// bits as the kernels launched one after the other.
 #define GEMV_MAX_ROWS 4
 #define GEMV_MAX_K 2048
 
-// The product of the staged rows xs[m × k] (every thread of the block).
-__device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __restrict__ w,
-                                             float* __restrict__ y, int m, int k, int n) {
+// The product of the staged rows xs[m × k] (every thread of the block), COLS adjacent
+// columns per warp at a time (grid-stride over groups of COLS; n a multiple of COLS): for
+// each row r < m, lane 0 calls out(r, j, sums) with the sums of columns j .. j + COLS − 1.
+// Each column's sum runs in the same order whatever COLS.
+template <int COLS, typename Out>
+__device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __restrict__ w, int m,
+                                             int k, int n, Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
-        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)j * k);
-        float acc[GEMV_MAX_ROWS];
+    for (int g = blockIdx.x * warps + warp; g * COLS < n; g += gridDim.x * warps) {
+        int j = g * COLS;
+        float acc[COLS][GEMV_MAX_ROWS];
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.0f;
+        for (int q = 0; q < COLS; ++q)
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[q][r] = 0.0f;
         for (int c = lane; c < k / 8; c += 32) {
-            uint4 q = row[c];
-            u32 words[4] = {q.x, q.y, q.z, q.w};
-            float wv[8];
 #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                wv[2 * h] = h2f((half_t)(words[h] & 0xffffu));
-                wv[2 * h + 1] = h2f((half_t)(words[h] >> 16));
-            }
+            for (int q = 0; q < COLS; ++q) {
+                uint4 v = reinterpret_cast<const uint4*>(w + (size_t)(j + q) * k)[c];
+                u32 words[4] = {v.x, v.y, v.z, v.w};
+                float wv[8];
 #pragma unroll
-            for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-                if (r >= m) break;
-                const float* xr = xs + r * k + c * 8;
+                for (int h = 0; h < 4; ++h) {
+                    wv[2 * h] = h2f((half_t)(words[h] & 0xffffu));
+                    wv[2 * h + 1] = h2f((half_t)(words[h] >> 16));
+                }
 #pragma unroll
-                for (int h = 0; h < 8; ++h) acc[r] += wv[h] * xr[h];
+                for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+                    if (r >= m) break;
+                    const float* xr = xs + r * k + c * 8;
+#pragma unroll
+                    for (int h = 0; h < 8; ++h) acc[q][r] += wv[h] * xr[h];
+                }
             }
         }
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
             if (r >= m) break;
-            float s = warp_sum(acc[r]);
-            if (lane == 0) y[(size_t)r * n + j] = s;
+            float sums[COLS];
+#pragma unroll
+            for (int q = 0; q < COLS; ++q) sums[q] = warp_sum(acc[q][r]);
+            if (lane == 0) out(r, j, sums);
         }
     }
 }
 
-extern "C" __global__ void gemv_f16(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                    float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
-    for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
-    __syncthreads();
-    gemv_columns(xs, w, y, m, k, n);
+// The plain product's output: y[r, j] = the sum.
+__device__ __forceinline__ void gemv_store(const float* xs, const half_t* __restrict__ w,
+                                           float* __restrict__ y, int m, int k, int n) {
+    gemv_columns<1>(xs, w, m, k, n,
+                    [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
 }
 
-// add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
-// is null) plus the same row of delta (when not null), normalized and scaled by nw, then
-// rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
-// the sums x + delta to x_out (when not null), which must not be x: the other blocks
-// still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
-extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
-                                         const float* __restrict__ delta,
-                                         const float* __restrict__ nw, float* __restrict__ x_out,
-                                         const int* __restrict__ rows, float eps,
-                                         const half_t* __restrict__ w, float* __restrict__ y,
-                                         int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+// add_rmsnorm's rows staged into xs (warp i of the block makes row i; see gemv_f16_norm).
+__device__ __forceinline__ void stage_norm(float* xs, const float* __restrict__ x,
+                                           const float* __restrict__ delta,
+                                           const float* __restrict__ nw, float* __restrict__ x_out,
+                                           const int* __restrict__ rows, float eps, int m, int k) {
     int lane = threadIdx.x & 31, i = threadIdx.x >> 5;
     if (i < m) {
         int r = rows ? rows[i] : i;
@@ -89,7 +91,69 @@ extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
         }
     }
     __syncthreads();
-    gemv_columns(xs, w, y, m, k, n);
+}
+
+extern "C" __global__ void gemv_f16(const half_t* __restrict__ x, const half_t* __restrict__ w,
+                                    float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
+    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
+    __syncthreads();
+    gemv_store(xs, w, y, m, k, n);
+}
+
+// add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
+// is null) plus the same row of delta (when not null), normalized and scaled by nw, then
+// rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
+// the sums x + delta to x_out (when not null), which must not be x: the other blocks
+// still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
+extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
+                                         const float* __restrict__ delta,
+                                         const float* __restrict__ nw, float* __restrict__ x_out,
+                                         const int* __restrict__ rows, float eps,
+                                         const half_t* __restrict__ w, float* __restrict__ y,
+                                         int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
+    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
+    gemv_store(xs, w, y, m, k, n);
+}
+
+// gemv_f16_norm for the QKV product, with rope_kv_write in its epilogue: y is the QKV
+// rows (n = (n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads),
+// each q and k pair of output row i rotated at positions[i], and the rotated keys and the
+// values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
+// helpers in common.cuh). A warp takes a rotation pair, two adjacent columns, at a time.
+extern "C" __global__ void gemv_f16_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps,
+    const half_t* __restrict__ w, float* __restrict__ y,
+    int m, int k, int n, const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
+    half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
+    int block_size, float base) {
+    pdl_begin_prefetch_row(w, k * 4, n / 2);
+    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
+    int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
+    gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
+        float pair[2] = {sums[0], sums[1]};
+        int in_head = j % head_dim;
+        if (j < qd + kvd) {
+            float s, c;
+            rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);
+            rotate(pair, c, s);
+        }
+        y[(size_t)r * n + j] = pair[0];
+        y[(size_t)r * n + j + 1] = pair[1];
+        if (j < qd) return;
+        // A key or a value pair: entry in_head of (block, kv head, slot).
+        bool key = j < qd + kvd;
+        int kvh = (j - qd - (key ? 0 : kvd)) / head_dim;
+        int slot_all = slot_mapping[r];
+        int blk = slot_all / block_size, slot = slot_all - blk * block_size;
+        size_t e = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + in_head;
+        *(u32*)((key ? kc : vc) + e) = (u32)f2h(pair[0]) | ((u32)f2h(pair[1]) << 16);
+    });
 }
 
 // swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
@@ -105,5 +169,5 @@ extern "C" __global__ void gemv_f16_swiglu(const float* __restrict__ gu,
         xs[e] = h2f(f2h(silu_mul(row[j], row[k + j])));
     }
     __syncthreads();
-    gemv_columns(xs, w, y, m, k, n);
+    gemv_store(xs, w, y, m, k, n);
 }

@@ -13,12 +13,8 @@
 // pair), and the kernel is bound by memory. A warp's lanes take adjacent pairs: each
 // head's loads and stores are contiguous across the warp, and a pair of f16 cache
 // entries goes out as one 32-bit store. Launch: n_rows · head_dim / 2 threads.
-// Turns the pair x[0], x[1] by the angle whose cosine is c and sine s, in place.
-__device__ __forceinline__ void rotate(float* x, float c, float s) {
-    float a = x[0], b = x[1];
-    x[0] = a * c - b * s;
-    x[1] = a * s + b * c;
-}
+// (The rotation's arithmetic, rope_sincos and rotate, is in common.cuh: the QKV product
+// of few rows does the same in its own epilogue, gemv.cu's gemv_f16_norm_rope.)
 
 extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          const u32* __restrict__ positions,
@@ -31,9 +27,8 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_rows * half_dim) return;
     int r = i / half_dim, p = i - r * half_dim;
-    float inv_freq = 1.0f / powf(base, (2.0f * p) / head_dim);
     float s, c;
-    sincosf((float)positions[r] * inv_freq, &s, &c);
+    rope_sincos(positions[r], p, head_dim, base, &s, &c);
     float* row = qkv + (size_t)r * stride + 2 * p;
 #pragma unroll 4
     for (int h = 0; h < n_heads; ++h) rotate(row + (size_t)h * head_dim, c, s);

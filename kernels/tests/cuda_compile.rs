@@ -50,8 +50,8 @@ fn parse_ptxas(log: &str) -> Vec<(String, Report)> {
                 }
             } else if line.contains("Used") && line.contains("registers") {
                 r.registers = num_before(line, "registers");
-                if line.contains("smem") {
-                    let smem = line.split("barriers,").nth(1).unwrap_or("");
+                // "..., used 1 barriers, 32 bytes cumulative stack size, 32768 bytes smem"
+                if let Some(smem) = line.split(',').find(|p| p.contains("smem")) {
                     r.smem = num_before(smem, "bytes");
                 }
             }
@@ -245,9 +245,18 @@ ptxas info    : Compiling entry function 'sample' for 'sm_90'
 ptxas info    : Function properties for sample
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 72 registers, used 1 barriers, 4224 bytes smem
+ptxas info    : Compiling entry function 'gemv' for 'sm_90'
+ptxas info    : Function properties for gemv
+    32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 56 registers, used 1 barriers, 32 bytes cumulative stack size, 32768 bytes smem
 ";
     let r = parse_ptxas(log);
-    assert_eq!(r.len(), 2);
+    assert_eq!(r.len(), 3);
+    assert_eq!(
+        (r[2].1.registers, r[2].1.smem),
+        (56, 32768),
+        "smem past a stack size"
+    );
     assert_eq!(r[0].0, "rope");
     assert_eq!(
         (r[0].1.registers, r[0].1.spill_stores, r[0].1.spill_loads),

@@ -842,6 +842,142 @@ fn gemv_fused_case<E: Exec>(g: &E) {
 }
 
 #[test]
+fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
+    on_each!(gemv_rope_case);
+}
+
+/// `gemv_f16_norm_rope` for 1 to 4 rows of SmolLM2's shape at positions up to 2,000: the
+/// QKV rows and both caches (every element, the slots no row writes included) have the
+/// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
+/// within the twins' bound.
+fn gemv_rope_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::{gemv, gemv_rope, Input, RopeKv};
+    let what = g.describe();
+    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    let c = smol();
+    let (d, hd, bs, n_blocks) = (c.dim, c.head_dim, 16, 64);
+    let (qd, kd) = (c.n_heads * hd, c.kv_dim());
+    let n = qd + 2 * kd;
+    let mut rng = Rng(31);
+    let w: Vec<f16> = rng.vec(n * d, 0.5).into_iter().map(f16::from_f32).collect();
+    let wd = up(g, &w);
+    let nw = rng.vec(d, 1.0);
+    let nwd = up(g, &nw);
+    let fill: Vec<f16> = rng
+        .vec(n_blocks * bs * kd, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let eps = 1e-5f32;
+    for m in 1..=4usize {
+        let x0 = rng.vec(m * d, 3.0);
+        let delta = rng.vec(m * d, 1.0);
+        let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
+        let slots: Vec<i32> = [5, 1000, 77, 513][..m].to_vec();
+        let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
+        // Fused.
+        let mut x_out = up(g, &vec![f32::NAN; m * d]);
+        let mut qkv = up(g, &vec![f32::NAN; m * n]);
+        let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+        let input = Input::Norm {
+            x: &xd,
+            delta: Some(&dd),
+            weight: &nwd,
+            x_out: Some(&mut x_out),
+            rows: None,
+            eps,
+        };
+        let rope = RopeKv {
+            positions: &pd,
+            slots: &sd,
+            k_cache: &mut kc,
+            v_cache: &mut vc,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            block_size: bs,
+            base: c.rope_base,
+        };
+        gemv_rope(g, input, &wd, &mut qkv, m, d, rope).unwrap();
+        let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
+        // Apart, on the same device.
+        let hd16 = up(g, &nan16(m * d));
+        let args = [
+            xd.arg(),
+            dd.arg(),
+            nwd.arg(),
+            hd16.arg(),
+            Arg::Null,
+            i(m),
+            i(d),
+            Arg::F32(eps),
+        ];
+        g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
+        let mut qa = up(g, &vec![f32::NAN; m * n]);
+        gemv(g, &hd16, &wd, 0, &mut qa, m, d, n).unwrap();
+        let (ka, va) = (up(g, &fill), up(g, &fill));
+        let args = [
+            qa.arg(),
+            i(n),
+            pd.arg(),
+            sd.arg(),
+            ka.arg(),
+            va.arg(),
+            i(m),
+            i(c.n_heads),
+            i(c.n_kv_heads),
+            i(hd),
+            i(bs),
+            Arg::F32(c.rope_base),
+        ];
+        g.launch(
+            "rope_kv_write",
+            cfg(((m * hd / 2) as u32).div_ceil(256), 256),
+            &args,
+        )
+        .unwrap();
+        assert!(
+            bits(&got, &down(g, &qa)),
+            "{what}: {m} rows: QKV rows, fused vs apart"
+        );
+        assert_eq!(
+            got_k,
+            down(g, &ka),
+            "{what}: {m} rows: key cache, fused vs apart"
+        );
+        assert_eq!(
+            got_v,
+            down(g, &va),
+            "{what}: {m} rows: value cache, fused vs apart"
+        );
+        assert_eq!(
+            down(g, &x_out),
+            down(g, &xd),
+            "{what}: {m} rows: x_out (x += delta)"
+        );
+        // The twins.
+        let mut xw = x0.clone();
+        let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, d, eps);
+        let mut want = twins::gemm(&h, &w, m, d, n);
+        let (mut wk, mut wv) = (fill.clone(), fill.clone());
+        twins::rope_kv_write(&mut want, n, &positions, &slots, &mut wk, &mut wv, &c, bs);
+        assert!(
+            rel(&got, &want) < 1e-3,
+            "{what}: {m} rows: QKV vs the twins"
+        );
+        let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
+        assert!(
+            close(&got_k, &wk) < 2e-3,
+            "{what}: {m} rows: keys vs the twin"
+        );
+        assert!(
+            close(&got_v, &wv) < 2e-3,
+            "{what}: {m} rows: values vs the twin"
+        );
+    }
+}
+
+#[test]
 fn sampling_matches_its_twin() {
     on_each!(sampling_case);
 }

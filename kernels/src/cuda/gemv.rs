@@ -69,6 +69,53 @@ pub fn gemv_from<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
+    product(e, input, None, w, w_row0, y, rows, k, n)
+}
+
+/// `rope_kv_write`'s work, done in the QKV product's epilogue (`gemv_f16_norm_rope`):
+/// output row i is rotated at `positions[i]`, and its keys and values go to the caches at
+/// `slots[i]` (one layer's, `[block][kv head][slot][head_dim]`).
+pub struct RopeKv<'a, E: Exec> {
+    pub positions: &'a E::Buf<u32>,
+    pub slots: &'a E::Buf<i32>,
+    pub k_cache: &'a mut E::Buf<f16>,
+    pub v_cache: &'a mut E::Buf<f16>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub base: f32,
+}
+
+/// The QKV product of normalized rows (`input` must be [`Input::Norm`]) into `qkv`
+/// (`rows × (n_heads + 2 · n_kv_heads) · head_dim`), with RoPE and the KV-cache write in
+/// its epilogue: one launch for `add_rmsnorm`, the product and `rope_kv_write`, with
+/// their bits.
+pub fn gemv_rope<E: Exec>(
+    e: &E,
+    input: Input<'_, E>,
+    w: &E::Buf<f16>,
+    qkv: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    rope: RopeKv<'_, E>,
+) -> Result<(), ExecError> {
+    let n = (rope.n_heads + 2 * rope.n_kv_heads) * rope.head_dim;
+    product(e, input, Some(rope), w, 0, qkv, rows, k, n)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product<E: Exec>(
+    e: &E,
+    input: Input<'_, E>,
+    rope: Option<RopeKv<'_, E>>,
+    w: &E::Buf<f16>,
+    w_row0: usize,
+    y: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
     if !fits(rows, k) {
         return Err(ExecError::Bounds(format!(
             "gemv_f16 takes 1 to {MAX_ROWS} rows and k a multiple of 8 up to {MAX_K}, not \
@@ -130,12 +177,6 @@ pub fn gemv_from<E: Exec>(
         }
     };
     check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
-    let warps = 8u32;
-    let cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(warps).clamp(1, 4096), 1, 1),
-        block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: 0,
-    };
     args.extend([
         w.arg_at(w_row0 * k..(w_row0 + n) * k)?,
         y.arg(),
@@ -143,5 +184,44 @@ pub fn gemv_from<E: Exec>(
         Arg::I32(k as i32),
         Arg::I32(n as i32),
     ]);
+    // Columns a warp takes at a time: a rotation pair with RoPE, else one.
+    let mut cols = 1u32;
+    let entry = match rope {
+        None => entry,
+        Some(r) => {
+            if entry != "gemv_f16_norm" || r.head_dim % 2 != 0 {
+                return Err(ExecError::Bounds(format!(
+                    "RoPE fuses into the product of normalized rows of even heads, not \
+                     {entry} with heads of {}",
+                    r.head_dim
+                )));
+            }
+            short("positions", r.positions.elems(), rows)?;
+            short("slots", r.slots.elems(), rows)?;
+            let kvd = r.n_kv_heads * r.head_dim;
+            short("the key cache", r.k_cache.elems(), kvd)?;
+            short("the value cache", r.v_cache.elems(), kvd)?;
+            let i = |v: usize| Arg::I32(v as i32);
+            args.extend([
+                r.positions.arg(),
+                r.slots.arg(),
+                r.k_cache.arg(),
+                r.v_cache.arg(),
+                i(r.n_heads),
+                i(r.n_kv_heads),
+                i(r.head_dim),
+                i(r.block_size),
+                Arg::F32(r.base),
+            ]);
+            cols = 2;
+            "gemv_f16_norm_rope"
+        }
+    };
+    let warps = 8u32;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32 / cols).div_ceil(warps).clamp(1, 4096), 1, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: 0,
+    };
     e.launch(entry, cfg, &args)
 }

@@ -77,7 +77,12 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "gemv",
         code: include_str!("../../cuda/gemv.cu"),
-        entries: &["gemv_f16", "gemv_f16_norm", "gemv_f16_swiglu"],
+        entries: &[
+            "gemv_f16",
+            "gemv_f16_norm",
+            "gemv_f16_norm_rope",
+            "gemv_f16_swiglu",
+        ],
     },
     Source {
         name: "sample",
@@ -101,6 +106,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("sample", 1024),
     ("gemv_f16", 256),
     ("gemv_f16_norm", 256),
+    ("gemv_f16_norm_rope", 256),
     ("gemv_f16_swiglu", 256),
 ];
 

@@ -18,8 +18,9 @@
 //! ```
 //!
 //! A step of few rows whose products run on `gemv_f16` ([`SmallProducts`]) fuses each
-//! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`): 6
-//! launches a layer instead of 9, with the same bits.
+//! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`) and
+//! RoPE with the cache write into the QKV product (`gemv_f16_norm_rope`): 5 launches a
+//! layer instead of 9, with the same bits.
 //!
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
 //! kernel over the logits rows with the parameters and adjustments from the staging
@@ -27,7 +28,7 @@
 
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
-use super::gemv::{self, Input};
+use super::gemv::{self, Input, RopeKv};
 use super::staging::{adjust_room, Layout};
 use super::twins::TwinModel;
 use super::{norm_launch, swiglu_launch};
@@ -101,8 +102,9 @@ pub struct Device<E: Exec> {
     split: Split,
     /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
     pub small: SmallProducts,
-    /// Whether those products make their input themselves (`gemv_f16_norm`,
-    /// `gemv_f16_swiglu`: 6 launches a layer instead of 9, the same bits).
+    /// Whether those products make their input themselves and the QKV product does
+    /// RoPE and the cache write (`gemv_f16_norm`, `gemv_f16_norm_rope`, `gemv_f16_swiglu`:
+    /// 5 launches a layer instead of 9, the same bits).
     pub fuse_small: bool,
     /// Which attention kernel the step launches.
     pub attention: AttentionKernel,
@@ -415,7 +417,7 @@ impl<E: Exec> Device<E> {
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
         // Products of few rows on gemv_f16 make their input rows themselves: the norms
-        // and swiglu are not launched. x + delta goes to x2 at the attention's norm and
+        // and swiglu are not launched, and the QKV product does RoPE and the cache write. x + delta goes to x2 at the attention's norm and
         // back to x at the feed-forward's, so each layer ends with the residual in x.
         let fused = |rows: usize, k: usize| *fuse_small && small.gemv(rows) && gemv::fits(rows, k);
         let fuse = fused(t, d) && fused(t, f);
@@ -431,7 +433,18 @@ impl<E: Exec> Device<E> {
                     rows: None,
                     eps: c.rms_eps,
                 };
-                gemv::gemv_from(e, input, &w.wqkv, 0, &mut b.qkv, t, d, qkv_w)?;
+                let rope = RopeKv {
+                    positions: &b.positions,
+                    slots: &b.slots,
+                    k_cache: &mut w.k_cache,
+                    v_cache: &mut w.v_cache,
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: c.head_dim,
+                    block_size: *block_size,
+                    base: c.rope_base,
+                };
+                gemv::gemv_rope(e, input, &w.wqkv, &mut b.qkv, t, d, rope)?;
             } else {
                 e.launch(
                     "add_rmsnorm",
@@ -448,26 +461,26 @@ impl<E: Exec> Device<E> {
                     ],
                 )?;
                 product(e, *small, &b.h, &w.wqkv, &mut b.qkv, t, d, qkv_w)?;
+                let n = (t * c.head_dim / 2) as u32;
+                e.launch(
+                    "rope_kv_write",
+                    launch(n, 256),
+                    &[
+                        b.qkv.arg(),
+                        qkv_wi,
+                        b.positions.arg(),
+                        b.slots.arg(),
+                        w.k_cache.arg(),
+                        w.v_cache.arg(),
+                        ti,
+                        nh,
+                        nkv,
+                        hd,
+                        bsi,
+                        base,
+                    ],
+                )?;
             }
-            let n = (t * c.head_dim / 2) as u32;
-            e.launch(
-                "rope_kv_write",
-                launch(n, 256),
-                &[
-                    b.qkv.arg(),
-                    qkv_wi,
-                    b.positions.arg(),
-                    b.slots.arg(),
-                    w.k_cache.arg(),
-                    w.v_cache.arg(),
-                    ti,
-                    nh,
-                    nkv,
-                    hd,
-                    bsi,
-                    base,
-                ],
-            )?;
             let splits = if t < split.rows {
                 attention_splits(t, c.n_kv_heads, split.sms, split.chunks)
             } else {
