@@ -67,6 +67,22 @@ fn prefill(n: usize) -> Batch {
     b
 }
 
+/// `n` sequences with prompts of 1 to 4 tokens (`first + i · step + s` for sequence s),
+/// each with its own 4 blocks past those of the batches of fewer sequences: a prefill of a
+/// few rows, for steps of 1 to 5 sequences on the same cache.
+fn short_prompts(n: usize, first: u32, step: u32) -> Batch {
+    let base = 4 * (n * (n - 1) / 2) as u32;
+    let mut p = Batch::default();
+    for s in 0..n {
+        let toks: Vec<u32> = (0..(1 + s % 4) as u32)
+            .map(|i| first + i * step + s as u32)
+            .collect();
+        let b0 = base + 4 * s as u32;
+        p.push(&toks, 0, (b0..b0 + 4).collect(), true);
+    }
+    p
+}
+
 /// The decode step after `prev` (one given token per sequence).
 fn decode(prev: &Batch, next: &[u32]) -> Batch {
     let mut b = Batch::default();
@@ -75,6 +91,31 @@ fn decode(prev: &Batch, next: &[u32]) -> Batch {
         b.push(&[t], pos, s.block_table.clone(), true);
     }
     b
+}
+
+/// `b`'s logits with `set(cuda, true)`, which must have the bits of those with
+/// `set(cuda, false)` (`what` names the step in the failure).
+fn both_ways<E: Exec>(
+    cuda: &mut CudaBackend<E>,
+    b: &Batch,
+    what: &str,
+    set: impl Fn(&mut CudaBackend<E>, bool),
+) -> Vec<f32> {
+    let mut out = Vec::new();
+    for on in [true, false] {
+        set(cuda, on);
+        out.push(cuda.step(b).unwrap());
+    }
+    let same = out[0]
+        .iter()
+        .zip(&out[1])
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        same,
+        "{what}: on and off differ by {}",
+        rel_err(&out[0], &out[1])
+    );
+    out.swap_remove(0)
 }
 
 fn greedy(logits: &[f32], vocab: usize) -> Vec<u32> {
@@ -248,17 +289,9 @@ fn dependent_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     }
     let vocab = cuda.config().vocab;
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
-        let mut out = Vec::new();
-        for on in [true, false] {
-            cuda.set_dependent_launch(on).unwrap();
-            out.push(cuda.step(b).unwrap());
-        }
-        let same = out[0]
-            .iter()
-            .zip(&out[1])
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{what}: differ by {}", rel_err(&out[0], &out[1]));
-        out.swap_remove(0)
+        both_ways(cuda, b, what, |c, on| {
+            c.set_dependent_launch(on).unwrap();
+        })
     };
     for n in [1usize, 3, 16] {
         let p = prefill(n);
@@ -447,32 +480,10 @@ fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();
     assert!(cuda.fused_small(), "fused by default");
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
-        let mut out = Vec::new();
-        for on in [true, false] {
-            cuda.set_fused_small(on).unwrap();
-            out.push(cuda.step(b).unwrap());
-        }
-        let same = out[0]
-            .iter()
-            .zip(&out[1])
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "{what}: fused and apart differ by {}",
-            rel_err(&out[0], &out[1])
-        );
-        out.swap_remove(0)
+        both_ways(cuda, b, what, |c, on| c.set_fused_small(on).unwrap())
     };
     for n in 1..=5usize {
-        let base = 4 * (n * (n - 1) / 2) as u32;
-        let mut p = Batch::default();
-        for s in 0..n {
-            let toks: Vec<u32> = (0..(1 + s % 4) as u32)
-                .map(|i| 2 + i * 3 + s as u32)
-                .collect();
-            let first = base + 4 * s as u32;
-            p.push(&toks, 0, (first..first + 4).collect(), true);
-        }
+        let p = short_prompts(n, 2, 3);
         let got = both(cuda, &p, &format!("prefill of {n}"));
         let mut step = decode(&p, &greedy(&got, vocab));
         for graphs in [true, false] {
@@ -507,16 +518,7 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         assert_eq!(cuda.small_products(), small);
         let mut kv = twin.kv(bs, n_blocks);
         for n in 1..=5usize {
-            // n sequences, each with its own 4 blocks past the previous n's.
-            let base = 4 * (n * (n - 1) / 2) as u32;
-            let mut p = Batch::default();
-            for s in 0..n {
-                let toks: Vec<u32> = (0..(1 + s % 4) as u32)
-                    .map(|i| 3 + i * 5 + s as u32)
-                    .collect();
-                let first = base + 4 * s as u32;
-                p.push(&toks, 0, (first..first + 4).collect(), true);
-            }
+            let p = short_prompts(n, 3, 5);
             let got = cuda.step(&p).unwrap();
             let want = twin.forward(&p, &mut kv);
             let e = rel_err(&got, &want);

@@ -696,6 +696,41 @@ fn gemv_case<E: Exec>(g: &E) {
     assert!(gemv(g, &xd, &wd, 0, &mut y, 5, k, n).is_err(), "5 rows");
 }
 
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
+/// `add_rmsnorm` (x += delta in place, then the norm by weight) and `gemv_f16` by `w`,
+/// launched apart: the products of `m` rows of `k` into `n` columns.
+#[allow(clippy::too_many_arguments)]
+fn norm_then_gemv<E: Exec>(
+    g: &E,
+    x: &E::Buf<f32>,
+    delta: &E::Buf<f32>,
+    weight: &E::Buf<f32>,
+    eps: f32,
+    w: &E::Buf<f16>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> E::Buf<f32> {
+    let h = up(g, &nan16(m * k));
+    let args = [
+        x.arg(),
+        delta.arg(),
+        weight.arg(),
+        h.arg(),
+        Arg::Null,
+        i(m),
+        i(k),
+        Arg::F32(eps),
+    ];
+    g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
+    let mut y = up(g, &vec![f32::NAN; m * n]);
+    kernels::cuda::gemv::gemv(g, &h, w, 0, &mut y, m, k, n).unwrap();
+    y
+}
+
 #[test]
 fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
     on_each!(gemv_fused_case);
@@ -708,7 +743,6 @@ fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
 fn gemv_fused_case<E: Exec>(g: &E) {
     use kernels::cuda::gemv::{gemv, gemv_from, Input};
     let what = g.describe();
-    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
     let mut rng = Rng(21);
     let (d, f, n, eps) = (576, 1536, 1003, 1e-5f32);
     let w16 = |rng: &mut Rng, len: usize| -> Vec<f16> {
@@ -738,7 +772,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         let h = twins::add_rmsnorm(&mut xw[..m * d], Some(&delta), &nw, None, d, eps);
         let sums = down(g, &x_out);
         assert!(
-            bits(&sums[..m * d], &xw[..m * d]),
+            same_bits(&sums[..m * d], &xw[..m * d]),
             "{what}: {m} rows: x_out"
         );
         assert!(
@@ -750,22 +784,9 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         let e = rel(&got, &twins::gemm(&h, &wn, m, d, n));
         assert!(e < 1e-3, "{what}: norm then product, {m} rows: {e}");
         // The same two kernels apart: add_rmsnorm in place, then gemv_f16.
-        let hd = up(g, &nan16(m * d));
-        let args = [
-            xd.arg(),
-            dd.arg(),
-            nwd.arg(),
-            hd.arg(),
-            Arg::Null,
-            i(m),
-            i(d),
-            Arg::F32(eps),
-        ];
-        g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
-        let mut apart = up(g, &vec![f32::NAN; m * n]);
-        gemv(g, &hd, &wnd, 0, &mut apart, m, d, n).unwrap();
+        let apart = norm_then_gemv(g, &xd, &dd, &nwd, eps, &wnd, m, d, n);
         assert!(
-            bits(&got, &down(g, &apart)),
+            same_bits(&got, &down(g, &apart)),
             "{what}: norm fused vs apart, {m} rows"
         );
 
@@ -814,7 +835,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         let mut apart = up(g, &vec![f32::NAN; m * n]);
         gemv(g, &gd, &wfd, 0, &mut apart, m, f, n).unwrap();
         assert!(
-            bits(&got, &down(g, &apart)),
+            same_bits(&got, &down(g, &apart)),
             "{what}: swiglu fused vs apart, {m} rows"
         );
     }
@@ -851,9 +872,8 @@ fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
 /// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
 /// within the twins' bound.
 fn gemv_rope_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv, gemv_rope, Input, RopeKv};
+    use kernels::cuda::gemv::{gemv_rope, Input, RopeKv};
     let what = g.describe();
-    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
     let c = smol();
     let (d, hd, bs, n_blocks) = (c.dim, c.head_dim, 16, 64);
     let (qd, kd) = (c.n_heads * hd, c.kv_dim());
@@ -901,20 +921,7 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         gemv_rope(g, input, &wd, &mut qkv, m, d, rope).unwrap();
         let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
         // Apart, on the same device.
-        let hd16 = up(g, &nan16(m * d));
-        let args = [
-            xd.arg(),
-            dd.arg(),
-            nwd.arg(),
-            hd16.arg(),
-            Arg::Null,
-            i(m),
-            i(d),
-            Arg::F32(eps),
-        ];
-        g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
-        let mut qa = up(g, &vec![f32::NAN; m * n]);
-        gemv(g, &hd16, &wd, 0, &mut qa, m, d, n).unwrap();
+        let qa = norm_then_gemv(g, &xd, &dd, &nwd, eps, &wd, m, d, n);
         let (ka, va) = (up(g, &fill), up(g, &fill));
         let args = [
             qa.arg(),
@@ -937,7 +944,7 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         )
         .unwrap();
         assert!(
-            bits(&got, &down(g, &qa)),
+            same_bits(&got, &down(g, &qa)),
             "{what}: {m} rows: QKV rows, fused vs apart"
         );
         assert_eq!(

@@ -257,9 +257,7 @@ impl<E: Exec> CudaBackend<E> {
     /// graphs are captured again).
     pub fn set_small_products(&mut self, small: SmallProducts) -> Result<(), ExecError> {
         self.dev.small = small;
-        for i in 0..self.graphs.len() {
-            self.recapture(i)?;
-        }
+        self.recapture_all()?;
         Ok(())
     }
 
@@ -273,9 +271,7 @@ impl<E: Exec> CudaBackend<E> {
     /// captured again); says whether they are on (never where the device lacks them).
     pub fn set_dependent_launch(&mut self, on: bool) -> Result<bool, ExecError> {
         let on = self.dev.exec.set_dependent_launch(on);
-        for i in 0..self.graphs.len() {
-            self.recapture(i)?;
-        }
+        self.recapture_all()?;
         Ok(on)
     }
 
@@ -305,9 +301,7 @@ impl<E: Exec> CudaBackend<E> {
     /// (the decode graphs are captured again).
     pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
         self.dev.fuse_small = on;
-        for i in 0..self.graphs.len() {
-            self.recapture(i)?;
-        }
+        self.recapture_all()?;
         Ok(())
     }
 
@@ -320,9 +314,7 @@ impl<E: Exec> CudaBackend<E> {
     /// captured again).
     pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<(), ExecError> {
         self.dev.attention = kernel;
-        for i in 0..self.graphs.len() {
-            self.recapture(i)?;
-        }
+        self.recapture_all()?;
         Ok(())
     }
 
@@ -364,6 +356,14 @@ impl<E: Exec> CudaBackend<E> {
         }
         self.tuned = out.clone();
         Ok(out)
+    }
+
+    /// Captures every decode graph again (after the step's launches changed).
+    fn recapture_all(&mut self) -> Result<(), ExecError> {
+        for i in 0..self.graphs.len() {
+            self.recapture(i)?;
+        }
+        Ok(())
     }
 
     /// Captures graph `i` again (after the step's launches changed), and replays it once.
