@@ -3,7 +3,8 @@
 //! steps both ways at load and keeps the faster (`step::SmallProducts`). The product's
 //! input is f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the
 //! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
-//! launch instead of two, with the same bits.
+//! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
+//! work in its epilogue ([`gemv_rope`]).
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
