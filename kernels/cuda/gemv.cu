@@ -26,18 +26,31 @@ template <int COLS, typename Out>
 __device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __restrict__ w, int m,
                                              int k, int n, Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int chunks = k / 8;  // 16-byte pieces of a weight row; lane l takes l, l + 32, ...
     for (int g = blockIdx.x * warps + warp; g * COLS < n; g += gridDim.x * warps) {
         int j = g * COLS;
+        // Every piece of the lane's columns is loaded before the first is used, so that
+        // a warp has all of its loads in flight at once rather than one round at a time.
+        uint4 v[COLS][GEMV_MAX_K / 256];
+#pragma unroll
+        for (int q = 0; q < COLS; ++q) {
+            const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(j + q) * k);
+#pragma unroll
+            for (int i = 0; i < GEMV_MAX_K / 256; ++i)
+                if (lane + 32 * i < chunks) v[q][i] = row[lane + 32 * i];
+        }
         float acc[COLS][GEMV_MAX_ROWS];
 #pragma unroll
         for (int q = 0; q < COLS; ++q)
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[q][r] = 0.0f;
-        for (int c = lane; c < k / 8; c += 32) {
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_K / 256; ++i) {
+            int c = lane + 32 * i;
+            if (c >= chunks) break;
 #pragma unroll
             for (int q = 0; q < COLS; ++q) {
-                uint4 v = reinterpret_cast<const uint4*>(w + (size_t)(j + q) * k)[c];
-                u32 words[4] = {v.x, v.y, v.z, v.w};
+                u32 words[4] = {v[q][i].x, v[q][i].y, v[q][i].z, v[q][i].w};
                 float wv[8];
 #pragma unroll
                 for (int h = 0; h < 4; ++h) {

@@ -674,26 +674,37 @@ fn gemv_matches_the_product_twin() {
 /// 1 to 4 rows, with a weight offset, a column count that is no multiple of the block's
 /// warps, and a poisoned output.
 fn gemv_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::gemv;
+    use kernels::cuda::gemv::{gemv, MAX_K};
     let mut rng = Rng(9);
-    let (k, n, row0) = (576, 1003, 5);
-    let w: Vec<f16> = rng
-        .vec((n + row0) * k, 1.0)
-        .into_iter()
-        .map(f16::from_f32)
-        .collect();
-    let wd = up(g, &w);
-    for m in 1..=4 {
-        let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
-        let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
-        let xd = up(g, &x);
-        let mut y = up(g, &vec![f32::NAN; m * n]);
-        gemv(g, &xd, &wd, row0, &mut y, m, k, n).unwrap();
-        let e = rel(&down(g, &y), &want);
-        assert!(e < 1e-5, "{}: {m} rows: {e}", g.describe());
+    // SmolLM2's width, and the widest rows the kernel takes (every lane's 8 pieces).
+    for (k, n, row0) in [(576, 1003, 5), (MAX_K, 77, 3)] {
+        let w: Vec<f16> = rng
+            .vec((n + row0) * k, 1.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let wd = up(g, &w);
+        for m in 1..=4 {
+            let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
+            let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
+            let xd = up(g, &x);
+            let mut y = up(g, &vec![f32::NAN; m * n]);
+            gemv(g, &xd, &wd, row0, &mut y, m, k, n).unwrap();
+            let e = rel(&down(g, &y), &want);
+            assert!(e < 1e-5, "{}: {m} rows of {k}: {e}", g.describe());
+        }
+        let (xd, mut y) = (up(g, &vec![f16::ZERO; 5 * k]), up(g, &vec![0f32; 5 * n]));
+        assert!(gemv(g, &xd, &wd, 0, &mut y, 5, k, n).is_err(), "5 rows");
     }
-    let (xd, mut y) = (up(g, &vec![f16::ZERO; 5 * k]), up(g, &vec![0f32; 5 * n]));
-    assert!(gemv(g, &xd, &wd, 0, &mut y, 5, k, n).is_err(), "5 rows");
+    let (xd, wd) = (
+        up(g, &vec![f16::ZERO; MAX_K + 8]),
+        up(g, &vec![f16::ZERO; MAX_K + 8]),
+    );
+    let mut y = up(g, &vec![0f32; 1]);
+    assert!(
+        gemv(g, &xd, &wd, 0, &mut y, 1, MAX_K + 8, 1).is_err(),
+        "rows past MAX_K"
+    );
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
