@@ -473,8 +473,8 @@ fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
 
 /// With every product of 1–4 rows on `gemv_f16`, steps of 1 to 5 rows (prefills and
 /// decodes, from graphs and direct launches) give the same logits, bit for bit, with the
-/// norms and swiglu fused into the products and launched apart (5 rows: cuBLAS, never
-/// fused, the control).
+/// norms, swiglu and RoPE with the cache write fused into the products and launched
+/// apart (5 rows: cuBLAS, never fused, the control).
 fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();

@@ -291,14 +291,15 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Whether products of few rows on `gemv_f16` make their input themselves (the
-    /// norms and swiglu fused in; the default).
+    /// norms and swiglu fused in, and RoPE with the cache write into the QKV product; the
+    /// default).
     pub fn fused_small(&self) -> bool {
         self.dev.fuse_small
     }
 
-    /// Fuses the norms and swiglu into the products of few rows on `gemv_f16`, or
-    /// launches them apart (`on` false; the same bits either way), from the next step on
-    /// (the decode graphs are captured again).
+    /// Fuses the norms, swiglu and RoPE with the cache write into the products of few
+    /// rows on `gemv_f16`, or launches them apart (`on` false; the same bits either way),
+    /// from the next step on (the decode graphs are captured again).
     pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
         self.dev.fuse_small = on;
         self.recapture_all()?;

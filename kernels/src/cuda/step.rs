@@ -17,14 +17,14 @@
 //! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
 //! ```
 //!
+//! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
+//! kernel over the logits rows with the parameters and adjustments from the staging
+//! buffer.
+//!
 //! A step of few rows whose products run on `gemv_f16` ([`SmallProducts`]) fuses each
 //! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`) and
 //! RoPE with the cache write into the QKV product (`gemv_f16_norm_rope`): 5 launches a
 //! layer instead of 9, with the same bits.
-//!
-//! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
-//! kernel over the logits rows with the parameters and adjustments from the staging
-//! buffer.
 
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
@@ -417,8 +417,9 @@ impl<E: Exec> Device<E> {
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
         // Products of few rows on gemv_f16 make their input rows themselves: the norms
-        // and swiglu are not launched, and the QKV product does RoPE and the cache write. x + delta goes to x2 at the attention's norm and
-        // back to x at the feed-forward's, so each layer ends with the residual in x.
+        // and swiglu are not launched, and the QKV product does RoPE and the cache write.
+        // x + delta goes to x2 at the attention's norm and back to x at the feed-forward's,
+        // so each layer ends with the residual in x.
         let fused = |rows: usize, k: usize| *fuse_small && small.gemv(rows) && gemv::fits(rows, k);
         let fuse = fused(t, d) && fused(t, f);
         for (li, w) in layers.iter_mut().enumerate() {
