@@ -700,7 +700,7 @@ fn gemv_case<E: Exec>(g: &E) {
         up(g, &vec![f16::ZERO; MAX_K + 8]),
         up(g, &vec![f16::ZERO; MAX_K + 8]),
     );
-    let mut y = up(g, &vec![0f32; 1]);
+    let mut y = up(g, &[0f32; 1]);
     assert!(
         gemv(g, &xd, &wd, 0, &mut y, 1, MAX_K + 8, 1).is_err(),
         "rows past MAX_K"
