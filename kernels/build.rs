@@ -107,6 +107,11 @@ fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
     Ok(code
         .split("extern \"C\" __global__ void ")
         .skip(1)
+        // Past a `__launch_bounds__(…)` between the return type and the name.
+        .map(|rest| match rest.strip_prefix("__launch_bounds__(") {
+            Some(b) => b.split_once(')').map_or(b, |(_, r)| r),
+            None => rest,
+        })
         .filter_map(|rest| rest.split('(').next())
         .map(|n| n.trim().to_string())
         .collect())

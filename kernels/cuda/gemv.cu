@@ -15,8 +15,41 @@
 // input rows itself (a few thousand floats, from L2), and the epilogue its pairs, with the
 // unfused kernels' arithmetic (the helpers in common.cuh), so the results have the same
 // bits as the kernels launched one after the other.
+//
+// The entry points cap their registers (`__launch_bounds__`: 3 blocks of 256 threads an
+// SM, 2 for the QKV product's pair of columns), which ptxas otherwise spends on hoisting
+// every staged input of a column's pieces, at one block an SM.
 #define GEMV_MAX_ROWS 4
 #define GEMV_MAX_K 2048
+
+// 16 bytes of shared memory at p, loaded as written: the compiler may not merge or
+// reorder these loads (it would take the two halves below in one order for every lane).
+__device__ __forceinline__ float4 lds4(const float4* p) {
+#ifdef TOLLGATE_EMU
+    return *p;
+#else
+    float4 v;
+    asm volatile(
+        "{ .reg .u64 s; cvta.to.shared.u64 s, %4; ld.shared.v4.f32 {%0, %1, %2, %3}, [s]; }"
+        : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+        : "l"(p));
+    return v;
+#endif
+}
+
+// The 8 staged inputs at p (32-byte aligned) for a lane whose piece is p, as two 16-byte
+// loads from shared memory. The pieces of lanes l and l + 4 lie 128 bytes apart, in the
+// same banks: lanes 4–7 of each quarter warp load the second half first, so that a
+// quarter warp's loads fall in 32 distinct banks (8 wavefronts a row for a warp's 32
+// pieces, where 8 scalar loads each took 8).
+__device__ __forceinline__ void stage_piece(const float* p, int lane, float (&x)[8]) {
+    const float4* p4 = reinterpret_cast<const float4*>(p);
+    int s = (lane >> 2) & 1;
+    float4 first = lds4(p4 + s), second = lds4(p4 + (s ^ 1));
+    float4 lo = s ? second : first, hi = s ? first : second;
+    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w;
+    x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+}
 
 // The product of the staged rows xs[m × k] (every thread of the block), COLS adjacent
 // columns per warp at a time (grid-stride over groups of COLS; n a multiple of COLS): for
@@ -60,7 +93,8 @@ __device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __re
 #pragma unroll
                 for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
                     if (r >= m) break;
-                    const float* xr = xs + r * k + c * 8;
+                    float xr[8];
+                    stage_piece(xs + r * k + c * 8, lane, xr);
 #pragma unroll
                     for (int h = 0; h < 8; ++h) acc[q][r] += wv[h] * xr[h];
                 }
@@ -106,10 +140,11 @@ __device__ __forceinline__ void stage_norm(float* xs, const float* __restrict__ 
     __syncthreads();
 }
 
-extern "C" __global__ void gemv_f16(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                    float* __restrict__ y, int m, int k, int n) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
+    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
+    int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
     __syncthreads();
     gemv_store(xs, w, y, m, k, n);
@@ -120,14 +155,12 @@ extern "C" __global__ void gemv_f16(const half_t* __restrict__ x, const half_t* 
 // rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
 // the sums x + delta to x_out (when not null), which must not be x: the other blocks
 // still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
-extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
-                                         const float* __restrict__ delta,
-                                         const float* __restrict__ nw, float* __restrict__ x_out,
-                                         const int* __restrict__ rows, float eps,
-                                         const half_t* __restrict__ w, float* __restrict__ y,
-                                         int m, int k, int n) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps,
+    const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
     gemv_store(xs, w, y, m, k, n);
 }
@@ -137,7 +170,7 @@ extern "C" __global__ void gemv_f16_norm(const float* __restrict__ x,
 // each q and k pair of output row i rotated at positions[i], and the rotated keys and the
 // values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
 // helpers in common.cuh). A warp takes a rotation pair, two adjacent columns, at a time.
-extern "C" __global__ void gemv_f16_norm_rope(
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps,
     const half_t* __restrict__ w, float* __restrict__ y,
@@ -145,7 +178,7 @@ extern "C" __global__ void gemv_f16_norm_rope(
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
     int block_size, float base) {
     pdl_begin_prefetch_row(w, k * 4, n / 2);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
     gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
@@ -171,11 +204,11 @@ extern "C" __global__ void gemv_f16_norm_rope(
 
 // swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
 // j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
-extern "C" __global__ void gemv_f16_swiglu(const float* __restrict__ gu,
-                                           const half_t* __restrict__ w, float* __restrict__ y,
-                                           int m, int k, int n) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
+    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
+    int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
         const float* row = gu + (size_t)(e / k) * 2 * k;
         int j = e % k;

@@ -35,6 +35,13 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
 namespace emu {
 
 // The bits of `v` as a `To` of the same size (C++20's std::bit_cast).

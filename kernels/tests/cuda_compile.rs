@@ -106,11 +106,17 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
 fn every_kernel_first_waits_for_the_one_before_it() {
     for src in SOURCES {
         for entry in src.entries {
-            let sig = format!("__global__ void {entry}(");
+            // `__global__ void name(`, maybe with `__launch_bounds__(…)` before the name.
+            let sig = format!(" {entry}(");
             let at = src
                 .code
-                .find(&sig)
-                .unwrap_or_else(|| panic!("{}.cu: no {sig}", src.name));
+                .match_indices(&sig)
+                .map(|(i, _)| i)
+                .find(|&i| {
+                    let line = src.code[..i].rsplit('\n').next().unwrap_or("");
+                    line.contains("__global__ void")
+                })
+                .unwrap_or_else(|| panic!("{}.cu: no __global__ void {entry}(", src.name));
             let body = &src.code[at..];
             let open = body.find('{').expect("a body");
             let first = body[open + 1..]
