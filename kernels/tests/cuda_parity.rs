@@ -1204,13 +1204,17 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
     // heads), swiglu, four sampling settings (two with a mask); at each of the two
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
-    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16;
+    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16 and its
+    // three fused forms (the product is the QKV width of one head each of 32);
     // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 32, "{names:?}");
+    assert_eq!(rows.len(), 38, "{names:?}");
     for name in [
         "attention_tc batch 3, ctx 1100",
         "attention_prefill prefill, prompt 80",
         "attention_tc prefill, prompt 80",
+        "gemv_f16_norm small 3×64·64×96",
+        "gemv_f16_swiglu small 1×64·64×96",
+        "gemv_f16_norm_rope small 3×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

@@ -34,6 +34,9 @@ pub struct Sizes {
     /// counts (a product not run per layer runs once per step: the LM head).
     pub products: Vec<(&'static str, usize, usize, bool)>,
     pub product_rows: Vec<usize>,
+    /// The QKV product's heads (query heads, KV heads, head dimension): the product of
+    /// that width is also timed with RoPE and the cache write fused in.
+    pub qkv_heads: (usize, usize, usize),
     /// Layers of the model whose decode step the parts add up to.
     pub layers: usize,
 }
@@ -60,6 +63,7 @@ impl Sizes {
                 ("lm head", 576, 49152, false),
             ],
             product_rows: vec![1, 4, 16, 64, 256],
+            qkv_heads: (9, 3, 64),
             layers: 30,
         }
     }
@@ -76,6 +80,7 @@ impl Sizes {
             sample: (3, 3000),
             products: vec![("small", 64, 96, true)],
             product_rows: vec![1, 3, 5],
+            qkv_heads: (1, 1, 32),
             layers: 2,
         }
     }
@@ -90,6 +95,99 @@ pub struct Row {
     /// Where the launch is one of a decode step's, at that step's size: the batch, and
     /// how many times a step runs it (per layer, or once).
     pub in_step: Option<(usize, usize)>,
+}
+
+/// The fused forms of one product of `m` rows by `w` (`n × k`): its input normalized in its
+/// blocks (`gemv_f16_norm`: the bytes of x, delta and the sums counted), made by SwiGLU
+/// from rows of 2k (`gemv_f16_swiglu`), and, where `n` is the QKV width of `heads`, with
+/// RoPE and the cache write (`gemv_f16_norm_rope`). Rows of no step's sum.
+fn fused_products<E: Exec>(
+    e: &E,
+    (name, k, n): (&str, usize, usize),
+    m: usize,
+    heads: (usize, usize, usize),
+    w: &E::Buf<f16>,
+    iters: u32,
+) -> Result<Vec<Row>, ExecError> {
+    use super::gemv::{gemv_from, gemv_rope, Input, RopeKv};
+    let (x, delta, norm) = (e.zeros::<f32>(m * k)?, e.zeros::<f32>(m * k)?, e.zeros(k)?);
+    let mut x_out = e.zeros::<f32>(m * k)?;
+    let mut y = e.zeros::<f32>(m * n)?;
+    let weights = (n * k * 2 + m * n * 4) as f64;
+    // The normalized input: x + delta (to x_out) by the norm's weight.
+    fn input<'a, E: Exec>(
+        x: &'a E::Buf<f32>,
+        delta: &'a E::Buf<f32>,
+        weight: &'a E::Buf<f32>,
+        x_out: &'a mut E::Buf<f32>,
+    ) -> Input<'a, E> {
+        Input::Norm {
+            x,
+            delta: Some(delta),
+            weight,
+            x_out: Some(x_out),
+            rows: None,
+            eps: 1e-5,
+        }
+    }
+    let mut rows = Vec::new();
+    let secs = time(e, iters, || {
+        gemv_from(
+            e,
+            input::<E>(&x, &delta, &norm, &mut x_out),
+            w,
+            0,
+            &mut y,
+            m,
+            k,
+            n,
+        )
+    })?;
+    rows.push(Row {
+        name: format!("gemv_f16_norm {name} {m}×{k}·{k}×{n}"),
+        secs,
+        bytes: weights + (3 * m * k * 4) as f64,
+        in_step: None,
+    });
+    let gu = e.zeros::<f32>(m * 2 * k)?;
+    let secs = time(e, iters, || {
+        gemv_from(e, Input::Swiglu(&gu), w, 0, &mut y, m, k, n)
+    })?;
+    rows.push(Row {
+        name: format!("gemv_f16_swiglu {name} {m}×{k}·{k}×{n}"),
+        secs,
+        bytes: weights + (m * 2 * k * 4) as f64,
+        in_step: None,
+    });
+    let (nh, nkv, hd) = heads;
+    if n == (nh + 2 * nkv) * hd {
+        // Every row to slot 0 of a one-block cache: the timing's writes, not a step's.
+        let block = 16;
+        let (positions, slots) = (e.zeros::<u32>(m)?, e.zeros::<i32>(m)?);
+        let (mut kc, mut vc) = (e.zeros(nkv * hd * block)?, e.zeros(nkv * hd * block)?);
+        let secs = time(e, iters, || {
+            let rope = RopeKv {
+                positions: &positions,
+                slots: &slots,
+                k_cache: &mut kc,
+                v_cache: &mut vc,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                block_size: block,
+                base: 10_000.0,
+            };
+            let normed = input::<E>(&x, &delta, &norm, &mut x_out);
+            gemv_rope(e, normed, w, &mut y, m, k, rope)
+        })?;
+        rows.push(Row {
+            name: format!("gemv_f16_norm_rope {name} {m}×{k}·{k}×{n}"),
+            secs,
+            bytes: weights + (3 * m * k * 4 + m * 2 * nkv * hd * 2) as f64,
+            in_step: None,
+        });
+    }
+    Ok(rows)
 }
 
 /// What a decode step's kernels add up to when each is launched alone (so without the
@@ -612,7 +710,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 bytes,
                 in_step: sizes.decode.contains(&m).then_some((m, times)),
             });
-            // Our own kernel for a few rows, against cuBLAS's row above.
+            // Our own kernel for a few rows, against cuBLAS's row above, then with the
+            // kernel before it made in its blocks (and after it, for the QKV product).
             if super::gemv::fits(m, k) {
                 let secs = time(e, iters, || {
                     super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)
@@ -623,6 +722,14 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                     bytes,
                     in_step: None,
                 });
+                rows.extend(fused_products(
+                    e,
+                    (name, k, n),
+                    m,
+                    sizes.qkv_heads,
+                    &w,
+                    iters,
+                )?);
             }
         }
     }
