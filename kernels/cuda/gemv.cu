@@ -23,7 +23,8 @@
 #define GEMV_MAX_K 2048
 
 // 16 bytes of shared memory at p, loaded as written: the compiler may not merge or
-// reorder these loads (it would take the two halves below in one order for every lane).
+// reorder these loads (it would take the two halves below in one order for every lane),
+// nor move them above the barrier after the staging (the memory clobber).
 __device__ __forceinline__ float4 lds4(const float4* p) {
 #ifdef TOLLGATE_EMU
     return *p;
@@ -32,7 +33,8 @@ __device__ __forceinline__ float4 lds4(const float4* p) {
     asm volatile(
         "{ .reg .u64 s; cvta.to.shared.u64 s, %4; ld.shared.v4.f32 {%0, %1, %2, %3}, [s]; }"
         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-        : "l"(p));
+        : "l"(p)
+        : "memory");
     return v;
 #endif
 }
