@@ -6,7 +6,8 @@
 //
 // One warp per output column (grid-stride over columns), each lane reading 16 bytes (8
 // weights) at a time; x is staged once per block in shared memory as f32. Needs
-// m <= GEMV_MAX_ROWS, k <= GEMV_MAX_K, k a multiple of 8 and w 16-byte aligned.
+// m <= GEMV_MAX_ROWS, k <= GEMV_MAX_K, m · k <= GEMV_MAX_ELEMS (48 KB of staged rows), k a
+// multiple of 8 and w 16-byte aligned.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -19,8 +20,9 @@
 // The entry points cap their registers (`__launch_bounds__`: 3 blocks of 256 threads an
 // SM, 2 for the QKV product's pair of columns), which ptxas otherwise spends on hoisting
 // every staged input of a column's pieces, at one block an SM.
-#define GEMV_MAX_ROWS 4
+#define GEMV_MAX_ROWS 8
 #define GEMV_MAX_K 2048
+#define GEMV_MAX_ELEMS 12288
 
 // 16 bytes of shared memory at p, loaded as written: the compiler may not merge or
 // reorder these loads (it would take the two halves below in one order for every lane),
@@ -146,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
     const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
     int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
     __syncthreads();
     gemv_store(xs, w, y, m, k, n);
@@ -162,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps,
     const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
     gemv_store(xs, w, y, m, k, n);
 }
@@ -180,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
     int block_size, float base) {
     pdl_begin_prefetch_row(w, k * 4, n / 2);
-    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
     gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
@@ -210,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
     const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
     int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ROWS * GEMV_MAX_K];
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
         const float* row = gu + (size_t)(e / k) * 2 * k;
         int j = e % k;

@@ -2,7 +2,7 @@
 //! synthetic weights), against the floor of reading the weights (and the batch's KV) once
 //! at the card's measured copy bandwidth; CUDA graphs on and off, and graphs without
 //! programmatic dependent launches (Hopper on; the default there). Prints one table; then,
-//! for the batches of 1–4 rows, a second: the step with its products on cuBLAS, on
+//! for the batches of 1–8 rows, a second: the step with its products on cuBLAS, on
 //! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused.
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh

@@ -68,17 +68,18 @@ fn prefill(n: usize) -> Batch {
 }
 
 /// `n` sequences with prompts of 1 to 4 tokens (`first + i · step + s` for sequence s),
-/// each with its own 4 blocks past those of the batches of fewer sequences: a prefill of a
-/// few rows, for steps of 1 to 5 sequences on the same cache.
+/// each with its own block (room for the prompt and a few decode steps) past those of the
+/// batches of fewer sequences: a prefill of a few rows, for steps of 1 to 9 sequences on
+/// the same cache.
 fn short_prompts(n: usize, first: u32, step: u32) -> Batch {
-    let base = 4 * (n * (n - 1) / 2) as u32;
+    let base = (n * (n - 1) / 2) as u32;
     let mut p = Batch::default();
     for s in 0..n {
         let toks: Vec<u32> = (0..(1 + s % 4) as u32)
             .map(|i| first + i * step + s as u32)
             .collect();
-        let b0 = base + 4 * s as u32;
-        p.push(&toks, 0, (b0..b0 + 4).collect(), true);
+        let b = base + s as u32;
+        p.push(&toks, 0, vec![b], true);
     }
     p
 }
@@ -471,10 +472,10 @@ fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
     on_each!("fused-small", fused_small_case);
 }
 
-/// With every product of 1–4 rows on `gemv_f16`, steps of 1 to 5 rows (prefills and
+/// With every product of 1–8 rows on `gemv_f16`, steps of 1 to 9 rows (prefills and
 /// decodes, from graphs and direct launches) give the same logits, bit for bit, with the
 /// norms, swiglu and RoPE with the cache write fused into the products and launched
-/// apart (5 rows: cuBLAS, never fused, the control).
+/// apart (9 rows: cuBLAS, never fused, the control).
 fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();
@@ -482,7 +483,7 @@ fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
         both_ways(cuda, b, what, |c, on| c.set_fused_small(on).unwrap())
     };
-    for n in 1..=5usize {
+    for n in 1..=9usize {
         let p = short_prompts(n, 2, 3);
         let got = both(cuda, &p, &format!("prefill of {n}"));
         let mut step = decode(&p, &greedy(&got, vocab));
@@ -502,22 +503,22 @@ fn products_of_few_rows_on_gemv_match_cublas_and_the_twin_chain() {
     on_each!("small-products", small_products_case);
 }
 
-/// Steps of 1 to 5 rows (prefills of up to 4 tokens, decodes of up to 5 sequences) with the
-/// products of 1–4 rows on `gemv_f16` and on cuBLAS: each within the twin chain's bound,
-/// from graphs and direct launches; then the load-time choice, timed, keeps the faster
-/// per bucket.
+/// Steps of 1 to 9 rows (prefills of up to 4 tokens a sequence, decodes of up to 9
+/// sequences) with the products of 1–8 rows on `gemv_f16` and on cuBLAS: each within the
+/// twin chain's bound, from graphs and direct launches; then the load-time choice, timed,
+/// keeps the faster per bucket.
 fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     let (bs, n_blocks) = cuda.kv_geometry();
     for small in [
         SmallProducts(u8::MAX),
         SmallProducts(0),
-        SmallProducts(0b0101),
+        SmallProducts(0b1010_0101),
     ] {
         cuda.set_small_products(small).unwrap();
         assert_eq!(cuda.small_products(), small);
         let mut kv = twin.kv(bs, n_blocks);
-        for n in 1..=5usize {
+        for n in 1..=9usize {
             let p = short_prompts(n, 3, 5);
             let got = cuda.step(&p).unwrap();
             let want = twin.forward(&p, &mut kv);
@@ -534,12 +535,12 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             }
         }
     }
-    // Buckets 1, 2 and 4 timed both ways; each row count follows its bucket's faster.
+    // Buckets 1, 2, 4 and 8 timed both ways; each row count follows its bucket's faster.
     cuda.set_graphs(true).unwrap();
     let timings = cuda.tune_small_products(3).unwrap();
     assert_eq!(
         timings.iter().map(|t| t.bucket).collect::<Vec<_>>(),
-        [1, 2, 4]
+        [1, 2, 4, 8]
     );
     let small = cuda.small_products();
     for t in &timings {
@@ -547,7 +548,8 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         let rows: &[usize] = match t.bucket {
             1 => &[1],
             2 => &[2],
-            _ => &[3, 4],
+            4 => &[3, 4],
+            _ => &[5, 6, 7, 8],
         };
         for &r in rows {
             assert_eq!(

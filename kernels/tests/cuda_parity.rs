@@ -684,7 +684,7 @@ fn gemv_case<E: Exec>(g: &E) {
             .map(f16::from_f32)
             .collect();
         let wd = up(g, &w);
-        for m in 1..=4 {
+        for m in (1..=8).filter(|&m| kernels::cuda::gemv::fits(m, k)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
             let xd = up(g, &x);
@@ -693,8 +693,8 @@ fn gemv_case<E: Exec>(g: &E) {
             let e = rel(&down(g, &y), &want);
             assert!(e < 1e-5, "{}: {m} rows of {k}: {e}", g.describe());
         }
-        let (xd, mut y) = (up(g, &vec![f16::ZERO; 5 * k]), up(g, &vec![0f32; 5 * n]));
-        assert!(gemv(g, &xd, &wd, 0, &mut y, 5, k, n).is_err(), "5 rows");
+        let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
+        assert!(gemv(g, &xd, &wd, 0, &mut y, 9, k, n).is_err(), "9 rows");
     }
     let (xd, wd) = (
         up(g, &vec![f16::ZERO; MAX_K + 8]),
@@ -747,7 +747,7 @@ fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
     on_each!(gemv_fused_case);
 }
 
-/// `gemv_f16_norm` and `gemv_f16_swiglu` for 1 to 4 rows: the same bits as `add_rmsnorm`
+/// `gemv_f16_norm` and `gemv_f16_swiglu` for 1 to 8 rows: the same bits as `add_rmsnorm`
 /// (or `swiglu`) then `gemv_f16` on the same device, and within the twins' bound; the
 /// residual sums written to `x_out` exactly; picked rows (with a −1 entry, a row of zeros)
 /// for the final norm; poisoned outputs; and the launches it refuses.
@@ -763,12 +763,12 @@ fn gemv_fused_case<E: Exec>(g: &E) {
     let (wnd, wfd) = (up(g, &wn), up(g, &wf));
     let nw = rng.vec(d, 1.0);
     let nwd = up(g, &nw);
-    for m in 1..=4usize {
-        // Norm over the first m rows of 6, with the residual add written to x_out.
-        let x0 = rng.vec(6 * d, 3.0);
-        let delta = rng.vec(6 * d, 1.0);
+    for m in 1..=8usize {
+        // Norm over the first m rows of 10, with the residual add written to x_out.
+        let x0 = rng.vec(10 * d, 3.0);
+        let delta = rng.vec(10 * d, 1.0);
         let (xd, dd) = (up(g, &x0), up(g, &delta));
-        let mut x_out = up(g, &vec![f32::NAN; 6 * d]);
+        let mut x_out = up(g, &vec![f32::NAN; 10 * d]);
         let mut y = up(g, &vec![f32::NAN; m * n]);
         let input = Input::Norm {
             x: &xd,
@@ -802,7 +802,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         );
 
         // The final norm's shape: picked rows of x, no x_out.
-        let rows: Vec<i32> = [4, -1, 0, 5][..m].to_vec();
+        let rows: Vec<i32> = [4, -1, 0, 5, 9, 2, 8, 7][..m].to_vec();
         let rd = up(g, &rows);
         let xd = up(g, &x0);
         let mut y = up(g, &vec![f32::NAN; m * n]);
@@ -850,10 +850,10 @@ fn gemv_fused_case<E: Exec>(g: &E) {
             "{what}: swiglu fused vs apart, {m} rows"
         );
     }
-    // Refused: 5 rows, a short input.
-    let xd = up(g, &vec![0f32; 6 * d]);
-    let mut same = up(g, &vec![0f32; 6 * d]);
-    let mut y = up(g, &vec![0f32; 5 * n]);
+    // Refused: 9 rows, a short input.
+    let xd = up(g, &vec![0f32; 10 * d]);
+    let mut same = up(g, &vec![0f32; 10 * d]);
+    let mut y = up(g, &vec![0f32; 9 * n]);
     let input = Input::Norm {
         x: &xd,
         delta: None,
@@ -863,8 +863,8 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         eps,
     };
     assert!(
-        gemv_from(g, input, &wnd, 0, &mut y, 5, d, n).is_err(),
-        "{what}: 5 rows"
+        gemv_from(g, input, &wnd, 0, &mut y, 9, d, n).is_err(),
+        "{what}: 9 rows"
     );
     let gud = up(g, &vec![0f32; 2 * f]);
     assert!(
@@ -878,7 +878,7 @@ fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
     on_each!(gemv_rope_case);
 }
 
-/// `gemv_f16_norm_rope` for 1 to 4 rows of SmolLM2's shape at positions up to 2,000: the
+/// `gemv_f16_norm_rope` for 1 to 8 rows of SmolLM2's shape at positions up to 2,000: the
 /// QKV rows and both caches (every element, the slots no row writes included) have the
 /// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
 /// within the twins' bound.
@@ -900,11 +900,11 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         .map(f16::from_f32)
         .collect();
     let eps = 1e-5f32;
-    for m in 1..=4usize {
+    for m in 1..=8usize {
         let x0 = rng.vec(m * d, 3.0);
         let delta = rng.vec(m * d, 1.0);
         let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
-        let slots: Vec<i32> = [5, 1000, 77, 513][..m].to_vec();
+        let slots: Vec<i32> = [5, 1000, 77, 513, 16, 1023, 600, 31][..m].to_vec();
         let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
         // Fused.
         let mut x_out = up(g, &vec![f32::NAN; m * d]);

@@ -11,7 +11,7 @@
 //! their kernels directly. If a capture fails, graphs are turned off with one log line and
 //! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
-//! **Products of few rows.** At load on a GPU, each decode graph of up to 4 sequences is
+//! **Products of few rows.** At load on a GPU, each decode graph of up to 8 sequences is
 //! timed with its matrix products on cuBLAS and on our `gemv_f16`, and the faster is kept
 //! for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
 //! cublas|gemv` fixes it instead).

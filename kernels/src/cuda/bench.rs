@@ -62,7 +62,7 @@ impl Sizes {
                 ("down", 1536, 576, true),
                 ("lm head", 576, 49152, false),
             ],
-            product_rows: vec![1, 4, 16, 64, 256],
+            product_rows: vec![1, 4, 8, 16, 64, 256],
             qkv_heads: (9, 3, 64),
             layers: 30,
         }
@@ -79,7 +79,7 @@ impl Sizes {
             prompt: 80,
             sample: (3, 3000),
             products: vec![("small", 64, 96, true)],
-            product_rows: vec![1, 3, 5],
+            product_rows: vec![1, 3, 9],
             qkv_heads: (1, 1, 32),
             layers: 2,
         }

@@ -1,5 +1,5 @@
 //! The `gemv_f16` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few
-//! rows, a candidate against cuBLAS at decode batch 1–4: the backend times whole decode
+//! rows, a candidate against cuBLAS at decode batch 1–8: the backend times whole decode
 //! steps both ways at load and keeps the faster (`step::SmallProducts`). The product's
 //! input is f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the
 //! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
@@ -10,13 +10,15 @@ use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-/// The kernel's limits (`GEMV_MAX_ROWS`, `GEMV_MAX_K` in gemv.cu).
-pub const MAX_ROWS: usize = 4;
+/// The kernel's limits (`GEMV_MAX_ROWS`, `GEMV_MAX_K`, `GEMV_MAX_ELEMS` in gemv.cu): the
+/// staged rows fill at most 48 KB of shared memory.
+pub const MAX_ROWS: usize = 8;
 pub const MAX_K: usize = 2048;
+pub const MAX_ELEMS: usize = 12288;
 
 /// Whether `gemv_f16` takes a product of `rows` rows over `k` (16-byte weight rows).
 pub fn fits(rows: usize, k: usize) -> bool {
-    (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && k.is_multiple_of(8)
+    (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && rows * k <= MAX_ELEMS && k.is_multiple_of(8)
 }
 
 /// What a product's rows are made from.
@@ -119,8 +121,8 @@ fn product<E: Exec>(
 ) -> Result<(), ExecError> {
     if !fits(rows, k) {
         return Err(ExecError::Bounds(format!(
-            "gemv_f16 takes 1 to {MAX_ROWS} rows and k a multiple of 8 up to {MAX_K}, not \
-             {rows} rows of {k}"
+            "gemv_f16 takes 1 to {MAX_ROWS} rows, k a multiple of 8 up to {MAX_K} and at \
+             most {MAX_ELEMS} inputs, not {rows} rows of {k}"
         )));
     }
     let short = |what: &str, have: usize, need: usize| {
