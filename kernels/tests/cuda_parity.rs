@@ -993,6 +993,25 @@ fn gemv_rope_case<E: Exec>(g: &E) {
             "{what}: {m} rows: values vs the twin"
         );
     }
+    // RoPE fuses only into the product of normalized rows.
+    let (xd, pd, sd) = (up(g, &nan16(d)), up(g, &[0u32]), up(g, &[0i32]));
+    let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+    let mut qkv = up(g, &vec![0f32; n]);
+    let rope = RopeKv {
+        positions: &pd,
+        slots: &sd,
+        k_cache: &mut kc,
+        v_cache: &mut vc,
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: hd,
+        block_size: bs,
+        base: c.rope_base,
+    };
+    assert!(
+        gemv_rope(g, Input::Rows(&xd), &wd, &mut qkv, 1, d, rope).is_err(),
+        "{what}: RoPE after a product of f16 rows"
+    );
 }
 
 #[test]

@@ -21,6 +21,9 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The most arguments a kernel takes (`gemv_f16_norm_rope`'s 20, with room).
+const MAX_ARGS: usize = 24;
+
 /// cuBLAS workspace: set explicitly so that products captured into a graph use it rather
 /// than allocating (32 MiB, NVIDIA's advice for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -269,21 +272,29 @@ impl Exec for Gpu {
 
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
         let f = self.kernel(kernel)?;
-        let mut slots: Vec<Slot> = args
-            .iter()
-            .map(|a| match *a {
+        // On the stack: a step's direct launches allocate nothing.
+        if args.len() > MAX_ARGS {
+            return Err(ExecError::Bounds(format!(
+                "{kernel}: {} arguments, more than {MAX_ARGS}",
+                args.len()
+            )));
+        }
+        let mut slots = [0 as Slot; MAX_ARGS];
+        for (slot, a) in slots.iter_mut().zip(args) {
+            *slot = match *a {
                 Arg::Ptr { addr, .. } => addr,
                 Arg::Null => 0,
                 Arg::I32(v) => u64::from(v as u32),
                 Arg::U32(v) => u64::from(v),
                 Arg::F32(v) => u64::from(v.to_bits()),
                 Arg::U64(v) => v,
-            })
-            .collect();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut Slot as *mut c_void)
-            .collect();
+            };
+        }
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        for (p, slot) in params.iter_mut().zip(slots.iter_mut()) {
+            *p = slot as *mut Slot as *mut c_void;
+        }
+        let params = &mut params[..args.len()];
         self.ctx.bind_to_thread()?;
         // SAFETY: the argument list is the kernel's (the emulator checks every launch of
         // `step.rs` and the parity tests against the kernels' signatures), pointers are
@@ -293,7 +304,7 @@ impl Exec for Gpu {
             launch::launch(f, self.stream.cu_stream(), cfg, params, dependent)
         };
         let dependent = self.dependent_launch();
-        match go(dependent, &mut params) {
+        match go(dependent, params) {
             // A driver that refuses the attribute: plain launches from here on (the
             // launch failed before it was enqueued, so it is simply made again).
             Err(e) if dependent => {
@@ -301,7 +312,7 @@ impl Exec for Gpu {
                 self.can_depend.store(false, Ordering::Relaxed);
                 tracing::warn!(device = %self.describe(), kernel,
                     "a dependent launch failed ({e}); launching plainly from now on");
-                go(false, &mut params)?;
+                go(false, params)?;
             }
             r => r?,
         }

@@ -134,6 +134,16 @@ fn product<E: Exec>(
             Ok(())
         }
     };
+    // RoPE goes into the epilogue of the product of normalized rows only.
+    if let Some(r) = &rope {
+        if !matches!(input, Input::Norm { .. }) || r.head_dim % 2 != 0 {
+            return Err(ExecError::Bounds(format!(
+                "RoPE fuses into the product of normalized rows of even heads, not this \
+                 input with heads of {}",
+                r.head_dim
+            )));
+        }
+    }
     // The input's check and its arguments ahead of the product's own.
     let (entry, mut args) = match input {
         Input::Rows(x) => {
@@ -192,13 +202,6 @@ fn product<E: Exec>(
     let entry = match rope {
         None => entry,
         Some(r) => {
-            if entry != "gemv_f16_norm" || r.head_dim % 2 != 0 {
-                return Err(ExecError::Bounds(format!(
-                    "RoPE fuses into the product of normalized rows of even heads, not \
-                     {entry} with heads of {}",
-                    r.head_dim
-                )));
-            }
             short("positions", r.positions.elems(), rows)?;
             short("slots", r.slots.elems(), rows)?;
             let kvd = r.n_kv_heads * r.head_dim;
