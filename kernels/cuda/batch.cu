@@ -3,12 +3,16 @@
 //
 // staging (u32): n_seqs headers of 4 words {start, len, pos0, logits}, then the T
 // token ids, then n_seqs × max_blocks block-table entries.
+// A token word with its top bit set (FROM_LAST | r) stands for the token the step before
+// sampled for its logits row r: read from `sampled`, which that step's `sample` wrote and
+// this step's has not yet (the engine plans a step while the one before runs).
 // Outputs: tokens[T], positions[T], slot_mapping[T] (block × block_size + slot, where row
 // r's key and value go), seq_of_row[T], block_tables[n_seqs × max_blocks] and
 // logit_rows (the last `logits` rows of each sequence, packed in order: one row to draw
 // from, or more for a prompt's log-probabilities; entries past them up to n_seqs −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
 // a multiple of 32 threads (block 0 also computes logit_rows).
-extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_seqs, int n_tokens,
+extern "C" __global__ void build_batch(const u32* __restrict__ staging,
+                                       const u32* __restrict__ sampled, int n_seqs, int n_tokens,
                                        int max_blocks, int block_size, u32* __restrict__ tokens,
                                        u32* __restrict__ positions, int* __restrict__ slot_mapping,
                                        int* __restrict__ seq_of_row, int* __restrict__ block_tables,
@@ -27,7 +31,8 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging, int n_se
         }
         int s = lo;
         u32 pos = heads[4 * s + 2] + (u32)(i - (int)heads[4 * s]);
-        tokens[i] = toks[i];
+        u32 t = toks[i];
+        tokens[i] = (t & 0x80000000u) ? sampled[t & 0x7fffffffu] : t;
         positions[i] = pos;
         seq_of_row[i] = s;
         int blk = (int)tables[s * max_blocks + pos / block_size];

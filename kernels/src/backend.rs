@@ -9,6 +9,11 @@ use crate::matmul::ActPrecision;
 use crate::model::LlamaConfig;
 use std::sync::Arc;
 
+/// A token of a [`Backend::submit`]ted batch that stands for the token the step submitted
+/// just before it draws for its logits row `r`: `FROM_LAST | r`. The device reads it from
+/// that step's answer, so the host plans a step while the one before runs.
+pub const FROM_LAST: u32 = 1 << 31;
+
 /// Runs batched forward steps over its own KV cache.
 pub trait Backend: Send {
     fn name(&self) -> &str;
@@ -65,6 +70,38 @@ pub trait Backend: Send {
                 sample(row, p)
             })
             .collect())
+    }
+    /// Whether [`Backend::submit`] and [`Backend::collect`] overlap the host's work with
+    /// the device's: a step is sent without waiting, and the next may be planned and sent
+    /// before the first one's tokens are read.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// Sends [`Backend::step_sample`]'s step without waiting for it; its tokens come from
+    /// [`Backend::collect`], in the order the steps were sent. `batch`'s tokens may be
+    /// [`FROM_LAST`]` | r` (row `r` of the step sent just before, collected or not). At
+    /// most two steps are sent and not collected; while any is,
+    /// [`Backend::step_sample`], [`Backend::step`] and [`Backend::logits_rows`] fail.
+    /// After an error no step is pending.
+    fn submit(
+        &mut self,
+        batch: &Batch,
+        params: &[SampleParams],
+        adjust: &[Option<Adjust>],
+    ) -> Result<(), StepError> {
+        let _ = (batch, params, adjust);
+        Err(StepError::BadBatch(
+            "this backend does not overlap steps".into(),
+        ))
+    }
+    /// The tokens of the oldest step sent by [`Backend::submit`] and not collected (waits
+    /// for it). After an error no step is pending.
+    fn collect(&mut self) -> Result<Vec<u32>, StepError> {
+        Err(StepError::BadBatch("no step was submitted".into()))
+    }
+    /// Steps sent by [`Backend::submit`] and not collected.
+    fn pending(&self) -> usize {
+        0
     }
 }
 

@@ -12,12 +12,12 @@ mod common;
 
 use common::rel_err;
 use kernels::adjust::Adjust;
-use kernels::backend::Backend;
+use kernels::backend::{Backend, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
-use kernels::forward::Batch;
+use kernels::forward::{Batch, StepError};
 
 /// The backend on the emulator (16 sequences of up to 128 rows, buckets up to 16).
 fn on_emu(name: &str) -> Option<(CudaBackend<Emu>, TwinModel)> {
@@ -163,6 +163,85 @@ fn graphs_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     cuda.set_graphs(false).unwrap();
     let b = cuda.step(&direct).unwrap();
     assert!(rel_err(&a, &b) < 2e-3);
+}
+
+#[test]
+fn overlapped_steps_give_the_tokens_of_steps_one_at_a_time() {
+    on_each!("overlapped", overlapped_case);
+}
+
+fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
+    assert!(cuda.overlaps());
+    let n = 12;
+    let params = |step: u32| -> Vec<SampleParams> {
+        (0..n)
+            .map(|i| SampleParams {
+                temperature: if i % 3 == 0 { 0.0 } else { 0.9 },
+                top_k: [0, 5, 50][i % 3],
+                top_p: 1.0,
+                seed: 7 + i as u64,
+                step,
+            })
+            .collect()
+    };
+    let steps = 6;
+    // Graph decode steps, then direct launches.
+    for graphs in [true, false] {
+        cuda.set_graphs(graphs).unwrap();
+        // One step at a time: each decode step's tokens known on the host.
+        let mut want = Vec::new();
+        let mut b = prefill(n);
+        want.push(cuda.step_sample(&b, &params(0), &[]).unwrap());
+        for k in 1..=steps {
+            b = decode(&b, &want[k - 1]);
+            want.push(cuda.step_sample(&b, &params(k as u32), &[]).unwrap());
+        }
+        // Each step sent before the one before is collected, its tokens that one's.
+        let from_last: Vec<u32> = (0..n as u32).map(|r| FROM_LAST | r).collect();
+        let mut b = prefill(n);
+        cuda.submit(&b, &params(0), &[]).unwrap();
+        let mut got = Vec::new();
+        for k in 1..=steps {
+            b = decode(&b, &from_last);
+            cuda.submit(&b, &params(k as u32), &[]).unwrap();
+            assert_eq!(cuda.pending(), 2);
+            got.push(cuda.collect().unwrap());
+        }
+        got.push(cuda.collect().unwrap());
+        assert_eq!(got, want, "graphs {graphs}");
+        assert_eq!(cuda.pending(), 0);
+    }
+    // What a submitted step may not do.
+    let b = prefill(n);
+    let bad = |r: Result<(), StepError>| matches!(r, Err(StepError::BadBatch(_)));
+    let mut past = decode(&b, &[5; 12]);
+    past.tokens[3] = FROM_LAST | 3;
+    cuda.step(&b).unwrap();
+    assert!(
+        bad(cuda.submit(&past, &params(0), &[])),
+        "no submitted step before it"
+    );
+    cuda.submit(&b, &params(0), &[]).unwrap();
+    past.tokens[3] = FROM_LAST | n as u32;
+    assert!(
+        bad(cuda.submit(&past, &params(1), &[])),
+        "a row past the step before's"
+    );
+    assert!(
+        cuda.step_sample(&b, &params(0), &[]).is_err(),
+        "a step in flight"
+    );
+    assert!(cuda.logits_rows(&[0]).is_err(), "logits while in flight");
+    past.tokens[3] = FROM_LAST | 11;
+    cuda.submit(&past, &params(1), &[]).unwrap();
+    assert!(
+        bad(cuda.submit(&past, &params(1), &[])),
+        "a third step in flight"
+    );
+    assert_eq!(cuda.collect().unwrap().len(), n);
+    assert_eq!(cuda.collect().unwrap().len(), n);
+    assert!(cuda.collect().is_err(), "nothing in flight");
+    assert_eq!(cuda.step_sample(&b, &params(0), &[]).unwrap().len(), n);
 }
 
 #[test]

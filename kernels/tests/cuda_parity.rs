@@ -15,6 +15,7 @@ use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 use kernels::adjust::{allowed, Adjust};
+use kernels::backend::FROM_LAST;
 use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
 use kernels::cuda::twins::{self, SampleParams};
@@ -124,9 +125,16 @@ fn build_batch_case<E: Exec>(g: &E) {
     for (seqs, max_len) in [(37, 40), (600, 3)] {
         let b = random_batch(&mut rng, seqs, max_len, bs, mb);
         let (s, t) = (b.seqs.len(), b.tokens.len());
-        let staging = twins::stage(&b, mb);
-        let want = twins::build_batch(&staging, s, t, mb, bs);
+        let mut staging = twins::stage(&b, mb);
+        // Every fifth token stands for one the step before sampled.
+        let sampled: Vec<u32> = (0..64).map(|_| rng.below(50_000) as u32).collect();
+        for w in staging[4 * s..4 * s + t].iter_mut().step_by(5) {
+            *w = FROM_LAST | rng.below(sampled.len()) as u32;
+        }
+        let want = twins::build_batch(&staging, &sampled, s, t, mb, bs);
+        assert!(want.tokens.iter().all(|&t| t & FROM_LAST == 0));
         let st = up(g, &staging);
+        let last = up(g, &sampled);
         let tokens = up(g, &vec![0xDEAD_BEEFu32; t]);
         let positions = up(g, &vec![0xDEAD_BEEFu32; t]);
         let slots = up(g, &vec![-7i32; t]);
@@ -136,6 +144,7 @@ fn build_batch_case<E: Exec>(g: &E) {
         let n = t.max(s * mb).max(s) as u32;
         let args = [
             st.arg(),
+            last.arg(),
             i(s),
             i(t),
             i(mb),
@@ -274,6 +283,7 @@ fn rope_kv<E: Exec>(
     let max_blocks = c.context_len / bs;
     let inp = twins::build_batch(
         &twins::stage(b, max_blocks),
+        &[],
         b.seqs.len(),
         t,
         max_blocks,
@@ -507,6 +517,7 @@ fn attention_case<E: Exec>(
         let t = b.tokens.len();
         let inp = twins::build_batch(
             &twins::stage(&b, max_blocks),
+            &[],
             b.seqs.len(),
             t,
             max_blocks,

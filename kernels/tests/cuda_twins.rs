@@ -38,7 +38,7 @@ fn batch_builder_packs_rows_slots_and_logit_rows() {
     b.push(&[2, 3], 0, vec![5], true);
     let staging = twins::stage(&b, 4);
     assert_eq!(staging.len(), 3 * 4 + 6 + 3 * 4, "one buffer, one copy");
-    let o = twins::build_batch(&staging, 3, 6, 4, 16);
+    let o = twins::build_batch(&staging, &[], 3, 6, 4, 16);
     assert_eq!(o.tokens, [7, 8, 9, 1, 2, 3]);
     assert_eq!(o.positions, [5, 6, 7, 16, 0, 1]);
     assert_eq!(o.seq_of_row, [0, 0, 0, 1, 2, 2]);

@@ -21,6 +21,13 @@
 //! the kernel before it; the load-time self-check ([`CudaBackend::verify`]) falls back to
 //! plain launches if it fails with them, and `TOLLGATE_DEPENDENT_LAUNCH=0` turns them off.
 //!
+//! **Overlapped steps.** [`Backend::submit`] sends a sampled step and returns; its tokens
+//! come back by a copy into page-locked memory that [`Backend::collect`] waits for. A
+//! step sent while the one before still runs may take that one's tokens without the host
+//! seeing them ([`FROM_LAST`]: `build_batch` reads them from the device's `sampled`
+//! buffer). Staging and answer buffers alternate between two, so the host writes the next
+//! step's while the device copies the last one's.
+//!
 //! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence. Rows may carry
@@ -35,9 +42,10 @@ use super::step::Device;
 pub use super::step::{AttentionKernel, KvCapacity, SmallProducts};
 use super::twins::{SampleParams, TwinModel};
 use crate::adjust::Adjust;
-use crate::backend::{check_sample, Backend};
+use crate::backend::{check_sample, Backend, FROM_LAST};
 use crate::forward::{Batch, Model, StepError};
 use crate::model::LlamaConfig;
+use std::collections::VecDeque;
 
 /// Decode steps timed per choice when choosing the small products at load.
 const TUNE_STEPS: usize = 30;
@@ -55,8 +63,18 @@ struct Graph<E: Exec> {
 /// the same kernel sources, launches and graph logic.
 pub struct CudaBackend<E: Exec = Gpu> {
     dev: Device<E>,
-    /// Host side of the staging buffer (page-locked on a GPU).
-    pinned: E::Host,
+    /// Host side of the staging buffer (page-locked on a GPU): two, used in turn, so that
+    /// a step's words are written while the step before may still be copying its own.
+    pinned: [E::Host; 2],
+    /// Where the sampled tokens of a submitted step land, by its staging buffer's turn.
+    answers: [E::Host; 2],
+    /// The staging buffer the next step writes.
+    turn: usize,
+    /// Steps submitted and not collected, oldest first: their turn and tokens.
+    flight: VecDeque<(usize, usize)>,
+    /// Tokens the last submitted step samples (what [`FROM_LAST`] may refer to; 0 after
+    /// any other step).
+    last_sampled: usize,
     graphs: Vec<Graph<E>>,
     /// Why graphs are off, when they are.
     graphs_off: Option<String>,
@@ -148,10 +166,18 @@ impl<E: Exec> CudaBackend<E> {
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
             + staging::adjust_room(dev.max_logits, dev.config.vocab);
-        let pinned = dev.exec.host(cap)?;
+        let pinned = [dev.exec.host(cap)?, dev.exec.host(cap)?];
+        let answers = [
+            dev.exec.host(dev.max_logits)?,
+            dev.exec.host(dev.max_logits)?,
+        ];
         let mut b = Self {
             dev,
             pinned,
+            answers,
+            turn: 0,
+            flight: VecDeque::new(),
+            last_sampled: 0,
             graphs: Vec::new(),
             graphs_off: None,
             max_tokens,
@@ -424,7 +450,9 @@ impl<E: Exec> CudaBackend<E> {
         graph
     }
 
-    fn check(&self, batch: &Batch) -> Result<(), StepError> {
+    /// Checks `batch` against the backend's sizes, the cache and the vocabulary; its tokens
+    /// may stand for one of the `from_last` tokens the step before sampled.
+    fn check(&self, batch: &Batch, from_last: usize) -> Result<(), StepError> {
         let bad = |m: String| Err(StepError::BadBatch(m));
         let c = &self.dev.config;
         if batch.n_logits() > self.dev.max_logits {
@@ -457,8 +485,15 @@ impl<E: Exec> CudaBackend<E> {
                 return bad("block table too short or outside the cache".into());
             }
         }
-        if batch.tokens.iter().any(|&t| t as usize >= c.vocab) {
-            return bad("token id outside the vocabulary".into());
+        let known = |t: u32| match t & FROM_LAST {
+            0 => (t as usize) < c.vocab,
+            _ => ((t & !FROM_LAST) as usize) < from_last,
+        };
+        if !batch.tokens.iter().all(|&t| known(t)) {
+            return bad(format!(
+                "a token id outside the vocabulary, or not one of the {from_last} tokens the \
+                 step before sampled"
+            ));
         }
         Ok(())
     }
@@ -492,16 +527,19 @@ impl<E: Exec> CudaBackend<E> {
         };
         let trash = self.dev.n_blocks as u32;
         self.dev.exec.make_current()?;
-        // Waits for the previous copy out of this buffer (each step ends synchronized).
-        let host = self.dev.exec.host_words(&mut self.pinned)?;
+        // Waits for the last copy out of this buffer (two steps ago).
+        let host = self.dev.exec.host_words(&mut self.pinned[self.turn])?;
         let (params, adjust) = sample.unwrap_or_default();
         // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
         // adjustments' room, which `step_checked` held the step to.
         let w = staging::write(host, batch, pad, self.dev.max_blocks, trash, params, adjust)
             .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
-        self.dev
-            .exec
-            .send(&self.pinned, w.words(), &mut self.dev.bufs.staging)?;
+        self.dev.exec.send(
+            &self.pinned[self.turn],
+            w.words(),
+            &mut self.dev.bufs.staging,
+        )?;
+        self.turn ^= 1;
         match graph {
             Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
             None => self.dev.enqueue(w.lay, n_logits + pad, sample.is_some())?,
@@ -519,6 +557,7 @@ impl<E: Exec> CudaBackend<E> {
         sample: Option<Sample>,
         read: Read<E, T>,
     ) -> Result<Vec<T>, ExecError> {
+        self.last_sampled = 0;
         let r = self
             .launch(batch, min_rows, graph, sample)
             .and_then(|rows| {
@@ -543,7 +582,12 @@ impl<E: Exec> CudaBackend<E> {
         sample: Option<Sample>,
         read: Read<E, T>,
     ) -> Result<Vec<T>, StepError> {
-        self.check(batch)?;
+        if !self.flight.is_empty() {
+            return Err(StepError::BadBatch(
+                "a submitted step waits to be collected".into(),
+            ));
+        }
+        self.check(batch, 0)?;
         if let Some((p, adjust)) = sample {
             check_sample(batch, p, adjust, self.adjust_room())?;
         }
@@ -578,6 +622,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
     fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
         let vocab = self.dev.config.vocab;
+        if !self.flight.is_empty() {
+            return Err(StepError::BadBatch(
+                "logits are not kept while steps are in flight".into(),
+            ));
+        }
         if let Some(r) = rows.iter().find(|&&r| r >= self.last_rows) {
             return Err(StepError::BadBatch(format!(
                 "logits row {r} of a step with {} rows",
@@ -613,5 +662,68 @@ impl<E: Exec> Backend for CudaBackend<E> {
         adjust: &[Option<Adjust>],
     ) -> Result<Vec<u32>, StepError> {
         self.step_checked(batch, Some((params, adjust)), tokens)
+    }
+    fn overlaps(&self) -> bool {
+        true
+    }
+    fn submit(
+        &mut self,
+        batch: &Batch,
+        params: &[SampleParams],
+        adjust: &[Option<Adjust>],
+    ) -> Result<(), StepError> {
+        if self.flight.len() >= 2 {
+            return Err(StepError::BadBatch(
+                "two steps are in flight already".into(),
+            ));
+        }
+        self.check(batch, self.last_sampled)?;
+        check_sample(batch, params, adjust, self.adjust_room())?;
+        if batch.tokens.is_empty() {
+            return Err(StepError::BadBatch("an empty step".into()));
+        }
+        let graph = self.graph_for(batch);
+        self.last_rows = 0;
+        let slot = self.turn;
+        let sent = self
+            .launch(batch, 0, graph, Some((params, adjust)))
+            .and_then(|rows| {
+                let e = &self.dev.exec;
+                e.receive(&self.dev.bufs.sampled, rows, &mut self.answers[slot])?;
+                Ok(rows)
+            });
+        match sent {
+            Ok(rows) => {
+                self.flight.push_back((slot, rows));
+                self.last_sampled = rows;
+                Ok(())
+            }
+            Err(e) => Err(self.abandon(e)),
+        }
+    }
+    fn collect(&mut self) -> Result<Vec<u32>, StepError> {
+        let Some((slot, rows)) = self.flight.pop_front() else {
+            return Err(StepError::BadBatch("no step is in flight".into()));
+        };
+        let e = &self.dev.exec;
+        let got = e
+            .make_current()
+            .and_then(|()| e.host_words(&mut self.answers[slot]))
+            .map(|w| w[..rows].to_vec());
+        got.map_err(|e| self.abandon(e))
+    }
+    fn pending(&self) -> usize {
+        self.flight.len()
+    }
+}
+
+impl<E: Exec> CudaBackend<E> {
+    /// After a failed submit or collect: waits for the stream, and forgets the steps in
+    /// flight.
+    fn abandon(&mut self, e: ExecError) -> StepError {
+        let _ = self.dev.exec.synchronize();
+        self.flight.clear();
+        self.last_sampled = 0;
+        StepError::Device(e.to_string())
     }
 }

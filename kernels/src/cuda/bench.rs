@@ -619,6 +619,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let n_threads = (ns * mb).max(tt) as u32;
         let args = [
             st.arg(),
+            o_log.arg(),
             i(ns),
             i(tt),
             i(mb),

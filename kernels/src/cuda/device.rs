@@ -13,7 +13,7 @@ use cudarc::driver::sys::{
     CUdevice_attribute, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use cudarc::driver::{
-    CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
     LaunchConfig, PinnedHostSlice,
 };
 use half::f16;
@@ -176,6 +176,13 @@ impl<T: Elem> DevBuf<T> for CudaSlice<T> {
 /// A CUDA graph of one device.
 pub struct GpuGraph(CudaGraph);
 
+/// Page-locked host words, and an event recorded after the last copy into or out of them
+/// (which [`Exec::host_words`] waits for).
+pub struct PinnedWords {
+    words: PinnedHostSlice<u32>,
+    copied: CudaEvent,
+}
+
 // SAFETY: a `CudaGraph` holds raw CUDA handles and is not to be used from two threads at
 // once; its owner (the backend) launches it only through `&mut self`, so at most one
 // thread touches a graph at any time (CUDA allows a graph to be used from any thread with
@@ -184,38 +191,62 @@ unsafe impl Send for GpuGraph {}
 
 impl Exec for Gpu {
     type Buf<T: Elem> = CudaSlice<T>;
-    type Host = PinnedHostSlice<u32>;
+    type Host = PinnedWords;
     type Graph = GpuGraph;
 
-    fn host(&self, n: usize) -> Result<PinnedHostSlice<u32>, ExecError> {
-        // SAFETY: every word a step copies is written first (`staging::write`).
-        Ok(unsafe { self.ctx.alloc_pinned::<u32>(n) }?)
+    fn host(&self, n: usize) -> Result<PinnedWords, ExecError> {
+        // SAFETY: every word a step copies is written first (`staging::write`), and words
+        // are read back only after a copy into them.
+        let words = unsafe { self.ctx.alloc_pinned::<u32>(n) }?;
+        let copied = self.ctx.new_event(None)?;
+        Ok(PinnedWords { words, copied })
     }
 
-    fn host_words<'a>(&self, h: &'a mut PinnedHostSlice<u32>) -> Result<&'a mut [u32], ExecError> {
-        Ok(h.as_mut_slice()?)
+    fn host_words<'a>(&self, h: &'a mut PinnedWords) -> Result<&'a mut [u32], ExecError> {
+        h.copied.synchronize()?;
+        Ok(h.words.as_mut_slice()?)
     }
 
-    fn send(
-        &self,
-        h: &PinnedHostSlice<u32>,
-        n: usize,
-        dst: &mut CudaSlice<u32>,
-    ) -> Result<(), ExecError> {
-        if n > dst.len() || n > h.len() {
+    fn send(&self, h: &PinnedWords, n: usize, dst: &mut CudaSlice<u32>) -> Result<(), ExecError> {
+        if n > dst.len() || n > h.words.len() {
             return Err(ExecError::Bounds(format!(
                 "sending {n} words into {} from {}",
                 dst.len(),
-                h.len()
+                h.words.len()
             )));
         }
         let s = &self.stream;
         let (dst, _sync) = dst.device_ptr_mut(s);
-        let src = h.as_slice()?;
+        let src = h.words.as_slice()?;
         // SAFETY: both sides hold at least `n` words (checked above); the host side is
-        // page-locked and its owner does not write it again before the stream has
-        // synchronized (`host_words` waits for that).
+        // page-locked and its owner writes it again only through `host_words`, which waits
+        // for the event recorded after this copy.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, &src[..n], s.cu_stream()) }?;
+        h.copied.record(s)?;
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        src: &CudaSlice<u32>,
+        n: usize,
+        h: &mut PinnedWords,
+    ) -> Result<(), ExecError> {
+        if n > src.len() || n > h.words.len() {
+            return Err(ExecError::Bounds(format!(
+                "receiving {n} words from {} into {}",
+                src.len(),
+                h.words.len()
+            )));
+        }
+        let s = &self.stream;
+        let (src, _sync) = src.device_ptr(s);
+        let dst = h.words.as_mut_slice()?;
+        // SAFETY: both sides hold at least `n` words (checked above); the host side is
+        // page-locked and read only through `host_words`, which waits for the event
+        // recorded after this copy.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut dst[..n], src, s.cu_stream()) }?;
+        h.copied.record(s)?;
         Ok(())
     }
 

@@ -505,6 +505,19 @@ impl Exec for Emu {
         Ok(())
     }
 
+    fn receive(&self, src: &EmuBuf<u32>, n: usize, h: &mut Vec<u32>) -> Result<(), ExecError> {
+        self.sticky()?;
+        if n > src.len || n > h.len() {
+            return Err(ExecError::Bounds(format!(
+                "receiving {n} words from {} into {}",
+                src.len,
+                h.len()
+            )));
+        }
+        h[..n].copy_from_slice(&src.as_slice()[..n]);
+        Ok(())
+    }
+
     fn begin_capture(&self) -> Result<(), ExecError> {
         let mut r = self.recording()?;
         if r.is_some() {

@@ -130,10 +130,14 @@ pub trait Exec: Send {
     ) -> Result<(), ExecError>;
     /// Host staging memory for `n` words.
     fn host(&self, n: usize) -> Result<Self::Host, ExecError>;
-    /// The words of `h`, to write (waits for an earlier send out of them to finish).
+    /// The words of `h`, to read or write (waits for the last copy into or out of them to
+    /// finish).
     fn host_words<'a>(&self, h: &'a mut Self::Host) -> Result<&'a mut [u32], ExecError>;
     /// Enqueues the copy of the first `n` words of `h` into `dst`.
     fn send(&self, h: &Self::Host, n: usize, dst: &mut Self::Buf<u32>) -> Result<(), ExecError>;
+    /// Enqueues the copy of the first `n` words of `src` into `h` (read them through
+    /// [`Exec::host_words`], which waits for it).
+    fn receive(&self, src: &Self::Buf<u32>, n: usize, h: &mut Self::Host) -> Result<(), ExecError>;
     /// Starts capturing: launches and products are recorded into a graph, not run.
     fn begin_capture(&self) -> Result<(), ExecError>;
     /// Ends the capture begun last (always leaving capture mode) and returns its graph.

@@ -218,7 +218,7 @@ mod tests {
         let mut out = vec![u32::MAX; 4096];
         let lay = write(&mut out, &b, 2, mb, trash, &[], &[]).unwrap().lay;
         assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
-        let inputs = twins::build_batch(&out[..lay.len], 5, 7, mb, bs);
+        let inputs = twins::build_batch(&out[..lay.len], &[], 5, 7, mb, bs);
         // The real rows are unchanged; the dummy rows write slot 0 of the trash block.
         assert_eq!(&inputs.tokens[..5], &b.tokens[..]);
         assert_eq!(

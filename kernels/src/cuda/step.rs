@@ -389,6 +389,7 @@ impl<E: Exec> Device<E> {
             launch(n, 256),
             &[
                 b.staging.arg(),
+                b.sampled.arg(),
                 si,
                 ti,
                 mbi,

@@ -8,6 +8,7 @@
 //! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
 //! - KV cache of one layer, keys and values alike: `[block][kv_head][slot][dim]`, f16
 
+use crate::backend::FROM_LAST;
 use crate::forward::Batch;
 use crate::model::LlamaConfig;
 use half::f16;
@@ -52,9 +53,11 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     }) / scale
 }
 
-/// Twin of `build_batch`.
+/// Twin of `build_batch` (`sampled`: the step before's sampled tokens, which a token word
+/// `FROM_LAST | r` stands for the r-th of).
 pub fn build_batch(
     staging: &[u32],
+    sampled: &[u32],
     n_seqs: usize,
     n_tokens: usize,
     max_blocks: usize,
@@ -64,7 +67,16 @@ pub fn build_batch(
     let toks = &staging[4 * n_seqs..4 * n_seqs + n_tokens];
     let tables = &staging[4 * n_seqs + n_tokens..];
     let mut o = StepInputs {
-        tokens: toks.to_vec(),
+        tokens: toks
+            .iter()
+            .map(|&t| {
+                if t & FROM_LAST != 0 {
+                    sampled[(t & !FROM_LAST) as usize]
+                } else {
+                    t
+                }
+            })
+            .collect(),
         positions: vec![0; n_tokens],
         slot_mapping: vec![0; n_tokens],
         seq_of_row: vec![0; n_tokens],
@@ -355,7 +367,7 @@ impl TwinModel {
         let max_blocks = c.context_len.div_ceil(kv.block_size);
         let staging = stage(batch, max_blocks);
         let (s, t) = (batch.seqs.len(), batch.tokens.len());
-        let inp = build_batch(&staging, s, t, max_blocks, kv.block_size);
+        let inp = build_batch(&staging, &[], s, t, max_blocks, kv.block_size);
         let mut x = embed(&self.embed, &inp.tokens, d);
         let mut delta: Option<Vec<f32>> = None;
         for (li, l) in self.layers.iter().enumerate() {
