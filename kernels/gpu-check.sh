@@ -11,7 +11,7 @@
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench; and in JSON mode at 64 and 256), then decode steps and the engine again with the
+# and 256 streams (engine_bench; at 256 also with no step planned ahead, and in JSON mode at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
@@ -101,6 +101,10 @@ echo
 timeout 60 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 || status=1
 echo
 BACKEND=cuda STREAMS=1,64,256 TOKENS=256 timeout 120 "$BIN/engine_bench" "$model" || status=1
+echo
+# The same at 256 streams with each step waiting for the one before (no step planned
+# ahead): what overlapping the host's work with the device's is worth.
+OVERLAP=0 BACKEND=cuda STREAMS=256 TOKENS=256 timeout 60 "$BIN/engine_bench" "$model" || status=1
 echo
 # The same with the tensor-core attention kernel (attention_tc): decode steps at 512 and
 # 4,096 keys, and through the engine (its prefill row is a 512-token prompt).

@@ -10,13 +10,17 @@
 //! `PREFIX_CACHING=0` (the prefix cache off), `ATTENTION=tensor` (CUDA: the tensor-core
 //! attention kernel), `FORMAT=json|schema` (the streams' answers
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
-//! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy).
+//! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
+//! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
+//! runs).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
 //! Besides tokens/s it prints the engine's steps and, per step, the time its thread spent
 //! in the backend and around it (scheduling, batch building, detokenizing, sending): with
-//! a fast backend the second bounds the tokens/s the host can feed.
+//! a fast backend the second bounds the tokens/s the host can feed, unless steps are
+//! planned ahead ("ahead": steps sent while the one before ran, whose host time overlapped
+//! the device's).
 
 use futures::StreamExt;
 use gateway::config::EngineConfig;
@@ -136,6 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
         activations,
         prefix_caching: std::env::var("PREFIX_CACHING").as_deref() != Ok("0"),
+        overlap_steps: std::env::var("OVERLAP").as_deref() != Ok("0"),
         attention: match std::env::var("ATTENTION").as_deref() {
             Ok("tensor") => gateway::config::AttentionKind::Tensor,
             _ => gateway::config::AttentionKind::Simt,
@@ -173,13 +178,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     println!(
-        "{:>8} {:>10} {:>10} {:>12} {:>8} {:>12} {:>12}",
-        "streams", "tokens", "seconds", "tokens/s", "steps", "host µs/st", "backend µs/st"
+        "{:>8} {:>10} {:>10} {:>12} {:>8} {:>8} {:>12} {:>12}",
+        "streams", "tokens", "seconds", "tokens/s", "steps", "ahead", "host µs/st", "backend µs/st"
     );
     let snap = |w: &EngineWorker| {
         let s = w.stats();
         let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (r(&s.steps), r(&s.host_ns), r(&s.backend_ns))
+        (
+            r(&s.steps),
+            r(&s.host_ns),
+            r(&s.backend_ns),
+            r(&s.steps_ahead),
+        )
     };
     for c in streams {
         let before = snap(&w);
@@ -196,8 +206,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let steps = (after.0 - before.0).max(1);
         let per = |a: u64, b: u64| (a - b) as f64 / steps as f64 / 1e3;
         println!(
-            "{c:>8} {tokens:>10} {secs:>10.2} {:>12.1} {steps:>8} {:>12.1} {:>12.1}",
+            "{c:>8} {tokens:>10} {secs:>10.2} {:>12.1} {steps:>8} {:>8} {:>12.1} {:>12.1}",
             tokens as f64 / secs,
+            after.3 - before.3,
             per(after.1, before.1),
             per(after.2, before.2),
         );

@@ -338,6 +338,75 @@ async fn seeds_case(backend: BackendKind) {
     assert!(freed, "cancelled sequence still holds blocks");
 }
 
+/// On the GPU path each step is planned and sent while the one before runs, its drawn
+/// tokens read on the device (`overlap_steps`): every answer is the one steps taken one
+/// at a time give: seeded samples, length limits of 1 to 23 tokens, a request with
+/// log-probabilities and one with penalties among them (whose steps wait for the one
+/// before), and in a cache small enough to force preemption.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_one_at_a_time() {
+    let (_d, m) = synthetic();
+    let reqs: Vec<Arc<WorkerRequest>> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let t = if i % 3 == 0 { 0.0 } else { 0.9 };
+            let mut r = (*req(&p, 1 + (i as u32 * 5) % 23, t, Some(i as u64), vec![])).clone();
+            match i {
+                5 => r.params.logprobs = Some(2),
+                9 => r.params.presence_penalty = 0.7,
+                _ => {}
+            }
+            Arc::new(r)
+        })
+        .collect();
+    for kv_tokens in [4096, 768] {
+        let mut answers = Vec::new();
+        let mut ahead = Vec::new();
+        for overlap_steps in [true, false] {
+            let e = engine(
+                &m,
+                EngineConfig {
+                    backend: BackendKind::Emulator,
+                    max_batch_tokens: Some(64),
+                    max_seqs: Some(16),
+                    kv_tokens: Some(kv_tokens),
+                    prefix_caching: false,
+                    overlap_steps,
+                    ..EngineConfig::default()
+                },
+            );
+            let tasks: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    let (e, r) = (e.clone(), r.clone());
+                    tokio::spawn(async move { run_usage(&e, r).await })
+                })
+                .collect();
+            let mut got = Vec::new();
+            for t in tasks {
+                got.push(t.await.unwrap());
+            }
+            answers.push(got);
+            ahead.push(e.stats().steps_ahead.load(Ordering::Relaxed));
+            let pre = e.stats().preemptions.load(Ordering::Relaxed);
+            assert_eq!(
+                pre > 0,
+                kv_tokens < 1024,
+                "kv {kv_tokens}: {pre} preemptions"
+            );
+        }
+        for (i, (a, b)) in answers[0].iter().zip(&answers[1]).enumerate() {
+            assert_eq!(
+                a, b,
+                "kv {kv_tokens}: request {i} differs with steps planned ahead"
+            );
+        }
+        assert!(ahead[0] > 0, "kv {kv_tokens}: no step was planned ahead");
+        assert_eq!(ahead[1], 0, "kv {kv_tokens}: overlap_steps = false");
+    }
+}
+
 /// `gateway worker` serves the engine over the OpenAI API; a gateway routes to it as an
 /// `openai` worker with the shared secret, and passes its tenant along.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,9 @@
 //! Decode step time of the forward step at batch 1, 16, 64 and 256 (SmolLM2-135M's shape,
 //! synthetic weights), against the floor of reading the weights (and the batch's KV) once
-//! at the card's measured copy bandwidth; CUDA graphs on and off, and graphs without
-//! programmatic dependent launches (Hopper on; the default there). Prints one table; then,
+//! at the card's measured copy bandwidth; CUDA graphs on and off, graphs with each step
+//! sent while the one before runs (the engine's steps planned ahead: the device does not
+//! wait for the host between steps), and graphs without programmatic dependent launches
+//! (Hopper on; the default there). Prints one table; then,
 //! for the batches of 1–8 rows, a second: the step with its products on cuBLAS, on
 //! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused.
 //!
@@ -15,7 +17,7 @@
 //! over the CPU emulator (checks of the harness, not GPU numbers; use a small model). Each step is the engine's decode step: one token per sequence at
 //! position `ctx`, sampled on the device (greedy).
 
-use kernels::backend::{Backend, CpuBackend};
+use kernels::backend::{Backend, CpuBackend, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
@@ -109,6 +111,31 @@ fn time_decode(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usi
     t.elapsed().as_secs_f64() / iters as f64
 }
 
+/// Seconds per decode step as the engine runs them on a backend that overlaps steps: each
+/// sent before the one before is collected, its tokens that one's (read on the device), so
+/// the device never waits for the host between two steps.
+fn time_overlapped(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters: usize) -> f64 {
+    let mut first = Batch::default();
+    let mut next = Batch::default();
+    for s in 0..n {
+        first.push(&[(s as u32 * 7) % 100], ctx, table(s, per), true);
+        next.push(&[FROM_LAST | s as u32], ctx, table(s, per), true);
+    }
+    let params = vec![SampleParams::GREEDY; n];
+    b.submit(&first, &params, &[]).expect("decode step");
+    for _ in 0..3 {
+        b.submit(&next, &params, &[]).expect("decode step");
+        b.collect().expect("decode step");
+    }
+    let t = Instant::now();
+    for _ in 0..iters {
+        b.submit(&next, &params, &[]).expect("decode step");
+        b.collect().expect("decode step");
+    }
+    b.collect().expect("decode step");
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = args()?;
     if !a.cpu && !a.emu {
@@ -193,26 +220,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     prefill(backend, max_n, a.ctx, per, max_tokens);
     println!(
-        "| batch | step (graphs) | step (direct) | graphs, plain launches | floor: weights | floor: +KV | tokens/s (best) |"
+        "| batch | step (graphs) | graphs, overlapped | step (direct) | graphs, plain launches | floor: weights | floor: +KV | tokens/s (best) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &a.batches {
         let iters = if a.cpu || a.emu { 3 } else { 200 };
         let kv_bytes = (n * (a.ctx + 1) * c.n_layers * c.kv_dim() * 2 * 2) as f64;
         let floor_w = weight_bytes / (copy_gbs * 1e9);
         let floor_kv = (weight_bytes + kv_bytes) / (copy_gbs * 1e9);
-        let (graphs, direct, plain) = match &mut which {
+        let (graphs, ahead, direct, plain) = match &mut which {
             Which::Cuda(cuda) => graphs_and_direct(cuda.as_mut(), n, a.ctx, per, iters)?,
             Which::Emu(emu) => graphs_and_direct(emu.as_mut(), n, a.ctx, per, iters)?,
             Which::Cpu(cpu) => (
+                f64::NAN,
                 f64::NAN,
                 time_decode(cpu.as_mut(), n, a.ctx, per, iters),
                 f64::NAN,
             ),
         };
         println!(
-            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
+            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
             graphs * 1e6,
+            ahead * 1e6,
             direct * 1e6,
             plain * 1e6,
             floor_w * 1e6,
@@ -221,7 +250,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 / if graphs.is_nan() {
                     direct
                 } else {
-                    graphs.min(direct)
+                    graphs.min(direct).min(ahead)
                 }
         );
     }
@@ -282,17 +311,19 @@ fn small_products<E: Exec>(
     set(cuda, chosen)
 }
 
-/// Seconds per decode step with CUDA graphs, with direct launches, and with graphs of
-/// plain launches where the kernels launch as dependent launches (else NaN).
+/// Seconds per decode step with CUDA graphs (each step waited for, then each sent while
+/// the one before runs), with direct launches, and with graphs of plain launches where
+/// the kernels launch as dependent launches (else NaN).
 fn graphs_and_direct<E: Exec>(
     cuda: &mut CudaBackend<E>,
     n: usize,
     ctx: usize,
     per: usize,
     iters: usize,
-) -> Result<(f64, f64, f64), String> {
+) -> Result<(f64, f64, f64, f64), String> {
     cuda.set_graphs(true)?;
     let g = time_decode(cuda, n, ctx, per, iters);
+    let ahead = time_overlapped(cuda, n, ctx, per, iters);
     cuda.set_graphs(false)?;
     let d = time_decode(cuda, n, ctx, per, iters);
     cuda.set_graphs(true)?;
@@ -305,7 +336,7 @@ fn graphs_and_direct<E: Exec>(
         plain = time_decode(cuda, n, ctx, per, iters);
         off(cuda, true)?;
     }
-    Ok((g, d, plain))
+    Ok((g, ahead, d, plain))
 }
 
 enum Which {

@@ -374,6 +374,9 @@ pub struct EngineConfig {
     /// Keep the KV blocks of finished prompts and share them with later prompts of the
     /// same tenant that start with the same tokens.
     pub prefix_caching: bool,
+    /// Plan and send each step while the one before still runs on the device (CUDA), its
+    /// drawn tokens read there; off: every step waits for the one before.
+    pub overlap_steps: bool,
 }
 
 /// An engine's step and cache sizes, once its backend is known.
@@ -422,6 +425,7 @@ impl Default for EngineConfig {
             devices: vec![0],
             step_timeout_secs: 60.0,
             prefix_caching: true,
+            overlap_steps: true,
         }
     }
 }

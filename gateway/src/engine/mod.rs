@@ -57,6 +57,8 @@ pub struct EngineStats {
     pub kv_blocks_cached: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub steps: AtomicU64,
+    /// Steps sent while the step before was still running (planned ahead).
+    pub steps_ahead: AtomicU64,
     pub preemptions: AtomicU64,
     /// GPU path: rows adjusted on the device before their draw, and rows whose logits
     /// were read back (log-probabilities, or adjustments past a step's room).
@@ -177,6 +179,7 @@ impl EngineWorker {
             .store(n_blocks as u64, Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
+        let overlap = cfg.overlap_steps;
         let limits = Limits {
             max_batch_tokens: sizes.max_batch_tokens,
             max_seqs: sizes.max_seqs,
@@ -184,6 +187,7 @@ impl EngineWorker {
             prefix_caching: cfg.prefix_caching,
             // The backend's, each step (see `run_engine`).
             max_logit_rows: usize::MAX,
+            preempt: true,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
@@ -199,7 +203,16 @@ impl EngineWorker {
                 }
                 let _gone = Gone(st.clone());
                 let rebuild = move || factory.build(kind).map(|(b, _)| b);
-                run_engine(backend, Box::new(rebuild), tok, rx, limits, st, outbox);
+                run_engine(
+                    backend,
+                    Box::new(rebuild),
+                    tok,
+                    rx,
+                    limits,
+                    st,
+                    outbox,
+                    overlap,
+                );
             })
             .map_err(|e| e.to_string())?;
         Ok(Self {

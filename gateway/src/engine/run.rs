@@ -2,16 +2,30 @@
 //! [`super::scheduler`], run it on the backend (sampling on the device where the backend
 //! can), score prompts, draw and send each finished row's token, and free what finished.
 //! A device fault fails the engine's sequences and builds its backend again ([`recover`]).
+//!
+//! **Steps planned ahead.** On a backend that overlaps steps ([`Backend::overlaps`]), a
+//! step is sent ([`Backend::submit`]) and the loop goes on at once: it takes arrivals,
+//! plans and sends the next step, and only then collects the first one's tokens and sends
+//! them to clients, while the device runs the second. Each sequence that draws a token in
+//! a step in flight holds [`FROM_LAST`]` | row` in its place, which the next step's batch
+//! carries and the device resolves; collecting replaces it. So the host's work between two
+//! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
+//! What the host must see first keeps the step after it waiting for it: a sequence with
+//! penalties, JSON mode or log-probabilities, or a prompt being scored, anywhere in the
+//! engine, and a sequence short of a KV block (preemption waits for the step in flight,
+//! which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
+//! already; that token is dropped. Its blocks are freed at once: everything on the device
+//! runs in order, so a block handed out again is written only after that step.
 
 use super::blocks::{chain, BlockPool};
 use super::draw;
 use super::fair::Fair;
 use super::outbox::Outbox;
-use super::scheduler::{self, Limits, Schedulable};
+use super::scheduler::{self, Limits, Plan, Schedulable};
 use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
-use kernels::backend::Backend;
+use kernels::backend::{Backend, FROM_LAST};
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
 use kernels::json_mode::JsonVocab;
@@ -21,44 +35,200 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Instant;
 
-/// The engine thread's loop; returns when every submitter is gone.
+/// The engine thread's loop; returns when every submitter is gone. `overlap`: plan each
+/// step while the one before runs, where the backend can.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_engine(
-    mut backend: Box<dyn Backend>,
-    mut rebuild: Rebuild,
+    backend: Box<dyn Backend>,
+    rebuild: Rebuild,
     tok: Arc<Tokenizer>,
     rx: mpsc::Receiver<NewSeq>,
     limits: Limits,
     stats: Arc<EngineStats>,
-    mut outbox: Outbox,
+    outbox: Outbox,
+    overlap: bool,
 ) {
-    let vocab = backend.config().vocab;
-    // JSON mode's view of the vocabulary, made on the first request that asks.
-    let mut json_vocab: Option<JsonVocab> = None;
-    let mut on_device = backend.samples_on_device();
-    let mut pool = BlockPool::new(backend.kv_geometry().1, limits.prefix_caching);
-    let mut running: Vec<Seq> = Vec::new();
-    let mut waiting: VecDeque<Seq> = VecDeque::new();
-    let mut fair = Fair::default();
-    // A tenant back from idle is lifted to the least served tenant with work.
-    let arrive = |n: NewSeq, fair: &mut Fair, running: &[Seq], waiting: &mut VecDeque<Seq>| {
-        let backlogged = running.iter().chain(waiting.iter()).map(|s| &s.tenant);
-        fair.arrive(&n.tenant, backlogged);
-        waiting.push_back(admit(n));
+    let mut backend = backend;
+    let mut e = Engine {
+        vocab: backend.config().vocab,
+        on_device: backend.samples_on_device(),
+        pool: BlockPool::new(backend.kv_geometry().1, limits.prefix_caching),
+        rebuild,
+        tok,
+        rx,
+        limits,
+        stats,
+        outbox,
+        overlap,
+        json_vocab: None,
+        running: Vec::new(),
+        waiting: VecDeque::new(),
+        fair: Fair::default(),
+        flight: None,
+        plan_after: false,
+        next_id: 0,
     };
     loop {
-        if running.is_empty() && waiting.is_empty() {
-            fair.reset();
-            match rx.recv() {
-                Ok(n) => arrive(n, &mut fair, &running, &mut waiting),
-                Err(_) => return,
+        match e.turn(&mut *backend) {
+            Turn::Go => {}
+            Turn::Stop => return,
+            Turn::Fault(why) => {
+                backend = match recover(backend, &mut e.rebuild, &e.rx, &mut e.outbox, &why) {
+                    Some(b) => b,
+                    None => return,
+                };
+                e.rebuilt(&*backend);
             }
         }
-        let t_loop = std::time::Instant::now();
-        while let Ok(n) = rx.try_recv() {
-            arrive(n, &mut fair, &running, &mut waiting);
+    }
+}
+
+/// What the loop does after a turn.
+enum Turn {
+    Go,
+    /// Every submitter is gone.
+    Stop,
+    /// The device failed (why): the backend is built again.
+    Fault(String),
+}
+
+/// A sequence's part in a step: its id and its index in `running` when the step was
+/// planned (an index only goes down while the step runs: sequences leave, and new ones
+/// join at the end), its first logits row and how many it has.
+#[derive(Clone, Copy)]
+struct Part {
+    id: u64,
+    at: usize,
+    row: usize,
+    rows: usize,
+}
+
+/// A step sent and not yet collected: its sequences, and each logits row's drawing one.
+struct Flight {
+    parts: Vec<Part>,
+    draws: Vec<Option<Part>>,
+}
+
+/// The engine thread's state, beside its backend (which a device fault replaces).
+struct Engine {
+    rebuild: Rebuild,
+    tok: Arc<Tokenizer>,
+    rx: mpsc::Receiver<NewSeq>,
+    limits: Limits,
+    stats: Arc<EngineStats>,
+    outbox: Outbox,
+    vocab: usize,
+    /// JSON mode's view of the vocabulary, made on the first request that asks.
+    json_vocab: Option<JsonVocab>,
+    on_device: bool,
+    overlap: bool,
+    pool: BlockPool,
+    running: Vec<Seq>,
+    waiting: VecDeque<Seq>,
+    fair: Fair,
+    /// The step sent last, while it is not collected.
+    flight: Option<Flight>,
+    /// A step planned ahead left a sequence without a block: the next is planned after
+    /// the one in flight is collected (so that it may preempt).
+    plan_after: bool,
+    next_id: u64,
+}
+
+/// Where sequence `p.id` is in `running` now, if it still is.
+fn find(running: &[Seq], p: &Part) -> Option<usize> {
+    let top = p.at.min(running.len().checked_sub(1)?);
+    (0..=top).rev().find(|&i| running[i].id == p.id)
+}
+
+impl Engine {
+    /// One turn of the loop: arrivals, one step planned and run or sent, and the step
+    /// before collected if one is in flight.
+    fn turn(&mut self, backend: &mut dyn Backend) -> Turn {
+        if self.running.is_empty() && self.waiting.is_empty() && self.flight.is_none() {
+            self.fair.reset();
+            match self.rx.recv() {
+                Ok(n) => self.arrive(n),
+                Err(_) => return Turn::Stop,
+            }
         }
-        // Cancelled: the client went away.
+        let t_loop = Instant::now();
+        while let Ok(n) = self.rx.try_recv() {
+            self.arrive(n);
+        }
+        self.drop_cancelled();
+        let mut backend_ns = 0;
+        // A step in flight whose tokens the next one's planning needs is collected first.
+        if self.flight.is_some() && !self.may_plan_ahead() {
+            let f = self.flight.take();
+            let t = self.collect(backend, f, None, &mut backend_ns);
+            if !matches!(t, Turn::Go) {
+                return t;
+            }
+        }
+        let ahead = self.flight.is_some();
+        let lim = Limits {
+            max_logit_rows: backend.max_logit_rows(),
+            preempt: !ahead,
+            ..self.limits
+        };
+        let plan = scheduler::schedule(
+            &mut self.running,
+            &mut self.waiting,
+            &mut self.pool,
+            lim,
+            &mut self.fair,
+        );
+        self.plan_after = plan.starved;
+        self.stats
+            .preemptions
+            .fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        let t = if plan.items.is_empty() {
+            match self.flight.take() {
+                Some(f) => self.collect(backend, Some(f), None, &mut backend_ns),
+                None => {
+                    self.publish();
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    return Turn::Go;
+                }
+            }
+        } else {
+            let (batch, draws) = self.build(&plan);
+            // A step planned ahead has only plain sequences (`may_plan_ahead`).
+            let plain = plan.items.iter().all(|&(i, _)| self.running[i].plain());
+            if self.overlap && backend.overlaps() && plain {
+                self.send(backend, &plan, &batch, &draws, &mut backend_ns)
+            } else {
+                self.step(backend, &plan, &batch, &draws, &mut backend_ns)
+            }
+        };
+        if !matches!(t, Turn::Go) {
+            return t;
+        }
+        self.outbox.flush();
+        self.publish();
+        let total = t_loop.elapsed().as_nanos() as u64;
+        self.stats
+            .backend_ns
+            .fetch_add(backend_ns, Ordering::Relaxed);
+        self.stats
+            .host_ns
+            .fetch_add(total.saturating_sub(backend_ns), Ordering::Relaxed);
+        Turn::Go
+    }
+
+    /// A tenant back from idle is lifted to the least served tenant with work.
+    fn arrive(&mut self, n: NewSeq) {
+        let backlogged = self.running.iter().chain(self.waiting.iter());
+        self.fair.arrive(&n.tenant, backlogged.map(|s| &s.tenant));
+        self.waiting.push_back(admit(n, self.next_id));
+        self.next_id += 1;
+    }
+
+    /// Drops the sequences whose client went away, and frees their blocks.
+    fn drop_cancelled(&mut self) {
+        let pool = &mut self.pool;
         let mut keep = |s: &mut Seq| {
             let gone = s.tx.is_closed();
             if gone {
@@ -66,52 +236,212 @@ pub(super) fn run_engine(
             }
             !gone
         };
-        running.retain_mut(&mut keep);
-        waiting.retain_mut(&mut keep);
-        let lim = Limits {
-            max_logit_rows: backend.max_logit_rows(),
-            ..limits
-        };
-        let plan = scheduler::schedule(&mut running, &mut waiting, &mut pool, lim, &mut fair);
-        stats
-            .preemptions
-            .fetch_add(plan.preempted as u64, Ordering::Relaxed);
-        if plan.items.is_empty() {
-            publish(&stats, &running, &waiting, &pool);
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            continue;
-        }
+        self.running.retain_mut(&mut keep);
+        self.waiting.retain_mut(&mut keep);
+    }
+
+    /// Whether the next step may be planned before the one in flight is collected.
+    fn may_plan_ahead(&self) -> bool {
+        !self.plan_after && self.running.iter().chain(&self.waiting).all(Seq::plain)
+    }
+
+    /// The plan's batch, and each logits row's sequence (by index in `running`) when the
+    /// row draws its next token (`None` for a prompt's row that scores the prompt's next
+    /// token). Counts the plan's tokens as computed.
+    fn build(&mut self, plan: &Plan) -> (Batch, Vec<Option<usize>>) {
         let mut batch = Batch::default();
-        // Each logits row's sequence (by its index in `running`) when the row draws its
-        // next token; `None` for a prompt's row that scores the prompt's next token.
-        let mut row_seq: Vec<Option<usize>> = Vec::new();
+        let mut draws: Vec<Option<usize>> = Vec::new();
         for &(i, n) in &plan.items {
-            let s = &running[i];
+            let s = &mut self.running[i];
             let end = s.computed + n;
             let k = s.logit_rows(n);
             batch.push_rows(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), k);
-            let draws = end == s.tokens.len();
-            row_seq.extend((0..k).map(|j| (draws && j + 1 == k).then_some(i)));
+            let drawing = end == s.tokens.len();
+            draws.extend((0..k).map(|j| (drawing && j + 1 == k).then_some(i)));
+            s.computed = end;
         }
-        let t_step = std::time::Instant::now();
-        stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
-        let stepped = if on_device {
+        (batch, draws)
+    }
+
+    /// The plan's parts, by sequence id.
+    fn parts(&self, plan: &Plan, batch: &Batch) -> Vec<Part> {
+        let mut row = 0;
+        plan.items
+            .iter()
+            .zip(&batch.seqs)
+            .map(|(&(i, _), b)| {
+                let p = Part {
+                    id: self.running[i].id,
+                    at: i,
+                    row,
+                    rows: b.logits,
+                };
+                row += b.logits;
+                p
+            })
+            .collect()
+    }
+
+    /// Sends the step without waiting for it, then collects the one before, if any: the
+    /// drawing sequences' tokens stay on the device until then.
+    fn send(
+        &mut self,
+        backend: &mut dyn Backend,
+        plan: &Plan,
+        batch: &Batch,
+        draws: &[Option<usize>],
+        backend_ns: &mut u64,
+    ) -> Turn {
+        let params: Vec<SampleParams> = draws
+            .iter()
+            .map(|d| d.map_or(SampleParams::GREEDY, |i| sample_params(&self.running[i])))
+            .collect();
+        let t = Instant::now();
+        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
+        let sent = backend.submit(batch, &params, &[]);
+        self.stats.step_since_ms.store(0, Ordering::Relaxed);
+        *backend_ns += t.elapsed().as_nanos() as u64;
+        let before = self.flight.take();
+        let parts = self.parts(plan, batch);
+        if let Err(e) = sent {
+            // The step before is lost with a device fault; after a refused batch it is
+            // still on the device, and collected (its sequences fail either way).
+            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
+                let _ = backend.collect();
+            }
+            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+            failed.extend(before.iter().flat_map(|f| self.present(f)));
+            return self.fail(e, failed);
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if before.is_some() {
+            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut drawing = Vec::with_capacity(draws.len());
+        for (row, d) in draws.iter().enumerate() {
+            drawing.push(d.map(|i| {
+                let s = &mut self.running[i];
+                s.tokens.push(FROM_LAST | row as u32);
+                Part {
+                    id: s.id,
+                    at: i,
+                    row,
+                    rows: 1,
+                }
+            }));
+        }
+        let now = Flight {
+            parts,
+            draws: drawing,
+        };
+        match before {
+            Some(f) => {
+                let t = self.collect(backend, Some(f), Some(&now), backend_ns);
+                // Unless collecting failed and took this step with it.
+                if matches!(t, Turn::Go) && backend.pending() == 1 {
+                    self.flight = Some(now);
+                }
+                t
+            }
+            None => {
+                self.flight = Some(now);
+                Turn::Go
+            }
+        }
+    }
+
+    /// The indices in `running` of a flight's sequences still there.
+    fn present(&self, f: &Flight) -> Vec<usize> {
+        f.parts
+            .iter()
+            .filter_map(|p| find(&self.running, p))
+            .collect()
+    }
+
+    /// Waits for the step in flight `f` and finishes it with its tokens (`newer`: the step
+    /// sent after it, lost with it if collecting fails).
+    fn collect(
+        &mut self,
+        backend: &mut dyn Backend,
+        f: Option<Flight>,
+        newer: Option<&Flight>,
+        backend_ns: &mut u64,
+    ) -> Turn {
+        let Some(f) = f else {
+            return Turn::Go;
+        };
+        let t = Instant::now();
+        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
+        let got = backend.collect();
+        self.stats.step_since_ms.store(0, Ordering::Relaxed);
+        *backend_ns += t.elapsed().as_nanos() as u64;
+        let got = got.and_then(|t| {
+            let bad = |m: String| Err(StepError::Device(m));
+            if t.len() != f.draws.len() {
+                return bad(format!(
+                    "the backend returned {} rows for {}",
+                    t.len(),
+                    f.draws.len()
+                ));
+            }
+            if let Some(id) = t.iter().find(|&&id| id as usize >= self.vocab) {
+                return bad(format!(
+                    "the backend sampled token {id}, past the vocabulary"
+                ));
+            }
+            Ok(t)
+        });
+        match got {
+            Ok(tokens) => {
+                let parts: Vec<(usize, Part)> = f
+                    .parts
+                    .iter()
+                    .filter_map(|p| Some((find(&self.running, p)?, *p)))
+                    .collect();
+                let draws: Vec<Option<usize>> = f
+                    .draws
+                    .iter()
+                    .map(|d| d.as_ref().and_then(|p| find(&self.running, p)))
+                    .collect();
+                self.finish(&parts, &draws, Next::Tokens(tokens, Vec::new(), Vec::new()));
+                Turn::Go
+            }
+            Err(e) => {
+                let mut failed = self.present(&f);
+                failed.extend(newer.iter().flat_map(|n| self.present(n)));
+                self.fail(e, failed)
+            }
+        }
+    }
+
+    /// Runs the step and waits for it: sampled on the device where the backend can (rows
+    /// with penalties or JSON mode adjusted there as its room allows; rows that want
+    /// log-probabilities, and adjusted ones past the room, read back), else its logits
+    /// drawn here.
+    fn step(
+        &mut self,
+        backend: &mut dyn Backend,
+        plan: &Plan,
+        batch: &Batch,
+        draws: &[Option<usize>],
+        backend_ns: &mut u64,
+    ) -> Turn {
+        debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
+        let t = Instant::now();
+        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
+        let stepped = if self.on_device {
             let row_seqs: Vec<Option<&Seq>> =
-                row_seq.iter().map(|r| r.map(|i| &running[i])).collect();
+                draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
             let params: Vec<SampleParams> = row_seqs
                 .iter()
                 .map(|s| s.map_or(SampleParams::GREEDY, sample_params))
                 .collect();
-            // Rows whose token is drawn from adjusted logits (penalties, JSON mode) are
-            // adjusted on the device as its room allows. Rows that want log-probabilities
-            // (a prompt's rows among them), and adjusted ones past the room, get their
-            // logits read back.
             let adjust = draw::adjustments(
                 &row_seqs,
                 backend.adjust_room(),
-                vocab,
-                &tok,
-                &mut json_vocab,
+                self.vocab,
+                &self.tok,
+                &mut self.json_vocab,
             );
             let want: Vec<usize> = (0..row_seqs.len())
                 .filter(|&r| match row_seqs[r] {
@@ -122,13 +452,13 @@ pub(super) fn run_engine(
                     }
                 })
                 .collect();
-            stats
+            self.stats
                 .rows_adjusted_on_device
                 .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
-            stats
+            self.stats
                 .rows_read_back
                 .fetch_add(want.len() as u64, Ordering::Relaxed);
-            backend.step_sample(&batch, &params, &adjust).and_then(|t| {
+            backend.step_sample(batch, &params, &adjust).and_then(|t| {
                 let rows = if want.is_empty() {
                     Vec::new()
                 } else {
@@ -137,15 +467,16 @@ pub(super) fn run_engine(
                 Ok(Next::Tokens(t, want, rows))
             })
         } else {
-            backend.step(&batch).map(Next::Logits)
+            backend.step(batch).map(Next::Logits)
         };
-        stats.step_since_ms.store(0, Ordering::Relaxed);
-        let backend_ns = t_step.elapsed().as_nanos() as u64;
+        self.stats.step_since_ms.store(0, Ordering::Relaxed);
+        *backend_ns += t.elapsed().as_nanos() as u64;
         let rows = batch.n_logits();
+        let vocab = self.vocab;
         // A backend's answer is checked before any of it reaches a client: the right
         // number of rows, and token ids inside the vocabulary.
         let stepped = stepped.and_then(|next| {
-            let bad = |m: String| Err(kernels::forward::StepError::Device(m));
+            let bad = |m: String| Err(StepError::Device(m));
             let got = match &next {
                 Next::Tokens(t, ..) => t.len(),
                 Next::Logits(l) => l.len() / vocab.max(1),
@@ -169,110 +500,90 @@ pub(super) fn run_engine(
             }
             Ok(next)
         });
-        let mut next = match stepped {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!(error = %e, "engine step failed; failing its sequences");
-                // Out of service before any client hears of the failure.
-                let fault = match &e {
-                    StepError::Device(why) => {
-                        let why = format!("the engine's device failed ({why}); rebuilding it");
-                        stats.faults.fetch_add(1, Ordering::Relaxed);
-                        stats.set_fault(Some(why.clone()));
-                        Some(why)
-                    }
-                    StepError::BadBatch(_) => None,
-                };
-                let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
-                failed.sort_unstable_by(|a, b| b.cmp(a));
-                for i in failed {
-                    let mut s = running.remove(i);
-                    outbox.push(
-                        &s.tx,
-                        Err(WorkerError::Protocol(format!("engine step failed: {e}"))),
-                    );
-                    pool.release(&mut s.blocks);
-                }
-                outbox.flush();
-                if let Some(why) = fault {
-                    // The device is in doubt (a CUDA error is sticky: every later call
-                    // fails too): nothing more runs on it. The engine's other sequences
-                    // fail now (the gateway retries those that sent nothing yet on another
-                    // worker), and the backend is built again from scratch.
-                    for s in running.drain(..).chain(waiting.drain(..)) {
-                        outbox.push(&s.tx, Err(WorkerError::Unreachable(why.clone())));
-                    }
-                    outbox.flush();
-                    publish(&stats, &running, &waiting, &pool);
-                    backend = match recover(backend, &mut rebuild, &rx, &mut outbox, &why) {
-                        Some(b) => b,
-                        None => return,
-                    };
-                    on_device = backend.samples_on_device();
-                    pool = BlockPool::new(backend.kv_geometry().1, limits.prefix_caching);
-                    fair.reset();
-                    stats.set_fault(None);
-                    publish(&stats, &running, &waiting, &pool);
-                    tracing::info!(
-                        backend = backend.name(),
-                        "engine rebuilt after a device fault; serving again"
-                    );
-                }
-                continue;
+        match stepped {
+            Ok(next) => {
+                self.stats.steps.fetch_add(1, Ordering::Relaxed);
+                let parts: Vec<(usize, Part)> = plan
+                    .items
+                    .iter()
+                    .map(|&(i, _)| i)
+                    .zip(self.parts(plan, batch))
+                    .collect();
+                self.finish(&parts, draws, next);
+                Turn::Go
             }
-        };
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        // Prompts scored this step: their rows' log-probabilities, before any token drawn.
-        let mut row = 0;
-        for (&(i, n), b) in plan.items.iter().zip(&batch.seqs) {
-            let rows = row..row + b.logits;
-            score_prompt(&mut running[i], n, rows, &next, vocab, &tok, &mut outbox);
-            row += b.logits;
+            Err(e) => self.fail(e, plan.items.iter().map(|&(i, _)| i).collect()),
         }
-        // Each sampled sequence's row of the step's answer; every such token drawn at once.
-        let mut rows: Vec<Option<usize>> = vec![None; running.len()];
-        for (row, i) in row_seq.iter().enumerate() {
+    }
+
+    /// A step's answer: its prompts' rows scored, each drawing sequence's token drawn,
+    /// taken and sent, the blocks its sequences filled offered to the prefix cache, and
+    /// the sequences that finished freed. `parts`: the step's sequences (index in
+    /// `running`, part); `draws`: each logits row's drawing sequence.
+    fn finish(&mut self, parts: &[(usize, Part)], draws: &[Option<usize>], mut next: Next) {
+        let (vocab, tok) = (self.vocab, &*self.tok);
+        for &(i, p) in parts {
+            let rows = p.row..p.row + p.rows;
+            score_prompt(
+                &mut self.running[i],
+                rows,
+                &next,
+                vocab,
+                tok,
+                &mut self.outbox,
+            );
+        }
+        // Each drawing sequence's row of the step's answer; every such token drawn at once.
+        let mut rows: Vec<Option<usize>> = vec![None; self.running.len()];
+        for (row, i) in draws.iter().enumerate() {
             if let Some(i) = *i {
                 rows[i] = Some(row);
             }
         }
-        let mut drawn = draw::draw(&mut running, &rows, &mut next, vocab, &tok, &mut json_vocab);
+        let mut drawn = draw::draw(
+            &mut self.running,
+            &rows,
+            &mut next,
+            vocab,
+            tok,
+            &mut self.json_vocab,
+        );
+        let bs = self.limits.block_size;
         let mut finished = Vec::new();
-        for &(i, n) in &plan.items {
-            let s = &mut running[i];
-            s.computed += n;
-            // The blocks this step filled join the prefix cache.
-            let full = s.computed / limits.block_size;
+        for &(i, _) in parts {
+            let s = &mut self.running[i];
+            let got = drawn.get_mut(i).and_then(Option::take);
+            if let Some((id, lp)) = &got {
+                s.take(*id, lp.clone(), tok);
+            }
+            // The blocks filled with known tokens join the prefix cache.
+            let known = s.computed.min(s.resolved);
+            let full = known / bs;
             if full > s.registered {
-                let done = &s.tokens[..s.computed];
                 chain(
-                    pool.hasher(),
+                    self.pool.hasher(),
                     &s.tenant,
-                    done,
-                    limits.block_size,
+                    &s.tokens[..known],
+                    bs,
                     &mut s.hashes,
                 );
-                let bs = limits.block_size;
                 for b in s.registered..full {
                     let after = b.checked_sub(1).map(|p| s.hashes[p]);
                     let tokens = &s.tokens[b * bs..(b + 1) * bs];
-                    pool.register(s.blocks[b], s.hashes[b], after, tokens, &s.tenant);
+                    self.pool
+                        .register(s.blocks[b], s.hashes[b], after, tokens, &s.tenant);
                 }
                 s.registered = full;
             }
-            if s.computed != s.tokens.len() {
-                continue;
-            }
-            let Some((id, lp)) = drawn.get_mut(i).and_then(Option::take) else {
+            let Some((id, _)) = got else {
                 continue;
             };
-            s.take(id, lp, &tok);
-            if let Some(reason) = emit(s, &tok, id, &mut outbox) {
+            if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
                 let tail = s.out.finish();
                 let logprobs = std::mem::take(&mut s.pending_logprobs);
                 if !tail.is_empty() || !logprobs.is_empty() {
                     s.send(
-                        &mut outbox,
+                        &mut self.outbox,
                         WorkerEvent::Delta {
                             text: tail,
                             tokens: 0,
@@ -281,14 +592,14 @@ pub(super) fn run_engine(
                     );
                 }
                 let usage = s.usage();
-                stats
+                self.stats
                     .prompt_tokens
                     .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-                stats
+                self.stats
                     .cached_tokens
                     .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
                 s.send(
-                    &mut outbox,
+                    &mut self.outbox,
                     WorkerEvent::Done {
                         finish_reason: reason,
                         usage,
@@ -299,16 +610,69 @@ pub(super) fn run_engine(
         }
         finished.sort_unstable_by(|a, b| b.cmp(a));
         for i in finished {
-            let mut s = running.remove(i);
-            pool.release(&mut s.blocks);
+            let mut s = self.running.remove(i);
+            self.pool.release(&mut s.blocks);
         }
-        outbox.flush();
-        publish(&stats, &running, &waiting, &pool);
-        let total = t_loop.elapsed().as_nanos() as u64;
-        stats.backend_ns.fetch_add(backend_ns, Ordering::Relaxed);
-        stats
-            .host_ns
-            .fetch_add(total.saturating_sub(backend_ns), Ordering::Relaxed);
+    }
+
+    /// A failed step: its sequences (`failed`, indices in `running`) fail. A device fault
+    /// fails every other sequence too, and the backend is to be built again.
+    fn fail(&mut self, e: StepError, mut failed: Vec<usize>) -> Turn {
+        tracing::error!(error = %e, "engine step failed; failing its sequences");
+        self.flight = None;
+        self.plan_after = false;
+        // Out of service before any client hears of the failure.
+        let fault = match &e {
+            StepError::Device(why) => {
+                let why = format!("the engine's device failed ({why}); rebuilding it");
+                self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_fault(Some(why.clone()));
+                Some(why)
+            }
+            StepError::BadBatch(_) => None,
+        };
+        failed.sort_unstable_by(|a, b| b.cmp(a));
+        failed.dedup();
+        for i in failed {
+            let mut s = self.running.remove(i);
+            self.outbox.push(
+                &s.tx,
+                Err(WorkerError::Protocol(format!("engine step failed: {e}"))),
+            );
+            self.pool.release(&mut s.blocks);
+        }
+        self.outbox.flush();
+        let Some(why) = fault else {
+            return Turn::Go;
+        };
+        // The device is in doubt (a CUDA error is sticky: every later call fails too):
+        // nothing more runs on it. The engine's other sequences fail now (the gateway
+        // retries those that sent nothing yet on another worker), and the backend is built
+        // again from scratch.
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.outbox
+                .push(&s.tx, Err(WorkerError::Unreachable(why.clone())));
+        }
+        self.outbox.flush();
+        self.publish();
+        Turn::Fault(why)
+    }
+
+    /// After the backend was built again: a fresh cache, and back in service.
+    fn rebuilt(&mut self, backend: &dyn Backend) {
+        self.on_device = backend.samples_on_device();
+        self.pool = BlockPool::new(backend.kv_geometry().1, self.limits.prefix_caching);
+        self.fair.reset();
+        self.stats.set_fault(None);
+        self.publish();
+        tracing::info!(
+            backend = backend.name(),
+            "engine rebuilt after a device fault; serving again"
+        );
+    }
+
+    fn publish(&self) {
+        publish(&self.stats, &self.running, &self.waiting, &self.pool);
     }
 }
 
@@ -387,13 +751,12 @@ pub(super) fn read_back<'a>(
     logits.get(at * vocab..(at + 1) * vocab)
 }
 
-/// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of its `n`
-/// tokens computed this step, if it is being scored): each row's logits give the next
+/// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of the
+/// tokens it computed this step, if it is being scored): each row's logits give the next
 /// row's token its log-probability. Once every prompt token is scored, sends them
 /// ([`WorkerEvent::Prompt`], the first unscored).
 fn score_prompt(
     s: &mut Seq,
-    n: usize,
     rows: std::ops::Range<usize>,
     next: &Next,
     vocab: usize,
@@ -404,7 +767,7 @@ fn score_prompt(
         return;
     };
     let top = s.logprobs.unwrap_or(0) as usize;
-    let end = s.computed + n;
+    let end = s.computed;
     for (j, row) in rows.clone().enumerate() {
         // Row `row` is position p; it scores token p + 1.
         let target = end - rows.len() + j + 1;

@@ -8,7 +8,9 @@
 //! none is free, a sequence not yet served this step is preempted — the most served
 //! tenant's, its most recently admitted: its blocks are freed and it goes back to the
 //! head of the queue, to be recomputed later (its generated tokens become part of its
-//! prefill). Every token planned is charged to its tenant's counter.
+//! prefill). Every token planned is charged to its tenant's counter. While a step is in
+//! flight (planned ahead, [`Limits::preempt`] off) nobody is preempted: a sequence short
+//! of a block ends the step's running part, and the plan says so ([`Plan::starved`]).
 
 use super::blocks::BlockPool;
 use super::fair::{Fair, Tenanted};
@@ -52,14 +54,19 @@ pub struct Limits {
     pub prefix_caching: bool,
     /// Logits rows a step may return (the backend's); a chunk that wants more is cut.
     pub max_logit_rows: usize,
+    /// Whether a running sequence short of a block may preempt another (not while the
+    /// step before is still running on the device, which reads their blocks).
+    pub preempt: bool,
 }
 
-/// The step's plan: `(index in running, tokens to compute)`, and how many sequences were
-/// preempted while making it.
+/// The step's plan: `(index in running, tokens to compute)`, how many sequences were
+/// preempted while making it, and whether a running sequence went without for want of a
+/// block while preemption was off.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub items: Vec<(usize, usize)>,
     pub preempted: usize,
+    pub starved: bool,
 }
 
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
@@ -147,6 +154,10 @@ pub fn schedule<S: Schedulable>(
         }
         let target = running[i].computed() + n;
         let mut ok = grow(&mut running[i], target, pool, lim.block_size);
+        if !ok && !lim.preempt {
+            plan.starved = true;
+            break;
+        }
         while !ok && running.len() > i + 1 {
             // Only sequences after i: those before are already in this step's plan.
             let v = i + 1 + fair.victim(running[i + 1..].iter()).unwrap_or(0);
@@ -281,6 +292,7 @@ mod tests {
         block_size: 4,
         prefix_caching: true,
         max_logit_rows: usize::MAX,
+        preempt: true,
     };
 
     #[test]
@@ -406,6 +418,32 @@ mod tests {
         assert_eq!(wait.len(), 1);
         assert_eq!(wait[0].computed, 0, "preempted sequences recompute");
         assert_eq!(pool.free_count(), 1);
+    }
+
+    #[test]
+    fn with_preemption_off_a_sequence_short_of_a_block_ends_the_running_part() {
+        let mut pool = BlockPool::new(3, true);
+        let mut fair = Fair::default();
+        let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
+        let lim = Limits {
+            max_batch_tokens: 16,
+            ..L
+        };
+        schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        for r in &mut run {
+            r.computed = 4;
+            r.total = 5; // next token needs a second block each: only one left
+        }
+        let off = Limits {
+            preempt: false,
+            ..L
+        };
+        let p = schedule(&mut run, &mut wait, &mut pool, off, &mut fair);
+        assert_eq!(p.items, vec![(0, 1)], "the first grows into the last block");
+        assert_eq!((p.preempted, p.starved), (0, true));
+        assert_eq!((run.len(), wait.len()), (2, 0), "nobody preempted");
+        assert_eq!(run[1].blocks.len(), 1);
+        assert_eq!(pool.free_count(), 0);
     }
 
     #[test]

@@ -39,11 +39,17 @@ pub(super) struct NewSeq {
 }
 
 pub(super) struct Seq {
+    /// The engine's name for it (admission order), to find it again after a step in flight.
+    pub(super) id: u64,
     pub(super) tenant: Arc<str>,
     /// Fair-share weight (the tenant's purchased rate).
     pub(super) weight: f64,
     pub(super) output_weight: f64,
+    /// Its prompt and generated tokens. The last may still be on the device
+    /// ([`kernels::backend::FROM_LAST`]` | row`: drawn by a step in flight, and read there by
+    /// the step after it); those before `resolved` are known.
     pub(super) tokens: Vec<u32>,
+    pub(super) resolved: usize,
     pub(super) prompt_len: usize,
     pub(super) computed: usize,
     pub(super) blocks: Vec<u32>,
@@ -98,8 +104,11 @@ impl Tenanted for Seq {
 }
 
 impl Schedulable for Seq {
+    /// Its tokens not yet computed, less a token still on the device that is its last
+    /// (`max_tokens`): nothing is drawn after it.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.computed
+        let last = self.resolved < self.tokens.len() && self.generated() >= self.max_tokens;
+        (self.tokens.len() - self.computed).saturating_sub(usize::from(last))
     }
     fn computed(&self) -> usize {
         self.computed
@@ -115,14 +124,9 @@ impl Schedulable for Seq {
         }
     }
     fn cache_keys(&mut self, hasher: &RandomState, block_size: usize) -> (&[u64], &[u32]) {
-        chain(
-            hasher,
-            &self.tenant,
-            &self.tokens,
-            block_size,
-            &mut self.hashes,
-        );
-        (&self.hashes, &self.tokens)
+        let known = &self.tokens[..self.resolved];
+        chain(hasher, &self.tenant, known, block_size, &mut self.hashes);
+        (&self.hashes, known)
     }
     fn skip(&mut self, n: usize, block_size: usize) {
         self.computed = n;
@@ -160,13 +164,24 @@ impl Schedulable for Seq {
 }
 
 impl Seq {
+    /// Tokens drawn so far, those still on the device too (the next draw's index).
     pub(super) fn generated(&self) -> u32 {
         (self.tokens.len() - self.prompt_len) as u32
+    }
+    /// Tokens drawn and known on the host.
+    pub(super) fn emitted(&self) -> u32 {
+        (self.resolved - self.prompt_len) as u32
+    }
+    /// Whether it needs nothing of the host between its steps: no penalties, JSON mode or
+    /// log-probabilities, and no prompt being scored. Its next step may then be planned and
+    /// sent while its last still runs, its input token read on the device.
+    pub(super) fn plain(&self) -> bool {
+        !self.constrained() && self.logprobs.is_none() && self.prompt_next.is_none()
     }
     pub(super) fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len as u32,
-            completion_tokens: self.generated(),
+            completion_tokens: self.emitted(),
             cached_tokens: self.cached as u32,
         }
     }
@@ -175,7 +190,7 @@ impl Seq {
     }
     /// Takes its next token `id`, with its log-probabilities when asked: counted for the
     /// penalties, fed to JSON mode, its item queued for the next text sent (a stop token
-    /// is counted only).
+    /// is counted only). It replaces the first token still on the device, if any.
     pub(super) fn take(&mut self, id: u32, lp: Option<TokenLogprobs>, tok: &Tokenizer) {
         if self.penalties.is_some() {
             *self.counts.entry(id).or_insert(0) += 1;
@@ -195,7 +210,11 @@ impl Seq {
             item.bytes.clear();
             self.pending_logprobs.push(item);
         }
-        self.tokens.push(id);
+        match self.tokens.get_mut(self.resolved) {
+            Some(t) => *t = id,
+            None => self.tokens.push(id),
+        }
+        self.resolved += 1;
     }
     /// Whether its next token is drawn from adjusted logits (penalties, JSON mode).
     pub(super) fn constrained(&self) -> bool {
@@ -251,8 +270,10 @@ impl Seq {
     }
 }
 
-pub(super) fn admit(n: NewSeq) -> Seq {
+pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
     Seq {
+        id,
+        resolved: n.prompt.len(),
         tenant: n.tenant,
         weight: n.weight,
         output_weight: n.output_weight,
@@ -354,7 +375,7 @@ pub(super) fn emit(
     if e.stopped {
         return Some(FinishReason::Stop);
     }
-    (s.generated() >= s.max_tokens).then_some(FinishReason::Length)
+    (s.emitted() >= s.max_tokens).then_some(FinishReason::Length)
 }
 
 #[cfg(test)]
@@ -365,25 +386,28 @@ mod tests {
     #[test]
     fn a_sequence_costs_prompt_tokens_at_one_and_generated_ones_at_output_weight() {
         let (tx, _rx) = tmpsc::unbounded_channel();
-        let mut s = admit(NewSeq {
-            tenant: "t".into(),
-            weight: 1.0,
-            output_weight: 3.0,
-            prompt: vec![1; 10],
-            max_tokens: 8,
-            sampling: SamplingConfig {
-                temperature: 0.0,
-                top_p: 1.0,
-                top_k: 0,
+        let mut s = admit(
+            NewSeq {
+                tenant: "t".into(),
+                weight: 1.0,
+                output_weight: 3.0,
+                prompt: vec![1; 10],
+                max_tokens: 8,
+                sampling: SamplingConfig {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                },
+                seed: 0,
+                stop: vec![],
+                logprobs: None,
+                prompt_logprobs: false,
+                penalties: None,
+                json: None,
+                tx,
             },
-            seed: 0,
-            stop: vec![],
-            logprobs: None,
-            prompt_logprobs: false,
-            penalties: None,
-            json: None,
-            tx,
-        });
+            0,
+        );
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");
         s.computed = 8;
         s.tokens.extend([5, 6]); // two generated tokens, not yet computed
@@ -394,5 +418,55 @@ mod tests {
         );
         s.computed = 11;
         assert_eq!(s.token_cost(1), 3.0, "a decode");
+    }
+
+    #[test]
+    fn tokens_still_on_the_device_are_drawn_not_emitted_and_resolved_in_order() {
+        use kernels::backend::FROM_LAST;
+        let (tx, _rx) = tmpsc::unbounded_channel();
+        let path = std::env::temp_dir().join(format!("tollgate-seq-{}.gguf", std::process::id()));
+        kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
+        let tok = Tokenizer::from_gguf(&kernels::gguf::Gguf::open(&path).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut s = admit(
+            NewSeq {
+                tenant: "t".into(),
+                weight: 1.0,
+                output_weight: 1.0,
+                prompt: vec![1; 4],
+                max_tokens: 2,
+                sampling: SamplingConfig {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                },
+                seed: 0,
+                stop: vec![],
+                logprobs: None,
+                prompt_logprobs: false,
+                penalties: None,
+                json: None,
+                tx,
+            },
+            0,
+        );
+        // The prefill is in flight, drawing the first token from its row 3.
+        s.computed = 4;
+        s.tokens.push(FROM_LAST | 3);
+        assert_eq!((s.generated(), s.emitted(), s.pending()), (1, 0, 1));
+        // The decode after it is in flight too, drawing the last token (max_tokens 2).
+        s.computed = 5;
+        s.tokens.push(FROM_LAST); // its row 0
+        assert_eq!(s.generated(), 2);
+        assert_eq!(s.pending(), 0, "nothing is drawn after the last token");
+        s.take(40, None, &tok);
+        assert_eq!(s.tokens, [1, 1, 1, 1, 40, FROM_LAST]);
+        assert_eq!((s.emitted(), s.resolved), (1, 5));
+        s.take(41, None, &tok);
+        assert_eq!(&s.tokens[4..], [40, 41]);
+        assert_eq!(s.usage().completion_tokens, 2);
+        // Known on the host from here on: tokens are pushed.
+        s.take(42, None, &tok);
+        assert_eq!(&s.tokens[4..], [40, 41, 42]);
     }
 }
