@@ -122,14 +122,14 @@ fn time_overlapped(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters:
         next.push(&[FROM_LAST | s as u32], ctx, table(s, per), true);
     }
     let params = vec![SampleParams::GREEDY; n];
-    b.submit(&first, &params, &[]).expect("decode step");
+    b.submit(&first, &params, &[], &[]).expect("decode step");
     for _ in 0..3 {
-        b.submit(&next, &params, &[]).expect("decode step");
+        b.submit(&next, &params, &[], &[]).expect("decode step");
         b.collect().expect("decode step");
     }
     let t = Instant::now();
     for _ in 0..iters {
-        b.submit(&next, &params, &[]).expect("decode step");
+        b.submit(&next, &params, &[], &[]).expect("decode step");
         b.collect().expect("decode step");
     }
     b.collect().expect("decode step");

@@ -78,25 +78,29 @@ pub trait Backend: Send {
         false
     }
     /// Sends [`Backend::step_sample`]'s step without waiting for it; its tokens come from
-    /// [`Backend::collect`], in the order the steps were sent. `batch`'s tokens may be
+    /// [`Backend::collect`], in the order the steps were sent, with the logits of its rows
+    /// `want` (indices among its logits rows, as [`Backend::logits_rows`] takes them, whose
+    /// answer they are). `batch`'s tokens may be
     /// [`FROM_LAST`]` | r` (row `r` of the step sent just before, collected or not). At
     /// most two steps are sent and not collected; while any is,
     /// [`Backend::step_sample`], [`Backend::step`] and [`Backend::logits_rows`] fail.
-    /// After an error no step is pending.
+    /// After a device error no step is pending; a refused batch leaves those before it.
     fn submit(
         &mut self,
         batch: &Batch,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
+        want: &[usize],
     ) -> Result<(), StepError> {
-        let _ = (batch, params, adjust);
+        let _ = (batch, params, adjust, want);
         Err(StepError::BadBatch(
             "this backend does not overlap steps".into(),
         ))
     }
     /// The tokens of the oldest step sent by [`Backend::submit`] and not collected (waits
-    /// for it). After an error no step is pending.
-    fn collect(&mut self) -> Result<Vec<u32>, StepError> {
+    /// for it), and the logits rows it was asked for. After a device error no step is
+    /// pending.
+    fn collect(&mut self) -> Result<(Vec<u32>, Vec<f32>), StepError> {
         Err(StepError::BadBatch("no step was submitted".into()))
     }
     /// Steps sent by [`Backend::submit`] and not collected.

@@ -188,28 +188,37 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     // Graph decode steps, then direct launches.
     for graphs in [true, false] {
         cuda.set_graphs(graphs).unwrap();
+        // Some steps also read some rows' logits back (none, one, rows apart).
+        let rows = |k: usize| -> Vec<usize> { [vec![], vec![4], vec![9, 2, 5]][k % 3].clone() };
         // One step at a time: each decode step's tokens known on the host.
         let mut want = Vec::new();
         let mut b = prefill(n);
-        want.push(cuda.step_sample(&b, &params(0), &[]).unwrap());
+        let t = cuda.step_sample(&b, &params(0), &[]).unwrap();
+        want.push((t, cuda.logits_rows(&rows(0)).unwrap()));
         for k in 1..=steps {
-            b = decode(&b, &want[k - 1]);
-            want.push(cuda.step_sample(&b, &params(k as u32), &[]).unwrap());
+            b = decode(&b, &want[k - 1].0);
+            let t = cuda.step_sample(&b, &params(k as u32), &[]).unwrap();
+            want.push((t, cuda.logits_rows(&rows(k)).unwrap()));
         }
         // Each step sent before the one before is collected, its tokens that one's.
         let from_last: Vec<u32> = (0..n as u32).map(|r| FROM_LAST | r).collect();
         let mut b = prefill(n);
-        cuda.submit(&b, &params(0), &[]).unwrap();
+        cuda.submit(&b, &params(0), &[], &rows(0)).unwrap();
         let mut got = Vec::new();
         for k in 1..=steps {
             b = decode(&b, &from_last);
-            cuda.submit(&b, &params(k as u32), &[]).unwrap();
+            cuda.submit(&b, &params(k as u32), &[], &rows(k)).unwrap();
             assert_eq!(cuda.pending(), 2);
             got.push(cuda.collect().unwrap());
         }
         got.push(cuda.collect().unwrap());
-        assert_eq!(got, want, "graphs {graphs}");
         assert_eq!(cuda.pending(), 0);
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.0, w.0, "graphs {graphs}: step {k}'s tokens");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g.1), bits(&w.1), "graphs {graphs}: step {k}'s logits");
+            assert_eq!(g.1.len(), rows(k).len() * cuda.config().vocab);
+        }
     }
     // What a submitted step may not do.
     let b = prefill(n);
@@ -217,29 +226,23 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let mut past = decode(&b, &[5; 12]);
     past.tokens[3] = FROM_LAST | 3;
     cuda.step(&b).unwrap();
-    assert!(
-        bad(cuda.submit(&past, &params(0), &[])),
-        "no submitted step before it"
-    );
-    cuda.submit(&b, &params(0), &[]).unwrap();
+    let submitted = cuda.submit(&past, &params(0), &[], &[]);
+    assert!(bad(submitted), "no submitted step before it");
+    cuda.submit(&b, &params(0), &[], &[]).unwrap();
     past.tokens[3] = FROM_LAST | n as u32;
-    assert!(
-        bad(cuda.submit(&past, &params(1), &[])),
-        "a row past the step before's"
-    );
-    assert!(
-        cuda.step_sample(&b, &params(0), &[]).is_err(),
-        "a step in flight"
-    );
-    assert!(cuda.logits_rows(&[0]).is_err(), "logits while in flight");
+    let submitted = cuda.submit(&past, &params(1), &[], &[]);
+    assert!(bad(submitted), "a row past the step before's");
     past.tokens[3] = FROM_LAST | 11;
-    cuda.submit(&past, &params(1), &[]).unwrap();
-    assert!(
-        bad(cuda.submit(&past, &params(1), &[])),
-        "a third step in flight"
-    );
-    assert_eq!(cuda.collect().unwrap().len(), n);
-    assert_eq!(cuda.collect().unwrap().len(), n);
+    let submitted = cuda.submit(&past, &params(1), &[], &[n]);
+    assert!(bad(submitted), "logits past its rows");
+    let sync = cuda.step_sample(&b, &params(0), &[]);
+    assert!(sync.is_err(), "a step in flight");
+    assert!(cuda.logits_rows(&[0]).is_err(), "logits while in flight");
+    cuda.submit(&past, &params(1), &[], &[]).unwrap();
+    let submitted = cuda.submit(&past, &params(1), &[], &[]);
+    assert!(bad(submitted), "a third step in flight");
+    assert_eq!(cuda.collect().unwrap().0.len(), n);
+    assert_eq!(cuda.collect().unwrap().0.len(), n);
     assert!(cuda.collect().is_err(), "nothing in flight");
     assert_eq!(cuda.step_sample(&b, &params(0), &[]).unwrap().len(), n);
 }

@@ -10,10 +10,11 @@
 //! a step in flight holds [`FROM_LAST`]` | row` in its place, which the next step's batch
 //! carries and the device resolves; collecting replaces it. So the host's work between two
 //! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
-//! What the host must see first keeps the step after it waiting for it: a sequence with
-//! penalties, JSON mode or log-probabilities, or a prompt being scored, anywhere in the
-//! engine, and a sequence short of a KV block (preemption waits for the step in flight,
-//! which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
+//! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
+//! the step's tokens. What the host must see first keeps the step after it waiting for
+//! it: a sequence with penalties or JSON mode anywhere in the engine (its next row's
+//! adjustment depends on its last token), and a sequence short of a KV block (preemption
+//! waits for the step in flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
 //! already; that token is dropped. Its blocks are freed at once: everything on the device
 //! runs in order, so a block handed out again is written only after that step.
 
@@ -25,6 +26,7 @@ use super::scheduler::{self, Limits, Plan, Schedulable};
 use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
+use kernels::adjust::Adjust;
 use kernels::backend::{Backend, FROM_LAST};
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
@@ -96,19 +98,23 @@ enum Turn {
 
 /// A sequence's part in a step: its id and its index in `running` when the step was
 /// planned (an index only goes down while the step runs: sequences leave, and new ones
-/// join at the end), its first logits row and how many it has.
+/// join at the end), its first logits row and how many it has, and its tokens computed
+/// once the step has run.
 #[derive(Clone, Copy)]
 struct Part {
     id: u64,
     at: usize,
     row: usize,
     rows: usize,
+    end: usize,
 }
 
-/// A step sent and not yet collected: its sequences, and each logits row's drawing one.
+/// A step sent and not yet collected: its sequences, each logits row's drawing one, and
+/// the rows whose logits come back with its tokens.
 struct Flight {
     parts: Vec<Part>,
     draws: Vec<Option<Part>>,
+    want: Vec<usize>,
 }
 
 /// The engine thread's state, beside its backend (which a device fault replaces).
@@ -134,6 +140,58 @@ struct Engine {
     /// the one in flight is collected (so that it may preempt).
     plan_after: bool,
     next_id: u64,
+}
+
+/// Runs `f`, a call into the backend, as the step in progress (which the engine's probe
+/// watches for a stuck device), adding its time to `backend_ns`.
+fn in_backend<T>(stats: &EngineStats, backend_ns: &mut u64, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
+    let out = f();
+    stats.step_since_ms.store(0, Ordering::Relaxed);
+    *backend_ns += t.elapsed().as_nanos() as u64;
+    out
+}
+
+/// The logits rows of a step that the host reads back: a prompt's rows being scored, and
+/// the rows of sequences that want log-probabilities or whose adjustment is not made on
+/// the device (`adjust`: the rows that are).
+fn wanted(running: &[Seq], draws: &[Option<usize>], adjust: &[Option<Adjust>]) -> Vec<usize> {
+    let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
+    (0..draws.len())
+        .filter(|&r| match draws[r].map(|i| &running[i]) {
+            None => true,
+            Some(s) => s.logprobs.is_some() || s.constrained() && !on_device(r),
+        })
+        .collect()
+}
+
+/// A backend's answer is checked before any of it reaches a client: the right number of
+/// rows (`rows`), token ids inside the vocabulary, and the logits rows asked for.
+fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
+    let bad = |m: String| Err(StepError::Device(m));
+    let got = match &next {
+        Next::Tokens(t, ..) => t.len(),
+        Next::Logits(l) => l.len() / vocab.max(1),
+    };
+    if got != rows {
+        return bad(format!("the backend returned {got} rows for {rows}"));
+    }
+    if let Next::Tokens(t, want, logits) = &next {
+        if logits.len() != want.len() * vocab {
+            return bad(format!(
+                "the backend returned {} floats for {} logits rows",
+                logits.len(),
+                want.len()
+            ));
+        }
+        if let Some(id) = t.iter().find(|&&id| id as usize >= vocab) {
+            return bad(format!(
+                "the backend sampled token {id}, past the vocabulary"
+            ));
+        }
+    }
+    Ok(next)
 }
 
 /// Where sequence `p.id` is in `running` now, if it still is.
@@ -270,11 +328,13 @@ impl Engine {
             .iter()
             .zip(&batch.seqs)
             .map(|(&(i, _), b)| {
+                let s = &self.running[i];
                 let p = Part {
-                    id: self.running[i].id,
+                    id: s.id,
                     at: i,
                     row,
                     rows: b.logits,
+                    end: s.computed,
                 };
                 row += b.logits;
                 p
@@ -296,11 +356,13 @@ impl Engine {
             .iter()
             .map(|d| d.map_or(SampleParams::GREEDY, |i| sample_params(&self.running[i])))
             .collect();
-        let t = Instant::now();
-        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
-        let sent = backend.submit(batch, &params, &[]);
-        self.stats.step_since_ms.store(0, Ordering::Relaxed);
-        *backend_ns += t.elapsed().as_nanos() as u64;
+        let want = wanted(&self.running, draws, &[]);
+        self.stats
+            .rows_read_back
+            .fetch_add(want.len() as u64, Ordering::Relaxed);
+        let sent = in_backend(&self.stats, backend_ns, || {
+            backend.submit(batch, &params, &[], &want)
+        });
         let before = self.flight.take();
         let parts = self.parts(plan, batch);
         if let Err(e) = sent {
@@ -327,12 +389,14 @@ impl Engine {
                     at: i,
                     row,
                     rows: 1,
+                    end: s.computed,
                 }
             }));
         }
         let now = Flight {
             parts,
             draws: drawing,
+            want,
         };
         match before {
             Some(f) => {
@@ -367,32 +431,17 @@ impl Engine {
         newer: Option<&Flight>,
         backend_ns: &mut u64,
     ) -> Turn {
-        let Some(f) = f else {
+        let Some(mut f) = f else {
             return Turn::Go;
         };
-        let t = Instant::now();
-        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
-        let got = backend.collect();
-        self.stats.step_since_ms.store(0, Ordering::Relaxed);
-        *backend_ns += t.elapsed().as_nanos() as u64;
-        let got = got.and_then(|t| {
-            let bad = |m: String| Err(StepError::Device(m));
-            if t.len() != f.draws.len() {
-                return bad(format!(
-                    "the backend returned {} rows for {}",
-                    t.len(),
-                    f.draws.len()
-                ));
-            }
-            if let Some(id) = t.iter().find(|&&id| id as usize >= self.vocab) {
-                return bad(format!(
-                    "the backend sampled token {id}, past the vocabulary"
-                ));
-            }
-            Ok(t)
+        let got = in_backend(&self.stats, backend_ns, || backend.collect());
+        let vocab = self.vocab;
+        let got = got.and_then(|(t, logits)| {
+            let next = Next::Tokens(t, std::mem::take(&mut f.want), logits);
+            check(next, f.draws.len(), vocab)
         });
         match got {
-            Ok(tokens) => {
+            Ok(next) => {
                 let parts: Vec<(usize, Part)> = f
                     .parts
                     .iter()
@@ -403,7 +452,7 @@ impl Engine {
                     .iter()
                     .map(|d| d.as_ref().and_then(|p| find(&self.running, p)))
                     .collect();
-                self.finish(&parts, &draws, Next::Tokens(tokens, Vec::new(), Vec::new()));
+                self.finish(&parts, &draws, next);
                 Turn::Go
             }
             Err(e) => {
@@ -427,79 +476,41 @@ impl Engine {
         backend_ns: &mut u64,
     ) -> Turn {
         debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
-        let t = Instant::now();
-        self.stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
-        let stepped = if self.on_device {
-            let row_seqs: Vec<Option<&Seq>> =
-                draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
-            let params: Vec<SampleParams> = row_seqs
-                .iter()
-                .map(|s| s.map_or(SampleParams::GREEDY, sample_params))
-                .collect();
-            let adjust = draw::adjustments(
-                &row_seqs,
-                backend.adjust_room(),
-                self.vocab,
-                &self.tok,
-                &mut self.json_vocab,
-            );
-            let want: Vec<usize> = (0..row_seqs.len())
-                .filter(|&r| match row_seqs[r] {
-                    None => true,
-                    Some(s) => {
-                        s.logprobs.is_some()
-                            || s.constrained() && adjust.get(r).is_none_or(Option::is_none)
-                    }
+        let stepped = in_backend(&self.stats, backend_ns, || {
+            if self.on_device {
+                let row_seqs: Vec<Option<&Seq>> =
+                    draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
+                let params: Vec<SampleParams> = row_seqs
+                    .iter()
+                    .map(|s| s.map_or(SampleParams::GREEDY, sample_params))
+                    .collect();
+                let adjust = draw::adjustments(
+                    &row_seqs,
+                    backend.adjust_room(),
+                    self.vocab,
+                    &self.tok,
+                    &mut self.json_vocab,
+                );
+                let want = wanted(&self.running, draws, &adjust);
+                self.stats
+                    .rows_adjusted_on_device
+                    .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
+                self.stats
+                    .rows_read_back
+                    .fetch_add(want.len() as u64, Ordering::Relaxed);
+                backend.step_sample(batch, &params, &adjust).and_then(|t| {
+                    let rows = if want.is_empty() {
+                        Vec::new()
+                    } else {
+                        backend.logits_rows(&want)?
+                    };
+                    Ok(Next::Tokens(t, want, rows))
                 })
-                .collect();
-            self.stats
-                .rows_adjusted_on_device
-                .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
-            self.stats
-                .rows_read_back
-                .fetch_add(want.len() as u64, Ordering::Relaxed);
-            backend.step_sample(batch, &params, &adjust).and_then(|t| {
-                let rows = if want.is_empty() {
-                    Vec::new()
-                } else {
-                    backend.logits_rows(&want)?
-                };
-                Ok(Next::Tokens(t, want, rows))
-            })
-        } else {
-            backend.step(batch).map(Next::Logits)
-        };
-        self.stats.step_since_ms.store(0, Ordering::Relaxed);
-        *backend_ns += t.elapsed().as_nanos() as u64;
-        let rows = batch.n_logits();
-        let vocab = self.vocab;
-        // A backend's answer is checked before any of it reaches a client: the right
-        // number of rows, and token ids inside the vocabulary.
-        let stepped = stepped.and_then(|next| {
-            let bad = |m: String| Err(StepError::Device(m));
-            let got = match &next {
-                Next::Tokens(t, ..) => t.len(),
-                Next::Logits(l) => l.len() / vocab.max(1),
-            };
-            if got != rows {
-                return bad(format!("the backend returned {got} rows for {rows}"));
+            } else {
+                backend.step(batch).map(Next::Logits)
             }
-            if let Next::Tokens(t, want, logits) = &next {
-                if logits.len() != want.len() * vocab {
-                    return bad(format!(
-                        "the backend returned {} floats for {} logits rows",
-                        logits.len(),
-                        want.len()
-                    ));
-                }
-                if let Some(id) = t.iter().find(|&&id| id as usize >= vocab) {
-                    return bad(format!(
-                        "the backend sampled token {id}, past the vocabulary"
-                    ));
-                }
-            }
-            Ok(next)
         });
+        let stepped = stepped.and_then(|next| check(next, batch.n_logits(), self.vocab));
         match stepped {
             Ok(next) => {
                 self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -524,14 +535,8 @@ impl Engine {
         let (vocab, tok) = (self.vocab, &*self.tok);
         for &(i, p) in parts {
             let rows = p.row..p.row + p.rows;
-            score_prompt(
-                &mut self.running[i],
-                rows,
-                &next,
-                vocab,
-                tok,
-                &mut self.outbox,
-            );
+            let s = &mut self.running[i];
+            score_prompt(s, p.end, rows, &next, vocab, tok, &mut self.outbox);
         }
         // Each drawing sequence's row of the step's answer; every such token drawn at once.
         let mut rows: Vec<Option<usize>> = vec![None; self.running.len()];
@@ -752,11 +757,12 @@ pub(super) fn read_back<'a>(
 }
 
 /// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of the
-/// tokens it computed this step, if it is being scored): each row's logits give the next
+/// tokens it computed this step, up to `end`, if it is being scored): each row's logits give the next
 /// row's token its log-probability. Once every prompt token is scored, sends them
 /// ([`WorkerEvent::Prompt`], the first unscored).
 fn score_prompt(
     s: &mut Seq,
+    end: usize,
     rows: std::ops::Range<usize>,
     next: &Next,
     vocab: usize,
@@ -767,7 +773,6 @@ fn score_prompt(
         return;
     };
     let top = s.logprobs.unwrap_or(0) as usize;
-    let end = s.computed;
     for (j, row) in rows.clone().enumerate() {
         // Row `row` is position p; it scores token p + 1.
         let target = end - rows.len() + j + 1;

@@ -172,11 +172,12 @@ impl Seq {
     pub(super) fn emitted(&self) -> u32 {
         (self.resolved - self.prompt_len) as u32
     }
-    /// Whether it needs nothing of the host between its steps: no penalties, JSON mode or
-    /// log-probabilities, and no prompt being scored. Its next step may then be planned and
-    /// sent while its last still runs, its input token read on the device.
+    /// Whether its next step needs nothing of the host from its last: no penalties or JSON
+    /// mode, whose adjustment of its next row depends on its last token. Its next step
+    /// may then be planned and sent while its last still runs, its input token read on the
+    /// device.
     pub(super) fn plain(&self) -> bool {
-        !self.constrained() && self.logprobs.is_none() && self.prompt_next.is_none()
+        !self.constrained()
     }
     pub(super) fn usage(&self) -> Usage {
         Usage {

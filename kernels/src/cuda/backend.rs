@@ -66,12 +66,14 @@ pub struct CudaBackend<E: Exec = Gpu> {
     /// Host side of the staging buffer (page-locked on a GPU): two, used in turn, so that
     /// a step's words are written while the step before may still be copying its own.
     pinned: [E::Host; 2],
-    /// Where the sampled tokens of a submitted step land, by its staging buffer's turn.
+    /// Where the sampled tokens of a submitted step land, by its staging buffer's turn;
+    /// and the logits rows it asked for, with their room in words (grown on demand).
     answers: [E::Host; 2],
+    spans: [Option<(E::Host, usize)>; 2],
     /// The staging buffer the next step writes.
     turn: usize,
-    /// Steps submitted and not collected, oldest first: their turn and tokens.
-    flight: VecDeque<(usize, usize)>,
+    /// Steps submitted and not collected, oldest first.
+    flight: VecDeque<InFlight>,
     /// Tokens the last submitted step samples (what [`FROM_LAST`] may refer to; 0 after
     /// any other step).
     last_sampled: usize,
@@ -85,6 +87,15 @@ pub struct CudaBackend<E: Exec = Gpu> {
     tuned: Vec<SmallProductTiming>,
     /// Logits rows the last step left in the logits buffer.
     last_rows: usize,
+}
+
+/// A step submitted and not collected: its staging buffer's turn, its tokens, the logits
+/// rows asked for and the first of them (they come back as one span from it).
+struct InFlight {
+    turn: usize,
+    tokens: usize,
+    want: Vec<usize>,
+    lo: usize,
 }
 
 /// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
@@ -175,6 +186,7 @@ impl<E: Exec> CudaBackend<E> {
             dev,
             pinned,
             answers,
+            spans: [None, None],
             turn: 0,
             flight: VecDeque::new(),
             last_sampled: 0,
@@ -671,6 +683,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         batch: &Batch,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
+        want: &[usize],
     ) -> Result<(), StepError> {
         if self.flight.len() >= 2 {
             return Err(StepError::BadBatch(
@@ -682,34 +695,70 @@ impl<E: Exec> Backend for CudaBackend<E> {
         if batch.tokens.is_empty() {
             return Err(StepError::BadBatch("an empty step".into()));
         }
+        if let Some(r) = want.iter().find(|&&r| r >= batch.n_logits()) {
+            return Err(StepError::BadBatch(format!(
+                "logits row {r} of a step with {}",
+                batch.n_logits()
+            )));
+        }
         let graph = self.graph_for(batch);
         self.last_rows = 0;
-        let slot = self.turn;
+        let turn = self.turn;
+        let (lo, hi) = match (want.iter().min(), want.iter().max()) {
+            (Some(&lo), Some(&hi)) => (lo, hi + 1),
+            _ => (0, 0),
+        };
         let sent = self
             .launch(batch, 0, graph, Some((params, adjust)))
             .and_then(|rows| {
                 let e = &self.dev.exec;
-                e.receive(&self.dev.bufs.sampled, rows, &mut self.answers[slot])?;
+                e.receive(&self.dev.bufs.sampled, 0..rows, &mut self.answers[turn])?;
+                if hi > lo {
+                    // One copy of the rows from the first asked to the last (a step's logits
+                    // rows are contiguous).
+                    let vocab = self.dev.config.vocab;
+                    let words = (hi - lo) * vocab;
+                    let span = match self.spans[turn].take() {
+                        Some((h, room)) if room >= words => (h, room),
+                        _ => (e.host(words)?, words),
+                    };
+                    let h = &mut self.spans[turn].insert(span).0;
+                    e.receive(&self.dev.bufs.logits, lo * vocab..hi * vocab, h)?;
+                }
                 Ok(rows)
             });
         match sent {
-            Ok(rows) => {
-                self.flight.push_back((slot, rows));
-                self.last_sampled = rows;
+            Ok(tokens) => {
+                self.flight.push_back(InFlight {
+                    turn,
+                    tokens,
+                    want: want.to_vec(),
+                    lo,
+                });
+                self.last_sampled = tokens;
                 Ok(())
             }
             Err(e) => Err(self.abandon(e)),
         }
     }
-    fn collect(&mut self) -> Result<Vec<u32>, StepError> {
-        let Some((slot, rows)) = self.flight.pop_front() else {
+    fn collect(&mut self) -> Result<(Vec<u32>, Vec<f32>), StepError> {
+        let Some(f) = self.flight.pop_front() else {
             return Err(StepError::BadBatch("no step is in flight".into()));
         };
         let e = &self.dev.exec;
-        let got = e
-            .make_current()
-            .and_then(|()| e.host_words(&mut self.answers[slot]))
-            .map(|w| w[..rows].to_vec());
+        let vocab = self.dev.config.vocab;
+        let got = e.make_current().and_then(|()| {
+            let tokens = e.host_words(&mut self.answers[f.turn])?[..f.tokens].to_vec();
+            let mut logits = Vec::with_capacity(f.want.len() * vocab);
+            if let Some((h, _)) = self.spans[f.turn].as_mut().filter(|_| !f.want.is_empty()) {
+                let span = e.host_words(h)?;
+                for &r in &f.want {
+                    let row = &span[(r - f.lo) * vocab..(r - f.lo + 1) * vocab];
+                    logits.extend(row.iter().map(|&w| f32::from_bits(w)));
+                }
+            }
+            Ok((tokens, logits))
+        });
         got.map_err(|e| self.abandon(e))
     }
     fn pending(&self) -> usize {

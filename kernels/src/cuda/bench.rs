@@ -616,10 +616,12 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let o_seq = e.zeros::<i32>(tt)?;
         let o_tab = e.zeros::<i32>(ns * mb)?;
         let o_log = e.zeros::<i32>(ns)?;
+        // The step before's sampled tokens (no token word here stands for one).
+        let last = e.zeros::<u32>(ns)?;
         let n_threads = (ns * mb).max(tt) as u32;
         let args = [
             st.arg(),
-            o_log.arg(),
+            last.arg(),
             i(ns),
             i(tt),
             i(mb),

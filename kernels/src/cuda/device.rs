@@ -226,26 +226,23 @@ impl Exec for Gpu {
         Ok(())
     }
 
-    fn receive(
+    fn receive<T: Elem>(
         &self,
-        src: &CudaSlice<u32>,
-        n: usize,
+        src: &CudaSlice<T>,
+        r: std::ops::Range<usize>,
         h: &mut PinnedWords,
     ) -> Result<(), ExecError> {
-        if n > src.len() || n > h.words.len() {
-            return Err(ExecError::Bounds(format!(
-                "receiving {n} words from {} into {}",
-                src.len(),
-                h.words.len()
-            )));
-        }
+        super::exec::check_receive::<T>(&r, src.len(), h.words.len())?;
         let s = &self.stream;
-        let (src, _sync) = src.device_ptr(s);
+        let (base, _sync) = src.device_ptr(s);
         let dst = h.words.as_mut_slice()?;
-        // SAFETY: both sides hold at least `n` words (checked above); the host side is
-        // page-locked and read only through `host_words`, which waits for the event
-        // recorded after this copy.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut dst[..n], src, s.cu_stream()) }?;
+        let at = base + (r.start * std::mem::size_of::<T>()) as u64;
+        // SAFETY: the source holds elements `r`, of a word each, and the host side at
+        // least as many words (`check_receive`); the host side is page-locked and read only
+        // through `host_words`, which waits for the event recorded after this copy.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut dst[..r.len()], at, s.cu_stream())
+        }?;
         h.copied.record(s)?;
         Ok(())
     }

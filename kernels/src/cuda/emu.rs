@@ -505,16 +505,20 @@ impl Exec for Emu {
         Ok(())
     }
 
-    fn receive(&self, src: &EmuBuf<u32>, n: usize, h: &mut Vec<u32>) -> Result<(), ExecError> {
+    fn receive<T: Elem>(
+        &self,
+        src: &EmuBuf<T>,
+        r: std::ops::Range<usize>,
+        h: &mut Vec<u32>,
+    ) -> Result<(), ExecError> {
         self.sticky()?;
-        if n > src.len || n > h.len() {
-            return Err(ExecError::Bounds(format!(
-                "receiving {n} words from {} into {}",
-                src.len,
-                h.len()
-            )));
-        }
-        h[..n].copy_from_slice(&src.as_slice()[..n]);
+        super::exec::check_receive::<T>(&r, src.len, h.len())?;
+        let n = r.len();
+        let from = src.as_slice()[r].as_ptr().cast::<u32>();
+        // SAFETY: `check_receive` holds `T` to 4 bytes, so the `n` elements are `n` words,
+        // aligned as the buffer's elements (every `Elem` of 4 bytes is aligned to 4).
+        let words = unsafe { std::slice::from_raw_parts(from, n) };
+        h[..n].copy_from_slice(words);
         Ok(())
     }
 

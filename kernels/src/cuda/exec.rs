@@ -135,9 +135,15 @@ pub trait Exec: Send {
     fn host_words<'a>(&self, h: &'a mut Self::Host) -> Result<&'a mut [u32], ExecError>;
     /// Enqueues the copy of the first `n` words of `h` into `dst`.
     fn send(&self, h: &Self::Host, n: usize, dst: &mut Self::Buf<u32>) -> Result<(), ExecError>;
-    /// Enqueues the copy of the first `n` words of `src` into `h` (read them through
-    /// [`Exec::host_words`], which waits for it).
-    fn receive(&self, src: &Self::Buf<u32>, n: usize, h: &mut Self::Host) -> Result<(), ExecError>;
+    /// Enqueues the copy of elements `r` of `src` (of 4 bytes each: tokens, logits) into
+    /// the first words of `h`, as their bits (read them through [`Exec::host_words`], which
+    /// waits for it).
+    fn receive<T: Elem>(
+        &self,
+        src: &Self::Buf<T>,
+        r: Range<usize>,
+        h: &mut Self::Host,
+    ) -> Result<(), ExecError>;
     /// Starts capturing: launches and products are recorded into a graph, not run.
     fn begin_capture(&self) -> Result<(), ExecError>;
     /// Ends the capture begun last (always leaving capture mode) and returns its graph.
@@ -171,6 +177,22 @@ pub trait Exec: Send {
     }
     /// What it is, for logs and reports.
     fn describe(&self) -> String;
+}
+
+/// Checks a copy of elements `r` of a buffer of `len` `T`s into `words` host words: `T`
+/// of one word, `r` inside the buffer, and room for it.
+pub(super) fn check_receive<T: Elem>(
+    r: &Range<usize>,
+    len: usize,
+    words: usize,
+) -> Result<(), ExecError> {
+    if std::mem::size_of::<T>() != 4 || r.start > r.end || r.end > len || r.len() > words {
+        return Err(ExecError::Bounds(format!(
+            "receiving elements {r:?} of a buffer of {len} {} into {words} words",
+            std::any::type_name::<T>()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a product's extents against its buffers.
