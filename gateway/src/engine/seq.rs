@@ -384,31 +384,42 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc as tmpsc;
 
+    /// A greedy sequence of `prompt`, up to `max_tokens` generated ones costing
+    /// `output_weight` each; and the receiving end of its events.
+    fn greedy(
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        output_weight: f64,
+    ) -> (
+        Seq,
+        tmpsc::UnboundedReceiver<Result<WorkerEvent, crate::worker::WorkerError>>,
+    ) {
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let n = NewSeq {
+            tenant: "t".into(),
+            weight: 1.0,
+            output_weight,
+            prompt,
+            max_tokens,
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            seed: 0,
+            stop: vec![],
+            logprobs: None,
+            prompt_logprobs: false,
+            penalties: None,
+            json: None,
+            tx,
+        };
+        (admit(n, 0), rx)
+    }
+
     #[test]
     fn a_sequence_costs_prompt_tokens_at_one_and_generated_ones_at_output_weight() {
-        let (tx, _rx) = tmpsc::unbounded_channel();
-        let mut s = admit(
-            NewSeq {
-                tenant: "t".into(),
-                weight: 1.0,
-                output_weight: 3.0,
-                prompt: vec![1; 10],
-                max_tokens: 8,
-                sampling: SamplingConfig {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    top_k: 0,
-                },
-                seed: 0,
-                stop: vec![],
-                logprobs: None,
-                prompt_logprobs: false,
-                penalties: None,
-                json: None,
-                tx,
-            },
-            0,
-        );
+        let (mut s, _rx) = greedy(vec![1; 10], 8, 3.0);
         assert_eq!(s.token_cost(4), 4.0, "a prefill chunk");
         s.computed = 8;
         s.tokens.extend([5, 6]); // two generated tokens, not yet computed
@@ -424,33 +435,11 @@ mod tests {
     #[test]
     fn tokens_still_on_the_device_are_drawn_not_emitted_and_resolved_in_order() {
         use kernels::backend::FROM_LAST;
-        let (tx, _rx) = tmpsc::unbounded_channel();
         let path = std::env::temp_dir().join(format!("tollgate-seq-{}.gguf", std::process::id()));
         kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
         let tok = Tokenizer::from_gguf(&kernels::gguf::Gguf::open(&path).unwrap()).unwrap();
         let _ = std::fs::remove_file(&path);
-        let mut s = admit(
-            NewSeq {
-                tenant: "t".into(),
-                weight: 1.0,
-                output_weight: 1.0,
-                prompt: vec![1; 4],
-                max_tokens: 2,
-                sampling: SamplingConfig {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    top_k: 0,
-                },
-                seed: 0,
-                stop: vec![],
-                logprobs: None,
-                prompt_logprobs: false,
-                penalties: None,
-                json: None,
-                tx,
-            },
-            0,
-        );
+        let (mut s, _rx) = greedy(vec![1; 4], 2, 1.0);
         // The prefill is in flight, drawing the first token from its row 3.
         s.computed = 4;
         s.tokens.push(FROM_LAST | 3);
