@@ -96,14 +96,20 @@ enum Turn {
     Fault(String),
 }
 
-/// A sequence's part in a step: its id and its index in `running` when the step was
-/// planned (an index only goes down while the step runs: sequences leave, and new ones
-/// join at the end), its first logits row and how many it has, and its tokens computed
-/// once the step has run.
+/// A sequence of a step: its id and its index in `running` when the step was planned (an
+/// index only goes down while the step runs: sequences leave, and new ones join at the
+/// end).
 #[derive(Clone, Copy)]
-struct Part {
+struct Who {
     id: u64,
     at: usize,
+}
+
+/// A sequence's part in a step: who, its first logits row and how many it has, and its
+/// tokens computed once the step has run.
+#[derive(Clone, Copy)]
+struct Part {
+    who: Who,
     row: usize,
     rows: usize,
     end: usize,
@@ -113,7 +119,7 @@ struct Part {
 /// the rows whose logits come back with its tokens.
 struct Flight {
     parts: Vec<Part>,
-    draws: Vec<Option<Part>>,
+    draws: Vec<Option<Who>>,
     want: Vec<usize>,
 }
 
@@ -151,6 +157,15 @@ fn in_backend<T>(stats: &EngineStats, backend_ns: &mut u64, f: impl FnOnce() -> 
     stats.step_since_ms.store(0, Ordering::Relaxed);
     *backend_ns += t.elapsed().as_nanos() as u64;
     out
+}
+
+/// Each logits row's sampling parameters: its drawing sequence's, greedy for a prompt's
+/// row.
+fn params(running: &[Seq], draws: &[Option<usize>]) -> Vec<SampleParams> {
+    draws
+        .iter()
+        .map(|d| d.map_or(SampleParams::GREEDY, |i| sample_params(&running[i])))
+        .collect()
 }
 
 /// The logits rows of a step that the host reads back: a prompt's rows being scored, and
@@ -194,10 +209,10 @@ fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
     Ok(next)
 }
 
-/// Where sequence `p.id` is in `running` now, if it still is.
-fn find(running: &[Seq], p: &Part) -> Option<usize> {
-    let top = p.at.min(running.len().checked_sub(1)?);
-    (0..=top).rev().find(|&i| running[i].id == p.id)
+/// Where sequence `w.id` is in `running` now, if it still is.
+fn find(running: &[Seq], w: &Who) -> Option<usize> {
+    let top = w.at.min(running.len().checked_sub(1)?);
+    (0..=top).rev().find(|&i| running[i].id == w.id)
 }
 
 impl Engine {
@@ -330,8 +345,7 @@ impl Engine {
             .map(|(&(i, _), b)| {
                 let s = &self.running[i];
                 let p = Part {
-                    id: s.id,
-                    at: i,
+                    who: Who { id: s.id, at: i },
                     row,
                     rows: b.logits,
                     end: s.computed,
@@ -352,10 +366,7 @@ impl Engine {
         draws: &[Option<usize>],
         backend_ns: &mut u64,
     ) -> Turn {
-        let params: Vec<SampleParams> = draws
-            .iter()
-            .map(|d| d.map_or(SampleParams::GREEDY, |i| sample_params(&self.running[i])))
-            .collect();
+        let params = params(&self.running, draws);
         let want = wanted(&self.running, draws, &[]);
         self.stats
             .rows_read_back
@@ -384,13 +395,7 @@ impl Engine {
             drawing.push(d.map(|i| {
                 let s = &mut self.running[i];
                 s.tokens.push(FROM_LAST | row as u32);
-                Part {
-                    id: s.id,
-                    at: i,
-                    row,
-                    rows: 1,
-                    end: s.computed,
-                }
+                Who { id: s.id, at: i }
             }));
         }
         let now = Flight {
@@ -418,7 +423,7 @@ impl Engine {
     fn present(&self, f: &Flight) -> Vec<usize> {
         f.parts
             .iter()
-            .filter_map(|p| find(&self.running, p))
+            .filter_map(|p| find(&self.running, &p.who))
             .collect()
     }
 
@@ -445,7 +450,7 @@ impl Engine {
                 let parts: Vec<(usize, Part)> = f
                     .parts
                     .iter()
-                    .filter_map(|p| Some((find(&self.running, p)?, *p)))
+                    .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
                     .collect();
                 let draws: Vec<Option<usize>> = f
                     .draws
@@ -480,10 +485,7 @@ impl Engine {
             if self.on_device {
                 let row_seqs: Vec<Option<&Seq>> =
                     draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
-                let params: Vec<SampleParams> = row_seqs
-                    .iter()
-                    .map(|s| s.map_or(SampleParams::GREEDY, sample_params))
-                    .collect();
+                let params = params(&self.running, draws);
                 let adjust = draw::adjustments(
                     &row_seqs,
                     backend.adjust_room(),

@@ -63,14 +63,10 @@ struct Graph<E: Exec> {
 /// the same kernel sources, launches and graph logic.
 pub struct CudaBackend<E: Exec = Gpu> {
     dev: Device<E>,
-    /// Host side of the staging buffer (page-locked on a GPU): two, used in turn, so that
-    /// a step's words are written while the step before may still be copying its own.
-    pinned: [E::Host; 2],
-    /// Where the sampled tokens of a submitted step land, by its staging buffer's turn;
-    /// and the logits rows it asked for, with their room in words (grown on demand).
-    answers: [E::Host; 2],
-    spans: [Option<(E::Host, usize)>; 2],
-    /// The staging buffer the next step writes.
+    /// Host memory of two steps, used in turn, so that a step's words are written while
+    /// the step before may still be copying its own.
+    slots: [Slot<E>; 2],
+    /// The slot the next step uses.
     turn: usize,
     /// Steps submitted and not collected, oldest first.
     flight: VecDeque<InFlight>,
@@ -89,8 +85,27 @@ pub struct CudaBackend<E: Exec = Gpu> {
     last_rows: usize,
 }
 
-/// A step submitted and not collected: its staging buffer's turn, its tokens, the logits
-/// rows asked for and the first of them (they come back as one span from it).
+/// One step's host memory (page-locked on a GPU): its staging words, where its sampled
+/// tokens land, and where the logits rows it asked for land, with their room in words
+/// (grown on demand).
+struct Slot<E: Exec> {
+    staging: E::Host,
+    tokens: E::Host,
+    logits: Option<(E::Host, usize)>,
+}
+
+impl<E: Exec> Slot<E> {
+    fn new(exec: &E, staging: usize, tokens: usize) -> Result<Self, ExecError> {
+        Ok(Self {
+            staging: exec.host(staging)?,
+            tokens: exec.host(tokens)?,
+            logits: None,
+        })
+    }
+}
+
+/// A step submitted and not collected: its slot, its tokens, the logits rows asked for
+/// and the first of them (they come back as one span from it).
 struct InFlight {
     turn: usize,
     tokens: usize,
@@ -177,16 +192,13 @@ impl<E: Exec> CudaBackend<E> {
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
             + staging::adjust_room(dev.max_logits, dev.config.vocab);
-        let pinned = [dev.exec.host(cap)?, dev.exec.host(cap)?];
-        let answers = [
-            dev.exec.host(dev.max_logits)?,
-            dev.exec.host(dev.max_logits)?,
+        let slots = [
+            Slot::new(&dev.exec, cap, dev.max_logits)?,
+            Slot::new(&dev.exec, cap, dev.max_logits)?,
         ];
         let mut b = Self {
             dev,
-            pinned,
-            answers,
-            spans: [None, None],
+            slots,
             turn: 0,
             flight: VecDeque::new(),
             last_sampled: 0,
@@ -540,14 +552,17 @@ impl<E: Exec> CudaBackend<E> {
         let trash = self.dev.n_blocks as u32;
         self.dev.exec.make_current()?;
         // Waits for the last copy out of this buffer (two steps ago).
-        let host = self.dev.exec.host_words(&mut self.pinned[self.turn])?;
+        let host = self
+            .dev
+            .exec
+            .host_words(&mut self.slots[self.turn].staging)?;
         let (params, adjust) = sample.unwrap_or_default();
         // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
         // adjustments' room, which `step_checked` held the step to.
         let w = staging::write(host, batch, pad, self.dev.max_blocks, trash, params, adjust)
             .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
         self.dev.exec.send(
-            &self.pinned[self.turn],
+            &self.slots[self.turn].staging,
             w.words(),
             &mut self.dev.bufs.staging,
         )?;
@@ -712,17 +727,18 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .launch(batch, 0, graph, Some((params, adjust)))
             .and_then(|rows| {
                 let e = &self.dev.exec;
-                e.receive(&self.dev.bufs.sampled, 0..rows, &mut self.answers[turn])?;
+                let slot = &mut self.slots[turn];
+                e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens)?;
                 if hi > lo {
                     // One copy of the rows from the first asked to the last (a step's logits
                     // rows are contiguous).
                     let vocab = self.dev.config.vocab;
                     let words = (hi - lo) * vocab;
-                    let span = match self.spans[turn].take() {
+                    let span = match slot.logits.take() {
                         Some((h, room)) if room >= words => (h, room),
                         _ => (e.host(words)?, words),
                     };
-                    let h = &mut self.spans[turn].insert(span).0;
+                    let h = &mut slot.logits.insert(span).0;
                     e.receive(&self.dev.bufs.logits, lo * vocab..hi * vocab, h)?;
                 }
                 Ok(rows)
@@ -748,9 +764,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let e = &self.dev.exec;
         let vocab = self.dev.config.vocab;
         let got = e.make_current().and_then(|()| {
-            let tokens = e.host_words(&mut self.answers[f.turn])?[..f.tokens].to_vec();
+            let slot = &mut self.slots[f.turn];
+            let tokens = e.host_words(&mut slot.tokens)?[..f.tokens].to_vec();
             let mut logits = Vec::with_capacity(f.want.len() * vocab);
-            if let Some((h, _)) = self.spans[f.turn].as_mut().filter(|_| !f.want.is_empty()) {
+            if let Some((h, _)) = slot.logits.as_mut().filter(|_| !f.want.is_empty()) {
                 let span = e.host_words(h)?;
                 for &r in &f.want {
                     let row = &span[(r - f.lo) * vocab..(r - f.lo + 1) * vocab];
