@@ -12,7 +12,7 @@
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
-//! runs).
+//! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -74,6 +74,12 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         r.params.temperature = 0.8;
         r.params.top_p = 0.9;
         r.params.seed = Some(7);
+    }
+    // `PENALTIES=1`: presence and frequency penalties on every stream (each row's deltas
+    // go to the device, and count the token the step before drew there).
+    if std::env::var("PENALTIES").as_deref() == Ok("1") {
+        r.params.presence_penalty = 0.5;
+        r.params.frequency_penalty = 0.3;
     }
     r.prompt = Prompt::Chat(vec![gateway::worker::ChatMessage {
         role: "user".into(),

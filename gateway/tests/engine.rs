@@ -374,7 +374,22 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     r.params.logprobs = Some(1);
                     r.params.prompt_logprobs = true;
                 }
-                9 => r.params.presence_penalty = 0.7,
+                // Penalties drawn on the device, with steps planned ahead: each step counts
+                // the token the step before drew there.
+                2 => {
+                    r.params.presence_penalty = 0.9;
+                    r.params.frequency_penalty = 0.6;
+                }
+                3 => {
+                    r.params.frequency_penalty = 1.7;
+                    r.params.logit_bias = vec![(5, 1.5), (17, -2.0)];
+                }
+                11 => r.params.presence_penalty = -1.2,
+                // Penalties drawn on the host (with log-probabilities): steps wait.
+                9 => {
+                    r.params.presence_penalty = 0.7;
+                    r.params.logprobs = Some(1);
+                }
                 _ => {}
             }
             Arc::new(r)
@@ -396,15 +411,15 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     ..EngineConfig::default()
                 },
             );
-            // The request with penalties comes once the scored prompt's answer is done:
-            // until then steps are planned ahead, then they wait.
+            // The request with penalties drawn on the host comes once the scored prompt's
+            // answer is done: until then steps are planned ahead, then they wait.
             let spawn = |r: &Arc<WorkerRequest>| {
                 let (e, r) = (e.clone(), r.clone());
                 tokio::spawn(async move { events(&e, r).await })
             };
             let mut tasks: Vec<_> = reqs
                 .iter()
-                .map(|r| (r.params.presence_penalty == 0.0).then(|| spawn(r)))
+                .map(|r| (r.params.presence_penalty != 0.7).then(|| spawn(r)))
                 .collect();
             let mut got = vec![Vec::new(); reqs.len()];
             got[7] = tasks[7].take().unwrap().await.unwrap();

@@ -102,6 +102,7 @@ fn bench(c: &mut Criterion) {
                 let a = kernels::adjust::Adjust {
                     deltas: Vec::new(),
                     mask: Some(st.allowed(&jv, v.len())),
+                    carry: None,
                 };
                 a.apply(&mut logits);
                 logits[0]

@@ -16,12 +16,15 @@
 // (`twins::sample`), which computes sample_exp with the same fused multiply-adds.
 // About 10 passes over the row with both cuts (the bisection this replaced made ~80).
 //
-// A row may first be adjusted in place (its CPU twin: `Adjust::apply`): adjust[s] is
-// 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas,
-// mask_words, (token, delta as f32 bits) × n_deltas, mask words}. The deltas (penalties,
-// logit bias; one per token) are added, then every token whose mask bit is clear (or past
-// the mask's words) becomes −∞: a grammar's mask costs its bits in the step's staging copy
-// instead of the row's logits read back.
+// A row may first be adjusted in place (its CPU twin: `Adjust::apply_after`): adjust[s]
+// is 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas |
+// CARRIED, mask_words, (token, delta as f32 bits) × n_deltas, mask words, and when
+// CARRIED (bit 31): fresh, alt × n_deltas}. The deltas (penalties, logit bias; one per
+// token) are added, then every token whose mask bit is clear (or past the mask's words)
+// becomes −∞: a grammar's mask costs its bits in the step's staging copy instead of the
+// row's logits read back. A carried row's input token (tokens[logit_rows[s]]: drawn by
+// the step before, which the host had not seen when it planned this one) is counted by
+// the penalties too: its delta is alt[j] if it is the j-th listed token, else fresh.
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define FULL_WARP 0xffffffffu
@@ -161,7 +164,8 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
                                   const int* __restrict__ top_k, const float* __restrict__ top_p,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
                                   const u32* __restrict__ adjust, const u32* __restrict__ extra,
-                                  u32* __restrict__ out) {
+                                  const u32* __restrict__ tokens,
+                                  const int* __restrict__ logit_rows, u32* __restrict__ out) {
     pdl_begin();
     __shared__ float best_v[SAMPLE_WARPS];
     __shared__ int best_i[SAMPLE_WARPS];
@@ -170,18 +174,33 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
     __shared__ Select sel;
     __shared__ int pick_warp;
     __shared__ u64 pick_rest;
+    __shared__ int listed;
     int s = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* x = logits + (size_t)s * vocab;
     u32 at = adjust[s];
     if (at != 0xFFFFFFFFu) {
         const u32* a = extra + at;
-        u32 n_deltas = a[0], mask_words = a[1];
+        u32 n_deltas = a[0] & 0x7fffffffu, mask_words = a[1];
+        bool carried = (a[0] >> 31) != 0u;
+        const u32* mask = a + 2 + 2 * n_deltas;
+        const u32* carry = mask + mask_words;
+        u32 last = carried ? tokens[logit_rows[s]] : 0u;
+        if (threadIdx.x == 0) listed = 0;
+        __syncthreads();
         for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {
-            u32 t = a[2 + 2 * j];
-            if (t < (u32)vocab) x[t] += __int_as_float((int)a[3 + 2 * j]);
+            u32 t = a[2 + 2 * j], d = a[3 + 2 * j];
+            if (carried && t == last) {
+                d = carry[1 + j];
+                listed = 1;
+            }
+            if (t < (u32)vocab) x[t] += __int_as_float((int)d);
         }
         __syncthreads();
-        const u32* mask = a + 2 + 2 * n_deltas;
+        if (carried) {
+            if (threadIdx.x == 0 && !listed && last < (u32)vocab)
+                x[last] += __int_as_float((int)carry[0]);
+            __syncthreads();
+        }
         if (mask_words > 0)
             for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
                 u32 w = (u32)i >> 5;

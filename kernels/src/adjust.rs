@@ -4,9 +4,16 @@
 //! bitmask of the tokens that may come next (the others become −∞).
 //!
 //! On the GPU path an adjusted row travels in the step's staging copy
-//! ([`crate::cuda::staging`]) as words: `[n_deltas, mask_words, (token, delta bits) ×
-//! n_deltas, mask…]`, and only its sampled token comes back, instead of its whole row of
-//! logits. [`Adjust::apply`] is the kernel's CPU twin.
+//! ([`crate::cuda::staging`]) as words: `[n_deltas | CARRIED, mask_words, (token, delta
+//! bits) × n_deltas, mask…, (fresh, alt × n_deltas when carried)]`, and only its sampled
+//! token comes back, instead of its whole row of logits. [`Adjust::apply_after`] is the
+//! kernel's CPU twin.
+//!
+//! **A carried token.** A step planned while the one before still runs does not know the
+//! token that step draws, which is its row's input token and which the penalties must
+//! count. Its [`Carry`] says what to add instead once the device knows it (the token at
+//! the row's position in the step's batch): a listed token gets its alternative delta
+//! (the host's delta with that token counted once more), any other token `fresh`.
 
 /// What to do to a row of logits before sampling it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -16,7 +23,22 @@ pub struct Adjust {
     /// When present: bit `i % 32` of word `i / 32` set when token `i` may come; every
     /// other token (also any past the words) becomes −∞, after the deltas.
     pub mask: Option<Vec<u32>>,
+    /// When present: the row's input token is counted by the penalties too.
+    pub carry: Option<Carry>,
 }
+
+/// The deltas of an [`Adjust`] with the row's input token `t` counted once more: `t`'s
+/// delta becomes `alt[j]` where `deltas[j]` is `t`'s, and `fresh` is added to `t` where
+/// no delta is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Carry {
+    pub fresh: f32,
+    /// One per delta, in the same order.
+    pub alt: Vec<f32>,
+}
+
+/// The bit of an adjustment's first word that says a [`Carry`] follows its mask.
+pub const CARRIED: u32 = 1 << 31;
 
 impl Adjust {
     /// Deltas from any number of `(token, delta)` pairs: summed per token, in the order
@@ -37,32 +59,69 @@ impl Adjust {
 
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.mask.is_none() && self.deltas.iter().all(|d| d.1 == 0.0)
+        self.mask.is_none() && self.carry.is_none() && self.deltas.iter().all(|d| d.1 == 0.0)
+    }
+
+    /// Whether its words can be written: a carry has one alternative per delta.
+    pub fn is_well_formed(&self) -> bool {
+        self.carry
+            .as_ref()
+            .is_none_or(|c| c.alt.len() == self.deltas.len())
+            && self.deltas.len() < CARRIED as usize
     }
 
     /// Its length in staging words.
     pub fn words(&self) -> usize {
-        2 + 2 * self.deltas.len() + self.mask.as_ref().map_or(0, Vec::len)
+        2 + 2 * self.deltas.len()
+            + self.mask.as_ref().map_or(0, Vec::len)
+            + self.carry.as_ref().map_or(0, |c| 1 + c.alt.len())
     }
 
-    /// Appends its staging words to `out`.
+    /// Appends its staging words to `out` (it must be [well formed](Adjust::is_well_formed)).
     pub fn write(&self, out: &mut Vec<u32>) {
         let mask = self.mask.as_deref().unwrap_or_default();
-        out.push(self.deltas.len() as u32);
+        let flag = if self.carry.is_some() { CARRIED } else { 0 };
+        out.push(self.deltas.len() as u32 | flag);
         out.push(mask.len() as u32);
         for &(t, d) in &self.deltas {
             out.push(t);
             out.push(d.to_bits());
         }
         out.extend_from_slice(mask);
+        if let Some(c) = &self.carry {
+            out.push(c.fresh.to_bits());
+            out.extend(c.alt.iter().map(|a| a.to_bits()));
+        }
     }
 
-    /// Applies it to `row` (the `sample` kernel's adjustment, on the CPU): the deltas
-    /// (tokens past the row are passed over), then the mask.
+    /// Applies it to `row`, which must have no [`Carry`] (the host's adjustment of a row
+    /// whose tokens are all known).
     pub fn apply(&self, row: &mut [f32]) {
-        for &(t, d) in &self.deltas {
+        debug_assert!(self.carry.is_none(), "a carried adjustment needs its token");
+        self.apply_after(row, 0);
+    }
+
+    /// Applies it to `row` (the `sample` kernel's adjustment, on the CPU), `last` being the
+    /// row's input token (counted by a [`Carry`], if any): the deltas (tokens past the row
+    /// are passed over), then the mask.
+    pub fn apply_after(&self, row: &mut [f32], last: u32) {
+        let carry = self.carry.as_ref();
+        let mut listed = false;
+        for (j, &(t, d)) in self.deltas.iter().enumerate() {
+            let d = match carry {
+                Some(c) if t == last => {
+                    listed = true;
+                    c.alt.get(j).copied().unwrap_or(d)
+                }
+                _ => d,
+            };
             if let Some(l) = row.get_mut(t as usize) {
                 *l += d;
+            }
+        }
+        if let Some(c) = carry.filter(|_| !listed) {
+            if let Some(l) = row.get_mut(last as usize) {
+                *l += c.fresh;
             }
         }
         if let Some(mask) = &self.mask {
@@ -105,6 +164,7 @@ mod tests {
             deltas: vec![(1, 2.0), (3, -1.0), (40, 5.0), (99, 1.0)],
             // Tokens 1, 3 and 33 kept; 40 refused despite its delta; 99 past the words.
             mask: Some(vec![0b1010, 0b10]),
+            carry: None,
         };
         let mut row = vec![1.0f32; 48];
         a.apply(&mut row);
@@ -124,5 +184,46 @@ mod tests {
         assert_eq!(&w[w.len() - 2..], &[0b1010, 0b10]);
         assert!(Adjust::default().is_empty());
         assert!(!a.is_empty());
+    }
+
+    #[test]
+    fn a_carried_token_takes_its_alternative_or_the_fresh_delta() {
+        let a = Adjust {
+            deltas: vec![(2, -1.0), (5, -2.0)],
+            mask: None,
+            carry: Some(Carry {
+                fresh: -0.75,
+                alt: vec![-1.5, -2.5],
+            }),
+        };
+        let run = |last: u32| {
+            let mut row = vec![0.0f32; 8];
+            a.apply_after(&mut row, last);
+            row
+        };
+        // Listed: its alternative instead of its delta, and nothing else changes.
+        assert_eq!(run(5), [0.0, 0.0, -1.0, 0.0, 0.0, -2.5, 0.0, 0.0]);
+        // Not listed: the deltas, and the fresh delta on it.
+        assert_eq!(run(6), [0.0, 0.0, -1.0, 0.0, 0.0, -2.0, -0.75, 0.0]);
+        // Past the row: passed over.
+        assert_eq!(run(40), [0.0, 0.0, -1.0, 0.0, 0.0, -2.0, 0.0, 0.0]);
+        let mut w = Vec::new();
+        a.write(&mut w);
+        assert_eq!(w.len(), a.words());
+        assert_eq!(w[0], 2 | CARRIED);
+        assert_eq!(
+            &w[6..],
+            &[
+                (-0.75f32).to_bits(),
+                (-1.5f32).to_bits(),
+                (-2.5f32).to_bits()
+            ]
+        );
+        assert!(a.is_well_formed() && !a.is_empty());
+        let bad = Adjust {
+            carry: Some(Carry::default()),
+            ..a.clone()
+        };
+        assert!(!bad.is_well_formed());
     }
 }

@@ -59,13 +59,14 @@ pub trait Backend: Send {
         check_sample(batch, params, adjust, self.adjust_room())?;
         let mut logits = self.step(batch)?;
         let vocab = self.config().vocab;
+        let inputs = batch.logit_tokens();
         Ok(params
             .iter()
             .zip(logits.chunks_exact_mut(vocab))
             .enumerate()
             .map(|(i, (&p, row))| {
                 if let Some(Some(a)) = adjust.get(i) {
-                    a.apply(row);
+                    a.apply_after(row, inputs[i]);
                 }
                 sample(row, p)
             })
@@ -129,6 +130,11 @@ pub fn check_sample(
         return bad(format!(
             "{} adjustments for {rows} logits rows",
             adjust.len()
+        ));
+    }
+    if let Some(r) = adjust.iter().flatten().position(|a| !a.is_well_formed()) {
+        return bad(format!(
+            "adjustment {r}: a carried token needs one alternative per delta"
         ));
     }
     let words: usize = adjust.iter().flatten().map(Adjust::words).sum();

@@ -71,6 +71,16 @@ impl Batch {
         });
     }
 
+    /// The input token of each row that returns logits, in order (a carried adjustment
+    /// counts it: [`crate::adjust::Carry`]).
+    pub fn logit_tokens(&self) -> Vec<u32> {
+        self.seqs
+            .iter()
+            .flat_map(|s| &self.tokens[s.start + s.len - s.logits..s.start + s.len])
+            .copied()
+            .collect()
+    }
+
     /// Rows that return logits, in all.
     pub fn n_logits(&self) -> usize {
         self.seqs.iter().map(|s| s.logits).sum()

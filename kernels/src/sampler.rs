@@ -274,6 +274,34 @@ impl Penalties {
             });
         crate::adjust::Adjust::merged(self.bias.iter().copied().chain(penalties))
     }
+
+    /// For a row whose input token is not known yet (drawn by a step still running): what
+    /// [`Penalties::deltas`]`(counts)` becomes with that token counted once more, by the
+    /// same float operations: one alternative per delta of `deltas` (which must be that
+    /// list), and the delta of a token not in it. None when no token's count matters.
+    pub fn carry(
+        &self,
+        counts: &std::collections::HashMap<u32, u32>,
+        deltas: &[(u32, f32)],
+    ) -> Option<crate::adjust::Carry> {
+        if self.presence == 0.0 && self.frequency == 0.0 {
+            return None;
+        }
+        let pen = |c: u32| -(self.frequency * c as f32 + self.presence);
+        // `merged` sums a token's biases in order, then adds its penalty.
+        let biased = crate::adjust::Adjust::merged(self.bias.iter().copied());
+        let alt = deltas
+            .iter()
+            .map(|&(t, _)| {
+                let c = counts.get(&t).copied().unwrap_or(0) + 1;
+                match biased.binary_search_by_key(&t, |b| b.0) {
+                    Ok(i) => biased[i].1 + pen(c),
+                    Err(_) => pen(c),
+                }
+            })
+            .collect();
+        Some(crate::adjust::Carry { fresh: pen(1), alt })
+    }
 }
 
 #[cfg(test)]
@@ -298,5 +326,43 @@ mod penalty_tests {
             ..Default::default()
         }
         .is_empty());
+    }
+
+    /// Counting the input token on the device gives the bits of counting it on the host:
+    /// every token of a small vocabulary as the unknown one, listed (counted, biased) or
+    /// not.
+    #[test]
+    fn a_carried_token_gives_the_deltas_of_counting_it_here() {
+        use crate::adjust::Adjust;
+        let p = Penalties {
+            presence: 0.3,
+            frequency: 0.7,
+            bias: vec![(1, 3.1), (9, 1.3), (4, -0.9), (1, 0.45)],
+        };
+        let counts = std::collections::HashMap::from([(0u32, 4u32), (4, 1), (7, 3), (11, 2)]);
+        let deltas = p.deltas(&counts);
+        let carry = p.carry(&counts, &deltas);
+        let a = Adjust {
+            deltas,
+            mask: None,
+            carry,
+        };
+        assert!(a.is_well_formed());
+        let row: Vec<f32> = (0..16).map(|i| 0.37 * i as f32 - 2.0).collect();
+        for t in 0..16u32 {
+            let mut got = row.clone();
+            a.apply_after(&mut got, t);
+            let mut more = counts.clone();
+            *more.entry(t).or_insert(0) += 1;
+            let mut want = row.clone();
+            p.apply(&mut want, &more);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "carried token {t}");
+        }
+        let bias_only = Penalties {
+            bias: vec![(2, 1.0)],
+            ..Default::default()
+        };
+        assert_eq!(bias_only.carry(&counts, &bias_only.deltas(&counts)), None);
     }
 }

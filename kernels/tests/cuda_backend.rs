@@ -11,7 +11,7 @@
 mod common;
 
 use common::rel_err;
-use kernels::adjust::Adjust;
+use kernels::adjust::{allowed, Adjust, Carry};
 use kernels::backend::{Backend, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
@@ -185,29 +185,71 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
             .collect()
     };
     let steps = 6;
+    // Every other row has penalties: counting the tokens drawn before it, known on the
+    // host when each step waits for the one before; the last of them carried (counted on
+    // the device, as the step's input token) when the step is sent before the one before
+    // is collected.
+    let pen = kernels::sampler::Penalties {
+        presence: 0.8,
+        frequency: 0.6,
+        bias: vec![(3, 0.5)],
+    };
+    let adjust = |drawn: &[Vec<u32>], carried: bool| -> Vec<Option<Adjust>> {
+        (0..n)
+            .map(|i| {
+                (i % 2 == 0).then(|| {
+                    let mut counts = std::collections::HashMap::new();
+                    let known = drawn.len() - usize::from(carried && !drawn.is_empty());
+                    for t in &drawn[..known] {
+                        *counts.entry(t[i]).or_insert(0u32) += 1;
+                    }
+                    let deltas = pen.deltas(&counts);
+                    let carry = if carried && !drawn.is_empty() {
+                        pen.carry(&counts, &deltas)
+                    } else {
+                        None
+                    };
+                    Adjust {
+                        deltas,
+                        mask: None,
+                        carry,
+                    }
+                })
+            })
+            .collect()
+    };
     // Graph decode steps, then direct launches.
     for graphs in [true, false] {
         cuda.set_graphs(graphs).unwrap();
         // Some steps also read some rows' logits back (none, one, rows apart).
         let rows = |k: usize| -> Vec<usize> { [vec![], vec![4], vec![9, 2, 5]][k % 3].clone() };
         // One step at a time: each decode step's tokens known on the host.
-        let mut want = Vec::new();
+        let mut want: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut drawn: Vec<Vec<u32>> = Vec::new();
         let mut b = prefill(n);
-        let t = cuda.step_sample(&b, &params(0), &[]).unwrap();
+        let t = cuda
+            .step_sample(&b, &params(0), &adjust(&drawn, false))
+            .unwrap();
+        drawn.push(t.clone());
         want.push((t, cuda.logits_rows(&rows(0)).unwrap()));
         for k in 1..=steps {
             b = decode(&b, &want[k - 1].0);
-            let t = cuda.step_sample(&b, &params(k as u32), &[]).unwrap();
+            let t = cuda
+                .step_sample(&b, &params(k as u32), &adjust(&drawn, false))
+                .unwrap();
+            drawn.push(t.clone());
             want.push((t, cuda.logits_rows(&rows(k)).unwrap()));
         }
         // Each step sent before the one before is collected, its tokens that one's.
         let from_last: Vec<u32> = (0..n as u32).map(|r| FROM_LAST | r).collect();
         let mut b = prefill(n);
-        cuda.submit(&b, &params(0), &[], &rows(0)).unwrap();
+        cuda.submit(&b, &params(0), &adjust(&[], true), &rows(0))
+            .unwrap();
         let mut got = Vec::new();
         for k in 1..=steps {
             b = decode(&b, &from_last);
-            cuda.submit(&b, &params(k as u32), &[], &rows(k)).unwrap();
+            let a = adjust(&drawn[..k], true);
+            cuda.submit(&b, &params(k as u32), &a, &rows(k)).unwrap();
             assert_eq!(cuda.pending(), 2);
             got.push(cuda.collect().unwrap());
         }
@@ -310,7 +352,8 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let same = t.iter().zip(&want).filter(|(a, b)| a == b).count();
     assert!(same + 1 >= n, "graph greedy decode: {same}/{n}");
     // Adjusted rows through the graph: every other row's best token refused by its mask,
-    // and a delta that lifts another; the draws are the adjusted rows' greedy tokens.
+    // and a delta that lifts another; every fourth also counts its input token (a carry,
+    // read from the step's packed tokens); the draws are the adjusted rows' greedy tokens.
     let adjust: Vec<Option<Adjust>> = (0..n)
         .map(|r| {
             let row = &l[r * vocab..(r + 1) * vocab];
@@ -321,15 +364,20 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                 Adjust {
                     deltas: vec![(7 + r as u32, 1.0)],
                     mask: Some(mask),
+                    carry: (r % 4 == 3).then(|| Carry {
+                        fresh: 40.0,
+                        alt: vec![-3.0],
+                    }),
                 }
             })
         })
         .collect();
     let t = cuda.step_sample(&d, &greedy_params, &adjust).unwrap();
     let mut adjusted = l.clone();
-    for (row, a) in adjusted.chunks_exact_mut(vocab).zip(&adjust) {
+    let inputs = d.logit_tokens();
+    for (r, (row, a)) in adjusted.chunks_exact_mut(vocab).zip(&adjust).enumerate() {
         if let Some(a) = a {
-            a.apply(row);
+            a.apply_after(row, inputs[r]);
         }
     }
     let want = greedy(&adjusted, vocab);
@@ -342,12 +390,20 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
             "row {r}: refused token drawn"
         );
     }
+    // A carried row's input token, lifted by 40, is drawn unless refused.
+    for r in (3..n).step_by(4) {
+        let a = adjust[r].as_ref().unwrap();
+        if allowed(a.mask.as_ref().unwrap(), inputs[r] as usize) && inputs[r] != 7 + r as u32 {
+            assert_eq!(t[r], inputs[r], "row {r}: its carried input token");
+        }
+    }
     // Wrong parameter or adjustment counts, and adjustments past the room, are refused.
     assert!(cuda.step_sample(&d, &greedy_params[1..], &[]).is_err());
     assert!(cuda.step_sample(&d, &greedy_params, &adjust[1..]).is_err());
     let huge = Adjust {
         deltas: vec![(0, 1.0); cuda.adjust_room() / 2],
         mask: None,
+        carry: None,
     };
     let too_much: Vec<Option<Adjust>> = (0..n).map(|_| Some(huge.clone())).collect();
     assert!(matches!(

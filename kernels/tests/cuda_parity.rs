@@ -14,7 +14,7 @@ use common::rel_err as rel;
 use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
-use kernels::adjust::{allowed, Adjust};
+use kernels::adjust::{allowed, Adjust, Carry};
 use kernels::backend::FROM_LAST;
 use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
@@ -1049,9 +1049,10 @@ fn sampling_case<E: Exec>(g: &E) {
             step: i as u32 * 3,
         })
         .collect();
-    // Rows 8 and on are adjusted, in turn: deltas only; a mask keeping about half the
-    // tokens; one keeping about 1 in 500 with deltas on some kept ones (a grammar's row);
-    // a mask shorter than the row (the rest refused).
+    // Rows 8 and on are adjusted, in turn: deltas only (every other such row with its
+    // input token carried: penalties counting a token the step before drew); a mask
+    // keeping about half the tokens; one keeping about 1 in 500 with deltas on some kept
+    // ones (a grammar's row); a mask shorter than the row (the rest refused).
     let adjust: Vec<Option<Adjust>> = (0..s)
         .map(|i| {
             let deltas = |rng: &mut Rng, n: usize| {
@@ -1069,13 +1070,22 @@ fn sampling_case<E: Exec>(g: &E) {
             let words = vocab.div_ceil(32);
             match (i >= 8).then_some(i % 4) {
                 None => None,
-                Some(0) => Some(Adjust {
-                    deltas: deltas(&mut rng, 300),
-                    mask: None,
-                }),
+                Some(0) => {
+                    let deltas = deltas(&mut rng, 300);
+                    let carry = (i % 8 == 0).then(|| Carry {
+                        fresh: -rng.f32() * 2.0,
+                        alt: deltas.iter().map(|_| -rng.f32() * 4.0).collect(),
+                    });
+                    Some(Adjust {
+                        deltas,
+                        mask: None,
+                        carry,
+                    })
+                }
                 Some(1) => Some(Adjust {
                     deltas: vec![],
                     mask: Some(mask(&mut rng, words, 2)),
+                    carry: None,
                 }),
                 Some(2) => {
                     let m = mask(&mut rng, words, 500);
@@ -1085,19 +1095,36 @@ fn sampling_case<E: Exec>(g: &E) {
                     Some(Adjust {
                         deltas: Adjust::merged(kept.iter().step_by(3).map(|&t| (t, 2.5))),
                         mask: Some(m),
+                        carry: None,
                     })
                 }
                 _ => Some(Adjust {
                     deltas: deltas(&mut rng, 5),
                     mask: Some(mask(&mut rng, words / 2, 4)),
+                    carry: None,
                 }),
             }
         })
         .collect();
+    // Each row's input token, at position 2i + 1 of a step's 2s tokens: for carried rows,
+    // in turn one of its listed tokens and one most likely not listed.
+    let logit_rows: Vec<i32> = (0..s as i32).map(|i| 2 * i + 1).collect();
+    let mut inputs: Vec<u32> = (0..2 * s).map(|_| rng.below(vocab) as u32).collect();
+    for (i, a) in adjust.iter().enumerate() {
+        if let Some(a) = a.as_ref().filter(|a| a.carry.is_some() && i % 16 == 0) {
+            let listed: Vec<u32> = a
+                .deltas
+                .iter()
+                .map(|d| d.0)
+                .filter(|&t| (t as usize) < vocab)
+                .collect();
+            inputs[2 * i + 1] = listed[rng.below(listed.len())];
+        }
+    }
     let mut adjusted = logits.clone();
-    for (row, a) in adjusted.chunks_exact_mut(vocab).zip(&adjust) {
+    for (i, (row, a)) in adjusted.chunks_exact_mut(vocab).zip(&adjust).enumerate() {
         if let Some(a) = a {
-            a.apply(row);
+            a.apply_after(row, inputs[2 * i + 1]);
         }
     }
     let want: Vec<u32> = (0..s)
@@ -1122,6 +1149,7 @@ fn sampling_case<E: Exec>(g: &E) {
     let seeds = up(g, &params.iter().map(|p| p.seed).collect::<Vec<_>>());
     let steps = up(g, &params.iter().map(|p| p.step).collect::<Vec<_>>());
     let (offs, extra) = (up(g, &offsets), up(g, &extra));
+    let (inputs, logit_rows) = (up(g, &inputs), up(g, &logit_rows));
     let out = up(g, &vec![u32::MAX; s]);
     let args = [
         ld.arg(),
@@ -1133,6 +1161,8 @@ fn sampling_case<E: Exec>(g: &E) {
         steps.arg(),
         offs.arg(),
         extra.arg(),
+        inputs.arg(),
+        logit_rows.arg(),
         out.arg(),
     ];
     g.launch("sample", cfg(s as u32, twins::SAMPLE_THREADS as u32), &args)

@@ -117,7 +117,8 @@ fn vocab_for<'a, 's>(
 /// The device adjustments of a step's logits rows (`rows`: the sequence a row draws for,
 /// over rows of `vocab` logits): each row with penalties or JSON mode that wants no
 /// log-probabilities gets its [`Adjust`], in row order while they fit in `room` words;
-/// the rest get none.
+/// the rest get none. A sequence whose last token is still on the device (drawn by the
+/// step in flight) has it counted there.
 pub(super) fn adjustments(
     rows: &[Option<&Seq>],
     room: usize,
@@ -130,7 +131,7 @@ pub(super) fn adjustments(
         .iter()
         .map(|s| {
             let Some(s) = s else { return false };
-            let words = s.adjustment_words(vocab);
+            let words = s.adjustment_words(vocab, s.carried());
             let fits = s.constrained() && s.logprobs.is_none() && words <= left;
             if fits {
                 left -= words;
@@ -142,8 +143,10 @@ pub(super) fn adjustments(
         return Vec::new();
     }
     let jv = vocab_for(rows.iter().flatten().copied(), tok, json_vocab);
-    let one =
-        |(s, &on): (&Option<&Seq>, &bool)| s.filter(|_| on).map(|s| s.adjustment(tok, jv, vocab));
+    let one = |(s, &on): (&Option<&Seq>, &bool)| {
+        s.filter(|_| on)
+            .map(|s| s.adjustment(tok, jv, vocab, s.carried()))
+    };
     if on_device.iter().filter(|&&on| on).count() >= PARALLEL_ROWS {
         rows.par_iter().zip(&on_device).map(one).collect()
     } else {

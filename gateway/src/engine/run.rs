@@ -11,10 +11,13 @@
 //! carries and the device resolves; collecting replaces it. So the host's work between two
 //! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
 //! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
-//! the step's tokens. What the host must see first keeps the step after it waiting for
-//! it: a sequence with penalties or JSON mode anywhere in the engine (its next row's
-//! adjustment depends on its last token), and a sequence short of a KV block (preemption
-//! waits for the step in flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
+//! the step's tokens. Presence and frequency penalties count a sequence's input token on
+//! the device ([`kernels::adjust::Carry`]: the host sends what each possible token's delta
+//! would be). What the host must see first keeps the step after it waiting for it: a
+//! sequence in JSON mode anywhere in the engine (its next row's mask depends on its last
+//! token), one with penalties drawn on the host (log-probabilities, or past the step's
+//! room for adjustments), and a sequence short of a KV block (preemption waits for the
+//! step in flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
 //! already; that token is dropped. Its blocks are freed at once: everything on the device
 //! runs in order, so a block handed out again is written only after that step.
 
@@ -115,12 +118,15 @@ struct Part {
     end: usize,
 }
 
-/// A step sent and not yet collected: its sequences, each logits row's drawing one, and
-/// the rows whose logits come back with its tokens.
+/// A step sent and not yet collected: its sequences, each logits row's drawing one, the
+/// rows whose logits come back with its tokens, and whether the device drew every row's
+/// final token (no row with penalties is drawn again on the host: the next step may read
+/// them all on the device).
 struct Flight {
     parts: Vec<Part>,
     draws: Vec<Option<Who>>,
     want: Vec<usize>,
+    exact: bool,
 }
 
 /// The engine thread's state, beside its backend (which a device fault replaces).
@@ -315,7 +321,36 @@ impl Engine {
 
     /// Whether the next step may be planned before the one in flight is collected.
     fn may_plan_ahead(&self) -> bool {
-        !self.plan_after && self.running.iter().chain(&self.waiting).all(Seq::plain)
+        !self.plan_after
+            && self.flight.as_ref().is_none_or(|f| f.exact)
+            && self.running.iter().chain(&self.waiting).all(Seq::plain)
+    }
+
+    /// A sampled step's parameters, device adjustments and logits rows read back, for
+    /// logits rows drawn by `draws` (counted in the stats).
+    fn sampling(
+        &mut self,
+        backend: &dyn Backend,
+        draws: &[Option<usize>],
+    ) -> (Vec<SampleParams>, Vec<Option<Adjust>>, Vec<usize>) {
+        let row_seqs: Vec<Option<&Seq>> =
+            draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
+        let params = params(&self.running, draws);
+        let adjust = draw::adjustments(
+            &row_seqs,
+            backend.adjust_room(),
+            self.vocab,
+            &self.tok,
+            &mut self.json_vocab,
+        );
+        let want = wanted(&self.running, draws, &adjust);
+        self.stats
+            .rows_adjusted_on_device
+            .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
+        self.stats
+            .rows_read_back
+            .fetch_add(want.len() as u64, Ordering::Relaxed);
+        (params, adjust, want)
     }
 
     /// The plan's batch, and each logits row's sequence (by index in `running`) when the
@@ -366,13 +401,13 @@ impl Engine {
         draws: &[Option<usize>],
         backend_ns: &mut u64,
     ) -> Turn {
-        let params = params(&self.running, draws);
-        let want = wanted(&self.running, draws, &[]);
-        self.stats
-            .rows_read_back
-            .fetch_add(want.len() as u64, Ordering::Relaxed);
+        let (params, adjust, want) = self.sampling(backend, draws);
+        // A row with penalties read back is drawn again on the host.
+        let exact = want
+            .iter()
+            .all(|&r| draws[r].is_none_or(|i| self.running[i].penalties.is_none()));
         let sent = in_backend(&self.stats, backend_ns, || {
-            backend.submit(batch, &params, &[], &want)
+            backend.submit(batch, &params, &adjust, &want)
         });
         let before = self.flight.take();
         let parts = self.parts(plan, batch);
@@ -402,6 +437,7 @@ impl Engine {
             parts,
             draws: drawing,
             want,
+            exact,
         };
         match before {
             Some(f) => {
@@ -481,25 +517,9 @@ impl Engine {
         backend_ns: &mut u64,
     ) -> Turn {
         debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
+        let sampling = self.on_device.then(|| self.sampling(backend, draws));
         let stepped = in_backend(&self.stats, backend_ns, || {
-            if self.on_device {
-                let row_seqs: Vec<Option<&Seq>> =
-                    draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
-                let params = params(&self.running, draws);
-                let adjust = draw::adjustments(
-                    &row_seqs,
-                    backend.adjust_room(),
-                    self.vocab,
-                    &self.tok,
-                    &mut self.json_vocab,
-                );
-                let want = wanted(&self.running, draws, &adjust);
-                self.stats
-                    .rows_adjusted_on_device
-                    .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
-                self.stats
-                    .rows_read_back
-                    .fetch_add(want.len() as u64, Ordering::Relaxed);
+            if let Some((params, adjust, want)) = sampling {
                 backend.step_sample(batch, &params, &adjust).and_then(|t| {
                     let rows = if want.is_empty() {
                         Vec::new()

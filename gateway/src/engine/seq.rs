@@ -172,12 +172,17 @@ impl Seq {
     pub(super) fn emitted(&self) -> u32 {
         (self.resolved - self.prompt_len) as u32
     }
-    /// Whether its next step needs nothing of the host from its last: no penalties or JSON
-    /// mode, whose adjustment of its next row depends on its last token. Its next step
-    /// may then be planned and sent while its last still runs, its input token read on the
-    /// device.
+    /// Whether its next step needs nothing of the host from its last, so that it may be
+    /// planned and sent while its last still runs, its input token read on the device:
+    /// no JSON mode (whose mask of its next row depends on its last token), and no
+    /// penalties drawn on the host (with log-probabilities). Penalties drawn on the
+    /// device count the input token there ([`kernels::adjust::Carry`]).
     pub(super) fn plain(&self) -> bool {
-        !self.constrained()
+        self.json.is_none() && (self.penalties.is_none() || self.logprobs.is_none())
+    }
+    /// Whether its last token is still on the device.
+    pub(super) fn carried(&self) -> bool {
+        self.resolved < self.tokens.len()
     }
     pub(super) fn usage(&self) -> Usage {
         Usage {
@@ -228,10 +233,12 @@ impl Seq {
         tok: &Tokenizer,
         json_vocab: Option<&JsonVocab>,
     ) {
-        self.adjustment(tok, json_vocab, logits.len()).apply(logits);
+        self.adjustment(tok, json_vocab, logits.len(), false)
+            .apply(logits);
     }
     /// Its penalties and JSON mode as an adjustment of its next row of `n` logits (what
-    /// the GPU's `sample` kernel applies, and [`Seq::adjust`] on the host). A JSON mask
+    /// the GPU's `sample` kernel applies, and [`Seq::adjust`] on the host), counting its
+    /// last token on the device when `carried` (it is still there). A JSON mask
     /// that would leave no token (a vocabulary without the bytes the object needs) leaves
     /// the stop tokens.
     pub(super) fn adjustment(
@@ -239,12 +246,18 @@ impl Seq {
         tok: &Tokenizer,
         json_vocab: Option<&JsonVocab>,
         n: usize,
+        carried: bool,
     ) -> Adjust {
         let deltas = self
             .penalties
             .as_ref()
             .map(|p| p.deltas(&self.counts))
             .unwrap_or_default();
+        let carry = self
+            .penalties
+            .as_ref()
+            .filter(|_| carried)
+            .and_then(|p| p.carry(&self.counts, &deltas));
         let mask = self.json.as_ref().zip(json_vocab).map(|(json, vocab)| {
             let mut bits = json.allowed(vocab, n);
             if bits.iter().all(|&w| w == 0) {
@@ -254,20 +267,29 @@ impl Seq {
             }
             bits
         });
-        Adjust { deltas, mask }
+        Adjust {
+            deltas,
+            mask,
+            carry,
+        }
     }
     /// An upper bound of [`Seq::adjustment`]'s words, for rows of `n` logits.
-    pub(super) fn adjustment_words(&self, n: usize) -> usize {
+    pub(super) fn adjustment_words(&self, n: usize, carried: bool) -> usize {
         let deltas = self
             .penalties
             .as_ref()
             .map_or(0, |p| p.bias.len() + self.counts.len());
+        let carry = if carried && self.penalties.is_some() {
+            1 + deltas
+        } else {
+            0
+        };
         let mask = if self.json.is_some() {
             n.div_ceil(32)
         } else {
             0
         };
-        2 + 2 * deltas + mask
+        2 + 2 * deltas + mask + carry
     }
 }
 

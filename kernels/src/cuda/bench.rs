@@ -396,7 +396,10 @@ fn sample<E: Exec>(
                 .map(|w| 0x4924_9249u32.rotate_left((w % 3) as u32))
                 .collect(),
         ),
+        carry: None,
     };
+    // No row is carried: its input tokens are never read.
+    let (inputs, logit_rows) = (e.zeros::<u32>(n_rows)?, e.zeros::<i32>(n_rows)?);
     let mut words = Vec::new();
     adjust.write(&mut words);
     let extra = e.upload(&words)?;
@@ -423,6 +426,8 @@ fn sample<E: Exec>(
             steps.arg(),
             if *masked { all.arg() } else { none.arg() },
             extra.arg(),
+            inputs.arg(),
+            logit_rows.arg(),
             out.arg(),
         ];
         let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);

@@ -265,6 +265,7 @@ mod tests {
         let a = |t: u32| Adjust {
             deltas: vec![(t, -1.5)],
             mask: Some(vec![1 << t, 0]),
+            carry: None,
         };
         let adjust = [None, Some(a(3)), Some(a(5))];
         let mut out = vec![u32::MAX; 4096];

@@ -601,6 +601,8 @@ impl<E: Exec> Device<E> {
                     st.arg_at_as::<u32>(lay.steps())?,
                     st.arg_at_as::<u32>(lay.adjust())?,
                     st.arg_at_as::<u32>(lay.len..st.elems())?,
+                    b.tokens.arg(),
+                    b.logit_rows.arg(),
                     b.sampled.arg(),
                 ],
             )?;
