@@ -56,7 +56,7 @@ pub trait Backend: Send {
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
     ) -> Result<Vec<u32>, StepError> {
-        check_sample(batch, params, adjust, self.adjust_room())?;
+        check_sample(batch.n_logits(), params, adjust, self.adjust_room())?;
         let mut logits = self.step(batch)?;
         let vocab = self.config().vocab;
         let inputs = batch.logit_tokens();
@@ -98,6 +98,28 @@ pub trait Backend: Send {
             "this backend does not overlap steps".into(),
         ))
     }
+    /// Sends a step's forward pass without waiting for it, as [`Backend::submit`] does,
+    /// but not its sampling: its parameters, adjustments and logits rows to read back come
+    /// with [`Backend::submit_sample`], which must follow before any other step is sent;
+    /// the step before may be collected in between (so that the adjustments may depend on
+    /// its tokens, while the device runs this step's forward pass).
+    fn submit_forward(&mut self, batch: &Batch) -> Result<(), StepError> {
+        let _ = batch;
+        Err(StepError::BadBatch(
+            "this backend does not overlap steps".into(),
+        ))
+    }
+    /// Samples the step sent last by [`Backend::submit_forward`] (see [`Backend::submit`]
+    /// for the arguments).
+    fn submit_sample(
+        &mut self,
+        params: &[SampleParams],
+        adjust: &[Option<Adjust>],
+        want: &[usize],
+    ) -> Result<(), StepError> {
+        let _ = (params, adjust, want);
+        Err(StepError::BadBatch("no step waits to be sampled".into()))
+    }
     /// The tokens of the oldest step sent by [`Backend::submit`] and not collected (waits
     /// for it), and the logits rows it was asked for. After a device error no step is
     /// pending.
@@ -111,14 +133,13 @@ pub trait Backend: Send {
 }
 
 /// Checks a [`Backend::step_sample`]'s arguments against its batch: parameters for each
-/// logits row, adjustments for none or each, within `room` words.
+/// logits row of a step's `rows`, adjustments for none or each, within `room` words.
 pub fn check_sample(
-    batch: &Batch,
+    rows: usize,
     params: &[SampleParams],
     adjust: &[Option<Adjust>],
     room: usize,
 ) -> Result<(), StepError> {
-    let rows = batch.n_logits();
     let bad = |m: String| Err(StepError::BadBatch(m));
     if params.len() != rows {
         return bad(format!(

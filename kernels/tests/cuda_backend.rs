@@ -255,11 +255,41 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
         }
         got.push(cuda.collect().unwrap());
         assert_eq!(cuda.pending(), 0);
-        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.0, w.0, "graphs {graphs}: step {k}'s tokens");
+        // Each step's forward pass sent before the one before is collected, and its
+        // sampling after, with adjustments from the tokens just collected (as for a
+        // grammar's mask, which the device cannot count).
+        let mut late: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut b = prefill(n);
+        cuda.submit_forward(&b).unwrap();
+        let refused = cuda.submit(&b, &params(0), &[], &[]);
+        assert!(matches!(refused, Err(StepError::BadBatch(_))), "unsampled");
+        assert!(cuda.collect().is_err(), "collecting a step not sampled");
+        cuda.submit_sample(&params(0), &adjust(&[], false), &rows(0))
+            .unwrap();
+        for k in 1..=steps {
+            b = decode(&b, &from_last);
+            cuda.submit_forward(&b).unwrap();
+            late.push(cuda.collect().unwrap());
+            let drawn: Vec<Vec<u32>> = late.iter().map(|t| t.0.clone()).collect();
+            cuda.submit_sample(&params(k as u32), &adjust(&drawn, false), &rows(k))
+                .unwrap();
+        }
+        late.push(cuda.collect().unwrap());
+        assert!(
+            cuda.submit_sample(&params(0), &[], &[]).is_err(),
+            "nothing to sample"
+        );
+        for (k, ((g, l), w)) in got.iter().zip(&late).zip(&want).enumerate() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&g.1), bits(&w.1), "graphs {graphs}: step {k}'s logits");
-            assert_eq!(g.1.len(), rows(k).len() * cuda.config().vocab);
+            for (how, g) in [("ahead", g), ("sampled late", l)] {
+                assert_eq!(g.0, w.0, "graphs {graphs}, {how}: step {k}'s tokens");
+                assert_eq!(
+                    bits(&g.1),
+                    bits(&w.1),
+                    "graphs {graphs}, {how}: step {k}'s logits"
+                );
+                assert_eq!(g.1.len(), rows(k).len() * cuda.config().vocab);
+            }
         }
     }
     // What a submitted step may not do.

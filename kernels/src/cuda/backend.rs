@@ -53,10 +53,12 @@ const TUNE_STEPS: usize = 30;
 /// Decode batch sizes that get a graph (capped at the backend's largest step).
 const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
-/// A captured decode step for `bucket` sequences.
+/// A captured decode step for `bucket` sequences: sampled, and without its sampling (for
+/// a step whose adjustments come later, [`Backend::submit_forward`]).
 struct Graph<E: Exec> {
     bucket: usize,
     graph: E::Graph,
+    forward: E::Graph,
 }
 
 /// The CUDA backend: on a GPU, or (for tests without one) on the CPU emulator, which runs
@@ -85,11 +87,13 @@ pub struct CudaBackend<E: Exec = Gpu> {
     last_rows: usize,
 }
 
-/// One step's host memory (page-locked on a GPU): its staging words, where its sampled
-/// tokens land, and where the logits rows it asked for land, with their room in words
-/// (grown on demand).
+/// One step's host memory (page-locked on a GPU): its staging words, its sampling part
+/// when that is sent after the rest (`late`, the same words of a second buffer), where
+/// its sampled tokens land, and where the logits rows it asked for land, with their room
+/// in words (grown on demand).
 struct Slot<E: Exec> {
     staging: E::Host,
+    late: E::Host,
     tokens: E::Host,
     logits: Option<(E::Host, usize)>,
 }
@@ -98,19 +102,41 @@ impl<E: Exec> Slot<E> {
     fn new(exec: &E, staging: usize, tokens: usize) -> Result<Self, ExecError> {
         Ok(Self {
             staging: exec.host(staging)?,
+            late: exec.host(staging)?,
             tokens: exec.host(tokens)?,
             logits: None,
         })
     }
 }
 
-/// A step submitted and not collected: its slot, its tokens, the logits rows asked for
-/// and the first of them (they come back as one span from it).
+/// A step submitted and not collected: its slot, its staging layout, its logits rows
+/// (`tokens` its own, `rows` with its padding), whether it is sampled yet, the logits
+/// rows asked for and the first of them (they come back as one span from it).
 struct InFlight {
     turn: usize,
+    lay: Layout,
     tokens: usize,
+    rows: usize,
+    sampled: bool,
     want: Vec<usize>,
     lo: usize,
+}
+
+/// How a step is launched: for its logits only, sampled, or sampled later (its forward
+/// pass now; its parameters and adjustments sent with [`Backend::submit_sample`]).
+#[derive(Clone, Copy)]
+enum Sampling<'a> {
+    No,
+    Now(Sample<'a>),
+    Later,
+}
+
+/// What [`CudaBackend::launch`] enqueued: the step's staging layout, its own logits rows,
+/// and those with its padding.
+struct Launched {
+    lay: Layout,
+    rows: usize,
+    padded: usize,
 }
 
 /// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
@@ -212,12 +238,18 @@ impl<E: Exec> CudaBackend<E> {
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
-        b.run(&Batch::default(), 1, None, Some((&[], &[])), tokens)
-            .map_err(|e| {
-                ExecError::Gpu(GpuError::Unavailable(format!(
-                    "first step on the device: {e}"
-                )))
-            })?;
+        b.run(
+            &Batch::default(),
+            1,
+            None,
+            Sampling::Now((&[], &[])),
+            tokens,
+        )
+        .map_err(|e| {
+            ExecError::Gpu(GpuError::Unavailable(format!(
+                "first step on the device: {e}"
+            )))
+        })?;
         if std::env::var("TOLLGATE_CUDA_GRAPHS").as_deref() == Ok("0") {
             b.graphs_off = Some("TOLLGATE_CUDA_GRAPHS=0".into());
         } else if let Err(e) = b.capture_all() {
@@ -392,7 +424,7 @@ impl<E: Exec> CudaBackend<E> {
                 self.recapture(i)?;
                 let t = std::time::Instant::now();
                 for _ in 0..steps {
-                    self.run(&Batch::default(), 0, Some(i), None, logits)?;
+                    self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
                 }
                 secs[k] = t.elapsed().as_secs_f64() / steps.max(1) as f64;
             }
@@ -419,10 +451,17 @@ impl<E: Exec> CudaBackend<E> {
 
     /// Captures graph `i` again (after the step's launches changed), and replays it once.
     fn recapture(&mut self, i: usize) -> Result<(), ExecError> {
-        let graph = self.capture(self.graphs[i].bucket)?;
-        self.graphs[i].graph = graph;
-        self.run(&Batch::default(), 0, Some(i), None, logits)?;
-        Ok(())
+        self.graphs[i] = self.capture(self.graphs[i].bucket)?;
+        self.try_graph(i)
+    }
+
+    /// Replays graph `i`'s two forms once on dummy rows: a graph that cannot launch fails
+    /// here, at load.
+    fn try_graph(&mut self, i: usize) -> Result<(), ExecError> {
+        self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
+        // The staging buffer still holds those dummy rows.
+        self.dev.exec.replay(&self.graphs[i].forward)?;
+        self.dev.exec.synchronize()
     }
 
     /// The decode buckets that have a graph (empty when graphs are off).
@@ -455,23 +494,29 @@ impl<E: Exec> CudaBackend<E> {
         sizes.push(cap);
         for bucket in sizes {
             let graph = self.capture(bucket)?;
-            self.graphs.push(Graph { bucket, graph });
-            // Replay it once on dummy rows: a graph that cannot launch fails here, at load.
-            let i = self.graphs.len() - 1;
-            self.run(&Batch::default(), 0, Some(i), None, logits)?;
+            self.graphs.push(graph);
+            self.try_graph(self.graphs.len() - 1)?;
         }
         Ok(())
     }
 
-    fn capture(&mut self, bucket: usize) -> Result<E::Graph, ExecError> {
+    /// The decode graphs of `bucket` sequences, sampled and not.
+    fn capture(&mut self, bucket: usize) -> Result<Graph<E>, ExecError> {
         let lay = Layout::new(bucket, bucket, self.dev.max_blocks, bucket);
         self.dev.exec.make_current()?;
-        self.dev.exec.begin_capture()?;
-        let enqueued = self.dev.enqueue(lay, bucket, true);
-        // Always end the capture, so that the stream leaves capture mode.
-        let graph = self.dev.exec.end_capture();
-        enqueued?;
-        graph
+        let mut one = |sample: bool| {
+            self.dev.exec.begin_capture()?;
+            let enqueued = self.dev.enqueue(lay, bucket, sample);
+            // Always end the capture, so that the stream leaves capture mode.
+            let graph = self.dev.exec.end_capture();
+            enqueued?;
+            graph
+        };
+        Ok(Graph {
+            bucket,
+            graph: one(true)?,
+            forward: one(false)?,
+        })
     }
 
     /// Checks `batch` against the backend's sizes, the cache and the vocabulary; its tokens
@@ -533,16 +578,16 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Sends and enqueues one step (not awaited): `batch` padded with dummy decode rows to
-    /// `min_rows` sequences, or to its graph's bucket; sampled when `sample` (parameters
-    /// and adjustments per logits row) is given. Returns how many logits rows are
-    /// `batch`'s own.
+    /// `min_rows` sequences, or to its graph's bucket; sampled as `sampling` says (with
+    /// parameters and adjustments per logits row when now; `Later`: only the batch's
+    /// words are sent, and the step stops before its `sample` kernel).
     fn launch(
         &mut self,
         batch: &Batch,
         min_rows: usize,
         graph: Option<usize>,
-        sample: Option<Sample>,
-    ) -> Result<usize, ExecError> {
+        sampling: Sampling,
+    ) -> Result<Launched, ExecError> {
         let n = batch.seqs.len();
         let n_logits = batch.n_logits();
         let pad = match graph {
@@ -556,22 +601,86 @@ impl<E: Exec> CudaBackend<E> {
             .dev
             .exec
             .host_words(&mut self.slots[self.turn].staging)?;
-        let (params, adjust) = sample.unwrap_or_default();
+        let (params, adjust) = match sampling {
+            Sampling::Now(s) => s,
+            _ => Default::default(),
+        };
         // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
         // adjustments' room, which `step_checked` held the step to.
         let w = staging::write(host, batch, pad, self.dev.max_blocks, trash, params, adjust)
             .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
+        let words = match sampling {
+            Sampling::Later => 0..w.lay.sample,
+            _ => 0..w.words(),
+        };
         self.dev.exec.send(
             &self.slots[self.turn].staging,
-            w.words(),
+            words,
             &mut self.dev.bufs.staging,
         )?;
         self.turn ^= 1;
+        let sample = matches!(sampling, Sampling::Now(_));
+        let padded = n_logits + pad;
         match graph {
+            Some(i) if matches!(sampling, Sampling::Later) => {
+                self.dev.exec.replay(&self.graphs[i].forward)?
+            }
             Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
-            None => self.dev.enqueue(w.lay, n_logits + pad, sample.is_some())?,
+            None => self.dev.enqueue(w.lay, padded, sample)?,
         }
-        Ok(n_logits)
+        Ok(Launched {
+            lay: w.lay,
+            rows: n_logits,
+            padded,
+        })
+    }
+
+    /// Sends the sampling part of a step launched for `Later` (slot `turn`, laid out as
+    /// `lay`, `padded` logits rows) and enqueues its `sample` kernel.
+    fn launch_sample(
+        &mut self,
+        turn: usize,
+        lay: Layout,
+        padded: usize,
+        (params, adjust): Sample,
+    ) -> Result<(), ExecError> {
+        let e = &self.dev.exec;
+        e.make_current()?;
+        let late = &mut self.slots[turn].late;
+        let extra = staging::write_sample(e.host_words(late)?, lay, params, adjust)
+            .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
+        e.send(
+            late,
+            lay.sample..lay.len + extra,
+            &mut self.dev.bufs.staging,
+        )?;
+        self.dev.enqueue_sample(lay, padded)
+    }
+
+    /// Enqueues the copies back of a sampled step's `rows` tokens and of its logits rows
+    /// `want` (as one span from the first to the last) into slot `turn`; returns the
+    /// first row of that span.
+    fn receive(&mut self, turn: usize, rows: usize, want: &[usize]) -> Result<usize, ExecError> {
+        let (lo, hi) = match (want.iter().min(), want.iter().max()) {
+            (Some(&lo), Some(&hi)) => (lo, hi + 1),
+            _ => (0, 0),
+        };
+        let e = &self.dev.exec;
+        let slot = &mut self.slots[turn];
+        e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens)?;
+        if hi > lo {
+            // One copy of the rows from the first asked to the last (a step's logits rows
+            // are contiguous).
+            let vocab = self.dev.config.vocab;
+            let words = (hi - lo) * vocab;
+            let span = match slot.logits.take() {
+                Some((h, room)) if room >= words => (h, room),
+                _ => (e.host(words)?, words),
+            };
+            let h = &mut slot.logits.insert(span).0;
+            e.receive(&self.dev.bufs.logits, lo * vocab..hi * vocab, h)?;
+        }
+        Ok(lo)
     }
 
     /// A step padded to `min_rows` (graphs as they apply), then its first rows read back
@@ -581,21 +690,21 @@ impl<E: Exec> CudaBackend<E> {
         batch: &Batch,
         min_rows: usize,
         graph: Option<usize>,
-        sample: Option<Sample>,
+        sampling: Sampling,
         read: Read<E, T>,
     ) -> Result<Vec<T>, ExecError> {
         self.last_sampled = 0;
-        let r = self
-            .launch(batch, min_rows, graph, sample)
-            .and_then(|rows| {
-                let out = if rows == 0 {
-                    Vec::new()
-                } else {
-                    read(&self.dev, rows)?
-                };
-                self.dev.exec.synchronize()?;
-                Ok(out)
-            });
+        let r =
+            self.launch(batch, min_rows, graph, sampling)
+                .and_then(|Launched { rows, .. }| {
+                    let out = if rows == 0 {
+                        Vec::new()
+                    } else {
+                        read(&self.dev, rows)?
+                    };
+                    self.dev.exec.synchronize()?;
+                    Ok(out)
+                });
         if r.is_err() {
             // Leave the stream idle before the staging buffer is written again.
             let _ = self.dev.exec.synchronize();
@@ -616,15 +725,16 @@ impl<E: Exec> CudaBackend<E> {
         }
         self.check(batch, 0)?;
         if let Some((p, adjust)) = sample {
-            check_sample(batch, p, adjust, self.adjust_room())?;
+            check_sample(batch.n_logits(), p, adjust, self.adjust_room())?;
         }
         if batch.tokens.is_empty() {
             return Ok(Vec::new());
         }
         let graph = self.graph_for(batch);
         self.last_rows = 0;
+        let sampling = sample.map_or(Sampling::No, Sampling::Now);
         let out = self
-            .run(batch, 0, graph, sample, read)
+            .run(batch, 0, graph, sampling, read)
             .map_err(|e| StepError::Device(e.to_string()))?;
         self.last_rows = batch.n_logits();
         Ok(out)
@@ -700,64 +810,88 @@ impl<E: Exec> Backend for CudaBackend<E> {
         adjust: &[Option<Adjust>],
         want: &[usize],
     ) -> Result<(), StepError> {
-        if self.flight.len() >= 2 {
-            return Err(StepError::BadBatch(
-                "two steps are in flight already".into(),
-            ));
-        }
-        self.check(batch, self.last_sampled)?;
-        check_sample(batch, params, adjust, self.adjust_room())?;
-        if batch.tokens.is_empty() {
-            return Err(StepError::BadBatch("an empty step".into()));
-        }
-        if let Some(r) = want.iter().find(|&&r| r >= batch.n_logits()) {
-            return Err(StepError::BadBatch(format!(
-                "logits row {r} of a step with {}",
-                batch.n_logits()
-            )));
-        }
+        self.check_submit(batch)?;
+        check_sample(batch.n_logits(), params, adjust, self.adjust_room())?;
+        check_want(want, batch.n_logits())?;
         let graph = self.graph_for(batch);
-        self.last_rows = 0;
         let turn = self.turn;
-        let (lo, hi) = match (want.iter().min(), want.iter().max()) {
-            (Some(&lo), Some(&hi)) => (lo, hi + 1),
-            _ => (0, 0),
-        };
         let sent = self
-            .launch(batch, 0, graph, Some((params, adjust)))
-            .and_then(|rows| {
-                let e = &self.dev.exec;
-                let slot = &mut self.slots[turn];
-                e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens)?;
-                if hi > lo {
-                    // One copy of the rows from the first asked to the last (a step's logits
-                    // rows are contiguous).
-                    let vocab = self.dev.config.vocab;
-                    let words = (hi - lo) * vocab;
-                    let span = match slot.logits.take() {
-                        Some((h, room)) if room >= words => (h, room),
-                        _ => (e.host(words)?, words),
-                    };
-                    let h = &mut slot.logits.insert(span).0;
-                    e.receive(&self.dev.bufs.logits, lo * vocab..hi * vocab, h)?;
-                }
-                Ok(rows)
-            });
+            .launch(batch, 0, graph, Sampling::Now((params, adjust)))
+            .and_then(|l| Ok((self.receive(turn, l.rows, want)?, l)));
         match sent {
-            Ok(tokens) => {
+            Ok((lo, l)) => {
                 self.flight.push_back(InFlight {
                     turn,
-                    tokens,
+                    lay: l.lay,
+                    tokens: l.rows,
+                    rows: l.padded,
+                    sampled: true,
                     want: want.to_vec(),
                     lo,
                 });
-                self.last_sampled = tokens;
+                self.last_sampled = l.rows;
+                Ok(())
+            }
+            Err(e) => Err(self.abandon(e)),
+        }
+    }
+    fn submit_forward(&mut self, batch: &Batch) -> Result<(), StepError> {
+        self.check_submit(batch)?;
+        let graph = self.graph_for(batch);
+        let turn = self.turn;
+        match self.launch(batch, 0, graph, Sampling::Later) {
+            Ok(l) => {
+                self.flight.push_back(InFlight {
+                    turn,
+                    lay: l.lay,
+                    tokens: l.rows,
+                    rows: l.padded,
+                    sampled: false,
+                    want: Vec::new(),
+                    lo: 0,
+                });
+                self.last_sampled = 0;
+                Ok(())
+            }
+            Err(e) => Err(self.abandon(e)),
+        }
+    }
+    fn submit_sample(
+        &mut self,
+        params: &[SampleParams],
+        adjust: &[Option<Adjust>],
+        want: &[usize],
+    ) -> Result<(), StepError> {
+        let Some(f) = self.flight.back().filter(|f| !f.sampled) else {
+            return Err(StepError::BadBatch(
+                "no step sent for its forward pass waits to be sampled".into(),
+            ));
+        };
+        let (turn, lay, rows, padded) = (f.turn, f.lay, f.tokens, f.rows);
+        check_sample(rows, params, adjust, self.adjust_room())?;
+        check_want(want, rows)?;
+        let sent = self
+            .launch_sample(turn, lay, padded, (params, adjust))
+            .and_then(|()| self.receive(turn, rows, want));
+        match sent {
+            Ok(lo) => {
+                if let Some(f) = self.flight.back_mut() {
+                    f.sampled = true;
+                    f.want = want.to_vec();
+                    f.lo = lo;
+                }
+                self.last_sampled = rows;
                 Ok(())
             }
             Err(e) => Err(self.abandon(e)),
         }
     }
     fn collect(&mut self) -> Result<(Vec<u32>, Vec<f32>), StepError> {
+        if self.flight.front().is_some_and(|f| !f.sampled) {
+            return Err(StepError::BadBatch(
+                "the step in flight waits to be sampled".into(),
+            ));
+        }
         let Some(f) = self.flight.pop_front() else {
             return Err(StepError::BadBatch("no step is in flight".into()));
         };
@@ -783,7 +917,39 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 }
 
+/// Checks the logits rows asked for against a step's `rows`.
+fn check_want(want: &[usize], rows: usize) -> Result<(), StepError> {
+    match want.iter().find(|&&r| r >= rows) {
+        Some(r) => Err(StepError::BadBatch(format!(
+            "logits row {r} of a step with {rows}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl<E: Exec> CudaBackend<E> {
+    /// Checks a step about to be submitted: room in flight (two steps, the last sampled),
+    /// and its batch, whose tokens may stand for the last submitted step's.
+    fn check_submit(&mut self, batch: &Batch) -> Result<(), StepError> {
+        if self.flight.len() >= 2 {
+            return Err(StepError::BadBatch(
+                "two steps are in flight already".into(),
+            ));
+        }
+        if self.flight.back().is_some_and(|f| !f.sampled) {
+            return Err(StepError::BadBatch(
+                "the step sent before waits to be sampled".into(),
+            ));
+        }
+        self.check(batch, self.last_sampled)?;
+        if batch.tokens.is_empty() {
+            return Err(StepError::BadBatch("an empty step".into()));
+        }
+        // A submitted step's logits are read with its tokens, not by `logits_rows`.
+        self.last_rows = 0;
+        Ok(())
+    }
+
     /// After a failed submit or collect: waits for the stream, and forgets the steps in
     /// flight.
     fn abandon(&mut self, e: ExecError) -> StepError {

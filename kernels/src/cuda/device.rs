@@ -207,21 +207,21 @@ impl Exec for Gpu {
         Ok(h.words.as_mut_slice()?)
     }
 
-    fn send(&self, h: &PinnedWords, n: usize, dst: &mut CudaSlice<u32>) -> Result<(), ExecError> {
-        if n > dst.len() || n > h.words.len() {
-            return Err(ExecError::Bounds(format!(
-                "sending {n} words into {} from {}",
-                dst.len(),
-                h.words.len()
-            )));
-        }
+    fn send(
+        &self,
+        h: &PinnedWords,
+        r: std::ops::Range<usize>,
+        dst: &mut CudaSlice<u32>,
+    ) -> Result<(), ExecError> {
+        super::exec::check_send(&r, dst.len(), h.words.len())?;
         let s = &self.stream;
-        let (dst, _sync) = dst.device_ptr_mut(s);
+        let (base, _sync) = dst.device_ptr_mut(s);
+        let at = base + (r.start * 4) as u64;
         let src = h.words.as_slice()?;
-        // SAFETY: both sides hold at least `n` words (checked above); the host side is
-        // page-locked and its owner writes it again only through `host_words`, which waits
-        // for the event recorded after this copy.
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &src[..n], s.cu_stream()) }?;
+        // SAFETY: both sides hold words `r` (checked above); the host side is page-locked
+        // and its owner writes it again only through `host_words`, which waits for the
+        // event recorded after this copy.
+        unsafe { cudarc::driver::result::memcpy_htod_async(at, &src[r], s.cu_stream()) }?;
         h.copied.record(s)?;
         Ok(())
     }

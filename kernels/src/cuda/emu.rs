@@ -492,16 +492,15 @@ impl Exec for Emu {
         Ok(h.as_mut_slice())
     }
 
-    fn send(&self, h: &Vec<u32>, n: usize, dst: &mut EmuBuf<u32>) -> Result<(), ExecError> {
+    fn send(
+        &self,
+        h: &Vec<u32>,
+        r: std::ops::Range<usize>,
+        dst: &mut EmuBuf<u32>,
+    ) -> Result<(), ExecError> {
         self.sticky()?;
-        if n > dst.len || n > h.len() {
-            return Err(ExecError::Bounds(format!(
-                "sending {n} words into {} from {}",
-                dst.len,
-                h.len()
-            )));
-        }
-        dst.as_mut_slice()[..n].copy_from_slice(&h[..n]);
+        super::exec::check_send(&r, dst.len, h.len())?;
+        dst.as_mut_slice()[r.clone()].copy_from_slice(&h[r]);
         Ok(())
     }
 

@@ -133,8 +133,13 @@ pub trait Exec: Send {
     /// The words of `h`, to read or write (waits for the last copy into or out of them to
     /// finish).
     fn host_words<'a>(&self, h: &'a mut Self::Host) -> Result<&'a mut [u32], ExecError>;
-    /// Enqueues the copy of the first `n` words of `h` into `dst`.
-    fn send(&self, h: &Self::Host, n: usize, dst: &mut Self::Buf<u32>) -> Result<(), ExecError>;
+    /// Enqueues the copy of words `r` of `h` into the same words of `dst`.
+    fn send(
+        &self,
+        h: &Self::Host,
+        r: Range<usize>,
+        dst: &mut Self::Buf<u32>,
+    ) -> Result<(), ExecError>;
     /// Enqueues the copy of elements `r` of `src` (of 4 bytes each: tokens, logits) into
     /// the first words of `h`, as their bits (read them through [`Exec::host_words`], which
     /// waits for it).
@@ -190,6 +195,17 @@ pub(super) fn check_receive<T: Elem>(
         return Err(ExecError::Bounds(format!(
             "receiving elements {r:?} of a buffer of {len} {} into {words} words",
             std::any::type_name::<T>()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a copy of words `r` from host words (`words` of them) into the same words of a
+/// device buffer of `len`.
+pub(super) fn check_send(r: &Range<usize>, len: usize, words: usize) -> Result<(), ExecError> {
+    if r.start > r.end || r.end > len || r.end > words {
+        return Err(ExecError::Bounds(format!(
+            "sending words {r:?} into a buffer of {len} from {words} words"
         )));
     }
     Ok(())

@@ -122,7 +122,11 @@ pub fn write(
     let n = batch.seqs.len();
     let t = batch.tokens.len();
     let lay = Layout::new(n + pad, t + pad, max_blocks, batch.n_logits() + pad);
-    let (out, rest) = out.split_at_mut(lay.len);
+    if out.len() < lay.len {
+        return None;
+    }
+    let out_all = &mut *out;
+    let out = &mut out_all[..lay.len];
     let mut w = 0;
     for sq in &batch.seqs {
         out[w..w + 4].copy_from_slice(&[
@@ -148,6 +152,24 @@ pub fn write(
         w += max_blocks;
     }
     out[w..w + pad * max_blocks].fill(trash);
+    if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
+        out[lay.sample - 1] = 0;
+    }
+    let extra = write_sample(out_all, lay, params, adjust)?;
+    Some(Written { lay, extra })
+}
+
+/// Writes the sampling part of a step laid out as `lay` into `out` (the same words as in
+/// the staging buffer: from `lay.sample`, and the extra part from `lay.len`): the
+/// parameters of its logits rows (greedy where absent) and their adjustments. Returns the
+/// extra part's length; `None` when the adjustments do not fit in `out`.
+pub fn write_sample(
+    out: &mut [u32],
+    lay: Layout,
+    params: &[SampleParams],
+    adjust: &[Option<Adjust>],
+) -> Option<usize> {
+    let (out, rest) = out.split_at_mut(lay.len);
     for row in 0..lay.n_logits {
         let p = params.get(row).copied().unwrap_or(SampleParams::GREEDY);
         out[lay.temperature().start + row] = p.temperature.to_bits();
@@ -157,9 +179,6 @@ pub fn write(
         let s = lay.seeds().start + 2 * row;
         out[s] = p.seed as u32;
         out[s + 1] = (p.seed >> 32) as u32;
-    }
-    if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
-        out[lay.sample - 1] = 0;
     }
     let mut extra = 0;
     let mut words = Vec::new();
@@ -176,7 +195,7 @@ pub fn write(
             None => u32::MAX,
         };
     }
-    Some(Written { lay, extra })
+    Some(extra)
 }
 
 #[cfg(test)]

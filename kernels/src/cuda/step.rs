@@ -587,6 +587,23 @@ impl<E: Exec> Device<E> {
             product(e, *small, &b.h, output, &mut b.logits, n_logits, d, c.vocab)?;
         }
         if sample {
+            self.enqueue_sample(lay, n_logits)?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues the `sample` kernel over a step's `n_logits` logits rows, with the
+    /// parameters and adjustments of the staging buffer laid out as `lay` (the end of
+    /// [`Device::enqueue`]'s step; or, for a step whose adjustments came later, launched
+    /// after their copy).
+    pub fn enqueue_sample(&mut self, lay: Layout, n_logits: usize) -> Result<(), ExecError> {
+        let Self {
+            exec: e,
+            config: c,
+            bufs: b,
+            ..
+        } = self;
+        {
             let st = &b.staging;
             e.launch(
                 "sample",
