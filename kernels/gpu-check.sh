@@ -11,7 +11,7 @@
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256, and with penalties at 256), then decode steps and the engine again with the
+# and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), and with penalties at 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
@@ -114,8 +114,11 @@ timeout 40 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 --tensor || st
 echo
 ATTENTION=tensor BACKEND=cuda STREAMS=1,256 TOKENS=256 timeout 90 "$BIN/engine_bench" "$model" || status=1
 echo
-# JSON mode: every row's mask goes to the device in the staging copy (no logits read back).
+# JSON mode: every row's mask goes to the device in the staging copy (no logits read back),
+# after the step's forward pass is sent (the masks need the step before's tokens); and the
+# same with each step waiting for the one before.
 BACKEND=cuda FORMAT=json STREAMS=64,256 TOKENS=128 timeout 90 "$BIN/engine_bench" "$model" || status=1
+OVERLAP=0 BACKEND=cuda FORMAT=json STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
 echo
 # Presence and frequency penalties on every stream: deltas on the device, steps still
 # planned ahead (each counts the token the step before drew, on the device).

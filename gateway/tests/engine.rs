@@ -13,7 +13,8 @@ use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{
-    FinishReason, SamplingParams, Usage, Worker, WorkerError, WorkerEvent, WorkerRequest,
+    FinishReason, JsonFormat, SamplingParams, Usage, Worker, WorkerError, WorkerEvent,
+    WorkerRequest,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -385,6 +386,13 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     r.params.logit_bias = vec![(5, 1.5), (17, -2.0)];
                 }
                 11 => r.params.presence_penalty = -1.2,
+                // JSON mode: each step's masks are sent once the step before is collected
+                // (its forward pass runs meanwhile).
+                4 | 13 => r.params.json = Some(JsonFormat::Object),
+                12 => {
+                    r.params.json = Some(JsonFormat::Object);
+                    r.params.frequency_penalty = 0.8;
+                }
                 // Penalties drawn on the host (with log-probabilities): steps wait.
                 9 => {
                     r.params.presence_penalty = 0.7;

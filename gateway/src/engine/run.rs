@@ -13,11 +13,14 @@
 //! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
 //! the step's tokens. Presence and frequency penalties count a sequence's input token on
 //! the device ([`kernels::adjust::Carry`]: the host sends what each possible token's delta
-//! would be). What the host must see first keeps the step after it waiting for it: a
-//! sequence in JSON mode anywhere in the engine (its next row's mask depends on its last
-//! token), one with penalties drawn on the host (log-probabilities, or past the step's
-//! room for adjustments), and a sequence short of a KV block (preemption waits for the
-//! step in flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
+//! would be). A step with a row in JSON mode whose input token is still on the device
+//! sends its forward pass first ([`Backend::submit_forward`]), then collects the step
+//! before and sends its sampling with the masks ([`Backend::submit_sample`]), made while
+//! the device runs the forward pass. What the host must see first keeps the step after
+//! it waiting for it: a sequence anywhere in the engine whose token the host draws again
+//! (penalties or JSON mode with log-probabilities, or past the step's room for
+//! adjustments), and a sequence short of a KV block (preemption waits for the step in
+//! flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
 //! already; that token is dropped. Its blocks are freed at once: everything on the device
 //! runs in order, so a block handed out again is written only after that step.
 
@@ -176,10 +179,16 @@ fn params(running: &[Seq], draws: &[Option<usize>]) -> Vec<SampleParams> {
 
 /// The logits rows of a step that the host reads back: a prompt's rows being scored, and
 /// the rows of sequences that want log-probabilities or whose adjustment is not made on
-/// the device (`adjust`: the rows that are).
-fn wanted(running: &[Seq], draws: &[Option<usize>], adjust: &[Option<Adjust>]) -> Vec<usize> {
+/// the device (`adjust`: the rows that are); not the rows whose sequence left (`gone`).
+fn wanted(
+    running: &[Seq],
+    draws: &[Option<usize>],
+    adjust: &[Option<Adjust>],
+    gone: &[bool],
+) -> Vec<usize> {
     let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
     (0..draws.len())
+        .filter(|&r| !gone.get(r).copied().unwrap_or(false))
         .filter(|&r| match draws[r].map(|i| &running[i]) {
             None => true,
             Some(s) => s.logprobs.is_some() || s.constrained() && !on_device(r),
@@ -213,6 +222,14 @@ fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
         }
     }
     Ok(next)
+}
+
+/// Whether the device draws the final token of every row of a step (`draws`: each row's
+/// drawing sequence, `want`: the rows read back): no row with penalties or JSON mode is
+/// drawn again on the host, so the next step may read them all on the device.
+fn exact(running: &[Seq], draws: &[Option<usize>], want: &[usize]) -> bool {
+    want.iter()
+        .all(|&r| draws[r].is_none_or(|i| !running[i].constrained()))
 }
 
 /// Where sequence `w.id` is in `running` now, if it still is.
@@ -327,11 +344,13 @@ impl Engine {
     }
 
     /// A sampled step's parameters, device adjustments and logits rows read back, for
-    /// logits rows drawn by `draws` (counted in the stats).
+    /// logits rows drawn by `draws` (counted in the stats), but for rows whose sequence
+    /// left (`gone`).
     fn sampling(
         &mut self,
         backend: &dyn Backend,
         draws: &[Option<usize>],
+        gone: &[bool],
     ) -> (Vec<SampleParams>, Vec<Option<Adjust>>, Vec<usize>) {
         let row_seqs: Vec<Option<&Seq>> =
             draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
@@ -343,7 +362,7 @@ impl Engine {
             &self.tok,
             &mut self.json_vocab,
         );
-        let want = wanted(&self.running, draws, &adjust);
+        let want = wanted(&self.running, draws, &adjust, gone);
         self.stats
             .rows_adjusted_on_device
             .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
@@ -401,11 +420,17 @@ impl Engine {
         draws: &[Option<usize>],
         backend_ns: &mut u64,
     ) -> Turn {
-        let (params, adjust, want) = self.sampling(backend, draws);
-        // A row with penalties read back is drawn again on the host.
-        let exact = want
+        // A grammar's mask of a row whose input token is still on the device is made once
+        // the step before is collected.
+        let late = draws
             .iter()
-            .all(|&r| draws[r].is_none_or(|i| self.running[i].penalties.is_none()));
+            .flatten()
+            .any(|&i| self.running[i].masked() && self.running[i].carried());
+        if late {
+            return self.send_late(backend, plan, batch, draws, backend_ns);
+        }
+        let (params, adjust, want) = self.sampling(backend, draws, &[]);
+        let exact = exact(&self.running, draws, &want);
         let sent = in_backend(&self.stats, backend_ns, || {
             backend.submit(batch, &params, &adjust, &want)
         });
@@ -453,6 +478,77 @@ impl Engine {
                 Turn::Go
             }
         }
+    }
+
+    /// Sends the step's forward pass, collects the one before (so that every input token
+    /// of this step is known on the host), and only then sends its sampling, with its
+    /// rows' adjustments: the host makes them while the device runs the forward pass.
+    fn send_late(
+        &mut self,
+        backend: &mut dyn Backend,
+        plan: &Plan,
+        batch: &Batch,
+        draws: &[Option<usize>],
+        backend_ns: &mut u64,
+    ) -> Turn {
+        let sent = in_backend(&self.stats, backend_ns, || backend.submit_forward(batch));
+        let before = self.flight.take();
+        let mut now = Flight {
+            parts: self.parts(plan, batch),
+            draws: draws
+                .iter()
+                .map(|d| {
+                    d.map(|i| Who {
+                        id: self.running[i].id,
+                        at: i,
+                    })
+                })
+                .collect(),
+            want: Vec::new(),
+            exact: true,
+        };
+        if let Err(e) = sent {
+            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
+                let _ = backend.collect();
+            }
+            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+            failed.extend(before.iter().flat_map(|f| self.present(f)));
+            return self.fail(e, failed);
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if before.is_some() {
+            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        let t = self.collect(backend, before, Some(&now), backend_ns);
+        if !matches!(t, Turn::Go) {
+            return t;
+        }
+        // Each row's drawing sequence now (those that stopped with the step before are
+        // gone: their rows are drawn greedily and dropped).
+        let drawing: Vec<Option<usize>> = now
+            .draws
+            .iter()
+            .map(|w| w.as_ref().and_then(|w| find(&self.running, w)))
+            .collect();
+        let gone: Vec<bool> = (0..drawing.len())
+            .map(|r| now.draws[r].is_some() && drawing[r].is_none())
+            .collect();
+        let (params, adjust, want) = self.sampling(backend, &drawing, &gone);
+        now.exact = exact(&self.running, &drawing, &want);
+        let sampled = in_backend(&self.stats, backend_ns, || {
+            backend.submit_sample(&params, &adjust, &want)
+        });
+        if let Err(e) = sampled {
+            return self.fail(e, self.present(&now));
+        }
+        for (row, i) in drawing.iter().enumerate() {
+            if let Some(i) = *i {
+                self.running[i].tokens.push(FROM_LAST | row as u32);
+            }
+        }
+        now.want = want;
+        self.flight = Some(now);
+        Turn::Go
     }
 
     /// The indices in `running` of a flight's sequences still there.
@@ -517,7 +613,7 @@ impl Engine {
         backend_ns: &mut u64,
     ) -> Turn {
         debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
-        let sampling = self.on_device.then(|| self.sampling(backend, draws));
+        let sampling = self.on_device.then(|| self.sampling(backend, draws, &[]));
         let stepped = in_backend(&self.stats, backend_ns, || {
             if let Some((params, adjust, want)) = sampling {
                 backend.step_sample(batch, &params, &adjust).and_then(|t| {

@@ -172,13 +172,17 @@ impl Seq {
     pub(super) fn emitted(&self) -> u32 {
         (self.resolved - self.prompt_len) as u32
     }
-    /// Whether its next step needs nothing of the host from its last, so that it may be
-    /// planned and sent while its last still runs, its input token read on the device:
-    /// no JSON mode (whose mask of its next row depends on its last token), and no
-    /// penalties drawn on the host (with log-probabilities). Penalties drawn on the
-    /// device count the input token there ([`kernels::adjust::Carry`]).
+    /// Whether its next step may be planned and sent while its last still runs, its input
+    /// token read on the device: its row is not drawn again on the host (penalties or
+    /// JSON mode with log-probabilities). Penalties count the input token on the device
+    /// ([`kernels::adjust::Carry`]); a JSON mask, which depends on it, is sent once the
+    /// step before is collected ([`kernels::backend::Backend::submit_sample`]).
     pub(super) fn plain(&self) -> bool {
-        self.json.is_none() && (self.penalties.is_none() || self.logprobs.is_none())
+        !self.constrained() || self.logprobs.is_none()
+    }
+    /// Whether its next row's adjustment needs its last token on the host (JSON mode).
+    pub(super) fn masked(&self) -> bool {
+        self.json.is_some()
     }
     /// Whether its last token is still on the device.
     pub(super) fn carried(&self) -> bool {

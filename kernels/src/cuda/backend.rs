@@ -26,7 +26,11 @@
 //! step sent while the one before still runs may take that one's tokens without the host
 //! seeing them ([`FROM_LAST`]: `build_batch` reads them from the device's `sampled`
 //! buffer). Staging and answer buffers alternate between two, so the host writes the next
-//! step's while the device copies the last one's.
+//! step's while the device copies the last one's. A step may also be sent in two parts
+//! ([`Backend::submit_forward`], then [`Backend::submit_sample`]): its batch and forward
+//! pass first (a decode step replays its bucket's graph captured without the `sample`
+//! kernel), and its sampling part of the staging words (from a second host buffer) and
+//! `sample` kernel once the host has made adjustments that need the step before's tokens.
 //!
 //! **Sampling on the device.** [`Backend::step_sample`] runs the `sample` kernel on the
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
