@@ -436,19 +436,8 @@ impl Engine {
         });
         let before = self.flight.take();
         let parts = self.parts(plan, batch);
-        if let Err(e) = sent {
-            // The step before is lost with a device fault; after a refused batch it is
-            // still on the device, and collected (its sequences fail either way).
-            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
-                let _ = backend.collect();
-            }
-            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
-            failed.extend(before.iter().flat_map(|f| self.present(f)));
-            return self.fail(e, failed);
-        }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if before.is_some() {
-            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
+            return t;
         }
         let mut drawing = Vec::with_capacity(draws.len());
         for (row, d) in draws.iter().enumerate() {
@@ -480,6 +469,32 @@ impl Engine {
         }
     }
 
+    /// After a step (`plan`) was sent, with `before` in flight: counts it, or on an error
+    /// fails both steps' sequences and returns the turn.
+    fn sent(
+        &mut self,
+        backend: &mut dyn Backend,
+        sent: Result<(), StepError>,
+        plan: &Plan,
+        before: Option<&Flight>,
+    ) -> Option<Turn> {
+        if let Err(e) = sent {
+            // The step before is lost with a device fault; after a refused batch it is
+            // still on the device, and collected (its sequences fail either way).
+            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
+                let _ = backend.collect();
+            }
+            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+            failed.extend(before.iter().flat_map(|f| self.present(f)));
+            return Some(self.fail(e, failed));
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if before.is_some() {
+            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+
     /// Sends the step's forward pass, collects the one before (so that every input token
     /// of this step is known on the host), and only then sends its sampling, with its
     /// rows' adjustments: the host makes them while the device runs the forward pass.
@@ -507,17 +522,8 @@ impl Engine {
             want: Vec::new(),
             exact: true,
         };
-        if let Err(e) = sent {
-            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
-                let _ = backend.collect();
-            }
-            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
-            failed.extend(before.iter().flat_map(|f| self.present(f)));
-            return self.fail(e, failed);
-        }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if before.is_some() {
-            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
+            return t;
         }
         let t = self.collect(backend, before, Some(&now), backend_ns);
         if !matches!(t, Turn::Go) {
