@@ -13,13 +13,15 @@
 //! again (the failed one dropped first, then a fresh one until one passes its self-check).
 //!
 //! Here: the worker (tokenizing, handing requests to the thread) and its counters. The
-//! thread's loop is [`run`]; a sequence's state and what it sends, [`seq`]; drawing the
-//! step's tokens, [`draw`]; building the backend, [`factory`].
+//! thread's loop is [`run`]; steps sent without waiting and collected, [`flight`]; a
+//! sequence's state and what it sends, [`seq`]; drawing the step's tokens, [`draw`];
+//! building the backend, [`factory`].
 
 pub mod blocks;
 mod draw;
 mod factory;
 pub mod fair;
+pub(super) mod flight;
 pub mod outbox;
 pub mod output;
 mod run;

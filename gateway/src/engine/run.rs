@@ -2,12 +2,13 @@
 //! [`super::scheduler`], run it on the backend (sampling on the device where the backend
 //! can), score prompts, draw and send each finished row's token, and free what finished.
 //! A device fault fails the engine's sequences and builds its backend again ([`recover`]).
+//! Sending a step without waiting and collecting it are in [`super::flight`].
 //!
 //! **Steps planned ahead.** On a backend that overlaps steps ([`Backend::overlaps`]), a
 //! step is sent ([`Backend::submit`]) and the loop goes on at once: it takes arrivals,
 //! plans and sends the next step, and only then collects the first one's tokens and sends
 //! them to clients, while the device runs the second. Each sequence that draws a token in
-//! a step in flight holds [`FROM_LAST`]` | row` in its place, which the next step's batch
+//! a step in flight holds [`FROM_LAST`](kernels::backend::FROM_LAST)` | row` in its place, which the next step's batch
 //! carries and the device resolves; collecting replaces it. So the host's work between two
 //! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
 //! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
@@ -27,13 +28,14 @@
 use super::blocks::{chain, BlockPool};
 use super::draw;
 use super::fair::Fair;
+use super::flight::{Flight, Part, Who};
 use super::outbox::Outbox;
 use super::scheduler::{self, Limits, Plan, Schedulable};
 use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
 use kernels::adjust::Adjust;
-use kernels::backend::{Backend, FROM_LAST};
+use kernels::backend::Backend;
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
 use kernels::json_mode::JsonVocab;
@@ -94,7 +96,7 @@ pub(super) fn run_engine(
 }
 
 /// What the loop does after a turn.
-enum Turn {
+pub(super) enum Turn {
     Go,
     /// Every submitter is gone.
     Stop,
@@ -102,64 +104,34 @@ enum Turn {
     Fault(String),
 }
 
-/// A sequence of a step: its id and its index in `running` when the step was planned (an
-/// index only goes down while the step runs: sequences leave, and new ones join at the
-/// end).
-#[derive(Clone, Copy)]
-struct Who {
-    id: u64,
-    at: usize,
-}
-
-/// A sequence's part in a step: who, its first logits row and how many it has, and its
-/// tokens computed once the step has run.
-#[derive(Clone, Copy)]
-struct Part {
-    who: Who,
-    row: usize,
-    rows: usize,
-    end: usize,
-}
-
-/// A step sent and not yet collected: its sequences, each logits row's drawing one, the
-/// rows whose logits come back with its tokens, and whether the device drew every row's
-/// final token (no row with penalties is drawn again on the host: the next step may read
-/// them all on the device).
-struct Flight {
-    parts: Vec<Part>,
-    draws: Vec<Option<Who>>,
-    want: Vec<usize>,
-    exact: bool,
-}
-
 /// The engine thread's state, beside its backend (which a device fault replaces).
-struct Engine {
-    rebuild: Rebuild,
-    tok: Arc<Tokenizer>,
-    rx: mpsc::Receiver<NewSeq>,
-    limits: Limits,
-    stats: Arc<EngineStats>,
-    outbox: Outbox,
-    vocab: usize,
+pub(super) struct Engine {
+    pub(super) rebuild: Rebuild,
+    pub(super) tok: Arc<Tokenizer>,
+    pub(super) rx: mpsc::Receiver<NewSeq>,
+    pub(super) limits: Limits,
+    pub(super) stats: Arc<EngineStats>,
+    pub(super) outbox: Outbox,
+    pub(super) vocab: usize,
     /// JSON mode's view of the vocabulary, made on the first request that asks.
-    json_vocab: Option<JsonVocab>,
-    on_device: bool,
-    overlap: bool,
-    pool: BlockPool,
-    running: Vec<Seq>,
-    waiting: VecDeque<Seq>,
-    fair: Fair,
+    pub(super) json_vocab: Option<JsonVocab>,
+    pub(super) on_device: bool,
+    pub(super) overlap: bool,
+    pub(super) pool: BlockPool,
+    pub(super) running: Vec<Seq>,
+    pub(super) waiting: VecDeque<Seq>,
+    pub(super) fair: Fair,
     /// The step sent last, while it is not collected.
-    flight: Option<Flight>,
+    pub(super) flight: Option<Flight>,
     /// A step planned ahead left a sequence without a block: the next is planned after
     /// the one in flight is collected (so that it may preempt).
-    plan_after: bool,
-    next_id: u64,
+    pub(super) plan_after: bool,
+    pub(super) next_id: u64,
 }
 
 /// Runs `f`, a call into the backend, as the step in progress (which the engine's probe
 /// watches for a stuck device), adding its time to `backend_ns`.
-fn in_backend<T>(stats: &EngineStats, backend_ns: &mut u64, f: impl FnOnce() -> T) -> T {
+pub(super) fn in_backend<T>(stats: &EngineStats, backend_ns: &mut u64, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
     stats.step_since_ms.store(now_ms(), Ordering::Relaxed);
     let out = f();
@@ -198,7 +170,7 @@ fn wanted(
 
 /// A backend's answer is checked before any of it reaches a client: the right number of
 /// rows (`rows`), token ids inside the vocabulary, and the logits rows asked for.
-fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
+pub(super) fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
     let bad = |m: String| Err(StepError::Device(m));
     let got = match &next {
         Next::Tokens(t, ..) => t.len(),
@@ -222,20 +194,6 @@ fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
         }
     }
     Ok(next)
-}
-
-/// Whether the device draws the final token of every row of a step (`draws`: each row's
-/// drawing sequence, `want`: the rows read back): no row with penalties or JSON mode is
-/// drawn again on the host, so the next step may read them all on the device.
-fn exact(running: &[Seq], draws: &[Option<usize>], want: &[usize]) -> bool {
-    want.iter()
-        .all(|&r| draws[r].is_none_or(|i| !running[i].constrained()))
-}
-
-/// Where sequence `w.id` is in `running` now, if it still is.
-fn find(running: &[Seq], w: &Who) -> Option<usize> {
-    let top = w.at.min(running.len().checked_sub(1)?);
-    (0..=top).rev().find(|&i| running[i].id == w.id)
 }
 
 impl Engine {
@@ -346,7 +304,7 @@ impl Engine {
     /// A sampled step's parameters, device adjustments and logits rows read back, for
     /// logits rows drawn by `draws` (counted in the stats), but for rows whose sequence
     /// left (`gone`).
-    fn sampling(
+    pub(super) fn sampling(
         &mut self,
         backend: &dyn Backend,
         draws: &[Option<usize>],
@@ -391,7 +349,7 @@ impl Engine {
     }
 
     /// The plan's parts, by sequence id.
-    fn parts(&self, plan: &Plan, batch: &Batch) -> Vec<Part> {
+    pub(super) fn parts(&self, plan: &Plan, batch: &Batch) -> Vec<Part> {
         let mut row = 0;
         plan.items
             .iter()
@@ -408,202 +366,6 @@ impl Engine {
                 p
             })
             .collect()
-    }
-
-    /// Sends the step without waiting for it, then collects the one before, if any: the
-    /// drawing sequences' tokens stay on the device until then.
-    fn send(
-        &mut self,
-        backend: &mut dyn Backend,
-        plan: &Plan,
-        batch: &Batch,
-        draws: &[Option<usize>],
-        backend_ns: &mut u64,
-    ) -> Turn {
-        // A grammar's mask of a row whose input token is still on the device is made once
-        // the step before is collected.
-        let late = draws
-            .iter()
-            .flatten()
-            .any(|&i| self.running[i].masked() && self.running[i].carried());
-        if late {
-            return self.send_late(backend, plan, batch, draws, backend_ns);
-        }
-        let (params, adjust, want) = self.sampling(backend, draws, &[]);
-        let exact = exact(&self.running, draws, &want);
-        let sent = in_backend(&self.stats, backend_ns, || {
-            backend.submit(batch, &params, &adjust, &want)
-        });
-        let before = self.flight.take();
-        let parts = self.parts(plan, batch);
-        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
-            return t;
-        }
-        let mut drawing = Vec::with_capacity(draws.len());
-        for (row, d) in draws.iter().enumerate() {
-            drawing.push(d.map(|i| {
-                let s = &mut self.running[i];
-                s.tokens.push(FROM_LAST | row as u32);
-                Who { id: s.id, at: i }
-            }));
-        }
-        let now = Flight {
-            parts,
-            draws: drawing,
-            want,
-            exact,
-        };
-        match before {
-            Some(f) => {
-                let t = self.collect(backend, Some(f), Some(&now), backend_ns);
-                // Unless collecting failed and took this step with it.
-                if matches!(t, Turn::Go) && backend.pending() == 1 {
-                    self.flight = Some(now);
-                }
-                t
-            }
-            None => {
-                self.flight = Some(now);
-                Turn::Go
-            }
-        }
-    }
-
-    /// After a step (`plan`) was sent, with `before` in flight: counts it, or on an error
-    /// fails both steps' sequences and returns the turn.
-    fn sent(
-        &mut self,
-        backend: &mut dyn Backend,
-        sent: Result<(), StepError>,
-        plan: &Plan,
-        before: Option<&Flight>,
-    ) -> Option<Turn> {
-        if let Err(e) = sent {
-            // The step before is lost with a device fault; after a refused batch it is
-            // still on the device, and collected (its sequences fail either way).
-            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
-                let _ = backend.collect();
-            }
-            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
-            failed.extend(before.iter().flat_map(|f| self.present(f)));
-            return Some(self.fail(e, failed));
-        }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if before.is_some() {
-            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
-        }
-        None
-    }
-
-    /// Sends the step's forward pass, collects the one before (so that every input token
-    /// of this step is known on the host), and only then sends its sampling, with its
-    /// rows' adjustments: the host makes them while the device runs the forward pass.
-    fn send_late(
-        &mut self,
-        backend: &mut dyn Backend,
-        plan: &Plan,
-        batch: &Batch,
-        draws: &[Option<usize>],
-        backend_ns: &mut u64,
-    ) -> Turn {
-        let sent = in_backend(&self.stats, backend_ns, || backend.submit_forward(batch));
-        let before = self.flight.take();
-        let mut now = Flight {
-            parts: self.parts(plan, batch),
-            draws: draws
-                .iter()
-                .map(|d| {
-                    d.map(|i| Who {
-                        id: self.running[i].id,
-                        at: i,
-                    })
-                })
-                .collect(),
-            want: Vec::new(),
-            exact: true,
-        };
-        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
-            return t;
-        }
-        let t = self.collect(backend, before, Some(&now), backend_ns);
-        if !matches!(t, Turn::Go) {
-            return t;
-        }
-        // Each row's drawing sequence now (those that stopped with the step before are
-        // gone: their rows are drawn greedily and dropped).
-        let drawing: Vec<Option<usize>> = now
-            .draws
-            .iter()
-            .map(|w| w.as_ref().and_then(|w| find(&self.running, w)))
-            .collect();
-        let gone: Vec<bool> = (0..drawing.len())
-            .map(|r| now.draws[r].is_some() && drawing[r].is_none())
-            .collect();
-        let (params, adjust, want) = self.sampling(backend, &drawing, &gone);
-        now.exact = exact(&self.running, &drawing, &want);
-        let sampled = in_backend(&self.stats, backend_ns, || {
-            backend.submit_sample(&params, &adjust, &want)
-        });
-        if let Err(e) = sampled {
-            return self.fail(e, self.present(&now));
-        }
-        for (row, i) in drawing.iter().enumerate() {
-            if let Some(i) = *i {
-                self.running[i].tokens.push(FROM_LAST | row as u32);
-            }
-        }
-        now.want = want;
-        self.flight = Some(now);
-        Turn::Go
-    }
-
-    /// The indices in `running` of a flight's sequences still there.
-    fn present(&self, f: &Flight) -> Vec<usize> {
-        f.parts
-            .iter()
-            .filter_map(|p| find(&self.running, &p.who))
-            .collect()
-    }
-
-    /// Waits for the step in flight `f` and finishes it with its tokens (`newer`: the step
-    /// sent after it, lost with it if collecting fails).
-    fn collect(
-        &mut self,
-        backend: &mut dyn Backend,
-        f: Option<Flight>,
-        newer: Option<&Flight>,
-        backend_ns: &mut u64,
-    ) -> Turn {
-        let Some(mut f) = f else {
-            return Turn::Go;
-        };
-        let got = in_backend(&self.stats, backend_ns, || backend.collect());
-        let vocab = self.vocab;
-        let got = got.and_then(|(t, logits)| {
-            let next = Next::Tokens(t, std::mem::take(&mut f.want), logits);
-            check(next, f.draws.len(), vocab)
-        });
-        match got {
-            Ok(next) => {
-                let parts: Vec<(usize, Part)> = f
-                    .parts
-                    .iter()
-                    .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
-                    .collect();
-                let draws: Vec<Option<usize>> = f
-                    .draws
-                    .iter()
-                    .map(|d| d.as_ref().and_then(|p| find(&self.running, p)))
-                    .collect();
-                self.finish(&parts, &draws, next);
-                Turn::Go
-            }
-            Err(e) => {
-                let mut failed = self.present(&f);
-                failed.extend(newer.iter().flat_map(|n| self.present(n)));
-                self.fail(e, failed)
-            }
-        }
     }
 
     /// Runs the step and waits for it: sampled on the device where the backend can (rows
@@ -655,7 +417,12 @@ impl Engine {
     /// taken and sent, the blocks its sequences filled offered to the prefix cache, and
     /// the sequences that finished freed. `parts`: the step's sequences (index in
     /// `running`, part); `draws`: each logits row's drawing sequence.
-    fn finish(&mut self, parts: &[(usize, Part)], draws: &[Option<usize>], mut next: Next) {
+    pub(super) fn finish(
+        &mut self,
+        parts: &[(usize, Part)],
+        draws: &[Option<usize>],
+        mut next: Next,
+    ) {
         let (vocab, tok) = (self.vocab, &*self.tok);
         for &(i, p) in parts {
             let rows = p.row..p.row + p.rows;
@@ -746,7 +513,7 @@ impl Engine {
 
     /// A failed step: its sequences (`failed`, indices in `running`) fail. A device fault
     /// fails every other sequence too, and the backend is to be built again.
-    fn fail(&mut self, e: StepError, mut failed: Vec<usize>) -> Turn {
+    pub(super) fn fail(&mut self, e: StepError, mut failed: Vec<usize>) -> Turn {
         tracing::error!(error = %e, "engine step failed; failing its sequences");
         self.flight = None;
         self.plan_after = false;

@@ -1,0 +1,254 @@
+//! Steps in flight: sending a step without waiting for it ([`Backend::submit`], or its
+//! forward pass and then its sampling, [`Backend::submit_forward`] and
+//! [`Backend::submit_sample`], when its adjustments need the tokens of the step before),
+//! and collecting it, its sequences found again by id. The loop that decides when is in
+//! [`super::run`].
+
+use super::run::{check, in_backend, Engine, Next, Turn};
+use super::scheduler::Plan;
+use super::seq::Seq;
+use kernels::backend::{Backend, FROM_LAST};
+use kernels::forward::{Batch, StepError};
+use std::sync::atomic::Ordering;
+
+/// A sequence of a step: its id and its index in `running` when the step was planned (an
+/// index only goes down while the step runs: sequences leave, and new ones join at the
+/// end).
+#[derive(Clone, Copy)]
+pub(super) struct Who {
+    pub(super) id: u64,
+    pub(super) at: usize,
+}
+
+/// A sequence's part in a step: who, its first logits row and how many it has, and its
+/// tokens computed once the step has run.
+#[derive(Clone, Copy)]
+pub(super) struct Part {
+    pub(super) who: Who,
+    pub(super) row: usize,
+    pub(super) rows: usize,
+    pub(super) end: usize,
+}
+
+/// A step sent and not yet collected: its sequences, each logits row's drawing one, the
+/// rows whose logits come back with its tokens, and whether the device drew every row's
+/// final token (no row with penalties is drawn again on the host: the next step may read
+/// them all on the device).
+pub(super) struct Flight {
+    pub(super) parts: Vec<Part>,
+    pub(super) draws: Vec<Option<Who>>,
+    pub(super) want: Vec<usize>,
+    pub(super) exact: bool,
+}
+
+/// Whether the device draws the final token of every row of a step (`draws`: each row's
+/// drawing sequence, `want`: the rows read back): no row with penalties or JSON mode is
+/// drawn again on the host, so the next step may read them all on the device.
+pub(super) fn exact(running: &[Seq], draws: &[Option<usize>], want: &[usize]) -> bool {
+    want.iter()
+        .all(|&r| draws[r].is_none_or(|i| !running[i].constrained()))
+}
+
+/// Where sequence `w.id` is in `running` now, if it still is.
+pub(super) fn find(running: &[Seq], w: &Who) -> Option<usize> {
+    let top = w.at.min(running.len().checked_sub(1)?);
+    (0..=top).rev().find(|&i| running[i].id == w.id)
+}
+
+impl Engine {
+    /// Sends the step without waiting for it, then collects the one before, if any: the
+    /// drawing sequences' tokens stay on the device until then.
+    pub(super) fn send(
+        &mut self,
+        backend: &mut dyn Backend,
+        plan: &Plan,
+        batch: &Batch,
+        draws: &[Option<usize>],
+        backend_ns: &mut u64,
+    ) -> Turn {
+        // A grammar's mask of a row whose input token is still on the device is made once
+        // the step before is collected.
+        let late = draws
+            .iter()
+            .flatten()
+            .any(|&i| self.running[i].masked() && self.running[i].carried());
+        if late {
+            return self.send_late(backend, plan, batch, draws, backend_ns);
+        }
+        let (params, adjust, want) = self.sampling(backend, draws, &[]);
+        let exact = exact(&self.running, draws, &want);
+        let sent = in_backend(&self.stats, backend_ns, || {
+            backend.submit(batch, &params, &adjust, &want)
+        });
+        let before = self.flight.take();
+        let parts = self.parts(plan, batch);
+        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
+            return t;
+        }
+        let mut drawing = Vec::with_capacity(draws.len());
+        for (row, d) in draws.iter().enumerate() {
+            drawing.push(d.map(|i| {
+                let s = &mut self.running[i];
+                s.tokens.push(FROM_LAST | row as u32);
+                Who { id: s.id, at: i }
+            }));
+        }
+        let now = Flight {
+            parts,
+            draws: drawing,
+            want,
+            exact,
+        };
+        match before {
+            Some(f) => {
+                let t = self.collect(backend, Some(f), Some(&now), backend_ns);
+                // Unless collecting failed and took this step with it.
+                if matches!(t, Turn::Go) && backend.pending() == 1 {
+                    self.flight = Some(now);
+                }
+                t
+            }
+            None => {
+                self.flight = Some(now);
+                Turn::Go
+            }
+        }
+    }
+
+    /// After a step (`plan`) was sent, with `before` in flight: counts it, or on an error
+    /// fails both steps' sequences and returns the turn.
+    pub(super) fn sent(
+        &mut self,
+        backend: &mut dyn Backend,
+        sent: Result<(), StepError>,
+        plan: &Plan,
+        before: Option<&Flight>,
+    ) -> Option<Turn> {
+        if let Err(e) = sent {
+            // The step before is lost with a device fault; after a refused batch it is
+            // still on the device, and collected (its sequences fail either way).
+            if before.is_some() && matches!(e, StepError::BadBatch(_)) {
+                let _ = backend.collect();
+            }
+            let mut failed: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+            failed.extend(before.iter().flat_map(|f| self.present(f)));
+            return Some(self.fail(e, failed));
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if before.is_some() {
+            self.stats.steps_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// Sends the step's forward pass, collects the one before (so that every input token
+    /// of this step is known on the host), and only then sends its sampling, with its
+    /// rows' adjustments: the host makes them while the device runs the forward pass.
+    pub(super) fn send_late(
+        &mut self,
+        backend: &mut dyn Backend,
+        plan: &Plan,
+        batch: &Batch,
+        draws: &[Option<usize>],
+        backend_ns: &mut u64,
+    ) -> Turn {
+        let sent = in_backend(&self.stats, backend_ns, || backend.submit_forward(batch));
+        let before = self.flight.take();
+        let mut now = Flight {
+            parts: self.parts(plan, batch),
+            draws: draws
+                .iter()
+                .map(|d| {
+                    d.map(|i| Who {
+                        id: self.running[i].id,
+                        at: i,
+                    })
+                })
+                .collect(),
+            want: Vec::new(),
+            exact: true,
+        };
+        if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
+            return t;
+        }
+        let t = self.collect(backend, before, Some(&now), backend_ns);
+        if !matches!(t, Turn::Go) {
+            return t;
+        }
+        // Each row's drawing sequence now (those that stopped with the step before are
+        // gone: their rows are drawn greedily and dropped).
+        let drawing: Vec<Option<usize>> = now
+            .draws
+            .iter()
+            .map(|w| w.as_ref().and_then(|w| find(&self.running, w)))
+            .collect();
+        let gone: Vec<bool> = (0..drawing.len())
+            .map(|r| now.draws[r].is_some() && drawing[r].is_none())
+            .collect();
+        let (params, adjust, want) = self.sampling(backend, &drawing, &gone);
+        now.exact = exact(&self.running, &drawing, &want);
+        let sampled = in_backend(&self.stats, backend_ns, || {
+            backend.submit_sample(&params, &adjust, &want)
+        });
+        if let Err(e) = sampled {
+            return self.fail(e, self.present(&now));
+        }
+        for (row, i) in drawing.iter().enumerate() {
+            if let Some(i) = *i {
+                self.running[i].tokens.push(FROM_LAST | row as u32);
+            }
+        }
+        now.want = want;
+        self.flight = Some(now);
+        Turn::Go
+    }
+
+    /// The indices in `running` of a flight's sequences still there.
+    pub(super) fn present(&self, f: &Flight) -> Vec<usize> {
+        f.parts
+            .iter()
+            .filter_map(|p| find(&self.running, &p.who))
+            .collect()
+    }
+
+    /// Waits for the step in flight `f` and finishes it with its tokens (`newer`: the step
+    /// sent after it, lost with it if collecting fails).
+    pub(super) fn collect(
+        &mut self,
+        backend: &mut dyn Backend,
+        f: Option<Flight>,
+        newer: Option<&Flight>,
+        backend_ns: &mut u64,
+    ) -> Turn {
+        let Some(mut f) = f else {
+            return Turn::Go;
+        };
+        let got = in_backend(&self.stats, backend_ns, || backend.collect());
+        let vocab = self.vocab;
+        let got = got.and_then(|(t, logits)| {
+            let next = Next::Tokens(t, std::mem::take(&mut f.want), logits);
+            check(next, f.draws.len(), vocab)
+        });
+        match got {
+            Ok(next) => {
+                let parts: Vec<(usize, Part)> = f
+                    .parts
+                    .iter()
+                    .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
+                    .collect();
+                let draws: Vec<Option<usize>> = f
+                    .draws
+                    .iter()
+                    .map(|d| d.as_ref().and_then(|p| find(&self.running, p)))
+                    .collect();
+                self.finish(&parts, &draws, next);
+                Turn::Go
+            }
+            Err(e) => {
+                let mut failed = self.present(&f);
+                failed.extend(newer.iter().flat_map(|n| self.present(n)));
+                self.fail(e, failed)
+            }
+        }
+    }
+}
