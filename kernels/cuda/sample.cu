@@ -185,8 +185,10 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
         const u32* mask = a + 2 + 2 * n_deltas;
         const u32* carry = mask + mask_words;
         u32 last = carried ? tokens[logit_rows[s]] : 0u;
-        if (threadIdx.x == 0) listed = 0;
-        __syncthreads();
+        if (carried) {  // the same for the whole block
+            if (threadIdx.x == 0) listed = 0;
+            __syncthreads();
+        }
         for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {
             u32 t = a[2 + 2 * j], d = a[3 + 2 * j];
             if (carried && t == last) {

@@ -85,20 +85,13 @@ impl Engine {
         if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
             return t;
         }
-        let mut drawing = Vec::with_capacity(draws.len());
-        for (row, d) in draws.iter().enumerate() {
-            drawing.push(d.map(|i| {
-                let s = &mut self.running[i];
-                s.tokens.push(FROM_LAST | row as u32);
-                Who { id: s.id, at: i }
-            }));
-        }
         let now = Flight {
             parts,
-            draws: drawing,
+            draws: self.who(draws),
             want,
             exact,
         };
+        self.hold(draws);
         match before {
             Some(f) => {
                 let t = self.collect(backend, Some(f), Some(&now), backend_ns);
@@ -156,15 +149,7 @@ impl Engine {
         let before = self.flight.take();
         let mut now = Flight {
             parts: self.parts(plan, batch),
-            draws: draws
-                .iter()
-                .map(|d| {
-                    d.map(|i| Who {
-                        id: self.running[i].id,
-                        at: i,
-                    })
-                })
-                .collect(),
+            draws: self.who(draws),
             want: Vec::new(),
             exact: true,
         };
@@ -177,11 +162,7 @@ impl Engine {
         }
         // Each row's drawing sequence now (those that stopped with the step before are
         // gone: their rows are drawn greedily and dropped).
-        let drawing: Vec<Option<usize>> = now
-            .draws
-            .iter()
-            .map(|w| w.as_ref().and_then(|w| find(&self.running, w)))
-            .collect();
+        let drawing = self.drawing(&now.draws);
         let gone: Vec<bool> = (0..drawing.len())
             .map(|r| now.draws[r].is_some() && drawing[r].is_none())
             .collect();
@@ -193,14 +174,37 @@ impl Engine {
         if let Err(e) = sampled {
             return self.fail(e, self.present(&now));
         }
+        self.hold(&drawing);
+        now.want = want;
+        self.flight = Some(now);
+        Turn::Go
+    }
+
+    /// Who draws each logits row of a step (`draws`: by index in `running`).
+    fn who(&self, draws: &[Option<usize>]) -> Vec<Option<Who>> {
+        let who = |i: usize| Who {
+            id: self.running[i].id,
+            at: i,
+        };
+        draws.iter().map(|d| d.map(who)).collect()
+    }
+
+    /// Each logits row's drawing sequence by its index in `running` now (none where it
+    /// left).
+    fn drawing(&self, who: &[Option<Who>]) -> Vec<Option<usize>> {
+        who.iter()
+            .map(|w| w.as_ref().and_then(|w| find(&self.running, w)))
+            .collect()
+    }
+
+    /// Each drawing sequence (`drawing[row]`) holds `FROM_LAST | row` for its token until
+    /// the step is collected.
+    fn hold(&mut self, drawing: &[Option<usize>]) {
         for (row, i) in drawing.iter().enumerate() {
             if let Some(i) = *i {
                 self.running[i].tokens.push(FROM_LAST | row as u32);
             }
         }
-        now.want = want;
-        self.flight = Some(now);
-        Turn::Go
     }
 
     /// The indices in `running` of a flight's sequences still there.
@@ -236,11 +240,7 @@ impl Engine {
                     .iter()
                     .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
                     .collect();
-                let draws: Vec<Option<usize>> = f
-                    .draws
-                    .iter()
-                    .map(|d| d.as_ref().and_then(|p| find(&self.running, p)))
-                    .collect();
+                let draws = self.drawing(&f.draws);
                 self.finish(&parts, &draws, next);
                 Turn::Go
             }
