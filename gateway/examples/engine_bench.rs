@@ -12,7 +12,9 @@
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
-//! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream).
+//! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream),
+//! `LOGPROBS=n` (every stream asks for its tokens' log-probabilities and the n most
+//! likely: their logits rows come back to the host).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -80,6 +82,9 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     if std::env::var("PENALTIES").as_deref() == Ok("1") {
         r.params.presence_penalty = 0.5;
         r.params.frequency_penalty = 0.3;
+    }
+    if let Some(n) = std::env::var("LOGPROBS").ok().and_then(|n| n.parse().ok()) {
+        r.params.logprobs = Some(n);
     }
     r.prompt = Prompt::Chat(vec![gateway::worker::ChatMessage {
         role: "user".into(),

@@ -16,15 +16,20 @@
 // (`twins::sample`), which computes sample_exp with the same fused multiply-adds.
 // About 10 passes over the row with both cuts (the bisection this replaced made ~80).
 //
-// A row may first be adjusted in place (its CPU twin: `Adjust::apply_after`): adjust[s]
-// is 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas |
-// CARRIED, mask_words, (token, delta as f32 bits) × n_deltas, mask words, and when
-// CARRIED (bit 31): fresh, alt × n_deltas}. The deltas (penalties, logit bias; one per
-// token) are added, then every token whose mask bit is clear (or past the mask's words)
-// becomes −∞: a grammar's mask costs its bits in the step's staging copy instead of the
-// row's logits read back. A carried row's input token (tokens[logit_rows[s]]: drawn by
-// the step before, which the host had not seen when it planned this one) is counted by
-// the penalties too: its delta is alt[j] if it is the j-th listed token, else fresh.
+// A row may first be adjusted (its CPU twin: `Adjust::apply_after`): adjust[s] is
+// 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas | CARRIED,
+// mask_words, (token, delta as f32 bits) × n_deltas, mask words, and when CARRIED (bit
+// 31): fresh, alt × n_deltas}. The deltas (penalties, logit bias; one per token) are
+// added, then every token whose mask bit is clear (or past the mask's words) becomes −∞:
+// a grammar's mask costs its bits in the step's staging copy instead of the row's logits
+// read back. A carried row's input token (tokens[logit_rows[s]]: drawn by the step
+// before, which the host had not seen when it planned this one) is counted by the
+// penalties too: its delta is alt[j] if it is the j-th listed token, else fresh.
+// The adjusted row is written to row s of `adjusted` and sampled from there: `logits`
+// stays the model's, so that a row read back for its log-probabilities is the model's
+// distribution whatever the row's penalties or grammar (the host keeps the device's draw).
+// One pass copies the row with the mask applied; the deltas then go only to allowed
+// tokens (a refused token's delta would be lost to its −∞ anyway).
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define FULL_WARP 0xffffffffu
@@ -95,6 +100,14 @@ __device__ __forceinline__ void warp_argmax(float& mx, int& mi) {
     }
 }
 
+// Whether token t is allowed by a row's mask of `mask_words` words (every token when it
+// has none).
+__device__ __forceinline__ bool sample_allowed(const u32* mask, u32 mask_words, u32 t) {
+    if (mask_words == 0u) return true;
+    u32 w = t >> 5;
+    return w < mask_words && ((mask[w] >> (t & 31u)) & 1u);
+}
+
 // One radix level's answer (written by one lane of warp 0).
 struct Select {
     u32 digit;  // the level's digit of the key
@@ -159,7 +172,8 @@ __device__ u32 select_key(const float* x, int vocab, float mx, float inv_t, u32 
     return prefix;
 }
 
-extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
+extern "C" __global__ void sample(const float* __restrict__ logits,
+                                  float* __restrict__ adjusted, int vocab,
                                   const float* __restrict__ temperature,
                                   const int* __restrict__ top_k, const float* __restrict__ top_p,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
@@ -176,7 +190,7 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
     __shared__ u64 pick_rest;
     __shared__ int listed;
     int s = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* x = logits + (size_t)s * vocab;
+    const float* x = logits + (size_t)s * vocab;
     u32 at = adjust[s];
     if (at != 0xFFFFFFFFu) {
         const u32* a = extra + at;
@@ -184,31 +198,29 @@ extern "C" __global__ void sample(float* __restrict__ logits, int vocab,
         bool carried = (a[0] >> 31) != 0u;
         const u32* mask = a + 2 + 2 * n_deltas;
         const u32* carry = mask + mask_words;
+        float* y = adjusted + (size_t)s * vocab;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+            y[i] = sample_allowed(mask, mask_words, (u32)i) ? x[i] : -INFINITY;
         u32 last = carried ? tokens[logit_rows[s]] : 0u;
-        if (carried) {  // the same for the whole block
-            if (threadIdx.x == 0) listed = 0;
-            __syncthreads();
-        }
+        if (carried && threadIdx.x == 0) listed = 0;  // the same for the whole block
+        __syncthreads();
         for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {
             u32 t = a[2 + 2 * j], d = a[3 + 2 * j];
             if (carried && t == last) {
                 d = carry[1 + j];
                 listed = 1;
             }
-            if (t < (u32)vocab) x[t] += __int_as_float((int)d);
+            if (t < (u32)vocab && sample_allowed(mask, mask_words, t))
+                y[t] += __int_as_float((int)d);
         }
         __syncthreads();
         if (carried) {
-            if (threadIdx.x == 0 && !listed && last < (u32)vocab)
-                x[last] += __int_as_float((int)carry[0]);
+            if (threadIdx.x == 0 && !listed && last < (u32)vocab &&
+                sample_allowed(mask, mask_words, last))
+                y[last] += __int_as_float((int)carry[0]);
             __syncthreads();
         }
-        if (mask_words > 0)
-            for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-                u32 w = (u32)i >> 5;
-                if (w >= mask_words || !((mask[w] >> (i & 31)) & 1u)) x[i] = -INFINITY;
-            }
-        __syncthreads();
+        x = y;
     }
     // The largest logit and its lowest index: each thread's (its elements rise), then the
     // warp's, then the block's.

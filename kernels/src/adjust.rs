@@ -62,11 +62,14 @@ impl Adjust {
         self.mask.is_none() && self.carry.is_none() && self.deltas.iter().all(|d| d.1 == 0.0)
     }
 
-    /// Whether its words can be written: a carry has one alternative per delta.
+    /// Whether its words can be written: a mask has words (none would refuse every
+    /// token, which the kernel reads as no mask), and a carry one alternative per delta.
     pub fn is_well_formed(&self) -> bool {
-        self.carry
-            .as_ref()
-            .is_none_or(|c| c.alt.len() == self.deltas.len())
+        self.mask.as_ref().is_none_or(|m| !m.is_empty())
+            && self
+                .carry
+                .as_ref()
+                .is_none_or(|c| c.alt.len() == self.deltas.len())
             && self.deltas.len() < CARRIED as usize
     }
 

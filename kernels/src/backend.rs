@@ -28,9 +28,10 @@ pub trait Backend: Send {
         false
     }
     /// Rows `rows` (indices among the logits rows) of the last step's logits, `vocab`
-    /// floats each: what [`Backend::step_sample`] left on the device, read back for the
-    /// rows whose log-probabilities are asked for. Backends that sample on the host
-    /// return every row from [`Backend::step`] and keep none.
+    /// floats each: the model's, as [`Backend::step_sample`] left them on the device
+    /// (before any row's adjustment), read back for the rows whose log-probabilities are
+    /// asked for. Backends that sample on the host return every row from
+    /// [`Backend::step`] and keep none.
     fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
         let _ = rows;
         Err(StepError::BadBatch(

@@ -172,7 +172,7 @@ fn overlapped_steps_give_the_tokens_of_steps_one_at_a_time() {
 
 fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert!(cuda.overlaps());
-    let n = 12;
+    let (n, vocab) = (12, cuda.config().vocab);
     let params = |step: u32| -> Vec<SampleParams> {
         (0..n)
             .map(|i| SampleParams {
@@ -234,11 +234,24 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
         want.push((t, cuda.logits_rows(&rows(0)).unwrap()));
         for k in 1..=steps {
             b = decode(&b, &want[k - 1].0);
+            // The model's logits of the step (it rewrites the same keys and values).
+            let model = (!graphs).then(|| cuda.step(&b).unwrap());
             let t = cuda
                 .step_sample(&b, &params(k as u32), &adjust(&drawn, false))
                 .unwrap();
             drawn.push(t.clone());
-            want.push((t, cuda.logits_rows(&rows(k)).unwrap()));
+            let back = cuda.logits_rows(&rows(k)).unwrap();
+            // Rows read back are the model's, penalized ones (even rows) too: the draw
+            // was made from an adjusted copy.
+            for (j, r) in rows(k).into_iter().enumerate().filter(|_| !graphs) {
+                let m = model.as_ref().unwrap();
+                assert_eq!(
+                    back[j * vocab..(j + 1) * vocab],
+                    m[r * vocab..(r + 1) * vocab],
+                    "step {k}: row {r} read back"
+                );
+            }
+            want.push((t, back));
         }
         // Each step sent before the one before is collected, its tokens that one's.
         let from_last: Vec<u32> = (0..n as u32).map(|r| FROM_LAST | r).collect();
@@ -413,6 +426,17 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let want = greedy(&adjusted, vocab);
     let same = t.iter().zip(&want).filter(|(a, b)| a == b).count();
     assert!(same + 1 >= n, "graph greedy decode, adjusted: {same}/{n}");
+    // The rows read back are the model's logits, not the adjusted copies the draws were
+    // made from (their best tokens refused): what log-probabilities report.
+    let back = cuda.logits_rows(&[1, 3]).unwrap();
+    for (k, r) in [1, 3].into_iter().enumerate() {
+        let e = rel_err(
+            &back[k * vocab..(k + 1) * vocab],
+            &l[r * vocab..(r + 1) * vocab],
+        );
+        // (A graph's step against a direct one's: padded rows, as above.)
+        assert!(e < 2e-3, "adjusted row {r} read back: {e}");
+    }
     for r in (1..n).step_by(2) {
         assert_ne!(
             t[r],

@@ -1151,8 +1151,11 @@ fn sampling_case<E: Exec>(g: &E) {
     let (offs, extra) = (up(g, &offsets), up(g, &extra));
     let (inputs, logit_rows) = (up(g, &inputs), up(g, &logit_rows));
     let out = up(g, &vec![u32::MAX; s]);
+    // Poisoned: an adjusted row's every element must be written.
+    let scratch = up(g, &vec![f32::NAN; s * vocab]);
     let args = [
         ld.arg(),
+        scratch.arg(),
         i(vocab),
         temp.arg(),
         topk.arg(),
@@ -1169,12 +1172,19 @@ fn sampling_case<E: Exec>(g: &E) {
         .unwrap();
     let got = down(g, &out);
     let what = g.describe();
-    // The rows as adjusted on the device: exactly the twin's (one f32 add per delta).
-    let rows = down(g, &ld);
+    // The logits stay the model's (what a row read back for its log-probabilities
+    // shows); the adjusted rows, beside them, are exactly the twin's (one f32 add per
+    // delta).
+    assert!(
+        down(g, &ld).iter().zip(&logits).all(|(a, b)| a == b),
+        "{what}: the sample kernel changed the logits"
+    );
+    let rows = down(g, &scratch);
     for (i, (a, b)) in rows
         .chunks_exact(vocab)
         .zip(adjusted.chunks_exact(vocab))
         .enumerate()
+        .filter(|(i, _)| adjust[*i].is_some())
     {
         assert!(
             a.iter()

@@ -10,12 +10,14 @@
 //! On the GPU path, a row with penalties or a mask is adjusted on the device before its
 //! draw: its adjustment ([`adjustments`]: one delta per penalized token, a bitmask of the
 //! tokens a grammar allows) goes in the step's staging copy, and only its token comes
-//! back. Rows that want log-probabilities, or do not fit the step's room, are read back
-//! and drawn here.
+//! back, with its row of the model's logits when it wants log-probabilities (the device
+//! adjusts a copy). Rows whose adjustment does not fit the step's room are read back and
+//! drawn again here.
 
 use super::run::{read_back, Next};
 use super::seq::{sample_params, Seq};
 use kernels::adjust::Adjust;
+use kernels::cuda::twins::SampleParams;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
@@ -41,14 +43,14 @@ pub(super) fn draw(
     let jv = vocab_for(running.iter(), tok, json_vocab);
     let parallel = rows.iter().flatten().count() >= PARALLEL_ROWS;
     match next {
-        Next::Tokens(t, want, logits) => {
+        Next::Tokens(t, want, logits, redraw) => {
             let one = |(s, row): (&Seq, &Option<usize>)| -> Drawn {
                 let row = (*row)?;
                 let raw = read_back(want, logits, row, vocab);
-                // With penalties or JSON mode the device's draw is replaced by the same
-                // rule's on the adjusted row (same seed and step).
+                // A row with penalties or JSON mode not adjusted on the device: its draw is
+                // replaced by the same rule's on the row adjusted here (same seed and step).
                 let id = match raw {
-                    Some(raw) if s.constrained() => {
+                    Some(raw) if redraw.contains(&row) => {
                         let mut l = raw.to_vec();
                         s.adjust(&mut l, tok, jv);
                         sample(s, &l)
@@ -97,9 +99,16 @@ pub(super) fn draw(
 }
 
 /// `s`'s token from its adjusted row `l`, by the rule the device's `sample` kernel
-/// follows (so a row drawn here gets the token the device would have drawn).
+/// follows (so a row drawn here gets the token the device would have drawn). Its draw's
+/// step is the number of tokens drawn before it: the sequence may already hold the
+/// placeholder of the token being drawn (a step sent without waiting), which the step's
+/// parameters, made before, did not count.
 fn sample(s: &Seq, l: &[f32]) -> u32 {
-    kernels::sampler::sample(l, sample_params(s))
+    let p = SampleParams {
+        step: s.emitted(),
+        ..sample_params(s)
+    };
+    kernels::sampler::sample(l, p)
 }
 
 /// The JSON vocabulary, built on first use by any of `seqs`.
@@ -115,9 +124,8 @@ fn vocab_for<'a, 's>(
 }
 
 /// The device adjustments of a step's logits rows (`rows`: the sequence a row draws for,
-/// over rows of `vocab` logits): each row with penalties or JSON mode that wants no
-/// log-probabilities gets its [`Adjust`], in row order while they fit in `room` words;
-/// the rest get none. A sequence whose last token is still on the device (drawn by the
+/// over rows of `vocab` logits): each row with penalties or JSON mode gets its
+/// [`Adjust`], in row order while they fit in `room` words; the rest get none. A sequence whose last token is still on the device (drawn by the
 /// step in flight) has it counted there.
 pub(super) fn adjustments(
     rows: &[Option<&Seq>],
@@ -132,7 +140,7 @@ pub(super) fn adjustments(
         .map(|s| {
             let Some(s) = s else { return false };
             let words = s.adjustment_words(vocab, s.carried());
-            let fits = s.constrained() && s.logprobs.is_none() && words <= left;
+            let fits = s.constrained() && words <= left;
             if fits {
                 left -= words;
             }

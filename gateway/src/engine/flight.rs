@@ -4,7 +4,7 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{check, in_backend, Engine, Next, Turn};
+use super::run::{check, in_backend, redrawn, Engine, Next, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
 use kernels::backend::{Backend, FROM_LAST};
@@ -31,22 +31,14 @@ pub(super) struct Part {
 }
 
 /// A step sent and not yet collected: its sequences, each logits row's drawing one, the
-/// rows whose logits come back with its tokens, and whether the device drew every row's
-/// final token (no row with penalties is drawn again on the host: the next step may read
-/// them all on the device).
+/// rows whose logits come back with its tokens, and those of them whose token the host
+/// draws again ([`redrawn`]; while there are any, the next step waits for this one: the
+/// device's tokens of those rows are not their final ones).
 pub(super) struct Flight {
     pub(super) parts: Vec<Part>,
     pub(super) draws: Vec<Option<Who>>,
     pub(super) want: Vec<usize>,
-    pub(super) exact: bool,
-}
-
-/// Whether the device draws the final token of every row of a step (`draws`: each row's
-/// drawing sequence, `want`: the rows read back): no row with penalties or JSON mode is
-/// drawn again on the host, so the next step may read them all on the device.
-pub(super) fn exact(running: &[Seq], draws: &[Option<usize>], want: &[usize]) -> bool {
-    want.iter()
-        .all(|&r| draws[r].is_none_or(|i| !running[i].constrained()))
+    pub(super) redraw: Vec<usize>,
 }
 
 /// Where sequence `w.id` is in `running` now, if it still is.
@@ -76,7 +68,7 @@ impl Engine {
             return self.send_late(backend, plan, batch, draws, backend_ns);
         }
         let (params, adjust, want) = self.sampling(backend, draws, &[]);
-        let exact = exact(&self.running, draws, &want);
+        let redraw = redrawn(&self.running, draws, &adjust, &want);
         let sent = in_backend(&self.stats, backend_ns, || {
             backend.submit(batch, &params, &adjust, &want)
         });
@@ -89,7 +81,7 @@ impl Engine {
             parts,
             draws: self.who(draws),
             want,
-            exact,
+            redraw,
         };
         self.hold(draws);
         match before {
@@ -151,7 +143,7 @@ impl Engine {
             parts: self.parts(plan, batch),
             draws: self.who(draws),
             want: Vec::new(),
-            exact: true,
+            redraw: Vec::new(),
         };
         if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
             return t;
@@ -167,7 +159,7 @@ impl Engine {
             .map(|r| now.draws[r].is_some() && drawing[r].is_none())
             .collect();
         let (params, adjust, want) = self.sampling(backend, &drawing, &gone);
-        now.exact = exact(&self.running, &drawing, &want);
+        now.redraw = redrawn(&self.running, &drawing, &adjust, &want);
         let sampled = in_backend(&self.stats, backend_ns, || {
             backend.submit_sample(&params, &adjust, &want)
         });
@@ -230,7 +222,8 @@ impl Engine {
         let got = in_backend(&self.stats, backend_ns, || backend.collect());
         let vocab = self.vocab;
         let got = got.and_then(|(t, logits)| {
-            let next = Next::Tokens(t, std::mem::take(&mut f.want), logits);
+            let (want, redraw) = (std::mem::take(&mut f.want), std::mem::take(&mut f.redraw));
+            let next = Next::Tokens(t, want, logits, redraw);
             check(next, f.draws.len(), vocab)
         });
         match got {

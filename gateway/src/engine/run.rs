@@ -12,15 +12,15 @@
 //! carries and the device resolves; collecting replaces it. So the host's work between two
 //! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
 //! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
-//! the step's tokens. Presence and frequency penalties count a sequence's input token on
+//! the step's tokens: the model's logits, while the device draws from an adjusted copy of
+//! a row with penalties or a grammar, whose token the host keeps. Presence and frequency penalties count a sequence's input token on
 //! the device ([`kernels::adjust::Carry`]: the host sends what each possible token's delta
 //! would be). A step with a row in JSON mode whose input token is still on the device
 //! sends its forward pass first ([`Backend::submit_forward`]), then collects the step
 //! before and sends its sampling with the masks ([`Backend::submit_sample`]), made while
 //! the device runs the forward pass. What the host must see first keeps the step after
-//! it waiting for it: a sequence anywhere in the engine whose token the host draws again
-//! (penalties or JSON mode with log-probabilities, or past the step's room for
-//! adjustments), and a sequence short of a KV block (preemption waits for the step in
+//! it waiting for it: a row in flight whose token the host draws again (penalties or JSON
+//! mode past the step's room for adjustments: [`redrawn`]), and a sequence short of a KV block (preemption waits for the step in
 //! flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
 //! already; that token is dropped. Its blocks are freed at once: everything on the device
 //! runs in order, so a block handed out again is written only after that step.
@@ -168,6 +168,22 @@ fn wanted(
         .collect()
 }
 
+/// The rows of `want` (read back) whose token the host draws again: their sequence has
+/// penalties or JSON mode, and their adjustment did not fit the step's room (`adjust`:
+/// each row's, if made on the device), so the device drew them unadjusted.
+pub(super) fn redrawn(
+    running: &[Seq],
+    draws: &[Option<usize>],
+    adjust: &[Option<Adjust>],
+    want: &[usize],
+) -> Vec<usize> {
+    let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
+    want.iter()
+        .copied()
+        .filter(|&r| draws[r].is_some_and(|i| running[i].constrained()) && !on_device(r))
+        .collect()
+}
+
 /// A backend's answer is checked before any of it reaches a client: the right number of
 /// rows (`rows`), token ids inside the vocabulary, and the logits rows asked for.
 pub(super) fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
@@ -179,7 +195,7 @@ pub(super) fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepE
     if got != rows {
         return bad(format!("the backend returned {got} rows for {rows}"));
     }
-    if let Next::Tokens(t, want, logits) = &next {
+    if let Next::Tokens(t, want, logits, _) = &next {
         if logits.len() != want.len() * vocab {
             return bad(format!(
                 "the backend returned {} floats for {} logits rows",
@@ -242,6 +258,9 @@ impl Engine {
             match self.flight.take() {
                 Some(f) => self.collect(backend, Some(f), None, &mut backend_ns),
                 None => {
+                    // What a step collected above finished goes out before the loop
+                    // idles (or waits for arrivals).
+                    self.outbox.flush();
                     self.publish();
                     std::thread::sleep(std::time::Duration::from_millis(1));
                     return Turn::Go;
@@ -249,9 +268,7 @@ impl Engine {
             }
         } else {
             let (batch, draws) = self.build(&plan);
-            // A step planned ahead has only plain sequences (`may_plan_ahead`).
-            let plain = plan.items.iter().all(|&(i, _)| self.running[i].plain());
-            if self.overlap && backend.overlaps() && plain {
+            if self.overlap && backend.overlaps() {
                 self.send(backend, &plan, &batch, &draws, &mut backend_ns)
             } else {
                 self.step(backend, &plan, &batch, &draws, &mut backend_ns)
@@ -296,9 +313,7 @@ impl Engine {
 
     /// Whether the next step may be planned before the one in flight is collected.
     fn may_plan_ahead(&self) -> bool {
-        !self.plan_after
-            && self.flight.as_ref().is_none_or(|f| f.exact)
-            && self.running.iter().chain(&self.waiting).all(Seq::plain)
+        !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
     }
 
     /// A sampled step's parameters, device adjustments and logits rows read back, for
@@ -370,7 +385,7 @@ impl Engine {
 
     /// Runs the step and waits for it: sampled on the device where the backend can (rows
     /// with penalties or JSON mode adjusted there as its room allows; rows that want
-    /// log-probabilities, and adjusted ones past the room, read back), else its logits
+    /// log-probabilities, and constrained ones past the room, read back), else its logits
     /// drawn here.
     fn step(
         &mut self,
@@ -384,13 +399,14 @@ impl Engine {
         let sampling = self.on_device.then(|| self.sampling(backend, draws, &[]));
         let stepped = in_backend(&self.stats, backend_ns, || {
             if let Some((params, adjust, want)) = sampling {
+                let redraw = redrawn(&self.running, draws, &adjust, &want);
                 backend.step_sample(batch, &params, &adjust).and_then(|t| {
                     let rows = if want.is_empty() {
                         Vec::new()
                     } else {
                         backend.logits_rows(&want)?
                     };
-                    Ok(Next::Tokens(t, want, rows))
+                    Ok(Next::Tokens(t, want, rows, redraw))
                 })
             } else {
                 backend.step(batch).map(Next::Logits)
@@ -619,9 +635,10 @@ fn recover(
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.
 pub(super) enum Next {
-    /// Sampled on the device; the rows whose log-probabilities are asked for, and their
-    /// logits.
-    Tokens(Vec<u32>, Vec<usize>, Vec<f32>),
+    /// Sampled on the device; the rows read back (the model's logits: a prompt's scored
+    /// rows, those whose log-probabilities are asked for), their logits, and those of
+    /// them the host draws again ([`redrawn`]).
+    Tokens(Vec<u32>, Vec<usize>, Vec<f32>, Vec<usize>),
     Logits(Vec<f32>),
 }
 
@@ -629,7 +646,7 @@ impl Next {
     /// Logits row `row` of the step, if the host has it.
     pub(super) fn row(&self, row: usize, vocab: usize) -> Option<&[f32]> {
         match self {
-            Next::Tokens(_, want, l) => read_back(want, l, row, vocab),
+            Next::Tokens(_, want, l, _) => read_back(want, l, row, vocab),
             Next::Logits(l) => l.get(row * vocab..(row + 1) * vocab),
         }
     }

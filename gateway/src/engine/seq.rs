@@ -172,15 +172,10 @@ impl Seq {
     pub(super) fn emitted(&self) -> u32 {
         (self.resolved - self.prompt_len) as u32
     }
-    /// Whether its next step may be planned and sent while its last still runs, its input
-    /// token read on the device: its row is not drawn again on the host (penalties or
-    /// JSON mode with log-probabilities). Penalties count the input token on the device
-    /// ([`kernels::adjust::Carry`]); a JSON mask, which depends on it, is sent once the
-    /// step before is collected ([`kernels::backend::Backend::submit_sample`]).
-    pub(super) fn plain(&self) -> bool {
-        !self.constrained() || self.logprobs.is_none()
-    }
-    /// Whether its next row's adjustment needs its last token on the host (JSON mode).
+    /// Whether its next row's adjustment needs its last token on the host (JSON mode): a
+    /// JSON mask is sent once the step before is collected
+    /// ([`kernels::backend::Backend::submit_sample`]), while penalties count a token still
+    /// on the device there ([`kernels::adjust::Carry`]).
     pub(super) fn masked(&self) -> bool {
         self.json.is_some()
     }

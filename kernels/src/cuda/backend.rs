@@ -36,7 +36,9 @@
 //! logits rows (greedy, temperature, top-k, top-p, per-sequence seeds) with the parameters
 //! sent in the same staging copy; a step returns one `u32` per sequence. Rows may carry
 //! adjustments in that copy too (penalties, logit bias, a grammar's mask: [`Adjust`]),
-//! which the kernel applies before it draws, up to [`Backend::adjust_room`] words a step.
+//! which the kernel applies before it draws, up to [`Backend::adjust_room`] words a step,
+//! to a copy of the row: the logits rows read back are the model's, and a row with
+//! penalties or a grammar that wants its log-probabilities keeps the device's draw.
 
 use super::device::{Gpu, GpuError};
 use super::exec::{Exec, ExecError};

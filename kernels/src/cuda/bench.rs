@@ -388,6 +388,7 @@ fn sample<E: Exec>(
     let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
     let steps = e.zeros::<u32>(n_rows)?;
     let out = e.zeros::<u32>(n_rows)?;
+    let adjusted = e.zeros::<f32>(n_rows * vocab)?;
     // Every row's adjustment: the same words, at the extra part's start.
     let adjust = crate::adjust::Adjust {
         deltas: (0..32).map(|t| (t * 97, -0.5)).collect(),
@@ -418,6 +419,7 @@ fn sample<E: Exec>(
         let pv = e.upload(&vec![*top_p; n_rows])?;
         let args = [
             lg.arg(),
+            adjusted.arg(),
             i(vocab),
             tv.arg(),
             kv.arg(),
@@ -432,12 +434,8 @@ fn sample<E: Exec>(
         ];
         let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
         let secs = time_launch(e, iters, "sample", c, &args)?;
-        // The row read; masked, also its bits read and two thirds of it written.
-        let per_token = if *masked {
-            4.0 + 1.0 / 8.0 + 4.0 * 2.0 / 3.0
-        } else {
-            4.0
-        };
+        // The row read; masked, also its bits read and its adjusted copy written.
+        let per_token = if *masked { 4.0 + 1.0 / 8.0 + 4.0 } else { 4.0 };
         rows.push(Row {
             name: format!("sample {n_rows}×{vocab}, {label}"),
             secs,

@@ -67,6 +67,9 @@ pub(super) struct Bufs<E: Exec> {
     gu: E::Buf<f32>,
     g: E::Buf<f16>,
     pub logits: E::Buf<f32>,
+    /// The rows the `sample` kernel adjusts (penalties, a grammar's mask), as it samples
+    /// them: `logits` stays the model's, for the rows read back.
+    pub adjusted: E::Buf<f32>,
     pub sampled: E::Buf<u32>,
     /// Split attention's partial states, [row < part.rows][kv head][chunk][element][3],
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
@@ -286,6 +289,7 @@ impl<E: Exec> Device<E> {
             gu: e.zeros(t * 2 * f)?,
             g: e.zeros(t * f)?,
             logits: e.zeros(max_logits * c.vocab)?,
+            adjusted: e.zeros(max_logits * c.vocab)?,
             sampled: e.zeros(max_logits)?,
             part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
             arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
@@ -610,6 +614,7 @@ impl<E: Exec> Device<E> {
                 rows(n_logits as u32, super::twins::SAMPLE_THREADS as u32),
                 &[
                     b.logits.arg(),
+                    b.adjusted.arg(),
                     Arg::I32(c.vocab as i32),
                     st.arg_at_as::<f32>(lay.temperature())?,
                     st.arg_at_as::<i32>(lay.top_k())?,
