@@ -123,6 +123,9 @@ echo
 # Presence and frequency penalties on every stream: deltas on the device, steps still
 # planned ahead (each counts the token the step before drew, on the device).
 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
+# And with log-probabilities: each row's model logits come back (49,152 floats a row)
+# while the device draws from its adjusted copy; steps still planned ahead.
+LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$model" || status=1
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity
 # tests. memcheck: out-of-bounds and misaligned accesses on the device; racecheck, on the
 # kernels that use shared memory: hazards that the emulator's thread orders did not show.

@@ -228,5 +228,11 @@ mod tests {
             ..a.clone()
         };
         assert!(!bad.is_well_formed());
+        // A mask of no words would refuse every token on the host and none on the device.
+        let empty = Adjust {
+            mask: Some(Vec::new()),
+            ..Adjust::default()
+        };
+        assert!(!empty.is_well_formed());
     }
 }

@@ -156,7 +156,8 @@ pub fn check_sample(
     }
     if let Some(r) = adjust.iter().flatten().position(|a| !a.is_well_formed()) {
         return bad(format!(
-            "adjustment {r}: a carried token needs one alternative per delta"
+            "adjustment {r}: a mask without words, or a carried token without one \
+             alternative per delta"
         ));
     }
     let words: usize = adjust.iter().flatten().map(Adjust::words).sum();
