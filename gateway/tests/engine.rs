@@ -360,6 +360,23 @@ async fn events(w: &EngineWorker, r: Arc<WorkerRequest>) -> Vec<WorkerEvent> {
     panic!("no Done event: {out:?}");
 }
 
+/// The events of `reqs`, all sent at once, each to its end (within two minutes).
+async fn all_events(e: &Arc<EngineWorker>, reqs: &[Arc<WorkerRequest>]) -> Vec<Vec<WorkerEvent>> {
+    let tasks: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let (e, r) = (e.clone(), r.clone());
+            tokio::spawn(async move { events(&e, r).await })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        let done = tokio::time::timeout(Duration::from_secs(120), t).await;
+        got.push(done.expect("an answer that never ended").unwrap());
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_one_at_a_time() {
     let (_d, m) = synthetic();
@@ -424,18 +441,7 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     ..EngineConfig::default()
                 },
             );
-            let tasks: Vec<_> = reqs
-                .iter()
-                .map(|r| {
-                    let (e, r) = (e.clone(), r.clone());
-                    tokio::spawn(async move { events(&e, r).await })
-                })
-                .collect();
-            let mut got = Vec::new();
-            for t in tasks {
-                got.push(t.await.unwrap());
-            }
-            answers.push(got);
+            answers.push(all_events(&e, &reqs).await);
             ahead.push(e.stats().steps_ahead.load(Ordering::Relaxed));
             steps.push(e.stats().steps.load(Ordering::Relaxed));
             let pre = e.stats().preemptions.load(Ordering::Relaxed);
@@ -518,18 +524,7 @@ async fn rows_past_the_room_case(m: &kernels::load::Loaded, vocab: u32, last: u3
                 ..EngineConfig::default()
             },
         );
-        let tasks: Vec<_> = reqs
-            .iter()
-            .map(|r| {
-                let (e, r) = (e.clone(), r.clone());
-                tokio::spawn(async move { events(&e, r).await })
-            })
-            .collect();
-        let mut got = Vec::new();
-        for t in tasks {
-            let done = tokio::time::timeout(Duration::from_secs(120), t).await;
-            got.push(done.expect("an answer that never ended").unwrap());
-        }
+        let got = all_events(&e, &reqs).await;
         let stats = e.stats();
         let read_back = stats.rows_read_back.load(Ordering::Relaxed);
         assert!(

@@ -95,19 +95,26 @@ async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
         check_items(&text, &items, finish, n, 3, true);
         let (text2, items2, finish2, n2) = run_logprobs(&w, 1.0, 0).await;
         check_items(&text2, &items2, finish2, n2, 0, false);
-        greedy_runs.push((kind, items));
+        greedy_runs.push(items);
     }
-    // The GPU path's numbers are the CPU's (f16 weights: within a few hundredths), over
-    // the tokens both chose alike.
-    if let [(_, cpu), (_, gpu)] = &greedy_runs[..] {
-        let same = cpu.iter().zip(gpu).take_while(|(a, b)| a.bytes == b.bytes);
-        let mut n = 0;
-        for (a, b) in same {
-            assert!((a.logprob - b.logprob).abs() < 0.05, "{a:?} vs {b:?}");
-            n += 1;
+    if let [cpu, gpu] = &greedy_runs[..] {
+        agree(cpu, gpu);
+    }
+}
+
+/// The GPU path's numbers are the CPU's (f16 weights: within a few hundredths), the
+/// chosen token's and its alternatives', over the tokens both chose alike (at least one).
+fn agree(cpu: &[TokenLogprob], gpu: &[TokenLogprob]) {
+    let same = cpu.iter().zip(gpu).take_while(|(a, b)| a.bytes == b.bytes);
+    let mut n = 0;
+    for (a, b) in same {
+        assert!((a.logprob - b.logprob).abs() < 0.05, "{a:?} vs {b:?}");
+        for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
+            assert!((x.logprob - y.logprob).abs() < 0.05, "{a:?} vs {b:?}");
         }
-        assert!(n > 0, "the two paths chose different first tokens");
+        n += 1;
     }
+    assert!(n > 0, "the two paths chose different first tokens");
 }
 
 /// With penalties and a grammar, the numbers are still the model's: the tokens are drawn
@@ -139,16 +146,7 @@ async fn the_engine_reports_the_models_logprobs_under_penalties_and_json_mode() 
         runs.push(items);
     }
     if let [cpu, gpu] = &runs[..] {
-        let same = cpu.iter().zip(gpu).take_while(|(a, b)| a.bytes == b.bytes);
-        let mut n = 0;
-        for (a, b) in same {
-            assert!((a.logprob - b.logprob).abs() < 0.05, "{a:?} vs {b:?}");
-            for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
-                assert!((x.logprob - y.logprob).abs() < 0.05, "{a:?} vs {b:?}");
-            }
-            n += 1;
-        }
-        assert!(n > 0, "the two paths chose different first tokens");
+        agree(cpu, gpu);
     }
 }
 

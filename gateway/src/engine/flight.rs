@@ -4,7 +4,7 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{check, in_backend, redrawn, Engine, Next, Turn};
+use super::run::{check, in_backend, Engine, Next, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
 use kernels::backend::{Backend, FROM_LAST};
@@ -32,7 +32,7 @@ pub(super) struct Part {
 
 /// A step sent and not yet collected: its sequences, each logits row's drawing one, the
 /// rows whose logits come back with its tokens, and those of them whose token the host
-/// draws again ([`redrawn`]; while there are any, the next step waits for this one: the
+/// draws again (while there are any, the next step waits for this one: the
 /// device's tokens of those rows are not their final ones).
 pub(super) struct Flight {
     pub(super) parts: Vec<Part>,
@@ -67,10 +67,9 @@ impl Engine {
         if late {
             return self.send_late(backend, plan, batch, draws, backend_ns);
         }
-        let (params, adjust, want) = self.sampling(backend, draws, &[]);
-        let redraw = redrawn(&self.running, draws, &adjust, &want);
+        let s = self.sampling(backend, draws, &[]);
         let sent = in_backend(&self.stats, backend_ns, || {
-            backend.submit(batch, &params, &adjust, &want)
+            backend.submit(batch, &s.params, &s.adjust, &s.want)
         });
         let before = self.flight.take();
         let parts = self.parts(plan, batch);
@@ -80,8 +79,8 @@ impl Engine {
         let now = Flight {
             parts,
             draws: self.who(draws),
-            want,
-            redraw,
+            want: s.want,
+            redraw: s.redraw,
         };
         self.hold(draws);
         match before {
@@ -158,16 +157,16 @@ impl Engine {
         let gone: Vec<bool> = (0..drawing.len())
             .map(|r| now.draws[r].is_some() && drawing[r].is_none())
             .collect();
-        let (params, adjust, want) = self.sampling(backend, &drawing, &gone);
-        now.redraw = redrawn(&self.running, &drawing, &adjust, &want);
+        let s = self.sampling(backend, &drawing, &gone);
         let sampled = in_backend(&self.stats, backend_ns, || {
-            backend.submit_sample(&params, &adjust, &want)
+            backend.submit_sample(&s.params, &s.adjust, &s.want)
         });
         if let Err(e) = sampled {
             return self.fail(e, self.present(&now));
         }
         self.hold(&drawing);
-        now.want = want;
+        now.want = s.want;
+        now.redraw = s.redraw;
         self.flight = Some(now);
         Turn::Go
     }

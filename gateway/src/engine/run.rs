@@ -20,7 +20,7 @@
 //! before and sends its sampling with the masks ([`Backend::submit_sample`]), made while
 //! the device runs the forward pass. What the host must see first keeps the step after
 //! it waiting for it: a row in flight whose token the host draws again (penalties or JSON
-//! mode past the step's room for adjustments: [`redrawn`]), and a sequence short of a KV block (preemption waits for the step in
+//! mode past the step's room for adjustments: [`wanted`]), and a sequence short of a KV block (preemption waits for the step in
 //! flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
 //! already; that token is dropped. Its blocks are freed at once: everything on the device
 //! runs in order, so a block handed out again is written only after that step.
@@ -149,39 +149,44 @@ fn params(running: &[Seq], draws: &[Option<usize>]) -> Vec<SampleParams> {
         .collect()
 }
 
-/// The logits rows of a step that the host reads back: a prompt's rows being scored, and
-/// the rows of sequences that want log-probabilities or whose adjustment is not made on
-/// the device (`adjust`: the rows that are); not the rows whose sequence left (`gone`).
+/// The logits rows of a step that the host reads back, and those of them whose token it
+/// draws again. Read back: a prompt's rows being scored, and the rows of sequences that
+/// want log-probabilities or whose adjustment is not made on the device (`adjust`: the
+/// rows that are); not the rows whose sequence left (`gone`). Drawn again: the rows with
+/// penalties or JSON mode whose adjustment did not fit the step's room, which the device
+/// drew unadjusted.
 fn wanted(
     running: &[Seq],
     draws: &[Option<usize>],
     adjust: &[Option<Adjust>],
     gone: &[bool],
-) -> Vec<usize> {
+) -> (Vec<usize>, Vec<usize>) {
     let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
-    (0..draws.len())
-        .filter(|&r| !gone.get(r).copied().unwrap_or(false))
-        .filter(|&r| match draws[r].map(|i| &running[i]) {
-            None => true,
-            Some(s) => s.logprobs.is_some() || s.constrained() && !on_device(r),
-        })
-        .collect()
+    let mut want = Vec::new();
+    let mut redraw = Vec::new();
+    for r in (0..draws.len()).filter(|&r| !gone.get(r).copied().unwrap_or(false)) {
+        let Some(s) = draws[r].map(|i| &running[i]) else {
+            want.push(r);
+            continue;
+        };
+        let again = s.constrained() && !on_device(r);
+        if again || s.logprobs.is_some() {
+            want.push(r);
+        }
+        if again {
+            redraw.push(r);
+        }
+    }
+    (want, redraw)
 }
 
-/// The rows of `want` (read back) whose token the host draws again: their sequence has
-/// penalties or JSON mode, and their adjustment did not fit the step's room (`adjust`:
-/// each row's, if made on the device), so the device drew them unadjusted.
-pub(super) fn redrawn(
-    running: &[Seq],
-    draws: &[Option<usize>],
-    adjust: &[Option<Adjust>],
-    want: &[usize],
-) -> Vec<usize> {
-    let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
-    want.iter()
-        .copied()
-        .filter(|&r| draws[r].is_some_and(|i| running[i].constrained()) && !on_device(r))
-        .collect()
+/// A sampled step's parameters and device adjustments per logits row, the rows read back
+/// and those of them whose token the host draws again ([`wanted`]).
+pub(super) struct Sampling {
+    pub(super) params: Vec<SampleParams>,
+    pub(super) adjust: Vec<Option<Adjust>>,
+    pub(super) want: Vec<usize>,
+    pub(super) redraw: Vec<usize>,
 }
 
 /// A backend's answer is checked before any of it reaches a client: the right number of
@@ -316,15 +321,14 @@ impl Engine {
         !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
     }
 
-    /// A sampled step's parameters, device adjustments and logits rows read back, for
-    /// logits rows drawn by `draws` (counted in the stats), but for rows whose sequence
-    /// left (`gone`).
+    /// A sampled step's [`Sampling`], for logits rows drawn by `draws` (counted in the
+    /// stats), but for rows whose sequence left (`gone`).
     pub(super) fn sampling(
         &mut self,
         backend: &dyn Backend,
         draws: &[Option<usize>],
         gone: &[bool],
-    ) -> (Vec<SampleParams>, Vec<Option<Adjust>>, Vec<usize>) {
+    ) -> Sampling {
         let row_seqs: Vec<Option<&Seq>> =
             draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
         let params = params(&self.running, draws);
@@ -335,14 +339,19 @@ impl Engine {
             &self.tok,
             &mut self.json_vocab,
         );
-        let want = wanted(&self.running, draws, &adjust, gone);
+        let (want, redraw) = wanted(&self.running, draws, &adjust, gone);
         self.stats
             .rows_adjusted_on_device
             .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
         self.stats
             .rows_read_back
             .fetch_add(want.len() as u64, Ordering::Relaxed);
-        (params, adjust, want)
+        Sampling {
+            params,
+            adjust,
+            want,
+            redraw,
+        }
     }
 
     /// The plan's batch, and each logits row's sequence (by index in `running`) when the
@@ -398,16 +407,17 @@ impl Engine {
         debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
         let sampling = self.on_device.then(|| self.sampling(backend, draws, &[]));
         let stepped = in_backend(&self.stats, backend_ns, || {
-            if let Some((params, adjust, want)) = sampling {
-                let redraw = redrawn(&self.running, draws, &adjust, &want);
-                backend.step_sample(batch, &params, &adjust).and_then(|t| {
-                    let rows = if want.is_empty() {
-                        Vec::new()
-                    } else {
-                        backend.logits_rows(&want)?
-                    };
-                    Ok(Next::Tokens(t, want, rows, redraw))
-                })
+            if let Some(s) = sampling {
+                backend
+                    .step_sample(batch, &s.params, &s.adjust)
+                    .and_then(|t| {
+                        let rows = if s.want.is_empty() {
+                            Vec::new()
+                        } else {
+                            backend.logits_rows(&s.want)?
+                        };
+                        Ok(Next::Tokens(t, s.want, rows, s.redraw))
+                    })
             } else {
                 backend.step(batch).map(Next::Logits)
             }
@@ -637,7 +647,7 @@ fn recover(
 pub(super) enum Next {
     /// Sampled on the device; the rows read back (the model's logits: a prompt's scored
     /// rows, those whose log-probabilities are asked for), their logits, and those of
-    /// them the host draws again ([`redrawn`]).
+    /// them the host draws again ([`wanted`]).
     Tokens(Vec<u32>, Vec<usize>, Vec<f32>, Vec<usize>),
     Logits(Vec<f32>),
 }
