@@ -7,23 +7,25 @@
 //! **Steps planned ahead.** On a backend that overlaps steps ([`Backend::overlaps`]), a
 //! step is sent ([`Backend::submit`]) and the loop goes on at once: it takes arrivals,
 //! plans and sends the next step, and only then collects the first one's tokens and sends
-//! them to clients, while the device runs the second. Each sequence that draws a token in
-//! a step in flight holds [`FROM_LAST`](kernels::backend::FROM_LAST)` | row` in its place, which the next step's batch
-//! carries and the device resolves; collecting replaces it. So the host's work between two
-//! steps (scheduling, batch building, detokenizing, sending) runs while the device works.
-//! Logits rows the host wants (log-probabilities, a prompt being scored) come back with
-//! the step's tokens: the model's logits, while the device draws from an adjusted copy of
-//! a row with penalties or a grammar, whose token the host keeps. Presence and frequency penalties count a sequence's input token on
-//! the device ([`kernels::adjust::Carry`]: the host sends what each possible token's delta
-//! would be). A step with a row in JSON mode whose input token is still on the device
-//! sends its forward pass first ([`Backend::submit_forward`]), then collects the step
-//! before and sends its sampling with the masks ([`Backend::submit_sample`]), made while
-//! the device runs the forward pass. What the host must see first keeps the step after
-//! it waiting for it: a row in flight whose token the host draws again (penalties or JSON
-//! mode past the step's room for adjustments: [`wanted`]), and a sequence short of a KV block (preemption waits for the step in
-//! flight, which reads the blocks). A sequence that stops at step N has drawn a row in step N+1
-//! already; that token is dropped. Its blocks are freed at once: everything on the device
-//! runs in order, so a block handed out again is written only after that step.
+//! them to clients, while the device runs the second. Each sequence that draws a token in a
+//! step in flight holds [`FROM_LAST`](kernels::backend::FROM_LAST)` | row` in its place,
+//! which the next step's batch carries and the device resolves; collecting replaces it. So
+//! the host's work between two steps (scheduling, batch building, detokenizing, sending)
+//! runs while the device works. Logits rows the host wants (log-probabilities, a prompt
+//! being scored) come back with the step's tokens: the model's logits, while the device
+//! draws from an adjusted copy of a row with penalties or a grammar, whose token the host
+//! keeps. Presence and frequency penalties count a sequence's input token on the device
+//! ([`kernels::adjust::Carry`]: the host sends what each possible token's delta would be).
+//! A step with a row in JSON mode whose input token is still on the device sends its
+//! forward pass first ([`Backend::submit_forward`]), then collects the step before and
+//! sends its sampling with the masks ([`Backend::submit_sample`]), made while the device
+//! runs the forward pass. What the host must see first keeps the step after it waiting for
+//! it: a row in flight whose token the host draws again (penalties or JSON mode past the
+//! step's room for adjustments: [`wanted`]), and a sequence short of a KV block (preemption
+//! waits for the step in flight, which reads the blocks). A sequence that stops at step N
+//! has drawn a row in step N+1 already; that token is dropped. Its blocks are freed at
+//! once: everything on the device runs in order, so a block handed out again is written
+//! only after that step.
 
 use super::blocks::{chain, BlockPool};
 use super::draw;
