@@ -1052,7 +1052,8 @@ fn sampling_case<E: Exec>(g: &E) {
     // Rows 8 and on are adjusted, in turn: deltas only (every other such row with its
     // input token carried: penalties counting a token the step before drew); a mask
     // keeping about half the tokens; one keeping about 1 in 500 with deltas on some kept
-    // ones (a grammar's row); a mask shorter than the row (the rest refused).
+    // ones (a grammar's row); a mask shorter than the row (the rest refused), every other
+    // one carried.
     let adjust: Vec<Option<Adjust>> = (0..s)
         .map(|i| {
             let deltas = |rng: &mut Rng, n: usize| {
@@ -1098,11 +1099,20 @@ fn sampling_case<E: Exec>(g: &E) {
                         carry: None,
                     })
                 }
-                _ => Some(Adjust {
-                    deltas: deltas(&mut rng, 5),
-                    mask: Some(mask(&mut rng, words / 2, 4)),
-                    carry: None,
-                }),
+                // Every other one with its input token carried too (its fresh delta
+                // only where the mask allows the token).
+                _ => {
+                    let deltas = deltas(&mut rng, 5);
+                    let carry = (i % 8 == 7).then(|| Carry {
+                        fresh: 3.0 + rng.f32(),
+                        alt: deltas.iter().map(|_| rng.f32()).collect(),
+                    });
+                    Some(Adjust {
+                        deltas,
+                        mask: Some(mask(&mut rng, words / 2, 4)),
+                        carry,
+                    })
+                }
             }
         })
         .collect();
@@ -1119,6 +1129,16 @@ fn sampling_case<E: Exec>(g: &E) {
                 .filter(|&t| (t as usize) < vocab)
                 .collect();
             inputs[2 * i + 1] = listed[rng.below(listed.len())];
+        }
+        // A masked carried row: in turn an input token the mask allows (most are refused).
+        if let Some(m) = a
+            .as_ref()
+            .filter(|a| a.carry.is_some() && i % 16 == 15)
+            .and_then(|a| a.mask.as_ref())
+        {
+            let from = rng.below(vocab / 2);
+            let t = (from..vocab).find(|&t| allowed(m, t)).unwrap();
+            inputs[2 * i + 1] = t as u32;
         }
     }
     let mut adjusted = logits.clone();
