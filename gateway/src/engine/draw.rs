@@ -17,7 +17,6 @@
 use super::run::{read_back, Next};
 use super::seq::{sample_params, Seq};
 use kernels::adjust::Adjust;
-use kernels::cuda::twins::SampleParams;
 use kernels::json_mode::JsonVocab;
 use kernels::logprobs::{token_logprobs, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
@@ -98,17 +97,11 @@ pub(super) fn draw(
     }
 }
 
-/// `s`'s token from its adjusted row `l`, by the rule the device's `sample` kernel
-/// follows (so a row drawn here gets the token the device would have drawn). Its draw's
-/// step is the number of tokens drawn before it: the sequence may already hold the
-/// placeholder of the token being drawn (a step sent without waiting), which the step's
-/// parameters, made before, did not count.
+/// `s`'s next token not known yet from its adjusted row `l`, by the rule the device's
+/// `sample` kernel follows (so a row drawn here gets the token the device would have
+/// drawn).
 fn sample(s: &Seq, l: &[f32]) -> u32 {
-    let p = SampleParams {
-        step: s.emitted(),
-        ..sample_params(s)
-    };
-    kernels::sampler::sample(l, p)
+    kernels::sampler::sample(l, sample_params(s, s.emitted()))
 }
 
 /// The JSON vocabulary, built on first use by any of `seqs`.
@@ -125,8 +118,9 @@ fn vocab_for<'a, 's>(
 
 /// The device adjustments of a step's logits rows (`rows`: the sequence a row draws for,
 /// over rows of `vocab` logits): each row with penalties or JSON mode gets its
-/// [`Adjust`], in row order while they fit in `room` words; the rest get none. A sequence whose last token is still on the device (drawn by the
-/// step in flight) has it counted there.
+/// [`Adjust`], in row order while they fit in `room` words; the rest get none. A sequence
+/// whose last token is still on the device (drawn by the step in flight) has it counted
+/// there.
 pub(super) fn adjustments(
     rows: &[Option<&Seq>],
     room: usize,

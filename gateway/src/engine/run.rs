@@ -147,7 +147,12 @@ pub(super) fn in_backend<T>(stats: &EngineStats, backend_ns: &mut u64, f: impl F
 fn params(running: &[Seq], draws: &[Option<usize>]) -> Vec<SampleParams> {
     draws
         .iter()
-        .map(|d| d.map_or(SampleParams::GREEDY, |i| sample_params(&running[i])))
+        .map(|d| {
+            d.map_or(SampleParams::GREEDY, |i| {
+                let s = &running[i];
+                sample_params(s, s.generated())
+            })
+        })
         .collect()
 }
 

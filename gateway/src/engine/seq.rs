@@ -60,8 +60,8 @@ pub(super) struct Seq {
     /// Prompt tokens taken from the prefix cache (reported in the usage).
     pub(super) cached: usize,
     pub(super) max_tokens: u32,
-    /// The request's sampling settings and seed (each draw is the rule's for its
-    /// `generated()`-th token: [`sample_params`]).
+    /// The request's sampling settings and seed (each draw is the rule's for its token's
+    /// index among those generated: [`sample_params`]).
     pub(super) sampling: SamplingConfig,
     pub(super) seed: u64,
     pub(super) out: TextOut,
@@ -349,10 +349,12 @@ pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob 
     }
 }
 
-/// A sequence's parameters for its next draw, on the device or the host (the same rule,
-/// [`kernels::sampler::sample`]): greedy below a temperature of 1e-5, and the draw for its
-/// `generated()`-th token.
-pub(super) fn sample_params(s: &Seq) -> SampleParams {
+/// A sequence's parameters for its draw of its `step`-th token, on the device or the host
+/// (the same rule, [`kernels::sampler::sample`]): greedy below a temperature of 1e-5.
+/// Planning a step, that is the next token ([`Seq::generated`]); drawing on the host once
+/// the step is collected, the first one not known yet ([`Seq::emitted`]: the sequence may
+/// already hold a placeholder for a step sent after it).
+pub(super) fn sample_params(s: &Seq, step: u32) -> SampleParams {
     let c = s.sampling;
     SampleParams {
         temperature: if c.temperature < 1e-5 {
@@ -363,7 +365,7 @@ pub(super) fn sample_params(s: &Seq) -> SampleParams {
         top_k: c.top_k.min(i32::MAX as usize) as i32,
         top_p: c.top_p,
         seed: s.seed,
-        step: s.generated(),
+        step,
     }
 }
 

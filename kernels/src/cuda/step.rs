@@ -69,7 +69,7 @@ pub(super) struct Bufs<E: Exec> {
     pub logits: E::Buf<f32>,
     /// The rows the `sample` kernel adjusts (penalties, a grammar's mask), as it samples
     /// them: `logits` stays the model's, for the rows read back.
-    pub adjusted: E::Buf<f32>,
+    adjusted: E::Buf<f32>,
     pub sampled: E::Buf<u32>,
     /// Split attention's partial states, [row < part.rows][kv head][chunk][element][3],
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
