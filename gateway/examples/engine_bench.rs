@@ -226,11 +226,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let s = w.stats();
     let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    if r(&s.rows_adjusted_on_device) + r(&s.rows_read_back) > 0 {
+    let (adjusted, read, scored) = (
+        r(&s.rows_adjusted_on_device),
+        r(&s.rows_read_back),
+        r(&s.rows_scored_on_device),
+    );
+    if adjusted + read + scored > 0 {
         println!(
-            "GPU path: {} rows adjusted on the device, {} rows' logits read back",
-            r(&s.rows_adjusted_on_device),
-            r(&s.rows_read_back)
+            "GPU path: {adjusted} rows adjusted on the device, {scored} rows' \
+             log-probabilities computed there, {read} rows' logits read back"
         );
     }
     Ok(())

@@ -360,7 +360,7 @@ fn render_engines(router: &Router, out: &mut String) {
     fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
         (name, help, "counter", pick)
     }
-    let series: [(&str, &str, &str, Pick); 10] = [
+    let series: [(&str, &str, &str, Pick); 11] = [
         counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -376,8 +376,13 @@ fn render_engines(router: &Router, out: &mut String) {
         ),
         counter(
             "tollgate_engine_logits_rows_read_back",
-            "GPU path: rows whose logits were read back to the host (log-probabilities, or adjustments past a step's room)",
+            "GPU path: rows whose logits were read back to the host (adjustments past a step's room; log-probabilities of steps run one at a time)",
             |c| c.rows_read_back as f64,
+        ),
+        counter(
+            "tollgate_engine_rows_scored_on_device",
+            "GPU path: rows whose log-probabilities were computed on the device (a few words read back instead of a row of logits)",
+            |c| c.rows_scored_on_device as f64,
         ),
         counter(
             "tollgate_engine_device_faults",

@@ -1,7 +1,8 @@
 //! Log-probabilities (`logprobs`): from the engine on the CPU backend and on the GPU path
-//! (the CUDA emulator, where the logits of the rows that ask are read back after sampling
-//! on the device); through the gateway in both endpoints' shapes, streamed and not; passed
-//! on by a gateway from a remote tollgate worker; refused by simulated workers.
+//! (the CUDA emulator, where the `logprobs` kernel computes them from the rows that ask,
+//! after sampling on the device); through the gateway in both endpoints' shapes, streamed
+//! and not; passed on by a gateway from a remote tollgate worker; refused by simulated
+//! workers.
 
 mod common;
 use common::*;
@@ -95,10 +96,23 @@ async fn the_engine_reports_logprobs_on_the_cpu_and_on_the_gpu_path() {
         check_items(&text, &items, finish, n, 3, true);
         let (text2, items2, finish2, n2) = run_logprobs(&w, 1.0, 0).await;
         check_items(&text2, &items2, finish2, n2, 0, false);
+        on_the_device(&w, kind, (n + n2) as u64);
         greedy_runs.push(items);
     }
     if let [cpu, gpu] = &greedy_runs[..] {
         agree(cpu, gpu);
+    }
+}
+
+/// On the GPU path, at least `rows` rows' log-probabilities were computed on the device,
+/// and no row of logits was read back.
+fn on_the_device(w: &EngineWorker, kind: gateway::config::BackendKind, rows: u64) {
+    let c = w.engine_counters().unwrap();
+    if kind == gateway::config::BackendKind::Cpu {
+        assert_eq!((c.rows_scored_on_device, c.rows_read_back), (0, 0));
+    } else {
+        assert!(c.rows_scored_on_device >= rows, "{kind:?}: {c:?}");
+        assert_eq!(c.rows_read_back, 0, "{kind:?}: {c:?}");
     }
 }
 
@@ -134,6 +148,7 @@ async fn the_engine_reports_the_models_logprobs_under_penalties_and_json_mode() 
         r.params.logprobs = Some(3);
         let (text, items, finish, n) = run(&w, r).await;
         check_items(&text, &items, finish, n, 3, false);
+        on_the_device(&w, kind, n as u64 - 1);
         assert!(text.trim_start().starts_with('{'), "{kind:?}: {text:?}");
         let below = items
             .iter()
@@ -472,6 +487,7 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
         let (scored, _, _, n) = run_scored(&w, &long, 1, true).await;
         assert_eq!(scored.len() as u32, n, "{kind:?}");
         assert!(n > 512, "{n} tokens");
+        on_the_device(&w, kind, n as u64 - 1);
         long_scores.push(scored);
     }
     if let [cpu, gpu] = &long_scores[..] {

@@ -142,22 +142,37 @@ __device__ __forceinline__ void select_digit(const u64* bin, u64 want, float top
     }
 }
 
+// A token's key and weight in `sample`'s cuts: its probability's bits, and a count of 1
+// or (`by_mass`) its integer mass.
+struct ProbKey {
+    const float* x;
+    float mx, inv_t;
+    bool by_mass;
+    __device__ __forceinline__ bool at(int i, u32& key, u64& w) const {
+        float p = sample_exp((x[i] - mx) * inv_t);
+        key = sample_key(p);
+        w = by_mass ? sample_mass(p) : 1ull;
+        return true;
+    }
+};
+
 // The largest key t among the tokens whose key is >= floor such that the weight (count,
 // or mass when `top_p` >= 0) of those with key >= t reaches `want` (by mass: top_p × their
-// total mass). Every thread of the block calls it and gets t.
-__device__ u32 select_key(const float* x, int vocab, float mx, float inv_t, u32 floor,
-                          u64 want, float top_p, u64* bin, Select* sel) {
-    bool by_mass = top_p >= 0.0f;
+// total mass); `keys.at(i, key, weight)` gives token i's (false: a token that counts for
+// nothing). Every thread of the block calls it and gets t.
+template <class Keys>
+__device__ u32 select_key(const Keys& keys, int vocab, u32 floor, u64 want, float top_p, u64* bin,
+                          Select* sel) {
     u32 prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256 * SAMPLE_COPIES; i += blockDim.x) bin[i] = 0;
         __syncthreads();
         u64* mine = bin + 256 * ((threadIdx.x >> 5) % SAMPLE_COPIES);
         for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            float p = sample_exp((x[i] - mx) * inv_t);
-            u32 key = sample_key(p);
-            if (key >= floor && (key & mask) == prefix)
-                atomicAdd(&mine[(key >> shift) & 255u], by_mass ? sample_mass(p) : 1ull);
+            u32 key;
+            u64 w;
+            if (keys.at(i, key, w) && key >= floor && (key & mask) == prefix)
+                atomicAdd(&mine[(key >> shift) & 255u], w);
         }
         __syncthreads();
         for (int d = threadIdx.x; d < 256; d += blockDim.x)
@@ -251,8 +266,10 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
     float tp = top_p[s];
     u32 keep = 0;
     if (k > 0 && k < vocab)
-        keep = select_key(x, vocab, mx, inv_t, 0u, (u64)k, -1.0f, bin, &sel);
-    if (tp < 1.0f) keep = select_key(x, vocab, mx, inv_t, keep, 0ull, fmaxf(tp, 0.0f), bin, &sel);
+        keep = select_key(ProbKey{x, mx, inv_t, false}, vocab, 0u, (u64)k, -1.0f, bin, &sel);
+    if (tp < 1.0f)
+        keep = select_key(ProbKey{x, mx, inv_t, true}, vocab, keep, 0ull, fmaxf(tp, 0.0f), bin,
+                          &sel);
     // The draw. Warp w owns the elements [w·span, (w + 1)·span): their kept masses' sum,
     // then the warp holding the draw walks its span 32 elements at a time.
     int span = (vocab + nw - 1) / nw;
@@ -297,5 +314,127 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
             return;
         }
         run += __shfl_sync(FULL_WARP, cum, 31);
+    }
+}
+
+// Log-probabilities on the device (the OpenAI API's `logprobs`; CPU twin:
+// `logprobs::token_logprobs`), so that a step reads back LOGPROB_WORDS words for a row
+// instead of its logits (196 KB for SmolLM2's vocabulary). One block of SAMPLE_THREADS per
+// scored row i: spec[3i .. 3i + 3] = {logits row, token, top}: the token whose
+// log-probability is reported (LOGPROB_DRAWN: the one `sample` drew for the row,
+// sampled[row]) and how many of the most likely tokens (at most LOGPROB_TOP). Over the
+// model's logits (NaN counts as impossible): lse = max + log Σ e^(x − max), then
+// out[i · LOGPROB_WORDS ..] = {token, its x − lse, n, 0, then n pairs (id, x − lse), the
+// largest logits first, equal ones by lower id}. The n-th largest logit is found by radix
+// selection over keys that order as the logits do (`select_key`, as `sample`'s cuts); the
+// tokens above it and the lowest-id ones equal to it are gathered and sorted.
+#define LOGPROB_TOP 20
+#define LOGPROB_WORDS (4 + 2 * LOGPROB_TOP)
+#define LOGPROB_DRAWN 0xFFFFFFFFu
+
+// A logit's key, ordered as the logits are (−0 as +0); NaN counts for nothing.
+struct LogitKey {
+    const float* x;
+    __device__ __forceinline__ static u32 of(float v) {
+        u32 u = (u32)__float_as_int(v);
+        if ((u << 1) == 0u) u = 0u;
+        return (u >> 31) ? ~u : (u | 0x80000000u);
+    }
+    __device__ __forceinline__ bool at(int i, u32& key, u64& w) const {
+        float v = x[i];
+        key = of(v);
+        w = 1ull;
+        return v == v;
+    }
+};
+
+extern "C" __global__ void logprobs(const float* __restrict__ logits, int vocab,
+                                    const u32* __restrict__ spec,
+                                    const u32* __restrict__ sampled, u32* __restrict__ out) {
+    pdl_begin();
+    __shared__ float red[32];
+    __shared__ u64 bin[256 * SAMPLE_COPIES];
+    __shared__ Select sel;
+    __shared__ int n_above;
+    __shared__ u32 warp_eq[SAMPLE_WARPS];
+    __shared__ int cand[LOGPROB_TOP];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    u32 row = spec[3 * blockIdx.x], token = spec[3 * blockIdx.x + 1];
+    int top = min((int)spec[3 * blockIdx.x + 2], LOGPROB_TOP);
+    const float* x = logits + (size_t)row * vocab;
+    u32* o = out + (size_t)blockIdx.x * LOGPROB_WORDS;
+    if (token == LOGPROB_DRAWN) token = sampled[row];
+    // The normalizer, and how many logits are numbers.
+    float mx = -INFINITY, valid = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = x[i];
+        mx = fmaxf(mx, v);
+        valid += v == v ? 1.0f : 0.0f;
+    }
+    mx = block_max(mx, red);
+    valid = block_sum(valid, red);
+    float sum = 0.0f;
+    if (mx > -INFINITY && mx < INFINITY)
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float v = x[i];
+            if (v == v) sum += expf(v - mx);
+        }
+    sum = block_sum(sum, red);
+    float lse = mx > -INFINITY && mx < INFINITY ? mx + logf(sum) : mx;
+    int n = min(top, (int)valid);
+    if (threadIdx.x == 0) n_above = 0;
+    __syncthreads();
+    if (n > 0) {
+        u32 kth = select_key(LogitKey{x}, vocab, 0u, (u64)n, -1.0f, bin, &sel);
+        // The tokens above the n-th largest (fewer than n), in any order.
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float v = x[i];
+            if (v == v && LogitKey::of(v) > kth) cand[atomicAdd(&n_above, 1)] = i;
+        }
+        // Then the lowest-id ones equal to it: warp w counts its span's, and takes its
+        // share of the places left in the order of the spans.
+        int span = (vocab + nw - 1) / nw;
+        int lo = warp * span, hi = min(vocab, lo + span);
+        u64 eq = 0;
+        for (int i = lo + lane; i < hi; i += 32) {
+            float v = x[i];
+            eq += v == v && LogitKey::of(v) == kth;
+        }
+        for (int s = 16; s > 0; s >>= 1) eq += __shfl_xor_sync(FULL_WARP, eq, s);
+        if (lane == 0) warp_eq[warp] = (u32)eq;
+        __syncthreads();
+        int need = n - n_above;
+        u64 before = 0;
+        for (int w = 0; w < warp; ++w) before += warp_eq[w];
+        for (int base = lo; base < hi && (int)before < need; base += 32) {
+            int i = base + lane;
+            float v = i < hi ? x[i] : 0.0f;
+            u64 mine = i < hi && v == v && LogitKey::of(v) == kth;
+            u64 cum = warp_scan(mine);
+            u64 at = before + cum - 1;
+            if (mine && (int)at < need) cand[n_above + (int)at] = i;
+            before += __shfl_sync(FULL_WARP, cum, 31);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
+    // Largest first, equal logits by lower id.
+    for (int a = 1; a < n; ++a) {
+        int c = cand[a], b = a;
+        for (; b > 0; --b) {
+            float p = x[cand[b - 1]], v = x[c];
+            if (p > v || (p == v && cand[b - 1] < c)) break;
+            cand[b] = cand[b - 1];
+        }
+        cand[b] = c;
+    }
+    float t = token < (u32)vocab ? x[token] : __int_as_float(0x7fc00000);
+    o[0] = token;
+    o[1] = (u32)__float_as_int(t == t ? t - lse : -INFINITY);
+    o[2] = (u32)n;
+    o[3] = 0u;
+    for (int j = 0; j < n; ++j) {
+        o[4 + 2 * j] = (u32)cand[j];
+        o[5 + 2 * j] = (u32)__float_as_int(x[cand[j]] - lse);
     }
 }

@@ -17,7 +17,7 @@
 //! over the CPU emulator (checks of the harness, not GPU numbers; use a small model). Each step is the engine's decode step: one token per sequence at
 //! position `ctx`, sampled on the device (greedy).
 
-use kernels::backend::{Backend, CpuBackend, FROM_LAST};
+use kernels::backend::{Backend, CpuBackend, ReadBack, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
@@ -122,14 +122,17 @@ fn time_overlapped(b: &mut dyn Backend, n: usize, ctx: usize, per: usize, iters:
         next.push(&[FROM_LAST | s as u32], ctx, table(s, per), true);
     }
     let params = vec![SampleParams::GREEDY; n];
-    b.submit(&first, &params, &[], &[]).expect("decode step");
+    b.submit(&first, &params, &[], &ReadBack::default())
+        .expect("decode step");
     for _ in 0..3 {
-        b.submit(&next, &params, &[], &[]).expect("decode step");
+        b.submit(&next, &params, &[], &ReadBack::default())
+            .expect("decode step");
         b.collect().expect("decode step");
     }
     let t = Instant::now();
     for _ in 0..iters {
-        b.submit(&next, &params, &[], &[]).expect("decode step");
+        b.submit(&next, &params, &[], &ReadBack::default())
+            .expect("decode step");
         b.collect().expect("decode step");
     }
     b.collect().expect("decode step");

@@ -5,6 +5,7 @@ use crate::adjust::Adjust;
 use crate::cuda::twins::{sample, SampleParams};
 use crate::forward::{Batch, Model, Scratch, StepError};
 use crate::kv::KvCache;
+use crate::logprobs::{Score, TokenLogprobs};
 use crate::matmul::ActPrecision;
 use crate::model::LlamaConfig;
 use std::sync::Arc;
@@ -13,6 +14,41 @@ use std::sync::Arc;
 /// just before it draws for its logits row `r`: `FROM_LAST | r`. The device reads it from
 /// that step's answer, so the host plans a step while the one before runs.
 pub const FROM_LAST: u32 = 1 << 31;
+
+/// What a [`Backend::submit`]ted step reads back beside its tokens: logits rows (`rows`:
+/// indices among its logits rows, as [`Backend::logits_rows`] takes them: the model's)
+/// and rows whose log-probabilities the device computes (`scores`: a few words each
+/// instead of a row of logits).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadBack {
+    pub rows: Vec<usize>,
+    pub scores: Vec<Score>,
+}
+
+impl ReadBack {
+    /// Nothing beside the tokens.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.scores.is_empty()
+    }
+
+    /// Logits rows `rows` only.
+    pub fn rows(rows: Vec<usize>) -> Self {
+        Self {
+            rows,
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// A [`Backend::collect`]ed step: its tokens, the logits rows its [`ReadBack`] asked for
+/// (`rows.len() × vocab`, in that order), and its scored rows' log-probabilities (in the
+/// order asked).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Collected {
+    pub tokens: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub scores: Vec<TokenLogprobs>,
+}
 
 /// Runs batched forward steps over its own KV cache.
 pub trait Backend: Send {
@@ -29,11 +65,20 @@ pub trait Backend: Send {
     }
     /// Rows `rows` (indices among the logits rows) of the last step's logits, `vocab`
     /// floats each: the model's, as [`Backend::step_sample`] left them on the device
-    /// (before any row's adjustment), read back for the rows whose log-probabilities are
-    /// asked for. Backends that sample on the host return every row from
-    /// [`Backend::step`] and keep none.
+    /// (before any row's adjustment), read back for the rows the host draws again.
+    /// Backends that sample on the host return every row from [`Backend::step`] and keep
+    /// none.
     fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
         let _ = rows;
+        Err(StepError::BadBatch(
+            "this backend keeps no logits after a step".into(),
+        ))
+    }
+    /// The log-probabilities of rows of the last step ([`Score`]: a row, its token or the
+    /// one [`Backend::step_sample`] drew for it, how many most likely), computed where the
+    /// logits are, as [`Backend::submit`] computes them for its scored rows.
+    fn scores(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, StepError> {
+        let _ = scores;
         Err(StepError::BadBatch(
             "this backend keeps no logits after a step".into(),
         ))
@@ -80,9 +125,8 @@ pub trait Backend: Send {
         false
     }
     /// Sends [`Backend::step_sample`]'s step without waiting for it; its tokens come from
-    /// [`Backend::collect`], in the order the steps were sent, with the logits of its rows
-    /// `want` (indices among its logits rows, as [`Backend::logits_rows`] takes them, whose
-    /// answer they are). `batch`'s tokens may be
+    /// [`Backend::collect`], in the order the steps were sent, with what `back` asks for.
+    /// `batch`'s tokens may be
     /// [`FROM_LAST`]` | r` (row `r` of the step sent just before, collected or not). At
     /// most two steps are sent and not collected; while any is,
     /// [`Backend::step_sample`], [`Backend::step`] and [`Backend::logits_rows`] fail.
@@ -92,15 +136,15 @@ pub trait Backend: Send {
         batch: &Batch,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
-        want: &[usize],
+        back: &ReadBack,
     ) -> Result<(), StepError> {
-        let _ = (batch, params, adjust, want);
+        let _ = (batch, params, adjust, back);
         Err(StepError::BadBatch(
             "this backend does not overlap steps".into(),
         ))
     }
     /// Sends a step's forward pass without waiting for it, as [`Backend::submit`] does,
-    /// but not its sampling: its parameters, adjustments and logits rows to read back come
+    /// but not its sampling: its parameters, adjustments and what it reads back come
     /// with [`Backend::submit_sample`], which must follow before any other step is sent;
     /// the step before may be collected in between (so that the adjustments may depend on
     /// its tokens, while the device runs this step's forward pass).
@@ -116,15 +160,15 @@ pub trait Backend: Send {
         &mut self,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
-        want: &[usize],
+        back: &ReadBack,
     ) -> Result<(), StepError> {
-        let _ = (params, adjust, want);
+        let _ = (params, adjust, back);
         Err(StepError::BadBatch("no step waits to be sampled".into()))
     }
     /// The tokens of the oldest step sent by [`Backend::submit`] and not collected (waits
-    /// for it), and the logits rows it was asked for. After a device error no step is
+    /// for it), and what it was asked to read back. After a device error no step is
     /// pending.
-    fn collect(&mut self) -> Result<(Vec<u32>, Vec<f32>), StepError> {
+    fn collect(&mut self) -> Result<Collected, StepError> {
         Err(StepError::BadBatch("no step was submitted".into()))
     }
     /// Steps sent by [`Backend::submit`] and not collected.

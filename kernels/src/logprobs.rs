@@ -98,6 +98,51 @@ fn sum_exp_body(logits: &[f32], max: f32) -> f64 {
     total
 }
 
+/// Words the device writes for one scored row ([`Score`]): the token, its
+/// log-probability, how many of the most likely follow, a spare word, then (id,
+/// log-probability) pairs for up to [`MAX_TOP`] tokens (the `logprobs` kernel's
+/// `LOGPROB_WORDS`).
+pub const SCORE_WORDS: usize = 4 + 2 * MAX_TOP;
+
+/// A logits row of a sampled step whose log-probabilities the device computes
+/// (`kernels/cuda/sample.cu`'s `logprobs`, [`token_logprobs`]'s twin), so that the step
+/// reads back [`SCORE_WORDS`] words for it instead of its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Score {
+    /// The row, among the step's logits rows.
+    pub row: usize,
+    /// The token whose log-probability is reported: a prompt's next token, or `None` for
+    /// the token the step draws for the row.
+    pub token: Option<u32>,
+    /// How many of the most likely tokens (at most [`MAX_TOP`]).
+    pub top: usize,
+}
+
+impl Score {
+    /// Its three words for the kernel: row, token (`u32::MAX`: the drawn one), top.
+    pub fn words(&self) -> [u32; 3] {
+        [
+            self.row as u32,
+            self.token.unwrap_or(u32::MAX),
+            self.top.min(MAX_TOP) as u32,
+        ]
+    }
+}
+
+/// A scored row's [`TokenLogprobs`] from the [`SCORE_WORDS`] words the device wrote.
+pub fn from_words(w: &[u32]) -> TokenLogprobs {
+    let n = w.get(2).map_or(0, |&n| (n as usize).min(MAX_TOP));
+    let pair = |j: usize| (w[4 + 2 * j], f32::from_bits(w[5 + 2 * j]));
+    TokenLogprobs {
+        id: w.first().copied().unwrap_or(0),
+        logprob: w.get(1).map_or(f32::NAN, |&b| f32::from_bits(b)),
+        top: (0..n)
+            .take_while(|j| 5 + 2 * j < w.len())
+            .map(pair)
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,12 +12,13 @@ mod common;
 
 use common::rel_err;
 use kernels::adjust::{allowed, Adjust, Carry};
-use kernels::backend::{Backend, FROM_LAST};
+use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
 use kernels::forward::{Batch, StepError};
+use kernels::logprobs::{token_logprobs, Score, TokenLogprobs};
 
 /// The backend on the emulator (16 sequences of up to 128 rows, buckets up to 16).
 fn on_emu(name: &str) -> Option<(CudaBackend<Emu>, TwinModel)> {
@@ -221,17 +222,55 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     // Graph decode steps, then direct launches.
     for graphs in [true, false] {
         cuda.set_graphs(graphs).unwrap();
-        // Some steps also read some rows' logits back (none, one, rows apart).
-        let rows = |k: usize| -> Vec<usize> { [vec![], vec![4], vec![9, 2, 5]][k % 3].clone() };
+        // Some steps also read some rows' logits back (none, one, rows apart), and have
+        // some rows' log-probabilities computed on the device: of the token drawn (a
+        // penalized row's too, 6), of a given token (a prompt's next), with 0 to 20 of the
+        // most likely.
+        let score = |row: usize, token: Option<u32>, top: usize| Score { row, token, top };
+        let rows = |k: usize| -> ReadBack {
+            let (rows, scores) = [
+                (vec![], vec![]),
+                (vec![4], vec![score(1, None, 3)]),
+                (
+                    vec![9, 2, 5],
+                    vec![
+                        score(0, Some(17), 0),
+                        score(6, None, 20),
+                        score(9, Some(2), 1),
+                    ],
+                ),
+            ][k % 3]
+                .clone();
+            ReadBack { rows, scores }
+        };
+        // Step k's scored rows after the step ran alone: the device's log-probabilities
+        // ([`Backend::scores`]), which must be the host's from the rows' logits and the
+        // step's tokens.
+        let host_scores = |cuda: &mut CudaBackend<E>, k: usize, t: &[u32]| {
+            let scored = rows(k).scores;
+            let at: Vec<usize> = scored.iter().map(|s| s.row).collect();
+            let l = cuda.logits_rows(&at).unwrap();
+            let device = cuda.scores(&scored).unwrap();
+            let host = scored
+                .iter()
+                .zip(l.chunks_exact(vocab))
+                .map(|(s, row)| token_logprobs(row, s.token.unwrap_or(t[s.row]), s.top));
+            for (d, h) in device.iter().zip(host) {
+                assert_logprobs(d, &h, &format!("step {k} alone"));
+            }
+            device
+        };
         // One step at a time: each decode step's tokens known on the host.
         let mut want: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut want_scores: Vec<Vec<TokenLogprobs>> = Vec::new();
         let mut drawn: Vec<Vec<u32>> = Vec::new();
         let mut b = prefill(n);
         let t = cuda
             .step_sample(&b, &params(0), &adjust(&drawn, false))
             .unwrap();
         drawn.push(t.clone());
-        want.push((t, cuda.logits_rows(&rows(0)).unwrap()));
+        want_scores.push(host_scores(cuda, 0, &t));
+        want.push((t, cuda.logits_rows(&rows(0).rows).unwrap()));
         for k in 1..=steps {
             b = decode(&b, &want[k - 1].0);
             // The model's logits of the step (it rewrites the same keys and values).
@@ -240,10 +279,11 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                 .step_sample(&b, &params(k as u32), &adjust(&drawn, false))
                 .unwrap();
             drawn.push(t.clone());
-            let back = cuda.logits_rows(&rows(k)).unwrap();
+            want_scores.push(host_scores(cuda, k, &t));
+            let back = cuda.logits_rows(&rows(k).rows).unwrap();
             // Rows read back are the model's, penalized ones (even rows) too: the draw
             // was made from an adjusted copy.
-            for (j, r) in rows(k).into_iter().enumerate().filter(|_| !graphs) {
+            for (j, r) in rows(k).rows.into_iter().enumerate().filter(|_| !graphs) {
                 let m = model.as_ref().unwrap();
                 assert_eq!(
                     back[j * vocab..(j + 1) * vocab],
@@ -271,10 +311,10 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
         // Each step's forward pass sent before the one before is collected, and its
         // sampling after, with adjustments from the tokens just collected (as for a
         // grammar's mask, which the device cannot count).
-        let mut late: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut late: Vec<Collected> = Vec::new();
         let mut b = prefill(n);
         cuda.submit_forward(&b).unwrap();
-        let refused = cuda.submit(&b, &params(0), &[], &[]);
+        let refused = cuda.submit(&b, &params(0), &[], &ReadBack::default());
         assert!(matches!(refused, Err(StepError::BadBatch(_))), "unsampled");
         assert!(cuda.collect().is_err(), "collecting a step not sampled");
         cuda.submit_sample(&params(0), &adjust(&[], false), &rows(0))
@@ -283,25 +323,26 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
             b = decode(&b, &from_last);
             cuda.submit_forward(&b).unwrap();
             late.push(cuda.collect().unwrap());
-            let drawn: Vec<Vec<u32>> = late.iter().map(|t| t.0.clone()).collect();
+            let drawn: Vec<Vec<u32>> = late.iter().map(|c| c.tokens.clone()).collect();
             cuda.submit_sample(&params(k as u32), &adjust(&drawn, false), &rows(k))
                 .unwrap();
         }
         late.push(cuda.collect().unwrap());
         assert!(
-            cuda.submit_sample(&params(0), &[], &[]).is_err(),
+            cuda.submit_sample(&params(0), &[], &ReadBack::default())
+                .is_err(),
             "nothing to sample"
         );
         for (k, ((g, l), w)) in got.iter().zip(&late).zip(&want).enumerate() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for (how, g) in [("ahead", g), ("sampled late", l)] {
-                assert_eq!(g.0, w.0, "graphs {graphs}, {how}: step {k}'s tokens");
-                assert_eq!(
-                    bits(&g.1),
-                    bits(&w.1),
-                    "graphs {graphs}, {how}: step {k}'s logits"
-                );
-                assert_eq!(g.1.len(), rows(k).len() * cuda.config().vocab);
+                let what = format!("graphs {graphs}, {how}: step {k}");
+                assert_eq!(g.tokens, w.0, "{what}'s tokens");
+                assert_eq!(bits(&g.logits), bits(&w.1), "{what}'s logits");
+                assert_eq!(g.logits.len(), rows(k).rows.len() * vocab);
+                // The log-probabilities of the step run alone, to the bit (the drawn
+                // token's: the step's own draw).
+                assert_eq!(g.scores, want_scores[k], "{what}'s scores");
             }
         }
     }
@@ -311,25 +352,50 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let mut past = decode(&b, &[5; 12]);
     past.tokens[3] = FROM_LAST | 3;
     cuda.step(&b).unwrap();
-    let submitted = cuda.submit(&past, &params(0), &[], &[]);
+    let none = ReadBack::default();
+    let submitted = cuda.submit(&past, &params(0), &[], &none);
     assert!(bad(submitted), "no submitted step before it");
-    cuda.submit(&b, &params(0), &[], &[]).unwrap();
+    cuda.submit(&b, &params(0), &[], &none).unwrap();
     past.tokens[3] = FROM_LAST | n as u32;
-    let submitted = cuda.submit(&past, &params(1), &[], &[]);
+    let submitted = cuda.submit(&past, &params(1), &[], &none);
     assert!(bad(submitted), "a row past the step before's");
     past.tokens[3] = FROM_LAST | 11;
-    let submitted = cuda.submit(&past, &params(1), &[], &[n]);
+    let submitted = cuda.submit(&past, &params(1), &[], &ReadBack::rows(vec![n]));
     assert!(bad(submitted), "logits past its rows");
+    let scored = |row| ReadBack {
+        rows: vec![],
+        scores: vec![Score {
+            row,
+            token: None,
+            top: 1,
+        }],
+    };
+    let submitted = cuda.submit(&past, &params(1), &[], &scored(n));
+    assert!(bad(submitted), "a scored row past its rows");
     let sync = cuda.step_sample(&b, &params(0), &[]);
     assert!(sync.is_err(), "a step in flight");
     assert!(cuda.logits_rows(&[0]).is_err(), "logits while in flight");
-    cuda.submit(&past, &params(1), &[], &[]).unwrap();
-    let submitted = cuda.submit(&past, &params(1), &[], &[]);
+    cuda.submit(&past, &params(1), &[], &none).unwrap();
+    let submitted = cuda.submit(&past, &params(1), &[], &none);
     assert!(bad(submitted), "a third step in flight");
-    assert_eq!(cuda.collect().unwrap().0.len(), n);
-    assert_eq!(cuda.collect().unwrap().0.len(), n);
+    assert_eq!(cuda.collect().unwrap().tokens.len(), n);
+    assert_eq!(cuda.collect().unwrap().tokens.len(), n);
     assert!(cuda.collect().is_err(), "nothing in flight");
     assert_eq!(cuda.step_sample(&b, &params(0), &[]).unwrap().len(), n);
+}
+
+/// A row's log-probabilities from the device (`d`) against the host's (`h`, from the same
+/// logits): the same token and most likely tokens, the values within the f32 normalizer's
+/// rounding.
+fn assert_logprobs(d: &TokenLogprobs, h: &TokenLogprobs, what: &str) {
+    let close = |a: f32, b: f32| a == b || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
+    assert_eq!(d.id, h.id, "{what}: token");
+    assert!(close(d.logprob, h.logprob), "{what}: {d:?} vs {h:?}");
+    let ids = |t: &TokenLogprobs| t.top.iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(ids(d), ids(h), "{what}: the most likely tokens");
+    for (a, b) in d.top.iter().zip(&h.top) {
+        assert!(close(a.1, b.1), "{what}: {d:?} vs {h:?}");
+    }
 }
 
 #[test]

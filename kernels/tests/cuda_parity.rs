@@ -1230,6 +1230,96 @@ fn sampling_case<E: Exec>(g: &E) {
 }
 
 #[test]
+fn logprobs_match_their_twin() {
+    on_each!(logprobs_case);
+}
+
+fn logprobs_case<E: Exec>(g: &E) {
+    let mut rng = Rng(11);
+    let (rows, vocab) = (12, 49152);
+    let mut logits = rng.vec(rows * vocab, 12.0);
+    let row = |r: usize| r * vocab..(r + 1) * vocab;
+    // Row 1: whole numbers only (ties at every rank, the 20th among them); row 2: one
+    // value everywhere; row 3: NaNs, infinities and both zeros as its largest; row 4:
+    // fewer numbers than asked for (the rest NaN); row 5: every logit −∞.
+    for x in &mut logits[row(1)] {
+        *x = x.round();
+    }
+    logits[row(2)].fill(-3.5);
+    for (j, x) in logits[row(3)].iter_mut().enumerate() {
+        *x = match j % 7 {
+            0 => f32::NAN,
+            1 => f32::NEG_INFINITY,
+            _ if j % 1000 == 5 => -0.0,
+            _ if j % 1000 == 9 => 0.0,
+            _ => *x - 13.0,
+        };
+    }
+    for (j, x) in logits[row(4)].iter_mut().enumerate() {
+        if j % 4096 != 7 {
+            *x = f32::NAN;
+        }
+    }
+    logits[row(5)].fill(f32::NEG_INFINITY);
+    let sampled: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+    // (row, token, top): drawn tokens and given ones, one past the vocabulary; top from 0
+    // to past the most (20).
+    let specs: Vec<(u32, u32, u32)> = vec![
+        (0, u32::MAX, 20),
+        (1, u32::MAX, 20),
+        (2, 77, 20),
+        (3, u32::MAX, 20),
+        (4, 7, 20),
+        (5, 3, 4),
+        (6, 123, 0),
+        (7, vocab as u32 + 5, 1),
+        (8, u32::MAX, 25),
+        (11, u32::MAX, 5),
+        (0, 9, 2),
+    ];
+    let spec: Vec<u32> = specs.iter().flat_map(|&(r, t, k)| [r, t, k]).collect();
+    let words = kernels::logprobs::SCORE_WORDS;
+    let poison = 0xDEAD_BEEFu32;
+    let (ld, sd, sp) = (up(g, &logits), up(g, &sampled), up(g, &spec));
+    let out = up(g, &vec![poison; specs.len() * words]);
+    let args = [ld.arg(), i(vocab), sp.arg(), sd.arg(), out.arg()];
+    g.launch(
+        "logprobs",
+        cfg(specs.len() as u32, twins::SAMPLE_THREADS as u32),
+        &args,
+    )
+    .unwrap();
+    let got = down(g, &out);
+    let what = g.describe();
+    for (k, (&(r, t, top), w)) in specs.iter().zip(got.chunks_exact(words)).enumerate() {
+        let r = r as usize;
+        let token = if t == u32::MAX { sampled[r] } else { t };
+        let l = &logits[r * vocab..(r + 1) * vocab];
+        let want = kernels::logprobs::token_logprobs(l, token, top as usize);
+        let n = want.top.len();
+        assert!(
+            w[..4 + 2 * n].iter().all(|&x| x != poison) && w[3] == 0,
+            "{what}: score {k}: words unwritten"
+        );
+        let d = kernels::logprobs::from_words(w);
+        let close =
+            |a: f32, b: f32| a.to_bits() == b.to_bits() || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
+        assert_eq!(d.id, want.id, "{what}: score {k}'s token");
+        assert!(
+            close(d.logprob, want.logprob),
+            "{what}: score {k}: {d:?} vs {want:?}"
+        );
+        let ids = |t: &kernels::logprobs::TokenLogprobs| -> Vec<u32> {
+            t.top.iter().map(|p| p.0).collect()
+        };
+        assert_eq!(ids(&d), ids(&want), "{what}: score {k}'s most likely");
+        for (a, b) in d.top.iter().zip(&want.top) {
+            assert!(close(a.1, b.1), "{what}: score {k}: {d:?} vs {want:?}");
+        }
+    }
+}
+
+#[test]
 fn whole_model_matches_cpu_and_the_twin_chain() {
     use kernels::cuda::backend::{CudaBackend, KvCapacity};
     let model = common::tiny("gpu-model");

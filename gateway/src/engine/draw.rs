@@ -10,11 +10,11 @@
 //! On the GPU path, a row with penalties or a mask is adjusted on the device before its
 //! draw: its adjustment ([`adjustments`]: one delta per penalized token, a bitmask of the
 //! tokens a grammar allows) goes in the step's staging copy, and only its token comes
-//! back, with its row of the model's logits when it wants log-probabilities (the device
-//! adjusts a copy). Rows whose adjustment does not fit the step's room are read back and
-//! drawn again here.
+//! back, with its log-probabilities under the model's logits when it wants them (the
+//! device adjusts a copy, and computes them from the model's row). Rows whose adjustment
+//! does not fit the step's room are read back and drawn again here.
 
-use super::run::{read_back, Next};
+use super::run::Next;
 use super::seq::{sample_params, Seq};
 use kernels::adjust::Adjust;
 use kernels::json_mode::JsonVocab;
@@ -42,24 +42,29 @@ pub(super) fn draw(
     let jv = vocab_for(running.iter(), tok, json_vocab);
     let parallel = rows.iter().flatten().count() >= PARALLEL_ROWS;
     match next {
-        Next::Tokens(t, want, logits, redraw) => {
+        Next::Tokens(t) => {
+            let t = &*t;
             let one = |(s, row): (&Seq, &Option<usize>)| -> Drawn {
                 let row = (*row)?;
-                let raw = read_back(want, logits, row, vocab);
+                let raw = t.row(row, vocab);
                 // A row with penalties or JSON mode not adjusted on the device: its draw is
                 // replaced by the same rule's on the row adjusted here (same seed and step).
                 let id = match raw {
-                    Some(raw) if redraw.contains(&row) => {
+                    Some(raw) if t.redraw.contains(&row) => {
                         let mut l = raw.to_vec();
                         s.adjust(&mut l, tok, jv);
                         sample(s, &l)
                     }
-                    _ => *t.get(row)?,
+                    _ => *t.tokens.get(row)?,
                 };
+                // The device's log-probabilities of the token it drew, or the host's from
+                // the row read back.
                 let lp = s
                     .logprobs
-                    .zip(raw)
-                    .map(|(k, raw)| token_logprobs(raw, id, k as usize));
+                    .and_then(|k| match t.scored(row).filter(|lp| lp.id == id) {
+                        Some(lp) => Some(lp.clone()),
+                        None => raw.map(|raw| token_logprobs(raw, id, k as usize)),
+                    });
                 Some((id, lp))
             };
             if parallel {

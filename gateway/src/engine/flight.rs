@@ -4,10 +4,10 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{check, in_backend, Engine, Next, Turn};
+use super::run::{check, in_backend, Engine, Next, Rows, Sampled, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
-use kernels::backend::{Backend, FROM_LAST};
+use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};
 use kernels::forward::{Batch, StepError};
 use std::sync::atomic::Ordering;
 
@@ -30,14 +30,14 @@ pub(super) struct Part {
     pub(super) end: usize,
 }
 
-/// A step sent and not yet collected: its sequences, each logits row's drawing one, the
-/// rows whose logits come back with its tokens, and those of them whose token the host
-/// draws again (while there are any, the next step waits for this one: the
-/// device's tokens of those rows are not their final ones).
+/// A step sent and not yet collected: its sequences, each logits row's drawing one, what
+/// comes back with its tokens, and the rows whose token the host draws again (while there
+/// are any, the next step waits for this one: the device's tokens of those rows are not
+/// their final ones).
 pub(super) struct Flight {
     pub(super) parts: Vec<Part>,
     pub(super) draws: Vec<Option<Who>>,
-    pub(super) want: Vec<usize>,
+    pub(super) back: ReadBack,
     pub(super) redraw: Vec<usize>,
 }
 
@@ -55,9 +55,10 @@ impl Engine {
         backend: &mut dyn Backend,
         plan: &Plan,
         batch: &Batch,
-        draws: &[Option<usize>],
+        rows: &Rows,
         backend_ns: &mut u64,
     ) -> Turn {
+        let draws = &rows.draws;
         // A grammar's mask of a row whose input token is still on the device is made once
         // the step before is collected.
         let late = draws
@@ -65,11 +66,11 @@ impl Engine {
             .flatten()
             .any(|&i| self.running[i].masked() && self.running[i].carried());
         if late {
-            return self.send_late(backend, plan, batch, draws, backend_ns);
+            return self.send_late(backend, plan, batch, rows, backend_ns);
         }
-        let s = self.sampling(backend, draws, &[]);
+        let s = self.sampling(backend, draws, &rows.scoring, &[]);
         let sent = in_backend(&self.stats, backend_ns, || {
-            backend.submit(batch, &s.params, &s.adjust, &s.want)
+            backend.submit(batch, &s.params, &s.adjust, &s.back)
         });
         let before = self.flight.take();
         let parts = self.parts(plan, batch);
@@ -79,7 +80,7 @@ impl Engine {
         let now = Flight {
             parts,
             draws: self.who(draws),
-            want: s.want,
+            back: s.back,
             redraw: s.redraw,
         };
         self.hold(draws);
@@ -133,15 +134,15 @@ impl Engine {
         backend: &mut dyn Backend,
         plan: &Plan,
         batch: &Batch,
-        draws: &[Option<usize>],
+        rows: &Rows,
         backend_ns: &mut u64,
     ) -> Turn {
         let sent = in_backend(&self.stats, backend_ns, || backend.submit_forward(batch));
         let before = self.flight.take();
         let mut now = Flight {
             parts: self.parts(plan, batch),
-            draws: self.who(draws),
-            want: Vec::new(),
+            draws: self.who(&rows.draws),
+            back: ReadBack::default(),
             redraw: Vec::new(),
         };
         if let Some(t) = self.sent(backend, sent, plan, before.as_ref()) {
@@ -157,15 +158,15 @@ impl Engine {
         let gone: Vec<bool> = (0..drawing.len())
             .map(|r| now.draws[r].is_some() && drawing[r].is_none())
             .collect();
-        let s = self.sampling(backend, &drawing, &gone);
+        let s = self.sampling(backend, &drawing, &rows.scoring, &gone);
         let sampled = in_backend(&self.stats, backend_ns, || {
-            backend.submit_sample(&s.params, &s.adjust, &s.want)
+            backend.submit_sample(&s.params, &s.adjust, &s.back)
         });
         if let Err(e) = sampled {
             return self.fail(e, self.present(&now));
         }
         self.hold(&drawing);
-        now.want = s.want;
+        now.back = s.back;
         now.redraw = s.redraw;
         self.flight = Some(now);
         Turn::Go
@@ -220,9 +221,16 @@ impl Engine {
         };
         let got = in_backend(&self.stats, backend_ns, || backend.collect());
         let vocab = self.vocab;
-        let got = got.and_then(|(t, logits)| {
-            let (want, redraw) = (std::mem::take(&mut f.want), std::mem::take(&mut f.redraw));
-            let next = Next::Tokens(t, want, logits, redraw);
+        let got = got.and_then(|c: Collected| {
+            let back = std::mem::take(&mut f.back);
+            let next = Next::Tokens(Sampled {
+                tokens: c.tokens,
+                rows: back.rows,
+                logits: c.logits,
+                scores: back.scores,
+                scored: c.scores,
+                redraw: std::mem::take(&mut f.redraw),
+            });
             check(next, f.draws.len(), vocab)
         });
         match got {

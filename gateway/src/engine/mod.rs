@@ -63,9 +63,13 @@ pub struct EngineStats {
     pub steps_ahead: AtomicU64,
     pub preemptions: AtomicU64,
     /// GPU path: rows adjusted on the device before their draw, and rows whose logits
-    /// were read back (log-probabilities, or adjustments past a step's room).
+    /// were read back (adjustments past a step's room; log-probabilities of steps run
+    /// one at a time).
     pub rows_adjusted_on_device: AtomicU64,
     pub rows_read_back: AtomicU64,
+    /// GPU path: rows whose log-probabilities were computed on the device (a few words
+    /// read back instead of a row of logits).
+    pub rows_scored_on_device: AtomicU64,
     /// Nanoseconds the engine thread spent in the backend's steps.
     pub backend_ns: AtomicU64,
     /// Nanoseconds it spent around them on steps: arrivals, scheduling, building the
@@ -410,6 +414,7 @@ impl Worker for EngineWorker {
             preemptions: s.preemptions.load(Ordering::Relaxed),
             rows_adjusted_on_device: s.rows_adjusted_on_device.load(Ordering::Relaxed),
             rows_read_back: s.rows_read_back.load(Ordering::Relaxed),
+            rows_scored_on_device: s.rows_scored_on_device.load(Ordering::Relaxed),
             device_faults: s.faults.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),

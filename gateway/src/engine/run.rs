@@ -11,10 +11,11 @@
 //! step in flight holds [`FROM_LAST`](kernels::backend::FROM_LAST)` | row` in its place,
 //! which the next step's batch carries and the device resolves; collecting replaces it. So
 //! the host's work between two steps (scheduling, batch building, detokenizing, sending)
-//! runs while the device works. Logits rows the host wants (log-probabilities, a prompt
-//! being scored) come back with the step's tokens: the model's logits, while the device
-//! draws from an adjusted copy of a row with penalties or a grammar, whose token the host
-//! keeps. Presence and frequency penalties count a sequence's input token on the device
+//! runs while the device works. Log-probabilities (of a drawn token, or of a prompt's
+//! next token when a prompt is scored) are computed on the device from the model's logits
+//! and come back with the step's tokens, a few words a row, while the device draws from an
+//! adjusted copy of a row with penalties or a grammar, whose token the host keeps; the
+//! logits rows the host draws again come back whole. Presence and frequency penalties count a sequence's input token on the device
 //! ([`kernels::adjust::Carry`]: the host sends what each possible token's delta would be).
 //! A step with a row in JSON mode whose input token is still on the device sends its
 //! forward pass first ([`Backend::submit_forward`]), then collects the step before and
@@ -37,11 +38,11 @@ use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
 use kernels::adjust::Adjust;
-use kernels::backend::Backend;
+use kernels::backend::{Backend, ReadBack};
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
 use kernels::json_mode::JsonVocab;
-use kernels::logprobs::token_logprobs;
+use kernels::logprobs::{token_logprobs, Score, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -156,43 +157,60 @@ fn params(running: &[Seq], draws: &[Option<usize>]) -> Vec<SampleParams> {
         .collect()
 }
 
-/// The logits rows of a step that the host reads back, and those of them whose token it
-/// draws again. Read back: a prompt's rows being scored, and the rows of sequences that
-/// want log-probabilities or whose adjustment is not made on the device (`adjust`: the
-/// rows that are); not the rows whose sequence left (`gone`). Drawn again: the rows with
-/// penalties or JSON mode whose adjustment did not fit the step's room, which the device
-/// drew unadjusted.
+/// What the host reads back of a step beside its tokens, and the rows whose token it
+/// draws again. Read back whole: the rows of sequences with penalties or JSON mode whose
+/// adjustment is not made on the device (`adjust`: the rows that are), which are drawn
+/// again here (the device drew them unadjusted). Scored on the device: a prompt's rows
+/// being scored (`scoring`: the prompt token each scores, and how many most likely
+/// tokens), and the other rows of sequences that want log-probabilities. Not the rows
+/// whose sequence left (`gone`).
 fn wanted(
     running: &[Seq],
     draws: &[Option<usize>],
+    scoring: &[Option<(u32, usize)>],
     adjust: &[Option<Adjust>],
     gone: &[bool],
-) -> (Vec<usize>, Vec<usize>) {
+) -> (ReadBack, Vec<usize>) {
     let on_device = |r: usize| adjust.get(r).is_some_and(Option::is_some);
-    let mut want = Vec::new();
+    let mut back = ReadBack::default();
     let mut redraw = Vec::new();
     for r in (0..draws.len()).filter(|&r| !gone.get(r).copied().unwrap_or(false)) {
         let Some(s) = draws[r].map(|i| &running[i]) else {
-            want.push(r);
+            if let Some(&Some((token, top))) = scoring.get(r) {
+                let token = Some(token);
+                back.scores.push(Score { row: r, token, top });
+            }
             continue;
         };
-        let again = s.constrained() && !on_device(r);
-        if again || s.logprobs.is_some() {
-            want.push(r);
-        }
-        if again {
+        if s.constrained() && !on_device(r) {
+            back.rows.push(r);
             redraw.push(r);
+        } else if let Some(top) = s.logprobs {
+            let top = top as usize;
+            back.scores.push(Score {
+                row: r,
+                token: None,
+                top,
+            });
         }
     }
-    (want, redraw)
+    (back, redraw)
 }
 
-/// A sampled step's parameters and device adjustments per logits row, the rows read back
-/// and those of them whose token the host draws again ([`wanted`]).
+/// Each logits row of a planned step: the sequence it draws for (by index in `running`),
+/// and the prompt token it scores, with how many most likely tokens.
+#[derive(Default)]
+pub(super) struct Rows {
+    pub(super) draws: Vec<Option<usize>>,
+    pub(super) scoring: Vec<Option<(u32, usize)>>,
+}
+
+/// A sampled step's parameters and device adjustments per logits row, what it reads back
+/// and the rows whose token the host draws again ([`wanted`]).
 pub(super) struct Sampling {
     pub(super) params: Vec<SampleParams>,
     pub(super) adjust: Vec<Option<Adjust>>,
-    pub(super) want: Vec<usize>,
+    pub(super) back: ReadBack,
     pub(super) redraw: Vec<usize>,
 }
 
@@ -201,21 +219,35 @@ pub(super) struct Sampling {
 pub(super) fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepError> {
     let bad = |m: String| Err(StepError::Device(m));
     let got = match &next {
-        Next::Tokens(t, ..) => t.len(),
+        Next::Tokens(t) => t.tokens.len(),
         Next::Logits(l) => l.len() / vocab.max(1),
     };
     if got != rows {
         return bad(format!("the backend returned {got} rows for {rows}"));
     }
-    if let Next::Tokens(t, want, logits, _) = &next {
-        if logits.len() != want.len() * vocab {
+    if let Next::Tokens(t) = &next {
+        if t.logits.len() != t.rows.len() * vocab {
             return bad(format!(
                 "the backend returned {} floats for {} logits rows",
-                logits.len(),
-                want.len()
+                t.logits.len(),
+                t.rows.len()
             ));
         }
-        if let Some(id) = t.iter().find(|&&id| id as usize >= vocab) {
+        if t.scored.len() != t.scores.len() {
+            return bad(format!(
+                "the backend returned {} scored rows for {}",
+                t.scored.len(),
+                t.scores.len()
+            ));
+        }
+        let tokens = t.scored.iter().map(|s| s.id);
+        if let Some(id) = t
+            .tokens
+            .iter()
+            .copied()
+            .chain(tokens)
+            .find(|&id| id as usize >= vocab)
+        {
             return bad(format!(
                 "the backend sampled token {id}, past the vocabulary"
             ));
@@ -279,11 +311,11 @@ impl Engine {
                 }
             }
         } else {
-            let (batch, draws) = self.build(&plan);
+            let (batch, rows) = self.build(&plan);
             if self.overlap && backend.overlaps() {
-                self.send(backend, &plan, &batch, &draws, &mut backend_ns)
+                self.send(backend, &plan, &batch, &rows, &mut backend_ns)
             } else {
-                self.step(backend, &plan, &batch, &draws, &mut backend_ns)
+                self.step(backend, &plan, &batch, &rows, &mut backend_ns)
             }
         };
         if !matches!(t, Turn::Go) {
@@ -328,12 +360,13 @@ impl Engine {
         !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
     }
 
-    /// A sampled step's [`Sampling`], for logits rows drawn by `draws` (counted in the
-    /// stats), but for rows whose sequence left (`gone`).
+    /// A sampled step's [`Sampling`], for logits rows drawn by `draws` and prompt rows
+    /// `scoring` (counted in the stats), but for rows whose sequence left (`gone`).
     pub(super) fn sampling(
         &mut self,
         backend: &dyn Backend,
         draws: &[Option<usize>],
+        scoring: &[Option<(u32, usize)>],
         gone: &[bool],
     ) -> Sampling {
         let row_seqs: Vec<Option<&Seq>> =
@@ -346,37 +379,48 @@ impl Engine {
             &self.tok,
             &mut self.json_vocab,
         );
-        let (want, redraw) = wanted(&self.running, draws, &adjust, gone);
-        self.stats
-            .rows_adjusted_on_device
+        let (back, redraw) = wanted(&self.running, draws, scoring, &adjust, gone);
+        let st = &self.stats;
+        st.rows_adjusted_on_device
             .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
-        self.stats
-            .rows_read_back
-            .fetch_add(want.len() as u64, Ordering::Relaxed);
+        st.rows_read_back
+            .fetch_add(back.rows.len() as u64, Ordering::Relaxed);
+        st.rows_scored_on_device
+            .fetch_add(back.scores.len() as u64, Ordering::Relaxed);
         Sampling {
             params,
             adjust,
-            want,
+            back,
             redraw,
         }
     }
 
-    /// The plan's batch, and each logits row's sequence (by index in `running`) when the
-    /// row draws its next token (`None` for a prompt's row that scores the prompt's next
-    /// token). Counts the plan's tokens as computed.
-    fn build(&mut self, plan: &Plan) -> (Batch, Vec<Option<usize>>) {
+    /// The plan's batch, and for each logits row: its sequence (by index in `running`)
+    /// when the row draws its next token, and the prompt token it scores (with how many
+    /// most likely tokens) when it scores one. Counts the plan's tokens as computed.
+    fn build(&mut self, plan: &Plan) -> (Batch, Rows) {
         let mut batch = Batch::default();
-        let mut draws: Vec<Option<usize>> = Vec::new();
+        let mut rows = Rows::default();
         for &(i, n) in &plan.items {
             let s = &mut self.running[i];
             let end = s.computed + n;
             let k = s.logit_rows(n);
             batch.push_rows(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), k);
             let drawing = end == s.tokens.len();
-            draws.extend((0..k).map(|j| (drawing && j + 1 == k).then_some(i)));
+            rows.draws
+                .extend((0..k).map(|j| (drawing && j + 1 == k).then_some(i)));
+            // Row j is position end − k + j; it scores the prompt token after it, from the
+            // first not scored yet ([`score_prompt`]).
+            let top = s.logprobs.unwrap_or(0) as usize;
+            let scores = |j: usize| {
+                let target = end - k + j + 1;
+                let next = s.prompt_next?;
+                (target >= next && target < s.prompt_len).then(|| (s.tokens[target], top))
+            };
+            rows.scoring.extend((0..k).map(scores));
             s.computed = end;
         }
-        (batch, draws)
+        (batch, rows)
     }
 
     /// The plan's parts, by sequence id.
@@ -400,30 +444,46 @@ impl Engine {
     }
 
     /// Runs the step and waits for it: sampled on the device where the backend can (rows
-    /// with penalties or JSON mode adjusted there as its room allows; rows that want
-    /// log-probabilities, and constrained ones past the room, read back), else its logits
-    /// drawn here.
+    /// with penalties or JSON mode adjusted there as its room allows; log-probabilities
+    /// computed there; constrained rows past the room read back), else its logits drawn
+    /// here.
     fn step(
         &mut self,
         backend: &mut dyn Backend,
         plan: &Plan,
         batch: &Batch,
-        draws: &[Option<usize>],
+        rows: &Rows,
         backend_ns: &mut u64,
     ) -> Turn {
         debug_assert!(self.flight.is_none(), "a step waits while one is in flight");
-        let sampling = self.on_device.then(|| self.sampling(backend, draws, &[]));
+        let draws = &rows.draws;
+        let sampling = self
+            .on_device
+            .then(|| self.sampling(backend, draws, &rows.scoring, &[]));
         let stepped = in_backend(&self.stats, backend_ns, || {
             if let Some(s) = sampling {
                 backend
                     .step_sample(batch, &s.params, &s.adjust)
-                    .and_then(|t| {
-                        let rows = if s.want.is_empty() {
+                    .and_then(|tokens| {
+                        let ReadBack { rows, scores } = s.back;
+                        let logits = if rows.is_empty() {
                             Vec::new()
                         } else {
-                            backend.logits_rows(&s.want)?
+                            backend.logits_rows(&rows)?
                         };
-                        Ok(Next::Tokens(t, s.want, rows, s.redraw))
+                        let scored = if scores.is_empty() {
+                            Vec::new()
+                        } else {
+                            backend.scores(&scores)?
+                        };
+                        Ok(Next::Tokens(Sampled {
+                            tokens,
+                            rows,
+                            logits,
+                            scores,
+                            scored,
+                            redraw: s.redraw,
+                        }))
                     })
             } else {
                 backend.step(batch).map(Next::Logits)
@@ -652,33 +712,46 @@ fn recover(
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.
 pub(super) enum Next {
-    /// Sampled on the device; the rows read back (the model's logits: a prompt's scored
-    /// rows, those whose log-probabilities are asked for), their logits, and those of
-    /// them the host draws again ([`wanted`]).
-    Tokens(Vec<u32>, Vec<usize>, Vec<f32>, Vec<usize>),
+    Tokens(Sampled),
     Logits(Vec<f32>),
+}
+
+/// A step sampled on the device: its tokens, and what the host read back beside them
+/// ([`wanted`]).
+pub(super) struct Sampled {
+    pub(super) tokens: Vec<u32>,
+    /// Rows read back whole (the model's logits), and their logits.
+    pub(super) rows: Vec<usize>,
+    pub(super) logits: Vec<f32>,
+    /// Rows scored on the device, and their log-probabilities.
+    pub(super) scores: Vec<Score>,
+    pub(super) scored: Vec<TokenLogprobs>,
+    /// The rows the host draws again.
+    pub(super) redraw: Vec<usize>,
+}
+
+impl Sampled {
+    /// Logits row `row`, if it was read back.
+    pub(super) fn row(&self, row: usize, vocab: usize) -> Option<&[f32]> {
+        let at = self.rows.iter().position(|&r| r == row)?;
+        self.logits.get(at * vocab..(at + 1) * vocab)
+    }
+
+    /// Row `row`'s log-probabilities computed on the device, if it was scored there.
+    pub(super) fn scored(&self, row: usize) -> Option<&TokenLogprobs> {
+        let at = self.scores.iter().position(|s| s.row == row)?;
+        self.scored.get(at)
+    }
 }
 
 impl Next {
     /// Logits row `row` of the step, if the host has it.
     pub(super) fn row(&self, row: usize, vocab: usize) -> Option<&[f32]> {
         match self {
-            Next::Tokens(_, want, l, _) => read_back(want, l, row, vocab),
+            Next::Tokens(t) => t.row(row, vocab),
             Next::Logits(l) => l.get(row * vocab..(row + 1) * vocab),
         }
     }
-}
-
-/// Logits row `row` among `logits`, the rows `want` read back after sampling on the
-/// device, if it is one of them.
-pub(super) fn read_back<'a>(
-    want: &[usize],
-    logits: &'a [f32],
-    row: usize,
-    vocab: usize,
-) -> Option<&'a [f32]> {
-    let at = want.iter().position(|&r| r == row)?;
-    logits.get(at * vocab..(at + 1) * vocab)
 }
 
 /// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of the
@@ -704,10 +777,15 @@ fn score_prompt(
         if target != want || target >= s.prompt_len {
             continue;
         }
-        let Some(raw) = next.row(row, vocab) else {
-            continue;
+        let on_device = match next {
+            Next::Tokens(t) => t.scored(row).filter(|lp| lp.id == s.tokens[target]),
+            Next::Logits(_) => None,
         };
-        let lp = token_logprobs(raw, s.tokens[target], top);
+        let lp = match (on_device, next.row(row, vocab)) {
+            (Some(lp), _) => lp.clone(),
+            (None, Some(raw)) => token_logprobs(raw, s.tokens[target], top),
+            (None, None) => continue,
+        };
         s.prompt_scored.push(logprob_item(tok, &lp));
         want += 1;
     }

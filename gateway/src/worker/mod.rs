@@ -294,10 +294,12 @@ pub struct EngineCounters {
     /// Sequences preempted (their KV cache dropped, to be recomputed) for want of blocks.
     pub preemptions: u64,
     /// GPU path: rows adjusted on the device before their draw (penalties, logit bias, a
-    /// grammar's mask), and rows whose logits were read back to the host
-    /// (log-probabilities, or adjustments past a step's room).
+    /// grammar's mask), and rows whose logits were read back to the host (adjustments
+    /// past a step's room; log-probabilities of steps run one at a time).
     pub rows_adjusted_on_device: u64,
     pub rows_read_back: u64,
+    /// GPU path: rows whose log-probabilities were computed on the device.
+    pub rows_scored_on_device: u64,
     /// Steps the device failed, each followed by a rebuild of the backend.
     pub device_faults: u64,
     /// Prompt tokens of finished requests, and those of them served from the prefix cache.

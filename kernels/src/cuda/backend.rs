@@ -39,6 +39,11 @@
 //! which the kernel applies before it draws, up to [`Backend::adjust_room`] words a step,
 //! to a copy of the row: the logits rows read back are the model's, and a row with
 //! penalties or a grammar that wants its log-probabilities keeps the device's draw.
+//!
+//! **Log-probabilities on the device.** Rows whose log-probabilities are asked for
+//! ([`ReadBack::scores`]: a drawn token's, or a prompt's next token's) are reduced after
+//! the draw by the `logprobs` kernel, launched outside any graph: [`SCORE_WORDS`] words
+//! come back for each instead of its logits.
 
 use super::device::{Gpu, GpuError};
 use super::exec::{Exec, ExecError};
@@ -48,8 +53,9 @@ use super::step::Device;
 pub use super::step::{AttentionKernel, KvCapacity, SmallProducts};
 use super::twins::{SampleParams, TwinModel};
 use crate::adjust::Adjust;
-use crate::backend::{check_sample, Backend, FROM_LAST};
+use crate::backend::{check_sample, Backend, Collected, ReadBack, FROM_LAST};
 use crate::forward::{Batch, Model, StepError};
+use crate::logprobs::{from_words, Score, TokenLogprobs, SCORE_WORDS};
 use crate::model::LlamaConfig;
 use std::collections::VecDeque;
 
@@ -91,25 +97,30 @@ pub struct CudaBackend<E: Exec = Gpu> {
     tuned: Vec<SmallProductTiming>,
     /// Logits rows the last step left in the logits buffer.
     last_rows: usize,
+    /// Whether the last step drew its rows' tokens (what [`Backend::scores`] may report).
+    last_drew: bool,
 }
 
 /// One step's host memory (page-locked on a GPU): its staging words, its sampling part
 /// when that is sent after the rest (`late`, the same words of a second buffer), where
-/// its sampled tokens land, and where the logits rows it asked for land, with their room
-/// in words (grown on demand).
+/// its sampled tokens and scored rows land, and where the logits rows it asked for land,
+/// with their room in words (grown on demand).
 struct Slot<E: Exec> {
     staging: E::Host,
     late: E::Host,
     tokens: E::Host,
+    scores: E::Host,
     logits: Option<(E::Host, usize)>,
 }
 
 impl<E: Exec> Slot<E> {
-    fn new(exec: &E, staging: usize, tokens: usize) -> Result<Self, ExecError> {
+    /// For steps of `staging` words and up to `rows` logits rows.
+    fn new(exec: &E, staging: usize, rows: usize) -> Result<Self, ExecError> {
         Ok(Self {
             staging: exec.host(staging)?,
             late: exec.host(staging)?,
-            tokens: exec.host(tokens)?,
+            tokens: exec.host(rows)?,
+            scores: exec.host(rows * SCORE_WORDS)?,
             logits: None,
         })
     }
@@ -117,7 +128,8 @@ impl<E: Exec> Slot<E> {
 
 /// A step submitted and not collected: its slot, its staging layout, its logits rows
 /// (`tokens` its own, `rows` with its padding), whether it is sampled yet, the logits
-/// rows asked for and the first of them (they come back as one span from it).
+/// rows asked for and the first of them (they come back as one span from it), and how
+/// many rows are scored.
 struct InFlight {
     turn: usize,
     lay: Layout,
@@ -126,6 +138,7 @@ struct InFlight {
     sampled: bool,
     want: Vec<usize>,
     lo: usize,
+    scored: usize,
 }
 
 /// How a step is launched: for its logits only, sampled, or sampled later (its forward
@@ -153,8 +166,9 @@ pub struct SmallProductTiming {
     pub gemv_secs: f64,
 }
 
-/// A sampled step's parameters and adjustments, per logits row.
-type Sample<'a> = (&'a [SampleParams], &'a [Option<Adjust>]);
+/// A sampled step's parameters and adjustments, per logits row, and its rows scored on
+/// the device.
+type Sample<'a> = (&'a [SampleParams], &'a [Option<Adjust>], &'a [Score]);
 
 /// Reads a step's first rows back from the device: logits, or sampled tokens.
 type Read<E, T> = fn(&Device<E>, usize) -> Result<Vec<T>, ExecError>;
@@ -223,7 +237,8 @@ impl<E: Exec> CudaBackend<E> {
     ) -> Result<Self, ExecError> {
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
-            + staging::adjust_room(dev.max_logits, dev.config.vocab);
+            + staging::adjust_room(dev.max_logits, dev.config.vocab)
+            + staging::score_room(dev.max_logits);
         let slots = [
             Slot::new(&dev.exec, cap, dev.max_logits)?,
             Slot::new(&dev.exec, cap, dev.max_logits)?,
@@ -241,6 +256,7 @@ impl<E: Exec> CudaBackend<E> {
             name,
             tuned: Vec::new(),
             last_rows: 0,
+            last_drew: false,
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
@@ -248,7 +264,7 @@ impl<E: Exec> CudaBackend<E> {
             &Batch::default(),
             1,
             None,
-            Sampling::Now((&[], &[])),
+            Sampling::Now((&[], &[], &[])),
             tokens,
         )
         .map_err(|e| {
@@ -607,13 +623,14 @@ impl<E: Exec> CudaBackend<E> {
             .dev
             .exec
             .host_words(&mut self.slots[self.turn].staging)?;
-        let (params, adjust) = match sampling {
+        let (params, adjust, scores) = match sampling {
             Sampling::Now(s) => s,
             _ => Default::default(),
         };
         // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
-        // adjustments' room, which `step_checked` held the step to.
-        let w = staging::write(host, batch, pad, self.dev.max_blocks, trash, params, adjust)
+        // adjustments' and scored rows' room, which `step_checked` held the step to.
+        let max_blocks = self.dev.max_blocks;
+        let w = staging::write(host, batch, pad, max_blocks, trash, params, adjust, scores)
             .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
         let words = match sampling {
             Sampling::Later => 0..w.lay.sample,
@@ -634,6 +651,10 @@ impl<E: Exec> CudaBackend<E> {
             Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
             None => self.dev.enqueue(w.lay, padded, sample)?,
         }
+        if sample {
+            self.dev
+                .enqueue_logprobs(w.extra.scores_at(w.lay), scores.len())?;
+        }
         Ok(Launched {
             lay: w.lay,
             rows: n_logits,
@@ -648,25 +669,33 @@ impl<E: Exec> CudaBackend<E> {
         turn: usize,
         lay: Layout,
         padded: usize,
-        (params, adjust): Sample,
+        (params, adjust, scores): Sample,
     ) -> Result<(), ExecError> {
         let e = &self.dev.exec;
         e.make_current()?;
         let late = &mut self.slots[turn].late;
-        let extra = staging::write_sample(e.host_words(late)?, lay, params, adjust)
+        let extra = staging::write_sample(e.host_words(late)?, lay, params, adjust, scores)
             .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
         e.send(
             late,
-            lay.sample..lay.len + extra,
+            lay.sample..lay.len + extra.len(),
             &mut self.dev.bufs.staging,
         )?;
-        self.dev.enqueue_sample(lay, padded)
+        self.dev.enqueue_sample(lay, padded)?;
+        self.dev
+            .enqueue_logprobs(extra.scores_at(lay), scores.len())
     }
 
-    /// Enqueues the copies back of a sampled step's `rows` tokens and of its logits rows
-    /// `want` (as one span from the first to the last) into slot `turn`; returns the
-    /// first row of that span.
-    fn receive(&mut self, turn: usize, rows: usize, want: &[usize]) -> Result<usize, ExecError> {
+    /// Enqueues the copies back of a sampled step's `rows` tokens, its `scored` rows'
+    /// answers, and of its logits rows `want` (as one span from the first to the last)
+    /// into slot `turn`; returns the first row of that span.
+    fn receive(
+        &mut self,
+        turn: usize,
+        rows: usize,
+        scored: usize,
+        want: &[usize],
+    ) -> Result<usize, ExecError> {
         let (lo, hi) = match (want.iter().min(), want.iter().max()) {
             (Some(&lo), Some(&hi)) => (lo, hi + 1),
             _ => (0, 0),
@@ -674,6 +703,10 @@ impl<E: Exec> CudaBackend<E> {
         let e = &self.dev.exec;
         let slot = &mut self.slots[turn];
         e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens)?;
+        if scored > 0 {
+            let words = 0..scored * SCORE_WORDS;
+            e.receive(&self.dev.bufs.scores, words, &mut slot.scores)?;
+        }
         if hi > lo {
             // One copy of the rows from the first asked to the last (a step's logits rows
             // are contiguous).
@@ -730,8 +763,9 @@ impl<E: Exec> CudaBackend<E> {
             ));
         }
         self.check(batch, 0)?;
-        if let Some((p, adjust)) = sample {
+        if let Some((p, adjust, scores)) = sample {
             check_sample(batch.n_logits(), p, adjust, self.adjust_room())?;
+            check_scores(scores, batch.n_logits())?;
         }
         if batch.tokens.is_empty() {
             return Ok(Vec::new());
@@ -743,6 +777,7 @@ impl<E: Exec> CudaBackend<E> {
             .run(batch, 0, graph, sampling, read)
             .map_err(|e| StepError::Device(e.to_string()))?;
         self.last_rows = batch.n_logits();
+        self.last_drew = sample.is_some();
         Ok(out)
     }
 }
@@ -792,6 +827,26 @@ impl<E: Exec> Backend for CudaBackend<E> {
         }
         Ok(out)
     }
+    fn scores(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, StepError> {
+        if !self.flight.is_empty() {
+            return Err(StepError::BadBatch(
+                "logits are not kept while steps are in flight".into(),
+            ));
+        }
+        check_scores(scores, self.last_rows)?;
+        if !self.last_drew && scores.iter().any(|s| s.token.is_none()) {
+            return Err(StepError::BadBatch(
+                "the last step drew no tokens to score".into(),
+            ));
+        }
+        if scores.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.score_last(scores).map_err(|err| {
+            let _ = self.dev.exec.synchronize();
+            StepError::Device(err.to_string())
+        })
+    }
     fn max_logit_rows(&self) -> usize {
         self.dev.max_logits
     }
@@ -804,7 +859,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
     ) -> Result<Vec<u32>, StepError> {
-        self.step_checked(batch, Some((params, adjust)), tokens)
+        self.step_checked(batch, Some((params, adjust, &[])), tokens)
     }
     fn overlaps(&self) -> bool {
         true
@@ -814,16 +869,17 @@ impl<E: Exec> Backend for CudaBackend<E> {
         batch: &Batch,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
-        want: &[usize],
+        back: &ReadBack,
     ) -> Result<(), StepError> {
         self.check_submit(batch)?;
         check_sample(batch.n_logits(), params, adjust, self.adjust_room())?;
-        check_want(want, batch.n_logits())?;
+        check_back(back, batch.n_logits())?;
         let graph = self.graph_for(batch);
         let turn = self.turn;
+        let (want, scores) = (&back.rows, &back.scores);
         let sent = self
-            .launch(batch, 0, graph, Sampling::Now((params, adjust)))
-            .and_then(|l| Ok((self.receive(turn, l.rows, want)?, l)));
+            .launch(batch, 0, graph, Sampling::Now((params, adjust, scores)))
+            .and_then(|l| Ok((self.receive(turn, l.rows, scores.len(), want)?, l)));
         match sent {
             Ok((lo, l)) => {
                 self.flight.push_back(InFlight {
@@ -834,6 +890,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     sampled: true,
                     want: want.to_vec(),
                     lo,
+                    scored: scores.len(),
                 });
                 self.last_sampled = l.rows;
                 Ok(())
@@ -855,6 +912,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     sampled: false,
                     want: Vec::new(),
                     lo: 0,
+                    scored: 0,
                 });
                 self.last_sampled = 0;
                 Ok(())
@@ -866,7 +924,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
         &mut self,
         params: &[SampleParams],
         adjust: &[Option<Adjust>],
-        want: &[usize],
+        back: &ReadBack,
     ) -> Result<(), StepError> {
         let Some(f) = self.flight.back().filter(|f| !f.sampled) else {
             return Err(StepError::BadBatch(
@@ -875,16 +933,18 @@ impl<E: Exec> Backend for CudaBackend<E> {
         };
         let (turn, lay, rows, padded) = (f.turn, f.lay, f.tokens, f.rows);
         check_sample(rows, params, adjust, self.adjust_room())?;
-        check_want(want, rows)?;
+        check_back(back, rows)?;
+        let (want, scores) = (&back.rows, &back.scores);
         let sent = self
-            .launch_sample(turn, lay, padded, (params, adjust))
-            .and_then(|()| self.receive(turn, rows, want));
+            .launch_sample(turn, lay, padded, (params, adjust, scores))
+            .and_then(|()| self.receive(turn, rows, scores.len(), want));
         match sent {
             Ok(lo) => {
                 if let Some(f) = self.flight.back_mut() {
                     f.sampled = true;
                     f.want = want.to_vec();
                     f.lo = lo;
+                    f.scored = scores.len();
                 }
                 self.last_sampled = rows;
                 Ok(())
@@ -892,7 +952,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             Err(e) => Err(self.abandon(e)),
         }
     }
-    fn collect(&mut self) -> Result<(Vec<u32>, Vec<f32>), StepError> {
+    fn collect(&mut self) -> Result<Collected, StepError> {
         if self.flight.front().is_some_and(|f| !f.sampled) {
             return Err(StepError::BadBatch(
                 "the step in flight waits to be sampled".into(),
@@ -914,7 +974,17 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     logits.extend(row.iter().map(|&w| f32::from_bits(w)));
                 }
             }
-            Ok((tokens, logits))
+            let scores = if f.scored == 0 {
+                Vec::new()
+            } else {
+                let words = &e.host_words(&mut slot.scores)?[..f.scored * SCORE_WORDS];
+                words.chunks_exact(SCORE_WORDS).map(from_words).collect()
+            };
+            Ok(Collected {
+                tokens,
+                logits,
+                scores,
+            })
         });
         got.map_err(|e| self.abandon(e))
     }
@@ -923,14 +993,32 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
 }
 
-/// Checks the logits rows asked for against a step's `rows`.
-fn check_want(want: &[usize], rows: usize) -> Result<(), StepError> {
-    match want.iter().find(|&&r| r >= rows) {
+/// Checks what a step reads back against its `rows` logits rows.
+fn check_back(back: &ReadBack, rows: usize) -> Result<(), StepError> {
+    match back.rows.iter().find(|&&r| r >= rows) {
         Some(r) => Err(StepError::BadBatch(format!(
             "logits row {r} of a step with {rows}"
         ))),
-        None => Ok(()),
+        None => check_scores(&back.scores, rows),
     }
+}
+
+/// Checks the rows scored on the device against a step's `rows` logits rows: each one of
+/// them, at most one score each.
+fn check_scores(scores: &[Score], rows: usize) -> Result<(), StepError> {
+    if let Some(s) = scores.iter().find(|s| s.row >= rows) {
+        return Err(StepError::BadBatch(format!(
+            "scored row {} of a step with {rows}",
+            s.row
+        )));
+    }
+    if scores.len() > rows {
+        return Err(StepError::BadBatch(format!(
+            "{} scored rows for a step with {rows}",
+            scores.len()
+        )));
+    }
+    Ok(())
 }
 
 impl<E: Exec> CudaBackend<E> {
@@ -954,6 +1042,28 @@ impl<E: Exec> CudaBackend<E> {
         // A submitted step's logits are read with its tokens, not by `logits_rows`.
         self.last_rows = 0;
         Ok(())
+    }
+
+    /// [`Backend::scores`] of the last step, checked: the `logprobs` kernel over its logits
+    /// rows, the scored rows' words sent first (the last step is done with its staging
+    /// words: they go at the start).
+    fn score_last(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, ExecError> {
+        let words = 3 * scores.len();
+        self.dev.exec.make_current()?;
+        let slot = &mut self.slots[self.turn];
+        let host = self.dev.exec.host_words(&mut slot.late)?;
+        for (w, s) in host[..words].chunks_exact_mut(3).zip(scores) {
+            w.copy_from_slice(&s.words());
+        }
+        let (late, staging) = (&slot.late, &mut self.dev.bufs.staging);
+        self.dev.exec.send(late, 0..words, staging)?;
+        self.dev.enqueue_logprobs(0, scores.len())?;
+        let answers = 0..scores.len() * SCORE_WORDS;
+        let slot = &mut self.slots[self.turn];
+        let e = &self.dev.exec;
+        e.receive(&self.dev.bufs.scores, answers.clone(), &mut slot.scores)?;
+        let out = &e.host_words(&mut slot.scores)?[answers];
+        Ok(out.chunks_exact(SCORE_WORDS).map(from_words).collect())
     }
 
     /// After a failed submit or collect: waits for the stream, and forgets the steps in

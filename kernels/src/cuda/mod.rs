@@ -87,7 +87,7 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "sample",
         code: include_str!("../../cuda/sample.cu"),
-        entries: &["sample"],
+        entries: &["sample", "logprobs"],
     },
 ];
 
@@ -104,6 +104,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("attention_tc", 128),
     ("swiglu", 256),
     ("sample", 1024),
+    ("logprobs", 1024),
     ("gemv_f16", 256),
     ("gemv_f16_norm", 256),
     ("gemv_f16_norm_rope", 256),

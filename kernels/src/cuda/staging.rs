@@ -11,13 +11,15 @@
 //! sample + 4L        seed[L] u64 (two words each, 8-byte aligned)
 //! sample + 6L        adjust[L]: where the row's adjustment starts in the extra part,
 //!                    or 0xFFFFFFFF for none
-//! len ..             the extra part: the adjustments' words ([`Adjust::write`])
+//! len ..             the extra part: the adjustments' words ([`Adjust::write`]),
+//!                    then three words per scored row ([`Score::words`])
 //! ```
 //!
 //! The sampling part is indexed by logits row (the `sample` kernel's block index), for
 //! the `L` logits rows (at least one per sequence, for the sequences' headers). The
 //! extra part's length varies from step to step, but where it starts depends only on the
-//! layout, so that a captured graph reads each step's adjustments. A step
+//! layout, so that a captured graph reads each step's adjustments (the scored rows'
+//! words, after them, are read by the `logprobs` kernel, launched outside graphs). A step
 //! may be padded to a CUDA-graph bucket with dummy decode rows: each is one token at
 //! position 0 whose whole block table is the cache's spare `trash` block, and wants
 //! logits (sampled greedily, then dropped).
@@ -25,6 +27,7 @@
 use super::twins::SampleParams;
 use crate::adjust::Adjust;
 use crate::forward::Batch;
+use crate::logprobs::Score;
 
 /// Delta words per row, on average, that the extra part makes room for (on top of a mask
 /// per row): a `logit_bias` of up to 300 tokens, or the counts of a few hundred distinct
@@ -36,6 +39,11 @@ const DELTAS_PER_ROW: usize = 256;
 /// mask and [`DELTAS_PER_ROW`] deltas per row.
 pub fn adjust_room(rows: usize, vocab: usize) -> usize {
     rows * (2 + vocab.div_ceil(32) + 2 * DELTAS_PER_ROW)
+}
+
+/// The extra part's room, in words, for the scored rows of steps of `rows` logits rows.
+pub fn score_room(rows: usize) -> usize {
+    3 * rows
 }
 
 /// Offsets of one step's staging words.
@@ -92,24 +100,51 @@ impl Layout {
     }
 }
 
-/// A step's staging words: its layout, and the extra part's length.
+/// A step's staging words: its layout, and its extra part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     pub lay: Layout,
-    pub extra: usize,
+    pub extra: Extra,
 }
 
 impl Written {
     /// Words in all, to copy.
     pub fn words(&self) -> usize {
-        self.lay.len + self.extra
+        self.lay.len + self.extra.len()
+    }
+}
+
+/// A step's extra part: its adjustments' words, then its scored rows' (three each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extra {
+    pub adjust: usize,
+    pub scores: usize,
+}
+
+impl Extra {
+    /// Its words.
+    pub fn len(&self) -> usize {
+        self.adjust + self.scores
+    }
+
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where the scored rows' words start in the staging buffer of a step laid out as
+    /// `lay`.
+    pub fn scores_at(&self, lay: Layout) -> usize {
+        lay.len + self.adjust
     }
 }
 
 /// Writes `batch`, padded with `pad` dummy decode rows, the sampling parameters of its
-/// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent) and
-/// their adjustments (`adjust[i]`, none where absent) into `out`. `out` must hold the
-/// layout's `len` words; `None` when the adjustments do not fit in the rest.
+/// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent),
+/// their adjustments (`adjust[i]`, none where absent) and the rows scored on the device
+/// into `out`. `out` must hold the layout's `len` words; `None` when the adjustments and
+/// scored rows do not fit in the rest.
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     out: &mut [u32],
     batch: &Batch,
@@ -118,6 +153,7 @@ pub fn write(
     trash: u32,
     params: &[SampleParams],
     adjust: &[Option<Adjust>],
+    scores: &[Score],
 ) -> Option<Written> {
     let n = batch.seqs.len();
     let t = batch.tokens.len();
@@ -155,20 +191,21 @@ pub fn write(
     if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
         out[lay.sample - 1] = 0;
     }
-    let extra = write_sample(out_all, lay, params, adjust)?;
+    let extra = write_sample(out_all, lay, params, adjust, scores)?;
     Some(Written { lay, extra })
 }
 
 /// Writes the sampling part of a step laid out as `lay` into `out` (the same words as in
 /// the staging buffer: from `lay.sample`, and the extra part from `lay.len`): the
-/// parameters of its logits rows (greedy where absent) and their adjustments. Returns the
-/// extra part's length; `None` when the adjustments do not fit in `out`.
+/// parameters of its logits rows (greedy where absent), their adjustments and the rows
+/// scored on the device. Returns the extra part; `None` when it does not fit in `out`.
 pub fn write_sample(
     out: &mut [u32],
     lay: Layout,
     params: &[SampleParams],
     adjust: &[Option<Adjust>],
-) -> Option<usize> {
+    scores: &[Score],
+) -> Option<Extra> {
     let (out, rest) = out.split_at_mut(lay.len);
     for row in 0..lay.n_logits {
         let p = params.get(row).copied().unwrap_or(SampleParams::GREEDY);
@@ -195,7 +232,14 @@ pub fn write_sample(
             None => u32::MAX,
         };
     }
-    Some(extra)
+    let at = rest.get_mut(extra..extra + 3 * scores.len())?;
+    for (w, s) in at.chunks_exact_mut(3).zip(scores) {
+        w.copy_from_slice(&s.words());
+    }
+    Some(Extra {
+        adjust: extra,
+        scores: 3 * scores.len(),
+    })
 }
 
 #[cfg(test)]
@@ -216,7 +260,7 @@ mod tests {
         let b = batch();
         let poison = 0xdead_beef;
         let mut out = vec![poison; 4096];
-        let lay = write(&mut out, &b, 0, 4, 99, &[], &[]).unwrap().lay;
+        let lay = write(&mut out, &b, 0, 4, 99, &[], &[], &[]).unwrap().lay;
         let twin = twins::stage(&b, 4);
         assert_eq!(&out[..twin.len()], &twin[..]);
         assert_eq!(lay.len, lay.sample + 21);
@@ -235,7 +279,9 @@ mod tests {
         let b = batch();
         let (mb, bs, trash) = (4, 16, 99u32);
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 2, mb, trash, &[], &[]).unwrap().lay;
+        let lay = write(&mut out, &b, 2, mb, trash, &[], &[], &[])
+            .unwrap()
+            .lay;
         assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
         let inputs = twins::build_batch(&out[..lay.len], &[], 5, 7, mb, bs);
         // The real rows are unchanged; the dummy rows write slot 0 of the trash block.
@@ -262,7 +308,7 @@ mod tests {
         };
         let params = [p(0.7, 40, 0x1234_5678_9abc_def0), p(0.0, 0, 7)];
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 1, 3, 0, &params, &[]).unwrap().lay;
+        let lay = write(&mut out, &b, 1, 3, 0, &params, &[], &[]).unwrap().lay;
         assert_eq!(lay.sample % 2, 0);
         assert_eq!(f32::from_bits(out[lay.temperature().start]), 0.7);
         assert_eq!(out[lay.top_k().start] as i32, 40);
@@ -288,10 +334,19 @@ mod tests {
         };
         let adjust = [None, Some(a(3)), Some(a(5))];
         let mut out = vec![u32::MAX; 4096];
-        let w = write(&mut out, &b, 1, 3, 0, &[], &adjust).unwrap();
+        let scores = [Score {
+            row: 2,
+            token: None,
+            top: 5,
+        }];
+        let w = write(&mut out, &b, 1, 3, 0, &[], &adjust, &scores).unwrap();
         let lay = w.lay;
-        assert_eq!(w.extra, 12);
-        assert_eq!(w.words(), lay.len + 12);
+        assert_eq!(w.extra.adjust, 12);
+        assert_eq!(w.words(), lay.len + 15);
+        // The scored rows' words follow the adjustments.
+        let at = w.extra.scores_at(lay);
+        assert_eq!(at, lay.len + 12);
+        assert_eq!(&out[at..at + 3], &[2, u32::MAX, 5]);
         let offs = &out[lay.adjust()];
         assert_eq!(offs, &[u32::MAX, 0, 6, u32::MAX][..lay.n_logits]);
         let mut words = Vec::new();
@@ -299,6 +354,8 @@ mod tests {
         assert_eq!(&out[lay.len + 6..lay.len + 12], &words[..]);
         // Adjustments past the buffer are refused, not cut.
         let mut small = vec![0u32; lay.len + 11];
-        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust).is_none());
+        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust, &[]).is_none());
+        let mut small = vec![0u32; lay.len + 14];
+        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust, &scores).is_none());
     }
 }

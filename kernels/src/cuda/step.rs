@@ -19,7 +19,7 @@
 //!
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
 //! kernel over the logits rows with the parameters and adjustments from the staging
-//! buffer.
+//! buffer, and the `logprobs` kernel over the rows whose log-probabilities are asked for.
 //!
 //! A step of few rows whose products run on `gemv_f16` ([`SmallProducts`]) fuses each
 //! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`) and
@@ -29,9 +29,10 @@
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
 use super::gemv::{self, Input, RopeKv};
-use super::staging::{adjust_room, Layout};
+use super::staging::{adjust_room, score_room, Layout};
 use super::twins::TwinModel;
 use super::{norm_launch, swiglu_launch};
+use crate::logprobs::SCORE_WORDS;
 use crate::model::LlamaConfig;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -71,6 +72,8 @@ pub(super) struct Bufs<E: Exec> {
     /// them: `logits` stays the model's, for the rows read back.
     adjusted: E::Buf<f32>,
     pub sampled: E::Buf<u32>,
+    /// The `logprobs` kernel's answers, [`SCORE_WORDS`] words per scored row.
+    pub scores: E::Buf<u32>,
     /// Split attention's partial states, [row < part.rows][kv head][chunk][element][3],
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
     part: E::Buf<f32>,
@@ -272,7 +275,8 @@ impl<E: Exec> Device<E> {
         let bufs = Bufs {
             staging: e.zeros(
                 Layout::new(max_seqs, t, max_blocks, max_logits).len
-                    + adjust_room(max_logits, c.vocab),
+                    + adjust_room(max_logits, c.vocab)
+                    + score_room(max_logits),
             )?,
             tokens: e.zeros(t)?,
             positions: e.zeros(t)?,
@@ -291,6 +295,7 @@ impl<E: Exec> Device<E> {
             logits: e.zeros(max_logits * c.vocab)?,
             adjusted: e.zeros(max_logits * c.vocab)?,
             sampled: e.zeros(max_logits)?,
+            scores: e.zeros(max_logits * SCORE_WORDS)?,
             part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
             arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
         };
@@ -630,5 +635,27 @@ impl<E: Exec> Device<E> {
             )?;
         }
         Ok(())
+    }
+
+    /// Enqueues the `logprobs` kernel over `n` scored rows of the last step, whose words
+    /// ([`crate::logprobs::Score::words`]) start at word `at` of the staging buffer: their
+    /// answers go to the first rows of the `scores` buffer. After the step's `sample`
+    /// kernel (a row may report the token it drew).
+    pub fn enqueue_logprobs(&mut self, at: usize, n: usize) -> Result<(), ExecError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let b = &self.bufs;
+        self.exec.launch(
+            "logprobs",
+            rows(n as u32, super::twins::SAMPLE_THREADS as u32),
+            &[
+                b.logits.arg(),
+                Arg::I32(self.config.vocab as i32),
+                b.staging.arg_at_as::<u32>(at..at + 3 * n)?,
+                b.sampled.arg(),
+                b.scores.arg(),
+            ],
+        )
     }
 }

@@ -31,7 +31,7 @@ pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
     let (n, t) = (batch.seqs.len(), batch.tokens.len());
     let lay = super::staging::Layout::new(n, t, max_blocks, batch.n_logits());
     let mut out = vec![0; lay.len];
-    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[], &[]);
+    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[], &[], &[]);
     out.truncate(4 * n + t + n * max_blocks);
     out
 }
