@@ -123,8 +123,9 @@ echo
 # Presence and frequency penalties on every stream: deltas on the device, steps still
 # planned ahead (each counts the token the step before drew, on the device).
 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
-# And with log-probabilities: each row's model logits come back (49,152 floats a row)
-# while the device draws from its adjusted copy; steps still planned ahead.
+# And with log-probabilities: the `logprobs` kernel computes each row's from the model's
+# logits (44 words back a row instead of 49,152 floats) while the device draws from its
+# adjusted copy; steps still planned ahead.
 LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$model" || status=1
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity
 # tests. memcheck: out-of-bounds and misaligned accesses on the device; racecheck, on the
@@ -133,7 +134,7 @@ LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engin
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 echo
 printf '| sanitizer | result |\n|---|---|\n'
-for run in "memcheck" "racecheck attention tensor_core build_batch sampling gemv qkv"; do
+for run in "memcheck" "racecheck attention tensor_core build_batch sampling logprobs gemv qkv"; do
   read -r tool filters <<<"$run"
   left=$((560 - SECONDS))
   if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi

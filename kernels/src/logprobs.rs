@@ -1,6 +1,8 @@
 //! Log-probabilities of a sampled token and of the most likely alternatives, from a step's
 //! raw logits: the model's own distribution (before temperature, top-k or top-p), as the
-//! OpenAI API reports `logprobs`.
+//! OpenAI API reports `logprobs`. [`token_logprobs`] is the host's, and the CPU twin of the
+//! `logprobs` kernel (`kernels/cuda/sample.cu`), which computes them on the GPU for the
+//! rows a step names ([`Score`]) and writes [`SCORE_WORDS`] words a row ([`from_words`]).
 
 /// The most alternatives a request may ask for (`top_logprobs`).
 pub const MAX_TOP: usize = 20;

@@ -1382,13 +1382,15 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     // rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
     // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
-    // heads), swiglu, four sampling settings (two with a mask); at each of the two
+    // heads), swiglu, four sampling settings (two with a mask) and log-probabilities
+    // over the same rows; at each of the two
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
     // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16 and its
     // three fused forms (the product is the QKV width of one head each of 32);
     // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 38, "{names:?}");
+    assert_eq!(rows.len(), 39, "{names:?}");
     for name in [
+        "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
         "attention_prefill prefill, prompt 80",
         "attention_tc prefill, prompt 80",

@@ -373,7 +373,8 @@ fn swiglu<E: Exec>(
 
 /// sample: one block per row over the vocabulary; greedy, and (with `cuts`) top-k 50 and
 /// top-p 0.9 too (the radix passes), and those after a grammar's mask (every third
-/// token kept) and 32 deltas on every row (the adjustment JSON mode sends).
+/// token kept) and 32 deltas on every row (the adjustment JSON mode sends); then (with
+/// `cuts`) `logprobs` over the same rows: the drawn token's and the top 20's.
 fn sample<E: Exec>(
     e: &E,
     (n_rows, vocab): (usize, usize),
@@ -441,6 +442,24 @@ fn sample<E: Exec>(
             secs,
             bytes: (n_rows * vocab) as f64 * per_token,
             in_step: if cuts { None } else { in_step },
+        });
+    }
+    if cuts {
+        let spec: Vec<u32> = (0..n_rows as u32)
+            .flat_map(|r| [r, u32::MAX, crate::logprobs::MAX_TOP as u32])
+            .collect();
+        let spec = e.upload(&spec)?;
+        let scores = e.zeros::<u32>(n_rows * crate::logprobs::SCORE_WORDS)?;
+        let args = [lg.arg(), i(vocab), spec.arg(), out.arg(), scores.arg()];
+        let c = cfg((n_rows as u32, 1), super::twins::SAMPLE_THREADS as u32);
+        let secs = time_launch(e, iters, "logprobs", c, &args)?;
+        rows.push(Row {
+            // Bandwidth as one read of each row (it makes about seven passes, mostly from
+            // L2); what it saves is that row's copy to the host.
+            name: format!("logprobs {n_rows}×{vocab}, drawn token and top 20"),
+            secs,
+            bytes: (n_rows * vocab) as f64 * 4.0,
+            in_step: None,
         });
     }
     Ok(rows)
