@@ -376,7 +376,7 @@ fn render_engines(router: &Router, out: &mut String) {
         ),
         counter(
             "tollgate_engine_logits_rows_read_back",
-            "GPU path: rows whose logits were read back to the host (adjustments past a step's room; log-probabilities of steps run one at a time)",
+            "GPU path: rows whose logits were read back to the host (their adjustments past a step's room: drawn again there)",
             |c| c.rows_read_back as f64,
         ),
         counter(

@@ -411,7 +411,7 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     r.params.frequency_penalty = 0.8;
                 }
                 // With log-probabilities too: the device draws from an adjusted copy of the
-                // row, whose model's logits come back for them.
+                // row, and computes them from the model's own.
                 9 => {
                     r.params.presence_penalty = 0.7;
                     r.params.logprobs = Some(1);

@@ -133,8 +133,8 @@ fn agree(cpu: &[TokenLogprob], gpu: &[TokenLogprob]) {
 
 /// With penalties and a grammar, the numbers are still the model's: the tokens are drawn
 /// from the adjusted rows (on the GPU path, from an adjusted copy on the device, the
-/// model's row coming back beside the token), so a greedy token may be below the model's
-/// most likely one, and both paths agree.
+/// model's numbers computed there from its own row), so a greedy token may be below the
+/// model's most likely one, and both paths agree.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_reports_the_models_logprobs_under_penalties_and_json_mode() {
     let (_dir, loaded) = synthetic_model();

@@ -63,8 +63,7 @@ pub struct EngineStats {
     pub steps_ahead: AtomicU64,
     pub preemptions: AtomicU64,
     /// GPU path: rows adjusted on the device before their draw, and rows whose logits
-    /// were read back (adjustments past a step's room; log-probabilities of steps run
-    /// one at a time).
+    /// were read back (their adjustments past a step's room: drawn again on the host).
     pub rows_adjusted_on_device: AtomicU64,
     pub rows_read_back: AtomicU64,
     /// GPU path: rows whose log-probabilities were computed on the device (a few words

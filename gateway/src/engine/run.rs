@@ -15,8 +15,9 @@
 //! next token when a prompt is scored) are computed on the device from the model's logits
 //! and come back with the step's tokens, a few words a row, while the device draws from an
 //! adjusted copy of a row with penalties or a grammar, whose token the host keeps; the
-//! logits rows the host draws again come back whole. Presence and frequency penalties count a sequence's input token on the device
-//! ([`kernels::adjust::Carry`]: the host sends what each possible token's delta would be).
+//! logits rows the host draws again come back whole. Presence and frequency penalties
+//! count a sequence's input token on the device ([`kernels::adjust::Carry`]: the host
+//! sends what each possible token's delta would be).
 //! A step with a row in JSON mode whose input token is still on the device sends its
 //! forward pass first ([`Backend::submit_forward`]), then collects the step before and
 //! sends its sampling with the masks ([`Backend::submit_sample`]), made while the device
@@ -240,7 +241,10 @@ pub(super) fn check(next: Next, rows: usize, vocab: usize) -> Result<Next, StepE
                 t.scores.len()
             ));
         }
-        let tokens = t.scored.iter().map(|s| s.id);
+        let tokens = t
+            .scored
+            .iter()
+            .flat_map(|s| std::iter::once(s.id).chain(s.top.iter().map(|p| p.0)));
         if let Some(id) = t
             .tokens
             .iter()

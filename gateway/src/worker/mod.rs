@@ -294,8 +294,8 @@ pub struct EngineCounters {
     /// Sequences preempted (their KV cache dropped, to be recomputed) for want of blocks.
     pub preemptions: u64,
     /// GPU path: rows adjusted on the device before their draw (penalties, logit bias, a
-    /// grammar's mask), and rows whose logits were read back to the host (adjustments
-    /// past a step's room; log-probabilities of steps run one at a time).
+    /// grammar's mask), and rows whose logits were read back to the host (their
+    /// adjustments past a step's room: drawn again there).
     pub rows_adjusted_on_device: u64,
     pub rows_read_back: u64,
     /// GPU path: rows whose log-probabilities were computed on the device.

@@ -631,7 +631,9 @@ impl<E: Exec> CudaBackend<E> {
         // adjustments' and scored rows' room, which `step_checked` held the step to.
         let max_blocks = self.dev.max_blocks;
         let w = staging::write(host, batch, pad, max_blocks, trash, params, adjust, scores)
-            .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
+            .ok_or_else(|| {
+                ExecError::Bounds("a step's adjustments or scored rows past their room".into())
+            })?;
         let words = match sampling {
             Sampling::Later => 0..w.lay.sample,
             _ => 0..w.words(),
@@ -675,7 +677,9 @@ impl<E: Exec> CudaBackend<E> {
         e.make_current()?;
         let late = &mut self.slots[turn].late;
         let extra = staging::write_sample(e.host_words(late)?, lay, params, adjust, scores)
-            .ok_or_else(|| ExecError::Bounds("a step's adjustments past its room".into()))?;
+            .ok_or_else(|| {
+                ExecError::Bounds("a step's adjustments or scored rows past their room".into())
+            })?;
         e.send(
             late,
             lay.sample..lay.len + extra.len(),
