@@ -222,7 +222,8 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     // Graph decode steps, then direct launches.
     for graphs in [true, false] {
         cuda.set_graphs(graphs).unwrap();
-        // Some steps also read some rows' logits back (none, one, rows apart), and have
+        // Some steps also read some rows' logits back (none, one, rows apart and a run of
+        // two, out of order), and have
         // some rows' log-probabilities computed on the device: of the token drawn (a
         // penalized row's too, 6), of a given token (a prompt's next), with 0 to 20 of the
         // most likely.
@@ -232,7 +233,7 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                 (vec![], vec![]),
                 (vec![4], vec![score(1, None, 3)]),
                 (
-                    vec![9, 2, 5],
+                    vec![9, 2, 3, 5],
                     vec![
                         score(0, Some(17), 0),
                         score(6, None, 20),

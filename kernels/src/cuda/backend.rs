@@ -128,8 +128,7 @@ impl<E: Exec> Slot<E> {
 
 /// A step submitted and not collected: its slot, its staging layout, its logits rows
 /// (`tokens` its own, `rows` with its padding), whether it is sampled yet, the logits
-/// rows asked for and the first of them (they come back as one span from it), and how
-/// many rows are scored.
+/// rows asked for (they come back in that order), and how many rows are scored.
 struct InFlight {
     turn: usize,
     lay: Layout,
@@ -137,7 +136,6 @@ struct InFlight {
     rows: usize,
     sampled: bool,
     want: Vec<usize>,
-    lo: usize,
     scored: usize,
 }
 
@@ -691,39 +689,36 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Enqueues the copies back of a sampled step's `rows` tokens, its `scored` rows'
-    /// answers, and of its logits rows `want` (as one span from the first to the last)
-    /// into slot `turn`; returns the first row of that span.
+    /// answers, and of its logits rows `want` (in that order, one copy per run of
+    /// consecutive rows) into slot `turn`.
     fn receive(
         &mut self,
         turn: usize,
         rows: usize,
         scored: usize,
         want: &[usize],
-    ) -> Result<usize, ExecError> {
-        let (lo, hi) = match (want.iter().min(), want.iter().max()) {
-            (Some(&lo), Some(&hi)) => (lo, hi + 1),
-            _ => (0, 0),
-        };
+    ) -> Result<(), ExecError> {
         let e = &self.dev.exec;
         let slot = &mut self.slots[turn];
-        e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens)?;
+        e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens, 0)?;
         if scored > 0 {
             let words = 0..scored * SCORE_WORDS;
-            e.receive(&self.dev.bufs.scores, words, &mut slot.scores)?;
+            e.receive(&self.dev.bufs.scores, words, &mut slot.scores, 0)?;
         }
-        if hi > lo {
-            // One copy of the rows from the first asked to the last (a step's logits rows
-            // are contiguous).
+        if !want.is_empty() {
             let vocab = self.dev.config.vocab;
-            let words = (hi - lo) * vocab;
-            let span = match slot.logits.take() {
+            let words = want.len() * vocab;
+            let room = match slot.logits.take() {
                 Some((h, room)) if room >= words => (h, room),
                 _ => (e.host(words)?, words),
             };
-            let h = &mut slot.logits.insert(span).0;
-            e.receive(&self.dev.bufs.logits, lo * vocab..hi * vocab, h)?;
+            let h = &mut slot.logits.insert(room).0;
+            for (at, first, n) in runs(want) {
+                let r = first * vocab..(first + n) * vocab;
+                e.receive(&self.dev.bufs.logits, r, h, at * vocab)?;
+            }
         }
-        Ok(lo)
+        Ok(())
     }
 
     /// A step padded to `min_rows` (graphs as they apply), then its first rows read back
@@ -815,19 +810,12 @@ impl<E: Exec> Backend for CudaBackend<E> {
                 self.last_rows
             )));
         }
-        let (Some(&lo), Some(&hi)) = (rows.iter().min(), rows.iter().max()) else {
-            return Ok(Vec::new());
-        };
-        // One copy of the rows from the first asked to the last (a step's logits rows are
-        // contiguous), then the asked ones picked out.
-        let span = self
-            .dev
-            .exec
-            .download_at(&self.dev.bufs.logits, lo * vocab..(hi + 1) * vocab)
-            .map_err(|e| StepError::Device(e.to_string()))?;
+        // One copy per run of consecutive rows.
         let mut out = Vec::with_capacity(rows.len() * vocab);
-        for &r in rows {
-            out.extend_from_slice(&span[(r - lo) * vocab..(r - lo + 1) * vocab]);
+        for (_, first, n) in runs(rows) {
+            let r = first * vocab..(first + n) * vocab;
+            let got = self.dev.exec.download_at(&self.dev.bufs.logits, r);
+            out.extend(got.map_err(|e| StepError::Device(e.to_string()))?);
         }
         Ok(out)
     }
@@ -885,7 +873,7 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .launch(batch, 0, graph, Sampling::Now((params, adjust, scores)))
             .and_then(|l| Ok((self.receive(turn, l.rows, scores.len(), want)?, l)));
         match sent {
-            Ok((lo, l)) => {
+            Ok(((), l)) => {
                 self.flight.push_back(InFlight {
                     turn,
                     lay: l.lay,
@@ -893,7 +881,6 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     rows: l.padded,
                     sampled: true,
                     want: want.to_vec(),
-                    lo,
                     scored: scores.len(),
                 });
                 self.last_sampled = l.rows;
@@ -915,7 +902,6 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     rows: l.padded,
                     sampled: false,
                     want: Vec::new(),
-                    lo: 0,
                     scored: 0,
                 });
                 self.last_sampled = 0;
@@ -943,11 +929,10 @@ impl<E: Exec> Backend for CudaBackend<E> {
             .launch_sample(turn, lay, padded, (params, adjust, scores))
             .and_then(|()| self.receive(turn, rows, scores.len(), want));
         match sent {
-            Ok(lo) => {
+            Ok(()) => {
                 if let Some(f) = self.flight.back_mut() {
                     f.sampled = true;
                     f.want = want.to_vec();
-                    f.lo = lo;
                     f.scored = scores.len();
                 }
                 self.last_sampled = rows;
@@ -972,11 +957,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
             let tokens = e.host_words(&mut slot.tokens)?[..f.tokens].to_vec();
             let mut logits = Vec::with_capacity(f.want.len() * vocab);
             if let Some((h, _)) = slot.logits.as_mut().filter(|_| !f.want.is_empty()) {
-                let span = e.host_words(h)?;
-                for &r in &f.want {
-                    let row = &span[(r - f.lo) * vocab..(r - f.lo + 1) * vocab];
-                    logits.extend(row.iter().map(|&w| f32::from_bits(w)));
-                }
+                let rows = &e.host_words(h)?[..f.want.len() * vocab];
+                logits.extend(rows.iter().map(|&w| f32::from_bits(w)));
             }
             let scores = if f.scored == 0 {
                 Vec::new()
@@ -995,6 +977,19 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn pending(&self) -> usize {
         self.flight.len()
     }
+}
+
+/// `rows` as runs of consecutive rows, in order: (where the run starts among `rows`, its
+/// first row, how many).
+fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, first, n)) if *first + *n == r => *n += 1,
+            _ => out.push((i, r, 1)),
+        }
+    }
+    out
 }
 
 /// Checks what a step reads back against its `rows` logits rows.
@@ -1065,7 +1060,7 @@ impl<E: Exec> CudaBackend<E> {
         let answers = 0..scores.len() * SCORE_WORDS;
         let slot = &mut self.slots[self.turn];
         let e = &self.dev.exec;
-        e.receive(&self.dev.bufs.scores, answers.clone(), &mut slot.scores)?;
+        e.receive(&self.dev.bufs.scores, answers.clone(), &mut slot.scores, 0)?;
         let out = &e.host_words(&mut slot.scores)?[answers];
         Ok(out.chunks_exact(SCORE_WORDS).map(from_words).collect())
     }
@@ -1077,5 +1072,17 @@ impl<E: Exec> CudaBackend<E> {
         self.flight.clear();
         self.last_sampled = 0;
         StepError::Device(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rows_are_copied_in_runs_of_consecutive_rows_in_their_order() {
+        assert_eq!(super::runs(&[]), []);
+        assert_eq!(
+            super::runs(&[9, 2, 3, 4, 7, 8, 1]),
+            [(0, 9, 1), (1, 2, 3), (4, 7, 2), (6, 1, 1)]
+        );
     }
 }

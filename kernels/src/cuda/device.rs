@@ -231,17 +231,20 @@ impl Exec for Gpu {
         src: &CudaSlice<T>,
         r: std::ops::Range<usize>,
         h: &mut PinnedWords,
+        to: usize,
     ) -> Result<(), ExecError> {
-        super::exec::check_receive::<T>(&r, src.len(), h.words.len())?;
+        super::exec::check_receive::<T>(&r, src.len(), h.words.len(), to)?;
         let s = &self.stream;
         let (base, _sync) = src.device_ptr(s);
         let dst = h.words.as_mut_slice()?;
         let at = base + (r.start * std::mem::size_of::<T>()) as u64;
         // SAFETY: the source holds elements `r`, of a word each, and the host side at
-        // least as many words (`check_receive`); the host side is page-locked and read only
-        // through `host_words`, which waits for the event recorded after this copy.
+        // least as many words from `to` (`check_receive`); the host side is page-locked and
+        // read only through `host_words`, which waits for the event recorded after this
+        // copy.
         unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut dst[..r.len()], at, s.cu_stream())
+            let dst = &mut dst[to..to + r.len()];
+            cudarc::driver::result::memcpy_dtoh_async(dst, at, s.cu_stream())
         }?;
         h.copied.record(s)?;
         Ok(())

@@ -509,15 +509,16 @@ impl Exec for Emu {
         src: &EmuBuf<T>,
         r: std::ops::Range<usize>,
         h: &mut Vec<u32>,
+        at: usize,
     ) -> Result<(), ExecError> {
         self.sticky()?;
-        super::exec::check_receive::<T>(&r, src.len, h.len())?;
+        super::exec::check_receive::<T>(&r, src.len, h.len(), at)?;
         let n = r.len();
         let from = src.as_slice()[r].as_ptr().cast::<u32>();
         // SAFETY: `check_receive` holds `T` to 4 bytes, so the `n` elements are `n` words,
         // aligned as the buffer's elements (every `Elem` of 4 bytes is aligned to 4).
         let words = unsafe { std::slice::from_raw_parts(from, n) };
-        h[..n].copy_from_slice(words);
+        h[at..at + n].copy_from_slice(words);
         Ok(())
     }
 

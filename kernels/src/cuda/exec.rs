@@ -141,13 +141,14 @@ pub trait Exec: Send {
         dst: &mut Self::Buf<u32>,
     ) -> Result<(), ExecError>;
     /// Enqueues the copy of elements `r` of `src` (of 4 bytes each: tokens, logits) into
-    /// the first words of `h`, as their bits (read them through [`Exec::host_words`], which
-    /// waits for it).
+    /// the words of `h` from word `at`, as their bits (read them through
+    /// [`Exec::host_words`], which waits for it).
     fn receive<T: Elem>(
         &self,
         src: &Self::Buf<T>,
         r: Range<usize>,
         h: &mut Self::Host,
+        at: usize,
     ) -> Result<(), ExecError>;
     /// Starts capturing: launches and products are recorded into a graph, not run.
     fn begin_capture(&self) -> Result<(), ExecError>;
@@ -184,16 +185,23 @@ pub trait Exec: Send {
     fn describe(&self) -> String;
 }
 
-/// Checks a copy of elements `r` of a buffer of `len` `T`s into `words` host words: `T`
-/// of one word, `r` inside the buffer, and room for it.
+/// Checks a copy of elements `r` of a buffer of `len` `T`s into `words` host words from
+/// word `at`: `T` of one word, `r` inside the buffer, and room for it.
 pub(super) fn check_receive<T: Elem>(
     r: &Range<usize>,
     len: usize,
     words: usize,
+    at: usize,
 ) -> Result<(), ExecError> {
-    if std::mem::size_of::<T>() != 4 || r.start > r.end || r.end > len || r.len() > words {
+    let room = words.saturating_sub(at);
+    if std::mem::size_of::<T>() != 4
+        || r.start > r.end
+        || r.end > len
+        || at > words
+        || r.len() > room
+    {
         return Err(ExecError::Bounds(format!(
-            "receiving elements {r:?} of a buffer of {len} {} into {words} words",
+            "receiving elements {r:?} of a buffer of {len} {} into words from {at} of {words}",
             std::any::type_name::<T>()
         )));
     }
