@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::rel_err;
+use common::{assert_logprobs, rel_err};
 use kernels::adjust::{allowed, Adjust, Carry};
 use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
@@ -383,20 +383,6 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert_eq!(cuda.collect().unwrap().tokens.len(), n);
     assert!(cuda.collect().is_err(), "nothing in flight");
     assert_eq!(cuda.step_sample(&b, &params(0), &[]).unwrap().len(), n);
-}
-
-/// A row's log-probabilities from the device (`d`) against the host's (`h`, from the same
-/// logits): the same token and most likely tokens, the values within the f32 normalizer's
-/// rounding.
-fn assert_logprobs(d: &TokenLogprobs, h: &TokenLogprobs, what: &str) {
-    let close = |a: f32, b: f32| a == b || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
-    assert_eq!(d.id, h.id, "{what}: token");
-    assert!(close(d.logprob, h.logprob), "{what}: {d:?} vs {h:?}");
-    let ids = |t: &TokenLogprobs| t.top.iter().map(|p| p.0).collect::<Vec<_>>();
-    assert_eq!(ids(d), ids(h), "{what}: the most likely tokens");
-    for (a, b) in d.top.iter().zip(&h.top) {
-        assert!(close(a.1, b.1), "{what}: {d:?} vs {h:?}");
-    }
 }
 
 #[test]

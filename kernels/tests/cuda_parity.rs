@@ -1302,20 +1302,7 @@ fn logprobs_case<E: Exec>(g: &E) {
             "{what}: score {k}: words unwritten"
         );
         let d = kernels::logprobs::from_words(w);
-        let close =
-            |a: f32, b: f32| a.to_bits() == b.to_bits() || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
-        assert_eq!(d.id, want.id, "{what}: score {k}'s token");
-        assert!(
-            close(d.logprob, want.logprob),
-            "{what}: score {k}: {d:?} vs {want:?}"
-        );
-        let ids = |t: &kernels::logprobs::TokenLogprobs| -> Vec<u32> {
-            t.top.iter().map(|p| p.0).collect()
-        };
-        assert_eq!(ids(&d), ids(&want), "{what}: score {k}'s most likely");
-        for (a, b) in d.top.iter().zip(&want.top) {
-            assert!(close(a.1, b.1), "{what}: score {k}: {d:?} vs {want:?}");
-        }
+        common::assert_logprobs(&d, &want, &format!("{what}: score {k}"));
     }
 }
 

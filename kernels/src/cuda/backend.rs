@@ -680,7 +680,7 @@ impl<E: Exec> CudaBackend<E> {
             })?;
         e.send(
             late,
-            lay.sample..lay.len + extra.len(),
+            lay.sample..lay.len + extra.words(),
             &mut self.dev.bufs.staging,
         )?;
         self.dev.enqueue_sample(lay, padded)?;

@@ -110,7 +110,7 @@ pub struct Written {
 impl Written {
     /// Words in all, to copy.
     pub fn words(&self) -> usize {
-        self.lay.len + self.extra.len()
+        self.lay.len + self.extra.words()
     }
 }
 
@@ -123,13 +123,8 @@ pub struct Extra {
 
 impl Extra {
     /// Its words.
-    pub fn len(&self) -> usize {
+    pub fn words(&self) -> usize {
         self.adjust + self.scores
-    }
-
-    /// Whether it has none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Where the scored rows' words start in the staging buffer of a step laid out as

@@ -25,6 +25,26 @@ pub fn argmax(x: &[f32]) -> usize {
         .0
 }
 
+/// A row's log-probabilities from the device (`d`) against the host's (`h`, from the same
+/// logits): the same token and most likely tokens, the values equal or within the f32
+/// normalizer's rounding.
+#[allow(dead_code)] // not every test binary compares log-probabilities
+pub fn assert_logprobs(
+    d: &kernels::logprobs::TokenLogprobs,
+    h: &kernels::logprobs::TokenLogprobs,
+    what: &str,
+) {
+    let close =
+        |a: f32, b: f32| a.to_bits() == b.to_bits() || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
+    assert_eq!(d.id, h.id, "{what}: token");
+    assert!(close(d.logprob, h.logprob), "{what}: {d:?} vs {h:?}");
+    let ids = |t: &kernels::logprobs::TokenLogprobs| t.top.iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(ids(d), ids(h), "{what}: the most likely tokens");
+    for (a, b) in d.top.iter().zip(&h.top) {
+        assert!(close(a.1, b.1), "{what}: {d:?} vs {h:?}");
+    }
+}
+
 /// Largest |a − b| relative to the largest |b| (NaN → infinity), of equal lengths.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
