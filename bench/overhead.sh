@@ -7,6 +7,8 @@
 #   bash bench/overhead.sh                 # rates 1000 5000 10000, 10 s each
 #   RATES="1000 2000" DURATION=5 bash bench/overhead.sh
 #   RUNTIMES="per_core shared" bash bench/overhead.sh   # a plain gateway per server.runtime
+#   BASELINE=/tmp/gateway-old bash bench/overhead.sh     # also a `limits` gateway run from
+#                                   # another build (A/B of a change, in the same sitting)
 #
 # The gateways' CPU per request (user + system, from /proc) is printed beside each run.
 set -euo pipefail
@@ -15,6 +17,7 @@ RATES=${RATES:-"1000 5000 10000"}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 RUNTIMES=${RUNTIMES:-per_core}
+BASELINE=${BASELINE:-}
 STUB_PORT=${STUB_PORT:-19100}
 PLAIN_PORT=${PLAIN_PORT:-19080}
 LIMITS_PORT=${LIMITS_PORT:-19081}
@@ -57,6 +60,13 @@ for rt in $RUNTIMES; do
 done
 RUST_LOG=warn ./target/release/gateway serve --config "$tmp/limits.toml" >/dev/null &
 PID[limits]=$!
+if [ -n "$BASELINE" ]; then
+  mkdir -p "$tmp/baseline"
+  gw_config "$((LIMITS_PORT + 2))" $'tokens_per_second = 1e9\nrequests_per_minute = 100000000\nmax_concurrency = 100000' \
+    "path = \"$tmp/baseline/usage.db\"" > "$tmp/baseline/limits.toml"
+  RUST_LOG=warn "$BASELINE" serve --config "$tmp/baseline/limits.toml" >/dev/null &
+  PID[baseline]=$!
+fi
 sleep 1
 BODY='{"model":"stub","messages":[{"role":"user","content":"hello"}],"max_tokens":4}'
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system CPU, in 1/100 s
@@ -78,6 +88,9 @@ for r in $RATES; do
     runs+=("$(run "plain/$rt" "$r" "http://127.0.0.1:${PORT[$rt]}/v1/chat/completions" "${PID[$rt]}")")
   done
   runs+=("$(run limits "$r" "http://127.0.0.1:$LIMITS_PORT/v1/chat/completions" "${PID[limits]}")")
+  if [ -n "$BASELINE" ]; then
+    runs+=("$(run limits/baseline "$r" "http://127.0.0.1:$((LIMITS_PORT + 2))/v1/chat/completions" "${PID[baseline]}")")
+  fi
   printf '%s\n' "${runs[@]}" >> "$tmp/all.jsonl"
   python3 - "${runs[@]}" <<'PY'
 import json,sys

@@ -316,6 +316,13 @@ fn usage(
         eprintln!("error: no usage database at {}", db.display());
         return ExitCode::FAILURE;
     }
+    // What stopped gateways left in their journals first (a running one's are its own).
+    if let Err(e) = gateway::meter::recover(&db) {
+        eprintln!(
+            "warning: {}: the journals of stopped gateways were not copied: {e}",
+            db.display()
+        );
+    }
     match export::totals(&db, since_ms, tenant) {
         Ok(rows) => {
             match format {

@@ -322,15 +322,15 @@ impl Metrics {
             );
         }
         if let Some(l) = &state.ledger {
-            let (written, failed, dropped) = l.counts();
+            let (journaled, written, failed) = l.counts();
             let _ = writeln!(
                 out,
-                "# HELP tollgate_usage_records Usage records by outcome (written, failed, dropped).\n# TYPE tollgate_usage_records counter"
+                "# HELP tollgate_usage_records Usage records by outcome (journaled: appended to the journal; written: copied into the database; failed: lost, or damaged in the journal).\n# TYPE tollgate_usage_records counter"
             );
             for (k, v) in [
+                ("journaled", journaled),
                 ("written", written),
                 ("failed", failed),
-                ("dropped", dropped),
             ] {
                 let _ = writeln!(out, "tollgate_usage_records_total{{outcome=\"{k}\"}} {v}");
             }
@@ -529,7 +529,7 @@ impl Meter {
     }
 
     /// A request that completed with the worker's true counts. Settles the reservation and
-    /// commits the usage record; returns once it is durable (see `meter`).
+    /// records its usage; returns once the record is durable (see `meter`).
     pub async fn success(&mut self, usage: Usage) {
         let (input, cached, output) = (
             usage.prompt_tokens,
@@ -560,8 +560,11 @@ impl Meter {
             ..usage
         };
         if let Some(l) = &self.ctx.ledger {
-            if !l.record_durable(self.record("200", usage, weighted)).await {
-                tracing::error!("usage record could not be committed");
+            let r = self.record("200", usage, weighted);
+            if !self.ctx.durable {
+                l.record(r);
+            } else if !l.record_durable(r).await {
+                tracing::error!("usage record could not be made durable");
             }
         }
     }

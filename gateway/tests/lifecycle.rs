@@ -56,6 +56,23 @@ async fn drains_in_flight_streams(runtime: &str) {
         .expect("gateway did not exit after draining");
     assert!(status.success(), "{status:?}");
     assert!(t0.elapsed() < Duration::from_secs(5));
+    // On its way out the ledger copied its journal into the database and removed it.
+    let db = gw.dir().join("tollgate-usage.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let done: i64 = conn
+        .query_row("SELECT COUNT(*) FROM usage WHERE status = '200'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(done, 3, "the drained streams are on record");
+    let journals = std::fs::read_dir(gw.dir())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().contains(".usage-log.")
+        })
+        .count();
+    assert_eq!(journals, 0, "no journal segment left after a clean exit");
 }
 
 #[tokio::test(flavor = "multi_thread")]

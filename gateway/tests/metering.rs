@@ -2,8 +2,9 @@
 //! `gateway usage` export.
 //!
 //! Statement under test: a request whose answer the client received in full (JSON body, or
-//! SSE through `data: [DONE]`) has its usage record committed, so it survives a SIGKILL of
-//! the gateway right after.
+//! SSE through `data: [DONE]`) has its usage record written to the journal first, so it
+//! survives a SIGKILL of the gateway right after: the export (or the next start) copies what
+//! the killed gateway left into the database.
 
 mod common;
 
@@ -14,6 +15,28 @@ use std::time::Duration;
 
 const BODY: &str = r#"{"model":"m","prompt":"hello world!","max_tokens":8}"#;
 const STREAM_BODY: &str = r#"{"model":"m","prompt":"hello world!","max_tokens":8,"stream":true}"#;
+
+/// Rows in the usage table (0 while the database cannot be read).
+fn usage_rows(db: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .and_then(|c| c.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0)))
+        .unwrap_or(0)
+}
+
+/// The usage journal's segments beside `db`.
+fn journal_segments(db: &std::path::Path) -> usize {
+    let prefix = format!("{}.usage-log.", db.file_name().unwrap().to_string_lossy());
+    std::fs::read_dir(db.parent().unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        })
+        .count()
+}
 
 /// Sends one request; the request id if its answer arrived in full.
 async fn complete(gw_url: String, stream: bool) -> Option<String> {
@@ -64,6 +87,24 @@ async fn completed_requests_survive_kill_9_and_export_per_minute_totals() {
         completed.len()
     );
 
+    assert_eq!(
+        journal_segments(&db),
+        1,
+        "the killed gateway left its journal segment"
+    );
+    // The export first copies what the killed gateway left in its journal.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["usage", "--since", "1h", "--format", "json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(journal_segments(&db), 0, "copied and removed");
+
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mut stmt = conn
         .prepare("SELECT request_id, status, input_tokens, output_tokens, weighted_tokens, tenant, worker FROM usage")
@@ -103,16 +144,6 @@ async fn completed_requests_survive_kill_9_and_export_per_minute_totals() {
     drop(conn);
 
     // The export: per-tenant, per-minute totals that add up to the records.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["usage", "--since", "1h", "--format", "json", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let totals: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let completed_total: u64 = totals
         .iter()
@@ -188,17 +219,7 @@ async fn refused_and_cancelled_requests_are_metered_with_what_they_used() {
     .await;
     let refused_status = refused.status().as_u16();
     let db = gw.dir().join("tollgate-usage.db");
-    assert!(
-        eventually(Duration::from_secs(5), async || {
-            let Ok(conn) = rusqlite::Connection::open(&db) else {
-                return false;
-            };
-            conn.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0))
-                .map(|n| n >= 2)
-                .unwrap_or(false)
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), async || usage_rows(&db) >= 2).await);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let (input, output, weighted): (u32, u32, f64) = conn
         .query_row(
@@ -263,7 +284,10 @@ async fn prompt_tokens_from_the_prefix_cache_are_charged_at_the_cached_input_wei
     let (input, cached) = (seen[1].1, seen[1].2);
     assert_eq!(seen[0].2, 0, "the first request computes its whole prompt");
     assert!(input > 50 && cached > 0 && cached < input, "{seen:?}");
-    let conn = rusqlite::Connection::open(gw.dir().join("tollgate-usage.db")).unwrap();
+    let db = gw.dir().join("tollgate-usage.db");
+    // The ledger copies its journal into the database within milliseconds.
+    assert!(eventually(Duration::from_secs(5), async || usage_rows(&db) >= 2).await);
+    let conn = rusqlite::Connection::open(&db).unwrap();
     for (id, input, cached, output) in &seen {
         let (c, w): (u32, f64) = conn
             .query_row(

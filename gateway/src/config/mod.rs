@@ -125,14 +125,15 @@ pub struct MeteringConfig {
     pub enabled: bool,
     /// Database file; a relative path is relative to the config file's folder.
     pub path: String,
-    /// SQLite `synchronous` in WAL mode: `normal` (a committed record survives a crash of
-    /// the process; the last commits may be lost on power loss) or `full` (fsync per batch:
-    /// survives power loss).
+    /// `normal`: a record survives a crash of the process (it is in the OS's page cache
+    /// once written), the last ones may be lost on power loss; `full`: the usage journal
+    /// and the database are fsynced (one `fdatasync` shared by the records written
+    /// meanwhile), records survive power loss.
     pub synchronous: Synchronous,
-    /// Hold a completed request's last bytes until its usage record is committed (the
-    /// default: every answer a client received in full is on record). `false` records
-    /// without waiting: ~150 µs less latency per request on a loaded 2-core machine, but
-    /// a crash loses the records of the last few milliseconds.
+    /// Hold a completed request's last bytes until its usage record is durable (the
+    /// default: every answer a client received in full is on record). Under `normal` a
+    /// record is durable once written, which the request does itself, so this matters only
+    /// under `full`: `false` does not wait for the fsync.
     pub wait_for_commit: bool,
 }
 

@@ -1,19 +1,33 @@
-//! The ledger's writer thread and its handle.
+//! The ledger: the request path's handle on the usage journal (`journal`), and the thread
+//! that copies the journal into SQLite together with the operators' audit entries.
+//!
+//! A request appends its record itself (one `write(2)`, no other thread involved); with
+//! `synchronous = "full"` it then waits for the ledger thread's next `fdatasync` of the
+//! segment, shared by every record appended meanwhile. Every `TICK` the thread reads what
+//! was appended since its last pass and commits it in one transaction with the new read
+//! position; a segment past `SEGMENT_BYTES` is swapped for a new one and removed once it is
+//! copied whole.
 
+use super::journal::{self, Segment};
 use super::UsageRecord;
 use crate::config::Synchronous;
-use rusqlite::{params, Connection};
+use arc_swap::ArcSwapOption;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
-/// Most records committed in one transaction.
-const MAX_BATCH: usize = 4096;
-/// How long records nobody waits for may gather before a commit.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
-/// Records that may wait for the writer before senders wait too.
-const QUEUE: usize = 65536;
+/// How often the journal is copied into the database.
+const TICK: Duration = Duration::from_millis(10);
+/// A segment this long is swapped for a new one.
+const SEGMENT_BYTES: u64 = 16 << 20;
+/// How long closing waits for appends in flight into the last segment.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -24,7 +38,9 @@ pub enum LedgerError {
     },
     #[error("usage database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("cannot start the ledger writer: {0}")]
+    #[error("usage journal: {0}")]
+    Journal(#[from] std::io::Error),
+    #[error("cannot start the ledger thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -39,21 +55,29 @@ pub struct AuditEntry {
 }
 
 enum Msg {
-    Usage(UsageRecord, Option<oneshot::Sender<bool>>),
     Audit(AuditEntry),
+    /// Put what was appended to this segment on the disk, then answer.
+    Sync(Arc<Segment>, oneshot::Sender<bool>),
+    /// Copy everything appended so far into the database, then answer.
+    Flush(oneshot::Sender<bool>),
+    /// Take no more appends; copy the last segment whole and remove it, then answer.
+    Close(oneshot::Sender<bool>),
 }
 
+#[derive(Default)]
 struct Counters {
+    journaled: AtomicU64,
     written: AtomicU64,
     failed: AtomicU64,
-    dropped: AtomicU64,
 }
 
-/// Handle to the writer (cheap to clone).
+/// Handle to the journal and the ledger thread (cheap to clone).
 #[derive(Clone)]
 pub struct Ledger {
+    current: Arc<ArcSwapOption<Segment>>,
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
+    sync: Synchronous,
     pub path: PathBuf,
 }
 
@@ -74,6 +98,11 @@ CREATE TABLE IF NOT EXISTS usage (
     cached_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms, tenant);
+-- How far each journal segment has been copied (bytes), committed with what it copied.
+CREATE TABLE IF NOT EXISTS usage_log (
+    segment TEXT PRIMARY KEY,
+    copied INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     ts_ms INTEGER NOT NULL,
     actor TEXT NOT NULL,
@@ -119,163 +148,459 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
 }
 
 impl Ledger {
-    /// Opens the database and starts the writer thread.
+    /// Opens the database, copies into it what earlier processes left in their journals,
+    /// and starts the ledger thread on a new segment.
     pub fn start(path: &Path, sync: Synchronous) -> Result<Self, LedgerError> {
-        let conn = open(path, sync)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let counters = Arc::new(Counters {
-            written: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        });
+        Self::start_with(path, sync, SEGMENT_BYTES)
+    }
+
+    fn start_with(path: &Path, sync: Synchronous, segment_bytes: u64) -> Result<Self, LedgerError> {
+        let mut conn = open(path, sync)?;
+        let counters = Arc::new(Counters::default());
+        let (written, damaged) = recover_with(&mut conn, path)?;
+        counters.failed.fetch_add(damaged, Ordering::Relaxed);
+        if written > 0 || damaged > 0 {
+            tracing::info!(
+                records = written,
+                damaged,
+                "usage ledger: copied what earlier processes left in their journals"
+            );
+        }
         // Checkpoints (which fsync the database file) run on their own connection and
-        // thread, so that the writer's commits never wait behind one.
+        // thread, so that the ledger's commits never wait behind one.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let checkpointer = Connection::open(path).map_err(|source| LedgerError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        let c = counters.clone();
+        let seg = Arc::new(Segment::create(path, super::unix_ms(), 0)?);
+        let tail = Tail::new(seg.clone())?;
+        let current = Arc::new(ArcSwapOption::from(Some(seg)));
+        let (tx, rx) = mpsc::channel();
+        let mut copier = Copier {
+            conn,
+            db: path.to_path_buf(),
+            rx,
+            counters: counters.clone(),
+            current: current.clone(),
+            tails: vec![tail],
+            audits: Vec::new(),
+            segment_bytes,
+            next_segment: 1,
+        };
         std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || writer(conn, rx, &c))
+            .spawn(move || copier.run())
             .map_err(LedgerError::Thread)?;
         std::thread::Builder::new()
             .name("ledger-checkpoint".into())
             .spawn(move || checkpoints(checkpointer))
             .map_err(LedgerError::Thread)?;
         Ok(Self {
+            current,
             tx,
             counters,
+            sync,
             path: path.to_path_buf(),
         })
     }
 
-    /// Records and waits until the record is committed (`false`: it could not be).
+    /// Appends `r` to the journal: the segment it went to, or `None` (logged and counted)
+    /// where it could not be written.
+    fn append(&self, r: &UsageRecord) -> Option<Arc<Segment>> {
+        let frame = journal::encode(r);
+        let result = match self.current.load_full() {
+            Some(seg) => seg.append(&frame).map(|()| seg),
+            None => Err(std::io::Error::other("the ledger is closed")),
+        };
+        match result {
+            Ok(seg) => {
+                self.counters.journaled.fetch_add(1, Ordering::Relaxed);
+                Some(seg)
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, request_id = %r.request_id, "usage record lost");
+                None
+            }
+        }
+    }
+
+    /// Records `r` and returns once it is durable: appended (it survives a crash of the
+    /// process), and with `synchronous = "full"` on the disk. `false`: it could not be.
     pub async fn record_durable(&self, r: UsageRecord) -> bool {
+        let Some(seg) = self.append(&r) else {
+            return false;
+        };
+        if self.sync == Synchronous::Normal {
+            return true;
+        }
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Usage(r, Some(ack))).await.is_err() {
+        if self.tx.send(Msg::Sync(seg, ack)).is_err() {
             return false;
         }
         done.await.unwrap_or(false)
     }
 
-    /// Queues a record, waiting only for room in the queue (not for the commit).
-    pub async fn record_queued(&self, r: UsageRecord) {
-        if self.tx.send(Msg::Usage(r, None)).await.is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Records without waiting (from places that cannot wait: drops).
+    /// Records `r` without waiting for the disk (it is appended before this returns).
     pub fn record(&self, r: UsageRecord) {
-        if self.tx.try_send(Msg::Usage(r, None)).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("usage ledger queue full: a usage record was dropped");
-        }
+        self.append(&r);
     }
 
     pub fn audit(&self, e: AuditEntry) {
-        if self.tx.try_send(Msg::Audit(e)).is_err() {
-            tracing::error!("usage ledger queue full: an audit entry was dropped");
+        if self.tx.send(Msg::Audit(e)).is_err() {
+            tracing::error!("usage ledger thread is gone: an audit entry was lost");
         }
     }
 
-    /// (written, failed to write, dropped) records so far.
+    /// Returns once everything recorded so far is in the database (`false`: a commit
+    /// failed; the records stay in the journal for the next try).
+    pub async fn flush(&self) -> bool {
+        let (ack, done) = oneshot::channel();
+        self.tx.send(Msg::Flush(ack)).is_ok() && done.await.unwrap_or(false)
+    }
+
+    /// Takes no more records (they are counted as failed), copies the last segment into
+    /// the database and removes it. For the end of the process.
+    pub async fn close(&self) -> bool {
+        let (ack, done) = oneshot::channel();
+        self.tx.send(Msg::Close(ack)).is_ok() && done.await.unwrap_or(false)
+    }
+
+    /// (appended to the journal, written to the database, lost or damaged) records so far.
     pub fn counts(&self) -> (u64, u64, u64) {
         (
+            self.counters.journaled.load(Ordering::Relaxed),
             self.counters.written.load(Ordering::Relaxed),
             self.counters.failed.load(Ordering::Relaxed),
-            self.counters.dropped.load(Ordering::Relaxed),
         )
     }
 }
 
-fn drain(rx: &mut mpsc::Receiver<Msg>, batch: &mut Vec<Msg>) {
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(m) => batch.push(m),
-            Err(_) => break,
+/// Copies into `db` the journal segments whose writers are gone (for `gateway usage`):
+/// the records copied.
+pub fn recover(db: &Path) -> Result<u64, LedgerError> {
+    let mut conn = open(db, Synchronous::Normal)?;
+    Ok(recover_with(&mut conn, db)?.0)
+}
+
+/// Copies and removes every segment of `db` that no live process holds: (records copied,
+/// damaged frames skipped).
+fn recover_with(conn: &mut Connection, db: &Path) -> Result<(u64, u64), LedgerError> {
+    let (mut written, mut damaged) = (0, 0);
+    for (name, path) in journal::segments(db)? {
+        // Held while it is copied and removed, so that no one else copies it too.
+        let Some(mut file) = journal::claim(&path)? else {
+            continue;
+        };
+        let copied: u64 = conn
+            .query_row(
+                "SELECT copied FROM usage_log WHERE segment = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut buf = Vec::new();
+        file.seek(SeekFrom::Start(copied))?;
+        file.read_to_end(&mut buf)?;
+        let p = journal::parse(&buf, true);
+        commit(
+            conn,
+            &p.records,
+            &[],
+            &[(name.clone(), copied + p.used as u64)],
+        )?;
+        written += p.records.len() as u64;
+        damaged += p.damaged;
+        std::fs::remove_file(&path)?;
+        conn.execute("DELETE FROM usage_log WHERE segment = ?1", [&name])?;
+    }
+    // Rows left by a process that removed its segment but ended before its row.
+    let names: Vec<String> = conn
+        .prepare("SELECT segment FROM usage_log")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let dir = db.parent().unwrap_or(Path::new(""));
+    for name in names {
+        if !dir.join(&name).exists() {
+            conn.execute("DELETE FROM usage_log WHERE segment = ?1", [&name])?;
         }
+    }
+    Ok((written, damaged))
+}
+
+/// A segment being copied: a reader of its own, the position committed, and bytes read
+/// past it that are not a whole frame yet.
+struct Tail {
+    seg: Arc<Segment>,
+    reader: File,
+    copied: u64,
+    pending: Vec<u8>,
+    /// No more appends are coming: copied whole, it is removed.
+    retired: bool,
+}
+
+impl Tail {
+    fn new(seg: Arc<Segment>) -> std::io::Result<Self> {
+        let reader = File::open(&seg.path)?;
+        Ok(Self {
+            seg,
+            reader,
+            copied: 0,
+            pending: Vec::new(),
+            retired: false,
+        })
+    }
+
+    /// Whether appends may still be under way into it (handles the ledger does not own).
+    fn in_use(&self) -> bool {
+        !self.retired || Arc::strong_count(&self.seg) > 1
     }
 }
 
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, counters: &Counters) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        drain(&mut rx, &mut batch);
-        let waited_for = batch.iter().any(|m| matches!(m, Msg::Usage(_, Some(_))));
-        if !waited_for && batch.len() < MAX_BATCH {
-            // Nobody waits on this batch: let more records gather, so that a busy gateway
-            // commits a few hundred times a second rather than once per record.
-            std::thread::sleep(GATHER);
-            drain(&mut rx, &mut batch);
-        }
-        let n = batch.len() as u64;
-        let ok = match commit(&mut conn, &batch) {
-            Ok(()) => {
-                counters.written.fetch_add(n, Ordering::Relaxed);
-                true
+/// The ledger thread's state.
+struct Copier {
+    conn: Connection,
+    db: PathBuf,
+    rx: mpsc::Receiver<Msg>,
+    counters: Arc<Counters>,
+    current: Arc<ArcSwapOption<Segment>>,
+    /// Segments being copied: the live one last, retired ones before it.
+    tails: Vec<Tail>,
+    audits: Vec<AuditEntry>,
+    segment_bytes: u64,
+    next_segment: u64,
+}
+
+impl Copier {
+    fn run(&mut self) {
+        let mut next = Instant::now() + TICK;
+        loop {
+            let mut msgs = Vec::new();
+            match self
+                .rx
+                .recv_timeout(next.saturating_duration_since(Instant::now()))
+            {
+                Ok(m) => {
+                    msgs.push(m);
+                    msgs.extend(self.rx.try_iter());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // Every handle is gone.
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.copy();
+                    return;
+                }
             }
-            Err(e) => {
-                counters.failed.fetch_add(n, Ordering::Relaxed);
-                tracing::error!(error = %e, records = n, "usage ledger: commit failed");
-                false
+            let (mut syncs, mut flushes, mut closes) = (Vec::new(), Vec::new(), Vec::new());
+            for m in msgs {
+                match m {
+                    Msg::Audit(e) => self.audits.push(e),
+                    Msg::Sync(seg, ack) => syncs.push((seg, ack)),
+                    Msg::Flush(ack) => flushes.push(ack),
+                    Msg::Close(ack) => closes.push(ack),
+                }
             }
-        };
-        for m in batch.drain(..) {
-            if let Msg::Usage(_, Some(ack)) = m {
+            // First the fsyncs: requests' last bytes wait for them.
+            sync(syncs);
+            if Instant::now() < next && flushes.is_empty() && closes.is_empty() {
+                continue;
+            }
+            if !closes.is_empty() {
+                self.current.store(None);
+                for t in &mut self.tails {
+                    t.retired = true;
+                }
+            }
+            let mut ok = self.copy();
+            if !closes.is_empty() {
+                let deadline = Instant::now() + CLOSE_WAIT;
+                while ok && !self.tails.is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                    ok = self.copy();
+                }
+                ok &= self.tails.is_empty();
+            }
+            for ack in flushes.into_iter().chain(closes) {
                 let _ = ack.send(ok);
             }
+            if self
+                .tails
+                .last()
+                .is_some_and(|t| !t.retired && t.copied >= self.segment_bytes)
+            {
+                self.rotate();
+            }
+            next = Instant::now() + TICK;
         }
+    }
+
+    /// Reads what was appended since the last pass and commits it with the audit entries
+    /// and the new positions; removes the retired segments copied whole. `false`: the
+    /// commit failed (retried next pass).
+    fn copy(&mut self) -> bool {
+        let mut records = Vec::new();
+        let mut positions = Vec::new();
+        // Per tail: (bytes parsed, damaged frames, copied whole).
+        let mut parsed = Vec::with_capacity(self.tails.len());
+        for t in &mut self.tails {
+            // A retired segment is read to its end once no append can be under way.
+            let complete = !t.in_use();
+            if let Err(e) = t.reader.read_to_end(&mut t.pending) {
+                tracing::error!(error = %e, segment = %t.seg.name, "usage journal: read failed");
+                parsed.push((0, 0, false));
+                continue;
+            }
+            let p = journal::parse(&t.pending, complete);
+            if p.used > 0 {
+                positions.push((t.seg.name.clone(), t.copied + p.used as u64));
+            }
+            records.extend(p.records);
+            parsed.push((p.used, p.damaged, complete));
+        }
+        if !records.is_empty() || !self.audits.is_empty() || !positions.is_empty() {
+            if let Err(e) = commit(&mut self.conn, &records, &self.audits, &positions) {
+                tracing::error!(error = %e, records = records.len(), "usage ledger: commit failed");
+                return false;
+            }
+            self.audits.clear();
+            self.counters
+                .written
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+        }
+        let mut keep = Vec::with_capacity(self.tails.len());
+        for (mut t, (used, damaged, complete)) in self.tails.drain(..).zip(parsed) {
+            t.pending.drain(..used);
+            t.copied += used as u64;
+            if damaged > 0 {
+                self.counters.failed.fetch_add(damaged, Ordering::Relaxed);
+                tracing::error!(
+                    damaged,
+                    segment = %t.seg.name,
+                    "usage journal: damaged records skipped"
+                );
+            }
+            if !complete {
+                keep.push(t);
+                continue;
+            }
+            // Copied whole: removed (the lock, held until `t` drops, keeps others off it
+            // meanwhile), then its row.
+            if let Err(e) = std::fs::remove_file(&t.seg.path) {
+                tracing::error!(error = %e, segment = %t.seg.name, "usage journal: cannot remove a copied segment");
+            } else if let Err(e) = self
+                .conn
+                .execute("DELETE FROM usage_log WHERE segment = ?1", [&t.seg.name])
+            {
+                tracing::warn!(error = %e, "usage ledger: a copied segment's row stays");
+            }
+        }
+        self.tails = keep;
+        true
+    }
+
+    /// Swaps the live segment for a new one; the old one is copied to its end and removed
+    /// by the passes that follow, once its last appends are done.
+    fn rotate(&mut self) {
+        let seg = match Segment::create(&self.db, super::unix_ms(), self.next_segment) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "usage journal: cannot start a new segment; the old one goes on");
+                return;
+            }
+        };
+        self.next_segment += 1;
+        let tail = match Tail::new(seg.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "usage journal: cannot read a new segment; the old one goes on");
+                return;
+            }
+        };
+        for t in &mut self.tails {
+            t.retired = true;
+        }
+        self.current.store(Some(seg));
+        self.tails.push(tail);
     }
 }
 
-/// A passive checkpoint every second (it never blocks the writer), for as long as the
-/// process runs.
+/// fsyncs each segment asked for once, then answers every request.
+fn sync(syncs: Vec<(Arc<Segment>, oneshot::Sender<bool>)>) {
+    let mut done: Vec<(Arc<Segment>, bool)> = Vec::new();
+    for (seg, ack) in syncs {
+        let ok = match done.iter().find(|(s, _)| Arc::ptr_eq(s, &seg)) {
+            Some((_, ok)) => *ok,
+            None => {
+                let ok = match seg.sync() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, segment = %seg.name, "usage journal: fsync failed");
+                        false
+                    }
+                };
+                done.push((seg, ok));
+                ok
+            }
+        };
+        let _ = ack.send(ok);
+    }
+}
+
+/// A passive checkpoint every second (it never blocks the ledger thread), for as long as
+/// the process runs.
 fn checkpoints(conn: Connection) {
     loop {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+        std::thread::sleep(Duration::from_secs(1));
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "usage ledger: checkpoint failed");
         }
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Msg]) -> Result<(), rusqlite::Error> {
+/// One transaction: the records, the audit entries and the segments' new positions.
+fn commit(
+    conn: &mut Connection,
+    records: &[UsageRecord],
+    audits: &[AuditEntry],
+    positions: &[(String, u64)],
+) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     {
         let mut usage = tx.prepare_cached(
             "INSERT INTO usage (ts_ms, request_id, tenant, model, worker, input_tokens, output_tokens, weighted_tokens, status, ttft_ms, duration_ms, best_effort, cached_tokens)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
+        for r in records {
+            usage.execute(params![
+                r.ts_ms,
+                r.request_id,
+                r.tenant,
+                r.model,
+                r.worker,
+                r.input_tokens,
+                r.output_tokens,
+                r.weighted_tokens,
+                r.status,
+                r.ttft_ms,
+                r.duration_ms,
+                r.best_effort,
+                r.cached_tokens,
+            ])?;
+        }
         let mut audit = tx.prepare_cached(
             "INSERT INTO audit (ts_ms, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
         )?;
-        for m in batch {
-            match m {
-                Msg::Usage(r, _) => {
-                    usage.execute(params![
-                        r.ts_ms,
-                        r.request_id,
-                        r.tenant,
-                        r.model,
-                        r.worker,
-                        r.input_tokens,
-                        r.output_tokens,
-                        r.weighted_tokens,
-                        r.status,
-                        r.ttft_ms,
-                        r.duration_ms,
-                        r.best_effort,
-                        r.cached_tokens,
-                    ])?;
-                }
-                Msg::Audit(e) => {
-                    audit.execute(params![e.ts_ms, e.actor, e.action, e.detail])?;
-                }
-            }
+        for e in audits {
+            audit.execute(params![e.ts_ms, e.actor, e.action, e.detail])?;
+        }
+        let mut position = tx.prepare_cached(
+            "INSERT INTO usage_log (segment, copied) VALUES (?1, ?2)
+             ON CONFLICT (segment) DO UPDATE SET copied = excluded.copied",
+        )?;
+        for (name, copied) in positions {
+            position.execute(params![name, *copied as i64])?;
         }
     }
     tx.commit()
@@ -284,6 +609,175 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> Result<(), rusqlite::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tollgate-ledger-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rec(id: String) -> UsageRecord {
+        UsageRecord {
+            ts_ms: 1_700_000_000_000,
+            request_id: id,
+            tenant: "t".into(),
+            model: "m".into(),
+            worker: "p/0".into(),
+            input_tokens: 3,
+            cached_tokens: 0,
+            output_tokens: 8,
+            weighted_tokens: 27.0,
+            status: "200".into(),
+            ttft_ms: None,
+            duration_ms: 1.0,
+            best_effort: false,
+        }
+    }
+
+    /// Request ids in the database, and how many rows there are.
+    fn ids(db: &Path) -> (std::collections::BTreeSet<String>, usize) {
+        let c = Connection::open(db).unwrap();
+        let ids: Vec<String> = c
+            .prepare("SELECT request_id FROM usage")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let n = ids.len();
+        (ids.into_iter().collect(), n)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_from_many_threads_land_once_across_segments() {
+        let d = dir("threads");
+        let db = d.join("u.db");
+        // Segments of 8 KiB: dozens of swaps while eight threads append.
+        let ledger = Ledger::start_with(&db, Synchronous::Normal, 8 << 10).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let l = ledger.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        l.record(rec(format!("{t}-{i}")));
+                        if i % 20 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(ledger.flush().await);
+        let (ids, n) = ids(&db);
+        assert_eq!((ids.len(), n), (4000, 4000), "every record once");
+        assert_eq!(ledger.counts(), (4000, 4000, 0));
+        let left = journal::segments(&db).unwrap();
+        assert!(left.len() <= 2, "copied segments are removed: {left:?}");
+        let number = |name: &str| name.rsplit('-').next().unwrap().parse::<u64>().unwrap();
+        let swaps = number(&left.last().unwrap().0);
+        assert!(
+            swaps >= 2,
+            "segments were swapped under the appenders: {left:?}"
+        );
+        eprintln!("{swaps} segments");
+        assert!(ledger.close().await);
+        assert!(journal::segments(&db).unwrap().is_empty());
+        let c = Connection::open(&db).unwrap();
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM usage_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "no position is kept for a removed segment");
+        // Closed: a record is lost, and said to be.
+        ledger.record(rec("late".into()));
+        assert_eq!(ledger.counts().2, 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_a_dead_process_left_is_copied_once_and_a_live_ones_is_left_alone() {
+        let d = dir("dead");
+        let db = d.join("u.db");
+        let first = journal::encode(&rec("dead-0".into()));
+        {
+            // A process that died after copying its first record: its segment holds three
+            // and a torn fourth, and the database its first and the position after it.
+            let c = open(&db, Synchronous::Normal).unwrap();
+            let seg = Segment::create(&db, 1, 0).unwrap();
+            seg.append(&first).unwrap();
+            seg.append(&journal::encode(&rec("dead-1".into()))).unwrap();
+            seg.append(&journal::encode(&rec("dead-2".into()))).unwrap();
+            let torn = journal::encode(&rec("dead-3".into()));
+            seg.append(&torn[..torn.len() / 2]).unwrap();
+            let mut c = c;
+            commit(
+                &mut c,
+                &[rec("dead-0".into())],
+                &[],
+                &[(seg.name.clone(), first.len() as u64)],
+            )
+            .unwrap();
+        }
+        // A process still running, with one record not yet copied.
+        let alive = Segment::create(&db, 2, 0).unwrap();
+        alive
+            .append(&journal::encode(&rec("alive-0".into())))
+            .unwrap();
+
+        let ledger = Ledger::start(&db, Synchronous::Normal).unwrap();
+        let (got, n) = ids(&db);
+        assert_eq!(n, 3, "{got:?}");
+        assert!(["dead-0", "dead-1", "dead-2"]
+            .iter()
+            .all(|i| got.contains(*i)));
+        assert_eq!(ledger.counts().2, 1, "the torn record is counted");
+        let names: Vec<String> = journal::segments(&db)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names.len(), 2, "the dead one is removed: {names:?}");
+        assert!(names.contains(&alive.name));
+
+        // Once that process is gone, `gateway usage`'s recovery copies its record.
+        let path = alive.path.clone();
+        drop(alive);
+        assert_eq!(recover(&db).unwrap(), 1);
+        assert!(!path.exists());
+        assert_eq!(recover(&db).unwrap(), 0, "and only once");
+        assert!(ledger.close().await);
+        let (got, n) = ids(&db);
+        assert_eq!(n, 4);
+        assert!(got.contains("alive-0"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_full_sync_durable_records_wait_for_a_shared_fsync() {
+        let d = dir("full");
+        let db = d.join("u.db");
+        let ledger = Ledger::start(&db, Synchronous::Full).unwrap();
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let l = ledger.clone();
+                tokio::spawn(async move {
+                    for i in 0..20 {
+                        assert!(l.record_durable(rec(format!("{t}-{i}"))).await);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(ledger.close().await);
+        assert_eq!(ids(&db).1, 640);
+        assert_eq!(ledger.counts(), (640, 640, 0));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn a_ledger_from_before_cached_tokens_gains_the_column() {

@@ -1,29 +1,33 @@
 //! Metering: a durable usage record for every finished request, and the operators' audit
 //! log, in an embedded SQLite database (WAL mode).
 //!
-//! Records go over a bounded channel to one writer thread, which commits whatever has
-//! queued up in one transaction (group commit) and then acknowledges each record. The
-//! request path never touches SQLite.
+//! A request appends its own record to the usage journal (`journal`: a file of this
+//! process's beside the database, one `write(2)` per record, no other thread woken); the
+//! ledger's thread copies the journal into SQLite every few milliseconds, in one
+//! transaction per pass that also stores how far it has read, so every record lands in
+//! the database exactly once, also across crashes (the next ledger on the same database,
+//! or `gateway usage`, copies what a dead process left).
 //!
-//! **What is durable when.** A completed request's record is committed *before* its last
+//! **What is durable when.** A completed request's record is written *before* its last
 //! bytes are sent: for a streamed answer, before the final SSE frames (the usage chunk and
 //! `data: [DONE]`); for a whole JSON answer, before the body. So every answer a client
-//! received in full has its record in the database, and survives a `kill -9` of the gateway
-//! that follows (with `metering.synchronous = "normal"`, the commit is in the OS's page
-//! cache: it survives the process, not a power loss; `"full"` fsyncs each batch and
-//! survives both). Requests that end otherwise (refused, failed, cancelled by the client)
-//! are recorded without waiting: a crash in the milliseconds after may lose those records.
-//! Requests refused before the pipeline (bad JSON, unknown key) are not metered. With
-//! `metering.wait_for_commit = false` no record is waited for (lower latency; a crash
-//! loses the last few milliseconds of records).
+//! received in full is on record, and survives a `kill -9` of the gateway that follows
+//! (with `metering.synchronous = "normal"`, the record is in the OS's page cache: it
+//! survives the process, not a power loss; with `"full"` the request also waits for an
+//! `fdatasync` of the journal, one shared by every record appended meanwhile, and survives
+//! both). Requests that end otherwise (refused, failed, cancelled by the client) are
+//! recorded the same way without waiting for the disk. Requests refused before the
+//! pipeline (bad JSON, unknown key) are not metered. With `metering.wait_for_commit =
+//! false` no request waits for the disk, also under `"full"`.
 
 pub mod export;
+mod journal;
 mod ledger;
 
-pub use ledger::{AuditEntry, Ledger, LedgerError};
+pub use ledger::{recover, AuditEntry, Ledger, LedgerError};
 
 /// One finished request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     /// When it ended, Unix milliseconds.
     pub ts_ms: i64,

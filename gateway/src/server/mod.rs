@@ -107,6 +107,12 @@ pub async fn serve(
     for p in probes {
         p.abort();
     }
+    // The journal's last records into the database, and its segment removed.
+    if let Some(l) = &state.ledger {
+        if !l.close().await {
+            tracing::warn!("usage ledger: the journal stays on disk; the next start copies it");
+        }
+    }
     Ok(())
 }
 
