@@ -23,19 +23,13 @@ fn usage_rows(db: &std::path::Path) -> i64 {
         .unwrap_or(0)
 }
 
-/// The usage journal's segments beside `db`.
+/// The usage journal's segments of `db` (in `<db>.usage-log/`).
 fn journal_segments(db: &std::path::Path) -> usize {
-    let prefix = format!("{}.usage-log.", db.file_name().unwrap().to_string_lossy());
-    std::fs::read_dir(db.parent().unwrap())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(&prefix)
-        })
-        .count()
+    let folder = db.with_file_name(format!(
+        "{}.usage-log",
+        db.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::read_dir(folder).unwrap().count()
 }
 
 /// Sends one request; the request id if its answer arrived in full.
@@ -87,11 +81,8 @@ async fn completed_requests_survive_kill_9_and_export_per_minute_totals() {
         completed.len()
     );
 
-    assert_eq!(
-        journal_segments(&db),
-        1,
-        "the killed gateway left its journal segment"
-    );
+    let left = journal_segments(&db);
+    assert!(left >= 1, "the killed gateway left its journal segments");
     // The export first copies what the killed gateway left in its journal.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["usage", "--since", "1h", "--format", "json", "--db"])

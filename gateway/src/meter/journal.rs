@@ -1,9 +1,11 @@
 //! The usage journal: how a finished request's record becomes durable without leaving the
 //! request's thread.
 //!
-//! Each gateway process appends framed records to a segment file of its own beside the
-//! database (`<db>.usage-log.<start ms>-<pid>-<n>`), opened `O_APPEND` and held under an
-//! exclusive `flock` for as long as the process writes it. One record is one `write(2)`:
+//! Each gateway process appends framed records to segment files of its own in a folder
+//! beside the database (`<db>.usage-log/<start ms>-<pid>-<n>`), opened `O_APPEND` and held
+//! under an exclusive `flock` for as long as the process writes them. (A folder of their
+//! own: the config watcher watches the config's folder, where the database usually is, and
+//! would be woken by every append there.) One record is one `write(2)`:
 //! the kernel appends it whole (the inode's lock serializes appenders), so once the call
 //! returns the record is in the page cache and survives a crash of the process, as a
 //! SQLite commit with `synchronous = NORMAL` does. The ledger's thread copies the segment
@@ -123,28 +125,30 @@ fn next_magic(b: &[u8]) -> Option<usize> {
     (0..b.len()).find(|&i| MAGIC.starts_with(&b[i..(i + 4).min(b.len())]))
 }
 
-/// The file name every segment of database `db` starts with.
-pub(super) fn prefix(db: &Path) -> String {
+/// The folder of database `db`'s segments: `<db>.usage-log`.
+pub(super) fn folder(db: &Path) -> PathBuf {
     let name = db.file_name().map_or_else(
         || "tollgate-usage.db".into(),
         |n| n.to_string_lossy().into_owned(),
     );
-    format!("{name}.usage-log.")
+    db.with_file_name(format!("{name}.usage-log"))
 }
 
 /// The segments of `db` on disk (whoever owns them), oldest name first.
 pub(super) fn segments(db: &Path) -> io::Result<Vec<(String, PathBuf)>> {
-    let dir = match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+    let entries = match std::fs::read_dir(folder(db)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
     };
-    let prefix = prefix(db);
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
+    for entry in entries {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) {
-            out.push((name, entry.path()));
+        if entry.file_type()?.is_file() {
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ));
         }
     }
     out.sort();
@@ -164,10 +168,11 @@ pub(super) struct Segment {
 impl Segment {
     /// A new segment of `db`, locked; `n` distinguishes this process's segments.
     pub fn create(db: &Path, started_ms: i64, n: u64) -> io::Result<Self> {
-        let dir = db.parent().unwrap_or(Path::new(""));
+        let dir = folder(db);
+        std::fs::create_dir_all(&dir)?;
         let pid = std::process::id();
         for extra in 0u64.. {
-            let name = format!("{}{started_ms:013}-{pid}-{}", prefix(db), n + extra);
+            let name = format!("{started_ms:013}-{pid}-{}", n + extra);
             let path = dir.join(&name);
             match OpenOptions::new().append(true).create_new(true).open(&path) {
                 Ok(file) => {
@@ -350,7 +355,8 @@ mod tests {
         assert_ne!(seg.name, other.name, "a taken name is skipped");
         let found = segments(&db).unwrap();
         assert_eq!(found.len(), 2);
-        assert!(found[0].0.starts_with("u.db.usage-log.0000000000005-"));
+        assert!(found[0].0.starts_with("0000000000005-"));
+        assert!(found[0].1.starts_with(dir.join("u.db.usage-log")));
         assert!(claim(&seg.path).unwrap().is_none(), "its writer holds it");
         let path = seg.path.clone();
         drop(seg);

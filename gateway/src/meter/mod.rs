@@ -1,8 +1,9 @@
 //! Metering: a durable usage record for every finished request, and the operators' audit
 //! log, in an embedded SQLite database (WAL mode).
 //!
-//! A request appends its own record to the usage journal (`journal`: a file of this
-//! process's beside the database, one `write(2)` per record, no other thread woken); the
+//! A request appends its own record to the usage journal (`journal`: files of this
+//! process's in a folder beside the database, one `write(2)` per record, no other thread
+//! woken); the
 //! ledger's thread copies the journal into SQLite every few milliseconds, in one
 //! transaction per pass that also stores how far it has read, so every record lands in
 //! the database exactly once, also across crashes (the next ledger on the same database,
