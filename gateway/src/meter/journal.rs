@@ -32,16 +32,15 @@ const HEADER: usize = 12;
 const MAX_RECORD: usize = 1 << 16;
 
 /// `record` as one frame.
-pub(super) fn encode(record: &UsageRecord) -> Vec<u8> {
+pub(super) fn encode(record: &UsageRecord) -> serde_json::Result<Vec<u8>> {
     let mut out = vec![0; HEADER];
-    // Serializing plain strings and numbers cannot fail.
-    serde_json::to_writer(&mut out, record).expect("a usage record serializes");
+    serde_json::to_writer(&mut out, record)?;
     let len = (out.len() - HEADER) as u32;
     let crc = crc32fast::hash(&out[HEADER..]);
     out[..4].copy_from_slice(&MAGIC);
     out[4..8].copy_from_slice(&len.to_le_bytes());
     out[8..12].copy_from_slice(&crc.to_le_bytes());
-    out
+    Ok(out)
 }
 
 /// What [`parse`] found in a run of bytes.
@@ -261,7 +260,7 @@ mod tests {
     fn frames_give_back_their_records() {
         let mut buf = Vec::new();
         for i in 0..5 {
-            buf.extend(encode(&rec(i)));
+            buf.extend(encode(&rec(i)).unwrap());
         }
         let p = parse(&buf, false);
         assert_eq!(p.used, buf.len());
@@ -287,8 +286,8 @@ mod tests {
 
     #[test]
     fn a_frame_being_written_waits_and_a_cut_one_at_the_end_is_damage() {
-        let mut buf = encode(&rec(1));
-        let second = encode(&rec(2));
+        let mut buf = encode(&rec(1)).unwrap();
+        let second = encode(&rec(2)).unwrap();
         for cut in [1, 3, 4, 11, 12, 20, second.len() - 1] {
             let mut b = buf.clone();
             b.extend(&second[..cut]);
@@ -309,7 +308,11 @@ mod tests {
 
     #[test]
     fn damage_in_the_middle_is_skipped_to_the_next_good_frame() {
-        let (a, b, c) = (encode(&rec(1)), encode(&rec(2)), encode(&rec(3)));
+        let (a, b, c) = (
+            encode(&rec(1)).unwrap(),
+            encode(&rec(2)).unwrap(),
+            encode(&rec(3)).unwrap(),
+        );
         // A short write (half a frame), then the next writer's frames.
         let mut buf = a.clone();
         buf.extend(&b[..b.len() / 2]);
@@ -350,7 +353,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("u.db");
         let seg = Segment::create(&db, 5, 0).unwrap();
-        seg.append(&encode(&rec(1))).unwrap();
+        seg.append(&encode(&rec(1)).unwrap()).unwrap();
         let other = Segment::create(&db, 5, 0).unwrap();
         assert_ne!(seg.name, other.name, "a taken name is skipped");
         let found = segments(&db).unwrap();

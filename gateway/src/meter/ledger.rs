@@ -226,11 +226,11 @@ impl Ledger {
     /// Appends `r` to the journal: the segment it went to, or `None` (logged and counted)
     /// where it could not be written.
     fn append(&self, r: &UsageRecord) -> Option<Arc<Segment>> {
-        let frame = journal::encode(r);
         let shard = &self.shards[thread_shard(self.shards.len())];
-        let result = match shard.load_full() {
-            Some(seg) => seg.append(&frame).map(|()| seg),
-            None => Err(std::io::Error::other("the ledger is closed")),
+        let result = match (journal::encode(r), shard.load_full()) {
+            (Ok(frame), Some(seg)) => seg.append(&frame).map(|()| seg),
+            (Err(e), _) => Err(std::io::Error::other(e)),
+            (_, None) => Err(std::io::Error::other("the ledger is closed")),
         };
         match result {
             Ok(seg) => {
@@ -738,16 +738,18 @@ mod tests {
     async fn what_a_dead_process_left_is_copied_once_and_a_live_ones_is_left_alone() {
         let d = dir("dead");
         let db = d.join("u.db");
-        let first = journal::encode(&rec("dead-0".into()));
+        let first = journal::encode(&rec("dead-0".into())).unwrap();
         {
             // A process that died after copying its first record: its segment holds three
             // and a torn fourth, and the database its first and the position after it.
             let c = open(&db, Synchronous::Normal).unwrap();
             let seg = Segment::create(&db, 1, 0).unwrap();
             seg.append(&first).unwrap();
-            seg.append(&journal::encode(&rec("dead-1".into()))).unwrap();
-            seg.append(&journal::encode(&rec("dead-2".into()))).unwrap();
-            let torn = journal::encode(&rec("dead-3".into()));
+            seg.append(&journal::encode(&rec("dead-1".into())).unwrap())
+                .unwrap();
+            seg.append(&journal::encode(&rec("dead-2".into())).unwrap())
+                .unwrap();
+            let torn = journal::encode(&rec("dead-3".into())).unwrap();
             seg.append(&torn[..torn.len() / 2]).unwrap();
             let mut c = c;
             commit(
@@ -761,7 +763,7 @@ mod tests {
         // A process still running, with one record not yet copied.
         let alive = Segment::create(&db, 2, 0).unwrap();
         alive
-            .append(&journal::encode(&rec("alive-0".into())))
+            .append(&journal::encode(&rec("alive-0".into())).unwrap())
             .unwrap();
 
         let ledger = Ledger::start(&db, Synchronous::Normal).unwrap();
