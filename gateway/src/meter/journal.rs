@@ -25,7 +25,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// Marks the start of a frame.
-pub(super) const MAGIC: [u8; 4] = *b"TGU1";
+const MAGIC: [u8; 4] = *b"TGU1";
 /// Magic, length, CRC-32.
 const HEADER: usize = 12;
 /// Larger lengths are damage, not records (a record is a few hundred bytes).

@@ -83,7 +83,6 @@ pub struct Ledger {
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
     sync: Synchronous,
-    pub path: PathBuf,
 }
 
 pub const SCHEMA: &str = "
@@ -219,7 +218,6 @@ impl Ledger {
             tx,
             counters,
             sync,
-            path: path.to_path_buf(),
         })
     }
 
