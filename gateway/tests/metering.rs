@@ -300,6 +300,23 @@ async fn prompt_tokens_from_the_prefix_cache_are_charged_at_the_cached_input_wei
         Some(cached as f64),
         "{m}"
     );
+    // Both records went through the journal into the database, and none was lost.
+    let records = |m: &str, outcome: &str| {
+        metric(
+            m,
+            &format!("tollgate_usage_records_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            records(&gw.metrics().await, "written") == Some(2.0)
+        })
+        .await,
+        "{m}"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(records(&m, "journaled"), Some(2.0), "{m}");
+    assert_eq!(records(&m, "failed"), Some(0.0), "{m}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["usage", "--since", "1h", "--format", "json", "--db"])
         .arg(gw.dir().join("tollgate-usage.db"))
