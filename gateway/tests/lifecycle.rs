@@ -65,10 +65,11 @@ async fn drains_in_flight_streams(runtime: &str) {
         })
         .unwrap();
     assert_eq!(done, 3, "the drained streams are on record");
-    let journals = std::fs::read_dir(gw.dir().join("tollgate-usage.db.usage-log"))
-        .unwrap()
-        .count();
-    assert_eq!(journals, 0, "no journal segment left after a clean exit");
+    assert_eq!(
+        journal_segments(&db),
+        0,
+        "no journal segment left after a clean exit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

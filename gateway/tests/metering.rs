@@ -23,15 +23,6 @@ fn usage_rows(db: &std::path::Path) -> i64 {
         .unwrap_or(0)
 }
 
-/// The usage journal's segments of `db` (in `<db>.usage-log/`).
-fn journal_segments(db: &std::path::Path) -> usize {
-    let folder = db.with_file_name(format!(
-        "{}.usage-log",
-        db.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::read_dir(folder).unwrap().count()
-}
-
 /// Sends one request; the request id if its answer arrived in full.
 async fn complete(gw_url: String, stream: bool) -> Option<String> {
     let r = client()

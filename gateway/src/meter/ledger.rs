@@ -339,8 +339,7 @@ fn recover_with(conn: &mut Connection, db: &Path) -> Result<(u64, u64), LedgerEr
         )?;
         written += p.records.len() as u64;
         damaged += p.damaged;
-        std::fs::remove_file(&path)?;
-        conn.execute("DELETE FROM usage_log WHERE segment = ?1", [&name])?;
+        remove_copied(conn, &name, &path)?;
     }
     // Rows left by a process that removed its segment but ended before its row.
     let names: Vec<String> = conn
@@ -354,6 +353,15 @@ fn recover_with(conn: &mut Connection, db: &Path) -> Result<(u64, u64), LedgerEr
         }
     }
     Ok((written, damaged))
+}
+
+/// Removes a segment copied whole, then its position's row: in this order, since a row
+/// without its file is only cleaned up later, while a file without its row would be copied
+/// again from its start. The caller holds the segment's lock until this returns.
+fn remove_copied(conn: &Connection, name: &str, path: &Path) -> Result<(), LedgerError> {
+    std::fs::remove_file(path)?;
+    conn.execute("DELETE FROM usage_log WHERE segment = ?1", [name])?;
+    Ok(())
 }
 
 /// A segment being copied: a reader of its own, the position committed, and bytes read
@@ -519,14 +527,9 @@ impl Copier {
                 continue;
             }
             // Copied whole: removed (the lock, held until `t` drops, keeps others off it
-            // meanwhile), then its row.
-            if let Err(e) = std::fs::remove_file(&t.seg.path) {
-                tracing::error!(error = %e, segment = %t.seg.name, "usage journal: cannot remove a copied segment");
-            } else if let Err(e) = self
-                .conn
-                .execute("DELETE FROM usage_log WHERE segment = ?1", [&t.seg.name])
-            {
-                tracing::warn!(error = %e, "usage ledger: a copied segment's row stays");
+            // meanwhile).
+            if let Err(e) = remove_copied(&self.conn, &t.seg.name, &t.seg.path) {
+                tracing::error!(error = %e, segment = %t.seg.name, "usage journal: a copied segment or its row stays");
             }
         }
         self.tails = keep;

@@ -206,6 +206,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The usage journal's segments of database `db` (in `<db>.usage-log/`).
+pub fn journal_segments(db: &std::path::Path) -> usize {
+    let folder = db.with_file_name(format!(
+        "{}.usage-log",
+        db.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::read_dir(folder).unwrap().count()
+}
+
 /// The value of one metric line (exact name and labels as rendered).
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
