@@ -8,7 +8,7 @@
 //! backend, sample each finished row, and stream text deltas back. A sequence leaves the
 //! batch — and frees its blocks — the step it finishes or its client goes away.
 //!
-//! A step the device fails ([`StepError::Device`]) takes the engine out of service: its
+//! A step the device fails ([`kernels::forward::StepError::Device`]) takes the engine out of service: its
 //! sequences fail, its probe fails and it refuses new work while it builds its backend
 //! again (the failed one dropped first, then a fresh one until one passes its self-check).
 //!

@@ -74,7 +74,7 @@ pub(super) struct Bufs<E: Exec> {
     pub sampled: E::Buf<u32>,
     /// The `logprobs` kernel's answers, [`SCORE_WORDS`] words per scored row.
     pub scores: E::Buf<u32>,
-    /// Split attention's partial states, [row < part.rows][kv head][chunk][element][3],
+    /// Split attention's partial states, `[row < part.rows][kv head][chunk][element][3]`,
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
     part: E::Buf<f32>,
     arrive: E::Buf<i32>,

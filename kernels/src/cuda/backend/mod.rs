@@ -45,33 +45,24 @@
 //! the draw by the `logprobs` kernel, launched outside any graph: [`SCORE_WORDS`] words
 //! come back for each instead of its logits.
 
-use super::device::{Gpu, GpuError};
-use super::exec::{Exec, ExecError};
-use super::gemv;
-use super::staging::{self, Layout};
-use super::step::Device;
-pub use super::step::{AttentionKernel, KvCapacity, SmallProducts};
-use super::twins::{SampleParams, TwinModel};
+mod graphs;
+mod self_check;
+mod tuning;
+
 use crate::adjust::Adjust;
 use crate::backend::{check_sample, Backend, Collected, ReadBack, FROM_LAST};
+use crate::cuda::device::{Gpu, GpuError};
+use crate::cuda::exec::{Exec, ExecError};
+use crate::cuda::staging::{self, Layout};
+use crate::cuda::step::Device;
+pub use crate::cuda::step::{AttentionKernel, KvCapacity, SmallProducts};
+use crate::cuda::twins::{SampleParams, TwinModel};
 use crate::forward::{Batch, Model, StepError};
 use crate::logprobs::{from_words, Score, TokenLogprobs, SCORE_WORDS};
 use crate::model::LlamaConfig;
+use graphs::Graph;
 use std::collections::VecDeque;
-
-/// Decode steps timed per choice when choosing the small products at load.
-const TUNE_STEPS: usize = 30;
-
-/// Decode batch sizes that get a graph (capped at the backend's largest step).
-const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
-
-/// A captured decode step for `bucket` sequences: sampled, and without its sampling (for
-/// a step whose adjustments come later, [`Backend::submit_forward`]).
-struct Graph<E: Exec> {
-    bucket: usize,
-    graph: E::Graph,
-    forward: E::Graph,
-}
+pub use tuning::SmallProductTiming;
 
 /// The CUDA backend: on a GPU, or (for tests without one) on the CPU emulator, which runs
 /// the same kernel sources, launches and graph logic.
@@ -154,14 +145,6 @@ struct Launched {
     lay: Layout,
     rows: usize,
     padded: usize,
-}
-
-/// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SmallProductTiming {
-    pub bucket: usize,
-    pub cublas_secs: f64,
-    pub gemv_secs: f64,
 }
 
 /// A sampled step's parameters and adjustments, per logits row, and its rows scored on
@@ -281,264 +264,6 @@ impl<E: Exec> CudaBackend<E> {
         Ok(b)
     }
 
-    /// Checks this GPU's step against the twin chain on the CPU (`twin`: the weights this
-    /// backend was loaded from): a 6-token prefill's logits within 2 % (relative to the
-    /// largest), then a decode step through the graph path whose greedy token must be one
-    /// the twin scores as its best (within 1 % for near-ties). Returns the prefill's
-    /// relative error. Writes KV blocks 0.. (the engine overwrites what it uses).
-    pub fn self_check(&mut self, twin: &TwinModel) -> Result<f32, String> {
-        let c = self.dev.config.clone();
-        let bs = self.dev.block_size;
-        let prompt: Vec<u32> = (0..6u32).map(|i| (17 + 101 * i) % c.vocab as u32).collect();
-        let blocks: Vec<u32> = (0..(prompt.len() + 1).div_ceil(bs) as u32).collect();
-        if blocks.len() > self.dev.n_blocks {
-            return Err("the KV cache is too small for the self-check".into());
-        }
-        let mut kv = twin.kv(bs, blocks.len());
-        let mut prefill = Batch::default();
-        prefill.push(&prompt, 0, blocks.clone(), true);
-        let got = self.step(&prefill).map_err(|e| e.to_string())?;
-        let want = twin.forward(&prefill, &mut kv);
-        let err = super::twins::rel_err(&got, &want);
-        if err > 2e-2 {
-            return Err(format!(
-                "prefill logits differ from the CPU twin by {err:.3e} (relative)"
-            ));
-        }
-        let next = super::twins::sample(&want, SampleParams::GREEDY);
-        let mut decode = Batch::default();
-        decode.push(&[next], prompt.len(), blocks, true);
-        let token = self
-            .step_sample(&decode, &[SampleParams::GREEDY], &[])
-            .map_err(|e| e.to_string())?;
-        let want = twin.forward(&decode, &mut kv);
-        let best = want.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let scale = want.iter().fold(1e-6f32, |a, &b| a.max(b.abs()));
-        let ok = token
-            .first()
-            .and_then(|&t| want.get(t as usize))
-            .is_some_and(|&v| best - v <= 1e-2 * scale);
-        if !ok {
-            return Err(format!(
-                "the decode step's greedy token {token:?} is not the CPU twin's best"
-            ));
-        }
-        Ok(err)
-    }
-
-    /// Chooses where products of a few rows run, by `TOLLGATE_SMALL_PRODUCTS`: `cublas`
-    /// or `gemv` for all, else (the default) whichever gives the faster decode step here
-    /// ([`CudaBackend::tune_small_products`]). A failure leaves cuBLAS for all, logged.
-    pub fn choose_small_products(&mut self) {
-        let chosen = match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
-            Ok("cublas") => Ok(()),
-            Ok("gemv") => self.set_small_products(SmallProducts(u8::MAX)),
-            _ => self.tune_small_products(TUNE_STEPS).map(|t| {
-                tracing::info!(backend = %self.name, timings = ?t, chosen = ?self.dev.small,
-                    "products of few rows: cuBLAS or gemv_f16, by decode step time");
-            }),
-        };
-        if let Err(e) = chosen {
-            tracing::warn!(backend = %self.name,
-                "choosing the small products failed ({e}); cuBLAS for all");
-            let _ = self.set_small_products(SmallProducts::default());
-        }
-    }
-
-    /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
-    pub fn small_products(&self) -> SmallProducts {
-        self.dev.small
-    }
-
-    /// The timings behind [`CudaBackend::small_products`], when it was tuned.
-    pub fn small_product_timings(&self) -> &[SmallProductTiming] {
-        &self.tuned
-    }
-
-    /// Runs products of few rows as `small` says, from the next step on (the decode
-    /// graphs are captured again).
-    pub fn set_small_products(&mut self, small: SmallProducts) -> Result<(), ExecError> {
-        self.dev.small = small;
-        self.recapture_all()?;
-        Ok(())
-    }
-
-    /// Whether the kernels launch as programmatic dependent launches (Hopper on: each may
-    /// be scheduled while the one before it runs: [`super::launch`]).
-    pub fn dependent_launch(&self) -> bool {
-        self.dev.exec.dependent_launch()
-    }
-
-    /// Turns dependent launches on or off from the next step on (the decode graphs are
-    /// captured again); says whether they are on (never where the device lacks them).
-    pub fn set_dependent_launch(&mut self, on: bool) -> Result<bool, ExecError> {
-        let on = self.dev.exec.set_dependent_launch(on);
-        self.recapture_all()?;
-        Ok(on)
-    }
-
-    /// [`CudaBackend::self_check`]; if it fails with dependent launches on, once more with
-    /// them off (logged), which they then stay.
-    pub fn verify(&mut self, twin: &TwinModel) -> Result<f32, String> {
-        match self.self_check(twin) {
-            Err(e) if self.dependent_launch() => {
-                tracing::warn!(backend = %self.name,
-                    "self-check failed with dependent launches ({e}); checking without them");
-                self.set_dependent_launch(false)
-                    .map_err(|e| format!("turning dependent launches off: {e}"))?;
-                self.self_check(twin)
-            }
-            r => r,
-        }
-    }
-
-    /// Whether products of few rows on `gemv_f16` make their input themselves (the
-    /// norms and swiglu fused in, and RoPE with the cache write into the QKV product; the
-    /// default).
-    pub fn fused_small(&self) -> bool {
-        self.dev.fuse_small
-    }
-
-    /// Fuses the norms, swiglu and RoPE with the cache write into the products of few
-    /// rows on `gemv_f16`, or launches them apart (`on` false; the same bits either way),
-    /// from the next step on (the decode graphs are captured again).
-    pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
-        self.dev.fuse_small = on;
-        self.recapture_all()?;
-        Ok(())
-    }
-
-    /// The attention kernel the steps launch.
-    pub fn attention(&self) -> AttentionKernel {
-        self.dev.attention
-    }
-
-    /// Launches `kernel` for attention from the next step on (the decode graphs are
-    /// captured again).
-    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<(), ExecError> {
-        self.dev.attention = kernel;
-        self.recapture_all()?;
-        Ok(())
-    }
-
-    /// Times each decode graph of at most [`gemv::MAX_ROWS`] sequences over `steps`
-    /// replays with its products on cuBLAS and on `gemv_f16`, and keeps the faster for the
-    /// row counts that bucket serves (direct launches of as many rows follow it). Nothing
-    /// changes when graphs are off.
-    pub fn tune_small_products(
-        &mut self,
-        steps: usize,
-    ) -> Result<Vec<SmallProductTiming>, ExecError> {
-        let mut out = Vec::new();
-        let mut below = 0;
-        for i in 0..self.graphs.len() {
-            let bucket = self.graphs[i].bucket;
-            if bucket > gemv::MAX_ROWS {
-                break;
-            }
-            let rows = below + 1..=bucket;
-            below = bucket;
-            let mut secs = [0.0f64; 2];
-            for (k, on) in [false, true].into_iter().enumerate() {
-                self.dev.small = rows.clone().fold(self.dev.small, |s, r| s.with(r, on));
-                self.recapture(i)?;
-                let t = std::time::Instant::now();
-                for _ in 0..steps {
-                    self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
-                }
-                secs[k] = t.elapsed().as_secs_f64() / steps.max(1) as f64;
-            }
-            let gemv = secs[1] < secs[0];
-            self.dev.small = rows.fold(self.dev.small, |s, r| s.with(r, gemv));
-            self.recapture(i)?;
-            out.push(SmallProductTiming {
-                bucket,
-                cublas_secs: secs[0],
-                gemv_secs: secs[1],
-            });
-        }
-        self.tuned = out.clone();
-        Ok(out)
-    }
-
-    /// Captures every decode graph again (after the step's launches changed).
-    fn recapture_all(&mut self) -> Result<(), ExecError> {
-        for i in 0..self.graphs.len() {
-            self.recapture(i)?;
-        }
-        Ok(())
-    }
-
-    /// Captures graph `i` again (after the step's launches changed), and replays it once.
-    fn recapture(&mut self, i: usize) -> Result<(), ExecError> {
-        self.graphs[i] = self.capture(self.graphs[i].bucket)?;
-        self.try_graph(i)
-    }
-
-    /// Replays graph `i`'s two forms once on dummy rows: a graph that cannot launch fails
-    /// here, at load.
-    fn try_graph(&mut self, i: usize) -> Result<(), ExecError> {
-        self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
-        // The staging buffer still holds those dummy rows.
-        self.dev.exec.replay(&self.graphs[i].forward)?;
-        self.dev.exec.synchronize()
-    }
-
-    /// The decode buckets that have a graph (empty when graphs are off).
-    pub fn graph_buckets(&self) -> Vec<usize> {
-        self.graphs.iter().map(|g| g.bucket).collect()
-    }
-
-    /// Why graphs are off, if they are.
-    pub fn graphs_off(&self) -> Option<&str> {
-        self.graphs_off.as_deref()
-    }
-
-    /// Turns graphs on or off (for comparisons; they are on by default).
-    pub fn set_graphs(&mut self, on: bool) -> Result<(), String> {
-        if !on {
-            self.graphs.clear();
-            self.graphs_off = Some("turned off".into());
-            return Ok(());
-        }
-        if self.graphs.is_empty() {
-            self.capture_all().map_err(|e| e.to_string())?;
-            self.graphs_off = None;
-        }
-        Ok(())
-    }
-
-    fn capture_all(&mut self) -> Result<(), ExecError> {
-        let cap = self.max_seqs.min(self.max_tokens);
-        let mut sizes: Vec<usize> = BUCKETS.iter().copied().filter(|&b| b < cap).collect();
-        sizes.push(cap);
-        for bucket in sizes {
-            let graph = self.capture(bucket)?;
-            self.graphs.push(graph);
-            self.try_graph(self.graphs.len() - 1)?;
-        }
-        Ok(())
-    }
-
-    /// The decode graphs of `bucket` sequences, sampled and not.
-    fn capture(&mut self, bucket: usize) -> Result<Graph<E>, ExecError> {
-        let lay = Layout::new(bucket, bucket, self.dev.max_blocks, bucket);
-        self.dev.exec.make_current()?;
-        let mut one = |sample: bool| {
-            self.dev.exec.begin_capture()?;
-            let enqueued = self.dev.enqueue(lay, bucket, sample);
-            // Always end the capture, so that the stream leaves capture mode.
-            let graph = self.dev.exec.end_capture();
-            enqueued?;
-            graph
-        };
-        Ok(Graph {
-            bucket,
-            graph: one(true)?,
-            forward: one(false)?,
-        })
-    }
-
     /// Checks `batch` against the backend's sizes, the cache and the vocabulary; its tokens
     /// may stand for one of the `from_last` tokens the step before sampled.
     fn check(&self, batch: &Batch, from_last: usize) -> Result<(), StepError> {
@@ -585,16 +310,6 @@ impl<E: Exec> CudaBackend<E> {
             ));
         }
         Ok(())
-    }
-
-    /// The graph for a decode step of `n` sequences, if there is one.
-    fn graph_for(&self, batch: &Batch) -> Option<usize> {
-        let n = batch.seqs.len();
-        let decode = n > 0 && batch.tokens.len() == n && batch.seqs.iter().all(|s| s.logits == 1);
-        if !decode {
-            return None;
-        }
-        self.graphs.iter().position(|g| g.bucket >= n)
     }
 
     /// Sends and enqueues one step (not awaited): `batch` padded with dummy decode rows to

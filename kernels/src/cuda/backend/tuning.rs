@@ -1,0 +1,141 @@
+//! The step's choices that can change on a loaded backend: where products of few rows run
+//! (cuBLAS or `gemv_f16`, timed per decode bucket at load), dependent launches, the fused
+//! small products and the attention kernel. Each change captures the decode graphs again.
+
+use super::{logits, AttentionKernel, CudaBackend, Sampling, SmallProducts};
+use crate::cuda::exec::{Exec, ExecError};
+use crate::cuda::gemv;
+use crate::forward::Batch;
+
+/// Decode steps timed per choice when choosing the small products at load.
+const TUNE_STEPS: usize = 30;
+
+/// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmallProductTiming {
+    pub bucket: usize,
+    pub cublas_secs: f64,
+    pub gemv_secs: f64,
+}
+
+impl<E: Exec> CudaBackend<E> {
+    /// Chooses where products of a few rows run, by `TOLLGATE_SMALL_PRODUCTS`: `cublas`
+    /// or `gemv` for all, else (the default) whichever gives the faster decode step here
+    /// ([`CudaBackend::tune_small_products`]). A failure leaves cuBLAS for all, logged.
+    pub fn choose_small_products(&mut self) {
+        let chosen = match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
+            Ok("cublas") => Ok(()),
+            Ok("gemv") => self.set_small_products(SmallProducts(u8::MAX)),
+            _ => self.tune_small_products(TUNE_STEPS).map(|t| {
+                tracing::info!(backend = %self.name, timings = ?t, chosen = ?self.dev.small,
+                    "products of few rows: cuBLAS or gemv_f16, by decode step time");
+            }),
+        };
+        if let Err(e) = chosen {
+            tracing::warn!(backend = %self.name,
+                "choosing the small products failed ({e}); cuBLAS for all");
+            let _ = self.set_small_products(SmallProducts::default());
+        }
+    }
+
+    /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
+    pub fn small_products(&self) -> SmallProducts {
+        self.dev.small
+    }
+
+    /// The timings behind [`CudaBackend::small_products`], when it was tuned.
+    pub fn small_product_timings(&self) -> &[SmallProductTiming] {
+        &self.tuned
+    }
+
+    /// Runs products of few rows as `small` says, from the next step on (the decode
+    /// graphs are captured again).
+    pub fn set_small_products(&mut self, small: SmallProducts) -> Result<(), ExecError> {
+        self.dev.small = small;
+        self.recapture_all()?;
+        Ok(())
+    }
+
+    /// Whether the kernels launch as programmatic dependent launches (Hopper on: each may
+    /// be scheduled while the one before it runs: [`crate::cuda::launch`]).
+    pub fn dependent_launch(&self) -> bool {
+        self.dev.exec.dependent_launch()
+    }
+
+    /// Turns dependent launches on or off from the next step on (the decode graphs are
+    /// captured again); says whether they are on (never where the device lacks them).
+    pub fn set_dependent_launch(&mut self, on: bool) -> Result<bool, ExecError> {
+        let on = self.dev.exec.set_dependent_launch(on);
+        self.recapture_all()?;
+        Ok(on)
+    }
+
+    /// Whether products of few rows on `gemv_f16` make their input themselves (the
+    /// norms and swiglu fused in, and RoPE with the cache write into the QKV product; the
+    /// default).
+    pub fn fused_small(&self) -> bool {
+        self.dev.fuse_small
+    }
+
+    /// Fuses the norms, swiglu and RoPE with the cache write into the products of few
+    /// rows on `gemv_f16`, or launches them apart (`on` false; the same bits either way),
+    /// from the next step on (the decode graphs are captured again).
+    pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
+        self.dev.fuse_small = on;
+        self.recapture_all()?;
+        Ok(())
+    }
+
+    /// The attention kernel the steps launch.
+    pub fn attention(&self) -> AttentionKernel {
+        self.dev.attention
+    }
+
+    /// Launches `kernel` for attention from the next step on (the decode graphs are
+    /// captured again).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<(), ExecError> {
+        self.dev.attention = kernel;
+        self.recapture_all()?;
+        Ok(())
+    }
+
+    /// Times each decode graph of at most [`gemv::MAX_ROWS`] sequences over `steps`
+    /// replays with its products on cuBLAS and on `gemv_f16`, and keeps the faster for the
+    /// row counts that bucket serves (direct launches of as many rows follow it). Nothing
+    /// changes when graphs are off.
+    pub fn tune_small_products(
+        &mut self,
+        steps: usize,
+    ) -> Result<Vec<SmallProductTiming>, ExecError> {
+        let mut out = Vec::new();
+        let mut below = 0;
+        for i in 0..self.graphs.len() {
+            let bucket = self.graphs[i].bucket;
+            if bucket > gemv::MAX_ROWS {
+                break;
+            }
+            let rows = below + 1..=bucket;
+            below = bucket;
+            let mut secs = [0.0f64; 2];
+            for (k, on) in [false, true].into_iter().enumerate() {
+                self.dev.small = rows.clone().fold(self.dev.small, |s, r| s.with(r, on));
+                self.recapture(i)?;
+                let t = std::time::Instant::now();
+                for _ in 0..steps {
+                    self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
+                }
+                secs[k] = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+            }
+            let gemv = secs[1] < secs[0];
+            self.dev.small = rows.fold(self.dev.small, |s, r| s.with(r, gemv));
+            self.recapture(i)?;
+            out.push(SmallProductTiming {
+                bucket,
+                cublas_secs: secs[0],
+                gemv_secs: secs[1],
+            });
+        }
+        self.tuned = out.clone();
+        Ok(out)
+    }
+}
