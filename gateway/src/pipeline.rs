@@ -276,6 +276,7 @@ async fn run(
         shown_logprobs,
         keep * parts.len(),
         req.tool_calls,
+        req.responses.clone(),
     );
     let stream = req.stream;
     let prompt_logprobs = params.prompt_logprobs;

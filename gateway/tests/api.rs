@@ -277,6 +277,22 @@ async fn request_ids_models_and_ops_endpoints() {
         .unwrap();
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "m");
+    let one = |id: &str| {
+        c.get(gw.url(&format!("/v1/models/{id}")))
+            .bearer_auth(KEY)
+            .send()
+    };
+    let r = one("m").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&v["object"], &v["id"]),
+        (&Value::from("model"), &Value::from("m"))
+    );
+    let r = one("org/other").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
     assert_eq!(c.get(gw.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(gw.url("/ready")).send().await.unwrap().status(), 200);
     let m = gw.metrics().await;

@@ -31,15 +31,22 @@ async fn openai_python_sdk_against_the_real_model() {
     run_sdk(&py, &gw, &["engine", &open[0].to_string()]).await;
 }
 
-/// Runs the SDK script against `gw` (`extra`: its optional arguments).
+/// Runs the SDK scripts (chat and completions; the Responses API) against `gw` (`extra`:
+/// their optional arguments).
 async fn run_sdk(py: &std::path::Path, gw: &Gateway, extra: &[&str]) {
+    for script in ["openai_sdk.py", "openai_responses.py"] {
+        run_script(py, gw, script, extra).await;
+    }
+}
+
+async fn run_script(py: &std::path::Path, gw: &Gateway, script: &str, extra: &[&str]) {
     let py = py.to_path_buf();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
+    let script = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
     let base = gw.base.clone();
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(py)
-            .args([script, &base, KEY, "m"])
+            .args([script.as_str(), base.as_str(), KEY, "m"])
             .args(&extra)
             .output()
             .unwrap()

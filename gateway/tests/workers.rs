@@ -51,10 +51,32 @@ async fn openai_upstream_non_streamed_and_streamed_with_upstream_usage() {
     .unwrap();
     assert_eq!(v["choices"][0]["text"], "tok tok");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // The Responses API, asked of the upstream as the chat request it means.
+    let v: Value = post(
+        &gw,
+        "/v1/responses",
+        r#"{"model":"m","input":"hi","max_output_tokens":3,"metadata":{"k":"v"}}"#,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "incomplete", "{v}");
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(v["output"][0]["content"][0]["text"], "tok tok tok");
+    assert_eq!(
+        v["usage"]["input_tokens"], 7,
+        "usage comes from the upstream"
+    );
+    assert_eq!(v["usage"]["output_tokens"], 3);
+    assert_eq!(v["usage"]["total_tokens"], 10);
+    assert_eq!(v["metadata"]["k"], "v");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
+/// Streams `body` to `path` from a slow upstream killed after the first token: what the
+/// client got, and the gateway's metrics after.
+async fn killed_mid_stream(path: &str, body: &str) -> (String, String) {
     let stub = Stub::start(StubArgs {
         tokens: 1000,
         token_delay_ms: 20,
@@ -62,7 +84,7 @@ async fn worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
     })
     .await;
     let gw = Gateway::start(&config(&stub.worker(), "", ""));
-    let mut r = post(&gw, "/v1/chat/completions", STREAM).await;
+    let mut r = post(&gw, path, body).await;
     assert_eq!(r.status(), 200);
     let mut seen = String::new();
     while !seen.contains("tok") {
@@ -76,10 +98,6 @@ async fn worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
     })
     .await;
     assert!(rest.is_ok(), "stream hung after the worker died");
-    let last = seen.trim_end().rsplit("\n\n").next().unwrap();
-    let v: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
-    assert_eq!(v["error"]["type"], "server_error", "{seen}");
-    assert!(!seen.contains("[DONE]"));
     let m = gw.metrics().await;
     assert_eq!(
         metric(
@@ -88,6 +106,50 @@ async fn worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
         ),
         Some(1.0)
     );
+    (seen, m)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
+    let (seen, _) = killed_mid_stream("/v1/chat/completions", STREAM).await;
+    let last = seen.trim_end().rsplit("\n\n").next().unwrap();
+    let v: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(v["error"]["type"], "server_error", "{seen}");
+    assert!(!seen.contains("[DONE]"));
+}
+
+/// The Responses API: an `error` event, then `response.failed` with what was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_mid_response_ends_with_error_and_response_failed() {
+    let body = r#"{"model":"m","input":"hi","stream":true}"#;
+    let (seen, _) = killed_mid_stream("/v1/responses", body).await;
+    let events: Vec<(&str, Value)> = seen
+        .trim_end()
+        .split("\n\n")
+        .map(|e| {
+            let (kind, data) = e
+                .strip_prefix("event: ")
+                .and_then(|e| e.split_once("\ndata: "))
+                .unwrap_or_else(|| panic!("not an event: {e:?}"));
+            (kind, serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let n = events.len();
+    assert_eq!(events[n - 2].0, "error", "{seen}");
+    assert_eq!(events[n - 2].1["code"], "upstream_error", "{seen}");
+    let (kind, last) = &events[n - 1];
+    assert_eq!(*kind, "response.failed");
+    assert_eq!(last["response"]["status"], "failed");
+    assert_eq!(last["response"]["error"]["code"], "upstream_error");
+    let written = last["response"]["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(written.starts_with("tok"), "{last}");
+    for (i, (kind, v)) in events.iter().enumerate() {
+        assert_eq!(v["type"], *kind);
+        assert_eq!(v["sequence_number"], i, "{kind}");
+    }
+    assert!(!seen.contains("[DONE]"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

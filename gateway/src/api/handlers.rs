@@ -10,7 +10,7 @@ use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use std::sync::atomic::Ordering;
@@ -78,40 +78,43 @@ fn with_limits(tenant: &Tenant, mut resp: Response) -> Response {
     resp
 }
 
-pub async fn chat(
+/// An inference endpoint: which validator reads its body (the response shape follows
+/// from the request it makes).
+pub trait Inference {
+    const VALIDATE: Validator;
+}
+
+/// `POST /v1/chat/completions`.
+pub struct Chat;
+/// `POST /v1/completions`.
+pub struct Completions;
+/// `POST /v1/responses`.
+pub struct Responses;
+
+impl Inference for Chat {
+    const VALIDATE: Validator = validate::chat;
+}
+impl Inference for Completions {
+    const VALIDATE: Validator = validate::completion;
+}
+impl Inference for Responses {
+    const VALIDATE: Validator = super::responses::validate;
+}
+
+/// The handler of inference endpoint `E`.
+pub async fn infer<E: Inference>(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
     acting: Option<Extension<ActingFor>>,
     Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    inference(state, tenant, acting.map(|a| a.0), id, body, validate::chat).await
+    inference(state, tenant, acting.map(|a| a.0), id, body, E::VALIDATE).await
 }
 
-pub async fn completions(
-    State(state): State<AppState>,
-    Extension(tenant): Extension<Arc<Tenant>>,
-    acting: Option<Extension<ActingFor>>,
-    Extension(id): Extension<RequestId>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    inference(
-        state,
-        tenant,
-        acting.map(|a| a.0),
-        id,
-        body,
-        validate::completion,
-    )
-    .await
-}
-
-/// The models this tenant can reach.
-pub async fn models(
-    State(state): State<AppState>,
-    Extension(tenant): Extension<Arc<Tenant>>,
-) -> Response {
-    let data = state
+/// The models this tenant can reach, as the API lists them.
+fn reachable(state: &AppState, tenant: &Tenant) -> Vec<ModelCard> {
+    state
         .live()
         .config
         .models
@@ -128,12 +131,33 @@ pub async fn models(
             created: 0,
             owned_by: "tollgate",
         })
-        .collect();
+        .collect()
+}
+
+/// `GET /v1/models`: the models this tenant can reach.
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+) -> Response {
+    let data = reachable(&state, &tenant);
     let resp = Json(ModelList {
         object: "list",
         data,
     })
     .into_response();
+    with_limits(&tenant, resp)
+}
+
+/// `GET /v1/models/{model}`: one of them (404 for any other, reachable by others or not).
+pub async fn model(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    Path(id): Path<String>,
+) -> Response {
+    let resp = match reachable(&state, &tenant).into_iter().find(|m| m.id == id) {
+        Some(card) => Json(card).into_response(),
+        None => ApiError::ModelNotFound(id).into_response(),
+    };
     with_limits(&tenant, resp)
 }
 

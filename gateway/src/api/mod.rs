@@ -7,7 +7,9 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod render;
+mod render_responses;
 pub mod request_id;
+mod responses;
 pub mod tools;
 pub mod types;
 pub mod validate;
@@ -21,9 +23,20 @@ use axum::Router;
 /// The gateway's whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/v1/chat/completions", post(handlers::chat))
-        .route("/v1/completions", post(handlers::completions))
+        .route(
+            "/v1/chat/completions",
+            post(handlers::infer::<handlers::Chat>),
+        )
+        .route(
+            "/v1/completions",
+            post(handlers::infer::<handlers::Completions>),
+        )
+        .route(
+            "/v1/responses",
+            post(handlers::infer::<handlers::Responses>),
+        )
         .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{*model}", get(handlers::model))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_tenant,

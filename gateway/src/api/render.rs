@@ -1,13 +1,17 @@
 //! Rendering a response in the OpenAI shape: whole JSON bodies and SSE frames
-//! (`data: {json}\n\n`, ending with `data: [DONE]\n\n`), for both endpoints.
+//! (`data: {json}\n\n`, ending with `data: [DONE]\n\n`) for chat and completions; the
+//! Responses API's shapes are [`super::render_responses`]'s, behind the same methods.
 
 use super::error::ApiError;
+use super::render_responses::ResponsesRender;
 use super::tools::{self, Answer, AnswerStream, Piece};
 use super::types::*;
 use super::validate::Endpoint;
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
+use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// Renders one response (one completion id) for one endpoint.
 pub struct Renderer {
@@ -25,6 +29,8 @@ pub struct Renderer {
     /// as it comes, and sent as a call's name then its arguments (or as words).
     tools: bool,
     answers: Vec<AnswerStream>,
+    /// `/v1/responses`: its renderer (every method hands over to it).
+    responses: Option<ResponsesRender>,
 }
 
 /// A tool call of the response (`index`: in a stream's delta).
@@ -55,7 +61,8 @@ fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl Renderer {
-    /// A renderer of `n` choices (`tools`: answers are tool calls).
+    /// A renderer of `n` choices (`tools`: answers are tool calls; `echo`: what a
+    /// `/v1/responses` answer repeats of its request).
     pub fn new(
         endpoint: Endpoint,
         model: &str,
@@ -63,19 +70,31 @@ impl Renderer {
         logprobs: bool,
         n: usize,
         tools: bool,
+        echo: Option<Arc<Map<String, Value>>>,
     ) -> Self {
-        let prefix = match endpoint {
-            Endpoint::Chat => "chatcmpl-",
-            Endpoint::Completion => "cmpl-",
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let responses = match endpoint {
+            Endpoint::Responses => Some(ResponsesRender::new(
+                model,
+                created,
+                echo.unwrap_or_default(),
+                logprobs,
+            )),
+            _ => None,
+        };
+        let id = match (endpoint, &responses) {
+            (_, Some(r)) => r.id().to_string(),
+            (Endpoint::Completion, _) => format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+            _ => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         };
         Self {
             endpoint,
-            id: format!("{prefix}{}", uuid::Uuid::new_v4().simple()),
+            id,
             model: model.to_string(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created,
             include_usage,
             logprobs,
             offsets: vec![0; n.max(1)],
@@ -83,6 +102,7 @@ impl Renderer {
             answers: (0..if tools { n.max(1) } else { 0 })
                 .map(|_| AnswerStream::default())
                 .collect(),
+            responses,
         }
     }
 
@@ -137,11 +157,16 @@ impl Renderer {
                     usage: self.usage_field(),
                 },
             ),
+            Endpoint::Responses => {}
         }
     }
 
     /// The first frames of a chat stream announce the assistant role, one per choice.
-    pub fn role_frame(&self, out: &mut BytesMut) {
+    pub fn role_frame(&mut self, out: &mut BytesMut) {
+        if let Some(r) = &mut self.responses {
+            r.start(out, self.tools);
+            return;
+        }
         if self.endpoint == Endpoint::Chat {
             for index in 0..self.offsets.len() {
                 let delta = Delta {
@@ -169,8 +194,15 @@ impl Renderer {
                 None => Vec::new(),
             };
             for p in pieces {
-                self.piece_frame(out, index, &p);
+                match &mut self.responses {
+                    Some(r) => r.piece(out, p),
+                    None => self.piece_frame(out, index, &p),
+                }
             }
+            return;
+        }
+        if let Some(r) = &mut self.responses {
+            r.text(out, text, logprobs);
             return;
         }
         let delta = Delta {
@@ -229,18 +261,28 @@ impl Renderer {
                 Some(a) => a.finish(),
                 None => (Vec::new(), false),
             };
-            for p in &pieces {
-                self.piece_frame(out, index, p);
+            for p in pieces {
+                match &mut self.responses {
+                    Some(r) => r.piece(out, p),
+                    None => self.piece_frame(out, index, &p),
+                }
             }
             if called && finish == FinishReason::Stop {
                 finish = FinishReason::ToolCalls;
             }
         }
-        self.chunk(out, index, Delta::default(), "", None, Some(finish));
+        match &mut self.responses {
+            Some(r) => r.finish(out, finish),
+            None => self.chunk(out, index, Delta::default(), "", None, Some(finish)),
+        }
     }
 
     /// The usage frame (when asked for) and `[DONE]`, once every choice has finished.
-    pub fn end_frames(&self, out: &mut BytesMut, usage: Usage) {
+    pub fn end_frames(&mut self, out: &mut BytesMut, usage: Usage) {
+        if let Some(r) = &mut self.responses {
+            r.end(out, usage);
+            return;
+        }
         if self.include_usage {
             let usage = Some(Some(UsageOut::from(usage)));
             match self.endpoint {
@@ -266,13 +308,18 @@ impl Renderer {
                         usage,
                     },
                 ),
+                Endpoint::Responses => {}
             }
         }
         out.put_slice(b"data: [DONE]\n\n");
     }
 
     /// A mid-stream failure: an error event in the OpenAI shape; the stream then ends.
-    pub fn error_frame(&self, out: &mut BytesMut, err: &ApiError) {
+    pub fn error_frame(&mut self, out: &mut BytesMut, err: &ApiError) {
+        if let Some(r) = &mut self.responses {
+            r.error(out, err);
+            return;
+        }
         out.put_slice(b"data: ");
         out.put_slice(err.to_json().as_bytes());
         out.put_slice(b"\n\n");
@@ -280,7 +327,10 @@ impl Renderer {
 
     /// A whole (non-streamed) response body, with each choice's tokens' log-probabilities
     /// when the request asked.
-    pub fn full(&self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
+    pub fn full(&mut self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
+        if let (Some(r), Some(c)) = (&mut self.responses, choices.first()) {
+            return Bytes::from(r.full(c.text, c.logprobs, c.finish, self.tools, usage));
+        }
         // With tool calls, each choice's answer document, when it ended complete.
         let answers: Vec<Option<Answer>> = choices
             .iter()
@@ -360,6 +410,7 @@ impl Renderer {
                     .collect(),
                 usage: usage.into(),
             }),
+            Endpoint::Responses => Ok(Vec::new()),
         };
         Bytes::from(body.unwrap_or_default())
     }

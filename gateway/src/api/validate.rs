@@ -11,12 +11,15 @@ use crate::config::ServerConfig;
 use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Which endpoint a request came in on (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Chat,
     Completion,
+    /// `/v1/responses`: validated as the chat request it means ([`super::responses`]).
+    Responses,
 }
 
 /// A validated request, ready for the pipeline.
@@ -39,6 +42,8 @@ pub struct InferenceRequest {
     /// The answer is a tool call (or, with `tool_choice: "auto"`, words) in the JSON
     /// shape of [`tools`], to be rendered as `tool_calls`.
     pub tool_calls: bool,
+    /// `/v1/responses`: what its answer repeats of the request.
+    pub responses: Option<Arc<serde_json::Map<String, Value>>>,
 }
 
 /// The most choices a request may ask for (`n`).
@@ -423,6 +428,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         n,
         best_of: n,
         tool_calls: tool_plan.is_some(),
+        responses: None,
     })
 }
 
@@ -476,6 +482,7 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         n,
         best_of,
         tool_calls: false,
+        responses: None,
     })
 }
 

@@ -21,6 +21,12 @@ client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 # Models.
 ids = [m.id for m in client.models.list()]
 assert model in ids, ids
+assert client.models.retrieve(model).id == model
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
 
 # A chat completion, with usage.
 r = client.chat.completions.create(

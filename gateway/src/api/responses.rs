@@ -1,0 +1,612 @@
+//! `POST /v1/responses` (OpenAI's Responses API), read: a body is translated into the chat
+//! request it means and validated by the chat validator ([`validate::chat`]), so that both
+//! endpoints hold the same rules; an error found there is named in the Responses body's
+//! terms (`max_output_tokens`, `input[2]`, `text.format`). What the response must repeat
+//! of the request (instructions, sampling, tools, metadata) travels with it
+//! ([`InferenceRequest::responses`]) to [`super::render_responses`].
+//!
+//! Taken: `input` (a string, or items: messages with text parts, `function_call` and
+//! `function_call_output`), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
+//! `stream`, `text.format` (`text`, `json_object`, `json_schema`), function `tools`,
+//! `tool_choice`, `parallel_tool_calls`, `include: ["message.output_text.logprobs"]` with
+//! `top_logprobs`, `metadata`, `user`, `store` (nothing is stored: answered `false`), and
+//! the chat endpoint's other sampling options (`seed`, `top_k`, `stop`, penalties,
+//! `logit_bias`) as extensions. Refused with a 400 that names them: what needs stored
+//! responses (`previous_response_id`, `conversation`, `item_reference`, `background`),
+//! prompt templates, reasoning options, `truncation: "auto"`, non-text inputs, built-in
+//! tools.
+
+use super::error::ApiError;
+use super::validate::{self, Endpoint, InferenceRequest};
+use crate::config::ServerConfig;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// What `include` may ask for.
+const LOGPROBS: &str = "message.output_text.logprobs";
+
+/// The sampling options of the chat endpoint taken here too (vLLM's extensions).
+const EXTENSIONS: &[&str] = &[
+    "seed",
+    "top_k",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+];
+
+/// Validates a `/v1/responses` body.
+pub fn validate(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("Request body is not valid JSON: {e}"), None))?;
+    let Value::Object(req) = req else {
+        return Err(ApiError::bad("Request body must be a JSON object.", None));
+    };
+    let (chat, origin) = translate(&req)?;
+    let bytes = serde_json::to_vec(&Value::Object(chat))
+        .map_err(|e| ApiError::Internal(format!("encoding the chat request: {e}")))?;
+    let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin))?;
+    out.endpoint = Endpoint::Responses;
+    out.include_usage = true;
+    out.responses = Some(Arc::new(echo(&req)));
+    Ok(out)
+}
+
+/// Where each chat message came from: an `input` item, or `instructions` (`None`).
+type Origin = Vec<Option<usize>>;
+
+fn present<'a>(req: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    req.get(k).filter(|v| !v.is_null())
+}
+
+/// The chat request a Responses body means, and where its messages came from.
+fn translate(req: &Map<String, Value>) -> Result<(Map<String, Value>, Origin), ApiError> {
+    for (k, what) in [
+        (
+            "previous_response_id",
+            "continuing a stored response (nothing is stored; send the whole `input`)",
+        ),
+        (
+            "conversation",
+            "conversations (nothing is stored; send the whole `input`)",
+        ),
+        ("prompt", "prompt templates"),
+        ("max_tool_calls", "`max_tool_calls`"),
+    ] {
+        if present(req, k).is_some() {
+            return Err(ApiError::unsupported(k, what));
+        }
+    }
+    if req.get("background") == Some(&Value::Bool(true)) {
+        return Err(ApiError::unsupported("background", "background responses"));
+    }
+    if let Some(r) = present(req, "reasoning") {
+        let set = r
+            .as_object()
+            .is_none_or(|o| o.values().any(|v| !v.is_null()));
+        if set {
+            return Err(ApiError::unsupported(
+                "reasoning",
+                "reasoning options (the model does not reason apart from its answer)",
+            ));
+        }
+    }
+    match present(req, "truncation").map(|t| t.as_str()) {
+        None | Some(Some("disabled")) => {}
+        Some(Some("auto")) => {
+            return Err(ApiError::unsupported(
+                "truncation",
+                "`truncation: \"auto\"` (a prompt past the context is refused instead)",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "`truncation` must be \"disabled\" or \"auto\".",
+                Some("truncation".into()),
+            ))
+        }
+    }
+    let mut chat = Map::new();
+    for k in [
+        "model",
+        "temperature",
+        "top_p",
+        "stream",
+        "user",
+        "parallel_tool_calls",
+    ] {
+        if let Some(v) = req.get(k) {
+            chat.insert(k.into(), v.clone());
+        }
+    }
+    for &k in EXTENSIONS {
+        if let Some(v) = req.get(k) {
+            chat.insert(k.into(), v.clone());
+        }
+    }
+    if !chat.contains_key("model") {
+        return Err(ApiError::bad("`model` is required.", Some("model".into())));
+    }
+    if let Some(v) = req.get("max_output_tokens") {
+        chat.insert("max_completion_tokens".into(), v.clone());
+    }
+    let (messages, origin) = messages(req)?;
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(f) = present(req, "text").and_then(|t| t.get("format")) {
+        chat.insert("response_format".into(), format(f)?);
+    }
+    if let Some(t) = present(req, "tools") {
+        chat.insert("tools".into(), tools(t)?);
+    }
+    if let Some(c) = present(req, "tool_choice") {
+        chat.insert("tool_choice".into(), tool_choice(c));
+    }
+    if logprobs(req)? {
+        chat.insert("logprobs".into(), Value::Bool(true));
+        if let Some(t) = req.get("top_logprobs") {
+            chat.insert("top_logprobs".into(), t.clone());
+        }
+    }
+    Ok((chat, origin))
+}
+
+/// Whether the answer's log-probabilities are asked for: `include` names them, or
+/// `top_logprobs` asks for alternatives.
+fn logprobs(req: &Map<String, Value>) -> Result<bool, ApiError> {
+    let mut on = false;
+    if let Some(inc) = present(req, "include") {
+        let items = inc.as_array().ok_or_else(|| {
+            ApiError::bad(
+                "`include` must be an array of strings.",
+                Some("include".into()),
+            )
+        })?;
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str() {
+                Some(LOGPROBS) => on = true,
+                Some(other) => {
+                    return Err(ApiError::unsupported(
+                        &format!("include[{i}]"),
+                        &format!("including {other:?}"),
+                    ))
+                }
+                None => {
+                    return Err(ApiError::bad(
+                        "`include` must be an array of strings.",
+                        Some(format!("include[{i}]")),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(on || present(req, "top_logprobs").is_some_and(|t| t.as_u64() != Some(0)))
+}
+
+/// The chat messages of `instructions` and `input`.
+fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> {
+    let mut out = Vec::new();
+    let mut origin = Vec::new();
+    match present(req, "instructions") {
+        None => {}
+        Some(Value::String(s)) => {
+            out.push(json!({"role": "system", "content": s}));
+            origin.push(None);
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "`instructions` must be a string.",
+                Some("instructions".into()),
+            ))
+        }
+    }
+    let items = match present(req, "input") {
+        None => return Err(ApiError::bad("`input` is required.", Some("input".into()))),
+        Some(Value::String(s)) => {
+            out.push(json!({"role": "user", "content": s}));
+            origin.push(Some(0));
+            return Ok((out, origin));
+        }
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "`input` must be a string or a non-empty array of items.",
+                Some("input".into()),
+            ))
+        }
+    };
+    for (i, item) in items.iter().enumerate() {
+        let at = |f: &str| format!("input[{i}]{f}");
+        let kind = item
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("message");
+        let field = |k: &str| -> Result<&str, ApiError> {
+            item.get(k).and_then(Value::as_str).ok_or_else(|| {
+                ApiError::bad(
+                    format!("`{}` must be a string.", at(&format!(".{k}"))),
+                    Some(at(&format!(".{k}"))),
+                )
+            })
+        };
+        match kind {
+            "message" => {
+                let role = field("role")?;
+                if !matches!(role, "user" | "system" | "developer" | "assistant") {
+                    return Err(ApiError::bad(
+                        format!("Invalid role {role:?} in `{}`.", at(".role")),
+                        Some(at(".role")),
+                    ));
+                }
+                let content = text(item.get("content"), &at(".content"))?;
+                out.push(json!({"role": role, "content": content}));
+            }
+            "function_call" => {
+                let call = json!({
+                    "id": field("call_id")?,
+                    "type": "function",
+                    "function": {"name": field("name")?, "arguments": field("arguments")?},
+                });
+                // Calls one after another are one turn's calls (parallel ones).
+                let last = out
+                    .last_mut()
+                    .filter(|m| m["role"] == "assistant" && m.get("tool_calls").is_some());
+                match last.and_then(|m| m["tool_calls"].as_array_mut()) {
+                    Some(calls) => {
+                        calls.push(call);
+                        continue;
+                    }
+                    None => out.push(json!({"role": "assistant", "tool_calls": [call]})),
+                }
+            }
+            "function_call_output" => {
+                let output = text(item.get("output"), &at(".output"))?;
+                out.push(json!({
+                    "role": "tool",
+                    "tool_call_id": field("call_id")?,
+                    "content": output,
+                }));
+            }
+            "item_reference" => {
+                return Err(ApiError::unsupported(
+                    &at(""),
+                    "item references (nothing is stored; send the item itself)",
+                ))
+            }
+            other => {
+                return Err(ApiError::unsupported(
+                    &at(".type"),
+                    &format!("input items of type {other:?}"),
+                ))
+            }
+        }
+        origin.push(Some(i));
+    }
+    Ok((out, origin))
+}
+
+/// A message's or a tool output's text: a string, or text parts (`input_text`,
+/// `output_text`) joined.
+fn text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
+    match content {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut s = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+                match (kind, p.get("text").and_then(Value::as_str)) {
+                    ("input_text" | "output_text", Some(t)) => s.push_str(t),
+                    ("input_text" | "output_text", None) => {
+                        return Err(ApiError::bad(
+                            format!("`{at}[{j}].text` must be a string."),
+                            Some(format!("{at}[{j}].text")),
+                        ))
+                    }
+                    _ => {
+                        return Err(ApiError::unsupported(
+                            &format!("{at}[{j}]"),
+                            &format!("content of type {kind:?}"),
+                        ))
+                    }
+                }
+            }
+            Ok(s)
+        }
+        _ => Err(ApiError::bad(
+            format!("`{at}` must be a string or an array of text parts."),
+            Some(at.to_string()),
+        )),
+    }
+}
+
+/// `text.format` as the chat endpoint's `response_format`.
+fn format(f: &Value) -> Result<Value, ApiError> {
+    match f.get("type").and_then(Value::as_str) {
+        Some("json_schema") => {
+            let mut spec = Map::new();
+            for k in ["name", "schema", "strict", "description"] {
+                if let Some(v) = f.get(k) {
+                    spec.insert(k.into(), v.clone());
+                }
+            }
+            if !spec.contains_key("schema") {
+                return Err(ApiError::bad(
+                    "`text.format.schema` is required with `type: \"json_schema\"`.",
+                    Some("text.format.schema".into()),
+                ));
+            }
+            Ok(json!({"type": "json_schema", "json_schema": spec}))
+        }
+        Some(t @ ("text" | "json_object")) => Ok(json!({ "type": t })),
+        _ => Err(ApiError::bad(
+            format!(
+                "`text.format.type` must be \"text\", \"json_object\" or \"json_schema\", got {}.",
+                f.get("type").unwrap_or(&Value::Null)
+            ),
+            Some("text.format.type".into()),
+        )),
+    }
+}
+
+/// Function tools as the chat endpoint's (`{type, function: {name, …}}`).
+fn tools(t: &Value) -> Result<Value, ApiError> {
+    let list = t
+        .as_array()
+        .ok_or_else(|| ApiError::bad("`tools` must be an array.", Some("tools".into())))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, tool) in list.iter().enumerate() {
+        match tool.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let mut f = Map::new();
+                for k in ["name", "description", "parameters", "strict"] {
+                    if let Some(v) = tool.get(k) {
+                        f.insert(k.into(), v.clone());
+                    }
+                }
+                out.push(json!({"type": "function", "function": f}));
+            }
+            other => {
+                return Err(ApiError::unsupported(
+                    &format!("tools[{i}].type"),
+                    &format!("tools of type {}", other.unwrap_or("(none)")),
+                ))
+            }
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+/// `tool_choice` as the chat endpoint's (a named function nests its name).
+fn tool_choice(c: &Value) -> Value {
+    match (c.get("type").and_then(Value::as_str), c.get("name")) {
+        (Some("function"), Some(name)) => json!({"type": "function", "function": {"name": name}}),
+        _ => c.clone(),
+    }
+}
+
+/// A chat validation error in the Responses body's terms.
+fn rename(e: ApiError, origin: &Origin) -> ApiError {
+    let ApiError::BadRequest {
+        message,
+        param,
+        code,
+    } = e
+    else {
+        return e;
+    };
+    let fix = |s: &str| -> String {
+        let mut s = s
+            .replace("response_format.json_schema.schema", "text.format.schema")
+            .replace("response_format.json_schema", "text.format")
+            .replace("response_format", "text.format")
+            .replace("max_completion_tokens", "max_output_tokens")
+            .replace("max_tokens", "max_output_tokens")
+            .replace("].function.", "].");
+        // `messages[k]…` → the item it came from.
+        while let Some(at) = s.find("messages[") {
+            let rest = &s[at + "messages[".len()..];
+            let Some(end) = rest.find(']') else { break };
+            let k: Option<usize> = rest[..end].parse().ok();
+            let to = match k.and_then(|k| origin.get(k).copied()) {
+                Some(Some(i)) => format!("input[{i}]"),
+                Some(None) => "instructions".to_string(),
+                None => "input".to_string(),
+            };
+            s.replace_range(at..at + "messages[".len() + end + 1, &to);
+        }
+        s
+    };
+    ApiError::BadRequest {
+        message: fix(&message),
+        param: param.map(|p| fix(&p)),
+        code,
+    }
+}
+
+/// What the response repeats of the request, with the defaults OpenAI answers.
+fn echo(req: &Map<String, Value>) -> Map<String, Value> {
+    let get = |k: &str, default: Value| present(req, k).cloned().unwrap_or(default);
+    let mut m = Map::new();
+    m.insert("instructions".into(), get("instructions", Value::Null));
+    m.insert(
+        "max_output_tokens".into(),
+        get("max_output_tokens", Value::Null),
+    );
+    m.insert("temperature".into(), get("temperature", json!(1.0)));
+    m.insert("top_p".into(), get("top_p", json!(1.0)));
+    m.insert("top_logprobs".into(), get("top_logprobs", json!(0)));
+    m.insert(
+        "text".into(),
+        get("text", json!({"format": {"type": "text"}})),
+    );
+    m.insert("tools".into(), get("tools", json!([])));
+    m.insert("tool_choice".into(), get("tool_choice", json!("auto")));
+    m.insert(
+        "parallel_tool_calls".into(),
+        get("parallel_tool_calls", Value::Bool(true)),
+    );
+    m.insert("metadata".into(), get("metadata", json!({})));
+    m.insert("user".into(), get("user", Value::Null));
+    m.insert("previous_response_id".into(), Value::Null);
+    m.insert("reasoning".into(), json!({"effort": null, "summary": null}));
+    m.insert("truncation".into(), json!("disabled"));
+    m.insert("store".into(), Value::Bool(false));
+    m.insert("background".into(), Value::Bool(false));
+    m.insert("service_tier".into(), json!("default"));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ServerConfig {
+        ServerConfig::default()
+    }
+
+    fn ok(v: Value) -> InferenceRequest {
+        validate(v.to_string().as_bytes(), &server()).expect("valid")
+    }
+
+    fn err(v: Value) -> (String, Option<String>) {
+        match validate(v.to_string().as_bytes(), &server()) {
+            Err(ApiError::BadRequest { message, param, .. }) => (message, param),
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_string_input_with_instructions_is_a_system_and_a_user_message() {
+        let r = ok(
+            json!({"model": "m", "input": "Hi", "instructions": "Be brief",
+            "max_output_tokens": 7, "temperature": 0}),
+        );
+        assert_eq!(r.endpoint, Endpoint::Responses);
+        assert_eq!(r.params.max_tokens, 7);
+        assert_eq!(r.params.temperature, 0.0);
+        let crate::worker::Prompt::Chat(m) = &r.prompts[0] else {
+            panic!("a chat prompt")
+        };
+        let turns: Vec<(&str, &str)> = m
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(turns, [("system", "Be brief"), ("user", "Hi")]);
+        let echo = r.responses.expect("the echo");
+        assert_eq!(echo["instructions"], "Be brief");
+        assert_eq!(echo["max_output_tokens"], 7);
+        assert_eq!(echo["store"], false);
+    }
+
+    #[test]
+    fn items_become_turns_and_calls_one_after_another_are_one_turn() {
+        let r = ok(json!({"model": "m", "input": [
+            {"role": "developer", "content": [{"type": "input_text", "text": "Rules"}]},
+            {"type": "message", "role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"city\":\"A\"}"},
+            {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{\"city\":\"B\"}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sun"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+        ]}));
+        let crate::worker::Prompt::Chat(m) = &r.prompts[0] else {
+            panic!("a chat prompt")
+        };
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        // The tool's output is a user turn in text (as on the chat endpoint).
+        assert_eq!(
+            roles,
+            ["developer", "user", "assistant", "user", "assistant"]
+        );
+        assert!(
+            m[2].content.contains("\"A\"") && m[2].content.contains("\"B\""),
+            "{m:?}"
+        );
+        assert!(m[3].content.contains("sun"), "{m:?}");
+    }
+
+    #[test]
+    fn formats_tools_and_logprobs_map_onto_the_chat_request() {
+        let r = ok(json!({"model": "m", "input": "x",
+            "text": {"format": {"type": "json_schema", "name": "p",
+                "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}));
+        assert!(r.params.json.is_some());
+        let r = ok(json!({"model": "m", "input": "x",
+            "tools": [{"type": "function", "name": "w",
+                "parameters": {"type": "object", "properties": {}}}],
+            "tool_choice": {"type": "function", "name": "w"}}));
+        assert!(r.tool_calls);
+        let r = ok(json!({"model": "m", "input": "x",
+            "include": ["message.output_text.logprobs"], "top_logprobs": 3}));
+        assert_eq!(r.params.logprobs, Some(3));
+        let r = ok(json!({"model": "m", "input": "x", "seed": 5, "top_k": 4}));
+        assert_eq!((r.params.seed, r.params.top_k), (Some(5), 4));
+    }
+
+    #[test]
+    fn errors_name_the_responses_fields() {
+        let cases = [
+            (json!({"model": "m"}), "input"),
+            (json!({"model": "m", "input": []}), "input"),
+            (json!({"input": "x"}), "model"),
+            (
+                json!({"model": "m", "input": "x", "max_output_tokens": 0}),
+                "max_output_tokens",
+            ),
+            (
+                json!({"model": "m", "input": "x", "temperature": 3}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "user", "content": "a"},
+                {"role": "robot", "content": "b"}]}),
+                "input[1].role",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "user",
+                "content": [{"type": "input_image", "image_url": "x"}]}]}),
+                "input[0].content[0]",
+            ),
+            (
+                json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (
+                json!({"model": "m", "input": "x", "reasoning": {"effort": "high"}}),
+                "reasoning",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+                "tools[0].type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "w",
+                "parameters": {"type": "object", "multipleOf": 2}}]}),
+                "tools[0].parameters",
+            ),
+            (
+                json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}}),
+                "text.format.schema",
+            ),
+            (
+                json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema",
+                "name": "p", "schema": {"type": "string", "format": "hostname"}}}}),
+                "text.format.schema",
+            ),
+            (
+                json!({"model": "m", "input": "x", "include": ["file_search_call.results"]}),
+                "include[0]",
+            ),
+            (
+                json!({"model": "m", "input": "x", "truncation": "auto"}),
+                "truncation",
+            ),
+        ];
+        for (body, want) in cases {
+            let (message, param) = err(body.clone());
+            assert_eq!(param.as_deref(), Some(want), "{body}: {message}");
+            assert!(
+                !message.contains("messages") && !message.contains("response_format"),
+                "{body}: {message}"
+            );
+        }
+    }
+}
