@@ -9,6 +9,8 @@
 #   RUNTIMES="per_core shared" bash bench/overhead.sh   # a plain gateway per server.runtime
 #   BASELINE=/tmp/gateway-old bash bench/overhead.sh     # also a `limits` gateway run from
 #                                   # another build (A/B of a change, in the same sitting)
+#   RESPONSES=1 bash bench/overhead.sh   # also the first plain gateway asked the same
+#                                   # through POST /v1/responses (what its translation costs)
 #
 # The gateways' CPU per request (user + system, from /proc) is printed beside each run.
 set -euo pipefail
@@ -18,6 +20,7 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 RUNTIMES=${RUNTIMES:-per_core}
 BASELINE=${BASELINE:-}
+RESPONSES=${RESPONSES:-}
 STUB_PORT=${STUB_PORT:-19100}
 PLAIN_PORT=${PLAIN_PORT:-19080}
 LIMITS_PORT=${LIMITS_PORT:-19081}
@@ -69,12 +72,13 @@ if [ -n "$BASELINE" ]; then
 fi
 sleep 1
 BODY='{"model":"stub","messages":[{"role":"user","content":"hello"}],"max_tokens":4}'
+RESPONSES_BODY='{"model":"stub","input":"hello","max_output_tokens":4}'
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system CPU, in 1/100 s
-run() { # label, rate, url[, pid whose CPU to count]
+run() { # label, rate, url[, pid whose CPU to count[, body]]
   local a b out
   [ -n "${4:-}" ] && a=$(ticks "$4")
   out=$(./target/release/loadtest rate --rate "$2" --duration "$DURATION" --connections "$CONNS" \
-          --key sk-tollgate-demo --body "$BODY" --label "$1" --url "$3")
+          --key sk-tollgate-demo --body "${5:-$BODY}" --label "$1" --url "$3")
   if [ -n "${4:-}" ]; then
     b=$(ticks "$4")
     out=$(python3 -c 'import json,sys; x=json.loads(sys.argv[1]); x["cpu_us_per_req"]=round((int(sys.argv[2])*1e4)/max(1,x["achieved_rps"]*float(sys.argv[3]))); print(json.dumps(x))' "$out" "$((b - a))" "$DURATION")
@@ -87,6 +91,10 @@ for r in $RATES; do
   for rt in $RUNTIMES; do
     runs+=("$(run "plain/$rt" "$r" "http://127.0.0.1:${PORT[$rt]}/v1/chat/completions" "${PID[$rt]}")")
   done
+  if [ -n "$RESPONSES" ]; then
+    rt=${RUNTIMES%% *}
+    runs+=("$(run "responses/$rt" "$r" "http://127.0.0.1:${PORT[$rt]}/v1/responses" "${PID[$rt]}" "$RESPONSES_BODY")")
+  fi
   runs+=("$(run limits "$r" "http://127.0.0.1:$LIMITS_PORT/v1/chat/completions" "${PID[limits]}")")
   if [ -n "$BASELINE" ]; then
     runs+=("$(run limits/baseline "$r" "http://127.0.0.1:$((LIMITS_PORT + 2))/v1/chat/completions" "${PID[baseline]}")")

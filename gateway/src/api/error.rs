@@ -117,7 +117,13 @@ impl ApiError {
         }
     }
 
-    fn param(&self) -> Option<&str> {
+    /// The OpenAI error's `code`.
+    pub fn code(&self) -> Option<&'static str> {
+        self.kind_and_code().1
+    }
+
+    /// The OpenAI error's `param`: the request field at fault, where there is one.
+    pub fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadRequest { param, .. } => param.as_deref(),
             ApiError::ModelNotFound(_) => Some("model"),

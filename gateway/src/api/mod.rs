@@ -9,7 +9,7 @@ mod handlers;
 pub mod render;
 mod render_responses;
 pub mod request_id;
-mod responses;
+pub mod responses;
 pub mod tools;
 pub mod types;
 pub mod validate;

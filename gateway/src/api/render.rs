@@ -10,7 +10,6 @@ use super::validate::Endpoint;
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use serde_json::{Map, Value};
 use std::sync::Arc;
 
 /// Renders one response (one completion id) for one endpoint.
@@ -70,7 +69,7 @@ impl Renderer {
         logprobs: bool,
         n: usize,
         tools: bool,
-        echo: Option<Arc<Map<String, Value>>>,
+        echo: Option<Arc<str>>,
     ) -> Self {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -80,7 +79,7 @@ impl Renderer {
             Endpoint::Responses => Some(ResponsesRender::new(
                 model,
                 created,
-                echo.unwrap_or_default(),
+                echo.unwrap_or_else(|| Arc::from("")),
                 logprobs,
             )),
             _ => None,
@@ -329,7 +328,9 @@ impl Renderer {
     /// when the request asked.
     pub fn full(&mut self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
         if let (Some(r), Some(c)) = (&mut self.responses, choices.first()) {
-            return Bytes::from(r.full(c.text, c.logprobs, c.finish, self.tools, usage));
+            return r
+                .full(c.text, c.logprobs, c.finish, self.tools, usage)
+                .freeze();
         }
         // With tool calls, each choice's answer document, when it ended complete.
         let answers: Vec<Option<Answer>> = choices

@@ -7,13 +7,15 @@
 //!
 //! Tool-calling answers arrive as [`Piece`]s ([`super::tools::AnswerStream`]); each call
 //! becomes its own `function_call` item, words a `message` item.
+//!
+//! Everything is written from borrowed, typed values; what a response repeats of its
+//! request was serialized once, at validation ([`super::responses`]), and is spliced in.
 
 use super::error::ApiError;
 use super::tools::{self, Answer, Piece};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 /// One output item as it is built.
@@ -33,17 +35,160 @@ enum Item {
     },
 }
 
-/// The most frequent event, typed so that a token's delta costs no JSON tree.
+impl Item {
+    fn id(&self) -> &str {
+        match self {
+            Item::Message { id, .. } | Item::Call { id, .. } => id,
+        }
+    }
+}
+
+/// An `output_text` content part.
 #[derive(Serialize)]
-struct TextDelta<'a> {
+struct PartOut<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    sequence_number: u64,
-    item_id: &'a str,
-    output_index: usize,
-    content_index: u32,
-    delta: &'a str,
+    text: &'a str,
+    annotations: [(); 0],
     logprobs: &'a [TokenLogprob],
+}
+
+/// An output item.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ItemOut<'a> {
+    Message {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        status: &'a str,
+        role: &'static str,
+        content: [PartOut<'a>; 1],
+    },
+    Call {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        status: &'a str,
+        call_id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct TokensDetails {
+    cached_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct OutputDetails {
+    reasoning_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct UsageOut {
+    input_tokens: u32,
+    input_tokens_details: TokensDetails,
+    output_tokens: u32,
+    output_tokens_details: OutputDetails,
+    total_tokens: u32,
+}
+
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        Self {
+            input_tokens: u.prompt_tokens,
+            input_tokens_details: TokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+            output_tokens: u.completion_tokens,
+            output_tokens_details: OutputDetails {
+                reasoning_tokens: 0,
+            },
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Incomplete {
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    code: Option<&'a str>,
+    message: &'a str,
+}
+
+/// A `response` object but for what it repeats of the request.
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'a str,
+    error: Option<Failure<'a>>,
+    incomplete_details: Option<Incomplete>,
+    model: &'a str,
+    output: Vec<ItemOut<'a>>,
+    usage: Option<UsageOut>,
+}
+
+/// An event's own fields after its type and sequence number.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Fields<'a> {
+    Item {
+        output_index: usize,
+        item: ItemOut<'a>,
+    },
+    Part {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        part: PartOut<'a>,
+    },
+    TextDelta {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        delta: &'a str,
+        logprobs: &'a [TokenLogprob],
+    },
+    TextDone {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        text: &'a str,
+        logprobs: &'a [TokenLogprob],
+    },
+    ArgumentsDelta {
+        item_id: &'a str,
+        output_index: usize,
+        delta: &'a str,
+    },
+    ArgumentsDone {
+        item_id: &'a str,
+        output_index: usize,
+        name: &'a str,
+        arguments: &'a str,
+    },
+    Error {
+        code: Option<&'a str>,
+        message: &'a str,
+        param: Option<&'a str>,
+    },
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    sequence_number: u64,
+    #[serde(flatten)]
+    fields: Fields<'a>,
 }
 
 /// The Responses renderer of one answer (the endpoint has one choice).
@@ -51,8 +196,8 @@ pub struct ResponsesRender {
     id: String,
     model: String,
     created: u64,
-    /// What the response repeats of the request (see [`super::responses`]).
-    echo: Arc<Map<String, Value>>,
+    /// What the response repeats of the request: JSON object members, without braces.
+    echo: Arc<str>,
     /// Tokens' log-probabilities go into the output text.
     logprobs: bool,
     seq: u64,
@@ -65,18 +210,14 @@ fn item_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({
-        "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": u.cached_tokens},
-        "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    })
+/// Writes `v` as JSON to `out`. Serializing these plain values cannot fail; an empty
+/// value would be the worst case.
+fn json<T: Serialize>(out: &mut BytesMut, v: &T) {
+    let _ = serde_json::to_writer(out.writer(), v);
 }
 
 impl ResponsesRender {
-    pub fn new(model: &str, created: u64, echo: Arc<Map<String, Value>>, logprobs: bool) -> Self {
+    pub fn new(model: &str, created: u64, echo: Arc<str>, logprobs: bool) -> Self {
         Self {
             id: item_id("resp"),
             model: model.to_string(),
@@ -93,24 +234,24 @@ impl ResponsesRender {
         &self.id
     }
 
-    /// One SSE event: `event: <type>` and its data with the next sequence number.
-    fn event<T: Serialize>(&mut self, out: &mut BytesMut, kind: &str, data: &T) {
+    /// One SSE event of `kind` that carries the whole response.
+    fn response_event(
+        &mut self,
+        out: &mut BytesMut,
+        kind: &str,
+        usage: Option<Usage>,
+        error: Option<Failure<'_>>,
+    ) {
         out.put_slice(b"event: ");
         out.put_slice(kind.as_bytes());
-        out.put_slice(b"\ndata: ");
-        // Serializing these plain values cannot fail; an empty event would be the worst case.
-        let _ = serde_json::to_writer((&mut *out).writer(), data);
-        out.put_slice(b"\n\n");
+        out.put_slice(b"\ndata: {\"type\":\"");
+        out.put_slice(kind.as_bytes());
+        out.put_slice(b"\",\"sequence_number\":");
+        out.put_slice(self.seq.to_string().as_bytes());
+        out.put_slice(b",\"response\":");
+        self.response(out, usage, error);
+        out.put_slice(b"}\n\n");
         self.seq += 1;
-    }
-
-    /// An event whose data is `fields` with its type and sequence number.
-    fn event_with(&mut self, out: &mut BytesMut, kind: &str, fields: Value) {
-        let mut data = json!({"type": kind, "sequence_number": self.seq});
-        if let (Some(d), Value::Object(f)) = (data.as_object_mut(), fields) {
-            d.extend(f);
-        }
-        self.event(out, kind, &data);
     }
 
     fn status(&self) -> &'static str {
@@ -121,78 +262,82 @@ impl ResponsesRender {
         }
     }
 
-    /// An item as JSON, with `status`.
-    fn item_json(&self, item: &Item, status: &str) -> Value {
+    fn part<'a>(&self, text: &'a str, logprobs: &'a [TokenLogprob]) -> PartOut<'a> {
+        PartOut {
+            kind: "output_text",
+            text,
+            annotations: [],
+            logprobs: if self.logprobs { logprobs } else { &[] },
+        }
+    }
+
+    fn item_out<'a>(&self, item: &'a Item, status: &'a str) -> ItemOut<'a> {
         match item {
-            Item::Message { id, text, logprobs } => json!({
-                "id": id,
-                "type": "message",
-                "status": status,
-                "role": "assistant",
-                "content": [self.part_json(text, logprobs)],
-            }),
+            Item::Message { id, text, logprobs } => ItemOut::Message {
+                id,
+                kind: "message",
+                status,
+                role: "assistant",
+                content: [self.part(text, logprobs)],
+            },
             Item::Call {
                 id,
                 call_id,
                 name,
                 arguments,
                 ..
-            } => json!({
-                "id": id,
-                "type": "function_call",
-                "status": status,
-                "call_id": call_id,
-                "name": name,
-                "arguments": arguments,
+            } => ItemOut::Call {
+                id,
+                kind: "function_call",
+                status,
+                call_id,
+                name,
+                arguments,
+            },
+        }
+    }
+
+    /// Writes the `response` object: status as the answer stands (`failed` with `error`),
+    /// its items, `usage` once known, and what it repeats of the request.
+    fn response(&self, out: &mut BytesMut, usage: Option<Usage>, error: Option<Failure<'_>>) {
+        let status = match error {
+            Some(_) => "failed",
+            None => self.status(),
+        };
+        let item_status = match status {
+            "failed" => "incomplete",
+            s => s,
+        };
+        let r = ResponseOut {
+            id: &self.id,
+            object: "response",
+            created_at: self.created,
+            status,
+            error,
+            incomplete_details: (status == "incomplete").then_some(Incomplete {
+                reason: "max_output_tokens",
             }),
-        }
-    }
-
-    fn part_json(&self, text: &str, logprobs: &[TokenLogprob]) -> Value {
-        json!({
-            "type": "output_text",
-            "text": text,
-            "annotations": [],
-            "logprobs": if self.logprobs { logprobs } else { &[] },
-        })
-    }
-
-    /// The whole `response` object: its items `status` as the response's own
-    /// (`in_progress` before the end), `usage` once known, `error` when it failed.
-    fn response_json(&self, usage: Option<Usage>, error: Option<Value>) -> Value {
-        let status = match (&error, self.finish) {
-            (Some(_), _) => "failed",
-            _ => self.status(),
+            model: &self.model,
+            output: self
+                .items
+                .iter()
+                .map(|i| self.item_out(i, item_status))
+                .collect(),
+            usage: usage.map(UsageOut::from),
         };
-        let item_status = if status == "failed" {
-            "incomplete"
-        } else {
-            status
-        };
-        let mut r = json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created,
-            "status": status,
-            "error": error,
-            "incomplete_details": (status == "incomplete")
-                .then(|| json!({"reason": "max_output_tokens"})),
-            "model": self.model,
-            "output": self.items.iter().map(|i| self.item_json(i, item_status))
-                .collect::<Vec<_>>(),
-            "usage": usage.map(usage_json),
-        });
-        if let Some(o) = r.as_object_mut() {
-            o.extend(self.echo.iter().map(|(k, v)| (k.clone(), v.clone())));
+        json(out, &r);
+        if !self.echo.is_empty() && out.last() == Some(&b'}') {
+            out.truncate(out.len() - 1);
+            out.put_u8(b',');
+            out.put_slice(self.echo.as_bytes());
+            out.put_u8(b'}');
         }
-        r
     }
 
     /// The stream's first events; a plain answer's message item starts at once.
     pub fn start(&mut self, out: &mut BytesMut, tools: bool) {
-        let r = self.response_json(None, None);
-        self.event_with(out, "response.created", json!({ "response": r }));
-        self.event_with(out, "response.in_progress", json!({ "response": r }));
+        self.response_event(out, "response.created", None, None);
+        self.response_event(out, "response.in_progress", None, None);
         if !tools {
             self.open_message(out);
         }
@@ -200,59 +345,59 @@ impl ResponsesRender {
 
     /// Adds a message item (its `output_item.added` and `content_part.added`).
     fn open_message(&mut self, out: &mut BytesMut) -> usize {
-        let item = Item::Message {
+        self.items.push(Item::Message {
             id: item_id("msg"),
             text: String::new(),
             logprobs: Vec::new(),
+        });
+        let k = self.items.len() - 1;
+        self.item_event(out, "response.output_item.added", k, "in_progress");
+        let (seq, id) = (self.seq, self.items[k].id());
+        let fields = Fields::Part {
+            item_id: id,
+            output_index: k,
+            content_index: 0,
+            part: self.part("", &[]),
         };
-        let added = self.item_json(&item, "in_progress");
-        let id = added["id"].clone();
-        self.items.push(item);
-        let index = self.items.len() - 1;
-        self.event_with(
-            out,
-            "response.output_item.added",
-            json!({"output_index": index, "item": added}),
-        );
-        let part = self.part_json("", &[]);
-        self.event_with(
-            out,
-            "response.content_part.added",
-            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
-        );
-        index
+        write_event(out, "response.content_part.added", seq, fields);
+        self.seq += 1;
+        k
+    }
+
+    /// An event that carries item `k` with `status`.
+    fn item_event(&mut self, out: &mut BytesMut, kind: &str, k: usize, status: &str) {
+        let fields = Fields::Item {
+            output_index: k,
+            item: self.item_out(&self.items[k], status),
+        };
+        write_event(out, kind, self.seq, fields);
+        self.seq += 1;
     }
 
     /// More of the answer's words (into its last message item, opened if need be).
     pub fn text(&mut self, out: &mut BytesMut, text: &str, logprobs: &[TokenLogprob]) {
-        let index = match self.items.last() {
+        let k = match self.items.last() {
             Some(Item::Message { .. }) => self.items.len() - 1,
             _ => self.open_message(out),
         };
-        let seq = self.seq;
         let shown = if self.logprobs { logprobs } else { &[] };
-        let Some(Item::Message {
-            id,
+        if let Some(Item::Message {
             text: all,
             logprobs: kept,
-        }) = self.items.get_mut(index)
-        else {
-            return;
-        };
-        all.push_str(text);
-        kept.extend_from_slice(shown);
-        let delta = TextDelta {
-            kind: "response.output_text.delta",
-            sequence_number: seq,
-            item_id: id,
-            output_index: index,
+            ..
+        }) = self.items.get_mut(k)
+        {
+            all.push_str(text);
+            kept.extend_from_slice(shown);
+        }
+        let fields = Fields::TextDelta {
+            item_id: self.items[k].id(),
+            output_index: k,
             content_index: 0,
             delta: text,
             logprobs: shown,
         };
-        out.put_slice(b"event: response.output_text.delta\ndata: ");
-        let _ = serde_json::to_writer((&mut *out).writer(), &delta);
-        out.put_slice(b"\n\n");
+        write_event(out, "response.output_text.delta", self.seq, fields);
         self.seq += 1;
     }
 
@@ -260,45 +405,41 @@ impl ResponsesRender {
     pub fn piece(&mut self, out: &mut BytesMut, piece: Piece) {
         match piece {
             Piece::Call { index, name } => {
-                let item = Item::Call {
+                self.items.push(Item::Call {
                     id: item_id("fc"),
                     call_id: tools::call_id(),
                     name,
                     arguments: String::new(),
                     index,
-                };
-                let added = self.item_json(&item, "in_progress");
-                self.items.push(item);
-                let output_index = self.items.len() - 1;
-                self.event_with(
-                    out,
-                    "response.output_item.added",
-                    json!({"output_index": output_index, "item": added}),
-                );
+                });
+                let k = self.items.len() - 1;
+                self.item_event(out, "response.output_item.added", k, "in_progress");
             }
             Piece::Arguments { index, text } => {
-                let found = self
-                    .items
-                    .iter_mut()
-                    .enumerate()
-                    .find_map(|(k, it)| match it {
-                        Item::Call {
-                            id,
-                            arguments,
-                            index: i,
-                            ..
-                        } if *i == index => {
-                            arguments.push_str(&text);
-                            Some((k, id.clone()))
-                        }
-                        _ => None,
-                    });
-                if let Some((output_index, id)) = found {
-                    self.event_with(
+                let found = self.items.iter_mut().position(|it| match it {
+                    Item::Call {
+                        arguments,
+                        index: i,
+                        ..
+                    } if *i == index => {
+                        arguments.push_str(&text);
+                        true
+                    }
+                    _ => false,
+                });
+                if let Some(k) = found {
+                    let fields = Fields::ArgumentsDelta {
+                        item_id: self.items[k].id(),
+                        output_index: k,
+                        delta: &text,
+                    };
+                    write_event(
                         out,
                         "response.function_call_arguments.delta",
-                        json!({"item_id": id, "output_index": output_index, "delta": text}),
+                        self.seq,
+                        fields,
                     );
+                    self.seq += 1;
                 }
             }
             Piece::Content(text) => self.text(out, &text, &[]),
@@ -310,25 +451,25 @@ impl ResponsesRender {
         self.finish = Some(finish);
         let status = self.status();
         for k in 0..self.items.len() {
-            let done = self.item_json(&self.items[k], status);
             match &self.items[k] {
                 Item::Message { id, text, logprobs } => {
-                    let id = id.clone();
-                    let part = self.part_json(text, logprobs);
-                    let shown = part["logprobs"].clone();
-                    let text = text.clone();
-                    self.event_with(
-                        out,
-                        "response.output_text.done",
-                        json!({"item_id": id, "output_index": k, "content_index": 0,
-                            "text": text, "logprobs": shown}),
-                    );
-                    self.event_with(
-                        out,
-                        "response.content_part.done",
-                        json!({"item_id": id, "output_index": k, "content_index": 0,
-                            "part": part}),
-                    );
+                    let part = self.part(text, logprobs);
+                    let fields = Fields::TextDone {
+                        item_id: id,
+                        output_index: k,
+                        content_index: 0,
+                        text,
+                        logprobs: part.logprobs,
+                    };
+                    write_event(out, "response.output_text.done", self.seq, fields);
+                    let fields = Fields::Part {
+                        item_id: id,
+                        output_index: k,
+                        content_index: 0,
+                        part,
+                    };
+                    write_event(out, "response.content_part.done", self.seq + 1, fields);
+                    self.seq += 2;
                 }
                 Item::Call {
                     id,
@@ -336,42 +477,49 @@ impl ResponsesRender {
                     arguments,
                     ..
                 } => {
-                    let fields = json!({"item_id": id, "output_index": k, "name": name,
-                        "arguments": arguments});
-                    self.event_with(out, "response.function_call_arguments.done", fields);
+                    let fields = Fields::ArgumentsDone {
+                        item_id: id,
+                        output_index: k,
+                        name,
+                        arguments,
+                    };
+                    write_event(
+                        out,
+                        "response.function_call_arguments.done",
+                        self.seq,
+                        fields,
+                    );
+                    self.seq += 1;
                 }
             }
-            self.event_with(
-                out,
-                "response.output_item.done",
-                json!({"output_index": k, "item": done}),
-            );
+            self.item_event(out, "response.output_item.done", k, status);
         }
     }
 
     /// The last event: the whole response with its usage.
     pub fn end(&mut self, out: &mut BytesMut, usage: Usage) {
-        let r = self.response_json(Some(usage), None);
         let kind = match self.status() {
             "incomplete" => "response.incomplete",
             _ => "response.completed",
         };
-        self.event_with(out, kind, json!({ "response": r }));
+        self.response_event(out, kind, Some(usage), None);
     }
 
     /// A mid-stream failure: an `error` event, then `response.failed`.
     pub fn error(&mut self, out: &mut BytesMut, err: &ApiError) {
-        let e: Value = serde_json::from_str(&err.to_json()).unwrap_or_default();
-        let e = &e["error"];
-        let code = e["code"].clone();
-        let message = e["message"].clone();
-        self.event_with(
-            out,
-            "error",
-            json!({"code": code, "message": message, "param": e["param"]}),
-        );
-        let r = self.response_json(None, Some(json!({"code": code, "message": message})));
-        self.event_with(out, "response.failed", json!({ "response": r }));
+        let (code, message, param) = (err.code(), err.to_string(), err.param());
+        let fields = Fields::Error {
+            code,
+            message: &message,
+            param,
+        };
+        write_event(out, "error", self.seq, fields);
+        self.seq += 1;
+        let failure = Failure {
+            code,
+            message: &message,
+        };
+        self.response_event(out, "response.failed", None, Some(failure));
     }
 
     /// The whole (non-streamed) body of a finished answer: `text`, read as a tool-calling
@@ -383,7 +531,7 @@ impl ResponsesRender {
         finish: FinishReason,
         tools: bool,
         usage: Usage,
-    ) -> Vec<u8> {
+    ) -> BytesMut {
         self.finish = Some(finish);
         let answer = (tools && finish == FinishReason::Stop)
             .then(|| tools::answer(text))
@@ -408,6 +556,24 @@ impl ResponsesRender {
             Some(Answer::Content(words)) => vec![message(&words, &[])],
             None => vec![message(text, logprobs)],
         };
-        serde_json::to_vec(&self.response_json(Some(usage), None)).unwrap_or_default()
+        let mut out = BytesMut::with_capacity(1024);
+        self.response(&mut out, Some(usage), None);
+        out
     }
+}
+
+/// Writes one SSE event numbered `seq` (for events whose fields borrow the renderer).
+fn write_event(out: &mut BytesMut, kind: &str, seq: u64, fields: Fields<'_>) {
+    out.put_slice(b"event: ");
+    out.put_slice(kind.as_bytes());
+    out.put_slice(b"\ndata: ");
+    json(
+        out,
+        &Event {
+            kind,
+            sequence_number: seq,
+            fields,
+        },
+    );
+    out.put_slice(b"\n\n");
 }

@@ -48,7 +48,7 @@ pub fn validate(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, 
     let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin))?;
     out.endpoint = Endpoint::Responses;
     out.include_usage = true;
-    out.responses = Some(Arc::new(echo(&req)));
+    out.responses = Some(echo(&req));
     Ok(out)
 }
 
@@ -422,37 +422,38 @@ fn rename(e: ApiError, origin: &Origin) -> ApiError {
     }
 }
 
-/// What the response repeats of the request, with the defaults OpenAI answers.
-fn echo(req: &Map<String, Value>) -> Map<String, Value> {
-    let get = |k: &str, default: Value| present(req, k).cloned().unwrap_or(default);
-    let mut m = Map::new();
-    m.insert("instructions".into(), get("instructions", Value::Null));
-    m.insert(
-        "max_output_tokens".into(),
-        get("max_output_tokens", Value::Null),
-    );
-    m.insert("temperature".into(), get("temperature", json!(1.0)));
-    m.insert("top_p".into(), get("top_p", json!(1.0)));
-    m.insert("top_logprobs".into(), get("top_logprobs", json!(0)));
-    m.insert(
-        "text".into(),
-        get("text", json!({"format": {"type": "text"}})),
-    );
-    m.insert("tools".into(), get("tools", json!([])));
-    m.insert("tool_choice".into(), get("tool_choice", json!("auto")));
-    m.insert(
-        "parallel_tool_calls".into(),
-        get("parallel_tool_calls", Value::Bool(true)),
-    );
-    m.insert("metadata".into(), get("metadata", json!({})));
-    m.insert("user".into(), get("user", Value::Null));
-    m.insert("previous_response_id".into(), Value::Null);
-    m.insert("reasoning".into(), json!({"effort": null, "summary": null}));
-    m.insert("truncation".into(), json!("disabled"));
-    m.insert("store".into(), Value::Bool(false));
-    m.insert("background".into(), Value::Bool(false));
-    m.insert("service_tier".into(), json!("default"));
-    m
+/// What the response repeats of the request, with the defaults OpenAI answers: JSON
+/// object members without the braces, written once here and spliced into each `response`
+/// object the answer writes.
+fn echo(req: &Map<String, Value>) -> Arc<str> {
+    // Each member: what the request says (when it says anything), or the default's JSON.
+    const ECHOED: &[(&str, &str)] = &[
+        ("instructions", "null"),
+        ("max_output_tokens", "null"),
+        ("temperature", "1.0"),
+        ("top_p", "1.0"),
+        ("top_logprobs", "0"),
+        ("text", r#"{"format":{"type":"text"}}"#),
+        ("tools", "[]"),
+        ("tool_choice", r#""auto""#),
+        ("parallel_tool_calls", "true"),
+        ("metadata", "{}"),
+        ("user", "null"),
+    ];
+    const FIXED: &str = r#""previous_response_id":null,"reasoning":{"effort":null,"summary":null},"truncation":"disabled","store":false,"background":false,"service_tier":"default""#;
+    let mut out = String::with_capacity(512);
+    for (k, default) in ECHOED {
+        out.push('"');
+        out.push_str(k);
+        out.push_str("\":");
+        match present(req, k).map(|v| v.to_string()) {
+            Some(v) => out.push_str(&v),
+            None => out.push_str(default),
+        }
+        out.push(',');
+    }
+    out.push_str(FIXED);
+    Arc::from(out)
 }
 
 #[cfg(test)]
@@ -491,7 +492,8 @@ mod tests {
             .map(|m| (m.role.as_str(), m.content.as_str()))
             .collect();
         assert_eq!(turns, [("system", "Be brief"), ("user", "Hi")]);
-        let echo = r.responses.expect("the echo");
+        let echo: Value =
+            serde_json::from_str(&format!("{{{}}}", r.responses.expect("the echo"))).unwrap();
         assert_eq!(echo["instructions"], "Be brief");
         assert_eq!(echo["max_output_tokens"], 7);
         assert_eq!(echo["store"], false);

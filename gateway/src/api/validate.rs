@@ -42,8 +42,9 @@ pub struct InferenceRequest {
     /// The answer is a tool call (or, with `tool_choice: "auto"`, words) in the JSON
     /// shape of [`tools`], to be rendered as `tool_calls`.
     pub tool_calls: bool,
-    /// `/v1/responses`: what its answer repeats of the request.
-    pub responses: Option<Arc<serde_json::Map<String, Value>>>,
+    /// `/v1/responses`: what its answer repeats of the request (JSON object members,
+    /// without the braces).
+    pub responses: Option<Arc<str>>,
 }
 
 /// The most choices a request may ask for (`n`).

@@ -359,7 +359,11 @@ fn recover_with(conn: &mut Connection, db: &Path) -> Result<(u64, u64), LedgerEr
 /// without its file is only cleaned up later, while a file without its row would be copied
 /// again from its start. The caller holds the segment's lock until this returns.
 fn remove_copied(conn: &Connection, name: &str, path: &Path) -> Result<(), LedgerError> {
-    std::fs::remove_file(path)?;
+    match std::fs::remove_file(path) {
+        // Gone already (an operator cleaned up): what it held is copied either way.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     conn.execute("DELETE FROM usage_log WHERE segment = ?1", [name])?;
     Ok(())
 }
