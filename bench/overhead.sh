@@ -9,6 +9,8 @@
 #   RUNTIMES="per_core shared" bash bench/overhead.sh   # a plain gateway per server.runtime
 #   BASELINE=/tmp/gateway-old bash bench/overhead.sh     # also a `limits` gateway run from
 #                                   # another build (A/B of a change, in the same sitting)
+#   PIN=1 bash bench/overhead.sh        # gateways on the last CPU, the load generator and
+#                                   # the stub on the others (no core shared with the client)
 #   RESPONSES=1 bash bench/overhead.sh   # also the first plain gateway asked the same
 #                                   # through POST /v1/responses (what its translation costs)
 #
@@ -21,6 +23,16 @@ CONNS=${CONNS:-64}
 RUNTIMES=${RUNTIMES:-per_core}
 BASELINE=${BASELINE:-}
 RESPONSES=${RESPONSES:-}
+PIN=${PIN:-}
+# With PIN: the gateways get the last CPU, everything else the rest.
+ncpu=$(nproc)
+if [ -n "$PIN" ] && [ "$ncpu" -ge 2 ]; then
+  GW_CPUS=(taskset -c $((ncpu - 1)))
+  REST_CPUS=(taskset -c 0-$((ncpu - 2)))
+else
+  GW_CPUS=()
+  REST_CPUS=()
+fi
 STUB_PORT=${STUB_PORT:-19100}
 PLAIN_PORT=${PLAIN_PORT:-19080}
 LIMITS_PORT=${LIMITS_PORT:-19081}
@@ -56,18 +68,18 @@ for rt in $RUNTIMES; do
 done
 gw_config "$LIMITS_PORT" $'tokens_per_second = 1e9\nrequests_per_minute = 100000000\nmax_concurrency = 100000' \
   "path = \"$tmp/usage.db\"" > "$tmp/limits.toml"
-./target/release/loadtest stub --listen 127.0.0.1:$STUB_PORT --tokens 4 >/dev/null &
+"${REST_CPUS[@]}" ./target/release/loadtest stub --listen 127.0.0.1:$STUB_PORT --tokens 4 >/dev/null &
 for rt in $RUNTIMES; do
-  RUST_LOG=warn ./target/release/gateway serve --config "$tmp/plain-$rt.toml" >/dev/null &
+  RUST_LOG=warn "${GW_CPUS[@]}" ./target/release/gateway serve --config "$tmp/plain-$rt.toml" >/dev/null &
   PID[$rt]=$!
 done
-RUST_LOG=warn ./target/release/gateway serve --config "$tmp/limits.toml" >/dev/null &
+RUST_LOG=warn "${GW_CPUS[@]}" ./target/release/gateway serve --config "$tmp/limits.toml" >/dev/null &
 PID[limits]=$!
 if [ -n "$BASELINE" ]; then
   mkdir -p "$tmp/baseline"
   gw_config "$((LIMITS_PORT + 2))" $'tokens_per_second = 1e9\nrequests_per_minute = 100000000\nmax_concurrency = 100000' \
     "path = \"$tmp/baseline/usage.db\"" > "$tmp/baseline/limits.toml"
-  RUST_LOG=warn "$BASELINE" serve --config "$tmp/baseline/limits.toml" >/dev/null &
+  RUST_LOG=warn "${GW_CPUS[@]}" "$BASELINE" serve --config "$tmp/baseline/limits.toml" >/dev/null &
   PID[baseline]=$!
 fi
 sleep 1
@@ -77,7 +89,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system CPU, in 1/1
 run() { # label, rate, url[, pid whose CPU to count[, body]]
   local a b out
   [ -n "${4:-}" ] && a=$(ticks "$4")
-  out=$(./target/release/loadtest rate --rate "$2" --duration "$DURATION" --connections "$CONNS" \
+  out=$("${REST_CPUS[@]}" ./target/release/loadtest rate --rate "$2" --duration "$DURATION" --connections "$CONNS" \
           --key sk-tollgate-demo --body "${5:-$BODY}" --label "$1" --url "$3")
   if [ -n "${4:-}" ]; then
     b=$(ticks "$4")
