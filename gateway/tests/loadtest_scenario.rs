@@ -2,8 +2,8 @@
 //! (`config/examples/two-tenants.toml` played by `config/scenarios/two-tenants.toml`):
 //! the report shows each tenant what its contract says — the tenant inside its contract
 //! served in full, the one offering about 3.5 times its contract admitted at it and
-//! refused past it — and reads the contracts from the gateway's own headers. A closed-loop
-//! tenant on the completions endpoint rides along. With `config/examples/fair-share.toml`,
+//! refused past it — and reads the contracts from the gateway's own headers. Closed-loop
+//! tenants on the completions endpoint and on the Responses API (streamed) ride along. With `config/examples/fair-share.toml`,
 //! a fleet too small for two tenants is shared by their weights. A contract raised while
 //! the load runs shows in the report's timeline. Every shipped scenario and example config
 //! reads.
@@ -29,6 +29,17 @@ max_tokens = 8
 prompt = "Hello"
 users = 2
 think_ms = 50
+
+[[tenants]]
+name = "hooli"
+key = "{KEY}"
+model = "sim-8b"
+endpoint = "responses"
+stream = true
+max_tokens = 8
+prompt = "Hello"
+users = 1
+think_ms = 50
 "#
     );
     let extra: Scenario = Scenario::parse(&format!("target = \"{}\"\n{more}", sc.target)).unwrap();
@@ -37,7 +48,7 @@ think_ms = 50
     sc.check().unwrap();
     let report = loadtest::run::execute(&sc).await.unwrap();
     eprint!("{}", report.table());
-    let [acme, globex, initech] = &report.tenants[..] else {
+    let [acme, globex, initech, hooli] = &report.tenants[..] else {
         panic!("{report:?}")
     };
     // The contracts as the gateway states them (RateLimit-Policy).
@@ -76,6 +87,15 @@ think_ms = 50
         "{initech:?}"
     );
     assert!(initech.completion_tokens_per_s > 0.0, "{initech:?}");
+    // The Responses API's event stream, read as the others' streams are.
+    assert!(hooli.sent > 2, "{hooli:?}");
+    assert_eq!(
+        (hooli.ok, hooli.limited, hooli.stream_errors),
+        (hooli.sent, 0, 0),
+        "{hooli:?}"
+    );
+    assert!(hooli.inter_token.p50_ms.is_some(), "{hooli:?}");
+    assert!(hooli.completion_tokens_per_s > 0.0, "{hooli:?}");
     // The timeline adds up to the totals, a line per second of the window.
     for t in &report.tenants {
         assert_eq!(t.timeline.len(), 4, "{t:?}");

@@ -110,10 +110,15 @@ pub async fn exchange(
                     continue;
                 }
                 let now = Instant::now();
-                // Whole events: `data: …` blocks ending with a blank line.
+                // Whole events: `data: …` blocks ending with a blank line (after an
+                // `event: <type>` line in the Responses API's streams).
                 while let Some(at) = find(&buf, b"\n\n") {
                     let event = buf.split_to(at + 2);
-                    let Some(data) = event.strip_prefix(b"data: ") else {
+                    let data = match event.strip_prefix(b"event: ") {
+                        Some(typed) => find(typed, b"\ndata: ").map(|i| &typed[i + 7..]),
+                        None => event.strip_prefix(b"data: "),
+                    };
+                    let Some(data) = data else {
                         continue;
                     };
                     let data = &data[..data.len() - 2];
@@ -130,6 +135,10 @@ pub async fn exchange(
                             last = Some(now);
                         }
                         Event::Usage(u) => out.usage = Some(u),
+                        Event::End(u) => {
+                            out.usage = Some(u);
+                            done = true;
+                        }
                         Event::Error => out.stream_error = true,
                         Event::Other => {}
                     }
@@ -156,6 +165,9 @@ enum Event {
     /// Generated text (or a tool call's piece).
     Text,
     Usage(Tokens),
+    /// The Responses API's last event (`response.completed` or `.incomplete`): usage, and
+    /// the end of the stream.
+    End(Tokens),
     Error,
     Other,
 }
@@ -166,6 +178,18 @@ fn stream_event(data: &[u8]) -> Event {
     };
     if !v["error"].is_null() {
         return Event::Error;
+    }
+    // The Responses API's typed events.
+    if let Some(kind) = v["type"].as_str() {
+        return match kind {
+            "response.output_text.delta" | "response.function_call_arguments.delta" => Event::Text,
+            "response.completed" | "response.incomplete" => match usage(&v["response"]["usage"]) {
+                Some(u) => Event::End(u),
+                None => Event::Error,
+            },
+            "error" | "response.failed" => Event::Error,
+            _ => Event::Other,
+        };
     }
     let c = &v["choices"][0];
     let text = |x: &Value| x.as_str().is_some_and(|s| !s.is_empty());
@@ -178,13 +202,20 @@ fn stream_event(data: &[u8]) -> Event {
     }
 }
 
+/// An answer's `usage`, in chat's and completions' names or in the Responses API's.
 fn usage(u: &Value) -> Option<Tokens> {
+    let (prompt, completion, details) = match u.get("input_tokens") {
+        Some(input) => (input, &u["output_tokens"], &u["input_tokens_details"]),
+        None => (
+            &u["prompt_tokens"],
+            &u["completion_tokens"],
+            &u["prompt_tokens_details"],
+        ),
+    };
     Some(Tokens {
-        prompt: u["prompt_tokens"].as_u64()?,
-        completion: u["completion_tokens"].as_u64()?,
-        cached: u["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0),
+        prompt: prompt.as_u64()?,
+        completion: completion.as_u64()?,
+        cached: details["cached_tokens"].as_u64().unwrap_or(0),
     })
 }
 
@@ -241,6 +272,23 @@ mod tests {
         ));
         assert!(matches!(
             stream_event(br#"{"error":{"message":"x"}}"#),
+            Event::Error
+        ));
+        // The Responses API's.
+        assert!(matches!(
+            stream_event(br#"{"type":"response.output_text.delta","delta":"hi"}"#),
+            Event::Text
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.created","response":{"usage":null}}"#),
+            Event::Other
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.incomplete","response":{"usage":{"input_tokens":3,"output_tokens":2,"input_tokens_details":{"cached_tokens":1}}}}"#),
+            Event::End(Tokens { prompt: 3, completion: 2, cached: 1 })
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.failed","response":{}}"#),
             Event::Error
         ));
     }

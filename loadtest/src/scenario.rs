@@ -34,6 +34,8 @@ pub struct Scenario {
 pub enum Endpoint {
     Chat,
     Completions,
+    /// `/v1/responses` (OpenAI's Responses API).
+    Responses,
 }
 
 /// How open-loop requests are spaced.
@@ -209,6 +211,7 @@ impl TenantLoad {
         match self.endpoint {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
+            Endpoint::Responses => "/v1/responses",
         }
     }
 
@@ -223,14 +226,24 @@ impl TenantLoad {
         };
         let mut body = json!({
             "model": self.model,
-            "max_tokens": self.max_tokens,
             "stream": self.stream,
         });
-        match self.endpoint {
-            Endpoint::Chat => body["messages"] = json!([{"role": "user", "content": prompt}]),
-            Endpoint::Completions => body["prompt"] = Value::String(prompt),
-        }
-        if self.stream {
+        let max = match self.endpoint {
+            Endpoint::Chat => {
+                body["messages"] = json!([{"role": "user", "content": prompt}]);
+                "max_tokens"
+            }
+            Endpoint::Completions => {
+                body["prompt"] = Value::String(prompt);
+                "max_tokens"
+            }
+            Endpoint::Responses => {
+                body["input"] = Value::String(prompt);
+                "max_output_tokens"
+            }
+        };
+        body[max] = json!(self.max_tokens);
+        if self.stream && self.endpoint != Endpoint::Responses {
             body["stream_options"] = json!({"include_usage": true});
         }
         if let Some(t) = self.temperature {
@@ -322,6 +335,15 @@ mod tests {
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["top_p"], 0.5);
         assert_eq!(b.path(), "/v1/completions");
+        let mut r = b.clone();
+        r.endpoint = Endpoint::Responses;
+        let body: Value = serde_json::from_slice(&r.body(1, 0)).unwrap();
+        assert_eq!(
+            (&body["input"], &body["max_output_tokens"]),
+            (&json!("hello"), &json!(b.max_tokens))
+        );
+        assert!(body.get("stream_options").is_none() && body.get("max_tokens").is_none());
+        assert_eq!(r.path(), "/v1/responses");
     }
 
     #[test]
