@@ -28,7 +28,7 @@ fn renderer(req: &InferenceRequest) -> Renderer {
         false,
         1,
         false,
-        req.responses.clone(),
+        req.responses.clone().map(|info| (info, None)),
     )
 }
 

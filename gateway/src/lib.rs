@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model_fetch;
 pub mod pipeline;
 pub mod reload;
+pub mod response_store;
 pub mod route;
 pub mod server;
 pub mod state;

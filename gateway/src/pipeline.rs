@@ -276,7 +276,17 @@ async fn run(
         shown_logprobs,
         keep * parts.len(),
         req.tool_calls,
-        req.responses.clone(),
+        req.responses.clone().map(|info| {
+            let saver = state
+                .responses
+                .as_ref()
+                .filter(|_| info.store)
+                .map(|store| crate::response_store::Saver {
+                    store: store.clone(),
+                    tenant: ctx.tenant_id().to_string(),
+                });
+            (info, saver)
+        }),
     );
     let stream = req.stream;
     let prompt_logprobs = params.prompt_logprobs;
@@ -527,6 +537,21 @@ struct Choice {
     done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
 }
 
+/// Stores a finished `/v1/responses` answer when it is to be stored (from the blocking
+/// pool); a failure is logged, and the answer still goes out.
+async fn store_answer(renderer: &mut Renderer) {
+    let Some((saver, stored)) = renderer.take_stored() else {
+        return;
+    };
+    let id = stored.id.clone();
+    let put = tokio::task::spawn_blocking(move || saver.store.put(&stored)).await;
+    match put {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(response = %id, error = %e, "storing the response failed"),
+        Err(e) => tracing::error!(response = %id, error = %e, "storing the response failed"),
+    }
+}
+
 /// A routed request's remaining life: its choices' events, rendered.
 struct SseStream {
     renderer: Renderer,
@@ -702,6 +727,7 @@ impl SseStream {
                         })
                         .collect();
                     let body = self.renderer.full(&out, usage);
+                    store_answer(&mut self.renderer).await;
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
                     );
@@ -766,6 +792,8 @@ impl SseStream {
                         s.renderer.finish_frame(&mut out, i, finish_reason);
                         if let Some(total) = total {
                             s.renderer.end_frames(&mut out, total);
+                            // Stored before its last bytes go out (see `response_store`).
+                            store_answer(&mut s.renderer).await;
                         }
                         all
                     }

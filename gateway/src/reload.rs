@@ -68,6 +68,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.metering != new.metering {
         v.push("[metering]");
     }
+    if old.responses != new.responses {
+        v.push("[responses]");
+    }
     let ids = |c: &Config| {
         c.models
             .iter()

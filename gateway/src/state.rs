@@ -6,6 +6,7 @@ use crate::limits::Limiter;
 use crate::meter::Ledger;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+use crate::response_store::ResponseStore;
 use crate::route::Router;
 use crate::tenants::Tenants;
 use arc_swap::ArcSwap;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The usage ledger (`None` with `metering.enabled = false`).
     pub ledger: Option<Ledger>,
+    /// Stored answers of the Responses API (`None` unless `[responses] store = true`).
+    pub responses: Option<Arc<ResponseStore>>,
     /// `metering.wait_for_commit`.
     pub metering_wait: bool,
     pub reloader: Reloader,
@@ -79,6 +82,16 @@ impl Shared {
         } else {
             None
         };
+        let responses = if config.responses.store {
+            let db = resolve_relative(path.as_deref(), &config.responses.path);
+            let keep =
+                std::time::Duration::from_secs_f64(config.responses.retention_hours * 3600.0);
+            let store = ResponseStore::open(&db, keep).map_err(|e| e.to_string())?;
+            store.purge_hourly();
+            Some(store)
+        } else {
+            None
+        };
         let metering_wait = config.metering.wait_for_commit;
         Ok(Arc::new(Self {
             server: config.server.clone(),
@@ -87,6 +100,7 @@ impl Shared {
             limiter,
             metrics: Arc::new(Metrics::new()),
             ledger,
+            responses,
             metering_wait,
             reloader: Reloader::new(path),
             draining: AtomicBool::new(false),

@@ -354,3 +354,132 @@ async fn completions_echo_the_prompt_first() {
     assert_eq!(texts[0], "once upon");
     assert_eq!(texts.concat(), text(&b));
 }
+
+/// Stored answers of the Responses API (`[responses] store = true`): continued with
+/// `previous_response_id` (the conversation comes back as the prompt), read back and
+/// deleted by their tenant only, never stored when the request says `store: false`, and
+/// still there after the gateway is killed and started again.
+#[tokio::test]
+async fn stored_responses_are_their_tenants_and_survive_a_kill() {
+    use sha2::Digest;
+    const OTHER: &str = "sk-tollgate-other";
+    let other = format!(
+        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
+        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
+    );
+    let dir = std::env::temp_dir().join(format!("tollgate-stored-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("responses.db");
+    let cfg = config(FAST_SIM, &other, "")
+        + &format!(
+            "\n[responses]\nstore = true\npath = {:?}\n",
+            db.display().to_string()
+        );
+    let c = client();
+    let send =
+        |gw: &Gateway, key: &str, method: reqwest::Method, path: &str, body: Option<&str>| {
+            let mut r = c.request(method, gw.url(path)).bearer_auth(key);
+            if let Some(b) = body {
+                r = r
+                    .header("content-type", "application/json")
+                    .body(b.to_string());
+            }
+            r.send()
+        };
+    let mut gw = Gateway::start(&cfg);
+    let post = reqwest::Method::POST;
+    let r = send(
+        &gw,
+        KEY,
+        post.clone(),
+        "/v1/responses",
+        Some(r#"{"model":"m","input":"hello there"}"#),
+    )
+    .await
+    .unwrap();
+    let first: Value = r.json().await.unwrap();
+    assert_eq!(first["store"], true, "{first}");
+    let id = first["id"].as_str().unwrap().to_string();
+    // Continued: the stored conversation is the new request's prompt.
+    let body = format!(r#"{{"model":"m","input":"and again","previous_response_id":"{id}"}}"#);
+    let second: Value = send(&gw, KEY, post.clone(), "/v1/responses", Some(&body))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["previous_response_id"], id.as_str(), "{second}");
+    let tokens = |v: &Value| v["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(
+        tokens(&second) > tokens(&first) + first["usage"]["output_tokens"].as_u64().unwrap(),
+        "{first}\n{second}"
+    );
+    // Another tenant cannot read, continue or delete it.
+    let path = format!("/v1/responses/{id}");
+    let get = reqwest::Method::GET;
+    assert_eq!(
+        send(&gw, OTHER, get.clone(), &path, None)
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let r = send(&gw, OTHER, post.clone(), "/v1/responses", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "previous_response_id");
+    assert_eq!(v["error"]["code"], "previous_response_not_found");
+    let delete = reqwest::Method::DELETE;
+    assert_eq!(
+        send(&gw, OTHER, delete.clone(), &path, None)
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // `store: false`: answered, not kept.
+    let unkept: Value = send(
+        &gw,
+        KEY,
+        post.clone(),
+        "/v1/responses",
+        Some(r#"{"model":"m","input":"x","store":false}"#),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(unkept["store"], false);
+    let unkept_path = format!("/v1/responses/{}", unkept["id"].as_str().unwrap());
+    assert_eq!(
+        send(&gw, KEY, get.clone(), &unkept_path, None)
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // Killed and started again: the answer is there, as it was sent.
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    drop(gw);
+    let gw = Gateway::start(&cfg);
+    let r = send(&gw, KEY, get.clone(), &path, None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again, first);
+    let r = send(&gw, KEY, delete.clone(), &path, None).await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&v["id"], &v["deleted"]),
+        (&Value::from(id.as_str()), &Value::from(true))
+    );
+    assert_eq!(
+        send(&gw, KEY, get, &path, None).await.unwrap().status(),
+        404
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,8 @@ async fn openai_python_sdk_lists_completes_and_streams() {
     let Some(py) = python_with("openai") else {
         return;
     };
-    let gw = Gateway::start(&config(FAST_SIM, "", ""));
+    // Responses stored here (not with the real model below: both ways are checked).
+    let gw = Gateway::start(&(config(FAST_SIM, "", "") + "\n[responses]\nstore = true\n"));
     run_sdk(&py, &gw, &[]).await;
 }
 

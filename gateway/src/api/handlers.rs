@@ -28,24 +28,57 @@ async fn inference(
     validate: Validator,
 ) -> Response {
     let started = Instant::now();
-    let body = body.map_err(|r| match r.status() {
+    let parsed = match read_body(&state, body) {
+        Ok(b) => validated(&state, b, validate).await,
+        Err(e) => Err(e),
+    };
+    respond(state, tenant, acting, id, started, parsed).await
+}
+
+/// The body, or why it could not be read (413 past the limit).
+pub(super) fn read_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|r| match r.status() {
         http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
             limit: state.server.max_body_bytes,
         },
         _ => ApiError::bad(format!("Could not read the request body: {r}"), None),
-    });
-    let parsed = match body {
-        // A schema's compilation (its patterns' DFAs: up to tens of milliseconds) runs
-        // off the runtime's threads.
-        Ok(b) if may_carry_schema(&b) => {
-            let st = state.clone();
-            tokio::task::spawn_blocking(move || validate(&b, &st.server))
-                .await
-                .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
-        }
-        Ok(b) => validate(&b, &state.server),
-        Err(e) => Err(e),
-    };
+    })
+}
+
+/// Runs `validate` on `body`: off the runtime's threads where the body may carry a schema
+/// (its compilation, its patterns' DFAs, takes up to tens of milliseconds).
+pub(super) async fn validated<F>(
+    state: &AppState,
+    body: Bytes,
+    validate: F,
+) -> Result<InferenceRequest, ApiError>
+where
+    F: FnOnce(&[u8], &crate::config::ServerConfig) -> Result<InferenceRequest, ApiError>
+        + Send
+        + 'static,
+{
+    if may_carry_schema(&body) {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || validate(&body, &st.server))
+            .await
+            .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
+    } else {
+        validate(&body, &state.server)
+    }
+}
+
+/// Serves a validated request through the pipeline, or answers why it is not valid.
+pub(super) async fn respond(
+    state: AppState,
+    tenant: Arc<Tenant>,
+    acting: Option<ActingFor>,
+    id: RequestId,
+    started: Instant,
+    parsed: Result<InferenceRequest, ApiError>,
+) -> Response {
     match parsed {
         Ok(req) => {
             let ctx = RequestCtx {
@@ -72,7 +105,7 @@ fn may_carry_schema(body: &[u8]) -> bool {
 }
 
 /// Adds the tenant's rate-limit headers (its default scope) to a response.
-fn with_limits(tenant: &Tenant, mut resp: Response) -> Response {
+pub(super) fn with_limits(tenant: &Tenant, mut resp: Response) -> Response {
     let (contract, scope) = (&tenant.limits.default.0, &tenant.limits.default.1);
     crate::limits::headers::apply(resp.headers_mut(), contract, &scope.snapshot(contract));
     resp
@@ -88,17 +121,12 @@ pub trait Inference {
 pub struct Chat;
 /// `POST /v1/completions`.
 pub struct Completions;
-/// `POST /v1/responses`.
-pub struct Responses;
 
 impl Inference for Chat {
     const VALIDATE: Validator = validate::chat;
 }
 impl Inference for Completions {
     const VALIDATE: Validator = validate::completion;
-}
-impl Inference for Responses {
-    const VALIDATE: Validator = super::responses::validate;
 }
 
 /// The handler of inference endpoint `E`.

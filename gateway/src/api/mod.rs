@@ -10,6 +10,7 @@ pub mod render;
 mod render_responses;
 pub mod request_id;
 pub mod responses;
+mod stored_responses;
 pub mod tools;
 pub mod types;
 pub mod validate;
@@ -31,9 +32,10 @@ pub fn app(state: AppState) -> Router {
             "/v1/completions",
             post(handlers::infer::<handlers::Completions>),
         )
+        .route("/v1/responses", post(stored_responses::create))
         .route(
-            "/v1/responses",
-            post(handlers::infer::<handlers::Responses>),
+            "/v1/responses/{id}",
+            get(stored_responses::get).delete(stored_responses::delete),
         )
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{*model}", get(handlers::model))

@@ -6,11 +6,11 @@ use super::error::ApiError;
 use super::render_responses::ResponsesRender;
 use super::tools::{self, Answer, AnswerStream, Piece};
 use super::types::*;
-use super::validate::Endpoint;
+use super::validate::{Endpoint, ResponsesInfo};
+use crate::response_store::{Saver, Stored};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use std::sync::Arc;
 
 /// Renders one response (one completion id) for one endpoint.
 pub struct Renderer {
@@ -29,7 +29,7 @@ pub struct Renderer {
     tools: bool,
     answers: Vec<AnswerStream>,
     /// `/v1/responses`: its renderer (every method hands over to it).
-    responses: Option<ResponsesRender>,
+    responses: Option<Box<ResponsesRender>>,
 }
 
 /// A tool call of the response (`index`: in a stream's delta).
@@ -60,8 +60,8 @@ fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl Renderer {
-    /// A renderer of `n` choices (`tools`: answers are tool calls; `echo`: what a
-    /// `/v1/responses` answer repeats of its request).
+    /// A renderer of `n` choices (`tools`: answers are tool calls; `responses`: what a
+    /// `/v1/responses` answer needs of its request, and where it is stored if it is).
     pub fn new(
         endpoint: Endpoint,
         model: &str,
@@ -69,19 +69,16 @@ impl Renderer {
         logprobs: bool,
         n: usize,
         tools: bool,
-        echo: Option<Arc<str>>,
+        responses: Option<(ResponsesInfo, Option<Saver>)>,
     ) -> Self {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let responses = match endpoint {
-            Endpoint::Responses => Some(ResponsesRender::new(
-                model,
-                created,
-                echo.unwrap_or_else(|| Arc::from("")),
-                logprobs,
-            )),
+        let responses = match (endpoint, responses) {
+            (Endpoint::Responses, Some((info, saver))) => Some(Box::new(ResponsesRender::new(
+                model, created, info, saver, logprobs,
+            ))),
             _ => None,
         };
         let id = match (endpoint, &responses) {
@@ -311,6 +308,11 @@ impl Renderer {
             }
         }
         out.put_slice(b"data: [DONE]\n\n");
+    }
+
+    /// A stored `/v1/responses` answer, once finished: its record and where it goes.
+    pub fn take_stored(&mut self) -> Option<(Saver, Stored)> {
+        self.responses.as_mut()?.take_stored()
     }
 
     /// A mid-stream failure: an error event in the OpenAI shape; the stream then ends.

@@ -13,10 +13,12 @@
 
 use super::error::ApiError;
 use super::tools::{self, Answer, Piece};
+use super::validate::ResponsesInfo;
+use crate::response_store::{Saver, Stored};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
-use std::sync::Arc;
+use serde_json::{json, Value};
 
 /// One output item as it is built.
 enum Item {
@@ -134,6 +136,7 @@ struct ResponseOut<'a> {
     model: &'a str,
     output: Vec<ItemOut<'a>>,
     usage: Option<UsageOut>,
+    store: bool,
 }
 
 /// An event's own fields after its type and sequence number.
@@ -196,8 +199,12 @@ pub struct ResponsesRender {
     id: String,
     model: String,
     created: u64,
-    /// What the response repeats of the request: JSON object members, without braces.
-    echo: Arc<str>,
+    /// What the response needs of the request (what it repeats, its conversation).
+    info: ResponsesInfo,
+    /// Where the finished answer is stored, if it is.
+    saver: Option<Saver>,
+    /// The finished answer, to be stored ([`ResponsesRender::take_stored`]).
+    stored: Option<Stored>,
     /// Tokens' log-probabilities go into the output text.
     logprobs: bool,
     seq: u64,
@@ -217,12 +224,20 @@ fn json<T: Serialize>(out: &mut BytesMut, v: &T) {
 }
 
 impl ResponsesRender {
-    pub fn new(model: &str, created: u64, echo: Arc<str>, logprobs: bool) -> Self {
+    pub fn new(
+        model: &str,
+        created: u64,
+        info: ResponsesInfo,
+        saver: Option<Saver>,
+        logprobs: bool,
+    ) -> Self {
         Self {
             id: item_id("resp"),
             model: model.to_string(),
             created,
-            echo,
+            info,
+            saver,
+            stored: None,
             logprobs,
             seq: 0,
             items: Vec::new(),
@@ -324,14 +339,54 @@ impl ResponsesRender {
                 .map(|i| self.item_out(i, item_status))
                 .collect(),
             usage: usage.map(UsageOut::from),
+            store: self.saver.is_some(),
         };
         json(out, &r);
-        if !self.echo.is_empty() && out.last() == Some(&b'}') {
+        let echo = &self.info.echo;
+        if !echo.is_empty() && out.last() == Some(&b'}') {
             out.truncate(out.len() - 1);
             out.put_u8(b',');
-            out.put_slice(self.echo.as_bytes());
+            out.put_slice(echo.as_bytes());
             out.put_u8(b'}');
         }
+    }
+
+    /// Keeps the finished answer (`response`: its object as sent) for storing, with its
+    /// conversation: the request's, then its output as input items.
+    fn keep(&mut self, response: &[u8]) {
+        let Some(saver) = &self.saver else { return };
+        let mut items: Vec<Value> = Vec::with_capacity(self.info.conversation.len() + 1);
+        items.extend(self.info.conversation.iter().cloned());
+        items.extend(self.items.iter().map(|i| match i {
+            Item::Message { text, .. } => json!({
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text}],
+            }),
+            Item::Call {
+                call_id,
+                name,
+                arguments,
+                ..
+            } => json!({
+                "type": "function_call",
+                "call_id": call_id,
+                "name": name,
+                "arguments": arguments,
+            }),
+        }));
+        self.stored = Some(Stored {
+            id: self.id.clone(),
+            tenant: saver.tenant.clone(),
+            response: String::from_utf8_lossy(response).into_owned(),
+            conversation: Value::Array(items).to_string(),
+        });
+    }
+
+    /// The finished answer to store, and where (once: it is taken).
+    pub fn take_stored(&mut self) -> Option<(Saver, Stored)> {
+        let stored = self.stored.take()?;
+        Some((self.saver.clone()?, stored))
     }
 
     /// The stream's first events; a plain answer's message item starts at once.
@@ -503,6 +558,11 @@ impl ResponsesRender {
             _ => "response.completed",
         };
         self.response_event(out, kind, Some(usage), None);
+        if self.saver.is_some() {
+            let mut r = BytesMut::new();
+            self.response(&mut r, Some(usage), None);
+            self.keep(&r);
+        }
     }
 
     /// A mid-stream failure: an `error` event, then `response.failed`.
@@ -558,6 +618,7 @@ impl ResponsesRender {
         };
         let mut out = BytesMut::with_capacity(1024);
         self.response(&mut out, Some(usage), None);
+        self.keep(&out);
         out
     }
 }

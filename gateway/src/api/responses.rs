@@ -11,13 +11,14 @@
 //! `tool_choice`, `parallel_tool_calls`, `include: ["message.output_text.logprobs"]` with
 //! `top_logprobs`, `metadata`, `user`, `store` (nothing is stored: answered `false`), and
 //! the chat endpoint's other sampling options (`seed`, `top_k`, `stop`, penalties,
-//! `logit_bias`) as extensions. Refused with a 400 that names them: what needs stored
-//! responses (`previous_response_id`, `conversation`, `item_reference`, `background`),
+//! `logit_bias`) as extensions, and `previous_response_id` where the gateway stores
+//! answers (its conversation, looked up by the caller, comes first: [`validate_map`]).
+//! Refused with a 400 that names them: `conversation`, `item_reference`, `background`,
 //! prompt templates, reasoning options, `truncation: "auto"`, non-text inputs, built-in
 //! tools.
 
 use super::error::ApiError;
-use super::validate::{self, Endpoint, InferenceRequest};
+use super::validate::{self, Endpoint, InferenceRequest, ResponsesInfo};
 use crate::config::ServerConfig;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -35,36 +36,85 @@ const EXTENSIONS: &[&str] = &[
     "logit_bias",
 ];
 
-/// Validates a `/v1/responses` body.
+/// Validates a `/v1/responses` body that continues no stored response.
 pub fn validate(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
+    validate_map(read(body)?, server, None)
+}
+
+/// A `/v1/responses` body as a JSON object.
+pub fn read(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("Request body is not valid JSON: {e}"), None))?;
-    let Value::Object(req) = req else {
-        return Err(ApiError::bad("Request body must be a JSON object.", None));
+    match req {
+        Value::Object(req) => Ok(req),
+        _ => Err(ApiError::bad("Request body must be a JSON object.", None)),
+    }
+}
+
+/// A stored response a request continues: its id and its conversation's input items.
+pub type Previous = (String, Vec<Value>);
+
+/// Validates a `/v1/responses` body read by [`read`]; `previous`: the stored response its
+/// `previous_response_id` names, looked up by the caller (without it, that field is
+/// refused).
+pub fn validate_map(
+    mut req: Map<String, Value>,
+    server: &ServerConfig,
+    previous: Option<Previous>,
+) -> Result<InferenceRequest, ApiError> {
+    let (previous_id, prefix) = match previous {
+        Some((id, items)) => {
+            req.remove("previous_response_id");
+            (Some(id), items)
+        }
+        None => (None, Vec::new()),
     };
-    let (chat, origin) = translate(&req)?;
+    let (chat, origin) = translate(&req, &prefix)?;
     let bytes = serde_json::to_vec(&Value::Object(chat))
         .map_err(|e| ApiError::Internal(format!("encoding the chat request: {e}")))?;
     let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin))?;
     out.endpoint = Endpoint::Responses;
     out.include_usage = true;
-    out.responses = Some(echo(&req));
+    // The conversation through this request's input: what a stored answer continues.
+    let mut conversation = prefix;
+    match req.get("input") {
+        Some(Value::String(s)) => conversation.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => conversation.extend(items.iter().cloned()),
+        _ => {}
+    }
+    out.responses = Some(ResponsesInfo {
+        echo: echo(&req, previous_id.as_deref()),
+        store: req.get("store") != Some(&Value::Bool(false)),
+        conversation: Arc::new(conversation),
+    });
     Ok(out)
 }
 
-/// Where each chat message came from: an `input` item, or `instructions` (`None`).
-type Origin = Vec<Option<usize>>;
+/// Where a chat message came from.
+#[derive(Debug, Clone, Copy)]
+enum From {
+    Instructions,
+    /// `input[i]`.
+    Input(usize),
+    /// The stored conversation `previous_response_id` continues.
+    Previous,
+}
+
+type Origin = Vec<From>;
 
 fn present<'a>(req: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
     req.get(k).filter(|v| !v.is_null())
 }
 
 /// The chat request a Responses body means, and where its messages came from.
-fn translate(req: &Map<String, Value>) -> Result<(Map<String, Value>, Origin), ApiError> {
+fn translate(
+    req: &Map<String, Value>,
+    prefix: &[Value],
+) -> Result<(Map<String, Value>, Origin), ApiError> {
     for (k, what) in [
         (
             "previous_response_id",
-            "continuing a stored response (nothing is stored; send the whole `input`)",
+            "continuing a stored response: this gateway stores none (`[responses] store = false`; send the whole `input`)",
         ),
         (
             "conversation",
@@ -130,7 +180,16 @@ fn translate(req: &Map<String, Value>) -> Result<(Map<String, Value>, Origin), A
     if let Some(v) = req.get("max_output_tokens") {
         chat.insert("max_completion_tokens".into(), v.clone());
     }
-    let (messages, origin) = messages(req)?;
+    let (mut messages, mut origin) = messages(req)?;
+    if !prefix.is_empty() {
+        // After the instructions (which a continued response does not carry over).
+        let at = usize::from(matches!(origin.first(), Some(From::Instructions)));
+        let (mut before, mut from) = (Vec::new(), Vec::new());
+        items(prefix, &mut before, &mut from)?;
+        from.iter_mut().for_each(|f| *f = From::Previous);
+        messages.splice(at..at, before);
+        origin.splice(at..at, from);
+    }
     chat.insert("messages".into(), Value::Array(messages));
     if let Some(f) = present(req, "text").and_then(|t| t.get("format")) {
         chat.insert("response_format".into(), format(f)?);
@@ -190,7 +249,7 @@ fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> 
         None => {}
         Some(Value::String(s)) => {
             out.push(json!({"role": "system", "content": s}));
-            origin.push(None);
+            origin.push(From::Instructions);
         }
         Some(_) => {
             return Err(ApiError::bad(
@@ -203,7 +262,7 @@ fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> 
         None => return Err(ApiError::bad("`input` is required.", Some("input".into()))),
         Some(Value::String(s)) => {
             out.push(json!({"role": "user", "content": s}));
-            origin.push(Some(0));
+            origin.push(From::Input(0));
             return Ok((out, origin));
         }
         Some(Value::Array(items)) if !items.is_empty() => items,
@@ -214,6 +273,12 @@ fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> 
             ))
         }
     };
+    self::items(items, &mut out, &mut origin)?;
+    Ok((out, origin))
+}
+
+/// The chat messages of input `items` (appended to `out`, each one's origin to `origin`).
+fn items(items: &[Value], out: &mut Vec<Value>, origin: &mut Origin) -> Result<(), ApiError> {
     for (i, item) in items.iter().enumerate() {
         let at = |f: &str| format!("input[{i}]{f}");
         let kind = item
@@ -279,9 +344,9 @@ fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> 
                 ))
             }
         }
-        origin.push(Some(i));
+        origin.push(From::Input(i));
     }
-    Ok((out, origin))
+    Ok(())
 }
 
 /// A message's or a tool output's text: a string, or text parts (`input_text`,
@@ -407,8 +472,9 @@ fn rename(e: ApiError, origin: &Origin) -> ApiError {
             let Some(end) = rest.find(']') else { break };
             let k: Option<usize> = rest[..end].parse().ok();
             let to = match k.and_then(|k| origin.get(k).copied()) {
-                Some(Some(i)) => format!("input[{i}]"),
-                Some(None) => "instructions".to_string(),
+                Some(From::Input(i)) => format!("input[{i}]"),
+                Some(From::Instructions) => "instructions".to_string(),
+                Some(From::Previous) => "previous_response_id".to_string(),
                 None => "input".to_string(),
             };
             s.replace_range(at..at + "messages[".len() + end + 1, &to);
@@ -425,7 +491,7 @@ fn rename(e: ApiError, origin: &Origin) -> ApiError {
 /// What the response repeats of the request, with the defaults OpenAI answers: JSON
 /// object members without the braces, written once here and spliced into each `response`
 /// object the answer writes.
-fn echo(req: &Map<String, Value>) -> Arc<str> {
+fn echo(req: &Map<String, Value>, previous: Option<&str>) -> Arc<str> {
     // Each member: what the request says (when it says anything), or the default's JSON.
     const ECHOED: &[(&str, &str)] = &[
         ("instructions", "null"),
@@ -440,7 +506,7 @@ fn echo(req: &Map<String, Value>) -> Arc<str> {
         ("metadata", "{}"),
         ("user", "null"),
     ];
-    const FIXED: &str = r#""previous_response_id":null,"reasoning":{"effort":null,"summary":null},"truncation":"disabled","store":false,"background":false,"service_tier":"default""#;
+    const FIXED: &str = r#""reasoning":{"effort":null,"summary":null},"truncation":"disabled","background":false,"service_tier":"default""#;
     let mut out = String::with_capacity(512);
     for (k, default) in ECHOED {
         out.push('"');
@@ -452,6 +518,9 @@ fn echo(req: &Map<String, Value>) -> Arc<str> {
         }
         out.push(',');
     }
+    out.push_str("\"previous_response_id\":");
+    out.push_str(&previous.map_or("null".into(), |p| Value::from(p).to_string()));
+    out.push(',');
     out.push_str(FIXED);
     Arc::from(out)
 }
@@ -493,10 +562,10 @@ mod tests {
             .collect();
         assert_eq!(turns, [("system", "Be brief"), ("user", "Hi")]);
         let echo: Value =
-            serde_json::from_str(&format!("{{{}}}", r.responses.expect("the echo"))).unwrap();
+            serde_json::from_str(&format!("{{{}}}", r.responses.expect("the echo").echo)).unwrap();
         assert_eq!(echo["instructions"], "Be brief");
         assert_eq!(echo["max_output_tokens"], 7);
-        assert_eq!(echo["store"], false);
+        assert_eq!(echo["previous_response_id"], Value::Null);
     }
 
     #[test]

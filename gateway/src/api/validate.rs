@@ -42,9 +42,19 @@ pub struct InferenceRequest {
     /// The answer is a tool call (or, with `tool_choice: "auto"`, words) in the JSON
     /// shape of [`tools`], to be rendered as `tool_calls`.
     pub tool_calls: bool,
-    /// `/v1/responses`: what its answer repeats of the request (JSON object members,
-    /// without the braces).
-    pub responses: Option<Arc<str>>,
+    /// `/v1/responses`: what its answer needs of the request.
+    pub responses: Option<ResponsesInfo>,
+}
+
+/// What a `/v1/responses` answer needs of its request.
+#[derive(Debug, Clone)]
+pub struct ResponsesInfo {
+    /// What the answer repeats of the request: JSON object members, without the braces.
+    pub echo: Arc<str>,
+    /// The request lets its answer be stored (it did not say `store: false`).
+    pub store: bool,
+    /// Its conversation through its own input, as input items (a stored answer's).
+    pub conversation: Arc<Vec<Value>>,
 }
 
 /// The most choices a request may ask for (`n`).

@@ -56,6 +56,32 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metering: MeteringConfig,
+    #[serde(default)]
+    pub responses: ResponsesConfig,
+}
+
+/// `[responses]`: stored answers of the Responses API (`previous_response_id`,
+/// `GET`/`DELETE /v1/responses/{id}`), in SQLite.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponsesConfig {
+    /// Keep each answer whose request does not say `store: false` (the API's default is
+    /// to store). Off by default: a gateway then keeps no tenant's words.
+    pub store: bool,
+    /// Database file; a relative path is relative to the config file's folder.
+    pub path: String,
+    /// How long a stored answer is kept (OpenAI keeps them 30 days).
+    pub retention_hours: f64,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self {
+            store: false,
+            path: "tollgate-responses.db".into(),
+            retention_hours: 720.0,
+        }
+    }
 }
 
 /// `[limits]`: where tenants' rate buckets live.
@@ -638,6 +664,14 @@ impl Config {
         }
         if l.redis_timeout_ms == 0 {
             return invalid("limits.redis_timeout_ms must be >= 1");
+        }
+        let kept = self.responses.retention_hours;
+        let keeps = kept.is_finite() && kept > 0.0;
+        if self.responses.store && (self.responses.path.is_empty() || !keeps) {
+            return invalid(
+                "responses.path must not be empty and responses.retention_hours must be > 0 \
+                 (or set responses.store = false)",
+            );
         }
         if self.metering.enabled && self.metering.path.is_empty() {
             return invalid("metering.path must not be empty (or set metering.enabled = false)");

@@ -29,7 +29,7 @@ if r.status == "incomplete":
 assert r.usage.output_tokens == chat.usage.completion_tokens, r.usage
 assert r.usage.input_tokens == chat.usage.prompt_tokens, r.usage
 assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens, r.usage
-assert r.max_output_tokens == 6 and r.temperature == 0 and r.store is False, r
+assert r.max_output_tokens == 6 and r.temperature == 0, r
 [msg] = r.output
 hello = r
 assert msg.type == "message" and msg.role == "assistant" and msg.content[0].type == "output_text", msg
@@ -181,8 +181,28 @@ else:
     assert "JSON mode" in refused(text={"format": {"type": "json_object"}})["message"]
     assert refused(include=["message.output_text.logprobs"])["message"]
 
+# Stored responses, where the gateway stores them (`[responses] store = true`): read
+# back, continued with `previous_response_id`, deleted; elsewhere continuing is refused.
+kept = client.responses.create(model=model, input="Say hello", max_output_tokens=6, temperature=0)
+if kept.store:
+    assert client.responses.retrieve(kept.id).output_text == kept.output_text
+    more = client.responses.create(
+        model=model, input="Again", previous_response_id=kept.id, max_output_tokens=6, temperature=0
+    )
+    assert more.previous_response_id == kept.id, more
+    assert more.usage.input_tokens > kept.usage.input_tokens + kept.usage.output_tokens, (kept.usage, more.usage)
+    client.responses.delete(kept.id)
+    try:
+        client.responses.retrieve(kept.id)
+        raise AssertionError("expected NotFoundError")
+    except openai.NotFoundError:
+        pass
+    assert refused(previous_response_id="resp_123")["code"] == "previous_response_not_found"
+    assert client.responses.create(model=model, input="x", max_output_tokens=2, store=False).store is False
+else:
+    assert refused(previous_response_id="resp_123")["param"] == "previous_response_id"
+
 # Errors in the Responses API's own terms.
-assert refused(previous_response_id="resp_123")["param"] == "previous_response_id"
 assert refused(max_output_tokens=0)["param"] == "max_output_tokens"
 assert refused(tools=[{"type": "web_search"}])["param"] == "tools[0].type"
 body = refused(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}])

@@ -1,0 +1,157 @@
+//! The Responses API's stored answers (`[responses] store = true`, see
+//! [`crate::response_store`]): `POST /v1/responses` with a `previous_response_id` (the
+//! stored conversation read first, then the request validated with it), and
+//! `GET`/`DELETE /v1/responses/{id}`. A tenant sees only its own answers; any other id is
+//! a 404.
+
+use super::auth::ActingFor;
+use super::error::ApiError;
+use super::handlers::{read_body, respond, validated, with_limits};
+use super::request_id::RequestId;
+use super::responses::{self, Previous};
+use crate::response_store::ResponseStore;
+use crate::state::AppState;
+use crate::tenants::Tenant;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The tenant a request acts for (a trusted gateway's, else the caller's).
+fn owner(tenant: &Tenant, acting: &Option<ActingFor>) -> String {
+    acting
+        .as_ref()
+        .map_or(&tenant.id, |a| &a.tenant)
+        .to_string()
+}
+
+/// Runs `f` on the store from the blocking pool.
+async fn on_store<T: Send + 'static>(
+    store: &Arc<ResponseStore>,
+    f: impl FnOnce(&ResponseStore) -> Result<T, crate::response_store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ApiError::Internal(format!("response store: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn not_stored(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no stored response with id {id:?}"))
+}
+
+/// The stored response a request's `previous_response_id` names, if it names one.
+async fn previous(
+    state: &AppState,
+    owner: String,
+    req: &Map<String, Value>,
+) -> Result<Option<Previous>, ApiError> {
+    let Some(id) = req.get("previous_response_id").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    // Without a store, validation refuses the field and says why.
+    let Some(store) = &state.responses else {
+        return Ok(None);
+    };
+    let Some(id) = id.as_str().map(str::to_string) else {
+        return Err(ApiError::bad(
+            "`previous_response_id` must be a string.",
+            Some("previous_response_id".into()),
+        ));
+    };
+    let key = id.clone();
+    match on_store(store, move |s| s.conversation(&owner, &key)).await? {
+        Some(items) => Ok(Some((id, items))),
+        None => Err(ApiError::BadRequest {
+            message: format!("Previous response with id {id:?} not found."),
+            param: Some("previous_response_id".into()),
+            code: Some("previous_response_not_found"),
+        }),
+    }
+}
+
+/// `POST /v1/responses`.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let acting = acting.map(|a| a.0);
+    let parsed = async {
+        let body = read_body(&state, body)?;
+        let req = responses::read(&body)?;
+        let previous = previous(&state, owner(&tenant, &acting), &req).await?;
+        validated(&state, body, move |_, server| {
+            responses::validate_map(req, server, previous)
+        })
+        .await
+    }
+    .await;
+    respond(state, tenant, acting, id, started, parsed).await
+}
+
+fn store_of(state: &AppState) -> Result<&Arc<ResponseStore>, ApiError> {
+    state
+        .responses
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("stored responses (this gateway stores none)".into()))
+}
+
+/// `GET /v1/responses/{id}`: a stored answer, as it was sent.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let got = async {
+        let store = store_of(&state)?;
+        let key = id.clone();
+        on_store(store, move |s| s.get(&owner, &key))
+            .await?
+            .ok_or_else(|| not_stored(&id))
+    }
+    .await;
+    let resp = match got {
+        Ok(s) => (
+            [(http::header::CONTENT_TYPE, "application/json")],
+            s.response,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    };
+    with_limits(&tenant, resp)
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let store = store_of(&state)?;
+        let key = id.clone();
+        match on_store(store, move |s| s.delete(&owner, &key)).await? {
+            true => Ok(json!({"id": id, "object": "response", "deleted": true})),
+            false => Err(not_stored(&id)),
+        }
+    }
+    .await;
+    let resp = match done {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    };
+    with_limits(&tenant, resp)
+}

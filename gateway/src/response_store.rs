@@ -1,0 +1,204 @@
+//! Stored answers of the Responses API (`[responses] store = true`), in SQLite: each
+//! answer's `response` object as it was sent, and its conversation as input items (the
+//! items of the responses it continued, its own input, its output), so that a request
+//! with `previous_response_id` continues it. Every row belongs to one tenant: another
+//! tenant's id reads as not found. Rows expire after `retention_hours`; expired rows are
+//! purged at start and then hourly.
+//!
+//! Calls are blocking (one connection under a mutex, WAL); the request path makes them
+//! from the blocking pool, and an answer is stored before its last bytes are sent, so a
+//! client that reads an answer whole may continue it at once.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("response store: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("response store: a stored conversation is not JSON: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("response store: its lock was poisoned by a panic")]
+    Poisoned,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    conversation TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_ms);
+";
+
+/// One stored answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub id: String,
+    pub tenant: String,
+    /// The `response` object as sent (JSON).
+    pub response: String,
+    /// The whole conversation through this answer, as Responses input items (a JSON
+    /// array): what a request continuing it is prefixed with.
+    pub conversation: String,
+}
+
+/// Where a request's answer is to be stored: the store, and the tenant it belongs to.
+#[derive(Clone)]
+pub struct Saver {
+    pub store: Arc<ResponseStore>,
+    pub tenant: String,
+}
+
+pub struct ResponseStore {
+    conn: Mutex<Connection>,
+    retention: Duration,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl ResponseStore {
+    /// Opens (or creates) the store at `path`, purging what has expired.
+    pub fn open(path: &Path, retention: Duration) -> Result<Arc<Self>, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let store = Arc::new(Self {
+            conn: Mutex::new(conn),
+            retention,
+        });
+        store.purge()?;
+        Ok(store)
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Stores an answer (a second with the same id replaces it).
+    pub fn put(&self, s: &Stored) -> Result<(), StoreError> {
+        let now = now_ms();
+        let expires = now.saturating_add(self.retention.as_millis() as i64);
+        self.conn()?.execute(
+            "INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![s.id, s.tenant, now, expires, s.response, s.conversation],
+        )?;
+        Ok(())
+    }
+
+    /// `tenant`'s answer `id`, unless it expired.
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Option<Stored>, StoreError> {
+        let row = self
+            .conn()?
+            .query_row(
+                "SELECT response, conversation FROM responses
+                 WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3",
+                params![id, tenant, now_ms()],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(response, conversation)| Stored {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            response,
+            conversation,
+        }))
+    }
+
+    /// The conversation items of `tenant`'s answer `id`.
+    pub fn conversation(&self, tenant: &str, id: &str) -> Result<Option<Vec<Value>>, StoreError> {
+        match self.get(tenant, id)? {
+            Some(s) => Ok(Some(serde_json::from_str(&s.conversation)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes `tenant`'s answer `id`; whether there was one.
+    pub fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let n = self.conn()?.execute(
+            "DELETE FROM responses WHERE id = ?1 AND tenant = ?2",
+            params![id, tenant],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Deletes what has expired; how many.
+    pub fn purge(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()?
+            .execute("DELETE FROM responses WHERE expires_ms <= ?1", [now_ms()])?)
+    }
+
+    /// Purges expired answers every hour, on a thread of its own, for as long as the
+    /// process runs.
+    pub fn purge_hourly(self: &Arc<Self>) {
+        let store = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("response-store-purge".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                let Some(s) = store.upgrade() else { return };
+                if let Err(e) = s.purge() {
+                    tracing::warn!(error = %e, "purging expired responses failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no purge thread for the response store");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(name: &str, retention: Duration) -> Arc<ResponseStore> {
+        let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ResponseStore::open(&dir.join("r.db"), retention).unwrap()
+    }
+
+    fn answer(id: &str, tenant: &str) -> Stored {
+        Stored {
+            id: id.into(),
+            tenant: tenant.into(),
+            response: format!(r#"{{"id":"{id}"}}"#),
+            conversation: r#"[{"role":"user","content":"hi"}]"#.into(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_its_tenants_until_deleted() {
+        let s = store("own", Duration::from_secs(60));
+        s.put(&answer("resp_1", "a")).unwrap();
+        assert_eq!(s.get("a", "resp_1").unwrap(), Some(answer("resp_1", "a")));
+        assert_eq!(s.get("b", "resp_1").unwrap(), None, "another tenant's");
+        assert!(!s.delete("b", "resp_1").unwrap());
+        let items = s.conversation("a", "resp_1").unwrap().unwrap();
+        assert_eq!(items[0]["content"], "hi");
+        assert!(s.delete("a", "resp_1").unwrap());
+        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+    }
+
+    #[test]
+    fn expired_answers_are_gone_and_purged() {
+        let s = store("expiry", Duration::from_millis(30));
+        s.put(&answer("resp_1", "a")).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+        assert_eq!(s.purge().unwrap(), 1);
+    }
+}
