@@ -9,7 +9,7 @@ use super::error::ApiError;
 use super::handlers::{read_body, respond, validated, with_limits};
 use super::request_id::RequestId;
 use super::responses::{self, Previous};
-use crate::response_store::ResponseStore;
+use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
@@ -32,7 +32,7 @@ fn owner(tenant: &Tenant, acting: &Option<ActingFor>) -> String {
 /// Runs `f` on the store from the blocking pool.
 async fn on_store<T: Send + 'static>(
     store: &Arc<ResponseStore>,
-    f: impl FnOnce(&ResponseStore) -> Result<T, crate::response_store::StoreError> + Send + 'static,
+    f: impl FnOnce(&ResponseStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || f(&store))
@@ -98,11 +98,32 @@ pub async fn create(
     respond(state, tenant, acting, id, started, parsed).await
 }
 
-fn store_of(state: &AppState) -> Result<&Arc<ResponseStore>, ApiError> {
-    state
-        .responses
-        .as_ref()
-        .ok_or_else(|| ApiError::NotFound("stored responses (this gateway stores none)".into()))
+/// Runs `op` on the store for the tenant's answer `id` (`None`: it has none such: 404),
+/// and answers with `ok` of its result, the tenant's rate-limit headers added.
+async fn by_id<T: Send + 'static>(
+    state: AppState,
+    tenant: Arc<Tenant>,
+    acting: Option<Extension<ActingFor>>,
+    id: String,
+    op: impl FnOnce(&ResponseStore, &str, &str) -> Result<Option<T>, StoreError> + Send + 'static,
+    ok: impl FnOnce(T, &str) -> Response,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let store = state.responses.as_ref().ok_or_else(|| {
+            ApiError::NotFound("stored responses (this gateway stores none)".into())
+        })?;
+        let key = id.clone();
+        on_store(store, move |s| op(s, &owner, &key))
+            .await?
+            .ok_or_else(|| not_stored(&id))
+    }
+    .await;
+    let resp = match done {
+        Ok(v) => ok(v, &id),
+        Err(e) => e.into_response(),
+    };
+    with_limits(&tenant, resp)
 }
 
 /// `GET /v1/responses/{id}`: a stored answer, as it was sent.
@@ -112,24 +133,12 @@ pub async fn get(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let got = async {
-        let store = store_of(&state)?;
-        let key = id.clone();
-        on_store(store, move |s| s.get(&owner, &key))
-            .await?
-            .ok_or_else(|| not_stored(&id))
-    }
-    .await;
-    let resp = match got {
-        Ok(s) => (
-            [(http::header::CONTENT_TYPE, "application/json")],
-            s.response,
-        )
-            .into_response(),
-        Err(e) => e.into_response(),
-    };
-    with_limits(&tenant, resp)
+    let op = |s: &ResponseStore, owner: &str, id: &str| s.get(owner, id);
+    by_id(state, tenant, acting, id, op, |stored, _| {
+        let json = [(http::header::CONTENT_TYPE, "application/json")];
+        (json, stored.response).into_response()
+    })
+    .await
 }
 
 /// `DELETE /v1/responses/{id}`.
@@ -139,19 +148,9 @@ pub async fn delete(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let store = store_of(&state)?;
-        let key = id.clone();
-        match on_store(store, move |s| s.delete(&owner, &key)).await? {
-            true => Ok(json!({"id": id, "object": "response", "deleted": true})),
-            false => Err(not_stored(&id)),
-        }
-    }
-    .await;
-    let resp = match done {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    };
-    with_limits(&tenant, resp)
+    let op = |s: &ResponseStore, owner: &str, id: &str| Ok(s.delete(owner, id)?.then_some(()));
+    by_id(state, tenant, acting, id, op, |(), id| {
+        axum::Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
+    })
+    .await
 }
