@@ -537,18 +537,16 @@ struct Choice {
     done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
 }
 
-/// Stores a finished `/v1/responses` answer when it is to be stored (from the blocking
-/// pool); a failure is logged, and the answer still goes out.
+/// Stores a finished `/v1/responses` answer when it is to be stored (through the store's
+/// writer thread, committed with others); a failure is logged, and the answer still goes
+/// out.
 async fn store_answer(renderer: &mut Renderer) {
     let Some((saver, stored)) = renderer.take_stored() else {
         return;
     };
     let id = stored.id.clone();
-    let put = tokio::task::spawn_blocking(move || saver.store.put(&stored)).await;
-    match put {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(response = %id, error = %e, "storing the response failed"),
-        Err(e) => tracing::error!(response = %id, error = %e, "storing the response failed"),
+    if let Err(e) = saver.store.save(stored).await {
+        tracing::error!(response = %id, error = %e, "storing the response failed");
     }
 }
 

@@ -5,9 +5,11 @@
 //! tenant's id reads as not found. Rows expire after `retention_hours`; expired rows are
 //! purged at start and then hourly.
 //!
-//! Calls are blocking (one connection under a mutex, WAL); the request path makes them
-//! from the blocking pool, and an answer is stored before its last bytes are sent, so a
-//! client that reads an answer whole may continue it at once.
+//! Reads are blocking (one connection under a mutex, WAL), made from the blocking pool.
+//! Answers are written by a thread of their own ([`ResponseStore::save`]) in one
+//! transaction for all that arrived meanwhile (a group commit); a request awaits its
+//! answer's commit before its last bytes are sent, so a client that reads an answer whole
+//! may continue it at once.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
@@ -23,6 +25,35 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("response store: its lock was poisoned by a panic")]
     Poisoned,
+    #[error("response store: {0}")]
+    Thread(String),
+}
+
+/// Inserts `answers` in one transaction (an answer with an id already there replaces it).
+fn insert(
+    conn: &mut Connection,
+    retention: Duration,
+    answers: &[&Stored],
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let expires = now.saturating_add(retention.as_millis() as i64);
+    let tx = conn.transaction()?;
+    {
+        let mut put =
+            tx.prepare_cached("INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+        for s in answers {
+            put.execute(params![
+                s.id,
+                s.tenant,
+                now,
+                expires,
+                s.response,
+                s.conversation
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 const SCHEMA: &str = "
@@ -59,7 +90,14 @@ pub struct Saver {
 pub struct ResponseStore {
     conn: Mutex<Connection>,
     retention: Duration,
+    /// To the writer thread: an answer, and who waits for its commit.
+    writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
+
+type Job = (Stored, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Most answers committed in one transaction.
+const MAX_BATCH: usize = 256;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -70,32 +108,65 @@ fn now_ms() -> i64 {
 impl ResponseStore {
     /// Opens (or creates) the store at `path`, purging what has expired.
     pub fn open(path: &Path, retention: Duration) -> Result<Arc<Self>, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "wal")?;
-        conn.pragma_update(None, "synchronous", "normal")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let open = || -> Result<Connection, StoreError> {
+            let conn = Connection::open(path)?;
+            conn.pragma_update(None, "journal_mode", "wal")?;
+            conn.pragma_update(None, "synchronous", "normal")?;
+            conn.busy_timeout(Duration::from_secs(5))?;
+            Ok(conn)
+        };
+        let conn = open()?;
         conn.execute_batch(SCHEMA)?;
+        let mut writes = open()?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("response-store".into())
+            .spawn(move || {
+                // Until every sender is gone: the first answer, then all that wait.
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
+                    let stored: Vec<&Stored> = jobs.iter().map(|j| &j.0).collect();
+                    let r = insert(&mut writes, retention, &stored).map_err(|e| e.to_string());
+                    for (_, done) in jobs {
+                        let _ = done.send(r.clone());
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
         let store = Arc::new(Self {
             conn: Mutex::new(conn),
             retention,
+            writer: Mutex::new(tx),
         });
         store.purge()?;
         Ok(store)
+    }
+
+    /// Stores an answer through the writer thread, committed with the others that
+    /// arrived meanwhile; done once committed.
+    pub async fn save(&self, s: Stored) -> Result<(), StoreError> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .send((s, done))
+            .map_err(|_| StoreError::Thread("the writer thread is gone".into()))?;
+        match committed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Thread(e)),
+            Err(_) => Err(StoreError::Thread("the writer thread is gone".into())),
+        }
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Poisoned)
     }
 
-    /// Stores an answer (a second with the same id replaces it).
+    /// Stores an answer now, on the caller's thread (a second with the same id replaces
+    /// it).
     pub fn put(&self, s: &Stored) -> Result<(), StoreError> {
-        let now = now_ms();
-        let expires = now.saturating_add(self.retention.as_millis() as i64);
-        self.conn()?.execute(
-            "INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![s.id, s.tenant, now, expires, s.response, s.conversation],
-        )?;
-        Ok(())
+        insert(&mut *self.conn()?, self.retention, &[s])
     }
 
     /// `tenant`'s answer `id`, unless it expired.
@@ -191,6 +262,24 @@ mod tests {
         assert_eq!(items[0]["content"], "hi");
         assert!(s.delete("a", "resp_1").unwrap());
         assert_eq!(s.get("a", "resp_1").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn answers_saved_at_once_are_all_committed() {
+        let s = store("group", Duration::from_secs(60));
+        let saves = (0..300).map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.save(answer(&format!("resp_{i}"), "a")).await })
+        });
+        for r in futures::future::join_all(saves).await {
+            r.unwrap().unwrap();
+        }
+        for i in 0..300 {
+            assert!(
+                s.get("a", &format!("resp_{i}")).unwrap().is_some(),
+                "resp_{i}"
+            );
+        }
     }
 
     #[test]
