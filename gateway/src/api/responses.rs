@@ -561,8 +561,8 @@ mod tests {
             .map(|m| (m.role.as_str(), m.content.as_str()))
             .collect();
         assert_eq!(turns, [("system", "Be brief"), ("user", "Hi")]);
-        let echo: Value =
-            serde_json::from_str(&format!("{{{}}}", r.responses.expect("the echo").echo)).unwrap();
+        let echo = format!("{{{}}}", r.responses.expect("the echo").echo);
+        let echo: Value = serde_json::from_str(&echo).expect("the echo is JSON object members");
         assert_eq!(echo["instructions"], "Be brief");
         assert_eq!(echo["max_output_tokens"], 7);
         assert_eq!(echo["previous_response_id"], Value::Null);
