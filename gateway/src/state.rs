@@ -85,7 +85,8 @@ impl Shared {
         let responses = if config.responses.store {
             let db = resolve_relative(path.as_deref(), &config.responses.path);
             let keep =
-                std::time::Duration::from_secs_f64(config.responses.retention_hours * 3600.0);
+                std::time::Duration::try_from_secs_f64(config.responses.retention_hours * 3600.0)
+                    .map_err(|e| format!("responses.retention_hours: {e}"))?;
             let store = ResponseStore::open(&db, keep).map_err(|e| e.to_string())?;
             store.purge_hourly();
             Some(store)

@@ -666,11 +666,11 @@ impl Config {
             return invalid("limits.redis_timeout_ms must be >= 1");
         }
         let kept = self.responses.retention_hours;
-        let keeps = kept.is_finite() && kept > 0.0;
+        let keeps = std::time::Duration::try_from_secs_f64(kept * 3600.0).is_ok() && kept > 0.0;
         if self.responses.store && (self.responses.path.is_empty() || !keeps) {
             return invalid(
-                "responses.path must not be empty and responses.retention_hours must be > 0 \
-                 (or set responses.store = false)",
+                "responses.path must not be empty and responses.retention_hours must be a \
+                 number of hours > 0 (or set responses.store = false)",
             );
         }
         if self.metering.enabled && self.metering.path.is_empty() {
@@ -934,6 +934,26 @@ workers = [{{ kind = "engine"{fields} }}]
         };
         assert_eq!(engine(&cfg).sizes(true), set);
         assert_eq!(engine(&cfg).sizes(false), set);
+    }
+
+    #[test]
+    fn stored_responses_need_a_path_and_a_retention() {
+        let with = |fields: &str| Config::from_toml(&format!("[responses]\n{fields}\n"));
+        let cfg = with("store = true").unwrap();
+        assert_eq!(cfg.responses.path, "tollgate-responses.db");
+        assert_eq!(cfg.responses.retention_hours, 720.0);
+        for bad in [
+            "store = true\npath = \"\"",
+            "store = true\nretention_hours = 0.0",
+            "store = true\nretention_hours = -1.0",
+            "store = true\nretention_hours = 1e300",
+            "store = true\nretention_hours = nan",
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("responses."), "{bad}: {err}");
+        }
+        // Off, nothing about it is checked.
+        assert!(with("store = false\npath = \"\"").is_ok());
     }
 
     #[test]
