@@ -89,7 +89,6 @@ pub struct Saver {
 
 pub struct ResponseStore {
     conn: Mutex<Connection>,
-    retention: Duration,
     /// To the writer thread: an answer, and who waits for its commit.
     writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
@@ -136,7 +135,6 @@ impl ResponseStore {
             .map_err(|e| StoreError::Thread(e.to_string()))?;
         let store = Arc::new(Self {
             conn: Mutex::new(conn),
-            retention,
             writer: Mutex::new(tx),
         });
         store.purge()?;
@@ -161,12 +159,6 @@ impl ResponseStore {
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
         self.conn.lock().map_err(|_| StoreError::Poisoned)
-    }
-
-    /// Stores an answer now, on the caller's thread (a second with the same id replaces
-    /// it).
-    pub fn put(&self, s: &Stored) -> Result<(), StoreError> {
-        insert(&mut *self.conn()?, self.retention, &[s])
     }
 
     /// `tenant`'s answer `id`, unless it expired.
@@ -251,10 +243,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_answer_is_its_tenants_until_deleted() {
+    #[tokio::test]
+    async fn an_answer_is_its_tenants_until_deleted() {
         let s = store("own", Duration::from_secs(60));
-        s.put(&answer("resp_1", "a")).unwrap();
+        s.save(answer("resp_1", "a")).await.unwrap();
         assert_eq!(s.get("a", "resp_1").unwrap(), Some(answer("resp_1", "a")));
         assert_eq!(s.get("b", "resp_1").unwrap(), None, "another tenant's");
         assert!(!s.delete("b", "resp_1").unwrap());
@@ -282,11 +274,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn expired_answers_are_gone_and_purged() {
+    #[tokio::test]
+    async fn expired_answers_are_gone_and_purged() {
         let s = store("expiry", Duration::from_millis(30));
-        s.put(&answer("resp_1", "a")).unwrap();
-        std::thread::sleep(Duration::from_millis(60));
+        s.save(answer("resp_1", "a")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(s.get("a", "resp_1").unwrap(), None);
         assert_eq!(s.purge().unwrap(), 1);
     }

@@ -249,14 +249,15 @@ impl ResponsesRender {
         &self.id
     }
 
-    /// One SSE event of `kind` that carries the whole response.
+    /// One SSE event of `kind` that carries the whole response; where in `out` that
+    /// response's JSON is.
     fn response_event(
         &mut self,
         out: &mut BytesMut,
         kind: &str,
         usage: Option<Usage>,
         error: Option<Failure<'_>>,
-    ) {
+    ) -> std::ops::Range<usize> {
         out.put_slice(b"event: ");
         out.put_slice(kind.as_bytes());
         out.put_slice(b"\ndata: {\"type\":\"");
@@ -264,9 +265,12 @@ impl ResponsesRender {
         out.put_slice(b"\",\"sequence_number\":");
         out.put_slice(self.seq.to_string().as_bytes());
         out.put_slice(b",\"response\":");
+        let start = out.len();
         self.response(out, usage, error);
+        let at = start..out.len();
         out.put_slice(b"}\n\n");
         self.seq += 1;
+        at
     }
 
     fn status(&self) -> &'static str {
@@ -557,12 +561,9 @@ impl ResponsesRender {
             "incomplete" => "response.incomplete",
             _ => "response.completed",
         };
-        self.response_event(out, kind, Some(usage), None);
-        if self.saver.is_some() {
-            let mut r = BytesMut::new();
-            self.response(&mut r, Some(usage), None);
-            self.keep(&r);
-        }
+        let at = self.response_event(out, kind, Some(usage), None);
+        // Stored as it was sent.
+        self.keep(&out[at]);
     }
 
     /// A mid-stream failure: an `error` event, then `response.failed`.

@@ -102,6 +102,21 @@ enum From {
 
 type Origin = Vec<From>;
 
+/// The fields `keys` of `from` that it has, as they are.
+fn pick<'a>(
+    from: &Map<String, Value>,
+    keys: impl IntoIterator<Item = &'a &'a str>,
+) -> Map<String, Value> {
+    keys.into_iter()
+        .filter_map(|&k| from.get(k).map(|v| (k.to_string(), v.clone())))
+        .collect()
+}
+
+/// [`pick`] from a JSON value (nothing from one that is not an object).
+fn pick_from(from: &Value, keys: &[&str]) -> Map<String, Value> {
+    from.as_object().map(|o| pick(o, keys)).unwrap_or_default()
+}
+
 fn present<'a>(req: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
     req.get(k).filter(|v| !v.is_null())
 }
@@ -156,24 +171,15 @@ fn translate(
             ))
         }
     }
-    let mut chat = Map::new();
-    for k in [
+    let same = [
         "model",
         "temperature",
         "top_p",
         "stream",
         "user",
         "parallel_tool_calls",
-    ] {
-        if let Some(v) = req.get(k) {
-            chat.insert(k.into(), v.clone());
-        }
-    }
-    for &k in EXTENSIONS {
-        if let Some(v) = req.get(k) {
-            chat.insert(k.into(), v.clone());
-        }
-    }
+    ];
+    let mut chat = pick(req, same.iter().chain(EXTENSIONS));
     if !chat.contains_key("model") {
         return Err(ApiError::bad("`model` is required.", Some("model".into())));
     }
@@ -387,12 +393,7 @@ fn text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
 fn format(f: &Value) -> Result<Value, ApiError> {
     match f.get("type").and_then(Value::as_str) {
         Some("json_schema") => {
-            let mut spec = Map::new();
-            for k in ["name", "schema", "strict", "description"] {
-                if let Some(v) = f.get(k) {
-                    spec.insert(k.into(), v.clone());
-                }
-            }
+            let spec = pick_from(f, &["name", "schema", "strict", "description"]);
             if !spec.contains_key("schema") {
                 return Err(ApiError::bad(
                     "`text.format.schema` is required with `type: \"json_schema\"`.",
@@ -421,12 +422,7 @@ fn tools(t: &Value) -> Result<Value, ApiError> {
     for (i, tool) in list.iter().enumerate() {
         match tool.get("type").and_then(Value::as_str) {
             Some("function") => {
-                let mut f = Map::new();
-                for k in ["name", "description", "parameters", "strict"] {
-                    if let Some(v) = tool.get(k) {
-                        f.insert(k.into(), v.clone());
-                    }
-                }
+                let f = pick_from(tool, &["name", "description", "parameters", "strict"]);
                 out.push(json!({"type": "function", "function": f}));
             }
             other => {
