@@ -188,6 +188,19 @@ impl ResponseStore {
         }
     }
 
+    /// The input items of `tenant`'s answer `id`: its conversation without its own
+    /// output (the items of its `response`'s `output`).
+    pub fn input_items(&self, tenant: &str, id: &str) -> Result<Option<Vec<Value>>, StoreError> {
+        let Some(s) = self.get(tenant, id)? else {
+            return Ok(None);
+        };
+        let mut items: Vec<Value> = serde_json::from_str(&s.conversation)?;
+        let response: Value = serde_json::from_str(&s.response)?;
+        let outputs = response["output"].as_array().map_or(0, Vec::len);
+        items.truncate(items.len().saturating_sub(outputs));
+        Ok(Some(items))
+    }
+
     /// Deletes `tenant`'s answer `id`; whether there was one.
     pub fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         let n = self.conn()?.execute(
@@ -252,8 +265,22 @@ mod tests {
         assert!(!s.delete("b", "resp_1").unwrap());
         let items = s.conversation("a", "resp_1").unwrap().unwrap();
         assert_eq!(items[0]["content"], "hi");
+        assert_eq!(s.input_items("a", "resp_1").unwrap().unwrap(), items);
+        assert_eq!(s.input_items("b", "resp_1").unwrap(), None);
         assert!(s.delete("a", "resp_1").unwrap());
         assert_eq!(s.get("a", "resp_1").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn input_items_are_the_conversation_without_the_output() {
+        let s = store("inputs", Duration::from_secs(60));
+        let mut a = answer("resp_2", "a");
+        a.response = r#"{"id":"resp_2","output":[{"type":"message"}]}"#.into();
+        a.conversation = r#"[{"id":"msg_1"},{"id":"msg_2"},{"id":"msg_3"}]"#.into();
+        s.save(a).await.unwrap();
+        let items = s.input_items("a", "resp_2").unwrap().unwrap();
+        let ids: Vec<&str> = items.iter().filter_map(|i| i["id"].as_str()).collect();
+        assert_eq!(ids, ["msg_1", "msg_2"]);
     }
 
     #[tokio::test]

@@ -415,9 +415,58 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
         tokens(&second) > tokens(&first) + first["usage"]["output_tokens"].as_u64().unwrap(),
         "{first}\n{second}"
     );
+    // Its input items: the first answer's conversation, then its own input; the first
+    // answer's output under the id it was sent with.
+    let get = reqwest::Method::GET;
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let items = format!("/v1/responses/{second_id}/input_items");
+    let listed: Value = send(&gw, KEY, get.clone(), &format!("{items}?order=asc"), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = listed["data"].as_array().expect("data");
+    let said: Vec<(&str, &str)> = data
+        .iter()
+        .map(|i| {
+            (
+                i["role"].as_str().unwrap(),
+                i["content"][0]["text"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let answer = first["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        said,
+        [
+            ("user", "hello there"),
+            ("assistant", answer),
+            ("user", "and again")
+        ],
+        "{listed}"
+    );
+    assert_eq!(data[1]["id"], first["output"][0]["id"]);
+    assert_eq!(listed["has_more"], false);
+    let newest: Value = send(&gw, KEY, get.clone(), &format!("{items}?limit=1"), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(newest["data"][0]["id"], data[2]["id"], "newest first");
+    assert_eq!(newest["has_more"], true);
+    let r = send(&gw, KEY, get.clone(), &format!("{items}?limit=500"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let first_items = format!("/v1/responses/{id}/input_items");
+    let r = send(&gw, OTHER, get.clone(), &first_items, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another tenant's");
     // Another tenant cannot read, continue or delete it.
     let path = format!("/v1/responses/{id}");
-    let get = reqwest::Method::GET;
     assert_eq!(
         send(&gw, OTHER, get.clone(), &path, None)
             .await
@@ -471,6 +520,11 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
     assert_eq!(r.status(), 200);
     let again: Value = r.json().await.unwrap();
     assert_eq!(again, first);
+    let r = send(&gw, KEY, get.clone(), &format!("{items}?order=asc"), None)
+        .await
+        .unwrap();
+    let relisted: Value = r.json().await.unwrap();
+    assert_eq!(relisted, listed, "the same items under the same ids");
     let r = send(&gw, KEY, delete.clone(), &path, None).await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(

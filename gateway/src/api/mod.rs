@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 mod handlers;
+mod input_items;
 pub mod render;
 mod render_responses;
 pub mod request_id;
@@ -36,6 +37,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/responses/{id}",
             get(stored_responses::get).delete(stored_responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(stored_responses::input_items),
         )
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{*model}", get(handlers::model))

@@ -12,6 +12,7 @@
 //! request was serialized once, at validation ([`super::responses`]), and is spliced in.
 
 use super::error::ApiError;
+use super::input_items;
 use super::tools::{self, Answer, Piece};
 use super::validate::ResponsesInfo;
 use crate::response_store::{Saver, Stored};
@@ -360,20 +361,31 @@ impl ResponsesRender {
     fn keep(&mut self, response: &[u8]) {
         let Some(saver) = &self.saver else { return };
         let mut items: Vec<Value> = Vec::with_capacity(self.info.conversation.len() + 1);
-        items.extend(self.info.conversation.iter().cloned());
+        // Each with an id, kept by the answers that continue this one.
+        items.extend(
+            self.info
+                .conversation
+                .iter()
+                .map(|i| input_items::stored(i, input_items::fresh_id)),
+        );
         items.extend(self.items.iter().map(|i| match i {
-            Item::Message { text, .. } => json!({
+            Item::Message { id, text, .. } => json!({
+                "id": id,
                 "type": "message",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": text}],
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
             }),
             Item::Call {
+                id,
                 call_id,
                 name,
                 arguments,
                 ..
             } => json!({
+                "id": id,
                 "type": "function_call",
+                "status": "completed",
                 "call_id": call_id,
                 "name": name,
                 "arguments": arguments,

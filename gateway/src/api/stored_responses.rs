@@ -1,12 +1,13 @@
 //! The Responses API's stored answers (`[responses] store = true`, see
 //! [`crate::response_store`]): `POST /v1/responses` with a `previous_response_id` (the
-//! stored conversation read first, then the request validated with it), and
-//! `GET`/`DELETE /v1/responses/{id}`. A tenant sees only its own answers; any other id is
-//! a 404.
+//! stored conversation read first, then the request validated with it),
+//! `GET`/`DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items` (see
+//! [`super::input_items`]). A tenant sees only its own answers; any other id is a 404.
 
 use super::auth::ActingFor;
 use super::error::ApiError;
 use super::handlers::{read_body, respond, validated, with_limits};
+use super::input_items;
 use super::request_id::RequestId;
 use super::responses::{self, Previous};
 use crate::response_store::{ResponseStore, StoreError};
@@ -14,7 +15,7 @@ use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::{json, Map, Value};
@@ -152,5 +153,32 @@ pub async fn delete(
     by_id(state, tenant, acting, id, op, |(), id| {
         axum::Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
     })
+    .await
+}
+
+/// `GET /v1/responses/{id}/input_items`: a page of a stored answer's input items.
+pub async fn input_items(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let page = match input_items::page(query.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    let op = |s: &ResponseStore, owner: &str, id: &str| s.input_items(owner, id);
+    by_id(
+        state,
+        tenant,
+        acting,
+        id,
+        op,
+        move |items, _| match input_items::list(items, &page) {
+            Ok(list) => axum::Json(list).into_response(),
+            Err(e) => e.into_response(),
+        },
+    )
     .await
 }

@@ -191,6 +191,13 @@ if kept.store:
     )
     assert more.previous_response_id == kept.id, more
     assert more.usage.input_tokens > kept.usage.input_tokens + kept.usage.output_tokens, (kept.usage, more.usage)
+    # Its input items: the kept answer's input and output, then its own input; newest
+    # first by default, and the SDK's pager walks them a page at a time.
+    items = client.responses.input_items.list(more.id)
+    assert [i.role for i in items.data] == ["user", "assistant", "user"], items
+    assert items.data[0].content[0].text == "Again" and items.data[1].id == kept.output[0].id, items
+    walked = [i.id for i in client.responses.input_items.list(more.id, limit=1, order="asc")]
+    assert walked == [i.id for i in reversed(items.data)], walked
     client.responses.delete(kept.id)
     try:
         client.responses.retrieve(kept.id)
