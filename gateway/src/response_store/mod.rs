@@ -1,17 +1,20 @@
 //! Stored answers of the Responses API (`[responses] store = true`), in SQLite: each
 //! answer's `response` object as it was sent, and its conversation as input items (the
 //! items of the responses it continued, its own input, its output), so that a request
-//! with `previous_response_id` continues it. Every row belongs to one tenant: another
-//! tenant's id reads as not found. Rows expire after `retention_hours`; expired rows are
-//! purged at start and then hourly.
+//! with `previous_response_id` continues it; and the Conversations API's conversations
+//! ([`conversations`]), whose items answers in them add to. Every row belongs to one
+//! tenant: another tenant's id reads as not found. Rows expire after `retention_hours`
+//! (a conversation: after its last use); expired rows are purged at start and then hourly.
 //!
-//! Reads are blocking (one connection under a mutex, WAL), made from the blocking pool.
-//! Answers are written by a thread of their own ([`ResponseStore::save`]) in one
-//! transaction for all that arrived meanwhile (a group commit); a request awaits its
-//! answer's commit before its last bytes are sent, so a client that reads an answer whole
-//! may continue it at once.
+//! Reads and the Conversations API's writes are blocking (one connection under a mutex,
+//! WAL), made from the blocking pool. Answers are written by a thread of their own
+//! ([`ResponseStore::save`]) in one transaction for all that arrived meanwhile (a group
+//! commit); a request awaits its answer's commit before its last bytes are sent, so a
+//! client that reads an answer whole may continue it at once.
 
-use rusqlite::{params, Connection, OptionalExtension};
+pub mod conversations;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -29,11 +32,12 @@ pub enum StoreError {
     Thread(String),
 }
 
-/// Inserts `answers` in one transaction (an answer with an id already there replaces it).
+/// Writes `answers` in one transaction (an answer with an id already there replaces it;
+/// items for a conversation gone meanwhile are dropped).
 fn insert(
     conn: &mut Connection,
     retention: Duration,
-    answers: &[&Stored],
+    answers: &[&Answer],
 ) -> Result<(), StoreError> {
     let now = now_ms();
     let expires = now.saturating_add(retention.as_millis() as i64);
@@ -41,7 +45,7 @@ fn insert(
     {
         let mut put =
             tx.prepare_cached("INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
-        for s in answers {
+        for s in answers.iter().filter_map(|a| a.stored.as_ref()) {
             put.execute(params![
                 s.id,
                 s.tenant,
@@ -52,8 +56,23 @@ fn insert(
             ])?;
         }
     }
+    for a in answers.iter().filter_map(|a| a.append.as_ref()) {
+        conversations::append(&tx, a, expires)?;
+    }
     tx.commit()?;
     Ok(())
+}
+
+/// Whether `tenant` has the conversation `id` (unexpired), in `tx`.
+fn owns(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM conversations WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3",
+            params![id, tenant, now_ms()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }
 
 const SCHEMA: &str = "
@@ -66,6 +85,22 @@ CREATE TABLE IF NOT EXISTS responses (
     conversation TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_ms);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_expiry ON conversations (expires_ms);
+CREATE TABLE IF NOT EXISTS conversation_items (
+    conversation TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (conversation, seq)
+);
+CREATE INDEX IF NOT EXISTS conversation_item_ids ON conversation_items (conversation, id);
 ";
 
 /// One stored answer.
@@ -80,6 +115,31 @@ pub struct Stored {
     pub conversation: String,
 }
 
+/// Items to add to the end of a tenant's conversation (each with its `id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    pub conversation: String,
+    pub tenant: String,
+    pub items: Vec<Value>,
+}
+
+/// What a finished answer leaves: itself stored, and its input and output added to the
+/// conversation it is in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answer {
+    pub stored: Option<Stored>,
+    pub append: Option<Append>,
+}
+
+impl From<Stored> for Answer {
+    fn from(s: Stored) -> Self {
+        Answer {
+            stored: Some(s),
+            append: None,
+        }
+    }
+}
+
 /// Where a request's answer is to be stored: the store, and the tenant it belongs to.
 #[derive(Clone)]
 pub struct Saver {
@@ -89,11 +149,13 @@ pub struct Saver {
 
 pub struct ResponseStore {
     conn: Mutex<Connection>,
+    /// How long an answer is kept, and a conversation after its last use.
+    retention: Duration,
     /// To the writer thread: an answer, and who waits for its commit.
     writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
-type Job = (Stored, tokio::sync::oneshot::Sender<Result<(), String>>);
+type Job = (Answer, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Most answers committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -125,7 +187,7 @@ impl ResponseStore {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
-                    let stored: Vec<&Stored> = jobs.iter().map(|j| &j.0).collect();
+                    let stored: Vec<&Answer> = jobs.iter().map(|j| &j.0).collect();
                     let r = insert(&mut writes, retention, &stored).map_err(|e| e.to_string());
                     for (_, done) in jobs {
                         let _ = done.send(r.clone());
@@ -135,6 +197,7 @@ impl ResponseStore {
             .map_err(|e| StoreError::Thread(e.to_string()))?;
         let store = Arc::new(Self {
             conn: Mutex::new(conn),
+            retention,
             writer: Mutex::new(tx),
         });
         store.purge()?;
@@ -143,7 +206,8 @@ impl ResponseStore {
 
     /// Stores an answer through the writer thread, committed with the others that
     /// arrived meanwhile; done once committed.
-    pub async fn save(&self, s: Stored) -> Result<(), StoreError> {
+    pub async fn save(&self, s: impl Into<Answer>) -> Result<(), StoreError> {
+        let s = s.into();
         let (done, committed) = tokio::sync::oneshot::channel();
         self.writer
             .lock()
@@ -210,11 +274,21 @@ impl ResponseStore {
         Ok(n > 0)
     }
 
-    /// Deletes what has expired; how many.
+    /// Deletes what has expired (answers, conversations with their items); how many
+    /// answers and conversations.
     pub fn purge(&self) -> Result<usize, StoreError> {
-        Ok(self
-            .conn()?
-            .execute("DELETE FROM responses WHERE expires_ms <= ?1", [now_ms()])?)
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let answers = tx.execute("DELETE FROM responses WHERE expires_ms <= ?1", [now])?;
+        tx.execute(
+            "DELETE FROM conversation_items WHERE conversation IN
+             (SELECT id FROM conversations WHERE expires_ms <= ?1)",
+            [now],
+        )?;
+        let conversations = tx.execute("DELETE FROM conversations WHERE expires_ms <= ?1", [now])?;
+        tx.commit()?;
+        Ok(answers + conversations)
     }
 
     /// Purges expired answers every hour, on a thread of its own, for as long as the
@@ -240,7 +314,7 @@ impl ResponseStore {
 mod tests {
     use super::*;
 
-    fn store(name: &str, retention: Duration) -> Arc<ResponseStore> {
+    pub(super) fn store(name: &str, retention: Duration) -> Arc<ResponseStore> {
         let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
