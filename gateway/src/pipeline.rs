@@ -280,7 +280,7 @@ async fn run(
             let saver = state
                 .responses
                 .as_ref()
-                .filter(|_| info.store)
+                .filter(|_| info.store || info.conversation_id.is_some())
                 .map(|store| crate::response_store::Saver {
                     store: store.clone(),
                     tenant: ctx.tenant_id().to_string(),
@@ -541,12 +541,11 @@ struct Choice {
 /// writer thread, committed with others); a failure is logged, and the answer still goes
 /// out.
 async fn store_answer(renderer: &mut Renderer) {
-    let Some((saver, stored)) = renderer.take_stored() else {
+    let Some((saver, answer)) = renderer.take_stored() else {
         return;
     };
-    let id = stored.id.clone();
-    if let Err(e) = saver.store.save(stored).await {
-        tracing::error!(response = %id, error = %e, "storing the response failed");
+    if let Err(e) = saver.store.save(answer).await {
+        tracing::error!(error = %e, "storing the response failed");
     }
 }
 

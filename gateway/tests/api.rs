@@ -537,3 +537,116 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Conversations API (`[responses] store = true`): a conversation is its tenant's;
+/// a response in it, streamed, reads its items first and adds its input and output; its
+/// items survive the gateway being killed and started again.
+#[tokio::test]
+async fn conversations_are_their_tenants_and_answers_add_to_them() {
+    use sha2::Digest;
+    const OTHER: &str = "sk-tollgate-other";
+    let other = format!(
+        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
+        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
+    );
+    let dir = std::env::temp_dir().join(format!("tollgate-conv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a test folder");
+    let db = dir.join("responses.db");
+    let cfg = config(FAST_SIM, &other, "")
+        + &format!(
+            "\n[responses]\nstore = true\npath = {:?}\n",
+            db.display().to_string()
+        );
+    let c = client();
+    let call =
+        |gw: &Gateway, key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
+            let mut r = c.request(method, gw.url(path)).bearer_auth(key);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            r.send()
+        };
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+    let mut gw = Gateway::start(&cfg);
+    let conv: Value = call(
+        &gw,
+        KEY,
+        post.clone(),
+        "/v1/conversations",
+        Some(serde_json::json!({"items": [{"role": "user", "content": "I am Ada."}]})),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = conv["id"].as_str().expect("an id").to_string();
+    assert_eq!(conv["object"], "conversation", "{conv}");
+    let path = format!("/v1/conversations/{id}");
+    let items = format!("{path}/items?order=asc");
+    for (key, status) in [(KEY, 200), (OTHER, 404)] {
+        let r = call(&gw, key, get.clone(), &path, None).await.unwrap();
+        assert_eq!(r.status(), status, "{key}");
+        let r = call(&gw, key, get.clone(), &items, None).await.unwrap();
+        assert_eq!(r.status(), status, "{key}");
+    }
+    // Another tenant's response cannot be in it.
+    let ask = serde_json::json!({"model": "m", "input": "Who am I?", "conversation": id,
+                                 "stream": true, "max_output_tokens": 4});
+    let r = call(&gw, OTHER, post.clone(), "/v1/responses", Some(ask.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Streamed in it: the answer's events, then its input and output are its items.
+    let r = call(&gw, KEY, post.clone(), "/v1/responses", Some(ask))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = r.text().await.unwrap();
+    let done = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|e| e["type"] == "response.completed" || e["type"] == "response.incomplete")
+        .expect("a last event");
+    let answer = &done["response"];
+    assert_eq!(answer["conversation"]["id"], id.as_str(), "{answer}");
+    let listed: Value = call(&gw, KEY, get.clone(), &items, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = listed["data"].as_array().expect("data");
+    let roles: Vec<&str> = data.iter().filter_map(|i| i["role"].as_str()).collect();
+    assert_eq!(roles, ["user", "user", "assistant"], "{listed}");
+    assert_eq!(data[2]["id"], answer["output"][0]["id"]);
+    assert_eq!(
+        data[2]["content"][0]["text"],
+        answer["output"][0]["content"][0]["text"]
+    );
+    // Killed and started again: the same items.
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    drop(gw);
+    let gw = Gateway::start(&cfg);
+    let again: Value = call(&gw, KEY, get.clone(), &items, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, listed);
+    let r = call(&gw, OTHER, reqwest::Method::DELETE, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = call(&gw, KEY, reqwest::Method::DELETE, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = call(&gw, KEY, get, &path, None).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let _ = std::fs::remove_dir_all(&dir);
+}

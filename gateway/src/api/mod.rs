@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+mod conversations;
 pub mod error;
 mod handlers;
 mod input_items;
@@ -41,6 +42,21 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/responses/{id}/input_items",
             get(stored_responses::input_items),
+        )
+        .route("/v1/conversations", post(conversations::create))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get)
+                .post(conversations::update)
+                .delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            get(conversations::list_items).post(conversations::add_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item}",
+            get(conversations::get_item).delete(conversations::delete_item),
         )
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{*model}", get(handlers::model))

@@ -7,7 +7,7 @@ use super::render_responses::ResponsesRender;
 use super::tools::{self, Answer, AnswerStream, Piece};
 use super::types::*;
 use super::validate::{Endpoint, ResponsesInfo};
-use crate::response_store::{Saver, Stored};
+use crate::response_store::{Kept, Saver};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
@@ -311,7 +311,7 @@ impl Renderer {
     }
 
     /// A stored `/v1/responses` answer, once finished: its record and where it goes.
-    pub fn take_stored(&mut self) -> Option<(Saver, Stored)> {
+    pub fn take_stored(&mut self) -> Option<(Saver, Kept)> {
         self.responses.as_mut()?.take_stored()
     }
 

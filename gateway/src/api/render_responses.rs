@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::input_items;
 use super::tools::{self, Answer, Piece};
 use super::validate::ResponsesInfo;
-use crate::response_store::{Saver, Stored};
+use crate::response_store::{Append, Kept, Saver, Stored};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
@@ -202,10 +202,11 @@ pub struct ResponsesRender {
     created: u64,
     /// What the response needs of the request (what it repeats, its conversation).
     info: ResponsesInfo,
-    /// Where the finished answer is stored, if it is.
+    /// Where the finished answer is stored (and its items added to its conversation), if
+    /// it is.
     saver: Option<Saver>,
-    /// The finished answer, to be stored ([`ResponsesRender::take_stored`]).
-    stored: Option<Stored>,
+    /// What the finished answer leaves in the store ([`ResponsesRender::take_stored`]).
+    stored: Option<Kept>,
     /// Tokens' log-probabilities go into the output text.
     logprobs: bool,
     seq: u64,
@@ -344,7 +345,7 @@ impl ResponsesRender {
                 .map(|i| self.item_out(i, item_status))
                 .collect(),
             usage: usage.map(UsageOut::from),
-            store: self.saver.is_some(),
+            store: self.keeps_answer(),
         };
         json(out, &r);
         let echo = &self.info.echo;
@@ -356,8 +357,14 @@ impl ResponsesRender {
         }
     }
 
-    /// Keeps the finished answer (`response`: its object as sent) for storing, with its
-    /// conversation: the request's, then its output as input items.
+    /// Whether the answer is stored (the gateway stores answers, the request let it).
+    fn keeps_answer(&self) -> bool {
+        self.saver.is_some() && self.info.store
+    }
+
+    /// Keeps what the finished answer leaves in the store (`response`: its object as
+    /// sent): itself with its conversation (the request's, then its output as input
+    /// items), and its input and output added to the conversation it is in.
     fn keep(&mut self, response: &[u8]) {
         let Some(saver) = &self.saver else { return };
         let mut items: Vec<Value> = Vec::with_capacity(self.info.conversation.len() + 1);
@@ -391,16 +398,22 @@ impl ResponsesRender {
                 "arguments": arguments,
             }),
         }));
-        self.stored = Some(Stored {
+        let append = self.info.conversation_id.as_ref().map(|c| Append {
+            conversation: c.clone(),
+            tenant: saver.tenant.clone(),
+            items: items.get(self.info.own_from..).unwrap_or(&[]).to_vec(),
+        });
+        let stored = self.keeps_answer().then(|| Stored {
             id: self.id.clone(),
             tenant: saver.tenant.clone(),
             response: String::from_utf8_lossy(response).into_owned(),
             conversation: Value::Array(items).to_string(),
         });
+        self.stored = Some(Kept { stored, append });
     }
 
     /// The finished answer to store, and where (once: it is taken).
-    pub fn take_stored(&mut self) -> Option<(Saver, Stored)> {
+    pub fn take_stored(&mut self) -> Option<(Saver, Kept)> {
         let stored = self.stored.take()?;
         Some((self.saver.clone()?, stored))
     }

@@ -11,9 +11,10 @@
 //! `tool_choice`, `parallel_tool_calls`, `include: ["message.output_text.logprobs"]` with
 //! `top_logprobs`, `metadata`, `user`, `store` (nothing is stored: answered `false`), and
 //! the chat endpoint's other sampling options (`seed`, `top_k`, `stop`, penalties,
-//! `logit_bias`) as extensions, and `previous_response_id` where the gateway stores
-//! answers (its conversation, looked up by the caller, comes first: [`validate_map`]).
-//! Refused with a 400 that names them: `conversation`, `item_reference`, `background`,
+//! `logit_bias`) as extensions, and, where the gateway stores answers,
+//! `previous_response_id` or `conversation` (its items, looked up by the caller, come
+//! first: [`validate_map`]).
+//! Refused with a 400 that names them: `item_reference`, `background`,
 //! prompt templates, reasoning options, `truncation: "auto"`, non-text inputs, built-in
 //! tools.
 
@@ -51,28 +52,49 @@ pub fn read(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// A stored response a request continues: its id and its conversation's input items.
-pub type Previous = (String, Vec<Value>);
+/// What a request continues.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prior {
+    /// A stored response (`previous_response_id`), by id.
+    Response(String),
+    /// A conversation (`conversation`), by id.
+    Conversation(String),
+}
+
+impl Prior {
+    /// The request field that names it.
+    fn field(&self) -> &'static str {
+        match self {
+            Prior::Response(_) => "previous_response_id",
+            Prior::Conversation(_) => "conversation",
+        }
+    }
+}
+
+/// What a request continues, and the input items it was given (they come first).
+pub type Previous = (Prior, Vec<Value>);
 
 /// Validates a `/v1/responses` body read by [`read`]; `previous`: the stored response its
-/// `previous_response_id` names, looked up by the caller (without it, that field is
-/// refused).
+/// `previous_response_id` or the conversation its `conversation` names, looked up by the
+/// caller (without it, those fields are refused).
 pub fn validate_map(
     mut req: Map<String, Value>,
     server: &ServerConfig,
     previous: Option<Previous>,
 ) -> Result<InferenceRequest, ApiError> {
-    let (previous_id, prefix) = match previous {
-        Some((id, items)) => {
-            req.remove("previous_response_id");
-            (Some(id), items)
+    let (prior, prefix) = match previous {
+        Some((prior, items)) => {
+            req.remove(prior.field());
+            (Some(prior), items)
         }
         None => (None, Vec::new()),
     };
+    let own_from = prefix.len();
     let (chat, origin) = translate(&req, &prefix)?;
     let bytes = serde_json::to_vec(&Value::Object(chat))
         .map_err(|e| ApiError::Internal(format!("encoding the chat request: {e}")))?;
-    let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin))?;
+    let earlier = prior.as_ref().map_or("previous_response_id", Prior::field);
+    let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin, earlier))?;
     out.endpoint = Endpoint::Responses;
     out.include_usage = true;
     // The conversation through this request's input: what a stored answer continues.
@@ -83,9 +105,14 @@ pub fn validate_map(
         _ => {}
     }
     out.responses = Some(ResponsesInfo {
-        echo: echo(&req, previous_id.as_deref()),
+        echo: echo(&req, prior.as_ref()),
         store: req.get("store") != Some(&Value::Bool(false)),
         conversation: Arc::new(conversation),
+        own_from,
+        conversation_id: match prior {
+            Some(Prior::Conversation(id)) => Some(id),
+            _ => None,
+        },
     });
     Ok(out)
 }
@@ -96,7 +123,7 @@ enum From {
     Instructions,
     /// `input[i]`.
     Input(usize),
-    /// The stored conversation `previous_response_id` continues.
+    /// The stored response or the conversation the request continues.
     Previous,
 }
 
@@ -133,7 +160,7 @@ fn translate(
         ),
         (
             "conversation",
-            "conversations (nothing is stored; send the whole `input`)",
+            "conversations: this gateway stores none (`[responses] store = false`; send the whole `input`)",
         ),
         ("prompt", "prompt templates"),
         ("max_tool_calls", "`max_tool_calls`"),
@@ -281,6 +308,26 @@ fn messages(req: &Map<String, Value>) -> Result<(Vec<Value>, Origin), ApiError> 
     };
     self::items(items, &mut out, &mut origin)?;
     Ok((out, origin))
+}
+
+/// Checks input `items` (a conversation's: errors name `field[i]`, not `input[i]`).
+pub fn check_items(items: &[Value], field: &str) -> Result<(), ApiError> {
+    let (mut out, mut origin) = (Vec::new(), Vec::new());
+    self::items(items, &mut out, &mut origin).map_err(|e| match e {
+        ApiError::BadRequest {
+            message,
+            param,
+            code,
+        } => {
+            let to = format!("{field}[");
+            ApiError::BadRequest {
+                message: message.replace("input[", &to),
+                param: param.map(|p| p.replace("input[", &to)),
+                code,
+            }
+        }
+        e => e,
+    })
 }
 
 /// The chat messages of input `items` (appended to `out`, each one's origin to `origin`).
@@ -445,7 +492,8 @@ fn tool_choice(c: &Value) -> Value {
 }
 
 /// A chat validation error in the Responses body's terms.
-fn rename(e: ApiError, origin: &Origin) -> ApiError {
+/// (`earlier`: the field that named what the request continues.)
+fn rename(e: ApiError, origin: &Origin, earlier: &str) -> ApiError {
     let ApiError::BadRequest {
         message,
         param,
@@ -470,7 +518,7 @@ fn rename(e: ApiError, origin: &Origin) -> ApiError {
             let to = match k.and_then(|k| origin.get(k).copied()) {
                 Some(From::Input(i)) => format!("input[{i}]"),
                 Some(From::Instructions) => "instructions".to_string(),
-                Some(From::Previous) => "previous_response_id".to_string(),
+                Some(From::Previous) => earlier.to_string(),
                 None => "input".to_string(),
             };
             s.replace_range(at..at + "messages[".len() + end + 1, &to);
@@ -487,7 +535,7 @@ fn rename(e: ApiError, origin: &Origin) -> ApiError {
 /// What the response repeats of the request, with the defaults OpenAI answers: JSON
 /// object members without the braces, written once here and spliced into each `response`
 /// object the answer writes.
-fn echo(req: &Map<String, Value>, previous: Option<&str>) -> Arc<str> {
+fn echo(req: &Map<String, Value>, prior: Option<&Prior>) -> Arc<str> {
     // Each member: what the request says (when it says anything), or the default's JSON.
     const ECHOED: &[(&str, &str)] = &[
         ("instructions", "null"),
@@ -514,8 +562,15 @@ fn echo(req: &Map<String, Value>, previous: Option<&str>) -> Arc<str> {
         }
         out.push(',');
     }
+    let (previous, conversation) = match prior {
+        Some(Prior::Response(id)) => (Value::from(id.as_str()), Value::Null),
+        Some(Prior::Conversation(id)) => (Value::Null, json!({ "id": id })),
+        None => (Value::Null, Value::Null),
+    };
     out.push_str("\"previous_response_id\":");
-    out.push_str(&previous.map_or("null".into(), |p| Value::from(p).to_string()));
+    out.push_str(&previous.to_string());
+    out.push_str(",\"conversation\":");
+    out.push_str(&conversation.to_string());
     out.push(',');
     out.push_str(FIXED);
     Arc::from(out)
@@ -606,6 +661,20 @@ mod tests {
         assert_eq!(r.params.logprobs, Some(3));
         let r = ok(json!({"model": "m", "input": "x", "seed": 5, "top_k": 4}));
         assert_eq!((r.params.seed, r.params.top_k), (Some(5), 4));
+    }
+
+    #[test]
+    fn a_conversation_comes_first_and_is_echoed() {
+        let req = read(br#"{"model": "m", "input": "and you?"}"#).expect("an object");
+        let earlier = vec![json!({"id": "msg_1", "role": "user", "content": "hi"})];
+        let prior = Prior::Conversation("conv_1".into());
+        let r = validate_map(req, &server(), Some((prior, earlier))).expect("valid");
+        let info = r.responses.expect("responses info");
+        assert_eq!(info.conversation_id.as_deref(), Some("conv_1"));
+        assert_eq!((info.own_from, info.conversation.len()), (1, 2));
+        let echo: Value = serde_json::from_str(&format!("{{{}}}", info.echo)).expect("JSON");
+        assert_eq!(echo["conversation"], json!({"id": "conv_1"}));
+        assert_eq!(echo["previous_response_id"], Value::Null);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::error::ApiError;
 use super::handlers::{read_body, respond, validated, with_limits};
 use super::input_items;
 use super::request_id::RequestId;
-use super::responses::{self, Previous};
+use super::responses::{self, Previous, Prior};
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// The tenant a request acts for (a trusted gateway's, else the caller's).
-fn owner(tenant: &Tenant, acting: &Option<ActingFor>) -> String {
+pub(super) fn owner(tenant: &Tenant, acting: &Option<ActingFor>) -> String {
     acting
         .as_ref()
         .map_or(&tenant.id, |a| &a.tenant)
@@ -31,7 +31,7 @@ fn owner(tenant: &Tenant, acting: &Option<ActingFor>) -> String {
 }
 
 /// Runs `f` on the store from the blocking pool.
-async fn on_store<T: Send + 'static>(
+pub(super) async fn on_store<T: Send + 'static>(
     store: &Arc<ResponseStore>,
     f: impl FnOnce(&ResponseStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -46,33 +46,66 @@ fn not_stored(id: &str) -> ApiError {
     ApiError::NotFound(format!("no stored response with id {id:?}"))
 }
 
-/// The stored response a request's `previous_response_id` names, if it names one.
+/// What a request continues, if anything: the stored response its
+/// `previous_response_id` names, or the conversation its `conversation` names (an id, or
+/// `{"id": …}`), with the input items each holds.
 async fn previous(
     state: &AppState,
     owner: String,
     req: &Map<String, Value>,
 ) -> Result<Option<Previous>, ApiError> {
-    let Some(id) = req.get("previous_response_id").filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    // Without a store, validation refuses the field and says why.
+    let named = |k: &str| req.get(k).filter(|v| !v.is_null());
+    let (response, conversation) = (named("previous_response_id"), named("conversation"));
+    // Without a store, validation refuses the fields and says why.
     let Some(store) = &state.responses else {
         return Ok(None);
     };
-    let Some(id) = id.as_str().map(str::to_string) else {
-        return Err(ApiError::bad(
-            "`previous_response_id` must be a string.",
-            Some("previous_response_id".into()),
-        ));
+    let prior = match (response, conversation) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "`previous_response_id` and `conversation` cannot both be given.",
+                Some("conversation".into()),
+            ))
+        }
+        (Some(id), None) => Prior::Response(
+            id.as_str()
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "`previous_response_id` must be a string.",
+                        Some("previous_response_id".into()),
+                    )
+                })?
+                .to_string(),
+        ),
+        (None, Some(c)) => Prior::Conversation(
+            c.as_str()
+                .or_else(|| c.get("id").and_then(Value::as_str))
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "`conversation` must be a conversation id or `{\"id\": …}`.",
+                        Some("conversation".into()),
+                    )
+                })?
+                .to_string(),
+        ),
     };
-    let key = id.clone();
-    match on_store(store, move |s| s.conversation(&owner, &key)).await? {
-        Some(items) => Ok(Some((id, items))),
-        None => Err(ApiError::BadRequest {
+    let looked = prior.clone();
+    let items = on_store(store, move |s| match &looked {
+        Prior::Response(id) => s.conversation(&owner, id),
+        Prior::Conversation(id) => s.conversation_items(&owner, id),
+    })
+    .await?;
+    match (items, prior) {
+        (Some(items), prior) => Ok(Some((prior, items))),
+        (None, Prior::Response(id)) => Err(ApiError::BadRequest {
             message: format!("Previous response with id {id:?} not found."),
             param: Some("previous_response_id".into()),
             code: Some("previous_response_not_found"),
         }),
+        (None, Prior::Conversation(id)) => Err(ApiError::NotFound(format!(
+            "conversation {id:?} (no such conversation of this tenant's)"
+        ))),
     }
 }
 

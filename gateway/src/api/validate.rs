@@ -55,6 +55,10 @@ pub struct ResponsesInfo {
     pub store: bool,
     /// Its conversation through its own input, as input items (a stored answer's).
     pub conversation: Arc<Vec<Value>>,
+    /// Where its own input starts in `conversation` (after what it continues).
+    pub own_from: usize,
+    /// The Conversations API conversation it is in (its input and output are added).
+    pub conversation_id: Option<String>,
 }
 
 /// The most choices a request may ask for (`n`).

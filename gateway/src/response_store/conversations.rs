@@ -63,11 +63,7 @@ fn add(tx: &Transaction<'_>, id: &str, items: &[Value]) -> Result<(), StoreError
     Ok(())
 }
 
-fn read(
-    tx: &Transaction<'_>,
-    tenant: &str,
-    id: &str,
-) -> Result<Option<Conversation>, StoreError> {
+fn read(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<Option<Conversation>, StoreError> {
     let row = tx
         .query_row(
             "SELECT created_ms, metadata FROM conversations
@@ -92,14 +88,19 @@ impl ResponseStore {
         now_ms().saturating_add(self.retention.as_millis() as i64)
     }
 
-    /// Runs `f` in one immediate transaction on the store's connection, committed if it
-    /// succeeds.
-    fn write<T>(
+    /// Runs `f` in one transaction on the store's connection (`write`: an immediate one,
+    /// which waits for other writers), committed if it succeeds.
+    fn in_tx<T>(
         &self,
+        write: bool,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(if write {
+            TransactionBehavior::Immediate
+        } else {
+            TransactionBehavior::Deferred
+        })?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -118,7 +119,7 @@ impl ResponseStore {
             metadata,
         };
         let expires = self.expires();
-        self.write(|tx| {
+        self.in_tx(true, |tx| {
             tx.execute(
                 "INSERT INTO conversations VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -140,7 +141,7 @@ impl ResponseStore {
         tenant: &str,
         id: &str,
     ) -> Result<Option<Conversation>, StoreError> {
-        self.write(|tx| read(tx, tenant, id))
+        self.in_tx(false, |tx| read(tx, tenant, id))
     }
 
     /// Replaces the metadata of `tenant`'s conversation `id`.
@@ -151,7 +152,7 @@ impl ResponseStore {
         metadata: Map<String, Value>,
     ) -> Result<Option<Conversation>, StoreError> {
         let expires = self.expires();
-        self.write(|tx| {
+        self.in_tx(true, |tx| {
             let Some(mut c) = read(tx, tenant, id)? else {
                 return Ok(None);
             };
@@ -166,11 +167,14 @@ impl ResponseStore {
 
     /// Deletes `tenant`'s conversation `id` with its items; whether there was one.
     pub fn delete_conversation(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        self.write(|tx| {
+        self.in_tx(true, |tx| {
             if !owns(tx, tenant, id)? {
                 return Ok(false);
             }
-            tx.execute("DELETE FROM conversation_items WHERE conversation = ?1", [id])?;
+            tx.execute(
+                "DELETE FROM conversation_items WHERE conversation = ?1",
+                [id],
+            )?;
             tx.execute("DELETE FROM conversations WHERE id = ?1", [id])?;
             Ok(true)
         })
@@ -182,7 +186,7 @@ impl ResponseStore {
         tenant: &str,
         id: &str,
     ) -> Result<Option<Vec<Value>>, StoreError> {
-        self.write(|tx| {
+        self.in_tx(false, |tx| {
             if !owns(tx, tenant, id)? {
                 return Ok(None);
             }
@@ -202,7 +206,7 @@ impl ResponseStore {
     /// whether there is one.
     pub fn add_items(&self, tenant: &str, id: &str, items: &[Value]) -> Result<bool, StoreError> {
         let expires = self.expires();
-        self.write(|tx| {
+        self.in_tx(true, |tx| {
             if !owns(tx, tenant, id)? {
                 return Ok(false);
             }
@@ -219,7 +223,7 @@ impl ResponseStore {
         id: &str,
         item: &str,
     ) -> Result<Option<Value>, StoreError> {
-        self.write(|tx| {
+        self.in_tx(false, |tx| {
             if !owns(tx, tenant, id)? {
                 return Ok(None);
             }
@@ -247,7 +251,7 @@ impl ResponseStore {
         item: &str,
     ) -> Result<Option<Conversation>, StoreError> {
         let expires = self.expires();
-        self.write(|tx| {
+        self.in_tx(true, |tx| {
             let Some(c) = read(tx, tenant, id)? else {
                 return Ok(None);
             };
@@ -299,7 +303,7 @@ mod tests {
             tenant: "a".into(),
             items: vec![item("msg_4", "four")],
         };
-        let answer = crate::response_store::Answer {
+        let answer = crate::response_store::Kept {
             stored: None,
             append: Some(append.clone()),
         };
@@ -316,14 +320,16 @@ mod tests {
         assert_eq!(s.delete_item("a", &c.id, "msg_2").unwrap(), None, "gone");
         let items = s.conversation_items("a", &c.id).unwrap().unwrap();
         assert_eq!(ids(&items), ["msg_1", "msg_3", "msg_4"]);
-        let meta2: Map<String, Value> = [("topic".to_string(), json!("other"))].into_iter().collect();
+        let meta2: Map<String, Value> = [("topic".to_string(), json!("other"))]
+            .into_iter()
+            .collect();
         let updated = s.update_conversation("a", &c.id, meta2.clone()).unwrap();
         assert_eq!(updated.map(|u| u.metadata), Some(meta2));
         assert!(!s.delete_conversation("b", &c.id).unwrap());
         assert!(s.delete_conversation("a", &c.id).unwrap());
         assert_eq!(s.conversation_items("a", &c.id).unwrap(), None);
         // An answer for a conversation deleted meanwhile is still committed.
-        s.save(crate::response_store::Answer {
+        s.save(crate::response_store::Kept {
             stored: None,
             append: Some(append),
         })
@@ -346,7 +352,7 @@ mod tests {
                         .unwrap()
                         .map(|_| ())
                 } else {
-                    s.save(crate::response_store::Answer {
+                    s.save(crate::response_store::Kept {
                         stored: None,
                         append: Some(Append {
                             conversation: id,

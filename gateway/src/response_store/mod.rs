@@ -14,7 +14,7 @@
 
 pub mod conversations;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -34,14 +34,12 @@ pub enum StoreError {
 
 /// Writes `answers` in one transaction (an answer with an id already there replaces it;
 /// items for a conversation gone meanwhile are dropped).
-fn insert(
-    conn: &mut Connection,
-    retention: Duration,
-    answers: &[&Answer],
-) -> Result<(), StoreError> {
+fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Result<(), StoreError> {
     let now = now_ms();
     let expires = now.saturating_add(retention.as_millis() as i64);
-    let tx = conn.transaction()?;
+    // Immediate: a deferred transaction that reads before it writes cannot wait for
+    // another writer (SQLite answers "database is locked" at once).
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut put =
             tx.prepare_cached("INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
@@ -126,14 +124,14 @@ pub struct Append {
 /// What a finished answer leaves: itself stored, and its input and output added to the
 /// conversation it is in.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Answer {
+pub struct Kept {
     pub stored: Option<Stored>,
     pub append: Option<Append>,
 }
 
-impl From<Stored> for Answer {
+impl From<Stored> for Kept {
     fn from(s: Stored) -> Self {
-        Answer {
+        Kept {
             stored: Some(s),
             append: None,
         }
@@ -155,7 +153,7 @@ pub struct ResponseStore {
     writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
-type Job = (Answer, tokio::sync::oneshot::Sender<Result<(), String>>);
+type Job = (Kept, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Most answers committed in one transaction.
 const MAX_BATCH: usize = 256;
@@ -187,7 +185,7 @@ impl ResponseStore {
                 while let Ok(first) = rx.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
-                    let stored: Vec<&Answer> = jobs.iter().map(|j| &j.0).collect();
+                    let stored: Vec<&Kept> = jobs.iter().map(|j| &j.0).collect();
                     let r = insert(&mut writes, retention, &stored).map_err(|e| e.to_string());
                     for (_, done) in jobs {
                         let _ = done.send(r.clone());
@@ -206,7 +204,7 @@ impl ResponseStore {
 
     /// Stores an answer through the writer thread, committed with the others that
     /// arrived meanwhile; done once committed.
-    pub async fn save(&self, s: impl Into<Answer>) -> Result<(), StoreError> {
+    pub async fn save(&self, s: impl Into<Kept>) -> Result<(), StoreError> {
         let s = s.into();
         let (done, committed) = tokio::sync::oneshot::channel();
         self.writer
@@ -278,7 +276,7 @@ impl ResponseStore {
     /// answers and conversations.
     pub fn purge(&self) -> Result<usize, StoreError> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let answers = tx.execute("DELETE FROM responses WHERE expires_ms <= ?1", [now])?;
         tx.execute(
@@ -286,7 +284,8 @@ impl ResponseStore {
              (SELECT id FROM conversations WHERE expires_ms <= ?1)",
             [now],
         )?;
-        let conversations = tx.execute("DELETE FROM conversations WHERE expires_ms <= ?1", [now])?;
+        let conversations =
+            tx.execute("DELETE FROM conversations WHERE expires_ms <= ?1", [now])?;
         tx.commit()?;
         Ok(answers + conversations)
     }

@@ -205,9 +205,40 @@ if kept.store:
     except openai.NotFoundError:
         pass
     assert refused(previous_response_id="resp_123")["code"] == "previous_response_not_found"
+    # Conversations: items in order; a response in one reads them first, then its input
+    # and output are added to it.
+    conv = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}], metadata={"topic": "names"}
+    )
+    assert conv.object == "conversation" and conv.metadata == {"topic": "names"}, conv
+    said = client.responses.create(
+        model=model, conversation=conv.id, input="What is my name?", max_output_tokens=6, temperature=0
+    )
+    assert said.conversation.id == conv.id, said
+    alone = client.responses.create(model=model, input="What is my name?", max_output_tokens=6, temperature=0)
+    assert said.usage.input_tokens > alone.usage.input_tokens, (said.usage, alone.usage)
+    items = client.conversations.items.list(conv.id, order="asc")
+    assert [i.role for i in items.data] == ["user", "user", "assistant"], items
+    assert items.data[1].content[0].text == "What is my name?" and items.data[2].id == said.output[0].id, items
+    added = client.conversations.items.create(conv.id, items=[{"role": "user", "content": "Thanks"}])
+    thanks = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert thanks.content[0].text == "Thanks", thanks
+    assert client.conversations.items.delete(thanks.id, conversation_id=conv.id).id == conv.id
+    assert len(client.conversations.items.list(conv.id).data) == 3
+    assert client.conversations.update(conv.id, metadata={"topic": "other"}).metadata == {"topic": "other"}
+    assert client.conversations.retrieve(conv.id).metadata == {"topic": "other"}
+    assert refused(conversation=conv.id, previous_response_id=kept.id)["param"] == "conversation"
+    print("conversation items:", [(i.role, i.content[0].text) for i in items.data])
+    assert client.conversations.delete(conv.id).deleted
+    try:
+        client.conversations.retrieve(conv.id)
+        raise AssertionError("expected NotFoundError")
+    except openai.NotFoundError:
+        pass
     assert client.responses.create(model=model, input="x", max_output_tokens=2, store=False).store is False
 else:
     assert refused(previous_response_id="resp_123")["param"] == "previous_response_id"
+    assert refused(conversation="conv_123")["param"] == "conversation"
 
 # Errors in the Responses API's own terms.
 assert refused(max_output_tokens=0)["param"] == "max_output_tokens"

@@ -1,0 +1,349 @@
+//! OpenAI's Conversations API, where the gateway stores answers (`[responses] store =
+//! true`; see [`crate::response_store::conversations`]): `POST /v1/conversations`
+//! (`items`, `metadata`), `GET`/`POST` (new metadata)/`DELETE /v1/conversations/{id}`,
+//! and its items: `GET` (a page: see [`super::input_items`]) and `POST
+//! /v1/conversations/{id}/items`, `GET`/`DELETE /v1/conversations/{id}/items/{item}`.
+//! A response created with `conversation` reads its items first and adds its input and
+//! output to it. Items are checked as a response's input is (messages with text,
+//! function calls and their outputs), and stored with ids. A tenant sees only its own
+//! conversations; any other id is a 404.
+
+use super::auth::ActingFor;
+use super::error::ApiError;
+use super::handlers::{read_body, with_limits};
+use super::input_items::{self, fresh_id};
+use super::responses;
+use super::stored_responses::{on_store, owner};
+use crate::response_store::{ResponseStore, StoreError};
+use crate::state::AppState;
+use crate::tenants::Tenant;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Most items one request may add.
+const MAX_ITEMS: usize = 1000;
+
+/// What a store operation answers: a JSON body, or an error to send.
+type Answered = Result<Value, ApiError>;
+
+/// Runs `op` on the store for the tenant a request acts for, from the blocking pool, and
+/// answers with its JSON (or its error), the tenant's rate-limit headers added.
+async fn run(
+    state: AppState,
+    tenant: Arc<Tenant>,
+    acting: Option<Extension<ActingFor>>,
+    op: impl FnOnce(&ResponseStore, &str) -> Result<Answered, StoreError> + Send + 'static,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let store = state
+            .responses
+            .as_ref()
+            .ok_or_else(|| ApiError::NotFound("conversations (this gateway stores none)".into()))?;
+        on_store(store, move |s| op(s, &owner)).await?
+    }
+    .await;
+    let resp = match done {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    };
+    with_limits(&tenant, resp)
+}
+
+fn no_conversation(id: &str) -> ApiError {
+    ApiError::NotFound(format!("conversation {id:?}"))
+}
+
+fn no_item(id: &str, item: &str) -> ApiError {
+    ApiError::NotFound(format!("item {item:?} in conversation {id:?}"))
+}
+
+/// A request body as a JSON object with only the fields `allowed` (an empty body: `{}`).
+fn body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    allowed: &[&str],
+) -> Result<Map<String, Value>, ApiError> {
+    let body = read_body(state, body)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let req = responses::read(&body)?;
+    if let Some(k) = req.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad(
+            format!("Unknown parameter: {k:?}."),
+            Some(k.clone()),
+        ));
+    }
+    Ok(req)
+}
+
+/// `metadata`: at most 16 pairs, keys up to 64 characters, string values up to 512.
+fn metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
+    let bad = |m: String| ApiError::bad(m, Some("metadata".into()));
+    let m = match v {
+        None | Some(Value::Null) => return Ok(Map::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("`metadata` must be an object.".into())),
+    };
+    if m.len() > 16 {
+        return Err(bad(format!(
+            "`metadata` may have at most 16 pairs, got {}.",
+            m.len()
+        )));
+    }
+    for (k, v) in m {
+        if k.chars().count() > 64 {
+            return Err(bad(format!("`metadata` key {k:?} is over 64 characters.")));
+        }
+        match v.as_str() {
+            Some(s) if s.chars().count() <= 512 => {}
+            Some(_) => return Err(bad(format!("`metadata.{k}` is over 512 characters."))),
+            None => return Err(bad(format!("`metadata.{k}` must be a string."))),
+        }
+    }
+    Ok(m.clone())
+}
+
+/// `items`, checked and in their stored shape (each with an id).
+fn items(v: Option<&Value>, required: bool) -> Result<Vec<Value>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) if !required => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        _ => {
+            return Err(ApiError::bad(
+                "`items` must be an array of items.",
+                Some("items".into()),
+            ))
+        }
+    };
+    if list.len() > MAX_ITEMS {
+        return Err(ApiError::bad(
+            format!(
+                "`items` may hold at most {MAX_ITEMS} items, got {}.",
+                list.len()
+            ),
+            Some("items".into()),
+        ));
+    }
+    responses::check_items(list, "items")?;
+    Ok(list
+        .iter()
+        .map(|i| input_items::stored(i, fresh_id))
+        .collect())
+}
+
+/// Items as a list object (all of them: `has_more` false).
+fn listed(items: Vec<Value>) -> Value {
+    let id = |v: Option<&Value>| v.and_then(|it| it.get("id")).cloned();
+    json!({
+        "object": "list",
+        "first_id": id(items.first()),
+        "last_id": id(items.last()),
+        "has_more": false,
+        "data": items,
+    })
+}
+
+/// `POST /v1/conversations`.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed = body(&state, raw, &["items", "metadata"]).and_then(|req| {
+        Ok((
+            metadata(req.get("metadata"))?,
+            items(req.get("items"), false)?,
+        ))
+    });
+    let (meta, items) = match parsed {
+        Ok(p) => p,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    run(state, tenant, acting, move |s, owner| {
+        Ok(Ok(s.create_conversation(owner, meta, &items)?.to_json()))
+    })
+    .await
+}
+
+/// `GET /v1/conversations/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(state, tenant, acting, move |s, owner| {
+        Ok(s.get_conversation(owner, &id)?
+            .map(|c| c.to_json())
+            .ok_or_else(|| no_conversation(&id)))
+    })
+    .await
+}
+
+/// `POST /v1/conversations/{id}`: new metadata.
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let meta = body(&state, raw, &["metadata"]).and_then(|req| match req.get("metadata") {
+        None => Err(ApiError::bad(
+            "`metadata` is required.",
+            Some("metadata".into()),
+        )),
+        m => metadata(m),
+    });
+    let meta = match meta {
+        Ok(m) => m,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    run(state, tenant, acting, move |s, owner| {
+        Ok(s.update_conversation(owner, &id, meta)?
+            .map(|c| c.to_json())
+            .ok_or_else(|| no_conversation(&id)))
+    })
+    .await
+}
+
+/// `DELETE /v1/conversations/{id}`: it and its items.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(state, tenant, acting, move |s, owner| {
+        Ok(match s.delete_conversation(owner, &id)? {
+            true => Ok(json!({"id": id, "object": "conversation.deleted", "deleted": true})),
+            false => Err(no_conversation(&id)),
+        })
+    })
+    .await
+}
+
+/// `GET /v1/conversations/{id}/items`: a page of its items.
+pub async fn list_items(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let page = match input_items::page(query.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    run(state, tenant, acting, move |s, owner| {
+        Ok(match s.conversation_items(owner, &id)? {
+            Some(items) => input_items::list(items, &page),
+            None => Err(no_conversation(&id)),
+        })
+    })
+    .await
+}
+
+/// `POST /v1/conversations/{id}/items`: items added to its end.
+pub async fn add_items(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let added = input_items::page(query.as_deref())
+        .and_then(|_| body(&state, raw, &["items"]))
+        .and_then(|req| items(req.get("items"), true));
+    let added = match added {
+        Ok(a) => a,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    run(state, tenant, acting, move |s, owner| {
+        Ok(match s.add_items(owner, &id, &added)? {
+            true => Ok(listed(added)),
+            false => Err(no_conversation(&id)),
+        })
+    })
+    .await
+}
+
+/// `GET /v1/conversations/{id}/items/{item}`.
+pub async fn get_item(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path((id, item)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    // `include` is all it takes (there is nothing to include).
+    if let Err(e) = input_items::page(query.as_deref()) {
+        return with_limits(&tenant, e.into_response());
+    }
+    run(state, tenant, acting, move |s, owner| {
+        Ok(s.conversation_item(owner, &id, &item)?
+            .ok_or_else(|| no_item(&id, &item)))
+    })
+    .await
+}
+
+/// `DELETE /v1/conversations/{id}/items/{item}`: answered with the conversation.
+pub async fn delete_item(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path((id, item)): Path<(String, String)>,
+) -> Response {
+    run(state, tenant, acting, move |s, owner| {
+        Ok(s.delete_item(owner, &id, &item)?
+            .map(|c| c.to_json())
+            .ok_or_else(|| no_item(&id, &item)))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_is_sixteen_short_strings() {
+        assert!(metadata(None).expect("none").is_empty());
+        let ok = json!({"topic": "demo", "user": "u1"});
+        assert_eq!(metadata(Some(&ok)).expect("valid").len(), 2);
+        let many: Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        for bad in [
+            json!("x"),
+            json!({"n": 1}),
+            json!({"k": "v".repeat(513)}),
+            json!({"k".repeat(65): "v"}),
+            Value::Object(many),
+        ] {
+            let e = metadata(Some(&bad)).expect_err("refused");
+            assert_eq!(e.param(), Some("metadata"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn items_are_checked_and_given_ids() {
+        let given = json!([{"role": "user", "content": "hi"},
+                           {"type": "function_call_output", "call_id": "c1", "output": "42"}]);
+        let got = items(Some(&given), true).expect("valid");
+        assert!(got[0]["id"].as_str().expect("id").starts_with("msg_"));
+        assert!(got[1]["id"].as_str().expect("id").starts_with("fco_"));
+        let bad = json!([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]);
+        let e = items(Some(&bad), true).expect_err("a bad role");
+        assert_eq!(e.param(), Some("items[1].role"));
+        assert!(items(None, true).is_err(), "required");
+        assert!(items(None, false).expect("optional").is_empty());
+    }
+}
