@@ -21,4 +21,5 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod tenants;
+pub mod truncate;
 pub mod worker;

@@ -237,9 +237,17 @@ async fn run(
 ) -> Result<Reply, ApiError> {
     // Each prompt tokenized once, here, where the pool has the model's tokenizer: the
     // count is exact, and the engine takes the ids as they are.
+    let truncate = req.responses.as_ref().is_some_and(|r| r.truncate);
+    let max_tokens = req.params.max_tokens as usize;
     let parts = req
         .prompts
         .into_iter()
+        .map(|prompt| match prompt {
+            crate::worker::Prompt::Chat(ms) if truncate => {
+                crate::worker::Prompt::Chat(truncated(pool, ms, max_tokens))
+            }
+            p => p,
+        })
         .map(|prompt| PromptPart::new(pool, prompt, req.echo, req.params.prompt_logprobs))
         .collect::<Result<Vec<_>, _>>()?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
@@ -384,6 +392,33 @@ async fn run(
         Ok(Reply::Stream(sse))
     } else {
         sse.collect(meter).await.map(Reply::Whole)
+    }
+}
+
+/// A conversation with the fewest oldest turns dropped for it and its answer to fit the
+/// pool's context (`truncation: "auto"`), where the pool tokenizes and knows its context;
+/// otherwise as it is.
+fn truncated(
+    pool: &Pool,
+    messages: Vec<crate::worker::ChatMessage>,
+    max_tokens: usize,
+) -> Vec<crate::worker::ChatMessage> {
+    let Some(context) = pool.max_context() else {
+        return messages;
+    };
+    let fits = |ms: &[crate::worker::ChatMessage]| {
+        pool.tokenize_prompt(&crate::worker::Prompt::Chat(ms.to_vec()))
+            .is_some_and(|ids| ids.len() + max_tokens <= context)
+    };
+    match crate::truncate::truncated(&messages, fits) {
+        Some(kept) => {
+            tracing::debug!(
+                dropped = messages.len() - kept.len(),
+                "truncated the conversation to fit the context"
+            );
+            kept
+        }
+        None => messages,
     }
 }
 

@@ -9,13 +9,14 @@
 //! `function_call_output`), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
 //! `stream`, `text.format` (`text`, `json_object`, `json_schema`), function `tools`,
 //! `tool_choice`, `parallel_tool_calls`, `include: ["message.output_text.logprobs"]` with
-//! `top_logprobs`, `metadata`, `user`, `store` (nothing is stored: answered `false`), and
+//! `top_logprobs`, `metadata`, `user`, `store`, `truncation` (`auto`: see
+//! [`crate::truncate`]), and
 //! the chat endpoint's other sampling options (`seed`, `top_k`, `stop`, penalties,
 //! `logit_bias`) as extensions, and, where the gateway stores answers,
 //! `previous_response_id` or `conversation` (its items, looked up by the caller, come
 //! first: [`validate_map`]).
 //! Refused with a 400 that names them: `item_reference`, `background`,
-//! prompt templates, reasoning options, `truncation: "auto"`, non-text inputs, built-in
+//! prompt templates, reasoning options, non-text inputs, built-in
 //! tools.
 
 use super::error::ApiError;
@@ -109,6 +110,7 @@ pub fn validate_map(
         store: req.get("store") != Some(&Value::Bool(false)),
         conversation: Arc::new(conversation),
         own_from,
+        truncate: present(&req, "truncation").and_then(Value::as_str) == Some("auto"),
         conversation_id: match prior {
             Some(Prior::Conversation(id)) => Some(id),
             _ => None,
@@ -184,13 +186,7 @@ fn translate(
         }
     }
     match present(req, "truncation").map(|t| t.as_str()) {
-        None | Some(Some("disabled")) => {}
-        Some(Some("auto")) => {
-            return Err(ApiError::unsupported(
-                "truncation",
-                "`truncation: \"auto\"` (a prompt past the context is refused instead)",
-            ))
-        }
+        None | Some(Some("disabled" | "auto")) => {}
         Some(_) => {
             return Err(ApiError::bad(
                 "`truncation` must be \"disabled\" or \"auto\".",
@@ -549,8 +545,10 @@ fn echo(req: &Map<String, Value>, prior: Option<&Prior>) -> Arc<str> {
         ("parallel_tool_calls", "true"),
         ("metadata", "{}"),
         ("user", "null"),
+        ("truncation", r#""disabled""#),
     ];
-    const FIXED: &str = r#""reasoning":{"effort":null,"summary":null},"truncation":"disabled","background":false,"service_tier":"default""#;
+    const FIXED: &str =
+        r#""reasoning":{"effort":null,"summary":null},"background":false,"service_tier":"default""#;
     let mut out = String::with_capacity(512);
     for (k, default) in ECHOED {
         out.push('"');
@@ -732,7 +730,7 @@ mod tests {
                 "include[0]",
             ),
             (
-                json!({"model": "m", "input": "x", "truncation": "auto"}),
+                json!({"model": "m", "input": "x", "truncation": "last"}),
                 "truncation",
             ),
         ];

@@ -59,6 +59,9 @@ pub struct ResponsesInfo {
     pub own_from: usize,
     /// The Conversations API conversation it is in (its input and output are added).
     pub conversation_id: Option<String>,
+    /// `truncation: "auto"`: the oldest turns may be dropped to fit the context
+    /// ([`crate::truncate`]).
+    pub truncate: bool,
 }
 
 /// The most choices a request may ask for (`n`).

@@ -399,6 +399,10 @@ impl Worker for EngineWorker {
         self.prompt_ids(prompt).ok()
     }
 
+    fn max_context(&self) -> Option<usize> {
+        Some(self.max_context)
+    }
+
     fn detokenize(&self, ids: &[u32]) -> Option<String> {
         self.unknown_token(ids)
             .is_none()

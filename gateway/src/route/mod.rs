@@ -271,6 +271,12 @@ impl Pool {
         self.slots.first()?.worker.tokenize_prompt(prompt)
     }
 
+    /// Most tokens a sequence may hold on every worker of the pool, where they all say.
+    pub fn max_context(&self) -> Option<usize> {
+        let each: Option<Vec<usize>> = self.slots.iter().map(|s| s.worker.max_context()).collect();
+        each?.into_iter().min()
+    }
+
     /// The text of token ids, where the pool's workers hold the model's tokenizer.
     pub fn detokenize(&self, ids: &[u32]) -> Option<String> {
         self.slots.first()?.worker.detokenize(ids)

@@ -328,6 +328,10 @@ pub trait Worker: Send + Sync + 'static {
     fn probe(&self) -> BoxFuture<'static, Result<(), WorkerError>>;
     /// Most requests the router may have in flight on this worker.
     fn max_concurrency(&self) -> usize;
+    /// Most tokens a sequence may hold (prompt and answer), for workers that know it.
+    fn max_context(&self) -> Option<usize> {
+        None
+    }
     /// The prompt's token ids, for workers that hold the model's tokenizer.
     fn tokenize_prompt(&self, _prompt: &Prompt) -> Option<Vec<u32>> {
         None
