@@ -650,3 +650,99 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
     assert_eq!(r.status(), 404);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Background responses (`background: true`, with the store): answered at once
+/// `in_progress`, run to the end apart from the client (polled with `GET`), cancelled
+/// with `POST …/cancel` (the worker's sequence stops; the answer stays `cancelled`);
+/// refused without the store's consent (`store: false`) or streamed.
+#[tokio::test]
+async fn background_responses_run_apart_and_can_be_cancelled() {
+    const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
+    let dir = std::env::temp_dir().join(format!("tollgate-bg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a test folder");
+    let cfg = config(SLOW_SIM, "", "")
+        + &format!(
+            "\n[responses]\nstore = true\npath = {:?}\n",
+            dir.join("responses.db").display().to_string()
+        );
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let post =
+        |path: String, body: Value| c.post(gw.url(&path)).bearer_auth(KEY).json(&body).send();
+    let get = |path: String| c.get(gw.url(&path)).bearer_auth(KEY).send();
+    let ask = |tokens: u32| {
+        serde_json::json!({"model": "m", "input": "hi", "background": true,
+                           "max_output_tokens": tokens})
+    };
+    let started = std::time::Instant::now();
+    let r = post("/v1/responses".into(), ask(5)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first: Value = r.json().await.unwrap();
+    assert_eq!(
+        (first["status"].as_str(), first["background"].as_bool()),
+        (Some("in_progress"), Some(true)),
+        "{first}"
+    );
+    let id = first["id"].as_str().expect("an id").to_string();
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        done = get(format!("/v1/responses/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done["status"] != "in_progress" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(done["status"], "incomplete", "{done}");
+    assert_eq!(done["usage"]["output_tokens"], 5, "{done}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(80));
+    // A long one, cancelled: stored `cancelled`, and it stays so.
+    let long: Value = post("/v1/responses".into(), ask(400))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = long["id"].as_str().expect("an id").to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = post(format!("/v1/responses/{id}/cancel"), Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cancelled: Value = r.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let again: Value = get(format!("/v1/responses/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["status"], "cancelled", "{again}");
+    // Its request is over (not served on to its 400 tokens).
+    let m = gw.metrics().await;
+    let inflight = r#"tollgate_in_flight_requests{tenant="demo",model="m"}"#;
+    assert_eq!(metric(&m, inflight), Some(0.0), "{m}");
+    // Cancelling again answers it as it is; a response that is not a background one is
+    // refused.
+    let r = post(format!("/v1/responses/{id}/cancel"), Value::Null)
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    // Refused: not stored, streamed.
+    for (extra, param) in [("store", "store"), ("stream", "stream")] {
+        let mut body = ask(5);
+        body[extra] = Value::Bool(extra == "stream");
+        let r = post("/v1/responses".into(), body).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod background;
 mod conversations;
 pub mod error;
 mod handlers;
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
             "/v1/responses/{id}/input_items",
             get(stored_responses::input_items),
         )
+        .route("/v1/responses/{id}/cancel", post(stored_responses::cancel))
         .route("/v1/conversations", post(conversations::create))
         .route(
             "/v1/conversations/{id}",

@@ -15,7 +15,8 @@
 //! `logit_bias`) as extensions, and, where the gateway stores answers,
 //! `previous_response_id` or `conversation` (its items, looked up by the caller, come
 //! first: [`validate_map`]).
-//! Refused with a 400 that names them: `item_reference`, `background`,
+//! `background` is taken by the caller (it needs the store: [`super::background`]).
+//! Refused with a 400 that names them: `item_reference`,
 //! prompt templates, reasoning options, non-text inputs, built-in
 //! tools.
 
@@ -111,6 +112,7 @@ pub fn validate_map(
         conversation: Arc::new(conversation),
         own_from,
         truncate: present(&req, "truncation").and_then(Value::as_str) == Some("auto"),
+        background: req.get("background") == Some(&Value::Bool(true)),
         conversation_id: match prior {
             Some(Prior::Conversation(id)) => Some(id),
             _ => None,
@@ -171,8 +173,14 @@ fn translate(
             return Err(ApiError::unsupported(k, what));
         }
     }
-    if req.get("background") == Some(&Value::Bool(true)) {
-        return Err(ApiError::unsupported("background", "background responses"));
+    match present(req, "background") {
+        None | Some(Value::Bool(_)) => {}
+        Some(_) => {
+            return Err(ApiError::bad(
+                "`background` must be a boolean.",
+                Some("background".into()),
+            ))
+        }
     }
     if let Some(r) = present(req, "reasoning") {
         let set = r
@@ -546,9 +554,9 @@ fn echo(req: &Map<String, Value>, prior: Option<&Prior>) -> Arc<str> {
         ("metadata", "{}"),
         ("user", "null"),
         ("truncation", r#""disabled""#),
+        ("background", "false"),
     ];
-    const FIXED: &str =
-        r#""reasoning":{"effort":null,"summary":null},"background":false,"service_tier":"default""#;
+    const FIXED: &str = r#""reasoning":{"effort":null,"summary":null},"service_tier":"default""#;
     let mut out = String::with_capacity(512);
     for (k, default) in ECHOED {
         out.push('"');

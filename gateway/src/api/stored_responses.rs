@@ -5,11 +5,13 @@
 //! [`super::input_items`]). A tenant sees only its own answers; any other id is a 404.
 
 use super::auth::ActingFor;
+use super::background::{self, Background};
 use super::error::ApiError;
 use super::handlers::{read_body, respond, validated, with_limits};
 use super::input_items;
 use super::request_id::RequestId;
 use super::responses::{self, Previous, Prior};
+use super::validate::InferenceRequest;
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
@@ -119,17 +121,68 @@ pub async fn create(
 ) -> Response {
     let started = Instant::now();
     let acting = acting.map(|a| a.0);
+    let owner = owner(&tenant, &acting);
     let parsed = async {
         let body = read_body(&state, body)?;
         let req = responses::read(&body)?;
-        let previous = previous(&state, owner(&tenant, &acting), &req).await?;
+        let previous = previous(&state, owner.clone(), &req).await?;
         validated(&state, body, move |_, server| {
             responses::validate_map(req, server, previous)
         })
         .await
     }
     .await;
-    respond(state, tenant, acting, id, started, parsed).await
+    let mut req = match parsed {
+        Ok(req) if req.responses.as_ref().is_some_and(|r| r.background) => req,
+        other => return respond(state, tenant, acting, id, started, other).await,
+    };
+    let bg = match background_of(&state, &mut req, owner) {
+        Ok(bg) => bg,
+        Err(e) => return respond(state, tenant, acting, id, started, Err(e)).await,
+    };
+    let answer = respond(state, tenant, acting, id, started, Ok(req)).await;
+    background::start(bg, answer).await
+}
+
+/// What a `background: true` request needs to run apart from its client (run streamed,
+/// whatever it asked), or why it cannot.
+fn background_of(
+    state: &AppState,
+    req: &mut InferenceRequest,
+    owner: String,
+) -> Result<Background, ApiError> {
+    let Some(store) = &state.responses else {
+        return Err(ApiError::unsupported(
+            "background",
+            "background responses: this gateway stores no answers (`[responses] store = false`)",
+        ));
+    };
+    if req.stream {
+        return Err(ApiError::unsupported(
+            "stream",
+            "streaming a background response",
+        ));
+    }
+    let info = req.responses.as_ref().ok_or_else(|| {
+        ApiError::Internal("a Responses request without its Responses info".into())
+    })?;
+    if !info.store {
+        return Err(ApiError::bad(
+            "A background response must be stored: `background: true` needs `store` left true.",
+            Some("store".into()),
+        ));
+    }
+    let items: Vec<Value> = info
+        .conversation
+        .iter()
+        .map(|i| input_items::stored(i, input_items::fresh_id))
+        .collect();
+    req.stream = true;
+    Ok(Background {
+        store: store.clone(),
+        owner,
+        conversation: Value::Array(items).to_string(),
+    })
 }
 
 /// Runs `op` on the store for the tenant's answer `id` (`None`: it has none such: 404),
@@ -213,5 +266,37 @@ pub async fn input_items(
             Err(e) => e.into_response(),
         },
     )
+    .await
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a background response still running (stored
+/// `cancelled`); one that is not running is answered as it is stored.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.as_ref().map(|a| a.0.clone()));
+    if let Some(store) = &state.responses {
+        match background::cancel(store, &owner, &id).await {
+            Ok(Some(cancelled)) => {
+                return with_limits(&tenant, axum::Json(cancelled).into_response())
+            }
+            Ok(None) => {}
+            Err(e) => return with_limits(&tenant, e.into_response()),
+        }
+    }
+    let op = |s: &ResponseStore, owner: &str, id: &str| s.get(owner, id);
+    by_id(state, tenant, acting, id, op, |stored, _| {
+        let background =
+            serde_json::from_str::<Value>(&stored.response).is_ok_and(|r| r["background"] == true);
+        if !background {
+            return ApiError::bad("Only background responses can be cancelled.", None)
+                .into_response();
+        }
+        let json = [(http::header::CONTENT_TYPE, "application/json")];
+        (json, stored.response).into_response()
+    })
     .await
 }

@@ -62,6 +62,9 @@ pub struct ResponsesInfo {
     /// `truncation: "auto"`: the oldest turns may be dropped to fit the context
     /// ([`crate::truncate`]).
     pub truncate: bool,
+    /// `background: true`: answered at once, run to the end apart from the request
+    /// ([`super::background`]).
+    pub background: bool,
 }
 
 /// The most choices a request may ask for (`n`).

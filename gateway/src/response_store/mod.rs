@@ -149,6 +149,9 @@ pub struct ResponseStore {
     conn: Mutex<Connection>,
     /// How long an answer is kept, and a conversation after its last use.
     retention: Duration,
+    /// The background responses running now, by tenant and id (see
+    /// [`crate::api::background`]).
+    pub running: dashmap::DashMap<(String, String), tokio::task::JoinHandle<()>>,
     /// To the writer thread: an answer, and who waits for its commit.
     writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
@@ -196,9 +199,17 @@ impl ResponseStore {
         let store = Arc::new(Self {
             conn: Mutex::new(conn),
             retention,
+            running: dashmap::DashMap::new(),
             writer: Mutex::new(tx),
         });
         store.purge()?;
+        let stopped = store.fail_unfinished()?;
+        if stopped > 0 {
+            tracing::warn!(
+                responses = stopped,
+                "background responses still running when the gateway stopped are stored as failed"
+            );
+        }
         Ok(store)
     }
 
@@ -270,6 +281,17 @@ impl ResponseStore {
             params![id, tenant],
         )?;
         Ok(n > 0)
+    }
+
+    /// Stores every answer still running (a background response of a gateway that
+    /// stopped) as `failed`; how many.
+    fn fail_unfinished(&self) -> Result<usize, StoreError> {
+        Ok(self.conn()?.execute(
+            "UPDATE responses SET response = json_set(response, '$.status', 'failed',
+                 '$.error', json('{\"code\":\"server_error\",\"message\":\"the gateway stopped before the response finished\"}'))
+             WHERE json_extract(response, '$.status') IN ('queued', 'in_progress')",
+            [],
+        )?)
     }
 
     /// Deletes what has expired (answers, conversations with their items); how many
@@ -372,6 +394,33 @@ mod tests {
                 "resp_{i}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn answers_left_running_are_failed_when_the_store_opens_again() {
+        let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-reopen", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.db");
+        let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
+        let mut running = answer("resp_1", "a");
+        running.response = r#"{"id":"resp_1","status":"in_progress","background":true}"#.into();
+        s.save(running).await.unwrap();
+        let mut done = answer("resp_2", "a");
+        done.response = r#"{"id":"resp_2","status":"completed"}"#.into();
+        s.save(done.clone()).await.unwrap();
+        drop(s);
+        let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
+        let r: Value =
+            serde_json::from_str(&s.get("a", "resp_1").unwrap().unwrap().response).unwrap();
+        assert_eq!(r["status"], "failed");
+        assert_eq!(r["background"], true);
+        assert!(r["error"]["message"].as_str().unwrap().contains("stopped"));
+        assert_eq!(
+            s.get("a", "resp_2").unwrap(),
+            Some(done),
+            "a finished one as it was"
+        );
     }
 
     #[tokio::test]

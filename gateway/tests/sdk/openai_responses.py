@@ -10,6 +10,7 @@ import json
 import sys
 
 import openai
+import time
 
 base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
 engine = sys.argv[4:5] == ["engine"]
@@ -205,6 +206,16 @@ if kept.store:
     except openai.NotFoundError:
         pass
     assert refused(previous_response_id="resp_123")["code"] == "previous_response_not_found"
+    # Background: answered at once, polled to its end; cancelling a finished one answers it.
+    bg = client.responses.create(model=model, input="Say hello", max_output_tokens=6, background=True)
+    assert bg.background and bg.status in ("queued", "in_progress"), bg
+    for _ in range(500):
+        if bg.status not in ("queued", "in_progress"):
+            break
+        time.sleep(0.01)
+        bg = client.responses.retrieve(bg.id)
+    assert bg.status in ("completed", "incomplete") and bg.output_text, bg
+    assert client.responses.cancel(bg.id).status == bg.status
     # Conversations: items in order; a response in one reads them first, then its input
     # and output are added to it.
     conv = client.conversations.create(
@@ -239,6 +250,7 @@ if kept.store:
 else:
     assert refused(previous_response_id="resp_123")["param"] == "previous_response_id"
     assert refused(conversation="conv_123")["param"] == "conversation"
+    assert refused(background=True)["param"] == "background"
 
 # Errors in the Responses API's own terms.
 assert refused(max_output_tokens=0)["param"] == "max_output_tokens"
