@@ -5,8 +5,9 @@
 //! refused past it — and reads the contracts from the gateway's own headers. Closed-loop
 //! tenants on the completions endpoint and on the Responses API (streamed) ride along. With `config/examples/fair-share.toml`,
 //! a fleet too small for two tenants is shared by their weights. A contract raised while
-//! the load runs shows in the report's timeline. Every shipped scenario and example config
-//! reads.
+//! the load runs shows in the report's timeline. Multi-turn users carry their
+//! conversations (and the engine's prefix cache serves them). Every shipped scenario and
+//! example config reads.
 
 mod common;
 use common::*;
@@ -180,6 +181,60 @@ async fn a_scenario_shows_a_short_fleet_shared_by_weight() {
     let ratio = big.ok as f64 / small.ok.max(1) as f64;
     assert!((2.2..4.2).contains(&ratio), "{ratio}: {report:?}");
     assert!(small.ttft.p50_ms > big.ttft.p50_ms, "{report:?}");
+}
+
+/// Multi-turn users (`turns`) on the engine (synthetic model, prefix caching on): each
+/// turn carries the conversation so far (chat: as messages; Responses: continued by
+/// `previous_response_id` from the gateway's store), so later turns' prompts are longer
+/// and mostly served from the engine's prefix cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_turn_users_carry_their_conversations() {
+    let (_dir, model) = synthetic_model_file();
+    let dir = std::env::temp_dir().join(format!("tollgate-turns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = engine_config(&model, "")
+        + &format!(
+            "\n[responses]\nstore = true\npath = {:?}\n",
+            dir.join("responses.db").display().to_string()
+        );
+    let gw = Gateway::start(&cfg);
+    let tenant = |name: &str, endpoint: &str, turns: u32| {
+        format!(
+            "[[tenants]]\nname = \"{name}\"\nkey = \"{KEY}\"\nmodel = \"m\"\nendpoint = \"{endpoint}\"\nstream = true\nmax_tokens = 6\nprompt_words = 12\ntemperature = 0\nusers = 2\nturns = {turns}\n"
+        )
+    };
+    let text = format!(
+        "target = \"{}\"\nduration_secs = 4\nwarmup_secs = 0.5\n{}{}{}",
+        gw.base,
+        tenant("single", "chat", 1),
+        tenant("chat", "chat", 4),
+        tenant("responses", "responses", 4)
+    );
+    let sc = Scenario::parse(&text).unwrap();
+    let report = loadtest::run::execute(&sc).await.unwrap();
+    eprint!("{}", report.table());
+    let [single, chat, responses] = &report.tenants[..] else {
+        panic!("{report:?}")
+    };
+    let per_request = |t: &loadtest::report::TenantReport| t.prompt_tokens_per_s / t.ok_rps;
+    for t in [single, chat, responses] {
+        assert!(t.ok > 8, "{t:?}");
+        assert_eq!((t.ok, t.stream_errors), (t.sent, 0), "{t:?}");
+    }
+    for t in [chat, responses] {
+        assert!(
+            per_request(t) > 1.5 * per_request(single),
+            "longer prompts: {} vs {}",
+            per_request(t),
+            per_request(single)
+        );
+        assert!(
+            t.cached_tokens_per_s > 0.3 * t.prompt_tokens_per_s,
+            "the conversation so far from the prefix cache: {t:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

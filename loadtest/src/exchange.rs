@@ -58,6 +58,11 @@ pub struct Exchange {
     pub stream_error: bool,
     /// `RateLimit-Policy`'s tokens quota and window (seconds).
     pub policy: Option<(f64, f64)>,
+    /// The answer's text (a tool call's arguments included), for the next turn.
+    pub answer: String,
+    /// The answer's id where the gateway stored it (a Responses answer with `store:
+    /// true`): what the next turn continues.
+    pub stored_id: Option<String>,
 }
 
 /// Sends `body` to `path` and reads the whole answer. On a connection failure the
@@ -127,7 +132,8 @@ pub async fn exchange(
                         continue;
                     }
                     match stream_event(data) {
-                        Event::Text => {
+                        Event::Text(text) => {
+                            out.answer.push_str(&text);
                             match last {
                                 None => out.first = Some(now),
                                 Some(t) => out.gaps_us.push((now - t).as_micros() as u64),
@@ -140,6 +146,7 @@ pub async fn exchange(
                             done = true;
                         }
                         Event::Error => out.stream_error = true,
+                        Event::Started(id) => out.stored_id = id,
                         Event::Other => {}
                     }
                 }
@@ -153,6 +160,8 @@ pub async fn exchange(
         let v: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
         out.usage = usage(&v["usage"]);
         out.first = out.end;
+        out.answer = answer_text(&v);
+        out.stored_id = stored_id(&v);
     }
     out
 }
@@ -161,9 +170,34 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// A whole answer's text: a chat message's, a completion's, or a response's output items'.
+fn answer_text(v: &Value) -> String {
+    let c = &v["choices"][0];
+    if let Some(t) = c["message"]["content"].as_str().or(c["text"].as_str()) {
+        return t.to_string();
+    }
+    let mut out = String::new();
+    for item in v["output"].as_array().into_iter().flatten() {
+        for part in item["content"].as_array().into_iter().flatten() {
+            out.push_str(part["text"].as_str().unwrap_or_default());
+        }
+        out.push_str(item["arguments"].as_str().unwrap_or_default());
+    }
+    out
+}
+
+/// A `response` object's id, where it says it is stored.
+fn stored_id(response: &Value) -> Option<String> {
+    (response["store"] == true)
+        .then(|| response["id"].as_str().map(str::to_string))
+        .flatten()
+}
+
 enum Event {
     /// Generated text (or a tool call's piece).
-    Text,
+    Text(String),
+    /// The Responses API's first event: the answer's id, where it is stored.
+    Started(Option<String>),
     Usage(Tokens),
     /// The Responses API's last event (`response.completed` or `.incomplete`): usage, and
     /// the end of the stream.
@@ -182,7 +216,10 @@ fn stream_event(data: &[u8]) -> Event {
     // The Responses API's typed events.
     if let Some(kind) = v["type"].as_str() {
         return match kind {
-            "response.output_text.delta" | "response.function_call_arguments.delta" => Event::Text,
+            "response.output_text.delta" | "response.function_call_arguments.delta" => {
+                Event::Text(v["delta"].as_str().unwrap_or_default().to_string())
+            }
+            "response.created" => Event::Started(stored_id(&v["response"])),
             "response.completed" | "response.incomplete" => match usage(&v["response"]["usage"]) {
                 Some(u) => Event::End(u),
                 None => Event::Error,
@@ -192,9 +229,17 @@ fn stream_event(data: &[u8]) -> Event {
         };
     }
     let c = &v["choices"][0];
-    let text = |x: &Value| x.as_str().is_some_and(|s| !s.is_empty());
-    if text(&c["text"]) || text(&c["delta"]["content"]) || c["delta"]["tool_calls"].is_array() {
-        return Event::Text;
+    fn text(x: &Value) -> Option<&str> {
+        x.as_str().filter(|s| !s.is_empty())
+    }
+    if let Some(t) = text(&c["text"]).or(text(&c["delta"]["content"])) {
+        return Event::Text(t.to_string());
+    }
+    if let Some(calls) = c["delta"]["tool_calls"].as_array() {
+        let args = calls
+            .iter()
+            .filter_map(|t| t["function"]["arguments"].as_str());
+        return Event::Text(args.collect());
     }
     match usage(&v["usage"]) {
         Some(u) => Event::Usage(u),
@@ -256,7 +301,7 @@ mod tests {
     fn stream_events_are_told_apart() {
         assert!(matches!(
             stream_event(br#"{"choices":[{"delta":{"content":"hi"}}]}"#),
-            Event::Text
+            Event::Text(t) if t == "hi"
         ));
         assert!(matches!(
             stream_event(br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#),
@@ -264,7 +309,7 @@ mod tests {
         ));
         assert!(matches!(
             stream_event(br#"{"choices":[{"text":"x"}]}"#),
-            Event::Text
+            Event::Text(t) if t == "x"
         ));
         assert!(matches!(
             stream_event(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#),
@@ -277,10 +322,18 @@ mod tests {
         // The Responses API's.
         assert!(matches!(
             stream_event(br#"{"type":"response.output_text.delta","delta":"hi"}"#),
-            Event::Text
+            Event::Text(t) if t == "hi"
         ));
         assert!(matches!(
             stream_event(br#"{"type":"response.created","response":{"usage":null}}"#),
+            Event::Started(None)
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.created","response":{"id":"resp_1","store":true}}"#),
+            Event::Started(Some(id)) if id == "resp_1"
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.in_progress","response":{}}"#),
             Event::Other
         ));
         assert!(matches!(
@@ -291,5 +344,22 @@ mod tests {
             stream_event(br#"{"type":"response.failed","response":{}}"#),
             Event::Error
         ));
+    }
+
+    #[test]
+    fn whole_answers_give_their_text_and_stored_id() {
+        let chat = serde_json::json!({"choices": [{"message": {"content": "hello"}}]});
+        assert_eq!(answer_text(&chat), "hello");
+        let completion = serde_json::json!({"choices": [{"text": "more"}]});
+        assert_eq!(answer_text(&completion), "more");
+        let response = serde_json::json!({"id": "resp_9", "store": true, "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "a"},
+                                            {"type": "output_text", "text": "b"}]}]});
+        assert_eq!(answer_text(&response), "ab");
+        assert_eq!(stored_id(&response).as_deref(), Some("resp_9"));
+        assert_eq!(
+            stored_id(&serde_json::json!({"id": "resp_9", "store": false})),
+            None
+        );
     }
 }

@@ -306,7 +306,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{} for {} s\n{:<12} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>10} {:>10} {:>7} {:>15} {:>15} {:>13}",
+            "{} for {} s\n{:<12} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>15} {:>15} {:>13}",
             self.target,
             self.duration_secs,
             "tenant",
@@ -318,6 +318,7 @@ impl Report {
             "other",
             "ok/s",
             "in tok/s",
+            "cached/s",
             "out tok/s",
             "weighted/s",
             "contract/s",
@@ -336,7 +337,7 @@ impl Report {
                 t.other.values().sum::<u64>() + t.transport_errors + t.stream_errors + t.unfinished;
             let _ = writeln!(
                 s,
-                "{:<12} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8.1} {:>9.0} {:>9.0} {:>10.0} {:>10} {:>7} {:>15} {:>15} {:>13}",
+                "{:<12} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>10} {:>7} {:>15} {:>15} {:>13}",
                 t.name,
                 offered,
                 t.sent,
@@ -346,6 +347,7 @@ impl Report {
                 other,
                 t.ok_rps,
                 t.prompt_tokens_per_s,
+                t.cached_tokens_per_s,
                 t.completion_tokens_per_s,
                 t.weighted_tokens_per_s,
                 t.contract_tokens_per_s.map_or("-".into(), |c| format!("{c:.0}")),

@@ -11,7 +11,7 @@
 
 use crate::exchange::{connect, exchange, Conn, Exchange};
 use crate::report::{Report, Stats, TenantReport};
-use crate::scenario::{Arrival, Scenario, TenantLoad, Traffic};
+use crate::scenario::{Arrival, Conversation, Scenario, TenantLoad, Traffic};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -147,8 +147,16 @@ struct Player {
 
 impl Player {
     /// Request `n`, intended at `intended`, on `conn` (opened or reopened as needed),
-    /// counted in `stats` when it falls in the window.
-    async fn one(&self, conn: &mut Option<Conn>, stats: &mut Stats, intended: Instant, n: u64) {
+    /// counted in `stats` when it falls in the window; the next turn of `conv` (which it
+    /// then continues, or ends: past `turns`, or when it failed).
+    async fn one(
+        &self,
+        conn: &mut Option<Conn>,
+        stats: &mut Stats,
+        intended: Instant,
+        n: u64,
+        conv: &mut Conversation,
+    ) {
         let measured = intended >= self.times.window;
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             *conn = connect(&self.authority).await.ok();
@@ -156,9 +164,20 @@ impl Player {
         let outcome = match conn.as_mut() {
             None => Some(Exchange::default()),
             Some(c) => {
-                let body = self.load.body(self.seed, n);
+                let (body, prompt) = self.load.turn(self.seed, n, conv);
                 let x = exchange(c, &self.authority, self.load.path(), &self.key, body);
-                tokio::time::timeout_at(self.times.deadline, x).await.ok()
+                let x = tokio::time::timeout_at(self.times.deadline, x).await.ok();
+                match &x {
+                    Some(x) if x.status == Some(200) && !x.stream_error => {
+                        conv.turns.push((prompt, x.answer.clone()));
+                        conv.previous = x.stored_id.clone();
+                    }
+                    _ => conv.turns.clear(),
+                }
+                if conv.turns.len() >= self.load.turns as usize || conv.turns.is_empty() {
+                    *conv = Conversation::default();
+                }
+                x
             }
         };
         match outcome {
@@ -222,7 +241,8 @@ impl Player {
                         }
                         continue;
                     }
-                    p.one(&mut conn, &mut stats, intended, n).await;
+                    let mut alone = Conversation::default();
+                    p.one(&mut conn, &mut stats, intended, n, &mut alone).await;
                 }
                 stats
             }));
@@ -238,6 +258,7 @@ impl Player {
             let p = self.clone();
             tasks.push(tokio::spawn(async move {
                 let (mut stats, mut conn) = (Stats::default(), None);
+                let mut conv = Conversation::default();
                 tokio::time::sleep_until(p.times.start).await;
                 let mut n = u as u64;
                 loop {
@@ -245,7 +266,7 @@ impl Player {
                     if now >= p.times.end {
                         break;
                     }
-                    p.one(&mut conn, &mut stats, now, n).await;
+                    p.one(&mut conn, &mut stats, now, n, &mut conv).await;
                     n += users as u64;
                     if p.load.think_ms > 0 {
                         tokio::time::sleep(Duration::from_millis(p.load.think_ms)).await;

@@ -89,6 +89,12 @@ pub struct TenantLoad {
     /// Closed loop: a user's pause between requests.
     #[serde(default)]
     pub think_ms: u64,
+    /// Closed loop: requests per conversation. Past the first, a user's request carries
+    /// its conversation so far (chat: the earlier turns as messages; completions: as
+    /// text; responses: `previous_response_id` where the gateway stores answers, else the
+    /// earlier turns as input items), then a new one begins. A failed turn begins anew.
+    #[serde(default = "default_turns")]
+    pub turns: u32,
     /// The model's `output_weight`, for the weighted-tokens column (`input + weight ×
     /// output`, as the gateway charges).
     #[serde(default = "default_output_weight")]
@@ -112,6 +118,9 @@ fn default_endpoint() -> Endpoint {
 }
 fn default_max_tokens() -> u32 {
     32
+}
+fn default_turns() -> u32 {
+    1
 }
 fn default_connections() -> usize {
     64
@@ -169,6 +178,14 @@ impl Scenario {
             if t.prompt.is_some() == t.prompt_words.is_some() {
                 return Err(format!("{at}: set one of `prompt` and `prompt_words`"));
             }
+            if t.turns == 0 {
+                return Err(format!("{at}: turns must be ≥ 1"));
+            }
+            if t.turns > 1 && t.users.is_none() {
+                return Err(format!(
+                    "{at}: turns past 1 need a closed loop (`users`): a turn waits for the last"
+                ));
+            }
             if t.connections == 0 {
                 return Err(format!("{at}: connections must be ≥ 1"));
             }
@@ -215,8 +232,14 @@ impl TenantLoad {
         }
     }
 
-    /// Request `n`'s body (its random words drawn from `seed` and `n`).
+    /// Request `n`'s body (its random words drawn from `seed` and `n`), the first of a
+    /// conversation.
     pub fn body(&self, seed: u64, n: u64) -> Vec<u8> {
+        self.turn(seed, n, &Conversation::default()).0
+    }
+
+    /// Request `n`'s body as the next turn of `conv`, and its new prompt.
+    pub fn turn(&self, seed: u64, n: u64, conv: &Conversation) -> (Vec<u8>, String) {
         let prompt = match (&self.prompt, self.prompt_words) {
             (Some(p), _) => p.clone(),
             (None, words) => random_words(
@@ -228,17 +251,40 @@ impl TenantLoad {
             "model": self.model,
             "stream": self.stream,
         });
+        let turns = |last: &str| {
+            let mut m = Vec::with_capacity(conv.turns.len() * 2 + 1);
+            for (asked, answered) in &conv.turns {
+                m.push(json!({"role": "user", "content": asked}));
+                m.push(json!({"role": "assistant", "content": answered}));
+            }
+            m.push(json!({"role": "user", "content": last}));
+            Value::Array(m)
+        };
         let max = match self.endpoint {
             Endpoint::Chat => {
-                body["messages"] = json!([{"role": "user", "content": prompt}]);
+                body["messages"] = turns(&prompt);
                 "max_tokens"
             }
             Endpoint::Completions => {
-                body["prompt"] = Value::String(prompt);
+                let mut text = String::new();
+                for (asked, answered) in &conv.turns {
+                    text.push_str(asked);
+                    text.push_str(answered);
+                    text.push('\n');
+                }
+                text.push_str(&prompt);
+                body["prompt"] = Value::String(text);
                 "max_tokens"
             }
             Endpoint::Responses => {
-                body["input"] = Value::String(prompt);
+                match (&conv.previous, conv.turns.is_empty()) {
+                    (Some(id), _) => {
+                        body["previous_response_id"] = json!(id);
+                        body["input"] = Value::String(prompt.clone());
+                    }
+                    (None, true) => body["input"] = Value::String(prompt.clone()),
+                    (None, false) => body["input"] = turns(&prompt),
+                }
                 "max_output_tokens"
             }
         };
@@ -254,8 +300,16 @@ impl TenantLoad {
                 body[k] = serde_json::to_value(v).unwrap_or(Value::Null);
             }
         }
-        serde_json::to_vec(&body).unwrap_or_default()
+        (serde_json::to_vec(&body).unwrap_or_default(), prompt)
     }
+}
+
+/// A user's conversation so far (`turns` past 1): its turns' prompts and answers, and
+/// the stored id of its last answer (what a Responses turn continues).
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    pub turns: Vec<(String, String)>,
+    pub previous: Option<String>,
 }
 
 /// Words a prompt is made of: common, short, mostly one token each.
@@ -347,6 +401,55 @@ mod tests {
     }
 
     #[test]
+    fn a_turn_carries_its_conversation() {
+        let s = Scenario::parse(GOOD).unwrap();
+        let mut t = s.tenants[1].clone();
+        let conv = Conversation {
+            turns: vec![("q1".into(), "a1".into()), ("q2".into(), "a2".into())],
+            previous: None,
+        };
+        t.endpoint = Endpoint::Chat;
+        let (body, prompt) = t.turn(1, 7, &conv);
+        assert_eq!(prompt, "hello");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let said: Vec<(&str, &str)> = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                ("user", "q1"),
+                ("assistant", "a1"),
+                ("user", "q2"),
+                ("assistant", "a2"),
+                ("user", "hello")
+            ]
+        );
+        t.endpoint = Endpoint::Completions;
+        let body: Value = serde_json::from_slice(&t.turn(1, 7, &conv).0).unwrap();
+        assert_eq!(body["prompt"], "q1a1\nq2a2\nhello");
+        t.endpoint = Endpoint::Responses;
+        let body: Value = serde_json::from_slice(&t.turn(1, 7, &conv).0).unwrap();
+        assert_eq!(
+            body["input"].as_array().map(Vec::len),
+            Some(5),
+            "resent: not stored"
+        );
+        let stored = Conversation {
+            previous: Some("resp_1".into()),
+            ..conv
+        };
+        let body: Value = serde_json::from_slice(&t.turn(1, 7, &stored).0).unwrap();
+        assert_eq!(
+            (&body["previous_response_id"], &body["input"]),
+            (&json!("resp_1"), &json!("hello"))
+        );
+    }
+
+    #[test]
     fn bad_scenarios_are_refused_by_field() {
         for (change, why) in [
             (("rate = 20", "rate = 0"), "rate must be > 0"),
@@ -368,6 +471,14 @@ mod tests {
             (
                 ("prompt_words = 8", "prompt_words = 8\nspeed = 1"),
                 "unknown field",
+            ),
+            (
+                ("prompt_words = 8", "prompt_words = 8\nturns = 3"),
+                "closed loop",
+            ),
+            (
+                ("prompt = \"hello\"", "prompt = \"hello\"\nturns = 0"),
+                "turns",
             ),
         ] {
             let text = GOOD.replacen(change.0, change.1, 1);
