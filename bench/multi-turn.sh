@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Multi-turn chats on the real model (the CPU engine here, the GPU where one is): the
+# scenario `config/scenarios/multi-turn.toml` (8 users, 6-turn conversations) played
+# against the quick-start gateway with the engine's prefix cache on, then off, then
+# single-turn chats for reference. Prints each run's loadtest table.
+#
+#   bash bench/multi-turn.sh                  # 20 s per run
+#   DURATION=10 USERS=4 bash bench/multi-turn.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-20}
+USERS=${USERS:-8}
+PORT=${PORT:-19180}
+cargo build --release -q -p gateway -p loadtest
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
+run() { # name, prefix_caching, turns
+  sed -e "s/127.0.0.1:8080/127.0.0.1:$PORT/" -e 's/^admin_listen.*//' \
+      -e "s/{ kind = \"engine\", backend = \"auto\" }/{ kind = \"engine\", backend = \"auto\", prefix_caching = $2 }/" \
+      -e 's|^path = "tollgate-usage.db".*|path = "'"$tmp"'/usage.db"|' \
+      config/gateway.toml > "$tmp/gw.toml"
+  grep -q "prefix_caching = $2" "$tmp/gw.toml" || { echo "could not set prefix_caching" >&2; exit 1; }
+  sed -e "s/^users = .*/users = $USERS/" -e "s/^turns = .*/turns = $3/" \
+      config/scenarios/multi-turn.toml > "$tmp/sc.toml"
+  ./target/release/gateway serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
+  local gw=$!
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
+    sleep 0.1
+  done
+  echo "== $1 (prefix_caching = $2, turns = $3, $USERS users)"
+  ./target/release/loadtest run "$tmp/sc.toml" --target "http://127.0.0.1:$PORT" --duration "$DURATION"
+  kill "$gw"; wait "$gw" 2>/dev/null || true
+}
+run "cached" true 6
+run "uncached" false 6
+run "single turn" true 1
