@@ -553,7 +553,7 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a test folder");
     let db = dir.join("responses.db");
-    let cfg = config(FAST_SIM, &other, "")
+    let cfg = config(FAST_SIM, &other, ADMIN_SERVER)
         + &format!(
             "\n[responses]\nstore = true\npath = {:?}\n",
             db.display().to_string()
@@ -642,12 +642,56 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // The operator sees what each tenant stores, and deletes all of one tenant's.
+    let admin = |method: reqwest::Method, path: &str| {
+        c.request(method, gw.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+    let stored: Value = admin(get.clone(), "/admin/stored")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let demo = &stored["tenants"][0];
+    assert_eq!(
+        (
+            &demo["tenant"],
+            &demo["answers"],
+            &demo["conversations"],
+            &demo["conversation_items"]
+        ),
+        (
+            &Value::from("demo"),
+            &Value::from(1),
+            &Value::from(1),
+            &Value::from(3)
+        ),
+        "{stored}"
+    );
+    let r = admin(reqwest::Method::DELETE, "/admin/stored/demo")
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["deleted"],
+        serde_json::json!({"answers": 1, "conversations": 1}),
+        "{v}"
+    );
+    let r = call(&gw, KEY, get.clone(), &path, None).await.unwrap();
+    assert_eq!(r.status(), 404);
     let r = call(&gw, KEY, reqwest::Method::DELETE, &path, None)
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = call(&gw, KEY, get, &path, None).await.unwrap();
     assert_eq!(r.status(), 404);
+    let stored: Value = admin(get, "/admin/stored")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["tenants"], serde_json::json!([]), "{stored}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

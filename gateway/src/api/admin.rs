@@ -7,11 +7,14 @@
 //!   weighted tokens, what remains in the buckets)
 //! - `POST /admin/reload`: reload the config file (200 with the changes, 400 with why not)
 //! - `GET /admin/audit`: every config change applied since start
+//! - `GET /admin/stored`: what each tenant has in the response store (answers,
+//!   conversations, bytes); `DELETE /admin/stored/{tenant}`: all of it deleted (a tenant
+//!   that leaves), its background responses stopped
 
 use super::error::ApiError;
 use crate::config::keys;
 use crate::state::AppState;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +28,11 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/usage", get(usage))
         .route("/admin/reload", post(reload))
         .route("/admin/audit", get(audit))
+        .route("/admin/stored", get(stored))
+        .route(
+            "/admin/stored/{tenant}",
+            axum::routing::delete(delete_stored),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .fallback(|uri: http::Uri| async move {
             ApiError::NotFound(format!("no admin route for {}", uri.path()))
@@ -119,4 +127,69 @@ async fn reload(State(state): State<AppState>) -> Response {
 
 async fn audit(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "entries": state.reloader.audit() }))
+}
+
+/// The response store, or a 404 saying the gateway stores nothing.
+fn store(
+    state: &AppState,
+) -> Result<std::sync::Arc<crate::response_store::ResponseStore>, ApiError> {
+    state
+        .responses
+        .clone()
+        .ok_or_else(|| ApiError::NotFound("stored responses (this gateway stores none)".into()))
+}
+
+async fn stored(State(state): State<AppState>) -> Response {
+    let summary = async {
+        let store = store(&state)?;
+        tokio::task::spawn_blocking(move || store.summary())
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+    .await;
+    match summary {
+        Ok(tenants) => Json(json!({ "tenants": tenants })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete_stored(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
+    let deleted = async {
+        let store = store(&state)?;
+        // Its background responses first (each stops and is stored cancelled), then all.
+        let running: Vec<(String, String)> = store
+            .running
+            .iter()
+            .filter(|e| e.key().0 == tenant)
+            .map(|e| e.key().clone())
+            .collect();
+        for (owner, id) in &running {
+            super::background::cancel(&store, owner, id).await?;
+        }
+        let who = tenant.clone();
+        let (answers, conversations) =
+            tokio::task::spawn_blocking(move || store.delete_tenant(&who))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        tracing::warn!(
+            target: "audit",
+            tenant = %tenant,
+            answers,
+            conversations,
+            stopped = running.len(),
+            "a tenant's stored responses and conversations deleted (admin API)"
+        );
+        Ok::<_, ApiError>(json!({
+            "tenant": tenant,
+            "deleted": {"answers": answers, "conversations": conversations},
+            "stopped": running.len(),
+        }))
+    }
+    .await;
+    match deleted {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }

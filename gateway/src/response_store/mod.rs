@@ -138,6 +138,29 @@ impl From<Stored> for Kept {
     }
 }
 
+/// What one tenant has stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TenantStored {
+    pub tenant: String,
+    pub answers: u64,
+    pub conversations: u64,
+    pub conversation_items: u64,
+    /// The stored JSON's bytes.
+    pub bytes: u64,
+}
+
+impl TenantStored {
+    fn new(tenant: String) -> Self {
+        TenantStored {
+            tenant,
+            answers: 0,
+            conversations: 0,
+            conversation_items: 0,
+            bytes: 0,
+        }
+    }
+}
+
 /// Where a request's answer is to be stored: the store, and the tenant it belongs to.
 #[derive(Clone)]
 pub struct Saver {
@@ -294,6 +317,73 @@ impl ResponseStore {
         )?)
     }
 
+    /// What each tenant has stored (unexpired): answers, conversations, their items, and
+    /// the bytes of their JSON; by tenant id.
+    pub fn summary(&self) -> Result<Vec<TenantStored>, StoreError> {
+        let conn = self.conn()?;
+        let now = now_ms();
+        let mut by: std::collections::BTreeMap<String, TenantStored> = Default::default();
+        let mut q = conn.prepare(
+            "SELECT tenant, COUNT(*), COALESCE(SUM(length(response) + length(conversation)), 0)
+             FROM responses WHERE expires_ms > ?1 GROUP BY tenant",
+        )?;
+        let rows = q.query_map([now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, u64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (tenant, n, bytes) = row?;
+            let t = by
+                .entry(tenant.clone())
+                .or_insert_with(|| TenantStored::new(tenant));
+            t.answers = n;
+            t.bytes += bytes;
+        }
+        let mut q = conn.prepare(
+            "SELECT c.tenant, COUNT(DISTINCT c.id), COUNT(i.seq),
+                    COALESCE(SUM(length(i.item)), 0) + SUM(length(c.metadata))
+             FROM conversations c LEFT JOIN conversation_items i ON i.conversation = c.id
+             WHERE c.expires_ms > ?1 GROUP BY c.tenant",
+        )?;
+        let rows = q.query_map([now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, u64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (tenant, n, items, bytes) = row?;
+            let t = by
+                .entry(tenant.clone())
+                .or_insert_with(|| TenantStored::new(tenant));
+            t.conversations = n;
+            t.conversation_items = items;
+            t.bytes += bytes;
+        }
+        Ok(by.into_values().collect())
+    }
+
+    /// Deletes everything `tenant` has stored (answers, conversations and their items);
+    /// how many answers and conversations.
+    pub fn delete_tenant(&self, tenant: &str) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let answers = tx.execute("DELETE FROM responses WHERE tenant = ?1", [tenant])?;
+        tx.execute(
+            "DELETE FROM conversation_items WHERE conversation IN
+             (SELECT id FROM conversations WHERE tenant = ?1)",
+            [tenant],
+        )?;
+        let conversations = tx.execute("DELETE FROM conversations WHERE tenant = ?1", [tenant])?;
+        tx.commit()?;
+        Ok((answers, conversations))
+    }
+
     /// Deletes what has expired (answers, conversations with their items); how many
     /// answers and conversations.
     pub fn purge(&self) -> Result<usize, StoreError> {
@@ -421,6 +511,36 @@ mod tests {
             Some(done),
             "a finished one as it was"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tenants_stored_data_is_summed_and_deleted_whole() {
+        let s = store("tenants", Duration::from_secs(60));
+        s.save(answer("resp_1", "a")).await.unwrap();
+        s.save(answer("resp_2", "a")).await.unwrap();
+        s.save(answer("resp_3", "b")).await.unwrap();
+        let items = [serde_json::json!({"id": "msg_1"})];
+        let c = s
+            .create_conversation("a", serde_json::Map::new(), &items)
+            .unwrap();
+        let sum = s.summary().unwrap();
+        let a = &sum[0];
+        assert_eq!(
+            (
+                a.tenant.as_str(),
+                a.answers,
+                a.conversations,
+                a.conversation_items
+            ),
+            ("a", 2, 1, 1)
+        );
+        assert!(a.bytes > 0);
+        assert_eq!((sum[1].tenant.as_str(), sum[1].answers), ("b", 1));
+        assert_eq!(s.delete_tenant("a").unwrap(), (2, 1));
+        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+        assert_eq!(s.conversation_items("a", &c.id).unwrap(), None);
+        let sum = s.summary().unwrap();
+        assert_eq!(sum.len(), 1, "only b's: {sum:?}");
     }
 
     #[tokio::test]
