@@ -7,17 +7,21 @@
 #
 #   bash bench/multi-turn.sh                  # 20 s per run
 #   DURATION=10 USERS=4 bash bench/multi-turn.sh
+#   ENGINE=", max_batch_tokens = 128" RUNS="cached" bash bench/multi-turn.sh   # more engine
+#                          # settings; only some of the runs (cached, uncached, single)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-20}
 USERS=${USERS:-8}
 PORT=${PORT:-19180}
+ENGINE=${ENGINE:-}
+RUNS=${RUNS:-"cached uncached single"}
 cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 run() { # name, prefix_caching, turns
   sed -e "s/127.0.0.1:8080/127.0.0.1:$PORT/" -e 's/^admin_listen.*//' \
-      -e "s/{ kind = \"engine\", backend = \"auto\" }/{ kind = \"engine\", backend = \"auto\", prefix_caching = $2 }/" \
+      -e "s/{ kind = \"engine\", backend = \"auto\" }/{ kind = \"engine\", backend = \"auto\", prefix_caching = $2 $ENGINE }/" \
       -e 's|^path = "tollgate-usage.db".*|path = "'"$tmp"'/usage.db"|' \
       -e 's/^tokens_per_second = .*/tokens_per_second = 1000000.0/' \
       -e 's/^requests_per_minute = .*/requests_per_minute = 1000000/' \
@@ -35,6 +39,11 @@ run() { # name, prefix_caching, turns
   ./target/release/loadtest run "$tmp/sc.toml" --target "http://127.0.0.1:$PORT" --duration "$DURATION"
   kill "$gw"; wait "$gw" 2>/dev/null || true
 }
-run "cached" true 6
-run "uncached" false 6
-run "single turn" true 1
+for r in $RUNS; do
+  case $r in
+    cached) run "cached" true 6 ;;
+    uncached) run "uncached" false 6 ;;
+    single) run "single turn" true 1 ;;
+    *) echo "unknown run $r" >&2; exit 1 ;;
+  esac
+done

@@ -7,7 +7,8 @@
 //! its answer). Environment: `BACKEND=auto|cpu|cuda|emulator` (default cpu; `emulator` checks the
 //! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
-//! `PREFIX_CACHING=0` (the prefix cache off), `ATTENTION=tensor` (CUDA: the tensor-core
+//! `PREFIX_CACHING=0` (the prefix cache off), `MAX_BATCH_TOKENS=n` (the per-step token
+//! budget, chunked prefill), `ATTENTION=tensor` (CUDA: the tensor-core
 //! attention kernel), `FORMAT=json|schema` (the streams' answers
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
@@ -150,6 +151,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Room for every stream's prompt and answer.
         kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
         activations,
+        max_batch_tokens: std::env::var("MAX_BATCH_TOKENS")
+            .ok()
+            .and_then(|n| n.parse().ok()),
         prefix_caching: std::env::var("PREFIX_CACHING").as_deref() != Ok("0"),
         overlap_steps: std::env::var("OVERLAP").as_deref() != Ok("0"),
         attention: match std::env::var("ATTENTION").as_deref() {

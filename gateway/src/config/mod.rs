@@ -418,13 +418,15 @@ pub struct EngineSizes {
 
 impl EngineConfig {
     /// The sizes for a CPU or a GPU backend: what the config sets, else the backend's
-    /// defaults (CPU: 512-token steps, 64 sequences, 65,536 KV tokens; GPU: 2,048-token
+    /// defaults (CPU: 128-token steps, 64 sequences, 65,536 KV tokens; GPU: 2,048-token
     /// steps, 256 sequences, KV from free memory; both: 4 × max_seqs in flight).
     pub fn sizes(&self, gpu: bool) -> EngineSizes {
         let (tokens, seqs, kv) = if gpu {
             (2048, 256, None)
         } else {
-            (512, 64, Some(65536))
+            // Short CPU steps: a new request's prompt waits less for the step in flight,
+            // and long prompts stall the others' decoding less (BENCHMARKS.md).
+            (128, 64, Some(65536))
         };
         let max_seqs = self.max_seqs.unwrap_or(seqs);
         EngineSizes {
@@ -907,7 +909,7 @@ workers = [{{ kind = "engine"{fields} }}]
         assert_eq!(
             e.sizes(false),
             EngineSizes {
-                max_batch_tokens: 512,
+                max_batch_tokens: 128,
                 max_seqs: 64,
                 kv_tokens: Some(65536),
                 max_concurrency: 256,
