@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use futures::StreamExt;
 use serde_json::Value;
 
 const CHAT: &str =
@@ -698,7 +699,8 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
 /// Background responses (`background: true`, with the store): answered at once
 /// `in_progress`, run to the end apart from the client (polled with `GET`), cancelled
 /// with `POST …/cancel` (the worker's sequence stops; the answer stays `cancelled`);
-/// refused without the store's consent (`store: false`) or streamed.
+/// streamed, it runs on when its client drops the stream, whose events are followed
+/// again with `GET …?stream=true&starting_after=N`; refused with `store: false`.
 #[tokio::test]
 async fn background_responses_run_apart_and_can_be_cancelled() {
     const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
@@ -779,14 +781,69 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
         .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "cancelled", "{v}");
-    // Refused: not stored, streamed.
-    for (extra, param) in [("store", "store"), ("stream", "stream")] {
-        let mut body = ask(5);
-        body[extra] = Value::Bool(extra == "stream");
-        let r = post("/v1/responses".into(), body).await.unwrap();
-        assert_eq!(r.status(), 400);
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(v["error"]["param"], param, "{v}");
+    // Refused: not stored.
+    let mut body = ask(5);
+    body["store"] = Value::Bool(false);
+    let r = post("/v1/responses".into(), body).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "store", "{v}");
+    // Streamed: the client drops its stream after two events; the answer runs on, and
+    // its events are followed again from where the client left them.
+    let mut body = ask(8);
+    body["stream"] = Value::Bool(true);
+    let r = post("/v1/responses".into(), body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut got = Vec::new();
+    while got.windows(2).filter(|w| w == b"\n\n").count() < 2 {
+        got.extend_from_slice(&stream.next().await.expect("more events").expect("bytes"));
     }
+    drop(stream);
+    let data = |text: &str| -> Vec<Value> {
+        text.split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(|d| serde_json::from_str(d).expect("JSON"))
+            .collect()
+    };
+    let first = &data(&String::from_utf8_lossy(&got))[0];
+    assert_eq!(first["type"], "response.created", "{first}");
+    assert_eq!(first["sequence_number"], 0);
+    let id = first["response"]["id"].as_str().expect("an id").to_string();
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        done = get(format!("/v1/responses/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done["status"] != "in_progress" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (&done["status"], &done["usage"]["output_tokens"]),
+        (&Value::from("incomplete"), &Value::from(8)),
+        "run to its end without its client: {done}"
+    );
+    let r = get(format!("/v1/responses/{id}?stream=true&starting_after=1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rest = data(&r.text().await.unwrap());
+    let numbers: Vec<u64> = rest
+        .iter()
+        .filter_map(|e| e["sequence_number"].as_u64())
+        .collect();
+    assert_eq!(numbers, (2..2 + rest.len() as u64).collect::<Vec<_>>());
+    let last = rest.last().expect("events");
+    assert_eq!(last["type"], "response.incomplete", "{last}");
+    assert_eq!(last["response"], done);
+    let r = get(format!("/v1/responses/{id}?stream=maybe"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,22 +1,26 @@
 //! Background responses (`background: true`, where the gateway stores answers): the
 //! request is admitted and routed as any other (a refusal — a 429, a 404 — is answered
 //! at once, and nothing is stored), then answered with the `response` object as it
-//! starts (`status: "in_progress"`, stored), while a task of its own runs it to the end
-//! apart from the client. The finished answer replaces the stored one (`completed`,
-//! `incomplete`, or `failed` with its error), so a client polls
-//! `GET /v1/responses/{id}`; `POST /v1/responses/{id}/cancel` stops it (`cancelled`).
+//! starts (`status: "in_progress"`, stored), or with its event stream where it asked to
+//! stream, while a task of its own runs it to the end apart from the client (a client
+//! that drops its stream does not stop it). The finished answer replaces the stored one
+//! (`completed`, `incomplete`, or `failed` with its error), so a client polls
+//! `GET /v1/responses/{id}`, or follows its events again with
+//! `GET /v1/responses/{id}?stream=true&starting_after=N` ([`super::event_log`]);
+//! `POST /v1/responses/{id}/cancel` stops it (`cancelled`).
 //!
-//! The task runs the request streamed, and reads its events: the first one's `response`
-//! is what the client is answered; a failure's `response` is stored by the task (a
-//! finished answer is stored by the pipeline, as every stored answer is). An answer still
-//! running when the gateway stops is stored as `failed` when it starts again
+//! The task runs the request streamed, and reads its events into the response's log: the
+//! first one's `response` is stored at once; a failure's `response` is stored by the task
+//! (a finished answer is stored by the pipeline, as every stored answer is). An answer
+//! still running when the gateway stops is stored as `failed` when it starts again
 //! ([`crate::response_store::ResponseStore::open`]).
 
 use super::error::ApiError;
+use super::event_log::{EventLog, LINGER};
 use crate::response_store::{ResponseStore, Stored};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use std::sync::Arc;
@@ -29,6 +33,8 @@ pub struct Background {
     pub owner: String,
     /// Its conversation through its input (a JSON array of input items).
     pub conversation: String,
+    /// The client asked for the event stream (else the `response` object).
+    pub stream: bool,
 }
 
 /// The events of a Responses stream, one `data:` payload at a time.
@@ -38,16 +44,16 @@ struct Events {
 }
 
 impl Events {
-    /// The next event's data, parsed; `None` at the end of the stream.
-    async fn next(&mut self) -> Option<Value> {
+    /// The next event, whole and its data parsed; `None` at the end of the stream.
+    async fn next(&mut self) -> Option<(Bytes, Value)> {
         loop {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let event = self.buf.split_to(end + 2);
+                let event = self.buf.split_to(end + 2).freeze();
                 let data = event[..]
                     .split(|&b| b == b'\n')
                     .find_map(|line| line.strip_prefix(b"data: "));
                 if let Some(Ok(v)) = data.map(serde_json::from_slice) {
-                    return Some(v);
+                    return Some((event, v));
                 }
                 continue;
             }
@@ -74,10 +80,11 @@ pub async fn start(bg: Background, answer: Response) -> Response {
         body,
         buf: BytesMut::new(),
     };
-    let Some(first) = events.next().await.and_then(|e| e.get("response").cloned()) else {
+    let Some((raw, first)) = events.next().await else {
         return ApiError::Internal("a background response's stream did not start".into())
             .into_response();
     };
+    let first = first["response"].clone();
     let Some(id) = first["id"].as_str().map(str::to_string) else {
         return ApiError::Internal("a background response without an id".into()).into_response();
     };
@@ -95,12 +102,16 @@ pub async fn start(bg: Background, answer: Response) -> Response {
     let key = (bg.owner.clone(), id.clone());
     let failed = stored(&Value::Null);
     let started = first.clone();
+    let log = Arc::new(EventLog::default());
+    log.push(raw);
+    let events_log = log.clone();
     let task = tokio::spawn(
         async move {
             // Not before it is registered (so that it is there to cancel, and gone after).
             let _ = ready.await;
             let mut last = None;
-            while let Some(event) = events.next().await {
+            while let Some((raw, event)) = events.next().await {
+                events_log.push(raw);
                 last = Some(event);
             }
             let end = last.as_ref().and_then(|e| e["type"].as_str());
@@ -110,7 +121,11 @@ pub async fn start(bg: Background, answer: Response) -> Response {
                     .and_then(|e| e.get("response"))
                     .filter(|r| r["status"] == "failed")
                     .cloned()
-                    .unwrap_or_else(|| failure(&started, "the response's stream ended early"));
+                    .unwrap_or_else(|| {
+                        let r = failure(&started, "the response's stream ended early");
+                        events_log.push(failed_event(&r, events_log.len()));
+                        r
+                    });
                 let failed = Stored {
                     response: response.to_string(),
                     ..failed
@@ -119,19 +134,48 @@ pub async fn start(bg: Background, answer: Response) -> Response {
                     tracing::error!(error = %e, "storing a failed background response");
                 }
             }
+            events_log.finish();
             store.running.remove(&key);
+            tokio::spawn(linger(store, key, events_log));
         }
         .instrument(tracing::Span::current()),
     );
-    bg.store.running.insert((bg.owner, id), task);
+    let key = (bg.owner, id);
+    bg.store.streams.insert(key.clone(), log.clone());
+    bg.store.running.insert(key, task);
     let _ = go.send(());
-    let mut resp = axum::Json(first).into_response();
+    let mut resp = if bg.stream {
+        let sse = [
+            (http::header::CONTENT_TYPE, "text/event-stream"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ];
+        (sse, log.follow(0)).into_response()
+    } else {
+        axum::Json(first).into_response()
+    };
     for (k, v) in &parts.headers {
         if k.as_str().starts_with("x-ratelimit") || k.as_str() == "x-request-id" {
             resp.headers_mut().insert(k.clone(), v.clone());
         }
     }
     resp
+}
+
+/// Keeps a finished response's events [`LINGER`] for readers coming back, then drops
+/// them (unless a newer log took the key).
+async fn linger(store: Arc<ResponseStore>, key: (String, String), log: Arc<EventLog>) {
+    tokio::time::sleep(LINGER).await;
+    store.streams.remove_if(&key, |_, l| Arc::ptr_eq(l, &log));
+}
+
+/// A `response.failed` event for `response`, numbered `seq`.
+fn failed_event(response: &Value, seq: usize) -> Bytes {
+    let data = serde_json::json!({
+        "type": "response.failed",
+        "sequence_number": seq,
+        "response": response,
+    });
+    Bytes::from(format!("event: response.failed\ndata: {data}\n\n"))
 }
 
 /// `response` (as stored when it started) `failed` with `why`.
@@ -156,6 +200,11 @@ pub async fn cancel(
     };
     task.abort();
     let finished = task.await.is_ok();
+    // Its readers end where its events stopped.
+    if let Some(log) = store.streams.get(&key).map(|l| l.clone()) {
+        log.finish();
+        tokio::spawn(linger(store.clone(), key.clone(), log));
+    }
     if finished {
         // It ended before it could be stopped: as it was stored.
         return Ok(None);
@@ -207,9 +256,14 @@ mod tests {
             ]),
             buf: BytesMut::new(),
         };
-        let first = events.next().await.expect("an event");
+        let (raw, first) = events.next().await.expect("an event");
         assert_eq!(first["response"]["id"], "resp_1");
-        assert_eq!(events.next().await.expect("an event")["type"], "x");
+        assert!(
+            raw.starts_with(b"event: response.created\ndata: {"),
+            "{raw:?}"
+        );
+        assert!(raw.ends_with(b"}}\n\n"), "{raw:?}");
+        assert_eq!(events.next().await.expect("an event").1["type"], "x");
         assert!(events.next().await.is_none());
     }
 
@@ -225,4 +279,25 @@ mod tests {
         );
         assert_eq!(r["error"]["message"], "gone");
     }
+}
+
+/// `GET /v1/responses/{id}?stream=true&starting_after=N`: the events of `owner`'s
+/// background response `id` after the `N`th (all of them without it), followed to its
+/// end; `None` where it has no events kept (not a background response, or one that ended
+/// more than [`LINGER`] ago).
+pub fn follow(
+    store: &ResponseStore,
+    owner: &str,
+    id: &str,
+    after: Option<usize>,
+) -> Option<Response> {
+    let log = store
+        .streams
+        .get(&(owner.to_string(), id.to_string()))
+        .map(|l| l.clone())?;
+    let sse = [
+        (http::header::CONTENT_TYPE, "text/event-stream"),
+        (http::header::CACHE_CONTROL, "no-cache"),
+    ];
+    Some((sse, log.follow(after.map_or(0, |n| n + 1))).into_response())
 }

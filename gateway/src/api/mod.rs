@@ -7,6 +7,7 @@ pub mod auth;
 pub mod background;
 mod conversations;
 pub mod error;
+pub mod event_log;
 mod handlers;
 mod input_items;
 pub mod render;

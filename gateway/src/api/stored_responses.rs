@@ -157,12 +157,6 @@ fn background_of(
             "background responses: this gateway stores no answers (`[responses] store = false`)",
         ));
     };
-    if req.stream {
-        return Err(ApiError::unsupported(
-            "stream",
-            "streaming a background response",
-        ));
-    }
     let info = req.responses.as_ref().ok_or_else(|| {
         ApiError::Internal("a Responses request without its Responses info".into())
     })?;
@@ -177,11 +171,13 @@ fn background_of(
         .iter()
         .map(|i| input_items::stored(i, input_items::fresh_id))
         .collect();
+    let stream = req.stream;
     req.stream = true;
     Ok(Background {
         store: store.clone(),
         owner,
         conversation: Value::Array(items).to_string(),
+        stream,
     })
 }
 
@@ -213,19 +209,82 @@ async fn by_id<T: Send + 'static>(
     with_limits(&tenant, resp)
 }
 
-/// `GET /v1/responses/{id}`: a stored answer, as it was sent.
+/// `GET /v1/responses/{id}`: a stored answer, as it was sent; with `stream=true`, a
+/// background response's events (after `starting_after`), followed to its end.
 pub async fn get(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Response {
+    let (stream, after) = match stream_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return with_limits(&tenant, e.into_response()),
+    };
+    if stream {
+        let owner = owner(&tenant, &acting.as_ref().map(|a| a.0.clone()));
+        if let Some(events) = state
+            .responses
+            .as_ref()
+            .and_then(|s| background::follow(s, &owner, &id, after))
+        {
+            return with_limits(&tenant, events);
+        }
+    }
     let op = |s: &ResponseStore, owner: &str, id: &str| s.get(owner, id);
-    by_id(state, tenant, acting, id, op, |stored, _| {
+    by_id(state, tenant, acting, id, op, move |stored, id| {
+        if stream {
+            return ApiError::bad(
+                format!(
+                    "Response {id:?} has no events to stream: it did not run in the background, or it ended a while ago (GET it without `stream`)."
+                ),
+                Some("stream".into()),
+            )
+            .into_response();
+        }
         let json = [(http::header::CONTENT_TYPE, "application/json")];
         (json, stored.response).into_response()
     })
     .await
+}
+
+/// `stream` and `starting_after` of a `GET /v1/responses/{id}` (and `include`, which
+/// changes nothing here).
+fn stream_query(query: Option<&str>) -> Result<(bool, Option<usize>), ApiError> {
+    let (mut stream, mut after) = (false, None);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "stream" => {
+                stream = match &*v {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad(
+                            format!("`stream` must be true or false, got {v:?}."),
+                            Some("stream".into()),
+                        ))
+                    }
+                }
+            }
+            "starting_after" => {
+                after = Some(v.parse().map_err(|_| {
+                    ApiError::bad(
+                        format!("`starting_after` must be an event's sequence number, got {v:?}."),
+                        Some("starting_after".into()),
+                    )
+                })?)
+            }
+            "include" | "include[]" | "include_obfuscation" => {}
+            other => {
+                return Err(ApiError::bad(
+                    format!("Unknown parameter: {other:?}."),
+                    Some(other.to_string()),
+                ))
+            }
+        }
+    }
+    Ok((stream, after))
 }
 
 /// `DELETE /v1/responses/{id}`.

@@ -175,6 +175,8 @@ pub struct ResponseStore {
     /// The background responses running now, by tenant and id (see
     /// [`crate::api::background`]).
     pub running: dashmap::DashMap<(String, String), tokio::task::JoinHandle<()>>,
+    /// Their events, for readers to follow (kept a while after they end).
+    pub streams: dashmap::DashMap<(String, String), Arc<crate::api::event_log::EventLog>>,
     /// To the writer thread: an answer, and who waits for its commit.
     writer: Mutex<std::sync::mpsc::Sender<Job>>,
 }
@@ -223,6 +225,7 @@ impl ResponseStore {
             conn: Mutex::new(conn),
             retention,
             running: dashmap::DashMap::new(),
+            streams: dashmap::DashMap::new(),
             writer: Mutex::new(tx),
         });
         store.purge()?;

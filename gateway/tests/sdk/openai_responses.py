@@ -216,6 +216,14 @@ if kept.store:
         bg = client.responses.retrieve(bg.id)
     assert bg.status in ("completed", "incomplete") and bg.output_text, bg
     assert client.responses.cancel(bg.id).status == bg.status
+    # Background and streamed: its events as any stream's, and followed again later.
+    seen = list(
+        client.responses.create(model=model, input="Say hello", max_output_tokens=6, background=True, stream=True)
+    )
+    assert seen[0].type == "response.created" and seen[0].response.background, seen[0]
+    assert seen[-1].type in ("response.completed", "response.incomplete"), seen[-1]
+    again = list(client.responses.retrieve(seen[0].response.id, stream=True, starting_after=1))
+    assert [e.sequence_number for e in again] == [e.sequence_number for e in seen[2:]], again
     # Conversations: items in order; a response in one reads them first, then its input
     # and output are added to it.
     conv = client.conversations.create(
