@@ -123,7 +123,7 @@ pub async fn start(bg: Background, answer: Response) -> Response {
                     .cloned()
                     .unwrap_or_else(|| {
                         let r = failure(&started, "the response's stream ended early");
-                        events_log.push(failed_event(&r, events_log.len()));
+                        events_log.push(failed_event(&r, events_log.count()));
                         r
                     });
                 let failed = Stored {
@@ -231,6 +231,27 @@ pub async fn cancel(
     Ok(Some(response))
 }
 
+/// `GET /v1/responses/{id}?stream=true&starting_after=N`: the events of `owner`'s
+/// background response `id` after the `N`th (all of them without it), followed to its
+/// end; `None` where it has no events kept (not a background response, or one that ended
+/// more than [`LINGER`] ago).
+pub fn follow(
+    store: &ResponseStore,
+    owner: &str,
+    id: &str,
+    after: Option<usize>,
+) -> Option<Response> {
+    let log = store
+        .streams
+        .get(&(owner.to_string(), id.to_string()))
+        .map(|l| l.clone())?;
+    let sse = [
+        (http::header::CONTENT_TYPE, "text/event-stream"),
+        (http::header::CACHE_CONTROL, "no-cache"),
+    ];
+    Some((sse, log.follow(after.map_or(0, |n| n + 1))).into_response())
+}
+
 /// A body of `data` (for tests of [`Events`]).
 #[cfg(test)]
 fn body(chunks: Vec<&'static str>) -> Body {
@@ -279,25 +300,4 @@ mod tests {
         );
         assert_eq!(r["error"]["message"], "gone");
     }
-}
-
-/// `GET /v1/responses/{id}?stream=true&starting_after=N`: the events of `owner`'s
-/// background response `id` after the `N`th (all of them without it), followed to its
-/// end; `None` where it has no events kept (not a background response, or one that ended
-/// more than [`LINGER`] ago).
-pub fn follow(
-    store: &ResponseStore,
-    owner: &str,
-    id: &str,
-    after: Option<usize>,
-) -> Option<Response> {
-    let log = store
-        .streams
-        .get(&(owner.to_string(), id.to_string()))
-        .map(|l| l.clone())?;
-    let sse = [
-        (http::header::CONTENT_TYPE, "text/event-stream"),
-        (http::header::CACHE_CONTROL, "no-cache"),
-    ];
-    Some((sse, log.follow(after.map_or(0, |n| n + 1))).into_response())
 }

@@ -38,7 +38,7 @@ impl EventLog {
     }
 
     /// How many events so far.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.events.lock().map_or(0, |e| e.len())
     }
 
@@ -94,6 +94,6 @@ mod tests {
         // After the end: what there was, at once.
         let again = log.clone().follow(2).collect().await.expect("a body");
         assert_eq!(&again.to_bytes()[..], b"c");
-        assert_eq!(log.len(), 3);
+        assert_eq!(log.count(), 3);
     }
 }
