@@ -1,6 +1,6 @@
 //! The Conversations API's conversations in the response store: a conversation (its
 //! tenant, creation time, metadata) and its items in order (each as stored: an input
-//! item with its id, see [`crate::api::input_items::stored`]). Answers in a conversation
+//! item with its id, in the shape `api::input_items` stores). Answers in a conversation
 //! add their input and output through the store's writer ([`append`]); the API's own
 //! writes go through the store's connection, each in one immediate transaction (so two
 //! writers never number items alike). A conversation expires `retention_hours` after its
