@@ -842,13 +842,6 @@ impl SseStream {
             }
             .instrument(span)
         });
-        (
-            [
-                (http::header::CONTENT_TYPE, "text/event-stream"),
-                (http::header::CACHE_CONTROL, "no-cache"),
-            ],
-            Body::from_stream(body),
-        )
-            .into_response()
+        crate::api::render::event_stream(Body::from_stream(body))
     }
 }

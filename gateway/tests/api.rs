@@ -721,6 +721,23 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
         serde_json::json!({"model": "m", "input": "hi", "background": true,
                            "max_output_tokens": tokens})
     };
+    // Polled until it is no longer in progress (2 s at most).
+    let ended = |id: String| async move {
+        let mut done = Value::Null;
+        for _ in 0..200 {
+            done = get(format!("/v1/responses/{id}"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if done["status"] != "in_progress" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        done
+    };
     let started = std::time::Instant::now();
     let r = post("/v1/responses".into(), ask(5)).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -731,19 +748,7 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
         "{first}"
     );
     let id = first["id"].as_str().expect("an id").to_string();
-    let mut done = Value::Null;
-    for _ in 0..200 {
-        done = get(format!("/v1/responses/{id}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if done["status"] != "in_progress" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let done = ended(id.clone()).await;
     assert_eq!(done["status"], "incomplete", "{done}");
     assert_eq!(done["usage"]["output_tokens"], 5, "{done}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(80));
@@ -810,19 +815,7 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
     assert_eq!(first["type"], "response.created", "{first}");
     assert_eq!(first["sequence_number"], 0);
     let id = first["response"]["id"].as_str().expect("an id").to_string();
-    let mut done = Value::Null;
-    for _ in 0..200 {
-        done = get(format!("/v1/responses/{id}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if done["status"] != "in_progress" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let done = ended(id.clone()).await;
     assert_eq!(
         (&done["status"], &done["usage"]["output_tokens"]),
         (&Value::from("incomplete"), &Value::from(8)),

@@ -17,6 +17,7 @@
 
 use super::error::ApiError;
 use super::event_log::{EventLog, LINGER};
+use super::render::event_stream;
 use crate::response_store::{ResponseStore, Stored};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -145,11 +146,7 @@ pub async fn start(bg: Background, answer: Response) -> Response {
     bg.store.running.insert(key, task);
     let _ = go.send(());
     let mut resp = if bg.stream {
-        let sse = [
-            (http::header::CONTENT_TYPE, "text/event-stream"),
-            (http::header::CACHE_CONTROL, "no-cache"),
-        ];
-        (sse, log.follow(0)).into_response()
+        event_stream(log.follow(0))
     } else {
         axum::Json(first).into_response()
     };
@@ -245,11 +242,7 @@ pub fn follow(
         .streams
         .get(&(owner.to_string(), id.to_string()))
         .map(|l| l.clone())?;
-    let sse = [
-        (http::header::CONTENT_TYPE, "text/event-stream"),
-        (http::header::CACHE_CONTROL, "no-cache"),
-    ];
-    Some((sse, log.follow(after.map_or(0, |n| n + 1))).into_response())
+    Some(event_stream(log.follow(after.map_or(0, |n| n + 1))))
 }
 
 /// A body of `data` (for tests of [`Events`]).

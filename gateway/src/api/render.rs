@@ -418,3 +418,16 @@ impl Renderer {
         Bytes::from(body.unwrap_or_default())
     }
 }
+
+/// An SSE response of `body` (its events as they come, not cached on the way).
+pub fn event_stream(body: axum::body::Body) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [
+            (http::header::CONTENT_TYPE, "text/event-stream"),
+            (http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
