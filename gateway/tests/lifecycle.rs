@@ -1,6 +1,6 @@
-//! Process lifecycle and the CLI: graceful drain on SIGTERM (with either way of serving,
-//! per core and shared), connections spread over the serving threads, config checking,
-//! key making.
+//! Process lifecycle and the CLI: graceful drain on SIGTERM (in-flight streams and
+//! background responses; with either way of serving, per core and shared), connections
+//! spread over the serving threads, config checking, key making.
 
 mod common;
 use common::*;
@@ -21,10 +21,17 @@ async fn sigterm_stops_accepting_and_drains_in_flight_streams() {
 }
 
 async fn drains_in_flight_streams(runtime: &str) {
-    // Each stream takes ~20 × 50 ms = 1 s.
+    // Each stream takes ~5 × 50 ms; the background response ~20 × 50 ms = 1 s: it outlives
+    // the connections.
     let slow = r#"{ kind = "sim", decode_step_ms = 50.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 20, max_output_tokens = 20 }"#;
-    let mut gw = Gateway::start(&config(slow, "", runtime));
-    let body = r#"{"model":"m","prompt":"x","max_tokens":20,"stream":true}"#;
+    let stored = "\n[responses]\nstore = true\n";
+    let mut gw = Gateway::start(&(config(slow, "", runtime) + stored));
+    // A background response, running apart from any connection.
+    let bg = r#"{"model":"m","input":"x","max_output_tokens":20,"background":true}"#;
+    let r = post(&gw, "/v1/responses", bg).await;
+    let started: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(started["status"], "in_progress", "{started}");
+    let body = r#"{"model":"m","prompt":"x","max_tokens":5,"stream":true}"#;
     let mut streams = Vec::new();
     for _ in 0..3 {
         let mut r = post(&gw, "/v1/completions", body).await;
@@ -64,7 +71,21 @@ async fn drains_in_flight_streams(runtime: &str) {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(done, 3, "the drained streams are on record");
+    assert_eq!(
+        done, 4,
+        "the drained streams and the background response are on record"
+    );
+    // The background response ran to its end before the gateway exited.
+    let conn = rusqlite::Connection::open(gw.dir().join("tollgate-responses.db")).unwrap();
+    let response: String = conn
+        .query_row(
+            "SELECT response FROM responses WHERE id = ?1",
+            [started["id"].as_str().unwrap()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let response: serde_json::Value = serde_json::from_str(&response).unwrap();
+    assert_eq!(response["usage"]["output_tokens"], 20, "{response}");
     assert_eq!(
         journal_segments(&db),
         0,

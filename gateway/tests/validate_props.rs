@@ -69,6 +69,8 @@ const KEYS: &[&str] = &[
     "reasoning",
     "truncation",
     "previous_response_id",
+    "conversation",
+    "background",
     "properties",
     "required",
     "items",

@@ -158,12 +158,7 @@ async fn delete_stored(State(state): State<AppState>, Path(tenant): Path<String>
     let deleted = async {
         let store = store(&state)?;
         // Its background responses first (each stops and is stored cancelled), then all.
-        let running: Vec<(String, String)> = store
-            .running
-            .iter()
-            .filter(|e| e.key().0 == tenant)
-            .map(|e| e.key().clone())
-            .collect();
+        let running = store.running_of(&tenant);
         for (owner, id) in &running {
             super::background::cancel(&store, owner, id).await?;
         }

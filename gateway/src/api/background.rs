@@ -136,14 +136,14 @@ pub async fn start(bg: Background, answer: Response) -> Response {
                 }
             }
             events_log.finish();
-            store.running.remove(&key);
+            store.unregister(&key);
             tokio::spawn(linger(store, key, events_log));
         }
         .instrument(tracing::Span::current()),
     );
     let key = (bg.owner, id);
     bg.store.streams.insert(key.clone(), log.clone());
-    bg.store.running.insert(key, task);
+    bg.store.run(key, task);
     let _ = go.send(());
     let mut resp = if bg.stream {
         event_stream(log.follow(0))
@@ -192,7 +192,7 @@ pub async fn cancel(
     id: &str,
 ) -> Result<Option<Value>, ApiError> {
     let key = (owner.to_string(), id.to_string());
-    let Some((_, task)) = store.running.remove(&key) else {
+    let Some(task) = store.unregister(&key) else {
         return Ok(None);
     };
     task.abort();

@@ -173,8 +173,9 @@ pub struct ResponseStore {
     /// How long an answer is kept, and a conversation after its last use.
     retention: Duration,
     /// The background responses running now, by tenant and id (see
-    /// [`crate::api::background`]).
-    pub running: dashmap::DashMap<(String, String), tokio::task::JoinHandle<()>>,
+    /// [`crate::api::background`]), and how many (for a draining server to wait on).
+    running: dashmap::DashMap<(String, String), tokio::task::JoinHandle<()>>,
+    running_count: tokio::sync::watch::Sender<usize>,
     /// Their events, for readers to follow (kept a while after they end).
     pub streams: dashmap::DashMap<(String, String), Arc<crate::api::event_log::EventLog>>,
     /// To the writer thread: an answer, and who waits for its commit.
@@ -225,6 +226,7 @@ impl ResponseStore {
             conn: Mutex::new(conn),
             retention,
             running: dashmap::DashMap::new(),
+            running_count: tokio::sync::watch::Sender::new(0),
             streams: dashmap::DashMap::new(),
             writer: Mutex::new(tx),
         });
@@ -254,6 +256,34 @@ impl ResponseStore {
             Ok(Err(e)) => Err(StoreError::Thread(e)),
             Err(_) => Err(StoreError::Thread("the writer thread is gone".into())),
         }
+    }
+
+    /// Registers a running background response's task.
+    pub fn run(&self, key: (String, String), task: tokio::task::JoinHandle<()>) {
+        self.running.insert(key, task);
+        self.running_count.send_replace(self.running.len());
+    }
+
+    /// Takes a background response's task off the register (it ended, or is to be
+    /// stopped): the task, if it was there.
+    pub fn unregister(&self, key: &(String, String)) -> Option<tokio::task::JoinHandle<()>> {
+        let task = self.running.remove(key).map(|(_, t)| t);
+        self.running_count.send_replace(self.running.len());
+        task
+    }
+
+    /// The keys of `tenant`'s running background responses.
+    pub fn running_of(&self, tenant: &str) -> Vec<(String, String)> {
+        self.running
+            .iter()
+            .filter(|e| e.key().0 == tenant)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// How many background responses run, as it changes.
+    pub fn running_count(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.running_count.subscribe()
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {

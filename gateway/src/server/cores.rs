@@ -46,7 +46,9 @@ struct Core {
 
 impl Cores {
     /// Starts `n` serving threads (at least one), each serving `app` on the connections it
-    /// is handed, until `stop` turns true and they have drained. `local` is the listener's
+    /// is handed, until `stop` turns true and they have drained — and, with `background`
+    /// (how many background responses run), until none runs (one may be using this
+    /// thread's runtime: its task, its upstream connection). `local` is the listener's
     /// address (what the threads' listeners report).
     pub fn start(
         n: usize,
@@ -54,6 +56,7 @@ impl Cores {
         metrics: &Metrics,
         local: SocketAddr,
         stop: watch::Receiver<bool>,
+        background: Option<watch::Receiver<usize>>,
     ) -> io::Result<Self> {
         let mut cores = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
@@ -65,13 +68,21 @@ impl Cores {
                 .enable_all()
                 .build()?;
             let (app, mut stop) = (app.clone(), stop.clone());
+            let mut background = background.clone();
             std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
                     let listener = Handoff { rx, local };
-                    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let served = axum::serve(listener, app).with_graceful_shutdown(async move {
                         let _ = stop.wait_for(|s| *s).await;
                     });
+                    let server = async move {
+                        let r = served.await;
+                        if let Some(running) = &mut background {
+                            let _ = running.wait_for(|n| *n == 0).await;
+                        }
+                        r
+                    };
                     rt.block_on(async {
                         tokio::select! {
                             r = server => {

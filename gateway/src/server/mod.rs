@@ -1,7 +1,7 @@
 //! Running the server: bind the tenant and admin listeners, serve HTTP/1.1 and HTTP/2,
 //! probe workers, reload the config on change, and shut down gracefully: on SIGTERM or
-//! SIGINT stop accepting, let in-flight requests (streams included) finish up to
-//! `server.drain_timeout_secs`, then exit.
+//! SIGINT stop accepting, let in-flight requests (streams included) and background
+//! responses finish up to `server.drain_timeout_secs`, then exit.
 //!
 //! Tenant connections are served by one thread per core ([`cores`], the default) or by
 //! one work-stealing runtime (`server.runtime = "shared"`).
@@ -81,11 +81,24 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = api::app(state.clone());
     let threads = serving_threads(state.server.threads);
+    let background = state.responses.as_ref().map(|s| s.running_count());
     let server = async {
         match state.server.runtime {
-            RuntimeKind::PerCore => per_core(listener, app, &state.metrics, threads, stop_rx).await,
-            RuntimeKind::Shared => shared(listener, app, stop_rx).await,
+            RuntimeKind::PerCore => {
+                let running = background.clone();
+                per_core(listener, app, &state.metrics, threads, stop_rx, running).await?
+            }
+            RuntimeKind::Shared => shared(listener, app, stop_rx).await?,
         }
+        // Background responses run apart from any connection: they get the drain too.
+        if let Some(mut running) = background {
+            let n = *running.borrow();
+            if n > 0 {
+                tracing::info!(running = n, "shutdown: waiting for background responses");
+            }
+            let _ = running.wait_for(|n| *n == 0).await;
+        }
+        Ok::<_, std::io::Error>(())
     };
     let on_signal = async {
         shutdown_signal().await;
@@ -148,9 +161,10 @@ async fn per_core(
     metrics: &crate::metrics::Metrics,
     threads: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    background: Option<tokio::sync::watch::Receiver<usize>>,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
-    let mut cores = cores::Cores::start(threads, app, metrics, local, stop.clone())?;
+    let mut cores = cores::Cores::start(threads, app, metrics, local, stop.clone(), background)?;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
