@@ -12,7 +12,7 @@ use super::auth::ActingFor;
 use super::error::ApiError;
 use super::handlers::{read_body, with_limits};
 use super::input_items::{self, fresh_id};
-use super::responses;
+use super::responses::{self, metadata};
 use super::stored_responses::{on_store, owner};
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
@@ -81,33 +81,6 @@ fn body(
         ));
     }
     Ok(req)
-}
-
-/// `metadata`: at most 16 pairs, keys up to 64 characters, string values up to 512.
-fn metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
-    let bad = |m: String| ApiError::bad(m, Some("metadata".into()));
-    let m = match v {
-        None | Some(Value::Null) => return Ok(Map::new()),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err(bad("`metadata` must be an object.".into())),
-    };
-    if m.len() > 16 {
-        return Err(bad(format!(
-            "`metadata` may have at most 16 pairs, got {}.",
-            m.len()
-        )));
-    }
-    for (k, v) in m {
-        if k.chars().count() > 64 {
-            return Err(bad(format!("`metadata` key {k:?} is over 64 characters.")));
-        }
-        match v.as_str() {
-            Some(s) if s.chars().count() <= 512 => {}
-            Some(_) => return Err(bad(format!("`metadata.{k}` is over 512 characters."))),
-            None => return Err(bad(format!("`metadata.{k}` must be a string."))),
-        }
-    }
-    Ok(m.clone())
 }
 
 /// `items`, checked and in their stored shape (each with an id).

@@ -173,6 +173,7 @@ fn translate(
             return Err(ApiError::unsupported(k, what));
         }
     }
+    metadata(req.get("metadata"))?;
     match present(req, "background") {
         None | Some(Value::Bool(_)) => {}
         Some(_) => {
@@ -244,6 +245,33 @@ fn translate(
         }
     }
     Ok((chat, origin))
+}
+
+/// `metadata`: at most 16 pairs, keys up to 64 characters, string values up to 512.
+pub fn metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
+    let bad = |m: String| ApiError::bad(m, Some("metadata".into()));
+    let m = match v {
+        None | Some(Value::Null) => return Ok(Map::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad("`metadata` must be an object.".into())),
+    };
+    if m.len() > 16 {
+        return Err(bad(format!(
+            "`metadata` may have at most 16 pairs, got {}.",
+            m.len()
+        )));
+    }
+    for (k, v) in m {
+        if k.chars().count() > 64 {
+            return Err(bad(format!("`metadata` key {k:?} is over 64 characters.")));
+        }
+        match v.as_str() {
+            Some(s) if s.chars().count() <= 512 => {}
+            Some(_) => return Err(bad(format!("`metadata.{k}` is over 512 characters."))),
+            None => return Err(bad(format!("`metadata.{k}` must be a string."))),
+        }
+    }
+    Ok(m.clone())
 }
 
 /// Whether the answer's log-probabilities are asked for: `include` names them, or
@@ -740,6 +768,14 @@ mod tests {
             (
                 json!({"model": "m", "input": "x", "truncation": "last"}),
                 "truncation",
+            ),
+            (
+                json!({"model": "m", "input": "x", "metadata": {"n": 1}}),
+                "metadata",
+            ),
+            (
+                json!({"model": "m", "input": "x", "background": "yes"}),
+                "background",
             ),
         ];
         for (body, want) in cases {
