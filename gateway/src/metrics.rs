@@ -335,6 +335,25 @@ impl Metrics {
                 let _ = writeln!(out, "tollgate_usage_records_total{{outcome=\"{k}\"}} {v}");
             }
         }
+        if let Some(store) = &state.responses {
+            let w = &store.writes;
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_stored_answers Answers the response store's writer committed (ok) or lost (failed).\n# TYPE tollgate_stored_answers counter\ntollgate_stored_answers_total{{result=\"ok\"}} {}\ntollgate_stored_answers_total{{result=\"failed\"}} {}",
+                w.ok.load(std::sync::atomic::Ordering::Relaxed),
+                w.failed.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_response_store_commits Transactions the response store's writer committed (each holds every answer that waited).\n# TYPE tollgate_response_store_commits counter\ntollgate_response_store_commits_total {}",
+                w.commits.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_background_responses_running Background responses running now.\n# TYPE tollgate_background_responses_running gauge\ntollgate_background_responses_running {}",
+                store.running_now()
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP tollgate_config_generation Applied config generation (1 at start).\n# TYPE tollgate_config_generation gauge\ntollgate_config_generation {}",

@@ -779,6 +779,14 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
     let m = gw.metrics().await;
     let inflight = r#"tollgate_in_flight_requests{tenant="demo",model="m"}"#;
     assert_eq!(metric(&m, inflight), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "tollgate_background_responses_running"),
+        Some(0.0)
+    );
+    // Stored: the first answer as it started and as it ended, the second as it started,
+    // and cancelled.
+    let ok = metric(&m, r#"tollgate_stored_answers_total{result="ok"}"#);
+    assert_eq!(ok, Some(4.0), "{m}");
     // Cancelling again answers it as it is; a response that is not a background one is
     // refused.
     let r = post(format!("/v1/responses/{id}/cancel"), Value::Null)

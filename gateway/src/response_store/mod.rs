@@ -17,6 +17,7 @@ pub mod conversations;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,6 +139,15 @@ impl From<Stored> for Kept {
     }
 }
 
+/// The writer thread's counts: answers committed and failed, and commits (each holds all
+/// the answers that waited).
+#[derive(Debug, Default)]
+pub struct Writes {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub commits: AtomicU64,
+}
+
 /// What one tenant has stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TenantStored {
@@ -176,6 +186,8 @@ pub struct ResponseStore {
     /// [`crate::api::background`]), and how many (for a draining server to wait on).
     running: dashmap::DashMap<(String, String), tokio::task::JoinHandle<()>>,
     running_count: tokio::sync::watch::Sender<usize>,
+    /// What the writer thread has committed.
+    pub writes: Arc<Writes>,
     /// Their events, for readers to follow (kept a while after they end).
     pub streams: dashmap::DashMap<(String, String), Arc<crate::api::event_log::EventLog>>,
     /// To the writer thread: an answer, and who waits for its commit.
@@ -207,6 +219,8 @@ impl ResponseStore {
         conn.execute_batch(SCHEMA)?;
         let mut writes = open()?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let writes_done = Arc::new(Writes::default());
+        let counts = writes_done.clone();
         std::thread::Builder::new()
             .name("response-store".into())
             .spawn(move || {
@@ -216,6 +230,15 @@ impl ResponseStore {
                     jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
                     let stored: Vec<&Kept> = jobs.iter().map(|j| &j.0).collect();
                     let r = insert(&mut writes, retention, &stored).map_err(|e| e.to_string());
+                    let (n, of) = (jobs.len() as u64, &counts);
+                    match &r {
+                        Ok(()) => of.ok.fetch_add(n, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::error!(error = %e, answers = n, "response store: a commit failed");
+                            of.failed.fetch_add(n, Ordering::Relaxed)
+                        }
+                    };
+                    of.commits.fetch_add(1, Ordering::Relaxed);
                     for (_, done) in jobs {
                         let _ = done.send(r.clone());
                     }
@@ -228,6 +251,7 @@ impl ResponseStore {
             running: dashmap::DashMap::new(),
             running_count: tokio::sync::watch::Sender::new(0),
             streams: dashmap::DashMap::new(),
+            writes: writes_done,
             writer: Mutex::new(tx),
         });
         store.purge()?;
@@ -279,6 +303,11 @@ impl ResponseStore {
             .filter(|e| e.key().0 == tenant)
             .map(|e| e.key().clone())
             .collect()
+    }
+
+    /// How many background responses run now.
+    pub fn running_now(&self) -> usize {
+        *self.running_count.borrow()
     }
 
     /// How many background responses run, as it changes.
