@@ -356,27 +356,39 @@ async fn completions_echo_the_prompt_first() {
     assert_eq!(texts.concat(), text(&b));
 }
 
+/// The key of a second tenant, `other` ([`other_tenant`]).
+const OTHER: &str = "sk-tollgate-other";
+
+/// The config lines of a second tenant, `other`, whose key is [`OTHER`].
+fn other_tenant() -> String {
+    use sha2::Digest;
+    format!(
+        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
+        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
+    )
+}
+
+/// A fresh folder for a test's response store, and the `[responses]` lines that keep the
+/// store there.
+fn response_store(name: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a test folder");
+    let lines = format!(
+        "\n[responses]\nstore = true\npath = {:?}\n",
+        dir.join("responses.db").display().to_string()
+    );
+    (dir, lines)
+}
+
 /// Stored answers of the Responses API (`[responses] store = true`): continued with
 /// `previous_response_id` (the conversation comes back as the prompt), read back and
 /// deleted by their tenant only, never stored when the request says `store: false`, and
 /// still there after the gateway is killed and started again.
 #[tokio::test]
 async fn stored_responses_are_their_tenants_and_survive_a_kill() {
-    use sha2::Digest;
-    const OTHER: &str = "sk-tollgate-other";
-    let other = format!(
-        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
-        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
-    );
-    let dir = std::env::temp_dir().join(format!("tollgate-stored-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("responses.db");
-    let cfg = config(FAST_SIM, &other, "")
-        + &format!(
-            "\n[responses]\nstore = true\npath = {:?}\n",
-            db.display().to_string()
-        );
+    let (dir, stored) = response_store("stored");
+    let cfg = config(FAST_SIM, &other_tenant(), "") + &stored;
     let c = client();
     let send =
         |gw: &Gateway, key: &str, method: reqwest::Method, path: &str, body: Option<&str>| {
@@ -544,21 +556,8 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
 /// items survive the gateway being killed and started again.
 #[tokio::test]
 async fn conversations_are_their_tenants_and_answers_add_to_them() {
-    use sha2::Digest;
-    const OTHER: &str = "sk-tollgate-other";
-    let other = format!(
-        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
-        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
-    );
-    let dir = std::env::temp_dir().join(format!("tollgate-conv-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("a test folder");
-    let db = dir.join("responses.db");
-    let cfg = config(FAST_SIM, &other, ADMIN_SERVER)
-        + &format!(
-            "\n[responses]\nstore = true\npath = {:?}\n",
-            db.display().to_string()
-        );
+    let (dir, stored) = response_store("conv");
+    let cfg = config(FAST_SIM, &other_tenant(), ADMIN_SERVER) + &stored;
     let c = client();
     let call =
         |gw: &Gateway, key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
@@ -704,14 +703,8 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
 #[tokio::test]
 async fn background_responses_run_apart_and_can_be_cancelled() {
     const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
-    let dir = std::env::temp_dir().join(format!("tollgate-bg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("a test folder");
-    let cfg = config(SLOW_SIM, "", "")
-        + &format!(
-            "\n[responses]\nstore = true\npath = {:?}\n",
-            dir.join("responses.db").display().to_string()
-        );
+    let (dir, stored) = response_store("bg");
+    let cfg = config(SLOW_SIM, "", "") + &stored;
     let gw = Gateway::start(&cfg);
     let c = client();
     let post =
