@@ -841,3 +841,31 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
     assert_eq!(r.status(), 400);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A background response cut off by a crash (kill -9) is stored `failed` when the gateway
+/// starts again, not left `in_progress` for ever.
+#[tokio::test]
+async fn a_background_response_cut_off_by_a_crash_is_stored_failed() {
+    const SLOW_SIM: &str = r#"{ kind = "sim", decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
+    let (dir, stored) = response_store("crash");
+    let cfg = config(SLOW_SIM, "", "") + &stored;
+    let mut gw = Gateway::start(&cfg);
+    let body = r#"{"model":"m","input":"hi","background":true,"max_output_tokens":400}"#;
+    let started: Value = post(&gw, "/v1/responses", body).await.json().await.unwrap();
+    assert_eq!(started["status"], "in_progress", "{started}");
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    drop(gw);
+    let gw = Gateway::start(&cfg);
+    let path = format!("/v1/responses/{}", started["id"].as_str().unwrap());
+    let r = client()
+        .get(gw.url(&path))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["error"]["code"], "server_error", "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

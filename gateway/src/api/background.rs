@@ -18,7 +18,7 @@
 use super::error::ApiError;
 use super::event_log::{EventLog, LINGER};
 use super::render::event_stream;
-use crate::response_store::{ResponseStore, Stored};
+use crate::response_store::{Kept, ResponseStore, Stored};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -95,7 +95,12 @@ pub async fn start(bg: Background, answer: Response) -> Response {
         response: response.to_string(),
         conversation: bg.conversation.clone(),
     };
-    if let Err(e) = bg.store.save(stored(&first)).await {
+    let started = Kept {
+        stored: Some(stored(&first)),
+        unfinished: true,
+        ..Kept::default()
+    };
+    if let Err(e) = bg.store.save(started).await {
         return ApiError::Internal(e.to_string()).into_response();
     }
     let (go, ready) = tokio::sync::oneshot::channel::<()>();

@@ -409,7 +409,11 @@ impl ResponsesRender {
             response: String::from_utf8_lossy(response).into_owned(),
             conversation: Value::Array(items).to_string(),
         });
-        self.stored = Some(Kept { stored, append });
+        self.stored = Some(Kept {
+            stored,
+            append,
+            unfinished: false,
+        });
     }
 
     /// The finished answer to store, and where (once: it is taken).

@@ -304,8 +304,8 @@ mod tests {
             items: vec![item("msg_4", "four")],
         };
         let answer = crate::response_store::Kept {
-            stored: None,
             append: Some(append.clone()),
+            ..Default::default()
         };
         s.save(answer).await.unwrap();
         let items = s.conversation_items("a", &c.id).unwrap().unwrap();
@@ -330,8 +330,8 @@ mod tests {
         assert_eq!(s.conversation_items("a", &c.id).unwrap(), None);
         // An answer for a conversation deleted meanwhile is still committed.
         s.save(crate::response_store::Kept {
-            stored: None,
             append: Some(append),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -353,6 +353,7 @@ mod tests {
                         .map(|_| ())
                 } else {
                     s.save(crate::response_store::Kept {
+                        unfinished: false,
                         stored: None,
                         append: Some(Append {
                             conversation: id,

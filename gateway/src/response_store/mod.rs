@@ -44,7 +44,10 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
     {
         let mut put =
             tx.prepare_cached("INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
-        for s in answers.iter().filter_map(|a| a.stored.as_ref()) {
+        let mut running = tx.prepare_cached("INSERT OR IGNORE INTO unfinished VALUES (?1)")?;
+        let mut ended = tx.prepare_cached("DELETE FROM unfinished WHERE id = ?1")?;
+        for a in answers {
+            let Some(s) = &a.stored else { continue };
             put.execute(params![
                 s.id,
                 s.tenant,
@@ -53,6 +56,10 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
                 s.response,
                 s.conversation
             ])?;
+            match a.unfinished {
+                true => running.execute([&s.id])?,
+                false => ended.execute([&s.id])?,
+            };
         }
     }
     for a in answers.iter().filter_map(|a| a.append.as_ref()) {
@@ -100,6 +107,7 @@ CREATE TABLE IF NOT EXISTS conversation_items (
     PRIMARY KEY (conversation, seq)
 );
 CREATE INDEX IF NOT EXISTS conversation_item_ids ON conversation_items (conversation, id);
+CREATE TABLE IF NOT EXISTS unfinished (id TEXT PRIMARY KEY);
 ";
 
 /// One stored answer.
@@ -128,13 +136,16 @@ pub struct Append {
 pub struct Kept {
     pub stored: Option<Stored>,
     pub append: Option<Append>,
+    /// The stored answer is a background response as it starts (its end replaces it;
+    /// stored as failed if the gateway stops first).
+    pub unfinished: bool,
 }
 
 impl From<Stored> for Kept {
     fn from(s: Stored) -> Self {
         Kept {
             stored: Some(s),
-            append: None,
+            ..Kept::default()
         }
     }
 }
@@ -371,12 +382,17 @@ impl ResponseStore {
     /// Stores every answer still running (a background response of a gateway that
     /// stopped) as `failed`; how many.
     fn fail_unfinished(&self) -> Result<usize, StoreError> {
-        Ok(self.conn()?.execute(
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "UPDATE responses SET response = json_set(response, '$.status', 'failed',
                  '$.error', json('{\"code\":\"server_error\",\"message\":\"the gateway stopped before the response finished\"}'))
-             WHERE json_extract(response, '$.status') IN ('queued', 'in_progress')",
+             WHERE id IN (SELECT id FROM unfinished)",
             [],
-        )?)
+        )?;
+        tx.execute("DELETE FROM unfinished", [])?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// What each tenant has stored (unexpired): answers, conversations, their items, and
@@ -557,7 +573,25 @@ mod tests {
         let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
         let mut running = answer("resp_1", "a");
         running.response = r#"{"id":"resp_1","status":"in_progress","background":true}"#.into();
-        s.save(running).await.unwrap();
+        s.save(Kept {
+            stored: Some(running),
+            unfinished: true,
+            ..Kept::default()
+        })
+        .await
+        .unwrap();
+        // One that started and ended: as it ended.
+        let mut ended = answer("resp_3", "a");
+        ended.response = r#"{"id":"resp_3","status":"in_progress","background":true}"#.into();
+        s.save(Kept {
+            stored: Some(ended.clone()),
+            unfinished: true,
+            ..Kept::default()
+        })
+        .await
+        .unwrap();
+        ended.response = r#"{"id":"resp_3","status":"completed","background":true}"#.into();
+        s.save(ended.clone()).await.unwrap();
         let mut done = answer("resp_2", "a");
         done.response = r#"{"id":"resp_2","status":"completed"}"#.into();
         s.save(done.clone()).await.unwrap();
@@ -573,6 +607,15 @@ mod tests {
             Some(done),
             "a finished one as it was"
         );
+        assert_eq!(
+            s.get("a", "resp_3").unwrap(),
+            Some(ended),
+            "ended before the stop"
+        );
+        // Failed once: opened again, nothing more to fail.
+        drop(s);
+        let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
+        assert_eq!(s.fail_unfinished().unwrap(), 0);
     }
 
     #[tokio::test]
