@@ -81,6 +81,12 @@ pub async fn exchange(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)));
     let Ok(req) = req else { return out };
+    // The connection takes its next request only once its task has finished the last
+    // exchange; sending before that fails ("connection was not ready"), which under load
+    // counted a kept-alive connection as broken.
+    if conn.ready().await.is_err() {
+        return out;
+    }
     let resp = match conn.send_request(req).await {
         Ok(r) => r,
         Err(_) => return out,

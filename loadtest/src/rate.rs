@@ -89,12 +89,17 @@ pub async fn run(a: RateArgs) -> Result<(), String> {
                     None => b.method("GET").body(Full::new(Bytes::new())),
                 }
                 .expect("request");
-                let ok = match send.send_request(req).await {
-                    Ok(resp) => {
+                // Only once the last exchange is over (see `exchange`).
+                let sent = match send.ready().await {
+                    Ok(()) => send.send_request(req).await.ok(),
+                    Err(_) => None,
+                };
+                let ok = match sent {
+                    Some(resp) => {
                         let good = resp.status().is_success();
                         good && resp.into_body().collect().await.is_ok()
                     }
-                    Err(_) => {
+                    None => {
                         conn = None;
                         false
                     }
