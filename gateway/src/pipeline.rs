@@ -242,13 +242,16 @@ async fn run(
     let parts = req
         .prompts
         .into_iter()
-        .map(|prompt| match prompt {
-            crate::worker::Prompt::Chat(ms) if truncate => {
-                crate::worker::Prompt::Chat(truncated(pool, ms, max_tokens))
-            }
-            p => p,
+        .map(|prompt| {
+            let (prompt, ids) = match prompt {
+                crate::worker::Prompt::Chat(ms) if truncate => truncated(pool, ms, max_tokens),
+                p => {
+                    let ids = pool.tokenize_prompt(&p);
+                    (p, ids)
+                }
+            };
+            PromptPart::new(prompt, ids, pool, req.echo, req.params.prompt_logprobs)
         })
-        .map(|prompt| PromptPart::new(pool, prompt, req.echo, req.params.prompt_logprobs))
         .collect::<Result<Vec<_>, _>>()?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
     // `best_of` (at least `n`) choices per prompt: each its own sequence, so its own prompt
@@ -397,18 +400,32 @@ async fn run(
 
 /// A conversation with the fewest oldest turns dropped for it and its answer to fit the
 /// pool's context (`truncation: "auto"`), where the pool tokenizes and knows its context;
-/// otherwise as it is.
+/// otherwise as it is. With its token ids where the pool tokenizes.
 fn truncated(
     pool: &Pool,
     messages: Vec<crate::worker::ChatMessage>,
     max_tokens: usize,
-) -> Vec<crate::worker::ChatMessage> {
-    let Some(context) = pool.max_context() else {
-        return messages;
+) -> (crate::worker::Prompt, Option<Vec<u32>>) {
+    let as_it_is = |ms: Vec<crate::worker::ChatMessage>| {
+        let p = crate::worker::Prompt::Chat(ms);
+        let ids = pool.tokenize_prompt(&p);
+        (p, ids)
     };
+    let Some(context) = pool.max_context() else {
+        return as_it_is(messages);
+    };
+    // The ids of the last try that fitted: those of the messages chosen (the search
+    // ends on the fewest dropped that fit, its last success).
+    let mut fitted = None;
     let fits = |ms: &[crate::worker::ChatMessage]| {
-        pool.tokenize_prompt(&crate::worker::Prompt::Chat(ms.to_vec()))
-            .is_some_and(|ids| ids.len() + max_tokens <= context)
+        let ids = pool.tokenize_prompt(&crate::worker::Prompt::Chat(ms.to_vec()));
+        let fit = ids
+            .as_ref()
+            .is_some_and(|ids| ids.len() + max_tokens <= context);
+        if fit {
+            fitted = ids;
+        }
+        fit
     };
     match crate::truncate::truncated(&messages, fits) {
         Some(kept) => {
@@ -416,9 +433,12 @@ fn truncated(
                 dropped = messages.len() - kept.len(),
                 "truncated the conversation to fit the context"
             );
-            kept
+            (crate::worker::Prompt::Chat(kept), fitted)
         }
-        None => messages,
+        // Whole: it fitted at the first try, or does not fit at all (tokenized again, to
+        // be refused for its length).
+        None if fitted.is_some() => (crate::worker::Prompt::Chat(messages), fitted),
+        None => as_it_is(messages),
     }
 }
 
@@ -434,13 +454,15 @@ struct PromptPart {
 impl PromptPart {
     /// `scored`: the prompt's log-probabilities were asked for, so the worker sends the
     /// prompt's tokens (and, where the gateway has no tokenizer, its text).
+    /// `ids`: the prompt's token ids, where the pool tokenizes.
     fn new(
-        pool: &Pool,
         prompt: crate::worker::Prompt,
+        ids: Option<Vec<u32>>,
+        pool: &Pool,
         echo: bool,
         scored: bool,
     ) -> Result<Self, ApiError> {
-        let ids: Option<Arc<[u32]>> = pool.tokenize_prompt(&prompt).map(Arc::from);
+        let ids: Option<Arc<[u32]>> = ids.map(Arc::from);
         let tokens = ids.as_ref().map_or_else(
             || crate::worker::estimate_prompt_tokens(&prompt),
             |ids| ids.len() as u32,

@@ -2,7 +2,8 @@
 //! context loses its oldest turns until it and its answer fit. System messages (the
 //! instructions) and the last message stay; a tool result whose call was dropped goes
 //! with it. The fewest turns are dropped: a binary search over how many, each try
-//! counted by the caller (the pool's tokenizer through the chat template).
+//! counted by the caller (the pool's tokenizer through the chat template); the last try
+//! that fits is the one chosen, so the caller may keep what it counted.
 
 use crate::worker::ChatMessage;
 
@@ -134,6 +135,20 @@ mod tests {
             })
             .collect();
         for budget in 40..=820 {
+            // The last try that fitted is the answer (the caller keeps its token ids).
+            let mut last_fit = None;
+            let got = truncated(&ms, |k| {
+                let fit = chars(k) <= budget;
+                if fit {
+                    last_fit = Some(k.len());
+                }
+                fit
+            });
+            assert_eq!(
+                last_fit,
+                Some(got.as_ref().map_or(ms.len(), Vec::len)),
+                "{budget}"
+            );
             match truncated(&ms, |k| chars(k) <= budget) {
                 None => assert!(chars(&ms) <= budget || ms[39].content.len() > budget),
                 Some(got) => {

@@ -368,6 +368,10 @@ fn other_tenant() -> String {
     )
 }
 
+/// Simulated workers that answer 400 tokens, 20 ms apiece (background responses that run
+/// a while).
+const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
+
 /// A fresh folder for a test's response store, and the `[responses]` lines that keep the
 /// store there.
 fn response_store(name: &str) -> (std::path::PathBuf, String) {
@@ -702,7 +706,6 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
 /// again with `GET …?stream=true&starting_after=N`; refused with `store: false`.
 #[tokio::test]
 async fn background_responses_run_apart_and_can_be_cancelled() {
-    const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
     let (dir, stored) = response_store("bg");
     let cfg = config(SLOW_SIM, "", "") + &stored;
     let gw = Gateway::start(&cfg);
@@ -846,7 +849,6 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
 /// starts again, not left `in_progress` for ever.
 #[tokio::test]
 async fn a_background_response_cut_off_by_a_crash_is_stored_failed() {
-    const SLOW_SIM: &str = r#"{ kind = "sim", decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
     let (dir, stored) = response_store("crash");
     let cfg = config(SLOW_SIM, "", "") + &stored;
     let mut gw = Gateway::start(&cfg);

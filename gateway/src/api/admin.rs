@@ -12,6 +12,7 @@
 //!   that leaves), its background responses stopped
 
 use super::error::ApiError;
+use super::stored_responses::on_store;
 use crate::config::keys;
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};
@@ -140,14 +141,7 @@ fn store(
 }
 
 async fn stored(State(state): State<AppState>) -> Response {
-    let summary = async {
-        let store = store(&state)?;
-        tokio::task::spawn_blocking(move || store.summary())
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))
-    }
-    .await;
+    let summary = async { on_store(&store(&state)?, |s| s.summary()).await }.await;
     match summary {
         Ok(tenants) => Json(json!({ "tenants": tenants })).into_response(),
         Err(e) => e.into_response(),
@@ -163,11 +157,7 @@ async fn delete_stored(State(state): State<AppState>, Path(tenant): Path<String>
             super::background::cancel(&store, owner, id).await?;
         }
         let who = tenant.clone();
-        let (answers, conversations) =
-            tokio::task::spawn_blocking(move || store.delete_tenant(&who))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (answers, conversations) = on_store(&store, move |s| s.delete_tenant(&who)).await?;
         tracing::warn!(
             target: "audit",
             tenant = %tenant,

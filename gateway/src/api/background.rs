@@ -18,6 +18,7 @@
 use super::error::ApiError;
 use super::event_log::{EventLog, LINGER};
 use super::render::event_stream;
+use super::stored_responses::on_store;
 use crate::response_store::{Kept, ResponseStore, Stored};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -38,23 +39,21 @@ pub struct Background {
     pub stream: bool,
 }
 
-/// The events of a Responses stream, one `data:` payload at a time.
+/// The events of a Responses stream, one at a time (read whole, parsed only where needed:
+/// [`data`]).
 struct Events {
     body: Body,
     buf: BytesMut,
 }
 
 impl Events {
-    /// The next event, whole and its data parsed; `None` at the end of the stream.
-    async fn next(&mut self) -> Option<(Bytes, Value)> {
+    /// The next event (with a `data:` line), whole; `None` at the end of the stream.
+    async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let event = self.buf.split_to(end + 2).freeze();
-                let data = event[..]
-                    .split(|&b| b == b'\n')
-                    .find_map(|line| line.strip_prefix(b"data: "));
-                if let Some(Ok(v)) = data.map(serde_json::from_slice) {
-                    return Some((event, v));
+                if data_line(&event).is_some() {
+                    return Some(event);
                 }
                 continue;
             }
@@ -70,6 +69,18 @@ impl Events {
     }
 }
 
+/// An SSE event's `data:` line.
+fn data_line(event: &[u8]) -> Option<&[u8]> {
+    event
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"data: "))
+}
+
+/// An SSE event's data, parsed.
+fn data(event: &[u8]) -> Option<Value> {
+    serde_json::from_slice(data_line(event)?).ok()
+}
+
 /// Starts a background response from the pipeline's answer to its (streamed) request:
 /// answers with its first `response` object, stored, and runs the rest in a task.
 pub async fn start(bg: Background, answer: Response) -> Response {
@@ -81,11 +92,11 @@ pub async fn start(bg: Background, answer: Response) -> Response {
         body,
         buf: BytesMut::new(),
     };
-    let Some((raw, first)) = events.next().await else {
+    let Some(raw) = events.next().await else {
         return ApiError::Internal("a background response's stream did not start".into())
             .into_response();
     };
-    let first = first["response"].clone();
+    let first = data(&raw).map_or(Value::Null, |e| e["response"].clone());
     let Some(id) = first["id"].as_str().map(str::to_string) else {
         return ApiError::Internal("a background response without an id".into()).into_response();
     };
@@ -115,11 +126,13 @@ pub async fn start(bg: Background, answer: Response) -> Response {
         async move {
             // Not before it is registered (so that it is there to cancel, and gone after).
             let _ = ready.await;
+            // Only the last event is read: how the answer ended.
             let mut last = None;
-            while let Some((raw, event)) = events.next().await {
+            while let Some(raw) = events.next().await {
+                last = Some(raw.clone());
                 events_log.push(raw);
-                last = Some(event);
             }
+            let last = last.as_deref().and_then(data);
             let end = last.as_ref().and_then(|e| e["type"].as_str());
             if end != Some("response.completed") && end != Some("response.incomplete") {
                 let response = last
@@ -211,15 +224,8 @@ pub async fn cancel(
         // It ended before it could be stopped: as it was stored.
         return Ok(None);
     }
-    let s = {
-        let store = store.clone();
-        let (owner, id) = key.clone();
-        tokio::task::spawn_blocking(move || store.get(&owner, &id))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-    };
-    let Some(mut s) = s else {
+    let (owner, id) = key.clone();
+    let Some(mut s) = on_store(store, move |s| s.get(&owner, &id)).await? else {
         return Ok(None);
     };
     let mut response: Value =
@@ -275,14 +281,16 @@ mod tests {
             ]),
             buf: BytesMut::new(),
         };
-        let (raw, first) = events.next().await.expect("an event");
+        let raw = events.next().await.expect("an event");
+        let first = data(&raw).expect("JSON");
         assert_eq!(first["response"]["id"], "resp_1");
         assert!(
             raw.starts_with(b"event: response.created\ndata: {"),
             "{raw:?}"
         );
         assert!(raw.ends_with(b"}}\n\n"), "{raw:?}");
-        assert_eq!(events.next().await.expect("an event").1["type"], "x");
+        let second = events.next().await.expect("an event");
+        assert_eq!(data(&second).expect("JSON")["type"], "x");
         assert!(events.next().await.is_none());
     }
 

@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::handlers::{read_body, with_limits};
 use super::input_items::{self, fresh_id};
 use super::responses::{self, metadata};
-use super::stored_responses::{on_store, owner};
+use super::stored_responses::for_tenant;
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
@@ -39,20 +39,8 @@ async fn run(
     acting: Option<Extension<ActingFor>>,
     op: impl FnOnce(&ResponseStore, &str) -> Result<Answered, StoreError> + Send + 'static,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let store = state
-            .responses
-            .as_ref()
-            .ok_or_else(|| ApiError::NotFound("conversations (this gateway stores none)".into()))?;
-        on_store(store, move |s| op(s, &owner)).await?
-    }
-    .await;
-    let resp = match done {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    };
-    with_limits(&tenant, resp)
+    let json = |v: Value| axum::Json(v).into_response();
+    for_tenant(state, tenant, acting, "conversations", op, json).await
 }
 
 fn no_conversation(id: &str) -> ApiError {
@@ -75,10 +63,7 @@ fn body(
     }
     let req = responses::read(&body)?;
     if let Some(k) = req.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::bad(
-            format!("Unknown parameter: {k:?}."),
-            Some(k.clone()),
-        ));
+        return Err(ApiError::unknown(k));
     }
     Ok(req)
 }

@@ -78,6 +78,14 @@ impl ApiError {
         }
     }
 
+    /// A parameter the endpoint does not know.
+    pub fn unknown(param: &str) -> Self {
+        Self::bad(
+            format!("Unknown parameter: {param:?}."),
+            Some(param.to_string()),
+        )
+    }
+
     pub fn unsupported(param: &str, what: &str) -> Self {
         ApiError::BadRequest {
             message: format!("`{param}`: {what} is not supported by this gateway."),

@@ -19,9 +19,14 @@ fn prefix(kind: &str) -> &'static str {
     }
 }
 
+/// A fresh id with `prefix` (`resp`, `msg`, `fc`, …).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
 /// A fresh item id for an item of type `kind`.
 pub fn fresh_id(kind: &str) -> String {
-    format!("{}_{}", prefix(kind), uuid::Uuid::new_v4().simple())
+    new_id(prefix(kind))
 }
 
 /// A (validated) input item in its stored and listed shape: `type` and `status` said, a
@@ -118,12 +123,7 @@ pub fn page(query: Option<&str>) -> Result<Page, ApiError> {
                     &format!("including {v:?}"),
                 ))
             }
-            other => {
-                return Err(ApiError::bad(
-                    format!("Unknown parameter: {other:?}."),
-                    Some(other.to_string()),
-                ))
-            }
+            other => return Err(ApiError::unknown(other)),
         }
     }
     Ok(page)

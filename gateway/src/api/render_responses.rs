@@ -215,10 +215,6 @@ pub struct ResponsesRender {
     finish: Option<FinishReason>,
 }
 
-fn item_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
-}
-
 /// Writes `v` as JSON to `out`. Serializing these plain values cannot fail; an empty
 /// value would be the worst case.
 fn json<T: Serialize>(out: &mut BytesMut, v: &T) {
@@ -234,7 +230,7 @@ impl ResponsesRender {
         logprobs: bool,
     ) -> Self {
         Self {
-            id: item_id("resp"),
+            id: input_items::new_id("resp"),
             model: model.to_string(),
             created,
             info,
@@ -434,7 +430,7 @@ impl ResponsesRender {
     /// Adds a message item (its `output_item.added` and `content_part.added`).
     fn open_message(&mut self, out: &mut BytesMut) -> usize {
         self.items.push(Item::Message {
-            id: item_id("msg"),
+            id: input_items::new_id("msg"),
             text: String::new(),
             logprobs: Vec::new(),
         });
@@ -494,7 +490,7 @@ impl ResponsesRender {
         match piece {
             Piece::Call { index, name } => {
                 self.items.push(Item::Call {
-                    id: item_id("fc"),
+                    id: input_items::new_id("fc"),
                     call_id: tools::call_id(),
                     name,
                     arguments: String::new(),
@@ -627,7 +623,7 @@ impl ResponsesRender {
             .then(|| tools::answer(text))
             .flatten();
         let message = |text: &str, logprobs: &[TokenLogprob]| Item::Message {
-            id: item_id("msg"),
+            id: input_items::new_id("msg"),
             text: text.to_string(),
             logprobs: logprobs.to_vec(),
         };
@@ -636,7 +632,7 @@ impl ResponsesRender {
                 .into_iter()
                 .enumerate()
                 .map(|(i, c)| Item::Call {
-                    id: item_id("fc"),
+                    id: input_items::new_id("fc"),
                     call_id: tools::call_id(),
                     name: c.name,
                     arguments: c.arguments,

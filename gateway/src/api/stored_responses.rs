@@ -44,6 +44,29 @@ pub(super) async fn on_store<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// Runs `op` on the store (from the blocking pool) for the tenant a request acts for, and
+/// answers with `ok` of what it found, or with its error; the tenant's rate-limit headers
+/// added. Without a store, a 404 naming `what`.
+pub(super) async fn for_tenant<T: Send + 'static>(
+    state: AppState,
+    tenant: Arc<Tenant>,
+    acting: Option<Extension<ActingFor>>,
+    what: &'static str,
+    op: impl FnOnce(&ResponseStore, &str) -> Result<Result<T, ApiError>, StoreError> + Send + 'static,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let store = state
+            .responses
+            .as_ref()
+            .ok_or_else(|| ApiError::NotFound(format!("{what} (this gateway stores none)")))?;
+        on_store(store, move |s| op(s, &owner)).await?
+    }
+    .await;
+    with_limits(&tenant, done.map_or_else(IntoResponse::into_response, ok))
+}
+
 fn not_stored(id: &str) -> ApiError {
     ApiError::NotFound(format!("no stored response with id {id:?}"))
 }
@@ -191,22 +214,14 @@ async fn by_id<T: Send + 'static>(
     op: impl FnOnce(&ResponseStore, &str, &str) -> Result<Option<T>, StoreError> + Send + 'static,
     ok: impl FnOnce(T, &str) -> Response,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let store = state.responses.as_ref().ok_or_else(|| {
-            ApiError::NotFound("stored responses (this gateway stores none)".into())
-        })?;
-        let key = id.clone();
-        on_store(store, move |s| op(s, &owner, &key))
-            .await?
-            .ok_or_else(|| not_stored(&id))
-    }
-    .await;
-    let resp = match done {
-        Ok(v) => ok(v, &id),
-        Err(e) => e.into_response(),
+    let key = id.clone();
+    let found = move |s: &ResponseStore, owner: &str| {
+        Ok(op(s, owner, &key)?.ok_or_else(|| not_stored(&key)))
     };
-    with_limits(&tenant, resp)
+    for_tenant(state, tenant, acting, "stored responses", found, |t| {
+        ok(t, &id)
+    })
+    .await
 }
 
 /// `GET /v1/responses/{id}`: a stored answer, as it was sent; with `stream=true`, a
@@ -276,12 +291,7 @@ fn stream_query(query: Option<&str>) -> Result<(bool, Option<usize>), ApiError> 
                 })?)
             }
             "include" | "include[]" | "include_obfuscation" => {}
-            other => {
-                return Err(ApiError::bad(
-                    format!("Unknown parameter: {other:?}."),
-                    Some(other.to_string()),
-                ))
-            }
+            other => return Err(ApiError::unknown(other)),
         }
     }
     Ok((stream, after))
