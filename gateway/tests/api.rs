@@ -555,6 +555,160 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `item_reference` inputs: a tenant's stored items (an answer's output, its input) stand
+/// in a new request's input, and in a conversation's items, as copies with ids of their
+/// own; an id the tenant has no item under is a 400 naming the reference. Without a store
+/// they are refused.
+#[tokio::test]
+async fn item_references_stand_for_the_tenants_stored_items() {
+    let (dir, stored) = response_store("item-refs");
+    let gw = Gateway::start(&(config(FAST_SIM, &other_tenant(), "") + &stored));
+    let c = client();
+    let call = |key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = c.request(method, gw.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let (get, send) = (reqwest::Method::GET, reqwest::Method::POST);
+    let json = async |r: reqwest::Response| -> Value { r.json().await.expect("JSON") };
+    let first = json(
+        call(
+            KEY,
+            send.clone(),
+            "/v1/responses",
+            Some(serde_json::json!(
+            {"model": "m", "input": "hello there"})),
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    let out = &first["output"][0];
+    let out_id = out["id"].as_str().expect("an output id");
+    let answer = out["content"][0]["text"].as_str().expect("text");
+    let inputs = json(
+        call(
+            KEY,
+            get.clone(),
+            &format!(
+                "/v1/responses/{}/input_items",
+                first["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    let in_id = inputs["data"][0]["id"].as_str().expect("an input id");
+
+    // Both items referenced (typed, and as a bare id), then a new turn.
+    let body = serde_json::json!({"model": "m", "input": [
+        {"type": "item_reference", "id": in_id}, {"id": out_id},
+        {"role": "user", "content": "and again"}]});
+    let r = call(KEY, send.clone(), "/v1/responses", Some(body.clone()))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let second = json(r).await;
+    let tokens = |v: &Value, k: &str| v["usage"][k].as_u64().expect("usage");
+    assert!(
+        tokens(&second, "input_tokens")
+            > tokens(&first, "input_tokens") + tokens(&first, "output_tokens"),
+        "the referenced items are in the prompt: {first}\n{second}"
+    );
+    let listed = json(
+        call(
+            KEY,
+            get.clone(),
+            &format!(
+                "/v1/responses/{}/input_items?order=asc",
+                second["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    let data = listed["data"].as_array().expect("data");
+    let said: Vec<(&str, &str)> = data
+        .iter()
+        .map(|i| {
+            (
+                i["role"].as_str().expect("role"),
+                i["content"][0]["text"].as_str().expect("text"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("user", "hello there"),
+            ("assistant", answer),
+            ("user", "and again")
+        ]
+    );
+    assert!(
+        data[0]["id"] != in_id && data[1]["id"] != out_id,
+        "copies: {listed}"
+    );
+
+    // Another tenant's item, and no item at all: 400s naming the reference.
+    for (key, id) in [(OTHER, out_id), (KEY, "msg_nothing")] {
+        let body = serde_json::json!({"model": "m", "input": [
+            {"role": "user", "content": "x"}, {"type": "item_reference", "id": id}]});
+        let r = call(key, send.clone(), "/v1/responses", Some(body))
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 400, "{key} {id}");
+        let e = json(r).await;
+        assert_eq!(e["error"]["param"], "input[1].id", "{e}");
+        assert_eq!(e["error"]["code"], "item_not_found", "{e}");
+    }
+
+    // A conversation made of a referenced item.
+    let conv = json(
+        call(
+            KEY,
+            send.clone(),
+            "/v1/conversations",
+            Some(serde_json::json!(
+            {"items": [{"type": "item_reference", "id": out_id}]})),
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    let items = json(
+        call(
+            KEY,
+            get.clone(),
+            &format!(
+                "/v1/conversations/{}/items",
+                conv["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    assert_eq!(items["data"][0]["content"][0]["text"], answer, "{items}");
+    assert_eq!(items["data"][0]["role"], "assistant");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Without a store: refused, naming the item.
+    let gw = Gateway::start(&config(FAST_SIM, "", ""));
+    let r = post(&gw, "/v1/responses", &body.to_string()).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.expect("JSON");
+    assert_eq!(e["error"]["param"], "input[0]", "{e}");
+}
+
 /// The Conversations API (`[responses] store = true`): a conversation is its tenant's;
 /// a response in it, streamed, reads its items first and adds its input and output; its
 /// items survive the gateway being killed and started again.

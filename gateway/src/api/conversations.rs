@@ -12,6 +12,7 @@ use super::auth::ActingFor;
 use super::error::ApiError;
 use super::handlers::{read_body, with_limits};
 use super::input_items::{self, fresh_id};
+use super::item_reference;
 use super::responses::{self, metadata};
 use super::stored_responses::for_tenant;
 use crate::response_store::{ResponseStore, StoreError};
@@ -68,7 +69,7 @@ fn body(
     Ok(req)
 }
 
-/// `items`, checked and in their stored shape (each with an id).
+/// `items` as given: an array of at most [`MAX_ITEMS`] (checked by [`checked`]).
 fn items(v: Option<&Value>, required: bool) -> Result<Vec<Value>, ApiError> {
     let list = match v {
         None | Some(Value::Null) if !required => return Ok(Vec::new()),
@@ -89,11 +90,25 @@ fn items(v: Option<&Value>, required: bool) -> Result<Vec<Value>, ApiError> {
             Some("items".into()),
         ));
     }
-    responses::check_items(list, "items")?;
-    Ok(list
-        .iter()
-        .map(|i| input_items::stored(i, fresh_id))
-        .collect())
+    Ok(list.clone())
+}
+
+/// `items` with their references replaced by the tenant's items they name (see
+/// [`super::item_reference`]), checked, and in their stored shape (each with an id).
+fn checked(
+    store: &ResponseStore,
+    owner: &str,
+    mut items: Vec<Value>,
+) -> Result<Result<Vec<Value>, ApiError>, StoreError> {
+    if let Err(e) = item_reference::resolve(store, owner, &mut items, "items")? {
+        return Ok(Err(e));
+    }
+    Ok(responses::check_items(&items, "items").map(|()| {
+        items
+            .iter()
+            .map(|i| input_items::stored(i, fresh_id))
+            .collect()
+    }))
 }
 
 /// Items as a list object (all of them: `has_more` false).
@@ -126,6 +141,10 @@ pub async fn create(
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
     run(state, tenant, acting, move |s, owner| {
+        let items = match checked(s, owner, items)? {
+            Ok(items) => items,
+            Err(e) => return Ok(Err(e)),
+        };
         Ok(Ok(s.create_conversation(owner, meta, &items)?.to_json()))
     })
     .await
@@ -227,6 +246,10 @@ pub async fn add_items(
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
     run(state, tenant, acting, move |s, owner| {
+        let added = match checked(s, owner, added)? {
+            Ok(items) => items,
+            Err(e) => return Ok(Err(e)),
+        };
         Ok(match s.add_items(owner, &id, &added)? {
             true => Ok(listed(added)),
             false => Err(no_conversation(&id)),
@@ -291,17 +314,74 @@ mod tests {
         }
     }
 
+    fn store(name: &str) -> Arc<ResponseStore> {
+        let dir = std::env::temp_dir().join(format!("tollgate-conv-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary folder");
+        ResponseStore::open(&dir.join("r.db"), std::time::Duration::from_secs(3600))
+            .expect("a store")
+    }
+
+    fn check(s: &ResponseStore, tenant: &str, v: Value) -> Result<Vec<Value>, ApiError> {
+        checked(s, tenant, items(Some(&v), true)?).expect("the store answers")
+    }
+
     #[test]
     fn items_are_checked_and_given_ids() {
+        let s = store("checked");
         let given = json!([{"role": "user", "content": "hi"},
                            {"type": "function_call_output", "call_id": "c1", "output": "42"}]);
-        let got = items(Some(&given), true).expect("valid");
+        let got = check(&s, "a", given).expect("valid");
         assert!(got[0]["id"].as_str().expect("id").starts_with("msg_"));
         assert!(got[1]["id"].as_str().expect("id").starts_with("fco_"));
         let bad = json!([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]);
-        let e = items(Some(&bad), true).expect_err("a bad role");
+        let e = check(&s, "a", bad).expect_err("a bad role");
         assert_eq!(e.param(), Some("items[1].role"));
         assert!(items(None, true).is_err(), "required");
         assert!(items(None, false).expect("optional").is_empty());
+        let many = Value::Array(vec![json!({"role": "user", "content": "x"}); MAX_ITEMS + 1]);
+        assert_eq!(
+            items(Some(&many), true).expect_err("too many").param(),
+            Some("items")
+        );
+    }
+
+    #[test]
+    fn references_are_copies_of_the_tenants_own_items() {
+        let s = store("references");
+        let first = check(&s, "a", json!([{"role": "user", "content": "hi"}])).expect("valid");
+        let c = s
+            .create_conversation("a", Map::new(), &first)
+            .expect("created");
+        let id = first[0]["id"].as_str().expect("an id").to_string();
+        assert_eq!(
+            s.conversation_items("a", &c.id)
+                .expect("read")
+                .map(|v| v.len()),
+            Some(1)
+        );
+
+        let got = check(
+            &s,
+            "a",
+            json!([{"type": "item_reference", "id": id}, {"id": id}]),
+        )
+        .expect("both found");
+        assert_eq!(got.len(), 2);
+        for item in &got {
+            assert_eq!(item["content"], first[0]["content"]);
+            assert_ne!(item["id"], first[0]["id"], "a copy has an id of its own");
+        }
+        // Another tenant's item, and no item at all, are not found.
+        for (tenant, id) in [("b", id.as_str()), ("a", "msg_none")] {
+            let e = check(
+                &s,
+                tenant,
+                json!([{"role": "user", "content": "x"},
+                {"type": "item_reference", "id": id}]),
+            )
+            .expect_err("not found");
+            assert_eq!(e.param(), Some("items[1].id"), "{tenant} {id}");
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod event_log;
 mod handlers;
 mod input_items;
+mod item_reference;
 pub mod render;
 mod render_responses;
 pub mod request_id;

@@ -16,8 +16,9 @@
 //! `previous_response_id` or `conversation` (its items, looked up by the caller, come
 //! first: [`validate_map`]).
 //! `background` is taken by the caller (it needs the store: [`super::background`]).
-//! Refused with a 400 that names them: `item_reference`,
-//! prompt templates, reasoning options, non-text inputs, built-in
+//! `item_reference` inputs are replaced by the items they name before this (where the
+//! gateway stores answers: [`super::item_reference`]); refused with a 400 that names them:
+//! item references where nothing is stored, prompt templates, reasoning options, non-text inputs, built-in
 //! tools.
 
 use super::error::ApiError;
@@ -419,7 +420,7 @@ fn items(items: &[Value], out: &mut Vec<Value>, origin: &mut Origin) -> Result<(
             "item_reference" => {
                 return Err(ApiError::unsupported(
                     &at(""),
-                    "item references (nothing is stored; send the item itself)",
+                    "item references where nothing is stored (send the item itself)",
                 ))
             }
             other => {

@@ -9,6 +9,7 @@ use super::background::{self, Background};
 use super::error::ApiError;
 use super::handlers::{read_body, respond, validated, with_limits};
 use super::input_items;
+use super::item_reference;
 use super::request_id::RequestId;
 use super::responses::{self, Previous, Prior};
 use super::validate::InferenceRequest;
@@ -134,6 +135,32 @@ async fn previous(
     }
 }
 
+/// Replaces the item references in a request's `input` by the items they name (see
+/// [`item_reference`]); without a store, they are left for validation to refuse.
+async fn references(
+    state: &AppState,
+    owner: String,
+    req: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let Some(store) = &state.responses else {
+        return Ok(());
+    };
+    let Some(Value::Array(items)) = req.get_mut("input") else {
+        return Ok(());
+    };
+    if !item_reference::any(items) {
+        return Ok(());
+    }
+    let mut given = std::mem::take(items);
+    let (resolved, found) = on_store(store, move |s| {
+        let found = item_reference::resolve(s, &owner, &mut given, "input")?;
+        Ok((given, found))
+    })
+    .await?;
+    *items = resolved;
+    found
+}
+
 /// `POST /v1/responses`.
 pub async fn create(
     State(state): State<AppState>,
@@ -147,7 +174,8 @@ pub async fn create(
     let owner = owner(&tenant, &acting);
     let parsed = async {
         let body = read_body(&state, body)?;
-        let req = responses::read(&body)?;
+        let mut req = responses::read(&body)?;
+        references(&state, owner.clone(), &mut req).await?;
         let previous = previous(&state, owner.clone(), &req).await?;
         validated(&state, body, move |_, server| {
             responses::validate_map(req, server, previous)

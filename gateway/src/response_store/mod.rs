@@ -13,6 +13,7 @@
 //! client that reads an answer whole may continue it at once.
 
 pub mod conversations;
+mod items;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
@@ -56,6 +57,7 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
                 s.response,
                 s.conversation
             ])?;
+            items::index(&tx, &s.id, &s.tenant, &s.conversation)?;
             match a.unfinished {
                 true => running.execute([&s.id])?,
                 false => ended.execute([&s.id])?,
@@ -226,8 +228,10 @@ impl ResponseStore {
             conn.busy_timeout(Duration::from_secs(5))?;
             Ok(conn)
         };
-        let conn = open()?;
+        let mut conn = open()?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(items::SCHEMA)?;
+        items::backfill(&mut conn)?;
         let mut writes = open()?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let writes_done = Arc::new(Writes::default());
@@ -372,10 +376,16 @@ impl ResponseStore {
 
     /// Deletes `tenant`'s answer `id`; whether there was one.
     pub fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let n = self.conn()?.execute(
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "DELETE FROM responses WHERE id = ?1 AND tenant = ?2",
             params![id, tenant],
         )?;
+        if n > 0 {
+            tx.execute("DELETE FROM item_index WHERE response = ?1", [id])?;
+        }
+        tx.commit()?;
         Ok(n > 0)
     }
 
@@ -452,6 +462,7 @@ impl ResponseStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let answers = tx.execute("DELETE FROM responses WHERE tenant = ?1", [tenant])?;
+        tx.execute("DELETE FROM item_index WHERE tenant = ?1", [tenant])?;
         tx.execute(
             "DELETE FROM conversation_items WHERE conversation IN
              (SELECT id FROM conversations WHERE tenant = ?1)",
@@ -469,6 +480,7 @@ impl ResponseStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let answers = tx.execute("DELETE FROM responses WHERE expires_ms <= ?1", [now])?;
+        items::prune(&tx)?;
         tx.execute(
             "DELETE FROM conversation_items WHERE conversation IN
              (SELECT id FROM conversations WHERE expires_ms <= ?1)",

@@ -274,7 +274,6 @@ pub async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
         .unwrap()
 }
 
-/// `post`, and its body as JSON.
 /// A request to `path` refused with a 400 whose message says `why`.
 pub async fn refused(gw: &Gateway, path: &str, body: &str, why: &str) {
     let r = post(gw, path, body).await;
@@ -283,6 +282,7 @@ pub async fn refused(gw: &Gateway, path: &str, body: &str, why: &str) {
     assert!(e["error"]["message"].as_str().unwrap().contains(why), "{e}");
 }
 
+/// `post`, and its body as JSON.
 pub async fn post_json(gw: &Gateway, path: &str, body: &str) -> serde_json::Value {
     post(gw, path, body).await.json().await.unwrap()
 }

@@ -199,6 +199,17 @@ if kept.store:
     assert items.data[0].content[0].text == "Again" and items.data[1].id == kept.output[0].id, items
     walked = [i.id for i in client.responses.input_items.list(more.id, limit=1, order="asc")]
     assert walked == [i.id for i in reversed(items.data)], walked
+    # Item references: the kept answer's output stands in a new request's input (a copy).
+    ref = client.responses.create(
+        model=model,
+        input=[{"type": "item_reference", "id": kept.output[0].id}, {"role": "user", "content": "Again"}],
+        max_output_tokens=6,
+        temperature=0,
+    )
+    refs = client.responses.input_items.list(ref.id, order="asc").data
+    assert [i.role for i in refs] == ["assistant", "user"], refs
+    assert refs[0].content[0].text == kept.output_text and refs[0].id != kept.output[0].id, refs
+    assert refused(input=[{"type": "item_reference", "id": "msg_none"}])["code"] == "item_not_found"
     client.responses.delete(kept.id)
     try:
         client.responses.retrieve(kept.id)
