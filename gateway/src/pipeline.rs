@@ -60,6 +60,42 @@ impl RequestCtx {
     }
 }
 
+/// The input tokens `req` would take on the pool that would serve it for `tenant`: exact
+/// where the pool holds the model's tokenizer (engines), else the estimate admission
+/// charges; after truncation where the request asks for it. Nothing is admitted or run.
+pub fn input_tokens(
+    state: &AppState,
+    tenant: &Tenant,
+    mut req: InferenceRequest,
+) -> Result<u32, ApiError> {
+    let pool = state
+        .router
+        .pool_for(&req.model, tenant.cfg.pool.as_deref())
+        .ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
+    Ok(prompt_parts(pool, &mut req)?.iter().map(|p| p.tokens).sum())
+}
+
+/// `req`'s prompts (taken from it) as `pool` runs them: each tokenized once, here, where
+/// the pool has the model's tokenizer (the count is exact, and the engine takes the ids as
+/// they are), a conversation truncated to fit where the request says so.
+fn prompt_parts(pool: &Pool, req: &mut InferenceRequest) -> Result<Vec<PromptPart>, ApiError> {
+    let truncate = req.responses.as_ref().is_some_and(|r| r.truncate);
+    let max_tokens = req.params.max_tokens as usize;
+    std::mem::take(&mut req.prompts)
+        .into_iter()
+        .map(|prompt| {
+            let (prompt, ids) = match prompt {
+                crate::worker::Prompt::Chat(ms) if truncate => truncated(pool, ms, max_tokens),
+                p => {
+                    let ids = pool.tokenize_prompt(&p);
+                    (p, ids)
+                }
+            };
+            PromptPart::new(prompt, ids, pool, req.echo, req.params.prompt_logprobs)
+        })
+        .collect()
+}
+
 /// Serves one validated request end to end.
 pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> Response {
     let Some(pool) = state
@@ -230,29 +266,12 @@ async fn run(
     state: &AppState,
     ctx: &RequestCtx,
     pool: &Pool,
-    req: InferenceRequest,
+    mut req: InferenceRequest,
     meter: &mut Meter,
     terms: Terms<'_>,
     buckets: &mut Option<Buckets>,
 ) -> Result<Reply, ApiError> {
-    // Each prompt tokenized once, here, where the pool has the model's tokenizer: the
-    // count is exact, and the engine takes the ids as they are.
-    let truncate = req.responses.as_ref().is_some_and(|r| r.truncate);
-    let max_tokens = req.params.max_tokens as usize;
-    let parts = req
-        .prompts
-        .into_iter()
-        .map(|prompt| {
-            let (prompt, ids) = match prompt {
-                crate::worker::Prompt::Chat(ms) if truncate => truncated(pool, ms, max_tokens),
-                p => {
-                    let ids = pool.tokenize_prompt(&p);
-                    (p, ids)
-                }
-            };
-            PromptPart::new(prompt, ids, pool, req.echo, req.params.prompt_logprobs)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let parts = prompt_parts(pool, &mut req)?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
     // `best_of` (at least `n`) choices per prompt: each its own sequence, so its own prompt
     // and output. Past `n`, the best `n` of each prompt's are kept (see `best`), which

@@ -613,6 +613,22 @@ async fn item_references_stand_for_the_tenants_stored_items() {
         .expect("sent");
     assert_eq!(r.status(), 200);
     let second = json(r).await;
+    // Counted ahead the same way.
+    let counted = json(
+        call(
+            KEY,
+            send.clone(),
+            "/v1/responses/input_tokens",
+            Some(body.clone()),
+        )
+        .await
+        .expect("sent"),
+    )
+    .await;
+    assert_eq!(
+        counted["input_tokens"], second["usage"]["input_tokens"],
+        "{counted}"
+    );
     let tokens = |v: &Value, k: &str| v["usage"][k].as_u64().expect("usage");
     assert!(
         tokens(&second, "input_tokens")

@@ -1,6 +1,7 @@
 //! The Responses API on the engine (synthetic model, a 256-token context):
 //! `truncation: "auto"` drops a long conversation's oldest turns until it and its answer
-//! fit, where `"disabled"` (the default) refuses it for its length.
+//! fit, where `"disabled"` (the default) refuses it for its length; and
+//! `POST /v1/responses/input_tokens` counts what a response's prompt would take.
 
 mod common;
 use common::*;
@@ -45,4 +46,55 @@ async fn a_conversation_past_the_context_is_truncated_only_when_asked() {
     .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["truncation"], "disabled", "{v}");
+}
+
+/// `POST /v1/responses/input_tokens` on an engine pool counts with the model's tokenizer:
+/// the count is what the response to the same body reports, truncated or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn input_tokens_are_counted_as_the_response_takes_them() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ", kv_tokens = 256"));
+    let count = async |body: &Value| -> Value {
+        let r = post(&gw, "/v1/responses/input_tokens", &body.to_string()).await;
+        assert_eq!(r.status(), 200, "{body}");
+        r.json().await.expect("JSON")
+    };
+    let long: Vec<Value> = (0..24)
+        .map(|i| json!({"role": "user", "content": format!("turn {i}: {}", "lorem ipsum ".repeat(8))}))
+        .collect();
+    for body in [
+        json!({"model": "m", "input": "hello there", "instructions": "Be brief.",
+               "max_output_tokens": 4, "temperature": 0}),
+        json!({"model": "m", "input": [{"role": "user", "content": "What is 2+2?"},
+               {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+               "max_output_tokens": 4, "temperature": 0}),
+        json!({"model": "m", "input": long, "truncation": "auto",
+               "max_output_tokens": 8, "temperature": 0}),
+    ] {
+        let counted = count(&body).await;
+        assert_eq!(counted["object"], "response.input_tokens", "{counted}");
+        let answered = post_json(&gw, "/v1/responses", &body.to_string()).await;
+        assert_eq!(
+            counted["input_tokens"], answered["usage"]["input_tokens"],
+            "{body}\n{answered}"
+        );
+    }
+    // Counting a conversation too long for the model is not an error (it is not run).
+    let v = count(&json!({"model": "m", "input": long})).await;
+    assert!(v["input_tokens"].as_u64().expect("a count") > 256, "{v}");
+    // Bad requests are the same 400s and 404s as the Responses endpoint's.
+    let r = post(
+        &gw,
+        "/v1/responses/input_tokens",
+        r#"{"model":"nope","input":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    let r = post(
+        &gw,
+        "/v1/responses/input_tokens",
+        r#"{"model":"m","input":7}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
 }

@@ -47,6 +47,10 @@ pub fn app(state: AppState) -> Router {
             get(stored_responses::input_items),
         )
         .route("/v1/responses/{id}/cancel", post(stored_responses::cancel))
+        .route(
+            "/v1/responses/input_tokens",
+            post(stored_responses::input_tokens),
+        )
         .route("/v1/conversations", post(conversations::create))
         .route(
             "/v1/conversations/{id}",

@@ -2,7 +2,9 @@
 //! [`crate::response_store`]): `POST /v1/responses` with a `previous_response_id` (the
 //! stored conversation read first, then the request validated with it),
 //! `GET`/`DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items` (see
-//! [`super::input_items`]). A tenant sees only its own answers; any other id is a 404.
+//! [`super::input_items`]), and `POST /v1/responses/input_tokens` (a body read as
+//! `POST /v1/responses` reads it, counted). A tenant sees only its own answers; any other
+//! id is a 404.
 
 use super::auth::ActingFor;
 use super::background::{self, Background};
@@ -193,6 +195,40 @@ pub async fn create(
     };
     let answer = respond(state, tenant, acting, id, started, Ok(req)).await;
     background::start(bg, answer).await
+}
+
+/// `POST /v1/responses/input_tokens`: how many input tokens a response to this body
+/// would take (`{"object": "response.input_tokens", "input_tokens": n}`), read as
+/// `POST /v1/responses` reads it (the same validation; a stored response or conversation
+/// it continues and the items it references first; truncated if it says `auto`) and
+/// counted by the pool that would serve it (see [`crate::pipeline::input_tokens`]).
+/// Nothing is admitted, run or charged.
+pub async fn input_tokens(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let counted = async {
+        let body = read_body(&state, body)?;
+        let mut req = responses::read(&body)?;
+        references(&state, owner.clone(), &mut req).await?;
+        let previous = previous(&state, owner, &req).await?;
+        let req = validated(&state, body, move |_, server| {
+            responses::validate_map(req, server, previous)
+        })
+        .await?;
+        crate::pipeline::input_tokens(&state, &tenant, req)
+    }
+    .await;
+    let answer = counted.map(|n| json!({"object": "response.input_tokens", "input_tokens": n}));
+    with_limits(
+        &tenant,
+        answer.map_or_else(IntoResponse::into_response, |v| {
+            axum::Json(v).into_response()
+        }),
+    )
 }
 
 /// What a `background: true` request needs to run apart from its client (run streamed,

@@ -185,6 +185,9 @@ else:
 # Stored responses, where the gateway stores them (`[responses] store = true`): read
 # back, continued with `previous_response_id`, deleted; elsewhere continuing is refused.
 kept = client.responses.create(model=model, input="Say hello", max_output_tokens=6, temperature=0)
+# Counted ahead: the input tokens the response took.
+counted = client.responses.input_tokens.count(model=model, input="Say hello")
+assert counted.input_tokens == kept.usage.input_tokens, (counted, kept.usage)
 if kept.store:
     assert client.responses.retrieve(kept.id).output_text == kept.output_text
     more = client.responses.create(
