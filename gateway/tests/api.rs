@@ -725,6 +725,96 @@ async fn item_references_stand_for_the_tenants_stored_items() {
     assert_eq!(e["error"]["param"], "input[0]", "{e}");
 }
 
+/// A tenant at its storage quota (`max_stored_mib`) is refused what would store more
+/// (403 `storage_quota_exceeded`: answers, conversations, items) but not what stores
+/// nothing; deleting makes room again; other tenants are not held to its quota.
+#[tokio::test]
+async fn a_tenant_at_its_storage_quota_stores_no_more() {
+    let (dir, stored) = response_store("quota");
+    // About 500 bytes: one answer takes it past.
+    let other = other_tenant() + "max_stored_mib = 0.0005\n";
+    let gw = Gateway::start(&(config(FAST_SIM, &other, ADMIN_SERVER) + &stored));
+    let c = client();
+    let call = |key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = c.request(method, gw.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let post = reqwest::Method::POST;
+    let ask = |store: bool| serde_json::json!({"model": "m", "input": "hello", "store": store});
+    let r = call(OTHER, post.clone(), "/v1/responses", Some(ask(true)))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200, "under its quota");
+    let first: Value = r.json().await.expect("JSON");
+    for (path, body) in [
+        ("/v1/responses", ask(true)),
+        ("/v1/conversations", serde_json::json!({})),
+    ] {
+        let r = call(OTHER, post.clone(), path, Some(body))
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 403, "{path}");
+        let e: Value = r.json().await.expect("JSON");
+        assert_eq!(e["error"]["code"], "storage_quota_exceeded", "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .expect("a message")
+                .contains("quota of 524 bytes"),
+            "{e}"
+        );
+    }
+    let r = call(OTHER, post.clone(), "/v1/responses", Some(ask(false)))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200, "storing nothing is not held to the quota");
+    let r = call(KEY, post.clone(), "/v1/responses", Some(ask(true)))
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200, "another tenant's quota is its own");
+    // The operator sees it at its quota.
+    let stored: Value = c
+        .get(gw.admin_url("/admin/stored"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    let at = stored["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["tenant"] == "other")
+        .expect("other's");
+    assert_eq!(at["quota_bytes"], 524, "{stored}");
+    assert!(
+        at["held_bytes"].as_u64() >= Some(524) && at["held_bytes"] == at["bytes"],
+        "{stored}"
+    );
+    // Deleted: room again.
+    let path = format!("/v1/responses/{}", first["id"].as_str().expect("an id"));
+    let r = call(OTHER, reqwest::Method::DELETE, &path, None)
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let r = call(
+        OTHER,
+        post.clone(),
+        "/v1/conversations",
+        Some(serde_json::json!({})),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(r.status(), 200);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The Conversations API (`[responses] store = true`): a conversation is its tenant's;
 /// a response in it, streamed, reads its items first and adds its input and output; its
 /// items survive the gateway being killed and started again.

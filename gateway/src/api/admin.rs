@@ -12,7 +12,7 @@
 //!   that leaves), its background responses stopped
 
 use super::error::ApiError;
-use super::stored_responses::on_store;
+use super::stored_responses::{on_store, quota};
 use crate::config::keys;
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};
@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 pub fn app(state: AppState) -> Router {
@@ -143,7 +143,20 @@ fn store(
 async fn stored(State(state): State<AppState>) -> Response {
     let summary = async { on_store(&store(&state)?, |s| s.summary()).await }.await;
     match summary {
-        Ok(tenants) => Json(json!({ "tenants": tenants })).into_response(),
+        Ok(tenants) => {
+            // Each with its quota, where it is a tenant of the config now.
+            let live = state.live();
+            let tenants: Vec<Value> = tenants
+                .into_iter()
+                .map(|t| {
+                    let quota = live.tenants.get(&t.tenant).map(|c| quota(&state, c));
+                    let mut v = json!(t);
+                    v["quota_bytes"] = json!(quota);
+                    v
+                })
+                .collect();
+            Json(json!({ "tenants": tenants })).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -14,7 +14,7 @@ use super::handlers::{read_body, with_limits};
 use super::input_items::{self, fresh_id};
 use super::item_reference;
 use super::responses::{self, metadata};
-use super::stored_responses::for_tenant;
+use super::stored_responses::{for_tenant, quota, within_quota};
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
@@ -94,12 +94,17 @@ fn items(v: Option<&Value>, required: bool) -> Result<Vec<Value>, ApiError> {
 }
 
 /// `items` with their references replaced by the tenant's items they name (see
-/// [`super::item_reference`]), checked, and in their stored shape (each with an id).
+/// [`super::item_reference`]), checked, and in their stored shape (each with an id);
+/// refused (403) where the tenant keeps `quota` bytes or more.
 fn checked(
     store: &ResponseStore,
     owner: &str,
     mut items: Vec<Value>,
+    quota: u64,
 ) -> Result<Result<Vec<Value>, ApiError>, StoreError> {
+    if let Err(e) = within_quota(store, owner, quota)? {
+        return Ok(Err(e));
+    }
     if let Err(e) = item_reference::resolve(store, owner, &mut items, "items")? {
         return Ok(Err(e));
     }
@@ -140,8 +145,9 @@ pub async fn create(
         Ok(p) => p,
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
+    let quota = quota(&state, &tenant);
     run(state, tenant, acting, move |s, owner| {
-        let items = match checked(s, owner, items)? {
+        let items = match checked(s, owner, items, quota)? {
             Ok(items) => items,
             Err(e) => return Ok(Err(e)),
         };
@@ -245,8 +251,9 @@ pub async fn add_items(
         Ok(a) => a,
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
+    let quota = quota(&state, &tenant);
     run(state, tenant, acting, move |s, owner| {
-        let added = match checked(s, owner, added)? {
+        let added = match checked(s, owner, added, quota)? {
             Ok(items) => items,
             Err(e) => return Ok(Err(e)),
         };
@@ -323,7 +330,7 @@ mod tests {
     }
 
     fn check(s: &ResponseStore, tenant: &str, v: Value) -> Result<Vec<Value>, ApiError> {
-        checked(s, tenant, items(Some(&v), true)?).expect("the store answers")
+        checked(s, tenant, items(Some(&v), true)?, u64::MAX).expect("the store answers")
     }
 
     #[test]

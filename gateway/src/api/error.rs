@@ -32,6 +32,12 @@ pub enum ApiError {
         message: String,
         retry_after_ms: u64,
     },
+    #[error(
+        "This tenant's stored responses and conversations take {stored} bytes, at or past its \
+         quota of {quota} bytes: delete some (`DELETE /v1/responses/{{id}}`, \
+         `DELETE /v1/conversations/{{id}}`), wait for some to expire, or send `store: false`."
+    )]
+    StorageQuota { stored: u64, quota: u64 },
     #[error("{0}")]
     Upstream(String),
     #[error("The request timed out.")]
@@ -100,6 +106,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::StorageQuota { .. } => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -116,6 +123,9 @@ impl ApiError {
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
+            }
+            ApiError::StorageQuota { .. } => {
+                ("invalid_request_error", Some("storage_quota_exceeded"))
             }
             ApiError::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
             ApiError::Overloaded { .. } => ("server_error", Some("overloaded")),

@@ -70,6 +70,49 @@ pub(super) async fn for_tenant<T: Send + 'static>(
     with_limits(&tenant, done.map_or_else(IntoResponse::into_response, ok))
 }
 
+/// The bytes `tenant` may keep in the store: its `max_stored_mib`, else the gateway's
+/// `[responses] max_stored_mib_per_tenant`.
+pub(super) fn quota(state: &AppState, tenant: &Tenant) -> u64 {
+    let mib = tenant
+        .cfg
+        .max_stored_mib
+        .unwrap_or_else(|| state.live().config.responses.max_stored_mib_per_tenant);
+    (mib * 1024.0 * 1024.0) as u64
+}
+
+/// A 403 where `owner` keeps `quota` bytes or more (checked before a request that would
+/// store more: one answer may take it past).
+pub(super) fn within_quota(
+    store: &ResponseStore,
+    owner: &str,
+    quota: u64,
+) -> Result<Result<(), ApiError>, StoreError> {
+    let stored = store.stored_bytes(owner)?;
+    Ok(match stored >= quota {
+        true => Err(ApiError::StorageQuota { stored, quota }),
+        false => Ok(()),
+    })
+}
+
+/// Refuses a request that would store (its answer, or in a conversation) where its tenant
+/// is at its quota.
+async fn room(
+    state: &AppState,
+    tenant: &Tenant,
+    owner: String,
+    req: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    let Some(store) = &state.responses else {
+        return Ok(());
+    };
+    let named = |k: &str| req.get(k).is_some_and(|v| !v.is_null());
+    if req.get("store") == Some(&Value::Bool(false)) && !named("conversation") {
+        return Ok(());
+    }
+    let quota = quota(state, tenant);
+    on_store(store, move |s| within_quota(s, &owner, quota)).await?
+}
+
 fn not_stored(id: &str) -> ApiError {
     ApiError::NotFound(format!("no stored response with id {id:?}"))
 }
@@ -177,6 +220,7 @@ pub async fn create(
     let parsed = async {
         let body = read_body(&state, body)?;
         let mut req = responses::read(&body)?;
+        room(&state, &tenant, owner.clone(), &req).await?;
         references(&state, owner.clone(), &mut req).await?;
         let previous = previous(&state, owner.clone(), &req).await?;
         validated(&state, body, move |_, server| {

@@ -72,6 +72,10 @@ pub struct ResponsesConfig {
     pub path: String,
     /// How long a stored answer is kept (OpenAI keeps them 30 days).
     pub retention_hours: f64,
+    /// What one tenant may keep (answers, conversations, their items; MiB of JSON) unless
+    /// its own `max_stored_mib` says otherwise: past it, requests that would store more
+    /// are refused (403 `storage_quota_exceeded`) until some is deleted or expires.
+    pub max_stored_mib_per_tenant: f64,
 }
 
 impl Default for ResponsesConfig {
@@ -80,6 +84,7 @@ impl Default for ResponsesConfig {
             store: false,
             path: "tollgate-responses.db".into(),
             retention_hours: 720.0,
+            max_stored_mib_per_tenant: 1024.0,
         }
     }
 }
@@ -568,6 +573,10 @@ pub struct TenantConfig {
     /// `x-tollgate-weight`); metrics and scheduling then see that tenant.
     #[serde(default)]
     pub trusted: bool,
+    /// What this tenant may keep in the response store, in MiB (default:
+    /// `[responses] max_stored_mib_per_tenant`; 0: nothing).
+    #[serde(default)]
+    pub max_stored_mib: Option<f64>,
     /// Per-model overrides: a model listed here gets its own contract (fields not given are
     /// the tenant's) and its own buckets, apart from the tenant's other traffic.
     #[serde(default)]
@@ -675,6 +684,10 @@ impl Config {
                  number of hours > 0 (or set responses.store = false)",
             );
         }
+        let quota = self.responses.max_stored_mib_per_tenant;
+        if !(quota >= 0.0 && quota.is_finite()) {
+            return invalid("responses.max_stored_mib_per_tenant must be a number >= 0");
+        }
         if self.metering.enabled && self.metering.path.is_empty() {
             return invalid("metering.path must not be empty (or set metering.enabled = false)");
         }
@@ -772,6 +785,11 @@ impl Config {
                     "tenants.{}: max_concurrency and requests_per_minute must be >= 1",
                     t.id
                 ));
+            }
+            if t.max_stored_mib
+                .is_some_and(|m| !(m >= 0.0 && m.is_finite()))
+            {
+                return invalid(format!("tenants.{}: max_stored_mib must be >= 0", t.id));
             }
             for (model, o) in &t.models {
                 if !model_ids.contains(model.as_str()) {
@@ -950,12 +968,24 @@ workers = [{{ kind = "engine"{fields} }}]
             "store = true\nretention_hours = -1.0",
             "store = true\nretention_hours = 1e300",
             "store = true\nretention_hours = nan",
+            "store = true\nmax_stored_mib_per_tenant = -1.0",
+            "max_stored_mib_per_tenant = inf",
         ] {
             let err = with(bad).unwrap_err().to_string();
             assert!(err.contains("responses."), "{bad}: {err}");
         }
         // Off, nothing about it is checked.
         assert!(with("store = false\npath = \"\"").is_ok());
+        assert_eq!(cfg.responses.max_stored_mib_per_tenant, 1024.0);
+        let tenant = |quota: &str| {
+            Config::from_toml(&format!(
+                "[[tenants]]\nid = \"t\"\nkeys_sha256 = [\"{}\"]\nmax_stored_mib = {quota}\n",
+                "ab".repeat(32)
+            ))
+        };
+        assert_eq!(tenant("0.0").unwrap().tenants[0].max_stored_mib, Some(0.0));
+        let err = tenant("-2.0").unwrap_err().to_string();
+        assert!(err.contains("tenants.t: max_stored_mib"), "{err}");
     }
 
     #[test]

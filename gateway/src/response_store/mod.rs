@@ -14,6 +14,7 @@
 
 pub mod conversations;
 mod items;
+mod quota;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
@@ -43,8 +44,12 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
     // another writer (SQLite answers "database is locked" at once).
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
-        let mut put =
-            tx.prepare_cached("INSERT OR REPLACE INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
+        // An upsert, not a REPLACE: the update fires the byte count's trigger.
+        let mut put = tx.prepare_cached(
+            "INSERT INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (id) DO UPDATE SET created_ms = excluded.created_ms, expires_ms = excluded.expires_ms,
+                 response = excluded.response, conversation = excluded.conversation",
+        )?;
         let mut running = tx.prepare_cached("INSERT OR IGNORE INTO unfinished VALUES (?1)")?;
         let mut ended = tx.prepare_cached("DELETE FROM unfinished WHERE id = ?1")?;
         for a in answers {
@@ -170,6 +175,8 @@ pub struct TenantStored {
     pub conversation_items: u64,
     /// The stored JSON's bytes.
     pub bytes: u64,
+    /// What its quota is held against: `bytes`, and what expired but is not purged yet.
+    pub held_bytes: u64,
 }
 
 impl TenantStored {
@@ -180,6 +187,7 @@ impl TenantStored {
             conversations: 0,
             conversation_items: 0,
             bytes: 0,
+            held_bytes: 0,
         }
     }
 }
@@ -231,7 +239,11 @@ impl ResponseStore {
         let mut conn = open()?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(items::SCHEMA)?;
+        conn.execute_batch(quota::SCHEMA)?;
+        // Stores written before: their answers indexed (schema version 1), then their
+        // bytes counted (2), in that order.
         items::backfill(&mut conn)?;
+        quota::recount(&mut conn)?;
         let mut writes = open()?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let writes_done = Arc::new(Writes::default());
@@ -412,7 +424,8 @@ impl ResponseStore {
         let now = now_ms();
         let mut by: std::collections::BTreeMap<String, TenantStored> = Default::default();
         let mut q = conn.prepare(
-            "SELECT tenant, COUNT(*), COALESCE(SUM(length(response) + length(conversation)), 0)
+            "SELECT tenant, COUNT(*),
+                    COALESCE(SUM(octet_length(response) + octet_length(conversation)), 0)
              FROM responses WHERE expires_ms > ?1 GROUP BY tenant",
         )?;
         let rows = q.query_map([now], |r| {
@@ -431,9 +444,12 @@ impl ResponseStore {
             t.bytes += bytes;
         }
         let mut q = conn.prepare(
-            "SELECT c.tenant, COUNT(DISTINCT c.id), COUNT(i.seq),
-                    COALESCE(SUM(length(i.item)), 0) + SUM(length(c.metadata))
-             FROM conversations c LEFT JOIN conversation_items i ON i.conversation = c.id
+            "SELECT c.tenant, COUNT(*), COALESCE(SUM(i.n), 0),
+                    COALESCE(SUM(i.bytes), 0) + SUM(octet_length(c.metadata))
+             FROM conversations c LEFT JOIN (
+                 SELECT conversation, COUNT(*) AS n, SUM(octet_length(item)) AS bytes
+                 FROM conversation_items GROUP BY conversation
+             ) i ON i.conversation = c.id
              WHERE c.expires_ms > ?1 GROUP BY c.tenant",
         )?;
         let rows = q.query_map([now], |r| {
@@ -452,6 +468,14 @@ impl ResponseStore {
             t.conversations = n;
             t.conversation_items = items;
             t.bytes += bytes;
+        }
+        let mut held = conn.prepare("SELECT tenant, bytes FROM stored_bytes")?;
+        let rows = held.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (tenant, bytes) = row?;
+            if let Some(t) = by.get_mut(&tenant) {
+                t.held_bytes = bytes.max(0) as u64;
+            }
         }
         Ok(by.into_values().collect())
     }
@@ -636,9 +660,13 @@ mod tests {
         s.save(answer("resp_1", "a")).await.unwrap();
         s.save(answer("resp_2", "a")).await.unwrap();
         s.save(answer("resp_3", "b")).await.unwrap();
-        let items = [serde_json::json!({"id": "msg_1"})];
+        let items = [
+            serde_json::json!({"id": "msg_1"}),
+            serde_json::json!({"id": "msg_2"}),
+        ];
+        let meta = [("topic".to_string(), serde_json::json!("counted once"))];
         let c = s
-            .create_conversation("a", serde_json::Map::new(), &items)
+            .create_conversation("a", meta.into_iter().collect(), &items)
             .unwrap();
         let sum = s.summary().unwrap();
         let a = &sum[0];
@@ -649,9 +677,10 @@ mod tests {
                 a.conversations,
                 a.conversation_items
             ),
-            ("a", 2, 1, 1)
+            ("a", 2, 1, 2)
         );
-        assert!(a.bytes > 0);
+        // The metadata counted once, not once per item: what the triggers keep.
+        assert_eq!(a.bytes, s.stored_bytes("a").unwrap());
         assert_eq!((sum[1].tenant.as_str(), sum[1].answers), ("b", 1));
         assert_eq!(s.delete_tenant("a").unwrap(), (2, 1));
         assert_eq!(s.get("a", "resp_1").unwrap(), None);
