@@ -55,6 +55,7 @@ fn shapes(c: &mut Criterion) {
                     text: "tok tok tok tok",
                     logprobs: &[],
                     finish: FinishReason::Length,
+                    embedding: &[],
                 };
                 renderer(&req).full(&[choice], USAGE)
             })

@@ -43,6 +43,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         prompt_ids: None,
         params: SamplingParams::greedy(max_tokens),
         stream: true,
+        embed: false,
     })
 }
 
@@ -104,7 +105,7 @@ async fn run(w: Arc<EngineWorker>, r: Arc<WorkerRequest>) -> (Duration, u32) {
             WorkerEvent::Delta { .. } => {
                 ttft.get_or_insert(t0.elapsed());
             }
-            WorkerEvent::Prompt { .. } => {}
+            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             WorkerEvent::Done { usage, .. } => {
                 return (ttft.unwrap_or(t0.elapsed()), usage.completion_tokens)
             }

@@ -353,6 +353,10 @@ async fn run(
             prompt_ids: part.ids.clone(),
             params: params.clone(),
             stream,
+            embed: matches!(
+                req.endpoint,
+                crate::api::validate::Endpoint::Embeddings { .. }
+            ),
         });
         let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
             .map(|j| {
@@ -402,6 +406,7 @@ async fn run(
                     logprobs: Vec::new(),
                     score: (0.0, 0),
                     done: None,
+                    embedding: Vec::new(),
                 })
             })
             .collect(),
@@ -611,6 +616,8 @@ struct Choice {
     score: (f64, u32),
     /// How it finished, once it has.
     done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
+    /// An embeddings request's answer.
+    embedding: Vec<f32>,
 }
 
 /// Stores a finished `/v1/responses` answer when it is to be stored (through the store's
@@ -772,6 +779,7 @@ impl SseStream {
                     }
                     c.logprobs.extend(logprobs);
                 }
+                Step::Event(i, WorkerEvent::Embedding(v)) => self.choices[i].embedding = v,
                 Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
                     // The prompt's tokens come first, before the completion's.
                     let c = &mut self.choices[i];
@@ -797,6 +805,7 @@ impl SseStream {
                             text: &c.text,
                             logprobs: &c.logprobs,
                             finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
+                            embedding: &c.embedding,
                         })
                         .collect();
                     let body = self.renderer.full(&out, usage);
@@ -844,6 +853,8 @@ impl SseStream {
                         s.renderer.delta_frame(&mut out, i, &text, &logprobs);
                         false
                     }
+                    // Embeddings are never streamed.
+                    Step::Event(_, WorkerEvent::Embedding(_)) => false,
                     Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
                         let prompt = s.choices[i].echo.take().or(text).unwrap_or_default();
                         s.renderer.delta_frame(&mut out, i, &prompt, &logprobs);

@@ -57,7 +57,7 @@ async fn run_usage(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishRe
     let mut text = String::new();
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
-            WorkerEvent::Prompt { .. } => {}
+            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
             WorkerEvent::Done {
                 finish_reason,

@@ -24,7 +24,7 @@ async fn greedy(w: &EngineWorker, prompt: &str) -> String {
     let mut text = String::new();
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
-            WorkerEvent::Prompt { .. } => {}
+            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
             WorkerEvent::Done { .. } => return text,
         }

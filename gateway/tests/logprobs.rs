@@ -34,7 +34,7 @@ async fn run(
     let (mut text, mut items) = (String::new(), Vec::new());
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
-            WorkerEvent::Prompt { .. } => {}
+            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             WorkerEvent::Delta {
                 text: t, logprobs, ..
             } => {
@@ -399,6 +399,7 @@ async fn run_scored(
     let (mut scored, mut items, mut text) = (Vec::new(), Vec::new(), String::new());
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
+            WorkerEvent::Embedding(_) => panic!("an embedding for a completion"),
             WorkerEvent::Prompt { logprobs, .. } => {
                 assert!(
                     text.is_empty() && items.is_empty(),
@@ -472,7 +473,7 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
                     assert_eq!(finish_reason, FinishReason::Stop);
                     break;
                 }
-                WorkerEvent::Prompt { .. } => {}
+                WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             }
         }
         assert_eq!(items.len(), 1, "{kind:?}: {items:?}");

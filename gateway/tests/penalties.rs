@@ -28,7 +28,7 @@ async fn run(
     let mut items = Vec::new();
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
-            WorkerEvent::Prompt { .. } => {}
+            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
             WorkerEvent::Delta { logprobs, .. } => items.extend(logprobs),
             WorkerEvent::Done { .. } => return items,
         }

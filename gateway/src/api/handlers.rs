@@ -121,12 +121,17 @@ pub trait Inference {
 pub struct Chat;
 /// `POST /v1/completions`.
 pub struct Completions;
+/// `POST /v1/embeddings`.
+pub struct Embeddings;
 
 impl Inference for Chat {
     const VALIDATE: Validator = validate::chat;
 }
 impl Inference for Completions {
     const VALIDATE: Validator = validate::completion;
+}
+impl Inference for Embeddings {
+    const VALIDATE: Validator = super::embeddings::validate;
 }
 
 /// The handler of inference endpoint `E`.

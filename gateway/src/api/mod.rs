@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod background;
 mod conversations;
+pub mod embeddings;
 pub mod error;
 pub mod event_log;
 mod handlers;
@@ -36,6 +37,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/completions",
             post(handlers::infer::<handlers::Completions>),
+        )
+        .route(
+            "/v1/embeddings",
+            post(handlers::infer::<handlers::Embeddings>),
         )
         .route("/v1/responses", post(stored_responses::create))
         .route(

@@ -50,6 +50,8 @@ pub struct ChoiceOut<'a> {
     pub text: &'a str,
     pub logprobs: &'a [TokenLogprob],
     pub finish: FinishReason,
+    /// An embeddings request's: the input's vector.
+    pub embedding: &'a [f32],
 }
 
 fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
@@ -153,7 +155,8 @@ impl Renderer {
                     usage: self.usage_field(),
                 },
             ),
-            Endpoint::Responses => {}
+            // Neither streams its own way here (embeddings never stream).
+            Endpoint::Responses | Endpoint::Embeddings { .. } => {}
         }
     }
 
@@ -304,7 +307,7 @@ impl Renderer {
                         usage,
                     },
                 ),
-                Endpoint::Responses => {}
+                Endpoint::Responses | Endpoint::Embeddings { .. } => {}
             }
         }
         out.put_slice(b"data: [DONE]\n\n");
@@ -414,6 +417,15 @@ impl Renderer {
                 usage: usage.into(),
             }),
             Endpoint::Responses => Ok(Vec::new()),
+            Endpoint::Embeddings { base64 } => {
+                let vectors: Vec<&[f32]> = choices.iter().map(|c| c.embedding).collect();
+                Ok(super::embeddings::body(
+                    &self.model,
+                    &vectors,
+                    usage,
+                    base64,
+                ))
+            }
         };
         Bytes::from(body.unwrap_or_default())
     }

@@ -20,6 +20,10 @@ pub enum Endpoint {
     Completion,
     /// `/v1/responses`: validated as the chat request it means ([`super::responses`]).
     Responses,
+    /// `/v1/embeddings` ([`super::embeddings`]): vectors as base64, or as floats.
+    Embeddings {
+        base64: bool,
+    },
 }
 
 /// A validated request, ready for the pipeline.
@@ -74,7 +78,7 @@ pub const MAX_N: u32 = 16;
 pub const MAX_CHOICES: usize = 128;
 
 /// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
-fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

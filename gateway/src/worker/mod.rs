@@ -161,6 +161,9 @@ pub struct WorkerRequest {
     pub params: SamplingParams,
     /// The client streams: upstream workers should stream too.
     pub stream: bool,
+    /// `/v1/embeddings`: the prompt's embedding is the answer ([`WorkerEvent::Embedding`]
+    /// then `Done`, no tokens generated; `params` unused).
+    pub embed: bool,
 }
 
 /// Why generation ended.
@@ -234,6 +237,9 @@ pub enum WorkerEvent {
         logprobs: Vec<TokenLogprob>,
         text: Option<String>,
     },
+    /// The prompt's embedding (an [`WorkerRequest::embed`] request's answer, before its
+    /// `Done`): unit length, as OpenAI's are.
+    Embedding(Vec<f32>),
     /// Generation ended; always the last event.
     Done {
         finish_reason: FinishReason,

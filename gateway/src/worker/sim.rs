@@ -13,7 +13,9 @@
 //!   and `seed`; the natural length lies in `[min_output_tokens, max_output_tokens]`
 //!   (finish `stop`), cut by `max_tokens` (finish `length`) or a `stop` string.
 //!
-//! Prompt tokens are estimated as one per 4 bytes of prompt text (at least 1).
+//! Prompt tokens are estimated as one per 4 bytes of prompt text (at least 1). An
+//! embeddings request is answered after its prefill time with a unit vector of
+//! [`SIM_EMBEDDING_DIM`] numbers from the prompt's hash (the same prompt, the same vector).
 
 use super::{
     estimate_prompt_tokens, EventStream, FinishReason, Load, Prompt, Usage, Worker, WorkerError,
@@ -104,6 +106,9 @@ impl SimWorker {
     }
 }
 
+/// The size of a simulated embedding.
+pub const SIM_EMBEDDING_DIM: usize = 256;
+
 fn prompt_hash(req: &WorkerRequest) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match &req.prompt {
@@ -190,6 +195,16 @@ impl Gen {
         }
         if self.finished {
             return None;
+        }
+        if self.req.embed {
+            // A vector of the prompt's hash, then the end: nothing is generated.
+            let v = (0..SIM_EMBEDDING_DIM)
+                .map(|_| (splitmix(&mut self.rng) >> 11) as f32 / (1u64 << 53) as f32 - 0.5)
+                .collect();
+            self.pending = Some(self.done(FinishReason::Stop));
+            return Some(WorkerEvent::Embedding(crate::api::embeddings::normalized(
+                v,
+            )));
         }
         if self.produced >= self.natural_len && self.natural_len < self.req.params.max_tokens {
             return Some(self.done(FinishReason::Stop));
@@ -317,7 +332,8 @@ impl Worker for SimWorker {
             let stream = futures::stream::unfold((gen, Some(prefill)), |(mut g, first)| async move {
                 let delay = first.unwrap_or_else(|| g.step_delay());
                 let ev = g.next_event()?;
-                if matches!(ev, WorkerEvent::Delta { .. }) && !delay.is_zero() {
+                let timed = matches!(ev, WorkerEvent::Delta { .. } | WorkerEvent::Embedding(_));
+                if timed && !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
                 Some((Ok(ev), (g, None)))
@@ -364,6 +380,7 @@ mod tests {
                 ..SamplingParams::greedy(max_tokens)
             },
             stream: true,
+            embed: false,
         })
     }
 

@@ -443,6 +443,7 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
         prompt_ids: None,
         params: SamplingParams::greedy(max_tokens),
         stream: true,
+        embed: false,
     })
 }
 
