@@ -74,6 +74,37 @@ async fn openai_upstream_non_streamed_and_streamed_with_upstream_usage() {
     assert_eq!(v["metadata"]["k"], "v");
 }
 
+/// Embeddings asked of an OpenAI-compatible upstream, one input at a time: its vectors (as
+/// it sent them) in input order, its token counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_from_an_openai_upstream() {
+    let stub = Stub::start(StubArgs::default()).await;
+    let gw = Gateway::start(&config(&stub.worker(), "", ""));
+    let v: Value = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"m","input":["a",[1,2,3]]}"#,
+    )
+    .await
+    .json()
+    .await
+    .expect("JSON");
+    assert_eq!(
+        v["data"][0]["embedding"],
+        serde_json::json!([0.0, 1.0, 0.0, 0.0]),
+        "{v}"
+    );
+    assert_eq!(
+        v["data"][1]["embedding"],
+        serde_json::json!([0.0, 1.0, 0.0, 0.0])
+    );
+    assert_eq!(v["data"][1]["index"], 1);
+    assert_eq!(
+        v["usage"]["prompt_tokens"], 14,
+        "each input's count, from the upstream"
+    );
+}
+
 /// Streams `body` to `path` from a slow upstream killed after the first token: what the
 /// client got, and the gateway's metrics after.
 async fn killed_mid_stream(path: &str, body: &str) -> (String, String) {

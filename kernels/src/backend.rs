@@ -74,6 +74,16 @@ pub trait Backend: Send {
             "this backend keeps no logits after a step".into(),
         ))
     }
+    /// The model's final hidden states of logits rows `rows` of the last step, `dim` floats
+    /// each, in that order: the residual stream after the last layer, normalized by the
+    /// output norm (what the output head multiplies; an embedding's source). Read where no
+    /// step is in flight.
+    fn hidden_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
+        let _ = rows;
+        Err(StepError::BadBatch(
+            "this backend keeps no hidden states after a step".into(),
+        ))
+    }
     /// The log-probabilities of rows of the last step ([`Score`]: a row, its token or the
     /// one [`Backend::step_sample`] drew for it, how many most likely), computed where the
     /// logits are, as [`Backend::submit`] computes them for its scored rows.
@@ -268,5 +278,15 @@ impl Backend for CpuBackend {
         let (model, kv, scratch, p) =
             (&self.model, &mut self.kv, &mut self.scratch, self.precision);
         self.pool.install(|| model.forward(batch, kv, scratch, p))
+    }
+    fn hidden_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
+        let mut out = Vec::with_capacity(rows.len() * self.model.config.dim);
+        for &r in rows {
+            let row = self.scratch.normed_row(r).ok_or_else(|| {
+                StepError::BadBatch(format!("hidden row {r} of a step without it"))
+            })?;
+            out.extend_from_slice(row);
+        }
+        Ok(out)
     }
 }

@@ -121,6 +121,14 @@ pub struct Scratch {
     rope: Vec<f32>,
 }
 
+impl Scratch {
+    /// Logits row `i` of the last step, normalized by the output norm (before the output
+    /// head), if the step had it.
+    pub fn normed_row(&self, i: usize) -> Option<&[f32]> {
+        (i < self.last.rows).then(|| self.last.row(i))
+    }
+}
+
 /// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
 /// (then each row of the stacked result is split into the outputs).
 fn project(
@@ -310,10 +318,10 @@ impl Model {
             .iter()
             .flat_map(|sq| sq.start + sq.len - sq.logits..sq.start + sq.len)
             .collect();
+        s.last.resize(rows.len(), d);
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        s.last.resize(rows.len(), d);
         for (i, &r) in rows.iter().enumerate() {
             ops::rmsnorm(s.x.row(r), &w.output_norm, c.rms_eps, s.last.row_mut(i));
         }

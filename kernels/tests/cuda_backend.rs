@@ -806,3 +806,54 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     }
     assert_eq!(cuda.small_product_timings(), &timings[..]);
 }
+
+#[test]
+fn hidden_states_match_the_twin_chain() {
+    on_each!("hidden", hidden_case);
+}
+
+/// A step's final hidden states (an embedding's source), read back after it: the twin
+/// chain's, for steps of 1 to 9 rows (prefills and decodes, from graphs and direct
+/// launches) with the products of few rows on `gemv_f16` (the final norm fused into the
+/// output head: the last residual add is made on the host) and on cuBLAS (launched apart);
+/// any of a step's logits rows, in the order asked; refused after a submitted step.
+fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    let (vocab, d) = (twin.config.vocab, twin.config.dim);
+    let (bs, n_blocks) = cuda.kv_geometry();
+    let mut check = |cuda: &mut CudaBackend<E>, want: &[f32], n: usize, what: &str| {
+        // The last row first, then the rest: any order, as asked.
+        let rows: Vec<usize> = std::iter::once(n - 1).chain(0..n - 1).collect();
+        let got = cuda.hidden_rows(&rows).unwrap();
+        let want: Vec<f32> = rows.iter().flat_map(|&r| want[r * d..(r + 1) * d].to_vec()).collect();
+        let e = rel_err(&got, &want);
+        assert!(e < 2e-3, "{what}: {e}");
+    };
+    for small in [SmallProducts(u8::MAX), SmallProducts(0)] {
+        cuda.set_small_products(small).unwrap();
+        let mut kv = twin.kv(bs, n_blocks);
+        for n in [1usize, 3, 9] {
+            let p = short_prompts(n, 4, 7);
+            let got = cuda.step(&p).unwrap();
+            let (_, want) = twin.forward_hidden(&p, &mut kv);
+            check(cuda, &want, n, &format!("{small:?}: prefill of {n}"));
+            let mut step = decode(&p, &greedy(&got, vocab));
+            for graphs in [true, false] {
+                cuda.set_graphs(graphs).unwrap();
+                let got = cuda.step(&step).unwrap();
+                let (_, want) = twin.forward_hidden(&step, &mut kv);
+                check(cuda, &want, n, &format!("{small:?}: decode of {n}, graphs {graphs}"));
+                step = decode(&step, &greedy(&got, vocab));
+            }
+        }
+    }
+    cuda.set_graphs(true).unwrap();
+    cuda.set_small_products(SmallProducts::default()).unwrap();
+    assert!(cuda.hidden_rows(&[9]).is_err(), "past the step's rows");
+    // A submitted step keeps none to read.
+    let p = short_prompts(2, 9, 2);
+    let params = vec![SampleParams::GREEDY; p.n_logits()];
+    cuda.submit(&p, &params, &[], &ReadBack::default()).unwrap();
+    assert!(cuda.hidden_rows(&[0]).is_err(), "while in flight");
+    cuda.collect().unwrap();
+    assert!(cuda.hidden_rows(&[0]).is_err(), "after a submitted step");
+}

@@ -1,7 +1,9 @@
 //! A fixed-answer OpenAI-compatible upstream (HTTP/1.1 and h2c).
 //!
 //! Answers `/v1/chat/completions` and `/v1/completions` (streamed or not) with `--tokens`
-//! copies of the word "tok", one SSE chunk each, `--token-delay-ms` apart; `/v1/models`;
+//! copies of the word "tok", one SSE chunk each, `--token-delay-ms` apart;
+//! `/v1/embeddings` with one vector per input (`[n, 1, 0, 0]` for input `n`, not normalized:
+//! an upstream's vectors pass through as they are); `/v1/models`;
 //! `/health`; and `/stats` (JSON counters: requests, streams completed and cancelled).
 //! `--fail-status` makes every inference request fail with that status.
 
@@ -100,7 +102,7 @@ async fn handle(req: Request<Incoming>, args: Arc<StubArgs>, stats: Arc<Stats>) 
             });
             return full(200, "application/json", body.to_string());
         }
-        "/v1/chat/completions" | "/v1/completions" => {}
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => {}
         _ => return full(404, "application/json", r#"{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}"#.into()),
     }
     stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +121,22 @@ async fn handle(req: Request<Incoming>, args: Arc<StubArgs>, stats: Arc<Stats>) 
         );
     }
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if path == "/v1/embeddings" {
+        stats.completed.fetch_add(1, Ordering::Relaxed);
+        let inputs = match &v["input"] {
+            serde_json::Value::Array(a) if a.iter().all(|i| !i.is_number()) => a.len(),
+            _ => 1,
+        };
+        let data: Vec<serde_json::Value> = (0..inputs)
+            .map(|i| {
+                serde_json::json!({"object": "embedding", "index": i,
+                "embedding": [i as f32, 1.0, 0.0, 0.0]})
+            })
+            .collect();
+        let body = serde_json::json!({"object": "list", "data": data, "model": "stub",
+            "usage": {"prompt_tokens": 7, "total_tokens": 7}});
+        return full(200, "application/json", body.to_string());
+    }
     let stream = v["stream"].as_bool().unwrap_or(false);
     let max = v["max_tokens"].as_u64().unwrap_or(u64::MAX) as u32;
     let n = args.tokens.min(max);

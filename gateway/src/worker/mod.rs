@@ -238,7 +238,8 @@ pub enum WorkerEvent {
         text: Option<String>,
     },
     /// The prompt's embedding (an [`WorkerRequest::embed`] request's answer, before its
-    /// `Done`): unit length, as OpenAI's are.
+    /// `Done`): unit length from the engine and the simulator, as OpenAI's are; an
+    /// upstream's as it sent it.
     Embedding(Vec<f32>),
     /// Generation ended; always the last event.
     Done {

@@ -88,6 +88,24 @@ impl OpenAiWorker {
     }
 
     fn body(&self, req: &WorkerRequest) -> (&'static str, Vec<u8>) {
+        let model = self.model.as_deref().unwrap_or(&req.model);
+        if req.embed {
+            let input = match &req.prompt {
+                Prompt::Text(t) => serde_json::json!(t),
+                Prompt::Tokens(ids) => serde_json::json!(ids),
+                Prompt::Chat(m) => serde_json::json!(m
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")),
+            };
+            let body =
+                serde_json::json!({"model": model, "input": input, "encoding_format": "float"});
+            return (
+                "/v1/embeddings",
+                serde_json::to_vec(&body).unwrap_or_default(),
+            );
+        }
         let p = &req.params;
         let (path, messages, prompt) = match &req.prompt {
             Prompt::Chat(m) => ("/v1/chat/completions", Some(m.as_slice()), None),
@@ -97,7 +115,7 @@ impl OpenAiWorker {
         // A scored prompt's answer is read whole (see the module's doc).
         let stream = req.stream && !p.prompt_logprobs;
         let body = UpstreamRequest {
-            model: self.model.as_deref().unwrap_or(&req.model),
+            model,
             messages,
             prompt,
             max_tokens: p.max_tokens,
@@ -412,7 +430,7 @@ impl Worker for OpenAiWorker {
                     WorkerError::Rejected { status, message }
                 });
             }
-            if req.stream && !req.params.prompt_logprobs {
+            if req.stream && !req.params.prompt_logprobs && !req.embed {
                 Ok(stream_events(resp.into_body(), req, guard))
             } else {
                 let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
@@ -420,7 +438,10 @@ impl Worker for OpenAiWorker {
                     .await
                     .map_err(|e| WorkerError::Protocol(format!("reading upstream body: {e}")))?
                     .to_bytes();
-                let events = parse_full(&body, &req)?;
+                let events = match req.embed {
+                    true => parse_embedding(&body, &req)?,
+                    false => parse_full(&body, &req)?,
+                };
                 drop(guard);
                 Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed())
             }
@@ -473,6 +494,48 @@ impl Worker for OpenAiWorker {
 }
 
 /// A non-streamed upstream answer as events.
+/// An upstream's `/v1/embeddings` answer (one input): its vector, then the end.
+fn parse_embedding(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
+    #[derive(Deserialize)]
+    struct Answer {
+        data: Vec<Item>,
+        usage: Option<Counted>,
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        embedding: Vec<f32>,
+    }
+    #[derive(Deserialize)]
+    struct Counted {
+        prompt_tokens: u32,
+    }
+    let v: Answer = serde_json::from_slice(body).map_err(|e| {
+        WorkerError::Protocol(format!(
+            "upstream embeddings answer is not as expected: {e}"
+        ))
+    })?;
+    let vector = v
+        .data
+        .into_iter()
+        .next()
+        .ok_or_else(|| WorkerError::Protocol("upstream embeddings answer has no data".into()))?
+        .embedding;
+    let usage = Usage {
+        prompt_tokens: v
+            .usage
+            .map_or_else(|| estimate_prompt_tokens(&req.prompt), |u| u.prompt_tokens),
+        completion_tokens: 0,
+        cached_tokens: 0,
+    };
+    Ok(vec![
+        WorkerEvent::Embedding(vector),
+        WorkerEvent::Done {
+            finish_reason: FinishReason::Stop,
+            usage,
+        },
+    ])
+}
+
 fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
     let v: UpstreamAnswer = serde_json::from_slice(body)
         .map_err(|e| WorkerError::Protocol(format!("upstream answer is not JSON: {e}")))?;

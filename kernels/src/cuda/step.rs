@@ -601,6 +601,40 @@ impl<E: Exec> Device<E> {
         Ok(())
     }
 
+    /// The final hidden states of logits rows `rows` of the step just run (waited for)
+    /// with `padded` logits rows enqueued: the residual after the last layer, normalized
+    /// by the output norm, `dim` f32s each, computed here from the device's rows. The
+    /// step's last residual add went into `x` (`add_rmsnorm`), or (its final norm fused
+    /// into the output head's `gemv_f16`, as [`Device::enqueue`] decides from `padded`)
+    /// is the last down output in `o` still to add.
+    pub fn final_hidden(&self, rows: &[usize], padded: usize) -> Result<Vec<f32>, ExecError> {
+        let (e, c, b) = (&self.exec, &self.config, &self.bufs);
+        let d = c.dim;
+        let fused = self.fuse_small && self.small.gemv(padded) && gemv::fits(padded, d);
+        let token_rows = e.download_at(&b.logit_rows, 0..padded)?;
+        let w = e.download_at(&self.output_norm, 0..d)?;
+        let mut out = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            let t = match token_rows.get(r) {
+                Some(&t) if t >= 0 => t as usize,
+                _ => {
+                    return Err(ExecError::Bounds(format!(
+                        "hidden state of logits row {r} of a step with {padded}"
+                    )))
+                }
+            };
+            let mut x = e.download_at(&b.x, t * d..(t + 1) * d)?;
+            if fused {
+                let o = e.download_at(&b.o, t * d..(t + 1) * d)?;
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            }
+            let ss: f32 = x.iter().map(|v| v * v).sum();
+            let inv = 1.0 / (ss / d as f32 + c.rms_eps).sqrt();
+            out.extend(x.iter().zip(&w).map(|(v, w)| v * inv * w));
+        }
+        Ok(out)
+    }
+
     /// Enqueues the `sample` kernel over a step's `n_logits` logits rows, with the
     /// parameters and adjustments of the staging buffer laid out as `lay` (the end of
     /// [`Device::enqueue`]'s step; or, for a step whose adjustments came later, launched

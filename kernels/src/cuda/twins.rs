@@ -362,6 +362,12 @@ impl TwinModel {
     /// One step, kernel by kernel in the CUDA backend's order. Returns logits
     /// (`n_logits × vocab`).
     pub fn forward(&self, batch: &Batch, kv: &mut TwinKv) -> Vec<f32> {
+        self.forward_hidden(batch, kv).0
+    }
+
+    /// [`TwinModel::forward`], and the logits rows' final hidden states (normalized by
+    /// the output norm, `n_logits × dim`, as the output head takes them: in f16).
+    pub fn forward_hidden(&self, batch: &Batch, kv: &mut TwinKv) -> (Vec<f32>, Vec<f32>) {
         let c = &self.config;
         let (d, qd, kvd, f) = (c.dim, c.n_heads * c.head_dim, c.kv_dim(), c.ffn_dim);
         let max_blocks = c.context_len.div_ceil(kv.block_size);
@@ -413,6 +419,7 @@ impl TwinModel {
             d,
             c.rms_eps,
         );
-        gemm(&h, &self.output, n_logits, d, c.vocab)
+        let logits = gemm(&h, &self.output, n_logits, d, c.vocab);
+        (logits, h.iter().map(|v| v.to_f32()).collect())
     }
 }

@@ -90,6 +90,9 @@ pub struct CudaBackend<E: Exec = Gpu> {
     last_rows: usize,
     /// Whether the last step drew its rows' tokens (what [`Backend::scores`] may report).
     last_drew: bool,
+    /// Logits rows the last step taken at once ([`CudaBackend::run`]) enqueued, with its
+    /// padding (0 after a submitted one): what [`Backend::hidden_rows`] reads.
+    last_padded: usize,
 }
 
 /// One step's host memory (page-locked on a GPU): its staging words, its sampling part
@@ -238,6 +241,7 @@ impl<E: Exec> CudaBackend<E> {
             tuned: Vec::new(),
             last_rows: 0,
             last_drew: false,
+            last_padded: 0,
         };
         // One direct step first (one dummy row, sampled): cuBLAS and the kernels load
         // outside any capture.
@@ -325,6 +329,7 @@ impl<E: Exec> CudaBackend<E> {
     ) -> Result<Launched, ExecError> {
         let n = batch.seqs.len();
         let n_logits = batch.n_logits();
+        self.last_padded = 0;
         let pad = match graph {
             Some(i) => self.graphs[i].bucket - n,
             None => min_rows.saturating_sub(n),
@@ -449,7 +454,8 @@ impl<E: Exec> CudaBackend<E> {
         self.last_sampled = 0;
         let r =
             self.launch(batch, min_rows, graph, sampling)
-                .and_then(|Launched { rows, .. }| {
+                .and_then(|Launched { rows, padded, .. }| {
+                    self.last_padded = padded;
                     let out = if rows == 0 {
                         Vec::new()
                     } else {
@@ -533,6 +539,22 @@ impl<E: Exec> Backend for CudaBackend<E> {
             out.extend(got.map_err(|e| StepError::Device(e.to_string()))?);
         }
         Ok(out)
+    }
+    fn hidden_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
+        if !self.flight.is_empty() || self.last_padded == 0 {
+            return Err(StepError::BadBatch(
+                "hidden states are read after a step taken at once, before any other".into(),
+            ));
+        }
+        if let Some(r) = rows.iter().find(|&&r| r >= self.last_rows) {
+            return Err(StepError::BadBatch(format!(
+                "hidden row {r} of a step with {} logits rows",
+                self.last_rows
+            )));
+        }
+        self.dev
+            .final_hidden(rows, self.last_padded)
+            .map_err(|e| StepError::Device(e.to_string()))
     }
     fn scores(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, StepError> {
         if !self.flight.is_empty() {
