@@ -820,11 +820,14 @@ fn hidden_states_match_the_twin_chain() {
 fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let (vocab, d) = (twin.config.vocab, twin.config.dim);
     let (bs, n_blocks) = cuda.kv_geometry();
-    let mut check = |cuda: &mut CudaBackend<E>, want: &[f32], n: usize, what: &str| {
+    let check = |cuda: &mut CudaBackend<E>, want: &[f32], n: usize, what: &str| {
         // The last row first, then the rest: any order, as asked.
         let rows: Vec<usize> = std::iter::once(n - 1).chain(0..n - 1).collect();
         let got = cuda.hidden_rows(&rows).unwrap();
-        let want: Vec<f32> = rows.iter().flat_map(|&r| want[r * d..(r + 1) * d].to_vec()).collect();
+        let want: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| want[r * d..(r + 1) * d].to_vec())
+            .collect();
         let e = rel_err(&got, &want);
         assert!(e < 2e-3, "{what}: {e}");
     };
@@ -841,7 +844,12 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
                 cuda.set_graphs(graphs).unwrap();
                 let got = cuda.step(&step).unwrap();
                 let (_, want) = twin.forward_hidden(&step, &mut kv);
-                check(cuda, &want, n, &format!("{small:?}: decode of {n}, graphs {graphs}"));
+                check(
+                    cuda,
+                    &want,
+                    n,
+                    &format!("{small:?}: decode of {n}, graphs {graphs}"),
+                );
                 step = decode(&step, &greedy(&got, vocab));
             }
         }

@@ -241,7 +241,8 @@ impl Engine {
                     .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
                     .collect();
                 let draws = self.drawing(&f.draws);
-                self.finish(&parts, &draws, next);
+                // Never an embeddings request's last step (taken at once instead).
+                self.finish(&parts, &draws, next, super::run::Hidden::new());
                 Turn::Go
             }
             Err(e) => {

@@ -334,6 +334,7 @@ impl EngineWorker {
                 JsonFormat::Object => JsonState::new(),
                 JsonFormat::Schema { compiled, .. } => JsonState::with_schema(compiled.clone()),
             }),
+            embed: req.embed,
             tx,
         })
     }

@@ -316,7 +316,7 @@ impl Engine {
             }
         } else {
             let (batch, rows) = self.build(&plan);
-            if self.overlap && backend.overlaps() {
+            if self.overlap && backend.overlaps() && !self.ends_embedding(&rows) {
                 self.send(backend, &plan, &batch, &rows, &mut backend_ns)
             } else {
                 self.step(backend, &plan, &batch, &rows, &mut backend_ns)
@@ -359,9 +359,18 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
-    /// Whether the next step may be planned before the one in flight is collected.
+    /// Whether the next step may be planned before the one in flight is collected: not
+    /// while an embeddings request is there (the step that ends its prompt is taken at
+    /// once, its hidden state read before any other step runs).
     fn may_plan_ahead(&self) -> bool {
-        !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
+        !self.plan_after
+            && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
+            && !self.running.iter().chain(&self.waiting).any(|s| s.embed)
+    }
+
+    /// Whether a step with logits rows `rows` ends an embeddings request's prompt.
+    fn ends_embedding(&self, rows: &Rows) -> bool {
+        rows.draws.iter().flatten().any(|&i| self.running[i].embed)
     }
 
     /// A sampled step's [`Sampling`], for logits rows drawn by `draws` and prompt rows
@@ -494,8 +503,31 @@ impl Engine {
             }
         });
         let stepped = stepped.and_then(|next| check(next, batch.n_logits(), self.vocab));
+        // The hidden states of the rows that end an embeddings request's prompt, read
+        // before any other step runs.
+        let stepped = stepped.and_then(|next| {
+            let ends: Vec<usize> = (0..draws.len())
+                .filter(|&r| draws[r].is_some_and(|i| self.running[i].embed))
+                .collect();
+            if ends.is_empty() {
+                return Ok((next, Hidden::new()));
+            }
+            let d = backend.config().dim;
+            let got = in_backend(&self.stats, backend_ns, || backend.hidden_rows(&ends))?;
+            if got.len() != ends.len() * d {
+                return Err(StepError::Device(format!(
+                    "the backend returned {} floats for {} hidden rows",
+                    got.len(),
+                    ends.len()
+                )));
+            }
+            let hidden = ends
+                .into_iter()
+                .zip(got.chunks_exact(d).map(<[f32]>::to_vec));
+            Ok((next, hidden.collect()))
+        });
         match stepped {
-            Ok(next) => {
+            Ok((next, hidden)) => {
                 self.stats.steps.fetch_add(1, Ordering::Relaxed);
                 let parts: Vec<(usize, Part)> = plan
                     .items
@@ -503,7 +535,7 @@ impl Engine {
                     .map(|&(i, _)| i)
                     .zip(self.parts(plan, batch))
                     .collect();
-                self.finish(&parts, draws, next);
+                self.finish(&parts, draws, next, hidden);
                 Turn::Go
             }
             Err(e) => self.fail(e, plan.items.iter().map(|&(i, _)| i).collect()),
@@ -511,14 +543,16 @@ impl Engine {
     }
 
     /// A step's answer: its prompts' rows scored, each drawing sequence's token drawn,
-    /// taken and sent, the blocks its sequences filled offered to the prefix cache, and
-    /// the sequences that finished freed. `parts`: the step's sequences (index in
-    /// `running`, part); `draws`: each logits row's drawing sequence.
+    /// taken and sent (an embeddings request's: its vector, from `hidden`, instead), the
+    /// blocks its sequences filled offered to the prefix cache, and the sequences that
+    /// finished freed. `parts`: the step's sequences (index in `running`, part); `draws`:
+    /// each logits row's drawing sequence.
     pub(super) fn finish(
         &mut self,
         parts: &[(usize, Part)],
         draws: &[Option<usize>],
         mut next: Next,
+        mut hidden: Hidden,
     ) {
         let (vocab, tok) = (self.vocab, &*self.tok);
         for &(i, p) in parts {
@@ -546,7 +580,8 @@ impl Engine {
         for &(i, _) in parts {
             let s = &mut self.running[i];
             let got = drawn.get_mut(i).and_then(Option::take);
-            if let Some((id, lp)) = &got {
+            // An embeddings request ends with its prompt: the token drawn for it is not its.
+            if let Some((id, lp)) = got.as_ref().filter(|_| !s.embed) {
                 s.take(*id, lp.clone(), tok);
             }
             // The blocks filled with known tokens join the prefix cache.
@@ -571,6 +606,12 @@ impl Engine {
             let Some((id, _)) = got else {
                 continue;
             };
+            if s.embed {
+                let vector = rows[i].and_then(|r| hidden.remove(&r));
+                embedded(s, vector, &self.stats, &mut self.outbox);
+                finished.push(i);
+                continue;
+            }
             if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
                 let tail = s.out.finish();
                 let logprobs = std::mem::take(&mut s.pending_logprobs);
@@ -667,6 +708,41 @@ impl Engine {
     fn publish(&self) {
         publish(&self.stats, &self.running, &self.waiting, &self.pool);
     }
+}
+
+/// The final hidden states a step's embeddings requests end with, by logits row.
+pub(super) type Hidden = std::collections::HashMap<usize, Vec<f32>>;
+
+/// An embeddings request's end: its vector (normalized to unit length) and its usage; or,
+/// without one (its last step was planned ahead, which the loop does not do), an error.
+fn embedded(s: &Seq, vector: Option<Vec<f32>>, stats: &EngineStats, outbox: &mut Outbox) {
+    let Some(v) = vector else {
+        outbox.push(
+            &s.tx,
+            Err(WorkerError::Protocol(
+                "the engine kept no hidden state for an embeddings request".into(),
+            )),
+        );
+        return;
+    };
+    let usage = s.usage();
+    stats
+        .prompt_tokens
+        .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+    stats
+        .cached_tokens
+        .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+    s.send(
+        outbox,
+        WorkerEvent::Embedding(crate::api::embeddings::normalized(v)),
+    );
+    s.send(
+        outbox,
+        WorkerEvent::Done {
+            finish_reason: crate::worker::FinishReason::Stop,
+            usage,
+        },
+    );
 }
 
 /// Builds the engine's backend again (after a device fault).

@@ -35,6 +35,8 @@ pub(super) struct NewSeq {
     pub(super) penalties: Option<Penalties>,
     /// JSON mode or structured output: where the document starts.
     pub(super) json: Option<JsonState>,
+    /// An embeddings request: its answer is the prompt's last hidden state.
+    pub(super) embed: bool,
     pub(super) tx: Events,
 }
 
@@ -82,6 +84,9 @@ pub(super) struct Seq {
     pub(super) counts: HashMap<u32, u32>,
     /// JSON mode or structured output: where the document generated so far stands.
     pub(super) json: Option<JsonState>,
+    /// An embeddings request: it ends with its prompt, answered with the normalized
+    /// final hidden state of its last token (no token is generated).
+    pub(super) embed: bool,
     pub(super) tx: Events,
 }
 
@@ -318,6 +323,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         penalties: n.penalties,
         counts: HashMap::new(),
         json: n.json,
+        embed: n.embed,
         tx: n.tx,
     }
 }
@@ -435,6 +441,7 @@ mod tests {
             prompt_logprobs: false,
             penalties: None,
             json: None,
+            embed: false,
             tx,
         };
         (admit(n, 0), rx)

@@ -63,6 +63,22 @@ assert finish == r.choices[0].finish_reason
 assert usage is not None and usage.completion_tokens == r.usage.completion_tokens, usage
 assert usage.prompt_tokens == r.usage.prompt_tokens, usage
 
+# Embeddings: the SDK asks for base64 and decodes it; floats when asked. One unit vector
+# per input, the same input the same vector.
+e = client.embeddings.create(model=model, input=["Say hello", "Something else", "Say hello"])
+assert e.object == "list" and [d.index for d in e.data] == [0, 1, 2], e
+vectors = [d.embedding for d in e.data]
+assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in vectors), [len(v) for v in vectors]
+assert vectors[0] == vectors[2] and vectors[0] != vectors[1]
+assert e.usage.prompt_tokens > 0 and e.usage.total_tokens == e.usage.prompt_tokens, e.usage
+floats = client.embeddings.create(model=model, input="Say hello", encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors[0])) < 1e-6
+try:
+    client.embeddings.create(model=model, input="x", dimensions=8)
+    raise AssertionError("expected BadRequestError")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "dimensions", err.body
+
 # A legacy completion.
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0)
 assert c.choices[0].text and 0 < c.usage.completion_tokens <= 3, c

@@ -452,18 +452,18 @@ impl<E: Exec> CudaBackend<E> {
         read: Read<E, T>,
     ) -> Result<Vec<T>, ExecError> {
         self.last_sampled = 0;
-        let r =
-            self.launch(batch, min_rows, graph, sampling)
-                .and_then(|Launched { rows, padded, .. }| {
-                    self.last_padded = padded;
-                    let out = if rows == 0 {
-                        Vec::new()
-                    } else {
-                        read(&self.dev, rows)?
-                    };
-                    self.dev.exec.synchronize()?;
-                    Ok(out)
-                });
+        let r = self.launch(batch, min_rows, graph, sampling).and_then(
+            |Launched { rows, padded, .. }| {
+                self.last_padded = padded;
+                let out = if rows == 0 {
+                    Vec::new()
+                } else {
+                    read(&self.dev, rows)?
+                };
+                self.dev.exec.synchronize()?;
+                Ok(out)
+            },
+        );
         if r.is_err() {
             // Leave the stream idle before the staging buffer is written again.
             let _ = self.dev.exec.synchronize();

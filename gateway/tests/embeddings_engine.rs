@@ -1,0 +1,145 @@
+//! Embeddings on the in-process engine (synthetic model): a request's answer is the
+//! normalized final hidden state of its prompt's last token, with no token generated. On
+//! the CPU backend and on the GPU path over the CUDA emulator (`backend = "emulator"`,
+//! where the engine otherwise plans each step while the one before runs: the step that
+//! ends an embeddings request's prompt is taken at once). A prompt's vector is the same
+//! alone, again from the prefix cache, and amid other requests being generated, whose
+//! outputs are those of their solo runs.
+
+mod common;
+use futures::StreamExt;
+use gateway::config::{BackendKind, EngineConfig};
+use gateway::engine::EngineWorker;
+use gateway::worker::{Usage, Worker, WorkerEvent};
+use std::sync::Arc;
+
+/// An embeddings request's vector and usage.
+async fn embed(w: &EngineWorker, prompt: &str) -> (Vec<f32>, Usage) {
+    let mut r = (*common::worker_req(prompt, 0)).clone();
+    r.embed = true;
+    let mut s = w.submit(Arc::new(r)).await.expect("accepted");
+    let mut vector = None;
+    while let Some(ev) = s.next().await {
+        match ev.expect("an event") {
+            WorkerEvent::Embedding(v) => {
+                assert!(vector.is_none(), "one vector");
+                vector = Some(v);
+            }
+            WorkerEvent::Done { usage, .. } => {
+                return (vector.expect("a vector before the end"), usage);
+            }
+            other => panic!("an embeddings request answered {other:?}"),
+        }
+    }
+    panic!("no Done event");
+}
+
+/// A greedy generation's text.
+async fn generate(w: &EngineWorker, prompt: &str) -> String {
+    let mut s = w
+        .submit(common::worker_req(prompt, 16))
+        .await
+        .expect("accepted");
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev.expect("an event") {
+            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
+            WorkerEvent::Done { .. } => return text,
+            _ => {}
+        }
+    }
+    panic!("no Done event");
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn prompt(i: usize) -> String {
+    format!(
+        "{} item {i}",
+        "the quick brown fox jumps over the lazy dog ".repeat(i + 2)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_on_the_cpu_backend() {
+    case(BackendKind::Cpu).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_on_the_emulated_gpu_path() {
+    if common::emulator_present() {
+        case(BackendKind::Emulator).await;
+    }
+}
+
+async fn case(backend: BackendKind) {
+    let (_d, m) = common::synthetic_model();
+    let cfg = EngineConfig {
+        backend,
+        threads: 2,
+        max_batch_tokens: Some(64),
+        max_seqs: Some(16),
+        ..EngineConfig::default()
+    };
+    let w = Arc::new(EngineWorker::start("test".into(), &m, &cfg, 0).expect("an engine"));
+    let dim = m.model.config.dim;
+    // Alone: unit vectors of the model's width, nothing generated.
+    let mut alone = Vec::new();
+    for i in 0..4 {
+        let (v, usage) = embed(&w, &prompt(i)).await;
+        assert_eq!(v.len(), dim);
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{backend:?}: norm {norm}");
+        assert_eq!(usage.completion_tokens, 0);
+        assert!(usage.prompt_tokens > 10, "{usage:?}");
+        alone.push(v);
+    }
+    assert!(
+        max_diff(&alone[0], &alone[1]) > 1e-3,
+        "different prompts differ"
+    );
+    // Again: its blocks from the prefix cache, the same vector.
+    let (again, usage) = embed(&w, &prompt(3)).await;
+    assert!(usage.cached_tokens > 0, "{backend:?}: {usage:?}");
+    assert!(
+        max_diff(&again, &alone[3]) < 1e-5,
+        "{backend:?}: from the cache"
+    );
+    // Amid generations: each vector as alone, each generation as its solo run.
+    let solo: Vec<String> = futures::future::join_all((0..4).map(|i| {
+        let w = w.clone();
+        async move { generate(&w, &format!("story {i}: once upon a time")).await }
+    }))
+    .await;
+    let gens = (0..4).map(|i| {
+        let w = w.clone();
+        tokio::spawn(async move { generate(&w, &format!("story {i}: once upon a time")).await })
+    });
+    let embeds = (0..4).map(|i| {
+        let w = w.clone();
+        // Fresh prompts (no cache), interleaved with the generations' steps.
+        tokio::spawn(async move { embed(&w, &format!("fresh {i} {}", prompt(i))).await })
+    });
+    let (gens, embeds): (Vec<_>, Vec<_>) = (gens.collect(), embeds.collect());
+    for (i, g) in gens.into_iter().enumerate() {
+        assert_eq!(
+            g.await.expect("ran"),
+            solo[i],
+            "{backend:?}: generation {i}"
+        );
+    }
+    for (i, e) in embeds.into_iter().enumerate() {
+        let (v, _) = e.await.expect("ran");
+        let (want, _) = embed(&w, &format!("fresh {i} {}", prompt(i))).await;
+        assert!(
+            max_diff(&v, &want) < 1e-5,
+            "{backend:?}: embedding {i} amid others"
+        );
+    }
+}
