@@ -447,6 +447,33 @@ fn other_tenant() -> String {
 /// a while).
 const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;
 
+/// `method` on `path` of `gw` with `key`, and a JSON body where given.
+async fn call(
+    gw: &Gateway,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> reqwest::Result<reqwest::Response> {
+    let mut r = client().request(method, gw.url(path)).bearer_auth(key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await
+}
+
+/// [`call`]'s answer, as JSON.
+async fn call_json(
+    gw: &Gateway,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let r = call(gw, key, method, path, body).await.expect("sent");
+    r.json().await.expect("JSON")
+}
+
 /// A fresh folder for a test's response store, and the `[responses]` lines that keep the
 /// store there.
 fn response_store(name: &str) -> (std::path::PathBuf, String) {
@@ -638,68 +665,29 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
 async fn item_references_stand_for_the_tenants_stored_items() {
     let (dir, stored) = response_store("item-refs");
     let gw = Gateway::start(&(config(FAST_SIM, &other_tenant(), "") + &stored));
-    let c = client();
-    let call = |key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut r = c.request(method, gw.url(path)).bearer_auth(key);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        r.send()
-    };
-    let (get, send) = (reqwest::Method::GET, reqwest::Method::POST);
-    let json = async |r: reqwest::Response| -> Value { r.json().await.expect("JSON") };
-    let first = json(
-        call(
-            KEY,
-            send.clone(),
-            "/v1/responses",
-            Some(serde_json::json!(
-            {"model": "m", "input": "hello there"})),
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+    let ask = |body: Value| call_json(&gw, KEY, post.clone(), "/v1/responses", Some(body));
+    let first = ask(serde_json::json!({"model": "m", "input": "hello there"})).await;
     let out = &first["output"][0];
     let out_id = out["id"].as_str().expect("an output id");
     let answer = out["content"][0]["text"].as_str().expect("text");
-    let inputs = json(
-        call(
-            KEY,
-            get.clone(),
-            &format!(
-                "/v1/responses/{}/input_items",
-                first["id"].as_str().expect("id")
-            ),
-            None,
+    let items = |id: &Value| {
+        format!(
+            "/v1/responses/{}/input_items?order=asc",
+            id.as_str().expect("an id")
         )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    };
+    let inputs = call_json(&gw, KEY, get.clone(), &items(&first["id"]), None).await;
     let in_id = inputs["data"][0]["id"].as_str().expect("an input id");
 
     // Both items referenced (typed, and as a bare id), then a new turn.
     let body = serde_json::json!({"model": "m", "input": [
         {"type": "item_reference", "id": in_id}, {"id": out_id},
         {"role": "user", "content": "and again"}]});
-    let r = call(KEY, send.clone(), "/v1/responses", Some(body.clone()))
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), 200);
-    let second = json(r).await;
+    let second = ask(body.clone()).await;
     // Counted ahead the same way.
-    let counted = json(
-        call(
-            KEY,
-            send.clone(),
-            "/v1/responses/input_tokens",
-            Some(body.clone()),
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    let path = "/v1/responses/input_tokens";
+    let counted = call_json(&gw, KEY, post.clone(), path, Some(body.clone())).await;
     assert_eq!(
         counted["input_tokens"], second["usage"]["input_tokens"],
         "{counted}"
@@ -710,20 +698,7 @@ async fn item_references_stand_for_the_tenants_stored_items() {
             > tokens(&first, "input_tokens") + tokens(&first, "output_tokens"),
         "the referenced items are in the prompt: {first}\n{second}"
     );
-    let listed = json(
-        call(
-            KEY,
-            get.clone(),
-            &format!(
-                "/v1/responses/{}/input_items?order=asc",
-                second["id"].as_str().expect("id")
-            ),
-            None,
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    let listed = call_json(&gw, KEY, get.clone(), &items(&second["id"]), None).await;
     let data = listed["data"].as_array().expect("data");
     let said: Vec<(&str, &str)> = data
         .iter()
@@ -751,42 +726,23 @@ async fn item_references_stand_for_the_tenants_stored_items() {
     for (key, id) in [(OTHER, out_id), (KEY, "msg_nothing")] {
         let body = serde_json::json!({"model": "m", "input": [
             {"role": "user", "content": "x"}, {"type": "item_reference", "id": id}]});
-        let r = call(key, send.clone(), "/v1/responses", Some(body))
+        let r = call(&gw, key, post.clone(), "/v1/responses", Some(body))
             .await
             .expect("sent");
         assert_eq!(r.status(), 400, "{key} {id}");
-        let e = json(r).await;
+        let e: Value = r.json().await.expect("JSON");
         assert_eq!(e["error"]["param"], "input[1].id", "{e}");
         assert_eq!(e["error"]["code"], "item_not_found", "{e}");
     }
 
     // A conversation made of a referenced item.
-    let conv = json(
-        call(
-            KEY,
-            send.clone(),
-            "/v1/conversations",
-            Some(serde_json::json!(
-            {"items": [{"type": "item_reference", "id": out_id}]})),
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
-    let items = json(
-        call(
-            KEY,
-            get.clone(),
-            &format!(
-                "/v1/conversations/{}/items",
-                conv["id"].as_str().expect("id")
-            ),
-            None,
-        )
-        .await
-        .expect("sent"),
-    )
-    .await;
+    let made = serde_json::json!({"items": [{"type": "item_reference", "id": out_id}]});
+    let conv = call_json(&gw, KEY, post.clone(), "/v1/conversations", Some(made)).await;
+    let path = format!(
+        "/v1/conversations/{}/items",
+        conv["id"].as_str().expect("id")
+    );
+    let items = call_json(&gw, KEY, get, &path, None).await;
     assert_eq!(items["data"][0]["content"][0]["text"], answer, "{items}");
     assert_eq!(items["data"][0]["role"], "assistant");
     drop(gw);
@@ -794,7 +750,7 @@ async fn item_references_stand_for_the_tenants_stored_items() {
 
     // Without a store: refused, naming the item.
     let gw = Gateway::start(&config(FAST_SIM, "", ""));
-    let r = post(&gw, "/v1/responses", &body.to_string()).await;
+    let r = common::post(&gw, "/v1/responses", &body.to_string()).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.expect("JSON");
     assert_eq!(e["error"]["param"], "input[0]", "{e}");
@@ -809,49 +765,32 @@ async fn a_tenant_at_its_storage_quota_stores_no_more() {
     // About 500 bytes: one answer takes it past.
     let other = other_tenant() + "max_stored_mib = 0.0005\n";
     let gw = Gateway::start(&(config(FAST_SIM, &other, ADMIN_SERVER) + &stored));
-    let c = client();
-    let call = |key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut r = c.request(method, gw.url(path)).bearer_auth(key);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        r.send()
-    };
     let post = reqwest::Method::POST;
+    let status = async |key: &str, path: &str, body: Value| {
+        let r = call(&gw, key, post.clone(), path, Some(body))
+            .await
+            .expect("sent");
+        (r.status(), r.json::<Value>().await.expect("JSON"))
+    };
     let ask = |store: bool| serde_json::json!({"model": "m", "input": "hello", "store": store});
-    let r = call(OTHER, post.clone(), "/v1/responses", Some(ask(true)))
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), 200, "under its quota");
-    let first: Value = r.json().await.expect("JSON");
+    let (code, first) = status(OTHER, "/v1/responses", ask(true)).await;
+    assert_eq!(code, 200, "under its quota");
     for (path, body) in [
         ("/v1/responses", ask(true)),
         ("/v1/conversations", serde_json::json!({})),
     ] {
-        let r = call(OTHER, post.clone(), path, Some(body))
-            .await
-            .expect("sent");
-        assert_eq!(r.status(), 403, "{path}");
-        let e: Value = r.json().await.expect("JSON");
+        let (code, e) = status(OTHER, path, body).await;
+        assert_eq!(code, 403, "{path}");
         assert_eq!(e["error"]["code"], "storage_quota_exceeded", "{e}");
-        assert!(
-            e["error"]["message"]
-                .as_str()
-                .expect("a message")
-                .contains("quota of 524 bytes"),
-            "{e}"
-        );
+        let message = e["error"]["message"].as_str().expect("a message");
+        assert!(message.contains("quota of 524 bytes"), "{e}");
     }
-    let r = call(OTHER, post.clone(), "/v1/responses", Some(ask(false)))
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), 200, "storing nothing is not held to the quota");
-    let r = call(KEY, post.clone(), "/v1/responses", Some(ask(true)))
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), 200, "another tenant's quota is its own");
+    let (code, _) = status(OTHER, "/v1/responses", ask(false)).await;
+    assert_eq!(code, 200, "storing nothing is not held to the quota");
+    let (code, _) = status(KEY, "/v1/responses", ask(true)).await;
+    assert_eq!(code, 200, "another tenant's quota is its own");
     // The operator sees it at its quota.
-    let stored: Value = c
+    let stored: Value = client()
         .get(gw.admin_url("/admin/stored"))
         .bearer_auth(ADMIN_TOKEN)
         .send()
@@ -873,19 +812,12 @@ async fn a_tenant_at_its_storage_quota_stores_no_more() {
     );
     // Deleted: room again.
     let path = format!("/v1/responses/{}", first["id"].as_str().expect("an id"));
-    let r = call(OTHER, reqwest::Method::DELETE, &path, None)
+    let r = call(&gw, OTHER, reqwest::Method::DELETE, &path, None)
         .await
         .expect("sent");
     assert_eq!(r.status(), 200);
-    let r = call(
-        OTHER,
-        post.clone(),
-        "/v1/conversations",
-        Some(serde_json::json!({})),
-    )
-    .await
-    .expect("sent");
-    assert_eq!(r.status(), 200);
+    let (code, _) = status(OTHER, "/v1/conversations", serde_json::json!({})).await;
+    assert_eq!(code, 200);
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -898,14 +830,6 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
     let (dir, stored) = response_store("conv");
     let cfg = config(FAST_SIM, &other_tenant(), ADMIN_SERVER) + &stored;
     let c = client();
-    let call =
-        |gw: &Gateway, key: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
-            let mut r = c.request(method, gw.url(path)).bearer_auth(key);
-            if let Some(b) = body {
-                r = r.json(&b);
-            }
-            r.send()
-        };
     let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
     let mut gw = Gateway::start(&cfg);
     let conv: Value = call(

@@ -205,10 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_from_before_the_index_is_indexed_once_when_opened() {
-        let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-backfill", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a folder");
-        let path = dir.join("r.db");
+        let path = super::super::tests::fresh_path("backfill");
         let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened");
         let item = json!({"id": "msg_1", "role": "user", "content": "hi"});
         s.save(answer("resp_1", "a", std::slice::from_ref(&item)))

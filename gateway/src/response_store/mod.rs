@@ -540,10 +540,15 @@ mod tests {
     use super::*;
 
     pub(super) fn store(name: &str, retention: Duration) -> Arc<ResponseStore> {
+        ResponseStore::open(&fresh_path(name), retention).unwrap()
+    }
+
+    /// Where a store of a test's own goes (nothing there yet).
+    pub(super) fn fresh_path(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        ResponseStore::open(&dir.join("r.db"), retention).unwrap()
+        dir.join("r.db")
     }
 
     fn answer(id: &str, tenant: &str) -> Stored {
@@ -602,10 +607,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_left_running_are_failed_when_the_store_opens_again() {
-        let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-reopen", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.db");
+        let path = fresh_path("reopen");
         let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
         let mut running = answer("resp_1", "a");
         running.response = r#"{"id":"resp_1","status":"in_progress","background":true}"#.into();

@@ -207,10 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_from_before_the_triggers_is_counted_when_opened() {
-        let dir = std::env::temp_dir().join(format!("tollgate-rs-{}-recount", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a folder");
-        let path = dir.join("r.db");
+        let path = super::super::tests::fresh_path("recount");
         let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened");
         s.create_conversation("a", Map::new(), &[json!({"id": "msg_1", "content": "hi"})])
             .expect("created");

@@ -471,6 +471,21 @@ impl<E: Exec> CudaBackend<E> {
         r
     }
 
+    /// Checks that `rows` are logits rows of the last step, which left them (`gone`
+    /// says it did not, and `why`).
+    fn last_step_rows(&self, rows: &[usize], gone: bool, why: &str) -> Result<(), StepError> {
+        if gone {
+            return Err(StepError::BadBatch(why.into()));
+        }
+        match rows.iter().find(|&&r| r >= self.last_rows) {
+            Some(r) => Err(StepError::BadBatch(format!(
+                "logits row {r} of a step with {} rows",
+                self.last_rows
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn step_checked<T>(
         &mut self,
         batch: &Batch,
@@ -520,17 +535,11 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
     fn logits_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
         let vocab = self.dev.config.vocab;
-        if !self.flight.is_empty() {
-            return Err(StepError::BadBatch(
-                "logits are not kept while steps are in flight".into(),
-            ));
-        }
-        if let Some(r) = rows.iter().find(|&&r| r >= self.last_rows) {
-            return Err(StepError::BadBatch(format!(
-                "logits row {r} of a step with {} rows",
-                self.last_rows
-            )));
-        }
+        self.last_step_rows(
+            rows,
+            !self.flight.is_empty(),
+            "logits are not kept while steps are in flight",
+        )?;
         // One copy per run of consecutive rows.
         let mut out = Vec::with_capacity(rows.len() * vocab);
         for (_, first, n) in runs(rows) {
@@ -541,17 +550,9 @@ impl<E: Exec> Backend for CudaBackend<E> {
         Ok(out)
     }
     fn hidden_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
-        if !self.flight.is_empty() || self.last_padded == 0 {
-            return Err(StepError::BadBatch(
-                "hidden states are read after a step taken at once, before any other".into(),
-            ));
-        }
-        if let Some(r) = rows.iter().find(|&&r| r >= self.last_rows) {
-            return Err(StepError::BadBatch(format!(
-                "hidden row {r} of a step with {} logits rows",
-                self.last_rows
-            )));
-        }
+        let gone = !self.flight.is_empty() || self.last_padded == 0;
+        let why = "hidden states are read after a step taken at once, before any other";
+        self.last_step_rows(rows, gone, why)?;
         self.dev
             .final_hidden(rows, self.last_padded)
             .map_err(|e| StepError::Device(e.to_string()))
