@@ -607,6 +607,29 @@ async fn remote_worker_mode_behind_a_gateway() {
         m.contains("tollgate_engine_kv_blocks_cached{pool=\"worker\""),
         "{m}"
     );
+    // Embeddings through the worker's engine: the gateway passes its vectors on.
+    let v: serde_json::Value = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"m","input":["hi","hi"]}"#,
+    )
+    .await
+    .json()
+    .await
+    .expect("JSON");
+    let e = |i: usize| {
+        v["data"][i]["embedding"]
+            .as_array()
+            .expect("floats")
+            .clone()
+    };
+    let norm: f64 = e(0)
+        .iter()
+        .map(|x| x.as_f64().expect("a float").powi(2))
+        .sum();
+    assert!((norm.sqrt() - 1.0).abs() < 1e-4, "{v}");
+    assert_eq!(e(0), e(1), "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64() > Some(0), "{v}");
 }
 
 fn tenant_req(tenant: &str, weight: Option<f64>) -> Arc<WorkerRequest> {
