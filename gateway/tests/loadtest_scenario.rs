@@ -3,7 +3,8 @@
 //! the report shows each tenant what its contract says — the tenant inside its contract
 //! served in full, the one offering about 3.5 times its contract admitted at it and
 //! refused past it — and reads the contracts from the gateway's own headers. Closed-loop
-//! tenants on the completions endpoint and on the Responses API (streamed) ride along. With `config/examples/fair-share.toml`,
+//! tenants on the completions endpoint, on the Responses API (streamed) and on embeddings
+//! ride along. With `config/examples/fair-share.toml`,
 //! a fleet too small for two tenants is shared by their weights. A contract raised while
 //! the load runs shows in the report's timeline. Multi-turn users carry their
 //! conversations (and the engine's prefix cache serves them). Every shipped scenario and
@@ -41,6 +42,15 @@ max_tokens = 8
 prompt = "Hello"
 users = 1
 think_ms = 50
+
+[[tenants]]
+name = "umbrella"
+key = "{KEY}"
+model = "sim-8b"
+endpoint = "embeddings"
+prompt = "Hello there"
+users = 1
+think_ms = 50
 "#
     );
     let extra: Scenario = Scenario::parse(&format!("target = \"{}\"\n{more}", sc.target)).unwrap();
@@ -49,7 +59,7 @@ think_ms = 50
     sc.check().unwrap();
     let report = loadtest::run::execute(&sc).await.unwrap();
     eprint!("{}", report.table());
-    let [acme, globex, initech, hooli] = &report.tenants[..] else {
+    let [acme, globex, initech, hooli, umbrella] = &report.tenants[..] else {
         panic!("{report:?}")
     };
     // The contracts as the gateway states them (RateLimit-Policy).
@@ -97,6 +107,15 @@ think_ms = 50
     );
     assert!(hooli.inter_token.p50_ms.is_some(), "{hooli:?}");
     assert!(hooli.completion_tokens_per_s > 0.0, "{hooli:?}");
+    // Embeddings: input tokens only.
+    assert!(umbrella.sent > 2, "{umbrella:?}");
+    assert_eq!(
+        (umbrella.ok, umbrella.limited),
+        (umbrella.sent, 0),
+        "{umbrella:?}"
+    );
+    assert!(umbrella.prompt_tokens_per_s > 0.0, "{umbrella:?}");
+    assert_eq!(umbrella.completion_tokens_per_s, 0.0, "{umbrella:?}");
     // The timeline adds up to the totals, a line per second of the window.
     for t in &report.tenants {
         assert_eq!(t.timeline.len(), 4, "{t:?}");

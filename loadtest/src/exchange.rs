@@ -265,7 +265,8 @@ fn usage(u: &Value) -> Option<Tokens> {
     };
     Some(Tokens {
         prompt: prompt.as_u64()?,
-        completion: completion.as_u64()?,
+        // Embeddings generate nothing (their usage has no completion count).
+        completion: completion.as_u64().unwrap_or(0),
         cached: details["cached_tokens"].as_u64().unwrap_or(0),
     })
 }

@@ -36,6 +36,8 @@ pub enum Endpoint {
     Completions,
     /// `/v1/responses` (OpenAI's Responses API).
     Responses,
+    /// `/v1/embeddings`: the prompt is the input (nothing generated, never streamed).
+    Embeddings,
 }
 
 /// How open-loop requests are spaced.
@@ -189,6 +191,11 @@ impl Scenario {
             if t.connections == 0 {
                 return Err(format!("{at}: connections must be ≥ 1"));
             }
+            if t.endpoint == Endpoint::Embeddings && (t.stream || t.turns > 1) {
+                return Err(format!(
+                    "{at}: embeddings are neither streamed nor conversations (`stream`, `turns`)"
+                ));
+            }
             if !(t.output_weight.is_finite() && t.output_weight >= 0.0) {
                 return Err(format!("{at}: output_weight must be ≥ 0"));
             }
@@ -229,6 +236,7 @@ impl TenantLoad {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::Embeddings => "/v1/embeddings",
         }
     }
 
@@ -261,6 +269,10 @@ impl TenantLoad {
             Value::Array(m)
         };
         let max = match self.endpoint {
+            Endpoint::Embeddings => {
+                let body = json!({"model": self.model, "input": prompt});
+                return (serde_json::to_vec(&body).unwrap_or_default(), prompt);
+            }
             Endpoint::Chat => {
                 body["messages"] = turns(&prompt);
                 "max_tokens"
@@ -398,6 +410,10 @@ mod tests {
         );
         assert!(body.get("stream_options").is_none() && body.get("max_tokens").is_none());
         assert_eq!(r.path(), "/v1/responses");
+        r.endpoint = Endpoint::Embeddings;
+        let body: Value = serde_json::from_slice(&r.body(1, 0)).unwrap();
+        assert_eq!(body, json!({"model": "m", "input": "hello"}));
+        assert_eq!(r.path(), "/v1/embeddings");
     }
 
     #[test]
@@ -479,6 +495,10 @@ mod tests {
             (
                 ("prompt = \"hello\"", "prompt = \"hello\"\nturns = 0"),
                 "turns",
+            ),
+            (
+                ("endpoint = \"completions\"", "endpoint = \"embeddings\""),
+                "neither streamed",
             ),
         ] {
             let text = GOOD.replacen(change.0, change.1, 1);
