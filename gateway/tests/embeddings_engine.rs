@@ -104,6 +104,17 @@ async fn case(backend: BackendKind) {
         max_diff(&alone[0], &alone[1]) > 1e-3,
         "different prompts differ"
     );
+    // Past the context: refused, in an input's terms.
+    let mut long = (*common::worker_req(&"word ".repeat(20_000), 0)).clone();
+    long.embed = true;
+    match w.submit(Arc::new(long)).await {
+        Err(gateway::worker::WorkerError::Rejected { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("the input has"), "{message}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an input past the context was taken"),
+    }
     // Again: its blocks from the prefix cache, the same vector.
     let (again, usage) = embed(&w, &prompt(3)).await;
     assert!(usage.cached_tokens > 0, "{backend:?}: {usage:?}");

@@ -300,6 +300,13 @@ impl EngineWorker {
             )));
         }
         let need = prompt.len() + req.params.max_tokens as usize;
+        if req.embed && need > self.max_context {
+            return Err(reject(format!(
+                "This model's maximum context length is {} tokens; the input has {} tokens.",
+                self.max_context,
+                prompt.len()
+            )));
+        }
         if need > self.max_context {
             return Err(reject(format!(
                 "This model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {}.",
