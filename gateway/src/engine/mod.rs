@@ -119,6 +119,14 @@ impl EngineStats {
         self.fault()
     }
 
+    /// A finished sequence's prompt tokens, and those of them from the prefix cache.
+    pub(super) fn count_prompt(&self, usage: &crate::worker::Usage) {
+        self.prompt_tokens
+            .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_tokens
+            .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+    }
+
     fn set_fault(&self, why: Option<String>) {
         if let Ok(mut f) = self.fault.lock() {
             *f = why;

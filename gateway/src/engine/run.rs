@@ -27,7 +27,9 @@
 //! waits for the step in flight, which reads the blocks). A sequence that stops at step N
 //! has drawn a row in step N+1 already; that token is dropped. Its blocks are freed at
 //! once: everything on the device runs in order, so a block handed out again is written
-//! only after that step.
+//! only after that step. An embeddings request ends with its prompt: the step that ends
+//! it is taken at once and its row's final hidden state read back before another step
+//! runs ([`Backend::hidden_rows`]), so no step is planned ahead while one is there.
 
 use super::blocks::{chain, BlockPool};
 use super::draw;
@@ -626,12 +628,7 @@ impl Engine {
                     );
                 }
                 let usage = s.usage();
-                self.stats
-                    .prompt_tokens
-                    .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-                self.stats
-                    .cached_tokens
-                    .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+                self.stats.count_prompt(&usage);
                 s.send(
                     &mut self.outbox,
                     WorkerEvent::Done {
@@ -726,12 +723,7 @@ fn embedded(s: &Seq, vector: Option<Vec<f32>>, stats: &EngineStats, outbox: &mut
         return;
     };
     let usage = s.usage();
-    stats
-        .prompt_tokens
-        .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-    stats
-        .cached_tokens
-        .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+    stats.count_prompt(&usage);
     s.send(
         outbox,
         WorkerEvent::Embedding(crate::api::embeddings::normalized(v)),
