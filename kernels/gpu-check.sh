@@ -11,7 +11,7 @@
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), and with penalties at 256), then decode steps and the engine again with the
+# and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
@@ -128,6 +128,9 @@ PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$
 # a row instead of 49,152 floats) while the device draws from its adjusted copy; steps
 # still planned ahead.
 LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$model" || status=1
+# Embeddings: inputs of about 130 tokens, 64 and 256 at once (the step that ends inputs is
+# taken at once and their hidden rows read back: what that costs against prefill).
+EMBED=1 BACKEND=cuda STREAMS=64,256 TOKENS=32 timeout 30 "$BIN/engine_bench" "$model" || status=1
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity
 # tests. memcheck: out-of-bounds and misaligned accesses on the device; racecheck, on the
 # kernels that use shared memory: hazards that the emulator's thread orders did not show.

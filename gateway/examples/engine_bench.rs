@@ -15,7 +15,9 @@
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
 //! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream),
 //! `LOGPROBS=n` (every stream asks for its tokens' log-probabilities and the n most
-//! likely: their logits rows come back to the host).
+//! likely: their logits rows come back to the host), `EMBED=1` (each stream is an
+//! embeddings request of an input of about `TOKENS` tokens, each its own: the table counts
+//! input tokens embedded; on the GPU path each step that ends inputs is taken at once).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -93,6 +95,23 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         content: prompt,
     }]);
     Arc::new(r)
+}
+
+/// An embeddings request of passage `i`, about `tokens` tokens (each passage its own words,
+/// so that the prefix cache serves none); returns its input tokens.
+async fn embed(w: Arc<EngineWorker>, i: usize, tokens: u32) -> u32 {
+    let words: Vec<String> = (0..tokens)
+        .map(|j| format!("w{}", (i * 31 + j as usize * 7) % 997))
+        .collect();
+    let mut r = (*req(format!("Passage {i}: {}", words.join(" ")), 0)).clone();
+    r.embed = true;
+    let mut s = w.submit(Arc::new(r)).await.expect("submit");
+    while let Some(ev) = s.next().await {
+        if let WorkerEvent::Done { usage, .. } = ev.expect("event") {
+            return usage.prompt_tokens;
+        }
+    }
+    panic!("no Done");
 }
 
 /// Runs a request; returns (time to first token, completion tokens).
@@ -210,12 +229,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for c in streams {
         let before = snap(&w);
         let t0 = Instant::now();
+        let embeds = std::env::var("EMBED").as_deref() == Ok("1");
         let tasks: Vec<_> = (0..c)
-            .map(|i| tokio::spawn(run(w.clone(), chat(format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains."), tokens))))
+            .map(|i| match embeds {
+                // Inputs of this round its own (past the earlier rounds' numbers).
+                true => tokio::spawn(embed(w.clone(), i + 1000 * c, tokens)),
+                false => {
+                    let prompt = format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains.");
+                    let run = run(w.clone(), chat(prompt, tokens));
+                    tokio::spawn(async move { run.await.1 })
+                }
+            })
             .collect();
         let mut tokens = 0;
         for t in tasks {
-            tokens += t.await?.1;
+            tokens += t.await?;
         }
         let secs = t0.elapsed().as_secs_f64();
         let after = snap(&w);
