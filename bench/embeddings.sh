@@ -10,6 +10,7 @@
 #   RATES="1 2" INPUTS=1 WORDS=400 DURATION=10 bash bench/embeddings.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DURATION=${DURATION:-15}
 RATES=${RATES:-"0.5 1 2 4"}
 INPUTS=${INPUTS:-8}
@@ -18,18 +19,9 @@ PORT=${PORT:-19181}
 cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
-sed -e "s/127.0.0.1:8080/127.0.0.1:$PORT/" -e 's/^admin_listen.*//' \
-    -e 's/{ kind = "engine", backend = "auto" }/{ kind = "engine", backend = "auto", prefix_caching = false }/' \
-    -e 's|^path = "tollgate-usage.db".*|path = "'"$tmp"'/usage.db"|' \
-    -e 's/^tokens_per_second = .*/tokens_per_second = 1000000.0/' \
-    -e 's/^requests_per_minute = .*/requests_per_minute = 1000000/' \
-    config/gateway.toml > "$tmp/gw.toml"
-grep -q "prefix_caching = false" "$tmp/gw.toml" || { echo "could not turn the prefix cache off" >&2; exit 1; }
+quickstart_config "$PORT" ", prefix_caching = false" "$tmp"
 ./target/release/gateway serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
-  sleep 0.1
-done
+wait_ready "$PORT"
 body=$(python3 -c '
 import json, sys
 inputs, words = int(sys.argv[1]), int(sys.argv[2])

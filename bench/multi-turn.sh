@@ -11,6 +11,7 @@
 #                          # settings; only some of the runs (cached, uncached, single)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DURATION=${DURATION:-20}
 USERS=${USERS:-8}
 PORT=${PORT:-19180}
@@ -20,21 +21,12 @@ cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 run() { # name, prefix_caching, turns
-  sed -e "s/127.0.0.1:8080/127.0.0.1:$PORT/" -e 's/^admin_listen.*//' \
-      -e "s/{ kind = \"engine\", backend = \"auto\" }/{ kind = \"engine\", backend = \"auto\", prefix_caching = $2 $ENGINE }/" \
-      -e 's|^path = "tollgate-usage.db".*|path = "'"$tmp"'/usage.db"|' \
-      -e 's/^tokens_per_second = .*/tokens_per_second = 1000000.0/' \
-      -e 's/^requests_per_minute = .*/requests_per_minute = 1000000/' \
-      config/gateway.toml > "$tmp/gw.toml"
-  grep -q "prefix_caching = $2" "$tmp/gw.toml" || { echo "could not set prefix_caching" >&2; exit 1; }
+  quickstart_config "$PORT" ", prefix_caching = $2 $ENGINE" "$tmp"
   sed -e "s/^users = .*/users = $USERS/" -e "s/^turns = .*/turns = $3/" \
       config/scenarios/multi-turn.toml > "$tmp/sc.toml"
   ./target/release/gateway serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
   local gw=$!
-  for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
-    sleep 0.1
-  done
+  wait_ready "$PORT"
   echo "== $1 (prefix_caching = $2, turns = $3, $USERS users)"
   ./target/release/loadtest run "$tmp/sc.toml" --target "http://127.0.0.1:$PORT" --duration "$DURATION"
   kill "$gw"; wait "$gw" 2>/dev/null || true
