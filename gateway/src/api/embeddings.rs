@@ -7,7 +7,7 @@
 //! little-endian `f32`s.
 //!
 //! Taken: `model`, `input` (a string, token ids, or a list of either: at most
-//! [`MAX_CHOICES`] inputs, none empty), `encoding_format`, `user`. Refused with a 400 that
+//! [`MAX_CHOICES`] inputs, none empty), `encoding_format`; `user` and other fields are ignored. Refused with a 400 that
 //! names it: `dimensions` (a model's vectors are its own size).
 
 use super::error::ApiError;
@@ -24,8 +24,6 @@ struct EmbeddingsRequest {
     input: Value,
     encoding_format: Option<String>,
     dimensions: Option<Value>,
-    #[allow(dead_code)]
-    user: Option<String>,
 }
 
 /// Validates a `/v1/embeddings` body.

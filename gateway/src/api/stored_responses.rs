@@ -206,6 +206,22 @@ async fn references(
     found
 }
 
+/// A `/v1/responses` body `body` (read as `req`) as the request it makes: its item
+/// references replaced, what it continues looked up, then validated with it.
+async fn request(
+    state: &AppState,
+    owner: String,
+    body: Bytes,
+    mut req: Map<String, Value>,
+) -> Result<InferenceRequest, ApiError> {
+    references(state, owner.clone(), &mut req).await?;
+    let previous = previous(state, owner, &req).await?;
+    validated(state, body, move |_, server| {
+        responses::validate_map(req, server, previous)
+    })
+    .await
+}
+
 /// `POST /v1/responses`.
 pub async fn create(
     State(state): State<AppState>,
@@ -219,14 +235,9 @@ pub async fn create(
     let owner = owner(&tenant, &acting);
     let parsed = async {
         let body = read_body(&state, body)?;
-        let mut req = responses::read(&body)?;
+        let req = responses::read(&body)?;
         room(&state, &tenant, owner.clone(), &req).await?;
-        references(&state, owner.clone(), &mut req).await?;
-        let previous = previous(&state, owner.clone(), &req).await?;
-        validated(&state, body, move |_, server| {
-            responses::validate_map(req, server, previous)
-        })
-        .await
+        request(&state, owner.clone(), body, req).await
     }
     .await;
     let mut req = match parsed {
@@ -256,13 +267,8 @@ pub async fn input_tokens(
     let owner = owner(&tenant, &acting.map(|a| a.0));
     let counted = async {
         let body = read_body(&state, body)?;
-        let mut req = responses::read(&body)?;
-        references(&state, owner.clone(), &mut req).await?;
-        let previous = previous(&state, owner, &req).await?;
-        let req = validated(&state, body, move |_, server| {
-            responses::validate_map(req, server, previous)
-        })
-        .await?;
+        let req = responses::read(&body)?;
+        let req = request(&state, owner, body, req).await?;
         crate::pipeline::input_tokens(&state, &tenant, req)
     }
     .await;

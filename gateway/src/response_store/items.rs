@@ -211,13 +211,9 @@ mod tests {
         s.save(answer("resp_1", "a", std::slice::from_ref(&item)))
             .await
             .expect("saved");
-        drop(s);
         // As a store written before the index: no rows, schema version 0.
-        let conn = Connection::open(&path).expect("opened");
-        conn.execute_batch("DELETE FROM item_index; PRAGMA user_version = 0;")
-            .expect("reset");
-        drop(conn);
-        let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened again");
+        let older = "DELETE FROM item_index; PRAGMA user_version = 0;";
+        let s = super::super::tests::reopened(s, &path, older);
         assert_eq!(s.items("a", &ids(&["msg_1"])).expect("read")["msg_1"], item);
         let version: i64 = s
             .conn()

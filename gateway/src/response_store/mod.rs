@@ -179,19 +179,6 @@ pub struct TenantStored {
     pub held_bytes: u64,
 }
 
-impl TenantStored {
-    fn new(tenant: String) -> Self {
-        TenantStored {
-            tenant,
-            answers: 0,
-            conversations: 0,
-            conversation_items: 0,
-            bytes: 0,
-            held_bytes: 0,
-        }
-    }
-}
-
 /// Where a request's answer is to be stored: the store, and the tenant it belongs to.
 #[derive(Clone)]
 pub struct Saver {
@@ -422,62 +409,35 @@ impl ResponseStore {
     pub fn summary(&self) -> Result<Vec<TenantStored>, StoreError> {
         let conn = self.conn()?;
         let now = now_ms();
-        let mut by: std::collections::BTreeMap<String, TenantStored> = Default::default();
+        // Each row an answer, a conversation or an item, with its bytes; summed by tenant.
         let mut q = conn.prepare(
-            "SELECT tenant, COUNT(*),
-                    COALESCE(SUM(octet_length(response) + octet_length(conversation)), 0)
-             FROM responses WHERE expires_ms > ?1 GROUP BY tenant",
+            "SELECT s.tenant, SUM(s.answer), SUM(s.conv), SUM(s.item), SUM(s.bytes),
+                    COALESCE(MAX(h.bytes), 0)
+             FROM (
+                 SELECT tenant, 1 AS answer, 0 AS conv, 0 AS item,
+                        octet_length(response) + octet_length(conversation) AS bytes
+                 FROM responses WHERE expires_ms > ?1
+                 UNION ALL
+                 SELECT tenant, 0, 1, 0, octet_length(metadata)
+                 FROM conversations WHERE expires_ms > ?1
+                 UNION ALL
+                 SELECT c.tenant, 0, 0, 1, octet_length(i.item)
+                 FROM conversation_items i JOIN conversations c ON c.id = i.conversation
+                 WHERE c.expires_ms > ?1
+             ) s LEFT JOIN stored_bytes h ON h.tenant = s.tenant
+             GROUP BY s.tenant ORDER BY s.tenant",
         )?;
         let rows = q.query_map([now], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u64>(1)?,
-                r.get::<_, u64>(2)?,
-            ))
+            Ok(TenantStored {
+                tenant: r.get(0)?,
+                answers: r.get(1)?,
+                conversations: r.get(2)?,
+                conversation_items: r.get(3)?,
+                bytes: r.get(4)?,
+                held_bytes: r.get::<_, i64>(5)?.max(0) as u64,
+            })
         })?;
-        for row in rows {
-            let (tenant, n, bytes) = row?;
-            let t = by
-                .entry(tenant.clone())
-                .or_insert_with(|| TenantStored::new(tenant));
-            t.answers = n;
-            t.bytes += bytes;
-        }
-        let mut q = conn.prepare(
-            "SELECT c.tenant, COUNT(*), COALESCE(SUM(i.n), 0),
-                    COALESCE(SUM(i.bytes), 0) + SUM(octet_length(c.metadata))
-             FROM conversations c LEFT JOIN (
-                 SELECT conversation, COUNT(*) AS n, SUM(octet_length(item)) AS bytes
-                 FROM conversation_items GROUP BY conversation
-             ) i ON i.conversation = c.id
-             WHERE c.expires_ms > ?1 GROUP BY c.tenant",
-        )?;
-        let rows = q.query_map([now], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u64>(1)?,
-                r.get::<_, u64>(2)?,
-                r.get::<_, u64>(3)?,
-            ))
-        })?;
-        for row in rows {
-            let (tenant, n, items, bytes) = row?;
-            let t = by
-                .entry(tenant.clone())
-                .or_insert_with(|| TenantStored::new(tenant));
-            t.conversations = n;
-            t.conversation_items = items;
-            t.bytes += bytes;
-        }
-        let mut held = conn.prepare("SELECT tenant, bytes FROM stored_bytes")?;
-        let rows = held.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        for row in rows {
-            let (tenant, bytes) = row?;
-            if let Some(t) = by.get_mut(&tenant) {
-                t.held_bytes = bytes.max(0) as u64;
-            }
-        }
-        Ok(by.into_values().collect())
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Deletes everything `tenant` has stored (answers, conversations and their items);
@@ -541,6 +501,17 @@ mod tests {
 
     pub(super) fn store(name: &str, retention: Duration) -> Arc<ResponseStore> {
         ResponseStore::open(&fresh_path(name), retention).unwrap()
+    }
+
+    /// `s` (at `path`) closed, `sql` run on its file (to make it as an older gateway left
+    /// it), and opened again.
+    pub(super) fn reopened(s: Arc<ResponseStore>, path: &Path, sql: &str) -> Arc<ResponseStore> {
+        drop(s);
+        Connection::open(path)
+            .expect("opened")
+            .execute_batch(sql)
+            .expect("made older");
+        ResponseStore::open(path, Duration::from_secs(60)).expect("opened again")
     }
 
     /// Where a store of a test's own goes (nothing there yet).

@@ -213,12 +213,8 @@ mod tests {
             .expect("created");
         let before = s.stored_bytes("a").expect("read");
         assert!(before > 0);
-        drop(s);
-        let conn = Connection::open(&path).expect("opened");
-        conn.execute_batch("DELETE FROM stored_bytes; PRAGMA user_version = 1;")
-            .expect("reset");
-        drop(conn);
-        let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened again");
+        let older = "DELETE FROM stored_bytes; PRAGMA user_version = 1;";
+        let s = super::super::tests::reopened(s, &path, older);
         assert_eq!(s.stored_bytes("a").expect("read"), before);
     }
 }
