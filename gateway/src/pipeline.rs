@@ -13,7 +13,7 @@
 
 use crate::api::error::ApiError;
 use crate::api::render::{ChoiceOut, Renderer};
-use crate::api::validate::InferenceRequest;
+use crate::api::validate::{InferenceRequest, MAX_CHOICES};
 use crate::config::{Overflow, Tier};
 use crate::limits::{headers, AdmitError, Buckets, ConcurrencySlot, Contract, Limiter};
 use crate::metrics::{Meter, MeterCtx};
@@ -24,7 +24,7 @@ use crate::worker::{EventStream, WorkerError, WorkerEvent, WorkerRequest};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
@@ -339,11 +339,12 @@ async fn run(
         let queue = queue.clone();
         async move { dispatch(pool, &r, tokens, server.max_retries, deadline, queue).await }
     };
-    // Each choice is routed on its own, all at once. Choice j of a prompt draws with the
-    // seed, when given, moved on by j: the choices differ and are reproducible, and a
-    // prompt's answers do not depend on the other prompts of the request.
-    let groups = parts.iter().map(|part| {
-        let wreq = Arc::new(WorkerRequest {
+    let embed = matches!(
+        req.endpoint,
+        crate::api::validate::Endpoint::Embeddings { .. }
+    );
+    let worker_request = |part: &PromptPart| {
+        Arc::new(WorkerRequest {
             request_id: ctx.request_id.clone(),
             tenant: ctx.tenant_id().clone(),
             weight,
@@ -353,11 +354,25 @@ async fn run(
             prompt_ids: part.ids.clone(),
             params: params.clone(),
             stream,
-            embed: matches!(
-                req.endpoint,
-                crate::api::validate::Endpoint::Embeddings { .. }
-            ),
-        });
+            embed,
+        })
+    };
+    if embed {
+        let _concurrency_slot = concurrency_slot;
+        let embedded = Embedded::gather(
+            pool,
+            &parts,
+            |part| route(worker_request(part), part.tokens),
+            deadline,
+        )
+        .await?;
+        return embedded.answer(renderer, meter).await.map(Reply::Whole);
+    }
+    // Each choice is routed on its own, all at once. Choice j of a prompt draws with the
+    // seed, when given, moved on by j: the choices differ and are reproducible, and a
+    // prompt's answers do not depend on the other prompts of the request.
+    let groups = parts.iter().map(|part| {
+        let wreq = worker_request(part);
         let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
             .map(|j| {
                 if j == 0 {
@@ -601,6 +616,135 @@ fn worker_error(e: WorkerError) -> ApiError {
     }
 }
 
+/// What a worker's answer that failed (`Some`) or ended early (`None`) after its first
+/// event is to the client; the worker's breaker hears of it where it was to blame.
+fn broke(lease: &mut Lease, error: Option<WorkerError>) -> ApiError {
+    match error {
+        Some(e) => {
+            if e.counts_against_worker() {
+                lease.failure();
+            }
+            tracing::warn!(worker = lease.worker().name(), error = %e, "worker failed mid-request");
+            worker_error(e)
+        }
+        None => {
+            lease.failure();
+            ApiError::Upstream("The worker's answer ended early.".into())
+        }
+    }
+}
+
+/// An embeddings request's answers: each input's vector and usage, in input order.
+struct Embedded {
+    vectors: Vec<(Vec<f32>, crate::worker::Usage)>,
+    /// The worker that answered the first input (for the meter).
+    worker: String,
+}
+
+impl Embedded {
+    /// Routes each of `parts` (through `route`) with at most the pool's capacity (and
+    /// [`MAX_CHOICES`]) in flight at once, the next as one ends: a request of many inputs
+    /// (up to [`crate::api::validate::MAX_EMBEDDING_INPUTS`]) neither fills the pool's wait room nor holds more
+    /// of its slots than the pool has. The first failure fails the request (the inputs
+    /// still running are dropped, so cancelled).
+    async fn gather<'p, F, Fut>(
+        pool: &Pool,
+        parts: &'p [PromptPart],
+        route: F,
+        deadline: TokioInstant,
+    ) -> Result<Self, ApiError>
+    where
+        F: Fn(&'p PromptPart) -> Fut,
+        Fut: std::future::Future<Output = Result<(Lease, EventStream, WorkerEvent), ApiError>>,
+    {
+        let in_flight = (pool.capacity().max(1) as usize).min(MAX_CHOICES);
+        // Made up front (futures do nothing until polled): a stream that maps as it goes
+        // would keep a closure over borrowed parts in this future, which then is not
+        // `Send` for every lifetime.
+        let inputs: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let routed = route(part);
+                async move {
+                    let (lease, events, first) = routed.await?;
+                    let (vector, usage, worker) =
+                        one_embedding(lease, events, first, deadline).await?;
+                    Ok::<_, ApiError>((i, vector, usage, worker))
+                }
+            })
+            .collect();
+        let mut answers: Vec<(usize, Vec<f32>, crate::worker::Usage, String)> =
+            futures::stream::iter(inputs)
+                .buffer_unordered(in_flight)
+                .try_collect()
+                .await?;
+        answers.sort_unstable_by_key(|a| a.0);
+        let worker = answers
+            .iter()
+            .find(|a| a.0 == 0)
+            .map(|a| a.3.clone())
+            .unwrap_or_default();
+        Ok(Self {
+            vectors: answers.into_iter().map(|(_, v, u, _)| (v, u)).collect(),
+            worker,
+        })
+    }
+
+    /// Metered, then one JSON body.
+    async fn answer(self, mut renderer: Renderer, meter: &mut Meter) -> Result<Response, ApiError> {
+        meter.worker = self.worker;
+        let usage = self
+            .vectors
+            .iter()
+            .fold(crate::worker::Usage::default(), |mut t, (_, u)| {
+                t.prompt_tokens += u.prompt_tokens;
+                t.cached_tokens += u.cached_tokens;
+                t
+            });
+        meter.success(usage).await;
+        let out: Vec<ChoiceOut<'_>> = self
+            .vectors
+            .iter()
+            .map(|(v, _)| ChoiceOut {
+                text: "",
+                logprobs: &[],
+                finish: crate::worker::FinishReason::Stop,
+                embedding: v,
+            })
+            .collect();
+        let body = renderer.full(&out, usage);
+        Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    }
+}
+
+/// One input's vector and usage from its worker's events (its first one given), and the
+/// worker's name.
+async fn one_embedding(
+    mut lease: Lease,
+    mut events: EventStream,
+    first: WorkerEvent,
+    deadline: TokioInstant,
+) -> Result<(Vec<f32>, crate::worker::Usage, String), ApiError> {
+    let mut vector = Vec::new();
+    let mut next = Some(Ok(first));
+    loop {
+        match next {
+            Some(Ok(WorkerEvent::Embedding(v))) => vector = v,
+            Some(Ok(WorkerEvent::Done { usage, .. })) => {
+                lease.success();
+                return Ok((vector, usage, lease.worker().name().to_string()));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(broke(&mut lease, Some(e))),
+            None => return Err(broke(&mut lease, None)),
+        }
+        next = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .map_err(|_| ApiError::Timeout)?;
+    }
+}
+
 /// One choice of a routed request: its worker's events, and what it has produced.
 struct Choice {
     lease: Lease,
@@ -723,22 +867,10 @@ impl SseStream {
             Err(_) => return Step::Failed(ApiError::Timeout),
             Ok(got) => got,
         };
-        let lease = &mut self.choices[i].lease;
         match ev {
             Some(Ok(ev)) => Step::Event(i, ev),
-            Some(Err(e)) => {
-                if e.counts_against_worker() {
-                    lease.failure();
-                }
-                tracing::warn!(worker = lease.worker().name(), error = %e, "worker failed mid-request");
-                Step::Failed(worker_error(e))
-            }
-            None => {
-                lease.failure();
-                Step::Failed(ApiError::Upstream(
-                    "The worker's answer ended early.".into(),
-                ))
-            }
+            Some(Err(e)) => Step::Failed(broke(&mut self.choices[i].lease, Some(e))),
+            None => Step::Failed(broke(&mut self.choices[i].lease, None)),
         }
     }
 

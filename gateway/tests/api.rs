@@ -431,6 +431,46 @@ async fn embeddings_are_one_unit_vector_per_input() {
     assert_eq!(r.status(), 404);
 }
 
+/// An embeddings request of many more inputs than its pool runs at once (3 slots, one
+/// request may wait) is routed a pool's capacity at a time: every input answered, in
+/// order, each as it is alone. (All routed at once, most would find the wait room full.)
+#[tokio::test]
+async fn embeddings_of_many_inputs_are_routed_a_pool_at_a_time() {
+    let sim = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 1.0, decode_step_ms_per_seq = 0.0, max_concurrency = 3 }"#;
+    let gw = Gateway::start(&config(sim, "", "queue_depth = 1"));
+    let inputs: Vec<String> = (0..300).map(|i| format!("a{i}")).collect();
+    let body = serde_json::json!({"model": "m", "input": inputs}).to_string();
+    let r = post(&gw, "/v1/embeddings", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), 300);
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"], i, "in input order");
+    }
+    for i in [0, 7, 299] {
+        let one = serde_json::json!({"model": "m", "input": inputs[i]}).to_string();
+        let alone: Value = post_json(&gw, "/v1/embeddings", &one).await;
+        assert_eq!(
+            alone["data"][0]["embedding"], data[i]["embedding"],
+            "input {i}"
+        );
+    }
+    let sum: u64 = {
+        let mut sum = 0;
+        for chunk in inputs.chunks(100) {
+            let b = serde_json::json!({"model": "m", "input": chunk}).to_string();
+            let part: Value = post_json(&gw, "/v1/embeddings", &b).await;
+            sum += part["usage"]["prompt_tokens"].as_u64().expect("usage");
+        }
+        sum
+    };
+    assert_eq!(
+        v["usage"]["prompt_tokens"], sum,
+        "every input's tokens counted once"
+    );
+}
+
 /// The key of a second tenant, `other` ([`other_tenant`]).
 const OTHER: &str = "sk-tollgate-other";
 

@@ -7,11 +7,11 @@
 //! little-endian `f32`s.
 //!
 //! Taken: `model`, `input` (a string, token ids, or a list of either: at most
-//! [`MAX_CHOICES`] inputs, none empty), `encoding_format`; `user` and other fields are ignored. Refused with a 400 that
+//! [`MAX_EMBEDDING_INPUTS`] inputs, none empty), `encoding_format`; `user` and other fields are ignored. Refused with a 400 that
 //! names it: `dimensions` (a model's vectors are its own size).
 
 use super::error::ApiError;
-use super::validate::{Endpoint, InferenceRequest, MAX_CHOICES};
+use super::validate::{Endpoint, InferenceRequest, MAX_EMBEDDING_INPUTS};
 use crate::config::ServerConfig;
 use crate::worker::{Prompt, SamplingParams, Usage};
 use base64::Engine as _;
@@ -103,10 +103,10 @@ fn inputs(v: Value) -> Result<Vec<Prompt>, ApiError> {
         }
         v => vec![one(v, "input".into())?],
     };
-    if prompts.len() > MAX_CHOICES {
+    if prompts.len() > MAX_EMBEDDING_INPUTS {
         return Err(bad(
             format!(
-                "`input` holds {} inputs; this gateway takes at most {MAX_CHOICES} per request.",
+                "`input` holds {} inputs; this gateway takes at most {MAX_EMBEDDING_INPUTS} per request.",
                 prompts.len()
             ),
             "input".into(),
@@ -236,7 +236,7 @@ mod tests {
         ] {
             assert_eq!(param(body).as_deref(), Some(at), "{body}");
         }
-        let many = serde_json::json!({"model": "m", "input": vec!["x"; MAX_CHOICES + 1]});
+        let many = serde_json::json!({"model": "m", "input": vec!["x"; MAX_EMBEDDING_INPUTS + 1]});
         assert_eq!(param(&many.to_string()).as_deref(), Some("input"));
     }
 

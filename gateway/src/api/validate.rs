@@ -77,6 +77,10 @@ pub const MAX_N: u32 = 16;
 /// The most choices a completions request may make in all (prompts × `n`).
 pub const MAX_CHOICES: usize = 128;
 
+/// Most inputs one `/v1/embeddings` request takes (OpenAI's limit too); routed a pool's
+/// capacity at a time.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
 /// Deserializes `body` as `T`; a failure names the field (`messages[0].content`).
 pub(super) fn typed<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);

@@ -260,6 +260,11 @@ impl Pool {
                 < below * self.cap_total as f64
     }
 
+    /// The workers' concurrency caps added up: requests the pool runs at once.
+    pub fn capacity(&self) -> u64 {
+        self.cap_total
+    }
+
     /// Requests waiting for a slot.
     pub fn waiting(&self) -> usize {
         self.signal.room.len()
