@@ -17,7 +17,7 @@
 //! `LOGPROBS=n` (every stream asks for its tokens' log-probabilities and the n most
 //! likely: their logits rows come back to the host), `EMBED=1` (each stream is an
 //! embeddings request of an input of about `TOKENS` tokens, each its own: the table counts
-//! input tokens embedded; on the GPU path each step that ends inputs is taken at once).
+//! input tokens embedded; on the GPU path an input's last row comes back with its step's tokens).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.

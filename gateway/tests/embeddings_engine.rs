@@ -1,16 +1,17 @@
 //! Embeddings on the in-process engine (synthetic model): a request's answer is the
 //! normalized final hidden state of its prompt's last token, with no token generated. On
 //! the CPU backend and on the GPU path over the CUDA emulator (`backend = "emulator"`,
-//! where the engine otherwise plans each step while the one before runs: the step that
-//! ends an embeddings request's prompt is taken at once). A prompt's vector is the same
-//! alone, again from the prefix cache, and amid other requests being generated, whose
-//! outputs are those of their solo runs.
+//! where the engine plans each step while the one before runs: an embedding's last row
+//! comes back with its step's tokens). A prompt's vector is the same alone, again from the
+//! prefix cache, many at once, and amid other requests being generated, whose outputs are
+//! those of their solo runs.
 
 mod common;
 use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{Usage, Worker, WorkerEvent};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// An embeddings request's vector and usage.
@@ -122,6 +123,26 @@ async fn case(backend: BackendKind) {
         max_diff(&again, &alone[3]) < 1e-5,
         "{backend:?}: from the cache"
     );
+    // Many at once, of different lengths (each prefilled in chunks, ending at different
+    // steps): each as alone. On the GPU path the engine plans steps ahead meanwhile (an
+    // embedding's last row comes back with its step's tokens).
+    let ahead = w.stats().steps_ahead.load(Ordering::Relaxed);
+    let many = futures::future::join_all((0..8).map(|i| {
+        let w = w.clone();
+        async move { embed(&w, &format!("batch {i} {}", prompt(i % 4 + 2 * (i / 4)))).await }
+    }))
+    .await;
+    let ahead = w.stats().steps_ahead.load(Ordering::Relaxed) - ahead;
+    if backend == BackendKind::Emulator {
+        assert!(ahead > 0, "no step planned ahead among embeddings");
+    }
+    for (i, (v, _)) in many.iter().enumerate() {
+        let (want, _) = embed(&w, &format!("batch {i} {}", prompt(i % 4 + 2 * (i / 4)))).await;
+        assert!(
+            max_diff(v, &want) < 1e-5,
+            "{backend:?}: embedding {i} among many"
+        );
+    }
     // Amid generations: each vector as alone, each generation as its solo run.
     let solo: Vec<String> = futures::future::join_all((0..4).map(|i| {
         let w = w.clone();

@@ -16,38 +16,42 @@ use std::sync::Arc;
 pub const FROM_LAST: u32 = 1 << 31;
 
 /// What a [`Backend::submit`]ted step reads back beside its tokens: logits rows (`rows`:
-/// indices among its logits rows, as [`Backend::logits_rows`] takes them: the model's)
-/// and rows whose log-probabilities the device computes (`scores`: a few words each
-/// instead of a row of logits).
+/// indices among its logits rows, as [`Backend::logits_rows`] takes them: the model's),
+/// rows whose log-probabilities the device computes (`scores`: a few words each instead
+/// of a row of logits), and logits rows whose final hidden states come back (`hidden`, as
+/// [`Backend::hidden_rows`] makes them: an embeddings request's last row).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReadBack {
     pub rows: Vec<usize>,
     pub scores: Vec<Score>,
+    pub hidden: Vec<usize>,
 }
 
 impl ReadBack {
     /// Nothing beside the tokens.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.scores.is_empty()
+        self.rows.is_empty() && self.scores.is_empty() && self.hidden.is_empty()
     }
 
     /// Logits rows `rows` only.
     pub fn rows(rows: Vec<usize>) -> Self {
         Self {
             rows,
-            scores: Vec::new(),
+            ..Self::default()
         }
     }
 }
 
 /// A [`Backend::collect`]ed step: its tokens, the logits rows its [`ReadBack`] asked for
-/// (`rows.len() × vocab`, in that order), and its scored rows' log-probabilities (in the
-/// order asked).
+/// (`rows.len() × vocab`, in that order), its scored rows' log-probabilities (in the
+/// order asked), and the final hidden states asked for (`hidden.len() × dim`, in that
+/// order).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Collected {
     pub tokens: Vec<u32>,
     pub logits: Vec<f32>,
     pub scores: Vec<TokenLogprobs>,
+    pub hidden: Vec<f32>,
 }
 
 /// Runs batched forward steps over its own KV cache.
@@ -77,7 +81,7 @@ pub trait Backend: Send {
     /// The model's final hidden states of logits rows `rows` of the last step, `dim` floats
     /// each, in that order: the residual stream after the last layer, normalized by the
     /// output norm (what the output head multiplies; an embedding's source). Read where no
-    /// step is in flight.
+    /// step is in flight (a submitted step's come back with it: [`ReadBack::hidden`]).
     fn hidden_rows(&mut self, rows: &[usize]) -> Result<Vec<f32>, StepError> {
         let _ = rows;
         Err(StepError::BadBatch(

@@ -81,6 +81,13 @@ impl Batch {
             .collect()
     }
 
+    /// The row (in `tokens`) of each row that returns logits, in order.
+    pub fn logit_positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.seqs
+            .iter()
+            .flat_map(|s| s.start + s.len - s.logits..s.start + s.len)
+    }
+
     /// Rows that return logits, in all.
     pub fn n_logits(&self) -> usize {
         self.seqs.iter().map(|s| s.logits).sum()

@@ -242,7 +242,11 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                 ),
             ][k % 3]
                 .clone();
-            ReadBack { rows, scores }
+            ReadBack {
+                rows,
+                scores,
+                ..ReadBack::default()
+            }
         };
         // Step k's scored rows after the step ran alone: the device's log-probabilities
         // ([`Backend::scores`]), which must be the host's from the rows' logits and the
@@ -370,9 +374,16 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
             token: None,
             top: 1,
         }],
+        ..ReadBack::default()
     };
     let submitted = cuda.submit(&past, &params(1), &[], &scored(n));
     assert!(bad(submitted), "a scored row past its rows");
+    let hidden = ReadBack {
+        hidden: vec![n],
+        ..ReadBack::default()
+    };
+    let submitted = cuda.submit(&past, &params(1), &[], &hidden);
+    assert!(bad(submitted), "a hidden state past its rows");
     let sync = cuda.step_sample(&b, &params(0), &[]);
     assert!(sync.is_err(), "a step in flight");
     assert!(cuda.logits_rows(&[0]).is_err(), "logits while in flight");
@@ -816,20 +827,46 @@ fn hidden_states_match_the_twin_chain() {
 /// chain's, for steps of 1 to 9 rows (prefills and decodes, from graphs and direct
 /// launches) with the products of few rows on `gemv_f16` (the final norm fused into the
 /// output head: the last residual add is made on the host) and on cuBLAS (launched apart);
-/// any of a step's logits rows, in the order asked; refused after a submitted step.
+/// any of a step's logits rows, in the order asked; refused after a submitted step. And
+/// the same states coming back with a submitted step's tokens ([`ReadBack::hidden`]):
+/// sent whole or its sampling after its forward pass, a prefill with a logits row per
+/// prompt token among them.
 fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let (vocab, d) = (twin.config.vocab, twin.config.dim);
     let (bs, n_blocks) = cuda.kv_geometry();
-    let check = |cuda: &mut CudaBackend<E>, want: &[f32], n: usize, what: &str| {
-        // The last row first, then the rest: any order, as asked.
-        let rows: Vec<usize> = std::iter::once(n - 1).chain(0..n - 1).collect();
-        let got = cuda.hidden_rows(&rows).unwrap();
+    // The last row first, then the rest: any order, as asked.
+    let order = |n: usize| -> Vec<usize> { std::iter::once(n - 1).chain(0..n - 1).collect() };
+    let compare = |got: &[f32], want: &[f32], rows: &[usize], what: &str| {
         let want: Vec<f32> = rows
             .iter()
             .flat_map(|&r| want[r * d..(r + 1) * d].to_vec())
             .collect();
-        let e = rel_err(&got, &want);
+        assert_eq!(got.len(), want.len(), "{what}");
+        let e = rel_err(got, &want);
         assert!(e < 2e-3, "{what}: {e}");
+    };
+    let check = |cuda: &mut CudaBackend<E>, want: &[f32], n: usize, what: &str| {
+        let rows = order(n);
+        compare(&cuda.hidden_rows(&rows).unwrap(), want, &rows, what);
+    };
+    // A step submitted with its hidden rows asked for (`late`: its sampling sent after
+    // its forward pass), collected: its tokens, checked against the twin's states.
+    let submitted = |cuda: &mut CudaBackend<E>, b: &Batch, want: &[f32], late: bool, what: &str| {
+        let rows = order(b.n_logits());
+        let back = ReadBack {
+            hidden: rows.clone(),
+            ..ReadBack::default()
+        };
+        let params = vec![SampleParams::GREEDY; b.n_logits()];
+        if late {
+            cuda.submit_forward(b).unwrap();
+            cuda.submit_sample(&params, &[], &back).unwrap();
+        } else {
+            cuda.submit(b, &params, &[], &back).unwrap();
+        }
+        let c = cuda.collect().unwrap();
+        compare(&c.hidden, want, &rows, what);
+        c.tokens
     };
     for small in [SmallProducts(u8::MAX), SmallProducts(0)] {
         cuda.set_small_products(small).unwrap();
@@ -839,6 +876,9 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             let got = cuda.step(&p).unwrap();
             let (_, want) = twin.forward_hidden(&p, &mut kv);
             check(cuda, &want, n, &format!("{small:?}: prefill of {n}"));
+            // The same prefill again (it writes the same keys and values), submitted.
+            let what = format!("{small:?}: prefill of {n}, submitted");
+            submitted(cuda, &p, &want, false, &what);
             let mut step = decode(&p, &greedy(&got, vocab));
             for graphs in [true, false] {
                 cuda.set_graphs(graphs).unwrap();
@@ -851,8 +891,28 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
                     &format!("{small:?}: decode of {n}, graphs {graphs}"),
                 );
                 step = decode(&step, &greedy(&got, vocab));
+                for late in [false, true] {
+                    let (_, want) = twin.forward_hidden(&step, &mut kv);
+                    let what = format!("{small:?}: decode of {n}, graphs {graphs}, late {late}");
+                    let tokens = submitted(cuda, &step, &want, late, &what);
+                    step = decode(&step, &tokens);
+                }
             }
         }
+        // Every prompt row a logits row (a scored prompt): the rows' own states.
+        let mut p = Batch::default();
+        for (s, len) in [3usize, 1, 4].into_iter().enumerate() {
+            let toks: Vec<u32> = (0..len as u32).map(|i| 5 + 3 * i + s as u32).collect();
+            p.push_rows(&toks, 0, vec![40 + s as u32], len);
+        }
+        let (_, want) = twin.forward_hidden(&p, &mut twin.kv(bs, n_blocks));
+        submitted(
+            cuda,
+            &p,
+            &want,
+            false,
+            &format!("{small:?}: every prompt row"),
+        );
     }
     cuda.set_graphs(true).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();

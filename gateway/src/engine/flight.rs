@@ -4,7 +4,7 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{check, in_backend, Engine, Next, Rows, Sampled, Turn};
+use super::run::{check, in_backend, Engine, Hidden, Next, Rows, Sampled, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
 use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};
@@ -190,11 +190,12 @@ impl Engine {
     }
 
     /// Each drawing sequence (`drawing[row]`) holds `FROM_LAST | row` for its token until
-    /// the step is collected.
+    /// the step is collected; but an embeddings request, which ends with the step (so has
+    /// nothing more to compute until then).
     fn hold(&mut self, drawing: &[Option<usize>]) {
         for (row, i) in drawing.iter().enumerate() {
-            if let Some(i) = *i {
-                self.running[i].tokens.push(FROM_LAST | row as u32);
+            if let Some(s) = i.map(|i| &mut self.running[i]).filter(|s| !s.embed) {
+                s.tokens.push(FROM_LAST | row as u32);
             }
         }
     }
@@ -221,8 +222,22 @@ impl Engine {
         };
         let got = in_backend(&self.stats, backend_ns, || backend.collect());
         let vocab = self.vocab;
+        let dim = backend.config().dim;
         let got = got.and_then(|c: Collected| {
             let back = std::mem::take(&mut f.back);
+            if c.hidden.len() != back.hidden.len() * dim {
+                return Err(StepError::Device(format!(
+                    "the backend returned {} floats for {} hidden rows",
+                    c.hidden.len(),
+                    back.hidden.len()
+                )));
+            }
+            let hidden: Hidden = back
+                .hidden
+                .iter()
+                .copied()
+                .zip(c.hidden.chunks_exact(dim.max(1)).map(<[f32]>::to_vec))
+                .collect();
             let next = Next::Tokens(Sampled {
                 tokens: c.tokens,
                 rows: back.rows,
@@ -231,18 +246,17 @@ impl Engine {
                 scored: c.scores,
                 redraw: std::mem::take(&mut f.redraw),
             });
-            check(next, f.draws.len(), vocab)
+            Ok((check(next, f.draws.len(), vocab)?, hidden))
         });
         match got {
-            Ok(next) => {
+            Ok((next, hidden)) => {
                 let parts: Vec<(usize, Part)> = f
                     .parts
                     .iter()
                     .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
                     .collect();
                 let draws = self.drawing(&f.draws);
-                // Never an embeddings request's last step (taken at once instead).
-                self.finish(&parts, &draws, next, super::run::Hidden::new());
+                self.finish(&parts, &draws, next, hidden);
                 Turn::Go
             }
             Err(e) => {

@@ -28,8 +28,9 @@
 //! has drawn a row in step N+1 already; that token is dropped. Its blocks are freed at
 //! once: everything on the device runs in order, so a block handed out again is written
 //! only after that step. An embeddings request ends with its prompt: the step that ends
-//! it is taken at once and its row's final hidden state read back before another step
-//! runs ([`Backend::hidden_rows`]), so no step is planned ahead while one is there.
+//! it reads its row's final hidden state back with its tokens ([`ReadBack::hidden`]; a
+//! step taken at once, after it: [`Backend::hidden_rows`]), and it holds no token from
+//! the device meanwhile, so no later step computes a row for it.
 
 use super::blocks::{chain, BlockPool};
 use super::draw;
@@ -185,7 +186,10 @@ fn wanted(
             }
             continue;
         };
-        if s.constrained() && !on_device(r) {
+        if s.embed {
+            // Its prompt ends here: its final hidden state is its answer.
+            back.hidden.push(r);
+        } else if s.constrained() && !on_device(r) {
             back.rows.push(r);
             redraw.push(r);
         } else if let Some(top) = s.logprobs {
@@ -318,7 +322,7 @@ impl Engine {
             }
         } else {
             let (batch, rows) = self.build(&plan);
-            if self.overlap && backend.overlaps() && !self.ends_embedding(&rows) {
+            if self.overlap && backend.overlaps() {
                 self.send(backend, &plan, &batch, &rows, &mut backend_ns)
             } else {
                 self.step(backend, &plan, &batch, &rows, &mut backend_ns)
@@ -361,18 +365,9 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
-    /// Whether the next step may be planned before the one in flight is collected: not
-    /// while an embeddings request is there (the step that ends its prompt is taken at
-    /// once, its hidden state read before any other step runs).
+    /// Whether the next step may be planned before the one in flight is collected.
     fn may_plan_ahead(&self) -> bool {
-        !self.plan_after
-            && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
-            && !self.running.iter().chain(&self.waiting).any(|s| s.embed)
-    }
-
-    /// Whether a step with logits rows `rows` ends an embeddings request's prompt.
-    fn ends_embedding(&self, rows: &Rows) -> bool {
-        rows.draws.iter().flatten().any(|&i| self.running[i].embed)
+        !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
     }
 
     /// A sampled step's [`Sampling`], for logits rows drawn by `draws` and prompt rows
@@ -480,7 +475,8 @@ impl Engine {
                 backend
                     .step_sample(batch, &s.params, &s.adjust)
                     .and_then(|tokens| {
-                        let ReadBack { rows, scores } = s.back;
+                        // The hidden states are read after the step (below).
+                        let ReadBack { rows, scores, .. } = s.back;
                         let logits = if rows.is_empty() {
                             Vec::new()
                         } else {
@@ -711,7 +707,7 @@ impl Engine {
 pub(super) type Hidden = std::collections::HashMap<usize, Vec<f32>>;
 
 /// An embeddings request's end: its vector (normalized to unit length) and its usage; or,
-/// without one (its last step was planned ahead, which the loop does not do), an error.
+/// without one (the backend gave none for its row), an error.
 fn embedded(s: &Seq, vector: Option<Vec<f32>>, stats: &EngineStats, outbox: &mut Outbox) {
     let Some(v) = vector else {
         outbox.push(

@@ -99,6 +99,8 @@ pub struct Device<E: Exec> {
     embed: E::Buf<f16>,
     layers: Vec<Layer<E>>,
     output_norm: E::Buf<f32>,
+    /// The output norm's weights on the host too (hidden states are normalized there).
+    output_norm_host: Vec<f32>,
     output: E::Buf<f16>,
     pub block_size: usize,
     /// KV blocks the engine may use (the cache holds one more, the spare).
@@ -350,6 +352,7 @@ impl<E: Exec> Device<E> {
             attention: AttentionKernel::default(),
             embed,
             output_norm,
+            output_norm_host: twin.output_norm.clone(),
             output,
             n_blocks,
             exec,
@@ -601,6 +604,13 @@ impl<E: Exec> Device<E> {
         Ok(())
     }
 
+    /// Whether a step enqueued with `padded` logits rows fused its final norm into the
+    /// output head's `gemv_f16` ([`Device::enqueue`]): its last residual add is then not in
+    /// `x` (the last down output, in `o`, is still to add).
+    fn fuses_final_norm(&self, padded: usize) -> bool {
+        self.fuse_small && self.small.gemv(padded) && gemv::fits(padded, self.config.dim)
+    }
+
     /// The final hidden states of logits rows `rows` of the step just run (waited for)
     /// with `padded` logits rows enqueued: the residual after the last layer, normalized
     /// by the output norm, `dim` f32s each, computed here from the device's rows. The
@@ -608,11 +618,9 @@ impl<E: Exec> Device<E> {
     /// into the output head's `gemv_f16`, as [`Device::enqueue`] decides from `padded`)
     /// is the last down output in `o` still to add.
     pub fn final_hidden(&self, rows: &[usize], padded: usize) -> Result<Vec<f32>, ExecError> {
-        let (e, c, b) = (&self.exec, &self.config, &self.bufs);
-        let d = c.dim;
-        let fused = self.fuse_small && self.small.gemv(padded) && gemv::fits(padded, d);
+        let (e, b, d) = (&self.exec, &self.bufs, self.config.dim);
+        let fused = self.fuses_final_norm(padded);
         let token_rows = e.download_at(&b.logit_rows, 0..padded)?;
-        let w = e.download_at(&self.output_norm, 0..d)?;
         let mut out = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             let t = match token_rows.get(r) {
@@ -628,11 +636,65 @@ impl<E: Exec> Device<E> {
                 let o = e.download_at(&b.o, t * d..(t + 1) * d)?;
                 x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             }
-            let ss: f32 = x.iter().map(|v| v * v).sum();
-            let inv = 1.0 / (ss / d as f32 + c.rms_eps).sqrt();
-            out.extend(x.iter().zip(&w).map(|(v, w)| v * inv * w));
+            self.normalize(&x, &mut out);
         }
         Ok(out)
+    }
+
+    /// Enqueues the copies back of what the final hidden states of the step just
+    /// enqueued with `padded` logits rows are made of, for its token rows `tokens` (those
+    /// of the logits rows wanted, [`Batch::logit_positions`]): into `h`, `2 × dim` words
+    /// each (the row of `x`, then of `o`), for [`Device::hidden_from`]. Returns whether
+    /// `o`'s rows are part of it (the final norm fused); only `x`'s are copied otherwise.
+    ///
+    /// [`Batch::logit_positions`]: crate::forward::Batch::logit_positions
+    pub fn receive_hidden(
+        &self,
+        tokens: &[usize],
+        padded: usize,
+        h: &mut E::Host,
+    ) -> Result<bool, ExecError> {
+        let (e, b, d) = (&self.exec, &self.bufs, self.config.dim);
+        let fused = self.fuses_final_norm(padded);
+        for (k, &t) in tokens.iter().enumerate() {
+            e.receive(&b.x, t * d..(t + 1) * d, h, 2 * k * d)?;
+            if fused {
+                e.receive(&b.o, t * d..(t + 1) * d, h, (2 * k + 1) * d)?;
+            }
+        }
+        Ok(fused)
+    }
+
+    /// The final hidden states of `n` rows from the words [`Device::receive_hidden`]
+    /// copied back (`fused`: what it returned), `dim` f32s each, as
+    /// [`Device::final_hidden`] makes them.
+    pub fn hidden_from(&self, words: &[u32], n: usize, fused: bool) -> Vec<f32> {
+        let d = self.config.dim;
+        let mut out = Vec::with_capacity(n * d);
+        let mut x = vec![0f32; d];
+        for row in words.chunks_exact(2 * d).take(n) {
+            let (xs, os) = row.split_at(d);
+            for (j, v) in x.iter_mut().enumerate() {
+                *v = f32::from_bits(xs[j]);
+                if fused {
+                    *v += f32::from_bits(os[j]);
+                }
+            }
+            self.normalize(&x, &mut out);
+        }
+        out
+    }
+
+    /// Appends `x` through the output norm (RMS norm, the model's weights) to `out`.
+    fn normalize(&self, x: &[f32], out: &mut Vec<f32>) {
+        let d = self.config.dim;
+        let ss: f32 = x.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / d as f32 + self.config.rms_eps).sqrt();
+        out.extend(
+            x.iter()
+                .zip(&self.output_norm_host)
+                .map(|(v, w)| v * inv * w),
+        );
     }
 
     /// Enqueues the `sample` kernel over a step's `n_logits` logits rows, with the

@@ -44,6 +44,13 @@
 //! ([`ReadBack::scores`]: a drawn token's, or a prompt's next token's) are reduced after
 //! the draw by the `logprobs` kernel, launched outside any graph: [`SCORE_WORDS`] words
 //! come back for each instead of its logits.
+//!
+//! **Hidden states.** An embeddings request's answer is its last row's final hidden state
+//! ([`ReadBack::hidden`]): a submitted step copies back that row of the residual (and,
+//! where the final norm was fused into the output head, of the last down output still to
+//! add) with its tokens, and [`Backend::collect`] normalizes it on the host
+//! ([`Device::receive_hidden`], [`Device::hidden_from`]); after a step taken at once,
+//! [`Backend::hidden_rows`] reads the same from the device.
 
 mod graphs;
 mod self_check;
@@ -105,6 +112,9 @@ struct Slot<E: Exec> {
     tokens: E::Host,
     scores: E::Host,
     logits: Option<(E::Host, usize)>,
+    /// Where the rows of its final hidden states land ([`Device::receive_hidden`]), with
+    /// their room in words (grown on demand).
+    hidden: Option<(E::Host, usize)>,
 }
 
 impl<E: Exec> Slot<E> {
@@ -116,13 +126,17 @@ impl<E: Exec> Slot<E> {
             tokens: exec.host(rows)?,
             scores: exec.host(rows * SCORE_WORDS)?,
             logits: None,
+            hidden: None,
         })
     }
 }
 
 /// A step submitted and not collected: its slot, its staging layout, its logits rows
 /// (`tokens` its own, `rows` with its padding), whether it is sampled yet, the logits
-/// rows asked for (they come back in that order), and how many rows are scored.
+/// rows asked for (they come back in that order), how many rows are scored, and how many
+/// final hidden states come back (and whether with the last down output to add:
+/// [`Device::receive_hidden`]). A step sent for its forward pass alone keeps its logits
+/// rows' token rows (`positions`), for the hidden states its sampling may ask for.
 struct InFlight {
     turn: usize,
     lay: Layout,
@@ -131,6 +145,8 @@ struct InFlight {
     sampled: bool,
     want: Vec<usize>,
     scored: usize,
+    hidden: (usize, bool),
+    positions: Vec<usize>,
 }
 
 /// How a step is launched: for its logits only, sampled, or sampled later (its forward
@@ -409,17 +425,32 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Enqueues the copies back of a sampled step's `rows` tokens, its `scored` rows'
-    /// answers, and of its logits rows `want` (in that order, one copy per run of
-    /// consecutive rows) into slot `turn`.
+    /// answers, of its logits rows `want` (in that order, one copy per run of consecutive
+    /// rows), and of the final hidden states of its logits rows at token rows `hidden`
+    /// (the step enqueued with `padded` logits rows) into slot `turn`. Returns how many
+    /// hidden states come back, and whether the final norm was fused.
+    #[allow(clippy::too_many_arguments)]
     fn receive(
         &mut self,
         turn: usize,
         rows: usize,
         scored: usize,
         want: &[usize],
-    ) -> Result<(), ExecError> {
+        hidden: &[usize],
+        padded: usize,
+    ) -> Result<(usize, bool), ExecError> {
         let e = &self.dev.exec;
         let slot = &mut self.slots[turn];
+        let mut fused = false;
+        if !hidden.is_empty() {
+            let words = 2 * hidden.len() * self.dev.config.dim;
+            let room = match slot.hidden.take() {
+                Some((h, room)) if room >= words => (h, room),
+                _ => (e.host(words)?, words),
+            };
+            let h = &mut slot.hidden.insert(room).0;
+            fused = self.dev.receive_hidden(hidden, padded, h)?;
+        }
         e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens, 0)?;
         if scored > 0 {
             let words = 0..scored * SCORE_WORDS;
@@ -438,7 +469,7 @@ impl<E: Exec> CudaBackend<E> {
                 e.receive(&self.dev.bufs.logits, r, h, at * vocab)?;
             }
         }
-        Ok(())
+        Ok((hidden.len(), fused))
     }
 
     /// A step padded to `min_rows` (graphs as they apply), then its first rows read back
@@ -607,11 +638,15 @@ impl<E: Exec> Backend for CudaBackend<E> {
         let graph = self.graph_for(batch);
         let turn = self.turn;
         let (want, scores) = (&back.rows, &back.scores);
+        let hidden = token_rows(&back.hidden, || batch.logit_positions().collect());
         let sent = self
             .launch(batch, 0, graph, Sampling::Now((params, adjust, scores)))
-            .and_then(|l| Ok((self.receive(turn, l.rows, scores.len(), want)?, l)));
+            .and_then(|l| {
+                let got = self.receive(turn, l.rows, scores.len(), want, &hidden, l.padded)?;
+                Ok((got, l))
+            });
         match sent {
-            Ok(((), l)) => {
+            Ok((hidden, l)) => {
                 self.flight.push_back(InFlight {
                     turn,
                     lay: l.lay,
@@ -620,6 +655,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     sampled: true,
                     want: want.to_vec(),
                     scored: scores.len(),
+                    hidden,
+                    positions: Vec::new(),
                 });
                 self.last_sampled = l.rows;
                 Ok(())
@@ -641,6 +678,8 @@ impl<E: Exec> Backend for CudaBackend<E> {
                     sampled: false,
                     want: Vec::new(),
                     scored: 0,
+                    hidden: (0, false),
+                    positions: batch.logit_positions().collect(),
                 });
                 self.last_sampled = 0;
                 Ok(())
@@ -663,15 +702,18 @@ impl<E: Exec> Backend for CudaBackend<E> {
         check_sample(rows, params, adjust, self.adjust_room())?;
         check_back(back, rows)?;
         let (want, scores) = (&back.rows, &back.scores);
+        let hidden = token_rows(&back.hidden, || f.positions.clone());
         let sent = self
             .launch_sample(turn, lay, padded, (params, adjust, scores))
-            .and_then(|()| self.receive(turn, rows, scores.len(), want));
+            .and_then(|()| self.receive(turn, rows, scores.len(), want, &hidden, padded));
         match sent {
-            Ok(()) => {
+            Ok(hidden) => {
                 if let Some(f) = self.flight.back_mut() {
                     f.sampled = true;
                     f.want = want.to_vec();
                     f.scored = scores.len();
+                    f.hidden = hidden;
+                    f.positions = Vec::new();
                 }
                 self.last_sampled = rows;
                 Ok(())
@@ -704,10 +746,19 @@ impl<E: Exec> Backend for CudaBackend<E> {
                 let words = &e.host_words(&mut slot.scores)?[..f.scored * SCORE_WORDS];
                 words.chunks_exact(SCORE_WORDS).map(from_words).collect()
             };
+            let (n, fused) = f.hidden;
+            let hidden = match slot.hidden.as_mut().filter(|_| n > 0) {
+                Some((h, _)) => {
+                    let words = &e.host_words(h)?[..2 * n * self.dev.config.dim];
+                    self.dev.hidden_from(words, n, fused)
+                }
+                None => Vec::new(),
+            };
             Ok(Collected {
                 tokens,
                 logits,
                 scores,
+                hidden,
             })
         });
         got.map_err(|e| self.abandon(e))
@@ -730,9 +781,20 @@ fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// The token rows of logits rows `hidden` of a step, from its logits rows' token rows
+/// (`positions`, made only when some are asked for).
+fn token_rows(hidden: &[usize], positions: impl FnOnce() -> Vec<usize>) -> Vec<usize> {
+    if hidden.is_empty() {
+        return Vec::new();
+    }
+    let positions = positions();
+    hidden.iter().map(|&r| positions[r]).collect()
+}
+
 /// Checks what a step reads back against its `rows` logits rows.
 fn check_back(back: &ReadBack, rows: usize) -> Result<(), StepError> {
-    match back.rows.iter().find(|&&r| r >= rows) {
+    let past = back.rows.iter().chain(&back.hidden).find(|&&r| r >= rows);
+    match past {
         Some(r) => Err(StepError::BadBatch(format!(
             "logits row {r} of a step with {rows}"
         ))),
