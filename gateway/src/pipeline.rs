@@ -63,7 +63,7 @@ impl RequestCtx {
 /// The input tokens `req` would take on the pool that would serve it for `tenant`: exact
 /// where the pool holds the model's tokenizer (engines), else the estimate admission
 /// charges; after truncation where the request asks for it. Nothing is admitted or run.
-pub fn input_tokens(
+pub async fn input_tokens(
     state: &AppState,
     tenant: &Tenant,
     mut req: InferenceRequest,
@@ -72,26 +72,76 @@ pub fn input_tokens(
         .router
         .pool_for(&req.model, tenant.cfg.pool.as_deref())
         .ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
-    Ok(prompt_parts(pool, &mut req)?.iter().map(|p| p.tokens).sum())
+    Ok(prompt_parts(pool, &mut req)
+        .await?
+        .iter()
+        .map(|p| p.tokens)
+        .sum())
 }
+
+/// Prompts of at least this many tokens (as [`crate::worker::estimate_prompt_tokens`]
+/// guesses from their bytes, in all) are tokenized on the runtime's blocking threads: a
+/// megabyte of text takes the model's tokenizer about a third of a second, which on a
+/// runtime thread would hold up every other request's I/O on it.
+const TOKENIZE_APART_TOKENS: u64 = 2048;
 
 /// `req`'s prompts (taken from it) as `pool` runs them: each tokenized once, here, where
 /// the pool has the model's tokenizer (the count is exact, and the engine takes the ids as
-/// they are), a conversation truncated to fit where the request says so.
-fn prompt_parts(pool: &Pool, req: &mut InferenceRequest) -> Result<Vec<PromptPart>, ApiError> {
-    let truncate = req.responses.as_ref().is_some_and(|r| r.truncate);
-    let max_tokens = req.params.max_tokens as usize;
-    std::mem::take(&mut req.prompts)
+/// they are), a conversation truncated to fit where the request says so. Long prompts
+/// are tokenized off the runtime's threads ([`TOKENIZE_APART_TOKENS`]).
+async fn prompt_parts(
+    pool: &Arc<Pool>,
+    req: &mut InferenceRequest,
+) -> Result<Vec<PromptPart>, ApiError> {
+    let how = PromptsHow {
+        truncate: req.responses.as_ref().is_some_and(|r| r.truncate),
+        max_tokens: req.params.max_tokens as usize,
+        echo: req.echo,
+        scored: req.params.prompt_logprobs,
+    };
+    let prompts = std::mem::take(&mut req.prompts);
+    let guess: u64 = prompts
+        .iter()
+        .map(|p| crate::worker::estimate_prompt_tokens(p) as u64)
+        .sum();
+    if guess < TOKENIZE_APART_TOKENS {
+        return parts_of(pool, prompts, how);
+    }
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || parts_of(&pool, prompts, how))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizing the prompt failed: {e}")))?
+}
+
+/// How a request's prompts are made into [`PromptPart`]s: a conversation truncated to
+/// fit its answer of `max_tokens` (`truncate`), echoed (`echo`), scored (`scored`).
+#[derive(Clone, Copy)]
+struct PromptsHow {
+    truncate: bool,
+    max_tokens: usize,
+    echo: bool,
+    scored: bool,
+}
+
+/// [`prompt_parts`]'s work, where it runs.
+fn parts_of(
+    pool: &Pool,
+    prompts: Vec<crate::worker::Prompt>,
+    how: PromptsHow,
+) -> Result<Vec<PromptPart>, ApiError> {
+    prompts
         .into_iter()
         .map(|prompt| {
             let (prompt, ids) = match prompt {
-                crate::worker::Prompt::Chat(ms) if truncate => truncated(pool, ms, max_tokens),
+                crate::worker::Prompt::Chat(ms) if how.truncate => {
+                    truncated(pool, ms, how.max_tokens)
+                }
                 p => {
                     let ids = pool.tokenize_prompt(&p);
                     (p, ids)
                 }
             };
-            PromptPart::new(prompt, ids, pool, req.echo, req.params.prompt_logprobs)
+            PromptPart::new(prompt, ids, pool, how.echo, how.scored)
         })
         .collect()
 }
@@ -265,13 +315,13 @@ async fn admit(
 async fn run(
     state: &AppState,
     ctx: &RequestCtx,
-    pool: &Pool,
+    pool: &Arc<Pool>,
     mut req: InferenceRequest,
     meter: &mut Meter,
     terms: Terms<'_>,
     buckets: &mut Option<Buckets>,
 ) -> Result<Reply, ApiError> {
-    let parts = prompt_parts(pool, &mut req)?;
+    let parts = prompt_parts(pool, &mut req).await?;
     let input_tokens: u32 = parts.iter().map(|p| p.tokens).sum();
     // `best_of` (at least `n`) choices per prompt: each its own sequence, so its own prompt
     // and output. Past `n`, the best `n` of each prompt's are kept (see `best`), which

@@ -53,13 +53,19 @@ async fn a_conversation_past_the_context_is_truncated_only_when_asked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn input_tokens_are_counted_as_the_response_takes_them() {
     let (_dir, model) = synthetic_model_file();
-    let gw = Gateway::start(&engine_config(&model, ", kv_tokens = 256"));
+    let gw = Gateway::start(
+        &engine_config(&model, ", kv_tokens = 256")
+            .replace("max_body_bytes = 4096", "max_body_bytes = 65536"),
+    );
     let count = async |body: &Value| -> Value {
         let r = post(&gw, "/v1/responses/input_tokens", &body.to_string()).await;
         assert_eq!(r.status(), 200, "{body}");
         r.json().await.expect("JSON")
     };
     let long: Vec<Value> = (0..24)
+        .map(|i| json!({"role": "user", "content": format!("turn {i}: {}", "lorem ipsum ".repeat(8))}))
+        .collect();
+    let longer: Vec<Value> = (0..120)
         .map(|i| json!({"role": "user", "content": format!("turn {i}: {}", "lorem ipsum ".repeat(8))}))
         .collect();
     for body in [
@@ -69,6 +75,9 @@ async fn input_tokens_are_counted_as_the_response_takes_them() {
                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
                "max_output_tokens": 4, "temperature": 0}),
         json!({"model": "m", "input": long, "truncation": "auto",
+               "max_output_tokens": 8, "temperature": 0}),
+        // About 12 KB: tokenized off the runtime's threads (and truncated there).
+        json!({"model": "m", "input": longer, "truncation": "auto",
                "max_output_tokens": 8, "temperature": 0}),
     ] {
         let counted = count(&body).await;
@@ -82,6 +91,15 @@ async fn input_tokens_are_counted_as_the_response_takes_them() {
     // Counting a conversation too long for the model is not an error (it is not run).
     let v = count(&json!({"model": "m", "input": long})).await;
     assert!(v["input_tokens"].as_u64().expect("a count") > 256, "{v}");
+    let v = count(&json!({"model": "m", "input": longer})).await;
+    let n = v["input_tokens"].as_u64().expect("a count");
+    assert!(n > 2048, "{v}");
+    // The same whether tokenized on the runtime or off it: 120 turns of the same length
+    // are about five times 24 of them.
+    let short = count(&json!({"model": "m", "input": long})).await["input_tokens"]
+        .as_u64()
+        .expect("a count");
+    assert!(n.abs_diff(5 * short) < 5 * 24, "{n} vs 5 × {short}");
     // Bad requests are the same 400s and 404s as the Responses endpoint's.
     let r = post(
         &gw,

@@ -269,7 +269,7 @@ pub async fn input_tokens(
         let body = read_body(&state, body)?;
         let req = responses::read(&body)?;
         let req = request(&state, owner, body, req).await?;
-        crate::pipeline::input_tokens(&state, &tenant, req)
+        crate::pipeline::input_tokens(&state, &tenant, req).await
     }
     .await;
     let answer = counted.map(|n| json!({"object": "response.input_tokens", "input_tokens": n}));
