@@ -741,7 +741,8 @@ impl Embedded {
         })
     }
 
-    /// Metered, then one JSON body.
+    /// Metered, then one JSON body: rendered on the runtime's blocking threads when it
+    /// is large ([`RENDER_APART_FLOATS`]).
     async fn answer(self, mut renderer: Renderer, meter: &mut Meter) -> Result<Response, ApiError> {
         meter.worker = self.worker;
         let usage = self
@@ -753,20 +754,35 @@ impl Embedded {
                 t
             });
         meter.success(usage).await;
-        let out: Vec<ChoiceOut<'_>> = self
-            .vectors
-            .iter()
-            .map(|(v, _)| ChoiceOut {
-                text: "",
-                logprobs: &[],
-                finish: crate::worker::FinishReason::Stop,
-                embedding: v,
-            })
-            .collect();
-        let body = renderer.full(&out, usage);
+        let floats: usize = self.vectors.iter().map(|(v, _)| v.len()).sum();
+        let vectors = self.vectors;
+        let mut render = move || {
+            let out: Vec<ChoiceOut<'_>> = vectors
+                .iter()
+                .map(|(v, _)| ChoiceOut {
+                    text: "",
+                    logprobs: &[],
+                    finish: crate::worker::FinishReason::Stop,
+                    embedding: v,
+                })
+                .collect();
+            renderer.full(&out, usage)
+        };
+        let body = if floats < RENDER_APART_FLOATS {
+            render()
+        } else {
+            tokio::task::spawn_blocking(render)
+                .await
+                .map_err(|e| ApiError::Internal(format!("rendering the answer failed: {e}")))?
+        };
         Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
     }
 }
+
+/// Embeddings answers of at least this many numbers in all are rendered on the runtime's
+/// blocking threads: 2,048 vectors of 576 take about 40 ms as JSON numbers (7 ms as
+/// base64), which on a serving thread would hold up its other connections.
+const RENDER_APART_FLOATS: usize = 1 << 16;
 
 /// One input's vector and usage from its worker's events (its first one given), and the
 /// worker's name.

@@ -434,6 +434,7 @@ async fn embeddings_are_one_unit_vector_per_input() {
 /// An embeddings request of many more inputs than its pool runs at once (3 slots, one
 /// request may wait) is routed a pool's capacity at a time: every input answered, in
 /// order, each as it is alone. (All routed at once, most would find the wait room full.)
+/// Its answer (300 × 256 numbers) is rendered off the serving thread.
 #[tokio::test]
 async fn embeddings_of_many_inputs_are_routed_a_pool_at_a_time() {
     let sim = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 1.0, decode_step_ms_per_seq = 0.0, max_concurrency = 3 }"#;
