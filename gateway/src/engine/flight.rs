@@ -4,7 +4,7 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{check, in_backend, Engine, Hidden, Next, Rows, Sampled, Turn};
+use super::run::{by_row, check, in_backend, Engine, Next, Rows, Sampled, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
 use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};
@@ -225,19 +225,7 @@ impl Engine {
         let dim = backend.config().dim;
         let got = got.and_then(|c: Collected| {
             let back = std::mem::take(&mut f.back);
-            if c.hidden.len() != back.hidden.len() * dim {
-                return Err(StepError::Device(format!(
-                    "the backend returned {} floats for {} hidden rows",
-                    c.hidden.len(),
-                    back.hidden.len()
-                )));
-            }
-            let hidden: Hidden = back
-                .hidden
-                .iter()
-                .copied()
-                .zip(c.hidden.chunks_exact(dim.max(1)).map(<[f32]>::to_vec))
-                .collect();
+            let hidden = by_row(&back.hidden, &c.hidden, dim)?;
             let next = Next::Tokens(Sampled {
                 tokens: c.tokens,
                 rows: back.rows,

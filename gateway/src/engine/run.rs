@@ -510,19 +510,8 @@ impl Engine {
             if ends.is_empty() {
                 return Ok((next, Hidden::new()));
             }
-            let d = backend.config().dim;
             let got = in_backend(&self.stats, backend_ns, || backend.hidden_rows(&ends))?;
-            if got.len() != ends.len() * d {
-                return Err(StepError::Device(format!(
-                    "the backend returned {} floats for {} hidden rows",
-                    got.len(),
-                    ends.len()
-                )));
-            }
-            let hidden = ends
-                .into_iter()
-                .zip(got.chunks_exact(d).map(<[f32]>::to_vec));
-            Ok((next, hidden.collect()))
+            Ok((next, by_row(&ends, &got, backend.config().dim)?))
         });
         match stepped {
             Ok((next, hidden)) => {
@@ -705,6 +694,20 @@ impl Engine {
 
 /// The final hidden states a step's embeddings requests end with, by logits row.
 pub(super) type Hidden = std::collections::HashMap<usize, Vec<f32>>;
+
+/// The hidden states `got` (`dim` floats each) of logits rows `rows`, by row; checked to be
+/// as many as asked for.
+pub(super) fn by_row(rows: &[usize], got: &[f32], dim: usize) -> Result<Hidden, StepError> {
+    if got.len() != rows.len() * dim {
+        return Err(StepError::Device(format!(
+            "the backend returned {} floats for {} hidden rows",
+            got.len(),
+            rows.len()
+        )));
+    }
+    let each = got.chunks_exact(dim.max(1)).map(<[f32]>::to_vec);
+    Ok(rows.iter().copied().zip(each).collect())
+}
 
 /// An embeddings request's end: its vector (normalized to unit length) and its usage; or,
 /// without one (the backend gave none for its row), an error.
