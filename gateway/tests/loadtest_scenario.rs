@@ -49,6 +49,7 @@ key = "{KEY}"
 model = "sim-8b"
 endpoint = "embeddings"
 prompt = "Hello there"
+inputs = 3
 users = 1
 think_ms = 50
 "#
@@ -114,7 +115,9 @@ think_ms = 50
         (umbrella.sent, 0),
         "{umbrella:?}"
     );
-    assert!(umbrella.prompt_tokens_per_s > 0.0, "{umbrella:?}");
+    // Three inputs a request, each "Hello there" (3 tokens as simulated workers count).
+    let per_request = umbrella.prompt_tokens_per_s * 4.0 / umbrella.ok as f64;
+    assert!((per_request - 9.0).abs() < 1e-9, "{per_request}: {umbrella:?}");
     assert_eq!(umbrella.completion_tokens_per_s, 0.0, "{umbrella:?}");
     // The timeline adds up to the totals, a line per second of the window.
     for t in &report.tenants {

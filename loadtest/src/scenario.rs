@@ -77,6 +77,9 @@ pub struct TenantLoad {
     pub prompt: Option<String>,
     #[serde(default)]
     pub prompt_words: Option<u32>,
+    /// Embeddings: inputs per request (each its own random words with `prompt_words`).
+    #[serde(default = "default_inputs")]
+    pub inputs: u32,
     /// Open loop: requests per second offered, whatever the answers.
     #[serde(default)]
     pub rate: Option<f64>,
@@ -115,6 +118,9 @@ fn default_warmup() -> f64 {
 fn default_drain() -> f64 {
     30.0
 }
+/// Most `inputs` an embeddings request may carry (the gateway's and OpenAI's limit).
+pub const MAX_INPUTS: u32 = 2048;
+
 fn default_endpoint() -> Endpoint {
     Endpoint::Chat
 }
@@ -122,6 +128,9 @@ fn default_max_tokens() -> u32 {
     32
 }
 fn default_turns() -> u32 {
+    1
+}
+fn default_inputs() -> u32 {
     1
 }
 fn default_connections() -> usize {
@@ -196,6 +205,14 @@ impl Scenario {
                     "{at}: embeddings are neither streamed nor conversations (`stream`, `turns`)"
                 ));
             }
+            if !(1..=MAX_INPUTS).contains(&t.inputs) {
+                return Err(format!("{at}: inputs must be from 1 to {MAX_INPUTS}"));
+            }
+            if t.inputs > 1 && t.endpoint != Endpoint::Embeddings {
+                return Err(format!(
+                    "{at}: inputs past 1 are for `endpoint = \"embeddings\"`"
+                ));
+            }
             if !(t.output_weight.is_finite() && t.output_weight >= 0.0) {
                 return Err(format!("{at}: output_weight must be ≥ 0"));
             }
@@ -230,6 +247,17 @@ impl TenantLoad {
         }
     }
 
+    /// Prompt `n`: the fixed one, or its random words (drawn from `seed` and `n`).
+    fn prompt(&self, seed: u64, n: u64) -> String {
+        match (&self.prompt, self.prompt_words) {
+            (Some(p), _) => p.clone(),
+            (None, words) => random_words(
+                words.unwrap_or(0),
+                seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+        }
+    }
+
     /// The request path on the gateway.
     pub fn path(&self) -> &'static str {
         match self.endpoint {
@@ -248,13 +276,7 @@ impl TenantLoad {
 
     /// Request `n`'s body as the next turn of `conv`, and its new prompt.
     pub fn turn(&self, seed: u64, n: u64, conv: &Conversation) -> (Vec<u8>, String) {
-        let prompt = match (&self.prompt, self.prompt_words) {
-            (Some(p), _) => p.clone(),
-            (None, words) => random_words(
-                words.unwrap_or(0),
-                seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ),
-        };
+        let prompt = self.prompt(seed, n);
         let mut body = json!({
             "model": self.model,
             "stream": self.stream,
@@ -270,7 +292,15 @@ impl TenantLoad {
         };
         let max = match self.endpoint {
             Endpoint::Embeddings => {
-                let body = json!({"model": self.model, "input": prompt});
+                let input = match self.inputs {
+                    1 => Value::String(prompt.clone()),
+                    k => {
+                        // Input i of request n draws as request n × k + i would.
+                        let each = (0..k as u64).map(|i| self.prompt(seed, n * k as u64 + i));
+                        Value::Array(each.map(Value::String).collect())
+                    }
+                };
+                let body = json!({"model": self.model, "input": input});
                 return (serde_json::to_vec(&body).unwrap_or_default(), prompt);
             }
             Endpoint::Chat => {
@@ -414,6 +444,22 @@ mod tests {
         let body: Value = serde_json::from_slice(&r.body(1, 0)).unwrap();
         assert_eq!(body, json!({"model": "m", "input": "hello"}));
         assert_eq!(r.path(), "/v1/embeddings");
+        // Several inputs: the fixed prompt each time, or each its own words.
+        r.inputs = 3;
+        let body: Value = serde_json::from_slice(&r.body(1, 0)).unwrap();
+        assert_eq!(body["input"], json!(["hello", "hello", "hello"]));
+        let mut w = a.clone();
+        w.endpoint = Endpoint::Embeddings;
+        w.inputs = 3;
+        let body: Value = serde_json::from_slice(&w.body(1, 4)).unwrap();
+        let inputs = body["input"].as_array().expect("a list");
+        assert_eq!(inputs.len(), 3);
+        assert_ne!(inputs[0], inputs[1]);
+        assert_ne!(
+            body,
+            serde_json::from_slice::<Value>(&w.body(1, 5)).unwrap()
+        );
+        assert_eq!(inputs[0].as_str().unwrap().split(' ').count(), 8);
     }
 
     #[test]
@@ -499,6 +545,18 @@ mod tests {
             (
                 ("endpoint = \"completions\"", "endpoint = \"embeddings\""),
                 "neither streamed",
+            ),
+            (
+                ("prompt_words = 8", "prompt_words = 8\ninputs = 0"),
+                "inputs",
+            ),
+            (
+                ("prompt_words = 8", "prompt_words = 8\ninputs = 4"),
+                "embeddings",
+            ),
+            (
+                ("prompt_words = 8", "prompt_words = 8\ninputs = 2049"),
+                "inputs must be from 1 to 2048",
             ),
         ] {
             let text = GOOD.replacen(change.0, change.1, 1);
