@@ -117,7 +117,10 @@ think_ms = 50
     );
     // Three inputs a request, each "Hello there" (3 tokens as simulated workers count).
     let per_request = umbrella.prompt_tokens_per_s * 4.0 / umbrella.ok as f64;
-    assert!((per_request - 9.0).abs() < 1e-9, "{per_request}: {umbrella:?}");
+    assert!(
+        (per_request - 9.0).abs() < 1e-9,
+        "{per_request}: {umbrella:?}"
+    );
     assert_eq!(umbrella.completion_tokens_per_s, 0.0, "{umbrella:?}");
     // The timeline adds up to the totals, a line per second of the window.
     for t in &report.tenants {
