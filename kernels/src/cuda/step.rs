@@ -643,9 +643,10 @@ impl<E: Exec> Device<E> {
 
     /// Enqueues the copies back of what the final hidden states of the step just
     /// enqueued with `padded` logits rows are made of, for its token rows `tokens` (those
-    /// of the logits rows wanted, [`Batch::logit_positions`]): into `h`, `2 × dim` words
-    /// each (the row of `x`, then of `o`), for [`Device::hidden_from`]. Returns whether
-    /// `o`'s rows are part of it (the final norm fused); only `x`'s are copied otherwise.
+    /// of the logits rows wanted, [`Batch::logit_positions`]): into `h`, the rows of `x`
+    /// (`dim` words each, in that order), then those of `o`, for [`Device::hidden_from`];
+    /// one copy per run of consecutive token rows. Returns whether `o`'s rows are part of
+    /// it (the final norm fused); only `x`'s are copied otherwise.
     ///
     /// [`Batch::logit_positions`]: crate::forward::Batch::logit_positions
     pub fn receive_hidden(
@@ -656,10 +657,12 @@ impl<E: Exec> Device<E> {
     ) -> Result<bool, ExecError> {
         let (e, b, d) = (&self.exec, &self.bufs, self.config.dim);
         let fused = self.fuses_final_norm(padded);
-        for (k, &t) in tokens.iter().enumerate() {
-            e.receive(&b.x, t * d..(t + 1) * d, h, 2 * k * d)?;
+        let n = tokens.len();
+        for (at, first, rows) in runs(tokens) {
+            let r = first * d..(first + rows) * d;
+            e.receive(&b.x, r.clone(), h, at * d)?;
             if fused {
-                e.receive(&b.o, t * d..(t + 1) * d, h, (2 * k + 1) * d)?;
+                e.receive(&b.o, r, h, (n + at) * d)?;
             }
         }
         Ok(fused)
@@ -672,12 +675,12 @@ impl<E: Exec> Device<E> {
         let d = self.config.dim;
         let mut out = Vec::with_capacity(n * d);
         let mut x = vec![0f32; d];
-        for row in words.chunks_exact(2 * d).take(n) {
-            let (xs, os) = row.split_at(d);
+        for k in 0..n {
+            let xs = &words[k * d..(k + 1) * d];
             for (j, v) in x.iter_mut().enumerate() {
                 *v = f32::from_bits(xs[j]);
                 if fused {
-                    *v += f32::from_bits(os[j]);
+                    *v += f32::from_bits(words[(n + k) * d + j]);
                 }
             }
             self.normalize(&x, &mut out);
@@ -754,4 +757,17 @@ impl<E: Exec> Device<E> {
             ],
         )
     }
+}
+
+/// `rows` as runs of consecutive rows, in order: (where the run starts among `rows`, its
+/// first row, how many).
+pub(crate) fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, first, n)) if *first + *n == r => *n += 1,
+            _ => out.push((i, r, 1)),
+        }
+    }
+    out
 }

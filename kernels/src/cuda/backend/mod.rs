@@ -61,7 +61,7 @@ use crate::backend::{check_sample, Backend, Collected, ReadBack, FROM_LAST};
 use crate::cuda::device::{Gpu, GpuError};
 use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::staging::{self, Layout};
-use crate::cuda::step::Device;
+use crate::cuda::step::{runs, Device};
 pub use crate::cuda::step::{AttentionKernel, KvCapacity, SmallProducts};
 use crate::cuda::twins::{SampleParams, TwinModel};
 use crate::forward::{Batch, Model, StepError};
@@ -766,19 +766,6 @@ impl<E: Exec> Backend for CudaBackend<E> {
     fn pending(&self) -> usize {
         self.flight.len()
     }
-}
-
-/// `rows` as runs of consecutive rows, in order: (where the run starts among `rows`, its
-/// first row, how many).
-fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
-    let mut out: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, &r) in rows.iter().enumerate() {
-        match out.last_mut() {
-            Some((_, first, n)) if *first + *n == r => *n += 1,
-            _ => out.push((i, r, 1)),
-        }
-    }
-    out
 }
 
 /// The token rows of logits rows `hidden` of a step, from its logits rows' token rows
