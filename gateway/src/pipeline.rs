@@ -229,6 +229,8 @@ struct Ask<'a> {
     /// Weighted tokens to reserve.
     cost: f64,
     input_tokens: u32,
+    /// An embeddings request (its cost is its inputs alone).
+    embed: bool,
 }
 
 /// Holds the request to its contract: tier, concurrency, buckets. On success the
@@ -246,16 +248,30 @@ async fn admit(
         scope,
         cost,
         input_tokens,
+        embed,
     } = ask;
     let tenant = ctx.tenant_id();
     if let Some(rate) = contract.token_rate() {
         if cost > rate.burst {
+            let (what, advice, param) = if embed {
+                (
+                    "its inputs' tokens",
+                    "Send fewer or shorter inputs a request.",
+                    "input",
+                )
+            } else {
+                (
+                    "prompt + output_weight × max_tokens",
+                    "Lower `max_tokens` or shorten the prompt.",
+                    "max_tokens",
+                )
+            };
             return Err(ApiError::BadRequest {
                 message: format!(
-                    "This request needs {cost:.0} weighted tokens (prompt + output_weight × max_tokens), more than tenant `{tenant}`'s whole burst of {:.0} ({} tokens/s × {} s): it could never be admitted. Lower `max_tokens` or shorten the prompt.",
+                    "This request needs {cost:.0} weighted tokens ({what}), more than tenant `{tenant}`'s whole burst of {:.0} ({} tokens/s × {} s): it could never be admitted. {advice}",
                     rate.burst, rate.per_sec, contract.burst_seconds
                 ),
-                param: Some("max_tokens".into()),
+                param: Some(param.into()),
                 code: Some("request_exceeds_contract"),
             });
         }
@@ -338,11 +354,16 @@ async fn run(
         .iter()
         .map(|p| n as f64 * (p.tokens as f64 + terms.output_weight * params.max_tokens as f64))
         .sum::<f64>();
+    let embed = matches!(
+        req.endpoint,
+        crate::api::validate::Endpoint::Embeddings { .. }
+    );
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
         cost,
         input_tokens,
+        embed,
     };
     let spot = ask.contract.tier == Tier::Spot;
     let concurrency_slot = admit(state, ctx, pool, ask, meter, buckets).await?;
@@ -389,10 +410,6 @@ async fn run(
         let queue = queue.clone();
         async move { dispatch(pool, &r, tokens, server.max_retries, deadline, queue).await }
     };
-    let embed = matches!(
-        req.endpoint,
-        crate::api::validate::Endpoint::Embeddings { .. }
-    );
     let worker_request = |part: &PromptPart| {
         Arc::new(WorkerRequest {
             request_id: ctx.request_id.clone(),

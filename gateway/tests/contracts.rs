@@ -199,8 +199,22 @@ async fn a_request_larger_than_the_burst_is_a_400_not_endless_429s() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "request_exceeds_contract");
     assert!(v["error"]["message"].as_str().unwrap().contains("burst"));
+    assert_eq!(v["error"]["param"], "max_tokens");
     // And it cost nothing: a request that fits still passes.
     assert_eq!(post(&gw, "/v1/completions", BODY).await.status(), 200);
+    // Embeddings: their inputs alone, and the advice is about them (30 inputs of 4
+    // tokens: 120 > 100).
+    let inputs = vec!["four token input"; 30];
+    let body = serde_json::json!({"model": "m", "input": inputs}).to_string();
+    let r = post(&gw, "/v1/embeddings", &body).await;
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_exceeds_contract");
+    assert_eq!(v["error"]["param"], "input", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("fewer or shorter inputs"), "{message}");
+    let fits = serde_json::json!({"model": "m", "input": &inputs[..5]}).to_string();
+    assert_eq!(post(&gw, "/v1/embeddings", &fits).await.status(), 200);
 }
 
 #[tokio::test]
