@@ -20,8 +20,7 @@ cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 quickstart_config "$PORT" ", prefix_caching = false" "$tmp"
-./target/release/gateway serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-wait_ready "$PORT"
+serve_quickstart "$PORT" "$tmp"
 body=$(python3 -c '
 import json, sys
 inputs, words = int(sys.argv[1]), int(sys.argv[2])

@@ -1,5 +1,5 @@
 # Shared by the bench scripts (sourced): the quick-start gateway's config for a benchmark,
-# and waiting for a gateway to be ready.
+# starting a gateway on it, and waiting for a gateway to be ready.
 
 # quickstart_config PORT ENGINE_FIELDS DIR: config/gateway.toml on 127.0.0.1:PORT, without
 # the admin listener, the engine worker's fields extended by ENGINE_FIELDS (", a = b, …"),
@@ -23,4 +23,12 @@ wait_ready() {
   done
   echo "the gateway on port $1 did not get ready" >&2
   exit 1
+}
+
+# serve_quickstart PORT DIR [BINARY]: BINARY (default: the release build) serving DIR/gw.toml
+# in the background, its log in DIR/gw.log; returns once it is ready, its pid in GW_PID.
+serve_quickstart() {
+  "${3:-./target/release/gateway}" serve --config "$2/gw.toml" > "$2/gw.log" 2>&1 &
+  GW_PID=$!
+  wait_ready "$1"
 }

@@ -22,8 +22,7 @@ tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 quickstart_config "$PORT" "" "$tmp"
 sed -i 's/^max_body_bytes = .*/max_body_bytes = 2097152/' "$tmp/gw.toml"
-"$GATEWAY" serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-wait_ready "$PORT"
+serve_quickstart "$PORT" "$tmp" "$GATEWAY"
 python3 - "$PORT" "$SENDERS" "$MB" "$SECONDS_EACH" <<'PY'
 import http.client, json, sys, threading, time
 port, senders, mb, each = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])

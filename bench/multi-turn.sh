@@ -24,9 +24,8 @@ run() { # name, prefix_caching, turns
   quickstart_config "$PORT" ", prefix_caching = $2 $ENGINE" "$tmp"
   sed -e "s/^users = .*/users = $USERS/" -e "s/^turns = .*/turns = $3/" \
       config/scenarios/multi-turn.toml > "$tmp/sc.toml"
-  ./target/release/gateway serve --config "$tmp/gw.toml" > "$tmp/gw.log" 2>&1 &
-  local gw=$!
-  wait_ready "$PORT"
+  serve_quickstart "$PORT" "$tmp"
+  local gw=$GW_PID
   echo "== $1 (prefix_caching = $2, turns = $3, $USERS users)"
   ./target/release/loadtest run "$tmp/sc.toml" --target "http://127.0.0.1:$PORT" --duration "$DURATION"
   kill "$gw"; wait "$gw" 2>/dev/null || true
