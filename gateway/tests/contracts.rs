@@ -68,41 +68,49 @@ async fn conformance_three_times_the_contract_for_20s() {
     let mut tick = tokio::time::interval(per_request);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    let mut last_send = start;
     while start.elapsed() < duration {
         tick.tick().await;
-        last_send = Instant::now();
-        let url = gw.url("/v1/completions");
-        let request = spawn_post(url, BODY);
+        let sent = Instant::now();
+        let request = spawn_post(gw.url("/v1/completions"), BODY);
         tasks.push(tokio::spawn(async move {
-            let r = request.await.unwrap();
-            match r.status().as_u16() {
-                200 => (200, weighted(r).await),
-                s => (s, 0.0),
+            let r = request.await.expect("request task");
+            let status = r.status().as_u16();
+            assert!(status == 200 || status == 429, "only 200 and 429: {status}");
+            let weighted = if status == 200 {
+                weighted(r).await
+            } else {
+                0.0
+            };
+            Offered {
+                admitted: status == 200,
+                weighted,
+                sent,
+                done: Instant::now(),
             }
         }));
     }
-    let window = (last_send - start).as_secs_f64();
-    let results: Vec<(u16, f64)> = join_all(tasks)
+    let window = start.elapsed().as_secs_f64();
+    let offered: Vec<Offered> = join_all(tasks)
         .await
         .into_iter()
-        .map(|r| r.unwrap())
+        .map(|r| r.expect("request task"))
         .collect();
-    let admitted: f64 = results.iter().map(|r| r.1).sum();
-    let ok = results.iter().filter(|r| r.0 == 200).count();
-    let refused = results.iter().filter(|r| r.0 == 429).count();
-    assert_eq!(ok + refused, results.len(), "only 200 and 429 expected");
-    let expected = 500.0 * window + 1000.0;
-    let err = (admitted - expected).abs() / expected;
+    let admitted: f64 = offered.iter().map(|o| o.weighted).sum();
+    let ok = offered.iter().filter(|o| o.admitted).count();
+    // The bucket admits its burst plus the rate over the span it was drawn on: never more,
+    // and (offered 3x) within 2% of it.
+    let (least, most) = admission_bounds(500.0, 1000.0, COST, &offered);
     eprintln!(
-        "offered {} requests over {window:.2}s; admitted {ok} ({admitted} weighted tokens), expected {expected:.0}: error {:.2}%",
-        results.len(),
-        err * 100.0
+        "offered {} requests over {window:.2}s; admitted {ok} ({admitted} weighted tokens), bounds [{least:.0}, {most:.0}]",
+        offered.len(),
     );
     assert!(
-        err <= 0.02,
-        "admitted {admitted} vs {expected:.0}: {:.2}% off",
-        err * 100.0
+        admitted <= most,
+        "admitted {admitted}, more than the bucket allows ({most:.0})"
+    );
+    assert!(
+        admitted >= 0.98 * least,
+        "admitted {admitted}, more than 2% under the bucket's {least:.0}"
     );
     // The gateway's own books agree with what the client saw.
     let m = gw.metrics().await;

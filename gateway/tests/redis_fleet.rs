@@ -137,34 +137,46 @@ async fn three_replicas_share_one_global_limit_and_survive_redis_outages() {
     // 3x the contract: 900 weighted tokens/s = one 27-token request every 30 ms, round robin.
     let mut tick = tokio::time::interval(Duration::from_secs_f64(27.0 / 900.0));
     let start = Instant::now();
-    let mut last = start;
     let mut tasks = Vec::new();
     let mut i = 0;
     while start.elapsed() < Duration::from_secs(12) {
         tick.tick().await;
-        last = Instant::now();
-        tasks.push(tokio::spawn(send(replicas[i % 3].url("/v1/completions"))));
+        let url = replicas[i % 3].url("/v1/completions");
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let (status, weighted, _) = send(url).await;
+            assert!(status == 200 || status == 429, "only 200 and 429: {status}");
+            Offered {
+                admitted: status == 200,
+                weighted,
+                sent,
+                done: Instant::now(),
+            }
+        }));
         i += 1;
     }
-    let window = (last - start).as_secs_f64();
-    let results: Vec<_> = join_all(tasks)
+    let window = start.elapsed().as_secs_f64();
+    let offered: Vec<Offered> = join_all(tasks)
         .await
         .into_iter()
-        .map(|r| r.unwrap())
+        .map(|r| r.expect("request task"))
         .collect();
-    assert!(
-        results.iter().all(|r| r.0 == 200 || r.0 == 429),
-        "only 200 and 429"
-    );
-    let admitted: f64 = results.iter().map(|r| r.1).sum();
-    let expected = 300.0 * window + 300.0;
-    let err = (admitted - expected).abs() / expected;
+    let admitted: f64 = offered.iter().map(|o| o.weighted).sum();
+    // The global bucket admits its burst plus the rate over the span it was drawn on (no
+    // more; offered 3x, no less but for stalls of a loaded machine).
+    let (least, most) = admission_bounds(300.0, 300.0, 27.0, &offered);
     eprintln!(
-        "fleet of 3: offered {} requests over {window:.2}s, admitted {admitted} weighted tokens, expected {expected:.0}: {:.2}% off",
-        results.len(),
-        err * 100.0
+        "fleet of 3: offered {} requests over {window:.2}s, admitted {admitted} weighted tokens, bounds [{least:.0}, {most:.0}]",
+        offered.len(),
     );
-    assert!(err <= 0.05, "global admitted {admitted} vs {expected:.0}");
+    assert!(
+        admitted <= most,
+        "global admitted {admitted}, more than the bucket allows ({most:.0})"
+    );
+    assert!(
+        admitted >= 0.95 * least,
+        "global admitted {admitted}, well under the bucket's {least:.0}"
+    );
     // Each replica admitted some: the limit is shared, not per replica.
     for (k, gw) in replicas.iter().enumerate() {
         let m = gw.metrics().await;

@@ -295,6 +295,42 @@ pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
+/// One request offered to a rate limit: whether it was admitted, the weighted tokens it
+/// used, and when it was sent and answered.
+pub struct Offered {
+    pub admitted: bool,
+    pub weighted: f64,
+    pub sent: Instant,
+    pub done: Instant,
+}
+
+/// What a token bucket of `rate` per second and depth `burst` may have admitted of
+/// `offered`, each request costing at most `cost`: `(least, most)`. Each admission happened
+/// between its request's send and its answer, so the span over which the bucket was drawn
+/// on lies between (last send − first answer) and (last answer − first send) of the
+/// admitted requests; a loaded machine may delay a request well after it was meant to go,
+/// which the ticks that sent them do not see. The least assumes demand never let the
+/// bucket fill up and idle (offer more than the rate).
+pub fn admission_bounds(rate: f64, burst: f64, cost: f64, offered: &[Offered]) -> (f64, f64) {
+    let ok: Vec<&Offered> = offered.iter().filter(|o| o.admitted).collect();
+    let (Some(first_sent), Some(first_done), Some(last_sent), Some(last_done)) = (
+        ok.iter().map(|o| o.sent).min(),
+        ok.iter().map(|o| o.done).min(),
+        ok.iter().map(|o| o.sent).max(),
+        ok.iter().map(|o| o.done).max(),
+    ) else {
+        return (0.0, burst + cost);
+    };
+    let least = burst
+        + rate
+            * last_sent
+                .saturating_duration_since(first_done)
+                .as_secs_f64()
+        - cost;
+    let most = burst + rate * (last_done - first_sent).as_secs_f64() + cost;
+    (least, most)
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let start = Instant::now();
