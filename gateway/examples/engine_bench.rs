@@ -46,6 +46,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         params: SamplingParams::greedy(max_tokens),
         stream: true,
         embed: false,
+        more_inputs: Vec::new(),
     })
 }
 

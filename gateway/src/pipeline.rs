@@ -25,6 +25,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures::{StreamExt, TryStreamExt};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
@@ -406,11 +407,13 @@ async fn run(
             cost: cost / choices as f64,
         },
     };
-    let route = |r: Arc<WorkerRequest>, tokens: u32| {
-        let queue = queue.clone();
+    // `inputs`: how many of the request's choices (embeddings inputs) it carries.
+    let route = |r: Arc<WorkerRequest>, tokens: u32, inputs: usize| {
+        let mut queue = queue.clone();
+        queue.who.cost *= inputs as f64;
         async move { dispatch(pool, &r, tokens, server.max_retries, deadline, queue).await }
     };
-    let worker_request = |part: &PromptPart| {
+    let worker_request = |part: &PromptPart, more_inputs: Vec<crate::worker::Prompt>| {
         Arc::new(WorkerRequest {
             request_id: ctx.request_id.clone(),
             tenant: ctx.tenant_id().clone(),
@@ -422,6 +425,7 @@ async fn run(
             params: params.clone(),
             stream,
             embed,
+            more_inputs,
         })
     };
     if embed {
@@ -429,7 +433,11 @@ async fn run(
         let embedded = Embedded::gather(
             pool,
             &parts,
-            |part| route(worker_request(part), part.tokens),
+            |group| {
+                let more = group[1..].iter().map(|p| p.prompt.clone()).collect();
+                let tokens = group.iter().map(|p| p.tokens).fold(0, u32::saturating_add);
+                route(worker_request(&group[0], more), tokens, group.len())
+            },
             deadline,
         )
         .await?;
@@ -439,7 +447,7 @@ async fn run(
     // seed, when given, moved on by j: the choices differ and are reproducible, and a
     // prompt's answers do not depend on the other prompts of the request.
     let groups = parts.iter().map(|part| {
-        let wreq = worker_request(part);
+        let wreq = worker_request(part, Vec::new());
         let wreqs: Vec<Arc<WorkerRequest>> = (0..n)
             .map(|j| {
                 if j == 0 {
@@ -457,14 +465,15 @@ async fn run(
             // affinity routes the others there, so the prompt is computed once rather
             // than n times.
             if n > 1 && tokens as usize >= STAGGER_PROMPT_TOKENS {
-                let first = route(wreqs[0].clone(), tokens).await?;
+                let first = route(wreqs[0].clone(), tokens, 1).await?;
                 let rest = futures::future::try_join_all(
-                    wreqs[1..].iter().map(|r| route(r.clone(), tokens)),
+                    wreqs[1..].iter().map(|r| route(r.clone(), tokens, 1)),
                 )
                 .await?;
                 Ok::<_, ApiError>(std::iter::once(first).chain(rest).collect::<Vec<_>>())
             } else {
-                futures::future::try_join_all(wreqs.iter().map(|r| route(r.clone(), tokens))).await
+                futures::future::try_join_all(wreqs.iter().map(|r| route(r.clone(), tokens, 1)))
+                    .await
             }
         }
     });
@@ -701,19 +710,49 @@ fn broke(lease: &mut Lease, error: Option<WorkerError>) -> ApiError {
     }
 }
 
-/// An embeddings request's answers: each input's vector and usage, in input order.
+/// An embeddings request's answers: each input's vector, in input order, and their usage.
 struct Embedded {
-    vectors: Vec<(Vec<f32>, crate::worker::Usage)>,
+    vectors: Vec<Vec<f32>>,
+    usage: crate::worker::Usage,
     /// The worker that answered the first input (for the meter).
     worker: String,
 }
 
+/// `parts` cut into runs of consecutive inputs that one routed request may carry: at most
+/// `batch.inputs`, at most `batch.tokens` in all (an input longer than that alone), and all
+/// text or all token ids (OpenAI's API takes a list of either, not both).
+fn embed_groups(parts: &[PromptPart], batch: crate::worker::EmbedBatch) -> Vec<Range<usize>> {
+    let ids = |p: &PromptPart| matches!(p.prompt, crate::worker::Prompt::Tokens(_));
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    let mut tokens = 0u64;
+    for (i, p) in parts.iter().enumerate() {
+        let t = p.tokens as u64;
+        match groups.last_mut() {
+            Some(g)
+                if g.len() < batch.inputs
+                    && tokens + t <= batch.tokens
+                    && ids(&parts[g.start]) == ids(p) =>
+            {
+                g.end = i + 1;
+                tokens += t;
+            }
+            _ => {
+                groups.push(i..i + 1);
+                tokens = t;
+            }
+        }
+    }
+    groups
+}
+
 impl Embedded {
-    /// Routes each of `parts` (through `route`) with at most the pool's capacity (and
-    /// [`MAX_CHOICES`]) in flight at once, the next as one ends: a request of many inputs
-    /// (up to [`crate::api::validate::MAX_EMBEDDING_INPUTS`]) neither fills the pool's wait room nor holds more
-    /// of its slots than the pool has. The first failure fails the request (the inputs
-    /// still running are dropped, so cancelled).
+    /// Routes `parts` (through `route`), as many at a time as the pool's workers take in
+    /// one request ([`Pool::embed_batch`]: one, unless they all take more), with at most
+    /// the pool's capacity (and [`MAX_CHOICES`]) of those requests in flight at once, the
+    /// next as one ends: a request of many inputs (up to
+    /// [`crate::api::validate::MAX_EMBEDDING_INPUTS`]) neither fills the pool's wait room
+    /// nor holds more of its slots than the pool has. The first failure fails the request
+    /// (the requests still running are dropped, so cancelled).
     async fn gather<'p, F, Fut>(
         pool: &Pool,
         parts: &'p [PromptPart],
@@ -721,39 +760,42 @@ impl Embedded {
         deadline: TokioInstant,
     ) -> Result<Self, ApiError>
     where
-        F: Fn(&'p PromptPart) -> Fut,
+        F: Fn(&'p [PromptPart]) -> Fut,
         Fut: std::future::Future<Output = Result<(Lease, EventStream, WorkerEvent), ApiError>>,
     {
         let in_flight = (pool.capacity().max(1) as usize).min(MAX_CHOICES);
         // Made up front (futures do nothing until polled): a stream that maps as it goes
         // would keep a closure over borrowed parts in this future, which then is not
         // `Send` for every lifetime.
-        let inputs: Vec<_> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, part)| {
-                let routed = route(part);
+        let requests: Vec<_> = embed_groups(parts, pool.embed_batch())
+            .into_iter()
+            .map(|group| {
+                let routed = route(&parts[group.clone()]);
                 async move {
                     let (lease, events, first) = routed.await?;
-                    let (vector, usage, worker) =
-                        one_embedding(lease, events, first, deadline).await?;
-                    Ok::<_, ApiError>((i, vector, usage, worker))
+                    let (vectors, usage, worker) =
+                        embeddings_of(lease, events, first, group.len(), deadline).await?;
+                    Ok::<_, ApiError>((group.start, vectors, usage, worker))
                 }
             })
             .collect();
-        let mut answers: Vec<(usize, Vec<f32>, crate::worker::Usage, String)> =
-            futures::stream::iter(inputs)
+        let mut answers: Vec<(usize, Vec<Vec<f32>>, crate::worker::Usage, String)> =
+            futures::stream::iter(requests)
                 .buffer_unordered(in_flight)
                 .try_collect()
                 .await?;
         answers.sort_unstable_by_key(|a| a.0);
-        let worker = answers
+        let worker = answers.first().map(|a| a.3.clone()).unwrap_or_default();
+        let usage = answers
             .iter()
-            .find(|a| a.0 == 0)
-            .map(|a| a.3.clone())
-            .unwrap_or_default();
+            .fold(crate::worker::Usage::default(), |mut t, a| {
+                t.prompt_tokens = t.prompt_tokens.saturating_add(a.2.prompt_tokens);
+                t.cached_tokens = t.cached_tokens.saturating_add(a.2.cached_tokens);
+                t
+            });
         Ok(Self {
-            vectors: answers.into_iter().map(|(_, v, u, _)| (v, u)).collect(),
+            vectors: answers.into_iter().flat_map(|a| a.1).collect(),
+            usage,
             worker,
         })
     }
@@ -762,21 +804,14 @@ impl Embedded {
     /// is large ([`RENDER_APART_FLOATS`]).
     async fn answer(self, mut renderer: Renderer, meter: &mut Meter) -> Result<Response, ApiError> {
         meter.worker = self.worker;
-        let usage = self
-            .vectors
-            .iter()
-            .fold(crate::worker::Usage::default(), |mut t, (_, u)| {
-                t.prompt_tokens += u.prompt_tokens;
-                t.cached_tokens += u.cached_tokens;
-                t
-            });
+        let usage = self.usage;
         meter.success(usage).await;
-        let floats: usize = self.vectors.iter().map(|(v, _)| v.len()).sum();
+        let floats: usize = self.vectors.iter().map(Vec::len).sum();
         let vectors = self.vectors;
         let mut render = move || {
             let out: Vec<ChoiceOut<'_>> = vectors
                 .iter()
-                .map(|(v, _)| ChoiceOut {
+                .map(|v| ChoiceOut {
                     text: "",
                     logprobs: &[],
                     finish: crate::worker::FinishReason::Stop,
@@ -801,22 +836,31 @@ impl Embedded {
 /// base64), which on a serving thread would hold up its other connections.
 const RENDER_APART_FLOATS: usize = 1 << 16;
 
-/// One input's vector and usage from its worker's events (its first one given), and the
-/// worker's name.
-async fn one_embedding(
+/// The vectors of a routed request of `inputs` embeddings inputs, and their usage, from
+/// its worker's events (its first one given), and the worker's name. A worker that
+/// answers another number of vectors has failed.
+async fn embeddings_of(
     mut lease: Lease,
     mut events: EventStream,
     first: WorkerEvent,
+    inputs: usize,
     deadline: TokioInstant,
-) -> Result<(Vec<f32>, crate::worker::Usage, String), ApiError> {
-    let mut vector = Vec::new();
+) -> Result<(Vec<Vec<f32>>, crate::worker::Usage, String), ApiError> {
+    let mut vectors = Vec::with_capacity(inputs);
     let mut next = Some(Ok(first));
     loop {
         match next {
-            Some(Ok(WorkerEvent::Embedding(v))) => vector = v,
-            Some(Ok(WorkerEvent::Done { usage, .. })) => {
+            Some(Ok(WorkerEvent::Embedding(v))) => vectors.push(v),
+            Some(Ok(WorkerEvent::Done { usage, .. })) if vectors.len() == inputs => {
                 lease.success();
-                return Ok((vector, usage, lease.worker().name().to_string()));
+                return Ok((vectors, usage, lease.worker().name().to_string()));
+            }
+            Some(Ok(WorkerEvent::Done { .. })) => {
+                let e = WorkerError::Protocol(format!(
+                    "answered {} vectors for {inputs} inputs",
+                    vectors.len()
+                ));
+                return Err(broke(&mut lease, Some(e)));
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(broke(&mut lease, Some(e))),
@@ -1110,5 +1154,62 @@ impl SseStream {
             .instrument(span)
         });
         crate::api::render::event_stream(Body::from_stream(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{EmbedBatch, Prompt};
+
+    fn part(prompt: Prompt, tokens: u32) -> PromptPart {
+        PromptPart {
+            prompt,
+            ids: None,
+            tokens,
+            echo: None,
+        }
+    }
+
+    #[test]
+    fn embeddings_inputs_are_grouped_by_count_tokens_and_kind() {
+        let text = |t| part(Prompt::Text("x".into()), t);
+        let ids = |t| part(Prompt::Tokens(vec![1]), t);
+        let parts = [text(1), text(1), text(1), text(1), text(1)];
+        assert_eq!(
+            embed_groups(&parts, EmbedBatch::ONE),
+            [0..1, 1..2, 2..3, 3..4, 4..5]
+        );
+        let two = EmbedBatch {
+            inputs: 2,
+            tokens: u64::MAX,
+        };
+        assert_eq!(embed_groups(&parts, two), [0..2, 2..4, 4..5]);
+        // Tokens in all: at most 10 a group, a longer input alone.
+        let by_tokens = EmbedBatch {
+            inputs: 100,
+            tokens: 10,
+        };
+        let parts = [
+            text(4),
+            text(6),
+            text(1),
+            text(30),
+            text(9),
+            text(1),
+            text(1),
+        ];
+        assert_eq!(
+            embed_groups(&parts, by_tokens),
+            [0..2, 2..3, 3..4, 4..6, 6..7]
+        );
+        // Text and token ids never share a group.
+        let parts = [text(1), text(1), ids(1), ids(1), text(1)];
+        let many = EmbedBatch {
+            inputs: 100,
+            tokens: u64::MAX,
+        };
+        assert_eq!(embed_groups(&parts, many), [0..2, 2..4, 4..5]);
+        assert!(embed_groups(&[], many).is_empty());
     }
 }

@@ -74,8 +74,8 @@ async fn openai_upstream_non_streamed_and_streamed_with_upstream_usage() {
     assert_eq!(v["metadata"]["k"], "v");
 }
 
-/// Embeddings asked of an OpenAI-compatible upstream, one input at a time: its vectors (as
-/// it sent them) in input order, its token counts.
+/// Embeddings asked of an OpenAI-compatible upstream: its vectors (as it sent them) in
+/// input order, its token counts. Text and token ids go in separate calls.
 #[tokio::test(flavor = "multi_thread")]
 async fn embeddings_from_an_openai_upstream() {
     let stub = Stub::start(StubArgs::default()).await;
@@ -103,6 +103,48 @@ async fn embeddings_from_an_openai_upstream() {
         v["usage"]["prompt_tokens"], 14,
         "each input's count, from the upstream"
     );
+}
+
+/// An OpenAI-compatible upstream is sent a request's embeddings inputs `embed_batch` at a
+/// time (one call each), text and token ids apart, and its vectors come back in input
+/// order (the stub lists them last first, each with its index).
+#[tokio::test(flavor = "multi_thread")]
+async fn embeddings_to_an_openai_upstream_go_in_batches() {
+    let stub = Stub::start(StubArgs::default()).await;
+    let worker = stub.worker().replace(" }", ", embed_batch = 4 }");
+    let gw = Gateway::start(&config(&worker, "", ""));
+    let inputs: Vec<String> = (0..10).map(|i| format!("input {i}")).collect();
+    let body = serde_json::json!({"model": "m", "input": inputs}).to_string();
+    let v: Value = post(&gw, "/v1/embeddings", &body)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), 10, "{v}");
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"], i);
+        // Calls of inputs 0–3, 4–7, 8–9: the stub's vector says where in its call.
+        assert_eq!(
+            d["embedding"],
+            serde_json::json!([(i % 4) as f32, 1.0, 0.0, 0.0]),
+            "input {i}"
+        );
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], 70, "the upstream's counts");
+    assert_eq!(stub.get(&stub.stats.requests), 3, "three upstream calls");
+    let v: Value = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"m","input":[[1],[2],[3]]}"#,
+    )
+    .await
+    .json()
+    .await
+    .expect("JSON");
+    let firsts: Vec<&Value> = (0..3).map(|i| &v["data"][i]["embedding"][0]).collect();
+    assert_eq!(firsts, [0.0, 1.0, 2.0], "{v}");
+    assert_eq!(stub.get(&stub.stats.requests), 4, "token ids: one call");
 }
 
 /// Streams `body` to `path` from a slow upstream killed after the first token: what the

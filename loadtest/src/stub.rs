@@ -2,8 +2,9 @@
 //!
 //! Answers `/v1/chat/completions` and `/v1/completions` (streamed or not) with `--tokens`
 //! copies of the word "tok", one SSE chunk each, `--token-delay-ms` apart;
-//! `/v1/embeddings` with one vector per input (`[n, 1, 0, 0]` for input `n`, not normalized:
-//! an upstream's vectors pass through as they are); `/v1/models`;
+//! `/v1/embeddings` with one vector per input (`[n, 1, 0, 0]` for input `n` of the call, not
+//! normalized: an upstream's vectors pass through as they are; listed last input first,
+//! each with its `index`; 7 prompt tokens an input); `/v1/models`;
 //! `/health`; and `/stats` (JSON counters: requests, streams completed and cancelled).
 //! `--fail-status` makes every inference request fail with that status.
 
@@ -127,14 +128,17 @@ async fn handle(req: Request<Incoming>, args: Arc<StubArgs>, stats: Arc<Stats>) 
             serde_json::Value::Array(a) if a.iter().all(|i| !i.is_number()) => a.len(),
             _ => 1,
         };
+        // Last input first: the `index` of each says whose it is.
         let data: Vec<serde_json::Value> = (0..inputs)
+            .rev()
             .map(|i| {
                 serde_json::json!({"object": "embedding", "index": i,
                 "embedding": [i as f32, 1.0, 0.0, 0.0]})
             })
             .collect();
+        let tokens = 7 * inputs;
         let body = serde_json::json!({"object": "list", "data": data, "model": "stub",
-            "usage": {"prompt_tokens": 7, "total_tokens": 7}});
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
         return full(200, "application/json", body.to_string());
     }
     let stream = v["stream"].as_bool().unwrap_or(false);

@@ -531,10 +531,24 @@ pub struct OpenAiConfig {
     /// for tollgate workers that trust this gateway. Off by default (tenant ids stay here).
     #[serde(default)]
     pub forward_tenant: bool,
+    /// Most embeddings inputs sent upstream in one `/v1/embeddings` call (1 to 2,048; 1:
+    /// one call an input). A pool batches when all its workers do, by the least of theirs.
+    #[serde(default = "default_embed_batch")]
+    pub embed_batch: usize,
+    /// Most (estimated) input tokens in all in one such call; an input longer than this
+    /// goes alone.
+    #[serde(default = "default_embed_batch_tokens")]
+    pub embed_batch_tokens: u64,
 }
 
 fn default_upstream_concurrency() -> usize {
     1024
+}
+fn default_embed_batch() -> usize {
+    256
+}
+fn default_embed_batch_tokens() -> u64 {
+    100_000
 }
 fn default_upstream_timeout() -> f64 {
     30.0
@@ -888,6 +902,14 @@ impl WorkerConfig {
                         "pools.{pool}: openai max_concurrency and timeout_secs must be > 0"
                     ));
                 }
+                if !(1..=crate::api::validate::MAX_EMBEDDING_INPUTS).contains(&o.embed_batch)
+                    || o.embed_batch_tokens == 0
+                {
+                    return invalid(format!(
+                        "pools.{pool}: openai embed_batch must be from 1 to {} and embed_batch_tokens > 0",
+                        crate::api::validate::MAX_EMBEDDING_INPUTS
+                    ));
+                }
             }
         }
         Ok(())
@@ -1013,6 +1035,32 @@ workers = [{{ kind = "engine"{fields} }}]
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("pools.p: engine"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn upstream_embeddings_batches_are_bounded() {
+        let pool = |fields: &str| {
+            engine_pool("").replace(
+                r#"{ kind = "engine" }"#,
+                &format!(r#"{{ kind = "openai", url = "http://127.0.0.1:9"{fields} }}"#),
+            )
+        };
+        let cfg = Config::from_toml(&pool("")).expect("defaults");
+        match &cfg.pools[0].workers[0] {
+            WorkerConfig::Openai(o) => {
+                assert_eq!((o.embed_batch, o.embed_batch_tokens), (256, 100_000))
+            }
+            other => panic!("not an upstream: {other:?}"),
+        }
+        assert!(Config::from_toml(&pool(", embed_batch = 2048")).is_ok());
+        for bad in [
+            ", embed_batch = 0",
+            ", embed_batch = 2049",
+            ", embed_batch_tokens = 0",
+        ] {
+            let err = Config::from_toml(&pool(bad)).unwrap_err().to_string();
+            assert!(err.contains("embed_batch"), "{bad}: {err}");
         }
     }
 }

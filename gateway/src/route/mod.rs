@@ -140,6 +140,8 @@ pub struct Pool {
     signal: Arc<PoolSignal>,
     /// Sum of the workers' concurrency caps.
     cap_total: u64,
+    /// How many embeddings inputs one routed request may carry: what every worker takes.
+    embed_batch: crate::worker::EmbedBatch,
     /// Whether requests that start alike go to the same worker.
     pub affinity: Affinity,
 }
@@ -230,6 +232,11 @@ impl Pool {
             }
         }
         let cap_total = slots.iter().map(|s| s.cap).sum();
+        let embed_batch = slots
+            .iter()
+            .map(|s| s.worker.embed_batch())
+            .reduce(crate::worker::EmbedBatch::min)
+            .unwrap_or(crate::worker::EmbedBatch::ONE);
         // Engines keep a prefix cache: by default their pools send prompts that start
         // alike to the same one.
         let engines = cfg
@@ -249,6 +256,7 @@ impl Pool {
             health_interval: Duration::from_secs_f64(cfg.health_interval_secs),
             signal: Arc::default(),
             cap_total,
+            embed_batch,
         })
     }
 
@@ -263,6 +271,12 @@ impl Pool {
     /// The workers' concurrency caps added up: requests the pool runs at once.
     pub fn capacity(&self) -> u64 {
         self.cap_total
+    }
+
+    /// How many embeddings inputs one routed request may carry (one, unless every worker
+    /// takes several).
+    pub fn embed_batch(&self) -> crate::worker::EmbedBatch {
+        self.embed_batch
     }
 
     /// Requests waiting for a slot.

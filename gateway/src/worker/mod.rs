@@ -164,6 +164,51 @@ pub struct WorkerRequest {
     /// `/v1/embeddings`: the prompt's embedding is the answer ([`WorkerEvent::Embedding`]
     /// then `Done`, no tokens generated; `params` unused).
     pub embed: bool,
+    /// An embeddings request's further inputs, embedded in the same call, for workers
+    /// that take several ([`Worker::embed_batch`]): one [`WorkerEvent::Embedding`] each
+    /// after the prompt's, in order, then one `Done` whose usage counts them all. Empty
+    /// otherwise.
+    pub more_inputs: Vec<Prompt>,
+}
+
+/// Refuses a request of several embeddings inputs, for workers that embed one at a time
+/// (the router sends them none: a pool batches only where all its workers take batches).
+pub fn one_input_only(req: &WorkerRequest) -> Result<(), WorkerError> {
+    if req.more_inputs.is_empty() {
+        return Ok(());
+    }
+    Err(WorkerError::Rejected {
+        status: 400,
+        message: format!(
+            "this worker embeds one input a request; this one has {}",
+            req.more_inputs.len() + 1
+        ),
+    })
+}
+
+/// How many embeddings inputs a worker takes in one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedBatch {
+    /// Most inputs a request (1: one at a time).
+    pub inputs: usize,
+    /// Most prompt tokens in all a request (a single longer input still goes, alone).
+    pub tokens: u64,
+}
+
+impl EmbedBatch {
+    /// One input a request.
+    pub const ONE: Self = Self {
+        inputs: 1,
+        tokens: u64::MAX,
+    };
+
+    /// What both allow.
+    pub fn min(self, other: Self) -> Self {
+        Self {
+            inputs: self.inputs.min(other.inputs),
+            tokens: self.tokens.min(other.tokens),
+        }
+    }
 }
 
 /// Why generation ended.
@@ -351,5 +396,9 @@ pub trait Worker: Send + Sync + 'static {
     /// The engine's running totals, for workers that run one in-process.
     fn engine_counters(&self) -> Option<EngineCounters> {
         None
+    }
+    /// How many embeddings inputs it takes in one request ([`WorkerRequest::more_inputs`]).
+    fn embed_batch(&self) -> EmbedBatch {
+        EmbedBatch::ONE
     }
 }

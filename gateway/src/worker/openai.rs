@@ -90,7 +90,7 @@ impl OpenAiWorker {
     fn body(&self, req: &WorkerRequest) -> (&'static str, Vec<u8>) {
         let model = self.model.as_deref().unwrap_or(&req.model);
         if req.embed {
-            let input = match &req.prompt {
+            let one = |p: &Prompt| match p {
                 Prompt::Text(t) => serde_json::json!(t),
                 Prompt::Tokens(ids) => serde_json::json!(ids),
                 Prompt::Chat(m) => serde_json::json!(m
@@ -98,6 +98,17 @@ impl OpenAiWorker {
                     .map(|m| m.content.as_str())
                     .collect::<Vec<_>>()
                     .join("\n")),
+            };
+            // Several inputs: a list (of strings, or of token lists: the pipeline never
+            // mixes the two in one call, as OpenAI's API does not take them mixed).
+            let input = match req.more_inputs.is_empty() {
+                true => one(&req.prompt),
+                false => Value::Array(
+                    std::iter::once(&req.prompt)
+                        .chain(&req.more_inputs)
+                        .map(one)
+                        .collect(),
+                ),
             };
             let body =
                 serde_json::json!({"model": model, "input": input, "encoding_format": "float"});
@@ -491,10 +502,18 @@ impl Worker for OpenAiWorker {
     fn max_concurrency(&self) -> usize {
         self.cfg.max_concurrency
     }
+
+    fn embed_batch(&self) -> super::EmbedBatch {
+        super::EmbedBatch {
+            inputs: self.cfg.embed_batch.max(1),
+            tokens: self.cfg.embed_batch_tokens.max(1),
+        }
+    }
 }
 
-/// A non-streamed upstream answer as events.
-/// An upstream's `/v1/embeddings` answer (one input): its vector, then the end.
+/// An upstream's `/v1/embeddings` answer: each input's vector (in input order, by their
+/// `index`), then the end, whose usage counts them all (the upstream's count, else an
+/// estimate).
 fn parse_embedding(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
     #[derive(Deserialize)]
     struct Answer {
@@ -503,6 +522,7 @@ fn parse_embedding(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>,
     }
     #[derive(Deserialize)]
     struct Item {
+        index: Option<usize>,
         embedding: Vec<f32>,
     }
     #[derive(Deserialize)]
@@ -514,28 +534,48 @@ fn parse_embedding(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>,
             "upstream embeddings answer is not as expected: {e}"
         ))
     })?;
-    let vector = v
-        .data
-        .into_iter()
-        .next()
-        .ok_or_else(|| WorkerError::Protocol("upstream embeddings answer has no data".into()))?
-        .embedding;
+    let inputs = 1 + req.more_inputs.len();
+    let mut data = v.data;
+    if data.len() != inputs {
+        return Err(WorkerError::Protocol(format!(
+            "upstream embeddings answer has {} vectors for {inputs} inputs",
+            data.len()
+        )));
+    }
+    // In input order: by `index` where each says its own (a permutation of 0..n).
+    if data.iter().all(|d| d.index.is_some()) {
+        data.sort_unstable_by_key(|d| d.index);
+        if data.iter().enumerate().any(|(i, d)| d.index != Some(i)) {
+            return Err(WorkerError::Protocol(
+                "upstream embeddings answer's indexes are not one per input".into(),
+            ));
+        }
+    }
+    let prompt_tokens = v.usage.map_or_else(
+        || {
+            std::iter::once(&req.prompt)
+                .chain(&req.more_inputs)
+                .map(estimate_prompt_tokens)
+                .fold(0u32, u32::saturating_add)
+        },
+        |u| u.prompt_tokens,
+    );
     let usage = Usage {
-        prompt_tokens: v
-            .usage
-            .map_or_else(|| estimate_prompt_tokens(&req.prompt), |u| u.prompt_tokens),
+        prompt_tokens,
         completion_tokens: 0,
         cached_tokens: 0,
     };
-    Ok(vec![
-        WorkerEvent::Embedding(vector),
-        WorkerEvent::Done {
+    Ok(data
+        .into_iter()
+        .map(|d| WorkerEvent::Embedding(d.embedding))
+        .chain(std::iter::once(WorkerEvent::Done {
             finish_reason: FinishReason::Stop,
             usage,
-        },
-    ])
+        }))
+        .collect())
 }
 
+/// A non-streamed upstream answer as events.
 fn parse_full(body: &[u8], req: &WorkerRequest) -> Result<Vec<WorkerEvent>, WorkerError> {
     let v: UpstreamAnswer = serde_json::from_slice(body)
         .map_err(|e| WorkerError::Protocol(format!("upstream answer is not JSON: {e}")))?;
@@ -767,6 +807,82 @@ mod tests {
                 top_logprobs: Vec::new(),
             })
             .collect()
+    }
+
+    fn embed_req(first: Prompt, more: Vec<Prompt>) -> WorkerRequest {
+        WorkerRequest {
+            request_id: "r".into(),
+            tenant: "t".into(),
+            weight: None,
+            output_weight: 3.0,
+            model: "m".into(),
+            prompt: first,
+            prompt_ids: None,
+            params: super::super::SamplingParams::greedy(0),
+            stream: false,
+            embed: true,
+            more_inputs: more,
+        }
+    }
+
+    fn vectors(events: &[WorkerEvent]) -> (Vec<f32>, u32) {
+        let firsts = events
+            .iter()
+            .filter_map(|e| match e {
+                WorkerEvent::Embedding(v) => Some(v[0]),
+                _ => None,
+            })
+            .collect();
+        match events.last() {
+            Some(WorkerEvent::Done { usage, .. }) => (firsts, usage.prompt_tokens),
+            other => panic!("ends with {other:?}"),
+        }
+    }
+
+    #[test]
+    fn several_embeddings_inputs_are_one_upstream_call_answered_in_input_order() {
+        let w = OpenAiWorker::new(
+            "w".into(),
+            toml::from_str(r#"url = "http://127.0.0.1:1""#).expect("config"),
+        )
+        .expect("worker");
+        let one = embed_req(Prompt::Text("a".into()), vec![]);
+        let (_, body) = w.body(&one);
+        let v: Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(v["input"], "a", "one input: as it was");
+        let three = embed_req(
+            Prompt::Text("a".into()),
+            vec![Prompt::Text("bb".into()), Prompt::Text("ccccc".into())],
+        );
+        let (path, body) = w.body(&three);
+        let v: Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(path, "/v1/embeddings");
+        assert_eq!(v["input"], serde_json::json!(["a", "bb", "ccccc"]));
+        let ids = embed_req(Prompt::Tokens(vec![1, 2]), vec![Prompt::Tokens(vec![3])]);
+        let v: Value = serde_json::from_slice(&w.body(&ids).1).expect("JSON");
+        assert_eq!(v["input"], serde_json::json!([[1, 2], [3]]));
+
+        // Answered out of order: put back in order by index; the upstream's count.
+        let answer = br#"{"data":[{"index":2,"embedding":[2.0]},{"index":0,"embedding":[0.0]},
+            {"index":1,"embedding":[1.0]}],"usage":{"prompt_tokens":9}}"#;
+        let events = parse_embedding(answer, &three).expect("parsed");
+        assert_eq!(vectors(&events), (vec![0.0, 1.0, 2.0], 9));
+        // No usage: each input's estimate, added up; no indexes: as listed.
+        let answer = br#"{"data":[{"embedding":[5.0]},{"embedding":[6.0]},{"embedding":[7.0]}]}"#;
+        let events = parse_embedding(answer, &three).expect("parsed");
+        assert_eq!(vectors(&events), (vec![5.0, 6.0, 7.0], 1 + 1 + 2));
+        // Another number of vectors, or indexes that are not one per input: refused.
+        for bad in [
+            &br#"{"data":[{"index":0,"embedding":[0.0]},{"index":1,"embedding":[1.0]}]}"#[..],
+            br#"{"data":[{"index":0,"embedding":[0.0]},{"index":0,"embedding":[1.0]},
+                {"index":2,"embedding":[2.0]}]}"#,
+        ] {
+            assert!(
+                matches!(parse_embedding(bad, &three), Err(WorkerError::Protocol(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     fn tokens(items: &[TokenLogprob]) -> Vec<&str> {

@@ -273,6 +273,7 @@ impl Worker for SimWorker {
         let running = self.running.clone();
         let queued = self.queued.clone();
         async move {
+            super::one_input_only(&req)?;
             if req.params.logprobs.is_some() || req.params.json.is_some() {
                 // Its text is made up: it has no distribution to report or constrain.
                 let what = if req.params.json.is_some() {
@@ -381,6 +382,7 @@ mod tests {
             },
             stream: true,
             embed: false,
+            more_inputs: Vec::new(),
         })
     }
 

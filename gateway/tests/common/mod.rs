@@ -480,6 +480,7 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
         params: SamplingParams::greedy(max_tokens),
         stream: true,
         embed: false,
+        more_inputs: Vec::new(),
     })
 }
 
