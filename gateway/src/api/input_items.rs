@@ -146,12 +146,7 @@ pub fn list(items: Vec<Value>, page: &Page) -> Result<Value, ApiError> {
             .iter()
             .position(|it| it.get("id").and_then(Value::as_str) == Some(id))
             .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad(
-                    format!("No input item with id {id:?} in this response."),
-                    Some(param.to_string()),
-                )
-            })
+            .ok_or_else(|| no_such_item(page, param, "response"))
     };
     let start = at(&page.after, "after")?.map_or(0, |i| i + 1);
     let end = at(&page.before, "before")?.unwrap_or(items.len());
@@ -163,14 +158,32 @@ pub fn list(items: Vec<Value>, page: &Page) -> Result<Value, ApiError> {
     } else {
         &window[..window.len().min(page.limit)]
     };
+    Ok(listed(data, has_more))
+}
+
+/// A page of items as a list object.
+pub fn listed(data: &[Value], has_more: bool) -> Value {
     let id = |v: Option<&Value>| v.and_then(|it| it.get("id")).cloned();
-    Ok(json!({
+    json!({
         "object": "list",
         "first_id": id(data.first()),
         "last_id": id(data.last()),
         "has_more": has_more,
         "data": data,
-    }))
+    })
+}
+
+/// The 400 for a cursor (`param`: `after`, `before`) of `page` that names no item of the
+/// `what` (`response`, `conversation`) listed.
+pub fn no_such_item(page: &Page, param: &str, what: &str) -> ApiError {
+    let id = match param {
+        "after" => page.after.as_deref(),
+        _ => page.before.as_deref(),
+    };
+    ApiError::bad(
+        format!("No item with id {:?} in this {what}.", id.unwrap_or_default()),
+        Some(param.to_string()),
+    )
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod event_log;
 mod handlers;
-mod input_items;
+pub(crate) mod input_items;
 mod item_reference;
 pub mod render;
 mod render_responses;

@@ -30,6 +30,27 @@ impl Conversation {
     }
 }
 
+/// Which page of a conversation's items is asked for (`GET /v1/conversations/{id}/items`):
+/// at most `limit` items, newest first when `desc`, those after the item `after` and/or
+/// before the item `before` in that order.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemsPage<'a> {
+    pub limit: usize,
+    pub desc: bool,
+    pub after: Option<&'a str>,
+    pub before: Option<&'a str>,
+}
+
+/// A page of a conversation's items.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Paged {
+    /// The page's items in the order asked, and whether more lie past it (before it,
+    /// for a page asked only `before` an item).
+    Items { items: Vec<Value>, has_more: bool },
+    /// The cursor `param` (`after`, `before`) names no item of the conversation.
+    NoSuchItem { param: &'static str },
+}
+
 /// Adds an answer's items to the end of its conversation, unless the conversation is
 /// gone (deleted meanwhile), and keeps the conversation until `expires`.
 pub(super) fn append(tx: &Transaction<'_>, a: &Append, expires: i64) -> Result<(), StoreError> {
@@ -199,6 +220,72 @@ impl ResponseStore {
                 items.push(serde_json::from_str(&row?)?);
             }
             Ok(Some(items))
+        })
+    }
+
+    /// A page of the items of `tenant`'s conversation `id`, read as a range of the
+    /// conversation's sequence numbers (its index): O(page), however long the
+    /// conversation. A cursor names the first item of that id in the order asked.
+    pub fn conversation_items_page(
+        &self,
+        tenant: &str,
+        id: &str,
+        page: ItemsPage<'_>,
+    ) -> Result<Option<Paged>, StoreError> {
+        self.in_tx(false, |tx| {
+            if !owns(tx, tenant, id)? {
+                return Ok(None);
+            }
+            let seq_of = |item: &str| -> Result<Option<i64>, StoreError> {
+                let first = match page.desc {
+                    true => "SELECT MAX(seq) FROM conversation_items WHERE conversation = ?1 AND id = ?2",
+                    false => "SELECT MIN(seq) FROM conversation_items WHERE conversation = ?1 AND id = ?2",
+                };
+                Ok(tx.query_row(first, params![id, item], |r| r.get::<_, Option<i64>>(0))?)
+            };
+            type Cursor = Result<Option<i64>, Paged>;
+            let cursor = |item: Option<&str>, param| -> Result<Cursor, StoreError> {
+                match item {
+                    None => Ok(Ok(None)),
+                    Some(item) => Ok(seq_of(item)?.map(Some).ok_or(Paged::NoSuchItem { param })),
+                }
+            };
+            let after = match cursor(page.after, "after")? {
+                Ok(a) => a,
+                Err(missing) => return Ok(Some(missing)),
+            };
+            let before = match cursor(page.before, "before")? {
+                Ok(b) => b,
+                Err(missing) => return Ok(Some(missing)),
+            };
+            // The window between the cursors, as lo < seq < hi.
+            let (lo, hi) = match page.desc {
+                false => (after, before),
+                true => (before, after),
+            };
+            let (lo, hi) = (lo.unwrap_or(i64::MIN), hi.unwrap_or(i64::MAX));
+            // Only `before`: the page just before it, read from that end.
+            let from_end = page.before.is_some() && page.after.is_none();
+            let ascending = page.desc == from_end;
+            let mut q = tx.prepare_cached(match ascending {
+                true => "SELECT item FROM conversation_items
+                         WHERE conversation = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq LIMIT ?4",
+                false => "SELECT item FROM conversation_items
+                          WHERE conversation = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
+            })?;
+            let rows = q.query_map(params![id, lo, hi, page.limit as i64 + 1], |r| {
+                r.get::<_, String>(0)
+            })?;
+            let mut items = Vec::with_capacity(page.limit + 1);
+            for row in rows {
+                items.push(serde_json::from_str(&row?)?);
+            }
+            let has_more = items.len() > page.limit;
+            items.truncate(page.limit);
+            if from_end {
+                items.reverse();
+            }
+            Ok(Some(Paged::Items { items, has_more }))
         })
     }
 
@@ -373,6 +460,79 @@ mod tests {
         got.sort_unstable();
         got.dedup();
         assert_eq!(got.len(), 50);
+    }
+
+    /// Paging in the store agrees with paging the whole list in memory
+    /// (`input_items::list`), for every limit, order and pair of cursors, ids repeated.
+    #[test]
+    fn pages_read_from_the_store_are_the_pages_of_the_whole_list() {
+        use crate::api::input_items::{list, page, stored};
+        let s = store("conv-pages", Duration::from_secs(60));
+        let ids: Vec<String> = [0, 1, 2, 3, 2, 5, 6]
+            .iter()
+            .map(|i| format!("msg_{i}"))
+            .collect();
+        let all: Vec<Value> = ids.iter().map(|i| item(i, i)).collect();
+        let c = s.create_conversation("a", Map::new(), &all).unwrap();
+        let cursors: Vec<Option<&str>> = std::iter::once(None)
+            .chain(ids.iter().map(|i| Some(i.as_str())))
+            .chain([Some("msg_9")])
+            .collect();
+        let mut checked = 0;
+        for limit in [1, 2, 3, 7, 100] {
+            for desc in [true, false] {
+                for after in &cursors {
+                    for before in &cursors {
+                        let mut q =
+                            format!("limit={limit}&order={}", if desc { "desc" } else { "asc" });
+                        for (k, v) in [("after", after), ("before", before)] {
+                            if let Some(v) = v {
+                                q.push_str(&format!("&{k}={v}"));
+                            }
+                        }
+                        let want = list(all.clone(), &page(Some(&q)).unwrap());
+                        let asked = ItemsPage {
+                            limit,
+                            desc,
+                            after: *after,
+                            before: *before,
+                        };
+                        let got = s
+                            .conversation_items_page("a", &c.id, asked)
+                            .unwrap()
+                            .unwrap();
+                        match (want, got) {
+                            (Ok(want), Paged::Items { items, has_more }) => {
+                                let items = items.iter().map(|i| stored(i, |_| String::new()));
+                                assert_eq!(want["data"], Value::Array(items.collect()), "{q}");
+                                assert_eq!(want["has_more"], has_more, "{q}");
+                            }
+                            (Err(e), Paged::NoSuchItem { param }) => {
+                                assert_eq!(e.param(), Some(param), "{q}")
+                            }
+                            (want, got) => panic!("{q}: {want:?} vs {got:?}"),
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 2 * 9 * 9);
+        assert_eq!(
+            s.conversation_items_page(
+                "b",
+                &c.id,
+                ItemsPage {
+                    limit: 1,
+                    desc: true,
+                    after: None,
+                    before: None
+                }
+            )
+            .unwrap(),
+            None,
+            "another tenant's"
+        );
     }
 
     #[tokio::test]

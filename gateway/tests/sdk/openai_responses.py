@@ -258,6 +258,16 @@ if kept.store:
     assert thanks.content[0].text == "Thanks", thanks
     assert client.conversations.items.delete(thanks.id, conversation_id=conv.id).id == conv.id
     assert len(client.conversations.items.list(conv.id).data) == 3
+    # The SDK's auto-pagination walks it a page at a time (`after` the last id), either way.
+    for order in ("asc", "desc"):
+        walked = [i.id for i in client.conversations.items.list(conv.id, order=order, limit=1)]
+        want = [i.id for i in items.data]
+        assert walked == (want if order == "asc" else want[::-1]), (order, walked)
+    try:
+        client.conversations.items.list(conv.id, after="msg_nonesuch")
+        raise AssertionError("an unknown cursor was taken")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "after", e.body
     assert client.conversations.update(conv.id, metadata={"topic": "other"}).metadata == {"topic": "other"}
     assert client.conversations.retrieve(conv.id).metadata == {"topic": "other"}
     assert refused(conversation=conv.id, previous_response_id=kept.id)["param"] == "conversation"
