@@ -117,18 +117,6 @@ fn checked(
     }))
 }
 
-/// Items as a list object (all of them: `has_more` false).
-fn listed(items: Vec<Value>) -> Value {
-    let id = |v: Option<&Value>| v.and_then(|it| it.get("id")).cloned();
-    json!({
-        "object": "list",
-        "first_id": id(items.first()),
-        "last_id": id(items.last()),
-        "has_more": false,
-        "data": items,
-    })
-}
-
 /// `POST /v1/conversations`.
 pub async fn create(
     State(state): State<AppState>,
@@ -274,7 +262,7 @@ pub async fn add_items(
             Err(e) => return Ok(Err(e)),
         };
         Ok(match s.add_items(owner, &id, &added)? {
-            true => Ok(listed(added)),
+            true => Ok(input_items::listed(&added, false)),
             false => Err(no_conversation(&id)),
         })
     })

@@ -48,8 +48,14 @@ pub(super) fn read_body(
     })
 }
 
-/// Runs `validate` on `body`: off the runtime's threads where the body may carry a schema
-/// (its compilation, its patterns' DFAs, takes up to tens of milliseconds).
+/// Bodies of at least this many bytes are parsed and validated on the runtime's blocking
+/// threads: a megabyte of JSON takes milliseconds to parse, which on a serving thread
+/// would hold up its other connections (a hop to the blocking pool costs microseconds).
+const VALIDATE_APART_BYTES: usize = 64 << 10;
+
+/// Runs `validate` on `body`: off the runtime's threads where the body is large
+/// ([`VALIDATE_APART_BYTES`]) or may carry a schema (its compilation, its patterns' DFAs,
+/// takes up to tens of milliseconds).
 pub(super) async fn validated<F>(
     state: &AppState,
     body: Bytes,
@@ -60,7 +66,7 @@ where
         + Send
         + 'static,
 {
-    if may_carry_schema(&body) {
+    if body.len() >= VALIDATE_APART_BYTES || may_carry_schema(&body) {
         let st = state.clone();
         tokio::task::spawn_blocking(move || validate(&body, &st.server))
             .await

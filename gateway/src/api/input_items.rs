@@ -181,7 +181,10 @@ pub fn no_such_item(page: &Page, param: &str, what: &str) -> ApiError {
         _ => page.before.as_deref(),
     };
     ApiError::bad(
-        format!("No item with id {:?} in this {what}.", id.unwrap_or_default()),
+        format!(
+            "No item with id {:?} in this {what}.",
+            id.unwrap_or_default()
+        ),
         Some(param.to_string()),
     )
 }
