@@ -535,6 +535,34 @@ mod tests {
         );
     }
 
+    /// Every query that finds an item by its id seeks it in an index, never scanning the
+    /// conversation (a cursor of a 10,000-item conversation took 2.7 ms that way).
+    #[test]
+    fn items_are_found_by_id_in_one_seek() {
+        let s = store("conv-plans", Duration::from_secs(60));
+        let conn = s.conn().unwrap();
+        for q in [
+            "SELECT MAX(seq) FROM conversation_items WHERE conversation = ?1 AND id = ?2",
+            "SELECT MIN(seq) FROM conversation_items WHERE conversation = ?1 AND id = ?2",
+            "SELECT item FROM conversation_items WHERE conversation = ?1 AND id = ?2
+             ORDER BY seq LIMIT 1",
+            "DELETE FROM conversation_items WHERE conversation = ?1 AND id = ?2",
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {q}"))
+                .unwrap()
+                .query_map(params!["c", "i"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter()
+                    .any(|p| p.contains("conversation_item_id_seqs (conversation=? AND id=?)")),
+                "{q}: {plan:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn expired_conversations_are_gone_and_purged() {
         let s = store("conv-expiry", Duration::from_millis(30));

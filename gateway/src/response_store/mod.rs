@@ -113,7 +113,9 @@ CREATE TABLE IF NOT EXISTS conversation_items (
     item TEXT NOT NULL,
     PRIMARY KEY (conversation, seq)
 );
-CREATE INDEX IF NOT EXISTS conversation_item_ids ON conversation_items (conversation, id);
+-- An item's place by its id (cursors, reads, deletes) in one seek: the index holds seq.
+DROP INDEX IF EXISTS conversation_item_ids;
+CREATE INDEX IF NOT EXISTS conversation_item_id_seqs ON conversation_items (conversation, id, seq);
 CREATE TABLE IF NOT EXISTS unfinished (id TEXT PRIMARY KEY);
 ";
 
