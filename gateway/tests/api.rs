@@ -1171,3 +1171,71 @@ async fn a_background_response_cut_off_by_a_crash_is_stored_failed() {
     assert_eq!(v["error"]["code"], "server_error", "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Bodies of 64 KiB or more are parsed on the runtime's blocking threads: the answers are
+/// those of a small body (a conversation of 1,000 items made and paged, a large response
+/// input answered, large bad JSON refused alike).
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_are_answered_as_small_ones() {
+    let (dir, stored) = response_store("large-bodies");
+    let cfg = config(FAST_SIM, "", "").replace("max_body_bytes = 4096", "max_body_bytes = 1048576");
+    let gw = Gateway::start(&(cfg + &stored));
+    let items: Vec<Value> = (0..1000)
+        .map(|i| serde_json::json!({"role": "user", "content": format!("message {i} of a long, long conversation")}))
+        .collect();
+    let body = serde_json::json!({ "items": items }).to_string();
+    assert!(body.len() >= 64 << 10, "{} bytes", body.len());
+    let conv = post_json(&gw, "/v1/conversations", &body).await;
+    let id = conv["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a conversation: {conv}"));
+    let mut seen = 0;
+    let mut after = String::new();
+    loop {
+        let page: Value = client()
+            .get(gw.url(&format!(
+                "/v1/conversations/{id}/items?order=asc&limit=100{after}"
+            )))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("JSON");
+        let data = page["data"].as_array().expect("data");
+        assert_eq!(
+            data[0]["content"][0]["text"],
+            format!("message {seen} of a long, long conversation")
+        );
+        seen += data.len();
+        if page["has_more"] != true {
+            break;
+        }
+        after = format!("&after={}", page["last_id"].as_str().expect("last id"));
+    }
+    assert_eq!(seen, 1000);
+    let long = "word ".repeat(20_000);
+    let answer = post_json(
+        &gw,
+        "/v1/responses",
+        &serde_json::json!({"model": "m", "input": long, "max_output_tokens": 4}).to_string(),
+    )
+    .await;
+    assert_eq!(answer["object"], "response", "{answer}");
+    for path in ["/v1/chat/completions", "/v1/responses", "/v1/conversations"] {
+        let bad = format!("{{\"model\": \"m\", \"input\": \"{}", "x".repeat(70_000));
+        let r = post(&gw, path, &bad).await;
+        assert_eq!(r.status(), 400, "{path}");
+        let e: Value = r.json().await.expect("JSON");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("JSON"),
+            "{path}: {e}"
+        );
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}

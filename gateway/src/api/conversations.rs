@@ -10,7 +10,7 @@
 
 use super::auth::ActingFor;
 use super::error::ApiError;
-use super::handlers::{read_body, with_limits};
+use super::handlers::{parsed, read_body, with_limits};
 use super::input_items::{self, fresh_id};
 use super::item_reference;
 use super::responses::{self, metadata};
@@ -54,20 +54,28 @@ fn no_item(id: &str, item: &str) -> ApiError {
 }
 
 /// A request body as a JSON object with only the fields `allowed` (an empty body: `{}`).
-fn body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    allowed: &[&str],
-) -> Result<Map<String, Value>, ApiError> {
-    let body = read_body(state, body)?;
+fn body(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    let req = responses::read(&body)?;
+    let req = responses::read(body)?;
     if let Some(k) = req.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::unknown(k));
     }
     Ok(req)
+}
+
+/// The body read, then `parse`d (on the blocking threads where it is large).
+async fn read_then<T, F>(
+    state: &AppState,
+    raw: Result<Bytes, BytesRejection>,
+    parse: F,
+) -> Result<T, ApiError>
+where
+    F: FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    parsed(read_body(state, raw)?, parse).await
 }
 
 /// `items` as given: an array of at most [`MAX_ITEMS`] (checked by [`checked`]).
@@ -124,12 +132,14 @@ pub async fn create(
     acting: Option<Extension<ActingFor>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed = body(&state, raw, &["items", "metadata"]).and_then(|req| {
+    let parsed = read_then(&state, raw, |b| {
+        let req = body(b, &["items", "metadata"])?;
         Ok((
             metadata(req.get("metadata"))?,
             items(req.get("items"), false)?,
         ))
-    });
+    })
+    .await;
     let (meta, items) = match parsed {
         Ok(p) => p,
         Err(e) => return with_limits(&tenant, e.into_response()),
@@ -168,13 +178,16 @@ pub async fn update(
     Path(id): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let meta = body(&state, raw, &["metadata"]).and_then(|req| match req.get("metadata") {
-        None => Err(ApiError::bad(
-            "`metadata` is required.",
-            Some("metadata".into()),
-        )),
-        m => metadata(m),
-    });
+    let meta = read_then(&state, raw, |b| {
+        match body(b, &["metadata"])?.get("metadata") {
+            None => Err(ApiError::bad(
+                "`metadata` is required.",
+                Some("metadata".into()),
+            )),
+            m => metadata(m),
+        }
+    })
+    .await;
     let meta = match meta {
         Ok(m) => m,
         Err(e) => return with_limits(&tenant, e.into_response()),
@@ -248,9 +261,15 @@ pub async fn add_items(
     RawQuery(query): RawQuery,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let added = input_items::page(query.as_deref())
-        .and_then(|_| body(&state, raw, &["items"]))
-        .and_then(|req| items(req.get("items"), true));
+    let added = match input_items::page(query.as_deref()) {
+        Ok(_) => {
+            read_then(&state, raw, |b| {
+                items(body(b, &["items"])?.get("items"), true)
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     let added = match added {
         Ok(a) => a,
         Err(e) => return with_limits(&tenant, e.into_response()),

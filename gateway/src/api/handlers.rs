@@ -66,14 +66,34 @@ where
         + Send
         + 'static,
 {
-    if body.len() >= VALIDATE_APART_BYTES || may_carry_schema(&body) {
-        let st = state.clone();
-        tokio::task::spawn_blocking(move || validate(&body, &st.server))
-            .await
-            .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
-    } else {
-        validate(&body, &state.server)
+    let apart = body.len() >= VALIDATE_APART_BYTES || may_carry_schema(&body);
+    let st = state.clone();
+    on_blocking_if(apart, move || validate(&body, &st.server)).await
+}
+
+/// Runs `parse` on `body` (a body's parsing and checks), on the runtime's blocking threads
+/// where the body is large ([`VALIDATE_APART_BYTES`]).
+pub(super) async fn parsed<T, F>(body: Bytes, parse: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    let apart = body.len() >= VALIDATE_APART_BYTES;
+    on_blocking_if(apart, move || parse(&body)).await
+}
+
+/// `f`, on the runtime's blocking threads if `apart`, else here.
+async fn on_blocking_if<T, F>(apart: bool, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    if !apart {
+        return f();
     }
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
 }
 
 /// Serves a validated request through the pipeline, or answers why it is not valid.

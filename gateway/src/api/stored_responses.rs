@@ -9,7 +9,7 @@
 use super::auth::ActingFor;
 use super::background::{self, Background};
 use super::error::ApiError;
-use super::handlers::{read_body, respond, validated, with_limits};
+use super::handlers::{parsed, read_body, respond, validated, with_limits};
 use super::input_items;
 use super::item_reference;
 use super::request_id::RequestId;
@@ -235,7 +235,7 @@ pub async fn create(
     let owner = owner(&tenant, &acting);
     let parsed = async {
         let body = read_body(&state, body)?;
-        let req = responses::read(&body)?;
+        let req = parsed(body.clone(), responses::read).await?;
         room(&state, &tenant, owner.clone(), &req).await?;
         request(&state, owner.clone(), body, req).await
     }
@@ -267,7 +267,7 @@ pub async fn input_tokens(
     let owner = owner(&tenant, &acting.map(|a| a.0));
     let counted = async {
         let body = read_body(&state, body)?;
-        let req = responses::read(&body)?;
+        let req = parsed(body.clone(), responses::read).await?;
         let req = request(&state, owner, body, req).await?;
         crate::pipeline::input_tokens(&state, &tenant, req).await
     }
