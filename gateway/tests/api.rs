@@ -831,15 +831,7 @@ async fn a_tenant_at_its_storage_quota_stores_no_more() {
     let (code, _) = status(KEY, "/v1/responses", ask(true)).await;
     assert_eq!(code, 200, "another tenant's quota is its own");
     // The operator sees it at its quota.
-    let stored: Value = client()
-        .get(gw.admin_url("/admin/stored"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("JSON");
+    let stored = get_json(gw.admin_url("/admin/stored"), ADMIN_TOKEN).await;
     let at = stored["tenants"]
         .as_array()
         .expect("tenants")
@@ -1192,17 +1184,10 @@ async fn large_bodies_are_answered_as_small_ones() {
     let mut seen = 0;
     let mut after = String::new();
     loop {
-        let page: Value = client()
-            .get(gw.url(&format!(
-                "/v1/conversations/{id}/items?order=asc&limit=100{after}"
-            )))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("sent")
-            .json()
-            .await
-            .expect("JSON");
+        let url = gw.url(&format!(
+            "/v1/conversations/{id}/items?order=asc&limit=100{after}"
+        ));
+        let page = get_json(url, KEY).await;
         let data = page["data"].as_array().expect("data");
         assert_eq!(
             data[0]["content"][0]["text"],

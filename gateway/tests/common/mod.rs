@@ -287,6 +287,19 @@ pub async fn post_json(gw: &Gateway, path: &str, body: &str) -> serde_json::Valu
     post(gw, path, body).await.json().await.unwrap()
 }
 
+/// `GET url` with bearer `token`, its body as JSON.
+pub async fn get_json(url: String, token: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// Reads a whole SSE body into its `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.unwrap();
