@@ -244,7 +244,12 @@ pub async fn list_items(
                 Ok(input_items::listed(&items, has_more))
             }
             Some(Paged::NoSuchItem { param }) => {
-                Err(input_items::no_such_item(&page, param, "conversation"))
+                let id = match param {
+                    "after" => asked.after,
+                    _ => asked.before,
+                };
+                let id = id.unwrap_or_default();
+                Err(input_items::no_such_item(id, param, "conversation"))
             }
             None => Err(no_conversation(&id)),
         })

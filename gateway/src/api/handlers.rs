@@ -91,9 +91,11 @@ where
     if !apart {
         return f();
     }
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(ApiError::Internal(format!("validation failed: {e}"))))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ApiError::Internal(format!(
+            "reading the request failed: {e}"
+        )))
+    })
 }
 
 /// Serves a validated request through the pipeline, or answers why it is not valid.

@@ -146,7 +146,7 @@ pub fn list(items: Vec<Value>, page: &Page) -> Result<Value, ApiError> {
             .iter()
             .position(|it| it.get("id").and_then(Value::as_str) == Some(id))
             .map(Some)
-            .ok_or_else(|| no_such_item(page, param, "response"))
+            .ok_or_else(|| no_such_item(id, param, "response"))
     };
     let start = at(&page.after, "after")?.map_or(0, |i| i + 1);
     let end = at(&page.before, "before")?.unwrap_or(items.len());
@@ -173,18 +173,11 @@ pub fn listed(data: &[Value], has_more: bool) -> Value {
     })
 }
 
-/// The 400 for a cursor (`param`: `after`, `before`) of `page` that names no item of the
-/// `what` (`response`, `conversation`) listed.
-pub fn no_such_item(page: &Page, param: &str, what: &str) -> ApiError {
-    let id = match param {
-        "after" => page.after.as_deref(),
-        _ => page.before.as_deref(),
-    };
+/// The 400 for a cursor (`param`: `after`, `before`) naming `id`, no item of the `what`
+/// (`response`, `conversation`) listed.
+pub fn no_such_item(id: &str, param: &str, what: &str) -> ApiError {
     ApiError::bad(
-        format!(
-            "No item with id {:?} in this {what}.",
-            id.unwrap_or_default()
-        ),
+        format!("No item with id {id:?} in this {what}."),
         Some(param.to_string()),
     )
 }
