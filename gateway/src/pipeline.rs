@@ -836,6 +836,11 @@ impl Embedded {
 /// base64), which on a serving thread would hold up its other connections.
 const RENDER_APART_FLOATS: usize = 1 << 16;
 
+/// Whole answers of about this many bytes of JSON or more are rendered on the runtime's
+/// blocking threads (a megabyte takes a millisecond or more: `n` long choices, or
+/// log-probabilities with alternatives for every token).
+const RENDER_APART_BYTES: usize = 1 << 20;
+
 /// The vectors of a routed request of `inputs` embeddings inputs, and their usage, from
 /// its worker's events (its first one given), and the worker's name. A worker that
 /// answers another number of vectors has failed.
@@ -1014,7 +1019,33 @@ impl SseStream {
         self.choices.iter().all(|c| c.done.is_some())
     }
 
-    /// Non-streamed: gather the whole answer, then one JSON body.
+    /// The whole answer's JSON body (the best `keep` choices of each prompt).
+    fn render(&mut self, usage: crate::worker::Usage) -> bytes::Bytes {
+        let out: Vec<ChoiceOut<'_>> = best(&self.choices, self.keep)
+            .map(|c| ChoiceOut {
+                text: &c.text,
+                logprobs: &c.logprobs,
+                finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
+                embedding: &c.embedding,
+            })
+            .collect();
+        self.renderer.full(&out, usage)
+    }
+
+    /// About how many bytes of JSON the whole answer takes: its texts, and ~100 for each
+    /// token's log-probability and for each alternative's.
+    fn answer_bytes(&self) -> usize {
+        self.choices
+            .iter()
+            .map(|c| {
+                let scored: usize = c.logprobs.iter().map(|t| 1 + t.top_logprobs.len()).sum();
+                c.text.len() + 100 * scored
+            })
+            .sum()
+    }
+
+    /// Non-streamed: gather the whole answer, then one JSON body (rendered on the
+    /// runtime's blocking threads when it is large: [`RENDER_APART_BYTES`]).
     async fn collect(mut self, meter: &mut Meter) -> Result<Response, ApiError> {
         for c in &mut self.choices {
             c.text = c.echo.clone().unwrap_or_default();
@@ -1059,16 +1090,16 @@ impl SseStream {
                     }
                     let usage = total_usage(&self.choices);
                     meter.success(usage).await;
-                    let out: Vec<ChoiceOut<'_>> = best(&self.choices, self.keep)
-                        .map(|c| ChoiceOut {
-                            text: &c.text,
-                            logprobs: &c.logprobs,
-                            finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
-                            embedding: &c.embedding,
-                        })
-                        .collect();
-                    let body = self.renderer.full(&out, usage);
-                    store_answer(&mut self.renderer).await;
+                    let (body, mut done) = if self.answer_bytes() < RENDER_APART_BYTES {
+                        (self.render(usage), self)
+                    } else {
+                        tokio::task::spawn_blocking(move || (self.render(usage), self))
+                            .await
+                            .map_err(|e| {
+                                ApiError::Internal(format!("rendering the answer failed: {e}"))
+                            })?
+                    };
+                    store_answer(&mut done.renderer).await;
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
                     );

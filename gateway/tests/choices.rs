@@ -294,3 +294,35 @@ async fn choices_of_a_long_prompt_share_its_computation() {
         "{cached} cached of 2 × {prompt_tokens}"
     );
 }
+
+/// A whole answer of more than a megabyte (16 choices of 12,000 tokens: rendered on the
+/// runtime's blocking threads) is the streamed one, choice by choice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_whole_answer_is_the_streamed_one() {
+    let long = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 0.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 12000, max_output_tokens = 12000 }"#;
+    let gw = Gateway::start(&config(long, "", ""));
+    let body = |extra: &str| {
+        format!(
+            r#"{{"model":"m","prompt":"a long story","max_tokens":12000,"seed":3,"n":16{extra}}}"#
+        )
+    };
+    let r = post(&gw, "/v1/completions", &body("")).await;
+    assert_eq!(r.status(), 200);
+    let whole: Value = r.json().await.expect("JSON");
+    let t = texts(&whole);
+    let bytes: usize = t.iter().map(String::len).sum();
+    assert!(bytes >= 1 << 20, "texts of {bytes} bytes: rendered apart");
+    assert_eq!(whole["usage"]["completion_tokens"], 16 * 12000);
+    let events = sse_events(post(&gw, "/v1/completions", &body(r#","stream":true"#)).await).await;
+    let mut streamed = BTreeMap::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).expect("a chunk");
+        let ch = &c["choices"][0];
+        let text = ch["text"].as_str().expect("text");
+        streamed
+            .entry(ch["index"].as_u64().expect("index"))
+            .or_insert_with(String::new)
+            .push_str(text);
+    }
+    assert_eq!(streamed.into_values().collect::<Vec<_>>(), t);
+}
