@@ -47,6 +47,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         stream: true,
         embed: false,
         more_inputs: Vec::new(),
+        dimensions: None,
     })
 }
 

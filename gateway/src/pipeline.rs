@@ -355,10 +355,19 @@ async fn run(
         .iter()
         .map(|p| n as f64 * (p.tokens as f64 + terms.output_weight * params.max_tokens as f64))
         .sum::<f64>();
-    let embed = matches!(
-        req.endpoint,
-        crate::api::validate::Endpoint::Embeddings { .. }
-    );
+    let (embed, dimensions) = match req.endpoint {
+        crate::api::validate::Endpoint::Embeddings { dimensions, .. } => (true, dimensions),
+        _ => (false, None),
+    };
+    if dimensions.is_some() && !pool.sets_dimensions() {
+        return Err(ApiError::unsupported(
+            "dimensions",
+            &format!(
+                "asking vectors of another size on pool `{}` (its embeddings are the model's own; a pool of upstreams passes `dimensions` on)",
+                pool.name
+            ),
+        ));
+    }
     let ask = Ask {
         contract: terms.contract,
         scope: terms.scope,
@@ -426,6 +435,7 @@ async fn run(
             stream,
             embed,
             more_inputs,
+            dimensions,
         })
     };
     if embed {

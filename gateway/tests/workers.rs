@@ -145,6 +145,21 @@ async fn embeddings_to_an_openai_upstream_go_in_batches() {
     let firsts: Vec<&Value> = (0..3).map(|i| &v["data"][i]["embedding"][0]).collect();
     assert_eq!(firsts, [0.0, 1.0, 2.0], "{v}");
     assert_eq!(stub.get(&stub.stats.requests), 4, "token ids: one call");
+    // `dimensions` is the upstream's to honour.
+    let v: Value = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"m","input":["a","b"],"dimensions":2}"#,
+    )
+    .await
+    .json()
+    .await
+    .expect("JSON");
+    assert_eq!(
+        v["data"][1]["embedding"],
+        serde_json::json!([1.0, 1.0]),
+        "{v}"
+    );
 }
 
 /// Streams `body` to `path` from a slow upstream killed after the first token: what the

@@ -3,8 +3,9 @@
 //! Answers `/v1/chat/completions` and `/v1/completions` (streamed or not) with `--tokens`
 //! copies of the word "tok", one SSE chunk each, `--token-delay-ms` apart;
 //! `/v1/embeddings` with one vector per input (`[n, 1, 0, 0]` for input `n` of the call, not
-//! normalized: an upstream's vectors pass through as they are; listed last input first,
-//! each with its `index`; 7 prompt tokens an input); `/v1/models`;
+//! normalized: an upstream's vectors pass through as they are; `dimensions` numbers each,
+//! cut or padded with zeros; listed last input first, each with its `index`; 7 prompt
+//! tokens an input); `/v1/models`;
 //! `/health`; and `/stats` (JSON counters: requests, streams completed and cancelled).
 //! `--fail-status` makes every inference request fail with that status.
 
@@ -128,12 +129,15 @@ async fn handle(req: Request<Incoming>, args: Arc<StubArgs>, stats: Arc<Stats>) 
             serde_json::Value::Array(a) if a.iter().all(|i| !i.is_number()) => a.len(),
             _ => 1,
         };
-        // Last input first: the `index` of each says whose it is.
+        // Last input first: the `index` of each says whose it is. `dimensions` numbers
+        // each (the four, cut or padded with zeros).
+        let size = v["dimensions"].as_u64().unwrap_or(4) as usize;
         let data: Vec<serde_json::Value> = (0..inputs)
             .rev()
             .map(|i| {
-                serde_json::json!({"object": "embedding", "index": i,
-                "embedding": [i as f32, 1.0, 0.0, 0.0]})
+                let mut vector = vec![i as f32, 1.0, 0.0, 0.0];
+                vector.resize(size, 0.0);
+                serde_json::json!({"object": "embedding", "index": i, "embedding": vector})
             })
             .collect();
         let tokens = 7 * inputs;

@@ -7,8 +7,9 @@
 //! little-endian `f32`s.
 //!
 //! Taken: `model`, `input` (a string, token ids, or a list of either: at most
-//! [`MAX_EMBEDDING_INPUTS`] inputs, none empty), `encoding_format`; `user` and other fields are ignored. Refused with a 400 that
-//! names it: `dimensions` (a model's vectors are its own size).
+//! [`MAX_EMBEDDING_INPUTS`] inputs, none empty), `encoding_format`, `dimensions` (a
+//! positive integer: passed to an upstream pool's workers; a pool whose workers make the
+//! model's own vectors refuses it, 400 naming it); `user` and other fields are ignored.
 
 use super::error::ApiError;
 use super::validate::{Endpoint, InferenceRequest, MAX_EMBEDDING_INPUTS};
@@ -25,6 +26,9 @@ struct EmbeddingsRequest {
     encoding_format: Option<String>,
     dimensions: Option<Value>,
 }
+
+/// The largest `dimensions` taken (an upstream checks its own model's).
+const MAX_DIMENSIONS: u64 = 65_536;
 
 /// Validates a `/v1/embeddings` body.
 pub fn validate(body: &[u8], _server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
@@ -45,14 +49,20 @@ pub fn validate(body: &[u8], _server: &ServerConfig) -> Result<InferenceRequest,
             ))
         }
     };
-    if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
-        return Err(ApiError::unsupported(
-            "dimensions",
-            "`dimensions` (a model's embeddings have its own size)",
-        ));
-    }
+    let dimensions = match req.dimensions {
+        None | Some(Value::Null) => None,
+        Some(d) => match d.as_u64() {
+            Some(n @ 1..=MAX_DIMENSIONS) => Some(n as u32),
+            _ => {
+                return Err(ApiError::bad(
+                    format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}, got {d}."),
+                    Some("dimensions".into()),
+                ))
+            }
+        },
+    };
     Ok(InferenceRequest {
-        endpoint: Endpoint::Embeddings { base64 },
+        endpoint: Endpoint::Embeddings { base64, dimensions },
         model: req.model,
         prompts: inputs(req.input)?,
         params: SamplingParams::greedy(0),
@@ -207,13 +217,27 @@ mod tests {
     fn inputs_are_strings_or_token_ids_one_prompt_each() {
         let r = ok(r#"{"model":"m","input":"hi"}"#);
         assert!(matches!(&r.prompts[..], [Prompt::Text(t)] if t == "hi"));
-        assert_eq!(r.endpoint, Endpoint::Embeddings { base64: false });
+        assert_eq!(
+            r.endpoint,
+            Endpoint::Embeddings {
+                base64: false,
+                dimensions: None
+            }
+        );
         assert_eq!(r.params.max_tokens, 0, "nothing is generated");
-        let r = ok(r#"{"model":"m","input":["a",[1,2],"b"],"encoding_format":"base64"}"#);
+        let r = ok(
+            r#"{"model":"m","input":["a",[1,2],"b"],"encoding_format":"base64","dimensions":256}"#,
+        );
         assert!(matches!(&r.prompts[..],
             [Prompt::Text(a), Prompt::Tokens(ids), Prompt::Text(b)]
             if a == "a" && ids == &[1, 2] && b == "b"));
-        assert_eq!(r.endpoint, Endpoint::Embeddings { base64: true });
+        assert_eq!(
+            r.endpoint,
+            Endpoint::Embeddings {
+                base64: true,
+                dimensions: Some(256)
+            }
+        );
         let r = ok(r#"{"model":"m","input":[5,6]}"#);
         assert!(matches!(&r.prompts[..], [Prompt::Tokens(ids)] if ids == &[5, 6]));
     }
@@ -231,7 +255,20 @@ mod tests {
                 r#"{"model":"m","input":"x","encoding_format":"hex"}"#,
                 "encoding_format",
             ),
-            (r#"{"model":"m","input":"x","dimensions":64}"#, "dimensions"),
+            (r#"{"model":"m","input":"x","dimensions":0}"#, "dimensions"),
+            (r#"{"model":"m","input":"x","dimensions":-3}"#, "dimensions"),
+            (
+                r#"{"model":"m","input":"x","dimensions":1.5}"#,
+                "dimensions",
+            ),
+            (
+                r#"{"model":"m","input":"x","dimensions":"8"}"#,
+                "dimensions",
+            ),
+            (
+                r#"{"model":"m","input":"x","dimensions":65537}"#,
+                "dimensions",
+            ),
             (r#"{"model":"","input":"x"}"#, "model"),
         ] {
             assert_eq!(param(body).as_deref(), Some(at), "{body}");

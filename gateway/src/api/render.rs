@@ -417,7 +417,7 @@ impl Renderer {
                 usage: usage.into(),
             }),
             Endpoint::Responses => Ok(Vec::new()),
-            Endpoint::Embeddings { base64 } => {
+            Endpoint::Embeddings { base64, .. } => {
                 let vectors: Vec<&[f32]> = choices.iter().map(|c| c.embedding).collect();
                 Ok(super::embeddings::body(
                     &self.model,

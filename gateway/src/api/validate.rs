@@ -23,6 +23,9 @@ pub enum Endpoint {
     /// `/v1/embeddings` ([`super::embeddings`]): vectors as base64, or as floats.
     Embeddings {
         base64: bool,
+        /// `dimensions`: vectors of this size, where the pool's workers make them so (an
+        /// upstream is asked for them).
+        dimensions: Option<u32>,
     },
 }
 

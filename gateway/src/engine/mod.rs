@@ -292,7 +292,7 @@ impl EngineWorker {
             status: 400,
             message,
         };
-        crate::worker::one_input_only(req)?;
+        crate::worker::one_plain_input(req)?;
         // Ids the gateway made with this model's tokenizer (`tokenize_prompt`), checked
         // there.
         let prompt = match &req.prompt_ids {

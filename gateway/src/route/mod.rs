@@ -142,6 +142,8 @@ pub struct Pool {
     cap_total: u64,
     /// How many embeddings inputs one routed request may carry: what every worker takes.
     embed_batch: crate::worker::EmbedBatch,
+    /// Whether every worker makes embeddings of a size asked (`dimensions`).
+    sets_dimensions: bool,
     /// Whether requests that start alike go to the same worker.
     pub affinity: Affinity,
 }
@@ -237,6 +239,7 @@ impl Pool {
             .map(|s| s.worker.embed_batch())
             .reduce(crate::worker::EmbedBatch::min)
             .unwrap_or(crate::worker::EmbedBatch::ONE);
+        let sets_dimensions = !slots.is_empty() && slots.iter().all(|s| s.worker.sets_dimensions());
         // Engines keep a prefix cache: by default their pools send prompts that start
         // alike to the same one.
         let engines = cfg
@@ -257,6 +260,7 @@ impl Pool {
             signal: Arc::default(),
             cap_total,
             embed_batch,
+            sets_dimensions,
         })
     }
 
@@ -277,6 +281,11 @@ impl Pool {
     /// takes several).
     pub fn embed_batch(&self) -> crate::worker::EmbedBatch {
         self.embed_batch
+    }
+
+    /// Whether every worker makes embeddings of the size a request asks (`dimensions`).
+    pub fn sets_dimensions(&self) -> bool {
+        self.sets_dimensions
     }
 
     /// Requests waiting for a slot.

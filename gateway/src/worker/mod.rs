@@ -169,21 +169,31 @@ pub struct WorkerRequest {
     /// after the prompt's, in order, then one `Done` whose usage counts them all. Empty
     /// otherwise.
     pub more_inputs: Vec<Prompt>,
+    /// An embeddings request's `dimensions`, for workers that make vectors of a size asked
+    /// ([`Worker::sets_dimensions`]).
+    pub dimensions: Option<u32>,
 }
 
-/// Refuses a request of several embeddings inputs, for workers that embed one at a time
-/// (the router sends them none: a pool batches only where all its workers take batches).
-pub fn one_input_only(req: &WorkerRequest) -> Result<(), WorkerError> {
-    if req.more_inputs.is_empty() {
-        return Ok(());
-    }
-    Err(WorkerError::Rejected {
+/// Refuses an embeddings request of several inputs or with `dimensions`, for workers that
+/// embed one input at a time into the model's own vectors (the pipeline sends them
+/// neither: a pool batches, and takes `dimensions`, only where all its workers do).
+pub fn one_plain_input(req: &WorkerRequest) -> Result<(), WorkerError> {
+    let refuse = |message: String| WorkerError::Rejected {
         status: 400,
-        message: format!(
+        message,
+    };
+    if !req.more_inputs.is_empty() {
+        return Err(refuse(format!(
             "this worker embeds one input a request; this one has {}",
             req.more_inputs.len() + 1
-        ),
-    })
+        )));
+    }
+    if req.dimensions.is_some() {
+        return Err(refuse(
+            "this worker's vectors are the model's own size: no `dimensions`".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// How many embeddings inputs a worker takes in one request.
@@ -400,5 +410,9 @@ pub trait Worker: Send + Sync + 'static {
     /// How many embeddings inputs it takes in one request ([`WorkerRequest::more_inputs`]).
     fn embed_batch(&self) -> EmbedBatch {
         EmbedBatch::ONE
+    }
+    /// Whether it makes embeddings of the size a request asks (`dimensions`).
+    fn sets_dimensions(&self) -> bool {
+        false
     }
 }

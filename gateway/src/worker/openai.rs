@@ -110,8 +110,11 @@ impl OpenAiWorker {
                         .collect(),
                 ),
             };
-            let body =
+            let mut body =
                 serde_json::json!({"model": model, "input": input, "encoding_format": "float"});
+            if let Some(d) = req.dimensions {
+                body["dimensions"] = d.into();
+            }
             return (
                 "/v1/embeddings",
                 serde_json::to_vec(&body).unwrap_or_default(),
@@ -503,6 +506,10 @@ impl Worker for OpenAiWorker {
         self.cfg.max_concurrency
     }
 
+    fn sets_dimensions(&self) -> bool {
+        true
+    }
+
     fn embed_batch(&self) -> super::EmbedBatch {
         super::EmbedBatch {
             inputs: self.cfg.embed_batch.max(1),
@@ -822,6 +829,7 @@ mod tests {
             stream: false,
             embed: true,
             more_inputs: more,
+            dimensions: None,
         }
     }
 
@@ -858,9 +866,12 @@ mod tests {
         let v: Value = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(path, "/v1/embeddings");
         assert_eq!(v["input"], serde_json::json!(["a", "bb", "ccccc"]));
-        let ids = embed_req(Prompt::Tokens(vec![1, 2]), vec![Prompt::Tokens(vec![3])]);
+        assert!(v.get("dimensions").is_none());
+        let mut ids = embed_req(Prompt::Tokens(vec![1, 2]), vec![Prompt::Tokens(vec![3])]);
+        ids.dimensions = Some(64);
         let v: Value = serde_json::from_slice(&w.body(&ids).1).expect("JSON");
         assert_eq!(v["input"], serde_json::json!([[1, 2], [3]]));
+        assert_eq!(v["dimensions"], 64, "asked of the upstream");
 
         // Answered out of order: put back in order by index; the upstream's count.
         let answer = br#"{"data":[{"index":2,"embedding":[2.0]},{"index":0,"embedding":[0.0]},

@@ -273,7 +273,7 @@ impl Worker for SimWorker {
         let running = self.running.clone();
         let queued = self.queued.clone();
         async move {
-            super::one_input_only(&req)?;
+            super::one_plain_input(&req)?;
             if req.params.logprobs.is_some() || req.params.json.is_some() {
                 // Its text is made up: it has no distribution to report or constrain.
                 let what = if req.params.json.is_some() {
@@ -383,6 +383,7 @@ mod tests {
             stream: true,
             embed: false,
             more_inputs: Vec::new(),
+            dimensions: None,
         })
     }
 

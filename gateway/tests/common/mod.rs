@@ -494,6 +494,7 @@ pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerR
         stream: true,
         embed: false,
         more_inputs: Vec::new(),
+        dimensions: None,
     })
 }
 
