@@ -74,12 +74,16 @@ async fn openai_upstream_non_streamed_and_streamed_with_upstream_usage() {
     assert_eq!(v["metadata"]["k"], "v");
 }
 
-/// Embeddings asked of an OpenAI-compatible upstream: its vectors (as it sent them) in
-/// input order, its token counts. Text and token ids go in separate calls.
+/// Embeddings asked of an OpenAI-compatible upstream (as JSON numbers here; as base64 by
+/// default, below): its vectors (as it sent them) in input order, its token counts. Text
+/// and token ids go in separate calls.
 #[tokio::test(flavor = "multi_thread")]
 async fn embeddings_from_an_openai_upstream() {
     let stub = Stub::start(StubArgs::default()).await;
-    let gw = Gateway::start(&config(&stub.worker(), "", ""));
+    let worker = stub
+        .worker()
+        .replace(" }", r#", embed_encoding = "float" }"#);
+    let gw = Gateway::start(&config(&worker, "", ""));
     let v: Value = post(
         &gw,
         "/v1/embeddings",

@@ -4,8 +4,8 @@
 //! copies of the word "tok", one SSE chunk each, `--token-delay-ms` apart;
 //! `/v1/embeddings` with one vector per input (`[n, 1, 0, 0]` for input `n` of the call, not
 //! normalized: an upstream's vectors pass through as they are; `dimensions` numbers each,
-//! cut or padded with zeros; listed last input first, each with its `index`; 7 prompt
-//! tokens an input); `/v1/models`;
+//! cut or padded with zeros; as base64 when `encoding_format` asks; listed last input
+//! first, each with its `index`; 7 prompt tokens an input); `/v1/models`;
 //! `/health`; and `/stats` (JSON counters: requests, streams completed and cancelled).
 //! `--fail-status` makes every inference request fail with that status.
 
@@ -132,12 +132,21 @@ async fn handle(req: Request<Incoming>, args: Arc<StubArgs>, stats: Arc<Stats>) 
         // Last input first: the `index` of each says whose it is. `dimensions` numbers
         // each (the four, cut or padded with zeros).
         let size = v["dimensions"].as_u64().unwrap_or(4) as usize;
+        let base64 = v["encoding_format"] == "base64";
         let data: Vec<serde_json::Value> = (0..inputs)
             .rev()
             .map(|i| {
                 let mut vector = vec![i as f32, 1.0, 0.0, 0.0];
                 vector.resize(size, 0.0);
-                serde_json::json!({"object": "embedding", "index": i, "embedding": vector})
+                let embedding = match base64 {
+                    true => {
+                        use base64::Engine as _;
+                        let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    }
+                    false => serde_json::json!(vector),
+                };
+                serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
             })
             .collect();
         let tokens = 7 * inputs;

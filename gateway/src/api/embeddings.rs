@@ -16,7 +16,7 @@ use super::validate::{Endpoint, InferenceRequest, MAX_EMBEDDING_INPUTS};
 use crate::config::ServerConfig;
 use crate::worker::{Prompt, SamplingParams, Usage};
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 #[derive(Debug, Deserialize)]
@@ -125,65 +125,49 @@ fn inputs(v: Value) -> Result<Vec<Prompt>, ApiError> {
     Ok(prompts)
 }
 
-#[derive(Serialize)]
-struct List<'a> {
-    object: &'static str,
-    data: Vec<Item<'a>>,
-    model: &'a str,
-    usage: UsageOut,
-}
-
-#[derive(Serialize)]
-struct Item<'a> {
-    object: &'static str,
-    index: usize,
-    embedding: Vector<'a>,
-}
-
-/// A vector as floats (each in its shortest `f32` form), or as base64.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Vector<'a> {
-    Floats(&'a [f32]),
-    Base64(String),
-}
-
-#[derive(Serialize)]
-struct UsageOut {
-    prompt_tokens: u32,
-    total_tokens: u32,
-}
-
-/// The answer: each input's vector (in input order), and the tokens they took.
+/// The answer: each input's vector (in input order), and the tokens they took. Written
+/// out by hand (an answer may hold millions of numbers): base64 goes straight into the
+/// body, and numbers each in their shortest `f32` form.
 pub fn body(model: &str, vectors: &[&[f32]], usage: Usage, base64: bool) -> Vec<u8> {
-    let data = vectors
-        .iter()
-        .enumerate()
-        .map(|(index, v)| Item {
-            object: "embedding",
-            index,
-            embedding: match base64 {
-                true => Vector::Base64(encode(v)),
-                false => Vector::Floats(v),
-            },
-        })
-        .collect();
-    let out = List {
-        object: "list",
-        data,
-        model,
-        usage: UsageOut {
-            prompt_tokens: usage.prompt_tokens,
-            total_tokens: usage.prompt_tokens,
-        },
-    };
-    serde_json::to_vec(&out).unwrap_or_default()
-}
-
-/// A vector as the base64 of its little-endian `f32`s.
-fn encode(v: &[f32]) -> String {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    use std::io::Write as _;
+    let floats: usize = vectors.iter().map(|v| v.len()).sum();
+    let per_float = if base64 { 6 } else { 12 };
+    let mut out = Vec::with_capacity(128 + 64 * vectors.len() + per_float * floats);
+    let mut bytes = Vec::new();
+    out.extend_from_slice(br#"{"object":"list","data":["#);
+    for (index, v) in vectors.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        // Writes to a Vec do not fail.
+        let _ = write!(
+            out,
+            r#"{{"object":"embedding","index":{index},"embedding":"#
+        );
+        if base64 {
+            bytes.clear();
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            out.push(b'"');
+            let at = out.len();
+            out.resize(at + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
+            let n = base64::engine::general_purpose::STANDARD
+                .encode_slice(&bytes, &mut out[at..])
+                .unwrap_or(0);
+            out.truncate(at + n);
+            out.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut out, v);
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#"],"model":"#);
+    let _ = serde_json::to_writer(&mut out, model);
+    let p = usage.prompt_tokens;
+    let _ = write!(
+        out,
+        r#","usage":{{"prompt_tokens":{p},"total_tokens":{p}}}}}"#
+    );
+    out
 }
 
 /// A vector scaled to unit length (all zeros stays so).
@@ -296,6 +280,21 @@ mod tests {
             floats["usage"],
             serde_json::json!({"prompt_tokens": 7, "total_tokens": 7})
         );
+        // The whole shape, a model's name escaped.
+        let named: Value =
+            serde_json::from_slice(&body("m\"1", &[&v, &[]], usage, false)).expect("JSON");
+        assert_eq!(
+            named,
+            serde_json::json!({"object": "list", "data": [
+                {"object": "embedding", "index": 0, "embedding": [1.0, -0.5]},
+                {"object": "embedding", "index": 1, "embedding": []}],
+                "model": "m\"1", "usage": {"prompt_tokens": 7, "total_tokens": 7}})
+        );
+        let none: Value = serde_json::from_slice(&body("m", &[], usage, true)).expect("JSON");
+        assert_eq!(none["data"], serde_json::json!([]));
+        let two: Value = serde_json::from_slice(&body("m", &[&v, &v], usage, true)).expect("JSON");
+        assert_eq!(two["data"][0]["embedding"], two["data"][1]["embedding"]);
+        assert_eq!(two["data"][1]["index"], 1);
         let b64: Value = serde_json::from_slice(&body("m", &[&v], usage, true)).expect("JSON");
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64["data"][0]["embedding"].as_str().expect("a string"))

@@ -539,6 +539,29 @@ pub struct OpenAiConfig {
     /// goes alone.
     #[serde(default = "default_embed_batch_tokens")]
     pub embed_batch_tokens: u64,
+    /// How the upstream is asked to send vectors: `base64` (little-endian `f32`s: a third
+    /// of the bytes, far cheaper to read) or `float` (JSON numbers), for an upstream that
+    /// does not take base64. Either answer is read.
+    #[serde(default)]
+    pub embed_encoding: EmbedEncoding,
+}
+
+/// An upstream's `encoding_format` for embeddings.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedEncoding {
+    #[default]
+    Base64,
+    Float,
+}
+
+impl EmbedEncoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Base64 => "base64",
+            Self::Float => "float",
+        }
+    }
 }
 
 fn default_upstream_concurrency() -> usize {
@@ -1054,6 +1077,10 @@ workers = [{{ kind = "engine"{fields} }}]
             other => panic!("not an upstream: {other:?}"),
         }
         assert!(Config::from_toml(&pool(", embed_batch = 2048")).is_ok());
+        let cfg = Config::from_toml(&pool(r#", embed_encoding = "float""#)).expect("float");
+        assert!(matches!(&cfg.pools[0].workers[0],
+            WorkerConfig::Openai(o) if o.embed_encoding == EmbedEncoding::Float));
+        assert!(Config::from_toml(&pool(r#", embed_encoding = "hex""#)).is_err());
         for bad in [
             ", embed_batch = 0",
             ", embed_batch = 2049",
