@@ -300,7 +300,9 @@ impl TenantLoad {
                         Value::Array(each.map(Value::String).collect())
                     }
                 };
-                let body = json!({"model": self.model, "input": input});
+                // Vectors as base64, as the OpenAI SDKs ask for them.
+                let body =
+                    json!({"model": self.model, "input": input, "encoding_format": "base64"});
                 return (serde_json::to_vec(&body).unwrap_or_default(), prompt);
             }
             Endpoint::Chat => {
@@ -442,7 +444,10 @@ mod tests {
         assert_eq!(r.path(), "/v1/responses");
         r.endpoint = Endpoint::Embeddings;
         let body: Value = serde_json::from_slice(&r.body(1, 0)).unwrap();
-        assert_eq!(body, json!({"model": "m", "input": "hello"}));
+        assert_eq!(
+            body,
+            json!({"model": "m", "input": "hello", "encoding_format": "base64"})
+        );
         assert_eq!(r.path(), "/v1/embeddings");
         // Several inputs: the fixed prompt each time, or each its own words.
         r.inputs = 3;
