@@ -105,13 +105,28 @@ async fn prompt_parts(
         .iter()
         .map(|p| crate::worker::estimate_prompt_tokens(p) as u64)
         .sum();
-    if guess < TOKENIZE_APART_TOKENS {
-        return parts_of(pool, prompts, how);
-    }
     let pool = pool.clone();
-    tokio::task::spawn_blocking(move || parts_of(&pool, prompts, how))
+    apart_if(
+        guess >= TOKENIZE_APART_TOKENS,
+        "tokenizing the prompt",
+        move || parts_of(&pool, prompts, how),
+    )
+    .await?
+}
+
+/// `f`, on the runtime's blocking threads if `apart` (CPU work long enough to hold up a
+/// serving thread's other connections), else here; `what` names it if that thread fails.
+pub(crate) async fn apart_if<T, F>(apart: bool, what: &str, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    if !apart {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::Internal(format!("tokenizing the prompt failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("{what} failed: {e}")))
 }
 
 /// How a request's prompts are made into [`PromptPart`]s: a conversation truncated to
@@ -818,7 +833,7 @@ impl Embedded {
         meter.success(usage).await;
         let floats: usize = self.vectors.iter().map(Vec::len).sum();
         let vectors = self.vectors;
-        let mut render = move || {
+        let render = move || {
             let out: Vec<ChoiceOut<'_>> = vectors
                 .iter()
                 .map(|v| ChoiceOut {
@@ -830,13 +845,12 @@ impl Embedded {
                 .collect();
             renderer.full(&out, usage)
         };
-        let body = if floats < RENDER_APART_FLOATS {
-            render()
-        } else {
-            tokio::task::spawn_blocking(render)
-                .await
-                .map_err(|e| ApiError::Internal(format!("rendering the answer failed: {e}")))?
-        };
+        let body = apart_if(
+            floats >= RENDER_APART_FLOATS,
+            "rendering the answer",
+            render,
+        )
+        .await?;
         Ok(([(http::header::CONTENT_TYPE, "application/json")], body).into_response())
     }
 }
@@ -1100,15 +1114,11 @@ impl SseStream {
                     }
                     let usage = total_usage(&self.choices);
                     meter.success(usage).await;
-                    let (body, mut done) = if self.answer_bytes() < RENDER_APART_BYTES {
+                    let apart = self.answer_bytes() >= RENDER_APART_BYTES;
+                    let (body, mut done) = apart_if(apart, "rendering the answer", move || {
                         (self.render(usage), self)
-                    } else {
-                        tokio::task::spawn_blocking(move || (self.render(usage), self))
-                            .await
-                            .map_err(|e| {
-                                ApiError::Internal(format!("rendering the answer failed: {e}"))
-                            })?
-                    };
+                    })
+                    .await?;
                     store_answer(&mut done.renderer).await;
                     return Ok(
                         ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()

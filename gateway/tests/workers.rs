@@ -80,19 +80,14 @@ async fn openai_upstream_non_streamed_and_streamed_with_upstream_usage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn embeddings_from_an_openai_upstream() {
     let stub = Stub::start(StubArgs::default()).await;
-    let worker = stub
-        .worker()
-        .replace(" }", r#", embed_encoding = "float" }"#);
+    let worker = stub.worker_with(r#"embed_encoding = "float""#);
     let gw = Gateway::start(&config(&worker, "", ""));
-    let v: Value = post(
+    let v = post_json(
         &gw,
         "/v1/embeddings",
         r#"{"model":"m","input":["a",[1,2,3]]}"#,
     )
-    .await
-    .json()
-    .await
-    .expect("JSON");
+    .await;
     assert_eq!(
         v["data"][0]["embedding"],
         serde_json::json!([0.0, 1.0, 0.0, 0.0]),
@@ -115,15 +110,11 @@ async fn embeddings_from_an_openai_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn embeddings_to_an_openai_upstream_go_in_batches() {
     let stub = Stub::start(StubArgs::default()).await;
-    let worker = stub.worker().replace(" }", ", embed_batch = 4 }");
+    let worker = stub.worker_with("embed_batch = 4");
     let gw = Gateway::start(&config(&worker, "", ""));
     let inputs: Vec<String> = (0..10).map(|i| format!("input {i}")).collect();
     let body = serde_json::json!({"model": "m", "input": inputs}).to_string();
-    let v: Value = post(&gw, "/v1/embeddings", &body)
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let v = post_json(&gw, "/v1/embeddings", &body).await;
     let data = v["data"].as_array().expect("data");
     assert_eq!(data.len(), 10, "{v}");
     for (i, d) in data.iter().enumerate() {
@@ -137,28 +128,22 @@ async fn embeddings_to_an_openai_upstream_go_in_batches() {
     }
     assert_eq!(v["usage"]["prompt_tokens"], 70, "the upstream's counts");
     assert_eq!(stub.get(&stub.stats.requests), 3, "three upstream calls");
-    let v: Value = post(
+    let v = post_json(
         &gw,
         "/v1/embeddings",
         r#"{"model":"m","input":[[1],[2],[3]]}"#,
     )
-    .await
-    .json()
-    .await
-    .expect("JSON");
+    .await;
     let firsts: Vec<&Value> = (0..3).map(|i| &v["data"][i]["embedding"][0]).collect();
     assert_eq!(firsts, [0.0, 1.0, 2.0], "{v}");
     assert_eq!(stub.get(&stub.stats.requests), 4, "token ids: one call");
     // `dimensions` is the upstream's to honour.
-    let v: Value = post(
+    let v = post_json(
         &gw,
         "/v1/embeddings",
         r#"{"model":"m","input":["a","b"],"dimensions":2}"#,
     )
-    .await
-    .json()
-    .await
-    .expect("JSON");
+    .await;
     assert_eq!(
         v["data"][1]["embedding"],
         serde_json::json!([1.0, 1.0]),

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::request_id::RequestId;
 use super::types::{ModelCard, ModelList};
 use super::validate::{self, InferenceRequest};
-use crate::pipeline::{self, RequestCtx};
+use crate::pipeline::{self, apart_if, RequestCtx};
 use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
@@ -68,7 +68,10 @@ where
 {
     let apart = body.len() >= VALIDATE_APART_BYTES || may_carry_schema(&body);
     let st = state.clone();
-    on_blocking_if(apart, move || validate(&body, &st.server)).await
+    apart_if(apart, "reading the request", move || {
+        validate(&body, &st.server)
+    })
+    .await?
 }
 
 /// Runs `parse` on `body` (a body's parsing and checks), on the runtime's blocking threads
@@ -79,23 +82,7 @@ where
     T: Send + 'static,
 {
     let apart = body.len() >= VALIDATE_APART_BYTES;
-    on_blocking_if(apart, move || parse(&body)).await
-}
-
-/// `f`, on the runtime's blocking threads if `apart`, else here.
-async fn on_blocking_if<T, F>(apart: bool, f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    T: Send + 'static,
-{
-    if !apart {
-        return f();
-    }
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(ApiError::Internal(format!(
-            "reading the request failed: {e}"
-        )))
-    })
+    apart_if(apart, "reading the request", move || parse(&body)).await?
 }
 
 /// Serves a validated request through the pipeline, or answers why it is not valid.

@@ -238,7 +238,20 @@ impl Stub {
     }
 
     pub fn worker(&self) -> String {
-        format!(r#"{{ kind = "openai", url = "http://{}" }}"#, self.addr)
+        self.worker_with("")
+    }
+
+    /// The worker entry with more `fields` (`a = 1, b = "x"`).
+    pub fn worker_with(&self, fields: &str) -> String {
+        let more = if fields.is_empty() {
+            String::new()
+        } else {
+            format!(", {fields}")
+        };
+        format!(
+            r#"{{ kind = "openai", url = "http://{}"{more} }}"#,
+            self.addr
+        )
     }
 
     pub fn kill(&self) {
