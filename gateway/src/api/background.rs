@@ -19,7 +19,7 @@ use super::error::ApiError;
 use super::event_log::{EventLog, LINGER};
 use super::render::event_stream;
 use super::stored_responses::on_store;
-use crate::response_store::{Kept, ResponseStore, Stored};
+use crate::response_store::{Kept, Parent, ResponseStore, Revised, Stored};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -33,8 +33,11 @@ pub struct Background {
     pub store: Arc<ResponseStore>,
     /// The tenant it belongs to.
     pub owner: String,
-    /// Its conversation through its input (a JSON array of input items).
+    /// Its conversation through its input (a JSON array of input items): after its
+    /// parent's, if it continues a stored answer.
     pub conversation: String,
+    /// The stored answer it continues.
+    pub parent: Option<Parent>,
     /// The client asked for the event stream (else the `response` object).
     pub stream: bool,
 }
@@ -105,6 +108,7 @@ pub async fn start(bg: Background, answer: Response) -> Response {
         tenant: bg.owner.clone(),
         response: response.to_string(),
         conversation: bg.conversation.clone(),
+        parent: bg.parent.clone(),
     };
     let started = Kept {
         stored: Some(stored(&first)),
@@ -225,15 +229,23 @@ pub async fn cancel(
         return Ok(None);
     }
     let (owner, id) = key.clone();
-    let Some(mut s) = on_store(store, move |s| s.get(&owner, &id)).await? else {
+    let looked = (owner.clone(), id.clone());
+    let Some(stored) = on_store(store, move |s| s.response(&looked.0, &looked.1)).await? else {
         return Ok(None);
     };
     let mut response: Value =
-        serde_json::from_str(&s.response).map_err(|e| ApiError::Internal(e.to_string()))?;
+        serde_json::from_str(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
     response["status"] = "cancelled".into();
-    s.response = response.to_string();
+    let revised = Revised {
+        id,
+        tenant: owner,
+        response: response.to_string(),
+    };
     store
-        .save(s)
+        .save(Kept {
+            revised: Some(revised),
+            ..Kept::default()
+        })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Some(response))

@@ -8,6 +8,8 @@
 //! under the same ids.
 
 use super::error::ApiError;
+use super::validate::ResponsesInfo;
+use crate::response_store::Parent;
 use serde_json::{json, Map, Value};
 
 /// The id prefix of an item of type `kind`.
@@ -67,6 +69,21 @@ pub fn stored(item: &Value, id: impl FnOnce(&str) -> String) -> Value {
     out.entry("status")
         .or_insert_with(|| Value::String("completed".into()));
     Value::Object(out)
+}
+
+/// What an answer to a Responses request stores of its conversation through its input:
+/// the stored answer it continues, if any (the conversation's first items are that
+/// one's), and its own input items in their stored shape (the whole conversation's, where
+/// it continues no stored answer).
+pub fn lineage(info: &ResponsesInfo) -> (Option<Parent>, Vec<Value>) {
+    let parent = info.continues.as_ref().map(|id| Parent {
+        id: id.clone(),
+        inherits: info.own_from,
+        prefix: info.conversation.clone(),
+    });
+    let from = parent.as_ref().map_or(0, |p| p.inherits);
+    let own = info.conversation.get(from..).unwrap_or(&[]);
+    (parent, own.iter().map(|i| stored(i, fresh_id)).collect())
 }
 
 /// Which page of a list is asked for.

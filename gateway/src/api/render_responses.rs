@@ -360,17 +360,12 @@ impl ResponsesRender {
 
     /// Keeps what the finished answer leaves in the store (`response`: its object as
     /// sent): itself with its conversation (the request's, then its output as input
-    /// items), and its input and output added to the conversation it is in.
+    /// items: after what the answer it continues holds, if any), and its input and output
+    /// added to the conversation it is in.
     fn keep(&mut self, response: &[u8]) {
         let Some(saver) = &self.saver else { return };
-        let mut items: Vec<Value> = Vec::with_capacity(self.info.conversation.len() + 1);
         // Each with an id, kept by the answers that continue this one.
-        items.extend(
-            self.info
-                .conversation
-                .iter()
-                .map(|i| input_items::stored(i, input_items::fresh_id)),
-        );
+        let (parent, mut items) = input_items::lineage(&self.info);
         items.extend(self.items.iter().map(|i| match i {
             Item::Message { id, text, .. } => json!({
                 "id": id,
@@ -394,21 +389,24 @@ impl ResponsesRender {
                 "arguments": arguments,
             }),
         }));
+        // The request's own input and the output, wherever its conversation starts.
+        let own_from = self.info.own_from - parent.as_ref().map_or(0, |p| p.inherits);
         let append = self.info.conversation_id.as_ref().map(|c| Append {
             conversation: c.clone(),
             tenant: saver.tenant.clone(),
-            items: items.get(self.info.own_from..).unwrap_or(&[]).to_vec(),
+            items: items.get(own_from..).unwrap_or(&[]).to_vec(),
         });
         let stored = self.keeps_answer().then(|| Stored {
             id: self.id.clone(),
             tenant: saver.tenant.clone(),
             response: String::from_utf8_lossy(response).into_owned(),
             conversation: Value::Array(items).to_string(),
+            parent,
         });
         self.stored = Some(Kept {
             stored,
             append,
-            unfinished: false,
+            ..Kept::default()
         });
     }
 

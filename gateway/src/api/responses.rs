@@ -112,6 +112,10 @@ pub fn validate_map(
         store: req.get("store") != Some(&Value::Bool(false)),
         conversation: Arc::new(conversation),
         own_from,
+        continues: match &prior {
+            Some(Prior::Response(id)) => Some(id.clone()),
+            _ => None,
+        },
         truncate: present(&req, "truncation").and_then(Value::as_str) == Some("auto"),
         background: req.get("background") == Some(&Value::Bool(true)),
         conversation_id: match prior {

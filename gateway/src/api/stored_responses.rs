@@ -303,17 +303,14 @@ fn background_of(
             Some("store".into()),
         ));
     }
-    let items: Vec<Value> = info
-        .conversation
-        .iter()
-        .map(|i| input_items::stored(i, input_items::fresh_id))
-        .collect();
+    let (parent, items) = input_items::lineage(info);
     let stream = req.stream;
     req.stream = true;
     Ok(Background {
         store: store.clone(),
         owner,
         conversation: Value::Array(items).to_string(),
+        parent,
         stream,
     })
 }
@@ -361,7 +358,7 @@ pub async fn get(
             return with_limits(&tenant, events);
         }
     }
-    let op = |s: &ResponseStore, owner: &str, id: &str| s.get(owner, id);
+    let op = |s: &ResponseStore, owner: &str, id: &str| s.response(owner, id);
     by_id(state, tenant, acting, id, op, move |stored, id| {
         if stream {
             return ApiError::bad(
@@ -373,7 +370,7 @@ pub async fn get(
             .into_response();
         }
         let json = [(http::header::CONTENT_TYPE, "application/json")];
-        (json, stored.response).into_response()
+        (json, stored).into_response()
     })
     .await
 }
@@ -470,16 +467,16 @@ pub async fn cancel(
             Err(e) => return with_limits(&tenant, e.into_response()),
         }
     }
-    let op = |s: &ResponseStore, owner: &str, id: &str| s.get(owner, id);
+    let op = |s: &ResponseStore, owner: &str, id: &str| s.response(owner, id);
     by_id(state, tenant, acting, id, op, |stored, _| {
         let background =
-            serde_json::from_str::<Value>(&stored.response).is_ok_and(|r| r["background"] == true);
+            serde_json::from_str::<Value>(&stored).is_ok_and(|r| r["background"] == true);
         if !background {
             return ApiError::bad("Only background responses can be cancelled.", None)
                 .into_response();
         }
         let json = [(http::header::CONTENT_TYPE, "application/json")];
-        (json, stored.response).into_response()
+        (json, stored).into_response()
     })
     .await
 }

@@ -64,6 +64,9 @@ pub struct ResponsesInfo {
     pub conversation: Arc<Vec<Value>>,
     /// Where its own input starts in `conversation` (after what it continues).
     pub own_from: usize,
+    /// The stored answer it continues (`previous_response_id`): the first `own_from`
+    /// items of `conversation` are that one's.
+    pub continues: Option<String>,
     /// The Conversations API conversation it is in (its input and output are added).
     pub conversation_id: Option<String>,
     /// `truncation: "auto"`: the oldest turns may be dropped to fit the context

@@ -440,13 +440,12 @@ mod tests {
                         .map(|_| ())
                 } else {
                     s.save(crate::response_store::Kept {
-                        unfinished: false,
-                        stored: None,
                         append: Some(Append {
                             conversation: id,
                             tenant: "a".into(),
                             items: vec![item(&format!("msg_{i}"), "answer")],
                         }),
+                        ..Default::default()
                     })
                     .await
                 }

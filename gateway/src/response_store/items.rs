@@ -1,12 +1,13 @@
-//! Stored items by id, for a request's `item_reference` inputs: every item of a stored
-//! answer's conversation (its inherited items, its input, its output) is indexed by its
-//! tenant and id (`item_index`: the answer and the item's position in its conversation),
+//! Stored items by id, for a request's `item_reference` inputs: every item a stored
+//! answer adds to its conversation (its input, its output; all of it for an answer that
+//! continues none) is indexed by its tenant and id (`item_index`: the answer and the
+//! item's position in its own items),
 //! and a conversation's items are found through `conversation_items`' own id index. The
 //! index holds no copy of an item: a lookup reads it from the answer it points to, so an
 //! answer deleted or expired takes its items with it (the index rows that point to it are
 //! dropped with it, or at the next purge).
 
-use super::{now_ms, ResponseStore, StoreError};
+use super::{lineage, now_ms, ResponseStore, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -87,11 +88,14 @@ impl ResponseStore {
     ) -> Result<HashMap<String, Value>, StoreError> {
         let conn = self.conn()?;
         let now = now_ms();
+        // Every answer that added an item of that id, and the item's place in its
+        // conversation: the item is there while the answer lives, or an answer that
+        // continues it and took the item does.
         let mut in_answers = conn.prepare_cached(
-            "SELECT json_extract(r.conversation, '$[' || i.pos || ']')
+            "SELECT json_extract(r.conversation, '$[' || i.pos || ']'), r.id, r.inherits + i.pos,
+                    r.expires_ms > ?3 AND r.hidden = 0
              FROM item_index i JOIN responses r ON r.id = i.response
-             WHERE i.tenant = ?1 AND i.id = ?2 AND r.tenant = ?1 AND r.expires_ms > ?3
-             LIMIT 1",
+             WHERE i.tenant = ?1 AND i.id = ?2 AND r.tenant = ?1",
         )?;
         let mut in_conversations = conn.prepare_cached(
             "SELECT ci.item FROM conversation_items ci
@@ -105,10 +109,19 @@ impl ResponseStore {
                 continue;
             }
             let args = params![tenant, id, now];
-            let text: Option<String> = match in_answers.query_row(args, |r| r.get(0)).optional()? {
-                Some(t) => Some(t),
-                None => in_conversations.query_row(args, |r| r.get(0)).optional()?,
-            };
+            let mut text: Option<String> = None;
+            let mut rows = in_answers.query(args)?;
+            while let Some(r) = rows.next()? {
+                let (answer, pos): (String, i64) = (r.get(1)?, r.get(2)?);
+                if r.get::<_, bool>(3)? || lineage::heir_holds(&conn, &answer, pos, now)? {
+                    text = r.get(0)?;
+                    break;
+                }
+            }
+            drop(rows);
+            if text.is_none() {
+                text = in_conversations.query_row(args, |r| r.get(0)).optional()?;
+            }
             if let Some(t) = text {
                 found.insert(id.clone(), serde_json::from_str(&t)?);
             }
@@ -131,6 +144,7 @@ mod tests {
             tenant: tenant.into(),
             response: json!({"id": id}).to_string(),
             conversation: Value::Array(items.to_vec()).to_string(),
+            parent: None,
         }
     }
 

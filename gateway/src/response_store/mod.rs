@@ -6,6 +6,12 @@
 //! tenant: another tenant's id reads as not found. Rows expire after `retention_hours`
 //! (a conversation: after its last use); expired rows are purged at start and then hourly.
 //!
+//! An answer that continues another stores only its own items (its input, its output)
+//! and which answer it continues (`parent`) with how many of that one's items it took
+//! (`inherits`): a chain of n answers stores each item once, not n times ([`lineage`]).
+//! An answer deleted or expired while an answer that continues it lives is kept hidden
+//! (not found by its id) for as long as that one needs it.
+//!
 //! Reads and the Conversations API's writes are blocking (one connection under a mutex,
 //! WAL), made from the blocking pool. Answers are written by a thread of their own
 //! ([`ResponseStore::save`]) in one transaction for all that arrived meanwhile (a group
@@ -14,7 +20,10 @@
 
 pub mod conversations;
 mod items;
+mod lineage;
 mod quota;
+
+pub use lineage::Parent;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
@@ -33,6 +42,8 @@ pub enum StoreError {
     Poisoned,
     #[error("response store: {0}")]
     Thread(String),
+    #[error("response store: {0}")]
+    Broken(String),
 }
 
 /// Writes `answers` in one transaction (an answer with an id already there replaces it;
@@ -46,23 +57,36 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
     {
         // An upsert, not a REPLACE: the update fires the byte count's trigger.
         let mut put = tx.prepare_cached(
-            "INSERT INTO responses VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO responses (id, tenant, created_ms, expires_ms, response, conversation,
+                                    parent, inherits, hidden)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)
              ON CONFLICT (id) DO UPDATE SET created_ms = excluded.created_ms, expires_ms = excluded.expires_ms,
-                 response = excluded.response, conversation = excluded.conversation",
+                 response = excluded.response, conversation = excluded.conversation,
+                 parent = excluded.parent, inherits = excluded.inherits, hidden = 0",
         )?;
         let mut running = tx.prepare_cached("INSERT OR IGNORE INTO unfinished VALUES (?1)")?;
         let mut ended = tx.prepare_cached("DELETE FROM unfinished WHERE id = ?1")?;
+        let mut revise = tx.prepare_cached(
+            "UPDATE responses SET response = ?3 WHERE id = ?1 AND tenant = ?2",
+        )?;
         for a in answers {
+            if let Some(r) = &a.revised {
+                revise.execute(params![r.id, r.tenant, r.response])?;
+            }
             let Some(s) = &a.stored else { continue };
+            let (parent, inherits, whole) = lineage::link(&tx, s)?;
+            let conversation = whole.as_deref().unwrap_or(&s.conversation);
             put.execute(params![
                 s.id,
                 s.tenant,
                 now,
                 expires,
                 s.response,
-                s.conversation
+                conversation,
+                parent,
+                inherits,
             ])?;
-            items::index(&tx, &s.id, &s.tenant, &s.conversation)?;
+            items::index(&tx, &s.id, &s.tenant, conversation)?;
             match a.unfinished {
                 true => running.execute([&s.id])?,
                 false => ended.execute([&s.id])?,
@@ -95,7 +119,13 @@ CREATE TABLE IF NOT EXISTS responses (
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     response TEXT NOT NULL,
-    conversation TEXT NOT NULL
+    -- Its own items (a JSON array): all its conversation without a parent, else what
+    -- follows the parent's first `inherits` items.
+    conversation TEXT NOT NULL,
+    parent TEXT,
+    inherits INTEGER NOT NULL DEFAULT 0,
+    -- Deleted or expired but kept for an answer that continues it ([`lineage`]).
+    hidden INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS responses_expiry ON responses (expires_ms);
 CREATE TABLE IF NOT EXISTS conversations (
@@ -126,9 +156,20 @@ pub struct Stored {
     pub tenant: String,
     /// The `response` object as sent (JSON).
     pub response: String,
-    /// The whole conversation through this answer, as Responses input items (a JSON
-    /// array): what a request continuing it is prefixed with.
+    /// Its own items, as Responses input items (a JSON array): without a `parent`, the
+    /// whole conversation through this answer (what a request continuing it is prefixed
+    /// with); with one, what follows the items it takes of that one's.
     pub conversation: String,
+    /// The stored answer it continues, if any.
+    pub parent: Option<Parent>,
+}
+
+/// A new `response` object for a stored answer (its conversation kept).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revised {
+    pub id: String,
+    pub tenant: String,
+    pub response: String,
 }
 
 /// Items to add to the end of a tenant's conversation (each with its `id`).
@@ -148,6 +189,9 @@ pub struct Kept {
     /// The stored answer is a background response as it starts (its end replaces it;
     /// stored as failed if the gateway stops first).
     pub unfinished: bool,
+    /// A stored answer's `response` replaced (a background response cancelled), in
+    /// order with the answers saved before it.
+    pub revised: Option<Revised>,
 }
 
 impl From<Stored> for Kept {
@@ -227,6 +271,7 @@ impl ResponseStore {
         };
         let mut conn = open()?;
         conn.execute_batch(SCHEMA)?;
+        lineage::migrate(&mut conn)?;
         conn.execute_batch(items::SCHEMA)?;
         conn.execute_batch(quota::SCHEMA)?;
         // Stores written before: their answers indexed (schema version 1), then their
@@ -335,59 +380,51 @@ impl ResponseStore {
         self.conn.lock().map_err(|_| StoreError::Poisoned)
     }
 
-    /// `tenant`'s answer `id`, unless it expired.
-    pub fn get(&self, tenant: &str, id: &str) -> Result<Option<Stored>, StoreError> {
-        let row = self
+    /// The `response` object of `tenant`'s answer `id` (JSON, as sent), unless it expired
+    /// or was deleted.
+    pub fn response(&self, tenant: &str, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
             .conn()?
             .query_row(
-                "SELECT response, conversation FROM responses
-                 WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3",
+                "SELECT response FROM responses
+                 WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3 AND hidden = 0",
                 params![id, tenant, now_ms()],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                |r| r.get(0),
             )
-            .optional()?;
-        Ok(row.map(|(response, conversation)| Stored {
-            id: id.to_string(),
-            tenant: tenant.to_string(),
-            response,
-            conversation,
-        }))
+            .optional()?)
     }
 
-    /// The conversation items of `tenant`'s answer `id`.
+    /// The conversation items of `tenant`'s answer `id` (those of the answers it
+    /// continues, then its own).
     pub fn conversation(&self, tenant: &str, id: &str) -> Result<Option<Vec<Value>>, StoreError> {
-        match self.get(tenant, id)? {
-            Some(s) => Ok(Some(serde_json::from_str(&s.conversation)?)),
-            None => Ok(None),
-        }
+        let conn = self.conn()?;
+        lineage::conversation(&conn, tenant, id)
     }
 
     /// The input items of `tenant`'s answer `id`: its conversation without its own
     /// output (the items of its `response`'s `output`).
     pub fn input_items(&self, tenant: &str, id: &str) -> Result<Option<Vec<Value>>, StoreError> {
-        let Some(s) = self.get(tenant, id)? else {
+        let conn = self.conn()?;
+        let Some(mut items) = lineage::conversation(&conn, tenant, id)? else {
             return Ok(None);
         };
-        let mut items: Vec<Value> = serde_json::from_str(&s.conversation)?;
-        let response: Value = serde_json::from_str(&s.response)?;
-        let outputs = response["output"].as_array().map_or(0, Vec::len);
-        items.truncate(items.len().saturating_sub(outputs));
+        let outputs: i64 = conn.query_row(
+            "SELECT COALESCE(json_array_length(response, '$.output'), 0) FROM responses WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        items.truncate(items.len().saturating_sub(outputs.max(0) as usize));
         Ok(Some(items))
     }
 
-    /// Deletes `tenant`'s answer `id`; whether there was one.
+    /// Deletes `tenant`'s answer `id`; whether there was one. One that an answer still
+    /// stored continues is hidden until that one no longer needs it.
     pub fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = tx.execute(
-            "DELETE FROM responses WHERE id = ?1 AND tenant = ?2",
-            params![id, tenant],
-        )?;
-        if n > 0 {
-            tx.execute("DELETE FROM item_index WHERE response = ?1", [id])?;
-        }
+        let found = lineage::delete(&tx, tenant, id)?;
         tx.commit()?;
-        Ok(n > 0)
+        Ok(found)
     }
 
     /// Stores every answer still running (a background response of a gateway that
@@ -418,7 +455,7 @@ impl ResponseStore {
              FROM (
                  SELECT tenant, 1 AS answer, 0 AS conv, 0 AS item,
                         octet_length(response) + octet_length(conversation) AS bytes
-                 FROM responses WHERE expires_ms > ?1
+                 FROM responses WHERE expires_ms > ?1 AND hidden = 0
                  UNION ALL
                  SELECT tenant, 0, 1, 0, octet_length(metadata)
                  FROM conversations WHERE expires_ms > ?1
@@ -459,13 +496,13 @@ impl ResponseStore {
         Ok((answers, conversations))
     }
 
-    /// Deletes what has expired (answers, conversations with their items); how many
-    /// answers and conversations.
+    /// Deletes what has expired (answers no answer stored continues, conversations with
+    /// their items); how many answers and conversations.
     pub fn purge(&self) -> Result<usize, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
-        let answers = tx.execute("DELETE FROM responses WHERE expires_ms <= ?1", [now])?;
+        let answers = lineage::purge(&tx, now)?;
         items::prune(&tx)?;
         tx.execute(
             "DELETE FROM conversation_items WHERE conversation IN
@@ -530,6 +567,7 @@ mod tests {
             tenant: tenant.into(),
             response: format!(r#"{{"id":"{id}"}}"#),
             conversation: r#"[{"role":"user","content":"hi"}]"#.into(),
+            parent: None,
         }
     }
 
@@ -537,15 +575,18 @@ mod tests {
     async fn an_answer_is_its_tenants_until_deleted() {
         let s = store("own", Duration::from_secs(60));
         s.save(answer("resp_1", "a")).await.unwrap();
-        assert_eq!(s.get("a", "resp_1").unwrap(), Some(answer("resp_1", "a")));
-        assert_eq!(s.get("b", "resp_1").unwrap(), None, "another tenant's");
+        assert_eq!(
+            s.response("a", "resp_1").unwrap(),
+            Some(answer("resp_1", "a").response)
+        );
+        assert_eq!(s.response("b", "resp_1").unwrap(), None, "another tenant's");
         assert!(!s.delete("b", "resp_1").unwrap());
         let items = s.conversation("a", "resp_1").unwrap().unwrap();
         assert_eq!(items[0]["content"], "hi");
         assert_eq!(s.input_items("a", "resp_1").unwrap().unwrap(), items);
         assert_eq!(s.input_items("b", "resp_1").unwrap(), None);
         assert!(s.delete("a", "resp_1").unwrap());
-        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+        assert_eq!(s.response("a", "resp_1").unwrap(), None);
     }
 
     #[tokio::test]
@@ -572,7 +613,7 @@ mod tests {
         }
         for i in 0..300 {
             assert!(
-                s.get("a", &format!("resp_{i}")).unwrap().is_some(),
+                s.response("a", &format!("resp_{i}")).unwrap().is_some(),
                 "resp_{i}"
             );
         }
@@ -609,18 +650,18 @@ mod tests {
         drop(s);
         let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
         let r: Value =
-            serde_json::from_str(&s.get("a", "resp_1").unwrap().unwrap().response).unwrap();
+            serde_json::from_str(&s.response("a", "resp_1").unwrap().unwrap()).unwrap();
         assert_eq!(r["status"], "failed");
         assert_eq!(r["background"], true);
         assert!(r["error"]["message"].as_str().unwrap().contains("stopped"));
         assert_eq!(
-            s.get("a", "resp_2").unwrap(),
-            Some(done),
+            s.response("a", "resp_2").unwrap(),
+            Some(done.response),
             "a finished one as it was"
         );
         assert_eq!(
-            s.get("a", "resp_3").unwrap(),
-            Some(ended),
+            s.response("a", "resp_3").unwrap(),
+            Some(ended.response),
             "ended before the stop"
         );
         // Failed once: opened again, nothing more to fail.
@@ -658,7 +699,7 @@ mod tests {
         assert_eq!(a.bytes, s.stored_bytes("a").unwrap());
         assert_eq!((sum[1].tenant.as_str(), sum[1].answers), ("b", 1));
         assert_eq!(s.delete_tenant("a").unwrap(), (2, 1));
-        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+        assert_eq!(s.response("a", "resp_1").unwrap(), None);
         assert_eq!(s.conversation_items("a", &c.id).unwrap(), None);
         let sum = s.summary().unwrap();
         assert_eq!(sum.len(), 1, "only b's: {sum:?}");
@@ -669,7 +710,7 @@ mod tests {
         let s = store("expiry", Duration::from_millis(30));
         s.save(answer("resp_1", "a")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(s.get("a", "resp_1").unwrap(), None);
+        assert_eq!(s.response("a", "resp_1").unwrap(), None);
         assert_eq!(s.purge().unwrap(), 1);
     }
 }

@@ -139,6 +139,7 @@ mod tests {
             tenant: tenant.into(),
             response: json!({"id": id, "text": text}).to_string(),
             conversation: json!([{"id": "msg_1", "content": text}]).to_string(),
+            parent: None,
         };
         let check = |what: &str| {
             for t in ["a", "b"] {
