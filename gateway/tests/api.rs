@@ -692,9 +692,25 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
         (&Value::from(id.as_str()), &Value::from(true))
     );
     assert_eq!(
-        send(&gw, KEY, get, &path, None).await.unwrap().status(),
+        send(&gw, KEY, get.clone(), &path, None)
+            .await
+            .unwrap()
+            .status(),
         404
     );
+    // The answer that continued it still holds the whole conversation, and is continued.
+    let r = send(&gw, KEY, get.clone(), &format!("{items}?order=asc"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), listed, "after the first went");
+    let body = format!(r#"{{"model":"m","input":"more","previous_response_id":"{second_id}"}}"#);
+    let third: Value = send(&gw, KEY, post.clone(), "/v1/responses", Some(&body))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(tokens(&third) > tokens(&second), "{second}\n{third}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

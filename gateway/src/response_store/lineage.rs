@@ -209,3 +209,189 @@ pub(super) fn heir_holds(
         )?
         .query_row(params![id, pos, now], |r| r.get(0))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{fresh_path, store};
+    use super::super::{Kept, ResponseStore};
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn msg(id: &str, text: &str) -> Value {
+        json!({"id": id, "type": "message", "role": "user", "content": text})
+    }
+
+    /// `id`'s answer continuing `parent` (whose conversation is `before`), adding `own`.
+    fn child(id: &str, parent: Option<&str>, before: &[Value], own: &[Value]) -> Stored {
+        Stored {
+            id: id.into(),
+            tenant: "a".into(),
+            response: json!({"id": id, "output": []}).to_string(),
+            conversation: Value::Array(own.to_vec()).to_string(),
+            parent: parent.map(|p| Parent {
+                id: p.into(),
+                inherits: before.len(),
+                prefix: Arc::new(before.to_vec()),
+            }),
+        }
+    }
+
+    /// A chain `resp_0` … `resp_{n-1}`, each adding two items to the last; the
+    /// conversation of the last.
+    async fn chain(s: &ResponseStore, n: usize, text: &str) -> Vec<Value> {
+        let mut whole: Vec<Value> = Vec::new();
+        for i in 0..n {
+            let own = [msg(&format!("msg_{i}_in"), text), msg(&format!("msg_{i}_out"), text)];
+            let parent = (i > 0).then(|| format!("resp_{}", i - 1));
+            s.save(child(&format!("resp_{i}"), parent.as_deref(), &whole, &own))
+                .await
+                .expect("saved");
+            whole.extend(own);
+        }
+        whole
+    }
+
+    fn ids(items: &[Value]) -> Vec<&str> {
+        items.iter().filter_map(|i| i["id"].as_str()).collect()
+    }
+
+    fn set(s: &ResponseStore, sql: &str) {
+        s.conn().expect("a connection").execute_batch(sql).expect("ran");
+    }
+
+    #[tokio::test]
+    async fn a_chain_stores_each_item_once_and_reads_whole() {
+        let s = store("chain", Duration::from_secs(60));
+        let text = "x".repeat(100);
+        let whole = chain(&s, 60, &text).await;
+        for (i, at) in [(0, 2), (30, 62), (59, 120)] {
+            let read = s.conversation("a", &format!("resp_{i}")).expect("read");
+            assert_eq!(read.as_deref(), Some(&whole[..at]), "resp_{i}");
+        }
+        // Each answer's own items and its response: linear in the chain, where whole
+        // copies would be 30 times as much.
+        let item_bytes = serde_json::to_string(&whole).expect("json").len() as u64;
+        let bytes = s.stored_bytes("a").expect("counted");
+        assert!(bytes < item_bytes + 60 * 40, "{bytes} for {item_bytes}");
+        assert_eq!(s.input_items("a", "resp_59").expect("read").expect("there").len(), 120);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_answer_is_kept_hidden_while_an_answer_continues_it() {
+        let s = store("hidden", Duration::from_secs(60));
+        let whole = chain(&s, 3, "hi").await;
+        assert!(s.delete("a", "resp_1").expect("deleted"));
+        assert_eq!(s.response("a", "resp_1").expect("read"), None);
+        assert_eq!(s.conversation("a", "resp_1").expect("read"), None);
+        assert!(!s.delete("a", "resp_1").expect("read"), "deleted once");
+        assert_eq!(s.conversation("a", "resp_2").expect("read"), Some(whole.clone()));
+        // Its items are found while the answer that took them lives.
+        let found = s.items("a", &["msg_1_out".into()]).expect("read");
+        assert_eq!(found["msg_1_out"], whole[3]);
+        let sum = s.summary().expect("summed");
+        assert_eq!(sum[0].answers, 2, "the hidden one is not an answer");
+        // The last answer that needed it goes: it goes too, its parent stays.
+        assert!(s.delete("a", "resp_2").expect("deleted"));
+        let left: i64 = s
+            .conn()
+            .expect("a connection")
+            .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
+            .expect("counted");
+        assert_eq!(left, 1);
+        assert!(s.items("a", &["msg_1_out".into()]).expect("read").is_empty());
+        assert_eq!(s.conversation("a", "resp_0").expect("read"), Some(whole[..2].to_vec()));
+    }
+
+    #[tokio::test]
+    async fn an_expired_answer_stays_while_an_answer_that_continues_it_lives() {
+        let s = store("expired", Duration::from_secs(60));
+        let whole = chain(&s, 3, "hi").await;
+        set(&s, "UPDATE responses SET expires_ms = 0 WHERE id IN ('resp_0', 'resp_1')");
+        assert_eq!(s.purge().expect("purged"), 0, "resp_2 needs both");
+        assert_eq!(s.response("a", "resp_0").expect("read"), None, "expired");
+        assert_eq!(s.conversation("a", "resp_2").expect("read"), Some(whole));
+        let found = s.items("a", &["msg_0_in".into()]).expect("read");
+        assert_eq!(found.len(), 1, "found through resp_2");
+        set(&s, "UPDATE responses SET expires_ms = 0 WHERE id = 'resp_2'");
+        assert!(s.items("a", &["msg_0_in".into()]).expect("read").is_empty());
+        assert_eq!(s.purge().expect("purged"), 3);
+        assert_eq!(s.stored_bytes("a").expect("counted"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_parent_stored_again_is_read_as_its_child_took_it() {
+        let s = store("again", Duration::from_secs(60));
+        // A background response, continued while it ran (its input only), then finished.
+        let input = [msg("msg_in", "question")];
+        s.save(child("resp_0", None, &[], &input)).await.expect("saved");
+        let more = [msg("msg_more", "and?")];
+        s.save(child("resp_1", Some("resp_0"), &input, &more))
+            .await
+            .expect("saved");
+        let answered = [input[0].clone(), msg("msg_out", "answer")];
+        s.save(child("resp_0", None, &[], &answered)).await.expect("saved");
+        let read = s.conversation("a", "resp_1").expect("read").expect("there");
+        assert_eq!(ids(&read), ["msg_in", "msg_more"]);
+        // The output it did not take is found only through resp_0 itself.
+        set(&s, "UPDATE responses SET hidden = 1 WHERE id = 'resp_0'");
+        let found = s.items("a", &["msg_in".into(), "msg_out".into()]).expect("read");
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["msg_in"]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_parent_is_gone_by_its_commit_is_stored_whole() {
+        let s = store("orphan", Duration::from_secs(60));
+        let whole = chain(&s, 1, "hi").await;
+        assert!(s.delete("a", "resp_0").expect("deleted"));
+        let own = [msg("msg_1_in", "still here")];
+        s.save(child("resp_1", Some("resp_0"), &whole, &own))
+            .await
+            .expect("saved");
+        let read = s.conversation("a", "resp_1").expect("read").expect("there");
+        assert_eq!(ids(&read), ["msg_0_in", "msg_0_out", "msg_1_in"]);
+        let parent: Option<String> = s
+            .conn()
+            .expect("a connection")
+            .query_row("SELECT parent FROM responses WHERE id = 'resp_1'", [], |r| r.get(0))
+            .expect("read");
+        assert_eq!(parent, None);
+    }
+
+    #[tokio::test]
+    async fn another_tenant_neither_reads_nor_continues_a_chain() {
+        let s = store("tenants", Duration::from_secs(60));
+        chain(&s, 2, "hi").await;
+        assert_eq!(s.conversation("b", "resp_1").expect("read"), None);
+        let mut theirs = child("resp_b", Some("resp_1"), &[], &[msg("msg_b", "mine")]);
+        theirs.tenant = "b".into();
+        s.save(theirs).await.expect("saved");
+        let read = s.conversation("b", "resp_b").expect("read").expect("there");
+        assert_eq!(ids(&read), ["msg_b"], "not linked to a's answer");
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_links_reads_its_answers_and_links_new_ones() {
+        let path = fresh_path("lineage-migrate");
+        {
+            let conn = Connection::open(&path).expect("opened");
+            conn.execute_batch(
+                "CREATE TABLE responses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+                     created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+                     response TEXT NOT NULL, conversation TEXT NOT NULL);
+                 INSERT INTO responses VALUES ('resp_0', 'a', 0, 9999999999999, '{}',
+                     '[{\"id\":\"msg_0\",\"content\":\"old\"}]');",
+            )
+            .expect("an older store");
+        }
+        let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened");
+        let old = s.conversation("a", "resp_0").expect("read").expect("there");
+        assert_eq!(ids(&old), ["msg_0"]);
+        s.save(Kept::from(child("resp_1", Some("resp_0"), &old, &[msg("msg_1", "new")])))
+            .await
+            .expect("saved");
+        let read = s.conversation("a", "resp_1").expect("read").expect("there");
+        assert_eq!(ids(&read), ["msg_0", "msg_1"]);
+        assert_eq!(s.items("a", &["msg_0".into()]).expect("read").len(), 1);
+    }
+}
