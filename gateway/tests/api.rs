@@ -702,7 +702,11 @@ async fn stored_responses_are_their_tenants_and_survive_a_kill() {
     let r = send(&gw, KEY, get.clone(), &format!("{items}?order=asc"), None)
         .await
         .unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap(), listed, "after the first went");
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        listed,
+        "after the first went"
+    );
     let body = format!(r#"{{"model":"m","input":"more","previous_response_id":"{second_id}"}}"#);
     let third: Value = send(&gw, KEY, post.clone(), "/v1/responses", Some(&body))
         .await

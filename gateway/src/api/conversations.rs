@@ -15,7 +15,6 @@ use super::input_items::{self, fresh_id};
 use super::item_reference;
 use super::responses::{self, metadata};
 use super::stored_responses::{for_tenant, quota, within_quota};
-use crate::response_store::conversations::{ItemsPage, Paged};
 use crate::response_store::{ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
@@ -229,28 +228,8 @@ pub async fn list_items(
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
     run(state, tenant, acting, move |s, owner| {
-        let asked = ItemsPage {
-            limit: page.limit,
-            desc: page.desc,
-            after: page.after.as_deref(),
-            before: page.before.as_deref(),
-        };
-        Ok(match s.conversation_items_page(owner, &id, asked)? {
-            Some(Paged::Items { items, has_more }) => {
-                let items: Vec<Value> = items
-                    .iter()
-                    .map(|item| input_items::stored(item, |_| String::new()))
-                    .collect();
-                Ok(input_items::listed(&items, has_more))
-            }
-            Some(Paged::NoSuchItem { param }) => {
-                let id = match param {
-                    "after" => asked.after,
-                    _ => asked.before,
-                };
-                let id = id.unwrap_or_default();
-                Err(input_items::no_such_item(id, param, "conversation"))
-            }
+        Ok(match s.conversation_items_page(owner, &id, page.asked())? {
+            Some(paged) => page.answer(paged, "conversation"),
             None => Err(no_conversation(&id)),
         })
     })

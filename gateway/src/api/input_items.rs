@@ -9,7 +9,7 @@
 
 use super::error::ApiError;
 use super::validate::ResponsesInfo;
-use crate::response_store::Parent;
+use crate::response_store::{ItemsPage, Paged, Parent};
 use serde_json::{json, Map, Value};
 
 /// The id prefix of an item of type `kind`.
@@ -146,36 +146,37 @@ pub fn page(query: Option<&str>) -> Result<Page, ApiError> {
     Ok(page)
 }
 
-/// The page `page` of `items` (in conversation order), as a list object. An item lacking
-/// an id (stored before ids were given) is listed as `item_{its index}`.
-pub fn list(items: Vec<Value>, page: &Page) -> Result<Value, ApiError> {
-    let mut items: Vec<Value> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| stored(item, |_| format!("item_{i}")))
-        .collect();
-    if page.desc {
-        items.reverse();
+impl Page {
+    /// The page as the store reads it.
+    pub fn asked(&self) -> ItemsPage<'_> {
+        ItemsPage {
+            limit: self.limit,
+            desc: self.desc,
+            after: self.after.as_deref(),
+            before: self.before.as_deref(),
+        }
     }
-    let at = |cursor: &Option<String>, param: &str| -> Result<Option<usize>, ApiError> {
-        let Some(id) = cursor else { return Ok(None) };
-        items
-            .iter()
-            .position(|it| it.get("id").and_then(Value::as_str) == Some(id))
-            .map(Some)
-            .ok_or_else(|| no_such_item(id, param, "response"))
-    };
-    let start = at(&page.after, "after")?.map_or(0, |i| i + 1);
-    let end = at(&page.before, "before")?.unwrap_or(items.len());
-    let window = items.get(start..end).unwrap_or(&[]);
-    let has_more = window.len() > page.limit;
-    // Only `before`: the page just before it; otherwise the page from the start.
-    let data = if page.before.is_some() && page.after.is_none() {
-        &window[window.len().saturating_sub(page.limit)..]
-    } else {
-        &window[..window.len().min(page.limit)]
-    };
-    Ok(listed(data, has_more))
+
+    /// The list object of `paged` (its items in their listed shape), or the 400 for a
+    /// cursor that names no item of the `what` (`response`, `conversation`) listed.
+    pub fn answer(&self, paged: Paged, what: &str) -> Result<Value, ApiError> {
+        match paged {
+            Paged::Items { items, has_more } => {
+                let items: Vec<Value> = items
+                    .iter()
+                    .map(|item| stored(item, |_| String::new()))
+                    .collect();
+                Ok(listed(&items, has_more))
+            }
+            Paged::NoSuchItem { param } => {
+                let id = match param {
+                    "after" => self.after.as_deref(),
+                    _ => self.before.as_deref(),
+                };
+                Err(no_such_item(id.unwrap_or_default(), param, what))
+            }
+        }
+    }
 }
 
 /// A page of items as a list object.
@@ -246,31 +247,6 @@ mod tests {
     }
 
     #[test]
-    fn pages_walk_the_list_either_way() {
-        let all = items(5);
-        let first = list(all.clone(), &page("limit=2")).expect("list");
-        assert_eq!(ids(&first), ["msg_4", "msg_3"], "newest first by default");
-        assert_eq!(first["has_more"], true);
-        assert_eq!(first["first_id"], "msg_4");
-        assert_eq!(first["last_id"], "msg_3");
-        let next = list(all.clone(), &page("limit=2&after=msg_3")).expect("list");
-        assert_eq!(ids(&next), ["msg_2", "msg_1"]);
-        let last = list(all.clone(), &page("limit=2&after=msg_1")).expect("list");
-        assert_eq!(ids(&last), ["msg_0"]);
-        assert_eq!(last["has_more"], false);
-        let asc = list(all.clone(), &page("order=asc&limit=3")).expect("list");
-        assert_eq!(ids(&asc), ["msg_0", "msg_1", "msg_2"]);
-        let back = list(all.clone(), &page("order=asc&limit=2&before=msg_3")).expect("list");
-        assert_eq!(ids(&back), ["msg_1", "msg_2"], "the page just before");
-        assert_eq!(back["has_more"], true);
-        let whole = list(all, &page("order=asc&limit=100")).expect("list");
-        assert_eq!(ids(&whole).len(), 5);
-        let empty = list(Vec::new(), &page("")).expect("list");
-        assert_eq!(empty["first_id"], Value::Null);
-        assert_eq!(empty["has_more"], false);
-    }
-
-    #[test]
     fn bad_queries_name_their_parameter() {
         for (q, param) in [
             ("limit=0", "limit"),
@@ -283,8 +259,12 @@ mod tests {
             let e = super::page(Some(q)).expect_err(q);
             assert_eq!(e.param(), Some(param), "{q}");
         }
-        let e = list(items(2), &page("after=msg_9")).expect_err("unknown cursor");
+        let page = super::page(Some("after=msg_9")).expect("a valid query");
+        let e = page
+            .answer(Paged::NoSuchItem { param: "after" }, "response")
+            .expect_err("unknown cursor");
         assert_eq!(e.param(), Some("after"));
+        assert!(e.to_string().contains("msg_9"), "{e}");
         assert!(super::page(Some("include[]=message.output_text.logprobs")).is_ok());
     }
 }

@@ -434,18 +434,16 @@ pub async fn input_items(
         Ok(p) => p,
         Err(e) => return with_limits(&tenant, e.into_response()),
     };
-    let op = |s: &ResponseStore, owner: &str, id: &str| s.input_items(owner, id);
-    by_id(
-        state,
-        tenant,
-        acting,
-        id,
-        op,
-        move |items, _| match input_items::list(items, &page) {
+    let asked = page.clone();
+    let op = move |s: &ResponseStore, owner: &str, id: &str| {
+        s.input_items_page(owner, id, asked.asked())
+    };
+    by_id(state, tenant, acting, id, op, move |paged, _| {
+        match page.answer(paged, "response") {
             Ok(list) => axum::Json(list).into_response(),
             Err(e) => e.into_response(),
-        },
-    )
+        }
+    })
     .await
 }
 

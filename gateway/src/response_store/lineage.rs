@@ -12,7 +12,7 @@
 //! takes it too ([`delete`]). A parent gone before its child is committed (deleted
 //! meanwhile) leaves the child stored whole ([`link`]).
 
-use super::{now_ms, Stored, StoreError};
+use super::{now_ms, StoreError, Stored};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use std::sync::Arc;
@@ -111,6 +111,64 @@ pub(super) fn conversation(
         items.extend(own);
     }
     Ok((!first).then_some(items))
+}
+
+/// Walks the conversation of `tenant`'s answer `id` (unexpired, not deleted) newest
+/// first, without its last `skip` items: each item with its place in the conversation,
+/// given to `take` until it answers false. Reads only the answers it walks into: a page
+/// of the newest items costs the page, not the chain. Whether there is such an answer.
+pub(super) fn newest_first(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+    skip: usize,
+    mut take: impl FnMut(usize, Value) -> bool,
+) -> Result<bool, StoreError> {
+    let mut first = conn.prepare_cached(
+        "SELECT parent, inherits, conversation FROM responses
+         WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3 AND hidden = 0",
+    )?;
+    let mut up = conn.prepare_cached(
+        "SELECT parent, inherits, conversation FROM responses WHERE id = ?1 AND tenant = ?2",
+    )?;
+    type Row = (Option<String>, i64, String);
+    let row =
+        |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> { Ok((r.get(0)?, r.get(1)?, r.get(2)?)) };
+    let Some(mut at) = first
+        .query_row(params![id, tenant, now_ms()], row)
+        .optional()?
+    else {
+        return Ok(false);
+    };
+    // The end (exclusive) of what is seen of the answer walked into, in its
+    // conversation's places: all of the first but `skip`, then what its child took.
+    let mut end: Option<usize> = None;
+    for _ in 0..MAX_DEPTH {
+        let (parent, inherits, own) = at;
+        let inherits = inherits.max(0) as usize;
+        let own: Vec<Value> = serde_json::from_str(&own)?;
+        let end_here = match end {
+            None => (inherits + own.len()).saturating_sub(skip),
+            Some(e) => e.min(inherits + own.len()),
+        };
+        let seen = end_here.saturating_sub(inherits);
+        for (k, item) in own.into_iter().take(seen).enumerate().rev() {
+            if !take(inherits + k, item) {
+                return Ok(true);
+            }
+        }
+        end = Some(end_here.min(inherits));
+        let Some(parent) = parent else {
+            return Ok(true);
+        };
+        at = up
+            .query_row(params![parent, tenant], row)
+            .optional()?
+            .ok_or_else(|| StoreError::Broken(format!("an answer that {id} continues is gone")))?;
+    }
+    Err(StoreError::Broken(format!(
+        "the chain of answers through {id} loops"
+    )))
 }
 
 /// Whether an answer stored continues `id`.
@@ -242,7 +300,10 @@ mod tests {
     async fn chain(s: &ResponseStore, n: usize, text: &str) -> Vec<Value> {
         let mut whole: Vec<Value> = Vec::new();
         for i in 0..n {
-            let own = [msg(&format!("msg_{i}_in"), text), msg(&format!("msg_{i}_out"), text)];
+            let own = [
+                msg(&format!("msg_{i}_in"), text),
+                msg(&format!("msg_{i}_out"), text),
+            ];
             let parent = (i > 0).then(|| format!("resp_{}", i - 1));
             s.save(child(&format!("resp_{i}"), parent.as_deref(), &whole, &own))
                 .await
@@ -257,7 +318,10 @@ mod tests {
     }
 
     fn set(s: &ResponseStore, sql: &str) {
-        s.conn().expect("a connection").execute_batch(sql).expect("ran");
+        s.conn()
+            .expect("a connection")
+            .execute_batch(sql)
+            .expect("ran");
     }
 
     #[tokio::test]
@@ -274,7 +338,13 @@ mod tests {
         let item_bytes = serde_json::to_string(&whole).expect("json").len() as u64;
         let bytes = s.stored_bytes("a").expect("counted");
         assert!(bytes < item_bytes + 60 * 40, "{bytes} for {item_bytes}");
-        assert_eq!(s.input_items("a", "resp_59").expect("read").expect("there").len(), 120);
+        assert_eq!(
+            s.input_items("a", "resp_59")
+                .expect("read")
+                .expect("there")
+                .len(),
+            120
+        );
     }
 
     #[tokio::test]
@@ -285,7 +355,10 @@ mod tests {
         assert_eq!(s.response("a", "resp_1").expect("read"), None);
         assert_eq!(s.conversation("a", "resp_1").expect("read"), None);
         assert!(!s.delete("a", "resp_1").expect("read"), "deleted once");
-        assert_eq!(s.conversation("a", "resp_2").expect("read"), Some(whole.clone()));
+        assert_eq!(
+            s.conversation("a", "resp_2").expect("read"),
+            Some(whole.clone())
+        );
         // Its items are found while the answer that took them lives.
         let found = s.items("a", &["msg_1_out".into()]).expect("read");
         assert_eq!(found["msg_1_out"], whole[3]);
@@ -299,21 +372,33 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get(0))
             .expect("counted");
         assert_eq!(left, 1);
-        assert!(s.items("a", &["msg_1_out".into()]).expect("read").is_empty());
-        assert_eq!(s.conversation("a", "resp_0").expect("read"), Some(whole[..2].to_vec()));
+        assert!(s
+            .items("a", &["msg_1_out".into()])
+            .expect("read")
+            .is_empty());
+        assert_eq!(
+            s.conversation("a", "resp_0").expect("read"),
+            Some(whole[..2].to_vec())
+        );
     }
 
     #[tokio::test]
     async fn an_expired_answer_stays_while_an_answer_that_continues_it_lives() {
         let s = store("expired", Duration::from_secs(60));
         let whole = chain(&s, 3, "hi").await;
-        set(&s, "UPDATE responses SET expires_ms = 0 WHERE id IN ('resp_0', 'resp_1')");
+        set(
+            &s,
+            "UPDATE responses SET expires_ms = 0 WHERE id IN ('resp_0', 'resp_1')",
+        );
         assert_eq!(s.purge().expect("purged"), 0, "resp_2 needs both");
         assert_eq!(s.response("a", "resp_0").expect("read"), None, "expired");
         assert_eq!(s.conversation("a", "resp_2").expect("read"), Some(whole));
         let found = s.items("a", &["msg_0_in".into()]).expect("read");
         assert_eq!(found.len(), 1, "found through resp_2");
-        set(&s, "UPDATE responses SET expires_ms = 0 WHERE id = 'resp_2'");
+        set(
+            &s,
+            "UPDATE responses SET expires_ms = 0 WHERE id = 'resp_2'",
+        );
         assert!(s.items("a", &["msg_0_in".into()]).expect("read").is_empty());
         assert_eq!(s.purge().expect("purged"), 3);
         assert_eq!(s.stored_bytes("a").expect("counted"), 0);
@@ -324,18 +409,24 @@ mod tests {
         let s = store("again", Duration::from_secs(60));
         // A background response, continued while it ran (its input only), then finished.
         let input = [msg("msg_in", "question")];
-        s.save(child("resp_0", None, &[], &input)).await.expect("saved");
+        s.save(child("resp_0", None, &[], &input))
+            .await
+            .expect("saved");
         let more = [msg("msg_more", "and?")];
         s.save(child("resp_1", Some("resp_0"), &input, &more))
             .await
             .expect("saved");
         let answered = [input[0].clone(), msg("msg_out", "answer")];
-        s.save(child("resp_0", None, &[], &answered)).await.expect("saved");
+        s.save(child("resp_0", None, &[], &answered))
+            .await
+            .expect("saved");
         let read = s.conversation("a", "resp_1").expect("read").expect("there");
         assert_eq!(ids(&read), ["msg_in", "msg_more"]);
         // The output it did not take is found only through resp_0 itself.
         set(&s, "UPDATE responses SET hidden = 1 WHERE id = 'resp_0'");
-        let found = s.items("a", &["msg_in".into(), "msg_out".into()]).expect("read");
+        let found = s
+            .items("a", &["msg_in".into(), "msg_out".into()])
+            .expect("read");
         assert_eq!(found.keys().collect::<Vec<_>>(), ["msg_in"]);
     }
 
@@ -353,7 +444,11 @@ mod tests {
         let parent: Option<String> = s
             .conn()
             .expect("a connection")
-            .query_row("SELECT parent FROM responses WHERE id = 'resp_1'", [], |r| r.get(0))
+            .query_row(
+                "SELECT parent FROM responses WHERE id = 'resp_1'",
+                [],
+                |r| r.get(0),
+            )
             .expect("read");
         assert_eq!(parent, None);
     }
@@ -387,11 +482,125 @@ mod tests {
         let s = ResponseStore::open(&path, Duration::from_secs(60)).expect("opened");
         let old = s.conversation("a", "resp_0").expect("read").expect("there");
         assert_eq!(ids(&old), ["msg_0"]);
-        s.save(Kept::from(child("resp_1", Some("resp_0"), &old, &[msg("msg_1", "new")])))
-            .await
-            .expect("saved");
+        s.save(Kept::from(child(
+            "resp_1",
+            Some("resp_0"),
+            &old,
+            &[msg("msg_1", "new")],
+        )))
+        .await
+        .expect("saved");
         let read = s.conversation("a", "resp_1").expect("read").expect("there");
         assert_eq!(ids(&read), ["msg_0", "msg_1"]);
         assert_eq!(s.items("a", &["msg_0".into()]).expect("read").len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::super::tests::store;
+    use super::super::{ItemsPage, Paged, Stored};
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    /// Newest-first pages read from the end of a chain equal the pages of the whole list,
+    /// for every answer of a branching chain (a parent stored again with more items after
+    /// a child took fewer, outputs at the end, items without ids), every limit and every
+    /// `after` cursor (and one that names nothing).
+    #[tokio::test]
+    async fn pages_read_from_the_end_of_a_chain_are_the_pages_of_the_whole_list() {
+        let s = store("chain-pages", Duration::from_secs(60));
+        let item = |id: &str| match id {
+            "" => json!({"role": "user", "content": "no id"}),
+            _ => json!({"id": id, "type": "message", "role": "user", "content": id}),
+        };
+        let mut whole: std::collections::HashMap<String, Vec<Value>> = Default::default();
+        // (answer, parent, own inputs, outputs)
+        let answers: [(&str, Option<&str>, &[&str], &[&str]); 6] = [
+            ("r0", None, &["a", "", "b"], &["o0"]),
+            ("r1", Some("r0"), &["c"], &["o1", "o1b"]),
+            ("r2", Some("r1"), &["d", "e"], &["o2"]),
+            ("r3", Some("r1"), &["f"], &[]),
+            ("r4", Some("r2"), &[], &["o4"]),
+            ("r5", Some("r4"), &["g", "", "h", "i"], &["o5"]),
+        ];
+        for (id, parent, inputs, outputs) in answers {
+            let before = parent.map(|p| whole[p].clone()).unwrap_or_default();
+            let own: Vec<Value> = inputs.iter().chain(outputs).map(|i| item(i)).collect();
+            let output: Vec<Value> = outputs.iter().map(|i| item(i)).collect();
+            s.save(Stored {
+                id: id.into(),
+                tenant: "a".into(),
+                response: json!({"id": id, "output": output}).to_string(),
+                conversation: Value::Array(own.clone()).to_string(),
+                parent: parent.map(|p| Parent {
+                    id: p.into(),
+                    inherits: before.len(),
+                    prefix: Arc::new(before.clone()),
+                }),
+            })
+            .await
+            .expect("saved");
+            whole.insert(id.into(), before.into_iter().chain(own).collect());
+        }
+        // r2 stored again with one more output, after r4 took its conversation.
+        let r2_own: Vec<Value> = ["d", "e", "o2", "o2b"].iter().map(|i| item(i)).collect();
+        let r1 = whole["r1"].clone();
+        s.save(Stored {
+            id: "r2".into(),
+            tenant: "a".into(),
+            response: json!({"id": "r2", "output": [item("o2"), item("o2b")]}).to_string(),
+            conversation: Value::Array(r2_own).to_string(),
+            parent: Some(Parent {
+                id: "r1".into(),
+                inherits: r1.len(),
+                prefix: Arc::new(r1),
+            }),
+        })
+        .await
+        .expect("saved again");
+        let r4 = s.input_items("a", "r4").expect("read").expect("there");
+        assert!(
+            r4.iter().all(|i| i["id"] != "o2b"),
+            "r4 took r2 before: {r4:?}"
+        );
+        let r2 = s.input_items("a", "r2").expect("read").expect("there");
+        assert_eq!(r2.last().map(|i| &i["id"]), Some(&json!("e")));
+        let mut cases = 0;
+        for (id, ..) in answers {
+            let all = s.input_items("a", id).expect("read").expect("there");
+            let mut cursors: Vec<Option<String>> = vec![None, Some("nothing".into())];
+            cursors.extend(all.iter().map(|i| i["id"].as_str().map(str::to_string)));
+            for limit in [1, 2, 3, 5, 100] {
+                for after in &cursors {
+                    let page = ItemsPage {
+                        limit,
+                        desc: true,
+                        after: after.as_deref(),
+                        before: None,
+                    };
+                    let read = s.input_items_page("a", id, page).expect("read");
+                    assert_eq!(
+                        read,
+                        Some(Paged::of(all.clone(), page)),
+                        "{id} {limit} {after:?}"
+                    );
+                    cases += 1;
+                }
+            }
+        }
+        assert!(cases > 200, "{cases}");
+        // Ids given to items without: their place in the conversation.
+        let r5 = s.input_items("a", "r5").expect("read").expect("there");
+        assert_eq!(r5[1]["id"], "item_1");
+        assert_eq!(r5[12]["id"], "item_12", "{r5:?}");
+        let unknown = ItemsPage {
+            limit: 5,
+            desc: true,
+            after: None,
+            before: None,
+        };
+        assert_eq!(s.input_items_page("b", "r5", unknown).expect("read"), None);
     }
 }

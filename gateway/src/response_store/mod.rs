@@ -21,9 +21,11 @@
 pub mod conversations;
 mod items;
 mod lineage;
+mod pages;
 mod quota;
 
 pub use lineage::Parent;
+pub use pages::{ItemsPage, Paged};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
@@ -66,9 +68,8 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
         )?;
         let mut running = tx.prepare_cached("INSERT OR IGNORE INTO unfinished VALUES (?1)")?;
         let mut ended = tx.prepare_cached("DELETE FROM unfinished WHERE id = ?1")?;
-        let mut revise = tx.prepare_cached(
-            "UPDATE responses SET response = ?3 WHERE id = ?1 AND tenant = ?2",
-        )?;
+        let mut revise =
+            tx.prepare_cached("UPDATE responses SET response = ?3 WHERE id = ?1 AND tenant = ?2")?;
         for a in answers {
             if let Some(r) = &a.revised {
                 revise.execute(params![r.id, r.tenant, r.response])?;
@@ -253,6 +254,29 @@ type Job = (Kept, tokio::sync::oneshot::Sender<Result<(), String>>);
 /// Most answers committed in one transaction.
 const MAX_BATCH: usize = 256;
 
+/// How many output items the answer `id` has (its `response`'s `output`): the last of
+/// its conversation.
+fn outputs(conn: &Connection, id: &str) -> Result<usize, StoreError> {
+    let n: Option<i64> = conn
+        .query_row(
+            "SELECT json_array_length(response, '$.output') FROM responses WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    Ok(n.unwrap_or(0).max(0) as usize)
+}
+
+/// Gives `item` the id `item_{i}` if it has none (`i`: its place in its conversation).
+fn named(item: &mut Value, i: usize) {
+    if let Some(o) = item.as_object_mut() {
+        if !matches!(o.get("id"), Some(Value::String(_))) {
+            o.insert("id".into(), Value::String(format!("item_{i}")));
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -402,19 +426,56 @@ impl ResponseStore {
     }
 
     /// The input items of `tenant`'s answer `id`: its conversation without its own
-    /// output (the items of its `response`'s `output`).
+    /// output (the items of its `response`'s `output`). An item without an id (stored
+    /// before ids were given) is given `item_{its place}`.
     pub fn input_items(&self, tenant: &str, id: &str) -> Result<Option<Vec<Value>>, StoreError> {
         let conn = self.conn()?;
         let Some(mut items) = lineage::conversation(&conn, tenant, id)? else {
             return Ok(None);
         };
-        let outputs: i64 = conn.query_row(
-            "SELECT COALESCE(json_array_length(response, '$.output'), 0) FROM responses WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
-        items.truncate(items.len().saturating_sub(outputs.max(0) as usize));
+        items.truncate(items.len().saturating_sub(outputs(&conn, id)?));
+        for (i, item) in items.iter_mut().enumerate() {
+            named(item, i);
+        }
         Ok(Some(items))
+    }
+
+    /// A page of [`input_items`](Self::input_items): newest first (but `before` an item)
+    /// read from the end of the chain of answers only as far as the page goes; otherwise
+    /// from them all.
+    pub fn input_items_page(
+        &self,
+        tenant: &str,
+        id: &str,
+        page: ItemsPage<'_>,
+    ) -> Result<Option<Paged>, StoreError> {
+        if !page.desc || page.before.is_some() {
+            return Ok(self
+                .input_items(tenant, id)?
+                .map(|all| Paged::of(all, page)));
+        }
+        let conn = self.conn()?;
+        let skip = outputs(&conn, id)?;
+        let mut found = page.after.is_none();
+        let mut items = Vec::with_capacity(page.limit + 1);
+        let there = lineage::newest_first(&conn, tenant, id, skip, |i, mut item| {
+            named(&mut item, i);
+            if !found {
+                found = item.get("id").and_then(Value::as_str) == page.after;
+                return true;
+            }
+            items.push(item);
+            items.len() <= page.limit
+        })?;
+        if !there {
+            return Ok(None);
+        }
+        if !found {
+            return Ok(Some(Paged::NoSuchItem { param: "after" }));
+        }
+        let has_more = items.len() > page.limit;
+        items.truncate(page.limit);
+        Ok(Some(Paged::Items { items, has_more }))
     }
 
     /// Deletes `tenant`'s answer `id`; whether there was one. One that an answer still
@@ -583,7 +644,10 @@ mod tests {
         assert!(!s.delete("b", "resp_1").unwrap());
         let items = s.conversation("a", "resp_1").unwrap().unwrap();
         assert_eq!(items[0]["content"], "hi");
-        assert_eq!(s.input_items("a", "resp_1").unwrap().unwrap(), items);
+        // Listed, an item stored without an id has its place for one.
+        let mut named = items.clone();
+        named[0]["id"] = "item_0".into();
+        assert_eq!(s.input_items("a", "resp_1").unwrap().unwrap(), named);
         assert_eq!(s.input_items("b", "resp_1").unwrap(), None);
         assert!(s.delete("a", "resp_1").unwrap());
         assert_eq!(s.response("a", "resp_1").unwrap(), None);
@@ -649,8 +713,7 @@ mod tests {
         s.save(done.clone()).await.unwrap();
         drop(s);
         let s = ResponseStore::open(&path, Duration::from_secs(60)).unwrap();
-        let r: Value =
-            serde_json::from_str(&s.response("a", "resp_1").unwrap().unwrap()).unwrap();
+        let r: Value = serde_json::from_str(&s.response("a", "resp_1").unwrap().unwrap()).unwrap();
         assert_eq!(r["status"], "failed");
         assert_eq!(r["background"], true);
         assert!(r["error"]["message"].as_str().unwrap().contains("stopped"));
