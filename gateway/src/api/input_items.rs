@@ -1,9 +1,11 @@
 //! The input items of stored answers: their stored shape ([`stored`]: every item has an
 //! id, messages their content as typed parts, a status), and
-//! `GET /v1/responses/{id}/input_items` ([`Page`], [`list`]): the conversation an answer
+//! the pages of `GET /v1/responses/{id}/input_items` and of a conversation's items
+//! ([`Page`], read by the store, answered by [`Page::answer`]): the conversation an answer
 //! was given (the items of the answers it continued, then its own input), a page at a
 //! time as OpenAI lists it: `limit` (1–100, 20), `order` (`desc` by default), `after` /
 //! `before` an item id; answered `{object: "list", data, first_id, last_id, has_more}`.
+//! What a stored answer keeps of its request's conversation: [`lineage`].
 //! Ids are given when an answer is stored, so a chain of answers lists the same items
 //! under the same ids.
 
@@ -204,23 +206,44 @@ pub fn no_such_item(id: &str, param: &str, what: &str) -> ApiError {
 mod tests {
     use super::*;
 
-    fn items(n: usize) -> Vec<Value> {
-        (0..n)
-            .map(|i| json!({"id": format!("msg_{i}"), "role": "user", "content": format!("{i}")}))
-            .collect()
-    }
-
-    fn ids(list: &Value) -> Vec<&str> {
-        list["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|i| i["id"].as_str().expect("id"))
-            .collect()
-    }
-
-    fn page(q: &str) -> Page {
-        super::page(Some(q)).expect("a valid query")
+    #[test]
+    fn a_page_is_answered_as_a_list_of_items_in_their_listed_shape() {
+        let page = super::page(Some("limit=2")).expect("a valid query");
+        let items = vec![
+            json!({"id": "msg_2", "role": "user", "content": "two"}),
+            json!({"id": "msg_1", "type": "message", "role": "assistant",
+                   "content": [{"type": "output_text", "text": "one"}]}),
+        ];
+        let list = page
+            .answer(
+                Paged::Items {
+                    items,
+                    has_more: true,
+                },
+                "response",
+            )
+            .expect("a page");
+        assert_eq!(list["object"], "list");
+        assert_eq!(
+            (&list["first_id"], &list["last_id"]),
+            (&json!("msg_2"), &json!("msg_1"))
+        );
+        assert_eq!(list["has_more"], true);
+        assert_eq!(list["data"][0]["content"][0]["type"], "input_text");
+        assert_eq!(list["data"][1]["content"][0]["annotations"], json!([]));
+        let empty = page
+            .answer(
+                Paged::Items {
+                    items: vec![],
+                    has_more: false,
+                },
+                "response",
+            )
+            .expect("a page");
+        assert_eq!(
+            (&empty["first_id"], &empty["has_more"]),
+            (&Value::Null, &json!(false))
+        );
     }
 
     #[test]

@@ -517,7 +517,8 @@ mod page_tests {
         };
         let mut whole: std::collections::HashMap<String, Vec<Value>> = Default::default();
         // (answer, parent, own inputs, outputs)
-        let answers: [(&str, Option<&str>, &[&str], &[&str]); 6] = [
+        type Answer<'a> = (&'a str, Option<&'a str>, &'a [&'a str], &'a [&'a str]);
+        let answers: [Answer<'_>; 6] = [
             ("r0", None, &["a", "", "b"], &["o0"]),
             ("r1", Some("r0"), &["c"], &["o1", "o1b"]),
             ("r2", Some("r1"), &["d", "e"], &["o2"]),
