@@ -10,6 +10,7 @@
 #   SIZES="100 10000" RATE=200 DURATION=5 bash bench/conversation_pages.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 DURATION=${DURATION:-5}
 RATE=${RATE:-200}
 SIZES=${SIZES:-"100 1000 10000"}
@@ -19,27 +20,7 @@ GATEWAY=${GATEWAY:-./target/release/gateway}
 cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-cat > "$tmp/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-[[models]]
-id = "stub"
-[[pools]]
-name = "stub"
-model = "stub"
-workers = [{ kind = "openai", url = "http://127.0.0.1:$STUB_PORT" }]
-[metering]
-enabled = false
-[responses]
-store = true
-path = "$tmp/responses.db"
-[[tenants]]
-id = "bench"
-keys_sha256 = ["179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f"]
-TOML
-./target/release/loadtest stub --listen 127.0.0.1:$STUB_PORT >/dev/null &
-RUST_LOG=warn "$GATEWAY" serve --config "$tmp/gw.toml" >/dev/null &
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break; sleep 0.1; done
+serve_stored_stub "$PORT" "$STUB_PORT" "$tmp" "" "$GATEWAY"
 base="http://127.0.0.1:$PORT/v1/conversations"
 auth=(-H 'Authorization: Bearer sk-tollgate-demo' -H 'content-type: application/json')
 printf '%-8s %-8s %9s %9s %9s %9s %7s\n' items page offered achieved p50_ms p99_ms errors

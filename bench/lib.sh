@@ -32,3 +32,36 @@ serve_quickstart() {
   GW_PID=$!
   wait_ready "$1"
 }
+
+# serve_stored_stub PORT STUB_PORT DIR [ADMIN_PORT [BINARY]]: a fixed-answer upstream on
+# STUB_PORT (`loadtest stub`) and a gateway (BINARY, default the release build) on PORT
+# routing to it, storing answers in DIR/responses.db, its admin API on ADMIN_PORT if given
+# (the demo admin token); the demo key's tenant `bench`. Returns once it is ready.
+serve_stored_stub() {
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\n' "$1"
+    if [ -n "${4:-}" ]; then
+      printf 'admin_listen = "127.0.0.1:%s"\n' "$4"
+      printf 'admin_token_sha256 = "89fc741a02ccba763dd23dad9bbcbeab2e95fef69c0a4bab66317295ac2dab1f"\n'
+    fi
+    cat <<TOML
+[[models]]
+id = "stub"
+[[pools]]
+name = "stub"
+model = "stub"
+workers = [{ kind = "openai", url = "http://127.0.0.1:$2" }]
+[metering]
+enabled = false
+[responses]
+store = true
+path = "$3/responses.db"
+[[tenants]]
+id = "bench"
+keys_sha256 = ["179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f"]
+TOML
+  } > "$3/gw.toml"
+  ./target/release/loadtest stub --listen "127.0.0.1:$2" > /dev/null &
+  RUST_LOG=warn "${5:-./target/release/gateway}" serve --config "$3/gw.toml" > "$3/gw.log" 2>&1 &
+  wait_ready "$1"
+}

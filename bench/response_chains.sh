@@ -10,6 +10,7 @@
 #   TURNS=2000 bash bench/response_chains.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 TURNS=${TURNS:-1000}
 PORT=${PORT:-19220}
 ADMIN_PORT=${ADMIN_PORT:-19221}
@@ -18,29 +19,7 @@ GATEWAY=${GATEWAY:-./target/release/gateway}
 cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-cat > "$tmp/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-admin_token_sha256 = "89fc741a02ccba763dd23dad9bbcbeab2e95fef69c0a4bab66317295ac2dab1f"
-[[models]]
-id = "stub"
-[[pools]]
-name = "stub"
-model = "stub"
-workers = [{ kind = "openai", url = "http://127.0.0.1:$STUB_PORT" }]
-[metering]
-enabled = false
-[responses]
-store = true
-path = "$tmp/responses.db"
-[[tenants]]
-id = "bench"
-keys_sha256 = ["179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f"]
-TOML
-./target/release/loadtest stub --listen 127.0.0.1:$STUB_PORT >/dev/null &
-RUST_LOG=warn "$GATEWAY" serve --config "$tmp/gw.toml" >/dev/null &
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break; sleep 0.1; done
+serve_stored_stub "$PORT" "$STUB_PORT" "$tmp" "$ADMIN_PORT" "$GATEWAY"
 python3 - "$PORT" "$ADMIN_PORT" "$TURNS" "$tmp/responses.db" <<'PY'
 import http.client, json, os, statistics, sys, time
 port, admin, turns, db = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
