@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A long chain of stored answers (`previous_response_id`, each turn continuing the last):
+# A long chain of stored answers (`previous_response_id`, each turn continuing the last;
+# with CHAIN=conversation, each turn an answer in one conversation instead):
 # TURNS requests in a row, each a ~100-byte input answered by a fixed-answer upstream (a
 # stand-in for a model: what is measured is the gateway and its store). Prints the turns'
 # latency by stretch of the chain, the stored bytes (`/admin/stored`) and the store's size
@@ -8,10 +9,12 @@
 #   bash bench/response_chains.sh
 #   GATEWAY=/tmp/gateway-old bash bench/response_chains.sh   # another build
 #   TURNS=2000 bash bench/response_chains.sh
+#   CHAIN=conversation bash bench/response_chains.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 TURNS=${TURNS:-1000}
+CHAIN=${CHAIN:-previous_response_id}
 PORT=${PORT:-19220}
 ADMIN_PORT=${ADMIN_PORT:-19221}
 STUB_PORT=${STUB_PORT:-19222}
@@ -20,9 +23,9 @@ cargo build --release -q -p gateway -p loadtest
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 serve_stored_stub "$PORT" "$STUB_PORT" "$tmp" "$ADMIN_PORT" "$GATEWAY"
-python3 - "$PORT" "$ADMIN_PORT" "$TURNS" "$tmp/responses.db" <<'PY'
+python3 - "$PORT" "$ADMIN_PORT" "$TURNS" "$tmp/responses.db" "$CHAIN" <<'PY'
 import http.client, json, os, statistics, sys, time
-port, admin, turns, db = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+port, admin, turns, db, chain = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 conn = http.client.HTTPConnection("127.0.0.1", port)
 auth = {"Authorization": "Bearer sk-tollgate-demo", "content-type": "application/json"}
 def call(method, path, body=None, headers=auth, c=None):
@@ -34,10 +37,13 @@ def call(method, path, body=None, headers=auth, c=None):
         sys.exit(f"{method} {path}: {r.status} {data[:300]!r}")
     return time.perf_counter() - t, json.loads(data)
 prev, lat = None, []
+conv = call("POST", "/v1/conversations", {})[1]["id"] if chain == "conversation" else None
 for i in range(turns):
     body = {"model": "stub", "input": f"turn {i}: " + "a message of about a hundred bytes, " * 3,
             "max_output_tokens": 16}
-    if prev:
+    if conv:
+        body["conversation"] = conv
+    elif prev:
         body["previous_response_id"] = prev
     dt, r = call("POST", "/v1/responses", body)
     prev = r["id"]; lat.append(dt * 1e3)
@@ -52,5 +58,6 @@ ac = http.client.HTTPConnection("127.0.0.1", admin)
 _, s = call("GET", "/admin/stored", headers={"Authorization": "Bearer sk-tollgate-admin-demo"}, c=ac)
 t = [x for x in s["tenants"] if x["tenant"] == "bench"][0]
 size = sum(os.path.getsize(db + sfx) for sfx in ("", "-wal") if os.path.exists(db + sfx))
-print(f"stored: {t['answers']} answers, {t['bytes'] / 1e6:.2f} MB of JSON; database on disk {size / 1e6:.1f} MB")
+print(f"stored ({chain}): {t['answers']} answers, {t['conversation_items']} conversation items, "
+      f"{t['bytes'] / 1e6:.2f} MB of JSON; database on disk {size / 1e6:.1f} MB")
 PY

@@ -954,6 +954,30 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
         .await
         .unwrap();
     assert_eq!(again, listed);
+    // A second answer in it (it continues the first): its input items are the
+    // conversation's items before it, then its input.
+    let ask = serde_json::json!({"model": "m", "input": "And now?", "conversation": id,
+                                 "max_output_tokens": 4});
+    let second: Value = call(&gw, KEY, post.clone(), "/v1/responses", Some(ask))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let second_items = format!(
+        "/v1/responses/{}/input_items?order=asc",
+        second["id"].as_str().expect("an id")
+    );
+    let given: Value = call(&gw, KEY, get.clone(), &second_items, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let given = given["data"].as_array().expect("data");
+    assert_eq!(&given[..3], &data[..], "{given:?}");
+    assert_eq!(given[3]["content"][0]["text"], "And now?");
+    assert_eq!(given.len(), 4);
     let r = call(&gw, OTHER, reqwest::Method::DELETE, &path, None)
         .await
         .unwrap();
@@ -980,9 +1004,9 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
         ),
         (
             &Value::from("demo"),
+            &Value::from(2),
             &Value::from(1),
-            &Value::from(1),
-            &Value::from(3)
+            &Value::from(5)
         ),
         "{stored}"
     );
@@ -992,7 +1016,7 @@ async fn conversations_are_their_tenants_and_answers_add_to_them() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(
         v["deleted"],
-        serde_json::json!({"answers": 1, "conversations": 1}),
+        serde_json::json!({"answers": 2, "conversations": 1}),
         "{v}"
     );
     let r = call(&gw, KEY, get.clone(), &path, None).await.unwrap();

@@ -78,9 +78,9 @@ pub fn stored(item: &Value, id: impl FnOnce(&str) -> String) -> Value {
 /// one's), and its own input items in their stored shape (the whole conversation's, where
 /// it continues no stored answer).
 pub fn lineage(info: &ResponsesInfo) -> (Option<Parent>, Vec<Value>) {
-    let parent = info.continues.as_ref().map(|id| Parent {
+    let parent = info.continues.as_ref().map(|(id, inherits)| Parent {
         id: id.clone(),
-        inherits: info.own_from,
+        inherits: *inherits,
         prefix: info.conversation.clone(),
     });
     let from = parent.as_ref().map_or(0, |p| p.inherits);

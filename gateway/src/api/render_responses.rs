@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::input_items;
 use super::tools::{self, Answer, Piece};
 use super::validate::ResponsesInfo;
-use crate::response_store::{Append, Kept, Saver, Stored};
+use crate::response_store::{Append, Kept, ReadBy, Saver, Stored};
 use crate::worker::{FinishReason, TokenLogprob, Usage};
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
@@ -391,12 +391,18 @@ impl ResponsesRender {
         }));
         // The request's own input and the output, wherever its conversation starts.
         let own_from = self.info.own_from - parent.as_ref().map_or(0, |p| p.inherits);
+        let keeps = self.keeps_answer();
         let append = self.info.conversation_id.as_ref().map(|c| Append {
             conversation: c.clone(),
             tenant: saver.tenant.clone(),
             items: items.get(own_from..).unwrap_or(&[]).to_vec(),
+            by: keeps.then(|| ReadBy {
+                answer: self.id.clone(),
+                version: self.info.conversation_version,
+                len: self.info.own_from,
+            }),
         });
-        let stored = self.keeps_answer().then(|| Stored {
+        let stored = keeps.then(|| Stored {
             id: self.id.clone(),
             tenant: saver.tenant.clone(),
             response: String::from_utf8_lossy(response).into_owned(),

@@ -75,7 +75,16 @@ impl Prior {
 }
 
 /// What a request continues, and the input items it was given (they come first).
-pub type Previous = (Prior, Vec<Value>);
+#[derive(Debug, Clone, PartialEq)]
+pub struct Previous {
+    pub prior: Prior,
+    pub items: Vec<Value>,
+    /// The stored answer whose conversation `items` start with, and how many of them are
+    /// its (see [`ResponsesInfo::continues`]).
+    pub continues: Option<(String, usize)>,
+    /// The conversation's version when its items were read.
+    pub version: i64,
+}
 
 /// Validates a `/v1/responses` body read by [`read`]; `previous`: the stored response its
 /// `previous_response_id` or the conversation its `conversation` names, looked up by the
@@ -85,12 +94,12 @@ pub fn validate_map(
     server: &ServerConfig,
     previous: Option<Previous>,
 ) -> Result<InferenceRequest, ApiError> {
-    let (prior, prefix) = match previous {
-        Some((prior, items)) => {
-            req.remove(prior.field());
-            (Some(prior), items)
+    let (prior, prefix, continues, conversation_version) = match previous {
+        Some(p) => {
+            req.remove(p.prior.field());
+            (Some(p.prior), p.items, p.continues, p.version)
         }
-        None => (None, Vec::new()),
+        None => (None, Vec::new(), None, 0),
     };
     let own_from = prefix.len();
     let (chat, origin) = translate(&req, &prefix)?;
@@ -112,10 +121,8 @@ pub fn validate_map(
         store: req.get("store") != Some(&Value::Bool(false)),
         conversation: Arc::new(conversation),
         own_from,
-        continues: match &prior {
-            Some(Prior::Response(id)) => Some(id.clone()),
-            _ => None,
-        },
+        continues,
+        conversation_version,
         truncate: present(&req, "truncation").and_then(Value::as_str) == Some("auto"),
         background: req.get("background") == Some(&Value::Bool(true)),
         conversation_id: match prior {
@@ -706,11 +713,18 @@ mod tests {
     fn a_conversation_comes_first_and_is_echoed() {
         let req = read(br#"{"model": "m", "input": "and you?"}"#).expect("an object");
         let earlier = vec![json!({"id": "msg_1", "role": "user", "content": "hi"})];
-        let prior = Prior::Conversation("conv_1".into());
-        let r = validate_map(req, &server(), Some((prior, earlier))).expect("valid");
+        let previous = Previous {
+            prior: Prior::Conversation("conv_1".into()),
+            items: earlier,
+            continues: Some(("resp_1".into(), 1)),
+            version: 7,
+        };
+        let r = validate_map(req, &server(), Some(previous)).expect("valid");
         let info = r.responses.expect("responses info");
         assert_eq!(info.conversation_id.as_deref(), Some("conv_1"));
         assert_eq!((info.own_from, info.conversation.len()), (1, 2));
+        assert_eq!(info.continues, Some(("resp_1".into(), 1)));
+        assert_eq!(info.conversation_version, 7);
         let echo: Value = serde_json::from_str(&format!("{{{}}}", info.echo)).expect("JSON");
         assert_eq!(echo["conversation"], json!({"id": "conv_1"}));
         assert_eq!(echo["previous_response_id"], Value::Null);

@@ -162,13 +162,23 @@ async fn previous(
         ),
     };
     let looked = prior.clone();
-    let items = on_store(store, move |s| match &looked {
-        Prior::Response(id) => s.conversation(&owner, id),
-        Prior::Conversation(id) => s.conversation_items(&owner, id),
+    let found = on_store(store, move |s| match &looked {
+        Prior::Response(id) => Ok(s.conversation(&owner, id)?.map(|items| Previous {
+            continues: Some((id.clone(), items.len())),
+            items,
+            prior: looked.clone(),
+            version: 0,
+        })),
+        Prior::Conversation(id) => Ok(s.in_conversation(&owner, id)?.map(|c| Previous {
+            items: c.items,
+            continues: c.answer,
+            prior: looked.clone(),
+            version: c.version,
+        })),
     })
     .await?;
-    match (items, prior) {
-        (Some(items), prior) => Ok(Some((prior, items))),
+    match (found, prior) {
+        (Some(previous), _) => Ok(Some(previous)),
         (None, Prior::Response(id)) => Err(ApiError::BadRequest {
             message: format!("Previous response with id {id:?} not found."),
             param: Some("previous_response_id".into()),

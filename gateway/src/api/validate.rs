@@ -64,9 +64,13 @@ pub struct ResponsesInfo {
     pub conversation: Arc<Vec<Value>>,
     /// Where its own input starts in `conversation` (after what it continues).
     pub own_from: usize,
-    /// The stored answer it continues (`previous_response_id`): the first `own_from`
-    /// items of `conversation` are that one's.
-    pub continues: Option<String>,
+    /// The stored answer whose conversation `conversation` starts with, and how many of
+    /// its items are that one's: the answer `previous_response_id` names (all of them
+    /// but the request's own input); in a conversation, the last answer stored in it
+    /// (where only additions changed it since). A stored answer stores what follows.
+    pub continues: Option<(String, usize)>,
+    /// The conversation's version when its items were read (`conversation_id`).
+    pub conversation_version: i64,
     /// The Conversations API conversation it is in (its input and output are added).
     pub conversation_id: Option<String>,
     /// `truncation: "auto"`: the oldest turns may be dropped to fit the context

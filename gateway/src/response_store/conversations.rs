@@ -5,8 +5,16 @@
 //! writes go through the store's connection, each in one immediate transaction (so two
 //! writers never number items alike). A conversation expires `retention_hours` after its
 //! last write.
+//!
+//! A conversation names the last stored answer in it whose conversation is its first
+//! items (`answer`, `answer_len`): set when an answer's items are added and nothing
+//! changed the conversation since the answer read it (its `version`), kept while items
+//! are only added, dropped when one is deleted. The next answer in the conversation
+//! continues that one ([`InConversation`]), storing only the items after it: answers in a
+//! conversation store each item once, as a chain of answers does.
 
 use super::{now_ms, owns, Append, ItemsPage, Paged, ResponseStore, StoreError};
+use rusqlite::Connection;
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::{json, Map, Value};
 
@@ -30,13 +38,48 @@ impl Conversation {
     }
 }
 
+/// A conversation's items as an answer in it reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InConversation {
+    pub items: Vec<Value>,
+    /// The conversation's version.
+    pub version: i64,
+    /// The stored answer whose conversation is the first of `items`, and how many.
+    pub answer: Option<(String, usize)>,
+}
+
+/// Adds the answer link's columns to a store written before them.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    super::add_columns(
+        conn,
+        "conversations",
+        &[
+            ("version", "INTEGER NOT NULL DEFAULT 0"),
+            ("answer", "TEXT"),
+            ("answer_len", "INTEGER NOT NULL DEFAULT 0"),
+        ],
+    )
+}
+
 /// Adds an answer's items to the end of its conversation, unless the conversation is
-/// gone (deleted meanwhile), and keeps the conversation until `expires`.
+/// gone (deleted meanwhile), and keeps the conversation until `expires`. A stored answer
+/// that read the conversation as it stands becomes the one the next answer continues.
 pub(super) fn append(tx: &Transaction<'_>, a: &Append, expires: i64) -> Result<(), StoreError> {
     if !owns(tx, &a.tenant, &a.conversation)? {
         return Ok(());
     }
+    let version: i64 = tx.query_row(
+        "SELECT version FROM conversations WHERE id = ?1",
+        [&a.conversation],
+        |r| r.get(0),
+    )?;
     add(tx, &a.conversation, &a.items)?;
+    if let Some(by) = a.by.as_ref().filter(|by| by.version == version) {
+        tx.execute(
+            "UPDATE conversations SET answer = ?2, answer_len = ?3 WHERE id = ?1",
+            params![a.conversation, by.answer, (by.len + a.items.len()) as i64],
+        )?;
+    }
     touch(tx, &a.conversation, expires)
 }
 
@@ -60,6 +103,8 @@ fn add(tx: &Transaction<'_>, id: &str, items: &[Value]) -> Result<(), StoreError
         let item_id = item.get("id").and_then(Value::as_str).unwrap_or_default();
         put.execute(params![id, last + 1 + i as i64, item_id, item.to_string()])?;
     }
+    tx.prepare_cached("UPDATE conversations SET version = version + 1 WHERE id = ?1")?
+        .execute([id])?;
     Ok(())
 }
 
@@ -121,7 +166,8 @@ impl ResponseStore {
         let expires = self.expires();
         self.in_tx(true, |tx| {
             tx.execute(
-                "INSERT INTO conversations VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO conversations (id, tenant, created_ms, expires_ms, metadata)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     c.id,
                     tenant,
@@ -186,10 +232,34 @@ impl ResponseStore {
         tenant: &str,
         id: &str,
     ) -> Result<Option<Vec<Value>>, StoreError> {
+        Ok(self.in_conversation(tenant, id)?.map(|c| c.items))
+    }
+
+    /// The items of `tenant`'s conversation `id` as an answer in it reads them: with its
+    /// version, and the stored answer they start with.
+    pub fn in_conversation(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<InConversation>, StoreError> {
         self.in_tx(false, |tx| {
-            if !owns(tx, tenant, id)? {
+            let head = tx
+                .query_row(
+                    "SELECT version, answer, answer_len FROM conversations
+                     WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3",
+                    params![id, tenant, now_ms()],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((version, answer, len)) = head else {
                 return Ok(None);
-            }
+            };
             let mut q = tx.prepare_cached(
                 "SELECT item FROM conversation_items WHERE conversation = ?1 ORDER BY seq",
             )?;
@@ -198,7 +268,12 @@ impl ResponseStore {
             for row in rows {
                 items.push(serde_json::from_str(&row?)?);
             }
-            Ok(Some(items))
+            let len = len.max(0) as usize;
+            Ok(Some(InConversation {
+                answer: answer.filter(|_| len <= items.len()).map(|a| (a, len)),
+                items,
+                version,
+            }))
         })
     }
 
@@ -328,6 +403,11 @@ impl ResponseStore {
             if n == 0 {
                 return Ok(None);
             }
+            // The items no longer start with the last answer's conversation.
+            tx.execute(
+                "UPDATE conversations SET version = version + 1, answer = NULL WHERE id = ?1",
+                [id],
+            )?;
             touch(tx, id, expires)?;
             Ok(Some(c))
         })
@@ -368,6 +448,7 @@ mod tests {
             conversation: c.id.clone(),
             tenant: "a".into(),
             items: vec![item("msg_4", "four")],
+            by: None,
         };
         let answer = crate::response_store::Kept {
             append: Some(append.clone()),
@@ -423,6 +504,7 @@ mod tests {
                             conversation: id,
                             tenant: "a".into(),
                             items: vec![item(&format!("msg_{i}"), "answer")],
+                            by: None,
                         }),
                         ..Default::default()
                     })
@@ -531,5 +613,190 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(s.get_conversation("a", &c.id).unwrap(), None);
         assert_eq!(s.purge().unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::super::tests::store;
+    use super::super::{Kept, Parent, ReadBy, Stored};
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn item(id: &str) -> Value {
+        json!({"id": id, "type": "message", "role": "user", "content": id})
+    }
+
+    /// What an answer `id` in the conversation `conv` reads, and what it would store:
+    /// the items after the answer it continues, then `own` (its input and output).
+    async fn read_for(s: &ResponseStore, conv: &str, id: &str, own: &[Value]) -> Kept {
+        let c = s.in_conversation("a", conv).expect("read").expect("there");
+        let inherits = c.answer.as_ref().map_or(0, |a| a.1);
+        let mut mine: Vec<Value> = c.items[inherits..].to_vec();
+        mine.extend(own.iter().cloned());
+        Kept {
+            stored: Some(Stored {
+                id: id.into(),
+                tenant: "a".into(),
+                response: json!({"id": id, "output": []}).to_string(),
+                conversation: Value::Array(mine).to_string(),
+                parent: c.answer.as_ref().map(|(p, n)| Parent {
+                    id: p.clone(),
+                    inherits: *n,
+                    prefix: Arc::new(c.items.clone()),
+                }),
+            }),
+            append: Some(Append {
+                conversation: conv.into(),
+                tenant: "a".into(),
+                items: own.to_vec(),
+                by: Some(ReadBy {
+                    answer: id.into(),
+                    version: c.version,
+                    len: c.items.len(),
+                }),
+            }),
+            ..Kept::default()
+        }
+    }
+
+    fn parent_of(s: &ResponseStore, id: &str) -> Option<String> {
+        s.conn()
+            .expect("a connection")
+            .query_row("SELECT parent FROM responses WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .expect("read")
+    }
+
+    /// Answers in a conversation continue the last one stored in it, storing only what
+    /// follows: each reads back as the conversation it was given and its own items, after
+    /// items added through the API, answers racing, and an item deleted.
+    #[tokio::test]
+    async fn answers_in_a_conversation_continue_the_last_one_stored_in_it() {
+        let s = store("conv-chain", Duration::from_secs(60));
+        let c = s
+            .create_conversation("a", Map::new(), &[item("m0"), item("m1")])
+            .expect("created");
+        // Each answer: what the conversation holds right after it.
+        let mut check: Vec<(String, Vec<String>)> = Vec::new();
+        let answer = |id: &str, own: &[&str]| {
+            (
+                id.to_string(),
+                own.iter().map(|o| item(o)).collect::<Vec<_>>(),
+            )
+        };
+        for (id, own) in [answer("r1", &["q1", "a1"]), answer("r2", &["q2", "a2"])] {
+            let k = read_for(&s, &c.id, &id, &own).await;
+            s.save(k).await.expect("saved");
+            let all = s
+                .conversation_items("a", &c.id)
+                .expect("read")
+                .expect("there");
+            check.push((
+                id,
+                all.iter()
+                    .map(|i| i["id"].as_str().expect("id").to_string())
+                    .collect(),
+            ));
+        }
+        assert_eq!(parent_of(&s, "r1"), None, "the first stores it all");
+        assert_eq!(parent_of(&s, "r2").as_deref(), Some("r1"));
+        // Items added through the API: the next answer still continues r2.
+        s.add_items("a", &c.id, &[item("api")]).expect("added");
+        let (id, own) = answer("r3", &["q3", "a3"]);
+        let k = read_for(&s, &c.id, &id, &own).await;
+        s.save(k).await.expect("saved");
+        assert_eq!(parent_of(&s, "r3").as_deref(), Some("r2"));
+        let all = s
+            .conversation_items("a", &c.id)
+            .expect("read")
+            .expect("there");
+        check.push((
+            id,
+            all.iter()
+                .map(|i| i["id"].as_str().expect("id").to_string())
+                .collect(),
+        ));
+        // Two answers read the conversation as it stands; the second to commit no longer
+        // ends it, so the next continues the first.
+        let (ra, own_a) = answer("r4", &["q4", "a4"]);
+        let (rb, own_b) = answer("r5", &["q5", "a5"]);
+        let ka = read_for(&s, &c.id, &ra, &own_a).await;
+        let kb = read_for(&s, &c.id, &rb, &own_b).await;
+        s.save(ka).await.expect("saved");
+        s.save(kb).await.expect("saved");
+        let (id, own) = answer("r6", &["q6"]);
+        let k = read_for(&s, &c.id, &id, &own).await;
+        assert_eq!(
+            k.stored
+                .as_ref()
+                .and_then(|s| s.parent.as_ref())
+                .map(|p| p.id.as_str()),
+            Some("r4")
+        );
+        s.save(k).await.expect("saved");
+        // An item deleted: the next answer stores the conversation whole.
+        assert!(s.delete_item("a", &c.id, "m1").expect("deleted").is_some());
+        let (id, own) = answer("r7", &["q7"]);
+        let k = read_for(&s, &c.id, &id, &own).await;
+        assert_eq!(k.stored.as_ref().and_then(|s| s.parent.as_ref()), None);
+        s.save(k).await.expect("saved");
+        let ids = |items: Vec<Value>| -> Vec<String> {
+            items
+                .iter()
+                .map(|i| i["id"].as_str().expect("id").to_string())
+                .collect()
+        };
+        for (id, want) in &check {
+            let read = s.conversation("a", id).expect("read").expect("there");
+            assert_eq!(&ids(read), want, "{id}");
+        }
+        let r4 = ids(s.conversation("a", "r4").expect("read").expect("there"));
+        let r5 = ids(s.conversation("a", "r5").expect("read").expect("there"));
+        assert_eq!(r4[r4.len() - 2..], ["q4", "a4"]);
+        assert_eq!(r5[r5.len() - 2..], ["q5", "a5"]);
+        assert!(
+            !r5.contains(&"q4".to_string()),
+            "r5 read before r4's items: {r5:?}"
+        );
+        let r6 = ids(s.conversation("a", "r6").expect("read").expect("there"));
+        assert_eq!(
+            r6[r6.len() - 5..],
+            ["q4", "a4", "q5", "a5", "q6"],
+            "r4, r5, then its own"
+        );
+        let r7 = ids(s.conversation("a", "r7").expect("read").expect("there"));
+        assert!(!r7.contains(&"m1".to_string()) && r7.last().map(String::as_str) == Some("q7"));
+    }
+
+    /// Forty answers in one conversation store each item once (with the conversation's
+    /// own copy: twice), not forty times.
+    #[tokio::test]
+    async fn a_long_conversation_stores_its_answers_items_once() {
+        let s = store("conv-linear", Duration::from_secs(60));
+        let c = s
+            .create_conversation("a", Map::new(), &[])
+            .expect("created");
+        let text = "x".repeat(200);
+        for i in 0..40 {
+            let own = [
+                json!({"id": format!("q{i}"), "role": "user", "content": text}),
+                json!({"id": format!("a{i}"), "role": "assistant", "content": text}),
+            ];
+            let k = read_for(&s, &c.id, &format!("r{i}"), &own).await;
+            s.save(k).await.expect("saved");
+        }
+        let items = s
+            .conversation_items("a", &c.id)
+            .expect("read")
+            .expect("there");
+        assert_eq!(items.len(), 80);
+        let once = Value::Array(items.clone()).to_string().len() as u64;
+        let bytes = s.stored_bytes("a").expect("counted");
+        assert!(bytes < 2 * once + 40 * 60, "{bytes} for {once} of items");
+        let last = s.conversation("a", "r39").expect("read").expect("there");
+        assert_eq!(last, items);
     }
 }

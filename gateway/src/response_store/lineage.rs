@@ -36,20 +36,15 @@ const MAX_DEPTH: i64 = 1_000_000;
 /// Adds the lineage columns to a store written before them (its answers each hold their
 /// whole conversation: read as chains of one), and their index.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let has: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('responses') WHERE name = 'parent'",
-        [],
-        |r| r.get(0),
+    super::add_columns(
+        conn,
+        "responses",
+        &[
+            ("parent", "TEXT"),
+            ("inherits", "INTEGER NOT NULL DEFAULT 0"),
+            ("hidden", "INTEGER NOT NULL DEFAULT 0"),
+        ],
     )?;
-    if has == 0 {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "ALTER TABLE responses ADD COLUMN parent TEXT;
-             ALTER TABLE responses ADD COLUMN inherits INTEGER NOT NULL DEFAULT 0;
-             ALTER TABLE responses ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;",
-        )?;
-        tx.commit()?;
-    }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS responses_parent ON responses (parent)")?;
     Ok(())
 }

@@ -24,6 +24,7 @@ mod lineage;
 mod pages;
 mod quota;
 
+pub use conversations::InConversation;
 pub use lineage::Parent;
 pub use pages::{ItemsPage, Paged};
 
@@ -101,6 +102,32 @@ fn insert(conn: &mut Connection, retention: Duration, answers: &[&Kept]) -> Resu
     Ok(())
 }
 
+/// Adds `columns` (name, declaration) to `table` of a store written before them, in one
+/// transaction; nothing where the first is there.
+fn add_columns(
+    conn: &mut Connection,
+    table: &str,
+    columns: &[(&str, &str)],
+) -> Result<(), StoreError> {
+    let Some((first, _)) = columns.first() else {
+        return Ok(());
+    };
+    let has: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, first],
+        |r| r.get(0),
+    )?;
+    if has > 0 {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (name, decl) in columns {
+        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {decl};"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// Whether `tenant` has the conversation `id` (unexpired), in `tx`.
 fn owns(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<bool, StoreError> {
     Ok(tx
@@ -134,7 +161,13 @@ CREATE TABLE IF NOT EXISTS conversations (
     tenant TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    -- Counts every change of its items.
+    version INTEGER NOT NULL DEFAULT 0,
+    -- The stored answer whose conversation is its first `answer_len` items, if any: the
+    -- answer the next one in it continues ([`conversations`]).
+    answer TEXT,
+    answer_len INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS conversations_expiry ON conversations (expires_ms);
 CREATE TABLE IF NOT EXISTS conversation_items (
@@ -179,6 +212,19 @@ pub struct Append {
     pub conversation: String,
     pub tenant: String,
     pub items: Vec<Value>,
+    /// The answer whose input and output these are, where it is stored: its conversation
+    /// is the conversation as it read it, then these items.
+    pub by: Option<ReadBy>,
+}
+
+/// A stored answer in a conversation, and the conversation as it read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadBy {
+    pub answer: String,
+    /// The conversation's version then.
+    pub version: i64,
+    /// How many items it had then.
+    pub len: usize,
 }
 
 /// What a finished answer leaves: itself stored, and its input and output added to the
@@ -296,6 +342,7 @@ impl ResponseStore {
         let mut conn = open()?;
         conn.execute_batch(SCHEMA)?;
         lineage::migrate(&mut conn)?;
+        conversations::migrate(&mut conn)?;
         conn.execute_batch(items::SCHEMA)?;
         conn.execute_batch(quota::SCHEMA)?;
         // Stores written before: their answers indexed (schema version 1), then their

@@ -176,6 +176,7 @@ mod tests {
                 conversation: c.id.clone(),
                 tenant: "a".into(),
                 items: vec![item("in"), item("out")],
+                by: None,
             }),
             ..Kept::default()
         })
