@@ -8,7 +8,8 @@
 //!
 //! An answer that continues another stores only its own items (its input, its output)
 //! and which answer it continues (`parent`) with how many of that one's items it took
-//! (`inherits`): a chain of n answers stores each item once, not n times ([`lineage`]).
+//! (`inherits`): a chain of n answers stores each item once, not n times ([`lineage`]);
+//! an answer in a conversation continues the last one stored in it ([`conversations`]).
 //! An answer deleted or expired while an answer that continues it lives is kept hidden
 //! (not found by its id) for as long as that one needs it.
 //!
