@@ -53,7 +53,10 @@ fn reads(c: &mut Criterion) {
     let mut g = c.benchmark_group("chain_of_1000");
     g.bench_function("conversation", |b| {
         b.iter(|| {
-            let items = store.conversation("bench", &last).expect("read").expect("there");
+            let items = store
+                .conversation("bench", &last)
+                .expect("read")
+                .expect("there");
             assert_eq!(items.len(), 2 * TURNS);
             black_box(items)
         })

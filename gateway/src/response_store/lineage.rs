@@ -470,7 +470,11 @@ mod tests {
                      created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
                      response TEXT NOT NULL, conversation TEXT NOT NULL);
                  INSERT INTO responses VALUES ('resp_0', 'a', 0, 9999999999999, '{}',
-                     '[{\"id\":\"msg_0\",\"content\":\"old\"}]');",
+                     '[{\"id\":\"msg_0\",\"content\":\"old\"}]');
+                 CREATE TABLE conversations (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+                     created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+                     metadata TEXT NOT NULL);
+                 INSERT INTO conversations VALUES ('conv_0', 'a', 0, 9999999999999, '{}');",
             )
             .expect("an older store");
         }
@@ -488,6 +492,20 @@ mod tests {
         let read = s.conversation("a", "resp_1").expect("read").expect("there");
         assert_eq!(ids(&read), ["msg_0", "msg_1"]);
         assert_eq!(s.items("a", &["msg_0".into()]).expect("read").len(), 1);
+        // Its conversations are read as ones no answer is linked in yet.
+        let c = s
+            .in_conversation("a", "conv_0")
+            .expect("read")
+            .expect("there");
+        assert_eq!((c.items.len(), c.answer), (0, None));
+        assert!(s
+            .add_items("a", "conv_0", &[msg("msg_2", "added")])
+            .expect("added"));
+        let c = s
+            .in_conversation("a", "conv_0")
+            .expect("read")
+            .expect("there");
+        assert_eq!((ids(&c.items), c.version), (vec!["msg_2"], 1));
     }
 }
 
