@@ -1,6 +1,8 @@
 //! Reading a long chain of stored answers: the whole conversation of the last of a chain
-//! of 1,000 (what a request continuing it is prefixed with), and the newest page of its
-//! input items (`limit=20`), from a store on disk.
+//! of 1,000 (what a request continuing it is prefixed with), alone and two at once (on
+//! two threads: a time per pair; the same as alone where reads run side by side, twice
+//! it where they wait for each other), and the newest page of its input items
+//! (`limit=20`), from a store on disk.
 //!
 //! `cargo bench -p gateway --bench response_store`
 
@@ -9,7 +11,7 @@ use gateway::response_store::{ItemsPage, Parent, ResponseStore, Stored};
 use serde_json::{json, Value};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TURNS: usize = 1000;
 
@@ -59,6 +61,21 @@ fn reads(c: &mut Criterion) {
                 .expect("there");
             assert_eq!(items.len(), 2 * TURNS);
             black_box(items)
+        })
+    });
+    g.bench_function("conversation_two_at_once", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..iters {
+                            black_box(store.conversation("bench", &last).expect("read"));
+                        }
+                    });
+                }
+            });
+            start.elapsed()
         })
     });
     let page = ItemsPage {

@@ -13,8 +13,9 @@
 //! An answer deleted or expired while an answer that continues it lives is kept hidden
 //! (not found by its id) for as long as that one needs it.
 //!
-//! Reads and the Conversations API's writes are blocking (one connection under a mutex,
-//! WAL), made from the blocking pool. Answers are written by a thread of their own
+//! Reads and the Conversations API's writes are blocking, made from the blocking pool on
+//! a pool of connections (one a core, at most 16; WAL, so reads run side by side and
+//! beside the writer). Answers are written by a thread of their own
 //! ([`ResponseStore::save`]) in one transaction for all that arrived meanwhile (a group
 //! commit); a request awaits its answer's commit before its last bytes are sent, so a
 //! client that reads an answer whole may continue it at once.
@@ -29,6 +30,7 @@ pub use conversations::InConversation;
 pub use lineage::Parent;
 pub use pages::{ItemsPage, Paged};
 
+use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 use std::path::Path;
@@ -48,6 +50,8 @@ pub enum StoreError {
     Thread(String),
     #[error("response store: {0}")]
     Broken(String),
+    #[error("response store: no connection: {0}")]
+    Pool(#[from] r2d2::Error),
 }
 
 /// Writes `answers` in one transaction (an answer with an id already there replaces it;
@@ -281,7 +285,9 @@ pub struct Saver {
 }
 
 pub struct ResponseStore {
-    conn: Mutex<Connection>,
+    /// Connections for reads and the API's own writes (WAL: readers run side by side,
+    /// and with the writer thread's commits).
+    pool: r2d2::Pool<SqliteConnectionManager>,
     /// How long an answer is kept, and a conversation after its last use.
     retention: Duration,
     /// The background responses running now, by tenant and id (see
@@ -333,11 +339,15 @@ fn now_ms() -> i64 {
 impl ResponseStore {
     /// Opens (or creates) the store at `path`, purging what has expired.
     pub fn open(path: &Path, retention: Duration) -> Result<Arc<Self>, StoreError> {
+        // Per connection; WAL is the file's own, set once here.
+        let init = |c: &mut Connection| -> rusqlite::Result<()> {
+            c.pragma_update(None, "synchronous", "normal")?;
+            c.busy_timeout(Duration::from_secs(5))
+        };
         let open = || -> Result<Connection, StoreError> {
-            let conn = Connection::open(path)?;
+            let mut conn = Connection::open(path)?;
             conn.pragma_update(None, "journal_mode", "wal")?;
-            conn.pragma_update(None, "synchronous", "normal")?;
-            conn.busy_timeout(Duration::from_secs(5))?;
+            init(&mut conn)?;
             Ok(conn)
         };
         let mut conn = open()?;
@@ -350,6 +360,13 @@ impl ResponseStore {
         // bytes counted (2), in that order.
         items::backfill(&mut conn)?;
         quota::recount(&mut conn)?;
+        drop(conn);
+        let readers = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let pool = r2d2::Pool::builder()
+            .max_size(readers.clamp(2, 16) as u32)
+            .min_idle(Some(1))
+            .test_on_check_out(false)
+            .build(SqliteConnectionManager::file(path).with_init(init))?;
         let mut writes = open()?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let writes_done = Arc::new(Writes::default());
@@ -379,7 +396,7 @@ impl ResponseStore {
             })
             .map_err(|e| StoreError::Thread(e.to_string()))?;
         let store = Arc::new(Self {
-            conn: Mutex::new(conn),
+            pool,
             retention,
             running: dashmap::DashMap::new(),
             running_count: tokio::sync::watch::Sender::new(0),
@@ -448,8 +465,9 @@ impl ResponseStore {
         self.running_count.subscribe()
     }
 
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    /// A connection of the pool (waiting while all are in use).
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, StoreError> {
+        Ok(self.pool.get()?)
     }
 
     /// The `response` object of `tenant`'s answer `id` (JSON, as sent), unless it expired
