@@ -617,6 +617,72 @@ mod tests {
 }
 
 #[cfg(test)]
+mod concurrency_tests {
+    use super::super::tests::store;
+    use super::*;
+    use std::time::Duration;
+
+    /// The API's writes come from the pool's connections side by side: eight threads
+    /// adding to one conversation while four read it lose no item and number none twice,
+    /// and every read sees a whole prefix of the additions.
+    #[test]
+    fn writers_on_several_connections_number_every_item_once() {
+        let s = store("conv-concurrent", Duration::from_secs(60));
+        let c = s
+            .create_conversation("a", Map::new(), &[])
+            .expect("created");
+        std::thread::scope(|scope| {
+            for w in 0..8 {
+                let (s, id) = (&s, &c.id);
+                scope.spawn(move || {
+                    for i in 0..40 {
+                        let item =
+                            json!({"id": format!("w{w}_{i}"), "role": "user", "content": "x"});
+                        assert!(s.add_items("a", id, &[item]).expect("added"));
+                    }
+                });
+            }
+            for _ in 0..4 {
+                let (s, id) = (&s, &c.id);
+                scope.spawn(move || {
+                    for _ in 0..40 {
+                        let items = s.conversation_items("a", id).expect("read").expect("there");
+                        // Each writer's items in its own order: a prefix of them.
+                        for w in 0..8 {
+                            let mine: Vec<&str> = items
+                                .iter()
+                                .filter_map(|i| i["id"].as_str())
+                                .filter(|i| i.starts_with(&format!("w{w}_")))
+                                .collect();
+                            let want: Vec<String> =
+                                (0..mine.len()).map(|i| format!("w{w}_{i}")).collect();
+                            assert_eq!(mine, want);
+                        }
+                    }
+                });
+            }
+        });
+        let items = s
+            .conversation_items("a", &c.id)
+            .expect("read")
+            .expect("there");
+        assert_eq!(items.len(), 320);
+        let seqs: i64 = s
+            .conn()
+            .expect("a connection")
+            .query_row(
+                "SELECT COUNT(DISTINCT seq) FROM conversation_items WHERE conversation = ?1",
+                [&c.id],
+                |r| r.get(0),
+            )
+            .expect("counted");
+        assert_eq!(seqs, 320);
+        let c = s.in_conversation("a", &c.id).expect("read").expect("there");
+        assert_eq!(c.version, 321, "created, then one version an addition");
+    }
+}
+
+#[cfg(test)]
 mod chain_tests {
     use super::super::tests::store;
     use super::super::{Kept, Parent, ReadBy, Stored};
