@@ -727,6 +727,21 @@ mod chain_tests {
         }
     }
 
+    fn ids(items: &[Value]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| i["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    /// The ids of the conversation's items now.
+    fn held(s: &ResponseStore, conv: &str) -> Vec<String> {
+        ids(&s
+            .conversation_items("a", conv)
+            .expect("read")
+            .expect("there"))
+    }
+
     fn parent_of(s: &ResponseStore, id: &str) -> Option<String> {
         s.conn()
             .expect("a connection")
@@ -756,16 +771,7 @@ mod chain_tests {
         for (id, own) in [answer("r1", &["q1", "a1"]), answer("r2", &["q2", "a2"])] {
             let k = read_for(&s, &c.id, &id, &own).await;
             s.save(k).await.expect("saved");
-            let all = s
-                .conversation_items("a", &c.id)
-                .expect("read")
-                .expect("there");
-            check.push((
-                id,
-                all.iter()
-                    .map(|i| i["id"].as_str().expect("id").to_string())
-                    .collect(),
-            ));
+            check.push((id, held(&s, &c.id)));
         }
         assert_eq!(parent_of(&s, "r1"), None, "the first stores it all");
         assert_eq!(parent_of(&s, "r2").as_deref(), Some("r1"));
@@ -775,16 +781,7 @@ mod chain_tests {
         let k = read_for(&s, &c.id, &id, &own).await;
         s.save(k).await.expect("saved");
         assert_eq!(parent_of(&s, "r3").as_deref(), Some("r2"));
-        let all = s
-            .conversation_items("a", &c.id)
-            .expect("read")
-            .expect("there");
-        check.push((
-            id,
-            all.iter()
-                .map(|i| i["id"].as_str().expect("id").to_string())
-                .collect(),
-        ));
+        check.push((id, held(&s, &c.id)));
         // Two answers read the conversation as it stands; the second to commit no longer
         // ends it, so the next continues the first.
         let (ra, own_a) = answer("r4", &["q4", "a4"]);
@@ -809,31 +806,24 @@ mod chain_tests {
         let k = read_for(&s, &c.id, &id, &own).await;
         assert_eq!(k.stored.as_ref().and_then(|s| s.parent.as_ref()), None);
         s.save(k).await.expect("saved");
-        let ids = |items: Vec<Value>| -> Vec<String> {
-            items
-                .iter()
-                .map(|i| i["id"].as_str().expect("id").to_string())
-                .collect()
-        };
+        let answered = |id: &str| ids(&s.conversation("a", id).expect("read").expect("there"));
         for (id, want) in &check {
-            let read = s.conversation("a", id).expect("read").expect("there");
-            assert_eq!(&ids(read), want, "{id}");
+            assert_eq!(&answered(id), want, "{id}");
         }
-        let r4 = ids(s.conversation("a", "r4").expect("read").expect("there"));
-        let r5 = ids(s.conversation("a", "r5").expect("read").expect("there"));
+        let (r4, r5) = (answered("r4"), answered("r5"));
         assert_eq!(r4[r4.len() - 2..], ["q4", "a4"]);
         assert_eq!(r5[r5.len() - 2..], ["q5", "a5"]);
         assert!(
             !r5.contains(&"q4".to_string()),
             "r5 read before r4's items: {r5:?}"
         );
-        let r6 = ids(s.conversation("a", "r6").expect("read").expect("there"));
+        let r6 = answered("r6");
         assert_eq!(
             r6[r6.len() - 5..],
             ["q4", "a4", "q5", "a5", "q6"],
             "r4, r5, then its own"
         );
-        let r7 = ids(s.conversation("a", "r7").expect("read").expect("there"));
+        let r7 = answered("r7");
         assert!(!r7.contains(&"m1".to_string()) && r7.last().map(String::as_str) == Some("q7"));
     }
 
