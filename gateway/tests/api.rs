@@ -1178,6 +1178,32 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // Deleted while it runs: stopped, and its end does not store it again.
+    let running: Value = post("/v1/responses".into(), ask(12))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/v1/responses/{}", running["id"].as_str().expect("an id"));
+    let r = c
+        .delete(gw.url(&path))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(
+        get(path.clone()).await.unwrap().status(),
+        404,
+        "stays deleted"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "tollgate_background_responses_running"),
+        Some(0.0)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

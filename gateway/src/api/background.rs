@@ -205,6 +205,20 @@ fn failure(response: &Value, why: &str) -> Value {
     r
 }
 
+/// Stops the running background response `key` (owner, id), if it runs: its task aborted
+/// (its answer no longer stored when it ends), its readers' events ended where they
+/// stopped. `None` where none such runs; else whether it had ended before it was stopped.
+pub async fn stop(store: &Arc<ResponseStore>, key: &(String, String)) -> Option<bool> {
+    let task = store.unregister(key)?;
+    task.abort();
+    let finished = task.await.is_ok();
+    if let Some(log) = store.streams.get(key).map(|l| l.clone()) {
+        log.finish();
+        tokio::spawn(linger(store.clone(), key.clone(), log));
+    }
+    Some(finished)
+}
+
 /// Cancels `owner`'s running background response `id`: its task stopped, and it is
 /// stored `cancelled` (as it stood when it started). `None` where none such runs (it
 /// finished, or never ran here).
@@ -214,18 +228,8 @@ pub async fn cancel(
     id: &str,
 ) -> Result<Option<Value>, ApiError> {
     let key = (owner.to_string(), id.to_string());
-    let Some(task) = store.unregister(&key) else {
-        return Ok(None);
-    };
-    task.abort();
-    let finished = task.await.is_ok();
-    // Its readers end where its events stopped.
-    if let Some(log) = store.streams.get(&key).map(|l| l.clone()) {
-        log.finish();
-        tokio::spawn(linger(store.clone(), key.clone(), log));
-    }
-    if finished {
-        // It ended before it could be stopped: as it was stored.
+    if stop(store, &key).await != Some(false) {
+        // Not running, or it ended before it could be stopped: as it was stored.
         return Ok(None);
     }
     let (owner, id) = key.clone();

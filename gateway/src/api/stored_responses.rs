@@ -15,7 +15,7 @@ use super::item_reference;
 use super::request_id::RequestId;
 use super::responses::{self, Previous, Prior};
 use super::validate::InferenceRequest;
-use crate::response_store::{ResponseStore, StoreError};
+use crate::response_store::{Kept, ResponseStore, StoreError};
 use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
@@ -418,13 +418,27 @@ fn stream_query(query: Option<&str>) -> Result<(bool, Option<usize>), ApiError> 
     Ok((stream, after))
 }
 
-/// `DELETE /v1/responses/{id}`.
+/// `DELETE /v1/responses/{id}`: a background response still running is stopped first
+/// (its end would store it again).
 pub async fn delete(
     State(state): State<AppState>,
     Extension(tenant): Extension<Arc<Tenant>>,
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
+    if let Some(store) = &state.responses {
+        let owner = owner(&tenant, &acting.as_ref().map(|a| a.0.clone()));
+        if background::stop(store, &(owner, id.clone()))
+            .await
+            .is_some()
+        {
+            // After whatever it had sent the writer before it stopped (the writer takes
+            // saves in order): an empty save waits for those to be committed.
+            if let Err(e) = store.save(Kept::default()).await {
+                return with_limits(&tenant, ApiError::Internal(e.to_string()).into_response());
+            }
+        }
+    }
     let op = |s: &ResponseStore, owner: &str, id: &str| Ok(s.delete(owner, id)?.then_some(()));
     by_id(state, tenant, acting, id, op, |(), id| {
         axum::Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
