@@ -1080,8 +1080,28 @@ async fn background_responses_run_apart_and_can_be_cancelled() {
         "{first}"
     );
     let id = first["id"].as_str().expect("an id").to_string();
+    let input_ids = |id: String| async move {
+        let listed: Value = get(format!("/v1/responses/{id}/input_items"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        listed["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|i| i["id"].clone())
+            .collect::<Vec<_>>()
+    };
+    let while_running = input_ids(id.clone()).await;
     let done = ended(id.clone()).await;
     assert_eq!(done["status"], "incomplete", "{done}");
+    assert_eq!(
+        input_ids(id.clone()).await,
+        while_running,
+        "its input's ids, start to end"
+    );
     assert_eq!(done["usage"]["output_tokens"], 5, "{done}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(80));
     // A long one, cancelled: stored `cancelled`, and it stays so.

@@ -22,6 +22,7 @@
 //! tools.
 
 use super::error::ApiError;
+use super::input_items;
 use super::validate::{self, Endpoint, InferenceRequest, ResponsesInfo};
 use crate::config::ServerConfig;
 use serde_json::{json, Map, Value};
@@ -109,11 +110,14 @@ pub fn validate_map(
     let mut out = validate::chat(&bytes, server).map_err(|e| rename(e, &origin, earlier))?;
     out.endpoint = Endpoint::Responses;
     out.include_usage = true;
-    // The conversation through this request's input: what a stored answer continues.
+    // The conversation through this request's input: what a stored answer continues. Its
+    // own items in their stored shape, ids given once (a background response's stored
+    // start and end list them alike).
     let mut conversation = prefix;
+    let own = |item: &Value| input_items::stored(item, input_items::fresh_id);
     match req.get("input") {
-        Some(Value::String(s)) => conversation.push(json!({"role": "user", "content": s})),
-        Some(Value::Array(items)) => conversation.extend(items.iter().cloned()),
+        Some(Value::String(s)) => conversation.push(own(&json!({"role": "user", "content": s}))),
+        Some(Value::Array(items)) => conversation.extend(items.iter().map(own)),
         _ => {}
     }
     out.responses = Some(ResponsesInfo {
