@@ -1,5 +1,5 @@
-//! Chains of stored answers: an answer that continues another (`previous_response_id`)
-//! stores only its own items and a link to it (`parent`, and `inherits`: how many of the
+//! Chains of stored answers: an answer that continues another (`previous_response_id`,
+//! or the last answer stored in its conversation) stores only its own items and a link to it (`parent`, and `inherits`: how many of the
 //! parent's conversation items it took, so that a parent stored again with more items, a
 //! background response that finished, is read as the child saw it). A conversation is
 //! read by walking the links to the first answer ([`conversation`]): a chain of n answers
