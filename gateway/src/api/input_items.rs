@@ -75,8 +75,9 @@ pub fn stored(item: &Value, id: impl FnOnce(&str) -> String) -> Value {
 
 /// What an answer to a Responses request stores of its conversation through its input:
 /// the stored answer it continues, if any (the conversation's first items are that
-/// one's), and its own input items in their stored shape (the whole conversation's, where
-/// it continues no stored answer).
+/// one's), and its own input items (the whole conversation's, where it continues no
+/// stored answer). All already in their stored shape: read from the store, or given
+/// their ids when the request was read ([`super::responses::validate_map`]).
 pub fn lineage(info: &ResponsesInfo) -> (Option<Parent>, Vec<Value>) {
     let parent = info.continues.as_ref().map(|(id, inherits)| Parent {
         id: id.clone(),
@@ -84,8 +85,10 @@ pub fn lineage(info: &ResponsesInfo) -> (Option<Parent>, Vec<Value>) {
         prefix: info.conversation.clone(),
     });
     let from = parent.as_ref().map_or(0, |p| p.inherits);
-    let own = info.conversation.get(from..).unwrap_or(&[]);
-    (parent, own.iter().map(|i| stored(i, fresh_id)).collect())
+    (
+        parent,
+        info.conversation.get(from..).unwrap_or(&[]).to_vec(),
+    )
 }
 
 /// Which page of a list is asked for.
