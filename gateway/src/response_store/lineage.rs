@@ -108,38 +108,41 @@ pub(super) fn conversation(
     Ok((!first).then_some(items))
 }
 
-/// Walks the conversation of `tenant`'s answer `id` (unexpired, not deleted) newest
-/// first, without its last `skip` items: each item with its place in the conversation,
-/// given to `take` until it answers false. Reads only the answers it walks into: a page
-/// of the newest items costs the page, not the chain. Whether there is such an answer.
-pub(super) fn newest_first(
+/// Walks the input items of `tenant`'s answer `id` (unexpired, not deleted) newest
+/// first: its conversation without its own output (its `response`'s `output` items, the
+/// last of its own), each item with its place in the conversation, given to `take` until
+/// it answers false. Reads only the answers it walks into: a page of the newest items
+/// costs the page, not the chain. Whether there is such an answer.
+pub(super) fn inputs_newest_first(
     conn: &Connection,
     tenant: &str,
     id: &str,
-    skip: usize,
     mut take: impl FnMut(usize, Value) -> bool,
 ) -> Result<bool, StoreError> {
     let mut first = conn.prepare_cached(
-        "SELECT parent, inherits, conversation FROM responses
-         WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3 AND hidden = 0",
+        "SELECT parent, inherits, conversation,
+                COALESCE(json_array_length(response, '$.output'), 0)
+         FROM responses WHERE id = ?1 AND tenant = ?2 AND expires_ms > ?3 AND hidden = 0",
     )?;
     let mut up = conn.prepare_cached(
-        "SELECT parent, inherits, conversation FROM responses WHERE id = ?1 AND tenant = ?2",
+        "SELECT parent, inherits, conversation, 0 FROM responses WHERE id = ?1 AND tenant = ?2",
     )?;
-    type Row = (Option<String>, i64, String);
-    let row =
-        |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> { Ok((r.get(0)?, r.get(1)?, r.get(2)?)) };
+    type Row = (Option<String>, i64, String, i64);
+    let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    };
     let Some(mut at) = first
         .query_row(params![id, tenant, now_ms()], row)
         .optional()?
     else {
         return Ok(false);
     };
+    let skip = at.3.max(0) as usize;
     // The end (exclusive) of what is seen of the answer walked into, in its
     // conversation's places: all of the first but `skip`, then what its child took.
     let mut end: Option<usize> = None;
     for _ in 0..MAX_DEPTH {
-        let (parent, inherits, own) = at;
+        let (parent, inherits, own, _) = at;
         let inherits = inherits.max(0) as usize;
         let own: Vec<Value> = serde_json::from_str(&own)?;
         let end_here = match end {

@@ -521,10 +521,9 @@ impl ResponseStore {
                 .map(|all| Paged::of(all, page)));
         }
         let conn = self.conn()?;
-        let skip = outputs(&conn, id)?;
         let mut found = page.after.is_none();
         let mut items = Vec::with_capacity(page.limit + 1);
-        let there = lineage::newest_first(&conn, tenant, id, skip, |i, mut item| {
+        let there = lineage::inputs_newest_first(&conn, tenant, id, |i, mut item| {
             named(&mut item, i);
             if !found {
                 found = item.get("id").and_then(Value::as_str) == page.after;
