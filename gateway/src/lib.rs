@@ -8,6 +8,7 @@
 //! SSE frames.
 
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod limits;

@@ -45,6 +45,9 @@ pub struct RequestCtx {
     /// Set when a trusted gateway names the tenant the request is for.
     pub acting: Option<crate::api::auth::ActingFor>,
     pub started: Instant,
+    /// A request of a batch (`/v1/batches`): scheduled at the lowest weight, after the
+    /// tenant's own interactive requests.
+    pub batch: bool,
 }
 
 impl RequestCtx {
@@ -54,6 +57,9 @@ impl RequestCtx {
     }
     /// Its scheduling weight: the trusted gateway's word, else the purchased rate.
     pub fn weight(&self) -> Option<f64> {
+        if self.batch {
+            return Some(crate::worker::LOWEST_WEIGHT);
+        }
         match &self.acting {
             Some(a) => a.weight,
             None => self.tenant.cfg.tokens_per_second,

@@ -71,6 +71,10 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.responses != new.responses {
         v.push("[responses]");
     }
+    let (a, b) = (&old.batches, &new.batches);
+    if (a.enabled, &a.path) != (b.enabled, &b.path) {
+        v.push("[batches] enabled or path");
+    }
     let ids = |c: &Config| {
         c.models
             .iter()

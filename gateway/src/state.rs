@@ -63,6 +63,8 @@ pub struct Shared {
     pub ledger: Option<Ledger>,
     /// Stored answers of the Responses API (`None` unless `[responses] store = true`).
     pub responses: Option<Arc<ResponseStore>>,
+    /// The Batch API's files and batches (`None` unless `[batches] enabled = true`).
+    pub batches: Option<Arc<crate::batch::Batches>>,
     /// `metering.wait_for_commit`.
     pub metering_wait: bool,
     pub reloader: Reloader,
@@ -93,6 +95,16 @@ impl Shared {
         } else {
             None
         };
+        let batches = if config.batches.enabled {
+            let db = resolve_relative(path.as_deref(), &config.batches.path);
+            let keep =
+                std::time::Duration::try_from_secs_f64(config.batches.retention_hours * 3600.0)
+                    .map_err(|e| format!("batches.retention_hours: {e}"))?;
+            let store = crate::batch::BatchStore::open(&db, keep).map_err(|e| e.to_string())?;
+            Some(Arc::new(crate::batch::Batches::new(store)))
+        } else {
+            None
+        };
         let metering_wait = config.metering.wait_for_commit;
         Ok(Arc::new(Self {
             server: config.server.clone(),
@@ -102,6 +114,7 @@ impl Shared {
             metrics: Arc::new(Metrics::new()),
             ledger,
             responses,
+            batches,
             metering_wait,
             reloader: Reloader::new(path),
             draining: AtomicBool::new(false),

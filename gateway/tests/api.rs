@@ -472,18 +472,6 @@ async fn embeddings_of_many_inputs_are_routed_a_pool_at_a_time() {
     );
 }
 
-/// The key of a second tenant, `other` ([`other_tenant`]).
-const OTHER: &str = "sk-tollgate-other";
-
-/// The config lines of a second tenant, `other`, whose key is [`OTHER`].
-fn other_tenant() -> String {
-    use sha2::Digest;
-    format!(
-        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
-        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
-    )
-}
-
 /// Simulated workers that answer 400 tokens, 20 ms apiece (background responses that run
 /// a while).
 const SLOW_SIM: &str = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 400, max_output_tokens = 400 }"#;

@@ -12,7 +12,8 @@ async fn openai_python_sdk_lists_completes_and_streams() {
         return;
     };
     // Responses stored here (not with the real model below: both ways are checked).
-    let gw = Gateway::start(&(config(FAST_SIM, "", "") + "\n[responses]\nstore = true\n"));
+    let stored = "\n[responses]\nstore = true\n[batches]\nenabled = true\n";
+    let gw = Gateway::start(&(config(FAST_SIM, "", "") + stored));
     run_sdk(&py, &gw, &[]).await;
 }
 
@@ -28,14 +29,14 @@ async fn openai_python_sdk_against_the_real_model() {
     let tokenizer = kernels::tokenizer::Tokenizer::from_gguf(&gguf).expect("its tokenizer");
     let open = tokenizer.encode("[").expect("`[`");
     assert_eq!(open.len(), 1);
-    let gw = Gateway::start(&engine_config(&model, ""));
+    let gw = Gateway::start(&(engine_config(&model, "") + "\n[batches]\nenabled = true\n"));
     run_sdk(&py, &gw, &["engine", &open[0].to_string()]).await;
 }
 
-/// Runs the SDK scripts (chat and completions; the Responses API) against `gw` (`extra`:
-/// their optional arguments).
+/// Runs the SDK scripts (chat and completions; the Responses API; files and batches)
+/// against `gw` (`extra`: their optional arguments).
 async fn run_sdk(py: &std::path::Path, gw: &Gateway, extra: &[&str]) {
-    for script in ["openai_sdk.py", "openai_responses.py"] {
+    for script in ["openai_sdk.py", "openai_responses.py", "openai_batches.py"] {
         run_script(py, gw, script, extra).await;
     }
 }

@@ -38,6 +38,11 @@ pub enum ApiError {
          `DELETE /v1/conversations/{{id}}`), wait for some to expire, or send `store: false`."
     )]
     StorageQuota { stored: u64, quota: u64 },
+    #[error(
+        "This tenant's files take {stored} bytes; with this one they would pass its quota of \
+         {quota} bytes: delete some (`DELETE /v1/files/{{id}}`) or wait for some to expire."
+    )]
+    FilesQuota { stored: u64, quota: u64 },
     #[error("{0}")]
     Upstream(String),
     #[error("The request timed out.")]
@@ -106,7 +111,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::StorageQuota { .. } => StatusCode::FORBIDDEN,
+            ApiError::StorageQuota { .. } | ApiError::FilesQuota { .. } => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -124,7 +129,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", Some("request_too_large"))
             }
-            ApiError::StorageQuota { .. } => {
+            ApiError::StorageQuota { .. } | ApiError::FilesQuota { .. } => {
                 ("invalid_request_error", Some("storage_quota_exceeded"))
             }
             ApiError::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),

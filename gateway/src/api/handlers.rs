@@ -101,6 +101,7 @@ pub(super) async fn respond(
                 tenant,
                 acting,
                 started,
+                batch: false,
             };
             pipeline::serve(&state, ctx, req).await
         }

@@ -5,10 +5,12 @@
 pub mod admin;
 pub mod auth;
 pub mod background;
+mod batches;
 mod conversations;
 pub mod embeddings;
 pub mod error;
 pub mod event_log;
+mod files;
 mod handlers;
 pub(crate) mod input_items;
 mod item_reference;
@@ -71,6 +73,17 @@ pub fn app(state: AppState) -> Router {
             "/v1/conversations/{id}/items/{item}",
             get(conversations::get_item).delete(conversations::delete_item),
         )
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{*model}", get(handlers::model))
         .route_layer(middleware::from_fn_with_state(

@@ -58,6 +58,45 @@ pub struct Config {
     pub metering: MeteringConfig,
     #[serde(default)]
     pub responses: ResponsesConfig,
+    #[serde(default)]
+    pub batches: BatchesConfig,
+}
+
+/// `[batches]`: the Batch API (`/v1/files`, `/v1/batches`): a tenant's file of requests
+/// run apart from any connection, at the lowest scheduling weight, under its contract.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchesConfig {
+    /// Serve the Files and Batches APIs. Off by default: a gateway then keeps no files.
+    pub enabled: bool,
+    /// Database file (files, batches, their results so far); relative to the config
+    /// file's folder.
+    pub path: String,
+    /// Largest file a tenant may upload, in MiB.
+    pub max_file_mib: f64,
+    /// Most requests in one batch's input file.
+    pub max_requests: usize,
+    /// Requests of one batch in flight at once (each still admitted under the tenant's
+    /// contract and concurrency cap).
+    pub concurrency: usize,
+    /// How long a file (uploaded, or a batch's output) and a finished batch are kept.
+    pub retention_hours: f64,
+    /// What one tenant's files may take in all, in MiB.
+    pub max_stored_mib_per_tenant: f64,
+}
+
+impl Default for BatchesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "tollgate-batches.db".into(),
+            max_file_mib: 100.0,
+            max_requests: 50_000,
+            concurrency: 8,
+            retention_hours: 720.0,
+            max_stored_mib_per_tenant: 2048.0,
+        }
+    }
 }
 
 /// `[responses]`: stored answers of the Responses API (`previous_response_id`,
@@ -724,6 +763,23 @@ impl Config {
         let quota = self.responses.max_stored_mib_per_tenant;
         if !(quota >= 0.0 && quota.is_finite()) {
             return invalid("responses.max_stored_mib_per_tenant must be a number >= 0");
+        }
+        let b = &self.batches;
+        let kept = std::time::Duration::try_from_secs_f64(b.retention_hours * 3600.0).is_ok()
+            && b.retention_hours > 0.0;
+        if b.enabled
+            && (b.path.is_empty()
+                || !kept
+                || !positive(b.max_file_mib)
+                || !positive(b.max_stored_mib_per_tenant)
+                || b.max_requests == 0
+                || b.concurrency == 0)
+        {
+            return invalid(
+                "batches: path must not be empty; retention_hours, max_file_mib and \
+                 max_stored_mib_per_tenant must be numbers > 0; max_requests and concurrency \
+                 must be >= 1 (or set batches.enabled = false)",
+            );
         }
         if self.metering.enabled && self.metering.path.is_empty() {
             return invalid("metering.path must not be empty (or set metering.enabled = false)");

@@ -67,6 +67,7 @@ pub async fn serve(
         });
     }
     crate::reload::spawn_triggers(state.clone());
+    crate::batch::runner::resume(&state);
     let probes: Vec<_> = state
         .router
         .pools
@@ -98,6 +99,12 @@ pub async fn serve(
             }
             let _ = running.wait_for(|n| *n == 0).await;
         }
+        // Running batches stop sending requests; those in flight end and are kept.
+        if let Some(batches) = &state.batches {
+            batches.drain();
+            let mut running = batches.running_count();
+            let _ = running.wait_for(|n| *n == 0).await;
+        }
         Ok::<_, std::io::Error>(())
     };
     let on_signal = async {
@@ -108,6 +115,9 @@ pub async fn serve(
             "shutdown: no longer accepting; draining in-flight requests"
         );
         let _ = stop_tx.send(true);
+        if let Some(batches) = &state.batches {
+            batches.drain();
+        }
         tokio::time::sleep(drain).await;
     };
     tokio::select! {

@@ -11,6 +11,18 @@ use std::time::{Duration, Instant};
 pub const KEY: &str = "sk-tollgate-demo";
 pub const KEY_SHA256: &str = "179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f";
 
+/// The key of a second tenant, `other` ([`other_tenant`]).
+pub const OTHER: &str = "sk-tollgate-other";
+
+/// The config lines of a second tenant, `other`, whose key is [`OTHER`].
+pub fn other_tenant() -> String {
+    use sha2::Digest;
+    format!(
+        "\n[[tenants]]\nid = \"other\"\nkeys_sha256 = [\"{}\"]\n",
+        hex::encode(sha2::Sha256::digest(OTHER.as_bytes()))
+    )
+}
+
 /// A running gateway process, killed on drop.
 pub struct Gateway {
     pub child: Child,
@@ -167,6 +179,12 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// Kills the process at once (SIGKILL: no drain, nothing flushed) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn sigterm(&self) {

@@ -1,0 +1,354 @@
+//! The Files API (`[batches] enabled = true`, see [`crate::batch`]): `POST /v1/files`
+//! (multipart: `file` and `purpose`, read as it arrives and refused past `max_file_mib`),
+//! `GET /v1/files` (pages, newest first), `GET`/`DELETE /v1/files/{id}` and
+//! `GET /v1/files/{id}/content`. A batch's output and error files are files too (purpose
+//! `batch_output`). A tenant sees only its own files; any other id is a 404.
+
+use super::auth::ActingFor;
+use super::error::ApiError;
+use super::handlers::with_limits;
+use super::stored_responses::owner;
+use crate::batch::store::Listing;
+use crate::batch::{BatchStore, BatchStoreError, Batches, FileRow};
+use crate::state::AppState;
+use crate::tenants::Tenant;
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The purposes a file may be uploaded for: `batch` (a batch's input, checked as JSON
+/// Lines) and `user_data` (kept as it is).
+const PURPOSES: [&str; 2] = ["batch", "user_data"];
+
+/// The Batch API's state, or the 404 of a gateway that keeps no files.
+pub(super) fn enabled(state: &AppState) -> Result<&Arc<Batches>, ApiError> {
+    state.batches.as_ref().ok_or_else(|| {
+        ApiError::NotFound(
+            "files and batches (this gateway keeps none: [batches] enabled = false)".into(),
+        )
+    })
+}
+
+/// Runs `f` on the store from the blocking pool.
+pub(super) async fn on_store<T: Send + 'static>(
+    batches: &Arc<Batches>,
+    f: impl FnOnce(&BatchStore) -> Result<T, BatchStoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = batches.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ApiError::Internal(format!("batch store: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// A file object as the API shows it.
+pub(super) fn file_json(f: &FileRow) -> Value {
+    json!({
+        "id": f.id,
+        "object": "file",
+        "bytes": f.bytes,
+        "created_at": f.created_at,
+        "expires_at": f.expires_at,
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": "processed",
+        "status_details": null,
+    })
+}
+
+/// A page of a list as the API shows it.
+pub(super) fn list_json(data: Vec<Value>, more: bool) -> Value {
+    let id = |v: Option<&Value>| v.and_then(|v| v["id"].as_str()).map(str::to_string);
+    json!({
+        "object": "list",
+        "first_id": id(data.first()),
+        "last_id": id(data.last()),
+        "has_more": more,
+        "data": data,
+    })
+}
+
+/// A list's query (`after`, `limit` from 1 to `max_limit`, and where `files`: `order`
+/// and `purpose`), or a 400 naming the parameter at fault.
+pub(super) fn listing(
+    query: Option<&str>,
+    default_limit: usize,
+    max_limit: usize,
+    files: bool,
+) -> Result<(Option<String>, usize, bool, Option<String>), ApiError> {
+    let (mut after, mut limit, mut oldest_first, mut purpose) = (None, default_limit, false, None);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "after" => after = Some(v.into_owned()),
+            "limit" => {
+                limit = match v.parse::<usize>() {
+                    Ok(n) if (1..=max_limit).contains(&n) => n,
+                    _ => {
+                        return Err(ApiError::bad(
+                            format!("`limit` must be an integer from 1 to {max_limit}, got {v:?}."),
+                            Some("limit".into()),
+                        ))
+                    }
+                }
+            }
+            "order" if files => {
+                oldest_first = match &*v {
+                    "desc" => false,
+                    "asc" => true,
+                    _ => {
+                        return Err(ApiError::bad(
+                            format!("`order` must be \"asc\" or \"desc\", got {v:?}."),
+                            Some("order".into()),
+                        ))
+                    }
+                }
+            }
+            "purpose" if files => purpose = Some(v.into_owned()),
+            other => return Err(ApiError::unknown(other)),
+        }
+    }
+    Ok((after, limit, oldest_first, purpose))
+}
+
+/// Answers with `done`'s value, or its error; the tenant's rate-limit headers added.
+pub(super) fn answer(tenant: &Tenant, done: Result<Response, ApiError>) -> Response {
+    with_limits(tenant, done.unwrap_or_else(IntoResponse::into_response))
+}
+
+/// `POST /v1/files`.
+pub async fn upload(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    form: Result<Multipart, MultipartRejection>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(&state)?;
+        let form = form.map_err(|e| {
+            ApiError::bad(
+                format!("A file is uploaded as multipart/form-data with the fields `file` and `purpose`: {e}"),
+                None,
+            )
+        })?;
+        let live = state.live();
+        let max_bytes = (live.config.batches.max_file_mib * 1024.0 * 1024.0) as usize;
+        let quota = quota(&state, &tenant);
+        drop(live);
+        let (filename, purpose, content) = read_form(form, max_bytes).await?;
+        if !PURPOSES.contains(&purpose.as_str()) {
+            return Err(ApiError::BadRequest {
+                message: format!(
+                    "`purpose` {purpose:?} is not one this gateway keeps files for ({}).",
+                    PURPOSES.join(", ")
+                ),
+                param: Some("purpose".into()),
+                code: Some("unsupported_parameter"),
+            });
+        }
+        let content = match purpose.as_str() {
+            "batch" => tokio::task::spawn_blocking(move || json_lines(content))
+                .await
+                .map_err(|e| ApiError::Internal(format!("reading the file failed: {e}")))??,
+            _ => content,
+        };
+        let who = owner.clone();
+        let stored = on_store(batches, move |s| s.stored_bytes(&who)).await?;
+        if stored + content.len() as u64 > quota {
+            return Err(ApiError::FilesQuota { stored, quota });
+        }
+        let row = on_store(batches, move |s| {
+            s.put_file(&owner, &filename, &purpose, &content)
+        })
+        .await?;
+        Ok(Json(file_json(&row)).into_response())
+    }
+    .await;
+    answer(&tenant, done)
+}
+
+/// The bytes `tenant` may keep in files: the gateway's `[batches]
+/// max_stored_mib_per_tenant`.
+fn quota(state: &AppState, _tenant: &Tenant) -> u64 {
+    (state.live().config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64
+}
+
+/// The form's file (its name and bytes, at most `max_bytes`) and purpose.
+async fn read_form(
+    mut form: Multipart,
+    max_bytes: usize,
+) -> Result<(String, String, Vec<u8>), ApiError> {
+    let bad = |m: String| ApiError::bad(m, None);
+    let (mut file, mut purpose) = (None, None);
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(|e| bad(format!("The multipart body cannot be read: {e}")))?
+    {
+        match field.name() {
+            Some("file") => {
+                let name = field.file_name().unwrap_or("file").to_string();
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| bad(format!("The file cannot be read: {e}")))?
+                {
+                    if bytes.len() + chunk.len() > max_bytes {
+                        return Err(ApiError::PayloadTooLarge { limit: max_bytes });
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                file = Some((name, bytes));
+            }
+            Some("purpose") => {
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| bad(format!("`purpose` cannot be read: {e}")))?;
+                purpose = Some(text);
+            }
+            _ => {}
+        }
+    }
+    let missing = |p: &str| ApiError::BadRequest {
+        message: format!("Missing required parameter: `{p}`."),
+        param: Some(p.into()),
+        code: Some("missing_required_parameter"),
+    };
+    let (name, bytes) = file.ok_or_else(|| missing("file"))?;
+    let purpose = purpose.ok_or_else(|| missing("purpose"))?;
+    Ok((name, purpose, bytes))
+}
+
+/// A batch input file checked as JSON Lines (each line that is not blank a JSON object;
+/// the requests in them are checked when a batch is made of it).
+fn json_lines(content: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    let bad = |m: String| ApiError::BadRequest {
+        message: m,
+        param: Some("file".into()),
+        code: Some("invalid_file_format"),
+    };
+    let text = std::str::from_utf8(&content)
+        .map_err(|e| bad(format!("A batch file is UTF-8 JSON Lines: {e}.")))?;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ok = serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok()
+            && line.trim_start().starts_with('{');
+        if !ok {
+            return Err(bad(format!(
+                "Line {} of the file is not a JSON object: a batch file holds one request object a line.",
+                i + 1
+            )));
+        }
+    }
+    Ok(content)
+}
+
+/// `GET /v1/files`.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(&state)?;
+        let (after, limit, oldest_first, purpose) =
+            listing(query.as_deref(), 10_000, 10_000, true)?;
+        let (rows, more) = on_store(batches, move |s| {
+            let page = Listing {
+                after: after.as_deref(),
+                limit,
+                oldest_first,
+                purpose: purpose.as_deref(),
+            };
+            s.files(&owner, &page)
+        })
+        .await?;
+        let data = rows.iter().map(file_json).collect();
+        Ok(Json(list_json(data, more)).into_response())
+    }
+    .await;
+    answer(&tenant, done)
+}
+
+fn no_file(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no file with id `{id}`"))
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(&state)?;
+        let key = id.clone();
+        let row = on_store(batches, move |s| s.file(&owner, &key)).await?;
+        let row = row.ok_or_else(|| no_file(&id))?;
+        Ok(Json(file_json(&row)).into_response())
+    }
+    .await;
+    answer(&tenant, done)
+}
+
+/// `GET /v1/files/{id}/content`.
+pub async fn content(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(&state)?;
+        let key = id.clone();
+        let bytes = on_store(batches, move |s| s.content(&owner, &key)).await?;
+        let bytes = bytes.ok_or_else(|| no_file(&id))?;
+        Ok((
+            [(http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response())
+    }
+    .await;
+    answer(&tenant, done)
+}
+
+/// `DELETE /v1/files/{id}` (refused while a batch that has not ended reads it).
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    acting: Option<Extension<ActingFor>>,
+    Path(id): Path<String>,
+) -> Response {
+    let owner = owner(&tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(&state)?;
+        let key = id.clone();
+        let gone = on_store(batches, move |s| s.delete_file(&owner, &key)).await?;
+        match gone {
+            Ok(true) => Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response()),
+            Ok(false) => Err(no_file(&id)),
+            Err(batch) => Err(ApiError::BadRequest {
+                message: format!(
+                    "The file `{id}` is the input of batch `{batch}`, which has not ended: cancel the batch first."
+                ),
+                param: None,
+                code: Some("file_in_use"),
+            }),
+        }
+    }
+    .await;
+    answer(&tenant, done)
+}

@@ -1,0 +1,420 @@
+//! The Batch API through the real binary: files uploaded, read, listed and deleted; a
+//! batch's requests run through the pipeline and their answers in its output and error
+//! files; a faulty input file refused with each fault; cancel; a gateway killed or drained
+//! mid-batch resumes it at its next start and runs each request once; tenants apart.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// `[batches]` on, its database at `db` (so that a restarted gateway finds it).
+fn batch_config(workers: &str, tenant: &str, db: &std::path::Path, concurrency: usize) -> String {
+    config(workers, tenant, "")
+        + &format!(
+            "{}\n[batches]\nenabled = true\npath = \"{}\"\nconcurrency = {concurrency}\n",
+            other_tenant(),
+            db.display()
+        )
+}
+
+/// Uploads `content` as a file for `purpose` with `key`.
+async fn upload(gw: &Gateway, key: &str, purpose: &str, content: &[u8]) -> reqwest::Response {
+    let boundary = "tollgate-test-boundary-7d1f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    client()
+        .post(gw.url("/v1/files"))
+        .bearer_auth(key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("sent")
+}
+
+/// The JSON Lines of `n` chat requests (`r0`, `r1`, ...), then `extra` lines.
+fn requests(n: usize, extra: &[Value]) -> Vec<u8> {
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| {
+            json!({
+                "custom_id": format!("r{i}"),
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": format!("question {i}")}], "max_tokens": 8},
+            })
+            .to_string()
+        })
+        .collect();
+    lines.extend(extra.iter().map(Value::to_string));
+    lines.join("\n").into_bytes()
+}
+
+/// Uploads `content` and starts a batch of it; the batch as created.
+async fn start_batch(gw: &Gateway, content: &[u8]) -> Value {
+    let r = upload(gw, KEY, "batch", content).await;
+    assert_eq!(r.status(), 200);
+    let file: Value = r.json().await.expect("file");
+    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"job": "test"}});
+    let batch = post_json(gw, "/v1/batches", &body.to_string()).await;
+    assert_eq!(batch["status"], "validating", "{batch}");
+    batch
+}
+
+/// GETs `path` with `key`: its status and JSON body.
+async fn get(gw: &Gateway, key: &str, path: &str) -> (u16, Value) {
+    let r = client()
+        .get(gw.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("sent");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The batch `id` once `done` says so (polled for at most `limit`).
+async fn wait_batch(
+    gw: &Gateway,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let (status, b) = get(gw, KEY, &format!("/v1/batches/{id}")).await;
+        assert_eq!(status, 200, "{b}");
+        if done(&b) {
+            return b;
+        }
+        assert!(t0.elapsed() < limit, "batch still {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ended(b: &Value) -> bool {
+    ["completed", "failed", "expired", "cancelled"].contains(&b["status"].as_str().unwrap_or(""))
+}
+
+/// The lines of file `id` as JSON.
+async fn file_lines(gw: &Gateway, id: &Value) -> Vec<Value> {
+    let text = client()
+        .get(gw.url(&format!(
+            "/v1/files/{}/content",
+            id.as_str().expect("file id")
+        )))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_runs_its_requests_and_keeps_their_answers_in_files() {
+    let dir = tempdir::TempDir::new();
+    // A contract whose burst a 6,000-token answer cannot fit: that request fails when it
+    // runs (a 400 in the error file), the others succeed.
+    let tenant = "tokens_per_second = 1000.0\nburst_seconds = 10.0\nmax_concurrency = 8";
+    let gw = Gateway::start(&batch_config(FAST_SIM, tenant, &dir.0.join("b.db"), 4));
+    let too_big = json!({"custom_id": "big", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 6000}});
+    let created = start_batch(&gw, &requests(12, &[too_big])).await;
+    let id = created["id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("batch_"));
+    assert_eq!(created["metadata"]["job"], "test");
+    let b = wait_batch(&gw, &id, Duration::from_secs(20), ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 13, "completed": 12, "failed": 1})
+    );
+    for at in ["in_progress_at", "finalizing_at", "completed_at"] {
+        assert!(b[at].as_i64().is_some(), "{at}: {b}");
+    }
+    // Every answer, in the input's order, each the endpoint's own.
+    let out = file_lines(&gw, &b["output_file_id"]).await;
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().expect("custom_id"))
+        .collect();
+    let want: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    assert_eq!(ids, want);
+    let (mut input, mut output) = (0, 0);
+    for l in &out {
+        assert_eq!(l["response"]["status_code"], 200);
+        assert!(l["error"].is_null());
+        let body = &l["response"]["body"];
+        assert_eq!(body["object"], "chat.completion", "{l}");
+        assert_eq!(body["usage"]["completion_tokens"], 8);
+        input += body["usage"]["prompt_tokens"].as_i64().expect("usage");
+        output += body["usage"]["completion_tokens"].as_i64().expect("usage");
+    }
+    assert_eq!(b["usage"]["input_tokens"], input);
+    assert_eq!(b["usage"]["output_tokens"], output);
+    let errors = file_lines(&gw, &b["error_file_id"]).await;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["custom_id"], "big");
+    assert_eq!(errors[0]["response"]["status_code"], 400);
+    assert_eq!(
+        errors[0]["response"]["body"]["error"]["code"],
+        "request_exceeds_contract"
+    );
+    // The output files are the tenant's files, listed with the input.
+    let (_, files) = get(&gw, KEY, "/v1/files").await;
+    let purposes: Vec<&str> = files["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|f| f["purpose"].as_str().expect("purpose"))
+        .collect();
+    assert_eq!(purposes, ["batch_output", "batch_output", "batch"]);
+    let (_, only) = get(&gw, KEY, "/v1/files?purpose=batch").await;
+    assert_eq!(only["data"].as_array().expect("list").len(), 1);
+    let (_, listed) = get(&gw, KEY, "/v1/batches?limit=1").await;
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+    assert_eq!(listed["has_more"], false);
+    // An ended batch cannot be cancelled.
+    let r = post(&gw, &format!("/v1/batches/{id}/cancel"), "").await;
+    assert_eq!(r.status(), 400);
+    // The batch's requests are metered as the tenant's.
+    let metrics = gw.metrics().await;
+    let served = metric(
+        &metrics,
+        "tollgate_requests_total{tenant=\"demo\",model=\"m\",status=\"200\"}",
+    );
+    assert_eq!(served, Some(12.0), "{metrics}");
+    // Another tenant sees none of it.
+    for path in [
+        format!("/v1/batches/{id}"),
+        format!("/v1/files/{}", b["output_file_id"].as_str().expect("id")),
+        format!(
+            "/v1/files/{}/content",
+            b["input_file_id"].as_str().expect("id")
+        ),
+    ] {
+        assert_eq!(get(&gw, OTHER, &path).await.0, 404, "{path}");
+    }
+    let (_, theirs) = get(&gw, OTHER, "/v1/batches").await;
+    assert_eq!(theirs["data"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_faulty_input_file_fails_its_batch_with_every_fault() {
+    let dir = tempdir::TempDir::new();
+    let gw = Gateway::start(&batch_config(FAST_SIM, "", &dir.0.join("b.db"), 4));
+    let faulty = [
+        json!({"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": "again"}]}}),
+        json!({"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}}),
+        json!({"custom_id": "y", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}}),
+    ];
+    let created = start_batch(&gw, &requests(2, &faulty)).await;
+    let id = created["id"].as_str().expect("id");
+    let b = wait_batch(&gw, id, Duration::from_secs(10), ended).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert!(b["failed_at"].as_i64().is_some());
+    let faults: Vec<(i64, &str)> = b["errors"]["data"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_i64().expect("line"),
+                e["code"].as_str().expect("code"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        faults,
+        [
+            (3, "duplicate_custom_id"),
+            (4, "mismatched_url"),
+            (5, "model_not_found")
+        ]
+    );
+    assert!(b["output_file_id"].is_null());
+    // A file that is not JSON Lines is refused when uploaded; an unknown purpose too.
+    let r = upload(&gw, KEY, "batch", b"{\"a\":1}\nnot json\n").await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "invalid_file_format", "{e}");
+    assert_eq!(upload(&gw, KEY, "fine-tune", b"{}").await.status(), 400);
+    // A batch needs a file of the tenant's made for batches, and an endpoint it runs.
+    let notes = upload(&gw, KEY, "user_data", b"notes").await;
+    let notes: Value = notes.json().await.expect("file");
+    for (body, status) in [
+        (
+            json!({"input_file_id": notes["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+            400,
+        ),
+        (
+            json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+            404,
+        ),
+        (
+            json!({"input_file_id": notes["id"], "endpoint": "/v1/moderations", "completion_window": "24h"}),
+            400,
+        ),
+        (
+            json!({"input_file_id": notes["id"], "endpoint": "/v1/chat/completions", "completion_window": "1h"}),
+            400,
+        ),
+    ] {
+        let r = post(&gw, "/v1/batches", &body.to_string()).await;
+        assert_eq!(r.status(), status, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_batch_stops_and_keeps_what_it_did() {
+    let dir = tempdir::TempDir::new();
+    // 20 tokens at 25 ms: half a second a request, one at a time.
+    let slow = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 25.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 20, max_output_tokens = 20 }"#;
+    let gw = Gateway::start(&batch_config(slow, "", &dir.0.join("b.db"), 1));
+    let created = start_batch(&gw, &requests(20, &[])).await;
+    let id = created["id"].as_str().expect("id");
+    wait_batch(&gw, id, Duration::from_secs(10), |b| {
+        b["request_counts"]["completed"].as_i64() >= Some(1)
+    })
+    .await;
+    // Its input cannot go while it runs.
+    let input = created["input_file_id"].as_str().expect("id");
+    let r = client()
+        .delete(gw.url(&format!("/v1/files/{input}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 400);
+    let c = post_json(&gw, &format!("/v1/batches/{id}/cancel"), "").await;
+    assert_eq!(c["status"], "cancelling", "{c}");
+    let b = wait_batch(&gw, id, Duration::from_secs(10), ended).await;
+    assert_eq!(b["status"], "cancelled", "{b}");
+    let done = b["request_counts"]["completed"].as_i64().expect("count");
+    assert!((1..20).contains(&done), "{b}");
+    let out = file_lines(&gw, &b["output_file_id"]).await;
+    assert_eq!(out.len() as i64, done);
+    // Cancelling again answers it as it is; its input may go now.
+    let again = post_json(&gw, &format!("/v1/batches/{id}/cancel"), "").await;
+    assert_eq!(again["status"], "cancelled", "{again}");
+    let r = client()
+        .delete(gw.url(&format!("/v1/files/{input}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&gw, KEY, &format!("/v1/files/{input}")).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_outlives_its_gateway_and_runs_each_request_once() {
+    let dir = tempdir::TempDir::new();
+    let db = dir.0.join("b.db");
+    // 10 tokens at 20 ms: 0.2 s a request, two at a time: 24 requests take ~2.4 s.
+    let slow = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 10, max_output_tokens = 10 }"#;
+    let cfg = batch_config(slow, "", &db, 2);
+    let mut gw = Gateway::start(&cfg);
+    let created = start_batch(&gw, &requests(24, &[])).await;
+    let id = created["id"].as_str().expect("id").to_string();
+    let progress = |b: &Value| b["request_counts"]["completed"].as_i64().unwrap_or(0);
+    let b = wait_batch(&gw, &id, Duration::from_secs(10), |b| progress(b) >= 4).await;
+    // Killed: no drain, requests in flight lost.
+    gw.kill();
+    let at_kill = progress(&b);
+    let mut gw = Gateway::start(&cfg);
+    let b = wait_batch(&gw, &id, Duration::from_secs(10), |b| {
+        progress(b) >= at_kill + 4
+    })
+    .await;
+    assert_eq!(b["status"], "in_progress", "{b}");
+    // Drained: the batch stops sending; those in flight end and are kept.
+    gw.sigterm();
+    assert!(
+        gw.wait_exit(Duration::from_secs(10)).is_some(),
+        "no exit on SIGTERM"
+    );
+    let gw = Gateway::start(&cfg);
+    let b = wait_batch(&gw, &id, Duration::from_secs(20), ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 24, "completed": 24, "failed": 0})
+    );
+    let out = file_lines(&gw, &b["output_file_id"]).await;
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().expect("id"))
+        .collect();
+    let want: Vec<String> = (0..24).map(|i| format!("r{i}")).collect();
+    assert_eq!(ids, want, "each request once, in order");
+    assert!(b["error_file_id"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
+    let dir = tempdir::TempDir::new();
+    let cfg = config(FAST_SIM, "", "")
+        + &format!(
+            "\n[batches]\nenabled = true\npath = \"{}\"\nmax_file_mib = 0.001\nmax_stored_mib_per_tenant = 0.0025\n",
+            dir.0.join("b.db").display()
+        );
+    let gw = Gateway::start(&cfg);
+    // 1 KiB files (max_file_mib ≈ 1,048 bytes): two fit the 2.5 KiB quota, a third does not.
+    let kib = vec![b'x'; 1000];
+    let first: Value = upload(&gw, KEY, "user_data", &kib)
+        .await
+        .json()
+        .await
+        .expect("file");
+    assert_eq!(first["bytes"], 1000);
+    assert_eq!(upload(&gw, KEY, "user_data", &kib).await.status(), 200);
+    let r = upload(&gw, KEY, "user_data", &kib).await;
+    assert_eq!(r.status(), 403);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "storage_quota_exceeded");
+    assert_eq!(
+        upload(&gw, KEY, "user_data", &[b'x'; 1100]).await.status(),
+        413
+    );
+    // Deleting one makes room; its content is the bytes sent.
+    let id = first["id"].as_str().expect("id");
+    let r = client()
+        .get(gw.url(&format!("/v1/files/{id}/content")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.bytes().await.expect("bytes").as_ref(), &kib[..]);
+    let r = client()
+        .delete(gw.url(&format!("/v1/files/{id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent");
+    let gone: Value = r.json().await.expect("json");
+    assert_eq!(gone, json!({"id": id, "object": "file", "deleted": true}));
+    assert_eq!(upload(&gw, KEY, "user_data", &kib).await.status(), 200);
+    // Without `[batches]` the routes are a 404 that says why.
+    let plain = Gateway::start(&config(FAST_SIM, "", ""));
+    let (status, e) = get(&plain, KEY, "/v1/batches").await;
+    assert_eq!(status, 404);
+    assert!(e["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("[batches]"));
+}
