@@ -432,7 +432,7 @@ async fn run(
         until: TokioInstant::now() + std::time::Duration::from_secs_f64(server.queue_timeout_secs),
         // In the pool's wait room: the tenant, its weight and the request's weighted tokens.
         who: crate::route::room::Who {
-            tenant: ctx.tenant_id().clone(),
+            tenant: crate::engine::fair::account(ctx.tenant_id(), weight.unwrap_or(1.0)),
             weight: weight.unwrap_or(1.0),
             cost: cost / choices as f64,
         },

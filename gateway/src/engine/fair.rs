@@ -13,9 +13,11 @@
 //! Nothing is held back when there is no contention: the policy only orders.
 //!
 //! Weights: a request's `weight` (the tenant's `tokens_per_second`, or what a trusted
-//! gateway sent); requests without one count as weight 1. Spot-tier and best-effort
+//! gateway sent); requests without one count as weight 1. Spot-tier, best-effort and batch
 //! requests carry the lowest weight (`worker::LOWEST_WEIGHT`), so they are admitted last
-//! and preempted first.
+//! and preempted first. They are counted in an account of their own per tenant (see
+//! [`Tenanted::share`]): a tenant's batch, run on what is left, does not put the tenant's
+//! own interactive requests behind other tenants'.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,12 +25,27 @@ use std::sync::Arc;
 /// Sequences running per tenant.
 pub type InRun = HashMap<Arc<str>, usize>;
 
+/// The account work of `tenant` with `weight` is counted in: the tenant's, or for
+/// lowest-weight work (spot, best effort, batches) an account of the tenant's own for it,
+/// so that such work — charged heavily, being of the lowest weight — does not put the
+/// tenant's contracted requests behind other tenants'.
+pub fn account(tenant: &Arc<str>, weight: f64) -> Arc<str> {
+    match weight <= crate::worker::LOWEST_WEIGHT {
+        true => format!("{tenant}\u{0}lowest").into(),
+        false => tenant.clone(),
+    }
+}
+
 /// Weights below this are treated as this (no division by zero or by a negative).
 const MIN_WEIGHT: f64 = 1e-6;
 
 /// A sequence as the fair-share policy sees it.
 pub trait Tenanted {
     fn tenant(&self) -> &Arc<str>;
+    /// The account its fair share is counted in (default: its tenant's).
+    fn share(&self) -> &Arc<str> {
+        self.tenant()
+    }
     fn weight(&self) -> f64;
     /// The weighted tokens of computing its next `n` tokens (default: `n`).
     fn token_cost(&self, n: usize) -> f64 {
@@ -92,7 +109,7 @@ impl Fair {
     pub fn count(running: &[impl Tenanted]) -> InRun {
         let mut n = InRun::new();
         for r in running {
-            *n.entry(r.tenant().clone()).or_default() += 1;
+            *n.entry(r.share().clone()).or_default() += 1;
         }
         n
     }
@@ -107,8 +124,8 @@ impl Fair {
     ) -> Option<usize> {
         let mut best: Option<(usize, f64, usize)> = None;
         for (i, s) in waiting.into_iter().enumerate() {
-            let c = self.counter(s.tenant());
-            let n = in_run.get(s.tenant()).copied().unwrap_or(0);
+            let c = self.counter(s.share());
+            let n = in_run.get(s.share()).copied().unwrap_or(0);
             if best.is_none_or(|(_, bc, bn)| c < bc || (c == bc && n < bn)) {
                 best = Some((i, c, n));
             }
@@ -121,7 +138,7 @@ impl Fair {
     pub fn victim<S: Tenanted>(&self, candidates: impl IntoIterator<Item = S>) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
         for (i, s) in candidates.into_iter().enumerate() {
-            let c = self.counter(s.tenant());
+            let c = self.counter(s.share());
             if best.is_none_or(|(_, bc)| c >= bc) {
                 best = Some((i, c));
             }
@@ -133,6 +150,9 @@ impl Fair {
 impl<T: Tenanted> Tenanted for &T {
     fn tenant(&self) -> &Arc<str> {
         (**self).tenant()
+    }
+    fn share(&self) -> &Arc<str> {
+        (**self).share()
     }
     fn weight(&self) -> f64 {
         (**self).weight()
@@ -211,5 +231,37 @@ mod tests {
             Some(1)
         );
         assert_eq!(f.victim([s("spot"), s("reserved")].iter()), Some(0));
+    }
+
+    /// A sequence counted in an account other than its tenant's.
+    struct Shared(Arc<str>, Arc<str>, f64);
+    impl Tenanted for Shared {
+        fn tenant(&self) -> &Arc<str> {
+            &self.0
+        }
+        fn share(&self) -> &Arc<str> {
+            &self.1
+        }
+        fn weight(&self) -> f64 {
+            self.2
+        }
+    }
+
+    #[test]
+    fn a_tenants_lowest_weight_work_does_not_put_its_own_requests_behind() {
+        let low = crate::worker::LOWEST_WEIGHT;
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let a_low = account(&a, low);
+        assert_eq!(account(&a, 1.0), a);
+        let mut f = Fair::default();
+        // a's batch has had 100 tokens computed; b's requests 50.
+        f.charge(&a_low, 100.0, low);
+        f.charge(&b, 50.0, 1.0);
+        let sq = |t: &Arc<str>, share: &Arc<str>, w| Shared(t.clone(), share.clone(), w);
+        let waiting = [sq(&b, &b, 1.0), sq(&a, &a_low, low), sq(&a, &a, 1.0)];
+        // a's own request first (its account is untouched), then b's, the batch last.
+        assert_eq!(f.pick(waiting.iter(), &InRun::new()), Some(2));
+        assert_eq!(f.pick(waiting[..2].iter(), &InRun::new()), Some(0));
+        assert_eq!(f.victim(waiting.iter()), Some(1));
     }
 }

@@ -325,9 +325,11 @@ impl EngineWorker {
             )));
         }
         let p = &req.params;
+        let weight = req.weight.unwrap_or(1.0);
         Ok(NewSeq {
             tenant: req.tenant.clone(),
-            weight: req.weight.unwrap_or(1.0),
+            share: fair::account(&req.tenant, weight),
+            weight,
             output_weight: req.output_weight,
             prompt,
             max_tokens: p.max_tokens,

@@ -346,7 +346,7 @@ impl Engine {
     /// A tenant back from idle is lifted to the least served tenant with work.
     fn arrive(&mut self, n: NewSeq) {
         let backlogged = self.running.iter().chain(self.waiting.iter());
-        self.fair.arrive(&n.tenant, backlogged.map(|s| &s.tenant));
+        self.fair.arrive(&n.share, backlogged.map(|s| &s.share));
         self.waiting.push_back(admit(n, self.next_id));
         self.next_id += 1;
     }

@@ -174,7 +174,7 @@ pub fn schedule<S: Schedulable>(
             break;
         }
         fair.charge(
-            running[i].tenant(),
+            running[i].share(),
             running[i].token_cost(n),
             running[i].weight(),
         );
@@ -200,8 +200,8 @@ pub fn schedule<S: Schedulable>(
         let Some(s) = waiting.remove(next) else {
             break;
         };
-        fair.charge(s.tenant(), s.token_cost(n), s.weight());
-        *in_run.entry(s.tenant().clone()).or_default() += 1;
+        fair.charge(s.share(), s.token_cost(n), s.weight());
+        *in_run.entry(s.share().clone()).or_default() += 1;
         running.push(s);
         plan.items.push((running.len() - 1, n));
         budget -= n;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 pub(super) struct NewSeq {
     pub(super) tenant: Arc<str>,
+    /// The account its fair share is counted in ([`super::fair::Tenanted::share`]).
+    pub(super) share: Arc<str>,
     pub(super) weight: f64,
     pub(super) output_weight: f64,
     pub(super) prompt: Vec<u32>,
@@ -44,6 +46,9 @@ pub(super) struct Seq {
     /// The engine's name for it (admission order), to find it again after a step in flight.
     pub(super) id: u64,
     pub(super) tenant: Arc<str>,
+    /// The account its fair share is counted in: its tenant's, or the tenant's account of
+    /// lowest-weight work ([`super::fair::account`]).
+    pub(super) share: Arc<str>,
     /// Fair-share weight (the tenant's purchased rate).
     pub(super) weight: f64,
     pub(super) output_weight: f64,
@@ -93,6 +98,9 @@ pub(super) struct Seq {
 impl Tenanted for Seq {
     fn tenant(&self) -> &Arc<str> {
         &self.tenant
+    }
+    fn share(&self) -> &Arc<str> {
+        &self.share
     }
     fn weight(&self) -> f64 {
         self.weight
@@ -302,6 +310,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         id,
         resolved: n.prompt.len(),
         tenant: n.tenant,
+        share: n.share,
         weight: n.weight,
         output_weight: n.output_weight,
         prompt_len: n.prompt.len(),
@@ -426,6 +435,7 @@ mod tests {
         let (tx, rx) = tmpsc::unbounded_channel();
         let n = NewSeq {
             tenant: "t".into(),
+            share: "t".into(),
             weight: 1.0,
             output_weight,
             prompt,

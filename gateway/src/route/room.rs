@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-/// Who is waiting: the tenant, its weight, and the request's weighted tokens.
+/// Who is waiting: the tenant (the account its fair share is counted in, see
+/// [`crate::engine::fair::account`]), its weight, and the request's weighted tokens.
 #[derive(Debug, Clone)]
 pub struct Who {
     pub tenant: Arc<str>,
