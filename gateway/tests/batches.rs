@@ -418,3 +418,70 @@ async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
         .expect("message")
         .contains("[batches]"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_past_its_window_expires_and_lists_what_did_not_run() {
+    use gateway::batch::store::{now_s, BatchRow};
+    use gateway::batch::BatchStore;
+    let dir = tempdir::TempDir::new();
+    let db = dir.0.join("b.db");
+    // Batches a gateway left behind: one whose window ended while it was down (two of its
+    // three requests done), one cancelled while it ran.
+    {
+        let store = BatchStore::open(&db, Duration::from_secs(3600)).expect("open");
+        let file = store
+            .put_file("demo", "in.jsonl", "batch", &requests(3, &[]))
+            .expect("file");
+        let row = |id: &str, status: &str, expires_at| BatchRow {
+            id: id.into(),
+            tenant: "demo".into(),
+            created_at: now_s() - 86_400,
+            endpoint: "/v1/chat/completions".into(),
+            input_file_id: file.id.clone(),
+            completion_window: "24h".into(),
+            status: status.into(),
+            expires_at,
+            ..BatchRow::default()
+        };
+        store
+            .create_batch(&row("batch_late", "validating", now_s() - 5))
+            .expect("create");
+        store.start("batch_late", 3).expect("start");
+        for line in [0, 2] {
+            let done = gateway::batch::store::LineResult {
+                line,
+                ok: true,
+                output: format!(r#"{{"custom_id":"r{line}"}}"#),
+                ..Default::default()
+            };
+            store.record("batch_late", &done).expect("record");
+        }
+        store
+            .create_batch(&row("batch_stopped", "cancelling", now_s() + 3600))
+            .expect("create");
+    }
+    let gw = Gateway::start(&batch_config(FAST_SIM, "", &db, 4));
+    let b = wait_batch(&gw, "batch_late", Duration::from_secs(10), ended).await;
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(b["expired_at"].as_i64().is_some());
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 3, "completed": 2, "failed": 1})
+    );
+    let out = file_lines(&gw, &b["output_file_id"]).await;
+    assert_eq!(
+        out,
+        [json!({"custom_id": "r0"}), json!({"custom_id": "r2"})]
+    );
+    let errors = file_lines(&gw, &b["error_file_id"]).await;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["custom_id"], "r1");
+    assert_eq!(errors[0]["error"]["code"], "batch_expired");
+    assert!(errors[0]["response"].is_null());
+    let b = wait_batch(&gw, "batch_stopped", Duration::from_secs(10), ended).await;
+    assert_eq!(b["status"], "cancelled", "{b}");
+    assert_eq!(
+        b["request_counts"]["completed"], 0,
+        "nothing run after a cancel"
+    );
+}

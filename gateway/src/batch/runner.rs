@@ -196,6 +196,11 @@ async fn run(
             left.push(i);
             continue;
         }
+        if tokio::time::Instant::now() >= expiry {
+            stopped = true;
+            left.push(i);
+            continue;
+        }
         let mut h = halt.clone();
         let permit = tokio::select! {
             biased;
@@ -293,6 +298,9 @@ impl Job {
         let line = &self.lines[self.line];
         let request_id = format!("{}-{}", self.batch, self.line + 1);
         loop {
+            if *self.halt.borrow() != Halt::No || tokio::time::Instant::now() >= self.expiry {
+                return Ok(Some(self.line));
+            }
             let answer = self.attempt(line, &request_id).await;
             let wait = match answer {
                 Attempt::Done(status, body) => {
