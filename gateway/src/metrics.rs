@@ -335,6 +335,15 @@ impl Metrics {
                 let _ = writeln!(out, "tollgate_usage_records_total{{outcome=\"{k}\"}} {v}");
             }
         }
+        if let Some(b) = &state.batches {
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_batches_running Batches (`/v1/batches`) this gateway runs now.\n# TYPE tollgate_batches_running gauge\ntollgate_batches_running {}\n# HELP tollgate_batch_requests Requests of batches run to a result, by result (ok: answered 2xx; failed: any other answer).\n# TYPE tollgate_batch_requests counter\ntollgate_batch_requests_total{{result=\"ok\"}} {}\ntollgate_batch_requests_total{{result=\"failed\"}} {}",
+                b.running(),
+                b.answered.load(std::sync::atomic::Ordering::Relaxed),
+                b.refused.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         if let Some(store) = &state.responses {
             let w = &store.writes;
             let _ = writeln!(

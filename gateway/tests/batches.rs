@@ -198,6 +198,14 @@ async fn a_batch_runs_its_requests_and_keeps_their_answers_in_files() {
         "tollgate_requests_total{tenant=\"demo\",model=\"m\",status=\"200\"}",
     );
     assert_eq!(served, Some(12.0), "{metrics}");
+    let counted = |result: &str| {
+        metric(
+            &metrics,
+            &format!("tollgate_batch_requests_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!((counted("ok"), counted("failed")), (Some(12.0), Some(1.0)));
+    assert_eq!(metric(&metrics, "tollgate_batches_running"), Some(0.0));
     // Another tenant sees none of it.
     for path in [
         format!("/v1/batches/{id}"),

@@ -15,6 +15,7 @@ pub mod store;
 pub use store::{BatchRow, BatchStore, BatchStoreError, FileRow};
 
 use dashmap::DashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
 
@@ -39,6 +40,9 @@ pub struct Batches {
     /// Where batches run: the runtime the server started on (a per-core serving thread's
     /// runtime ends with its connections).
     runtime: OnceLock<tokio::runtime::Handle>,
+    /// Batch requests this process ran to a result: answered 2xx, and otherwise.
+    pub answered: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 impl Batches {
@@ -48,6 +52,8 @@ impl Batches {
             running: DashMap::new(),
             running_count: watch::channel(0).0,
             runtime: OnceLock::new(),
+            answered: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -69,6 +75,11 @@ impl Batches {
                 _ => false,
             });
         }
+    }
+
+    /// How many batches run now.
+    pub fn running(&self) -> usize {
+        *self.running_count.borrow()
     }
 
     /// How many batches run, as it changes.

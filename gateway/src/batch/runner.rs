@@ -305,8 +305,13 @@ impl Job {
             let wait = match answer {
                 Attempt::Done(status, body) => {
                     let result = outcome(&request_id, line, status, &body, self.line);
+                    let counter = match result.ok {
+                        true => &self.batches.answered,
+                        false => &self.batches.refused,
+                    };
                     let b = self.batch.clone();
                     blocking(&self.batches, move |s| s.record(&b, &result)).await?;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(None);
                 }
                 Attempt::Later(wait) => wait,
