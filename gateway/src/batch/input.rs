@@ -17,18 +17,25 @@ pub enum Endpoint {
     Chat,
     Completions,
     Embeddings,
+    Responses,
 }
 
 type Validator = fn(&[u8], &ServerConfig) -> Result<InferenceRequest, ApiError>;
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+    ];
 
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
         }
     }
 
@@ -42,8 +49,31 @@ impl Endpoint {
             Endpoint::Chat => crate::api::validate::chat,
             Endpoint::Completions => crate::api::validate::completion,
             Endpoint::Embeddings => crate::api::embeddings::validate,
+            Endpoint::Responses => responses,
         }
     }
+}
+
+/// A `/v1/responses` body of a batch: whole in itself (it continues no stored response or
+/// conversation, and runs in the batch, not in the background), else read as the endpoint
+/// reads it.
+fn responses(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
+    let req = crate::api::responses::read(body)?;
+    for k in ["previous_response_id", "conversation", "background"] {
+        if req
+            .get(k)
+            .is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(false))
+        {
+            return Err(ApiError::BadRequest {
+                message: format!(
+                    "`{k}` is not taken in a batch: each of its requests is whole in itself."
+                ),
+                param: Some(k.into()),
+                code: Some("unsupported_parameter"),
+            });
+        }
+    }
+    crate::api::responses::validate_map(req, server, None)
 }
 
 /// One request of a batch.
@@ -307,6 +337,23 @@ mod tests {
             ]
         );
         assert_eq!(faults[2].param.as_deref(), Some("body.model"));
+    }
+
+    #[test]
+    fn responses_requests_are_whole_in_themselves() {
+        let line = |body: &str| {
+            format!(r#"{{"custom_id":"a","method":"POST","url":"/v1/responses","body":{body}}}"#)
+        };
+        let ok = read_as(
+            Endpoint::Responses,
+            line(r#"{"model":"m","input":"hi","store":false}"#),
+        );
+        assert_eq!(ok.expect("valid").len(), 1);
+        for field in [r#""previous_response_id":"resp_1""#, r#""background":true"#] {
+            let body = format!(r#"{{"model":"m","input":"hi",{field}}}"#);
+            let f = read_as(Endpoint::Responses, line(&body)).expect_err("refused");
+            assert_eq!(f[0].code, "unsupported_parameter", "{field}");
+        }
     }
 
     #[test]

@@ -413,11 +413,15 @@ struct Counted {
     usage: Option<Usage>,
 }
 
+/// An answer's usage: chat's and completions' names, or the Responses API's.
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Usage {
+    #[serde(alias = "input_tokens")]
     prompt_tokens: i64,
+    #[serde(alias = "output_tokens")]
     completion_tokens: i64,
+    #[serde(alias = "input_tokens_details")]
     prompt_tokens_details: Option<Cached>,
 }
 
@@ -508,6 +512,16 @@ mod tests {
         assert_eq!(v["response"]["body"]["usage"]["prompt_tokens"], 7);
         assert!(v["error"].is_null());
         assert!(v["id"].as_str().expect("id").starts_with("batch_req_"));
+    }
+
+    #[test]
+    fn a_responses_answer_counts_its_usage_too() {
+        let body = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"input_tokens_details":{"cached_tokens":1}}}"#;
+        let r = outcome("b", &line(), http::StatusCode::OK, body, 0);
+        assert_eq!(
+            (r.input_tokens, r.cached_tokens, r.output_tokens),
+            (5, 1, 2)
+        );
     }
 
     #[test]

@@ -74,8 +74,28 @@ assert e["custom_id"] == "e0", e
 assert e["response"]["body"]["data"][0]["embedding"] == direct.data[0].embedding
 assert eb.usage.input_tokens == direct.usage.prompt_tokens, (eb, direct)
 
+# The Responses API too: each answer a `response` object.
+ask = {"model": model, "input": "Say hello", "max_output_tokens": 6, "temperature": 0, "store": False}
+rl = {"custom_id": "p0", "method": "POST", "url": "/v1/responses", "body": ask}
+rf = client.files.create(file=("r.jsonl", io.BytesIO(json.dumps(rl).encode())), purpose="batch")
+rb = client.batches.create(input_file_id=rf.id, endpoint="/v1/responses", completion_window="24h")
+while rb.status not in ("completed", "failed", "expired", "cancelled"):
+    assert time.time() < deadline, rb
+    time.sleep(0.1)
+    rb = client.batches.retrieve(rb.id)
+assert rb.status == "completed" and rb.request_counts.completed == 1, rb
+[p] = [json.loads(l) for l in client.files.content(rb.output_file_id).text.splitlines()]
+answer = p["response"]["body"]
+assert answer["object"] == "response" and answer["status"] in ("completed", "incomplete"), answer
+direct = client.responses.create(**ask)
+if engine:
+    text = "".join(c["text"] for o in answer["output"] for c in o["content"])
+    assert text == direct.output_text, (answer, direct)
+assert rb.usage.input_tokens == direct.usage.input_tokens, (rb, direct)
+assert rb.usage.output_tokens == answer["usage"]["output_tokens"], rb
+
 listed = [x.id for x in client.batches.list(limit=10)]
-assert listed[:2] == [eb.id, b.id], listed
+assert listed[:3] == [rb.id, eb.id, b.id], listed
 try:
     client.batches.cancel(b.id)
     raise AssertionError("an ended batch was cancelled")
