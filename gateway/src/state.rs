@@ -101,7 +101,7 @@ impl Shared {
                 std::time::Duration::try_from_secs_f64(config.batches.retention_hours * 3600.0)
                     .map_err(|e| format!("batches.retention_hours: {e}"))?;
             let store = crate::batch::BatchStore::open(&db, keep).map_err(|e| e.to_string())?;
-            Some(Arc::new(crate::batch::Batches::new(store)))
+            Some(Arc::new(crate::batch::Batches::new(store)?))
         } else {
             None
         };

@@ -14,10 +14,12 @@ pub mod store;
 
 pub use store::{BatchRow, BatchStore, BatchStoreError, FileRow};
 
+use store::LineResult;
+
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// Why a running batch is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,18 +45,67 @@ pub struct Batches {
     /// Batch requests this process ran to a result: answered 2xx, and otherwise.
     pub answered: AtomicU64,
     pub refused: AtomicU64,
+    /// To the writer thread: a request's result, and who waits for its commit.
+    writer: std::sync::mpsc::Sender<Recorded>,
+}
+
+/// A request's result (of a batch, by id), and who waits for its commit.
+type Recorded = (String, LineResult, oneshot::Sender<Result<(), String>>);
+
+/// Most results committed in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// The writer thread: commits results as they come, all those waiting in one transaction
+/// (a group commit: a batch's requests end in bursts, and a commit apiece would hold a
+/// blocking thread and a connection each).
+fn write_results(store: &BatchStore, rx: std::sync::mpsc::Receiver<Recorded>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<(&str, &LineResult)> =
+            group.iter().map(|(b, r, _)| (b.as_str(), r)).collect();
+        let done = store.record_all(&rows).map_err(|e| e.to_string());
+        if let Err(e) = &done {
+            tracing::error!(error = %e, results = rows.len(), "batch results not committed");
+        }
+        for (_, _, waiting) in group {
+            let _ = waiting.send(done.clone());
+        }
+    }
 }
 
 impl Batches {
-    pub fn new(store: BatchStore) -> Self {
-        Self {
-            store: Arc::new(store),
+    /// The store, and its writer thread started.
+    pub fn new(store: BatchStore) -> Result<Self, String> {
+        let store = Arc::new(store);
+        let (writer, rx) = std::sync::mpsc::channel();
+        let s = store.clone();
+        std::thread::Builder::new()
+            .name("batch-writer".into())
+            .spawn(move || write_results(&s, rx))
+            .map_err(|e| format!("batches: no writer thread: {e}"))?;
+        Ok(Self {
+            store,
+            writer,
             running: DashMap::new(),
             running_count: watch::channel(0).0,
             runtime: OnceLock::new(),
             answered: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-        }
+        })
+    }
+
+    /// Records a request's result of batch `batch`; returns once it is committed.
+    pub async fn record(&self, batch: String, result: LineResult) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "batches: the writer thread is gone".to_string();
+        self.writer.send((batch, result, tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Asks batch `id`, if it runs here, to stop for `why`.

@@ -28,6 +28,8 @@ enum RunError {
     Store(#[from] BatchStoreError),
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Writer(String),
 }
 
 /// Runs `f` on the store from the blocking pool.
@@ -192,6 +194,13 @@ async fn run(
     let mut left = Vec::new();
     let mut stopped = false;
     for i in (0..lines.len()).filter(|i| !done.contains(i)) {
+        // Ended requests are reaped as the batch goes (a finished task is kept, with
+        // its future's memory, until it is joined).
+        while let Some(ended) = tasks.try_join_next() {
+            if let Some(i) = ended?? {
+                left.push(i);
+            }
+        }
         if stopped {
             left.push(i);
             continue;
@@ -309,8 +318,11 @@ impl Job {
                         true => &self.batches.answered,
                         false => &self.batches.refused,
                     };
-                    let b = self.batch.clone();
-                    blocking(&self.batches, move |s| s.record(&b, &result)).await?;
+                    let batch = self.batch.clone();
+                    self.batches
+                        .record(batch, result)
+                        .await
+                        .map_err(RunError::Writer)?;
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(None);
                 }

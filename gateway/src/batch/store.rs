@@ -479,27 +479,35 @@ impl BatchStore {
     /// Records one finished request of batch `id`, and counts it (once: a line recorded
     /// again is ignored).
     pub fn record(&self, id: &str, r: &LineResult) -> Result<()> {
+        self.record_all(&[(id, r)])
+    }
+
+    /// Records finished requests (each of its batch), in one transaction.
+    pub fn record_all(&self, results: &[(&str, &LineResult)]) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let added = tx.execute(
-            "INSERT OR IGNORE INTO batch_results (batch, line, ok, output) VALUES (?1, ?2, ?3, ?4)",
-            params![id, r.line as i64, r.ok, r.output],
-        )?;
-        if added > 0 {
-            tx.execute(
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR IGNORE INTO batch_results (batch, line, ok, output) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut count = tx.prepare_cached(
                 "UPDATE batches SET completed = completed + ?2, failed = failed + ?3,
                      input_tokens = input_tokens + ?4, cached_tokens = cached_tokens + ?5,
                      output_tokens = output_tokens + ?6
                  WHERE id = ?1",
-                params![
-                    id,
-                    r.ok as i64,
-                    !r.ok as i64,
-                    r.input_tokens,
-                    r.cached_tokens,
-                    r.output_tokens
-                ],
             )?;
+            for (id, r) in results {
+                if put.execute(params![id, r.line as i64, r.ok, r.output])? > 0 {
+                    count.execute(params![
+                        id,
+                        r.ok as i64,
+                        !r.ok as i64,
+                        r.input_tokens,
+                        r.cached_tokens,
+                        r.output_tokens
+                    ])?;
+                }
+            }
         }
         tx.commit()?;
         Ok(())
