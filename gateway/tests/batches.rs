@@ -493,3 +493,71 @@ async fn a_batch_past_its_window_expires_and_lists_what_did_not_run() {
         "nothing run after a cancel"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
+    let dir = tempdir::TempDir::new();
+    let slow = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 25.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 20, max_output_tokens = 20 }"#;
+    let cfg = config(slow, "", ADMIN_SERVER)
+        + &format!(
+            "{}\n[batches]\nenabled = true\npath = \"{}\"\nconcurrency = 1\n",
+            other_tenant(),
+            dir.0.join("b.db").display()
+        );
+    let gw = Gateway::start(&cfg);
+    let created = start_batch(&gw, &requests(20, &[])).await;
+    let id = created["id"].as_str().expect("id");
+    assert_eq!(
+        upload(&gw, OTHER, "user_data", b"theirs").await.status(),
+        200
+    );
+    wait_batch(&gw, id, Duration::from_secs(10), |b| {
+        b["status"] == "in_progress"
+    })
+    .await;
+    let summary = get_json(gw.admin_url("/admin/batches"), ADMIN_TOKEN).await;
+    assert_eq!(
+        summary["tenants"],
+        json!([
+            {"tenant": "demo", "files": 1, "file_bytes": requests(20, &[]).len(), "batches": 1, "running": 1},
+            {"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0},
+        ])
+    );
+    let r = client()
+        .delete(gw.admin_url("/admin/batches/demo"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    let deleted: Value = r.json().await.expect("json");
+    assert_eq!(
+        deleted,
+        json!({"tenant": "demo", "deleted": {"files": 1, "batches": 1}, "stopped": 1})
+    );
+    assert_eq!(get(&gw, KEY, &format!("/v1/batches/{id}")).await.0, 404);
+    // The stopped batch leaves nothing behind (its request in flight ends unkept); the
+    // other tenant keeps its file.
+    let only_theirs =
+        json!([{"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0}]);
+    let results_left = || {
+        let db = rusqlite::Connection::open(dir.0.join("b.db")).expect("db");
+        db.query_row("SELECT COUNT(*) FROM batch_results", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .expect("count")
+    };
+    let settled = eventually(Duration::from_secs(10), async || {
+        let summary = get_json(gw.admin_url("/admin/batches"), ADMIN_TOKEN).await;
+        summary["tenants"] == only_theirs && results_left() == 0
+    })
+    .await;
+    assert!(settled, "the stopped batch left something behind");
+    // Without the admin token: refused.
+    let r = client()
+        .get(gw.admin_url("/admin/batches"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 401);
+}

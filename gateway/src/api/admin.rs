@@ -10,6 +10,9 @@
 //! - `GET /admin/stored`: what each tenant has in the response store (answers,
 //!   conversations, bytes); `DELETE /admin/stored/{tenant}`: all of it deleted (a tenant
 //!   that leaves), its background responses stopped
+//! - `GET /admin/batches`: what each tenant keeps of the Batch API (files, their bytes,
+//!   batches, those running); `DELETE /admin/batches/{tenant}`: all of it deleted, its
+//!   running batches stopped
 
 use super::error::ApiError;
 use super::stored_responses::{on_store, quota};
@@ -33,6 +36,11 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/admin/stored/{tenant}",
             axum::routing::delete(delete_stored),
+        )
+        .route("/admin/batches", get(batches))
+        .route(
+            "/admin/batches/{tenant}",
+            axum::routing::delete(delete_batches),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .fallback(|uri: http::Uri| async move {
@@ -182,6 +190,51 @@ async fn delete_stored(State(state): State<AppState>, Path(tenant): Path<String>
         Ok::<_, ApiError>(json!({
             "tenant": tenant,
             "deleted": {"answers": answers, "conversations": conversations},
+            "stopped": running.len(),
+        }))
+    }
+    .await;
+    match deleted {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /admin/batches`.
+async fn batches(State(state): State<AppState>) -> Response {
+    let summary = async {
+        let b = super::files::enabled(&state)?;
+        super::files::on_store(b, |s| s.summary()).await
+    }
+    .await;
+    match summary {
+        Ok(tenants) => Json(json!({ "tenants": tenants })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `DELETE /admin/batches/{tenant}`: its files, batches and their results deleted; its
+/// running batches stop (what they finish meanwhile is not kept).
+async fn delete_batches(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
+    let deleted = async {
+        let b = super::files::enabled(&state)?;
+        let who = tenant.clone();
+        let (files, batches, running) =
+            super::files::on_store(b, move |s| s.delete_tenant(&who)).await?;
+        for id in &running {
+            b.halt(id, crate::batch::Halt::Cancel);
+        }
+        tracing::warn!(
+            target: "audit",
+            tenant = %tenant,
+            files,
+            batches,
+            stopped = running.len(),
+            "a tenant's files and batches deleted (admin API)"
+        );
+        Ok::<_, ApiError>(json!({
+            "tenant": tenant,
+            "deleted": {"files": files, "batches": batches},
             "stopped": running.len(),
         }))
     }

@@ -126,6 +126,18 @@ pub struct BatchRow {
     pub output_tokens: i64,
 }
 
+/// What one tenant keeps (`GET /admin/batches`).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct TenantBatches {
+    pub tenant: String,
+    pub files: u64,
+    /// The files' bytes (a batch's output files included).
+    pub file_bytes: u64,
+    pub batches: u64,
+    /// Of them, those that have not ended.
+    pub running: u64,
+}
+
 /// One finished request of a running batch.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LineResult {
@@ -536,6 +548,9 @@ impl BatchStore {
             })
             .optional()?
         else {
+            // Deleted while it ran (its tenant's data deleted): what it did since goes too.
+            tx.execute("DELETE FROM batch_results WHERE batch = ?1", [id])?;
+            tx.commit()?;
             return Ok(());
         };
         let now = now_s();
@@ -578,6 +593,79 @@ impl BatchStore {
         tx.execute("DELETE FROM batch_results WHERE batch = ?1", [id])?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// What each tenant keeps: files (unexpired) and batches.
+    pub fn summary(&self) -> Result<Vec<TenantBatches>> {
+        let conn = self.conn()?;
+        let mut by: std::collections::BTreeMap<String, TenantBatches> = Default::default();
+        fn at(
+            by: &mut std::collections::BTreeMap<String, TenantBatches>,
+            t: String,
+        ) -> &mut TenantBatches {
+            by.entry(t.clone()).or_insert_with(|| TenantBatches {
+                tenant: t,
+                ..TenantBatches::default()
+            })
+        }
+        let mut q = conn.prepare(
+            "SELECT tenant, COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE expires_at > ?1
+             GROUP BY tenant",
+        )?;
+        let files = q.query_map([now_s()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let files = files.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut q = conn.prepare(&format!(
+            "SELECT tenant, COUNT(*), COALESCE(SUM(status IN {RUNNING}), 0) FROM batches
+             GROUP BY tenant"
+        ))?;
+        let batches = q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let batches = batches.collect::<rusqlite::Result<Vec<_>>>()?;
+        for (t, n, bytes) in files {
+            let e = at(&mut by, t);
+            e.files = n as u64;
+            e.file_bytes = bytes as u64;
+        }
+        for (t, n, running) in batches {
+            let e = at(&mut by, t);
+            e.batches = n as u64;
+            e.running = running as u64;
+        }
+        Ok(by.into_values().collect())
+    }
+
+    /// Deletes all `tenant` keeps: its files, its batches and their results. Returns how
+    /// many files and batches went, and the ids of those that had not ended (for the
+    /// caller to stop).
+    pub fn delete_tenant(&self, tenant: &str) -> Result<(u64, u64, Vec<String>)> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let running = {
+            let mut q = tx.prepare(&format!(
+                "SELECT id FROM batches WHERE tenant = ?1 AND status IN {RUNNING}"
+            ))?;
+            let ids = q.query_map([tenant], |r| r.get::<_, String>(0))?;
+            ids.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        tx.execute(
+            "DELETE FROM batch_results WHERE batch IN (SELECT id FROM batches WHERE tenant = ?1)",
+            [tenant],
+        )?;
+        let batches = tx.execute("DELETE FROM batches WHERE tenant = ?1", [tenant])?;
+        let files = tx.execute("DELETE FROM files WHERE tenant = ?1", [tenant])?;
+        tx.commit()?;
+        Ok((files as u64, batches as u64, running))
     }
 
     /// Removes expired files and batches ended long enough ago; how many rows went.
