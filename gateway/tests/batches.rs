@@ -70,16 +70,26 @@ async fn start_batch(gw: &Gateway, content: &[u8]) -> Value {
     batch
 }
 
-/// GETs `path` with `key`: its status and JSON body.
-async fn get(gw: &Gateway, key: &str, path: &str) -> (u16, Value) {
-    let r = client()
-        .get(gw.url(path))
+/// `method` on `url` with bearer `key`.
+async fn send(method: reqwest::Method, url: String, key: &str) -> reqwest::Response {
+    client()
+        .request(method, url)
         .bearer_auth(key)
         .send()
         .await
-        .expect("sent");
+        .expect("sent")
+}
+
+/// GETs `path` with `key`: its status and JSON body.
+async fn get(gw: &Gateway, key: &str, path: &str) -> (u16, Value) {
+    let r = send(reqwest::Method::GET, gw.url(path), key).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// DELETEs `path` with `key`.
+async fn delete(gw: &Gateway, key: &str, path: &str) -> reqwest::Response {
+    send(reqwest::Method::DELETE, gw.url(path), key).await
 }
 
 /// The batch `id` once `done` says so (polled for at most `limit`).
@@ -107,18 +117,18 @@ fn ended(b: &Value) -> bool {
 
 /// The lines of file `id` as JSON.
 async fn file_lines(gw: &Gateway, id: &Value) -> Vec<Value> {
-    let text = client()
-        .get(gw.url(&format!(
+    let text = send(
+        reqwest::Method::GET,
+        gw.url(&format!(
             "/v1/files/{}/content",
             id.as_str().expect("file id")
-        )))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+        )),
+        KEY,
+    )
+    .await
+    .text()
+    .await
+    .expect("text");
     text.lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
@@ -301,12 +311,7 @@ async fn a_cancelled_batch_stops_and_keeps_what_it_did() {
     .await;
     // Its input cannot go while it runs.
     let input = created["input_file_id"].as_str().expect("id");
-    let r = client()
-        .delete(gw.url(&format!("/v1/files/{input}")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent");
+    let r = delete(&gw, KEY, &format!("/v1/files/{input}")).await;
     assert_eq!(r.status(), 400);
     let c = post_json(&gw, &format!("/v1/batches/{id}/cancel"), "").await;
     assert_eq!(c["status"], "cancelling", "{c}");
@@ -319,12 +324,7 @@ async fn a_cancelled_batch_stops_and_keeps_what_it_did() {
     // Cancelling again answers it as it is; its input may go now.
     let again = post_json(&gw, &format!("/v1/batches/{id}/cancel"), "").await;
     assert_eq!(again["status"], "cancelled", "{again}");
-    let r = client()
-        .delete(gw.url(&format!("/v1/files/{input}")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent");
+    let r = delete(&gw, KEY, &format!("/v1/files/{input}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(get(&gw, KEY, &format!("/v1/files/{input}")).await.0, 404);
 }
@@ -401,19 +401,14 @@ async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
     );
     // Deleting one makes room; its content is the bytes sent.
     let id = first["id"].as_str().expect("id");
-    let r = client()
-        .get(gw.url(&format!("/v1/files/{id}/content")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent");
+    let r = send(
+        reqwest::Method::GET,
+        gw.url(&format!("/v1/files/{id}/content")),
+        KEY,
+    )
+    .await;
     assert_eq!(r.bytes().await.expect("bytes").as_ref(), &kib[..]);
-    let r = client()
-        .delete(gw.url(&format!("/v1/files/{id}")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent");
+    let r = delete(&gw, KEY, &format!("/v1/files/{id}")).await;
     let gone: Value = r.json().await.expect("json");
     assert_eq!(gone, json!({"id": id, "object": "file", "deleted": true}));
     assert_eq!(upload(&gw, KEY, "user_data", &kib).await.status(), 200);
@@ -523,12 +518,12 @@ async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
             {"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0},
         ])
     );
-    let r = client()
-        .delete(gw.admin_url("/admin/batches/demo"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("sent");
+    let r = send(
+        reqwest::Method::DELETE,
+        gw.admin_url("/admin/batches/demo"),
+        ADMIN_TOKEN,
+    )
+    .await;
     let deleted: Value = r.json().await.expect("json");
     assert_eq!(
         deleted,
@@ -553,11 +548,6 @@ async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
     .await;
     assert!(settled, "the stopped batch left something behind");
     // Without the admin token: refused.
-    let r = client()
-        .get(gw.admin_url("/admin/batches"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .expect("sent");
+    let r = send(reqwest::Method::GET, gw.admin_url("/admin/batches"), KEY).await;
     assert_eq!(r.status(), 401);
 }

@@ -6,12 +6,12 @@
 
 use super::auth::ActingFor;
 use super::error::ApiError;
-use super::files::{answer, enabled, list_json, listing, on_store};
+use super::files::{answer, enabled, for_tenant, list_json, listing, on_store};
 use super::handlers::read_body;
 use super::stored_responses::owner;
 use crate::batch::input::Endpoint;
 use crate::batch::store::{new_id, now_s, Listing};
-use crate::batch::{BatchRow, Halt};
+use crate::batch::{BatchRow, BatchStore, Halt};
 use crate::state::AppState;
 use crate::tenants::Tenant;
 use axum::body::Bytes;
@@ -187,16 +187,12 @@ pub async fn get(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let batches = enabled(&state)?;
-        let key = id.clone();
-        let row = on_store(batches, move |s| s.batch(&owner, &key)).await?;
-        let row = row.ok_or_else(|| no_batch(&id))?;
-        Ok(Json(batch_json(&row)).into_response())
-    }
-    .await;
-    answer(&tenant, done)
+    let key = id.clone();
+    let op = move |s: &BatchStore, owner: &str| s.batch(owner, &key);
+    for_tenant(&state, &tenant, acting, op, |row| {
+        Ok(Json(batch_json(&row.ok_or_else(|| no_batch(&id))?)).into_response())
+    })
+    .await
 }
 
 /// `GET /v1/batches`.
@@ -236,25 +232,29 @@ pub async fn cancel(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let batches = enabled(&state)?;
-        let key = id.clone();
-        let row = on_store(batches, move |s| s.cancel(&owner, &key)).await?;
+    let key = id.clone();
+    let op = move |s: &BatchStore, owner: &str| s.cancel(owner, &key);
+    let batches = state.batches.clone();
+    for_tenant(&state, &tenant, acting, op, |row| {
         let row = row.ok_or_else(|| no_batch(&id))?;
         match row.status.as_str() {
-            "cancelling" => batches.halt(&row.id, Halt::Cancel),
+            "cancelling" => {
+                if let Some(b) = &batches {
+                    b.halt(&row.id, Halt::Cancel);
+                }
+            }
             "cancelled" | "finalizing" => {}
             other => {
                 return Err(ApiError::BadRequest {
-                    message: format!("The batch `{id}` is {other}: only a batch that has not ended can be cancelled."),
+                    message: format!(
+                        "The batch `{id}` is {other}: only a batch that has not ended can be cancelled."
+                    ),
                     param: None,
                     code: Some("invalid_state"),
                 })
             }
         }
         Ok(Json(batch_json(&row)).into_response())
-    }
-    .await;
-    answer(&tenant, done)
+    })
+    .await
 }

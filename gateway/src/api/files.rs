@@ -118,6 +118,25 @@ pub(super) fn answer(tenant: &Tenant, done: Result<Response, ApiError>) -> Respo
     with_limits(tenant, done.unwrap_or_else(IntoResponse::into_response))
 }
 
+/// Runs `op` on the store (from the blocking pool) for the tenant a request acts for, and
+/// answers with `ok` of what it found, or with the error; the tenant's rate-limit headers
+/// added.
+pub(super) async fn for_tenant<T: Send + 'static>(
+    state: &AppState,
+    tenant: &Tenant,
+    acting: Option<Extension<ActingFor>>,
+    op: impl FnOnce(&BatchStore, &str) -> Result<T, BatchStoreError> + Send + 'static,
+    ok: impl FnOnce(T) -> Result<Response, ApiError>,
+) -> Response {
+    let owner = owner(tenant, &acting.map(|a| a.0));
+    let done = async {
+        let batches = enabled(state)?;
+        ok(on_store(batches, move |s| op(s, &owner)).await?)
+    }
+    .await;
+    answer(tenant, done)
+}
+
 /// `POST /v1/files`.
 pub async fn upload(
     State(state): State<AppState>,
@@ -290,16 +309,12 @@ pub async fn get(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let batches = enabled(&state)?;
-        let key = id.clone();
-        let row = on_store(batches, move |s| s.file(&owner, &key)).await?;
-        let row = row.ok_or_else(|| no_file(&id))?;
-        Ok(Json(file_json(&row)).into_response())
-    }
-    .await;
-    answer(&tenant, done)
+    let key = id.clone();
+    let op = move |s: &BatchStore, owner: &str| s.file(owner, &key);
+    for_tenant(&state, &tenant, acting, op, |row| {
+        Ok(Json(file_json(&row.ok_or_else(|| no_file(&id))?)).into_response())
+    })
+    .await
 }
 
 /// `GET /v1/files/{id}/content`.
@@ -309,20 +324,14 @@ pub async fn content(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let batches = enabled(&state)?;
-        let key = id.clone();
-        let bytes = on_store(batches, move |s| s.content(&owner, &key)).await?;
+    let key = id.clone();
+    let op = move |s: &BatchStore, owner: &str| s.content(owner, &key);
+    for_tenant(&state, &tenant, acting, op, |bytes| {
         let bytes = bytes.ok_or_else(|| no_file(&id))?;
-        Ok((
-            [(http::header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response())
-    }
-    .await;
-    answer(&tenant, done)
+        let kind = [(http::header::CONTENT_TYPE, "application/octet-stream")];
+        Ok((kind, bytes).into_response())
+    })
+    .await
 }
 
 /// `DELETE /v1/files/{id}` (refused while a batch that has not ended reads it).
@@ -332,23 +341,18 @@ pub async fn delete(
     acting: Option<Extension<ActingFor>>,
     Path(id): Path<String>,
 ) -> Response {
-    let owner = owner(&tenant, &acting.map(|a| a.0));
-    let done = async {
-        let batches = enabled(&state)?;
-        let key = id.clone();
-        let gone = on_store(batches, move |s| s.delete_file(&owner, &key)).await?;
-        match gone {
-            Ok(true) => Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response()),
-            Ok(false) => Err(no_file(&id)),
-            Err(batch) => Err(ApiError::BadRequest {
-                message: format!(
-                    "The file `{id}` is the input of batch `{batch}`, which has not ended: cancel the batch first."
-                ),
-                param: None,
-                code: Some("file_in_use"),
-            }),
-        }
-    }
-    .await;
-    answer(&tenant, done)
+    let key = id.clone();
+    let op = move |s: &BatchStore, owner: &str| s.delete_file(owner, &key);
+    for_tenant(&state, &tenant, acting, op, |gone| match gone {
+        Ok(true) => Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response()),
+        Ok(false) => Err(no_file(&id)),
+        Err(batch) => Err(ApiError::BadRequest {
+            message: format!(
+                "The file `{id}` is the input of batch `{batch}`, which has not ended: cancel the batch first."
+            ),
+            param: None,
+            code: Some("file_in_use"),
+        }),
+    })
+    .await
 }
