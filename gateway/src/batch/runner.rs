@@ -255,7 +255,7 @@ async fn run(
             return Ok(());
         }
         Halt::Cancel => Ending::Cancelled,
-        Halt::No if !unrun.is_empty() || now_s() >= batch.expires_at => Ending::Expired,
+        Halt::No if !unrun.is_empty() => Ending::Expired,
         Halt::No => Ending::Completed,
     };
     let b = id.clone();

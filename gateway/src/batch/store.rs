@@ -428,12 +428,14 @@ impl BatchStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Its input checked: runs `total` requests from now.
+    /// Its input checked: `total` requests, run from now (`in_progress`, unless it was
+    /// cancelled meanwhile).
     pub fn start(&self, id: &str, total: usize) -> Result<()> {
         self.conn()?.execute(
-            "UPDATE batches SET status = 'in_progress', total = ?2,
-                 in_progress_at = COALESCE(in_progress_at, ?3)
-             WHERE id = ?1 AND status = 'validating'",
+            "UPDATE batches SET total = ?2,
+                 status = CASE status WHEN 'validating' THEN 'in_progress' ELSE status END,
+                 in_progress_at = CASE status WHEN 'validating' THEN ?3 ELSE in_progress_at END
+             WHERE id = ?1",
             params![id, total as i64, now_s()],
         )?;
         Ok(())
@@ -904,6 +906,10 @@ mod tests {
         let b = s.cancel("a", "batch_1").expect("cancel").expect("there");
         assert_eq!(b.status, "cancelling");
         assert!(b.cancelling_at.is_some());
+        // Its input checked after the cancel: counted, not run.
+        s.start("batch_1", 5).expect("start");
+        let b = s.batch("a", "batch_1").expect("read").expect("there");
+        assert_eq!((b.status.as_str(), b.total, b.in_progress_at), ("cancelling", 5, None));
         s.finish("batch_1", Ending::Cancelled).expect("finish");
         let b = s.cancel("a", "batch_1").expect("cancel").expect("there");
         assert_eq!(b.status, "cancelled");
