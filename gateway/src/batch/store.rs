@@ -909,7 +909,10 @@ mod tests {
         // Its input checked after the cancel: counted, not run.
         s.start("batch_1", 5).expect("start");
         let b = s.batch("a", "batch_1").expect("read").expect("there");
-        assert_eq!((b.status.as_str(), b.total, b.in_progress_at), ("cancelling", 5, None));
+        assert_eq!(
+            (b.status.as_str(), b.total, b.in_progress_at),
+            ("cancelling", 5, None)
+        );
         s.finish("batch_1", Ending::Cancelled).expect("finish");
         let b = s.cancel("a", "batch_1").expect("cancel").expect("there");
         assert_eq!(b.status, "cancelled");
