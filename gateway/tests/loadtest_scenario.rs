@@ -7,8 +7,9 @@
 //! ride along. With `config/examples/fair-share.toml`,
 //! a fleet too small for two tenants is shared by their weights. A contract raised while
 //! the load runs shows in the report's timeline. Multi-turn users carry their
-//! conversations (and the engine's prefix cache serves them). Every shipped scenario and
-//! example config reads.
+//! conversations (and the engine's prefix cache serves them). A batch tenant's requests
+//! run as a batch beside interactive users. Every shipped scenario and example config
+//! reads.
 
 mod common;
 use common::*;
@@ -291,4 +292,60 @@ fn every_shipped_scenario_and_example_config_reads() {
         n += 1;
     }
     assert!(n >= 4, "{n} files");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_tenant_runs_its_requests_as_a_batch_beside_interactive_users() {
+    // 8 tokens at 5 ms: 40 ms a request, 4 of the batch's at a time.
+    let sim = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 5.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 8, max_output_tokens = 8 }"#;
+    let gw =
+        Gateway::start(&(config(sim, "", "") + "\n[batches]\nenabled = true\nconcurrency = 4\n"));
+    let text = format!(
+        r#"
+target = "{}"
+duration_secs = 3
+warmup_secs = 2
+
+[[tenants]]
+name = "chat"
+key = "{KEY}"
+model = "m"
+stream = true
+max_tokens = 8
+prompt_words = 8
+users = 2
+
+[[tenants]]
+name = "bulk"
+key = "{KEY}"
+model = "m"
+max_tokens = 8
+prompt_words = 8
+batch = 2000
+"#,
+        gw.base
+    );
+    let sc = Scenario::parse(&text).expect("scenario");
+    let report = loadtest::run::execute(&sc).await.expect("run");
+    eprint!("{}", report.table());
+    let [chat, bulk] = &report.tenants[..] else {
+        panic!("{report:?}")
+    };
+    assert!(chat.ok > 10 && chat.ok == chat.sent, "{chat:?}");
+    assert_eq!(bulk.batch, Some(2000));
+    // The batch's requests finished in the window, each answered (8 tokens apiece).
+    assert!(bulk.ok > 0 && bulk.ok == bulk.sent, "{bulk:?}");
+    assert_eq!(bulk.transport_errors, 0, "{bulk:?}");
+    let tokens = bulk.completion_tokens_per_s * sc.duration_secs;
+    assert!((tokens - 8.0 * bulk.ok as f64).abs() < 1.0, "{bulk:?}");
+    assert!(
+        bulk.ttft.p50_ms.is_none(),
+        "a batch has no latencies to show"
+    );
+    // Not done by the window's end: the run cancelled it.
+    let listed = get_json(gw.url("/v1/batches"), KEY).await;
+    let status = listed["data"][0]["status"].as_str().expect("a batch");
+    assert!(["cancelling", "cancelled"].contains(&status), "{listed}");
+    // The table names it.
+    assert!(report.table().contains("batch 2000"), "{}", report.table());
 }

@@ -116,6 +116,23 @@ impl Stats {
         }
     }
 
+    /// Counts what a batch finished since its last reading (`done` requests, `ok` of them
+    /// answered 2xx, and their tokens), read at `at`, in the window that began at
+    /// `window`.
+    pub fn batch_progress(
+        &mut self,
+        window: Instant,
+        at: Instant,
+        done: u64,
+        ok: u64,
+        tokens: Tokens,
+    ) {
+        let sec = self.second(window, at);
+        sec.sent += done;
+        sec.ok += ok;
+        sec.tokens.add(tokens);
+    }
+
     /// A measured request that was never answered (cut off, or never sent, at the drain's
     /// end).
     pub fn unfinished(&mut self, window: Instant, intended: Instant) {
@@ -176,6 +193,9 @@ pub struct TenantReport {
     /// Open loop: requests per second offered; closed loop: `null`.
     pub offered_rps: Option<f64>,
     pub users: Option<usize>,
+    /// A batch tenant: its requests (`sent` and `ok` then count those the batch finished
+    /// in the window, and answered 2xx).
+    pub batch: Option<usize>,
     pub sent: u64,
     pub ok: u64,
     /// 429: past the tenant's contract.
@@ -245,6 +265,7 @@ impl TenantReport {
             name: name.to_string(),
             offered_rps,
             users,
+            batch: None,
             sent: total.sent,
             ok: total.ok,
             limited: total.limited,
@@ -328,9 +349,10 @@ impl Report {
             "itl p50/p99",
         );
         for t in &self.tenants {
-            let offered = match (t.offered_rps, t.users) {
-                (Some(r), _) => format!("{r}/s"),
-                (_, Some(u)) => format!("{u} users"),
+            let offered = match (t.offered_rps, t.users, t.batch) {
+                (Some(r), _, _) => format!("{r}/s"),
+                (_, Some(u), _) => format!("{u} users"),
+                (_, _, Some(n)) => format!("batch {n}"),
                 _ => "-".into(),
             };
             let other: u64 =

@@ -8,6 +8,7 @@
 //! sending its next request when its last one has ended. Requests intended (or sent)
 //! during the warm-up are not counted; the window's rates are over `duration_secs`; at the
 //! window's end no new request starts, and those in flight have `drain_secs` to finish.
+//! A batch tenant's requests go as one batch through the Batch API ([`crate::batch`]).
 
 use crate::exchange::{connect, exchange, Conn, Exchange};
 use crate::report::{Report, Stats, TenantReport};
@@ -109,24 +110,28 @@ pub async fn execute(sc: &Scenario) -> Result<Report, String> {
             match traffic {
                 Traffic::Open { rate, arrival } => tokio::spawn(player.open_loop(rate, arrival)),
                 Traffic::Closed { users } => tokio::spawn(player.closed_loop(users)),
+                Traffic::Batch { requests } => tokio::spawn(player.batch().play(requests)),
             },
         ));
     }
     let mut tenants = Vec::new();
     for (t, (traffic, run)) in sc.tenants.iter().zip(runs) {
         let stats = run.await.map_err(|e| e.to_string())?;
-        let (offered, users) = match traffic {
-            Traffic::Open { rate, .. } => (Some(rate), None),
-            Traffic::Closed { users } => (None, Some(users)),
+        let (offered, users, batch) = match traffic {
+            Traffic::Open { rate, .. } => (Some(rate), None, None),
+            Traffic::Closed { users } => (None, Some(users), None),
+            Traffic::Batch { requests } => (None, None, Some(requests)),
         };
-        tenants.push(TenantReport::new(
+        let mut report = TenantReport::new(
             &t.name,
             offered,
             users,
             t.output_weight,
             sc.duration_secs,
             &stats,
-        ));
+        );
+        report.batch = batch;
+        tenants.push(report);
     }
     Ok(Report {
         target: sc.target.clone(),
@@ -146,6 +151,19 @@ struct Player {
 }
 
 impl Player {
+    /// This tenant's traffic as one batch ([`crate::batch`]).
+    fn batch(self) -> crate::batch::BatchPlayer {
+        crate::batch::BatchPlayer {
+            load: self.load,
+            key: self.key,
+            authority: self.authority,
+            seed: self.seed,
+            start: self.times.start,
+            window: self.times.window,
+            end: self.times.end,
+        }
+    }
+
     /// Request `n`, intended at `intended`, on `conn` (opened or reopened as needed),
     /// counted in `stats` when it falls in the window; the next turn of `conv` (which it
     /// then continues, or ends: past `turns`, or when it failed).

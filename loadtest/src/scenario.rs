@@ -91,6 +91,13 @@ pub struct TenantLoad {
     /// Closed loop: users, each sending its next request when its last one ended.
     #[serde(default)]
     pub users: Option<usize>,
+    /// Batch: this many requests sent as one batch (`/v1/files`, then `/v1/batches`) when
+    /// the run starts, and followed to the window's end: its row counts the requests the
+    /// batch finished in the window and their tokens (no latencies: a batch has none to
+    /// show). Its requests are the tenant's (`stream` must be false); the batch is
+    /// cancelled at the end if it has not ended.
+    #[serde(default)]
+    pub batch: Option<usize>,
     /// Closed loop: a user's pause between requests.
     #[serde(default)]
     pub think_ms: u64,
@@ -145,6 +152,7 @@ fn default_output_weight() -> f64 {
 pub enum Traffic {
     Open { rate: f64, arrival: Arrival },
     Closed { users: usize },
+    Batch { requests: usize },
 }
 
 impl Scenario {
@@ -224,15 +232,22 @@ impl Scenario {
 impl TenantLoad {
     /// Open or closed loop (exactly one of `rate` and `users`).
     pub fn traffic(&self) -> Result<Traffic, String> {
-        match (self.rate, self.users) {
-            (Some(rate), None) if rate.is_finite() && rate > 0.0 => Ok(Traffic::Open {
+        match (self.rate, self.users, self.batch) {
+            (Some(rate), None, None) if rate.is_finite() && rate > 0.0 => Ok(Traffic::Open {
                 rate,
                 arrival: self.arrival,
             }),
-            (Some(_), None) => Err("rate must be > 0".into()),
-            (None, Some(users)) if users > 0 => Ok(Traffic::Closed { users }),
-            (None, Some(_)) => Err("users must be ≥ 1".into()),
-            _ => Err("set one of `rate` (open loop) and `users` (closed loop)".into()),
+            (Some(_), None, None) => Err("rate must be > 0".into()),
+            (None, Some(users), None) if users > 0 => Ok(Traffic::Closed { users }),
+            (None, Some(_), None) => Err("users must be ≥ 1".into()),
+            (None, None, Some(_)) if self.stream => {
+                Err("a batch's requests are not streamed: set `stream = false`".into())
+            }
+            (None, None, Some(requests)) if requests > 0 => Ok(Traffic::Batch { requests }),
+            (None, None, Some(_)) => Err("batch must be ≥ 1".into()),
+            _ => Err(
+                "set one of `rate` (open loop), `users` (closed loop) and `batch` (a batch)".into(),
+            ),
         }
     }
 
