@@ -2,14 +2,14 @@
 # The Batch API on the real model (the CPU engine here, the GPU where one is): what a
 # tenant's bulk work does to its own interactive chats when sent as plain concurrent
 # requests, against the same work sent as a batch (`/v1/batches`: lowest scheduling
-# weight, its own fair-share account); and the batch's throughput alone. One gateway (the
+# weight, its own fair-share account). One gateway (the
 # quick-start config, the demo tenant's rate lifted, `[batches]` on), runs in turn:
 #
 #   alone   USERS streaming chat users (32-token answers), nothing else
 #   direct  the same, and BULK more users of the same tenant sending BULK_TOKENS-token
 #           requests back to back (bulk work as ordinary requests)
 #   batch   the same chat users while a batch of REQUESTS such requests runs, BULK at once
-#   bulk    the batch alone
+#           (loadtest's batch tenant: uploaded and run through /v1/batches)
 #
 #   bash bench/batches.sh                       # 30 s per run
 #   DURATION=20 USERS=2 BULK=16 bash bench/batches.sh
@@ -33,9 +33,9 @@ sed -i "s/^max_concurrency = .*/max_concurrency = $((2 * BULK + USERS))/" "$tmp/
 printf '\n[batches]\nenabled = true\npath = "%s/batches.db"\nconcurrency = %s\n' "$tmp" "$BULK" >> "$tmp/gw.toml"
 RUST_LOG=warn serve_quickstart "$PORT" "$tmp"
 base="http://127.0.0.1:$PORT"
-auth="Authorization: Bearer sk-tollgate-demo"
 
-# scenario BULK_USERS: the chat users, and BULK_USERS bulk users if > 0.
+# scenario BULK: the chat users, and then nothing (`none`), BULK_USERS bulk users of the
+# same tenant (`direct`), or the bulk requests as a batch of REQUESTS (`batch`).
 scenario() {
   cat > "$tmp/sc.toml" <<TOML
 target = "$base"
@@ -52,8 +52,8 @@ temperature = 0
 prompt_words = 24
 users = $USERS
 TOML
-  if [ "$1" -gt 0 ]; then
-    cat >> "$tmp/sc.toml" <<TOML
+  [ "$1" = none ] && return
+  cat >> "$tmp/sc.toml" <<TOML
 [[tenants]]
 name = "bulk"
 key = "sk-tollgate-demo"
@@ -61,65 +61,31 @@ model = "smollm2-135m"
 max_tokens = $BULK_TOKENS
 temperature = 0
 prompt_words = 24
-users = $1
 TOML
-  fi
+  case $1 in
+    direct) echo "users = $BULK" >> "$tmp/sc.toml" ;;
+    batch) echo "batch = $REQUESTS" >> "$tmp/sc.toml" ;;
+  esac
 }
 
-# row NAME REPORT BULK_TOKS_PER_S: one line of the table.
-row() {
-  python3 - "$1" "$2" "$3" <<'PY'
+# run NAME KIND: the scenario of KIND played; one line of the table.
+run() {
+  scenario "$2"
+  ./target/release/loadtest run "$tmp/sc.toml" --json "$tmp/$2.json" > /dev/null
+  python3 - "$1" "$tmp/$2.json" <<'PY'
 import json, sys
-name, path, bulk = sys.argv[1], sys.argv[2], sys.argv[3]
+name, path = sys.argv[1], sys.argv[2]
 t = {x["name"]: x for x in json.load(open(path))["tenants"]}
 c = t["chat"]
-if bulk == "direct":
-    bulk = "%.0f" % t["bulk"]["completion_tokens_per_s"]
+bulk = "%.0f" % t["bulk"]["completion_tokens_per_s"] if "bulk" in t else "-"
 print("| %s | %.0f / %.0f | %.0f / %.0f | %.1f | %s |" % (
     name, c["ttft"]["p50_ms"], c["ttft"]["p99_ms"], c["e2e"]["p50_ms"], c["e2e"]["p99_ms"],
     c["completion_tokens_per_s"], bulk))
 PY
 }
 
-# output_tokens BATCH: the batch's output tokens so far.
-output_tokens() {
-  curl -sf "$base/v1/batches/$1" -H "$auth" | python3 -c 'import json,sys; print(json.load(sys.stdin)["usage"]["output_tokens"])'
-}
-
 echo "| run | chat TTFT p50 / p99 ms | chat e2e p50 / p99 ms | chat out tok/s | bulk out tok/s |"
 echo "|---|---:|---:|---:|---:|"
-scenario 0
-./target/release/loadtest run "$tmp/sc.toml" --json "$tmp/alone.json" > /dev/null
-row alone "$tmp/alone.json" "-"
-scenario "$BULK"
-./target/release/loadtest run "$tmp/sc.toml" --json "$tmp/direct.json" > /dev/null
-row "direct ($BULK bulk users)" "$tmp/direct.json" direct
-
-# The batch: REQUESTS chat requests like the bulk users'.
-python3 - "$REQUESTS" "$BULK_TOKENS" > "$tmp/in.jsonl" <<'PY'
-import json, random, sys
-n, tokens = int(sys.argv[1]), int(sys.argv[2])
-words = "the of and to in is was for on that with as by at from his her which an be this are".split()
-rng = random.Random(7)
-for i in range(n):
-    q = " ".join(rng.choice(words) for _ in range(24))
-    print(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"model": "smollm2-135m", "messages": [{"role": "user", "content": q}],
-                 "max_tokens": tokens, "temperature": 0}}))
-PY
-file=$(curl -sf "$base/v1/files" -H "$auth" -F purpose=batch -F "file=@$tmp/in.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-batch=$(curl -sf "$base/v1/batches" -H "$auth" -H 'content-type: application/json' \
-  -d "{\"input_file_id\":\"$file\",\"endpoint\":\"/v1/chat/completions\",\"completion_window\":\"24h\"}" \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-sleep 3
-scenario 0
-t0=$(date +%s.%N); o0=$(output_tokens "$batch")
-./target/release/loadtest run "$tmp/sc.toml" --json "$tmp/batch.json" > /dev/null
-t1=$(date +%s.%N); o1=$(output_tokens "$batch")
-row "batch ($BULK at once)" "$tmp/batch.json" "$(python3 -c "print('%.0f' % (($o1 - $o0) / ($t1 - $t0)))")"
-t0=$(date +%s.%N); o0=$(output_tokens "$batch")
-sleep "$DURATION"
-t1=$(date +%s.%N); o1=$(output_tokens "$batch")
-echo "| batch alone | | | | $(python3 -c "print('%.0f' % (($o1 - $o0) / ($t1 - $t0)))") |"
-state=$(curl -sf -X POST "$base/v1/batches/$batch/cancel" -H "$auth" | python3 -c 'import json,sys; b=json.load(sys.stdin); print(b["status"], b["request_counts"])')
-echo "(batch $state when cancelled)"
+run alone none
+run "direct ($BULK bulk users)" direct
+run "batch ($BULK at once)" batch
