@@ -87,8 +87,7 @@ impl BatchPlayer {
             .to_string();
         let path = format!("/v1/batches/{id}");
         let mut last: Option<Reading> = None;
-        let mut ended = false;
-        loop {
+        let ended = loop {
             let now = Instant::now();
             let at_end = now >= self.end;
             let reading = read(&self.call(&mut conn, "GET", &path, None, Vec::new()).await?);
@@ -104,12 +103,11 @@ impl BatchPlayer {
                 }
                 last = Some(reading);
             }
-            ended = reading.ended;
-            if at_end || ended {
-                break;
+            if at_end || reading.ended {
+                break reading.ended;
             }
             tokio::time::sleep_until((Instant::now() + POLL).min(self.end)).await;
-        }
+        };
         if !ended {
             let cancel = format!("/v1/batches/{id}/cancel");
             self.call(&mut conn, "POST", &cancel, None, Vec::new())
