@@ -195,6 +195,9 @@ fn quota(state: &AppState, _tenant: &Tenant) -> u64 {
     (state.live().config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64
 }
 
+/// Longest `purpose` read.
+const MAX_PURPOSE_BYTES: usize = 64;
+
 /// The form's file (its name and bytes, at most `max_bytes`) and purpose.
 async fn read_form(
     mut form: Multipart,
@@ -224,11 +227,20 @@ async fn read_form(
                 file = Some((name, bytes));
             }
             Some("purpose") => {
-                let text = field
-                    .text()
+                // A short word: read at most a few of its bytes (the body has no limit
+                // but the file's).
+                let mut text = Vec::new();
+                while let Some(chunk) = field
+                    .chunk()
                     .await
-                    .map_err(|e| bad(format!("`purpose` cannot be read: {e}")))?;
-                purpose = Some(text);
+                    .map_err(|e| bad(format!("`purpose` cannot be read: {e}")))?
+                {
+                    text.extend_from_slice(&chunk);
+                    if text.len() > MAX_PURPOSE_BYTES {
+                        return Err(bad("`purpose` is not one this gateway knows.".into()));
+                    }
+                }
+                purpose = Some(String::from_utf8_lossy(&text).into_owned());
             }
             _ => {}
         }
