@@ -399,6 +399,7 @@ async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
         upload(&gw, KEY, "user_data", &[b'x'; 1100]).await.status(),
         413
     );
+    assert_eq!(upload(&gw, KEY, &"x".repeat(100), b"x").await.status(), 400);
     // Deleting one makes room; its content is the bytes sent.
     let id = first["id"].as_str().expect("id");
     let r = send(
