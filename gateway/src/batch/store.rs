@@ -367,9 +367,16 @@ impl BatchStore {
         Ok(Ok(n > 0))
     }
 
-    /// Records a new batch (its `id`, `tenant`, `created_at` and request fields set).
+    /// Records a new batch (its `id`, `tenant`, `created_at` and request fields set); its
+    /// input file is kept at least as long as the batch may run.
     pub fn create_batch(&self, b: &BatchRow) -> Result<()> {
-        self.conn()?.execute(
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE files SET expires_at = MAX(expires_at, ?3) WHERE id = ?1 AND tenant = ?2",
+            params![b.input_file_id, b.tenant, b.expires_at],
+        )?;
+        tx.execute(
             "INSERT INTO batches (id, tenant, created_at, purge_at, endpoint, input_file_id,
                  completion_window, status, metadata, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -386,6 +393,7 @@ impl BatchStore {
                 b.expires_at
             ],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -444,11 +452,15 @@ impl BatchStore {
     /// Its input refused: `errors` (a JSON array) says why.
     pub fn fail(&self, id: &str, errors: &str) -> Result<()> {
         let now = now_s();
-        self.conn()?.execute(
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
             "UPDATE batches SET status = 'failed', errors = ?2, failed_at = ?3, purge_at = ?4
              WHERE id = ?1",
             params![id, errors, now, self.kept_until(now)],
         )?;
+        tx.execute("DELETE FROM batch_results WHERE batch = ?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -896,6 +908,18 @@ mod tests {
         assert!(s.done_lines("batch_1").expect("done").is_empty());
         assert!(s.unfinished().expect("unfinished").is_empty());
         assert_eq!(s.batch("b", "batch_1").expect("read"), None);
+    }
+
+    #[test]
+    fn a_batch_keeps_its_input_file_while_it_may_run() {
+        let (_d, s) = store();
+        let f = s.put_file("a", "in.jsonl", "batch", b"{}\n").expect("put");
+        let mut b = batch("batch_1", "a");
+        b.input_file_id = f.id.clone();
+        b.expires_at = f.expires_at + 7200;
+        s.create_batch(&b).expect("create");
+        let kept = s.file("a", &f.id).expect("read").expect("there");
+        assert_eq!(kept.expires_at, b.expires_at);
     }
 
     #[test]
