@@ -552,3 +552,55 @@ async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
     let r = send(reqwest::Method::GET, gw.admin_url("/admin/batches"), KEY).await;
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_waits_while_a_reload_has_taken_its_tenant_out() {
+    let dir = tempdir::TempDir::new();
+    let db = dir.0.join("b.db");
+    // 8 tokens at 20 ms: 0.16 s a request, two at a time.
+    let slow = r#"{ kind = "sim", prefill_tokens_per_s = 0.0, decode_step_ms = 20.0, decode_step_ms_per_seq = 0.0, min_output_tokens = 8, max_output_tokens = 8 }"#;
+    let cfg = batch_config(slow, "", &db, 2);
+    let gw = Gateway::start(&cfg);
+    let created = start_batch(&gw, &requests(20, &[])).await;
+    let id = created["id"].as_str().expect("id");
+    let path = format!("/v1/batches/{id}");
+    let progress = |b: &Value| b["request_counts"]["completed"].as_i64().unwrap_or(0);
+    wait_batch(&gw, id, Duration::from_secs(10), |b| progress(b) >= 2).await;
+    // The same key now names another tenant: `demo` is gone.
+    gw.write_config(&cfg.replace("id = \"demo\"", "id = \"renamed\""));
+    let gone = eventually(Duration::from_secs(5), async || {
+        get(&gw, KEY, &path).await.0 == 404
+    })
+    .await;
+    assert!(gone, "the reload did not apply");
+    let completed = || {
+        let conn = rusqlite::Connection::open(&db).expect("db");
+        conn.query_row("SELECT completed FROM batches WHERE id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .expect("the batch")
+    };
+    // Those in flight end; then nothing runs, and nothing fails.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = completed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        completed(),
+        held,
+        "requests ran for a tenant not in the config"
+    );
+    assert!(held < 20);
+    // Back in the config: the batch goes on to its end.
+    gw.write_config(&cfg);
+    let back = eventually(Duration::from_secs(5), async || {
+        get(&gw, KEY, &path).await.0 == 200
+    })
+    .await;
+    assert!(back, "the reload did not apply");
+    let b = wait_batch(&gw, id, Duration::from_secs(20), ended).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 20, "completed": 20, "failed": 0})
+    );
+}

@@ -3,7 +3,8 @@
 //! [`crate::pipeline::serve`] as the tenant's own request (its contract, its metering) at
 //! the lowest scheduling weight, `[batches] concurrency` at once. A request refused for
 //! the moment (429 past the contract, 503 no capacity) waits the time the answer names and
-//! goes again; any other answer is its result, committed at once. Then the output and
+//! goes again (as does one whose tenant a reload took out of the config, until it is
+//! back); any other answer is its result, committed at once. Then the output and
 //! error files are written (`finalizing` → `completed`). A cancel stops sending requests
 //! (those in flight end and are kept: `cancelled`); the completion window's end does too,
 //! and lists each request not run in the error file (`expired`); a shutdown stops it
@@ -296,6 +297,9 @@ struct Job {
     expiry: tokio::time::Instant,
 }
 
+/// How long a request waits for its tenant to be in the config again.
+const TENANT_GONE_WAIT: Duration = Duration::from_secs(5);
+
 /// Shortest and longest waits before a refused request goes again.
 const WAIT_MIN: Duration = Duration::from_millis(50);
 const WAIT_MAX: Duration = Duration::from_secs(60);
@@ -342,11 +346,9 @@ impl Job {
     async fn attempt(&self, line: &Line, request_id: &str) -> Attempt {
         let tenant = self.state.live().tenants.get(&self.tenant).cloned();
         let Some(tenant) = tenant else {
-            let e = ApiError::NotFound(format!(
-                "tenant `{}` is no longer configured on this gateway",
-                self.tenant
-            ));
-            return Attempt::Done(e.status(), e.to_json().into());
+            // Not in the config now (a reload took it out): its batch waits for it to
+            // come back, or for the window's end.
+            return Attempt::Later(TENANT_GONE_WAIT);
         };
         let validated = (self.endpoint.validator())(&line.body, &self.state.server);
         let req = match validated {
