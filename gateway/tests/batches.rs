@@ -20,13 +20,29 @@ fn batch_config(workers: &str, tenant: &str, db: &std::path::Path, concurrency: 
 
 /// Uploads `content` as a file for `purpose` with `key`.
 async fn upload(gw: &Gateway, key: &str, purpose: &str, content: &[u8]) -> reqwest::Response {
+    upload_with(gw, key, purpose, content, &[]).await
+}
+
+/// [`upload`], with more form fields.
+async fn upload_with(
+    gw: &Gateway,
+    key: &str,
+    purpose: &str,
+    content: &[u8],
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
     let boundary = "tollgate-test-boundary-7d1f";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
+    let mut body = String::new();
+    for (name, value) in [("purpose", purpose)].iter().chain(fields) {
+        body += &format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        );
+    }
+    body += &format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
          Content-Type: application/jsonl\r\n\r\n"
-    )
-    .into_bytes();
+    );
+    let mut body = body.into_bytes();
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     client()
@@ -64,7 +80,8 @@ async fn start_batch(gw: &Gateway, content: &[u8]) -> Value {
     let r = upload(gw, KEY, "batch", content).await;
     assert_eq!(r.status(), 200);
     let file: Value = r.json().await.expect("file");
-    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"job": "test"}});
+    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"job": "test"},
+        "output_expires_after": {"anchor": "created_at", "seconds": 86_400}});
     let batch = post_json(gw, "/v1/batches", &body.to_string()).await;
     assert_eq!(batch["status"], "validating", "{batch}");
     batch
@@ -184,6 +201,12 @@ async fn a_batch_runs_its_requests_and_keeps_their_answers_in_files() {
         errors[0]["response"]["body"]["error"]["code"],
         "request_exceeds_contract"
     );
+    // Kept as long as the batch asked.
+    let output_id = b["output_file_id"].as_str().expect("id");
+    let (_, output) = get(&gw, KEY, &format!("/v1/files/{output_id}")).await;
+    let kept = output["expires_at"].as_i64().expect("expiry")
+        - output["created_at"].as_i64().expect("made");
+    assert_eq!(kept, 86_400, "{output}");
     // The output files are the tenant's files, listed with the input.
     let (_, files) = get(&gw, KEY, "/v1/files").await;
     let purposes: Vec<&str> = files["data"]
@@ -377,6 +400,7 @@ async fn a_batch_outlives_its_gateway_and_runs_each_request_once() {
 async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
     let dir = tempdir::TempDir::new();
     let cfg = config(FAST_SIM, "", "")
+        + &other_tenant()
         + &format!(
             "\n[batches]\nenabled = true\npath = \"{}\"\nmax_file_mib = 0.001\nmax_stored_mib_per_tenant = 0.0025\n",
             dir.0.join("b.db").display()
@@ -400,6 +424,34 @@ async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
         413
     );
     assert_eq!(upload(&gw, KEY, &"x".repeat(100), b"x").await.status(), 400);
+    // A file kept two hours; an expiry outside an hour to 30 days is refused.
+    let anchor = ("expires_after[anchor]", "created_at");
+    let two_hours = [anchor, ("expires_after[seconds]", "7200")];
+    let short = upload_with(&gw, OTHER, "user_data", b"x", &two_hours).await;
+    let short: Value = short.json().await.expect("file");
+    assert_eq!(
+        short["expires_at"].as_i64(),
+        short["created_at"].as_i64().map(|t| t + 7200),
+        "{short}"
+    );
+    let r = upload_with(
+        &gw,
+        OTHER,
+        "user_data",
+        b"x",
+        &[anchor, ("expires_after[seconds]", "60")],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let r = upload_with(
+        &gw,
+        OTHER,
+        "user_data",
+        b"x",
+        &[("expires_after[anchor]", "last_used")],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
     // Deleting one makes room; its content is the bytes sent.
     let id = first["id"].as_str().expect("id");
     let r = send(

@@ -6,7 +6,7 @@
 
 use super::auth::ActingFor;
 use super::error::ApiError;
-use super::files::{answer, enabled, for_tenant, list_json, listing, on_store};
+use super::files::{answer, enabled, for_tenant, keep_for, list_json, listing, on_store};
 use super::handlers::read_body;
 use super::stored_responses::owner;
 use crate::batch::input::Endpoint;
@@ -34,6 +34,17 @@ struct CreateBatch {
     completion_window: String,
     #[serde(default)]
     metadata: Option<Map<String, Value>>,
+    /// How long its output and error files are kept: `{"anchor": "created_at",
+    /// "seconds": n}`.
+    #[serde(default)]
+    output_expires_after: Option<ExpiresAfter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpiresAfter {
+    anchor: String,
+    seconds: i64,
 }
 
 /// A batch object as the API shows it.
@@ -133,6 +144,14 @@ pub async fn create(
     let done = async {
         let batches = enabled(&state)?;
         let req = read_request(&read_body(&state, body)?)?;
+        let keep = match &req.output_expires_after {
+            None => None,
+            Some(e) => keep_for(
+                "output_expires_after",
+                Some(&e.anchor),
+                Some(&e.seconds.to_string()),
+            )?,
+        };
         let (who, file) = (owner.clone(), req.input_file_id.clone());
         let input = on_store(batches, move |s| s.file(&who, &file)).await?;
         match input {
@@ -163,6 +182,7 @@ pub async fn create(
             completion_window: req.completion_window,
             status: "validating".into(),
             metadata: req.metadata.map(|m| Value::Object(m).to_string()),
+            output_keep_s: keep,
             expires_at: now + WINDOW.1,
             ..BatchRow::default()
         };

@@ -1,5 +1,6 @@
 //! The Files API (`[batches] enabled = true`, see [`crate::batch`]): `POST /v1/files`
-//! (multipart: `file` and `purpose`, read as it arrives and refused past `max_file_mib`),
+//! (multipart: `file`, `purpose` and optionally `expires_after[anchor]` and
+//! `expires_after[seconds]`; the file read as it arrives and refused past `max_file_mib`),
 //! `GET /v1/files` (pages, newest first), `GET`/`DELETE /v1/files/{id}` and
 //! `GET /v1/files/{id}/content`. A batch's output and error files are files too (purpose
 //! `batch_output`). A tenant sees only its own files; any other id is a 404.
@@ -157,7 +158,12 @@ pub async fn upload(
         let max_bytes = (live.config.batches.max_file_mib * 1024.0 * 1024.0) as usize;
         let quota = quota(&state, &tenant);
         drop(live);
-        let (filename, purpose, content) = read_form(form, max_bytes).await?;
+        let Form {
+            filename,
+            purpose,
+            content,
+            keep_s,
+        } = read_form(form, max_bytes).await?;
         if !PURPOSES.contains(&purpose.as_str()) {
             return Err(ApiError::BadRequest {
                 message: format!(
@@ -180,7 +186,7 @@ pub async fn upload(
             return Err(ApiError::FilesQuota { stored, quota });
         }
         let row = on_store(batches, move |s| {
-            s.put_file(&owner, &filename, &purpose, &content)
+            s.put_file_for(&owner, &filename, &purpose, &content, keep_s)
         })
         .await?;
         Ok(Json(file_json(&row)).into_response())
@@ -195,24 +201,65 @@ fn quota(state: &AppState, _tenant: &Tenant) -> u64 {
     (state.live().config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64
 }
 
-/// Longest `purpose` read.
-const MAX_PURPOSE_BYTES: usize = 64;
+/// Longest text field read (`purpose`, `expires_after[…]`).
+const MAX_FIELD_BYTES: usize = 64;
 
-/// The form's file (its name and bytes, at most `max_bytes`) and purpose.
-async fn read_form(
-    mut form: Multipart,
-    max_bytes: usize,
-) -> Result<(String, String, Vec<u8>), ApiError> {
+/// An upload's form.
+struct Form {
+    filename: String,
+    purpose: String,
+    content: Vec<u8>,
+    /// `expires_after[seconds]` (with `expires_after[anchor]` = `created_at`).
+    keep_s: Option<i64>,
+}
+
+/// The shortest and longest time a file may be asked to be kept (`expires_after`,
+/// `output_expires_after`): an hour to 30 days, as OpenAI's.
+pub(super) const KEEP_S: std::ops::RangeInclusive<i64> = 3600..=2_592_000;
+
+/// `expires_after` (or `output_expires_after`, named `param`): its `anchor` must be
+/// `created_at`, its `seconds` within [`KEEP_S`].
+pub(super) fn keep_for(
+    param: &str,
+    anchor: Option<&str>,
+    seconds: Option<&str>,
+) -> Result<Option<i64>, ApiError> {
+    if anchor.is_none() && seconds.is_none() {
+        return Ok(None);
+    }
+    if anchor != Some("created_at") {
+        return Err(ApiError::bad(
+            format!("`{param}.anchor` must be \"created_at\"."),
+            Some(format!("{param}.anchor")),
+        ));
+    }
+    match seconds.and_then(|s| s.trim().parse::<i64>().ok()) {
+        Some(s) if KEEP_S.contains(&s) => Ok(Some(s)),
+        _ => Err(ApiError::bad(
+            format!(
+                "`{param}.seconds` must be a whole number of seconds from {} to {}.",
+                KEEP_S.start(),
+                KEEP_S.end()
+            ),
+            Some(format!("{param}.seconds")),
+        )),
+    }
+}
+
+/// The form's file (its name and bytes, at most `max_bytes`), purpose and expiry.
+async fn read_form(mut form: Multipart, max_bytes: usize) -> Result<Form, ApiError> {
     let bad = |m: String| ApiError::bad(m, None);
-    let (mut file, mut purpose) = (None, None);
+    let mut file = None;
+    let mut text: std::collections::HashMap<String, String> = Default::default();
     while let Some(mut field) = form
         .next_field()
         .await
         .map_err(|e| bad(format!("The multipart body cannot be read: {e}")))?
     {
-        match field.name() {
-            Some("file") => {
-                let name = field.file_name().unwrap_or("file").to_string();
+        let name = field.name().unwrap_or("").to_string();
+        match name.as_str() {
+            "file" => {
+                let filename = field.file_name().unwrap_or("file").to_string();
                 let mut bytes = Vec::new();
                 while let Some(chunk) = field
                     .chunk()
@@ -224,23 +271,26 @@ async fn read_form(
                     }
                     bytes.extend_from_slice(&chunk);
                 }
-                file = Some((name, bytes));
+                file = Some((filename, bytes));
             }
-            Some("purpose") => {
-                // A short word: read at most a few of its bytes (the body has no limit
+            "purpose" | "expires_after[anchor]" | "expires_after[seconds]" => {
+                // A short word: read a few of its bytes at most (the body has no limit
                 // but the file's).
-                let mut text = Vec::new();
+                let mut value = Vec::new();
                 while let Some(chunk) = field
                     .chunk()
                     .await
-                    .map_err(|e| bad(format!("`purpose` cannot be read: {e}")))?
+                    .map_err(|e| bad(format!("`{name}` cannot be read: {e}")))?
                 {
-                    text.extend_from_slice(&chunk);
-                    if text.len() > MAX_PURPOSE_BYTES {
-                        return Err(bad("`purpose` is not one this gateway knows.".into()));
+                    value.extend_from_slice(&chunk);
+                    if value.len() > MAX_FIELD_BYTES {
+                        return Err(ApiError::bad(
+                            format!("`{name}` is longer than any value it takes."),
+                            Some(name),
+                        ));
                     }
                 }
-                purpose = Some(String::from_utf8_lossy(&text).into_owned());
+                text.insert(name, String::from_utf8_lossy(&value).into_owned());
             }
             _ => {}
         }
@@ -250,9 +300,19 @@ async fn read_form(
         param: Some(p.into()),
         code: Some("missing_required_parameter"),
     };
-    let (name, bytes) = file.ok_or_else(|| missing("file"))?;
-    let purpose = purpose.ok_or_else(|| missing("purpose"))?;
-    Ok((name, purpose, bytes))
+    let (filename, content) = file.ok_or_else(|| missing("file"))?;
+    let keep_s = keep_for(
+        "expires_after",
+        text.get("expires_after[anchor]").map(String::as_str),
+        text.get("expires_after[seconds]").map(String::as_str),
+    )?;
+    let purpose = text.remove("purpose").ok_or_else(|| missing("purpose"))?;
+    Ok(Form {
+        filename,
+        purpose,
+        content,
+        keep_s,
+    })
 }
 
 /// A batch input file checked as JSON Lines (each line that is not blank a JSON object;

@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS batches (
     failed INTEGER NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0,
     cached_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    -- How long its output and error files are kept (seconds), where the request said.
+    output_keep_s INTEGER
 );
 CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
@@ -124,6 +126,8 @@ pub struct BatchRow {
     pub input_tokens: i64,
     pub cached_tokens: i64,
     pub output_tokens: i64,
+    /// How long its output and error files are kept, in seconds (else `retention_hours`).
+    pub output_keep_s: Option<i64>,
 }
 
 /// What one tenant keeps (`GET /admin/batches`).
@@ -183,7 +187,7 @@ const BATCH_COLUMNS: &str =
     "id, tenant, created_at, endpoint, input_file_id, completion_window, status,
     metadata, errors, output_file_id, error_file_id, expires_at, in_progress_at, finalizing_at,
     completed_at, failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed,
-    input_tokens, cached_tokens, output_tokens";
+    input_tokens, cached_tokens, output_tokens, output_keep_s";
 
 fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
     Ok(BatchRow {
@@ -212,6 +216,7 @@ fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
         input_tokens: r.get(22)?,
         cached_tokens: r.get(23)?,
         output_tokens: r.get(24)?,
+        output_keep_s: r.get(25)?,
     })
 }
 
@@ -286,15 +291,22 @@ impl BatchStore {
         purpose: &str,
         content: &[u8],
     ) -> Result<FileRow> {
+        self.put_file_for(tenant, filename, purpose, content, None)
+    }
+
+    /// Stores a file of `tenant`'s, kept `keep_s` seconds (else `retention_hours`).
+    pub fn put_file_for(
+        &self,
+        tenant: &str,
+        filename: &str,
+        purpose: &str,
+        content: &[u8],
+        keep_s: Option<i64>,
+    ) -> Result<FileRow> {
         let conn = self.conn()?;
-        put_file(
-            &conn,
-            tenant,
-            filename,
-            purpose,
-            content,
-            self.kept_until(now_s()),
-        )
+        let now = now_s();
+        let until = keep_s.map_or_else(|| self.kept_until(now), |k| now.saturating_add(k));
+        put_file(&conn, tenant, filename, purpose, content, until)
     }
 
     /// One of `tenant`'s files (unexpired).
@@ -378,8 +390,8 @@ impl BatchStore {
         )?;
         tx.execute(
             "INSERT INTO batches (id, tenant, created_at, purge_at, endpoint, input_file_id,
-                 completion_window, status, metadata, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 completion_window, status, metadata, expires_at, output_keep_s)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 b.id,
                 b.tenant,
@@ -390,7 +402,8 @@ impl BatchStore {
                 b.completion_window,
                 b.status,
                 b.metadata,
-                b.expires_at
+                b.expires_at,
+                b.output_keep_s
             ],
         )?;
         tx.commit()?;
@@ -556,10 +569,12 @@ impl BatchStore {
     pub fn finish(&self, id: &str, ending: Ending) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(tenant) = tx
-            .query_row("SELECT tenant FROM batches WHERE id = ?1", [id], |r| {
-                r.get::<_, String>(0)
-            })
+        let Some((tenant, keep_s)) = tx
+            .query_row(
+                "SELECT tenant, output_keep_s FROM batches WHERE id = ?1",
+                [id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )
             .optional()?
         else {
             // Deleted while it ran (its tenant's data deleted): what it did since goes too.
@@ -569,6 +584,7 @@ impl BatchStore {
         };
         let now = now_s();
         let kept = self.kept_until(now);
+        let outputs_kept = keep_s.map_or(kept, |k| now.saturating_add(k));
         let file_of = |ok: bool| -> Result<Option<String>> {
             let mut q = tx.prepare(
                 "SELECT output FROM batch_results WHERE batch = ?1 AND ok = ?2 ORDER BY line",
@@ -586,7 +602,7 @@ impl BatchStore {
                 false => (format!("{id}_error.jsonl"), "batch_output"),
             };
             Ok(Some(
-                put_file(&tx, &tenant, &name, purpose, &content, kept)?.id,
+                put_file(&tx, &tenant, &name, purpose, &content, outputs_kept)?.id,
             ))
         };
         let output = file_of(true)?;

@@ -33,6 +33,16 @@ assert f.object == "file" and f.purpose == "batch" and f.bytes == len(data), f
 assert f.filename == "questions.jsonl", f
 assert client.files.retrieve(f.id).id == f.id
 assert client.files.content(f.id).read() == data
+try:
+    # Kept two hours (SDKs from late 2025 on send `expires_after`).
+    kept = client.files.create(
+        file=("kept.jsonl", io.BytesIO(data)), purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    assert kept.expires_at - kept.created_at == 7200, kept
+    client.files.delete(kept.id)
+except TypeError:
+    pass
 
 b = client.batches.create(
     input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
