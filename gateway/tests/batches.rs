@@ -170,6 +170,7 @@ async fn a_batch_runs_its_requests_and_keeps_their_answers_in_files() {
         b["request_counts"],
         json!({"total": 13, "completed": 12, "failed": 1})
     );
+    assert_eq!(b["model"], "m");
     for at in ["in_progress_at", "finalizing_at", "completed_at"] {
         assert!(b[at].as_i64().is_some(), "{at}: {b}");
     }
@@ -502,7 +503,7 @@ async fn a_batch_past_its_window_expires_and_lists_what_did_not_run() {
         store
             .create_batch(&row("batch_late", "validating", now_s() - 5))
             .expect("create");
-        store.start("batch_late", 3).expect("start");
+        store.start("batch_late", 3, Some("m")).expect("start");
         for line in [0, 2] {
             let done = gateway::batch::store::LineResult {
                 line,

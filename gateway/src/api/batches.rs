@@ -84,6 +84,7 @@ fn batch_json(b: &BatchRow) -> Value {
             "failed": b.failed,
         },
         "metadata": metadata,
+        "model": b.model,
         "usage": {
             "input_tokens": b.input_tokens,
             "input_tokens_details": {"cached_tokens": b.cached_tokens},

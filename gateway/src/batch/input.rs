@@ -82,6 +82,8 @@ pub struct Line {
     pub custom_id: String,
     /// Its body, as JSON bytes.
     pub body: Bytes,
+    /// The model it asks for.
+    pub model: String,
 }
 
 /// A fault of an input file, as the API lists it.
@@ -276,7 +278,11 @@ fn line(
             Some("custom_id"),
         ));
     }
-    Ok(Line { custom_id, body })
+    Ok(Line {
+        custom_id,
+        body,
+        model: req.model,
+    })
 }
 
 #[cfg(test)]

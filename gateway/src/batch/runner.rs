@@ -182,7 +182,12 @@ async fn run(
         }
     };
     let (b, total) = (id.clone(), lines.len());
-    blocking(batches, move |s| s.start(&b, total)).await?;
+    // The model, where every request asks for the same one.
+    let model = lines
+        .first()
+        .map(|l| l.model.clone())
+        .filter(|m| lines.iter().all(|l| &l.model == m));
+    blocking(batches, move |s| s.start(&b, total, model.as_deref())).await?;
     let b = id.clone();
     let done: HashSet<usize> = blocking(batches, move |s| s.done_lines(&b))
         .await?
@@ -507,6 +512,7 @@ mod tests {
         Line {
             custom_id: "req \"1\"".into(),
             body: bytes::Bytes::from_static(b"{}"),
+            model: "m".into(),
         }
     }
 

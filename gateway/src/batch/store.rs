@@ -71,7 +71,9 @@ CREATE TABLE IF NOT EXISTS batches (
     cached_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
     -- How long its output and error files are kept (seconds), where the request said.
-    output_keep_s INTEGER
+    output_keep_s INTEGER,
+    -- The model its requests ask for, where they all ask for one.
+    model TEXT
 );
 CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
@@ -128,6 +130,8 @@ pub struct BatchRow {
     pub output_tokens: i64,
     /// How long its output and error files are kept, in seconds (else `retention_hours`).
     pub output_keep_s: Option<i64>,
+    /// The model its requests ask for, where they all ask for the same (once checked).
+    pub model: Option<String>,
 }
 
 /// What one tenant keeps (`GET /admin/batches`).
@@ -187,7 +191,7 @@ const BATCH_COLUMNS: &str =
     "id, tenant, created_at, endpoint, input_file_id, completion_window, status,
     metadata, errors, output_file_id, error_file_id, expires_at, in_progress_at, finalizing_at,
     completed_at, failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed,
-    input_tokens, cached_tokens, output_tokens, output_keep_s";
+    input_tokens, cached_tokens, output_tokens, output_keep_s, model";
 
 fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
     Ok(BatchRow {
@@ -217,6 +221,7 @@ fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
         cached_tokens: r.get(23)?,
         output_tokens: r.get(24)?,
         output_keep_s: r.get(25)?,
+        model: r.get(26)?,
     })
 }
 
@@ -451,13 +456,13 @@ impl BatchStore {
 
     /// Its input checked: `total` requests, run from now (`in_progress`, unless it was
     /// cancelled meanwhile).
-    pub fn start(&self, id: &str, total: usize) -> Result<()> {
+    pub fn start(&self, id: &str, total: usize, model: Option<&str>) -> Result<()> {
         self.conn()?.execute(
-            "UPDATE batches SET total = ?2,
+            "UPDATE batches SET total = ?2, model = ?4,
                  status = CASE status WHEN 'validating' THEN 'in_progress' ELSE status END,
                  in_progress_at = CASE status WHEN 'validating' THEN ?3 ELSE in_progress_at END
              WHERE id = ?1",
-            params![id, total as i64, now_s()],
+            params![id, total as i64, now_s(), model],
         )?;
         Ok(())
     }
@@ -890,7 +895,7 @@ mod tests {
     fn results_are_counted_once_and_become_files_in_line_order() {
         let (_d, s) = store();
         s.create_batch(&batch("batch_1", "a")).expect("create");
-        s.start("batch_1", 3).expect("start");
+        s.start("batch_1", 3, Some("m")).expect("start");
         let line = |line: usize, ok: bool| LineResult {
             line,
             ok,
@@ -947,7 +952,7 @@ mod tests {
         assert_eq!(b.status, "cancelling");
         assert!(b.cancelling_at.is_some());
         // Its input checked after the cancel: counted, not run.
-        s.start("batch_1", 5).expect("start");
+        s.start("batch_1", 5, None).expect("start");
         let b = s.batch("a", "batch_1").expect("read").expect("there");
         assert_eq!(
             (b.status.as_str(), b.total, b.in_progress_at),
