@@ -156,7 +156,7 @@ pub async fn upload(
         })?;
         let live = state.live();
         let max_bytes = (live.config.batches.max_file_mib * 1024.0 * 1024.0) as usize;
-        let quota = quota(&state, &tenant);
+        let quota = (live.config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64;
         drop(live);
         let Form {
             filename,
@@ -180,25 +180,15 @@ pub async fn upload(
                 .map_err(|e| ApiError::Internal(format!("reading the file failed: {e}")))??,
             _ => content,
         };
-        let who = owner.clone();
-        let stored = on_store(batches, move |s| s.stored_bytes(&who)).await?;
-        if stored + content.len() as u64 > quota {
-            return Err(ApiError::FilesQuota { stored, quota });
-        }
         let row = on_store(batches, move |s| {
-            s.put_file_for(&owner, &filename, &purpose, &content, keep_s)
+            s.put_file_within(&owner, &filename, &purpose, &content, keep_s, quota)
         })
-        .await?;
+        .await?
+        .map_err(|stored| ApiError::FilesQuota { stored, quota })?;
         Ok(Json(file_json(&row)).into_response())
     }
     .await;
     answer(&tenant, done)
-}
-
-/// The bytes `tenant` may keep in files: the gateway's `[batches]
-/// max_stored_mib_per_tenant`.
-fn quota(state: &AppState, _tenant: &Tenant) -> u64 {
-    (state.live().config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64
 }
 
 /// Longest text field read (`purpose`, `expires_after[…]`).

@@ -296,22 +296,40 @@ impl BatchStore {
         purpose: &str,
         content: &[u8],
     ) -> Result<FileRow> {
-        self.put_file_for(tenant, filename, purpose, content, None)
+        let conn = self.conn()?;
+        let until = self.kept_until(now_s());
+        put_file(&conn, tenant, filename, purpose, content, until)
     }
 
-    /// Stores a file of `tenant`'s, kept `keep_s` seconds (else `retention_hours`).
-    pub fn put_file_for(
+    /// Stores a file of `tenant`'s, kept `keep_s` seconds (else `retention_hours`), unless
+    /// `tenant`'s files would then take more than `quota` bytes: then the bytes they take
+    /// now (checked and written in one transaction, so that uploads side by side cannot
+    /// pass the quota together).
+    pub fn put_file_within(
         &self,
         tenant: &str,
         filename: &str,
         purpose: &str,
         content: &[u8],
         keep_s: Option<i64>,
-    ) -> Result<FileRow> {
-        let conn = self.conn()?;
+        quota: u64,
+    ) -> Result<std::result::Result<FileRow, u64>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?1 AND expires_at > ?2",
+            params![tenant, now_s()],
+            |r| r.get(0),
+        )?;
+        let stored = stored.max(0) as u64;
+        if stored.saturating_add(content.len() as u64) > quota {
+            return Ok(Err(stored));
+        }
         let now = now_s();
         let until = keep_s.map_or_else(|| self.kept_until(now), |k| now.saturating_add(k));
-        put_file(&conn, tenant, filename, purpose, content, until)
+        let row = put_file(&tx, tenant, filename, purpose, content, until)?;
+        tx.commit()?;
+        Ok(Ok(row))
     }
 
     /// One of `tenant`'s files (unexpired).
@@ -847,6 +865,15 @@ mod tests {
         assert_eq!(s.delete_file("a", &f.id).expect("delete"), Ok(true));
         assert_eq!(s.file("a", &f.id).expect("read"), None);
         assert_eq!(s.stored_bytes("a").expect("bytes"), 0);
+        // Within a quota: stored while it fits, else the bytes already held.
+        let put = |bytes: &[u8]| {
+            s.put_file_within("a", "f", "user_data", bytes, Some(3600), 5)
+                .expect("put")
+        };
+        let first = put(b"abc").expect("fits");
+        assert_eq!(first.expires_at - first.created_at, 3600);
+        assert_eq!(put(b"abc").map(|_| ()), Err(3));
+        assert!(put(b"ab").is_ok());
     }
 
     #[test]
