@@ -72,8 +72,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         v.push("[responses]");
     }
     let (a, b) = (&old.batches, &new.batches);
-    if (a.enabled, &a.path) != (b.enabled, &b.path) {
-        v.push("[batches] enabled or path");
+    if (a.enabled, &a.path, a.retention_hours) != (b.enabled, &b.path, b.retention_hours) {
+        v.push("[batches] enabled, path or retention_hours");
     }
     let ids = |c: &Config| {
         c.models
@@ -282,4 +282,26 @@ pub fn spawn_triggers(state: AppState) {
             let _ = reload(&state, "file-watch").await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_settings_read_at_start_need_a_restart_and_the_rest_are_live() {
+        let old = Config::from_toml(crate::config::DEFAULT_CONFIG).expect("the default");
+        let with = |f: fn(&mut crate::config::BatchesConfig)| {
+            let mut c = old.clone();
+            f(&mut c.batches);
+            restart_only(&old, &c)
+        };
+        let restart = ["[batches] enabled, path or retention_hours"];
+        assert_eq!(with(|b| b.enabled = true), restart);
+        assert_eq!(with(|b| b.path = "elsewhere.db".into()), restart);
+        assert_eq!(with(|b| b.retention_hours = 1.0), restart);
+        assert!(with(|b| b.concurrency = 2).is_empty());
+        assert!(with(|b| b.max_file_mib = 1.0).is_empty());
+        assert!(with(|b| b.max_stored_mib_per_tenant = 1.0).is_empty());
+    }
 }
