@@ -38,10 +38,9 @@ pub(super) async fn on_store<T: Send + 'static>(
     batches: &Arc<Batches>,
     f: impl FnOnce(&BatchStore) -> Result<T, BatchStoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = batches.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
+    batches
+        .on_store(f)
         .await
-        .map_err(|e| ApiError::Internal(format!("batch store: {e}")))?
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 

@@ -100,6 +100,17 @@ impl Batches {
         })
     }
 
+    /// Runs `f` on the store from the blocking pool.
+    pub async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&BatchStore) -> Result<T, BatchStoreError> + Send + 'static,
+    ) -> Result<T, BatchStoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| BatchStoreError::Join(e.to_string()))?
+    }
+
     /// Records a request's result of batch `batch`; returns once it is committed.
     pub async fn record(&self, batch: String, result: LineResult) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();

@@ -38,8 +38,7 @@ async fn blocking<T: Send + 'static>(
     batches: &Arc<Batches>,
     f: impl FnOnce(&super::BatchStore) -> Result<T, BatchStoreError> + Send + 'static,
 ) -> Result<T, RunError> {
-    let store = batches.store.clone();
-    Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+    Ok(batches.on_store(f).await?)
 }
 
 /// Resumes the batches a previous run of the gateway left unfinished, and purges expired

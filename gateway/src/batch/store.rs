@@ -18,6 +18,8 @@ pub enum BatchStoreError {
     Db(#[from] rusqlite::Error),
     #[error("batch store: no connection: {0}")]
     Pool(#[from] r2d2::Error),
+    #[error("batch store: a blocking task failed: {0}")]
+    Join(String),
 }
 
 type Result<T> = std::result::Result<T, BatchStoreError>;
@@ -280,12 +282,8 @@ impl BatchStore {
 
     /// What `tenant`'s unexpired files take, in bytes.
     pub fn stored_bytes(&self, tenant: &str) -> Result<u64> {
-        let n: i64 = self.conn()?.query_row(
-            "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?1 AND expires_at > ?2",
-            params![tenant, now_s()],
-            |r| r.get(0),
-        )?;
-        Ok(n.max(0) as u64)
+        let conn = self.conn()?;
+        held(&conn, tenant)
     }
 
     /// Stores a file of `tenant`'s.
@@ -316,12 +314,7 @@ impl BatchStore {
     ) -> Result<std::result::Result<FileRow, u64>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let stored: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?1 AND expires_at > ?2",
-            params![tenant, now_s()],
-            |r| r.get(0),
-        )?;
-        let stored = stored.max(0) as u64;
+        let stored = held(&tx, tenant)?;
         if stored.saturating_add(content.len() as u64) > quota {
             return Ok(Err(stored));
         }
@@ -729,6 +722,16 @@ impl BatchStore {
         let batches = conn.execute("DELETE FROM batches WHERE purge_at <= ?1", [now])?;
         Ok(files + batches)
     }
+}
+
+/// What `tenant`'s unexpired files take, in bytes.
+fn held(conn: &Connection, tenant: &str) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?1 AND expires_at > ?2",
+        params![tenant, now_s()],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
 }
 
 fn put_file(
