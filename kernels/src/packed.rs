@@ -1,6 +1,7 @@
-//! Quantized weights repacked for wide integer dot products (AVX-512 VNNI): 16 output rows
-//! side by side, so that one 512-bit register holds one pair of inputs for 16 rows and one
-//! `vpdpwssd` adds 32 products into 16 per-row integer sums.
+//! Quantized weights repacked for wide integer dot products: 16 output rows side by side,
+//! so that one 512-bit register holds one pair of inputs for 16 rows and one `vpdpwssd`
+//! (AVX-512 VNNI) adds 32 products into 16 per-row integer sums. Where the CPU has AVX2
+//! but not AVX-512 VNNI, the [`avx2`] kernels read the same layout 8 rows at a time.
 //!
 //! The file's layout (one row after the other, [`crate::quant`]) makes every 32-value
 //! block end in a horizontal sum and a float conversion per activation row. Here a block's
@@ -26,6 +27,8 @@ use crate::gguf::GgmlType;
 use crate::quant::QK;
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod q8;
 
 /// Output rows per group.
@@ -188,8 +191,20 @@ impl Packed {
         d: [&[f32]; R],
         xsum: [&[f32]; R],
     ) -> [[f32; LANES]; R] {
+        self.dot_rows_on(kernel(), g, q, d, xsum)
+    }
+
+    /// [`Packed::dot_rows`] on `kernel` (`None`: the scalar twin); `kernel` must run here.
+    pub(crate) fn dot_rows_on<const R: usize>(
+        &self,
+        kernel: Option<Kernel>,
+        g: usize,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+    ) -> [[f32; LANES]; R] {
         let mut out = [[0f32; LANES]; R];
-        self.dot_rows_groups(g..g + 1, q, d, xsum, &mut |_, r| out = *r);
+        self.dot_rows_groups_on(kernel, g..g + 1, q, d, xsum, &mut |_, r| out = *r);
         out
     }
 
@@ -204,21 +219,51 @@ impl Packed {
         xsum: [&[f32]; R],
         put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
     ) {
+        self.dot_rows_groups_on(kernel(), groups, q, d, xsum, put)
+    }
+
+    #[inline]
+    fn dot_rows_groups_on<const R: usize>(
+        &self,
+        kernel: Option<Kernel>,
+        groups: std::ops::Range<usize>,
+        q: [&[i16]; R],
+        d: [&[f32]; R],
+        xsum: [&[f32]; R],
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
         assert!(groups.end <= self.rows / LANES);
         assert!(q.iter().all(|x| x.len() >= self.cols));
         assert!(d.iter().chain(xsum.iter()).all(|s| s.len() >= self.nb));
+        assert!(
+            kernel.is_none_or(Kernel::runs_here),
+            "{kernel:?} does not run here"
+        );
         #[cfg(target_arch = "x86_64")]
-        if available() {
-            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (the
-            // groups exist) and `q`, `d`, `xsum` (asserted).
-            unsafe {
-                if self.ty == GgmlType::Q8_0 {
-                    vnni::dot_rows::<R, true>(self, groups, q, d, xsum, put)
-                } else {
-                    vnni::dot_rows::<R, false>(self, groups, q, d, xsum, put)
+        // SAFETY: the kernel's instructions exist here (asserted); reads stay within the
+        // packed arrays (the groups exist) and `q`, `d`, `xsum` (asserted).
+        unsafe {
+            match (kernel, self.ty == GgmlType::Q8_0) {
+                (Some(Kernel::Avx512Vnni), true) => {
+                    return vnni::dot_rows::<R, true>(self, groups, q, d, xsum, put)
                 }
-            };
-            return;
+                (Some(Kernel::Avx512Vnni), false) => {
+                    return vnni::dot_rows::<R, false>(self, groups, q, d, xsum, put)
+                }
+                (Some(Kernel::AvxVnni), true) => {
+                    return avx2::dot_rows_vnni::<R, true>(self, groups, q, d, xsum, put)
+                }
+                (Some(Kernel::AvxVnni), false) => {
+                    return avx2::dot_rows_vnni::<R, false>(self, groups, q, d, xsum, put)
+                }
+                (Some(Kernel::Avx2), true) => {
+                    return avx2::dot_rows::<R, true>(self, groups, q, d, xsum, put)
+                }
+                (Some(Kernel::Avx2), false) => {
+                    return avx2::dot_rows::<R, false>(self, groups, q, d, xsum, put)
+                }
+                (None, _) => {}
+            }
         }
         for g in groups {
             put(g, &self.dot_rows_scalar(g, q, d, xsum));
@@ -226,21 +271,87 @@ impl Packed {
     }
 }
 
-/// Whether this CPU runs the packed kernel (AVX-512 with VNNI; `TOLLGATE_SIMD=avx2` or
-/// `=avx512` turns it off, for comparisons).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            crate::quant::simd_path() == "avx512"
-                && std::env::var("TOLLGATE_SIMD").as_deref() != Ok("avx512")
-                && is_x86_feature_detected!("avx512vnni")
-        })
+/// The packed kernels, by the instructions they need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 with VNNI: 16 rows a register, one instruction per product pair (or quad).
+    Avx512Vnni,
+    /// AVX2 with AVX-VNNI (the 256-bit `vpdpwssd`/`vpdpbusd`): 8 rows a register.
+    AvxVnni,
+    /// AVX2 alone: `vpmaddwd` (and `vpmaddubsw`) then an add, 8 rows a register.
+    Avx2,
+}
+
+impl Kernel {
+    /// Whether this CPU has the kernel's instructions (whatever the environment says).
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                Kernel::Avx512Vnni => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+                Kernel::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+                Kernel::Avx2 => avx2,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// Every kernel this CPU runs (for tests and benchmarks).
+    pub fn all_here() -> Vec<Kernel> {
+        [Kernel::Avx512Vnni, Kernel::AvxVnni, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Activation rows a tile takes, largest first (ending in 1): as many as keep a
+    /// tile's integer sums in registers.
+    pub fn tiles(self, q8: bool) -> &'static [usize] {
+        match (self, q8) {
+            (Kernel::Avx512Vnni, false) => &[12, 8, 4, 1],
+            (Kernel::Avx512Vnni, true) => &[8, 4, 1],
+            (Kernel::AvxVnni, _) => &[8, 4, 1],
+            (Kernel::Avx2, _) => &[6, 4, 1],
+        }
+    }
+}
+
+/// The packed kernel this CPU runs, if any: the first of [`Kernel::Avx512Vnni`],
+/// [`Kernel::AvxVnni`], [`Kernel::Avx2`] that it has, within the instruction set
+/// [`crate::quant::simd_path`] allows (`TOLLGATE_SIMD=avx2` caps it at AVX2). With
+/// `TOLLGATE_NO_VNNI=1` the VNNI kernels are passed over; with `TOLLGATE_PACKED=0` (or, as
+/// before, `TOLLGATE_SIMD=avx512`) there is none and the file's layout is used, for
+/// comparisons.
+pub fn kernel() -> Option<Kernel> {
+    use std::sync::OnceLock;
+    static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let path = crate::quant::simd_path();
+        let var = |k: &str| std::env::var(k).ok();
+        if var("TOLLGATE_PACKED").as_deref() == Some("0")
+            || var("TOLLGATE_SIMD").as_deref() == Some("avx512")
+            || path == "scalar"
+        {
+            return None;
+        }
+        let no_vnni = var("TOLLGATE_NO_VNNI").is_some_and(|v| v != "0");
+        Kernel::all_here().into_iter().find(|k| match k {
+            Kernel::Avx512Vnni => path == "avx512" && !no_vnni,
+            Kernel::AvxVnni => !no_vnni,
+            Kernel::Avx2 => true,
+        })
+    })
+}
+
+/// Whether this CPU runs a packed kernel ([`kernel`]).
+pub fn available() -> bool {
+    kernel().is_some()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -340,6 +451,7 @@ mod tests {
     use super::*;
     use crate::quant;
     use crate::testutil::rand;
+    use std::array::from_fn;
 
     fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -369,9 +481,11 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_matches_its_scalar_twin_bit_for_bit_and_the_f32_product_closely() {
+    fn every_kernel_here_matches_the_scalar_twin_bit_for_bit_and_the_f32_product_closely() {
+        let kernels = Kernel::all_here();
+        eprintln!("packed kernels on this CPU: {kernels:?}");
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let (rows, cols, b) = (32, 576, 5);
+            let (rows, cols, b) = (32, 576, 7);
             let data = quantized(ty, &rand(rows * cols, 11));
             let pk = Packed::new(ty, rows, cols, &data).expect("packs");
             let x = rand(b * cols, 29);
@@ -391,27 +505,39 @@ mod tests {
             let sa = |r: usize| &sums[r * nb..(r + 1) * nb];
             let mut w = vec![0f32; cols];
             for g in 0..rows / LANES {
-                let four = pk.dot_rows::<4>(
+                let twin = pk.dot_rows_scalar::<6>(
                     g,
-                    [qa(0), qa(1), qa(2), qa(3)],
-                    [da(0), da(1), da(2), da(3)],
-                    [sa(0), sa(1), sa(2), sa(3)],
+                    from_fn(qa),
+                    from_fn(da),
+                    from_fn(sa),
                 );
-                let twin = pk.dot_rows_scalar::<4>(
-                    g,
-                    [qa(0), qa(1), qa(2), qa(3)],
-                    [da(0), da(1), da(2), da(3)],
-                    [sa(0), sa(1), sa(2), sa(3)],
-                );
-                assert_eq!(four, twin, "{ty:?} group {g}");
+                for &k in &kernels {
+                    let six = pk.dot_rows_on::<6>(
+                        Some(k),
+                        g,
+                        from_fn(qa),
+                        from_fn(da),
+                        from_fn(sa),
+                    );
+                    assert_eq!(six, twin, "{k:?} {ty:?} group {g}");
+                    let four = pk.dot_rows_on::<4>(
+                        Some(k),
+                        g,
+                        from_fn(|r| qa(r + 2)),
+                        from_fn(|r| da(r + 2)),
+                        from_fn(|r| sa(r + 2)),
+                    );
+                    assert_eq!(
+                        four[..],
+                        twin[2..],
+                        "{k:?}: a row's result does not depend on its tile"
+                    );
+                    let one = pk.dot_rows_on::<1>(Some(k), g, [qa(6)], [da(6)], [sa(6)]);
+                    let one_twin = pk.dot_rows_scalar::<1>(g, [qa(6)], [da(6)], [sa(6)]);
+                    assert_eq!(one, one_twin, "{k:?} {ty:?} group {g}, one row");
+                }
                 for r in 0..b {
                     let one = pk.dot_rows::<1>(g, [qa(r)], [da(r)], [sa(r)]);
-                    if r < 4 {
-                        assert_eq!(
-                            one[0], four[r],
-                            "a row's result does not depend on its tile"
-                        );
-                    }
                     for l in 0..LANES {
                         pk.row_f32(g * LANES + l, &mut w);
                         let want: f64 = w
@@ -428,6 +554,20 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_kernel_in_use_follows_the_environment_s_caps() {
+        // Whatever this CPU, the choice is one it runs, and the best of those allowed.
+        let k = kernel();
+        assert!(k.is_none_or(Kernel::runs_here));
+        if std::env::var_os("TOLLGATE_SIMD").is_none()
+            && std::env::var_os("TOLLGATE_PACKED").is_none()
+            && std::env::var_os("TOLLGATE_NO_VNNI").is_none()
+            && std::env::var_os("TOLLGATE_NO_SIMD").is_none()
+        {
+            assert_eq!(k, Kernel::all_here().first().copied());
         }
     }
 }

@@ -11,7 +11,7 @@
 //! alike (bit for bit). 8-bit weights (Q8_0) are not covered: signed × signed has no
 //! single instruction, and they keep the row-wise kernel.
 
-use super::{available, Packed, LANES};
+use super::{kernel, Kernel, Packed, LANES};
 use crate::gguf::GgmlType;
 use crate::quant::{Q8Block, QK};
 
@@ -48,8 +48,19 @@ impl Packed {
     /// Rows `16g .. 16g + 16` (4-bit weights) against R rows of 8-bit activation blocks:
     /// `out[r][l]` = row `16g + l` · activation row `r`.
     pub fn dot_rows_q8<const R: usize>(&self, g: usize, a: [&[Q8Block]; R]) -> [[f32; LANES]; R] {
+        self.dot_rows_q8_on(kernel(), g, a)
+    }
+
+    /// [`Packed::dot_rows_q8`] on `kernel` (`None`: the scalar twin); `kernel` must run
+    /// here.
+    pub(crate) fn dot_rows_q8_on<const R: usize>(
+        &self,
+        kernel: Option<Kernel>,
+        g: usize,
+        a: [&[Q8Block]; R],
+    ) -> [[f32; LANES]; R] {
         let mut out = [[0f32; LANES]; R];
-        self.dot_rows_q8_groups(g..g + 1, a, &mut |_, r| out = *r);
+        self.dot_rows_q8_groups_on(kernel, g..g + 1, a, &mut |_, r| out = *r);
         out
     }
 
@@ -62,15 +73,36 @@ impl Packed {
         a: [&[Q8Block]; R],
         put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
     ) {
+        self.dot_rows_q8_groups_on(kernel(), groups, a, put)
+    }
+
+    #[inline]
+    fn dot_rows_q8_groups_on<const R: usize>(
+        &self,
+        kernel: Option<Kernel>,
+        groups: std::ops::Range<usize>,
+        a: [&[Q8Block]; R],
+        put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    ) {
         assert!(self.takes_q8(), "8-bit weights take the row-wise kernel");
         assert!(groups.end <= self.rows / LANES);
         assert!(a.iter().all(|x| x.len() >= self.nb));
+        assert!(
+            kernel.is_none_or(Kernel::runs_here),
+            "{kernel:?} does not run here"
+        );
         #[cfg(target_arch = "x86_64")]
-        if available() {
-            // SAFETY: AVX-512F/BW/VNNI detected; reads stay within the packed arrays (the
-            // groups exist, 4-bit layout) and `a` (asserted).
-            unsafe { vnni::dot_rows(self, groups, a, put) };
-            return;
+        // SAFETY: the kernel's instructions exist here (asserted); reads stay within the
+        // packed arrays (the groups exist, 4-bit layout) and `a` (asserted).
+        unsafe {
+            match kernel {
+                Some(Kernel::Avx512Vnni) => return vnni::dot_rows(self, groups, a, put),
+                Some(Kernel::AvxVnni) => {
+                    return super::avx2::dot_rows_q8_vnni(self, groups, a, put)
+                }
+                Some(Kernel::Avx2) => return super::avx2::dot_rows_q8(self, groups, a, put),
+                None => {}
+            }
         }
         for g in groups {
             put(g, &self.dot_rows_q8_scalar(g, a));
@@ -134,7 +166,7 @@ mod tests {
     #[test]
     fn the_q8_kernel_matches_its_scalar_twin_bit_for_bit_and_the_f32_product_roughly() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
-            let (rows, cols, b) = (32, 576, 5);
+            let (rows, cols, b) = (32, 576, 6);
             let w = crate::testutil::rand(rows * cols, 13);
             let mut data = Vec::new();
             if ty == GgmlType::Q4_0 {
@@ -153,16 +185,23 @@ mod tests {
             let ar = |r: usize| &a[r * nb..(r + 1) * nb];
             let mut wr = vec![0f32; cols];
             for g in 0..rows / LANES {
-                let four = pk.dot_rows_q8::<4>(g, [ar(0), ar(1), ar(2), ar(3)]);
                 let twin = pk.dot_rows_q8_scalar::<4>(g, [ar(0), ar(1), ar(2), ar(3)]);
-                assert_eq!(four, twin, "{ty:?} group {g}");
+                for &k in &Kernel::all_here() {
+                    let four = pk.dot_rows_q8_on::<4>(Some(k), g, [ar(0), ar(1), ar(2), ar(3)]);
+                    assert_eq!(four, twin, "{k:?} {ty:?} group {g}");
+                    let six = pk.dot_rows_q8_on::<6>(Some(k), g, std::array::from_fn(ar));
+                    assert_eq!(
+                        six[..4],
+                        four[..],
+                        "{k:?}: a row's result does not depend on its tile"
+                    );
+                    let one = pk.dot_rows_q8_on::<1>(Some(k), g, [ar(4)]);
+                    assert_eq!(one[0], six[4], "{k:?} {ty:?} group {g}, one row");
+                }
                 for r in 0..b {
                     let one = pk.dot_rows_q8::<1>(g, [ar(r)]);
                     if r < 4 {
-                        assert_eq!(
-                            one[0], four[r],
-                            "a row's result does not depend on its tile"
-                        );
+                        assert_eq!(one[0], twin[r], "the kernel in use, row {r}");
                     }
                     for l in 0..LANES {
                         pk.row_f32(g * LANES + l, &mut wr);
