@@ -77,10 +77,15 @@ fn requests(n: usize, extra: &[Value]) -> Vec<u8> {
 
 /// Uploads `content` and starts a batch of it; the batch as created.
 async fn start_batch(gw: &Gateway, content: &[u8]) -> Value {
+    start_batch_on(gw, content, "/v1/chat/completions").await
+}
+
+/// [`start_batch`] for `endpoint`.
+async fn start_batch_on(gw: &Gateway, content: &[u8], endpoint: &str) -> Value {
     let r = upload(gw, KEY, "batch", content).await;
     assert_eq!(r.status(), 200);
     let file: Value = r.json().await.expect("file");
-    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"job": "test"},
+    let body = json!({"input_file_id": file["id"], "endpoint": endpoint, "completion_window": "24h", "metadata": {"job": "test"},
         "output_expires_after": {"anchor": "created_at", "seconds": 86_400}});
     let batch = post_json(gw, "/v1/batches", &body.to_string()).await;
     assert_eq!(batch["status"], "validating", "{batch}");
@@ -255,6 +260,82 @@ async fn a_batch_runs_its_requests_and_keeps_their_answers_in_files() {
     assert_eq!(theirs["data"], json!([]));
 }
 
+/// A batch's `/v1/responses` requests whose answers the response store would keep are
+/// held to the tenant's storage quota as the endpoint holds them (403
+/// `storage_quota_exceeded` in the error file); one that stores nothing is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batchs_stored_answers_are_held_to_the_tenants_storage_quota() {
+    let dir = tempdir::TempDir::new();
+    // About 500 bytes: the first stored answer takes the tenant past it. One request at a
+    // time, so that each is checked after the one before is stored.
+    let cfg = batch_config(FAST_SIM, "max_stored_mib = 0.0005", &dir.0.join("b.db"), 1)
+        + &format!(
+            "\n[responses]\nstore = true\npath = {:?}\n",
+            dir.0.join("responses.db").display().to_string()
+        );
+    let gw = Gateway::start(&cfg);
+    let line = |id: &str, store: Option<bool>| {
+        let mut body =
+            json!({"model": "m", "input": format!("question {id}"), "max_output_tokens": 8});
+        if let Some(store) = store {
+            body["store"] = json!(store);
+        }
+        json!({"custom_id": id, "method": "POST", "url": "/v1/responses", "body": body})
+    };
+    let lines = [
+        line("stored", None),
+        line("over", Some(true)),
+        line("unstored", Some(false)),
+        line("over-again", None),
+    ];
+    let content = lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let created = start_batch_on(&gw, content.as_bytes(), "/v1/responses").await;
+    let id = created["id"].as_str().expect("id");
+    let b = wait_batch(&gw, id, Duration::from_secs(20), ended).await;
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 4, "completed": 2, "failed": 2}),
+        "{b}"
+    );
+    let out = file_lines(&gw, &b["output_file_id"]).await;
+    let answered: Vec<_> = out
+        .iter()
+        .map(|l| {
+            (
+                l["custom_id"].as_str(),
+                l["response"]["body"]["store"].as_bool(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        [
+            (Some("stored"), Some(true)),
+            (Some("unstored"), Some(false))
+        ]
+    );
+    let errors = file_lines(&gw, &b["error_file_id"]).await;
+    for (l, want) in errors.iter().zip(["over", "over-again"]) {
+        assert_eq!(l["custom_id"], want, "{l}");
+        assert_eq!(l["response"]["status_code"], 403, "{l}");
+        assert_eq!(
+            l["response"]["body"]["error"]["code"], "storage_quota_exceeded",
+            "{l}"
+        );
+    }
+    assert_eq!(errors.len(), 2);
+    // The answer stored is the tenant's, as any other.
+    let stored = out[0]["response"]["body"]["id"].as_str().expect("an id");
+    assert_eq!(
+        get(&gw, KEY, &format!("/v1/responses/{stored}")).await.0,
+        200
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_faulty_input_file_fails_its_batch_with_every_fault() {
     let dir = tempdir::TempDir::new();
@@ -400,8 +481,10 @@ async fn a_batch_outlives_its_gateway_and_runs_each_request_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
     let dir = tempdir::TempDir::new();
+    // `other` has a quota of its own (about 3 KiB).
     let cfg = config(FAST_SIM, "", "")
         + &other_tenant()
+        + "max_files_mib = 0.003\n"
         + &format!(
             "\n[batches]\nenabled = true\npath = \"{}\"\nmax_file_mib = 0.001\nmax_stored_mib_per_tenant = 0.0025\n",
             dir.0.join("b.db").display()
@@ -453,6 +536,12 @@ async fn files_are_held_to_the_size_limit_and_the_tenant_quota() {
     )
     .await;
     assert_eq!(r.status(), 400);
+    // Its own quota: three 1 KiB files beside its 1-byte one, not four.
+    for _ in 0..3 {
+        assert_eq!(upload(&gw, OTHER, "user_data", &kib).await.status(), 200);
+    }
+    let r = upload(&gw, OTHER, "user_data", &kib).await;
+    assert_eq!(r.status(), 403);
     // Deleting one makes room; its content is the bytes sent.
     let id = first["id"].as_str().expect("id");
     let r = send(
@@ -568,8 +657,10 @@ async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
     assert_eq!(
         summary["tenants"],
         json!([
-            {"tenant": "demo", "files": 1, "file_bytes": requests(20, &[]).len(), "batches": 1, "running": 1},
-            {"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0},
+            {"tenant": "demo", "files": 1, "file_bytes": requests(20, &[]).len(), "batches": 1, "running": 1,
+             "quota_bytes": 2048u64 << 20},
+            {"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0,
+             "quota_bytes": 2048u64 << 20},
         ])
     );
     let r = send(
@@ -586,8 +677,8 @@ async fn an_operator_sees_and_deletes_a_tenants_files_and_batches() {
     assert_eq!(get(&gw, KEY, &format!("/v1/batches/{id}")).await.0, 404);
     // The stopped batch leaves nothing behind (its request in flight ends unkept); the
     // other tenant keeps its file.
-    let only_theirs =
-        json!([{"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0}]);
+    let only_theirs = json!([{"tenant": "other", "files": 1, "file_bytes": 6, "batches": 0, "running": 0,
+                "quota_bytes": 2048u64 << 20}]);
     let results_left = || {
         let db = rusqlite::Connection::open(dir.0.join("b.db")).expect("db");
         db.query_row("SELECT COUNT(*) FROM batch_results", [], |r| {

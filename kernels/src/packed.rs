@@ -505,20 +505,10 @@ mod tests {
             let sa = |r: usize| &sums[r * nb..(r + 1) * nb];
             let mut w = vec![0f32; cols];
             for g in 0..rows / LANES {
-                let twin = pk.dot_rows_scalar::<6>(
-                    g,
-                    from_fn(qa),
-                    from_fn(da),
-                    from_fn(sa),
-                );
+                let twin = pk.dot_rows_scalar::<6>(g, from_fn(qa), from_fn(da), from_fn(sa));
                 for &k in &kernels {
-                    let six = pk.dot_rows_on::<6>(
-                        Some(k),
-                        g,
-                        from_fn(qa),
-                        from_fn(da),
-                        from_fn(sa),
-                    );
+                    let six =
+                        pk.dot_rows_on::<6>(Some(k), g, from_fn(qa), from_fn(da), from_fn(sa));
                     assert_eq!(six, twin, "{k:?} {ty:?} group {g}");
                     let four = pk.dot_rows_on::<4>(
                         Some(k),

@@ -208,7 +208,23 @@ async fn batches(State(state): State<AppState>) -> Response {
     }
     .await;
     match summary {
-        Ok(tenants) => Json(json!({ "tenants": tenants })).into_response(),
+        Ok(tenants) => {
+            // Each with its files' quota, where it is a tenant of the config now.
+            let live = state.live();
+            let tenants: Vec<Value> = tenants
+                .into_iter()
+                .map(|t| {
+                    let quota = live
+                        .tenants
+                        .get(&t.tenant)
+                        .map(|c| super::files::files_quota(&live.config, c));
+                    let mut v = json!(t);
+                    v["quota_bytes"] = json!(quota);
+                    v
+                })
+                .collect();
+            Json(json!({ "tenants": tenants })).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -113,6 +113,16 @@ pub(super) fn listing(
     Ok((after, limit, oldest_first, purpose))
 }
 
+/// The bytes `tenant`'s files may take: its `max_files_mib`, else `[batches]
+/// max_stored_mib_per_tenant`.
+pub(super) fn files_quota(config: &crate::config::Config, tenant: &Tenant) -> u64 {
+    let mib = tenant
+        .cfg
+        .max_files_mib
+        .unwrap_or(config.batches.max_stored_mib_per_tenant);
+    (mib * 1024.0 * 1024.0) as u64
+}
+
 /// Answers with `done`'s value, or its error; the tenant's rate-limit headers added.
 pub(super) fn answer(tenant: &Tenant, done: Result<Response, ApiError>) -> Response {
     with_limits(tenant, done.unwrap_or_else(IntoResponse::into_response))
@@ -155,7 +165,7 @@ pub async fn upload(
         })?;
         let live = state.live();
         let max_bytes = (live.config.batches.max_file_mib * 1024.0 * 1024.0) as usize;
-        let quota = (live.config.batches.max_stored_mib_per_tenant * 1024.0 * 1024.0) as u64;
+        let quota = files_quota(&live.config, &tenant);
         drop(live);
         let Form {
             filename,

@@ -18,7 +18,7 @@ pub mod render;
 mod render_responses;
 pub mod request_id;
 pub mod responses;
-mod stored_responses;
+pub(crate) mod stored_responses;
 pub mod tools;
 pub mod types;
 pub mod validate;

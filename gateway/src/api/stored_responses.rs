@@ -94,6 +94,19 @@ pub(super) fn within_quota(
     })
 }
 
+/// [`room`] for a batch's `/v1/responses` request (its body as JSON bytes; a body that is
+/// not a JSON object is left to the request's own validation).
+pub(crate) async fn room_for_batch_line(
+    state: &AppState,
+    tenant: &Tenant,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    match serde_json::from_slice::<Map<String, Value>>(body) {
+        Ok(req) => room(state, tenant, tenant.id.to_string(), &req).await,
+        Err(_) => Ok(()),
+    }
+}
+
 /// Refuses a request that would store (its answer, or in a conversation) where its tenant
 /// is at its quota.
 async fn room(

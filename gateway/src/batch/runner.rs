@@ -14,6 +14,7 @@ use super::input::{self, Endpoint, Line};
 use super::store::{now_s, BatchRow, Ending, LineResult};
 use super::{BatchStoreError, Batches, Halt, Registered};
 use crate::api::error::ApiError;
+use crate::api::stored_responses;
 use crate::pipeline::{self, RequestCtx};
 use crate::state::AppState;
 use serde::Deserialize;
@@ -361,6 +362,14 @@ impl Job {
         };
         if let Some(wait) = headroom(&tenant, &req.model) {
             return Attempt::Later(wait);
+        }
+        if self.endpoint == Endpoint::Responses {
+            // An answer the store would keep is held to the tenant's storage quota, as
+            // the endpoint holds it.
+            let room = stored_responses::room_for_batch_line(&self.state, &tenant, &line.body);
+            if let Err(e) = room.await {
+                return Attempt::Done(e.status(), e.to_json().into());
+            }
         }
         let ctx = RequestCtx {
             request_id: request_id.into(),

@@ -653,6 +653,10 @@ pub struct TenantConfig {
     /// `[responses] max_stored_mib_per_tenant`; 0: nothing).
     #[serde(default)]
     pub max_stored_mib: Option<f64>,
+    /// What this tenant's files (batch inputs, outputs and other uploads) may take, in MiB
+    /// (default: `[batches] max_stored_mib_per_tenant`; 0: no uploads).
+    #[serde(default)]
+    pub max_files_mib: Option<f64>,
     /// Per-model overrides: a model listed here gets its own contract (fields not given are
     /// the tenant's) and its own buckets, apart from the tenant's other traffic.
     #[serde(default)]
@@ -879,10 +883,13 @@ impl Config {
                     t.id
                 ));
             }
-            if t.max_stored_mib
-                .is_some_and(|m| !(m >= 0.0 && m.is_finite()))
-            {
-                return invalid(format!("tenants.{}: max_stored_mib must be >= 0", t.id));
+            for (name, v) in [
+                ("max_stored_mib", t.max_stored_mib),
+                ("max_files_mib", t.max_files_mib),
+            ] {
+                if v.is_some_and(|m| !(m >= 0.0 && m.is_finite())) {
+                    return invalid(format!("tenants.{}: {name} must be >= 0", t.id));
+                }
             }
             for (model, o) in &t.models {
                 if !model_ids.contains(model.as_str()) {
@@ -1087,6 +1094,17 @@ workers = [{{ kind = "engine"{fields} }}]
         assert_eq!(tenant("0.0").unwrap().tenants[0].max_stored_mib, Some(0.0));
         let err = tenant("-2.0").unwrap_err().to_string();
         assert!(err.contains("tenants.t: max_stored_mib"), "{err}");
+        let files = |quota: &str| {
+            Config::from_toml(&format!(
+                "[[tenants]]\nid = \"t\"\nkeys_sha256 = [\"{}\"]\nmax_files_mib = {quota}\n",
+                "ab".repeat(32)
+            ))
+        };
+        assert_eq!(files("5").unwrap().tenants[0].max_files_mib, Some(5.0));
+        for bad in ["-1", "nan"] {
+            let err = files(bad).unwrap_err().to_string();
+            assert!(err.contains("tenants.t: max_files_mib"), "{err}");
+        }
     }
 
     #[test]
