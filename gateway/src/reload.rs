@@ -110,6 +110,8 @@ fn diff(old: &Config, new: &Config) -> Vec<String> {
                 field!(overflow);
                 field!(pool);
                 field!(trusted);
+                field!(max_stored_mib);
+                field!(max_files_mib);
                 field!(models);
                 if o.keys_sha256 != t.keys_sha256 {
                     fields.push(format!(
@@ -303,5 +305,21 @@ mod tests {
         assert!(with(|b| b.concurrency = 2).is_empty());
         assert!(with(|b| b.max_file_mib = 1.0).is_empty());
         assert!(with(|b| b.max_stored_mib_per_tenant = 1.0).is_empty());
+    }
+
+    #[test]
+    fn a_tenants_storage_quotas_are_named_in_the_log_of_changes() {
+        let old = Config::from_toml(crate::config::DEFAULT_CONFIG).expect("the default");
+        let mut new = old.clone();
+        new.tenants[0].max_files_mib = Some(5.0);
+        new.tenants[0].max_stored_mib = Some(1.0);
+        let id = &new.tenants[0].id;
+        assert_eq!(
+            diff(&old, &new),
+            [format!(
+                "tenant {id} changed: max_stored_mib None -> Some(1.0), max_files_mib None -> Some(5.0)"
+            )]
+        );
+        assert!(restart_only(&old, &new).is_empty());
     }
 }
