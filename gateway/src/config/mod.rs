@@ -448,6 +448,10 @@ pub struct EngineConfig {
     /// Plan and send each step while the one before still runs on the device (CUDA), its
     /// drawn tokens read there; off: every step waits for the one before.
     pub overlap_steps: bool,
+    /// Most lowest-weight sequences (batch requests, spot and best-effort work) in a step
+    /// that carries interactive ones; the others keep their place and wait for steps
+    /// without interactive work. Unset: the backend's default ([`EngineConfig::sizes`]).
+    pub lowest_weight_rows: Option<usize>,
 }
 
 /// An engine's step and cache sizes, once its backend is known.
@@ -458,19 +462,25 @@ pub struct EngineSizes {
     /// `None`: sized from the GPU's free memory (`gpu_memory_fraction`).
     pub kv_tokens: Option<usize>,
     pub max_concurrency: usize,
+    /// `None`: no cap.
+    pub lowest_rows: Option<usize>,
 }
 
 impl EngineConfig {
     /// The sizes for a CPU or a GPU backend: what the config sets, else the backend's
-    /// defaults (CPU: 128-token steps, 64 sequences, 65,536 KV tokens; GPU: 2,048-token
-    /// steps, 256 sequences, KV from free memory; both: 4 × max_seqs in flight).
+    /// defaults (CPU: 128-token steps, 64 sequences, 65,536 KV tokens, 2 lowest-weight
+    /// rows beside interactive ones; GPU: 2,048-token steps, 256 sequences, KV from free
+    /// memory, no cap on lowest-weight rows; both: 4 × max_seqs in flight).
     pub fn sizes(&self, gpu: bool) -> EngineSizes {
-        let (tokens, seqs, kv) = if gpu {
-            (2048, 256, None)
+        let (tokens, seqs, kv, lowest) = if gpu {
+            // A decode step reads the weights once whatever its rows: bulk rows cost the
+            // interactive ones little (to be measured on a GPU, BENCHMARKS.md).
+            (2048, 256, None, None)
         } else {
             // Short CPU steps: a new request's prompt waits less for the step in flight,
-            // and long prompts stall the others' decoding less (BENCHMARKS.md).
-            (128, 64, Some(65536))
+            // and long prompts stall the others' decoding less; a step's time grows with
+            // its rows, so bulk work takes two beside interactive work (BENCHMARKS.md).
+            (128, 64, Some(65536), Some(2))
         };
         let max_seqs = self.max_seqs.unwrap_or(seqs);
         EngineSizes {
@@ -478,6 +488,7 @@ impl EngineConfig {
             max_seqs,
             kv_tokens: self.kv_tokens.or(kv),
             max_concurrency: self.max_concurrency.unwrap_or(4 * max_seqs),
+            lowest_rows: self.lowest_weight_rows.or(lowest).filter(|&n| n < max_seqs),
         }
     }
 }
@@ -499,6 +510,7 @@ impl Default for EngineConfig {
             step_timeout_secs: 60.0,
             prefix_caching: true,
             overlap_steps: true,
+            lowest_weight_rows: None,
         }
     }
 }
@@ -1039,6 +1051,7 @@ workers = [{{ kind = "engine"{fields} }}]
                 max_seqs: 64,
                 kv_tokens: Some(65536),
                 max_concurrency: 256,
+                lowest_rows: Some(2),
             }
         );
         assert_eq!(
@@ -1048,10 +1061,11 @@ workers = [{{ kind = "engine"{fields} }}]
                 max_seqs: 256,
                 kv_tokens: None,
                 max_concurrency: 1024,
+                lowest_rows: None,
             }
         );
         let cfg = Config::from_toml(&engine_pool(
-            ", max_seqs = 8, kv_tokens = 4096, max_batch_tokens = 128",
+            ", max_seqs = 8, kv_tokens = 4096, max_batch_tokens = 128, lowest_weight_rows = 3",
         ))
         .unwrap();
         let set = EngineSizes {
@@ -1059,9 +1073,14 @@ workers = [{{ kind = "engine"{fields} }}]
             max_seqs: 8,
             kv_tokens: Some(4096),
             max_concurrency: 32,
+            lowest_rows: Some(3),
         };
         assert_eq!(engine(&cfg).sizes(true), set);
         assert_eq!(engine(&cfg).sizes(false), set);
+        // As many as the slots or more: no cap.
+        let cfg =
+            Config::from_toml(&engine_pool(", max_seqs = 8, lowest_weight_rows = 8")).unwrap();
+        assert_eq!(engine(&cfg).sizes(false).lowest_rows, None);
     }
 
     #[test]

@@ -201,6 +201,7 @@ impl EngineWorker {
             // The backend's, each step (see `run_engine`).
             max_logit_rows: usize::MAX,
             preempt: true,
+            lowest_rows: sizes.lowest_rows,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;

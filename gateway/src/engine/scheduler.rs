@@ -57,6 +57,16 @@ pub struct Limits {
     /// Whether a running sequence short of a block may preempt another (not while the
     /// step before is still running on the device, which reads their blocks).
     pub preempt: bool,
+    /// Most lowest-weight sequences (batches, spot, best effort) in a step that carries
+    /// others (`None`: no cap): the rest keep their place and blocks and wait for a step
+    /// without interactive work, so that on a backend whose step time grows with its rows
+    /// (the CPU) bulk work does not slow interactive answers down.
+    pub lowest_rows: Option<usize>,
+}
+
+/// Whether `s` is lowest-weight work.
+fn lowest<S: Tenanted>(s: &S) -> bool {
+    s.weight() <= crate::worker::LOWEST_WEIGHT
 }
 
 /// The step's plan: `(index in running, tokens to compute)`, how many sequences were
@@ -140,8 +150,21 @@ pub fn schedule<S: Schedulable>(
     let mut plan = Plan::default();
     let mut budget = lim.max_batch_tokens;
     let mut rows_left = lim.max_logit_rows;
+    // Lowest-weight sequences this step may still take: capped only beside others.
+    let mut lowest_left = match lim.lowest_rows {
+        Some(cap) if running.iter().chain(waiting.iter()).any(|s| !lowest(s)) => cap,
+        _ => usize::MAX,
+    };
     let mut i = 0;
     while i < running.len() && budget > 0 {
+        if lowest(&running[i]) {
+            if lowest_left == 0 {
+                // Held out of this step beside interactive work; keeps its blocks.
+                i += 1;
+                continue;
+            }
+            lowest_left -= 1;
+        }
         let n = fit_rows(
             &running[i],
             running[i].pending().min(budget),
@@ -184,9 +207,22 @@ pub fn schedule<S: Schedulable>(
     }
     let mut in_run = Fair::count(running);
     while budget > 0 && running.len() < lim.max_seqs {
-        let Some(next) = fair.pick(waiting.iter(), &in_run) else {
+        let next = if lowest_left == 0 {
+            // Past the cap: only others are admitted.
+            let others: Vec<usize> = (0..waiting.len())
+                .filter(|&k| !lowest(&waiting[k]))
+                .collect();
+            let j = fair.pick(others.iter().map(|&k| &waiting[k]), &in_run);
+            j.map(|j| others[j])
+        } else {
+            fair.pick(waiting.iter(), &in_run)
+        };
+        let Some(next) = next else {
             break;
         };
+        if lowest(&waiting[next]) {
+            lowest_left -= 1;
+        }
         let s = &mut waiting[next];
         reuse(s, pool, lim.block_size);
         let mut rows = rows_left;
@@ -225,13 +261,14 @@ mod tests {
         tokens: Vec<u32>,
         /// Every row's logits wanted (a prompt's log-probabilities).
         every_row: bool,
+        weight: f64,
     }
     impl Tenanted for S {
         fn tenant(&self) -> &Arc<str> {
             &self.tenant
         }
         fn weight(&self) -> f64 {
-            1.0
+            self.weight
         }
     }
     impl Schedulable for S {
@@ -284,6 +321,7 @@ mod tests {
             hashes: vec![],
             tokens: vec![],
             every_row: false,
+            weight: 1.0,
         }
     }
     const L: Limits = Limits {
@@ -293,6 +331,7 @@ mod tests {
         prefix_caching: true,
         max_logit_rows: usize::MAX,
         preempt: true,
+        lowest_rows: None,
     };
 
     #[test]
@@ -301,6 +340,7 @@ mod tests {
         let mut fair = Fair::default();
         let every = |total| S {
             every_row: true,
+            weight: 1.0,
             ..s(total)
         };
         // A cached prefix that the scored prompt would otherwise take.
@@ -498,5 +538,65 @@ mod tests {
         assert_eq!(p.preempted, 1);
         assert_eq!(&*wait[0].tenant, "a", "a's sequence was preempted");
         assert_eq!(p.items, vec![(0, 1), (1, 1)]);
+    }
+
+    /// Lowest-weight work (a tenant's batch) beside interactive work: at most
+    /// `lowest_rows` of it in a step, the rest keeping their blocks; alone, all of it.
+    #[test]
+    fn lowest_weight_rows_are_capped_only_beside_interactive_ones() {
+        let low = |total: usize| S {
+            weight: crate::worker::LOWEST_WEIGHT,
+            ..st(total, "a")
+        };
+        let mut pool = BlockPool::new(100, true);
+        let mut fair = Fair::default();
+        let lim = Limits {
+            max_batch_tokens: 64,
+            max_seqs: 8,
+            lowest_rows: Some(2),
+            ..L
+        };
+        // Alone: every batch sequence is admitted and runs.
+        let mut wait: VecDeque<S> = (0..4).map(|_| low(4)).collect();
+        let mut run = vec![];
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.items.len(), 4);
+        for r in &mut run {
+            r.computed = 4;
+            r.total = 5;
+        }
+        // An interactive request arrives: it is admitted, and two batch rows run beside it;
+        // the other two keep their blocks for a later step.
+        wait.push_back(st(4, "a"));
+        let held: Vec<usize> = run.iter().map(|r| r.blocks.len()).collect();
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.items, vec![(0, 1), (1, 1), (4, 4)]);
+        let kept: Vec<usize> = run[2..4].iter().map(|r| r.blocks.len()).collect();
+        assert_eq!(kept, held[2..4], "the held ones keep their blocks");
+        // More batch work waiting is not admitted past the cap while the interactive one
+        // runs; an interactive one behind it is.
+        for r in &mut run[..2] {
+            r.computed = 5;
+            r.total = 6;
+        }
+        run[4].computed = 4;
+        run[4].total = 5;
+        wait.push_back(low(4));
+        wait.push_back(st(4, "b"));
+        let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
+        assert_eq!(p.items, vec![(0, 1), (1, 1), (4, 1), (5, 4)]);
+        assert_eq!(&*run[5].tenant, "b");
+        assert_eq!(wait.len(), 1, "the batch sequence still waits");
+        // No cap: every row runs.
+        for r in &mut run {
+            r.computed = r.total;
+            r.total += 1;
+        }
+        let all = Limits {
+            lowest_rows: None,
+            ..lim
+        };
+        let p = schedule(&mut run, &mut wait, &mut pool, all, &mut fair);
+        assert_eq!(p.items.len(), 7);
     }
 }
