@@ -147,6 +147,28 @@ pub fn schedule<S: Schedulable>(
     lim: Limits,
     fair: &mut Fair,
 ) -> Plan {
+    let plan = plan_step(running, waiting, pool, lim, fair);
+    if !plan.items.is_empty() || lim.lowest_rows.is_none() {
+        return plan;
+    }
+    // Nothing else could run this step (an interactive sequence waiting for blocks that
+    // held-back ones hold, say): lowest-weight work is not held back for nothing.
+    let uncapped = Limits {
+        lowest_rows: None,
+        ..lim
+    };
+    let mut again = plan_step(running, waiting, pool, uncapped, fair);
+    again.preempted += plan.preempted;
+    again
+}
+
+fn plan_step<S: Schedulable>(
+    running: &mut Vec<S>,
+    waiting: &mut VecDeque<S>,
+    pool: &mut BlockPool,
+    lim: Limits,
+    fair: &mut Fair,
+) -> Plan {
     let mut plan = Plan::default();
     let mut budget = lim.max_batch_tokens;
     let mut rows_left = lim.max_logit_rows;
@@ -598,5 +620,24 @@ mod tests {
         };
         let p = schedule(&mut run, &mut wait, &mut pool, all, &mut fair);
         assert_eq!(p.items.len(), 7);
+
+        // Held back for nothing: an interactive request waits for blocks the batch holds
+        // (cap 0): the batch runs, and frees them as it ends.
+        let mut pool = BlockPool::new(2, true);
+        let mut fair = Fair::default();
+        let none = Limits {
+            lowest_rows: Some(0),
+            ..lim
+        };
+        let mut wait: VecDeque<S> = VecDeque::from(vec![low(6)]);
+        let mut run = vec![];
+        let p = schedule(&mut run, &mut wait, &mut pool, none, &mut fair);
+        assert_eq!(p.items, [(0, 6)]);
+        wait.push_back(st(4, "a"));
+        run[0].computed = 6;
+        run[0].total = 7;
+        let p = schedule(&mut run, &mut wait, &mut pool, none, &mut fair);
+        assert_eq!(p.items, [(0, 1)], "{p:?}");
+        assert_eq!(wait.len(), 1);
     }
 }
