@@ -150,23 +150,32 @@ fn store(
 
 async fn stored(State(state): State<AppState>) -> Response {
     let summary = async { on_store(&store(&state)?, |s| s.summary()).await }.await;
-    match summary {
-        Ok(tenants) => {
-            // Each with its quota, where it is a tenant of the config now.
-            let live = state.live();
-            let tenants: Vec<Value> = tenants
-                .into_iter()
-                .map(|t| {
-                    let quota = live.tenants.get(&t.tenant).map(|c| quota(&state, c));
-                    let mut v = json!(t);
-                    v["quota_bytes"] = json!(quota);
-                    v
-                })
-                .collect();
-            Json(json!({ "tenants": tenants })).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    with_quotas(&state, summary, |t| &t.tenant, |_, c| quota(&state, c))
+}
+
+/// The tenants' summaries, each with `quota_bytes`: `quota` of its tenant where that is a
+/// tenant of the config now (else `null`); or the error.
+fn with_quotas<T: serde::Serialize>(
+    state: &AppState,
+    summary: Result<Vec<T>, ApiError>,
+    tenant: impl Fn(&T) -> &str,
+    quota: impl Fn(&crate::config::Config, &crate::tenants::Tenant) -> u64,
+) -> Response {
+    let tenants = match summary {
+        Ok(tenants) => tenants,
+        Err(e) => return e.into_response(),
+    };
+    let live = state.live();
+    let tenants: Vec<Value> = tenants
+        .iter()
+        .map(|t| {
+            let q = live.tenants.get(tenant(t)).map(|c| quota(&live.config, c));
+            let mut v = json!(t);
+            v["quota_bytes"] = json!(q);
+            v
+        })
+        .collect();
+    Json(json!({ "tenants": tenants })).into_response()
 }
 
 async fn delete_stored(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
@@ -207,26 +216,7 @@ async fn batches(State(state): State<AppState>) -> Response {
         super::files::on_store(b, |s| s.summary()).await
     }
     .await;
-    match summary {
-        Ok(tenants) => {
-            // Each with its files' quota, where it is a tenant of the config now.
-            let live = state.live();
-            let tenants: Vec<Value> = tenants
-                .into_iter()
-                .map(|t| {
-                    let quota = live
-                        .tenants
-                        .get(&t.tenant)
-                        .map(|c| super::files::files_quota(&live.config, c));
-                    let mut v = json!(t);
-                    v["quota_bytes"] = json!(quota);
-                    v
-                })
-                .collect();
-            Json(json!({ "tenants": tenants })).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    with_quotas(&state, summary, |t| &t.tenant, super::files::files_quota)
 }
 
 /// `DELETE /admin/batches/{tenant}`: its files, batches and their results deleted; its
