@@ -179,13 +179,10 @@ fn plan_step<S: Schedulable>(
     };
     let mut i = 0;
     while i < running.len() && budget > 0 {
-        if lowest(&running[i]) {
-            if lowest_left == 0 {
-                // Held out of this step beside interactive work; keeps its blocks.
-                i += 1;
-                continue;
-            }
-            lowest_left -= 1;
+        if lowest(&running[i]) && lowest_left == 0 {
+            // Held out of this step beside interactive work; keeps its blocks.
+            i += 1;
+            continue;
         }
         let n = fit_rows(
             &running[i],
@@ -223,6 +220,9 @@ fn plan_step<S: Schedulable>(
             running[i].token_cost(n),
             running[i].weight(),
         );
+        if lowest(&running[i]) {
+            lowest_left -= 1;
+        }
         plan.items.push((i, n));
         budget -= n;
         i += 1;
@@ -242,9 +242,6 @@ fn plan_step<S: Schedulable>(
         let Some(next) = next else {
             break;
         };
-        if lowest(&waiting[next]) {
-            lowest_left -= 1;
-        }
         let s = &mut waiting[next];
         reuse(s, pool, lim.block_size);
         let mut rows = rows_left;
@@ -259,6 +256,9 @@ fn plan_step<S: Schedulable>(
             break;
         };
         fair.charge(s.share(), s.token_cost(n), s.weight());
+        if lowest(&s) {
+            lowest_left -= 1;
+        }
         *in_run.entry(s.share().clone()).or_default() += 1;
         running.push(s);
         plan.items.push((running.len() - 1, n));
