@@ -745,6 +745,72 @@ async fn slots_are_shared_by_weight_while_both_tenants_wait() {
     );
 }
 
+/// Lowest-weight work (batches, spot) beside interactive work with `lowest_weight_rows`
+/// = 1: the held-back sequences keep their place and KV blocks, the interactive ones
+/// finish first, and every answer is token for token the one it gets alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn held_back_lowest_weight_sequences_answer_as_they_would_alone() {
+    let (_d, m) = synthetic();
+    let e = engine(
+        &m,
+        EngineConfig {
+            threads: 2,
+            lowest_weight_rows: Some(1),
+            ..EngineConfig::default()
+        },
+    );
+    let ask = |i: usize, low: bool| {
+        // The batch's answers longer, so that it is still running when the others come.
+        let n = if low { 120 } else { 40 };
+        let mut r = (*req(&format!("request number {i} asks"), n, 0.0, None, vec![])).clone();
+        r.tenant = "a".into();
+        r.weight = low.then_some(gateway::worker::LOWEST_WEIGHT);
+        Arc::new(r)
+    };
+    let plan: Vec<bool> = vec![true, true, true, true, false, false];
+    let mut alone = Vec::new();
+    for (i, &low) in plan.iter().enumerate() {
+        alone.push(run(&e, ask(i, low)).await.0);
+    }
+    // The batch's four first, then the two interactive ones, all at once.
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, &low) in plan.iter().enumerate() {
+        let (w, done, r) = (e.clone(), done.clone(), ask(i, low));
+        tasks.push(tokio::spawn(async move {
+            let text = run(&w, r).await.0;
+            done.lock().unwrap().push((i, low, text));
+        }));
+        if i == 3 {
+            // The batch is running before the interactive ones arrive.
+            for _ in 0..500 {
+                if e.stats().running.load(Ordering::Relaxed) == 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let done = done.lock().unwrap().clone();
+    for (i, _, text) in &done {
+        assert_eq!(text, &alone[*i], "request {i}");
+    }
+    // One batch row a step beside them: the interactive ones finish before at least three
+    // of the batch's four.
+    let order: Vec<bool> = done.iter().map(|(_, low, _)| *low).collect();
+    let last_interactive = order
+        .iter()
+        .rposition(|low| !low)
+        .expect("interactive ones");
+    assert!(
+        last_interactive <= 2,
+        "completion order (true: batch): {order:?}"
+    );
+}
+
 /// A pool of two engines (as `devices = [0, 1]` makes on two GPUs): a tenant's prompts
 /// that start alike go to the same one, whose prefix cache then serves them, while prompts
 /// that start otherwise spread over both.
