@@ -14,6 +14,8 @@
 #   bash bench/batches.sh                       # 30 s per run
 #   DURATION=20 USERS=2 BULK=16 bash bench/batches.sh
 #   ENGINE=", max_seqs = 8" bash bench/batches.sh   # engine slots contended: who goes first
+#   ENGINE=", lowest_weight_rows = 64" bash bench/batches.sh   # no cap on batch rows
+#                                                   # beside the chats (CPU default: 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
