@@ -388,7 +388,7 @@ fn render_engines(router: &Router, out: &mut String) {
     fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
         (name, help, "counter", pick)
     }
-    let series: [(&str, &str, &str, Pick); 11] = [
+    let series: [(&str, &str, &str, Pick); 12] = [
         counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -396,6 +396,11 @@ fn render_engines(router: &Router, out: &mut String) {
             "tollgate_engine_preemptions",
             "Sequences preempted for want of KV blocks (recomputed later)",
             |c| c.preemptions as f64,
+        ),
+        counter(
+            "tollgate_engine_rows_held",
+            "Lowest-weight sequences (batches, spot, best effort) held out of a step beside interactive ones (lowest_weight_rows), summed over steps",
+            |c| c.rows_held as f64,
         ),
         counter(
             "tollgate_engine_rows_adjusted_on_device",

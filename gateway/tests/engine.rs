@@ -809,6 +809,8 @@ async fn held_back_lowest_weight_sequences_answer_as_they_would_alone() {
         last_interactive <= 2,
         "completion order (true: batch): {order:?}"
     );
+    let counters = e.engine_counters().expect("an engine's counters");
+    assert!(counters.rows_held > 0, "held rows are counted");
 }
 
 /// A pool of two engines (as `devices = [0, 1]` makes on two GPUs): a tenant's prompts

@@ -62,6 +62,9 @@ pub struct EngineStats {
     /// Steps sent while the step before was still running (planned ahead).
     pub steps_ahead: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Lowest-weight running sequences held out of a step beside interactive ones, summed
+    /// over steps (`lowest_weight_rows`).
+    pub rows_held: AtomicU64,
     /// GPU path: rows adjusted on the device before their draw, and rows whose logits
     /// were read back (their adjustments past a step's room: drawn again on the host).
     pub rows_adjusted_on_device: AtomicU64,
@@ -435,6 +438,7 @@ impl Worker for EngineWorker {
         Some(EngineCounters {
             steps: s.steps.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
+            rows_held: s.rows_held.load(Ordering::Relaxed),
             rows_adjusted_on_device: s.rows_adjusted_on_device.load(Ordering::Relaxed),
             rows_read_back: s.rows_read_back.load(Ordering::Relaxed),
             rows_scored_on_device: s.rows_scored_on_device.load(Ordering::Relaxed),

@@ -308,6 +308,9 @@ impl Engine {
         self.stats
             .preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        self.stats
+            .rows_held
+            .fetch_add(plan.held as u64, Ordering::Relaxed);
         let t = if plan.items.is_empty() {
             match self.flight.take() {
                 Some(f) => self.collect(backend, Some(f), None, &mut backend_ns),

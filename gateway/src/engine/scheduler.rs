@@ -70,13 +70,15 @@ fn lowest<S: Tenanted>(s: &S) -> bool {
 }
 
 /// The step's plan: `(index in running, tokens to compute)`, how many sequences were
-/// preempted while making it, and whether a running sequence went without for want of a
-/// block while preemption was off.
+/// preempted while making it, whether a running sequence went without for want of a
+/// block while preemption was off, and how many lowest-weight running sequences were held
+/// out beside interactive ones ([`Limits::lowest_rows`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub items: Vec<(usize, usize)>,
     pub preempted: usize,
     pub starved: bool,
+    pub held: usize,
 }
 
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
@@ -181,6 +183,7 @@ fn plan_step<S: Schedulable>(
     while i < running.len() && budget > 0 {
         if lowest(&running[i]) && lowest_left == 0 {
             // Held out of this step beside interactive work; keeps its blocks.
+            plan.held += 1;
             i += 1;
             continue;
         }
@@ -593,6 +596,7 @@ mod tests {
         let held: Vec<usize> = run.iter().map(|r| r.blocks.len()).collect();
         let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
         assert_eq!(p.items, vec![(0, 1), (1, 1), (4, 4)]);
+        assert_eq!(p.held, 2);
         let kept: Vec<usize> = run[2..4].iter().map(|r| r.blocks.len()).collect();
         assert_eq!(kept, held[2..4], "the held ones keep their blocks");
         // More batch work waiting is not admitted past the cap while the interactive one

@@ -355,6 +355,9 @@ pub struct EngineCounters {
     pub steps: u64,
     /// Sequences preempted (their KV cache dropped, to be recomputed) for want of blocks.
     pub preemptions: u64,
+    /// Lowest-weight sequences held out of a step beside interactive ones, summed over
+    /// steps.
+    pub rows_held: u64,
     /// GPU path: rows adjusted on the device before their draw (penalties, logit bias, a
     /// grammar's mask), and rows whose logits were read back to the host (their
     /// adjustments past a step's room: drawn again there).
