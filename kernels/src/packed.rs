@@ -240,34 +240,42 @@ impl Packed {
             "{kernel:?} does not run here"
         );
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the kernel's instructions exist here (asserted); reads stay within the
-        // packed arrays (the groups exist) and `q`, `d`, `xsum` (asserted).
-        unsafe {
-            match (kernel, self.ty == GgmlType::Q8_0) {
-                (Some(Kernel::Avx512Vnni), true) => {
-                    return vnni::dot_rows::<R, true>(self, groups, q, d, xsum, put)
+        if let Some(k) = kernel {
+            // SAFETY: the kernel's instructions exist here (asserted); reads stay within
+            // the packed arrays (the groups exist) and `q`, `d`, `xsum` (asserted).
+            unsafe {
+                match self.ty == GgmlType::Q8_0 {
+                    true => on_kernel::<R, true>(k, self, groups, q, d, xsum, put),
+                    false => on_kernel::<R, false>(k, self, groups, q, d, xsum, put),
                 }
-                (Some(Kernel::Avx512Vnni), false) => {
-                    return vnni::dot_rows::<R, false>(self, groups, q, d, xsum, put)
-                }
-                (Some(Kernel::AvxVnni), true) => {
-                    return avx2::dot_rows_vnni::<R, true>(self, groups, q, d, xsum, put)
-                }
-                (Some(Kernel::AvxVnni), false) => {
-                    return avx2::dot_rows_vnni::<R, false>(self, groups, q, d, xsum, put)
-                }
-                (Some(Kernel::Avx2), true) => {
-                    return avx2::dot_rows::<R, true>(self, groups, q, d, xsum, put)
-                }
-                (Some(Kernel::Avx2), false) => {
-                    return avx2::dot_rows::<R, false>(self, groups, q, d, xsum, put)
-                }
-                (None, _) => {}
             }
+            return;
         }
         for g in groups {
             put(g, &self.dot_rows_scalar(g, q, d, xsum));
         }
+    }
+}
+
+/// [`Packed::dot_rows_groups`] on kernel `k`; `Q8W`: 8-bit weights.
+///
+/// # Safety
+/// `k` runs on this CPU, and the arguments are as `dot_rows_groups` asserts them.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn on_kernel<const R: usize, const Q8W: bool>(
+    k: Kernel,
+    pk: &Packed,
+    groups: std::ops::Range<usize>,
+    q: [&[i16]; R],
+    d: [&[f32]; R],
+    xsum: [&[f32]; R],
+    put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+) {
+    match k {
+        Kernel::Avx512Vnni => vnni::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::AvxVnni => avx2::dot_rows_vnni::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::Avx2 => avx2::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
     }
 }
 
