@@ -82,6 +82,9 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
 
 #[tokio::test(flavor = "multi_thread")]
 async fn on_the_emulated_gpu_path_greedy_output_is_the_same_alone_and_in_a_batch() {
+    if !common::emulator_present() {
+        return;
+    }
     batching_case(BackendKind::Emulator).await;
 }
 
@@ -255,6 +258,9 @@ async fn seeds_stops_limits_and_cancellation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn on_the_emulated_gpu_path_seeds_stops_limits_and_cancellation() {
+    if !common::emulator_present() {
+        return;
+    }
     seeds_case(BackendKind::Emulator).await;
 }
 
@@ -379,6 +385,9 @@ async fn all_events(e: &Arc<EngineWorker>, reqs: &[Arc<WorkerRequest>]) -> Vec<V
 
 #[tokio::test(flavor = "multi_thread")]
 async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_one_at_a_time() {
+    if !common::emulator_present() {
+        return;
+    }
     let (_d, m) = synthetic();
     let reqs: Vec<Arc<WorkerRequest>> = prompts()
         .into_iter()
@@ -492,6 +501,9 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
 /// other).
 #[tokio::test(flavor = "multi_thread")]
 async fn on_the_emulated_gpu_path_rows_past_the_adjustments_room_are_drawn_on_the_host() {
+    if !common::emulator_present() {
+        return;
+    }
     let (_d, m) = synthetic();
     let vocab = m.model.config.vocab as u32;
     for last in [12u32, 13] {

@@ -259,13 +259,58 @@ mod tests {
     use super::*;
     use crate::testutil::rand;
 
+    fn half(v: Vec<f32>) -> Vec<f16> {
+        v.into_iter().map(f16::from_f32).collect()
+    }
+
+    /// Three blocks of 16 × 64 values and their weights (the last block part full).
+    fn value_blocks() -> (Vec<Vec<f16>>, Vec<Vec<f32>>) {
+        let vals = (0..3).map(|i| half(rand(16 * 64, 10 + i))).collect();
+        let ws = (0..3)
+            .map(|i| rand(if i == 2 { 5 } else { 16 }, 20 + i))
+            .collect();
+        (vals, ws)
+    }
+
+    #[test]
+    fn the_portable_loops_give_plain_sums() {
+        let (q, kb) = (rand(64, 1), half(rand(16 * 64, 2)));
+        for n in [1, 7, 16] {
+            let (mut a, mut c) = (vec![0f32; n], vec![0f32; n]);
+            block_scores::<16>(&q, &kb, 16, &mut a);
+            block_scores::<0>(&q, &kb, 16, &mut c);
+            assert_eq!(a, c, "any-size loop, {n} slots");
+            for (j, got) in a.iter().enumerate() {
+                let want: f64 = (0..64).map(|d| q[d] as f64 * kb[d * 16 + j].to_f64()).sum();
+                assert!(
+                    (*got as f64 - want).abs() < 1e-5,
+                    "score {j}: {got} vs {want}"
+                );
+            }
+        }
+        let (vals, ws) = value_blocks();
+        let blocks = || {
+            vals.iter()
+                .zip(&ws)
+                .map(|(v, w)| (v.as_slice(), w.as_slice()))
+        };
+        let mut a = vec![0f32; 64];
+        weighted_values(blocks(), &mut a);
+        for (s, got) in a.iter().enumerate() {
+            let want: f64 = blocks()
+                .flat_map(|(v, w)| (0..w.len()).map(move |j| w[j] as f64 * v[j * 64 + s].to_f64()))
+                .sum();
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_avx2_loops_give_the_portable_loops_bits() {
         if crate::quant::simd_path() == "scalar" {
             eprintln!("SKIPPED: no AVX2/FMA on this CPU");
             return;
         }
-        let half = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
         let (q, kb) = (rand(64, 1), half(rand(16 * 64, 2)));
         for n in [1, 7, 16] {
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
@@ -273,14 +318,8 @@ mod tests {
             // SAFETY: AVX2/FMA detected; kb is 16 × 64, q 64 wide, n ≤ 16.
             unsafe { avx2::scores16(&q, &kb, &mut b) };
             assert_eq!(a, b, "scores of {n} slots");
-            let mut c = vec![0f32; n];
-            block_scores::<0>(&q, &kb, 16, &mut c);
-            assert_eq!(a, c, "any-size loop");
         }
-        let vals: Vec<Vec<f16>> = (0..3).map(|i| half(rand(16 * 64, 10 + i))).collect();
-        let ws: Vec<Vec<f32>> = (0..3)
-            .map(|i| rand(if i == 2 { 5 } else { 16 }, 20 + i))
-            .collect();
+        let (vals, ws) = value_blocks();
         let blocks = || {
             vals.iter()
                 .zip(&ws)
@@ -291,12 +330,5 @@ mod tests {
         // SAFETY: AVX2/FMA detected; 64-wide output, each block holds 16 × 64 values.
         unsafe { avx2::values64(blocks(), &mut b) };
         assert_eq!(a, b);
-        // Against plain f64 sums.
-        for (s, got) in a.iter().enumerate() {
-            let want: f64 = blocks()
-                .flat_map(|(v, w)| (0..w.len()).map(move |j| w[j] as f64 * v[j * 64 + s].to_f64()))
-                .sum();
-            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
-        }
     }
 }

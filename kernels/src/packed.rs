@@ -1,7 +1,8 @@
 //! Quantized weights repacked for wide integer dot products: 16 output rows side by side,
 //! so that one 512-bit register holds one pair of inputs for 16 rows and one `vpdpwssd`
 //! (AVX-512 VNNI) adds 32 products into 16 per-row integer sums. Where the CPU has AVX2
-//! but not AVX-512 VNNI, the [`avx2`] kernels read the same layout 8 rows at a time.
+//! but not AVX-512 VNNI, the `avx2` kernels read the same layout 8 rows at a time; on
+//! aarch64 the `neon` kernels, 4 rows a register.
 //!
 //! The file's layout (one row after the other, [`crate::quant`]) makes every 32-value
 //! block end in a horizontal sum and a float conversion per activation row. Here a block's
@@ -29,6 +30,8 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod q8;
 
 /// Output rows per group.
@@ -239,7 +242,7 @@ impl Packed {
             kernel.is_none_or(Kernel::runs_here),
             "{kernel:?} does not run here"
         );
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if let Some(k) = kernel {
             // SAFETY: the kernel's instructions exist here (asserted); reads stay within
             // the packed arrays (the groups exist) and `q`, `d`, `xsum` (asserted).
@@ -261,7 +264,7 @@ impl Packed {
 ///
 /// # Safety
 /// `k` runs on this CPU, and the arguments are as `dot_rows_groups` asserts them.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline]
 unsafe fn on_kernel<const R: usize, const Q8W: bool>(
     k: Kernel,
@@ -273,21 +276,37 @@ unsafe fn on_kernel<const R: usize, const Q8W: bool>(
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
     match k {
+        #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => vnni::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        #[cfg(target_arch = "x86_64")]
         Kernel::AvxVnni => avx2::dot_rows_vnni::<R, Q8W>(pk, groups, q, d, xsum, put),
+        #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => avx2::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        // The 16-bit path needs no dot-product instruction.
+        #[cfg(target_arch = "aarch64")]
+        Kernel::NeonDot | Kernel::Neon => neon::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
     }
 }
 
-/// The packed kernels, by the instructions they need.
+/// The packed kernels, by the instructions they need (those of this CPU architecture).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// AVX-512 with VNNI: 16 rows a register, one instruction per product pair (or quad).
+    #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     /// AVX2 with AVX-VNNI (the 256-bit `vpdpwssd`/`vpdpbusd`): 8 rows a register.
+    #[cfg(target_arch = "x86_64")]
     AvxVnni,
     /// AVX2 alone: `vpmaddwd` (and `vpmaddubsw`) then an add, 8 rows a register.
+    #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// NEON with the dot-product extension (`sdot`, for 8-bit activations): 4 rows a
+    /// register.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
+    /// NEON alone (every aarch64 CPU): `smlal` by element, 4 rows a register.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 impl Kernel {
@@ -306,36 +325,56 @@ impl Kernel {
                 Kernel::Avx2 => avx2,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        #[cfg(target_arch = "aarch64")]
+        match self {
+            Kernel::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        match self {}
     }
 
-    /// Every kernel this CPU runs (for tests and benchmarks).
+    /// Every kernel this CPU runs, best first (for tests and benchmarks).
     pub fn all_here() -> Vec<Kernel> {
-        [Kernel::Avx512Vnni, Kernel::AvxVnni, Kernel::Avx2]
-            .into_iter()
-            .filter(|k| k.runs_here())
-            .collect()
+        let all: &[Kernel] = &[
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDot,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon,
+        ];
+        all.iter().copied().filter(|k| k.runs_here()).collect()
     }
 
     /// Activation rows a tile takes, largest first (ending in 1): as many as keep a
     /// tile's integer sums in registers.
     pub fn tiles(self, q8: bool) -> &'static [usize] {
         match (self, q8) {
+            #[cfg(target_arch = "x86_64")]
             (Kernel::Avx512Vnni, false) => &[12, 8, 4, 1],
+            #[cfg(target_arch = "x86_64")]
             (Kernel::Avx512Vnni, true) => &[8, 4, 1],
+            #[cfg(target_arch = "x86_64")]
             (Kernel::AvxVnni, _) => &[8, 4, 1],
+            #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, _) => &[6, 4, 1],
+            #[cfg(target_arch = "aarch64")]
+            (Kernel::NeonDot | Kernel::Neon, _) => &[4, 1],
         }
     }
 }
 
-/// The packed kernel this CPU runs, if any: the first of [`Kernel::Avx512Vnni`],
-/// [`Kernel::AvxVnni`], [`Kernel::Avx2`] that it has, within the instruction set
-/// [`crate::quant::simd_path`] allows (`TOLLGATE_SIMD=avx2` caps it at AVX2). With
-/// `TOLLGATE_NO_VNNI=1` the VNNI kernels are passed over; with `TOLLGATE_PACKED=0` (or, as
-/// before, `TOLLGATE_SIMD=avx512`) there is none and the file's layout is used, for
-/// comparisons.
+/// The packed kernel this CPU runs, if any: the first of [`Kernel::all_here`] (on x86-64
+/// AVX-512 VNNI, AVX-VNNI, AVX2; on aarch64 NEON with `dotprod`, NEON) within the
+/// instruction set [`crate::quant::simd_path`] allows (`TOLLGATE_SIMD=avx2` caps it at
+/// AVX2). With `TOLLGATE_NO_VNNI=1` the VNNI kernels are passed over (and on aarch64 the
+/// dot-product one); with `TOLLGATE_PACKED=0` (or, as before, `TOLLGATE_SIMD=avx512`)
+/// there is none and the file's layout is used, for comparisons.
 pub fn kernel() -> Option<Kernel> {
     use std::sync::OnceLock;
     static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
@@ -350,9 +389,16 @@ pub fn kernel() -> Option<Kernel> {
         }
         let no_vnni = var("TOLLGATE_NO_VNNI").is_some_and(|v| v != "0");
         Kernel::all_here().into_iter().find(|k| match k {
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => path == "avx512" && !no_vnni,
+            #[cfg(target_arch = "x86_64")]
             Kernel::AvxVnni => !no_vnni,
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => true,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDot => !no_vnni,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => true,
         })
     })
 }

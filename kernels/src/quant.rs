@@ -631,12 +631,16 @@ fn has_avx2() -> bool {
     false
 }
 
-/// Name of the dot-product path in use (for logs and benchmarks).
+/// Name of the dot-product path in use (for logs and benchmarks). On aarch64, `neon`
+/// (every such CPU has it; `TOLLGATE_NO_SIMD=1` says `scalar`) names the packed kernels
+/// ([`crate::packed`]); the row-wise ones there are the portable loops.
 pub fn simd_path() -> &'static str {
     if has_avx512() {
         "avx512"
     } else if has_avx2() {
         "avx2"
+    } else if cfg!(target_arch = "aarch64") && std::env::var_os("TOLLGATE_NO_SIMD").is_none() {
+        "neon"
     } else {
         "scalar"
     }

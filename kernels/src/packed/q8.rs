@@ -104,6 +104,15 @@ impl Packed {
                 None => {}
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        unsafe {
+            match kernel {
+                Some(Kernel::NeonDot) => return super::neon::dot_rows_q8_dot(self, groups, a, put),
+                Some(Kernel::Neon) => return super::neon::dot_rows_q8(self, groups, a, put),
+                None => {}
+            }
+        }
         for g in groups {
             put(g, &self.dot_rows_q8_scalar(g, a));
         }
