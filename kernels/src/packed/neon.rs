@@ -40,20 +40,12 @@ pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
     xsum: [&[f32]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    let nb = pk.nb;
-    let vb = Packed::vb(pk.ty);
-    for g in groups {
-        let mut out = [[0f32; LANES]; R];
-        for i in 0..nb {
-            let gi = g * nb + i;
-            let v = pk.vals.as_ptr().add(gi * vb);
-            let acc = block_i16::<R, Q8W>(v, |r, k| vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k)));
-            let dr = from_fn(|r| *d[r].get_unchecked(i));
-            let mins = (!Q8W).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-            add_block(pk, gi, &mut out, &acc, dr, mins);
-        }
-        put(g, &out);
-    }
+    each_block(pk, groups, put, |i, v| {
+        let acc = block_i16::<R, Q8W>(v, |r, k| vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k)));
+        let dr = from_fn(|r| *d[r].get_unchecked(i));
+        let mins = (!Q8W).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+        (acc, dr, mins)
+    })
 }
 
 /// See [`Packed::dot_rows_q8_groups`], without the dot-product extension: the activation
@@ -65,22 +57,12 @@ pub unsafe fn dot_rows_q8<const R: usize>(
     a: [&[Q8Block]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    let nb = pk.nb;
-    let vb = Packed::vb(pk.ty);
-    for g in groups {
-        let mut out = [[0f32; LANES]; R];
-        for i in 0..nb {
-            let gi = g * nb + i;
-            let v = pk.vals.as_ptr().add(gi * vb);
-            let acc = block_i16::<R, false>(v, |r, k| {
-                vmovl_s8(vld1_s8(a[r].get_unchecked(i).qs.as_ptr().add(8 * k)))
-            });
-            let dr = from_fn(|r| a[r].get_unchecked(i).d);
-            let s = from_fn(|r| a[r].get_unchecked(i).s);
-            add_block(pk, gi, &mut out, &acc, dr, Some(s));
-        }
-        put(g, &out);
-    }
+    each_block(pk, groups, put, |i, v| {
+        let acc = block_i16::<R, false>(v, |r, k| {
+            vmovl_s8(vld1_s8(a[r].get_unchecked(i).qs.as_ptr().add(8 * k)))
+        });
+        q8_block_result(a, i, acc)
+    })
 }
 
 /// See [`Packed::dot_rows_q8_groups`], with the dot-product extension (`sdot`).
@@ -91,33 +73,57 @@ pub unsafe fn dot_rows_q8_dot<const R: usize>(
     a: [&[Q8Block]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    let nb = pk.nb;
-    let vb = Packed::vb(pk.ty);
+    each_block(pk, groups, put, |i, v| {
+        // Activation quads 0..4 and 4..8 of each row's block.
+        let x: [[int8x16_t; 2]; R] = from_fn(|r| {
+            let qs = a[r].get_unchecked(i).qs.as_ptr();
+            [vld1q_s8(qs), vld1q_s8(qs.add(16))]
+        });
+        let mut acc = [[vdupq_n_s32(0); 4]; R];
+        quad_dot::<0, R>(&mut acc, v, 0, &x);
+        quad_dot::<1, R>(&mut acc, v, 1, &x);
+        quad_dot::<2, R>(&mut acc, v, 2, &x);
+        quad_dot::<3, R>(&mut acc, v, 3, &x);
+        quad_dot::<0, R>(&mut acc, v, 4, &x);
+        quad_dot::<1, R>(&mut acc, v, 5, &x);
+        quad_dot::<2, R>(&mut acc, v, 6, &x);
+        quad_dot::<3, R>(&mut acc, v, 7, &x);
+        q8_block_result(a, i, acc)
+    })
+}
+
+/// Runs `block(i, packed bytes)` over each group's blocks in order (it gives the block's
+/// integer sums, the activation rows' block scales and, where weights have mins, block
+/// sums), adds each into the group's outputs and hands them to `put`.
+#[inline(always)]
+unsafe fn each_block<const R: usize>(
+    pk: &Packed,
+    groups: std::ops::Range<usize>,
+    put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
+    mut block: impl FnMut(usize, *const u8) -> (Sums<R>, [f32; R], Option<[f32; R]>),
+) {
+    let (nb, vb) = (pk.nb, Packed::vb(pk.ty));
     for g in groups {
         let mut out = [[0f32; LANES]; R];
         for i in 0..nb {
             let gi = g * nb + i;
-            let v = pk.vals.as_ptr().add(gi * vb);
-            // Activation quads 0..4 and 4..8 of each row's block.
-            let x: [[int8x16_t; 2]; R] = from_fn(|r| {
-                let qs = a[r].get_unchecked(i).qs.as_ptr();
-                [vld1q_s8(qs), vld1q_s8(qs.add(16))]
-            });
-            let mut acc = [[vdupq_n_s32(0); 4]; R];
-            quad_dot::<0, R>(&mut acc, v, 0, &x);
-            quad_dot::<1, R>(&mut acc, v, 1, &x);
-            quad_dot::<2, R>(&mut acc, v, 2, &x);
-            quad_dot::<3, R>(&mut acc, v, 3, &x);
-            quad_dot::<0, R>(&mut acc, v, 4, &x);
-            quad_dot::<1, R>(&mut acc, v, 5, &x);
-            quad_dot::<2, R>(&mut acc, v, 6, &x);
-            quad_dot::<3, R>(&mut acc, v, 7, &x);
-            let dr = from_fn(|r| a[r].get_unchecked(i).d);
-            let s = from_fn(|r| a[r].get_unchecked(i).s);
-            add_block(pk, gi, &mut out, &acc, dr, Some(s));
+            let (acc, d, s) = block(i, pk.vals.as_ptr().add(gi * vb));
+            add_block(pk, gi, &mut out, &acc, d, s);
         }
         put(g, &out);
     }
+}
+
+/// A block's sums with 8-bit activation block `i`'s scale and scaled sum.
+#[inline(always)]
+unsafe fn q8_block_result<const R: usize>(
+    a: [&[Q8Block]; R],
+    i: usize,
+    acc: Sums<R>,
+) -> (Sums<R>, [f32; R], Option<[f32; R]>) {
+    let d = from_fn(|r| a[r].get_unchecked(i).d);
+    let s = from_fn(|r| a[r].get_unchecked(i).s);
+    (acc, d, Some(s))
 }
 
 /// One block's integer sums at 16 bits: `xs(r, k)` is inputs `8k .. 8k + 8` of activation
