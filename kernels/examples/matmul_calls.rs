@@ -7,9 +7,10 @@
 //! Prints the kernel in use and a checksum of the last output (so that runs on different
 //! paths can be seen to agree).
 
-use kernels::gguf::GgmlType;
-use kernels::matmul::{matmul, ActPrecision, Acts, MatData, Matrix};
-use kernels::quant;
+use kernels::matmul::{matmul, ActPrecision};
+
+#[path = "../benches/common/ffn.rs"]
+mod ffn;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -22,25 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => return Err(usage.into()),
     };
     let calls: usize = args.get(3).ok_or(usage)?.parse()?;
-    let (n, k) = (1536, 576);
-    let mut s = 1u64;
-    let w: Vec<f32> = (0..n * k)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    let mut data = Vec::new();
-    quant::quantize_row_q4_1(&w, &mut data);
-    let m = Matrix::new(n, k, MatData::Quant(GgmlType::Q4_1, data));
+    let m = ffn::weights();
     m.prepare(prec);
-    let mut x = Acts::default();
-    x.resize(rows, k);
-    x.f32
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, v)| *v = (i % 7) as f32 * 0.1);
-    let mut out = vec![0f32; rows * n];
+    let mut x = ffn::acts(rows);
+    let mut out = vec![0f32; rows * ffn::ROWS];
     for _ in 0..calls {
         x.touched();
         matmul(&m, &mut x, &mut out, prec);
