@@ -1,7 +1,8 @@
 //! GGUF reading (memory-mapped): header, metadata, tensor infos, alignment, and bounds-
 //! checked views of tensor data. Versions 2 and 3. Tensor types F32, F16, BF16, Q4_0,
-//! Q4_1, Q8_0; anything else, a truncated file, a wrong magic or a tensor that runs past
-//! the end is an error, never a panic or an out-of-bounds read.
+//! Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K (what llama.cpp's Q4_K_M,
+//! Q5_K_M and Q6_K files hold); anything else, a truncated file, a wrong magic or a tensor
+//! that runs past the end is an error, never a panic or an out-of-bounds read.
 
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -27,13 +28,17 @@ pub enum GgufError {
     },
     #[error("bad metadata: {0}")]
     Metadata(String),
-    #[error("tensor {name}: unsupported type {ty} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)")]
+    #[error(
+        "tensor {name}: unsupported type {ty} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, \
+         Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
+    )]
     UnsupportedType { name: String, ty: u32 },
     #[error("tensor {name}: {why}")]
     Tensor { name: String, why: String },
 }
 
-/// A tensor element type.
+/// A tensor element type (ggml's names).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
@@ -41,7 +46,12 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl GgmlType {
@@ -51,7 +61,12 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
             30 => Self::BF16,
             _ => return None,
         })
@@ -62,7 +77,12 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
             Self::BF16 => 30,
         }
     }
@@ -70,7 +90,8 @@ impl GgmlType {
     pub fn block_elems(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
     /// Bytes per block.
@@ -80,8 +101,22 @@ impl GgmlType {
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
         }
+    }
+    /// Whether the matrix kernels (CPU and packed) read this layout as it is; the other
+    /// quantized layouts are converted at load ([`crate::kquant::to_kernel_layout`]).
+    pub fn kernel_native(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    }
+    /// Whether it is a block-quantized layout (not F32, F16, BF16).
+    pub fn quantized(self) -> bool {
+        self.block_elems() > 1
     }
 }
 
@@ -159,6 +194,8 @@ impl TensorInfo {
 /// An opened GGUF file.
 pub struct Gguf {
     mmap: Mmap,
+    /// The file it was opened from (none when parsed from memory).
+    pub path: Option<std::path::PathBuf>,
     pub version: u32,
     pub metadata: HashMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
@@ -256,7 +293,9 @@ impl Gguf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(mmap)
+        let mut g = Self::parse(mmap)?;
+        g.path = Some(path.to_path_buf());
+        Ok(g)
     }
 
     fn parse(mmap: Mmap) -> Result<Self, GgufError> {
@@ -354,6 +393,7 @@ impl Gguf {
         }
         Ok(Self {
             mmap,
+            path: None,
             version,
             metadata,
             tensors,

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod gguf;
 pub mod json_mode;
 pub mod json_schema;
+pub mod kquant;
 pub mod kv;
 pub mod load;
 pub mod logprobs;

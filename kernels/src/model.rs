@@ -1,7 +1,8 @@
 //! The Llama-family model: hyperparameters from GGUF metadata, and weights checked against
 //! them (a tensor whose shape disagrees with the metadata is an error).
 
-use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
+use crate::gguf::{Gguf, GgufError, TensorInfo};
+use crate::kquant;
 use crate::matmul::{MatData, Matrix};
 use crate::quant;
 
@@ -118,6 +119,9 @@ pub struct Weights {
     pub output_norm: Vec<f32>,
     /// `None` when the output head is tied to the embedding.
     pub output: Option<Matrix>,
+    /// The file, where some matrix was requantized at load (`kquant`): the GPU path, whose
+    /// f16 weights can hold the file's own values, reads them from it.
+    pub requantized_from: Option<std::path::PathBuf>,
 }
 
 impl Weights {
@@ -177,7 +181,12 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
     }
     let bytes = g.data(t);
     let data = match t.ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => MatData::Quant(t.ty, bytes.to_vec()),
+        ty if ty.kernel_native() => MatData::Quant(ty, bytes.to_vec()),
+        // Q5_x and K-quants: into the layout the kernels read (`kquant`).
+        ty if ty.quantized() => {
+            let (to, data) = kquant::to_kernel_layout(ty, bytes);
+            MatData::Quant(to, data)
+        }
         ty => {
             let mut v = vec![0f32; rows * cols];
             quant::dequantize_row(ty, bytes, &mut v);
@@ -198,6 +207,29 @@ fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
     let mut v = vec![0f32; n];
     quant::dequantize_row(t.ty, g.data(t), &mut v);
     Ok(v)
+}
+
+/// One log line naming the tensors whose layout was converted at load, if any; whether
+/// any was requantized.
+fn log_conversions(g: &Gguf) -> bool {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for t in &g.tensors {
+        if t.dims.len() == 2 && t.ty.quantized() && !t.ty.kernel_native() {
+            let (to, same) = kquant::kernel_layout(t.ty);
+            let how = if same { "same values" } else { "requantized" };
+            *counts
+                .entry(format!("{:?} → {to:?} ({how})", t.ty))
+                .or_default() += 1;
+        }
+    }
+    if !counts.is_empty() {
+        let what: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        tracing::info!(
+            "matrices converted at load for the kernels: {}",
+            what.join(", ")
+        );
+    }
+    counts.keys().any(|k| k.ends_with("(requantized)"))
 }
 
 impl Weights {
@@ -227,7 +259,9 @@ impl Weights {
         } else {
             None
         };
+        let requantized = log_conversions(g);
         Ok(Self {
+            requantized_from: g.path.clone().filter(|_| requantized),
             token_embd: matrix(g, "token_embd.weight", d, c.vocab)?,
             layers,
             output_norm: vector(g, "output_norm.weight", d)?,

@@ -79,7 +79,7 @@ fn unpack(ty: GgmlType, b: &[u8]) -> ([i32; QK], f32, f32) {
             }
             0.0
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
+        other => unreachable!("{other:?} is not a kernel layout"),
     };
     (q, d, m)
 }
@@ -101,6 +101,9 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
             for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
                 *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            crate::kquant::dequantize(ty, src, out)
         }
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
             for (o, b) in out

@@ -38,6 +38,12 @@ pub struct SynthSpec {
     pub seed: u64,
     /// Type of the projection matrices (the embedding is Q8_0, norms F32).
     pub matrix_type: GgmlType,
+    /// Types by tensor role over `matrix_type` and the embedding's Q8_0: `attn_q`,
+    /// `attn_k`, `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `token_embd`,
+    /// and `output` (which writes an output head of its own; tied to the embedding
+    /// otherwise). A K-quant on rows whose length is not a multiple of 256 falls back as
+    /// llama.cpp's quantizer does (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+    pub types: Vec<(&'static str, GgmlType)>,
 }
 
 impl Default for SynthSpec {
@@ -53,6 +59,7 @@ impl Default for SynthSpec {
             context_len: 8192,
             seed: 42,
             matrix_type: GgmlType::Q4_1,
+            types: Vec::new(),
         }
     }
 }
@@ -70,6 +77,55 @@ impl SynthSpec {
             context_len: 2048,
             seed: 7,
             matrix_type: GgmlType::Q4_1,
+            types: Vec::new(),
+        }
+    }
+
+    /// A small model of every layout that is converted at load (Q5_0, Q5_1, Q4_K, Q5_K,
+    /// Q6_K), with an output head of its own: as [`SynthSpec::tiny`], 256 wide (K-quant
+    /// rows are multiples of 256) in 8 heads.
+    pub fn tiny_k_quants() -> Self {
+        Self {
+            dim: 256,
+            // Heads of 32 in pairs, as `tiny`'s: the CUDA emulator has that build.
+            n_heads: 8,
+            n_kv_heads: 4,
+            ffn_dim: 512,
+            seed: 11,
+            types: vec![
+                ("token_embd", GgmlType::Q4_K),
+                ("attn_q", GgmlType::Q4_K),
+                ("attn_k", GgmlType::Q5_K),
+                ("attn_v", GgmlType::Q6_K),
+                ("attn_output", GgmlType::Q5_0),
+                ("ffn_gate", GgmlType::Q4_K),
+                ("ffn_up", GgmlType::Q5_1),
+                ("ffn_down", GgmlType::Q6_K),
+                ("output", GgmlType::Q6_K),
+            ],
+            ..Self::tiny()
+        }
+    }
+
+    /// The type of tensor `role`, with rows of `cols`.
+    fn type_of(&self, role: &str, cols: usize) -> GgmlType {
+        let default = if role == "token_embd" {
+            GgmlType::Q8_0
+        } else {
+            self.matrix_type
+        };
+        let ty = self
+            .types
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map_or(default, |&(_, t)| t);
+        if cols.is_multiple_of(ty.block_elems()) {
+            return ty;
+        }
+        match ty {
+            GgmlType::Q4_K => GgmlType::Q5_0,
+            GgmlType::Q5_K => GgmlType::Q5_1,
+            _ => GgmlType::Q8_0,
         }
     }
 }
@@ -96,6 +152,9 @@ fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
         GgmlType::Q4_0 => quant::quantize_row_q4_0(x, &mut out),
         GgmlType::Q8_0 => quant::quantize_row_q8_0(x, &mut out),
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            crate::kquant::quantize_row(ty, x, &mut out)
+        }
         GgmlType::F16 => x
             .iter()
             .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
@@ -203,8 +262,14 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         ),
     ];
     let mut rng = Rng(s.seed);
-    let mut mat = |name: String, cols: usize, rows: usize, ty: GgmlType, std: f32| {
+    let mut mat = |name: String, cols: usize, rows: usize, std: f32| {
         let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal(std)).collect();
+        let role = name
+            .trim_end_matches(".weight")
+            .rsplit('.')
+            .next()
+            .unwrap_or("");
+        let ty = s.type_of(role, cols);
         Tensor {
             name,
             dims: vec![cols, rows],
@@ -212,13 +277,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             data: encode(ty, &x),
         }
     };
-    let mut tensors = vec![mat(
-        "token_embd.weight".into(),
-        s.dim,
-        vocab,
-        GgmlType::Q8_0,
-        1.0,
-    )];
+    let mut tensors = vec![mat("token_embd.weight".into(), s.dim, vocab, 1.0)];
     let norm = |name: String, n: usize, r: &mut Rng| Tensor {
         name,
         dims: vec![n],
@@ -228,24 +287,22 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             &(0..n).map(|_| 1.0 + r.normal(0.1)).collect::<Vec<_>>(),
         ),
     };
-    let mt = s.matrix_type;
     let std_in = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     for i in 0..s.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         let mut r2 = Rng(s.seed ^ ((i as u64 + 1) * 0x1234_5678));
         tensors.push(norm(n("attn_norm"), s.dim, &mut r2));
-        tensors.push(mat(n("attn_q"), s.dim, s.dim, mt, std_in(s.dim)));
-        tensors.push(mat(n("attn_k"), s.dim, kv_dim, mt, std_in(s.dim)));
-        tensors.push(mat(n("attn_v"), s.dim, kv_dim, mt, std_in(s.dim)));
-        tensors.push(mat(n("attn_output"), s.dim, s.dim, mt, 2.0 * std_in(s.dim)));
+        tensors.push(mat(n("attn_q"), s.dim, s.dim, std_in(s.dim)));
+        tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
+        tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
+        tensors.push(mat(n("attn_output"), s.dim, s.dim, 2.0 * std_in(s.dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
-        tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
-        tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, mt, std_in(s.dim)));
+        tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
+        tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, std_in(s.dim)));
         tensors.push(mat(
             n("ffn_down"),
             s.ffn_dim,
             s.dim,
-            mt,
             2.0 * std_in(s.ffn_dim),
         ));
     }
@@ -256,6 +313,9 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let scaled: Vec<f32> = (0..s.dim).map(|_| 0.1 * (1.0 + r3.normal(0.1))).collect();
     out_norm.data = encode(GgmlType::F32, &scaled);
     tensors.push(out_norm);
+    if s.types.iter().any(|(r, _)| *r == "output") {
+        tensors.push(mat("output.weight".into(), s.dim, vocab, 1.0));
+    }
     let tmp = path.with_extension("gguf.partial");
     {
         let mut f = BufWriter::new(std::fs::File::create(&tmp)?);

@@ -66,16 +66,16 @@ fn unsupported_types_and_shape_mismatches_are_errors() {
     let mut bytes = Vec::new();
     gguf(&mut bytes, &meta, &[t(GgmlType::F32)]).unwrap();
     assert!(open_bytes("ok", &bytes).is_ok());
-    // Patch the tensor's type id to 12 (Q4_K): unsupported. Its info is: name (u64 length,
+    // Patch the tensor's type id to 16 (IQ2_XXS): unsupported. Its info is: name (u64 length,
     // "x"), n_dims (u32), dims (u64), then the type (u32).
     let mut b2 = bytes.clone();
     let name = b2
         .windows(9)
         .position(|w| w == b"\x01\0\0\0\0\0\0\0x")
         .unwrap();
-    b2[name + 9 + 4 + 8] = 12;
+    b2[name + 9 + 4 + 8] = 16;
     match open_bytes("type", &b2) {
-        Err(GgufError::UnsupportedType { ty: 12, .. }) => {}
+        Err(GgufError::UnsupportedType { ty: 16, .. }) => {}
         other => panic!("expected unsupported type, got {:?}", other.map(|_| ())),
     }
     // A model whose tensor shape disagrees with its metadata.

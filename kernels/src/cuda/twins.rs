@@ -324,9 +324,67 @@ pub struct TwinKv {
     pub n_blocks: usize,
 }
 
+/// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
+/// rows).
+fn file_f16(g: &crate::gguf::Gguf, names: &[String]) -> Option<Vec<f16>> {
+    let mut out = Vec::new();
+    for name in names {
+        let t = g.tensor(name)?;
+        let mut v = vec![0f32; t.n_elems()];
+        crate::quant::dequantize_row(t.ty, g.data(t), &mut v);
+        out.extend(v.iter().map(|&x| f16::from_f32(x)));
+    }
+    Some(out)
+}
+
 impl TwinModel {
     /// Dequantizes a loaded model's weights to f16 (as the CUDA backend does at load).
+    /// Where matrices were requantized at load for the CPU kernels (`kquant`), every
+    /// matrix is read from the file instead: f16 holds its own values (to 2⁻¹¹).
     pub fn from_model(m: &crate::forward::Model) -> Self {
+        let twin = Self::converted(m);
+        let Some(path) = &m.weights.requantized_from else {
+            return twin;
+        };
+        match crate::gguf::Gguf::open(path)
+            .ok()
+            .and_then(|g| twin.with_file_values(&g))
+        {
+            Some(exact) => exact,
+            None => {
+                tracing::warn!(file = %path.display(),
+                    "cannot read the model file again: the GPU path keeps the requantized matrices");
+                Self::converted(m)
+            }
+        }
+    }
+
+    /// Every matrix from `g`'s own values (the same shapes as `self`'s, or `None`).
+    fn with_file_values(mut self, g: &crate::gguf::Gguf) -> Option<Self> {
+        let same = |a: &Vec<f16>, b: Vec<f16>| (a.len() == b.len()).then_some(b);
+        let embed = same(&self.embed, file_f16(g, &["token_embd.weight".into()])?)?;
+        let out_name = if g.tensor("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        self.output = same(&self.output, file_f16(g, &[out_name.into()])?)?;
+        self.embed = embed;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            l.wqkv = same(
+                &l.wqkv,
+                file_f16(g, &[n("attn_q"), n("attn_k"), n("attn_v")])?,
+            )?;
+            l.wo = same(&l.wo, file_f16(g, &[n("attn_output")])?)?;
+            l.w_gate_up = same(&l.w_gate_up, file_f16(g, &[n("ffn_gate"), n("ffn_up")])?)?;
+            l.w_down = same(&l.w_down, file_f16(g, &[n("ffn_down")])?)?;
+        }
+        Some(self)
+    }
+
+    /// The weights as the CPU kernels hold them, in f16.
+    fn converted(m: &crate::forward::Model) -> Self {
         let w = &m.weights;
         Self {
             config: m.config.clone(),

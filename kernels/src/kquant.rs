@@ -1,0 +1,528 @@
+//! The GGUF block layouts the matrix kernels do not read as they are: Q5_0, Q5_1 and the
+//! K-quants Q4_K, Q5_K, Q6_K (llama.cpp's Q4_K_M, Q5_K_M and Q6_K files are made of them,
+//! with Q5_0, Q5_1 and Q8_0 for rows whose length is not a multiple of 256). This module
+//! owns their dequantization (ggml's layouts and arithmetic), their conversion at load into
+//! the layouts the kernels read ([`to_kernel_layout`]), and quantizers for the synthetic
+//! model writer.
+//!
+//! Conversion keeps the values where a kernel layout can hold them:
+//! - Q4_K → Q4_1: each 32-element sub-block is `d·sc·q − dmin·m` with a 4-bit `q`, which is
+//!   a Q4_1 block with `d = d·sc` and `m = −dmin·m` (rounded to f16: ≤ 2⁻¹¹ relative).
+//! - Q5_0 → Q8_0: `d·(q − 16)` is `(d/4)·4(q − 16)`, exact (the block is requantized
+//!   instead where `d/4` is not an exact f16).
+//! - Q5_1, Q5_K, Q6_K → Q8_0, requantized: the added error is at most half a Q8_0 step
+//!   (the block's largest |value| / 254), about a quarter of the file's own step (Q6_K's is
+//!   its 16 values' largest / 31). Exact support needs kernels with a scale per 16
+//!   weights; the cost, measured against the numpy reference on the file's own values, is
+//!   in BENCHMARKS.md ("GGUF layouts").
+//!
+//! Layouts (`d`, `dmin`, `m` f16; 32-element blocks for Q5_x, 256-element super-blocks of
+//! 8 sub-blocks of 32 (Q4_K, Q5_K) or 16 of 16 (Q6_K)):
+//! - Q5_0: `d, qh: u32, qs[16]`; element j = d·(q_j − 16), q_j's fifth bit bit j of `qh`
+//! - Q5_1: `d, m, qh: u32, qs[16]`; element j = d·q_j + m
+//! - Q4_K: `d, dmin, scales[12], qs[128]`; sub-block i: `d·sc_i·q − dmin·m_i`, `sc`, `m`
+//!   6-bit in `scales`, the nibbles of sub-blocks 2p and 2p+1 in the low and high halves
+//!   of bytes 32p..32p+32
+//! - Q5_K: `d, dmin, scales[12], qh[32], qs[128]`; as Q4_K, the fifth bit of element l of
+//!   sub-block i bit i of `qh[l]`
+//! - Q6_K: `ql[128], qh[64], scales[16]: i8, d`; element = d·sc·(q − 32), 6-bit q
+
+use crate::gguf::GgmlType;
+use crate::quant::QK;
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
+#[inline]
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 scale bytes.
+#[inline]
+fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Sub-block `j`'s integers (0..16 or 0..32), scale and offset: element l = `d·q[l] − m`.
+fn k_sub_block(ty: GgmlType, b: &[u8], j: usize) -> ([u8; QK], f32, f32) {
+    let (d, dmin) = (h(b, 0), h(b, 2));
+    let (sc, m) = scale_min(j, &b[4..16]);
+    let (p, high) = (j / 2, j % 2 == 1);
+    let mut q = [0u8; QK];
+    let qs = match ty {
+        GgmlType::Q4_K => &b[16 + 32 * p..16 + 32 * (p + 1)],
+        _ => &b[48 + 32 * p..48 + 32 * (p + 1)],
+    };
+    for (l, q) in q.iter_mut().enumerate() {
+        *q = if high { qs[l] >> 4 } else { qs[l] & 0xF };
+        if ty == GgmlType::Q5_K && b[16 + l] & (1 << j) != 0 {
+            *q += 16;
+        }
+    }
+    (q, d * sc as f32, dmin * m as f32)
+}
+
+/// Q5_0 / Q5_1 block integers (0..32): element j = `d·(q_j − 16)` or `d·q_j + m`.
+fn q5_block(ty: GgmlType, b: &[u8]) -> ([u8; QK], f32, f32) {
+    let (d, at) = (h(b, 0), if ty == GgmlType::Q5_1 { 4 } else { 2 });
+    let m = if ty == GgmlType::Q5_1 { h(b, 2) } else { 0.0 };
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let qs = &b[at + 4..at + 20];
+    let mut q = [0u8; QK];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0xF) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    (q, d, m)
+}
+
+/// Dequantizes blocks of a layout this module owns (`src` whole blocks, `out` their
+/// elements), with ggml's arithmetic.
+pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    for (o, b) in out.chunks_exact_mut(be).zip(src.chunks_exact(bb)) {
+        match ty {
+            GgmlType::Q5_0 => {
+                let (q, d, _) = q5_block(ty, b);
+                for (o, q) in o.iter_mut().zip(q) {
+                    *o = (q as i32 - 16) as f32 * d;
+                }
+            }
+            GgmlType::Q5_1 => {
+                let (q, d, m) = q5_block(ty, b);
+                for (o, q) in o.iter_mut().zip(q) {
+                    *o = q as f32 * d + m;
+                }
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                for (j, o) in o.chunks_exact_mut(QK).enumerate() {
+                    let (q, d1, m1) = k_sub_block(ty, b, j);
+                    for (o, q) in o.iter_mut().zip(q) {
+                        *o = d1 * q as f32 - m1;
+                    }
+                }
+            }
+            GgmlType::Q6_K => {
+                let q = q6_values(b);
+                let d = h(b, 208);
+                for (i, o) in o.iter_mut().enumerate() {
+                    let sc = b[192 + i / 16] as i8;
+                    *o = d * sc as f32 * q[i] as f32;
+                }
+            }
+            other => unreachable!("{other:?} is not a layout of this module"),
+        }
+    }
+}
+
+/// A Q6_K block's 256 integers, −32..32, in element order.
+fn q6_values(b: &[u8]) -> [i8; QK_K] {
+    let mut q = [0i8; QK_K];
+    for half in 0..2 {
+        let (ql, qh) = (&b[64 * half..], &b[128 + 32 * half..]);
+        let y = &mut q[128 * half..];
+        for l in 0..32 {
+            let six = |low: u8, shift: u32| (low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32;
+            y[l] = six(ql[l] & 0xF, 0);
+            y[l + 32] = six(ql[l + 32] & 0xF, 2);
+            y[l + 64] = six(ql[l] >> 4, 4);
+            y[l + 96] = six(ql[l + 32] >> 4, 6);
+        }
+    }
+    q
+}
+
+/// What a layout becomes in memory for the kernels, and whether its values stay the same.
+pub fn kernel_layout(ty: GgmlType) -> (GgmlType, bool) {
+    match ty {
+        GgmlType::Q4_K => (GgmlType::Q4_1, true),
+        GgmlType::Q5_0 => (GgmlType::Q8_0, true),
+        _ => (GgmlType::Q8_0, false),
+    }
+}
+
+/// Converts whole blocks of `ty` (one of this module's layouts) into the layout the
+/// kernels read ([`kernel_layout`]); in parallel on the current rayon pool.
+pub fn to_kernel_layout(ty: GgmlType, src: &[u8]) -> (GgmlType, Vec<u8>) {
+    let (to, _) = kernel_layout(ty);
+    let (bb, per) = (ty.block_bytes(), ty.block_elems() / QK);
+    let out_bb = to.block_bytes();
+    let mut out = vec![0u8; src.len() / bb * per * out_bb];
+    out.par_chunks_mut(out_bb * per * 64)
+        .zip(src.par_chunks(bb * 64))
+        .for_each(|(o, s)| {
+            for (o, b) in o.chunks_exact_mut(out_bb * per).zip(s.chunks_exact(bb)) {
+                convert_block(ty, b, o);
+            }
+        });
+    (to, out)
+}
+
+fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8]) {
+    match ty {
+        GgmlType::Q4_K => {
+            for (j, o) in out.chunks_exact_mut(20).enumerate() {
+                let (q, d1, m1) = k_sub_block(ty, b, j);
+                o[0..2].copy_from_slice(&f16::from_f32(d1).to_le_bytes());
+                o[2..4].copy_from_slice(&f16::from_f32(-m1).to_le_bytes());
+                for i in 0..16 {
+                    o[4 + i] = q[i] | (q[i + 16] << 4);
+                }
+            }
+        }
+        GgmlType::Q5_0 => {
+            let (q, d, _) = q5_block(ty, b);
+            let quarter = f16::from_f32(d / 4.0);
+            if quarter.to_f32() * 4.0 == d {
+                out[0..2].copy_from_slice(&quarter.to_le_bytes());
+                for (o, q) in out[2..].iter_mut().zip(q) {
+                    *o = (4 * (q as i32 - 16)) as i8 as u8;
+                }
+            } else {
+                requantize(ty, b, out);
+            }
+        }
+        _ => requantize(ty, b, out),
+    }
+}
+
+/// Dequantizes one block and quantizes it again as Q8_0 blocks.
+fn requantize(ty: GgmlType, b: &[u8], out: &mut [u8]) {
+    let mut x = [0f32; QK_K];
+    let x = &mut x[..ty.block_elems()];
+    dequantize(ty, b, x);
+    for (c, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
+        q8_0_block(c, o);
+    }
+}
+
+/// One Q8_0 block of `c`, each value at its nearest level under the scale as stored (f16).
+fn q8_0_block(c: &[f32], out: &mut [u8]) {
+    let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = f16::from_f32(amax / 127.0);
+    let id = if d.to_f32() > 0.0 {
+        1.0 / d.to_f32()
+    } else {
+        0.0
+    };
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    for (o, &v) in out[2..].iter_mut().zip(c) {
+        *o = ((v * id).round() as i32).clamp(-127, 127) as i8 as u8;
+    }
+}
+
+// ------------------------------------------------------------ quantizers (synthetic model)
+
+/// Quantizes a row (length a multiple of the block) to `ty`, one of this module's layouts.
+pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
+    for c in x.chunks_exact(ty.block_elems()) {
+        match ty {
+            GgmlType::Q5_0 | GgmlType::Q5_1 => quantize_q5(ty, c, out),
+            GgmlType::Q4_K | GgmlType::Q5_K => quantize_k(ty, c, out),
+            GgmlType::Q6_K => quantize_q6_k(c, out),
+            other => unreachable!("{other:?} is not a layout of this module"),
+        }
+    }
+}
+
+fn quantize_q5(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
+    let (mn, mx) = c
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (d, m) = if ty == GgmlType::Q5_1 {
+        ((mx - mn) / 31.0, mn)
+    } else {
+        // The value of largest magnitude maps to −16 (ggml's choice).
+        let big = if mx.abs() > mn.abs() { mx } else { mn };
+        (big / -16.0, 0.0)
+    };
+    let (d16, m16) = (f16::from_f32(d), f16::from_f32(m));
+    let (dr, mr) = (d16.to_f32(), m16.to_f32());
+    let id = if dr != 0.0 { 1.0 / dr } else { 0.0 };
+    let q: Vec<u32> = c
+        .iter()
+        .map(|&v| {
+            let r = if ty == GgmlType::Q5_1 {
+                (v - mr) * id
+            } else {
+                v * id + 16.0
+            };
+            (r.round() as i32).clamp(0, 31) as u32
+        })
+        .collect();
+    out.extend_from_slice(&d16.to_le_bytes());
+    if ty == GgmlType::Q5_1 {
+        out.extend_from_slice(&m16.to_le_bytes());
+    }
+    let qh = (0..QK).fold(0u32, |a, j| a | ((q[j] >> 4) << j));
+    out.extend_from_slice(&qh.to_le_bytes());
+    out.extend((0..16).map(|j| ((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)) as u8));
+}
+
+/// Q4_K and Q5_K: per sub-block a scale and a min (≤ 0), both in 6 bits of the block's
+/// `d` and `dmin`.
+fn quantize_k(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
+    let top = if ty == GgmlType::Q4_K { 15.0 } else { 31.0 };
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, s) in c.chunks_exact(QK).enumerate() {
+        let mn = s.iter().fold(0f32, |a, &v| a.min(v));
+        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
+        scales[j] = (mx - mn) / top;
+        mins[j] = -mn;
+    }
+    let dmin = f16::from_f32(mins.iter().fold(0f32, |a, &v| a.max(v)) / 63.0);
+    // The largest scale once the mins are rounded up (by at most one `dmin`).
+    let widest = scales.iter().fold(0f32, |a, &v| a.max(v)) + dmin.to_f32() / top;
+    let d = f16::from_f32(widest / 63.0);
+    // Rounded up, so that each sub-block's scale and min cover its values.
+    let six = |v: f32, unit: f16| {
+        let u = unit.to_f32();
+        if u > 0.0 {
+            ((v / u).ceil() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        }
+    };
+    let lm = mins.map(|m| six(m, dmin));
+    // Each sub-block's scale from the range its rounded min leaves.
+    let mut ls = [0u8; 8];
+    for (j, s) in c.chunks_exact(QK).enumerate() {
+        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
+        ls[j] = six((mx + dmin.to_f32() * lm[j] as f32) / top, d);
+    }
+    let packed = pack_scale_mins(&ls, &lm);
+    let mut q = [0u8; QK_K];
+    for (j, s) in c.chunks_exact(QK).enumerate() {
+        let d1 = d.to_f32() * ls[j] as f32;
+        let m1 = dmin.to_f32() * lm[j] as f32;
+        let id = if d1 > 0.0 { 1.0 / d1 } else { 0.0 };
+        for (l, &v) in s.iter().enumerate() {
+            q[QK * j + l] = (((v + m1) * id).round() as i32).clamp(0, top as i32) as u8;
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(&packed);
+    if ty == GgmlType::Q5_K {
+        let mut qh = [0u8; 32];
+        for j in 0..8 {
+            for l in 0..QK {
+                qh[l] |= (q[QK * j + l] >> 4) << j;
+            }
+        }
+        out.extend_from_slice(&qh);
+    }
+    for p in 0..4 {
+        let (lo, hi) = (&q[64 * p..64 * p + 32], &q[64 * p + 32..64 * p + 64]);
+        out.extend((0..32).map(|l| (lo[l] & 0xF) | ((hi[l] & 0xF) << 4)));
+    }
+}
+
+/// The 12 scale bytes of a Q4_K/Q5_K block from its sub-blocks' 6-bit scales and mins
+/// (what [`scale_min`] reads).
+fn pack_scale_mins(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            packed[j] = ls[j];
+            packed[j + 4] = lm[j];
+        } else {
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4);
+            packed[j - 4] |= (ls[j] >> 4) << 6;
+            packed[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    packed
+}
+
+/// Q6_K: per 16 elements an 8-bit scale of the block's `d`.
+fn quantize_q6_k(c: &[f32], out: &mut Vec<u8>) {
+    let scales: Vec<f32> = c
+        .chunks_exact(16)
+        .map(|s| s.iter().fold(0f32, |a, &v| a.max(v.abs())) / 31.0)
+        .collect();
+    let d = f16::from_f32(scales.iter().fold(0f32, |a, &v| a.max(v)) / 127.0);
+    // Rounded up, so that each 16's scale covers its values.
+    let sc: Vec<i8> = scales
+        .iter()
+        .map(|&s| {
+            if d.to_f32() > 0.0 {
+                ((s / d.to_f32()).ceil() as i32).clamp(-128, 127) as i8
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut q = [0u8; QK_K];
+    for (i, &v) in c.iter().enumerate() {
+        let step = d.to_f32() * sc[i / 16] as f32;
+        let r = if step != 0.0 { (v / step).round() } else { 0.0 };
+        q[i] = (r as i32 + 32).clamp(0, 63) as u8;
+    }
+    let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+    for half in 0..2 {
+        let y = &q[128 * half..];
+        for l in 0..32 {
+            ql[64 * half + l] = (y[l] & 0xF) | ((y[l + 64] & 0xF) << 4);
+            ql[64 * half + l + 32] = (y[l + 32] & 0xF) | ((y[l + 96] & 0xF) << 4);
+            qh[32 * half + l] = (y[l] >> 4)
+                | ((y[l + 32] >> 4) << 2)
+                | ((y[l + 64] >> 4) << 4)
+                | ((y[l + 96] >> 4) << 6);
+        }
+    }
+    out.extend_from_slice(&ql);
+    out.extend_from_slice(&qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    out.extend_from_slice(&d.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+
+    const TYPES: [GgmlType; 5] = [
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// Weights-like values: mostly small, a few outliers, some rows all of one sign.
+    fn row(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                let shift = if (i / 256) % 3 == 2 { 0.6 } else { 0.0 };
+                if i % 97 == 0 {
+                    4.0 * u
+                } else {
+                    0.05 * u + shift * 0.05
+                }
+            })
+            .collect()
+    }
+
+    fn dequant(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n];
+        quant::dequantize_row(ty, b, &mut y);
+        y
+    }
+
+    /// Each element's quantization step in a row of `ty` blocks.
+    fn steps(ty: GgmlType, b: &[u8]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for b in b.chunks_exact(ty.block_bytes()) {
+            match ty {
+                GgmlType::Q5_0 | GgmlType::Q5_1 => out.extend([q5_block(ty, b).1; QK]),
+                GgmlType::Q4_K | GgmlType::Q5_K => {
+                    (0..8).for_each(|j| out.extend([k_sub_block(ty, b, j).1; QK]))
+                }
+                _ => (0..16).for_each(|i| out.extend([h(b, 208) * (b[192 + i] as i8) as f32; 16])),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantizers_round_trip_to_the_nearest_level() {
+        for ty in TYPES {
+            let x = row(4 * QK_K, ty.id() as u64);
+            let mut b = Vec::new();
+            quantize_row(ty, &x, &mut b);
+            assert_eq!(
+                b.len(),
+                x.len() / ty.block_elems() * ty.block_bytes(),
+                "{ty:?}"
+            );
+            let y = dequant(ty, &b, x.len());
+            // Within half a step of each element's scale (Q5_0: a step, as ggml's: the
+            // value of largest magnitude maps to −16, its opposite may clamp at 15), so
+            // nothing was clamped and the levels are the nearest.
+            let half = if ty == GgmlType::Q5_0 { 1.0 } else { 0.52 };
+            let mut err = 0f64;
+            for (i, ((a, b), step)) in x.iter().zip(&y).zip(steps(ty, &b)).enumerate() {
+                assert!(
+                    (a - b).abs() <= half * step.abs() + 1e-7,
+                    "{ty:?} element {i}: {a} became {b} (step {step})"
+                );
+                err += ((a - b) as f64).powi(2);
+            }
+            let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / err).sqrt();
+            assert!(rms > 5.0, "{ty:?}: signal / error {rms}");
+        }
+    }
+
+    #[test]
+    fn conversion_keeps_values_or_stays_within_half_a_q8_step() {
+        for ty in TYPES {
+            let x = row(8 * QK_K, 100 + ty.id() as u64);
+            let mut b = Vec::new();
+            quantize_row(ty, &x, &mut b);
+            let want = dequant(ty, &b, x.len());
+            let (to, c) = to_kernel_layout(ty, &b);
+            assert_eq!(
+                (to, c.len()),
+                (kernel_layout(ty).0, x.len() / QK * to.block_bytes())
+            );
+            let got = dequant(to, &c, x.len());
+            for (k, (w, g)) in want.chunks(QK).zip(got.chunks(QK)).enumerate() {
+                let amax = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let tol = match ty {
+                    // f16 rounding of the sub-block's scale and offset.
+                    GgmlType::Q4_K => amax * 2.0f32.powi(-10),
+                    GgmlType::Q5_0 => 0.0,
+                    // Half a Q8_0 step (of the f16 scale, up to 2⁻¹¹ above amax / 127).
+                    _ => amax / 127.0 * 0.501,
+                };
+                for (a, b) in w.iter().zip(g) {
+                    assert!((a - b).abs() <= tol, "{ty:?} block {k}: {a} became {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_whose_quarter_scale_is_not_an_f16_is_requantized() {
+        // d = 3·2⁻²⁴ (an f16 subnormal): d/4 is no f16.
+        let d = f16::from_bits(3);
+        let mut b = d.to_le_bytes().to_vec();
+        b.extend_from_slice(&0xFFFF_0000u32.to_le_bytes());
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let want = dequant(GgmlType::Q5_0, &b, QK);
+        let (to, c) = to_kernel_layout(GgmlType::Q5_0, &b);
+        let mut requantized = vec![0u8; 34];
+        q8_0_block(&want, &mut requantized);
+        assert_eq!((to, c), (GgmlType::Q8_0, requantized));
+    }
+
+    #[test]
+    fn scales_and_mins_pack_as_ggml_reads_them() {
+        // Every 6-bit pair packed comes back through scale_min.
+        for base in [0u8, 17, 40, 63] {
+            let ls: [u8; 8] = std::array::from_fn(|j| (base + 7 * j as u8) % 64);
+            let lm: [u8; 8] = std::array::from_fn(|j| (base + 11 * j as u8 + 5) % 64);
+            let packed = pack_scale_mins(&ls, &lm);
+            for j in 0..8 {
+                assert_eq!(scale_min(j, &packed), (ls[j], lm[j]), "sub-block {j}");
+            }
+        }
+    }
+}
