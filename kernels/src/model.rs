@@ -213,9 +213,11 @@ fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
 /// any was requantized.
 fn log_conversions(g: &Gguf) -> bool {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut requantized = false;
     for t in &g.tensors {
         if t.dims.len() == 2 && t.ty.quantized() && !t.ty.kernel_native() {
             let (to, same) = kquant::kernel_layout(t.ty);
+            requantized |= !same;
             let how = if same { "same values" } else { "requantized" };
             *counts
                 .entry(format!("{:?} → {to:?} ({how})", t.ty))
@@ -229,7 +231,7 @@ fn log_conversions(g: &Gguf) -> bool {
             what.join(", ")
         );
     }
-    counts.keys().any(|k| k.ends_with("(requantized)"))
+    requantized
 }
 
 impl Weights {
