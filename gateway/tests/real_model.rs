@@ -330,19 +330,41 @@ async fn greedy_decoding_matches_the_numpy_reference() {
     }
 }
 
+/// A synthetic model of `spec` in a temporary directory (kept while the first value
+/// lives), loaded, and the numpy reference's run of `prompt` on it (4 greedy tokens); the
+/// prompt's token ids checked to be the reference's.
+fn synthetic_reference(
+    py: &Path,
+    spec: &kernels::synth::SynthSpec,
+    prompt: &str,
+) -> (
+    tempdir::TempDir,
+    PathBuf,
+    kernels::load::Loaded,
+    Vec<u32>,
+    Vec<Value>,
+) {
+    let dir = tempdir::TempDir::new();
+    let path = dir.0.join("synthetic.gguf");
+    kernels::synth::write_model(&path, spec).unwrap();
+    let cases = serde_json::json!([{"prompt": prompt, "n": 4}]);
+    let refs = reference(py, &path, &cases);
+    let m = kernels::load::load(&path).unwrap();
+    let ids = m.tokenizer.encode(prompt).unwrap();
+    assert_eq!(serde_json::to_value(&ids).unwrap(), refs[0]["prompt_ids"]);
+    (dir, path, m, ids, refs)
+}
+
 #[test]
 fn synthetic_model_logits_match_the_numpy_reference() {
     let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
         return;
     };
-    let dir = tempdir::TempDir::new();
-    let path = dir.0.join("synthetic.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny()).unwrap();
-    let cases = serde_json::json!([{"prompt": "hello synthetic world, 123", "n": 4}]);
-    let refs = reference(&py, &path, &cases);
-    let m = kernels::load::load(&path).unwrap();
-    let ids = m.tokenizer.encode("hello synthetic world, 123").unwrap();
-    assert_eq!(serde_json::to_value(&ids).unwrap(), refs[0]["prompt_ids"]);
+    let (_dir, _, m, ids, refs) = synthetic_reference(
+        &py,
+        &kernels::synth::SynthSpec::tiny(),
+        "hello synthetic world, 123",
+    );
     let (got, logits) = greedy(&m, &ids, 4);
     let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
     assert!(
@@ -424,15 +446,11 @@ fn k_quant_model_logits_match_the_numpy_reference() {
     let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
         return;
     };
-    let dir = tempdir::TempDir::new();
-    let path = dir.0.join("k-quants.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny_k_quants()).unwrap();
-    let prompt = "hello quantized world, 456";
-    let cases = serde_json::json!([{"prompt": prompt, "n": 4}]);
-    let refs = reference(&py, &path, &cases);
-    let m = kernels::load::load(&path).unwrap();
-    let ids = m.tokenizer.encode(prompt).unwrap();
-    assert_eq!(serde_json::to_value(&ids).unwrap(), refs[0]["prompt_ids"]);
+    let (_dir, path, m, ids, refs) = synthetic_reference(
+        &py,
+        &kernels::synth::SynthSpec::tiny_k_quants(),
+        "hello quantized world, 456",
+    );
     let (got, logits) = greedy(&m, &ids, 4);
     let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
     eprintln!("K-quant synthetic model: logits within {d:.1e} of the reference");

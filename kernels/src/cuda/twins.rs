@@ -342,68 +342,66 @@ impl TwinModel {
     /// Where matrices were requantized at load for the CPU kernels (`kquant`), every
     /// matrix is read from the file instead: f16 holds its own values (to 2⁻¹¹).
     pub fn from_model(m: &crate::forward::Model) -> Self {
-        let twin = Self::converted(m);
-        let Some(path) = &m.weights.requantized_from else {
-            return twin;
-        };
-        match crate::gguf::Gguf::open(path)
-            .ok()
-            .and_then(|g| twin.with_file_values(&g))
-        {
-            Some(exact) => exact,
-            None => {
-                tracing::warn!(file = %path.display(),
-                    "cannot read the model file again: the GPU path keeps the requantized matrices");
-                Self::converted(m)
+        if let Some(path) = &m.weights.requantized_from {
+            let exact = crate::gguf::Gguf::open(path)
+                .ok()
+                .and_then(|g| Self::build(m, Some(&g)));
+            if let Some(exact) = exact {
+                return exact;
             }
+            tracing::warn!(file = %path.display(),
+                "cannot read the model file again: the GPU path keeps the requantized matrices");
         }
+        Self::build(m, None).unwrap_or_else(|| unreachable!("the CPU's matrices are always there"))
     }
 
-    /// Every matrix from `g`'s own values (the same shapes as `self`'s, or `None`).
-    fn with_file_values(mut self, g: &crate::gguf::Gguf) -> Option<Self> {
-        let same = |a: &Vec<f16>, b: Vec<f16>| (a.len() == b.len()).then_some(b);
-        let embed = same(&self.embed, file_f16(g, &["token_embd.weight".into()])?)?;
-        let out_name = if g.tensor("output.weight").is_some() {
-            "output.weight"
-        } else {
-            "token_embd.weight"
-        };
-        self.output = same(&self.output, file_f16(g, &[out_name.into()])?)?;
-        self.embed = embed;
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
-            l.wqkv = same(
-                &l.wqkv,
-                file_f16(g, &[n("attn_q"), n("attn_k"), n("attn_v")])?,
-            )?;
-            l.wo = same(&l.wo, file_f16(g, &[n("attn_output")])?)?;
-            l.w_gate_up = same(&l.w_gate_up, file_f16(g, &[n("ffn_gate"), n("ffn_up")])?)?;
-            l.w_down = same(&l.w_down, file_f16(g, &[n("ffn_down")])?)?;
-        }
-        Some(self)
-    }
-
-    /// The weights as the CPU kernels hold them, in f16.
-    fn converted(m: &crate::forward::Model) -> Self {
+    /// The weights in f16: each matrix from `file`'s own values when given (`None` if a
+    /// tensor is missing or of another size than the CPU's matrix), else as the CPU
+    /// kernels hold them.
+    fn build(m: &crate::forward::Model, file: Option<&crate::gguf::Gguf>) -> Option<Self> {
+        use crate::model::Projections;
         let w = &m.weights;
-        Self {
-            config: m.config.clone(),
-            embed: rows_f16(&w.token_embd),
-            layers: w
-                .layers
-                .iter()
-                .map(|l| TwinLayer {
-                    attn_norm: l.attn_norm.clone(),
-                    wqkv: stacked_f16(&l.qkv),
-                    wo: rows_f16(&l.wo),
-                    ffn_norm: l.ffn_norm.clone(),
-                    w_gate_up: stacked_f16(&l.gate_up),
-                    w_down: rows_f16(&l.w_down),
-                })
-                .collect(),
-            output_norm: w.output_norm.clone(),
-            output: rows_f16(w.output()),
+        let from_file = |names: &[String], len: usize| {
+            file.map(|g| file_f16(g, names).filter(|v| v.len() == len))
+        };
+        let one =
+            |names: &[String], x: &crate::matmul::Matrix| match from_file(names, x.rows * x.cols) {
+                Some(v) => v,
+                None => Some(rows_f16(x)),
+            };
+        let stacked = |names: &[String], p: &Projections| {
+            let len = match p {
+                Projections::Stacked { m, .. } => m.rows * m.cols,
+                Projections::Separate(parts) => parts.iter().map(|x| x.rows * x.cols).sum(),
+            };
+            match from_file(names, len) {
+                Some(v) => v,
+                None => Some(stacked_f16(p)),
+            }
+        };
+        let out_name = match file.and_then(|g| g.tensor("output.weight")) {
+            Some(_) => "output.weight",
+            None => "token_embd.weight",
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for (i, l) in w.layers.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(TwinLayer {
+                attn_norm: l.attn_norm.clone(),
+                wqkv: stacked(&[n("attn_q"), n("attn_k"), n("attn_v")], &l.qkv)?,
+                wo: one(&[n("attn_output")], &l.wo)?,
+                ffn_norm: l.ffn_norm.clone(),
+                w_gate_up: stacked(&[n("ffn_gate"), n("ffn_up")], &l.gate_up)?,
+                w_down: one(&[n("ffn_down")], &l.w_down)?,
+            });
         }
+        Some(Self {
+            config: m.config.clone(),
+            embed: one(&["token_embd.weight".into()], &w.token_embd)?,
+            layers,
+            output_norm: w.output_norm.clone(),
+            output: one(&[out_name.into()], w.output())?,
+        })
     }
 
     pub fn kv(&self, block_size: usize, n_blocks: usize) -> TwinKv {
