@@ -374,17 +374,38 @@ fn synthetic_model_logits_match_the_numpy_reference() {
     assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);
 }
 
-/// Every block layout tollgate converts at load (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), as its
-/// dequantization reads it and as the `gguf` package's does: a synthetic model of them
-/// (`SynthSpec::tiny_k_quants`), each tensor's values from both, element for element.
+/// Every block layout tollgate converts at load (Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS),
+/// as its dequantization reads it and as the `gguf` package's does: synthetic models of
+/// them (`SynthSpec::tiny_k_quants`, `tiny_low_bits`), each tensor's values from both,
+/// element for element.
 #[test]
 fn k_quant_layouts_dequantize_as_the_gguf_package_does() {
     let Some(py) = python_with("numpy, gguf") else {
         return;
     };
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in [
+        kernels::synth::SynthSpec::tiny_k_quants(),
+        kernels::synth::SynthSpec::tiny_low_bits(),
+    ] {
+        seen.extend(layouts_match_the_gguf_package(&py, &spec));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"],
+        "every converted layout checked"
+    );
+}
+
+/// The quantized layouts of a synthetic model of `spec`, each checked element for element
+/// against the `gguf` package's dequantization.
+fn layouts_match_the_gguf_package(
+    py: &Path,
+    spec: &kernels::synth::SynthSpec,
+) -> std::collections::BTreeSet<String> {
     let dir = tempdir::TempDir::new();
     let path = dir.0.join("k-quants.gguf");
-    kernels::synth::write_model(&path, &kernels::synth::SynthSpec::tiny_k_quants()).unwrap();
+    kernels::synth::write_model(&path, spec).unwrap();
     let script = r#"
 import sys, numpy as np
 from gguf import GGUFReader
@@ -395,7 +416,7 @@ for t in r.tensors:
         v = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
         np.save(sys.argv[2] + "/" + t.name + ".npy", v)
 "#;
-    let out = Command::new(&py)
+    let out = Command::new(py)
         .args(["-c", script])
         .arg(&path)
         .arg(&dir.0)
@@ -431,14 +452,10 @@ for t in r.tensors:
         }
         seen.insert(format!("{:?}", t.ty));
     }
-    assert_eq!(
-        seen.into_iter().collect::<Vec<_>>(),
-        ["Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"],
-        "every converted layout checked"
-    );
+    seen
 }
 
-/// A model of those layouts (converted at load into Q4_1 and Q8_0) against the numpy
+/// Models of those layouts (converted at load into Q4_1 and Q8_0) against the numpy
 /// reference, which reads the file's own layouts: logits and greedy tokens, on the CPU
 /// backend and on the GPU path (emulated).
 #[test]
@@ -446,27 +463,29 @@ fn k_quant_model_logits_match_the_numpy_reference() {
     let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
         return;
     };
-    let (_dir, path, m, ids, refs) = synthetic_reference(
-        &py,
-        &kernels::synth::SynthSpec::tiny_k_quants(),
-        "hello quantized world, 456",
-    );
-    let (got, logits) = greedy(&m, &ids, 4);
-    let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
-    eprintln!("K-quant synthetic model: logits within {d:.1e} of the reference");
-    assert_eq!(logit_tol(&path, LOGIT_TOL), REQUANT_LOGIT_TOL);
-    assert!(
-        d < REQUANT_LOGIT_TOL,
-        "logits differ by {d} relative to the largest"
-    );
-    assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);
-    // The GPU path's f16 weights hold the file's own values (read from it again), so it
-    // is held to the f16 path's bound, under what the requantized matrices give.
-    if let Some(mut be) = emulated(&m) {
-        let (got, logits) = decode_greedy(&mut be, &ids, 4, 8);
+    for (name, spec) in [
+        ("K-quant", kernels::synth::SynthSpec::tiny_k_quants()),
+        ("Q2_K/Q3_K/IQ4", kernels::synth::SynthSpec::tiny_low_bits()),
+    ] {
+        let (_dir, path, m, ids, refs) =
+            synthetic_reference(&py, &spec, "hello quantized world, 456");
+        let (got, logits) = greedy(&m, &ids, 4);
         let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
-        eprintln!("K-quant synthetic model, emulated GPU path: logits within {d:.1e}");
-        assert!(d < GPU_LOGIT_TOL, "GPU path logits differ by {d}");
-        assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);
+        eprintln!("{name} synthetic model: logits within {d:.1e} of the reference");
+        assert_eq!(logit_tol(&path, LOGIT_TOL), REQUANT_LOGIT_TOL);
+        assert!(
+            d < REQUANT_LOGIT_TOL,
+            "{name}: logits differ by {d} relative to the largest"
+        );
+        assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"], "{name}");
+        // The GPU path's f16 weights hold the file's own values (read from it again), so
+        // it is held to the f16 path's bound, under what the requantized matrices give.
+        if let Some(mut be) = emulated(&m) {
+            let (got, logits) = decode_greedy(&mut be, &ids, 4, 8);
+            let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
+            eprintln!("{name} synthetic model, emulated GPU path: logits within {d:.1e}");
+            assert!(d < GPU_LOGIT_TOL, "{name}: GPU path logits differ by {d}");
+            assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"], "{name}");
+        }
     }
 }

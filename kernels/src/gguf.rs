@@ -1,7 +1,7 @@
 //! GGUF reading (memory-mapped): header, metadata, tensor infos, alignment, and bounds-
 //! checked views of tensor data. Versions 2 and 3. Tensor types F32, F16, BF16, Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K (what llama.cpp's Q4_K_M,
-//! Q5_K_M and Q6_K files hold); anything else, a truncated file, a wrong magic or a tensor
+//! Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the 4-bit
+//! non-linear IQ4_NL, IQ4_XS (what llama.cpp's Q2_K … Q6_K and IQ4 files hold); anything else, a truncated file, a wrong magic or a tensor
 //! that runs past the end is an error, never a panic or an out-of-bounds read.
 
 use memmap2::Mmap;
@@ -30,7 +30,7 @@ pub enum GgufError {
     Metadata(String),
     #[error(
         "tensor {name}: unsupported type {ty} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, \
-         Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
+         Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)"
     )]
     UnsupportedType { name: String, ty: u32 },
     #[error("tensor {name}: {why}")]
@@ -49,9 +49,13 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 impl GgmlType {
@@ -64,9 +68,13 @@ impl GgmlType {
             6 => Self::Q5_0,
             7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2_K,
+            11 => Self::Q3_K,
             12 => Self::Q4_K,
             13 => Self::Q5_K,
             14 => Self::Q6_K,
+            20 => Self::IQ4_NL,
+            23 => Self::IQ4_XS,
             30 => Self::BF16,
             _ => return None,
         })
@@ -80,9 +88,13 @@ impl GgmlType {
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2_K => 10,
+            Self::Q3_K => 11,
             Self::Q4_K => 12,
             Self::Q5_K => 13,
             Self::Q6_K => 14,
+            Self::IQ4_NL => 20,
+            Self::IQ4_XS => 23,
             Self::BF16 => 30,
         }
     }
@@ -90,8 +102,8 @@ impl GgmlType {
     pub fn block_elems(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
-            Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::IQ4_NL => 32,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => 256,
         }
     }
     /// Bytes per block.
@@ -104,9 +116,13 @@ impl GgmlType {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q2_K => 84,
+            Self::Q3_K => 110,
             Self::Q4_K => 144,
             Self::Q5_K => 176,
             Self::Q6_K => 210,
+            Self::IQ4_NL => 18,
+            Self::IQ4_XS => 136,
         }
     }
     /// Whether the matrix kernels (CPU and packed) read this layout as it is; the other

@@ -120,6 +120,33 @@ pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                     *o = d * sc as f32 * q[i] as f32;
                 }
             }
+            GgmlType::Q2_K => {
+                let (q, d, dmin) = (q2_values(b), h(b, 80), h(b, 82));
+                for (i, o) in o.iter_mut().enumerate() {
+                    let sc = b[i / 16];
+                    *o = d * (sc & 0xF) as f32 * q[i] as f32 - dmin * (sc >> 4) as f32;
+                }
+            }
+            GgmlType::Q3_K => {
+                let (q, sc, d) = (q3_values(b), q3_scales(b), h(b, 108));
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = d * sc[i / 16] as f32 * q[i] as f32;
+                }
+            }
+            GgmlType::IQ4_NL => {
+                let (q, d) = (iq4_values(&b[2..18]), h(b, 0));
+                for (o, q) in o.iter_mut().zip(q) {
+                    *o = d * q as f32;
+                }
+            }
+            GgmlType::IQ4_XS => {
+                for (j, o) in o.chunks_exact_mut(QK).enumerate() {
+                    let (q, dl) = iq4_xs_sub_block(b, j);
+                    for (o, q) in o.iter_mut().zip(q) {
+                        *o = dl * q as f32;
+                    }
+                }
+            }
             other => unreachable!("{other:?} is not a layout of this module"),
         }
     }
@@ -142,11 +169,73 @@ fn q6_values(b: &[u8]) -> [i8; QK_K] {
     q
 }
 
+/// A Q2_K block's 256 integers, 0..4, in element order.
+fn q2_values(b: &[u8]) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for (e, q) in q.iter_mut().enumerate() {
+        let (half, shift, l) = (e / 128, (e / 32) % 4, e % 32);
+        *q = (b[16 + 32 * half + l] >> (2 * shift)) & 3;
+    }
+    q
+}
+
+/// A Q3_K block's 256 integers, −4..4, in element order: two bits in `qs`, and 4 taken
+/// away where the element's bit in `hmask` is clear.
+fn q3_values(b: &[u8]) -> [i8; QK_K] {
+    let mut q = [0i8; QK_K];
+    for (e, q) in q.iter_mut().enumerate() {
+        let (half, shift, l) = (e / 128, (e / 32) % 4, e % 32);
+        let low = ((b[32 + 32 * half + l] >> (2 * shift)) & 3) as i8;
+        let high = (b[l] >> (e / 32)) & 1;
+        *q = if high == 1 { low } else { low - 4 };
+    }
+    q
+}
+
+/// A Q3_K block's 16 scales, −32..32: 6 bits, the low 4 of scale k in byte k (k < 8, low
+/// nibble) or k − 8 (high nibble) of `scales`, the high 2 in byte 8 + k % 4 at bit 2(k / 4).
+fn q3_scales(b: &[u8]) -> [i8; 16] {
+    let s = &b[96..108];
+    std::array::from_fn(|k| {
+        let low = if k < 8 { s[k] & 0xF } else { s[k - 8] >> 4 };
+        let high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+        (low | (high << 4)) as i8 - 32
+    })
+}
+
+/// The 16 levels of the IQ4 layouts (ggml's `kvalues_iq4nl`).
+const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// 32 elements' levels from 16 bytes of indices: element j's in the low nibble of byte
+/// j, element j + 16's in its high nibble.
+fn iq4_values(qs: &[u8]) -> [i8; QK] {
+    std::array::from_fn(|j| {
+        let i = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+        IQ4_LEVELS[i as usize]
+    })
+}
+
+/// An IQ4_XS block's sub-block `j` (of 8): its levels and its scale `d·(ls − 32)`, `ls`
+/// 6-bit (low 4 bits in `scales_l`, high 2 in `scales_h`).
+fn iq4_xs_sub_block(b: &[u8], j: usize) -> ([i8; QK], f32) {
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + j / 2] >> (4 * (j % 2))) & 0xF;
+    let ls = low | ((((scales_h >> (2 * j)) & 3) as u8) << 4);
+    (
+        iq4_values(&b[8 + 16 * j..8 + 16 * (j + 1)]),
+        h(b, 0) * (ls as i32 - 32) as f32,
+    )
+}
+
 /// What a layout becomes in memory for the kernels, and whether its values stay the same.
 pub fn kernel_layout(ty: GgmlType) -> (GgmlType, bool) {
     match ty {
         GgmlType::Q4_K => (GgmlType::Q4_1, true),
-        GgmlType::Q5_0 => (GgmlType::Q8_0, true),
+        GgmlType::Q5_0 | GgmlType::Q3_K | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+            (GgmlType::Q8_0, true)
+        }
         _ => (GgmlType::Q8_0, false),
     }
 }
@@ -192,6 +281,37 @@ fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8]) {
                 requantize(ty, b, out);
             }
         }
+        GgmlType::Q3_K => {
+            let (q, sc) = (q3_values(b), q3_scales(b));
+            let d = f16::from_le_bytes([b[108], b[109]]);
+            for (k, o) in out.chunks_exact_mut(34).enumerate() {
+                // `sc·q` is −124..=128: 128 (−32·−4) only fits as −128, under `−d`.
+                let v: [i32; QK] = std::array::from_fn(|l| {
+                    sc[(QK * k + l) / 16] as i32 * q[QK * k + l] as i32
+                });
+                let flip = v.contains(&128);
+                o[0..2].copy_from_slice(&(if flip { -d } else { d }).to_le_bytes());
+                for (o, v) in o[2..].iter_mut().zip(v) {
+                    *o = (if flip { -v } else { v }) as i8 as u8;
+                }
+            }
+        }
+        GgmlType::IQ4_NL => {
+            out[0..2].copy_from_slice(&b[0..2]);
+            for (o, q) in out[2..].iter_mut().zip(iq4_values(&b[2..18])) {
+                *o = q as u8;
+            }
+        }
+        GgmlType::IQ4_XS => {
+            for (j, o) in out.chunks_exact_mut(34).enumerate() {
+                // The sub-block's scale `d·(ls − 32)` rounded to f16 (≤ 2⁻¹¹ relative).
+                let (q, dl) = iq4_xs_sub_block(b, j);
+                o[0..2].copy_from_slice(&f16::from_f32(dl).to_le_bytes());
+                for (o, q) in o[2..].iter_mut().zip(q) {
+                    *o = q as u8;
+                }
+            }
+        }
         _ => requantize(ty, b, out),
     }
 }
@@ -230,6 +350,10 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
             GgmlType::Q5_0 | GgmlType::Q5_1 => quantize_q5(ty, c, out),
             GgmlType::Q4_K | GgmlType::Q5_K => quantize_k(ty, c, out),
             GgmlType::Q6_K => quantize_q6_k(c, out),
+            GgmlType::Q2_K => quantize_q2_k(c, out),
+            GgmlType::Q3_K => quantize_q3_k(c, out),
+            GgmlType::IQ4_NL => quantize_iq4_nl(c, out),
+            GgmlType::IQ4_XS => quantize_iq4_xs(c, out),
             other => unreachable!("{other:?} is not a layout of this module"),
         }
     }
@@ -388,18 +512,162 @@ fn quantize_q6_k(c: &[f32], out: &mut Vec<u8>) {
     out.extend_from_slice(&d.to_le_bytes());
 }
 
+/// Q2_K: per 16 elements a 4-bit scale of `d` and a 4-bit min of `dmin` (as Q4_K's, in
+/// 4 bits, and 2-bit integers).
+fn quantize_q2_k(c: &[f32], out: &mut Vec<u8>) {
+    let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
+    for (j, s) in c.chunks_exact(16).enumerate() {
+        let mn = s.iter().fold(0f32, |a, &v| a.min(v));
+        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
+        scales[j] = (mx - mn) / 3.0;
+        mins[j] = -mn;
+    }
+    let dmin = f16::from_f32(mins.iter().fold(0f32, |a, &v| a.max(v)) / 15.0);
+    let widest = scales.iter().fold(0f32, |a, &v| a.max(v)) + dmin.to_f32() / 3.0;
+    let d = f16::from_f32(widest / 15.0);
+    // Rounded up, so that each 16's scale and min cover its values.
+    let four = |v: f32, unit: f16| {
+        let u = unit.to_f32();
+        if u > 0.0 {
+            ((v / u).ceil() as i32).clamp(0, 15) as u8
+        } else {
+            0
+        }
+    };
+    let lm = mins.map(|m| four(m, dmin));
+    let mut ls = [0u8; 16];
+    let mut q = [0u8; QK_K];
+    for (j, s) in c.chunks_exact(16).enumerate() {
+        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
+        let m1 = dmin.to_f32() * lm[j] as f32;
+        ls[j] = four((mx + m1) / 3.0, d);
+        let d1 = d.to_f32() * ls[j] as f32;
+        let id = if d1 > 0.0 { 1.0 / d1 } else { 0.0 };
+        for (l, &v) in s.iter().enumerate() {
+            q[16 * j + l] = (((v + m1) * id).round() as i32).clamp(0, 3) as u8;
+        }
+    }
+    out.extend((0..16).map(|j| ls[j] | (lm[j] << 4)));
+    out.extend((0..64).map(|i| {
+        let (half, l) = (i / 32, i % 32);
+        (0..4).fold(0u8, |a, shift| a | (q[128 * half + 32 * shift + l] << (2 * shift)))
+    }));
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+}
+
+/// Q3_K: per 16 elements a 6-bit signed scale of `d`, 3-bit integers −4..4. As ggml's, the
+/// 16 of largest magnitude gets scale −32 and its value of largest magnitude −4, so the
+/// products `sc·q` reach 128 (what the conversion to Q8_0 must hold).
+fn quantize_q3_k(c: &[f32], out: &mut Vec<u8>) {
+    let signed_max = |s: &[f32]| s.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let scales: Vec<f32> = c.chunks_exact(16).map(|s| signed_max(s) / -4.0).collect();
+    let d = f16::from_f32(signed_max(&scales) / -32.0);
+    // Rounded away from zero, so that each 16's scale covers its values.
+    let sc: Vec<i32> = scales
+        .iter()
+        .map(|&s| {
+            let r = if d.to_f32() != 0.0 { s / d.to_f32() } else { 0.0 };
+            (r.abs().ceil().copysign(r) as i32).clamp(-32, 31)
+        })
+        .collect();
+    let mut q = [0i32; QK_K];
+    for (i, &v) in c.iter().enumerate() {
+        let step = d.to_f32() * sc[i / 16] as f32;
+        let r = if step != 0.0 { (v / step).round() } else { 0.0 };
+        q[i] = (r as i32).clamp(-4, 3);
+    }
+    let mut hmask = [0u8; 32];
+    for (e, &q) in q.iter().enumerate() {
+        if q >= 0 {
+            hmask[e % 32] |= 1 << (e / 32);
+        }
+    }
+    out.extend_from_slice(&hmask);
+    out.extend((0..64).map(|i| {
+        let (half, l) = (i / 32, i % 32);
+        (0..4).fold(0u8, |a, shift| {
+            a | (((q[128 * half + 32 * shift + l] & 3) as u8) << (2 * shift))
+        })
+    }));
+    let ls: Vec<u8> = sc.iter().map(|&s| (s + 32) as u8).collect();
+    let mut packed = [0u8; 12];
+    for (k, &l) in ls.iter().enumerate() {
+        packed[k % 8] |= (l & 0xF) << (4 * (k / 8));
+        packed[8 + k % 4] |= (l >> 4) << (2 * (k / 4));
+    }
+    out.extend_from_slice(&packed);
+    out.extend_from_slice(&d.to_le_bytes());
+}
+
+/// The index of the IQ4 level nearest `v`.
+fn nearest_iq4(v: f32) -> u8 {
+    (0..16)
+        .min_by(|&a, &b| {
+            let da = (v - IQ4_LEVELS[a] as f32).abs();
+            let db = (v - IQ4_LEVELS[b] as f32).abs();
+            da.total_cmp(&db)
+        })
+        .unwrap_or(0) as u8
+}
+
+/// One IQ4_NL block: `d` the value of largest magnitude over −127 (as ggml's).
+fn quantize_iq4_nl(c: &[f32], out: &mut Vec<u8>) {
+    let max = c.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let d = f16::from_f32(max / -127.0);
+    out.extend_from_slice(&d.to_le_bytes());
+    iq4_indices(c, d.to_f32(), out);
+}
+
+/// 32 elements' nearest IQ4 levels under `step`, as 16 bytes of index pairs.
+fn iq4_indices(c: &[f32], step: f32, out: &mut Vec<u8>) {
+    let inv = if step != 0.0 { 1.0 / step } else { 0.0 };
+    let idx: Vec<u8> = c.iter().map(|&v| nearest_iq4(v * inv)).collect();
+    out.extend((0..16).map(|j| idx[j] | (idx[j + 16] << 4)));
+}
+
+/// IQ4_XS: per 32 elements a 6-bit signed scale `ls − 32` of the block's `d`.
+fn quantize_iq4_xs(c: &[f32], out: &mut Vec<u8>) {
+    let signed_max = |s: &[f32]| s.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let scales: Vec<f32> = c.chunks_exact(QK).map(|s| signed_max(s) / -127.0).collect();
+    let d = f16::from_f32(signed_max(&scales) / -32.0);
+    let ls: Vec<u16> = scales
+        .iter()
+        .map(|&s| {
+            let l = if d.to_f32() != 0.0 {
+                (s / d.to_f32()).round() as i32
+            } else {
+                0
+            };
+            (l.clamp(-32, 31) + 32) as u16
+        })
+        .collect();
+    out.extend_from_slice(&d.to_le_bytes());
+    let high = (0..8).fold(0u16, |a, j| a | ((ls[j] >> 4) << (2 * j)));
+    out.extend_from_slice(&high.to_le_bytes());
+    out.extend((0..4).map(|i| ((ls[2 * i] & 0xF) | ((ls[2 * i + 1] & 0xF) << 4)) as u8));
+    for (j, s) in c.chunks_exact(QK).enumerate() {
+        iq4_indices(s, d.to_f32() * (ls[j] as i32 - 32) as f32, out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant;
 
-    const TYPES: [GgmlType; 5] = [
+    /// The layouts of uniform levels (a step and an offset per block or sub-block).
+    const TYPES: [GgmlType; 7] = [
         GgmlType::Q5_0,
         GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
+    /// The layouts of 16 non-uniform levels.
+    const IQ4: [GgmlType; 2] = [GgmlType::IQ4_NL, GgmlType::IQ4_XS];
 
     /// Weights-like values: mostly small, a few outliers, some rows all of one sign.
     fn row(n: usize, seed: u64) -> Vec<f32> {
@@ -435,6 +703,10 @@ mod tests {
                 GgmlType::Q4_K | GgmlType::Q5_K => {
                     (0..8).for_each(|j| out.extend([k_sub_block(ty, b, j).1; QK]))
                 }
+                GgmlType::Q2_K => (0..16).for_each(|i| out.extend([h(b, 80) * (b[i] & 0xF) as f32; 16])),
+                GgmlType::Q3_K => q3_scales(b)
+                    .iter()
+                    .for_each(|&s| out.extend([h(b, 108) * s as f32; 16])),
                 _ => (0..16).for_each(|i| out.extend([h(b, 208) * (b[192 + i] as i8) as f32; 16])),
             }
         }
@@ -453,10 +725,13 @@ mod tests {
                 "{ty:?}"
             );
             let y = dequant(ty, &b, x.len());
-            // Within half a step of each element's scale (Q5_0: a step, as ggml's: the
-            // value of largest magnitude maps to −16, its opposite may clamp at 15), so
-            // nothing was clamped and the levels are the nearest.
-            let half = if ty == GgmlType::Q5_0 { 1.0 } else { 0.52 };
+            // Within half a step of each element's scale (Q5_0, Q3_K: a step, as ggml's:
+            // the value of largest magnitude maps to −16 (−4), its opposite may clamp at
+            // 15 (3)), so nothing was clamped and the levels are the nearest.
+            let half = match ty {
+                GgmlType::Q5_0 | GgmlType::Q3_K => 1.0,
+                _ => 0.52,
+            };
             let mut err = 0f64;
             for (i, ((a, b), step)) in x.iter().zip(&y).zip(steps(ty, &b)).enumerate() {
                 assert!(
@@ -466,13 +741,49 @@ mod tests {
                 err += ((a - b) as f64).powi(2);
             }
             let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / err).sqrt();
+            // Four levels a 16 (Q2_K) hold these rows' outliers less well.
+            let floor = if ty == GgmlType::Q2_K { 2.0 } else { 5.0 };
+            assert!(rms > floor, "{ty:?}: signal / error {rms}");
+        }
+    }
+
+    #[test]
+    fn iq4_quantizers_pick_the_nearest_level() {
+        for ty in IQ4 {
+            let x = row(4 * QK_K, ty.id() as u64);
+            let mut b = Vec::new();
+            quantize_row(ty, &x, &mut b);
+            assert_eq!(b.len(), x.len() / ty.block_elems() * ty.block_bytes());
+            let y = dequant(ty, &b, x.len());
+            // Each 32's step: the block's `d` (IQ4_NL) or the sub-block's `d·(ls − 32)`.
+            let steps: Vec<f32> = b
+                .chunks_exact(ty.block_bytes())
+                .flat_map(|b| match ty {
+                    GgmlType::IQ4_NL => vec![h(b, 0)],
+                    _ => (0..8).map(|j| iq4_xs_sub_block(b, j).1).collect(),
+                })
+                .collect();
+            let mut err = 0f64;
+            for (i, (&a, &v)) in x.iter().zip(&y).enumerate() {
+                let step = steps[i / QK];
+                let best = IQ4_LEVELS
+                    .iter()
+                    .map(|&l| (a - step * l as f32).abs())
+                    .fold(f32::MAX, f32::min);
+                assert!(
+                    (a - v).abs() <= best + 1e-7,
+                    "{ty:?} element {i}: {a} became {v}, a level {best} away exists"
+                );
+                err += ((a - v) as f64).powi(2);
+            }
+            let rms = (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / err).sqrt();
             assert!(rms > 5.0, "{ty:?}: signal / error {rms}");
         }
     }
 
     #[test]
     fn conversion_keeps_values_or_stays_within_half_a_q8_step() {
-        for ty in TYPES {
+        for ty in TYPES.into_iter().chain(IQ4) {
             let x = row(8 * QK_K, 100 + ty.id() as u64);
             let mut b = Vec::new();
             quantize_row(ty, &x, &mut b);
@@ -487,8 +798,8 @@ mod tests {
                 let amax = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let tol = match ty {
                     // f16 rounding of the sub-block's scale and offset.
-                    GgmlType::Q4_K => amax * 2.0f32.powi(-10),
-                    GgmlType::Q5_0 => 0.0,
+                    GgmlType::Q4_K | GgmlType::IQ4_XS => amax * 2.0f32.powi(-10),
+                    GgmlType::Q5_0 | GgmlType::Q3_K | GgmlType::IQ4_NL => 0.0,
                     // Half a Q8_0 step (of the f16 scale, up to 2⁻¹¹ above amax / 127).
                     _ => amax / 127.0 * 0.501,
                 };
@@ -497,6 +808,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn q3_k_products_of_128_are_held_under_a_negated_scale() {
+        // As ggml's, the quantizer gives the largest 16 scale −32 and its largest value
+        // −4: the product 128 is no i8, −128 is.
+        let x = row(8 * QK_K, 7);
+        let mut b = Vec::new();
+        quantize_row(GgmlType::Q3_K, &x, &mut b);
+        let (_, c) = to_kernel_layout(GgmlType::Q3_K, &b);
+        let flipped: Vec<&[u8]> = c
+            .chunks_exact(34)
+            .filter(|o| h(o, 0) < 0.0 && o[2..].contains(&0x80))
+            .collect();
+        assert!(!flipped.is_empty(), "no block held a product of 128");
+        assert_eq!(
+            dequant(GgmlType::Q8_0, &c, x.len()),
+            dequant(GgmlType::Q3_K, &b, x.len())
+        );
     }
 
     #[test]

@@ -529,7 +529,10 @@ mod tests {
         match ty {
             GgmlType::Q4_0 => quant::quantize_row_q4_0(&w, &mut data),
             GgmlType::Q4_1 => quant::quantize_row_q4_1(&w, &mut data),
-            _ => quant::quantize_row_q8_0(&w, &mut data),
+            _ => {
+                quant::quantize_row_q8_0(&w, &mut data);
+                crate::testutil::with_q8_0_minimum(&mut data);
+            }
         }
         Matrix::new(rows, cols, MatData::Quant(ty, data))
     }

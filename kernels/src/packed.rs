@@ -512,7 +512,10 @@ mod tests {
         match ty {
             GgmlType::Q4_0 => quant::quantize_row_q4_0(x, &mut out),
             GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
-            _ => quant::quantize_row_q8_0(x, &mut out),
+            _ => {
+                quant::quantize_row_q8_0(x, &mut out);
+                crate::testutil::with_q8_0_minimum(&mut out);
+            }
         }
         out
     }

@@ -102,9 +102,6 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                 *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-            crate::kquant::dequantize(ty, src, out)
-        }
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
             for (o, b) in out
                 .chunks_exact_mut(QK)
@@ -116,6 +113,8 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        // Q5_x, the K-quants and IQ4: `kquant`'s layouts.
+        _ => crate::kquant::dequantize(ty, src, out),
     }
 }
 
@@ -702,7 +701,10 @@ mod tests {
             match ty {
                 GgmlType::Q4_1 => quantize_row_q4_1(&wf, &mut w),
                 GgmlType::Q4_0 => quantize_row_q4_0(&wf, &mut w),
-                _ => quantize_row_q8_0(&wf, &mut w),
+                _ => {
+                    quantize_row_q8_0(&wf, &mut w);
+                    crate::testutil::with_q8_0_minimum(&mut w);
+                }
             }
             let mut wd = vec![0.0; n];
             dequantize_row(ty, &w, &mut wd);

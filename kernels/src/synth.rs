@@ -42,7 +42,8 @@ pub struct SynthSpec {
     /// `attn_k`, `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `token_embd`,
     /// and `output` (which writes an output head of its own; tied to the embedding
     /// otherwise). A K-quant on rows whose length is not a multiple of 256 falls back as
-    /// llama.cpp's quantizer does (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+    /// llama.cpp's quantizer does (Q2_K, Q3_K → Q4_0; Q4_K → Q5_0, Q5_K → Q5_1, Q6_K →
+    /// Q8_0, IQ4_XS → IQ4_NL).
     pub types: Vec<(&'static str, GgmlType)>,
 }
 
@@ -107,6 +108,26 @@ impl SynthSpec {
         }
     }
 
+    /// [`SynthSpec::tiny_k_quants`] with the other layouts converted at load: Q2_K, Q3_K
+    /// and the non-linear IQ4_NL, IQ4_XS (llama.cpp's Q2_K, Q3_K_x and IQ4 files).
+    pub fn tiny_low_bits() -> Self {
+        Self {
+            seed: 12,
+            types: vec![
+                ("token_embd", GgmlType::IQ4_NL),
+                ("attn_q", GgmlType::Q3_K),
+                ("attn_k", GgmlType::IQ4_XS),
+                ("attn_v", GgmlType::Q2_K),
+                ("attn_output", GgmlType::IQ4_NL),
+                ("ffn_gate", GgmlType::IQ4_XS),
+                ("ffn_up", GgmlType::Q3_K),
+                ("ffn_down", GgmlType::Q3_K),
+                ("output", GgmlType::IQ4_XS),
+            ],
+            ..Self::tiny_k_quants()
+        }
+    }
+
     /// The type of tensor `role`, with rows of `cols`.
     fn type_of(&self, role: &str, cols: usize) -> GgmlType {
         let default = if role == "token_embd" {
@@ -123,8 +144,10 @@ impl SynthSpec {
             return ty;
         }
         match ty {
+            GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
             GgmlType::Q4_K => GgmlType::Q5_0,
             GgmlType::Q5_K => GgmlType::Q5_1,
+            GgmlType::IQ4_XS => GgmlType::IQ4_NL,
             _ => GgmlType::Q8_0,
         }
     }
@@ -152,9 +175,6 @@ fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
         GgmlType::Q4_0 => quant::quantize_row_q4_0(x, &mut out),
         GgmlType::Q8_0 => quant::quantize_row_q8_0(x, &mut out),
-        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-            crate::kquant::quantize_row(ty, x, &mut out)
-        }
         GgmlType::F16 => x
             .iter()
             .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
@@ -164,6 +184,8 @@ fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
         GgmlType::F32 => x
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        // Q5_x, the K-quants and IQ4: `kquant`'s layouts.
+        _ => crate::kquant::quantize_row(ty, x, &mut out),
     }
     out
 }

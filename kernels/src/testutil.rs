@@ -12,3 +12,12 @@ pub fn rand(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Q8_0 blocks with one value in each set to −128: the conversions at load
+/// ([`crate::kquant`]) write it (Q3_K's product 128 under a negated scale), though the
+/// Q8_0 quantizer stops at −127, so every kernel is tested with it.
+pub fn with_q8_0_minimum(data: &mut [u8]) {
+    for (i, b) in data.chunks_exact_mut(34).enumerate() {
+        b[2 + (7 * i) % 32] = 0x80;
+    }
+}
