@@ -1,33 +1,55 @@
-//! The GGUF block layouts the matrix kernels do not read as they are: Q5_0, Q5_1 and the
-//! K-quants Q4_K, Q5_K, Q6_K (llama.cpp's Q4_K_M, Q5_K_M and Q6_K files are made of them,
-//! with Q5_0, Q5_1 and Q8_0 for rows whose length is not a multiple of 256). This module
-//! owns their dequantization (ggml's layouts and arithmetic), their conversion at load into
-//! the layouts the kernels read ([`to_kernel_layout`]), and quantizers for the synthetic
-//! model writer.
+//! The GGUF block layouts the matrix kernels do not read as they are: Q5_0, Q5_1, the
+//! K-quants Q2_K … Q6_K and the non-linear IQ4_NL, IQ4_XS (llama.cpp's Q2_K, Q3_K_x,
+//! Q4_K_x, Q5_K_x, Q6_K and IQ4 files are made of them, with Q4_0, Q5_0, Q5_1, Q8_0 and
+//! IQ4_NL for rows whose length is not a multiple of 256). This module owns their
+//! dequantization (ggml's layouts and arithmetic), their conversion at load into the
+//! layouts the kernels read ([`to_kernel_layout`]), and quantizers for the synthetic model
+//! writer.
 //!
-//! Conversion keeps the values where a kernel layout can hold them:
+//! Conversion keeps the values wherever a kernel layout, with offsets beside it
+//! ([`Offsets`]: a constant added to each run of 16 or 32 weights of a row, which the
+//! product adds as `offset · Σ inputs`), can hold them:
 //! - Q4_K → Q4_1: each 32-element sub-block is `d·sc·q − dmin·m` with a 4-bit `q`, which is
 //!   a Q4_1 block with `d = d·sc` and `m = −dmin·m` (rounded to f16: ≤ 2⁻¹¹ relative).
 //! - Q5_0 → Q8_0: `d·(q − 16)` is `(d/4)·4(q − 16)`, exact (the block is requantized
 //!   instead where `d/4` is not an exact f16).
-//! - Q5_1, Q5_K, Q6_K → Q8_0, requantized: the added error is at most half a Q8_0 step
-//!   (the block's largest |value| / 254), about a quarter of the file's own step (Q6_K's is
-//!   its 16 values' largest / 31). Exact support needs kernels with a scale per 16
-//!   weights; the cost, measured against the numpy reference on the file's own values, is
-//!   in BENCHMARKS.md ("GGUF layouts").
+//! - Q5_1 → Q8_0 of `d` and `q` (0..32), offset `m` per 32: exact. Q5_K likewise per
+//!   sub-block: scale `d·sc` (rounded to f16), offset `−dmin·m`.
+//! - Q2_K → Q8_0 of `d` and `sc·q` (0..46), offset `−dmin·m` per 16: exact.
+//! - Q3_K → Q8_0 of `d` and `sc·q` (−124..=128): exact; a block holding 128 (−32·−4, which
+//!   ggml's quantizer makes in most super-blocks) is stored negated, under `−d`, as −128.
+//! - IQ4_NL → Q8_0 of `d` and the 16 levels (−127..=113): exact. IQ4_XS likewise per
+//!   sub-block, of scale `d·(ls − 32)` (rounded to f16).
+//! - Q6_K → Q8_0, requantized: a scale per 16 weights and `sc·q` up to 4,096 fit no kernel
+//!   layout; the added error is at most half a Q8_0 step (the block's largest |value| /
+//!   254), about a quarter of the file's own step (its 16 values' largest / 31). The cost,
+//!   measured against the numpy reference on the file's own values, is in BENCHMARKS.md
+//!   ("GGUF layouts").
 //!
-//! Layouts (`d`, `dmin`, `m` f16; 32-element blocks for Q5_x, 256-element super-blocks of
-//! 8 sub-blocks of 32 (Q4_K, Q5_K) or 16 of 16 (Q6_K)):
+//! Layouts (`d`, `dmin`, `m` f16; 32-element blocks for Q5_x and IQ4_NL, 256-element
+//! super-blocks of 8 sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS) or 16 of 16 (Q2_K, Q3_K,
+//! Q6_K)); "element e = (half, shift, l)" is e = 128·half + 32·shift + l:
 //! - Q5_0: `d, qh: u32, qs[16]`; element j = d·(q_j − 16), q_j's fifth bit bit j of `qh`
 //! - Q5_1: `d, m, qh: u32, qs[16]`; element j = d·q_j + m
+//! - Q2_K: `scales[16], qs[64], d, dmin`; 16 i: `d·(s_i & 15)·q − dmin·(s_i >> 4)`, element
+//!   (half, shift, l)'s 2 bits at bit 2·shift of `qs[32·half + l]`
+//! - Q3_K: `hmask[32], qs[64], scales[12], d`; 16 i: `d·(sc_i − 32)·q`, `sc` 6-bit (low 4 in
+//!   nibble i / 8 of byte i % 8, high 2 in byte 8 + i % 4 at bit 2(i / 4)); q's 2 low bits as
+//!   Q2_K's, minus 4 where bit e / 32 of `hmask[e % 32]` is clear
 //! - Q4_K: `d, dmin, scales[12], qs[128]`; sub-block i: `d·sc_i·q − dmin·m_i`, `sc`, `m`
 //!   6-bit in `scales`, the nibbles of sub-blocks 2p and 2p+1 in the low and high halves
 //!   of bytes 32p..32p+32
 //! - Q5_K: `d, dmin, scales[12], qh[32], qs[128]`; as Q4_K, the fifth bit of element l of
 //!   sub-block i bit i of `qh[l]`
 //! - Q6_K: `ql[128], qh[64], scales[16]: i8, d`; element = d·sc·(q − 32), 6-bit q
+//! - IQ4_NL: `d, qs[16]`; element j = d·L[index], indices as Q4_0's nibbles, L ggml's 16
+//!   levels −127..=113
+//! - IQ4_XS: `d, scales_h: u16, scales_l[4], qs[128]`; sub-block i: `d·(ls_i − 32)·L[index]`,
+//!   `ls` 6-bit (low 4 in nibble i % 2 of `scales_l[i / 2]`, high 2 at bit 2i of
+//!   `scales_h`), its indices as IQ4_NL's in `qs[16i..16i + 16]`
 
 use crate::gguf::GgmlType;
+use crate::matmul::Offsets;
 use crate::quant::QK;
 use half::f16;
 use rayon::prelude::*;
@@ -229,35 +251,78 @@ fn iq4_xs_sub_block(b: &[u8], j: usize) -> ([i8; QK], f32) {
     )
 }
 
-/// What a layout becomes in memory for the kernels, and whether its values stay the same.
-pub fn kernel_layout(ty: GgmlType) -> (GgmlType, bool) {
+/// How close a converted layout's values are to the file's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fidelity {
+    /// The same values.
+    Exact,
+    /// The same integers; scales that are products of two of the file's (a K-quant
+    /// sub-block's `d·sc`) rounded to f16, ≤ 2⁻¹¹ relative, as the GPU path's f16 weights.
+    ScalesToF16,
+    /// Requantized: each value within half a Q8_0 step.
+    Requantized,
+}
+
+/// What a layout becomes in memory for the kernels, and how close its values stay.
+pub fn kernel_layout(ty: GgmlType) -> (GgmlType, Fidelity) {
     match ty {
-        GgmlType::Q4_K => (GgmlType::Q4_1, true),
-        GgmlType::Q5_0 | GgmlType::Q3_K | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
-            (GgmlType::Q8_0, true)
-        }
-        _ => (GgmlType::Q8_0, false),
+        GgmlType::Q4_K => (GgmlType::Q4_1, Fidelity::ScalesToF16),
+        GgmlType::Q5_K | GgmlType::IQ4_XS => (GgmlType::Q8_0, Fidelity::ScalesToF16),
+        GgmlType::Q6_K => (GgmlType::Q8_0, Fidelity::Requantized),
+        _ => (GgmlType::Q8_0, Fidelity::Exact),
     }
 }
 
-/// Converts whole blocks of `ty` (one of this module's layouts) into the layout the
-/// kernels read ([`kernel_layout`]); in parallel on the current rayon pool.
-pub fn to_kernel_layout(ty: GgmlType, src: &[u8]) -> (GgmlType, Vec<u8>) {
-    let (to, _) = kernel_layout(ty);
-    let (bb, per) = (ty.block_bytes(), ty.block_elems() / QK);
-    let out_bb = to.block_bytes();
-    let mut out = vec![0u8; src.len() / bb * per * out_bb];
-    out.par_chunks_mut(out_bb * per * 64)
-        .zip(src.par_chunks(bb * 64))
-        .for_each(|(o, s)| {
-            for (o, b) in o.chunks_exact_mut(out_bb * per).zip(s.chunks_exact(bb)) {
-                convert_block(ty, b, o);
-            }
-        });
-    (to, out)
+/// The weights a converted offset covers, for the layouts whose conversion keeps their
+/// offsets beside the kernels' blocks ([`Offsets`]): Q5_1 and Q5_K per 32, Q2_K per 16.
+pub fn offset_run(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q5_1 | GgmlType::Q5_K => Some(QK),
+        GgmlType::Q2_K => Some(16),
+        _ => None,
+    }
 }
 
-fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8]) {
+/// Blocks converted into a kernel layout, and the offsets that go beside them.
+pub struct Converted {
+    pub ty: GgmlType,
+    pub data: Vec<u8>,
+    pub offsets: Option<Offsets>,
+}
+
+/// Converts whole blocks of `ty` (one of this module's layouts) into the layout the
+/// kernels read ([`kernel_layout`]), with offsets where the layout has them
+/// ([`offset_run`]); in parallel on the current rayon pool.
+pub fn to_kernel_layout(ty: GgmlType, src: &[u8]) -> Converted {
+    let (to, _) = kernel_layout(ty);
+    let (bb, be) = (ty.block_bytes(), ty.block_elems());
+    let (out_bb, per) = (to.block_bytes(), be / QK);
+    let n = src.len() / bb;
+    let run = offset_run(ty);
+    let per_off = run.map_or(0, |r| be / r);
+    let mut out = vec![0u8; n * per * out_bb];
+    // A slot a block at least, so that the three walk in step (dropped where unused).
+    let stride = per_off.max(1);
+    let mut off = vec![0f32; n * stride];
+    const BLOCKS: usize = 64;
+    out.par_chunks_mut(out_bb * per * BLOCKS)
+        .zip(src.par_chunks(bb * BLOCKS))
+        .zip(off.par_chunks_mut(stride * BLOCKS))
+        .for_each(|((o, s), f)| {
+            let blocks = o.chunks_exact_mut(out_bb * per).zip(s.chunks_exact(bb));
+            for ((o, b), f) in blocks.zip(f.chunks_exact_mut(stride)) {
+                convert_block(ty, b, o, &mut f[..per_off]);
+            }
+        });
+    Converted {
+        ty: to,
+        data: out,
+        offsets: run.map(|run| Offsets { run, values: off }),
+    }
+}
+
+/// One block of `ty` into `out` (kernel blocks) and `off` (its offsets, if it has them).
+fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8], off: &mut [f32]) {
     match ty {
         GgmlType::Q4_K => {
             for (j, o) in out.chunks_exact_mut(20).enumerate() {
@@ -286,9 +351,8 @@ fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8]) {
             let d = f16::from_le_bytes([b[108], b[109]]);
             for (k, o) in out.chunks_exact_mut(34).enumerate() {
                 // `sc·q` is −124..=128: 128 (−32·−4) only fits as −128, under `−d`.
-                let v: [i32; QK] = std::array::from_fn(|l| {
-                    sc[(QK * k + l) / 16] as i32 * q[QK * k + l] as i32
-                });
+                let v: [i32; QK] =
+                    std::array::from_fn(|l| sc[(QK * k + l) / 16] as i32 * q[QK * k + l] as i32);
                 let flip = v.contains(&128);
                 o[0..2].copy_from_slice(&(if flip { -d } else { d }).to_le_bytes());
                 for (o, v) in o[2..].iter_mut().zip(v) {
@@ -310,6 +374,39 @@ fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8]) {
                 for (o, q) in o[2..].iter_mut().zip(q) {
                     *o = q as u8;
                 }
+            }
+        }
+        GgmlType::Q5_1 => {
+            // d·q + m: Q8_0 of scale `d` (an f16, exact) and integers 0..32, offset m.
+            let (q, _, m) = q5_block(ty, b);
+            out[0..2].copy_from_slice(&b[0..2]);
+            for (o, q) in out[2..].iter_mut().zip(q) {
+                *o = q;
+            }
+            off[0] = m;
+        }
+        GgmlType::Q5_K => {
+            for (j, o) in out.chunks_exact_mut(34).enumerate() {
+                // d·sc·q − dmin·m: the sub-block's scale rounded to f16 (≤ 2⁻¹¹ relative).
+                let (q, d1, m1) = k_sub_block(ty, b, j);
+                o[0..2].copy_from_slice(&f16::from_f32(d1).to_le_bytes());
+                o[2..].copy_from_slice(&q);
+                off[j] = -m1;
+            }
+        }
+        GgmlType::Q2_K => {
+            // d·sc·q − dmin·m per 16: Q8_0 of scale `d` and integers sc·q (0..46), the
+            // 16's offset −dmin·m. `d·(sc·q)` is `(d·sc)·q` exactly (17 bits at most).
+            let q = q2_values(b);
+            for (k, o) in out.chunks_exact_mut(34).enumerate() {
+                o[0..2].copy_from_slice(&b[80..82]);
+                for (l, o) in o[2..].iter_mut().enumerate() {
+                    let e = QK * k + l;
+                    *o = (b[e / 16] & 0xF) * q[e];
+                }
+            }
+            for (f, sc) in off.iter_mut().zip(&b[..16]) {
+                *f = -(h(b, 82) * (sc >> 4) as f32);
             }
         }
         _ => requantize(ty, b, out),
@@ -550,7 +647,9 @@ fn quantize_q2_k(c: &[f32], out: &mut Vec<u8>) {
     out.extend((0..16).map(|j| ls[j] | (lm[j] << 4)));
     out.extend((0..64).map(|i| {
         let (half, l) = (i / 32, i % 32);
-        (0..4).fold(0u8, |a, shift| a | (q[128 * half + 32 * shift + l] << (2 * shift)))
+        (0..4).fold(0u8, |a, shift| {
+            a | (q[128 * half + 32 * shift + l] << (2 * shift))
+        })
     }));
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
@@ -560,14 +659,21 @@ fn quantize_q2_k(c: &[f32], out: &mut Vec<u8>) {
 /// 16 of largest magnitude gets scale −32 and its value of largest magnitude −4, so the
 /// products `sc·q` reach 128 (what the conversion to Q8_0 must hold).
 fn quantize_q3_k(c: &[f32], out: &mut Vec<u8>) {
-    let signed_max = |s: &[f32]| s.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let signed_max = |s: &[f32]| {
+        s.iter()
+            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a })
+    };
     let scales: Vec<f32> = c.chunks_exact(16).map(|s| signed_max(s) / -4.0).collect();
     let d = f16::from_f32(signed_max(&scales) / -32.0);
     // Rounded away from zero, so that each 16's scale covers its values.
     let sc: Vec<i32> = scales
         .iter()
         .map(|&s| {
-            let r = if d.to_f32() != 0.0 { s / d.to_f32() } else { 0.0 };
+            let r = if d.to_f32() != 0.0 {
+                s / d.to_f32()
+            } else {
+                0.0
+            };
             (r.abs().ceil().copysign(r) as i32).clamp(-32, 31)
         })
         .collect();
@@ -613,7 +719,9 @@ fn nearest_iq4(v: f32) -> u8 {
 
 /// One IQ4_NL block: `d` the value of largest magnitude over −127 (as ggml's).
 fn quantize_iq4_nl(c: &[f32], out: &mut Vec<u8>) {
-    let max = c.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let max = c
+        .iter()
+        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
     let d = f16::from_f32(max / -127.0);
     out.extend_from_slice(&d.to_le_bytes());
     iq4_indices(c, d.to_f32(), out);
@@ -628,7 +736,10 @@ fn iq4_indices(c: &[f32], step: f32, out: &mut Vec<u8>) {
 
 /// IQ4_XS: per 32 elements a 6-bit signed scale `ls − 32` of the block's `d`.
 fn quantize_iq4_xs(c: &[f32], out: &mut Vec<u8>) {
-    let signed_max = |s: &[f32]| s.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let signed_max = |s: &[f32]| {
+        s.iter()
+            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a })
+    };
     let scales: Vec<f32> = c.chunks_exact(QK).map(|s| signed_max(s) / -127.0).collect();
     let d = f16::from_f32(signed_max(&scales) / -32.0);
     let ls: Vec<u16> = scales
@@ -654,6 +765,7 @@ fn quantize_iq4_xs(c: &[f32], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matmul::{MatData, Matrix};
     use crate::quant;
 
     /// The layouts of uniform levels (a step and an offset per block or sub-block).
@@ -703,7 +815,9 @@ mod tests {
                 GgmlType::Q4_K | GgmlType::Q5_K => {
                     (0..8).for_each(|j| out.extend([k_sub_block(ty, b, j).1; QK]))
                 }
-                GgmlType::Q2_K => (0..16).for_each(|i| out.extend([h(b, 80) * (b[i] & 0xF) as f32; 16])),
+                GgmlType::Q2_K => {
+                    (0..16).for_each(|i| out.extend([h(b, 80) * (b[i] & 0xF) as f32; 16]))
+                }
                 GgmlType::Q3_K => q3_scales(b)
                     .iter()
                     .for_each(|&s| out.extend([h(b, 108) * s as f32; 16])),
@@ -788,18 +902,26 @@ mod tests {
             let mut b = Vec::new();
             quantize_row(ty, &x, &mut b);
             let want = dequant(ty, &b, x.len());
-            let (to, c) = to_kernel_layout(ty, &b);
+            let c = to_kernel_layout(ty, &b);
             assert_eq!(
-                (to, c.len()),
-                (kernel_layout(ty).0, x.len() / QK * to.block_bytes())
+                (c.ty, c.data.len()),
+                (kernel_layout(ty).0, x.len() / QK * c.ty.block_bytes())
             );
-            let got = dequant(to, &c, x.len());
+            assert_eq!(c.offsets.as_ref().map(|o| o.run), offset_run(ty), "{ty:?}");
+            // As the model holds it: the kernels' blocks and the offsets beside them.
+            let mut m = Matrix::new(1, x.len(), MatData::Quant(c.ty, c.data));
+            if let Some(o) = c.offsets {
+                m = m.with_offsets(o);
+            }
+            let mut got = vec![0f32; x.len()];
+            m.row_f32(0, &mut got);
             for (k, (w, g)) in want.chunks(QK).zip(got.chunks(QK)).enumerate() {
                 let amax = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let tol = match ty {
-                    // f16 rounding of the sub-block's scale and offset.
-                    GgmlType::Q4_K | GgmlType::IQ4_XS => amax * 2.0f32.powi(-10),
-                    GgmlType::Q5_0 | GgmlType::Q3_K | GgmlType::IQ4_NL => 0.0,
+                    // f16 rounding of the sub-block's scale (and Q4_K's offset).
+                    GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::IQ4_XS => amax * 2.0f32.powi(-10),
+                    GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q2_K => 0.0,
+                    GgmlType::Q3_K | GgmlType::IQ4_NL => 0.0,
                     // Half a Q8_0 step (of the f16 scale, up to 2⁻¹¹ above amax / 127).
                     _ => amax / 127.0 * 0.501,
                 };
@@ -817,7 +939,7 @@ mod tests {
         let x = row(8 * QK_K, 7);
         let mut b = Vec::new();
         quantize_row(GgmlType::Q3_K, &x, &mut b);
-        let (_, c) = to_kernel_layout(GgmlType::Q3_K, &b);
+        let c = to_kernel_layout(GgmlType::Q3_K, &b).data;
         let flipped: Vec<&[u8]> = c
             .chunks_exact(34)
             .filter(|o| h(o, 0) < 0.0 && o[2..].contains(&0x80))
@@ -837,7 +959,9 @@ mod tests {
         b.extend_from_slice(&0xFFFF_0000u32.to_le_bytes());
         b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let want = dequant(GgmlType::Q5_0, &b, QK);
-        let (to, c) = to_kernel_layout(GgmlType::Q5_0, &b);
+        let Converted {
+            ty: to, data: c, ..
+        } = to_kernel_layout(GgmlType::Q5_0, &b);
         let mut requantized = vec![0u8; 34];
         q8_0_block(&want, &mut requantized);
         assert_eq!((to, c), (GgmlType::Q8_0, requantized));

@@ -17,6 +17,29 @@ pub struct Matrix {
     /// The same weights repacked for the VNNI kernel ([`crate::packed`]), made on first
     /// use where the CPU has it (about 1.2× the quantized size, beside it).
     packed: OnceLock<Option<Packed>>,
+    /// Offsets added to the weights, where they come from a layout with offsets that the
+    /// kernels' own do not hold (Q5_1, Q5_K, Q2_K: [`crate::kquant`]).
+    offsets: Option<Offsets>,
+}
+
+/// A constant added to every weight of each run of `run` in a row (`rows × cols / run`,
+/// row by row). A product adds `Σ offset · (the run's inputs summed)` to the kernels'.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Offsets {
+    /// Weights one offset covers: 16 or 32 (a divisor of [`QK`]).
+    pub run: usize,
+    pub values: Vec<f32>,
+}
+
+impl Offsets {
+    /// The same offsets for runs of `run` (a divisor of `self.run`).
+    fn split(&self, run: usize) -> Vec<f32> {
+        let k = self.run / run;
+        self.values
+            .iter()
+            .flat_map(|&v| std::iter::repeat_n(v, k))
+            .collect()
+    }
 }
 
 pub enum MatData {
@@ -33,7 +56,16 @@ impl Matrix {
             cols,
             data,
             packed: OnceLock::new(),
+            offsets: None,
         }
+    }
+
+    /// The same matrix with `offsets` added to its weights.
+    pub fn with_offsets(mut self, offsets: Offsets) -> Self {
+        assert!(QK.is_multiple_of(offsets.run) && offsets.run > 0);
+        assert_eq!(offsets.values.len(), self.rows * self.cols / offsets.run);
+        self.offsets = Some(offsets);
+        self
     }
 
     /// The packed form, where the CPU runs the packed kernel and the type and shape allow.
@@ -73,6 +105,12 @@ impl Matrix {
             }
             MatData::F32(d) => out.copy_from_slice(&d[r * self.cols..(r + 1) * self.cols]),
         }
+        if let Some(off) = &self.offsets {
+            let runs = self.cols / off.run;
+            for (o, &v) in out.chunks_exact_mut(off.run).zip(&off.values[r * runs..]) {
+                o.iter_mut().for_each(|o| *o += v);
+            }
+        }
     }
 
     /// Stacks matrices with the same input width and storage type into one (rows of the
@@ -95,6 +133,22 @@ impl Matrix {
             return Err(parts);
         }
         let rows = parts.iter().map(|m| m.rows).sum();
+        // Offsets for all rows where a part has them (zero for the others), in the
+        // shortest run of the parts'.
+        let run = parts
+            .iter()
+            .filter_map(|m| m.offsets.as_ref().map(|o| o.run))
+            .min();
+        let offsets = run.map(|run| Offsets {
+            run,
+            values: parts
+                .iter()
+                .flat_map(|m| match &m.offsets {
+                    Some(o) => o.split(run),
+                    None => vec![0.0; m.rows * cols / run],
+                })
+                .collect(),
+        });
         let mut iter = parts.into_iter();
         let mut data = iter.next().map(|m| m.data).ok_or_else(Vec::new)?;
         for m in iter {
@@ -104,7 +158,11 @@ impl Matrix {
                 _ => unreachable!("checked above"),
             }
         }
-        Ok(Matrix::new(rows, cols, data))
+        let m = Matrix::new(rows, cols, data);
+        Ok(match offsets {
+            Some(o) => m.with_offsets(o),
+            None => m,
+        })
     }
 }
 
@@ -279,6 +337,41 @@ impl Prepared<'_> {
 pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     assert_eq!(x.cols, w.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= x.rows * w.rows, "matmul: output too small");
+    weights_product(w, x, out, prec);
+    if let Some(off) = &w.offsets {
+        add_offsets(off, w.rows, x, out);
+    }
+}
+
+/// `out[b · rows + n] += Σ_j offsets[n][j] · (x[b]'s inputs of run j summed)`: the weights'
+/// offsets, in f32, split over weight rows (each output the same way whatever the batch).
+fn add_offsets(off: &Offsets, n_rows: usize, x: &Acts, out: &mut [f32]) {
+    let (b_rows, runs) = (x.rows, x.cols / off.run);
+    let sums: Vec<f32> = x.f32[..b_rows * x.cols]
+        .chunks_exact(off.run)
+        .map(|c| c.iter().sum())
+        .collect();
+    // By weight row, then added in place: `adds[n · b_rows + b]`.
+    let mut adds = vec![0f32; n_rows * b_rows];
+    let chunk = 64;
+    adds.par_chunks_mut(chunk * b_rows)
+        .zip(off.values.par_chunks(chunk * runs))
+        .for_each(|(a, o)| {
+            for (a, o) in a.chunks_exact_mut(b_rows).zip(o.chunks_exact(runs)) {
+                for (a, s) in a.iter_mut().zip(sums.chunks_exact(runs)) {
+                    *a = dot_f32(o, s);
+                }
+            }
+        });
+    for (n, a) in adds.chunks_exact(b_rows).enumerate() {
+        for (b, &v) in a.iter().enumerate() {
+            out[b * n_rows + n] += v;
+        }
+    }
+}
+
+/// The product of the weights as the kernels hold them (offsets aside).
+fn weights_product(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     let (b_rows, n_rows, cols) = (x.rows, w.rows, w.cols);
     let threads = rayon::current_num_threads().max(1);
     let chunk = (n_rows / (threads * 4)).clamp(4, 256);
@@ -544,16 +637,34 @@ mod tests {
         x
     }
 
+    /// `w` with offsets of `run` (what Q5_1, Q5_K and Q2_K are converted to).
+    fn offset(w: Matrix, run: Option<usize>, seed: u64) -> Matrix {
+        match run {
+            Some(run) => {
+                let values = rand(w.rows * w.cols / run, seed);
+                w.with_offsets(Offsets { run, values })
+            }
+            None => w,
+        }
+    }
+
     /// Every precision, weight type and layout (48 and 640 rows pack — 640 in calls over
-    /// several groups — 40 do not), at batch sizes that use every tile: close to the f32
-    /// product of the dequantized weights, and a row's result the same alone as in any
-    /// batch.
+    /// several groups — 40 do not), with and without offsets, at batch sizes that use every
+    /// tile: close to the f32 product of the dequantized weights, and a row's result the
+    /// same alone as in any batch.
     #[test]
     fn every_path_is_close_to_the_reference_and_independent_of_its_batch() {
         let cols = 96;
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        let cases = [
+            (GgmlType::Q4_0, None),
+            (GgmlType::Q4_1, None),
+            (GgmlType::Q8_0, None),
+            (GgmlType::Q8_0, Some(16)),
+            (GgmlType::Q8_0, Some(32)),
+        ];
+        for (ty, run) in cases {
             for rows in [48, 640, 40] {
-                let w = matrix(ty, rows, cols, 5);
+                let w = offset(matrix(ty, rows, cols, 5), run, 6);
                 for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
                     // Relative to Σ|w·x|: 8-bit activations err by up to 1/254 of a block's
                     // largest value, 16-bit ones by 1/65534 (bounds about 8 standard
@@ -579,7 +690,8 @@ mod tests {
                                 let (got, exp) = (out[r * rows + n], want[r * rows + n]);
                                 assert!(
                                     (got - exp).abs() <= tol * size + 1e-6,
-                                    "{ty:?} {rows}×{cols} {prec:?} b={b} ({r},{n}): {got} vs {exp}"
+                                    "{ty:?} {run:?} {rows}×{cols} {prec:?} b={b} ({r},{n}): \
+                                     {got} vs {exp}"
                                 );
                             }
                         }
@@ -597,6 +709,44 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Stacked matrices (QKV, gate|up) give each part's product, offsets and all: a part
+    /// with offsets of 32, one of 16 and one without.
+    #[test]
+    fn stacked_parts_with_offsets_give_each_parts_product() {
+        let cols = 64;
+        let parts = || {
+            vec![
+                offset(matrix(GgmlType::Q8_0, 32, cols, 1), Some(32), 2),
+                offset(matrix(GgmlType::Q8_0, 16, cols, 3), Some(16), 4),
+                matrix(GgmlType::Q8_0, 48, cols, 5),
+            ]
+        };
+        let Ok(stacked) = Matrix::stack(parts()) else {
+            panic!("Q8_0 parts stack");
+        };
+        assert_eq!(stacked.offsets.as_ref().map(|o| o.run), Some(16));
+        for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
+            let b = 3;
+            let mut x = acts(b, cols, 9);
+            let mut all = vec![0f32; b * stacked.rows];
+            matmul(&stacked, &mut x, &mut all, prec);
+            let mut at = 0;
+            for p in parts() {
+                let mut one = vec![0f32; b * p.rows];
+                matmul(&p, &mut x, &mut one, prec);
+                // Equal but for rounding: offsets of 32 are added as two of 16 once
+                // stacked beside a part of 16.
+                for r in 0..b {
+                    let got = &all[r * stacked.rows + at..r * stacked.rows + at + p.rows];
+                    for (g, w) in got.iter().zip(&one[r * p.rows..(r + 1) * p.rows]) {
+                        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{prec:?} row {r}");
+                    }
+                }
+                at += p.rows;
             }
         }
     }

@@ -119,9 +119,10 @@ pub struct Weights {
     pub output_norm: Vec<f32>,
     /// `None` when the output head is tied to the embedding.
     pub output: Option<Matrix>,
-    /// The file, where some matrix was requantized at load (`kquant`): the GPU path, whose
+    /// The file, where converting a layout for the CPU kernels moved some matrix's values
+    /// (scales rounded to f16, or requantized: `kquant::Fidelity`): the GPU path, whose
     /// f16 weights can hold the file's own values, reads them from it.
-    pub requantized_from: Option<std::path::PathBuf>,
+    pub inexact_from: Option<std::path::PathBuf>,
 }
 
 impl Weights {
@@ -182,10 +183,15 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
     let bytes = g.data(t);
     let data = match t.ty {
         ty if ty.kernel_native() => MatData::Quant(ty, bytes.to_vec()),
-        // Q5_x and K-quants: into the layout the kernels read (`kquant`).
+        // Q5_x, K-quants and IQ4: into the layout the kernels read (`kquant`), with the
+        // offsets beside it where the layout has them.
         ty if ty.quantized() => {
-            let (to, data) = kquant::to_kernel_layout(ty, bytes);
-            MatData::Quant(to, data)
+            let c = kquant::to_kernel_layout(ty, bytes);
+            let m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data));
+            return Ok(match c.offsets {
+                Some(o) => m.with_offsets(o),
+                None => m,
+            });
         }
         ty => {
             let mut v = vec![0f32; rows * cols];
@@ -210,15 +216,24 @@ fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
 }
 
 /// One log line naming the tensors whose layout was converted at load, if any; whether
-/// any was requantized.
+/// any one's values moved (`kquant::Fidelity` other than `Exact`).
 fn log_conversions(g: &Gguf) -> bool {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    let mut requantized = false;
+    let mut inexact = false;
     for t in &g.tensors {
         if t.dims.len() == 2 && t.ty.quantized() && !t.ty.kernel_native() {
-            let (to, same) = kquant::kernel_layout(t.ty);
-            requantized |= !same;
-            let how = if same { "same values" } else { "requantized" };
+            let (to, fidelity) = kquant::kernel_layout(t.ty);
+            inexact |= fidelity != kquant::Fidelity::Exact;
+            let offsets = kquant::offset_run(t.ty)
+                .map(|run| format!(", an offset per {run}"))
+                .unwrap_or_default();
+            let how = match fidelity {
+                kquant::Fidelity::Exact => format!("same values{offsets}"),
+                kquant::Fidelity::ScalesToF16 => {
+                    format!("same values, scales rounded to f16{offsets}")
+                }
+                kquant::Fidelity::Requantized => "requantized".to_string(),
+            };
             *counts
                 .entry(format!("{:?} → {to:?} ({how})", t.ty))
                 .or_default() += 1;
@@ -231,7 +246,7 @@ fn log_conversions(g: &Gguf) -> bool {
             what.join(", ")
         );
     }
-    requantized
+    inexact
 }
 
 impl Weights {
@@ -261,9 +276,9 @@ impl Weights {
         } else {
             None
         };
-        let requantized = log_conversions(g);
+        let inexact = log_conversions(g);
         Ok(Self {
-            requantized_from: g.path.clone().filter(|_| requantized),
+            inexact_from: g.path.clone().filter(|_| inexact),
             token_embd: matrix(g, "token_embd.weight", d, c.vocab)?,
             layers,
             output_norm: vector(g, "output_norm.weight", d)?,

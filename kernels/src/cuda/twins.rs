@@ -339,10 +339,10 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String]) -> Option<Vec<f16>> {
 
 impl TwinModel {
     /// Dequantizes a loaded model's weights to f16 (as the CUDA backend does at load).
-    /// Where matrices were requantized at load for the CPU kernels (`kquant`), every
+    /// Where converting a layout for the CPU kernels moved values (`kquant`), every
     /// matrix is read from the file instead: f16 holds its own values (to 2⁻¹¹).
     pub fn from_model(m: &crate::forward::Model) -> Self {
-        if let Some(path) = &m.weights.requantized_from {
+        if let Some(path) = &m.weights.inexact_from {
             let exact = crate::gguf::Gguf::open(path)
                 .ok()
                 .and_then(|g| Self::build(m, Some(&g)));
@@ -350,7 +350,7 @@ impl TwinModel {
                 return exact;
             }
             tracing::warn!(file = %path.display(),
-                "cannot read the model file again: the GPU path keeps the requantized matrices");
+                "cannot read the model file again: the GPU path keeps the CPU's converted matrices");
         }
         Self::build(m, None).unwrap_or_else(|| unreachable!("the CPU's matrices are always there"))
     }
