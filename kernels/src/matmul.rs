@@ -19,7 +19,14 @@ pub struct Matrix {
     packed: OnceLock<Option<Packed>>,
     /// Offsets added to the weights, where they come from a layout with offsets that the
     /// kernels' own do not hold (Q5_1, Q5_K, Q2_K: [`crate::kquant`]).
-    offsets: Option<Offsets>,
+    offsets: Option<HeldOffsets>,
+}
+
+/// [`Offsets`] as a matrix holds them: run by run (`by_run[j · rows + n]`, run `j` of row
+/// `n`), so that a product adds them in passes along the output rows.
+struct HeldOffsets {
+    run: usize,
+    by_run: Vec<f32>,
 }
 
 /// A constant added to every weight of each run of `run` in a row (`rows × cols / run`,
@@ -62,10 +69,28 @@ impl Matrix {
 
     /// The same matrix with `offsets` added to its weights.
     pub fn with_offsets(mut self, offsets: Offsets) -> Self {
-        assert!(QK.is_multiple_of(offsets.run) && offsets.run > 0);
-        assert_eq!(offsets.values.len(), self.rows * self.cols / offsets.run);
-        self.offsets = Some(offsets);
+        let run = offsets.run;
+        assert!(run > 0 && QK.is_multiple_of(run));
+        assert_eq!(offsets.values.len(), self.rows * self.cols / run);
+        let runs = self.cols / run;
+        let mut by_run = vec![0f32; offsets.values.len()];
+        for (n, row) in offsets.values.chunks_exact(runs).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                by_run[j * self.rows + n] = v;
+            }
+        }
+        self.offsets = Some(HeldOffsets { run, by_run });
         self
+    }
+
+    /// The offsets added to the weights, if any (row by row).
+    pub fn offsets(&self) -> Option<Offsets> {
+        let o = self.offsets.as_ref()?;
+        let runs = self.cols / o.run;
+        let values = (0..self.rows * runs)
+            .map(|i| o.by_run[(i % runs) * self.rows + i / runs])
+            .collect();
+        Some(Offsets { run: o.run, values })
     }
 
     /// The packed form, where the CPU runs the packed kernel and the type and shape allow.
@@ -106,8 +131,8 @@ impl Matrix {
             MatData::F32(d) => out.copy_from_slice(&d[r * self.cols..(r + 1) * self.cols]),
         }
         if let Some(off) = &self.offsets {
-            let runs = self.cols / off.run;
-            for (o, &v) in out.chunks_exact_mut(off.run).zip(&off.values[r * runs..]) {
+            for (j, o) in out[..self.cols].chunks_exact_mut(off.run).enumerate() {
+                let v = off.by_run[j * self.rows + r];
                 o.iter_mut().for_each(|o| *o += v);
             }
         }
@@ -143,7 +168,7 @@ impl Matrix {
             run,
             values: parts
                 .iter()
-                .flat_map(|m| match &m.offsets {
+                .flat_map(|m| match m.offsets() {
                     Some(o) => o.split(run),
                     None => vec![0.0; m.rows * cols / run],
                 })
@@ -344,30 +369,79 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
 }
 
 /// `out[b · rows + n] += Σ_j offsets[n][j] · (x[b]'s inputs of run j summed)`: the weights'
-/// offsets, in f32, split over weight rows (each output the same way whatever the batch).
-fn add_offsets(off: &Offsets, n_rows: usize, x: &Acts, out: &mut [f32]) {
+/// offsets, in f32, over spans of output rows split across the thread pool (each output
+/// the same way whatever the batch or the path: a multiply then an add, run after run).
+fn add_offsets(off: &HeldOffsets, n_rows: usize, x: &Acts, out: &mut [f32]) {
     let (b_rows, runs) = (x.rows, x.cols / off.run);
     let sums: Vec<f32> = x.f32[..b_rows * x.cols]
         .chunks_exact(off.run)
         .map(|c| c.iter().sum())
         .collect();
-    // By weight row, then added in place: `adds[n · b_rows + b]`.
-    let mut adds = vec![0f32; n_rows * b_rows];
-    let chunk = 64;
-    adds.par_chunks_mut(chunk * b_rows)
-        .zip(off.values.par_chunks(chunk * runs))
-        .for_each(|(a, o)| {
-            for (a, o) in a.chunks_exact_mut(b_rows).zip(o.chunks_exact(runs)) {
-                for (a, s) in a.iter_mut().zip(sums.chunks_exact(runs)) {
-                    *a = dot_f32(o, s);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let span = |n0: usize, n1: usize| {
+        for b in 0..b_rows {
+            // SAFETY: outputs (b, n0..n1) belong to this span's task only, and lie inside
+            // `out` (asserted by `matmul`).
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(b * n_rows + n0), n1 - n0) };
+            let by_run = &off.by_run[n0..];
+            offsets_into(o, by_run, n_rows, &sums[b * runs..(b + 1) * runs]);
+        }
+    };
+    // Small products in one task (a thread pool hand-off costs more than their work).
+    const SPAN: usize = 256;
+    if n_rows * runs * b_rows < 1 << 12 {
+        span(0, n_rows);
+    } else {
+        (0..n_rows.div_ceil(SPAN))
+            .into_par_iter()
+            .for_each(|c| span(c * SPAN, ((c + 1) * SPAN).min(n_rows)));
+    }
+}
+
+/// `o[i] += Σ_j by_run[j · stride + i] · sums[j]`, 16 outputs at a time in registers, on
+/// the widest vectors here.
+#[inline]
+fn offsets_into(o: &mut [f32], by_run: &[f32], stride: usize, sums: &[f32]) {
+    #[inline(always)]
+    fn plain(o: &mut [f32], by_run: &[f32], stride: usize, sums: &[f32]) {
+        const W: usize = 16;
+        let done = o.len() - o.len() % W;
+        for (t, o) in o[..done].chunks_exact_mut(W).enumerate() {
+            let mut acc: [f32; W] = from_fn(|i| o[i]);
+            for (j, &s) in sums.iter().enumerate() {
+                let w = &by_run[j * stride + W * t..j * stride + W * t + W];
+                for i in 0..W {
+                    acc[i] += w[i] * s;
                 }
             }
-        });
-    for (n, a) in adds.chunks_exact(b_rows).enumerate() {
-        for (b, &v) in a.iter().enumerate() {
-            out[b * n_rows + n] += v;
+            o.copy_from_slice(&acc);
+        }
+        for (i, o) in o[done..].iter_mut().enumerate() {
+            for (j, &s) in sums.iter().enumerate() {
+                *o += by_run[j * stride + done + i] * s;
+            }
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(o: &mut [f32], by_run: &[f32], stride: usize, sums: &[f32]) {
+            plain(o, by_run, stride, sums)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(o: &mut [f32], by_run: &[f32], stride: usize, sums: &[f32]) {
+            plain(o, by_run, stride, sums)
+        }
+        if quant::has_avx512() {
+            // SAFETY: the CPU has AVX-512F (detected).
+            return unsafe { avx512(o, by_run, stride, sums) };
+        }
+        if quant::has_avx2() {
+            // SAFETY: the CPU has AVX2 (detected).
+            return unsafe { avx2(o, by_run, stride, sums) };
+        }
+    }
+    plain(o, by_run, stride, sums)
 }
 
 /// The product of the weights as the kernels hold them (offsets aside).
@@ -728,7 +802,7 @@ mod tests {
         let Ok(stacked) = Matrix::stack(parts()) else {
             panic!("Q8_0 parts stack");
         };
-        assert_eq!(stacked.offsets.as_ref().map(|o| o.run), Some(16));
+        assert_eq!(stacked.offsets().map(|o| o.run), Some(16));
         for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
             let b = 3;
             let mut x = acts(b, cols, 9);
