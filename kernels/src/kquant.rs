@@ -42,9 +42,9 @@
 //! - Q5_K: `d, dmin, scales[12], qh[32], qs[128]`; as Q4_K, the fifth bit of element l of
 //!   sub-block i bit i of `qh[l]`
 //! - Q6_K: `ql[128], qh[64], scales[16]: i8, d`; element = d·sc·(q − 32), 6-bit q
-//! - IQ4_NL: `d, qs[16]`; element j = d·L[index], indices as Q4_0's nibbles, L ggml's 16
+//! - IQ4_NL: `d, qs[16]`; element j = d·L(index), indices as Q4_0's nibbles, L ggml's 16
 //!   levels −127..=113
-//! - IQ4_XS: `d, scales_h: u16, scales_l[4], qs[128]`; sub-block i: `d·(ls_i − 32)·L[index]`,
+//! - IQ4_XS: `d, scales_h: u16, scales_l[4], qs[128]`; sub-block i: `d·(ls_i − 32)·L(index)`,
 //!   `ls` 6-bit (low 4 in nibble i % 2 of `scales_l[i / 2]`, high 2 at bit 2i of
 //!   `scales_h`), its indices as IQ4_NL's in `qs[16i..16i + 16]`
 
