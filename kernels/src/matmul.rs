@@ -30,7 +30,9 @@ struct HeldOffsets {
 }
 
 /// A constant added to every weight of each run of `run` in a row (`rows × cols / run`,
-/// row by row). A product adds `Σ offset · (the run's inputs summed)` to the kernels'.
+/// row by row). A product adds `Σ offset · (the run's inputs summed)` to the kernels':
+/// in the packed kernels, as their mins, where the run is a block (Q5_1's, Q5_K's); in a
+/// pass of its own otherwise (Q2_K's runs of 16, weights not packed, f32 activations).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Offsets {
     /// Weights one offset covers: 16 or 32 (a divisor of [`QK`]).
@@ -98,11 +100,25 @@ impl Matrix {
         self.packed
             .get_or_init(|| match &self.data {
                 MatData::Quant(ty, d) if packed::available() => {
-                    Packed::new(*ty, self.rows, self.cols, d)
+                    let pk = Packed::new(*ty, self.rows, self.cols, d)?;
+                    // Offsets of a block each go in as the packed kernels' mins.
+                    Some(match self.offsets() {
+                        Some(o) if o.run == QK && *ty == GgmlType::Q8_0 => pk.with_mins(&o.values),
+                        _ => pk,
+                    })
                 }
                 _ => None,
             })
             .as_ref()
+    }
+
+    /// Whether a product at `prec` adds the offsets in the packed kernels (as their mins)
+    /// rather than in a pass of its own.
+    fn offsets_in_kernels(&self, prec: ActPrecision) -> bool {
+        prec != ActPrecision::F32
+            && matches!(self.data, MatData::Quant(GgmlType::Q8_0, _))
+            && self.offsets.as_ref().is_some_and(|o| o.run == QK)
+            && self.packed().is_some_and(Packed::has_mins)
     }
 
     /// Prepares what products at `prec` will use (the packed form, for 16- and 8-bit
@@ -363,7 +379,7 @@ pub fn matmul(w: &Matrix, x: &mut Acts, out: &mut [f32], prec: ActPrecision) {
     assert_eq!(x.cols, w.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= x.rows * w.rows, "matmul: output too small");
     weights_product(w, x, out, prec);
-    if let Some(off) = &w.offsets {
+    if let Some(off) = w.offsets.as_ref().filter(|_| !w.offsets_in_kernels(prec)) {
         add_offsets(off, w.rows, x, out);
     }
 }

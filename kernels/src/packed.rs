@@ -16,7 +16,8 @@
 //! - Q4_0 / Q4_1: byte `(g·nb + i)·256 + 16p + l` = `v[2p] | v[2p + 1] << 4` (raw nibbles)
 //! - Q8_0: bytes `(g·nb + i)·512 + 32p + 2l`, `+1` = `q[2p]`, `q[2p + 1]` (i8)
 //! - `scales[(g·nb + i)·16 + l]` = the block's `d`; `mins[...]` = `m` (Q4_1), `−8d` (Q4_0)
-//!   (none for Q8_0)
+//!   (for Q8_0 none, or the block's offset where the matrix has offsets of a block each:
+//!   [`Packed::with_mins`])
 //!
 //! Against activations quantized to 16-bit blocks (`q`, `d`, f32 block sums `xsum`, as
 //! [`crate::quant::quantize_row_i16`] makes them), output `l` of an activation row is
@@ -129,6 +130,28 @@ impl Packed {
             scales,
             mins,
         })
+    }
+
+    /// The same Q8_0 weights with a min per row and block added (`mins[n · nb + i]`, row
+    /// by row): the offsets a [`crate::matmul::Matrix`] holds for Q5_1 and Q5_K, which the
+    /// kernels then add as Q4_1's, `min · block sum`.
+    pub fn with_mins(mut self, mins: &[f32]) -> Self {
+        assert_eq!(self.ty, GgmlType::Q8_0);
+        assert_eq!(mins.len(), self.rows * self.nb);
+        let mut held = vec![0f32; self.rows * self.nb];
+        for (n, row) in mins.chunks_exact(self.nb).enumerate() {
+            let (g, l) = (n / LANES, n % LANES);
+            for (i, &m) in row.iter().enumerate() {
+                held[(g * self.nb + i) * LANES + l] = m;
+            }
+        }
+        self.mins = held;
+        self
+    }
+
+    /// Whether the weights have mins (Q4_0, Q4_1, and Q8_0 given them).
+    pub fn has_mins(&self) -> bool {
+        !self.mins.is_empty()
     }
 
     /// Weight `k` of row `n` as an integer (before scale and min).
@@ -450,7 +473,7 @@ mod vnni {
                     }
                 }
                 let dr = from_fn(|r| *d[r].get_unchecked(i));
-                let mins = (!Q8).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+                let mins = (!Q8 || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
                 add_block(pk, gi, &mut out, &acc, dr, mins);
             }
             hand_over(g, &out, put);
@@ -541,10 +564,19 @@ mod tests {
     fn every_kernel_here_matches_the_scalar_twin_bit_for_bit_and_the_f32_product_closely() {
         let kernels = Kernel::all_here();
         eprintln!("packed kernels on this CPU: {kernels:?}");
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        let cases = [
+            (GgmlType::Q4_0, false),
+            (GgmlType::Q4_1, false),
+            (GgmlType::Q8_0, false),
+            (GgmlType::Q8_0, true),
+        ];
+        for (ty, mins) in cases {
             let (rows, cols, b) = (32, 576, 7);
             let data = quantized(ty, &rand(rows * cols, 11));
-            let pk = Packed::new(ty, rows, cols, &data).expect("packs");
+            let mut pk = Packed::new(ty, rows, cols, &data).expect("packs");
+            if mins {
+                pk = pk.with_mins(&rand(rows * cols / QK, 13));
+            }
             let x = rand(b * cols, 29);
             let nb = cols / QK;
             let mut q = vec![0i16; b * cols];

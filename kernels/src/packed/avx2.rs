@@ -119,7 +119,7 @@ unsafe fn i16_rows<const R: usize, const Q8W: bool, const VNNI: bool>(
                     }
                 }
                 let dr = from_fn(|r| *d[r].get_unchecked(i));
-                let mins = (!Q8W).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+                let mins = (!Q8W || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
                 add_block(pk, gi, h, &mut out, &acc, dr, mins);
             }
             for r in 0..R {

@@ -43,7 +43,7 @@ pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
     each_block(pk, groups, put, |i, v| {
         let acc = block_i16::<R, Q8W>(v, |r, k| vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k)));
         let dr = from_fn(|r| *d[r].get_unchecked(i));
-        let mins = (!Q8W).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+        let mins = (!Q8W || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
         (acc, dr, mins)
     })
 }
