@@ -490,48 +490,60 @@ fn quantize_q5(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
     out.extend((0..16).map(|j| ((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4)) as u8));
 }
 
-/// Q4_K and Q5_K: per sub-block a scale and a min (≤ 0), both in 6 bits of the block's
-/// `d` and `dmin`.
-fn quantize_k(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
-    let top = if ty == GgmlType::Q4_K { 15.0 } else { 31.0 };
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    for (j, s) in c.chunks_exact(QK).enumerate() {
+/// A K-quant super-block's sub-blocks of `run` with a scale and a min (Q2_K, Q4_K, Q5_K):
+/// `d` and `dmin`, each sub-block's scale and min as integers 0..=`most` of them (rounded
+/// up, so that they cover its values), and its elements' integers 0..=`top` (in order).
+fn scales_and_mins(
+    c: &[f32],
+    run: usize,
+    top: i32,
+    most: i32,
+) -> (f16, f16, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let topf = top as f32;
+    let (mut scales, mut mins) = (Vec::new(), Vec::new());
+    for s in c.chunks_exact(run) {
         let mn = s.iter().fold(0f32, |a, &v| a.min(v));
         let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
-        scales[j] = (mx - mn) / top;
-        mins[j] = -mn;
+        scales.push((mx - mn) / topf);
+        mins.push(-mn);
     }
-    let dmin = f16::from_f32(mins.iter().fold(0f32, |a, &v| a.max(v)) / 63.0);
+    let dmin = f16::from_f32(mins.iter().fold(0f32, |a, &v| a.max(v)) / most as f32);
     // The largest scale once the mins are rounded up (by at most one `dmin`).
-    let widest = scales.iter().fold(0f32, |a, &v| a.max(v)) + dmin.to_f32() / top;
-    let d = f16::from_f32(widest / 63.0);
-    // Rounded up, so that each sub-block's scale and min cover its values.
-    let six = |v: f32, unit: f16| {
+    let widest = scales.iter().fold(0f32, |a, &v| a.max(v)) + dmin.to_f32() / topf;
+    let d = f16::from_f32(widest / most as f32);
+    let units = |v: f32, unit: f16| {
         let u = unit.to_f32();
         if u > 0.0 {
-            ((v / u).ceil() as i32).clamp(0, 63) as u8
+            ((v / u).ceil() as i32).clamp(0, most) as u8
         } else {
             0
         }
     };
-    let lm = mins.map(|m| six(m, dmin));
+    let lm: Vec<u8> = mins.iter().map(|&m| units(m, dmin)).collect();
     // Each sub-block's scale from the range its rounded min leaves.
-    let mut ls = [0u8; 8];
-    for (j, s) in c.chunks_exact(QK).enumerate() {
+    let mut ls = Vec::with_capacity(lm.len());
+    let mut q = Vec::with_capacity(c.len());
+    for (s, &lm) in c.chunks_exact(run).zip(&lm) {
         let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
-        ls[j] = six((mx + dmin.to_f32() * lm[j] as f32) / top, d);
-    }
-    let packed = pack_scale_mins(&ls, &lm);
-    let mut q = [0u8; QK_K];
-    for (j, s) in c.chunks_exact(QK).enumerate() {
-        let d1 = d.to_f32() * ls[j] as f32;
-        let m1 = dmin.to_f32() * lm[j] as f32;
+        let m1 = dmin.to_f32() * lm as f32;
+        let l = units((mx + m1) / topf, d);
+        ls.push(l);
+        let d1 = d.to_f32() * l as f32;
         let id = if d1 > 0.0 { 1.0 / d1 } else { 0.0 };
-        for (l, &v) in s.iter().enumerate() {
-            q[QK * j + l] = (((v + m1) * id).round() as i32).clamp(0, top as i32) as u8;
-        }
+        q.extend(
+            s.iter()
+                .map(|&v| (((v + m1) * id).round() as i32).clamp(0, top) as u8),
+        );
     }
+    (d, dmin, ls, lm, q)
+}
+
+/// Q4_K and Q5_K: per sub-block a scale and a min (≤ 0), both in 6 bits of the block's
+/// `d` and `dmin`.
+fn quantize_k(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
+    let top = if ty == GgmlType::Q4_K { 15 } else { 31 };
+    let (d, dmin, ls, lm, q) = scales_and_mins(c, QK, top, 63);
+    let packed = pack_scale_mins(&ls, &lm);
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&packed);
@@ -552,7 +564,7 @@ fn quantize_k(ty: GgmlType, c: &[f32], out: &mut Vec<u8>) {
 
 /// The 12 scale bytes of a Q4_K/Q5_K block from its sub-blocks' 6-bit scales and mins
 /// (what [`scale_min`] reads).
-fn pack_scale_mins(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
+fn pack_scale_mins(ls: &[u8], lm: &[u8]) -> [u8; 12] {
     let mut packed = [0u8; 12];
     for j in 0..8 {
         if j < 4 {
@@ -612,38 +624,7 @@ fn quantize_q6_k(c: &[f32], out: &mut Vec<u8>) {
 /// Q2_K: per 16 elements a 4-bit scale of `d` and a 4-bit min of `dmin` (as Q4_K's, in
 /// 4 bits, and 2-bit integers).
 fn quantize_q2_k(c: &[f32], out: &mut Vec<u8>) {
-    let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
-    for (j, s) in c.chunks_exact(16).enumerate() {
-        let mn = s.iter().fold(0f32, |a, &v| a.min(v));
-        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
-        scales[j] = (mx - mn) / 3.0;
-        mins[j] = -mn;
-    }
-    let dmin = f16::from_f32(mins.iter().fold(0f32, |a, &v| a.max(v)) / 15.0);
-    let widest = scales.iter().fold(0f32, |a, &v| a.max(v)) + dmin.to_f32() / 3.0;
-    let d = f16::from_f32(widest / 15.0);
-    // Rounded up, so that each 16's scale and min cover its values.
-    let four = |v: f32, unit: f16| {
-        let u = unit.to_f32();
-        if u > 0.0 {
-            ((v / u).ceil() as i32).clamp(0, 15) as u8
-        } else {
-            0
-        }
-    };
-    let lm = mins.map(|m| four(m, dmin));
-    let mut ls = [0u8; 16];
-    let mut q = [0u8; QK_K];
-    for (j, s) in c.chunks_exact(16).enumerate() {
-        let mx = s.iter().fold(f32::MIN, |a, &v| a.max(v));
-        let m1 = dmin.to_f32() * lm[j] as f32;
-        ls[j] = four((mx + m1) / 3.0, d);
-        let d1 = d.to_f32() * ls[j] as f32;
-        let id = if d1 > 0.0 { 1.0 / d1 } else { 0.0 };
-        for (l, &v) in s.iter().enumerate() {
-            q[16 * j + l] = (((v + m1) * id).round() as i32).clamp(0, 3) as u8;
-        }
-    }
+    let (d, dmin, ls, lm, q) = scales_and_mins(c, 16, 3, 15);
     out.extend((0..16).map(|j| ls[j] | (lm[j] << 4)));
     out.extend((0..64).map(|i| {
         let (half, l) = (i / 32, i % 32);
@@ -655,14 +636,16 @@ fn quantize_q2_k(c: &[f32], out: &mut Vec<u8>) {
     out.extend_from_slice(&dmin.to_le_bytes());
 }
 
+/// The value of largest magnitude, with its sign (the first of equals; 0 for none).
+fn signed_max(s: &[f32]) -> f32 {
+    s.iter()
+        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a })
+}
+
 /// Q3_K: per 16 elements a 6-bit signed scale of `d`, 3-bit integers −4..4. As ggml's, the
 /// 16 of largest magnitude gets scale −32 and its value of largest magnitude −4, so the
 /// products `sc·q` reach 128 (what the conversion to Q8_0 must hold).
 fn quantize_q3_k(c: &[f32], out: &mut Vec<u8>) {
-    let signed_max = |s: &[f32]| {
-        s.iter()
-            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a })
-    };
     let scales: Vec<f32> = c.chunks_exact(16).map(|s| signed_max(s) / -4.0).collect();
     let d = f16::from_f32(signed_max(&scales) / -32.0);
     // Rounded away from zero, so that each 16's scale covers its values.
@@ -719,10 +702,7 @@ fn nearest_iq4(v: f32) -> u8 {
 
 /// One IQ4_NL block: `d` the value of largest magnitude over −127 (as ggml's).
 fn quantize_iq4_nl(c: &[f32], out: &mut Vec<u8>) {
-    let max = c
-        .iter()
-        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-    let d = f16::from_f32(max / -127.0);
+    let d = f16::from_f32(signed_max(c) / -127.0);
     out.extend_from_slice(&d.to_le_bytes());
     iq4_indices(c, d.to_f32(), out);
 }
@@ -736,10 +716,6 @@ fn iq4_indices(c: &[f32], step: f32, out: &mut Vec<u8>) {
 
 /// IQ4_XS: per 32 elements a 6-bit signed scale `ls − 32` of the block's `d`.
 fn quantize_iq4_xs(c: &[f32], out: &mut Vec<u8>) {
-    let signed_max = |s: &[f32]| {
-        s.iter()
-            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a })
-    };
     let scales: Vec<f32> = c.chunks_exact(QK).map(|s| signed_max(s) / -127.0).collect();
     let d = f16::from_f32(signed_max(&scales) / -32.0);
     let ls: Vec<u16> = scales
