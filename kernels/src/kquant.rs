@@ -20,11 +20,14 @@
 //!   ggml's quantizer makes in most super-blocks) is stored negated, under `−d`, as −128.
 //! - IQ4_NL → Q8_0 of `d` and the 16 levels (−127..=113): exact. IQ4_XS likewise per
 //!   sub-block, of scale `d·(ls − 32)` (rounded to f16).
-//! - Q6_K → Q8_0, requantized: a scale per 16 weights and `sc·q` up to 4,096 fit no kernel
-//!   layout; the added error is at most half a Q8_0 step (the block's largest |value| /
-//!   254), about a quarter of the file's own step (its 16 values' largest / 31). The cost,
-//!   measured against the numpy reference on the file's own values, is in BENCHMARKS.md
-//!   ("GGUF layouts").
+//! - Q6_K → packed 8-bit weights with a scale per 16 ([`exact_packed`]: `q − 32` and
+//!   `d·sc`, exact in f32) where the CPU runs the packed kernels, which take a scale per 16
+//!   for 8-bit weights: exact. Beside them (for f32 activations, and everywhere on a CPU
+//!   without packed kernels) Q8_0, requantized: `sc·q` up to 4,096 fits no 8-bit block;
+//!   the added error is at most half a Q8_0 step (the block's largest |value| / 254), about
+//!   a quarter of the file's own step (its 16 values' largest / 31). The cost, measured
+//!   against the numpy reference on the file's own values, is in BENCHMARKS.md ("GGUF
+//!   layouts").
 //!
 //! Layouts (`d`, `dmin`, `m` f16; 32-element blocks for Q5_x and IQ4_NL, 256-element
 //! super-blocks of 8 sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS) or 16 of 16 (Q2_K, Q3_K,
@@ -50,6 +53,7 @@
 
 use crate::gguf::GgmlType;
 use crate::matmul::Offsets;
+use crate::packed::Packed;
 use crate::quant::QK;
 use half::f16;
 use rayon::prelude::*;
@@ -271,6 +275,47 @@ pub fn kernel_layout(ty: GgmlType) -> (GgmlType, Fidelity) {
         GgmlType::Q6_K => (GgmlType::Q8_0, Fidelity::Requantized),
         _ => (GgmlType::Q8_0, Fidelity::Exact),
     }
+}
+
+/// How close a `rows`-row matrix of `ty` stays to the file's values on this CPU (for the
+/// 16- and 8-bit activation products and its rows): as its kernel layout keeps them
+/// ([`kernel_layout`]), or exactly where it is packed with its own values
+/// ([`packs_exactly`]).
+pub fn fidelity(ty: GgmlType, rows: usize) -> Fidelity {
+    match packs_exactly(ty, rows) {
+        true => Fidelity::Exact,
+        false => kernel_layout(ty).1,
+    }
+}
+
+/// Whether a `rows`-row matrix of `ty` keeps its exact values in the packed kernels'
+/// layout ([`exact_packed`]) on this CPU: Q6_K, where the packed kernels run and rows come
+/// in groups of 16.
+pub fn packs_exactly(ty: GgmlType, rows: usize) -> bool {
+    ty == GgmlType::Q6_K && crate::packed::available() && rows.is_multiple_of(crate::packed::LANES)
+}
+
+/// A `rows × cols` Q6_K matrix (`src`, the file's blocks) in the packed kernels' layout
+/// with its own values: 8-bit `q − 32` and a scale `d·sc` per 16 (the product of an f16
+/// and an i8, exact in f32). `None` where [`packs_exactly`] says no.
+pub fn exact_packed(ty: GgmlType, rows: usize, cols: usize, src: &[u8]) -> Option<Packed> {
+    if !packs_exactly(ty, rows) || src.len() != rows * cols / QK_K * ty.block_bytes() {
+        return None;
+    }
+    let mut values = vec![0i8; rows * cols];
+    let mut scales = vec![0f32; rows * cols / 16];
+    values
+        .par_chunks_mut(QK_K)
+        .zip(scales.par_chunks_mut(QK_K / 16))
+        .zip(src.par_chunks(ty.block_bytes()))
+        .for_each(|((v, sc), b)| {
+            v.copy_from_slice(&q6_values(b));
+            let d = h(b, 208);
+            for (j, sc) in sc.iter_mut().enumerate() {
+                *sc = d * b[192 + j] as i8 as f32;
+            }
+        });
+    Packed::from_i8_runs16(rows, cols, &values, &scales)
 }
 
 /// The weights a converted offset covers, for the layouts whose conversion keeps their
@@ -905,6 +950,31 @@ mod tests {
                     assert!((a - b).abs() <= tol, "{ty:?} block {k}: {a} became {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn q6_k_packs_with_its_own_values_where_the_packed_kernels_run() {
+        let (rows, cols) = (32, 2 * QK_K);
+        let x = row(rows * cols, 61);
+        let mut b = Vec::new();
+        quantize_row(GgmlType::Q6_K, &x, &mut b);
+        let want = dequant(GgmlType::Q6_K, &b, x.len());
+        let pk = exact_packed(GgmlType::Q6_K, rows, cols, &b);
+        assert_eq!(pk.is_some(), crate::packed::available());
+        // Other layouts, and rows not in groups of 16, keep their conversion.
+        assert!(exact_packed(GgmlType::Q4_K, rows, cols, &b).is_none());
+        assert!(exact_packed(GgmlType::Q6_K, 24, cols, &b[..b.len() / 4 * 3]).is_none());
+        let Some(pk) = pk else {
+            eprintln!("no packed kernels here: Q6_K stays requantized");
+            return;
+        };
+        let c = to_kernel_layout(GgmlType::Q6_K, &b);
+        let m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data)).with_exact_packed(pk);
+        let mut got = vec![0f32; cols];
+        for n in 0..rows {
+            m.row_f32(n, &mut got);
+            assert_eq!(got[..], want[n * cols..(n + 1) * cols], "row {n}");
         }
     }
 

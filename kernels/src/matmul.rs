@@ -20,6 +20,9 @@ pub struct Matrix {
     /// Offsets added to the weights, where they come from a layout with offsets that the
     /// kernels' own do not hold (Q5_1, Q5_K, Q2_K: [`crate::kquant`]).
     offsets: Option<HeldOffsets>,
+    /// Whether the packed form holds the weights' own values and `data` an approximation
+    /// ([`Matrix::with_exact_packed`]).
+    packed_exact: bool,
 }
 
 /// [`Offsets`] as a matrix holds them: run by run (`by_run[j · rows + n]`, run `j` of row
@@ -66,7 +69,20 @@ impl Matrix {
             data,
             packed: OnceLock::new(),
             offsets: None,
+            packed_exact: false,
         }
+    }
+
+    /// The same matrix whose values are `pk`'s: weights with a scale per 16 (Q6_K's,
+    /// [`Packed::from_i8_runs16`]), which only the packed layout holds. `data` keeps them
+    /// requantized to Q8_0 for the products that do not read the packed form (f32
+    /// activations); rows ([`Matrix::row_f32`]) and the 16- and 8-bit products read `pk`.
+    pub fn with_exact_packed(mut self, pk: Packed) -> Self {
+        assert_eq!((pk.rows, pk.cols), (self.rows, self.cols));
+        assert!(matches!(self.data, MatData::Quant(GgmlType::Q8_0, _)));
+        self.packed = OnceLock::from(Some(pk));
+        self.packed_exact = true;
+        self
     }
 
     /// The same matrix with `offsets` added to its weights.
@@ -140,6 +156,10 @@ impl Matrix {
     /// Dequantizes row `r` into `out`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         match &self.data {
+            _ if self.packed_exact => match self.packed.get() {
+                Some(Some(pk)) => pk.row_f32(r, out),
+                _ => unreachable!("set with the flag"),
+            },
             MatData::Quant(ty, d) => {
                 let rb = self.row_bytes();
                 quant::dequantize_row(*ty, &d[r * rb..(r + 1) * rb], out)
@@ -156,7 +176,9 @@ impl Matrix {
 
     /// Stacks matrices with the same input width and storage type into one (rows of the
     /// first, then the second, ...), so that one product computes all of them. Gives the
-    /// parts back when they cannot be stacked.
+    /// parts back when they cannot be stacked. Where a part's packed form holds its values
+    /// ([`Matrix::with_exact_packed`]), so does the stack's: the others' (Q8_0, in groups
+    /// of 16 rows) packed beside it with their block scales taken for each 16.
     pub fn stack(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
         let Some(first) = parts.first() else {
             return Err(parts);
@@ -170,7 +192,13 @@ impl Matrix {
                     _ => false,
                 }
         });
-        if !same {
+        let exact = parts.iter().any(|m| m.packed_exact);
+        let packable = |m: &Matrix| {
+            m.packed_exact
+                || matches!(m.data, MatData::Quant(GgmlType::Q8_0, _))
+                    && m.rows.is_multiple_of(LANES)
+        };
+        if !same || exact && !parts.iter().all(packable) {
             return Err(parts);
         }
         let rows = parts.iter().map(|m| m.rows).sum();
@@ -190,16 +218,31 @@ impl Matrix {
                 })
                 .collect(),
         });
-        let mut iter = parts.into_iter();
-        let mut data = iter.next().map(|m| m.data).ok_or_else(Vec::new)?;
-        for m in iter {
+        let mut packs = Vec::new();
+        let mut data: Option<MatData> = None;
+        for m in parts {
+            if exact {
+                packs.push(match (m.packed.into_inner().flatten(), &m.data) {
+                    (Some(pk), _) if m.packed_exact => pk,
+                    (_, MatData::Quant(ty, d)) => Packed::new(*ty, m.rows, m.cols, d)
+                        .expect("checked above")
+                        .with_runs16(),
+                    _ => unreachable!("checked above"),
+                });
+            }
             match (&mut data, m.data) {
-                (MatData::Quant(_, v), MatData::Quant(_, d)) => v.extend_from_slice(&d),
-                (MatData::F32(v), MatData::F32(d)) => v.extend_from_slice(&d),
+                (None, d) => data = Some(d),
+                (Some(MatData::Quant(_, v)), MatData::Quant(_, d)) => v.extend_from_slice(&d),
+                (Some(MatData::F32(v)), MatData::F32(d)) => v.extend_from_slice(&d),
                 _ => unreachable!("checked above"),
             }
         }
-        let m = Matrix::new(rows, cols, data);
+        let data = data.unwrap_or_else(|| unreachable!("there is a first part"));
+        let mut m = Matrix::new(rows, cols, data);
+        if exact {
+            let pk = Packed::concat(&packs).expect("same type, width and runs");
+            m = m.with_exact_packed(pk);
+        }
         Ok(match offsets {
             Some(o) => m.with_offsets(o),
             None => m,
@@ -803,22 +846,116 @@ mod tests {
         }
     }
 
+    /// Weights with a scale per 16 (Q6_K's), which only the packed form holds, beside
+    /// them requantized to Q8_0 ([`Matrix::with_exact_packed`]).
+    fn exact16(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let values: Vec<i8> = rand(rows * cols, seed)
+            .iter()
+            .map(|v| (v * 32.0).floor().clamp(-32.0, 31.0) as i8)
+            .collect();
+        let scales: Vec<f32> = rand(rows * cols / 16, seed + 1)
+            .iter()
+            .map(|v| f32::from(half::f16::from_f32(v * 0.05)))
+            .collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| values[i] as f32 * scales[i / 16])
+            .collect();
+        let mut data = Vec::new();
+        quant::quantize_row_q8_0(&w, &mut data);
+        let pk = Packed::from_i8_runs16(rows, cols, &values, &scales).expect("packs");
+        Matrix::new(rows, cols, MatData::Quant(GgmlType::Q8_0, data)).with_exact_packed(pk)
+    }
+
+    /// A scale per 16: the 16- and 8-bit products are as close to the weights' own
+    /// product as any packed kernel's, with or without offsets, and independent of the
+    /// batch; f32 activations meet the requantized Q8_0 (within its half step).
+    #[test]
+    fn weights_with_a_scale_per_16_give_their_own_product() {
+        let cols = 96;
+        for run in [None, Some(16), Some(32)] {
+            for rows in [48, 640] {
+                let w = offset(exact16(rows, cols, 5), run, 6);
+                let mut row = vec![0f32; cols];
+                for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
+                    let tol = match prec {
+                        // 8-bit weights meet 16-bit activations at either.
+                        ActPrecision::Q8 | ActPrecision::I16 => 4e-5,
+                        // Half a Q8_0 step of a block's largest, against Σ|w·x|.
+                        ActPrecision::F32 => 2e-2,
+                    };
+                    for b in [1usize, 13] {
+                        let mut x = acts(b, cols, 9);
+                        let mut out = vec![0f32; b * rows];
+                        matmul(&w, &mut x, &mut out, prec);
+                        let mut want = vec![0f32; b * rows];
+                        matmul_reference(&w, &x, &mut want);
+                        let mut worst = 0f32;
+                        for n in 0..rows {
+                            w.row_f32(n, &mut row);
+                            for r in 0..b {
+                                let size: f32 =
+                                    row.iter().zip(x.row(r)).map(|(p, q)| (p * q).abs()).sum();
+                                let (got, exp) = (out[r * rows + n], want[r * rows + n]);
+                                worst = worst.max((got - exp).abs() / size);
+                                assert!(
+                                    (got - exp).abs() <= tol * size + 1e-6,
+                                    "{run:?} {rows} {prec:?} b={b} ({r},{n}): {got} vs {exp}"
+                                );
+                            }
+                        }
+                        if prec == ActPrecision::F32 {
+                            // The requantized copy is not the weights: the kernels' path is.
+                            assert!(worst > 1e-5, "f32 activations read the Q8_0 copy");
+                        }
+                        let mut one = acts(1, cols, 0);
+                        one.f32.copy_from_slice(x.row(b - 1));
+                        let mut o1 = vec![0f32; rows];
+                        matmul(&w, &mut one, &mut o1, prec);
+                        assert_eq!(o1[..], out[(b - 1) * rows..], "{prec:?}: alone as in {b}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Stacked matrices (QKV, gate|up) give each part's product, offsets and all: a part
-    /// with offsets of 32, one of 16 and one without.
+    /// with offsets of 32, one of 16 and one without (and, where the CPU runs the packed
+    /// kernels, one with a scale per 16, which the others stack beside).
     #[test]
     fn stacked_parts_with_offsets_give_each_parts_product() {
         let cols = 64;
         let parts = || {
-            vec![
+            let mut parts = vec![
                 offset(matrix(GgmlType::Q8_0, 32, cols, 1), Some(32), 2),
                 offset(matrix(GgmlType::Q8_0, 16, cols, 3), Some(16), 4),
                 matrix(GgmlType::Q8_0, 48, cols, 5),
-            ]
+            ];
+            if packed::available() {
+                parts.push(exact16(32, cols, 7));
+            }
+            parts
         };
         let Ok(stacked) = Matrix::stack(parts()) else {
             panic!("Q8_0 parts stack");
         };
         assert_eq!(stacked.offsets().map(|o| o.run), Some(16));
+        assert_eq!(stacked.packed_exact, packed::available());
+        if stacked.packed_exact {
+            // Each part's rows as they were.
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            let mut at = 0;
+            for p in parts() {
+                for n in 0..p.rows {
+                    p.row_f32(n, &mut a);
+                    stacked.row_f32(at + n, &mut b);
+                    assert_eq!(a, b, "row {n} of a part of {}", p.rows);
+                }
+                at += p.rows;
+            }
+            // A part not in groups of 16 rows does not stack beside one.
+            let odd = vec![matrix(GgmlType::Q8_0, 40, cols, 1), exact16(16, cols, 2)];
+            assert!(Matrix::stack(odd).is_err());
+        }
         for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
             let b = 3;
             let mut x = acts(b, cols, 9);

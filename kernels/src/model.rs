@@ -187,7 +187,11 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
         // offsets beside it where the layout has them.
         ty if ty.quantized() => {
             let c = kquant::to_kernel_layout(ty, bytes);
-            let m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data));
+            let mut m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data));
+            // Q6_K's own values, where the packed kernels hold them (a scale per 16).
+            if let Some(pk) = kquant::exact_packed(ty, rows, cols, bytes) {
+                m = m.with_exact_packed(pk);
+            }
             return Ok(match c.offsets {
                 Some(o) => m.with_offsets(o),
                 None => m,
@@ -223,7 +227,9 @@ fn log_conversions(g: &Gguf) -> bool {
     for t in &g.tensors {
         if t.dims.len() == 2 && t.ty.quantized() && !t.ty.kernel_native() {
             let (to, fidelity) = kquant::kernel_layout(t.ty);
-            inexact |= fidelity != kquant::Fidelity::Exact;
+            // dims = [cols, rows]
+            let packs = kquant::packs_exactly(t.ty, t.dims[1]);
+            inexact |= kquant::fidelity(t.ty, t.dims[1]) != kquant::Fidelity::Exact;
             let offsets = kquant::offset_run(t.ty)
                 .map(|run| format!(", an offset per {run}"))
                 .unwrap_or_default();
@@ -231,6 +237,10 @@ fn log_conversions(g: &Gguf) -> bool {
                 kquant::Fidelity::Exact => format!("same values{offsets}"),
                 kquant::Fidelity::ScalesToF16 => {
                     format!("same values, scales rounded to f16{offsets}")
+                }
+                kquant::Fidelity::Requantized if packs => {
+                    "same values, packed with a scale per 16; requantized for f32 activations"
+                        .to_string()
                 }
                 kquant::Fidelity::Requantized => "requantized".to_string(),
             };

@@ -18,11 +18,14 @@
 //! - `scales[(g·nb + i)·16 + l]` = the block's `d`; `mins[...]` = `m` (Q4_1), `−8d` (Q4_0)
 //!   (for Q8_0 none, or the block's offset where the matrix has offsets of a block each:
 //!   [`Packed::with_mins`])
+//! - Q8_0 with a scale per 16 ([`Packed::from_i8_runs16`], Q6_K's layout: `d·sc` for each
+//!   16 values): `scales[((g·nb + i)·2 + h)·16 + l]` for half `h` (pairs `8h .. 8h + 8`)
 //!
 //! Against activations quantized to 16-bit blocks (`q`, `d`, f32 block sums `xsum`, as
 //! [`crate::quant::quantize_row_i16`] makes them), output `l` of an activation row is
 //! `Σ_i fma(float(Σ_k v_k q_k) · d_i, scale_il, ·)` then `fma(min_il, xsum_i, ·)`, block by
-//! block in that order, on the CPU kernel and its scalar twin alike (bit for bit). The
+//! block in that order, on the CPU kernel and its scalar twin alike (bit for bit); with a
+//! scale per 16, one such `fma` per half (its 16 products' sum), in order, then the min. The
 //! `q8` submodule runs 8-bit activations against the same packed 4-bit weights.
 
 use crate::gguf::GgmlType;
@@ -44,6 +47,8 @@ pub struct Packed {
     pub rows: usize,
     pub cols: usize,
     nb: usize,
+    /// Scales per block and row: 1, or 2 (a scale per 16 values, 8-bit weights only).
+    runs: usize,
     vals: Vec<u8>,
     scales: Vec<f32>,
     mins: Vec<f32>,
@@ -126,6 +131,104 @@ impl Packed {
             rows,
             cols,
             nb,
+            runs: 1,
+            vals,
+            scales,
+            mins,
+        })
+    }
+
+    /// `rows × cols` 8-bit weights with a scale per 16 of a row (Q6_K's layout): `values`
+    /// row by row, and `scales[n · cols / 16 + j]` for values `16j .. 16j + 16` of row `n`.
+    /// `None` for a shape the layout does not take (as [`Packed::new`]).
+    pub fn from_i8_runs16(rows: usize, cols: usize, values: &[i8], scales: &[f32]) -> Option<Self> {
+        const RUN: usize = QK / 2;
+        if !rows.is_multiple_of(LANES)
+            || !cols.is_multiple_of(QK)
+            || values.len() != rows * cols
+            || scales.len() != rows * cols / RUN
+        {
+            return None;
+        }
+        let (nb, vb, groups) = (cols / QK, Self::vb(GgmlType::Q8_0), rows / LANES);
+        let mut vals = vec![0u8; groups * nb * vb];
+        let mut held = vec![0f32; groups * nb * 2 * LANES];
+        for n in 0..rows {
+            let (g, l) = (n / LANES, n % LANES);
+            for i in 0..nb {
+                let gi = g * nb + i;
+                let v = &mut vals[gi * vb..(gi + 1) * vb];
+                let src = &values[n * cols + i * QK..n * cols + (i + 1) * QK];
+                for p in 0..QK / 2 {
+                    v[32 * p + 2 * l] = src[2 * p] as u8;
+                    v[32 * p + 2 * l + 1] = src[2 * p + 1] as u8;
+                }
+                for h in 0..2 {
+                    held[(gi * 2 + h) * LANES + l] = scales[n * cols / RUN + 2 * i + h];
+                }
+            }
+        }
+        Some(Self {
+            ty: GgmlType::Q8_0,
+            rows,
+            cols,
+            nb,
+            runs: 2,
+            vals,
+            scales: held,
+            mins: Vec::new(),
+        })
+    }
+
+    /// The same 8-bit weights with a scale per 16 (each block's, twice), so that they
+    /// stack with weights that have one ([`Packed::concat`]).
+    pub fn with_runs16(mut self) -> Self {
+        assert_eq!(self.ty, GgmlType::Q8_0);
+        if self.runs == 1 {
+            self.scales = self
+                .scales
+                .chunks_exact(LANES)
+                .flat_map(|c| c.iter().chain(c).copied())
+                .collect();
+            self.runs = 2;
+        }
+        self
+    }
+
+    /// Scales per block and row (2: a scale per 16 values).
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    /// The rows of `parts` one after the other, as one matrix: they have the same type,
+    /// width and scales per block; mins where any part has them (zero for the others).
+    pub fn concat(parts: &[Packed]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.ty != first.ty || p.cols != first.cols || p.runs != first.runs)
+        {
+            return None;
+        }
+        let mins = parts.iter().any(Packed::has_mins);
+        let vals = parts.iter().flat_map(|p| &p.vals).copied().collect();
+        let scales = parts.iter().flat_map(|p| &p.scales).copied().collect();
+        let mins = match mins {
+            true => parts
+                .iter()
+                .flat_map(|p| match p.has_mins() {
+                    true => p.mins.clone(),
+                    false => vec![0.0; p.rows * p.nb],
+                })
+                .collect(),
+            false => Vec::new(),
+        };
+        Some(Self {
+            ty: first.ty,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            nb: first.nb,
+            runs: first.runs,
             vals,
             scales,
             mins,
@@ -168,13 +271,18 @@ impl Packed {
         }
     }
 
+    /// Row `n`'s scale for block `gi` (of all groups'), half `h` (0 where a block has one).
+    fn scale(&self, gi: usize, h: usize, l: usize) -> f32 {
+        self.scales[(gi * self.runs + h.min(self.runs - 1)) * LANES + l]
+    }
+
     /// Dequantizes row `n` into `out`.
     pub fn row_f32(&self, n: usize, out: &mut [f32]) {
         let (g, l) = (n / LANES, n % LANES);
         for (k, o) in out[..self.cols].iter_mut().enumerate() {
             let gi = g * self.nb + k / QK;
             let m = self.mins.get(gi * LANES + l).copied().unwrap_or(0.0);
-            *o = self.scales[gi * LANES + l] * self.int(n, k) as f32 + m;
+            *o = self.scale(gi, k % QK / (QK / 2), l) * self.int(n, k) as f32 + m;
         }
     }
 
@@ -192,11 +300,14 @@ impl Packed {
             for r in 0..R {
                 for l in 0..LANES {
                     let n = g * LANES + l;
-                    let s: i32 = (0..QK)
-                        .map(|j| self.int(n, i * QK + j) * q[r][i * QK + j] as i32)
-                        .sum();
-                    let sc = self.scales[gi * LANES + l];
-                    let mut o = (s as f32 * d[r][i]).mul_add(sc, out[r][l]);
+                    let run = QK / self.runs;
+                    let mut o = out[r][l];
+                    for h in 0..self.runs {
+                        let s: i32 = (h * run..(h + 1) * run)
+                            .map(|j| self.int(n, i * QK + j) * q[r][i * QK + j] as i32)
+                            .sum();
+                        o = (s as f32 * d[r][i]).mul_add(self.scale(gi, h, l), o);
+                    }
                     if let Some(&m) = self.mins.get(gi * LANES + l) {
                         o = m.mul_add(xsum[r][i], o);
                     }
@@ -270,9 +381,10 @@ impl Packed {
             // SAFETY: the kernel's instructions exist here (asserted); reads stay within
             // the packed arrays (the groups exist) and `q`, `d`, `xsum` (asserted).
             unsafe {
-                match self.ty == GgmlType::Q8_0 {
-                    true => on_kernel::<R, true>(k, self, groups, q, d, xsum, put),
-                    false => on_kernel::<R, false>(k, self, groups, q, d, xsum, put),
+                match (self.ty == GgmlType::Q8_0, self.runs) {
+                    (true, 2) => on_kernel::<R, true, 2>(k, self, groups, q, d, xsum, put),
+                    (true, _) => on_kernel::<R, true, 1>(k, self, groups, q, d, xsum, put),
+                    (false, _) => on_kernel::<R, false, 1>(k, self, groups, q, d, xsum, put),
                 }
             }
             return;
@@ -283,13 +395,15 @@ impl Packed {
     }
 }
 
-/// [`Packed::dot_rows_groups`] on kernel `k`; `Q8W`: 8-bit weights.
+/// [`Packed::dot_rows_groups`] on kernel `k`; `Q8W`: 8-bit weights; `RUNS`: scales per
+/// block ([`Packed::runs`]).
 ///
 /// # Safety
-/// `k` runs on this CPU, and the arguments are as `dot_rows_groups` asserts them.
+/// `k` runs on this CPU, and the arguments are as `dot_rows_groups` asserts them, `RUNS`
+/// as the weights'.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline]
-unsafe fn on_kernel<const R: usize, const Q8W: bool>(
+unsafe fn on_kernel<const R: usize, const Q8W: bool, const RUNS: usize>(
     k: Kernel,
     pk: &Packed,
     groups: std::ops::Range<usize>,
@@ -300,14 +414,16 @@ unsafe fn on_kernel<const R: usize, const Q8W: bool>(
 ) {
     match k {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => vnni::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::Avx512Vnni => vnni::dot_rows::<R, Q8W, RUNS>(pk, groups, q, d, xsum, put),
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => avx2::dot_rows_vnni::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::AvxVnni => avx2::dot_rows_vnni::<R, Q8W, RUNS>(pk, groups, q, d, xsum, put),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => avx2::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::Avx2 => avx2::dot_rows::<R, Q8W, RUNS>(pk, groups, q, d, xsum, put),
         // The 16-bit path needs no dot-product instruction.
         #[cfg(target_arch = "aarch64")]
-        Kernel::NeonDot | Kernel::Neon => neon::dot_rows::<R, Q8W>(pk, groups, q, d, xsum, put),
+        Kernel::NeonDot | Kernel::Neon => {
+            neon::dot_rows::<R, Q8W, RUNS>(pk, groups, q, d, xsum, put)
+        }
     }
 }
 
@@ -438,9 +554,10 @@ mod vnni {
     use std::arch::x86_64::*;
     use std::array::from_fn;
 
-    /// See [`Packed::dot_rows_groups`]; `Q8`: the values are i8 pairs, else nibble pairs.
+    /// See [`Packed::dot_rows_groups`]; `Q8`: the values are i8 pairs, else nibble pairs;
+    /// `RUNS` scales a block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot_rows<const R: usize, const Q8: bool>(
+    pub unsafe fn dot_rows<const R: usize, const Q8: bool, const RUNS: usize>(
         pk: &Packed,
         groups: std::ops::Range<usize>,
         q: [&[i16]; R],
@@ -456,51 +573,64 @@ mod vnni {
             for i in 0..nb {
                 let gi = g * nb + i;
                 let v = pk.vals.as_ptr().add(gi * vb);
-                let mut acc = [_mm512_setzero_si512(); R];
-                for p in 0..QK / 2 {
-                    let w = if Q8 {
-                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.add(32 * p) as *const __m256i))
-                    } else {
-                        // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
-                        let b =
-                            _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(16 * p) as *const __m128i));
-                        _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32::<12>(b)), nibbles)
-                    };
-                    for r in 0..R {
-                        let pair =
-                            (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
-                        acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
-                    }
-                }
                 let dr = from_fn(|r| *d[r].get_unchecked(i));
-                let mins = (!Q8 || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-                add_block(pk, gi, &mut out, &acc, dr, mins);
+                // Pairs of each scale (all 16, or 8 and 8), then the mins once.
+                let pairs = QK / 2 / RUNS;
+                for h in 0..RUNS {
+                    let mut acc = [_mm512_setzero_si512(); R];
+                    for p in h * pairs..(h + 1) * pairs {
+                        let w = if Q8 {
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                v.add(32 * p) as *const __m256i
+                            ))
+                        } else {
+                            // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
+                            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                v.add(16 * p) as *const __m128i
+                            ));
+                            _mm512_and_si512(
+                                _mm512_or_si512(b, _mm512_slli_epi32::<12>(b)),
+                                nibbles,
+                            )
+                        };
+                        for r in 0..R {
+                            let pair =
+                                (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
+                            acc[r] = _mm512_dpwssd_epi32(acc[r], w, _mm512_set1_epi32(pair));
+                        }
+                    }
+                    let mins = (h + 1 == RUNS && (!Q8 || pk.has_mins()))
+                        .then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+                    add_block(pk, (gi * RUNS + h) * LANES, gi * LANES, &mut out, &acc, dr, mins);
+                }
             }
             hand_over(g, &out, put);
         }
     }
 
-    /// Adds block `gi`'s integer sums (`acc`, one register of 16 rows per activation row)
-    /// into the outputs: `out[r] = fma(float(acc[r]) · d[r], scale, out[r])`, then, with
-    /// the rows' block sums `s`, `out[r] = fma(min, s[r], out[r])` — the order the scalar
-    /// twins follow.
+    /// Adds a block's integer sums (`acc`, one register of 16 rows per activation row)
+    /// into the outputs: `out[r] = fma(float(acc[r]) · d[r], scale, out[r])` with the 16
+    /// rows' scales at `scales[sc..]`, then, with the rows' block sums `s`,
+    /// `out[r] = fma(min, s[r], out[r])` with the mins at `mins[mn..]` — the order the
+    /// scalar twins follow.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn add_block<const R: usize>(
         pk: &Packed,
-        gi: usize,
+        sc: usize,
+        mn: usize,
         out: &mut [__m512; R],
         acc: &[__m512i; R],
         d: [f32; R],
         s: Option<[f32; R]>,
     ) {
-        let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
+        let sc = _mm512_loadu_ps(pk.scales.as_ptr().add(sc));
         for r in 0..R {
             let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(d[r]));
             out[r] = _mm512_fmadd_ps(f, sc, out[r]);
         }
         if let Some(s) = s {
-            let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(gi * LANES));
+            let mn = _mm512_loadu_ps(pk.mins.as_ptr().add(mn));
             for r in 0..R {
                 out[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(s[r]), out[r]);
             }
@@ -564,16 +694,24 @@ mod tests {
     fn every_kernel_here_matches_the_scalar_twin_bit_for_bit_and_the_f32_product_closely() {
         let kernels = Kernel::all_here();
         eprintln!("packed kernels on this CPU: {kernels:?}");
+        // (type, mins, a scale per 16)
         let cases = [
-            (GgmlType::Q4_0, false),
-            (GgmlType::Q4_1, false),
-            (GgmlType::Q8_0, false),
-            (GgmlType::Q8_0, true),
+            (GgmlType::Q4_0, false, false),
+            (GgmlType::Q4_1, false, false),
+            (GgmlType::Q8_0, false, false),
+            (GgmlType::Q8_0, true, false),
+            (GgmlType::Q8_0, false, true),
+            (GgmlType::Q8_0, true, true),
         ];
-        for (ty, mins) in cases {
+        for (ty, mins, runs16) in cases {
             let (rows, cols, b) = (32, 576, 7);
-            let data = quantized(ty, &rand(rows * cols, 11));
-            let mut pk = Packed::new(ty, rows, cols, &data).expect("packs");
+            let mut pk = match runs16 {
+                true => runs16_matrix(rows, cols, 11),
+                false => {
+                    let data = quantized(ty, &rand(rows * cols, 11));
+                    Packed::new(ty, rows, cols, &data).expect("packs")
+                }
+            };
             if mins {
                 pk = pk.with_mins(&rand(rows * cols / QK, 13));
             }
@@ -598,7 +736,7 @@ mod tests {
                 for &k in &kernels {
                     let six =
                         pk.dot_rows_on::<6>(Some(k), g, from_fn(qa), from_fn(da), from_fn(sa));
-                    assert_eq!(six, twin, "{k:?} {ty:?} group {g}");
+                    assert_eq!(six, twin, "{k:?} {ty:?} runs16 {runs16} group {g}");
                     let four = pk.dot_rows_on::<4>(
                         Some(k),
                         g,
@@ -633,6 +771,60 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// 8-bit weights −32..32 (Q6_K's) with a scale per 16 of either sign.
+    fn runs16_matrix(rows: usize, cols: usize, seed: u64) -> Packed {
+        let values: Vec<i8> = rand(rows * cols, seed)
+            .iter()
+            .map(|v| (v * 32.0).floor().clamp(-32.0, 31.0) as i8)
+            .collect();
+        let scales: Vec<f32> = rand(rows * cols / 16, seed + 1)
+            .iter()
+            .map(|v| v * 0.01)
+            .collect();
+        Packed::from_i8_runs16(rows, cols, &values, &scales).expect("packs")
+    }
+
+    #[test]
+    fn weights_with_a_scale_per_16_keep_their_values_and_stack() {
+        let (rows, cols) = (32, 96);
+        let values: Vec<i8> = (0..rows * cols).map(|i| (i % 64) as i8 - 32).collect();
+        let scales: Vec<f32> = (0..rows * cols / 16).map(|j| j as f32 - 50.0).collect();
+        let pk = Packed::from_i8_runs16(rows, cols, &values, &scales).expect("packs");
+        assert_eq!(pk.runs(), 2);
+        let mut row = vec![0f32; cols];
+        for n in 0..rows {
+            pk.row_f32(n, &mut row);
+            for (k, &w) in row.iter().enumerate() {
+                let i = n * cols + k;
+                assert_eq!(w, values[i] as f32 * scales[i / 16], "row {n} value {k}");
+            }
+        }
+        assert!(Packed::from_i8_runs16(24, cols, &values[..24 * cols], &scales).is_none());
+        // Stacked under a Q8_0 matrix whose block scales count for each 16.
+        let data = quantized(GgmlType::Q8_0, &rand(16 * cols, 5));
+        let q8 = Packed::new(GgmlType::Q8_0, 16, cols, &data).expect("packs");
+        assert!(Packed::concat(&[q8, runs16_matrix(16, cols, 1)]).is_none());
+        let q8 = Packed::new(GgmlType::Q8_0, 16, cols, &data)
+            .expect("packs")
+            .with_runs16();
+        let both = Packed::concat(&[q8, pk]).expect("same type, width and runs");
+        assert_eq!((both.rows, both.runs()), (48, 2));
+        let mut want = vec![0f32; cols];
+        let rb = cols / QK * GgmlType::Q8_0.block_bytes();
+        for n in 0..16 {
+            quant::dequantize_row(GgmlType::Q8_0, &data[n * rb..(n + 1) * rb], &mut want);
+            both.row_f32(n, &mut row);
+            assert_eq!(row, want, "row {n}");
+        }
+        for n in 0..rows {
+            both.row_f32(16 + n, &mut row);
+            let want: Vec<f32> = (0..cols)
+                .map(|k| values[n * cols + k] as f32 * scales[(n * cols + k) / 16])
+                .collect();
+            assert_eq!(row, want, "row {}", 16 + n);
         }
     }
 

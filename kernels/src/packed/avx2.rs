@@ -24,9 +24,9 @@ use std::array::from_fn;
 /// Rows a register holds.
 const HALF: usize = LANES / 2;
 
-/// See [`Packed::dot_rows_groups`]; plain AVX2.
+/// See [`Packed::dot_rows_groups`]; plain AVX2 (`RUNS` scales a block).
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
+pub unsafe fn dot_rows<const R: usize, const Q8W: bool, const RUNS: usize>(
     pk: &Packed,
     groups: std::ops::Range<usize>,
     q: [&[i16]; R],
@@ -34,12 +34,12 @@ pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
     xsum: [&[f32]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    i16_rows::<R, Q8W, false>(pk, groups, q, d, xsum, put)
+    i16_rows::<R, Q8W, RUNS, false>(pk, groups, q, d, xsum, put)
 }
 
-/// See [`Packed::dot_rows_groups`]; AVX2 with AVX-VNNI.
+/// See [`Packed::dot_rows_groups`]; AVX2 with AVX-VNNI (`RUNS` scales a block).
 #[target_feature(enable = "avx2,fma,avxvnni")]
-pub unsafe fn dot_rows_vnni<const R: usize, const Q8W: bool>(
+pub unsafe fn dot_rows_vnni<const R: usize, const Q8W: bool, const RUNS: usize>(
     pk: &Packed,
     groups: std::ops::Range<usize>,
     q: [&[i16]; R],
@@ -47,7 +47,7 @@ pub unsafe fn dot_rows_vnni<const R: usize, const Q8W: bool>(
     xsum: [&[f32]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    i16_rows::<R, Q8W, true>(pk, groups, q, d, xsum, put)
+    i16_rows::<R, Q8W, RUNS, true>(pk, groups, q, d, xsum, put)
 }
 
 /// See [`Packed::dot_rows_q8_groups`]; plain AVX2.
@@ -72,10 +72,11 @@ pub unsafe fn dot_rows_q8_vnni<const R: usize>(
     q8_rows::<R, true>(pk, groups, a, put)
 }
 
-/// 16-bit activations against nibble pairs (or, `Q8W`, i8 pairs); `VNNI`: with
-/// `vpdpwssd`. Inlined into the entry points above, which enable the instructions.
+/// 16-bit activations against nibble pairs (or, `Q8W`, i8 pairs) with `RUNS` scales a
+/// block; `VNNI`: with `vpdpwssd`. Inlined into the entry points above, which enable the
+/// instructions.
 #[inline(always)]
-unsafe fn i16_rows<const R: usize, const Q8W: bool, const VNNI: bool>(
+unsafe fn i16_rows<const R: usize, const Q8W: bool, const RUNS: usize, const VNNI: bool>(
     pk: &Packed,
     groups: std::ops::Range<usize>,
     q: [&[i16]; R],
@@ -93,34 +94,43 @@ unsafe fn i16_rows<const R: usize, const Q8W: bool, const VNNI: bool>(
             for i in 0..nb {
                 let gi = g * nb + i;
                 let v = pk.vals.as_ptr().add(gi * vb);
-                let mut acc = [_mm256_setzero_si256(); R];
-                for p in 0..QK / 2 {
-                    let w = if Q8W {
-                        // Lane l: bytes 2l, 2l + 1 of the pair's 32 → i16 pair.
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                            v.add(32 * p + 2 * HALF * h) as *const __m128i
-                        ))
-                    } else {
-                        // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
-                        let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                            v.add(16 * p + HALF * h) as *const __m128i
-                        ));
-                        _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi32::<12>(b)), nibbles)
-                    };
-                    for r in 0..R {
-                        let pair =
-                            (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
-                        let x = _mm256_set1_epi32(pair);
-                        acc[r] = if VNNI {
-                            _mm256_dpwssd_avx_epi32(acc[r], w, x)
-                        } else {
-                            _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, x))
-                        };
-                    }
-                }
                 let dr = from_fn(|r| *d[r].get_unchecked(i));
-                let mins = (!Q8W || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-                add_block(pk, gi, h, &mut out, &acc, dr, mins);
+                // Pairs of each scale (all 16, or 8 and 8), then the mins once.
+                let pairs = QK / 2 / RUNS;
+                for run in 0..RUNS {
+                    let mut acc = [_mm256_setzero_si256(); R];
+                    for p in run * pairs..(run + 1) * pairs {
+                        let w = if Q8W {
+                            // Lane l: bytes 2l, 2l + 1 of the pair's 32 → i16 pair.
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                v.add(32 * p + 2 * HALF * h) as *const __m128i,
+                            ))
+                        } else {
+                            // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
+                            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                v.add(16 * p + HALF * h) as *const __m128i,
+                            ));
+                            _mm256_and_si256(
+                                _mm256_or_si256(b, _mm256_slli_epi32::<12>(b)),
+                                nibbles,
+                            )
+                        };
+                        for r in 0..R {
+                            let pair =
+                                (q[r].as_ptr().add(i * QK + 2 * p) as *const i32).read_unaligned();
+                            let x = _mm256_set1_epi32(pair);
+                            acc[r] = if VNNI {
+                                _mm256_dpwssd_avx_epi32(acc[r], w, x)
+                            } else {
+                                _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, x))
+                            };
+                        }
+                    }
+                    let mins = (run + 1 == RUNS && (!Q8W || pk.has_mins()))
+                        .then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
+                    let sc = (gi * RUNS + run) * LANES + HALF * h;
+                    add_block(pk, sc, gi * LANES + HALF * h, &mut out, &acc, dr, mins);
+                }
             }
             for r in 0..R {
                 _mm256_storeu_ps(res[r].as_mut_ptr().add(HALF * h), out[r]);
@@ -175,7 +185,8 @@ unsafe fn q8_rows<const R: usize, const VNNI: bool>(
                 }
                 let d = from_fn(|r| a[r].get_unchecked(i).d);
                 let s = from_fn(|r| a[r].get_unchecked(i).s);
-                add_block(pk, gi, h, &mut out, &acc, d, Some(s));
+                let at = gi * LANES + HALF * h;
+                add_block(pk, at, at, &mut out, &acc, d, Some(s));
             }
             for r in 0..R {
                 _mm256_storeu_ps(res[r].as_mut_ptr().add(HALF * h), out[r]);
@@ -185,25 +196,26 @@ unsafe fn q8_rows<const R: usize, const VNNI: bool>(
     }
 }
 
-/// Adds half `h` of block `gi`'s integer sums into the outputs, in the order of the scalar
-/// twins: `out[r] = fma(float(acc[r]) · d[r], scale, out[r])`, then `fma(min, s[r], ·)`.
+/// Adds a block's integer sums for 8 rows into the outputs, in the order of the scalar
+/// twins: `out[r] = fma(float(acc[r]) · d[r], scale, out[r])` with the rows' scales at
+/// `scales[sc..]`, then `fma(min, s[r], ·)` with their mins at `mins[mn..]`.
 #[inline(always)]
 unsafe fn add_block<const R: usize>(
     pk: &Packed,
-    gi: usize,
-    h: usize,
+    sc: usize,
+    mn: usize,
     out: &mut [__m256; R],
     acc: &[__m256i; R],
     d: [f32; R],
     s: Option<[f32; R]>,
 ) {
-    let sc = _mm256_loadu_ps(pk.scales.as_ptr().add(gi * LANES + HALF * h));
+    let sc = _mm256_loadu_ps(pk.scales.as_ptr().add(sc));
     for r in 0..R {
         let f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(d[r]));
         out[r] = _mm256_fmadd_ps(f, sc, out[r]);
     }
     if let Some(s) = s {
-        let mn = _mm256_loadu_ps(pk.mins.as_ptr().add(gi * LANES + HALF * h));
+        let mn = _mm256_loadu_ps(pk.mins.as_ptr().add(mn));
         for r in 0..R {
             out[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r]), out[r]);
         }

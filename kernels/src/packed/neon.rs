@@ -30,9 +30,9 @@ use std::array::from_fn;
 type Sums<const R: usize> = [[int32x4_t; 4]; R];
 
 /// See [`Packed::dot_rows_groups`]: 16-bit activations (`Q8W`: 8-bit weight pairs, else
-/// nibble pairs).
+/// nibble pairs; `RUNS` scales a block).
 #[target_feature(enable = "neon")]
-pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
+pub unsafe fn dot_rows<const R: usize, const Q8W: bool, const RUNS: usize>(
     pk: &Packed,
     groups: std::ops::Range<usize>,
     q: [&[i16]; R],
@@ -40,8 +40,12 @@ pub unsafe fn dot_rows<const R: usize, const Q8W: bool>(
     xsum: [&[f32]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    each_block(pk, groups, put, |i, v| {
-        let acc = block_i16::<R, Q8W>(v, |r, k| vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k)));
+    each_block::<R, RUNS>(pk, groups, put, |i, v, h| {
+        // Inputs 8k .. 8k + 8 of this scale's 32 (or 16).
+        let ks = h * 4 / RUNS..(h + 1) * 4 / RUNS;
+        let acc = block_i16::<R, Q8W>(v, ks, |r, k| {
+            vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k))
+        });
         let dr = from_fn(|r| *d[r].get_unchecked(i));
         let mins = (!Q8W || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
         (acc, dr, mins)
@@ -57,8 +61,8 @@ pub unsafe fn dot_rows_q8<const R: usize>(
     a: [&[Q8Block]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    each_block(pk, groups, put, |i, v| {
-        let acc = block_i16::<R, false>(v, |r, k| {
+    each_block::<R, 1>(pk, groups, put, |i, v, _| {
+        let acc = block_i16::<R, false>(v, 0..QK / 8, |r, k| {
             vmovl_s8(vld1_s8(a[r].get_unchecked(i).qs.as_ptr().add(8 * k)))
         });
         q8_block_result(a, i, acc)
@@ -73,7 +77,7 @@ pub unsafe fn dot_rows_q8_dot<const R: usize>(
     a: [&[Q8Block]; R],
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
 ) {
-    each_block(pk, groups, put, |i, v| {
+    each_block::<R, 1>(pk, groups, put, |i, v, _| {
         // Activation quads 0..4 and 4..8 of each row's block.
         let x: [[int8x16_t; 2]; R] = from_fn(|r| {
             let qs = a[r].get_unchecked(i).qs.as_ptr();
@@ -92,23 +96,27 @@ pub unsafe fn dot_rows_q8_dot<const R: usize>(
     })
 }
 
-/// Runs `block(i, packed bytes)` over each group's blocks in order (it gives the block's
-/// integer sums, the activation rows' block scales and, where weights have mins, block
-/// sums), adds each into the group's outputs and hands them to `put`.
+/// Runs `block(i, packed bytes, h)` over each group's blocks in order, for each of the
+/// block's `RUNS` scales `h` (it gives the integer sums of the scale's values, the
+/// activation rows' block scales and, where weights have mins, block sums), adds each into
+/// the group's outputs (the mins after the last scale's) and hands them to `put`.
 #[inline(always)]
-unsafe fn each_block<const R: usize>(
+unsafe fn each_block<const R: usize, const RUNS: usize>(
     pk: &Packed,
     groups: std::ops::Range<usize>,
     put: &mut dyn FnMut(usize, &[[f32; LANES]; R]),
-    mut block: impl FnMut(usize, *const u8) -> (Sums<R>, [f32; R], Option<[f32; R]>),
+    mut block: impl FnMut(usize, *const u8, usize) -> (Sums<R>, [f32; R], Option<[f32; R]>),
 ) {
     let (nb, vb) = (pk.nb, Packed::vb(pk.ty));
     for g in groups {
         let mut out = [[0f32; LANES]; R];
         for i in 0..nb {
             let gi = g * nb + i;
-            let (acc, d, s) = block(i, pk.vals.as_ptr().add(gi * vb));
-            add_block(pk, gi, &mut out, &acc, d, s);
+            for h in 0..RUNS {
+                let (acc, d, s) = block(i, pk.vals.as_ptr().add(gi * vb), h);
+                let s = s.filter(|_| h + 1 == RUNS);
+                add_block(pk, (gi * RUNS + h) * LANES, gi * LANES, &mut out, &acc, d, s);
+            }
         }
         put(g, &out);
     }
@@ -126,15 +134,17 @@ unsafe fn q8_block_result<const R: usize>(
     (acc, d, Some(s))
 }
 
-/// One block's integer sums at 16 bits: `xs(r, k)` is inputs `8k .. 8k + 8` of activation
-/// row `r`'s block; pair `4k + j` takes its lanes `2j` and `2j + 1`.
+/// One block's integer sums at 16 bits over inputs `8k .. 8k + 8` for `k` in `ks` (all
+/// four, or a scale's two): `xs(r, k)` is those inputs of activation row `r`'s block; pair
+/// `4k + j` takes its lanes `2j` and `2j + 1`.
 #[inline(always)]
 unsafe fn block_i16<const R: usize, const Q8W: bool>(
     v: *const u8,
+    ks: std::ops::Range<usize>,
     xs: impl Fn(usize, usize) -> int16x8_t,
 ) -> Sums<R> {
     let mut acc = [[vdupq_n_s32(0); 4]; R];
-    for k in 0..QK / 8 {
+    for k in ks {
         let x: [int16x8_t; R] = from_fn(|r| xs(r, k));
         pair_i16::<0, 1, R, Q8W>(&mut acc, v, 4 * k, &x);
         pair_i16::<2, 3, R, Q8W>(&mut acc, v, 4 * k + 1, &x);
@@ -240,20 +250,22 @@ unsafe fn sdot_lane<const L: u32>(mut acc: int32x4_t, w: int8x16_t, x: int8x16_t
     acc
 }
 
-/// Adds block `gi`'s integer sums into the outputs, in the order of the scalar twins:
-/// `out[r] = fma(float(acc[r]) · d[r], scale, out[r])`, then `fma(min, s[r], ·)`.
+/// Adds a block's integer sums into the outputs, in the order of the scalar twins:
+/// `out[r] = fma(float(acc[r]) · d[r], scale, out[r])` with the 16 rows' scales at
+/// `scales[sc..]`, then `fma(min, s[r], ·)` with their mins at `mins[mn..]`.
 #[inline(always)]
 unsafe fn add_block<const R: usize>(
     pk: &Packed,
-    gi: usize,
+    sc: usize,
+    mn: usize,
     out: &mut [[f32; LANES]; R],
     acc: &Sums<R>,
     d: [f32; R],
     s: Option<[f32; R]>,
 ) {
-    let sc: [float32x4_t; 4] = from_fn(|j| vld1q_f32(pk.scales.as_ptr().add(gi * LANES + 4 * j)));
+    let sc: [float32x4_t; 4] = from_fn(|j| vld1q_f32(pk.scales.as_ptr().add(sc + 4 * j)));
     let mins: Option<[float32x4_t; 4]> =
-        s.map(|_| from_fn(|j| vld1q_f32(pk.mins.as_ptr().add(gi * LANES + 4 * j))));
+        s.map(|_| from_fn(|j| vld1q_f32(pk.mins.as_ptr().add(mn + 4 * j))));
     for r in 0..R {
         for j in 0..4 {
             let o = out[r].as_mut_ptr().add(4 * j);

@@ -160,7 +160,7 @@ mod vnni {
                 }
                 let d = from_fn(|r| a[r].get_unchecked(i).d);
                 let s = from_fn(|r| a[r].get_unchecked(i).s);
-                add_block(pk, gi, &mut out, &acc, d, Some(s));
+                add_block(pk, gi * LANES, gi * LANES, &mut out, &acc, d, Some(s));
             }
             hand_over(g, &out, put);
         }
