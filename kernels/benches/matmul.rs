@@ -1,10 +1,13 @@
 //! Quantized matmul on the CPU at SmolLM2's shapes: f32 activations (default) versus Q8
-//! activations, batch 1 to 64.
+//! activations, batch 1 to 64; and Q6_K weights (16-bit activations) packed with their
+//! own scale per 16 against the same weights requantized to Q8_0 (one scale per 32).
 //!
 //!     cargo bench -p kernels --bench matmul
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kernels::matmul::{matmul, ActPrecision};
+use kernels::gguf::GgmlType;
+use kernels::kquant;
+use kernels::matmul::{matmul, ActPrecision, MatData, Matrix};
 
 #[path = "common/ffn.rs"]
 mod ffn;
@@ -25,6 +28,43 @@ fn bench(c: &mut Criterion) {
                 bn.iter(|| {
                     x.touched();
                     matmul(&w, &mut x, &mut out, p)
+                })
+            });
+        }
+    }
+    g.finish();
+
+    // The FFN's weights as Q6_K: requantized to Q8_0 (what a CPU without packed kernels
+    // reads) and with their own scale per 16.
+    let mut row = vec![0f32; ffn::COLS];
+    let x: Vec<f32> = (0..ffn::ROWS)
+        .flat_map(|n| {
+            w.row_f32(n, &mut row);
+            row.clone()
+        })
+        .collect();
+    let mut q6 = Vec::new();
+    kquant::quantize_row(GgmlType::Q6_K, &x, &mut q6);
+    let q8 = |q6: &[u8]| {
+        let c = kquant::to_kernel_layout(GgmlType::Q6_K, q6);
+        Matrix::new(ffn::ROWS, ffn::COLS, MatData::Quant(c.ty, c.data))
+    };
+    let Some(pk) = kquant::exact_packed(GgmlType::Q6_K, ffn::ROWS, ffn::COLS, &q6) else {
+        eprintln!("no packed kernels here: no Q6_K comparison");
+        return;
+    };
+    let per_16 = q8(&q6).with_exact_packed(pk);
+    let mut g = c.benchmark_group("matmul_q6_k_1536x576");
+    for b in [1usize, 16, 64] {
+        let mut x = ffn::acts(b);
+        let mut out = vec![0f32; b * ffn::ROWS];
+        g.throughput(Throughput::Elements((b * ffn::ROWS * ffn::COLS) as u64));
+        for (name, m) in [("q8_0_requantized", &q8(&q6)), ("scale_per_16", &per_16)] {
+            m.prepare(ActPrecision::I16);
+            g.bench_with_input(BenchmarkId::new(name, b), &b, |bn, _| {
+                bn.iter(|| {
+                    x.touched();
+                    matmul(m, &mut x, &mut out, ActPrecision::I16)
                 })
             });
         }

@@ -88,7 +88,7 @@ impl LlamaConfig {
 /// Several projections of the same input: stacked into one matrix (one product for all)
 /// when their storage types agree, else kept apart. Held once either way.
 pub enum Projections {
-    Stacked { m: Matrix, widths: Vec<usize> },
+    Stacked { m: Box<Matrix>, widths: Vec<usize> },
     Separate(Vec<Matrix>),
 }
 
@@ -96,7 +96,7 @@ impl Projections {
     pub fn new(parts: Vec<Matrix>) -> Self {
         let widths = parts.iter().map(|m| m.rows).collect();
         match Matrix::stack(parts) {
-            Ok(m) => Projections::Stacked { m, widths },
+            Ok(m) => Projections::Stacked { m: Box::new(m), widths },
             Err(parts) => Projections::Separate(parts),
         }
     }

@@ -578,11 +578,12 @@ mod vnni {
                 let pairs = QK / 2 / RUNS;
                 for h in 0..RUNS {
                     let mut acc = [_mm512_setzero_si512(); R];
-                    for p in h * pairs..(h + 1) * pairs {
+                    for pp in 0..QK / 2 / RUNS {
+                        let p = h * pairs + pp;
                         let w = if Q8 {
-                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                v.add(32 * p) as *const __m256i
-                            ))
+                            _mm512_cvtepi8_epi16(
+                                _mm256_loadu_si256(v.add(32 * p) as *const __m256i),
+                            )
                         } else {
                             // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
                             let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -601,7 +602,15 @@ mod vnni {
                     }
                     let mins = (h + 1 == RUNS && (!Q8 || pk.has_mins()))
                         .then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-                    add_block(pk, (gi * RUNS + h) * LANES, gi * LANES, &mut out, &acc, dr, mins);
+                    add_block(
+                        pk,
+                        (gi * RUNS + h) * LANES,
+                        gi * LANES,
+                        &mut out,
+                        &acc,
+                        dr,
+                        mins,
+                    );
                 }
             }
             hand_over(g, &out, put);

@@ -99,16 +99,17 @@ unsafe fn i16_rows<const R: usize, const Q8W: bool, const RUNS: usize, const VNN
                 let pairs = QK / 2 / RUNS;
                 for run in 0..RUNS {
                     let mut acc = [_mm256_setzero_si256(); R];
-                    for p in run * pairs..(run + 1) * pairs {
+                    for pp in 0..QK / 2 / RUNS {
+                        let p = run * pairs + pp;
                         let w = if Q8W {
                             // Lane l: bytes 2l, 2l + 1 of the pair's 32 → i16 pair.
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                v.add(32 * p + 2 * HALF * h) as *const __m128i,
+                                v.add(32 * p + 2 * HALF * h) as *const __m128i
                             ))
                         } else {
                             // Lane l: byte b = v0 | v1 << 4 → i16 pair (v0, v1).
                             let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                v.add(16 * p + HALF * h) as *const __m128i,
+                                v.add(16 * p + HALF * h) as *const __m128i
                             ));
                             _mm256_and_si256(
                                 _mm256_or_si256(b, _mm256_slli_epi32::<12>(b)),

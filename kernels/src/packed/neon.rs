@@ -43,9 +43,7 @@ pub unsafe fn dot_rows<const R: usize, const Q8W: bool, const RUNS: usize>(
     each_block::<R, RUNS>(pk, groups, put, |i, v, h| {
         // Inputs 8k .. 8k + 8 of this scale's 32 (or 16).
         let ks = h * 4 / RUNS..(h + 1) * 4 / RUNS;
-        let acc = block_i16::<R, Q8W>(v, ks, |r, k| {
-            vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k))
-        });
+        let acc = block_i16::<R, Q8W>(v, ks, |r, k| vld1q_s16(q[r].as_ptr().add(i * QK + 8 * k)));
         let dr = from_fn(|r| *d[r].get_unchecked(i));
         let mins = (!Q8W || pk.has_mins()).then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
         (acc, dr, mins)
@@ -115,7 +113,15 @@ unsafe fn each_block<const R: usize, const RUNS: usize>(
             for h in 0..RUNS {
                 let (acc, d, s) = block(i, pk.vals.as_ptr().add(gi * vb), h);
                 let s = s.filter(|_| h + 1 == RUNS);
-                add_block(pk, (gi * RUNS + h) * LANES, gi * LANES, &mut out, &acc, d, s);
+                add_block(
+                    pk,
+                    (gi * RUNS + h) * LANES,
+                    gi * LANES,
+                    &mut out,
+                    &acc,
+                    d,
+                    s,
+                );
             }
         }
         put(g, &out);
