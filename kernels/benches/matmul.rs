@@ -49,7 +49,9 @@ fn bench(c: &mut Criterion) {
         let c = kquant::to_kernel_layout(GgmlType::Q6_K, q6);
         Matrix::new(ffn::ROWS, ffn::COLS, MatData::Quant(c.ty, c.data))
     };
-    let Some(pk) = kquant::exact_packed(GgmlType::Q6_K, ffn::ROWS, ffn::COLS, &q6) else {
+    let converted = kquant::to_kernel_layout(GgmlType::Q6_K, &q6);
+    let Some(pk) = kquant::exact_packed(GgmlType::Q6_K, ffn::ROWS, ffn::COLS, &q6, &converted)
+    else {
         eprintln!("no packed kernels here: no Q6_K comparison");
         return;
     };

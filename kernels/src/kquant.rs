@@ -289,18 +289,67 @@ pub fn fidelity(ty: GgmlType, rows: usize) -> Fidelity {
 }
 
 /// Whether a `rows`-row matrix of `ty` keeps its exact values in the packed kernels'
-/// layout ([`exact_packed`]) on this CPU: Q6_K, where the packed kernels run and rows come
+/// layout ([`exact_packed`]) on this CPU: the layouts whose scales the kernel blocks round
+/// (Q4_K, Q5_K, IQ4_XS) or cannot hold (Q6_K), where the packed kernels run and rows come
 /// in groups of 16.
 pub fn packs_exactly(ty: GgmlType, rows: usize) -> bool {
-    ty == GgmlType::Q6_K && crate::packed::available() && rows.is_multiple_of(crate::packed::LANES)
+    matches!(
+        ty,
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::IQ4_XS | GgmlType::Q6_K
+    ) && crate::packed::available()
+        && rows.is_multiple_of(crate::packed::LANES)
 }
 
-/// A `rows × cols` Q6_K matrix (`src`, the file's blocks) in the packed kernels' layout
-/// with its own values: 8-bit `q − 32` and a scale `d·sc` per 16 (the product of an f16
-/// and an i8, exact in f32). `None` where [`packs_exactly`] says no.
-pub fn exact_packed(ty: GgmlType, rows: usize, cols: usize, src: &[u8]) -> Option<Packed> {
+/// A `rows × cols` matrix of `ty` (`src`, the file's blocks; `converted`, them in the
+/// kernel layout) in the packed kernels' layout with its own values, where
+/// [`packs_exactly`] says so (else `None`):
+/// - Q4_K, Q5_K, IQ4_XS: the converted blocks' integers under each sub-block's scale
+///   `d·sc` (and Q4_K's min `−dmin·m`, Q5_K's offset as the kernels' min) in f32 — the
+///   product of an f16 and a 6-bit integer, exact — where the blocks round them to f16.
+/// - Q6_K: 8-bit `q − 32` and a scale `d·sc` per 16 (an f16 times an i8, exact in f32).
+pub fn exact_packed(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    src: &[u8],
+    converted: &Converted,
+) -> Option<Packed> {
     if !packs_exactly(ty, rows) || src.len() != rows * cols / QK_K * ty.block_bytes() {
         return None;
+    }
+    if ty != GgmlType::Q6_K {
+        // Per 32-element sub-block, in order: its scale, and Q4_K's min.
+        let (subs, q4k) = (QK_K / QK, ty == GgmlType::Q4_K);
+        let mut scales = vec![0f32; rows * cols / QK];
+        let mut mins = vec![0f32; if q4k { scales.len() } else { 0 }];
+        let mut mins_by_block: Vec<&mut [f32]> = match q4k {
+            true => mins.chunks_mut(subs).collect(),
+            false => Vec::new(),
+        };
+        scales
+            .chunks_mut(subs)
+            .zip(src.chunks(ty.block_bytes()))
+            .enumerate()
+            .for_each(|(k, (sc, b))| {
+                for (j, sc) in sc.iter_mut().enumerate() {
+                    if ty == GgmlType::IQ4_XS {
+                        *sc = iq4_xs_sub_block(b, j).1;
+                    } else {
+                        let (_, d1, m1) = k_sub_block(ty, b, j);
+                        *sc = d1;
+                        if let Some(mn) = mins_by_block.get_mut(k) {
+                            mn[j] = -m1;
+                        }
+                    }
+                }
+            });
+        let pk = Packed::new(converted.ty, rows, cols, &converted.data)?
+            .with_exact_scales(&scales, &mins);
+        // Q5_K's offsets, as the kernels' mins (as `Matrix::packed` would add them).
+        return Some(match &converted.offsets {
+            Some(o) if o.run == QK => pk.with_mins(&o.values),
+            _ => pk,
+        });
     }
     let mut values = vec![0i8; rows * cols];
     let mut scales = vec![0f32; rows * cols / 16];
@@ -953,29 +1002,74 @@ mod tests {
         }
     }
 
-    #[test]
-    fn q6_k_packs_with_its_own_values_where_the_packed_kernels_run() {
-        let (rows, cols) = (32, 2 * QK_K);
-        let x = row(rows * cols, 61);
-        let mut b = Vec::new();
-        quantize_row(GgmlType::Q6_K, &x, &mut b);
-        let want = dequant(GgmlType::Q6_K, &b, x.len());
-        let pk = exact_packed(GgmlType::Q6_K, rows, cols, &b);
-        assert_eq!(pk.is_some(), crate::packed::available());
-        // Other layouts, and rows not in groups of 16, keep their conversion.
-        assert!(exact_packed(GgmlType::Q4_K, rows, cols, &b).is_none());
-        assert!(exact_packed(GgmlType::Q6_K, 24, cols, &b[..b.len() / 4 * 3]).is_none());
-        let Some(pk) = pk else {
-            eprintln!("no packed kernels here: Q6_K stays requantized");
-            return;
-        };
-        let c = to_kernel_layout(GgmlType::Q6_K, &b);
-        let m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data)).with_exact_packed(pk);
-        let mut got = vec![0f32; cols];
-        for n in 0..rows {
-            m.row_f32(n, &mut got);
-            assert_eq!(got[..], want[n * cols..(n + 1) * cols], "row {n}");
+    /// As the model loads them: the kernel blocks, the exact packed form, the offsets.
+    fn loaded(ty: GgmlType, rows: usize, cols: usize, b: &[u8]) -> (Matrix, bool) {
+        let c = to_kernel_layout(ty, b);
+        let pk = exact_packed(ty, rows, cols, b, &c);
+        let exact = pk.is_some();
+        let mut m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data));
+        if let Some(pk) = pk {
+            m = m.with_exact_packed(pk);
         }
+        if let Some(o) = c.offsets {
+            m = m.with_offsets(o);
+        }
+        (m, exact)
+    }
+
+    #[test]
+    fn rounded_and_per_16_scales_pack_with_their_own_values_where_the_packed_kernels_run() {
+        let (rows, cols) = (32, 2 * QK_K);
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::IQ4_XS,
+            GgmlType::Q6_K,
+        ] {
+            let x = row(rows * cols, 61 + ty.id() as u64);
+            let mut b = Vec::new();
+            quantize_row(ty, &x, &mut b);
+            let want = dequant(ty, &b, x.len());
+            let (m, exact) = loaded(ty, rows, cols, &b);
+            assert_eq!(exact, crate::packed::available(), "{ty:?}");
+            assert_eq!(fidelity(ty, rows) == Fidelity::Exact, exact, "{ty:?}");
+            // Rows not in groups of 16 keep their conversion.
+            let part = &b[..b.len() / 4 * 3];
+            assert!(exact_packed(ty, 24, cols, part, &to_kernel_layout(ty, part)).is_none());
+            if !exact {
+                eprintln!("no packed kernels here: {ty:?} keeps its conversion");
+                continue;
+            }
+            let mut got = vec![0f32; cols];
+            for n in 0..rows {
+                m.row_f32(n, &mut got);
+                assert_eq!(got[..], want[n * cols..(n + 1) * cols], "{ty:?} row {n}");
+            }
+            // The products: within the 16-bit activations' rounding (1/65534 of a block's
+            // largest, against Σ|x|·the row's largest |w|: the Q4_K mins cancel much of
+            // `d·sc·q`) of the file's values.
+            let mut acts = crate::matmul::Acts::default();
+            acts.resize(1, cols);
+            acts.row_mut(0).copy_from_slice(&row(cols, 5));
+            let mut out = vec![0f32; rows];
+            crate::matmul::matmul(&m, &mut acts, &mut out, crate::matmul::ActPrecision::I16);
+            let x: Vec<f64> = acts.row(0).iter().map(|&v| v as f64).collect();
+            for (n, &o) in out.iter().enumerate() {
+                let w = &want[n * cols..(n + 1) * cols];
+                let exp: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * b).sum();
+                let wmax = w.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
+                let size = wmax * x.iter().map(|v| v.abs()).sum::<f64>();
+                assert!(
+                    (o as f64 - exp).abs() <= 4e-5 * size,
+                    "{ty:?} row {n}: {o} vs {exp}"
+                );
+            }
+        }
+        // Other layouts keep theirs.
+        let mut b = Vec::new();
+        quantize_row(GgmlType::Q3_K, &row(16 * QK_K, 3), &mut b);
+        let c = to_kernel_layout(GgmlType::Q3_K, &b);
+        assert!(exact_packed(GgmlType::Q3_K, 16, QK_K, &b, &c).is_none());
     }
 
     #[test]

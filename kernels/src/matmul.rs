@@ -73,13 +73,15 @@ impl Matrix {
         }
     }
 
-    /// The same matrix whose values are `pk`'s: weights with a scale per 16 (Q6_K's,
-    /// [`Packed::from_i8_runs16`]), which only the packed layout holds. `data` keeps them
-    /// requantized to Q8_0 for the products that do not read the packed form (f32
-    /// activations); rows ([`Matrix::row_f32`]) and the 16- and 8-bit products read `pk`.
+    /// The same matrix whose values are `pk`'s, which only the packed layout holds: f32
+    /// scales that `data`'s blocks round to f16 (K-quant sub-blocks', with the offsets of
+    /// a block each as `pk`'s mins where the matrix has them), or a scale per 16 (Q6_K's,
+    /// [`Packed::from_i8_runs16`]) that `data` holds requantized to Q8_0. `data` serves
+    /// the products that do not read the packed form (f32 activations); rows
+    /// ([`Matrix::row_f32`]) and the 16- and 8-bit products read `pk`.
     pub fn with_exact_packed(mut self, pk: Packed) -> Self {
         assert_eq!((pk.rows, pk.cols), (self.rows, self.cols));
-        assert!(matches!(self.data, MatData::Quant(GgmlType::Q8_0, _)));
+        assert!(matches!(self.data, MatData::Quant(ty, _) if ty == pk.ty()));
         self.packed = OnceLock::from(Some(pk));
         self.packed_exact = true;
         self
@@ -131,8 +133,12 @@ impl Matrix {
     /// Whether a product at `prec` adds the offsets in the packed kernels (as their mins)
     /// rather than in a pass of its own.
     fn offsets_in_kernels(&self, prec: ActPrecision) -> bool {
-        prec != ActPrecision::F32
-            && matches!(self.data, MatData::Quant(GgmlType::Q8_0, _))
+        prec != ActPrecision::F32 && self.offsets_in_packed()
+    }
+
+    /// Whether the packed form holds the offsets (as the mins of 8-bit weights).
+    fn offsets_in_packed(&self) -> bool {
+        matches!(self.data, MatData::Quant(GgmlType::Q8_0, _))
             && self.offsets.as_ref().is_some_and(|o| o.run == QK)
             && self.packed().is_some_and(Packed::has_mins)
     }
@@ -166,7 +172,8 @@ impl Matrix {
             }
             MatData::F32(d) => out.copy_from_slice(&d[r * self.cols..(r + 1) * self.cols]),
         }
-        if let Some(off) = &self.offsets {
+        let added = self.packed_exact && self.offsets_in_packed();
+        if let Some(off) = self.offsets.as_ref().filter(|_| !added) {
             for (j, o) in out[..self.cols].chunks_exact_mut(off.run).enumerate() {
                 let v = off.by_run[j * self.rows + r];
                 o.iter_mut().for_each(|o| *o += v);
@@ -177,8 +184,9 @@ impl Matrix {
     /// Stacks matrices with the same input width and storage type into one (rows of the
     /// first, then the second, ...), so that one product computes all of them. Gives the
     /// parts back when they cannot be stacked. Where a part's packed form holds its values
-    /// ([`Matrix::with_exact_packed`]), so does the stack's: the others' (Q8_0, in groups
-    /// of 16 rows) packed beside it with their block scales taken for each 16.
+    /// ([`Matrix::with_exact_packed`]), so does the stack's: the others' (in groups of 16
+    /// rows, and, beside a scale per 16, with their block scales taken for each 16) packed
+    /// beside it; not where any part has offsets.
     pub fn stack(parts: Vec<Matrix>) -> Result<Matrix, Vec<Matrix>> {
         let Some(first) = parts.first() else {
             return Err(parts);
@@ -194,10 +202,15 @@ impl Matrix {
         });
         let exact = parts.iter().any(|m| m.packed_exact);
         let packable = |m: &Matrix| {
-            m.packed_exact
-                || matches!(m.data, MatData::Quant(GgmlType::Q8_0, _))
-                    && m.rows.is_multiple_of(LANES)
+            m.offsets.is_none()
+                && (m.packed_exact
+                    || matches!(m.data, MatData::Quant(..)) && m.rows.is_multiple_of(LANES))
         };
+        let runs = parts
+            .iter()
+            .filter_map(|m| m.packed.get().and_then(Option::as_ref).map(Packed::runs))
+            .max()
+            .unwrap_or(1);
         if !same || exact && !parts.iter().all(packable) {
             return Err(parts);
         }
@@ -222,13 +235,14 @@ impl Matrix {
         let mut data: Option<MatData> = None;
         for m in parts {
             if exact {
-                packs.push(match (m.packed.into_inner().flatten(), &m.data) {
+                let pk = match (m.packed.into_inner().flatten(), &m.data) {
                     (Some(pk), _) if m.packed_exact => pk,
-                    (_, MatData::Quant(ty, d)) => Packed::new(*ty, m.rows, m.cols, d)
-                        .expect("checked above")
-                        .with_runs16(),
+                    (_, MatData::Quant(ty, d)) => {
+                        Packed::new(*ty, m.rows, m.cols, d).expect("checked above")
+                    }
                     _ => unreachable!("checked above"),
-                });
+                };
+                packs.push(if runs == 2 { pk.with_runs16() } else { pk });
             }
             match (&mut data, m.data) {
                 (None, d) => data = Some(d),
@@ -918,30 +932,42 @@ mod tests {
         }
     }
 
-    /// Stacked matrices (QKV, gate|up) give each part's product, offsets and all: a part
-    /// with offsets of 32, one of 16 and one without (and, where the CPU runs the packed
-    /// kernels, one with a scale per 16, which the others stack beside).
+    /// A Q4_1 matrix whose packed form has f32 scales and mins other than its blocks'
+    /// f16 ones (a K-quant's exact sub-block scales).
+    fn exact_q4_1(rows: usize, cols: usize, seed: u64) -> Matrix {
+        let m = matrix(GgmlType::Q4_1, rows, cols, seed);
+        let MatData::Quant(_, data) = &m.data else {
+            unreachable!()
+        };
+        let nb = rows * cols / QK;
+        let scales: Vec<f32> = rand(nb, seed + 1).iter().map(|v| v * 0.03).collect();
+        let mins: Vec<f32> = rand(nb, seed + 2).iter().map(|v| v * 0.2).collect();
+        let pk = Packed::new(GgmlType::Q4_1, rows, cols, data)
+            .expect("packs")
+            .with_exact_scales(&scales, &mins);
+        m.with_exact_packed(pk)
+    }
+
+    /// Parts whose packed form holds their values stack beside plain ones of their
+    /// type (8-bit: a scale per 16 beside blocks' scales taken twice; 4-bit: f32 scales
+    /// beside the blocks'): each part's rows and products as alone. Not with offsets, nor
+    /// beside rows not in groups of 16.
     #[test]
-    fn stacked_parts_with_offsets_give_each_parts_product() {
+    fn parts_packed_with_their_own_values_stack_beside_plain_ones() {
         let cols = 64;
-        let parts = || {
-            let mut parts = vec![
-                offset(matrix(GgmlType::Q8_0, 32, cols, 1), Some(32), 2),
-                offset(matrix(GgmlType::Q8_0, 16, cols, 3), Some(16), 4),
+        let eights = || {
+            vec![
                 matrix(GgmlType::Q8_0, 48, cols, 5),
-            ];
-            if packed::available() {
-                parts.push(exact16(32, cols, 7));
-            }
-            parts
+                exact16(32, cols, 7),
+                matrix(GgmlType::Q8_0, 16, cols, 3),
+            ]
         };
-        let Ok(stacked) = Matrix::stack(parts()) else {
-            panic!("Q8_0 parts stack");
-        };
-        assert_eq!(stacked.offsets().map(|o| o.run), Some(16));
-        assert_eq!(stacked.packed_exact, packed::available());
-        if stacked.packed_exact {
-            // Each part's rows as they were.
+        let fours = || vec![exact_q4_1(32, cols, 8), matrix(GgmlType::Q4_1, 16, cols, 9)];
+        for parts in [&eights as &dyn Fn() -> Vec<Matrix>, &fours] {
+            let Ok(stacked) = Matrix::stack(parts()) else {
+                panic!("parts of one type stack");
+            };
+            assert!(stacked.packed_exact);
             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
             let mut at = 0;
             for p in parts() {
@@ -952,10 +978,55 @@ mod tests {
                 }
                 at += p.rows;
             }
-            // A part not in groups of 16 rows does not stack beside one.
-            let odd = vec![matrix(GgmlType::Q8_0, 40, cols, 1), exact16(16, cols, 2)];
-            assert!(Matrix::stack(odd).is_err());
+            for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
+                let b = 5;
+                let mut x = acts(b, cols, 9);
+                let mut all = vec![0f32; b * stacked.rows];
+                matmul(&stacked, &mut x, &mut all, prec);
+                let mut at = 0;
+                for p in parts() {
+                    let mut one = vec![0f32; b * p.rows];
+                    matmul(&p, &mut x, &mut one, prec);
+                    // Equal but for rounding: a block's scale taken for each 16 adds its
+                    // two halves' sums one after the other.
+                    for r in 0..b {
+                        let got = &all[r * stacked.rows + at..r * stacked.rows + at + p.rows];
+                        for (g, w) in got.iter().zip(&one[r * p.rows..(r + 1) * p.rows]) {
+                            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{prec:?} row {r}");
+                        }
+                    }
+                    at += p.rows;
+                }
+            }
         }
+        let odd = vec![matrix(GgmlType::Q8_0, 40, cols, 1), exact16(16, cols, 2)];
+        assert!(Matrix::stack(odd).is_err(), "rows not in groups of 16");
+        let offsets = vec![
+            offset(matrix(GgmlType::Q8_0, 32, cols, 1), Some(32), 2),
+            exact16(16, cols, 2),
+        ];
+        assert!(
+            Matrix::stack(offsets).is_err(),
+            "offsets beside exact values"
+        );
+    }
+
+    /// Stacked matrices (QKV, gate|up) give each part's product, offsets and all: a part
+    /// with offsets of 32, one of 16 and one without.
+    #[test]
+    fn stacked_parts_with_offsets_give_each_parts_product() {
+        let cols = 64;
+        let parts = || {
+            vec![
+                offset(matrix(GgmlType::Q8_0, 32, cols, 1), Some(32), 2),
+                offset(matrix(GgmlType::Q8_0, 16, cols, 3), Some(16), 4),
+                matrix(GgmlType::Q8_0, 48, cols, 5),
+            ]
+        };
+        let Ok(stacked) = Matrix::stack(parts()) else {
+            panic!("Q8_0 parts stack");
+        };
+        assert_eq!(stacked.offsets().map(|o| o.run), Some(16));
         for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
             let b = 3;
             let mut x = acts(b, cols, 9);

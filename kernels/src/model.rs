@@ -96,7 +96,10 @@ impl Projections {
     pub fn new(parts: Vec<Matrix>) -> Self {
         let widths = parts.iter().map(|m| m.rows).collect();
         match Matrix::stack(parts) {
-            Ok(m) => Projections::Stacked { m: Box::new(m), widths },
+            Ok(m) => Projections::Stacked {
+                m: Box::new(m),
+                widths,
+            },
             Err(parts) => Projections::Separate(parts),
         }
     }
@@ -187,9 +190,11 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
         // offsets beside it where the layout has them.
         ty if ty.quantized() => {
             let c = kquant::to_kernel_layout(ty, bytes);
+            // The file's own values where the packed kernels hold them (the K-quant
+            // scales the blocks round, Q6_K's scale per 16).
+            let exact = kquant::exact_packed(ty, rows, cols, bytes, &c);
             let mut m = Matrix::new(rows, cols, MatData::Quant(c.ty, c.data));
-            // Q6_K's own values, where the packed kernels hold them (a scale per 16).
-            if let Some(pk) = kquant::exact_packed(ty, rows, cols, bytes) {
+            if let Some(pk) = exact {
                 m = m.with_exact_packed(pk);
             }
             return Ok(match c.offsets {
@@ -235,6 +240,10 @@ fn log_conversions(g: &Gguf) -> bool {
                 .unwrap_or_default();
             let how = match fidelity {
                 kquant::Fidelity::Exact => format!("same values{offsets}"),
+                kquant::Fidelity::ScalesToF16 if packs => format!(
+                    "same values{offsets}, scales exact in the packed kernels, rounded to f16 \
+                     for f32 activations"
+                ),
                 kquant::Fidelity::ScalesToF16 => {
                     format!("same values, scales rounded to f16{offsets}")
                 }

@@ -195,6 +195,11 @@ impl Packed {
         self
     }
 
+    /// The layout of the weights' integers (Q4_0, Q4_1 or Q8_0).
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
     /// Scales per block and row (2: a scale per 16 values).
     pub fn runs(&self) -> usize {
         self.runs
@@ -233,6 +238,25 @@ impl Packed {
             scales,
             mins,
         })
+    }
+
+    /// The same integers under other scales, and other mins where `mins` is not empty:
+    /// `scales[n · nb + i]` (and `mins[...]`) for row `n`, block `i` — the f32 values of
+    /// scales that the file's blocks round (a K-quant sub-block's `d·sc`).
+    pub fn with_exact_scales(mut self, scales: &[f32], mins: &[f32]) -> Self {
+        assert_eq!(self.runs, 1);
+        assert_eq!(scales.len(), self.rows * self.nb);
+        assert!(mins.is_empty() || mins.len() == scales.len() && self.has_mins());
+        for (n, row) in scales.chunks_exact(self.nb).enumerate() {
+            let (g, l) = (n / LANES, n % LANES);
+            for (i, &v) in row.iter().enumerate() {
+                self.scales[(g * self.nb + i) * LANES + l] = v;
+                if let Some(&m) = mins.get(n * self.nb + i) {
+                    self.mins[(g * self.nb + i) * LANES + l] = m;
+                }
+            }
+        }
+        self
     }
 
     /// The same Q8_0 weights with a min per row and block added (`mins[n · nb + i]`, row
