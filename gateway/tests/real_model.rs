@@ -233,9 +233,10 @@ async fn greedy_decoding_matches_the_numpy_reference() {
     let refs = reference(&py, &path, &cases);
     let m = kernels::load::load(&path).unwrap();
     // A file whose values move at load for the CPU (scales rounded to f16, or
-    // requantized; the GPU path reads its own values) is held to a looser bound there,
-    // and its CPU greedy tokens may part from the reference's at a near-tie: they are
-    // reported, and the gateway must give the engine's.
+    // requantized; the GPU path reads its own values) is held to a looser bound there.
+    // The CPU's greedy tokens are the reference's, but that on such a file, or another
+    // than the default, they may part at a near-tie (the two tokens' logits within twice
+    // the bound): reported, and the gateway must give the engine's.
     let tol = logit_tol(&path, LOGIT_TOL);
     let converted = tol != LOGIT_TOL;
     let gw = Gateway::start(&engine_config(&path, ""));
@@ -265,15 +266,30 @@ async fn greedy_decoding_matches_the_numpy_reference() {
         let q8 = first_logits(&m, &ids, ActPrecision::Q8);
         let d8 = max_rel_diff(&q8, r["last_logits"].as_array().unwrap());
         eprintln!("{prompt:?}: logits within {d:.1e} (i16), {d8:.1e} (q8) of the reference");
-        if converted {
-            let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            eprintln!("{prompt:?}: the reference's first {same} of 16 greedy tokens (converted)");
-        } else {
-            assert_eq!(got, want, "greedy continuation of {prompt:?}");
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        eprintln!("{prompt:?}: the reference's first {same} of 16 greedy tokens");
+        if same < want.len() {
+            // Only at a near-tie, which error within the bound may flip: the default
+            // model's prompts have none, other files' may.
+            assert!(
+                std::env::var_os("TOLLGATE_TEST_MODEL").is_some() || converted,
+                "greedy continuation of {prompt:?}: {got:?} against {want:?}"
+            );
+            let mut prefix = ids.clone();
+            prefix.extend_from_slice(&want[..same]);
+            let l = first_logits(&m, &prefix, ActPrecision::I16);
+            let scale = l.iter().fold(1f32, |a, v| a.max(v.abs()));
+            let margin = (l[got[same] as usize] - l[want[same] as usize]) / scale;
+            eprintln!(
+                "{prompt:?}: parts at token {same}, a near-tie ({margin:.1e} of the largest logit)"
+            );
+            assert!(
+                margin <= 2.0 * tol,
+                "{prompt:?}: token {same} parts from the reference's by {margin} (no near-tie)"
+            );
         }
-        // What the gateway must answer: the engine's tokens (the reference's, but where
-        // converted).
-        let engine = if converted { got.clone() } else { want.clone() };
+        // What the gateway must answer: the engine's tokens.
+        let engine = got.clone();
         assert!(
             d < tol,
             "logits differ by {d} (relative to the largest) for {prompt:?}"
