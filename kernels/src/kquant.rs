@@ -20,14 +20,19 @@
 //!   ggml's quantizer makes in most super-blocks) is stored negated, under `−d`, as −128.
 //! - IQ4_NL → Q8_0 of `d` and the 16 levels (−127..=113): exact. IQ4_XS likewise per
 //!   sub-block, of scale `d·(ls − 32)` (rounded to f16).
-//! - Q6_K → packed 8-bit weights with a scale per 16 ([`exact_packed`]: `q − 32` and
-//!   `d·sc`, exact in f32) where the CPU runs the packed kernels, which take a scale per 16
-//!   for 8-bit weights: exact. Beside them (for f32 activations, and everywhere on a CPU
-//!   without packed kernels) Q8_0, requantized: `sc·q` up to 4,096 fits no 8-bit block;
-//!   the added error is at most half a Q8_0 step (the block's largest |value| / 254), about
-//!   a quarter of the file's own step (its 16 values' largest / 31). The cost, measured
-//!   against the numpy reference on the file's own values, is in BENCHMARKS.md ("GGUF
-//!   layouts").
+//! - Q6_K → Q8_0, requantized: `sc·q` up to 4,096 fits no 8-bit block; the added error is
+//!   at most half a Q8_0 step (the block's largest |value| / 254), about a quarter of the
+//!   file's own step (its 16 values' largest / 31).
+//!
+//! Where the CPU runs the packed kernels ([`crate::packed`]), whose scales are f32, the
+//! packed form keeps what the blocks round or cannot hold ([`exact_packed`], [`fidelity`]):
+//! Q4_K's, Q5_K's and IQ4_XS's sub-block scales `d·sc` (and Q4_K's min) in f32 — an f16
+//! times a 6-bit integer, exact — and Q6_K as 8-bit `q − 32` with its scale per 16, which
+//! those kernels apply 16 products at a time. So every layout here keeps the file's values
+//! there, for the 16- and 8-bit activation products and the rows (embeddings); the blocks
+//! above serve f32 activations and CPUs without packed kernels. What each costs, measured
+//! against the numpy reference on the file's own values, is in BENCHMARKS.md ("GGUF
+//! layouts").
 //!
 //! Layouts (`d`, `dmin`, `m` f16; 32-element blocks for Q5_x and IQ4_NL, 256-element
 //! super-blocks of 8 sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS) or 16 of 16 (Q2_K, Q3_K,
