@@ -863,14 +863,7 @@ mod tests {
     /// Weights with a scale per 16 (Q6_K's), which only the packed form holds, beside
     /// them requantized to Q8_0 ([`Matrix::with_exact_packed`]).
     fn exact16(rows: usize, cols: usize, seed: u64) -> Matrix {
-        let values: Vec<i8> = rand(rows * cols, seed)
-            .iter()
-            .map(|v| (v * 32.0).floor().clamp(-32.0, 31.0) as i8)
-            .collect();
-        let scales: Vec<f32> = rand(rows * cols / 16, seed + 1)
-            .iter()
-            .map(|v| f32::from(half::f16::from_f32(v * 0.05)))
-            .collect();
+        let (values, scales) = crate::testutil::runs16_weights(rows * cols, seed, 0.05);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| values[i] as f32 * scales[i / 16])
             .collect();
@@ -932,6 +925,29 @@ mod tests {
         }
     }
 
+    /// `stacked`'s product is each of `parts`' (as many rows, in order) but for rounding,
+    /// at every precision.
+    fn assert_stack_gives_each_parts_product(stacked: &Matrix, parts: &[Matrix], b: usize) {
+        let cols = stacked.cols;
+        for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
+            let mut x = acts(b, cols, 9);
+            let mut all = vec![0f32; b * stacked.rows];
+            matmul(stacked, &mut x, &mut all, prec);
+            let mut at = 0;
+            for p in parts {
+                let mut one = vec![0f32; b * p.rows];
+                matmul(p, &mut x, &mut one, prec);
+                for r in 0..b {
+                    let got = &all[r * stacked.rows + at..r * stacked.rows + at + p.rows];
+                    for (g, w) in got.iter().zip(&one[r * p.rows..(r + 1) * p.rows]) {
+                        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{prec:?} row {r}");
+                    }
+                }
+                at += p.rows;
+            }
+        }
+    }
+
     /// A Q4_1 matrix whose packed form has f32 scales and mins other than its blocks'
     /// f16 ones (a K-quant's exact sub-block scales).
     fn exact_q4_1(rows: usize, cols: usize, seed: u64) -> Matrix {
@@ -978,26 +994,9 @@ mod tests {
                 }
                 at += p.rows;
             }
-            for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
-                let b = 5;
-                let mut x = acts(b, cols, 9);
-                let mut all = vec![0f32; b * stacked.rows];
-                matmul(&stacked, &mut x, &mut all, prec);
-                let mut at = 0;
-                for p in parts() {
-                    let mut one = vec![0f32; b * p.rows];
-                    matmul(&p, &mut x, &mut one, prec);
-                    // Equal but for rounding: a block's scale taken for each 16 adds its
-                    // two halves' sums one after the other.
-                    for r in 0..b {
-                        let got = &all[r * stacked.rows + at..r * stacked.rows + at + p.rows];
-                        for (g, w) in got.iter().zip(&one[r * p.rows..(r + 1) * p.rows]) {
-                            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{prec:?} row {r}");
-                        }
-                    }
-                    at += p.rows;
-                }
-            }
+            // Equal but for rounding: a block's scale taken for each 16 adds its two
+            // halves' sums one after the other.
+            assert_stack_gives_each_parts_product(&stacked, &parts(), 5);
         }
         let odd = vec![matrix(GgmlType::Q8_0, 40, cols, 1), exact16(16, cols, 2)];
         assert!(Matrix::stack(odd).is_err(), "rows not in groups of 16");
@@ -1027,25 +1026,8 @@ mod tests {
             panic!("Q8_0 parts stack");
         };
         assert_eq!(stacked.offsets().map(|o| o.run), Some(16));
-        for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
-            let b = 3;
-            let mut x = acts(b, cols, 9);
-            let mut all = vec![0f32; b * stacked.rows];
-            matmul(&stacked, &mut x, &mut all, prec);
-            let mut at = 0;
-            for p in parts() {
-                let mut one = vec![0f32; b * p.rows];
-                matmul(&p, &mut x, &mut one, prec);
-                // Equal but for rounding: offsets of 32 are added as two of 16 once
-                // stacked beside a part of 16.
-                for r in 0..b {
-                    let got = &all[r * stacked.rows + at..r * stacked.rows + at + p.rows];
-                    for (g, w) in got.iter().zip(&one[r * p.rows..(r + 1) * p.rows]) {
-                        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{prec:?} row {r}");
-                    }
-                }
-                at += p.rows;
-            }
-        }
+        // Equal but for rounding: offsets of 32 are added as two of 16 once stacked beside
+        // a part of 16.
+        assert_stack_gives_each_parts_product(&stacked, &parts(), 3);
     }
 }

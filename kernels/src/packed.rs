@@ -809,14 +809,7 @@ mod tests {
 
     /// 8-bit weights −32..32 (Q6_K's) with a scale per 16 of either sign.
     fn runs16_matrix(rows: usize, cols: usize, seed: u64) -> Packed {
-        let values: Vec<i8> = rand(rows * cols, seed)
-            .iter()
-            .map(|v| (v * 32.0).floor().clamp(-32.0, 31.0) as i8)
-            .collect();
-        let scales: Vec<f32> = rand(rows * cols / 16, seed + 1)
-            .iter()
-            .map(|v| v * 0.01)
-            .collect();
+        let (values, scales) = crate::testutil::runs16_weights(rows * cols, seed, 0.01);
         Packed::from_i8_runs16(rows, cols, &values, &scales).expect("packs")
     }
 

@@ -21,3 +21,17 @@ pub fn with_q8_0_minimum(data: &mut [u8]) {
         b[2 + (7 * i) % 32] = 0x80;
     }
 }
+
+/// `n` 8-bit weights −32..32 (Q6_K's integers) and a scale per 16 of them, either sign,
+/// of magnitude up to `scale`, each an f16.
+pub fn runs16_weights(n: usize, seed: u64, scale: f32) -> (Vec<i8>, Vec<f32>) {
+    let values = rand(n, seed)
+        .iter()
+        .map(|v| (v * 32.0).floor().clamp(-32.0, 31.0) as i8)
+        .collect();
+    let scales = rand(n / 16, seed + 1)
+        .iter()
+        .map(|v| f32::from(half::f16::from_f32(v * scale)))
+        .collect();
+    (values, scales)
+}
