@@ -795,6 +795,37 @@ mod tests {
         }
     }
 
+    /// `w · x` at `prec`, each output within `tol` of Σ|w·x| (+ 1e-6) of the reference's
+    /// (`what` names the case): the outputs, and the largest error relative to Σ|w·x|.
+    fn near_reference(
+        w: &Matrix,
+        x: &mut Acts,
+        prec: ActPrecision,
+        tol: f32,
+        what: &str,
+    ) -> (Vec<f32>, f32) {
+        let (b, rows) = (x.rows, w.rows);
+        let mut out = vec![0f32; b * rows];
+        matmul(w, x, &mut out, prec);
+        let mut want = vec![0f32; b * rows];
+        matmul_reference(w, x, &mut want);
+        let mut row = vec![0f32; w.cols];
+        let mut worst = 0f32;
+        for n in 0..rows {
+            w.row_f32(n, &mut row);
+            for r in 0..b {
+                let size: f32 = row.iter().zip(x.row(r)).map(|(p, q)| (p * q).abs()).sum();
+                let (got, exp) = (out[r * rows + n], want[r * rows + n]);
+                worst = worst.max((got - exp).abs() / size);
+                assert!(
+                    (got - exp).abs() <= tol * size + 1e-6,
+                    "{what} ({r},{n}): {got} vs {exp}"
+                );
+            }
+        }
+        (out, worst)
+    }
+
     /// Every precision, weight type and layout (48 and 640 rows pack — 640 in calls over
     /// several groups — 40 do not), with and without offsets, at batch sizes that use every
     /// tile: close to the f32 product of the dequantized weights, and a row's result the
@@ -824,24 +855,8 @@ mod tests {
                     };
                     for b in [1usize, 5, 13, 30] {
                         let mut x = acts(b, cols, 9);
-                        let mut out = vec![0f32; b * rows];
-                        matmul(&w, &mut x, &mut out, prec);
-                        let mut want = vec![0f32; b * rows];
-                        matmul_reference(&w, &x, &mut want);
-                        let mut row = vec![0f32; cols];
-                        for n in 0..rows {
-                            w.row_f32(n, &mut row);
-                            for r in 0..b {
-                                let size: f32 =
-                                    row.iter().zip(x.row(r)).map(|(p, q)| (p * q).abs()).sum();
-                                let (got, exp) = (out[r * rows + n], want[r * rows + n]);
-                                assert!(
-                                    (got - exp).abs() <= tol * size + 1e-6,
-                                    "{ty:?} {run:?} {rows}×{cols} {prec:?} b={b} ({r},{n}): \
-                                     {got} vs {exp}"
-                                );
-                            }
-                        }
+                        let what = format!("{ty:?} {run:?} {rows}×{cols} {prec:?} b={b}");
+                        let (out, _) = near_reference(&w, &mut x, prec, tol, &what);
                         // Each row alone gives the same bits as in the batch.
                         for r in [0, b - 1] {
                             let mut one = acts(1, cols, 0);
@@ -882,7 +897,6 @@ mod tests {
         for run in [None, Some(16), Some(32)] {
             for rows in [48, 640] {
                 let w = offset(exact16(rows, cols, 5), run, 6);
-                let mut row = vec![0f32; cols];
                 for prec in [ActPrecision::I16, ActPrecision::Q8, ActPrecision::F32] {
                     let tol = match prec {
                         // 8-bit weights meet 16-bit activations at either.
@@ -892,24 +906,8 @@ mod tests {
                     };
                     for b in [1usize, 13] {
                         let mut x = acts(b, cols, 9);
-                        let mut out = vec![0f32; b * rows];
-                        matmul(&w, &mut x, &mut out, prec);
-                        let mut want = vec![0f32; b * rows];
-                        matmul_reference(&w, &x, &mut want);
-                        let mut worst = 0f32;
-                        for n in 0..rows {
-                            w.row_f32(n, &mut row);
-                            for r in 0..b {
-                                let size: f32 =
-                                    row.iter().zip(x.row(r)).map(|(p, q)| (p * q).abs()).sum();
-                                let (got, exp) = (out[r * rows + n], want[r * rows + n]);
-                                worst = worst.max((got - exp).abs() / size);
-                                assert!(
-                                    (got - exp).abs() <= tol * size + 1e-6,
-                                    "{run:?} {rows} {prec:?} b={b} ({r},{n}): {got} vs {exp}"
-                                );
-                            }
-                        }
+                        let what = format!("{run:?} {rows} {prec:?} b={b}");
+                        let (out, worst) = near_reference(&w, &mut x, prec, tol, &what);
                         if prec == ActPrecision::F32 {
                             // The requantized copy is not the weights: the kernels' path is.
                             assert!(worst > 1e-5, "f32 activations read the Q8_0 copy");
