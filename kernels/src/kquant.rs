@@ -323,31 +323,24 @@ pub fn exact_packed(
         return None;
     }
     if ty != GgmlType::Q6_K {
-        // Per 32-element sub-block, in order: its scale, and Q4_K's min.
-        let (subs, q4k) = (QK_K / QK, ty == GgmlType::Q4_K);
-        let mut scales = vec![0f32; rows * cols / QK];
-        let mut mins = vec![0f32; if q4k { scales.len() } else { 0 }];
-        let mut mins_by_block: Vec<&mut [f32]> = match q4k {
-            true => mins.chunks_mut(subs).collect(),
-            false => Vec::new(),
-        };
-        scales
-            .chunks_mut(subs)
-            .zip(src.chunks(ty.block_bytes()))
-            .enumerate()
-            .for_each(|(k, (sc, b))| {
-                for (j, sc) in sc.iter_mut().enumerate() {
-                    if ty == GgmlType::IQ4_XS {
-                        *sc = iq4_xs_sub_block(b, j).1;
-                    } else {
+        // Per 32-element sub-block, in order: its scale, and its min (Q4_K's; kept for it).
+        let (scales, mins): (Vec<f32>, Vec<f32>) = src
+            .chunks(ty.block_bytes())
+            .flat_map(|b| {
+                (0..QK_K / QK).map(move |j| match ty {
+                    GgmlType::IQ4_XS => (iq4_xs_sub_block(b, j).1, 0.0),
+                    _ => {
                         let (_, d1, m1) = k_sub_block(ty, b, j);
-                        *sc = d1;
-                        if let Some(mn) = mins_by_block.get_mut(k) {
-                            mn[j] = -m1;
-                        }
+                        (d1, -m1)
                     }
-                }
-            });
+                })
+            })
+            .unzip();
+        let mins = if ty == GgmlType::Q4_K {
+            mins
+        } else {
+            Vec::new()
+        };
         let pk = Packed::new(converted.ty, rows, cols, &converted.data)?
             .with_exact_scales(&scales, &mins);
         // Q5_K's offsets, as the kernels' mins (as `Matrix::packed` would add them).

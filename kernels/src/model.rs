@@ -234,7 +234,7 @@ fn log_conversions(g: &Gguf) -> bool {
             let (to, fidelity) = kquant::kernel_layout(t.ty);
             // dims = [cols, rows]
             let packs = kquant::packs_exactly(t.ty, t.dims[1]);
-            inexact |= kquant::fidelity(t.ty, t.dims[1]) != kquant::Fidelity::Exact;
+            inexact |= fidelity != kquant::Fidelity::Exact && !packs;
             let offsets = kquant::offset_run(t.ty)
                 .map(|run| format!(", an offset per {run}"))
                 .unwrap_or_default();

@@ -142,42 +142,17 @@ impl Packed {
     /// row by row, and `scales[n · cols / 16 + j]` for values `16j .. 16j + 16` of row `n`.
     /// `None` for a shape the layout does not take (as [`Packed::new`]).
     pub fn from_i8_runs16(rows: usize, cols: usize, values: &[i8], scales: &[f32]) -> Option<Self> {
-        const RUN: usize = QK / 2;
-        if !rows.is_multiple_of(LANES)
-            || !cols.is_multiple_of(QK)
-            || values.len() != rows * cols
-            || scales.len() != rows * cols / RUN
-        {
+        if values.len() != rows * cols || scales.len() * 16 != rows * cols {
             return None;
         }
-        let (nb, vb, groups) = (cols / QK, Self::vb(GgmlType::Q8_0), rows / LANES);
-        let mut vals = vec![0u8; groups * nb * vb];
-        let mut held = vec![0f32; groups * nb * 2 * LANES];
-        for n in 0..rows {
-            let (g, l) = (n / LANES, n % LANES);
-            for i in 0..nb {
-                let gi = g * nb + i;
-                let v = &mut vals[gi * vb..(gi + 1) * vb];
-                let src = &values[n * cols + i * QK..n * cols + (i + 1) * QK];
-                for p in 0..QK / 2 {
-                    v[32 * p + 2 * l] = src[2 * p] as u8;
-                    v[32 * p + 2 * l + 1] = src[2 * p + 1] as u8;
-                }
-                for h in 0..2 {
-                    held[(gi * 2 + h) * LANES + l] = scales[n * cols / RUN + 2 * i + h];
-                }
-            }
-        }
-        Some(Self {
-            ty: GgmlType::Q8_0,
-            rows,
-            cols,
-            nb,
-            runs: 2,
-            vals,
-            scales: held,
-            mins: Vec::new(),
-        })
+        // Q8_0 blocks of scale 1 packed, then each 16's own scale put in.
+        let one = f16::ONE.to_le_bytes();
+        let blocks: Vec<u8> = values
+            .chunks(QK)
+            .flat_map(|c| one.iter().copied().chain(c.iter().map(|&v| v as u8)))
+            .collect();
+        let pk = Self::new(GgmlType::Q8_0, rows, cols, &blocks)?;
+        Some(pk.with_runs16().with_exact_scales(scales, &[]))
     }
 
     /// The same 8-bit weights with a scale per 16 (each block's, twice), so that they
@@ -241,18 +216,21 @@ impl Packed {
     }
 
     /// The same integers under other scales, and other mins where `mins` is not empty:
-    /// `scales[n · nb + i]` (and `mins[...]`) for row `n`, block `i` — the f32 values of
-    /// scales that the file's blocks round (a K-quant sub-block's `d·sc`).
+    /// `scales[(n · nb + i) · runs + h]` (and `mins[n · nb + i]`) for row `n`, block `i`,
+    /// its scale `h` — the f32 values of scales that the file's blocks round (a K-quant
+    /// sub-block's `d·sc`) or cannot hold (Q6_K's per 16).
     pub fn with_exact_scales(mut self, scales: &[f32], mins: &[f32]) -> Self {
-        assert_eq!(self.runs, 1);
-        assert_eq!(scales.len(), self.rows * self.nb);
-        assert!(mins.is_empty() || mins.len() == scales.len() && self.has_mins());
-        for (n, row) in scales.chunks_exact(self.nb).enumerate() {
+        let runs = self.runs;
+        assert_eq!(scales.len(), self.rows * self.nb * runs);
+        assert!(mins.is_empty() || mins.len() * runs == scales.len() && self.has_mins());
+        for (n, row) in scales.chunks_exact(self.nb * runs).enumerate() {
             let (g, l) = (n / LANES, n % LANES);
-            for (i, &v) in row.iter().enumerate() {
-                self.scales[(g * self.nb + i) * LANES + l] = v;
-                if let Some(&m) = mins.get(n * self.nb + i) {
-                    self.mins[(g * self.nb + i) * LANES + l] = m;
+            for (k, &v) in row.iter().enumerate() {
+                let (gi, h) = (g * self.nb + k / runs, k % runs);
+                let at = self.scale_at(gi, h) + l;
+                self.scales[at] = v;
+                if let Some(&m) = mins.get(n * self.nb + k / runs) {
+                    self.mins[gi * LANES + l] = m;
                 }
             }
         }
@@ -295,9 +273,16 @@ impl Packed {
         }
     }
 
+    /// Where the 16 rows' scales `h` (0 where a block has one) of block `gi` (of all
+    /// groups') begin in `scales`.
+    #[inline(always)]
+    fn scale_at(&self, gi: usize, h: usize) -> usize {
+        (gi * self.runs + h) * LANES
+    }
+
     /// Row `n`'s scale for block `gi` (of all groups'), half `h` (0 where a block has one).
     fn scale(&self, gi: usize, h: usize, l: usize) -> f32 {
-        self.scales[(gi * self.runs + h.min(self.runs - 1)) * LANES + l]
+        self.scales[self.scale_at(gi, h.min(self.runs - 1)) + l]
     }
 
     /// Dequantizes row `n` into `out`.
@@ -602,7 +587,7 @@ mod vnni {
                 let pairs = QK / 2 / RUNS;
                 for h in 0..RUNS {
                     let mut acc = [_mm512_setzero_si512(); R];
-                    for pp in 0..QK / 2 / RUNS {
+                    for pp in 0..pairs {
                         let p = h * pairs + pp;
                         let w = if Q8 {
                             _mm512_cvtepi8_epi16(
@@ -626,15 +611,7 @@ mod vnni {
                     }
                     let mins = (h + 1 == RUNS && (!Q8 || pk.has_mins()))
                         .then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-                    add_block(
-                        pk,
-                        (gi * RUNS + h) * LANES,
-                        gi * LANES,
-                        &mut out,
-                        &acc,
-                        dr,
-                        mins,
-                    );
+                    add_block(pk, pk.scale_at(gi, h), gi * LANES, &mut out, &acc, dr, mins);
                 }
             }
             hand_over(g, &out, put);

@@ -99,7 +99,7 @@ unsafe fn i16_rows<const R: usize, const Q8W: bool, const RUNS: usize, const VNN
                 let pairs = QK / 2 / RUNS;
                 for run in 0..RUNS {
                     let mut acc = [_mm256_setzero_si256(); R];
-                    for pp in 0..QK / 2 / RUNS {
+                    for pp in 0..pairs {
                         let p = run * pairs + pp;
                         let w = if Q8W {
                             // Lane l: bytes 2l, 2l + 1 of the pair's 32 → i16 pair.
@@ -129,7 +129,7 @@ unsafe fn i16_rows<const R: usize, const Q8W: bool, const RUNS: usize, const VNN
                     }
                     let mins = (run + 1 == RUNS && (!Q8W || pk.has_mins()))
                         .then(|| from_fn(|r| *xsum[r].get_unchecked(i)));
-                    let sc = (gi * RUNS + run) * LANES + HALF * h;
+                    let sc = pk.scale_at(gi, run) + HALF * h;
                     add_block(pk, sc, gi * LANES + HALF * h, &mut out, &acc, dr, mins);
                 }
             }

@@ -113,15 +113,7 @@ unsafe fn each_block<const R: usize, const RUNS: usize>(
             for h in 0..RUNS {
                 let (acc, d, s) = block(i, pk.vals.as_ptr().add(gi * vb), h);
                 let s = s.filter(|_| h + 1 == RUNS);
-                add_block(
-                    pk,
-                    (gi * RUNS + h) * LANES,
-                    gi * LANES,
-                    &mut out,
-                    &acc,
-                    d,
-                    s,
-                );
+                add_block(pk, pk.scale_at(gi, h), gi * LANES, &mut out, &acc, d, s);
             }
         }
         put(g, &out);
