@@ -182,6 +182,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok("tensor") => gateway::config::AttentionKind::Tensor,
             _ => gateway::config::AttentionKind::Simt,
         },
+        threads: std::env::var("THREADS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
         ..EngineConfig::default()
     };
     let w = Arc::new(EngineWorker::start("bench".into(), &loaded, &cfg, 0)?);

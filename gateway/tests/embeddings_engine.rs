@@ -4,7 +4,7 @@
 //! where the engine plans each step while the one before runs: an embedding's last row
 //! comes back with its step's tokens). A prompt's vector is the same alone, again from the
 //! prefix cache, many at once, and amid other requests being generated, whose outputs are
-//! those of their solo runs.
+//! those of their solo runs. A file that asks for another pooling gets embeddings refused.
 
 mod common;
 use futures::StreamExt;
@@ -77,6 +77,76 @@ async fn embeddings_on_the_emulated_gpu_path() {
     if common::emulator_present() {
         case(BackendKind::Emulator).await;
     }
+}
+
+/// A model whose file asks for embeddings pooled otherwise (`llama.pooling_type`: mean)
+/// gets embeddings requests refused, in the worker and through the API, with the reason;
+/// it still generates. One that names the last token explicitly embeds as one that
+/// names nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_that_asks_for_another_pooling_gets_no_embeddings() {
+    let dir = common::tempdir::TempDir::new();
+    let write = |name: &str, pooling_type| {
+        let path = dir.0.join(name);
+        let spec = kernels::synth::SynthSpec {
+            pooling_type,
+            ..kernels::synth::SynthSpec::tiny()
+        };
+        kernels::synth::write_model(&path, &spec).expect("written");
+        path
+    };
+    let mean = write("mean.gguf", Some(1));
+    let loaded = kernels::load::load(&mean).expect("loads");
+    let w = common::engine_on(&loaded, BackendKind::Cpu);
+    let mut r = (*common::worker_req("the quick brown fox", 0)).clone();
+    r.embed = true;
+    match w.submit(Arc::new(r)).await {
+        Err(gateway::worker::WorkerError::Rejected { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains("mean embeddings") && message.contains("llama.pooling_type"),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an embeddings request taken by a mean-pooled model"),
+    }
+    assert!(!generate(&w, "once upon a time").await.is_empty());
+    drop(w);
+
+    let gw = common::Gateway::start(&common::engine_config(&mean, ""));
+    common::refused(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model": "m", "input": ["one", "two"]}"#,
+        "asks for mean embeddings",
+    )
+    .await;
+    let chat = common::post_json(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#,
+    )
+    .await;
+    assert!(
+        chat["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{chat}"
+    );
+
+    // `llama.pooling_type = 3` (last): the same vectors as a file that says nothing.
+    let (last, plain) = (write("last.gguf", Some(3)), write("plain.gguf", None));
+    let (last, plain) = (
+        kernels::load::load(&last).expect("loads"),
+        kernels::load::load(&plain).expect("loads"),
+    );
+    let (a, b) = (
+        common::engine_on(&last, BackendKind::Cpu),
+        common::engine_on(&plain, BackendKind::Cpu),
+    );
+    let ((va, _), (vb, _)) = (embed(&a, &prompt(1)).await, embed(&b, &prompt(1)).await);
+    assert_eq!(va, vb);
 }
 
 async fn case(backend: BackendKind) {

@@ -19,6 +19,56 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     pub rms_eps: f32,
     pub context_len: usize,
+    /// How the file says an embedding is made from the tokens' final hidden states.
+    pub pooling: Pooling,
+}
+
+/// How a sequence's embedding is made from its tokens' final hidden states, as the file
+/// says (`llama.pooling_type`, llama.cpp's numbering). Engines make the last token's
+/// (what a causal model's embedding is), and refuse embeddings from a file that asks
+/// for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last token's state (3; also when the file says nothing, or "unspecified").
+    Last,
+    /// Every token's state, none pooled (0).
+    None,
+    /// The mean over the tokens (1).
+    Mean,
+    /// The first token's state (2: BERT's `[CLS]`).
+    Cls,
+    /// A reranker's score from the states (4).
+    Rank,
+    /// A number llama.cpp does not define.
+    Other(u64),
+}
+
+impl Pooling {
+    /// From the file's `llama.pooling_type`: absent, negative (-1, "unspecified") or a
+    /// value that is no integer leave the engine's own, the last token.
+    fn from_gguf(g: &Gguf) -> Self {
+        match g.get("llama.pooling_type").and_then(|v| v.as_u64()) {
+            None | Some(3) => Pooling::Last,
+            Some(0) => Pooling::None,
+            Some(1) => Pooling::Mean,
+            Some(2) => Pooling::Cls,
+            Some(4) => Pooling::Rank,
+            Some(n) => Pooling::Other(n),
+        }
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pooling::Last => f.write_str("last-token"),
+            Pooling::None => f.write_str("per-token (no pooling)"),
+            Pooling::Mean => f.write_str("mean"),
+            Pooling::Cls => f.write_str("first-token (CLS)"),
+            Pooling::Rank => f.write_str("rank (a reranker)"),
+            Pooling::Other(n) => write!(f, "pooling type {n}"),
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -35,6 +85,7 @@ impl LlamaConfig {
             rope_base: 100000.0,
             rms_eps: 1e-5,
             context_len: 8192,
+            pooling: Pooling::Last,
         }
     }
 
@@ -77,6 +128,7 @@ impl LlamaConfig {
                 .get_f64("llama.attention.layer_norm_rms_epsilon")
                 .unwrap_or(1e-5) as f32,
             context_len: u("context_length").unwrap_or(2048),
+            pooling: Pooling::from_gguf(g),
         })
     }
 

@@ -45,6 +45,8 @@ pub struct SynthSpec {
     /// llama.cpp's quantizer does (Q2_K, Q3_K → Q4_0; Q4_K → Q5_0, Q5_K → Q5_1, Q6_K →
     /// Q8_0, IQ4_XS → IQ4_NL).
     pub types: Vec<(&'static str, GgmlType)>,
+    /// `llama.pooling_type`, written when set (embedding models' files carry it).
+    pub pooling_type: Option<u32>,
 }
 
 impl Default for SynthSpec {
@@ -61,6 +63,7 @@ impl Default for SynthSpec {
             seed: 42,
             matrix_type: GgmlType::Q4_1,
             types: Vec::new(),
+            pooling_type: None,
         }
     }
 }
@@ -79,6 +82,7 @@ impl SynthSpec {
             seed: 7,
             matrix_type: GgmlType::Q4_1,
             types: Vec::new(),
+            pooling_type: None,
         }
     }
 
@@ -243,7 +247,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let (tokens, types, merges) = vocabulary(s.vocab.max(259));
     let vocab = tokens.len();
     let u32v = |v: usize| Value::U32(v as u32);
-    let meta: Vec<(String, Value)> = vec![
+    let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
         (
             "general.name".into(),
@@ -283,6 +287,9 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             Value::String(CHATML.into()),
         ),
     ];
+    if let Some(p) = s.pooling_type {
+        meta.push(("llama.pooling_type".into(), Value::U32(p)));
+    }
     let mut rng = Rng(s.seed);
     let mut mat = |name: String, cols: usize, rows: usize, std: f32| {
         let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal(std)).collect();

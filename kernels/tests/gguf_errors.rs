@@ -96,3 +96,26 @@ fn unsupported_types_and_shape_mismatches_are_errors() {
         Ok(_) => panic!("shape mismatch accepted"),
     }
 }
+
+#[test]
+fn the_files_pooling_type_is_read_and_its_absence_is_the_last_token() {
+    use kernels::model::Pooling;
+    for (written, want) in [
+        (None, Pooling::Last),
+        (Some(3), Pooling::Last),
+        (Some(0), Pooling::None),
+        (Some(1), Pooling::Mean),
+        (Some(2), Pooling::Cls),
+        (Some(4), Pooling::Rank),
+        (Some(9), Pooling::Other(9)),
+    ] {
+        let p = tmp(&format!("pooling-{written:?}"));
+        let spec = SynthSpec {
+            pooling_type: written,
+            ..SynthSpec::tiny()
+        };
+        write_model(&p, &spec).unwrap();
+        let loaded = kernels::load::load(&p).expect("a model of any pooling loads");
+        assert_eq!(loaded.model.config.pooling, want, "{written:?}");
+    }
+}

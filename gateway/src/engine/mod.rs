@@ -38,6 +38,7 @@ use futures::FutureExt;
 use kernels::chat::{ChatTemplate, Message};
 use kernels::json_mode::JsonState;
 use kernels::load::Loaded;
+use kernels::model::Pooling;
 use kernels::sampler::{Penalties, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
 use outbox::{Events, Outbox};
@@ -144,6 +145,9 @@ pub struct EngineWorker {
     tokenizer: Arc<Tokenizer>,
     template: Arc<ChatTemplate>,
     max_context: usize,
+    /// How the model's file says its embeddings are made: the engine makes the last
+    /// token's, and refuses embeddings where the file asks for another.
+    pooling: Pooling,
     stats: Arc<EngineStats>,
     max_concurrency: usize,
     /// A step running longer takes the engine out of rotation (`step_timeout_secs`).
@@ -187,6 +191,15 @@ impl EngineWorker {
         let (bs, n_blocks) = backend.kv_geometry();
         // A backend built again after a device fault gets the same KV cache.
         factory.kv_blocks = Some(n_blocks);
+        let pooling = loaded.model.config.pooling;
+        if pooling != Pooling::Last {
+            tracing::warn!(
+                worker = %name,
+                pooling = %pooling,
+                "the model's file asks for {pooling} embeddings; the engine makes last-token \
+                 ones only, so it refuses embeddings requests (generation is unaffected)"
+            );
+        }
         let model_ctx = loaded.model.config.context_len;
         let max_context = model_ctx.min(bs * n_blocks);
         let stats = Arc::new(EngineStats::default());
@@ -238,6 +251,7 @@ impl EngineWorker {
             tokenizer: loaded.tokenizer.clone(),
             template: loaded.template.clone(),
             max_context,
+            pooling,
             stats,
             max_concurrency: sizes.max_concurrency,
             step_timeout: std::time::Duration::from_secs_f64(cfg.step_timeout_secs),
@@ -297,6 +311,13 @@ impl EngineWorker {
             message,
         };
         crate::worker::one_plain_input(req)?;
+        if req.embed && self.pooling != Pooling::Last {
+            return Err(reject(format!(
+                "This model's file asks for {} embeddings (`llama.pooling_type`); this \
+                 engine makes the last token's only.",
+                self.pooling
+            )));
+        }
         // Ids the gateway made with this model's tokenizer (`tokenize_prompt`), checked
         // there.
         let prompt = match &req.prompt_ids {
