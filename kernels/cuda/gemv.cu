@@ -55,26 +55,46 @@ __device__ __forceinline__ void stage_piece(const float* p, int lane, float (&x)
     x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
 }
 
-// The product of the staged rows xs[m × k] (every thread of the block), COLS adjacent
-// columns per warp at a time (grid-stride over groups of COLS; n a multiple of COLS): for
-// each row r < m, lane 0 calls out(r, j, sums) with the sums of columns j .. j + COLS − 1.
-// Each column's sum runs in the same order whatever COLS.
-template <int COLS, typename Out>
-__device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __restrict__ w, int m,
-                                             int k, int n, Out out) {
+// A matrix's weights as the product reads them, a lane's 16-byte or smaller piece (8
+// weights of a row) at a time: `load(j, c)` reads piece c of row j, `expand` makes its 8
+// weights. f16 rows (the default, dequantized at load) here; the file's own 4- and 8-bit
+// blocks below (WeightsQ4, WeightsQ8).
+struct WeightsF16 {
+    const half_t* __restrict__ w;
+    int k;
+    typedef uint4 Piece;
+    __device__ __forceinline__ Piece load(int j, int c) const {
+        return reinterpret_cast<const uint4*>(w + (size_t)j * k)[c];
+    }
+    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            wv[2 * h] = h2f((half_t)(words[h] & 0xffffu));
+            wv[2 * h + 1] = h2f((half_t)(words[h] >> 16));
+        }
+    }
+};
+
+// The product of the staged rows xs[m × k] (every thread of the block) and the weights W
+// (rows of k), COLS adjacent columns per warp at a time (grid-stride over groups of COLS;
+// n a multiple of COLS): for each row r < m, lane 0 calls out(r, j, sums) with the sums
+// of columns j .. j + COLS − 1. Each column's sum runs in the same order whatever COLS.
+template <int COLS, typename W, typename Out>
+__device__ __forceinline__ void gemv_columns(const float* xs, const W& w, int m, int k, int n,
+                                             Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int chunks = k / 8;  // 16-byte pieces of a weight row; lane l takes l, l + 32, ...
+    int chunks = k / 8;  // pieces of 8 weights in a row; lane l takes l, l + 32, ...
     for (int g = blockIdx.x * warps + warp; g * COLS < n; g += gridDim.x * warps) {
         int j = g * COLS;
         // Every piece of the lane's columns is loaded before the first is used, so that
         // a warp has all of its loads in flight at once rather than one round at a time.
-        uint4 v[COLS][GEMV_MAX_K / 256];
+        typename W::Piece v[COLS][GEMV_MAX_K / 256];
 #pragma unroll
         for (int q = 0; q < COLS; ++q) {
-            const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(j + q) * k);
 #pragma unroll
             for (int i = 0; i < GEMV_MAX_K / 256; ++i)
-                if (lane + 32 * i < chunks) v[q][i] = row[lane + 32 * i];
+                if (lane + 32 * i < chunks) v[q][i] = w.load(j + q, lane + 32 * i);
         }
         float acc[COLS][GEMV_MAX_ROWS];
 #pragma unroll
@@ -87,13 +107,8 @@ __device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __re
             if (c >= chunks) break;
 #pragma unroll
             for (int q = 0; q < COLS; ++q) {
-                u32 words[4] = {v[q][i].x, v[q][i].y, v[q][i].z, v[q][i].w};
                 float wv[8];
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    wv[2 * h] = h2f((half_t)(words[h] & 0xffffu));
-                    wv[2 * h + 1] = h2f((half_t)(words[h] >> 16));
-                }
+                w.expand(v[q][i], wv);
 #pragma unroll
                 for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
                     if (r >= m) break;
@@ -116,10 +131,17 @@ __device__ __forceinline__ void gemv_columns(const float* xs, const half_t* __re
 }
 
 // The plain product's output: y[r, j] = the sum.
-__device__ __forceinline__ void gemv_store(const float* xs, const half_t* __restrict__ w,
-                                           float* __restrict__ y, int m, int k, int n) {
+template <typename W>
+__device__ __forceinline__ void gemv_store(const float* xs, const W& w, float* __restrict__ y,
+                                           int m, int k, int n) {
     gemv_columns<1>(xs, w, m, k, n,
                     [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
+}
+
+// The f16 rows of x (m × k) staged as f32 for the block's product.
+__device__ __forceinline__ void stage_rows(float* xs, const half_t* __restrict__ x, int m, int k) {
+    for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
+    __syncthreads();
 }
 
 // add_rmsnorm's rows staged into xs (warp i of the block makes row i; see gemv_f16_norm).
@@ -149,9 +171,8 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
     int n) {
     pdl_begin_prefetch_row(w, k * 2, n);
     __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
-    __syncthreads();
-    gemv_store(xs, w, y, m, k, n);
+    stage_rows(xs, x, m, k);
+    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
 }
 
 // add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
@@ -166,7 +187,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     pdl_begin_prefetch_row(w, k * 2, n);
     __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
-    gemv_store(xs, w, y, m, k, n);
+    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
 }
 
 // gemv_f16_norm for the QKV product, with rope_kv_write in its epilogue: y is the QKV
@@ -185,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
     __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
     stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
+    gemv_columns<2>(xs, WeightsF16{w, k}, m, k, n, [=](int r, int j, const float* sums) {
         float pair[2] = {sums[0], sums[1]};
         int in_head = j % head_dim;
         if (j < qd + kvd) {
@@ -219,5 +240,71 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
         xs[e] = h2f(f2h(silu_mul(row[j], row[k + j])));
     }
     __syncthreads();
-    gemv_store(xs, w, y, m, k, n);
+    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
+}
+
+// The file's own quantized blocks, for the same product (`gemv_q4`, `gemv_q8`): a candidate
+// against `gemv_f16` at a few rows, since a decode step of few rows is the reading of its
+// weights, and these are 5 or 9 bits a weight where f16 is 16. Laid out at load
+// (`gemv::QuantRows`): q holds each row's pieces of 8 weights, s each block of 32 its
+// scale d and offset m as an f16 pair (low half d), and a weight is d · q + m — the value
+// the file's block dequantizes to, in f32 (d · q is exact there).
+//
+// 4-bit (Q4_0 with m = −8d, Q4_1): a piece is one word, weight h of it in bits 4h .. 4h + 3.
+struct WeightsQ4 {
+    const u32* __restrict__ q;
+    const u32* __restrict__ s;
+    int k;
+    struct Piece {
+        u32 nibbles, scale;
+    };
+    __device__ __forceinline__ Piece load(int j, int c) const {
+        return Piece{q[(size_t)j * (k / 8) + c], s[(size_t)j * (k / 32) + c / 4]};
+    }
+    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
+        float d = h2f((half_t)(v.scale & 0xffffu)), m = h2f((half_t)(v.scale >> 16));
+#pragma unroll
+        for (int h = 0; h < 8; ++h) wv[h] = fmaf(d, (float)((v.nibbles >> (4 * h)) & 15u), m);
+    }
+};
+
+// 8-bit (Q8_0, m = 0): a piece is two words, weight h of it the signed byte h.
+struct WeightsQ8 {
+    const u32* __restrict__ q;
+    const u32* __restrict__ s;
+    int k;
+    struct Piece {
+        uint2 bytes;
+        u32 scale;
+    };
+    __device__ __forceinline__ Piece load(int j, int c) const {
+        const uint2* rows = reinterpret_cast<const uint2*>(q);
+        return Piece{rows[(size_t)j * (k / 8) + c], s[(size_t)j * (k / 32) + c / 4]};
+    }
+    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
+        float d = h2f((half_t)(v.scale & 0xffffu)), m = h2f((half_t)(v.scale >> 16));
+#pragma unroll
+        for (int h = 0; h < 8; ++h) {
+            u32 word = h < 4 ? v.bytes.x : v.bytes.y;
+            wv[h] = fmaf(d, (float)(signed char)((word >> (8 * (h & 3))) & 0xffu), m);
+        }
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k / 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    stage_rows(xs, x, m, k);
+    gemv_store(xs, WeightsQ4{q, s, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    stage_rows(xs, x, m, k);
+    gemv_store(xs, WeightsQ8{q, s, k}, y, m, k, n);
 }

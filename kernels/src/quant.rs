@@ -57,7 +57,7 @@ fn h(b: &[u8], i: usize) -> f32 {
 }
 
 /// One quantized block as integers: element j = `d · q[j] + m`.
-fn unpack(ty: GgmlType, b: &[u8]) -> ([i32; QK], f32, f32) {
+pub(crate) fn unpack(ty: GgmlType, b: &[u8]) -> ([i32; QK], f32, f32) {
     let mut q = [0i32; QK];
     let d = h(b, 0);
     let m = match ty {

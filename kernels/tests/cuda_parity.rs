@@ -21,6 +21,7 @@ use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
 use kernels::cuda::twins::{self, SampleParams};
 use kernels::cuda::{norm_launch, swiglu_launch};
 use kernels::forward::Batch;
+use kernels::gguf::GgmlType;
 use kernels::model::LlamaConfig;
 
 /// xorshift64*: reproducible random inputs without a dependency.
@@ -718,6 +719,76 @@ fn gemv_case<E: Exec>(g: &E) {
     );
 }
 
+#[test]
+fn quantized_gemv_matches_the_product_of_the_files_values() {
+    on_each!(gemv_quant_case);
+}
+
+/// The file's blocks in `ty` of `n × k` random weights, and the values they dequantize to.
+fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let w = rng.vec(n * k, 1.0);
+    let mut blocks = Vec::new();
+    match ty {
+        GgmlType::Q4_0 => kernels::quant::quantize_row_q4_0(&w, &mut blocks),
+        GgmlType::Q4_1 => kernels::quant::quantize_row_q4_1(&w, &mut blocks),
+        _ => kernels::quant::quantize_row_q8_0(&w, &mut blocks),
+    }
+    let mut values = vec![0f32; n * k];
+    kernels::quant::dequantize_row(ty, &blocks, &mut values);
+    (blocks, values)
+}
+
+/// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 8 rows,
+/// against the product of the values the blocks dequantize to (f16 inputs, sums in f64):
+/// SmolLM2's widths and the widest rows the kernels take, column counts that are no
+/// multiple of the block's warps, a poisoned output; and the launches refused.
+fn gemv_quant_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::{fits, gemv_quant, QuantRows, MAX_K};
+    let mut rng = Rng(17);
+    for (ty, k, n) in [
+        (GgmlType::Q4_1, 576, 1003),
+        (GgmlType::Q4_0, 1536, 77),
+        (GgmlType::Q8_0, 576, 259),
+        (GgmlType::Q8_0, MAX_K, 33),
+        (GgmlType::Q4_1, MAX_K, 41),
+    ] {
+        let (blocks, w) = quant_weights(&mut rng, ty, n, k);
+        let rows = QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout");
+        let (q, s) = (up(g, &rows.q), up(g, &rows.s));
+        let wq = (&q, &s, rows.bits);
+        for m in (1..=8).filter(|&m| fits(m, k)) {
+            let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| {
+                    let (r, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let xd = up(g, &x);
+            let mut y = up(g, &vec![f32::NAN; m * n]);
+            gemv_quant(g, &xd, wq, &mut y, m, k, n).unwrap();
+            let e = rel(&down(g, &y), &want);
+            assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
+        }
+        let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
+        assert!(gemv_quant(g, &xd, wq, &mut y, 9, k, n).is_err(), "9 rows");
+        assert!(
+            gemv_quant(g, &xd, (&q, &s, 5), &mut y, 1, k, n).is_err(),
+            "5 bits"
+        );
+        assert!(
+            gemv_quant(g, &xd, wq, &mut y, 1, k, n + 1).is_err(),
+            "a column past the weights"
+        );
+        assert!(
+            gemv_quant(g, &xd, wq, &mut y, 1, k - 8, n).is_err(),
+            "k no multiple of 32"
+        );
+    }
+}
+
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
 }
@@ -1372,10 +1443,11 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // heads), swiglu, four sampling settings (two with a mask) and log-probabilities
     // over the same rows; at each of the two
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
-    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16 and its
-    // three fused forms (the product is the QKV width of one head each of 32);
-    // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 39, "{names:?}");
+    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16, its
+    // three fused forms (the product is the QKV width of one head each of 32) and
+    // gemv_q4 / gemv_q8; attention_tc at both batches and contexts, and both kernels over
+    // an 80-token prompt.
+    assert_eq!(rows.len(), 43, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -1384,6 +1456,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_f16_norm small 3×64·64×96",
         "gemv_f16_swiglu small 1×64·64×96",
         "gemv_f16_norm_rope small 3×64·64×96",
+        "gemv_q4 small 3×64·64×96",
+        "gemv_q8 small 1×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

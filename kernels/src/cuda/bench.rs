@@ -2,7 +2,8 @@
 //! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch, swiglu) at engine and
 //! large sizes, paged decode attention at several batch sizes, the sampling kernel
 //! (greedy, and with top-k and top-p cuts), and the step's matrix products at decode batch
-//! sizes (cuBLAS, and our `gemv_f16` where it applies), each with the bytes it must move
+//! sizes (cuBLAS, and our `gemv_f16` where it applies, with `gemv_q4` / `gemv_q8` over the
+//! file's blocks beside it), each with the bytes it must move
 //! (for the products: the weights, read once).
 //! Written against [`Exec`], so a test runs the same launches on the emulator at small
 //! sizes: a benchmark that would fail on the GPU fails in CI first.
@@ -723,6 +724,14 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     // The products at decode batch sizes: the weights read once is the floor.
     for &(name, k, n, per_layer) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
+        // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`).
+        let quant = [4u32, 8]
+            .into_iter()
+            .map(|bits| {
+                let words = n * k * bits as usize / 32;
+                Ok((bits, e.zeros::<u32>(words)?, e.zeros::<u32>(n * k / 32)?))
+            })
+            .collect::<Result<Vec<_>, ExecError>>()?;
         let times = if per_layer { sizes.layers } else { 1 };
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
@@ -747,6 +756,19 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                     bytes,
                     in_step: None,
                 });
+                // The candidate over the file's blocks: fewer bytes for the same product.
+                for (bits, q, s) in &quant {
+                    let wq = (q, s, *bits);
+                    let secs = time(e, iters, || {
+                        super::gemv::gemv_quant(e, &x, wq, &mut y, m, k, n)
+                    })?;
+                    rows.push(Row {
+                        name: format!("gemv_q{bits} {name} {m}×{k}·{k}×{n}"),
+                        secs,
+                        bytes: ((q.elems() + s.elems()) * 4 + m * k * 2 + m * n * 4) as f64,
+                        in_step: None,
+                    });
+                }
                 rows.extend(fused_products(
                     e,
                     (name, k, n),

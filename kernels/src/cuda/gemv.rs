@@ -231,3 +231,182 @@ fn product<E: Exec>(
     };
     e.launch(entry, cfg, &args)
 }
+
+/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q8`
+/// (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for products of a few rows,
+/// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
+/// weight is `d · q + m` of its block of 32 in f32, the value the file's block
+/// dequantizes to (`quant::dequantize_row`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantRows {
+    /// 4 (Q4_0, Q4_1: `q` in 0..16, Q4_0's `m = −8d`) or 8 (Q8_0: `q` signed, `m = 0`).
+    pub bits: u32,
+    /// Per row, its pieces of 8 weights in order: one word each at 4 bits (weight `h` of
+    /// a piece in bits `4h .. 4h + 4`), two at 8 (weight `h` the signed byte `h`).
+    pub q: Vec<u32>,
+    /// Per row, each block's `d` (low half) and `m` (high half) as f16 bits.
+    pub s: Vec<u32>,
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl QuantRows {
+    /// `rows` rows of `k` weights in `ty`'s blocks (Q4_0, Q4_1 or Q8_0); `None` for other
+    /// types, or where `data` is not that many blocks.
+    pub fn from_blocks(
+        ty: crate::gguf::GgmlType,
+        data: &[u8],
+        rows: usize,
+        k: usize,
+    ) -> Option<Self> {
+        use crate::gguf::GgmlType;
+        use crate::quant::QK;
+        let bits = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => 4,
+            GgmlType::Q8_0 => 8,
+            _ => return None,
+        };
+        if !k.is_multiple_of(QK) || data.len() != rows * k / QK * ty.block_bytes() {
+            return None;
+        }
+        let blocks = rows * k / QK;
+        let mut q = Vec::with_capacity(blocks * QK * bits as usize / 32);
+        let mut s = Vec::with_capacity(blocks);
+        for b in data.chunks_exact(ty.block_bytes()) {
+            let (vals, d, m) = crate::quant::unpack(ty, b);
+            // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
+            let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
+            s.push(bits16(d) | bits16(m) << 16);
+            match bits {
+                4 => q.extend(vals.chunks_exact(8).map(|p| {
+                    p.iter()
+                        .enumerate()
+                        .fold(0u32, |w, (h, &v)| w | (v as u32 & 15) << (4 * h))
+                })),
+                _ => q.extend(vals.chunks_exact(4).map(|p| {
+                    p.iter()
+                        .enumerate()
+                        .fold(0u32, |w, (h, &v)| w | (v as u8 as u32) << (8 * h))
+                })),
+            }
+        }
+        Some(Self {
+            bits,
+            q,
+            s,
+            rows,
+            k,
+        })
+    }
+
+    /// Words of `q` per row.
+    pub fn row_words(&self) -> usize {
+        self.k * self.bits as usize / 32
+    }
+}
+
+/// `y[rows × n] = x[rows × k] · wᵀ` where `w` is `n` rows of a [`QuantRows`] of `bits`
+/// (its `q` and `s` on the device), by `gemv_q4` or `gemv_q8`: [`gemv`]'s product over the
+/// file's own blocks (same limits, `k` a multiple of 32).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_quant<E: Exec>(
+    e: &E,
+    x: &E::Buf<f16>,
+    (q, s, bits): (&E::Buf<u32>, &E::Buf<u32>, u32),
+    y: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
+    let entry = match bits {
+        4 => "gemv_q4",
+        8 => "gemv_q8",
+        _ => {
+            return Err(ExecError::Bounds(format!(
+                "quantized rows of {bits} bits: 4 or 8"
+            )))
+        }
+    };
+    if !fits(rows, k) || !k.is_multiple_of(crate::quant::QK) {
+        return Err(ExecError::Bounds(format!(
+            "{entry} takes 1 to {MAX_ROWS} rows, k a multiple of 32 up to {MAX_K} and at \
+             most {MAX_ELEMS} inputs, not {rows} rows of {k}"
+        )));
+    }
+    for (what, have, need) in [
+        ("x", x.elems(), rows * k),
+        ("q", q.elems(), n * k * bits as usize / 32),
+        ("s", s.elems(), n * k / crate::quant::QK),
+        ("y", y.elems(), rows * n),
+    ] {
+        if have < need {
+            return Err(ExecError::Bounds(format!(
+                "{entry} of {rows}×{k}·{k}×{n}: {what} holds {have} elements, not {need}"
+            )));
+        }
+    }
+    let warps = 8u32;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(warps).clamp(1, 4096), 1, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = [
+        x.arg(),
+        q.arg(),
+        s.arg(),
+        y.arg(),
+        Arg::I32(rows as i32),
+        Arg::I32(k as i32),
+        Arg::I32(n as i32),
+    ];
+    e.launch(entry, cfg, &args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QuantRows;
+    use crate::gguf::GgmlType;
+    use crate::quant;
+    use half::f16;
+
+    /// Each weight read back from the layout as the kernels read it (`d · q + m` in f32,
+    /// one rounding) is the value the file's block dequantizes to, bit for bit.
+    #[test]
+    fn quantized_rows_hold_the_files_values() {
+        let (rows, k) = (3, 96);
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let mut blocks = Vec::new();
+            match ty {
+                GgmlType::Q4_0 => quant::quantize_row_q4_0(&x, &mut blocks),
+                GgmlType::Q4_1 => quant::quantize_row_q4_1(&x, &mut blocks),
+                _ => quant::quantize_row_q8_0(&x, &mut blocks),
+            }
+            let mut want = vec![0f32; rows * k];
+            quant::dequantize_row(ty, &blocks, &mut want);
+            let r = QuantRows::from_blocks(ty, &blocks, rows, k).expect("a kernel layout");
+            assert_eq!(
+                (r.q.len(), r.s.len()),
+                (rows * r.row_words(), rows * k / 32)
+            );
+            let half = |b: u32| f16::from_bits(b as u16).to_f32();
+            for (i, &want) in want.iter().enumerate() {
+                let (j, c) = (i / k, i % k);
+                let s = r.s[j * k / 32 + c / 32];
+                let (d, m) = (half(s & 0xffff), half(s >> 16));
+                let q = if r.bits == 4 {
+                    (r.q[j * r.row_words() + c / 8] >> (4 * (c % 8)) & 15) as f32
+                } else {
+                    (r.q[j * r.row_words() + c / 4] >> (8 * (c % 4))) as u8 as i8 as f32
+                };
+                assert_eq!(d.mul_add(q, m).to_bits(), want.to_bits(), "{ty:?} {i}");
+            }
+        }
+        let q5 = vec![0u8; rows * k / 32 * GgmlType::Q5_0.block_bytes()];
+        assert!(QuantRows::from_blocks(GgmlType::Q5_0, &q5, rows, k).is_none());
+        assert!(QuantRows::from_blocks(GgmlType::Q4_1, &[0; 7], rows, k).is_none());
+    }
+}

@@ -82,6 +82,8 @@ pub const SOURCES: &[Source] = &[
             "gemv_f16_norm",
             "gemv_f16_norm_rope",
             "gemv_f16_swiglu",
+            "gemv_q4",
+            "gemv_q8",
         ],
     },
     Source {
@@ -109,6 +111,8 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_f16_norm", 256),
     ("gemv_f16_norm_rope", 256),
     ("gemv_f16_swiglu", 256),
+    ("gemv_q4", 256),
+    ("gemv_q8", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
