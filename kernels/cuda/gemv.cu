@@ -17,6 +17,9 @@
 // unfused kernels' arithmetic (the helpers in common.cuh), so the results have the same
 // bits as the kernels launched one after the other.
 //
+// Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
+// 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below), one template.
+//
 // The entry points cap their registers (`__launch_bounds__`: 3 blocks of 256 threads an
 // SM, 2 for the QKV product's pair of columns), which ptxas otherwise spends on hoisting
 // every staged input of a column's pieces, at one block an SM.
@@ -166,86 +169,9 @@ __device__ __forceinline__ void stage_norm(float* xs, const float* __restrict__ 
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
-    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
-    int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    stage_rows(xs, x, m, k);
-    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
-}
-
-// add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
-// is null) plus the same row of delta (when not null), normalized and scaled by nw, then
-// rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
-// the sums x + delta to x_out (when not null), which must not be x: the other blocks
-// still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
-extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
-    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
-    float* __restrict__ x_out, const int* __restrict__ rows, float eps,
-    const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
-    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
-}
-
-// gemv_f16_norm for the QKV product, with rope_kv_write in its epilogue: y is the QKV
-// rows (n = (n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads),
-// each q and k pair of output row i rotated at positions[i], and the rotated keys and the
-// values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
-// helpers in common.cuh). A warp takes a rotation pair, two adjacent columns, at a time.
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
-    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
-    float* __restrict__ x_out, const int* __restrict__ rows, float eps,
-    const half_t* __restrict__ w, float* __restrict__ y,
-    int m, int k, int n, const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
-    half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
-    int block_size, float base) {
-    pdl_begin_prefetch_row(w, k * 4, n / 2);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
-    int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(xs, WeightsF16{w, k}, m, k, n, [=](int r, int j, const float* sums) {
-        float pair[2] = {sums[0], sums[1]};
-        int in_head = j % head_dim;
-        if (j < qd + kvd) {
-            float s, c;
-            rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);
-            rotate(pair, c, s);
-        }
-        y[(size_t)r * n + j] = pair[0];
-        y[(size_t)r * n + j + 1] = pair[1];
-        if (j < qd) return;
-        // A key or a value pair: entry in_head of (block, kv head, slot).
-        bool key = j < qd + kvd;
-        int kvh = (j - qd - (key ? 0 : kvd)) / head_dim;
-        int slot_all = slot_mapping[r];
-        int blk = slot_all / block_size, slot = slot_all - blk * block_size;
-        size_t e = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + in_head;
-        *(u32*)((key ? kc : vc) + e) = (u32)f2h(pair[0]) | ((u32)f2h(pair[1]) << 16);
-    });
-}
-
-// swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
-// j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
-extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
-    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k,
-    int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
-        const float* row = gu + (size_t)(e / k) * 2 * k;
-        int j = e % k;
-        xs[e] = h2f(f2h(silu_mul(row[j], row[k + j])));
-    }
-    __syncthreads();
-    gemv_store(xs, WeightsF16{w, k}, y, m, k, n);
-}
-
-// The file's own quantized blocks, for the same product (`gemv_q4`, `gemv_q8`): a candidate
-// against `gemv_f16` at a few rows, since a decode step of few rows is the reading of its
-// weights, and these are 5 or 9 bits a weight where f16 is 16. Laid out at load
+// The file's own quantized blocks, for the same products (`gemv_q4*`, `gemv_q8*`): a
+// decode step of few rows is the reading of its weights, and these are 5 or 9 bits a
+// weight where f16 is 16 (the load-time timing chooses between them). Laid out at load
 // (`gemv::QuantRows`): q holds each row's pieces of 8 weights, s each block of 32 its
 // scale d and offset m as an f16 pair (low half d), and a weight is d · q + m — the value
 // the file's block dequantizes to, in f32 (d · q is exact there).
@@ -291,20 +217,190 @@ struct WeightsQ8 {
     }
 };
 
+// The products' bodies, for each weights type W (the entry points below): the input rows
+// staged in xs (shared memory, GEMV_MAX_ELEMS floats) by the kernel that would otherwise
+// run before the product, then the product.
+
+// The plain product of f16 rows x.
+template <typename W>
+__device__ __forceinline__ void rows_product(float* xs, const half_t* __restrict__ x, const W& w,
+                                             float* __restrict__ y, int m, int k, int n) {
+    stage_rows(xs, x, m, k);
+    gemv_store(xs, w, y, m, k, n);
+}
+
+// add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
+// is null) plus the same row of delta (when not null), normalized and scaled by nw, then
+// rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
+// the sums x + delta to x_out (when not null), which must not be x: the other blocks
+// still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
+template <typename W>
+__device__ __forceinline__ void norm_product(float* xs, const float* __restrict__ x,
+                                             const float* __restrict__ delta,
+                                             const float* __restrict__ nw,
+                                             float* __restrict__ x_out,
+                                             const int* __restrict__ rows, float eps, const W& w,
+                                             float* __restrict__ y, int m, int k, int n) {
+    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
+    gemv_store(xs, w, y, m, k, n);
+}
+
+// The norm's product for the QKV rows, with rope_kv_write in its epilogue: y is the QKV
+// rows (n = (n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads),
+// each q and k pair of output row i rotated at positions[i], and the rotated keys and the
+// values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
+// helpers in common.cuh). A warp takes a rotation pair, two adjacent columns, at a time.
+template <typename W>
+__device__ __forceinline__ void norm_rope_product(
+    float* xs, const float* __restrict__ x, const float* __restrict__ delta,
+    const float* __restrict__ nw, float* __restrict__ x_out, const int* __restrict__ rows,
+    float eps, const W& w, float* __restrict__ y, int m, int k, int n,
+    const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
+    half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
+    int block_size, float base) {
+    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
+    int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
+    gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
+        float pair[2] = {sums[0], sums[1]};
+        int in_head = j % head_dim;
+        if (j < qd + kvd) {
+            float s, c;
+            rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);
+            rotate(pair, c, s);
+        }
+        y[(size_t)r * n + j] = pair[0];
+        y[(size_t)r * n + j + 1] = pair[1];
+        if (j < qd) return;
+        // A key or a value pair: entry in_head of (block, kv head, slot).
+        bool key = j < qd + kvd;
+        int kvh = (j - qd - (key ? 0 : kvd)) / head_dim;
+        int slot_all = slot_mapping[r];
+        int blk = slot_all / block_size, slot = slot_all - blk * block_size;
+        size_t e = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + in_head;
+        *(u32*)((key ? kc : vc) + e) = (u32)f2h(pair[0]) | ((u32)f2h(pair[1]) << 16);
+    });
+}
+
+// swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
+// j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
+template <typename W>
+__device__ __forceinline__ void swiglu_product(float* xs, const float* __restrict__ gu,
+                                               const W& w, float* __restrict__ y, int m, int k,
+                                               int n) {
+    for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
+        const float* row = gu + (size_t)(e / k) * 2 * k;
+        int j = e % k;
+        xs[e] = h2f(f2h(silu_mul(row[j], row[k + j])));
+    }
+    __syncthreads();
+    gemv_store(xs, w, y, m, k, n);
+}
+
+// The entry points, one set per weights type: gemv_<weights> (f16 rows x),
+// gemv_<weights>_norm, gemv_<weights>_norm_rope (its pair of columns a warp) and
+// gemv_<weights>_swiglu. Each first asks L2 for its warp's first row of weights (a pair
+// with RoPE), then waits (pdl_begin).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
+    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    rows_product(xs, x, WeightsF16{w, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
+    float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsF16{w, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    pdl_begin_prefetch_row(w, k * 4, n / 2);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsF16{w, k}, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
+    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(w, k * 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    swiglu_product(xs, gu, WeightsF16{w, k}, y, m, k, n);
+}
+
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s,
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k / 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    rows_product(xs, x, WeightsQ4{q, s, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
     pdl_begin_prefetch_row(q, k / 2, n);
     __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    stage_rows(xs, x, m, k);
-    gemv_store(xs, WeightsQ4{q, s, k}, y, m, k, n);
+    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ4{q, s, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    pdl_begin_prefetch_row(q, k, n / 2);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ4{q, s, k}, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k / 2, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    swiglu_product(xs, gu, WeightsQ4{q, s, k}, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s,
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    rows_product(xs, x, WeightsQ8{q, s, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
     pdl_begin_prefetch_row(q, k, n);
     __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    stage_rows(xs, x, m, k);
-    gemv_store(xs, WeightsQ8{q, s, k}, y, m, k, n);
+    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ8{q, s, k}, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_q8_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    pdl_begin_prefetch_row(q, k * 2, n / 2);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ8{q, s, k}, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    pdl_begin_prefetch_row(q, k, n);
+    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
+    swiglu_product(xs, gu, WeightsQ8{q, s, k}, y, m, k, n);
 }

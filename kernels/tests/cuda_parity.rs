@@ -743,7 +743,7 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 /// SmolLM2's widths and the widest rows the kernels take, column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv_quant, QuantRows, MAX_K};
+    use kernels::cuda::gemv::{fits, gemv_quant, QuantBuf, QuantRows, MAX_K};
     let mut rng = Rng(17);
     for (ty, k, n) in [
         (GgmlType::Q4_1, 576, 1003),
@@ -754,8 +754,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
     ] {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
         let rows = QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout");
-        let (q, s) = (up(g, &rows.q), up(g, &rows.s));
-        let wq = (&q, &s, rows.bits);
+        let wq = &QuantBuf::upload(g, &rows).unwrap();
         for m in (1..=8).filter(|&m| fits(m, k)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want: Vec<f32> = (0..m * n)
@@ -774,10 +773,11 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         }
         let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
         assert!(gemv_quant(g, &xd, wq, &mut y, 9, k, n).is_err(), "9 rows");
-        assert!(
-            gemv_quant(g, &xd, (&q, &s, 5), &mut y, 1, k, n).is_err(),
-            "5 bits"
-        );
+        let five = QuantBuf {
+            bits: 5,
+            ..QuantBuf::upload(g, &rows).unwrap()
+        };
+        assert!(gemv_quant(g, &xd, &five, &mut y, 1, k, n).is_err(), "5 bits");
         assert!(
             gemv_quant(g, &xd, wq, &mut y, 1, k, n + 1).is_err(),
             "a column past the weights"

@@ -729,7 +729,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             .into_iter()
             .map(|bits| {
                 let words = n * k * bits as usize / 32;
-                Ok((bits, e.zeros::<u32>(words)?, e.zeros::<u32>(n * k / 32)?))
+                Ok(super::gemv::QuantBuf {
+                    q: e.zeros::<u32>(words)?,
+                    s: e.zeros::<u32>(n * k / 32)?,
+                    bits,
+                })
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
         let times = if per_layer { sizes.layers } else { 1 };
@@ -757,15 +761,15 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                     in_step: None,
                 });
                 // The candidate over the file's blocks: fewer bytes for the same product.
-                for (bits, q, s) in &quant {
-                    let wq = (q, s, *bits);
+                for wq in &quant {
                     let secs = time(e, iters, || {
                         super::gemv::gemv_quant(e, &x, wq, &mut y, m, k, n)
                     })?;
+                    let weights = (wq.q.elems() + wq.s.elems()) * 4;
                     rows.push(Row {
-                        name: format!("gemv_q{bits} {name} {m}×{k}·{k}×{n}"),
+                        name: format!("gemv_q{} {name} {m}×{k}·{k}×{n}", wq.bits),
                         secs,
-                        bytes: ((q.elems() + s.elems()) * 4 + m * k * 2 + m * n * 4) as f64,
+                        bytes: (weights + m * k * 2 + m * n * 4) as f64,
                         in_step: None,
                     });
                 }

@@ -1,10 +1,12 @@
-//! The `gemv_f16` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few
+//! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few
 //! rows, a candidate against cuBLAS at decode batch 1–8: the backend times whole decode
-//! steps both ways at load and keeps the faster (`step::SmallProducts`). The product's
+//! steps each way at load and keeps the fastest (`step::SmallProducts`). The product's
 //! input is f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the
 //! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
-//! work in its epilogue ([`gemv_rope`]).
+//! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
+//! file's own Q4_0 / Q4_1 / Q8_0 blocks ([`Weights::Quant`], laid out by [`QuantRows`]:
+//! `gemv_q4*`, `gemv_q8*`), a third of the bytes to read.
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
@@ -43,6 +45,43 @@ pub enum Input<'a, E: Exec> {
     Swiglu(&'a E::Buf<f32>),
 }
 
+/// A matrix's weights as a product of few rows reads them.
+pub enum Weights<'a, E: Exec> {
+    /// f16 rows (`gemv_f16*`), starting this many rows in.
+    F16(&'a E::Buf<f16>, usize),
+    /// The file's own blocks (`gemv_q4*`, `gemv_q8*`).
+    Quant(&'a QuantBuf<E>),
+}
+
+impl<E: Exec> Weights<'_, E> {
+    /// The entry points' weights part: `f16`, `q4` or `q8`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Weights::F16(..) => "f16",
+            Weights::Quant(q) if q.bits == 4 => "q4",
+            Weights::Quant(_) => "q8",
+        }
+    }
+}
+
+/// A [`QuantRows`] on a device.
+pub struct QuantBuf<E: Exec> {
+    pub q: E::Buf<u32>,
+    pub s: E::Buf<u32>,
+    /// 4 or 8.
+    pub bits: u32,
+}
+
+impl<E: Exec> QuantBuf<E> {
+    pub fn upload(e: &E, r: &QuantRows) -> Result<Self, ExecError> {
+        Ok(Self {
+            q: e.upload(&r.q)?,
+            s: e.upload(&r.s)?,
+            bits: r.bits,
+        })
+    }
+}
+
 /// `y[rows × n] = x[rows × k] · w[n × k]ᵀ` with `w` starting `w_row0` rows in, as
 /// [`Exec::gemm`], by `gemv_f16`: 8 warps per block, one output column per warp at a time.
 #[allow(clippy::too_many_arguments)]
@@ -56,7 +95,7 @@ pub fn gemv<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    gemv_from(e, Input::Rows(x), w, w_row0, y, rows, k, n)
+    product(e, Input::Rows(x), None, Weights::F16(w, w_row0), y, rows, k, n)
 }
 
 /// `y[rows × n] = input · w[n × k]ᵀ` with `w` starting `w_row0` rows in: [`gemv`] over
@@ -72,7 +111,20 @@ pub fn gemv_from<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    product(e, input, None, w, w_row0, y, rows, k, n)
+    product(e, input, None, Weights::F16(w, w_row0), y, rows, k, n)
+}
+
+/// [`gemv_from`] over `weights` (f16 rows or the file's blocks).
+pub fn gemv_with<E: Exec>(
+    e: &E,
+    input: Input<'_, E>,
+    weights: Weights<'_, E>,
+    y: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), ExecError> {
+    product(e, input, None, weights, y, rows, k, n)
 }
 
 /// `rope_kv_write`'s work, done in the QKV product's epilogue (`gemv_f16_norm_rope`):
@@ -103,8 +155,21 @@ pub fn gemv_rope<E: Exec>(
     k: usize,
     rope: RopeKv<'_, E>,
 ) -> Result<(), ExecError> {
+    gemv_rope_with(e, input, Weights::F16(w, 0), qkv, rows, k, rope)
+}
+
+/// [`gemv_rope`] over `weights` (f16 rows or the file's blocks).
+pub fn gemv_rope_with<E: Exec>(
+    e: &E,
+    input: Input<'_, E>,
+    weights: Weights<'_, E>,
+    qkv: &mut E::Buf<f32>,
+    rows: usize,
+    k: usize,
+    rope: RopeKv<'_, E>,
+) -> Result<(), ExecError> {
     let n = (rope.n_heads + 2 * rope.n_kv_heads) * rope.head_dim;
-    product(e, input, Some(rope), w, 0, qkv, rows, k, n)
+    product(e, input, Some(rope), weights, qkv, rows, k, n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -112,23 +177,37 @@ fn product<E: Exec>(
     e: &E,
     input: Input<'_, E>,
     rope: Option<RopeKv<'_, E>>,
-    w: &E::Buf<f16>,
-    w_row0: usize,
+    weights: Weights<'_, E>,
     y: &mut E::Buf<f32>,
     rows: usize,
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if !fits(rows, k) {
+    if let Weights::Quant(q) = weights {
+        if q.bits != 4 && q.bits != 8 {
+            return Err(ExecError::Bounds(format!(
+                "quantized rows of {} bits: 4 or 8",
+                q.bits
+            )));
+        }
+    }
+    let kind = weights.kind();
+    // The file's blocks are 32 weights a scale.
+    let k_ok = match weights {
+        Weights::F16(..) => true,
+        Weights::Quant(_) => k.is_multiple_of(crate::quant::QK),
+    };
+    if !fits(rows, k) || !k_ok {
         return Err(ExecError::Bounds(format!(
-            "gemv_f16 takes 1 to {MAX_ROWS} rows, k a multiple of 8 up to {MAX_K} and at \
-             most {MAX_ELEMS} inputs, not {rows} rows of {k}"
+            "gemv_{kind} takes 1 to {MAX_ROWS} rows, k a multiple of {} up to {MAX_K} and \
+             at most {MAX_ELEMS} inputs, not {rows} rows of {k}",
+            if kind == "f16" { 8 } else { 32 }
         )));
     }
     let short = |what: &str, have: usize, need: usize| {
         if have < need {
             Err(ExecError::Bounds(format!(
-                "gemv_f16 of {rows}×{k}: {what} holds {have} elements, not {need}"
+                "gemv_{kind} of {rows}×{k}: {what} holds {have} elements, not {need}"
             )))
         } else {
             Ok(())
@@ -145,10 +224,10 @@ fn product<E: Exec>(
         }
     }
     // The input's check and its arguments ahead of the product's own.
-    let (entry, mut args) = match input {
+    let (form, mut args) = match input {
         Input::Rows(x) => {
             short("x", x.elems(), rows * k)?;
-            ("gemv_f16", vec![x.arg()])
+            ("", vec![x.arg()])
         }
         Input::Norm {
             x,
@@ -173,7 +252,7 @@ fn product<E: Exec>(
             }
             let opt = |b: Option<Arg>| b.unwrap_or(Arg::Null);
             (
-                "gemv_f16_norm",
+                "_norm",
                 vec![
                     x.arg(),
                     opt(delta.map(|d| d.arg())),
@@ -186,12 +265,22 @@ fn product<E: Exec>(
         }
         Input::Swiglu(gu) => {
             short("gate|up", gu.elems(), rows * 2 * k)?;
-            ("gemv_f16_swiglu", vec![gu.arg()])
+            ("_swiglu", vec![gu.arg()])
         }
     };
-    check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
+    match weights {
+        Weights::F16(w, w_row0) => {
+            check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
+            args.push(w.arg_at(w_row0 * k..(w_row0 + n) * k)?);
+        }
+        Weights::Quant(q) => {
+            short("q", q.q.elems(), n * k * q.bits as usize / 32)?;
+            short("s", q.s.elems(), n * k / crate::quant::QK)?;
+            short("y", y.elems(), rows * n)?;
+            args.extend([q.q.arg(), q.s.arg()]);
+        }
+    }
     args.extend([
-        w.arg_at(w_row0 * k..(w_row0 + n) * k)?,
         y.arg(),
         Arg::I32(rows as i32),
         Arg::I32(k as i32),
@@ -199,8 +288,8 @@ fn product<E: Exec>(
     ]);
     // Columns a warp takes at a time: a rotation pair with RoPE, else one.
     let mut cols = 1u32;
-    let entry = match rope {
-        None => entry,
+    let form = match rope {
+        None => form,
         Some(r) => {
             short("positions", r.positions.elems(), rows)?;
             short("slots", r.slots.elems(), rows)?;
@@ -220,16 +309,17 @@ fn product<E: Exec>(
                 Arg::F32(r.base),
             ]);
             cols = 2;
-            "gemv_f16_norm_rope"
+            "_norm_rope"
         }
     };
+    let entry = format!("gemv_{kind}{form}");
     let warps = 8u32;
     let cfg = LaunchConfig {
         grid_dim: ((n as u32 / cols).div_ceil(warps).clamp(1, 4096), 1, 1),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
-    e.launch(entry, cfg, &args)
+    e.launch(&entry, cfg, &args)
 }
 
 /// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q8`
@@ -305,62 +395,19 @@ impl QuantRows {
     }
 }
 
-/// `y[rows × n] = x[rows × k] · wᵀ` where `w` is `n` rows of a [`QuantRows`] of `bits`
-/// (its `q` and `s` on the device), by `gemv_q4` or `gemv_q8`: [`gemv`]'s product over the
-/// file's own blocks (same limits, `k` a multiple of 32).
-#[allow(clippy::too_many_arguments)]
+/// `y[rows × n] = x[rows × k] · wᵀ` where `w` is `n` rows of a [`QuantRows`] on the device,
+/// by `gemv_q4` or `gemv_q8`: [`gemv`]'s product over the file's own blocks (same limits,
+/// `k` a multiple of 32).
 pub fn gemv_quant<E: Exec>(
     e: &E,
     x: &E::Buf<f16>,
-    (q, s, bits): (&E::Buf<u32>, &E::Buf<u32>, u32),
+    w: &QuantBuf<E>,
     y: &mut E::Buf<f32>,
     rows: usize,
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    let entry = match bits {
-        4 => "gemv_q4",
-        8 => "gemv_q8",
-        _ => {
-            return Err(ExecError::Bounds(format!(
-                "quantized rows of {bits} bits: 4 or 8"
-            )))
-        }
-    };
-    if !fits(rows, k) || !k.is_multiple_of(crate::quant::QK) {
-        return Err(ExecError::Bounds(format!(
-            "{entry} takes 1 to {MAX_ROWS} rows, k a multiple of 32 up to {MAX_K} and at \
-             most {MAX_ELEMS} inputs, not {rows} rows of {k}"
-        )));
-    }
-    for (what, have, need) in [
-        ("x", x.elems(), rows * k),
-        ("q", q.elems(), n * k * bits as usize / 32),
-        ("s", s.elems(), n * k / crate::quant::QK),
-        ("y", y.elems(), rows * n),
-    ] {
-        if have < need {
-            return Err(ExecError::Bounds(format!(
-                "{entry} of {rows}×{k}·{k}×{n}: {what} holds {have} elements, not {need}"
-            )));
-        }
-    }
-    let warps = 8u32;
-    let cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(warps).clamp(1, 4096), 1, 1),
-        block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let args = [
-        x.arg(),
-        q.arg(),
-        s.arg(),
-        y.arg(),
-        Arg::I32(rows as i32),
-        Arg::I32(k as i32),
-        Arg::I32(n as i32),
-    ];
-    e.launch(entry, cfg, &args)
+    product(e, Input::Rows(x), None, Weights::Quant(w), y, rows, k, n)
 }
 
 #[cfg(test)]

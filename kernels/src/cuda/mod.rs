@@ -83,7 +83,13 @@ pub const SOURCES: &[Source] = &[
             "gemv_f16_norm_rope",
             "gemv_f16_swiglu",
             "gemv_q4",
+            "gemv_q4_norm",
+            "gemv_q4_norm_rope",
+            "gemv_q4_swiglu",
             "gemv_q8",
+            "gemv_q8_norm",
+            "gemv_q8_norm_rope",
+            "gemv_q8_swiglu",
         ],
     },
     Source {
@@ -112,7 +118,13 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_f16_norm_rope", 256),
     ("gemv_f16_swiglu", 256),
     ("gemv_q4", 256),
+    ("gemv_q4_norm", 256),
+    ("gemv_q4_norm_rope", 256),
+    ("gemv_q4_swiglu", 256),
     ("gemv_q8", 256),
+    ("gemv_q8_norm", 256),
+    ("gemv_q8_norm_rope", 256),
+    ("gemv_q8_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
