@@ -5,7 +5,8 @@
 //! wait for the host between steps), and graphs without programmatic dependent launches
 //! (Hopper on; the default there). Prints one table; then,
 //! for the batches of 1–8 rows, a second: the step with its products on cuBLAS, on
-//! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused.
+//! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused,
+//! and the same two over the file's own blocks (`gemv_q4`, `gemv_q8`).
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
 //!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256] [--tensor]
@@ -193,16 +194,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_tokens,
             max_n,
         )?;
-        // The load-time choice between cuBLAS and gemv_f16 for products of few rows.
+        // The load-time choice between cuBLAS, gemv_f16 and the file's blocks for products
+        // of few rows.
         for t in b.small_product_timings() {
             println!(
-                "decode step of {}: products on cuBLAS {:.1} µs, on gemv_f16 {:.1} µs",
+                "decode step of {}: products on cuBLAS {:.1} µs, on gemv_f16 {:.1} µs, over the file's blocks {}",
                 t.bucket,
                 t.cublas_secs * 1e6,
-                t.gemv_secs * 1e6
+                t.gemv_secs * 1e6,
+                t.quant_secs
+                    .map_or("(none)".to_string(), |s| format!("{:.1} µs", s * 1e6))
             );
         }
-        println!("{:?}", b.small_products());
+        println!(
+            "gemv {:?}, file blocks {:?}",
+            b.small_products(),
+            b.quant_small()
+        );
         if a.tensor {
             b.set_attention(AttentionKernel::Tensor)?;
         }
@@ -268,7 +276,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The decode steps of at most `gemv::MAX_ROWS` sequences among `batches`, from graphs,
 /// with their products on cuBLAS, on `gemv_f16` with the norms and swiglu apart, and on
-/// `gemv_f16` with them fused; then the backend's own choice again.
+/// `gemv_f16` with them fused; the same two over the file's own blocks (`gemv_q4`,
+/// `gemv_q8`) where the model has them; then the backend's own choice again.
 fn small_products<E: Exec>(
     cuda: &mut CudaBackend<E>,
     batches: &[usize],
@@ -284,32 +293,40 @@ fn small_products<E: Exec>(
     if small.is_empty() {
         return Ok(());
     }
-    let chosen = (cuda.small_products(), cuda.fused_small());
-    let set = |cuda: &mut CudaBackend<E>, (small, fused): (SmallProducts, bool)| {
+    let chosen = (
+        cuda.small_products(),
+        cuda.fused_small(),
+        cuda.quant_small(),
+    );
+    let set = |cuda: &mut CudaBackend<E>,
+               (small, fused, quant): (SmallProducts, bool, SmallProducts)| {
         cuda.set_small_products(small)
             .and_then(|_| cuda.set_fused_small(fused))
+            .and_then(|_| cuda.set_quant_small(quant))
             .map_err(|e| e.to_string())
     };
+    let (none, all) = (SmallProducts(0), SmallProducts(u8::MAX));
+    let mut ways = vec![(none, true, none), (all, false, none), (all, true, none)];
+    if cuda.has_quant() {
+        ways.extend([(all, false, all), (all, true, all)]);
+    }
     println!();
-    println!("| batch | products on cuBLAS | gemv_f16, norms and swiglu apart | gemv_f16, fused |");
-    println!("|---:|---:|---:|---:|");
+    println!(
+        "| batch | products on cuBLAS | gemv_f16, norms and swiglu apart | gemv_f16, fused | file blocks, apart | file blocks, fused |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
     cuda.set_graphs(true)?;
     for n in small {
         let mut row = Vec::new();
-        for ways in [
-            (SmallProducts(0), true),
-            (SmallProducts(u8::MAX), false),
-            (SmallProducts(u8::MAX), true),
-        ] {
-            set(cuda, ways)?;
-            row.push(time_decode(cuda, n, ctx, per, iters));
+        for &w in &ways {
+            set(cuda, w)?;
+            row.push(format!(
+                "{:.1} µs",
+                time_decode(cuda, n, ctx, per, iters) * 1e6
+            ));
         }
-        println!(
-            "| {n} | {:.1} µs | {:.1} µs | {:.1} µs |",
-            row[0] * 1e6,
-            row[1] * 1e6,
-            row[2] * 1e6
-        );
+        row.resize(5, "(none)".into());
+        println!("| {n} | {} |", row.join(" | "));
     }
     set(cuda, chosen)
 }

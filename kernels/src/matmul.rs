@@ -104,6 +104,16 @@ impl Matrix {
     }
 
     /// The offsets added to the weights, if any (row by row).
+    /// The blocks as the file holds them, where products may read them as they are: a
+    /// quantized matrix with no offsets beside it and no more exact packed form (the GPU's
+    /// products of few rows over the file's blocks, `cuda::gemv::QuantRows`).
+    pub fn file_blocks(&self) -> Option<(GgmlType, &[u8])> {
+        match &self.data {
+            MatData::Quant(ty, d) if self.offsets.is_none() && !self.packed_exact => Some((*ty, d)),
+            _ => None,
+        }
+    }
+
     pub fn offsets(&self) -> Option<Offsets> {
         let o = self.offsets.as_ref()?;
         let runs = self.cols / o.run;

@@ -728,29 +728,36 @@ fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
     on_each!("fused-small", fused_small_case);
 }
 
-/// With every product of 1–8 rows on `gemv_f16`, steps of 1 to 9 rows (prefills and
-/// decodes, from graphs and direct launches) give the same logits, bit for bit, with the
-/// norms, swiglu and RoPE with the cache write fused into the products and launched
-/// apart (9 rows: cuBLAS, never fused, the control).
+/// With every product of 1–8 rows on `gemv_f16`, and again on the file's own blocks
+/// (`gemv_q4`, `gemv_q8`: the synthetic model's Q4_1 layers and Q8_0 head), steps of 1 to
+/// 9 rows (prefills and decodes, from graphs and direct launches) give the same logits,
+/// bit for bit, with the norms, swiglu and RoPE with the cache write fused into the
+/// products and launched apart (9 rows: cuBLAS, never fused, the control).
 fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();
     assert!(cuda.fused_small(), "fused by default");
+    assert!(cuda.has_quant(), "the synthetic model's blocks are held");
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
         both_ways(cuda, b, what, |c, on| c.set_fused_small(on).unwrap())
     };
-    for n in 1..=9usize {
-        let p = short_prompts(n, 2, 3);
-        let got = both(cuda, &p, &format!("prefill of {n}"));
-        let mut step = decode(&p, &greedy(&got, vocab));
-        for graphs in [true, false] {
-            cuda.set_graphs(graphs).unwrap();
-            let got = both(cuda, &step, &format!("decode of {n}, graphs {graphs}"));
-            step = decode(&step, &greedy(&got, vocab));
+    for quant in [SmallProducts(0), SmallProducts(u8::MAX)] {
+        cuda.set_quant_small(quant).unwrap();
+        for n in 1..=9usize {
+            let p = short_prompts(n, 2, 3);
+            let got = both(cuda, &p, &format!("{quant:?}: prefill of {n}"));
+            let mut step = decode(&p, &greedy(&got, vocab));
+            for graphs in [true, false] {
+                cuda.set_graphs(graphs).unwrap();
+                let what = format!("{quant:?}: decode of {n}, graphs {graphs}");
+                let got = both(cuda, &step, &what);
+                step = decode(&step, &greedy(&got, vocab));
+            }
         }
     }
     cuda.set_graphs(true).unwrap();
     cuda.set_fused_small(true).unwrap();
+    cuda.set_quant_small(SmallProducts::default()).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();
 }
 
@@ -760,19 +767,25 @@ fn products_of_few_rows_on_gemv_match_cublas_and_the_twin_chain() {
 }
 
 /// Steps of 1 to 9 rows (prefills of up to 4 tokens a sequence, decodes of up to 9
-/// sequences) with the products of 1–8 rows on `gemv_f16` and on cuBLAS: each within the
-/// twin chain's bound, from graphs and direct launches; then the load-time choice, timed,
-/// keeps the faster per bucket.
+/// sequences) with the products of 1–8 rows on `gemv_f16`, on the file's own blocks and
+/// on cuBLAS: each within the twin chain's bound (the twin's f16 weights; the blocks'
+/// own values differ from them by its rounding), from graphs and direct launches; then
+/// the load-time choice, timed, keeps the fastest per bucket.
 fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     let (bs, n_blocks) = cuda.kv_geometry();
-    for small in [
-        SmallProducts(u8::MAX),
-        SmallProducts(0),
-        SmallProducts(0b1010_0101),
+    let all = SmallProducts(u8::MAX);
+    for (small, quant) in [
+        (all, SmallProducts(0)),
+        (SmallProducts(0), SmallProducts(0)),
+        (SmallProducts(0b1010_0101), SmallProducts(0)),
+        (all, all),
+        (all, SmallProducts(0b0110_1001)),
     ] {
         cuda.set_small_products(small).unwrap();
-        assert_eq!(cuda.small_products(), small);
+        cuda.set_quant_small(quant).unwrap();
+        assert_eq!((cuda.small_products(), cuda.quant_small()), (small, quant));
+        let small = (small, quant);
         let mut kv = twin.kv(bs, n_blocks);
         for n in 1..=9usize {
             let p = short_prompts(n, 3, 5);
@@ -791,31 +804,44 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             }
         }
     }
-    // Buckets 1, 2, 4 and 8 timed both ways; each row count follows its bucket's faster.
+    // Buckets 1, 2, 4 and 8 timed three ways; each row count follows its bucket's fastest.
     cuda.set_graphs(true).unwrap();
+    cuda.set_quant_small(SmallProducts::default()).unwrap();
     let timings = cuda.tune_small_products(3).unwrap();
     assert_eq!(
         timings.iter().map(|t| t.bucket).collect::<Vec<_>>(),
         [1, 2, 4, 8]
     );
-    let small = cuda.small_products();
+    let (small, quant) = (cuda.small_products(), cuda.quant_small());
     for t in &timings {
-        assert!(t.cublas_secs > 0.0 && t.gemv_secs > 0.0, "{t:?}");
+        let q = t.quant_secs.expect("the synthetic model's blocks timed");
+        assert!(t.cublas_secs > 0.0 && t.gemv_secs > 0.0 && q > 0.0, "{t:?}");
         let rows: &[usize] = match t.bucket {
             1 => &[1],
             2 => &[2],
             4 => &[3, 4],
             _ => &[5, 6, 7, 8],
         };
+        let fastest = [t.cublas_secs, t.gemv_secs, q]
+            .iter()
+            .enumerate()
+            .fold(0, |b, (k, &s)| {
+                if s < [t.cublas_secs, t.gemv_secs, q][b] {
+                    k
+                } else {
+                    b
+                }
+            });
         for &r in rows {
             assert_eq!(
-                small.gemv(r),
-                t.gemv_secs < t.cublas_secs,
-                "{t:?}: {small:?}"
+                (small.gemv(r), quant.gemv(r)),
+                (fastest > 0, fastest == 2),
+                "{t:?}: {small:?} {quant:?}"
             );
         }
     }
     assert_eq!(cuda.small_product_timings(), &timings[..]);
+    cuda.set_quant_small(SmallProducts::default()).unwrap();
 }
 
 #[test]
@@ -825,8 +851,9 @@ fn hidden_states_match_the_twin_chain() {
 
 /// A step's final hidden states (an embedding's source), read back after it: the twin
 /// chain's, for steps of 1 to 9 rows (prefills and decodes, from graphs and direct
-/// launches) with the products of few rows on `gemv_f16` (the final norm fused into the
-/// output head: the last residual add is made on the host) and on cuBLAS (launched apart);
+/// launches) with the products of few rows on `gemv_f16` and on the file's own blocks (the
+/// final norm fused into the output head: the last residual add is made on the host) and
+/// on cuBLAS (launched apart);
 /// any of a step's logits rows, in the order asked; refused after a submitted step. And
 /// the same states coming back with a submitted step's tokens ([`ReadBack::hidden`]):
 /// sent whole or its sampling after its forward pass, a prefill with a logits row per
@@ -868,8 +895,11 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         compare(&c.hidden, want, &rows, what);
         c.tokens
     };
-    for small in [SmallProducts(u8::MAX), SmallProducts(0)] {
+    let (all, none) = (SmallProducts(u8::MAX), SmallProducts(0));
+    for (small, quant) in [(all, none), (all, all), (none, none)] {
         cuda.set_small_products(small).unwrap();
+        cuda.set_quant_small(quant).unwrap();
+        let small = (small, quant);
         let mut kv = twin.kv(bs, n_blocks);
         for n in [1usize, 3, 9] {
             let p = short_prompts(n, 4, 7);
@@ -915,6 +945,7 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         );
     }
     cuda.set_graphs(true).unwrap();
+    cuda.set_quant_small(SmallProducts::default()).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();
     assert!(cuda.hidden_rows(&[9]).is_err(), "past the step's rows");
     // A submitted step keeps none to read.

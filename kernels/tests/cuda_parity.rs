@@ -777,7 +777,10 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             bits: 5,
             ..QuantBuf::upload(g, &rows).unwrap()
         };
-        assert!(gemv_quant(g, &xd, &five, &mut y, 1, k, n).is_err(), "5 bits");
+        assert!(
+            gemv_quant(g, &xd, &five, &mut y, 1, k, n).is_err(),
+            "5 bits"
+        );
         assert!(
             gemv_quant(g, &xd, wq, &mut y, 1, k, n + 1).is_err(),
             "a column past the weights"

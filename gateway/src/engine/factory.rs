@@ -122,6 +122,7 @@ fn cuda_backend<E: Exec + 'static>(
         graphs = ?b.graph_buckets(),
         graphs_off = b.graphs_off().unwrap_or(""),
         small_products_on_gemv = b.small_products().0,
+        small_products_on_file_blocks = b.quant_small().0,
         dependent_launch = b.dependent_launch(),
         attention = ?b.attention(),
         self_check_rel_err = err,

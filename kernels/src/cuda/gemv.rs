@@ -95,7 +95,16 @@ pub fn gemv<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    product(e, Input::Rows(x), None, Weights::F16(w, w_row0), y, rows, k, n)
+    product(
+        e,
+        Input::Rows(x),
+        None,
+        Weights::F16(w, w_row0),
+        y,
+        rows,
+        k,
+        n,
+    )
 }
 
 /// `y[rows × n] = input · w[n × k]ᵀ` with `w` starting `w_row0` rows in: [`gemv`] over

@@ -24,11 +24,13 @@
 //! A step of few rows whose products run on `gemv_f16` ([`SmallProducts`]) fuses each
 //! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`) and
 //! RoPE with the cache write into the QKV product (`gemv_f16_norm_rope`): 5 launches a
-//! layer instead of 9, with the same bits.
+//! layer instead of 9, with the same bits. Those products read the file's own blocks
+//! (`gemv_q4*`, `gemv_q8*`) instead of the f16 rows where the matrix has them and
+//! [`Device::quant_small`] says so for the step's row count.
 
 use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
-use super::gemv::{self, Input, RopeKv};
+use super::gemv::{self, Input, QuantBuf, RopeKv, Weights};
 use super::staging::{adjust_room, score_room, Layout};
 use super::twins::TwinModel;
 use super::{norm_launch, swiglu_launch};
@@ -44,6 +46,11 @@ struct Layer<E: Exec> {
     ffn_norm: E::Buf<f32>,
     w_gate_up: E::Buf<f16>,
     w_down: E::Buf<f16>,
+    /// The four matrices in the file's own blocks, where they have them.
+    wqkv_q: Option<QuantBuf<E>>,
+    wo_q: Option<QuantBuf<E>>,
+    w_gate_up_q: Option<QuantBuf<E>>,
+    w_down_q: Option<QuantBuf<E>>,
     k_cache: E::Buf<f16>,
     v_cache: E::Buf<f16>,
 }
@@ -102,6 +109,8 @@ pub struct Device<E: Exec> {
     /// The output norm's weights on the host too (hidden states are normalized there).
     output_norm_host: Vec<f32>,
     output: E::Buf<f16>,
+    /// The output head in the file's own blocks, where it has them.
+    output_q: Option<QuantBuf<E>>,
     pub block_size: usize,
     /// KV blocks the engine may use (the cache holds one more, the spare).
     pub n_blocks: usize,
@@ -110,6 +119,9 @@ pub struct Device<E: Exec> {
     split: Split,
     /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
     pub small: SmallProducts,
+    /// Of those, which read the file's own blocks (`gemv_q4*`, `gemv_q8*`) where a matrix
+    /// has them ([`Device::has_quant`]); the others read the f16 rows.
+    pub quant_small: SmallProducts,
     /// Whether those products make their input themselves and the QKV product does
     /// RoPE and the cache write (`gemv_f16_norm`, `gemv_f16_norm_rope`, `gemv_f16_swiglu`:
     /// 5 launches a layer instead of 9, the same bits).
@@ -184,21 +196,46 @@ impl SmallProducts {
     }
 }
 
-/// `y = x · wᵀ` for `rows` rows: `gemv_f16` where `small` says so and the shape fits,
-/// else cuBLAS.
+/// Where a step's products of few rows run: which row counts on our `gemv` kernels
+/// (`gemv`), and of those which over the file's own blocks (`quant`).
+#[derive(Clone, Copy)]
+struct Small {
+    gemv: SmallProducts,
+    quant: SmallProducts,
+}
+
+impl Small {
+    /// A matrix's weights for a `gemv` product of `rows` rows: its file blocks (`q`) where
+    /// it has them and `quant` says so, else its f16 rows `w`.
+    fn weights<'a, E: Exec>(
+        self,
+        rows: usize,
+        w: &'a E::Buf<f16>,
+        q: Option<&'a QuantBuf<E>>,
+    ) -> Weights<'a, E> {
+        match q.filter(|_| self.quant.gemv(rows)) {
+            Some(q) => Weights::Quant(q),
+            None => Weights::F16(w, 0),
+        }
+    }
+}
+
+/// `y = x · wᵀ` for `rows` rows: `gemv` where `small` says so and the shape fits (over
+/// the file's blocks `q` where `small` says so too), else cuBLAS.
 #[allow(clippy::too_many_arguments)]
 fn product<E: Exec>(
     e: &E,
-    small: SmallProducts,
+    small: Small,
     x: &E::Buf<f16>,
-    w: &E::Buf<f16>,
+    (w, q): (&E::Buf<f16>, Option<&QuantBuf<E>>),
     y: &mut E::Buf<f32>,
     rows: usize,
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if small.gemv(rows) && gemv::fits(rows, k) {
-        gemv::gemv(e, x, w, 0, y, rows, k, n)
+    if small.gemv.gemv(rows) && gemv::fits(rows, k) {
+        let weights = small.weights(rows, w, q);
+        gemv::gemv_with(e, Input::Rows(x), weights, y, rows, k, n)
     } else {
         e.gemm(x, w, 0, y, rows, k, n)
     }
@@ -248,13 +285,25 @@ impl<E: Exec> Device<E> {
             .layers
             .iter()
             .map(|l| {
+                let q = |r: &Option<gemv::QuantRows>| {
+                    r.as_ref().map(|r| QuantBuf::upload(e, r)).transpose()
+                };
+                let quant = [
+                    q(&l.quant.wqkv)?,
+                    q(&l.quant.wo)?,
+                    q(&l.quant.w_gate_up)?,
+                    q(&l.quant.w_down)?,
+                ];
                 Ok((
-                    e.upload(&l.attn_norm)?,
-                    e.upload(&l.wqkv)?,
-                    e.upload(&l.wo)?,
-                    e.upload(&l.ffn_norm)?,
-                    e.upload(&l.w_gate_up)?,
-                    e.upload(&l.w_down)?,
+                    (
+                        e.upload(&l.attn_norm)?,
+                        e.upload(&l.wqkv)?,
+                        e.upload(&l.wo)?,
+                        e.upload(&l.ffn_norm)?,
+                        e.upload(&l.w_gate_up)?,
+                        e.upload(&l.w_down)?,
+                    ),
+                    quant,
                 ))
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
@@ -304,6 +353,11 @@ impl<E: Exec> Device<E> {
         let embed = e.upload(&twin.embed)?;
         let output_norm = e.upload(&twin.output_norm)?;
         let output = e.upload(&twin.output)?;
+        let output_q = twin
+            .output_q
+            .as_ref()
+            .map(|r| QuantBuf::upload(e, r))
+            .transpose()?;
         // The KV cache last, from what is left: one spare block past the engine's.
         let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
         let n_blocks = match kv {
@@ -325,18 +379,25 @@ impl<E: Exec> Device<E> {
         let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
         let layers = weights
             .into_iter()
-            .map(|(attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down)| {
-                Ok(Layer {
-                    attn_norm,
-                    wqkv,
-                    wo,
-                    ffn_norm,
-                    w_gate_up,
-                    w_down,
-                    k_cache: e.zeros(kv_len)?,
-                    v_cache: e.zeros(kv_len)?,
-                })
-            })
+            .map(
+                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down), quant)| {
+                    let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
+                    Ok(Layer {
+                        attn_norm,
+                        wqkv,
+                        wo,
+                        ffn_norm,
+                        w_gate_up,
+                        w_down,
+                        wqkv_q,
+                        wo_q,
+                        w_gate_up_q,
+                        w_down_q,
+                        k_cache: e.zeros(kv_len)?,
+                        v_cache: e.zeros(kv_len)?,
+                    })
+                },
+            )
             .collect::<Result<Vec<_>, ExecError>>()?;
         let group = c.n_heads / c.n_kv_heads;
         // The build's slices, within what the kernels' registers allow per block.
@@ -348,12 +409,14 @@ impl<E: Exec> Device<E> {
             att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
             split,
             small: SmallProducts::default(),
+            quant_small: SmallProducts::default(),
             fuse_small: true,
             attention: AttentionKernel::default(),
             embed,
             output_norm,
             output_norm_host: twin.output_norm.clone(),
             output,
+            output_q,
             n_blocks,
             exec,
             config: c,
@@ -363,6 +426,18 @@ impl<E: Exec> Device<E> {
             max_logits,
             bufs,
         })
+    }
+
+    /// Whether any matrix is held in the file's own blocks too (products of few rows may
+    /// read them: [`Device::quant_small`]).
+    pub fn has_quant(&self) -> bool {
+        self.output_q.is_some()
+            || self.layers.iter().any(|l| {
+                l.wqkv_q.is_some()
+                    || l.wo_q.is_some()
+                    || l.w_gate_up_q.is_some()
+                    || l.w_down_q.is_some()
+            })
     }
 
     /// Enqueues one step over the staging buffer (already on the device) laid out as
@@ -377,11 +452,13 @@ impl<E: Exec> Device<E> {
             layers,
             output_norm,
             output,
+            output_q,
             block_size,
             max_blocks,
             att_warps,
             split,
             small,
+            quant_small,
             fuse_small,
             attention,
             bufs: b,
@@ -434,6 +511,10 @@ impl<E: Exec> Device<E> {
         // x + delta goes to x2 at the attention's norm and back to x at the feed-forward's,
         // so each layer ends with the residual in x.
         let fused = |rows: usize, k: usize| *fuse_small && small.gemv(rows) && gemv::fits(rows, k);
+        let small = Small {
+            gemv: *small,
+            quant: *quant_small,
+        };
         let fuse = fused(t, d) && fused(t, f);
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
@@ -458,7 +539,8 @@ impl<E: Exec> Device<E> {
                     block_size: *block_size,
                     base: c.rope_base,
                 };
-                gemv::gemv_rope(e, input, &w.wqkv, &mut b.qkv, t, d, rope)?;
+                let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_ref());
+                gemv::gemv_rope_with(e, input, weights, &mut b.qkv, t, d, rope)?;
             } else {
                 e.launch(
                     "add_rmsnorm",
@@ -474,7 +556,8 @@ impl<E: Exec> Device<E> {
                         eps,
                     ],
                 )?;
-                product(e, *small, &b.h, &w.wqkv, &mut b.qkv, t, d, qkv_w)?;
+                let weights = (&w.wqkv, w.wqkv_q.as_ref());
+                product(e, small, &b.h, weights, &mut b.qkv, t, d, qkv_w)?;
                 let n = (t * c.head_dim / 2) as u32;
                 e.launch(
                     "rope_kv_write",
@@ -530,7 +613,16 @@ impl<E: Exec> Device<E> {
                     Arg::I32(split.chunks as i32),
                 ],
             )?;
-            product(e, *small, &b.att, &w.wo, &mut b.o, t, qd, d)?;
+            product(
+                e,
+                small,
+                &b.att,
+                (&w.wo, w.wo_q.as_ref()),
+                &mut b.o,
+                t,
+                qd,
+                d,
+            )?;
             if fuse {
                 let input = Input::Norm {
                     x: &b.x2,
@@ -540,8 +632,10 @@ impl<E: Exec> Device<E> {
                     rows: None,
                     eps: c.rms_eps,
                 };
-                gemv::gemv_from(e, input, &w.w_gate_up, 0, &mut b.gu, t, d, 2 * f)?;
-                gemv::gemv_from(e, Input::Swiglu(&b.gu), &w.w_down, 0, &mut b.o, t, f, d)?;
+                let weights = small.weights(t, &w.w_gate_up, w.w_gate_up_q.as_ref());
+                gemv::gemv_with(e, input, weights, &mut b.gu, t, d, 2 * f)?;
+                let weights = small.weights(t, &w.w_down, w.w_down_q.as_ref());
+                gemv::gemv_with(e, Input::Swiglu(&b.gu), weights, &mut b.o, t, f, d)?;
             } else {
                 e.launch(
                     "add_rmsnorm",
@@ -557,13 +651,15 @@ impl<E: Exec> Device<E> {
                         eps,
                     ],
                 )?;
-                product(e, *small, &b.h, &w.w_gate_up, &mut b.gu, t, d, 2 * f)?;
+                let weights = (&w.w_gate_up, w.w_gate_up_q.as_ref());
+                product(e, small, &b.h, weights, &mut b.gu, t, d, 2 * f)?;
                 e.launch(
                     "swiglu",
                     swiglu_launch(t, f),
                     &[b.gu.arg(), b.g.arg(), ti, fi],
                 )?;
-                product(e, *small, &b.g, &w.w_down, &mut b.o, t, f, d)?;
+                let weights = (&w.w_down, w.w_down_q.as_ref());
+                product(e, small, &b.g, weights, &mut b.o, t, f, d)?;
             }
         }
         if n_logits == 0 {
@@ -580,7 +676,8 @@ impl<E: Exec> Device<E> {
                 rows: Some(&b.logit_rows),
                 eps: c.rms_eps,
             };
-            gemv::gemv_from(e, input, output, 0, &mut b.logits, n_logits, d, c.vocab)?;
+            let weights = small.weights(n_logits, output, output_q.as_ref());
+            gemv::gemv_with(e, input, weights, &mut b.logits, n_logits, d, c.vocab)?;
         } else {
             e.launch(
                 "add_rmsnorm",
@@ -596,7 +693,8 @@ impl<E: Exec> Device<E> {
                     eps,
                 ],
             )?;
-            product(e, *small, &b.h, output, &mut b.logits, n_logits, d, c.vocab)?;
+            let weights = (&*output, output_q.as_ref());
+            product(e, small, &b.h, weights, &mut b.logits, n_logits, d, c.vocab)?;
         }
         if sample {
             self.enqueue_sample(lay, n_logits)?;

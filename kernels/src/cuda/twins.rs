@@ -8,6 +8,7 @@
 //! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
 //! - KV cache of one layer, keys and values alike: `[block][kv_head][slot][dim]`, f16
 
+use super::gemv::QuantRows;
 use crate::backend::FROM_LAST;
 use crate::forward::Batch;
 use crate::model::LlamaConfig;
@@ -263,6 +264,9 @@ pub struct TwinModel {
     pub output_norm: Vec<f32>,
     /// `vocab × dim`.
     pub output: Vec<f16>,
+    /// The output head in the file's own blocks, where it is Q4_0, Q4_1 or Q8_0 (the
+    /// products of few rows may read them: `gemv_q4`, `gemv_q8`).
+    pub output_q: Option<QuantRows>,
 }
 
 pub struct TwinLayer {
@@ -276,6 +280,32 @@ pub struct TwinLayer {
     pub w_gate_up: Vec<f16>,
     /// `dim × ffn`.
     pub w_down: Vec<f16>,
+    /// The same four matrices in the file's own blocks, each where it is Q4_0, Q4_1 or
+    /// Q8_0 (a stack where its parts are of one type).
+    pub quant: LayerQuant,
+}
+
+/// A layer's matrices in the file's own blocks, where they have them.
+#[derive(Default)]
+pub struct LayerQuant {
+    pub wqkv: Option<QuantRows>,
+    pub wo: Option<QuantRows>,
+    pub w_gate_up: Option<QuantRows>,
+    pub w_down: Option<QuantRows>,
+}
+
+/// `m` in its file's own blocks, where products may read them as they are.
+fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
+    let (ty, data) = m.file_blocks()?;
+    QuantRows::from_blocks(ty, data, m.rows, m.cols)
+}
+
+/// A stack of projections in its file's own blocks, where it is one matrix of them.
+fn quant_stack(p: &crate::model::Projections) -> Option<QuantRows> {
+    match p {
+        crate::model::Projections::Stacked { m, .. } => quant_rows(m),
+        crate::model::Projections::Separate(_) => None,
+    }
 }
 
 fn rows_f16(m: &crate::matmul::Matrix) -> Vec<f16> {
@@ -383,6 +413,8 @@ impl TwinModel {
             Some(_) => "output.weight",
             None => "token_embd.weight",
         };
+        // The file's blocks where the CPU holds them unconverted (no value moved).
+        let quant = w.inexact_from.is_none();
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
@@ -393,6 +425,16 @@ impl TwinModel {
                 ffn_norm: l.ffn_norm.clone(),
                 w_gate_up: stacked(&[n("ffn_gate"), n("ffn_up")], &l.gate_up)?,
                 w_down: one(&[n("ffn_down")], &l.w_down)?,
+                quant: if quant {
+                    LayerQuant {
+                        wqkv: quant_stack(&l.qkv),
+                        wo: quant_rows(&l.wo),
+                        w_gate_up: quant_stack(&l.gate_up),
+                        w_down: quant_rows(&l.w_down),
+                    }
+                } else {
+                    LayerQuant::default()
+                },
             });
         }
         Some(Self {
@@ -401,6 +443,7 @@ impl TwinModel {
             layers,
             output_norm: w.output_norm.clone(),
             output: one(&[out_name.into()], w.output())?,
+            output_q: quant.then(|| quant_rows(w.output())).flatten(),
         })
     }
 

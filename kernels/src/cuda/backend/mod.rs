@@ -12,9 +12,11 @@
 //! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
 //! **Products of few rows.** At load on a GPU, each decode graph of up to 8 sequences is
-//! timed with its matrix products on cuBLAS and on our `gemv_f16`, and the faster is kept
-//! for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
-//! cublas|gemv` fixes it instead).
+//! timed with its matrix products on cuBLAS, on our `gemv_f16`, and on our `gemv_q4` /
+//! `gemv_q8` over the file's own Q4_0 / Q4_1 / Q8_0 blocks (where the model's matrices
+//! are those, unconverted: a third of the bytes), and the fastest is kept for that many
+//! rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
+//! cublas|gemv|quant` fixes it instead).
 //!
 //! **Dependent launches.** On Hopper and later, every kernel launches as a programmatic
 //! dependent launch ([`super::launch`]), so that its launch and start overlap the end of

@@ -1,6 +1,7 @@
 //! The step's choices that can change on a loaded backend: where products of few rows run
-//! (cuBLAS or `gemv_f16`, timed per decode bucket at load), dependent launches, the fused
-//! small products and the attention kernel. Each change captures the decode graphs again.
+//! (cuBLAS, `gemv_f16`, or `gemv_q4`/`gemv_q8` over the file's own blocks: timed per decode
+//! bucket at load), dependent launches, the fused small products and the attention
+//! kernel. Each change captures the decode graphs again.
 
 use super::{logits, AttentionKernel, CudaBackend, Sampling, SmallProducts};
 use crate::cuda::exec::{Exec, ExecError};
@@ -10,30 +11,38 @@ use crate::forward::Batch;
 /// Decode steps timed per choice when choosing the small products at load.
 const TUNE_STEPS: usize = 30;
 
-/// A decode bucket's step time with its products on cuBLAS and on `gemv_f16`.
+/// A decode bucket's step time with its products on cuBLAS, on `gemv_f16`, and on the
+/// `gemv` kernels over the file's own blocks (where the model has them).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SmallProductTiming {
     pub bucket: usize,
     pub cublas_secs: f64,
     pub gemv_secs: f64,
+    pub quant_secs: Option<f64>,
 }
 
 impl<E: Exec> CudaBackend<E> {
-    /// Chooses where products of a few rows run, by `TOLLGATE_SMALL_PRODUCTS`: `cublas`
-    /// or `gemv` for all, else (the default) whichever gives the faster decode step here
+    /// Chooses where products of a few rows run, by `TOLLGATE_SMALL_PRODUCTS`: `cublas`,
+    /// `gemv` (f16 rows) or `quant` (the file's blocks, where the model has them) for all,
+    /// else (the default) whichever gives the fastest decode step here
     /// ([`CudaBackend::tune_small_products`]). A failure leaves cuBLAS for all, logged.
     pub fn choose_small_products(&mut self) {
         let chosen = match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
             Ok("cublas") => Ok(()),
             Ok("gemv") => self.set_small_products(SmallProducts(u8::MAX)),
+            Ok("quant") => self
+                .set_quant_small(SmallProducts(u8::MAX))
+                .and_then(|()| self.set_small_products(SmallProducts(u8::MAX))),
             _ => self.tune_small_products(TUNE_STEPS).map(|t| {
-                tracing::info!(backend = %self.name, timings = ?t, chosen = ?self.dev.small,
-                    "products of few rows: cuBLAS or gemv_f16, by decode step time");
+                tracing::info!(backend = %self.name, timings = ?t, gemv = ?self.dev.small,
+                    quant = ?self.dev.quant_small,
+                    "products of few rows: cuBLAS, gemv_f16 or the file's blocks, by decode step time");
             }),
         };
         if let Err(e) = chosen {
             tracing::warn!(backend = %self.name,
                 "choosing the small products failed ({e}); cuBLAS for all");
+            self.dev.quant_small = SmallProducts::default();
             let _ = self.set_small_products(SmallProducts::default());
         }
     }
@@ -41,6 +50,25 @@ impl<E: Exec> CudaBackend<E> {
     /// Which products of few rows run on `gemv_f16` rather than cuBLAS.
     pub fn small_products(&self) -> SmallProducts {
         self.dev.small
+    }
+
+    /// Which of those read the file's own blocks (`gemv_q4*`, `gemv_q8*`) where a matrix
+    /// has them.
+    pub fn quant_small(&self) -> SmallProducts {
+        self.dev.quant_small
+    }
+
+    /// Whether any matrix is held in the file's own blocks too.
+    pub fn has_quant(&self) -> bool {
+        self.dev.has_quant()
+    }
+
+    /// Products of few rows on `gemv` read the file's blocks for the row counts `quant`
+    /// says, from the next step on (the decode graphs are captured again).
+    pub fn set_quant_small(&mut self, quant: SmallProducts) -> Result<(), ExecError> {
+        self.dev.quant_small = quant;
+        self.recapture_all()?;
+        Ok(())
     }
 
     /// The timings behind [`CudaBackend::small_products`], when it was tuned.
@@ -100,9 +128,10 @@ impl<E: Exec> CudaBackend<E> {
     }
 
     /// Times each decode graph of at most [`gemv::MAX_ROWS`] sequences over `steps`
-    /// replays with its products on cuBLAS and on `gemv_f16`, and keeps the faster for the
-    /// row counts that bucket serves (direct launches of as many rows follow it). Nothing
-    /// changes when graphs are off.
+    /// replays with its products on cuBLAS, on `gemv_f16` and (where the model has them)
+    /// on the file's own blocks, and keeps the fastest for the row counts that bucket
+    /// serves (direct launches of as many rows follow it). Nothing changes when graphs
+    /// are off.
     pub fn tune_small_products(
         &mut self,
         steps: usize,
@@ -116,26 +145,42 @@ impl<E: Exec> CudaBackend<E> {
             }
             let rows = below + 1..=bucket;
             below = bucket;
-            let mut secs = [0.0f64; 2];
-            for (k, on) in [false, true].into_iter().enumerate() {
-                self.dev.small = rows.clone().fold(self.dev.small, |s, r| s.with(r, on));
+            // (on gemv, over the file's blocks): cuBLAS, gemv_f16, the blocks.
+            let ways: &[(bool, bool)] = if self.dev.has_quant() {
+                &[(false, false), (true, false), (true, true)]
+            } else {
+                &[(false, false), (true, false)]
+            };
+            let mut secs = Vec::with_capacity(ways.len());
+            for &(on, quant) in ways {
+                self.set_rows(rows.clone(), on, quant);
                 self.recapture(i)?;
                 let t = std::time::Instant::now();
                 for _ in 0..steps {
                     self.run(&Batch::default(), 0, Some(i), Sampling::No, logits)?;
                 }
-                secs[k] = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+                secs.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
             }
-            let gemv = secs[1] < secs[0];
-            self.dev.small = rows.fold(self.dev.small, |s, r| s.with(r, gemv));
+            let best = (0..secs.len()).fold(0, |b, k| if secs[k] < secs[b] { k } else { b });
+            let (on, quant) = ways[best];
+            self.set_rows(rows, on, quant);
             self.recapture(i)?;
             out.push(SmallProductTiming {
                 bucket,
                 cublas_secs: secs[0],
                 gemv_secs: secs[1],
+                quant_secs: secs.get(2).copied(),
             });
         }
         self.tuned = out.clone();
         Ok(out)
+    }
+
+    /// Row counts `rows` on `gemv` (`on`), over the file's blocks (`quant`).
+    fn set_rows(&mut self, rows: std::ops::RangeInclusive<usize>, on: bool, quant: bool) {
+        for r in rows {
+            self.dev.small = self.dev.small.with(r, on);
+            self.dev.quant_small = self.dev.quant_small.with(r, on && quant);
+        }
     }
 }
