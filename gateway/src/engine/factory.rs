@@ -110,7 +110,12 @@ fn cuda_backend<E: Exec + 'static>(
         AttentionKind::Tensor => AttentionKernel::Tensor,
     };
     b.set_attention(attention).map_err(|e| e.to_string())?;
-    if timed {
+    // An operator's fixed choice applies on the emulator too (nothing is timed then).
+    let fixed = matches!(
+        std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref(),
+        Ok("cublas" | "gemv" | "quant")
+    );
+    if timed || fixed {
         b.choose_small_products();
     }
     let err = b
