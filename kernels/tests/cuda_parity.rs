@@ -837,7 +837,7 @@ fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
 /// residual sums written to `x_out` exactly; picked rows (with a −1 entry, a row of zeros)
 /// for the final norm; poisoned outputs; and the launches it refuses.
 fn gemv_fused_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv, gemv_from, Input};
+    use kernels::cuda::gemv::{gemv, gemv_from, Input, Weights};
     let what = g.describe();
     let mut rng = Rng(21);
     let (d, f, n, eps) = (576, 1536, 1003, 1e-5f32);
@@ -863,7 +863,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
             rows: None,
             eps,
         };
-        gemv_from(g, input, &wnd, 0, &mut y, m, d, n).unwrap();
+        gemv_from(g, input, Weights::F16(&wnd, 0), &mut y, m, d, n).unwrap();
         let mut xw = x0.clone();
         let h = twins::add_rmsnorm(&mut xw[..m * d], Some(&delta), &nw, None, d, eps);
         let sums = down(g, &x_out);
@@ -899,7 +899,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
             rows: Some(&rd),
             eps,
         };
-        gemv_from(g, input, &wnd, 0, &mut y, m, d, n).unwrap();
+        gemv_from(g, input, Weights::F16(&wnd, 0), &mut y, m, d, n).unwrap();
         let mut xw = x0.clone();
         let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, Some(&rows), d, eps);
         let got = down(g, &y);
@@ -917,7 +917,16 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         let gu = rng.vec(m * 2 * f, 4.0);
         let gud = up(g, &gu);
         let mut y = up(g, &vec![f32::NAN; m * n]);
-        gemv_from(g, Input::Swiglu(&gud), &wfd, 0, &mut y, m, f, n).unwrap();
+        gemv_from(
+            g,
+            Input::Swiglu(&gud),
+            Weights::F16(&wfd, 0),
+            &mut y,
+            m,
+            f,
+            n,
+        )
+        .unwrap();
         let got = down(g, &y);
         let e = rel(&got, &twins::gemm(&twins::swiglu(&gu, m, f), &wf, m, f, n));
         assert!(e < 1e-3, "{what}: swiglu then product, {m} rows: {e}");
@@ -948,12 +957,21 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         eps,
     };
     assert!(
-        gemv_from(g, input, &wnd, 0, &mut y, 9, d, n).is_err(),
+        gemv_from(g, input, Weights::F16(&wnd, 0), &mut y, 9, d, n).is_err(),
         "{what}: 9 rows"
     );
     let gud = up(g, &vec![0f32; 2 * f]);
     assert!(
-        gemv_from(g, Input::Swiglu(&gud), &wfd, 0, &mut y, 2, f, n).is_err(),
+        gemv_from(
+            g,
+            Input::Swiglu(&gud),
+            Weights::F16(&wfd, 0),
+            &mut y,
+            2,
+            f,
+            n
+        )
+        .is_err(),
         "{what}: gate|up rows for 1 row, not 2"
     );
 }
@@ -968,7 +986,7 @@ fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
 /// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
 /// within the twins' bound.
 fn gemv_rope_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv_rope, Input, RopeKv};
+    use kernels::cuda::gemv::{gemv_rope, Input, RopeKv, Weights};
     let what = g.describe();
     let c = smol();
     let (d, hd, bs, n_blocks) = (c.dim, c.head_dim, 16, 64);
@@ -1014,7 +1032,7 @@ fn gemv_rope_case<E: Exec>(g: &E) {
             block_size: bs,
             base: c.rope_base,
         };
-        gemv_rope(g, input, &wd, &mut qkv, m, d, rope).unwrap();
+        gemv_rope(g, input, Weights::F16(&wd, 0), &mut qkv, m, d, rope).unwrap();
         let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
         // Apart, on the same device.
         let qa = norm_then_gemv(g, &xd, &dd, &nwd, eps, &wd, m, d, n);
@@ -1094,7 +1112,16 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         base: c.rope_base,
     };
     assert!(
-        gemv_rope(g, Input::Rows(&xd), &wd, &mut qkv, 1, d, rope).is_err(),
+        gemv_rope(
+            g,
+            Input::Rows(&xd),
+            Weights::F16(&wd, 0),
+            &mut qkv,
+            1,
+            d,
+            rope
+        )
+        .is_err(),
         "{what}: RoPE after a product of f16 rows"
     );
 }

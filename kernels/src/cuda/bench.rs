@@ -110,7 +110,7 @@ fn fused_products<E: Exec>(
     w: &E::Buf<f16>,
     iters: u32,
 ) -> Result<Vec<Row>, ExecError> {
-    use super::gemv::{gemv_from, gemv_rope, Input, RopeKv};
+    use super::gemv::{gemv_from, gemv_rope, Input, RopeKv, Weights};
     let (x, delta, norm) = (e.zeros::<f32>(m * k)?, e.zeros::<f32>(m * k)?, e.zeros(k)?);
     let mut x_out = e.zeros::<f32>(m * k)?;
     let mut y = e.zeros::<f32>(m * n)?;
@@ -136,8 +136,7 @@ fn fused_products<E: Exec>(
         gemv_from(
             e,
             input::<E>(&x, &delta, &norm, &mut x_out),
-            w,
-            0,
+            Weights::F16(w, 0),
             &mut y,
             m,
             k,
@@ -152,7 +151,7 @@ fn fused_products<E: Exec>(
     });
     let gu = e.zeros::<f32>(m * 2 * k)?;
     let secs = time(e, iters, || {
-        gemv_from(e, Input::Swiglu(&gu), w, 0, &mut y, m, k, n)
+        gemv_from(e, Input::Swiglu(&gu), Weights::F16(w, 0), &mut y, m, k, n)
     })?;
     rows.push(Row {
         name: format!("gemv_f16_swiglu {name} {m}×{k}·{k}×{n}"),
@@ -179,7 +178,7 @@ fn fused_products<E: Exec>(
                 base: 10_000.0,
             };
             let normed = input::<E>(&x, &delta, &norm, &mut x_out);
-            gemv_rope(e, normed, w, &mut y, m, k, rope)
+            gemv_rope(e, normed, Weights::F16(w, 0), &mut y, m, k, rope)
         })?;
         rows.push(Row {
             name: format!("gemv_f16_norm_rope {name} {m}×{k}·{k}×{n}"),

@@ -107,24 +107,9 @@ pub fn gemv<E: Exec>(
     )
 }
 
-/// `y[rows × n] = input · w[n × k]ᵀ` with `w` starting `w_row0` rows in: [`gemv`] over
-/// rows that [`Input`] says how to make.
-#[allow(clippy::too_many_arguments)]
+/// `y[rows × n] = input · wᵀ` over `weights` (f16 rows, or the file's blocks): [`gemv`]
+/// over rows that [`Input`] says how to make.
 pub fn gemv_from<E: Exec>(
-    e: &E,
-    input: Input<'_, E>,
-    w: &E::Buf<f16>,
-    w_row0: usize,
-    y: &mut E::Buf<f32>,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), ExecError> {
-    product(e, input, None, Weights::F16(w, w_row0), y, rows, k, n)
-}
-
-/// [`gemv_from`] over `weights` (f16 rows or the file's blocks).
-pub fn gemv_with<E: Exec>(
     e: &E,
     input: Input<'_, E>,
     weights: Weights<'_, E>,
@@ -151,24 +136,11 @@ pub struct RopeKv<'a, E: Exec> {
     pub base: f32,
 }
 
-/// The QKV product of normalized rows (`input` must be [`Input::Norm`]) into `qkv`
-/// (`rows × (n_heads + 2 · n_kv_heads) · head_dim`), with RoPE and the KV-cache write in
-/// its epilogue: one launch for `add_rmsnorm`, the product and `rope_kv_write`, with
-/// their bits.
+/// The QKV product of normalized rows (`input` must be [`Input::Norm`]) over `weights`
+/// into `qkv` (`rows × (n_heads + 2 · n_kv_heads) · head_dim`), with RoPE and the KV-cache
+/// write in its epilogue: one launch for `add_rmsnorm`, the product and `rope_kv_write`,
+/// with their bits.
 pub fn gemv_rope<E: Exec>(
-    e: &E,
-    input: Input<'_, E>,
-    w: &E::Buf<f16>,
-    qkv: &mut E::Buf<f32>,
-    rows: usize,
-    k: usize,
-    rope: RopeKv<'_, E>,
-) -> Result<(), ExecError> {
-    gemv_rope_with(e, input, Weights::F16(w, 0), qkv, rows, k, rope)
-}
-
-/// [`gemv_rope`] over `weights` (f16 rows or the file's blocks).
-pub fn gemv_rope_with<E: Exec>(
     e: &E,
     input: Input<'_, E>,
     weights: Weights<'_, E>,

@@ -235,7 +235,7 @@ fn product<E: Exec>(
 ) -> Result<(), ExecError> {
     if small.gemv.gemv(rows) && gemv::fits(rows, k) {
         let weights = small.weights(rows, w, q);
-        gemv::gemv_with(e, Input::Rows(x), weights, y, rows, k, n)
+        gemv::gemv_from(e, Input::Rows(x), weights, y, rows, k, n)
     } else {
         e.gemm(x, w, 0, y, rows, k, n)
     }
@@ -540,7 +540,7 @@ impl<E: Exec> Device<E> {
                     base: c.rope_base,
                 };
                 let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_ref());
-                gemv::gemv_rope_with(e, input, weights, &mut b.qkv, t, d, rope)?;
+                gemv::gemv_rope(e, input, weights, &mut b.qkv, t, d, rope)?;
             } else {
                 e.launch(
                     "add_rmsnorm",
@@ -633,9 +633,9 @@ impl<E: Exec> Device<E> {
                     eps: c.rms_eps,
                 };
                 let weights = small.weights(t, &w.w_gate_up, w.w_gate_up_q.as_ref());
-                gemv::gemv_with(e, input, weights, &mut b.gu, t, d, 2 * f)?;
+                gemv::gemv_from(e, input, weights, &mut b.gu, t, d, 2 * f)?;
                 let weights = small.weights(t, &w.w_down, w.w_down_q.as_ref());
-                gemv::gemv_with(e, Input::Swiglu(&b.gu), weights, &mut b.o, t, f, d)?;
+                gemv::gemv_from(e, Input::Swiglu(&b.gu), weights, &mut b.o, t, f, d)?;
             } else {
                 e.launch(
                     "add_rmsnorm",
@@ -677,7 +677,7 @@ impl<E: Exec> Device<E> {
                 eps: c.rms_eps,
             };
             let weights = small.weights(n_logits, output, output_q.as_ref());
-            gemv::gemv_with(e, input, weights, &mut b.logits, n_logits, d, c.vocab)?;
+            gemv::gemv_from(e, input, weights, &mut b.logits, n_logits, d, c.vocab)?;
         } else {
             e.launch(
                 "add_rmsnorm",
