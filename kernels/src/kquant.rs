@@ -11,8 +11,8 @@
 //! product adds as `offset · Σ inputs`), can hold them:
 //! - Q4_K → Q4_1: each 32-element sub-block is `d·sc·q − dmin·m` with a 4-bit `q`, which is
 //!   a Q4_1 block with `d = d·sc` and `m = −dmin·m` (rounded to f16: ≤ 2⁻¹¹ relative).
-//! - Q5_0 → Q8_0: `d·(q − 16)` is `(d/4)·4(q − 16)`, exact (the block is requantized
-//!   instead where `d/4` is not an exact f16).
+//! - Q5_0 → Q8_0: `d·(q − 16)` is `(d/4)·4(q − 16)`, exact (`(d/2)·2(q − 16)` where `d/4`
+//!   is not an exact f16, else `d·(q − 16)` itself: always exact).
 //! - Q5_1 → Q8_0 of `d` and `q` (0..32), offset `m` per 32: exact. Q5_K likewise per
 //!   sub-block: scale `d·sc` (rounded to f16), offset `−dmin·m`.
 //! - Q2_K → Q8_0 of `d` and `sc·q` (0..46), offset `−dmin·m` per 16: exact.
@@ -428,14 +428,15 @@ fn convert_block(ty: GgmlType, b: &[u8], out: &mut [u8], off: &mut [f32]) {
         }
         GgmlType::Q5_0 => {
             let (q, d, _) = q5_block(ty, b);
-            let quarter = f16::from_f32(d / 4.0);
-            if quarter.to_f32() * 4.0 == d {
-                out[0..2].copy_from_slice(&quarter.to_le_bytes());
-                for (o, q) in out[2..].iter_mut().zip(q) {
-                    *o = (4 * (q as i32 - 16)) as i8 as u8;
-                }
-            } else {
-                requantize(ty, b, out);
+            // The widest of ×4, ×2 and ×1 whose scale d/k is an exact f16 (d itself is).
+            let (k, scale) = [4i32, 2]
+                .into_iter()
+                .map(|k| (k, f16::from_f32(d / k as f32)))
+                .find(|&(k, s)| s.to_f32() * k as f32 == d)
+                .unwrap_or((1, f16::from_f32(d)));
+            out[0..2].copy_from_slice(&scale.to_le_bytes());
+            for (o, q) in out[2..].iter_mut().zip(q) {
+                *o = (k * (q as i32 - 16)) as i8 as u8;
             }
         }
         GgmlType::Q3_K => {
@@ -1090,19 +1091,31 @@ mod tests {
     }
 
     #[test]
-    fn q5_0_whose_quarter_scale_is_not_an_f16_is_requantized() {
-        // d = 3·2⁻²⁴ (an f16 subnormal): d/4 is no f16.
-        let d = f16::from_bits(3);
-        let mut b = d.to_le_bytes().to_vec();
-        b.extend_from_slice(&0xFFFF_0000u32.to_le_bytes());
-        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let want = dequant(GgmlType::Q5_0, &b, QK);
-        let Converted {
-            ty: to, data: c, ..
-        } = to_kernel_layout(GgmlType::Q5_0, &b);
-        let mut requantized = vec![0u8; 34];
-        q8_0_block(&want, &mut requantized);
-        assert_eq!((to, c), (GgmlType::Q8_0, requantized));
+    fn q5_0_whose_quarter_scale_is_not_an_f16_keeps_its_values() {
+        // d = 3·2⁻²⁴ (an f16 subnormal): neither d/4 nor d/2 is an f16, so d itself;
+        // d = 6·2⁻²⁴: d/2 is.
+        for (bits, k) in [(3u16, 1i32), (6, 2), (0x3c00, 4)] {
+            let d = f16::from_bits(bits);
+            let mut b = d.to_le_bytes().to_vec();
+            b.extend_from_slice(&0xFFFF_0000u32.to_le_bytes());
+            b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+            let want = dequant(GgmlType::Q5_0, &b, QK);
+            let Converted {
+                ty: to, data: c, ..
+            } = to_kernel_layout(GgmlType::Q5_0, &b);
+            assert_eq!(to, GgmlType::Q8_0);
+            let got = dequant(GgmlType::Q8_0, &c, QK);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "d bits {bits}: {got:?} against {want:?}"
+            );
+            assert_eq!(
+                f16::from_le_bytes([c[0], c[1]]).to_f32() * k as f32,
+                d.to_f32()
+            );
+        }
     }
 
     #[test]

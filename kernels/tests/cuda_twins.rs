@@ -217,3 +217,101 @@ fn the_samplers_cuts_are_exact() {
         );
     }
 }
+
+/// The GPU's products of few rows may read a matrix's file blocks only where the CPU
+/// holds them with the file's own values: each such matrix's blocks give those values
+/// exactly (`d · q + m`, one rounding, as the kernels read them). Every matrix of the
+/// synthetic Q4_1 model has them (its Q8_0 head too); of the converted layouts, those
+/// converted to 8-bit blocks of the same values (Q5_0, Q3_K, IQ4_NL), never one with
+/// offsets beside it (Q5_1, Q5_K, Q2_K), an exact packed form (Q4_K, Q6_K, IQ4_XS, where
+/// the CPU has packed kernels) or values moved.
+#[test]
+fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
+    use kernels::cuda::gemv::QuantRows;
+    use kernels::synth::{write_model, SynthSpec};
+    // Every value of `r`, as the kernels read it.
+    let values = |r: &QuantRows| -> Vec<f32> {
+        let half = |b: u32| half::f16::from_bits(b as u16).to_f32();
+        (0..r.rows * r.k)
+            .map(|i| {
+                let (j, c) = (i / r.k, i % r.k);
+                let s = r.s[j * r.k / 32 + c / 32];
+                let q = if r.bits == 4 {
+                    (r.q[j * r.row_words() + c / 8] >> (4 * (c % 8)) & 15) as f32
+                } else {
+                    (r.q[j * r.row_words() + c / 4] >> (8 * (c % 4))) as u8 as i8 as f32
+                };
+                half(s & 0xffff).mul_add(q, half(s >> 16))
+            })
+            .collect()
+    };
+    let mut kept = Vec::new();
+    for (name, spec) in [
+        ("plain", SynthSpec::tiny()),
+        ("k-quants", SynthSpec::tiny_k_quants()),
+        ("low-bits", SynthSpec::tiny_low_bits()),
+    ] {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-blocks-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.gguf");
+        write_model(&path, &spec).unwrap();
+        let twin = TwinModel::from_model(&kernels::load::load(&path).unwrap().model);
+        let g = kernels::gguf::Gguf::open(&path).unwrap();
+        // The file's own values of tensors `names`, stacked.
+        let file = |names: &[String]| -> Vec<f32> {
+            names
+                .iter()
+                .flat_map(|n| {
+                    let t = g.tensor(n).unwrap();
+                    let mut v = vec![0f32; t.n_elems()];
+                    kernels::quant::dequantize_row(t.ty, g.data(t), &mut v);
+                    v
+                })
+                .collect()
+        };
+        let mut count = 0;
+        let out = if g.tensor("output.weight").is_some() {
+            "output"
+        } else {
+            "token_embd"
+        };
+        let mut check = |r: &Option<QuantRows>, names: Vec<String>, what: &str| {
+            if let Some(r) = r {
+                let (got, want) = (values(r), file(&names));
+                assert!(
+                    // Equal as numbers (0 · a negative d is −0 in the file's arithmetic).
+                    got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a == b),
+                    "{name}: {what}'s blocks are not the file's values"
+                );
+                count += 1;
+            }
+        };
+        check(&twin.output_q, vec![format!("{out}.weight")], "the head");
+        for (i, l) in twin.layers.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let q = &l.quant;
+            check(&q.wqkv, vec![n("attn_q"), n("attn_k"), n("attn_v")], "qkv");
+            check(&q.wo, vec![n("attn_output")], "wo");
+            check(&q.w_gate_up, vec![n("ffn_gate"), n("ffn_up")], "gate|up");
+            check(&q.w_down, vec![n("ffn_down")], "down");
+        }
+        kept.push((name, count));
+    }
+    // plain: 4 a layer and the head; k-quants: the Q5_0 attn_output of each layer;
+    // low-bits: two a layer. On a CPU without packed kernels the K-quant scales are
+    // rounded (the GPU's f16 rows are read from the file) and no block is kept.
+    let converted = if kernels::packed::available() {
+        (2, 4)
+    } else {
+        (0, 0)
+    };
+    assert_eq!(
+        kept,
+        [
+            ("plain", 9),
+            ("k-quants", converted.0),
+            ("low-bits", converted.1)
+        ]
+    );
+}
