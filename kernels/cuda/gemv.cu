@@ -1,13 +1,15 @@
 // Products for a few rows: y[r, j] = x[r, :] · w[j, :] for r < m, f16 inputs, f32
 // accumulation and output — the step's product (`y = x · wᵀ`, as cuBLAS computes it) for
 // decode steps of few sequences, where reading the weights once is all the work. A
-// candidate against cuBLAS: at load the backend times whole decode steps both ways and
-// keeps the faster per row count (`gpu_bench` also times each product both ways).
+// candidate against cuBLAS: at load the backend times whole decode steps each way (cuBLAS,
+// f16 rows, the file's blocks) and keeps the fastest per row count (`gpu_bench` also
+// times each product each way).
 //
-// One warp per output column (grid-stride over columns), each lane reading 16 bytes (8
-// weights) at a time; x is staged once per block in shared memory as f32. Needs
+// One warp per output column (grid-stride over columns), each lane reading a piece of 8
+// weights at a time (16 bytes of f16, or 4 or 8 bytes of the file's blocks and their
+// block's scale); x is staged once per block in shared memory as f32. Needs
 // m <= GEMV_MAX_ROWS, k <= GEMV_MAX_K, m · k <= GEMV_MAX_ELEMS (48 KB of staged rows), k a
-// multiple of 8 and w 16-byte aligned.
+// multiple of 8 (32 for the blocks) and w 16-byte aligned.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
