@@ -7,6 +7,7 @@
 //! its answer). Environment: `BACKEND=auto|cpu|cuda|emulator` (default cpu; `emulator` checks the
 //! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
+//! `THREADS=n` (the CPU backend's threads; default one per CPU),
 //! `PREFIX_CACHING=0` (the prefix cache off), `MAX_BATCH_TOKENS=n` (the per-step token
 //! budget, chunked prefill), `ATTENTION=tensor` (CUDA: the tensor-core
 //! attention kernel), `FORMAT=json|schema` (the streams' answers
