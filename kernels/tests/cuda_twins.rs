@@ -315,30 +315,3 @@ fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
         ]
     );
 }
-
-/// The file's blocks go to the device only where products may read them: not where
-/// `TOLLGATE_SMALL_PRODUCTS` fixes them on cuBLAS or the f16 rows. (The only test of this
-/// binary that builds a device, so the variable is its own.)
-#[test]
-fn blocks_stay_off_the_device_where_no_product_reads_them() {
-    use kernels::cuda::backend::{CudaBackend, KvCapacity};
-    let model = tiny("blocks-env");
-    let twin = TwinModel::from_model(&model);
-    for (fixed, held) in [
-        (Some("gemv"), false),
-        (Some("cublas"), false),
-        (Some("quant"), true),
-        (None, true),
-    ] {
-        match fixed {
-            Some(v) => std::env::set_var("TOLLGATE_SMALL_PRODUCTS", v),
-            None => std::env::remove_var("TOLLGATE_SMALL_PRODUCTS"),
-        }
-        let Some(emu) = common::emu_for(&twin.config) else {
-            return;
-        };
-        let b =
-            CudaBackend::on(emu, "emu".into(), &twin, 16, KvCapacity::Blocks(8), 16, 2).unwrap();
-        assert_eq!(b.has_quant(), held, "{fixed:?}");
-    }
-}

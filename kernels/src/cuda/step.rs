@@ -241,16 +241,6 @@ fn product<E: Exec>(
     }
 }
 
-/// Whether the file's blocks go to the device: not where `TOLLGATE_SMALL_PRODUCTS` fixes
-/// the products of few rows on cuBLAS or on the f16 rows (they would take device memory
-/// and never be read).
-fn blocks_wanted() -> bool {
-    !matches!(
-        std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref(),
-        Ok("cublas" | "gemv")
-    )
-}
-
 /// How big the KV cache is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvCapacity {
@@ -291,16 +281,12 @@ impl<E: Exec> Device<E> {
     ) -> Result<Self, ExecError> {
         let e = &exec;
         let c = twin.config.clone();
-        let blocks = blocks_wanted();
         let weights = twin
             .layers
             .iter()
             .map(|l| {
                 let q = |r: &Option<gemv::QuantRows>| {
-                    r.as_ref()
-                        .filter(|_| blocks)
-                        .map(|r| QuantBuf::upload(e, r))
-                        .transpose()
+                    r.as_ref().map(|r| QuantBuf::upload(e, r)).transpose()
                 };
                 let quant = [
                     q(&l.quant.wqkv)?,
@@ -370,7 +356,6 @@ impl<E: Exec> Device<E> {
         let output_q = twin
             .output_q
             .as_ref()
-            .filter(|_| blocks)
             .map(|r| QuantBuf::upload(e, r))
             .transpose()?;
         // The KV cache last, from what is left: one spare block past the engine's.

@@ -294,6 +294,16 @@ pub struct LayerQuant {
     pub w_down: Option<QuantRows>,
 }
 
+/// Whether products may read the file's blocks: not where `TOLLGATE_SMALL_PRODUCTS` fixes
+/// the products of few rows on cuBLAS or on the f16 rows (the blocks would be made, and
+/// take device memory, for nothing).
+fn blocks_wanted() -> bool {
+    !matches!(
+        std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref(),
+        Ok("cublas" | "gemv")
+    )
+}
+
 /// `m` in its file's own blocks, where products may read them as they are.
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     let (ty, data) = m.file_blocks()?;
@@ -413,8 +423,9 @@ impl TwinModel {
             Some(_) => "output.weight",
             None => "token_embd.weight",
         };
-        // The file's blocks where the CPU holds them unconverted (no value moved).
-        let quant = w.inexact_from.is_none();
+        // The file's blocks where the CPU holds them with the file's values (no value
+        // moved), unless no product will read them.
+        let quant = w.inexact_from.is_none() && blocks_wanted();
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
