@@ -231,18 +231,8 @@ fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
     use kernels::synth::{write_model, SynthSpec};
     // Every value of `r`, as the kernels read it.
     let values = |r: &QuantRows| -> Vec<f32> {
-        let half = |b: u32| half::f16::from_bits(b as u16).to_f32();
         (0..r.rows * r.k)
-            .map(|i| {
-                let (j, c) = (i / r.k, i % r.k);
-                let s = r.s[j * r.k / 32 + c / 32];
-                let q = if r.bits == 4 {
-                    (r.q[j * r.row_words() + c / 8] >> (4 * (c % 8)) & 15) as f32
-                } else {
-                    (r.q[j * r.row_words() + c / 4] >> (8 * (c % 4))) as u8 as i8 as f32
-                };
-                half(s & 0xffff).mul_add(q, half(s >> 16))
-            })
+            .map(|i| r.weight(i / r.k, i % r.k))
             .collect()
     };
     let mut kept = Vec::new();

@@ -374,6 +374,19 @@ impl QuantRows {
     pub fn row_words(&self) -> usize {
         self.k * self.bits as usize / 32
     }
+
+    /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding.
+    pub fn weight(&self, j: usize, c: usize) -> f32 {
+        let s = self.s[j * self.k / 32 + c / 32];
+        let half = |b: u32| f16::from_bits(b as u16).to_f32();
+        let word = |i: usize| self.q[j * self.row_words() + i];
+        let q = if self.bits == 4 {
+            (word(c / 8) >> (4 * (c % 8)) & 15) as f32
+        } else {
+            (word(c / 4) >> (8 * (c % 4))) as u8 as i8 as f32
+        };
+        half(s & 0xffff).mul_add(q, half(s >> 16))
+    }
 }
 
 /// `y[rows × n] = x[rows × k] · wᵀ` where `w` is `n` rows of a [`QuantRows`] on the device,
@@ -396,7 +409,6 @@ mod tests {
     use super::QuantRows;
     use crate::gguf::GgmlType;
     use crate::quant;
-    use half::f16;
 
     /// Each weight read back from the layout as the kernels read it (`d · q + m` in f32,
     /// one rounding) is the value the file's block dequantizes to, bit for bit.
@@ -420,17 +432,9 @@ mod tests {
                 (r.q.len(), r.s.len()),
                 (rows * r.row_words(), rows * k / 32)
             );
-            let half = |b: u32| f16::from_bits(b as u16).to_f32();
             for (i, &want) in want.iter().enumerate() {
-                let (j, c) = (i / k, i % k);
-                let s = r.s[j * k / 32 + c / 32];
-                let (d, m) = (half(s & 0xffff), half(s >> 16));
-                let q = if r.bits == 4 {
-                    (r.q[j * r.row_words() + c / 8] >> (4 * (c % 8)) & 15) as f32
-                } else {
-                    (r.q[j * r.row_words() + c / 4] >> (8 * (c % 4))) as u8 as i8 as f32
-                };
-                assert_eq!(d.mul_add(q, m).to_bits(), want.to_bits(), "{ty:?} {i}");
+                let got = r.weight(i / k, i % k);
+                assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
             }
         }
         let q5 = vec![0u8; rows * k / 32 * GgmlType::Q5_0.block_bytes()];
