@@ -743,7 +743,7 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 /// SmolLM2's widths and the widest rows the kernels take, column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv_quant, QuantBuf, QuantRows, MAX_K};
+    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_K};
     let mut rng = Rng(17);
     for (ty, k, n) in [
         (GgmlType::Q4_1, 576, 1003),
@@ -767,26 +767,29 @@ fn gemv_quant_case<E: Exec>(g: &E) {
                 .collect();
             let xd = up(g, &x);
             let mut y = up(g, &vec![f32::NAN; m * n]);
-            gemv_quant(g, &xd, wq, &mut y, m, k, n).unwrap();
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, m, k, n).unwrap();
             let e = rel(&down(g, &y), &want);
             assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
         }
         let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
-        assert!(gemv_quant(g, &xd, wq, &mut y, 9, k, n).is_err(), "9 rows");
+        assert!(
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 9, k, n).is_err(),
+            "9 rows"
+        );
         let five = QuantBuf {
             bits: 5,
             ..QuantBuf::upload(g, &rows).unwrap()
         };
         assert!(
-            gemv_quant(g, &xd, &five, &mut y, 1, k, n).is_err(),
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(&five), &mut y, 1, k, n).is_err(),
             "5 bits"
         );
         assert!(
-            gemv_quant(g, &xd, wq, &mut y, 1, k, n + 1).is_err(),
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 1, k, n + 1).is_err(),
             "a column past the weights"
         );
         assert!(
-            gemv_quant(g, &xd, wq, &mut y, 1, k - 8, n).is_err(),
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 1, k - 8, n).is_err(),
             "k no multiple of 32"
         );
     }

@@ -10,6 +10,7 @@
 
 use super::device::{attention_splits, ATTENTION_CHUNK_KEYS};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
+use super::gemv;
 use super::step::AttentionKernel;
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -728,7 +729,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             .into_iter()
             .map(|bits| {
                 let words = n * k * bits as usize / 32;
-                Ok(super::gemv::QuantBuf {
+                Ok(gemv::QuantBuf {
                     q: e.zeros::<u32>(words)?,
                     s: e.zeros::<u32>(n * k / 32)?,
                     bits,
@@ -749,10 +750,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             });
             // Our own kernel for a few rows, against cuBLAS's row above, then with the
             // kernel before it made in its blocks (and after it, for the QKV product).
-            if super::gemv::fits(m, k) {
-                let secs = time(e, iters, || {
-                    super::gemv::gemv(e, &x, &w, 0, &mut y, m, k, n)
-                })?;
+            if gemv::fits(m, k) {
+                let secs = time(e, iters, || gemv::gemv(e, &x, &w, 0, &mut y, m, k, n))?;
                 rows.push(Row {
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),
                     secs,
@@ -762,7 +761,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 // The candidate over the file's blocks: fewer bytes for the same product.
                 for wq in &quant {
                     let secs = time(e, iters, || {
-                        super::gemv::gemv_quant(e, &x, wq, &mut y, m, k, n)
+                        let (x, w) = (gemv::Input::Rows(&x), gemv::Weights::Quant(wq));
+                        gemv::gemv_from(e, x, w, &mut y, m, k, n)
                     })?;
                     let weights = (wq.q.elems() + wq.s.elems()) * 4;
                     rows.push(Row {

@@ -389,21 +389,6 @@ impl QuantRows {
     }
 }
 
-/// `y[rows × n] = x[rows × k] · wᵀ` where `w` is `n` rows of a [`QuantRows`] on the device,
-/// by `gemv_q4` or `gemv_q8`: [`gemv`]'s product over the file's own blocks (same limits,
-/// `k` a multiple of 32).
-pub fn gemv_quant<E: Exec>(
-    e: &E,
-    x: &E::Buf<f16>,
-    w: &QuantBuf<E>,
-    y: &mut E::Buf<f32>,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), ExecError> {
-    product(e, Input::Rows(x), None, Weights::Quant(w), y, rows, k, n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::QuantRows;
