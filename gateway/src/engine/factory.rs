@@ -111,11 +111,7 @@ fn cuda_backend<E: Exec + 'static>(
     };
     b.set_attention(attention).map_err(|e| e.to_string())?;
     // An operator's fixed choice applies on the emulator too (nothing is timed then).
-    let fixed = matches!(
-        std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref(),
-        Ok("cublas" | "gemv" | "quant")
-    );
-    if timed || fixed {
+    if timed || kernels::cuda::backend::FixedSmall::from_env().is_some() {
         b.choose_small_products();
     }
     let err = b

@@ -8,6 +8,7 @@
 //! - staging (u32): S × {start, len, pos0, want_logits}, T token ids, S × B block ids
 //! - KV cache of one layer, keys and values alike: `[block][kv_head][slot][dim]`, f16
 
+use super::backend::FixedSmall;
 use super::gemv::QuantRows;
 use crate::backend::FROM_LAST;
 use crate::forward::Batch;
@@ -294,16 +295,6 @@ pub struct LayerQuant {
     pub w_down: Option<QuantRows>,
 }
 
-/// Whether products may read the file's blocks: not where `TOLLGATE_SMALL_PRODUCTS` fixes
-/// the products of few rows on cuBLAS or on the f16 rows (the blocks would be made, and
-/// take device memory, for nothing).
-fn blocks_wanted() -> bool {
-    !matches!(
-        std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref(),
-        Ok("cublas" | "gemv")
-    )
-}
-
 /// `m` in its file's own blocks, where products may read them as they are.
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     let (ty, data) = m.file_blocks()?;
@@ -424,8 +415,11 @@ impl TwinModel {
             None => "token_embd.weight",
         };
         // The file's blocks where the CPU holds them with the file's values (no value
-        // moved), unless no product will read them.
-        let quant = w.inexact_from.is_none() && blocks_wanted();
+        // moved), unless `TOLLGATE_SMALL_PRODUCTS` fixes products that never read them
+        // (the blocks would be made, and take device memory, for nothing).
+        let fixed = FixedSmall::from_env();
+        let quant = w.inexact_from.is_none()
+            && !matches!(fixed, Some(FixedSmall::Cublas | FixedSmall::Gemv));
         let mut layers = Vec::with_capacity(w.layers.len());
         for (i, l) in w.layers.iter().enumerate() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");

@@ -71,7 +71,7 @@ use crate::logprobs::{from_words, Score, TokenLogprobs, SCORE_WORDS};
 use crate::model::LlamaConfig;
 use graphs::Graph;
 use std::collections::VecDeque;
-pub use tuning::SmallProductTiming;
+pub use tuning::{FixedSmall, SmallProductTiming};
 
 /// The CUDA backend: on a GPU, or (for tests without one) on the CPU emulator, which runs
 /// the same kernel sources, launches and graph logic.

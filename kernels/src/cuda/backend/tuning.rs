@@ -8,6 +8,30 @@ use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::gemv;
 use crate::forward::Batch;
 
+/// Where `TOLLGATE_SMALL_PRODUCTS` fixes the products of few rows, instead of the
+/// load-time timing ([`CudaBackend::choose_small_products`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FixedSmall {
+    /// `cublas`: cuBLAS for all.
+    Cublas,
+    /// `gemv`: `gemv_f16` for all.
+    Gemv,
+    /// `quant`: the `gemv` kernels over the file's blocks, where a matrix has them.
+    Quant,
+}
+
+impl FixedSmall {
+    /// The operator's choice, if `TOLLGATE_SMALL_PRODUCTS` names one.
+    pub fn from_env() -> Option<Self> {
+        match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
+            Ok("cublas") => Some(Self::Cublas),
+            Ok("gemv") => Some(Self::Gemv),
+            Ok("quant") => Some(Self::Quant),
+            _ => None,
+        }
+    }
+}
+
 /// Decode steps timed per choice when choosing the small products at load.
 const TUNE_STEPS: usize = 30;
 
@@ -27,13 +51,13 @@ impl<E: Exec> CudaBackend<E> {
     /// else (the default) whichever gives the fastest decode step here
     /// ([`CudaBackend::tune_small_products`]). A failure leaves cuBLAS for all, logged.
     pub fn choose_small_products(&mut self) {
-        let chosen = match std::env::var("TOLLGATE_SMALL_PRODUCTS").as_deref() {
-            Ok("cublas") => Ok(()),
-            Ok("gemv") => self.set_small_products(SmallProducts(u8::MAX)),
-            Ok("quant") => self
+        let chosen = match FixedSmall::from_env() {
+            Some(FixedSmall::Cublas) => Ok(()),
+            Some(FixedSmall::Gemv) => self.set_small_products(SmallProducts(u8::MAX)),
+            Some(FixedSmall::Quant) => self
                 .set_quant_small(SmallProducts(u8::MAX))
                 .and_then(|()| self.set_small_products(SmallProducts(u8::MAX))),
-            _ => self.tune_small_products(TUNE_STEPS).map(|t| {
+            None => self.tune_small_products(TUNE_STEPS).map(|t| {
                 tracing::info!(backend = %self.name, timings = ?t, gemv = ?self.dev.small,
                     quant = ?self.dev.quant_small,
                     "products of few rows: cuBLAS, gemv_f16 or the file's blocks, by decode step time");
