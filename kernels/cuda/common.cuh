@@ -33,6 +33,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// a − b for each of the two f16 halves of a and b (sub.rn.f16x2).
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
 #endif
 
 // Merges partial softmax state (m, l, a) into the running (M, L, A): one output element's
@@ -101,11 +108,11 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
 
 // RMSNorm's row, one warp (add_rmsnorm's arithmetic, shared with the product that fuses
 // it): v = src[d] (+ delta[d] when delta is not null) for the lane's d = lane, lane + 32,
-// ..., stored to dst[d] (dst may be src: then stored only when delta adds something).
-// Returns 1 / rms(v) for the whole row, the same in every lane.
+// ..., stored to dst[d] (dst may be src: then stored only when delta adds something; a null
+// dst stores nothing). Returns 1 / rms(v) for the whole row, the same in every lane.
 __device__ __forceinline__ float add_rms_row(const float* src, const float* delta, float* dst,
                                              int dim, float eps) {
-    bool store = delta || dst != src;
+    bool store = dst && (delta || dst != src);
     float ss = 0.0f;
 #pragma unroll 4
     for (int d = threadIdx.x & 31; d < dim; d += 32) {
@@ -150,15 +157,12 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
-// pdl_begin(), after each warp asks L2 for its first row of a matrix that no kernel writes
-// (weights: `rows` rows of `row_bytes` bytes from `p`, row i for the i-th warp of the
-// grid, one warp per row as in gemv.cu): the loads overlap the previous kernel's end.
-__device__ __forceinline__ void pdl_begin_prefetch_row(const void* p, int row_bytes, int rows) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const char* c = static_cast<const char*>(p) + (size_t)row * row_bytes;
-    for (int o = (threadIdx.x & 31) * 128; row < rows && o < row_bytes; o += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
-#endif
+// pdl_begin(), after the block asks L2 for its first share of a matrix that no kernel
+// writes (w.prefetch(blockIdx.x): gemv.cu's weights), so that the loads overlap the
+// previous kernel's end. Returns w.
+template <typename W>
+__device__ __forceinline__ W pdl_begin_prefetch(const W& w) {
+    w.prefetch(blockIdx.x);
     pdl_begin();
+    return w;
 }

@@ -5,11 +5,22 @@
 // f16 rows, the file's blocks) and keeps the fastest per row count (`gpu_bench` also
 // times each product each way).
 //
-// One warp per output column (grid-stride over columns), each lane reading a piece of 8
-// weights at a time (16 bytes of f16, or 4 or 8 bytes of the file's blocks and their
-// block's scale); x is staged once per block in shared memory as f32. Needs
-// m <= GEMV_MAX_ROWS, k <= GEMV_MAX_K, m · k <= GEMV_MAX_ELEMS (48 KB of staged rows), k a
-// multiple of 8 (32 for the blocks) and w 16-byte aligned.
+// On tensor cores, with the weights as the wide operand: one mma.m16n8k16 takes 16 output
+// columns (A: 16 rows of weights) by the block's up to 8 input rows (B: the staged x), so
+// a weight costs a fraction of an instruction. (With one fused multiply-add a weight and
+// input row, and an int-to-float conversion a weight of the file's blocks, the CUDA cores
+// could not keep up with the memory: an H200 converts ~4·10¹² values a second where its
+// 4.8 TB/s bring 8.5·10¹² 4-bit weights.) The k order within each block of 32 is permuted
+// alike for both operands (a dot product does not care): lane (g, t) of the mma's fragment
+// layout holds inputs and weights 8t .. 8t + 7 of the block, so that its piece of
+// weights is one 16-byte (f16), 8-byte (8-bit) or 4-byte (4-bit) load, and its inputs
+// one 16-byte load from shared memory.
+//
+// A block of 8 warps takes a group of 16 columns at a time (grid-stride over the groups),
+// its warps splitting the group's blocks of 32 (warp w: blocks w, w + 8, ...), their sums
+// added in a fixed order (the same bits whatever the grid); the inputs are staged once per
+// block as f16, with each block of 32's sum (for the blocks' offsets). Needs m <=
+// GEMV_MAX_ROWS, k <= GEMV_MAX_K and k a multiple of 32; n any.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -21,214 +32,305 @@
 //
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
 // 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below), one template.
-//
-// The entry points cap their registers (`__launch_bounds__`: 3 blocks of 256 threads an
-// SM, 2 for the QKV product's pair of columns), which ptxas otherwise spends on hoisting
-// every staged input of a column's pieces, at one block an SM.
 #define GEMV_MAX_ROWS 8
 #define GEMV_MAX_K 2048
-#define GEMV_MAX_ELEMS 12288
+#define GEMV_WARPS 8
 
-// 16 bytes of shared memory at p, loaded as written: the compiler may not merge or
-// reorder these loads (it would take the two halves below in one order for every lane),
-// nor move them above the barrier after the staging (the memory clobber).
-__device__ __forceinline__ float4 lds4(const float4* p) {
-#ifdef TOLLGATE_EMU
-    return *p;
-#else
-    float4 v;
-    asm volatile(
-        "{ .reg .u64 s; cvta.to.shared.u64 s, %4; ld.shared.v4.f32 {%0, %1, %2, %3}, [s]; }"
-        : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-        : "l"(p)
-        : "memory");
-    return v;
+// Staged inputs' row stride in halves: k, or k + 32 where k is a multiple of 64, so that
+// rows g and g + 1 lie 64 bytes apart in the banks (a quarter warp's 16-byte loads, two
+// rows of 64 bytes, in 32 distinct banks).
+__device__ __forceinline__ int gemv_stride(int k) { return k % 64 ? k : k + 32; }
+
+// The block's shared memory: the staged input rows (f16; rows m .. 7 zeros), each row's
+// sums over its blocks of 32 (for the blocks' offsets), and the warps' sums of a group.
+struct GemvShared {
+    __align__(16) half_t x[GEMV_MAX_ROWS * (GEMV_MAX_K + 32)];
+    float xsum[GEMV_MAX_ROWS * (GEMV_MAX_K / 32)];
+    float part[GEMV_WARPS][4][32];
+};
+
+// L2 prefetches of [p, p + bytes) by the block's threads, a 128-byte line each.
+__device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const char* c = static_cast<const char*>(p);
+    for (int o = threadIdx.x * 128; o < bytes; o += blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 #endif
 }
 
-// The 8 staged inputs at p (32-byte aligned) for a lane whose piece is p, as two 16-byte
-// loads from shared memory. The pieces of lanes l and l + 4 lie 128 bytes apart, in the
-// same banks: lanes 4–7 of each quarter warp load the second half first, so that a
-// quarter warp's loads fall in 32 distinct banks (8 wavefronts a row for a warp's 32
-// pieces, where 8 scalar loads each took 8).
-__device__ __forceinline__ void stage_piece(const float* p, int lane, float (&x)[8]) {
-    const float4* p4 = reinterpret_cast<const float4*>(p);
-    int s = (lane >> 2) & 1;
-    float4 first = lds4(p4 + s), second = lds4(p4 + (s ^ 1));
-    float4 lo = s ? second : first, hi = s ? first : second;
-    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w;
-    x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+// Lane (g, t)'s 8 inputs of block b from staged row g, as four pairs of halves.
+__device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane) {
+    return *reinterpret_cast<const uint4*>(sh.x + (lane >> 2) * stride + b * 32 + (lane & 3) * 8);
 }
 
-// A matrix's weights as the product reads them, a lane's 16-byte or smaller piece (8
-// weights of a row) at a time: `load(j, c)` reads piece c of row j, `expand` makes its 8
-// weights. f16 rows (the default, dequantized at load) here; the file's own 4- and 8-bit
-// blocks below (WeightsQ4, WeightsQ8).
+// A matrix's weights as the product reads them: `load(G, b, lane)` reads the lane's part
+// of column group G's block b of 32 (columns 16G + g and 16G + g + 8, weights 8t .. 8t + 7),
+// `add(tile, xb, xs0, xs1, acc)` adds the block's products to the lane's four sums (column
+// g by input rows 2t, 2t + 1; column g + 8 by the same), with xb the lane's staged inputs
+// and xs0, xs1 input rows 2t and 2t + 1's sums over the block. `prefetch` asks L2 for a
+// group's bytes. f16 rows (the default, dequantized at load) here; the file's own 4- and
+// 8-bit blocks below (WeightsQ4, WeightsQ8).
 struct WeightsF16 {
     const half_t* __restrict__ w;
-    int k;
-    typedef uint4 Piece;
-    __device__ __forceinline__ Piece load(int j, int c) const {
-        return reinterpret_cast<const uint4*>(w + (size_t)j * k)[c];
+    int k, n;
+    static constexpr bool OFFSETS = false;
+    static constexpr int BATCH = 4;  // blocks of 32 a warp loads before it uses the first
+    struct Tile {
+        uint4 lo, hi;
+    };
+    __device__ __forceinline__ Tile load(int G, int b, int lane) const {
+        int j = 16 * G + (lane >> 2), c = b * 32 + (lane & 3) * 8;
+        Tile v = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+        if (j < n) v.lo = *reinterpret_cast<const uint4*>(w + (size_t)j * k + c);
+        if (j + 8 < n) v.hi = *reinterpret_cast<const uint4*>(w + (size_t)(j + 8) * k + c);
+        return v;
     }
-    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
-        u32 words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            wv[2 * h] = h2f((half_t)(words[h] & 0xffffu));
-            wv[2 * h + 1] = h2f((half_t)(words[h] >> 16));
-        }
+    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float, float,
+                                        float (&acc)[4]) const {
+        const u32 a0[4] = {v.lo.x, v.hi.x, v.lo.y, v.hi.y}, a1[4] = {v.lo.z, v.hi.z, v.lo.w, v.hi.w};
+        mma_16816(acc, a0, xb.x, xb.y);
+        mma_16816(acc, a1, xb.z, xb.w);
+    }
+    __device__ __forceinline__ void prefetch(int G) const {
+        if (16 * G >= n) return;
+        int rows = min(16, n - 16 * G);
+        prefetch_span(w + (size_t)16 * G * k, rows * k * 2);
     }
 };
 
-// The product of the staged rows xs[m × k] (every thread of the block) and the weights W
-// (rows of k), COLS adjacent columns per warp at a time (grid-stride over groups of COLS;
-// n a multiple of COLS): for each row r < m, lane 0 calls out(r, j, sums) with the sums
-// of columns j .. j + COLS − 1. Each column's sum runs in the same order whatever COLS.
-template <int COLS, typename W, typename Out>
-__device__ __forceinline__ void gemv_columns(const float* xs, const W& w, int m, int k, int n,
-                                             Out out) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int chunks = k / 8;  // pieces of 8 weights in a row; lane l takes l, l + 32, ...
-    for (int g = blockIdx.x * warps + warp; g * COLS < n; g += gridDim.x * warps) {
-        int j = g * COLS;
-        // Every piece of the lane's columns is loaded before the first is used, so that
-        // a warp has all of its loads in flight at once rather than one round at a time.
-        typename W::Piece v[COLS][GEMV_MAX_K / 256];
-#pragma unroll
-        for (int q = 0; q < COLS; ++q) {
-#pragma unroll
-            for (int i = 0; i < GEMV_MAX_K / 256; ++i)
-                if (lane + 32 * i < chunks) v[q][i] = w.load(j + q, lane + 32 * i);
+// The file's own quantized blocks, for the same products (`gemv_q4*`, `gemv_q8*`): a
+// decode step of few rows is the reading of its weights, and these are 5 or 9 bits a
+// weight where f16 is 16 (the load-time timing chooses between them). Laid out at load
+// (`gemv::QuantRows`) in tiles of 16 columns by a block of 32, each lane's part in one
+// load; s holds each tile's 16 columns' scale d and offset m as f16 pairs (low half d).
+// A weight is d · q + m — the value the file's block dequantizes to: the tensor cores
+// multiply the exact q (small integers, exact in f16) by the inputs, and the epilogue of
+// each block adds d times that sum and m times the inputs' sum over the block, in f32.
+__device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32 s_hi, float xs0,
+                                            float xs1, float (&acc)[4]) {
+    float d0 = h2f((half_t)(s_lo & 0xffffu)), m0 = h2f((half_t)(s_lo >> 16));
+    float d1 = h2f((half_t)(s_hi & 0xffffu)), m1 = h2f((half_t)(s_hi >> 16));
+    acc[0] = fmaf(d0, blk[0], fmaf(m0, xs0, acc[0]));
+    acc[1] = fmaf(d0, blk[1], fmaf(m0, xs1, acc[1]));
+    acc[2] = fmaf(d1, blk[2], fmaf(m1, xs0, acc[2]));
+    acc[3] = fmaf(d1, blk[3], fmaf(m1, xs1, acc[3]));
+}
+
+// 4-bit (Q4_0 with m = −8d, Q4_1): a tile is 64 words, lane l's two (columns g, g + 8) at
+// 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits 4p and 16 + 4p, so that one mask
+// and an or with 1024's bits make the pair 1024 + q as halves.
+struct WeightsQ4 {
+    const u32* __restrict__ q;
+    const u32* __restrict__ s;
+    int k, n;
+    static constexpr bool OFFSETS = true;
+    static constexpr int BATCH = 8;
+    struct Tile {
+        uint2 w;
+        u32 s_lo, s_hi;
+    };
+    __device__ __forceinline__ Tile load(int G, int b, int lane) const {
+        size_t tile = (size_t)G * (k / 32) + b;
+        const u32* st = s + tile * 16 + (lane >> 2);
+        return Tile{reinterpret_cast<const uint2*>(q + tile * 64)[lane], st[0], st[8]};
+    }
+    static __device__ __forceinline__ u32 pair(u32 word, int p) {
+        return hsub2(((word >> (4 * p)) & 0x000f000fu) | 0x64006400u, 0x64006400u);
+    }
+    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
+                                        float (&acc)[4]) const {
+        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const u32 a0[4] = {pair(v.w.x, 0), pair(v.w.y, 0), pair(v.w.x, 1), pair(v.w.y, 1)};
+        mma_16816(blk, a0, xb.x, xb.y);
+        const u32 a1[4] = {pair(v.w.x, 2), pair(v.w.y, 2), pair(v.w.x, 3), pair(v.w.y, 3)};
+        mma_16816(blk, a1, xb.z, xb.w);
+        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, acc);
+    }
+    __device__ __forceinline__ void prefetch(int G) const {
+        if (16 * G >= n) return;
+        size_t tiles = (size_t)G * (k / 32);
+        prefetch_span(q + tiles * 64, k / 32 * 256);
+        prefetch_span(s + tiles * 16, k / 32 * 64);
+    }
+};
+
+// 8-bit (Q8_0, m = 0): a tile is 128 words, lane l's four at 4l (two words of column g,
+// two of g + 8), weight h of a piece its signed byte h. A byte permute puts two bytes
+// (offset by 128) under 1024's high byte: the pair 1152 + q as halves.
+struct WeightsQ8 {
+    const u32* __restrict__ q;
+    const u32* __restrict__ s;
+    int k, n;
+    static constexpr bool OFFSETS = true;
+    static constexpr int BATCH = 8;
+    struct Tile {
+        uint4 w;
+        u32 s_lo, s_hi;
+    };
+    __device__ __forceinline__ Tile load(int G, int b, int lane) const {
+        size_t tile = (size_t)G * (k / 32) + b;
+        const u32* st = s + tile * 16 + (lane >> 2);
+        return Tile{reinterpret_cast<const uint4*>(q + tile * 128)[lane], st[0], st[8]};
+    }
+    // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
+    static __device__ __forceinline__ u32 pair(u32 lo, u32 hi, int p) {
+        u32 word = (p < 2 ? lo : hi) ^ 0x80808080u;
+        u32 sel = p & 1 ? 0x4342u : 0x4140u;
+        return hsub2(__byte_perm(word, 0x64646464u, sel), 0x64806480u);
+    }
+    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
+                                        float (&acc)[4]) const {
+        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const u32 a0[4] = {pair(v.w.x, v.w.y, 0), pair(v.w.z, v.w.w, 0), pair(v.w.x, v.w.y, 1),
+                           pair(v.w.z, v.w.w, 1)};
+        mma_16816(blk, a0, xb.x, xb.y);
+        const u32 a1[4] = {pair(v.w.x, v.w.y, 2), pair(v.w.z, v.w.w, 2), pair(v.w.x, v.w.y, 3),
+                           pair(v.w.z, v.w.w, 3)};
+        mma_16816(blk, a1, xb.z, xb.w);
+        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, acc);
+    }
+    __device__ __forceinline__ void prefetch(int G) const {
+        if (16 * G >= n) return;
+        size_t tiles = (size_t)G * (k / 32);
+        prefetch_span(q + tiles * 128, k / 32 * 512);
+        prefetch_span(s + tiles * 16, k / 32 * 64);
+    }
+};
+
+// After the input rows are staged (sh.x, rows m .. 7 zeros): their sums over each block
+// of 32, where the weights have offsets.
+template <typename W>
+__device__ __forceinline__ void stage_sums(GemvShared& sh, int k) {
+    __syncthreads();
+    if (W::OFFSETS) {
+        int nb = k / 32, stride = gemv_stride(k);
+        for (int e = threadIdx.x; e < GEMV_MAX_ROWS * nb; e += blockDim.x) {
+            const half_t* p = sh.x + (e / nb) * stride + (e % nb) * 32;
+            float sum = 0.0f;
+            for (int i = 0; i < 32; ++i) sum += h2f(p[i]);
+            sh.xsum[e] = sum;
         }
-        float acc[COLS][GEMV_MAX_ROWS];
+        __syncthreads();
+    }
+}
+
+// The product of the staged rows and the weights W, for each column group of the block
+// (grid-stride): for each row r < m, one thread calls out(r, j, sums) with the sums of
+// columns j .. j + COLS − 1 (COLS 1 or 2, j a multiple of COLS, j < n).
+template <int COLS, typename W, typename Out>
+__device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, int m, int k, int n,
+                                             Out out) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nb = k / 32, stride = gemv_stride(k), groups = (n + 15) / 16;
+    int t = lane & 3;
+    for (int G = blockIdx.x; G < groups; G += gridDim.x) {
+        w.prefetch(G + gridDim.x);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // A batch of the warp's blocks is loaded before the first is used, so that the
+        // warp has its loads in flight at once (a row of 2048: one batch at 4 bits).
+        for (int b0 = warp; b0 < nb; b0 += GEMV_WARPS * W::BATCH) {
+            typename W::Tile v[W::BATCH];
 #pragma unroll
-        for (int q = 0; q < COLS; ++q)
+            for (int i = 0; i < W::BATCH; ++i) {
+                int b = b0 + GEMV_WARPS * i;
+                if (b < nb) v[i] = w.load(G, b, lane);
+            }
 #pragma unroll
-            for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[q][r] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < GEMV_MAX_K / 256; ++i) {
-            int c = lane + 32 * i;
-            if (c >= chunks) break;
-#pragma unroll
-            for (int q = 0; q < COLS; ++q) {
-                float wv[8];
-                w.expand(v[q][i], wv);
-#pragma unroll
-                for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-                    if (r >= m) break;
-                    float xr[8];
-                    stage_piece(xs + r * k + c * 8, lane, xr);
-#pragma unroll
-                    for (int h = 0; h < 8; ++h) acc[q][r] += wv[h] * xr[h];
-                }
+            for (int i = 0; i < W::BATCH; ++i) {
+                int b = b0 + GEMV_WARPS * i;
+                if (b >= nb) break;
+                float xs0 = 0.0f, xs1 = 0.0f;
+                if (W::OFFSETS) xs0 = sh.xsum[2 * t * nb + b], xs1 = sh.xsum[(2 * t + 1) * nb + b];
+                w.add(v[i], input_piece(sh, stride, b, lane), xs0, xs1, acc);
             }
         }
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
-            if (r >= m) break;
+        for (int c = 0; c < 4; ++c) sh.part[warp][c][lane] = acc[c];
+        __syncthreads();
+        // Output (column q, row r) is sum c = 2(q / 8) + r % 2 of lane 4(q % 8) + r / 2.
+        for (int e = threadIdx.x; e < 16 / COLS * GEMV_MAX_ROWS; e += blockDim.x) {
+            int q = e / GEMV_MAX_ROWS * COLS, r = e % GEMV_MAX_ROWS, j = 16 * G + q;
+            if (r >= m || j >= n) continue;
             float sums[COLS];
 #pragma unroll
-            for (int q = 0; q < COLS; ++q) sums[q] = warp_sum(acc[q][r]);
-            if (lane == 0) out(r, j, sums);
+            for (int h = 0; h < COLS; ++h) {
+                int c = 2 * ((q + h) / 8) + r % 2, l = 4 * ((q + h) % 8) + r / 2;
+                float sum = 0.0f;
+                for (int p = 0; p < GEMV_WARPS; ++p) sum += sh.part[p][c][l];
+                sums[h] = sum;
+            }
+            out(r, j, sums);
         }
+        __syncthreads();
     }
 }
 
 // The plain product's output: y[r, j] = the sum.
 template <typename W>
-__device__ __forceinline__ void gemv_store(const float* xs, const W& w, float* __restrict__ y,
+__device__ __forceinline__ void gemv_store(GemvShared& sh, const W& w, float* __restrict__ y,
                                            int m, int k, int n) {
-    gemv_columns<1>(xs, w, m, k, n,
+    gemv_columns<1>(sh, w, m, k, n,
                     [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
 }
 
-// The f16 rows of x (m × k) staged as f32 for the block's product.
-__device__ __forceinline__ void stage_rows(float* xs, const half_t* __restrict__ x, int m, int k) {
-    for (int e = threadIdx.x; e < m * k; e += blockDim.x) xs[e] = h2f(x[e]);
-    __syncthreads();
+// Rows m .. 7 of the staged inputs as zeros (the mma's B columns past the rows).
+__device__ __forceinline__ void stage_zeros(GemvShared& sh, int m, int k) {
+    int stride = gemv_stride(k);
+    for (int e = threadIdx.x; e < (GEMV_MAX_ROWS - m) * k; e += blockDim.x)
+        sh.x[(m + e / k) * stride + e % k] = 0;
 }
 
-// add_rmsnorm's rows staged into xs (warp i of the block makes row i; see gemv_f16_norm).
-__device__ __forceinline__ void stage_norm(float* xs, const float* __restrict__ x,
+// The f16 rows of x (m × k), staged.
+__device__ __forceinline__ void stage_rows(GemvShared& sh, const half_t* __restrict__ x, int m,
+                                           int k) {
+    int stride = gemv_stride(k), pieces = k / 8;
+    for (int e = threadIdx.x; e < m * pieces; e += blockDim.x) {
+        int r = e / pieces, c = e % pieces;
+        *reinterpret_cast<uint4*>(sh.x + r * stride + c * 8) =
+            reinterpret_cast<const uint4*>(x + (size_t)r * k)[c];
+    }
+    stage_zeros(sh, m, k);
+}
+
+// add_rmsnorm's rows staged (warp i of the block makes row i; see gemv_f16_norm).
+__device__ __forceinline__ void stage_norm(GemvShared& sh, const float* __restrict__ x,
                                            const float* __restrict__ delta,
                                            const float* __restrict__ nw, float* __restrict__ x_out,
                                            const int* __restrict__ rows, float eps, int m, int k) {
     int lane = threadIdx.x & 31, i = threadIdx.x >> 5;
     if (i < m) {
         int r = rows ? rows[i] : i;
-        float* xr = xs + i * k;
+        half_t* xr = sh.x + i * gemv_stride(k);
         if (r < 0) {
-            for (int d = lane; d < k; d += 32) xr[d] = 0.0f;
+            for (int d = lane; d < k; d += 32) xr[d] = 0;
         } else {
             size_t at = (size_t)r * k;
-            float inv = add_rms_row(x + at, delta ? delta + at : nullptr, xr, k, eps);
-            if (x_out && blockIdx.x == 0)
-                for (int d = lane; d < k; d += 32) x_out[at + d] = xr[d];
-            for (int d = lane; d < k; d += 32) xr[d] = h2f(f2h(xr[d] * inv * nw[d]));
+            const float* src = x + at;
+            const float* dr = delta ? delta + at : nullptr;
+            float inv = add_rms_row(src, dr, nullptr, k, eps);
+            bool keep = x_out && blockIdx.x == 0;
+            for (int d = lane; d < k; d += 32) {
+                float v = src[d];
+                if (dr) v += dr[d];
+                if (keep) x_out[at + d] = v;
+                xr[d] = f2h(v * inv * nw[d]);
+            }
         }
     }
-    __syncthreads();
+    stage_zeros(sh, m, k);
 }
 
-// The file's own quantized blocks, for the same products (`gemv_q4*`, `gemv_q8*`): a
-// decode step of few rows is the reading of its weights, and these are 5 or 9 bits a
-// weight where f16 is 16 (the load-time timing chooses between them). Laid out at load
-// (`gemv::QuantRows`): q holds each row's pieces of 8 weights, s each block of 32 its
-// scale d and offset m as an f16 pair (low half d), and a weight is d · q + m — the value
-// the file's block dequantizes to, in f32 (d · q is exact there).
-//
-// 4-bit (Q4_0 with m = −8d, Q4_1): a piece is one word, weight h of it in bits 4h .. 4h + 3.
-struct WeightsQ4 {
-    const u32* __restrict__ q;
-    const u32* __restrict__ s;
-    int k;
-    struct Piece {
-        u32 nibbles, scale;
-    };
-    __device__ __forceinline__ Piece load(int j, int c) const {
-        return Piece{q[(size_t)j * (k / 8) + c], s[(size_t)j * (k / 32) + c / 4]};
-    }
-    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
-        float d = h2f((half_t)(v.scale & 0xffffu)), m = h2f((half_t)(v.scale >> 16));
-#pragma unroll
-        for (int h = 0; h < 8; ++h) wv[h] = fmaf(d, (float)((v.nibbles >> (4 * h)) & 15u), m);
-    }
-};
-
-// 8-bit (Q8_0, m = 0): a piece is two words, weight h of it the signed byte h.
-struct WeightsQ8 {
-    const u32* __restrict__ q;
-    const u32* __restrict__ s;
-    int k;
-    struct Piece {
-        uint2 bytes;
-        u32 scale;
-    };
-    __device__ __forceinline__ Piece load(int j, int c) const {
-        const uint2* rows = reinterpret_cast<const uint2*>(q);
-        return Piece{rows[(size_t)j * (k / 8) + c], s[(size_t)j * (k / 32) + c / 4]};
-    }
-    __device__ __forceinline__ void expand(const Piece& v, float (&wv)[8]) const {
-        float d = h2f((half_t)(v.scale & 0xffffu)), m = h2f((half_t)(v.scale >> 16));
-#pragma unroll
-        for (int h = 0; h < 8; ++h) {
-            u32 word = h < 4 ? v.bytes.x : v.bytes.y;
-            wv[h] = fmaf(d, (float)(signed char)((word >> (8 * (h & 3))) & 0xffu), m);
-        }
-    }
-};
-
 // The products' bodies, for each weights type W (the entry points below): the input rows
-// staged in xs (shared memory, GEMV_MAX_ELEMS floats) by the kernel that would otherwise
-// run before the product, then the product.
+// staged by the kernel that would otherwise run before the product, then the product.
 
 // The plain product of f16 rows x.
 template <typename W>
-__device__ __forceinline__ void rows_product(float* xs, const half_t* __restrict__ x, const W& w,
-                                             float* __restrict__ y, int m, int k, int n) {
-    stage_rows(xs, x, m, k);
-    gemv_store(xs, w, y, m, k, n);
+__device__ __forceinline__ void rows_product(GemvShared& sh, const half_t* __restrict__ x,
+                                             const W& w, float* __restrict__ y, int m, int k,
+                                             int n) {
+    stage_rows(sh, x, m, k);
+    stage_sums<W>(sh, k);
+    gemv_store(sh, w, y, m, k, n);
 }
 
 // add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
@@ -237,32 +339,35 @@ __device__ __forceinline__ void rows_product(float* xs, const half_t* __restrict
 // the sums x + delta to x_out (when not null), which must not be x: the other blocks
 // still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
 template <typename W>
-__device__ __forceinline__ void norm_product(float* xs, const float* __restrict__ x,
+__device__ __forceinline__ void norm_product(GemvShared& sh, const float* __restrict__ x,
                                              const float* __restrict__ delta,
                                              const float* __restrict__ nw,
                                              float* __restrict__ x_out,
                                              const int* __restrict__ rows, float eps, const W& w,
                                              float* __restrict__ y, int m, int k, int n) {
-    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
-    gemv_store(xs, w, y, m, k, n);
+    stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
+    stage_sums<W>(sh, k);
+    gemv_store(sh, w, y, m, k, n);
 }
 
 // The norm's product for the QKV rows, with rope_kv_write in its epilogue: y is the QKV
 // rows (n = (n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads),
 // each q and k pair of output row i rotated at positions[i], and the rotated keys and the
 // values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
-// helpers in common.cuh). A warp takes a rotation pair, two adjacent columns, at a time.
+// helpers in common.cuh). A thread of the epilogue takes a rotation pair, two adjacent
+// columns.
 template <typename W>
 __device__ __forceinline__ void norm_rope_product(
-    float* xs, const float* __restrict__ x, const float* __restrict__ delta,
+    GemvShared& sh, const float* __restrict__ x, const float* __restrict__ delta,
     const float* __restrict__ nw, float* __restrict__ x_out, const int* __restrict__ rows,
     float eps, const W& w, float* __restrict__ y, int m, int k, int n,
     const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
     int block_size, float base) {
-    stage_norm(xs, x, delta, nw, x_out, rows, eps, m, k);
+    stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
+    stage_sums<W>(sh, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(xs, w, m, k, n, [=](int r, int j, const float* sums) {
+    gemv_columns<2>(sh, w, m, k, n, [=](int r, int j, const float* sums) {
         float pair[2] = {sums[0], sums[1]};
         int in_head = j % head_dim;
         if (j < qd + kvd) {
@@ -286,123 +391,124 @@ __device__ __forceinline__ void norm_rope_product(
 // swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
 // j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
 template <typename W>
-__device__ __forceinline__ void swiglu_product(float* xs, const float* __restrict__ gu,
+__device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __restrict__ gu,
                                                const W& w, float* __restrict__ y, int m, int k,
                                                int n) {
+    int stride = gemv_stride(k);
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
         const float* row = gu + (size_t)(e / k) * 2 * k;
         int j = e % k;
-        xs[e] = h2f(f2h(silu_mul(row[j], row[k + j])));
+        sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[k + j]));
     }
-    __syncthreads();
-    gemv_store(xs, w, y, m, k, n);
+    stage_zeros(sh, m, k);
+    stage_sums<W>(sh, k);
+    gemv_store(sh, w, y, m, k, n);
 }
 
 // The entry points, one set per weights type: gemv_<weights> (f16 rows x),
-// gemv_<weights>_norm, gemv_<weights>_norm_rope (its pair of columns a warp) and
-// gemv_<weights>_swiglu. Each first asks L2 for its warp's first row of weights (a pair
-// with RoPE), then waits (pdl_begin).
+// gemv_<weights>_norm, gemv_<weights>_norm_rope and gemv_<weights>_swiglu. Each first asks
+// L2 for its block's first group of weights, then waits (pdl_begin).
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
     const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    rows_product(xs, x, WeightsF16{w, k}, y, m, k, n);
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
+    __shared__ GemvShared sh;
+    rows_product(sh, x, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
     float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsF16{w, k}, y, m, k, n);
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
+    __shared__ GemvShared sh;
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_f16_norm_rope(
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
     float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    pdl_begin_prefetch_row(w, k * 4, n / 2);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsF16{w, k}, y, m, k, n, positions,
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
+    __shared__ GemvShared sh;
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
     const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(w, k * 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    swiglu_product(xs, gu, WeightsF16{w, k}, y, m, k, n);
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
+    __shared__ GemvShared sh;
+    swiglu_product(sh, gu, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k / 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    rows_product(xs, x, WeightsQ4{q, s, k}, y, m, k, n);
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    __shared__ GemvShared sh;
+    rows_product(sh, x, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k / 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ4{q, s, k}, y, m, k, n);
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    __shared__ GemvShared sh;
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4_norm_rope(
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    pdl_begin_prefetch_row(q, k, n / 2);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ4{q, s, k}, y, m, k, n, positions,
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    __shared__ GemvShared sh;
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k / 2, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    swiglu_product(xs, gu, WeightsQ4{q, s, k}, y, m, k, n);
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    __shared__ GemvShared sh;
+    swiglu_product(sh, gu, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    rows_product(xs, x, WeightsQ8{q, s, k}, y, m, k, n);
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    __shared__ GemvShared sh;
+    rows_product(sh, x, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ8{q, s, k}, y, m, k, n);
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    __shared__ GemvShared sh;
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_q8_norm_rope(
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    pdl_begin_prefetch_row(q, k * 2, n / 2);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    norm_rope_product(xs, x, delta, nw, x_out, rows, eps, WeightsQ8{q, s, k}, y, m, k, n, positions,
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    __shared__ GemvShared sh;
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    pdl_begin_prefetch_row(q, k, n);
-    __shared__ __align__(16) float xs[GEMV_MAX_ELEMS];
-    swiglu_product(xs, gu, WeightsQ8{q, s, k}, y, m, k, n);
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    __shared__ GemvShared sh;
+    swiglu_product(sh, gu, ws, y, m, k, n);
 }

@@ -243,6 +243,25 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsign
     }
 }
 
+// sub.rn.f16x2: each half of a minus the same half of b, rounded to f16.
+inline unsigned hsub2(unsigned a, unsigned b) {
+    unsigned d = 0;
+    for (int h = 0; h < 2; ++h) {
+        float v = h2f((half_t)(a >> (16 * h))) - h2f((half_t)(b >> (16 * h)));
+        d |= (unsigned)f2h(v) << (16 * h);
+    }
+    return d;
+}
+
+// prmt.b32 (default mode): byte i of the result is byte (s >> 4i) & 7 of the pair
+// (x: bytes 0–3, y: bytes 4–7).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    uint64_t pair = (uint64_t)x | ((uint64_t)y << 32);
+    unsigned d = 0;
+    for (int i = 0; i < 4; ++i) d |= (unsigned)((pair >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return d;
+}
+
 namespace emu {
 
 // One letter per kernel parameter, for the launcher's check of a launch's arguments:

@@ -98,8 +98,8 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
     }
 }
 
-/// Every entry point's first statement is `pdl_begin()` (or `pdl_begin_prefetch_row`,
-/// which ends with it): launched as dependent launches, a kernel that touched memory or
+/// Every entry point's first statement is `pdl_begin()` (or `pdl_begin_prefetch`, which
+/// ends with it): launched as dependent launches, a kernel that touched memory or
 /// returned before it could race the kernel before it, or let the one after it run
 /// early (`kernels/cuda/common.cuh`).
 #[test]
@@ -125,7 +125,7 @@ fn every_kernel_first_waits_for_the_one_before_it() {
                 .find(|l| !l.is_empty() && !l.starts_with("//"))
                 .unwrap_or("");
             assert!(
-                first == "pdl_begin();" || first.starts_with("pdl_begin_prefetch_row("),
+                first == "pdl_begin();" || first.contains(" = pdl_begin_prefetch("),
                 "{}.cu: {entry} starts with `{first}`, not pdl_begin()",
                 src.name
             );

@@ -728,11 +728,14 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let quant = [4u32, 8]
             .into_iter()
             .map(|bits| {
-                let words = n * k * bits as usize / 32;
+                // The layout pads the rows to a tile of 16.
+                let padded = n.next_multiple_of(16);
                 Ok(gemv::QuantBuf {
-                    q: e.zeros::<u32>(words)?,
-                    s: e.zeros::<u32>(n * k / 32)?,
+                    q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
+                    s: e.zeros::<u32>(padded * k / 32)?,
                     bits,
+                    rows: n,
+                    k,
                 })
             })
             .collect::<Result<Vec<_>, ExecError>>()?;

@@ -12,15 +12,20 @@ use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-/// The kernel's limits (`GEMV_MAX_ROWS`, `GEMV_MAX_K`, `GEMV_MAX_ELEMS` in gemv.cu): the
-/// staged rows fill at most 48 KB of shared memory.
+/// The kernel's limits (`GEMV_MAX_ROWS`, `GEMV_MAX_K` in gemv.cu): the staged rows, as
+/// f16, fill 33 KB of shared memory.
 pub const MAX_ROWS: usize = 8;
 pub const MAX_K: usize = 2048;
-pub const MAX_ELEMS: usize = 12288;
+/// Columns an `mma` takes (a group), and weights a block of the inner dimension.
+const GROUP: usize = 16;
+const BLOCK: usize = 32;
+/// Warps a block of the kernels, and the blocks an SM holds (`__launch_bounds__`).
+const WARPS: u32 = 8;
+const BLOCKS_PER_SM: usize = 3;
 
-/// Whether `gemv_f16` takes a product of `rows` rows over `k` (16-byte weight rows).
+/// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32).
 pub fn fits(rows: usize, k: usize) -> bool {
-    (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && rows * k <= MAX_ELEMS && k.is_multiple_of(8)
+    (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && k.is_multiple_of(BLOCK)
 }
 
 /// What a product's rows are made from.
@@ -70,6 +75,9 @@ pub struct QuantBuf<E: Exec> {
     pub s: E::Buf<u32>,
     /// 4 or 8.
     pub bits: u32,
+    /// The matrix's rows (the layout pads them to a multiple of 16) and their length.
+    pub rows: usize,
+    pub k: usize,
 }
 
 impl<E: Exec> QuantBuf<E> {
@@ -78,12 +86,14 @@ impl<E: Exec> QuantBuf<E> {
             q: e.upload(&r.q)?,
             s: e.upload(&r.s)?,
             bits: r.bits,
+            rows: r.rows,
+            k: r.k,
         })
     }
 }
 
 /// `y[rows × n] = x[rows × k] · w[n × k]ᵀ` with `w` starting `w_row0` rows in, as
-/// [`Exec::gemm`], by `gemv_f16`: 8 warps per block, one output column per warp at a time.
+/// [`Exec::gemm`], by `gemv_f16`: on tensor cores, 16 columns a block of 8 warps at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn gemv<E: Exec>(
     e: &E,
@@ -173,16 +183,10 @@ fn product<E: Exec>(
         }
     }
     let kind = weights.kind();
-    // The file's blocks are 32 weights a scale.
-    let k_ok = match weights {
-        Weights::F16(..) => true,
-        Weights::Quant(_) => k.is_multiple_of(crate::quant::QK),
-    };
-    if !fits(rows, k) || !k_ok {
+    if !fits(rows, k) {
         return Err(ExecError::Bounds(format!(
-            "gemv_{kind} takes 1 to {MAX_ROWS} rows, k a multiple of {} up to {MAX_K} and \
-             at most {MAX_ELEMS} inputs, not {rows} rows of {k}",
-            if kind == "f16" { 8 } else { 32 }
+            "gemv_{kind} takes 1 to {MAX_ROWS} rows of k a multiple of {BLOCK} up to \
+             {MAX_K}, not {rows} rows of {k}"
         )));
     }
     let short = |what: &str, have: usize, need: usize| {
@@ -255,8 +259,15 @@ fn product<E: Exec>(
             args.push(w.arg_at(w_row0 * k..(w_row0 + n) * k)?);
         }
         Weights::Quant(q) => {
-            short("q", q.q.elems(), n * k * q.bits as usize / 32)?;
-            short("s", q.s.elems(), n * k / crate::quant::QK)?;
+            if q.k != k || q.rows < n {
+                return Err(ExecError::Bounds(format!(
+                    "gemv_{kind}: blocks of {} rows of {}, not {n} of {k}",
+                    q.rows, q.k
+                )));
+            }
+            let padded = q.rows.next_multiple_of(GROUP);
+            short("q", q.q.elems(), padded * k * q.bits as usize / 32)?;
+            short("s", q.s.elems(), padded * k / BLOCK)?;
             short("y", y.elems(), rows * n)?;
             args.extend([q.q.arg(), q.s.arg()]);
         }
@@ -267,8 +278,6 @@ fn product<E: Exec>(
         Arg::I32(k as i32),
         Arg::I32(n as i32),
     ]);
-    // Columns a warp takes at a time: a rotation pair with RoPE, else one.
-    let mut cols = 1u32;
     let form = match rope {
         None => form,
         Some(r) => {
@@ -289,15 +298,18 @@ fn product<E: Exec>(
                 i(r.block_size),
                 Arg::F32(r.base),
             ]);
-            cols = 2;
             "_norm_rope"
         }
     };
     let entry = format!("gemv_{kind}{form}");
-    let warps = 8u32;
+    // A block a group of 16 columns, as many as the SMs hold at once (grid-stride beyond).
+    let blocks = n
+        .div_ceil(GROUP)
+        .min(BLOCKS_PER_SM * e.multiprocessors()?)
+        .max(1);
     let cfg = LaunchConfig {
-        grid_dim: ((n as u32 / cols).div_ceil(warps).clamp(1, 4096), 1, 1),
-        block_dim: (32 * warps, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
     e.launch(&entry, cfg, &args)
@@ -308,14 +320,19 @@ fn product<E: Exec>(
 /// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
 /// dequantizes to (`quant::dequantize_row`).
+///
+/// The layout is the tensor cores' fragments: tiles of 16 rows (an `mma`'s columns) by a
+/// block of 32, each lane's part of a tile (rows `g`, `g + 8`, weights `8t .. 8t + 8` for
+/// lane `4g + t`) in one load. Rows past the last up to a multiple of 16 are zeros.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
     /// 4 (Q4_0, Q4_1: `q` in 0..16, Q4_0's `m = −8d`) or 8 (Q8_0: `q` signed, `m = 0`).
     pub bits: u32,
-    /// Per row, its pieces of 8 weights in order: one word each at 4 bits (weight `h` of
-    /// a piece in bits `4h .. 4h + 4`), two at 8 (weight `h` the signed byte `h`).
+    /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
+    /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`;
+    /// at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the signed byte `h`.
     pub q: Vec<u32>,
-    /// Per row, each block's `d` (low half) and `m` (high half) as f16 bits.
+    /// Per tile, its 16 rows' `d` (low half) and `m` (high half) as f16 bits.
     pub s: Vec<u32>,
     pub rows: usize,
     pub k: usize,
@@ -331,59 +348,71 @@ impl QuantRows {
         k: usize,
     ) -> Option<Self> {
         use crate::gguf::GgmlType;
-        use crate::quant::QK;
         let bits = match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 => 4,
             GgmlType::Q8_0 => 8,
             _ => return None,
         };
-        if !k.is_multiple_of(QK) || data.len() != rows * k / QK * ty.block_bytes() {
+        if !k.is_multiple_of(BLOCK) || data.len() != rows * k / BLOCK * ty.block_bytes() {
             return None;
         }
-        let blocks = rows * k / QK;
-        let mut q = Vec::with_capacity(blocks * QK * bits as usize / 32);
-        let mut s = Vec::with_capacity(blocks);
-        for b in data.chunks_exact(ty.block_bytes()) {
+        let nb = k / BLOCK;
+        let tiles = rows.div_ceil(GROUP) * nb;
+        let mut r = Self {
+            bits,
+            q: vec![0; tiles * BLOCK * GROUP * bits as usize / 32],
+            s: vec![0; tiles * GROUP],
+            rows,
+            k,
+        };
+        for (at, b) in data.chunks_exact(ty.block_bytes()).enumerate() {
+            let (j, blk) = (at / nb, at % nb);
             let (vals, d, m) = crate::quant::unpack(ty, b);
             // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
             let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
-            s.push(bits16(d) | bits16(m) << 16);
-            match bits {
-                4 => q.extend(vals.chunks_exact(8).map(|p| {
-                    p.iter()
-                        .enumerate()
-                        .fold(0u32, |w, (h, &v)| w | (v as u32 & 15) << (4 * h))
-                })),
-                _ => q.extend(vals.chunks_exact(4).map(|p| {
-                    p.iter()
-                        .enumerate()
-                        .fold(0u32, |w, (h, &v)| w | (v as u8 as u32) << (8 * h))
-                })),
+            let tile = (j / GROUP) * nb + blk;
+            r.s[tile * GROUP + j % GROUP] = bits16(d) | bits16(m) << 16;
+            for (c, &v) in vals.iter().enumerate() {
+                let (word, shift) = r.place(j, blk * BLOCK + c);
+                let field = if bits == 4 {
+                    v as u32 & 15
+                } else {
+                    v as u8 as u32
+                };
+                r.q[word] |= field << shift;
             }
         }
-        Some(Self {
-            bits,
-            q,
-            s,
-            rows,
-            k,
-        })
+        Some(r)
     }
 
-    /// Words of `q` per row.
-    pub fn row_words(&self) -> usize {
-        self.k * self.bits as usize / 32
-    }
-
-    /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding.
-    pub fn weight(&self, j: usize, c: usize) -> f32 {
-        let s = self.s[j * self.k / 32 + c / 32];
-        let half = |b: u32| f16::from_bits(b as u16).to_f32();
-        let word = |i: usize| self.q[j * self.row_words() + i];
-        let q = if self.bits == 4 {
-            (word(c / 8) >> (4 * (c % 8)) & 15) as f32
+    /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
+    fn place(&self, j: usize, c: usize) -> (usize, u32) {
+        let nb = self.k / BLOCK;
+        let tile = (j / GROUP) * nb + c / BLOCK;
+        let (g, hi) = (j % 8, (j % GROUP) / 8);
+        let (t, e) = ((c % BLOCK) / 8, c % 8);
+        let lane = 4 * g + t;
+        if self.bits == 4 {
+            let shift = 16 * (e % 2) + 4 * (e / 2);
+            (tile * 64 + 2 * lane + hi, shift as u32)
         } else {
-            (word(c / 4) >> (8 * (c % 4))) as u8 as i8 as f32
+            (tile * 128 + 4 * lane + 2 * hi + e / 4, 8 * (e % 4) as u32)
+        }
+    }
+
+    /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding (the
+    /// kernels add `d · Σ q·x` and `m · Σ x` over a block, the same sum in exact
+    /// arithmetic).
+    pub fn weight(&self, j: usize, c: usize) -> f32 {
+        let tile = (j / GROUP) * (self.k / BLOCK) + c / BLOCK;
+        let s = self.s[tile * GROUP + j % GROUP];
+        let half = |b: u32| f16::from_bits(b as u16).to_f32();
+        let (word, shift) = self.place(j, c);
+        let field = self.q[word] >> shift;
+        let q = if self.bits == 4 {
+            (field & 15) as f32
+        } else {
+            field as u8 as i8 as f32
         };
         half(s & 0xffff).mul_add(q, half(s >> 16))
     }
@@ -413,9 +442,10 @@ mod tests {
             let mut want = vec![0f32; rows * k];
             quant::dequantize_row(ty, &blocks, &mut want);
             let r = QuantRows::from_blocks(ty, &blocks, rows, k).expect("a kernel layout");
+            // Rows padded to a tile of 16.
             assert_eq!(
                 (r.q.len(), r.s.len()),
-                (rows * r.row_words(), rows * k / 32)
+                (16 * k * r.bits as usize / 32, 16 * k / 32)
             );
             for (i, &want) in want.iter().enumerate() {
                 let got = r.weight(i / k, i % k);
