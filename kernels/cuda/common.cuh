@@ -34,6 +34,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// (a & b) | c in one instruction (lop3; the compiler makes two of it with two constants).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 // a − b for each of the two f16 halves of a and b (sub.rn.f16x2).
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     u32 d;

@@ -135,7 +135,7 @@ struct WeightsQ4 {
         return Tile{reinterpret_cast<const uint2*>(q + tile * 64)[lane], st[0], st[8]};
     }
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
-        return hsub2(((word >> (4 * p)) & 0x000f000fu) | 0x64006400u, 0x64006400u);
+        return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64006400u);
     }
     __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
                                         float (&acc)[4]) const {
@@ -198,17 +198,25 @@ struct WeightsQ8 {
 };
 
 // After the input rows are staged (sh.x, rows m .. 7 zeros): their sums over each block
-// of 32, where the weights have offsets.
+// of 32, where the weights have offsets. A thread adds a piece of 8 (16 bytes: a warp
+// reads 512 contiguous bytes, no bank conflicts), four lanes a block; k pieces in all, a
+// multiple of 32, so that every lane of a warp takes part in its shuffles.
 template <typename W>
 __device__ __forceinline__ void stage_sums(GemvShared& sh, int k) {
     __syncthreads();
     if (W::OFFSETS) {
-        int nb = k / 32, stride = gemv_stride(k);
-        for (int e = threadIdx.x; e < GEMV_MAX_ROWS * nb; e += blockDim.x) {
-            const half_t* p = sh.x + (e / nb) * stride + (e % nb) * 32;
+        int pieces = k / 8, stride = gemv_stride(k);
+        for (int e = threadIdx.x; e < GEMV_MAX_ROWS * pieces; e += blockDim.x) {
+            int r = e / pieces, c = e % pieces;
+            uint4 v = *reinterpret_cast<const uint4*>(sh.x + r * stride + c * 8);
+            u32 w[4] = {v.x, v.y, v.z, v.w};
             float sum = 0.0f;
-            for (int i = 0; i < 32; ++i) sum += h2f(p[i]);
-            sh.xsum[e] = sum;
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+                sum += h2f((half_t)(w[h] & 0xffffu)) + h2f((half_t)(w[h] >> 16));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            if (c % 4 == 0) sh.xsum[r * (k / 32) + c / 4] = sum;
         }
         __syncthreads();
     }
@@ -275,9 +283,10 @@ __device__ __forceinline__ void gemv_store(GemvShared& sh, const W& w, float* __
 
 // Rows m .. 7 of the staged inputs as zeros (the mma's B columns past the rows).
 __device__ __forceinline__ void stage_zeros(GemvShared& sh, int m, int k) {
-    int stride = gemv_stride(k);
-    for (int e = threadIdx.x; e < (GEMV_MAX_ROWS - m) * k; e += blockDim.x)
-        sh.x[(m + e / k) * stride + e % k] = 0;
+    int stride = gemv_stride(k), pieces = k / 8;
+    for (int e = threadIdx.x; e < (GEMV_MAX_ROWS - m) * pieces; e += blockDim.x)
+        *reinterpret_cast<uint4*>(sh.x + (m + e / pieces) * stride + e % pieces * 8) =
+            uint4{0, 0, 0, 0};
 }
 
 // The f16 rows of x (m × k), staged.

@@ -243,6 +243,9 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsign
     }
 }
 
+// lop3.b32 with the table of (a & b) | c.
+inline unsigned and_or(unsigned a, unsigned b, unsigned c) { return (a & b) | c; }
+
 // sub.rn.f16x2: each half of a minus the same half of b, rounded to f16.
 inline unsigned hsub2(unsigned a, unsigned b) {
     unsigned d = 0;
