@@ -197,6 +197,31 @@ struct WeightsQ8 {
     }
 };
 
+// A warp's batch of tiles: blocks b0, b0 + 8, ... (those below k / 32) of column group G,
+// loaded together so that the warp has its loads in flight at once (a row of 2048: one
+// batch at 4 and 8 bits, two at f16).
+template <typename W>
+struct TileBatch {
+    typename W::Tile v[W::BATCH];
+    __device__ __forceinline__ void load(const W& w, int G, int b0, int lane) {
+        if (16 * G >= w.n) return;
+#pragma unroll
+        for (int i = 0; i < W::BATCH; ++i) {
+            int b = b0 + GEMV_WARPS * i;
+            if (b < w.k / 32) v[i] = w.load(G, b, lane);
+        }
+    }
+};
+
+// The warp's first batch of the block's first column group: loaded before the inputs are
+// staged, so that the weights' latency and the staging's overlap.
+template <typename W>
+__device__ __forceinline__ TileBatch<W> first_batch(const W& w) {
+    TileBatch<W> v;
+    v.load(w, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31);
+    return v;
+}
+
 // After the input rows are staged (sh.x, rows m .. 7 zeros): their sums over each block
 // of 32, where the weights have offsets. A thread adds a piece of 8 (16 bytes: a warp
 // reads 512 contiguous bytes, no bank conflicts), four lanes a block; k pieces in all, a
@@ -224,34 +249,30 @@ __device__ __forceinline__ void stage_sums(GemvShared& sh, int k) {
 
 // The product of the staged rows and the weights W, for each column group of the block
 // (grid-stride): for each row r < m, one thread calls out(r, j, sums) with the sums of
-// columns j .. j + COLS − 1 (COLS 1 or 2, j a multiple of COLS, j < n).
+// columns j .. j + COLS − 1 (COLS 1 or 2, j a multiple of COLS, j < n). `v` holds the
+// warp's first batch of the first group (first_batch); each group's first batch of the
+// next is loaded before the group's sums are added up and written.
 template <int COLS, typename W, typename Out>
-__device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, int m, int k, int n,
-                                             Out out) {
+__device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, TileBatch<W> v, int m,
+                                             int k, int n, Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nb = k / 32, stride = gemv_stride(k), groups = (n + 15) / 16;
     int t = lane & 3;
     for (int G = blockIdx.x; G < groups; G += gridDim.x) {
         w.prefetch(G + gridDim.x);
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // A batch of the warp's blocks is loaded before the first is used, so that the
-        // warp has its loads in flight at once (a row of 2048: one batch at 4 bits).
         for (int b0 = warp; b0 < nb; b0 += GEMV_WARPS * W::BATCH) {
-            typename W::Tile v[W::BATCH];
-#pragma unroll
-            for (int i = 0; i < W::BATCH; ++i) {
-                int b = b0 + GEMV_WARPS * i;
-                if (b < nb) v[i] = w.load(G, b, lane);
-            }
+            if (b0 != warp) v.load(w, G, b0, lane);
 #pragma unroll
             for (int i = 0; i < W::BATCH; ++i) {
                 int b = b0 + GEMV_WARPS * i;
                 if (b >= nb) break;
                 float xs0 = 0.0f, xs1 = 0.0f;
                 if (W::OFFSETS) xs0 = sh.xsum[2 * t * nb + b], xs1 = sh.xsum[(2 * t + 1) * nb + b];
-                w.add(v[i], input_piece(sh, stride, b, lane), xs0, xs1, acc);
+                w.add(v.v[i], input_piece(sh, stride, b, lane), xs0, xs1, acc);
             }
         }
+        v.load(w, G + gridDim.x, warp, lane);
 #pragma unroll
         for (int c = 0; c < 4; ++c) sh.part[warp][c][lane] = acc[c];
         __syncthreads();
@@ -275,9 +296,9 @@ __device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, int m, 
 
 // The plain product's output: y[r, j] = the sum.
 template <typename W>
-__device__ __forceinline__ void gemv_store(GemvShared& sh, const W& w, float* __restrict__ y,
-                                           int m, int k, int n) {
-    gemv_columns<1>(sh, w, m, k, n,
+__device__ __forceinline__ void gemv_store(GemvShared& sh, const W& w, const TileBatch<W>& v,
+                                           float* __restrict__ y, int m, int k, int n) {
+    gemv_columns<1>(sh, w, v, m, k, n,
                     [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
 }
 
@@ -337,9 +358,10 @@ template <typename W>
 __device__ __forceinline__ void rows_product(GemvShared& sh, const half_t* __restrict__ x,
                                              const W& w, float* __restrict__ y, int m, int k,
                                              int n) {
+    const TileBatch<W> v = first_batch(w);
     stage_rows(sh, x, m, k);
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, y, m, k, n);
+    gemv_store(sh, w, v, y, m, k, n);
 }
 
 // add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
@@ -354,9 +376,10 @@ __device__ __forceinline__ void norm_product(GemvShared& sh, const float* __rest
                                              float* __restrict__ x_out,
                                              const int* __restrict__ rows, float eps, const W& w,
                                              float* __restrict__ y, int m, int k, int n) {
+    const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, y, m, k, n);
+    gemv_store(sh, w, v, y, m, k, n);
 }
 
 // The norm's product for the QKV rows, with rope_kv_write in its epilogue: y is the QKV
@@ -373,10 +396,11 @@ __device__ __forceinline__ void norm_rope_product(
     const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
     int block_size, float base) {
+    const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(sh, w, m, k, n, [=](int r, int j, const float* sums) {
+    gemv_columns<2>(sh, w, v, m, k, n, [=](int r, int j, const float* sums) {
         float pair[2] = {sums[0], sums[1]};
         int in_head = j % head_dim;
         if (j < qd + kvd) {
@@ -403,6 +427,7 @@ template <typename W>
 __device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __restrict__ gu,
                                                const W& w, float* __restrict__ y, int m, int k,
                                                int n) {
+    const TileBatch<W> v = first_batch(w);
     int stride = gemv_stride(k);
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
         const float* row = gu + (size_t)(e / k) * 2 * k;
@@ -411,7 +436,7 @@ __device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __re
     }
     stage_zeros(sh, m, k);
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, y, m, k, n);
+    gemv_store(sh, w, v, y, m, k, n);
 }
 
 // The entry points, one set per weights type: gemv_<weights> (f16 rows x),
