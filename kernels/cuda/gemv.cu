@@ -106,10 +106,13 @@ struct WeightsF16 {
 // A weight is d · q + m — the value the file's block dequantizes to: the tensor cores
 // multiply the exact q (small integers, exact in f16) by the inputs, and the epilogue of
 // each block adds d times that sum and m times the inputs' sum over the block, in f32.
+// With `center`, blk holds the sums of (q − center) · x, and the offset is m + center · d
+// (exact in f32): the two terms then cancel less where the inputs' sum is large.
 __device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32 s_hi, float xs0,
-                                            float xs1, float (&acc)[4]) {
+                                            float xs1, float center, float (&acc)[4]) {
     float d0 = h2f((half_t)(s_lo & 0xffffu)), m0 = h2f((half_t)(s_lo >> 16));
     float d1 = h2f((half_t)(s_hi & 0xffffu)), m1 = h2f((half_t)(s_hi >> 16));
+    if (center != 0.0f) m0 = fmaf(center, d0, m0), m1 = fmaf(center, d1, m1);
     acc[0] = fmaf(d0, blk[0], fmaf(m0, xs0, acc[0]));
     acc[1] = fmaf(d0, blk[1], fmaf(m0, xs1, acc[1]));
     acc[2] = fmaf(d1, blk[2], fmaf(m1, xs0, acc[2]));
@@ -118,7 +121,8 @@ __device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32
 
 // 4-bit (Q4_0 with m = −8d, Q4_1): a tile is 64 words, lane l's two (columns g, g + 8) at
 // 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits 4p and 16 + 4p, so that one mask
-// and an or with 1024's bits make the pair 1024 + q as halves.
+// and an or with 1024's bits make the pair 1024 + q as halves. The tensor cores take
+// q − 8 (Q4_0's offset is then 0).
 struct WeightsQ4 {
     const u32* __restrict__ q;
     const u32* __restrict__ s;
@@ -135,7 +139,7 @@ struct WeightsQ4 {
         return Tile{reinterpret_cast<const uint2*>(q + tile * 64)[lane], st[0], st[8]};
     }
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
-        return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64006400u);
+        return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
     }
     __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
                                         float (&acc)[4]) const {
@@ -144,7 +148,7 @@ struct WeightsQ4 {
         mma_16816(blk, a0, xb.x, xb.y);
         const u32 a1[4] = {pair(v.w.x, 2), pair(v.w.y, 2), pair(v.w.x, 3), pair(v.w.y, 3)};
         mma_16816(blk, a1, xb.z, xb.w);
-        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, acc);
+        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, 8.0f, acc);
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
@@ -187,7 +191,7 @@ struct WeightsQ8 {
         const u32 a1[4] = {pair(v.w.x, v.w.y, 2), pair(v.w.z, v.w.w, 2), pair(v.w.x, v.w.y, 3),
                            pair(v.w.z, v.w.w, 3)};
         mma_16816(blk, a1, xb.z, xb.w);
-        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, acc);
+        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, 0.0f, acc);
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;

@@ -6,7 +6,9 @@
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own Q4_0 / Q4_1 / Q8_0 blocks ([`Weights::Quant`], laid out by [`QuantRows`]:
-//! `gemv_q4*`, `gemv_q8*`), a third of the bytes to read.
+//! `gemv_q4*`, `gemv_q8*`), a third of the bytes to read. Either way the products run on
+//! tensor cores (`mma.m16n8k16`, 16 columns by the up to 8 rows), a block of 8 warps per
+//! group of 16 columns at a time, as many blocks as the SMs hold.
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
