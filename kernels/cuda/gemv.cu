@@ -19,8 +19,10 @@
 // A block of 8 warps takes a group of 16 columns at a time (grid-stride over the groups),
 // its warps splitting the group's blocks of 32 (warp w: blocks w, w + 8, ...), their sums
 // added in a fixed order (the same bits whatever the grid); the inputs are staged once per
-// block as f16, with each block of 32's sum (for the blocks' offsets). Needs m <=
-// GEMV_MAX_ROWS, k <= GEMV_MAX_K and k a multiple of 32; n any.
+// block as f16, with each block of 32's sum (for the blocks' offsets), in dynamic shared
+// memory sized by the launch (`gemv::shared_bytes`: ~17 bytes a weight of a row at 8
+// rows, so rows up to ~13,000 wide on Hopper's 227 KB). Needs m <= GEMV_MAX_ROWS and k a
+// multiple of 32; n any.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -33,7 +35,6 @@
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
 // 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below), one template.
 #define GEMV_MAX_ROWS 8
-#define GEMV_MAX_K 2048
 #define GEMV_WARPS 8
 
 // Staged inputs' row stride in halves: k, or k + 32 where k is a multiple of 64, so that
@@ -41,13 +42,33 @@
 // rows of 64 bytes, in 32 distinct banks).
 __device__ __forceinline__ int gemv_stride(int k) { return k % 64 ? k : k + 32; }
 
-// The block's shared memory: the staged input rows (f16; rows m .. 7 zeros), each row's
+// The block's shared memory (dynamic: the launch sizes it, gemv::shared_bytes mirrors
+// this layout): the m staged input rows (f16, `gemv_stride(k)` halves apart), each row's
 // sums over its blocks of 32 (for the blocks' offsets), and the warps' sums of a group.
+// On the emulator, one static area for every gemv kernel (one launch runs at a time).
+#ifdef TOLLGATE_EMU
+__shared__ char gemv_smem[227 * 1024];
+#else
+extern __shared__ __align__(16) char gemv_smem[];
+#endif
+
 struct GemvShared {
-    __align__(16) half_t x[GEMV_MAX_ROWS * (GEMV_MAX_K + 32)];
-    float xsum[GEMV_MAX_ROWS * (GEMV_MAX_K / 32)];
-    float part[GEMV_WARPS][4][32];
+    half_t* x;
+    float* xsum;
+    float (*part)[4][32];
+    int m;
 };
+
+__device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
+    GemvShared sh;
+    sh.x = reinterpret_cast<half_t*>(gemv_smem);
+    char* p = gemv_smem + (size_t)m * gemv_stride(k) * 2;
+    sh.xsum = reinterpret_cast<float*>(p);
+    p += ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
+    sh.part = reinterpret_cast<float(*)[4][32]>(p);
+    sh.m = m;
+    return sh;
+}
 
 // L2 prefetches of [p, p + bytes) by the block's threads, a 128-byte line each.
 __device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
@@ -58,9 +79,12 @@ __device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
 #endif
 }
 
-// Lane (g, t)'s 8 inputs of block b from staged row g, as four pairs of halves.
+// Lane (g, t)'s 8 inputs of block b from staged row g, as four pairs of halves (zeros
+// past the m rows: the mma's B columns there).
 __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane) {
-    return *reinterpret_cast<const uint4*>(sh.x + (lane >> 2) * stride + b * 32 + (lane & 3) * 8);
+    int g = lane >> 2;
+    if (g >= sh.m) return uint4{0, 0, 0, 0};
+    return *reinterpret_cast<const uint4*>(sh.x + g * stride + b * 32 + (lane & 3) * 8);
 }
 
 // A matrix's weights as the product reads them: `load(G, b, lane)` reads the lane's part
@@ -226,26 +250,28 @@ __device__ __forceinline__ TileBatch<W> first_batch(const W& w) {
     return v;
 }
 
-// After the input rows are staged (sh.x, rows m .. 7 zeros): their sums over each block
-// of 32, where the weights have offsets. A thread adds a piece of 8 (16 bytes: a warp
-// reads 512 contiguous bytes, no bank conflicts), four lanes a block; k pieces in all, a
-// multiple of 32, so that every lane of a warp takes part in its shuffles.
+// After the input rows are staged (sh.x): their sums over each block of 32, where the
+// weights have offsets. A thread adds a piece of 8 (16 bytes: a warp reads 512 contiguous
+// bytes, no bank conflicts), four lanes a block; every lane of a warp takes part in each
+// round's shuffles (the rounds' bound is the block's).
 template <typename W>
-__device__ __forceinline__ void stage_sums(GemvShared& sh, int k) {
+__device__ __forceinline__ void stage_sums(const GemvShared& sh, int k) {
     __syncthreads();
     if (W::OFFSETS) {
-        int pieces = k / 8, stride = gemv_stride(k);
-        for (int e = threadIdx.x; e < GEMV_MAX_ROWS * pieces; e += blockDim.x) {
-            int r = e / pieces, c = e % pieces;
-            uint4 v = *reinterpret_cast<const uint4*>(sh.x + r * stride + c * 8);
-            u32 w[4] = {v.x, v.y, v.z, v.w};
+        int pieces = k / 8, stride = gemv_stride(k), all = sh.m * pieces;
+        for (int base = 0; base < all; base += blockDim.x) {
+            int e = base + threadIdx.x, r = e / pieces, c = e % pieces;
             float sum = 0.0f;
+            if (e < all) {
+                uint4 v = *reinterpret_cast<const uint4*>(sh.x + r * stride + c * 8);
+                u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-            for (int h = 0; h < 4; ++h)
-                sum += h2f((half_t)(w[h] & 0xffffu)) + h2f((half_t)(w[h] >> 16));
+                for (int h = 0; h < 4; ++h)
+                    sum += h2f((half_t)(w[h] & 0xffffu)) + h2f((half_t)(w[h] >> 16));
+            }
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            if (c % 4 == 0) sh.xsum[r * (k / 32) + c / 4] = sum;
+            if (e < all && c % 4 == 0) sh.xsum[r * (k / 32) + c / 4] = sum;
         }
         __syncthreads();
     }
@@ -257,7 +283,7 @@ __device__ __forceinline__ void stage_sums(GemvShared& sh, int k) {
 // warp's first batch of the first group (first_batch); each group's first batch of the
 // next is loaded before the group's sums are added up and written.
 template <int COLS, typename W, typename Out>
-__device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, TileBatch<W> v, int m,
+__device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, TileBatch<W> v, int m,
                                              int k, int n, Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nb = k / 32, stride = gemv_stride(k), groups = (n + 15) / 16;
@@ -272,7 +298,10 @@ __device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, TileBat
                 int b = b0 + GEMV_WARPS * i;
                 if (b >= nb) break;
                 float xs0 = 0.0f, xs1 = 0.0f;
-                if (W::OFFSETS) xs0 = sh.xsum[2 * t * nb + b], xs1 = sh.xsum[(2 * t + 1) * nb + b];
+                if (W::OFFSETS) {
+                    if (2 * t < m) xs0 = sh.xsum[2 * t * nb + b];
+                    if (2 * t + 1 < m) xs1 = sh.xsum[(2 * t + 1) * nb + b];
+                }
                 w.add(v.v[i], input_piece(sh, stride, b, lane), xs0, xs1, acc);
             }
         }
@@ -300,22 +329,14 @@ __device__ __forceinline__ void gemv_columns(GemvShared& sh, const W& w, TileBat
 
 // The plain product's output: y[r, j] = the sum.
 template <typename W>
-__device__ __forceinline__ void gemv_store(GemvShared& sh, const W& w, const TileBatch<W>& v,
+__device__ __forceinline__ void gemv_store(const GemvShared& sh, const W& w, const TileBatch<W>& v,
                                            float* __restrict__ y, int m, int k, int n) {
     gemv_columns<1>(sh, w, v, m, k, n,
                     [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
 }
 
-// Rows m .. 7 of the staged inputs as zeros (the mma's B columns past the rows).
-__device__ __forceinline__ void stage_zeros(GemvShared& sh, int m, int k) {
-    int stride = gemv_stride(k), pieces = k / 8;
-    for (int e = threadIdx.x; e < (GEMV_MAX_ROWS - m) * pieces; e += blockDim.x)
-        *reinterpret_cast<uint4*>(sh.x + (m + e / pieces) * stride + e % pieces * 8) =
-            uint4{0, 0, 0, 0};
-}
-
 // The f16 rows of x (m × k), staged.
-__device__ __forceinline__ void stage_rows(GemvShared& sh, const half_t* __restrict__ x, int m,
+__device__ __forceinline__ void stage_rows(const GemvShared& sh, const half_t* __restrict__ x, int m,
                                            int k) {
     int stride = gemv_stride(k), pieces = k / 8;
     for (int e = threadIdx.x; e < m * pieces; e += blockDim.x) {
@@ -323,11 +344,10 @@ __device__ __forceinline__ void stage_rows(GemvShared& sh, const half_t* __restr
         *reinterpret_cast<uint4*>(sh.x + r * stride + c * 8) =
             reinterpret_cast<const uint4*>(x + (size_t)r * k)[c];
     }
-    stage_zeros(sh, m, k);
 }
 
 // add_rmsnorm's rows staged (warp i of the block makes row i; see gemv_f16_norm).
-__device__ __forceinline__ void stage_norm(GemvShared& sh, const float* __restrict__ x,
+__device__ __forceinline__ void stage_norm(const GemvShared& sh, const float* __restrict__ x,
                                            const float* __restrict__ delta,
                                            const float* __restrict__ nw, float* __restrict__ x_out,
                                            const int* __restrict__ rows, float eps, int m, int k) {
@@ -351,7 +371,6 @@ __device__ __forceinline__ void stage_norm(GemvShared& sh, const float* __restri
             }
         }
     }
-    stage_zeros(sh, m, k);
 }
 
 // The products' bodies, for each weights type W (the entry points below): the input rows
@@ -359,7 +378,7 @@ __device__ __forceinline__ void stage_norm(GemvShared& sh, const float* __restri
 
 // The plain product of f16 rows x.
 template <typename W>
-__device__ __forceinline__ void rows_product(GemvShared& sh, const half_t* __restrict__ x,
+__device__ __forceinline__ void rows_product(const GemvShared& sh, const half_t* __restrict__ x,
                                              const W& w, float* __restrict__ y, int m, int k,
                                              int n) {
     const TileBatch<W> v = first_batch(w);
@@ -374,7 +393,7 @@ __device__ __forceinline__ void rows_product(GemvShared& sh, const half_t* __res
 // the sums x + delta to x_out (when not null), which must not be x: the other blocks
 // still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
 template <typename W>
-__device__ __forceinline__ void norm_product(GemvShared& sh, const float* __restrict__ x,
+__device__ __forceinline__ void norm_product(const GemvShared& sh, const float* __restrict__ x,
                                              const float* __restrict__ delta,
                                              const float* __restrict__ nw,
                                              float* __restrict__ x_out,
@@ -394,7 +413,7 @@ __device__ __forceinline__ void norm_product(GemvShared& sh, const float* __rest
 // columns.
 template <typename W>
 __device__ __forceinline__ void norm_rope_product(
-    GemvShared& sh, const float* __restrict__ x, const float* __restrict__ delta,
+    const GemvShared& sh, const float* __restrict__ x, const float* __restrict__ delta,
     const float* __restrict__ nw, float* __restrict__ x_out, const int* __restrict__ rows,
     float eps, const W& w, float* __restrict__ y, int m, int k, int n,
     const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
@@ -428,7 +447,7 @@ __device__ __forceinline__ void norm_rope_product(
 // swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
 // j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
 template <typename W>
-__device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __restrict__ gu,
+__device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float* __restrict__ gu,
                                                const W& w, float* __restrict__ y, int m, int k,
                                                int n) {
     const TileBatch<W> v = first_batch(w);
@@ -438,7 +457,6 @@ __device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __re
         int j = e % k;
         sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[k + j]));
     }
-    stage_zeros(sh, m, k);
     stage_sums<W>(sh, k);
     gemv_store(sh, w, v, y, m, k, n);
 }
@@ -449,7 +467,7 @@ __device__ __forceinline__ void swiglu_product(GemvShared& sh, const float* __re
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
     const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     rows_product(sh, x, ws, y, m, k, n);
 }
 
@@ -458,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
     float* __restrict__ y, int m, int k, int n) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
@@ -469,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -477,14 +495,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
     const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     rows_product(sh, x, ws, y, m, k, n);
 }
 
@@ -493,7 +511,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
@@ -504,7 +522,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -512,14 +530,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     rows_product(sh, x, ws, y, m, k, n);
 }
 
@@ -528,7 +546,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
 
@@ -539,7 +557,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -547,6 +565,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
-    __shared__ GemvShared sh;
+    const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }

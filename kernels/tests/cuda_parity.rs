@@ -683,20 +683,21 @@ fn gemv_matches_the_product_twin() {
 }
 
 /// `gemv_f16` against the product's twin (cuBLAS's arithmetic: f16 inputs, f32 sums) for
-/// 1 to 4 rows, with a weight offset, a column count that is no multiple of the block's
-/// warps, and a poisoned output.
+/// 1 to 8 rows, with a weight offset, a column count that is no multiple of 16, and a
+/// poisoned output; rows too wide for the shared memory, or no multiple of 32, refused.
 fn gemv_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv, MAX_K};
+    use kernels::cuda::gemv::{fits, gemv, shared_bytes};
     let mut rng = Rng(9);
-    // SmolLM2's width, and the widest rows the kernel takes (every lane's 8 pieces).
-    for (k, n, row0) in [(576, 1003, 5), (MAX_K, 77, 3)] {
+    let max_shared = g.max_shared_bytes().unwrap();
+    // SmolLM2's width, and rows of several batches of blocks a warp (a 7B model's 4,096).
+    for (k, n, row0) in [(576, 1003, 5), (2048, 77, 3), (4096, 37, 1)] {
         let w: Vec<f16> = rng
             .vec((n + row0) * k, 1.0)
             .into_iter()
             .map(f16::from_f32)
             .collect();
         let wd = up(g, &w);
-        for m in (1..=8).filter(|&m| kernels::cuda::gemv::fits(m, k)) {
+        for m in (1..=8).filter(|&m| fits(m, k, max_shared)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
             let xd = up(g, &x);
@@ -708,15 +709,26 @@ fn gemv_case<E: Exec>(g: &E) {
         let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
         assert!(gemv(g, &xd, &wd, 0, &mut y, 9, k, n).is_err(), "9 rows");
     }
+    // The widest row whose staging fits, then one block wider; and k no multiple of 32.
+    let widest = (1..)
+        .map(|b| 32 * b)
+        .take_while(|&k| shared_bytes(1, k) <= max_shared)
+        .last();
+    let widest = widest.expect("some row fits");
+    assert!(fits(1, widest, max_shared) && !fits(1, widest + 32, max_shared));
     let (xd, wd) = (
-        up(g, &vec![f16::ZERO; MAX_K + 8]),
-        up(g, &vec![f16::ZERO; MAX_K + 8]),
+        up(g, &vec![f16::ZERO; widest + 32]),
+        up(g, &vec![f16::ZERO; widest + 32]),
     );
-    let mut y = up(g, &[0f32; 1]);
-    assert!(
-        gemv(g, &xd, &wd, 0, &mut y, 1, MAX_K + 8, 1).is_err(),
-        "rows past MAX_K"
-    );
+    let mut y = up(g, &[f32::NAN; 1]);
+    gemv(g, &xd, &wd, 0, &mut y, 1, widest, 1).unwrap();
+    assert_eq!(down(g, &y), [0.0], "the widest row");
+    for (k, what) in [
+        (widest + 32, "a row past the shared memory"),
+        (96 + 8, "k no multiple of 32"),
+    ] {
+        assert!(gemv(g, &xd, &wd, 0, &mut y, 1, k, 1).is_err(), "{what}");
+    }
 }
 
 #[test]
@@ -740,22 +752,22 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 8 rows,
 /// against the product of the values the blocks dequantize to (f16 inputs, sums in f64):
-/// SmolLM2's widths and the widest rows the kernels take, column counts that are no
+/// SmolLM2's widths and wider rows (4,096: two batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_K};
+    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights};
     let mut rng = Rng(17);
     for (ty, k, n) in [
         (GgmlType::Q4_1, 576, 1003),
         (GgmlType::Q4_0, 1536, 77),
         (GgmlType::Q8_0, 576, 259),
-        (GgmlType::Q8_0, MAX_K, 33),
-        (GgmlType::Q4_1, MAX_K, 41),
+        (GgmlType::Q8_0, 2048, 33),
+        (GgmlType::Q4_1, 4096, 41),
     ] {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
         let rows = QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout");
         let wq = &QuantBuf::upload(g, &rows).unwrap();
-        for m in (1..=8).filter(|&m| fits(m, k)) {
+        for m in (1..=8).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want: Vec<f32> = (0..m * n)
                 .map(|e| {

@@ -753,7 +753,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             });
             // Our own kernel for a few rows, against cuBLAS's row above, then with the
             // kernel before it made in its blocks (and after it, for the QKV product).
-            if gemv::fits(m, k) {
+            if gemv::fits(m, k, e.max_shared_bytes()?) {
                 let secs = time(e, iters, || gemv::gemv(e, &x, &w, 0, &mut y, m, k, n))?;
                 rows.push(Row {
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),

@@ -52,6 +52,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub arch: &'static str,
     kernels: Kernels,
+    /// Multiprocessors, and the most shared memory a block may have.
+    sms: usize,
+    max_shared: usize,
     /// Whether kernels launch as programmatic dependent launches ([`super::launch`]),
     /// and whether the device has them (compute capability 9.0 on).
     dependent: AtomicBool,
@@ -121,7 +124,14 @@ impl Gpu {
             .result()
             .map_err(unavailable)?;
         }
+        // Asked once: a launch of the `gemv` kernels sizes its grid and shared memory by them.
+        let attr = |a| ctx.attribute(a).map(|v| v.max(0) as usize);
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1);
+        let max_shared =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         Ok(Self {
+            sms,
+            max_shared,
             blas,
             _blas_workspace: workspace,
             ctx,
@@ -420,9 +430,12 @@ impl Exec for Gpu {
         Ok(self.kernels.attribute(self.kernel(kernel)?, attr)? as usize)
     }
 
+    fn max_shared_bytes(&self) -> Result<usize, ExecError> {
+        Ok(self.max_shared)
+    }
+
     fn multiprocessors(&self) -> Result<usize, ExecError> {
-        let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-        Ok(self.ctx.attribute(attr)?.max(1) as usize)
+        Ok(self.sms)
     }
 
     fn synchronize(&self) -> Result<(), ExecError> {

@@ -142,6 +142,9 @@ pub struct Emu {
 
 /// The multiprocessors the emulator reports: a small GPU's.
 const EMU_MULTIPROCESSORS: usize = 8;
+/// The shared memory a block may have: Hopper's (the `gemv` kernels' dynamic area is one
+/// static array of this size on the emulator, `gemv_smem` in gemv.cu).
+const EMU_SHARED_BYTES: usize = 227 * 1024;
 
 /// Injected device faults so far (see [`fault_open_devices`]).
 static FAULTS: AtomicU64 = AtomicU64::new(0);
@@ -567,6 +570,10 @@ impl Exec for Emu {
         }
     }
 
+    fn max_shared_bytes(&self) -> Result<usize, ExecError> {
+        Ok(EMU_SHARED_BYTES)
+    }
+
     fn multiprocessors(&self) -> Result<usize, ExecError> {
         // Blocks run one at a time here; a GPU-like count, so that launches take the
         // shapes they take on a small GPU (a step with few rows splits its attention).
@@ -618,10 +625,15 @@ impl Emu {
             std::thread::sleep(std::time::Duration::from_micros(stall));
         }
         let k = self.check_launch(kernel, args)?;
-        if cfg.shared_mem_bytes != 0 {
-            return Err(ExecError::Emu(
-                "dynamic shared memory is not emulated (no kernel uses it)".into(),
-            ));
+        // Dynamic shared memory: only the gemv kernels take it, from their static area.
+        if cfg.shared_mem_bytes != 0
+            && (!kernel.starts_with("gemv_") || cfg.shared_mem_bytes as usize > EMU_SHARED_BYTES)
+        {
+            return Err(ExecError::Emu(format!(
+                "{kernel}: {} bytes of dynamic shared memory (only gemv kernels have it, up \
+                 to {EMU_SHARED_BYTES})",
+                cfg.shared_mem_bytes
+            )));
         }
         // Each argument's value in its own 8-byte slot, as cuLaunchKernel's kernelParams.
         let mut slots: Vec<u64> = args

@@ -169,6 +169,9 @@ pub trait Exec: Send {
     /// Its multiprocessors (SMs): how many blocks run side by side, to size a launch's
     /// grid (the attention split of a step with few rows).
     fn multiprocessors(&self) -> Result<usize, ExecError>;
+    /// The most shared memory one block may have, static and dynamic together (Hopper:
+    /// 227 KB; the `gemv` kernels' staged rows take what their shape needs).
+    fn max_shared_bytes(&self) -> Result<usize, ExecError>;
     /// Waits for all enqueued work.
     fn synchronize(&self) -> Result<(), ExecError>;
     /// Whether kernels launch as programmatic dependent launches (each may be scheduled

@@ -14,10 +14,8 @@ use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-/// The kernel's limits (`GEMV_MAX_ROWS`, `GEMV_MAX_K` in gemv.cu): the staged rows, as
-/// f16, fill 33 KB of shared memory.
+/// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cu: an `mma`'s 8 columns).
 pub const MAX_ROWS: usize = 8;
-pub const MAX_K: usize = 2048;
 /// Columns an `mma` takes (a group), and weights a block of the inner dimension.
 const GROUP: usize = 16;
 const BLOCK: usize = 32;
@@ -25,9 +23,22 @@ const BLOCK: usize = 32;
 const WARPS: u32 = 8;
 const BLOCKS_PER_SM: usize = 3;
 
-/// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32).
-pub fn fits(rows: usize, k: usize) -> bool {
-    (1..=MAX_ROWS).contains(&rows) && k <= MAX_K && k.is_multiple_of(BLOCK)
+/// The dynamic shared memory a block of the `gemv` kernels takes for `rows` rows of `k`
+/// (`gemv_shared` in gemv.cu): the rows staged as f16 (`k` halves apart, `k + 32` where
+/// `k` is a multiple of 64), their sums over each block of 32, the 8 warps' sums.
+pub fn shared_bytes(rows: usize, k: usize) -> usize {
+    let stride = if k.is_multiple_of(64) { k + 32 } else { k };
+    rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16) + WARPS as usize * 4 * 32 * 4
+}
+
+/// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a
+/// device whose blocks may have `max_shared` bytes of shared memory
+/// ([`Exec::max_shared_bytes`]).
+pub fn fits(rows: usize, k: usize, max_shared: usize) -> bool {
+    (1..=MAX_ROWS).contains(&rows)
+        && k > 0
+        && k.is_multiple_of(BLOCK)
+        && shared_bytes(rows, k) <= max_shared
 }
 
 /// What a product's rows are made from.
@@ -185,10 +196,11 @@ fn product<E: Exec>(
         }
     }
     let kind = weights.kind();
-    if !fits(rows, k) {
+    let max_shared = e.max_shared_bytes()?;
+    if !fits(rows, k, max_shared) {
         return Err(ExecError::Bounds(format!(
-            "gemv_{kind} takes 1 to {MAX_ROWS} rows of k a multiple of {BLOCK} up to \
-             {MAX_K}, not {rows} rows of {k}"
+            "gemv_{kind} takes 1 to {MAX_ROWS} rows of k a multiple of {BLOCK} whose staging \
+             fits in {max_shared} bytes of shared memory, not {rows} rows of {k}"
         )));
     }
     let short = |what: &str, have: usize, need: usize| {
@@ -312,7 +324,7 @@ fn product<E: Exec>(
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared_bytes(rows, k) as u32,
     };
     e.launch(&entry, cfg, &args)
 }

@@ -68,10 +68,24 @@ impl Kernels {
                 let mut f: CUfunction = std::ptr::null_mut();
                 // SAFETY: `module` was loaded above; `name` is NUL-terminated.
                 unsafe { sys::cuModuleGetFunction(&mut f, module, name.as_ptr()) }.result()?;
+                k.allow_dynamic_shared(Kernel(f))?;
                 k.functions.insert(entry, Kernel(f));
             }
         }
         Ok(k)
+    }
+
+    /// Lets launches of `f` have as much dynamic shared memory as the device allows a
+    /// block beside its static shared memory (above 48 KB a kernel must opt in; the
+    /// `gemv` kernels' staged rows are dynamic).
+    fn allow_dynamic_shared(&self, f: Kernel) -> Result<(), DriverError> {
+        let optin = self.ctx.attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?;
+        let fixed = self.attribute(f, CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        // SAFETY: `f` is a function of a module this value keeps loaded.
+        unsafe { sys::cuFuncSetAttribute(f.0, attr, (optin - fixed).max(0)) }.result()
     }
 
     /// The kernel `name`, if a source defines it.

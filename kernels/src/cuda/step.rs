@@ -128,6 +128,8 @@ pub struct Device<E: Exec> {
     pub fuse_small: bool,
     /// Which attention kernel the step launches.
     pub attention: AttentionKernel,
+    /// The most shared memory a block may have (the `gemv` kernels' staged rows).
+    max_shared: usize,
     pub max_blocks: usize,
     /// Logits rows a step may have: one per sequence, and [`PROMPT_LOGIT_ROWS`] more.
     pub max_logits: usize,
@@ -202,6 +204,8 @@ impl SmallProducts {
 struct Small {
     gemv: SmallProducts,
     quant: SmallProducts,
+    /// The most shared memory a block may have (what `gemv`'s staged rows may take).
+    shared: usize,
 }
 
 impl Small {
@@ -233,7 +237,7 @@ fn product<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if small.gemv.gemv(rows) && gemv::fits(rows, k) {
+    if small.gemv.gemv(rows) && gemv::fits(rows, k, small.shared) {
         let weights = small.weights(rows, w, q);
         gemv::gemv_from(e, Input::Rows(x), weights, y, rows, k, n)
     } else {
@@ -412,6 +416,7 @@ impl<E: Exec> Device<E> {
             quant_small: SmallProducts::default(),
             fuse_small: true,
             attention: AttentionKernel::default(),
+            max_shared: exec.max_shared_bytes()?,
             embed,
             output_norm,
             output_norm_host: twin.output_norm.clone(),
@@ -461,6 +466,7 @@ impl<E: Exec> Device<E> {
             quant_small,
             fuse_small,
             attention,
+            max_shared,
             bufs: b,
             ..
         } = self;
@@ -510,10 +516,13 @@ impl<E: Exec> Device<E> {
         // and swiglu are not launched, and the QKV product does RoPE and the cache write.
         // x + delta goes to x2 at the attention's norm and back to x at the feed-forward's,
         // so each layer ends with the residual in x.
-        let fused = |rows: usize, k: usize| *fuse_small && small.gemv(rows) && gemv::fits(rows, k);
+        let fused = |rows: usize, k: usize| {
+            *fuse_small && small.gemv(rows) && gemv::fits(rows, k, *max_shared)
+        };
         let small = Small {
             gemv: *small,
             quant: *quant_small,
+            shared: *max_shared,
         };
         let fuse = fused(t, d) && fused(t, f);
         for (li, w) in layers.iter_mut().enumerate() {
@@ -706,7 +715,9 @@ impl<E: Exec> Device<E> {
     /// output head's `gemv_f16` ([`Device::enqueue`]): its last residual add is then not in
     /// `x` (the last down output, in `o`, is still to add).
     fn fuses_final_norm(&self, padded: usize) -> bool {
-        self.fuse_small && self.small.gemv(padded) && gemv::fits(padded, self.config.dim)
+        self.fuse_small
+            && self.small.gemv(padded)
+            && gemv::fits(padded, self.config.dim, self.max_shared)
     }
 
     /// The final hidden states of logits rows `rows` of the step just run (waited for)
