@@ -10,7 +10,7 @@
 # for the device, the CUDA backend's tests (graphs vs direct launches, sampling on the
 # device, the load-time self-check), then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
-# weights floor (decode_bench, with the load-time choice for 1-8 rows among cuBLAS, gemv_f16 and
+# weights floor (decode_bench, with the load-time choice for 1-16 rows among cuBLAS, gemv_f16 and
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the

@@ -6,11 +6,11 @@
 // times each product each way).
 //
 // On tensor cores, with the weights as the wide operand: one mma.m16n8k16 takes 16 output
-// columns (A: 16 rows of weights) by the block's up to 8 input rows (B: the staged x), so
-// a weight costs a fraction of an instruction. (With one fused multiply-add a weight and
-// input row, and an int-to-float conversion a weight of the file's blocks, the CUDA cores
-// could not keep up with the memory: an H200 converts ~4·10¹² values a second where its
-// 4.8 TB/s bring 8.5·10¹² 4-bit weights.) The k order within each block of 32 is permuted
+// columns (A: 16 rows of weights) by 8 input rows (B: the staged x; a second mma with the
+// same A for rows 8 .. 15), so a weight costs a fraction of an instruction. (With a fused
+// multiply-add a weight and input row, and a conversion a weight of the file's blocks, the
+// CUDA cores could not issue fast enough to keep up with the memory: BENCHMARKS.md, "The
+// small products on tensor cores".) The k order within each block of 32 is permuted
 // alike for both operands (a dot product does not care): lane (g, t) of the mma's fragment
 // layout holds inputs and weights 8t .. 8t + 7 of the block, so that its piece of
 // weights is one 16-byte (f16), 8-byte (8-bit) or 4-byte (4-bit) load, and its inputs
@@ -21,7 +21,7 @@
 // added in a fixed order (the same bits whatever the grid); the inputs are staged once per
 // block as f16, with each block of 32's sum (for the blocks' offsets), in dynamic shared
 // memory sized by the launch (`gemv::shared_bytes`: ~17 bytes a weight of a row at 8
-// rows, so rows up to ~13,000 wide on Hopper's 227 KB). Needs m <= GEMV_MAX_ROWS and k a
+// rows, so rows up to ~13,000 wide on Hopper's 227 KB at 8 rows, ~6,500 at 16). Needs m <= GEMV_MAX_ROWS and k a
 // multiple of 32; n any.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
@@ -34,7 +34,7 @@
 //
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
 // 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below), one template.
-#define GEMV_MAX_ROWS 8
+#define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
 // Staged inputs' row stride in halves: k, or k + 32 where k is a multiple of 64, so that
@@ -55,7 +55,7 @@ extern __shared__ __align__(16) char gemv_smem[];
 struct GemvShared {
     half_t* x;
     float* xsum;
-    float (*part)[4][32];
+    float (*part)[8][32];
     int m;
 };
 
@@ -65,7 +65,7 @@ __device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
     char* p = gemv_smem + (size_t)m * gemv_stride(k) * 2;
     sh.xsum = reinterpret_cast<float*>(p);
     p += ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
-    sh.part = reinterpret_cast<float(*)[4][32]>(p);
+    sh.part = reinterpret_cast<float(*)[8][32]>(p);
     sh.m = m;
     return sh;
 }
@@ -79,12 +79,13 @@ __device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
 #endif
 }
 
-// Lane (g, t)'s 8 inputs of block b from staged row g, as four pairs of halves (zeros
-// past the m rows: the mma's B columns there).
-__device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane) {
-    int g = lane >> 2;
-    if (g >= sh.m) return uint4{0, 0, 0, 0};
-    return *reinterpret_cast<const uint4*>(sh.x + g * stride + b * 32 + (lane & 3) * 8);
+// Lane (g, t)'s 8 inputs of block b from staged row r0 + g, as four pairs of halves
+// (zeros past the m rows: the mma's B columns there).
+__device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane,
+                                             int r0) {
+    int r = r0 + (lane >> 2);
+    if (r >= sh.m) return uint4{0, 0, 0, 0};
+    return *reinterpret_cast<const uint4*>(sh.x + r * stride + b * 32 + (lane & 3) * 8);
 }
 
 // A matrix's weights as the product reads them: `load(G, b, lane)` reads the lane's part
@@ -109,11 +110,9 @@ struct WeightsF16 {
         if (j + 8 < n) v.hi = *reinterpret_cast<const uint4*>(w + (size_t)(j + 8) * k + c);
         return v;
     }
-    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float, float,
-                                        float (&acc)[4]) const {
-        const u32 a0[4] = {v.lo.x, v.hi.x, v.lo.y, v.hi.y}, a1[4] = {v.lo.z, v.hi.z, v.lo.w, v.hi.w};
-        mma_16816(acc, a0, xb.x, xb.y);
-        mma_16816(acc, a1, xb.z, xb.w);
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        a0[0] = v.lo.x, a0[1] = v.hi.x, a0[2] = v.lo.y, a0[3] = v.hi.y;
+        a1[0] = v.lo.z, a1[1] = v.hi.z, a1[2] = v.lo.w, a1[3] = v.hi.w;
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
@@ -165,14 +164,10 @@ struct WeightsQ4 {
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
         return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
     }
-    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
-                                        float (&acc)[4]) const {
-        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const u32 a0[4] = {pair(v.w.x, 0), pair(v.w.y, 0), pair(v.w.x, 1), pair(v.w.y, 1)};
-        mma_16816(blk, a0, xb.x, xb.y);
-        const u32 a1[4] = {pair(v.w.x, 2), pair(v.w.y, 2), pair(v.w.x, 3), pair(v.w.y, 3)};
-        mma_16816(blk, a1, xb.z, xb.w);
-        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, 8.0f, acc);
+    static constexpr float CENTER = 8.0f;
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        a0[0] = pair(v.w.x, 0), a0[1] = pair(v.w.y, 0), a0[2] = pair(v.w.x, 1), a0[3] = pair(v.w.y, 1);
+        a1[0] = pair(v.w.x, 2), a1[1] = pair(v.w.y, 2), a1[2] = pair(v.w.x, 3), a1[3] = pair(v.w.y, 3);
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
@@ -190,7 +185,7 @@ struct WeightsQ8 {
     const u32* __restrict__ s;
     int k, n;
     static constexpr bool OFFSETS = true;
-    static constexpr int BATCH = 8;
+    static constexpr int BATCH = 6;
     struct Tile {
         uint4 w;
         u32 s_lo, s_hi;
@@ -206,16 +201,12 @@ struct WeightsQ8 {
         u32 sel = p & 1 ? 0x4342u : 0x4140u;
         return hsub2(__byte_perm(word, 0x64646464u, sel), 0x64806480u);
     }
-    __device__ __forceinline__ void add(const Tile& v, const uint4& xb, float xs0, float xs1,
-                                        float (&acc)[4]) const {
-        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const u32 a0[4] = {pair(v.w.x, v.w.y, 0), pair(v.w.z, v.w.w, 0), pair(v.w.x, v.w.y, 1),
-                           pair(v.w.z, v.w.w, 1)};
-        mma_16816(blk, a0, xb.x, xb.y);
-        const u32 a1[4] = {pair(v.w.x, v.w.y, 2), pair(v.w.z, v.w.w, 2), pair(v.w.x, v.w.y, 3),
-                           pair(v.w.z, v.w.w, 3)};
-        mma_16816(blk, a1, xb.z, xb.w);
-        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, 0.0f, acc);
+    static constexpr float CENTER = 0.0f;
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        a0[0] = pair(v.w.x, v.w.y, 0), a0[1] = pair(v.w.z, v.w.w, 0);
+        a0[2] = pair(v.w.x, v.w.y, 1), a0[3] = pair(v.w.z, v.w.w, 1);
+        a1[0] = pair(v.w.x, v.w.y, 2), a1[1] = pair(v.w.z, v.w.w, 2);
+        a1[2] = pair(v.w.x, v.w.y, 3), a1[3] = pair(v.w.z, v.w.w, 3);
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
@@ -225,9 +216,33 @@ struct WeightsQ8 {
     }
 };
 
+// Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
+// the lane's tile v) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
+// r0 + 2t + 1): with the blocks' scales, d times the block's sums plus m times the
+// inputs' block sums.
+template <typename W>
+__device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
+                                           const typename W::Tile& v, const u32 (&a0)[4],
+                                           const u32 (&a1)[4], int stride, int nb, int b,
+                                           int lane, int r0, float (&acc)[4]) {
+    uint4 xb = input_piece(sh, stride, b, lane, r0);
+    if constexpr (!W::OFFSETS) {
+        mma_16816(acc, a0, xb.x, xb.y);
+        mma_16816(acc, a1, xb.z, xb.w);
+    } else {
+        float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_16816(blk, a0, xb.x, xb.y);
+        mma_16816(blk, a1, xb.z, xb.w);
+        int r = r0 + 2 * (lane & 3);
+        float xs0 = r < sh.m ? sh.xsum[r * nb + b] : 0.0f;
+        float xs1 = r + 1 < sh.m ? sh.xsum[(r + 1) * nb + b] : 0.0f;
+        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, W::CENTER, acc);
+    }
+}
+
 // A warp's batch of tiles: blocks b0, b0 + 8, ... (those below k / 32) of column group G,
-// loaded together so that the warp has its loads in flight at once (a row of 2048: one
-// batch at 4 and 8 bits, two at f16).
+// loaded together so that the warp has its loads in flight at once (one batch covers a
+// row of 2,048 at 4 bits, 1,536 at 8, 1,024 at f16).
 template <typename W>
 struct TileBatch {
     typename W::Tile v[W::BATCH];
@@ -287,36 +302,35 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
                                              int k, int n, Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nb = k / 32, stride = gemv_stride(k), groups = (n + 15) / 16;
-    int t = lane & 3;
     for (int G = blockIdx.x; G < groups; G += gridDim.x) {
         w.prefetch(G + gridDim.x);
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // Rows 0 .. 7, and 8 .. 15 where m > 8 (the same A fragments, a second B).
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
         for (int b0 = warp; b0 < nb; b0 += GEMV_WARPS * W::BATCH) {
             if (b0 != warp) v.load(w, G, b0, lane);
 #pragma unroll
             for (int i = 0; i < W::BATCH; ++i) {
                 int b = b0 + GEMV_WARPS * i;
                 if (b >= nb) break;
-                float xs0 = 0.0f, xs1 = 0.0f;
-                if (W::OFFSETS) {
-                    if (2 * t < m) xs0 = sh.xsum[2 * t * nb + b];
-                    if (2 * t + 1 < m) xs1 = sh.xsum[(2 * t + 1) * nb + b];
-                }
-                w.add(v.v[i], input_piece(sh, stride, b, lane), xs0, xs1, acc);
+                u32 a0[4], a1[4];
+                w.frags(v.v[i], a0, a1);
+                rows_block(sh, w, v.v[i], a0, a1, stride, nb, b, lane, 0, acc[0]);
+                if (m > 8) rows_block(sh, w, v.v[i], a0, a1, stride, nb, b, lane, 8, acc[1]);
             }
         }
         v.load(w, G + gridDim.x, warp, lane);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) sh.part[warp][c][lane] = acc[c];
+        for (int c = 0; c < 8; ++c) sh.part[warp][c][lane] = acc[c / 4][c % 4];
         __syncthreads();
-        // Output (column q, row r) is sum c = 2(q / 8) + r % 2 of lane 4(q % 8) + r / 2.
+        // Output (column q, row r) is sum c = 4(r / 8) + 2(q / 8) + r % 2 of lane
+        // 4(q % 8) + (r % 8) / 2.
         for (int e = threadIdx.x; e < 16 / COLS * GEMV_MAX_ROWS; e += blockDim.x) {
             int q = e / GEMV_MAX_ROWS * COLS, r = e % GEMV_MAX_ROWS, j = 16 * G + q;
             if (r >= m || j >= n) continue;
             float sums[COLS];
 #pragma unroll
             for (int h = 0; h < COLS; ++h) {
-                int c = 2 * ((q + h) / 8) + r % 2, l = 4 * ((q + h) % 8) + r / 2;
+                int c = 4 * (r / 8) + 2 * ((q + h) / 8) + r % 2, l = 4 * ((q + h) % 8) + r % 8 / 2;
                 float sum = 0.0f;
                 for (int p = 0; p < GEMV_WARPS; ++p) sum += sh.part[p][c][l];
                 sums[h] = sum;
@@ -346,13 +360,13 @@ __device__ __forceinline__ void stage_rows(const GemvShared& sh, const half_t* _
     }
 }
 
-// add_rmsnorm's rows staged (warp i of the block makes row i; see gemv_f16_norm).
+// add_rmsnorm's rows staged (warp i of the block makes rows i and i + 8; see gemv_f16_norm).
 __device__ __forceinline__ void stage_norm(const GemvShared& sh, const float* __restrict__ x,
                                            const float* __restrict__ delta,
                                            const float* __restrict__ nw, float* __restrict__ x_out,
                                            const int* __restrict__ rows, float eps, int m, int k) {
-    int lane = threadIdx.x & 31, i = threadIdx.x >> 5;
-    if (i < m) {
+    int lane = threadIdx.x & 31;
+    for (int i = threadIdx.x >> 5; i < m; i += blockDim.x >> 5) {
         int r = rows ? rows[i] : i;
         half_t* xr = sh.x + i * gemv_stride(k);
         if (r < 0) {
@@ -391,7 +405,7 @@ __device__ __forceinline__ void rows_product(const GemvShared& sh, const half_t*
 // is null) plus the same row of delta (when not null), normalized and scaled by nw, then
 // rounded to f16 as add_rmsnorm writes it; rows[i] < 0 is a row of zeros. Block 0 writes
 // the sums x + delta to x_out (when not null), which must not be x: the other blocks
-// still read x. Warp i of each block prepares input row i (blockDim.x / 32 >= m).
+// still read x. Warp i of each block prepares input rows i and i + 8.
 template <typename W>
 __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* __restrict__ x,
                                              const float* __restrict__ delta,

@@ -4,7 +4,7 @@
 //! sent while the one before runs (the engine's steps planned ahead: the device does not
 //! wait for the host between steps), and graphs without programmatic dependent launches
 //! (Hopper on; the default there). Prints one table; then,
-//! for the batches of 1–8 rows, a second: the step with its products on cuBLAS, on
+//! for the batches of 1–16 rows, a second: the step with its products on cuBLAS, on
 //! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused,
 //! and the same two over the file's own blocks (`gemv_q4`, `gemv_q8`).
 //!
@@ -305,7 +305,7 @@ fn small_products<E: Exec>(
             .and_then(|_| cuda.set_quant_small(quant))
             .map_err(|e| e.to_string())
     };
-    let (none, all) = (SmallProducts(0), SmallProducts(u8::MAX));
+    let (none, all) = (SmallProducts(0), SmallProducts::ALL);
     let mut ways = vec![(none, true, none), (all, false, none), (all, true, none)];
     if cuda.has_quant() {
         ways.extend([(all, false, all), (all, true, all)]);

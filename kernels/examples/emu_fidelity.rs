@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = emu.describe();
     let mut cuda = CudaBackend::on(emu, name, &twin, BLOCK, KvCapacity::Blocks(8), 64, 2)?;
     let mut cpu = CpuBackend::new(model, BLOCK, 8, 0)?.with_precision(ActPrecision::F32);
-    let all = SmallProducts(u8::MAX);
+    let all = SmallProducts::ALL;
     let ways = [
         ("cuBLAS (f16 weights)", SmallProducts(0), SmallProducts(0)),
         ("gemv_f16 (f16 weights)", all, SmallProducts(0)),

@@ -728,22 +728,23 @@ fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
     on_each!("fused-small", fused_small_case);
 }
 
-/// With every product of 1–8 rows on `gemv_f16`, and again on the file's own blocks
+/// With every product of 1–16 rows on `gemv_f16`, and again on the file's own blocks
 /// (`gemv_q4`, `gemv_q8`: the synthetic model's Q4_1 layers and Q8_0 head), steps of 1 to
-/// 9 rows (prefills and decodes, from graphs and direct launches) give the same logits,
-/// bit for bit, with the norms, swiglu and RoPE with the cache write fused into the
-/// products and launched apart (9 rows: cuBLAS, never fused, the control).
+/// 9 and 15 sequences (prefills and decodes, from graphs and direct launches; 15 decodes
+/// in the bucket of 16) give the same logits, bit for bit, with the norms, swiglu and RoPE
+/// with the cache write fused into the products and launched apart (prefills of more than
+/// 16 rows: cuBLAS, never fused, the control).
 fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
-    cuda.set_small_products(SmallProducts(u8::MAX)).unwrap();
+    cuda.set_small_products(SmallProducts::ALL).unwrap();
     assert!(cuda.fused_small(), "fused by default");
     assert!(cuda.has_quant(), "the synthetic model's blocks are held");
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
         both_ways(cuda, b, what, |c, on| c.set_fused_small(on).unwrap())
     };
-    for quant in [SmallProducts(0), SmallProducts(u8::MAX)] {
+    for quant in [SmallProducts(0), SmallProducts::ALL] {
         cuda.set_quant_small(quant).unwrap();
-        for n in 1..=9usize {
+        for n in (1..=9usize).chain([15]) {
             let p = short_prompts(n, 2, 3);
             let got = both(cuda, &p, &format!("{quant:?}: prefill of {n}"));
             let mut step = decode(&p, &greedy(&got, vocab));
@@ -766,15 +767,15 @@ fn products_of_few_rows_on_gemv_match_cublas_and_the_twin_chain() {
     on_each!("small-products", small_products_case);
 }
 
-/// Steps of 1 to 9 rows (prefills of up to 4 tokens a sequence, decodes of up to 9
-/// sequences) with the products of 1–8 rows on `gemv_f16`, on the file's own blocks and
+/// Steps of 1 to 9 and 15 sequences (prefills of up to 4 tokens a sequence, decodes)
+/// with the products of 1–16 rows on `gemv_f16`, on the file's own blocks and
 /// on cuBLAS: each within the twin chain's bound (the twin's f16 weights; the blocks'
 /// own values differ from them by its rounding), from graphs and direct launches; then
 /// the load-time choice, timed, keeps the fastest per bucket.
 fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     let (bs, n_blocks) = cuda.kv_geometry();
-    let all = SmallProducts(u8::MAX);
+    let all = SmallProducts::ALL;
     for (small, quant) in [
         (all, SmallProducts(0)),
         (SmallProducts(0), SmallProducts(0)),
@@ -787,7 +788,7 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         assert_eq!((cuda.small_products(), cuda.quant_small()), (small, quant));
         let small = (small, quant);
         let mut kv = twin.kv(bs, n_blocks);
-        for n in 1..=9usize {
+        for n in (1..=9usize).chain([15]) {
             let p = short_prompts(n, 3, 5);
             let got = cuda.step(&p).unwrap();
             let want = twin.forward(&p, &mut kv);
@@ -804,13 +805,14 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             }
         }
     }
-    // Buckets 1, 2, 4 and 8 timed three ways; each row count follows its bucket's fastest.
+    // Buckets 1, 2, 4, 8 and 16 timed three ways; each row count follows its bucket's
+    // fastest.
     cuda.set_graphs(true).unwrap();
     cuda.set_quant_small(SmallProducts::default()).unwrap();
     let timings = cuda.tune_small_products(3).unwrap();
     assert_eq!(
         timings.iter().map(|t| t.bucket).collect::<Vec<_>>(),
-        [1, 2, 4, 8]
+        [1, 2, 4, 8, 16]
     );
     let (small, quant) = (cuda.small_products(), cuda.quant_small());
     for t in &timings {
@@ -820,7 +822,8 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             1 => &[1],
             2 => &[2],
             4 => &[3, 4],
-            _ => &[5, 6, 7, 8],
+            8 => &[5, 6, 7, 8],
+            _ => &[9, 10, 11, 12, 13, 14, 15, 16],
         };
         let fastest = [t.cublas_secs, t.gemv_secs, q]
             .iter()
@@ -895,7 +898,7 @@ fn hidden_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         compare(&c.hidden, want, &rows, what);
         c.tokens
     };
-    let (all, none) = (SmallProducts(u8::MAX), SmallProducts(0));
+    let (all, none) = (SmallProducts::ALL, SmallProducts(0));
     for (small, quant) in [(all, none), (all, all), (none, none)] {
         cuda.set_small_products(small).unwrap();
         cuda.set_quant_small(quant).unwrap();

@@ -683,10 +683,10 @@ fn gemv_matches_the_product_twin() {
 }
 
 /// `gemv_f16` against the product's twin (cuBLAS's arithmetic: f16 inputs, f32 sums) for
-/// 1 to 8 rows, with a weight offset, a column count that is no multiple of 16, and a
+/// 1 to 16 rows, with a weight offset, a column count that is no multiple of 16, and a
 /// poisoned output; rows too wide for the shared memory, or no multiple of 32, refused.
 fn gemv_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv, shared_bytes};
+    use kernels::cuda::gemv::{fits, gemv, shared_bytes, MAX_ROWS};
     let mut rng = Rng(9);
     let max_shared = g.max_shared_bytes().unwrap();
     // SmolLM2's width, and rows of several batches of blocks a warp (a 7B model's 4,096).
@@ -697,7 +697,7 @@ fn gemv_case<E: Exec>(g: &E) {
             .map(f16::from_f32)
             .collect();
         let wd = up(g, &w);
-        for m in (1..=8).filter(|&m| fits(m, k, max_shared)) {
+        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, max_shared)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
             let xd = up(g, &x);
@@ -706,8 +706,12 @@ fn gemv_case<E: Exec>(g: &E) {
             let e = rel(&down(g, &y), &want);
             assert!(e < 1e-5, "{}: {m} rows of {k}: {e}", g.describe());
         }
-        let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
-        assert!(gemv(g, &xd, &wd, 0, &mut y, 9, k, n).is_err(), "9 rows");
+        let over = MAX_ROWS + 1;
+        let (xd, mut y) = (
+            up(g, &vec![f16::ZERO; over * k]),
+            up(g, &vec![0f32; over * n]),
+        );
+        assert!(gemv(g, &xd, &wd, 0, &mut y, over, k, n).is_err(), "17 rows");
     }
     // The widest row whose staging fits, then one block wider; and k no multiple of 32.
     let widest = (1..)
@@ -750,12 +754,12 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
     (blocks, values)
 }
 
-/// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 8 rows,
+/// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
 /// against the product of the values the blocks dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: two batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights};
+    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_ROWS};
     let mut rng = Rng(17);
     for (ty, k, n) in [
         (GgmlType::Q4_1, 576, 1003),
@@ -767,7 +771,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
         let rows = QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout");
         let wq = &QuantBuf::upload(g, &rows).unwrap();
-        for m in (1..=8).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
+        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want: Vec<f32> = (0..m * n)
                 .map(|e| {
@@ -783,10 +787,14 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             let e = rel(&down(g, &y), &want);
             assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
         }
-        let (xd, mut y) = (up(g, &vec![f16::ZERO; 9 * k]), up(g, &vec![0f32; 9 * n]));
+        let over = MAX_ROWS + 1;
+        let (xd, mut y) = (
+            up(g, &vec![f16::ZERO; over * k]),
+            up(g, &vec![0f32; over * n]),
+        );
         assert!(
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 9, k, n).is_err(),
-            "9 rows"
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, over, k, n).is_err(),
+            "17 rows"
         );
         let five = QuantBuf {
             bits: 5,
@@ -847,7 +855,7 @@ fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
     on_each!(gemv_fused_case);
 }
 
-/// `gemv_f16_norm` and `gemv_f16_swiglu` for 1 to 8 rows: the same bits as `add_rmsnorm`
+/// `gemv_f16_norm` and `gemv_f16_swiglu` for 1 to 16 rows: the same bits as `add_rmsnorm`
 /// (or `swiglu`) then `gemv_f16` on the same device, and within the twins' bound; the
 /// residual sums written to `x_out` exactly; picked rows (with a −1 entry, a row of zeros)
 /// for the final norm; poisoned outputs; and the launches it refuses.
@@ -863,12 +871,13 @@ fn gemv_fused_case<E: Exec>(g: &E) {
     let (wnd, wfd) = (up(g, &wn), up(g, &wf));
     let nw = rng.vec(d, 1.0);
     let nwd = up(g, &nw);
-    for m in 1..=8usize {
-        // Norm over the first m rows of 10, with the residual add written to x_out.
-        let x0 = rng.vec(10 * d, 3.0);
-        let delta = rng.vec(10 * d, 1.0);
+    // One mma's rows, and two (9 to 16).
+    for m in [1, 2, 3, 5, 8, 9, 12, 16] {
+        // Norm over the first m rows of 20, with the residual add written to x_out.
+        let x0 = rng.vec(20 * d, 3.0);
+        let delta = rng.vec(20 * d, 1.0);
         let (xd, dd) = (up(g, &x0), up(g, &delta));
-        let mut x_out = up(g, &vec![f32::NAN; 10 * d]);
+        let mut x_out = up(g, &vec![f32::NAN; 20 * d]);
         let mut y = up(g, &vec![f32::NAN; m * n]);
         let input = Input::Norm {
             x: &xd,
@@ -902,7 +911,7 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         );
 
         // The final norm's shape: picked rows of x, no x_out.
-        let rows: Vec<i32> = [4, -1, 0, 5, 9, 2, 8, 7][..m].to_vec();
+        let rows: Vec<i32> = [4, -1, 0, 5, 9, 2, 8, 7, 19, 11, 3, 17, 12, -1, 6, 14][..m].to_vec();
         let rd = up(g, &rows);
         let xd = up(g, &x0);
         let mut y = up(g, &vec![f32::NAN; m * n]);
@@ -959,10 +968,10 @@ fn gemv_fused_case<E: Exec>(g: &E) {
             "{what}: swiglu fused vs apart, {m} rows"
         );
     }
-    // Refused: 9 rows, a short input.
-    let xd = up(g, &vec![0f32; 10 * d]);
-    let mut same = up(g, &vec![0f32; 10 * d]);
-    let mut y = up(g, &vec![0f32; 9 * n]);
+    // Refused: 17 rows, a short input.
+    let xd = up(g, &vec![0f32; 20 * d]);
+    let mut same = up(g, &vec![0f32; 20 * d]);
+    let mut y = up(g, &vec![0f32; 17 * n]);
     let input = Input::Norm {
         x: &xd,
         delta: None,
@@ -972,8 +981,8 @@ fn gemv_fused_case<E: Exec>(g: &E) {
         eps,
     };
     assert!(
-        gemv_from(g, input, Weights::F16(&wnd, 0), &mut y, 9, d, n).is_err(),
-        "{what}: 9 rows"
+        gemv_from(g, input, Weights::F16(&wnd, 0), &mut y, 17, d, n).is_err(),
+        "{what}: 17 rows"
     );
     let gud = up(g, &vec![0f32; 2 * f]);
     assert!(
@@ -996,7 +1005,7 @@ fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
     on_each!(gemv_rope_case);
 }
 
-/// `gemv_f16_norm_rope` for 1 to 8 rows of SmolLM2's shape at positions up to 2,000: the
+/// `gemv_f16_norm_rope` for 1 to 16 rows of SmolLM2's shape at positions up to 2,000: the
 /// QKV rows and both caches (every element, the slots no row writes included) have the
 /// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
 /// within the twins' bound.
@@ -1018,11 +1027,14 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         .map(f16::from_f32)
         .collect();
     let eps = 1e-5f32;
-    for m in 1..=8usize {
+    for m in [1, 2, 3, 5, 8, 9, 12, 16] {
         let x0 = rng.vec(m * d, 3.0);
         let delta = rng.vec(m * d, 1.0);
         let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
-        let slots: Vec<i32> = [5, 1000, 77, 513, 16, 1023, 600, 31][..m].to_vec();
+        let slots = [
+            5, 1000, 77, 513, 16, 1023, 600, 31, 200, 901, 64, 330, 777, 2, 450, 999,
+        ];
+        let slots: Vec<i32> = slots[..m].to_vec();
         let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
         // Fused.
         let mut x_out = up(g, &vec![f32::NAN; m * d]);
@@ -1488,11 +1500,10 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // heads), swiglu, four sampling settings (two with a mask) and log-probabilities
     // over the same rows; at each of the two
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
-    // three row counts by cuBLAS's stand-in, and at the two small ones by gemv_f16, its
-    // three fused forms (the product is the QKV width of one head each of 32) and
-    // gemv_q4 / gemv_q8; attention_tc at both batches and contexts, and both kernels over
-    // an 80-token prompt.
-    assert_eq!(rows.len(), 43, "{names:?}");
+    // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
+    // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8;
+    // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
+    assert_eq!(rows.len(), 49, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",

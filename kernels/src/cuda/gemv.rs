@@ -1,5 +1,5 @@
 //! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few
-//! rows, a candidate against cuBLAS at decode batch 1–8: the backend times whole decode
+//! rows, a candidate against cuBLAS at decode batch 1–16: the backend times whole decode
 //! steps each way at load and keeps the fastest (`step::SmallProducts`). The product's
 //! input is f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the
 //! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
@@ -7,15 +7,15 @@
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own Q4_0 / Q4_1 / Q8_0 blocks ([`Weights::Quant`], laid out by [`QuantRows`]:
 //! `gemv_q4*`, `gemv_q8*`), a third of the bytes to read. Either way the products run on
-//! tensor cores (`mma.m16n8k16`, 16 columns by the up to 8 rows), a block of 8 warps per
+//! tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past 8), a block of 8 warps per
 //! group of 16 columns at a time, as many blocks as the SMs hold.
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-/// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cu: an `mma`'s 8 columns).
-pub const MAX_ROWS: usize = 8;
+/// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cu: two `mma`s of 8 columns).
+pub const MAX_ROWS: usize = 16;
 /// Columns an `mma` takes (a group), and weights a block of the inner dimension.
 const GROUP: usize = 16;
 const BLOCK: usize = 32;
@@ -28,7 +28,7 @@ const BLOCKS_PER_SM: usize = 3;
 /// `k` is a multiple of 64), their sums over each block of 32, the 8 warps' sums.
 pub fn shared_bytes(rows: usize, k: usize) -> usize {
     let stride = if k.is_multiple_of(64) { k + 32 } else { k };
-    rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16) + WARPS as usize * 4 * 32 * 4
+    rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16) + WARPS as usize * 8 * 32 * 4
 }
 
 /// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a

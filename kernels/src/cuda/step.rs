@@ -180,9 +180,12 @@ pub const PROMPT_LOGIT_ROWS: usize = 256;
 /// the backend sets it from timings of whole decode steps on the device
 /// (`CudaBackend::tune_small_products`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SmallProducts(pub u8);
+pub struct SmallProducts(pub u16);
 
 impl SmallProducts {
+    /// Every row count on `gemv`.
+    pub const ALL: Self = Self(u16::MAX);
+
     /// Whether a product of `rows` rows runs on `gemv_f16`.
     pub fn gemv(self, rows: usize) -> bool {
         (1..=gemv::MAX_ROWS).contains(&rows) && self.0 & (1 << (rows - 1)) != 0
@@ -193,7 +196,7 @@ impl SmallProducts {
         if !(1..=gemv::MAX_ROWS).contains(&rows) {
             return self;
         }
-        let bit = 1u8 << (rows - 1);
+        let bit = 1u16 << (rows - 1);
         Self(if on { self.0 | bit } else { self.0 & !bit })
     }
 }

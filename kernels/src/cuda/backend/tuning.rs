@@ -53,10 +53,10 @@ impl<E: Exec> CudaBackend<E> {
     pub fn choose_small_products(&mut self) {
         let chosen = match FixedSmall::from_env() {
             Some(FixedSmall::Cublas) => Ok(()),
-            Some(FixedSmall::Gemv) => self.set_small_products(SmallProducts(u8::MAX)),
+            Some(FixedSmall::Gemv) => self.set_small_products(SmallProducts::ALL),
             Some(FixedSmall::Quant) => self
-                .set_quant_small(SmallProducts(u8::MAX))
-                .and_then(|()| self.set_small_products(SmallProducts(u8::MAX))),
+                .set_quant_small(SmallProducts::ALL)
+                .and_then(|()| self.set_small_products(SmallProducts::ALL)),
             None => self.tune_small_products(TUNE_STEPS).map(|t| {
                 tracing::info!(backend = %self.name, timings = ?t, gemv = ?self.dev.small,
                     quant = ?self.dev.quant_small,
