@@ -19,10 +19,11 @@ use kernels::cuda::exec::Exec;
 use kernels::cuda::twins::{self, SampleParams, TwinModel};
 use kernels::forward::{Batch, StepError};
 use kernels::logprobs::{token_logprobs, Score, TokenLogprobs};
+use kernels::synth::SynthSpec;
 
 /// The backend on the emulator (16 sequences of up to 128 rows, buckets up to 16).
-fn on_emu(name: &str) -> Option<(CudaBackend<Emu>, TwinModel)> {
-    let model = common::tiny(name);
+fn on_emu(name: &str, spec: &SynthSpec) -> Option<(CudaBackend<Emu>, TwinModel)> {
+    let model = common::synthetic(name, spec);
     let twin = TwinModel::from_model(&model);
     let emu = common::emu_for(&twin.config)?;
     let what = emu.describe();
@@ -32,25 +33,30 @@ fn on_emu(name: &str) -> Option<(CudaBackend<Emu>, TwinModel)> {
 }
 
 /// The backend on GPU 0.
-fn on_gpu(name: &str) -> Option<(CudaBackend, TwinModel)> {
+fn on_gpu(name: &str, spec: &SynthSpec) -> Option<(CudaBackend, TwinModel)> {
     if let Err(e) = kernels::cuda::available() {
         eprintln!("SKIPPED on a GPU: {e}");
         return None;
     }
-    let model = common::tiny(name);
+    let model = common::synthetic(name, spec);
     let twin = TwinModel::from_model(&model);
     let b = CudaBackend::with_capacity(&twin, 0, 16, KvCapacity::Blocks(128), 512, 64).unwrap();
     eprintln!("{} graphs for {:?}", b.name(), b.graph_buckets());
     Some((b, twin))
 }
 
-/// Runs `case` on the emulator's backend and on the GPU's, where each is present.
+/// Runs `case` on the emulator's backend and on the GPU's, where each is present, for the
+/// tiny synthetic model or the one of `spec`.
 macro_rules! on_each {
-    ($name:literal, $case:ident) => {{
-        if let Some((mut b, twin)) = on_emu($name) {
+    ($name:literal, $case:ident) => {
+        on_each!($name, SynthSpec::tiny(), $case)
+    };
+    ($name:literal, $spec:expr, $case:ident) => {{
+        let spec = $spec;
+        if let Some((mut b, twin)) = on_emu($name, &spec) {
             $case(&mut b, &twin);
         }
-        if let Some((mut b, twin)) = on_gpu($name) {
+        if let Some((mut b, twin)) = on_gpu($name, &spec) {
             $case(&mut b, &twin);
         }
     }};
@@ -845,6 +851,42 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     }
     assert_eq!(cuda.small_product_timings(), &timings[..]);
     cuda.set_quant_small(SmallProducts::default()).unwrap();
+}
+
+#[test]
+fn rows_wider_than_2048_run_on_gemv_and_match_the_twin_chain() {
+    let spec = SynthSpec {
+        ffn_dim: 2560,
+        ..SynthSpec::tiny()
+    };
+    on_each!("wide-rows", spec, wide_rows_case);
+}
+
+/// A feed-forward of 2,560 (SmolLM2-360M's: the down product's rows are wider than the
+/// 2,048 the `gemv` kernels once took): with every product of few rows on `gemv`, over the
+/// f16 rows and over the file's blocks, a prefill and decodes of 3 sequences give the same
+/// bits fused and apart and are within the twin chain's bound.
+fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
+    let vocab = twin.config.vocab;
+    let (bs, n_blocks) = cuda.kv_geometry();
+    cuda.set_small_products(SmallProducts::ALL).unwrap();
+    assert!(cuda.has_quant(), "the synthetic model's blocks are held");
+    for quant in [SmallProducts(0), SmallProducts::ALL] {
+        cuda.set_quant_small(quant).unwrap();
+        let mut kv = twin.kv(bs, n_blocks);
+        let mut step = short_prompts(3, 3, 5);
+        for s in 0..3 {
+            let what = format!("{quant:?}: step {s}");
+            let got = both_ways(cuda, &step, &what, |c, on| c.set_fused_small(on).unwrap());
+            let want = twin.forward(&step, &mut kv);
+            let e = rel_err(&got, &want);
+            assert!(e < 2e-3, "{what}: {e}");
+            step = decode(&step, &greedy(&got, vocab));
+        }
+    }
+    cuda.set_fused_small(true).unwrap();
+    cuda.set_quant_small(SmallProducts::default()).unwrap();
+    cuda.set_small_products(SmallProducts::default()).unwrap();
 }
 
 #[test]

@@ -8,10 +8,15 @@ use std::sync::Arc;
 
 /// The tiny synthetic model, written once per test process under `name`.
 pub fn tiny(name: &str) -> Arc<Model> {
+    synthetic(name, &SynthSpec::tiny())
+}
+
+/// The synthetic model of `spec`, written to a folder of its own and loaded.
+pub fn synthetic(name: &str, spec: &SynthSpec) -> Arc<Model> {
     let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
+    write_model(&path, spec).unwrap();
     kernels::load::load(&path).unwrap().model.clone()
 }
 
