@@ -59,6 +59,8 @@ struct GemvShared {
     int m;
 };
 
+// The layout for m rows of k; a launch that gave the block less than it takes traps (the
+// host sizes it by the same arithmetic, gemv::shared_bytes).
 __device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
     GemvShared sh;
     sh.x = reinterpret_cast<half_t*>(gemv_smem);
@@ -67,6 +69,14 @@ __device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
     p += ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
     sh.part = reinterpret_cast<float(*)[8][32]>(p);
     sh.m = m;
+    size_t end = (size_t)(p - gemv_smem) + sizeof(float) * GEMV_WARPS * 8 * 32;
+#ifdef TOLLGATE_EMU
+    unsigned have = dynamic_smem_size();
+#else
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+#endif
+    if (end > have) __trap();
     return sh;
 }
 

@@ -66,6 +66,7 @@ struct Fiber {
 
 struct Launch {
     dim3 block_idx, block_dim, grid_dim;
+    unsigned dynamic_shared;  // bytes of dynamic shared memory the launch asked for
 };
 
 extern thread_local Fiber* tl_fiber;
@@ -245,6 +246,12 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsign
 
 // lop3.b32 with the table of (a & b) | c.
 inline unsigned and_or(unsigned a, unsigned b, unsigned c) { return (a & b) | c; }
+
+// A kernel's trap: the launch fails with this message.
+inline void __trap() { emu::fail("the kernel trapped (__trap)"); }
+
+// The bytes of dynamic shared memory the launch gave each block (%dynamic_smem_size).
+inline unsigned dynamic_smem_size() { return emu::tl_launch->dynamic_shared; }
 
 // sub.rn.f16x2: each half of a minus the same half of b, rounded to f16.
 inline unsigned hsub2(unsigned a, unsigned b) {

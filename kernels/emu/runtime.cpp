@@ -267,11 +267,12 @@ extern "C" {
 // Installs the fault handler (once per process; call before any launch, from one thread).
 void tollgate_emu_init(void) { install_fault_handler(); }
 
-// Runs kernel `name`'s launcher `call(args)` as a grid of grid[0..3] blocks of block[0..3] threads. Returns 0, or
-// -1 with a message in `err`.
+// Runs kernel `name`'s launcher `call(args)` as a grid of grid[0..3] blocks of block[0..3] threads, each
+// given `dynamic_shared` bytes of dynamic shared memory (what the kernel may take of its static area).
+// Returns 0, or -1 with a message in `err`.
 int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* grid,
-                        const unsigned* block, void** args, uint64_t seed, char* err,
-                        size_t err_len) {
+                        const unsigned* block, unsigned dynamic_shared, void** args,
+                        uint64_t seed, char* err, size_t err_len) {
     unsigned n = block[0] * block[1] * block[2];
     auto bad = [&](const char* why) {
         snprintf(err, err_len, "%s", why);
@@ -292,6 +293,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
     Launch launch;
     launch.block_dim = {block[0], block[1], block[2]};
     launch.grid_dim = {grid[0], grid[1], grid[2]};
+    launch.dynamic_shared = dynamic_shared;
     Rng rng{seed * 0x9E3779B97F4A7C15ull + 1};
     uint64_t total = (uint64_t)grid[0] * grid[1] * grid[2];
     // Blocks in a rotated, possibly reversed order; threads in a fresh rotation and

@@ -735,6 +735,34 @@ fn gemv_case<E: Exec>(g: &E) {
     }
 }
 
+/// A `gemv` launch that gives its blocks less dynamic shared memory than the staged rows
+/// take traps rather than writing past it (on the emulator only: a trap spoils a GPU's
+/// context for the rest of the process).
+#[test]
+fn a_gemv_launch_short_of_shared_memory_traps() {
+    use kernels::cuda::gemv::shared_bytes;
+    let Some(g) = emu() else { return };
+    let (m, k, n) = (3, 576, 32);
+    let (x, w) = (
+        up(&g, &vec![f16::ONE; m * k]),
+        up(&g, &vec![f16::ONE; n * k]),
+    );
+    let y = up(&g, &vec![f32::NAN; m * n]);
+    let args = [x.arg(), w.arg(), y.arg(), i(m), i(k), i(n)];
+    for (bytes, ok) in [(shared_bytes(m, k), true), (shared_bytes(m, k) - 16, false)] {
+        let launch = LaunchConfig {
+            shared_mem_bytes: bytes as u32,
+            ..cfg(2, 256)
+        };
+        let r = g.launch("gemv_f16", launch, &args);
+        assert_eq!(r.is_ok(), ok, "{bytes} bytes: {r:?}");
+    }
+    assert!(
+        down(&g, &y).iter().all(|&v| v == k as f32),
+        "the launch that fit"
+    );
+}
+
 #[test]
 fn quantized_gemv_matches_the_product_of_the_files_values() {
     on_each!(gemv_quant_case);
