@@ -161,7 +161,7 @@ struct WeightsQ4 {
     const u32* __restrict__ s;
     int k, n;
     static constexpr bool OFFSETS = true;
-    static constexpr int BATCH = 8;
+    static constexpr int BATCH = 6;
     struct Tile {
         uint2 w;
         u32 s_lo, s_hi;
@@ -195,7 +195,7 @@ struct WeightsQ8 {
     const u32* __restrict__ s;
     int k, n;
     static constexpr bool OFFSETS = true;
-    static constexpr int BATCH = 6;
+    static constexpr int BATCH = 4;
     struct Tile {
         uint4 w;
         u32 s_lo, s_hi;
@@ -252,7 +252,7 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
 
 // A warp's batch of tiles: blocks b0, b0 + 8, ... (those below k / 32) of column group G,
 // loaded together so that the warp has its loads in flight at once (one batch covers a
-// row of 2,048 at 4 bits, 1,536 at 8, 1,024 at f16).
+// row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM).
 template <typename W>
 struct TileBatch {
     typename W::Tile v[W::BATCH];

@@ -784,7 +784,7 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
 /// against the product of the values the blocks dequantize to (f16 inputs, sums in f64):
-/// SmolLM2's widths and wider rows (4,096: two batches a warp), column counts that are no
+/// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
     use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_ROWS};
