@@ -152,77 +152,66 @@ __device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32
     acc[3] = fmaf(d1, blk[3], fmaf(m1, xs1, acc[3]));
 }
 
-// 4-bit (Q4_0 with m = −8d, Q4_1): a tile is 64 words, lane l's two (columns g, g + 8) at
-// 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits 4p and 16 + 4p, so that one mask
-// and an or with 1024's bits make the pair 1024 + q as halves. The tensor cores take
-// q − 8 (Q4_0's offset is then 0).
-struct WeightsQ4 {
+// The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
+// part of a tile (uint2 at 4 bits, uint4 at 8): loading them and their scales, and the L2
+// prefetch of a group's, are the same for both sizes (WeightsQ4, WeightsQ8 below).
+template <typename Words>
+struct BlockTiles {
     const u32* __restrict__ q;
     const u32* __restrict__ s;
     int k, n;
     static constexpr bool OFFSETS = true;
-    static constexpr int BATCH = 6;
+    static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
     struct Tile {
-        uint2 w;
+        Words w;
         u32 s_lo, s_hi;
     };
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
         size_t tile = (size_t)G * (k / 32) + b;
         const u32* st = s + tile * 16 + (lane >> 2);
-        return Tile{reinterpret_cast<const uint2*>(q + tile * 64)[lane], st[0], st[8]};
-    }
-    static __device__ __forceinline__ u32 pair(u32 word, int p) {
-        return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
-    }
-    static constexpr float CENTER = 8.0f;
-    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
-        a0[0] = pair(v.w.x, 0), a0[1] = pair(v.w.y, 0), a0[2] = pair(v.w.x, 1), a0[3] = pair(v.w.y, 1);
-        a1[0] = pair(v.w.x, 2), a1[1] = pair(v.w.y, 2), a1[2] = pair(v.w.x, 3), a1[3] = pair(v.w.y, 3);
+        return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane], st[0], st[8]};
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
         size_t tiles = (size_t)G * (k / 32);
-        prefetch_span(q + tiles * 64, k / 32 * 256);
+        prefetch_span(q + tiles * TILE_WORDS, k / 32 * TILE_WORDS * 4);
         prefetch_span(s + tiles * 16, k / 32 * 64);
+    }
+};
+
+// 4-bit (Q4_0 with m = −8d, Q4_1): a tile is 64 words, lane l's two (columns g, g + 8) at
+// 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits 4p and 16 + 4p, so that one mask
+// and an or with 1024's bits make the pair 1024 + q as halves. The tensor cores take
+// q − 8 (Q4_0's offset is then 0).
+struct WeightsQ4 : BlockTiles<uint2> {
+    static constexpr int BATCH = 6;
+    static constexpr float CENTER = 8.0f;
+    static __device__ __forceinline__ u32 pair(u32 word, int p) {
+        return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
+    }
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        a0[0] = pair(v.w.x, 0), a0[1] = pair(v.w.y, 0), a0[2] = pair(v.w.x, 1), a0[3] = pair(v.w.y, 1);
+        a1[0] = pair(v.w.x, 2), a1[1] = pair(v.w.y, 2), a1[2] = pair(v.w.x, 3), a1[3] = pair(v.w.y, 3);
     }
 };
 
 // 8-bit (Q8_0, m = 0): a tile is 128 words, lane l's four at 4l (two words of column g,
 // two of g + 8), weight h of a piece its signed byte h. A byte permute puts two bytes
 // (offset by 128) under 1024's high byte: the pair 1152 + q as halves.
-struct WeightsQ8 {
-    const u32* __restrict__ q;
-    const u32* __restrict__ s;
-    int k, n;
-    static constexpr bool OFFSETS = true;
+struct WeightsQ8 : BlockTiles<uint4> {
     static constexpr int BATCH = 4;
-    struct Tile {
-        uint4 w;
-        u32 s_lo, s_hi;
-    };
-    __device__ __forceinline__ Tile load(int G, int b, int lane) const {
-        size_t tile = (size_t)G * (k / 32) + b;
-        const u32* st = s + tile * 16 + (lane >> 2);
-        return Tile{reinterpret_cast<const uint4*>(q + tile * 128)[lane], st[0], st[8]};
-    }
+    static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
     static __device__ __forceinline__ u32 pair(u32 lo, u32 hi, int p) {
         u32 word = (p < 2 ? lo : hi) ^ 0x80808080u;
         u32 sel = p & 1 ? 0x4342u : 0x4140u;
         return hsub2(__byte_perm(word, 0x64646464u, sel), 0x64806480u);
     }
-    static constexpr float CENTER = 0.0f;
     __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
         a0[0] = pair(v.w.x, v.w.y, 0), a0[1] = pair(v.w.z, v.w.w, 0);
         a0[2] = pair(v.w.x, v.w.y, 1), a0[3] = pair(v.w.z, v.w.w, 1);
         a1[0] = pair(v.w.x, v.w.y, 2), a1[1] = pair(v.w.z, v.w.w, 2);
         a1[2] = pair(v.w.x, v.w.y, 3), a1[3] = pair(v.w.z, v.w.w, 3);
-    }
-    __device__ __forceinline__ void prefetch(int G) const {
-        if (16 * G >= n) return;
-        size_t tiles = (size_t)G * (k / 32);
-        prefetch_span(q + tiles * 128, k / 32 * 512);
-        prefetch_span(s + tiles * 16, k / 32 * 64);
     }
 };
 
@@ -525,7 +514,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     rows_product(sh, x, ws, y, m, k, n);
 }
@@ -534,7 +523,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
@@ -545,7 +534,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
@@ -553,14 +542,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{q, s, k, n});
+    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     rows_product(sh, x, ws, y, m, k, n);
 }
@@ -569,7 +558,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
 }
@@ -580,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
@@ -588,7 +577,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{q, s, k, n});
+    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }
