@@ -859,7 +859,16 @@ fn rows_wider_than_2048_run_on_gemv_and_match_the_twin_chain() {
         ffn_dim: 2560,
         ..SynthSpec::tiny()
     };
-    on_each!("wide-rows", spec, wide_rows_case);
+    if let Some((mut b, twin)) = on_emu("wide-rows", &spec) {
+        wide_rows_case(&mut b, &twin);
+        // The 2,560-wide product took gemv, fused with swiglu, over both kinds of weights.
+        for k in ["gemv_f16_swiglu", "gemv_q4_swiglu"] {
+            assert!(b.exec().launches(k) > 0, "{k} never ran");
+        }
+    }
+    if let Some((mut b, twin)) = on_gpu("wide-rows", &spec) {
+        wide_rows_case(&mut b, &twin);
+    }
 }
 
 /// A feed-forward of 2,560 (SmolLM2-360M's: the down product's rows are wider than the

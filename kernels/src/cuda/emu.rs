@@ -140,6 +140,8 @@ pub struct Emu {
     capturing: Mutex<Option<Vec<Recorded>>>,
     /// [`FAULTS`] when it was opened: once that moves on, every call fails.
     epoch: u64,
+    /// Launches run per kernel (graph replays included).
+    runs: Mutex<HashMap<String, u64>>,
 }
 
 /// The multiprocessors the emulator reports: a small GPU's.
@@ -252,6 +254,7 @@ impl Emu {
                 kernels: b.kernels,
                 capturing: Mutex::new(None),
                 epoch: FAULTS.load(Ordering::SeqCst),
+                runs: Mutex::default(),
             })
             .ok_or_else(|| {
                 GpuError::Emulator(format!(
@@ -592,6 +595,14 @@ impl Exec for Emu {
 }
 
 impl Emu {
+    /// How many launches of `kernel` this emulator has run (graph replays included): how a
+    /// test knows a step took the path it means to check.
+    pub fn launches(&self, kernel: &str) -> u64 {
+        self.runs
+            .lock()
+            .map_or(0, |r| r.get(kernel).copied().unwrap_or(0))
+    }
+
     /// Err once a fault was injected after this device was opened ([`fault_open_devices`]).
     fn sticky(&self) -> Result<(), ExecError> {
         if FAULTS.load(Ordering::SeqCst) == self.epoch {
@@ -627,6 +638,9 @@ impl Emu {
             std::thread::sleep(std::time::Duration::from_micros(stall));
         }
         let k = self.check_launch(kernel, args)?;
+        if let Ok(mut runs) = self.runs.lock() {
+            *runs.entry(kernel.to_string()).or_default() += 1;
+        }
         // Dynamic shared memory: only the gemv kernels take it, from their static area.
         if cfg.shared_mem_bytes != 0
             && (!kernel.starts_with("gemv_") || cfg.shared_mem_bytes as usize > EMU_SHARED_BYTES)

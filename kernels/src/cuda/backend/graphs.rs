@@ -43,6 +43,11 @@ impl<E: Exec> CudaBackend<E> {
         self.dev.exec.synchronize()
     }
 
+    /// The device the backend runs on.
+    pub fn exec(&self) -> &E {
+        &self.dev.exec
+    }
+
     /// The decode buckets that have a graph (empty when graphs are off).
     pub fn graph_buckets(&self) -> Vec<usize> {
         self.graphs.iter().map(|g| g.bucket).collect()
