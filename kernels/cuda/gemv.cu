@@ -292,14 +292,14 @@ __device__ __forceinline__ void stage_sums(const GemvShared& sh, int k) {
 }
 
 // The product of the staged rows and the weights W, for each column group of the block
-// (grid-stride): for each row r < m, one thread calls out(r, j, sums) with the sums of
+// (grid-stride): for each row r < m (sh.m, the staged rows), one thread calls out(r, j, sums) with the sums of
 // columns j .. j + COLS − 1 (COLS 1 or 2, j a multiple of COLS, j < n). `v` holds the
 // warp's first batch of the first group (first_batch); each group's first batch of the
 // next is loaded before the group's sums are added up and written.
 template <int COLS, typename W, typename Out>
-__device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, TileBatch<W> v, int m,
+__device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, TileBatch<W> v,
                                              int k, int n, Out out) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, m = sh.m;
     int nb = k / 32, stride = gemv_stride(k), groups = (n + 15) / 16;
     for (int G = blockIdx.x; G < groups; G += gridDim.x) {
         w.prefetch(G + gridDim.x);
@@ -343,8 +343,8 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
 // The plain product's output: y[r, j] = the sum.
 template <typename W>
 __device__ __forceinline__ void gemv_store(const GemvShared& sh, const W& w, const TileBatch<W>& v,
-                                           float* __restrict__ y, int m, int k, int n) {
-    gemv_columns<1>(sh, w, v, m, k, n,
+                                           float* __restrict__ y, int k, int n) {
+    gemv_columns<1>(sh, w, v, k, n,
                     [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
 }
 
@@ -397,7 +397,7 @@ __device__ __forceinline__ void rows_product(const GemvShared& sh, const half_t*
     const TileBatch<W> v = first_batch(w);
     stage_rows(sh, x, m, k);
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, v, y, m, k, n);
+    gemv_store(sh, w, v, y, k, n);
 }
 
 // add_rmsnorm fused with the product: input row i is row rows[i] of x (row i when rows
@@ -415,7 +415,7 @@ __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* 
     const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, v, y, m, k, n);
+    gemv_store(sh, w, v, y, k, n);
 }
 
 // The norm's product for the QKV rows, with rope_kv_write in its epilogue: y is the QKV
@@ -436,7 +436,7 @@ __device__ __forceinline__ void norm_rope_product(
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(sh, w, v, m, k, n, [=](int r, int j, const float* sums) {
+    gemv_columns<2>(sh, w, v, k, n, [=](int r, int j, const float* sums) {
         float pair[2] = {sums[0], sums[1]};
         int in_head = j % head_dim;
         if (j < qd + kvd) {
@@ -471,7 +471,7 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
         sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[k + j]));
     }
     stage_sums<W>(sh, k);
-    gemv_store(sh, w, v, y, m, k, n);
+    gemv_store(sh, w, v, y, k, n);
 }
 
 // The entry points, one set per weights type: gemv_<weights> (f16 rows x),
