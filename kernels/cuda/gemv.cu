@@ -90,12 +90,22 @@ __device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
 }
 
 // Lane (g, t)'s 8 inputs of block b from staged row r0 + g, as four pairs of halves
-// (zeros past the m rows: the mma's B columns there).
+// (zeros past the m rows: the mma's B columns there): inputs 8t .. 8t + 7, or with HALVES
+// (weights with a scale per 16, whose first mma must take the block's first 16) inputs
+// 4t .. 4t + 3 and 16 + 4t .. 16 + 4t + 3.
+template <bool HALVES>
 __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane,
                                              int r0) {
     int r = r0 + (lane >> 2);
     if (r >= sh.m) return uint4{0, 0, 0, 0};
-    return *reinterpret_cast<const uint4*>(sh.x + r * stride + b * 32 + (lane & 3) * 8);
+    const half_t* row = sh.x + r * stride + b * 32;
+    if constexpr (HALVES) {
+        uint2 lo = *reinterpret_cast<const uint2*>(row + (lane & 3) * 4);
+        uint2 hi = *reinterpret_cast<const uint2*>(row + 16 + (lane & 3) * 4);
+        return uint4{lo.x, lo.y, hi.x, hi.y};
+    } else {
+        return *reinterpret_cast<const uint4*>(row + (lane & 3) * 8);
+    }
 }
 
 // A matrix's weights as the product reads them: `load(G, b, lane)` reads the lane's part
@@ -108,7 +118,7 @@ __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, i
 struct WeightsF16 {
     const half_t* __restrict__ w;
     int k, n;
-    static constexpr bool OFFSETS = false;
+    static constexpr bool OFFSETS = false, HALVES = false;
     static constexpr int BATCH = 4;  // blocks of 32 a warp loads before it uses the first
     struct Tile {
         uint4 lo, hi;
@@ -141,10 +151,27 @@ struct WeightsF16 {
 // each block adds d times that sum and m times the inputs' sum over the block, in f32.
 // With `center`, blk holds the sums of (q − center) · x, and the offset is m + center · d
 // (exact in f32): the two terms then cancel less where the inputs' sum is large.
-__device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32 s_hi, float xs0,
-                                            float xs1, float center, float (&acc)[4]) {
-    float d0 = h2f((half_t)(s_lo & 0xffffu)), m0 = h2f((half_t)(s_lo >> 16));
-    float d1 = h2f((half_t)(s_hi & 0xffffu)), m1 = h2f((half_t)(s_hi >> 16));
+//
+// The K-quant layouts' scales are products of two of the file's numbers (a super-block's
+// f16 d times a sub-block's 6-bit scale: 17 significant bits, or Q6_K's 8-bit scale per
+// 16), which f16 would round; their tiles hold them as f32 pairs instead (uint2 Scales:
+// `gemv_q4f*` for Q4_K, `gemv_q8f*` for Q5_K, Q5_1, IQ4_XS), or, a scale per 16 and no
+// offset, as the two halves' scales (`gemv_q8h*`, Q6_K: the block's first mma takes its
+// first 16 weights, its second the others, each sum under its own scale). The weights are
+// then the file's own values as well, 6 (Q4_K) or 10 bits a weight.
+__device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
+    d = h2f((half_t)(s & 0xffffu)), m = h2f((half_t)(s >> 16));
+}
+__device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
+    d = __uint_as_float(s.x), m = __uint_as_float(s.y);
+}
+
+template <typename Scales>
+__device__ __forceinline__ void scale_block(const float (&blk)[4], Scales s_lo, Scales s_hi,
+                                            float xs0, float xs1, float center, float (&acc)[4]) {
+    float d0, m0, d1, m1;
+    scale_pair(s_lo, d0, m0);
+    scale_pair(s_hi, d1, m1);
     if (center != 0.0f) m0 = fmaf(center, d0, m0), m1 = fmaf(center, d1, m1);
     acc[0] = fmaf(d0, blk[0], fmaf(m0, xs0, acc[0]));
     acc[1] = fmaf(d0, blk[1], fmaf(m0, xs1, acc[1]));
@@ -152,39 +179,56 @@ __device__ __forceinline__ void scale_block(const float (&blk)[4], u32 s_lo, u32
     acc[3] = fmaf(d1, blk[3], fmaf(m1, xs1, acc[3]));
 }
 
+// A block's two halves' sums (lo: weights 0 .. 15, hi: 16 .. 31) under their scales.
+__device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (&hi)[4],
+                                             uint2 s_lo, uint2 s_hi, float (&acc)[4]) {
+    float a0, b0, a1, b1;
+    scale_pair(s_lo, a0, b0);
+    scale_pair(s_hi, a1, b1);
+    acc[0] = fmaf(b0, hi[0], fmaf(a0, lo[0], acc[0]));
+    acc[1] = fmaf(b0, hi[1], fmaf(a0, lo[1], acc[1]));
+    acc[2] = fmaf(b1, hi[2], fmaf(a1, lo[2], acc[2]));
+    acc[3] = fmaf(b1, hi[3], fmaf(a1, lo[3], acc[3]));
+}
+
 // The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
-// part of a tile (uint2 at 4 bits, uint4 at 8): loading them and their scales, and the L2
-// prefetch of a group's, are the same for both sizes (WeightsQ4, WeightsQ8 below).
-template <typename Words>
+// part of a tile (uint2 at 4 bits, uint4 at 8), Scales a column's pair (u32: f16 d and m;
+// uint2: f32): loading them and their scales, and the L2 prefetch of a group's, are the
+// same for every size (WeightsQ4, WeightsQ8 below).
+template <typename Words, typename Scales>
 struct BlockTiles {
     const u32* __restrict__ q;
     const u32* __restrict__ s;
     int k, n;
-    static constexpr bool OFFSETS = true;
+    static constexpr bool OFFSETS = true, HALVES = false;
     static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
+    static constexpr int SCALE_WORDS = (int)sizeof(Scales) / 4;
     struct Tile {
         Words w;
-        u32 s_lo, s_hi;
+        Scales s_lo, s_hi;
     };
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
         size_t tile = (size_t)G * (k / 32) + b;
-        const u32* st = s + tile * 16 + (lane >> 2);
+        const Scales* st = reinterpret_cast<const Scales*>(s) + tile * 16 + (lane >> 2);
         return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane], st[0], st[8]};
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
         size_t tiles = (size_t)G * (k / 32);
         prefetch_span(q + tiles * TILE_WORDS, k / 32 * TILE_WORDS * 4);
-        prefetch_span(s + tiles * 16, k / 32 * 64);
+        prefetch_span(s + tiles * 16 * SCALE_WORDS, k / 32 * 64 * SCALE_WORDS);
     }
 };
 
-// 4-bit (Q4_0 with m = −8d, Q4_1): a tile is 64 words, lane l's two (columns g, g + 8) at
-// 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits 4p and 16 + 4p, so that one mask
-// and an or with 1024's bits make the pair 1024 + q as halves. The tensor cores take
-// q − 8 (Q4_0's offset is then 0).
-struct WeightsQ4 : BlockTiles<uint2> {
-    static constexpr int BATCH = 6;
+// 4-bit (Q4_0 with m = −8d, Q4_1; Q4_K's sub-blocks with f32 scales): a tile is 64 words,
+// lane l's two (columns g, g + 8) at 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits
+// 4p and 16 + 4p, so that one mask and an or with 1024's bits make the pair 1024 + q as
+// halves. The tensor cores take q − 8 (Q4_0's offset is then 0).
+template <typename Scales>
+struct WeightsQ4T : BlockTiles<uint2, Scales> {
+    using Tile = typename BlockTiles<uint2, Scales>::Tile;
+    // f32 scales take two more registers a tile.
+    static constexpr int BATCH = sizeof(Scales) == 4 ? 6 : 5;
     static constexpr float CENTER = 8.0f;
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
         return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
@@ -194,11 +238,17 @@ struct WeightsQ4 : BlockTiles<uint2> {
         a1[0] = pair(v.w.x, 2), a1[1] = pair(v.w.y, 2), a1[2] = pair(v.w.x, 3), a1[3] = pair(v.w.y, 3);
     }
 };
+using WeightsQ4 = WeightsQ4T<u32>;
+using WeightsQ4F = WeightsQ4T<uint2>;
 
-// 8-bit (Q8_0, m = 0): a tile is 128 words, lane l's four at 4l (two words of column g,
-// two of g + 8), weight h of a piece its signed byte h. A byte permute puts two bytes
-// (offset by 128) under 1024's high byte: the pair 1152 + q as halves.
-struct WeightsQ8 : BlockTiles<uint4> {
+// 8-bit (Q8_0, m = 0; with f32 scales the 8-bit layouts of K-quant sub-blocks, or with
+// H a scale per 16): a tile is 128 words, lane l's four at 4l (two words of column g, two
+// of g + 8), weight h of a piece its signed byte h. A byte permute puts two bytes (offset
+// by 128) under 1024's high byte: the pair 1152 + q as halves.
+template <typename Scales, bool H>
+struct WeightsQ8T : BlockTiles<uint4, Scales> {
+    using Tile = typename BlockTiles<uint4, Scales>::Tile;
+    static constexpr bool OFFSETS = !H, HALVES = H;
     static constexpr int BATCH = 4;
     static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
@@ -214,18 +264,26 @@ struct WeightsQ8 : BlockTiles<uint4> {
         a1[2] = pair(v.w.x, v.w.y, 3), a1[3] = pair(v.w.z, v.w.w, 3);
     }
 };
+using WeightsQ8 = WeightsQ8T<u32, false>;
+using WeightsQ8F = WeightsQ8T<uint2, false>;
+using WeightsQ8H = WeightsQ8T<uint2, true>;
 
 // Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
 // the lane's tile v) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
 // r0 + 2t + 1): with the blocks' scales, d times the block's sums plus m times the
-// inputs' block sums.
+// inputs' block sums (with a scale per 16, each half's sums times its scale).
 template <typename W>
 __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
                                            const typename W::Tile& v, const u32 (&a0)[4],
                                            const u32 (&a1)[4], int stride, int nb, int b,
                                            int lane, int r0, float (&acc)[4]) {
-    uint4 xb = input_piece(sh, stride, b, lane, r0);
-    if constexpr (!W::OFFSETS) {
+    uint4 xb = input_piece<W::HALVES>(sh, stride, b, lane, r0);
+    if constexpr (W::HALVES) {
+        float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_16816(lo, a0, xb.x, xb.y);
+        mma_16816(hi, a1, xb.z, xb.w);
+        scale_halves(lo, hi, v.s_lo, v.s_hi, acc);
+    } else if constexpr (!W::OFFSETS) {
         mma_16816(acc, a0, xb.x, xb.y);
         mma_16816(acc, a1, xb.z, xb.w);
     } else {
@@ -578,6 +636,110 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    swiglu_product(sh, gu, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    rows_product(sh, x, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    swiglu_product(sh, gu, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    rows_product(sh, x, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    swiglu_product(sh, gu, ws, y, m, k, n);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    rows_product(sh, x, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
+    const GemvShared sh = gemv_shared(m, k);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
     swiglu_product(sh, gu, ws, y, m, k, n);
 }

@@ -159,6 +159,7 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __int_as_float(int i) { return emu::bit_cast<float>(i); }
 inline int __float_as_int(float f) { return emu::bit_cast<int>(f); }
+inline float __uint_as_float(unsigned u) { return emu::bit_cast<float>(u); }
 
 // f16 <-> f32 as PTX's cvt.f32.f16 and cvt.rn.f16.f32 (round to nearest even).
 typedef unsigned short half_t;

@@ -103,7 +103,6 @@ impl Matrix {
         self
     }
 
-    /// The offsets added to the weights, if any (row by row).
     /// The blocks as the file holds them, where products may read them as they are: a
     /// quantized matrix with no offsets beside it and no more exact packed form (the GPU's
     /// products of few rows over the file's blocks, `cuda::gemv::QuantRows`).
@@ -114,6 +113,19 @@ impl Matrix {
         }
     }
 
+    /// The packed form where it holds the matrix's values and its file blocks do not:
+    /// scales the blocks round or cannot hold ([`Matrix::with_exact_packed`]), or offsets
+    /// of a block each beside 8-bit blocks, which the packed form holds as its mins (the
+    /// GPU's products of few rows read these where [`Matrix::file_blocks`] gives nothing).
+    pub fn packed_values(&self) -> Option<&Packed> {
+        if self.packed_exact || self.offsets_in_packed() {
+            self.packed()
+        } else {
+            None
+        }
+    }
+
+    /// The offsets added to the weights, if any (row by row).
     pub fn offsets(&self) -> Option<Offsets> {
         let o = self.offsets.as_ref()?;
         let runs = self.cols / o.run;

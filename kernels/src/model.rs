@@ -1,7 +1,7 @@
 //! The Llama-family model: hyperparameters from GGUF metadata, and weights checked against
 //! them (a tensor whose shape disagrees with the metadata is an error).
 
-use crate::gguf::{Gguf, GgufError, TensorInfo};
+use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
 use crate::kquant;
 use crate::matmul::{MatData, Matrix};
 use crate::quant;
@@ -235,11 +235,17 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
     if t.dims != [cols, rows] {
         return Err(shape_err(t, &[cols, rows]));
     }
-    let bytes = g.data(t);
-    let data = match t.ty {
+    Ok(matrix_of(t.ty, rows, cols, g.data(t)))
+}
+
+/// A `rows × cols` matrix of a file's tensor of type `ty` (`bytes`, its blocks) as the
+/// kernels hold it: the file's blocks where the kernels read them as they are; Q5_x,
+/// K-quants and IQ4 in the layout the kernels read ([`kquant`]), with offsets beside it
+/// where it has them and the packed kernels' form with the file's own values where the
+/// blocks would round them; f32 rows for the others.
+pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix {
+    let data = match ty {
         ty if ty.kernel_native() => MatData::Quant(ty, bytes.to_vec()),
-        // Q5_x, K-quants and IQ4: into the layout the kernels read (`kquant`), with the
-        // offsets beside it where the layout has them.
         ty if ty.quantized() => {
             let c = kquant::to_kernel_layout(ty, bytes);
             // The file's own values where the packed kernels hold them (the K-quant
@@ -249,10 +255,10 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
             if let Some(pk) = exact {
                 m = m.with_exact_packed(pk);
             }
-            return Ok(match c.offsets {
+            return match c.offsets {
                 Some(o) => m.with_offsets(o),
                 None => m,
-            });
+            };
         }
         ty => {
             let mut v = vec![0f32; rows * cols];
@@ -260,7 +266,7 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
             MatData::F32(v)
         }
     };
-    Ok(Matrix::new(rows, cols, data))
+    Matrix::new(rows, cols, data)
 }
 
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {

@@ -285,6 +285,18 @@ impl Packed {
         self.scales[self.scale_at(gi, h.min(self.runs - 1)) + l]
     }
 
+    /// Block `i` of row `n`: its 32 integers (0..16 at 4 bits, signed at 8), its scales
+    /// (the block's, twice, where it has one; the halves' with a scale per 16) and its min
+    /// (0 where the weights have none): weight `c` is `scales[c / 16] · int[c] + min`.
+    pub fn block(&self, n: usize, i: usize) -> ([i32; QK], [f32; 2], f32) {
+        let (g, l) = (n / LANES, n % LANES);
+        let gi = g * self.nb + i;
+        let ints = std::array::from_fn(|c| self.int(n, i * QK + c));
+        let scales = [self.scale(gi, 0, l), self.scale(gi, 1, l)];
+        let min = self.mins.get(gi * LANES + l).copied().unwrap_or(0.0);
+        (ints, scales, min)
+    }
+
     /// Dequantizes row `n` into `out`.
     pub fn row_f32(&self, n: usize, out: &mut [f32]) {
         let (g, l) = (n / LANES, n % LANES);

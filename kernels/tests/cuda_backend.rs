@@ -872,9 +872,10 @@ fn rows_wider_than_2048_run_on_gemv_and_match_the_twin_chain() {
 }
 
 /// A feed-forward of 2,560 (SmolLM2-360M's: the down product's rows are wider than the
-/// 2,048 the `gemv` kernels once took): with every product of few rows on `gemv`, over the
-/// f16 rows and over the file's blocks, a prefill and decodes of 3 sequences give the same
-/// bits fused and apart and are within the twin chain's bound.
+/// 2,048 the `gemv` kernels once took), or a model of K-quant blocks: with every product
+/// of few rows on `gemv`, over the f16 rows and over the file's blocks, a prefill and
+/// decodes of 3 sequences give the same bits fused and apart and are within the twin
+/// chain's bound.
 fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     let (bs, n_blocks) = cuda.kv_geometry();
@@ -896,6 +897,46 @@ fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     cuda.set_fused_small(true).unwrap();
     cuda.set_quant_small(SmallProducts::default()).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();
+}
+
+#[test]
+fn k_quant_blocks_on_gemv_match_the_twin_chain() {
+    use kernels::gguf::GgmlType;
+    // A Q4_K_M-like mix of whole stacks: Q4_K QKV and attn_output (`gemv_q4f`), IQ4_XS
+    // gate|up (`gemv_q8f`), Q6_K ffn_down and head (`gemv_q8h`).
+    let spec = SynthSpec {
+        types: vec![
+            ("attn_q", GgmlType::Q4_K),
+            ("attn_k", GgmlType::Q4_K),
+            ("attn_v", GgmlType::Q4_K),
+            ("attn_output", GgmlType::Q4_K),
+            ("ffn_gate", GgmlType::IQ4_XS),
+            ("ffn_up", GgmlType::IQ4_XS),
+            ("ffn_down", GgmlType::Q6_K),
+            ("output", GgmlType::Q6_K),
+        ],
+        ..SynthSpec::tiny_k_quants()
+    };
+    if !kernels::packed::available() {
+        println!("SKIPPED: this CPU has no packed kernels, which make the K-quant blocks' scales");
+        return;
+    }
+    if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
+        wide_rows_case(&mut b, &twin);
+        // Each product of the mix took its kernel, in each of the forms the step fuses.
+        for k in [
+            "gemv_q4f_norm_rope",
+            "gemv_q4f",
+            "gemv_q8f_norm",
+            "gemv_q8h_swiglu",
+            "gemv_q8h_norm",
+        ] {
+            assert!(b.exec().launches(k) > 0, "{k} never ran");
+        }
+    }
+    if let Some((mut b, twin)) = on_gpu("k-quant-blocks", &spec) {
+        wide_rows_case(&mut b, &twin);
+    }
 }
 
 #[test]

@@ -775,7 +775,8 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
     match ty {
         GgmlType::Q4_0 => kernels::quant::quantize_row_q4_0(&w, &mut blocks),
         GgmlType::Q4_1 => kernels::quant::quantize_row_q4_1(&w, &mut blocks),
-        _ => kernels::quant::quantize_row_q8_0(&w, &mut blocks),
+        GgmlType::Q8_0 => kernels::quant::quantize_row_q8_0(&w, &mut blocks),
+        ty => kernels::kquant::quantize_row(ty, &w, &mut blocks),
     }
     let mut values = vec![0f32; n * k];
     kernels::quant::dequantize_row(ty, &blocks, &mut values);
@@ -783,21 +784,54 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 }
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
-/// against the product of the values the blocks dequantize to (f16 inputs, sums in f64):
+/// and `gemv_q4f` / `gemv_q8f` / `gemv_q8h` over Q4_K, Q5_K, IQ4_XS, Q6_K and Q5_1 (f32
+/// scales, a scale per 16, offsets), against the product of the values the file's blocks
+/// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
     use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_ROWS};
     let mut rng = Rng(17);
-    for (ty, k, n) in [
+    // The K-quant layouts (f32 scales, Q6_K's per 16: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`)
+    // and Q5_1's offsets, as a model holds them where the CPU has packed kernels.
+    let k_quants: &[(GgmlType, usize, usize)] = if kernels::packed::available() {
+        &[
+            (GgmlType::Q4_K, 1536, 80),
+            (GgmlType::Q5_K, 512, 48),
+            (GgmlType::IQ4_XS, 256, 32),
+            (GgmlType::Q6_K, 2048, 64),
+            (GgmlType::Q5_1, 576, 32),
+        ]
+    } else {
+        println!("skipped the K-quant layouts: this CPU has no packed kernels to make them");
+        &[]
+    };
+    let cases = [
         (GgmlType::Q4_1, 576, 1003),
         (GgmlType::Q4_0, 1536, 77),
         (GgmlType::Q8_0, 576, 259),
         (GgmlType::Q8_0, 2048, 33),
         (GgmlType::Q4_1, 4096, 41),
-    ] {
+    ];
+    for &(ty, k, n) in cases.iter().chain(k_quants) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
-        let rows = QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout");
+        let rows = match QuantRows::from_blocks(ty, &blocks, n, k) {
+            Some(r) => r,
+            None => {
+                let m = kernels::model::matrix_of(ty, n, k, &blocks);
+                QuantRows::from_packed(m.packed_values().expect("exact packed values"))
+                    .expect("a kernel layout")
+            }
+        };
+        let kind = QuantBuf::upload(g, &rows).unwrap().kind();
+        let want_kind = match ty {
+            GgmlType::Q4_K => "q4f",
+            GgmlType::Q5_K | GgmlType::IQ4_XS | GgmlType::Q5_1 => "q8f",
+            GgmlType::Q6_K => "q8h",
+            GgmlType::Q8_0 => "q8",
+            _ => "q4",
+        };
+        assert_eq!(kind, Some(want_kind), "{ty:?}");
         let wq = &QuantBuf::upload(g, &rows).unwrap();
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
@@ -831,6 +865,24 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         assert!(
             gemv_from(g, Input::Rows(&xd), Weights::Quant(&five), &mut y, 1, k, n).is_err(),
             "5 bits"
+        );
+        let halves4 = QuantBuf {
+            bits: 4,
+            scales: kernels::cuda::gemv::Scales::F32Halves,
+            ..QuantBuf::upload(g, &rows).unwrap()
+        };
+        assert!(
+            gemv_from(
+                g,
+                Input::Rows(&xd),
+                Weights::Quant(&halves4),
+                &mut y,
+                1,
+                k,
+                n
+            )
+            .is_err(),
+            "4 bits with a scale per 16"
         );
         assert!(
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 1, k, n + 1).is_err(),
@@ -1529,9 +1581,10 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // over the same rows; at each of the two
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
     // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
-    // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8;
+    // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
+    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h;
     // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 49, "{names:?}");
+    assert_eq!(rows.len(), 58, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -1542,6 +1595,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_f16_norm_rope small 3×64·64×96",
         "gemv_q4 small 3×64·64×96",
         "gemv_q8 small 1×64·64×96",
+        "gemv_q4f small 3×64·64×96",
+        "gemv_q8h small 9×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

@@ -222,9 +222,10 @@ fn the_samplers_cuts_are_exact() {
 /// holds them with the file's own values: each such matrix's blocks give those values
 /// exactly (`d · q + m`, one rounding, as the kernels read them). Every matrix of the
 /// synthetic Q4_1 model has them (its Q8_0 head too); of the converted layouts, those
-/// converted to 8-bit blocks of the same values (Q5_0, Q3_K, IQ4_NL), never one with
-/// offsets beside it (Q5_1, Q5_K, Q2_K), an exact packed form (Q4_K, Q6_K, IQ4_XS, where
-/// the CPU has packed kernels) or values moved.
+/// converted to 8-bit blocks of the same values (Q5_0, Q3_K, IQ4_NL) and, where the CPU
+/// has packed kernels, those whose packed form holds what the blocks do not (the K-quant
+/// sub-blocks' f32 scales: Q4_K, Q5_K, IQ4_XS; Q6_K's scale per 16; Q5_1's and Q5_K's
+/// offsets), never one with offsets per 16 (Q2_K) or values moved.
 #[test]
 fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
     use kernels::cuda::gemv::QuantRows;
@@ -288,11 +289,14 @@ fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
         }
         kept.push((name, count));
     }
-    // plain: 4 a layer and the head; k-quants: the Q5_0 attn_output of each layer;
-    // low-bits: two a layer. On a CPU without packed kernels the K-quant scales are
-    // rounded (the GPU's f16 rows are read from the file) and no block is kept.
+    // plain: 4 a layer and the head; k-quants: each layer's Q5_0 attn_output and Q6_K
+    // ffn_down, and the Q6_K head (its Q4_K|Q5_K|Q6_K QKV and Q4_K|Q5_1 gate|up are no
+    // stacks); low-bits: each layer's IQ4_NL attn_output, Q3_K ffn_down and IQ4_XS|Q3_K
+    // gate|up, and the IQ4_XS head (not the QKV, whose Q2_K has offsets per 16). On a CPU
+    // without packed kernels the K-quant scales are rounded (the GPU's f16 rows are read
+    // from the file) and no block is kept.
     let converted = if kernels::packed::available() {
-        (2, 4)
+        (5, 7)
     } else {
         (0, 0)
     };

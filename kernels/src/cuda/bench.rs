@@ -724,21 +724,31 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     // The products at decode batch sizes: the weights read once is the floor.
     for &(name, k, n, per_layer) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
-        // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`).
-        let quant = [4u32, 8]
-            .into_iter()
-            .map(|bits| {
-                // The layout pads the rows to a tile of 16.
-                let padded = n.next_multiple_of(16);
-                Ok(gemv::QuantBuf {
-                    q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
-                    s: e.zeros::<u32>(padded * k / 32)?,
-                    bits,
-                    rows: n,
-                    k,
-                })
+        // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
+        // in the K-quant layouts' (f32 scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
+        // `gemv_q8h`).
+        use gemv::Scales::{F16Pairs, F32Halves, F32Pairs};
+        let quant = [
+            (4u32, F16Pairs),
+            (8, F16Pairs),
+            (4, F32Pairs),
+            (8, F32Pairs),
+            (8, F32Halves),
+        ]
+        .into_iter()
+        .map(|(bits, scales)| {
+            // The layout pads the rows to a tile of 16.
+            let padded = n.next_multiple_of(16);
+            Ok(gemv::QuantBuf {
+                q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
+                s: e.zeros::<u32>(padded * k / 32 * scales.words())?,
+                bits,
+                scales,
+                rows: n,
+                k,
             })
-            .collect::<Result<Vec<_>, ExecError>>()?;
+        })
+        .collect::<Result<Vec<_>, ExecError>>()?;
         let times = if per_layer { sizes.layers } else { 1 };
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
@@ -769,7 +779,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                     })?;
                     let weights = (wq.q.elems() + wq.s.elems()) * 4;
                     rows.push(Row {
-                        name: format!("gemv_q{} {name} {m}×{k}·{k}×{n}", wq.bits),
+                        name: format!("gemv_{} {name} {m}×{k}·{k}×{n}", wq.kind().unwrap_or("?")),
                         secs,
                         bytes: (weights + m * k * 2 + m * n * 4) as f64,
                         in_step: None,

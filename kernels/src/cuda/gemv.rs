@@ -72,12 +72,12 @@ pub enum Weights<'a, E: Exec> {
 }
 
 impl<E: Exec> Weights<'_, E> {
-    /// The entry points' weights part: `f16`, `q4` or `q8`.
-    fn kind(&self) -> &'static str {
+    /// The entry points' weights part: `f16`, `q4`, `q8`, and with f32 scales `q4f`,
+    /// `q8f` or (a scale per 16) `q8h`; `None` for a layout no kernel reads.
+    fn kind(&self) -> Option<&'static str> {
         match self {
-            Weights::F16(..) => "f16",
-            Weights::Quant(q) if q.bits == 4 => "q4",
-            Weights::Quant(_) => "q8",
+            Weights::F16(..) => Some("f16"),
+            Weights::Quant(q) => q.kind(),
         }
     }
 }
@@ -88,17 +88,32 @@ pub struct QuantBuf<E: Exec> {
     pub s: E::Buf<u32>,
     /// 4 or 8.
     pub bits: u32,
+    pub scales: Scales,
     /// The matrix's rows (the layout pads them to a multiple of 16) and their length.
     pub rows: usize,
     pub k: usize,
 }
 
 impl<E: Exec> QuantBuf<E> {
+    /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`); `None` for a
+    /// layout no kernel reads.
+    pub fn kind(&self) -> Option<&'static str> {
+        Some(match (self.bits, self.scales) {
+            (4, Scales::F16Pairs) => "q4",
+            (4, Scales::F32Pairs) => "q4f",
+            (8, Scales::F16Pairs) => "q8",
+            (8, Scales::F32Pairs) => "q8f",
+            (8, Scales::F32Halves) => "q8h",
+            _ => return None,
+        })
+    }
+
     pub fn upload(e: &E, r: &QuantRows) -> Result<Self, ExecError> {
         Ok(Self {
             q: e.upload(&r.q)?,
             s: e.upload(&r.s)?,
             bits: r.bits,
+            scales: r.scales,
             rows: r.rows,
             k: r.k,
         })
@@ -187,15 +202,15 @@ fn product<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if let Weights::Quant(q) = weights {
-        if q.bits != 4 && q.bits != 8 {
-            return Err(ExecError::Bounds(format!(
-                "quantized rows of {} bits: 4 or 8",
-                q.bits
-            )));
-        }
-    }
-    let kind = weights.kind();
+    let Some(kind) = weights.kind() else {
+        let what = match &weights {
+            Weights::Quant(q) => format!("{} bits under {:?}", q.bits, q.scales),
+            Weights::F16(..) => "f16".into(),
+        };
+        return Err(ExecError::Bounds(format!(
+            "no gemv kernel reads quantized rows of {what}"
+        )));
+    };
     let max_shared = e.max_shared_bytes()?;
     if !fits(rows, k, max_shared) {
         return Err(ExecError::Bounds(format!(
@@ -281,7 +296,7 @@ fn product<E: Exec>(
             }
             let padded = q.rows.next_multiple_of(GROUP);
             short("q", q.q.elems(), padded * k * q.bits as usize / 32)?;
-            short("s", q.s.elems(), padded * k / BLOCK)?;
+            short("s", q.s.elems(), padded * k / BLOCK * q.scales.words())?;
             short("y", y.elems(), rows * n)?;
             args.extend([q.q.arg(), q.s.arg()]);
         }
@@ -333,23 +348,54 @@ fn product<E: Exec>(
 /// (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for products of a few rows,
 /// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
-/// dequantizes to (`quant::dequantize_row`).
+/// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
+/// round, are held as f32 ([`Scales`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), so that
+/// they too are the file's own values.
 ///
 /// The layout is the tensor cores' fragments: tiles of 16 rows (an `mma`'s columns) by a
 /// block of 32, each lane's part of a tile (rows `g`, `g + 8`, weights `8t .. 8t + 8` for
-/// lane `4g + t`) in one load. Rows past the last up to a multiple of 16 are zeros.
+/// lane `4g + t`; with a scale per 16, weights `4t .. 4t + 4` and `16 + 4t .. 16 + 4t + 4`,
+/// so that the block's first `mma` takes its first 16) in one load. Rows past the last up
+/// to a multiple of 16 are zeros.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
-    /// 4 (Q4_0, Q4_1: `q` in 0..16, Q4_0's `m = −8d`) or 8 (Q8_0: `q` signed, `m = 0`).
+    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`) or 8 (Q8_0 and the 8-bit
+    /// layouts the others become: `q` signed).
     pub bits: u32,
+    pub scales: Scales,
     /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
     /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`;
     /// at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the signed byte `h`.
     pub q: Vec<u32>,
-    /// Per tile, its 16 rows' `d` (low half) and `m` (high half) as f16 bits.
+    /// Per tile, its 16 rows' scale pairs ([`Scales`]): a word each as f16 halves, or two
+    /// as f32.
     pub s: Vec<u32>,
     pub rows: usize,
     pub k: usize,
+}
+
+/// How a tile holds its rows' scales, a pair a row and block of 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scales {
+    /// `d` (low half) and `m` (high half) as f16 bits, one word: Q4_0, Q4_1, Q8_0 and the
+    /// layouts converted to them with the same values (`gemv_q4`, `gemv_q8`).
+    F16Pairs,
+    /// `d` and `m` as f32, two words: the K-quant sub-blocks' `d·sc` (`gemv_q4f`,
+    /// `gemv_q8f`).
+    F32Pairs,
+    /// The block's two halves' scales as f32, no offset: Q6_K's scale per 16
+    /// (`gemv_q8h`).
+    F32Halves,
+}
+
+impl Scales {
+    /// Words a row's pair takes.
+    pub fn words(self) -> usize {
+        match self {
+            Scales::F16Pairs => 1,
+            Scales::F32Pairs | Scales::F32Halves => 2,
+        }
+    }
 }
 
 impl QuantRows {
@@ -371,32 +417,87 @@ impl QuantRows {
             return None;
         }
         let nb = k / BLOCK;
+        Some(Self::build(bits, Scales::F16Pairs, rows, k, |j, blk| {
+            let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
+            (std::array::from_fn(|c| vals[c] as i32), [d, m])
+        }))
+    }
+
+    /// A matrix's packed form where it holds values its file blocks do not
+    /// ([`crate::matmul::Matrix::packed_values`]: the K-quant sub-blocks' f32 scales,
+    /// Q6_K's scale per 16, offsets of a block each beside 8-bit blocks): the same
+    /// integers under f32 scales. `None` where the packed form has both a scale per 16 and
+    /// mins (no layout here holds them).
+    pub fn from_packed(p: &crate::packed::Packed) -> Option<Self> {
+        use crate::gguf::GgmlType;
+        let bits = if p.ty() == GgmlType::Q8_0 { 8 } else { 4 };
+        let (rows, k) = (p.rows, p.cols);
+        let nb = k / BLOCK;
+        let scales = if p.runs() == 2 {
+            let no_mins = (0..rows).all(|j| (0..nb).all(|i| p.block(j, i).2 == 0.0));
+            if bits != 8 || !no_mins {
+                return None;
+            }
+            Scales::F32Halves
+        } else {
+            Scales::F32Pairs
+        };
+        Some(Self::build(bits, scales, rows, k, |j, i| {
+            let (ints, sc, min) = p.block(j, i);
+            match scales {
+                Scales::F32Halves => (ints, sc),
+                _ => (ints, [sc[0], min]),
+            }
+        }))
+    }
+
+    /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
+    /// integers (0..16 at 4 bits, −128..128 at 8) and its scale pair (`scales`' form).
+    fn build(
+        bits: u32,
+        scales: Scales,
+        rows: usize,
+        k: usize,
+        block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]),
+    ) -> Self {
+        let nb = k / BLOCK;
         let tiles = rows.div_ceil(GROUP) * nb;
+        let sw = scales.words();
         let mut r = Self {
             bits,
+            scales,
             q: vec![0; tiles * BLOCK * GROUP * bits as usize / 32],
-            s: vec![0; tiles * GROUP],
+            s: vec![0; tiles * GROUP * sw],
             rows,
             k,
         };
-        for (at, b) in data.chunks_exact(ty.block_bytes()).enumerate() {
-            let (j, blk) = (at / nb, at % nb);
-            let (vals, d, m) = crate::quant::unpack(ty, b);
-            // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
-            let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
-            let tile = (j / GROUP) * nb + blk;
-            r.s[tile * GROUP + j % GROUP] = bits16(d) | bits16(m) << 16;
-            for (c, &v) in vals.iter().enumerate() {
-                let (word, shift) = r.place(j, blk * BLOCK + c);
-                let field = if bits == 4 {
-                    v as u32 & 15
-                } else {
-                    v as u8 as u32
-                };
-                r.q[word] |= field << shift;
+        for j in 0..rows {
+            for blk in 0..nb {
+                let (vals, pair) = block(j, blk);
+                let at = (((j / GROUP) * nb + blk) * GROUP + j % GROUP) * sw;
+                match scales {
+                    Scales::F16Pairs => {
+                        let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
+                        r.s[at] = bits16(pair[0]) | bits16(pair[1]) << 16;
+                    }
+                    _ => {
+                        r.s[at] = pair[0].to_bits();
+                        r.s[at + 1] = pair[1].to_bits();
+                    }
+                }
+                for (c, &v) in vals.iter().enumerate() {
+                    let (word, shift) = r.place(j, blk * BLOCK + c);
+                    let field = if bits == 4 {
+                        v as u32 & 15
+                    } else {
+                        v as u8 as u32
+                    };
+                    r.q[word] |= field << shift;
+                }
             }
         }
-        Some(r)
+        r
     }
 
     /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
@@ -404,7 +505,13 @@ impl QuantRows {
         let nb = self.k / BLOCK;
         let tile = (j / GROUP) * nb + c / BLOCK;
         let (g, hi) = (j % 8, (j % GROUP) / 8);
-        let (t, e) = ((c % BLOCK) / 8, c % 8);
+        let o = c % BLOCK;
+        // Lane t's piece: weights 8t .. 8t + 8, or with a scale per 16 weights 4t .. 4t + 4
+        // then 16 + 4t .. 16 + 4t + 4.
+        let (t, e) = match self.scales {
+            Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
+            _ => (o / 8, o % 8),
+        };
         let lane = 4 * g + t;
         if self.bits == 4 {
             let shift = 16 * (e % 2) + 4 * (e / 2);
@@ -416,10 +523,10 @@ impl QuantRows {
 
     /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding (the
     /// kernels add `d · Σ q·x` and `m · Σ x` over a block, the same sum in exact
-    /// arithmetic).
+    /// arithmetic); with a scale per 16, its half's scale times `q`.
     pub fn weight(&self, j: usize, c: usize) -> f32 {
         let tile = (j / GROUP) * (self.k / BLOCK) + c / BLOCK;
-        let s = self.s[tile * GROUP + j % GROUP];
+        let at = (tile * GROUP + j % GROUP) * self.scales.words();
         let half = |b: u32| f16::from_bits(b as u16).to_f32();
         let (word, shift) = self.place(j, c);
         let field = self.q[word] >> shift;
@@ -428,13 +535,18 @@ impl QuantRows {
         } else {
             field as u8 as i8 as f32
         };
-        half(s & 0xffff).mul_add(q, half(s >> 16))
+        let f = |i: usize| f32::from_bits(self.s[at + i]);
+        match self.scales {
+            Scales::F16Pairs => half(self.s[at] & 0xffff).mul_add(q, half(self.s[at] >> 16)),
+            Scales::F32Pairs => f(0).mul_add(q, f(1)),
+            Scales::F32Halves => f((c % BLOCK) / 16) * q,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::QuantRows;
+    use super::{QuantRows, Scales};
     use crate::gguf::GgmlType;
     use crate::quant;
 
@@ -464,6 +576,34 @@ mod tests {
             for (i, &want) in want.iter().enumerate() {
                 let got = r.weight(i / k, i % k);
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
+            }
+        }
+        // The K-quant layouts through the packed form, where the CPU makes it: f32 scales
+        // (Q4_K, Q5_K, IQ4_XS), a scale per 16 (Q6_K), Q5_1's offsets beside 8-bit blocks.
+        if crate::packed::available() {
+            let (rows, k) = (32, 512);
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+                .collect();
+            for (ty, scales) in [
+                (GgmlType::Q4_K, Scales::F32Pairs),
+                (GgmlType::Q5_K, Scales::F32Pairs),
+                (GgmlType::IQ4_XS, Scales::F32Pairs),
+                (GgmlType::Q6_K, Scales::F32Halves),
+                (GgmlType::Q5_1, Scales::F32Pairs),
+            ] {
+                let mut blocks = Vec::new();
+                crate::kquant::quantize_row(ty, &x, &mut blocks);
+                let mut want = vec![0f32; rows * k];
+                quant::dequantize_row(ty, &blocks, &mut want);
+                let m = crate::model::matrix_of(ty, rows, k, &blocks);
+                let r = QuantRows::from_packed(m.packed_values().expect("packed values"))
+                    .expect("a kernel layout");
+                assert_eq!(r.scales, scales, "{ty:?}");
+                for (i, &want) in want.iter().enumerate() {
+                    // Equal as numbers (0 · a negative scale is −0 in the file's arithmetic).
+                    assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
+                }
             }
         }
         let q5 = vec![0u8; rows * k / 32 * GgmlType::Q5_0.block_bytes()];

@@ -295,10 +295,14 @@ pub struct LayerQuant {
     pub w_down: Option<QuantRows>,
 }
 
-/// `m` in its file's own blocks, where products may read them as they are.
+/// `m` in its file's own blocks, where products may read them as they are; else, where
+/// the CPU's packed form holds values the blocks do not (a K-quant's f32 scales, Q6_K's
+/// per 16, offsets of a block each), the same integers under those scales.
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
-    let (ty, data) = m.file_blocks()?;
-    QuantRows::from_blocks(ty, data, m.rows, m.cols)
+    match m.file_blocks() {
+        Some((ty, data)) => QuantRows::from_blocks(ty, data, m.rows, m.cols),
+        None => QuantRows::from_packed(m.packed_values()?),
+    }
 }
 
 /// A stack of projections in its file's own blocks, where it is one matrix of them.
