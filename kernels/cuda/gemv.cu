@@ -14,7 +14,8 @@
 // alike for both operands (a dot product does not care): lane (g, t) of the mma's fragment
 // layout holds inputs and weights 8t .. 8t + 7 of the block, so that its piece of
 // weights is one 16-byte (f16), 8-byte (8-bit) or 4-byte (4-bit) load, and its inputs
-// one 16-byte load from shared memory.
+// one 16-byte load from shared memory (with a scale per 16, inputs and weights 4t .. 4t + 3
+// and 16 + 4t .. 16 + 4t + 3: the inputs two 8-byte loads).
 //
 // A block of 8 warps takes a group of 16 columns at a time (grid-stride over the groups),
 // its warps splitting the group's blocks of 32 (warp w: blocks w, w + 8, ...), their sums
@@ -33,7 +34,8 @@
 // bits as the kernels launched one after the other.
 //
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
-// 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below), one template.
+// 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below; the K-quants' under
+// f32 scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 

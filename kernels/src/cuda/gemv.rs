@@ -5,8 +5,10 @@
 //! kernel that would otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
-//! file's own Q4_0 / Q4_1 / Q8_0 blocks ([`Weights::Quant`], laid out by [`QuantRows`]:
-//! `gemv_q4*`, `gemv_q8*`), a third of the bytes to read. Either way the products run on
+//! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
+//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under f32
+//! scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, for the K-quants'), a third to a half of
+//! the bytes to read. Either way the products run on
 //! tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past 8), a block of 8 warps per
 //! group of 16 columns at a time, as many blocks as the SMs hold.
 

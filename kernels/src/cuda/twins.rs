@@ -265,8 +265,8 @@ pub struct TwinModel {
     pub output_norm: Vec<f32>,
     /// `vocab × dim`.
     pub output: Vec<f16>,
-    /// The output head in the file's own blocks, where it is Q4_0, Q4_1 or Q8_0 (the
-    /// products of few rows may read them: `gemv_q4`, `gemv_q8`).
+    /// The output head in the file's own blocks, where the CPU holds them with the file's
+    /// values (the products of few rows may read them: `gemv_q4*`, `gemv_q8*`).
     pub output_q: Option<QuantRows>,
 }
 
@@ -281,8 +281,8 @@ pub struct TwinLayer {
     pub w_gate_up: Vec<f16>,
     /// `dim × ffn`.
     pub w_down: Vec<f16>,
-    /// The same four matrices in the file's own blocks, each where it is Q4_0, Q4_1 or
-    /// Q8_0 (a stack where its parts are of one type).
+    /// The same four matrices in the file's own blocks, each where the CPU holds them
+    /// with the file's values (a stack where its parts are one matrix there).
     pub quant: LayerQuant,
 }
 

@@ -11,11 +11,12 @@
 //! their kernels directly. If a capture fails, graphs are turned off with one log line and
 //! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
-//! **Products of few rows.** At load on a GPU, each decode graph of up to 8 sequences is
+//! **Products of few rows.** At load on a GPU, each decode graph of up to 16 sequences is
 //! timed with its matrix products on cuBLAS, on our `gemv_f16`, and on our `gemv_q4` /
-//! `gemv_q8` over the file's own Q4_0 / Q4_1 / Q8_0 blocks (where the model's matrices
-//! are those, unconverted: a third of the bytes), and the fastest is kept for that many
-//! rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
+//! `gemv_q8` over the file's own blocks (where the model's matrices hold the file's
+//! values in them: Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values, or the
+//! K-quants' under f32 scales, `gemv_q4f` / `gemv_q8f` / `gemv_q8h`: a third to a half of
+//! the bytes), and the fastest is kept for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
 //! cublas|gemv|quant` fixes it instead).
 //!
 //! **Dependent launches.** On Hopper and later, every kernel launches as a programmatic
