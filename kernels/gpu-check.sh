@@ -98,6 +98,12 @@ echo
 # "launched alone" sums, so that the step's time minus that sum is the launch gaps.
 timeout 90 "$BIN/decode_bench" "$model" --ctx 511 || status=1
 echo
+# The same shape in llama.cpp's Q4_K_M mix: its ffn_down in Q6_K, read by gemv_q8h (a
+# scale per 16, f32), the other matrices in 8-bit blocks of the file's values (gemv_q8).
+kq=$(dirname "$model")/smollm2-shape-q4_k_m.gguf
+"$BIN/synth" "$kq" q4_k_m >/dev/null || status=1
+timeout 60 "$BIN/decode_bench" "$kq" --ctx 511 --batches 1,4,16 || status=1
+echo
 # Long rows at small batch: each row's attention chunks spread over several blocks.
 timeout 60 "$BIN/decode_bench" "$model" --ctx 4095 --batches 1,16 || status=1
 echo

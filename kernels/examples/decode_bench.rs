@@ -207,9 +207,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         println!(
-            "gemv {:?}, file blocks {:?}",
+            "gemv {:?}, file blocks {:?} (held: {})",
             b.small_products(),
-            b.quant_small()
+            b.quant_small(),
+            b.quant_summary()
         );
         if a.tensor {
             b.set_attention(AttentionKernel::Tensor)?;

@@ -112,6 +112,27 @@ impl SynthSpec {
         }
     }
 
+    /// llama.cpp's Q4_K_M mix on SmolLM2-135M's shape (as `llama-quantize` makes it of
+    /// SmolLM2: Q4_K, with Q6_K for attn_v, ffn_down and the head; rows of 576 are no
+    /// multiple of 256, so Q5_0 for Q4_K's and Q8_0 for Q6_K's there): every matrix but
+    /// ffn_down in 8-bit blocks of the file's values, ffn_down Q6_K with its scale per 16.
+    pub fn q4_k_m() -> Self {
+        Self {
+            seed: 45,
+            types: vec![
+                ("attn_q", GgmlType::Q4_K),
+                ("attn_k", GgmlType::Q4_K),
+                ("attn_v", GgmlType::Q6_K),
+                ("attn_output", GgmlType::Q4_K),
+                ("ffn_gate", GgmlType::Q4_K),
+                ("ffn_up", GgmlType::Q4_K),
+                ("ffn_down", GgmlType::Q6_K),
+                ("output", GgmlType::Q6_K),
+            ],
+            ..Self::default()
+        }
+    }
+
     /// [`SynthSpec::tiny_k_quants`] with the other layouts converted at load: Q2_K, Q3_K
     /// and the non-linear IQ4_NL, IQ4_XS (llama.cpp's Q2_K, Q3_K_x and IQ4 files).
     pub fn tiny_low_bits() -> Self {

@@ -922,6 +922,8 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
         return;
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
+        // Two layers' QKV and attn_output, gate|up, ffn_down; the head.
+        assert_eq!(b.quant_summary(), "4 q4f, 2 q8f, 3 q8h");
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [

@@ -436,6 +436,21 @@ impl<E: Exec> Device<E> {
         })
     }
 
+    /// The matrices held in the file's own blocks, counted by the kernels that read them
+    /// (e.g. `"60 q8, 30 q8h"`; empty where none is).
+    pub fn quant_summary(&self) -> String {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        let held = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wqkv_q, &l.wo_q, &l.w_gate_up_q, &l.w_down_q]);
+        for q in held.chain([&self.output_q]).flatten() {
+            *counts.entry(q.kind().unwrap_or("?")).or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        parts.join(", ")
+    }
+
     /// Whether any matrix is held in the file's own blocks too (products of few rows may
     /// read them: [`Device::quant_small`]).
     pub fn has_quant(&self) -> bool {

@@ -59,7 +59,7 @@ impl<E: Exec> CudaBackend<E> {
                 .and_then(|()| self.set_small_products(SmallProducts::ALL)),
             None => self.tune_small_products(TUNE_STEPS).map(|t| {
                 tracing::info!(backend = %self.name, timings = ?t, gemv = ?self.dev.small,
-                    quant = ?self.dev.quant_small,
+                    quant = ?self.dev.quant_small, blocks = %self.dev.quant_summary(),
                     "products of few rows: cuBLAS, gemv_f16 or the file's blocks, by decode step time");
             }),
         };
@@ -85,6 +85,12 @@ impl<E: Exec> CudaBackend<E> {
     /// Whether any matrix is held in the file's own blocks too.
     pub fn has_quant(&self) -> bool {
         self.dev.has_quant()
+    }
+
+    /// The matrices held in the file's own blocks, counted by the `gemv` kernels that
+    /// read them (e.g. `"60 q8, 30 q8h"`).
+    pub fn quant_summary(&self) -> String {
+        self.dev.quant_summary()
     }
 
     /// Products of few rows on `gemv` read the file's blocks for the row counts `quant`
