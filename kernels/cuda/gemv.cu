@@ -229,8 +229,7 @@ struct BlockTiles {
 template <typename Scales>
 struct WeightsQ4T : BlockTiles<uint2, Scales> {
     using Tile = typename BlockTiles<uint2, Scales>::Tile;
-    // f32 scales take two more registers a tile.
-    static constexpr int BATCH = sizeof(Scales) == 4 ? 6 : 5;
+    static constexpr int BATCH = 6;
     static constexpr float CENTER = 8.0f;
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
         return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);

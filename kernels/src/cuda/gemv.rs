@@ -422,7 +422,7 @@ impl QuantRows {
         Some(Self::build(bits, Scales::F16Pairs, rows, k, |j, blk| {
             let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
             // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
-            (std::array::from_fn(|c| vals[c] as i32), [d, m])
+            (vals, [d, m])
         }))
     }
 
