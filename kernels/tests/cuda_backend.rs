@@ -902,18 +902,19 @@ fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
 #[test]
 fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     use kernels::gguf::GgmlType;
-    // A Q4_K_M-like mix of whole stacks: Q4_K QKV and attn_output (`gemv_q4f`), IQ4_XS
-    // gate|up (`gemv_q8f`), Q6_K ffn_down and head (`gemv_q8h`).
+    // A K-quant mix: Q5_K QKV (`gemv_q8f`; parts the CPU holds apart, their offsets
+    // keeping them from stacking there), Q4_K attn_output and gate|up (`gemv_q4f`), Q6_K
+    // ffn_down (`gemv_q8h`), an IQ4_XS head (`gemv_q8f`).
     let spec = SynthSpec {
         types: vec![
-            ("attn_q", GgmlType::Q4_K),
-            ("attn_k", GgmlType::Q4_K),
-            ("attn_v", GgmlType::Q4_K),
+            ("attn_q", GgmlType::Q5_K),
+            ("attn_k", GgmlType::Q5_K),
+            ("attn_v", GgmlType::Q5_K),
             ("attn_output", GgmlType::Q4_K),
-            ("ffn_gate", GgmlType::IQ4_XS),
-            ("ffn_up", GgmlType::IQ4_XS),
+            ("ffn_gate", GgmlType::Q4_K),
+            ("ffn_up", GgmlType::Q4_K),
             ("ffn_down", GgmlType::Q6_K),
-            ("output", GgmlType::Q6_K),
+            ("output", GgmlType::IQ4_XS),
         ],
         ..SynthSpec::tiny_k_quants()
     };
@@ -922,16 +923,16 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
         return;
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
-        // Two layers' QKV and attn_output, gate|up, ffn_down; the head.
-        assert_eq!(b.quant_summary(), "4 q4f, 2 q8f, 3 q8h");
+        // Two layers' QKV, attn_output, gate|up, ffn_down; the head.
+        assert_eq!(b.quant_summary(), "4 q4f, 3 q8f, 2 q8h");
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [
-            "gemv_q4f_norm_rope",
+            "gemv_q8f_norm_rope",
             "gemv_q4f",
-            "gemv_q8f_norm",
+            "gemv_q4f_norm",
             "gemv_q8h_swiglu",
-            "gemv_q8h_norm",
+            "gemv_q8f_norm",
         ] {
             assert!(b.exec().launches(k) > 0, "{k} never ran");
         }

@@ -454,6 +454,26 @@ impl QuantRows {
         }))
     }
 
+    /// The rows of `parts` one after the other, as one matrix (a stack of projections the
+    /// CPU holds apart): the same bits, scales and width, every part but the last a whole
+    /// number of tiles (rows a multiple of 16); `None` otherwise.
+    pub fn concat(parts: &[QuantRows]) -> Option<Self> {
+        let first = parts.first()?;
+        let last = parts.len() - 1;
+        let fits = parts.iter().enumerate().all(|(i, p)| {
+            (p.bits, p.scales, p.k) == (first.bits, first.scales, first.k)
+                && (i == last || p.rows.is_multiple_of(GROUP))
+        });
+        fits.then(|| Self {
+            bits: first.bits,
+            scales: first.scales,
+            q: parts.iter().flat_map(|p| &p.q).copied().collect(),
+            s: parts.iter().flat_map(|p| &p.s).copied().collect(),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            k: first.k,
+        })
+    }
+
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
     /// integers (0..16 at 4 bits, −128..128 at 8) and its scale pair (`scales`' form).
     fn build(
@@ -608,6 +628,40 @@ mod tests {
                 }
             }
         }
+        // Parts one after the other: each row's weights as in its part; a part that ends
+        // inside a tile, or of another layout, is refused.
+        let part = |ty, n: usize| {
+            let v: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 31) % 97) as f32 / 24.0 - 2.0)
+                .collect();
+            let mut blocks = Vec::new();
+            match ty {
+                GgmlType::Q4_1 => quant::quantize_row_q4_1(&v, &mut blocks),
+                _ => quant::quantize_row_q8_0(&v, &mut blocks),
+            }
+            QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout")
+        };
+        let (a, b) = (part(GgmlType::Q8_0, 16), part(GgmlType::Q8_0, 3));
+        let ab = QuantRows::concat(&[a.clone(), b.clone()]).expect("a stack");
+        assert_eq!(ab.rows, 19);
+        for c in 0..k {
+            for j in 0..19 {
+                let want = if j < 16 {
+                    a.weight(j, c)
+                } else {
+                    b.weight(j - 16, c)
+                };
+                assert_eq!(ab.weight(j, c).to_bits(), want.to_bits(), "{j} {c}");
+            }
+        }
+        assert!(
+            QuantRows::concat(&[b.clone(), a.clone()]).is_none(),
+            "3 rows, then more"
+        );
+        assert!(
+            QuantRows::concat(&[a, part(GgmlType::Q4_1, 3)]).is_none(),
+            "8 bits, then 4"
+        );
         let q5 = vec![0u8; rows * k / 32 * GgmlType::Q5_0.block_bytes()];
         assert!(QuantRows::from_blocks(GgmlType::Q5_0, &q5, rows, k).is_none());
         assert!(QuantRows::from_blocks(GgmlType::Q4_1, &[0; 7], rows, k).is_none());

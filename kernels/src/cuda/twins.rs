@@ -305,11 +305,16 @@ fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     }
 }
 
-/// A stack of projections in its file's own blocks, where it is one matrix of them.
+/// A stack of projections in its file's own blocks: one matrix of them, or parts the CPU
+/// holds apart whose blocks are read by one kernel (e.g. Q5_K's, whose offsets keep them
+/// from stacking there), one after the other.
 fn quant_stack(p: &crate::model::Projections) -> Option<QuantRows> {
     match p {
         crate::model::Projections::Stacked { m, .. } => quant_rows(m),
-        crate::model::Projections::Separate(_) => None,
+        crate::model::Projections::Separate(parts) => {
+            let rows: Option<Vec<QuantRows>> = parts.iter().map(quant_rows).collect();
+            QuantRows::concat(&rows?)
+        }
     }
 }
 
