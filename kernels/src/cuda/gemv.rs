@@ -435,10 +435,8 @@ impl QuantRows {
         use crate::gguf::GgmlType;
         let bits = if p.ty() == GgmlType::Q8_0 { 8 } else { 4 };
         let (rows, k) = (p.rows, p.cols);
-        let nb = k / BLOCK;
         let scales = if p.runs() == 2 {
-            let no_mins = (0..rows).all(|j| (0..nb).all(|i| p.block(j, i).2 == 0.0));
-            if bits != 8 || !no_mins {
+            if bits != 8 || p.has_mins() {
                 return None;
             }
             Scales::F32Halves
