@@ -195,21 +195,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_n,
         )?;
         // The load-time choice between cuBLAS, gemv_f16 and the file's blocks for products
-        // of few rows.
+        // of few rows, the last two fused or apart.
+        let us = |s: Option<f64>| s.map_or("(none)".to_string(), |s| format!("{:.1} µs", s * 1e6));
         for t in b.small_product_timings() {
             println!(
-                "decode step of {}: products on cuBLAS {:.1} µs, on gemv_f16 {:.1} µs, over the file's blocks {}",
+                "decode step of {}: products on cuBLAS {}, on gemv_f16 {} (apart {}), over the file's blocks {} (apart {})",
                 t.bucket,
-                t.cublas_secs * 1e6,
-                t.gemv_secs * 1e6,
-                t.quant_secs
-                    .map_or("(none)".to_string(), |s| format!("{:.1} µs", s * 1e6))
+                us(Some(t.cublas_secs)),
+                us(Some(t.gemv_secs)),
+                us(Some(t.gemv_apart_secs)),
+                us(t.quant_secs),
+                us(t.quant_apart_secs),
             );
         }
         println!(
-            "gemv {:?}, file blocks {:?} (held: {})",
+            "gemv {:?}, file blocks {:?}, fused {:?} (held: {})",
             b.small_products(),
             b.quant_small(),
+            b.fused_small(),
             b.quant_summary()
         );
         if a.tensor {
@@ -300,16 +303,16 @@ fn small_products<E: Exec>(
         cuda.quant_small(),
     );
     let set = |cuda: &mut CudaBackend<E>,
-               (small, fused, quant): (SmallProducts, bool, SmallProducts)| {
+               (small, fused, quant): (SmallProducts, SmallProducts, SmallProducts)| {
         cuda.set_small_products(small)
             .and_then(|_| cuda.set_fused_small(fused))
             .and_then(|_| cuda.set_quant_small(quant))
             .map_err(|e| e.to_string())
     };
     let (none, all) = (SmallProducts(0), SmallProducts::ALL);
-    let mut ways = vec![(none, true, none), (all, false, none), (all, true, none)];
+    let mut ways = vec![(none, all, none), (all, none, none), (all, all, none)];
     if cuda.has_quant() {
-        ways.extend([(all, false, all), (all, true, all)]);
+        ways.extend([(all, none, all), (all, all, all)]);
     }
     println!();
     println!(

@@ -126,6 +126,15 @@ fn both_ways<E: Exec>(
     out.swap_remove(0)
 }
 
+/// Every row count's products of few rows fused (`on`), or none.
+fn fused(on: bool) -> SmallProducts {
+    if on {
+        SmallProducts::ALL
+    } else {
+        SmallProducts(0)
+    }
+}
+
 fn greedy(logits: &[f32], vocab: usize) -> Vec<u32> {
     logits
         .chunks_exact(vocab)
@@ -743,10 +752,10 @@ fn fused_products_of_few_rows_give_the_bits_of_their_kernels_apart() {
 fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
     let vocab = twin.config.vocab;
     cuda.set_small_products(SmallProducts::ALL).unwrap();
-    assert!(cuda.fused_small(), "fused by default");
+    assert_eq!(cuda.fused_small(), SmallProducts::ALL, "fused by default");
     assert!(cuda.has_quant(), "the synthetic model's blocks are held");
     let both = |cuda: &mut CudaBackend<E>, b: &Batch, what: &str| {
-        both_ways(cuda, b, what, |c, on| c.set_fused_small(on).unwrap())
+        both_ways(cuda, b, what, |c, on| c.set_fused_small(fused(on)).unwrap())
     };
     for quant in [SmallProducts(0), SmallProducts::ALL] {
         cuda.set_quant_small(quant).unwrap();
@@ -763,7 +772,7 @@ fn fused_small_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         }
     }
     cuda.set_graphs(true).unwrap();
-    cuda.set_fused_small(true).unwrap();
+    cuda.set_fused_small(SmallProducts::ALL).unwrap();
     cuda.set_quant_small(SmallProducts::default()).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();
 }
@@ -811,8 +820,8 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             }
         }
     }
-    // Buckets 1, 2, 4, 8 and 16 timed three ways; each row count follows its bucket's
-    // fastest.
+    // Buckets 1, 2, 4, 8 and 16 timed five ways (cuBLAS; gemv_f16 and the blocks, each
+    // fused and apart); each row count follows its bucket's fastest.
     cuda.set_graphs(true).unwrap();
     cuda.set_quant_small(SmallProducts::default()).unwrap();
     let timings = cuda.tune_small_products(3).unwrap();
@@ -820,10 +829,18 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         timings.iter().map(|t| t.bucket).collect::<Vec<_>>(),
         [1, 2, 4, 8, 16]
     );
-    let (small, quant) = (cuda.small_products(), cuda.quant_small());
+    let (small, quant, fused) = (
+        cuda.small_products(),
+        cuda.quant_small(),
+        cuda.fused_small(),
+    );
     for t in &timings {
         let q = t.quant_secs.expect("the synthetic model's blocks timed");
-        assert!(t.cublas_secs > 0.0 && t.gemv_secs > 0.0 && q > 0.0, "{t:?}");
+        let qa = t
+            .quant_apart_secs
+            .expect("the synthetic model's blocks timed");
+        let secs = [t.cublas_secs, t.gemv_secs, t.gemv_apart_secs, q, qa];
+        assert!(secs.iter().all(|&s| s > 0.0), "{t:?}");
         let rows: &[usize] = match t.bucket {
             1 => &[1],
             2 => &[2],
@@ -831,26 +848,19 @@ fn small_products_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
             8 => &[5, 6, 7, 8],
             _ => &[9, 10, 11, 12, 13, 14, 15, 16],
         };
-        let fastest = [t.cublas_secs, t.gemv_secs, q]
-            .iter()
-            .enumerate()
-            .fold(0, |b, (k, &s)| {
-                if s < [t.cublas_secs, t.gemv_secs, q][b] {
-                    k
-                } else {
-                    b
-                }
-            });
+        let fastest = (0..secs.len()).fold(0, |b, k| if secs[k] < secs[b] { k } else { b });
         for &r in rows {
+            // cuBLAS's way leaves the row count fused (no product of it is on gemv).
             assert_eq!(
-                (small.gemv(r), quant.gemv(r)),
-                (fastest > 0, fastest == 2),
-                "{t:?}: {small:?} {quant:?}"
+                (small.gemv(r), quant.gemv(r), fused.gemv(r)),
+                (fastest > 0, fastest >= 3, fastest != 2 && fastest != 4),
+                "{t:?}: {small:?} {quant:?} {fused:?}"
             );
         }
     }
     assert_eq!(cuda.small_product_timings(), &timings[..]);
     cuda.set_quant_small(SmallProducts::default()).unwrap();
+    cuda.set_fused_small(SmallProducts::ALL).unwrap();
 }
 
 #[test]
@@ -887,14 +897,16 @@ fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
         let mut step = short_prompts(3, 3, 5);
         for s in 0..3 {
             let what = format!("{quant:?}: step {s}");
-            let got = both_ways(cuda, &step, &what, |c, on| c.set_fused_small(on).unwrap());
+            let got = both_ways(cuda, &step, &what, |c, on| {
+                c.set_fused_small(fused(on)).unwrap()
+            });
             let want = twin.forward(&step, &mut kv);
             let e = rel_err(&got, &want);
             assert!(e < 2e-3, "{what}: {e}");
             step = decode(&step, &greedy(&got, vocab));
         }
     }
-    cuda.set_fused_small(true).unwrap();
+    cuda.set_fused_small(SmallProducts::ALL).unwrap();
     cuda.set_quant_small(SmallProducts::default()).unwrap();
     cuda.set_small_products(SmallProducts::default()).unwrap();
 }

@@ -123,10 +123,11 @@ pub struct Device<E: Exec> {
     /// Of those, which read the file's own blocks (`gemv_q4*`, `gemv_q8*`) where a matrix
     /// has them ([`Device::has_quant`]); the others read the f16 rows.
     pub quant_small: SmallProducts,
-    /// Whether those products make their input themselves and the QKV product does
-    /// RoPE and the cache write (`gemv_f16_norm`, `gemv_f16_norm_rope`, `gemv_f16_swiglu`:
-    /// 5 launches a layer instead of 9, the same bits).
-    pub fuse_small: bool,
+    /// Of those, the row counts whose products make their input themselves and whose
+    /// QKV product does RoPE and the cache write (`gemv_f16_norm`, `gemv_f16_norm_rope`,
+    /// `gemv_f16_swiglu`: 5 launches a layer instead of 9, the same bits; each block
+    /// makes the rows it reads, so the inputs are read once a block, not once).
+    pub fused: SmallProducts,
     /// Which attention kernel the step launches.
     pub attention: AttentionKernel,
     /// The most shared memory a block may have (the `gemv` kernels' staged rows).
@@ -418,7 +419,7 @@ impl<E: Exec> Device<E> {
             split,
             small: SmallProducts::default(),
             quant_small: SmallProducts::default(),
-            fuse_small: true,
+            fused: SmallProducts::ALL,
             attention: AttentionKernel::default(),
             max_shared: exec.max_shared_bytes()?,
             embed,
@@ -483,7 +484,7 @@ impl<E: Exec> Device<E> {
             split,
             small,
             quant_small,
-            fuse_small,
+            fused,
             attention,
             max_shared,
             bufs: b,
@@ -536,7 +537,7 @@ impl<E: Exec> Device<E> {
         // x + delta goes to x2 at the attention's norm and back to x at the feed-forward's,
         // so each layer ends with the residual in x.
         let fused = |rows: usize, k: usize| {
-            *fuse_small && small.gemv(rows) && gemv::fits(rows, k, *max_shared)
+            fused.gemv(rows) && small.gemv(rows) && gemv::fits(rows, k, *max_shared)
         };
         let small = Small {
             gemv: *small,
@@ -734,7 +735,7 @@ impl<E: Exec> Device<E> {
     /// output head's `gemv_f16` ([`Device::enqueue`]): its last residual add is then not in
     /// `x` (the last down output, in `o`, is still to add).
     fn fuses_final_norm(&self, padded: usize) -> bool {
-        self.fuse_small
+        self.fused.gemv(padded)
             && self.small.gemv(padded)
             && gemv::fits(padded, self.config.dim, self.max_shared)
     }

@@ -36,13 +36,16 @@ impl FixedSmall {
 const TUNE_STEPS: usize = 30;
 
 /// A decode bucket's step time with its products on cuBLAS, on `gemv_f16`, and on the
-/// `gemv` kernels over the file's own blocks (where the model has them).
+/// `gemv` kernels over the file's own blocks (where the model has them); on `gemv`, with
+/// the norms, swiglu and RoPE fused into the products, and launched apart (`_apart`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SmallProductTiming {
     pub bucket: usize,
     pub cublas_secs: f64,
     pub gemv_secs: f64,
+    pub gemv_apart_secs: f64,
     pub quant_secs: Option<f64>,
+    pub quant_apart_secs: Option<f64>,
 }
 
 impl<E: Exec> CudaBackend<E> {
@@ -59,8 +62,9 @@ impl<E: Exec> CudaBackend<E> {
                 .and_then(|()| self.set_small_products(SmallProducts::ALL)),
             None => self.tune_small_products(TUNE_STEPS).map(|t| {
                 tracing::info!(backend = %self.name, timings = ?t, gemv = ?self.dev.small,
-                    quant = ?self.dev.quant_small, blocks = %self.dev.quant_summary(),
-                    "products of few rows: cuBLAS, gemv_f16 or the file's blocks, by decode step time");
+                    quant = ?self.dev.quant_small, fused = ?self.dev.fused,
+                    blocks = %self.dev.quant_summary(),
+                    "products of few rows: cuBLAS, gemv_f16 or the file's blocks, fused or apart, by decode step time");
             }),
         };
         if let Err(e) = chosen {
@@ -128,18 +132,19 @@ impl<E: Exec> CudaBackend<E> {
         Ok(on)
     }
 
-    /// Whether products of few rows on `gemv_f16` make their input themselves (the
-    /// norms and swiglu fused in, and RoPE with the cache write into the QKV product; the
-    /// default).
-    pub fn fused_small(&self) -> bool {
-        self.dev.fuse_small
+    /// For which row counts products of few rows on `gemv` make their input themselves
+    /// (the norms and swiglu fused in, and RoPE with the cache write into the QKV product;
+    /// all, until the load-time timing chooses per decode bucket).
+    pub fn fused_small(&self) -> SmallProducts {
+        self.dev.fused
     }
 
     /// Fuses the norms, swiglu and RoPE with the cache write into the products of few
-    /// rows on `gemv_f16`, or launches them apart (`on` false; the same bits either way),
-    /// from the next step on (the decode graphs are captured again).
-    pub fn set_fused_small(&mut self, on: bool) -> Result<(), ExecError> {
-        self.dev.fuse_small = on;
+    /// rows on `gemv` for the row counts `fused` says, and launches them apart for the
+    /// others (the same bits either way), from the next step on (the decode graphs are
+    /// captured again).
+    pub fn set_fused_small(&mut self, fused: SmallProducts) -> Result<(), ExecError> {
+        self.dev.fused = fused;
         self.recapture_all()?;
         Ok(())
     }
@@ -159,9 +164,9 @@ impl<E: Exec> CudaBackend<E> {
 
     /// Times each decode graph of at most [`gemv::MAX_ROWS`] sequences over `steps`
     /// replays with its products on cuBLAS, on `gemv_f16` and (where the model has them)
-    /// on the file's own blocks, and keeps the fastest for the row counts that bucket
-    /// serves (direct launches of as many rows follow it). Nothing changes when graphs
-    /// are off.
+    /// on the file's own blocks, the last two with the kernels around the products fused
+    /// in and launched apart, and keeps the fastest for the row counts that bucket serves
+    /// (direct launches of as many rows follow it). Nothing changes when graphs are off.
     pub fn tune_small_products(
         &mut self,
         steps: usize,
@@ -175,15 +180,26 @@ impl<E: Exec> CudaBackend<E> {
             }
             let rows = below + 1..=bucket;
             below = bucket;
-            // (on gemv, over the file's blocks): cuBLAS, gemv_f16, the blocks.
-            let ways: &[(bool, bool)] = if self.dev.has_quant() {
-                &[(false, false), (true, false), (true, true)]
+            // (on gemv, over the file's blocks, fused): cuBLAS, gemv_f16 fused and apart,
+            // the blocks fused and apart.
+            let ways: &[(bool, bool, bool)] = if self.dev.has_quant() {
+                &[
+                    (false, false, true),
+                    (true, false, true),
+                    (true, false, false),
+                    (true, true, true),
+                    (true, true, false),
+                ]
             } else {
-                &[(false, false), (true, false)]
+                &[
+                    (false, false, true),
+                    (true, false, true),
+                    (true, false, false),
+                ]
             };
             let mut secs = Vec::with_capacity(ways.len());
-            for &(on, quant) in ways {
-                self.set_rows(rows.clone(), on, quant);
+            for &(on, quant, fused) in ways {
+                self.set_rows(rows.clone(), on, quant, fused);
                 self.recapture(i)?;
                 let t = std::time::Instant::now();
                 for _ in 0..steps {
@@ -192,25 +208,35 @@ impl<E: Exec> CudaBackend<E> {
                 secs.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
             }
             let best = (0..secs.len()).fold(0, |b, k| if secs[k] < secs[b] { k } else { b });
-            let (on, quant) = ways[best];
-            self.set_rows(rows, on, quant);
+            let (on, quant, fused) = ways[best];
+            self.set_rows(rows, on, quant, fused);
             self.recapture(i)?;
             out.push(SmallProductTiming {
                 bucket,
                 cublas_secs: secs[0],
                 gemv_secs: secs[1],
-                quant_secs: secs.get(2).copied(),
+                gemv_apart_secs: secs[2],
+                quant_secs: secs.get(3).copied(),
+                quant_apart_secs: secs.get(4).copied(),
             });
         }
         self.tuned = out.clone();
         Ok(out)
     }
 
-    /// Row counts `rows` on `gemv` (`on`), over the file's blocks (`quant`).
-    fn set_rows(&mut self, rows: std::ops::RangeInclusive<usize>, on: bool, quant: bool) {
+    /// Row counts `rows` on `gemv` (`on`), over the file's blocks (`quant`), with the
+    /// kernels around the products fused in (`fused`).
+    fn set_rows(
+        &mut self,
+        rows: std::ops::RangeInclusive<usize>,
+        on: bool,
+        quant: bool,
+        fused: bool,
+    ) {
         for r in rows {
             self.dev.small = self.dev.small.with(r, on);
             self.dev.quant_small = self.dev.quant_small.with(r, on && quant);
+            self.dev.fused = self.dev.fused.with(r, fused);
         }
     }
 }
