@@ -17,8 +17,9 @@
 //! values in them: Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values, or the
 //! K-quants' under f32 scales, `gemv_q4f` / `gemv_q8f` / `gemv_q8h`: a third to a half of
 //! the bytes), the last two with the norms, swiglu and RoPE fused into the products and
-//! launched apart, and the fastest is kept for that many rows ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=
-//! cublas|gemv|quant` fixes it instead).
+//! launched apart, and the fastest is kept for that many rows
+//! ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=cublas|gemv|quant`
+//! fixes it instead).
 //!
 //! **Dependent launches.** On Hopper and later, every kernel launches as a programmatic
 //! dependent launch ([`super::launch`]), so that its launch and start overlap the end of
