@@ -823,7 +823,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
                     .expect("a kernel layout")
             }
         };
-        let kind = QuantBuf::upload(g, &rows).unwrap().kind();
+        let wq = &QuantBuf::upload(g, &rows).unwrap();
         let want_kind = match ty {
             GgmlType::Q4_K => "q4f",
             GgmlType::Q5_K | GgmlType::IQ4_XS | GgmlType::Q5_1 => "q8f",
@@ -831,8 +831,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q8_0 => "q8",
             _ => "q4",
         };
-        assert_eq!(kind, Some(want_kind), "{ty:?}");
-        let wq = &QuantBuf::upload(g, &rows).unwrap();
+        assert_eq!(wq.kind(), Some(want_kind), "{ty:?}");
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want: Vec<f32> = (0..m * n)

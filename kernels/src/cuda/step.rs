@@ -203,6 +203,19 @@ impl SmallProducts {
     }
 }
 
+/// Whether a product of `rows` rows over `k` runs on `gemv` with the kernel before it (a
+/// norm or swiglu) made in it: `fused` and `small` say so for the row count and the staged
+/// rows fit in `max_shared` bytes ([`Device::enqueue`] and what reads its results back).
+fn fuses(
+    fused: SmallProducts,
+    small: SmallProducts,
+    rows: usize,
+    k: usize,
+    max_shared: usize,
+) -> bool {
+    fused.gemv(rows) && small.gemv(rows) && gemv::fits(rows, k, max_shared)
+}
+
 /// Where a step's products of few rows run: which row counts on our `gemv` kernels
 /// (`gemv`), and of those which over the file's own blocks (`quant`).
 #[derive(Clone, Copy)]
@@ -536,9 +549,7 @@ impl<E: Exec> Device<E> {
         // and swiglu are not launched, and the QKV product does RoPE and the cache write.
         // x + delta goes to x2 at the attention's norm and back to x at the feed-forward's,
         // so each layer ends with the residual in x.
-        let fused = |rows: usize, k: usize| {
-            fused.gemv(rows) && small.gemv(rows) && gemv::fits(rows, k, *max_shared)
-        };
+        let fused = |rows: usize, k: usize| fuses(*fused, *small, rows, k, *max_shared);
         let small = Small {
             gemv: *small,
             quant: *quant_small,
@@ -735,9 +746,13 @@ impl<E: Exec> Device<E> {
     /// output head's `gemv_f16` ([`Device::enqueue`]): its last residual add is then not in
     /// `x` (the last down output, in `o`, is still to add).
     fn fuses_final_norm(&self, padded: usize) -> bool {
-        self.fused.gemv(padded)
-            && self.small.gemv(padded)
-            && gemv::fits(padded, self.config.dim, self.max_shared)
+        fuses(
+            self.fused,
+            self.small,
+            padded,
+            self.config.dim,
+            self.max_shared,
+        )
     }
 
     /// The final hidden states of logits rows `rows` of the step just run (waited for)

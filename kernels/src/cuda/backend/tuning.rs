@@ -182,21 +182,14 @@ impl<E: Exec> CudaBackend<E> {
             below = bucket;
             // (on gemv, over the file's blocks, fused): cuBLAS, gemv_f16 fused and apart,
             // the blocks fused and apart.
-            let ways: &[(bool, bool, bool)] = if self.dev.has_quant() {
-                &[
-                    (false, false, true),
-                    (true, false, true),
-                    (true, false, false),
-                    (true, true, true),
-                    (true, true, false),
-                ]
-            } else {
-                &[
-                    (false, false, true),
-                    (true, false, true),
-                    (true, false, false),
-                ]
-            };
+            const WAYS: [(bool, bool, bool); 5] = [
+                (false, false, true),
+                (true, false, true),
+                (true, false, false),
+                (true, true, true),
+                (true, true, false),
+            ];
+            let ways = &WAYS[..if self.dev.has_quant() { 5 } else { 3 }];
             let mut secs = Vec::with_capacity(ways.len());
             for &(on, quant, fused) in ways {
                 self.set_rows(rows.clone(), on, quant, fused);
