@@ -23,7 +23,9 @@
 // block as f16, with each block of 32's sum (for the blocks' offsets), in dynamic shared
 // memory sized by the launch (`gemv::shared_bytes`: ~17 bytes a weight of a row at 8
 // rows, so rows up to ~13,000 wide on Hopper's 227 KB at 8 rows, ~6,500 at 16). Needs m <= GEMV_MAX_ROWS and k a
-// multiple of 32; n any.
+// multiple of 32; n any. The n columns may be part of wider output rows (GemvOut: ldy
+// apart, from column j0), so that a stack whose parts need different kernels (Q4_K_M's
+// QKV: Q4_K Q and K, Q6_K V) is a launch a part, each writing its columns.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -45,8 +47,9 @@
 __device__ __forceinline__ int gemv_stride(int k) { return k % 64 ? k : k + 32; }
 
 // The block's shared memory (dynamic: the launch sizes it, gemv::shared_bytes mirrors
-// this layout): the m staged input rows (f16, `gemv_stride(k)` halves apart), each row's
-// sums over its blocks of 32 (for the blocks' offsets), and the warps' sums of a group.
+// this layout): the warps' sums of a group, the m staged input rows (f16,
+// `gemv_stride(k)` halves apart), and each row's sums over its blocks of 32 (for the
+// blocks' offsets).
 // On the emulator, one static area for every gemv kernel (one launch runs at a time).
 #ifdef TOLLGATE_EMU
 __shared__ char gemv_smem[227 * 1024];
@@ -64,14 +67,16 @@ struct GemvShared {
 // The layout for m rows of k; a launch that gave the block less than it takes traps (the
 // host sizes it by the same arithmetic, gemv::shared_bytes).
 __device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
+    // The warps' sums first, at a fixed place: their address is a constant, not a
+    // register held through the product's loop.
+    constexpr size_t PART = sizeof(float) * GEMV_WARPS * 8 * 32;
     GemvShared sh;
-    sh.x = reinterpret_cast<half_t*>(gemv_smem);
-    char* p = gemv_smem + (size_t)m * gemv_stride(k) * 2;
-    sh.xsum = reinterpret_cast<float*>(p);
-    p += ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
-    sh.part = reinterpret_cast<float(*)[8][32]>(p);
+    sh.part = reinterpret_cast<float(*)[8][32]>(gemv_smem);
+    sh.x = reinterpret_cast<half_t*>(gemv_smem + PART);
+    size_t x_bytes = (size_t)m * gemv_stride(k) * 2;
+    sh.xsum = reinterpret_cast<float*>(gemv_smem + PART + x_bytes);
     sh.m = m;
-    size_t end = (size_t)(p - gemv_smem) + sizeof(float) * GEMV_WARPS * 8 * 32;
+    size_t end = PART + x_bytes + ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
 #ifdef TOLLGATE_EMU
     unsigned have = dynamic_smem_size();
 #else
@@ -399,12 +404,23 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
     }
 }
 
+// Where a product's n columns go: column j of row r to y[r · ldy + j0 + j] — a matrix of
+// its own (ldy = n, j0 = 0), or a part of a stack whose parts the kernels read apart
+// (`gemv::QuantStack`: e.g. the V rows of a QKV stack in another layout than Q and K's),
+// its columns j0 .. j0 + n of the stack's ldy.
+struct GemvOut {
+    float* __restrict__ y;
+    int ldy, j0;
+    __device__ __forceinline__ float* at(int r, int j) const {
+        return y + (size_t)r * ldy + j0 + j;
+    }
+};
+
 // The plain product's output: y[r, j] = the sum.
 template <typename W>
 __device__ __forceinline__ void gemv_store(const GemvShared& sh, const W& w, const TileBatch<W>& v,
-                                           float* __restrict__ y, int k, int n) {
-    gemv_columns<1>(sh, w, v, k, n,
-                    [=](int r, int j, const float* sums) { y[(size_t)r * n + j] = sums[0]; });
+                                           GemvOut y, int k, int n) {
+    gemv_columns<1>(sh, w, v, k, n, [=](int r, int j, const float* sums) { *y.at(r, j) = sums[0]; });
 }
 
 // The f16 rows of x (m × k), staged.
@@ -451,7 +467,7 @@ __device__ __forceinline__ void stage_norm(const GemvShared& sh, const float* __
 // The plain product of f16 rows x.
 template <typename W>
 __device__ __forceinline__ void rows_product(const GemvShared& sh, const half_t* __restrict__ x,
-                                             const W& w, float* __restrict__ y, int m, int k,
+                                             const W& w, GemvOut y, int m, int k,
                                              int n) {
     const TileBatch<W> v = first_batch(w);
     stage_rows(sh, x, m, k);
@@ -470,7 +486,7 @@ __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* 
                                              const float* __restrict__ nw,
                                              float* __restrict__ x_out,
                                              const int* __restrict__ rows, float eps, const W& w,
-                                             float* __restrict__ y, int m, int k, int n) {
+                                             GemvOut y, int m, int k, int n) {
     const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
@@ -478,8 +494,9 @@ __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* 
 }
 
 // The norm's product for the QKV rows, with rope_kv_write in its epilogue: y is the QKV
-// rows (n = (n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads),
-// each q and k pair of output row i rotated at positions[i], and the rotated keys and the
+// rows ((n_heads + 2 · n_kv_heads) · head_dim columns: q heads, k heads, v heads; the
+// product's n columns are those from y.j0, an even column: all of them, or a part of the
+// stack), each q and k pair of output row i rotated at positions[i], and the rotated keys and the
 // values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
 // helpers in common.cuh). A thread of the epilogue takes a rotation pair, two adjacent
 // columns.
@@ -487,7 +504,7 @@ template <typename W>
 __device__ __forceinline__ void norm_rope_product(
     const GemvShared& sh, const float* __restrict__ x, const float* __restrict__ delta,
     const float* __restrict__ nw, float* __restrict__ x_out, const int* __restrict__ rows,
-    float eps, const W& w, float* __restrict__ y, int m, int k, int n,
+    float eps, const W& w, GemvOut y, int m, int k, int n,
     const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
     int block_size, float base) {
@@ -495,16 +512,17 @@ __device__ __forceinline__ void norm_rope_product(
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums<W>(sh, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
-    gemv_columns<2>(sh, w, v, k, n, [=](int r, int j, const float* sums) {
+    gemv_columns<2>(sh, w, v, k, n, [=](int r, int jp, const float* sums) {
         float pair[2] = {sums[0], sums[1]};
-        int in_head = j % head_dim;
+        int j = y.j0 + jp, in_head = j % head_dim;  // the column of the QKV rows
+        float* out = y.at(r, jp);
         if (j < qd + kvd) {
             float s, c;
             rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);
             rotate(pair, c, s);
         }
-        y[(size_t)r * n + j] = pair[0];
-        y[(size_t)r * n + j + 1] = pair[1];
+        out[0] = pair[0];
+        out[1] = pair[1];
         if (j < qd) return;
         // A key or a value pair: entry in_head of (block, kv head, slot).
         bool key = j < qd + kvd;
@@ -520,7 +538,7 @@ __device__ __forceinline__ void norm_rope_product(
 // j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
 template <typename W>
 __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float* __restrict__ gu,
-                                               const W& w, float* __restrict__ y, int m, int k,
+                                               const W& w, GemvOut y, int m, int k,
                                                int n) {
     const TileBatch<W> v = first_batch(w);
     int stride = gemv_stride(k);
@@ -537,210 +555,216 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
 // gemv_<weights>_norm, gemv_<weights>_norm_rope and gemv_<weights>_swiglu. Each first asks
 // L2 for its block's first group of weights, then waits (pdl_begin).
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
-    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
-    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, y, m, k, n);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n) {
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, const u32* __restrict__ positions,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, y, m, k, n, positions,
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n) {
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
     const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
     const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, y, m, k, n);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
 }

@@ -748,7 +748,7 @@ fn a_gemv_launch_short_of_shared_memory_traps() {
         up(&g, &vec![f16::ONE; n * k]),
     );
     let y = up(&g, &vec![f32::NAN; m * n]);
-    let args = [x.arg(), w.arg(), y.arg(), i(m), i(k), i(n)];
+    let args = [x.arg(), w.arg(), y.arg(), i(m), i(k), i(n), i(n), i(0)];
     for (bytes, ok) in [(shared_bytes(m, k), true), (shared_bytes(m, k) - 16, false)] {
         let launch = LaunchConfig {
             shared_mem_bytes: bytes as u32,
@@ -823,7 +823,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
                     .expect("a kernel layout")
             }
         };
-        let wq = &QuantBuf::upload(g, &rows).unwrap();
+        let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
             GgmlType::Q4_K => "q4f",
             GgmlType::Q5_K | GgmlType::IQ4_XS | GgmlType::Q5_1 => "q8f",
@@ -831,7 +831,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q8_0 => "q8",
             _ => "q4",
         };
-        assert_eq!(wq.kind(), Some(want_kind), "{ty:?}");
+        assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want: Vec<f32> = (0..m * n)
@@ -857,19 +857,19 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, over, k, n).is_err(),
             "17 rows"
         );
-        let five = QuantBuf {
+        let five = [QuantBuf {
             bits: 5,
             ..QuantBuf::upload(g, &rows).unwrap()
-        };
+        }];
         assert!(
             gemv_from(g, Input::Rows(&xd), Weights::Quant(&five), &mut y, 1, k, n).is_err(),
             "5 bits"
         );
-        let halves4 = QuantBuf {
+        let halves4 = [QuantBuf {
             bits: 4,
             scales: kernels::cuda::gemv::Scales::F32Halves,
             ..QuantBuf::upload(g, &rows).unwrap()
-        };
+        }];
         assert!(
             gemv_from(
                 g,
@@ -892,6 +892,281 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             "k no multiple of 32"
         );
     }
+}
+
+#[test]
+fn a_stack_of_two_layouts_matches_the_product_of_the_files_values() {
+    if !kernels::packed::available() {
+        println!("SKIPPED: this CPU has no packed kernels to make the K-quant layouts");
+        return;
+    }
+    on_each!(gemv_stack_case);
+}
+
+/// The blocks of `parts` (a type and rows each, `k` wide) as the backend holds a stack of
+/// them (`QuantRows::stack`), and the values the file's blocks dequantize to, stacked.
+fn stack_of<E: Exec>(
+    g: &E,
+    rng: &mut Rng,
+    parts: &[(GgmlType, usize)],
+    k: usize,
+) -> (Vec<kernels::cuda::gemv::QuantBuf<E>>, Vec<f32>) {
+    use kernels::cuda::gemv::{QuantBuf, QuantRows};
+    let mut values = Vec::new();
+    let rows = parts
+        .iter()
+        .map(|&(ty, n)| {
+            let (blocks, w) = quant_weights(rng, ty, n, k);
+            values.extend(w);
+            QuantRows::from_blocks(ty, &blocks, n, k).unwrap_or_else(|| {
+                let m = kernels::model::matrix_of(ty, n, k, &blocks);
+                QuantRows::from_packed(m.packed_values().expect("exact packed values"))
+                    .expect("a kernel layout")
+            })
+        })
+        .collect();
+    let bufs = QuantRows::stack(rows)
+        .iter()
+        .map(|r| QuantBuf::upload(g, r).unwrap())
+        .collect();
+    (bufs, values)
+}
+
+/// A stack whose parts need different kernels, one launch each writing its columns of
+/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f`, Q6_K V on `gemv_q8h`), and
+/// parts of one layout where the first ends inside a tile. For 1 to 16 rows: the product
+/// of the file's values; fused with the norm (x + delta written once), with the norm and
+/// RoPE and the cache write (the V part's columns at their place in the QKV rows and the
+/// cache), and with SwiGLU, the same bits as the kernels apart; poisoned outputs. Refused:
+/// parts that are not the product's rows, no parts, a part starting inside a rotation pair.
+fn gemv_stack_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::{gemv_from, gemv_rope, Input, RopeKv, Weights};
+    let what = g.describe();
+    let mut rng = Rng(41);
+    let k = 1536;
+    let exact = |x: &[f16], w: &[f32], m: usize, n: usize| -> Vec<f32> {
+        (0..m * n)
+            .map(|e| {
+                let (r, j) = (e / n, e % n);
+                (0..k)
+                    .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    };
+    let odd = [
+        (GgmlType::Q8_0, 40),
+        (GgmlType::Q8_0, 24),
+        (GgmlType::Q4_K, 48),
+    ];
+    let (parts, w) = stack_of(g, &mut rng, &odd, k);
+    let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
+    assert_eq!(kinds, ["q8", "q8", "q4f"], "{what}");
+    let n = 112;
+    for m in [1, 3, 8, 9, 16] {
+        let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
+        let xd = up(g, &x);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        gemv_from(g, Input::Rows(&xd), Weights::Quant(&parts), &mut y, m, k, n).unwrap();
+        let e = rel(&down(g, &y), &exact(&x, &w, m, n));
+        assert!(e < 1e-5, "{what}: three parts, {m} rows: {e}");
+    }
+
+    // Q4_K_M's QKV: 4 heads and 2 of keys and values, of 64.
+    let (nh, nkv, hd, bs) = (4, 2, 64, 16);
+    let (qd, kvd) = (nh * hd, nkv * hd);
+    let n = qd + 2 * kvd;
+    let qkv = [
+        (GgmlType::Q4_K, qd),
+        (GgmlType::Q4_K, kvd),
+        (GgmlType::Q6_K, kvd),
+    ];
+    let (parts, w) = stack_of(g, &mut rng, &qkv, k);
+    let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
+    assert_eq!(kinds, ["q4f", "q8h"], "{what}");
+    let nw = rng.vec(k, 1.0);
+    let nwd = up(g, &nw);
+    let fill: Vec<f16> = rng
+        .vec(64 * bs * kvd, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let eps = 1e-5f32;
+    let apart = |xd: &E::Buf<f32>, dd: &E::Buf<f32>, m: usize| {
+        let h = up(g, &nan16(m * k));
+        let args = [
+            xd.arg(),
+            dd.arg(),
+            nwd.arg(),
+            h.arg(),
+            Arg::Null,
+            i(m),
+            i(k),
+            Arg::F32(eps),
+        ];
+        g.launch("add_rmsnorm", norm_launch(m), &args).unwrap();
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        gemv_from(g, Input::Rows(&h), Weights::Quant(&parts), &mut y, m, k, n).unwrap();
+        (y, down(g, &h))
+    };
+    for m in [1, 2, 5, 8, 9, 16] {
+        let x0 = rng.vec(m * k, 3.0);
+        let delta = rng.vec(m * k, 1.0);
+        let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
+        let slots: Vec<i32> = (0..m).map(|r| (r * 61 % 1024) as i32).collect();
+        let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
+        // The norm fused: the product of the normed rows; x + delta written once.
+        let mut x_out = up(g, &vec![f32::NAN; m * k]);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        let input = Input::Norm {
+            x: &xd,
+            delta: Some(&dd),
+            weight: &nwd,
+            x_out: Some(&mut x_out),
+            rows: None,
+            eps,
+        };
+        gemv_from(g, input, Weights::Quant(&parts), &mut y, m, k, n).unwrap();
+        let normed = down(g, &y);
+        let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+        let mut qkv_y = up(g, &vec![f32::NAN; m * n]);
+        let input = Input::Norm {
+            x: &xd,
+            delta: Some(&dd),
+            weight: &nwd,
+            x_out: None,
+            rows: None,
+            eps,
+        };
+        let rope = RopeKv {
+            positions: &pd,
+            slots: &sd,
+            k_cache: &mut kc,
+            v_cache: &mut vc,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            base: 10000.0,
+        };
+        gemv_rope(g, input, Weights::Quant(&parts), &mut qkv_y, m, k, rope).unwrap();
+        let (got, got_k, got_v) = (down(g, &qkv_y), down(g, &kc), down(g, &vc));
+        // Apart: add_rmsnorm (x += delta in place), the product, rope_kv_write.
+        let (ya, h) = apart(&xd, &dd, m);
+        assert!(
+            same_bits(&normed, &down(g, &ya)),
+            "{what}: {m} rows: norm fused vs apart"
+        );
+        assert_eq!(down(g, &x_out), down(g, &xd), "{what}: {m} rows: x_out");
+        let e = rel(&normed, &exact(&h, &w, m, n));
+        assert!(e < 1e-5, "{what}: {m} rows: the normed rows' product: {e}");
+        let (ka, va) = (up(g, &fill), up(g, &fill));
+        let args = [
+            ya.arg(),
+            i(n),
+            pd.arg(),
+            sd.arg(),
+            ka.arg(),
+            va.arg(),
+            i(m),
+            i(nh),
+            i(nkv),
+            i(hd),
+            i(bs),
+            Arg::F32(10000.0),
+        ];
+        let pairs = ((m * hd / 2) as u32).div_ceil(256);
+        g.launch("rope_kv_write", cfg(pairs, 256), &args).unwrap();
+        assert!(same_bits(&got, &down(g, &ya)), "{what}: {m} rows: QKV rows");
+        assert_eq!(got_k, down(g, &ka), "{what}: {m} rows: key cache");
+        assert_eq!(got_v, down(g, &va), "{what}: {m} rows: value cache");
+        assert_ne!(got_v, fill, "{what}: {m} rows: the V part wrote the cache");
+    }
+    // SwiGLU fused over a gate|up of 2k, against swiglu then the product.
+    for m in [1, 9] {
+        let gu = rng.vec(m * 2 * k, 4.0);
+        let gud = up(g, &gu);
+        let mut y = up(g, &vec![f32::NAN; m * n]);
+        gemv_from(
+            g,
+            Input::Swiglu(&gud),
+            Weights::Quant(&parts),
+            &mut y,
+            m,
+            k,
+            n,
+        )
+        .unwrap();
+        let gd = up(g, &nan16(m * k));
+        g.launch(
+            "swiglu",
+            swiglu_launch(m, k),
+            &[gud.arg(), gd.arg(), i(m), i(k)],
+        )
+        .unwrap();
+        let mut ya = up(g, &vec![f32::NAN; m * n]);
+        gemv_from(
+            g,
+            Input::Rows(&gd),
+            Weights::Quant(&parts),
+            &mut ya,
+            m,
+            k,
+            n,
+        )
+        .unwrap();
+        assert!(
+            same_bits(&down(g, &y), &down(g, &ya)),
+            "{what}: {m} rows: swiglu"
+        );
+    }
+    // Refused: parts that are not the n rows; none; a part starting inside a pair.
+    let xd = up(g, &vec![f16::ZERO; k]);
+    let mut y = up(g, &vec![0f32; n + 1]);
+    for (cols, why) in [
+        (n + 1, "a column past the parts"),
+        (n - 1, "a part's row left"),
+    ] {
+        let r = gemv_from(
+            g,
+            Input::Rows(&xd),
+            Weights::Quant(&parts),
+            &mut y,
+            1,
+            k,
+            cols,
+        );
+        assert!(r.is_err(), "{what}: {why}");
+    }
+    let none: &[kernels::cuda::gemv::QuantBuf<E>] = &[];
+    let r = gemv_from(g, Input::Rows(&xd), Weights::Quant(none), &mut y, 1, k, n);
+    assert!(r.is_err(), "{what}: no parts");
+    let uneven = [(GgmlType::Q8_0, qd - 1), (GgmlType::Q8_0, 2 * kvd + 1)];
+    let (uneven, _) = stack_of(g, &mut rng, &uneven, k);
+    assert_eq!(uneven.len(), 2);
+    let (x32, pd, sd) = (up(g, &vec![0f32; k]), up(g, &[0u32]), up(g, &[0i32]));
+    let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
+    let input = Input::Norm {
+        x: &x32,
+        delta: None,
+        weight: &nwd,
+        x_out: None,
+        rows: None,
+        eps,
+    };
+    let rope = RopeKv {
+        positions: &pd,
+        slots: &sd,
+        k_cache: &mut kc,
+        v_cache: &mut vc,
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        block_size: bs,
+        base: 10000.0,
+    };
+    let r = gemv_rope(g, input, Weights::Quant(&uneven), &mut y, 1, k, rope);
+    assert!(r.is_err(), "{what}: a part starting at an odd column");
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -1581,9 +1856,10 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
     // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
-    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h;
-    // attention_tc at both batches and contexts, and both kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 58, "{names:?}");
+    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h, and Q4_K_M's QKV stack
+    // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
+    // kernels over an 80-token prompt.
+    assert_eq!(rows.len(), 61, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -1596,6 +1872,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8 small 1×64·64×96",
         "gemv_q4f small 3×64·64×96",
         "gemv_q8h small 9×64·64×96",
+        "gemv_q4f+q8h small 3×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

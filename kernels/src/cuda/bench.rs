@@ -726,9 +726,22 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let w = e.zeros::<f16>(n * k)?;
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
         // in the K-quant layouts' (f32 scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
-        // `gemv_q8h`).
+        // `gemv_q8h`); a product of the QKV's width also as Q4_K_M's stack of two (Q4_K Q
+        // and K, Q6_K V: a launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs};
-        let quant = [
+        // The layout pads the rows to a tile of 16.
+        let part = |bits: u32, scales: gemv::Scales, rows: usize| {
+            let padded = rows.next_multiple_of(16);
+            Ok::<_, ExecError>(gemv::QuantBuf {
+                q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
+                s: e.zeros::<u32>(padded * k / 32 * scales.words())?,
+                bits,
+                scales,
+                rows,
+                k,
+            })
+        };
+        let mut quant = [
             (4u32, F16Pairs),
             (8, F16Pairs),
             (4, F32Pairs),
@@ -736,19 +749,15 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             (8, F32Halves),
         ]
         .into_iter()
-        .map(|(bits, scales)| {
-            // The layout pads the rows to a tile of 16.
-            let padded = n.next_multiple_of(16);
-            Ok(gemv::QuantBuf {
-                q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
-                s: e.zeros::<u32>(padded * k / 32 * scales.words())?,
-                bits,
-                scales,
-                rows: n,
-                k,
-            })
-        })
+        .map(|(bits, scales)| Ok(vec![part(bits, scales, n)?]))
         .collect::<Result<Vec<_>, ExecError>>()?;
+        let (nh, nkv, hd) = sizes.qkv_heads;
+        if n == (nh + 2 * nkv) * hd {
+            quant.push(vec![
+                part(4, F32Pairs, n - nkv * hd)?,
+                part(8, F32Halves, nkv * hd)?,
+            ]);
+        }
         let times = if per_layer { sizes.layers } else { 1 };
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
@@ -777,9 +786,10 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                         let (x, w) = (gemv::Input::Rows(&x), gemv::Weights::Quant(wq));
                         gemv::gemv_from(e, x, w, &mut y, m, k, n)
                     })?;
-                    let weights = (wq.q.elems() + wq.s.elems()) * 4;
+                    let weights: usize = wq.iter().map(|p| (p.q.elems() + p.s.elems()) * 4).sum();
+                    let kinds: Vec<&str> = wq.iter().map(|p| p.kind().unwrap_or("?")).collect();
                     rows.push(Row {
-                        name: format!("gemv_{} {name} {m}×{k}·{k}×{n}", wq.kind().unwrap_or("?")),
+                        name: format!("gemv_{} {name} {m}×{k}·{k}×{n}", kinds.join("+")),
                         secs,
                         bytes: (weights + m * k * 2 + m * n * 4) as f64,
                         in_step: None,

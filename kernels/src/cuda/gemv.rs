@@ -26,11 +26,11 @@ const WARPS: u32 = 8;
 const BLOCKS_PER_SM: usize = 3;
 
 /// The dynamic shared memory a block of the `gemv` kernels takes for `rows` rows of `k`
-/// (`gemv_shared` in gemv.cu): the rows staged as f16 (`k` halves apart, `k + 32` where
-/// `k` is a multiple of 64), their sums over each block of 32, the 8 warps' sums.
+/// (`gemv_shared` in gemv.cu): the 8 warps' sums, the rows staged as f16 (`k` halves
+/// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32.
 pub fn shared_bytes(rows: usize, k: usize) -> usize {
     let stride = if k.is_multiple_of(64) { k + 32 } else { k };
-    rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16) + WARPS as usize * 8 * 32 * 4
+    WARPS as usize * 8 * 32 * 4 + rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16)
 }
 
 /// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a
@@ -69,17 +69,31 @@ pub enum Input<'a, E: Exec> {
 pub enum Weights<'a, E: Exec> {
     /// f16 rows (`gemv_f16*`), starting this many rows in.
     F16(&'a E::Buf<f16>, usize),
-    /// The file's own blocks (`gemv_q4*`, `gemv_q8*`).
-    Quant(&'a QuantBuf<E>),
+    /// The file's own blocks (`gemv_q4*`, `gemv_q8*`, ...): one matrix's, or a stack's
+    /// parts of different layouts one after the other in its rows ([`QuantRows::stack`]),
+    /// one launch a part, each writing its columns of the output rows.
+    Quant(&'a [QuantBuf<E>]),
 }
 
 impl<E: Exec> Weights<'_, E> {
-    /// The entry points' weights part: `f16`, `q4`, `q8`, and with f32 scales `q4f`,
-    /// `q8f` or (a scale per 16) `q8h`; `None` for a layout no kernel reads.
-    fn kind(&self) -> Option<&'static str> {
+    /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, and with f32
+    /// scales `q4f`, `q8f` or (a scale per 16) `q8h`; refused for a layout no kernel
+    /// reads, or no part at all.
+    fn kinds(&self) -> Result<Vec<&'static str>, ExecError> {
         match self {
-            Weights::F16(..) => Some("f16"),
-            Weights::Quant(q) => q.kind(),
+            Weights::F16(..) => Ok(vec!["f16"]),
+            Weights::Quant([]) => Err(ExecError::Bounds("gemv over no blocks".into())),
+            Weights::Quant(parts) => parts
+                .iter()
+                .map(|q| {
+                    q.kind().ok_or_else(|| {
+                        ExecError::Bounds(format!(
+                            "no gemv kernel reads quantized rows of {} bits under {:?}",
+                            q.bits, q.scales
+                        ))
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -204,15 +218,8 @@ fn product<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    let Some(kind) = weights.kind() else {
-        let what = match &weights {
-            Weights::Quant(q) => format!("{} bits under {:?}", q.bits, q.scales),
-            Weights::F16(..) => "f16".into(),
-        };
-        return Err(ExecError::Bounds(format!(
-            "no gemv kernel reads quantized rows of {what}"
-        )));
-    };
+    let kinds = weights.kinds()?;
+    let kind = kinds.join("+");
     let max_shared = e.max_shared_bytes()?;
     if !fits(rows, k, max_shared) {
         return Err(ExecError::Bounds(format!(
@@ -240,7 +247,8 @@ fn product<E: Exec>(
         }
     }
     // The input's check and its arguments ahead of the product's own.
-    let (form, mut args) = match input {
+    let norm = matches!(input, Input::Norm { .. });
+    let (form, args) = match input {
         Input::Rows(x) => {
             short("x", x.elems(), rows * k)?;
             ("", vec![x.arg()])
@@ -284,33 +292,9 @@ fn product<E: Exec>(
             ("_swiglu", vec![gu.arg()])
         }
     };
-    match weights {
-        Weights::F16(w, w_row0) => {
-            check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
-            args.push(w.arg_at(w_row0 * k..(w_row0 + n) * k)?);
-        }
-        Weights::Quant(q) => {
-            if q.k != k || q.rows < n {
-                return Err(ExecError::Bounds(format!(
-                    "gemv_{kind}: blocks of {} rows of {}, not {n} of {k}",
-                    q.rows, q.k
-                )));
-            }
-            let padded = q.rows.next_multiple_of(GROUP);
-            short("q", q.q.elems(), padded * k * q.bits as usize / 32)?;
-            short("s", q.s.elems(), padded * k / BLOCK * q.scales.words())?;
-            short("y", y.elems(), rows * n)?;
-            args.extend([q.q.arg(), q.s.arg()]);
-        }
-    }
-    args.extend([
-        y.arg(),
-        Arg::I32(rows as i32),
-        Arg::I32(k as i32),
-        Arg::I32(n as i32),
-    ]);
-    let form = match rope {
-        None => form,
+    short("y", y.elems(), rows * n)?;
+    let rope_args = match &rope {
+        None => vec![],
         Some(r) => {
             short("positions", r.positions.elems(), rows)?;
             short("slots", r.slots.elems(), rows)?;
@@ -318,7 +302,7 @@ fn product<E: Exec>(
             short("the key cache", r.k_cache.elems(), kvd)?;
             short("the value cache", r.v_cache.elems(), kvd)?;
             let i = |v: usize| Arg::I32(v as i32);
-            args.extend([
+            vec![
                 r.positions.arg(),
                 r.slots.arg(),
                 r.k_cache.arg(),
@@ -328,22 +312,75 @@ fn product<E: Exec>(
                 i(r.head_dim),
                 i(r.block_size),
                 Arg::F32(r.base),
-            ]);
-            "_norm_rope"
+            ]
         }
     };
-    let entry = format!("gemv_{kind}{form}");
-    // A block a group of 16 columns, as many as the SMs hold at once (grid-stride beyond).
-    let blocks = n
-        .div_ceil(GROUP)
-        .min(BLOCKS_PER_SM * e.multiprocessors()?)
-        .max(1);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: shared_bytes(rows, k) as u32,
+    let form = if rope.is_some() { "_norm_rope" } else { form };
+    // One launch a part: its weights' arguments, columns j0 .. j0 + cols of y's n.
+    let launch = |kind: &str, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
+        let mut a = args.clone();
+        if norm && !first {
+            // x + delta (x_out) is written once, by the first part's product.
+            a[3] = Arg::Null;
+        }
+        a.extend_from_slice(weight_args);
+        let i = |v: usize| Arg::I32(v as i32);
+        a.extend([y.arg(), i(rows), i(k), i(cols), i(n), i(j0)]);
+        a.extend_from_slice(&rope_args);
+        // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
+        // beyond).
+        let blocks = cols
+            .div_ceil(GROUP)
+            .min(BLOCKS_PER_SM * e.multiprocessors()?)
+            .max(1);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: shared_bytes(rows, k) as u32,
+        };
+        e.launch(&format!("gemv_{kind}{form}"), cfg, &a)
     };
-    e.launch(&entry, cfg, &args)
+    match weights {
+        Weights::F16(w, w_row0) => {
+            check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
+            let w = w.arg_at(w_row0 * k..(w_row0 + n) * k)?;
+            launch("f16", &[w], n, 0, true)
+        }
+        Weights::Quant(parts) => {
+            // A matrix's blocks may hold rows past n (its tiles' padding); a stack's parts
+            // are its n rows, one after the other.
+            let held: usize = parts.iter().map(|q| q.rows).sum();
+            if parts.iter().any(|q| q.k != k)
+                || (parts.len() == 1 && held < n)
+                || (parts.len() > 1 && held != n)
+            {
+                let shapes: Vec<String> = parts
+                    .iter()
+                    .map(|q| format!("{}×{}", q.rows, q.k))
+                    .collect();
+                return Err(ExecError::Bounds(format!(
+                    "gemv_{kind}: blocks of {}, not {n} rows of {k}",
+                    shapes.join(" + ")
+                )));
+            }
+            let mut j0 = 0;
+            for (i, (q, kind)) in parts.iter().zip(&kinds).enumerate() {
+                let cols = if parts.len() == 1 { n } else { q.rows };
+                if rope.is_some() && j0 % 2 != 0 {
+                    return Err(ExecError::Bounds(format!(
+                        "gemv_{kind}_norm_rope: a part starting at column {j0}, inside a \
+                         rotation pair"
+                    )));
+                }
+                let padded = q.rows.next_multiple_of(GROUP);
+                short("q", q.q.elems(), padded * k * q.bits as usize / 32)?;
+                short("s", q.s.elems(), padded * k / BLOCK * q.scales.words())?;
+                launch(kind, &[q.q.arg(), q.s.arg()], cols, j0, i == 0)?;
+                j0 += cols;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q8`
@@ -452,24 +489,27 @@ impl QuantRows {
         }))
     }
 
-    /// The rows of `parts` one after the other, as one matrix (a stack of projections the
-    /// CPU holds apart): the same bits, scales and width, every part but the last a whole
-    /// number of tiles (rows a multiple of 16); `None` otherwise.
-    pub fn concat(parts: &[QuantRows]) -> Option<Self> {
-        let first = parts.first()?;
-        let last = parts.len() - 1;
-        let fits = parts.iter().enumerate().all(|(i, p)| {
-            (p.bits, p.scales, p.k) == (first.bits, first.scales, first.k)
-                && (i == last || p.rows.is_multiple_of(GROUP))
-        });
-        fits.then(|| Self {
-            bits: first.bits,
-            scales: first.scales,
-            q: parts.iter().flat_map(|p| &p.q).copied().collect(),
-            s: parts.iter().flat_map(|p| &p.s).copied().collect(),
-            rows: parts.iter().map(|p| p.rows).sum(),
-            k: first.k,
-        })
+    /// A stack of projections (Q, K, V; gate, up) as the products read it: its parts one
+    /// after the other, those of one layout as one matrix (as a stack the CPU holds apart
+    /// because of its offsets), a part of another layout (Q4_K_M's Q6_K V rows after its
+    /// Q4_K Q and K) or after one ending inside a tile (rows no multiple of 16) starting
+    /// the next. The products launch a kernel for each, writing its columns of the output.
+    pub fn stack(parts: Vec<QuantRows>) -> Vec<QuantRows> {
+        let mut out: Vec<QuantRows> = Vec::new();
+        for p in parts {
+            let joins = |l: &&mut QuantRows| {
+                (l.bits, l.scales, l.k) == (p.bits, p.scales, p.k) && l.rows.is_multiple_of(GROUP)
+            };
+            match out.last_mut().filter(joins) {
+                Some(l) => {
+                    l.q.extend(p.q);
+                    l.s.extend(p.s);
+                    l.rows += p.rows;
+                }
+                None => out.push(p),
+            }
+        }
+        out
     }
 
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
@@ -626,8 +666,9 @@ mod tests {
                 }
             }
         }
-        // Parts one after the other: each row's weights as in its part; a part that ends
-        // inside a tile, or of another layout, is refused.
+        // Parts one after the other: those of a layout joined where the one before ends a
+        // tile, each row's weights as in its part; a part after one ending inside a tile,
+        // or of another layout, starts the next launch's.
         let part = |ty, n: usize| {
             let v: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 31) % 97) as f32 / 24.0 - 2.0)
@@ -640,26 +681,20 @@ mod tests {
             QuantRows::from_blocks(ty, &blocks, n, k).expect("a kernel layout")
         };
         let (a, b) = (part(GgmlType::Q8_0, 16), part(GgmlType::Q8_0, 3));
-        let ab = QuantRows::concat(&[a.clone(), b.clone()]).expect("a stack");
-        assert_eq!(ab.rows, 19);
-        for c in 0..k {
-            for j in 0..19 {
-                let want = if j < 16 {
-                    a.weight(j, c)
-                } else {
-                    b.weight(j - 16, c)
-                };
-                assert_eq!(ab.weight(j, c).to_bits(), want.to_bits(), "{j} {c}");
-            }
-        }
-        assert!(
-            QuantRows::concat(&[b.clone(), a.clone()]).is_none(),
-            "3 rows, then more"
-        );
-        assert!(
-            QuantRows::concat(&[a, part(GgmlType::Q4_1, 3)]).is_none(),
-            "8 bits, then 4"
-        );
+        let c4 = part(GgmlType::Q4_1, 5);
+        let parts = [a.clone(), b.clone(), a.clone(), c4.clone(), c4.clone()];
+        let stack = QuantRows::stack(parts.to_vec());
+        let shapes: Vec<(u32, usize)> = stack.iter().map(|p| (p.bits, p.rows)).collect();
+        // 16 + 3 (8 bits), 16 (after a part ending inside a tile), 5 (4 bits), 5.
+        assert_eq!(shapes, [(8, 19), (8, 16), (4, 5), (4, 5)]);
+        // Row by row, the stack's rows are the parts', bit for bit.
+        let weights = |ps: &[QuantRows]| -> Vec<u32> {
+            ps.iter()
+                .flat_map(|p| (0..p.rows * k).map(|i| p.weight(i / k, i % k).to_bits()))
+                .collect()
+        };
+        assert_eq!(weights(&stack), weights(&parts));
+        assert!(QuantRows::stack(vec![]).is_empty());
         let q5 = vec![0u8; rows * k / 32 * GgmlType::Q5_0.block_bytes()];
         assert!(QuantRows::from_blocks(GgmlType::Q5_0, &q5, rows, k).is_none());
         assert!(QuantRows::from_blocks(GgmlType::Q4_1, &[0; 7], rows, k).is_none());

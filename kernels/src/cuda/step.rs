@@ -47,11 +47,12 @@ struct Layer<E: Exec> {
     ffn_norm: E::Buf<f32>,
     w_gate_up: E::Buf<f16>,
     w_down: E::Buf<f16>,
-    /// The four matrices in the file's own blocks, where they have them.
-    wqkv_q: Option<QuantBuf<E>>,
-    wo_q: Option<QuantBuf<E>>,
-    w_gate_up_q: Option<QuantBuf<E>>,
-    w_down_q: Option<QuantBuf<E>>,
+    /// The four matrices in the file's own blocks, where they have them: a stack's parts
+    /// one after the other (one a layout: `gemv::QuantRows::stack`), none where not.
+    wqkv_q: Vec<QuantBuf<E>>,
+    wo_q: Vec<QuantBuf<E>>,
+    w_gate_up_q: Vec<QuantBuf<E>>,
+    w_down_q: Vec<QuantBuf<E>>,
     k_cache: E::Buf<f16>,
     v_cache: E::Buf<f16>,
 }
@@ -111,7 +112,7 @@ pub struct Device<E: Exec> {
     output_norm_host: Vec<f32>,
     output: E::Buf<f16>,
     /// The output head in the file's own blocks, where it has them.
-    output_q: Option<QuantBuf<E>>,
+    output_q: Vec<QuantBuf<E>>,
     pub block_size: usize,
     /// KV blocks the engine may use (the cache holds one more, the spare).
     pub n_blocks: usize,
@@ -233,11 +234,12 @@ impl Small {
         self,
         rows: usize,
         w: &'a E::Buf<f16>,
-        q: Option<&'a QuantBuf<E>>,
+        q: &'a [QuantBuf<E>],
     ) -> Weights<'a, E> {
-        match q.filter(|_| self.quant.gemv(rows)) {
-            Some(q) => Weights::Quant(q),
-            None => Weights::F16(w, 0),
+        if !q.is_empty() && self.quant.gemv(rows) {
+            Weights::Quant(q)
+        } else {
+            Weights::F16(w, 0)
         }
     }
 }
@@ -249,7 +251,7 @@ fn product<E: Exec>(
     e: &E,
     small: Small,
     x: &E::Buf<f16>,
-    (w, q): (&E::Buf<f16>, Option<&QuantBuf<E>>),
+    (w, q): (&E::Buf<f16>, &[QuantBuf<E>]),
     y: &mut E::Buf<f32>,
     rows: usize,
     k: usize,
@@ -307,14 +309,17 @@ impl<E: Exec> Device<E> {
             .layers
             .iter()
             .map(|l| {
-                let q = |r: &Option<gemv::QuantRows>| {
-                    r.as_ref().map(|r| QuantBuf::upload(e, r)).transpose()
+                let q = |parts: &[gemv::QuantRows]| {
+                    parts
+                        .iter()
+                        .map(|r| QuantBuf::upload(e, r))
+                        .collect::<Result<Vec<_>, ExecError>>()
                 };
-                let quant = [
+                let quant: [Vec<QuantBuf<E>>; 4] = [
                     q(&l.quant.wqkv)?,
-                    q(&l.quant.wo)?,
+                    q(l.quant.wo.as_slice())?,
                     q(&l.quant.w_gate_up)?,
-                    q(&l.quant.w_down)?,
+                    q(l.quant.w_down.as_slice())?,
                 ];
                 Ok((
                     (
@@ -377,9 +382,9 @@ impl<E: Exec> Device<E> {
         let output = e.upload(&twin.output)?;
         let output_q = twin
             .output_q
-            .as_ref()
+            .iter()
             .map(|r| QuantBuf::upload(e, r))
-            .transpose()?;
+            .collect::<Result<Vec<_>, _>>()?;
         // The KV cache last, from what is left: one spare block past the engine's.
         let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
         let n_blocks = match kv {
@@ -452,15 +457,16 @@ impl<E: Exec> Device<E> {
     }
 
     /// The matrices held in the file's own blocks, counted by the kernels that read them
-    /// (e.g. `"60 q8, 30 q8h"`; empty where none is).
+    /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f+q8h"`; empty where none is).
     pub fn quant_summary(&self) -> String {
-        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
         let held = self
             .layers
             .iter()
             .flat_map(|l| [&l.wqkv_q, &l.wo_q, &l.w_gate_up_q, &l.w_down_q]);
-        for q in held.chain([&self.output_q]).flatten() {
-            *counts.entry(q.kind().unwrap_or("?")).or_default() += 1;
+        for parts in held.chain([&self.output_q]).filter(|p| !p.is_empty()) {
+            let kinds: Vec<&str> = parts.iter().map(|q| q.kind().unwrap_or("?")).collect();
+            *counts.entry(kinds.join("+")).or_default() += 1;
         }
         let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
         parts.join(", ")
@@ -469,12 +475,12 @@ impl<E: Exec> Device<E> {
     /// Whether any matrix is held in the file's own blocks too (products of few rows may
     /// read them: [`Device::quant_small`]).
     pub fn has_quant(&self) -> bool {
-        self.output_q.is_some()
+        !self.output_q.is_empty()
             || self.layers.iter().any(|l| {
-                l.wqkv_q.is_some()
-                    || l.wo_q.is_some()
-                    || l.w_gate_up_q.is_some()
-                    || l.w_down_q.is_some()
+                !(l.wqkv_q.is_empty()
+                    && l.wo_q.is_empty()
+                    && l.w_gate_up_q.is_empty()
+                    && l.w_down_q.is_empty())
             })
     }
 
@@ -579,7 +585,7 @@ impl<E: Exec> Device<E> {
                     block_size: *block_size,
                     base: c.rope_base,
                 };
-                let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_ref());
+                let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_slice());
                 gemv::gemv_rope(e, input, weights, &mut b.qkv, t, d, rope)?;
             } else {
                 e.launch(
@@ -596,7 +602,7 @@ impl<E: Exec> Device<E> {
                         eps,
                     ],
                 )?;
-                let weights = (&w.wqkv, w.wqkv_q.as_ref());
+                let weights = (&w.wqkv, w.wqkv_q.as_slice());
                 product(e, small, &b.h, weights, &mut b.qkv, t, d, qkv_w)?;
                 let n = (t * c.head_dim / 2) as u32;
                 e.launch(
@@ -657,7 +663,7 @@ impl<E: Exec> Device<E> {
                 e,
                 small,
                 &b.att,
-                (&w.wo, w.wo_q.as_ref()),
+                (&w.wo, w.wo_q.as_slice()),
                 &mut b.o,
                 t,
                 qd,
@@ -672,9 +678,9 @@ impl<E: Exec> Device<E> {
                     rows: None,
                     eps: c.rms_eps,
                 };
-                let weights = small.weights(t, &w.w_gate_up, w.w_gate_up_q.as_ref());
+                let weights = small.weights(t, &w.w_gate_up, w.w_gate_up_q.as_slice());
                 gemv::gemv_from(e, input, weights, &mut b.gu, t, d, 2 * f)?;
-                let weights = small.weights(t, &w.w_down, w.w_down_q.as_ref());
+                let weights = small.weights(t, &w.w_down, w.w_down_q.as_slice());
                 gemv::gemv_from(e, Input::Swiglu(&b.gu), weights, &mut b.o, t, f, d)?;
             } else {
                 e.launch(
@@ -691,14 +697,14 @@ impl<E: Exec> Device<E> {
                         eps,
                     ],
                 )?;
-                let weights = (&w.w_gate_up, w.w_gate_up_q.as_ref());
+                let weights = (&w.w_gate_up, w.w_gate_up_q.as_slice());
                 product(e, small, &b.h, weights, &mut b.gu, t, d, 2 * f)?;
                 e.launch(
                     "swiglu",
                     swiglu_launch(t, f),
                     &[b.gu.arg(), b.g.arg(), ti, fi],
                 )?;
-                let weights = (&w.w_down, w.w_down_q.as_ref());
+                let weights = (&w.w_down, w.w_down_q.as_slice());
                 product(e, small, &b.g, weights, &mut b.o, t, f, d)?;
             }
         }
@@ -716,7 +722,7 @@ impl<E: Exec> Device<E> {
                 rows: Some(&b.logit_rows),
                 eps: c.rms_eps,
             };
-            let weights = small.weights(n_logits, output, output_q.as_ref());
+            let weights = small.weights(n_logits, output, output_q.as_slice());
             gemv::gemv_from(e, input, weights, &mut b.logits, n_logits, d, c.vocab)?;
         } else {
             e.launch(
@@ -733,7 +739,7 @@ impl<E: Exec> Device<E> {
                     eps,
                 ],
             )?;
-            let weights = (&*output, output_q.as_ref());
+            let weights = (&*output, output_q.as_slice());
             product(e, small, &b.h, weights, &mut b.logits, n_logits, d, c.vocab)?;
         }
         if sample {

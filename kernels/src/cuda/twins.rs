@@ -286,12 +286,14 @@ pub struct TwinLayer {
     pub quant: LayerQuant,
 }
 
-/// A layer's matrices in the file's own blocks, where they have them.
+/// A layer's matrices in the file's own blocks, where they have them: a stack's parts,
+/// one after the other ([`QuantRows::stack`]: one where they are of one layout), none
+/// where a part has no blocks the kernels read.
 #[derive(Default)]
 pub struct LayerQuant {
-    pub wqkv: Option<QuantRows>,
+    pub wqkv: Vec<QuantRows>,
     pub wo: Option<QuantRows>,
-    pub w_gate_up: Option<QuantRows>,
+    pub w_gate_up: Vec<QuantRows>,
     pub w_down: Option<QuantRows>,
 }
 
@@ -305,16 +307,18 @@ fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     }
 }
 
-/// A stack of projections in its file's own blocks: one matrix of them, or parts the CPU
-/// holds apart whose blocks are read by one kernel (e.g. Q5_K's, whose offsets keep them
-/// from stacking there), one after the other.
-fn quant_stack(p: &crate::model::Projections) -> Option<QuantRows> {
+/// A stack of projections in its file's own blocks: one matrix of them, or the parts the
+/// CPU holds apart (e.g. Q5_K's, whose offsets keep them from stacking there; Q4_K_M's
+/// Q4_K Q and K and Q6_K V), those of one layout joined.
+fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
     match p {
-        crate::model::Projections::Stacked { m, .. } => quant_rows(m),
-        crate::model::Projections::Separate(parts) => {
-            let rows: Option<Vec<QuantRows>> = parts.iter().map(quant_rows).collect();
-            QuantRows::concat(&rows?)
-        }
+        crate::model::Projections::Stacked { m, .. } => quant_rows(m).into_iter().collect(),
+        crate::model::Projections::Separate(parts) => parts
+            .iter()
+            .map(quant_rows)
+            .collect::<Option<Vec<QuantRows>>>()
+            .map(QuantRows::stack)
+            .unwrap_or_default(),
     }
 }
 
