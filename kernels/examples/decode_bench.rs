@@ -164,7 +164,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per = (a.ctx + 1).div_ceil(BLOCK);
     // Prefill chunks of up to 2,048 rows (256 on the emulator, which is slow).
     let (n_blocks, max_tokens) = (max_n * per, if a.emu { 256 } else { 2048 });
+    // The load-time conversion for the GPU (f16 rows and the file's blocks in tiles).
+    let convert = std::time::Instant::now();
     let twin = TwinModel::from_model(&model);
+    let convert_secs = convert.elapsed().as_secs_f64();
     let weight_bytes = 2.0
         * (twin.output.len()
             + twin
@@ -223,13 +226,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(twin);
     let backend = which.backend();
     println!(
-        "{}{} | model {} ({} layers, dim {}) | weights {:.0} MB f16 | copy {:.0} GB/s | context {}",
+        "{}{} | model {} ({} layers, dim {}) | weights {:.0} MB f16, converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
         backend.name(),
         if a.tensor { " (attention_tc)" } else { "" },
         path.display(),
         c.n_layers,
         c.dim,
         weight_bytes / 1e6,
+        convert_secs,
+        rayon::current_num_threads(),
         copy_gbs,
         a.ctx
     );

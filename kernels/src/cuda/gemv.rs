@@ -519,44 +519,55 @@ impl QuantRows {
         scales: Scales,
         rows: usize,
         k: usize,
-        block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]),
+        block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]) + Sync,
     ) -> Self {
+        use rayon::prelude::*;
         let nb = k / BLOCK;
-        let tiles = rows.div_ceil(GROUP) * nb;
         let sw = scales.words();
+        // Each group of 16 rows is its own run of tiles (and of scales): built in parallel.
+        let (q_group, s_group) = (nb * BLOCK * GROUP * bits as usize / 32, nb * GROUP * sw);
+        let groups = rows.div_ceil(GROUP);
         let mut r = Self {
             bits,
             scales,
-            q: vec![0; tiles * BLOCK * GROUP * bits as usize / 32],
-            s: vec![0; tiles * GROUP * sw],
+            q: vec![0; groups * q_group],
+            s: vec![0; groups * s_group],
             rows,
             k,
         };
-        for j in 0..rows {
-            for blk in 0..nb {
-                let (vals, pair) = block(j, blk);
-                let at = (((j / GROUP) * nb + blk) * GROUP + j % GROUP) * sw;
-                match scales {
-                    Scales::F16Pairs => {
-                        let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
-                        r.s[at] = bits16(pair[0]) | bits16(pair[1]) << 16;
-                    }
-                    _ => {
-                        r.s[at] = pair[0].to_bits();
-                        r.s[at + 1] = pair[1].to_bits();
+        let (mut q, mut s) = (std::mem::take(&mut r.q), std::mem::take(&mut r.s));
+        let layout = &r;
+        q.par_chunks_mut(q_group)
+            .zip(s.par_chunks_mut(s_group))
+            .enumerate()
+            .for_each(|(g, (q, s))| {
+                for j in g * GROUP..rows.min((g + 1) * GROUP) {
+                    for blk in 0..nb {
+                        let (vals, pair) = block(j, blk);
+                        let at = (blk * GROUP + j % GROUP) * sw;
+                        match scales {
+                            Scales::F16Pairs => {
+                                let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
+                                s[at] = bits16(pair[0]) | bits16(pair[1]) << 16;
+                            }
+                            _ => {
+                                s[at] = pair[0].to_bits();
+                                s[at + 1] = pair[1].to_bits();
+                            }
+                        }
+                        for (c, &v) in vals.iter().enumerate() {
+                            let (word, shift) = layout.place(j, blk * BLOCK + c);
+                            let field = if bits == 4 {
+                                v as u32 & 15
+                            } else {
+                                v as u8 as u32
+                            };
+                            q[word - g * q_group] |= field << shift;
+                        }
                     }
                 }
-                for (c, &v) in vals.iter().enumerate() {
-                    let (word, shift) = r.place(j, blk * BLOCK + c);
-                    let field = if bits == 4 {
-                        v as u32 & 15
-                    } else {
-                        v as u8 as u32
-                    };
-                    r.q[word] |= field << shift;
-                }
-            }
-        }
+            });
+        (r.q, r.s) = (q, s);
         r
     }
 

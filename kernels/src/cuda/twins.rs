@@ -322,13 +322,19 @@ fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
     }
 }
 
+/// `m`'s rows in f16, as the CPU holds them (rows in parallel).
 fn rows_f16(m: &crate::matmul::Matrix) -> Vec<f16> {
-    let mut row = vec![0f32; m.cols];
-    let mut out = Vec::with_capacity(m.rows * m.cols);
-    for r in 0..m.rows {
-        m.row_f32(r, &mut row);
-        out.extend(row.iter().map(|&v| f16::from_f32(v)));
-    }
+    use rayon::prelude::*;
+    let mut out = vec![f16::ZERO; m.rows * m.cols];
+    out.par_chunks_mut(m.cols.max(1)).enumerate().for_each_init(
+        || vec![0f32; m.cols],
+        |row, (r, o)| {
+            m.row_f32(r, row);
+            for (o, &v) in o.iter_mut().zip(row.iter()) {
+                *o = f16::from_f32(v);
+            }
+        },
+    );
     out
 }
 
@@ -371,12 +377,28 @@ pub struct TwinKv {
 /// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
 /// rows).
 fn file_f16(g: &crate::gguf::Gguf, names: &[String]) -> Option<Vec<f16>> {
+    use rayon::prelude::*;
     let mut out = Vec::new();
     for name in names {
         let t = g.tensor(name)?;
-        let mut v = vec![0f32; t.n_elems()];
-        crate::quant::dequantize_row(t.ty, g.data(t), &mut v);
-        out.extend(v.iter().map(|&x| f16::from_f32(x)));
+        // A run of whole blocks at a time, in parallel.
+        const RUN: usize = 4096;
+        let (data, at) = (g.data(t), out.len());
+        out.resize(at + t.n_elems(), f16::ZERO);
+        let (elems, bytes) = (t.ty.block_elems(), t.ty.block_bytes());
+        out[at..]
+            .par_chunks_mut(RUN * elems)
+            .zip(data.par_chunks(RUN * bytes))
+            .for_each_init(
+                || vec![0f32; RUN * elems],
+                |v, (o, src)| {
+                    let v = &mut v[..o.len()];
+                    crate::quant::dequantize_row(t.ty, src, v);
+                    for (o, &x) in o.iter_mut().zip(v.iter()) {
+                        *o = f16::from_f32(x);
+                    }
+                },
+            );
     }
     Some(out)
 }
@@ -386,6 +408,17 @@ impl TwinModel {
     /// Where converting a layout for the CPU kernels moved values (`kquant`), every
     /// matrix is read from the file instead: f16 holds its own values (to 2⁻¹¹).
     pub fn from_model(m: &crate::forward::Model) -> Self {
+        let start = std::time::Instant::now();
+        let twin = Self::convert(m);
+        tracing::info!(
+            secs = format!("{:.2}", start.elapsed().as_secs_f64()),
+            threads = rayon::current_num_threads(),
+            "weights converted for the GPU"
+        );
+        twin
+    }
+
+    fn convert(m: &crate::forward::Model) -> Self {
         if let Some(path) = &m.weights.inexact_from {
             let exact = crate::gguf::Gguf::open(path)
                 .ok()
@@ -433,10 +466,11 @@ impl TwinModel {
         let fixed = FixedSmall::from_env();
         let quant = w.inexact_from.is_none()
             && !matches!(fixed, Some(FixedSmall::Cublas | FixedSmall::Gemv));
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for (i, l) in w.layers.iter().enumerate() {
+        // The layers in parallel (and each matrix's rows within them).
+        use rayon::prelude::*;
+        let layers = w.layers.par_iter().enumerate().map(|(i, l)| {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            layers.push(TwinLayer {
+            Some(TwinLayer {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: stacked(&[n("attn_q"), n("attn_k"), n("attn_v")], &l.qkv)?,
                 wo: one(&[n("attn_output")], &l.wo)?,
@@ -453,8 +487,9 @@ impl TwinModel {
                 } else {
                     LayerQuant::default()
                 },
-            });
-        }
+            })
+        });
+        let layers = layers.collect::<Option<Vec<TwinLayer>>>()?;
         Some(Self {
             config: m.config.clone(),
             embed: one(&["token_embd.weight".into()], &w.token_embd)?,
