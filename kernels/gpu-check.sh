@@ -145,7 +145,7 @@ EMBED=1 BACKEND=cuda STREAMS=64,256 TOKENS=32 timeout 30 "$BIN/engine_bench" "$m
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 echo
 printf '| sanitizer | result |\n|---|---|\n'
-for run in "memcheck" "racecheck attention tensor_core build_batch sampling logprobs gemv qkv"; do
+for run in "memcheck" "racecheck attention tensor_core build_batch sampling logprobs gemv qkv stack runs_of_columns"; do
   read -r tool filters <<<"$run"
   left=$((560 - SECONDS))
   if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi

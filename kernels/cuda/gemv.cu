@@ -25,7 +25,10 @@
 // rows, so rows up to ~13,000 wide on Hopper's 227 KB at 8 rows, ~6,500 at 16). Needs m <= GEMV_MAX_ROWS and k a
 // multiple of 32; n any. The n columns may be part of wider output rows (GemvOut: ldy
 // apart, from column j0), so that a stack whose parts need different kernels (Q4_K_M's
-// QKV: Q4_K Q and K, Q6_K V) is a launch a part, each writing its columns.
+// QKV: Q4_K Q and K, Q6_K V) is a launch a part, each writing its columns. Rows too wide
+// to stage whole (Llama-3-8B's ffn_down, 14,336, at 8-16 rows) are read in runs of their
+// columns (GemvShared's k0, kt; `gemv::column_run`), a launch a run, each after the first
+// adding its sums to y (GemvOut::add).
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -62,11 +65,15 @@ struct GemvShared {
     float* xsum;
     float (*part)[8][32];
     int m;
+    // The product's k columns are columns k0 .. k0 + k of the input rows (and of the
+    // weights' rows), which are kt long: a product over rows too wide for the shared
+    // memory is a launch a run of columns, each adding its sums (gemv::shared_bytes).
+    int k0, kt;
 };
 
 // The layout for m rows of k; a launch that gave the block less than it takes traps (the
 // host sizes it by the same arithmetic, gemv::shared_bytes).
-__device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
+__device__ __forceinline__ GemvShared gemv_shared(int m, int k, int k0, int kt) {
     // The warps' sums first, at a fixed place: their address is a constant, not a
     // register held through the product's loop.
     constexpr size_t PART = sizeof(float) * GEMV_WARPS * 8 * 32;
@@ -76,6 +83,7 @@ __device__ __forceinline__ GemvShared gemv_shared(int m, int k) {
     size_t x_bytes = (size_t)m * gemv_stride(k) * 2;
     sh.xsum = reinterpret_cast<float*>(gemv_smem + PART + x_bytes);
     sh.m = m;
+    sh.k0 = k0, sh.kt = kt;
     size_t end = PART + x_bytes + ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
 #ifdef TOLLGATE_EMU
     unsigned have = dynamic_smem_size();
@@ -123,8 +131,8 @@ __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, i
 // group's bytes. f16 rows (the default, dequantized at load) here; the file's own 4- and
 // 8-bit blocks below (WeightsQ4, WeightsQ8).
 struct WeightsF16 {
-    const half_t* __restrict__ w;
-    int k, n;
+    const half_t* __restrict__ w;  // from the product's first column
+    int k, n, kt;                   // kt: the rows' length (k where they are read whole)
     static constexpr bool OFFSETS = false, HALVES = false;
     static constexpr int BATCH = 4;  // blocks of 32 a warp loads before it uses the first
     struct Tile {
@@ -133,8 +141,8 @@ struct WeightsF16 {
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
         int j = 16 * G + (lane >> 2), c = b * 32 + (lane & 3) * 8;
         Tile v = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-        if (j < n) v.lo = *reinterpret_cast<const uint4*>(w + (size_t)j * k + c);
-        if (j + 8 < n) v.hi = *reinterpret_cast<const uint4*>(w + (size_t)(j + 8) * k + c);
+        if (j < n) v.lo = *reinterpret_cast<const uint4*>(w + (size_t)j * kt + c);
+        if (j + 8 < n) v.hi = *reinterpret_cast<const uint4*>(w + (size_t)(j + 8) * kt + c);
         return v;
     }
     __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
@@ -144,7 +152,11 @@ struct WeightsF16 {
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
         int rows = min(16, n - 16 * G);
-        prefetch_span(w + (size_t)16 * G * k, rows * k * 2);
+        if (k == kt) {
+            prefetch_span(w + (size_t)16 * G * k, rows * k * 2);
+        } else {
+            for (int r = 0; r < rows; ++r) prefetch_span(w + (size_t)(16 * G + r) * kt, k * 2);
+        }
     }
 };
 
@@ -204,9 +216,9 @@ __device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (
 // same for every size (WeightsQ4, WeightsQ8 below).
 template <typename Words, typename Scales>
 struct BlockTiles {
-    const u32* __restrict__ q;
+    const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
     const u32* __restrict__ s;
-    int k, n;
+    int k, n, kt;
     static constexpr bool OFFSETS = true, HALVES = false;
     static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
     static constexpr int SCALE_WORDS = (int)sizeof(Scales) / 4;
@@ -215,13 +227,13 @@ struct BlockTiles {
         Scales s_lo, s_hi;
     };
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
-        size_t tile = (size_t)G * (k / 32) + b;
+        size_t tile = (size_t)G * (kt / 32) + b;
         const Scales* st = reinterpret_cast<const Scales*>(s) + tile * 16 + (lane >> 2);
         return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane], st[0], st[8]};
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
-        size_t tiles = (size_t)G * (k / 32);
+        size_t tiles = (size_t)G * (kt / 32);
         prefetch_span(q + tiles * TILE_WORDS, k / 32 * TILE_WORDS * 4);
         prefetch_span(s + tiles * 16 * SCALE_WORDS, k / 32 * 64 * SCALE_WORDS);
     }
@@ -273,6 +285,17 @@ struct WeightsQ8T : BlockTiles<uint4, Scales> {
 using WeightsQ8 = WeightsQ8T<u32, false>;
 using WeightsQ8F = WeightsQ8T<uint2, false>;
 using WeightsQ8H = WeightsQ8T<uint2, true>;
+
+// Tiles W over q and s (the whole rows' tiles, kt long) for the product's columns
+// k0 .. k0 + k.
+template <typename W>
+__device__ __forceinline__ W tiles_from(const u32* q, const u32* s, int k, int n, int k0, int kt) {
+    W w;
+    w.q = q + (size_t)(k0 / 32) * W::TILE_WORDS;
+    w.s = s + (size_t)(k0 / 32) * 16 * W::SCALE_WORDS;
+    w.k = k, w.n = n, w.kt = kt;
+    return w;
+}
 
 // Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
 // the lane's tile v) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
@@ -406,11 +429,12 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
 
 // Where a product's n columns go: column j of row r to y[r · ldy + j0 + j] — a matrix of
 // its own (ldy = n, j0 = 0), or a part of a stack whose parts the kernels read apart
-// (`gemv::QuantStack`: e.g. the V rows of a QKV stack in another layout than Q and K's),
-// its columns j0 .. j0 + n of the stack's ldy.
+// (`gemv::QuantRows::stack`: e.g. the V rows of a QKV stack in another layout than Q and
+// K's), its columns j0 .. j0 + n of the stack's ldy.
 struct GemvOut {
     float* __restrict__ y;
     int ldy, j0;
+    bool add;  // adds the sums to y's (a later run of the rows' columns) instead
     __device__ __forceinline__ float* at(int r, int j) const {
         return y + (size_t)r * ldy + j0 + j;
     }
@@ -420,7 +444,10 @@ struct GemvOut {
 template <typename W>
 __device__ __forceinline__ void gemv_store(const GemvShared& sh, const W& w, const TileBatch<W>& v,
                                            GemvOut y, int k, int n) {
-    gemv_columns<1>(sh, w, v, k, n, [=](int r, int j, const float* sums) { *y.at(r, j) = sums[0]; });
+    gemv_columns<1>(sh, w, v, k, n, [=](int r, int j, const float* sums) {
+        float* p = y.at(r, j);
+        *p = y.add ? *p + sums[0] : sums[0];
+    });
 }
 
 // The f16 rows of x (m × k), staged.
@@ -430,7 +457,7 @@ __device__ __forceinline__ void stage_rows(const GemvShared& sh, const half_t* _
     for (int e = threadIdx.x; e < m * pieces; e += blockDim.x) {
         int r = e / pieces, c = e % pieces;
         *reinterpret_cast<uint4*>(sh.x + r * stride + c * 8) =
-            reinterpret_cast<const uint4*>(x + (size_t)r * k)[c];
+            reinterpret_cast<const uint4*>(x + (size_t)r * sh.kt + sh.k0)[c];
     }
 }
 
@@ -446,16 +473,19 @@ __device__ __forceinline__ void stage_norm(const GemvShared& sh, const float* __
         if (r < 0) {
             for (int d = lane; d < k; d += 32) xr[d] = 0;
         } else {
-            size_t at = (size_t)r * k;
+            // The norm is the whole row's; the product's columns k0 .. k0 + k are staged.
+            int kt = sh.kt, k0 = sh.k0;
+            size_t at = (size_t)r * kt;
             const float* src = x + at;
             const float* dr = delta ? delta + at : nullptr;
-            float inv = add_rms_row(src, dr, nullptr, k, eps);
-            bool keep = x_out && blockIdx.x == 0;
+            float inv = add_rms_row(src, dr, nullptr, kt, eps);
+            if (x_out && blockIdx.x == 0) {
+                for (int d = lane; d < kt; d += 32) x_out[at + d] = dr ? src[d] + dr[d] : src[d];
+            }
             for (int d = lane; d < k; d += 32) {
-                float v = src[d];
-                if (dr) v += dr[d];
-                if (keep) x_out[at + d] = v;
-                xr[d] = f2h(v * inv * nw[d]);
+                float v = src[k0 + d];
+                if (dr) v += dr[k0 + d];
+                xr[d] = f2h(v * inv * nw[k0 + d]);
             }
         }
     }
@@ -542,10 +572,13 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
                                                int n) {
     const TileBatch<W> v = first_batch(w);
     int stride = gemv_stride(k);
+    // Columns k0 .. k0 + k of the rows' kt: gate at k0 + j, up at kt + k0 + j.
+    int kt = sh.kt;
+    const float* gate = gu + sh.k0;
     for (int e = threadIdx.x; e < m * k; e += blockDim.x) {
-        const float* row = gu + (size_t)(e / k) * 2 * k;
+        const float* row = gate + (size_t)(e / k) * 2 * kt;
         int j = e % k;
-        sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[k + j]));
+        sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[kt + j]));
     }
     stage_sums<W>(sh, k);
     gemv_store(sh, w, v, y, k, n);
@@ -555,216 +588,216 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
 // gemv_<weights>_norm, gemv_<weights>_norm_rope and gemv_<weights>_swiglu. Each first asks
 // L2 for its block's first group of weights, then waits (pdl_begin).
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
-    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
-    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w, k, n});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4 ws = pdl_begin_prefetch(WeightsQ4{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8 ws = pdl_begin_prefetch(WeightsQ8{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ4F ws = pdl_begin_prefetch(WeightsQ4F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8F ws = pdl_begin_prefetch(WeightsQ8F{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h(
-    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    rows_product(sh, x, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n);
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
     const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
-    float* __restrict__ y, int m, int k, int n, int ldy, int j0,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
-    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0}, m, k, n, positions,
+    const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
-    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0) {
-    const WeightsQ8H ws = pdl_begin_prefetch(WeightsQ8H{{q, s, k, n}});
-    const GemvShared sh = gemv_shared(m, k);
-    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0}, m, k, n);
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

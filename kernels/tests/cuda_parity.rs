@@ -713,22 +713,27 @@ fn gemv_case<E: Exec>(g: &E) {
         );
         assert!(gemv(g, &xd, &wd, 0, &mut y, over, k, n).is_err(), "17 rows");
     }
-    // The widest row whose staging fits, then one block wider; and k no multiple of 32.
+    // The widest row whose staging fits whole, then one block wider; and k no multiple of
+    // 32.
     let widest = (1..)
         .map(|b| 32 * b)
         .take_while(|&k| shared_bytes(1, k) <= max_shared)
         .last();
     let widest = widest.expect("some row fits");
     assert!(fits(1, widest, max_shared) && !fits(1, widest + 32, max_shared));
+    // Past it, the row is read in runs of its columns (two here), up to MAX_RUNS of them.
+    let too_wide = (widest + 32) * kernels::cuda::gemv::MAX_RUNS;
     let (xd, wd) = (
-        up(g, &vec![f16::ZERO; widest + 32]),
-        up(g, &vec![f16::ZERO; widest + 32]),
+        up(g, &vec![f16::ONE; too_wide]),
+        up(g, &vec![f16::ONE; too_wide]),
     );
     let mut y = up(g, &[f32::NAN; 1]);
-    gemv(g, &xd, &wd, 0, &mut y, 1, widest, 1).unwrap();
-    assert_eq!(down(g, &y), [0.0], "the widest row");
+    for k in [widest, widest + 32] {
+        gemv(g, &xd, &wd, 0, &mut y, 1, k, 1).unwrap();
+        assert_eq!(down(g, &y), [k as f32], "a row of {k}");
+    }
     for (k, what) in [
-        (widest + 32, "a row past the shared memory"),
+        (too_wide, "a row past the most runs of the shared memory"),
         (96 + 8, "k no multiple of 32"),
     ] {
         assert!(gemv(g, &xd, &wd, 0, &mut y, 1, k, 1).is_err(), "{what}");
@@ -748,7 +753,18 @@ fn a_gemv_launch_short_of_shared_memory_traps() {
         up(&g, &vec![f16::ONE; n * k]),
     );
     let y = up(&g, &vec![f32::NAN; m * n]);
-    let args = [x.arg(), w.arg(), y.arg(), i(m), i(k), i(n), i(n), i(0)];
+    let args = [
+        x.arg(),
+        w.arg(),
+        y.arg(),
+        i(m),
+        i(k),
+        i(n),
+        i(n),
+        i(0),
+        i(0),
+        i(k),
+    ];
     for (bytes, ok) in [(shared_bytes(m, k), true), (shared_bytes(m, k) - 16, false)] {
         let launch = LaunchConfig {
             shared_mem_bytes: bytes as u32,
@@ -1155,6 +1171,128 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads);
     let r = gemv_rope(g, input, Weights::Quant(&uneven), &mut y, 1, k, rope);
     assert!(r.is_err(), "{what}: a part starting at an odd column");
+}
+
+#[test]
+fn products_of_rows_too_wide_to_stage_whole_run_in_runs_of_columns() {
+    on_each!(gemv_runs_case);
+}
+
+/// Rows of 14,336 (Llama-3-8B's `ffn_down`): at 8 and 16 rows their staging does not fit
+/// in a block's shared memory, so the product is 2 or 3 launches over runs of the columns,
+/// each adding its sums. Over f16 rows, Q8_0 and (where the CPU makes it) Q4_K blocks: the
+/// exact product of the weights within 1e-5; the norm fused (the whole row's norm, x +
+/// delta written once) and SwiGLU fused, the same bits as the kernels apart; RoPE, which
+/// needs the rows whole, refused.
+fn gemv_runs_case<E: Exec>(g: &E) {
+    use kernels::cuda::gemv::{column_run, gemv_from, gemv_rope, Input, Weights};
+    let what = g.describe();
+    let max_shared = g.max_shared_bytes().unwrap();
+    let (k, n) = (14336, 48);
+    let mut rng = Rng(43);
+    let mut types = vec![GgmlType::Q8_0];
+    if kernels::packed::available() {
+        types.push(GgmlType::Q4_K);
+    }
+    let (w16, w16v): (Vec<f16>, Vec<f32>) = {
+        let h: Vec<f16> = rng.vec(n * k, 0.5).into_iter().map(f16::from_f32).collect();
+        let v = f32s(&h);
+        (h, v)
+    };
+    let w16d = up(g, &w16);
+    let mut layouts = vec![(None, w16v)];
+    for ty in types {
+        let (parts, w) = stack_of(g, &mut rng, &[(ty, n)], k);
+        layouts.push((Some(parts), w));
+    }
+    for (parts, w) in &layouts {
+        let weights = || match parts {
+            Some(p) => Weights::Quant(p),
+            None => Weights::F16(&w16d, 0),
+        };
+        for (m, runs) in [(4, 1), (8, 2), (16, 3)] {
+            let run = column_run(m, k, max_shared).unwrap();
+            assert_eq!(k.div_ceil(run), runs, "{what}: {m} rows in runs of {run}");
+            let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
+            let xd = up(g, &x);
+            let mut y = up(g, &vec![f32::NAN; m * n]);
+            gemv_from(g, Input::Rows(&xd), weights(), &mut y, m, k, n).unwrap();
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| {
+                    let (r, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let e = rel(&down(g, &y), &want);
+            assert!(e < 1e-5, "{what}: {m} rows of {k} in {runs} runs: {e}");
+
+            // The norm fused, against add_rmsnorm then the product.
+            let (x0, delta, nw) = (rng.vec(m * k, 3.0), rng.vec(m * k, 1.0), rng.vec(k, 1.0));
+            let (x0d, dd, nwd) = (up(g, &x0), up(g, &delta), up(g, &nw));
+            let mut x_out = up(g, &vec![f32::NAN; m * k]);
+            let mut yn = up(g, &vec![f32::NAN; m * n]);
+            let input = Input::Norm {
+                x: &x0d,
+                delta: Some(&dd),
+                weight: &nwd,
+                x_out: Some(&mut x_out),
+                rows: None,
+                eps: 1e-5,
+            };
+            gemv_from(g, input, weights(), &mut yn, m, k, n).unwrap();
+            let apart = norm_then_gemv(g, &x0d, &dd, &nwd, 1e-5, weights(), m, k, n);
+            let got = down(g, &yn);
+            assert!(same_bits(&got, &down(g, &apart)), "{what}: {m} rows: norm");
+            assert_eq!(down(g, &x_out), down(g, &x0d), "{what}: {m} rows: x_out");
+
+            // SwiGLU fused, against swiglu then the product.
+            let gu = rng.vec(m * 2 * k, 4.0);
+            let gud = up(g, &gu);
+            let mut ys = up(g, &vec![f32::NAN; m * n]);
+            gemv_from(g, Input::Swiglu(&gud), weights(), &mut ys, m, k, n).unwrap();
+            let gd = up(g, &nan16(m * k));
+            g.launch(
+                "swiglu",
+                swiglu_launch(m, k),
+                &[gud.arg(), gd.arg(), i(m), i(k)],
+            )
+            .unwrap();
+            let mut ya = up(g, &vec![f32::NAN; m * n]);
+            gemv_from(g, Input::Rows(&gd), weights(), &mut ya, m, k, n).unwrap();
+            let got = down(g, &ys);
+            assert!(same_bits(&got, &down(g, &ya)), "{what}: {m} rows: swiglu");
+        }
+    }
+    // RoPE needs the rows staged whole: refused at 8 rows of 14,336.
+    let (nh, nkv, hd, bs) = (2, 1, 8, 16);
+    let nq = (nh + 2 * nkv) * hd;
+    let wq = up(g, &vec![f16::ZERO; nq * k]);
+    let (xd, nwd) = (up(g, &vec![0f32; 8 * k]), up(g, &vec![1f32; k]));
+    let (pd, sd) = (up(g, &[0u32; 8]), up(g, &[0i32; 8]));
+    let (mut kc, mut vc) = (
+        up(g, &vec![f16::ZERO; 64 * hd]),
+        up(g, &vec![f16::ZERO; 64 * hd]),
+    );
+    let mut y = up(g, &vec![0f32; 8 * nq]);
+    let input = Input::Norm {
+        x: &xd,
+        delta: None,
+        weight: &nwd,
+        x_out: None,
+        rows: None,
+        eps: 1e-5,
+    };
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, (nh, nkv, hd, bs));
+    let r = gemv_rope(g, input, Weights::F16(&wq, 0), &mut y, 8, k, rope);
+    assert!(r.is_err(), "{what}: RoPE over rows in runs");
+    assert_eq!(column_run(17, k, max_shared), None, "17 rows");
+    assert_eq!(
+        column_run(16, 14337, max_shared),
+        None,
+        "k no multiple of 32"
+    );
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {

@@ -32,15 +32,25 @@ pub struct Sizes {
     pub prompt: usize,
     /// Sampling: rows, and the vocabulary.
     pub sample: (usize, usize),
-    /// Matrix products: (name, k, n, once per layer) weight shapes, each at these row
-    /// counts (a product not run per layer runs once per step: the LM head).
-    pub products: Vec<(&'static str, usize, usize, bool)>,
+    /// Matrix products: (name, k, n, how often a step runs it) weight shapes, each at
+    /// these row counts.
+    pub products: Vec<(&'static str, usize, usize, InStep)>,
     pub product_rows: Vec<usize>,
     /// The QKV product's heads (query heads, KV heads, head dimension): the product of
     /// that width is also timed with RoPE and the cache write fused in.
     pub qkv_heads: (usize, usize, usize),
     /// Layers of the model whose decode step the parts add up to.
     pub layers: usize,
+}
+
+/// How often a decode step of the model runs a product ([`Sizes::products`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InStep {
+    PerLayer,
+    /// Once a step (the LM head).
+    Once,
+    /// Not at all: another model's shape, timed for itself.
+    No,
 }
 
 impl Sizes {
@@ -58,11 +68,14 @@ impl Sizes {
             sample: (256, 49152),
             // SmolLM2-135M's: QKV, output, gate|up, down, and the LM head.
             products: vec![
-                ("qkv", 576, 960, true),
-                ("o", 576, 576, true),
-                ("gate|up", 576, 3072, true),
-                ("down", 1536, 576, true),
-                ("lm head", 576, 49152, false),
+                ("qkv", 576, 960, InStep::PerLayer),
+                ("o", 576, 576, InStep::PerLayer),
+                ("gate|up", 576, 3072, InStep::PerLayer),
+                ("down", 1536, 576, InStep::PerLayer),
+                ("lm head", 576, 49152, InStep::Once),
+                // Llama-3-8B's ffn_down: at 8-16 rows too wide to stage whole, so `gemv`
+                // reads it in runs of its columns.
+                ("8B down", 14336, 4096, InStep::No),
             ],
             product_rows: vec![1, 4, 8, 16, 64, 256],
             qkv_heads: (9, 3, 64),
@@ -80,7 +93,7 @@ impl Sizes {
             long_ctx: 1100,
             prompt: 80,
             sample: (3, 3000),
-            products: vec![("small", 64, 96, true)],
+            products: vec![("small", 64, 96, InStep::PerLayer)],
             product_rows: vec![1, 3, 9],
             qkv_heads: (1, 1, 32),
             layers: 2,
@@ -722,7 +735,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     }
 
     // The products at decode batch sizes: the weights read once is the floor.
-    for &(name, k, n, per_layer) in &sizes.products {
+    for &(name, k, n, in_step) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
         // in the K-quant layouts' (f32 scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
@@ -758,7 +771,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 part(8, F32Halves, nkv * hd)?,
             ]);
         }
-        let times = if per_layer { sizes.layers } else { 1 };
+        let times = match in_step {
+            InStep::PerLayer => Some(sizes.layers),
+            InStep::Once => Some(1),
+            InStep::No => None,
+        };
         for &m in &sizes.product_rows {
             let x = e.zeros::<f16>(m * k)?;
             let mut y = e.zeros::<f32>(m * n)?;
@@ -768,11 +785,13 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                 name: format!("gemm {name} {m}×{k}·{k}×{n}"),
                 secs,
                 bytes,
-                in_step: sizes.decode.contains(&m).then_some((m, times)),
+                in_step: times.filter(|_| sizes.decode.contains(&m)).map(|t| (m, t)),
             });
-            // Our own kernel for a few rows, against cuBLAS's row above, then with the
-            // kernel before it made in its blocks (and after it, for the QKV product).
-            if gemv::fits(m, k, e.max_shared_bytes()?) {
+            // Our own kernel for a few rows, against cuBLAS's row above (in runs of the
+            // columns where the rows are too wide to stage whole), then with the kernel
+            // before it made in its blocks (and after it, for the QKV product).
+            let max_shared = e.max_shared_bytes()?;
+            if gemv::column_run(m, k, max_shared).is_some() {
                 let secs = time(e, iters, || gemv::gemv(e, &x, &w, 0, &mut y, m, k, n))?;
                 rows.push(Row {
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),
@@ -795,14 +814,16 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                         in_step: None,
                     });
                 }
-                rows.extend(fused_products(
-                    e,
-                    (name, k, n),
-                    m,
-                    sizes.qkv_heads,
-                    &w,
-                    iters,
-                )?);
+                if gemv::fits(m, k, max_shared) {
+                    rows.extend(fused_products(
+                        e,
+                        (name, k, n),
+                        m,
+                        sizes.qkv_heads,
+                        &w,
+                        iters,
+                    )?);
+                }
             }
         }
     }

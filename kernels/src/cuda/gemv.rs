@@ -8,9 +8,12 @@
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
 //! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under f32
 //! scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, for the K-quants'), a third to a half of
-//! the bytes to read. Either way the products run on
-//! tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past 8), a block of 8 warps per
-//! group of 16 columns at a time, as many blocks as the SMs hold.
+//! the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
+//! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
+//! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
+//! 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
+//! hold, with the input rows staged in shared memory: rows too wide for it are read in
+//! runs of their columns, a launch a run adding its sums ([`column_run`]).
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
@@ -35,12 +38,27 @@ pub fn shared_bytes(rows: usize, k: usize) -> usize {
 
 /// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a
 /// device whose blocks may have `max_shared` bytes of shared memory
-/// ([`Exec::max_shared_bytes`]).
+/// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole (the fused forms
+/// with RoPE need that).
 pub fn fits(rows: usize, k: usize, max_shared: usize) -> bool {
-    (1..=MAX_ROWS).contains(&rows)
-        && k > 0
-        && k.is_multiple_of(BLOCK)
-        && shared_bytes(rows, k) <= max_shared
+    column_run(rows, k, max_shared) == Some(k)
+}
+
+/// The most launches a product over rows too wide for the shared memory takes.
+pub const MAX_RUNS: usize = 8;
+
+/// How many of the rows' `k` columns a launch of a product of `rows` rows takes: `k`
+/// where the staged rows fit in `max_shared` bytes, else the fewest equal runs (whole
+/// blocks of 32, at most [`MAX_RUNS`]) that fit, each a launch adding its sums to the
+/// last's (e.g. Llama-3-8B's `ffn_down`, 14,336 wide, at 8–16 rows on Hopper's 227 KB);
+/// `None` where no run does, or `rows`, `k` are no product the kernels take.
+pub fn column_run(rows: usize, k: usize, max_shared: usize) -> Option<usize> {
+    if !(1..=MAX_ROWS).contains(&rows) || k == 0 || !k.is_multiple_of(BLOCK) {
+        return None;
+    }
+    (1..=MAX_RUNS)
+        .map(|runs| (k / BLOCK).div_ceil(runs) * BLOCK)
+        .find(|&run| shared_bytes(rows, run) <= max_shared)
 }
 
 /// What a product's rows are made from.
@@ -221,12 +239,13 @@ fn product<E: Exec>(
     let kinds = weights.kinds()?;
     let kind = kinds.join("+");
     let max_shared = e.max_shared_bytes()?;
-    if !fits(rows, k, max_shared) {
+    let Some(run) = column_run(rows, k, max_shared) else {
         return Err(ExecError::Bounds(format!(
             "gemv_{kind} takes 1 to {MAX_ROWS} rows of k a multiple of {BLOCK} whose staging \
-             fits in {max_shared} bytes of shared memory, not {rows} rows of {k}"
+             fits in {max_shared} bytes of shared memory in at most {MAX_RUNS} runs of \
+             columns, not {rows} rows of {k}"
         )));
-    }
+    };
     let short = |what: &str, have: usize, need: usize| {
         if have < need {
             Err(ExecError::Bounds(format!(
@@ -236,12 +255,12 @@ fn product<E: Exec>(
             Ok(())
         }
     };
-    // RoPE goes into the epilogue of the product of normalized rows only.
+    // RoPE goes into the epilogue of the product of normalized rows only, read whole.
     if let Some(r) = &rope {
-        if !matches!(input, Input::Norm { .. }) || r.head_dim % 2 != 0 {
+        if !matches!(input, Input::Norm { .. }) || r.head_dim % 2 != 0 || run < k {
             return Err(ExecError::Bounds(format!(
-                "RoPE fuses into the product of normalized rows of even heads, not this \
-                 input with heads of {}",
+                "RoPE fuses into the product of normalized rows of even heads staged whole, \
+                 not this input with heads of {} ({rows} rows of {k} in runs of {run})",
                 r.head_dim
             )));
         }
@@ -316,29 +335,44 @@ fn product<E: Exec>(
         }
     };
     let form = if rope.is_some() { "_norm_rope" } else { form };
-    // One launch a part: its weights' arguments, columns j0 .. j0 + cols of y's n.
+    // A part's launches: its weights' arguments, columns j0 .. j0 + cols of y's n; a
+    // launch a run of the rows' columns, the first writing the sums, the others adding
+    // theirs in order.
     let launch = |kind: &str, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
-        let mut a = args.clone();
-        if norm && !first {
-            // x + delta (x_out) is written once, by the first part's product.
-            a[3] = Arg::Null;
+        for k0 in (0..k).step_by(run) {
+            let mut a = args.clone();
+            if norm && !(first && k0 == 0) {
+                // x + delta (x_out) is written once, by the first launch.
+                a[3] = Arg::Null;
+            }
+            a.extend_from_slice(weight_args);
+            let i = |v: usize| Arg::I32(v as i32);
+            let width = run.min(k - k0);
+            a.extend([
+                y.arg(),
+                i(rows),
+                i(width),
+                i(cols),
+                i(n),
+                i(j0),
+                i(k0),
+                i(k),
+            ]);
+            a.extend_from_slice(&rope_args);
+            // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
+            // beyond).
+            let blocks = cols
+                .div_ceil(GROUP)
+                .min(BLOCKS_PER_SM * e.multiprocessors()?)
+                .max(1);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (32 * WARPS, 1, 1),
+                shared_mem_bytes: shared_bytes(rows, width) as u32,
+            };
+            e.launch(&format!("gemv_{kind}{form}"), cfg, &a)?;
         }
-        a.extend_from_slice(weight_args);
-        let i = |v: usize| Arg::I32(v as i32);
-        a.extend([y.arg(), i(rows), i(k), i(cols), i(n), i(j0)]);
-        a.extend_from_slice(&rope_args);
-        // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
-        // beyond).
-        let blocks = cols
-            .div_ceil(GROUP)
-            .min(BLOCKS_PER_SM * e.multiprocessors()?)
-            .max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: shared_bytes(rows, k) as u32,
-        };
-        e.launch(&format!("gemv_{kind}{form}"), cfg, &a)
+        Ok(())
     };
     match weights {
         Weights::F16(w, w_row0) => {

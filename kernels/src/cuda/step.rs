@@ -244,8 +244,9 @@ impl Small {
     }
 }
 
-/// `y = x · wᵀ` for `rows` rows: `gemv` where `small` says so and the shape fits (over
-/// the file's blocks `q` where `small` says so too), else cuBLAS.
+/// `y = x · wᵀ` for `rows` rows: `gemv` where `small` says so and the shape fits (in runs
+/// of columns where the rows are too wide to stage whole: `gemv::column_run`; over the
+/// file's blocks `q` where `small` says so too), else cuBLAS.
 #[allow(clippy::too_many_arguments)]
 fn product<E: Exec>(
     e: &E,
@@ -257,7 +258,7 @@ fn product<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if small.gemv.gemv(rows) && gemv::fits(rows, k, small.shared) {
+    if small.gemv.gemv(rows) && gemv::column_run(rows, k, small.shared).is_some() {
         let weights = small.weights(rows, w, q);
         gemv::gemv_from(e, Input::Rows(x), weights, y, rows, k, n)
     } else {
