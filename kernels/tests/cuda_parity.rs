@@ -785,6 +785,18 @@ fn quantized_gemv_matches_the_product_of_the_files_values() {
 }
 
 /// The file's blocks in `ty` of `n × k` random weights, and the values they dequantize to.
+/// `x · wᵀ` for `m` rows of `k` (f16 inputs, f32 weights `n × k`), summed in f64.
+fn exact_product(x: &[f16], w: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    (0..m * n)
+        .map(|e| {
+            let (r, j) = (e / n, e % n);
+            (0..k)
+                .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
 fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
     let w = rng.vec(n * k, 1.0);
     let mut blocks = Vec::new();
@@ -850,14 +862,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
-            let want: Vec<f32> = (0..m * n)
-                .map(|e| {
-                    let (r, j) = (e / n, e % n);
-                    (0..k)
-                        .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
+            let want = exact_product(&x, &w, (m, k, n));
             let xd = up(g, &x);
             let mut y = up(g, &vec![f32::NAN; m * n]);
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, m, k, n).unwrap();
@@ -948,14 +953,15 @@ fn stack_of<E: Exec>(
     (bufs, values)
 }
 
-/// RoPE and the cache write of `heads` (query heads, KV heads, head size, cache block size)
-/// at base 10,000, for a QKV product's epilogue.
+/// RoPE at `base` and the cache write of `heads` (query heads, KV heads, head size, cache
+/// block size): a QKV product's epilogue, or `rope_kv_write`'s work ([`rope_apart`]).
 fn rope_at<'a, E: Exec>(
     positions: &'a E::Buf<u32>,
     slots: &'a E::Buf<i32>,
     k_cache: &'a mut E::Buf<f16>,
     v_cache: &'a mut E::Buf<f16>,
     (n_heads, n_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
+    base: f32,
 ) -> kernels::cuda::gemv::RopeKv<'a, E> {
     kernels::cuda::gemv::RopeKv {
         positions,
@@ -966,8 +972,35 @@ fn rope_at<'a, E: Exec>(
         n_kv_heads,
         head_dim,
         block_size,
-        base: 10000.0,
+        base,
     }
+}
+
+/// `rope_kv_write` over `rows` QKV rows `stride` apart, as `rope` says.
+fn rope_apart<E: Exec>(
+    g: &E,
+    qkv: &E::Buf<f32>,
+    stride: usize,
+    rows: usize,
+    rope: kernels::cuda::gemv::RopeKv<'_, E>,
+) {
+    let args = [
+        qkv.arg(),
+        i(stride),
+        rope.positions.arg(),
+        rope.slots.arg(),
+        rope.k_cache.arg(),
+        rope.v_cache.arg(),
+        i(rows),
+        i(rope.n_heads),
+        i(rope.n_kv_heads),
+        i(rope.head_dim),
+        i(rope.block_size),
+        Arg::F32(rope.base),
+    ];
+    let threads = (rows * rope.head_dim / 2) as u32;
+    g.launch("rope_kv_write", cfg(threads.div_ceil(256), 256), &args)
+        .unwrap();
 }
 
 /// A stack whose parts need different kernels, one launch each writing its columns of
@@ -982,16 +1015,6 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     let what = g.describe();
     let mut rng = Rng(41);
     let k = 1536;
-    let exact = |x: &[f16], w: &[f32], m: usize, n: usize| -> Vec<f32> {
-        (0..m * n)
-            .map(|e| {
-                let (r, j) = (e / n, e % n);
-                (0..k)
-                    .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
-                    .sum::<f64>() as f32
-            })
-            .collect()
-    };
     let odd = [
         (GgmlType::Q8_0, 40),
         (GgmlType::Q8_0, 24),
@@ -1006,7 +1029,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         let xd = up(g, &x);
         let mut y = up(g, &vec![f32::NAN; m * n]);
         gemv_from(g, Input::Rows(&xd), Weights::Quant(&parts), &mut y, m, k, n).unwrap();
-        let e = rel(&down(g, &y), &exact(&x, &w, m, n));
+        let e = rel(&down(g, &y), &exact_product(&x, &w, (m, k, n)));
         assert!(e < 1e-5, "{what}: three parts, {m} rows: {e}");
     }
 
@@ -1037,19 +1060,11 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
         let slots: Vec<i32> = (0..m).map(|r| (r * 61 % 1024) as i32).collect();
         let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
-        // The norm fused: the product of the normed rows; x + delta written once.
-        let mut x_out = up(g, &vec![f32::NAN; m * k]);
-        let mut y = up(g, &vec![f32::NAN; m * n]);
-        let input = Input::Norm {
-            x: &xd,
-            delta: Some(&dd),
-            weight: &nwd,
-            x_out: Some(&mut x_out),
-            rows: None,
-            eps,
-        };
-        gemv_from(g, input, Weights::Quant(&parts), &mut y, m, k, n).unwrap();
-        let normed = down(g, &y);
+        // The norm fused (x + delta written once), and apart.
+        let wq = Weights::Quant(&parts);
+        let (normed, x_out, ya, sums) = norm_both_ways(g, wq, (&x0, &delta, &nwd), eps, (m, k, n));
+        assert!(same_bits(&normed, &down(g, &ya)), "{what}: {m} rows: norm");
+        assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
         let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
         let mut qkv_y = up(g, &vec![f32::NAN; m * n]);
         let input = Input::Norm {
@@ -1060,37 +1075,17 @@ fn gemv_stack_case<E: Exec>(g: &E) {
             rows: None,
             eps,
         };
-        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads);
+        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
         gemv_rope(g, input, Weights::Quant(&parts), &mut qkv_y, m, k, rope).unwrap();
         let (got, got_k, got_v) = (down(g, &qkv_y), down(g, &kc), down(g, &vc));
-        // Apart: add_rmsnorm (x += delta in place), the product, rope_kv_write.
-        let ya = norm_then_gemv(g, &xd, &dd, &nwd, eps, Weights::Quant(&parts), m, k, n);
-        assert!(
-            same_bits(&normed, &down(g, &ya)),
-            "{what}: {m} rows: norm fused vs apart"
-        );
-        assert_eq!(down(g, &x_out), down(g, &xd), "{what}: {m} rows: x_out");
+        // Apart: add_rmsnorm and the product (above), rope_kv_write.
         let mut xw = x0.clone();
         let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, k, eps);
-        let e = rel(&normed, &exact(&h, &w, m, n));
+        let e = rel(&normed, &exact_product(&h, &w, (m, k, n)));
         assert!(e < 1e-3, "{what}: {m} rows: the normed rows' product: {e}");
-        let (ka, va) = (up(g, &fill), up(g, &fill));
-        let args = [
-            ya.arg(),
-            i(n),
-            pd.arg(),
-            sd.arg(),
-            ka.arg(),
-            va.arg(),
-            i(m),
-            i(nh),
-            i(nkv),
-            i(hd),
-            i(bs),
-            Arg::F32(10000.0),
-        ];
-        let pairs = ((m * hd / 2) as u32).div_ceil(256);
-        g.launch("rope_kv_write", cfg(pairs, 256), &args).unwrap();
+        let (mut ka, mut va) = (up(g, &fill), up(g, &fill));
+        let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, 10000.0);
+        rope_apart(g, &ya, n, m, rope);
         assert!(same_bits(&got, &down(g, &ya)), "{what}: {m} rows: QKV rows");
         assert_eq!(got_k, down(g, &ka), "{what}: {m} rows: key cache");
         assert_eq!(got_v, down(g, &va), "{what}: {m} rows: value cache");
@@ -1099,40 +1094,8 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     // SwiGLU fused over a gate|up of 2k, against swiglu then the product.
     for m in [1, 9] {
         let gu = rng.vec(m * 2 * k, 4.0);
-        let gud = up(g, &gu);
-        let mut y = up(g, &vec![f32::NAN; m * n]);
-        gemv_from(
-            g,
-            Input::Swiglu(&gud),
-            Weights::Quant(&parts),
-            &mut y,
-            m,
-            k,
-            n,
-        )
-        .unwrap();
-        let gd = up(g, &nan16(m * k));
-        g.launch(
-            "swiglu",
-            swiglu_launch(m, k),
-            &[gud.arg(), gd.arg(), i(m), i(k)],
-        )
-        .unwrap();
-        let mut ya = up(g, &vec![f32::NAN; m * n]);
-        gemv_from(
-            g,
-            Input::Rows(&gd),
-            Weights::Quant(&parts),
-            &mut ya,
-            m,
-            k,
-            n,
-        )
-        .unwrap();
-        assert!(
-            same_bits(&down(g, &y), &down(g, &ya)),
-            "{what}: {m} rows: swiglu"
-        );
+        let (fused, apart) = swiglu_both_ways(g, Weights::Quant(&parts), &gu, (m, k, n));
+        assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
     }
     // Refused: parts that are not the n rows; none; a part starting inside a pair.
     let xd = up(g, &vec![f16::ZERO; k]);
@@ -1168,7 +1131,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         rows: None,
         eps,
     };
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads);
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
     let r = gemv_rope(g, input, Weights::Quant(&uneven), &mut y, 1, k, rope);
     assert!(r.is_err(), "{what}: a part starting at an odd column");
 }
@@ -1206,7 +1169,7 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         layouts.push((Some(parts), w));
     }
     for (parts, w) in &layouts {
-        let weights = || match parts {
+        let weights = match parts {
             Some(p) => Weights::Quant(p),
             None => Weights::F16(&w16d, 0),
         };
@@ -1216,53 +1179,23 @@ fn gemv_runs_case<E: Exec>(g: &E) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let xd = up(g, &x);
             let mut y = up(g, &vec![f32::NAN; m * n]);
-            gemv_from(g, Input::Rows(&xd), weights(), &mut y, m, k, n).unwrap();
-            let want: Vec<f32> = (0..m * n)
-                .map(|e| {
-                    let (r, j) = (e / n, e % n);
-                    (0..k)
-                        .map(|i| x[r * k + i].to_f64() * w[j * k + i] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
+            gemv_from(g, Input::Rows(&xd), weights, &mut y, m, k, n).unwrap();
+            let want = exact_product(&x, w, (m, k, n));
             let e = rel(&down(g, &y), &want);
             assert!(e < 1e-5, "{what}: {m} rows of {k} in {runs} runs: {e}");
 
             // The norm fused, against add_rmsnorm then the product.
             let (x0, delta, nw) = (rng.vec(m * k, 3.0), rng.vec(m * k, 1.0), rng.vec(k, 1.0));
-            let (x0d, dd, nwd) = (up(g, &x0), up(g, &delta), up(g, &nw));
-            let mut x_out = up(g, &vec![f32::NAN; m * k]);
-            let mut yn = up(g, &vec![f32::NAN; m * n]);
-            let input = Input::Norm {
-                x: &x0d,
-                delta: Some(&dd),
-                weight: &nwd,
-                x_out: Some(&mut x_out),
-                rows: None,
-                eps: 1e-5,
-            };
-            gemv_from(g, input, weights(), &mut yn, m, k, n).unwrap();
-            let apart = norm_then_gemv(g, &x0d, &dd, &nwd, 1e-5, weights(), m, k, n);
-            let got = down(g, &yn);
+            let nwd = up(g, &nw);
+            let (got, x_out, apart, sums) =
+                norm_both_ways(g, weights, (&x0, &delta, &nwd), 1e-5, (m, k, n));
             assert!(same_bits(&got, &down(g, &apart)), "{what}: {m} rows: norm");
-            assert_eq!(down(g, &x_out), down(g, &x0d), "{what}: {m} rows: x_out");
+            assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
 
             // SwiGLU fused, against swiglu then the product.
             let gu = rng.vec(m * 2 * k, 4.0);
-            let gud = up(g, &gu);
-            let mut ys = up(g, &vec![f32::NAN; m * n]);
-            gemv_from(g, Input::Swiglu(&gud), weights(), &mut ys, m, k, n).unwrap();
-            let gd = up(g, &nan16(m * k));
-            g.launch(
-                "swiglu",
-                swiglu_launch(m, k),
-                &[gud.arg(), gd.arg(), i(m), i(k)],
-            )
-            .unwrap();
-            let mut ya = up(g, &vec![f32::NAN; m * n]);
-            gemv_from(g, Input::Rows(&gd), weights(), &mut ya, m, k, n).unwrap();
-            let got = down(g, &ys);
-            assert!(same_bits(&got, &down(g, &ya)), "{what}: {m} rows: swiglu");
+            let (fused, apart) = swiglu_both_ways(g, weights, &gu, (m, k, n));
+            assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
         }
     }
     // RoPE needs the rows staged whole: refused at 8 rows of 14,336.
@@ -1284,7 +1217,7 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         rows: None,
         eps: 1e-5,
     };
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, (nh, nkv, hd, bs));
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, (nh, nkv, hd, bs), 10000.0);
     let r = gemv_rope(g, input, Weights::F16(&wq, 0), &mut y, 8, k, rope);
     assert!(r.is_err(), "{what}: RoPE over rows in runs");
     assert_eq!(column_run(17, k, max_shared), None, "17 rows");
@@ -1293,6 +1226,54 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         None,
         "k no multiple of 32"
     );
+}
+
+/// `gemv_*_norm` over `w` (rows of `x0 + delta`, normed by `nw`; their sums written to a
+/// fresh `x_out`), and apart ([`norm_then_gemv`], adding delta in place): the fused output,
+/// x_out, the apart output (on the device, for what follows it) and the sums it made.
+#[allow(clippy::type_complexity)]
+fn norm_both_ways<E: Exec>(
+    g: &E,
+    w: kernels::cuda::gemv::Weights<'_, E>,
+    (x0, delta, nw): (&[f32], &[f32], &E::Buf<f32>),
+    eps: f32,
+    (m, k, n): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>, E::Buf<f32>, Vec<f32>) {
+    use kernels::cuda::gemv::{gemv_from, Input};
+    let (xd, dd) = (up(g, x0), up(g, delta));
+    let mut x_out = up(g, &vec![f32::NAN; m * k]);
+    let mut y = up(g, &vec![f32::NAN; m * n]);
+    let input = Input::Norm {
+        x: &xd,
+        delta: Some(&dd),
+        weight: nw,
+        x_out: Some(&mut x_out),
+        rows: None,
+        eps,
+    };
+    gemv_from(g, input, w, &mut y, m, k, n).unwrap();
+    let apart = norm_then_gemv(g, &xd, &dd, nw, eps, w, m, k, n);
+    (down(g, &y), down(g, &x_out), apart, down(g, &xd))
+}
+
+/// `gemv_*_swiglu` over `w` from the gate|up rows `gu` (`m × 2k`), and apart: `swiglu`,
+/// then the product of its f16 rows. Both outputs.
+fn swiglu_both_ways<E: Exec>(
+    g: &E,
+    w: kernels::cuda::gemv::Weights<'_, E>,
+    gu: &[f32],
+    (m, k, n): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    use kernels::cuda::gemv::{gemv_from, Input};
+    let gud = up(g, gu);
+    let mut fused = up(g, &vec![f32::NAN; m * n]);
+    gemv_from(g, Input::Swiglu(&gud), w, &mut fused, m, k, n).unwrap();
+    let gd = up(g, &nan16(m * k));
+    let args = [gud.arg(), gd.arg(), i(m), i(k)];
+    g.launch("swiglu", swiglu_launch(m, k), &args).unwrap();
+    let mut apart = up(g, &vec![f32::NAN; m * n]);
+    gemv_from(g, Input::Rows(&gd), w, &mut apart, m, k, n).unwrap();
+    (down(g, &fused), down(g, &apart))
 }
 
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
@@ -1341,7 +1322,7 @@ fn fused_gemv_matches_its_kernels_apart_and_the_twins() {
 /// residual sums written to `x_out` exactly; picked rows (with a −1 entry, a row of zeros)
 /// for the final norm; poisoned outputs; and the launches it refuses.
 fn gemv_fused_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv, gemv_from, Input, Weights};
+    use kernels::cuda::gemv::{gemv_from, Input, Weights};
     let what = g.describe();
     let mut rng = Rng(21);
     let (d, f, n, eps) = (576, 1536, 1003, 1e-5f32);
@@ -1420,32 +1401,11 @@ fn gemv_fused_case<E: Exec>(g: &E) {
 
         // SwiGLU then the down product (k = 1536).
         let gu = rng.vec(m * 2 * f, 4.0);
-        let gud = up(g, &gu);
-        let mut y = up(g, &vec![f32::NAN; m * n]);
-        gemv_from(
-            g,
-            Input::Swiglu(&gud),
-            Weights::F16(&wfd, 0),
-            &mut y,
-            m,
-            f,
-            n,
-        )
-        .unwrap();
-        let got = down(g, &y);
+        let (got, apart) = swiglu_both_ways(g, Weights::F16(&wfd, 0), &gu, (m, f, n));
         let e = rel(&got, &twins::gemm(&twins::swiglu(&gu, m, f), &wf, m, f, n));
         assert!(e < 1e-3, "{what}: swiglu then product, {m} rows: {e}");
-        let gd = up(g, &nan16(m * f));
-        g.launch(
-            "swiglu",
-            swiglu_launch(m, f),
-            &[gud.arg(), gd.arg(), i(m), i(f)],
-        )
-        .unwrap();
-        let mut apart = up(g, &vec![f32::NAN; m * n]);
-        gemv(g, &gd, &wfd, 0, &mut apart, m, f, n).unwrap();
         assert!(
-            same_bits(&got, &down(g, &apart)),
+            same_bits(&got, &apart),
             "{what}: swiglu fused vs apart, {m} rows"
         );
     }
@@ -1544,27 +1504,10 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
         // Apart, on the same device.
         let qa = norm_then_gemv(g, &xd, &dd, &nwd, eps, Weights::F16(&wd, 0), m, d, n);
-        let (ka, va) = (up(g, &fill), up(g, &fill));
-        let args = [
-            qa.arg(),
-            i(n),
-            pd.arg(),
-            sd.arg(),
-            ka.arg(),
-            va.arg(),
-            i(m),
-            i(c.n_heads),
-            i(c.n_kv_heads),
-            i(hd),
-            i(bs),
-            Arg::F32(c.rope_base),
-        ];
-        g.launch(
-            "rope_kv_write",
-            cfg(((m * hd / 2) as u32).div_ceil(256), 256),
-            &args,
-        )
-        .unwrap();
+        let (mut ka, mut va) = (up(g, &fill), up(g, &fill));
+        let heads = (c.n_heads, c.n_kv_heads, hd, bs);
+        let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, c.rope_base);
+        rope_apart(g, &qa, n, m, rope);
         assert!(
             same_bits(&got, &down(g, &qa)),
             "{what}: {m} rows: QKV rows, fused vs apart"

@@ -93,6 +93,14 @@ pub enum Weights<'a, E: Exec> {
     Quant(&'a [QuantBuf<E>]),
 }
 
+// References only: copied whatever E is (a derive would ask E: Copy).
+impl<E: Exec> Clone for Weights<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E: Exec> Copy for Weights<'_, E> {}
+
 impl<E: Exec> Weights<'_, E> {
     /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, and with f32
     /// scales `q4f`, `q8f` or (a scale per 16) `q8h`; refused for a layout no kernel
