@@ -28,7 +28,8 @@
 // QKV: Q4_K Q and K, Q6_K V) is a launch a part, each writing its columns. Rows too wide
 // to stage whole (Llama-3-8B's ffn_down, 14,336, at 8-16 rows) are read in runs of their
 // columns (GemvShared's k0, kt; `gemv::column_run`), a launch a run, each after the first
-// adding its sums to y (GemvOut::add).
+// adding its sums to y (GemvOut::add); with RoPE, the last run's epilogue rotates the
+// whole sums.
 //
 // Three entry points fuse the kernels around the product into it, so that a decode step
 // of few rows launches 5 kernels per layer instead of 9: `gemv_f16_norm` (add_rmsnorm,
@@ -529,7 +530,8 @@ __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* 
 // stack), each q and k pair of output row i rotated at positions[i], and the rotated keys and the
 // values written to the paged f16 cache at slot_mapping[i], as rope_kv_write does (the
 // helpers in common.cuh). A thread of the epilogue takes a rotation pair, two adjacent
-// columns.
+// columns. In runs of the rows' columns, the runs before the last are gemv_*_norm
+// launches; this one, the last, adds their sums before it rotates.
 template <typename W>
 __device__ __forceinline__ void norm_rope_product(
     const GemvShared& sh, const float* __restrict__ x, const float* __restrict__ delta,
@@ -543,9 +545,14 @@ __device__ __forceinline__ void norm_rope_product(
     stage_sums<W>(sh, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
     gemv_columns<2>(sh, w, v, k, n, [=](int r, int jp, const float* sums) {
-        float pair[2] = {sums[0], sums[1]};
-        int j = y.j0 + jp, in_head = j % head_dim;  // the column of the QKV rows
         float* out = y.at(r, jp);
+        // The last run of columns adds the earlier runs' sums (gemv_*_norm wrote them).
+        float pair[2] = {sums[0], sums[1]};
+        if (y.add) {
+            pair[0] = out[0] + pair[0];
+            pair[1] = out[1] + pair[1];
+        }
+        int j = y.j0 + jp, in_head = j % head_dim;  // the column of the QKV rows
         if (j < qd + kvd) {
             float s, c;
             rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);

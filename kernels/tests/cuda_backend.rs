@@ -881,6 +881,48 @@ fn rows_wider_than_2048_run_on_gemv_and_match_the_twin_chain() {
     }
 }
 
+#[test]
+fn a_step_whose_rows_are_read_in_runs_of_columns_stays_fused() {
+    // A block's shared memory of 9,000 bytes: the tiny model's rows (128 and 256 wide) fit
+    // whole at 1 row, and at the 3 and 6 rows below only in runs of their columns — the
+    // QKV product with RoPE and the cache write, gate|up with the norm, down with SwiGLU
+    // and the output head with the final norm, each in 2 to 4 launches.
+    let spec = SynthSpec::tiny();
+    let model = common::synthetic("runs", &spec);
+    let twin = TwinModel::from_model(&model);
+    let Some(emu) = common::emu_for(&twin.config) else {
+        return;
+    };
+    let emu = emu.with_shared_bytes(9000);
+    let what = emu.describe();
+    let mut b = CudaBackend::on(emu, what, &twin, 16, KvCapacity::Blocks(128), 128, 16).unwrap();
+    wide_rows_case(&mut b, &twin);
+    // Each layer of a prefill of 6 rows stayed fused (before, rows that did not fit whole
+    // ran every kernel apart): its QKV product's last run rotated, no norm was launched.
+    b.set_small_products(SmallProducts::ALL).unwrap();
+    for (quant, kind) in [(SmallProducts(0), "f16"), (SmallProducts::ALL, "q4")] {
+        b.set_quant_small(quant).unwrap();
+        let kernels = [
+            format!("gemv_{kind}_norm_rope"),
+            format!("gemv_{kind}_swiglu"),
+            "add_rmsnorm".to_string(),
+        ];
+        let count = |b: &CudaBackend<Emu>| kernels.clone().map(|k| b.exec().launches(&k));
+        let before = count(&b);
+        b.step(&short_prompts(3, 3, 5)).unwrap();
+        let [rope, swiglu, norm] = count(&b).map(|n| n as usize);
+        let layers = twin.config.n_layers;
+        assert_eq!(rope - before[0] as usize, layers, "{kind}: QKV products");
+        assert!(
+            swiglu - before[1] as usize >= layers,
+            "{kind}: down products"
+        );
+        assert_eq!(norm, before[2] as usize, "{kind}: norms apart");
+    }
+    b.set_quant_small(SmallProducts::default()).unwrap();
+    b.set_small_products(SmallProducts::default()).unwrap();
+}
+
 /// A feed-forward of 2,560 (SmolLM2-360M's: the down product's rows are wider than the
 /// 2,048 the `gemv` kernels once took), or a model of K-quant blocks: with every product
 /// of few rows on `gemv`, over the f16 rows and over the file's blocks, a prefill and

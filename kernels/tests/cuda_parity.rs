@@ -976,6 +976,50 @@ fn rope_at<'a, E: Exec>(
     }
 }
 
+/// The QKV product (`n = (heads.0 + 2 · heads.1) · heads.2` columns) over `w` of `m` rows
+/// of `x0 + delta` normed by `nw` with RoPE and the cache write in its epilogue
+/// (`gemv_*_norm_rope`, in runs of columns where the rows are too wide to stage whole), at
+/// random positions into caches that start as `fill`; against `ya`, the same product with
+/// the norm apart ([`norm_both_ways`]), then `rope_kv_write`: the rotated rows and both
+/// caches have the same bits. The value cache it made.
+#[allow(clippy::too_many_arguments)]
+fn rope_both_ways<E: Exec>(
+    g: &E,
+    rng: &mut Rng,
+    w: kernels::cuda::gemv::Weights<'_, E>,
+    (x0, delta, nw, eps): (&[f32], &[f32], &E::Buf<f32>, f32),
+    ya: &E::Buf<f32>,
+    (heads, fill): ((usize, usize, usize, usize), &[f16]),
+    (m, k): (usize, usize),
+    what: &str,
+) -> Vec<f16> {
+    use kernels::cuda::gemv::{gemv_rope, Input};
+    let n = (heads.0 + 2 * heads.1) * heads.2;
+    let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
+    let slots: Vec<i32> = (0..m).map(|r| (r * 61 % 1024) as i32).collect();
+    let (xd, dd, pd, sd) = (up(g, x0), up(g, delta), up(g, &positions), up(g, &slots));
+    let (mut kc, mut vc) = (up(g, fill), up(g, fill));
+    let mut qkv_y = up(g, &vec![f32::NAN; m * n]);
+    let input = Input::Norm {
+        x: &xd,
+        delta: Some(&dd),
+        weight: nw,
+        x_out: None,
+        rows: None,
+        eps,
+    };
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
+    gemv_rope(g, input, w, &mut qkv_y, m, k, rope).unwrap();
+    let (got, got_k, got_v) = (down(g, &qkv_y), down(g, &kc), down(g, &vc));
+    let (mut ka, mut va) = (up(g, fill), up(g, fill));
+    let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, 10000.0);
+    rope_apart(g, ya, n, m, rope);
+    assert!(same_bits(&got, &down(g, ya)), "{what}: {m} rows: QKV rows");
+    assert_eq!(got_k, down(g, &ka), "{what}: {m} rows: key cache");
+    assert_eq!(got_v, down(g, &va), "{what}: {m} rows: value cache");
+    got_v
+}
+
 /// `rope_kv_write` over `rows` QKV rows `stride` apart, as `rope` says.
 fn rope_apart<E: Exec>(
     g: &E,
@@ -1057,38 +1101,18 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     for m in [1, 2, 5, 8, 9, 16] {
         let x0 = rng.vec(m * k, 3.0);
         let delta = rng.vec(m * k, 1.0);
-        let positions: Vec<u32> = (0..m).map(|_| rng.below(2000) as u32).collect();
-        let slots: Vec<i32> = (0..m).map(|r| (r * 61 % 1024) as i32).collect();
-        let (xd, dd, pd, sd) = (up(g, &x0), up(g, &delta), up(g, &positions), up(g, &slots));
         // The norm fused (x + delta written once), and apart.
         let wq = Weights::Quant(&parts);
         let (normed, x_out, ya, sums) = norm_both_ways(g, wq, (&x0, &delta, &nwd), eps, (m, k, n));
         assert!(same_bits(&normed, &down(g, &ya)), "{what}: {m} rows: norm");
         assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
-        let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
-        let mut qkv_y = up(g, &vec![f32::NAN; m * n]);
-        let input = Input::Norm {
-            x: &xd,
-            delta: Some(&dd),
-            weight: &nwd,
-            x_out: None,
-            rows: None,
-            eps,
-        };
-        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
-        gemv_rope(g, input, Weights::Quant(&parts), &mut qkv_y, m, k, rope).unwrap();
-        let (got, got_k, got_v) = (down(g, &qkv_y), down(g, &kc), down(g, &vc));
-        // Apart: add_rmsnorm and the product (above), rope_kv_write.
         let mut xw = x0.clone();
         let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, k, eps);
         let e = rel(&normed, &exact_product(&h, &w, (m, k, n)));
         assert!(e < 1e-3, "{what}: {m} rows: the normed rows' product: {e}");
-        let (mut ka, mut va) = (up(g, &fill), up(g, &fill));
-        let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, 10000.0);
-        rope_apart(g, &ya, n, m, rope);
-        assert!(same_bits(&got, &down(g, &ya)), "{what}: {m} rows: QKV rows");
-        assert_eq!(got_k, down(g, &ka), "{what}: {m} rows: key cache");
-        assert_eq!(got_v, down(g, &va), "{what}: {m} rows: value cache");
+        // With RoPE and the cache write, and apart.
+        let norm = (&x0[..], &delta[..], &nwd, eps);
+        let got_v = rope_both_ways(g, &mut rng, wq, norm, &ya, (heads, &fill), (m, k), &what);
         assert_ne!(got_v, fill, "{what}: {m} rows: the V part wrote the cache");
     }
     // SwiGLU fused over a gate|up of 2k, against swiglu then the product.
@@ -1145,10 +1169,10 @@ fn products_of_rows_too_wide_to_stage_whole_run_in_runs_of_columns() {
 /// in a block's shared memory, so the product is 2 or 3 launches over runs of the columns,
 /// each adding its sums. Over f16 rows, Q8_0 and (where the CPU makes it) Q4_K blocks: the
 /// exact product of the weights within 1e-5; the norm fused (the whole row's norm, x +
-/// delta written once) and SwiGLU fused, the same bits as the kernels apart; RoPE, which
-/// needs the rows whole, refused.
+/// delta written once), the norm with RoPE and the cache write (the last run's epilogue)
+/// and SwiGLU fused, the same bits as the kernels apart.
 fn gemv_runs_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{column_run, gemv_from, gemv_rope, Input, Weights};
+    use kernels::cuda::gemv::{column_run, gemv_from, Input, Weights};
     let what = g.describe();
     let max_shared = g.max_shared_bytes().unwrap();
     let (k, n) = (14336, 48);
@@ -1163,6 +1187,14 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         (h, v)
     };
     let w16d = up(g, &w16);
+    // Read as QKV rows too: 2 query heads and a KV head of 12 (n = 48), caches of 16-slot
+    // blocks.
+    let heads = (2, 1, 12, 16);
+    let fill: Vec<f16> = rng
+        .vec(64 * 16 * 12, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
     let mut layouts = vec![(None, w16v)];
     for ty in types {
         let (parts, w) = stack_of(g, &mut rng, &[(ty, n)], k);
@@ -1191,6 +1223,19 @@ fn gemv_runs_case<E: Exec>(g: &E) {
                 norm_both_ways(g, weights, (&x0, &delta, &nwd), 1e-5, (m, k, n));
             assert!(same_bits(&got, &down(g, &apart)), "{what}: {m} rows: norm");
             assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
+            // The rows as QKV rows: RoPE and the cache write in the last run's epilogue.
+            let norm = (&x0[..], &delta[..], &nwd, 1e-5);
+            let runs_of = format!("{what}: {runs} runs");
+            rope_both_ways(
+                g,
+                &mut rng,
+                weights,
+                norm,
+                &apart,
+                (heads, &fill),
+                (m, k),
+                &runs_of,
+            );
 
             // SwiGLU fused, against swiglu then the product.
             let gu = rng.vec(m * 2 * k, 4.0);
@@ -1198,28 +1243,6 @@ fn gemv_runs_case<E: Exec>(g: &E) {
             assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
         }
     }
-    // RoPE needs the rows staged whole: refused at 8 rows of 14,336.
-    let (nh, nkv, hd, bs) = (2, 1, 8, 16);
-    let nq = (nh + 2 * nkv) * hd;
-    let wq = up(g, &vec![f16::ZERO; nq * k]);
-    let (xd, nwd) = (up(g, &vec![0f32; 8 * k]), up(g, &vec![1f32; k]));
-    let (pd, sd) = (up(g, &[0u32; 8]), up(g, &[0i32; 8]));
-    let (mut kc, mut vc) = (
-        up(g, &vec![f16::ZERO; 64 * hd]),
-        up(g, &vec![f16::ZERO; 64 * hd]),
-    );
-    let mut y = up(g, &vec![0f32; 8 * nq]);
-    let input = Input::Norm {
-        x: &xd,
-        delta: None,
-        weight: &nwd,
-        x_out: None,
-        rows: None,
-        eps: 1e-5,
-    };
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, (nh, nkv, hd, bs), 10000.0);
-    let r = gemv_rope(g, input, Weights::F16(&wq, 0), &mut y, 8, k, rope);
-    assert!(r.is_err(), "{what}: RoPE over rows in runs");
     assert_eq!(column_run(17, k, max_shared), None, "17 rows");
     assert_eq!(
         column_run(16, 14337, max_shared),

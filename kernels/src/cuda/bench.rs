@@ -789,7 +789,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             });
             // Our own kernel for a few rows, against cuBLAS's row above (in runs of the
             // columns where the rows are too wide to stage whole), then with the kernel
-            // before it made in its blocks (and after it, for the QKV product).
+            // before it made in its blocks (and after it, for the QKV product; in runs too).
             let max_shared = e.max_shared_bytes()?;
             if gemv::column_run(m, k, max_shared).is_some() {
                 let secs = time(e, iters, || gemv::gemv(e, &x, &w, 0, &mut y, m, k, n))?;
@@ -814,16 +814,14 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                         in_step: None,
                     });
                 }
-                if gemv::fits(m, k, max_shared) {
-                    rows.extend(fused_products(
-                        e,
-                        (name, k, n),
-                        m,
-                        sizes.qkv_heads,
-                        &w,
-                        iters,
-                    )?);
-                }
+                rows.extend(fused_products(
+                    e,
+                    (name, k, n),
+                    m,
+                    sizes.qkv_heads,
+                    &w,
+                    iters,
+                )?);
             }
         }
     }

@@ -142,6 +142,8 @@ pub struct Emu {
     epoch: u64,
     /// Launches run per kernel (graph replays included).
     runs: Mutex<HashMap<String, u64>>,
+    /// The shared memory a block may have ([`Emu::with_shared_bytes`]).
+    shared_bytes: usize,
 }
 
 /// The multiprocessors the emulator reports: a small GPU's.
@@ -237,6 +239,15 @@ impl Emu {
         Self::open_build(&defines)
     }
 
+    /// The same device with at most `bytes` of shared memory a block (at most Hopper's
+    /// 227 KB, which the emulator's static area holds): an A100's 163 KB, an L4's or
+    /// RTX's 99 KB, where the `gemv` kernels read rows of fewer columns whole
+    /// ([`super::gemv::column_run`]).
+    pub fn with_shared_bytes(mut self, bytes: usize) -> Self {
+        self.shared_bytes = bytes.min(EMU_SHARED_BYTES);
+        self
+    }
+
     fn open_build(defines: &[(&'static str, usize)]) -> Result<Self, GpuError> {
         available().map_err(GpuError::Emulator)?;
         if REFUSE.load(Ordering::SeqCst) {
@@ -255,6 +266,7 @@ impl Emu {
                 capturing: Mutex::new(None),
                 epoch: FAULTS.load(Ordering::SeqCst),
                 runs: Mutex::default(),
+                shared_bytes: EMU_SHARED_BYTES,
             })
             .ok_or_else(|| {
                 GpuError::Emulator(format!(
@@ -576,7 +588,7 @@ impl Exec for Emu {
     }
 
     fn max_shared_bytes(&self) -> Result<usize, ExecError> {
-        Ok(EMU_SHARED_BYTES)
+        Ok(self.shared_bytes)
     }
 
     fn multiprocessors(&self) -> Result<usize, ExecError> {
@@ -643,12 +655,12 @@ impl Emu {
         }
         // Dynamic shared memory: only the gemv kernels take it, from their static area.
         if cfg.shared_mem_bytes != 0
-            && (!kernel.starts_with("gemv_") || cfg.shared_mem_bytes as usize > EMU_SHARED_BYTES)
+            && (!kernel.starts_with("gemv_") || cfg.shared_mem_bytes as usize > self.shared_bytes)
         {
             return Err(ExecError::Emu(format!(
                 "{kernel}: {} bytes of dynamic shared memory (only gemv kernels have it, up \
-                 to {EMU_SHARED_BYTES})",
-                cfg.shared_mem_bytes
+                 to {})",
+                cfg.shared_mem_bytes, self.shared_bytes
             )));
         }
         // Each argument's value in its own 8-byte slot, as cuLaunchKernel's kernelParams.

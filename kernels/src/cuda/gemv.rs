@@ -38,8 +38,7 @@ pub fn shared_bytes(rows: usize, k: usize) -> usize {
 
 /// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a
 /// device whose blocks may have `max_shared` bytes of shared memory
-/// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole (the fused forms
-/// with RoPE need that).
+/// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole.
 pub fn fits(rows: usize, k: usize, max_shared: usize) -> bool {
     column_run(rows, k, max_shared) == Some(k)
 }
@@ -263,12 +262,13 @@ fn product<E: Exec>(
             Ok(())
         }
     };
-    // RoPE goes into the epilogue of the product of normalized rows only, read whole.
+    // RoPE goes into the epilogue of the product of normalized rows only (of the last
+    // run of columns: the sums whole).
     if let Some(r) = &rope {
-        if !matches!(input, Input::Norm { .. }) || r.head_dim % 2 != 0 || run < k {
+        if !matches!(input, Input::Norm { .. }) || r.head_dim % 2 != 0 {
             return Err(ExecError::Bounds(format!(
-                "RoPE fuses into the product of normalized rows of even heads staged whole, \
-                 not this input with heads of {} ({rows} rows of {k} in runs of {run})",
+                "RoPE fuses into the product of normalized rows of even heads, not this input \
+                 with heads of {}",
                 r.head_dim
             )));
         }
@@ -342,12 +342,14 @@ fn product<E: Exec>(
             ]
         }
     };
-    let form = if rope.is_some() { "_norm_rope" } else { form };
     // A part's launches: its weights' arguments, columns j0 .. j0 + cols of y's n; a
     // launch a run of the rows' columns, the first writing the sums, the others adding
-    // theirs in order.
+    // theirs in order; with RoPE, the last run's epilogue rotates (the runs before it are
+    // the norm's plain product).
     let launch = |kind: &str, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
         for k0 in (0..k).step_by(run) {
+            let rotates = rope.is_some() && k0 + run >= k;
+            let form = if rotates { "_norm_rope" } else { form };
             let mut a = args.clone();
             if norm && !(first && k0 == 0) {
                 // x + delta (x_out) is written once, by the first launch.
@@ -366,7 +368,9 @@ fn product<E: Exec>(
                 i(k0),
                 i(k),
             ]);
-            a.extend_from_slice(&rope_args);
+            if rotates {
+                a.extend_from_slice(&rope_args);
+            }
             // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
             // beyond).
             let blocks = cols

@@ -205,8 +205,9 @@ impl SmallProducts {
 }
 
 /// Whether a product of `rows` rows over `k` runs on `gemv` with the kernel before it (a
-/// norm or swiglu) made in it: `fused` and `small` say so for the row count and the staged
-/// rows fit in `max_shared` bytes ([`Device::enqueue`] and what reads its results back).
+/// norm or swiglu; and after it, RoPE) made in it: `fused` and `small` say so for the row
+/// count and the staged rows fit in `max_shared` bytes, whole or in runs of their columns
+/// ([`gemv::column_run`]; [`Device::enqueue`] and what reads its results back).
 fn fuses(
     fused: SmallProducts,
     small: SmallProducts,
@@ -214,7 +215,7 @@ fn fuses(
     k: usize,
     max_shared: usize,
 ) -> bool {
-    fused.gemv(rows) && small.gemv(rows) && gemv::fits(rows, k, max_shared)
+    fused.gemv(rows) && small.gemv(rows) && gemv::column_run(rows, k, max_shared).is_some()
 }
 
 /// Where a step's products of few rows run: which row counts on our `gemv` kernels
