@@ -13,7 +13,8 @@
 # weights floor (decode_bench, with the load-time choice for 1-16 rows among cuBLAS, gemv_f16 and
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
-# tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; last, in the
+# tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; then
+# decode steps of 1-16 rows over two of Llama-3-8B's layers; last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
 # that hangs costs its limit, not the session's GPU time.
@@ -138,6 +139,22 @@ LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engin
 # Embeddings: inputs of about 130 tokens, 64 and 256 at once (the step that ends inputs is
 # taken at once and their hidden rows read back: what that costs against prefill).
 EMBED=1 BACKEND=cuda STREAMS=64,256 TOKENS=32 timeout 30 "$BIN/engine_bench" "$model" || status=1
+echo
+# Two of Llama-3-8B's layers in the Q4_K_M mix (4,096 wide, feed-forward 14,336, heads of
+# 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-16 rows at an 8B model's
+# widths, where SmolLM2's do not go — its QKV a stack of Q4_K and Q6_K parts, its ffn_down
+# read in runs of columns at 8-16 rows, fused or apart — with the load-time choice per
+# bucket. Left out when the time is the sanitizer's.
+if [ $SECONDS -lt 400 ]; then
+  l8=$(dirname "$model")/llama8b-layers.gguf
+  if timeout 60 "$BIN/synth" "$l8" llama8b >/dev/null; then
+    timeout 90 "$BIN/decode_bench" "$l8" --ctx 511 --batches 1,4,8,16 || status=1
+  else
+    echo "llama8b layers: synth failed"; status=1
+  fi
+else
+  echo "llama8b layers: not run ($SECONDS s gone)"
+fi
 # Last, in the time left of one device call: compute-sanitizer over the kernels' parity
 # tests. memcheck: out-of-bounds and misaligned accesses on the device; racecheck, on the
 # kernels that use shared memory: hazards that the emulator's thread orders did not show.

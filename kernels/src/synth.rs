@@ -133,6 +133,24 @@ impl SynthSpec {
         }
     }
 
+    /// Llama-3-8B's layer shape (4,096 wide, 32 query heads over 8 KV heads of 128, a
+    /// feed-forward of 14,336) in llama.cpp's Q4_K_M mix ([`SynthSpec::q4_k_m`]), 2 layers
+    /// and a vocabulary of 4,096 (~470 M weights, ~280 MB): what the GPU products and
+    /// steps of an 8B model are at its own widths (its `ffn_down` read in runs of columns
+    /// at 8–16 rows, its QKV a stack of two layouts), without the whole model.
+    pub fn llama8b_layers() -> Self {
+        Self {
+            n_layers: 2,
+            dim: 4096,
+            n_heads: 32,
+            n_kv_heads: 8,
+            ffn_dim: 14336,
+            vocab: 4096,
+            seed: 46,
+            ..Self::q4_k_m()
+        }
+    }
+
     /// [`SynthSpec::tiny_k_quants`] with the other layouts converted at load: Q2_K, Q3_K
     /// and the non-linear IQ4_NL, IQ4_XS (llama.cpp's Q2_K, Q3_K_x and IQ4 files).
     pub fn tiny_low_bits() -> Self {
@@ -179,12 +197,16 @@ impl SynthSpec {
 }
 
 struct Rng(u64);
+
+/// What [`Rng`]'s state moves on by a uniform draw (splitmix64's).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Rng {
     /// Approximately normal (sum of 4 uniforms), standard deviation `std`.
     fn normal(&mut self, std: f32) -> f32 {
         let mut s = 0.0;
         for _ in 0..4 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            self.0 = self.0.wrapping_add(GOLDEN);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -192,9 +214,40 @@ impl Rng {
         }
         s * std * 1.732
     }
+
+    /// `n` of [`Rng::normal`]'s draws, in order: runs of them in parallel, each from the
+    /// state it starts at (the state moves on by one constant a uniform), so the values
+    /// are those drawn one after the other.
+    fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        use rayon::prelude::*;
+        const RUN: usize = 1 << 18;
+        let start = self.0;
+        let out = (0..n.div_ceil(RUN))
+            .into_par_iter()
+            .flat_map_iter(|r| {
+                let mut rng = Rng(start.wrapping_add(GOLDEN.wrapping_mul(4 * (r * RUN) as u64)));
+                let len = RUN.min(n - r * RUN);
+                (0..len).map(move |_| rng.normal(std))
+            })
+            .collect();
+        self.0 = start.wrapping_add(GOLDEN.wrapping_mul(4 * n as u64));
+        out
+    }
 }
 
 fn encode(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    // Large matrices in runs of whole blocks in parallel (the same bytes: every layout
+    // encodes a block of 32 or 256 on its own).
+    const RUN: usize = 1 << 20;
+    if x.len() > RUN && x.len().is_multiple_of(256) {
+        use rayon::prelude::*;
+        let runs: Vec<Vec<u8>> = x.par_chunks(RUN).map(|c| encode_run(ty, c)).collect();
+        return runs.concat();
+    }
+    encode_run(ty, x)
+}
+
+fn encode_run(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(x.len());
     match ty {
         GgmlType::Q4_1 => quant::quantize_row_q4_1(x, &mut out),
@@ -313,7 +366,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     }
     let mut rng = Rng(s.seed);
     let mut mat = |name: String, cols: usize, rows: usize, std: f32| {
-        let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal(std)).collect();
+        let x = rng.normals(rows * cols, std);
         let role = name
             .trim_end_matches(".weight")
             .rsplit('.')
@@ -373,4 +426,30 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         std::io::Write::flush(&mut f)?;
     }
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_and_blocks_made_in_parallel_are_those_made_in_order() {
+        // Three runs and a part: the values drawn one after the other, and the state
+        // where those leave it.
+        let n = 3 * (1 << 18) + 5;
+        let (mut a, mut b) = (Rng(9), Rng(9));
+        let seq: Vec<f32> = (0..n).map(|_| a.normal(0.5)).collect();
+        let par = b.normals(n, 0.5);
+        assert!(seq
+            .iter()
+            .zip(&par)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(seq.len(), par.len());
+        assert_eq!(a.0, b.0);
+        // A matrix past one run of blocks, as one run and in parallel runs.
+        let x = Rng(3).normals(2 * (1 << 20) + 4096, 1.0);
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+            assert_eq!(encode(ty, &x), encode_run(ty, &x), "{ty:?}");
+        }
+    }
 }

@@ -175,9 +175,16 @@ fn every_kernel_fits_its_launch_on_sm_90() {
     eprintln!("| kernel | threads | registers | spills (st/ld bytes) | shared memory |");
     eprintln!("|---|---:|---:|---:|---:|");
     // The general build, then the one the backend loads for SmolLM2 (3 query heads per
-    // KV head, head_dim 64).
+    // KV head, head_dim 64), and Llama-3-8B's (4 per KV head, head_dim 128: gpu-check's
+    // decode steps over two of its layers).
     let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
-    for (defines, label) in [(&[][..], ""), (smol, " (SmolLM2)")] {
+    let warps = kernels::cuda::device::attention_max_warps(4, 4);
+    let llama8b: &[(&str, usize)] = &[("MAX_GROUP", 4), ("MAX_DPL", 4), ("MAX_WARPS", warps)];
+    for (defines, label) in [
+        (&[][..], ""),
+        (smol, " (SmolLM2)"),
+        (llama8b, " (Llama-3-8B)"),
+    ] {
         for src in SOURCES {
             let specialized = src.code.contains("#ifndef MAX_GROUP");
             if !defines.is_empty() && !specialized {
