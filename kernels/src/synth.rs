@@ -135,7 +135,7 @@ impl SynthSpec {
 
     /// Llama-3-8B's layer shape (4,096 wide, 32 query heads over 8 KV heads of 128, a
     /// feed-forward of 14,336) in llama.cpp's Q4_K_M mix ([`SynthSpec::q4_k_m`]), 2 layers
-    /// and a vocabulary of 4,096 (~470 M weights, ~280 MB): what the GPU products and
+    /// and a vocabulary of 4,096 (~470 M weights, a file of ~310 MB): what the GPU products and
     /// steps of an 8B model are at its own widths (its `ffn_down` read in runs of columns
     /// at 8–16 rows, its QKV a stack of two layouts), without the whole model.
     pub fn llama8b_layers() -> Self {

@@ -1167,10 +1167,10 @@ fn products_of_rows_too_wide_to_stage_whole_run_in_runs_of_columns() {
 
 /// Rows of 14,336 (Llama-3-8B's `ffn_down`): at 8 and 16 rows their staging does not fit
 /// in a block's shared memory, so the product is 2 or 3 launches over runs of the columns,
-/// each adding its sums. Over f16 rows, Q8_0 and (where the CPU makes it) Q4_K blocks: the
-/// exact product of the weights within 1e-5; the norm fused (the whole row's norm, x +
-/// delta written once), the norm with RoPE and the cache write (the last run's epilogue)
-/// and SwiGLU fused, the same bits as the kernels apart.
+/// each adding its sums. Over f16 rows, Q8_0 and (where the CPU makes it) Q4_K blocks and
+/// a stack of the two: the exact product of the weights within 1e-5; the norm fused (the
+/// whole row's norm, x + delta written once), the norm with RoPE and the cache write (the
+/// last run's epilogue) and SwiGLU fused, the same bits as the kernels apart.
 fn gemv_runs_case<E: Exec>(g: &E) {
     use kernels::cuda::gemv::{column_run, gemv_from, Input, Weights};
     let what = g.describe();
@@ -1196,8 +1196,19 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         .map(f16::from_f32)
         .collect();
     let mut layouts = vec![(None, w16v)];
-    for ty in types {
-        let (parts, w) = stack_of(g, &mut rng, &[(ty, n)], k);
+    let mut stacks: Vec<Vec<(GgmlType, usize)>> = types.iter().map(|&ty| vec![(ty, n)]).collect();
+    if types.contains(&GgmlType::Q4_K) {
+        // A stack of two layouts, each part's launches in runs (16 rows in Q8_0, the
+        // other 32 in Q4_K, whose packed form takes whole tiles of 16 rows).
+        stacks.push(vec![(GgmlType::Q8_0, 16), (GgmlType::Q4_K, n - 16)]);
+    }
+    for stack in &stacks {
+        let (parts, w) = stack_of(g, &mut rng, stack, k);
+        assert_eq!(
+            parts.len(),
+            stack.len(),
+            "{what}: {stack:?} in parts of their own"
+        );
         layouts.push((Some(parts), w));
     }
     for (parts, w) in &layouts {
