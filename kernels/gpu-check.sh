@@ -141,14 +141,14 @@ LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engin
 EMBED=1 BACKEND=cuda STREAMS=64,256 TOKENS=32 timeout 30 "$BIN/engine_bench" "$model" || status=1
 echo
 # Two of Llama-3-8B's layers in the Q4_K_M mix (4,096 wide, feed-forward 14,336, heads of
-# 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-16 rows at an 8B model's
+# 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-256 rows at an 8B model's
 # widths, where SmolLM2's do not go — its QKV a stack of Q4_K and Q6_K parts, its ffn_down
 # read in runs of columns at 8-16 rows, fused or apart — with the load-time choice per
 # bucket. Left out when the time is the sanitizer's.
 if [ $SECONDS -lt 400 ]; then
   l8=$(dirname "$model")/llama8b-layers.gguf
   if timeout 60 "$BIN/synth" "$l8" llama8b >/dev/null; then
-    timeout 90 "$BIN/decode_bench" "$l8" --ctx 511 --batches 1,4,8,16 || status=1
+    timeout 90 "$BIN/decode_bench" "$l8" --ctx 511 --batches 1,4,8,16,64,256 || status=1
   else
     echo "llama8b layers: synth failed"; status=1
   fi

@@ -6,7 +6,8 @@
 //! (Hopper on; the default there). Prints one table; then,
 //! for the batches of 1–16 rows, a second: the step with its products on cuBLAS, on
 //! `gemv_f16` with the norms and swiglu launched apart, and on `gemv_f16` with them fused,
-//! and the same two over the file's own blocks (`gemv_q4`, `gemv_q8`).
+//! and the same two over the file's own blocks (`gemv_q4`, `gemv_q8`, ...), beside the
+//! floors of reading the f16 rows and the blocks once.
 //!
 //!     cargo build --release -p kernels --example decode_bench   # here; run by gpu-check.sh
 //!     decode_bench [MODEL.gguf] [--cpu | --emu] [--ctx N] [--batches 1,16,64,256] [--tensor]
@@ -22,6 +23,7 @@ use kernels::backend::{Backend, CpuBackend, ReadBack, FROM_LAST};
 use kernels::cuda::backend::{AttentionKernel, CudaBackend, KvCapacity, SmallProducts};
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
+use kernels::cuda::gemv::QuantRows;
 use kernels::cuda::twins::{SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::synth::{write_model, SynthSpec};
@@ -175,6 +177,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
                 .sum::<usize>()) as f64;
+    // What a step of few rows reads where the products take the file's blocks: each
+    // matrix's blocks (a stack's parts), or its f16 rows where it has none.
+    let block_bytes = {
+        let read = |q: &[QuantRows], f16s: usize| -> usize {
+            if q.is_empty() {
+                2 * f16s
+            } else {
+                q.iter().map(|r| 4 * (r.q.len() + r.s.len())).sum()
+            }
+        };
+        let layers: usize = twin
+            .layers
+            .iter()
+            .map(|l| {
+                let q = &l.quant;
+                read(&q.wqkv, l.wqkv.len())
+                    + read(q.wo.as_slice(), l.wo.len())
+                    + read(&q.w_gate_up, l.w_gate_up.len())
+                    + read(q.w_down.as_slice(), l.w_down.len())
+            })
+            .sum();
+        (layers + read(twin.output_q.as_slice(), twin.output.len())) as f64
+    };
     let (mut which, copy_gbs) = if a.cpu {
         let b = CpuBackend::new(model.clone(), BLOCK, n_blocks, 0)?;
         (Which::Cpu(Box::new(b)), f64::NAN)
@@ -226,13 +251,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(twin);
     let backend = which.backend();
     println!(
-        "{}{} | model {} ({} layers, dim {}) | weights {:.0} MB f16, converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
+        "{}{} | model {} ({} layers, dim {}) | weights {:.1} MB f16 ({:.1} MB as the file's blocks), converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
         backend.name(),
         if a.tensor { " (attention_tc)" } else { "" },
         path.display(),
         c.n_layers,
         c.dim,
         weight_bytes / 1e6,
+        block_bytes / 1e6,
         convert_secs,
         rayon::current_num_threads(),
         copy_gbs,
@@ -275,9 +301,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let iters = if a.emu { 3 } else { 200 };
+    // The floors of a step of few rows: reading the f16 rows once, or the blocks.
+    let floor = (
+        weight_bytes / (copy_gbs * 1e9),
+        block_bytes / (copy_gbs * 1e9),
+    );
     match &mut which {
-        Which::Cuda(cuda) => small_products(cuda.as_mut(), &a.batches, a.ctx, per, iters)?,
-        Which::Emu(emu) => small_products(emu.as_mut(), &a.batches, a.ctx, per, iters)?,
+        Which::Cuda(cuda) => small_products(cuda.as_mut(), &a, per, iters, floor)?,
+        Which::Emu(emu) => small_products(emu.as_mut(), &a, per, iters, floor)?,
         Which::Cpu(_) => {}
     }
     Ok(())
@@ -289,12 +320,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// `gemv_q8`) where the model has them; then the backend's own choice again.
 fn small_products<E: Exec>(
     cuda: &mut CudaBackend<E>,
-    batches: &[usize],
-    ctx: usize,
+    a: &Args,
     per: usize,
     iters: usize,
+    (floor_f16, floor_blocks): (f64, f64),
 ) -> Result<(), String> {
-    let small: Vec<usize> = batches
+    let ctx = a.ctx;
+    let small: Vec<usize> = a
+        .batches
         .iter()
         .copied()
         .filter(|&n| n <= kernels::cuda::gemv::MAX_ROWS)
@@ -321,9 +354,9 @@ fn small_products<E: Exec>(
     }
     println!();
     println!(
-        "| batch | products on cuBLAS | gemv_f16, norms and swiglu apart | gemv_f16, fused | file blocks, apart | file blocks, fused |"
+        "| batch | products on cuBLAS | gemv_f16, norms and swiglu apart | gemv_f16, fused | file blocks, apart | file blocks, fused | floor: f16 | floor: blocks |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     cuda.set_graphs(true)?;
     for n in small {
         let mut row = Vec::new();
@@ -335,6 +368,8 @@ fn small_products<E: Exec>(
             ));
         }
         row.resize(5, "(none)".into());
+        row.push(format!("{:.1} µs", floor_f16 * 1e6));
+        row.push(format!("{:.1} µs", floor_blocks * 1e6));
         println!("| {n} | {} |", row.join(" | "));
     }
     set(cuda, chosen)
