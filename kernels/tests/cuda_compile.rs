@@ -98,6 +98,43 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
     }
 }
 
+/// The other architectures the backend compiles for (`compile::arch_for`): Ampere's
+/// (A100, the oldest: no dependent launches, whose `griddepcontrol` must not be in its
+/// PTX) and consumer Blackwell's (the newest): every kernel and entry point, so that a
+/// kernel that takes up a Hopper-only instruction unguarded fails here, not on an A100
+/// fleet.
+#[test]
+fn every_kernel_compiles_for_ampere_and_blackwell_too() {
+    if !nvrtc_present() {
+        assert!(
+            !tools_required(),
+            "TOLLGATE_REQUIRE_TOOLS=1 but NVRTC is not loadable"
+        );
+        eprintln!("SKIPPED: NVRTC not found");
+        return;
+    }
+    for (arch, target) in [("compute_80", "sm_80"), ("compute_120", "sm_120")] {
+        for src in SOURCES {
+            let ptx = compile::compile_with(src, arch, &[]).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                ptx.contains(&format!(".target {target}")),
+                "{}: {arch}",
+                src.name
+            );
+            for entry in src.entries {
+                assert!(
+                    ptx.contains(&format!(".entry {entry}(")),
+                    "{}.cu for {arch}: no entry point {entry}",
+                    src.name
+                );
+            }
+            if arch == "compute_80" {
+                assert!(!ptx.contains("griddepcontrol"), "{}: {arch}", src.name);
+            }
+        }
+    }
+}
+
 /// Every entry point's first statement is `pdl_begin()` (or `pdl_begin_prefetch`, which
 /// ends with it): launched as dependent launches, a kernel that touched memory or
 /// returned before it could race the kernel before it, or let the one after it run
