@@ -291,19 +291,38 @@ impl Packed {
     pub fn block(&self, n: usize, i: usize) -> ([i32; QK], [f32; 2], f32) {
         let (g, l) = (n / LANES, n % LANES);
         let gi = g * self.nb + i;
-        let ints = std::array::from_fn(|c| self.int(n, i * QK + c));
+        let ints = self.block_ints(n, i);
         let scales = [self.scale(gi, 0, l), self.scale(gi, 1, l)];
         let min = self.mins.get(gi * LANES + l).copied().unwrap_or(0.0);
         (ints, scales, min)
     }
 
-    /// Dequantizes row `n` into `out`.
+    /// Block `i` of row `n`'s 32 integers, [`Packed::int`]'s for the block at once: a
+    /// byte of two (4 bits) or one byte each (8), `l` apart in their group's pieces.
+    fn block_ints(&self, n: usize, i: usize) -> [i32; QK] {
+        let (g, l) = (n / LANES, n % LANES);
+        let vb = Self::vb(self.ty);
+        let v = &self.vals[(g * self.nb + i) * vb..][..vb];
+        if self.ty == GgmlType::Q8_0 {
+            std::array::from_fn(|j| v[32 * (j / 2) + 2 * l + j % 2] as i8 as i32)
+        } else {
+            std::array::from_fn(|j| {
+                let byte = v[16 * (j / 2) + l];
+                (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32
+            })
+        }
+    }
+
+    /// Dequantizes row `n` into `out`, a block at a time.
     pub fn row_f32(&self, n: usize, out: &mut [f32]) {
         let (g, l) = (n / LANES, n % LANES);
-        for (k, o) in out[..self.cols].iter_mut().enumerate() {
-            let gi = g * self.nb + k / QK;
+        for (i, o) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
+            let gi = g * self.nb + i;
             let m = self.mins.get(gi * LANES + l).copied().unwrap_or(0.0);
-            *o = self.scale(gi, k % QK / (QK / 2), l) * self.int(n, k) as f32 + m;
+            let scales = [self.scale(gi, 0, l), self.scale(gi, 1, l)];
+            for (j, (o, q)) in o.iter_mut().zip(self.block_ints(n, i)).enumerate() {
+                *o = scales[j / (QK / 2)] * q as f32 + m;
+            }
         }
     }
 
