@@ -160,7 +160,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             p
         }
     };
+    let load = std::time::Instant::now();
     let model = kernels::load::load(&path)?.model.clone();
+    let load_secs = load.elapsed().as_secs_f64();
     let c = model.config.clone();
     let max_n = a.batches.iter().copied().max().unwrap_or(1);
     let per = (a.ctx + 1).div_ceil(BLOCK);
@@ -251,7 +253,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(twin);
     let backend = which.backend();
     println!(
-        "{}{} | model {} ({} layers, dim {}) | weights {:.1} MB f16 ({:.1} MB as the file's blocks), converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
+        "{}{} | model {} ({} layers, dim {}) | weights {:.1} MB f16 ({:.1} MB as the file's blocks), loaded in {:.2} s and converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
         backend.name(),
         if a.tensor { " (attention_tc)" } else { "" },
         path.display(),
@@ -259,6 +261,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         c.dim,
         weight_bytes / 1e6,
         block_bytes / 1e6,
+        load_secs,
         convert_secs,
         rayon::current_num_threads(),
         copy_gbs,
