@@ -60,14 +60,23 @@ fn parse_ptxas(log: &str) -> Vec<(String, Report)> {
     out
 }
 
+/// Whether NVRTC is here to compile with; where not, says so (a failure under
+/// `TOLLGATE_REQUIRE_TOOLS=1`, as CI sets).
+fn nvrtc_here() -> bool {
+    if nvrtc_present() {
+        return true;
+    }
+    assert!(
+        !tools_required(),
+        "TOLLGATE_REQUIRE_TOOLS=1 but libnvrtc.so.13 is not loadable (LD_LIBRARY_PATH)"
+    );
+    eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc; LD_LIBRARY_PATH=.../nvidia/cu13/lib)");
+    false
+}
+
 #[test]
 fn every_kernel_compiles_to_ptx_for_compute_90() {
-    if !nvrtc_present() {
-        assert!(
-            !tools_required(),
-            "TOLLGATE_REQUIRE_TOOLS=1 but libnvrtc.so.13 is not loadable (LD_LIBRARY_PATH)"
-        );
-        eprintln!("SKIPPED: NVRTC not found (pip install nvidia-cuda-nvrtc; LD_LIBRARY_PATH=.../nvidia/cu13/lib)");
+    if !nvrtc_here() {
         return;
     }
     // The general build, and the attention kernel fitted to SmolLM2's heads.
@@ -105,12 +114,7 @@ fn every_kernel_compiles_to_ptx_for_compute_90() {
 /// fleet.
 #[test]
 fn every_kernel_compiles_for_ampere_and_blackwell_too() {
-    if !nvrtc_present() {
-        assert!(
-            !tools_required(),
-            "TOLLGATE_REQUIRE_TOOLS=1 but NVRTC is not loadable"
-        );
-        eprintln!("SKIPPED: NVRTC not found");
+    if !nvrtc_here() {
         return;
     }
     for (arch, target) in [("compute_80", "sm_80"), ("compute_120", "sm_120")] {
@@ -172,8 +176,7 @@ fn every_kernel_first_waits_for_the_one_before_it() {
 
 #[test]
 fn a_broken_kernel_is_a_clear_error() {
-    if !nvrtc_present() {
-        eprintln!("SKIPPED: NVRTC not found");
+    if !nvrtc_here() {
         return;
     }
     let bad = kernels::cuda::Source {
@@ -199,12 +202,7 @@ fn every_kernel_fits_its_launch_on_sm_90() {
         eprintln!("SKIPPED: no ptxas (pip install nvidia-cuda-nvcc; TOLLGATE_PTXAS=.../nvidia/cu13/bin/ptxas)");
         return;
     };
-    if !nvrtc_present() {
-        assert!(
-            !tools_required(),
-            "TOLLGATE_REQUIRE_TOOLS=1 but NVRTC is not loadable"
-        );
-        eprintln!("SKIPPED: NVRTC not found");
+    if !nvrtc_here() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("tollgate-ptxas-{}", std::process::id()));
