@@ -263,9 +263,15 @@ impl Packed {
     fn int(&self, n: usize, k: usize) -> i32 {
         let (g, l, i, j) = (n / LANES, n % LANES, k / QK, k % QK);
         let vb = Self::vb(self.ty);
-        let v = &self.vals[(g * self.nb + i) * vb..];
+        Self::int_in(self.ty, &self.vals[(g * self.nb + i) * vb..], l, j)
+    }
+
+    /// Weight `j` of lane `l`'s row in a group's block `v`: at 8 bits its byte, at 4 its
+    /// pair's byte (the low nibble for even `j`), the pairs `l` apart in their pieces.
+    #[inline(always)]
+    fn int_in(ty: GgmlType, v: &[u8], l: usize, j: usize) -> i32 {
         let p = j / 2;
-        if self.ty == GgmlType::Q8_0 {
+        if ty == GgmlType::Q8_0 {
             v[32 * p + 2 * l + j % 2] as i8 as i32
         } else {
             let byte = v[16 * p + l];
@@ -297,20 +303,12 @@ impl Packed {
         (ints, scales, min)
     }
 
-    /// Block `i` of row `n`'s 32 integers, [`Packed::int`]'s for the block at once: a
-    /// byte of two (4 bits) or one byte each (8), `l` apart in their group's pieces.
+    /// Block `i` of row `n`'s 32 integers ([`Packed::int`]'s, the block found once).
     fn block_ints(&self, n: usize, i: usize) -> [i32; QK] {
         let (g, l) = (n / LANES, n % LANES);
         let vb = Self::vb(self.ty);
         let v = &self.vals[(g * self.nb + i) * vb..][..vb];
-        if self.ty == GgmlType::Q8_0 {
-            std::array::from_fn(|j| v[32 * (j / 2) + 2 * l + j % 2] as i8 as i32)
-        } else {
-            std::array::from_fn(|j| {
-                let byte = v[16 * (j / 2) + l];
-                (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32
-            })
-        }
+        std::array::from_fn(|j| Self::int_in(self.ty, v, l, j))
     }
 
     /// Dequantizes row `n` into `out`, a block at a time.
