@@ -275,7 +275,11 @@ impl Packed {
             v[32 * p + 2 * l + j % 2] as i8 as i32
         } else {
             let byte = v[16 * p + l];
-            (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32
+            (if j.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            }) as i32
         }
     }
 
