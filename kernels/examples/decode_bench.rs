@@ -186,7 +186,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if q.is_empty() {
                 2 * f16s
             } else {
-                q.iter().map(|r| 4 * (r.q.len() + r.s.len())).sum()
+                q.iter().map(QuantRows::bytes).sum()
             }
         };
         let layers: usize = twin

@@ -200,12 +200,14 @@ struct Rng(u64);
 
 /// What [`Rng`]'s state moves on by a uniform draw (splitmix64's).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The uniform draws a normal one sums.
+const UNIFORMS: u64 = 4;
 
 impl Rng {
     /// Approximately normal (sum of 4 uniforms), standard deviation `std`.
     fn normal(&mut self, std: f32) -> f32 {
         let mut s = 0.0;
-        for _ in 0..4 {
+        for _ in 0..UNIFORMS {
             self.0 = self.0.wrapping_add(GOLDEN);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -225,12 +227,13 @@ impl Rng {
         let out = (0..n.div_ceil(RUN))
             .into_par_iter()
             .flat_map_iter(|r| {
-                let mut rng = Rng(start.wrapping_add(GOLDEN.wrapping_mul(4 * (r * RUN) as u64)));
+                let skip = UNIFORMS * (r * RUN) as u64;
+                let mut rng = Rng(start.wrapping_add(GOLDEN.wrapping_mul(skip)));
                 let len = RUN.min(n - r * RUN);
                 (0..len).map(move |_| rng.normal(std))
             })
             .collect();
-        self.0 = start.wrapping_add(GOLDEN.wrapping_mul(4 * n as u64));
+        self.0 = start.wrapping_add(GOLDEN.wrapping_mul(UNIFORMS * n as u64));
         out
     }
 }

@@ -805,7 +805,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
                         let (x, w) = (gemv::Input::Rows(&x), gemv::Weights::Quant(wq));
                         gemv::gemv_from(e, x, w, &mut y, m, k, n)
                     })?;
-                    let weights: usize = wq.iter().map(|p| (p.q.elems() + p.s.elems()) * 4).sum();
+                    let weights: usize = wq.iter().map(gemv::QuantBuf::bytes).sum();
                     let kinds: Vec<&str> = wq.iter().map(|p| p.kind().unwrap_or("?")).collect();
                     rows.push(Row {
                         name: format!("gemv_{} {name} {m}×{k}·{k}×{n}", kinds.join("+")),

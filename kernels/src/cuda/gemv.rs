@@ -149,6 +149,11 @@ impl<E: Exec> QuantBuf<E> {
         })
     }
 
+    /// The bytes a product reads of them: the tiles and their scales.
+    pub fn bytes(&self) -> usize {
+        4 * (self.q.elems() + self.s.elems())
+    }
+
     pub fn upload(e: &E, r: &QuantRows) -> Result<Self, ExecError> {
         Ok(Self {
             q: e.upload(&r.q)?,
@@ -484,6 +489,11 @@ impl Scales {
 }
 
 impl QuantRows {
+    /// The bytes a product reads of them once uploaded ([`QuantBuf::bytes`]).
+    pub fn bytes(&self) -> usize {
+        4 * (self.q.len() + self.s.len())
+    }
+
     /// `rows` rows of `k` weights in `ty`'s blocks (Q4_0, Q4_1 or Q8_0); `None` for other
     /// types, or where `data` is not that many blocks.
     pub fn from_blocks(
