@@ -41,7 +41,7 @@
 //
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
 // 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below; the K-quants' under
-// f32 scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`), one template.
+// factored scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -174,24 +174,111 @@ struct WeightsF16 {
 //
 // The K-quant layouts' scales are products of two of the file's numbers (a super-block's
 // f16 d times a sub-block's 6-bit scale: 17 significant bits, or Q6_K's 8-bit scale per
-// 16), which f16 would round; their tiles hold them as f32 pairs instead (uint2 Scales:
-// `gemv_q4f*` for Q4_K, `gemv_q8f*` for Q5_K, Q5_1, IQ4_XS), or, a scale per 16 and no
-// offset, as the two halves' scales (`gemv_q8h*`, Q6_K: the block's first mma takes its
-// first 16 weights, its second the others, each sum under its own scale). The weights are
-// then the file's own values as well, 6 (Q4_K) or 10 bits a weight.
+// 16), which f16 would round. Their tiles hold them factored as the file does (Factored
+// below): each column's block of 32 two signed bytes, its scale's and its offset's
+// multiples (`gemv_q4f*` for Q4_K, `gemv_q8f*` for Q5_K, IQ4_XS), or, a scale per 16 and
+// no offset, its two halves' (`gemv_q8h*`, Q6_K: the block's first mma takes its first
+// 16 weights, its second the others, each sum under its own scale); each column's 8
+// blocks of 32 (a super-block of 256) an f16 pair they multiply. d · n is exact in f32
+// (11 bits by 8), so the weights are the file's own values, 4.625 (Q4_K) or 8.625 bits a
+// weight (f32 scales, a pair a block, would be 6 and 10).
 __device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
     d = h2f((half_t)(s & 0xffffu)), m = h2f((half_t)(s >> 16));
 }
-__device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
-    d = __uint_as_float(s.x), m = __uint_as_float(s.y);
-}
 
-template <typename Scales>
-__device__ __forceinline__ void scale_block(const float (&blk)[4], Scales s_lo, Scales s_hi,
-                                            float xs0, float xs1, float center, float (&acc)[4]) {
-    float d0, m0, d1, m1;
-    scale_pair(s_lo, d0, m0);
-    scale_pair(s_hi, d1, m1);
+// How a tile's columns hold their scales: `Held` the lane's (columns g and g + 8) as
+// loaded with its weights, `load(s, nb, G, B, g)` reading them for column group G's block
+// B of the rows' nb (s: the whole rows' scales), `pairs` making the two columns' (d, m),
+// and `prefetch` asking L2 for a group's blocks B0 .. B0 + blocks.
+//
+// f16 d and m, a word a column and block (Q4_0, Q4_1, Q8_0 and the layouts converted to
+// them with the same values): a group's words are its blocks' in order, 16 a block.
+struct ScalesF16 {
+    static constexpr bool FACTORED = false;
+    struct Held {
+        u32 lo, hi;
+    };
+    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
+                                                int g) {
+        const u32* t = s + ((size_t)G * nb + B) * 16 + g;
+        return Held{t[0], t[8]};
+    }
+    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
+                                                 float& m1) {
+        scale_pair(h.lo, d0, m0);
+        scale_pair(h.hi, d1, m1);
+    }
+    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
+                                                    int blocks) {
+        prefetch_span(s + ((size_t)G * nb + B0) * 16, blocks * 64);
+    }
+};
+
+// f32 d and m, two words a column and block (the K-quant layouts' scales unfactored, 2
+// bits a weight: `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, kept to be timed against
+// the factored ones, which take fewer bytes and more instructions a block).
+struct ScalesF32 {
+    static constexpr bool FACTORED = false;
+    struct Held {
+        uint2 lo, hi;
+    };
+    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
+                                                int g) {
+        const uint2* t = reinterpret_cast<const uint2*>(s) + ((size_t)G * nb + B) * 16 + g;
+        return Held{t[0], t[8]};
+    }
+    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
+                                                 float& m1) {
+        d0 = __uint_as_float(h.lo.x), m0 = __uint_as_float(h.lo.y);
+        d1 = __uint_as_float(h.hi.x), m1 = __uint_as_float(h.hi.y);
+    }
+    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
+                                                    int blocks) {
+        prefetch_span(s + ((size_t)G * nb + B0) * 32, blocks * 128);
+    }
+};
+
+// Factored: a group's words are its blocks' (8 a block: word g holds columns g and g + 8's
+// multiples n as signed bytes, d then m of column g, then of g + 8), then its
+// super-blocks' (16 each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and
+// g + 8's f16 pairs D, M); column c's block is d = D · n_d, m = M · n_m, exact in f32.
+// With a scale per 16, n_d and n_m are the halves' and M is D.
+struct ScalesFactored {
+    static constexpr bool FACTORED = true;
+    struct Held {
+        u32 n;
+        uint2 sup;
+    };
+    static __device__ __forceinline__ size_t group_words(int nb) {
+        return (size_t)nb * 8 + (size_t)(nb + 7) / 8 * 16;
+    }
+    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
+                                                int g) {
+        const u32* base = s + (size_t)G * group_words(nb);
+        const uint2* sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8) + (B / 8) * 8;
+        return Held{base[(size_t)B * 8 + g], sup[g]};
+    }
+    static __device__ __forceinline__ float times(u32 d16, u32 n, int byte) {
+        return h2f((half_t)(d16 & 0xffffu)) * (float)(signed char)(n >> (8 * byte));
+    }
+    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
+                                                 float& m1) {
+        d0 = times(h.sup.x, h.n, 0), m0 = times(h.sup.x >> 16, h.n, 1);
+        d1 = times(h.sup.y, h.n, 2), m1 = times(h.sup.y >> 16, h.n, 3);
+    }
+    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
+                                                    int blocks) {
+        const u32* base = s + (size_t)G * group_words(nb);
+        prefetch_span(base + (size_t)B0 * 8, blocks * 32);
+        prefetch_span(base + (size_t)nb * 8, (nb + 7) / 8 * 64);
+    }
+};
+
+// A block's sums (columns g, g + 8 by input rows 2t, 2t + 1) under its columns' scales:
+// d times the sums plus m times the inputs' sums over the block.
+__device__ __forceinline__ void scale_block(const float (&blk)[4], float d0, float m0, float d1,
+                                            float m1, float xs0, float xs1, float center,
+                                            float (&acc)[4]) {
     if (center != 0.0f) m0 = fmaf(center, d0, m0), m1 = fmaf(center, d1, m1);
     acc[0] = fmaf(d0, blk[0], fmaf(m0, xs0, acc[0]));
     acc[1] = fmaf(d0, blk[1], fmaf(m0, xs1, acc[1]));
@@ -199,12 +286,10 @@ __device__ __forceinline__ void scale_block(const float (&blk)[4], Scales s_lo, 
     acc[3] = fmaf(d1, blk[3], fmaf(m1, xs1, acc[3]));
 }
 
-// A block's two halves' sums (lo: weights 0 .. 15, hi: 16 .. 31) under their scales.
-__device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (&hi)[4],
-                                             uint2 s_lo, uint2 s_hi, float (&acc)[4]) {
-    float a0, b0, a1, b1;
-    scale_pair(s_lo, a0, b0);
-    scale_pair(s_hi, a1, b1);
+// A block's two halves' sums (lo: weights 0 .. 15, hi: 16 .. 31) under their scales (a0,
+// b0 column g's; a1, b1 column g + 8's).
+__device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (&hi)[4], float a0,
+                                             float b0, float a1, float b1, float (&acc)[4]) {
     acc[0] = fmaf(b0, hi[0], fmaf(a0, lo[0], acc[0]));
     acc[1] = fmaf(b0, hi[1], fmaf(a0, lo[1], acc[1]));
     acc[2] = fmaf(b1, hi[2], fmaf(a1, lo[2], acc[2]));
@@ -212,42 +297,42 @@ __device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (
 }
 
 // The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
-// part of a tile (uint2 at 4 bits, uint4 at 8), Scales a column's pair (u32: f16 d and m;
-// uint2: f32): loading them and their scales, and the L2 prefetch of a group's, are the
-// same for every size (WeightsQ4, WeightsQ8 below).
-template <typename Words, typename Scales>
+// part of a tile (uint2 at 4 bits, uint4 at 8), S how the columns hold their scales
+// (ScalesF16, ScalesFactored): loading them and their scales, and the L2 prefetch of a
+// group's, are the same for every size (WeightsQ4, WeightsQ8 below).
+template <typename Words, typename S>
 struct BlockTiles {
     const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
-    const u32* __restrict__ s;
-    int k, n, kt;
+    const u32* __restrict__ s;  // the whole rows' scales
+    int k, n, kt, kb0;          // kb0: the product's first block of the rows' kt / 32
     static constexpr bool OFFSETS = true, HALVES = false;
     static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
-    static constexpr int SCALE_WORDS = (int)sizeof(Scales) / 4;
+    using Scales = S;
     struct Tile {
         Words w;
-        Scales s_lo, s_hi;
+        typename S::Held s;
     };
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
         size_t tile = (size_t)G * (kt / 32) + b;
-        const Scales* st = reinterpret_cast<const Scales*>(s) + tile * 16 + (lane >> 2);
-        return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane], st[0], st[8]};
+        return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane],
+                    S::load(s, kt / 32, G, kb0 + b, lane >> 2)};
     }
     __device__ __forceinline__ void prefetch(int G) const {
         if (16 * G >= n) return;
         size_t tiles = (size_t)G * (kt / 32);
         prefetch_span(q + tiles * TILE_WORDS, k / 32 * TILE_WORDS * 4);
-        prefetch_span(s + tiles * 16 * SCALE_WORDS, k / 32 * 64 * SCALE_WORDS);
+        S::prefetch(s, kt / 32, G, kb0, k / 32);
     }
 };
 
-// 4-bit (Q4_0 with m = −8d, Q4_1; Q4_K's sub-blocks with f32 scales): a tile is 64 words,
-// lane l's two (columns g, g + 8) at 2l, 2l + 1; weights 2p and 2p + 1 of a piece in bits
-// 4p and 16 + 4p, so that one mask and an or with 1024's bits make the pair 1024 + q as
-// halves. The tensor cores take q − 8 (Q4_0's offset is then 0).
-template <typename Scales>
-struct WeightsQ4T : BlockTiles<uint2, Scales> {
-    using Tile = typename BlockTiles<uint2, Scales>::Tile;
-    static constexpr int BATCH = 6;
+// 4-bit (Q4_0 with m = −8d, Q4_1; Q4_K's sub-blocks with factored scales): a tile is 64
+// words, lane l's two (columns g, g + 8) at 2l, 2l + 1; weights 2p and 2p + 1 of a piece
+// in bits 4p and 16 + 4p, so that one mask and an or with 1024's bits make the pair
+// 1024 + q as halves. The tensor cores take q − 8 (Q4_0's offset is then 0).
+template <typename S>
+struct WeightsQ4T : BlockTiles<uint2, S> {
+    using Tile = typename BlockTiles<uint2, S>::Tile;
+    static constexpr int BATCH = S::FACTORED ? 5 : 6;
     static constexpr float CENTER = 8.0f;
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
         return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
@@ -257,18 +342,19 @@ struct WeightsQ4T : BlockTiles<uint2, Scales> {
         a1[0] = pair(v.w.x, 2), a1[1] = pair(v.w.y, 2), a1[2] = pair(v.w.x, 3), a1[3] = pair(v.w.y, 3);
     }
 };
-using WeightsQ4 = WeightsQ4T<u32>;
-using WeightsQ4F = WeightsQ4T<uint2>;
+using WeightsQ4 = WeightsQ4T<ScalesF16>;
+using WeightsQ4F = WeightsQ4T<ScalesFactored>;
+using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
 
-// 8-bit (Q8_0, m = 0; with f32 scales the 8-bit layouts of K-quant sub-blocks, or with
-// H a scale per 16): a tile is 128 words, lane l's four at 4l (two words of column g, two
+// 8-bit (Q8_0, m = 0; with factored scales the 8-bit layouts of K-quant sub-blocks, or
+// with H a scale per 16): a tile is 128 words, lane l's four at 4l (two words of column g, two
 // of g + 8), weight h of a piece its signed byte h. A byte permute puts two bytes (offset
 // by 128) under 1024's high byte: the pair 1152 + q as halves.
-template <typename Scales, bool H>
-struct WeightsQ8T : BlockTiles<uint4, Scales> {
-    using Tile = typename BlockTiles<uint4, Scales>::Tile;
+template <typename S, bool H>
+struct WeightsQ8T : BlockTiles<uint4, S> {
+    using Tile = typename BlockTiles<uint4, S>::Tile;
     static constexpr bool OFFSETS = !H, HALVES = H;
-    static constexpr int BATCH = 4;
+    static constexpr int BATCH = S::FACTORED && !H ? 3 : 4;
     static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
     static __device__ __forceinline__ u32 pair(u32 lo, u32 hi, int p) {
@@ -283,18 +369,20 @@ struct WeightsQ8T : BlockTiles<uint4, Scales> {
         a1[2] = pair(v.w.x, v.w.y, 3), a1[3] = pair(v.w.z, v.w.w, 3);
     }
 };
-using WeightsQ8 = WeightsQ8T<u32, false>;
-using WeightsQ8F = WeightsQ8T<uint2, false>;
-using WeightsQ8H = WeightsQ8T<uint2, true>;
+using WeightsQ8 = WeightsQ8T<ScalesF16, false>;
+using WeightsQ8F = WeightsQ8T<ScalesFactored, false>;
+using WeightsQ8H = WeightsQ8T<ScalesFactored, true>;
+using WeightsQ8F32 = WeightsQ8T<ScalesF32, false>;
+using WeightsQ8H32 = WeightsQ8T<ScalesF32, true>;
 
-// Tiles W over q and s (the whole rows' tiles, kt long) for the product's columns
-// k0 .. k0 + k.
+// Tiles W over q and s (the whole rows' tiles and scales, kt long) for the product's
+// columns k0 .. k0 + k.
 template <typename W>
 __device__ __forceinline__ W tiles_from(const u32* q, const u32* s, int k, int n, int k0, int kt) {
     W w;
     w.q = q + (size_t)(k0 / 32) * W::TILE_WORDS;
-    w.s = s + (size_t)(k0 / 32) * 16 * W::SCALE_WORDS;
-    w.k = k, w.n = n, w.kt = kt;
+    w.s = s;
+    w.k = k, w.n = n, w.kt = kt, w.kb0 = k0 / 32;
     return w;
 }
 
@@ -312,7 +400,9 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
         float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         mma_16816(lo, a0, xb.x, xb.y);
         mma_16816(hi, a1, xb.z, xb.w);
-        scale_halves(lo, hi, v.s_lo, v.s_hi, acc);
+        float a0s, b0s, a1s, b1s;
+        W::Scales::pairs(v.s, a0s, b0s, a1s, b1s);
+        scale_halves(lo, hi, a0s, b0s, a1s, b1s, acc);
     } else if constexpr (!W::OFFSETS) {
         mma_16816(acc, a0, xb.x, xb.y);
         mma_16816(acc, a1, xb.z, xb.w);
@@ -323,13 +413,18 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
         int r = r0 + 2 * (lane & 3);
         float xs0 = r < sh.m ? sh.xsum[r * nb + b] : 0.0f;
         float xs1 = r + 1 < sh.m ? sh.xsum[(r + 1) * nb + b] : 0.0f;
-        scale_block(blk, v.s_lo, v.s_hi, xs0, xs1, W::CENTER, acc);
+        float d0, m0, d1, m1;
+        W::Scales::pairs(v.s, d0, m0, d1, m1);
+        scale_block(blk, d0, m0, d1, m1, xs0, xs1, W::CENTER, acc);
     }
 }
 
 // A warp's batch of tiles: blocks b0, b0 + 8, ... (those below k / 32) of column group G,
 // loaded together so that the warp has its loads in flight at once (one batch covers a
-// row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM).
+// row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM;
+// under factored scales, whose tiles hold a column pair's multiples and their super-block's
+// pair beside the weights, 1,280 at 4 bits and, with an offset, 768 at 8: ptxas spills
+// at 6 and 4).
 template <typename W>
 struct TileBatch {
     typename W::Tile v[W::BATCH];
@@ -805,6 +900,114 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// The K-quant layouts' scales as f32 pairs (ScalesF32), to be timed against the factored.
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

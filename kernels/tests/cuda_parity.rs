@@ -812,16 +812,18 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 }
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
-/// and `gemv_q4f` / `gemv_q8f` / `gemv_q8h` over Q4_K, Q5_K, IQ4_XS, Q6_K and Q5_1 (f32
-/// scales, a scale per 16, offsets), against the product of the values the file's blocks
+/// and `gemv_q4f` / `gemv_q8f` / `gemv_q8h` over Q4_K, Q5_K, IQ4_XS and Q6_K (factored
+/// scales, a scale per 16), `gemv_q8` over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
 fn gemv_quant_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv_from, Input, QuantBuf, QuantRows, Weights, MAX_ROWS};
+    use kernels::cuda::gemv::{
+        fits, gemv_from, Input, QuantBuf, QuantRows, Scales, Weights, MAX_ROWS,
+    };
     let mut rng = Rng(17);
-    // The K-quant layouts (f32 scales, Q6_K's per 16: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`)
-    // and Q5_1's offsets, as a model holds them where the CPU has packed kernels.
+    // The K-quant layouts (factored scales, Q6_K's per 16: `gemv_q4f`, `gemv_q8f`,
+    // `gemv_q8h`) and Q5_1's offsets, as a model holds them where the CPU has packed kernels.
     let k_quants: &[(GgmlType, usize, usize)] = if kernels::packed::available() {
         &[
             (GgmlType::Q4_K, 1536, 80),
@@ -854,20 +856,47 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
             GgmlType::Q4_K => "q4f",
-            GgmlType::Q5_K | GgmlType::IQ4_XS | GgmlType::Q5_1 => "q8f",
+            GgmlType::Q5_K | GgmlType::IQ4_XS => "q8f",
             GgmlType::Q6_K => "q8h",
-            GgmlType::Q8_0 => "q8",
+            GgmlType::Q8_0 | GgmlType::Q5_1 => "q8",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
+        // The K-quants' scales unfactored too (`gemv_q4f32`, ...: kept to be timed against
+        // the factored).
+        let f32_scales = (rows.scales != Scales::F16Pairs).then(|| {
+            let m = kernels::model::matrix_of(ty, n, k, &blocks);
+            let r = QuantRows::from_packed_as(m.packed_values().unwrap(), Scales::F32Pairs)
+                .expect("f32 scales");
+            [QuantBuf::upload(g, &r).unwrap()]
+        });
+        if let Some(f) = &f32_scales {
+            assert_eq!(
+                f[0].kind(),
+                Some(format!("{want_kind}32").as_str()),
+                "{ty:?}"
+            );
+        }
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = exact_product(&x, &w, (m, k, n));
             let xd = up(g, &x);
-            let mut y = up(g, &vec![f32::NAN; m * n]);
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, m, k, n).unwrap();
-            let e = rel(&down(g, &y), &want);
-            assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
+            let mut got = Vec::new();
+            for wq in std::iter::once(wq).chain(f32_scales.as_ref()) {
+                let mut y = up(g, &vec![f32::NAN; m * n]);
+                gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, m, k, n).unwrap();
+                let y = down(g, &y);
+                let e = rel(&y, &want);
+                assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
+                got.push(y);
+            }
+            // The same scales, the same sums in the same order: the same bits.
+            if let [a, b] = &got[..] {
+                assert!(
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}, {m} rows"
+                );
+            }
         }
         let over = MAX_ROWS + 1;
         let (xd, mut y) = (
@@ -888,7 +917,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         );
         let halves4 = [QuantBuf {
             bits: 4,
-            scales: kernels::cuda::gemv::Scales::F32Halves,
+            scales: kernels::cuda::gemv::Scales::FactoredHalves,
             ..QuantBuf::upload(g, &rows).unwrap()
         }];
         assert!(
@@ -1960,10 +1989,11 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
     // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
-    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h, and Q4_K_M's QKV stack
+    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales) and
+    // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 61, "{names:?}");
+    assert_eq!(rows.len(), 70, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -1976,6 +2006,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8 small 1×64·64×96",
         "gemv_q4f small 3×64·64×96",
         "gemv_q8h small 9×64·64×96",
+        "gemv_q4f32 small 3×64·64×96",
+        "gemv_q8h32 small 9×64·64×96",
         "gemv_q4f+q8h small 3×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");

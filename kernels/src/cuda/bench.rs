@@ -738,16 +738,16 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     for &(name, k, n, in_step) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
-        // in the K-quant layouts' (f32 scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
-        // `gemv_q8h`); a product of the QKV's width also as Q4_K_M's stack of two (Q4_K Q
+        // in the K-quant layouts' (factored scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
+        // `gemv_q8h`; and as f32, `gemv_q4f32`, ..., fewer instructions and more bytes); a product of the QKV's width also as Q4_K_M's stack of two (Q4_K Q
         // and K, Q6_K V: a launch each).
-        use gemv::Scales::{F16Pairs, F32Halves, F32Pairs};
+        use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, rows: usize| {
             let padded = rows.next_multiple_of(16);
             Ok::<_, ExecError>(gemv::QuantBuf {
                 q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
-                s: e.zeros::<u32>(padded * k / 32 * scales.words())?,
+                s: e.zeros::<u32>(padded / 16 * scales.group_words(k / 32))?,
                 bits,
                 scales,
                 rows,
@@ -757,6 +757,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let mut quant = [
             (4u32, F16Pairs),
             (8, F16Pairs),
+            (4, Factored),
+            (8, Factored),
+            (8, FactoredHalves),
             (4, F32Pairs),
             (8, F32Pairs),
             (8, F32Halves),
@@ -767,8 +770,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let (nh, nkv, hd) = sizes.qkv_heads;
         if n == (nh + 2 * nkv) * hd {
             quant.push(vec![
-                part(4, F32Pairs, n - nkv * hd)?,
-                part(8, F32Halves, nkv * hd)?,
+                part(4, Factored, n - nkv * hd)?,
+                part(8, FactoredHalves, nkv * hd)?,
             ]);
         }
         let times = match in_step {

@@ -6,9 +6,9 @@
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
-//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under f32
-//! scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, for the K-quants'), a third to a half of
-//! the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
+//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under
+//! factored scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, for the K-quants'), a third to
+//! a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
 //! 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
@@ -101,8 +101,8 @@ impl<E: Exec> Clone for Weights<'_, E> {
 impl<E: Exec> Copy for Weights<'_, E> {}
 
 impl<E: Exec> Weights<'_, E> {
-    /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, and with f32
-    /// scales `q4f`, `q8f` or (a scale per 16) `q8h`; refused for a layout no kernel
+    /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, and with
+    /// factored scales `q4f`, `q8f` or (a scale per 16) `q8h`; refused for a layout no kernel
     /// reads, or no part at all.
     fn kinds(&self) -> Result<Vec<&'static str>, ExecError> {
         match self {
@@ -141,10 +141,13 @@ impl<E: Exec> QuantBuf<E> {
     pub fn kind(&self) -> Option<&'static str> {
         Some(match (self.bits, self.scales) {
             (4, Scales::F16Pairs) => "q4",
-            (4, Scales::F32Pairs) => "q4f",
+            (4, Scales::Factored) => "q4f",
             (8, Scales::F16Pairs) => "q8",
-            (8, Scales::F32Pairs) => "q8f",
-            (8, Scales::F32Halves) => "q8h",
+            (8, Scales::Factored) => "q8f",
+            (8, Scales::FactoredHalves) => "q8h",
+            (4, Scales::F32Pairs) => "q4f32",
+            (8, Scales::F32Pairs) => "q8f32",
+            (8, Scales::F32Halves) => "q8h32",
             _ => return None,
         })
     }
@@ -425,7 +428,11 @@ fn product<E: Exec>(
                 }
                 let padded = q.rows.next_multiple_of(GROUP);
                 short("q", q.q.elems(), padded * k * q.bits as usize / 32)?;
-                short("s", q.s.elems(), padded * k / BLOCK * q.scales.words())?;
+                short(
+                    "s",
+                    q.s.elems(),
+                    padded / GROUP * q.scales.group_words(k / BLOCK),
+                )?;
                 launch(kind, &[q.q.arg(), q.s.arg()], cols, j0, i == 0)?;
                 j0 += cols;
             }
@@ -439,7 +446,8 @@ fn product<E: Exec>(
 /// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
 /// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
-/// round, are held as f32 ([`Scales`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), so that
+/// round, are held factored as the file holds them, an f16 a super-block of 256 times a
+/// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), so that
 /// they too are the file's own values.
 ///
 /// The layout is the tensor cores' fragments: tiles of 16 rows (an `mma`'s columns) by a
@@ -457,35 +465,120 @@ pub struct QuantRows {
     /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`;
     /// at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the signed byte `h`.
     pub q: Vec<u32>,
-    /// Per tile, its 16 rows' scale pairs ([`Scales`]): a word each as f16 halves, or two
-    /// as f32.
+    /// Per group of 16 rows, its scales ([`Scales`]: [`Scales::group_words`] a group).
     pub s: Vec<u32>,
     pub rows: usize,
     pub k: usize,
 }
 
-/// How a tile holds its rows' scales, a pair a row and block of 32.
+/// How a group of 16 rows holds its scales, a pair (`d`, `m`) a row and block of 32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scales {
-    /// `d` (low half) and `m` (high half) as f16 bits, one word: Q4_0, Q4_1, Q8_0 and the
-    /// layouts converted to them with the same values (`gemv_q4`, `gemv_q8`).
+    /// `d` (low half) and `m` (high half) as f16 bits, a word a row and block, the
+    /// blocks' 16 words in order: Q4_0, Q4_1, Q8_0 and the layouts converted to them with
+    /// the same values (`gemv_q4`, `gemv_q8`; Q5_1's offsets beside 8-bit blocks).
     F16Pairs,
-    /// `d` and `m` as f32, two words: the K-quant sub-blocks' `d·sc` (`gemv_q4f`,
-    /// `gemv_q8f`).
+    /// Factored as the K-quants hold them (`gemv_q4f`, `gemv_q8f`): `d = D · n_d`,
+    /// `m = M · n_m` (exact in f32), with `n_d`, `n_m` a row's signed bytes for the block
+    /// and `D`, `M` its f16 pair for the block's super-block of 8 (256 weights). A group's
+    /// words: 8 a block (word `g` holds rows `g` and `g + 8`'s bytes: `n_d`, `n_m` of `g`,
+    /// then of `g + 8`), then 16 a super-block (words `2g`, `2g + 1`: rows `g` and `g + 8`'s
+    /// `D | M << 16`).
+    Factored,
+    /// As [`Scales::Factored`], the two halves' scales of each block in place of `d` and
+    /// `m` (a scale per 16, no offset: Q6_K's, `gemv_q8h`), each factored on its own.
+    FactoredHalves,
+    /// `d` and `m` as f32, two words a row and block, the blocks' 32 in order: the
+    /// K-quants' unfactored (`gemv_q4f32`, `gemv_q8f32`), 2 bits a weight where factored
+    /// they take 0.625, and fewer instructions a block; kept to be timed against them
+    /// ([`QuantRows::from_packed_as`]).
     F32Pairs,
-    /// The block's two halves' scales as f32, no offset: Q6_K's scale per 16
-    /// (`gemv_q8h`).
+    /// As [`Scales::F32Pairs`], the halves' scales (`gemv_q8h32`).
     F32Halves,
 }
 
 impl Scales {
-    /// Words a row's pair takes.
-    pub fn words(self) -> usize {
+    /// Words a group of 16 rows' scales take, for `nb` blocks of 32.
+    pub fn group_words(self, nb: usize) -> usize {
         match self {
-            Scales::F16Pairs => 1,
-            Scales::F32Pairs | Scales::F32Halves => 2,
+            Scales::F16Pairs => nb * GROUP,
+            Scales::F32Pairs | Scales::F32Halves => nb * GROUP * 2,
+            Scales::Factored | Scales::FactoredHalves => nb * 8 + nb.div_ceil(SUPER) * 16,
         }
     }
+}
+
+/// Blocks of 32 a super-block of the factored scales: 256 weights, a K-quant's.
+const SUPER: usize = 8;
+
+/// `vals` as `D · n`, `D` an f16 and `n` in −128..128, exactly in f32 arithmetic (into
+/// `n`); `None` where they are no such multiples (or not finite). First the largest `D`
+/// whose multiples they can be (their odd significands' greatest common divisor at their
+/// least exponent: a K-quant's 6-bit scales' `d` where one of them is odd), then, where
+/// that is no f16 or leaves multiples past a byte, `a / top` for their largest magnitude
+/// `a` and `top` from 1 up.
+fn factor(vals: &[f32], n: &mut [i8]) -> Option<f16> {
+    let a = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if !a.is_finite() {
+        return None;
+    }
+    if a == 0.0 {
+        n.fill(0);
+        return Some(f16::ZERO);
+    }
+    // v = ±s · 2^e, s odd.
+    let odd_parts = |v: f32| {
+        let (bits, e) = (v.to_bits(), ((v.to_bits() >> 23) & 0xff) as i32);
+        let sig = bits & 0x7f_ffff | if e > 0 { 0x80_0000 } else { 0 };
+        let tz = sig.trailing_zeros();
+        (sig >> tz, e.max(1) - 150 + tz as i32)
+    };
+    let (mut g, mut e) = (0u32, i32::MAX);
+    for &v in vals.iter().filter(|v| **v != 0.0) {
+        let (s, ev) = odd_parts(v);
+        g = gcd(g, s);
+        e = e.min(ev);
+    }
+    let d = (f64::from(g) * 2f64.powi(e)) as f32;
+    if let Some(dh) = multiples_of(d, vals, n) {
+        return Some(dh);
+    }
+    // D = a / top is an f16 only where top's odd part divides a's odd significand to
+    // under 11 bits: a test in integers before the floats'.
+    let (odd, _) = odd_parts(a);
+    (1..=128u8)
+        .filter(|top| {
+            let t = u32::from(top >> top.trailing_zeros());
+            odd.is_multiple_of(t) && odd / t < 1 << 11
+        })
+        .find_map(|top| multiples_of(a / f32::from(top), vals, n))
+}
+
+/// `d` as an f16, where it is one and every value is `d` times an integer in −128..128
+/// exactly (into `n`).
+fn multiples_of(d: f32, vals: &[f32], n: &mut [i8]) -> Option<f16> {
+    let dh = f16::from_f32(d);
+    if d == 0.0 || dh.to_f32() != d {
+        return None;
+    }
+    for (v, n) in vals.iter().zip(n.iter_mut()) {
+        let q = v / d;
+        // Truncated: an integer quotient is exact, and d · (a byte) is exact in f32, so
+        // the product is v only where q was that integer.
+        if !(-128.0..128.0).contains(&q) || d * (q as i32) as f32 != *v {
+            return None;
+        }
+        *n = q as i8;
+    }
+    Some(dh)
+}
+
+/// The greatest common divisor (0 with anything is that thing).
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 impl QuantRows {
@@ -512,37 +605,54 @@ impl QuantRows {
             return None;
         }
         let nb = k / BLOCK;
-        Some(Self::build(bits, Scales::F16Pairs, rows, k, |j, blk| {
+        Self::build(bits, Scales::F16Pairs, rows, k, |j, blk| {
             let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
-            // d and m are f16 values (m = −8d exactly for Q4_0, 0 for Q8_0).
+            // d and m are f16 values (m = −8d exactly for Q4_0, unless it overflows; 0 for
+            // Q8_0).
             (vals, [d, m])
-        }))
+        })
     }
 
     /// A matrix's packed form where it holds values its file blocks do not
     /// ([`crate::matmul::Matrix::packed_values`]: the K-quant sub-blocks' f32 scales,
     /// Q6_K's scale per 16, offsets of a block each beside 8-bit blocks): the same
-    /// integers under f32 scales. `None` where the packed form has both a scale per 16 and
-    /// mins (no layout here holds them).
+    /// integers under the same scales, factored ([`Scales::Factored`]: the K-quants'), or
+    /// else as f16 pairs where they are f16 values (Q5_1's). `None` where neither holds
+    /// them, or the packed form has both a scale per 16 and mins.
     pub fn from_packed(p: &crate::packed::Packed) -> Option<Self> {
+        Self::from_packed_as(p, Scales::Factored)
+            .or_else(|| Self::from_packed_as(p, Scales::F16Pairs))
+    }
+
+    /// [`QuantRows::from_packed`] with its scales held as `scales` says (its halves' form
+    /// where the packed form has a scale per 16); `None` where they cannot be.
+    pub fn from_packed_as(p: &crate::packed::Packed, scales: Scales) -> Option<Self> {
         use crate::gguf::GgmlType;
         let bits = if p.ty() == GgmlType::Q8_0 { 8 } else { 4 };
         let (rows, k) = (p.rows, p.cols);
-        let scales = if p.runs() == 2 {
+        if p.runs() == 2 {
+            let halves = match scales {
+                Scales::Factored | Scales::FactoredHalves => Scales::FactoredHalves,
+                Scales::F32Pairs | Scales::F32Halves => Scales::F32Halves,
+                Scales::F16Pairs => return None,
+            };
             if bits != 8 || p.has_mins() {
                 return None;
             }
-            Scales::F32Halves
-        } else {
-            Scales::F32Pairs
+            return Self::build(bits, halves, rows, k, |j, i| {
+                let (ints, sc, _) = p.block(j, i);
+                (ints, sc)
+            });
+        }
+        let pairs = match scales {
+            Scales::FactoredHalves => Scales::Factored,
+            Scales::F32Halves => Scales::F32Pairs,
+            s => s,
         };
-        Some(Self::build(bits, scales, rows, k, |j, i| {
+        Self::build(bits, pairs, rows, k, |j, i| {
             let (ints, sc, min) = p.block(j, i);
-            match scales {
-                Scales::F32Halves => (ints, sc),
-                _ => (ints, [sc[0], min]),
-            }
-        }))
+            (ints, [sc[0], min])
+        })
     }
 
     /// A stack of projections (Q, K, V; gate, up) as the products read it: its parts one
@@ -569,19 +679,22 @@ impl QuantRows {
     }
 
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
-    /// integers (0..16 at 4 bits, −128..128 at 8) and its scale pair (`scales`' form).
+    /// integers (0..16 at 4 bits, −128..128 at 8) and its scale pair; `None` where
+    /// `scales` cannot hold the pairs exactly (f16 values, or factored: [`factor`]).
     fn build(
         bits: u32,
         scales: Scales,
         rows: usize,
         k: usize,
         block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]) + Sync,
-    ) -> Self {
+    ) -> Option<Self> {
         use rayon::prelude::*;
         let nb = k / BLOCK;
-        let sw = scales.words();
         // Each group of 16 rows is its own run of tiles (and of scales): built in parallel.
-        let (q_group, s_group) = (nb * BLOCK * GROUP * bits as usize / 32, nb * GROUP * sw);
+        let (q_group, s_group) = (
+            nb * BLOCK * GROUP * bits as usize / 32,
+            scales.group_words(nb),
+        );
         let groups = rows.div_ceil(GROUP);
         let mut r = Self {
             bits,
@@ -596,21 +709,13 @@ impl QuantRows {
         q.par_chunks_mut(q_group)
             .zip(s.par_chunks_mut(s_group))
             .enumerate()
-            .for_each(|(g, (q, s))| {
+            .try_for_each(|(g, (q, s))| {
+                // The group's pairs, row by row (rows past the last: zeros).
+                let mut pairs = vec![[0f32; 2]; GROUP * nb];
                 for j in g * GROUP..rows.min((g + 1) * GROUP) {
                     for blk in 0..nb {
                         let (vals, pair) = block(j, blk);
-                        let at = (blk * GROUP + j % GROUP) * sw;
-                        match scales {
-                            Scales::F16Pairs => {
-                                let bits16 = |v: f32| u32::from(f16::from_f32(v).to_bits());
-                                s[at] = bits16(pair[0]) | bits16(pair[1]) << 16;
-                            }
-                            _ => {
-                                s[at] = pair[0].to_bits();
-                                s[at + 1] = pair[1].to_bits();
-                            }
-                        }
+                        pairs[(j % GROUP) * nb + blk] = pair;
                         for (c, &v) in vals.iter().enumerate() {
                             let (word, shift) = layout.place(j, blk * BLOCK + c);
                             let field = if bits == 4 {
@@ -622,9 +727,59 @@ impl QuantRows {
                         }
                     }
                 }
-            });
+                Self::scale_words(scales, nb, &pairs, s)
+            })?;
         (r.q, r.s) = (q, s);
-        r
+        Some(r)
+    }
+
+    /// A group's scale words (`out`, [`Scales`]' layout) from its 16 rows' pairs
+    /// (`pairs[row · nb + block]`); `None` where `scales` cannot hold them exactly.
+    fn scale_words(scales: Scales, nb: usize, pairs: &[[f32; 2]], out: &mut [u32]) -> Option<()> {
+        match scales {
+            Scales::F16Pairs => {
+                let bits16 = |v: f32| {
+                    let h = f16::from_f32(v);
+                    (h.to_f32() == v).then_some(u32::from(h.to_bits()))
+                };
+                for (r, row) in pairs.chunks_exact(nb).enumerate() {
+                    for (blk, &[d, m]) in row.iter().enumerate() {
+                        out[blk * GROUP + r] = bits16(d)? | bits16(m)? << 16;
+                    }
+                }
+            }
+            Scales::F32Pairs | Scales::F32Halves => {
+                for (r, row) in pairs.chunks_exact(nb).enumerate() {
+                    for (blk, &[d, m]) in row.iter().enumerate() {
+                        let at = (blk * GROUP + r) * 2;
+                        (out[at], out[at + 1]) = (d.to_bits(), m.to_bits());
+                    }
+                }
+            }
+            Scales::Factored | Scales::FactoredHalves => {
+                let (blocks, supers) = out.split_at_mut(nb * 8);
+                let mut n = [0i8; SUPER];
+                let mut vals = [0f32; SUPER];
+                for (r, row) in pairs.chunks_exact(nb).enumerate() {
+                    for (sb, run) in row.chunks(SUPER).enumerate() {
+                        let mut sup = 0u32;
+                        for half in 0..2 {
+                            for (v, p) in vals.iter_mut().zip(run) {
+                                *v = p[half];
+                            }
+                            let d = factor(&vals[..run.len()], &mut n[..run.len()])?;
+                            sup |= u32::from(d.to_bits()) << (16 * half);
+                            for (i, &n) in n[..run.len()].iter().enumerate() {
+                                let byte = 8 * (2 * (r / 8) + half);
+                                blocks[(sb * SUPER + i) * 8 + r % 8] |= u32::from(n as u8) << byte;
+                            }
+                        }
+                        supers[sb * 16 + 2 * (r % 8) + r / 8] = sup;
+                    }
+                }
+            }
+        }
+        Some(())
     }
 
     /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
@@ -636,7 +791,7 @@ impl QuantRows {
         // Lane t's piece: weights 8t .. 8t + 8, or with a scale per 16 weights 4t .. 4t + 4
         // then 16 + 4t .. 16 + 4t + 4.
         let (t, e) = match self.scales {
-            Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
+            Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
             _ => (o / 8, o % 8),
         };
         let lane = 4 * g + t;
@@ -652,8 +807,9 @@ impl QuantRows {
     /// kernels add `d · Σ q·x` and `m · Σ x` over a block, the same sum in exact
     /// arithmetic); with a scale per 16, its half's scale times `q`.
     pub fn weight(&self, j: usize, c: usize) -> f32 {
-        let tile = (j / GROUP) * (self.k / BLOCK) + c / BLOCK;
-        let at = (tile * GROUP + j % GROUP) * self.scales.words();
+        let nb = self.k / BLOCK;
+        let (r, blk) = (j % GROUP, c / BLOCK);
+        let group = &self.s[(j / GROUP) * self.scales.group_words(nb)..];
         let half = |b: u32| f16::from_bits(b as u16).to_f32();
         let (word, shift) = self.place(j, c);
         let field = self.q[word] >> shift;
@@ -662,18 +818,63 @@ impl QuantRows {
         } else {
             field as u8 as i8 as f32
         };
-        let f = |i: usize| f32::from_bits(self.s[at + i]);
+        // The pair (d, m), or the halves' scales: as the kernels make them.
+        let pair = |i: usize| match self.scales {
+            Scales::F16Pairs => half(group[blk * GROUP + r] >> (16 * i)),
+            Scales::F32Pairs | Scales::F32Halves => {
+                f32::from_bits(group[(blk * GROUP + r) * 2 + i])
+            }
+            Scales::Factored | Scales::FactoredHalves => {
+                let sup = group[nb * 8 + (blk / SUPER) * 16 + 2 * (r % 8) + r / 8];
+                let n = (group[blk * 8 + r % 8] >> (8 * (2 * (r / 8) + i))) as u8 as i8;
+                half(sup >> (16 * i)) * f32::from(n)
+            }
+        };
         match self.scales {
-            Scales::F16Pairs => half(self.s[at] & 0xffff).mul_add(q, half(self.s[at] >> 16)),
-            Scales::F32Pairs => f(0).mul_add(q, f(1)),
-            Scales::F32Halves => f((c % BLOCK) / 16) * q,
+            Scales::FactoredHalves | Scales::F32Halves => pair((c % BLOCK) / 16) * q,
+            _ => pair(0).mul_add(q, pair(1)),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{QuantRows, Scales};
+    use super::{factor, QuantRows, Scales};
+    use half::f16;
+
+    /// Values that are an f16's multiples by signed bytes factor back into them exactly
+    /// (a K-quant's `d · sc`, `−dmin · m`); others, or values f16 cannot hold as `D`, do
+    /// not.
+    #[test]
+    fn scales_factor_exactly_or_not_at_all() {
+        let mut n = [0i8; 8];
+        let d = f16::from_f32(0.0123).to_f32();
+        let sc = [63, 0, 17, -5, 1, 42, -128, 9];
+        let vals = sc.map(|s| d * s as f32);
+        let dh = factor(&vals, &mut n).expect("multiples of an f16");
+        for (&v, &n) in vals.iter().zip(&n) {
+            assert_eq!(dh.to_f32() * f32::from(n), v);
+        }
+        // Zeros (a row of padding), and a part of a super-block.
+        assert_eq!(factor(&[0.0, -0.0], &mut n[..2]), Some(f16::ZERO));
+        assert_eq!(n[..2], [0, 0]);
+        assert!(factor(&vals[..3], &mut n[..3]).is_some());
+        // Multiples 3 and 9 of 683/1024: their odd parts' divisor, 2,049, is no f16's; the
+        // search from their largest finds 683/1024 (at 9).
+        let x = 683.0 / 1024.0;
+        assert_eq!(
+            factor(&[3.0 * x, 9.0 * x], &mut n[..2]),
+            Some(f16::from_f32(x))
+        );
+        assert_eq!(n[..2], [3, 9]);
+        // 1/3 is no f16 times a byte with 2; an f32 with 24 significant bits is none either;
+        // nor a scale past 127 times the smallest one's step, nor what is not finite.
+        assert_eq!(factor(&[1.0 / 3.0, 2.0], &mut n[..2]), None);
+        assert_eq!(factor(&[1.0 + f32::EPSILON], &mut n[..1]), None);
+        assert_eq!(factor(&[d, d * 255.0], &mut n[..2]), None);
+        assert_eq!(factor(&[f32::NAN, 1.0], &mut n[..2]), None);
+        assert_eq!(factor(&[f32::INFINITY], &mut n[..1]), None);
+    }
     use crate::gguf::GgmlType;
     use crate::quant;
 
@@ -705,19 +906,22 @@ mod tests {
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
             }
         }
-        // The K-quant layouts through the packed form, where the CPU makes it: f32 scales
-        // (Q4_K, Q5_K, IQ4_XS), a scale per 16 (Q6_K), Q5_1's offsets beside 8-bit blocks.
+        // The K-quant layouts through the packed form, where the CPU makes it: factored
+        // scales (Q4_K, Q5_K, IQ4_XS), a scale per 16 (Q6_K); Q5_1's offsets beside 8-bit
+        // blocks, f16 values, as f16 pairs. What a product reads of them, in bits a weight:
+        // the K-quants' the file's within 1/8 a weight (Q4_K 4.5, Q5_K and Q6_K stored at 8
+        // bits, IQ4_XS 4.25), where f32 pairs would take 6 and 10.
         if crate::packed::available() {
             let (rows, k) = (32, 512);
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
                 .collect();
-            for (ty, scales) in [
-                (GgmlType::Q4_K, Scales::F32Pairs),
-                (GgmlType::Q5_K, Scales::F32Pairs),
-                (GgmlType::IQ4_XS, Scales::F32Pairs),
-                (GgmlType::Q6_K, Scales::F32Halves),
-                (GgmlType::Q5_1, Scales::F32Pairs),
+            for (ty, scales, bits) in [
+                (GgmlType::Q4_K, Scales::Factored, 4.625),
+                (GgmlType::Q5_K, Scales::Factored, 8.625),
+                (GgmlType::IQ4_XS, Scales::Factored, 8.625),
+                (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),
+                (GgmlType::Q5_1, Scales::F16Pairs, 9.0),
             ] {
                 let mut blocks = Vec::new();
                 crate::kquant::quantize_row(ty, &x, &mut blocks);
@@ -727,11 +931,25 @@ mod tests {
                 let r = QuantRows::from_packed(m.packed_values().expect("packed values"))
                     .expect("a kernel layout");
                 assert_eq!(r.scales, scales, "{ty:?}");
+                assert_eq!(r.bytes() as f64 * 8.0 / (rows * k) as f64, bits, "{ty:?}");
+                // Unfactored, as f32 pairs: 2 bits a weight more.
+                let p = m.packed_values().unwrap();
+                let f = QuantRows::from_packed_as(p, Scales::F32Pairs).expect("f32 pairs");
+                assert_eq!(f.bytes() * 8, (rows * k) * (r.bits as usize + 2), "{ty:?}");
                 for (i, &want) in want.iter().enumerate() {
                     // Equal as numbers (0 · a negative scale is −0 in the file's arithmetic).
                     assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
+                    assert_eq!(f.weight(i / k, i % k), want, "{ty:?} {i}");
                 }
             }
+            // Scales neither f16 values nor factored: no layout (the product reads f16 rows).
+            let mut blocks = Vec::new();
+            quant::quantize_row_q8_0(&x, &mut blocks);
+            let odd: Vec<f32> = (0..rows * k / 32).map(|i| 1.0 / (3 + i) as f32).collect();
+            let p = crate::packed::Packed::new(GgmlType::Q8_0, rows, k, &blocks)
+                .expect("packs")
+                .with_exact_scales(&odd, &[]);
+            assert!(QuantRows::from_packed(&p).is_none());
         }
         // Parts one after the other: those of a layout joined where the one before ends a
         // tile, each row's weights as in its part; a part after one ending inside a tile,

@@ -299,11 +299,20 @@ pub struct LayerQuant {
 
 /// `m` in its file's own blocks, where products may read them as they are; else, where
 /// the CPU's packed form holds values the blocks do not (a K-quant's f32 scales, Q6_K's
-/// per 16, offsets of a block each), the same integers under those scales.
+/// per 16, offsets of a block each), the same integers under those scales: factored
+/// ([`QuantRows::from_packed`]), or as f32 pairs where `TOLLGATE_KQUANT_SCALES=f32` (to
+/// time whole steps each way: more bytes, fewer instructions a block).
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     match m.file_blocks() {
         Some((ty, data)) => QuantRows::from_blocks(ty, data, m.rows, m.cols),
-        None => QuantRows::from_packed(m.packed_values()?),
+        None => {
+            let p = m.packed_values()?;
+            match std::env::var("TOLLGATE_KQUANT_SCALES").as_deref() {
+                Ok("f32") => QuantRows::from_packed_as(p, super::gemv::Scales::F32Pairs)
+                    .or_else(|| QuantRows::from_packed(p)),
+                _ => QuantRows::from_packed(p),
+            }
+        }
     }
 }
 
