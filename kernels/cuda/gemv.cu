@@ -274,26 +274,25 @@ struct ScalesFactored {
     }
 };
 
-// A block's sums (columns g, g + 8 by input rows 2t, 2t + 1) under its columns' scales:
-// d times the sums plus m times the inputs' sums over the block.
-__device__ __forceinline__ void scale_block(const float (&blk)[4], float d0, float m0, float d1,
-                                            float m1, float xs0, float xs1, float center,
-                                            float (&acc)[4]) {
-    if (center != 0.0f) m0 = fmaf(center, d0, m0), m1 = fmaf(center, d1, m1);
-    acc[0] = fmaf(d0, blk[0], fmaf(m0, xs0, acc[0]));
-    acc[1] = fmaf(d0, blk[1], fmaf(m0, xs1, acc[1]));
-    acc[2] = fmaf(d1, blk[2], fmaf(m1, xs0, acc[2]));
-    acc[3] = fmaf(d1, blk[3], fmaf(m1, xs1, acc[3]));
+// A block's sums (columns g, g + 8 by input rows 2t, 2t + 1) under its columns' scales
+// sc (d, m of column g, then of g + 8; tile_scales): d times the sums plus m times the
+// inputs' sums over the block.
+__device__ __forceinline__ void scale_block(const float (&blk)[4], const float (&sc)[4], float xs0,
+                                            float xs1, float (&acc)[4]) {
+    acc[0] = fmaf(sc[0], blk[0], fmaf(sc[1], xs0, acc[0]));
+    acc[1] = fmaf(sc[0], blk[1], fmaf(sc[1], xs1, acc[1]));
+    acc[2] = fmaf(sc[2], blk[2], fmaf(sc[3], xs0, acc[2]));
+    acc[3] = fmaf(sc[2], blk[3], fmaf(sc[3], xs1, acc[3]));
 }
 
-// A block's two halves' sums (lo: weights 0 .. 15, hi: 16 .. 31) under their scales (a0,
-// b0 column g's; a1, b1 column g + 8's).
-__device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (&hi)[4], float a0,
-                                             float b0, float a1, float b1, float (&acc)[4]) {
-    acc[0] = fmaf(b0, hi[0], fmaf(a0, lo[0], acc[0]));
-    acc[1] = fmaf(b0, hi[1], fmaf(a0, lo[1], acc[1]));
-    acc[2] = fmaf(b1, hi[2], fmaf(a1, lo[2], acc[2]));
-    acc[3] = fmaf(b1, hi[3], fmaf(a1, lo[3], acc[3]));
+// A block's two halves' sums (lo: weights 0 .. 15, hi: 16 .. 31) under their scales (sc:
+// column g's two, then column g + 8's).
+__device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (&hi)[4],
+                                             const float (&sc)[4], float (&acc)[4]) {
+    acc[0] = fmaf(sc[1], hi[0], fmaf(sc[0], lo[0], acc[0]));
+    acc[1] = fmaf(sc[1], hi[1], fmaf(sc[0], lo[1], acc[1]));
+    acc[2] = fmaf(sc[3], hi[2], fmaf(sc[2], lo[2], acc[2]));
+    acc[3] = fmaf(sc[3], hi[3], fmaf(sc[2], lo[3], acc[3]));
 }
 
 // The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
@@ -386,23 +385,36 @@ __device__ __forceinline__ W tiles_from(const u32* q, const u32* s, int k, int n
     return w;
 }
 
-// Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
-// the lane's tile v) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
-// r0 + 2t + 1): with the blocks' scales, d times the block's sums plus m times the
-// inputs' block sums (with a scale per 16, each half's sums times its scale).
+// The lane's tile's scales as rows_block applies them, made once for both of its calls:
+// (d, m) of columns g and g + 8, m plus W::CENTER · d; with a scale per 16,
+// the halves' of each; none for f16 rows.
 template <typename W>
-__device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
-                                           const typename W::Tile& v, const u32 (&a0)[4],
-                                           const u32 (&a1)[4], int stride, int nb, int b,
-                                           int lane, int r0, float (&acc)[4]) {
+__device__ __forceinline__ void tile_scales(const typename W::Tile& v, float (&sc)[4]) {
+    if constexpr (W::OFFSETS || W::HALVES) {
+        W::Scales::pairs(v.s, sc[0], sc[1], sc[2], sc[3]);
+        if constexpr (!W::HALVES) {
+            if (W::CENTER != 0.0f) {
+                sc[1] = fmaf(W::CENTER, sc[0], sc[1]);
+                sc[3] = fmaf(W::CENTER, sc[2], sc[3]);
+            }
+        }
+    }
+}
+
+// Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
+// the lane's tile) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
+// r0 + 2t + 1): with the blocks' scales sc (tile_scales), d times the block's sums plus m
+// times the inputs' block sums (with a scale per 16, each half's sums times its scale).
+template <typename W>
+__device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const float (&sc)[4],
+                                           const u32 (&a0)[4], const u32 (&a1)[4], int stride,
+                                           int nb, int b, int lane, int r0, float (&acc)[4]) {
     uint4 xb = input_piece<W::HALVES>(sh, stride, b, lane, r0);
     if constexpr (W::HALVES) {
         float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         mma_16816(lo, a0, xb.x, xb.y);
         mma_16816(hi, a1, xb.z, xb.w);
-        float a0s, b0s, a1s, b1s;
-        W::Scales::pairs(v.s, a0s, b0s, a1s, b1s);
-        scale_halves(lo, hi, a0s, b0s, a1s, b1s, acc);
+        scale_halves(lo, hi, sc, acc);
     } else if constexpr (!W::OFFSETS) {
         mma_16816(acc, a0, xb.x, xb.y);
         mma_16816(acc, a1, xb.z, xb.w);
@@ -413,9 +425,7 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&,
         int r = r0 + 2 * (lane & 3);
         float xs0 = r < sh.m ? sh.xsum[r * nb + b] : 0.0f;
         float xs1 = r + 1 < sh.m ? sh.xsum[(r + 1) * nb + b] : 0.0f;
-        float d0, m0, d1, m1;
-        W::Scales::pairs(v.s, d0, m0, d1, m1);
-        scale_block(blk, d0, m0, d1, m1, xs0, xs1, W::CENTER, acc);
+        scale_block(blk, sc, xs0, xs1, acc);
     }
 }
 
@@ -496,8 +506,10 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
                 if (b >= nb) break;
                 u32 a0[4], a1[4];
                 w.frags(v.v[i], a0, a1);
-                rows_block(sh, w, v.v[i], a0, a1, stride, nb, b, lane, 0, acc[0]);
-                if (m > 8) rows_block(sh, w, v.v[i], a0, a1, stride, nb, b, lane, 8, acc[1]);
+                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                tile_scales<W>(v.v[i], sc);
+                rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 0, acc[0]);
+                if (m > 8) rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 8, acc[1]);
             }
         }
         v.load(w, G + gridDim.x, warp, lane);
