@@ -185,22 +185,29 @@ struct WeightsF16 {
 __device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
     d = h2f((half_t)(s & 0xffffu)), m = h2f((half_t)(s >> 16));
 }
+__device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
+    d = __uint_as_float(s.x), m = __uint_as_float(s.y);
+}
 
 // How a tile's columns hold their scales: `Held` the lane's (columns g and g + 8) as
 // loaded with its weights, `load(s, nb, G, B, g)` reading them for column group G's block
 // B of the rows' nb (s: the whole rows' scales), `pairs` making the two columns' (d, m),
 // and `prefetch` asking L2 for a group's blocks B0 .. B0 + blocks.
 //
-// f16 d and m, a word a column and block (Q4_0, Q4_1, Q8_0 and the layouts converted to
-// them with the same values): a group's words are its blocks' in order, 16 a block.
-struct ScalesF16 {
+// A pair a column and block, its blocks' 16 in order: Word u32, f16 d and m (Q4_0, Q4_1,
+// Q8_0 and the layouts converted to them with the same values: ScalesF16), or uint2, f32
+// d and m (the K-quant layouts' scales unfactored, 2 bits a weight: ScalesF32,
+// `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, kept to be timed against the factored ones,
+// which take fewer bytes and more instructions a block).
+template <typename Word>
+struct ScalesPairs {
     static constexpr bool FACTORED = false;
     struct Held {
-        u32 lo, hi;
+        Word lo, hi;
     };
     static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
                                                 int g) {
-        const u32* t = s + ((size_t)G * nb + B) * 16 + g;
+        const Word* t = reinterpret_cast<const Word*>(s) + ((size_t)G * nb + B) * 16 + g;
         return Held{t[0], t[8]};
     }
     static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
@@ -210,39 +217,18 @@ struct ScalesF16 {
     }
     static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
                                                     int blocks) {
-        prefetch_span(s + ((size_t)G * nb + B0) * 16, blocks * 64);
+        constexpr int WORDS = (int)sizeof(Word) / 4 * 16;  // a block's
+        prefetch_span(s + ((size_t)G * nb + B0) * WORDS, blocks * WORDS * 4);
     }
 };
-
-// f32 d and m, two words a column and block (the K-quant layouts' scales unfactored, 2
-// bits a weight: `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, kept to be timed against
-// the factored ones, which take fewer bytes and more instructions a block).
-struct ScalesF32 {
-    static constexpr bool FACTORED = false;
-    struct Held {
-        uint2 lo, hi;
-    };
-    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
-                                                int g) {
-        const uint2* t = reinterpret_cast<const uint2*>(s) + ((size_t)G * nb + B) * 16 + g;
-        return Held{t[0], t[8]};
-    }
-    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
-                                                 float& m1) {
-        d0 = __uint_as_float(h.lo.x), m0 = __uint_as_float(h.lo.y);
-        d1 = __uint_as_float(h.hi.x), m1 = __uint_as_float(h.hi.y);
-    }
-    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
-                                                    int blocks) {
-        prefetch_span(s + ((size_t)G * nb + B0) * 32, blocks * 128);
-    }
-};
+using ScalesF16 = ScalesPairs<u32>;
+using ScalesF32 = ScalesPairs<uint2>;
 
 // Factored: a group's words are its blocks' (8 a block: word g holds columns g and g + 8's
 // multiples n as signed bytes, d then m of column g, then of g + 8), then its
 // super-blocks' (16 each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and
 // g + 8's f16 pairs D, M); column c's block is d = D · n_d, m = M · n_m, exact in f32.
-// With a scale per 16, n_d and n_m are the halves' and M is D.
+// With a scale per 16, n_d and n_m are the halves' multiples, D and M their factors.
 struct ScalesFactored {
     static constexpr bool FACTORED = true;
     struct Held {
