@@ -105,15 +105,16 @@ __device__ __forceinline__ void prefetch_span(const void* p, int bytes) {
 #endif
 }
 
-// Lane (g, t)'s 8 inputs of block b from staged row r0 + g, as four pairs of halves
-// (zeros past the m rows: the mma's B columns there): inputs 8t .. 8t + 7, or with HALVES
-// (weights with a scale per 16, whose first mma must take the block's first 16) inputs
-// 4t .. 4t + 3 and 16 + 4t .. 16 + 4t + 3.
+// Lane (g, t)'s 8 inputs of block b from staged row r0 + g, as four pairs of halves:
+// inputs 8t .. 8t + 7, or with HALVES (weights with a scale per 16, whose first mma must
+// take the block's first 16) inputs 4t .. 4t + 3 and 16 + 4t .. 16 + 4t + 3. Past the m
+// rows, row m − 1's again: an mma's B column (an input row) makes only its own output row,
+// and the rows past m are never written out (gemv_columns), so no predicate, no zeros —
+// and the row's address does not change from block to block.
 template <bool HALVES>
 __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, int b, int lane,
                                              int r0) {
-    int r = r0 + (lane >> 2);
-    if (r >= sh.m) return uint4{0, 0, 0, 0};
+    int r = min(r0 + (lane >> 2), sh.m - 1);
     const half_t* row = sh.x + r * stride + b * 32;
     if constexpr (HALVES) {
         uint2 lo = *reinterpret_cast<const uint2*>(row + (lane & 3) * 4);
@@ -339,7 +340,7 @@ template <typename S, bool H>
 struct WeightsQ8T : BlockTiles<uint4, S> {
     using Tile = typename BlockTiles<uint4, S>::Tile;
     static constexpr bool OFFSETS = !H, HALVES = H;
-    static constexpr int BATCH = S::FACTORED && !H ? 3 : 4;
+    static constexpr int BATCH = S::FACTORED ? 3 : 4;
     static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
     static __device__ __forceinline__ u32 pair(u32 lo, u32 hi, int p) {
@@ -408,9 +409,10 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const
         float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         mma_16816(blk, a0, xb.x, xb.y);
         mma_16816(blk, a1, xb.z, xb.w);
+        // Input rows r, r + 1's sums (past the m rows, row m − 1's: see input_piece).
         int r = r0 + 2 * (lane & 3);
-        float xs0 = r < sh.m ? sh.xsum[r * nb + b] : 0.0f;
-        float xs1 = r + 1 < sh.m ? sh.xsum[(r + 1) * nb + b] : 0.0f;
+        float xs0 = sh.xsum[min(r, sh.m - 1) * nb + b];
+        float xs1 = sh.xsum[min(r + 1, sh.m - 1) * nb + b];
         scale_block(blk, sc, xs0, xs1, acc);
     }
 }
@@ -419,8 +421,7 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const
 // loaded together so that the warp has its loads in flight at once (one batch covers a
 // row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM;
 // under factored scales, whose tiles hold a column pair's multiples and their super-block's
-// pair beside the weights, 1,280 at 4 bits and, with an offset, 768 at 8: ptxas spills
-// at 6 and 4).
+// pair beside the weights, 1,280 at 4 bits and 768 at 8: ptxas spills at 6 and 4).
 template <typename W>
 struct TileBatch {
     typename W::Tile v[W::BATCH];
