@@ -41,7 +41,8 @@
 //
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
 // 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below; the K-quants' under
-// factored scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`), one template.
+// f32 or factored scales, `gemv_q4f32*`, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, ...), one
+// template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -175,14 +176,16 @@ struct WeightsF16 {
 //
 // The K-quant layouts' scales are products of two of the file's numbers (a super-block's
 // f16 d times a sub-block's 6-bit scale: 17 significant bits, or Q6_K's 8-bit scale per
-// 16), which f16 would round. Their tiles hold them factored as the file does (Factored
-// below): each column's block of 32 two signed bytes, its scale's and its offset's
-// multiples (`gemv_q4f*` for Q4_K, `gemv_q8f*` for Q5_K, IQ4_XS), or, a scale per 16 and
-// no offset, its two halves' (`gemv_q8h*`, Q6_K: the block's first mma takes its first
-// 16 weights, its second the others, each sum under its own scale); each column's 8
-// blocks of 32 (a super-block of 256) an f16 pair they multiply. d · n is exact in f32
-// (11 bits by 8), so the weights are the file's own values, 4.625 (Q4_K) or 8.625 bits a
-// weight (f32 scales, a pair a block, would be 6 and 10).
+// 16), which f16 would round. Their tiles hold them as f32 pairs (ScalesF32 below:
+// `gemv_q4f32*` for Q4_K) or factored as the file does (ScalesFactored below): each
+// column's block of 32 two signed bytes, its scale's and its offset's multiples
+// (`gemv_q8f*` for Q5_K, IQ4_XS; `gemv_q4f*`, Q4_K's, to be timed against `gemv_q4f32*`),
+// or, a scale per 16 and no offset, its two halves' (`gemv_q8h*`, Q6_K: the block's first
+// mma takes its first 16 weights, its second the others, each sum under its own scale);
+// each column's 8 blocks of 32 (a super-block of 256) an f16 pair they multiply. d · n is
+// exact in f32 (11 bits by 8), so the weights are the file's own values either way:
+// factored 8.625 bits a weight at 8 bits (4.625 at 4), as f32 pairs 10 (6) — but ~20 more
+// instructions a block, which at 4 bits the bytes saved do not pay for (BENCHMARKS.md).
 __device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
     d = h2f((half_t)(s & 0xffffu)), m = h2f((half_t)(s >> 16));
 }
@@ -198,8 +201,8 @@ __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
 // A pair a column and block, its blocks' 16 in order: Word u32, f16 d and m (Q4_0, Q4_1,
 // Q8_0 and the layouts converted to them with the same values: ScalesF16), or uint2, f32
 // d and m (the K-quant layouts' scales unfactored, 2 bits a weight: ScalesF32,
-// `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, kept to be timed against the factored ones,
-// which take fewer bytes and more instructions a block).
+// `gemv_q4f32*` for Q4_K; `gemv_q8f32*`, `gemv_q8h32*` to be timed against the factored
+// ones, which take fewer bytes and more instructions a block).
 template <typename Word>
 struct ScalesPairs {
     static constexpr bool FACTORED = false;

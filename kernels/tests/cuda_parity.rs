@@ -812,8 +812,9 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 }
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
-/// and `gemv_q4f` / `gemv_q8f` / `gemv_q8h` over Q4_K, Q5_K, IQ4_XS and Q6_K (factored
-/// scales, a scale per 16), `gemv_q8` over Q5_1 (offsets), against the product of the values the file's blocks
+/// and over Q4_K, Q5_K, IQ4_XS and Q6_K (f32 or factored scales, a scale per 16: `gemv_q4f32`
+/// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, `gemv_q8h` and `gemv_q8h32`), `gemv_q8`
+/// over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
@@ -855,34 +856,37 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         };
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
-            GgmlType::Q4_K => "q4f",
+            GgmlType::Q4_K => "q4f32",
             GgmlType::Q5_K | GgmlType::IQ4_XS => "q8f",
             GgmlType::Q6_K => "q8h",
             GgmlType::Q8_0 | GgmlType::Q5_1 => "q8",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
-        // The K-quants' scales unfactored too (`gemv_q4f32`, ...: kept to be timed against
-        // the factored).
-        let f32_scales = (rows.scales != Scales::F16Pairs).then(|| {
+        // The K-quants' scales the other way too (Q4_K's factored, `gemv_q4f`; the 8-bit
+        // layouts' as f32 pairs, `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against
+        // the other).
+        let other = match rows.scales {
+            Scales::F16Pairs => None,
+            Scales::F32Pairs | Scales::F32Halves => Some((Scales::Factored, "q4f".to_string())),
+            Scales::Factored | Scales::FactoredHalves => {
+                Some((Scales::F32Pairs, format!("{want_kind}32")))
+            }
+        };
+        let other_form = other.map(|(scales, kind)| {
             let m = kernels::model::matrix_of(ty, n, k, &blocks);
-            let r = QuantRows::from_packed_as(m.packed_values().unwrap(), Scales::F32Pairs)
-                .expect("f32 scales");
-            [QuantBuf::upload(g, &r).unwrap()]
+            let r = QuantRows::from_packed_as(m.packed_values().unwrap(), scales)
+                .expect("the other scales");
+            let b = [QuantBuf::upload(g, &r).unwrap()];
+            assert_eq!(b[0].kind(), Some(kind.as_str()), "{ty:?}");
+            b
         });
-        if let Some(f) = &f32_scales {
-            assert_eq!(
-                f[0].kind(),
-                Some(format!("{want_kind}32").as_str()),
-                "{ty:?}"
-            );
-        }
         for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = exact_product(&x, &w, (m, k, n));
             let xd = up(g, &x);
             let mut got = Vec::new();
-            for wq in std::iter::once(wq).chain(f32_scales.as_ref()) {
+            for wq in std::iter::once(wq).chain(other_form.as_ref()) {
                 let mut y = up(g, &vec![f32::NAN; m * n]);
                 gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, m, k, n).unwrap();
                 let y = down(g, &y);
@@ -961,6 +965,18 @@ fn stack_of<E: Exec>(
     parts: &[(GgmlType, usize)],
     k: usize,
 ) -> (Vec<kernels::cuda::gemv::QuantBuf<E>>, Vec<f32>) {
+    stack_as(g, rng, parts, k, None)
+}
+
+/// [`stack_of`], its packed parts' scales held as `scales` says where it names a form
+/// (`TOLLGATE_KQUANT_SCALES`' choice: Q4_K factored, say, where the backend holds f32 pairs).
+fn stack_as<E: Exec>(
+    g: &E,
+    rng: &mut Rng,
+    parts: &[(GgmlType, usize)],
+    k: usize,
+    scales: Option<kernels::cuda::gemv::Scales>,
+) -> (Vec<kernels::cuda::gemv::QuantBuf<E>>, Vec<f32>) {
     use kernels::cuda::gemv::{QuantBuf, QuantRows};
     let mut values = Vec::new();
     let rows = parts
@@ -970,7 +986,10 @@ fn stack_of<E: Exec>(
             values.extend(w);
             QuantRows::from_blocks(ty, &blocks, n, k).unwrap_or_else(|| {
                 let m = kernels::model::matrix_of(ty, n, k, &blocks);
-                QuantRows::from_packed(m.packed_values().expect("exact packed values"))
+                let p = m.packed_values().expect("exact packed values");
+                scales
+                    .and_then(|s| QuantRows::from_packed_as(p, s))
+                    .or_else(|| QuantRows::from_packed(p))
                     .expect("a kernel layout")
             })
         })
@@ -1077,7 +1096,7 @@ fn rope_apart<E: Exec>(
 }
 
 /// A stack whose parts need different kernels, one launch each writing its columns of
-/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f`, Q6_K V on `gemv_q8h`), and
+/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f32` and `gemv_q4f`, Q6_K V on `gemv_q8h`), and
 /// parts of one layout where the first ends inside a tile. For 1 to 16 rows: the product
 /// of the file's values; fused with the norm (x + delta written once), with the norm and
 /// RoPE and the cache write (the V part's columns at their place in the QKV rows and the
@@ -1095,7 +1114,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     ];
     let (parts, w) = stack_of(g, &mut rng, &odd, k);
     let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
-    assert_eq!(kinds, ["q8", "q8", "q4f"], "{what}");
+    assert_eq!(kinds, ["q8", "q8", "q4f32"], "{what}");
     let n = 112;
     for m in [1, 3, 8, 9, 16] {
         let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
@@ -1115,9 +1134,11 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         (GgmlType::Q4_K, kvd),
         (GgmlType::Q6_K, kvd),
     ];
-    let (parts, w) = stack_of(g, &mut rng, &qkv, k);
-    let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
-    assert_eq!(kinds, ["q4f", "q8h"], "{what}");
+    // Q4_K's scales as the backend holds them (f32 pairs), and factored.
+    let forms = [
+        (None, ["q4f32", "q8h"]),
+        (Some(kernels::cuda::gemv::Scales::Factored), ["q4f", "q8h"]),
+    ];
     let nw = rng.vec(k, 1.0);
     let nwd = up(g, &nw);
     let fill: Vec<f16> = rng
@@ -1127,30 +1148,37 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         .collect();
     let eps = 1e-5f32;
     let heads = (nh, nkv, hd, bs);
-    for m in [1, 2, 5, 8, 9, 16] {
-        let x0 = rng.vec(m * k, 3.0);
-        let delta = rng.vec(m * k, 1.0);
-        // The norm fused (x + delta written once), and apart.
-        let wq = Weights::Quant(&parts);
-        let (normed, x_out, ya, sums) = norm_both_ways(g, wq, (&x0, &delta, &nwd), eps, (m, k, n));
-        assert!(same_bits(&normed, &down(g, &ya)), "{what}: {m} rows: norm");
-        assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
-        let mut xw = x0.clone();
-        let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, k, eps);
-        let e = rel(&normed, &exact_product(&h, &w, (m, k, n)));
-        assert!(e < 1e-3, "{what}: {m} rows: the normed rows' product: {e}");
-        // With RoPE and the cache write, and apart.
-        let norm = (&x0[..], &delta[..], &nwd, eps);
-        let got_v = rope_both_ways(g, &mut rng, wq, norm, &ya, (heads, &fill), (m, k), &what);
-        assert_ne!(got_v, fill, "{what}: {m} rows: the V part wrote the cache");
-    }
-    // SwiGLU fused over a gate|up of 2k, against swiglu then the product.
-    for m in [1, 9] {
-        let gu = rng.vec(m * 2 * k, 4.0);
-        let (fused, apart) = swiglu_both_ways(g, Weights::Quant(&parts), &gu, (m, k, n));
-        assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
+    for (scales, want) in forms {
+        let (parts, w) = stack_as(g, &mut rng, &qkv, k, scales);
+        let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
+        assert_eq!(kinds, want, "{what}");
+        for m in [1, 2, 5, 8, 9, 16] {
+            let x0 = rng.vec(m * k, 3.0);
+            let delta = rng.vec(m * k, 1.0);
+            // The norm fused (x + delta written once), and apart.
+            let wq = Weights::Quant(&parts);
+            let (normed, x_out, ya, sums) =
+                norm_both_ways(g, wq, (&x0, &delta, &nwd), eps, (m, k, n));
+            assert!(same_bits(&normed, &down(g, &ya)), "{what}: {m} rows: norm");
+            assert_eq!(x_out, sums, "{what}: {m} rows: x_out");
+            let mut xw = x0.clone();
+            let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, k, eps);
+            let e = rel(&normed, &exact_product(&h, &w, (m, k, n)));
+            assert!(e < 1e-3, "{what}: {m} rows: the normed rows' product: {e}");
+            // With RoPE and the cache write, and apart.
+            let norm = (&x0[..], &delta[..], &nwd, eps);
+            let got_v = rope_both_ways(g, &mut rng, wq, norm, &ya, (heads, &fill), (m, k), &what);
+            assert_ne!(got_v, fill, "{what}: {m} rows: the V part wrote the cache");
+        }
+        // SwiGLU fused over a gate|up of 2k, against swiglu then the product.
+        for m in [1, 9] {
+            let gu = rng.vec(m * 2 * k, 4.0);
+            let (fused, apart) = swiglu_both_ways(g, Weights::Quant(&parts), &gu, (m, k, n));
+            assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
+        }
     }
     // Refused: parts that are not the n rows; none; a part starting inside a pair.
+    let (parts, _) = stack_of(g, &mut rng, &qkv, k);
     let xd = up(g, &vec![f16::ZERO; k]);
     let mut y = up(g, &vec![0f32; n + 1]);
     for (cols, why) in [
@@ -1231,14 +1259,19 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         // other 32 in Q4_K, whose packed form takes whole tiles of 16 rows).
         stacks.push(vec![(GgmlType::Q8_0, 16), (GgmlType::Q4_K, n - 16)]);
     }
+    // Q4_K's scales as the backend holds them (f32 pairs) and factored.
+    let forms = [None, Some(kernels::cuda::gemv::Scales::Factored)];
     for stack in &stacks {
-        let (parts, w) = stack_of(g, &mut rng, stack, k);
-        assert_eq!(
-            parts.len(),
-            stack.len(),
-            "{what}: {stack:?} in parts of their own"
-        );
-        layouts.push((Some(parts), w));
+        let k_quant = stack.iter().any(|&(ty, _)| ty == GgmlType::Q4_K);
+        for &scales in &forms[..if k_quant { 2 } else { 1 }] {
+            let (parts, w) = stack_as(g, &mut rng, stack, k, scales);
+            assert_eq!(
+                parts.len(),
+                stack.len(),
+                "{what}: {stack:?} in parts of their own"
+            );
+            layouts.push((Some(parts), w));
+        }
     }
     for (parts, w) in &layouts {
         let weights = match parts {
@@ -1991,7 +2024,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
-    // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
+    // (gemv_q4f32 then gemv_q8h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
     assert_eq!(rows.len(), 70, "{names:?}");
     for name in [
@@ -2008,7 +2041,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8h small 9×64·64×96",
         "gemv_q4f32 small 3×64·64×96",
         "gemv_q8h32 small 9×64·64×96",
-        "gemv_q4f+q8h small 3×64·64×96",
+        "gemv_q4f32+q8h small 3×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

@@ -770,7 +770,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let (nh, nkv, hd) = sizes.qkv_heads;
         if n == (nh + 2 * nkv) * hd {
             quant.push(vec![
-                part(4, Factored, n - nkv * hd)?,
+                part(4, F32Pairs, n - nkv * hd)?,
                 part(8, FactoredHalves, nkv * hd)?,
             ]);
         }

@@ -6,9 +6,9 @@
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
-//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under
-//! factored scales, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, for the K-quants'), a third to
-//! a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
+//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under f32
+//! or factored scales, `gemv_q4f32*`, `gemv_q8f*`, `gemv_q8h*`, ..., for the K-quants'), a
+//! third to a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
 //! 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
@@ -101,8 +101,9 @@ impl<E: Exec> Clone for Weights<'_, E> {
 impl<E: Exec> Copy for Weights<'_, E> {}
 
 impl<E: Exec> Weights<'_, E> {
-    /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, and with
-    /// factored scales `q4f`, `q8f` or (a scale per 16) `q8h`; refused for a layout no kernel
+    /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, with factored
+    /// scales `q4f`, `q8f` or (a scale per 16) `q8h`, with f32 ones `q4f32`, `q8f32`,
+    /// `q8h32`; refused for a layout no kernel
     /// reads, or no part at all.
     fn kinds(&self) -> Result<Vec<&'static str>, ExecError> {
         match self {
@@ -446,9 +447,10 @@ fn product<E: Exec>(
 /// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
 /// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
-/// round, are held factored as the file holds them, an f16 a super-block of 256 times a
-/// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), so that
-/// they too are the file's own values.
+/// round, are held as f32 pairs (Q4_K's, `gemv_q4f32`) or, at 8 bits, factored as the file
+/// holds them, an f16 a super-block of 256 times a signed byte a block
+/// ([`Scales::Factored`]: `gemv_q8f`, `gemv_q8h`; Q4_K's too where asked, `gemv_q4f`), so
+/// that they too are the file's own values.
 ///
 /// The layout is the tensor cores' fragments: tiles of 16 rows (an `mma`'s columns) by a
 /// block of 32, each lane's part of a tile (rows `g`, `g + 8`, weights `8t .. 8t + 8` for
@@ -490,8 +492,8 @@ pub enum Scales {
     FactoredHalves,
     /// `d` and `m` as f32, two words a row and block, the blocks' 32 in order: the
     /// K-quants' unfactored (`gemv_q4f32`, `gemv_q8f32`), 2 bits a weight where factored
-    /// they take 0.625, and fewer instructions a block; kept to be timed against them
-    /// ([`QuantRows::from_packed_as`]).
+    /// they take 0.625, and fewer instructions a block: Q4_K's, and any scales that neither
+    /// f16 nor factoring holds ([`QuantRows::from_packed`]).
     F32Pairs,
     /// As [`Scales::F32Pairs`], the halves' scales (`gemv_q8h32`).
     F32Halves,
@@ -616,12 +618,18 @@ impl QuantRows {
     /// A matrix's packed form where it holds values its file blocks do not
     /// ([`crate::matmul::Matrix::packed_values`]: the K-quant sub-blocks' f32 scales,
     /// Q6_K's scale per 16, offsets of a block each beside 8-bit blocks): the same
-    /// integers under the same scales, factored ([`Scales::Factored`]: the K-quants'), or
-    /// else as f16 pairs where they are f16 values (Q5_1's). `None` where neither holds
-    /// them, or the packed form has both a scale per 16 and mins.
+    /// integers under the same scales, held as f16 pairs where they are f16 values (Q5_1's),
+    /// else at 8 bits factored ([`Scales::Factored`]: Q5_K's, IQ4_XS's, Q6_K's), else as f32
+    /// pairs (Q4_K's: at 4 bits the factored tiles' instructions outweigh their bytes —
+    /// BENCHMARKS.md, "The K-quants' scales factored"). `None` where the packed form has
+    /// both a scale per 16 and mins.
     pub fn from_packed(p: &crate::packed::Packed) -> Option<Self> {
-        Self::from_packed_as(p, Scales::Factored)
-            .or_else(|| Self::from_packed_as(p, Scales::F16Pairs))
+        use crate::gguf::GgmlType;
+        let factored = (p.ty() == GgmlType::Q8_0).then_some(Scales::Factored);
+        [Some(Scales::F16Pairs), factored, Some(Scales::F32Pairs)]
+            .into_iter()
+            .flatten()
+            .find_map(|s| Self::from_packed_as(p, s))
     }
 
     /// [`QuantRows::from_packed`] with its scales held as `scales` says (its halves' form
@@ -906,18 +914,18 @@ mod tests {
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
             }
         }
-        // The K-quant layouts through the packed form, where the CPU makes it: factored
-        // scales (Q4_K, Q5_K, IQ4_XS), a scale per 16 (Q6_K); Q5_1's offsets beside 8-bit
-        // blocks, f16 values, as f16 pairs. What a product reads of them, in bits a weight:
-        // the K-quants' the file's within 1/8 a weight (Q4_K 4.5, Q5_K and Q6_K stored at 8
-        // bits, IQ4_XS 4.25), where f32 pairs would take 6 and 10.
+        // The K-quant layouts through the packed form, where the CPU makes it, as the
+        // backend holds them: at 8 bits factored (Q5_K, IQ4_XS; Q6_K's scale per 16), Q4_K
+        // as f32 pairs; Q5_1's offsets beside 8-bit blocks, f16 values, as f16 pairs. What a
+        // product reads of them, in bits a weight: factored, the integers' and 5/8 (Q4_K's
+        // 4.625 where the file's are 4.5), as f32 pairs 2 more.
         if crate::packed::available() {
             let (rows, k) = (32, 512);
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
                 .collect();
             for (ty, scales, bits) in [
-                (GgmlType::Q4_K, Scales::Factored, 4.625),
+                (GgmlType::Q4_K, Scales::F32Pairs, 6.0),
                 (GgmlType::Q5_K, Scales::Factored, 8.625),
                 (GgmlType::IQ4_XS, Scales::Factored, 8.625),
                 (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),
@@ -932,24 +940,42 @@ mod tests {
                     .expect("a kernel layout");
                 assert_eq!(r.scales, scales, "{ty:?}");
                 assert_eq!(r.bytes() as f64 * 8.0 / (rows * k) as f64, bits, "{ty:?}");
-                // Unfactored, as f32 pairs: 2 bits a weight more.
+                // Both ways: factored, the integers' bits and 5/8; as f32 pairs, 2 more.
                 let p = m.packed_values().unwrap();
                 let f = QuantRows::from_packed_as(p, Scales::F32Pairs).expect("f32 pairs");
                 assert_eq!(f.bytes() * 8, (rows * k) * (r.bits as usize + 2), "{ty:?}");
+                let fac = QuantRows::from_packed_as(p, Scales::Factored);
+                if ty != GgmlType::Q5_1 {
+                    let fac = fac.as_ref().expect("factored");
+                    assert_eq!(
+                        fac.bytes() * 8,
+                        (rows * k) * r.bits as usize + rows * k * 5 / 8
+                    );
+                }
                 for (i, &want) in want.iter().enumerate() {
                     // Equal as numbers (0 · a negative scale is −0 in the file's arithmetic).
                     assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
                     assert_eq!(f.weight(i / k, i % k), want, "{ty:?} {i}");
+                    if let Some(fac) = &fac {
+                        assert_eq!(fac.weight(i / k, i % k), want, "{ty:?} {i}");
+                    }
                 }
             }
-            // Scales neither f16 values nor factored: no layout (the product reads f16 rows).
+            // Scales neither f16 values nor factored: as f32 pairs, the last resort.
             let mut blocks = Vec::new();
             quant::quantize_row_q8_0(&x, &mut blocks);
             let odd: Vec<f32> = (0..rows * k / 32).map(|i| 1.0 / (3 + i) as f32).collect();
             let p = crate::packed::Packed::new(GgmlType::Q8_0, rows, k, &blocks)
                 .expect("packs")
                 .with_exact_scales(&odd, &[]);
-            assert!(QuantRows::from_packed(&p).is_none());
+            assert!(QuantRows::from_packed_as(&p, Scales::Factored).is_none());
+            assert!(QuantRows::from_packed_as(&p, Scales::F16Pairs).is_none());
+            let f = QuantRows::from_packed(&p).expect("f32 pairs");
+            assert_eq!(f.scales, Scales::F32Pairs);
+            for (j, c) in [(0, 0), (5, 37), (31, 511)] {
+                let (ints, sc, _) = p.block(j, c / 32);
+                assert_eq!(f.weight(j, c), sc[0] * ints[c % 32] as f32, "({j}, {c})");
+            }
         }
         // Parts one after the other: those of a layout joined where the one before ends a
         // tile, each row's weights as in its part; a part after one ending inside a tile,

@@ -459,7 +459,7 @@ impl<E: Exec> Device<E> {
     }
 
     /// The matrices held in the file's own blocks, counted by the kernels that read them
-    /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f+q8h"`; empty where none is).
+    /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f32+q8h"`; empty where none is).
     pub fn quant_summary(&self) -> String {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         let held = self

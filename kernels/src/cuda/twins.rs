@@ -299,19 +299,24 @@ pub struct LayerQuant {
 
 /// `m` in its file's own blocks, where products may read them as they are; else, where
 /// the CPU's packed form holds values the blocks do not (a K-quant's f32 scales, Q6_K's
-/// per 16, offsets of a block each), the same integers under those scales: factored
-/// ([`QuantRows::from_packed`]), or as f32 pairs where `TOLLGATE_KQUANT_SCALES=f32` (to
-/// time whole steps each way: more bytes, fewer instructions a block).
+/// per 16, offsets of a block each), the same integers under those scales
+/// ([`QuantRows::from_packed`]); `TOLLGATE_KQUANT_SCALES=f32` or `=factored` holds every
+/// such matrix's scales that way instead, to time whole steps each way (f32 pairs: more
+/// bytes, fewer instructions a block).
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
+    use super::gemv::Scales;
     match m.file_blocks() {
         Some((ty, data)) => QuantRows::from_blocks(ty, data, m.rows, m.cols),
         None => {
             let p = m.packed_values()?;
-            match std::env::var("TOLLGATE_KQUANT_SCALES").as_deref() {
-                Ok("f32") => QuantRows::from_packed_as(p, super::gemv::Scales::F32Pairs)
-                    .or_else(|| QuantRows::from_packed(p)),
-                _ => QuantRows::from_packed(p),
-            }
+            let forced = match std::env::var("TOLLGATE_KQUANT_SCALES").as_deref() {
+                Ok("f32") => Some(Scales::F32Pairs),
+                Ok("factored") => Some(Scales::Factored),
+                _ => None,
+            };
+            forced
+                .and_then(|s| QuantRows::from_packed_as(p, s))
+                .or_else(|| QuantRows::from_packed(p))
         }
     }
 }
