@@ -738,9 +738,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     for &(name, k, n, in_step) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
-        // in the K-quant layouts' (factored scales: `gemv_q4f`, `gemv_q8f`; a scale per 16:
-        // `gemv_q8h`; and as f32, `gemv_q4f32`, ..., fewer instructions and more bytes); a product of the QKV's width also as Q4_K_M's stack of two (Q4_K Q
-        // and K, Q6_K V: a launch each).
+        // in the K-quant layouts' both ways (factored scales: `gemv_q4f`, `gemv_q8f`; a
+        // scale per 16: `gemv_q8h`; as f32 pairs, fewer instructions and more bytes:
+        // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`); a product of the QKV's width also as
+        // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K as f32 pairs, Q6_K V
+        // factored: a launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, rows: usize| {
