@@ -105,6 +105,15 @@ impl ApiError {
         }
     }
 
+    /// A parameter this gateway's configuration turns off, and what to do instead.
+    pub fn turned_off(param: &str, what: &str, instead: &str) -> Self {
+        ApiError::BadRequest {
+            message: format!("`{param}`: {what} is turned off on this gateway; {instead}."),
+            param: Some(param.to_string()),
+            code: Some("unsupported_parameter"),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,

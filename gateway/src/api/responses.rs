@@ -173,15 +173,16 @@ fn translate(
     req: &Map<String, Value>,
     prefix: &[Value],
 ) -> Result<(Map<String, Value>, Origin), ApiError> {
+    const NOT_STORED: &str = "this gateway stores no answers (`[responses] store = false`): send the whole conversation as `input`";
     for (k, what) in [
-        (
-            "previous_response_id",
-            "continuing a stored response: this gateway stores none (`[responses] store = false`; send the whole `input`)",
-        ),
-        (
-            "conversation",
-            "conversations: this gateway stores none (`[responses] store = false`; send the whole `input`)",
-        ),
+        ("previous_response_id", "continuing a stored response"),
+        ("conversation", "conversations"),
+    ] {
+        if present(req, k).is_some() {
+            return Err(ApiError::turned_off(k, what, NOT_STORED));
+        }
+    }
+    for (k, what) in [
         ("prompt", "prompt templates"),
         ("max_tool_calls", "`max_tool_calls`"),
     ] {
@@ -807,6 +808,27 @@ mod tests {
             assert!(
                 !message.contains("messages") && !message.contains("response_format"),
                 "{body}: {message}"
+            );
+        }
+    }
+    /// Without a store, a request that needs one says so and what to send instead.
+    #[test]
+    fn without_a_store_continuing_says_what_to_send_instead() {
+        for field in ["previous_response_id", "conversation"] {
+            let (message, param) = err(json!({"model": "m", "input": "x", field: "resp_1"}));
+            assert_eq!(param.as_deref(), Some(field));
+            assert_eq!(
+                message,
+                format!(
+                    "`{field}`: {} is turned off on this gateway; this gateway stores no \
+                     answers (`[responses] store = false`): send the whole conversation as \
+                     `input`.",
+                    if field == "conversation" {
+                        "conversations"
+                    } else {
+                        "continuing a stored response"
+                    }
+                )
             );
         }
     }

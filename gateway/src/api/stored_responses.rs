@@ -312,9 +312,10 @@ fn background_of(
     owner: String,
 ) -> Result<Background, ApiError> {
     let Some(store) = &state.responses else {
-        return Err(ApiError::unsupported(
+        return Err(ApiError::turned_off(
             "background",
-            "background responses: this gateway stores no answers (`[responses] store = false`)",
+            "running a response in the background",
+            "this gateway stores no answers (`[responses] store = false`) to poll",
         ));
     };
     let info = req.responses.as_ref().ok_or_else(|| {
