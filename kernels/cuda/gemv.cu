@@ -65,6 +65,9 @@ extern __shared__ __align__(16) char gemv_smem[];
 struct GemvShared {
     half_t* x;
     float* xsum;
+    // Factored scales (ScalesFactored) staged for the group at hand: block b's, the lane's
+    // columns g and g + 8, at sc[8b + g] (d, m of column g, then of g + 8).
+    float4* sc;
     float (*part)[8][32];
     int m;
     // The product's k columns are columns k0 .. k0 + k of the input rows (and of the
@@ -73,9 +76,11 @@ struct GemvShared {
     int k0, kt;
 };
 
-// The layout for m rows of k; a launch that gave the block less than it takes traps (the
-// host sizes it by the same arithmetic, gemv::shared_bytes).
-__device__ __forceinline__ GemvShared gemv_shared(int m, int k, int k0, int kt) {
+// The layout for m rows of k of weights W (with factored scales, W::STAGED, their pairs
+// staged after the sums); a launch that gave the block less than it takes traps (the host
+// sizes it by the same arithmetic, gemv::shared_bytes).
+template <typename W>
+__device__ __forceinline__ GemvShared gemv_shared(const W&, int m, int k, int k0, int kt) {
     // The warps' sums first, at a fixed place: their address is a constant, not a
     // register held through the product's loop.
     constexpr size_t PART = sizeof(float) * GEMV_WARPS * 8 * 32;
@@ -86,7 +91,9 @@ __device__ __forceinline__ GemvShared gemv_shared(int m, int k, int k0, int kt) 
     sh.xsum = reinterpret_cast<float*>(gemv_smem + PART + x_bytes);
     sh.m = m;
     sh.k0 = k0, sh.kt = kt;
-    size_t end = PART + x_bytes + ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
+    size_t sums_end = PART + x_bytes + ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
+    sh.sc = reinterpret_cast<float4*>(gemv_smem + sums_end);
+    size_t end = sums_end + (W::STAGED ? (size_t)(k / 32) * 8 * sizeof(float4) : 0);
 #ifdef TOLLGATE_EMU
     unsigned have = dynamic_smem_size();
 #else
@@ -136,7 +143,7 @@ __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, i
 struct WeightsF16 {
     const half_t* __restrict__ w;  // from the product's first column
     int k, n, kt;                   // kt: the rows' length (k where they are read whole)
-    static constexpr bool OFFSETS = false, HALVES = false;
+    static constexpr bool OFFSETS = false, HALVES = false, STAGED = false;
     static constexpr int BATCH = 4;  // blocks of 32 a warp loads before it uses the first
     struct Tile {
         uint4 lo, hi;
@@ -205,7 +212,7 @@ __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
 // ones, which take fewer bytes and more instructions a block).
 template <typename Word>
 struct ScalesPairs {
-    static constexpr bool FACTORED = false;
+    static constexpr bool STAGED = false;
     struct Held {
         Word lo, hi;
     };
@@ -233,28 +240,31 @@ using ScalesF32 = ScalesPairs<uint2>;
 // super-blocks' (16 each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and
 // g + 8's f16 pairs D, M); column c's block is d = D · n_d, m = M · n_m, exact in f32.
 // With a scale per 16, n_d and n_m are the halves' multiples, D and M their factors.
+// Staged (stage_scales): the block's threads make each pair of a group once, into shared
+// memory, and a lane reads its tile's four floats there in one load (the four lanes of
+// a column pair would otherwise each make the same four, a conversion and a product each,
+// beside the weights' loads); the tiles hold no scales.
 struct ScalesFactored {
-    static constexpr bool FACTORED = true;
-    struct Held {
-        u32 n;
-        uint2 sup;
-    };
+    static constexpr bool STAGED = true;
+    struct Held {};
     static __device__ __forceinline__ size_t group_words(int nb) {
         return (size_t)nb * 8 + (size_t)(nb + 7) / 8 * 16;
     }
-    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
-                                                int g) {
-        const u32* base = s + (size_t)G * group_words(nb);
-        const uint2* sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8) + (B / 8) * 8;
-        return Held{base[(size_t)B * 8 + g], sup[g]};
+    static __device__ __forceinline__ Held load(const u32* __restrict__, int, int, int, int) {
+        return Held{};
     }
     static __device__ __forceinline__ float times(u32 d16, u32 n, int byte) {
         return h2f((half_t)(d16 & 0xffffu)) * (float)(signed char)(n >> (8 * byte));
     }
-    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
-                                                 float& m1) {
-        d0 = times(h.sup.x, h.n, 0), m0 = times(h.sup.x >> 16, h.n, 1);
-        d1 = times(h.sup.y, h.n, 2), m1 = times(h.sup.y >> 16, h.n, 3);
+    // Columns g and g + 8's (d, m) of column group G's block B of the rows' nb.
+    static __device__ __forceinline__ void pairs_of(const u32* __restrict__ s, int nb, int G,
+                                                    int B, int g, float& d0, float& m0,
+                                                    float& d1, float& m1) {
+        const u32* base = s + (size_t)G * group_words(nb);
+        u32 n = base[(size_t)B * 8 + g];
+        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8)[(B / 8) * 8 + g];
+        d0 = times(sup.x, n, 0), m0 = times(sup.x >> 16, n, 1);
+        d1 = times(sup.y, n, 2), m1 = times(sup.y >> 16, n, 3);
     }
     static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
                                                     int blocks) {
@@ -294,7 +304,7 @@ struct BlockTiles {
     const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
     const u32* __restrict__ s;  // the whole rows' scales
     int k, n, kt, kb0;          // kb0: the product's first block of the rows' kt / 32
-    static constexpr bool OFFSETS = true, HALVES = false;
+    static constexpr bool OFFSETS = true, HALVES = false, STAGED = S::STAGED;
     static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
     using Scales = S;
     struct Tile {
@@ -321,7 +331,7 @@ struct BlockTiles {
 template <typename S>
 struct WeightsQ4T : BlockTiles<uint2, S> {
     using Tile = typename BlockTiles<uint2, S>::Tile;
-    static constexpr int BATCH = S::FACTORED ? 5 : 6;
+    static constexpr int BATCH = 6;
     static constexpr float CENTER = 8.0f;
     static __device__ __forceinline__ u32 pair(u32 word, int p) {
         return hsub2(and_or(word >> (4 * p), 0x000f000fu, 0x64006400u), 0x64086408u);
@@ -343,7 +353,7 @@ template <typename S, bool H>
 struct WeightsQ8T : BlockTiles<uint4, S> {
     using Tile = typename BlockTiles<uint4, S>::Tile;
     static constexpr bool OFFSETS = !H, HALVES = H;
-    static constexpr int BATCH = S::FACTORED ? 3 : 4;
+    static constexpr int BATCH = 4;
     static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
     static __device__ __forceinline__ u32 pair(u32 lo, u32 hi, int p) {
@@ -375,18 +385,45 @@ __device__ __forceinline__ W tiles_from(const u32* q, const u32* s, int k, int n
     return w;
 }
 
-// The lane's tile's scales as rows_block applies them, made once for both of its calls:
-// (d, m) of columns g and g + 8, m plus W::CENTER · d; with a scale per 16,
-// the halves' of each; none for f16 rows.
+// The scales of a tile as rows_block applies them: (d, m) of columns g and g + 8, m plus
+// W::CENTER · d; with a scale per 16, the halves' of each.
 template <typename W>
-__device__ __forceinline__ void tile_scales(const typename W::Tile& v, float (&sc)[4]) {
-    if constexpr (W::OFFSETS || W::HALVES) {
+__device__ __forceinline__ void centered(float (&sc)[4]) {
+    if constexpr (!W::HALVES) {
+        if (W::CENTER != 0.0f) {
+            sc[1] = fmaf(W::CENTER, sc[0], sc[1]);
+            sc[3] = fmaf(W::CENTER, sc[2], sc[3]);
+        }
+    }
+}
+
+// The lane's tile's (block b's) scales, made once for both of its calls to rows_block:
+// read from shared memory where they are staged, else made from the pairs the tile
+// holds; none for f16 rows.
+template <typename W>
+__device__ __forceinline__ void tile_scales(const GemvShared& sh, const typename W::Tile& v,
+                                            int b, int lane, float (&sc)[4]) {
+    if constexpr (W::STAGED) {
+        float4 f = sh.sc[b * 8 + (lane >> 2)];
+        sc[0] = f.x, sc[1] = f.y, sc[2] = f.z, sc[3] = f.w;
+    } else if constexpr (W::OFFSETS || W::HALVES) {
         W::Scales::pairs(v.s, sc[0], sc[1], sc[2], sc[3]);
-        if constexpr (!W::HALVES) {
-            if (W::CENTER != 0.0f) {
-                sc[1] = fmaf(W::CENTER, sc[0], sc[1]);
-                sc[3] = fmaf(W::CENTER, sc[2], sc[3]);
-            }
+        centered<W>(sc);
+    }
+}
+
+// With factored scales, column group G's (tile_scales' four floats a block and column
+// pair, centered) staged in shared memory by the block's threads; nothing otherwise.
+template <typename W>
+__device__ __forceinline__ void stage_scales(const GemvShared& sh, const W& w, int G) {
+    if constexpr (W::STAGED) {
+        if (16 * G >= w.n) return;
+        for (int e = threadIdx.x; e < w.k / 32 * 8; e += blockDim.x) {
+            float sc[4];
+            W::Scales::pairs_of(w.s, w.kt / 32, G, w.kb0 + e / 8, e % 8, sc[0], sc[1], sc[2],
+                                sc[3]);
+            centered<W>(sc);
+            sh.sc[e] = float4{sc[0], sc[1], sc[2], sc[3]};
         }
     }
 }
@@ -447,12 +484,14 @@ __device__ __forceinline__ TileBatch<W> first_batch(const W& w) {
     return v;
 }
 
-// After the input rows are staged (sh.x): their sums over each block of 32, where the
-// weights have offsets. A thread adds a piece of 8 (16 bytes: a warp reads 512 contiguous
-// bytes, no bank conflicts), four lanes a block; every lane of a warp takes part in each
-// round's shuffles (the rounds' bound is the block's).
+// After the input rows are staged (sh.x): the block's first column group's factored
+// scales (stage_scales), and the rows' sums over each block of 32, where the weights have
+// offsets. A thread adds a piece of 8 (16 bytes: a warp reads 512 contiguous bytes, no
+// bank conflicts), four lanes a block; every lane of a warp takes part in each round's
+// shuffles (the rounds' bound is the block's).
 template <typename W>
-__device__ __forceinline__ void stage_sums(const GemvShared& sh, int k) {
+__device__ __forceinline__ void stage_sums(const GemvShared& sh, const W& w, int k) {
+    stage_scales(sh, w, blockIdx.x);
     __syncthreads();
     if (W::OFFSETS) {
         int pieces = k / 8, stride = gemv_stride(k), all = sh.m * pieces;
@@ -497,7 +536,7 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
                 u32 a0[4], a1[4];
                 w.frags(v.v[i], a0, a1);
                 float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                tile_scales<W>(v.v[i], sc);
+                tile_scales<W>(sh, v.v[i], b, lane, sc);
                 rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 0, acc[0]);
                 if (m > 8) rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 8, acc[1]);
             }
@@ -506,6 +545,8 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
 #pragma unroll
         for (int c = 0; c < 8; ++c) sh.part[warp][c][lane] = acc[c / 4][c % 4];
         __syncthreads();
+        // Every warp is past this group's scales: the next group's, while the sums are added.
+        stage_scales(sh, w, G + gridDim.x);
         // Output (column q, row r) is sum c = 4(r / 8) + 2(q / 8) + r % 2 of lane
         // 4(q % 8) + (r % 8) / 2.
         for (int e = threadIdx.x; e < 16 / COLS * GEMV_MAX_ROWS; e += blockDim.x) {
@@ -599,7 +640,7 @@ __device__ __forceinline__ void rows_product(const GemvShared& sh, const half_t*
                                              int n) {
     const TileBatch<W> v = first_batch(w);
     stage_rows(sh, x, m, k);
-    stage_sums<W>(sh, k);
+    stage_sums(sh, w, k);
     gemv_store(sh, w, v, y, k, n);
 }
 
@@ -617,7 +658,7 @@ __device__ __forceinline__ void norm_product(const GemvShared& sh, const float* 
                                              GemvOut y, int m, int k, int n) {
     const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
-    stage_sums<W>(sh, k);
+    stage_sums(sh, w, k);
     gemv_store(sh, w, v, y, k, n);
 }
 
@@ -639,7 +680,7 @@ __device__ __forceinline__ void norm_rope_product(
     int block_size, float base) {
     const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
-    stage_sums<W>(sh, k);
+    stage_sums(sh, w, k);
     int qd = n_heads * head_dim, kvd = n_kv_heads * head_dim;
     gemv_columns<2>(sh, w, v, k, n, [=](int r, int jp, const float* sums) {
         float* out = y.at(r, jp);
@@ -684,7 +725,7 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
         int j = e % k;
         sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[kt + j]));
     }
-    stage_sums<W>(sh, k);
+    stage_sums(sh, w, k);
     gemv_store(sh, w, v, y, k, n);
 }
 
@@ -694,7 +735,7 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16(
     const half_t* __restrict__ x, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -703,7 +744,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const half_t* __restrict__ w,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -715,7 +756,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -723,14 +764,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
     const float* __restrict__ gu, const half_t* __restrict__ w, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -739,7 +780,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -751,7 +792,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -759,14 +800,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -775,7 +816,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -787,7 +828,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -795,14 +836,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -811,7 +852,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -823,7 +864,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -831,14 +872,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -847,7 +888,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -859,7 +900,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -867,13 +908,13 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -882,7 +923,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -894,7 +935,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -902,7 +943,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -910,7 +951,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -919,7 +960,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -931,7 +972,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -939,14 +980,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -955,7 +996,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -967,7 +1008,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -975,13 +1016,13 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32(
     const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -990,7 +1031,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm(
     float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }
 
@@ -1002,7 +1043,7 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm_rope(
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
     int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
                       slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
@@ -1010,6 +1051,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
-    const GemvShared sh = gemv_shared(m, k, k0, kt);
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

@@ -697,7 +697,7 @@ fn gemv_case<E: Exec>(g: &E) {
             .map(f16::from_f32)
             .collect();
         let wd = up(g, &w);
-        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, max_shared)) {
+        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, max_shared, false)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
             let xd = up(g, &x);
@@ -717,10 +717,10 @@ fn gemv_case<E: Exec>(g: &E) {
     // 32.
     let widest = (1..)
         .map(|b| 32 * b)
-        .take_while(|&k| shared_bytes(1, k) <= max_shared)
+        .take_while(|&k| shared_bytes(1, k, false) <= max_shared)
         .last();
     let widest = widest.expect("some row fits");
-    assert!(fits(1, widest, max_shared) && !fits(1, widest + 32, max_shared));
+    assert!(fits(1, widest, max_shared, false) && !fits(1, widest + 32, max_shared, false));
     // Past it, the row is read in runs of its columns (two here), up to MAX_RUNS of them.
     let too_wide = (widest + 32) * kernels::cuda::gemv::MAX_RUNS;
     let (xd, wd) = (
@@ -765,7 +765,10 @@ fn a_gemv_launch_short_of_shared_memory_traps() {
         i(0),
         i(k),
     ];
-    for (bytes, ok) in [(shared_bytes(m, k), true), (shared_bytes(m, k) - 16, false)] {
+    for (bytes, ok) in [
+        (shared_bytes(m, k, false), true),
+        (shared_bytes(m, k, false) - 16, false),
+    ] {
         let launch = LaunchConfig {
             shared_mem_bytes: bytes as u32,
             ..cfg(2, 256)
@@ -828,9 +831,9 @@ fn gemv_quant_case<E: Exec>(g: &E) {
     let k_quants: &[(GgmlType, usize, usize)] = if kernels::packed::available() {
         &[
             (GgmlType::Q4_K, 1536, 80),
-            (GgmlType::Q5_K, 512, 48),
+            (GgmlType::Q5_K, 512, 800),
             (GgmlType::IQ4_XS, 256, 32),
-            (GgmlType::Q6_K, 2048, 64),
+            (GgmlType::Q6_K, 1024, 400),
             (GgmlType::Q5_1, 576, 32),
         ]
     } else {
@@ -856,19 +859,17 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         };
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
-            GgmlType::Q4_K => "q4f32",
+            GgmlType::Q4_K => "q4f",
             GgmlType::Q5_K | GgmlType::IQ4_XS => "q8f",
             GgmlType::Q6_K => "q8h",
             GgmlType::Q8_0 | GgmlType::Q5_1 => "q8",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
-        // The K-quants' scales the other way too (Q4_K's factored, `gemv_q4f`; the 8-bit
-        // layouts' as f32 pairs, `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against
-        // the other).
+        // The K-quants' scales the other way too (as f32 pairs, `gemv_q4f32`,
+        // `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against the factored).
         let other = match rows.scales {
-            Scales::F16Pairs => None,
-            Scales::F32Pairs | Scales::F32Halves => Some((Scales::Factored, "q4f".to_string())),
+            Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves => None,
             Scales::Factored | Scales::FactoredHalves => {
                 Some((Scales::F32Pairs, format!("{want_kind}32")))
             }
@@ -881,7 +882,8 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             assert_eq!(b[0].kind(), Some(kind.as_str()), "{ty:?}");
             b
         });
-        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap())) {
+        let staged = rows.scales.staged();
+        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, g.max_shared_bytes().unwrap(), staged)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = exact_product(&x, &w, (m, k, n));
             let xd = up(g, &x);
@@ -1096,7 +1098,8 @@ fn rope_apart<E: Exec>(
 }
 
 /// A stack whose parts need different kernels, one launch each writing its columns of
-/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f32` and `gemv_q4f`, Q6_K V on `gemv_q8h`), and
+/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f`, Q6_K V on `gemv_q8h`; both
+/// as f32 pairs too, `gemv_q4f32`, `gemv_q8h32`), and
 /// parts of one layout where the first ends inside a tile. For 1 to 16 rows: the product
 /// of the file's values; fused with the norm (x + delta written once), with the norm and
 /// RoPE and the cache write (the V part's columns at their place in the QKV rows and the
@@ -1114,7 +1117,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     ];
     let (parts, w) = stack_of(g, &mut rng, &odd, k);
     let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
-    assert_eq!(kinds, ["q8", "q8", "q4f32"], "{what}");
+    assert_eq!(kinds, ["q8", "q8", "q4f"], "{what}");
     let n = 112;
     for m in [1, 3, 8, 9, 16] {
         let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
@@ -1134,10 +1137,13 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         (GgmlType::Q4_K, kvd),
         (GgmlType::Q6_K, kvd),
     ];
-    // Q4_K's scales as the backend holds them (f32 pairs), and factored.
+    // The K-quants' scales as the backend holds them (factored), and as f32 pairs.
     let forms = [
-        (None, ["q4f32", "q8h"]),
-        (Some(kernels::cuda::gemv::Scales::Factored), ["q4f", "q8h"]),
+        (None, ["q4f", "q8h"]),
+        (
+            Some(kernels::cuda::gemv::Scales::F32Pairs),
+            ["q4f32", "q8h32"],
+        ),
     ];
     let nw = rng.vec(k, 1.0);
     let nwd = up(g, &nw);
@@ -1259,8 +1265,8 @@ fn gemv_runs_case<E: Exec>(g: &E) {
         // other 32 in Q4_K, whose packed form takes whole tiles of 16 rows).
         stacks.push(vec![(GgmlType::Q8_0, 16), (GgmlType::Q4_K, n - 16)]);
     }
-    // Q4_K's scales as the backend holds them (f32 pairs) and factored.
-    let forms = [None, Some(kernels::cuda::gemv::Scales::Factored)];
+    // Q4_K's scales as the backend holds them (factored) and as f32 pairs.
+    let forms = [None, Some(kernels::cuda::gemv::Scales::F32Pairs)];
     for stack in &stacks {
         let k_quant = stack.iter().any(|&(ty, _)| ty == GgmlType::Q4_K);
         for &scales in &forms[..if k_quant { 2 } else { 1 }] {
@@ -1279,7 +1285,7 @@ fn gemv_runs_case<E: Exec>(g: &E) {
             None => Weights::F16(&w16d, 0),
         };
         for (m, runs) in [(4, 1), (8, 2), (16, 3)] {
-            let run = column_run(m, k, max_shared).unwrap();
+            let run = column_run(m, k, max_shared, weights.staged()).unwrap();
             assert_eq!(k.div_ceil(run), runs, "{what}: {m} rows in runs of {run}");
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let xd = up(g, &x);
@@ -1316,9 +1322,9 @@ fn gemv_runs_case<E: Exec>(g: &E) {
             assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
         }
     }
-    assert_eq!(column_run(17, k, max_shared), None, "17 rows");
+    assert_eq!(column_run(17, k, max_shared, false), None, "17 rows");
     assert_eq!(
-        column_run(16, 14337, max_shared),
+        column_run(16, 14337, max_shared, true),
         None,
         "k no multiple of 32"
     );
@@ -2024,7 +2030,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
-    // (gemv_q4f32 then gemv_q8h); attention_tc at both batches and contexts, and both
+    // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
     assert_eq!(rows.len(), 70, "{names:?}");
     for name in [
@@ -2041,7 +2047,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8h small 9×64·64×96",
         "gemv_q4f32 small 3×64·64×96",
         "gemv_q8h32 small 9×64·64×96",
-        "gemv_q4f32+q8h small 3×64·64×96",
+        "gemv_q4f+q8h small 3×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

@@ -738,11 +738,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     for &(name, k, n, in_step) in &sizes.products {
         let w = e.zeros::<f16>(n * k)?;
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
-        // in the K-quant layouts' both ways (factored scales: `gemv_q4f`, `gemv_q8f`; a
-        // scale per 16: `gemv_q8h`; as f32 pairs, fewer instructions and more bytes:
+        // in the K-quant layouts' both ways (factored scales, as the backend holds them:
+        // `gemv_q4f`, `gemv_q8f`; a scale per 16: `gemv_q8h`; as f32 pairs, more bytes:
         // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`); a product of the QKV's width also as
-        // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K as f32 pairs, Q6_K V
-        // factored: a launch each).
+        // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K, Q6_K V, factored: a
+        // launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, rows: usize| {
@@ -772,7 +772,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let (nh, nkv, hd) = sizes.qkv_heads;
         if n == (nh + 2 * nkv) * hd {
             quant.push(vec![
-                part(4, F32Pairs, n - nkv * hd)?,
+                part(4, Factored, n - nkv * hd)?,
                 part(8, FactoredHalves, nkv * hd)?,
             ]);
         }
@@ -796,7 +796,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             // columns where the rows are too wide to stage whole), then with the kernel
             // before it made in its blocks (and after it, for the QKV product; in runs too).
             let max_shared = e.max_shared_bytes()?;
-            if gemv::column_run(m, k, max_shared).is_some() {
+            if gemv::column_run(m, k, max_shared, true).is_some() {
                 let secs = time(e, iters, || gemv::gemv(e, &x, &w, 0, &mut y, m, k, n))?;
                 rows.push(Row {
                     name: format!("gemv_f16 {name} {m}×{k}·{k}×{n}"),

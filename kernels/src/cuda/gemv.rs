@@ -6,9 +6,9 @@
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
-//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under f32
-//! or factored scales, `gemv_q4f32*`, `gemv_q8f*`, `gemv_q8h*`, ..., for the K-quants'), a
-//! third to a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
+//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under
+//! factored scales, staged in shared memory, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*` for the
+//! K-quants', or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
 //! 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
@@ -30,17 +30,24 @@ const BLOCKS_PER_SM: usize = 3;
 
 /// The dynamic shared memory a block of the `gemv` kernels takes for `rows` rows of `k`
 /// (`gemv_shared` in gemv.cu): the 8 warps' sums, the rows staged as f16 (`k` halves
-/// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32.
-pub fn shared_bytes(rows: usize, k: usize) -> usize {
+/// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32, and
+/// with `staged` scales (factored: [`Scales::staged`]) a column group's, 16 bytes a block
+/// of 32 and pair of columns.
+pub fn shared_bytes(rows: usize, k: usize, staged: bool) -> usize {
     let stride = if k.is_multiple_of(64) { k + 32 } else { k };
-    WARPS as usize * 8 * 32 * 4 + rows * stride * 2 + (rows * (k / BLOCK) * 4).next_multiple_of(16)
+    let scales = if staged { k / BLOCK * 8 * 16 } else { 0 };
+    WARPS as usize * 8 * 32 * 4
+        + rows * stride * 2
+        + (rows * (k / BLOCK) * 4).next_multiple_of(16)
+        + scales
 }
 
 /// Whether the `gemv` kernels take a product of `rows` rows over `k` (blocks of 32) on a
 /// device whose blocks may have `max_shared` bytes of shared memory
-/// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole.
-pub fn fits(rows: usize, k: usize, max_shared: usize) -> bool {
-    column_run(rows, k, max_shared) == Some(k)
+/// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole (and, `staged`,
+/// factored scales).
+pub fn fits(rows: usize, k: usize, max_shared: usize, staged: bool) -> bool {
+    column_run(rows, k, max_shared, staged) == Some(k)
 }
 
 /// The most launches a product over rows too wide for the shared memory takes.
@@ -50,14 +57,15 @@ pub const MAX_RUNS: usize = 8;
 /// where the staged rows fit in `max_shared` bytes, else the fewest equal runs (whole
 /// blocks of 32, at most [`MAX_RUNS`]) that fit, each a launch adding its sums to the
 /// last's (e.g. Llama-3-8B's `ffn_down`, 14,336 wide, at 8–16 rows on Hopper's 227 KB);
-/// `None` where no run does, or `rows`, `k` are no product the kernels take.
-pub fn column_run(rows: usize, k: usize, max_shared: usize) -> Option<usize> {
+/// `None` where no run does, or `rows`, `k` are no product the kernels take. `staged`:
+/// for kernels that stage factored scales (the larger size: what fits them fits all).
+pub fn column_run(rows: usize, k: usize, max_shared: usize, staged: bool) -> Option<usize> {
     if !(1..=MAX_ROWS).contains(&rows) || k == 0 || !k.is_multiple_of(BLOCK) {
         return None;
     }
     (1..=MAX_RUNS)
         .map(|runs| (k / BLOCK).div_ceil(runs) * BLOCK)
-        .find(|&run| shared_bytes(rows, run) <= max_shared)
+        .find(|&run| shared_bytes(rows, run, staged) <= max_shared)
 }
 
 /// What a product's rows are made from.
@@ -120,6 +128,14 @@ impl<E: Exec> Weights<'_, E> {
                     })
                 })
                 .collect(),
+        }
+    }
+
+    /// Whether a kernel of these weights stages factored scales in shared memory.
+    pub fn staged(&self) -> bool {
+        match self {
+            Weights::F16(..) => false,
+            Weights::Quant(parts) => parts.iter().any(|q| q.scales.staged()),
         }
     }
 }
@@ -255,7 +271,9 @@ fn product<E: Exec>(
     let kinds = weights.kinds()?;
     let kind = kinds.join("+");
     let max_shared = e.max_shared_bytes()?;
-    let Some(run) = column_run(rows, k, max_shared) else {
+    // One run for every part of a stack: what fits the largest.
+    let staged = weights.staged();
+    let Some(run) = column_run(rows, k, max_shared, staged) else {
         return Err(ExecError::Bounds(format!(
             "gemv_{kind} takes 1 to {MAX_ROWS} rows of k a multiple of {BLOCK} whose staging \
              fits in {max_shared} bytes of shared memory in at most {MAX_RUNS} runs of \
@@ -355,51 +373,52 @@ fn product<E: Exec>(
     // launch a run of the rows' columns, the first writing the sums, the others adding
     // theirs in order; with RoPE, the last run's epilogue rotates (the runs before it are
     // the norm's plain product).
-    let launch = |kind: &str, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
-        for k0 in (0..k).step_by(run) {
-            let rotates = rope.is_some() && k0 + run >= k;
-            let form = if rotates { "_norm_rope" } else { form };
-            let mut a = args.clone();
-            if norm && !(first && k0 == 0) {
-                // x + delta (x_out) is written once, by the first launch.
-                a[3] = Arg::Null;
+    let launch =
+        |kind: &str, staged: bool, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
+            for k0 in (0..k).step_by(run) {
+                let rotates = rope.is_some() && k0 + run >= k;
+                let form = if rotates { "_norm_rope" } else { form };
+                let mut a = args.clone();
+                if norm && !(first && k0 == 0) {
+                    // x + delta (x_out) is written once, by the first launch.
+                    a[3] = Arg::Null;
+                }
+                a.extend_from_slice(weight_args);
+                let i = |v: usize| Arg::I32(v as i32);
+                let width = run.min(k - k0);
+                a.extend([
+                    y.arg(),
+                    i(rows),
+                    i(width),
+                    i(cols),
+                    i(n),
+                    i(j0),
+                    i(k0),
+                    i(k),
+                ]);
+                if rotates {
+                    a.extend_from_slice(&rope_args);
+                }
+                // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
+                // beyond).
+                let blocks = cols
+                    .div_ceil(GROUP)
+                    .min(BLOCKS_PER_SM * e.multiprocessors()?)
+                    .max(1);
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (32 * WARPS, 1, 1),
+                    shared_mem_bytes: shared_bytes(rows, width, staged) as u32,
+                };
+                e.launch(&format!("gemv_{kind}{form}"), cfg, &a)?;
             }
-            a.extend_from_slice(weight_args);
-            let i = |v: usize| Arg::I32(v as i32);
-            let width = run.min(k - k0);
-            a.extend([
-                y.arg(),
-                i(rows),
-                i(width),
-                i(cols),
-                i(n),
-                i(j0),
-                i(k0),
-                i(k),
-            ]);
-            if rotates {
-                a.extend_from_slice(&rope_args);
-            }
-            // A block a group of 16 columns, as many as the SMs hold at once (grid-stride
-            // beyond).
-            let blocks = cols
-                .div_ceil(GROUP)
-                .min(BLOCKS_PER_SM * e.multiprocessors()?)
-                .max(1);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (32 * WARPS, 1, 1),
-                shared_mem_bytes: shared_bytes(rows, width) as u32,
-            };
-            e.launch(&format!("gemv_{kind}{form}"), cfg, &a)?;
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     match weights {
         Weights::F16(w, w_row0) => {
             check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
             let w = w.arg_at(w_row0 * k..(w_row0 + n) * k)?;
-            launch("f16", &[w], n, 0, true)
+            launch("f16", false, &[w], n, 0, true)
         }
         Weights::Quant(parts) => {
             // A matrix's blocks may hold rows past n (its tiles' padding); a stack's parts
@@ -434,7 +453,14 @@ fn product<E: Exec>(
                     q.s.elems(),
                     padded / GROUP * q.scales.group_words(k / BLOCK),
                 )?;
-                launch(kind, &[q.q.arg(), q.s.arg()], cols, j0, i == 0)?;
+                launch(
+                    kind,
+                    q.scales.staged(),
+                    &[q.q.arg(), q.s.arg()],
+                    cols,
+                    j0,
+                    i == 0,
+                )?;
                 j0 += cols;
             }
             Ok(())
@@ -447,10 +473,10 @@ fn product<E: Exec>(
 /// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
 /// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
-/// round, are held as f32 pairs (Q4_K's, `gemv_q4f32`) or, at 8 bits, factored as the file
-/// holds them, an f16 a super-block of 256 times a signed byte a block
-/// ([`Scales::Factored`]: `gemv_q8f`, `gemv_q8h`; Q4_K's too where asked, `gemv_q4f`), so
-/// that they too are the file's own values.
+/// round, are held factored as the file holds them, an f16 a super-block of 256 times a
+/// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), or as
+/// f32 pairs (`gemv_q4f32`, ...) where asked or where they do not factor, so that they
+/// too are the file's own values.
 ///
 /// The layout is the tensor cores' fragments: tiles of 16 rows (an `mma`'s columns) by a
 /// block of 32, each lane's part of a tile (rows `g`, `g + 8`, weights `8t .. 8t + 8` for
@@ -492,8 +518,8 @@ pub enum Scales {
     FactoredHalves,
     /// `d` and `m` as f32, two words a row and block, the blocks' 32 in order: the
     /// K-quants' unfactored (`gemv_q4f32`, `gemv_q8f32`), 2 bits a weight where factored
-    /// they take 0.625, and fewer instructions a block: Q4_K's, and any scales that neither
-    /// f16 nor factoring holds ([`QuantRows::from_packed`]).
+    /// they take 0.625: any scales that neither f16 nor factoring holds
+    /// ([`QuantRows::from_packed`]), and `TOLLGATE_KQUANT_SCALES=f32`.
     F32Pairs,
     /// As [`Scales::F32Pairs`], the halves' scales (`gemv_q8h32`).
     F32Halves,
@@ -507,6 +533,13 @@ impl Scales {
             Scales::F32Pairs | Scales::F32Halves => nb * GROUP * 2,
             Scales::Factored | Scales::FactoredHalves => nb * 8 + nb.div_ceil(SUPER) * 16,
         }
+    }
+
+    /// Whether the kernels stage these scales in shared memory, a column group's at a
+    /// time ([`shared_bytes`]): the factored ones, each pair made once a block instead of
+    /// once a lane.
+    pub fn staged(self) -> bool {
+        matches!(self, Scales::Factored | Scales::FactoredHalves)
     }
 }
 
@@ -619,16 +652,13 @@ impl QuantRows {
     /// ([`crate::matmul::Matrix::packed_values`]: the K-quant sub-blocks' f32 scales,
     /// Q6_K's scale per 16, offsets of a block each beside 8-bit blocks): the same
     /// integers under the same scales, held as f16 pairs where they are f16 values (Q5_1's),
-    /// else at 8 bits factored ([`Scales::Factored`]: Q5_K's, IQ4_XS's, Q6_K's), else as f32
-    /// pairs (Q4_K's: at 4 bits the factored tiles' instructions outweigh their bytes —
-    /// BENCHMARKS.md, "The K-quants' scales factored"). `None` where the packed form has
-    /// both a scale per 16 and mins.
+    /// else factored ([`Scales::Factored`]: Q4_K's, Q5_K's, IQ4_XS's, Q6_K's; the kernels
+    /// stage their pairs in shared memory, so that they take fewer instructions a block
+    /// than f32 pairs as well as fewer bytes — BENCHMARKS.md, "Factored scales staged"),
+    /// else as f32 pairs. `None` where the packed form has both a scale per 16 and mins.
     pub fn from_packed(p: &crate::packed::Packed) -> Option<Self> {
-        use crate::gguf::GgmlType;
-        let factored = (p.ty() == GgmlType::Q8_0).then_some(Scales::Factored);
-        [Some(Scales::F16Pairs), factored, Some(Scales::F32Pairs)]
+        [Scales::F16Pairs, Scales::Factored, Scales::F32Pairs]
             .into_iter()
-            .flatten()
             .find_map(|s| Self::from_packed_as(p, s))
     }
 
@@ -915,17 +945,17 @@ mod tests {
             }
         }
         // The K-quant layouts through the packed form, where the CPU makes it, as the
-        // backend holds them: at 8 bits factored (Q5_K, IQ4_XS; Q6_K's scale per 16), Q4_K
-        // as f32 pairs; Q5_1's offsets beside 8-bit blocks, f16 values, as f16 pairs. What a
-        // product reads of them, in bits a weight: factored, the integers' and 5/8 (Q4_K's
-        // 4.625 where the file's are 4.5), as f32 pairs 2 more.
+        // backend holds them: factored (Q4_K, Q5_K, IQ4_XS; Q6_K's scale per 16); Q5_1's
+        // offsets beside 8-bit blocks, f16 values, as f16 pairs. What a product reads of
+        // them, in bits a weight: factored, the integers' and 5/8 (Q4_K's 4.625 where the
+        // file's are 4.5), as f32 pairs 2 more.
         if crate::packed::available() {
             let (rows, k) = (32, 512);
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
                 .collect();
             for (ty, scales, bits) in [
-                (GgmlType::Q4_K, Scales::F32Pairs, 6.0),
+                (GgmlType::Q4_K, Scales::Factored, 4.625),
                 (GgmlType::Q5_K, Scales::Factored, 8.625),
                 (GgmlType::IQ4_XS, Scales::Factored, 8.625),
                 (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),

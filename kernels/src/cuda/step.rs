@@ -215,7 +215,7 @@ fn fuses(
     k: usize,
     max_shared: usize,
 ) -> bool {
-    fused.gemv(rows) && small.gemv(rows) && gemv::column_run(rows, k, max_shared).is_some()
+    fused.gemv(rows) && small.gemv(rows) && gemv::column_run(rows, k, max_shared, true).is_some()
 }
 
 /// Where a step's products of few rows run: which row counts on our `gemv` kernels
@@ -259,8 +259,9 @@ fn product<E: Exec>(
     k: usize,
     n: usize,
 ) -> Result<(), ExecError> {
-    if small.gemv.gemv(rows) && gemv::column_run(rows, k, small.shared).is_some() {
-        let weights = small.weights(rows, w, q);
+    let weights = small.weights(rows, w, q);
+    if small.gemv.gemv(rows) && gemv::column_run(rows, k, small.shared, weights.staged()).is_some()
+    {
         gemv::gemv_from(e, Input::Rows(x), weights, y, rows, k, n)
     } else {
         e.gemm(x, w, 0, y, rows, k, n)
@@ -459,7 +460,7 @@ impl<E: Exec> Device<E> {
     }
 
     /// The matrices held in the file's own blocks, counted by the kernels that read them
-    /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f32+q8h"`; empty where none is).
+    /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f+q8h"`; empty where none is).
     pub fn quant_summary(&self) -> String {
         let mut counts = std::collections::BTreeMap::<String, usize>::new();
         let held = self
