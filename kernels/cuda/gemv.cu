@@ -183,16 +183,17 @@ struct WeightsF16 {
 //
 // The K-quant layouts' scales are products of two of the file's numbers (a super-block's
 // f16 d times a sub-block's 6-bit scale: 17 significant bits, or Q6_K's 8-bit scale per
-// 16), which f16 would round. Their tiles hold them as f32 pairs (ScalesF32 below:
-// `gemv_q4f32*` for Q4_K) or factored as the file does (ScalesFactored below): each
-// column's block of 32 two signed bytes, its scale's and its offset's multiples
-// (`gemv_q8f*` for Q5_K, IQ4_XS; `gemv_q4f*`, Q4_K's, to be timed against `gemv_q4f32*`),
-// or, a scale per 16 and no offset, its two halves' (`gemv_q8h*`, Q6_K: the block's first
-// mma takes its first 16 weights, its second the others, each sum under its own scale);
-// each column's 8 blocks of 32 (a super-block of 256) an f16 pair they multiply. d · n is
-// exact in f32 (11 bits by 8), so the weights are the file's own values either way:
-// factored 8.625 bits a weight at 8 bits (4.625 at 4), as f32 pairs 10 (6) — but ~20 more
-// instructions a block, which at 4 bits the bytes saved do not pay for (BENCHMARKS.md).
+// 16), which f16 would round. They are held factored as the file does (ScalesFactored
+// below): each column's block of 32 two signed bytes, its scale's and its offset's
+// multiples (`gemv_q4f*` for Q4_K, `gemv_q8f*` for Q5_K, IQ4_XS), or, a scale per 16 and
+// no offset, its two halves' (`gemv_q8h*`, Q6_K: the block's first mma takes its first
+// 16 weights, its second the others, each sum under its own scale); each column's 8
+// blocks of 32 (a super-block of 256) an f16 pair they multiply. d · n is exact in f32
+// (11 bits by 8), so the weights are the file's own values: 4.625 bits a weight at 4
+// bits, 8.625 at 8. The block's threads make a column group's pairs once, into shared
+// memory (stage_scales), where each lane's tile reads its four floats in one load. As f32
+// pairs (ScalesF32 below: `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`), 2 bits a weight,
+// the tiles carry them: what does not factor, and the same products to time against.
 __device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
     d = h2f((half_t)(s & 0xffffu)), m = h2f((half_t)(s >> 16));
 }
@@ -201,15 +202,16 @@ __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
 }
 
 // How a tile's columns hold their scales: `Held` the lane's (columns g and g + 8) as
-// loaded with its weights, `load(s, nb, G, B, g)` reading them for column group G's block
-// B of the rows' nb (s: the whole rows' scales), `pairs` making the two columns' (d, m),
-// and `prefetch` asking L2 for a group's blocks B0 .. B0 + blocks.
+// loaded with its weights (nothing where STAGED: ScalesFactored), `load(s, nb, G, B, g)`
+// reading them for column group G's block B of the rows' nb (s: the whole rows' scales),
+// `pairs` making the two columns' (d, m), and `prefetch` asking L2 for a group's blocks
+// B0 .. B0 + blocks.
 //
 // A pair a column and block, its blocks' 16 in order: Word u32, f16 d and m (Q4_0, Q4_1,
 // Q8_0 and the layouts converted to them with the same values: ScalesF16), or uint2, f32
 // d and m (the K-quant layouts' scales unfactored, 2 bits a weight: ScalesF32,
-// `gemv_q4f32*` for Q4_K; `gemv_q8f32*`, `gemv_q8h32*` to be timed against the factored
-// ones, which take fewer bytes and more instructions a block).
+// `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, to be timed against the factored ones,
+// which take fewer bytes).
 template <typename Word>
 struct ScalesPairs {
     static constexpr bool STAGED = false;
@@ -253,18 +255,26 @@ struct ScalesFactored {
     static __device__ __forceinline__ Held load(const u32* __restrict__, int, int, int, int) {
         return Held{};
     }
-    static __device__ __forceinline__ float times(u32 d16, u32 n, int byte) {
-        return h2f((half_t)(d16 & 0xffffu)) * (float)(signed char)(n >> (8 * byte));
-    }
-    // Columns g and g + 8's (d, m) of column group G's block B of the rows' nb.
-    static __device__ __forceinline__ void pairs_of(const u32* __restrict__ s, int nb, int G,
-                                                    int B, int g, float& d0, float& m0,
-                                                    float& d1, float& m1) {
+    // Columns g and g + 8's (d, m) of the blocks B0 .. B0 + 7 of column group G's rows of
+    // nb (a super-block of them), those the product takes (kb0 <= B < kb1), each to
+    // out(b, d0, m0, d1, m1) with b = B − kb0: the super-block's pairs (D, M) made once.
+    template <typename Out>
+    static __device__ __forceinline__ void super_block(const u32* __restrict__ s, int nb,
+                                                       int G, unsigned B0, unsigned g,
+                                                       unsigned kb0, unsigned kb1, Out out) {
         const u32* base = s + (size_t)G * group_words(nb);
-        u32 n = base[(size_t)B * 8 + g];
-        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8)[(B / 8) * 8 + g];
-        d0 = times(sup.x, n, 0), m0 = times(sup.x >> 16, n, 1);
-        d1 = times(sup.y, n, 2), m1 = times(sup.y >> 16, n, 3);
+        // The super-blocks' words after the blocks': a uint2 a column pair, 8 a super-block.
+        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8)[B0 / 8 * 8 + g];
+        float D0 = h2f((half_t)(sup.x & 0xffffu)), M0 = h2f((half_t)(sup.x >> 16));
+        float D1 = h2f((half_t)(sup.y & 0xffffu)), M1 = h2f((half_t)(sup.y >> 16));
+#pragma unroll
+        for (unsigned i = 0; i < 8; ++i) {
+            unsigned B = B0 + i;
+            if (B < kb0 || B >= kb1) continue;
+            u32 n = base[(size_t)B * 8 + g];
+            out(B - kb0, D0 * (float)(signed char)n, M0 * (float)(signed char)(n >> 8),
+                D1 * (float)(signed char)(n >> 16), M1 * (float)(signed char)(n >> 24));
+        }
     }
     static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
                                                     int blocks) {
@@ -418,12 +428,18 @@ template <typename W>
 __device__ __forceinline__ void stage_scales(const GemvShared& sh, const W& w, int G) {
     if constexpr (W::STAGED) {
         if (16 * G >= w.n) return;
-        for (int e = threadIdx.x; e < w.k / 32 * 8; e += blockDim.x) {
-            float sc[4];
-            W::Scales::pairs_of(w.s, w.kt / 32, G, w.kb0 + e / 8, e % 8, sc[0], sc[1], sc[2],
-                                sc[3]);
-            centered<W>(sc);
-            sh.sc[e] = float4{sc[0], sc[1], sc[2], sc[3]};
+        // A thread a column pair g and super-block of the blocks the product takes (kb0 ..
+        // kb1 of the rows': a run of columns may start or end inside a super-block).
+        unsigned kb0 = w.kb0, kb1 = kb0 + w.k / 32, first = kb0 / 8;
+        unsigned items = ((kb1 + 7) / 8 - first) * 8;
+        for (unsigned e = threadIdx.x; e < items; e += blockDim.x) {
+            unsigned g = e % 8;
+            W::Scales::super_block(w.s, w.kt / 32, G, (first + e / 8) * 8, g, kb0, kb1,
+                                   [&](unsigned b, float d0, float m0, float d1, float m1) {
+                                       float sc[4] = {d0, m0, d1, m1};
+                                       centered<W>(sc);
+                                       sh.sc[b * 8 + g] = float4{sc[0], sc[1], sc[2], sc[3]};
+                                   });
         }
     }
 }
@@ -459,9 +475,7 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const
 
 // A warp's batch of tiles: blocks b0, b0 + 8, ... (those below k / 32) of column group G,
 // loaded together so that the warp has its loads in flight at once (one batch covers a
-// row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM;
-// under factored scales, whose tiles hold a column pair's multiples and their super-block's
-// pair beside the weights, 1,280 at 4 bits and 768 at 8: ptxas spills at 6 and 4).
+// row of 1,536 at 4 bits, 1,024 at 8 and f16: within the registers of 3 blocks an SM).
 template <typename W>
 struct TileBatch {
     typename W::Tile v[W::BATCH];

@@ -971,7 +971,7 @@ fn stack_of<E: Exec>(
 }
 
 /// [`stack_of`], its packed parts' scales held as `scales` says where it names a form
-/// (`TOLLGATE_KQUANT_SCALES`' choice: Q4_K factored, say, where the backend holds f32 pairs).
+/// (`TOLLGATE_KQUANT_SCALES`' choice: f32 pairs, say, where the backend holds them factored).
 fn stack_as<E: Exec>(
     g: &E,
     rng: &mut Rng,

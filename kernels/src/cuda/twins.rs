@@ -302,7 +302,7 @@ pub struct LayerQuant {
 /// per 16, offsets of a block each), the same integers under those scales
 /// ([`QuantRows::from_packed`]); `TOLLGATE_KQUANT_SCALES=f32` or `=factored` holds every
 /// such matrix's scales that way instead, to time whole steps each way (f32 pairs: more
-/// bytes, fewer instructions a block).
+/// bytes, carried in the tiles; factored: staged in shared memory).
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     use super::gemv::Scales;
     match m.file_blocks() {
