@@ -143,7 +143,7 @@ __device__ __forceinline__ uint4 input_piece(const GemvShared& sh, int stride, i
 struct WeightsF16 {
     const half_t* __restrict__ w;  // from the product's first column
     int k, n, kt;                   // kt: the rows' length (k where they are read whole)
-    static constexpr bool OFFSETS = false, HALVES = false, STAGED = false;
+    static constexpr bool SCALED = false, OFFSETS = false, HALVES = false, STAGED = false;
     static constexpr int BATCH = 4;  // blocks of 32 a warp loads before it uses the first
     struct Tile {
         uint4 lo, hi;
@@ -314,7 +314,7 @@ struct BlockTiles {
     const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
     const u32* __restrict__ s;  // the whole rows' scales
     int k, n, kt, kb0;          // kb0: the product's first block of the rows' kt / 32
-    static constexpr bool OFFSETS = true, HALVES = false, STAGED = S::STAGED;
+    static constexpr bool SCALED = true, OFFSETS = true, HALVES = false, STAGED = S::STAGED;
     static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
     using Scales = S;
     struct Tile {
@@ -354,6 +354,45 @@ struct WeightsQ4T : BlockTiles<uint2, S> {
 using WeightsQ4 = WeightsQ4T<ScalesF16>;
 using WeightsQ4F = WeightsQ4T<ScalesFactored>;
 using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
+
+// IQ4's 16 levels (ggml's kvalues_iq4nl: −127, −104, …, 113) plus 128, as bytes, four a
+// word: entry i is byte i % 4 of word i / 4.
+#define IQ4_T0 0x3f2d1801u
+#define IQ4_T1 0x766a5d4fu
+#define IQ4_T2 0xa6998d81u
+#define IQ4_T3 0xf1d9c5b5u
+
+// 4-bit indices into IQ4's levels (IQ4_NL under f16 pairs, `gemv_iq4*`; IQ4_XS under
+// factored scales, `gemv_iq4f*`): tiles as at 4 bits, but a piece's weights e = 0 .. 3 in
+// bits 4e and e = 4 .. 7 in 16 + 4(e − 4), so that a half word's four indices are one byte
+// permute's selector. Two permutes look each up among levels 0 .. 7 and 8 .. 15 (the
+// index's low 3 bits), a third keeps the one its high bit says: four levels + 128 as
+// bytes, which become pairs of halves as at 8 bits. No offsets: m = 0.
+template <typename S>
+struct WeightsIq4T : BlockTiles<uint2, S> {
+    using Tile = typename BlockTiles<uint2, S>::Tile;
+    static constexpr bool OFFSETS = false;
+    static constexpr int BATCH = 6;
+    static constexpr float CENTER = 0.0f;
+    // The levels + 128 of the four indices in bits 0 .. 15 of `word`, byte i index i's.
+    static __device__ __forceinline__ u32 levels(u32 word) {
+        u32 low = __byte_perm(IQ4_T0, IQ4_T1, word & 0x7777u);
+        u32 high = __byte_perm(IQ4_T2, IQ4_T3, word & 0x7777u);
+        return __byte_perm(low, high, ((word >> 1) & 0x4444u) | 0x3210u);
+    }
+    // Bytes 2p, 2p + 1 of four levels + 128, as halves.
+    static __device__ __forceinline__ u32 pair(u32 bytes, int p) {
+        return hsub2(__byte_perm(bytes, 0x64646464u, p ? 0x4342u : 0x4140u), 0x64806480u);
+    }
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        u32 g0 = levels(v.w.x), g1 = levels(v.w.x >> 16);  // column g
+        u32 h0 = levels(v.w.y), h1 = levels(v.w.y >> 16);  // column g + 8
+        a0[0] = pair(g0, 0), a0[1] = pair(h0, 0), a0[2] = pair(g0, 1), a0[3] = pair(h0, 1);
+        a1[0] = pair(g1, 0), a1[1] = pair(h1, 0), a1[2] = pair(g1, 1), a1[3] = pair(h1, 1);
+    }
+};
+using WeightsIq4 = WeightsIq4T<ScalesF16>;
+using WeightsIq4F = WeightsIq4T<ScalesFactored>;
 
 // 8-bit (Q8_0, m = 0; with factored scales the 8-bit layouts of K-quant sub-blocks, or
 // with H a scale per 16): a tile is 128 words, lane l's four at 4l (two words of column g, two
@@ -416,7 +455,7 @@ __device__ __forceinline__ void tile_scales(const GemvShared& sh, const typename
     if constexpr (W::STAGED) {
         float4 f = sh.sc[b * 8 + (lane >> 2)];
         sc[0] = f.x, sc[1] = f.y, sc[2] = f.z, sc[3] = f.w;
-    } else if constexpr (W::OFFSETS || W::HALVES) {
+    } else if constexpr (W::SCALED) {
         W::Scales::pairs(v.s, sc[0], sc[1], sc[2], sc[3]);
         centered<W>(sc);
     }
@@ -458,18 +497,25 @@ __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const
         mma_16816(lo, a0, xb.x, xb.y);
         mma_16816(hi, a1, xb.z, xb.w);
         scale_halves(lo, hi, sc, acc);
-    } else if constexpr (!W::OFFSETS) {
+    } else if constexpr (!W::SCALED) {
         mma_16816(acc, a0, xb.x, xb.y);
         mma_16816(acc, a1, xb.z, xb.w);
     } else {
         float blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         mma_16816(blk, a0, xb.x, xb.y);
         mma_16816(blk, a1, xb.z, xb.w);
-        // Input rows r, r + 1's sums (past the m rows, row m − 1's: see input_piece).
-        int r = r0 + 2 * (lane & 3);
-        float xs0 = sh.xsum[min(r, sh.m - 1) * nb + b];
-        float xs1 = sh.xsum[min(r + 1, sh.m - 1) * nb + b];
-        scale_block(blk, sc, xs0, xs1, acc);
+        if constexpr (W::OFFSETS) {
+            // Input rows r, r + 1's sums (past the m rows, row m − 1's: see input_piece).
+            int r = r0 + 2 * (lane & 3);
+            float xs0 = sh.xsum[min(r, sh.m - 1) * nb + b];
+            float xs1 = sh.xsum[min(r + 1, sh.m - 1) * nb + b];
+            scale_block(blk, sc, xs0, xs1, acc);
+        } else {
+            acc[0] = fmaf(sc[0], blk[0], acc[0]);
+            acc[1] = fmaf(sc[0], blk[1], acc[1]);
+            acc[2] = fmaf(sc[2], blk[2], acc[2]);
+            acc[3] = fmaf(sc[2], blk[3], acc[3]);
+        }
     }
 }
 
@@ -1065,6 +1111,79 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// IQ4's levels from 4-bit indices: under f16 pairs (IQ4_NL), under factored scales (IQ4_XS).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4 ws = pdl_begin_prefetch(tiles_from<WeightsIq4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4 ws = pdl_begin_prefetch(tiles_from<WeightsIq4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsIq4 ws = pdl_begin_prefetch(tiles_from<WeightsIq4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4 ws = pdl_begin_prefetch(tiles_from<WeightsIq4>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

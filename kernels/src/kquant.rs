@@ -235,7 +235,7 @@ fn q3_scales(b: &[u8]) -> [i8; 16] {
 }
 
 /// The 16 levels of the IQ4 layouts (ggml's `kvalues_iq4nl`).
-const IQ4_LEVELS: [i8; 16] = [
+pub(crate) const IQ4_LEVELS: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 

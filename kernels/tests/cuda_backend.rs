@@ -959,7 +959,8 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     // A K-quant mix: Q5_K Q and K and Q6_K V (Q5_K_M's QKV: a stack of two parts,
     // `gemv_q8f` for Q|K — parts the CPU holds apart, their offsets keeping them from
     // stacking there — and `gemv_q8h` for V), Q4_K attn_output and gate|up (`gemv_q4f`),
-    // Q6_K ffn_down (`gemv_q8h`), an IQ4_XS head (`gemv_q8f`).
+    // Q6_K ffn_down (`gemv_q8h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit
+    // indices).
     let spec = SynthSpec {
         types: vec![
             ("attn_q", GgmlType::Q5_K),
@@ -979,7 +980,7 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
         // Two layers' QKV, attn_output, gate|up, ffn_down; the head.
-        assert_eq!(b.quant_summary(), "4 q4f, 1 q8f, 2 q8f+q8h, 2 q8h");
+        assert_eq!(b.quant_summary(), "4 q4f, 1 iq4f, 2 q8f+q8h, 2 q8h");
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [
@@ -990,6 +991,7 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
             "gemv_q4f_norm",
             "gemv_q8h_swiglu",
             "gemv_q8f_norm",
+            "gemv_iq4f",
         ] {
             assert!(b.exec().launches(k) > 0, "{k} never ran");
         }

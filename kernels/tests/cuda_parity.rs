@@ -816,8 +816,9 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
 /// and over Q4_K, Q5_K, IQ4_XS and Q6_K (f32 or factored scales, a scale per 16: `gemv_q4f32`
-/// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, `gemv_q8h` and `gemv_q8h32`), `gemv_q8`
-/// over Q5_1 (offsets), against the product of the values the file's blocks
+/// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, `gemv_q8h` and `gemv_q8h32`; IQ4_XS's
+/// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`), IQ4_NL's
+/// levels (`gemv_iq4`), `gemv_q8` over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
@@ -832,7 +833,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         &[
             (GgmlType::Q4_K, 1536, 80),
             (GgmlType::Q5_K, 512, 800),
-            (GgmlType::IQ4_XS, 256, 32),
+            (GgmlType::IQ4_XS, 1024, 96),
             (GgmlType::Q6_K, 1024, 400),
             (GgmlType::Q5_1, 576, 32),
         ]
@@ -846,21 +847,24 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         (GgmlType::Q8_0, 576, 259),
         (GgmlType::Q8_0, 2048, 33),
         (GgmlType::Q4_1, 4096, 41),
+        (GgmlType::IQ4_NL, 576, 50),
     ];
     for &(ty, k, n) in cases.iter().chain(k_quants) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
-        let rows = match QuantRows::from_blocks(ty, &blocks, n, k) {
-            Some(r) => r,
-            None => {
-                let m = kernels::model::matrix_of(ty, n, k, &blocks);
-                QuantRows::from_packed(m.packed_values().expect("exact packed values"))
-                    .expect("a kernel layout")
-            }
+        // As the backend takes a matrix: its file blocks as the CPU holds them (IQ4_NL's
+        // as Q8_0), else its packed form.
+        let m = kernels::model::matrix_of(ty, n, k, &blocks);
+        let rows = match m.file_blocks() {
+            Some((held, data)) => QuantRows::from_blocks(held, data, n, k),
+            None => QuantRows::from_packed(m.packed_values().expect("exact packed values")),
         };
+        let rows = rows.expect("a kernel layout");
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
             GgmlType::Q4_K => "q4f",
-            GgmlType::Q5_K | GgmlType::IQ4_XS => "q8f",
+            GgmlType::Q5_K => "q8f",
+            GgmlType::IQ4_XS => "iq4f",
+            GgmlType::IQ4_NL => "iq4",
             GgmlType::Q6_K => "q8h",
             GgmlType::Q8_0 | GgmlType::Q5_1 => "q8",
             _ => "q4",
@@ -870,9 +874,15 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         // `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against the factored).
         let other = match rows.scales {
             Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves => None,
-            Scales::Factored | Scales::FactoredHalves => {
-                Some((Scales::F32Pairs, format!("{want_kind}32")))
-            }
+            Scales::Factored | Scales::FactoredHalves => Some((
+                Scales::F32Pairs,
+                match (rows.bits, rows.scales) {
+                    (_, Scales::FactoredHalves) => "q8h32",
+                    (4, _) if !rows.iq4 => "q4f32",
+                    _ => "q8f32", // IQ4_XS's levels as 8-bit integers
+                }
+                .to_string(),
+            )),
         };
         let other_form = other.map(|(scales, kind)| {
             let m = kernels::model::matrix_of(ty, n, k, &blocks);
@@ -2028,11 +2038,12 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
     // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
-    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales) and
+    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
+    // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 70, "{names:?}");
+    assert_eq!(rows.len(), 76, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2048,6 +2059,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q4f32 small 3×64·64×96",
         "gemv_q8h32 small 9×64·64×96",
         "gemv_q4f+q8h small 3×64·64×96",
+        "gemv_iq4 small 3×64·64×96",
+        "gemv_iq4f small 9×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

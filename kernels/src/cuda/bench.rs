@@ -740,40 +740,44 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // The same weights in the file's 4- and 8-bit blocks (`gemv_q4`, `gemv_q8`), and
         // in the K-quant layouts' both ways (factored scales, as the backend holds them:
         // `gemv_q4f`, `gemv_q8f`; a scale per 16: `gemv_q8h`; as f32 pairs, more bytes:
-        // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`); a product of the QKV's width also as
+        // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`), and IQ4's levels from 4-bit indices
+        // (`gemv_iq4`, IQ4_NL's; `gemv_iq4f`, IQ4_XS's); a product of the QKV's width also as
         // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K, Q6_K V, factored: a
         // launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
-        let part = |bits: u32, scales: gemv::Scales, rows: usize| {
+        let part = |bits: u32, scales: gemv::Scales, iq4: bool, rows: usize| {
             let padded = rows.next_multiple_of(16);
             Ok::<_, ExecError>(gemv::QuantBuf {
                 q: e.zeros::<u32>(padded * k * bits as usize / 32)?,
                 s: e.zeros::<u32>(padded / 16 * scales.group_words(k / 32))?,
                 bits,
                 scales,
+                iq4,
                 rows,
                 k,
             })
         };
         let mut quant = [
-            (4u32, F16Pairs),
-            (8, F16Pairs),
-            (4, Factored),
-            (8, Factored),
-            (8, FactoredHalves),
-            (4, F32Pairs),
-            (8, F32Pairs),
-            (8, F32Halves),
+            (4u32, F16Pairs, false),
+            (8, F16Pairs, false),
+            (4, Factored, false),
+            (8, Factored, false),
+            (8, FactoredHalves, false),
+            (4, F32Pairs, false),
+            (8, F32Pairs, false),
+            (8, F32Halves, false),
+            (4, F16Pairs, true),
+            (4, Factored, true),
         ]
         .into_iter()
-        .map(|(bits, scales)| Ok(vec![part(bits, scales, n)?]))
+        .map(|(bits, scales, iq4)| Ok(vec![part(bits, scales, iq4, n)?]))
         .collect::<Result<Vec<_>, ExecError>>()?;
         let (nh, nkv, hd) = sizes.qkv_heads;
         if n == (nh + 2 * nkv) * hd {
             quant.push(vec![
-                part(4, Factored, n - nkv * hd)?,
-                part(8, FactoredHalves, nkv * hd)?,
+                part(4, Factored, false, n - nkv * hd)?,
+                part(8, FactoredHalves, false, nkv * hd)?,
             ]);
         }
         let times = match in_step {

@@ -147,15 +147,24 @@ pub struct QuantBuf<E: Exec> {
     /// 4 or 8.
     pub bits: u32,
     pub scales: Scales,
+    /// The 4-bit fields index IQ4's levels ([`QuantRows::iq4`]).
+    pub iq4: bool,
     /// The matrix's rows (the layout pads them to a multiple of 16) and their length.
     pub rows: usize,
     pub k: usize,
 }
 
 impl<E: Exec> QuantBuf<E> {
-    /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`); `None` for a
-    /// layout no kernel reads.
+    /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`, `iq4`, `iq4f`,
+    /// ...); `None` for a layout no kernel reads.
     pub fn kind(&self) -> Option<&'static str> {
+        if self.iq4 {
+            return match (self.bits, self.scales) {
+                (4, Scales::F16Pairs) => Some("iq4"),
+                (4, Scales::Factored) => Some("iq4f"),
+                _ => None,
+            };
+        }
         Some(match (self.bits, self.scales) {
             (4, Scales::F16Pairs) => "q4",
             (4, Scales::Factored) => "q4f",
@@ -180,6 +189,7 @@ impl<E: Exec> QuantBuf<E> {
             s: e.upload(&r.s)?,
             bits: r.bits,
             scales: r.scales,
+            iq4: r.iq4,
             rows: r.rows,
             k: r.k,
         })
@@ -489,9 +499,14 @@ pub struct QuantRows {
     /// layouts the others become: `q` signed).
     pub bits: u32,
     pub scales: Scales,
+    /// The 4-bit fields are indices into IQ4's 16 levels (−127..=113), the integers the
+    /// scales multiply (`gemv_iq4`, `gemv_iq4f`): IQ4_NL's and IQ4_XS's 8-bit values at 4
+    /// bits. A piece's weights `e < 4` in bits `4e`, the others in `16 + 4(e − 4)`.
+    pub iq4: bool,
     /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
-    /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`;
-    /// at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the signed byte `h`.
+    /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`
+    /// (IQ4 indices: see `iq4`); at 8 bits, two words for row `g` and two for `g + 8`,
+    /// weight `h` the signed byte `h`.
     pub q: Vec<u32>,
     /// Per group of 16 rows, its scales ([`Scales`]: [`Scales::group_words`] a group).
     pub s: Vec<u32>,
@@ -545,6 +560,18 @@ impl Scales {
 
 /// Blocks of 32 a super-block of the factored scales: 256 weights, a K-quant's.
 const SUPER: usize = 8;
+
+/// A block's integers as indices into IQ4's levels; `None` unless each is one of them.
+fn iq4_indices(ints: &[i32; BLOCK]) -> Option<[i32; BLOCK]> {
+    let mut out = [0; BLOCK];
+    for (o, &v) in out.iter_mut().zip(ints) {
+        let i = crate::kquant::IQ4_LEVELS
+            .binary_search(&i8::try_from(v).ok()?)
+            .ok()?;
+        *o = i as i32;
+    }
+    Some(out)
+}
 
 /// `vals` as `D · n`, `D` an f16 and `n` in −128..128, exactly in f32 arithmetic (into
 /// `n`); `None` where they are no such multiples (or not finite). First the largest `D`
@@ -622,7 +649,8 @@ impl QuantRows {
         4 * (self.q.len() + self.s.len())
     }
 
-    /// `rows` rows of `k` weights in `ty`'s blocks (Q4_0, Q4_1 or Q8_0); `None` for other
+    /// `rows` rows of `k` weights in `ty`'s blocks (Q4_0, Q4_1 or Q8_0; Q8_0 whose
+    /// integers are all IQ4's levels, IQ4_NL's, as their 4-bit indices); `None` for other
     /// types, or where `data` is not that many blocks.
     pub fn from_blocks(
         ty: crate::gguf::GgmlType,
@@ -640,11 +668,24 @@ impl QuantRows {
             return None;
         }
         let nb = k / BLOCK;
-        Self::build(bits, Scales::F16Pairs, rows, k, |j, blk| {
+        // d and m are f16 values (m = −8d exactly for Q4_0, unless it overflows; 0 for
+        // Q8_0).
+        let block = |j: usize, blk: usize| {
             let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
-            // d and m are f16 values (m = −8d exactly for Q4_0, unless it overflows; 0 for
-            // Q8_0).
             (vals, [d, m])
+        };
+        let iq4 = (bits == 8)
+            .then(|| {
+                Self::build(4, Scales::F16Pairs, true, rows, k, |j, blk| {
+                    let (vals, pair) = block(j, blk);
+                    Some((iq4_indices(&vals)?, pair))
+                })
+            })
+            .flatten();
+        iq4.or_else(|| {
+            Self::build(bits, Scales::F16Pairs, false, rows, k, |j, blk| {
+                Some(block(j, blk))
+            })
         })
     }
 
@@ -663,7 +704,9 @@ impl QuantRows {
     }
 
     /// [`QuantRows::from_packed`] with its scales held as `scales` says (its halves' form
-    /// where the packed form has a scale per 16); `None` where they cannot be.
+    /// where the packed form has a scale per 16; under f16 pairs or factored, 8-bit
+    /// integers that are all IQ4's levels, IQ4_XS's, as their 4-bit indices); `None` where
+    /// they cannot be.
     pub fn from_packed_as(p: &crate::packed::Packed, scales: Scales) -> Option<Self> {
         use crate::gguf::GgmlType;
         let bits = if p.ty() == GgmlType::Q8_0 { 8 } else { 4 };
@@ -677,9 +720,9 @@ impl QuantRows {
             if bits != 8 || p.has_mins() {
                 return None;
             }
-            return Self::build(bits, halves, rows, k, |j, i| {
+            return Self::build(bits, halves, false, rows, k, |j, i| {
                 let (ints, sc, _) = p.block(j, i);
-                (ints, sc)
+                Some((ints, sc))
             });
         }
         let pairs = match scales {
@@ -687,10 +730,20 @@ impl QuantRows {
             Scales::F32Halves => Scales::F32Pairs,
             s => s,
         };
-        Self::build(bits, pairs, rows, k, |j, i| {
+        let block = |j: usize, i: usize| {
             let (ints, sc, min) = p.block(j, i);
             (ints, [sc[0], min])
-        })
+        };
+        let iq4 =
+            (bits == 8 && !p.has_mins() && matches!(pairs, Scales::F16Pairs | Scales::Factored))
+                .then(|| {
+                    Self::build(4, pairs, true, rows, k, |j, i| {
+                        let (ints, pair) = block(j, i);
+                        Some((iq4_indices(&ints)?, pair))
+                    })
+                })
+                .flatten();
+        iq4.or_else(|| Self::build(bits, pairs, false, rows, k, |j, i| Some(block(j, i))))
     }
 
     /// A stack of projections (Q, K, V; gate, up) as the products read it: its parts one
@@ -702,7 +755,8 @@ impl QuantRows {
         let mut out: Vec<QuantRows> = Vec::new();
         for p in parts {
             let joins = |l: &&mut QuantRows| {
-                (l.bits, l.scales, l.k) == (p.bits, p.scales, p.k) && l.rows.is_multiple_of(GROUP)
+                (l.bits, l.scales, l.iq4, l.k) == (p.bits, p.scales, p.iq4, p.k)
+                    && l.rows.is_multiple_of(GROUP)
             };
             match out.last_mut().filter(joins) {
                 Some(l) => {
@@ -717,14 +771,16 @@ impl QuantRows {
     }
 
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
-    /// integers (0..16 at 4 bits, −128..128 at 8) and its scale pair; `None` where
-    /// `scales` cannot hold the pairs exactly (f16 values, or factored: [`factor`]).
+    /// integers (0..16 at 4 bits — with `iq4`, indices into IQ4's levels —, −128..128 at
+    /// 8) and its scale pair, or `None` where the layout cannot hold them; `None` then, or
+    /// where `scales` cannot hold the pairs exactly (f16 values, or factored: [`factor`]).
     fn build(
         bits: u32,
         scales: Scales,
+        iq4: bool,
         rows: usize,
         k: usize,
-        block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]) + Sync,
+        block: impl Fn(usize, usize) -> Option<([i32; BLOCK], [f32; 2])> + Sync,
     ) -> Option<Self> {
         use rayon::prelude::*;
         let nb = k / BLOCK;
@@ -737,6 +793,7 @@ impl QuantRows {
         let mut r = Self {
             bits,
             scales,
+            iq4,
             q: vec![0; groups * q_group],
             s: vec![0; groups * s_group],
             rows,
@@ -752,7 +809,7 @@ impl QuantRows {
                 let mut pairs = vec![[0f32; 2]; GROUP * nb];
                 for j in g * GROUP..rows.min((g + 1) * GROUP) {
                     for blk in 0..nb {
-                        let (vals, pair) = block(j, blk);
+                        let (vals, pair) = block(j, blk)?;
                         pairs[(j % GROUP) * nb + blk] = pair;
                         for (c, &v) in vals.iter().enumerate() {
                             let (word, shift) = layout.place(j, blk * BLOCK + c);
@@ -834,7 +891,11 @@ impl QuantRows {
         };
         let lane = 4 * g + t;
         if self.bits == 4 {
-            let shift = 16 * (e % 2) + 4 * (e / 2);
+            let shift = if self.iq4 {
+                16 * (e / 4) + 4 * (e % 4)
+            } else {
+                16 * (e % 2) + 4 * (e / 2)
+            };
             (tile * 64 + 2 * lane + hi, shift as u32)
         } else {
             (tile * 128 + 4 * lane + 2 * hi + e / 4, 8 * (e % 4) as u32)
@@ -851,7 +912,9 @@ impl QuantRows {
         let half = |b: u32| f16::from_bits(b as u16).to_f32();
         let (word, shift) = self.place(j, c);
         let field = self.q[word] >> shift;
-        let q = if self.bits == 4 {
+        let q = if self.iq4 {
+            f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
+        } else if self.bits == 4 {
             (field & 15) as f32
         } else {
             field as u8 as i8 as f32
@@ -944,11 +1007,32 @@ mod tests {
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
             }
         }
+        // IQ4_NL, which the CPU holds as Q8_0 blocks of its levels: their 4-bit indices
+        // under the same f16 pairs (5 bits a weight, where the Q8_0 blocks take 9).
+        {
+            let (rows, k) = (16, 64);
+            let mut blocks = Vec::new();
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
+                .collect();
+            crate::kquant::quantize_row(GgmlType::IQ4_NL, &x, &mut blocks);
+            let mut want = vec![0f32; rows * k];
+            quant::dequantize_row(GgmlType::IQ4_NL, &blocks, &mut want);
+            let m = crate::model::matrix_of(GgmlType::IQ4_NL, rows, k, &blocks);
+            let (held, data) = m.file_blocks().expect("Q8_0 blocks");
+            let r = QuantRows::from_blocks(held, data, rows, k).expect("a kernel layout");
+            assert!(r.iq4 && r.bits == 4 && r.scales == Scales::F16Pairs);
+            assert_eq!(r.bytes() * 8, rows * k * 5);
+            for (i, &want) in want.iter().enumerate() {
+                assert_eq!(r.weight(i / k, i % k), want, "IQ4_NL {i}");
+            }
+        }
         // The K-quant layouts through the packed form, where the CPU makes it, as the
-        // backend holds them: factored (Q4_K, Q5_K, IQ4_XS; Q6_K's scale per 16); Q5_1's
-        // offsets beside 8-bit blocks, f16 values, as f16 pairs. What a product reads of
-        // them, in bits a weight: factored, the integers' and 5/8 (Q4_K's 4.625 where the
-        // file's are 4.5), as f32 pairs 2 more.
+        // backend holds them: factored (Q4_K, Q5_K; Q6_K's scale per 16; IQ4_XS's levels
+        // from 4-bit indices); Q5_1's offsets beside 8-bit blocks, f16 values, as f16
+        // pairs. What a product reads of them, in bits a weight: factored, the integers'
+        // and 5/8 (Q4_K's 4.625 where the file's are 4.5), as f32 pairs 2 more (IQ4_XS's
+        // levels then as 8-bit integers).
         if crate::packed::available() {
             let (rows, k) = (32, 512);
             let x: Vec<f32> = (0..rows * k)
@@ -957,7 +1041,7 @@ mod tests {
             for (ty, scales, bits) in [
                 (GgmlType::Q4_K, Scales::Factored, 4.625),
                 (GgmlType::Q5_K, Scales::Factored, 8.625),
-                (GgmlType::IQ4_XS, Scales::Factored, 8.625),
+                (GgmlType::IQ4_XS, Scales::Factored, 4.625),
                 (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),
                 (GgmlType::Q5_1, Scales::F16Pairs, 9.0),
             ] {
@@ -973,7 +1057,8 @@ mod tests {
                 // Both ways: factored, the integers' bits and 5/8; as f32 pairs, 2 more.
                 let p = m.packed_values().unwrap();
                 let f = QuantRows::from_packed_as(p, Scales::F32Pairs).expect("f32 pairs");
-                assert_eq!(f.bytes() * 8, (rows * k) * (r.bits as usize + 2), "{ty:?}");
+                assert_eq!(f.bytes() * 8, (rows * k) * (f.bits as usize + 2), "{ty:?}");
+                assert_eq!((r.iq4, f.iq4), (ty == GgmlType::IQ4_XS, false), "{ty:?}");
                 let fac = QuantRows::from_packed_as(p, Scales::Factored);
                 if ty != GgmlType::Q5_1 {
                     let fac = fac.as_ref().expect("factored");

@@ -114,6 +114,14 @@ pub const SOURCES: &[Source] = &[
             "gemv_q8h32_norm",
             "gemv_q8h32_norm_rope",
             "gemv_q8h32_swiglu",
+            "gemv_iq4",
+            "gemv_iq4_norm",
+            "gemv_iq4_norm_rope",
+            "gemv_iq4_swiglu",
+            "gemv_iq4f",
+            "gemv_iq4f_norm",
+            "gemv_iq4f_norm_rope",
+            "gemv_iq4f_swiglu",
         ],
     },
     Source {
@@ -173,6 +181,14 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_q8h32_norm", 256),
     ("gemv_q8h32_norm_rope", 256),
     ("gemv_q8h32_swiglu", 256),
+    ("gemv_iq4", 256),
+    ("gemv_iq4_norm", 256),
+    ("gemv_iq4_norm_rope", 256),
+    ("gemv_iq4_swiglu", 256),
+    ("gemv_iq4f", 256),
+    ("gemv_iq4f_norm", 256),
+    ("gemv_iq4f_norm_rope", 256),
+    ("gemv_iq4f_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
