@@ -305,17 +305,42 @@ __device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (
     acc[3] = fmaf(sc[3], hi[3], fmaf(sc[2], lo[3], acc[3]));
 }
 
+// A lane's part of a 5-bit tile: its two columns' low 4 bits as at 4 bits (words 2l,
+// 2l + 1 of the tile), and their fifth bits, a half word of the 16 words after them.
+struct Q5Words {
+    uint2 lo;
+    u32 high;
+};
+
+// A tile's words, and a lane's part of it: Words in order (uint2 at 4 bits, uint4 at 8),
+// or at 5 bits the 64 words of low bits and 16 of fifth bits.
+template <typename Words>
+struct TileShape {
+    static constexpr int WORDS = (int)sizeof(Words) / 4 * 32;
+    static __device__ __forceinline__ Words piece(const u32* tile, int lane) {
+        return reinterpret_cast<const Words*>(tile)[lane];
+    }
+};
+template <>
+struct TileShape<Q5Words> {
+    static constexpr int WORDS = 80;
+    static __device__ __forceinline__ Q5Words piece(const u32* tile, int lane) {
+        return Q5Words{reinterpret_cast<const uint2*>(tile)[lane],
+                       (u32)reinterpret_cast<const unsigned short*>(tile + 64)[lane]};
+    }
+};
+
 // The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
-// part of a tile (uint2 at 4 bits, uint4 at 8), S how the columns hold their scales
-// (ScalesF16, ScalesFactored): loading them and their scales, and the L2 prefetch of a
-// group's, are the same for every size (WeightsQ4, WeightsQ8 below).
+// part of a tile (uint2 at 4 bits, Q5Words at 5, uint4 at 8), S how the columns hold their
+// scales (ScalesF16, ScalesFactored): loading them and their scales, and the L2 prefetch
+// of a group's, are the same for every size (WeightsQ4, WeightsQ5, WeightsQ8 below).
 template <typename Words, typename S>
 struct BlockTiles {
     const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
     const u32* __restrict__ s;  // the whole rows' scales
     int k, n, kt, kb0;          // kb0: the product's first block of the rows' kt / 32
     static constexpr bool SCALED = true, OFFSETS = true, HALVES = false, STAGED = S::STAGED;
-    static constexpr int TILE_WORDS = (int)sizeof(Words) / 4 * 32;
+    static constexpr int TILE_WORDS = TileShape<Words>::WORDS;
     using Scales = S;
     struct Tile {
         Words w;
@@ -323,7 +348,7 @@ struct BlockTiles {
     };
     __device__ __forceinline__ Tile load(int G, int b, int lane) const {
         size_t tile = (size_t)G * (kt / 32) + b;
-        return Tile{reinterpret_cast<const Words*>(q + tile * TILE_WORDS)[lane],
+        return Tile{TileShape<Words>::piece(q + tile * TILE_WORDS, lane),
                     S::load(s, kt / 32, G, kb0 + b, lane >> 2)};
     }
     __device__ __forceinline__ void prefetch(int G) const {
@@ -354,6 +379,34 @@ struct WeightsQ4T : BlockTiles<uint2, S> {
 using WeightsQ4 = WeightsQ4T<ScalesF16>;
 using WeightsQ4F = WeightsQ4T<ScalesFactored>;
 using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
+
+// 5-bit (Q5_1's integers 0 .. 31 under f16 pairs, `gemv_q5*`; Q5_K's under factored
+// scales, `gemv_q5f*`): the low 4 bits as at 4 bits, the fifth bits of a lane's columns g
+// and g + 8 a byte each of its half word (bit p weight 2p's, bit 4 + p weight 2p + 1's),
+// spread to bits 4 + p and 20 + p of a word so that pair p's are bits 4 and 20 of it
+// shifted by p: or'ed into the pair, 1024 + q as halves. The tensor cores take q itself,
+// as the 8-bit kernels do the same integers (the same sums, the same bits).
+template <typename S>
+struct WeightsQ5T : BlockTiles<Q5Words, S> {
+    using Tile = typename BlockTiles<Q5Words, S>::Tile;
+    static constexpr int BATCH = 6;
+    static constexpr float CENTER = 0.0f;
+    static __device__ __forceinline__ u32 spread(u32 byte) {
+        return ((byte & 0x0fu) << 4) | ((byte & 0xf0u) << 16);
+    }
+    static __device__ __forceinline__ u32 pair(u32 word, u32 fifth, int p) {
+        u32 high = ((fifth >> p) & 0x00100010u) | 0x64006400u;
+        return hsub2(and_or(word >> (4 * p), 0x000f000fu, high), 0x64006400u);
+    }
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        u32 fg = spread(v.w.high & 0xffu), fh = spread(v.w.high >> 8);
+        u32 x = v.w.lo.x, y = v.w.lo.y;
+        a0[0] = pair(x, fg, 0), a0[1] = pair(y, fh, 0), a0[2] = pair(x, fg, 1), a0[3] = pair(y, fh, 1);
+        a1[0] = pair(x, fg, 2), a1[1] = pair(y, fh, 2), a1[2] = pair(x, fg, 3), a1[3] = pair(y, fh, 3);
+    }
+};
+using WeightsQ5 = WeightsQ5T<ScalesF16>;
+using WeightsQ5F = WeightsQ5T<ScalesFactored>;
 
 // IQ4's 16 levels (ggml's kvalues_iq4nl: −127, −104, …, 113) plus 128, as bytes, four a
 // word: entry i is byte i % 4 of word i / 4.
@@ -486,7 +539,8 @@ __device__ __forceinline__ void stage_scales(const GemvShared& sh, const W& w, i
 // Block b's products for the 8 input rows r0 .. r0 + 7 (two mma, the A fragments a0, a1 of
 // the lane's tile) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
 // r0 + 2t + 1): with the blocks' scales sc (tile_scales), d times the block's sums plus m
-// times the inputs' block sums (with a scale per 16, each half's sums times its scale).
+// times the inputs' block sums (without offsets, IQ4's, d times the sums; with a scale per
+// 16, each half's sums times its scale).
 template <typename W>
 __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const float (&sc)[4],
                                            const u32 (&a0)[4], const u32 (&a1)[4], int stride,
@@ -1184,6 +1238,79 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 5-bit integers: under f16 pairs (Q5_1), under factored scales (Q5_K).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5 ws = pdl_begin_prefetch(tiles_from<WeightsQ5>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5 ws = pdl_begin_prefetch(tiles_from<WeightsQ5>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ5 ws = pdl_begin_prefetch(tiles_from<WeightsQ5>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5 ws = pdl_begin_prefetch(tiles_from<WeightsQ5>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

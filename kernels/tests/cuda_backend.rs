@@ -957,7 +957,7 @@ fn wide_rows_case<E: Exec>(cuda: &mut CudaBackend<E>, twin: &TwinModel) {
 fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     use kernels::gguf::GgmlType;
     // A K-quant mix: Q5_K Q and K and Q6_K V (Q5_K_M's QKV: a stack of two parts,
-    // `gemv_q8f` for Q|K — parts the CPU holds apart, their offsets keeping them from
+    // `gemv_q5f` for Q|K — parts the CPU holds apart, their offsets keeping them from
     // stacking there — and `gemv_q8h` for V), Q4_K attn_output and gate|up (`gemv_q4f`),
     // Q6_K ffn_down (`gemv_q8h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit
     // indices).
@@ -980,11 +980,11 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
         // Two layers' QKV, attn_output, gate|up, ffn_down; the head.
-        assert_eq!(b.quant_summary(), "1 iq4f, 4 q4f, 2 q8f+q8h, 2 q8h");
+        assert_eq!(b.quant_summary(), "1 iq4f, 4 q4f, 2 q5f+q8h, 2 q8h");
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [
-            "gemv_q8f_norm_rope",
+            "gemv_q5f_norm_rope",
             "gemv_q8h_norm_rope",
             "gemv_q8h",
             "gemv_q4f",

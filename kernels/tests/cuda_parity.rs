@@ -817,8 +817,9 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
 /// and over Q4_K, Q5_K, IQ4_XS and Q6_K (f32 or factored scales, a scale per 16: `gemv_q4f32`
 /// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, `gemv_q8h` and `gemv_q8h32`; IQ4_XS's
-/// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`), IQ4_NL's
-/// levels (`gemv_iq4`), `gemv_q8` over Q5_1 (offsets), against the product of the values the file's blocks
+/// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`; Q5_K's
+/// integers at 5 bits, `gemv_q5f`, and at 8, `gemv_q8f32`), IQ4_NL's levels (`gemv_iq4`),
+/// `gemv_q5` over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
 /// multiple of the block's warps, a poisoned output; and the launches refused.
@@ -862,11 +863,12 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
         let want_kind = match ty {
             GgmlType::Q4_K => "q4f",
-            GgmlType::Q5_K => "q8f",
+            GgmlType::Q5_K => "q5f",
             GgmlType::IQ4_XS => "iq4f",
             GgmlType::IQ4_NL => "iq4",
             GgmlType::Q6_K => "q8h",
-            GgmlType::Q8_0 | GgmlType::Q5_1 => "q8",
+            GgmlType::Q5_1 => "q5",
+            GgmlType::Q8_0 => "q8",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
@@ -879,7 +881,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
                 match (rows.bits, rows.scales) {
                     (_, Scales::FactoredHalves) => "q8h32",
                     (4, _) if !rows.iq4 => "q4f32",
-                    _ => "q8f32", // IQ4_XS's levels as 8-bit integers
+                    _ => "q8f32", // IQ4_XS's levels, Q5_K's integers at 8 bits
                 }
                 .to_string(),
             )),
@@ -923,13 +925,13 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, over, k, n).is_err(),
             "17 rows"
         );
-        let five = [QuantBuf {
-            bits: 5,
+        let six = [QuantBuf {
+            bits: 6,
             ..QuantBuf::upload(g, &rows).unwrap()
         }];
         assert!(
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(&five), &mut y, 1, k, n).is_err(),
-            "5 bits"
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(&six), &mut y, 1, k, n).is_err(),
+            "6 bits"
         );
         let halves4 = [QuantBuf {
             bits: 4,
@@ -2039,11 +2041,12 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
-    // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices) and
+    // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
+    // integers) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 76, "{names:?}");
+    assert_eq!(rows.len(), 82, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2061,6 +2064,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q4f+q8h small 3×64·64×96",
         "gemv_iq4 small 3×64·64×96",
         "gemv_iq4f small 9×64·64×96",
+        "gemv_q5 small 1×64·64×96",
+        "gemv_q5f small 9×64·64×96",
     ] {
         assert!(names.contains(&name), "{name}: {names:?}");
     }

@@ -741,7 +741,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // in the K-quant layouts' both ways (factored scales, as the backend holds them:
         // `gemv_q4f`, `gemv_q8f`; a scale per 16: `gemv_q8h`; as f32 pairs, more bytes:
         // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`), and IQ4's levels from 4-bit indices
-        // (`gemv_iq4`, IQ4_NL's; `gemv_iq4f`, IQ4_XS's); a product of the QKV's width also as
+        // (`gemv_iq4`, IQ4_NL's; `gemv_iq4f`, IQ4_XS's), and 5-bit integers (`gemv_q5`,
+        // Q5_1's; `gemv_q5f`, Q5_K's); a product of the QKV's width also as
         // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K, Q6_K V, factored: a
         // launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
@@ -769,6 +770,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             (8, F32Halves, false),
             (4, F16Pairs, true),
             (4, Factored, true),
+            (5, F16Pairs, false),
+            (5, Factored, false),
         ]
         .into_iter()
         .map(|(bits, scales, iq4)| Ok(vec![part(bits, scales, iq4, n)?]))

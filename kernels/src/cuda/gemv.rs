@@ -168,6 +168,8 @@ impl<E: Exec> QuantBuf<E> {
         Some(match (self.bits, self.scales) {
             (4, Scales::F16Pairs) => "q4",
             (4, Scales::Factored) => "q4f",
+            (5, Scales::F16Pairs) => "q5",
+            (5, Scales::Factored) => "q5f",
             (8, Scales::F16Pairs) => "q8",
             (8, Scales::Factored) => "q8f",
             (8, Scales::FactoredHalves) => "q8h",
@@ -734,16 +736,31 @@ impl QuantRows {
             let (ints, sc, min) = p.block(j, i);
             (ints, [sc[0], min])
         };
-        let iq4 =
-            (bits == 8 && !p.has_mins() && matches!(pairs, Scales::F16Pairs | Scales::Factored))
+        // Fewer bits where the integers allow and a kernel reads them: IQ4's levels as
+        // their indices, integers 0..32 (Q5_1's, Q5_K's) at 5 bits.
+        let fewer = bits == 8 && matches!(pairs, Scales::F16Pairs | Scales::Factored);
+        let iq4 = (fewer && !p.has_mins())
+            .then(|| {
+                Self::build(4, pairs, true, rows, k, |j, i| {
+                    let (ints, pair) = block(j, i);
+                    Some((iq4_indices(&ints)?, pair))
+                })
+            })
+            .flatten();
+        let five = || {
+            fewer
                 .then(|| {
-                    Self::build(4, pairs, true, rows, k, |j, i| {
+                    Self::build(5, pairs, false, rows, k, |j, i| {
                         let (ints, pair) = block(j, i);
-                        Some((iq4_indices(&ints)?, pair))
+                        ints.iter()
+                            .all(|v| (0..32).contains(v))
+                            .then_some((ints, pair))
                     })
                 })
-                .flatten();
-        iq4.or_else(|| Self::build(bits, pairs, false, rows, k, |j, i| Some(block(j, i))))
+                .flatten()
+        };
+        iq4.or_else(five)
+            .or_else(|| Self::build(bits, pairs, false, rows, k, |j, i| Some(block(j, i))))
     }
 
     /// A stack of projections (Q, K, V; gate, up) as the products read it: its parts one
@@ -813,12 +830,15 @@ impl QuantRows {
                         pairs[(j % GROUP) * nb + blk] = pair;
                         for (c, &v) in vals.iter().enumerate() {
                             let (word, shift) = layout.place(j, blk * BLOCK + c);
-                            let field = if bits == 4 {
-                                v as u32 & 15
-                            } else {
-                                v as u8 as u32
+                            let field = match bits {
+                                4 | 5 => v as u32 & 15,
+                                _ => v as u8 as u32,
                             };
                             q[word - g * q_group] |= field << shift;
+                            if bits == 5 {
+                                let (word, bit) = layout.place_fifth(j, blk * BLOCK + c);
+                                q[word - g * q_group] |= (v as u32 >> 4 & 1) << bit;
+                            }
                         }
                     }
                 }
@@ -890,16 +910,31 @@ impl QuantRows {
             _ => (o / 8, o % 8),
         };
         let lane = 4 * g + t;
-        if self.bits == 4 {
-            let shift = if self.iq4 {
-                16 * (e / 4) + 4 * (e % 4)
-            } else {
-                16 * (e % 2) + 4 * (e / 2)
-            };
-            (tile * 64 + 2 * lane + hi, shift as u32)
-        } else {
-            (tile * 128 + 4 * lane + 2 * hi + e / 4, 8 * (e % 4) as u32)
+        match self.bits {
+            4 | 5 => {
+                let shift = if self.iq4 {
+                    16 * (e / 4) + 4 * (e % 4)
+                } else {
+                    16 * (e % 2) + 4 * (e / 2)
+                };
+                let tile_words = if self.bits == 5 { 80 } else { 64 };
+                (tile * tile_words + 2 * lane + hi, shift as u32)
+            }
+            _ => (tile * 128 + 4 * lane + 2 * hi + e / 4, 8 * (e % 4) as u32),
         }
+    }
+
+    /// At 5 bits, where weight `c` of row `j`'s fifth bit lies in `q`: the 16 words after
+    /// a tile's 64 of low bits, lane `l`'s half word `l % 2` of word `l / 2`, a byte a row
+    /// (`g`, then `g + 8`), weight `2p`'s bit `p` and `2p + 1`'s bit `4 + p`.
+    fn place_fifth(&self, j: usize, c: usize) -> (usize, u32) {
+        let nb = self.k / BLOCK;
+        let tile = (j / GROUP) * nb + c / BLOCK;
+        let (g, hi) = (j % 8, (j % GROUP) / 8);
+        let (t, e) = ((c % BLOCK) / 8, c % 8);
+        let lane = 4 * g + t;
+        let bit = 16 * (lane % 2) + 8 * hi + 4 * (e % 2) + e / 2;
+        (tile * 80 + 64 + lane / 2, bit as u32)
     }
 
     /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding (the
@@ -916,6 +951,9 @@ impl QuantRows {
             f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
         } else if self.bits == 4 {
             (field & 15) as f32
+        } else if self.bits == 5 {
+            let (word, bit) = self.place_fifth(j, c);
+            ((field & 15) | (self.q[word] >> bit & 1) << 4) as f32
         } else {
             field as u8 as i8 as f32
         };
@@ -1040,10 +1078,10 @@ mod tests {
                 .collect();
             for (ty, scales, bits) in [
                 (GgmlType::Q4_K, Scales::Factored, 4.625),
-                (GgmlType::Q5_K, Scales::Factored, 8.625),
+                (GgmlType::Q5_K, Scales::Factored, 5.625),
                 (GgmlType::IQ4_XS, Scales::Factored, 4.625),
                 (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),
-                (GgmlType::Q5_1, Scales::F16Pairs, 9.0),
+                (GgmlType::Q5_1, Scales::F16Pairs, 6.0),
             ] {
                 let mut blocks = Vec::new();
                 crate::kquant::quantize_row(ty, &x, &mut blocks);

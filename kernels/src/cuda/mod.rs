@@ -122,6 +122,14 @@ pub const SOURCES: &[Source] = &[
             "gemv_iq4f_norm",
             "gemv_iq4f_norm_rope",
             "gemv_iq4f_swiglu",
+            "gemv_q5",
+            "gemv_q5_norm",
+            "gemv_q5_norm_rope",
+            "gemv_q5_swiglu",
+            "gemv_q5f",
+            "gemv_q5f_norm",
+            "gemv_q5f_norm_rope",
+            "gemv_q5f_swiglu",
         ],
     },
     Source {
@@ -189,6 +197,14 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_iq4f_norm", 256),
     ("gemv_iq4f_norm_rope", 256),
     ("gemv_iq4f_swiglu", 256),
+    ("gemv_q5", 256),
+    ("gemv_q5_norm", 256),
+    ("gemv_q5_norm_rope", 256),
+    ("gemv_q5_swiglu", 256),
+    ("gemv_q5f", 256),
+    ("gemv_q5f_norm", 256),
+    ("gemv_q5f_norm_rope", 256),
+    ("gemv_q5f_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
