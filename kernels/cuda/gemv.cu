@@ -39,10 +39,11 @@
 // unfused kernels' arithmetic (the helpers in common.cuh), so the results have the same
 // bits as the kernels launched one after the other.
 //
-// Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4- or
-// 8-bit blocks (`gemv_q4*`, `gemv_q8*`: WeightsQ4, WeightsQ8 below; the K-quants' under
-// f32 or factored scales, `gemv_q4f32*`, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`, ...), one
-// template.
+// Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4-,
+// 5- or 8-bit blocks (`gemv_q4*`, `gemv_q5*`, `gemv_q8*`: WeightsQ4, WeightsQ5, WeightsQ8
+// below; the K-quants' under factored or f32 scales, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`,
+// `gemv_q8h*`, `gemv_q4f32*`, ...; IQ4's levels from 4-bit indices, `gemv_iq4*`,
+// `gemv_iq4f*`: WeightsIq4), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 

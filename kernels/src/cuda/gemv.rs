@@ -480,9 +480,10 @@ fn product<E: Exec>(
     }
 }
 
-/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q8`
-/// (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for products of a few rows,
-/// which read 5 (Q4_0, Q4_1) or 9 (Q8_0) bits a weight where the f16 rows take 16. Each
+/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
+/// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for
+/// products of a few rows, which read 5 (Q4_0, Q4_1, IQ4_NL), 6 (Q5_1) or 9 (Q8_0) bits a
+/// weight where the f16 rows take 16. Each
 /// weight is `d · q + m` of its block of 32 in f32, the value the file's block
 /// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
 /// round, are held factored as the file holds them, an f16 a super-block of 256 times a
@@ -521,7 +522,8 @@ pub struct QuantRows {
 pub enum Scales {
     /// `d` (low half) and `m` (high half) as f16 bits, a word a row and block, the
     /// blocks' 16 words in order: Q4_0, Q4_1, Q8_0 and the layouts converted to them with
-    /// the same values (`gemv_q4`, `gemv_q8`; Q5_1's offsets beside 8-bit blocks).
+    /// the same values (`gemv_q4`, `gemv_q8`; Q5_1's integers and offsets, `gemv_q5`;
+    /// IQ4_NL's levels, `gemv_iq4`).
     F16Pairs,
     /// Factored as the K-quants hold them (`gemv_q4f`, `gemv_q8f`): `d = D · n_d`,
     /// `m = M · n_m` (exact in f32), with `n_d`, `n_m` a row's signed bytes for the block
@@ -694,8 +696,9 @@ impl QuantRows {
     /// A matrix's packed form where it holds values its file blocks do not
     /// ([`crate::matmul::Matrix::packed_values`]: the K-quant sub-blocks' f32 scales,
     /// Q6_K's scale per 16, offsets of a block each beside 8-bit blocks): the same
-    /// integers under the same scales, held as f16 pairs where they are f16 values (Q5_1's),
-    /// else factored ([`Scales::Factored`]: Q4_K's, Q5_K's, IQ4_XS's, Q6_K's; the kernels
+    /// integers under the same scales (at 5 bits where they are 0..32, Q5_1's and Q5_K's;
+    /// IQ4_XS's levels as their 4-bit indices), held as f16 pairs where they are f16 values
+    /// (Q5_1's), else factored ([`Scales::Factored`]: Q4_K's, Q5_K's, IQ4_XS's, Q6_K's; the kernels
     /// stage their pairs in shared memory, so that they take fewer instructions a block
     /// than f32 pairs as well as fewer bytes — BENCHMARKS.md, "Factored scales staged"),
     /// else as f32 pairs. `None` where the packed form has both a scale per 16 and mins.
@@ -1066,11 +1069,11 @@ mod tests {
             }
         }
         // The K-quant layouts through the packed form, where the CPU makes it, as the
-        // backend holds them: factored (Q4_K, Q5_K; Q6_K's scale per 16; IQ4_XS's levels
-        // from 4-bit indices); Q5_1's offsets beside 8-bit blocks, f16 values, as f16
-        // pairs. What a product reads of them, in bits a weight: factored, the integers'
-        // and 5/8 (Q4_K's 4.625 where the file's are 4.5), as f32 pairs 2 more (IQ4_XS's
-        // levels then as 8-bit integers).
+        // backend holds them: factored (Q4_K; Q5_K at 5 bits; Q6_K's scale per 16; IQ4_XS's
+        // levels from 4-bit indices); Q5_1's integers at 5 bits and offsets, f16 values, as
+        // f16 pairs. What a product reads of them, in bits a weight: factored, the
+        // integers' and 5/8 (Q4_K's 4.625 where the file's are 4.5), as f32 pairs 2 more
+        // (IQ4_XS's levels and Q5_K's integers then at 8 bits).
         if crate::packed::available() {
             let (rows, k) = (32, 512);
             let x: Vec<f32> = (0..rows * k)
