@@ -821,6 +821,7 @@ impl QuantRows {
         };
         let (mut q, mut s) = (std::mem::take(&mut r.q), std::mem::take(&mut r.s));
         let layout = &r;
+        let places = r.block_places();
         q.par_chunks_mut(q_group)
             .zip(s.par_chunks_mut(s_group))
             .enumerate()
@@ -831,14 +832,13 @@ impl QuantRows {
                     for blk in 0..nb {
                         let (vals, pair) = block(j, blk)?;
                         pairs[(j % GROUP) * nb + blk] = pair;
-                        for (c, &v) in vals.iter().enumerate() {
-                            let (word, shift) = layout.place(j, blk * BLOCK + c);
-                            let field = match bits {
-                                4 | 5 => v as u32 & 15,
-                                _ => v as u8 as u32,
-                            };
-                            q[word - g * q_group] |= field << shift;
-                            if bits == 5 {
+                        let base = layout.block_base(j, blk) - g * q_group;
+                        let mask = if bits == 8 { 255 } else { 15 };
+                        for (&v, &(word, shift)) in vals.iter().zip(&places) {
+                            q[base + word] |= (v as u32 & mask) << shift;
+                        }
+                        if bits == 5 {
+                            for (c, &v) in vals.iter().enumerate() {
                                 let (word, bit) = layout.place_fifth(j, blk * BLOCK + c);
                                 q[word - g * q_group] |= (v as u32 >> 4 & 1) << bit;
                             }
@@ -902,29 +902,47 @@ impl QuantRows {
 
     /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
     fn place(&self, j: usize, c: usize) -> (usize, u32) {
-        let nb = self.k / BLOCK;
-        let tile = (j / GROUP) * nb + c / BLOCK;
+        let (word, shift) = self.block_places()[c % BLOCK];
+        (self.block_base(j, c / BLOCK) + word, shift)
+    }
+
+    /// Where row `j`'s block `blk` starts in `q`: its tile's first word, plus the words
+    /// of the lanes and rows before row `j`'s in it (lane `4g + t`'s words for rows `g`,
+    /// `g + 8`: [`QuantRows::block_places`] adds `t`'s part).
+    fn block_base(&self, j: usize, blk: usize) -> usize {
+        let tile = (j / GROUP) * (self.k / BLOCK) + blk;
         let (g, hi) = (j % 8, (j % GROUP) / 8);
-        let o = c % BLOCK;
-        // Lane t's piece: weights 8t .. 8t + 8, or with a scale per 16 weights 4t .. 4t + 4
-        // then 16 + 4t .. 16 + 4t + 4.
-        let (t, e) = match self.scales {
-            Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
-            _ => (o / 8, o % 8),
-        };
-        let lane = 4 * g + t;
         match self.bits {
-            4 | 5 => {
-                let shift = if self.iq4 {
-                    16 * (e / 4) + 4 * (e % 4)
-                } else {
-                    16 * (e % 2) + 4 * (e / 2)
-                };
-                let tile_words = if self.bits == 5 { 80 } else { 64 };
-                (tile * tile_words + 2 * lane + hi, shift as u32)
-            }
-            _ => (tile * 128 + 4 * lane + 2 * hi + e / 4, 8 * (e % 4) as u32),
+            4 => tile * 64 + 8 * g + hi,
+            5 => tile * 80 + 8 * g + hi,
+            _ => tile * 128 + 16 * g + 2 * hi,
         }
+    }
+
+    /// For each weight `o` of a block: its word past [`QuantRows::block_base`] and the bit
+    /// its field starts at (the same for every row and block of the layout). Lane `4g + t`
+    /// holds weights `8t .. 8t + 8`, or with a scale per 16 `4t .. 4t + 4` then `16 + 4t ..
+    /// 16 + 4t + 4`, as its piece's `e = 0 .. 8`: at 4 and 5 bits in its words `2t` (row
+    /// `g`) and `2t + 1` (`g + 8`), `e` at bits `4(e / 2) + 16(e % 2)` (IQ4's indices: `4(e %
+    /// 4) + 16(e / 4)`); at 8 bits in words `4t + e / 4` (and 2 more for `g + 8`), byte `e % 4`.
+    fn block_places(&self) -> [(usize, u32); BLOCK] {
+        std::array::from_fn(|o| {
+            let (t, e) = match self.scales {
+                Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
+                _ => (o / 8, o % 8),
+            };
+            match self.bits {
+                4 | 5 => {
+                    let shift = if self.iq4 {
+                        16 * (e / 4) + 4 * (e % 4)
+                    } else {
+                        16 * (e % 2) + 4 * (e / 2)
+                    };
+                    (2 * t, shift as u32)
+                }
+                _ => (4 * t + e / 4, 8 * (e % 4) as u32),
+            }
+        })
     }
 
     /// At 5 bits, where weight `c` of row `j`'s fifth bit lies in `q`: the 16 words after
