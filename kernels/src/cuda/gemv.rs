@@ -6,9 +6,11 @@
 //! launch instead of two, with the same bits. The QKV product can also do `rope_kv_write`'s
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
-//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; under
-//! factored scales, staged in shared memory, `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*` for the
-//! K-quants', or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V
+//! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; `gemv_q5*`
+//! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under factored scales, staged in
+//! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
+//! K-quants', or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
+//! stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
 //! 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
@@ -144,7 +146,7 @@ impl<E: Exec> Weights<'_, E> {
 pub struct QuantBuf<E: Exec> {
     pub q: E::Buf<u32>,
     pub s: E::Buf<u32>,
-    /// 4 or 8.
+    /// 4, 5 or 8.
     pub bits: u32,
     pub scales: Scales,
     /// The 4-bit fields index IQ4's levels ([`QuantRows::iq4`]).
@@ -483,9 +485,8 @@ fn product<E: Exec>(
 /// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
 /// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for
 /// products of a few rows, which read 5 (Q4_0, Q4_1, IQ4_NL), 6 (Q5_1) or 9 (Q8_0) bits a
-/// weight where the f16 rows take 16. Each
-/// weight is `d · q + m` of its block of 32 in f32, the value the file's block
-/// dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
+/// weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32,
+/// the value the file's block dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
 /// round, are held factored as the file holds them, an f16 a super-block of 256 times a
 /// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), or as
 /// f32 pairs (`gemv_q4f32`, ...) where asked or where they do not factor, so that they
@@ -498,8 +499,8 @@ fn product<E: Exec>(
 /// to a multiple of 16 are zeros.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
-    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`) or 8 (Q8_0 and the 8-bit
-    /// layouts the others become: `q` signed).
+    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`; IQ4's indices), 5 (Q5_1,
+    /// Q5_K: `q` in 0..32) or 8 (Q8_0 and the 8-bit layouts the others become: `q` signed).
     pub bits: u32,
     pub scales: Scales,
     /// The 4-bit fields are indices into IQ4's 16 levels (−127..=113), the integers the
@@ -508,8 +509,9 @@ pub struct QuantRows {
     pub iq4: bool,
     /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
     /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`
-    /// (IQ4 indices: see `iq4`); at 8 bits, two words for row `g` and two for `g + 8`,
-    /// weight `h` the signed byte `h`.
+    /// (IQ4 indices: see `iq4`); at 5 bits the same low 4 bits, then the tile's fifth bits
+    /// (`place_fifth`); at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the
+    /// signed byte `h`.
     pub q: Vec<u32>,
     /// Per group of 16 rows, its scales ([`Scales`]: [`Scales::group_words`] a group).
     pub s: Vec<u32>,
