@@ -849,6 +849,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         (GgmlType::Q8_0, 2048, 33),
         (GgmlType::Q4_1, 4096, 41),
         (GgmlType::IQ4_NL, 576, 50),
+        (GgmlType::Q5_0, 576, 48),
     ];
     for &(ty, k, n) in cases.iter().chain(k_quants) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
@@ -867,7 +868,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::IQ4_XS => "iq4f",
             GgmlType::IQ4_NL => "iq4",
             GgmlType::Q6_K => "q8h",
-            GgmlType::Q5_1 => "q5",
+            GgmlType::Q5_1 | GgmlType::Q5_0 => "q5",
             GgmlType::Q8_0 => "q8",
             _ => "q4",
         };

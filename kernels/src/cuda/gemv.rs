@@ -567,6 +567,16 @@ impl Scales {
 /// Blocks of 32 a super-block of the factored scales: 256 weights, a K-quant's.
 const SUPER: usize = 8;
 
+/// A block's integers `v` as `times · (q − 16)` with `q` in 0..32, `times` the largest of
+/// 4, 2, 1 that holds them all (Q5_0's as the CPU holds them); `None` where none does.
+fn five_bits(v: &[i32; BLOCK]) -> Option<([i32; BLOCK], i32)> {
+    let times = [4, 2, 1].into_iter().find(|&t| {
+        v.iter()
+            .all(|&x| x % t == 0 && (-16..16).contains(&(x / t)))
+    })?;
+    Some((v.map(|x| x / times + 16), times))
+}
+
 /// A block's integers as indices into IQ4's levels; `None` unless each is one of them.
 fn iq4_indices(ints: &[i32; BLOCK]) -> Option<[i32; BLOCK]> {
     let mut out = [0; BLOCK];
@@ -688,7 +698,21 @@ impl QuantRows {
                 })
             })
             .flatten();
-        iq4.or_else(|| {
+        // Q5_0's values, which the CPU holds as Q8_0 of `d/4` and `4(q − 16)` (or `d/2`,
+        // `d`): at 5 bits, `q` under `d` and the offset `−16d`.
+        let five = || {
+            (bits == 8)
+                .then(|| {
+                    Self::build(5, Scales::F16Pairs, false, rows, k, |j, blk| {
+                        let (vals, [d, _]) = block(j, blk);
+                        let (q, times) = five_bits(&vals)?;
+                        let d = d * times as f32;
+                        Some((q, [d, -16.0 * d]))
+                    })
+                })
+                .flatten()
+        };
+        iq4.or_else(five).or_else(|| {
             Self::build(bits, Scales::F16Pairs, false, rows, k, |j, blk| {
                 Some(block(j, blk))
             })
@@ -1068,24 +1092,34 @@ mod tests {
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
             }
         }
-        // IQ4_NL, which the CPU holds as Q8_0 blocks of its levels: their 4-bit indices
-        // under the same f16 pairs (5 bits a weight, where the Q8_0 blocks take 9).
-        {
+        // IQ4_NL and Q5_0, which the CPU holds as Q8_0 blocks (of IQ4's levels; of
+        // `4(q − 16)` under `d/4`): IQ4's 4-bit indices under the same f16 pairs (5 bits a
+        // weight, where the Q8_0 blocks take 9), Q5_0's `q` at 5 bits under `d` and `−16d`
+        // (6 bits).
+        for (ty, bits, iq4, per_weight) in [
+            (GgmlType::IQ4_NL, 4, true, 5),
+            (GgmlType::Q5_0, 5, false, 6),
+        ] {
             let (rows, k) = (16, 64);
             let mut blocks = Vec::new();
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
                 .collect();
-            crate::kquant::quantize_row(GgmlType::IQ4_NL, &x, &mut blocks);
+            crate::kquant::quantize_row(ty, &x, &mut blocks);
             let mut want = vec![0f32; rows * k];
-            quant::dequantize_row(GgmlType::IQ4_NL, &blocks, &mut want);
-            let m = crate::model::matrix_of(GgmlType::IQ4_NL, rows, k, &blocks);
+            quant::dequantize_row(ty, &blocks, &mut want);
+            let m = crate::model::matrix_of(ty, rows, k, &blocks);
             let (held, data) = m.file_blocks().expect("Q8_0 blocks");
+            assert_eq!(held, GgmlType::Q8_0);
             let r = QuantRows::from_blocks(held, data, rows, k).expect("a kernel layout");
-            assert!(r.iq4 && r.bits == 4 && r.scales == Scales::F16Pairs);
-            assert_eq!(r.bytes() * 8, rows * k * 5);
+            assert_eq!(
+                (r.iq4, r.bits, r.scales),
+                (iq4, bits, Scales::F16Pairs),
+                "{ty:?}"
+            );
+            assert_eq!(r.bytes() * 8, rows * k * per_weight, "{ty:?}");
             for (i, &want) in want.iter().enumerate() {
-                assert_eq!(r.weight(i / k, i % k), want, "IQ4_NL {i}");
+                assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }
         }
         // The K-quant layouts through the packed form, where the CPU makes it, as the
