@@ -666,8 +666,9 @@ impl QuantRows {
     }
 
     /// `rows` rows of `k` weights in `ty`'s blocks (Q4_0, Q4_1 or Q8_0; Q8_0 whose
-    /// integers are all IQ4's levels, IQ4_NL's, as their 4-bit indices); `None` for other
-    /// types, or where `data` is not that many blocks.
+    /// integers are all IQ4's levels, IQ4_NL's, as their 4-bit indices, or all Q5_0's
+    /// `times · (q − 16)`, as `q` at 5 bits); `None` for other types, or where `data` is
+    /// not that many blocks.
     pub fn from_blocks(
         ty: crate::gguf::GgmlType,
         data: &[u8],
