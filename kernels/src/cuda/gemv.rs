@@ -691,32 +691,17 @@ impl QuantRows {
             let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
             (vals, [d, m])
         };
-        let iq4 = (bits == 8)
-            .then(|| {
-                Self::build(4, Scales::F16Pairs, true, rows, k, |j, blk| {
-                    let (vals, pair) = block(j, blk);
-                    Some((iq4_indices(&vals)?, pair))
-                })
-            })
-            .flatten();
+        if bits == 4 {
+            return Self::build(bits, Scales::F16Pairs, false, rows, k, |j, blk| {
+                Some(block(j, blk))
+            });
+        }
         // Q5_0's values, which the CPU holds as Q8_0 of `d/4` and `4(q − 16)` (or `d/2`,
         // `d`): at 5 bits, `q` under `d` and the offset `−16d`.
-        let five = || {
-            (bits == 8)
-                .then(|| {
-                    Self::build(5, Scales::F16Pairs, false, rows, k, |j, blk| {
-                        let (vals, [d, _]) = block(j, blk);
-                        let (q, times) = five_bits(&vals)?;
-                        let d = d * times as f32;
-                        Some((q, [d, -16.0 * d]))
-                    })
-                })
-                .flatten()
-        };
-        iq4.or_else(five).or_else(|| {
-            Self::build(bits, Scales::F16Pairs, false, rows, k, |j, blk| {
-                Some(block(j, blk))
-            })
+        Self::narrowest(Scales::F16Pairs, true, rows, k, block, |vals, [d, _]| {
+            let (q, times) = five_bits(&vals)?;
+            let d = d * times as f32;
+            Some((q, [d, -16.0 * d]))
         })
     }
 
@@ -766,31 +751,47 @@ impl QuantRows {
             let (ints, sc, min) = p.block(j, i);
             (ints, [sc[0], min])
         };
-        // Fewer bits where the integers allow and a kernel reads them: IQ4's levels as
-        // their indices, integers 0..32 (Q5_1's, Q5_K's) at 5 bits.
-        let fewer = bits == 8 && matches!(pairs, Scales::F16Pairs | Scales::Factored);
-        let iq4 = (fewer && !p.has_mins())
+        // Fewer bits where a kernel reads them (f16 pairs, factored): integers 0..32
+        // (Q5_1's, Q5_K's) at 5 bits.
+        if bits == 8 && matches!(pairs, Scales::F16Pairs | Scales::Factored) {
+            return Self::narrowest(pairs, !p.has_mins(), rows, k, block, |ints, pair| {
+                ints.iter()
+                    .all(|v| (0..32).contains(v))
+                    .then_some((ints, pair))
+            });
+        }
+        Self::build(bits, pairs, false, rows, k, |j, i| Some(block(j, i)))
+    }
+
+    /// 8-bit integers (`block(j, i)`: row `j`'s block `i` and its pair) in the fewest bits
+    /// a kernel reads them in under `scales`: where `iq4` and every integer is one of IQ4's
+    /// levels, their 4-bit indices; else where `five` makes every block 5-bit integers
+    /// (0..32) and their pair, those; else 8 bits. Each attempt stops at the first block it
+    /// cannot hold.
+    fn narrowest(
+        scales: Scales,
+        iq4: bool,
+        rows: usize,
+        k: usize,
+        block: impl Fn(usize, usize) -> ([i32; BLOCK], [f32; 2]) + Sync,
+        five: impl Fn([i32; BLOCK], [f32; 2]) -> Option<([i32; BLOCK], [f32; 2])> + Sync,
+    ) -> Option<Self> {
+        let levels = iq4
             .then(|| {
-                Self::build(4, pairs, true, rows, k, |j, i| {
+                Self::build(4, scales, true, rows, k, |j, i| {
                     let (ints, pair) = block(j, i);
                     Some((iq4_indices(&ints)?, pair))
                 })
             })
             .flatten();
-        let five = || {
-            fewer
-                .then(|| {
-                    Self::build(5, pairs, false, rows, k, |j, i| {
-                        let (ints, pair) = block(j, i);
-                        ints.iter()
-                            .all(|v| (0..32).contains(v))
-                            .then_some((ints, pair))
-                    })
+        levels
+            .or_else(|| {
+                Self::build(5, scales, false, rows, k, |j, i| {
+                    let (ints, pair) = block(j, i);
+                    five(ints, pair)
                 })
-                .flatten()
-        };
-        iq4.or_else(five)
-            .or_else(|| Self::build(bits, pairs, false, rows, k, |j, i| Some(block(j, i))))
+            })
+            .or_else(|| Self::build(8, scales, false, rows, k, |j, i| Some(block(j, i))))
     }
 
     /// A stack of projections (Q, K, V; gate, up) as the products read it: its parts one
