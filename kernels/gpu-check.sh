@@ -99,8 +99,8 @@ echo
 # "launched alone" sums, so that the step's time minus that sum is the launch gaps.
 timeout 90 "$BIN/decode_bench" "$model" --ctx 511 || status=1
 echo
-# The same shape in llama.cpp's Q4_K_M mix: its ffn_down in Q6_K, read by gemv_q8h (a
-# scale per 16, factored), the other matrices in 8-bit blocks of the file's values (gemv_q8).
+# The same shape in llama.cpp's Q4_K_M mix: its ffn_down in Q6_K, read at 6 bits by gemv_q6h
+# (a scale per 16, factored), its 576-wide matrices' Q5_0 at 5 bits (gemv_q5).
 kq=$(dirname "$model")/smollm2-shape-q4_k_m.gguf
 "$BIN/synth" "$kq" q4_k_m >/dev/null || status=1
 timeout 60 "$BIN/decode_bench" "$kq" --ctx 511 --batches 1,4,16 || status=1

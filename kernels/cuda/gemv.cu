@@ -42,8 +42,8 @@
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4-,
 // 5- or 8-bit blocks (`gemv_q4*`, `gemv_q5*`, `gemv_q8*`: WeightsQ4, WeightsQ5, WeightsQ8
 // below; the K-quants' under factored or f32 scales, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`,
-// `gemv_q8h*`, `gemv_q4f32*`, ...; IQ4's levels from 4-bit indices, `gemv_iq4*`,
-// `gemv_iq4f*`: WeightsIq4), one template.
+// `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsQ6; IQ4's levels
+// from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -313,8 +313,15 @@ struct Q5Words {
     u32 high;
 };
 
+// A lane's part of a 6-bit tile: its two columns' low 4 bits as at 4 bits, and their
+// high two bits, the lane's word of the 32 after them.
+struct Q6Words {
+    uint2 lo;
+    u32 high;
+};
+
 // A tile's words, and a lane's part of it: Words in order (uint2 at 4 bits, uint4 at 8),
-// or at 5 bits the 64 words of low bits and 16 of fifth bits.
+// or at 5 bits the 64 words of low bits and 16 of fifth bits (at 6, 32 of high bits).
 template <typename Words>
 struct TileShape {
     static constexpr int WORDS = (int)sizeof(Words) / 4 * 32;
@@ -328,6 +335,14 @@ struct TileShape<Q5Words> {
     static __device__ __forceinline__ Q5Words piece(const u32* tile, int lane) {
         return Q5Words{reinterpret_cast<const uint2*>(tile)[lane],
                        (u32)reinterpret_cast<const unsigned short*>(tile + 64)[lane]};
+    }
+};
+
+template <>
+struct TileShape<Q6Words> {
+    static constexpr int WORDS = 96;
+    static __device__ __forceinline__ Q6Words piece(const u32* tile, int lane) {
+        return Q6Words{reinterpret_cast<const uint2*>(tile)[lane], tile[64 + lane]};
     }
 };
 
@@ -408,6 +423,38 @@ struct WeightsQ5T : BlockTiles<Q5Words, S> {
 };
 using WeightsQ5 = WeightsQ5T<ScalesF16>;
 using WeightsQ5F = WeightsQ5T<ScalesFactored>;
+
+// 6-bit (Q6_K's integers, q − 32 for q in 0 .. 63, under factored scales per 16,
+// `gemv_q6h*`): the low 4 bits as at 4 bits (pieces as with a scale per 16), the high two
+// of the lane's 16 weights in its word of the 32 after them: pair p's (weights 2p,
+// 2p + 1) of column g at bits 4 + 2p and 20 + 2p, of column g + 8 at bits 12, 14, 0, 2 and
+// 16 more for p = 0 .. 3 — the 16 bits column g leaves —, so that one shift (none for
+// column g's first) puts either's at bits 4 and 20: or'ed into the pair, 1024 + q as
+// halves. The tensor cores take q − 32, the 8-bit form's integers (the same sums, the
+// same bits), 6.625 bits a weight where that takes 8.625.
+template <typename S>
+struct WeightsQ6T : BlockTiles<Q6Words, S> {
+    using Tile = typename BlockTiles<Q6Words, S>::Tile;
+    static constexpr bool OFFSETS = false, HALVES = true;
+    static constexpr int BATCH = 6;
+    static constexpr float CENTER = 0.0f;
+    // Column H's (0: g, 1: g + 8) pair P: 1024 + q − 32 − 1024 as halves.
+    template <int H, int P>
+    static __device__ __forceinline__ u32 pair(u32 word, u32 high) {
+        constexpr int at = H == 0 ? 4 + 2 * P : (P < 2 ? 12 + 2 * P : 2 * P - 4);
+        u32 h = at >= 4 ? high >> (at - 4) : high << (4 - at);
+        u32 top = and_or(h, 0x00300030u, 0x64006400u);
+        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), 0x64206420u);
+    }
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        u32 x = v.w.lo.x, y = v.w.lo.y, h = v.w.high;
+        a0[0] = pair<0, 0>(x, h), a0[1] = pair<1, 0>(y, h);
+        a0[2] = pair<0, 1>(x, h), a0[3] = pair<1, 1>(y, h);
+        a1[0] = pair<0, 2>(x, h), a1[1] = pair<1, 2>(y, h);
+        a1[2] = pair<0, 3>(x, h), a1[3] = pair<1, 3>(y, h);
+    }
+};
+using WeightsQ6H = WeightsQ6T<ScalesFactored>;
 
 // IQ4's 16 levels (ggml's kvalues_iq4nl: −127, −104, …, 113) plus 128, as bytes, four a
 // word: entry i is byte i % 4 of word i / 4.
@@ -1312,6 +1359,43 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 6-bit integers under factored scales per 16 (Q6_K).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

@@ -958,8 +958,8 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     use kernels::gguf::GgmlType;
     // A K-quant mix: Q5_K Q and K and Q6_K V (Q5_K_M's QKV: a stack of two parts,
     // `gemv_q5f` for Q|K — parts the CPU holds apart, their offsets keeping them from
-    // stacking there — and `gemv_q8h` for V), Q4_K attn_output and gate|up (`gemv_q4f`),
-    // Q6_K ffn_down (`gemv_q8h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit
+    // stacking there — and `gemv_q6h` for V: Q6_K's integers at 6 bits), Q4_K attn_output
+    // and gate|up (`gemv_q4f`), Q6_K ffn_down (`gemv_q6h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit
     // indices).
     let spec = SynthSpec {
         types: vec![
@@ -980,16 +980,16 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
         // Two layers' QKV, attn_output, gate|up, ffn_down; the head.
-        assert_eq!(b.quant_summary(), "1 iq4f, 4 q4f, 2 q5f+q8h, 2 q8h");
+        assert_eq!(b.quant_summary(), "1 iq4f, 4 q4f, 2 q5f+q6h, 2 q6h");
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [
             "gemv_q5f_norm_rope",
-            "gemv_q8h_norm_rope",
-            "gemv_q8h",
+            "gemv_q6h_norm_rope",
+            "gemv_q6h",
             "gemv_q4f",
             "gemv_q4f_norm",
-            "gemv_q8h_swiglu",
+            "gemv_q6h_swiglu",
             "gemv_iq4f_norm",
         ] {
             assert!(b.exec().launches(k) > 0, "{k} never ran");

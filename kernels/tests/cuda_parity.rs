@@ -816,7 +816,8 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 
 /// `gemv_q4` / `gemv_q8` over the file's own Q4_0, Q4_1 and Q8_0 blocks for 1 to 16 rows,
 /// and over Q4_K, Q5_K, IQ4_XS and Q6_K (f32 or factored scales, a scale per 16: `gemv_q4f32`
-/// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, `gemv_q8h` and `gemv_q8h32`; IQ4_XS's
+/// and `gemv_q4f`, `gemv_q8f` and `gemv_q8f32`, Q6_K's integers at 6 bits, `gemv_q6h`, and
+/// at 8, `gemv_q8h32`; IQ4_XS's
 /// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`; Q5_K's
 /// integers at 5 bits, `gemv_q5f`, and at 8, `gemv_q8f32`), IQ4_NL's levels (`gemv_iq4`),
 /// `gemv_q5` over Q5_1 (offsets), against the product of the values the file's blocks
@@ -828,8 +829,8 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         fits, gemv_from, Input, QuantBuf, QuantRows, Scales, Weights, MAX_ROWS,
     };
     let mut rng = Rng(17);
-    // The K-quant layouts (factored scales, Q6_K's per 16: `gemv_q4f`, `gemv_q8f`,
-    // `gemv_q8h`) and Q5_1's offsets, as a model holds them where the CPU has packed kernels.
+    // The K-quant layouts (factored scales, Q6_K's per 16: `gemv_q4f`, `gemv_q5f`,
+    // `gemv_q6h`) and Q5_1's offsets, as a model holds them where the CPU has packed kernels.
     let k_quants: &[(GgmlType, usize, usize)] = if kernels::packed::available() {
         &[
             (GgmlType::Q4_K, 1536, 80),
@@ -867,7 +868,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q5_K => "q5f",
             GgmlType::IQ4_XS => "iq4f",
             GgmlType::IQ4_NL => "iq4",
-            GgmlType::Q6_K => "q8h",
+            GgmlType::Q6_K => "q6h",
             GgmlType::Q5_1 | GgmlType::Q5_0 => "q5",
             GgmlType::Q8_0 => "q8",
             _ => "q4",
@@ -926,13 +927,13 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, over, k, n).is_err(),
             "17 rows"
         );
-        let six = [QuantBuf {
-            bits: 6,
+        let seven = [QuantBuf {
+            bits: 7,
             ..QuantBuf::upload(g, &rows).unwrap()
         }];
         assert!(
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(&six), &mut y, 1, k, n).is_err(),
-            "6 bits"
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(&seven), &mut y, 1, k, n).is_err(),
+            "7 bits"
         );
         let halves4 = [QuantBuf {
             bits: 4,
@@ -1111,8 +1112,8 @@ fn rope_apart<E: Exec>(
 }
 
 /// A stack whose parts need different kernels, one launch each writing its columns of
-/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f`, Q6_K V on `gemv_q8h`; both
-/// as f32 pairs too, `gemv_q4f32`, `gemv_q8h32`), and
+/// the output rows: Q4_K_M's QKV (Q4_K Q and K on `gemv_q4f`, Q6_K V on `gemv_q6h`: its
+/// integers at 6 bits; both as f32 pairs too, `gemv_q4f32`, `gemv_q8h32`), and
 /// parts of one layout where the first ends inside a tile. For 1 to 16 rows: the product
 /// of the file's values; fused with the norm (x + delta written once), with the norm and
 /// RoPE and the cache write (the V part's columns at their place in the QKV rows and the
@@ -1152,7 +1153,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     ];
     // The K-quants' scales as the backend holds them (factored), and as f32 pairs.
     let forms = [
-        (None, ["q4f", "q8h"]),
+        (None, ["q4f", "q6h"]),
         (
             Some(kernels::cuda::gemv::Scales::F32Pairs),
             ["q4f32", "q8h32"],
@@ -2043,11 +2044,11 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
     // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
-    // integers) and
+    // integers), gemv_q6h (Q6_K's at 6 bits) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
-    // (gemv_q4f then gemv_q8h); attention_tc at both batches and contexts, and both
+    // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 82, "{names:?}");
+    assert_eq!(rows.len(), 85, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2062,7 +2063,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8h small 9×64·64×96",
         "gemv_q4f32 small 3×64·64×96",
         "gemv_q8h32 small 9×64·64×96",
-        "gemv_q4f+q8h small 3×64·64×96",
+        "gemv_q4f+q6h small 3×64·64×96",
+        "gemv_q6h small 1×64·64×96",
         "gemv_iq4 small 3×64·64×96",
         "gemv_iq4f small 9×64·64×96",
         "gemv_q5 small 1×64·64×96",

@@ -742,9 +742,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // `gemv_q4f`, `gemv_q8f`; a scale per 16: `gemv_q8h`; as f32 pairs, more bytes:
         // `gemv_q4f32`, `gemv_q8f32`, `gemv_q8h32`), and IQ4's levels from 4-bit indices
         // (`gemv_iq4`, IQ4_NL's; `gemv_iq4f`, IQ4_XS's), and 5-bit integers (`gemv_q5`,
-        // Q5_1's; `gemv_q5f`, Q5_K's); a product of the QKV's width also as
-        // Q4_K_M's stack of two as the backend holds it (Q4_K Q and K, Q6_K V, factored: a
-        // launch each).
+        // Q5_1's; `gemv_q5f`, Q5_K's), and Q6_K's at 6 bits (`gemv_q6h`, against its 8-bit
+        // form `gemv_q8h`); a product of the QKV's width also as Q4_K_M's stack of two as
+        // the backend holds it (Q4_K Q and K, Q6_K V at 6 bits, factored: a launch each).
         use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, iq4: bool, rows: usize| {
@@ -772,6 +772,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             (4, Factored, true),
             (5, F16Pairs, false),
             (5, Factored, false),
+            (6, FactoredHalves, false),
         ]
         .into_iter()
         .map(|(bits, scales, iq4)| Ok(vec![part(bits, scales, iq4, n)?]))
@@ -780,7 +781,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         if n == (nh + 2 * nkv) * hd {
             quant.push(vec![
                 part(4, Factored, false, n - nkv * hd)?,
-                part(8, FactoredHalves, false, nkv * hd)?,
+                part(6, FactoredHalves, false, nkv * hd)?,
             ]);
         }
         let times = match in_step {

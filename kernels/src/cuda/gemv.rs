@@ -9,7 +9,7 @@
 //! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; `gemv_q5*`
 //! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under factored scales, staged in
 //! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
-//! K-quants', or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
+//! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
 //! stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
@@ -112,8 +112,8 @@ impl<E: Exec> Copy for Weights<'_, E> {}
 
 impl<E: Exec> Weights<'_, E> {
     /// The entry points' weights part for each launch: `f16`, `q4`, `q8`, with factored
-    /// scales `q4f`, `q8f` or (a scale per 16) `q8h`, with f32 ones `q4f32`, `q8f32`,
-    /// `q8h32`; refused for a layout no kernel
+    /// scales `q4f`, `q8f` or (a scale per 16) `q8h`, `q6h`, with f32 ones `q4f32`,
+    /// `q8f32`, `q8h32` (and `q5`, `q5f`, `iq4`, `iq4f`); refused for a layout no kernel
     /// reads, or no part at all.
     fn kinds(&self) -> Result<Vec<&'static str>, ExecError> {
         match self {
@@ -146,7 +146,7 @@ impl<E: Exec> Weights<'_, E> {
 pub struct QuantBuf<E: Exec> {
     pub q: E::Buf<u32>,
     pub s: E::Buf<u32>,
-    /// 4, 5 or 8.
+    /// 4, 5, 6 or 8.
     pub bits: u32,
     pub scales: Scales,
     /// The 4-bit fields index IQ4's levels ([`QuantRows::iq4`]).
@@ -157,8 +157,8 @@ pub struct QuantBuf<E: Exec> {
 }
 
 impl<E: Exec> QuantBuf<E> {
-    /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`, `iq4`, `iq4f`,
-    /// ...); `None` for a layout no kernel reads.
+    /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`, `q6h`, `iq4`,
+    /// `iq4f`, ...); `None` for a layout no kernel reads.
     pub fn kind(&self) -> Option<&'static str> {
         if self.iq4 {
             return match (self.bits, self.scales) {
@@ -172,6 +172,7 @@ impl<E: Exec> QuantBuf<E> {
             (4, Scales::Factored) => "q4f",
             (5, Scales::F16Pairs) => "q5",
             (5, Scales::Factored) => "q5f",
+            (6, Scales::FactoredHalves) => "q6h",
             (8, Scales::F16Pairs) => "q8",
             (8, Scales::Factored) => "q8f",
             (8, Scales::FactoredHalves) => "q8h",
@@ -484,11 +485,11 @@ fn product<E: Exec>(
 
 /// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
 /// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for
-/// products of a few rows, which read 5 (Q4_0, Q4_1, IQ4_NL), 6 (Q5_1) or 9 (Q8_0) bits a
+/// products of a few rows, which read 5 (Q4_0, Q4_1, IQ4_NL), 6 (Q5_1, Q5_0) or 9 (Q8_0) bits a
 /// weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32,
 /// the value the file's block dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
 /// round, are held factored as the file holds them, an f16 a super-block of 256 times a
-/// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q8h`), or as
+/// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q6h`), or as
 /// f32 pairs (`gemv_q4f32`, ...) where asked or where they do not factor, so that they
 /// too are the file's own values.
 ///
@@ -500,7 +501,9 @@ fn product<E: Exec>(
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
     /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`; IQ4's indices), 5 (Q5_1,
-    /// Q5_K: `q` in 0..32) or 8 (Q8_0 and the 8-bit layouts the others become: `q` signed).
+    /// Q5_K: `q` in 0..32), 6 (Q6_K's integers −32..32 as `q − 32`, `q` in 0..64, with a
+    /// scale per 16: [`Scales::FactoredHalves`]) or 8 (Q8_0 and the 8-bit layouts the
+    /// others become: `q` signed).
     pub bits: u32,
     pub scales: Scales,
     /// The 4-bit fields are indices into IQ4's 16 levels (−127..=113), the integers the
@@ -509,8 +512,8 @@ pub struct QuantRows {
     pub iq4: bool,
     /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
     /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`
-    /// (IQ4 indices: see `iq4`); at 5 bits the same low 4 bits, then the tile's fifth bits
-    /// (`place_fifth`); at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the
+    /// (IQ4 indices: see `iq4`); at 5 and 6 bits the same low 4 bits, then the tile's
+    /// fifth bits or high two (`place_high`); at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the
     /// signed byte `h`.
     pub q: Vec<u32>,
     /// Per group of 16 rows, its scales ([`Scales`]: [`Scales::group_words`] a group).
@@ -535,7 +538,8 @@ pub enum Scales {
     /// `D | M << 16`).
     Factored,
     /// As [`Scales::Factored`], the two halves' scales of each block in place of `d` and
-    /// `m` (a scale per 16, no offset: Q6_K's, `gemv_q8h`), each factored on its own.
+    /// `m` (a scale per 16, no offset: Q6_K's, `gemv_q6h` at 6 bits, `gemv_q8h` at 8),
+    /// each factored on its own.
     FactoredHalves,
     /// `d` and `m` as f32, two words a row and block, the blocks' 32 in order: the
     /// K-quants' unfactored (`gemv_q4f32`, `gemv_q8f32`), 2 bits a weight where factored
@@ -737,9 +741,23 @@ impl QuantRows {
             if bits != 8 || p.has_mins() {
                 return None;
             }
-            return Self::build(bits, halves, false, rows, k, |j, i| {
-                let (ints, sc, _) = p.block(j, i);
-                Some((ints, sc))
+            // Q6_K's integers −32..32 at 6 bits (as `q − 32`) where a kernel reads them
+            // (factored), else at 8.
+            let six = (halves == Scales::FactoredHalves)
+                .then(|| {
+                    Self::build(6, halves, false, rows, k, |j, i| {
+                        let (ints, sc, _) = p.block(j, i);
+                        ints.iter()
+                            .all(|v| (-32..32).contains(v))
+                            .then(|| (ints.map(|v| v + 32), sc))
+                    })
+                })
+                .flatten();
+            return six.or_else(|| {
+                Self::build(bits, halves, false, rows, k, |j, i| {
+                    let (ints, sc, _) = p.block(j, i);
+                    Some((ints, sc))
+                })
             });
         }
         let pairs = match scales {
@@ -819,8 +837,8 @@ impl QuantRows {
     }
 
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
-    /// integers (0..16 at 4 bits — with `iq4`, indices into IQ4's levels —, −128..128 at
-    /// 8) and its scale pair, or `None` where the layout cannot hold them; `None` then, or
+    /// integers (0..16 at 4 bits — with `iq4`, indices into IQ4's levels —, 0..32 at 5,
+    /// 0..64 at 6, −128..128 at 8) and its scale pair, or `None` where the layout cannot hold them; `None` then, or
     /// where `scales` cannot hold the pairs exactly (f16 values, or factored: [`factor`]).
     fn build(
         bits: u32,
@@ -850,6 +868,7 @@ impl QuantRows {
         let (mut q, mut s) = (std::mem::take(&mut r.q), std::mem::take(&mut r.s));
         let layout = &r;
         let places = r.block_places();
+        let highs = [r.high_places(0), r.high_places(1)];
         q.par_chunks_mut(q_group)
             .zip(s.par_chunks_mut(s_group))
             .enumerate()
@@ -865,10 +884,11 @@ impl QuantRows {
                         for (&v, &(word, shift)) in vals.iter().zip(&places) {
                             q[base + word] |= (v as u32 & mask) << shift;
                         }
-                        if bits == 5 {
-                            for (c, &v) in vals.iter().enumerate() {
-                                let (word, bit) = layout.place_fifth(j, blk * BLOCK + c);
-                                q[word - g * q_group] |= (v as u32 >> 4 & 1) << bit;
+                        if bits == 5 || bits == 6 {
+                            let high = (1 << (bits - 4)) - 1;
+                            let base = layout.high_base(j, blk) - g * q_group;
+                            for (&v, &(word, bit)) in vals.iter().zip(&highs[(j % GROUP) / 8]) {
+                                q[base + word] |= (v as u32 >> 4 & high) << bit;
                             }
                         }
                     }
@@ -943,6 +963,7 @@ impl QuantRows {
         match self.bits {
             4 => tile * 64 + 8 * g + hi,
             5 => tile * 80 + 8 * g + hi,
+            6 => tile * 96 + 8 * g + hi,
             _ => tile * 128 + 16 * g + 2 * hi,
         }
     }
@@ -950,17 +971,14 @@ impl QuantRows {
     /// For each weight `o` of a block: its word past [`QuantRows::block_base`] and the bit
     /// its field starts at (the same for every row and block of the layout). Lane `4g + t`
     /// holds weights `8t .. 8t + 8`, or with a scale per 16 `4t .. 4t + 4` then `16 + 4t ..
-    /// 16 + 4t + 4`, as its piece's `e = 0 .. 8`: at 4 and 5 bits in its words `2t` (row
+    /// 16 + 4t + 4`, as its piece's `e = 0 .. 8`: at 4, 5 and 6 bits in its words `2t` (row
     /// `g`) and `2t + 1` (`g + 8`), `e` at bits `4(e / 2) + 16(e % 2)` (IQ4's indices: `4(e %
     /// 4) + 16(e / 4)`); at 8 bits in words `4t + e / 4` (and 2 more for `g + 8`), byte `e % 4`.
     fn block_places(&self) -> [(usize, u32); BLOCK] {
         std::array::from_fn(|o| {
-            let (t, e) = match self.scales {
-                Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
-                _ => (o / 8, o % 8),
-            };
+            let (t, e) = self.piece_of(o);
             match self.bits {
-                4 | 5 => {
+                4..=6 => {
                     let shift = if self.iq4 {
                         16 * (e / 4) + 4 * (e % 4)
                     } else {
@@ -973,17 +991,54 @@ impl QuantRows {
         })
     }
 
-    /// At 5 bits, where weight `c` of row `j`'s fifth bit lies in `q`: the 16 words after
-    /// a tile's 64 of low bits, lane `l`'s half word `l % 2` of word `l / 2`, a byte a row
-    /// (`g`, then `g + 8`), weight `2p`'s bit `p` and `2p + 1`'s bit `4 + p`.
-    fn place_fifth(&self, j: usize, c: usize) -> (usize, u32) {
-        let nb = self.k / BLOCK;
-        let tile = (j / GROUP) * nb + c / BLOCK;
-        let (g, hi) = (j % 8, (j % GROUP) / 8);
-        let (t, e) = ((c % BLOCK) / 8, c % 8);
-        let lane = 4 * g + t;
-        let bit = 16 * (lane % 2) + 8 * hi + 4 * (e % 2) + e / 2;
-        (tile * 80 + 64 + lane / 2, bit as u32)
+    /// Weight `o` of a block as a lane's piece holds it: lane `4g + t`'s (with `g` its
+    /// row's) element `e` (see [`QuantRows::block_places`]).
+    fn piece_of(&self, o: usize) -> (usize, usize) {
+        match self.scales {
+            Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
+            _ => (o / 8, o % 8),
+        }
+    }
+
+    /// At 5 and 6 bits, where weight `c` of row `j`'s bits past the low 4 start in `q`. At
+    /// 5: the 16 words after a tile's 64 of low bits, lane `l`'s half word `l % 2` of word
+    /// `l / 2`, a byte a row (`g`, then `g + 8`), weight `2p`'s bit `p` and `2p + 1`'s bit
+    /// `4 + p`. At 6: the 32 words after them, lane `l`'s word `l`, weights `2p + s` (`s`
+    /// 0, 1) two bits at `4 + 2p + 16s` for row `g` and at `[12, 14, 0, 2][p] + 16s` for
+    /// `g + 8` (the shifts `gemv_q6h` makes, `kernels/cuda/gemv.cu`'s WeightsQ6T).
+    fn place_high(&self, j: usize, c: usize) -> (usize, u32) {
+        let (word, bit) = self.high_places((j % GROUP) / 8)[c % BLOCK];
+        (self.high_base(j, c / BLOCK) + word, bit)
+    }
+
+    /// Where row `j`'s block `blk`'s high bits start in `q` ([`QuantRows::place_high`]):
+    /// its lanes' first word (lane `4g`'s, `g` the row's), which
+    /// [`QuantRows::high_places`] adds `t`'s part to.
+    fn high_base(&self, j: usize, blk: usize) -> usize {
+        let tile = (j / GROUP) * (self.k / BLOCK) + blk;
+        match self.bits {
+            5 => tile * 80 + 64 + 2 * (j % 8),
+            _ => tile * 96 + 64 + 4 * (j % 8),
+        }
+    }
+
+    /// For each weight `o` of a block of a row `g` (`hi` 0) or `g + 8` (`hi` 1): its high
+    /// bits' word past [`QuantRows::high_base`] and the bit they start at.
+    fn high_places(&self, hi: usize) -> [(usize, u32); BLOCK] {
+        std::array::from_fn(|o| {
+            let (t, e) = self.piece_of(o);
+            let (p, s) = (e / 2, e % 2);
+            if self.bits == 6 {
+                let at = if hi == 0 {
+                    4 + 2 * p
+                } else {
+                    [12, 14, 0, 2][p]
+                };
+                (t, (at + 16 * s) as u32)
+            } else {
+                (t / 2, (16 * (t % 2) + 8 * hi + 4 * s + p) as u32)
+            }
+        })
     }
 
     /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding (the
@@ -1000,9 +1055,12 @@ impl QuantRows {
             f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
         } else if self.bits == 4 {
             (field & 15) as f32
-        } else if self.bits == 5 {
-            let (word, bit) = self.place_fifth(j, c);
-            ((field & 15) | (self.q[word] >> bit & 1) << 4) as f32
+        } else if self.bits == 5 || self.bits == 6 {
+            let (word, bit) = self.place_high(j, c);
+            let high = self.q[word] >> bit & ((1 << (self.bits - 4)) - 1);
+            let q = (field & 15) | high << 4;
+            // Q6_K's integers as `q − 32`.
+            q as f32 - if self.bits == 6 { 32.0 } else { 0.0 }
         } else {
             field as u8 as i8 as f32
         };
@@ -1139,7 +1197,7 @@ mod tests {
                 (GgmlType::Q4_K, Scales::Factored, 4.625),
                 (GgmlType::Q5_K, Scales::Factored, 5.625),
                 (GgmlType::IQ4_XS, Scales::Factored, 4.625),
-                (GgmlType::Q6_K, Scales::FactoredHalves, 8.625),
+                (GgmlType::Q6_K, Scales::FactoredHalves, 6.625),
                 (GgmlType::Q5_1, Scales::F16Pairs, 6.0),
             ] {
                 let mut blocks = Vec::new();

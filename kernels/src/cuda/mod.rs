@@ -130,6 +130,10 @@ pub const SOURCES: &[Source] = &[
             "gemv_q5f_norm",
             "gemv_q5f_norm_rope",
             "gemv_q5f_swiglu",
+            "gemv_q6h",
+            "gemv_q6h_norm",
+            "gemv_q6h_norm_rope",
+            "gemv_q6h_swiglu",
         ],
     },
     Source {
@@ -205,6 +209,10 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_q5f_norm", 256),
     ("gemv_q5f_norm_rope", 256),
     ("gemv_q5f_swiglu", 256),
+    ("gemv_q6h", 256),
+    ("gemv_q6h_norm", 256),
+    ("gemv_q6h_norm_rope", 256),
+    ("gemv_q6h_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per

@@ -25,7 +25,7 @@
 //! norm and swiglu into the product after it (`gemv_f16_norm`, `gemv_f16_swiglu`) and
 //! RoPE with the cache write into the QKV product (`gemv_f16_norm_rope`): 5 launches a
 //! layer instead of 9, with the same bits. Those products read the file's own blocks
-//! (`gemv_q4*`, `gemv_q8*`; the K-quants' `gemv_q4f*`, `gemv_q8f*`, `gemv_q8h*`; IQ4's
+//! (`gemv_q4*`, `gemv_q8*`; the K-quants' `gemv_q4f*`, `gemv_q5f*`, `gemv_q6h*`; IQ4's
 //! `gemv_iq4*`, `gemv_iq4f*`)
 //! instead of the f16 rows where the matrix has them and [`Device::quant_small`] says so
 //! for the step's row count.
