@@ -307,7 +307,8 @@ __device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (
 }
 
 // A lane's part of a 5-bit tile: its two columns' low 4 bits as at 4 bits (words 2l,
-// 2l + 1 of the tile), and their fifth bits, a half word of the 16 words after them.
+// 2l + 1 of the tile), and their fifth bits: word l / 2 of the 16 after them, which
+// holds lanes 2i's and 2i + 1's, shifted so that the lane's are bits 0 .. 7 and 16 .. 23.
 struct Q5Words {
     uint2 lo;
     u32 high;
@@ -334,7 +335,7 @@ struct TileShape<Q5Words> {
     static constexpr int WORDS = 80;
     static __device__ __forceinline__ Q5Words piece(const u32* tile, int lane) {
         return Q5Words{reinterpret_cast<const uint2*>(tile)[lane],
-                       (u32)reinterpret_cast<const unsigned short*>(tile + 64)[lane]};
+                       tile[64 + lane / 2] >> (8 * (lane & 1))};
     }
 };
 
@@ -397,28 +398,30 @@ using WeightsQ4F = WeightsQ4T<ScalesFactored>;
 using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
 
 // 5-bit (Q5_1's integers 0 .. 31 under f16 pairs, `gemv_q5*`; Q5_K's under factored
-// scales, `gemv_q5f*`): the low 4 bits as at 4 bits, the fifth bits of a lane's columns g
-// and g + 8 a byte each of its half word (bit p weight 2p's, bit 4 + p weight 2p + 1's),
-// spread to bits 4 + p and 20 + p of a word so that pair p's are bits 4 and 20 of it
-// shifted by p: or'ed into the pair, 1024 + q as halves. The tensor cores take q itself,
-// as the 8-bit kernels do the same integers (the same sums, the same bits).
+// scales, `gemv_q5f*`): the low 4 bits as at 4 bits, the fifth bits of the lane's 16
+// weights (Q5Words: bits 0 .. 7 and 16 .. 23) pair p's (weights 2p, 2p + 1) of column g at
+// bits p and 16 + p, of column g + 8 at 4 + p and 20 + p, so that one constant shift (none
+// for column g + 8's first) puts either's at bits 4 and 20: or'ed into the pair, 1024 + q
+// as halves. The tensor cores take q itself, as the 8-bit kernels do the same integers
+// (the same sums, the same bits).
 template <typename S>
 struct WeightsQ5T : BlockTiles<Q5Words, S> {
     using Tile = typename BlockTiles<Q5Words, S>::Tile;
     static constexpr int BATCH = 6;
     static constexpr float CENTER = 0.0f;
-    static __device__ __forceinline__ u32 spread(u32 byte) {
-        return ((byte & 0x0fu) << 4) | ((byte & 0xf0u) << 16);
-    }
-    static __device__ __forceinline__ u32 pair(u32 word, u32 fifth, int p) {
-        u32 high = ((fifth >> p) & 0x00100010u) | 0x64006400u;
-        return hsub2(and_or(word >> (4 * p), 0x000f000fu, high), 0x64006400u);
+    // Column H's (0: g, 1: g + 8) pair P: 1024 + q − 1024 as halves.
+    template <int H, int P>
+    static __device__ __forceinline__ u32 pair(u32 word, u32 fifth) {
+        u32 h = H == 0 ? fifth << (4 - P) : fifth >> P;
+        u32 top = and_or(h, 0x00100010u, 0x64006400u);
+        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), 0x64006400u);
     }
     __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
-        u32 fg = spread(v.w.high & 0xffu), fh = spread(v.w.high >> 8);
-        u32 x = v.w.lo.x, y = v.w.lo.y;
-        a0[0] = pair(x, fg, 0), a0[1] = pair(y, fh, 0), a0[2] = pair(x, fg, 1), a0[3] = pair(y, fh, 1);
-        a1[0] = pair(x, fg, 2), a1[1] = pair(y, fh, 2), a1[2] = pair(x, fg, 3), a1[3] = pair(y, fh, 3);
+        u32 x = v.w.lo.x, y = v.w.lo.y, f = v.w.high;
+        a0[0] = pair<0, 0>(x, f), a0[1] = pair<1, 0>(y, f);
+        a0[2] = pair<0, 1>(x, f), a0[3] = pair<1, 1>(y, f);
+        a1[0] = pair<0, 2>(x, f), a1[1] = pair<1, 2>(y, f);
+        a1[2] = pair<0, 3>(x, f), a1[3] = pair<1, 3>(y, f);
     }
 };
 using WeightsQ5 = WeightsQ5T<ScalesF16>;

@@ -1001,11 +1001,12 @@ impl QuantRows {
     }
 
     /// At 5 and 6 bits, where weight `c` of row `j`'s bits past the low 4 start in `q`. At
-    /// 5: the 16 words after a tile's 64 of low bits, lane `l`'s half word `l % 2` of word
-    /// `l / 2`, a byte a row (`g`, then `g + 8`), weight `2p`'s bit `p` and `2p + 1`'s bit
-    /// `4 + p`. At 6: the 32 words after them, lane `l`'s word `l`, weights `2p + s` (`s`
-    /// 0, 1) two bits at `4 + 2p + 16s` for row `g` and at `[12, 14, 0, 2][p] + 16s` for
-    /// `g + 8` (the shifts `gemv_q6h` makes, `kernels/cuda/gemv.cu`'s WeightsQ6T).
+    /// 5: the 16 words after a tile's 64 of low bits, lane `l`'s in word `l / 2` (bits 0 ..
+    /// 8 and 16 .. 24, 8 more for an odd lane), weights `2p + s` (`s` 0, 1) at `p + 16s`
+    /// for row `g` and at `4 + p + 16s` for `g + 8`. At 6: the 32 words after them, lane
+    /// `l`'s word `l`, weights `2p + s` two bits at `4 + 2p + 16s` for row `g` and at
+    /// `[12, 14, 0, 2][p] + 16s` for `g + 8`. (The shifts `gemv_q5*` and `gemv_q6h` make:
+    /// `kernels/cuda/gemv.cu`'s WeightsQ5T, WeightsQ6T.)
     fn place_high(&self, j: usize, c: usize) -> (usize, u32) {
         let (word, bit) = self.high_places((j % GROUP) / 8)[c % BLOCK];
         (self.high_base(j, c / BLOCK) + word, bit)
@@ -1036,7 +1037,7 @@ impl QuantRows {
                 };
                 (t, (at + 16 * s) as u32)
             } else {
-                (t / 2, (16 * (t % 2) + 8 * hi + 4 * s + p) as u32)
+                (t / 2, (8 * (t % 2) + 4 * hi + p + 16 * s) as u32)
             }
         })
     }
