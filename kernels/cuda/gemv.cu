@@ -43,7 +43,8 @@
 // 5- or 8-bit blocks (`gemv_q4*`, `gemv_q5*`, `gemv_q8*`: WeightsQ4, WeightsQ5, WeightsQ8
 // below; the K-quants' under factored or f32 scales, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`,
 // `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsQ6; IQ4's levels
-// from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4), one template.
+// from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4; Q4_0's, Q5_0's, Q8_0's and
+// IQ4_NL's under their scales alone, `gemv_q4s*`, ...: ScalesF16D), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -215,7 +216,7 @@ __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
 // which take fewer bytes).
 template <typename Word>
 struct ScalesPairs {
-    static constexpr bool STAGED = false;
+    static constexpr bool STAGED = false, OFFSETS = true;
     struct Held {
         Word lo, hi;
     };
@@ -238,6 +239,31 @@ struct ScalesPairs {
 using ScalesF16 = ScalesPairs<u32>;
 using ScalesF32 = ScalesPairs<uint2>;
 
+// A scale d a column and block, no offset (m = 0 after the tensor cores' centring: Q8_0's
+// and IQ4_NL's m, Q4_0's −8d, Q5_0's −16d): an f16 a column and block, the blocks' 16 in
+// order, half the bytes of f16 pairs (`gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`,
+// `gemv_iq4s*`), and no inputs' sums to add.
+struct ScalesF16D {
+    static constexpr bool STAGED = false, OFFSETS = false;
+    struct Held {
+        unsigned short lo, hi;
+    };
+    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
+                                                int g) {
+        const unsigned short* t =
+            reinterpret_cast<const unsigned short*>(s) + ((size_t)G * nb + B) * 16 + g;
+        return Held{t[0], t[8]};
+    }
+    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
+                                                 float& m1) {
+        d0 = h2f((half_t)h.lo), d1 = h2f((half_t)h.hi), m0 = 0.0f, m1 = 0.0f;
+    }
+    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
+                                                    int blocks) {
+        prefetch_span(s + ((size_t)G * nb + B0) * 8, blocks * 32);
+    }
+};
+
 // Factored: a group's words are its blocks' (8 a block: word g holds columns g and g + 8's
 // multiples n as signed bytes, d then m of column g, then of g + 8), then its
 // super-blocks' (16 each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and
@@ -248,7 +274,7 @@ using ScalesF32 = ScalesPairs<uint2>;
 // a column pair would otherwise each make the same four, a conversion and a product each,
 // beside the weights' loads); the tiles hold no scales.
 struct ScalesFactored {
-    static constexpr bool STAGED = true;
+    static constexpr bool STAGED = true, OFFSETS = true;
     struct Held {};
     static __device__ __forceinline__ size_t group_words(int nb) {
         return (size_t)nb * 8 + (size_t)(nb + 7) / 8 * 16;
@@ -356,7 +382,7 @@ struct BlockTiles {
     const u32* __restrict__ q;  // from the product's first block of 32 (tiles_from)
     const u32* __restrict__ s;  // the whole rows' scales
     int k, n, kt, kb0;          // kb0: the product's first block of the rows' kt / 32
-    static constexpr bool SCALED = true, OFFSETS = true, HALVES = false, STAGED = S::STAGED;
+    static constexpr bool SCALED = true, OFFSETS = S::OFFSETS, HALVES = false, STAGED = S::STAGED;
     static constexpr int TILE_WORDS = TileShape<Words>::WORDS;
     using Scales = S;
     struct Tile {
@@ -394,6 +420,7 @@ struct WeightsQ4T : BlockTiles<uint2, S> {
     }
 };
 using WeightsQ4 = WeightsQ4T<ScalesF16>;
+using WeightsQ4S = WeightsQ4T<ScalesF16D>;
 using WeightsQ4F = WeightsQ4T<ScalesFactored>;
 using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
 
@@ -403,18 +430,19 @@ using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
 // bits p and 16 + p, of column g + 8 at 4 + p and 20 + p, so that one constant shift (none
 // for column g + 8's first) puts either's at bits 4 and 20: or'ed into the pair, 1024 + q
 // as halves. The tensor cores take q itself, as the 8-bit kernels do the same integers
-// (the same sums, the same bits).
+// (the same sums, the same bits); without offsets (Q5_0's scale alone, `gemv_q5s*`), q − 16.
 template <typename S>
 struct WeightsQ5T : BlockTiles<Q5Words, S> {
     using Tile = typename BlockTiles<Q5Words, S>::Tile;
     static constexpr int BATCH = 6;
     static constexpr float CENTER = 0.0f;
-    // Column H's (0: g, 1: g + 8) pair P: 1024 + q − 1024 as halves.
+    static constexpr u32 BIAS = S::OFFSETS ? 0x64006400u : 0x64106410u;
+    // Column H's (0: g, 1: g + 8) pair P: 1024 + q − BIAS as halves.
     template <int H, int P>
     static __device__ __forceinline__ u32 pair(u32 word, u32 fifth) {
         u32 h = H == 0 ? fifth << (4 - P) : fifth >> P;
         u32 top = and_or(h, 0x00100010u, 0x64006400u);
-        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), 0x64006400u);
+        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), BIAS);
     }
     __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
         u32 x = v.w.lo.x, y = v.w.lo.y, f = v.w.high;
@@ -425,6 +453,7 @@ struct WeightsQ5T : BlockTiles<Q5Words, S> {
     }
 };
 using WeightsQ5 = WeightsQ5T<ScalesF16>;
+using WeightsQ5S = WeightsQ5T<ScalesF16D>;
 using WeightsQ5F = WeightsQ5T<ScalesFactored>;
 
 // 6-bit (Q6_K's integers, q − 32 for q in 0 .. 63, under factored scales per 16,
@@ -496,6 +525,7 @@ struct WeightsIq4T : BlockTiles<uint2, S> {
     }
 };
 using WeightsIq4 = WeightsIq4T<ScalesF16>;
+using WeightsIq4S = WeightsIq4T<ScalesF16D>;
 using WeightsIq4F = WeightsIq4T<ScalesFactored>;
 
 // 8-bit (Q8_0, m = 0; with factored scales the 8-bit layouts of K-quant sub-blocks, or
@@ -505,7 +535,7 @@ using WeightsIq4F = WeightsIq4T<ScalesFactored>;
 template <typename S, bool H>
 struct WeightsQ8T : BlockTiles<uint4, S> {
     using Tile = typename BlockTiles<uint4, S>::Tile;
-    static constexpr bool OFFSETS = !H, HALVES = H;
+    static constexpr bool OFFSETS = !H && S::OFFSETS, HALVES = H;
     static constexpr int BATCH = 4;
     static constexpr float CENTER = 0.0f;
     // Weights 2p, 2p + 1 of the piece in words (lo, hi), as halves.
@@ -522,6 +552,7 @@ struct WeightsQ8T : BlockTiles<uint4, S> {
     }
 };
 using WeightsQ8 = WeightsQ8T<ScalesF16, false>;
+using WeightsQ8S = WeightsQ8T<ScalesF16D, false>;
 using WeightsQ8F = WeightsQ8T<ScalesFactored, false>;
 using WeightsQ8H = WeightsQ8T<ScalesFactored, true>;
 using WeightsQ8F32 = WeightsQ8T<ScalesF32, false>;
@@ -1399,6 +1430,154 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 4-bit integers under a scale alone (Q4_0: m = −8d).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4S ws = pdl_begin_prefetch(tiles_from<WeightsQ4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4S ws = pdl_begin_prefetch(tiles_from<WeightsQ4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ4S ws = pdl_begin_prefetch(tiles_from<WeightsQ4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4S ws = pdl_begin_prefetch(tiles_from<WeightsQ4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 5-bit integers under a scale alone (Q5_0: m = −16d).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5S ws = pdl_begin_prefetch(tiles_from<WeightsQ5S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5S ws = pdl_begin_prefetch(tiles_from<WeightsQ5S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ5S ws = pdl_begin_prefetch(tiles_from<WeightsQ5S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ5S ws = pdl_begin_prefetch(tiles_from<WeightsQ5S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 8-bit integers under a scale alone (Q8_0).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8S ws = pdl_begin_prefetch(tiles_from<WeightsQ8S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8S ws = pdl_begin_prefetch(tiles_from<WeightsQ8S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ8S ws = pdl_begin_prefetch(tiles_from<WeightsQ8S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ8S ws = pdl_begin_prefetch(tiles_from<WeightsQ8S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// IQ4's levels under a scale alone (IQ4_NL).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

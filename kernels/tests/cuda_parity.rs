@@ -867,17 +867,25 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q4_K => "q4f",
             GgmlType::Q5_K => "q5f",
             GgmlType::IQ4_XS => "iq4f",
-            GgmlType::IQ4_NL => "iq4",
+            GgmlType::IQ4_NL => "iq4s",
             GgmlType::Q6_K => "q6h",
-            GgmlType::Q5_1 | GgmlType::Q5_0 => "q5",
-            GgmlType::Q8_0 => "q8",
+            GgmlType::Q5_1 => "q5",
+            GgmlType::Q5_0 => "q5s",
+            GgmlType::Q8_0 => "q8s",
+            GgmlType::Q4_0 => "q4s",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
         // The K-quants' scales the other way too (as f32 pairs, `gemv_q4f32`,
-        // `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against the factored).
+        // `gemv_q8f32`, `gemv_q8h32`: each kept to be timed against the factored); the
+        // file blocks' scales alone as f16 pairs too (`gemv_q4`, `gemv_q8`, `gemv_iq4`,
+        // `gemv_q5`).
         let other = match rows.scales {
             Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves => None,
+            Scales::F16Scales => Some((
+                Scales::F16Pairs,
+                want_kind.trim_end_matches('s').to_string(),
+            )),
             Scales::Factored | Scales::FactoredHalves => Some((
                 Scales::F32Pairs,
                 match (rows.bits, rows.scales) {
@@ -890,8 +898,11 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         };
         let other_form = other.map(|(scales, kind)| {
             let m = kernels::model::matrix_of(ty, n, k, &blocks);
-            let r = QuantRows::from_packed_as(m.packed_values().unwrap(), scales)
-                .expect("the other scales");
+            let r = match m.file_blocks() {
+                Some((held, data)) => QuantRows::from_blocks_as(held, data, n, k, scales),
+                None => QuantRows::from_packed_as(m.packed_values().unwrap(), scales),
+            };
+            let r = r.expect("the other scales");
             let b = [QuantBuf::upload(g, &r).unwrap()];
             assert_eq!(b[0].kind(), Some(kind.as_str()), "{ty:?}");
             b
@@ -910,8 +921,10 @@ fn gemv_quant_case<E: Exec>(g: &E) {
                 assert!(e < 1e-5, "{}: {ty:?}, {m} rows of {k}: {e}", g.describe());
                 got.push(y);
             }
-            // The same scales, the same sums in the same order: the same bits.
-            if let [a, b] = &got[..] {
+            // The same scales, the same sums in the same order: the same bits (but for
+            // Q5_0's, whose pairs take `q` and the offset `−16d` where its scale alone
+            // takes `q − 16`: another sum, within the same bound).
+            if let ([a, b], false) = (&got[..], ty == GgmlType::Q5_0) {
                 assert!(
                     a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{ty:?}, {m} rows"
@@ -1131,7 +1144,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
     ];
     let (parts, w) = stack_of(g, &mut rng, &odd, k);
     let kinds: Vec<_> = parts.iter().map(|q| q.kind().unwrap()).collect();
-    assert_eq!(kinds, ["q8", "q8", "q4f"], "{what}");
+    assert_eq!(kinds, ["q8s", "q8s", "q4f"], "{what}");
     let n = 112;
     for m in [1, 3, 8, 9, 16] {
         let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
@@ -2044,11 +2057,12 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
     // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
-    // integers), gemv_q6h (Q6_K's at 6 bits) and
+    // integers), gemv_q6h (Q6_K's at 6 bits), gemv_q4s / gemv_q5s / gemv_q8s / gemv_iq4s
+    // (scales alone) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 85, "{names:?}");
+    assert_eq!(rows.len(), 97, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2065,6 +2079,10 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8h32 small 9×64·64×96",
         "gemv_q4f+q6h small 3×64·64×96",
         "gemv_q6h small 1×64·64×96",
+        "gemv_q4s small 9×64·64×96",
+        "gemv_q5s small 3×64·64×96",
+        "gemv_q8s small 1×64·64×96",
+        "gemv_iq4s small 9×64·64×96",
         "gemv_iq4 small 3×64·64×96",
         "gemv_iq4f small 9×64·64×96",
         "gemv_q5 small 1×64·64×96",

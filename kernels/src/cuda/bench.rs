@@ -745,7 +745,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // Q5_1's; `gemv_q5f`, Q5_K's), and Q6_K's at 6 bits (`gemv_q6h`, against its 8-bit
         // form `gemv_q8h`); a product of the QKV's width also as Q4_K_M's stack of two as
         // the backend holds it (Q4_K Q and K, Q6_K V at 6 bits, factored: a launch each).
-        use gemv::Scales::{F16Pairs, F32Halves, F32Pairs, Factored, FactoredHalves};
+        // Where the offsets are the kernels' centres' (Q4_0, Q5_0, Q8_0, IQ4_NL), the file
+        // blocks' scales alone too (`gemv_q4s`, `gemv_q5s`, `gemv_q8s`, `gemv_iq4s`).
+        use gemv::Scales::{F16Pairs, F16Scales, F32Halves, F32Pairs, Factored, FactoredHalves};
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, iq4: bool, rows: usize| {
             let padded = rows.next_multiple_of(16);
@@ -773,6 +775,10 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             (5, F16Pairs, false),
             (5, Factored, false),
             (6, FactoredHalves, false),
+            (4, F16Scales, false),
+            (5, F16Scales, false),
+            (8, F16Scales, false),
+            (4, F16Scales, true),
         ]
         .into_iter()
         .map(|(bits, scales, iq4)| Ok(vec![part(bits, scales, iq4, n)?]))

@@ -7,7 +7,8 @@
 //! work in its epilogue ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the
 //! file's own blocks ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`,
 //! `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values; `gemv_q5*`
-//! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under factored scales, staged in
+//! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under their scales alone where the
+//! offsets are none, `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`, `gemv_iq4s*`; under factored scales, staged in
 //! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
 //! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
 //! stack whose parts are of different layouts (Q4_K_M's QKV, its V
@@ -163,12 +164,16 @@ impl<E: Exec> QuantBuf<E> {
         if self.iq4 {
             return match (self.bits, self.scales) {
                 (4, Scales::F16Pairs) => Some("iq4"),
+                (4, Scales::F16Scales) => Some("iq4s"),
                 (4, Scales::Factored) => Some("iq4f"),
                 _ => None,
             };
         }
         Some(match (self.bits, self.scales) {
             (4, Scales::F16Pairs) => "q4",
+            (4, Scales::F16Scales) => "q4s",
+            (5, Scales::F16Scales) => "q5s",
+            (8, Scales::F16Scales) => "q8s",
             (4, Scales::Factored) => "q4f",
             (5, Scales::F16Pairs) => "q5",
             (5, Scales::Factored) => "q5f",
@@ -485,8 +490,8 @@ fn product<E: Exec>(
 
 /// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
 /// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cu`): a candidate against `gemv_f16` for
-/// products of a few rows, which read 5 (Q4_0, Q4_1, IQ4_NL), 6 (Q5_1, Q5_0) or 9 (Q8_0) bits a
-/// weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32,
+/// products of a few rows, which read 4.5 (Q4_0, IQ4_NL), 5 (Q4_1), 5.5 (Q5_0), 6 (Q5_1)
+/// or 8.5 (Q8_0) bits a weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32,
 /// the value the file's block dequantizes to (`quant::dequantize_row`). The K-quant layouts' scales, which f16 would
 /// round, are held factored as the file holds them, an f16 a super-block of 256 times a
 /// signed byte a block ([`Scales::Factored`]: `gemv_q4f`, `gemv_q8f`, `gemv_q6h`), or as
@@ -546,6 +551,12 @@ pub enum Scales {
     /// they take 0.625: any scales that neither f16 nor factoring holds
     /// ([`QuantRows::from_packed`]), and `TOLLGATE_KQUANT_SCALES=f32`.
     F32Pairs,
+    /// `d` alone as f16 bits, a half a row and block, the blocks' 16 in order (half
+    /// the bytes of [`Scales::F16Pairs`]: 0.5 bits a weight), where every offset `m` is
+    /// `−c · d` for the centre `c` the kernel subtracts from the integers ([`center`]: 8 at
+    /// 4 bits, 16 at 5, 0 at 8 and for IQ4's levels): Q4_0, Q5_0, Q8_0, IQ4_NL (`gemv_q4s`,
+    /// `gemv_q5s`, `gemv_q8s`, `gemv_iq4s`; no offsets, so no inputs' sums either).
+    F16Scales,
     /// As [`Scales::F32Pairs`], the halves' scales (`gemv_q8h32`).
     F32Halves,
 }
@@ -555,6 +566,7 @@ impl Scales {
     pub fn group_words(self, nb: usize) -> usize {
         match self {
             Scales::F16Pairs => nb * GROUP,
+            Scales::F16Scales => nb * GROUP / 2,
             Scales::F32Pairs | Scales::F32Halves => nb * GROUP * 2,
             Scales::Factored | Scales::FactoredHalves => nb * 8 + nb.div_ceil(SUPER) * 16,
         }
@@ -570,6 +582,18 @@ impl Scales {
 
 /// Blocks of 32 a super-block of the factored scales: 256 weights, a K-quant's.
 const SUPER: usize = 8;
+
+/// What the kernels subtract from `bits`-bit integers before the tensor cores take them
+/// under a scale alone ([`Scales::F16Scales`]): 8 at 4 bits, 16 at 5 (Q4_0's and Q5_0's
+/// `q − 8`, `q − 16`), 0 at 8 bits and for IQ4's levels (and at 6: Q6_K's `q − 32` is its
+/// layout's own, under the halves' scales).
+fn center(bits: u32, iq4: bool) -> f32 {
+    match (bits, iq4) {
+        (4, false) => 8.0,
+        (5, _) => 16.0,
+        _ => 0.0,
+    }
+}
 
 /// A block's integers `v` as `times · (q − 16)` with `q` in 0..32, `times` the largest of
 /// 4, 2, 1 that holds them all (Q5_0's as the CPU holds them); `None` where none does.
@@ -673,11 +697,28 @@ impl QuantRows {
     /// integers are all IQ4's levels, IQ4_NL's, as their 4-bit indices, or all Q5_0's
     /// `times · (q − 16)`, as `q` at 5 bits); `None` for other types, or where `data` is
     /// not that many blocks.
+    /// Their scales alone ([`Scales::F16Scales`]) where every offset is the kernel's
+    /// centre's (Q4_0's `−8d`, Q8_0's 0: half the scales' bytes, no inputs' sums), else
+    /// f16 pairs.
     pub fn from_blocks(
         ty: crate::gguf::GgmlType,
         data: &[u8],
         rows: usize,
         k: usize,
+    ) -> Option<Self> {
+        [Scales::F16Scales, Scales::F16Pairs]
+            .into_iter()
+            .find_map(|scales| Self::from_blocks_as(ty, data, rows, k, scales))
+    }
+
+    /// [`QuantRows::from_blocks`] with the scales held as `scales` says (f16 pairs or
+    /// scales alone); `None` where they cannot be.
+    pub fn from_blocks_as(
+        ty: crate::gguf::GgmlType,
+        data: &[u8],
+        rows: usize,
+        k: usize,
+        scales: Scales,
     ) -> Option<Self> {
         use crate::gguf::GgmlType;
         let bits = match ty {
@@ -685,6 +726,9 @@ impl QuantRows {
             GgmlType::Q8_0 => 8,
             _ => return None,
         };
+        if !matches!(scales, Scales::F16Pairs | Scales::F16Scales) {
+            return None;
+        }
         if !k.is_multiple_of(BLOCK) || data.len() != rows * k / BLOCK * ty.block_bytes() {
             return None;
         }
@@ -696,13 +740,11 @@ impl QuantRows {
             (vals, [d, m])
         };
         if bits == 4 {
-            return Self::build(bits, Scales::F16Pairs, false, rows, k, |j, blk| {
-                Some(block(j, blk))
-            });
+            return Self::build(bits, scales, false, rows, k, |j, blk| Some(block(j, blk)));
         }
         // Q5_0's values, which the CPU holds as Q8_0 of `d/4` and `4(q − 16)` (or `d/2`,
         // `d`): at 5 bits, `q` under `d` and the offset `−16d`.
-        Self::narrowest(Scales::F16Pairs, true, rows, k, block, |vals, [d, _]| {
+        Self::narrowest(scales, true, rows, k, block, |vals, [d, _]| {
             let (q, times) = five_bits(&vals)?;
             let d = d * times as f32;
             Some((q, [d, -16.0 * d]))
@@ -736,7 +778,7 @@ impl QuantRows {
             let halves = match scales {
                 Scales::Factored | Scales::FactoredHalves => Scales::FactoredHalves,
                 Scales::F32Pairs | Scales::F32Halves => Scales::F32Halves,
-                Scales::F16Pairs => return None,
+                Scales::F16Pairs | Scales::F16Scales => return None,
             };
             if bits != 8 || p.has_mins() {
                 return None;
@@ -763,6 +805,8 @@ impl QuantRows {
         let pairs = match scales {
             Scales::FactoredHalves => Scales::Factored,
             Scales::F32Halves => Scales::F32Pairs,
+            // The file blocks' form ([`QuantRows::from_blocks`]), not the packed one's.
+            Scales::F16Scales => return None,
             s => s,
         };
         let block = |j: usize, i: usize| {
@@ -893,24 +937,42 @@ impl QuantRows {
                         }
                     }
                 }
-                Self::scale_words(scales, nb, &pairs, s)
+                Self::scale_words(scales, center(bits, iq4), nb, &pairs, s)
             })?;
         (r.q, r.s) = (q, s);
         Some(r)
     }
 
     /// A group's scale words (`out`, [`Scales`]' layout) from its 16 rows' pairs
-    /// (`pairs[row · nb + block]`); `None` where `scales` cannot hold them exactly.
-    fn scale_words(scales: Scales, nb: usize, pairs: &[[f32; 2]], out: &mut [u32]) -> Option<()> {
+    /// (`pairs[row · nb + block]`); `None` where `scales` cannot hold them exactly (with
+    /// [`Scales::F16Scales`], where an offset is not `−c · d`, `c` the kernel's `center`).
+    fn scale_words(
+        scales: Scales,
+        center: f32,
+        nb: usize,
+        pairs: &[[f32; 2]],
+        out: &mut [u32],
+    ) -> Option<()> {
+        let bits16 = |v: f32| {
+            let h = f16::from_f32(v);
+            (h.to_f32() == v).then_some(u32::from(h.to_bits()))
+        };
         match scales {
             Scales::F16Pairs => {
-                let bits16 = |v: f32| {
-                    let h = f16::from_f32(v);
-                    (h.to_f32() == v).then_some(u32::from(h.to_bits()))
-                };
                 for (r, row) in pairs.chunks_exact(nb).enumerate() {
                     for (blk, &[d, m]) in row.iter().enumerate() {
                         out[blk * GROUP + r] = bits16(d)? | bits16(m)? << 16;
+                    }
+                }
+            }
+            Scales::F16Scales => {
+                for (r, row) in pairs.chunks_exact(nb).enumerate() {
+                    for (blk, &[d, m]) in row.iter().enumerate() {
+                        if m != -center * d {
+                            return None;
+                        }
+                        let at = blk * GROUP + r;
+                        out[at / 2] |= bits16(d)? << (16 * (at % 2));
                     }
                 }
             }
@@ -1068,6 +1130,10 @@ impl QuantRows {
         // The pair (d, m), or the halves' scales: as the kernels make them.
         let pair = |i: usize| match self.scales {
             Scales::F16Pairs => half(group[blk * GROUP + r] >> (16 * i)),
+            Scales::F16Scales => {
+                let at = blk * GROUP + r;
+                [half(group[at / 2] >> (16 * (at % 2))), 0.0][i]
+            }
             Scales::F32Pairs | Scales::F32Halves => {
                 f32::from_bits(group[(blk * GROUP + r) * 2 + i])
             }
@@ -1079,6 +1145,8 @@ impl QuantRows {
         };
         match self.scales {
             Scales::FactoredHalves | Scales::F32Halves => pair((c % BLOCK) / 16) * q,
+            // The tensor cores take `q − c`, under `d`.
+            Scales::F16Scales => pair(0) * (q - center(self.bits, self.iq4)),
             _ => pair(0).mul_add(q, pair(1)),
         }
     }
@@ -1126,7 +1194,8 @@ mod tests {
     use crate::quant;
 
     /// Each weight read back from the layout as the kernels read it (`d · q + m` in f32,
-    /// one rounding) is the value the file's block dequantizes to, bit for bit.
+    /// one rounding; `d · (q − c)` under a scale alone) is the value the file's block
+    /// dequantizes to.
     #[test]
     fn quantized_rows_hold_the_files_values() {
         let (rows, k) = (3, 96);
@@ -1143,23 +1212,30 @@ mod tests {
             let mut want = vec![0f32; rows * k];
             quant::dequantize_row(ty, &blocks, &mut want);
             let r = QuantRows::from_blocks(ty, &blocks, rows, k).expect("a kernel layout");
-            // Rows padded to a tile of 16.
+            // Q4_0's and Q8_0's scales alone (their offsets the kernels' centres': −8d, 0),
+            // Q4_1's pairs. Rows padded to a tile of 16.
+            let (scales, words) = match ty {
+                GgmlType::Q4_1 => (Scales::F16Pairs, 16 * k / 32),
+                _ => (Scales::F16Scales, 16 * k / 64),
+            };
             assert_eq!(
-                (r.q.len(), r.s.len()),
-                (16 * k * r.bits as usize / 32, 16 * k / 32)
+                (r.scales, r.q.len(), r.s.len()),
+                (scales, 16 * k * r.bits as usize / 32, words),
+                "{ty:?}"
             );
             for (i, &want) in want.iter().enumerate() {
-                let got = r.weight(i / k, i % k);
-                assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {i}");
+                // Equal as numbers: Q4_0's `d · (q − 8)` is −0 at `q = 8` under a negative
+                // `d`, where the file's arithmetic gives 0.
+                assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }
         }
         // IQ4_NL and Q5_0, which the CPU holds as Q8_0 blocks (of IQ4's levels; of
-        // `4(q − 16)` under `d/4`): IQ4's 4-bit indices under the same f16 pairs (5 bits a
-        // weight, where the Q8_0 blocks take 9), Q5_0's `q` at 5 bits under `d` and `−16d`
-        // (6 bits).
-        for (ty, bits, iq4, per_weight) in [
-            (GgmlType::IQ4_NL, 4, true, 5),
-            (GgmlType::Q5_0, 5, false, 6),
+        // `4(q − 16)` under `d/4`): IQ4's 4-bit indices under the same scales alone (4.5
+        // bits a weight, where the Q8_0 blocks take 9), Q5_0's `q` at 5 bits under `d`
+        // alone, the kernel taking `q − 16` (5.5 bits). In half bits a weight:
+        for (ty, bits, iq4, half_bits) in [
+            (GgmlType::IQ4_NL, 4, true, 9),
+            (GgmlType::Q5_0, 5, false, 11),
         ] {
             let (rows, k) = (16, 64);
             let mut blocks = Vec::new();
@@ -1175,10 +1251,10 @@ mod tests {
             let r = QuantRows::from_blocks(held, data, rows, k).expect("a kernel layout");
             assert_eq!(
                 (r.iq4, r.bits, r.scales),
-                (iq4, bits, Scales::F16Pairs),
+                (iq4, bits, Scales::F16Scales),
                 "{ty:?}"
             );
-            assert_eq!(r.bytes() * 8, rows * k * per_weight, "{ty:?}");
+            assert_eq!(r.bytes() * 16, rows * k * half_bits, "{ty:?}");
             for (i, &want) in want.iter().enumerate() {
                 assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }
