@@ -44,7 +44,8 @@
 // below; the K-quants' under factored or f32 scales, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`,
 // `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsQ6; IQ4's levels
 // from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4; Q4_0's, Q5_0's, Q8_0's and
-// IQ4_NL's under their scales alone, `gemv_q4s*`, ...: ScalesF16D), one template.
+// IQ4_NL's under their scales alone, `gemv_q4s*`, ...: ScalesF16D; Q3_K's at 4 bits
+// under its scales per 16, `gemv_q4h*`: WeightsQ4H), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -423,6 +424,13 @@ using WeightsQ4 = WeightsQ4T<ScalesF16>;
 using WeightsQ4S = WeightsQ4T<ScalesF16D>;
 using WeightsQ4F = WeightsQ4T<ScalesFactored>;
 using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
+
+// 4-bit integers with a scale per 16, factored (Q3_K's, `gemv_q4h*`: its 3-bit q, or the
+// CPU's sc·q over the greatest divisor of each 16, + 8): pieces as with Q6_K's scale per
+// 16, the tensor cores taking q − 8; no offsets.
+struct WeightsQ4H : WeightsQ4T<ScalesFactored> {
+    static constexpr bool OFFSETS = false, HALVES = true;
+};
 
 // 5-bit (Q5_1's integers 0 .. 31 under f16 pairs, `gemv_q5*`; Q5_K's under factored
 // scales, `gemv_q5f*`): the low 4 bits as at 4 bits, the fifth bits of the lane's 16
@@ -1578,6 +1586,43 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 4-bit integers under factored scales per 16 (Q3_K).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

@@ -820,6 +820,8 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 /// at 8, `gemv_q8h32`; IQ4_XS's
 /// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`; Q5_K's
 /// integers at 5 bits, `gemv_q5f`, and at 8, `gemv_q8f32`), IQ4_NL's levels (`gemv_iq4`),
+/// Q3_K's integers at 4 bits under their scales per 16 (`gemv_q4h`; and as the CPU's
+/// Q8_0 blocks, `gemv_q8s`),
 /// `gemv_q5` over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
@@ -851,6 +853,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         (GgmlType::Q4_1, 4096, 41),
         (GgmlType::IQ4_NL, 576, 50),
         (GgmlType::Q5_0, 576, 48),
+        (GgmlType::Q3_K, 1024, 48),
     ];
     for &(ty, k, n) in cases.iter().chain(k_quants) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
@@ -873,6 +876,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q5_0 => "q5s",
             GgmlType::Q8_0 => "q8s",
             GgmlType::Q4_0 => "q4s",
+            GgmlType::Q3_K => "q4h",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
@@ -882,6 +886,11 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         // `gemv_q5`).
         let other = match rows.scales {
             Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves => None,
+            // Q3_K's integers at 4 bits under their scales per 16, and as the CPU's Q8_0
+            // blocks of `sc · q` (`gemv_q8s`).
+            Scales::FactoredHalves if ty == GgmlType::Q3_K => {
+                Some((Scales::F16Scales, "q8s".to_string()))
+            }
             Scales::F16Scales => Some((
                 Scales::F16Pairs,
                 want_kind.trim_end_matches('s').to_string(),
@@ -923,8 +932,9 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             }
             // The same scales, the same sums in the same order: the same bits (but for
             // Q5_0's, whose pairs take `q` and the offset `−16d` where its scale alone
-            // takes `q − 16`: another sum, within the same bound).
-            if let ([a, b], false) = (&got[..], ty == GgmlType::Q5_0) {
+            // takes `q − 16`, and Q3_K's, summed a 16 at a time or a 32: other sums, within
+            // the same bound).
+            if let ([a, b], false) = (&got[..], matches!(ty, GgmlType::Q5_0 | GgmlType::Q3_K)) {
                 assert!(
                     a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{ty:?}, {m} rows"
@@ -948,8 +958,8 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(&seven), &mut y, 1, k, n).is_err(),
             "7 bits"
         );
-        let halves4 = [QuantBuf {
-            bits: 4,
+        let halves5 = [QuantBuf {
+            bits: 5,
             scales: kernels::cuda::gemv::Scales::FactoredHalves,
             ..QuantBuf::upload(g, &rows).unwrap()
         }];
@@ -957,14 +967,14 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(
                 g,
                 Input::Rows(&xd),
-                Weights::Quant(&halves4),
+                Weights::Quant(&halves5),
                 &mut y,
                 1,
                 k,
                 n
             )
             .is_err(),
-            "4 bits with a scale per 16"
+            "5 bits with a scale per 16"
         );
         assert!(
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 1, k, n + 1).is_err(),
@@ -2058,11 +2068,11 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
     // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
     // integers), gemv_q6h (Q6_K's at 6 bits), gemv_q4s / gemv_q5s / gemv_q8s / gemv_iq4s
-    // (scales alone) and
+    // (scales alone), gemv_q4h (Q3_K's 4-bit integers under scales per 16) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 97, "{names:?}");
+    assert_eq!(rows.len(), 100, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2083,6 +2093,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q5s small 3×64·64×96",
         "gemv_q8s small 1×64·64×96",
         "gemv_iq4s small 9×64·64×96",
+        "gemv_q4h small 3×64·64×96",
         "gemv_iq4 small 3×64·64×96",
         "gemv_iq4f small 9×64·64×96",
         "gemv_q5 small 1×64·64×96",

@@ -10,7 +10,8 @@
 //! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under their scales alone where the
 //! offsets are none, `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`, `gemv_iq4s*`; under factored scales, staged in
 //! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
-//! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, or f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
+//! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, `gemv_q4h*` for Q3_K's at 4, or
+//! f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
 //! stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
@@ -181,6 +182,7 @@ impl<E: Exec> QuantBuf<E> {
             (8, Scales::F16Pairs) => "q8",
             (8, Scales::Factored) => "q8f",
             (8, Scales::FactoredHalves) => "q8h",
+            (4, Scales::FactoredHalves) => "q4h",
             (4, Scales::F32Pairs) => "q4f32",
             (8, Scales::F32Pairs) => "q8f32",
             (8, Scales::F32Halves) => "q8h32",
@@ -505,7 +507,8 @@ fn product<E: Exec>(
 /// to a multiple of 16 are zeros.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
-    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`; IQ4's indices), 5 (Q5_1,
+    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`; Q3_K's `q + 8` with a scale
+    /// per 16; IQ4's indices), 5 (Q5_1,
     /// Q5_K: `q` in 0..32), 6 (Q6_K's integers −32..32 as `q − 32`, `q` in 0..64, with a
     /// scale per 16: [`Scales::FactoredHalves`]) or 8 (Q8_0 and the 8-bit layouts the
     /// others become: `q` signed).
@@ -543,8 +546,8 @@ pub enum Scales {
     /// `D | M << 16`).
     Factored,
     /// As [`Scales::Factored`], the two halves' scales of each block in place of `d` and
-    /// `m` (a scale per 16, no offset: Q6_K's, `gemv_q6h` at 6 bits, `gemv_q8h` at 8),
-    /// each factored on its own.
+    /// `m` (a scale per 16, no offset: Q6_K's, `gemv_q6h` at 6 bits, `gemv_q8h` at 8;
+    /// Q3_K's, `gemv_q4h` at 4), each factored on its own.
     FactoredHalves,
     /// `d` and `m` as f32, two words a row and block, the blocks' 32 in order: the
     /// K-quants' unfactored (`gemv_q4f32`, `gemv_q8f32`), 2 bits a weight where factored
@@ -584,13 +587,14 @@ impl Scales {
 const SUPER: usize = 8;
 
 /// What the kernels subtract from `bits`-bit integers before the tensor cores take them
-/// under a scale alone ([`Scales::F16Scales`]): 8 at 4 bits, 16 at 5 (Q4_0's and Q5_0's
-/// `q − 8`, `q − 16`), 0 at 8 bits and for IQ4's levels (and at 6: Q6_K's `q − 32` is its
-/// layout's own, under the halves' scales).
+/// where there are no offsets (under a scale alone, [`Scales::F16Scales`], or a scale per
+/// 16): 8 at 4 bits, 16 at 5, 32 at 6 (Q4_0's and Q3_K's `q − 8`, Q5_0's `q − 16`, Q6_K's
+/// `q − 32`), 0 at 8 bits and for IQ4's levels.
 fn center(bits: u32, iq4: bool) -> f32 {
     match (bits, iq4) {
         (4, false) => 8.0,
         (5, _) => 16.0,
+        (6, _) => 32.0,
         _ => 0.0,
     }
 }
@@ -699,16 +703,63 @@ impl QuantRows {
     /// not that many blocks.
     /// Their scales alone ([`Scales::F16Scales`]) where every offset is the kernel's
     /// centre's (Q4_0's `−8d`, Q8_0's 0: half the scales' bytes, no inputs' sums), else
-    /// f16 pairs.
+    /// f16 pairs; first, Q8_0 blocks whose every 16 integers are a factor times 4-bit ones
+    /// (Q3_K's: [`QuantRows::by_sixteens`]).
     pub fn from_blocks(
         ty: crate::gguf::GgmlType,
         data: &[u8],
         rows: usize,
         k: usize,
     ) -> Option<Self> {
-        [Scales::F16Scales, Scales::F16Pairs]
-            .into_iter()
-            .find_map(|scales| Self::from_blocks_as(ty, data, rows, k, scales))
+        Self::by_sixteens(ty, data, rows, k).or_else(|| {
+            [Scales::F16Scales, Scales::F16Pairs]
+                .into_iter()
+                .find_map(|scales| Self::from_blocks_as(ty, data, rows, k, scales))
+        })
+    }
+
+    /// Q8_0 blocks whose every 16 integers are a common factor times 4-bit ones (−8..8):
+    /// Q3_K's, which the CPU holds as Q8_0 of `d` and `sc · q` (`q` in −4..4), as those
+    /// 4-bit integers (+ 8) under the halves' scales `d · g` (`g` the 16's greatest common
+    /// divisor, signed so that the integers fit), factored ([`Scales::FactoredHalves`],
+    /// `gemv_q4h`: 4.625 bits a weight where the blocks take 8.5). `None` for other
+    /// types, or at the first 16 that are no such multiples (a Q8_0 file's, in its first
+    /// block).
+    fn by_sixteens(ty: crate::gguf::GgmlType, data: &[u8], rows: usize, k: usize) -> Option<Self> {
+        use crate::gguf::GgmlType;
+        if ty != GgmlType::Q8_0
+            || !k.is_multiple_of(BLOCK)
+            || data.len() != rows * k / BLOCK * ty.block_bytes()
+        {
+            return None;
+        }
+        let nb = k / BLOCK;
+        Self::build(4, Scales::FactoredHalves, false, rows, k, |j, blk| {
+            let (vals, d, _) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            let mut q = [8; BLOCK];
+            let mut sc = [0f32; 2];
+            for (h, (half, out)) in vals
+                .chunks_exact(16)
+                .zip(q.chunks_exact_mut(16))
+                .enumerate()
+            {
+                let g = half.iter().fold(0, |g, v| gcd(g, v.unsigned_abs())) as i32;
+                if g == 0 {
+                    continue;
+                }
+                // 8 · g fits only negated.
+                let g = if half.contains(&(8 * g)) { -g } else { g };
+                for (o, v) in out.iter_mut().zip(half) {
+                    let x = v / g;
+                    if !(-8..8).contains(&x) {
+                        return None;
+                    }
+                    *o = x + 8;
+                }
+                sc[h] = d * g as f32;
+            }
+            Some((q, sc))
+        })
     }
 
     /// [`QuantRows::from_blocks`] with the scales held as `scales` says (f16 pairs or
@@ -1121,9 +1172,7 @@ impl QuantRows {
         } else if self.bits == 5 || self.bits == 6 {
             let (word, bit) = self.place_high(j, c);
             let high = self.q[word] >> bit & ((1 << (self.bits - 4)) - 1);
-            let q = (field & 15) | high << 4;
-            // Q6_K's integers as `q − 32`.
-            q as f32 - if self.bits == 6 { 32.0 } else { 0.0 }
+            ((field & 15) | high << 4) as f32
         } else {
             field as u8 as i8 as f32
         };
@@ -1143,10 +1192,12 @@ impl QuantRows {
                 half(sup >> (16 * i)) * f32::from(n)
             }
         };
+        // Without offsets the tensor cores take `q − c` (Q6_K's `q − 32`, ...), under `d`
+        // or the half's scale.
+        let taken = q - center(self.bits, self.iq4);
         match self.scales {
-            Scales::FactoredHalves | Scales::F32Halves => pair((c % BLOCK) / 16) * q,
-            // The tensor cores take `q − c`, under `d`.
-            Scales::F16Scales => pair(0) * (q - center(self.bits, self.iq4)),
+            Scales::FactoredHalves | Scales::F32Halves => pair((c % BLOCK) / 16) * taken,
+            Scales::F16Scales => pair(0) * taken,
             _ => pair(0).mul_add(q, pair(1)),
         }
     }
@@ -1229,15 +1280,17 @@ mod tests {
                 assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }
         }
-        // IQ4_NL and Q5_0, which the CPU holds as Q8_0 blocks (of IQ4's levels; of
-        // `4(q − 16)` under `d/4`): IQ4's 4-bit indices under the same scales alone (4.5
-        // bits a weight, where the Q8_0 blocks take 9), Q5_0's `q` at 5 bits under `d`
-        // alone, the kernel taking `q − 16` (5.5 bits). In half bits a weight:
-        for (ty, bits, iq4, half_bits) in [
-            (GgmlType::IQ4_NL, 4, true, 9),
-            (GgmlType::Q5_0, 5, false, 11),
+        // IQ4_NL, Q5_0 and Q3_K, which the CPU holds as Q8_0 blocks (of IQ4's levels; of
+        // `4(q − 16)` under `d/4`; of `sc · q`): IQ4's 4-bit indices under the same scales
+        // alone (4.5 bits a weight, where the Q8_0 blocks take 8.5), Q5_0's `q` at 5 bits
+        // under `d` alone, the kernel taking `q − 16` (5.5 bits), Q3_K's `q` at 4 bits
+        // under its scales per 16, factored (4.625).
+        for (ty, bits, iq4, scales, per_weight) in [
+            (GgmlType::IQ4_NL, 4, true, Scales::F16Scales, 4.5),
+            (GgmlType::Q5_0, 5, false, Scales::F16Scales, 5.5),
+            (GgmlType::Q3_K, 4, false, Scales::FactoredHalves, 4.625),
         ] {
-            let (rows, k) = (16, 64);
+            let (rows, k) = (16, 512);
             let mut blocks = Vec::new();
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
@@ -1249,12 +1302,12 @@ mod tests {
             let (held, data) = m.file_blocks().expect("Q8_0 blocks");
             assert_eq!(held, GgmlType::Q8_0);
             let r = QuantRows::from_blocks(held, data, rows, k).expect("a kernel layout");
+            assert_eq!((r.iq4, r.bits, r.scales), (iq4, bits, scales), "{ty:?}");
             assert_eq!(
-                (r.iq4, r.bits, r.scales),
-                (iq4, bits, Scales::F16Scales),
+                r.bytes() as f64 * 8.0,
+                (rows * k) as f64 * per_weight,
                 "{ty:?}"
             );
-            assert_eq!(r.bytes() * 16, rows * k * half_bits, "{ty:?}");
             for (i, &want) in want.iter().enumerate() {
                 assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }

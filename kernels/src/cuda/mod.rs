@@ -150,6 +150,10 @@ pub const SOURCES: &[Source] = &[
             "gemv_iq4s_norm",
             "gemv_iq4s_norm_rope",
             "gemv_iq4s_swiglu",
+            "gemv_q4h",
+            "gemv_q4h_norm",
+            "gemv_q4h_norm_rope",
+            "gemv_q4h_swiglu",
         ],
     },
     Source {
@@ -245,6 +249,10 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_iq4s_norm", 256),
     ("gemv_iq4s_norm_rope", 256),
     ("gemv_iq4s_swiglu", 256),
+    ("gemv_q4h", 256),
+    ("gemv_q4h_norm", 256),
+    ("gemv_q4h_norm_rope", 256),
+    ("gemv_q4h_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per
