@@ -42,7 +42,7 @@
 // Each of the four reads its weights as f16 rows (`gemv_f16*`) or as the file's own 4-,
 // 5- or 8-bit blocks (`gemv_q4*`, `gemv_q5*`, `gemv_q8*`: WeightsQ4, WeightsQ5, WeightsQ8
 // below; the K-quants' under factored or f32 scales, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`,
-// `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsQ6; IQ4's levels
+// `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsHighT; IQ4's levels
 // from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4; Q4_0's, Q5_0's, Q8_0's and
 // IQ4_NL's under their scales alone, `gemv_q4s*`, ...: ScalesF16D; Q3_K's at 4 bits
 // under its scales per 16, `gemv_q4h*`: WeightsQ4H), one template.
@@ -333,23 +333,18 @@ __device__ __forceinline__ void scale_halves(const float (&lo)[4], const float (
     acc[3] = fmaf(sc[3], hi[3], fmaf(sc[2], lo[3], acc[3]));
 }
 
-// A lane's part of a 5-bit tile: its two columns' low 4 bits as at 4 bits (words 2l,
-// 2l + 1 of the tile), and their fifth bits: word l / 2 of the 16 after them, which
-// holds lanes 2i's and 2i + 1's, shifted so that the lane's are bits 0 .. 7 and 16 .. 23.
-struct Q5Words {
-    uint2 lo;
-    u32 high;
-};
-
-// A lane's part of a 6-bit tile: its two columns' low 4 bits as at 4 bits, and their
-// high two bits, the lane's word of the 32 after them.
-struct Q6Words {
+// A lane's part of a tile of 4 + HIGH bits: its two columns' low 4 bits as at 4 bits
+// (words 2l, 2l + 1 of the tile), and their high bits (TileShape below).
+template <int HIGH>
+struct HighWords {
     uint2 lo;
     u32 high;
 };
 
 // A tile's words, and a lane's part of it: Words in order (uint2 at 4 bits, uint4 at 8),
-// or at 5 bits the 64 words of low bits and 16 of fifth bits (at 6, 32 of high bits).
+// or at 5 and 6 bits the 64 words of low bits and 16 · HIGH of high bits: at 6 the lane's
+// word of them; at 5 word l / 2, which holds lanes 2i's and 2i + 1's halves, shifted so
+// that the lane's are bits 0 .. 7 and 16 .. 23.
 template <typename Words>
 struct TileShape {
     static constexpr int WORDS = (int)sizeof(Words) / 4 * 32;
@@ -357,25 +352,17 @@ struct TileShape {
         return reinterpret_cast<const Words*>(tile)[lane];
     }
 };
-template <>
-struct TileShape<Q5Words> {
-    static constexpr int WORDS = 80;
-    static __device__ __forceinline__ Q5Words piece(const u32* tile, int lane) {
-        return Q5Words{reinterpret_cast<const uint2*>(tile)[lane],
-                       tile[64 + lane / 2] >> (8 * (lane & 1))};
-    }
-};
-
-template <>
-struct TileShape<Q6Words> {
-    static constexpr int WORDS = 96;
-    static __device__ __forceinline__ Q6Words piece(const u32* tile, int lane) {
-        return Q6Words{reinterpret_cast<const uint2*>(tile)[lane], tile[64 + lane]};
+template <int HIGH>
+struct TileShape<HighWords<HIGH>> {
+    static constexpr int WORDS = 64 + 16 * HIGH;
+    static __device__ __forceinline__ HighWords<HIGH> piece(const u32* tile, int lane) {
+        u32 high = HIGH == 2 ? tile[64 + lane] : tile[64 + lane / 2] >> (8 * (lane & 1));
+        return HighWords<HIGH>{reinterpret_cast<const uint2*>(tile)[lane], high};
     }
 };
 
 // The file's blocks in tiles of the fragments' shape (`gemv::QuantRows`), Words a lane's
-// part of a tile (uint2 at 4 bits, Q5Words at 5, uint4 at 8), S how the columns hold their
+// part of a tile (uint2 at 4 bits, HighWords at 5 and 6, uint4 at 8), S how the columns hold their
 // scales (ScalesF16, ScalesFactored): loading them and their scales, and the L2 prefetch
 // of a group's, are the same for every size (WeightsQ4, WeightsQ5, WeightsQ8 below).
 template <typename Words, typename S>
@@ -432,59 +419,36 @@ struct WeightsQ4H : WeightsQ4T<ScalesFactored> {
     static constexpr bool OFFSETS = false, HALVES = true;
 };
 
-// 5-bit (Q5_1's integers 0 .. 31 under f16 pairs, `gemv_q5*`; Q5_K's under factored
-// scales, `gemv_q5f*`): the low 4 bits as at 4 bits, the fifth bits of the lane's 16
-// weights (Q5Words: bits 0 .. 7 and 16 .. 23) pair p's (weights 2p, 2p + 1) of column g at
-// bits p and 16 + p, of column g + 8 at 4 + p and 20 + p, so that one constant shift (none
-// for column g + 8's first) puts either's at bits 4 and 20: or'ed into the pair, 1024 + q
-// as halves. The tensor cores take q itself, as the 8-bit kernels do the same integers
-// (the same sums, the same bits); without offsets (Q5_0's scale alone, `gemv_q5s*`), q − 16.
-template <typename S>
-struct WeightsQ5T : BlockTiles<Q5Words, S> {
-    using Tile = typename BlockTiles<Q5Words, S>::Tile;
+// 5- and 6-bit integers (HIGH bits past the low 4): the low 4 bits as at 4 bits, the high
+// bits of the lane's 16 weights (HighWords) placed so that one constant shift (`at` − 4)
+// puts pair p's (weights 2p, 2p + 1) at bits 4 and 20 (and 5, 21): or'ed into the pair,
+// 1024 + q as halves.
+// - 5 bits (Q5_1's integers 0 .. 31 under f16 pairs, `gemv_q5*`; Q5_K's under factored
+//   scales, `gemv_q5f*`; Q5_0's under its scale alone, `gemv_q5s*`): pair p's of column g
+//   at bits p and 16 + p, of column g + 8 at 4 + p and 20 + p. The tensor cores take q
+//   itself, as the 8-bit kernels do the same integers (the same sums, the same bits);
+//   without offsets, q − 16.
+// - 6 bits (Q6_K's integers, q − 32 for q in 0 .. 63, under factored scales per 16,
+//   `gemv_q6h*`): pieces as with a scale per 16; pair p's of column g at bits 4 + 2p and
+//   20 + 2p, of column g + 8 at 12, 14, 0, 2 and 16 more for p = 0 .. 3 (the 16 bits column
+//   g leaves). The tensor cores take q − 32, the 8-bit form's integers (the same sums, the
+//   same bits), 6.625 bits a weight where that takes 8.625.
+template <typename S, int HIGH>
+struct WeightsHighT : BlockTiles<HighWords<HIGH>, S> {
+    using Tile = typename BlockTiles<HighWords<HIGH>, S>::Tile;
+    static constexpr bool OFFSETS = HIGH == 1 && S::OFFSETS, HALVES = HIGH == 2;
     static constexpr int BATCH = 6;
     static constexpr float CENTER = 0.0f;
-    static constexpr u32 BIAS = S::OFFSETS ? 0x64006400u : 0x64106410u;
+    static constexpr u32 MASK = HIGH == 2 ? 0x00300030u : 0x00100010u;
+    static constexpr u32 BIAS = HIGH == 2 ? 0x64206420u : S::OFFSETS ? 0x64006400u : 0x64106410u;
     // Column H's (0: g, 1: g + 8) pair P: 1024 + q − BIAS as halves.
     template <int H, int P>
-    static __device__ __forceinline__ u32 pair(u32 word, u32 fifth) {
-        u32 h = H == 0 ? fifth << (4 - P) : fifth >> P;
-        u32 top = and_or(h, 0x00100010u, 0x64006400u);
-        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), BIAS);
-    }
-    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
-        u32 x = v.w.lo.x, y = v.w.lo.y, f = v.w.high;
-        a0[0] = pair<0, 0>(x, f), a0[1] = pair<1, 0>(y, f);
-        a0[2] = pair<0, 1>(x, f), a0[3] = pair<1, 1>(y, f);
-        a1[0] = pair<0, 2>(x, f), a1[1] = pair<1, 2>(y, f);
-        a1[2] = pair<0, 3>(x, f), a1[3] = pair<1, 3>(y, f);
-    }
-};
-using WeightsQ5 = WeightsQ5T<ScalesF16>;
-using WeightsQ5S = WeightsQ5T<ScalesF16D>;
-using WeightsQ5F = WeightsQ5T<ScalesFactored>;
-
-// 6-bit (Q6_K's integers, q − 32 for q in 0 .. 63, under factored scales per 16,
-// `gemv_q6h*`): the low 4 bits as at 4 bits (pieces as with a scale per 16), the high two
-// of the lane's 16 weights in its word of the 32 after them: pair p's (weights 2p,
-// 2p + 1) of column g at bits 4 + 2p and 20 + 2p, of column g + 8 at bits 12, 14, 0, 2 and
-// 16 more for p = 0 .. 3 — the 16 bits column g leaves —, so that one shift (none for
-// column g's first) puts either's at bits 4 and 20: or'ed into the pair, 1024 + q as
-// halves. The tensor cores take q − 32, the 8-bit form's integers (the same sums, the
-// same bits), 6.625 bits a weight where that takes 8.625.
-template <typename S>
-struct WeightsQ6T : BlockTiles<Q6Words, S> {
-    using Tile = typename BlockTiles<Q6Words, S>::Tile;
-    static constexpr bool OFFSETS = false, HALVES = true;
-    static constexpr int BATCH = 6;
-    static constexpr float CENTER = 0.0f;
-    // Column H's (0: g, 1: g + 8) pair P: 1024 + q − 32 − 1024 as halves.
-    template <int H, int P>
     static __device__ __forceinline__ u32 pair(u32 word, u32 high) {
-        constexpr int at = H == 0 ? 4 + 2 * P : (P < 2 ? 12 + 2 * P : 2 * P - 4);
+        constexpr int at = HIGH == 1 ? (H == 0 ? P : 4 + P)
+                                     : (H == 0 ? 4 + 2 * P : (P < 2 ? 12 + 2 * P : 2 * P - 4));
         u32 h = at >= 4 ? high >> (at - 4) : high << (4 - at);
-        u32 top = and_or(h, 0x00300030u, 0x64006400u);
-        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), 0x64206420u);
+        u32 top = and_or(h, MASK, 0x64006400u);
+        return hsub2(and_or(word >> (4 * P), 0x000f000fu, top), BIAS);
     }
     __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
         u32 x = v.w.lo.x, y = v.w.lo.y, h = v.w.high;
@@ -494,7 +458,10 @@ struct WeightsQ6T : BlockTiles<Q6Words, S> {
         a1[2] = pair<0, 3>(x, h), a1[3] = pair<1, 3>(y, h);
     }
 };
-using WeightsQ6H = WeightsQ6T<ScalesFactored>;
+using WeightsQ5 = WeightsHighT<ScalesF16, 1>;
+using WeightsQ5S = WeightsHighT<ScalesF16D, 1>;
+using WeightsQ5F = WeightsHighT<ScalesFactored, 1>;
+using WeightsQ6H = WeightsHighT<ScalesFactored, 2>;
 
 // IQ4's 16 levels (ggml's kvalues_iq4nl: −127, −104, …, 113) plus 128, as bytes, four a
 // word: entry i is byte i % 4 of word i / 4.

@@ -1119,7 +1119,7 @@ impl QuantRows {
     /// for row `g` and at `4 + p + 16s` for `g + 8`. At 6: the 32 words after them, lane
     /// `l`'s word `l`, weights `2p + s` two bits at `4 + 2p + 16s` for row `g` and at
     /// `[12, 14, 0, 2][p] + 16s` for `g + 8`. (The shifts `gemv_q5*` and `gemv_q6h` make:
-    /// `kernels/cuda/gemv.cu`'s WeightsQ5T, WeightsQ6T.)
+    /// `kernels/cuda/gemv.cu`'s WeightsHighT.)
     fn place_high(&self, j: usize, c: usize) -> (usize, u32) {
         let (word, bit) = self.high_places((j % GROUP) / 8)[c % BLOCK];
         (self.high_base(j, c / BLOCK) + word, bit)
