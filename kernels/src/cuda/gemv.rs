@@ -11,7 +11,7 @@
 //! offsets are none, `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`, `gemv_iq4s*`; under factored scales, staged in
 //! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
 //! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, `gemv_q4h*` for Q3_K's at 4, or
-//! f32 ones, `gemv_q4f32*`, ...), a third to a half of the bytes to read; a
+//! f32 ones, `gemv_q4f32*`, ...), a quarter to a half of the bytes to read; a
 //! stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
