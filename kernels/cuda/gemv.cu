@@ -203,6 +203,9 @@ __device__ __forceinline__ void scale_pair(u32 s, float& d, float& m) {
 __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
     d = __uint_as_float(s.x), m = __uint_as_float(s.y);
 }
+__device__ __forceinline__ void scale_pair(unsigned short s, float& d, float& m) {
+    d = h2f((half_t)s), m = 0.0f;
+}
 
 // How a tile's columns hold their scales: `Held` the lane's (columns g and g + 8) as
 // loaded with its weights (nothing where STAGED: ScalesFactored), `load(s, nb, G, B, g)`
@@ -214,10 +217,13 @@ __device__ __forceinline__ void scale_pair(uint2 s, float& d, float& m) {
 // Q8_0 and the layouts converted to them with the same values: ScalesF16), or uint2, f32
 // d and m (the K-quant layouts' scales unfactored, 2 bits a weight: ScalesF32,
 // `gemv_q4f32*`, `gemv_q8f32*`, `gemv_q8h32*`, to be timed against the factored ones,
-// which take fewer bytes).
+// which take fewer bytes); or a scale d alone, no offset (m = 0 after the tensor cores'
+// centring: Q8_0's and IQ4_NL's m, Q4_0's −8d, Q5_0's −16d), Word unsigned short, an f16
+// (ScalesF16D: `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`, `gemv_iq4s*`; half the bytes of f16
+// pairs, and no inputs' sums to add).
 template <typename Word>
 struct ScalesPairs {
-    static constexpr bool STAGED = false, OFFSETS = true;
+    static constexpr bool STAGED = false, OFFSETS = sizeof(Word) != 2;
     struct Held {
         Word lo, hi;
     };
@@ -233,37 +239,14 @@ struct ScalesPairs {
     }
     static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
                                                     int blocks) {
-        constexpr int WORDS = (int)sizeof(Word) / 4 * 16;  // a block's
+        constexpr int WORDS = (int)sizeof(Word) * 16 / 4;  // a block's
         prefetch_span(s + ((size_t)G * nb + B0) * WORDS, blocks * WORDS * 4);
     }
 };
 using ScalesF16 = ScalesPairs<u32>;
 using ScalesF32 = ScalesPairs<uint2>;
+using ScalesF16D = ScalesPairs<unsigned short>;
 
-// A scale d a column and block, no offset (m = 0 after the tensor cores' centring: Q8_0's
-// and IQ4_NL's m, Q4_0's −8d, Q5_0's −16d): an f16 a column and block, the blocks' 16 in
-// order, half the bytes of f16 pairs (`gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`,
-// `gemv_iq4s*`), and no inputs' sums to add.
-struct ScalesF16D {
-    static constexpr bool STAGED = false, OFFSETS = false;
-    struct Held {
-        unsigned short lo, hi;
-    };
-    static __device__ __forceinline__ Held load(const u32* __restrict__ s, int nb, int G, int B,
-                                                int g) {
-        const unsigned short* t =
-            reinterpret_cast<const unsigned short*>(s) + ((size_t)G * nb + B) * 16 + g;
-        return Held{t[0], t[8]};
-    }
-    static __device__ __forceinline__ void pairs(const Held& h, float& d0, float& m0, float& d1,
-                                                 float& m1) {
-        d0 = h2f((half_t)h.lo), d1 = h2f((half_t)h.hi), m0 = 0.0f, m1 = 0.0f;
-    }
-    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
-                                                    int blocks) {
-        prefetch_span(s + ((size_t)G * nb + B0) * 8, blocks * 32);
-    }
-};
 
 // Factored: a group's words are its blocks' (8 a block: word g holds columns g and g + 8's
 // multiples n as signed bytes, d then m of column g, then of g + 8), then its

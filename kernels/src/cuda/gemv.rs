@@ -1071,14 +1071,18 @@ impl QuantRows {
     /// of the lanes and rows before row `j`'s in it (lane `4g + t`'s words for rows `g`,
     /// `g + 8`: [`QuantRows::block_places`] adds `t`'s part).
     fn block_base(&self, j: usize, blk: usize) -> usize {
-        let tile = (j / GROUP) * (self.k / BLOCK) + blk;
+        let tile = self.tile_start(j, blk);
         let (g, hi) = (j % 8, (j % GROUP) / 8);
         match self.bits {
-            4 => tile * 64 + 8 * g + hi,
-            5 => tile * 80 + 8 * g + hi,
-            6 => tile * 96 + 8 * g + hi,
-            _ => tile * 128 + 16 * g + 2 * hi,
+            4..=6 => tile + 8 * g + hi,
+            _ => tile + 16 * g + 2 * hi,
         }
+    }
+
+    /// The first word of row `j`'s tile for block `blk`: a tile is 16 rows by 32 weights
+    /// of `bits` each, `16 · bits` words (at 5 and 6 bits, the 64 of low bits first).
+    fn tile_start(&self, j: usize, blk: usize) -> usize {
+        ((j / GROUP) * (self.k / BLOCK) + blk) * GROUP * self.bits as usize
     }
 
     /// For each weight `o` of a block: its word past [`QuantRows::block_base`] and the bit
@@ -1129,11 +1133,8 @@ impl QuantRows {
     /// its lanes' first word (lane `4g`'s, `g` the row's), which
     /// [`QuantRows::high_places`] adds `t`'s part to.
     fn high_base(&self, j: usize, blk: usize) -> usize {
-        let tile = (j / GROUP) * (self.k / BLOCK) + blk;
-        match self.bits {
-            5 => tile * 80 + 64 + 2 * (j % 8),
-            _ => tile * 96 + 64 + 4 * (j % 8),
-        }
+        // A lane's high bits: half a word at 5 bits, a word at 6.
+        self.tile_start(j, blk) + 64 + 4 * (j % 8) * (self.bits as usize - 4) / 2
     }
 
     /// For each weight `o` of a block of a row `g` (`hi` 0) or `g + 8` (`hi` 1): its high
