@@ -45,7 +45,8 @@
 // `gemv_q8h*`, `gemv_q4f32*`, ...; Q6_K's at 6 bits, `gemv_q6h*`: WeightsHighT; IQ4's levels
 // from 4-bit indices, `gemv_iq4*`, `gemv_iq4f*`: WeightsIq4; Q4_0's, Q5_0's, Q8_0's and
 // IQ4_NL's under their scales alone, `gemv_q4s*`, ...: ScalesF16D; Q3_K's at 4 bits
-// under its scales per 16, `gemv_q4h*`: WeightsQ4H), one template.
+// under its scales per 16, `gemv_q4h*`: WeightsQ4H; Q2_K's at 2 bits under its scales
+// and offsets per 16, `gemv_q2h*`: WeightsQ2H), one template.
 #define GEMV_MAX_ROWS 16
 #define GEMV_WARPS 8
 
@@ -90,13 +91,16 @@ __device__ __forceinline__ GemvShared gemv_shared(const W&, int m, int k, int k0
     GemvShared sh;
     sh.part = reinterpret_cast<float(*)[8][32]>(gemv_smem);
     sh.x = reinterpret_cast<half_t*>(gemv_smem + PART);
+    // With an offset per 16 (W::HALVES and W::OFFSETS: ScalesHalfPairs), the inputs' sums
+    // per 16 and two staged float4s a block and column pair.
+    constexpr size_t PER16 = W::HALVES && W::OFFSETS ? 2 : 1;
     size_t x_bytes = (size_t)m * gemv_stride(k) * 2;
     sh.xsum = reinterpret_cast<float*>(gemv_smem + PART + x_bytes);
     sh.m = m;
     sh.k0 = k0, sh.kt = kt;
-    size_t sums_end = PART + x_bytes + ((size_t)m * (k / 32) * 4 + 15) / 16 * 16;
+    size_t sums_end = PART + x_bytes + ((size_t)m * (k / 32) * 4 * PER16 + 15) / 16 * 16;
     sh.sc = reinterpret_cast<float4*>(gemv_smem + sums_end);
-    size_t end = sums_end + (W::STAGED ? (size_t)(k / 32) * 8 * sizeof(float4) : 0);
+    size_t end = sums_end + (W::STAGED ? (size_t)(k / 32) * 8 * sizeof(float4) * PER16 : 0);
 #ifdef TOLLGATE_EMU
     unsigned have = dynamic_smem_size();
 #else
@@ -295,6 +299,50 @@ struct ScalesFactored {
     }
 };
 
+// Factored pairs per 16 (Q2_K's `d · sc` and `−dmin · m` for each 16: a scale and an
+// offset a half): a group's words are its blocks' (16 a block: words 2g, 2g + 1 hold
+// columns g's and g + 8's multiples as signed bytes, the halves' n_d, then their n_m),
+// then its super-blocks' as ScalesFactored's (D, M a column); each half's d = D · n_d,
+// m = M · n_m, exact in f32. Staged as ScalesFactored's, two float4s a block and column
+// pair: the halves' d of columns g and g + 8, then their m.
+struct ScalesHalfPairs {
+    static constexpr bool STAGED = true, OFFSETS = true;
+    struct Held {};
+    static __device__ __forceinline__ size_t group_words(int nb) {
+        return (size_t)nb * 16 + (size_t)(nb + 7) / 8 * 16;
+    }
+    static __device__ __forceinline__ Held load(const u32* __restrict__, int, int, int, int) {
+        return Held{};
+    }
+    // As ScalesFactored::super_block: out(b, d, m) with d = (d_lo, d_hi) of column g, then
+    // of g + 8, and m their offsets.
+    template <typename Out>
+    static __device__ __forceinline__ void super_block(const u32* __restrict__ s, int nb,
+                                                       int G, unsigned B0, unsigned g,
+                                                       unsigned kb0, unsigned kb1, Out out) {
+        const u32* base = s + (size_t)G * group_words(nb);
+        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 16)[B0 / 8 * 8 + g];
+        float D0 = h2f((half_t)(sup.x & 0xffffu)), M0 = h2f((half_t)(sup.x >> 16));
+        float D1 = h2f((half_t)(sup.y & 0xffffu)), M1 = h2f((half_t)(sup.y >> 16));
+        auto byte = [](u32 w, int i) { return (float)(signed char)(w >> (8 * i)); };
+#pragma unroll
+        for (unsigned i = 0; i < 8; ++i) {
+            unsigned B = B0 + i;
+            if (B < kb0 || B >= kb1) continue;
+            uint2 n = reinterpret_cast<const uint2*>(base)[(size_t)B * 8 + g];
+            out(B - kb0,
+                float4{D0 * byte(n.x, 0), D0 * byte(n.x, 1), D1 * byte(n.y, 0), D1 * byte(n.y, 1)},
+                float4{M0 * byte(n.x, 2), M0 * byte(n.x, 3), M1 * byte(n.y, 2), M1 * byte(n.y, 3)});
+        }
+    }
+    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
+                                                    int blocks) {
+        const u32* base = s + (size_t)G * group_words(nb);
+        prefetch_span(base + (size_t)B0 * 16, blocks * 64);
+        prefetch_span(base + (size_t)nb * 16, (nb + 7) / 8 * 64);
+    }
+};
+
 // A block's sums (columns g, g + 8 by input rows 2t, 2t + 1) under its columns' scales
 // sc (d, m of column g, then of g + 8; tile_scales): d times the sums plus m times the
 // inputs' sums over the block.
@@ -400,6 +448,29 @@ using WeightsQ4F32 = WeightsQ4T<ScalesF32>;
 // 16, the tensor cores taking q − 8; no offsets.
 struct WeightsQ4H : WeightsQ4T<ScalesFactored> {
     static constexpr bool OFFSETS = false, HALVES = true;
+};
+
+// 2-bit integers with a scale and an offset per 16, factored (Q2_K's q under d · sc and
+// −dmin · m, `gemv_q2h*`: 3.125 bits a weight where f16 rows take 16): a tile is 32 words,
+// lane l's word l its 8 weights of column g and 8 of g + 8 (pieces as with a scale per
+// 16), weights 2p and 2p + 1 of column H's (0: g, 1: g + 8) at bits 2(4H + p) and 16 +
+// 2(4H + p), so that a shift, a mask and an or with 1024's bits make the pair 1024 + q as
+// halves. The tensor cores take q − 2; each half's offset then adds m + 2d times the
+// inputs' sum over the half (stage_sums makes them per 16).
+struct WeightsQ2H : BlockTiles<u32, ScalesHalfPairs> {
+    using Tile = typename BlockTiles<u32, ScalesHalfPairs>::Tile;
+    static constexpr bool HALVES = true;
+    static constexpr int BATCH = 8;
+    static constexpr float CENTER = 2.0f;
+    template <int H, int P>
+    static __device__ __forceinline__ u32 pair(u32 word) {
+        return hsub2(and_or(word >> (2 * (4 * H + P)), 0x00030003u, 0x64006400u), 0x64026402u);
+    }
+    __device__ __forceinline__ void frags(const Tile& v, u32 (&a0)[4], u32 (&a1)[4]) const {
+        u32 w = v.w;
+        a0[0] = pair<0, 0>(w), a0[1] = pair<1, 0>(w), a0[2] = pair<0, 1>(w), a0[3] = pair<1, 1>(w);
+        a1[0] = pair<0, 2>(w), a1[1] = pair<1, 2>(w), a1[2] = pair<0, 3>(w), a1[3] = pair<1, 3>(w);
+    }
 };
 
 // 5- and 6-bit integers (HIGH bits past the low 4): the low 4 bits as at 4 bits, the high
@@ -541,11 +612,16 @@ __device__ __forceinline__ void centered(float (&sc)[4]) {
 
 // The lane's tile's (block b's) scales, made once for both of its calls to rows_block:
 // read from shared memory where they are staged, else made from the pairs the tile
-// holds; none for f16 rows.
+// holds; none for f16 rows. With an offset per 16, the halves' scales in sc and their
+// offsets (centered) in om: columns g's two, then g + 8's.
 template <typename W>
 __device__ __forceinline__ void tile_scales(const GemvShared& sh, const typename W::Tile& v,
-                                            int b, int lane, float (&sc)[4]) {
-    if constexpr (W::STAGED) {
+                                            int b, int lane, float (&sc)[4], float (&om)[4]) {
+    if constexpr (W::HALVES && W::OFFSETS) {
+        float4 f = sh.sc[(b * 8 + (lane >> 2)) * 2], o = sh.sc[(b * 8 + (lane >> 2)) * 2 + 1];
+        sc[0] = f.x, sc[1] = f.y, sc[2] = f.z, sc[3] = f.w;
+        om[0] = o.x, om[1] = o.y, om[2] = o.z, om[3] = o.w;
+    } else if constexpr (W::STAGED) {
         float4 f = sh.sc[b * 8 + (lane >> 2)];
         sc[0] = f.x, sc[1] = f.y, sc[2] = f.z, sc[3] = f.w;
     } else if constexpr (W::SCALED) {
@@ -566,12 +642,25 @@ __device__ __forceinline__ void stage_scales(const GemvShared& sh, const W& w, i
         unsigned items = ((kb1 + 7) / 8 - first) * 8;
         for (unsigned e = threadIdx.x; e < items; e += blockDim.x) {
             unsigned g = e % 8;
-            W::Scales::super_block(w.s, w.kt / 32, G, (first + e / 8) * 8, g, kb0, kb1,
-                                   [&](unsigned b, float d0, float m0, float d1, float m1) {
-                                       float sc[4] = {d0, m0, d1, m1};
-                                       centered<W>(sc);
-                                       sh.sc[b * 8 + g] = float4{sc[0], sc[1], sc[2], sc[3]};
-                                   });
+            if constexpr (W::HALVES && W::OFFSETS) {
+                // The halves' offsets plus CENTER times their scales.
+                W::Scales::super_block(w.s, w.kt / 32, G, (first + e / 8) * 8, g, kb0, kb1,
+                                       [&](unsigned b, float4 d, float4 m) {
+                                           m.x = fmaf(W::CENTER, d.x, m.x);
+                                           m.y = fmaf(W::CENTER, d.y, m.y);
+                                           m.z = fmaf(W::CENTER, d.z, m.z);
+                                           m.w = fmaf(W::CENTER, d.w, m.w);
+                                           sh.sc[(b * 8 + g) * 2] = d;
+                                           sh.sc[(b * 8 + g) * 2 + 1] = m;
+                                       });
+            } else {
+                W::Scales::super_block(w.s, w.kt / 32, G, (first + e / 8) * 8, g, kb0, kb1,
+                                       [&](unsigned b, float d0, float m0, float d1, float m1) {
+                                           float sc[4] = {d0, m0, d1, m1};
+                                           centered<W>(sc);
+                                           sh.sc[b * 8 + g] = float4{sc[0], sc[1], sc[2], sc[3]};
+                                       });
+            }
         }
     }
 }
@@ -580,16 +669,29 @@ __device__ __forceinline__ void stage_scales(const GemvShared& sh, const W& w, i
 // the lane's tile) added to the lane's four sums (columns g, g + 8 by rows r0 + 2t,
 // r0 + 2t + 1): with the blocks' scales sc (tile_scales), d times the block's sums plus m
 // times the inputs' block sums (without offsets, IQ4's, d times the sums; with a scale per
-// 16, each half's sums times its scale).
+// 16, each half's sums times its scale, and with an offset per 16 too, om's times the
+// inputs' sums over each half).
 template <typename W>
 __device__ __forceinline__ void rows_block(const GemvShared& sh, const W&, const float (&sc)[4],
-                                           const u32 (&a0)[4], const u32 (&a1)[4], int stride,
-                                           int nb, int b, int lane, int r0, float (&acc)[4]) {
+                                           const float (&om)[4], const u32 (&a0)[4],
+                                           const u32 (&a1)[4], int stride, int nb, int b,
+                                           int lane, int r0, float (&acc)[4]) {
     uint4 xb = input_piece<W::HALVES>(sh, stride, b, lane, r0);
     if constexpr (W::HALVES) {
         float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f}, hi[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         mma_16816(lo, a0, xb.x, xb.y);
         mma_16816(hi, a1, xb.z, xb.w);
+        if constexpr (W::OFFSETS) {
+            // Input rows r, r + 1's sums over the block's halves (past the m rows, row
+            // m − 1's: see input_piece).
+            int r = r0 + 2 * (lane & 3);
+            float2 s0 = reinterpret_cast<const float2*>(sh.xsum)[min(r, sh.m - 1) * nb + b];
+            float2 s1 = reinterpret_cast<const float2*>(sh.xsum)[min(r + 1, sh.m - 1) * nb + b];
+            acc[0] = fmaf(om[1], s0.y, fmaf(om[0], s0.x, acc[0]));
+            acc[1] = fmaf(om[1], s1.y, fmaf(om[0], s1.x, acc[1]));
+            acc[2] = fmaf(om[3], s0.y, fmaf(om[2], s0.x, acc[2]));
+            acc[3] = fmaf(om[3], s1.y, fmaf(om[2], s1.x, acc[3]));
+        }
         scale_halves(lo, hi, sc, acc);
     } else if constexpr (!W::SCALED) {
         mma_16816(acc, a0, xb.x, xb.y);
@@ -639,9 +741,9 @@ __device__ __forceinline__ TileBatch<W> first_batch(const W& w) {
 }
 
 // After the input rows are staged (sh.x): the block's first column group's factored
-// scales (stage_scales), and the rows' sums over each block of 32, where the weights have
-// offsets. A thread adds a piece of 8 (16 bytes: a warp reads 512 contiguous bytes, no
-// bank conflicts), four lanes a block; every lane of a warp takes part in each round's
+// scales (stage_scales), and the rows' sums over each block of 32 (with an offset per 16,
+// each 16), where the weights have offsets. A thread adds a piece of 8 (16 bytes: a warp
+// reads 512 contiguous bytes, no bank conflicts), four lanes a block; every lane of a warp takes part in each round's
 // shuffles (the rounds' bound is the block's).
 template <typename W>
 __device__ __forceinline__ void stage_sums(const GemvShared& sh, const W& w, int k) {
@@ -660,8 +762,13 @@ __device__ __forceinline__ void stage_sums(const GemvShared& sh, const W& w, int
                     sum += h2f((half_t)(w[h] & 0xffffu)) + h2f((half_t)(w[h] >> 16));
             }
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            if (e < all && c % 4 == 0) sh.xsum[r * (k / 32) + c / 4] = sum;
+            if constexpr (W::HALVES) {
+                // Offsets per 16 (ScalesHalfPairs): a sum a half, two lanes each.
+                if (e < all && c % 2 == 0) sh.xsum[r * (k / 16) + c / 2] = sum;
+            } else {
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                if (e < all && c % 4 == 0) sh.xsum[r * (k / 32) + c / 4] = sum;
+            }
         }
         __syncthreads();
     }
@@ -689,10 +796,10 @@ __device__ __forceinline__ void gemv_columns(const GemvShared& sh, const W& w, T
                 if (b >= nb) break;
                 u32 a0[4], a1[4];
                 w.frags(v.v[i], a0, a1);
-                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                tile_scales<W>(sh, v.v[i], b, lane, sc);
-                rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 0, acc[0]);
-                if (m > 8) rows_block(sh, w, sc, a0, a1, stride, nb, b, lane, 8, acc[1]);
+                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, om[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                tile_scales<W>(sh, v.v[i], b, lane, sc, om);
+                rows_block(sh, w, sc, om, a0, a1, stride, nb, b, lane, 0, acc[0]);
+                if (m > 8) rows_block(sh, w, sc, om, a0, a1, stride, nb, b, lane, 8, acc[1]);
             }
         }
         v.load(w, G + gridDim.x, warp, lane);
@@ -1573,6 +1680,43 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_norm_rope(
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_swiglu(
     const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
     const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+// 2-bit integers under factored scales and offsets per 16 (Q2_K).
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h(
+    const half_t* __restrict__ x, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ2H ws = pdl_begin_prefetch(tiles_from<WeightsQ2H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    rows_product(sh, x, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h_norm(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ2H ws = pdl_begin_prefetch(tiles_from<WeightsQ2H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h_norm_rope(
+    const float* __restrict__ x, const float* __restrict__ delta, const float* __restrict__ nw,
+    float* __restrict__ x_out, const int* __restrict__ rows, float eps, const u32* __restrict__ q, const u32* __restrict__ s,
+    float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
+    const u32* __restrict__ positions,
+    const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
+    const WeightsQ2H ws = pdl_begin_prefetch(tiles_from<WeightsQ2H>(q, s, k, n, k0, kt));
+    const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
+    norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h_swiglu(
+    const float* __restrict__ gu, const u32* __restrict__ q, const u32* __restrict__ s, float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt) {
+    const WeightsQ2H ws = pdl_begin_prefetch(tiles_from<WeightsQ2H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     swiglu_product(sh, gu, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n);
 }

@@ -113,6 +113,17 @@ impl Matrix {
         }
     }
 
+    /// The blocks with the offsets beside them, where the matrix has offsets and its blocks
+    /// hold the rest of its values (Q2_K's Q8_0 blocks and offsets per 16: the GPU's
+    /// products of few rows read them as `cuda::gemv::QuantRows::from_offsets` lays them
+    /// out).
+    pub fn blocks_with_offsets(&self) -> Option<(GgmlType, &[u8], Offsets)> {
+        match &self.data {
+            MatData::Quant(ty, d) if !self.packed_exact => Some((*ty, d, self.offsets()?)),
+            _ => None,
+        }
+    }
+
     /// The packed form where it holds the matrix's values and its file blocks do not:
     /// scales the blocks round or cannot hold ([`Matrix::with_exact_packed`]), or offsets
     /// of a block each beside 8-bit blocks, which the packed form holds as its mins (the

@@ -959,9 +959,10 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     // A K-quant mix: Q5_K Q and K and Q6_K V (Q5_K_M's QKV: a stack of two parts,
     // `gemv_q5f` for Q|K — parts the CPU holds apart, their offsets keeping them from
     // stacking there — and `gemv_q6h` for V: Q6_K's integers at 6 bits), Q4_K attn_output
-    // (`gemv_q4f`), Q3_K gate|up (`gemv_q4h`: its 4-bit integers under scales per 16, from
-    // the CPU's Q8_0 blocks), Q6_K ffn_down (`gemv_q6h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit
-    // indices).
+    // (`gemv_q4f`), Q3_K gate and Q2_K up (a stack of two parts: `gemv_q4h`, Q3_K's 4-bit
+    // integers under scales per 16, from the CPU's Q8_0 blocks; `gemv_q2h`, Q2_K's 2-bit
+    // ones under scales and offsets per 16, from its Q8_0 blocks and offsets), Q6_K
+    // ffn_down (`gemv_q6h`), an IQ4_XS head (`gemv_iq4f`: its levels from 4-bit indices).
     let spec = SynthSpec {
         types: vec![
             ("attn_q", GgmlType::Q5_K),
@@ -969,7 +970,7 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
             ("attn_v", GgmlType::Q6_K),
             ("attn_output", GgmlType::Q4_K),
             ("ffn_gate", GgmlType::Q3_K),
-            ("ffn_up", GgmlType::Q3_K),
+            ("ffn_up", GgmlType::Q2_K),
             ("ffn_down", GgmlType::Q6_K),
             ("output", GgmlType::IQ4_XS),
         ],
@@ -981,7 +982,10 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
     }
     if let Some((mut b, twin)) = on_emu("k-quant-blocks", &spec) {
         // Two layers' QKV, attn_output, gate|up, ffn_down; the head.
-        assert_eq!(b.quant_summary(), "1 iq4f, 2 q4f, 2 q4h, 2 q5f+q6h, 2 q6h");
+        assert_eq!(
+            b.quant_summary(),
+            "1 iq4f, 2 q4f, 2 q4h+q2h, 2 q5f+q6h, 2 q6h"
+        );
         wide_rows_case(&mut b, &twin);
         // Each product of the mix took its kernel, in each of the forms the step fuses.
         for k in [
@@ -990,6 +994,7 @@ fn k_quant_blocks_on_gemv_match_the_twin_chain() {
             "gemv_q6h",
             "gemv_q4f",
             "gemv_q4h_norm",
+            "gemv_q2h_norm",
             "gemv_q6h_swiglu",
             "gemv_iq4f_norm",
         ] {

@@ -686,7 +686,7 @@ fn gemv_matches_the_product_twin() {
 /// 1 to 16 rows, with a weight offset, a column count that is no multiple of 16, and a
 /// poisoned output; rows too wide for the shared memory, or no multiple of 32, refused.
 fn gemv_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{fits, gemv, shared_bytes, MAX_ROWS};
+    use kernels::cuda::gemv::{fits, gemv, shared_bytes, Staged, MAX_ROWS};
     let mut rng = Rng(9);
     let max_shared = g.max_shared_bytes().unwrap();
     // SmolLM2's width, and rows of several batches of blocks a warp (a 7B model's 4,096).
@@ -697,7 +697,7 @@ fn gemv_case<E: Exec>(g: &E) {
             .map(f16::from_f32)
             .collect();
         let wd = up(g, &w);
-        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, max_shared, false)) {
+        for m in (1..=MAX_ROWS).filter(|&m| fits(m, k, max_shared, Staged::Sums)) {
             let x: Vec<f16> = rng.vec(m * k, 1.0).into_iter().map(f16::from_f32).collect();
             let want = twins::gemm(&x, &w[row0 * k..], m, k, n);
             let xd = up(g, &x);
@@ -717,10 +717,13 @@ fn gemv_case<E: Exec>(g: &E) {
     // 32.
     let widest = (1..)
         .map(|b| 32 * b)
-        .take_while(|&k| shared_bytes(1, k, false) <= max_shared)
+        .take_while(|&k| shared_bytes(1, k, Staged::Sums) <= max_shared)
         .last();
     let widest = widest.expect("some row fits");
-    assert!(fits(1, widest, max_shared, false) && !fits(1, widest + 32, max_shared, false));
+    assert!(
+        fits(1, widest, max_shared, Staged::Sums)
+            && !fits(1, widest + 32, max_shared, Staged::Sums)
+    );
     // Past it, the row is read in runs of its columns (two here), up to MAX_RUNS of them.
     let too_wide = (widest + 32) * kernels::cuda::gemv::MAX_RUNS;
     let (xd, wd) = (
@@ -745,7 +748,7 @@ fn gemv_case<E: Exec>(g: &E) {
 /// context for the rest of the process).
 #[test]
 fn a_gemv_launch_short_of_shared_memory_traps() {
-    use kernels::cuda::gemv::shared_bytes;
+    use kernels::cuda::gemv::{shared_bytes, Staged};
     let Some(g) = emu() else { return };
     let (m, k, n) = (3, 576, 32);
     let (x, w) = (
@@ -766,8 +769,8 @@ fn a_gemv_launch_short_of_shared_memory_traps() {
         i(k),
     ];
     for (bytes, ok) in [
-        (shared_bytes(m, k, false), true),
-        (shared_bytes(m, k, false) - 16, false),
+        (shared_bytes(m, k, Staged::Sums), true),
+        (shared_bytes(m, k, Staged::Sums) - 16, false),
     ] {
         let launch = LaunchConfig {
             shared_mem_bytes: bytes as u32,
@@ -821,7 +824,8 @@ fn quant_weights(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, V
 /// levels from 4-bit indices, `gemv_iq4f`, and as 8-bit integers, `gemv_q8f32`; Q5_K's
 /// integers at 5 bits, `gemv_q5f`, and at 8, `gemv_q8f32`), IQ4_NL's levels (`gemv_iq4`),
 /// Q3_K's integers at 4 bits under their scales per 16 (`gemv_q4h`; and as the CPU's
-/// Q8_0 blocks, `gemv_q8s`),
+/// Q8_0 blocks, `gemv_q8s`), Q2_K's at 2 bits under their scales and offsets per 16
+/// (`gemv_q2h`),
 /// `gemv_q5` over Q5_1 (offsets), against the product of the values the file's blocks
 /// dequantize to (f16 inputs, sums in f64):
 /// SmolLM2's widths and wider rows (4,096: three batches a warp), column counts that are no
@@ -854,15 +858,18 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         (GgmlType::IQ4_NL, 576, 50),
         (GgmlType::Q5_0, 576, 48),
         (GgmlType::Q3_K, 1024, 48),
+        (GgmlType::Q2_K, 768, 40),
     ];
     for &(ty, k, n) in cases.iter().chain(k_quants) {
         let (blocks, w) = quant_weights(&mut rng, ty, n, k);
         // As the backend takes a matrix: its file blocks as the CPU holds them (IQ4_NL's
-        // as Q8_0), else its packed form.
+        // as Q8_0), else its packed form, else its blocks and offsets per 16 (Q2_K's).
         let m = kernels::model::matrix_of(ty, n, k, &blocks);
-        let rows = match m.file_blocks() {
-            Some((held, data)) => QuantRows::from_blocks(held, data, n, k),
-            None => QuantRows::from_packed(m.packed_values().expect("exact packed values")),
+        let rows = match (m.file_blocks(), m.packed_values(), m.blocks_with_offsets()) {
+            (Some((held, data)), ..) => QuantRows::from_blocks(held, data, n, k),
+            (None, Some(p), _) => QuantRows::from_packed(p),
+            (None, None, Some((held, data, o))) => QuantRows::from_offsets(held, data, &o, n, k),
+            _ => panic!("{ty:?}: no blocks the kernels read"),
         };
         let rows = rows.expect("a kernel layout");
         let wq = &[QuantBuf::upload(g, &rows).unwrap()];
@@ -877,6 +884,7 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             GgmlType::Q8_0 => "q8s",
             GgmlType::Q4_0 => "q4s",
             GgmlType::Q3_K => "q4h",
+            GgmlType::Q2_K => "q2h",
             _ => "q4",
         };
         assert_eq!(wq[0].kind(), Some(want_kind), "{ty:?}");
@@ -885,7 +893,9 @@ fn gemv_quant_case<E: Exec>(g: &E) {
         // file blocks' scales alone as f16 pairs too (`gemv_q4`, `gemv_q8`, `gemv_iq4`,
         // `gemv_q5`).
         let other = match rows.scales {
-            Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves => None,
+            Scales::F16Pairs | Scales::F32Pairs | Scales::F32Halves | Scales::FactoredHalfPairs => {
+                None
+            }
             // Q3_K's integers at 4 bits under their scales per 16, and as the CPU's Q8_0
             // blocks of `sc · q` (`gemv_q8s`).
             Scales::FactoredHalves if ty == GgmlType::Q3_K => {
@@ -1272,7 +1282,7 @@ fn products_of_rows_too_wide_to_stage_whole_run_in_runs_of_columns() {
 /// whole row's norm, x + delta written once), the norm with RoPE and the cache write (the
 /// last run's epilogue) and SwiGLU fused, the same bits as the kernels apart.
 fn gemv_runs_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{column_run, gemv_from, Input, Weights};
+    use kernels::cuda::gemv::{column_run, gemv_from, Input, Staged, Weights};
     let what = g.describe();
     let max_shared = g.max_shared_bytes().unwrap();
     let (k, n) = (14336, 48);
@@ -1359,9 +1369,9 @@ fn gemv_runs_case<E: Exec>(g: &E) {
             assert!(same_bits(&fused, &apart), "{what}: {m} rows: swiglu");
         }
     }
-    assert_eq!(column_run(17, k, max_shared, false), None, "17 rows");
+    assert_eq!(column_run(17, k, max_shared, Staged::Sums), None, "17 rows");
     assert_eq!(
-        column_run(16, 14337, max_shared, true),
+        column_run(16, 14337, max_shared, Staged::MOST),
         None,
         "k no multiple of 32"
     );

@@ -32,17 +32,41 @@ const BLOCK: usize = 32;
 const WARPS: u32 = 8;
 const BLOCKS_PER_SM: usize = 3;
 
+/// What a `gemv` kernel stages in shared memory beside its input rows, by how much it
+/// takes ([`shared_bytes`]; [`Scales::staged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Staged {
+    /// The rows' sums over each block of 32 (f16 rows; scales the tiles carry).
+    Sums,
+    /// And a column group's factored scales ([`Scales::Factored`], ...), 16 bytes a
+    /// block of 32 and pair of columns.
+    Scales,
+    /// The rows' sums over each 16, and twice the scales: a scale and an offset a half
+    /// ([`Scales::FactoredHalfPairs`], `gemv_q2h`).
+    HalfPairs,
+}
+
+impl Staged {
+    /// The most any kernel stages: what fits it fits every kernel.
+    pub const MOST: Staged = Staged::HalfPairs;
+}
+
 /// The dynamic shared memory a block of the `gemv` kernels takes for `rows` rows of `k`
 /// (`gemv_shared` in gemv.cu): the 8 warps' sums, the rows staged as f16 (`k` halves
-/// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32, and
-/// with `staged` scales (factored: [`Scales::staged`]) a column group's, 16 bytes a block
-/// of 32 and pair of columns.
-pub fn shared_bytes(rows: usize, k: usize, staged: bool) -> usize {
+/// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32 (each
+/// 16 with [`Staged::HalfPairs`]), and with staged scales (factored: [`Scales::staged`])
+/// a column group's, 16 bytes a block of 32 and pair of columns (32 a half's pairs).
+pub fn shared_bytes(rows: usize, k: usize, staged: Staged) -> usize {
     let stride = if k.is_multiple_of(64) { k + 32 } else { k };
-    let scales = if staged { k / BLOCK * 8 * 16 } else { 0 };
+    let per16 = if staged == Staged::HalfPairs { 2 } else { 1 };
+    let scales = if staged == Staged::Sums {
+        0
+    } else {
+        k / BLOCK * 8 * 16 * per16
+    };
     WARPS as usize * 8 * 32 * 4
         + rows * stride * 2
-        + (rows * (k / BLOCK) * 4).next_multiple_of(16)
+        + (rows * (k / BLOCK) * 4 * per16).next_multiple_of(16)
         + scales
 }
 
@@ -50,7 +74,7 @@ pub fn shared_bytes(rows: usize, k: usize, staged: bool) -> usize {
 /// device whose blocks may have `max_shared` bytes of shared memory
 /// ([`Exec::max_shared_bytes`]), in one launch: its rows staged whole (and, `staged`,
 /// factored scales).
-pub fn fits(rows: usize, k: usize, max_shared: usize, staged: bool) -> bool {
+pub fn fits(rows: usize, k: usize, max_shared: usize, staged: Staged) -> bool {
     column_run(rows, k, max_shared, staged) == Some(k)
 }
 
@@ -62,8 +86,8 @@ pub const MAX_RUNS: usize = 8;
 /// blocks of 32, at most [`MAX_RUNS`]) that fit, each a launch adding its sums to the
 /// last's (e.g. Llama-3-8B's `ffn_down`, 14,336 wide, at 8–16 rows on Hopper's 227 KB);
 /// `None` where no run does, or `rows`, `k` are no product the kernels take. `staged`:
-/// for kernels that stage factored scales (the larger size: what fits them fits all).
-pub fn column_run(rows: usize, k: usize, max_shared: usize, staged: bool) -> Option<usize> {
+/// what the kernel stages beside the rows ([`Staged::MOST`]: what fits it fits all).
+pub fn column_run(rows: usize, k: usize, max_shared: usize, staged: Staged) -> Option<usize> {
     if !(1..=MAX_ROWS).contains(&rows) || k == 0 || !k.is_multiple_of(BLOCK) {
         return None;
     }
@@ -135,11 +159,16 @@ impl<E: Exec> Weights<'_, E> {
         }
     }
 
-    /// Whether a kernel of these weights stages factored scales in shared memory.
-    pub fn staged(&self) -> bool {
+    /// What a kernel of these weights stages in shared memory (the most of a stack's
+    /// parts').
+    pub fn staged(&self) -> Staged {
         match self {
-            Weights::F16(..) => false,
-            Weights::Quant(parts) => parts.iter().any(|q| q.scales.staged()),
+            Weights::F16(..) => Staged::Sums,
+            Weights::Quant(parts) => parts
+                .iter()
+                .map(|q| q.scales.staged())
+                .max()
+                .unwrap_or(Staged::Sums),
         }
     }
 }
@@ -148,7 +177,7 @@ impl<E: Exec> Weights<'_, E> {
 pub struct QuantBuf<E: Exec> {
     pub q: E::Buf<u32>,
     pub s: E::Buf<u32>,
-    /// 4, 5, 6 or 8.
+    /// 2, 4, 5, 6 or 8.
     pub bits: u32,
     pub scales: Scales,
     /// The 4-bit fields index IQ4's levels ([`QuantRows::iq4`]).
@@ -183,6 +212,7 @@ impl<E: Exec> QuantBuf<E> {
             (8, Scales::Factored) => "q8f",
             (8, Scales::FactoredHalves) => "q8h",
             (4, Scales::FactoredHalves) => "q4h",
+            (2, Scales::FactoredHalfPairs) => "q2h",
             (4, Scales::F32Pairs) => "q4f32",
             (8, Scales::F32Pairs) => "q8f32",
             (8, Scales::F32Halves) => "q8h32",
@@ -396,7 +426,7 @@ fn product<E: Exec>(
     // theirs in order; with RoPE, the last run's epilogue rotates (the runs before it are
     // the norm's plain product).
     let launch =
-        |kind: &str, staged: bool, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
+        |kind: &str, staged: Staged, weight_args: &[Arg], cols: usize, j0: usize, first: bool| {
             for k0 in (0..k).step_by(run) {
                 let rotates = rope.is_some() && k0 + run >= k;
                 let form = if rotates { "_norm_rope" } else { form };
@@ -440,7 +470,7 @@ fn product<E: Exec>(
         Weights::F16(w, w_row0) => {
             check_gemm((rows * k, w.elems(), y.elems()), w_row0, rows, k, n)?;
             let w = w.arg_at(w_row0 * k..(w_row0 + n) * k)?;
-            launch("f16", false, &[w], n, 0, true)
+            launch("f16", Staged::Sums, &[w], n, 0, true)
         }
         Weights::Quant(parts) => {
             // A matrix's blocks may hold rows past n (its tiles' padding); a stack's parts
@@ -507,8 +537,9 @@ fn product<E: Exec>(
 /// to a multiple of 16 are zeros.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantRows {
-    /// 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`; Q3_K's `q + 8` with a scale
-    /// per 16; IQ4's indices), 5 (Q5_1,
+    /// 2 (Q2_K's `q` in 0..4, with a scale and an offset per 16:
+    /// [`Scales::FactoredHalfPairs`]), 4 (Q4_0, Q4_1, Q4_K: `q` in 0..16, Q4_0's `m = −8d`;
+    /// Q3_K's `q + 8` with a scale per 16; IQ4's indices), 5 (Q5_1,
     /// Q5_K: `q` in 0..32), 6 (Q6_K's integers −32..32 as `q − 32`, `q` in 0..64, with a
     /// scale per 16: [`Scales::FactoredHalves`]) or 8 (Q8_0 and the 8-bit layouts the
     /// others become: `q` signed).
@@ -518,7 +549,8 @@ pub struct QuantRows {
     /// scales multiply (`gemv_iq4`, `gemv_iq4f`): IQ4_NL's and IQ4_XS's 8-bit values at 4
     /// bits. A piece's weights `e < 4` in bits `4e`, the others in `16 + 4(e − 4)`.
     pub iq4: bool,
-    /// Per tile (group of 16 rows, then block of 32), per lane: at 4 bits, a word for row
+    /// Per tile (group of 16 rows, then block of 32), per lane: at 2 bits, a word for rows
+    /// `g` and `g + 8` (row `g + 8`'s fields 8 bits past row `g`'s); at 4 bits, a word for row
     /// `g` and one for `g + 8`, weights `2p`, `2p + 1` of a piece in bits `4p`, `16 + 4p`
     /// (IQ4 indices: see `iq4`); at 5 and 6 bits the same low 4 bits, then the tile's
     /// fifth bits or high two (`place_high`); at 8 bits, two words for row `g` and two for `g + 8`, weight `h` the
@@ -562,6 +594,12 @@ pub enum Scales {
     F16Scales,
     /// As [`Scales::F32Pairs`], the halves' scales (`gemv_q8h32`).
     F32Halves,
+    /// A scale and an offset a half (16 weights), factored (Q2_K's `d · sc` and `−dmin ·
+    /// m`, `gemv_q2h` at 2 bits): a group's words are 16 a block (words `2g`, `2g + 1`
+    /// hold rows `g`'s and `g + 8`'s signed bytes: the halves' `n_d`, then their `n_m`),
+    /// then 16 a super-block as [`Scales::Factored`]'s (`D | M << 16` a row); each half's
+    /// `d = D · n_d`, `m = M · n_m`.
+    FactoredHalfPairs,
 }
 
 impl Scales {
@@ -572,14 +610,19 @@ impl Scales {
             Scales::F16Scales => nb * GROUP / 2,
             Scales::F32Pairs | Scales::F32Halves => nb * GROUP * 2,
             Scales::Factored | Scales::FactoredHalves => nb * 8 + nb.div_ceil(SUPER) * 16,
+            Scales::FactoredHalfPairs => nb * 16 + nb.div_ceil(SUPER) * 16,
         }
     }
 
-    /// Whether the kernels stage these scales in shared memory, a column group's at a
-    /// time ([`shared_bytes`]): the factored ones, each pair made once a block instead of
-    /// once a lane.
-    pub fn staged(self) -> bool {
-        matches!(self, Scales::Factored | Scales::FactoredHalves)
+    /// What the kernels stage in shared memory for these scales ([`shared_bytes`]): the
+    /// factored ones, a column group's at a time, each pair made once a block instead of
+    /// once a lane (with offsets per 16, the inputs' sums per 16 too).
+    pub fn staged(self) -> Staged {
+        match self {
+            Scales::Factored | Scales::FactoredHalves => Staged::Scales,
+            Scales::FactoredHalfPairs => Staged::HalfPairs,
+            _ => Staged::Sums,
+        }
     }
 }
 
@@ -589,9 +632,11 @@ const SUPER: usize = 8;
 /// What the kernels subtract from `bits`-bit integers before the tensor cores take them
 /// where there are no offsets (under a scale alone, [`Scales::F16Scales`], or a scale per
 /// 16): 8 at 4 bits, 16 at 5, 32 at 6 (Q4_0's and Q3_K's `q − 8`, Q5_0's `q − 16`, Q6_K's
-/// `q − 32`), 0 at 8 bits and for IQ4's levels.
+/// `q − 32`), 0 at 8 bits and for IQ4's levels. (At 2 bits, Q2_K's, 2: its offsets take
+/// `2d` more.)
 fn center(bits: u32, iq4: bool) -> f32 {
     match (bits, iq4) {
+        (2, _) => 2.0,
         (4, false) => 8.0,
         (5, _) => 16.0,
         (6, _) => 32.0,
@@ -762,6 +807,58 @@ impl QuantRows {
         })
     }
 
+    /// Q8_0 blocks with an offset per 16 beside them ([`crate::matmul::Offsets`]) whose
+    /// every 16 integers are a common factor times 2-bit ones (0..4): Q2_K's, which the CPU
+    /// holds as Q8_0 of `d` and `sc · q` and offsets `−dmin · m`, as those 2-bit integers
+    /// under each 16's scale `d · g` (`g` the 16's greatest common divisor) and offset,
+    /// factored ([`Scales::FactoredHalfPairs`], `gemv_q2h`: 3.125 bits a weight where the
+    /// f16 rows take 16). `None` for other types and offsets, or at the first 16 that are
+    /// no such multiples.
+    pub fn from_offsets(
+        ty: crate::gguf::GgmlType,
+        data: &[u8],
+        offsets: &crate::matmul::Offsets,
+        rows: usize,
+        k: usize,
+    ) -> Option<Self> {
+        use crate::gguf::GgmlType;
+        const HALF: usize = BLOCK / 2;
+        if ty != GgmlType::Q8_0
+            || offsets.run != HALF
+            || !k.is_multiple_of(BLOCK)
+            || data.len() != rows * k / BLOCK * ty.block_bytes()
+            || offsets.values.len() != rows * k / HALF
+        {
+            return None;
+        }
+        let nb = k / BLOCK;
+        Self::build(2, Scales::FactoredHalfPairs, false, rows, k, |j, blk| {
+            let (vals, d, _) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            let mut q = [0; BLOCK];
+            let mut pair = [0f32; 4];
+            for (h, (half, out)) in vals
+                .chunks_exact(HALF)
+                .zip(q.chunks_exact_mut(HALF))
+                .enumerate()
+            {
+                let g = half
+                    .iter()
+                    .try_fold(0, |g, &v| u32::try_from(v).ok().map(|v| gcd(g, v)))?;
+                if g > 0 {
+                    for (o, &v) in out.iter_mut().zip(half) {
+                        *o = v / g as i32;
+                        if *o > 3 {
+                            return None;
+                        }
+                    }
+                }
+                pair[h] = d * g as f32;
+                pair[2 + h] = offsets.values[(j * k + blk * BLOCK) / HALF + h];
+            }
+            Some((q, pair))
+        })
+    }
+
     /// [`QuantRows::from_blocks`] with the scales held as `scales` says (f16 pairs or
     /// scales alone); `None` where they cannot be.
     pub fn from_blocks_as(
@@ -829,7 +926,7 @@ impl QuantRows {
             let halves = match scales {
                 Scales::Factored | Scales::FactoredHalves => Scales::FactoredHalves,
                 Scales::F32Pairs | Scales::F32Halves => Scales::F32Halves,
-                Scales::F16Pairs | Scales::F16Scales => return None,
+                Scales::F16Pairs | Scales::F16Scales | Scales::FactoredHalfPairs => return None,
             };
             if bits != 8 || p.has_mins() {
                 return None;
@@ -856,8 +953,9 @@ impl QuantRows {
         let pairs = match scales {
             Scales::FactoredHalves => Scales::Factored,
             Scales::F32Halves => Scales::F32Pairs,
-            // The file blocks' form ([`QuantRows::from_blocks`]), not the packed one's.
-            Scales::F16Scales => return None,
+            // The file blocks' forms ([`QuantRows::from_blocks`],
+            // [`QuantRows::from_offsets`]), not the packed one's.
+            Scales::F16Scales | Scales::FactoredHalfPairs => return None,
             s => s,
         };
         let block = |j: usize, i: usize| {
@@ -932,16 +1030,18 @@ impl QuantRows {
     }
 
     /// The layout of `rows` rows of `k`, `block(j, i)` giving row `j`'s block `i`: its 32
-    /// integers (0..16 at 4 bits — with `iq4`, indices into IQ4's levels —, 0..32 at 5,
-    /// 0..64 at 6, −128..128 at 8) and its scale pair, or `None` where the layout cannot hold them; `None` then, or
-    /// where `scales` cannot hold the pairs exactly (f16 values, or factored: [`factor`]).
-    fn build(
+    /// integers (0..4 at 2 bits, 0..16 at 4 — with `iq4`, indices into IQ4's levels —,
+    /// 0..32 at 5, 0..64 at 6, −128..128 at 8) and its scale pair (`d`, `m`; the halves'
+    /// scales; or, `P` 4, the halves' scales then their offsets), or `None` where the
+    /// layout cannot hold them; `None` then, or where `scales` cannot hold the pairs
+    /// exactly (f16 values, or factored: [`factor`]).
+    fn build<const P: usize>(
         bits: u32,
         scales: Scales,
         iq4: bool,
         rows: usize,
         k: usize,
-        block: impl Fn(usize, usize) -> Option<([i32; BLOCK], [f32; 2])> + Sync,
+        block: impl Fn(usize, usize) -> Option<([i32; BLOCK], [f32; P])> + Sync,
     ) -> Option<Self> {
         use rayon::prelude::*;
         let nb = k / BLOCK;
@@ -969,15 +1069,20 @@ impl QuantRows {
             .enumerate()
             .try_for_each(|(g, (q, s))| {
                 // The group's pairs, row by row (rows past the last: zeros).
-                let mut pairs = vec![[0f32; 2]; GROUP * nb];
+                let mut pairs = vec![[0f32; 4]; GROUP * nb];
                 for j in g * GROUP..rows.min((g + 1) * GROUP) {
                     for blk in 0..nb {
                         let (vals, pair) = block(j, blk)?;
-                        pairs[(j % GROUP) * nb + blk] = pair;
+                        pairs[(j % GROUP) * nb + blk][..P].copy_from_slice(&pair);
                         let base = layout.block_base(j, blk) - g * q_group;
-                        let mask = if bits == 8 { 255 } else { 15 };
+                        let mask = match bits {
+                            2 => 3,
+                            8 => 255,
+                            _ => 15,
+                        };
+                        let row = layout.row_shift(j);
                         for (&v, &(word, shift)) in vals.iter().zip(&places) {
-                            q[base + word] |= (v as u32 & mask) << shift;
+                            q[base + word] |= (v as u32 & mask) << (shift + row);
                         }
                         if bits == 5 || bits == 6 {
                             let high = (1 << (bits - 4)) - 1;
@@ -995,13 +1100,15 @@ impl QuantRows {
     }
 
     /// A group's scale words (`out`, [`Scales`]' layout) from its 16 rows' pairs
-    /// (`pairs[row · nb + block]`); `None` where `scales` cannot hold them exactly (with
-    /// [`Scales::F16Scales`], where an offset is not `−c · d`, `c` the kernel's `center`).
+    /// (`pairs[row · nb + block]`: `d`, `m` or the halves' scales, then with
+    /// [`Scales::FactoredHalfPairs`] the halves' offsets); `None` where `scales` cannot hold
+    /// them exactly (with [`Scales::F16Scales`], where an offset is not `−c · d`, `c` the
+    /// kernel's `center`).
     fn scale_words(
         scales: Scales,
         center: f32,
         nb: usize,
-        pairs: &[[f32; 2]],
+        pairs: &[[f32; 4]],
         out: &mut [u32],
     ) -> Option<()> {
         let bits16 = |v: f32| {
@@ -1011,14 +1118,14 @@ impl QuantRows {
         match scales {
             Scales::F16Pairs => {
                 for (r, row) in pairs.chunks_exact(nb).enumerate() {
-                    for (blk, &[d, m]) in row.iter().enumerate() {
+                    for (blk, &[d, m, ..]) in row.iter().enumerate() {
                         out[blk * GROUP + r] = bits16(d)? | bits16(m)? << 16;
                     }
                 }
             }
             Scales::F16Scales => {
                 for (r, row) in pairs.chunks_exact(nb).enumerate() {
-                    for (blk, &[d, m]) in row.iter().enumerate() {
+                    for (blk, &[d, m, ..]) in row.iter().enumerate() {
                         if m != -center * d {
                             return None;
                         }
@@ -1029,7 +1136,7 @@ impl QuantRows {
             }
             Scales::F32Pairs | Scales::F32Halves => {
                 for (r, row) in pairs.chunks_exact(nb).enumerate() {
-                    for (blk, &[d, m]) in row.iter().enumerate() {
+                    for (blk, &[d, m, ..]) in row.iter().enumerate() {
                         let at = (blk * GROUP + r) * 2;
                         (out[at], out[at + 1]) = (d.to_bits(), m.to_bits());
                     }
@@ -1057,6 +1164,33 @@ impl QuantRows {
                     }
                 }
             }
+            Scales::FactoredHalfPairs => {
+                let (blocks, supers) = out.split_at_mut(nb * 16);
+                let mut n = [0i8; 2 * SUPER];
+                let mut vals = [0f32; 2 * SUPER];
+                for (r, row) in pairs.chunks_exact(nb).enumerate() {
+                    for (sb, run) in row.chunks(SUPER).enumerate() {
+                        let mut sup = 0u32;
+                        // The halves' scales (D), then their offsets (M): each a super-block's
+                        // 16 values factored together.
+                        for part in 0..2 {
+                            for (i, p) in run.iter().enumerate() {
+                                vals[2 * i] = p[2 * part];
+                                vals[2 * i + 1] = p[2 * part + 1];
+                            }
+                            let len = 2 * run.len();
+                            let d = factor(&vals[..len], &mut n[..len])?;
+                            sup |= u32::from(d.to_bits()) << (16 * part);
+                            for (i, h) in n[..len].chunks_exact(2).enumerate() {
+                                let bytes = u32::from(h[0] as u8) | u32::from(h[1] as u8) << 8;
+                                let word = (sb * SUPER + i) * 16 + 2 * (r % 8) + r / 8;
+                                blocks[word] |= bytes << (16 * part);
+                            }
+                        }
+                        supers[sb * 16 + 2 * (r % 8) + r / 8] = sup;
+                    }
+                }
+            }
         }
         Some(())
     }
@@ -1064,7 +1198,20 @@ impl QuantRows {
     /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
     fn place(&self, j: usize, c: usize) -> (usize, u32) {
         let (word, shift) = self.block_places()[c % BLOCK];
-        (self.block_base(j, c / BLOCK) + word, shift)
+        (
+            self.block_base(j, c / BLOCK) + word,
+            shift + self.row_shift(j),
+        )
+    }
+
+    /// The bits past [`QuantRows::block_places`]' that row `j`'s fields start at: at 2
+    /// bits, 8 for rows `g + 8` (which share their lane's word with rows `g`); else 0.
+    fn row_shift(&self, j: usize) -> u32 {
+        if self.bits == 2 {
+            8 * ((j % GROUP) / 8) as u32
+        } else {
+            0
+        }
     }
 
     /// Where row `j`'s block `blk` starts in `q`: its tile's first word, plus the words
@@ -1074,6 +1221,7 @@ impl QuantRows {
         let tile = self.tile_start(j, blk);
         let (g, hi) = (j % 8, (j % GROUP) / 8);
         match self.bits {
+            2 => tile + 4 * g,
             4..=6 => tile + 8 * g + hi,
             _ => tile + 16 * g + 2 * hi,
         }
@@ -1088,13 +1236,16 @@ impl QuantRows {
     /// For each weight `o` of a block: its word past [`QuantRows::block_base`] and the bit
     /// its field starts at (the same for every row and block of the layout). Lane `4g + t`
     /// holds weights `8t .. 8t + 8`, or with a scale per 16 `4t .. 4t + 4` then `16 + 4t ..
-    /// 16 + 4t + 4`, as its piece's `e = 0 .. 8`: at 4, 5 and 6 bits in its words `2t` (row
-    /// `g`) and `2t + 1` (`g + 8`), `e` at bits `4(e / 2) + 16(e % 2)` (IQ4's indices: `4(e %
-    /// 4) + 16(e / 4)`); at 8 bits in words `4t + e / 4` (and 2 more for `g + 8`), byte `e % 4`.
+    /// 16 + 4t + 4`, as its piece's `e = 0 .. 8`: at 2 bits in its word `t`, `e` at bits
+    /// `2(e / 2) + 16(e % 2)` (8 more for row `g + 8`: [`QuantRows::row_shift`]); at 4, 5 and
+    /// 6 bits in its words `2t` (row `g`) and `2t + 1` (`g + 8`), `e` at bits `4(e / 2) +
+    /// 16(e % 2)` (IQ4's indices: `4(e % 4) + 16(e / 4)`); at 8 bits in words `4t + e / 4`
+    /// (and 2 more for `g + 8`), byte `e % 4`.
     fn block_places(&self) -> [(usize, u32); BLOCK] {
         std::array::from_fn(|o| {
             let (t, e) = self.piece_of(o);
             match self.bits {
+                2 => (t, (16 * (e % 2) + 2 * (e / 2)) as u32),
                 4..=6 => {
                     let shift = if self.iq4 {
                         16 * (e / 4) + 4 * (e % 4)
@@ -1112,7 +1263,9 @@ impl QuantRows {
     /// row's) element `e` (see [`QuantRows::block_places`]).
     fn piece_of(&self, o: usize) -> (usize, usize) {
         match self.scales {
-            Scales::FactoredHalves | Scales::F32Halves => ((o % 16) / 4, 4 * (o / 16) + o % 4),
+            Scales::FactoredHalves | Scales::F32Halves | Scales::FactoredHalfPairs => {
+                ((o % 16) / 4, 4 * (o / 16) + o % 4)
+            }
             _ => (o / 8, o % 8),
         }
     }
@@ -1168,6 +1321,8 @@ impl QuantRows {
         let field = self.q[word] >> shift;
         let q = if self.iq4 {
             f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
+        } else if self.bits == 2 {
+            (field & 3) as f32
         } else if self.bits == 4 {
             (field & 15) as f32
         } else if self.bits == 5 || self.bits == 6 {
@@ -1192,12 +1347,21 @@ impl QuantRows {
                 let n = (group[blk * 8 + r % 8] >> (8 * (2 * (r / 8) + i))) as u8 as i8;
                 half(sup >> (16 * i)) * f32::from(n)
             }
+            // The halves' scales (i 0, 1), then their offsets (2, 3).
+            Scales::FactoredHalfPairs => {
+                let at = 2 * (r % 8) + r / 8;
+                let sup = group[nb * 16 + (blk / SUPER) * 16 + at];
+                let n = (group[blk * 16 + at] >> (8 * i)) as u8 as i8;
+                half(sup >> (16 * (i / 2))) * f32::from(n)
+            }
         };
         // Without offsets the tensor cores take `q − c` (Q6_K's `q − 32`, ...), under `d`
         // or the half's scale.
         let taken = q - center(self.bits, self.iq4);
+        let h = (c % BLOCK) / 16;
         match self.scales {
-            Scales::FactoredHalves | Scales::F32Halves => pair((c % BLOCK) / 16) * taken,
+            Scales::FactoredHalves | Scales::F32Halves => pair(h) * taken,
+            Scales::FactoredHalfPairs => pair(h).mul_add(q, pair(2 + h)),
             Scales::F16Scales => pair(0) * taken,
             _ => pair(0).mul_add(q, pair(1)),
         }
@@ -1312,6 +1476,46 @@ mod tests {
             for (i, &want) in want.iter().enumerate() {
                 assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
             }
+        }
+        // Q2_K, which the CPU holds as Q8_0 blocks of `sc · q` and offsets `−dmin · m` per
+        // 16: its 2-bit `q` under each 16's scale and offset, factored (3.125 bits a
+        // weight); the same blocks without their offsets, or offsets of a block each, no
+        // such layout.
+        {
+            let (rows, k) = (24, 768);
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37) % 101) as f32 / 25.0 - 1.5)
+                .collect();
+            let mut blocks = Vec::new();
+            crate::kquant::quantize_row(GgmlType::Q2_K, &x, &mut blocks);
+            let mut want = vec![0f32; rows * k];
+            quant::dequantize_row(GgmlType::Q2_K, &blocks, &mut want);
+            let m = crate::model::matrix_of(GgmlType::Q2_K, rows, k, &blocks);
+            assert!(m.file_blocks().is_none() && m.packed_values().is_none());
+            let (held, data, offsets) = m.blocks_with_offsets().expect("blocks and offsets");
+            let r = QuantRows::from_offsets(held, data, &offsets, rows, k).expect("a layout");
+            assert_eq!((r.bits, r.scales), (2, Scales::FactoredHalfPairs));
+            // Rows padded to a tile of 16: 32 rows' worth.
+            assert_eq!(r.bytes() as f64 * 8.0, (32 * k) as f64 * 3.125);
+            for (i, &want) in want.iter().enumerate() {
+                assert_eq!(r.weight(i / k, i % k), want, "Q2_K {i}");
+            }
+            let halves = crate::matmul::Offsets {
+                run: 32,
+                values: vec![0.0; rows * k / 32],
+            };
+            assert!(QuantRows::from_offsets(held, data, &halves, rows, k).is_none());
+            let q4 = crate::matmul::Offsets {
+                run: 16,
+                values: offsets.values.clone(),
+            };
+            let mut q4_0 = Vec::new();
+            quant::quantize_row_q4_0(&x, &mut q4_0);
+            assert!(QuantRows::from_offsets(GgmlType::Q4_0, &q4_0, &q4, rows, k).is_none());
+            // A 16 whose integers are no multiple of 2-bit ones (a Q8_0 file's): none.
+            let mut q8 = Vec::new();
+            quant::quantize_row_q8_0(&x, &mut q8);
+            assert!(QuantRows::from_offsets(GgmlType::Q8_0, &q8, &q4, rows, k).is_none());
         }
         // The K-quant layouts through the packed form, where the CPU makes it, as the
         // backend holds them: factored (Q4_K; Q5_K at 5 bits; Q6_K's scale per 16; IQ4_XS's

@@ -154,6 +154,10 @@ pub const SOURCES: &[Source] = &[
             "gemv_q4h_norm",
             "gemv_q4h_norm_rope",
             "gemv_q4h_swiglu",
+            "gemv_q2h",
+            "gemv_q2h_norm",
+            "gemv_q2h_norm_rope",
+            "gemv_q2h_swiglu",
         ],
     },
     Source {
@@ -253,6 +257,10 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("gemv_q4h_norm", 256),
     ("gemv_q4h_norm_rope", 256),
     ("gemv_q4h_swiglu", 256),
+    ("gemv_q2h", 256),
+    ("gemv_q2h_norm", 256),
+    ("gemv_q2h_norm_rope", 256),
+    ("gemv_q2h_swiglu", 256),
 ];
 
 /// The launch of `add_rmsnorm` for `n_out` output rows: one warp per row, 8 rows per

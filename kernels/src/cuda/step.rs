@@ -216,7 +216,9 @@ fn fuses(
     k: usize,
     max_shared: usize,
 ) -> bool {
-    fused.gemv(rows) && small.gemv(rows) && gemv::column_run(rows, k, max_shared, true).is_some()
+    fused.gemv(rows)
+        && small.gemv(rows)
+        && gemv::column_run(rows, k, max_shared, gemv::Staged::MOST).is_some()
 }
 
 /// Where a step's products of few rows run: which row counts on our `gemv` kernels

@@ -300,24 +300,30 @@ pub struct LayerQuant {
 /// `m` in its file's own blocks, where products may read them as they are; else, where
 /// the CPU's packed form holds values the blocks do not (a K-quant's f32 scales, Q6_K's
 /// per 16, offsets of a block each), the same integers under those scales
-/// ([`QuantRows::from_packed`]); `TOLLGATE_KQUANT_SCALES=f32` or `=factored` holds every
+/// ([`QuantRows::from_packed`]); else the blocks and their offsets per 16 (Q2_K's,
+/// [`QuantRows::from_offsets`]); `TOLLGATE_KQUANT_SCALES=f32` or `=factored` holds every
 /// such matrix's scales that way instead, to time whole steps each way (f32 pairs: more
 /// bytes, carried in the tiles; factored: staged in shared memory).
 fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
     use super::gemv::Scales;
     match m.file_blocks() {
         Some((ty, data)) => QuantRows::from_blocks(ty, data, m.rows, m.cols),
-        None => {
-            let p = m.packed_values()?;
-            let forced = match std::env::var("TOLLGATE_KQUANT_SCALES").as_deref() {
-                Ok("f32") => Some(Scales::F32Pairs),
-                Ok("factored") => Some(Scales::Factored),
-                _ => None,
-            };
-            forced
-                .and_then(|s| QuantRows::from_packed_as(p, s))
-                .or_else(|| QuantRows::from_packed(p))
-        }
+        None => match m.packed_values() {
+            Some(p) => {
+                let forced = match std::env::var("TOLLGATE_KQUANT_SCALES").as_deref() {
+                    Ok("f32") => Some(Scales::F32Pairs),
+                    Ok("factored") => Some(Scales::Factored),
+                    _ => None,
+                };
+                forced
+                    .and_then(|s| QuantRows::from_packed_as(p, s))
+                    .or_else(|| QuantRows::from_packed(p))
+            }
+            None => {
+                let (ty, data, offsets) = m.blocks_with_offsets()?;
+                QuantRows::from_offsets(ty, data, &offsets, m.rows, m.cols)
+            }
+        },
     }
 }
 
@@ -326,7 +332,10 @@ fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
 /// Q4_K Q and K and Q6_K V), those of one layout joined.
 fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
     match p {
-        crate::model::Projections::Stacked { m, .. } => quant_rows(m).into_iter().collect(),
+        crate::model::Projections::Stacked { m, widths } => quant_rows(m)
+            .map(|r| vec![r])
+            .or_else(|| quant_parts(m, widths).map(QuantRows::stack))
+            .unwrap_or_default(),
         crate::model::Projections::Separate(parts) => parts
             .iter()
             .map(quant_rows)
@@ -334,6 +343,33 @@ fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
             .map(QuantRows::stack)
             .unwrap_or_default(),
     }
+}
+
+/// A stacked matrix with offsets whose parts (`widths` rows each) are no one layout, each
+/// in its own: the CPU stacks blocks of one type with the parts' offsets (zeros for a part
+/// without: Q2_K's Q and K beside Q3_K's V in llama.cpp's Q2_K mix, all Q8_0 there), where
+/// the kernels read each part at its own bits ([`QuantRows::from_offsets`], or the blocks
+/// alone where its offsets are all zero). `None` where a part has no layout.
+fn quant_parts(m: &crate::matmul::Matrix, widths: &[usize]) -> Option<Vec<QuantRows>> {
+    let (ty, data, offsets) = m.blocks_with_offsets()?;
+    let (row_bytes, row_offsets) = (data.len() / m.rows, offsets.values.len() / m.rows);
+    let mut r0 = 0;
+    let mut parts = Vec::with_capacity(widths.len());
+    for &w in widths {
+        let d = &data[r0 * row_bytes..(r0 + w) * row_bytes];
+        let values = offsets.values[r0 * row_offsets..(r0 + w) * row_offsets].to_vec();
+        r0 += w;
+        parts.push(if values.iter().all(|&v| v == 0.0) {
+            QuantRows::from_blocks(ty, d, w, m.cols)?
+        } else {
+            let o = crate::matmul::Offsets {
+                run: offsets.run,
+                values,
+            };
+            QuantRows::from_offsets(ty, d, &o, w, m.cols)?
+        });
+    }
+    Some(parts)
 }
 
 /// `m`'s rows in f16, as the CPU holds them (rows in parallel).
