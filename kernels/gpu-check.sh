@@ -14,7 +14,8 @@
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; then
-# decode steps of 1-16 rows over two of Llama-3-8B's layers; last, in the
+# decode steps of 1-16 rows over two of Llama-3-8B's layers (in the Q4_K_M mix, then the
+# Q2_K one); last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
 # Every part has its own time limit, and together they fit one device call (600 s): a part
 # that hangs costs its limit, not the session's GPU time.
@@ -157,6 +158,16 @@ if [ $SECONDS -lt 400 ]; then
         TOLLGATE_KQUANT_SCALES=$scales timeout 60 "$BIN/decode_bench" "$l8" --ctx 511 --batches 1,8,16 || status=1
       fi
     done
+    # The same layers in llama.cpp's Q2_K mix: Q2_K's 2-bit integers under their scales
+    # and offsets per 16 (gemv_q2h, 3.125 bits a weight) beside Q3_K's at 4 (gemv_q4h).
+    if [ $SECONDS -lt 460 ]; then
+      q2=$(dirname "$model")/llama8b-q2k.gguf
+      if timeout 40 "$BIN/synth" "$q2" llama8b_q2_k >/dev/null; then
+        timeout 45 "$BIN/decode_bench" "$q2" --ctx 511 --batches 1,8,16 || status=1
+      else
+        echo "llama8b layers (Q2_K mix): synth failed"; status=1
+      fi
+    fi
   else
     echo "llama8b layers: synth failed"; status=1
   fi

@@ -151,6 +151,26 @@ impl SynthSpec {
         }
     }
 
+    /// Llama-3-8B's two layers ([`SynthSpec::llama8b_layers`]) in llama.cpp's Q2_K mix: Q2_K
+    /// Q, K, gate and up, Q4_K V (its grouped-query ratio is 4), Q3_K attn_output and
+    /// ffn_down, a Q6_K head.
+    pub fn llama8b_q2_k() -> Self {
+        Self {
+            seed: 47,
+            types: vec![
+                ("attn_q", GgmlType::Q2_K),
+                ("attn_k", GgmlType::Q2_K),
+                ("attn_v", GgmlType::Q4_K),
+                ("attn_output", GgmlType::Q3_K),
+                ("ffn_gate", GgmlType::Q2_K),
+                ("ffn_up", GgmlType::Q2_K),
+                ("ffn_down", GgmlType::Q3_K),
+                ("output", GgmlType::Q6_K),
+            ],
+            ..Self::llama8b_layers()
+        }
+    }
+
     /// [`SynthSpec::tiny_k_quants`] with the other layouts converted at load: Q2_K, Q3_K
     /// and the non-linear IQ4_NL, IQ4_XS (llama.cpp's Q2_K, Q3_K_x and IQ4 files).
     pub fn tiny_low_bits() -> Self {

@@ -968,6 +968,15 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(&seven), &mut y, 1, k, n).is_err(),
             "7 bits"
         );
+        let two = [QuantBuf {
+            bits: 2,
+            scales: kernels::cuda::gemv::Scales::FactoredHalves,
+            ..QuantBuf::upload(g, &rows).unwrap()
+        }];
+        assert!(
+            gemv_from(g, Input::Rows(&xd), Weights::Quant(&two), &mut y, 1, k, n).is_err(),
+            "2 bits without offsets per 16"
+        );
         let halves5 = [QuantBuf {
             bits: 5,
             scales: kernels::cuda::gemv::Scales::FactoredHalves,
@@ -2078,11 +2087,12 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
     // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
     // integers), gemv_q6h (Q6_K's at 6 bits), gemv_q4s / gemv_q5s / gemv_q8s / gemv_iq4s
-    // (scales alone), gemv_q4h (Q3_K's 4-bit integers under scales per 16) and
+    // (scales alone), gemv_q4h (Q3_K's 4-bit integers under scales per 16), gemv_q2h
+    // (Q2_K's 2-bit ones under scales and offsets per 16) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 100, "{names:?}");
+    assert_eq!(rows.len(), 103, "{names:?}");
     for name in [
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
@@ -2104,6 +2114,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         "gemv_q8s small 1×64·64×96",
         "gemv_iq4s small 9×64·64×96",
         "gemv_q4h small 3×64·64×96",
+        "gemv_q2h small 9×64·64×96",
         "gemv_iq4 small 3×64·64×96",
         "gemv_iq4f small 9×64·64×96",
         "gemv_q5 small 1×64·64×96",

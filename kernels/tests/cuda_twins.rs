@@ -225,7 +225,7 @@ fn the_samplers_cuts_are_exact() {
 /// converted to 8-bit blocks of the same values (Q5_0, Q3_K, IQ4_NL) and, where the CPU
 /// has packed kernels, those whose packed form holds what the blocks do not (the K-quant
 /// sub-blocks' f32 scales: Q4_K, Q5_K, IQ4_XS; Q6_K's scale per 16; Q5_1's and Q5_K's
-/// offsets), never one with offsets per 16 (Q2_K) or values moved.
+/// offsets) and Q2_K's 8-bit blocks with their offsets per 16, never one with values moved.
 #[test]
 fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
     use kernels::cuda::gemv::QuantRows;
@@ -296,12 +296,13 @@ fn file_blocks_are_kept_for_the_gpu_only_with_the_files_values() {
         kept.push((name, count));
     }
     // plain: 4 a layer and the head; k-quants: each layer's four (its Q4_K|Q5_K|Q6_K QKV
-    // and Q4_K|Q5_1 gate|up as stacks of parts) and the Q6_K head; low-bits: each layer's IQ4_NL attn_output, Q3_K ffn_down and IQ4_XS|Q3_K
-    // gate|up, and the IQ4_XS head (not the QKV, whose Q2_K has offsets per 16). On a CPU
+    // and Q4_K|Q5_1 gate|up as stacks of parts) and the Q6_K head; low-bits: each layer's
+    // four (its Q3_K|IQ4_XS|Q2_K QKV, the Q2_K part with its offsets per 16; IQ4_NL
+    // attn_output, Q3_K ffn_down and IQ4_XS|Q3_K gate|up) and the IQ4_XS head. On a CPU
     // without packed kernels the K-quant scales are rounded (the GPU's f16 rows are read
     // from the file) and no block is kept.
     let converted = if kernels::packed::available() {
-        (9, 7)
+        (9, 9)
     } else {
         (0, 0)
     };

@@ -747,8 +747,11 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         // the backend holds it (Q4_K Q and K, Q6_K V at 6 bits, factored: a launch each).
         // Where the offsets are the kernels' centres' (Q4_0, Q5_0, Q8_0, IQ4_NL), the file
         // blocks' scales alone too (`gemv_q4s`, `gemv_q5s`, `gemv_q8s`, `gemv_iq4s`); Q3_K's
-        // 4-bit integers under their scales per 16 (`gemv_q4h`).
-        use gemv::Scales::{F16Pairs, F16Scales, F32Halves, F32Pairs, Factored, FactoredHalves};
+        // 4-bit integers under their scales per 16 (`gemv_q4h`); Q2_K's 2-bit ones under
+        // their scales and offsets per 16 (`gemv_q2h`).
+        use gemv::Scales::{
+            F16Pairs, F16Scales, F32Halves, F32Pairs, Factored, FactoredHalfPairs, FactoredHalves,
+        };
         // The layout pads the rows to a tile of 16.
         let part = |bits: u32, scales: gemv::Scales, iq4: bool, rows: usize| {
             let padded = rows.next_multiple_of(16);
@@ -781,6 +784,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             (8, F16Scales, false),
             (4, F16Scales, true),
             (4, FactoredHalves, false),
+            (2, FactoredHalfPairs, false),
         ]
         .into_iter()
         .map(|(bits, scales, iq4)| Ok(vec![part(bits, scales, iq4, n)?]))

@@ -10,8 +10,9 @@
 //! for 5-bit integers, `gemv_iq4*` for IQ4's levels; under their scales alone where the
 //! offsets are none, `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`, `gemv_iq4s*`; under factored scales, staged in
 //! shared memory, `gemv_q4f*`, `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the
-//! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, `gemv_q4h*` for Q3_K's at 4, or
-//! f32 ones, `gemv_q4f32*`, ...), a quarter to a half of the bytes to read; a
+//! K-quants', `gemv_q6h*` for Q6_K's integers at 6 bits, `gemv_q4h*` for Q3_K's at 4,
+//! `gemv_q2h*` for Q2_K's at 2 with their offsets per 16 ([`QuantRows::from_offsets`]), or
+//! f32 ones, `gemv_q4f32*`, ...), a fifth to a half of the bytes to read; a
 //! stack whose parts are of different layouts (Q4_K_M's QKV, its V
 //! rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]). Either
 //! way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past
@@ -1311,7 +1312,8 @@ impl QuantRows {
 
     /// Weight `c` of row `j` as the kernels read it: `d · q + m`, one rounding (the
     /// kernels add `d · Σ q·x` and `m · Σ x` over a block, the same sum in exact
-    /// arithmetic); with a scale per 16, its half's scale times `q`.
+    /// arithmetic); with a scale per 16, its half's scale times `q` (and with an offset per
+    /// 16, its half's `d · q + m`).
     pub fn weight(&self, j: usize, c: usize) -> f32 {
         let nb = self.k / BLOCK;
         let (r, blk) = (j % GROUP, c / BLOCK);

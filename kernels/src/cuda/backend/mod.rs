@@ -15,8 +15,8 @@
 //! timed with its matrix products on cuBLAS, on our `gemv_f16`, and on our `gemv_q4` /
 //! `gemv_q8` over the file's own blocks (where the model's matrices hold the file's
 //! values in them: Q4_0, Q4_1, Q8_0 and the 8-bit layouts of the same values, or the
-//! K-quants' under their scales, `gemv_q4f` / `gemv_q5f` / `gemv_q6h`, IQ4's levels from
-//! 4-bit indices, `gemv_iq4` / `gemv_iq4f`: a quarter to a
+//! K-quants' under their scales, `gemv_q4f` / `gemv_q5f` / `gemv_q6h` / `gemv_q2h`, IQ4's
+//! levels from 4-bit indices, `gemv_iq4` / `gemv_iq4f`: a fifth to a
 //! half of the bytes), the last two with the norms, swiglu and RoPE fused into the products and
 //! launched apart, and the fastest is kept for that many rows
 //! ([`CudaBackend::tune_small_products`]; `TOLLGATE_SMALL_PRODUCTS=cublas|gemv|quant`
