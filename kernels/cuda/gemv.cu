@@ -743,8 +743,8 @@ __device__ __forceinline__ TileBatch<W> first_batch(const W& w) {
 // After the input rows are staged (sh.x): the block's first column group's factored
 // scales (stage_scales), and the rows' sums over each block of 32 (with an offset per 16,
 // each 16), where the weights have offsets. A thread adds a piece of 8 (16 bytes: a warp
-// reads 512 contiguous bytes, no bank conflicts), four lanes a block; every lane of a warp takes part in each round's
-// shuffles (the rounds' bound is the block's).
+// reads 512 contiguous bytes, no bank conflicts), four lanes a block (two a 16); every
+// lane of a warp takes part in each round's shuffles (the rounds' bound is the block's).
 template <typename W>
 __device__ __forceinline__ void stage_sums(const GemvShared& sh, const W& w, int k) {
     stage_scales(sh, w, blockIdx.x);
