@@ -252,76 +252,43 @@ using ScalesF32 = ScalesPairs<uint2>;
 using ScalesF16D = ScalesPairs<unsigned short>;
 
 
-// Factored: a group's words are its blocks' (8 a block: word g holds columns g and g + 8's
-// multiples n as signed bytes, d then m of column g, then of g + 8), then its
-// super-blocks' (16 each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and
-// g + 8's f16 pairs D, M); column c's block is d = D · n_d, m = M · n_m, exact in f32.
-// With a scale per 16, n_d and n_m are the halves' multiples, D and M their factors.
+// Factored: a group's words are its blocks' (WORDS a block), then its super-blocks' (16
+// each, 8 blocks a super-block: words 2g, 2g + 1 hold columns g and g + 8's f16 pairs D,
+// M); column c's block is d = D · n_d, m = M · n_m, exact in f32, with n_d, n_m signed
+// bytes of the block's words:
+// - WORDS 8 (ScalesFactored): word g holds columns g and g + 8's n_d, n_m, of column g
+//   then of g + 8. With a scale per 16, n_d and n_m are the halves' multiples, D and M
+//   their factors.
+// - WORDS 16 (ScalesHalfPairs: Q2_K's `d · sc` and `−dmin · m` for each 16, a scale and
+//   an offset a half): words 2g, 2g + 1 hold columns g's and g + 8's, the halves' n_d,
+//   then their n_m.
 // Staged (stage_scales): the block's threads make each pair of a group once, into shared
-// memory, and a lane reads its tile's four floats there in one load (the four lanes of
-// a column pair would otherwise each make the same four, a conversion and a product each,
+// memory, and a lane reads its tile's four floats there in one load (two float4s with
+// WORDS 16: the halves' d of columns g and g + 8, then their m; the four lanes of a
+// column pair would otherwise each make the same, a conversion and a product each,
 // beside the weights' loads); the tiles hold no scales.
-struct ScalesFactored {
+template <int WORDS>
+struct ScalesFactoredT {
     static constexpr bool STAGED = true, OFFSETS = true;
     struct Held {};
     static __device__ __forceinline__ size_t group_words(int nb) {
-        return (size_t)nb * 8 + (size_t)(nb + 7) / 8 * 16;
+        return (size_t)nb * WORDS + (size_t)(nb + 7) / 8 * 16;
     }
     static __device__ __forceinline__ Held load(const u32* __restrict__, int, int, int, int) {
         return Held{};
     }
-    // Columns g and g + 8's (d, m) of the blocks B0 .. B0 + 7 of column group G's rows of
+    // Columns g and g + 8's scales of the blocks B0 .. B0 + 7 of column group G's rows of
     // nb (a super-block of them), those the product takes (kb0 <= B < kb1), each to
-    // out(b, d0, m0, d1, m1) with b = B − kb0: the super-block's pairs (D, M) made once.
+    // out(b, ...) with b = B − kb0: (d0, m0, d1, m1), or with WORDS 16 two float4s (the
+    // halves' d of column g, then of g + 8; then their m); the super-block's pairs (D, M)
+    // made once.
     template <typename Out>
     static __device__ __forceinline__ void super_block(const u32* __restrict__ s, int nb,
                                                        int G, unsigned B0, unsigned g,
                                                        unsigned kb0, unsigned kb1, Out out) {
         const u32* base = s + (size_t)G * group_words(nb);
         // The super-blocks' words after the blocks': a uint2 a column pair, 8 a super-block.
-        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 8)[B0 / 8 * 8 + g];
-        float D0 = h2f((half_t)(sup.x & 0xffffu)), M0 = h2f((half_t)(sup.x >> 16));
-        float D1 = h2f((half_t)(sup.y & 0xffffu)), M1 = h2f((half_t)(sup.y >> 16));
-#pragma unroll
-        for (unsigned i = 0; i < 8; ++i) {
-            unsigned B = B0 + i;
-            if (B < kb0 || B >= kb1) continue;
-            u32 n = base[(size_t)B * 8 + g];
-            out(B - kb0, D0 * (float)(signed char)n, M0 * (float)(signed char)(n >> 8),
-                D1 * (float)(signed char)(n >> 16), M1 * (float)(signed char)(n >> 24));
-        }
-    }
-    static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
-                                                    int blocks) {
-        const u32* base = s + (size_t)G * group_words(nb);
-        prefetch_span(base + (size_t)B0 * 8, blocks * 32);
-        prefetch_span(base + (size_t)nb * 8, (nb + 7) / 8 * 64);
-    }
-};
-
-// Factored pairs per 16 (Q2_K's `d · sc` and `−dmin · m` for each 16: a scale and an
-// offset a half): a group's words are its blocks' (16 a block: words 2g, 2g + 1 hold
-// columns g's and g + 8's multiples as signed bytes, the halves' n_d, then their n_m),
-// then its super-blocks' as ScalesFactored's (D, M a column); each half's d = D · n_d,
-// m = M · n_m, exact in f32. Staged as ScalesFactored's, two float4s a block and column
-// pair: the halves' d of columns g and g + 8, then their m.
-struct ScalesHalfPairs {
-    static constexpr bool STAGED = true, OFFSETS = true;
-    struct Held {};
-    static __device__ __forceinline__ size_t group_words(int nb) {
-        return (size_t)nb * 16 + (size_t)(nb + 7) / 8 * 16;
-    }
-    static __device__ __forceinline__ Held load(const u32* __restrict__, int, int, int, int) {
-        return Held{};
-    }
-    // As ScalesFactored::super_block: out(b, d, m) with d = (d_lo, d_hi) of column g, then
-    // of g + 8, and m their offsets.
-    template <typename Out>
-    static __device__ __forceinline__ void super_block(const u32* __restrict__ s, int nb,
-                                                       int G, unsigned B0, unsigned g,
-                                                       unsigned kb0, unsigned kb1, Out out) {
-        const u32* base = s + (size_t)G * group_words(nb);
-        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * 16)[B0 / 8 * 8 + g];
+        uint2 sup = reinterpret_cast<const uint2*>(base + (size_t)nb * WORDS)[B0 / 8 * 8 + g];
         float D0 = h2f((half_t)(sup.x & 0xffffu)), M0 = h2f((half_t)(sup.x >> 16));
         float D1 = h2f((half_t)(sup.y & 0xffffu)), M1 = h2f((half_t)(sup.y >> 16));
         auto byte = [](u32 w, int i) { return (float)(signed char)(w >> (8 * i)); };
@@ -329,19 +296,26 @@ struct ScalesHalfPairs {
         for (unsigned i = 0; i < 8; ++i) {
             unsigned B = B0 + i;
             if (B < kb0 || B >= kb1) continue;
-            uint2 n = reinterpret_cast<const uint2*>(base)[(size_t)B * 8 + g];
-            out(B - kb0,
-                float4{D0 * byte(n.x, 0), D0 * byte(n.x, 1), D1 * byte(n.y, 0), D1 * byte(n.y, 1)},
-                float4{M0 * byte(n.x, 2), M0 * byte(n.x, 3), M1 * byte(n.y, 2), M1 * byte(n.y, 3)});
+            if constexpr (WORDS == 8) {
+                u32 n = base[(size_t)B * 8 + g];
+                out(B - kb0, D0 * byte(n, 0), M0 * byte(n, 1), D1 * byte(n, 2), M1 * byte(n, 3));
+            } else {
+                uint2 n = reinterpret_cast<const uint2*>(base)[(size_t)B * 8 + g];
+                out(B - kb0,
+                    float4{D0 * byte(n.x, 0), D0 * byte(n.x, 1), D1 * byte(n.y, 0), D1 * byte(n.y, 1)},
+                    float4{M0 * byte(n.x, 2), M0 * byte(n.x, 3), M1 * byte(n.y, 2), M1 * byte(n.y, 3)});
+            }
         }
     }
     static __device__ __forceinline__ void prefetch(const u32* s, int nb, int G, int B0,
                                                     int blocks) {
         const u32* base = s + (size_t)G * group_words(nb);
-        prefetch_span(base + (size_t)B0 * 16, blocks * 64);
-        prefetch_span(base + (size_t)nb * 16, (nb + 7) / 8 * 64);
+        prefetch_span(base + (size_t)B0 * WORDS, blocks * WORDS * 4);
+        prefetch_span(base + (size_t)nb * WORDS, (nb + 7) / 8 * 64);
     }
 };
+using ScalesFactored = ScalesFactoredT<8>;
+using ScalesHalfPairs = ScalesFactoredT<16>;
 
 // A block's sums (columns g, g + 8 by input rows 2t, 2t + 1) under its columns' scales
 // sc (d, m of column g, then of g + 8; tile_scales): d times the sums plus m times the

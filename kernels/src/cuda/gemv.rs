@@ -729,6 +729,21 @@ fn multiples_of(d: f32, vals: &[f32], n: &mut [i8]) -> Option<f16> {
     Some(dh)
 }
 
+/// Row `j`'s block `blk` of `rows` rows of `k` weights in `ty`'s blocks (`data`), as
+/// `quant::unpack` gives it (its integers, `d`, `m`); `None` where `k` is no multiple of a
+/// block or `data` not that many blocks.
+fn unpacker(
+    ty: crate::gguf::GgmlType,
+    data: &[u8],
+    rows: usize,
+    k: usize,
+) -> Option<impl Fn(usize, usize) -> ([i32; BLOCK], f32, f32) + Sync + '_> {
+    let (nb, bytes) = (k / BLOCK, ty.block_bytes());
+    (k.is_multiple_of(BLOCK) && data.len() == rows * nb * bytes).then_some(
+        move |j: usize, blk: usize| crate::quant::unpack(ty, &data[(j * nb + blk) * bytes..]),
+    )
+}
+
 /// The greatest common divisor (0 with anything is that thing).
 fn gcd(mut a: u32, mut b: u32) -> u32 {
     while b != 0 {
@@ -772,16 +787,12 @@ impl QuantRows {
     /// types, or at the first 16 that are no such multiples (a Q8_0 file's, in its first
     /// block).
     fn by_sixteens(ty: crate::gguf::GgmlType, data: &[u8], rows: usize, k: usize) -> Option<Self> {
-        use crate::gguf::GgmlType;
-        if ty != GgmlType::Q8_0
-            || !k.is_multiple_of(BLOCK)
-            || data.len() != rows * k / BLOCK * ty.block_bytes()
-        {
+        if ty != crate::gguf::GgmlType::Q8_0 {
             return None;
         }
-        let nb = k / BLOCK;
+        let unpack = unpacker(ty, data, rows, k)?;
         Self::build(4, Scales::FactoredHalves, false, rows, k, |j, blk| {
-            let (vals, d, _) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            let (vals, d, _) = unpack(j, blk);
             let mut q = [8; BLOCK];
             let mut sc = [0f32; 2];
             for (h, (half, out)) in vals
@@ -822,19 +833,16 @@ impl QuantRows {
         rows: usize,
         k: usize,
     ) -> Option<Self> {
-        use crate::gguf::GgmlType;
         const HALF: usize = BLOCK / 2;
-        if ty != GgmlType::Q8_0
+        let unpack = unpacker(ty, data, rows, k)?;
+        if ty != crate::gguf::GgmlType::Q8_0
             || offsets.run != HALF
-            || !k.is_multiple_of(BLOCK)
-            || data.len() != rows * k / BLOCK * ty.block_bytes()
             || offsets.values.len() != rows * k / HALF
         {
             return None;
         }
-        let nb = k / BLOCK;
         Self::build(2, Scales::FactoredHalfPairs, false, rows, k, |j, blk| {
-            let (vals, d, _) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            let (vals, d, _) = unpack(j, blk);
             let mut q = [0; BLOCK];
             let mut pair = [0f32; 4];
             for (h, (half, out)) in vals
@@ -878,14 +886,11 @@ impl QuantRows {
         if !matches!(scales, Scales::F16Pairs | Scales::F16Scales) {
             return None;
         }
-        if !k.is_multiple_of(BLOCK) || data.len() != rows * k / BLOCK * ty.block_bytes() {
-            return None;
-        }
-        let nb = k / BLOCK;
+        let unpack = unpacker(ty, data, rows, k)?;
         // d and m are f16 values (m = −8d exactly for Q4_0, unless it overflows; 0 for
         // Q8_0).
         let block = |j: usize, blk: usize| {
-            let (vals, d, m) = crate::quant::unpack(ty, &data[(j * nb + blk) * ty.block_bytes()..]);
+            let (vals, d, m) = unpack(j, blk);
             (vals, [d, m])
         };
         if bits == 4 {
