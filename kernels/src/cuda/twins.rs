@@ -332,10 +332,15 @@ fn quant_rows(m: &crate::matmul::Matrix) -> Option<QuantRows> {
 /// Q4_K Q and K and Q6_K V), those of one layout joined.
 fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
     match p {
-        crate::model::Projections::Stacked { m, widths } => quant_rows(m)
-            .map(|r| vec![r])
-            .or_else(|| quant_parts(m, widths).map(QuantRows::stack))
-            .unwrap_or_default(),
+        // Blocks with offsets beside them (Q2_K's) are laid out part by part, once: a part
+        // may be of another layout (a Q3_K V beside Q2_K's Q and K, its offsets zero).
+        crate::model::Projections::Stacked { m, widths } => {
+            match (m.file_blocks(), m.packed_values()) {
+                (None, None) => quant_parts(m, widths).map(QuantRows::stack),
+                _ => quant_rows(m).map(|r| vec![r]),
+            }
+            .unwrap_or_default()
+        }
         crate::model::Projections::Separate(parts) => parts
             .iter()
             .map(quant_rows)
@@ -345,11 +350,12 @@ fn quant_stack(p: &crate::model::Projections) -> Vec<QuantRows> {
     }
 }
 
-/// A stacked matrix with offsets whose parts (`widths` rows each) are no one layout, each
-/// in its own: the CPU stacks blocks of one type with the parts' offsets (zeros for a part
-/// without: Q2_K's Q and K beside Q3_K's V in llama.cpp's Q2_K mix, all Q8_0 there), where
-/// the kernels read each part at its own bits ([`QuantRows::from_offsets`], or the blocks
-/// alone where its offsets are all zero). `None` where a part has no layout.
+/// A stacked matrix with offsets, its parts (`widths` rows each) each in its own layout:
+/// the CPU stacks blocks of one type with the parts' offsets (zeros for a part without:
+/// Q2_K's Q and K beside Q3_K's V in llama.cpp's Q2_K mix, all Q8_0 there), where the
+/// kernels read each part at its own bits ([`QuantRows::from_offsets`], or the blocks
+/// alone where its offsets are all zero; [`QuantRows::stack`] joins those of one layout).
+/// `None` where a part has no layout.
 fn quant_parts(m: &crate::matmul::Matrix, widths: &[usize]) -> Option<Vec<QuantRows>> {
     let (ty, data, offsets) = m.blocks_with_offsets()?;
     let (row_bytes, row_offsets) = (data.len() / m.rows, offsets.values.len() / m.rows);
