@@ -960,41 +960,23 @@ fn gemv_quant_case<E: Exec>(g: &E) {
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, over, k, n).is_err(),
             "17 rows"
         );
-        let seven = [QuantBuf {
-            bits: 7,
-            ..QuantBuf::upload(g, &rows).unwrap()
-        }];
-        assert!(
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(&seven), &mut y, 1, k, n).is_err(),
-            "7 bits"
-        );
-        let two = [QuantBuf {
-            bits: 2,
-            scales: kernels::cuda::gemv::Scales::FactoredHalves,
-            ..QuantBuf::upload(g, &rows).unwrap()
-        }];
-        assert!(
-            gemv_from(g, Input::Rows(&xd), Weights::Quant(&two), &mut y, 1, k, n).is_err(),
-            "2 bits without offsets per 16"
-        );
-        let halves5 = [QuantBuf {
-            bits: 5,
-            scales: kernels::cuda::gemv::Scales::FactoredHalves,
-            ..QuantBuf::upload(g, &rows).unwrap()
-        }];
-        assert!(
-            gemv_from(
-                g,
-                Input::Rows(&xd),
-                Weights::Quant(&halves5),
-                &mut y,
-                1,
-                k,
-                n
-            )
-            .is_err(),
-            "5 bits with a scale per 16"
-        );
+        // Layouts no kernel reads: 7 bits; 2 bits without offsets per 16; 5 bits with a
+        // scale per 16.
+        for (bits, scales, what) in [
+            (7, rows.scales, "7 bits"),
+            (2, Scales::FactoredHalves, "2 bits without offsets per 16"),
+            (5, Scales::FactoredHalves, "5 bits with a scale per 16"),
+        ] {
+            let none = [QuantBuf {
+                bits,
+                scales,
+                ..QuantBuf::upload(g, &rows).unwrap()
+            }];
+            assert!(
+                gemv_from(g, Input::Rows(&xd), Weights::Quant(&none), &mut y, 1, k, n).is_err(),
+                "{what}"
+            );
+        }
         assert!(
             gemv_from(g, Input::Rows(&xd), Weights::Quant(wq), &mut y, 1, k, n + 1).is_err(),
             "a column past the weights"

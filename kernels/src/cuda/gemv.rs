@@ -744,6 +744,33 @@ fn unpacker(
     )
 }
 
+/// Weights of a block per 16.
+const HALF: usize = BLOCK / 2;
+
+/// A 16's integers as `g · q` with every `q` in `range`: `g` their greatest common divisor
+/// times the first of `signs` that holds them (0, and `q` all 0, where they are all 0);
+/// `None` where none does.
+fn over_divisor(
+    half: &[i32],
+    range: std::ops::Range<i32>,
+    signs: &[i32],
+) -> Option<(i32, [i32; HALF])> {
+    let g = half.iter().fold(0, |g, v| gcd(g, v.unsigned_abs())) as i32;
+    if g == 0 {
+        return Some((0, [0; HALF]));
+    }
+    signs.iter().find_map(|s| {
+        let mut q = [0; HALF];
+        for (o, v) in q.iter_mut().zip(half) {
+            *o = v / (s * g);
+            if !range.contains(o) {
+                return None;
+            }
+        }
+        Some((s * g, q))
+    })
+}
+
 /// The greatest common divisor (0 with anything is that thing).
 fn gcd(mut a: u32, mut b: u32) -> u32 {
     while b != 0 {
@@ -793,24 +820,16 @@ impl QuantRows {
         let unpack = unpacker(ty, data, rows, k)?;
         Self::build(4, Scales::FactoredHalves, false, rows, k, |j, blk| {
             let (vals, d, _) = unpack(j, blk);
-            let mut q = [8; BLOCK];
+            let mut q = [0; BLOCK];
             let mut sc = [0f32; 2];
             for (h, (half, out)) in vals
-                .chunks_exact(16)
-                .zip(q.chunks_exact_mut(16))
+                .chunks_exact(HALF)
+                .zip(q.chunks_exact_mut(HALF))
                 .enumerate()
             {
-                let g = half.iter().fold(0, |g, v| gcd(g, v.unsigned_abs())) as i32;
-                if g == 0 {
-                    continue;
-                }
                 // 8 · g fits only negated.
-                let g = if half.contains(&(8 * g)) { -g } else { g };
-                for (o, v) in out.iter_mut().zip(half) {
-                    let x = v / g;
-                    if !(-8..8).contains(&x) {
-                        return None;
-                    }
+                let (g, x) = over_divisor(half, -8..8, &[1, -1])?;
+                for (o, x) in out.iter_mut().zip(x) {
                     *o = x + 8;
                 }
                 sc[h] = d * g as f32;
@@ -833,7 +852,6 @@ impl QuantRows {
         rows: usize,
         k: usize,
     ) -> Option<Self> {
-        const HALF: usize = BLOCK / 2;
         let unpack = unpacker(ty, data, rows, k)?;
         if ty != crate::gguf::GgmlType::Q8_0
             || offsets.run != HALF
@@ -850,17 +868,8 @@ impl QuantRows {
                 .zip(q.chunks_exact_mut(HALF))
                 .enumerate()
             {
-                let g = half
-                    .iter()
-                    .try_fold(0, |g, &v| u32::try_from(v).ok().map(|v| gcd(g, v)))?;
-                if g > 0 {
-                    for (o, &v) in out.iter_mut().zip(half) {
-                        *o = v / g as i32;
-                        if *o > 3 {
-                            return None;
-                        }
-                    }
-                }
+                let (g, x) = over_divisor(half, 0..4, &[1])?;
+                out.copy_from_slice(&x);
                 pair[h] = d * g as f32;
                 pair[2 + h] = offsets.values[(j * k + blk * BLOCK) / HALF + h];
             }
