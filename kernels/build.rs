@@ -82,6 +82,23 @@ fn main() {
         return skip(format!("writing {}: {e}", path.display()));
     }
     build.file(&path);
+    // Misaligned accesses, indices past an array's bounds and over-wide shifts fail the
+    // launch, as on a GPU they fault or are undefined (the handlers: runtime.cpp).
+    let checks = [
+        "-fsanitize=alignment,bounds,shift",
+        "-fno-sanitize-recover=all",
+    ];
+    if checks
+        .iter()
+        .all(|f| build.is_flag_supported(f).unwrap_or(false))
+    {
+        for f in checks {
+            build.flag(f);
+        }
+        build.define("TOLLGATE_EMU_UB_CHECKS", None);
+    } else {
+        println!("cargo:warning=CUDA emulator built without its alignment, bounds and shift checks (the C++ compiler takes no -fsanitize)");
+    }
     match build.try_compile("tollgate_emu") {
         Ok(()) => println!("cargo:rustc-cfg=tollgate_emu"),
         Err(e) => skip(format!("the C++ compiler failed: {e}")),

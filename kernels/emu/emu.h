@@ -6,9 +6,12 @@
 // one OS thread, each until it reaches a synchronization point (`__syncthreads`, a warp
 // shuffle) or exits, in an order shuffled per round. Shared memory is a function-local
 // static in its own section, poisoned before each block (one block runs at a time in the
-// process). Misuse that is undefined
-// on a GPU fails the launch with a message: a barrier or shuffle some threads never reach
-// (deadlock), a shuffle reading a lane that did not take part.
+// process). Misuse that is undefined or faults on a GPU fails the launch with a message: a
+// barrier or shuffle some threads never reach (deadlock), a shuffle reading a lane that did
+// not take part, an access past a buffer's end (a fault: buffers end against an
+// inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
+// through a pointer misaligned for its type, an index past an array's bounds, a shift past
+// its word's width (`runtime.cpp`'s handlers).
 #pragma once
 
 #include <math.h>

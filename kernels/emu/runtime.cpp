@@ -5,6 +5,7 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -261,6 +262,99 @@ void fail(const char* why) {
 }  // namespace emu
 
 using namespace emu;
+
+#ifdef TOLLGATE_EMU_UB_CHECKS
+// What faults or is undefined on a GPU but runs through on the host: build.rs compiles the
+// emulator with `-fsanitize=alignment,bounds,shift` and no recovery, so that the compiler
+// checks every access through a pointer for its type's alignment (a misaligned `uint4`
+// load is CUDA_ERROR_MISALIGNED_ADDRESS on a GPU, and kills its context), every index into
+// an array of known size (a thread's register arrays), and every shift's width, and calls
+// these on a violation. In a kernel, the launch fails with where and what; elsewhere, the
+// process aborts with it. (The same entry points and data as the compilers' sanitizer
+// runtime, without that library: the emulator links into every binary.)
+namespace {
+
+struct UbLocation {
+    const char* file;
+    uint32_t line, column;
+};
+
+// A type as the compiler describes it: its kind (0 integer, 1 float), for an integer
+// log2 of its width times 2 plus whether it is signed, then its name (quoted).
+struct UbType {
+    uint16_t kind, info;
+    char name[1];
+};
+
+struct UbTypeMismatch {
+    UbLocation loc;
+    const UbType* type;
+    unsigned char log_alignment, check_kind;
+};
+
+struct UbOutOfBounds {
+    UbLocation loc;
+    const UbType* array;
+    const UbType* index;
+};
+
+struct UbShift {
+    UbLocation loc;
+    const UbType* lhs;
+    const UbType* rhs;
+};
+
+thread_local char ub_message[512];
+
+// An integer the compiler passed inline (as wide as a pointer at most) as its type says.
+long long ub_int(const UbType* t, uintptr_t v) {
+    unsigned width = 1u << (t->info >> 1);
+    if (!(t->info & 1) || width >= 64) return (long long)v;
+    unsigned extra = 64 - width;
+    return (long long)((uint64_t)v << extra) >> extra;
+}
+
+[[noreturn]] void ub_report(const UbLocation& at) {
+    if (tl_fiber && tl_launch) {
+        char what[400];
+        snprintf(what, sizeof what, "%s", ub_message);
+        snprintf(ub_message, sizeof ub_message, "thread (%u, %u, %u), %s:%u: %s",
+                 tl_fiber->tid.x, tl_fiber->tid.y, tl_fiber->tid.z, at.file, at.line, what);
+        fail(ub_message);
+    }
+    fprintf(stderr, "CUDA emulator: %s:%u: %s\n", at.file, at.line, ub_message);
+    abort();
+}
+
+}  // namespace
+
+extern "C" {
+
+[[noreturn]] void __ubsan_handle_type_mismatch_v1_abort(UbTypeMismatch* d, uintptr_t p) {
+    const char* kinds[] = {"load of", "store to", "reference bound to", "member access at"};
+    const char* kind = d->check_kind < 4 ? kinds[d->check_kind] : "access at";
+    snprintf(ub_message, sizeof ub_message,
+             "misaligned %s %p as %s, which needs %u-byte alignment (a fault on a GPU)", kind,
+             (void*)p, d->type->name, 1u << d->log_alignment);
+    ub_report(d->loc);
+}
+
+[[noreturn]] void __ubsan_handle_out_of_bounds_abort(UbOutOfBounds* d, uintptr_t index) {
+    snprintf(ub_message, sizeof ub_message, "index %lld out of the bounds of %s",
+             ub_int(d->index, index), d->array->name);
+    ub_report(d->loc);
+}
+
+[[noreturn]] void __ubsan_handle_shift_out_of_bounds_abort(UbShift* d, uintptr_t lhs,
+                                                           uintptr_t rhs) {
+    snprintf(ub_message, sizeof ub_message,
+             "shift of %lld (%s) by %lld (%s): past its width, or a signed one overflowing",
+             ub_int(d->lhs, lhs), d->lhs->name, ub_int(d->rhs, rhs), d->rhs->name);
+    ub_report(d->loc);
+}
+
+}  // extern "C"
+#endif
 
 extern "C" {
 

@@ -45,3 +45,22 @@ extern "C" __global__ void emu_selftest_unwritten_shared(float* __restrict__ out
     __syncthreads();
     never_written[threadIdx.x] = 1.0f;  // the next block must not see this
 }
+
+// Thread i loads a `uint4` 4 bytes past a 16-byte boundary: a fault on a GPU
+// (CUDA_ERROR_MISALIGNED_ADDRESS), a failed launch here.
+extern "C" __global__ void emu_selftest_misaligned(const float* __restrict__ in,
+                                                   float* __restrict__ out) {
+    uint4 v = *reinterpret_cast<const uint4*>(in + 1 + 4 * threadIdx.x);
+    out[threadIdx.x] = (float)v.x;
+}
+
+// Thread 4 and past read a thread's array of 4 past its end.
+extern "C" __global__ void emu_selftest_past_bounds(float* __restrict__ out) {
+    float r[4] = {0.0f, 1.0f, 2.0f, 3.0f};
+    out[threadIdx.x] = r[threadIdx.x];
+}
+
+// Thread 4 and past shift a word by its width or more.
+extern "C" __global__ void emu_selftest_wide_shift(u32* __restrict__ out) {
+    out[threadIdx.x] = 1u << (threadIdx.x + 28);
+}

@@ -844,6 +844,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("did not take part"), "{err}");
+        // What faults or is undefined on a GPU, with the kernel, thread and line: a
+        // misaligned vector load, an index past a thread's array, a shift past the word.
+        let input = e.zeros::<f32>(4 * 64 + 4).unwrap();
+        let words = e.zeros::<u32>(64).unwrap();
+        for (kernel, args, threads, want) in [
+            (
+                "emu_selftest_misaligned",
+                vec![input.arg(), out.arg()],
+                1,
+                "needs 16-byte alignment",
+            ),
+            (
+                "emu_selftest_past_bounds",
+                vec![out.arg()],
+                5,
+                "index 4 out of the bounds of 'float [4]'",
+            ),
+            (
+                "emu_selftest_wide_shift",
+                vec![words.arg()],
+                5,
+                "shift of 1 ('unsigned int') by 32",
+            ),
+        ] {
+            let err = e
+                .launch(kernel, cfg((1, 1, 1), (threads, 1, 1)), &args)
+                .unwrap_err()
+                .to_string();
+            for part in [kernel, "selftest.cu:", want] {
+                assert!(err.contains(part), "{kernel}: {part:?} not in {err}");
+            }
+        }
         // Arguments are checked before anything runs.
         let err = e
             .launch("embed", cfg((1, 1, 1), (32, 1, 1)), &[out.arg()])
