@@ -37,6 +37,13 @@ fn main() {
         Ok(s) => s,
         Err(e) => return skip(format!("reading kernels/cuda: {e}")),
     };
+    let headers = match files_of(&root.join("cuda"), "cuh") {
+        Ok(h) => h
+            .into_iter()
+            .filter(|p| !p.ends_with("common.cuh"))
+            .collect::<Vec<_>>(),
+        Err(e) => return skip(format!("reading kernels/cuda: {e}")),
+    };
     // The emulator's own checks (emulator builds only).
     let selftest = root.join("emu/selftest.cu");
     match entries_of(&selftest) {
@@ -60,7 +67,7 @@ fn main() {
     let mut list = String::from("#include \"emu.h\"\n");
     for (name, group, dpl, warps) in VARIANTS {
         let path = out.join(format!("emu_{name}.cpp"));
-        let code = variant(&root, &sources, name, *group, *dpl, *warps);
+        let code = variant(&root, &headers, &sources, name, *group, *dpl, *warps);
         if let Err(e) = std::fs::write(&path, code) {
             return skip(format!("writing {}: {e}", path.display()));
         }
@@ -107,15 +114,20 @@ fn main() {
 
 /// Every `.cu` file (sorted) with the `extern "C" __global__` entry points it defines.
 fn kernel_sources(dir: &Path) -> std::io::Result<Vec<(PathBuf, Vec<String>)>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    files.sort();
-    files
+    files_of(dir, "cu")?
         .into_iter()
         .map(|p| Ok((p.clone(), entries_of(&p)?)))
         .collect()
+}
+
+/// The files in `dir` named `*.{ext}`, sorted.
+fn files_of(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The `extern "C" __global__` entry points a source defines.
@@ -135,9 +147,11 @@ fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
 }
 
 /// One emulator build: the constants, every entry point renamed for this build (so that
-/// builds link side by side), the shared helpers and sources, and the entry table.
+/// builds link side by side), the shared helpers, the sources' headers and the sources,
+/// and the entry table.
 fn variant(
     root: &Path,
+    headers: &[PathBuf],
     sources: &[(PathBuf, Vec<String>)],
     name: &str,
     group: usize,
@@ -155,6 +169,10 @@ fn variant(
     }
     s.push_str("namespace {\n");
     let _ = writeln!(s, "#include \"{}\"", root.join("cuda/common.cuh").display());
+    // A source's device code in its own header (gemv.cuh), before every source.
+    for path in headers {
+        let _ = writeln!(s, "#include \"{}\"", path.display());
+    }
     for (path, _) in sources {
         let _ = writeln!(s, "#include \"{}\"", path.display());
     }

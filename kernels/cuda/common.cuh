@@ -165,7 +165,7 @@ __device__ __forceinline__ void pdl_begin() {
 }
 
 // pdl_begin(), after the block asks L2 for its first share of a matrix that no kernel
-// writes (w.prefetch(blockIdx.x): gemv.cu's weights), so that the loads overlap the
+// writes (w.prefetch(blockIdx.x): gemv.cuh's weights), so that the loads overlap the
 // previous kernel's end. Returns w.
 template <typename W>
 __device__ __forceinline__ W pdl_begin_prefetch(const W& w) {

@@ -149,7 +149,7 @@ pub struct Emu {
 /// The multiprocessors the emulator reports: a small GPU's.
 const EMU_MULTIPROCESSORS: usize = 8;
 /// The shared memory a block may have: Hopper's (the `gemv` kernels' dynamic area is one
-/// static array of this size on the emulator, `gemv_smem` in gemv.cu).
+/// static array of this size on the emulator, `gemv_smem` in gemv.cuh).
 const EMU_SHARED_BYTES: usize = 227 * 1024;
 
 /// Injected device faults so far (see [`fault_open_devices`]).

@@ -76,7 +76,13 @@ pub const SOURCES: &[Source] = &[
     },
     Source {
         name: "gemv",
-        code: include_str!("../../cuda/gemv.cu"),
+        // The device code, then the entry points: one program.
+        code: concat!(
+            "#line 1 \"gemv.cuh\"\n",
+            include_str!("../../cuda/gemv.cuh"),
+            "#line 1 \"gemv.cu\"\n",
+            include_str!("../../cuda/gemv.cu")
+        ),
         entries: &[
             "gemv_f16",
             "gemv_f16_norm",

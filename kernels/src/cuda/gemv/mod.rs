@@ -1,23 +1,23 @@
-//! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`): the step's product for a few rows, a
-//! candidate against cuBLAS at decode batch 1–16: the backend times whole decode steps each way
-//! at load and keeps the fastest (`step::SmallProducts`). The product's input is f16 rows
-//! ([`Input::Rows`]), or is made in the product's own blocks by the kernel that would otherwise
-//! run before it ([`Input::Norm`], [`Input::Swiglu`]): one launch instead of two, with the same
-//! bits. The QKV product can also do `rope_kv_write`'s work in its epilogue ([`gemv_rope`]).
-//! The weights are f16 rows (`gemv_f16*`), or the file's own blocks ([`Weights::Quant`], laid
-//! out by [`QuantRows`]: `gemv_q4*`, `gemv_q8*` for Q4_0, Q4_1, Q8_0 and the 8-bit layouts of
-//! the same values; `gemv_q5*` for 5-bit integers, `gemv_iq4*` for IQ4's levels; under their
-//! scales alone where the offsets are none, `gemv_q4s*`, `gemv_q5s*`, `gemv_q8s*`,
-//! `gemv_iq4s*`; under factored scales, staged in shared memory, `gemv_q4f*`, `gemv_q5f*`,
-//! `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the K-quants', `gemv_q6h*` for Q6_K's integers at
-//! 6 bits, `gemv_q4h*` for Q3_K's at 4, `gemv_q2h*` for Q2_K's at 2 with their offsets per 16
-//! ([`QuantRows::from_offsets`]), or f32 ones, `gemv_q4f32*`, ...), a fifth to a half of the
-//! bytes to read; a stack whose parts are of different layouts (Q4_K_M's QKV, its V rows Q6_K)
-//! is a launch a part, each writing its columns ([`QuantRows::stack`]). Either way the products
-//! run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice past 8), a block of 8 warps
-//! per group of 16 columns at a time, as many blocks as the SMs hold, with the input rows
-//! staged in shared memory: rows too wide for it are read in runs of their columns, a launch a
-//! run adding its sums ([`column_run`]).
+//! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`, `gemv.cuh`): the step's product for a
+//! few rows, a candidate against cuBLAS at decode batch 1–16: the backend times whole decode
+//! steps each way at load and keeps the fastest (`step::SmallProducts`). The product's input is
+//! f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the kernel that would
+//! otherwise run before it ([`Input::Norm`], [`Input::Swiglu`]): one launch instead of two,
+//! with the same bits. The QKV product can also do `rope_kv_write`'s work in its epilogue
+//! ([`gemv_rope`]). The weights are f16 rows (`gemv_f16*`), or the file's own blocks
+//! ([`Weights::Quant`], laid out by [`QuantRows`]: `gemv_q4*`, `gemv_q8*` for Q4_0, Q4_1, Q8_0
+//! and the 8-bit layouts of the same values; `gemv_q5*` for 5-bit integers, `gemv_iq4*` for
+//! IQ4's levels; under their scales alone where the offsets are none, `gemv_q4s*`, `gemv_q5s*`,
+//! `gemv_q8s*`, `gemv_iq4s*`; under factored scales, staged in shared memory, `gemv_q4f*`,
+//! `gemv_q5f*`, `gemv_q8f*`, `gemv_q8h*`, `gemv_iq4f*` for the K-quants', `gemv_q6h*` for
+//! Q6_K's integers at 6 bits, `gemv_q4h*` for Q3_K's at 4, `gemv_q2h*` for Q2_K's at 2 with
+//! their offsets per 16 ([`QuantRows::from_offsets`]), or f32 ones, `gemv_q4f32*`, ...), a
+//! fifth to a half of the bytes to read; a stack whose parts are of different layouts (Q4_K_M's
+//! QKV, its V rows Q6_K) is a launch a part, each writing its columns ([`QuantRows::stack`]).
+//! Either way the products run on tensor cores (`mma.m16n8k16`, 16 columns by 8 rows, twice
+//! past 8), a block of 8 warps per group of 16 columns at a time, as many blocks as the SMs
+//! hold, with the input rows staged in shared memory: rows too wide for it are read in runs of
+//! their columns, a launch a run adding its sums ([`column_run`]).
 //!
 //! This file owns the launches and their sizes; the quantized weights' layout is
 //! `layout.rs` (where each weight and scale lies), built by `convert.rs` from a file's
@@ -35,7 +35,7 @@ mod tests;
 
 pub use layout::{QuantRows, Scales};
 
-/// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cu: two `mma`s of 8 columns).
+/// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cuh: two `mma`s of 8 columns).
 pub const MAX_ROWS: usize = 16;
 /// Columns an `mma` takes (a group), and weights a block of the inner dimension.
 const GROUP: usize = 16;
@@ -64,7 +64,7 @@ impl Staged {
 }
 
 /// The dynamic shared memory a block of the `gemv` kernels takes for `rows` rows of `k`
-/// (`gemv_shared` in gemv.cu): the 8 warps' sums, the rows staged as f16 (`k` halves
+/// (`gemv_shared` in gemv.cuh): the 8 warps' sums, the rows staged as f16 (`k` halves
 /// apart, `k + 32` where `k` is a multiple of 64), their sums over each block of 32 (each
 /// 16 with [`Staged::HalfPairs`]), and with staged scales (factored: [`Scales::staged`])
 /// a column group's, 16 bytes a block of 32 and pair of columns (32 a half's pairs).
