@@ -1,10 +1,12 @@
-//! Builds the CUDA emulator (`kernels/emu/`): every kernel source in `kernels/cuda/`,
-//! compiled by the host C++ compiler against the emulator's CUDA shim, once per set of
-//! attention constants the tests use, so that the kernels' own code runs (and is checked
-//! against its CPU twins) on machines without a GPU. Sets `cfg(tollgate_emu)` when built;
-//! without a C++ compiler, or off x86-64 Linux, it warns and leaves the emulator out (the
-//! tests then skip their emulator runs, or fail under `TOLLGATE_REQUIRE_EMU=1`, as in
-//! `scripts/test.sh`); `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path.
+//! Builds the CUDA emulator (`kernels/emu/`): every kernel source in `kernels/cuda/`, compiled
+//! by the host C++ compiler against the emulator's CUDA shim, once per set of attention
+//! constants the tests use, so that the kernels' own code runs (and is checked against its CPU
+//! twins) on machines without a GPU; where the compiler takes `-fsanitize`, with every access
+//! checked for alignment, every array index for bounds and every shift for width, so that what
+//! faults on a GPU fails the launch. Sets `cfg(tollgate_emu)` when built; without a C++
+//! compiler, or off x86-64 Linux, it warns and leaves the emulator out (the tests then skip
+//! their emulator runs, or fail under `TOLLGATE_REQUIRE_EMU=1`, as in `scripts/test.sh`);
+//! `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
