@@ -1,7 +1,7 @@
 //! The CUDA kernels' CPU twins, checked on the CPU: chained in the CUDA backend's order
 //! (f16 weights, f16 KV cache, f32 arithmetic) they give the CPU engine's logits and greedy
 //! tokens on the synthetic model; the batch builder, KV layout and sampler keep their
-//! stated invariants. The GPU kernels are then held to these twins (`cuda_parity.rs`).
+//! stated invariants. The GPU kernels are then held to these twins (`cuda_parity/`).
 
 mod common;
 

@@ -1,0 +1,522 @@
+//! Each CUDA kernel against its CPU twin (`kernels::cuda::twins`) on fresh random inputs.
+//! Output buffers are poisoned before each launch (NaN, or a sentinel for integers), so an
+//! element the kernel fails to write fails the comparison.
+//!
+//! Every test runs twice: on the CPU emulator (`kernels::cuda::emu`, the kernel sources
+//! themselves built for the host; always, where the build has it) and on GPU 0 (skipped
+//! with a printed reason where there is none). On a GPU machine `kernels/gpu-check.sh` runs
+//! this binary (built here with `cargo test --release -p kernels --test cuda_parity
+//! --no-run`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::rel_err as rel;
+use common::{emu, emu_for, gpu, gpu_for};
+use cudarc::driver::LaunchConfig;
+use half::f16;
+use kernels::adjust::{allowed, Adjust, Carry};
+use kernels::backend::FROM_LAST;
+use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
+use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
+use kernels::cuda::twins::{self, SampleParams};
+use kernels::cuda::{norm_launch, swiglu_launch};
+use kernels::forward::Batch;
+use kernels::gguf::GgmlType;
+use kernels::model::LlamaConfig;
+
+/// xorshift64*: reproducible random inputs without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+}
+
+fn cfg(grid: u32, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn up<E: Exec, T: Elem>(e: &E, v: &[T]) -> E::Buf<T> {
+    e.upload(v).unwrap()
+}
+
+fn down<E: Exec, T: Elem>(e: &E, v: &E::Buf<T>) -> Vec<T> {
+    e.download(v, v.elems()).unwrap()
+}
+
+fn i(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
+
+fn nan16(n: usize) -> Vec<f16> {
+    vec![f16::NAN; n]
+}
+
+fn f32s(v: &[f16]) -> Vec<f32> {
+    v.iter().map(|h| h.to_f32()).collect()
+}
+
+/// SmolLM2's attention shape.
+fn smol() -> LlamaConfig {
+    LlamaConfig {
+        context_len: 2048,
+        ..LlamaConfig::smollm2_135m()
+    }
+}
+
+fn random_batch(
+    rng: &mut Rng,
+    seqs: usize,
+    max_len: usize,
+    block_size: usize,
+    max_blocks: usize,
+) -> Batch {
+    let mut b = Batch::default();
+    let mut next_block = 0u32;
+    for _ in 0..seqs {
+        let len = 1 + rng.below(max_len);
+        let pos0 = rng.below(300);
+        let need = (pos0 + len).div_ceil(block_size);
+        assert!(need <= max_blocks);
+        let table: Vec<u32> = (0..need as u32).map(|i| next_block + i).collect();
+        next_block += need as u32;
+        let toks: Vec<u32> = (0..len).map(|_| rng.below(49152) as u32).collect();
+        b.push(&toks, pos0, table, rng.below(2) == 0);
+    }
+    b
+}
+
+/// Runs `case` on the emulator (the general build) and on GPU 0, where each is present.
+macro_rules! on_each {
+    ($case:ident) => {{
+        if let Some(e) = emu() {
+            $case(&e);
+        }
+        if let Some(g) = gpu() {
+            $case(&g);
+        }
+    }};
+}
+
+#[test]
+fn build_batch_matches_its_twin() {
+    on_each!(build_batch_case);
+}
+
+fn build_batch_case<E: Exec>(g: &E) {
+    let mut rng = Rng(1);
+    let (bs, mb) = (16, 64);
+    // 600 sequences: each thread of the logit-rows scan counts a run of 3.
+    for (seqs, max_len) in [(37, 40), (600, 3)] {
+        let b = random_batch(&mut rng, seqs, max_len, bs, mb);
+        let (s, t) = (b.seqs.len(), b.tokens.len());
+        let mut staging = twins::stage(&b, mb);
+        // Every fifth token stands for one the step before sampled.
+        let sampled: Vec<u32> = (0..64).map(|_| rng.below(50_000) as u32).collect();
+        for w in staging[4 * s..4 * s + t].iter_mut().step_by(5) {
+            *w = FROM_LAST | rng.below(sampled.len()) as u32;
+        }
+        let want = twins::build_batch(&staging, &sampled, s, t, mb, bs);
+        assert!(want.tokens.iter().all(|&t| t & FROM_LAST == 0));
+        let st = up(g, &staging);
+        let last = up(g, &sampled);
+        let tokens = up(g, &vec![0xDEAD_BEEFu32; t]);
+        let positions = up(g, &vec![0xDEAD_BEEFu32; t]);
+        let slots = up(g, &vec![-7i32; t]);
+        let seq_of_row = up(g, &vec![-7i32; t]);
+        let tables = up(g, &vec![-7i32; s * mb]);
+        let logit_rows = up(g, &vec![-7i32; s]);
+        let n = t.max(s * mb).max(s) as u32;
+        let args = [
+            st.arg(),
+            last.arg(),
+            i(s),
+            i(t),
+            i(mb),
+            i(bs),
+            tokens.arg(),
+            positions.arg(),
+            slots.arg(),
+            seq_of_row.arg(),
+            tables.arg(),
+            logit_rows.arg(),
+        ];
+        g.launch("build_batch", cfg(n.div_ceil(256), 256), &args)
+            .unwrap();
+        let what = g.describe();
+        assert_eq!(down(g, &tokens), want.tokens, "{what}");
+        assert_eq!(down(g, &positions), want.positions, "{what}");
+        assert_eq!(down(g, &slots), want.slot_mapping, "{what}");
+        assert_eq!(down(g, &seq_of_row), want.seq_of_row, "{what}");
+        assert_eq!(down(g, &tables), want.block_tables, "{what}");
+        assert_eq!(
+            down(g, &logit_rows),
+            want.logit_rows,
+            "{what}: {seqs} sequences"
+        );
+    }
+}
+
+#[test]
+fn embed_matches_its_twin() {
+    on_each!(embed_case);
+}
+
+fn embed_case<E: Exec>(g: &E) {
+    let mut rng = Rng(2);
+    let (vocab, dim, t) = (5000, 576, 300);
+    let table: Vec<f16> = rng
+        .vec(vocab * dim, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let toks: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
+    let want = twins::embed(&table, &toks, dim);
+    let (td, tk) = (up(g, &table), up(g, &toks));
+    let x = up(g, &vec![f32::NAN; t * dim]);
+    let args = [td.arg(), tk.arg(), x.arg(), i(dim)];
+    g.launch("embed", cfg(t as u32, 256), &args).unwrap();
+    assert_eq!(down(g, &x), want, "{}", g.describe());
+}
+
+#[test]
+fn add_rmsnorm_matches_its_twin() {
+    on_each!(add_rmsnorm_case);
+}
+
+fn add_rmsnorm_case<E: Exec>(g: &E) {
+    let what = g.describe();
+    let mut rng = Rng(3);
+    let (t, dim, eps) = (257, 576, 1e-5f32);
+    let x0 = rng.vec(t * dim, 3.0);
+    let delta = rng.vec(t * dim, 1.0);
+    let w = rng.vec(dim, 1.0);
+    let mut xw = x0.clone();
+    let want = twins::add_rmsnorm(&mut xw, Some(&delta), &w, None, dim, eps);
+    let xd = up(g, &x0);
+    let (dd, wd) = (up(g, &delta), up(g, &w));
+    let out = up(g, &nan16(t * dim));
+    let args = [
+        xd.arg(),
+        dd.arg(),
+        wd.arg(),
+        out.arg(),
+        Arg::Null,
+        i(t),
+        i(dim),
+        Arg::F32(eps),
+    ];
+    g.launch("add_rmsnorm", norm_launch(t), &args).unwrap();
+    assert!(rel(&down(g, &xd), &xw) < 1e-6, "{what}: residual add");
+    let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+    assert!(e < 2e-3, "{what}: normalized rows: {e}");
+    // Selected rows with the add (the logits path), with an unused −1 entry.
+    let rows = vec![5i32, 0, 256, -1];
+    let want = twins::add_rmsnorm(&mut xw, Some(&delta), &w, Some(&rows), dim, eps);
+    let rd = up(g, &rows);
+    let out = up(g, &nan16(rows.len() * dim));
+    let args = [
+        xd.arg(),
+        dd.arg(),
+        wd.arg(),
+        out.arg(),
+        rd.arg(),
+        i(rows.len()),
+        i(dim),
+        Arg::F32(eps),
+    ];
+    g.launch("add_rmsnorm", norm_launch(rows.len()), &args)
+        .unwrap();
+    let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+    assert!(e < 2e-3, "{what}: selected rows: {e}");
+    assert!(
+        rel(&down(g, &xd), &xw) < 1e-6,
+        "{what}: residual add of the selected rows"
+    );
+}
+
+struct Cache {
+    k: Vec<f16>,
+    v: Vec<f16>,
+    /// The QKV rows after RoPE (queries and keys rotated), `stride` floats each.
+    qkv: Vec<f32>,
+    stride: usize,
+}
+
+/// The device's rotated rows, key cache and value cache.
+type Written<E> = (
+    <E as Exec>::Buf<f32>,
+    <E as Exec>::Buf<f16>,
+    <E as Exec>::Buf<f16>,
+);
+
+/// A random batch's QKV rows through `rope_kv_write` into a cache filled with arbitrary
+/// values, on both sides; returns the twin's cache and rows and the device's.
+fn rope_kv<E: Exec>(
+    g: &E,
+    c: &LlamaConfig,
+    b: &Batch,
+    bs: usize,
+    n_blocks: usize,
+    rng: &mut Rng,
+) -> (Cache, Written<E>) {
+    let t = b.tokens.len();
+    let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
+    // A row stride wider than q|k|v, as a guard that the kernel follows it.
+    let stride = qd + 2 * kd + 8;
+    let mut qkv = rng.vec(t * stride, 2.0);
+    let max_blocks = c.context_len / bs;
+    let inp = twins::build_batch(
+        &twins::stage(b, max_blocks),
+        &[],
+        b.seqs.len(),
+        t,
+        max_blocks,
+        bs,
+    );
+    let n = n_blocks * bs * kd;
+    // Slots no row writes hold arbitrary (finite) values on both sides.
+    let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
+    let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
+    let (kc, vc) = (up(g, &fill), up(g, &fill));
+    let mut cache_k = fill.clone();
+    let mut cache_v = fill;
+    twins::rope_kv_write(
+        &mut qkv,
+        stride,
+        &inp.positions,
+        &inp.slot_mapping,
+        &mut cache_k,
+        &mut cache_v,
+        c,
+        bs,
+    );
+    let n_threads = (t * c.head_dim / 2) as u32;
+    let args = [
+        qg.arg(),
+        i(stride),
+        pd.arg(),
+        sm.arg(),
+        kc.arg(),
+        vc.arg(),
+        i(t),
+        i(c.n_heads),
+        i(c.n_kv_heads),
+        i(c.head_dim),
+        i(bs),
+        Arg::F32(c.rope_base),
+    ];
+    g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)
+        .unwrap();
+    let cache = Cache {
+        k: cache_k,
+        v: cache_v,
+        qkv,
+        stride,
+    };
+    (cache, (qg, kc, vc))
+}
+
+#[test]
+fn rope_kv_write_matches_its_twin() {
+    on_each!(rope_case);
+}
+
+fn rope_case<E: Exec>(g: &E) {
+    let what = g.describe();
+    let mut rng = Rng(4);
+    let c = smol();
+    // Positions up to ~2000 (the batch's own), rows of many sequences.
+    let b = random_batch(&mut rng, 20, 30, 16, 128);
+    let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng);
+    // Angles of hundreds of radians: float argument reduction differs in the last bits.
+    assert!(rel(&down(g, &qg), &want.qkv) < 1e-3, "{what}: rotated rows");
+    let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
+    assert!(
+        close(&down(g, &kc), &want.k) < 2e-3,
+        "{what}: keys in the cache"
+    );
+    assert_eq!(down(g, &vc), want.v, "{what}: values in the cache");
+}
+
+#[test]
+fn swiglu_matches_its_twin() {
+    on_each!(swiglu_case);
+}
+
+fn swiglu_case<E: Exec>(g: &E) {
+    let mut rng = Rng(7);
+    // SmolLM2's width with the usual launch; then a width that leaves a block partly
+    // idle, and 7 rows of blocks for 100 rows (each block row takes every 7th row).
+    let narrow = LaunchConfig {
+        grid_dim: (4, 7, 1),
+        ..swiglu_launch(100, 1000)
+    };
+    for (t, ffn, launch) in [(100, 1536, swiglu_launch(100, 1536)), (100, 1000, narrow)] {
+        let gu = rng.vec(t * 2 * ffn, 4.0);
+        let want = twins::swiglu(&gu, t, ffn);
+        let gd = up(g, &gu);
+        let out = up(g, &nan16(t * ffn));
+        let args = [gd.arg(), out.arg(), i(t), i(ffn)];
+        g.launch("swiglu", launch, &args).unwrap();
+        let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+        assert!(e < 2e-3, "{}: {t}×{ffn}: {e}", g.describe());
+    }
+}
+
+#[test]
+fn whole_model_matches_cpu_and_the_twin_chain() {
+    use kernels::cuda::backend::{CudaBackend, KvCapacity};
+    let model = common::tiny("gpu-model");
+    let twin = twins::TwinModel::from_model(&model);
+    if let Some(e) = emu_for(&twin.config) {
+        let what = e.describe();
+        let kv = KvCapacity::Blocks(64);
+        whole_model_case(
+            &model,
+            CudaBackend::on(e, what, &twin, 16, kv, 128, 16).unwrap(),
+        );
+    }
+    if gpu().is_some() {
+        whole_model_case(
+            &model,
+            CudaBackend::new(&model, 0, 16, 64, 512, 16).unwrap(),
+        );
+    }
+}
+
+/// Greedy decoding of two prompts on `cuda`, step by step against the CPU engine (logits
+/// within 2 %, 90 % of greedy tokens equal) and the twin chain (logits within 0.2 %).
+fn whole_model_case<E: Exec>(
+    model: &std::sync::Arc<kernels::forward::Model>,
+    mut cuda: kernels::cuda::backend::CudaBackend<E>,
+) {
+    use kernels::backend::{Backend, CpuBackend};
+    let mut cpu = CpuBackend::new(model.clone(), 16, 64, 2).unwrap();
+    let twin = twins::TwinModel::from_model(model);
+    let mut twin_kv = twin.kv(16, 64);
+    let what = cuda.name().to_string();
+    let (agree, total) = common::greedy_compare(
+        model.config.vocab,
+        8,
+        2e-2,
+        |b| {
+            let got = cuda.step(b).unwrap();
+            let chain = twin.forward(b, &mut twin_kv);
+            let e = common::rel_err(&got, &chain);
+            assert!(e < 2e-3, "{what} vs the twin chain: {e}");
+            got
+        },
+        |b| cpu.step(b).unwrap(),
+    );
+    assert!(
+        agree * 10 >= total * 9,
+        "{what}: greedy tokens agree {agree}/{total}"
+    );
+}
+
+/// The GPU benchmark's launches (`kernels::cuda::bench`, timed by `examples/gpu_bench.rs`)
+/// at small sizes on the emulator: their arguments and extents hold before they spend
+/// device time.
+#[test]
+fn the_kernel_benchmarks_launches_run_on_the_emulator() {
+    use kernels::cuda::bench::{run, Sizes};
+    let Some(e) = emu_for(&smol()) else { return };
+    let sizes = Sizes::smoke();
+    let rows = run(&e, &sizes, 1).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    // rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
+    // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
+    // heads), swiglu, four sampling settings (two with a mask) and log-probabilities
+    // over the same rows; at each of the two
+    // decode batches a step's norm, rope, swiglu and greedy sampling; one product at
+    // three row counts (1, 3, 9) by cuBLAS's stand-in, and by gemv_f16, its three fused
+    // forms (the product is the QKV width of one head each of 32) and gemv_q4 / gemv_q8
+    // and the K-quant layouts' gemv_q4f / gemv_q8f / gemv_q8h (factored scales),
+    // gemv_iq4 / gemv_iq4f (IQ4's levels from 4-bit indices), gemv_q5 / gemv_q5f (5-bit
+    // integers), gemv_q6h (Q6_K's at 6 bits), gemv_q4s / gemv_q5s / gemv_q8s / gemv_iq4s
+    // (scales alone), gemv_q4h (Q3_K's 4-bit integers under scales per 16), gemv_q2h
+    // (Q2_K's 2-bit ones under scales and offsets per 16) and
+    // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
+    // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
+    // kernels over an 80-token prompt.
+    assert_eq!(rows.len(), 103, "{names:?}");
+    for name in [
+        "logprobs 3×3000, drawn token and top 20",
+        "attention_tc batch 3, ctx 1100",
+        "attention_prefill prefill, prompt 80",
+        "attention_tc prefill, prompt 80",
+        "gemv_f16_norm small 3×64·64×96",
+        "gemv_f16_swiglu small 1×64·64×96",
+        "gemv_f16_norm_rope small 3×64·64×96",
+        "gemv_q4 small 3×64·64×96",
+        "gemv_q8 small 1×64·64×96",
+        "gemv_q4f small 3×64·64×96",
+        "gemv_q8h small 9×64·64×96",
+        "gemv_q4f32 small 3×64·64×96",
+        "gemv_q8h32 small 9×64·64×96",
+        "gemv_q4f+q6h small 3×64·64×96",
+        "gemv_q6h small 1×64·64×96",
+        "gemv_q4s small 9×64·64×96",
+        "gemv_q5s small 3×64·64×96",
+        "gemv_q8s small 1×64·64×96",
+        "gemv_iq4s small 9×64·64×96",
+        "gemv_q4h small 3×64·64×96",
+        "gemv_q2h small 9×64·64×96",
+        "gemv_iq4 small 3×64·64×96",
+        "gemv_iq4f small 9×64·64×96",
+        "gemv_q5 small 1×64·64×96",
+        "gemv_q5f small 9×64·64×96",
+    ] {
+        assert!(names.contains(&name), "{name}: {names:?}");
+    }
+    assert!(
+        names.contains(&"attention_decode batch 1, ctx 1100, 3 blocks per row"),
+        "{names:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r.secs > 0.0 && r.bytes > 0.0),
+        "{rows:?}"
+    );
+    // Each decode batch's step adds up products, attention and the other kernels, each
+    // counted as often as a step runs it.
+    let sums = kernels::cuda::bench::step_sums(&rows);
+    assert_eq!(
+        sums.iter().map(|s| s.batch).collect::<Vec<_>>(),
+        sizes.decode
+    );
+    for s in &sums {
+        assert!(
+            s.products > 0.0 && s.attention > 0.0 && s.other > 0.0,
+            "{s:?}"
+        );
+        let attention = rows
+            .iter()
+            .find(|r| r.name.starts_with("attention") && r.in_step == Some((s.batch, 2)))
+            .unwrap();
+        assert_eq!(s.attention, attention.secs * sizes.layers as f64);
+    }
+}
+
+// The kernels with more cases than fit here, a file each (after `on_each!`).
+mod attention;
+mod gemv;
+mod gemv_fused;
+mod sample;
