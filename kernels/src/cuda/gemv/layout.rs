@@ -7,8 +7,8 @@
 use super::{Staged, BLOCK, GROUP};
 use half::f16;
 
-/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` / `gemv_q8`
-/// / `gemv_iq4` (`kernels/cuda/gemv.cuh`): a candidate against `gemv_f16` for products of a few
+/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
+/// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cuh`): a candidate against `gemv_f16` for products of a few
 /// rows, which read 4.5 (Q4_0, IQ4_NL), 5 (Q4_1), 5.5 (Q5_0), 6 (Q5_1) or 8.5 (Q8_0) bits a
 /// weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32, the
 /// value the file's block dequantizes to (`quant::dequantize_row`). The K-quant layouts'
