@@ -608,7 +608,7 @@ fn qkv_product_with_rope_matches_its_kernels_apart_and_the_twins() {
 /// bits of `add_rmsnorm`, `gemv_f16` and `rope_kv_write` on the same device, and are
 /// within the twins' bound.
 fn gemv_rope_case<E: Exec>(g: &E) {
-    use kernels::cuda::gemv::{gemv_rope, Input, RopeKv, Weights};
+    use kernels::cuda::gemv::{gemv_rope, Input, Weights};
     let what = g.describe();
     let c = smol();
     let (d, hd, bs, n_blocks) = (c.dim, c.head_dim, 16, 64);
@@ -646,23 +646,13 @@ fn gemv_rope_case<E: Exec>(g: &E) {
             rows: None,
             eps,
         };
-        let rope = RopeKv {
-            positions: &pd,
-            slots: &sd,
-            k_cache: &mut kc,
-            v_cache: &mut vc,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            block_size: bs,
-            base: c.rope_base,
-        };
+        let heads = (c.n_heads, c.n_kv_heads, hd, bs);
+        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, c.rope_base);
         gemv_rope(g, input, Weights::F16(&wd, 0), &mut qkv, m, d, rope).unwrap();
         let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
         // Apart, on the same device.
         let qa = norm_then_gemv(g, &xd, &dd, &nwd, eps, Weights::F16(&wd, 0), m, d, n);
         let (mut ka, mut va) = (up(g, &fill), up(g, &fill));
-        let heads = (c.n_heads, c.n_kv_heads, hd, bs);
         let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, c.rope_base);
         rope_apart(g, &qa, n, m, rope);
         assert!(
@@ -708,17 +698,8 @@ fn gemv_rope_case<E: Exec>(g: &E) {
     let (xd, pd, sd) = (up(g, &nan16(d)), up(g, &[0u32]), up(g, &[0i32]));
     let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
     let mut qkv = up(g, &vec![0f32; n]);
-    let rope = RopeKv {
-        positions: &pd,
-        slots: &sd,
-        k_cache: &mut kc,
-        v_cache: &mut vc,
-        n_heads: c.n_heads,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: hd,
-        block_size: bs,
-        base: c.rope_base,
-    };
+    let heads = (c.n_heads, c.n_kv_heads, hd, bs);
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, c.rope_base);
     assert!(
         gemv_rope(
             g,
