@@ -48,28 +48,36 @@ fn unpacker(
 /// Weights of a block per 16.
 const HALF: usize = BLOCK / 2;
 
-/// A 16's integers as `g · q` with every `q` in `range`: `g` their greatest common divisor
-/// times the first of `signs` that holds them (0, and `q` all 0, where they are all 0);
-/// `None` where none does.
-fn over_divisor(
-    half: &[i32],
+/// A block's integers, each 16 as `g · q` with every `q` in `range`: `g` the 16's greatest
+/// common divisor times the first of `signs` that holds them (0, and `q` all 0, where they
+/// are all 0); the quotients and each 16's `g`, `None` where a 16 has none.
+fn over_divisors(
+    vals: &[i32; BLOCK],
     range: std::ops::Range<i32>,
     signs: &[i32],
-) -> Option<(i32, [i32; HALF])> {
-    let g = half.iter().fold(0, |g, v| gcd(g, v.unsigned_abs())) as i32;
-    if g == 0 {
-        return Some((0, [0; HALF]));
-    }
-    signs.iter().find_map(|s| {
-        let mut q = [0; HALF];
-        for (o, v) in q.iter_mut().zip(half) {
-            *o = v / (s * g);
-            if !range.contains(o) {
-                return None;
-            }
+) -> Option<([i32; BLOCK], [i32; 2])> {
+    let mut q = [0; BLOCK];
+    let mut gs = [0; 2];
+    for ((half, out), gh) in vals
+        .chunks_exact(HALF)
+        .zip(q.chunks_exact_mut(HALF))
+        .zip(&mut gs)
+    {
+        let g = half.iter().fold(0, |g, v| gcd(g, v.unsigned_abs())) as i32;
+        if g == 0 {
+            continue;
         }
-        Some((s * g, q))
-    })
+        *gh = signs.iter().map(|s| s * g).find(|sg| {
+            for (o, v) in out.iter_mut().zip(half) {
+                *o = v / sg;
+                if !range.contains(o) {
+                    return false;
+                }
+            }
+            true
+        })?;
+    }
+    Some((q, gs))
 }
 
 impl QuantRows {
@@ -108,21 +116,9 @@ impl QuantRows {
         let unpack = unpacker(ty, data, rows, k)?;
         Self::build(4, Scales::FactoredHalves, false, rows, k, |j, blk| {
             let (vals, d, _) = unpack(j, blk);
-            let mut q = [0; BLOCK];
-            let mut sc = [0f32; 2];
-            for (h, (half, out)) in vals
-                .chunks_exact(HALF)
-                .zip(q.chunks_exact_mut(HALF))
-                .enumerate()
-            {
-                // 8 · g fits only negated.
-                let (g, x) = over_divisor(half, -8..8, &[1, -1])?;
-                for (o, x) in out.iter_mut().zip(x) {
-                    *o = x + 8;
-                }
-                sc[h] = d * g as f32;
-            }
-            Some((q, sc))
+            // 8 · g fits only negated.
+            let (q, g) = over_divisors(&vals, -8..8, &[1, -1])?;
+            Some((q.map(|x| x + 8), g.map(|g| d * g as f32)))
         })
     }
 
@@ -149,19 +145,9 @@ impl QuantRows {
         }
         Self::build(2, Scales::FactoredHalfPairs, false, rows, k, |j, blk| {
             let (vals, d, _) = unpack(j, blk);
-            let mut q = [0; BLOCK];
-            let mut pair = [0f32; 4];
-            for (h, (half, out)) in vals
-                .chunks_exact(HALF)
-                .zip(q.chunks_exact_mut(HALF))
-                .enumerate()
-            {
-                let (g, x) = over_divisor(half, 0..4, &[1])?;
-                out.copy_from_slice(&x);
-                pair[h] = d * g as f32;
-                pair[2 + h] = offsets.values[(j * k + blk * BLOCK) / HALF + h];
-            }
-            Some((q, pair))
+            let (q, g) = over_divisors(&vals, 0..4, &[1])?;
+            let m = &offsets.values[(j * k + blk * BLOCK) / HALF..];
+            Some((q, [d * g[0] as f32, d * g[1] as f32, m[0], m[1]]))
         })
     }
 
