@@ -1,0 +1,154 @@
+//! The upstream worker's request bodies and answers, without an upstream.
+
+use super::answer::{parse_embedding, split_echo};
+use super::OpenAiWorker;
+use crate::worker::{
+    Prompt, SamplingParams, TokenLogprob, WorkerError, WorkerEvent, WorkerRequest,
+};
+use serde_json::Value;
+
+fn items(tokens: &[&str]) -> Vec<TokenLogprob> {
+    tokens
+        .iter()
+        .map(|t| TokenLogprob {
+            token: t.to_string(),
+            bytes: t.as_bytes().to_vec(),
+            logprob: -1.0,
+            top_logprobs: Vec::new(),
+        })
+        .collect()
+}
+
+fn embed_req(first: Prompt, more: Vec<Prompt>) -> WorkerRequest {
+    WorkerRequest {
+        request_id: "r".into(),
+        tenant: "t".into(),
+        weight: None,
+        output_weight: 3.0,
+        model: "m".into(),
+        prompt: first,
+        prompt_ids: None,
+        params: SamplingParams::greedy(0),
+        stream: false,
+        embed: true,
+        more_inputs: more,
+        dimensions: None,
+    }
+}
+
+fn vectors(events: &[WorkerEvent]) -> (Vec<f32>, u32) {
+    let firsts = events
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Embedding(v) => Some(v[0]),
+            _ => None,
+        })
+        .collect();
+    match events.last() {
+        Some(WorkerEvent::Done { usage, .. }) => (firsts, usage.prompt_tokens),
+        other => panic!("ends with {other:?}"),
+    }
+}
+
+#[test]
+fn several_embeddings_inputs_are_one_upstream_call_answered_in_input_order() {
+    let w = OpenAiWorker::new(
+        "w".into(),
+        toml::from_str(r#"url = "http://127.0.0.1:1""#).expect("config"),
+    )
+    .expect("worker");
+    let one = embed_req(Prompt::Text("a".into()), vec![]);
+    let (_, body) = w.body(&one);
+    let v: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["input"], "a", "one input: as it was");
+    assert_eq!(v["encoding_format"], "base64", "by default");
+    let three = embed_req(
+        Prompt::Text("a".into()),
+        vec![Prompt::Text("bb".into()), Prompt::Text("ccccc".into())],
+    );
+    let (path, body) = w.body(&three);
+    let v: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(path, "/v1/embeddings");
+    assert_eq!(v["input"], serde_json::json!(["a", "bb", "ccccc"]));
+    assert!(v.get("dimensions").is_none());
+    let mut ids = embed_req(Prompt::Tokens(vec![1, 2]), vec![Prompt::Tokens(vec![3])]);
+    ids.dimensions = Some(64);
+    let v: Value = serde_json::from_slice(&w.body(&ids).1).expect("JSON");
+    assert_eq!(v["input"], serde_json::json!([[1, 2], [3]]));
+    assert_eq!(v["dimensions"], 64, "asked of the upstream");
+
+    // Answered out of order: put back in order by index; the upstream's count.
+    let answer = br#"{"data":[{"index":2,"embedding":[2.0]},{"index":0,"embedding":[0.0]},
+        {"index":1,"embedding":[1.0]}],"usage":{"prompt_tokens":9}}"#;
+    let events = parse_embedding(answer, &three).expect("parsed");
+    assert_eq!(vectors(&events), (vec![0.0, 1.0, 2.0], 9));
+    // No usage: each input's estimate, added up; no indexes: as listed.
+    let answer = br#"{"data":[{"embedding":[5.0]},{"embedding":[6.0]},{"embedding":[7.0]}]}"#;
+    let events = parse_embedding(answer, &three).expect("parsed");
+    assert_eq!(vectors(&events), (vec![5.0, 6.0, 7.0], 1 + 1 + 2));
+    // Base64 of little-endian f32s ([1.5] is 0x3fc00000), beside numbers.
+    let answer = br#"{"data":[{"index":0,"embedding":"AADAPw=="},{"index":1,"embedding":[2.0]},
+        {"index":2,"embedding":"AADAPwAAwD8="}]}"#;
+    let events = parse_embedding(answer, &three).expect("parsed");
+    let lens: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Embedding(v) => Some(v.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        (vectors(&events).0, lens),
+        (vec![1.5, 2.0, 1.5], vec![1, 1, 2])
+    );
+    // Another number of vectors, indexes that are not one per input, or base64 that
+    // is not whole f32s: refused.
+    for bad in [
+        &br#"{"data":[{"index":0,"embedding":[0.0]},{"index":1,"embedding":[1.0]}]}"#[..],
+        br#"{"data":[{"index":0,"embedding":[0.0]},{"index":0,"embedding":[1.0]},
+            {"index":2,"embedding":[2.0]}]}"#,
+        br#"{"data":[{"embedding":"AADA"},{"embedding":[1.0]},{"embedding":[2.0]}]}"#,
+    ] {
+        assert!(
+            matches!(parse_embedding(bad, &three), Err(WorkerError::Protocol(_))),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+fn tokens(items: &[TokenLogprob]) -> Vec<&str> {
+    items.iter().map(|t| t.token.as_str()).collect()
+}
+
+#[test]
+fn an_echoed_answer_splits_into_prompt_and_completion() {
+    // By the first completion token's offset (in characters: `é` is two bytes).
+    let (mut text, mut all) = (
+        "café au lait!".to_string(),
+        items(&["caf", "é", " au", " lait", "!"]),
+    );
+    let (prompt, echoed) = split_echo(&mut text, &mut all, &[0, 3, 4, 7, 12], 4).unwrap();
+    assert_eq!((echoed.as_str(), text.as_str()), ("café au lait", "!"));
+    assert_eq!(
+        (tokens(&prompt), tokens(&all)),
+        (vec!["caf", "é", " au", " lait"], vec!["!"])
+    );
+    // Without offsets, by the prompt tokens' texts.
+    let (mut text, mut all) = (
+        "café au lait!".to_string(),
+        items(&["caf", "é", " au", " lait", "!"]),
+    );
+    let (_, echoed) = split_echo(&mut text, &mut all, &[], 4).unwrap();
+    assert_eq!((echoed.as_str(), text.as_str()), ("café au lait", "!"));
+    // No completion token (a stop at once): all of the text is the prompt's.
+    let (mut text, mut all) = ("ab".to_string(), items(&["a", "b"]));
+    let (prompt, echoed) = split_echo(&mut text, &mut all, &[0, 1], 2).unwrap();
+    assert_eq!(
+        (echoed.as_str(), text.as_str(), prompt.len(), all.len()),
+        ("ab", "", 2, 0)
+    );
+    // Fewer items than the prompt's tokens: the upstream did not score it.
+    let (mut text, mut all) = ("ab".to_string(), items(&["a", "b"]));
+    assert!(split_echo(&mut text, &mut all, &[], 3).is_err());
+}
