@@ -29,17 +29,20 @@
 //! `gemv_iq4*`, `gemv_iq4f*`)
 //! instead of the f16 rows where the matrix has them and [`Device::quant_small`] says so
 //! for the step's row count.
+//!
+//! Here the step's enqueueing; the model's upload and the buffers' sizes in `load`, where
+//! products of few rows run in `small`, the final hidden states read back in `hidden`.
 
-use super::device::{attention_max_warps, attention_splits, attention_warps, ATTENTION_CHUNK_KEYS};
+use super::device::{attention_splits, attention_warps};
 use super::exec::{Arg, DevBuf, Exec, ExecError};
-use super::gemv::{self, Input, QuantBuf, RopeKv, Weights};
-use super::staging::{adjust_room, score_room, Layout};
-use super::twins::TwinModel;
+use super::gemv::{self, Input, QuantBuf, RopeKv};
+use super::staging::Layout;
 use super::{norm_launch, swiglu_launch};
-use crate::logprobs::SCORE_WORDS;
 use crate::model::LlamaConfig;
 use cudarc::driver::LaunchConfig;
 use half::f16;
+pub use small::SmallProducts;
+use small::{fuses, product, Small};
 
 struct Layer<E: Exec> {
     attn_norm: E::Buf<f32>,
@@ -82,7 +85,8 @@ pub(super) struct Bufs<E: Exec> {
     /// them: `logits` stays the model's, for the rows read back.
     adjusted: E::Buf<f32>,
     pub sampled: E::Buf<u32>,
-    /// The `logprobs` kernel's answers, [`SCORE_WORDS`] words per scored row.
+    /// The `logprobs` kernel's answers, [`SCORE_WORDS`](crate::logprobs::SCORE_WORDS)
+    /// words per scored row.
     pub scores: E::Buf<u32>,
     /// Split attention's partial states, `[row < part.rows][kv head][chunk][element][3]`,
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
@@ -179,98 +183,6 @@ impl AttentionKernel {
 /// SmolLM2's vocabulary.
 pub const PROMPT_LOGIT_ROWS: usize = 256;
 
-/// Which row counts of a step's matrix products (1 to [`gemv::MAX_ROWS`]) run on our
-/// `gemv_f16` kernel instead of cuBLAS: bit r − 1 for r rows. cuBLAS for all by default;
-/// the backend sets it from timings of whole decode steps on the device
-/// (`CudaBackend::tune_small_products`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SmallProducts(pub u16);
-
-impl SmallProducts {
-    /// Every row count on `gemv`.
-    pub const ALL: Self = Self(u16::MAX);
-
-    /// Whether a product of `rows` rows runs on `gemv_f16`.
-    pub fn gemv(self, rows: usize) -> bool {
-        (1..=gemv::MAX_ROWS).contains(&rows) && self.0 & (1 << (rows - 1)) != 0
-    }
-
-    /// The same, with `rows` rows' choice set to `on`.
-    pub fn with(self, rows: usize, on: bool) -> Self {
-        if !(1..=gemv::MAX_ROWS).contains(&rows) {
-            return self;
-        }
-        let bit = 1u16 << (rows - 1);
-        Self(if on { self.0 | bit } else { self.0 & !bit })
-    }
-}
-
-/// Whether a product of `rows` rows over `k` runs on `gemv` with the kernel before it (a
-/// norm or swiglu; and after it, RoPE) made in it: `fused` and `small` say so for the row
-/// count and the staged rows fit in `max_shared` bytes, whole or in runs of their columns
-/// ([`gemv::column_run`]; [`Device::enqueue`] and what reads its results back).
-fn fuses(
-    fused: SmallProducts,
-    small: SmallProducts,
-    rows: usize,
-    k: usize,
-    max_shared: usize,
-) -> bool {
-    fused.gemv(rows)
-        && small.gemv(rows)
-        && gemv::column_run(rows, k, max_shared, gemv::Staged::MOST).is_some()
-}
-
-/// Where a step's products of few rows run: which row counts on our `gemv` kernels
-/// (`gemv`), and of those which over the file's own blocks (`quant`).
-#[derive(Clone, Copy)]
-struct Small {
-    gemv: SmallProducts,
-    quant: SmallProducts,
-    /// The most shared memory a block may have (what `gemv`'s staged rows may take).
-    shared: usize,
-}
-
-impl Small {
-    /// A matrix's weights for a `gemv` product of `rows` rows: its file blocks (`q`) where
-    /// it has them and `quant` says so, else its f16 rows `w`.
-    fn weights<'a, E: Exec>(
-        self,
-        rows: usize,
-        w: &'a E::Buf<f16>,
-        q: &'a [QuantBuf<E>],
-    ) -> Weights<'a, E> {
-        if !q.is_empty() && self.quant.gemv(rows) {
-            Weights::Quant(q)
-        } else {
-            Weights::F16(w, 0)
-        }
-    }
-}
-
-/// `y = x · wᵀ` for `rows` rows: `gemv` where `small` says so and the shape fits (in runs
-/// of columns where the rows are too wide to stage whole: `gemv::column_run`; over the
-/// file's blocks `q` where `small` says so too), else cuBLAS.
-#[allow(clippy::too_many_arguments)]
-fn product<E: Exec>(
-    e: &E,
-    small: Small,
-    x: &E::Buf<f16>,
-    (w, q): (&E::Buf<f16>, &[QuantBuf<E>]),
-    y: &mut E::Buf<f32>,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), ExecError> {
-    let weights = small.weights(rows, w, q);
-    if small.gemv.gemv(rows) && gemv::column_run(rows, k, small.shared, weights.staged()).is_some()
-    {
-        gemv::gemv_from(e, Input::Rows(x), weights, y, rows, k, n)
-    } else {
-        e.gemm(x, w, 0, y, rows, k, n)
-    }
-}
-
 /// How big the KV cache is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvCapacity {
@@ -298,170 +210,6 @@ fn rows(n: u32, block: u32) -> LaunchConfig {
 }
 
 impl<E: Exec> Device<E> {
-    /// Uploads `twin`'s weights to `exec`; a KV cache of `kv` blocks (plus the spare) of
-    /// `block_size` tokens; buffers for `max_tokens` rows and `max_seqs` sequences. `exec`
-    /// must have the kernels built for the model's attention shape.
-    pub fn new(
-        exec: E,
-        twin: &TwinModel,
-        block_size: usize,
-        kv: KvCapacity,
-        max_tokens: usize,
-        max_seqs: usize,
-    ) -> Result<Self, ExecError> {
-        let e = &exec;
-        let c = twin.config.clone();
-        let weights = twin
-            .layers
-            .iter()
-            .map(|l| {
-                let q = |parts: &[gemv::QuantRows]| {
-                    parts
-                        .iter()
-                        .map(|r| QuantBuf::upload(e, r))
-                        .collect::<Result<Vec<_>, ExecError>>()
-                };
-                let quant: [Vec<QuantBuf<E>>; 4] = [
-                    q(&l.quant.wqkv)?,
-                    q(l.quant.wo.as_slice())?,
-                    q(&l.quant.w_gate_up)?,
-                    q(l.quant.w_down.as_slice())?,
-                ];
-                Ok((
-                    (
-                        e.upload(&l.attn_norm)?,
-                        e.upload(&l.wqkv)?,
-                        e.upload(&l.wo)?,
-                        e.upload(&l.ffn_norm)?,
-                        e.upload(&l.w_gate_up)?,
-                        e.upload(&l.w_down)?,
-                    ),
-                    quant,
-                ))
-            })
-            .collect::<Result<Vec<_>, ExecError>>()?;
-        let max_blocks = c.context_len.div_ceil(block_size);
-        let max_logits = max_seqs + PROMPT_LOGIT_ROWS.min(max_tokens);
-        let (t, d, qd, kvd, f) = (
-            max_tokens,
-            c.dim,
-            c.n_heads * c.head_dim,
-            c.kv_dim(),
-            c.ffn_dim,
-        );
-        // Split attention: rows up to one block per SM and KV head may spread their chunks.
-        let sms = e.multiprocessors()?;
-        let split = Split {
-            sms,
-            rows: sms.div_ceil(c.n_kv_heads).min(t),
-            chunks: (max_blocks * block_size).div_ceil(ATTENTION_CHUNK_KEYS),
-        };
-        let bufs = Bufs {
-            staging: e.zeros(
-                Layout::new(max_seqs, t, max_blocks, max_logits).len
-                    + adjust_room(max_logits, c.vocab)
-                    + score_room(max_logits),
-            )?,
-            tokens: e.zeros(t)?,
-            positions: e.zeros(t)?,
-            slots: e.zeros(t)?,
-            seq_of_row: e.zeros(t)?,
-            tables: e.zeros(max_seqs * max_blocks)?,
-            logit_rows: e.zeros(max_logits)?,
-            x: e.zeros(t * d)?,
-            x2: e.zeros(t * d)?,
-            h: e.zeros(t * d)?,
-            qkv: e.zeros(t * (qd + 2 * kvd))?,
-            att: e.zeros(t * qd)?,
-            o: e.zeros(t * d)?,
-            gu: e.zeros(t * 2 * f)?,
-            g: e.zeros(t * f)?,
-            logits: e.zeros(max_logits * c.vocab)?,
-            adjusted: e.zeros(max_logits * c.vocab)?,
-            sampled: e.zeros(max_logits)?,
-            scores: e.zeros(max_logits * SCORE_WORDS)?,
-            part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
-            arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
-        };
-        let embed = e.upload(&twin.embed)?;
-        let output_norm = e.upload(&twin.output_norm)?;
-        let output = e.upload(&twin.output)?;
-        let output_q = twin
-            .output_q
-            .iter()
-            .map(|r| QuantBuf::upload(e, r))
-            .collect::<Result<Vec<_>, _>>()?;
-        // The KV cache last, from what is left: one spare block past the engine's.
-        let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
-        let n_blocks = match kv {
-            KvCapacity::Blocks(n) => n,
-            KvCapacity::FreeMemory {
-                fraction,
-                max_blocks,
-            } => {
-                let free = e.free_memory()?;
-                let n = ((free as f64 * fraction) as usize / block_bytes).saturating_sub(1);
-                if n == 0 {
-                    return Err(ExecError::Bounds(format!(
-                        "no device memory left for the KV cache ({free} bytes free after the weights)"
-                    )));
-                }
-                n.min(max_blocks)
-            }
-        };
-        let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
-        let layers = weights
-            .into_iter()
-            .map(
-                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down), quant)| {
-                    let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
-                    Ok(Layer {
-                        attn_norm,
-                        wqkv,
-                        wo,
-                        ffn_norm,
-                        w_gate_up,
-                        w_down,
-                        wqkv_q,
-                        wo_q,
-                        w_gate_up_q,
-                        w_down_q,
-                        k_cache: e.zeros(kv_len)?,
-                        v_cache: e.zeros(kv_len)?,
-                    })
-                },
-            )
-            .collect::<Result<Vec<_>, ExecError>>()?;
-        let group = c.n_heads / c.n_kv_heads;
-        // The build's slices, within what the kernels' registers allow per block.
-        let fit = ["attention_prefill", "attention_decode"]
-            .iter()
-            .map(|k| exec.max_threads(k))
-            .try_fold(usize::MAX, |m, t| t.map(|t| m.min(t / 32)))?;
-        Ok(Self {
-            att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
-            split,
-            small: SmallProducts::default(),
-            quant_small: SmallProducts::default(),
-            fused: SmallProducts::ALL,
-            attention: AttentionKernel::default(),
-            max_shared: exec.max_shared_bytes()?,
-            embed,
-            output_norm,
-            output_norm_host: twin.output_norm.clone(),
-            output,
-            output_q,
-            n_blocks,
-            exec,
-            config: c,
-            layers,
-            block_size,
-            max_blocks,
-            max_logits,
-            bufs,
-        })
-    }
-
     /// The matrices held in the file's own blocks, counted by the kernels that read them
     /// (e.g. `"60 q8, 30 q8h"`, a stack of two layouts `"q4f+q8h"`; empty where none is).
     pub fn quant_summary(&self) -> String {
@@ -767,95 +515,6 @@ impl<E: Exec> Device<E> {
         )
     }
 
-    /// The final hidden states of logits rows `rows` of the step just run (waited for)
-    /// with `padded` logits rows enqueued: the residual after the last layer, normalized
-    /// by the output norm, `dim` f32s each, computed here from the device's rows. The
-    /// step's last residual add went into `x` (`add_rmsnorm`), or (its final norm fused
-    /// into the output head's `gemv_f16`, as [`Device::enqueue`] decides from `padded`)
-    /// is the last down output in `o` still to add.
-    pub fn final_hidden(&self, rows: &[usize], padded: usize) -> Result<Vec<f32>, ExecError> {
-        let (e, b, d) = (&self.exec, &self.bufs, self.config.dim);
-        let fused = self.fuses_final_norm(padded);
-        let token_rows = e.download_at(&b.logit_rows, 0..padded)?;
-        let mut out = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            let t = match token_rows.get(r) {
-                Some(&t) if t >= 0 => t as usize,
-                _ => {
-                    return Err(ExecError::Bounds(format!(
-                        "hidden state of logits row {r} of a step with {padded}"
-                    )))
-                }
-            };
-            let mut x = e.download_at(&b.x, t * d..(t + 1) * d)?;
-            if fused {
-                let o = e.download_at(&b.o, t * d..(t + 1) * d)?;
-                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            }
-            self.normalize(&x, &mut out);
-        }
-        Ok(out)
-    }
-
-    /// Enqueues the copies back of what the final hidden states of the step just
-    /// enqueued with `padded` logits rows are made of, for its token rows `tokens` (those
-    /// of the logits rows wanted, [`Batch::logit_positions`]): into `h`, the rows of `x`
-    /// (`dim` words each, in that order), then those of `o`, for [`Device::hidden_from`];
-    /// one copy per run of consecutive token rows. Returns whether `o`'s rows are part of
-    /// it (the final norm fused); only `x`'s are copied otherwise.
-    ///
-    /// [`Batch::logit_positions`]: crate::forward::Batch::logit_positions
-    pub fn receive_hidden(
-        &self,
-        tokens: &[usize],
-        padded: usize,
-        h: &mut E::Host,
-    ) -> Result<bool, ExecError> {
-        let (e, b, d) = (&self.exec, &self.bufs, self.config.dim);
-        let fused = self.fuses_final_norm(padded);
-        let n = tokens.len();
-        for (at, first, rows) in runs(tokens) {
-            let r = first * d..(first + rows) * d;
-            e.receive(&b.x, r.clone(), h, at * d)?;
-            if fused {
-                e.receive(&b.o, r, h, (n + at) * d)?;
-            }
-        }
-        Ok(fused)
-    }
-
-    /// The final hidden states of `n` rows from the words [`Device::receive_hidden`]
-    /// copied back (`fused`: what it returned), `dim` f32s each, as
-    /// [`Device::final_hidden`] makes them.
-    pub fn hidden_from(&self, words: &[u32], n: usize, fused: bool) -> Vec<f32> {
-        let d = self.config.dim;
-        let mut out = Vec::with_capacity(n * d);
-        let mut x = vec![0f32; d];
-        for k in 0..n {
-            let xs = &words[k * d..(k + 1) * d];
-            for (j, v) in x.iter_mut().enumerate() {
-                *v = f32::from_bits(xs[j]);
-                if fused {
-                    *v += f32::from_bits(words[(n + k) * d + j]);
-                }
-            }
-            self.normalize(&x, &mut out);
-        }
-        out
-    }
-
-    /// Appends `x` through the output norm (RMS norm, the model's weights) to `out`.
-    fn normalize(&self, x: &[f32], out: &mut Vec<f32>) {
-        let d = self.config.dim;
-        let ss: f32 = x.iter().map(|v| v * v).sum();
-        let inv = 1.0 / (ss / d as f32 + self.config.rms_eps).sqrt();
-        out.extend(
-            x.iter()
-                .zip(&self.output_norm_host)
-                .map(|(v, w)| v * inv * w),
-        );
-    }
-
     /// Enqueues the `sample` kernel over a step's `n_logits` logits rows, with the
     /// parameters and adjustments of the staging buffer laid out as `lay` (the end of
     /// [`Device::enqueue`]'s step; or, for a step whose adjustments came later, launched
@@ -927,3 +586,7 @@ pub(crate) fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
     }
     out
 }
+
+mod hidden;
+mod load;
+mod small;

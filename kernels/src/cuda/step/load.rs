@@ -1,0 +1,180 @@
+//! A model onto a device: its weights uploaded (f16 matrices, f32 norms, the file's own
+//! blocks where products of few rows read them), the KV cache and the step's buffers
+//! sized once.
+
+use super::{
+    AttentionKernel, Bufs, Device, KvCapacity, Layer, SmallProducts, Split, PROMPT_LOGIT_ROWS,
+};
+use crate::cuda::device::{attention_max_warps, ATTENTION_CHUNK_KEYS};
+use crate::cuda::exec::{Exec, ExecError};
+use crate::cuda::gemv::{self, QuantBuf};
+use crate::cuda::staging::{adjust_room, score_room, Layout};
+use crate::cuda::twins::TwinModel;
+use crate::logprobs::SCORE_WORDS;
+use half::f16;
+
+impl<E: Exec> Device<E> {
+    /// Uploads `twin`'s weights to `exec`; a KV cache of `kv` blocks (plus the spare) of
+    /// `block_size` tokens; buffers for `max_tokens` rows and `max_seqs` sequences. `exec`
+    /// must have the kernels built for the model's attention shape.
+    pub fn new(
+        exec: E,
+        twin: &TwinModel,
+        block_size: usize,
+        kv: KvCapacity,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Self, ExecError> {
+        let e = &exec;
+        let c = twin.config.clone();
+        let weights = twin
+            .layers
+            .iter()
+            .map(|l| {
+                let q = |parts: &[gemv::QuantRows]| {
+                    parts
+                        .iter()
+                        .map(|r| QuantBuf::upload(e, r))
+                        .collect::<Result<Vec<_>, ExecError>>()
+                };
+                let quant: [Vec<QuantBuf<E>>; 4] = [
+                    q(&l.quant.wqkv)?,
+                    q(l.quant.wo.as_slice())?,
+                    q(&l.quant.w_gate_up)?,
+                    q(l.quant.w_down.as_slice())?,
+                ];
+                Ok((
+                    (
+                        e.upload(&l.attn_norm)?,
+                        e.upload(&l.wqkv)?,
+                        e.upload(&l.wo)?,
+                        e.upload(&l.ffn_norm)?,
+                        e.upload(&l.w_gate_up)?,
+                        e.upload(&l.w_down)?,
+                    ),
+                    quant,
+                ))
+            })
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        let max_blocks = c.context_len.div_ceil(block_size);
+        let max_logits = max_seqs + PROMPT_LOGIT_ROWS.min(max_tokens);
+        let (t, d, qd, kvd, f) = (
+            max_tokens,
+            c.dim,
+            c.n_heads * c.head_dim,
+            c.kv_dim(),
+            c.ffn_dim,
+        );
+        // Split attention: rows up to one block per SM and KV head may spread their chunks.
+        let sms = e.multiprocessors()?;
+        let split = Split {
+            sms,
+            rows: sms.div_ceil(c.n_kv_heads).min(t),
+            chunks: (max_blocks * block_size).div_ceil(ATTENTION_CHUNK_KEYS),
+        };
+        let bufs = Bufs {
+            staging: e.zeros(
+                Layout::new(max_seqs, t, max_blocks, max_logits).len
+                    + adjust_room(max_logits, c.vocab)
+                    + score_room(max_logits),
+            )?,
+            tokens: e.zeros(t)?,
+            positions: e.zeros(t)?,
+            slots: e.zeros(t)?,
+            seq_of_row: e.zeros(t)?,
+            tables: e.zeros(max_seqs * max_blocks)?,
+            logit_rows: e.zeros(max_logits)?,
+            x: e.zeros(t * d)?,
+            x2: e.zeros(t * d)?,
+            h: e.zeros(t * d)?,
+            qkv: e.zeros(t * (qd + 2 * kvd))?,
+            att: e.zeros(t * qd)?,
+            o: e.zeros(t * d)?,
+            gu: e.zeros(t * 2 * f)?,
+            g: e.zeros(t * f)?,
+            logits: e.zeros(max_logits * c.vocab)?,
+            adjusted: e.zeros(max_logits * c.vocab)?,
+            sampled: e.zeros(max_logits)?,
+            scores: e.zeros(max_logits * SCORE_WORDS)?,
+            part: e.zeros((split.rows * split.chunks * qd * 3).max(1))?,
+            arrive: e.zeros((split.rows * c.n_kv_heads).max(1))?,
+        };
+        let embed = e.upload(&twin.embed)?;
+        let output_norm = e.upload(&twin.output_norm)?;
+        let output = e.upload(&twin.output)?;
+        let output_q = twin
+            .output_q
+            .iter()
+            .map(|r| QuantBuf::upload(e, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The KV cache last, from what is left: one spare block past the engine's.
+        let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
+        let n_blocks = match kv {
+            KvCapacity::Blocks(n) => n,
+            KvCapacity::FreeMemory {
+                fraction,
+                max_blocks,
+            } => {
+                let free = e.free_memory()?;
+                let n = ((free as f64 * fraction) as usize / block_bytes).saturating_sub(1);
+                if n == 0 {
+                    return Err(ExecError::Bounds(format!(
+                        "no device memory left for the KV cache ({free} bytes free after the weights)"
+                    )));
+                }
+                n.min(max_blocks)
+            }
+        };
+        let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
+        let layers = weights
+            .into_iter()
+            .map(
+                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down), quant)| {
+                    let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
+                    Ok(Layer {
+                        attn_norm,
+                        wqkv,
+                        wo,
+                        ffn_norm,
+                        w_gate_up,
+                        w_down,
+                        wqkv_q,
+                        wo_q,
+                        w_gate_up_q,
+                        w_down_q,
+                        k_cache: e.zeros(kv_len)?,
+                        v_cache: e.zeros(kv_len)?,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        let group = c.n_heads / c.n_kv_heads;
+        // The build's slices, within what the kernels' registers allow per block.
+        let fit = ["attention_prefill", "attention_decode"]
+            .iter()
+            .map(|k| exec.max_threads(k))
+            .try_fold(usize::MAX, |m, t| t.map(|t| m.min(t / 32)))?;
+        Ok(Self {
+            att_warps: attention_max_warps(group, c.head_dim / 32).min(fit).max(1),
+            split,
+            small: SmallProducts::default(),
+            quant_small: SmallProducts::default(),
+            fused: SmallProducts::ALL,
+            attention: AttentionKernel::default(),
+            max_shared: exec.max_shared_bytes()?,
+            embed,
+            output_norm,
+            output_norm_host: twin.output_norm.clone(),
+            output,
+            output_q,
+            n_blocks,
+            exec,
+            config: c,
+            layers,
+            block_size,
+            max_blocks,
+            max_logits,
+            bufs,
+        })
+    }
+}
