@@ -4,7 +4,8 @@
 //! and collecting it, its sequences found again by id. The loop that decides when is in
 //! [`super::run`].
 
-use super::run::{by_row, check, in_backend, Engine, Next, Rows, Sampled, Turn};
+use super::prompts::by_row;
+use super::run::{check, in_backend, Engine, Next, Rows, Sampled, Turn};
 use super::scheduler::Plan;
 use super::seq::Seq;
 use kernels::backend::{Backend, Collected, ReadBack, FROM_LAST};

@@ -15,7 +15,8 @@
 //! Here: the worker (tokenizing, handing requests to the thread) and its counters. The
 //! thread's loop is [`run`]; steps sent without waiting and collected, [`flight`]; a
 //! sequence's state and what it sends, [`seq`]; drawing the step's tokens, [`draw`];
-//! building the backend, [`factory`].
+//! a prompt's scored tokens and embedding, [`prompts`]; a device fault and the backend
+//! built again, [`recover`]; building the backend, [`factory`].
 
 pub mod blocks;
 mod draw;
@@ -24,6 +25,8 @@ pub mod fair;
 pub(super) mod flight;
 pub mod outbox;
 pub mod output;
+mod prompts;
+mod recover;
 mod run;
 pub mod scheduler;
 mod seq;

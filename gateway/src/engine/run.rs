@@ -37,16 +37,18 @@ use super::draw;
 use super::fair::Fair;
 use super::flight::{Flight, Part, Who};
 use super::outbox::Outbox;
+use super::prompts::{by_row, embedded, score_prompt, Hidden};
+use super::recover::{recover, Rebuild};
 use super::scheduler::{self, Limits, Plan, Schedulable};
-use super::seq::{admit, emit, logprob_item, sample_params, NewSeq, Seq};
+use super::seq::{admit, emit, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
-use crate::worker::{TokenLogprob, WorkerError, WorkerEvent};
+use crate::worker::WorkerEvent;
 use kernels::adjust::Adjust;
 use kernels::backend::{Backend, ReadBack};
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
 use kernels::json_mode::JsonVocab;
-use kernels::logprobs::{token_logprobs, Score, TokenLogprobs};
+use kernels::logprobs::{Score, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -634,154 +636,9 @@ impl Engine {
         }
     }
 
-    /// A failed step: its sequences (`failed`, indices in `running`) fail. A device fault
-    /// fails every other sequence too, and the backend is to be built again.
-    pub(super) fn fail(&mut self, e: StepError, mut failed: Vec<usize>) -> Turn {
-        tracing::error!(error = %e, "engine step failed; failing its sequences");
-        self.flight = None;
-        self.plan_after = false;
-        // Out of service before any client hears of the failure.
-        let fault = match &e {
-            StepError::Device(why) => {
-                let why = format!("the engine's device failed ({why}); rebuilding it");
-                self.stats.faults.fetch_add(1, Ordering::Relaxed);
-                self.stats.set_fault(Some(why.clone()));
-                Some(why)
-            }
-            StepError::BadBatch(_) => None,
-        };
-        failed.sort_unstable_by(|a, b| b.cmp(a));
-        failed.dedup();
-        for i in failed {
-            let mut s = self.running.remove(i);
-            self.outbox.push(
-                &s.tx,
-                Err(WorkerError::Protocol(format!("engine step failed: {e}"))),
-            );
-            self.pool.release(&mut s.blocks);
-        }
-        self.outbox.flush();
-        let Some(why) = fault else {
-            return Turn::Go;
-        };
-        // The device is in doubt (a CUDA error is sticky: every later call fails too):
-        // nothing more runs on it. The engine's other sequences fail now (the gateway
-        // retries those that sent nothing yet on another worker), and the backend is built
-        // again from scratch.
-        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
-            self.outbox
-                .push(&s.tx, Err(WorkerError::Unreachable(why.clone())));
-        }
-        self.outbox.flush();
-        self.publish();
-        Turn::Fault(why)
-    }
-
-    /// After the backend was built again: a fresh cache, and back in service.
-    fn rebuilt(&mut self, backend: &dyn Backend) {
-        self.on_device = backend.samples_on_device();
-        self.pool = BlockPool::new(backend.kv_geometry().1, self.limits.prefix_caching);
-        self.fair.reset();
-        self.stats.set_fault(None);
-        self.publish();
-        tracing::info!(
-            backend = backend.name(),
-            "engine rebuilt after a device fault; serving again"
-        );
-    }
-
-    fn publish(&self) {
+    pub(super) fn publish(&self) {
         publish(&self.stats, &self.running, &self.waiting, &self.pool);
     }
-}
-
-/// The final hidden states a step's embeddings requests end with, by logits row.
-pub(super) type Hidden = std::collections::HashMap<usize, Vec<f32>>;
-
-/// The hidden states `got` (`dim` floats each) of logits rows `rows`, by row; checked to be
-/// as many as asked for.
-pub(super) fn by_row(rows: &[usize], got: &[f32], dim: usize) -> Result<Hidden, StepError> {
-    if got.len() != rows.len() * dim {
-        return Err(StepError::Device(format!(
-            "the backend returned {} floats for {} hidden rows",
-            got.len(),
-            rows.len()
-        )));
-    }
-    let each = got.chunks_exact(dim.max(1)).map(<[f32]>::to_vec);
-    Ok(rows.iter().copied().zip(each).collect())
-}
-
-/// An embeddings request's end: its vector (normalized to unit length) and its usage; or,
-/// without one (the backend gave none for its row), an error.
-fn embedded(s: &Seq, vector: Option<Vec<f32>>, stats: &EngineStats, outbox: &mut Outbox) {
-    let Some(v) = vector else {
-        outbox.push(
-            &s.tx,
-            Err(WorkerError::Protocol(
-                "the engine kept no hidden state for an embeddings request".into(),
-            )),
-        );
-        return;
-    };
-    let usage = s.usage();
-    stats.count_prompt(&usage);
-    s.send(
-        outbox,
-        WorkerEvent::Embedding(crate::api::embeddings::normalized(v)),
-    );
-    s.send(
-        outbox,
-        WorkerEvent::Done {
-            finish_reason: crate::worker::FinishReason::Stop,
-            usage,
-        },
-    );
-}
-
-/// Builds the engine's backend again (after a device fault).
-pub(super) type Rebuild = Box<dyn FnMut() -> Result<Box<dyn Backend>, String> + Send>;
-
-/// After a device fault: drops the failed backend (its device memory and context with
-/// it), then builds a new one until one passes its self-check, waiting 0.5 s, 1 s, 2 s, …
-/// (at most 30 s) between tries. Requests that arrive meanwhile fail at once. `None` when
-/// every submitter is gone.
-fn recover(
-    failed: Box<dyn Backend>,
-    rebuild: &mut Rebuild,
-    rx: &mpsc::Receiver<NewSeq>,
-    outbox: &mut Outbox,
-    why: &str,
-) -> Option<Box<dyn Backend>> {
-    // A library may panic tearing down after a device fault (cudarc unwraps
-    // cublasDestroy's status): that must not end the engine thread.
-    let teardown = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(failed)));
-    if teardown.is_err() {
-        tracing::error!("tearing down the failed backend panicked; building a new one anyway");
-    }
-    let mut wait = std::time::Duration::from_millis(500);
-    for attempt in 1u32.. {
-        match rebuild() {
-            Ok(b) => return Some(b),
-            Err(e) => {
-                tracing::error!(attempt, error = %e, retry_in = ?wait, "rebuilding the engine's backend failed");
-            }
-        }
-        let until = std::time::Instant::now() + wait;
-        loop {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(n) => {
-                    outbox.push(&n.tx, Err(WorkerError::Unreachable(why.to_string())));
-                    outbox.flush();
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-        wait = (wait * 2).min(std::time::Duration::from_secs(30));
-    }
-    None
 }
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.
@@ -826,64 +683,6 @@ impl Next {
             Next::Logits(l) => l.get(row * vocab..(row + 1) * vocab),
         }
     }
-}
-
-/// Scores `s`'s prompt tokens from the step's logits rows `rows` (the last rows of the
-/// tokens it computed this step, up to `end`, if it is being scored): each row's logits give the next
-/// row's token its log-probability. Once every prompt token is scored, sends them
-/// ([`WorkerEvent::Prompt`], the first unscored).
-fn score_prompt(
-    s: &mut Seq,
-    end: usize,
-    rows: std::ops::Range<usize>,
-    next: &Next,
-    vocab: usize,
-    tok: &Tokenizer,
-    outbox: &mut Outbox,
-) {
-    let Some(mut want) = s.prompt_next else {
-        return;
-    };
-    let top = s.logprobs.unwrap_or(0) as usize;
-    for (j, row) in rows.clone().enumerate() {
-        // Row `row` is position p; it scores token p + 1.
-        let target = end - rows.len() + j + 1;
-        if target != want || target >= s.prompt_len {
-            continue;
-        }
-        let on_device = match next {
-            Next::Tokens(t) => t.scored(row).filter(|lp| lp.id == s.tokens[target]),
-            Next::Logits(_) => None,
-        };
-        let lp = match (on_device, next.row(row, vocab)) {
-            (Some(lp), _) => lp.clone(),
-            (None, Some(raw)) => token_logprobs(raw, s.tokens[target], top),
-            (None, None) => continue,
-        };
-        s.prompt_scored.push(logprob_item(tok, &lp));
-        want += 1;
-    }
-    s.prompt_next = Some(want);
-    if want < s.prompt_len {
-        return;
-    }
-    s.prompt_next = None;
-    let first = s.tokens[0];
-    let bytes = tok.token_bytes(first).to_vec();
-    let mut logprobs = vec![TokenLogprob {
-        token: String::from_utf8_lossy(&bytes).into_owned(),
-        bytes,
-        logprob: f32::NAN,
-        top_logprobs: Vec::new(),
-    }];
-    logprobs.append(&mut s.prompt_scored);
-    s.send(
-        outbox,
-        WorkerEvent::Prompt {
-            logprobs,
-            text: None,
-        },
-    );
 }
 
 fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: &BlockPool) {
