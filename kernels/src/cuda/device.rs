@@ -338,7 +338,7 @@ impl Exec for Gpu {
         let params = &mut params[..args.len()];
         self.ctx.bind_to_thread()?;
         // SAFETY: the argument list is the kernel's (the emulator checks every launch of
-        // `step.rs` and the parity tests against the kernels' signatures), pointers are
+        // `step/` and the parity tests against the kernels' signatures), pointers are
         // live buffers of this device of the extents the launch implies, the stream is
         // this context's, made current above; `slots` outlives the call.
         let go = |dependent: bool, params: &mut [*mut c_void]| unsafe {

@@ -1,7 +1,7 @@
 //! The CUDA emulator's Rust side: [`Emu`] runs the kernel sources themselves
 //! (`kernels/cuda/*.cu`, built for the host by `build.rs` against `kernels/emu/`) on the
 //! CPU, one block at a time, each CUDA thread a fiber. It is an [`Exec`], so the parity
-//! tests and the whole step (`step.rs`) run on it where there is no GPU: what it checks is
+//! tests and the whole step (`step/`) run on it where there is no GPU: what it checks is
 //! the kernels' own index arithmetic, reductions, barriers and shuffles, and the launches'
 //! grids and argument lists (count and types, against each kernel's signature).
 //!

@@ -1,7 +1,7 @@
 //! Where the kernels run: a GPU through cudarc ([`super::device::Gpu`]) or the CPU
 //! emulator ([`super::emu::Emu`]), behind one interface: device buffers, a kernel launched
 //! by name with its arguments, and the f16 matrix product. The step's device work
-//! (`step.rs`) and the parity tests are written once against it, so the emulator runs the
+//! (`step/`) and the parity tests are written once against it, so the emulator runs the
 //! same launches, with the same grids and argument lists, as the GPU.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, ValidAsZeroBits};

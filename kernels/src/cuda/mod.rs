@@ -173,7 +173,7 @@ pub const SOURCES: &[Source] = &[
     },
 ];
 
-/// The most threads per block each entry point is launched with (`step.rs`, the benches
+/// The most threads per block each entry point is launched with (`step/`, the benches
 /// and the parity tests; attention: 4 to 16 warps by the step's rows): `cuda_compile`
 /// checks with `ptxas` that each fits its registers at that size on sm_90.
 pub const LAUNCH_THREADS: &[(&str, u32)] = &[
