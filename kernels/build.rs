@@ -52,6 +52,33 @@ fn main() {
         Ok(e) => sources.push((selftest, e)),
         Err(e) => return skip(format!("reading {}: {e}", selftest.display())),
     }
+    // The sources as the emulator builds them (shared memory rewritten: `rewritten`).
+    let dir = out.join("emu_src");
+    let mut next = 0;
+    let mut emulated = |path: &Path| rewritten(path, &dir, &mut next);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return skip(format!("making {}: {e}", dir.display()));
+    }
+    let common = match emulated(&root.join("cuda/common.cuh")) {
+        Ok(c) => c,
+        Err(e) => return skip(e),
+    };
+    let headers = match headers
+        .iter()
+        .map(|h| emulated(h))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(h) => h,
+        Err(e) => return skip(e),
+    };
+    let sources = match sources
+        .into_iter()
+        .map(|(p, e)| Ok((emulated(&p)?, e)))
+        .collect::<Result<Vec<_>, String>>()
+    {
+        Ok(s) => s,
+        Err(e) => return skip(e),
+    };
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -69,7 +96,7 @@ fn main() {
     let mut list = String::from("#include \"emu.h\"\n");
     for (name, group, dpl, warps) in VARIANTS {
         let path = out.join(format!("emu_{name}.cpp"));
-        let code = variant(&root, &headers, &sources, name, *group, *dpl, *warps);
+        let code = variant(&common, &headers, &sources, name, *group, *dpl, *warps);
         if let Err(e) = std::fs::write(&path, code) {
             return skip(format!("writing {}: {e}", path.display()));
         }
@@ -148,11 +175,59 @@ fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
         .collect())
 }
 
+/// `path` as the emulator builds it, written to `dir`: each `__shared__ T name[dims];`
+/// rewritten into `auto& name = ::emu::shared_var<T[dims], id>();`, a slot of the launching
+/// OS thread's own arena (emu.h), so that emulated devices launch on their threads at once;
+/// declarations numbered on from `next` (0 is `gemv_smem`'s, gemv.cuh). A `#line` keeps the
+/// file's own name and lines in messages.
+fn rewritten(path: &Path, dir: &Path, next: &mut usize) -> Result<PathBuf, String> {
+    let code =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut out = format!("#line 1 \"{}\"\n", path.display());
+    for (i, line) in code.lines().enumerate() {
+        let decl = line.trim_start();
+        if !decl.starts_with("__shared__ ") {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let Some((ty, name, dims)) = shared_decl(decl) else {
+            return Err(format!(
+                "{}:{}: a `__shared__` declaration the emulator's build does not follow (one \
+                 `T name[dims];` a line): {decl}",
+                path.display(),
+                i + 1
+            ));
+        };
+        *next += 1;
+        let indent = &line[..line.len() - decl.len()];
+        let _ = writeln!(
+            out,
+            "{indent}auto& {name} = ::emu::shared_var<{ty}{dims}, {next}>();"
+        );
+    }
+    let to = dir.join(path.file_name().unwrap_or_default());
+    std::fs::write(&to, out).map_err(|e| format!("writing {}: {e}", to.display()))?;
+    Ok(to)
+}
+
+/// `__shared__ T name[dims];` (a trailing `//` comment allowed) as T, name and dims.
+fn shared_decl(line: &str) -> Option<(&str, &str, &str)> {
+    let decl = line.strip_prefix("__shared__ ")?;
+    let decl = decl.split("//").next()?.trim_end().strip_suffix(';')?;
+    let (head, dims) = decl.split_at(decl.find('[').unwrap_or(decl.len()));
+    let (ty, name) = head.trim().rsplit_once(char::is_whitespace)?;
+    let ident = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let ty = ty.trim();
+    (ident && !ty.is_empty() && !ty.contains([',', '='])).then(|| (ty, name, dims.trim()))
+}
+
 /// One emulator build: the constants, every entry point renamed for this build (so that
 /// builds link side by side), the shared helpers, the sources' headers and the sources,
 /// and the entry table.
 fn variant(
-    root: &Path,
+    common: &Path,
     headers: &[PathBuf],
     sources: &[(PathBuf, Vec<String>)],
     name: &str,
@@ -170,7 +245,7 @@ fn variant(
         let _ = writeln!(s, "#define {e} {e}__{name}");
     }
     s.push_str("namespace {\n");
-    let _ = writeln!(s, "#include \"{}\"", root.join("cuda/common.cuh").display());
+    let _ = writeln!(s, "#include \"{}\"", common.display());
     // A source's device code in its own header (gemv.cuh), before every source.
     for path in headers {
         let _ = writeln!(s, "#include \"{}\"", path.display());

@@ -63,9 +63,9 @@ __device__ __forceinline__ int gemv_stride(int k) { return k % 64 ? k : k + 32; 
 // this layout): the warps' sums of a group, the m staged input rows (f16,
 // `gemv_stride(k)` halves apart), and each row's sums over its blocks of 32 (for the
 // blocks' offsets).
-// On the emulator, one static area for every gemv kernel (one launch runs at a time).
+// On the emulator, one area of the most a block may have, for every gemv kernel.
 #ifdef TOLLGATE_EMU
-__shared__ char gemv_smem[227 * 1024];
+#define gemv_smem (::emu::shared_var<char[227 * 1024], 0>())
 #else
 extern __shared__ __align__(16) char gemv_smem[];
 #endif

@@ -4,9 +4,10 @@
 //
 // Each CUDA thread of a block is a fiber with its own stack; the block's fibers run on
 // one OS thread, each until it reaches a synchronization point (`__syncthreads`, a warp
-// shuffle) or exits, in an order shuffled per round. Shared memory is a function-local
-// static in its own section, poisoned before each block (one block runs at a time in the
-// process). Misuse that is undefined or faults on a GPU fails the launch with a message: a
+// shuffle) or exits, in an order shuffled per round. A launch's blocks run one at a time;
+// launches on different OS threads (different emulated devices) run at once. Shared
+// memory is a slot of the OS thread's own arena per declaration, poisoned when each block
+// first reaches it. Misuse that is undefined or faults on a GPU fails the launch with a message: a
 // barrier or shuffle some threads never reach (deadlock), a shuffle reading a lane that did
 // not take part, an access past a buffer's end (a fault: buffers end against an
 // inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
@@ -25,10 +26,10 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-// Shared memory: block-scope statics in one section, which the runtime fills with 0xff
-// bytes (NaN as floats, -1 as ints) before every block, so that a read before any thread
-// of the block wrote it shows. One launch runs at a time in the process.
-#define __shared__ static __attribute__((section("tollgate_emu_shared"), aligned(16)))
+// Shared memory: build.rs rewrites each `__shared__ T name[dims];` of a kernel source
+// into `auto& name = emu::shared_var<T[dims], id>();` (below), so a declaration it did not
+// rewrite fails to compile.
+#define __shared__ __shared__declarations_are_rewritten_by_build_rs
 
 struct dim3 {
     unsigned x, y, z;
@@ -78,6 +79,25 @@ struct Launch {
 
 extern thread_local Fiber* tl_fiber;
 extern thread_local Launch* tl_launch;
+
+// A shared-memory declaration's place in every OS thread's arena (the same in each).
+struct SharedSlot {
+    size_t offset, bytes;
+    unsigned index;  // the declaration's number, for its per-thread poisoning stamp
+};
+// A new slot of `bytes` bytes aligned to `align` (once per declaration, any thread).
+SharedSlot reserve_shared(size_t bytes, size_t align);
+// The slot in this OS thread's arena; filled with 0xff bytes (NaN as floats, -1 as ints)
+// the first time the running block reaches it, so that a read before any thread of the
+// block wrote it shows.
+char* shared_at(const SharedSlot& slot);
+
+// Declaration `ID`'s shared `T` for the running block (build.rs numbers declarations).
+template <class T, int ID>
+inline T& shared_var() {
+    static const SharedSlot slot = reserve_shared(sizeof(T), alignof(T) > 16 ? alignof(T) : 16);
+    return *reinterpret_cast<T*>(shared_at(slot));
+}
 
 void syncthreads();
 uint64_t warp_exchange(uint64_t bits, int src_lane);
@@ -142,7 +162,8 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
 }
 
 // Atomics and fences: a launch's blocks run one at a time, each block's threads on one OS
-// thread, so a plain read-modify-write is atomic and every write is already visible.
+// thread (and a device's launches one after another), so a plain read-modify-write is
+// atomic and every write is already visible.
 inline int atomicAdd(int* p, int v) {
     int old = *p;
     *p = old + v;

@@ -12,10 +12,6 @@
 #include <mutex>
 #include <vector>
 
-// The bounds of every kernel's shared memory (see `__shared__` in emu.h), from the linker.
-extern "C" char __start_tollgate_emu_shared[] __attribute__((weak));
-extern "C" char __stop_tollgate_emu_shared[] __attribute__((weak));
-
 namespace emu {
 
 thread_local Fiber* tl_fiber = nullptr;
@@ -76,6 +72,24 @@ struct Block {
 };
 
 thread_local Block* tl_block = nullptr;
+
+// Shared memory (emu.h's `shared_var`): every declaration a slot of one layout, laid over
+// an arena per OS thread that launches (reserved address space, touched where used).
+constexpr size_t ARENA = 8 << 20;
+std::mutex slots_lock;
+size_t slots_end = 0;
+unsigned slots_count = 0;
+
+struct Arena {
+    char* base = nullptr;
+    std::vector<unsigned long> stamp;  // per slot: the block that last poisoned it
+    ~Arena() {
+        if (base) munmap(base, ARENA);
+    }
+};
+thread_local Arena tl_arena;
+// The running block's number on this OS thread (every block of every launch its own).
+thread_local unsigned long tl_block_serial = 0;
 
 struct Stacks {
     std::vector<char*> bases;
@@ -251,6 +265,34 @@ const uint64_t* warp_gather(const uint64_t* words, int n) {
     return &w.wide[g & 1][0][0];
 }
 
+SharedSlot reserve_shared(size_t bytes, size_t align) {
+    std::lock_guard<std::mutex> hold(slots_lock);
+    size_t offset = (slots_end + align - 1) & ~(align - 1);
+    if (offset + bytes > ARENA) {
+        fprintf(stderr, "CUDA emulator: the kernels' shared memory is more than its %zu-byte arena\n",
+                ARENA);
+        abort();
+    }
+    slots_end = offset + bytes;
+    return SharedSlot{offset, bytes, slots_count++};
+}
+
+char* shared_at(const SharedSlot& slot) {
+    Arena& a = tl_arena;
+    if (!a.base) {
+        void* m = mmap(nullptr, ARENA, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) fail("out of memory for shared memory");
+        a.base = (char*)m;
+    }
+    if (a.stamp.size() <= slot.index) a.stamp.resize(slot.index + 1, 0);
+    if (a.stamp[slot.index] != tl_block_serial) {
+        memset(a.base + slot.offset, 0xff, slot.bytes);
+        a.stamp[slot.index] = tl_block_serial;
+    }
+    return a.base + slot.offset;
+}
+
 void fail(const char* why) {
     Block& b = *tl_block;
     if (!b.error) b.error = why;
@@ -373,9 +415,6 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         return -1;
     };
     if (n == 0 || n > MAX_THREADS) return bad("block size must be 1 to 1024 threads");
-    // One launch at a time in the process: shared memory is one static area.
-    static std::mutex one_at_a_time;
-    std::lock_guard<std::mutex> hold(one_at_a_time);
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return bad("empty grid");
     if (grid[1] > 65535 || grid[2] > 65535) return bad("grid y and z must be at most 65535");
     std::vector<Fiber> fibers(n);
@@ -415,9 +454,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         b.call = call;
         b.args = args;
         b.fibers = fibers.data();
-        if (__start_tollgate_emu_shared && __stop_tollgate_emu_shared)
-            memset(__start_tollgate_emu_shared, 0xff,
-                   (size_t)(__stop_tollgate_emu_shared - __start_tollgate_emu_shared));
+        ++tl_block_serial;  // its shared memory is poisoned as it reaches it
         for (unsigned w = 0; w * 32 < n; ++w) {
             Warp& wp = b.warps[w];
             wp.live = (n - w * 32) < 32 ? n - w * 32 : 32;

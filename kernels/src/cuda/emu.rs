@@ -1,9 +1,10 @@
 //! The CUDA emulator's Rust side: [`Emu`] runs the kernel sources themselves
 //! (`kernels/cuda/*.cu`, built for the host by `build.rs` against `kernels/emu/`) on the
-//! CPU, one block at a time, each CUDA thread a fiber. It is an [`Exec`], so the parity
-//! tests and the whole step (`step/`) run on it where there is no GPU: what it checks is
-//! the kernels' own index arithmetic, reductions, barriers and shuffles, and the launches'
-//! grids and argument lists (count and types, against each kernel's signature).
+//! CPU, one block at a time, each CUDA thread a fiber (a device's launches one after
+//! another; different devices' at once, from their own threads). It is an [`Exec`], so the
+//! parity tests and the whole step (`step/`) run on it where there is no GPU: what it
+//! checks is the kernels' own index arithmetic, reductions, barriers and shuffles, and the
+//! launches' grids and argument lists (count and types, against each kernel's signature).
 //!
 //! Buffers end against an inaccessible page, so a kernel writing or reading past the end
 //! of one faults. Within a block, threads run between synchronization points in an order
@@ -144,12 +145,16 @@ pub struct Emu {
     runs: Mutex<HashMap<String, u64>>,
     /// The shared memory a block may have ([`Emu::with_shared_bytes`]).
     shared_bytes: usize,
+    /// Held through each launch: a device runs its launches one after another, as a
+    /// stream does (other devices' launches run at once, each on its OS thread's shared
+    /// memory).
+    stream: Mutex<()>,
 }
 
 /// The multiprocessors the emulator reports: a small GPU's.
 const EMU_MULTIPROCESSORS: usize = 8;
 /// The shared memory a block may have: Hopper's (the `gemv` kernels' dynamic area is one
-/// static array of this size on the emulator, `gemv_smem` in gemv.cuh).
+/// slot of this size on the emulator, `gemv_smem` in gemv.cuh).
 const EMU_SHARED_BYTES: usize = 227 * 1024;
 
 /// Injected device faults so far (see [`fault_open_devices`]).
@@ -264,6 +269,7 @@ impl Emu {
                 build: b.name,
                 kernels: b.kernels,
                 capturing: Mutex::new(None),
+                stream: Mutex::new(()),
                 epoch: FAULTS.load(Ordering::SeqCst),
                 runs: Mutex::default(),
                 shared_bytes: EMU_SHARED_BYTES,
@@ -680,6 +686,10 @@ impl Emu {
         let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
         let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
         let mut err = [0 as c_char; 512];
+        let _stream = self
+            .stream
+            .lock()
+            .map_err(|_| ExecError::Emu("a launch panicked".into()))?;
         // SAFETY: `call` is this build's launcher for `kernel`, whose parameter list the
         // arguments were just checked against; pointer arguments are the caller's buffers
         // (as on a GPU, the kernel trusts the extents it is given).
@@ -785,6 +795,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Emulated devices on their own threads launch at once, each block on its thread's own
+    /// shared memory: the barrier kernel's neighbours (a block size per device) stay each
+    /// launch's own.
+    #[test]
+    fn devices_launch_at_once_each_on_its_own_shared_memory() {
+        let Some(_) = emu() else { return };
+        std::thread::scope(|s| {
+            for n in [32u32, 64, 96, 128] {
+                s.spawn(move || {
+                    let e = Emu::open().expect("the emulator opens");
+                    let out = e.zeros::<u32>(4 * n as usize).unwrap();
+                    for _ in 0..50 {
+                        e.launch("emu_selftest_ids", cfg((4, 1, 1), (n, 1, 1)), &[out.arg()])
+                            .unwrap();
+                        let got = e.download(&out, 4 * n as usize).unwrap();
+                        for (i, g) in got.iter().enumerate() {
+                            assert_eq!(g & 0xff, i as u32 % n, "blocks of {n}");
+                        }
+                    }
+                });
+            }
+        });
     }
 
     #[test]
