@@ -21,6 +21,7 @@ const VARIANTS: &[(&str, usize, usize, usize)] = &[
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu)");
+    println!("cargo::rustc-check-cfg=cfg(tollgate_emu_fma_f16c)");
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-env-changed=TOLLGATE_NO_EMU");
@@ -93,6 +94,13 @@ fn main() {
         .flag_if_supported("-ffp-contract=off")
         .include(root.join("emu"))
         .file(root.join("emu/runtime.cpp"));
+    // FMA and F16C where the building CPU has them (the emulator runs where it is built,
+    // and `Emu::open` refuses a CPU without them): `fmaf` and the f16 conversions are then
+    // an instruction each rather than calls.
+    if host_has_fma_f16c() {
+        build.flag("-mfma").flag("-mf16c");
+        println!("cargo:rustc-cfg=tollgate_emu_fma_f16c");
+    }
     let mut list = String::from("#include \"emu.h\"\n");
     for (name, group, dpl, warps) in VARIANTS {
         let path = out.join(format!("emu_{name}.cpp"));
@@ -138,6 +146,18 @@ fn main() {
     match build.try_compile("tollgate_emu") {
         Ok(()) => println!("cargo:rustc-cfg=tollgate_emu"),
         Err(e) => skip(format!("the C++ compiler failed: {e}")),
+    }
+}
+
+/// Whether the CPU running this build has FMA and F16C.
+fn host_has_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

@@ -16,6 +16,9 @@
 #pragma once
 
 #include <math.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -192,6 +195,12 @@ inline float __uint_as_float(unsigned u) { return emu::bit_cast<float>(u); }
 // f16 <-> f32 as PTX's cvt.f32.f16 and cvt.rn.f16.f32 (round to nearest even).
 typedef unsigned short half_t;
 
+#ifdef __F16C__
+// The host's conversions (build.rs enables them where the building CPU has them): the
+// same values, one instruction each.
+inline float h2f(half_t h) { return _cvtsh_ss(h); }
+inline half_t f2h(float f) { return (half_t)_cvtss_sh(f, 0); }  // 0: to nearest even
+#else
 inline float h2f(half_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
     uint32_t bits;
@@ -232,6 +241,7 @@ inline half_t f2h(float f) {
     keep += (rest > halfway) || (rest == halfway && (keep & 1u));
     return (half_t)(sign | keep);
 }
+#endif
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (common.cuh has the fragment
 // layout): each lane gathers the A rows and B columns of its four outputs from the lanes

@@ -30,8 +30,23 @@ pub fn available() -> Result<(), String> {
         Err("this build has no CUDA emulator (no C++ compiler, or not x86-64 Linux)".into())
     } else if std::env::var("TOLLGATE_EMU").as_deref() == Ok("0") {
         Err("TOLLGATE_EMU=0".into())
+    } else if cfg!(tollgate_emu_fma_f16c) && !host_has_fma_f16c() {
+        Err("this build's CUDA emulator uses FMA and F16C, which this CPU lacks".into())
     } else {
         Ok(())
+    }
+}
+
+/// Whether this CPU has FMA and F16C (`build.rs` builds the emulator with them where the
+/// building CPU has them).
+fn host_has_fma_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -245,7 +260,7 @@ impl Emu {
     }
 
     /// The same device with at most `bytes` of shared memory a block (at most Hopper's
-    /// 227 KB, which the emulator's static area holds): an A100's 163 KB, an L4's or
+    /// 227 KB, the emulator's `gemv_smem` slot): an A100's 163 KB, an L4's or
     /// RTX's 99 KB, where the `gemv` kernels read rows of fewer columns whole
     /// ([`super::gemv::column_run`]).
     pub fn with_shared_bytes(mut self, bytes: usize) -> Self {
