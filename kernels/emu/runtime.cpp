@@ -1,6 +1,7 @@
 // The emulator's runtime: fibers (x86-64 context switch), the per-block scheduler with its
-// barrier and warp-exchange bookkeeping, guarded allocations, and the C entry points the
-// Rust side calls (`kernels/src/cuda/emu.rs`). See `emu.h` for what is emulated.
+// barrier and warp-exchange bookkeeping, shared memory (an arena per OS thread), guarded
+// allocations, and the C entry points the Rust side calls (`kernels/src/cuda/emu.rs`). See
+// `emu.h` for what is emulated.
 #include "emu.h"
 
 #include <signal.h>
