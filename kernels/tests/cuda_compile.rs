@@ -8,7 +8,9 @@
 //! registers (registers × threads ≤ 64 K, or the launch fails on the GPU) and spill
 //! nothing. The report (registers, shared memory) is printed.
 
-use kernels::cuda::{compile, nvrtc_present, LAUNCH_THREADS, SOURCES};
+use kernels::cuda::compile::Defines;
+use kernels::cuda::{compile, nvrtc_present, Source, LAUNCH_THREADS, SOURCES};
+use std::sync::OnceLock;
 
 fn tools_required() -> bool {
     std::env::var("TOLLGATE_REQUIRE_TOOLS").as_deref() == Ok("1")
@@ -74,17 +76,61 @@ fn nvrtc_here() -> bool {
     false
 }
 
+/// The attention constants the backend builds for SmolLM2 (3 query heads per KV head,
+/// head_dim 64).
+const SMOL: Defines<'static> = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
+
+/// Whether the attention constants specialize `src` (only those sources are built again
+/// for a model's heads).
+fn specialized(src: &Source) -> bool {
+    src.code.contains("#ifndef MAX_GROUP")
+}
+
+/// PTX of `srcs` for `arch` with `defines`, each source compiled on its own thread.
+fn compile_each(
+    srcs: Vec<&'static Source>,
+    arch: &'static str,
+    defines: Defines,
+) -> Vec<(&'static Source, String)> {
+    std::thread::scope(|s| {
+        let each: Vec<_> = srcs
+            .into_iter()
+            .map(|src| {
+                s.spawn(move || {
+                    let ptx =
+                        compile::compile_with(src, arch, defines).unwrap_or_else(|e| panic!("{e}"));
+                    (src, ptx)
+                })
+            })
+            .collect();
+        each.into_iter()
+            .map(|h| h.join().expect("a compile panicked"))
+            .collect()
+    })
+}
+
+/// compute_90 PTX of every source in the general build, then of the sources SmolLM2's
+/// constants specialize: compiled once, for the tests here that read them.
+fn sm90() -> [&'static [(&'static Source, String)]; 2] {
+    static GENERAL: OnceLock<Vec<(&'static Source, String)>> = OnceLock::new();
+    static SMOLLM2: OnceLock<Vec<(&'static Source, String)>> = OnceLock::new();
+    [
+        GENERAL.get_or_init(|| compile_each(SOURCES.iter().collect(), "compute_90", &[])),
+        SMOLLM2.get_or_init(|| {
+            let srcs = SOURCES.iter().filter(|s| specialized(s)).collect();
+            compile_each(srcs, "compute_90", SMOL)
+        }),
+    ]
+}
+
 #[test]
 fn every_kernel_compiles_to_ptx_for_compute_90() {
     if !nvrtc_here() {
         return;
     }
     // The general build, and the attention kernel fitted to SmolLM2's heads.
-    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
-    for defines in [&[][..], smol] {
-        for src in SOURCES {
-            let ptx =
-                compile::compile_with(src, "compute_90", defines).unwrap_or_else(|e| panic!("{e}"));
+    for built in sm90() {
+        for (src, ptx) in built {
             assert!(
                 ptx.contains(".target sm_90"),
                 "{}: {}",
@@ -118,8 +164,7 @@ fn every_kernel_compiles_for_ampere_and_blackwell_too() {
         return;
     }
     for (arch, target) in [("compute_80", "sm_80"), ("compute_120", "sm_120")] {
-        for src in SOURCES {
-            let ptx = compile::compile_with(src, arch, &[]).unwrap_or_else(|e| panic!("{e}"));
+        for (src, ptx) in compile_each(SOURCES.iter().collect(), arch, &[]) {
             assert!(
                 ptx.contains(&format!(".target {target}")),
                 "{}: {arch}",
@@ -212,21 +257,18 @@ fn every_kernel_fits_its_launch_on_sm_90() {
     // The general build, then the one the backend loads for SmolLM2 (3 query heads per
     // KV head, head_dim 64), and Llama-3-8B's (4 per KV head, head_dim 128: gpu-check's
     // decode steps over two of its layers).
-    let smol: &[(&str, usize)] = &[("MAX_GROUP", 3), ("MAX_DPL", 2), ("MAX_WARPS", 16)];
     let warps = kernels::cuda::device::attention_max_warps(4, 4);
-    let llama8b: &[(&str, usize)] = &[("MAX_GROUP", 4), ("MAX_DPL", 4), ("MAX_WARPS", warps)];
-    for (defines, label) in [
-        (&[][..], ""),
-        (smol, " (SmolLM2)"),
-        (llama8b, " (Llama-3-8B)"),
+    let llama8b: Defines = &[("MAX_GROUP", 4), ("MAX_DPL", 4), ("MAX_WARPS", warps)];
+    let srcs = SOURCES.iter().filter(|s| specialized(s)).collect();
+    let llama8b_ptx = compile_each(srcs, "compute_90", llama8b);
+    let [general, smol] = sm90();
+    for (built, defines, label) in [
+        (general, &[][..], ""),
+        (smol, SMOL, " (SmolLM2)"),
+        (&llama8b_ptx[..], llama8b, " (Llama-3-8B)"),
     ] {
-        for src in SOURCES {
-            let specialized = src.code.contains("#ifndef MAX_GROUP");
-            if !defines.is_empty() && !specialized {
-                continue;
-            }
-            let ptx =
-                compile::compile_with(src, "compute_90", defines).unwrap_or_else(|e| panic!("{e}"));
+        for (src, ptx) in built {
+            let special = specialized(src);
             let path = dir.join(format!("{}.ptx", src.name));
             std::fs::write(&path, ptx).unwrap();
             let out = std::process::Command::new(&ptxas)
@@ -253,7 +295,7 @@ fn every_kernel_fits_its_launch_on_sm_90() {
                     .1;
                 // The attention kernels launch at most MAX_WARPS warps (4 in the general
                 // build).
-                let threads = if specialized {
+                let threads = if special {
                     let warps = defines
                         .iter()
                         .find(|(k, _)| *k == "MAX_WARPS")
