@@ -19,6 +19,11 @@ const VARIANTS: &[(&str, usize, usize, usize)] = &[
     ("g2d1w16", 2, 1, 16),
 ];
 
+/// The sources' own headers (`kernels/cuda/*.cuh` but common.cuh), in the order each builds
+/// on the ones before it: the order `SOURCES` in src/cuda/mod.rs concatenates them in. A
+/// header not listed leaves the emulator out, saying so (as a source it cannot build does).
+const HEADERS: &[&str] = &["gemv.cuh", "gemv_blocks.cuh", "gemv_product.cuh"];
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu)");
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu_fma_f16c)");
@@ -41,12 +46,19 @@ fn main() {
         Err(e) => return skip(format!("reading kernels/cuda: {e}")),
     };
     let headers = match files_of(&root.join("cuda"), "cuh") {
-        Ok(h) => h
-            .into_iter()
-            .filter(|p| !p.ends_with("common.cuh"))
-            .collect::<Vec<_>>(),
+        Ok(h) => h,
         Err(e) => return skip(format!("reading kernels/cuda: {e}")),
     };
+    let unlisted = headers
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str())
+        .find(|n| *n != "common.cuh" && !HEADERS.contains(n));
+    if let Some(n) = unlisted {
+        return skip(format!(
+            "kernels/cuda/{n} is not in build.rs's HEADERS (list it where it belongs in order)"
+        ));
+    }
+    let headers: Vec<PathBuf> = HEADERS.iter().map(|h| root.join("cuda").join(h)).collect();
     // The emulator's own checks (emulator builds only).
     let selftest = root.join("emu/selftest.cu");
     match entries_of(&selftest) {
@@ -198,7 +210,7 @@ fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
 /// `path` as the emulator builds it, written to `dir`: each `__shared__ T name[dims];`
 /// rewritten into `auto& name = ::emu::shared_var<T[dims], id>();`, a slot of the launching
 /// OS thread's own arena (emu.h), so that emulated devices launch on their threads at once;
-/// declarations numbered on from `next` (0 is `gemv_smem`'s, gemv.cuh). A `#line` keeps the
+/// declarations numbered on from `next` (0 is `gemv_smem`'s, gemv.cuh's). A `#line` keeps the
 /// file's own name and lines in messages.
 fn rewritten(path: &Path, dir: &Path, next: &mut usize) -> Result<PathBuf, String> {
     let code =
@@ -266,7 +278,7 @@ fn variant(
     }
     s.push_str("namespace {\n");
     let _ = writeln!(s, "#include \"{}\"", common.display());
-    // A source's device code in its own header (gemv.cuh), before every source.
+    // A source's device code in its own headers (gemv's), in order, before every source.
     for path in headers {
         let _ = writeln!(s, "#include \"{}\"", path.display());
     }

@@ -76,10 +76,15 @@ pub const SOURCES: &[Source] = &[
     },
     Source {
         name: "gemv",
-        // The device code, then the entry points: one program.
+        // The device code (in the order of build.rs's HEADERS), then the entry points: one
+        // program.
         code: concat!(
             "#line 1 \"gemv.cuh\"\n",
             include_str!("../../cuda/gemv.cuh"),
+            "#line 1 \"gemv_blocks.cuh\"\n",
+            include_str!("../../cuda/gemv_blocks.cuh"),
+            "#line 1 \"gemv_product.cuh\"\n",
+            include_str!("../../cuda/gemv_product.cuh"),
             "#line 1 \"gemv.cu\"\n",
             include_str!("../../cuda/gemv.cu")
         ),

@@ -7,12 +7,12 @@
 use super::{Staged, BLOCK, GROUP};
 use half::f16;
 
-/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` /
-/// `gemv_q8` / `gemv_iq4` (`kernels/cuda/gemv.cuh`): a candidate against `gemv_f16` for products of a few
-/// rows, which read 4.5 (Q4_0, IQ4_NL), 5 (Q4_1), 5.5 (Q5_0), 6 (Q5_1) or 8.5 (Q8_0) bits a
-/// weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in f32, the
-/// value the file's block dequantizes to (`quant::dequantize_row`). The K-quant layouts'
-/// scales, which f16 would round, are held factored as the file holds them, an f16 a
+/// A matrix in its file's own quantized blocks, laid out for `gemv_q4` / `gemv_q5` / `gemv_q8`
+/// / `gemv_iq4` (`kernels/cuda/gemv_blocks.cuh`): a candidate against `gemv_f16` for products
+/// of a few rows, which read 4.5 (Q4_0, IQ4_NL), 5 (Q4_1), 5.5 (Q5_0), 6 (Q5_1) or 8.5 (Q8_0)
+/// bits a weight where the f16 rows take 16. Each weight is `d · q + m` of its block of 32 in
+/// f32, the value the file's block dequantizes to (`quant::dequantize_row`). The K-quant
+/// layouts' scales, which f16 would round, are held factored as the file holds them, an f16 a
 /// super-block of 256 times a signed byte a block ([`Scales::Factored`]: `gemv_q4f`,
 /// `gemv_q8f`, `gemv_q6h`), or as f32 pairs (`gemv_q4f32`, ...) where asked or where they do
 /// not factor, so that they too are the file's own values.
@@ -220,7 +220,7 @@ impl QuantRows {
     /// for row `g` and at `4 + p + 16s` for `g + 8`. At 6: the 32 words after them, lane
     /// `l`'s word `l`, weights `2p + s` two bits at `4 + 2p + 16s` for row `g` and at
     /// `[12, 14, 0, 2][p] + 16s` for `g + 8`. (The shifts `gemv_q5*` and `gemv_q6h` make:
-    /// `kernels/cuda/gemv.cuh`'s WeightsHighT.)
+    /// `kernels/cuda/gemv_blocks.cuh`'s WeightsHighT.)
     fn place_high(&self, j: usize, c: usize) -> (usize, u32) {
         let (word, bit) = self.high_places((j % GROUP) / 8)[c % BLOCK];
         (self.high_base(j, c / BLOCK) + word, bit)

@@ -1,4 +1,4 @@
-//! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`, `gemv.cuh`): the step's product for a
+//! The `gemv` kernels' launches (`kernels/cuda/gemv.cu`, `gemv*.cuh`): the step's product for a
 //! few rows, a candidate against cuBLAS at decode batch 1–16: the backend times whole decode
 //! steps each way at load and keeps the fastest (`step::SmallProducts`). The product's input is
 //! f16 rows ([`Input::Rows`]), or is made in the product's own blocks by the kernel that would
