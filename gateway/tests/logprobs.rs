@@ -442,6 +442,18 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
             n,
             "{kind:?}: one item per prompt token"
         );
+        // The prompt alone (`max_tokens` 0): the same items, and nothing generated.
+        let (alone, items, text_alone, n_alone) = run_scored(&w, &prompt, 0, true).await;
+        assert_eq!(n_alone, n, "{kind:?}");
+        assert!(items.is_empty() && text_alone.is_empty(), "{kind:?}");
+        assert_eq!(alone.len(), scored.len(), "{kind:?}");
+        for (a, b) in alone.iter().zip(&scored).skip(1) {
+            assert_eq!(a.bytes, b.bytes, "{kind:?}");
+            assert!(
+                (a.logprob - b.logprob).abs() < 1e-3,
+                "{kind:?}: {a:?} vs {b:?}"
+            );
+        }
         assert!(scored[0].logprob.is_nan() && scored[0].top_logprobs.is_empty());
         let bytes: Vec<u8> = scored.iter().flat_map(|t| t.bytes.clone()).collect();
         assert_eq!(String::from_utf8_lossy(&bytes), prompt, "{kind:?}");
@@ -607,4 +619,87 @@ async fn the_api_echoes_a_scored_prompt_on_engines_and_through_upstream_pools() 
     // Echo of token ids without scoring needs the gateway's tokenizer.
     let echo_ids = plain.replace(r#""temperature":0"#, r#""temperature":0,"echo":true"#);
     refused(&gw, "/v1/completions", &echo_ids, "tokenizer").await;
+}
+
+/// The answer with the prompt's items and text, whole and streamed: its text, its
+/// `token_logprobs` (null where not asked), its finish reason and its usage.
+async fn prompt_alone(gw: &Gateway, body: &str) -> (String, Value, Value, Value) {
+    let v: Value = post_json(gw, "/v1/completions", body).await;
+    let c = &v["choices"][0];
+    let text = c["text"].as_str().unwrap().to_string();
+    let lps = c["logprobs"]["token_logprobs"].clone();
+    let stream = body.replace(r#""echo":true"#, r#""echo":true,"stream":true"#);
+    let events = sse_events(post(gw, "/v1/completions", &stream).await).await;
+    let (mut streamed, mut streamed_lps, mut finish) = (String::new(), Vec::new(), Value::Null);
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        streamed.push_str(c["choices"][0]["text"].as_str().unwrap_or_default());
+        if let Some(l) = c["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            streamed_lps.extend(l.iter().cloned());
+        }
+        if !c["choices"][0]["finish_reason"].is_null() {
+            finish = c["choices"][0]["finish_reason"].clone();
+        }
+    }
+    assert_eq!(streamed, text, "streamed: {events:?}");
+    assert_eq!(finish, c["finish_reason"], "streamed: {events:?}");
+    if let Some(l) = lps.as_array() {
+        assert_eq!(&streamed_lps, l, "streamed: {events:?}");
+    }
+    (text, lps, c["finish_reason"].clone(), v["usage"].clone())
+}
+
+/// `max_tokens` 0 with `echo` (how evaluation harnesses score a prompt): the prompt alone,
+/// with its items where `logprobs` asks, finished for `length` with no completion token, on
+/// an engine and through an upstream pool; without `echo` it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_the_prompt_alone_for_max_tokens_0_with_echo() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let prompt = "once upon a time";
+    let with_4 = format!(
+        r#"{{"model":"m","prompt":"{prompt}","max_tokens":4,"temperature":0,"echo":true,"logprobs":1}}"#
+    );
+    let v: Value = post_json(&gw, "/v1/completions", &with_4).await;
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let lps_4 = v["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let scored = with_4.replace(r#""max_tokens":4"#, r#""max_tokens":0"#);
+    let echoed = scored.replace(r#","logprobs":1"#, "");
+    let (text, lps, finish, usage) = prompt_alone(&gw, &scored).await;
+    assert_eq!(text, prompt);
+    assert_eq!(finish, "length");
+    assert_eq!(usage["prompt_tokens"], prompt_tokens, "{usage}");
+    assert_eq!(usage["completion_tokens"], 0, "{usage}");
+    let lps = lps.as_array().unwrap().clone();
+    assert_eq!(lps.len() as u64, prompt_tokens);
+    assert!(lps[0].is_null());
+    for (a, b) in lps.iter().zip(&lps_4).skip(1) {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!(a <= 0.0 && (a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    let (text_e, lps_e, finish_e, usage_e) = prompt_alone(&gw, &echoed).await;
+    assert_eq!(
+        (text_e.as_str(), &finish_e, &usage_e),
+        (prompt, &finish, &usage)
+    );
+    assert!(lps_e.is_null(), "{lps_e}");
+    let no_echo = echoed.replace(r#","echo":true"#, "");
+    refused(&gw, "/v1/completions", &no_echo, "needs `echo`").await;
+
+    // Through an upstream pool (`gateway worker` behind an OpenAI-compatible worker): the
+    // upstream is asked with `echo`, and the answers are the same.
+    let worker = remote_worker(&model);
+    let up = Gateway::start(&config(&remote_upstream(&worker), "", ""));
+    let (text_u, lps_u, finish_u, usage_u) = prompt_alone(&up, &scored).await;
+    assert_eq!(
+        (text_u.as_str(), &finish_u, &usage_u),
+        (prompt, &finish, &usage)
+    );
+    assert_eq!(lps_u.as_array(), Some(&lps));
+    let (text_u, lps_u, _, usage_u) = prompt_alone(&up, &echoed).await;
+    assert_eq!((text_u.as_str(), &usage_u), (prompt, &usage));
+    assert!(lps_u.is_null(), "{lps_u}");
 }

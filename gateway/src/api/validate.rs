@@ -220,9 +220,13 @@ fn choices(n: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
+/// The parameters chat and completions share. `max_tokens` is the endpoint's own name for
+/// it where it has one (`max_completion_tokens`), before `max_tokens`; `least` its least
+/// (0 where the prompt alone may be the answer: completions' `echo`, to score a prompt).
 fn common(
     c: CommonParams,
     max_tokens: Option<u32>,
+    least: u32,
     logprobs: Option<u8>,
     server: &ServerConfig,
 ) -> Result<(String, SamplingParams, bool, bool), ApiError> {
@@ -235,10 +239,10 @@ fn common(
     let max_tokens = max_tokens
         .or(c.max_tokens)
         .unwrap_or(server.default_max_tokens);
-    if max_tokens == 0 || max_tokens > server.max_tokens_limit {
+    if max_tokens < least || max_tokens > server.max_tokens_limit {
         return Err(ApiError::bad(
             format!(
-                "`max_tokens` must be between 1 and {}, got {max_tokens}.",
+                "`max_tokens` must be between {least} and {}, got {max_tokens}.",
                 server.max_tokens_limit
             ),
             Some("max_tokens".into()),
@@ -454,7 +458,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
-        common(c, req.max_completion_tokens, logprobs, server)?;
+        common(c, req.max_completion_tokens, 1, logprobs, server)?;
     params.json = json;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
@@ -508,7 +512,14 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
             Some(if best_of > n { "best_of" } else { "n" }.into()),
         ));
     }
-    let (model, mut params, stream, include_usage) = common(c, None, logprobs, server)?;
+    if !echo && c.max_tokens == Some(0) {
+        return Err(ApiError::bad(
+            "`max_tokens` 0 (no completion: the prompt alone, to score it) needs `echo`.",
+            Some("max_tokens".into()),
+        ));
+    }
+    let least = u32::from(!echo);
+    let (model, mut params, stream, include_usage) = common(c, None, least, logprobs, server)?;
     params.prompt_logprobs = echo && logprobs.is_some();
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
@@ -778,5 +789,24 @@ mod tests {
         .expect("test input");
         assert!(scored.params.prompt_logprobs);
         assert_eq!(scored.params.logprobs, Some(1));
+        // No completion at all: the prompt alone, with `echo` only (to score it).
+        let alone = completion(
+            br#"{"model":"m","prompt":"x","echo":true,"logprobs":0,"max_tokens":0}"#,
+            &server(),
+        )
+        .expect("test input");
+        assert_eq!(alone.params.max_tokens, 0);
+        assert!(alone.params.prompt_logprobs);
+        for body in [
+            r#"{"model":"m","prompt":"x","max_tokens":0}"#,
+            r#"{"model":"m","prompt":"x","echo":false,"max_tokens":0}"#,
+        ] {
+            let e = completion(body.as_bytes(), &server()).expect_err(body);
+            assert_eq!(e.status().as_u16(), 400, "{body}");
+            assert!(e.to_string().contains("needs `echo`"), "{body}: {e}");
+        }
+        let chat = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#;
+        let e = super::chat(chat, &server()).expect_err("max_tokens 0 on chat");
+        assert_eq!(e.status().as_u16(), 400);
     }
 }

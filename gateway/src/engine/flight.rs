@@ -191,11 +191,13 @@ impl Engine {
     }
 
     /// Each drawing sequence (`drawing[row]`) holds `FROM_LAST | row` for its token until
-    /// the step is collected; but an embeddings request, which ends with the step (so has
-    /// nothing more to compute until then).
+    /// the step is collected; but a sequence that ends with its prompt (an embeddings
+    /// request, a prompt with no completion), which ends with the step (so has nothing more
+    /// to compute until then).
     fn hold(&mut self, drawing: &[Option<usize>]) {
         for (row, i) in drawing.iter().enumerate() {
-            if let Some(s) = i.map(|i| &mut self.running[i]).filter(|s| !s.embed) {
+            let held = i.map(|i| &mut self.running[i]);
+            if let Some(s) = held.filter(|s| !s.ends_with_prompt()) {
                 s.tokens.push(FROM_LAST | row as u32);
             }
         }

@@ -42,7 +42,7 @@ use super::recover::{recover, Rebuild};
 use super::scheduler::{self, Limits, Plan, Schedulable};
 use super::seq::{admit, emit, sample_params, NewSeq, Seq};
 use super::{now_ms, EngineStats};
-use crate::worker::WorkerEvent;
+use crate::worker::{FinishReason, WorkerEvent};
 use kernels::adjust::Adjust;
 use kernels::backend::{Backend, ReadBack};
 use kernels::cuda::twins::SampleParams;
@@ -191,6 +191,8 @@ fn wanted(
         if s.embed {
             // Its prompt ends here: its final hidden state is its answer.
             back.hidden.push(r);
+        } else if s.ends_with_prompt() {
+            // Its prompt ends here, and nothing is drawn for it.
         } else if s.constrained() && !on_device(r) {
             back.rows.push(r);
             redraw.push(r);
@@ -572,8 +574,8 @@ impl Engine {
         for &(i, _) in parts {
             let s = &mut self.running[i];
             let got = drawn.get_mut(i).and_then(Option::take);
-            // An embeddings request ends with its prompt: the token drawn for it is not its.
-            if let Some((id, lp)) = got.as_ref().filter(|_| !s.embed) {
+            // One that ends with its prompt: the token drawn for it is not its.
+            if let Some((id, lp)) = got.as_ref().filter(|_| !s.ends_with_prompt()) {
                 s.take(*id, lp.clone(), tok);
             }
             // The blocks filled with known tokens join the prefix cache.
@@ -601,6 +603,18 @@ impl Engine {
             if s.embed {
                 let vector = rows[i].and_then(|r| hidden.remove(&r));
                 embedded(s, vector, &self.stats, &mut self.outbox);
+                finished.push(i);
+                continue;
+            }
+            if s.ends_with_prompt() {
+                // The prompt alone (scored above, where asked): its completion is empty.
+                let usage = s.usage();
+                self.stats.count_prompt(&usage);
+                let done = WorkerEvent::Done {
+                    finish_reason: FinishReason::Length,
+                    usage,
+                };
+                s.send(&mut self.outbox, done);
                 finished.push(i);
                 continue;
             }

@@ -178,6 +178,12 @@ impl Schedulable for Seq {
 
 impl Seq {
     /// Tokens drawn so far, those still on the device too (the next draw's index).
+    /// It ends with its prompt, so the token its prompt's last row draws is not its: an
+    /// embeddings request, or a prompt echoed with no completion (`max_tokens` 0, to score
+    /// it).
+    pub(super) fn ends_with_prompt(&self) -> bool {
+        self.embed || self.max_tokens == 0
+    }
     pub(super) fn generated(&self) -> u32 {
         (self.tokens.len() - self.prompt_len) as u32
     }

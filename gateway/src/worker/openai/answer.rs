@@ -160,6 +160,12 @@ pub(super) fn parse_full(
             text: Some(echoed),
         });
     }
+    if req.params.max_tokens == 0 {
+        // No completion: what the upstream sent back (asked with `echo`) is the prompt,
+        // which the gateway echoes itself where it was not scored.
+        text.clear();
+        logprobs.clear();
+    }
     events.push(WorkerEvent::Delta {
         text,
         tokens: usage.completion_tokens,

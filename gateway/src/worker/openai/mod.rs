@@ -10,7 +10,8 @@
 //! never streamed upstream: the whole answer says (`usage.prompt_tokens`) which of its
 //! items are the prompt's, and they go out first
 //! ([`WorkerEvent::Prompt`](super::WorkerEvent::Prompt), with the echoed text), then the
-//! completion.
+//! completion. A prompt with no completion (`max_tokens` 0: the prompt alone, to score it)
+//! is sent with `echo: true` too, and read whole; its text is all the prompt's.
 //!
 //! Here the worker and its requests; the wire shapes in `wire`, a whole answer read in
 //! `answer`, a streamed one in `stream`.
@@ -130,8 +131,8 @@ impl OpenAiWorker {
             Prompt::Text(t) => ("/v1/completions", None, Some(UpstreamPrompt::Text(t))),
             Prompt::Tokens(ids) => ("/v1/completions", None, Some(UpstreamPrompt::Tokens(ids))),
         };
-        // A scored prompt's answer is read whole (see the module's doc).
-        let stream = req.stream && !p.prompt_logprobs;
+        let echo = echoed(p);
+        let stream = req.stream && !echo;
         let body = UpstreamRequest {
             model,
             messages,
@@ -146,7 +147,7 @@ impl OpenAiWorker {
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
             }),
-            echo: p.prompt_logprobs.then_some(true),
+            echo: echo.then_some(true),
             // Chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: n`.
             logprobs: p.logprobs.map(|n| match messages {
                 Some(_) => Value::Bool(true),
@@ -165,6 +166,13 @@ impl OpenAiWorker {
         };
         (path, serde_json::to_vec(&body).unwrap_or_default())
     }
+}
+
+/// Whether the upstream is asked with `echo`: for a scored prompt, and for a prompt with no
+/// completion (`max_tokens` 0, which an upstream takes with `echo` only). Its answer is then
+/// read whole (see the module's doc).
+fn echoed(p: &super::SamplingParams) -> bool {
+    p.prompt_logprobs || p.max_tokens == 0
 }
 
 /// Decrements the in-flight count when the request's stream ends or is dropped.
@@ -233,7 +241,7 @@ impl Worker for OpenAiWorker {
                     WorkerError::Rejected { status, message }
                 });
             }
-            if req.stream && !req.params.prompt_logprobs && !req.embed {
+            if req.stream && !echoed(&req.params) && !req.embed {
                 Ok(stream_events(resp.into_body(), req, guard))
             } else {
                 let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
