@@ -3,7 +3,8 @@
 //! with dummy rows); captured again whenever the step's launches change, and each replayed
 //! once on dummy rows after capture so that one that cannot launch fails at load.
 
-use super::{logits, CudaBackend, Sampling};
+use super::enqueue::{logits, Sampling};
+use super::CudaBackend;
 use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::staging::Layout;
 use crate::forward::Batch;

@@ -57,13 +57,21 @@
 //! add) with its tokens, and [`Backend::collect`] normalizes it on the host
 //! ([`Device::receive_hidden`], [`Device::hidden_from`]); after a step taken at once,
 //! [`Backend::hidden_rows`] reads the same from the device.
+//!
+//! Here the backend and its [`Backend`] methods; a step's trip through the device (its
+//! host memory, its words sent, its work enqueued, its answers copied back) in `enqueue`,
+//! what is checked before it in `checks`, the decode graphs in `graphs`, the load-time
+//! choice of the small products in `tuning` and the load-time check against the CPU twin
+//! in `self_check`.
 
+mod checks;
+mod enqueue;
 mod graphs;
 mod self_check;
 mod tuning;
 
 use crate::adjust::Adjust;
-use crate::backend::{check_sample, Backend, Collected, ReadBack, FROM_LAST};
+use crate::backend::{check_sample, Backend, Collected, ReadBack};
 use crate::cuda::device::{Gpu, GpuError};
 use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::staging::{self, Layout};
@@ -73,6 +81,8 @@ use crate::cuda::twins::{SampleParams, TwinModel};
 use crate::forward::{Batch, Model, StepError};
 use crate::logprobs::{from_words, Score, TokenLogprobs, SCORE_WORDS};
 use crate::model::LlamaConfig;
+use checks::{check_back, check_scores};
+use enqueue::{logits, tokens, Read, Sample, Sampling, Slot};
 use graphs::Graph;
 use std::collections::VecDeque;
 pub use tuning::{FixedSmall, SmallProductTiming};
@@ -108,35 +118,6 @@ pub struct CudaBackend<E: Exec = Gpu> {
     last_padded: usize,
 }
 
-/// One step's host memory (page-locked on a GPU): its staging words, its sampling part
-/// when that is sent after the rest (`late`, the same words of a second buffer), where
-/// its sampled tokens and scored rows land, and where the logits rows it asked for land,
-/// with their room in words (grown on demand).
-struct Slot<E: Exec> {
-    staging: E::Host,
-    late: E::Host,
-    tokens: E::Host,
-    scores: E::Host,
-    logits: Option<(E::Host, usize)>,
-    /// Where the rows of its final hidden states land ([`Device::receive_hidden`]), with
-    /// their room in words (grown on demand).
-    hidden: Option<(E::Host, usize)>,
-}
-
-impl<E: Exec> Slot<E> {
-    /// For steps of `staging` words and up to `rows` logits rows.
-    fn new(exec: &E, staging: usize, rows: usize) -> Result<Self, ExecError> {
-        Ok(Self {
-            staging: exec.host(staging)?,
-            late: exec.host(staging)?,
-            tokens: exec.host(rows)?,
-            scores: exec.host(rows * SCORE_WORDS)?,
-            logits: None,
-            hidden: None,
-        })
-    }
-}
-
 /// A step submitted and not collected: its slot, its staging layout, its logits rows
 /// (`tokens` its own, `rows` with its padding), whether it is sampled yet, the logits
 /// rows asked for (they come back in that order), how many rows are scored, and how many
@@ -153,38 +134,6 @@ struct InFlight {
     scored: usize,
     hidden: (usize, bool),
     positions: Vec<usize>,
-}
-
-/// How a step is launched: for its logits only, sampled, or sampled later (its forward
-/// pass now; its parameters and adjustments sent with [`Backend::submit_sample`]).
-#[derive(Clone, Copy)]
-enum Sampling<'a> {
-    No,
-    Now(Sample<'a>),
-    Later,
-}
-
-/// What [`CudaBackend::launch`] enqueued: the step's staging layout, its own logits rows,
-/// and those with its padding.
-struct Launched {
-    lay: Layout,
-    rows: usize,
-    padded: usize,
-}
-
-/// A sampled step's parameters and adjustments, per logits row, and its rows scored on
-/// the device.
-type Sample<'a> = (&'a [SampleParams], &'a [Option<Adjust>], &'a [Score]);
-
-/// Reads a step's first rows back from the device: logits, or sampled tokens.
-type Read<E, T> = fn(&Device<E>, usize) -> Result<Vec<T>, ExecError>;
-
-fn logits<E: Exec>(dev: &Device<E>, rows: usize) -> Result<Vec<f32>, ExecError> {
-    dev.exec.download(&dev.bufs.logits, rows * dev.config.vocab)
-}
-
-fn tokens<E: Exec>(dev: &Device<E>, rows: usize) -> Result<Vec<u32>, ExecError> {
-    dev.exec.download(&dev.bufs.sampled, rows)
 }
 
 /// The backend's name on GPU `device` (logs, `Backend::name`).
@@ -290,239 +239,8 @@ impl<E: Exec> CudaBackend<E> {
         Ok(b)
     }
 
-    /// Checks `batch` against the backend's sizes, the cache and the vocabulary; its tokens
-    /// may stand for one of the `from_last` tokens the step before sampled.
-    fn check(&self, batch: &Batch, from_last: usize) -> Result<(), StepError> {
-        let bad = |m: String| Err(StepError::BadBatch(m));
-        let c = &self.dev.config;
-        if batch.n_logits() > self.dev.max_logits {
-            return bad(format!(
-                "{} logits rows: this GPU backend was sized for {}",
-                batch.n_logits(),
-                self.dev.max_logits
-            ));
-        }
-        if batch.tokens.len() > self.max_tokens || batch.seqs.len() > self.max_seqs {
-            return bad(format!(
-                "{} tokens in {} sequences: this GPU backend was sized for {} and {}",
-                batch.tokens.len(),
-                batch.seqs.len(),
-                self.max_tokens,
-                self.max_seqs
-            ));
-        }
-        for s in &batch.seqs {
-            let last = batch.positions[s.start] as usize + s.len - 1;
-            if last >= c.context_len {
-                return bad(format!("position {last} is past the model's context"));
-            }
-            let need = last / self.dev.block_size + 1;
-            if s.block_table.len() < need
-                || s.block_table[..need]
-                    .iter()
-                    .any(|&b| b as usize >= self.dev.n_blocks)
-            {
-                return bad("block table too short or outside the cache".into());
-            }
-        }
-        let known = |t: u32| match t & FROM_LAST {
-            0 => (t as usize) < c.vocab,
-            _ => ((t & !FROM_LAST) as usize) < from_last,
-        };
-        if !batch.tokens.iter().all(|&t| known(t)) {
-            return bad(format!(
-                "a token id outside the vocabulary, or not one of the {from_last} tokens the \
-                 step before sampled"
-            ));
-        }
-        Ok(())
-    }
-
-    /// Sends and enqueues one step (not awaited): `batch` padded with dummy decode rows to
-    /// `min_rows` sequences, or to its graph's bucket; sampled as `sampling` says (with
-    /// parameters and adjustments per logits row when now; `Later`: only the batch's
-    /// words are sent, and the step stops before its `sample` kernel).
-    fn launch(
-        &mut self,
-        batch: &Batch,
-        min_rows: usize,
-        graph: Option<usize>,
-        sampling: Sampling,
-    ) -> Result<Launched, ExecError> {
-        let n = batch.seqs.len();
-        let n_logits = batch.n_logits();
-        self.last_padded = 0;
-        let pad = match graph {
-            Some(i) => self.graphs[i].bucket - n,
-            None => min_rows.saturating_sub(n),
-        };
-        let trash = self.dev.n_blocks as u32;
-        self.dev.exec.make_current()?;
-        // Waits for the last copy out of this buffer (two steps ago).
-        let host = self
-            .dev
-            .exec
-            .host_words(&mut self.slots[self.turn].staging)?;
-        let (params, adjust, scores) = match sampling {
-            Sampling::Now(s) => s,
-            _ => Default::default(),
-        };
-        // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
-        // adjustments' and scored rows' room, which `step_checked` held the step to.
-        let max_blocks = self.dev.max_blocks;
-        let w = staging::write(host, batch, pad, max_blocks, trash, params, adjust, scores)
-            .ok_or_else(|| {
-                ExecError::Bounds("a step's adjustments or scored rows past their room".into())
-            })?;
-        let words = match sampling {
-            Sampling::Later => 0..w.lay.sample,
-            _ => 0..w.words(),
-        };
-        self.dev.exec.send(
-            &self.slots[self.turn].staging,
-            words,
-            &mut self.dev.bufs.staging,
-        )?;
-        self.turn ^= 1;
-        let sample = matches!(sampling, Sampling::Now(_));
-        let padded = n_logits + pad;
-        match graph {
-            Some(i) if matches!(sampling, Sampling::Later) => {
-                self.dev.exec.replay(&self.graphs[i].forward)?
-            }
-            Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
-            None => self.dev.enqueue(w.lay, padded, sample)?,
-        }
-        if sample {
-            self.dev
-                .enqueue_logprobs(w.extra.scores_at(w.lay), scores.len())?;
-        }
-        Ok(Launched {
-            lay: w.lay,
-            rows: n_logits,
-            padded,
-        })
-    }
-
-    /// Sends the sampling part of a step launched for `Later` (slot `turn`, laid out as
-    /// `lay`, `padded` logits rows) and enqueues its `sample` kernel.
-    fn launch_sample(
-        &mut self,
-        turn: usize,
-        lay: Layout,
-        padded: usize,
-        (params, adjust, scores): Sample,
-    ) -> Result<(), ExecError> {
-        let e = &self.dev.exec;
-        e.make_current()?;
-        let late = &mut self.slots[turn].late;
-        let extra = staging::write_sample(e.host_words(late)?, lay, params, adjust, scores)
-            .ok_or_else(|| {
-                ExecError::Bounds("a step's adjustments or scored rows past their room".into())
-            })?;
-        e.send(
-            late,
-            lay.sample..lay.len + extra.words(),
-            &mut self.dev.bufs.staging,
-        )?;
-        self.dev.enqueue_sample(lay, padded)?;
-        self.dev
-            .enqueue_logprobs(extra.scores_at(lay), scores.len())
-    }
-
-    /// Enqueues the copies back of a sampled step's `rows` tokens, its `scored` rows'
-    /// answers, of its logits rows `want` (in that order, one copy per run of consecutive
-    /// rows), and of the final hidden states of its logits rows at token rows `hidden`
-    /// (the step enqueued with `padded` logits rows) into slot `turn`. Returns how many
-    /// hidden states come back, and whether the final norm was fused.
-    #[allow(clippy::too_many_arguments)]
-    fn receive(
-        &mut self,
-        turn: usize,
-        rows: usize,
-        scored: usize,
-        want: &[usize],
-        hidden: &[usize],
-        padded: usize,
-    ) -> Result<(usize, bool), ExecError> {
-        let e = &self.dev.exec;
-        let slot = &mut self.slots[turn];
-        let mut fused = false;
-        if !hidden.is_empty() {
-            let words = 2 * hidden.len() * self.dev.config.dim;
-            let room = match slot.hidden.take() {
-                Some((h, room)) if room >= words => (h, room),
-                _ => (e.host(words)?, words),
-            };
-            let h = &mut slot.hidden.insert(room).0;
-            fused = self.dev.receive_hidden(hidden, padded, h)?;
-        }
-        e.receive(&self.dev.bufs.sampled, 0..rows, &mut slot.tokens, 0)?;
-        if scored > 0 {
-            let words = 0..scored * SCORE_WORDS;
-            e.receive(&self.dev.bufs.scores, words, &mut slot.scores, 0)?;
-        }
-        if !want.is_empty() {
-            let vocab = self.dev.config.vocab;
-            let words = want.len() * vocab;
-            let room = match slot.logits.take() {
-                Some((h, room)) if room >= words => (h, room),
-                _ => (e.host(words)?, words),
-            };
-            let h = &mut slot.logits.insert(room).0;
-            for (at, first, n) in runs(want) {
-                let r = first * vocab..(first + n) * vocab;
-                e.receive(&self.dev.bufs.logits, r, h, at * vocab)?;
-            }
-        }
-        Ok((hidden.len(), fused))
-    }
-
-    /// A step padded to `min_rows` (graphs as they apply), then its first rows read back
-    /// by `read`; the stream is idle when it returns, also on an error.
-    fn run<T>(
-        &mut self,
-        batch: &Batch,
-        min_rows: usize,
-        graph: Option<usize>,
-        sampling: Sampling,
-        read: Read<E, T>,
-    ) -> Result<Vec<T>, ExecError> {
-        self.last_sampled = 0;
-        let r = self.launch(batch, min_rows, graph, sampling).and_then(
-            |Launched { rows, padded, .. }| {
-                self.last_padded = padded;
-                let out = if rows == 0 {
-                    Vec::new()
-                } else {
-                    read(&self.dev, rows)?
-                };
-                self.dev.exec.synchronize()?;
-                Ok(out)
-            },
-        );
-        if r.is_err() {
-            // Leave the stream idle before the staging buffer is written again.
-            let _ = self.dev.exec.synchronize();
-        }
-        r
-    }
-
-    /// Checks that `rows` are logits rows of the last step, which left them (`gone`
-    /// says it did not, and `why`).
-    fn last_step_rows(&self, rows: &[usize], gone: bool, why: &str) -> Result<(), StepError> {
-        if gone {
-            return Err(StepError::BadBatch(why.into()));
-        }
-        match rows.iter().find(|&&r| r >= self.last_rows) {
-            Some(r) => Err(StepError::BadBatch(format!(
-                "logits row {r} of a step with {} rows",
-                self.last_rows
-            ))),
-            None => Ok(()),
-        }
-    }
-
+    /// A step taken at once (nothing in flight), checked, sampled where `sample` says, and
+    /// its first rows read back by `read`.
     fn step_checked<T>(
         &mut self,
         batch: &Batch,
@@ -784,80 +502,7 @@ fn token_rows(hidden: &[usize], positions: impl FnOnce() -> Vec<usize>) -> Vec<u
     hidden.iter().map(|&r| positions[r]).collect()
 }
 
-/// Checks what a step reads back against its `rows` logits rows.
-fn check_back(back: &ReadBack, rows: usize) -> Result<(), StepError> {
-    let past = back.rows.iter().chain(&back.hidden).find(|&&r| r >= rows);
-    match past {
-        Some(r) => Err(StepError::BadBatch(format!(
-            "logits row {r} of a step with {rows}"
-        ))),
-        None => check_scores(&back.scores, rows),
-    }
-}
-
-/// Checks the rows scored on the device against a step's `rows` logits rows: each one of
-/// them, at most one score each.
-fn check_scores(scores: &[Score], rows: usize) -> Result<(), StepError> {
-    if let Some(s) = scores.iter().find(|s| s.row >= rows) {
-        return Err(StepError::BadBatch(format!(
-            "scored row {} of a step with {rows}",
-            s.row
-        )));
-    }
-    if scores.len() > rows {
-        return Err(StepError::BadBatch(format!(
-            "{} scored rows for a step with {rows}",
-            scores.len()
-        )));
-    }
-    Ok(())
-}
-
 impl<E: Exec> CudaBackend<E> {
-    /// Checks a step about to be submitted: room in flight (two steps, the last sampled),
-    /// and its batch, whose tokens may stand for the last submitted step's.
-    fn check_submit(&mut self, batch: &Batch) -> Result<(), StepError> {
-        if self.flight.len() >= 2 {
-            return Err(StepError::BadBatch(
-                "two steps are in flight already".into(),
-            ));
-        }
-        if self.flight.back().is_some_and(|f| !f.sampled) {
-            return Err(StepError::BadBatch(
-                "the step sent before waits to be sampled".into(),
-            ));
-        }
-        self.check(batch, self.last_sampled)?;
-        if batch.tokens.is_empty() {
-            return Err(StepError::BadBatch("an empty step".into()));
-        }
-        // A submitted step's logits are read with its tokens, not by `logits_rows`.
-        self.last_rows = 0;
-        Ok(())
-    }
-
-    /// [`Backend::scores`] of the last step, checked: the `logprobs` kernel over its logits
-    /// rows, the scored rows' words sent first (the last step is done with its staging
-    /// words: they go at the start).
-    fn score_last(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, ExecError> {
-        let words = 3 * scores.len();
-        self.dev.exec.make_current()?;
-        let slot = &mut self.slots[self.turn];
-        let host = self.dev.exec.host_words(&mut slot.late)?;
-        for (w, s) in host[..words].chunks_exact_mut(3).zip(scores) {
-            w.copy_from_slice(&s.words());
-        }
-        let (late, staging) = (&slot.late, &mut self.dev.bufs.staging);
-        self.dev.exec.send(late, 0..words, staging)?;
-        self.dev.enqueue_logprobs(0, scores.len())?;
-        let answers = 0..scores.len() * SCORE_WORDS;
-        let slot = &mut self.slots[self.turn];
-        let e = &self.dev.exec;
-        e.receive(&self.dev.bufs.scores, answers.clone(), &mut slot.scores, 0)?;
-        let out = &e.host_words(&mut slot.scores)?[answers];
-        Ok(out.chunks_exact(SCORE_WORDS).map(from_words).collect())
-    }
-
     /// After a failed submit or collect: waits for the stream, and forgets the steps in
     /// flight.
     fn abandon(&mut self, e: ExecError) -> StepError {

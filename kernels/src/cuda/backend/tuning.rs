@@ -3,7 +3,8 @@
 //! bucket at load), dependent launches, the fused small products and the attention
 //! kernel. Each change captures the decode graphs again.
 
-use super::{logits, AttentionKernel, CudaBackend, Sampling, SmallProducts};
+use super::enqueue::{logits, Sampling};
+use super::{AttentionKernel, CudaBackend, SmallProducts};
 use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::gemv;
 use crate::forward::Batch;
