@@ -1,0 +1,205 @@
+//! The memory-bound kernels' benchmarks (add_rmsnorm, rope_kv_write, swiglu) and the
+//! sampling kernel's (greedy, and with top-k and top-p cuts).
+
+use super::{cfg, i, time_launch, Row};
+use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
+use half::f16;
+
+pub(super) fn norm<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
+    let d = 576usize;
+    let x = e.zeros::<f32>(t * d)?;
+    let delta = e.zeros::<f32>(t * d)?;
+    let w = e.zeros::<f32>(d)?;
+    let out = e.zeros::<f16>(t * d)?;
+    let args = [
+        x.arg(),
+        delta.arg(),
+        w.arg(),
+        out.arg(),
+        Arg::Null,
+        i(t),
+        i(d),
+        Arg::F32(1e-5),
+    ];
+    let secs = time_launch(e, iters, "add_rmsnorm", crate::cuda::norm_launch(t), &args)?;
+    Ok(Row {
+        name: format!("add_rmsnorm {t}×{d}"),
+        secs,
+        bytes: (t * d) as f64 * (4.0 + 4.0 + 4.0 + 2.0),
+        in_step,
+    })
+}
+
+/// rope_kv_write over `t` rows of SmolLM2's QKV (9 q + 3 k + 3 v heads of 64): q and k
+/// rotated in place (read + write), k and v written to the cache in f16.
+pub(super) fn rope<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
+    let (nh, nkv, hd, bs) = (9usize, 3usize, 64usize, 16usize);
+    let width = 576 + 2 * 192;
+    let qkv = e.zeros::<f32>(t * width)?;
+    let pos = e.zeros::<u32>(t)?;
+    let slots = e.upload(&(0..t as i32).collect::<Vec<_>>())?;
+    // Slot s is in block s / 16: t rows fill t / 16 blocks (plus a partial one).
+    let cache = t.div_ceil(bs) * bs * 192;
+    let (kc, vc) = (e.zeros::<f16>(cache)?, e.zeros::<f16>(cache)?);
+    let threads = (t * hd / 2) as u32;
+    let args = [
+        qkv.arg(),
+        i(width),
+        pos.arg(),
+        slots.arg(),
+        kc.arg(),
+        vc.arg(),
+        i(t),
+        i(nh),
+        i(nkv),
+        i(hd),
+        i(bs),
+        Arg::F32(100000.0),
+    ];
+    let c = cfg((threads.div_ceil(256), 1), 256);
+    let secs = time_launch(e, iters, "rope_kv_write", c, &args)?;
+    // q, k read and written (f32); v read (f32); k, v written (f16); positions, slots.
+    let bytes = (t * 768) as f64 * 8.0 + (t * 192) as f64 * (4.0 + 2.0 * 2.0) + t as f64 * 8.0;
+    Ok(Row {
+        name: format!("rope_kv_write {t} rows"),
+        secs,
+        bytes,
+        in_step,
+    })
+}
+
+/// swiglu over `t` rows of SmolLM2's gate|up product (read 2 × 1536 f32, write 1536 f16).
+pub(super) fn swiglu<E: Exec>(
+    e: &E,
+    t: usize,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Row, ExecError> {
+    let ffn = 1536usize;
+    let gu = e.zeros::<f32>(t * 2 * ffn)?;
+    let g = e.zeros::<f16>(t * ffn)?;
+    let args = [gu.arg(), g.arg(), i(t), i(ffn)];
+    let secs = time_launch(
+        e,
+        iters,
+        "swiglu",
+        crate::cuda::swiglu_launch(t, ffn),
+        &args,
+    )?;
+    Ok(Row {
+        name: format!("swiglu {t}×{ffn}"),
+        secs,
+        bytes: (t * ffn) as f64 * (8.0 + 2.0),
+        in_step,
+    })
+}
+
+/// sample: one block per row over the vocabulary; greedy, and (with `cuts`) top-k 50 and
+/// top-p 0.9 too (the radix passes), and those after a grammar's mask (every third
+/// token kept) and 32 deltas on every row (the adjustment JSON mode sends); then (with
+/// `cuts`) `logprobs` over the same rows: the drawn token's and the top 20's.
+pub(super) fn sample<E: Exec>(
+    e: &E,
+    (n_rows, vocab): (usize, usize),
+    cuts: bool,
+    iters: u32,
+    in_step: Option<(usize, usize)>,
+) -> Result<Vec<Row>, ExecError> {
+    let logits: Vec<f32> = (0..n_rows * vocab)
+        .map(|k| ((k as u64 * 2654435761) % 1000) as f32 * 0.01)
+        .collect();
+    let lg = e.upload(&logits)?;
+    let seeds = e.upload(&(0..n_rows as u64).collect::<Vec<_>>())?;
+    let steps = e.zeros::<u32>(n_rows)?;
+    let out = e.zeros::<u32>(n_rows)?;
+    let adjusted = e.zeros::<f32>(n_rows * vocab)?;
+    // Every row's adjustment: the same words, at the extra part's start.
+    let adjust = crate::adjust::Adjust {
+        deltas: (0..32).map(|t| (t * 97, -0.5)).collect(),
+        mask: Some(
+            (0..vocab.div_ceil(32))
+                .map(|w| 0x4924_9249u32.rotate_left((w % 3) as u32))
+                .collect(),
+        ),
+        carry: None,
+    };
+    // No row is carried: its input tokens are never read.
+    let (inputs, logit_rows) = (e.zeros::<u32>(n_rows)?, e.zeros::<i32>(n_rows)?);
+    let mut words = Vec::new();
+    adjust.write(&mut words);
+    let extra = e.upload(&words)?;
+    let none = e.upload(&vec![u32::MAX; n_rows])?;
+    let all = e.zeros::<u32>(n_rows)?;
+    let mut rows = Vec::new();
+    let settings = [
+        ("greedy", 0.0f32, 0i32, 1.0f32, false),
+        ("top-k 50, top-p 0.9", 0.8, 50, 0.9, false),
+        ("greedy, masked", 0.0, 0, 1.0, true),
+        ("top-k 50, top-p 0.9, masked", 0.8, 50, 0.9, true),
+    ];
+    for (label, temp, top_k, top_p, masked) in &settings[..if cuts { 4 } else { 1 }] {
+        let tv = e.upload(&vec![*temp; n_rows])?;
+        let kv = e.upload(&vec![*top_k; n_rows])?;
+        let pv = e.upload(&vec![*top_p; n_rows])?;
+        let args = [
+            lg.arg(),
+            adjusted.arg(),
+            i(vocab),
+            tv.arg(),
+            kv.arg(),
+            pv.arg(),
+            seeds.arg(),
+            steps.arg(),
+            if *masked { all.arg() } else { none.arg() },
+            extra.arg(),
+            inputs.arg(),
+            logit_rows.arg(),
+            out.arg(),
+        ];
+        let c = cfg(
+            (n_rows as u32, 1),
+            crate::cuda::twins::SAMPLE_THREADS as u32,
+        );
+        let secs = time_launch(e, iters, "sample", c, &args)?;
+        // The row read; masked, also its bits read and its adjusted copy written.
+        let per_token = if *masked { 4.0 + 1.0 / 8.0 + 4.0 } else { 4.0 };
+        rows.push(Row {
+            name: format!("sample {n_rows}×{vocab}, {label}"),
+            secs,
+            bytes: (n_rows * vocab) as f64 * per_token,
+            in_step: if cuts { None } else { in_step },
+        });
+    }
+    if cuts {
+        let spec: Vec<u32> = (0..n_rows as u32)
+            .flat_map(|r| [r, u32::MAX, crate::logprobs::MAX_TOP as u32])
+            .collect();
+        let spec = e.upload(&spec)?;
+        let scores = e.zeros::<u32>(n_rows * crate::logprobs::SCORE_WORDS)?;
+        let args = [lg.arg(), i(vocab), spec.arg(), out.arg(), scores.arg()];
+        let c = cfg(
+            (n_rows as u32, 1),
+            crate::cuda::twins::SAMPLE_THREADS as u32,
+        );
+        let secs = time_launch(e, iters, "logprobs", c, &args)?;
+        rows.push(Row {
+            // Bandwidth as one read of each row (it makes about seven passes, mostly from
+            // L2); what it saves is that row's copy to the host.
+            name: format!("logprobs {n_rows}×{vocab}, drawn token and top 20"),
+            secs,
+            bytes: (n_rows * vocab) as f64 * 4.0,
+            in_step: None,
+        });
+    }
+    Ok(rows)
+}
