@@ -6,7 +6,9 @@
 //! faults on a GPU fails the launch. Sets `cfg(tollgate_emu)` when built; without a C++
 //! compiler, or off x86-64 Linux, it warns and leaves the emulator out (the tests then skip
 //! their emulator runs, or fail under `TOLLGATE_REQUIRE_EMU=1`, as in `scripts/test.sh`);
-//! `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path.
+//! `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path. With
+//! `TOLLGATE_EMU_RACECHECK=1` every access is instrumented, and shared memory's checked for
+//! races between a block's threads (sets `cfg(tollgate_emu_racecheck)`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,9 +29,11 @@ const HEADERS: &[&str] = &["gemv.cuh", "gemv_blocks.cuh", "gemv_product.cuh"];
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu)");
     println!("cargo::rustc-check-cfg=cfg(tollgate_emu_fma_f16c)");
+    println!("cargo::rustc-check-cfg=cfg(tollgate_emu_racecheck)");
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=emu");
     println!("cargo:rerun-if-env-changed=TOLLGATE_NO_EMU");
+    println!("cargo:rerun-if-env-changed=TOLLGATE_EMU_RACECHECK");
     let skip = |why: String| println!("cargo:warning=CUDA emulator left out: {why}");
     if std::env::var("TOLLGATE_NO_EMU").as_deref() == Ok("1") {
         return skip("TOLLGATE_NO_EMU=1".into());
@@ -155,6 +159,16 @@ fn main() {
     } else {
         println!("cargo:warning=CUDA emulator built without its alignment, bounds and shift checks (the C++ compiler takes no -fsanitize)");
     }
+    // Racecheck (runtime.cpp): every access instrumented, and shared memory's checked for
+    // hazards between threads, where asked (slower; `scripts/test.sh` runs the kernels'
+    // parity tests so once).
+    if std::env::var("TOLLGATE_EMU_RACECHECK").as_deref() == Ok("1") {
+        build
+            .flag("-fsanitize=thread")
+            .flag("--param=tsan-instrument-func-entry-exit=0")
+            .define("TOLLGATE_EMU_RACECHECK", None);
+        println!("cargo:rustc-cfg=tollgate_emu_racecheck");
+    }
     match build.try_compile("tollgate_emu") {
         Ok(()) => println!("cargo:rustc-cfg=tollgate_emu"),
         Err(e) => skip(format!("the C++ compiler failed: {e}")),
@@ -208,8 +222,9 @@ fn entries_of(path: &Path) -> std::io::Result<Vec<String>> {
 }
 
 /// `path` as the emulator builds it, written to `dir`: each `__shared__ T name[dims];`
-/// rewritten into `auto& name = ::emu::shared_var<T[dims], id>();`, a slot of the launching
-/// OS thread's own arena (emu.h), so that emulated devices launch on their threads at once;
+/// rewritten into `auto& name = ::emu::shared_var<T[dims], id>("name");`, a slot of the
+/// launching OS thread's own arena (emu.h), so that emulated devices launch on their threads
+/// at once;
 /// declarations numbered on from `next` (0 is `gemv_smem`'s, gemv.cuh's). A `#line` keeps the
 /// file's own name and lines in messages.
 fn rewritten(path: &Path, dir: &Path, next: &mut usize) -> Result<PathBuf, String> {
@@ -235,7 +250,7 @@ fn rewritten(path: &Path, dir: &Path, next: &mut usize) -> Result<PathBuf, Strin
         let indent = &line[..line.len() - decl.len()];
         let _ = writeln!(
             out,
-            "{indent}auto& {name} = ::emu::shared_var<{ty}{dims}, {next}>();"
+            "{indent}auto& {name} = ::emu::shared_var<{ty}{dims}, {next}>(\"{name}\");"
         );
     }
     let to = dir.join(path.file_name().unwrap_or_default());

@@ -26,3 +26,13 @@ export TOLLGATE_REQUIRE_TOOLS=1
 # the CUDA backend against their CPU twins: a build without it fails the suite.
 export TOLLGATE_REQUIRE_EMU=1
 cargo test --workspace --locked "$@"
+# Racecheck, as compute-sanitizer's on a GPU: every kernel's parity tests again on an
+# emulator built to check each shared-memory access for a race between a block's threads
+# (kernels/emu/runtime.cpp), in its own build (target/racecheck, so that the suite's build
+# above stays as it is). Only for the whole suite (no arguments); TOLLGATE_RACECHECK=0
+# leaves it out.
+if [ $# -eq 0 ] && [ "${TOLLGATE_RACECHECK:-1}" != 0 ]; then
+  export TOLLGATE_EMU_RACECHECK=1 CARGO_TARGET_DIR=target/racecheck
+  cargo test --locked -p kernels --lib emu::tests   # its own check first: it finds a race
+  cargo test --locked -p kernels --test cuda_parity
+fi

@@ -68,7 +68,7 @@ __device__ __forceinline__ int gemv_stride(int k) { return k % 64 ? k : k + 32; 
 // blocks' offsets).
 // On the emulator, one area of the most a block may have, for every gemv kernel.
 #ifdef TOLLGATE_EMU
-#define gemv_smem (::emu::shared_var<char[227 * 1024], 0>())
+#define gemv_smem (::emu::shared_var<char[227 * 1024], 0>("gemv_smem"))
 #else
 extern __shared__ __align__(16) char gemv_smem[];
 #endif

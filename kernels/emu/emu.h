@@ -12,7 +12,9 @@
 // not take part, an access past a buffer's end (a fault: buffers end against an
 // inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
 // through a pointer misaligned for its type, an index past an array's bounds, a shift past
-// its word's width (`runtime.cpp`'s handlers).
+// its word's width (`runtime.cpp`'s handlers); built with racecheck
+// (TOLLGATE_EMU_RACECHECK=1), shared memory that two threads access, one writing, with no
+// barrier between (`runtime.cpp`'s racecheck).
 #pragma once
 
 #include <math.h>
@@ -29,9 +31,9 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-// Shared memory: build.rs rewrites each `__shared__ T name[dims];` of a kernel source
-// into `auto& name = emu::shared_var<T[dims], id>();` (below), so a declaration it did not
-// rewrite fails to compile.
+// Shared memory: build.rs rewrites each `__shared__ T name[dims];` of a kernel source into
+// `auto& name = emu::shared_var<T[dims], id>("name");` (below), so a declaration it did
+// not rewrite fails to compile.
 #define __shared__ __shared__declarations_are_rewritten_by_build_rs
 
 struct dim3 {
@@ -87,18 +89,22 @@ extern thread_local Launch* tl_launch;
 struct SharedSlot {
     size_t offset, bytes;
     unsigned index;  // the declaration's number, for its per-thread poisoning stamp
+    const char* name;
 };
-// A new slot of `bytes` bytes aligned to `align` (once per declaration, any thread).
-SharedSlot reserve_shared(size_t bytes, size_t align);
+// A new slot of `bytes` bytes aligned to `align` for declaration `name` (once per
+// declaration, any thread).
+SharedSlot reserve_shared(size_t bytes, size_t align, const char* name);
 // The slot in this OS thread's arena; filled with 0xff bytes (NaN as floats, -1 as ints)
 // the first time the running block reaches it, so that a read before any thread of the
 // block wrote it shows.
 char* shared_at(const SharedSlot& slot);
 
-// Declaration `ID`'s shared `T` for the running block (build.rs numbers declarations).
+// Declaration `ID`'s shared `T` (`name`) for the running block (build.rs numbers
+// declarations).
 template <class T, int ID>
-inline T& shared_var() {
-    static const SharedSlot slot = reserve_shared(sizeof(T), alignof(T) > 16 ? alignof(T) : 16);
+inline T& shared_var(const char* name) {
+    static const SharedSlot slot =
+        reserve_shared(sizeof(T), alignof(T) > 16 ? alignof(T) : 16, name);
     return *reinterpret_cast<T*>(shared_at(slot));
 }
 
@@ -166,13 +172,18 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
 
 // Atomics and fences: a launch's blocks run one at a time, each block's threads on one OS
 // thread (and a device's launches one after another), so a plain read-modify-write is
-// atomic and every write is already visible.
-inline int atomicAdd(int* p, int v) {
+// atomic and every write is already visible. Racecheck does not check them (runtime.cpp).
+#ifdef TOLLGATE_EMU_RACECHECK
+#define EMU_UNCHECKED __attribute__((no_sanitize_thread, noinline))
+#else
+#define EMU_UNCHECKED
+#endif
+EMU_UNCHECKED inline int atomicAdd(int* p, int v) {
     int old = *p;
     *p = old + v;
     return old;
 }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+EMU_UNCHECKED inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     unsigned long long old = *p;
     *p = old + v;
     return old;

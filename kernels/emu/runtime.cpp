@@ -80,6 +80,7 @@ constexpr size_t ARENA = 8 << 20;
 std::mutex slots_lock;
 size_t slots_end = 0;
 unsigned slots_count = 0;
+std::vector<SharedSlot> slots;  // every declaration's, in the order reserved
 
 struct Arena {
     char* base = nullptr;
@@ -89,6 +90,7 @@ struct Arena {
     }
 };
 thread_local Arena tl_arena;
+thread_local char* tl_arena_base = nullptr;  // tl_arena.base once mapped
 // The running block's number on this OS thread (every block of every launch its own).
 thread_local unsigned long tl_block_serial = 0;
 
@@ -266,7 +268,7 @@ const uint64_t* warp_gather(const uint64_t* words, int n) {
     return &w.wide[g & 1][0][0];
 }
 
-SharedSlot reserve_shared(size_t bytes, size_t align) {
+SharedSlot reserve_shared(size_t bytes, size_t align, const char* name) {
     std::lock_guard<std::mutex> hold(slots_lock);
     size_t offset = (slots_end + align - 1) & ~(align - 1);
     if (offset + bytes > ARENA) {
@@ -275,7 +277,9 @@ SharedSlot reserve_shared(size_t bytes, size_t align) {
         abort();
     }
     slots_end = offset + bytes;
-    return SharedSlot{offset, bytes, slots_count++};
+    SharedSlot slot{offset, bytes, slots_count++, name};
+    slots.push_back(slot);
+    return slot;
 }
 
 char* shared_at(const SharedSlot& slot) {
@@ -284,7 +288,7 @@ char* shared_at(const SharedSlot& slot) {
         void* m = mmap(nullptr, ARENA, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) fail("out of memory for shared memory");
-        a.base = (char*)m;
+        a.base = tl_arena_base = (char*)m;
     }
     if (a.stamp.size() <= slot.index) a.stamp.resize(slot.index + 1, 0);
     if (a.stamp[slot.index] != tl_block_serial) {
@@ -396,6 +400,162 @@ extern "C" {
     ub_report(d->loc);
 }
 
+}  // extern "C"
+#endif
+
+#ifdef TOLLGATE_EMU_RACECHECK
+// Racecheck, compute-sanitizer's check of shared memory, on the CPU: where
+// TOLLGATE_EMU_RACECHECK=1, build.rs compiles the emulator with `-fsanitize=thread`, so
+// that the compiler calls these before every load and store (they stand in for
+// ThreadSanitizer's runtime: the emulator links none, as with the UB checks above). An
+// access to the block's shared memory is checked, byte by byte, against the byte's last
+// write and the reads since: two threads' accesses of which one writes, with no barrier
+// between them (`__syncthreads`; for two lanes of one warp, a shuffle they both took part
+// in), are a hazard on a GPU, where their order is not defined, and fail the launch with
+// the variable and the threads. Atomics are not checked (`EMU_UNCHECKED` in emu.h).
+namespace {
+
+#define NO_TSAN __attribute__((no_sanitize_thread))
+
+// A byte's last write and the reads since, in block `block` of this OS thread (an older
+// block's are stale): each its thread (linear index + 1; 0: none; MANY: several readers),
+// barrier generation and warp generation (for several readers, the latest), and the
+// readers' warp (MANY: more than one warp).
+struct Shadow {
+    uint32_t block;
+    uint16_t wtid, rtid;
+    uint32_t wbar, wwarp, rbar, rwarp;
+    uint16_t rwarpidx, unused[3];
+};
+constexpr uint16_t MANY = 0xffff;
+thread_local Shadow* tl_shadow = nullptr;  // a Shadow per byte of the arena
+thread_local char race_message[512];
+
+// The access being checked: its thread (linear index + 1), warp, and the generations of
+// the block's barrier and of its warp's shuffles.
+struct Access {
+    unsigned tid, warp;
+    uint32_t bar, wgen;
+};
+
+// Whether an earlier access by thread `t` at generations (bar, wgen) is ordered before `a`:
+// the same thread, a barrier between, or a shuffle of their warp between.
+NO_TSAN bool ordered(unsigned t, uint32_t bar, uint32_t wgen, const Access& a) {
+    if (t == 0 || t == a.tid || bar != a.bar) return true;
+    return t != MANY && (t - 1) / 32 == a.warp && wgen != a.wgen;
+}
+
+[[noreturn]] NO_TSAN void race(size_t off, const Access& a, bool write, unsigned other,
+                               bool other_wrote) {
+    const char* var = "?";
+    size_t at = off;
+    {
+        std::lock_guard<std::mutex> hold(slots_lock);
+        for (const SharedSlot& sl : slots)
+            if (off >= sl.offset && off < sl.offset + sl.bytes) {
+                var = sl.name;
+                at = off - sl.offset;
+                break;
+            }
+    }
+    char who[32];
+    if (other == MANY) snprintf(who, sizeof who, "other threads");
+    else snprintf(who, sizeof who, "thread %u", other - 1);
+    snprintf(race_message, sizeof race_message,
+             "shared-memory race on `%s` (byte %zu): thread %u %s it after %s %s it with no "
+             "barrier between (their order is undefined on a GPU)",
+             var, at, a.tid - 1, write ? "writes" : "reads", who,
+             other_wrote ? "wrote" : "read");
+    fail(race_message);
+}
+
+NO_TSAN void check_shared(const void* p, size_t n, bool write) {
+    Block* b = tl_block;
+    Fiber* f = tl_fiber;
+    if (!b || !f || f->done) return;
+    // (tl_arena.base through a plain pointer: tl_arena's wrapper is itself instrumented.)
+    char* base = tl_arena_base;
+    if (!base) return;
+    size_t off = (size_t)((const char*)p - base);
+    if (off >= ARENA) return;
+    if (!tl_shadow) {
+        void* m = mmap(nullptr, ARENA * sizeof(Shadow), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) fail("out of memory for racecheck's shadow of shared memory");
+        tl_shadow = (Shadow*)m;
+    }
+    unsigned warp = f->linear / 32;
+    Access a{f->linear + 1, warp, (uint32_t)b->bar_gen, (uint32_t)b->warps[warp].gen};
+    uint32_t blk = (uint32_t)tl_block_serial;
+    for (size_t i = 0; i < n && off + i < ARENA; ++i) {
+        Shadow& s = tl_shadow[off + i];
+        if (s.block != blk) {
+            s = Shadow{};
+            s.block = blk;
+        }
+        if (!ordered(s.wtid, s.wbar, s.wwarp, a)) race(off + i, a, write, s.wtid, true);
+        // Every read since the write ordered before this access.
+        bool reads_before = s.rtid == MANY
+                                ? s.rbar != a.bar || (s.rwarpidx == a.warp && s.rwarp != a.wgen)
+                                : ordered(s.rtid, s.rbar, s.rwarp, a);
+        if (write) {
+            if (!reads_before) race(off + i, a, true, s.rtid, false);
+            s.wtid = (uint16_t)a.tid, s.wbar = a.bar, s.wwarp = a.wgen, s.rtid = 0;
+        } else if (reads_before) {
+            s.rtid = (uint16_t)a.tid, s.rbar = a.bar, s.rwarp = a.wgen, s.rwarpidx = (uint16_t)a.warp;
+        } else {
+            // Readers no barrier orders: a write must come after each of them.
+            if (s.rwarpidx != a.warp) s.rwarpidx = MANY;
+            s.rtid = MANY;
+            if (a.wgen > s.rwarp) s.rwarp = a.wgen;
+        }
+    }
+}
+
+}  // namespace
+
+// The entry points `-fsanitize=thread` calls (GCC's; a compiler calling others fails the
+// link, naming them).
+extern "C" {
+#define TOLLGATE_EMU_ACCESS(n)                                                          \
+    NO_TSAN void __tsan_read##n(void* p) { check_shared(p, n, false); }                 \
+    NO_TSAN void __tsan_write##n(void* p) { check_shared(p, n, true); }                 \
+    NO_TSAN void __tsan_unaligned_read##n(void* p) { check_shared(p, n, false); }       \
+    NO_TSAN void __tsan_unaligned_write##n(void* p) { check_shared(p, n, true); }
+TOLLGATE_EMU_ACCESS(1)
+TOLLGATE_EMU_ACCESS(2)
+TOLLGATE_EMU_ACCESS(4)
+TOLLGATE_EMU_ACCESS(8)
+TOLLGATE_EMU_ACCESS(16)
+NO_TSAN void __tsan_read_range(void* p, size_t n) { check_shared(p, n, false); }
+NO_TSAN void __tsan_write_range(void* p, size_t n) { check_shared(p, n, true); }
+NO_TSAN void __tsan_init(void) {}
+NO_TSAN void __tsan_func_entry(void*) {}
+NO_TSAN void __tsan_func_exit(void) {}
+NO_TSAN void __tsan_vptr_update(void**, void*) {}
+NO_TSAN void __tsan_vptr_read(void**) {}
+// Atomics outside the kernels' own (a function-local static's guard), done as asked.
+#define TOLLGATE_EMU_ATOMIC(bits, T)                                                    \
+    NO_TSAN T __tsan_atomic##bits##_load(const volatile T* a, int mo) {                 \
+        return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                    \
+    }                                                                                   \
+    NO_TSAN void __tsan_atomic##bits##_store(volatile T* a, T v, int mo) {              \
+        __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                       \
+    }                                                                                   \
+    NO_TSAN T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int mo) {             \
+        return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                              \
+    }                                                                                   \
+    NO_TSAN int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, \
+                                                              int mo, int fmo) {        \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST,            \
+                                           __ATOMIC_SEQ_CST);                           \
+    }
+TOLLGATE_EMU_ATOMIC(8, uint8_t)
+TOLLGATE_EMU_ATOMIC(16, uint16_t)
+TOLLGATE_EMU_ATOMIC(32, uint32_t)
+TOLLGATE_EMU_ATOMIC(64, uint64_t)
+NO_TSAN void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+NO_TSAN void __tsan_atomic_signal_fence(int) {}
 }  // extern "C"
 #endif
 

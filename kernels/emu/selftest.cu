@@ -1,6 +1,6 @@
 // Kernels that check the emulator itself (built into the emulator only, never for a GPU):
 // thread and block indices over 3-D grids, a block-wide barrier, and the misuse it must
-// report rather than run through.
+// report rather than run through (a shared-memory race where built with racecheck).
 
 // out[linear global thread] = its (block, thread) coordinates packed in one word, with
 // every thread of a block first meeting at a barrier after writing a shared slot that a
@@ -63,4 +63,14 @@ extern "C" __global__ void emu_selftest_past_bounds(float* __restrict__ out) {
 // Thread 4 and past shift a word by its width or more.
 extern "C" __global__ void emu_selftest_wide_shift(u32* __restrict__ out) {
     out[threadIdx.x] = 1u << (threadIdx.x + 28);
+}
+
+// Thread t writes its slot, then reads its neighbour's: with `barrier` 0 there is no
+// barrier between, a race on a GPU (racecheck reports it); with it, none.
+extern "C" __global__ void emu_selftest_shared_race(u32* __restrict__ out, int barrier) {
+    __shared__ u32 slots[1024];
+    u32 t = threadIdx.x;
+    slots[t] = t;
+    if (barrier) __syncthreads();
+    out[t] = slots[(t + 1) % blockDim.x];
 }

@@ -950,6 +950,35 @@ mod tests {
         blocks_and_threads_get_their_indices_and_meet_at_barriers();
     }
 
+    /// Racecheck (`TOLLGATE_EMU_RACECHECK=1` builds): a thread reading a slot another
+    /// writes with no barrier between fails the launch, naming the variable; with the
+    /// barrier it runs. Other builds run the race through.
+    #[test]
+    fn racecheck_reports_shared_memory_read_and_written_with_no_barrier_between() {
+        let Some(e) = emu() else { return };
+        let out = e.zeros::<u32>(64).unwrap();
+        let race = |barrier: i32| {
+            let args = [out.arg(), Arg::I32(barrier)];
+            e.launch(
+                "emu_selftest_shared_race",
+                cfg((2, 1, 1), (64, 1, 1)),
+                &args,
+            )
+        };
+        race(1).unwrap();
+        let want: Vec<u32> = (0..64).map(|t| (t + 1) % 64).collect();
+        assert_eq!(e.download(&out, 64).unwrap(), want);
+        if cfg!(tollgate_emu_racecheck) {
+            let err = race(0).unwrap_err().to_string();
+            assert!(err.contains("shared-memory race on `slots`"), "{err}");
+            assert!(err.contains("no barrier between"), "{err}");
+            // The emulator still works after it.
+            race(1).unwrap();
+        } else {
+            race(0).unwrap();
+        }
+    }
+
     #[test]
     fn arguments_are_checked_against_the_signature() {
         let sig = b"FiH";
