@@ -7,8 +7,9 @@
 // shuffle) or exits, in an order shuffled per round. A launch's blocks run one at a time;
 // launches on different OS threads (different emulated devices) run at once. Shared
 // memory is a slot of the OS thread's own arena per declaration, poisoned when each block
-// first reaches it. Misuse that is undefined or faults on a GPU fails the launch with a message: a
-// barrier or shuffle some threads never reach (deadlock), a shuffle reading a lane that did
+// first reaches it. Misuse that is undefined or faults on a GPU fails the launch with a
+// message: a barrier or shuffle some threads never reach (deadlock), threads waiting at
+// different barriers at once (divergent `__syncthreads`), a shuffle reading a lane that did
 // not take part, an access past a buffer's end (a fault: buffers end against an
 // inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
 // through a pointer misaligned for its type, an index past an array's bounds, a shift past
@@ -108,7 +109,9 @@ inline T& shared_var(const char* name) {
     return *reinterpret_cast<T*>(shared_at(slot));
 }
 
-void syncthreads();
+// A barrier of the block at `file`:`line` (its `__syncthreads`): threads that wait at
+// different ones at once fail the launch (divergent barriers are undefined on a GPU).
+void syncthreads(const char* file, unsigned line);
 uint64_t warp_exchange(uint64_t bits, int src_lane);
 // Every lane of the warp publishes n (at most 4) words; returns all 32 lanes' words
 // ([lane][4]), readable until the calling lane's next exchange or gather.
@@ -135,7 +138,10 @@ inline int lane() { return (int)(tl_fiber->linear & 31u); }
 #define blockDim (emu::tl_launch->block_dim)
 #define gridDim (emu::tl_launch->grid_dim)
 
-inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncthreads(const char* file = __builtin_FILE(),
+                          unsigned line = __builtin_LINE()) {
+    emu::syncthreads(file, line);
+}
 
 // Full-warp shuffles (the only kind the kernels use: the mask must name all 32 lanes).
 namespace emu {

@@ -65,6 +65,9 @@ struct Block {
     Fiber* fibers;
     unsigned n, live, bar_count;
     unsigned long bar_gen, progress;
+    // Where the barrier now filling is (its first thread's `__syncthreads`), and that thread.
+    const char* bar_file;
+    unsigned bar_line, bar_first;
     Warp warps[MAX_THREADS / 32];
     const char* error;
     void (*call)(void**);
@@ -216,10 +219,21 @@ void install_fault_handler() {
 
 }  // namespace
 
-void syncthreads() {
+thread_local char barrier_message[512];
+
+void syncthreads(const char* file, unsigned line) {
     Block& b = *tl_block;
     unsigned long g = b.bar_gen;
     b.progress++;
+    if (b.bar_count == 0) {
+        b.bar_file = file, b.bar_line = line, b.bar_first = tl_fiber->linear;
+    } else if (line != b.bar_line || strcmp(file, b.bar_file) != 0) {
+        snprintf(barrier_message, sizeof barrier_message,
+                 "divergent barriers: thread %u waits at %s:%u while thread %u waits at %s:%u "
+                 "(a block's threads must meet at the same __syncthreads; undefined on a GPU)",
+                 tl_fiber->linear, file, line, b.bar_first, b.bar_file, b.bar_line);
+        fail(barrier_message);
+    }
     if (++b.bar_count == b.live) {
         release_barrier(b);
         return;

@@ -25,6 +25,17 @@ extern "C" __global__ void emu_selftest_deadlock(float* __restrict__ out) {
     out[threadIdx.x] = v;
 }
 
+// The first warp waits at one barrier, the second at another.
+extern "C" __global__ void emu_selftest_divergent_barrier(float* __restrict__ out) {
+    if (threadIdx.x < 32) {
+        __syncthreads();
+        out[threadIdx.x] = 1.0f;
+    } else {
+        __syncthreads();
+        out[threadIdx.x] = 2.0f;
+    }
+}
+
 // The upper half of the warp exits before the lower half reads it.
 extern "C" __global__ void emu_selftest_exited_lane(float* __restrict__ out) {
     if (threadIdx.x >= 16) return;

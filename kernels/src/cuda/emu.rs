@@ -886,6 +886,16 @@ mod tests {
         assert!(err.contains("deadlock"), "{err}");
         let err = e
             .launch(
+                "emu_selftest_divergent_barrier",
+                cfg((1, 1, 1), (64, 1, 1)),
+                &[out.arg()],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("divergent barriers"), "{err}");
+        assert!(err.contains("selftest.cu:"), "{err}");
+        let err = e
+            .launch(
                 "emu_selftest_exited_lane",
                 cfg((1, 1, 1), (32, 1, 1)),
                 &[out.arg()],
