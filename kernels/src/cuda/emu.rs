@@ -875,34 +875,25 @@ mod tests {
     fn misuse_fails_the_launch_with_a_reason() {
         let Some(e) = emu() else { return };
         let out = e.zeros::<f32>(64).unwrap();
-        let err = e
-            .launch(
-                "emu_selftest_deadlock",
-                cfg((1, 1, 1), (64, 1, 1)),
-                &[out.arg()],
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("deadlock"), "{err}");
-        let err = e
-            .launch(
+        // Threads that never meet, meet at different barriers (named by their places), or
+        // read an exited lane.
+        for (kernel, threads, want) in [
+            ("emu_selftest_deadlock", 64, &["deadlock"][..]),
+            (
                 "emu_selftest_divergent_barrier",
-                cfg((1, 1, 1), (64, 1, 1)),
-                &[out.arg()],
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("divergent barriers"), "{err}");
-        assert!(err.contains("selftest.cu:"), "{err}");
-        let err = e
-            .launch(
-                "emu_selftest_exited_lane",
-                cfg((1, 1, 1), (32, 1, 1)),
-                &[out.arg()],
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("did not take part"), "{err}");
+                64,
+                &["divergent barriers", "selftest.cu:"],
+            ),
+            ("emu_selftest_exited_lane", 32, &["did not take part"]),
+        ] {
+            let err = e
+                .launch(kernel, cfg((1, 1, 1), (threads, 1, 1)), &[out.arg()])
+                .unwrap_err()
+                .to_string();
+            for part in want {
+                assert!(err.contains(part), "{kernel}: {part:?} not in {err}");
+            }
+        }
         // What faults or is undefined on a GPU, with the kernel, thread and line: a
         // misaligned vector load, an index past a thread's array, a shift past the word.
         let input = e.zeros::<f32>(4 * 64 + 4).unwrap();
