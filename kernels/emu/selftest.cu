@@ -76,12 +76,15 @@ extern "C" __global__ void emu_selftest_wide_shift(u32* __restrict__ out) {
     out[threadIdx.x] = 1u << (threadIdx.x + 28);
 }
 
-// Thread t writes its slot, then reads its neighbour's: with `barrier` 0 there is no
-// barrier between, a race on a GPU (racecheck reports it); with it, none.
-extern "C" __global__ void emu_selftest_shared_race(u32* __restrict__ out, int barrier) {
+// Thread t writes its slot, then reads its neighbour's: the next thread's (`mode` 0, 1) or
+// the next lane's of its warp (2, 3), with a barrier between (1), a shuffle of the warp
+// (2), or nothing (0, 3: a race on a GPU, which racecheck reports).
+extern "C" __global__ void emu_selftest_shared_race(u32* __restrict__ out, int mode) {
     __shared__ u32 slots[1024];
     u32 t = threadIdx.x;
     slots[t] = t;
-    if (barrier) __syncthreads();
-    out[t] = slots[(t + 1) % blockDim.x];
+    if (mode == 1) __syncthreads();
+    if (mode == 2) (void)__shfl_xor_sync(0xffffffffu, t, 1);
+    u32 next = mode >= 2 ? (t & ~31u) | ((t + 1) & 31u) : (t + 1) % blockDim.x;
+    out[t] = slots[next];
 }

@@ -952,32 +952,41 @@ mod tests {
     }
 
     /// Racecheck (`TOLLGATE_EMU_RACECHECK=1` builds): a thread reading a slot another
-    /// writes with no barrier between fails the launch, naming the variable; with the
-    /// barrier it runs. Other builds run the race through.
+    /// writes with no barrier between fails the launch, naming the variable, also two lanes
+    /// of one warp; with a barrier, or for two lanes a shuffle of their warp, it runs.
+    /// Other builds run the races through.
     #[test]
     fn racecheck_reports_shared_memory_read_and_written_with_no_barrier_between() {
         let Some(e) = emu() else { return };
         let out = e.zeros::<u32>(64).unwrap();
-        let race = |barrier: i32| {
-            let args = [out.arg(), Arg::I32(barrier)];
+        let race = |mode: i32| {
+            let args = [out.arg(), Arg::I32(mode)];
             e.launch(
                 "emu_selftest_shared_race",
                 cfg((2, 1, 1), (64, 1, 1)),
                 &args,
             )
         };
-        race(1).unwrap();
-        let want: Vec<u32> = (0..64).map(|t| (t + 1) % 64).collect();
-        assert_eq!(e.download(&out, 64).unwrap(), want);
-        if cfg!(tollgate_emu_racecheck) {
-            let err = race(0).unwrap_err().to_string();
-            assert!(err.contains("shared-memory race on `slots`"), "{err}");
-            assert!(err.contains("no barrier between"), "{err}");
-            // The emulator still works after it.
-            race(1).unwrap();
-        } else {
-            race(0).unwrap();
+        // Ordered: by a barrier (the next thread's slot), by a shuffle (the next lane's).
+        for (mode, next) in [
+            (1, (|t| (t + 1) % 64) as fn(u32) -> u32),
+            (2, |t| (t & !31) | ((t + 1) & 31)),
+        ] {
+            race(mode).unwrap();
+            let want: Vec<u32> = (0..64).map(next).collect();
+            assert_eq!(e.download(&out, 64).unwrap(), want, "mode {mode}");
         }
+        for mode in [0, 3] {
+            if cfg!(tollgate_emu_racecheck) {
+                let err = race(mode).unwrap_err().to_string();
+                assert!(err.contains("shared-memory race on `slots`"), "{err}");
+                assert!(err.contains("no barrier between"), "{err}");
+            } else {
+                race(mode).unwrap();
+            }
+        }
+        // The emulator still works after them.
+        race(1).unwrap();
     }
 
     #[test]
