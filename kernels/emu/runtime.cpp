@@ -83,7 +83,9 @@ constexpr size_t ARENA = 8 << 20;
 std::mutex slots_lock;
 size_t slots_end = 0;
 unsigned slots_count = 0;
-std::vector<SharedSlot> slots;  // every declaration's, in the order reserved
+#ifdef TOLLGATE_EMU_RACECHECK
+std::vector<SharedSlot> slots;  // every declaration's, for racecheck's reports
+#endif
 
 struct Arena {
     char* base = nullptr;
@@ -292,7 +294,9 @@ SharedSlot reserve_shared(size_t bytes, size_t align, const char* name) {
     }
     slots_end = offset + bytes;
     SharedSlot slot{offset, bytes, slots_count++, name};
+#ifdef TOLLGATE_EMU_RACECHECK
     slots.push_back(slot);
+#endif
     return slot;
 }
 

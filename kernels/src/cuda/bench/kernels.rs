@@ -5,6 +5,7 @@ use super::{cfg, i, time_launch, Row};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
 use half::f16;
 
+/// add_rmsnorm over `t` rows of 576 (read x, delta; write x, out f16).
 pub(super) fn norm<E: Exec>(
     e: &E,
     t: usize,

@@ -208,7 +208,6 @@ pub(super) fn i(v: usize) -> Arg {
     Arg::I32(v as i32)
 }
 
-/// add_rmsnorm over `t` rows of 576 (read x, delta; write x, out f16).
 /// Every benchmark at `sizes`, each launched `iters` times, on `e` (which must have the
 /// kernels built for SmolLM2's attention shape: 9 query heads over 3 KV heads of 64).
 /// Besides the large sizes, the kernels of a decode step are timed at each decode batch
