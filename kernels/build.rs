@@ -7,8 +7,9 @@
 //! compiler, or off x86-64 Linux, it warns and leaves the emulator out (the tests then skip
 //! their emulator runs, or fail under `TOLLGATE_REQUIRE_EMU=1`, as in `scripts/test.sh`);
 //! `TOLLGATE_NO_EMU=1` leaves it out on purpose, to check that path. With
-//! `TOLLGATE_EMU_RACECHECK=1` every access is instrumented, and shared memory's checked for
-//! races between a block's threads (sets `cfg(tollgate_emu_racecheck)`).
+//! `TOLLGATE_EMU_RACECHECK=1` every access is instrumented, and shared and global memory's
+//! checked for races between a block's threads, and global memory's between a launch's
+//! blocks (sets `cfg(tollgate_emu_racecheck)`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -159,9 +160,9 @@ fn main() {
     } else {
         println!("cargo:warning=CUDA emulator built without its alignment, bounds and shift checks (the C++ compiler takes no -fsanitize)");
     }
-    // Racecheck (runtime.cpp): every access instrumented, and shared memory's checked for
-    // hazards between threads, where asked (slower; `scripts/test.sh` runs the kernels'
-    // parity tests so once).
+    // Racecheck (runtime.cpp): every access instrumented, and shared and global memory's
+    // checked for hazards between threads and blocks, where asked (slower;
+    // `scripts/test.sh` runs the kernels' parity tests so once).
     if std::env::var("TOLLGATE_EMU_RACECHECK").as_deref() == Ok("1") {
         build
             .flag("-fsanitize=thread")

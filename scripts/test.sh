@@ -26,13 +26,17 @@ export TOLLGATE_REQUIRE_TOOLS=1
 # the CUDA backend against their CPU twins: a build without it fails the suite.
 export TOLLGATE_REQUIRE_EMU=1
 cargo test --workspace --locked "$@"
-# Racecheck, as compute-sanitizer's on a GPU: every kernel's parity tests again on an
-# emulator built to check each shared-memory access for a race between a block's threads
-# (kernels/emu/runtime.cpp), in its own build (target/racecheck, so that the suite's build
-# above stays as it is). Only for the whole suite (no arguments); TOLLGATE_RACECHECK=0
-# leaves it out.
+# Racecheck: every kernel's parity tests again on an emulator built to check each access
+# to shared memory (as compute-sanitizer's racecheck on a GPU) and to global memory for a
+# race between a block's threads or a launch's blocks (kernels/emu/runtime.cpp), then the
+# backend's padded graph steps and its attention split over blocks; in its own build
+# (target/racecheck, so that the suite's build above stays as it is). Only for the whole
+# suite (no arguments); TOLLGATE_RACECHECK=0 leaves it out.
 if [ $# -eq 0 ] && [ "${TOLLGATE_RACECHECK:-1}" != 0 ]; then
   export TOLLGATE_EMU_RACECHECK=1 CARGO_TARGET_DIR=target/racecheck
-  cargo test --locked -p kernels --lib emu::tests   # its own check first: it finds a race
+  cargo test --locked -p kernels --lib emu::tests   # its own check first: it finds races
   cargo test --locked -p kernels --test cuda_parity
+  cargo test --locked -p kernels --test cuda_backend -- \
+    graph_decode_steps_match_direct_launches_for_every_padding \
+    steps::long_rows_at_small_batch_split_their_attention
 fi

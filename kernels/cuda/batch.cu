@@ -6,8 +6,10 @@
 // A token word with its top bit set (FROM_LAST | r) stands for the token the step before
 // sampled for its logits row r: read from `sampled`, which that step's `sample` wrote and
 // this step's has not yet (the engine plans a step while the one before runs).
+// A block-table entry with its top bit set (READ_ONLY | block, a padded row's) is read but
+// not written: a row that reads it at its position gets slot −1.
 // Outputs: tokens[T], positions[T], slot_mapping[T] (block × block_size + slot, where row
-// r's key and value go), seq_of_row[T], block_tables[n_seqs × max_blocks] and
+// r's key and value go; −1: nowhere), seq_of_row[T], block_tables[n_seqs × max_blocks] and
 // logit_rows (the last `logits` rows of each sequence, packed in order: one row to draw
 // from, or more for a prompt's log-probabilities; entries past them up to n_seqs −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
 // a multiple of 32 threads (block 0 also computes logit_rows).
@@ -35,10 +37,10 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging,
         tokens[i] = (t & 0x80000000u) ? sampled[t & 0x7fffffffu] : t;
         positions[i] = pos;
         seq_of_row[i] = s;
-        int blk = (int)tables[s * max_blocks + pos / block_size];
-        slot_mapping[i] = blk * block_size + (int)(pos % block_size);
+        u32 blk = tables[s * max_blocks + pos / block_size];
+        slot_mapping[i] = (blk & 0x80000000u) ? -1 : (int)blk * block_size + (int)(pos % block_size);
     }
-    if (i < n_seqs * max_blocks) block_tables[i] = (int)tables[i];
+    if (i < n_seqs * max_blocks) block_tables[i] = (int)(tables[i] & 0x7fffffffu);
     // logit_rows: an exclusive prefix count of the sequences that want logits, by block 0
     // alone in one pass: each thread counts a run of consecutive sequences, one
     // block-wide scan of those counts gives each run its first output entry, and each

@@ -377,10 +377,11 @@ __device__ __forceinline__ void norm_rope_product(
         out[0] = pair[0];
         out[1] = pair[1];
         if (j < qd) return;
+        int slot_all = slot_mapping[r];
+        if (slot_all < 0) return;  // a padded row's: written nowhere
         // A key or a value pair: entry in_head of (block, kv head, slot).
         bool key = j < qd + kvd;
         int kvh = (j - qd - (key ? 0 : kvd)) / head_dim;
-        int slot_all = slot_mapping[r];
         int blk = slot_all / block_size, slot = slot_all - blk * block_size;
         size_t e = (((size_t)blk * n_kv_heads + kvh) * block_size + slot) * head_dim + in_head;
         *(u32*)((key ? kc : vc) + e) = (u32)f2h(pair[0]) | ((u32)f2h(pair[1]) << 16);

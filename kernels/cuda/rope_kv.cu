@@ -5,7 +5,7 @@
 // k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
 // pos · base^(−2i/head_dim) (GGUF's Llama layout); then the rotated keys and the values go
 // to the paged f16 cache (one layer: [block][kv_head][slot][dim]) at slot_mapping[r] =
-// block × block_size + slot.
+// block × block_size + slot (nowhere where it is −1: a padded row's).
 //
 // One thread per (row, pair): its angle's sine and cosine are computed once and serve
 // every q and k head of the row (the same pair of each head turns by the same angle), so
@@ -42,6 +42,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
         float* x = row + (size_t)(n_heads + kvh) * head_dim;
         const float* v = row + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
         rotate(x, c, s);
+        if (slot_all < 0) continue;
         // Two f16 entries at an even index: one aligned 32-bit word, the lower one first.
         size_t e = at + kvh * head_step;
         *(u32*)(kc + e) = (u32)f2h(x[0]) | ((u32)f2h(x[1]) << 16);

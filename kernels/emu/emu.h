@@ -14,8 +14,9 @@
 // inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
 // through a pointer misaligned for its type, an index past an array's bounds, a shift past
 // its word's width (`runtime.cpp`'s handlers); built with racecheck
-// (TOLLGATE_EMU_RACECHECK=1), shared memory that two threads access, one writing, with no
-// barrier between (`runtime.cpp`'s racecheck).
+// (TOLLGATE_EMU_RACECHECK=1), shared or global memory that two threads of a block access,
+// one writing, with no barrier between, and global memory two blocks of a launch access so
+// with no atomic ordering them (`runtime.cpp`'s racecheck).
 #pragma once
 
 #include <math.h>
@@ -178,18 +179,30 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
 
 // Atomics and fences: a launch's blocks run one at a time, each block's threads on one OS
 // thread (and a device's launches one after another), so a plain read-modify-write is
-// atomic and every write is already visible. Racecheck does not check them (runtime.cpp).
+// atomic and every write is already visible. Racecheck does not check them, and takes an
+// atomic on global memory as ordering blocks (runtime.cpp).
 #ifdef TOLLGATE_EMU_RACECHECK
 #define EMU_UNCHECKED __attribute__((no_sanitize_thread, noinline))
 #else
 #define EMU_UNCHECKED
 #endif
+#ifdef TOLLGATE_EMU_RACECHECK
+namespace emu {
+// Racecheck's record of an atomic on global memory (runtime.cpp): it orders blocks.
+void racecheck_atomic(const void* p);
+}  // namespace emu
+#define EMU_ATOMIC(p) emu::racecheck_atomic(p)
+#else
+#define EMU_ATOMIC(p)
+#endif
 EMU_UNCHECKED inline int atomicAdd(int* p, int v) {
+    EMU_ATOMIC(p);
     int old = *p;
     *p = old + v;
     return old;
 }
 EMU_UNCHECKED inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    EMU_ATOMIC(p);
     unsigned long long old = *p;
     *p = old + v;
     return old;

@@ -10,7 +10,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace emu {
@@ -422,15 +425,27 @@ extern "C" {
 #endif
 
 #ifdef TOLLGATE_EMU_RACECHECK
-// Racecheck, compute-sanitizer's check of shared memory, on the CPU: where
-// TOLLGATE_EMU_RACECHECK=1, build.rs compiles the emulator with `-fsanitize=thread`, so
-// that the compiler calls these before every load and store (they stand in for
-// ThreadSanitizer's runtime: the emulator links none, as with the UB checks above). An
-// access to the block's shared memory is checked, byte by byte, against the byte's last
-// write and the reads since: two threads' accesses of which one writes, with no barrier
-// between them (`__syncthreads`; for two lanes of one warp, a shuffle they both took part
-// in), are a hazard on a GPU, where their order is not defined, and fail the launch with
-// the variable and the threads. Atomics are not checked (`EMU_UNCHECKED` in emu.h).
+// Racecheck on the CPU: where TOLLGATE_EMU_RACECHECK=1, build.rs compiles the emulator with
+// `-fsanitize=thread`, so that the compiler calls these before every load and store (they
+// stand in for ThreadSanitizer's runtime: the emulator links none, as with the UB checks
+// above). Two accesses to a byte of which one writes, by different threads, with nothing
+// ordering them, are a hazard on a GPU, where their order is not defined, and fail the
+// launch naming the place and the threads:
+// - in the block's shared memory (compute-sanitizer's racecheck), ordered by a barrier
+//   (`__syncthreads`) between them, or for two lanes of one warp a shuffle they both took
+//   part in;
+// - in global memory (the emulator's buffers, which compute-sanitizer does not check), the
+//   same within a block, and across two blocks of a launch — which a GPU runs in any order,
+//   at once or one after another, where the emulator runs them one at a time in a shuffled
+//   order — only by an atomic: a block's accesses before an atomic on a word (its release)
+//   are ordered before another block's after a later atomic on the same word (its acquire),
+//   as `last_to_arrive` in common.cuh publishes a split result's parts to the block that
+//   merges them (the `__threadfence`s it needs are assumed, not checked). A buffer is
+//   watched from the first write a kernel makes to it (a model's weights, never written by
+//   a kernel, never are; reads earlier in that launch go unchecked), at a granule of 2
+//   bytes (no kernel writes single bytes to global memory); launches are ordered one after
+//   another (a stream's, and each kernel begins waiting for the one before: `pdl_begin`).
+// Atomics themselves are not checked (`EMU_UNCHECKED` in emu.h).
 namespace {
 
 #define NO_TSAN __attribute__((no_sanitize_thread))
@@ -487,15 +502,7 @@ NO_TSAN bool ordered(unsigned t, uint32_t bar, uint32_t wgen, const Access& a) {
     fail(race_message);
 }
 
-NO_TSAN void check_shared(const void* p, size_t n, bool write) {
-    Block* b = tl_block;
-    Fiber* f = tl_fiber;
-    if (!b || !f || f->done) return;
-    // (tl_arena.base through a plain pointer: tl_arena's wrapper is itself instrumented.)
-    char* base = tl_arena_base;
-    if (!base) return;
-    size_t off = (size_t)((const char*)p - base);
-    if (off >= ARENA) return;
+NO_TSAN void check_shared(Block* b, Fiber* f, size_t off, size_t n, bool write) {
     if (!tl_shadow) {
         void* m = mmap(nullptr, ARENA * sizeof(Shadow), PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -530,23 +537,278 @@ NO_TSAN void check_shared(const void* p, size_t n, bool write) {
     }
 }
 
+// Global memory: each buffer's record, found by a table of its pages.
+struct GShadow;
+struct Alloc {
+    char* data;
+    size_t bytes;
+    GShadow* shadow;  // a GShadow per 2 bytes, from the first write by a kernel (atomic)
+    size_t shadow_len;
+};
+
+// Page number (4 KiB pages of a 47-bit address space) -> its buffer: 2^17 tables of 2^18
+// pages, each mapped on first use. Entries change under allocs_lock; lookups read them
+// with no lock (a buffer a kernel uses is not freed while it runs).
+constexpr unsigned PAGE_BITS = 12, LEAF_BITS = 18, TOP = 1u << 17;
+Alloc** page_tables[TOP];
+std::mutex allocs_lock;
+
+NO_TSAN Alloc* alloc_of(const void* p) {
+    uintptr_t page = (uintptr_t)p >> PAGE_BITS;
+    if ((page >> LEAF_BITS) >= TOP) return nullptr;
+    Alloc** leaf = __atomic_load_n(&page_tables[page >> LEAF_BITS], __ATOMIC_ACQUIRE);
+    if (!leaf) return nullptr;
+    return __atomic_load_n(&leaf[page & ((1u << LEAF_BITS) - 1)], __ATOMIC_ACQUIRE);
+}
+
+// Points pages [from, to) at `a` (null: none). Under allocs_lock.
+NO_TSAN bool set_pages(uintptr_t from, uintptr_t to, Alloc* a) {
+    for (uintptr_t page = from >> PAGE_BITS; page < (to + 4095) >> PAGE_BITS; ++page) {
+        if ((page >> LEAF_BITS) >= TOP) return false;
+        Alloc**& leaf = page_tables[page >> LEAF_BITS];
+        if (!leaf) {
+            if (!a) continue;
+            void* m = mmap(nullptr, sizeof(Alloc*) << LEAF_BITS, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) return false;
+            __atomic_store_n(&leaf, (Alloc**)m, __ATOMIC_RELEASE);
+        }
+        __atomic_store_n(&leaf[page & ((1u << LEAF_BITS) - 1)], a, __ATOMIC_RELEASE);
+    }
+    return true;
+}
+
+// A granule's last write and the reads since, in launch `launch` (an older launch's are
+// stale): each its block (linear index + 1; 0 none; for reads MANY_BLOCKS: several),
+// thread (linear index + 1; MANY: several in one block), the block's barrier and the warp's
+// shuffle generations (for several readers, the latest) and the block's releases before it
+// (`epoch`); the readers' warp (MANY_WARPS: several).
+struct GShadow {
+    uint32_t launch, wblock, rblock;
+    uint16_t wtid, rtid;
+    uint32_t wbar, wwarp, rbar, rwarp;
+    uint8_t wepoch, repoch, rwarpidx, unused;
+};
+constexpr uint32_t MANY_BLOCKS = 0xffffffffu;
+constexpr uint8_t MANY_WARPS = 0xff;
+
+// This OS thread's running launch and block for global racecheck (trivial thread_locals
+// only: the check runs inside the instrumented code).
+struct BlockView {
+    uint32_t block;  // linear index + 1
+    uint8_t epoch;   // its accesses up to this epoch are ordered before ours
+};
+struct RaceState {
+    uint32_t launch = 0, block = 0;  // block: linear index + 1
+    uint8_t epoch = 0;               // releases this block made (at most 255 counted)
+    std::vector<BlockView> view;     // what this block acquired
+    // Per word an atomic touched in this launch: the releases made on it.
+    std::unordered_map<uintptr_t, std::vector<BlockView>> released;
+};
+thread_local RaceState* tl_race = nullptr;
+std::atomic<uint32_t> launch_serial{0};
+
+// Whether block `blk`'s accesses at `epoch` are ordered before the running block's.
+NO_TSAN bool acquired(const RaceState& r, uint32_t blk, uint8_t epoch) {
+    for (const BlockView& v : r.view)
+        if (v.block == blk) return epoch <= v.epoch;
+    return false;
+}
+
+// "block (x, y, z)" for launch-linear block `blk` + 1.
+NO_TSAN void block_name(char* out, size_t len, uint32_t blk) {
+    const dim3& g = tl_launch->grid_dim;
+    uint32_t i = blk - 1;
+    snprintf(out, len, "block (%u, %u, %u)", i % g.x, i / g.x % g.y, i / g.x / g.y);
+}
+
+[[noreturn]] NO_TSAN void global_race(const Alloc& al, size_t off, const Access& a, bool write,
+                                      uint32_t other_block, unsigned other, bool other_wrote) {
+    char who[96];
+    const RaceState& r = *tl_race;
+    if (other_block == MANY_BLOCKS) {
+        snprintf(who, sizeof who, "threads of other blocks");
+    } else if (other_block != r.block) {
+        char bn[48];
+        block_name(bn, sizeof bn, other_block);
+        snprintf(who, sizeof who, "%s (thread %u)", bn, other - 1);
+    } else if (other == MANY) {
+        snprintf(who, sizeof who, "other threads of its block");
+    } else {
+        snprintf(who, sizeof who, "thread %u", other - 1);
+    }
+    snprintf(race_message, sizeof race_message,
+             "global-memory race at byte %zu of a %zu-byte buffer: thread %u %s it after %s "
+             "%s it, %s",
+             off, al.bytes, a.tid - 1, write ? "writes" : "reads", who,
+             other_wrote ? "wrote" : "read",
+             other_block == r.block
+                 ? "with no barrier between (their order is undefined on a GPU)"
+                 : "and no atomic orders the two blocks (a GPU runs a launch's blocks in any "
+                   "order)");
+    fail(race_message);
+}
+
+NO_TSAN void check_global(Block* b, Fiber* f, Alloc* al, size_t off, size_t n, bool write) {
+    RaceState* r = tl_race;
+    if (!r || !r->block) return;
+    GShadow* sh = __atomic_load_n(&al->shadow, __ATOMIC_ACQUIRE);
+    if (!sh) {
+        if (!write) return;  // watched from the first write
+        size_t len = (al->bytes / 2 + 1) * sizeof(GShadow);
+        void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) fail("out of memory for racecheck's shadow of global memory");
+        GShadow* none = nullptr;
+        if (__atomic_compare_exchange_n(&al->shadow, &none, (GShadow*)m, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            al->shadow_len = len;
+            sh = (GShadow*)m;
+        } else {
+            munmap(m, len);
+            sh = none;
+        }
+    }
+    unsigned warp = f->linear / 32;
+    Access a{f->linear + 1, warp, (uint32_t)b->bar_gen, (uint32_t)b->warps[warp].gen};
+    for (size_t g = off / 2; g <= (off + n - 1) / 2 && g * 2 < al->bytes; ++g) {
+        GShadow& s = sh[g];
+        if (s.launch != r->launch) {
+            s = GShadow{};
+            s.launch = r->launch;
+        }
+        if (s.wblock) {
+            bool ok = s.wblock == r->block ? ordered(s.wtid, s.wbar, s.wwarp, a)
+                                           : acquired(*r, s.wblock, s.wepoch);
+            if (!ok) global_race(*al, g * 2, a, write, s.wblock, s.wtid, true);
+        }
+        // Every read since the write ordered before this access.
+        bool reads_before;
+        if (s.rblock == 0) reads_before = true;
+        else if (s.rblock == MANY_BLOCKS) reads_before = false;
+        else if (s.rblock != r->block) reads_before = acquired(*r, s.rblock, s.repoch);
+        else if (s.rtid == MANY)
+            reads_before = s.rbar != a.bar || (s.rwarpidx == a.warp && s.rwarp != a.wgen);
+        else reads_before = ordered(s.rtid, s.rbar, s.rwarp, a);
+        if (write) {
+            if (!reads_before) global_race(*al, g * 2, a, true, s.rblock, s.rtid, false);
+            s.wblock = r->block, s.wtid = (uint16_t)a.tid, s.wbar = a.bar, s.wwarp = a.wgen;
+            s.wepoch = r->epoch, s.rblock = 0;
+        } else if (reads_before) {
+            s.rblock = r->block, s.rtid = (uint16_t)a.tid, s.rbar = a.bar, s.rwarp = a.wgen;
+            s.repoch = r->epoch, s.rwarpidx = (uint8_t)a.warp;
+        } else if (s.rblock != r->block) {
+            s.rblock = MANY_BLOCKS;  // readers in several blocks: a write after them races
+        } else {
+            // Readers of this block no barrier orders: a write must come after each.
+            if (s.rwarpidx != a.warp) s.rwarpidx = MANY_WARPS;
+            s.rtid = MANY;
+            if (a.wgen > s.rwarp) s.rwarp = a.wgen;
+            if (r->epoch > s.repoch) s.repoch = r->epoch;
+        }
+    }
+}
+
+NO_TSAN void check_access(const void* p, size_t n, bool write) {
+    Block* b = tl_block;
+    Fiber* f = tl_fiber;
+    if (!b || !f || f->done || n == 0) return;
+    // (tl_arena.base through a plain pointer: tl_arena's wrapper is itself instrumented.)
+    char* base = tl_arena_base;
+    size_t off = (size_t)((const char*)p - base);
+    if (base && off < ARENA) return check_shared(b, f, off, n, write);
+    if (Alloc* al = alloc_of(p)) {
+        size_t at = (size_t)((const char*)p - al->data);
+        if (at < al->bytes) check_global(b, f, al, at, n, write);
+    }
+}
+
+thread_local std::unique_ptr<RaceState> tl_race_owner;  // tl_race's (never read in a check)
+
+}  // namespace
+
+namespace emu {
+
+// An atomic on `p` by the running thread: a release of its block's accesses so far, and an
+// acquire of those every block that made one on `p` before released (with what they had
+// acquired). On shared memory (the block's own), nothing.
+NO_TSAN void racecheck_atomic(const void* p) {
+    RaceState* r = tl_race;
+    if (!r || !r->block) return;
+    size_t off = (size_t)((const char*)p - tl_arena_base);
+    if (tl_arena_base && off < ARENA) return;
+    std::vector<BlockView>& rel = r->released[(uintptr_t)p];
+    for (const BlockView& v : rel) {
+        bool seen = false;
+        for (BlockView& mine : r->view)
+            if (mine.block == v.block) {
+                if (v.epoch > mine.epoch) mine.epoch = v.epoch;
+                seen = true;
+            }
+        if (!seen && v.block != r->block) r->view.push_back(v);
+    }
+    rel.push_back(BlockView{r->block, r->epoch});
+    for (const BlockView& v : r->view) rel.push_back(v);
+    if (r->epoch < 255) r->epoch++;
+}
+
+}  // namespace emu
+
+namespace {
+
+// A launch begins on this OS thread (its accesses are checked against its own only).
+void racecheck_launch() {
+    if (!tl_race_owner) {
+        tl_race_owner = std::make_unique<RaceState>();
+        tl_race = tl_race_owner.get();
+    }
+    tl_race->launch = launch_serial.fetch_add(1) + 1;
+    tl_race->released.clear();
+}
+
+// Block `linear` of the launch begins (0 once the launch is over).
+void racecheck_block(uint32_t block) {
+    tl_race->block = block;
+    tl_race->epoch = 0;
+    tl_race->view.clear();
+}
+
+// A buffer [data, data + bytes) in the mapping [map, map + len) is made or freed.
+void racecheck_alloc(char* data, size_t bytes, char* map, size_t len) {
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    Alloc* a = new Alloc{data, bytes, nullptr, 0};
+    if (!set_pages((uintptr_t)map, (uintptr_t)(map + len), a)) {
+        set_pages((uintptr_t)map, (uintptr_t)(map + len), nullptr);
+        delete a;
+    }
+}
+
+void racecheck_free(char* map, size_t len) {
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    Alloc* a = alloc_of(map);
+    set_pages((uintptr_t)map, (uintptr_t)(map + len), nullptr);
+    if (!a) return;
+    if (a->shadow) munmap(a->shadow, a->shadow_len);
+    delete a;
+}
+
 }  // namespace
 
 // The entry points `-fsanitize=thread` calls (GCC's; a compiler calling others fails the
 // link, naming them).
 extern "C" {
 #define TOLLGATE_EMU_ACCESS(n)                                                          \
-    NO_TSAN void __tsan_read##n(void* p) { check_shared(p, n, false); }                 \
-    NO_TSAN void __tsan_write##n(void* p) { check_shared(p, n, true); }                 \
-    NO_TSAN void __tsan_unaligned_read##n(void* p) { check_shared(p, n, false); }       \
-    NO_TSAN void __tsan_unaligned_write##n(void* p) { check_shared(p, n, true); }
+    NO_TSAN void __tsan_read##n(void* p) { check_access(p, n, false); }                 \
+    NO_TSAN void __tsan_write##n(void* p) { check_access(p, n, true); }                 \
+    NO_TSAN void __tsan_unaligned_read##n(void* p) { check_access(p, n, false); }       \
+    NO_TSAN void __tsan_unaligned_write##n(void* p) { check_access(p, n, true); }
 TOLLGATE_EMU_ACCESS(1)
 TOLLGATE_EMU_ACCESS(2)
 TOLLGATE_EMU_ACCESS(4)
 TOLLGATE_EMU_ACCESS(8)
 TOLLGATE_EMU_ACCESS(16)
-NO_TSAN void __tsan_read_range(void* p, size_t n) { check_shared(p, n, false); }
-NO_TSAN void __tsan_write_range(void* p, size_t n) { check_shared(p, n, true); }
+NO_TSAN void __tsan_read_range(void* p, size_t n) { check_access(p, n, false); }
+NO_TSAN void __tsan_write_range(void* p, size_t n) { check_access(p, n, true); }
 NO_TSAN void __tsan_init(void) {}
 NO_TSAN void __tsan_func_entry(void*) {}
 NO_TSAN void __tsan_func_exit(void) {}
@@ -575,6 +837,13 @@ TOLLGATE_EMU_ATOMIC(64, uint64_t)
 NO_TSAN void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 NO_TSAN void __tsan_atomic_signal_fence(int) {}
 }  // extern "C"
+#else
+namespace {
+void racecheck_launch() {}
+void racecheck_block(uint32_t) {}
+void racecheck_alloc(char*, size_t, char*, size_t) {}
+void racecheck_free(char*, size_t) {}
+}  // namespace
 #endif
 
 extern "C" {
@@ -620,6 +889,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
     tl_launch = &launch;
     const char* saved_kernel = tl_kernel;
     tl_kernel = name;
+    racecheck_launch();
     for (uint64_t k = 0; k < total && rc == 0; ++k) {
         uint64_t bi = brev ? (b0 + total - k) % total : (b0 + k) % total;
         launch.block_idx = {(unsigned)(bi % grid[0]), (unsigned)(bi / grid[0] % grid[1]),
@@ -634,6 +904,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
         b.args = args;
         b.fibers = fibers.data();
         ++tl_block_serial;  // its shared memory is poisoned as it reaches it
+        racecheck_block((uint32_t)bi + 1);
         for (unsigned w = 0; w * 32 < n; ++w) {
             Warp& wp = b.warps[w];
             wp.live = (n - w * 32) < 32 ? n - w * 32 : 32;
@@ -674,6 +945,7 @@ int tollgate_emu_launch(const char* name, void (*call)(void**), const unsigned* 
             rc = -1;
         }
     }
+    racecheck_block(0);
     tl_block = saved_block;
     tl_fiber = saved_fiber;
     tl_launch = saved_launch;
@@ -697,9 +969,13 @@ void* tollgate_emu_alloc(size_t bytes, void** map, size_t* map_len) {
     }
     *map = m;
     *map_len = len;
+    racecheck_alloc(guard - data, bytes, (char*)m, len);
     return guard - data;
 }
 
-void tollgate_emu_free(void* map, size_t map_len) { munmap(map, map_len); }
+void tollgate_emu_free(void* map, size_t map_len) {
+    racecheck_free((char*)map, map_len);
+    munmap(map, map_len);
+}
 
 }  // extern "C"

@@ -78,7 +78,8 @@ extern "C" __global__ void emu_selftest_wide_shift(u32* __restrict__ out) {
 
 // Thread t writes its slot, then reads its neighbour's: the next thread's (`mode` 0, 1) or
 // the next lane's of its warp (2, 3), with a barrier between (1), a shuffle of the warp
-// (2), or nothing (0, 3: a race on a GPU, which racecheck reports).
+// (2), or nothing (0, 3: a race on a GPU, which racecheck reports); block b into its own
+// slots of `out`.
 extern "C" __global__ void emu_selftest_shared_race(u32* __restrict__ out, int mode) {
     __shared__ u32 slots[1024];
     u32 t = threadIdx.x;
@@ -86,5 +87,31 @@ extern "C" __global__ void emu_selftest_shared_race(u32* __restrict__ out, int m
     if (mode == 1) __syncthreads();
     if (mode == 2) (void)__shfl_xor_sync(0xffffffffu, t, 1);
     u32 next = mode >= 2 ? (t & ~31u) | ((t + 1) & 31u) : (t + 1) % blockDim.x;
-    out[t] = slots[next];
+    out[blockIdx.x * blockDim.x + t] = slots[next];
+}
+
+// Thread t of block b writes its slot of `parts` (blockDim.x a block), then reads slots
+// other threads wrote: the next block's (`mode` 0: nothing orders two blocks, a race); every
+// block's, in the block that arrived last (1: `last_to_arrive`'s atomic orders them) or in
+// the block numbered last (2: a race); its neighbour's in its own block with a barrier
+// between (3) or nothing (4: a race).
+extern "C" __global__ void emu_selftest_global_race(float* __restrict__ parts,
+                                                    int* __restrict__ count,
+                                                    float* __restrict__ out, int mode) {
+    __shared__ int last;
+    u32 t = threadIdx.x, n = blockDim.x, b = blockIdx.x;
+    parts[b * n + t] = (float)(b * n + t);
+    float v = 0.0f;
+    if (mode == 0) v = parts[(b + 1) % gridDim.x * n + t];
+    if (mode == 1 || mode == 2) {
+        bool merge = mode == 1 ? last_to_arrive(count, (int)gridDim.x, &last)
+                               : b == gridDim.x - 1;
+        if (!merge) return;
+        for (u32 i = 0; i < gridDim.x; ++i) v += parts[i * n + t];
+    }
+    if (mode >= 3) {
+        if (mode == 3) __syncthreads();
+        v = parts[b * n + (t ^ 1)];
+    }
+    out[b * n + t] = v;
 }

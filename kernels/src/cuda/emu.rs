@@ -958,7 +958,7 @@ mod tests {
     #[test]
     fn racecheck_reports_shared_memory_read_and_written_with_no_barrier_between() {
         let Some(e) = emu() else { return };
-        let out = e.zeros::<u32>(64).unwrap();
+        let out = e.zeros::<u32>(128).unwrap();
         let race = |mode: i32| {
             let args = [out.arg(), Arg::I32(mode)];
             e.launch(
@@ -973,8 +973,8 @@ mod tests {
             (2, |t| (t & !31) | ((t + 1) & 31)),
         ] {
             race(mode).unwrap();
-            let want: Vec<u32> = (0..64).map(next).collect();
-            assert_eq!(e.download(&out, 64).unwrap(), want, "mode {mode}");
+            let want: Vec<u32> = (0..128).map(|i| next(i % 64)).collect();
+            assert_eq!(e.download(&out, 128).unwrap(), want, "mode {mode}");
         }
         for mode in [0, 3] {
             if cfg!(tollgate_emu_racecheck) {
@@ -987,6 +987,62 @@ mod tests {
         }
         // The emulator still works after them.
         race(1).unwrap();
+    }
+
+    /// Racecheck on global memory: a block reading what another block of the launch wrote
+    /// fails the launch unless an atomic orders them (`last_to_arrive`), and two threads of
+    /// one block unless a barrier does. Other builds run the races through.
+    #[test]
+    fn racecheck_reports_global_memory_shared_by_blocks_that_nothing_orders() {
+        let Some(e) = emu() else { return };
+        let (blocks, n) = (4u32, 64u32);
+        let parts = e.zeros::<f32>((blocks * n) as usize).unwrap();
+        let count = e.zeros::<i32>(1).unwrap();
+        let run = |mode: i32| {
+            let out = e.zeros::<f32>((blocks * n) as usize).unwrap();
+            let args = [parts.arg(), count.arg(), out.arg(), Arg::I32(mode)];
+            e.launch(
+                "emu_selftest_global_race",
+                cfg((blocks, 1, 1), (n, 1, 1)),
+                &args,
+            )
+            .map(|()| e.download(&out, (blocks * n) as usize).unwrap())
+        };
+        // Ordered: the last block to arrive adds up every block's slots; a barrier.
+        for _ in 0..3 {
+            let out = run(1).unwrap();
+            let merged: Vec<u32> = (0..blocks)
+                .filter(|b| {
+                    (0..n).all(|t| {
+                        let want: u32 = (0..blocks).map(|i| i * n + t).sum();
+                        out[(b * n + t) as usize] == want as f32
+                    })
+                })
+                .collect();
+            assert_eq!(merged.len(), 1, "one block merges: {out:?}");
+            assert_eq!(e.download(&count, 1).unwrap(), [0], "the count is reset");
+        }
+        let out = run(3).unwrap();
+        let want: Vec<f32> = (0..blocks * n).map(|i| (i ^ 1) as f32).collect();
+        assert_eq!(out, want);
+        for (mode, says) in [
+            (0, "no atomic orders the two blocks"),
+            (2, "no atomic orders the two blocks"),
+            (4, "with no barrier between"),
+        ] {
+            if cfg!(tollgate_emu_racecheck) {
+                let err = run(mode).unwrap_err().to_string();
+                assert!(
+                    err.contains("global-memory race at byte"),
+                    "mode {mode}: {err}"
+                );
+                assert!(err.contains(says), "mode {mode}: {err}");
+            } else {
+                run(mode).unwrap();
+            }
+        }
+        // The emulator still works after them.
+        run(1).unwrap();
     }
 
     #[test]

@@ -21,8 +21,10 @@
 //! layout, so that a captured graph reads each step's adjustments (the scored rows'
 //! words, after them, are read by the `logprobs` kernel, launched outside graphs). A step
 //! may be padded to a CUDA-graph bucket with dummy decode rows: each is one token at
-//! position 0 whose whole block table is the cache's spare `trash` block, and wants
-//! logits (sampled greedily, then dropped).
+//! position 0 whose whole block table is the cache's spare `trash` block marked
+//! [`READ_ONLY`] (it reads the block, never written, so zeros, and writes no key or value:
+//! two dummy rows writing one slot would race), and wants logits (sampled greedily, then
+//! dropped).
 
 use super::twins::SampleParams;
 use crate::adjust::Adjust;
@@ -34,6 +36,10 @@ use crate::logprobs::Score;
 /// generated tokens under presence and frequency penalties. A step's rows that do not
 /// fit are read back and adjusted on the host instead.
 const DELTAS_PER_ROW: usize = 256;
+
+/// A block-table entry's flag: the row reads the block but writes no key or value
+/// (`build_batch` gives it slot −1, which the cache writes skip). Dummy rows' only.
+pub const READ_ONLY: u32 = 1 << 31;
 
 /// The extra part's room, in words, for steps of `rows` logits rows over `vocab` logits: a
 /// mask and [`DELTAS_PER_ROW`] deltas per row.
@@ -182,7 +188,7 @@ pub fn write(
         out[w + k..w + max_blocks].fill(0);
         w += max_blocks;
     }
-    out[w..w + pad * max_blocks].fill(trash);
+    out[w..w + pad * max_blocks].fill(trash | READ_ONLY);
     if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
         out[lay.sample - 1] = 0;
     }
@@ -279,12 +285,11 @@ mod tests {
             .lay;
         assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
         let inputs = twins::build_batch(&out[..lay.len], &[], 5, 7, mb, bs);
-        // The real rows are unchanged; the dummy rows write slot 0 of the trash block.
+        // The real rows are unchanged; the dummy rows read the trash block and write no
+        // slot.
         assert_eq!(&inputs.tokens[..5], &b.tokens[..]);
-        assert_eq!(
-            &inputs.slot_mapping[5..],
-            &[(trash as usize * bs) as i32; 2]
-        );
+        assert_eq!(&inputs.slot_mapping[5..], &[-1, -1]);
+        assert_eq!(&inputs.block_tables[3 * mb..], &[trash as i32; 8]);
         assert_eq!(&inputs.positions[5..], &[0, 0]);
         assert_eq!(&inputs.seq_of_row[5..], &[3, 4]);
         // Logits rows: the two real ones that want logits, then both dummies.

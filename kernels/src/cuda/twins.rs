@@ -10,6 +10,7 @@
 
 use super::backend::FixedSmall;
 use super::gemv::QuantRows;
+use super::staging::READ_ONLY;
 use crate::backend::FROM_LAST;
 use crate::forward::Batch;
 use crate::model::LlamaConfig;
@@ -56,7 +57,8 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Twin of `build_batch` (`sampled`: the step before's sampled tokens, which a token word
-/// `FROM_LAST | r` stands for the r-th of).
+/// `FROM_LAST | r` stands for the r-th of; a block-table entry with [`READ_ONLY`] is the
+/// block, and a row that reads it at its position writes no slot: −1).
 pub fn build_batch(
     staging: &[u32],
     sampled: &[u32],
@@ -84,7 +86,7 @@ pub fn build_batch(
         seq_of_row: vec![0; n_tokens],
         block_tables: tables[..n_seqs * max_blocks]
             .iter()
-            .map(|&b| b as i32)
+            .map(|&b| (b & !READ_ONLY) as i32)
             .collect(),
         logit_rows: Vec::new(),
     };
@@ -96,8 +98,12 @@ pub fn build_batch(
         let pos = heads[4 * s + 2] + (i as u32 - heads[4 * s]);
         o.positions[i] = pos;
         o.seq_of_row[i] = s as i32;
-        let blk = tables[s * max_blocks + pos as usize / block_size] as i32;
-        o.slot_mapping[i] = blk * block_size as i32 + (pos as usize % block_size) as i32;
+        let blk = tables[s * max_blocks + pos as usize / block_size];
+        o.slot_mapping[i] = if blk & READ_ONLY != 0 {
+            -1
+        } else {
+            blk as i32 * block_size as i32 + (pos as usize % block_size) as i32
+        };
     }
     for s in 0..n_seqs {
         let end = heads[4 * s] + heads[4 * s + 1];
@@ -153,7 +159,7 @@ pub fn add_rmsnorm(
 
 /// Twin of `rope_kv_write` into one layer's cache: rotates each row's q and k heads in
 /// place in `qkv` (`stride` floats per row: q heads, k heads, v heads) and writes the
-/// rotated keys and the values to the paged cache at the row's slot.
+/// rotated keys and the values to the paged cache at the row's slot (none where it is −1).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
     qkv: &mut [f32],
@@ -177,6 +183,9 @@ pub fn rope_kv_write(
                 x[2 * p] = a * co - b * s;
                 x[2 * p + 1] = a * s + b * co;
             }
+        }
+        if sm < 0 {
+            continue;
         }
         let (blk, slot) = (sm as usize / block_size, sm as usize % block_size);
         for kvh in 0..nkv {

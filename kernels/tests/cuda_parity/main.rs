@@ -19,6 +19,7 @@ use kernels::adjust::{allowed, Adjust, Carry};
 use kernels::backend::FROM_LAST;
 use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};
+use kernels::cuda::staging::READ_ONLY;
 use kernels::cuda::twins::{self, SampleParams};
 use kernels::cuda::{norm_launch, swiglu_launch};
 use kernels::forward::Batch;
@@ -133,8 +134,21 @@ fn build_batch_case<E: Exec>(g: &E) {
         for w in staging[4 * s..4 * s + t].iter_mut().step_by(5) {
             *w = FROM_LAST | rng.below(sampled.len()) as u32;
         }
+        // Every seventh sequence's table is read-only (a padded row's): no slot.
+        for q in (0..s).step_by(7) {
+            let at = 4 * s + t + q * mb;
+            for w in &mut staging[at..at + mb] {
+                *w |= READ_ONLY;
+            }
+        }
         let want = twins::build_batch(&staging, &sampled, s, t, mb, bs);
         assert!(want.tokens.iter().all(|&t| t & FROM_LAST == 0));
+        let nowhere: usize = b.seqs.iter().step_by(7).map(|q| q.len).sum();
+        assert_eq!(
+            want.slot_mapping.iter().filter(|&&x| x == -1).count(),
+            nowhere
+        );
+        assert!(want.block_tables.iter().all(|&x| x >= 0));
         let st = up(g, &staging);
         let last = up(g, &sampled);
         let tokens = up(g, &vec![0xDEAD_BEEFu32; t]);
@@ -269,6 +283,8 @@ type Written<E> = (
 
 /// A random batch's QKV rows through `rope_kv_write` into a cache filled with arbitrary
 /// values, on both sides; returns the twin's cache and rows and the device's.
+/// `read_only_last`: the last sequence's block table marked [`READ_ONLY`], as a padded
+/// row's (its rows write no slot).
 fn rope_kv<E: Exec>(
     g: &E,
     c: &LlamaConfig,
@@ -276,21 +292,24 @@ fn rope_kv<E: Exec>(
     bs: usize,
     n_blocks: usize,
     rng: &mut Rng,
+    read_only_last: bool,
 ) -> (Cache, Written<E>) {
-    let t = b.tokens.len();
+    let (s, t) = (b.seqs.len(), b.tokens.len());
     let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
     // A row stride wider than q|k|v, as a guard that the kernel follows it.
     let stride = qd + 2 * kd + 8;
     let mut qkv = rng.vec(t * stride, 2.0);
     let max_blocks = c.context_len / bs;
-    let inp = twins::build_batch(
-        &twins::stage(b, max_blocks),
-        &[],
-        b.seqs.len(),
-        t,
-        max_blocks,
-        bs,
-    );
+    let mut staging = twins::stage(b, max_blocks);
+    if read_only_last {
+        let last = 4 * s + t + (s - 1) * max_blocks;
+        for w in &mut staging[last..last + max_blocks] {
+            *w |= READ_ONLY;
+        }
+    }
+    let inp = twins::build_batch(&staging, &[], s, t, max_blocks, bs);
+    let nowhere = inp.slot_mapping.iter().filter(|&&x| x < 0).count();
+    assert_eq!(nowhere, if read_only_last { b.seqs[s - 1].len } else { 0 });
     let n = n_blocks * bs * kd;
     // Slots no row writes hold arbitrary (finite) values on both sides.
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
@@ -345,7 +364,8 @@ fn rope_case<E: Exec>(g: &E) {
     let c = smol();
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng);
+    // The last sequence's rows write no slot (the cache's fill stays, on both sides).
+    let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng, true);
     // Angles of hundreds of radians: float argument reduction differs in the last bits.
     assert!(rel(&down(g, &qg), &want.qkv) < 1e-3, "{what}: rotated rows");
     let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));

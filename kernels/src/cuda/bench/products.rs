@@ -193,10 +193,12 @@ pub(super) fn fused_products<E: Exec>(
     });
     let (nh, nkv, hd) = heads;
     if n == (nh + 2 * nkv) * hd {
-        // Every row to slot 0 of a one-block cache: the timing's writes, not a step's.
+        // Row r to slot r, at position 0: a step's writes (two rows to one slot would race).
         let block = 16;
-        let (positions, slots) = (e.zeros::<u32>(m)?, e.zeros::<i32>(m)?);
-        let (mut kc, mut vc) = (e.zeros(nkv * hd * block)?, e.zeros(nkv * hd * block)?);
+        let slot_of: Vec<i32> = (0..m as i32).collect();
+        let (positions, slots) = (e.zeros::<u32>(m)?, e.upload(&slot_of)?);
+        let cache = m.div_ceil(block) * block * nkv * hd;
+        let (mut kc, mut vc) = (e.zeros(cache)?, e.zeros(cache)?);
         let secs = time(e, iters, || {
             let rope = RopeKv {
                 positions: &positions,
