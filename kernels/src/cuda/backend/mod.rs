@@ -5,7 +5,8 @@
 //!
 //! **CUDA graphs.** Decode steps (every sequence one row, every row wanting logits) are
 //! replayed from a graph captured per batch-size bucket at load: the step is padded to the
-//! smallest bucket that holds it with dummy rows that write only the cache's spare block.
+//! smallest bucket that holds it with dummy rows that read the cache's spare block and
+//! write nothing to the cache ([`super::staging::READ_ONLY`]).
 //! A graph's launches read everything from the fixed device buffers, so one capture
 //! serves every step of its bucket. Other steps (prefill chunks, mixed batches) launch
 //! their kernels directly. If a capture fails, graphs are turned off with one log line and

@@ -6,7 +6,8 @@
 //! Weights are dequantized once at load to f16 (matrices) and f32 (norms) and stay on the
 //! device; products run as `cublasGemmEx` with f16 inputs, f32 accumulation and output.
 //! The KV cache is f16, paged, `[block][kv_head][slot][dim]` per layer, with one spare
-//! block past the engine's (the `trash` block padded rows write into). Per layer (T rows):
+//! block past the engine's (the `trash` block padded rows read, never written). Per layer
+//! (T rows):
 //!
 //! ```text
 //! h[T,D]f16  = add_rmsnorm(x += previous layer's down output)
