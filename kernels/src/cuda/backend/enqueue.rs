@@ -41,7 +41,7 @@ impl<E: Exec> Slot<E> {
 }
 
 /// How a step is launched: for its logits only, sampled, or sampled later (its forward
-/// pass now; its parameters and adjustments sent with [`Backend::submit_sample`]).
+/// pass now; its parameters and adjustments sent with [`Backend::submit_sample`](crate::backend::Backend::submit_sample)).
 #[derive(Clone, Copy)]
 pub(super) enum Sampling<'a> {
     No,
@@ -243,7 +243,7 @@ impl<E: Exec> CudaBackend<E> {
         r
     }
 
-    /// [`Backend::scores`] of the last step, checked: the `logprobs` kernel over its logits
+    /// [`Backend::scores`](crate::backend::Backend::scores) of the last step, checked: the `logprobs` kernel over its logits
     /// rows, the scored rows' words sent first (the last step is done with its staging
     /// words: they go at the start).
     pub(super) fn score_last(&mut self, scores: &[Score]) -> Result<Vec<TokenLogprobs>, ExecError> {

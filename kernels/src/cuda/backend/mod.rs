@@ -31,7 +31,7 @@
 //! **Overlapped steps.** [`Backend::submit`] sends a sampled step and returns; its tokens
 //! come back by a copy into page-locked memory that [`Backend::collect`] waits for. A
 //! step sent while the one before still runs may take that one's tokens without the host
-//! seeing them ([`FROM_LAST`]: `build_batch` reads them from the device's `sampled`
+//! seeing them ([`FROM_LAST`](crate::backend::FROM_LAST): `build_batch` reads them from the device's `sampled`
 //! buffer). Staging and answer buffers alternate between two, so the host writes the next
 //! step's while the device copies the last one's. A step may also be sent in two parts
 //! ([`Backend::submit_forward`], then [`Backend::submit_sample`]): its batch and forward
@@ -99,7 +99,7 @@ pub struct CudaBackend<E: Exec = Gpu> {
     turn: usize,
     /// Steps submitted and not collected, oldest first.
     flight: VecDeque<InFlight>,
-    /// Tokens the last submitted step samples (what [`FROM_LAST`] may refer to; 0 after
+    /// Tokens the last submitted step samples (what [`FROM_LAST`](crate::backend::FROM_LAST) may refer to; 0 after
     /// any other step).
     last_sampled: usize,
     graphs: Vec<Graph<E>>,
