@@ -11,7 +11,8 @@
 // message: a barrier or shuffle some threads never reach (deadlock), threads waiting at
 // different barriers at once (divergent `__syncthreads`), a shuffle reading a lane that did
 // not take part, an access past a buffer's end (a fault: buffers end against an
-// inaccessible page), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
+// inaccessible page), one buffer passed for two of a kernel's `__restrict__` pointers where
+// it writes through one (the launcher's check), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
 // through a pointer misaligned for its type, an index past an array's bounds, a shift past
 // its word's width (`runtime.cpp`'s handlers); built with racecheck
 // (TOLLGATE_EMU_RACECHECK=1), shared or global memory that two threads of a block access,
@@ -369,12 +370,26 @@ constexpr char code() {
     }
 }
 
+// How a kernel parameter reaches memory: 'r' a pointer to const, 'w' a pointer it may
+// write through, '-' a value (for the launcher's check that no buffer is passed twice where
+// one of them is written: the kernels' pointers are all `__restrict__`).
+template <class T>
+constexpr char access() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_pointer_v<U>) {
+        return std::is_const_v<std::remove_pointer_t<U>> ? 'r' : 'w';
+    } else {
+        return '-';
+    }
+}
+
 template <class F>
 struct Kernel;
 
 template <class... A>
 struct Kernel<void (*)(A...)> {
     static constexpr char sig[sizeof...(A) + 1] = {code<A>()..., 0};
+    static constexpr char access[sizeof...(A) + 1] = {emu::access<A>()..., 0};
 
     // Calls the kernel with its parameters read from `args` (one pointer per parameter,
     // to its value), as cuLaunchKernel's kernelParams.
@@ -391,6 +406,7 @@ struct Kernel<void (*)(A...)> {
 struct Entry {
     const char* name;
     const char* sig;
+    const char* access;
     void (*call)(void** args);
 };
 
@@ -403,5 +419,8 @@ struct Variant {
 
 }  // namespace emu
 
-#define EMU_ENTRY(k) \
-    { #k, emu::Kernel<decltype(&k)>::sig, &emu::Kernel<decltype(&k)>::call<&k> }
+#define EMU_ENTRY(k)                                                                      \
+    {                                                                                     \
+        #k, emu::Kernel<decltype(&k)>::sig, emu::Kernel<decltype(&k)>::access,            \
+            &emu::Kernel<decltype(&k)>::call<&k>                                          \
+    }

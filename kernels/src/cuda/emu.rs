@@ -4,7 +4,9 @@
 //! another; different devices' at once, from their own threads). It is an [`Exec`], so the
 //! parity tests and the whole step (`step/`) run on it where there is no GPU: what it
 //! checks is the kernels' own index arithmetic, reductions, barriers and shuffles, and the
-//! launches' grids and argument lists (count and types, against each kernel's signature).
+//! launches' grids and argument lists (count and types, against each kernel's signature,
+//! and no buffer passed twice where the kernel writes through one of its restrict
+//! pointers).
 //!
 //! Buffers end against an inaccessible page, so a kernel writing or reading past the end
 //! of one faults. Within a block, threads run between synchronization points in an order
@@ -58,6 +60,7 @@ mod ffi_types {
     pub struct Entry {
         pub name: *const c_char,
         pub sig: *const c_char,
+        pub access: *const c_char,
         pub call: *const c_void,
     }
 
@@ -145,6 +148,9 @@ struct Kernel {
     /// Its name, NUL-terminated (for the fault handler's message).
     name: std::ffi::CString,
     sig: Vec<u8>,
+    /// Per parameter: `r` a pointer to const, `w` a pointer it may write through, `-` a
+    /// value.
+    access: Vec<u8>,
     call: *const c_void,
 }
 
@@ -346,6 +352,7 @@ fn builds() -> Vec<Build> {
                     // SAFETY: a static NUL-terminated string of the emulator's table.
                     name: unsafe { CStr::from_ptr(e.name) }.to_owned(),
                     sig: text(e.sig).into_bytes(),
+                    access: text(e.access).into_bytes(),
                     call: e.call,
                 };
                 (text(e.name), k)
@@ -389,6 +396,37 @@ fn check_args(kernel: &str, sig: &[u8], args: &[Arg]) -> Result<(), ExecError> {
                 want as char,
                 String::from_utf8_lossy(sig)
             )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that no buffer is passed for two pointer parameters of which the kernel writes
+/// through one (`access`: per parameter, `r`, `w` or `-`). The kernels' pointers are all
+/// `__restrict__`: such a launch is undefined, and on a GPU the compiler may load through
+/// the pointer to const from the non-coherent read-only cache, which does not see the
+/// kernel's own writes.
+fn check_aliasing(kernel: &str, access: &[u8], args: &[Arg]) -> Result<(), ExecError> {
+    let ptrs: Vec<(usize, u64, u8)> = args
+        .iter()
+        .zip(access)
+        .enumerate()
+        .filter_map(|(i, (a, &acc))| match *a {
+            Arg::Ptr { addr, .. } if addr != 0 => Some((i, addr, acc)),
+            _ => None,
+        })
+        .collect();
+    for (n, &(i, a, ai)) in ptrs.iter().enumerate() {
+        for &(j, b, bj) in &ptrs[n + 1..] {
+            if a == b && (ai == b'w' || bj == b'w') {
+                return Err(ExecError::Emu(format!(
+                    "{kernel}: arguments {i} and {j} are the same buffer, and the kernel \
+                     writes through argument {}: its pointers are `__restrict__`, so the \
+                     launch is undefined (a GPU may read the other through its read-only \
+                     cache)",
+                    if ai == b'w' { i } else { j }
+                )));
+            }
         }
     }
     Ok(())
@@ -654,6 +692,7 @@ impl Emu {
             .get(kernel)
             .ok_or_else(|| ExecError::Gpu(GpuError::NoKernel(kernel.to_string())))?;
         check_args(kernel, &k.sig, args)?;
+        check_aliasing(kernel, &k.access, args)?;
         Ok(k)
     }
 
@@ -937,6 +976,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no_such_kernel"), "{err}");
+        // One buffer as the input and the output of a kernel whose pointers are restrict.
+        let both = e.zeros::<f32>(64).unwrap();
+        let err = e
+            .launch(
+                "emu_selftest_warp_sum",
+                cfg((1, 1, 1), (64, 1, 1)),
+                &[both.arg(), both.arg()],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("arguments 0 and 1 are the same buffer"),
+            "{err}"
+        );
         let ids = e.zeros::<u32>(2048).unwrap();
         let err = e
             .launch(
@@ -1046,7 +1099,7 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_checked_against_the_signature() {
+    fn arguments_are_checked_against_the_signature_and_for_aliasing() {
         let sig = b"FiH";
         let p = |elem| Arg::Ptr { addr: 8, elem };
         assert!(check_args("k", sig, &[p(b'f'), Arg::I32(1), p(b'h')]).is_ok());
@@ -1058,5 +1111,19 @@ mod tests {
         let e = check_args("k", sig, &[p(b'f'), Arg::F32(1.0), p(b'h')]).unwrap_err();
         assert!(e.to_string().contains("argument 1"), "{e}");
         assert!(check_args("k", b"i", &[Arg::Null]).is_err());
+        // The same buffer twice: fine where both are read, not where one is written.
+        let (x, y) = (
+            p(b'f'),
+            Arg::Ptr {
+                addr: 16,
+                elem: b'f',
+            },
+        );
+        assert!(check_aliasing("k", b"rr-", &[x, x, Arg::I32(1)]).is_ok());
+        assert!(check_aliasing("k", b"rw-", &[x, y, Arg::I32(1)]).is_ok());
+        assert!(check_aliasing("k", b"ww", &[Arg::Null, Arg::Null]).is_ok());
+        let e = check_aliasing("k", b"-rw", &[Arg::I32(1), x, x]).unwrap_err();
+        assert!(e.to_string().contains("arguments 1 and 2"), "{e}");
+        assert!(e.to_string().contains("writes through argument 2"), "{e}");
     }
 }
