@@ -441,9 +441,9 @@ extern "C" {
 //   are ordered before another block's after a later atomic on the same word (its acquire),
 //   as `last_to_arrive` in common.cuh publishes a split result's parts to the block that
 //   merges them (the `__threadfence`s it needs are assumed, not checked). A buffer is
-//   watched from the first write a kernel makes to it (a model's weights, never written by
-//   a kernel, never are; reads earlier in that launch go unchecked), at a granule of 2
-//   bytes (no kernel writes single bytes to global memory); launches are ordered one after
+//   watched from the first access a kernel makes to it, or where it is over 1 MiB from the
+//   first write (so a model's weights, never written by a kernel, never are; reads before
+//   it in that launch go unchecked), at a granule of 2 bytes (no kernel writes single bytes to global memory); launches are ordered one after
 //   another (a stream's, and each kernel begins waiting for the one before: `pdl_begin`).
 // Atomics themselves are not checked (`EMU_UNCHECKED` in emu.h).
 namespace {
@@ -649,12 +649,16 @@ NO_TSAN void block_name(char* out, size_t len, uint32_t blk) {
     fail(race_message);
 }
 
+// Buffers up to this size are watched from the first access of a kernel, larger ones from
+// the first write (a model's weights, never written, are the large ones read).
+constexpr size_t WATCH_FROM_READS = 1 << 20;
+
 NO_TSAN void check_global(Block* b, Fiber* f, Alloc* al, size_t off, size_t n, bool write) {
     RaceState* r = tl_race;
     if (!r || !r->block) return;
     GShadow* sh = __atomic_load_n(&al->shadow, __ATOMIC_ACQUIRE);
     if (!sh) {
-        if (!write) return;  // watched from the first write
+        if (!write && al->bytes > WATCH_FROM_READS) return;  // watched from the first write
         size_t len = (al->bytes / 2 + 1) * sizeof(GShadow);
         void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
