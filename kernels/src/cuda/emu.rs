@@ -401,6 +401,25 @@ fn check_args(kernel: &str, sig: &[u8], args: &[Arg]) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// Checks a launch's block against the most threads [`super::LAUNCH_THREADS`] declares for
+/// its kernel (the emulator's self-tests have none): what `cuda_compile` has `ptxas` check
+/// its registers for, and, for the `gemv` kernels, their `__launch_bounds__`. On a GPU a
+/// block past what the registers allow fails to launch.
+fn check_threads(kernel: &str, cfg: LaunchConfig) -> Result<(), ExecError> {
+    let (x, y, z) = cfg.block_dim;
+    let threads = x as u64 * y as u64 * z as u64;
+    match super::LAUNCH_THREADS
+        .iter()
+        .find(|(name, _)| *name == kernel)
+    {
+        Some(&(_, most)) if threads > most as u64 => Err(ExecError::Emu(format!(
+            "{kernel}: a block of {threads} threads, past the {most} that LAUNCH_THREADS \
+             declares (what ptxas checked its registers for: a GPU may refuse the launch)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that no buffer is passed for two pointer parameters of which the kernel writes
 /// through one (`access`: per parameter, `r`, `w` or `-`). The kernels' pointers are all
 /// `__restrict__`: such a launch is undefined, and on a GPU the compiler may load through
@@ -523,7 +542,7 @@ impl Exec for Emu {
         self.sticky()?;
         if let Some(rec) = self.recording()?.as_mut() {
             // Checked now, as a CUDA capture checks a launch's configuration.
-            self.check_launch(kernel, args)?;
+            self.check_launch(kernel, cfg, args)?;
             rec.push(Recorded::Launch {
                 kernel: kernel.to_string(),
                 cfg,
@@ -685,12 +704,19 @@ impl Emu {
         }
     }
 
-    /// The kernel `kernel`, with `args` checked against its signature.
-    fn check_launch(&self, kernel: &str, args: &[Arg]) -> Result<&Kernel, ExecError> {
+    /// The kernel `kernel`, with `args` checked against its signature and `cfg`'s block
+    /// against the threads [`super::LAUNCH_THREADS`] declares for it.
+    fn check_launch(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<&Kernel, ExecError> {
         let k = self
             .kernels
             .get(kernel)
             .ok_or_else(|| ExecError::Gpu(GpuError::NoKernel(kernel.to_string())))?;
+        check_threads(kernel, cfg)?;
         check_args(kernel, &k.sig, args)?;
         check_aliasing(kernel, &k.access, args)?;
         Ok(k)
@@ -709,7 +735,7 @@ impl Emu {
         if stall > 0 {
             std::thread::sleep(std::time::Duration::from_micros(stall));
         }
-        let k = self.check_launch(kernel, args)?;
+        let k = self.check_launch(kernel, cfg, args)?;
         if let Ok(mut runs) = self.runs.lock() {
             *runs.entry(kernel.to_string()).or_default() += 1;
         }
@@ -976,6 +1002,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no_such_kernel"), "{err}");
+        // A block past the threads LAUNCH_THREADS declares.
+        let err = e
+            .launch("embed", cfg((1, 1, 1), (512, 1, 1)), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("past the 256 that LAUNCH_THREADS declares"),
+            "{err}"
+        );
         // One buffer as the input and the output of a kernel whose pointers are restrict.
         let both = e.zeros::<f32>(64).unwrap();
         let err = e
