@@ -991,50 +991,33 @@ mod tests {
                 assert!(err.contains(part), "{kernel}: {part:?} not in {err}");
             }
         }
-        // Arguments are checked before anything runs.
-        let err = e
-            .launch("embed", cfg((1, 1, 1), (32, 1, 1)), &[out.arg()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("takes 4 arguments"), "{err}");
-        let err = e
-            .launch("no_such_kernel", cfg((1, 1, 1), (32, 1, 1)), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no_such_kernel"), "{err}");
-        // A block past the threads LAUNCH_THREADS declares.
-        let err = e
-            .launch("embed", cfg((1, 1, 1), (512, 1, 1)), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("past the 256 that LAUNCH_THREADS declares"),
-            "{err}"
-        );
-        // One buffer as the input and the output of a kernel whose pointers are restrict.
-        let both = e.zeros::<f32>(64).unwrap();
-        let err = e
-            .launch(
+        // Launches refused before anything runs: arguments against the signature, the
+        // kernel's name, the block's size (against LAUNCH_THREADS, and CUDA's 1024), one
+        // buffer as the input and the output of a kernel whose pointers are restrict.
+        let (both, ids) = (e.zeros::<f32>(64).unwrap(), e.zeros::<u32>(2048).unwrap());
+        for (kernel, threads, args, want) in [
+            ("embed", 32, vec![out.arg()], "takes 4 arguments"),
+            ("no_such_kernel", 32, vec![], "no_such_kernel"),
+            (
+                "embed",
+                512,
+                vec![],
+                "past the 256 that LAUNCH_THREADS declares",
+            ),
+            (
                 "emu_selftest_warp_sum",
-                cfg((1, 1, 1), (64, 1, 1)),
-                &[both.arg(), both.arg()],
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("arguments 0 and 1 are the same buffer"),
-            "{err}"
-        );
-        let ids = e.zeros::<u32>(2048).unwrap();
-        let err = e
-            .launch(
-                "emu_selftest_ids",
-                cfg((1, 1, 1), (2048, 1, 1)),
-                &[ids.arg()],
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("1 to 1024"), "{err}");
+                64,
+                vec![both.arg(), both.arg()],
+                "arguments 0 and 1 are the same buffer",
+            ),
+            ("emu_selftest_ids", 2048, vec![ids.arg()], "1 to 1024"),
+        ] {
+            let err = e
+                .launch(kernel, cfg((1, 1, 1), (threads, 1, 1)), &args)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{kernel}: {want:?} not in {err}");
+        }
         // The emulator still works after failed launches.
         blocks_and_threads_get_their_indices_and_meet_at_barriers();
     }
