@@ -592,12 +592,14 @@ struct GShadow {
 constexpr uint32_t MANY_BLOCKS = 0xffffffffu;
 constexpr uint8_t MANY_WARPS = 0xff;
 
-// This OS thread's running launch and block for global racecheck (trivial thread_locals
-// only: the check runs inside the instrumented code).
+// A block's accesses up to an epoch (its count of releases then).
 struct BlockView {
     uint32_t block;  // linear index + 1
     uint8_t epoch;   // its accesses up to this epoch are ordered before ours
 };
+// This OS thread's running launch and block, for global racecheck (reached through a plain
+// pointer, `tl_race`: the check runs inside instrumented code, where a thread_local with a
+// constructor's wrapper would call the check again).
 struct RaceState {
     uint32_t launch = 0, block = 0;  // block: linear index + 1
     uint8_t epoch = 0;               // releases this block made (at most 255 counted)
