@@ -38,7 +38,8 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging,
         positions[i] = pos;
         seq_of_row[i] = s;
         u32 blk = tables[s * max_blocks + pos / block_size];
-        slot_mapping[i] = (blk & 0x80000000u) ? -1 : (int)blk * block_size + (int)(pos % block_size);
+        slot_mapping[i] =
+            (blk & 0x80000000u) ? -1 : (int)blk * block_size + (int)(pos % block_size);
     }
     if (i < n_seqs * max_blocks) block_tables[i] = (int)(tables[i] & 0x7fffffffu);
     // logit_rows: an exclusive prefix count of the sequences that want logits, by block 0

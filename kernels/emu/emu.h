@@ -12,9 +12,10 @@
 // different barriers at once (divergent `__syncthreads`), a shuffle reading a lane that did
 // not take part, an access past a buffer's end (a fault: buffers end against an
 // inaccessible page), one buffer passed for two of a kernel's `__restrict__` pointers where
-// it writes through one (the launcher's check), and, where the C++ compiler takes `-fsanitize` (build.rs), an access
-// through a pointer misaligned for its type, an index past an array's bounds, a shift past
-// its word's width (`runtime.cpp`'s handlers); built with racecheck
+// it writes through one, a block wider than LAUNCH_THREADS declares (the launcher's
+// checks), and, where the C++ compiler takes `-fsanitize` (build.rs), an access through a
+// pointer misaligned for its type, an index past an array's bounds, a shift past its
+// word's width (`runtime.cpp`'s handlers); built with racecheck
 // (TOLLGATE_EMU_RACECHECK=1), shared or global memory that two threads of a block access,
 // one writing, with no barrier between, and global memory two blocks of a launch access so
 // with no atomic ordering them (`runtime.cpp`'s racecheck).
@@ -183,17 +184,14 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
 // atomic and every write is already visible. Racecheck does not check them, and takes an
 // atomic on global memory as ordering blocks (runtime.cpp).
 #ifdef TOLLGATE_EMU_RACECHECK
-#define EMU_UNCHECKED __attribute__((no_sanitize_thread, noinline))
-#else
-#define EMU_UNCHECKED
-#endif
-#ifdef TOLLGATE_EMU_RACECHECK
 namespace emu {
 // Racecheck's record of an atomic on global memory (runtime.cpp): it orders blocks.
 void racecheck_atomic(const void* p);
 }  // namespace emu
+#define EMU_UNCHECKED __attribute__((no_sanitize_thread, noinline))
 #define EMU_ATOMIC(p) emu::racecheck_atomic(p)
 #else
+#define EMU_UNCHECKED
 #define EMU_ATOMIC(p)
 #endif
 EMU_UNCHECKED inline int atomicAdd(int* p, int v) {

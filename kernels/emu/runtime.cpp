@@ -715,14 +715,20 @@ NO_TSAN void check_global(Block* b, Fiber* f, Alloc* al, size_t off, size_t n, b
     }
 }
 
+// Where `p` lies in this OS thread's shared-memory arena, or ARENA where it does not.
+// (tl_arena.base through a plain pointer: tl_arena's wrapper is itself instrumented.)
+NO_TSAN size_t arena_offset(const void* p) {
+    char* base = tl_arena_base;
+    size_t off = (size_t)((const char*)p - base);
+    return base && off < ARENA ? off : ARENA;
+}
+
 NO_TSAN void check_access(const void* p, size_t n, bool write) {
     Block* b = tl_block;
     Fiber* f = tl_fiber;
     if (!b || !f || f->done || n == 0) return;
-    // (tl_arena.base through a plain pointer: tl_arena's wrapper is itself instrumented.)
-    char* base = tl_arena_base;
-    size_t off = (size_t)((const char*)p - base);
-    if (base && off < ARENA) return check_shared(b, f, off, n, write);
+    size_t off = arena_offset(p);
+    if (off < ARENA) return check_shared(b, f, off, n, write);
     if (Alloc* al = alloc_of(p)) {
         size_t at = (size_t)((const char*)p - al->data);
         if (at < al->bytes) check_global(b, f, al, at, n, write);
@@ -741,8 +747,7 @@ namespace emu {
 NO_TSAN void racecheck_atomic(const void* p) {
     RaceState* r = tl_race;
     if (!r || !r->block) return;
-    size_t off = (size_t)((const char*)p - tl_arena_base);
-    if (tl_arena_base && off < ARENA) return;
+    if (arena_offset(p) < ARENA) return;
     std::vector<BlockView>& rel = r->released[(uintptr_t)p];
     for (const BlockView& v : rel) {
         bool seen = false;
