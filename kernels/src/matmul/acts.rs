@@ -33,6 +33,10 @@ pub struct Acts {
     pub(super) i16: Vec<i16>,
     pub(super) i16_d: Vec<f32>,
     i16_valid: bool,
+    /// The 16-bit or 8-bit values laid out for AMX's tiles ([`crate::packed::amx`]), and
+    /// which they are (`None`: stale).
+    pub(super) tiled: Vec<u8>,
+    tiled_as: Option<ActPrecision>,
 }
 
 impl Acts {
@@ -54,6 +58,7 @@ impl Acts {
         self.q8_valid = false;
         self.sums_valid = false;
         self.i16_valid = false;
+        self.tiled_as = None;
     }
     pub(super) fn quantize_i16(&mut self) {
         if !self.i16_valid {
@@ -67,6 +72,27 @@ impl Acts {
                 .zip(self.f32[..n].par_chunks(cols))
                 .for_each(|((q, d), x)| quant::quantize_row_i16(x, q, d));
             self.i16_valid = true;
+        }
+    }
+    /// The full tiles of 16 rows laid out for AMX at `prec` (16-bit values as byte planes,
+    /// or 8-bit values), after quantizing them (and, at 16 bits, summing their blocks).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn tile_for_amx(&mut self, prec: ActPrecision) {
+        if prec == ActPrecision::Q8 {
+            self.quantized();
+        } else {
+            self.block_sums();
+            self.quantize_i16();
+        }
+        if self.tiled_as != Some(prec) {
+            let (rows, cols) = (self.rows, self.cols);
+            match prec {
+                ActPrecision::Q8 => {
+                    packed::amx::tile_q8(&self.q8, rows, cols / QK, &mut self.tiled)
+                }
+                _ => packed::amx::tile_i16(&self.i16, rows, cols, &mut self.tiled),
+            }
+            self.tiled_as = Some(prec);
         }
     }
     pub(super) fn block_sums(&mut self) -> &[f32] {

@@ -279,11 +279,21 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
             }
         }
     };
+    let on_tiles = amx_rows(pk, b_rows, prec);
+    #[cfg(target_arch = "x86_64")]
+    if on_tiles > 0 {
+        x.tile_for_amx(prec);
+    }
     if prec == ActPrecision::Q8 {
-        let a = x.quantized();
-        packed_tiles(pk, b_rows, threads, tiles(true), |gs, b0, n| {
+        x.quantized();
+        let a = &x.q8[..];
+        #[cfg(target_arch = "x86_64")]
+        let rows = packed::amx::Rows::Q8 { tiled: &x.tiled, a };
+        packed_tiles(pk, b_rows, threads, on_tiles, tiles(true), |gs, b0, n| {
             let p = put(b0);
             match n {
+                #[cfg(target_arch = "x86_64")]
+                n if n >= LANES => amx_tile(pk, gs, &rows, n, &put),
                 8 => q8_tile::<8>(pk, gs, b0, a, &p),
                 6 => q8_tile::<6>(pk, gs, b0, a, &p),
                 4 => q8_tile::<4>(pk, gs, b0, a, &p),
@@ -295,9 +305,17 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
     x.block_sums();
     x.quantize_i16();
     let acts = (&x.i16[..], &x.i16_d[..], &x.sums[..]);
-    packed_tiles(pk, b_rows, threads, tiles(false), |gs, b0, n| {
+    #[cfg(target_arch = "x86_64")]
+    let planes = packed::amx::Rows::I16 {
+        tiled: &x.tiled,
+        d: &x.i16_d,
+        sums: &x.sums,
+    };
+    packed_tiles(pk, b_rows, threads, on_tiles, tiles(false), |gs, b0, n| {
         let p = put(b0);
         match n {
+            #[cfg(target_arch = "x86_64")]
+            n if n >= LANES => amx_tile(pk, gs, &planes, n, &put),
             12 => i16_tile::<12>(pk, gs, b0, acts, &p),
             8 => i16_tile::<8>(pk, gs, b0, acts, &p),
             6 => i16_tile::<6>(pk, gs, b0, acts, &p),
@@ -305,6 +323,33 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
             _ => i16_tile::<1>(pk, gs, b0, acts, &p),
         }
     });
+}
+
+/// Activation rows (a multiple of 16) that meet `pk` on AMX's tiles before the rest take
+/// the packed kernel's tiles: none where the tiles are not [`packed::amx::usable`], the
+/// weights have a scale per 16, or there are fewer than 16 rows — 32 for 8-bit
+/// activations, whose VNNI kernel does as well as the tiles at 16 (BENCHMARKS.md).
+fn amx_rows(pk: &Packed, b_rows: usize, prec: ActPrecision) -> usize {
+    let least = LANES * (1 + (prec == ActPrecision::Q8) as usize);
+    #[cfg(target_arch = "x86_64")]
+    if packed::amx::usable() && pk.takes_amx() && b_rows >= least {
+        return b_rows / LANES * LANES;
+    }
+    let _ = (pk, b_rows, least);
+    0
+}
+
+/// Activation rows `0 .. n` (a multiple of 16) against the packed groups `gs` on AMX's
+/// tiles, each group's results handed 16 rows at a time to `put(first row)`.
+#[cfg(target_arch = "x86_64")]
+fn amx_tile<P: Fn(usize, &[[f32; LANES]])>(
+    pk: &Packed,
+    gs: std::ops::Range<usize>,
+    rows: &packed::amx::Rows,
+    n: usize,
+    put: &impl Fn(usize) -> P,
+) {
+    pk.dot_tiles_amx(gs, rows, n / LANES, &mut |g, r0, res| put(r0)(g, res));
 }
 
 /// The packed kernel's tiles of activation rows (`q8`: 8-bit activations), largest first.
@@ -348,13 +393,14 @@ fn q8_tile<const R: usize>(
 }
 
 /// Runs `tile(groups, first activation row, rows)` over chunks of `pk`'s groups split
-/// across the thread pool, and within a chunk over every activation row, in tiles of
-/// `sizes` rows (largest first, ending in 1): a tile of activations meets every group of
-/// its chunk in one call.
+/// across the thread pool, and within a chunk over every activation row: the first
+/// `first` rows in one call (0: none), then the rest in tiles of `sizes` rows (largest
+/// first, ending in 1). A tile of activations meets every group of its chunk in one call.
 fn packed_tiles(
     pk: &Packed,
     b_rows: usize,
     threads: usize,
+    first: usize,
     sizes: &[usize],
     tile: impl Fn(std::ops::Range<usize>, usize, usize) + Sync + Send,
 ) {
@@ -362,7 +408,10 @@ fn packed_tiles(
     let chunk = (groups / (threads * 4)).clamp(1, 16);
     (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let gs = c * chunk..((c + 1) * chunk).min(groups);
-        let mut b = 0;
+        if first > 0 {
+            tile(gs.clone(), 0, first);
+        }
+        let mut b = first;
         for &n in sizes {
             while b + n <= b_rows {
                 tile(gs.clone(), b, n);

@@ -93,7 +93,7 @@ fn every_path_is_close_to_the_reference_and_independent_of_its_batch() {
                     ActPrecision::I16 => 4e-5,
                     ActPrecision::F32 => 1e-6,
                 };
-                for b in [1usize, 5, 13, 30] {
+                for b in [1usize, 5, 13, 30, 35, 50] {
                     let mut x = acts(b, cols, 9);
                     let what = format!("{ty:?} {run:?} {rows}×{cols} {prec:?} b={b}");
                     let (out, _) = near_reference(&w, &mut x, prec, tol, &what);
