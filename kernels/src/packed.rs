@@ -26,7 +26,9 @@
 //! `Σ_i fma(float(Σ_k v_k q_k) · d_i, scale_il, ·)` then `fma(min_il, xsum_i, ·)`, block by
 //! block in that order, on the CPU kernel and its scalar twin alike (bit for bit); with a
 //! scale per 16, one such `fma` per half (its 16 products' sum), in order, then the min. The
-//! `q8` submodule runs 8-bit activations against the same packed 4-bit weights.
+//! `q8` submodule runs 8-bit activations against the same packed 4-bit weights; the `amx`
+//! one runs batches 16 activation rows at a time on AMX's tiles, where the CPU has them,
+//! with the same results.
 
 use crate::gguf::GgmlType;
 use crate::quant::QK;

@@ -40,6 +40,9 @@ pub(crate) enum Rows<'a> {
     Q8 { tiled: &'a [u8], a: &'a [Q8Block] },
 }
 
+/// Takes a group's results for a tile of activation rows: `(group, first row, results)`.
+pub(crate) type TilePut<'a> = dyn FnMut(usize, usize, &[[f32; LANES]; LANES]) + 'a;
+
 /// Bytes of one tile of activation values (16 rows × a block of 32).
 const TILE: usize = LANES * QK;
 
@@ -187,7 +190,7 @@ impl Packed {
         groups: std::ops::Range<usize>,
         rows: &Rows,
         tiles: usize,
-        put: &mut dyn FnMut(usize, usize, &[[f32; LANES]; LANES]),
+        put: &mut TilePut,
     ) {
         assert!(runs_here(), "AMX does not run here");
         assert!(
@@ -291,7 +294,7 @@ unsafe fn run<const I16: bool, const Q8W: bool>(
     groups: std::ops::Range<usize>,
     rows: &Rows,
     tiles: usize,
-    put: &mut dyn FnMut(usize, usize, &[[f32; LANES]; LANES]),
+    put: &mut TilePut,
 ) {
     let (nb, cols) = (pk.nb, pk.cols);
     let vb = Packed::vb(pk.ty);
