@@ -35,7 +35,9 @@ pub struct Acts {
     i16_valid: bool,
     /// The 16-bit or 8-bit values laid out for AMX's tiles ([`crate::packed::amx`]), and
     /// which they are (`None`: stale).
+    #[cfg(target_arch = "x86_64")]
     pub(super) tiled: Vec<u8>,
+    #[cfg(target_arch = "x86_64")]
     tiled_as: Option<ActPrecision>,
 }
 
@@ -58,7 +60,10 @@ impl Acts {
         self.q8_valid = false;
         self.sums_valid = false;
         self.i16_valid = false;
-        self.tiled_as = None;
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.tiled_as = None;
+        }
     }
     pub(super) fn quantize_i16(&mut self) {
         if !self.i16_valid {
