@@ -136,6 +136,86 @@ mod avx2 {
     }
 }
 
+/// The query heads that share a KV head, together: each key and value read from the cache
+/// (and widened) once for all of them, a 16-slot block's scores or 16 of a head's outputs
+/// to a 512-bit register. Each head's sums are the AVX2 loops' lane for lane, so the bits
+/// are the portable loops'.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::PARTS;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Sixteen f16 at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512F; `p..p+16` readable.
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    /// [`super::block_scores`] for a 16-slot block and `G` query heads (`q`: `G` rows of
+    /// `hd`): head `g`'s scores of all 16 slots into `out[g]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `kb.len() ≥ 16·hd`, `q.len() ≥ G·hd`, `hd` a multiple of 4.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores16<const G: usize>(
+        q: &[f32],
+        hd: usize,
+        kb: &[f16],
+        out: &mut [[f32; 16]; G],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); PARTS]; G];
+        let (kp, qp) = (kb.as_ptr(), q.as_ptr());
+        for d in (0..hd).step_by(PARTS) {
+            for j in 0..PARTS {
+                let k = load16(kp.add((d + j) * 16));
+                for (g, a) in a.iter_mut().enumerate() {
+                    let qv = _mm512_set1_ps(*qp.add(g * hd + d + j));
+                    a[j] = _mm512_fmadd_ps(qv, k, a[j]);
+                }
+            }
+        }
+        for (g, a) in a.iter().enumerate() {
+            let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            _mm512_storeu_ps(out[g].as_mut_ptr(), v);
+        }
+    }
+
+    /// [`super::weighted_values`] for 64-wide heads, `G` of them: each block's values and
+    /// the `G` heads' weights for it (head `g`'s at `p[g]`), into `out` (`G` rows of 64).
+    ///
+    /// # Safety
+    /// AVX-512F; `out.len() ≥ 64·G`; each block's values hold 64 per weight, and every
+    /// head has as many weights for a block.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn values64<'a, const G: usize>(
+        blocks: impl Iterator<Item = (&'a [f16], [&'a [f32]; G])>,
+        out: &mut [f32],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); 4]; G];
+        for (vb, p) in blocks {
+            let vp = vb.as_ptr();
+            for s in 0..p[0].len() {
+                let v: [__m512; 4] = std::array::from_fn(|i| load16(vp.add(s * 64 + 16 * i)));
+                for (g, a) in a.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*p[g].get_unchecked(s));
+                    for i in 0..4 {
+                        a[i] = _mm512_fmadd_ps(wv, v[i], a[i]);
+                    }
+                }
+            }
+        }
+        for (g, a) in a.iter().enumerate() {
+            for (i, v) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(64 * g + 16 * i), *v);
+            }
+        }
+    }
+}
+
 /// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
 /// `kvh`, over the row's first `n` positions.
 struct HeadTask<'a> {
@@ -155,6 +235,43 @@ impl HeadTask<'_> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
         self.run::<true>(kv, qrow, o)
+    }
+
+    /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and 64-wide heads
+    /// on AVX-512: the heads' scores block by block, each key read once for all of them,
+    /// then their softmaxes, then their outputs, each value read once. The same bits.
+    ///
+    /// # Safety
+    /// AVX-512F; `self.group == G`, the cache's blocks hold 16 slots, `self.hd == 64`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512<const G: usize>(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+        let (layer, kvh, hd, n) = (self.layer, self.kvh, self.hd, self.n);
+        let mut scores = vec![0f32; n * G];
+        let blocks = &self.table[..n.div_ceil(16)];
+        let mut block = [[0f32; 16]; G];
+        for (bi, &blk) in blocks.iter().enumerate() {
+            let (kb, _) = kv.head_block(layer, blk, kvh);
+            assert!(kb.len() >= 16 * hd && qrow.len() >= G * hd);
+            avx512::scores16::<G>(qrow, hd, kb, &mut block);
+            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
+            for g in 0..G {
+                for (o, s) in scores[g * n + j0..][..len].iter_mut().zip(&block[g]) {
+                    *o = s * self.scale;
+                }
+            }
+        }
+        for sg in scores.chunks_exact_mut(n) {
+            ops::softmax(sg);
+        }
+        let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
+            let (_, vb) = kv.head_block(layer, blk, kvh);
+            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
+            assert!(vb.len() >= len * hd);
+            (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
+        });
+        assert!(o.len() >= G * hd);
+        avx512::values64::<G>(rows, o);
     }
 
     #[inline(always)]
@@ -245,6 +362,18 @@ pub(crate) fn attention(
                 table,
             };
             #[cfg(target_arch = "x86_64")]
+            if crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 {
+                // SAFETY: AVX-512F detected; G is the group, the blocks and heads the sizes
+                // the grouped loops take (checked here).
+                match group {
+                    1 => return unsafe { t.run_avx512::<1>(kv, qrow, o) },
+                    2 => return unsafe { t.run_avx512::<2>(kv, qrow, o) },
+                    3 => return unsafe { t.run_avx512::<3>(kv, qrow, o) },
+                    4 => return unsafe { t.run_avx512::<4>(kv, qrow, o) },
+                    _ => {}
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
             if crate::quant::simd_path() != "scalar" {
                 // SAFETY: AVX2, FMA and F16C detected (the SIMD paths require them).
                 return unsafe { t.run_avx2(kv, qrow, o) };
@@ -330,5 +459,87 @@ mod tests {
         // SAFETY: AVX2/FMA detected; 64-wide output, each block holds 16 × 64 values.
         unsafe { avx2::values64(blocks(), &mut b) };
         assert_eq!(a, b);
+    }
+
+    /// A whole task (two KV heads, three query heads each, 37 positions over three
+    /// blocks in a shuffled table) on AVX-512 gives the portable task's bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_task_on_avx512_gives_the_portable_tasks_bits() {
+        if !crate::quant::has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        let (hd, heads, n) = (64, 2, 37);
+        let mut kv = KvCache::new(1, heads, heads * hd, 16, 5);
+        let table = [3u32, 0, 4];
+        for pos in 0..n {
+            let (k, v) = (
+                rand(heads * hd, 100 + pos as u64),
+                rand(heads * hd, 200 + pos as u64),
+            );
+            kv.write(0, &table, pos, &k, &v);
+        }
+        for kvh in 0..heads {
+            let t = HeadTask {
+                layer: 0,
+                kvh,
+                group: 3,
+                hd,
+                scale: 0.125,
+                n,
+                table: &table,
+            };
+            let q = rand(3 * hd, 7 + kvh as u64);
+            let (mut want, mut got) = (vec![0f32; 3 * hd], vec![0f32; 3 * hd]);
+            t.run::<false>(&kv, &q, &mut want);
+            // SAFETY: AVX-512F detected; three query heads, 16-slot blocks, 64 wide.
+            unsafe { t.run_avx512::<3>(&kv, &q, &mut got) };
+            assert_eq!(got, want, "KV head {kvh}");
+        }
+    }
+
+    /// Three query heads at once on AVX-512: each head's scores and outputs are the
+    /// portable loops' bits for that head alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_loops_for_heads_together_give_each_heads_bits() {
+        if !crate::quant::has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        let (q, kb) = (rand(3 * 64, 1), half(rand(16 * 64, 2)));
+        let mut got = [[0f32; 16]; 3];
+        // SAFETY: AVX-512F detected; kb is 16 × 64, q three rows of 64.
+        unsafe { avx512::scores16::<3>(&q, 64, &kb, &mut got) };
+        for (g, got) in got.iter().enumerate() {
+            let mut want = vec![0f32; 16];
+            block_scores::<16>(&q[g * 64..(g + 1) * 64], &kb, 16, &mut want);
+            assert_eq!(got[..], want[..], "scores of head {g}");
+        }
+        let (vals, _) = value_blocks();
+        let ws: Vec<Vec<Vec<f32>>> = (0..3)
+            .map(|g| {
+                (0..3)
+                    .map(|i| rand(if i == 2 { 5 } else { 16 }, 40 + 3 * g + i))
+                    .collect()
+            })
+            .collect();
+        let mut got = vec![0f32; 3 * 64];
+        let blocks = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_slice(), std::array::from_fn(|g| ws[g][i].as_slice())));
+        // SAFETY: AVX-512F detected; three 64-wide outputs, each block 16 × 64 values.
+        unsafe { avx512::values64::<3>(blocks, &mut got) };
+        for g in 0..3 {
+            let mut want = vec![0f32; 64];
+            let one = vals
+                .iter()
+                .zip(&ws[g])
+                .map(|(v, w)| (v.as_slice(), w.as_slice()));
+            weighted_values(one, &mut want);
+            assert_eq!(got[g * 64..(g + 1) * 64], want[..], "outputs of head {g}");
+        }
     }
 }
