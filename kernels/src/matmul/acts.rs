@@ -80,22 +80,20 @@ impl Acts {
         }
     }
     /// The full tiles of 16 rows laid out for AMX at `prec` (16-bit values as byte planes,
-    /// or 8-bit values), after quantizing them (and, at 16 bits, summing their blocks).
+    /// or 8-bit values), from the values quantized at `prec` (which must be current).
     #[cfg(target_arch = "x86_64")]
     pub(super) fn tile_for_amx(&mut self, prec: ActPrecision) {
-        if prec == ActPrecision::Q8 {
-            self.quantized();
-        } else {
-            self.block_sums();
-            self.quantize_i16();
-        }
         if self.tiled_as != Some(prec) {
             let (rows, cols) = (self.rows, self.cols);
             match prec {
                 ActPrecision::Q8 => {
+                    debug_assert!(self.q8_valid);
                     packed::amx::tile_q8(&self.q8, rows, cols / QK, &mut self.tiled)
                 }
-                _ => packed::amx::tile_i16(&self.i16, rows, cols, &mut self.tiled),
+                _ => {
+                    debug_assert!(self.i16_valid);
+                    packed::amx::tile_i16(&self.i16, rows, cols, &mut self.tiled)
+                }
             }
             self.tiled_as = Some(prec);
         }

@@ -280,12 +280,17 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
         }
     };
     let on_tiles = amx_rows(pk, b_rows, prec);
+    if prec == ActPrecision::Q8 {
+        x.quantized();
+    } else {
+        x.block_sums();
+        x.quantize_i16();
+    }
     #[cfg(target_arch = "x86_64")]
     if on_tiles > 0 {
         x.tile_for_amx(prec);
     }
     if prec == ActPrecision::Q8 {
-        x.quantized();
         let a = &x.q8[..];
         #[cfg(target_arch = "x86_64")]
         let rows = packed::amx::Rows::Q8 { tiled: &x.tiled, a };
@@ -302,8 +307,6 @@ fn matmul_packed(pk: &Packed, x: &mut Acts, prec: ActPrecision, ptr: OutPtr, thr
         });
         return;
     }
-    x.block_sums();
-    x.quantize_i16();
     let acts = (&x.i16[..], &x.i16_d[..], &x.sums[..]);
     #[cfg(target_arch = "x86_64")]
     let planes = packed::amx::Rows::I16 {

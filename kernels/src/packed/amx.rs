@@ -14,7 +14,8 @@
 //!
 //! Weights are the tile product's second operand: 8 rows of 64 bytes a block, row `q`
 //! holding inputs `4q .. 4q + 4` of each of the 16 weight rows, unpacked from the packed
-//! layout once per group into a buffer that every activation tile of the call reads.
+//! layout once per call and group into a buffer that every activation tile of the call
+//! reads.
 //! Linux hands a process the tile registers only once it asks (`arch_prctl`), which
 //! [`usable`] does.
 
@@ -223,8 +224,8 @@ impl Packed {
 }
 
 /// Where a tile of 16 activation rows lies: its values (`hi` plane, or 8-bit values)
-/// and `lo` plane, rows 32 bytes apart, block `i` at `+ i · step`; its scales and block
-/// sums, rows `dstride` bytes apart, block `i` at `+ i · dstep`.
+/// and `lo` plane (null for 8-bit values), rows 32 bytes apart, block `i` at `+ i · step`;
+/// its scales and block sums, rows `dstride` bytes apart, block `i` at `+ i · dstep`.
 #[derive(Clone, Copy)]
 struct Src {
     x: *const u8,
@@ -259,7 +260,7 @@ impl Src {
                 let size = std::mem::size_of::<Q8Block>();
                 Src {
                     x: tiled[t * nb * TILE..].as_ptr(),
-                    lo: at,
+                    lo: std::ptr::null(),
                     step: TILE,
                     d: at.wrapping_add(std::mem::offset_of!(Q8Block, d)),
                     s: at.wrapping_add(std::mem::offset_of!(Q8Block, s)),
@@ -284,7 +285,8 @@ impl Src {
 /// [`Packed::dot_tiles_amx`]: `I16`, activations in two byte planes (else 8-bit blocks);
 /// `Q8W`, 8-bit weights (else 4-bit). Two groups at a time meet a tile of activations
 /// (four products in flight, for 16-bit activations), block by block; block `i + 1`'s
-/// products go to the tiles before block `i`'s sums are scaled, so that the two overlap.
+/// products go to the tiles before block `i`'s sums are scaled, so that the two could
+/// overlap (on Sapphire Rapids they take turns: BENCHMARKS.md).
 ///
 /// # Safety
 /// As `dot_tiles_amx` asserts.
