@@ -250,9 +250,10 @@ impl HeadTask<'_> {
         let mut scores = vec![0f32; n * G];
         let blocks = &self.table[..n.div_ceil(16)];
         let mut block = [[0f32; 16]; G];
+        assert!(qrow.len() >= G * hd && o.len() >= G * hd);
         for (bi, &blk) in blocks.iter().enumerate() {
             let (kb, _) = kv.head_block(layer, blk, kvh);
-            assert!(kb.len() >= 16 * hd && qrow.len() >= G * hd);
+            assert!(kb.len() >= 16 * hd);
             avx512::scores16::<G>(qrow, hd, kb, &mut block);
             let (j0, len) = (bi * 16, 16.min(n - bi * 16));
             for g in 0..G {
@@ -270,7 +271,6 @@ impl HeadTask<'_> {
             assert!(vb.len() >= len * hd);
             (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
         });
-        assert!(o.len() >= G * hd);
         avx512::values64::<G>(rows, o);
     }
 

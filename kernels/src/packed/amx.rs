@@ -309,8 +309,10 @@ unsafe fn run<const I16: bool, const Q8W: bool>(
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
     let mut g0 = groups.start;
     while g0 < groups.end {
-        // A last group alone is paired with itself (its second results dropped).
+        // A last group alone is paired with itself (its second products not scaled, nor
+        // handed over).
         let pair = [g0, (g0 + 1).min(groups.end - 1)];
+        let distinct = 1 + (pair[1] != pair[0]) as usize;
         for (j, &g) in pair.iter().enumerate() {
             for i in 0..nb {
                 let v = pk.vals.as_ptr().add((g * nb + i) * vb);
@@ -342,7 +344,7 @@ unsafe fn run<const I16: bool, const Q8W: bool>(
                     start(i + 1);
                 }
                 let s = &sums[i % 2];
-                for (j, &g) in pair.iter().enumerate() {
+                for (j, &g) in pair.iter().enumerate().take(distinct) {
                     let gi = g * nb + i;
                     let scale = _mm512_loadu_ps(pk.scales.as_ptr().add(gi * LANES));
                     let min = match mins {
@@ -369,11 +371,7 @@ unsafe fn run<const I16: bool, const Q8W: bool>(
                     finish(&mut sums[(i + 1) % 2]);
                 }
             }
-            for (j, &g) in pair
-                .iter()
-                .enumerate()
-                .take(1 + (pair[1] != pair[0]) as usize)
-            {
+            for (j, &g) in pair.iter().enumerate().take(distinct) {
                 for (r, o) in out[j].iter().enumerate() {
                     _mm512_storeu_ps(res[r].as_mut_ptr(), *o);
                 }
