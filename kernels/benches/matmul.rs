@@ -15,7 +15,7 @@ mod ffn;
 fn bench(c: &mut Criterion) {
     let w = ffn::weights();
     let mut g = c.benchmark_group("matmul_q4_1_1536x576");
-    for b in [1usize, 16, 64, 512] {
+    for b in [1usize, 4, 8, 16, 64, 512] {
         let mut x = ffn::acts(b);
         let mut out = vec![0f32; b * ffn::ROWS];
         g.throughput(Throughput::Elements((b * ffn::ROWS * ffn::COLS) as u64));
