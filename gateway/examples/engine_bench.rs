@@ -8,7 +8,8 @@
 //! CUDA path's harness on the CPU, with the tiny model), `STREAMS=1,4,16,64`
 //! (the default; the engine gets as many batch slots as the largest), `ACTIVATIONS` (CPU),
 //! `THREADS=n` (the CPU backend's threads; default one per CPU),
-//! `PREFIX_CACHING=0` (the prefix cache off), `MAX_BATCH_TOKENS=n` (the per-step token
+//! `PREFIX_CACHING=0` (the prefix cache off), `PREFILL_TOKENS=n` (the prefill's prompt
+//! length, default 512), `MAX_BATCH_TOKENS=n` (the per-step token
 //! budget, chunked prefill), `ATTENTION=tensor` (CUDA: the tensor-core
 //! attention kernel), `FORMAT=json|schema` (the streams' answers
 //! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
@@ -200,10 +201,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm up.
     run(w.clone(), req("Hello".into(), 4)).await;
 
-    // Prefill: a 512-token prompt, one new token.
-    let long = "The history of the city is long and complex. ".repeat(52);
-    let n_prompt = loaded.tokenizer.encode(&long)?.len().min(512);
+    // Prefill: a 512-token prompt (`PREFILL_TOKENS`), one new token.
+    let n_prefill: usize = match std::env::var("PREFILL_TOKENS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 512,
+    };
+    let long = "The history of the city is long and complex. ".repeat(n_prefill / 8 + 8);
     let ids = loaded.tokenizer.encode(&long)?;
+    let n_prompt = ids.len().min(n_prefill);
     let prompt512 = loaded.tokenizer.decode(&ids[..n_prompt]);
     let (ttft, _) = run(w.clone(), req(prompt512.clone(), 1)).await;
     println!(

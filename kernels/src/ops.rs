@@ -53,6 +53,11 @@ pub fn rope_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
 /// `g = silu(g) · u`, in place.
 pub fn swiglu(g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW detected.
+        return unsafe { swiglu_avx512(g, u) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::quant::simd_path() != "scalar" {
         // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
         return unsafe { swiglu_avx2(g, u) };
@@ -63,6 +68,13 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn swiglu_avx2(g: &mut [f32], u: &[f32]) {
+    swiglu_body(g, u)
+}
+
+/// The same loop 16 lanes wide (each lane's operations, and so its bits, unchanged).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn swiglu_avx512(g: &mut [f32], u: &[f32]) {
     swiglu_body(g, u)
 }
 
@@ -90,8 +102,12 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_66;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // n ∈ [−126, 128]: 2^n as bits (n = 128 only for x at the clamp, where e < 1).
-    let scale = f32::from_bits((((n as i32) + 127).clamp(1, 254) as u32) << 23);
+    // n ∈ [−126, 128]: 2^n as bits (n = 128 only for x at the clamp, where e < 1). n to
+    // an integer by adding 1.5·2²³, which puts it in the mantissa's low bits: the same
+    // integer as `n as i32`, in a form that vectorizes (`as` saturates, and so compiled
+    // to a scalar conversion and two checks per lane).
+    let ni = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let scale = f32::from_bits(((ni + 127).clamp(1, 254) as u32) << 23);
     let e = if n > 127.0 { e * 2.0 } else { e };
     e * scale
 }
@@ -117,6 +133,11 @@ pub fn max(x: &[f32]) -> f32 {
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW detected.
+        return unsafe { softmax_avx512(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::quant::simd_path() != "scalar" {
         // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
         return unsafe { softmax_avx2(x) };
@@ -127,6 +148,13 @@ pub fn softmax(x: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(x: &mut [f32]) {
+    softmax_body(x)
+}
+
+/// The same loops, the element-wise ones 16 lanes wide (the sum keeps its 8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn softmax_avx512(x: &mut [f32]) {
     softmax_body(x)
 }
 
@@ -166,6 +194,94 @@ mod exp_tests {
         assert!(super::exp(-1e4) < 1e-37 && super::exp(-1e4) >= 0.0);
         assert!(super::exp(1e4).is_finite() && super::exp(1e4) > 3e38);
         assert_eq!(super::exp(0.0), 1.0);
+    }
+
+    /// `exp` as first written, with `n as i32` (scalar conversions): the vectorizing
+    /// form must give its bits for every input.
+    fn exp_with_as(x: f32) -> f32 {
+        let x = x.clamp(-87.3, 88.7);
+        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 0.166_666_66;
+        let p = p * r + 0.5;
+        let e = p * r * r + r + 1.0;
+        let scale = f32::from_bits((((n as i32) + 127).clamp(1, 254) as u32) << 23);
+        let e = if n > 127.0 { e * 2.0 } else { e };
+        e * scale
+    }
+
+    #[test]
+    fn exp_gives_the_bits_of_its_first_form() {
+        let mut x = -120.0f32;
+        let mut n = 0;
+        while x < 120.0 {
+            assert_eq!(super::exp(x).to_bits(), exp_with_as(x).to_bits(), "x = {x}");
+            x += 0.000_377;
+            n += 1;
+        }
+        assert!(n > 600_000);
+        for x in [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            -0.0,
+            0.0,
+            88.7,
+            -87.3,
+            1e30,
+            -1e30,
+        ] {
+            assert_eq!(super::exp(x).to_bits(), exp_with_as(x).to_bits(), "x = {x}");
+        }
+        assert!(super::exp(f32::NAN).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod simd_tests {
+    use crate::testutil::rand;
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Softmax and SwiGLU on every SIMD build this CPU runs give the portable loops' bits
+    /// (element-wise operations lane by lane; the softmax's sum in the same 8 lanes).
+    #[test]
+    fn softmax_and_swiglu_give_the_portable_bits_on_every_build() {
+        for (i, n) in [1usize, 7, 8, 15, 16, 17, 100, 1000, 4097]
+            .into_iter()
+            .enumerate()
+        {
+            // Logits of attention's range and beyond it (both ends of exp's clamp).
+            let x: Vec<f32> = rand(n, 3 + i as u64).iter().map(|v| v * 60.0).collect();
+            let mut soft = x.clone();
+            super::softmax_body(&mut soft);
+            let mut got = x.clone();
+            super::softmax(&mut got);
+            assert_eq!(bits(&got), bits(&soft), "softmax, n = {n}");
+            let u = rand(n, 50 + i as u64);
+            let g: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
+            let mut glu = g.clone();
+            super::swiglu_body(&mut glu, &u);
+            let mut got = g.clone();
+            super::swiglu(&mut got, &u);
+            assert_eq!(bits(&got), bits(&glu), "swiglu, n = {n}");
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::has_avx2() {
+                let (mut s, mut w) = (x.clone(), g.clone());
+                // SAFETY: AVX2 and FMA detected.
+                unsafe {
+                    super::softmax_avx2(&mut s);
+                    super::swiglu_avx2(&mut w, &u);
+                }
+                assert_eq!(bits(&s), bits(&soft), "softmax on AVX2, n = {n}");
+                assert_eq!(bits(&w), bits(&glu), "swiglu on AVX2, n = {n}");
+            }
+        }
     }
 }
 
