@@ -203,6 +203,11 @@ pub fn dot_f32_rows_scalar<const R: usize>(
 /// half away from zero, as `f32::round`).
 pub fn quantize_row_i16(x: &[f32], q: &mut [i16], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/BW detected.
+        return unsafe { quantize_row_i16_avx512(x, q, d) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2/FMA detected.
         return unsafe { quantize_row_i16_avx2(x, q, d) };
@@ -215,6 +220,13 @@ pub fn quantize_row_i16(x: &[f32], q: &mut [i16], d: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_i16_avx2(x: &[f32], q: &mut [i16], d: &mut [f32]) {
+    quantize_row_i16_body(x, q, d)
+}
+
+/// The same loops 16 lanes wide (each value's operations, and so its bits, unchanged).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn quantize_row_i16_avx512(x: &[f32], q: &mut [i16], d: &mut [f32]) {
     quantize_row_i16_body(x, q, d)
 }
 
@@ -660,6 +672,33 @@ mod tests {
         v.extend((-64..64).map(|i| i as f32 * 0.25));
         for x in v {
             assert_eq!(round_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+    }
+
+    /// Every build of the 16-bit quantizer this CPU runs gives the portable loop's
+    /// values and scales, bit for bit (ties, zeros, NaN and the largest values among them).
+    #[test]
+    fn the_i16_quantizer_gives_the_portable_bits_on_every_build() {
+        let mut x: Vec<f32> = rand_vec(32 * 40, 9).iter().map(|v| v * 3.0).collect();
+        x[..32].fill(0.0);
+        x[40] = f32::NAN;
+        x[70] = 1e30;
+        x[100] = -0.5;
+        let nb = x.len() / QK;
+        let (mut q0, mut d0) = (vec![0i16; x.len()], vec![0f32; nb]);
+        quantize_row_i16_body(&x, &mut q0, &mut d0);
+        let d0: Vec<u32> = d0.iter().map(|v| v.to_bits()).collect();
+        let (mut q, mut d) = (vec![0i16; x.len()], vec![0f32; nb]);
+        quantize_row_i16(&x, &mut q, &mut d);
+        assert_eq!(q, q0);
+        assert_eq!(d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d0);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let (mut q, mut d) = (vec![0i16; x.len()], vec![0f32; nb]);
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { quantize_row_i16_avx2(&x, &mut q, &mut d) };
+            assert_eq!(q, q0);
+            assert_eq!(d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d0);
         }
     }
 
