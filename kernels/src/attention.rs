@@ -214,6 +214,81 @@ mod avx512 {
             }
         }
     }
+
+    /// [`scores16`] for `R` query rows at once (rows of one sequence attending together):
+    /// each key is read and widened once for all `R·G` queries. The partial sums are taken
+    /// one after the other — sum `j` over dimensions `j, j + 4, …` in order, as `scores16`
+    /// builds each — so that only `R·G` accumulators are live; combined as there.
+    ///
+    /// # Safety
+    /// AVX-512F; `kb.len() ≥ 16·hd`, each `q[r].len() ≥ G·hd`, `hd` a multiple of 4.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores16_rows<const G: usize, const R: usize>(
+        q: [&[f32]; R],
+        hd: usize,
+        kb: &[f16],
+        out: &mut [[[f32; 16]; G]; R],
+    ) {
+        let kp = kb.as_ptr();
+        let mut parts = [[[_mm512_setzero_ps(); G]; R]; PARTS];
+        for (j, part) in parts.iter_mut().enumerate() {
+            for d in (j..hd).step_by(PARTS) {
+                let k = load16(kp.add(d * 16));
+                for (qr, a) in q.iter().zip(part.iter_mut()) {
+                    for (g, a) in a.iter_mut().enumerate() {
+                        let qv = _mm512_set1_ps(*qr.as_ptr().add(g * hd + d));
+                        *a = _mm512_fmadd_ps(qv, k, *a);
+                    }
+                }
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            for (g, o) in o.iter_mut().enumerate() {
+                let p = |j: usize| parts[j][r][g];
+                let v = _mm512_add_ps(_mm512_add_ps(p(0), p(1)), _mm512_add_ps(p(2), p(3)));
+                _mm512_storeu_ps(o.as_mut_ptr(), v);
+            }
+        }
+    }
+
+    /// [`values64`] for `R` query rows at once: each value row is read and widened once for
+    /// all of them. A row's weights for a block may be fewer than another's (its last
+    /// block), or none; each query's sum runs over its own slots in order, as in `values64`.
+    ///
+    /// # Safety
+    /// AVX-512F; each `out[r].len() ≥ 64·G`; each block's values hold 64 per weight of
+    /// its longest row, and a row's heads have as many weights for a block.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn values64_rows<'a, const G: usize, const R: usize>(
+        blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+        out: [&mut [f32]; R],
+    ) {
+        let mut a = [[[_mm512_setzero_ps(); 4]; G]; R];
+        for (vb, p) in blocks {
+            let vp = vb.as_ptr();
+            let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
+            for s in 0..len {
+                let v: [__m512; 4] = std::array::from_fn(|i| load16(vp.add(s * 64 + 16 * i)));
+                for (p, a) in p.iter().zip(a.iter_mut()) {
+                    if s < p[0].len() {
+                        for (pg, a) in p.iter().zip(a.iter_mut()) {
+                            let wv = _mm512_set1_ps(*pg.get_unchecked(s));
+                            for i in 0..4 {
+                                a[i] = _mm512_fmadd_ps(wv, v[i], a[i]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (o, a) in out.into_iter().zip(a.iter()) {
+            for (g, a) in a.iter().enumerate() {
+                for (i, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(64 * g + 16 * i), *v);
+                }
+            }
+        }
+    }
 }
 
 /// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
@@ -272,6 +347,91 @@ impl HeadTask<'_> {
             (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
         });
         avx512::values64::<G>(rows, o);
+    }
+
+    /// [`HeadTask::run_avx512`] for `R` consecutive rows of one sequence (a prompt's),
+    /// row `r` over its first `self.n + r` positions: each key block is read once for
+    /// all the rows' heads, and each value row once for two rows' (for groups of up to 3
+    /// heads). Every row's output is the bits it gets alone.
+    ///
+    /// # Safety
+    /// As [`HeadTask::run_avx512`]; each `q[r]` and `o[r]` hold `G·hd`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_rows_avx512<const G: usize, const R: usize>(
+        &self,
+        kv: &KvCache,
+        q: [&[f32]; R],
+        o: [&mut [f32]; R],
+    ) {
+        let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
+        let n_of = |r: usize| self.n + r;
+        let n_max = n_of(R - 1);
+        // Scores of query (r, g) at `((r·G + g)·n_max ..)[.. n_of(r)]`.
+        let mut scores = vec![0f32; R * G * n_max];
+        let blocks = &self.table[..n_max.div_ceil(16)];
+        let mut block = [[[0f32; 16]; G]; R];
+        assert!(q.iter().all(|q| q.len() >= G * hd));
+        assert!(o.iter().all(|o| o.len() >= G * hd));
+        // Slots of block `bi` that row `r` attends to.
+        let len = |r: usize, bi: usize| n_of(r).saturating_sub(bi * 16).min(16);
+        for (bi, &blk) in blocks.iter().enumerate() {
+            let (kb, _) = kv.head_block(layer, blk, kvh);
+            assert!(kb.len() >= 16 * hd);
+            avx512::scores16_rows::<G, R>(q, hd, kb, &mut block);
+            for (r, br) in block.iter().enumerate() {
+                let l = len(r, bi);
+                for (g, bg) in br.iter().enumerate() {
+                    let at = (r * G + g) * n_max + bi * 16;
+                    for (o, s) in scores[at..at + l].iter_mut().zip(bg) {
+                        *o = s * self.scale;
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for g in 0..G {
+                ops::softmax(&mut scores[(r * G + g) * n_max..][..n_of(r)]);
+            }
+        }
+        let weights = |r: usize, bi: usize| -> [&[f32]; G] {
+            let l = len(r, bi);
+            std::array::from_fn(|g| &scores[(r * G + g) * n_max + bi * 16..][..l])
+        };
+        let values = |bi: usize, blk: u32| {
+            let (_, vb) = kv.head_block(layer, blk, kvh);
+            assert!(vb.len() >= 16 * hd);
+            (vb, bi)
+        };
+        let mut outs = o.into_iter();
+        let mut r = 0;
+        while r < R {
+            // Two rows together where their accumulators fit the registers (4·G each).
+            if G <= 3 && r + 1 < R {
+                let (o0, o1) = (outs.next(), outs.next());
+                let (Some(o0), Some(o1)) = (o0, o1) else {
+                    unreachable!("R outputs")
+                };
+                let rows = blocks[..n_of(r + 1).div_ceil(16)]
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, &blk)| values(bi, blk))
+                    .map(|(vb, bi)| (vb, [weights(r, bi), weights(r + 1, bi)]));
+                avx512::values64_rows::<G, 2>(rows, [o0, o1]);
+                r += 2;
+            } else {
+                let Some(o0) = outs.next() else {
+                    unreachable!("R outputs")
+                };
+                let rows = blocks[..n_of(r).div_ceil(16)]
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, &blk)| values(bi, blk))
+                    .map(|(vb, bi)| (vb, weights(r, bi)));
+                avx512::values64::<G>(rows, o0);
+                r += 1;
+            }
+        }
     }
 
     #[inline(always)]
@@ -344,6 +504,16 @@ pub(crate) fn attention(
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let gw = group * hd; // output width of one task
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 && (1..=4).contains(&group) {
+        let tiles = row_tiles(batch, row_seq);
+        if tiles.len() < row_seq.len() {
+            let n = row_seq.len() * qd;
+            attention_rows(c, layer, batch, row_seq, q, kv, &mut out.f32[..n], &tiles);
+            out.touched();
+            return;
+        }
+    }
     out.f32
         .par_chunks_mut(gw)
         .enumerate()
@@ -381,6 +551,110 @@ pub(crate) fn attention(
             t.run::<false>(kv, qrow, o);
         });
     out.touched();
+}
+
+/// Rows of one sequence that attend together on AVX-512 (a prompt's, up to this many).
+const ROW_TILE: usize = 4;
+
+/// The batch's rows in runs of up to [`ROW_TILE`] consecutive rows of one sequence at
+/// consecutive positions: `(first row, rows)`, in row order.
+fn row_tiles(batch: &Batch, row_seq: &[usize]) -> Vec<(usize, usize)> {
+    let mut tiles: Vec<(usize, usize)> = Vec::new();
+    for (r, &sq) in row_seq.iter().enumerate() {
+        match tiles.last_mut() {
+            Some((r0, n))
+                if *n < ROW_TILE
+                    && row_seq[*r0] == sq
+                    && batch.positions[r] as usize == batch.positions[*r0] as usize + *n =>
+            {
+                *n += 1
+            }
+            _ => tiles.push((r, 1)),
+        }
+    }
+    tiles
+}
+
+/// [`attention`] on AVX-512 with a prompt's rows together: one task per (tile of rows,
+/// KV head), each key and value read once for the tile's rows. The same bits per row.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(
+    c: &LlamaConfig,
+    layer: usize,
+    batch: &Batch,
+    row_seq: &[usize],
+    q: &[f32],
+    kv: &KvCache,
+    out: &mut [f32],
+    tiles: &[(usize, usize)],
+) {
+    let (hd, qd, n_kv) = (c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads);
+    let group = c.n_heads / n_kv;
+    let gw = group * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Each task's output rows: row r0 + i's columns of its KV head.
+    let mut tasks = Vec::with_capacity(tiles.len() * n_kv);
+    let mut rows = out.chunks_mut(qd);
+    for &(r0, n) in tiles {
+        let mut outs: Vec<Vec<&mut [f32]>> = (0..n_kv).map(|_| Vec::with_capacity(n)).collect();
+        for row in rows.by_ref().take(n) {
+            for (o, part) in outs.iter_mut().zip(row.chunks_mut(gw)) {
+                o.push(part);
+            }
+        }
+        tasks.extend(outs.into_iter().enumerate().map(|(kvh, o)| (r0, kvh, o)));
+    }
+    tasks.into_par_iter().for_each(|(r0, kvh, o)| {
+        let t = HeadTask {
+            layer,
+            kvh,
+            group,
+            hd,
+            scale,
+            n: batch.positions[r0] as usize + 1,
+            table: &batch.seqs[row_seq[r0]].block_table,
+        };
+        let q_of = |i: usize| &q[(r0 + i) * qd + kvh * gw..][..gw];
+        macro_rules! tile {
+            ($($g:literal, $r:literal);*) => {
+                match (group, o.len()) {
+                    // SAFETY: AVX-512F detected; the group is G, the cache's blocks 16
+                    // slots and the heads 64 wide (checked by `attention`); each query
+                    // and output row holds G·hd.
+                    $(($g, $r) => unsafe { run_tile::<$g, $r>(&t, kv, q_of, o) },)*
+                    _ => unreachable!("groups of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
+                }
+            };
+        }
+        tile!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
+    });
+}
+
+/// One tile of `R` rows and a KV head: [`HeadTask::run_avx512`] for one row, else
+/// [`HeadTask::run_rows_avx512`].
+///
+/// # Safety
+/// As [`HeadTask::run_rows_avx512`]; `o` holds `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_tile<'q, const G: usize, const R: usize>(
+    t: &HeadTask,
+    kv: &KvCache,
+    q_of: impl Fn(usize) -> &'q [f32],
+    o: Vec<&mut [f32]>,
+) {
+    let mut o = o;
+    if R == 1 {
+        let Some(o0) = o.pop() else {
+            unreachable!("a tile of one row has its output")
+        };
+        return t.run_avx512::<G>(kv, q_of(0), o0);
+    }
+    let Ok(o) = <[&mut [f32]; R]>::try_from(o) else {
+        unreachable!("a tile of {R} rows has {R} outputs")
+    };
+    t.run_rows_avx512::<G, R>(kv, std::array::from_fn(q_of), o)
 }
 
 #[cfg(test)]
@@ -496,6 +770,131 @@ mod tests {
             // SAFETY: AVX-512F detected; three query heads, 16-slot blocks, 64 wide.
             unsafe { t.run_avx512::<3>(&kv, &q, &mut got) };
             assert_eq!(got, want, "KV head {kvh}");
+        }
+    }
+
+    /// A prompt's rows together on AVX-512 (2-4 rows, groups of 1, 3 and 4 heads, rows
+    /// ending on both sides of a block's edge, stale values in the slots past them): each
+    /// row's output is the portable task's bits for that row alone.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rows_together_on_avx512_give_each_rows_portable_bits() {
+        if !crate::quant::has_avx512() {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        fn check<const G: usize, const R: usize>(n0: usize) {
+            let (hd, heads) = (64, 2);
+            let mut kv = KvCache::new(1, heads, heads * hd, 16, 6);
+            let table = [5u32, 1, 3, 0];
+            // Every slot of the table's blocks written (those past a row's end too).
+            for pos in 0..64 {
+                let (k, v) = (
+                    rand(heads * hd, 300 + pos as u64),
+                    rand(heads * hd, 400 + pos as u64),
+                );
+                kv.write(0, &table, pos, &k, &v);
+            }
+            for kvh in 0..heads {
+                let t = HeadTask {
+                    layer: 0,
+                    kvh,
+                    group: G,
+                    hd,
+                    scale: 0.125,
+                    n: n0,
+                    table: &table,
+                };
+                let qs: Vec<Vec<f32>> = (0..R)
+                    .map(|r| rand(G * hd, 50 + (10 * kvh + r) as u64))
+                    .collect();
+                let mut got = vec![vec![0f32; G * hd]; R];
+                let outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
+                let Ok(outs) = <[&mut [f32]; R]>::try_from(outs) else {
+                    unreachable!()
+                };
+                // SAFETY: AVX-512F detected; G heads, 16-slot blocks, 64 wide.
+                unsafe {
+                    t.run_rows_avx512::<G, R>(&kv, std::array::from_fn(|r| &qs[r][..]), outs)
+                };
+                for (r, got) in got.iter().enumerate() {
+                    let alone = HeadTask { n: n0 + r, ..t };
+                    let mut want = vec![0f32; G * hd];
+                    alone.run::<false>(&kv, &qs[r], &mut want);
+                    assert_eq!(
+                        got, &want,
+                        "G {G}, row {r} of {R} from n {n0}, KV head {kvh}"
+                    );
+                }
+            }
+        }
+        for n0 in [1, 14, 16, 30, 45] {
+            check::<1, 4>(n0);
+            check::<3, 2>(n0);
+            check::<3, 3>(n0);
+            check::<3, 4>(n0);
+            check::<4, 3>(n0);
+        }
+    }
+
+    /// A whole step's attention at SmolLM2's shape (9 query heads on 3 KV heads, 64
+    /// wide): a prompt of 11 rows from position 5 (tiles of 4, 4 and 3 on AVX-512)
+    /// beside one-row sequences; every row's output is its portable task's alone.
+    #[test]
+    fn a_steps_rows_each_get_their_portable_tasks_bits() {
+        let c = LlamaConfig {
+            n_layers: 1,
+            dim: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            vocab: 100,
+            rope_base: 1e4,
+            rms_eps: 1e-5,
+            context_len: 256,
+            pooling: crate::model::Pooling::Last,
+        };
+        let (hd, kvd, qd) = (64, 3 * 64, 9 * 64);
+        let mut kv = KvCache::new(1, 3, kvd, 16, 8);
+        let tables: [Vec<u32>; 3] = [vec![2, 6], vec![0, 5, 7], vec![1]];
+        for (i, table) in tables.iter().enumerate() {
+            for pos in 0..16 * table.len() {
+                let seed = 1000 * i as u64 + pos as u64;
+                kv.write(0, table, pos, &rand(kvd, seed), &rand(kvd, seed + 500));
+            }
+        }
+        let mut batch = Batch::default();
+        batch.push(&[1], 20, tables[0].clone(), true);
+        batch.push(&[2; 11], 5, tables[1].clone(), true);
+        batch.push(&[3], 9, tables[2].clone(), true);
+        let row_seq: Vec<usize> = (0..13)
+            .map(|r| [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2][r])
+            .collect();
+        let q = rand(13 * qd, 77);
+        let mut out = Acts::default();
+        out.resize(13, qd);
+        attention(&c, 0, &batch, &row_seq, &q, &kv, &mut out);
+        for r in 0..13 {
+            for kvh in 0..3 {
+                let t = HeadTask {
+                    layer: 0,
+                    kvh,
+                    group: 3,
+                    hd,
+                    scale: 0.125,
+                    n: batch.positions[r] as usize + 1,
+                    table: &batch.seqs[row_seq[r]].block_table,
+                };
+                let at = r * qd + kvh * 3 * hd;
+                let mut want = vec![0f32; 3 * hd];
+                t.run::<false>(&kv, &q[at..at + 3 * hd], &mut want);
+                assert_eq!(
+                    &out.f32[at..at + 3 * hd],
+                    &want[..],
+                    "row {r}, KV head {kvh}"
+                );
+            }
         }
     }
 
