@@ -605,6 +605,9 @@ fn attention_rows(
         }
         tasks.extend(outs.into_iter().enumerate().map(|(kvh, o)| (r0, kvh, o)));
     }
+    // A KV head's tiles next to each other: a thread's run of tasks reads one head's keys
+    // and values (a long prompt's 1 MB a head fit the core's cache; all heads' do not).
+    tasks.sort_by_key(|&(r0, kvh, _)| (kvh, r0));
     tasks.into_par_iter().for_each(|(r0, kvh, o)| {
         let t = HeadTask {
             layer,
