@@ -8,6 +8,10 @@
 //! f32 (exactly) as they are read. For the common shapes (16-token blocks, 64-wide heads)
 //! the two inner loops are written with AVX2/FMA/F16C intrinsics; the portable loops
 //! beside them do the same operations in the same order, so both give the same bits.
+//! On AVX-512 a task's query heads go together, and a prompt's rows go in tiles of up to
+//! four ([`ROW_TILE`]) for each KV head: each key block is read and widened once for the
+//! tile's rows and heads, each value row once for two rows, and every row still gets the
+//! bits it gets alone.
 
 use crate::forward::Batch;
 use crate::kv::KvCache;
@@ -554,10 +558,12 @@ pub(crate) fn attention(
 }
 
 /// Rows of one sequence that attend together on AVX-512 (a prompt's, up to this many).
+#[cfg(target_arch = "x86_64")]
 const ROW_TILE: usize = 4;
 
 /// The batch's rows in runs of up to [`ROW_TILE`] consecutive rows of one sequence at
 /// consecutive positions: `(first row, rows)`, in row order.
+#[cfg(target_arch = "x86_64")]
 fn row_tiles(batch: &Batch, row_seq: &[usize]) -> Vec<(usize, usize)> {
     let mut tiles: Vec<(usize, usize)> = Vec::new();
     for (r, &sq) in row_seq.iter().enumerate() {
