@@ -744,6 +744,20 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// A one-layer cache of `heads` 64-wide KV heads in `n_blocks` blocks of 16, with
+    /// positions `0..n` of `table` written: random keys (seeds `seed + pos`) and values
+    /// (`seed + 100 + pos`).
+    #[cfg(target_arch = "x86_64")]
+    fn cache_with(heads: usize, n_blocks: usize, table: &[u32], n: usize, seed: u64) -> KvCache {
+        let kvd = heads * 64;
+        let mut kv = KvCache::new(1, heads, kvd, 16, n_blocks);
+        for pos in 0..n as u64 {
+            let (k, v) = (rand(kvd, seed + pos), rand(kvd, seed + 100 + pos));
+            kv.write(0, table, pos as usize, &k, &v);
+        }
+        kv
+    }
+
     /// A whole task (two KV heads, three query heads each, 37 positions over three
     /// blocks in a shuffled table) on AVX-512 gives the portable task's bits.
     #[cfg(target_arch = "x86_64")]
@@ -754,15 +768,8 @@ mod tests {
             return;
         }
         let (hd, heads, n) = (64, 2, 37);
-        let mut kv = KvCache::new(1, heads, heads * hd, 16, 5);
         let table = [3u32, 0, 4];
-        for pos in 0..n {
-            let (k, v) = (
-                rand(heads * hd, 100 + pos as u64),
-                rand(heads * hd, 200 + pos as u64),
-            );
-            kv.write(0, &table, pos, &k, &v);
-        }
+        let kv = cache_with(heads, 5, &table, n, 100);
         for kvh in 0..heads {
             let t = HeadTask {
                 layer: 0,
@@ -794,16 +801,9 @@ mod tests {
         }
         fn check<const G: usize, const R: usize>(n0: usize) {
             let (hd, heads) = (64, 2);
-            let mut kv = KvCache::new(1, heads, heads * hd, 16, 6);
             let table = [5u32, 1, 3, 0];
             // Every slot of the table's blocks written (those past a row's end too).
-            for pos in 0..64 {
-                let (k, v) = (
-                    rand(heads * hd, 300 + pos as u64),
-                    rand(heads * hd, 400 + pos as u64),
-                );
-                kv.write(0, &table, pos, &k, &v);
-            }
+            let kv = cache_with(heads, 6, &table, 64, 300);
             for kvh in 0..heads {
                 let t = HeadTask {
                     layer: 0,
