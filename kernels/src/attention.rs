@@ -402,10 +402,10 @@ impl HeadTask<'_> {
             let l = len(r, bi);
             std::array::from_fn(|g| &scores[(r * G + g) * n_max + bi * 16..][..l])
         };
-        let values = |bi: usize, blk: u32| {
+        let values = |blk: u32| {
             let (_, vb) = kv.head_block(layer, blk, kvh);
             assert!(vb.len() >= 16 * hd);
-            (vb, bi)
+            vb
         };
         let mut outs = o.into_iter();
         let mut r = 0;
@@ -419,8 +419,7 @@ impl HeadTask<'_> {
                 let rows = blocks[..n_of(r + 1).div_ceil(16)]
                     .iter()
                     .enumerate()
-                    .map(|(bi, &blk)| values(bi, blk))
-                    .map(|(vb, bi)| (vb, [weights(r, bi), weights(r + 1, bi)]));
+                    .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
                 avx512::values64_rows::<G, 2>(rows, [o0, o1]);
                 r += 2;
             } else {
@@ -430,8 +429,7 @@ impl HeadTask<'_> {
                 let rows = blocks[..n_of(r).div_ceil(16)]
                     .iter()
                     .enumerate()
-                    .map(|(bi, &blk)| values(bi, blk))
-                    .map(|(vb, bi)| (vb, weights(r, bi)));
+                    .map(|(bi, &blk)| (values(blk), weights(r, bi)));
                 avx512::values64::<G>(rows, o0);
                 r += 1;
             }
