@@ -63,7 +63,10 @@ pub fn sample_exp(z: f32) -> f32 {
         p = p.mul_add(r, c);
     }
     let e = p.mul_add(r * r, r) + 1.0;
-    let v = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n (an integer in [−125, 0]) through the mantissa's low bits: the same integer as
+    // `n as i32`, which saturates and so compiles to scalar conversions, lane by lane.
+    let ni = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let v = e * f32::from_bits(((ni + 127) << 23) as u32);
     if inside {
         v
     } else {
@@ -205,6 +208,48 @@ pub fn argmax(x: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sample_exp`'s exponent as first written (`n as i32`): the vectorizing form gives
+    /// its bits for every input, on the plain and the FMA builds of `probabilities`.
+    #[test]
+    fn sample_exp_gives_the_bits_of_its_first_form() {
+        #[allow(clippy::excessive_precision)]
+        fn first(z: f32) -> f32 {
+            let t = z * std::f32::consts::LOG2_E;
+            let inside = t >= -125.0;
+            let (z, t) = if inside { (z, t) } else { (0.0, 0.0) };
+            let n = t.round_ties_even();
+            let r = n.mul_add(-0.693_359_375, z);
+            let r = n.mul_add(2.121_944_40e-4, r);
+            let mut p = 1.987_569_150_0e-4_f32;
+            for c in [
+                1.398_199_950_7e-3_f32,
+                8.333_451_907_3e-3,
+                4.166_579_589_4e-2,
+                1.666_666_545_9e-1,
+                5.000_000_120_1e-1,
+            ] {
+                p = p.mul_add(r, c);
+            }
+            let e = p.mul_add(r * r, r) + 1.0;
+            let v = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
+            if inside {
+                v
+            } else {
+                0.0
+            }
+        }
+        let mut z: Vec<f32> = (0..400_000).map(|i| -(i as f32) * 0.000_23).collect();
+        z.extend([0.0, -0.0, -86.6, -86.7, -1e30, f32::NEG_INFINITY, f32::NAN]);
+        let want: Vec<u32> = z.iter().map(|&v| first(v).to_bits()).collect();
+        let got: Vec<u32> = z.iter().map(|&v| sample_exp(v).to_bits()).collect();
+        assert_eq!(got, want);
+        let built: Vec<u32> = probabilities(&z, 0.0, 1.0)
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(built, want);
+    }
 
     #[test]
     fn argmax_is_the_first_largest() {
