@@ -33,17 +33,61 @@ impl Default for Q8Block {
     }
 }
 
-/// Quantizes `x` (length a multiple of 32) into `out`.
+/// Quantizes `x` (length a multiple of 32) into `out`: value j of a block is
+/// `round(x_j / d)` (half away from zero), clamped to ±127, with `d` = the block's largest
+/// magnitude / 127.
 pub fn quantize_row_q8(x: &[f32], out: &mut [Q8Block]) {
     debug_assert_eq!(x.len(), out.len() * QK);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/BW detected.
+        return unsafe { quantize_row_q8_avx512(x, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2/FMA detected.
+        return unsafe { quantize_row_q8_avx2(x, out) };
+    }
+    quantize_row_q8_body(x, out)
+}
+
+/// [`quantize_row_q8`] compiled for AVX2: rounding is an instruction, not a call a value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
+    quantize_row_q8_body(x, out)
+}
+
+/// The same loops 16 lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn quantize_row_q8_avx512(x: &[f32], out: &mut [Q8Block]) {
+    quantize_row_q8_body(x, out)
+}
+
+#[inline(always)]
+fn quantize_row_q8_body(x: &[f32], out: &mut [Q8Block]) {
     for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The largest magnitude in 8 lanes (NaNs passed over, as `f32::max` does; the
+        // maximum does not depend on the order).
+        let mut lanes = [0f32; 8];
+        for k in 0..QK / 8 {
+            for j in 0..8 {
+                let a = chunk[8 * k + j].abs();
+                lanes[j] = if a > lanes[j] { a } else { lanes[j] };
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
+            // `(v · id).round() as i32` clamped to ±127, in a form that vectorizes (NaN →
+            // 0 as `as` makes it; clamping before the conversion saturates as it does).
+            let r = round_away(v * id).clamp(-127.0, 127.0);
+            let r = if r.is_nan() { 0.0 } else { r };
+            // SAFETY: `r` is finite and within ±127.
+            *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
             sum += *q as i32;
         }
         b.d = d;
@@ -672,6 +716,61 @@ mod tests {
         v.extend((-64..64).map(|i| i as f32 * 0.25));
         for x in v {
             assert_eq!(round_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+    }
+
+    /// The 8-bit quantizer, on every build this CPU runs, gives what it gave as first
+    /// written (`round() as i32`, clamped; the maximum by `f32::max`), bit for bit.
+    #[test]
+    fn the_q8_quantizer_gives_its_first_forms_bits_on_every_build() {
+        let first = |x: &[f32]| -> Vec<Q8Block> {
+            x.chunks_exact(QK)
+                .map(|chunk| {
+                    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    let mut b = Q8Block::default();
+                    let mut sum = 0i32;
+                    for (q, v) in b.qs.iter_mut().zip(chunk) {
+                        *q = ((v * id).round() as i32).clamp(-127, 127) as i8;
+                        sum += *q as i32;
+                    }
+                    b.d = d;
+                    b.s = d * sum as f32;
+                    b
+                })
+                .collect()
+        };
+        let mut x: Vec<f32> = rand_vec(32 * 60, 13).iter().map(|v| v * 5.0).collect();
+        x[..32].fill(0.0);
+        x[33] = f32::NAN;
+        x[70] = 1e30;
+        x[71] = -1e30;
+        x[100] = f32::INFINITY;
+        // Ties: values whose quotient is exactly k + 0.5.
+        for (j, v) in x[128..160].iter_mut().enumerate() {
+            *v = (j as f32 - 16.0) + 0.5;
+        }
+        x[160..192].copy_from_slice(&(0..32).map(|j| j as f32 * 4.0 - 63.5).collect::<Vec<_>>());
+        let want = first(&x);
+        let key = |b: &[Q8Block]| -> Vec<(u32, u32, [i8; QK])> {
+            b.iter()
+                .map(|b| (b.d.to_bits(), b.s.to_bits(), b.qs))
+                .collect()
+        };
+        let nb = x.len() / QK;
+        let mut got = vec![Q8Block::default(); nb];
+        quantize_row_q8(&x, &mut got);
+        assert_eq!(key(&got), key(&want), "dispatched");
+        let mut body = vec![Q8Block::default(); nb];
+        quantize_row_q8_body(&x, &mut body);
+        assert_eq!(key(&body), key(&want), "portable");
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let mut b = vec![Q8Block::default(); nb];
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { quantize_row_q8_avx2(&x, &mut b) };
+            assert_eq!(key(&b), key(&want), "AVX2");
         }
     }
 
