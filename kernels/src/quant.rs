@@ -65,20 +65,24 @@ unsafe fn quantize_row_q8_avx512(x: &[f32], out: &mut [Q8Block]) {
     quantize_row_q8_body(x, out)
 }
 
+/// A block's largest magnitude (0 for none; NaNs passed over, as `f32::max` does), eight
+/// lanes at a time so that it vectorizes (the maximum does not depend on the order).
+#[inline(always)]
+fn block_amax(c: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for k in 0..QK / 8 {
+        for j in 0..8 {
+            let a = c[8 * k + j].abs();
+            lanes[j] = if a > lanes[j] { a } else { lanes[j] };
+        }
+    }
+    lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m })
+}
+
 #[inline(always)]
 fn quantize_row_q8_body(x: &[f32], out: &mut [Q8Block]) {
     for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        // The largest magnitude in 8 lanes (NaNs passed over, as `f32::max` does; the
-        // maximum does not depend on the order).
-        let mut lanes = [0f32; 8];
-        for k in 0..QK / 8 {
-            for j in 0..8 {
-                let a = chunk[8 * k + j].abs();
-                lanes[j] = if a > lanes[j] { a } else { lanes[j] };
-            }
-        }
-        let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
-        let d = amax / 127.0;
+        let d = block_amax(chunk) / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(chunk) {
@@ -293,17 +297,7 @@ fn quantize_row_i16_body(x: &[f32], q: &mut [i16], d: &mut [f32]) {
         .zip(q.chunks_exact_mut(QK))
         .zip(d.iter_mut())
     {
-        // The largest magnitude, eight lanes at a time (the maximum does not depend on
-        // the order).
-        let mut lanes = [0f32; 8];
-        for k in 0..QK / 8 {
-            for j in 0..8 {
-                let a = c[8 * k + j].abs();
-                lanes[j] = if a > lanes[j] { a } else { lanes[j] };
-            }
-        }
-        let amax = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
-        let s = amax / 32767.0;
+        let s = block_amax(c) / 32767.0;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (o, v) in qb.iter_mut().zip(c) {
             let r = round_away(v * inv).clamp(-32767.0, 32767.0);
