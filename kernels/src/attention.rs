@@ -222,7 +222,9 @@ mod avx512 {
     /// [`scores16`] for `R` query rows at once (rows of one sequence attending together):
     /// each key is read and widened once for all `R·G` queries. The partial sums are taken
     /// one after the other — sum `j` over dimensions `j, j + 4, …` in order, as `scores16`
-    /// builds each — so that only `R·G` accumulators are live; combined as there.
+    /// builds each — so that only `R·G` accumulators are live; combined as there. One
+    /// row keeps `scores16`: with only `G` sums a part, each part would wait on its
+    /// multiply-adds' latency.
     ///
     /// # Safety
     /// AVX-512F; `kb.len() ≥ 16·hd`, each `q[r].len() ≥ G·hd`, `hd` a multiple of 4.
@@ -506,8 +508,12 @@ pub(crate) fn attention(
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let gw = group * hd; // output width of one task
+                         // The AVX-512 loops' shapes: 16-slot blocks, 64-wide heads, groups of 1-4 heads.
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 && (1..=4).contains(&group) {
+    let grouped =
+        crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 && (1..=4).contains(&group);
+    #[cfg(target_arch = "x86_64")]
+    if grouped {
         let tiles = row_tiles(batch, row_seq);
         if tiles.len() < row_seq.len() {
             let n = row_seq.len() * qd;
@@ -534,15 +540,15 @@ pub(crate) fn attention(
                 table,
             };
             #[cfg(target_arch = "x86_64")]
-            if crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 {
+            if grouped {
                 // SAFETY: AVX-512F detected; G is the group, the blocks and heads the sizes
-                // the grouped loops take (checked here).
+                // the grouped loops take (`grouped`).
                 match group {
                     1 => return unsafe { t.run_avx512::<1>(kv, qrow, o) },
                     2 => return unsafe { t.run_avx512::<2>(kv, qrow, o) },
                     3 => return unsafe { t.run_avx512::<3>(kv, qrow, o) },
                     4 => return unsafe { t.run_avx512::<4>(kv, qrow, o) },
-                    _ => {}
+                    _ => unreachable!("`grouped` holds groups of 1-4"),
                 }
             }
             #[cfg(target_arch = "x86_64")]
