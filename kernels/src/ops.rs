@@ -102,14 +102,19 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_66;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // n ∈ [−126, 128]: 2^n as bits (n = 128 only for x at the clamp, where e < 1). n to
-    // an integer by adding 1.5·2²³, which puts it in the mantissa's low bits: the same
-    // integer as `n as i32`, in a form that vectorizes (`as` saturates, and so compiled
-    // to a scalar conversion and two checks per lane).
-    let ni = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-    let scale = f32::from_bits(((ni + 127).clamp(1, 254) as u32) << 23);
+    // n ∈ [−126, 128]: 2^n as bits (n = 128 only for x at the clamp, where e < 1).
+    let scale = f32::from_bits(((small_int(n) + 127).clamp(1, 254) as u32) << 23);
     let e = if n > 127.0 { e * 2.0 } else { e };
     e * scale
+}
+
+/// A whole number `n` of magnitude below 2²² (as `exp`s find them) as an integer: the
+/// same as `n as i32`, in a form that vectorizes (`as` saturates, and so compiles to a
+/// scalar conversion and two checks per lane). Adding 1.5·2²³ puts `n` in the mantissa's
+/// low bits.
+#[inline(always)]
+pub(crate) fn small_int(n: f32) -> i32 {
+    (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000
 }
 
 /// The largest value of `x` (NaNs passed over; −∞ for none), in 16 lanes so that it

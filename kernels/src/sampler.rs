@@ -63,10 +63,8 @@ pub fn sample_exp(z: f32) -> f32 {
         p = p.mul_add(r, c);
     }
     let e = p.mul_add(r * r, r) + 1.0;
-    // n (an integer in [−125, 0]) through the mantissa's low bits: the same integer as
-    // `n as i32`, which saturates and so compiles to scalar conversions, lane by lane.
-    let ni = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-    let v = e * f32::from_bits(((ni + 127) << 23) as u32);
+    // n: an integer in [−125, 0].
+    let v = e * f32::from_bits(((crate::ops::small_int(n) + 127) << 23) as u32);
     if inside {
         v
     } else {
