@@ -8,10 +8,10 @@
 //! f32 (exactly) as they are read. For the common shapes (16-token blocks, 64-wide heads)
 //! the two inner loops are written with AVX2/FMA/F16C intrinsics; the portable loops
 //! beside them do the same operations in the same order, so both give the same bits.
-//! On AVX-512 a task's query heads go together, and a prompt's rows go in tiles of up to
-//! four ([`ROW_TILE`]) for each KV head: each key block is read and widened once for the
-//! tile's rows and heads, each value row once for two rows, and every row still gets the
-//! bits it gets alone.
+//! On AVX-512 and AVX2 ([`grouped`], one source for both widths) a task's query heads go
+//! together, and a prompt's rows go in tiles of up to four ([`ROW_TILE`]) for each KV
+//! head: each key block is read and widened once for the tile's rows and heads, each
+//! value row once for two rows, and every row still gets the bits it gets alone.
 
 use crate::forward::Batch;
 use crate::kv::KvCache;
@@ -20,6 +20,9 @@ use crate::model::LlamaConfig;
 use crate::ops;
 use half::f16;
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod grouped;
 
 /// Partial sums a block's scores are split into over the key dimensions (dimension `d`
 /// goes to sum `d % PARTS`), so that the multiply-adds do not wait on each other; they are
@@ -140,163 +143,6 @@ mod avx2 {
     }
 }
 
-/// The query heads that share a KV head, together: each key and value read from the cache
-/// (and widened) once for all of them, a 16-slot block's scores or 16 of a head's outputs
-/// to a 512-bit register. Each head's sums are the AVX2 loops' lane for lane, so the bits
-/// are the portable loops'.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::PARTS;
-    use half::f16;
-    use std::arch::x86_64::*;
-
-    /// Sixteen f16 at `p`, widened to f32.
-    ///
-    /// # Safety
-    /// AVX-512F; `p..p+16` readable.
-    #[inline(always)]
-    unsafe fn load16(p: *const f16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-
-    /// [`super::block_scores`] for a 16-slot block and `G` query heads (`q`: `G` rows of
-    /// `hd`): head `g`'s scores of all 16 slots into `out[g]`.
-    ///
-    /// # Safety
-    /// AVX-512F; `kb.len() ≥ 16·hd`, `q.len() ≥ G·hd`, `hd` a multiple of 4.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores16<const G: usize>(
-        q: &[f32],
-        hd: usize,
-        kb: &[f16],
-        out: &mut [[f32; 16]; G],
-    ) {
-        let mut a = [[_mm512_setzero_ps(); PARTS]; G];
-        let (kp, qp) = (kb.as_ptr(), q.as_ptr());
-        for d in (0..hd).step_by(PARTS) {
-            for j in 0..PARTS {
-                let k = load16(kp.add((d + j) * 16));
-                for (g, a) in a.iter_mut().enumerate() {
-                    let qv = _mm512_set1_ps(*qp.add(g * hd + d + j));
-                    a[j] = _mm512_fmadd_ps(qv, k, a[j]);
-                }
-            }
-        }
-        for (g, a) in a.iter().enumerate() {
-            let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-            _mm512_storeu_ps(out[g].as_mut_ptr(), v);
-        }
-    }
-
-    /// [`super::weighted_values`] for 64-wide heads, `G` of them: each block's values and
-    /// the `G` heads' weights for it (head `g`'s at `p[g]`), into `out` (`G` rows of 64).
-    ///
-    /// # Safety
-    /// AVX-512F; `out.len() ≥ 64·G`; each block's values hold 64 per weight, and every
-    /// head has as many weights for a block.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn values64<'a, const G: usize>(
-        blocks: impl Iterator<Item = (&'a [f16], [&'a [f32]; G])>,
-        out: &mut [f32],
-    ) {
-        let mut a = [[_mm512_setzero_ps(); 4]; G];
-        for (vb, p) in blocks {
-            let vp = vb.as_ptr();
-            for s in 0..p[0].len() {
-                let v: [__m512; 4] = std::array::from_fn(|i| load16(vp.add(s * 64 + 16 * i)));
-                for (g, a) in a.iter_mut().enumerate() {
-                    let wv = _mm512_set1_ps(*p[g].get_unchecked(s));
-                    for i in 0..4 {
-                        a[i] = _mm512_fmadd_ps(wv, v[i], a[i]);
-                    }
-                }
-            }
-        }
-        for (g, a) in a.iter().enumerate() {
-            for (i, v) in a.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(64 * g + 16 * i), *v);
-            }
-        }
-    }
-
-    /// [`scores16`] for `R` query rows at once (rows of one sequence attending together):
-    /// each key is read and widened once for all `R·G` queries. The partial sums are taken
-    /// one after the other — sum `j` over dimensions `j, j + 4, …` in order, as `scores16`
-    /// builds each — so that only `R·G` accumulators are live; combined as there. One
-    /// row keeps `scores16`: with only `G` sums a part, each part would wait on its
-    /// multiply-adds' latency.
-    ///
-    /// # Safety
-    /// AVX-512F; `kb.len() ≥ 16·hd`, each `q[r].len() ≥ G·hd`, `hd` a multiple of 4.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores16_rows<const G: usize, const R: usize>(
-        q: [&[f32]; R],
-        hd: usize,
-        kb: &[f16],
-        out: &mut [[[f32; 16]; G]; R],
-    ) {
-        let kp = kb.as_ptr();
-        let mut parts = [[[_mm512_setzero_ps(); G]; R]; PARTS];
-        for (j, part) in parts.iter_mut().enumerate() {
-            for d in (j..hd).step_by(PARTS) {
-                let k = load16(kp.add(d * 16));
-                for (qr, a) in q.iter().zip(part.iter_mut()) {
-                    for (g, a) in a.iter_mut().enumerate() {
-                        let qv = _mm512_set1_ps(*qr.as_ptr().add(g * hd + d));
-                        *a = _mm512_fmadd_ps(qv, k, *a);
-                    }
-                }
-            }
-        }
-        for (r, o) in out.iter_mut().enumerate() {
-            for (g, o) in o.iter_mut().enumerate() {
-                let p = |j: usize| parts[j][r][g];
-                let v = _mm512_add_ps(_mm512_add_ps(p(0), p(1)), _mm512_add_ps(p(2), p(3)));
-                _mm512_storeu_ps(o.as_mut_ptr(), v);
-            }
-        }
-    }
-
-    /// [`values64`] for `R` query rows at once: each value row is read and widened once for
-    /// all of them. A row's weights for a block may be fewer than another's (its last
-    /// block), or none; each query's sum runs over its own slots in order, as in `values64`.
-    ///
-    /// # Safety
-    /// AVX-512F; each `out[r].len() ≥ 64·G`; each block's values hold 64 per weight of
-    /// its longest row, and a row's heads have as many weights for a block.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn values64_rows<'a, const G: usize, const R: usize>(
-        blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
-        out: [&mut [f32]; R],
-    ) {
-        let mut a = [[[_mm512_setzero_ps(); 4]; G]; R];
-        for (vb, p) in blocks {
-            let vp = vb.as_ptr();
-            let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
-            for s in 0..len {
-                let v: [__m512; 4] = std::array::from_fn(|i| load16(vp.add(s * 64 + 16 * i)));
-                for (p, a) in p.iter().zip(a.iter_mut()) {
-                    if s < p[0].len() {
-                        for (pg, a) in p.iter().zip(a.iter_mut()) {
-                            let wv = _mm512_set1_ps(*pg.get_unchecked(s));
-                            for i in 0..4 {
-                                a[i] = _mm512_fmadd_ps(wv, v[i], a[i]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for (o, a) in out.into_iter().zip(a.iter()) {
-            for (g, a) in a.iter().enumerate() {
-                for (i, v) in a.iter().enumerate() {
-                    _mm512_storeu_ps(o.as_mut_ptr().add(64 * g + 16 * i), *v);
-                }
-            }
-        }
-    }
-}
-
 /// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
 /// `kvh`, over the row's first `n` positions.
 struct HeadTask<'a> {
@@ -316,126 +162,6 @@ impl HeadTask<'_> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
         self.run::<true>(kv, qrow, o)
-    }
-
-    /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and 64-wide heads
-    /// on AVX-512: the heads' scores block by block, each key read once for all of them,
-    /// then their softmaxes, then their outputs, each value read once. The same bits.
-    ///
-    /// # Safety
-    /// AVX-512F; `self.group == G`, the cache's blocks hold 16 slots, `self.hd == 64`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512<const G: usize>(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
-        let (layer, kvh, hd, n) = (self.layer, self.kvh, self.hd, self.n);
-        let mut scores = vec![0f32; n * G];
-        let blocks = &self.table[..n.div_ceil(16)];
-        let mut block = [[0f32; 16]; G];
-        assert!(qrow.len() >= G * hd && o.len() >= G * hd);
-        for (bi, &blk) in blocks.iter().enumerate() {
-            let (kb, _) = kv.head_block(layer, blk, kvh);
-            assert!(kb.len() >= 16 * hd);
-            avx512::scores16::<G>(qrow, hd, kb, &mut block);
-            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
-            for g in 0..G {
-                for (o, s) in scores[g * n + j0..][..len].iter_mut().zip(&block[g]) {
-                    *o = s * self.scale;
-                }
-            }
-        }
-        for sg in scores.chunks_exact_mut(n) {
-            ops::softmax(sg);
-        }
-        let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
-            let (_, vb) = kv.head_block(layer, blk, kvh);
-            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
-            assert!(vb.len() >= len * hd);
-            (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
-        });
-        avx512::values64::<G>(rows, o);
-    }
-
-    /// [`HeadTask::run_avx512`] for `R` consecutive rows of one sequence (a prompt's),
-    /// row `r` over its first `self.n + r` positions: each key block is read once for
-    /// all the rows' heads, and each value row once for two rows' (for groups of up to 3
-    /// heads). Every row's output is the bits it gets alone.
-    ///
-    /// # Safety
-    /// As [`HeadTask::run_avx512`]; each `q[r]` and `o[r]` hold `G·hd`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_rows_avx512<const G: usize, const R: usize>(
-        &self,
-        kv: &KvCache,
-        q: [&[f32]; R],
-        o: [&mut [f32]; R],
-    ) {
-        let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
-        let n_of = |r: usize| self.n + r;
-        let n_max = n_of(R - 1);
-        // Scores of query (r, g) at `((r·G + g)·n_max ..)[.. n_of(r)]`.
-        let mut scores = vec![0f32; R * G * n_max];
-        let blocks = &self.table[..n_max.div_ceil(16)];
-        let mut block = [[[0f32; 16]; G]; R];
-        assert!(q.iter().all(|q| q.len() >= G * hd));
-        assert!(o.iter().all(|o| o.len() >= G * hd));
-        // Slots of block `bi` that row `r` attends to.
-        let len = |r: usize, bi: usize| n_of(r).saturating_sub(bi * 16).min(16);
-        for (bi, &blk) in blocks.iter().enumerate() {
-            let (kb, _) = kv.head_block(layer, blk, kvh);
-            assert!(kb.len() >= 16 * hd);
-            avx512::scores16_rows::<G, R>(q, hd, kb, &mut block);
-            for (r, br) in block.iter().enumerate() {
-                let l = len(r, bi);
-                for (g, bg) in br.iter().enumerate() {
-                    let at = (r * G + g) * n_max + bi * 16;
-                    for (o, s) in scores[at..at + l].iter_mut().zip(bg) {
-                        *o = s * self.scale;
-                    }
-                }
-            }
-        }
-        for r in 0..R {
-            for g in 0..G {
-                ops::softmax(&mut scores[(r * G + g) * n_max..][..n_of(r)]);
-            }
-        }
-        let weights = |r: usize, bi: usize| -> [&[f32]; G] {
-            let l = len(r, bi);
-            std::array::from_fn(|g| &scores[(r * G + g) * n_max + bi * 16..][..l])
-        };
-        let values = |blk: u32| {
-            let (_, vb) = kv.head_block(layer, blk, kvh);
-            assert!(vb.len() >= 16 * hd);
-            vb
-        };
-        let mut outs = o.into_iter();
-        let mut r = 0;
-        while r < R {
-            // Two rows together where their accumulators fit the registers (4·G each).
-            if G <= 3 && r + 1 < R {
-                let (o0, o1) = (outs.next(), outs.next());
-                let (Some(o0), Some(o1)) = (o0, o1) else {
-                    unreachable!("R outputs")
-                };
-                let rows = blocks[..n_of(r + 1).div_ceil(16)]
-                    .iter()
-                    .enumerate()
-                    .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
-                avx512::values64_rows::<G, 2>(rows, [o0, o1]);
-                r += 2;
-            } else {
-                let Some(o0) = outs.next() else {
-                    unreachable!("R outputs")
-                };
-                let rows = blocks[..n_of(r).div_ceil(16)]
-                    .iter()
-                    .enumerate()
-                    .map(|(bi, &blk)| (values(blk), weights(r, bi)));
-                avx512::values64::<G>(rows, o0);
-                r += 1;
-            }
-        }
     }
 
     #[inline(always)]
@@ -493,9 +219,50 @@ impl HeadTask<'_> {
     }
 }
 
+/// The registers [`grouped`]'s loops run in, for a task's query heads together and a
+/// prompt's rows in tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Width {
+    /// 256-bit (AVX2, FMA, F16C).
+    Avx2,
+    /// 512-bit (AVX-512F).
+    Avx512,
+}
+
+impl Width {
+    /// The widest this CPU has (and `TOLLGATE_SIMD` / `TOLLGATE_NO_SIMD` allow), if any.
+    fn here() -> Option<Width> {
+        if crate::quant::has_avx512() {
+            Some(Width::Avx512)
+        } else if cfg!(target_arch = "x86_64") && crate::quant::has_avx2() {
+            Some(Width::Avx2)
+        } else {
+            None
+        }
+    }
+}
+
 /// Causal grouped-query attention of every row's query (`q`: rows × heads × head_dim)
 /// over its sequence's cached keys and values, into `out`.
 pub(crate) fn attention(
+    c: &LlamaConfig,
+    layer: usize,
+    batch: &Batch,
+    row_seq: &[usize],
+    q: &[f32],
+    kv: &KvCache,
+    out: &mut Acts,
+) {
+    attention_on(Width::here(), c, layer, batch, row_seq, q, kv, out)
+}
+
+/// [`attention`] with the grouped loops on `width`'s registers where the shapes fit
+/// (16-slot blocks, 64-wide heads, groups of 1–4 heads), else (or for `None`) each query
+/// head on its own. Every row's output is the same bits either way.
+#[allow(clippy::too_many_arguments)]
+fn attention_on(
+    width: Option<Width>,
     c: &LlamaConfig,
     layer: usize,
     batch: &Batch,
@@ -508,16 +275,24 @@ pub(crate) fn attention(
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let gw = group * hd; // output width of one task
-                         // The AVX-512 loops' shapes: 16-slot blocks, 64-wide heads, groups of 1-4 heads.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let width = width.filter(|_| kv.block_size == 16 && hd == 64 && (1..=4).contains(&group));
     #[cfg(target_arch = "x86_64")]
-    let grouped =
-        crate::quant::has_avx512() && kv.block_size == 16 && hd == 64 && (1..=4).contains(&group);
-    #[cfg(target_arch = "x86_64")]
-    if grouped {
+    if let Some(w) = width {
         let tiles = row_tiles(batch, row_seq);
         if tiles.len() < row_seq.len() {
             let n = row_seq.len() * qd;
-            attention_rows(c, layer, batch, row_seq, q, kv, &mut out.f32[..n], &tiles);
+            attention_rows(
+                w,
+                c,
+                layer,
+                batch,
+                row_seq,
+                q,
+                kv,
+                &mut out.f32[..n],
+                &tiles,
+            );
             out.touched();
             return;
         }
@@ -540,20 +315,21 @@ pub(crate) fn attention(
                 table,
             };
             #[cfg(target_arch = "x86_64")]
-            if grouped {
-                // SAFETY: AVX-512F detected; G is the group, the blocks and heads the sizes
-                // the grouped loops take (`grouped`).
+            if let Some(w) = width {
+                // SAFETY: the CPU has `w`'s features (`Width::here`, or a test's choice
+                // among them); G is the group, the blocks and heads the sizes the grouped
+                // loops take (`width` filtered above).
                 match group {
-                    1 => return unsafe { t.run_avx512::<1>(kv, qrow, o) },
-                    2 => return unsafe { t.run_avx512::<2>(kv, qrow, o) },
-                    3 => return unsafe { t.run_avx512::<3>(kv, qrow, o) },
-                    4 => return unsafe { t.run_avx512::<4>(kv, qrow, o) },
-                    _ => unreachable!("`grouped` holds groups of 1-4"),
+                    1 => return unsafe { grouped::run_one::<1>(w, &t, kv, qrow, o) },
+                    2 => return unsafe { grouped::run_one::<2>(w, &t, kv, qrow, o) },
+                    3 => return unsafe { grouped::run_one::<3>(w, &t, kv, qrow, o) },
+                    4 => return unsafe { grouped::run_one::<4>(w, &t, kv, qrow, o) },
+                    _ => unreachable!("`width` is kept for groups of 1-4"),
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            if crate::quant::simd_path() != "scalar" {
-                // SAFETY: AVX2, FMA and F16C detected (the SIMD paths require them).
+            if crate::quant::has_avx2() {
+                // SAFETY: AVX2, FMA and F16C detected.
                 return unsafe { t.run_avx2(kv, qrow, o) };
             }
             t.run::<false>(kv, qrow, o);
@@ -561,7 +337,7 @@ pub(crate) fn attention(
     out.touched();
 }
 
-/// Rows of one sequence that attend together on AVX-512 (a prompt's, up to this many).
+/// Rows of one sequence that attend together (a prompt's, up to this many).
 #[cfg(target_arch = "x86_64")]
 const ROW_TILE: usize = 4;
 
@@ -585,11 +361,12 @@ fn row_tiles(batch: &Batch, row_seq: &[usize]) -> Vec<(usize, usize)> {
     tiles
 }
 
-/// [`attention`] on AVX-512 with a prompt's rows together: one task per (tile of rows,
-/// KV head), each key and value read once for the tile's rows. The same bits per row.
+/// [`attention_on`] with a prompt's rows together: one task per (tile of rows, KV head),
+/// each key and value read once for the tile's rows. The same bits per row.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn attention_rows(
+    width: Width,
     c: &LlamaConfig,
     layer: usize,
     batch: &Batch,
@@ -632,42 +409,16 @@ fn attention_rows(
         macro_rules! tile {
             ($($g:literal, $r:literal);*) => {
                 match (group, o.len()) {
-                    // SAFETY: AVX-512F detected; the group is G, the cache's blocks 16
-                    // slots and the heads 64 wide (checked by `attention`); each query
-                    // and output row holds G·hd.
-                    $(($g, $r) => unsafe { run_tile::<$g, $r>(&t, kv, q_of, o) },)*
+                    // SAFETY: the CPU has `width`'s features; the group is G, the cache's
+                    // blocks 16 slots and the heads 64 wide (checked by `attention_on`);
+                    // each query and output row holds G·hd.
+                    $(($g, $r) => unsafe { grouped::run_tile::<$g, $r>(width, &t, kv, q_of, o) },)*
                     _ => unreachable!("groups of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
                 }
             };
         }
         tile!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
     });
-}
-
-/// One tile of `R` rows and a KV head: [`HeadTask::run_avx512`] for one row, else
-/// [`HeadTask::run_rows_avx512`].
-///
-/// # Safety
-/// As [`HeadTask::run_rows_avx512`]; `o` holds `R` rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn run_tile<'q, const G: usize, const R: usize>(
-    t: &HeadTask,
-    kv: &KvCache,
-    q_of: impl Fn(usize) -> &'q [f32],
-    o: Vec<&mut [f32]>,
-) {
-    let mut o = o;
-    if R == 1 {
-        let Some(o0) = o.pop() else {
-            unreachable!("a tile of one row has its output")
-        };
-        return t.run_avx512::<G>(kv, q_of(0), o0);
-    }
-    let Ok(o) = <[&mut [f32]; R]>::try_from(o) else {
-        unreachable!("a tile of {R} rows has {R} outputs")
-    };
-    t.run_rows_avx512::<G, R>(kv, std::array::from_fn(q_of), o)
 }
 
 #[cfg(test)]
@@ -762,48 +513,58 @@ mod tests {
         kv
     }
 
+    /// The grouped loops' widths this CPU runs (each one missing said).
+    #[cfg(target_arch = "x86_64")]
+    fn widths() -> Vec<Width> {
+        let mut w = Vec::new();
+        match crate::quant::has_avx512() {
+            true => w.push(Width::Avx512),
+            false => eprintln!("SKIPPED for AVX-512: not on this CPU"),
+        }
+        match crate::quant::has_avx2() {
+            true => w.push(Width::Avx2),
+            false => eprintln!("SKIPPED for AVX2: not on this CPU"),
+        }
+        w
+    }
+
     /// A whole task (two KV heads, three query heads each, 37 positions over three
-    /// blocks in a shuffled table) on AVX-512 gives the portable task's bits.
+    /// blocks in a shuffled table) on each width gives the portable task's bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn a_task_on_avx512_gives_the_portable_tasks_bits() {
-        if !crate::quant::has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU");
-            return;
-        }
+    fn a_grouped_task_gives_the_portable_tasks_bits() {
         let (hd, heads, n) = (64, 2, 37);
         let table = [3u32, 0, 4];
         let kv = cache_with(heads, 5, &table, n, 100);
-        for kvh in 0..heads {
-            let t = HeadTask {
-                layer: 0,
-                kvh,
-                group: 3,
-                hd,
-                scale: 0.125,
-                n,
-                table: &table,
-            };
-            let q = rand(3 * hd, 7 + kvh as u64);
-            let (mut want, mut got) = (vec![0f32; 3 * hd], vec![0f32; 3 * hd]);
-            t.run::<false>(&kv, &q, &mut want);
-            // SAFETY: AVX-512F detected; three query heads, 16-slot blocks, 64 wide.
-            unsafe { t.run_avx512::<3>(&kv, &q, &mut got) };
-            assert_eq!(got, want, "KV head {kvh}");
+        for w in widths() {
+            for kvh in 0..heads {
+                let t = HeadTask {
+                    layer: 0,
+                    kvh,
+                    group: 3,
+                    hd,
+                    scale: 0.125,
+                    n,
+                    table: &table,
+                };
+                let q = rand(3 * hd, 7 + kvh as u64);
+                let (mut want, mut got) = (vec![0f32; 3 * hd], vec![0f32; 3 * hd]);
+                t.run::<false>(&kv, &q, &mut want);
+                // SAFETY: the CPU has `w`'s features; three query heads, 16-slot blocks,
+                // 64 wide.
+                unsafe { grouped::run_one::<3>(w, &t, &kv, &q, &mut got) };
+                assert_eq!(got, want, "{w:?}, KV head {kvh}");
+            }
         }
     }
 
-    /// A prompt's rows together on AVX-512 (2-4 rows, groups of 1, 3 and 4 heads, rows
+    /// A prompt's rows together on each width (2-4 rows, groups of 1, 3 and 4 heads, rows
     /// ending on both sides of a block's edge, stale values in the slots past them): each
     /// row's output is the portable task's bits for that row alone.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn rows_together_on_avx512_give_each_rows_portable_bits() {
-        if !crate::quant::has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU");
-            return;
-        }
-        fn check<const G: usize, const R: usize>(n0: usize) {
+    fn rows_together_give_each_rows_portable_bits() {
+        fn check<const G: usize, const R: usize>(w: Width, n0: usize) {
             let (hd, heads) = (64, 2);
             let table = [5u32, 1, 3, 0];
             // Every slot of the table's blocks written (those past a row's end too).
@@ -823,36 +584,34 @@ mod tests {
                     .collect();
                 let mut got = vec![vec![0f32; G * hd]; R];
                 let outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
-                let Ok(outs) = <[&mut [f32]; R]>::try_from(outs) else {
-                    unreachable!()
-                };
-                // SAFETY: AVX-512F detected; G heads, 16-slot blocks, 64 wide.
-                unsafe {
-                    t.run_rows_avx512::<G, R>(&kv, std::array::from_fn(|r| &qs[r][..]), outs)
-                };
+                // SAFETY: the CPU has `w`'s features; G heads, 16-slot blocks, 64 wide.
+                unsafe { grouped::run_tile::<G, R>(w, &t, &kv, |r| &qs[r][..], outs) };
                 for (r, got) in got.iter().enumerate() {
                     let alone = HeadTask { n: n0 + r, ..t };
                     let mut want = vec![0f32; G * hd];
                     alone.run::<false>(&kv, &qs[r], &mut want);
                     assert_eq!(
                         got, &want,
-                        "G {G}, row {r} of {R} from n {n0}, KV head {kvh}"
+                        "{w:?}, G {G}, row {r} of {R} from n {n0}, KV head {kvh}"
                     );
                 }
             }
         }
-        for n0 in [1, 14, 16, 30, 45] {
-            check::<1, 4>(n0);
-            check::<3, 2>(n0);
-            check::<3, 3>(n0);
-            check::<3, 4>(n0);
-            check::<4, 3>(n0);
+        for w in widths() {
+            for n0 in [1, 14, 16, 30, 45] {
+                check::<1, 4>(w, n0);
+                check::<3, 2>(w, n0);
+                check::<3, 3>(w, n0);
+                check::<3, 4>(w, n0);
+                check::<4, 3>(w, n0);
+            }
         }
     }
 
     /// A whole step's attention at SmolLM2's shape (9 query heads on 3 KV heads, 64
-    /// wide): a prompt of 11 rows from position 5 (tiles of 4, 4 and 3 on AVX-512)
-    /// beside one-row sequences; every row's output is its portable task's alone.
+    /// wide): a prompt of 11 rows from position 5 (tiles of 4, 4 and 3 where the grouped
+    /// loops run) beside one-row sequences, on each width and with none; every row's
+    /// output is its portable task's alone.
     #[test]
     fn a_steps_rows_each_get_their_portable_tasks_bits() {
         let c = LlamaConfig {
@@ -868,7 +627,7 @@ mod tests {
             context_len: 256,
             pooling: crate::model::Pooling::Last,
         };
-        let (hd, kvd, qd) = (64, 3 * 64, 9 * 64);
+        let (kvd, qd) = (3 * 64, 9 * 64);
         let mut kv = KvCache::new(1, 3, kvd, 16, 8);
         let tables: [Vec<u32>; 3] = [vec![2, 6], vec![0, 5, 7], vec![1]];
         for (i, table) in tables.iter().enumerate() {
@@ -885,9 +644,28 @@ mod tests {
             .map(|r| [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2][r])
             .collect();
         let q = rand(13 * qd, 77);
-        let mut out = Acts::default();
-        out.resize(13, qd);
-        attention(&c, 0, &batch, &row_seq, &q, &kv, &mut out);
+        #[allow(unused_mut)]
+        let mut widths_here = vec![None];
+        #[cfg(target_arch = "x86_64")]
+        widths_here.extend(widths().into_iter().map(Some));
+        for w in widths_here {
+            let mut out = Acts::default();
+            out.resize(13, qd);
+            attention_on(w, &c, 0, &batch, &row_seq, &q, &kv, &mut out);
+            check_step(&batch, &row_seq, &q, &kv, &out, w);
+        }
+    }
+
+    /// Each of the 13 rows' outputs in `out` (SmolLM2's shape) against its portable task.
+    fn check_step(
+        batch: &Batch,
+        row_seq: &[usize],
+        q: &[f32],
+        kv: &KvCache,
+        out: &Acts,
+        w: Option<Width>,
+    ) {
+        let (hd, qd) = (64, 9 * 64);
         for r in 0..13 {
             for kvh in 0..3 {
                 let t = HeadTask {
@@ -901,57 +679,13 @@ mod tests {
                 };
                 let at = r * qd + kvh * 3 * hd;
                 let mut want = vec![0f32; 3 * hd];
-                t.run::<false>(&kv, &q[at..at + 3 * hd], &mut want);
+                t.run::<false>(kv, &q[at..at + 3 * hd], &mut want);
                 assert_eq!(
                     &out.f32[at..at + 3 * hd],
                     &want[..],
-                    "row {r}, KV head {kvh}"
+                    "{w:?}, row {r}, KV head {kvh}"
                 );
             }
-        }
-    }
-
-    /// Three query heads at once on AVX-512: each head's scores and outputs are the
-    /// portable loops' bits for that head alone.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_avx512_loops_for_heads_together_give_each_heads_bits() {
-        if !crate::quant::has_avx512() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU");
-            return;
-        }
-        let (q, kb) = (rand(3 * 64, 1), half(rand(16 * 64, 2)));
-        let mut got = [[0f32; 16]; 3];
-        // SAFETY: AVX-512F detected; kb is 16 × 64, q three rows of 64.
-        unsafe { avx512::scores16::<3>(&q, 64, &kb, &mut got) };
-        for (g, got) in got.iter().enumerate() {
-            let mut want = vec![0f32; 16];
-            block_scores::<16>(&q[g * 64..(g + 1) * 64], &kb, 16, &mut want);
-            assert_eq!(got[..], want[..], "scores of head {g}");
-        }
-        let (vals, _) = value_blocks();
-        let ws: Vec<Vec<Vec<f32>>> = (0..3)
-            .map(|g| {
-                (0..3)
-                    .map(|i| rand(if i == 2 { 5 } else { 16 }, 40 + 3 * g + i))
-                    .collect()
-            })
-            .collect();
-        let mut got = vec![0f32; 3 * 64];
-        let blocks = vals
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.as_slice(), std::array::from_fn(|g| ws[g][i].as_slice())));
-        // SAFETY: AVX-512F detected; three 64-wide outputs, each block 16 × 64 values.
-        unsafe { avx512::values64::<3>(blocks, &mut got) };
-        for g in 0..3 {
-            let mut want = vec![0f32; 64];
-            let one = vals
-                .iter()
-                .zip(&ws[g])
-                .map(|(v, w)| (v.as_slice(), w.as_slice()));
-            weighted_values(one, &mut want);
-            assert_eq!(got[g * 64..(g + 1) * 64], want[..], "outputs of head {g}");
         }
     }
 }

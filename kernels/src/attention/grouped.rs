@@ -1,0 +1,535 @@
+//! The query heads that share a KV head, and a prompt's rows, together (x86-64): for the
+//! common shapes (16-slot blocks, 64-wide heads, 1–4 query heads a KV head) each key and
+//! value read from the cache is widened (f16 → f32) once for all of a task's queries
+//! instead of once per head and row.
+//!
+//! The loops are written once over [`Lanes`], a register of f32 lanes, and compiled for
+//! two widths ([`Width`]): AVX-512 (a 16-slot block's scores, or 16 of a head's outputs, to
+//! a register) and AVX2 (8; a block in two halves, a head's 64 outputs in four passes of 16,
+//! so that a task's accumulators fit AVX2's 16 registers). The partial sums and their
+//! order are [`super::block_scores`]' and [`super::weighted_values`]' lane for lane: every
+//! row gets the portable loops' bits, alone or in a tile, on either width.
+
+use super::{HeadTask, Width, PARTS};
+use crate::kv::KvCache;
+use crate::ops;
+use half::f16;
+use std::arch::x86_64::*;
+
+/// A register of f32 lanes: what the grouped loops need of it.
+///
+/// # Safety
+/// Every method needs the CPU features its width names ([`Width`]); they are inlined
+/// into functions compiled for them.
+trait Lanes: Copy {
+    /// Lanes a register (a divisor of 16).
+    const N: usize;
+    /// Registers a head's outputs are summed in at a time (at most 4): a 64-wide head
+    /// takes `64 / (VALUE_REGS · N)` passes over its values.
+    const VALUE_REGS: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    /// `N` f16 at `p`, widened to f32.
+    unsafe fn load_f16(p: *const f16) -> Self;
+    /// `self · b + c`, rounded once.
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn store(self, p: *mut f32);
+}
+
+impl Lanes for __m512 {
+    const N: usize = 16;
+    const VALUE_REGS: usize = 4;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(self, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        _mm512_add_ps(self, b)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self)
+    }
+}
+
+impl Lanes for __m256 {
+    const N: usize = 8;
+    const VALUE_REGS: usize = 2;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(self, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        _mm256_add_ps(self, b)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self)
+    }
+}
+
+/// [`super::block_scores`] for a 16-slot block and `G` query heads (`q`: `G` rows of
+/// `hd`): head `g`'s scores of all 16 slots into `out[g]`, `N` slots at a time with the
+/// four partial sums of every head live together.
+///
+/// # Safety
+/// `V`'s features; `kb.len() ≥ 16·hd`, `q.len() ≥ G·hd`, `hd` a multiple of 4.
+#[inline(always)]
+unsafe fn scores16<V: Lanes, const G: usize>(
+    q: &[f32],
+    hd: usize,
+    kb: &[f16],
+    out: &mut [[f32; 16]; G],
+) {
+    let (kp, qp) = (kb.as_ptr(), q.as_ptr());
+    for h in (0..16).step_by(V::N) {
+        let mut a = [[V::zero(); PARTS]; G];
+        for d in (0..hd).step_by(PARTS) {
+            for j in 0..PARTS {
+                let k = V::load_f16(kp.add((d + j) * 16 + h));
+                for (g, a) in a.iter_mut().enumerate() {
+                    a[j] = V::splat(*qp.add(g * hd + d + j)).mul_add(k, a[j]);
+                }
+            }
+        }
+        for (g, a) in a.iter().enumerate() {
+            let v = a[0].add(a[1]).add(a[2].add(a[3]));
+            v.store(out[g].as_mut_ptr().add(h));
+        }
+    }
+}
+
+/// [`scores16`] for `R` query rows at once (rows of one sequence attending together):
+/// each key is read and widened once for all `R·G` queries, which `qt` holds dimension
+/// by dimension (`qt[(d·R + r)·G + g]`: query (r, g)'s dimension `d`, so that one pointer
+/// reaches them all). The partial sums are taken one after the other — sum `j` over
+/// dimensions `j, j + 4, …` in order, as `scores16` builds each — so that only `R·G`
+/// accumulators are live; combined as there. One row keeps `scores16`: with only `G`
+/// sums a part, each part would wait on its multiply-adds' latency.
+///
+/// # Safety
+/// `V`'s features; `kb.len() ≥ 16·hd`, `qt.len() ≥ R·G·hd`, `hd` a multiple of 4.
+#[inline(always)]
+unsafe fn scores16_rows<V: Lanes, const G: usize, const R: usize>(
+    qt: &[f32],
+    hd: usize,
+    kb: &[f16],
+    out: &mut [[[f32; 16]; G]; R],
+) {
+    let kp = kb.as_ptr();
+    for h in (0..16).step_by(V::N) {
+        let mut parts = [[[V::zero(); G]; R]; PARTS];
+        for j in 0..PARTS {
+            // Summed in a local of its own, kept in registers,
+            let mut acc = [[V::zero(); G]; R];
+            for d in (j..hd).step_by(PARTS) {
+                let k = V::load_f16(kp.add(d * 16 + h));
+                let qd = qt.as_ptr().add(d * R * G);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    for (g, a) in a.iter_mut().enumerate() {
+                        *a = V::splat(*qd.add(r * G + g)).mul_add(k, *a);
+                    }
+                }
+            }
+            // Put away at an index the compiler cannot see through: the finished parts
+            // go to memory, not registers the next part's sums need (AVX2 has 16; kept
+            // there, they made it spill sums inside the loop).
+            parts[std::hint::black_box(j)] = acc;
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            for (g, o) in o.iter_mut().enumerate() {
+                let p = |j: usize| parts[j][r][g];
+                let v = p(0).add(p(1)).add(p(2).add(p(3)));
+                v.store(o.as_mut_ptr().add(h));
+            }
+        }
+    }
+}
+
+/// [`super::weighted_values`] for 64-wide heads, `G` of them: each block's values and
+/// the `G` heads' weights for it (head `g`'s at `p[g]`), into `out` (`G` rows of 64).
+/// Where a head's 64 outputs take more than `V`'s value registers (AVX2), a block's
+/// values are taken `VALUE_REGS·N` dimensions at a time (the block's 2 KiB stay in L1
+/// across the passes), those outputs' running sums loaded from `out` into registers and
+/// stored back ([`one_pass`]); each output's sum runs over the slots in order, from zero,
+/// as in the portable loop.
+///
+/// # Safety
+/// `V`'s features; `out.len() ≥ 64·G`; each block's values hold 64 per weight, and every
+/// head has as many weights for a block.
+#[inline(always)]
+unsafe fn values64<'a, V: Lanes, const G: usize>(
+    blocks: impl Iterator<Item = (&'a [f16], [&'a [f32]; G])>,
+    out: &mut [f32],
+) {
+    out[..64 * G].fill(0.0);
+    let op = out.as_mut_ptr();
+    let mut a = [[V::zero(); 4]; G];
+    let load_store = |a: &mut [[V; 4]; G], at: usize, store: bool| {
+        for (g, a) in a.iter_mut().enumerate() {
+            for (i, a) in a.iter_mut().enumerate().take(V::VALUE_REGS) {
+                let o = op.add(64 * g + at + i * V::N);
+                match store {
+                    true => a.store(o),
+                    false => *a = V::load(o),
+                }
+            }
+        }
+    };
+    for (vb, p) in blocks {
+        for at in (0..64).step_by(V::VALUE_REGS * V::N) {
+            let vp = vb.as_ptr().add(at);
+            if !one_pass::<V>() {
+                load_store(&mut a, at, false);
+            }
+            for s in 0..p[0].len() {
+                let mut v = [V::zero(); 4];
+                for (i, v) in v.iter_mut().enumerate().take(V::VALUE_REGS) {
+                    *v = V::load_f16(vp.add(s * 64 + i * V::N));
+                }
+                for (g, a) in a.iter_mut().enumerate() {
+                    let wv = V::splat(*p[g].get_unchecked(s));
+                    for i in 0..V::VALUE_REGS {
+                        a[i] = wv.mul_add(v[i], a[i]);
+                    }
+                }
+            }
+            if !one_pass::<V>() {
+                load_store(&mut a, at, true);
+            }
+        }
+    }
+    if one_pass::<V>() {
+        load_store(&mut a, 0, true);
+    }
+}
+
+/// [`values64`] for `R` query rows at once: each value row is read and widened once for
+/// all of them. A row's weights for a block may be fewer than another's (its last
+/// block), or none; each query's sum runs over its own slots in order, as in `values64`.
+///
+/// # Safety
+/// `V`'s features; each `out[r].len() ≥ 64·G`; each block's values hold 64 per weight of
+/// its longest row, and a row's heads have as many weights for a block.
+#[inline(always)]
+unsafe fn values64_rows<'a, V: Lanes, const G: usize, const R: usize>(
+    blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+    out: [&mut [f32]; R],
+) {
+    let op: [*mut f32; R] = out.map(|o| {
+        o[..64 * G].fill(0.0);
+        o.as_mut_ptr()
+    });
+    let mut a = [[[V::zero(); 4]; G]; R];
+    let load_store = |a: &mut [[[V; 4]; G]; R], at: usize, store: bool| {
+        for (op, a) in op.iter().zip(a.iter_mut()) {
+            for (g, a) in a.iter_mut().enumerate() {
+                for (i, a) in a.iter_mut().enumerate().take(V::VALUE_REGS) {
+                    let o = op.add(64 * g + at + i * V::N);
+                    match store {
+                        true => a.store(o),
+                        false => *a = V::load(o),
+                    }
+                }
+            }
+        }
+    };
+    for (vb, p) in blocks {
+        let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
+        for at in (0..64).step_by(V::VALUE_REGS * V::N) {
+            let vp = vb.as_ptr().add(at);
+            if !one_pass::<V>() {
+                load_store(&mut a, at, false);
+            }
+            for s in 0..len {
+                let mut v = [V::zero(); 4];
+                for (i, v) in v.iter_mut().enumerate().take(V::VALUE_REGS) {
+                    *v = V::load_f16(vp.add(s * 64 + i * V::N));
+                }
+                for (p, a) in p.iter().zip(a.iter_mut()) {
+                    if s < p[0].len() {
+                        for (pg, a) in p.iter().zip(a.iter_mut()) {
+                            let wv = V::splat(*pg.get_unchecked(s));
+                            for i in 0..V::VALUE_REGS {
+                                a[i] = wv.mul_add(v[i], a[i]);
+                            }
+                        }
+                    }
+                }
+            }
+            if !one_pass::<V>() {
+                load_store(&mut a, at, true);
+            }
+        }
+    }
+    if one_pass::<V>() {
+        load_store(&mut a, 0, true);
+    }
+}
+
+/// Whether a head's 64 outputs fit `V`'s value registers at once: then they stay in
+/// registers from the first block to the last, else a block's running sums are loaded
+/// from the outputs and stored back for each pass.
+#[inline(always)]
+const fn one_pass<V: Lanes>() -> bool {
+    V::VALUE_REGS * V::N == 64
+}
+
+impl HeadTask<'_> {
+    /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and 64-wide heads:
+    /// the heads' scores block by block, each key read once for all of them, then their
+    /// softmaxes, then their outputs, each value read once. The same bits.
+    ///
+    /// # Safety
+    /// `V`'s features; `self.group == G`, the cache's blocks hold 16 slots, `self.hd == 64`.
+    #[inline(always)]
+    unsafe fn run_grouped<V: Lanes, const G: usize>(
+        &self,
+        kv: &KvCache,
+        qrow: &[f32],
+        o: &mut [f32],
+    ) {
+        let (layer, kvh, hd, n) = (self.layer, self.kvh, self.hd, self.n);
+        let mut scores = vec![0f32; n * G];
+        let blocks = &self.table[..n.div_ceil(16)];
+        let mut block = [[0f32; 16]; G];
+        assert!(qrow.len() >= G * hd && o.len() >= G * hd);
+        for (bi, &blk) in blocks.iter().enumerate() {
+            let (kb, _) = kv.head_block(layer, blk, kvh);
+            assert!(kb.len() >= 16 * hd);
+            scores16::<V, G>(qrow, hd, kb, &mut block);
+            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
+            for g in 0..G {
+                for (o, s) in scores[g * n + j0..][..len].iter_mut().zip(&block[g]) {
+                    *o = s * self.scale;
+                }
+            }
+        }
+        for sg in scores.chunks_exact_mut(n) {
+            ops::softmax(sg);
+        }
+        let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
+            let (_, vb) = kv.head_block(layer, blk, kvh);
+            let (j0, len) = (bi * 16, 16.min(n - bi * 16));
+            assert!(vb.len() >= len * hd);
+            (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
+        });
+        values64::<V, G>(rows, o);
+    }
+
+    /// [`HeadTask::run_grouped`] for `R` consecutive rows of one sequence (a prompt's),
+    /// row `r` over its first `self.n + r` positions: each key block is read once for
+    /// all the rows' heads, and each value row once for two rows' (for groups of up to 3
+    /// heads). Every row's output is the bits it gets alone.
+    ///
+    /// # Safety
+    /// As [`HeadTask::run_grouped`]; each `q[r]` and `o[r]` hold `G·hd`.
+    #[inline(always)]
+    unsafe fn run_rows<V: Lanes, const G: usize, const R: usize>(
+        &self,
+        kv: &KvCache,
+        q: [&[f32]; R],
+        o: [&mut [f32]; R],
+    ) {
+        let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
+        let n_of = |r: usize| self.n + r;
+        let n_max = n_of(R - 1);
+        // Scores of query (r, g) at `((r·G + g)·n_max ..)[.. n_of(r)]`.
+        let mut scores = vec![0f32; R * G * n_max];
+        let blocks = &self.table[..n_max.div_ceil(16)];
+        let mut block = [[[0f32; 16]; G]; R];
+        assert!(q.iter().all(|q| q.len() >= G * hd));
+        assert!(o.iter().all(|o| o.len() >= G * hd));
+        // The queries dimension by dimension, for `scores16_rows`.
+        let mut qt = vec![0f32; R * G * hd];
+        for (r, q) in q.iter().enumerate() {
+            for g in 0..G {
+                for (d, &x) in q[g * hd..(g + 1) * hd].iter().enumerate() {
+                    qt[(d * R + r) * G + g] = x;
+                }
+            }
+        }
+        // Slots of block `bi` that row `r` attends to.
+        let len = |r: usize, bi: usize| n_of(r).saturating_sub(bi * 16).min(16);
+        for (bi, &blk) in blocks.iter().enumerate() {
+            let (kb, _) = kv.head_block(layer, blk, kvh);
+            assert!(kb.len() >= 16 * hd);
+            scores16_rows::<V, G, R>(&qt, hd, kb, &mut block);
+            for (r, br) in block.iter().enumerate() {
+                let l = len(r, bi);
+                for (g, bg) in br.iter().enumerate() {
+                    let at = (r * G + g) * n_max + bi * 16;
+                    for (o, s) in scores[at..at + l].iter_mut().zip(bg) {
+                        *o = s * self.scale;
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for g in 0..G {
+                ops::softmax(&mut scores[(r * G + g) * n_max..][..n_of(r)]);
+            }
+        }
+        let weights = |r: usize, bi: usize| -> [&[f32]; G] {
+            let l = len(r, bi);
+            std::array::from_fn(|g| &scores[(r * G + g) * n_max + bi * 16..][..l])
+        };
+        let values = |blk: u32| {
+            let (_, vb) = kv.head_block(layer, blk, kvh);
+            assert!(vb.len() >= 16 * hd);
+            vb
+        };
+        let mut outs = o.into_iter();
+        let mut r = 0;
+        while r < R {
+            // Two rows together where their accumulators fit the registers (VALUE_REGS·G
+            // a row: 24 of AVX-512's 32 at G = 3, 12 of AVX2's 16).
+            if G <= 3 && r + 1 < R {
+                let (o0, o1) = (outs.next(), outs.next());
+                let (Some(o0), Some(o1)) = (o0, o1) else {
+                    unreachable!("R outputs")
+                };
+                let rows = blocks[..n_of(r + 1).div_ceil(16)]
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
+                values64_rows::<V, G, 2>(rows, [o0, o1]);
+                r += 2;
+            } else {
+                let Some(o0) = outs.next() else {
+                    unreachable!("R outputs")
+                };
+                let rows = blocks[..n_of(r).div_ceil(16)]
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, &blk)| (values(blk), weights(r, bi)));
+                values64::<V, G>(rows, o0);
+                r += 1;
+            }
+        }
+    }
+}
+
+/// One row's task of `G` query heads on `width`'s registers ([`HeadTask::run_grouped`]).
+///
+/// # Safety
+/// The CPU has `width`'s features; `t.group == G`, the cache's blocks hold 16 slots,
+/// `t.hd == 64`; `qrow` and `o` hold `G·64`.
+pub(super) unsafe fn run_one<const G: usize>(
+    width: Width,
+    t: &HeadTask,
+    kv: &KvCache,
+    qrow: &[f32],
+    o: &mut [f32],
+) {
+    match width {
+        Width::Avx512 => one_avx512::<G>(t, kv, qrow, o),
+        Width::Avx2 => one_avx2::<G>(t, kv, qrow, o),
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn one_avx512<const G: usize>(t: &HeadTask, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+    t.run_grouped::<__m512, G>(kv, qrow, o)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_avx2<const G: usize>(t: &HeadTask, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
+    t.run_grouped::<__m256, G>(kv, qrow, o)
+}
+
+/// One tile of `R` rows of a sequence and a KV head on `width`'s registers:
+/// [`HeadTask::run_grouped`] for one row, else [`HeadTask::run_rows`]; row `r`'s query
+/// is `q_of(r)`, its output `o[r]`.
+///
+/// # Safety
+/// As [`run_one`] for each row; `o` holds `R` rows.
+pub(super) unsafe fn run_tile<'q, const G: usize, const R: usize>(
+    width: Width,
+    t: &HeadTask,
+    kv: &KvCache,
+    q_of: impl Fn(usize) -> &'q [f32],
+    o: Vec<&mut [f32]>,
+) {
+    match width {
+        Width::Avx512 => tile_avx512::<G, R>(t, kv, q_of, o),
+        Width::Avx2 => tile_avx2::<G, R>(t, kv, q_of, o),
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<'q, const G: usize, const R: usize>(
+    t: &HeadTask,
+    kv: &KvCache,
+    q_of: impl Fn(usize) -> &'q [f32],
+    o: Vec<&mut [f32]>,
+) {
+    tile::<__m512, G, R>(t, kv, q_of, o)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<'q, const G: usize, const R: usize>(
+    t: &HeadTask,
+    kv: &KvCache,
+    q_of: impl Fn(usize) -> &'q [f32],
+    o: Vec<&mut [f32]>,
+) {
+    tile::<__m256, G, R>(t, kv, q_of, o)
+}
+
+/// [`run_tile`] on `V`.
+#[inline(always)]
+unsafe fn tile<'q, V: Lanes, const G: usize, const R: usize>(
+    t: &HeadTask,
+    kv: &KvCache,
+    q_of: impl Fn(usize) -> &'q [f32],
+    o: Vec<&mut [f32]>,
+) {
+    let mut o = o;
+    if R == 1 {
+        let Some(o0) = o.pop() else {
+            unreachable!("a tile of one row has its output")
+        };
+        return t.run_grouped::<V, G>(kv, q_of(0), o0);
+    }
+    let Ok(o) = <[&mut [f32]; R]>::try_from(o) else {
+        unreachable!("a tile of {R} rows has {R} outputs")
+    };
+    t.run_rows::<V, G, R>(kv, std::array::from_fn(q_of), o)
+}
