@@ -38,71 +38,74 @@ trait Lanes: Copy {
     unsafe fn store(self, p: *mut f32);
 }
 
-impl Lanes for __m512 {
-    const N: usize = 16;
-    const VALUE_REGS: usize = 4;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        _mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        _mm512_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        _mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn load_f16(p: *const f16) -> Self {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-        _mm512_fmadd_ps(self, b, c)
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        _mm512_add_ps(self, b)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        _mm512_storeu_ps(p, self)
-    }
+/// [`Lanes`] for a register type from its intrinsics: `N` f16 load as a `$half` (by
+/// `$load_half`) and widen by `$widen`; the rest are the operations by name.
+macro_rules! lanes {
+    ($v:ty, $n:literal, $regs:literal, $half:ty, $load_half:ident, $widen:ident,
+     $zero:ident, $splat:ident, $load:ident, $fma:ident, $add:ident, $store:ident) => {
+        impl Lanes for $v {
+            const N: usize = $n;
+            const VALUE_REGS: usize = $regs;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                $zero()
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self {
+                $splat(x)
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                $load(p)
+            }
+            #[inline(always)]
+            unsafe fn load_f16(p: *const f16) -> Self {
+                $widen($load_half(p as *const $half))
+            }
+            #[inline(always)]
+            unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+                $fma(self, b, c)
+            }
+            #[inline(always)]
+            unsafe fn add(self, b: Self) -> Self {
+                $add(self, b)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                $store(p, self)
+            }
+        }
+    };
 }
 
-impl Lanes for __m256 {
-    const N: usize = 8;
-    const VALUE_REGS: usize = 2;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        _mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        _mm256_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        _mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn load_f16(p: *const f16) -> Self {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-        _mm256_fmadd_ps(self, b, c)
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        _mm256_add_ps(self, b)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        _mm256_storeu_ps(p, self)
-    }
-}
+lanes!(
+    __m512,
+    16,
+    4,
+    __m256i,
+    _mm256_loadu_si256,
+    _mm512_cvtph_ps,
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_storeu_ps
+);
+lanes!(
+    __m256,
+    8,
+    2,
+    __m128i,
+    _mm_loadu_si128,
+    _mm256_cvtph_ps,
+    _mm256_setzero_ps,
+    _mm256_set1_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    _mm256_add_ps,
+    _mm256_storeu_ps
+);
 
 /// [`super::block_scores`] for a 16-slot block and `G` query heads (`q`: `G` rows of
 /// `hd`): head `g`'s scores of all 16 slots into `out[g]`, `N` slots at a time with the
@@ -182,73 +185,21 @@ unsafe fn scores16_rows<V: Lanes, const G: usize, const R: usize>(
     }
 }
 
-/// [`super::weighted_values`] for 64-wide heads, `G` of them: each block's values and
-/// the `G` heads' weights for it (head `g`'s at `p[g]`), into `out` (`G` rows of 64).
-/// Where a head's 64 outputs take more than `V`'s value registers (AVX2), a block's
-/// values are taken `VALUE_REGS·N` dimensions at a time (the block's 2 KiB stay in L1
-/// across the passes), those outputs' running sums loaded from `out` into registers and
-/// stored back ([`one_pass`]); each output's sum runs over the slots in order, from zero,
-/// as in the portable loop.
-///
-/// # Safety
-/// `V`'s features; `out.len() ≥ 64·G`; each block's values hold 64 per weight, and every
-/// head has as many weights for a block.
-#[inline(always)]
-unsafe fn values64<'a, V: Lanes, const G: usize>(
-    blocks: impl Iterator<Item = (&'a [f16], [&'a [f32]; G])>,
-    out: &mut [f32],
-) {
-    out[..64 * G].fill(0.0);
-    let op = out.as_mut_ptr();
-    let mut a = [[V::zero(); 4]; G];
-    let load_store = |a: &mut [[V; 4]; G], at: usize, store: bool| {
-        for (g, a) in a.iter_mut().enumerate() {
-            for (i, a) in a.iter_mut().enumerate().take(V::VALUE_REGS) {
-                let o = op.add(64 * g + at + i * V::N);
-                match store {
-                    true => a.store(o),
-                    false => *a = V::load(o),
-                }
-            }
-        }
-    };
-    for (vb, p) in blocks {
-        for at in (0..64).step_by(V::VALUE_REGS * V::N) {
-            let vp = vb.as_ptr().add(at);
-            if !one_pass::<V>() {
-                load_store(&mut a, at, false);
-            }
-            for s in 0..p[0].len() {
-                let mut v = [V::zero(); 4];
-                for (i, v) in v.iter_mut().enumerate().take(V::VALUE_REGS) {
-                    *v = V::load_f16(vp.add(s * 64 + i * V::N));
-                }
-                for (g, a) in a.iter_mut().enumerate() {
-                    let wv = V::splat(*p[g].get_unchecked(s));
-                    for i in 0..V::VALUE_REGS {
-                        a[i] = wv.mul_add(v[i], a[i]);
-                    }
-                }
-            }
-            if !one_pass::<V>() {
-                load_store(&mut a, at, true);
-            }
-        }
-    }
-    if one_pass::<V>() {
-        load_store(&mut a, 0, true);
-    }
-}
-
-/// [`values64`] for `R` query rows at once: each value row is read and widened once for
-/// all of them. A row's weights for a block may be fewer than another's (its last
-/// block), or none; each query's sum runs over its own slots in order, as in `values64`.
+/// [`super::weighted_values`] for 64-wide heads, `G` of them, for `R` query rows at once:
+/// each block's values and each row's `G` heads' weights for it (row `r`'s head `g`'s at
+/// `p[r][g]`), into `out[r]` (`G` rows of 64); each value row is read and widened once for
+/// all of them. A row's weights for a block may be fewer than another's (its last block),
+/// or none; each query's sum runs over its own slots in order, from zero, as in the
+/// portable loop. Where a head's 64 outputs take more than `V`'s value registers (AVX2),
+/// a block's values are taken `VALUE_REGS·N` dimensions at a time (the block's 2 KiB stay
+/// in L1 across the passes), those outputs' running sums loaded from `out` into registers
+/// and stored back ([`one_pass`]).
 ///
 /// # Safety
 /// `V`'s features; each `out[r].len() ≥ 64·G`; each block's values hold 64 per weight of
 /// its longest row, and a row's heads have as many weights for a block.
 #[inline(always)]
-unsafe fn values64_rows<'a, V: Lanes, const G: usize, const R: usize>(
+unsafe fn values64<'a, V: Lanes, const G: usize, const R: usize>(
     blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
     out: [&mut [f32]; R],
 ) {
@@ -348,9 +299,9 @@ impl HeadTask<'_> {
             let (_, vb) = kv.head_block(layer, blk, kvh);
             let (j0, len) = (bi * 16, 16.min(n - bi * 16));
             assert!(vb.len() >= len * hd);
-            (vb, std::array::from_fn(|g| &scores[g * n + j0..][..len]))
+            (vb, [std::array::from_fn(|g| &scores[g * n + j0..][..len])])
         });
-        values64::<V, G>(rows, o);
+        values64::<V, G, 1>(rows, [o]);
     }
 
     /// [`HeadTask::run_grouped`] for `R` consecutive rows of one sequence (a prompt's),
@@ -429,7 +380,7 @@ impl HeadTask<'_> {
                     .iter()
                     .enumerate()
                     .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
-                values64_rows::<V, G, 2>(rows, [o0, o1]);
+                values64::<V, G, 2>(rows, [o0, o1]);
                 r += 2;
             } else {
                 let Some(o0) = outs.next() else {
@@ -438,8 +389,8 @@ impl HeadTask<'_> {
                 let rows = blocks[..n_of(r).div_ceil(16)]
                     .iter()
                     .enumerate()
-                    .map(|(bi, &blk)| (values(blk), weights(r, bi)));
-                values64::<V, G>(rows, o0);
+                    .map(|(bi, &blk)| (values(blk), [weights(r, bi)]));
+                values64::<V, G, 1>(rows, [o0]);
                 r += 1;
             }
         }
