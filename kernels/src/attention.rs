@@ -258,8 +258,8 @@ pub(crate) fn attention(
 }
 
 /// [`attention`] with the grouped loops on `width`'s registers where the shapes fit
-/// (16-slot blocks, 64-wide heads, groups of 1–4 heads), else (or for `None`) each query
-/// head on its own. Every row's output is the same bits either way.
+/// (16-slot blocks, heads a multiple of 64 wide, groups of 1–4 heads), else (or for
+/// `None`) each query head on its own. Every row's output is the same bits either way.
 #[allow(clippy::too_many_arguments)]
 fn attention_on(
     width: Option<Width>,
@@ -276,7 +276,7 @@ fn attention_on(
     let scale = 1.0 / (hd as f32).sqrt();
     let gw = group * hd; // output width of one task
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let width = width.filter(|_| kv.block_size == 16 && hd == 64 && (1..=4).contains(&group));
+    let width = width.filter(|_| kv.block_size == 16 && hd % 64 == 0 && (1..=4).contains(&group));
     #[cfg(target_arch = "x86_64")]
     if let Some(w) = width {
         let tiles = row_tiles(batch, row_seq);
@@ -410,8 +410,8 @@ fn attention_rows(
             ($($g:literal, $r:literal);*) => {
                 match (group, o.len()) {
                     // SAFETY: the CPU has `width`'s features; the group is G, the cache's
-                    // blocks 16 slots and the heads 64 wide (checked by `attention_on`);
-                    // each query and output row holds G·hd.
+                    // blocks 16 slots and the heads a multiple of 64 wide (checked by
+                    // `attention_on`); each query and output row holds G·hd.
                     $(($g, $r) => unsafe { grouped::run_tile::<$g, $r>(width, &t, kv, q_of, o) },)*
                     _ => unreachable!("groups of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
                 }
@@ -499,12 +499,19 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// A one-layer cache of `heads` 64-wide KV heads in `n_blocks` blocks of 16, with
+    /// A one-layer cache of `heads` KV heads `hd` wide in `n_blocks` blocks of 16, with
     /// positions `0..n` of `table` written: random keys (seeds `seed + pos`) and values
     /// (`seed + 100 + pos`).
     #[cfg(target_arch = "x86_64")]
-    fn cache_with(heads: usize, n_blocks: usize, table: &[u32], n: usize, seed: u64) -> KvCache {
-        let kvd = heads * 64;
+    fn cache_with(
+        heads: usize,
+        hd: usize,
+        n_blocks: usize,
+        table: &[u32],
+        n: usize,
+        seed: u64,
+    ) -> KvCache {
+        let kvd = heads * hd;
         let mut kv = KvCache::new(1, heads, kvd, 16, n_blocks);
         for pos in 0..n as u64 {
             let (k, v) = (rand(kvd, seed + pos), rand(kvd, seed + 100 + pos));
@@ -528,47 +535,53 @@ mod tests {
         w
     }
 
-    /// A whole task (two KV heads, three query heads each, 37 positions over three
-    /// blocks in a shuffled table) on each width gives the portable task's bits.
+    /// A whole task (two KV heads, 37 positions over three blocks in a shuffled table)
+    /// on each width gives the portable task's bits: three query heads a KV head 64 wide
+    /// (SmolLM2's), four 128 wide (Llama-3-8B's).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_grouped_task_gives_the_portable_tasks_bits() {
-        let (hd, heads, n) = (64, 2, 37);
-        let table = [3u32, 0, 4];
-        let kv = cache_with(heads, 5, &table, n, 100);
-        for w in widths() {
+        fn check<const G: usize>(w: Width, hd: usize) {
+            let (heads, n) = (2, 37);
+            let table = [3u32, 0, 4];
+            let kv = cache_with(heads, hd, 5, &table, n, 100);
             for kvh in 0..heads {
                 let t = HeadTask {
                     layer: 0,
                     kvh,
-                    group: 3,
+                    group: G,
                     hd,
                     scale: 0.125,
                     n,
                     table: &table,
                 };
-                let q = rand(3 * hd, 7 + kvh as u64);
-                let (mut want, mut got) = (vec![0f32; 3 * hd], vec![0f32; 3 * hd]);
+                let q = rand(G * hd, 7 + kvh as u64);
+                let (mut want, mut got) = (vec![0f32; G * hd], vec![0f32; G * hd]);
                 t.run::<false>(&kv, &q, &mut want);
-                // SAFETY: the CPU has `w`'s features; three query heads, 16-slot blocks,
-                // 64 wide.
-                unsafe { grouped::run_one::<3>(w, &t, &kv, &q, &mut got) };
-                assert_eq!(got, want, "{w:?}, KV head {kvh}");
+                // SAFETY: the CPU has `w`'s features; G query heads, 16-slot blocks, heads
+                // a multiple of 64 wide.
+                unsafe { grouped::run_one::<G>(w, &t, &kv, &q, &mut got) };
+                assert_eq!(got, want, "{w:?}, G {G}, {hd} wide, KV head {kvh}");
             }
+        }
+        for w in widths() {
+            check::<3>(w, 64);
+            check::<4>(w, 128);
         }
     }
 
-    /// A prompt's rows together on each width (2-4 rows, groups of 1, 3 and 4 heads, rows
-    /// ending on both sides of a block's edge, stale values in the slots past them): each
-    /// row's output is the portable task's bits for that row alone.
+    /// A prompt's rows together on each width (2-4 rows, groups of 1, 3 and 4 heads 64
+    /// wide and of 2 and 4 heads 128 wide, rows ending on both sides of a block's edge,
+    /// stale values in the slots past them): each row's output is the portable task's
+    /// bits for that row alone.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn rows_together_give_each_rows_portable_bits() {
-        fn check<const G: usize, const R: usize>(w: Width, n0: usize) {
-            let (hd, heads) = (64, 2);
+        fn check<const G: usize, const R: usize>(w: Width, hd: usize, n0: usize) {
+            let heads = 2;
             let table = [5u32, 1, 3, 0];
             // Every slot of the table's blocks written (those past a row's end too).
-            let kv = cache_with(heads, 6, &table, 64, 300);
+            let kv = cache_with(heads, hd, 6, &table, 64, 300);
             for kvh in 0..heads {
                 let t = HeadTask {
                     layer: 0,
@@ -584,7 +597,8 @@ mod tests {
                     .collect();
                 let mut got = vec![vec![0f32; G * hd]; R];
                 let outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
-                // SAFETY: the CPU has `w`'s features; G heads, 16-slot blocks, 64 wide.
+                // SAFETY: the CPU has `w`'s features; G heads, 16-slot blocks, heads a
+                // multiple of 64 wide.
                 unsafe { grouped::run_tile::<G, R>(w, &t, &kv, |r| &qs[r][..], outs) };
                 for (r, got) in got.iter().enumerate() {
                     let alone = HeadTask { n: n0 + r, ..t };
@@ -592,34 +606,45 @@ mod tests {
                     alone.run::<false>(&kv, &qs[r], &mut want);
                     assert_eq!(
                         got, &want,
-                        "{w:?}, G {G}, row {r} of {R} from n {n0}, KV head {kvh}"
+                        "{w:?}, G {G}, {hd} wide, row {r} of {R} from n {n0}, KV head {kvh}"
                     );
                 }
             }
         }
         for w in widths() {
             for n0 in [1, 14, 16, 30, 45] {
-                check::<1, 4>(w, n0);
-                check::<3, 2>(w, n0);
-                check::<3, 3>(w, n0);
-                check::<3, 4>(w, n0);
-                check::<4, 3>(w, n0);
+                check::<1, 4>(w, 64, n0);
+                check::<3, 2>(w, 64, n0);
+                check::<3, 3>(w, 64, n0);
+                check::<3, 4>(w, 64, n0);
+                check::<4, 3>(w, 64, n0);
+                check::<4, 2>(w, 128, n0);
+                check::<4, 4>(w, 128, n0);
+                check::<2, 3>(w, 128, n0);
             }
         }
     }
 
     /// A whole step's attention at SmolLM2's shape (9 query heads on 3 KV heads, 64
-    /// wide): a prompt of 11 rows from position 5 (tiles of 4, 4 and 3 where the grouped
-    /// loops run) beside one-row sequences, on each width and with none; every row's
-    /// output is its portable task's alone.
+    /// wide) and at Llama-3-8B's (heads 128 wide in groups of 4; 8 on 2 here): a prompt
+    /// of 11 rows from position 5 (tiles of 4, 4 and 3 where the grouped loops run)
+    /// beside one-row sequences, on each width and with none; every row's output is its
+    /// portable task's alone.
     #[test]
     fn a_steps_rows_each_get_their_portable_tasks_bits() {
+        check_step(9, 3, 64);
+        check_step(8, 2, 128);
+    }
+
+    /// [`a_steps_rows_each_get_their_portable_tasks_bits`] for `n_heads` query heads on
+    /// `n_kv` KV heads `hd` wide.
+    fn check_step(n_heads: usize, n_kv: usize, hd: usize) {
         let c = LlamaConfig {
             n_layers: 1,
-            dim: 576,
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
+            dim: n_heads * hd,
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
             ffn_dim: 1536,
             vocab: 100,
             rope_base: 1e4,
@@ -627,8 +652,8 @@ mod tests {
             context_len: 256,
             pooling: crate::model::Pooling::Last,
         };
-        let (kvd, qd) = (3 * 64, 9 * 64);
-        let mut kv = KvCache::new(1, 3, kvd, 16, 8);
+        let (kvd, qd, group) = (n_kv * hd, n_heads * hd, n_heads / n_kv);
+        let mut kv = KvCache::new(1, n_kv, kvd, 16, 8);
         let tables: [Vec<u32>; 3] = [vec![2, 6], vec![0, 5, 7], vec![1]];
         for (i, table) in tables.iter().enumerate() {
             for pos in 0..16 * table.len() {
@@ -652,39 +677,26 @@ mod tests {
             let mut out = Acts::default();
             out.resize(13, qd);
             attention_on(w, &c, 0, &batch, &row_seq, &q, &kv, &mut out);
-            check_step(&batch, &row_seq, &q, &kv, &out, w);
-        }
-    }
-
-    /// Each of the 13 rows' outputs in `out` (SmolLM2's shape) against its portable task.
-    fn check_step(
-        batch: &Batch,
-        row_seq: &[usize],
-        q: &[f32],
-        kv: &KvCache,
-        out: &Acts,
-        w: Option<Width>,
-    ) {
-        let (hd, qd) = (64, 9 * 64);
-        for r in 0..13 {
-            for kvh in 0..3 {
-                let t = HeadTask {
-                    layer: 0,
-                    kvh,
-                    group: 3,
-                    hd,
-                    scale: 0.125,
-                    n: batch.positions[r] as usize + 1,
-                    table: &batch.seqs[row_seq[r]].block_table,
-                };
-                let at = r * qd + kvh * 3 * hd;
-                let mut want = vec![0f32; 3 * hd];
-                t.run::<false>(kv, &q[at..at + 3 * hd], &mut want);
-                assert_eq!(
-                    &out.f32[at..at + 3 * hd],
-                    &want[..],
-                    "{w:?}, row {r}, KV head {kvh}"
-                );
+            for r in 0..13 {
+                for kvh in 0..n_kv {
+                    let t = HeadTask {
+                        layer: 0,
+                        kvh,
+                        group,
+                        hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        n: batch.positions[r] as usize + 1,
+                        table: &batch.seqs[row_seq[r]].block_table,
+                    };
+                    let at = r * qd + kvh * group * hd;
+                    let mut want = vec![0f32; group * hd];
+                    t.run::<false>(&kv, &q[at..at + group * hd], &mut want);
+                    assert_eq!(
+                        &out.f32[at..at + group * hd],
+                        &want[..],
+                        "{w:?}, {hd} wide, row {r}, KV head {kvh}"
+                    );
+                }
             }
         }
     }

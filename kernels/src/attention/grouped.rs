@@ -1,11 +1,12 @@
 //! The query heads that share a KV head, and a prompt's rows, together (x86-64): for the
-//! common shapes (16-slot blocks, 64-wide heads, 1–4 query heads a KV head) each key and
+//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 64, 1–4
+//! query heads a KV head) each key and
 //! value read from the cache is widened (f16 → f32) once for all of a task's queries
 //! instead of once per head and row.
 //!
 //! The loops are written once over [`Lanes`], a register of f32 lanes, and compiled for
 //! two widths ([`Width`]): AVX-512 (a 16-slot block's scores, or 16 of a head's outputs, to
-//! a register) and AVX2 (8; a block in two halves, a head's 64 outputs in four passes of 16,
+//! a register) and AVX2 (8; a block in two halves, a head's outputs in passes of 16,
 //! so that a task's accumulators fit AVX2's 16 registers). The partial sums and their
 //! order are [`super::block_scores`]' and [`super::weighted_values`]' lane for lane: every
 //! row gets the portable loops' bits, alone or in a tile, on either width.
@@ -24,8 +25,8 @@ use std::arch::x86_64::*;
 trait Lanes: Copy {
     /// Lanes a register (a divisor of 16).
     const N: usize;
-    /// Registers a head's outputs are summed in at a time (at most 4): a 64-wide head
-    /// takes `64 / (VALUE_REGS · N)` passes over its values.
+    /// Registers a head's outputs are summed in at a time (at most 4): a head `hd` wide
+    /// takes `hd / (VALUE_REGS · N)` passes over its values.
     const VALUE_REGS: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
@@ -185,26 +186,29 @@ unsafe fn scores16_rows<V: Lanes, const G: usize, const R: usize>(
     }
 }
 
-/// [`super::weighted_values`] for 64-wide heads, `G` of them, for `R` query rows at once:
+/// [`super::weighted_values`] for `G` heads `hd` wide, for `R` query rows at once:
 /// each block's values and each row's `G` heads' weights for it (row `r`'s head `g`'s at
-/// `p[r][g]`), into `out[r]` (`G` rows of 64); each value row is read and widened once for
+/// `p[r][g]`), into `out[r]` (`G` rows of `hd`); each value row is read and widened once for
 /// all of them. A row's weights for a block may be fewer than another's (its last block),
 /// or none; each query's sum runs over its own slots in order, from zero, as in the
-/// portable loop. Where a head's 64 outputs take more than `V`'s value registers (AVX2),
+/// portable loop. Where a head's outputs take more than `V`'s value registers (AVX2, or
+/// heads wider than 64),
 /// a block's values are taken `VALUE_REGS·N` dimensions at a time (the block's 2 KiB stay
 /// in L1 across the passes), those outputs' running sums loaded from `out` into registers
 /// and stored back ([`one_pass`]).
 ///
 /// # Safety
-/// `V`'s features; each `out[r].len() ≥ 64·G`; each block's values hold 64 per weight of
+/// `V`'s features; `hd` a multiple of `VALUE_REGS·N`; each `out[r].len() ≥ hd·G`; each
+/// block's values hold `hd` per weight of
 /// its longest row, and a row's heads have as many weights for a block.
 #[inline(always)]
-unsafe fn values64<'a, V: Lanes, const G: usize, const R: usize>(
+unsafe fn value_sums<'a, V: Lanes, const G: usize, const R: usize>(
+    hd: usize,
     blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
     out: [&mut [f32]; R],
 ) {
     let op: [*mut f32; R] = out.map(|o| {
-        o[..64 * G].fill(0.0);
+        o[..hd * G].fill(0.0);
         o.as_mut_ptr()
     });
     let mut a = [[[V::zero(); 4]; G]; R];
@@ -212,7 +216,7 @@ unsafe fn values64<'a, V: Lanes, const G: usize, const R: usize>(
         for (op, a) in op.iter().zip(a.iter_mut()) {
             for (g, a) in a.iter_mut().enumerate() {
                 for (i, a) in a.iter_mut().enumerate().take(V::VALUE_REGS) {
-                    let o = op.add(64 * g + at + i * V::N);
+                    let o = op.add(hd * g + at + i * V::N);
                     match store {
                         true => a.store(o),
                         false => *a = V::load(o),
@@ -223,15 +227,15 @@ unsafe fn values64<'a, V: Lanes, const G: usize, const R: usize>(
     };
     for (vb, p) in blocks {
         let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
-        for at in (0..64).step_by(V::VALUE_REGS * V::N) {
+        for at in (0..hd).step_by(V::VALUE_REGS * V::N) {
             let vp = vb.as_ptr().add(at);
-            if !one_pass::<V>() {
+            if !one_pass::<V>(hd) {
                 load_store(&mut a, at, false);
             }
             for s in 0..len {
                 let mut v = [V::zero(); 4];
                 for (i, v) in v.iter_mut().enumerate().take(V::VALUE_REGS) {
-                    *v = V::load_f16(vp.add(s * 64 + i * V::N));
+                    *v = V::load_f16(vp.add(s * hd + i * V::N));
                 }
                 for (p, a) in p.iter().zip(a.iter_mut()) {
                     if s < p[0].len() {
@@ -244,31 +248,33 @@ unsafe fn values64<'a, V: Lanes, const G: usize, const R: usize>(
                     }
                 }
             }
-            if !one_pass::<V>() {
+            if !one_pass::<V>(hd) {
                 load_store(&mut a, at, true);
             }
         }
     }
-    if one_pass::<V>() {
+    if one_pass::<V>(hd) {
         load_store(&mut a, 0, true);
     }
 }
 
-/// Whether a head's 64 outputs fit `V`'s value registers at once: then they stay in
+/// Whether a head's `hd` outputs fit `V`'s value registers at once: then they stay in
 /// registers from the first block to the last, else a block's running sums are loaded
 /// from the outputs and stored back for each pass.
 #[inline(always)]
-const fn one_pass<V: Lanes>() -> bool {
-    V::VALUE_REGS * V::N == 64
+fn one_pass<V: Lanes>(hd: usize) -> bool {
+    V::VALUE_REGS * V::N == hd
 }
 
 impl HeadTask<'_> {
-    /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and 64-wide heads:
+    /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and heads a
+    /// multiple of 64 wide:
     /// the heads' scores block by block, each key read once for all of them, then their
     /// softmaxes, then their outputs, each value read once. The same bits.
     ///
     /// # Safety
-    /// `V`'s features; `self.group == G`, the cache's blocks hold 16 slots, `self.hd == 64`.
+    /// `V`'s features; `self.group == G`, the cache's blocks hold 16 slots, `self.hd` a
+    /// multiple of 64.
     #[inline(always)]
     unsafe fn run_grouped<V: Lanes, const G: usize>(
         &self,
@@ -301,7 +307,7 @@ impl HeadTask<'_> {
             assert!(vb.len() >= len * hd);
             (vb, [std::array::from_fn(|g| &scores[g * n + j0..][..len])])
         });
-        values64::<V, G, 1>(rows, [o]);
+        value_sums::<V, G, 1>(hd, rows, [o]);
     }
 
     /// [`HeadTask::run_grouped`] for `R` consecutive rows of one sequence (a prompt's),
@@ -380,7 +386,7 @@ impl HeadTask<'_> {
                     .iter()
                     .enumerate()
                     .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
-                values64::<V, G, 2>(rows, [o0, o1]);
+                value_sums::<V, G, 2>(hd, rows, [o0, o1]);
                 r += 2;
             } else {
                 let Some(o0) = outs.next() else {
@@ -390,7 +396,7 @@ impl HeadTask<'_> {
                     .iter()
                     .enumerate()
                     .map(|(bi, &blk)| (values(blk), [weights(r, bi)]));
-                values64::<V, G, 1>(rows, [o0]);
+                value_sums::<V, G, 1>(hd, rows, [o0]);
                 r += 1;
             }
         }
@@ -401,7 +407,7 @@ impl HeadTask<'_> {
 ///
 /// # Safety
 /// The CPU has `width`'s features; `t.group == G`, the cache's blocks hold 16 slots,
-/// `t.hd == 64`; `qrow` and `o` hold `G·64`.
+/// `t.hd` a multiple of 64; `qrow` and `o` hold `G·hd`.
 pub(super) unsafe fn run_one<const G: usize>(
     width: Width,
     t: &HeadTask,
