@@ -1,21 +1,26 @@
 //! Writes a synthetic model: `cargo run -p kernels --example synth -- OUT.gguf
-//! [tiny|q4_k_m|llama8b|llama8b_q2_k] [seed]` (SmolLM2-135M's shape unless `tiny`;
-//! `q4_k_m`: in llama.cpp's Q4_K_M mix; `llama8b`: two of Llama-3-8B's layers in that mix;
-//! `llama8b_q2_k`: the same layers in its Q2_K mix).
+//! [tiny|q4_k_m|llama8b|llama8b_q2_k|groups_of_7] [seed]` (SmolLM2-135M's shape unless
+//! `tiny`; `q4_k_m`: in llama.cpp's Q4_K_M mix; `llama8b`: two of Llama-3-8B's layers in
+//! that mix; `llama8b_q2_k`: the same layers in its Q2_K mix; `groups_of_7`:
+//! Qwen2.5-0.5B's shape, 14 query heads on 2 KV heads).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let out = args
         .get(1)
-        .ok_or("usage: synth OUT.gguf [tiny|q4_k_m|llama8b|llama8b_q2_k] [seed]")?;
+        .ok_or("usage: synth OUT.gguf [tiny|q4_k_m|llama8b|llama8b_q2_k|groups_of_7] [seed]")?;
     let mut spec = match args.get(2).map(String::as_str) {
         Some("tiny") => kernels::synth::SynthSpec::tiny(),
         Some("q4_k_m") => kernels::synth::SynthSpec::q4_k_m(),
         Some("llama8b") => kernels::synth::SynthSpec::llama8b_layers(),
         Some("llama8b_q2_k") => kernels::synth::SynthSpec::llama8b_q2_k(),
+        Some("groups_of_7") => kernels::synth::SynthSpec::groups_of_7(),
         Some("default") | None => kernels::synth::SynthSpec::default(),
         Some(other) => {
-            return Err(format!("{other}: tiny, q4_k_m, llama8b, llama8b_q2_k or default").into())
+            return Err(format!(
+                "{other}: tiny, q4_k_m, llama8b, llama8b_q2_k, groups_of_7 or default"
+            )
+            .into())
         }
     };
     if let Some(seed) = args.get(3) {

@@ -258,8 +258,8 @@ pub(crate) fn attention(
 }
 
 /// [`attention`] with the grouped loops on `width`'s registers where the shapes fit
-/// (16-slot blocks, heads a multiple of 64 wide, groups of 1–4 heads), else (or for
-/// `None`) each query head on its own. Every row's output is the same bits either way.
+/// (16-slot blocks, heads a multiple of 64 wide; a KV head's query heads in runs of 1–4,
+/// [`head_runs`]), else (or for `None`) each query head on its own. Every row's output is the same bits either way.
 #[allow(clippy::too_many_arguments)]
 fn attention_on(
     width: Option<Width>,
@@ -276,7 +276,7 @@ fn attention_on(
     let scale = 1.0 / (hd as f32).sqrt();
     let gw = group * hd; // output width of one task
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let width = width.filter(|_| kv.block_size == 16 && hd % 64 == 0 && (1..=4).contains(&group));
+    let width = width.filter(|_| kv.block_size == 16 && hd % 64 == 0 && group >= 1);
     #[cfg(target_arch = "x86_64")]
     if let Some(w) = width {
         let tiles = row_tiles(batch, row_seq);
@@ -316,16 +316,22 @@ fn attention_on(
             };
             #[cfg(target_arch = "x86_64")]
             if let Some(w) = width {
-                // SAFETY: the CPU has `w`'s features (`Width::here`, or a test's choice
-                // among them); G is the group, the blocks and heads the sizes the grouped
-                // loops take (`width` filtered above).
-                match group {
-                    1 => return unsafe { grouped::run_one::<1>(w, &t, kv, qrow, o) },
-                    2 => return unsafe { grouped::run_one::<2>(w, &t, kv, qrow, o) },
-                    3 => return unsafe { grouped::run_one::<3>(w, &t, kv, qrow, o) },
-                    4 => return unsafe { grouped::run_one::<4>(w, &t, kv, qrow, o) },
-                    _ => unreachable!("`width` is kept for groups of 1-4"),
+                for (h0, hn) in head_runs(group) {
+                    let (q, o) = (&qrow[h0 * hd..][..hn * hd], &mut o[h0 * hd..][..hn * hd]);
+                    // SAFETY: the CPU has `w`'s features (`Width::here`, or a test's choice
+                    // among them); G is the run's heads, the blocks and heads the sizes the
+                    // grouped loops take (`width` filtered above).
+                    unsafe {
+                        match hn {
+                            1 => grouped::run_one::<1>(w, &t, kv, q, o),
+                            2 => grouped::run_one::<2>(w, &t, kv, q, o),
+                            3 => grouped::run_one::<3>(w, &t, kv, q, o),
+                            4 => grouped::run_one::<4>(w, &t, kv, q, o),
+                            _ => unreachable!("runs of 1-4 heads"),
+                        }
+                    }
                 }
+                return;
             }
             #[cfg(target_arch = "x86_64")]
             if crate::quant::has_avx2() {
@@ -335,6 +341,15 @@ fn attention_on(
             t.run::<false>(kv, qrow, o);
         });
     out.touched();
+}
+
+/// A KV head's `group` query heads in runs of 1–4 for the grouped loops, as even as they
+/// go (7 as 3 and 4, 8 as 4 and 4): `(first head, heads)`. Each run reads the KV head's
+/// keys and values once for its heads; every head's sums are its own either way.
+#[cfg(target_arch = "x86_64")]
+fn head_runs(group: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = group.div_ceil(4);
+    (0..n).map(move |i| (i * group / n, (i + 1) * group / n - i * group / n))
 }
 
 /// Rows of one sequence that attend together (a prompt's, up to this many).
@@ -405,19 +420,23 @@ fn attention_rows(
             n: batch.positions[r0] as usize + 1,
             table: &batch.seqs[row_seq[r0]].block_table,
         };
-        let q_of = |i: usize| &q[(r0 + i) * qd + kvh * gw..][..gw];
-        macro_rules! tile {
-            ($($g:literal, $r:literal);*) => {
-                match (group, o.len()) {
-                    // SAFETY: the CPU has `width`'s features; the group is G, the cache's
-                    // blocks 16 slots and the heads a multiple of 64 wide (checked by
-                    // `attention_on`); each query and output row holds G·hd.
-                    $(($g, $r) => unsafe { grouped::run_tile::<$g, $r>(width, &t, kv, q_of, o) },)*
-                    _ => unreachable!("groups of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
-                }
-            };
+        let mut o = o;
+        for (h0, hn) in head_runs(group) {
+            let q_of = |i: usize| &q[(r0 + i) * qd + kvh * gw + h0 * hd..][..hn * hd];
+            let o: Vec<&mut [f32]> = o.iter_mut().map(|o| &mut o[h0 * hd..][..hn * hd]).collect();
+            macro_rules! tile {
+                ($($g:literal, $r:literal);*) => {
+                    match (hn, o.len()) {
+                        // SAFETY: the CPU has `width`'s features; the run's heads are G, the
+                        // cache's blocks 16 slots and the heads a multiple of 64 wide
+                        // (checked by `attention_on`); each query and output row holds G·hd.
+                        $(($g, $r) => unsafe { grouped::run_tile::<$g, $r>(width, &t, kv, q_of, o) },)*
+                        _ => unreachable!("runs of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
+                    }
+                };
+            }
+            tile!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
         }
-        tile!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
     });
 }
 
@@ -626,19 +645,23 @@ mod tests {
     }
 
     /// A whole step's attention at SmolLM2's shape (9 query heads on 3 KV heads, 64
-    /// wide) and at Llama-3-8B's (heads 128 wide in groups of 4; 8 on 2 here): a prompt
-    /// of 11 rows from position 5 (tiles of 4, 4 and 3 where the grouped loops run)
-    /// beside one-row sequences, on each width and with none; every row's output is its
-    /// portable task's alone.
+    /// wide), at Llama-3-8B's (heads 128 wide in groups of 4; 8 on 2 here) and at
+    /// Qwen2.5-0.5B's (14 on 2, 64 wide: groups of 7, in runs of 3 and 4): a prompt of 11
+    /// rows from position 5 (tiles of 4, 4 and 3 where the grouped loops run) beside
+    /// one-row sequences, then the one-row sequences alone, on each width and with none;
+    /// every row's output is its portable task's alone.
     #[test]
     fn a_steps_rows_each_get_their_portable_tasks_bits() {
-        check_step(9, 3, 64);
-        check_step(8, 2, 128);
+        for prompt in [true, false] {
+            check_step(9, 3, 64, prompt);
+            check_step(8, 2, 128, prompt);
+            check_step(14, 2, 64, prompt);
+        }
     }
 
     /// [`a_steps_rows_each_get_their_portable_tasks_bits`] for `n_heads` query heads on
-    /// `n_kv` KV heads `hd` wide.
-    fn check_step(n_heads: usize, n_kv: usize, hd: usize) {
+    /// `n_kv` KV heads `hd` wide, with the prompt's 11 rows or without.
+    fn check_step(n_heads: usize, n_kv: usize, hd: usize, prompt: bool) {
         let c = LlamaConfig {
             n_layers: 1,
             dim: n_heads * hd,
@@ -662,22 +685,26 @@ mod tests {
             }
         }
         let mut batch = Batch::default();
+        let mut row_seq = Vec::new();
         batch.push(&[1], 20, tables[0].clone(), true);
-        batch.push(&[2; 11], 5, tables[1].clone(), true);
+        row_seq.push(0);
+        if prompt {
+            batch.push(&[2; 11], 5, tables[1].clone(), true);
+            row_seq.extend([1; 11]);
+        }
         batch.push(&[3], 9, tables[2].clone(), true);
-        let row_seq: Vec<usize> = (0..13)
-            .map(|r| [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2][r])
-            .collect();
-        let q = rand(13 * qd, 77);
+        row_seq.push(batch.seqs.len() - 1);
+        let rows = row_seq.len();
+        let q = rand(rows * qd, 77);
         #[allow(unused_mut)]
         let mut widths_here = vec![None];
         #[cfg(target_arch = "x86_64")]
         widths_here.extend(widths().into_iter().map(Some));
         for w in widths_here {
             let mut out = Acts::default();
-            out.resize(13, qd);
+            out.resize(rows, qd);
             attention_on(w, &c, 0, &batch, &row_seq, &q, &kv, &mut out);
-            for r in 0..13 {
+            for r in 0..rows {
                 for kvh in 0..n_kv {
                     let t = HeadTask {
                         layer: 0,
@@ -694,7 +721,7 @@ mod tests {
                     assert_eq!(
                         &out.f32[at..at + group * hd],
                         &want[..],
-                        "{w:?}, {hd} wide, row {r}, KV head {kvh}"
+                        "{w:?}, {n_heads} heads on {n_kv}, {hd} wide, row {r} of {rows}, KV head {kvh}"
                     );
                 }
             }

@@ -86,6 +86,22 @@ impl SynthSpec {
         }
     }
 
+    /// Qwen2.5-0.5B's shape in Q4_1 (896 wide, 24 layers, 14 query heads on 2 KV heads of
+    /// 64: groups of 7; a feed-forward of 4,864), on SmolLM2's vocabulary (Qwen's has no
+    /// byte-level BPE of its own here, and its biases are not modelled): what the CPU's
+    /// attention does with groups of more than 4 heads.
+    pub fn groups_of_7() -> Self {
+        Self {
+            n_layers: 24,
+            dim: 896,
+            n_heads: 14,
+            n_kv_heads: 2,
+            ffn_dim: 4864,
+            seed: 48,
+            ..Self::default()
+        }
+    }
+
     /// A small model of every layout that is converted at load (Q5_0, Q5_1, Q4_K, Q5_K,
     /// Q6_K), with an output head of its own: as [`SynthSpec::tiny`], 256 wide (K-quant
     /// rows are multiples of 256) in 8 heads.

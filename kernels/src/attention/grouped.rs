@@ -1,6 +1,6 @@
 //! The query heads that share a KV head, and a prompt's rows, together (x86-64): for the
-//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 64, 1–4
-//! query heads a KV head) each key and
+//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 64; a KV
+//! head's query heads in runs of 1–4) each key and
 //! value read from the cache is widened (f16 → f32) once for all of a task's queries
 //! instead of once per head and row.
 //!
