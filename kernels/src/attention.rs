@@ -259,7 +259,8 @@ pub(crate) fn attention(
 
 /// [`attention`] with the grouped loops on `width`'s registers where the shapes fit
 /// (16-slot blocks, heads a multiple of 64 wide; a KV head's query heads in runs of 1–4,
-/// [`head_runs`]), else (or for `None`) each query head on its own. Every row's output is the same bits either way.
+/// `head_runs`), else (or for `None`) each query head on its own. Every row's output is
+/// the same bits either way.
 #[allow(clippy::too_many_arguments)]
 fn attention_on(
     width: Option<Width>,
@@ -410,7 +411,7 @@ fn attention_rows(
     // A KV head's tiles next to each other: a thread's run of tasks reads one head's keys
     // and values (a long prompt's 1 MB a head fit the core's cache; all heads' do not).
     tasks.sort_by_key(|&(r0, kvh, _)| (kvh, r0));
-    tasks.into_par_iter().for_each(|(r0, kvh, o)| {
+    tasks.into_par_iter().for_each(|(r0, kvh, mut o)| {
         let t = HeadTask {
             layer,
             kvh,
@@ -420,7 +421,6 @@ fn attention_rows(
             n: batch.positions[r0] as usize + 1,
             table: &batch.seqs[row_seq[r0]].block_table,
         };
-        let mut o = o;
         for (h0, hn) in head_runs(group) {
             let q_of = |i: usize| &q[(r0 + i) * qd + kvh * gw + h0 * hd..][..hn * hd];
             let o: Vec<&mut [f32]> = o.iter_mut().map(|o| &mut o[h0 * hd..][..hn * hd]).collect();
