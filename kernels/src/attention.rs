@@ -5,13 +5,14 @@
 //! A task scores one KV block at a time (keys are stored dim-major within a block, so a
 //! block's scores build up in registers across the key dimensions), takes the softmax,
 //! then sums the values weighted by it. Keys and values are f16 in the cache, widened to
-//! f32 (exactly) as they are read. For the common shapes (16-token blocks, 64-wide heads)
-//! the two inner loops are written with AVX2/FMA/F16C intrinsics; the portable loops
-//! beside them do the same operations in the same order, so both give the same bits.
-//! On AVX-512 and AVX2 ([`grouped`], one source for both widths) a task's query heads go
-//! together, and a prompt's rows go in tiles of up to four ([`ROW_TILE`]) for each KV
-//! head: each key block is read and widened once for the tile's rows and heads, each
-//! value row once for two rows, and every row still gets the bits it gets alone.
+//! f32 (exactly) as they are read. For the common shapes (16-slot blocks, heads a
+//! multiple of 64 wide), on AVX-512 and AVX2 ([`grouped`], one source for both widths), a
+//! task's query heads go together (in runs of up to 4), and a prompt's rows go in tiles of
+//! up to four ([`ROW_TILE`]) for each KV head: each key block is read and widened once for
+//! the tile's rows and heads, each value row once for two rows. Other shapes take a task's
+//! heads one at a time, with AVX2/FMA/F16C loops for 16-slot blocks' scores and 64-wide
+//! heads' values. The portable loops do the same operations in the same order, so every
+//! path gives every row the bits it gets alone.
 
 use crate::forward::Batch;
 use crate::kv::KvCache;
