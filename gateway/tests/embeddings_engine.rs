@@ -101,8 +101,12 @@ async fn a_file_that_asks_for_another_pooling_gets_no_embeddings() {
     let mut r = (*common::worker_req("the quick brown fox", 0)).clone();
     r.embed = true;
     match w.submit(Arc::new(r)).await {
-        Err(gateway::worker::WorkerError::Rejected { status, message }) => {
-            assert_eq!(status, 400);
+        Err(gateway::worker::WorkerError::Rejected {
+            status,
+            message,
+            code,
+        }) => {
+            assert_eq!((status, code), (400, None));
             assert!(
                 message.contains("mean embeddings") && message.contains("llama.pooling_type"),
                 "{message}"
@@ -179,8 +183,12 @@ async fn case(backend: BackendKind) {
     let mut long = (*common::worker_req(&"word ".repeat(20_000), 0)).clone();
     long.embed = true;
     match w.submit(Arc::new(long)).await {
-        Err(gateway::worker::WorkerError::Rejected { status, message }) => {
-            assert_eq!(status, 400);
+        Err(gateway::worker::WorkerError::Rejected {
+            status,
+            message,
+            code,
+        }) => {
+            assert_eq!((status, code), (400, Some("context_length_exceeded")));
             assert!(message.contains("the input has"), "{message}");
         }
         Err(e) => panic!("{e}"),

@@ -308,7 +308,11 @@ async fn seeds_case(backend: BackendKind) {
         Err(WorkerError::Rejected {
             status: 400,
             message,
-        }) => assert!(message.contains("context"), "{message}"),
+            code,
+        }) => {
+            assert!(message.contains("context"), "{message}");
+            assert_eq!(code, Some(gateway::worker::CONTEXT_LENGTH_EXCEEDED));
+        }
         other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
     }
     // Cancelling (dropping the stream) frees the sequence's blocks at once.

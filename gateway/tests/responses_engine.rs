@@ -28,6 +28,8 @@ async fn a_conversation_past_the_context_is_truncated_only_when_asked() {
     let v: Value = r.json().await.unwrap();
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("maximum context length is 256"), "{v}");
+    // The code OpenAI's clients match on to shorten a prompt.
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     let r = post(&gw, "/v1/responses", &body("auto")).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();

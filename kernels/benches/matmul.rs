@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
     };
     let per_16 = q8(&q6).with_exact_packed(pk);
     let mut g = c.benchmark_group("matmul_q6_k_1536x576");
-    for b in [1usize, 16, 64] {
+    for b in [1usize, 16, 64, 512] {
         let mut x = ffn::acts(b);
         let mut out = vec![0f32; b * ffn::ROWS];
         g.throughput(Throughput::Elements((b * ffn::ROWS * ffn::COLS) as u64));

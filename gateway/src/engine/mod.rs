@@ -271,6 +271,7 @@ impl EngineWorker {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
+            code: None,
         };
         let text = match prompt {
             Prompt::Tokens(ids) => {
@@ -312,6 +313,7 @@ impl EngineWorker {
         let reject = |message: String| WorkerError::Rejected {
             status: 400,
             message,
+            code: None,
         };
         crate::worker::one_plain_input(req)?;
         if req.embed && self.pooling != Pooling::Last {
@@ -337,15 +339,20 @@ impl EngineWorker {
             )));
         }
         let need = prompt.len() + req.params.max_tokens as usize;
+        let too_long = |message: String| WorkerError::Rejected {
+            status: 400,
+            message,
+            code: Some(crate::worker::CONTEXT_LENGTH_EXCEEDED),
+        };
         if req.embed && need > self.max_context {
-            return Err(reject(format!(
+            return Err(too_long(format!(
                 "This model's maximum context length is {} tokens; the input has {} tokens.",
                 self.max_context,
                 prompt.len()
             )));
         }
         if need > self.max_context {
-            return Err(reject(format!(
+            return Err(too_long(format!(
                 "This model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {}.",
                 self.max_context,
                 prompt.len(),

@@ -719,8 +719,15 @@ fn worker_error(e: WorkerError) -> ApiError {
         WorkerError::Rejected {
             status: 400 | 422,
             message,
-        } => ApiError::bad(message, None),
-        WorkerError::Rejected { status, message } => ApiError::Upstream(format!(
+            code,
+        } => ApiError::BadRequest {
+            message,
+            param: None,
+            code,
+        },
+        WorkerError::Rejected {
+            status, message, ..
+        } => ApiError::Upstream(format!(
             "The worker rejected the request ({status}): {message}"
         )),
         other => ApiError::Upstream(format!("The worker failed: {other}")),

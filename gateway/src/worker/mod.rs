@@ -181,6 +181,7 @@ pub fn one_plain_input(req: &WorkerRequest) -> Result<(), WorkerError> {
     let refuse = |message: String| WorkerError::Rejected {
         status: 400,
         message,
+        code: None,
     };
     if !req.more_inputs.is_empty() {
         return Err(refuse(format!(
@@ -307,6 +308,10 @@ pub enum WorkerEvent {
 pub type EventStream = BoxStream<'static, Result<WorkerEvent, WorkerError>>;
 
 /// Failures of a worker, classified for the router.
+/// OpenAI's error code for a prompt (with its `max_tokens`) longer than the model's
+/// context, which clients match on to shorten it.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WorkerError {
     /// Could not reach the worker (refused, reset, DNS, timeout before headers).
@@ -316,8 +321,14 @@ pub enum WorkerError {
     #[error("worker failed with status {status}: {message}")]
     Failed { status: u16, message: String },
     /// The worker rejected the request itself (4xx other than 429): not the worker's fault.
+    /// `code`: the OpenAI error code the client is to see, where one applies (e.g.
+    /// [`CONTEXT_LENGTH_EXCEEDED`]).
     #[error("{message}")]
-    Rejected { status: u16, message: String },
+    Rejected {
+        status: u16,
+        message: String,
+        code: Option<&'static str>,
+    },
     /// The worker's answer did not follow the protocol, or broke off mid-stream.
     #[error("worker protocol error: {0}")]
     Protocol(String),

@@ -284,6 +284,7 @@ impl Worker for SimWorker {
                 return Err(WorkerError::Rejected {
                     status: 400,
                     message: format!("this pool's workers are simulated: no {what}"),
+                    code: None,
                 });
             }
             let prompt_tokens = estimate_prompt_tokens(&req.prompt);
@@ -295,6 +296,7 @@ impl Worker for SimWorker {
                         "prompt ({prompt_tokens} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
                         req.params.max_tokens, cfg.kv_tokens
                     ),
+                    code: Some(super::CONTEXT_LENGTH_EXCEEDED),
                 });
             }
             queued.fetch_add(1, Ordering::Relaxed);

@@ -16,7 +16,9 @@
 //! Here the worker and its requests; the wire shapes in `wire`, a whole answer read in
 //! `answer`, a streamed one in `stream`.
 
-use super::{EventStream, Load, Prompt, Worker, WorkerError, WorkerRequest};
+use super::{
+    EventStream, Load, Prompt, Worker, WorkerError, WorkerRequest, CONTEXT_LENGTH_EXCEEDED,
+};
 use crate::config::OpenAiConfig;
 use answer::{parse_embedding, parse_full};
 use bytes::Bytes;
@@ -183,11 +185,27 @@ impl Drop for InFlight {
     }
 }
 
+/// The message of an upstream's error body, or the body's first 512 bytes where it has none.
 fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .and_then(|v| {
+            // OpenAI's `{"error": {"message"}}`, or vLLM's `{"object": "error", "message"}`.
+            let m = v["error"]["message"].as_str().or(v["message"].as_str());
+            m.map(str::to_string)
+        })
         .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned())
+}
+
+/// The OpenAI error code of an upstream's rejection that the client is to see: a prompt
+/// over the model's context, said by its code (OpenAI, another tollgate) or, where the
+/// server sets no such code (vLLM: `"code": 400`), by OpenAI's wording of it, which those
+/// servers keep.
+fn error_code(body: &[u8], message: &str) -> Option<&'static str> {
+    let code = serde_json::from_slice::<Value>(body).ok();
+    let code = code.as_ref().and_then(|v| v["error"]["code"].as_str());
+    (code == Some(CONTEXT_LENGTH_EXCEEDED) || message.contains("maximum context length"))
+        .then_some(CONTEXT_LENGTH_EXCEEDED)
 }
 
 impl Worker for OpenAiWorker {
@@ -238,7 +256,11 @@ impl Worker for OpenAiWorker {
                 return Err(if status == 429 || status >= 500 {
                     WorkerError::Failed { status, message }
                 } else {
-                    WorkerError::Rejected { status, message }
+                    WorkerError::Rejected {
+                        status,
+                        code: error_code(&body, &message),
+                        message,
+                    }
                 });
             }
             if req.stream && !echoed(&req.params) && !req.embed {

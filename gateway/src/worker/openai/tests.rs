@@ -1,9 +1,10 @@
 //! The upstream worker's request bodies and answers, without an upstream.
 
 use super::answer::{parse_embedding, split_echo};
-use super::OpenAiWorker;
+use super::{error_code, error_message, OpenAiWorker};
 use crate::worker::{
     Prompt, SamplingParams, TokenLogprob, WorkerError, WorkerEvent, WorkerRequest,
+    CONTEXT_LENGTH_EXCEEDED,
 };
 use serde_json::Value;
 
@@ -151,4 +152,23 @@ fn an_echoed_answer_splits_into_prompt_and_completion() {
     // Fewer items than the prompt's tokens: the upstream did not score it.
     let (mut text, mut all) = ("ab".to_string(), items(&["a", "b"]));
     assert!(split_echo(&mut text, &mut all, &[], 3).is_err());
+}
+
+/// An upstream's rejection of a prompt over the model's context keeps OpenAI's code for
+/// it, whether the upstream sets the code (OpenAI, another tollgate) or only words the
+/// message as OpenAI does (vLLM, whose `code` is the status); other rejections have none.
+#[test]
+fn an_upstreams_context_length_rejection_keeps_its_code() {
+    let code = |body: &str| error_code(body.as_bytes(), &error_message(body.as_bytes()));
+    let openai = r#"{"error":{"message":"This model's maximum context length is 8192 tokens. However, your messages resulted in 9031 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+    assert_eq!(code(openai), Some(CONTEXT_LENGTH_EXCEEDED));
+    let coded = r#"{"error":{"message":"too long","type":"invalid_request_error","param":null,"code":"context_length_exceeded"}}"#;
+    assert_eq!(code(coded), Some(CONTEXT_LENGTH_EXCEEDED));
+    let vllm = r#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 2100 tokens.","type":"BadRequestError","param":null,"code":400}"#;
+    assert_eq!(code(vllm), Some(CONTEXT_LENGTH_EXCEEDED));
+    // vLLM's message is at the top level, not under `error`: the client sees it alone.
+    assert!(error_message(vllm.as_bytes()).starts_with("This model's maximum context"));
+    let other = r#"{"error":{"message":"`temperature` must be between 0 and 2.","type":"invalid_request_error","param":"temperature","code":null}}"#;
+    assert_eq!(code(other), None);
+    assert_eq!(code("not json at all"), None);
 }
