@@ -181,3 +181,94 @@ pub fn ensure(k: &KnownModel) -> Result<PathBuf, FetchError> {
     tracing::info!(path = %path.display(), "model fetched and verified");
     Ok(path)
 }
+
+/// Files from inside a source archive on PyPI: fetched once into the cache (the archive
+/// checked by SHA-256, only `members` kept), for tests.
+pub struct KnownArchive {
+    pub name: &'static str,
+    pub url: &'static str,
+    pub sha256: &'static str,
+    /// The members' folder inside the archive.
+    pub prefix: &'static str,
+    pub members: &'static [&'static str],
+}
+
+/// llama.cpp's tokenizer test files, shipped in the source archive of the PyPI package
+/// `llama-cpp-python`: for each pre-tokenizer a vocabulary-only GGUF, test texts (`.inp`)
+/// and the token ids the model's own tokenizer gives them (`.out`).
+pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
+    name: "llama-cpp-vocabs-0.3.16",
+    url: "https://files.pythonhosted.org/packages/e4/b4/c8cd17629ced0b9644a71d399a91145aedef109c0333443bef015e45b704/llama_cpp_python-0.3.16.tar.gz",
+    sha256: "34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6",
+    prefix: "llama_cpp_python-0.3.16/vendor/llama.cpp/models/",
+    members: &[
+        "ggml-vocab-llama-bpe.gguf",
+        "ggml-vocab-llama-bpe.gguf.inp",
+        "ggml-vocab-llama-bpe.gguf.out",
+        "ggml-vocab-gpt-2.gguf",
+        "ggml-vocab-gpt-2.gguf.inp",
+        "ggml-vocab-gpt-2.gguf.out",
+        "ggml-vocab-qwen2.gguf",
+    ],
+};
+
+/// The folder holding `a`'s members, fetched (through Python's `urllib`, the archive's
+/// SHA-256 checked) unless a complete copy is in the cache.
+pub fn ensure_archive(a: &KnownArchive) -> Result<PathBuf, FetchError> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = cache_dir().join(a.name);
+    if a.members.iter().all(|m| dir.join(m).is_file()) {
+        return Ok(dir);
+    }
+    let fail = |why: String| FetchError::Fetch {
+        name: a.name.into(),
+        why,
+    };
+    let parent = cache_dir();
+    std::fs::create_dir_all(&parent)?;
+    let tmp = parent.join(format!(".fetch-{}-{}", a.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let archive = tmp.join("archive");
+    let python = std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let run = |script: &str, args: &[&std::ffi::OsStr]| -> Result<(), FetchError> {
+        let out = Command::new(&python)
+            .args(["-c", script])
+            .args(args)
+            .output()
+            .map_err(|e| fail(format!("cannot run {python} ({e}); install Python 3")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(fail(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
+        }
+    };
+    tracing::info!(archive = a.name, url = a.url, "fetching");
+    let download = "import sys, shutil, urllib.request\nwith urllib.request.urlopen(sys.argv[1], timeout=120) as r, open(sys.argv[2], 'wb') as f:\n    shutil.copyfileobj(r, f, 1 << 20)\n";
+    let extract = "import sys, tarfile, os\nwith tarfile.open(sys.argv[1]) as t:\n    for m in sys.argv[4:]:\n        src = t.extractfile(sys.argv[2] + m)\n        with open(os.path.join(sys.argv[3], m), 'wb') as dst:\n            dst.write(src.read())\n";
+    let result = (|| {
+        run(download, &[a.url.as_ref(), archive.as_os_str()])?;
+        let got = sha256_file(&archive)?;
+        if got != a.sha256 {
+            return Err(FetchError::Checksum {
+                path: a.url.into(),
+                got,
+                want: a.sha256.into(),
+            });
+        }
+        let out = tmp.join("members");
+        std::fs::create_dir_all(&out)?;
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec![archive.as_os_str(), a.prefix.as_ref(), out.as_os_str()];
+        args.extend(a.members.iter().map(std::ffi::OsStr::new));
+        run(extract, &args)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&out, &dir)?;
+        Ok(dir.clone())
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}

@@ -1,6 +1,7 @@
 //! Quantized matmul on the CPU at SmolLM2's shapes: f32 activations (default) versus Q8
 //! activations, batch 1 to 64; and Q6_K weights (16-bit activations) packed with their
-//! own scale per 16 against the same weights requantized to Q8_0 (one scale per 32).
+//! own scale per 16 against the same weights requantized to Q8_0 (one scale per 32); and
+//! the output head's product, too large for the cache.
 //!
 //!     cargo bench -p kernels --bench matmul
 
@@ -70,6 +71,34 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+    }
+    g.finish();
+
+    // SmolLM2's output head (the tied embedding, 49,152 × 576 at Q8_0: 30 MB packed), the
+    // one product of a step whose weights do not stay in the cache between calls.
+    let (rows, cols) = (49_152, ffn::COLS);
+    let mut data = Vec::new();
+    let mut s = 7u64;
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    kernels::quant::quantize_row_q8_0(&w, &mut data);
+    let head = Matrix::new(rows, cols, MatData::Quant(GgmlType::Q8_0, data));
+    head.prepare(ActPrecision::I16);
+    let mut g = c.benchmark_group("matmul_head_q8_0_49152x576");
+    for b in [1usize, 16, 64] {
+        let mut x = ffn::acts(b);
+        let mut out = vec![0f32; b * rows];
+        g.throughput(Throughput::Elements((b * rows * cols) as u64));
+        g.bench_with_input(BenchmarkId::new("i16", b), &b, |bn, _| {
+            bn.iter(|| {
+                x.touched();
+                matmul(&head, &mut x, &mut out, ActPrecision::I16)
+            })
+        });
     }
     g.finish();
 }

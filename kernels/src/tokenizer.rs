@@ -1,7 +1,7 @@
 //! The tokenizer, built from GGUF metadata: byte-level BPE (`tokenizer.ggml.model =
-//! gpt2`) with the `smollm` pre-tokenizer (digits split one per token, then the GPT-2
-//! split), special tokens from the token types, and a streaming detokenizer that emits
-//! only whole UTF-8 characters across token boundaries.
+//! gpt2`) with the pre-tokenizer the file names ([`Pre`]: SmolLM's, GPT-2's, Llama 3's),
+//! special tokens from the token types, and a streaming detokenizer that emits only whole
+//! UTF-8 characters across token boundaries.
 
 use crate::gguf::{Gguf, GgufError, Value};
 use std::collections::HashMap;
@@ -10,7 +10,70 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+/// The text split a byte-level BPE file asks for before its merges
+/// (`tokenizer.ggml.pre`, llama.cpp's names), as the model's own `tokenizer.json` does it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pre {
+    /// GPT-2's split (`gpt-2`, or `default` where the file names none).
+    Gpt2,
+    /// Digits one a piece, then GPT-2's split (`smollm`: SmolLM and SmolLM2).
+    Smollm,
+    /// Llama 3's split (`llama-bpe`; `llama3`, `smaug-bpe` the same): numbers in pieces of
+    /// up to three digits, a letter run with the one non-letter before it, line breaks
+    /// apart from other spaces; then bytes as GPT-2's characters, unsplit again.
+    Llama3,
+}
+
+/// Llama 3's split, as its `tokenizer.json` gives it (llama.cpp's `LLAMA3` pre-tokenizer).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl Pre {
+    /// The split `tokenizer.ggml.pre` names; an error for one this tokenizer does not have.
+    pub fn from_name(name: &str) -> Result<Self, TokenizerError> {
+        Ok(match name {
+            "smollm" => Pre::Smollm,
+            "gpt-2" | "default" => Pre::Gpt2,
+            "llama-bpe" | "llama3" | "smaug-bpe" => Pre::Llama3,
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "pre-tokenizer {other:?} (supported: smollm, gpt-2, llama-bpe)"
+                )))
+            }
+        })
+    }
+
+    /// Sets `tk`'s pre-tokenizer to this split.
+    fn install(self, tk: &mut HfTokenizer) -> Result<(), TokenizerError> {
+        match self {
+            Pre::Gpt2 => {
+                tk.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+            Pre::Smollm => {
+                tk.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])));
+            }
+            Pre::Llama3 => {
+                let split = Split::new(
+                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| TokenizerError::Build(format!("Llama 3's split: {e}")))?;
+                tk.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// GGUF token types.
 const TOKEN_CONTROL: i64 = 3;
@@ -65,16 +128,7 @@ impl Tokenizer {
                 "tokenizer.ggml.model = {model:?} (byte-level BPE `gpt2` only)"
             )));
         }
-        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let digits_individually = match pre {
-            "smollm" => true,
-            "gpt-2" | "default" => false,
-            other => {
-                return Err(TokenizerError::Unsupported(format!(
-                    "pre-tokenizer {other:?} (supported: smollm, gpt-2)"
-                )))
-            }
-        };
+        let pre = Pre::from_name(g.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
         let tokens = g.get_strings("tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a
@@ -103,18 +157,13 @@ impl Tokenizer {
             .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // Llama 3's model takes a piece that is a token whole, merges or not (its
+            // `tokenizer.json`'s `ignore_merges`, as llama.cpp does for it).
+            .ignore_merges(pre == Pre::Llama3)
             .build()
             .map_err(|e| TokenizerError::Build(e.to_string()))?;
         let mut inner = HfTokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        if digits_individually {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])));
-        } else {
-            inner.with_pre_tokenizer(Some(byte_level));
-        }
+        pre.install(&mut inner)?;
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let special: Vec<bool> = (0..tokens.len())
             .map(|i| {
