@@ -404,6 +404,63 @@ fn synthetic_model_logits_match_the_numpy_reference() {
     assert_eq!(serde_json::to_value(&got).unwrap(), refs[0]["greedy"]);
 }
 
+/// RoPE scaled as Llama 3.1's files scale it (`rope_freqs.weight`: each pair's frequency
+/// over its factor) and linearly (`llama.rope.scaling.type = "linear"`): the CPU's logits
+/// and greedy tokens are the reference's, and not the unscaled model's (the factors are
+/// read, not dropped). The GPU path refuses such a model (its kernels compute the plain
+/// frequencies), so that `backend = "auto"` serves it on the CPU.
+#[test]
+fn scaled_rope_model_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthRope, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let prompt = "hello synthetic world, 123: a prompt long enough that its later positions turn";
+    let dir = tempdir::TempDir::new();
+    let path = dir.0.join("plain.gguf");
+    kernels::synth::write_model(&path, &SynthSpec::tiny()).unwrap();
+    let plain = kernels::load::load(&path).unwrap();
+    let ids = plain.tokenizer.encode(prompt).unwrap();
+    let (_, plain_logits) = greedy(&plain, &ids, 1);
+    for rope in [
+        SynthRope::Llama3 {
+            original_context: 64,
+        },
+        SynthRope::Linear(4.0),
+    ] {
+        let spec = SynthSpec {
+            rope_scaling: rope,
+            ..SynthSpec::tiny()
+        };
+        let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, prompt);
+        assert!(m.model.config.rope_scaled(), "{rope:?}: read from the file");
+        let (got, logits) = greedy(&m, &ids, 4);
+        let want = refs[0]["last_logits"].as_array().unwrap();
+        let d = max_rel_diff(&logits, want);
+        assert!(d < LOGIT_TOL, "{rope:?}: logits differ by {d}");
+        assert_eq!(
+            serde_json::to_value(&got).unwrap(),
+            refs[0]["greedy"],
+            "{rope:?}"
+        );
+        let moved = max_rel_diff(&plain_logits, want);
+        assert!(
+            moved > 10.0 * LOGIT_TOL,
+            "{rope:?}: the unscaled model is within {moved} of the scaled one"
+        );
+        let twin = TwinModel::from_model(&m.model);
+        if let Some(emu) = kernels::cuda::emu::or_skip(Emu::open_for(&twin.config)) {
+            let kv = KvCapacity::Blocks(8);
+            match CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1) {
+                Err(e) => assert!(e.to_string().contains("RoPE"), "{e}"),
+                Ok(_) => {
+                    panic!("{rope:?}: the GPU path took a model whose RoPE it would not scale")
+                }
+            }
+        }
+    }
+}
+
 /// Every block layout tollgate converts at load (Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS),
 /// as its dequantization reads it and as the `gguf` package's does: synthetic models of
 /// them (`SynthSpec::tiny_k_quants`, `tiny_low_bits`), each tensor's values from both,

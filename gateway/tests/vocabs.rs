@@ -55,6 +55,28 @@ fn llama3_and_gpt2_vocabularies_tokenize_as_their_models_do() {
     }
 }
 
+/// A prompt begins with the BOS token where the file asks (Llama 3's by default), once
+/// also where the text (a rendered chat) begins with it; GPT-2's prompts have none.
+#[test]
+fn llama3_prompts_begin_with_one_bos_token() {
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
+    let llama3 = tokenizer(&dir, "llama-bpe").expect("a tokenizer");
+    assert_eq!(llama3.bos, Some(128000));
+    let ids = llama3.encode_prompt("Hello world").expect("encodes");
+    assert_eq!(ids, [128000, 9906, 1917]);
+    let ids = llama3
+        .encode_prompt("<|begin_of_text|>Hello world")
+        .expect("encodes");
+    assert_eq!(
+        ids,
+        [128000, 9906, 1917],
+        "the template's own BOS, not a second"
+    );
+    let gpt2 = tokenizer(&dir, "gpt-2").expect("a tokenizer");
+    let ids = gpt2.encode_prompt("Hello world").expect("encodes");
+    assert_eq!(ids, gpt2.encode("Hello world").expect("encodes"));
+}
+
 /// A pre-tokenizer tollgate does not have (Qwen2's) is refused by name, not guessed at.
 #[test]
 fn a_pre_tokenizer_not_here_is_refused_by_name() {

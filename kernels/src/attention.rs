@@ -672,6 +672,8 @@ mod tests {
             ffn_dim: 1536,
             vocab: 100,
             rope_base: 1e4,
+            rope_freq_factors: None,
+            rope_freq_scale: 1.0,
             rms_eps: 1e-5,
             context_len: 256,
             pooling: crate::model::Pooling::Last,

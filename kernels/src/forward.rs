@@ -168,7 +168,7 @@ fn project(
 
 impl Model {
     pub fn new(config: LlamaConfig, weights: Weights) -> Self {
-        let inv_freq = ops::rope_inv_freq(config.head_dim, config.rope_base);
+        let inv_freq = config.rope_inv_freq();
         Self {
             config,
             weights,

@@ -17,6 +17,12 @@ pub struct LlamaConfig {
     pub ffn_dim: usize,
     pub vocab: usize,
     pub rope_base: f32,
+    /// RoPE's frequency factors, one per rotation pair (`rope_freqs.weight`: Llama 3.1's
+    /// scaling, which divides each pair's frequency by its factor), where the file has them.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// RoPE's linear scaling (`llama.rope.scaling.type = "linear"`): each frequency times
+    /// this, 1 / the file's factor; 1 where there is none.
+    pub rope_freq_scale: f32,
     pub rms_eps: f32,
     pub context_len: usize,
     /// How the file says an embedding is made from the tokens' final hidden states.
@@ -83,6 +89,8 @@ impl LlamaConfig {
             ffn_dim: 1536,
             vocab: 49152,
             rope_base: 100000.0,
+            rope_freq_factors: None,
+            rope_freq_scale: 1.0,
             rms_eps: 1e-5,
             context_len: 8192,
             pooling: Pooling::Last,
@@ -111,6 +119,31 @@ impl LlamaConfig {
                 "odd head dimension {head_dim}"
             )));
         }
+        if let Ok(n) = u("rope.dimension_count") {
+            if n != head_dim {
+                return Err(GgufError::Metadata(format!(
+                    "RoPE over {n} of each head's {head_dim} dimensions is not supported (all of them only)"
+                )));
+            }
+        }
+        let rope_freq_scale = rope_scale(g)?;
+        let rope_freq_factors = match g.tensor("rope_freqs.weight") {
+            None => None,
+            Some(t) if t.ty == GgmlType::F32 && t.n_elems() == head_dim / 2 => Some(
+                g.data(t)
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            Some(t) => {
+                return Err(GgufError::Metadata(format!(
+                    "rope_freqs.weight is {:?} × {}; RoPE's factors are {} f32 values",
+                    t.ty,
+                    t.n_elems(),
+                    head_dim / 2
+                )))
+            }
+        };
         let vocab = match u("vocab_size") {
             Ok(v) => v,
             Err(_) => g.get_strings("tokenizer.ggml.tokens")?.len(),
@@ -124,6 +157,8 @@ impl LlamaConfig {
             ffn_dim: u("feed_forward_length")?,
             vocab,
             rope_base: g.get_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rope_freq_factors,
+            rope_freq_scale,
             rms_eps: g
                 .get_f64("llama.attention.layer_norm_rms_epsilon")
                 .unwrap_or(1e-5) as f32,
@@ -134,6 +169,42 @@ impl LlamaConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+
+    /// RoPE's frequency for each rotation pair: `base^(−2i/head_dim)`, divided by the
+    /// pair's factor where the file has them, times the linear scale where it has one
+    /// (llama.cpp's `freq_scale · θ / factor`).
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let mut f = crate::ops::rope_inv_freq(self.head_dim, self.rope_base);
+        if let Some(ff) = &self.rope_freq_factors {
+            f.iter_mut().zip(ff).for_each(|(f, ff)| *f /= ff);
+        }
+        if self.rope_freq_scale != 1.0 {
+            f.iter_mut().for_each(|f| *f *= self.rope_freq_scale);
+        }
+        f
+    }
+
+    /// Whether RoPE's frequencies are other than `base^(−2i/head_dim)` (factors or a
+    /// linear scale): what the CUDA kernels do not take yet.
+    pub fn rope_scaled(&self) -> bool {
+        self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0
+    }
+}
+
+/// The linear RoPE scale the file asks for (`llama.rope.scaling.type`/`.factor`, or the
+/// older `llama.rope.scale_linear`): 1 / factor; 1 for none. YaRN and other kinds are
+/// refused, not approximated.
+fn rope_scale(g: &Gguf) -> Result<f32, GgufError> {
+    let factor = |k: &str| g.get_f64(k).ok().filter(|f| *f > 0.0 && *f != 1.0);
+    match g.get_str("llama.rope.scaling.type") {
+        Err(_) | Ok("none") => {
+            Ok(factor("llama.rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32))
+        }
+        Ok("linear") => Ok(factor("llama.rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
+        Ok(other) => Err(GgufError::Metadata(format!(
+            "RoPE scaling {other:?} is not supported (linear, or frequency factors)"
+        ))),
     }
 }
 

@@ -47,6 +47,47 @@ pub struct SynthSpec {
     pub types: Vec<(&'static str, GgmlType)>,
     /// `llama.pooling_type`, written when set (embedding models' files carry it).
     pub pooling_type: Option<u32>,
+    /// RoPE's scaling: Llama 3.1's frequency factors (`rope_freqs.weight`, from its
+    /// formula) or a linear factor (`llama.rope.scaling.*`); none by default.
+    pub rope_scaling: SynthRope,
+}
+
+/// How a synthetic model's RoPE frequencies are scaled ([`SynthSpec::rope_scaling`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SynthRope {
+    None,
+    /// `rope_freqs.weight` as Llama 3.1's conversion writes it (factor 8, low- and
+    /// high-frequency factors 1 and 4) for an original context of this many tokens —
+    /// small, so that a short prompt meets pairs of every kind: unscaled, scaled by 8,
+    /// and between.
+    Llama3 {
+        original_context: usize,
+    },
+    /// `llama.rope.scaling.type = "linear"` with this factor.
+    Linear(f32),
+}
+
+/// Llama 3.1's RoPE factors for `head_dim`-wide heads at `base` (Hugging Face's
+/// `_compute_llama3_parameters`, as llama.cpp's converter writes them into
+/// `rope_freqs.weight`): 1 for pairs whose wavelength is under `original_context / 4`, 8
+/// over `original_context`, and between them a smooth step.
+pub fn llama3_rope_factors(head_dim: usize, base: f32, original_context: usize) -> Vec<f32> {
+    let (factor, low, high) = (8.0f64, 1.0f64, 4.0f64);
+    let old = original_context as f64;
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (base as f64).powf(2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor as f32
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
 }
 
 impl Default for SynthSpec {
@@ -64,6 +105,7 @@ impl Default for SynthSpec {
             matrix_type: GgmlType::Q4_1,
             types: Vec::new(),
             pooling_type: None,
+            rope_scaling: SynthRope::None,
         }
     }
 }
@@ -83,6 +125,7 @@ impl SynthSpec {
             matrix_type: GgmlType::Q4_1,
             types: Vec::new(),
             pooling_type: None,
+            rope_scaling: SynthRope::None,
         }
     }
 
@@ -403,6 +446,13 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     if let Some(p) = s.pooling_type {
         meta.push(("llama.pooling_type".into(), Value::U32(p)));
     }
+    if let SynthRope::Linear(f) = s.rope_scaling {
+        meta.push((
+            "llama.rope.scaling.type".into(),
+            Value::String("linear".into()),
+        ));
+        meta.push(("llama.rope.scaling.factor".into(), Value::F32(f)));
+    }
     let mut rng = Rng(s.seed);
     let mut mat = |name: String, cols: usize, rows: usize, std: f32| {
         let x = rng.normals(rows * cols, std);
@@ -420,6 +470,15 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         }
     };
     let mut tensors = vec![mat("token_embd.weight".into(), s.dim, vocab, 1.0)];
+    if let SynthRope::Llama3 { original_context } = s.rope_scaling {
+        let f = llama3_rope_factors(head_dim, 100000.0, original_context);
+        tensors.push(Tensor {
+            name: "rope_freqs.weight".into(),
+            dims: vec![f.len()],
+            ty: GgmlType::F32,
+            data: encode(GgmlType::F32, &f),
+        });
+    }
     let norm = |name: String, n: usize, r: &mut Rng| Tensor {
         name,
         dims: vec![n],

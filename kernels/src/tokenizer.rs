@@ -95,6 +95,8 @@ pub struct Tokenizer {
     token_bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
     pub bos: Option<u32>,
+    /// Whether a prompt begins with [`Tokenizer::bos`] ([`Tokenizer::encode_prompt`]).
+    add_bos: bool,
     pub eos: u32,
     /// Tokens that end generation (EOS and the chat turn end).
     pub stop_tokens: Vec<u32>,
@@ -215,6 +217,12 @@ impl Tokenizer {
             token_bytes,
             special,
             bos: id("tokenizer.ggml.bos_token_id"),
+            // The file's word, else llama.cpp's default for the split: Llama 3's models
+            // were trained with every text after the BOS token.
+            add_bos: match g.get("tokenizer.ggml.add_bos_token") {
+                Some(Value::Bool(b)) => *b,
+                _ => pre == Pre::Llama3,
+            },
             eos,
             stop_tokens,
             chat_template: g
@@ -230,6 +238,22 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// Token ids of a prompt's text (a completion's prompt, a rendered chat): [`encode`]'s,
+    /// after the BOS token where the file asks for one (`tokenizer.ggml.add_bos_token`,
+    /// true by default for Llama 3's split) and the text does not begin with it already (a
+    /// chat template that writes `bos_token`).
+    ///
+    /// [`encode`]: Tokenizer::encode
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.bos.filter(|_| self.add_bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// The text of `ids` (special tokens included as text).

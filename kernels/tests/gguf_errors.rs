@@ -119,3 +119,47 @@ fn the_files_pooling_type_is_read_and_its_absence_is_the_last_token() {
         assert_eq!(loaded.model.config.pooling, want, "{written:?}");
     }
 }
+
+/// RoPE the engine would not compute as the file means is an error at load, not a model
+/// that answers wrongly: scaling of another kind than linear or frequency factors (YaRN's),
+/// and rotation over part of each head only.
+#[test]
+fn rope_the_engine_does_not_compute_is_refused_at_load() {
+    use kernels::synth::SynthRope;
+    let write = |name: &str, rope: SynthRope| {
+        let p = tmp(name);
+        let spec = SynthSpec {
+            rope_scaling: rope,
+            ..SynthSpec::tiny()
+        };
+        write_model(&p, &spec).unwrap();
+        (p.clone(), std::fs::read(&p).unwrap())
+    };
+    let patch = |p: &PathBuf, mut g: Vec<u8>, from: &[u8], to: &[u8]| {
+        let at = g.windows(from.len()).position(|w| w == from).unwrap();
+        g[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(p, &g).unwrap();
+    };
+    // Linear loads; the same file saying YaRN does not.
+    let (p, g) = write("rope-yarn", SynthRope::Linear(2.0));
+    assert!(kernels::load::load(&p).is_ok());
+    patch(&p, g, b"linear", b"yarn\0\0");
+    match kernels::load::load(&p) {
+        Err(e) => assert!(e.to_string().contains("RoPE scaling \"yarn"), "{e}"),
+        Ok(_) => panic!("YaRN scaling accepted"),
+    }
+    // tiny's heads are 32 wide; rotating 16 of their dimensions is refused.
+    let (p, g) = write("rope-partial", SynthRope::None);
+    let key = b"llama.rope.dimension_count";
+    let at = g.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    let mut g2 = g.clone();
+    g2[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&p, &g2).unwrap();
+    match kernels::load::load(&p) {
+        Err(e) => assert!(
+            e.to_string().contains("RoPE over 16 of each head's 32"),
+            "{e}"
+        ),
+        Ok(_) => panic!("partial RoPE accepted"),
+    }
+}

@@ -32,6 +32,9 @@ class Model:
         self.n_kv = int(field(r, "llama.attention.head_count_kv"))
         self.eps = float(field(r, "llama.attention.layer_norm_rms_epsilon"))
         self.base = float(field(r, "llama.rope.freq_base"))
+        self.freq_scale = 1.0
+        if "llama.rope.scaling.type" in r.fields and field(r, "llama.rope.scaling.type") == "linear":
+            self.freq_scale = 1.0 / float(field(r, "llama.rope.scaling.factor"))
         self.hd = self.dim // self.n_heads
         self.w = {}
         for t in r.tensors:
@@ -49,6 +52,11 @@ class Model:
     def rope(self, x, pos):
         # x: [T, heads, hd]; adjacent pairs (2i, 2i+1), GGUF's Llama layout.
         inv = 1.0 / self.base ** (np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
+        # Llama 3.1's scaling: each pair's frequency over its factor (`rope_freqs.weight`),
+        # as Hugging Face's `_compute_llama3_parameters` gives them; and linear scaling.
+        if "rope_freqs.weight" in self.w:
+            inv = inv / self.w["rope_freqs.weight"].reshape(-1).astype(np.float64)
+        inv = inv * self.freq_scale
         ang = pos[:, None].astype(np.float64) * inv[None, :]
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         a, b = x[..., 0::2], x[..., 1::2]

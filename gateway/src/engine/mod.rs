@@ -298,7 +298,7 @@ impl EngineWorker {
             }
         };
         self.tokenizer
-            .encode(&text)
+            .encode_prompt(&text)
             .map_err(|e| reject(format!("cannot tokenize the prompt: {e}")))
     }
 
