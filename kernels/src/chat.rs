@@ -26,6 +26,10 @@ fn raise_exception(msg: String) -> Result<String, Error> {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, Error> {
         let mut env = Environment::new();
+        // As Hugging Face's `apply_chat_template` (and so vLLM, and llama.cpp's renderer):
+        // a block tag's own line break and leading indentation are not output.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())?;
         Ok(Self {
@@ -43,5 +47,35 @@ impl ChatTemplate {
             bos_token => &self.bos,
             eos_token => &self.eos,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A template written with plain block tags on lines of their own renders as Hugging
+    /// Face's `apply_chat_template` renders it (`trim_blocks`, `lstrip_blocks`): no line
+    /// breaks or indentation from the tags themselves.
+    #[test]
+    fn block_tags_leave_no_line_breaks_or_indentation() {
+        let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n>{% endif %}";
+        let t = ChatTemplate::new(source, "<s>", "</s>").expect("parses");
+        let msgs = [
+            Message {
+                role: "user",
+                content: "a",
+            },
+            Message {
+                role: "assistant",
+                content: "b",
+            },
+            Message {
+                role: "user",
+                content: "c",
+            },
+        ];
+        // jinja2 with trim_blocks and lstrip_blocks gives the same.
+        assert_eq!(t.render(&msgs).expect("renders"), "[a]\n[c]\n>");
     }
 }

@@ -113,9 +113,11 @@ def main():
     for c in cases:
         text = c["prompt"]
         if c.get("chat"):
-            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            text = jinja2.Template(m.template).render(
+            # As Hugging Face's apply_chat_template renders it.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            text = env.from_string(m.template).render(
                 messages=[{"role": "user", "content": text}], add_generation_prompt=True
             )
         ids = tk.encode(text, add_special_tokens=False).ids
