@@ -132,11 +132,11 @@ __device__ __forceinline__ float add_rms_row(const float* src, const float* delt
     return rsqrtf(ss / dim + eps);
 }
 
-// RoPE's angle for rotation pair p (entries 2p, 2p + 1 of each head) at position pos:
-// its sine and cosine (rope_kv_write's, and the QKV product's that fuses it).
-__device__ __forceinline__ void rope_sincos(u32 pos, int p, int head_dim, float base, float* s,
-                                            float* c) {
-    float inv_freq = 1.0f / powf(base, (2.0f * p) / head_dim);
+// RoPE's angle for a rotation pair (entries 2p, 2p + 1 of each head) of frequency
+// inv_freq (the model's table, entry p: base^(−2p/head_dim), over the file's factor where
+// it has them) at position pos: its sine and cosine (rope_kv_write's, and the QKV
+// product's that fuses it).
+__device__ __forceinline__ void rope_sincos(u32 pos, float inv_freq, float* s, float* c) {
     sincosf((float)pos * inv_freq, s, c);
 }
 

@@ -3,7 +3,8 @@
 // qkv: the QKV product, row-major with `stride` floats per row: the row's n_heads query
 // heads, then n_kv_heads key heads, then n_kv_heads value heads, head_dim each. Each q and
 // k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
-// pos · base^(−2i/head_dim) (GGUF's Llama layout); then the rotated keys and the values go
+// pos · inv_freq[i] (the model's frequencies: base^(−2i/head_dim), over the file's RoPE
+// factors where it has them; GGUF's Llama layout); then the rotated keys and the values go
 // to the paged f16 cache (one layer: [block][kv_head][slot][dim]) at slot_mapping[r] =
 // block × block_size + slot (nowhere where it is −1: a padded row's).
 //
@@ -21,14 +22,15 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          const int* __restrict__ slot_mapping,
                                          half_t* __restrict__ kc, half_t* __restrict__ vc,
                                          int n_rows, int n_heads, int n_kv_heads, int head_dim,
-                                         int block_size, float base) {
+                                         int block_size,
+                                         const float* __restrict__ inv_freq) {
     pdl_begin();
     int half_dim = head_dim / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_rows * half_dim) return;
     int r = i / half_dim, p = i - r * half_dim;
     float s, c;
-    rope_sincos(positions[r], p, head_dim, base, &s, &c);
+    rope_sincos(positions[r], inv_freq[p], &s, &c);
     float* row = qkv + (size_t)r * stride + 2 * p;
 #pragma unroll 4
     for (int h = 0; h < n_heads; ++h) rotate(row + (size_t)h * head_dim, c, s);

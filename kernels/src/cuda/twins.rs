@@ -172,13 +172,13 @@ pub fn rope_kv_write(
     block_size: usize,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    let inv_freq = c.rope_inv_freq();
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
         for h in 0..nh + nkv {
             let x = &mut row[h * hd..][..hd];
-            for p in 0..hd / 2 {
-                let inv_freq = 1.0 / c.rope_base.powf(2.0 * p as f32 / hd as f32);
-                let (s, co) = (pos as f32 * inv_freq).sin_cos();
+            for (p, &f) in inv_freq.iter().enumerate() {
+                let (s, co) = (pos as f32 * f).sin_cos();
                 let (a, b) = (x[2 * p], x[2 * p + 1]);
                 x[2 * p] = a * co - b * s;
                 x[2 * p + 1] = a * s + b * co;

@@ -315,6 +315,7 @@ fn rope_kv<E: Exec>(
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
     let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
     let (kc, vc) = (up(g, &fill), up(g, &fill));
+    let inv_freq = up(g, &c.rope_inv_freq());
     let mut cache_k = fill.clone();
     let mut cache_v = fill;
     twins::rope_kv_write(
@@ -340,7 +341,7 @@ fn rope_kv<E: Exec>(
         i(c.n_kv_heads),
         i(c.head_dim),
         i(bs),
-        Arg::F32(c.rope_base),
+        inv_freq.arg(),
     ];
     g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)
         .unwrap();
@@ -361,7 +362,12 @@ fn rope_kv_write_matches_its_twin() {
 fn rope_case<E: Exec>(g: &E) {
     let what = g.describe();
     let mut rng = Rng(4);
-    let c = smol();
+    // RoPE's frequencies as Llama 3.1's files scale them (each pair over its own factor),
+    // so that a pair's angle is its own table entry's.
+    let c = LlamaConfig {
+        rope_freq_factors: Some(kernels::synth::llama3_rope_factors(64, 100_000.0, 512)),
+        ..smol()
+    };
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
     // The last sequence's rows write no slot (the cache's fill stays, on both sides).

@@ -191,15 +191,6 @@ impl<E: Exec> CudaBackend<E> {
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, ExecError> {
-        if twin.config.rope_scaled() {
-            // The kernels turn each pair by `base^(−2i/head_dim)` (common.cuh's
-            // rope_sincos); a file's factors or scale would be ignored there.
-            return Err(ExecError::Gpu(super::device::GpuError::Unavailable(
-                "this model's RoPE frequencies are scaled (`rope_freqs.weight` factors or \
-                 linear scaling), which the CUDA kernels do not take yet"
-                    .into(),
-            )));
-        }
         let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
         let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
             + staging::adjust_room(dev.max_logits, dev.config.vocab)

@@ -101,6 +101,7 @@ impl<E: Exec> Device<E> {
         };
         let embed = e.upload(&twin.embed)?;
         let output_norm = e.upload(&twin.output_norm)?;
+        let rope_inv_freq = e.upload(&c.rope_inv_freq())?;
         let output = e.upload(&twin.output)?;
         let output_q = twin
             .output_q
@@ -164,6 +165,7 @@ impl<E: Exec> Device<E> {
             max_shared: exec.max_shared_bytes()?,
             embed,
             output_norm,
+            rope_inv_freq,
             output_norm_host: twin.output_norm.clone(),
             output,
             output_q,

@@ -114,6 +114,9 @@ pub struct Device<E: Exec> {
     embed: E::Buf<f16>,
     layers: Vec<Layer<E>>,
     output_norm: E::Buf<f32>,
+    /// RoPE's frequency per rotation pair ([`LlamaConfig::rope_inv_freq`]: the file's
+    /// factors or scale applied), which the kernels that rotate read.
+    rope_inv_freq: E::Buf<f32>,
     /// The output norm's weights on the host too (hidden states are normalized there).
     output_norm_host: Vec<f32>,
     output: E::Buf<f16>,
@@ -250,6 +253,7 @@ impl<E: Exec> Device<E> {
             embed,
             layers,
             output_norm,
+            rope_inv_freq,
             output,
             output_q,
             block_size,
@@ -303,7 +307,7 @@ impl<E: Exec> Device<E> {
             Arg::I32(c.head_dim as i32),
         );
         let scale = Arg::F32(1.0 / (c.head_dim as f32).sqrt());
-        let (fi, base) = (Arg::I32(f as i32), Arg::F32(c.rope_base));
+        let (fi, inv_freq) = (Arg::I32(f as i32), rope_inv_freq.arg());
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
         // Products of few rows on gemv_f16 make their input rows themselves: the norms
@@ -338,7 +342,7 @@ impl<E: Exec> Device<E> {
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim,
                     block_size: *block_size,
-                    base: c.rope_base,
+                    inv_freq: rope_inv_freq,
                 };
                 let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_slice());
                 gemv::gemv_rope(e, input, weights, &mut b.qkv, t, d, rope)?;
@@ -375,7 +379,7 @@ impl<E: Exec> Device<E> {
                         nkv,
                         hd,
                         bsi,
-                        base,
+                        inv_freq,
                     ],
                 )?;
             }
