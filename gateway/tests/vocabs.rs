@@ -60,7 +60,8 @@ fn llama3_and_gpt2_vocabularies_tokenize_as_their_models_do() {
 }
 
 /// A prompt begins with the BOS token where the file asks (Llama 3's by default), once
-/// also where the text (a rendered chat) begins with it; GPT-2's prompts have none.
+/// also where the text (a rendered chat) begins with it; GPT-2's prompts have none. Llama
+/// 3's ends of turn and text stop an answer.
 #[test]
 fn llama3_prompts_begin_with_one_bos_token() {
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
@@ -76,6 +77,13 @@ fn llama3_prompts_begin_with_one_bos_token() {
         [128000, 9906, 1917],
         "the template's own BOS, not a second"
     );
+    // A Llama 3 answer ends at the end of its turn or of text (this vocabulary is Llama
+    // 3.0's: 3.1's `<|eom_id|>` is a reserved token in it).
+    for end in ["<|eot_id|>", "<|end_of_text|>"] {
+        let id = llama3.encode(end).expect("encodes");
+        assert_eq!(id.len(), 1, "{end} is one special token");
+        assert!(llama3.stop_tokens.contains(&id[0]), "{end} stops an answer");
+    }
     let gpt2 = tokenizer(&dir, "gpt-2").expect("a tokenizer");
     let ids = gpt2.encode_prompt("Hello world").expect("encodes");
     assert_eq!(ids, gpt2.encode("Hello world").expect("encodes"));

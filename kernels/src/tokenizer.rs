@@ -204,7 +204,15 @@ impl Tokenizer {
         let eos = id("tokenizer.ggml.eos_token_id")
             .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
         let mut stop_tokens = vec![eos];
-        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        // The turn and text ends of the chat formats: ChatML's, GPT-2's, Llama 3's (its
+        // end of turn, of a tool call's message, and of text).
+        for name in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|end_of_text|>",
+        ] {
             if let Some(&i) = tokens.iter().position(|t| *t == name).as_ref() {
                 let i = i as u32;
                 if !stop_tokens.contains(&i) {
