@@ -78,14 +78,7 @@ fn bench(c: &mut Criterion) {
     // one product of a step whose weights do not stay in the cache between calls.
     let (rows, cols) = (49_152, ffn::COLS);
     let mut data = Vec::new();
-    let mut s = 7u64;
-    let w: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    kernels::quant::quantize_row_q8_0(&w, &mut data);
+    kernels::quant::quantize_row_q8_0(&ffn::values(rows * cols, 7), &mut data);
     let head = Matrix::new(rows, cols, MatData::Quant(GgmlType::Q8_0, data));
     head.prepare(ActPrecision::I16);
     let mut g = c.benchmark_group("matmul_head_q8_0_49152x576");

@@ -10,17 +10,21 @@ pub const ROWS: usize = 1536;
 /// Inputs (the model's width).
 pub const COLS: usize = 576;
 
-/// The weights, quantized to Q4_1.
-pub fn weights() -> Matrix {
-    let mut data = Vec::new();
-    let mut s = 1u64;
-    let x: Vec<f32> = (0..ROWS * COLS)
+/// `n` values in [−0.5, 0.5) from a fixed LCG started at `seed`.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
         .map(|_| {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
             (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         })
-        .collect();
-    quant::quantize_row_q4_1(&x, &mut data);
+        .collect()
+}
+
+/// The weights, quantized to Q4_1.
+pub fn weights() -> Matrix {
+    let mut data = Vec::new();
+    quant::quantize_row_q4_1(&values(ROWS * COLS, 1), &mut data);
     Matrix::new(ROWS, COLS, MatData::Quant(GgmlType::Q4_1, data))
 }
 
