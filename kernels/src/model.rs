@@ -186,7 +186,7 @@ impl LlamaConfig {
     }
 
     /// Whether RoPE's frequencies are other than `base^(−2i/head_dim)` (factors or a
-    /// linear scale): what the CUDA kernels do not take yet.
+    /// linear scale).
     pub fn rope_scaled(&self) -> bool {
         self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0
     }
