@@ -140,6 +140,14 @@ __device__ __forceinline__ void rope_sincos(u32 pos, float inv_freq, float* s, f
     sincosf((float)pos * inv_freq, s, c);
 }
 
+// The same for pair p of an unscaled model, its frequency base^(−2p/head_dim) computed in
+// place: the QKV product's fused epilogue, whose register budget has no room for the
+// table's pointer (a model with scaled RoPE takes rope_kv_write instead).
+__device__ __forceinline__ void rope_sincos(u32 pos, int p, int head_dim, float base, float* s,
+                                            float* c) {
+    rope_sincos(pos, 1.0f / powf(base, (2.0f * p) / head_dim), s, c);
+}
+
 // Turns the pair x[0], x[1] by the angle whose cosine is c and sine s, in place.
 __device__ __forceinline__ void rotate(float* x, float c, float s) {
     float a = x[0], b = x[1];

@@ -25,11 +25,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsF16 ws = pdl_begin_prefetch(WeightsF16{w + k0, k, n, kt});
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_f16_swiglu(
@@ -61,11 +61,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4 ws = pdl_begin_prefetch(tiles_from<WeightsQ4>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4_swiglu(
@@ -97,11 +97,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8 ws = pdl_begin_prefetch(tiles_from<WeightsQ8>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8_swiglu(
@@ -133,11 +133,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4F ws = pdl_begin_prefetch(tiles_from<WeightsQ4F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f_swiglu(
@@ -169,11 +169,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8F ws = pdl_begin_prefetch(tiles_from<WeightsQ8F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f_swiglu(
@@ -204,11 +204,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8H ws = pdl_begin_prefetch(tiles_from<WeightsQ8H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h_swiglu(
@@ -241,11 +241,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ4F32>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4f32_swiglu(
@@ -277,11 +277,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8F32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8F32>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8f32_swiglu(
@@ -312,11 +312,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8H32 ws = pdl_begin_prefetch(tiles_from<WeightsQ8H32>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8h32_swiglu(
@@ -349,11 +349,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsIq4 ws = pdl_begin_prefetch(tiles_from<WeightsIq4>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4_swiglu(
@@ -385,11 +385,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsIq4F ws = pdl_begin_prefetch(tiles_from<WeightsIq4F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4f_swiglu(
@@ -422,11 +422,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ5 ws = pdl_begin_prefetch(tiles_from<WeightsQ5>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5_swiglu(
@@ -458,11 +458,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ5F ws = pdl_begin_prefetch(tiles_from<WeightsQ5F>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5f_swiglu(
@@ -495,11 +495,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ6H ws = pdl_begin_prefetch(tiles_from<WeightsQ6H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q6h_swiglu(
@@ -532,11 +532,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4S ws = pdl_begin_prefetch(tiles_from<WeightsQ4S>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4s_swiglu(
@@ -569,11 +569,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ5S ws = pdl_begin_prefetch(tiles_from<WeightsQ5S>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q5s_swiglu(
@@ -606,11 +606,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ8S ws = pdl_begin_prefetch(tiles_from<WeightsQ8S>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q8s_swiglu(
@@ -643,11 +643,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsIq4S ws = pdl_begin_prefetch(tiles_from<WeightsIq4S>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_iq4s_swiglu(
@@ -680,11 +680,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ4H ws = pdl_begin_prefetch(tiles_from<WeightsQ4H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4h_swiglu(
@@ -717,11 +717,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h_norm_rope(
     float* __restrict__ y, int m, int k, int n, int ldy, int j0, int k0, int kt,
     const u32* __restrict__ positions,
     const int* __restrict__ slot_mapping, half_t* __restrict__ kc, half_t* __restrict__ vc,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, const float* __restrict__ inv_freq) {
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float base) {
     const WeightsQ2H ws = pdl_begin_prefetch(tiles_from<WeightsQ2H>(q, s, k, n, k0, kt));
     const GemvShared sh = gemv_shared(ws, m, k, k0, kt);
     norm_rope_product(sh, x, delta, nw, x_out, rows, eps, ws, GemvOut{y, ldy, j0, k0 > 0}, m, k, n, positions,
-                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, inv_freq);
+                      slot_mapping, kc, vc, n_heads, n_kv_heads, head_dim, block_size, base);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q2h_swiglu(

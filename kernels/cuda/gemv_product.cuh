@@ -355,7 +355,7 @@ __device__ __forceinline__ void norm_rope_product(
     float eps, const W& w, GemvOut y, int m, int k, int n,
     const u32* __restrict__ positions, const int* __restrict__ slot_mapping,
     half_t* __restrict__ kc, half_t* __restrict__ vc, int n_heads, int n_kv_heads, int head_dim,
-    int block_size, const float* __restrict__ inv_freq) {
+    int block_size, float base) {
     const TileBatch<W> v = first_batch(w);
     stage_norm(sh, x, delta, nw, x_out, rows, eps, m, k);
     stage_sums(sh, w, k);
@@ -371,7 +371,7 @@ __device__ __forceinline__ void norm_rope_product(
         int j = y.j0 + jp, in_head = j % head_dim;  // the column of the QKV rows
         if (j < qd + kvd) {
             float s, c;
-            rope_sincos(positions[r], inv_freq[in_head / 2], &s, &c);
+            rope_sincos(positions[r], in_head / 2, head_dim, base, &s, &c);
             rotate(pair, c, s);
         }
         out[0] = pair[0];

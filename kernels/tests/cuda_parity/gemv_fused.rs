@@ -58,7 +58,7 @@ fn stack_as<E: Exec>(
     (bufs, values)
 }
 
-/// RoPE at frequencies `inv_freq` and the cache write of `heads` (query heads, KV heads, head size, cache
+/// RoPE at `base` and the cache write of `heads` (query heads, KV heads, head size, cache
 /// block size): a QKV product's epilogue, or `rope_kv_write`'s work ([`rope_apart`]).
 fn rope_at<'a, E: Exec>(
     positions: &'a E::Buf<u32>,
@@ -66,7 +66,7 @@ fn rope_at<'a, E: Exec>(
     k_cache: &'a mut E::Buf<f16>,
     v_cache: &'a mut E::Buf<f16>,
     (n_heads, n_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
-    inv_freq: &'a E::Buf<f32>,
+    base: f32,
 ) -> kernels::cuda::gemv::RopeKv<'a, E> {
     kernels::cuda::gemv::RopeKv {
         positions,
@@ -77,7 +77,7 @@ fn rope_at<'a, E: Exec>(
         n_kv_heads,
         head_dim,
         block_size,
-        inv_freq,
+        base,
     }
 }
 
@@ -113,13 +113,11 @@ fn rope_both_ways<E: Exec>(
         rows: None,
         eps,
     };
-    let inv_freq = up(g, &kernels::ops::rope_inv_freq(heads.2, 10000.0));
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, &inv_freq);
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
     gemv_rope(g, input, w, &mut qkv_y, m, k, rope).unwrap();
     let (got, got_k, got_v) = (down(g, &qkv_y), down(g, &kc), down(g, &vc));
     let (mut ka, mut va) = (up(g, fill), up(g, fill));
-    let inv_freq = up(g, &kernels::ops::rope_inv_freq(heads.2, 10000.0));
-    let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, &inv_freq);
+    let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, 10000.0);
     rope_apart(g, ya, n, m, rope);
     assert!(same_bits(&got, &down(g, ya)), "{what}: {m} rows: QKV rows");
     assert_eq!(got_k, down(g, &ka), "{what}: {m} rows: key cache");
@@ -127,7 +125,8 @@ fn rope_both_ways<E: Exec>(
     got_v
 }
 
-/// `rope_kv_write` over `rows` QKV rows `stride` apart, as `rope` says.
+/// `rope_kv_write` over `rows` QKV rows `stride` apart, as `rope` says (its frequencies
+/// from `base`, as the table a model without scaled RoPE uploads).
 fn rope_apart<E: Exec>(
     g: &E,
     qkv: &E::Buf<f32>,
@@ -135,6 +134,7 @@ fn rope_apart<E: Exec>(
     rows: usize,
     rope: kernels::cuda::gemv::RopeKv<'_, E>,
 ) {
+    let inv_freq = up(g, &kernels::ops::rope_inv_freq(rope.head_dim, rope.base));
     let args = [
         qkv.arg(),
         i(stride),
@@ -147,7 +147,7 @@ fn rope_apart<E: Exec>(
         i(rope.n_kv_heads),
         i(rope.head_dim),
         i(rope.block_size),
-        rope.inv_freq.arg(),
+        inv_freq.arg(),
     ];
     let threads = (rows * rope.head_dim / 2) as u32;
     g.launch("rope_kv_write", cfg(threads.div_ceil(256), 256), &args)
@@ -275,8 +275,7 @@ fn gemv_stack_case<E: Exec>(g: &E) {
         rows: None,
         eps,
     };
-    let inv_freq = up(g, &kernels::ops::rope_inv_freq(heads.2, 10000.0));
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, &inv_freq);
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, 10000.0);
     let r = gemv_rope(g, input, Weights::Quant(&uneven), &mut y, 1, k, rope);
     assert!(r.is_err(), "{what}: a part starting at an odd column");
 }
@@ -651,15 +650,13 @@ fn gemv_rope_case<E: Exec>(g: &E) {
             eps,
         };
         let heads = (c.n_heads, c.n_kv_heads, hd, bs);
-        let inv_freq = up(g, &c.rope_inv_freq());
-        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, &inv_freq);
+        let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, c.rope_base);
         gemv_rope(g, input, Weights::F16(&wd, 0), &mut qkv, m, d, rope).unwrap();
         let (got, got_k, got_v) = (down(g, &qkv), down(g, &kc), down(g, &vc));
         // Apart, on the same device.
         let qa = norm_then_gemv(g, &xd, &dd, &nwd, eps, Weights::F16(&wd, 0), m, d, n);
         let (mut ka, mut va) = (up(g, &fill), up(g, &fill));
-        let inv_freq = up(g, &c.rope_inv_freq());
-        let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, &inv_freq);
+        let rope = rope_at(&pd, &sd, &mut ka, &mut va, heads, c.rope_base);
         rope_apart(g, &qa, n, m, rope);
         assert!(
             same_bits(&got, &down(g, &qa)),
@@ -705,8 +702,7 @@ fn gemv_rope_case<E: Exec>(g: &E) {
     let (mut kc, mut vc) = (up(g, &fill), up(g, &fill));
     let mut qkv = up(g, &vec![0f32; n]);
     let heads = (c.n_heads, c.n_kv_heads, hd, bs);
-    let inv_freq = up(g, &c.rope_inv_freq());
-    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, &inv_freq);
+    let rope = rope_at(&pd, &sd, &mut kc, &mut vc, heads, c.rope_base);
     assert!(
         gemv_rope(
             g,

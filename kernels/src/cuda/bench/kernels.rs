@@ -52,6 +52,7 @@ pub(super) fn rope<E: Exec>(
     // Slot s is in block s / 16: t rows fill t / 16 blocks (plus a partial one).
     let cache = t.div_ceil(bs) * bs * 192;
     let (kc, vc) = (e.zeros::<f16>(cache)?, e.zeros::<f16>(cache)?);
+    let inv_freq = e.upload(&crate::ops::rope_inv_freq(hd, 100_000.0))?;
     let threads = (t * hd / 2) as u32;
     let args = [
         qkv.arg(),
@@ -65,7 +66,7 @@ pub(super) fn rope<E: Exec>(
         i(nkv),
         i(hd),
         i(bs),
-        Arg::F32(100000.0),
+        inv_freq.arg(),
     ];
     let c = cfg((threads.div_ceil(256), 1), 256);
     let secs = time_launch(e, iters, "rope_kv_write", c, &args)?;

@@ -199,7 +199,6 @@ pub(super) fn fused_products<E: Exec>(
         let (positions, slots) = (e.zeros::<u32>(m)?, e.upload(&slot_of)?);
         let cache = m.div_ceil(block) * block * nkv * hd;
         let (mut kc, mut vc) = (e.zeros(cache)?, e.zeros(cache)?);
-        let inv_freq = e.upload(&crate::ops::rope_inv_freq(hd, 10_000.0))?;
         let secs = time(e, iters, || {
             let rope = RopeKv {
                 positions: &positions,
@@ -210,7 +209,7 @@ pub(super) fn fused_products<E: Exec>(
                 n_kv_heads: nkv,
                 head_dim: hd,
                 block_size: block,
-                inv_freq: &inv_freq,
+                base: 10_000.0,
             };
             let normed = input::<E>(&x, &delta, &norm, &mut x_out);
             gemv_rope(e, normed, Weights::F16(w, 0), &mut y, m, k, rope)

@@ -301,8 +301,7 @@ pub struct RopeKv<'a, E: Exec> {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
-    /// RoPE's frequency per rotation pair (`head_dim / 2`).
-    pub inv_freq: &'a E::Buf<f32>,
+    pub base: f32,
 }
 
 /// The QKV product of normalized rows (`input` must be [`Input::Norm`]) over `weights`
@@ -419,7 +418,6 @@ fn product<E: Exec>(
             short("slots", r.slots.elems(), rows)?;
             let kvd = r.n_kv_heads * r.head_dim;
             short("the key cache", r.k_cache.elems(), kvd)?;
-            short("RoPE's frequencies", r.inv_freq.elems(), r.head_dim / 2)?;
             short("the value cache", r.v_cache.elems(), kvd)?;
             let i = |v: usize| Arg::I32(v as i32);
             vec![
@@ -431,7 +429,7 @@ fn product<E: Exec>(
                 i(r.n_kv_heads),
                 i(r.head_dim),
                 i(r.block_size),
-                r.inv_freq.arg(),
+                Arg::F32(r.base),
             ]
         }
     };

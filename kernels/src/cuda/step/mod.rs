@@ -320,7 +320,9 @@ impl<E: Exec> Device<E> {
             quant: *quant_small,
             shared: *max_shared,
         };
-        let fuse = fused(t, d) && fused(t, f);
+        // The QKV product's fused RoPE computes unscaled frequencies; a model whose file
+        // scales them takes rope_kv_write, which reads the table.
+        let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled();
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
             let delta = (li > 0).then_some(&b.o);
@@ -342,7 +344,7 @@ impl<E: Exec> Device<E> {
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim,
                     block_size: *block_size,
-                    inv_freq: rope_inv_freq,
+                    base: c.rope_base,
                 };
                 let weights = small.weights(t, &w.wqkv, w.wqkv_q.as_slice());
                 gemv::gemv_rope(e, input, weights, &mut b.qkv, t, d, rope)?;
