@@ -191,6 +191,28 @@ fn emulated(m: &kernels::load::Loaded) -> Option<CudaBackend<Emu>> {
     Some(CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1).unwrap())
 }
 
+/// The emulated GPU path's first logits after `ids` within the f16 path's bound of the
+/// reference's (`want`: one case of its output), and its 4 greedy tokens the reference's;
+/// nothing where the build has no emulator.
+fn emulated_matches_the_reference(
+    m: &kernels::load::Loaded,
+    ids: &[u32],
+    want: &Value,
+    what: &str,
+) {
+    if let Some(mut be) = emulated(m) {
+        let (got, logits) = decode_greedy(&mut be, ids, 4, 8);
+        let d = max_rel_diff(&logits, want["last_logits"].as_array().unwrap());
+        eprintln!("{what}, emulated GPU path: logits within {d:.1e}");
+        assert!(d < GPU_LOGIT_TOL, "{what}: GPU path logits differ by {d}");
+        assert_eq!(
+            serde_json::to_value(&got).unwrap(),
+            want["greedy"],
+            "{what}"
+        );
+    }
+}
+
 /// The logits after prefilling `ids` on the CPU backend at activation precision `prec`.
 fn first_logits(m: &kernels::load::Loaded, ids: &[u32], prec: ActPrecision) -> Vec<f32> {
     let bs = 16;
@@ -449,17 +471,7 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
             "{rope:?}: the unscaled model is within {moved} of the scaled one"
         );
         // The GPU path's kernels read the same frequencies (a table per model).
-        if let Some(mut be) = emulated(&m) {
-            let (got, logits) = decode_greedy(&mut be, &ids, 4, 8);
-            let d = max_rel_diff(&logits, want);
-            eprintln!("{rope:?}, emulated GPU path: logits within {d:.1e}");
-            assert!(d < GPU_LOGIT_TOL, "{rope:?}: GPU path logits differ by {d}");
-            assert_eq!(
-                serde_json::to_value(&got).unwrap(),
-                refs[0]["greedy"],
-                "{rope:?}"
-            );
-        }
+        emulated_matches_the_reference(&m, &ids, &refs[0], &format!("{rope:?}"));
     }
 }
 
@@ -592,16 +604,6 @@ fn k_quant_model_logits_match_the_numpy_reference() {
         );
         // The GPU path's f16 weights hold the file's own values (read from it again where
         // the CPU's were requantized), so it is held to the f16 path's bound.
-        if let Some(mut be) = emulated(&m) {
-            let (got, logits) = decode_greedy(&mut be, &ids, 4, 8);
-            let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
-            eprintln!("{name} synthetic model, emulated GPU path: logits within {d:.1e}");
-            assert!(d < GPU_LOGIT_TOL, "{name}: GPU path logits differ by {d}");
-            assert_eq!(
-                serde_json::to_value(&got).unwrap(),
-                refs[0]["greedy"],
-                "{name}"
-            );
-        }
+        emulated_matches_the_reference(&m, &ids, &refs[0], &format!("{name} synthetic model"));
     }
 }
