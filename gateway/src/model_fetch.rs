@@ -210,10 +210,17 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "ggml-vocab-gpt-2.gguf.inp",
         "ggml-vocab-gpt-2.gguf.out",
         "ggml-vocab-qwen2.gguf",
+        "ggml-vocab-llama-spm.gguf",
+        "ggml-vocab-llama-spm.gguf.inp",
+        "ggml-vocab-llama-spm.gguf.out",
+        "ggml-vocab-phi-3.gguf",
+        "ggml-vocab-phi-3.gguf.inp",
+        "ggml-vocab-phi-3.gguf.out",
         "templates/meta-llama-Llama-3.1-8B-Instruct.jinja",
         "templates/meta-llama-Llama-3.2-3B-Instruct.jinja",
         "templates/meta-llama-Llama-3.3-70B-Instruct.jinja",
         "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
+        "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
     ],
 };
 

@@ -1,9 +1,9 @@
 //! The tokenizer against llama.cpp's tokenizer test files (fetched from PyPI through
-//! `model_fetch`): for each pre-tokenizer tollgate has, a vocabulary-only GGUF, 46 texts
-//! (spaces and line breaks in runs, digits, contractions, accents, CJK, emoji, code) and
-//! the token ids the model's own tokenizer (Hugging Face's) gives them. And the chat
-//! templates of Llama-family models, rendered as Hugging Face's `apply_chat_template`
-//! renders them (jinja2).
+//! `model_fetch`): for each pre-tokenizer tollgate has and for SentencePiece's BPE, a
+//! vocabulary-only GGUF, 46 texts (spaces and line breaks in runs, digits, contractions,
+//! accents, CJK, emoji, code) and the token ids the model's own tokenizer (Hugging Face's)
+//! gives them. And the chat templates of Llama-family and Mistral models, rendered as
+//! Hugging Face's `apply_chat_template` renders them (jinja2).
 
 use gateway::model_fetch::{ensure_archive, LLAMA_CPP_VOCABS};
 use kernels::gguf::Gguf;
@@ -59,6 +59,136 @@ fn llama3_and_gpt2_vocabularies_tokenize_as_their_models_do() {
     }
 }
 
+/// SentencePiece's BPE (`tokenizer.ggml.model = llama`): Llama 2's vocabulary (Mistral
+/// 7B's, TinyLlama's, CodeLlama's are this model) and Phi-3's (Llama 2's and chat tokens)
+/// give the model's own ids for every test text — a space before the text, merges by
+/// score, bytes where no piece holds a character — and the ids give the text back.
+#[test]
+fn sentencepiece_vocabularies_tokenize_as_their_models_do() {
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
+    for name in ["llama-spm", "phi-3"] {
+        let tk = tokenizer(&dir, name).expect("a tokenizer");
+        let cases = golden(&dir, name);
+        assert!(cases.len() >= 40, "{name}: {} texts", cases.len());
+        for (text, want) in &cases {
+            let got = tk.encode(text).expect("encodes");
+            assert_eq!(&got, want, "{name}: {text:?}");
+            assert_eq!(tk.decode(&got), *text, "{name}: decoded");
+        }
+    }
+}
+
+/// A SentencePiece prompt begins with `<s>` once; a chat template's special tokens are
+/// split out whole and the text after one gets its leading space, as Hugging Face's
+/// tokenizer gives Mistral's `[INST]` turns; `</s>` ends an answer; an answer's first
+/// piece streams with its space (as llama.cpp's server), whole-text decoding drops it.
+#[test]
+fn sentencepiece_prompts_and_special_tokens() {
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
+    let tk = tokenizer(&dir, "llama-spm").expect("a tokenizer");
+    assert_eq!((tk.bos, tk.eos), (Some(1), 2));
+    assert!(tk.stop_tokens.contains(&2));
+    let plain = tk.encode("[INST] Hi [/INST]").expect("encodes");
+    let ids = tk.encode_prompt("[INST] Hi [/INST]").expect("encodes");
+    assert_eq!(ids[0], 1);
+    assert_eq!(ids[1..], plain[..]);
+    let templated = tk.encode_prompt("<s>[INST] Hi [/INST]").expect("encodes");
+    assert_eq!(templated, ids, "<s> split out, once, the space after it");
+    assert_eq!(
+        tk.decode(&plain[..1]),
+        "[",
+        "▁[ decoded alone, its space dropped"
+    );
+    assert_eq!(
+        tk.token_bytes(plain[0]),
+        b" [",
+        "the streamed piece keeps it"
+    );
+    let eos = tk.encode("a</s>").expect("encodes");
+    assert_eq!(eos.last(), Some(&2), "</s> is one special token");
+    // Phi-3's chat tokens are user-defined pieces, split out whole; the text after one
+    // begins with SentencePiece's space, as in llama.cpp (`▁`, then the line break's byte).
+    let phi3 = tokenizer(&dir, "phi-3").expect("a tokenizer");
+    let turn = phi3.encode("<|user|>\nHi<|end|>").expect("encodes");
+    assert_eq!(turn.len(), 5, "{turn:?}");
+    assert!(phi3.is_special(turn[0]) && phi3.is_special(turn[4]));
+    assert_eq!(turn[1..3], [29871, 13]);
+    assert_eq!(phi3.decode(&turn), "<|user|> \nHi<|end|>");
+}
+
+/// A Llama 2–shaped file (SentencePiece's vocabulary, Mistral's chat template, random
+/// weights) loads and answers a chat turn on every engine backend: the prompt is `<s>` and
+/// the template's `[INST]` turn as the tokenizer splits it, and the answer streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sentencepiece_model_answers_a_chat_turn() {
+    use futures::StreamExt;
+    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
+    use kernels::chat::Message;
+    use kernels::gguf::Value;
+    use kernels::synth::SynthSpec;
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
+    let vocab = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).expect("a GGUF");
+    let mut meta: Vec<(String, Value)> = vocab
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let template = dir.join("templates/mistralai-Mistral-Nemo-Instruct-2407.jinja");
+    let template = std::fs::read_to_string(template).expect("read");
+    meta.push(("tokenizer.chat_template".into(), Value::String(template)));
+    let scratch = common::tempdir::TempDir::new();
+    let path = scratch.0.join("spm.gguf");
+    let spec = SynthSpec {
+        vocabulary: Some(meta),
+        ..SynthSpec::tiny()
+    };
+    kernels::synth::write_model(&path, &spec).expect("writes");
+    let loaded = kernels::load::load(&path).expect("a SentencePiece model loads");
+    assert_eq!(loaded.model.config.vocab, 32000);
+    let question = "Name a colour.";
+    let text = loaded
+        .template
+        .render(&[Message {
+            role: "user",
+            content: question,
+        }])
+        .expect("renders");
+    assert_eq!(text, "<s>[INST]Name a colour.[/INST]");
+    let prompt = loaded.tokenizer.encode_prompt(&text).expect("encodes");
+    assert_eq!(prompt.iter().filter(|&&i| i == 1).count(), 1, "{prompt:?}");
+    assert_eq!(
+        prompt[..2],
+        [1, 518],
+        "<s>, then ▁[ (the space after a special token)"
+    );
+    for kind in common::engine_backends() {
+        let w = common::engine_on(&loaded, kind);
+        let mut r = (*common::worker_req("", 8)).clone();
+        r.prompt = Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: question.into(),
+        }]);
+        let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
+        let mut answer = String::new();
+        let mut usage = None;
+        while let Some(ev) = s.next().await {
+            match ev.expect("no error") {
+                WorkerEvent::Delta { text, .. } => answer.push_str(&text),
+                WorkerEvent::Done { usage: u, .. } => usage = Some(u),
+                _ => {}
+            }
+        }
+        let usage = usage.expect("a Done event");
+        assert_eq!(usage.prompt_tokens as usize, prompt.len(), "{kind:?}");
+        assert!((1..=8).contains(&usage.completion_tokens), "{kind:?}");
+        assert!(
+            !answer.contains('\u{2581}'),
+            "{kind:?}: spaces decoded: {answer:?}"
+        );
+    }
+}
+
 /// A prompt begins with the BOS token where the file asks (Llama 3's by default), once
 /// also where the text (a rendered chat) begins with it; GPT-2's prompts have none. Llama
 /// 3's ends of turn and text stop an answer.
@@ -100,7 +230,8 @@ fn a_pre_tokenizer_not_here_is_refused_by_name() {
     }
 }
 
-/// Llama 3.1/3.2/3.3's and DeepSeek-R1-Distill-Llama's chat templates render each
+/// Llama 3.1/3.2/3.3's, DeepSeek-R1-Distill-Llama's and Mistral's (`[INST]`, Mistral
+/// Nemo's as Mistral 7B v0.3's) chat templates render each
 /// conversation to the text Hugging Face's `apply_chat_template` gives (jinja2 with
 /// `trim_blocks` and `lstrip_blocks`, no tools, no `strftime_now`).
 #[test]
@@ -119,6 +250,29 @@ fn llama_chat_templates_render_as_hugging_faces() {
             ("user", "Another?"),
         ],
     ];
+    let templates = [
+        (
+            "meta-llama-Llama-3.1-8B-Instruct",
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        ),
+        (
+            "meta-llama-Llama-3.2-3B-Instruct",
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        ),
+        (
+            "meta-llama-Llama-3.3-70B-Instruct",
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        ),
+        (
+            "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        ),
+        ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
+    ];
     let script = r#"
 import json, sys
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -131,21 +285,17 @@ out = []
 for conv in json.loads(sys.argv[2]):
     msgs = [{"role": r, "content": c} for r, c in conv]
     out.append(t.render(messages=msgs, add_generation_prompt=True,
-                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"))
+                        bos_token=sys.argv[3], eos_token=sys.argv[4]))
 print(json.dumps(out))
 "#;
     let convs = serde_json::to_string(&conversations).expect("json");
-    for name in [
-        "meta-llama-Llama-3.1-8B-Instruct",
-        "meta-llama-Llama-3.2-3B-Instruct",
-        "meta-llama-Llama-3.3-70B-Instruct",
-        "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
-    ] {
+    for (name, bos, eos) in templates {
         let path = dir.join(format!("templates/{name}.jinja"));
         let out = std::process::Command::new(&py)
             .args(["-c", script])
             .arg(&path)
             .arg(&convs)
+            .args([bos, eos])
             .output()
             .expect("python runs");
         assert!(
@@ -155,7 +305,7 @@ print(json.dumps(out))
         );
         let want: Vec<String> = serde_json::from_slice(&out.stdout).expect("json");
         let source = std::fs::read_to_string(&path).expect("read");
-        let t = ChatTemplate::new(&source, "<|begin_of_text|>", "<|eot_id|>").expect("parses");
+        let t = ChatTemplate::new(&source, bos, eos).expect("parses");
         for (conv, want) in conversations.iter().zip(&want) {
             let msgs: Vec<Message> = conv
                 .iter()

@@ -50,6 +50,10 @@ pub struct SynthSpec {
     /// RoPE's scaling: Llama 3.1's frequency factors (`rope_freqs.weight`, from its
     /// formula) or a linear factor (`llama.rope.scaling.*`); none by default.
     pub rope_scaling: SynthRope,
+    /// Another file's `tokenizer.*` metadata to write instead of the synthetic byte-level
+    /// BPE (its token count is the model's vocabulary): a SentencePiece or Llama 3
+    /// vocabulary under random weights.
+    pub vocabulary: Option<Vec<(String, Value)>>,
 }
 
 /// How a synthetic model's RoPE frequencies are scaled ([`SynthSpec::rope_scaling`]).
@@ -106,6 +110,7 @@ impl Default for SynthSpec {
             types: Vec::new(),
             pooling_type: None,
             rope_scaling: SynthRope::None,
+            vocabulary: None,
         }
     }
 }
@@ -126,6 +131,7 @@ impl SynthSpec {
             types: Vec::new(),
             pooling_type: None,
             rope_scaling: SynthRope::None,
+            vocabulary: None,
         }
     }
 
@@ -401,7 +407,14 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let head_dim = s.dim / s.n_heads;
     let kv_dim = s.n_kv_heads * head_dim;
     let (tokens, types, merges) = vocabulary(s.vocab.max(259));
-    let vocab = tokens.len();
+    let vocab = match &s.vocabulary {
+        Some(meta) => meta
+            .iter()
+            .find(|(k, _)| k == "tokenizer.ggml.tokens")
+            .and_then(|(_, v)| v.as_array())
+            .map_or(0, <[Value]>::len),
+        None => tokens.len(),
+    };
     let u32v = |v: usize| Value::U32(v as u32);
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
@@ -443,6 +456,10 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             Value::String(CHATML.into()),
         ),
     ];
+    if let Some(own) = &s.vocabulary {
+        meta.retain(|(k, _)| !k.starts_with("tokenizer."));
+        meta.extend(own.iter().cloned());
+    }
     if let Some(p) = s.pooling_type {
         meta.push(("llama.pooling_type".into(), Value::U32(p)));
     }

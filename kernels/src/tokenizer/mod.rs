@@ -1,7 +1,10 @@
 //! The tokenizer, built from GGUF metadata: byte-level BPE (`tokenizer.ggml.model =
-//! gpt2`) with the pre-tokenizer the file names ([`Pre`]: SmolLM's, GPT-2's, Llama 3's),
-//! special tokens from the token types, and a streaming detokenizer that emits only whole
-//! UTF-8 characters across token boundaries.
+//! gpt2`) with the pre-tokenizer the file names ([`Pre`]: SmolLM's, GPT-2's, Llama 3's) or
+//! SentencePiece's BPE (`llama`: Llama 2, Mistral 7B; [`spm`]), special tokens from the
+//! token types, and a streaming detokenizer that emits only whole UTF-8 characters across
+//! token boundaries.
+
+pub mod spm;
 
 use crate::gguf::{Gguf, GgufError, Value};
 use std::collections::HashMap;
@@ -76,8 +79,23 @@ impl Pre {
 }
 
 /// GGUF token types.
+const TOKEN_NORMAL: i64 = 1;
+const TOKEN_UNKNOWN: i64 = 2;
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
+const TOKEN_BYTE: i64 = 6;
+
+/// How text becomes ids: the file's model.
+enum Model {
+    /// Byte-level BPE through Hugging Face's tokenizer.
+    Bpe(Box<HfTokenizer>),
+    /// SentencePiece's BPE over scores; `strip_space`: decoding drops the space the
+    /// encoder put before the text.
+    Spm {
+        spm: Box<spm::Spm>,
+        strip_space: bool,
+    },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -90,8 +108,9 @@ pub enum TokenizerError {
 }
 
 pub struct Tokenizer {
-    inner: HfTokenizer,
-    /// Each token's bytes (byte-level decoded); special tokens map to their text.
+    inner: Model,
+    /// Each token's bytes (byte-level or SentencePiece decoded); special tokens map to
+    /// their text.
     token_bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
     pub bos: Option<u32>,
@@ -125,12 +144,6 @@ pub fn byte_to_char() -> [char; 256] {
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(format!(
-                "tokenizer.ggml.model = {model:?} (byte-level BPE `gpt2` only)"
-            )));
-        }
-        let pre = Pre::from_name(g.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
         let tokens = g.get_strings("tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a
@@ -142,6 +155,130 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
+        let ty = |i: usize| types.get(i).copied().unwrap_or(TOKEN_NORMAL);
+        let id = |k: &str| g.get_u64(k).ok().map(|v| v as u32);
+        let flag = |k: &str| match g.get(k) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let (inner, special, token_bytes, add_bos) = match model {
+            "gpt2" => {
+                let pre = Pre::from_name(g.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
+                let special: Vec<bool> = (0..tokens.len())
+                    .map(|i| matches!(ty(i), TOKEN_CONTROL | TOKEN_USER_DEFINED))
+                    .collect();
+                let inner = Self::bpe(g, &tokens, &special, pre)?;
+                let mut from_char = HashMap::new();
+                for (b, c) in byte_to_char().iter().enumerate() {
+                    from_char.insert(*c, b as u8);
+                }
+                let token_bytes = tokens
+                    .iter()
+                    .zip(&special)
+                    .map(|(t, &s)| {
+                        if s {
+                            t.as_bytes().to_vec()
+                        } else {
+                            t.chars()
+                                .map(|c| from_char.get(&c).copied().unwrap_or(b'?'))
+                                .collect()
+                        }
+                    })
+                    .collect();
+                // The file's word, else llama.cpp's default for the split: Llama 3's
+                // models were trained with every text after the BOS token.
+                let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(pre == Pre::Llama3);
+                (Model::Bpe(Box::new(inner)), special, token_bytes, add_bos)
+            }
+            "llama" => {
+                let scores: Vec<f32> = g
+                    .get("tokenizer.ggml.scores")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.scores".into()))?
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+                    .collect();
+                // llama.cpp's special tokens for this model: control, user-defined and
+                // the unknown token, each split out of text whole.
+                let special: Vec<bool> = (0..tokens.len())
+                    .map(|i| matches!(ty(i), TOKEN_CONTROL | TOKEN_USER_DEFINED | TOKEN_UNKNOWN))
+                    .collect();
+                let add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let spm = spm::Spm::new(
+                    &tokens,
+                    scores,
+                    |i| ty(i) == TOKEN_BYTE,
+                    |i| special[i],
+                    id("tokenizer.ggml.unknown_token_id"),
+                    add_space_prefix,
+                )
+                .map_err(TokenizerError::Build)?;
+                let token_bytes = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match ty(i) {
+                        TOKEN_NORMAL => t.replace(spm::SPACE, " ").into_bytes(),
+                        TOKEN_BYTE => spm::byte_piece(t)
+                            .map(|b| vec![b])
+                            .unwrap_or_else(|| t.as_bytes().to_vec()),
+                        _ => t.as_bytes().to_vec(),
+                    })
+                    .collect();
+                let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
+                let inner = Model::Spm {
+                    spm: Box::new(spm),
+                    strip_space: add_space_prefix,
+                };
+                (inner, special, token_bytes, add_bos)
+            }
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "tokenizer.ggml.model = {other:?} (byte-level BPE `gpt2` and \
+                     SentencePiece's `llama` only)"
+                )))
+            }
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
+        let mut stop_tokens = vec![eos];
+        // The turn and text ends of the chat formats: ChatML's, GPT-2's, Llama 3's (its
+        // end of turn, of a tool call's message, and of text).
+        for name in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|end_of_text|>",
+        ] {
+            if let Some(&i) = tokens.iter().position(|t| *t == name).as_ref() {
+                let i = i as u32;
+                if !stop_tokens.contains(&i) {
+                    stop_tokens.push(i);
+                }
+            }
+        }
+        Ok(Self {
+            inner,
+            token_bytes,
+            special,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            add_bos,
+            eos,
+            stop_tokens,
+            chat_template: g
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_string),
+        })
+    }
+
+    /// Hugging Face's byte-level BPE over the file's merges, with `pre`'s split.
+    fn bpe(
+        g: &Gguf,
+        tokens: &[&str],
+        special: &[bool],
+        pre: Pre,
+    ) -> Result<HfTokenizer, TokenizerError> {
         let merges: Vec<(String, String)> = g
             .get_strings("tokenizer.ggml.merges")
             .unwrap_or_default()
@@ -167,85 +304,29 @@ impl Tokenizer {
         let mut inner = HfTokenizer::new(bpe);
         pre.install(&mut inner)?;
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let special: Vec<bool> = (0..tokens.len())
-            .map(|i| {
-                matches!(
-                    types.get(i),
-                    Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)
-                )
-            })
-            .collect();
         let specials: Vec<AddedToken> = tokens
             .iter()
-            .zip(&special)
+            .zip(special)
             .filter(|(_, s)| **s)
             .map(|(t, _)| AddedToken::from(t.to_string(), true))
             .collect();
         inner.add_special_tokens(&specials);
-
-        let mut from_char = HashMap::new();
-        for (b, c) in byte_to_char().iter().enumerate() {
-            from_char.insert(*c, b as u8);
-        }
-        let token_bytes = tokens
-            .iter()
-            .zip(&special)
-            .map(|(t, &s)| {
-                if s {
-                    t.as_bytes().to_vec()
-                } else {
-                    t.chars()
-                        .map(|c| from_char.get(&c).copied().unwrap_or(b'?'))
-                        .collect()
-                }
-            })
-            .collect();
-        let id = |k: &str| g.get_u64(k).ok().map(|v| v as u32);
-        let eos = id("tokenizer.ggml.eos_token_id")
-            .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
-        let mut stop_tokens = vec![eos];
-        // The turn and text ends of the chat formats: ChatML's, GPT-2's, Llama 3's (its
-        // end of turn, of a tool call's message, and of text).
-        for name in [
-            "<|im_end|>",
-            "<|endoftext|>",
-            "<|eot_id|>",
-            "<|eom_id|>",
-            "<|end_of_text|>",
-        ] {
-            if let Some(&i) = tokens.iter().position(|t| *t == name).as_ref() {
-                let i = i as u32;
-                if !stop_tokens.contains(&i) {
-                    stop_tokens.push(i);
-                }
-            }
-        }
-        Ok(Self {
-            inner,
-            token_bytes,
-            special,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            // The file's word, else llama.cpp's default for the split: Llama 3's models
-            // were trained with every text after the BOS token.
-            add_bos: match g.get("tokenizer.ggml.add_bos_token") {
-                Some(Value::Bool(b)) => *b,
-                _ => pre == Pre::Llama3,
-            },
-            eos,
-            stop_tokens,
-            chat_template: g
-                .get_str("tokenizer.chat_template")
-                .ok()
-                .map(str::to_string),
-        })
+        Ok(inner)
     }
 
     /// Token ids of `text`; special-token text (`<|im_start|>`) becomes its special id.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        self.inner
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TokenizerError::Build(e.to_string()))
+        match &self.inner {
+            Model::Bpe(hf) => hf
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| TokenizerError::Build(e.to_string())),
+            Model::Spm { spm, .. } => {
+                let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+                spm.encode(text, &mut ids);
+                Ok(ids)
+            }
+        }
     }
 
     /// Token ids of a prompt's text (a completion's prompt, a rendered chat): [`encode`]'s,
@@ -264,13 +345,20 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// The text of `ids` (special tokens included as text).
+    /// The text of `ids` (special tokens included as text). SentencePiece's leading space
+    /// (the one the encoder put before the text) is dropped, as its decoder does: text
+    /// encodes and decodes back to itself.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids
+        let mut bytes: Vec<u8> = ids
             .iter()
             .flat_map(|&i| self.token_bytes(i))
             .copied()
             .collect();
+        if let (Model::Spm { strip_space, .. }, Some(&first)) = (&self.inner, ids.first()) {
+            if *strip_space && !self.is_special(first) && bytes.first() == Some(&b' ') {
+                bytes.remove(0);
+            }
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
