@@ -210,6 +210,8 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "ggml-vocab-gpt-2.gguf.inp",
         "ggml-vocab-gpt-2.gguf.out",
         "ggml-vocab-qwen2.gguf",
+        "ggml-vocab-qwen2.gguf.inp",
+        "ggml-vocab-qwen2.gguf.out",
         "ggml-vocab-llama-spm.gguf",
         "ggml-vocab-llama-spm.gguf.inp",
         "ggml-vocab-llama-spm.gguf.out",
@@ -221,6 +223,7 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "templates/meta-llama-Llama-3.3-70B-Instruct.jinja",
         "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
         "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
+        "templates/Qwen-Qwen2.5-7B-Instruct.jinja",
     ],
 };
 

@@ -42,12 +42,12 @@ fn tokenizer(dir: &Path, name: &str) -> Result<Tokenizer, TokenizerError> {
     Tokenizer::from_gguf(&g)
 }
 
-/// Llama 3's tokenizer (`llama-bpe`) and GPT-2's give the model's own ids for every test
-/// text, and the ids give the text back.
+/// Llama 3's tokenizer (`llama-bpe`), Qwen2's and GPT-2's give the model's own ids for
+/// every test text, and the ids give the text back.
 #[test]
-fn llama3_and_gpt2_vocabularies_tokenize_as_their_models_do() {
+fn llama3_qwen2_and_gpt2_vocabularies_tokenize_as_their_models_do() {
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    for name in ["llama-bpe", "gpt-2"] {
+    for name in ["llama-bpe", "qwen2", "gpt-2"] {
         let tk = tokenizer(&dir, name).expect("a tokenizer");
         let cases = golden(&dir, name);
         assert!(cases.len() >= 40, "{name}: {} texts", cases.len());
@@ -127,13 +127,7 @@ async fn a_sentencepiece_model_answers_a_chat_turn() {
     use kernels::gguf::Value;
     use kernels::synth::SynthSpec;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    let vocab = Gguf::open(&dir.join("ggml-vocab-llama-spm.gguf")).expect("a GGUF");
-    let mut meta: Vec<(String, Value)> = vocab
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut meta = tokenizer_meta(&dir, "llama-spm");
     let template = dir.join("templates/mistralai-Mistral-Nemo-Instruct-2407.jinja");
     let template = std::fs::read_to_string(template).expect("read");
     meta.push(("tokenizer.chat_template".into(), Value::String(template)));
@@ -219,19 +213,47 @@ fn llama3_prompts_begin_with_one_bos_token() {
     assert_eq!(ids, gpt2.encode("Hello world").expect("encodes"));
 }
 
-/// A pre-tokenizer tollgate does not have (Qwen2's) is refused by name, not guessed at.
+/// A pre-tokenizer tollgate does not have (DeepSeek LLM's, on Qwen2's vocabulary) is
+/// refused by name, not guessed at.
 #[test]
 fn a_pre_tokenizer_not_here_is_refused_by_name() {
+    use kernels::gguf::Value;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    match tokenizer(&dir, "qwen2") {
-        Err(TokenizerError::Unsupported(why)) => assert!(why.contains("\"qwen2\""), "{why}"),
+    let mut meta = tokenizer_meta(&dir, "qwen2");
+    for (k, v) in meta.iter_mut() {
+        if k == "tokenizer.ggml.pre" {
+            *v = Value::String("deepseek-llm".into());
+        }
+    }
+    let scratch = common::tempdir::TempDir::new();
+    let path = scratch.0.join("other-split.gguf");
+    let spec = kernels::synth::SynthSpec {
+        vocabulary: Some(meta),
+        ..kernels::synth::SynthSpec::tiny()
+    };
+    kernels::synth::write_model(&path, &spec).expect("writes");
+    match Tokenizer::from_gguf(&Gguf::open(&path).expect("a GGUF")) {
+        Err(TokenizerError::Unsupported(why)) => {
+            assert!(why.contains("\"deepseek-llm\""), "{why}")
+        }
         Err(e) => panic!("another error: {e}"),
-        Ok(_) => panic!("qwen2's pre-tokenizer taken"),
+        Ok(_) => panic!("deepseek-llm's pre-tokenizer taken"),
     }
 }
 
-/// Llama 3.1/3.2/3.3's, DeepSeek-R1-Distill-Llama's and Mistral's (`[INST]`, Mistral
-/// Nemo's as Mistral 7B v0.3's) chat templates render each
+/// Vocabulary `name`'s `tokenizer.*` metadata, for a synthetic model of its own.
+fn tokenizer_meta(dir: &Path, name: &str) -> Vec<(String, kernels::gguf::Value)> {
+    let vocab = Gguf::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).expect("a GGUF");
+    vocab
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Llama 3.1/3.2/3.3's, DeepSeek-R1-Distill-Llama's, Mistral's (`[INST]`, Mistral Nemo's
+/// as Mistral 7B v0.3's) and Qwen2.5's chat templates render each
 /// conversation to the text Hugging Face's `apply_chat_template` gives (jinja2 with
 /// `trim_blocks` and `lstrip_blocks`, no tools, no `strftime_now`).
 #[test]
@@ -272,6 +294,7 @@ fn llama_chat_templates_render_as_hugging_faces() {
             "<|eot_id|>",
         ),
         ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
+        ("Qwen-Qwen2.5-7B-Instruct", "<|endoftext|>", "<|im_end|>"),
     ];
     let script = r#"
 import json, sys

@@ -29,10 +29,16 @@ pub enum Pre {
     /// up to three digits, a letter run with the one non-letter before it, line breaks
     /// apart from other spaces; then bytes as GPT-2's characters, unsplit again.
     Llama3,
+    /// Qwen2's split (`qwen2`: Qwen2, Qwen2.5, QwQ): Llama 3's with every digit a piece
+    /// of its own.
+    Qwen2,
 }
 
 /// Llama 3's split, as its `tokenizer.json` gives it (llama.cpp's `LLAMA3` pre-tokenizer).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split, as its `tokenizer.json` gives it (llama.cpp's `QWEN2` pre-tokenizer).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 impl Pre {
     /// The split `tokenizer.ggml.pre` names; an error for one this tokenizer does not have.
@@ -41,9 +47,10 @@ impl Pre {
             "smollm" => Pre::Smollm,
             "gpt-2" | "default" => Pre::Gpt2,
             "llama-bpe" | "llama3" | "smaug-bpe" => Pre::Llama3,
+            "qwen2" => Pre::Qwen2,
             other => {
                 return Err(TokenizerError::Unsupported(format!(
-                    "pre-tokenizer {other:?} (supported: smollm, gpt-2, llama-bpe)"
+                    "pre-tokenizer {other:?} (supported: smollm, gpt-2, llama-bpe, qwen2)"
                 )))
             }
         })
@@ -61,13 +68,18 @@ impl Pre {
                     ByteLevel::new(false, true, true).into(),
                 ])));
             }
-            Pre::Llama3 => {
+            Pre::Llama3 | Pre::Qwen2 => {
+                let regex = if self == Pre::Llama3 {
+                    LLAMA3_SPLIT
+                } else {
+                    QWEN2_SPLIT
+                };
                 let split = Split::new(
-                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitPattern::Regex(regex.into()),
                     SplitDelimiterBehavior::Isolated,
                     false,
                 )
-                .map_err(|e| TokenizerError::Build(format!("Llama 3's split: {e}")))?;
+                .map_err(|e| TokenizerError::Build(format!("{self:?}'s split: {e}")))?;
                 tk.with_pre_tokenizer(Some(Sequence::new(vec![
                     split.into(),
                     ByteLevel::new(false, true, false).into(),
