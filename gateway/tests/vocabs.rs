@@ -114,6 +114,15 @@ fn sentencepiece_prompts_and_special_tokens() {
     assert!(phi3.is_special(turn[0]) && phi3.is_special(turn[4]));
     assert_eq!(turn[1..3], [29871, 13]);
     assert_eq!(phi3.decode(&turn), "<|user|> \nHi<|end|>");
+    // Phi-3's own architecture (fused QKV, other RoPE) is refused at load, by name.
+    let file = Gguf::open(&dir.join("ggml-vocab-phi-3.gguf")).expect("a GGUF");
+    match kernels::model::LlamaConfig::from_gguf(&file) {
+        Err(e) => {
+            let why = e.to_string();
+            assert!(why.contains("\"phi3\"") && why.contains("qwen2"), "{why}");
+        }
+        Ok(_) => panic!("phi3 taken for a Llama"),
+    }
 }
 
 /// A Llama 2–shaped file (SentencePiece's vocabulary, Mistral's chat template, random
@@ -121,25 +130,70 @@ fn sentencepiece_prompts_and_special_tokens() {
 /// the template's `[INST]` turn as the tokenizer splits it, and the answer streams.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sentencepiece_model_answers_a_chat_turn() {
-    use futures::StreamExt;
-    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
-    use kernels::chat::Message;
+    let loaded = chat_model("llama-spm", "mistralai-Mistral-Nemo-Instruct-2407", false);
+    assert_eq!(loaded.model.config.vocab, 32000);
+    let (text, prompt) = answers_a_chat_turn(&loaded).await;
+    assert_eq!(text, "<s>[INST]Name a colour.[/INST]");
+    assert_eq!(prompt.iter().filter(|&&i| i == 1).count(), 1, "{prompt:?}");
+    assert_eq!(
+        prompt[..2],
+        [1, 518],
+        "<s>, then ▁[ (the space after a special token)"
+    );
+}
+
+/// A Qwen2.5-shaped file (architecture `qwen2`, Qwen2's vocabulary of 151,936 tokens, its
+/// chat template, random weights) loads and answers a chat turn on every engine backend:
+/// the template's default system turn and the user's, as ChatML's special tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qwen2_model_answers_a_chat_turn() {
+    let loaded = chat_model("qwen2", "Qwen-Qwen2.5-7B-Instruct", true);
+    assert!(loaded.model.config.neox);
+    let (text, prompt) = answers_a_chat_turn(&loaded).await;
+    assert!(
+        text.starts_with("<|im_start|>system\nYou are Qwen")
+            && text
+                .ends_with("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"),
+        "{text:?}"
+    );
+    let start = loaded.tokenizer.encode("<|im_start|>").expect("encodes");
+    assert_eq!(start.len(), 1, "one special token");
+    assert_eq!(prompt.iter().filter(|&&i| i == start[0]).count(), 3);
+    assert_eq!(
+        prompt[0], start[0],
+        "no BOS token before the template's text"
+    );
+}
+
+/// A synthetic model (`SynthSpec::tiny`'s shape, architecture `qwen2` where asked) with
+/// vocabulary `vocab`'s tokenizer and chat template `template` (llama.cpp's files).
+fn chat_model(vocab: &str, template: &str, qwen2: bool) -> kernels::load::Loaded {
     use kernels::gguf::Value;
     use kernels::synth::SynthSpec;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    let mut meta = tokenizer_meta(&dir, "llama-spm");
-    let template = dir.join("templates/mistralai-Mistral-Nemo-Instruct-2407.jinja");
+    let mut meta = tokenizer_meta(&dir, vocab);
+    let template = dir.join(format!("templates/{template}.jinja"));
     let template = std::fs::read_to_string(template).expect("read");
+    meta.retain(|(k, _)| k != "tokenizer.chat_template");
     meta.push(("tokenizer.chat_template".into(), Value::String(template)));
     let scratch = common::tempdir::TempDir::new();
-    let path = scratch.0.join("spm.gguf");
+    let path = scratch.0.join(format!("{vocab}.gguf"));
     let spec = SynthSpec {
         vocabulary: Some(meta),
+        qwen2,
         ..SynthSpec::tiny()
     };
     kernels::synth::write_model(&path, &spec).expect("writes");
-    let loaded = kernels::load::load(&path).expect("a SentencePiece model loads");
-    assert_eq!(loaded.model.config.vocab, 32000);
+    kernels::load::load(&path).expect("the model loads")
+}
+
+/// Asks `loaded` "Name a colour." on every engine backend (greedy, 8 tokens at most):
+/// each prompt is the rendered template's tokens and the answer streams with its spaces
+/// decoded. Returns the rendered text and its tokens.
+async fn answers_a_chat_turn(loaded: &kernels::load::Loaded) -> (String, Vec<u32>) {
+    use futures::StreamExt;
+    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
+    use kernels::chat::Message;
     let question = "Name a colour.";
     let text = loaded
         .template
@@ -148,16 +202,9 @@ async fn a_sentencepiece_model_answers_a_chat_turn() {
             content: question,
         }])
         .expect("renders");
-    assert_eq!(text, "<s>[INST]Name a colour.[/INST]");
     let prompt = loaded.tokenizer.encode_prompt(&text).expect("encodes");
-    assert_eq!(prompt.iter().filter(|&&i| i == 1).count(), 1, "{prompt:?}");
-    assert_eq!(
-        prompt[..2],
-        [1, 518],
-        "<s>, then ▁[ (the space after a special token)"
-    );
     for kind in common::engine_backends() {
-        let w = common::engine_on(&loaded, kind);
+        let w = common::engine_on(loaded, kind);
         let mut r = (*common::worker_req("", 8)).clone();
         r.prompt = Prompt::Chat(vec![ChatMessage {
             role: "user".into(),
@@ -177,10 +224,11 @@ async fn a_sentencepiece_model_answers_a_chat_turn() {
         assert_eq!(usage.prompt_tokens as usize, prompt.len(), "{kind:?}");
         assert!((1..=8).contains(&usage.completion_tokens), "{kind:?}");
         assert!(
-            !answer.contains('\u{2581}'),
+            !answer.contains(['\u{2581}', '\u{120}']),
             "{kind:?}: spaces decoded: {answer:?}"
         );
     }
+    (text, prompt)
 }
 
 /// A prompt begins with the BOS token where the file asks (Llama 3's by default), once

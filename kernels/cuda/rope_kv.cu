@@ -1,8 +1,9 @@
 // RoPE and the KV-cache write, fused: one pass over each row's q, k and v.
 //
 // qkv: the QKV product, row-major with `stride` floats per row: the row's n_heads query
-// heads, then n_kv_heads key heads, then n_kv_heads value heads, head_dim each. Each q and
-// k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
+// heads, then n_kv_heads key heads, then n_kv_heads value heads, head_dim each. Where the
+// model has biases on Q, K and V (Qwen2's; `bias`, one row's worth, else null), they are
+// added in place first. Each q and k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
 // pos · inv_freq[i] (the model's frequencies: base^(−2i/head_dim), over the file's RoPE
 // factors where it has them; GGUF's Llama layout); then the rotated keys and the values go
 // to the paged f16 cache (one layer: [block][kv_head][slot][dim]) at slot_mapping[r] =
@@ -23,7 +24,8 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          half_t* __restrict__ kc, half_t* __restrict__ vc,
                                          int n_rows, int n_heads, int n_kv_heads, int head_dim,
                                          int block_size,
-                                         const float* __restrict__ inv_freq) {
+                                         const float* __restrict__ inv_freq,
+                                         const float* __restrict__ bias) {
     pdl_begin();
     int half_dim = head_dim / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -32,6 +34,13 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
     float s, c;
     rope_sincos(positions[r], inv_freq[p], &s, &c);
     float* row = qkv + (size_t)r * stride + 2 * p;
+    if (bias) {
+        const float* b = bias + 2 * p;
+        for (int h = 0; h < n_heads + 2 * n_kv_heads; ++h) {
+            row[(size_t)h * head_dim] += b[(size_t)h * head_dim];
+            row[(size_t)h * head_dim + 1] += b[(size_t)h * head_dim + 1];
+        }
+    }
 #pragma unroll 4
     for (int h = 0; h < n_heads; ++h) rotate(row + (size_t)h * head_dim, c, s);
     int slot_all = slot_mapping[r];

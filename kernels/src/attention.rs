@@ -677,6 +677,7 @@ mod tests {
             rms_eps: 1e-5,
             context_len: 256,
             pooling: crate::model::Pooling::Last,
+            neox: false,
         };
         let (kvd, qd, group) = (n_kv * hd, n_heads * hd, n_heads / n_kv);
         let mut kv = KvCache::new(1, n_kv, kvd, 16, 8);

@@ -10,7 +10,8 @@
 //! x[T,D]   = embed(tokens)
 //! per layer:
 //!   h      = rmsnorm(x) · attn_norm
-//!   q[T,Q], k[T,K], v[T,K] = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ ; rope(q, k) at each token's position
+//!   q[T,Q], k[T,K], v[T,K] = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ (+ their biases, where the file has
+//!   them) ; rope(q, k) at each token's position
 //!   cache[seq, pos] ← k, v
 //!   a[T,Q] = causal GQA attention of q over its sequence's cache
 //!   x     += a·Woᵀ
@@ -138,6 +139,11 @@ impl Scratch {
 
 /// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
 /// (then each row of the stacked result is split into the outputs).
+/// `x += b`, element by element.
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    x.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+}
+
 fn project(
     p: &Projections,
     h: &mut Acts,
@@ -278,6 +284,14 @@ impl Model {
                 &mut [&mut s.q, &mut s.k, &mut s.v],
                 prec,
             );
+            if let Some(b) = &l.qkv_bias {
+                let (bq, bk, bv) = (&b[..qd], &b[qd..qd + kvd], &b[qd + kvd..]);
+                for r in 0..t {
+                    add_bias(&mut s.q[r * qd..(r + 1) * qd], bq);
+                    add_bias(&mut s.k[r * kvd..(r + 1) * kvd], bk);
+                    add_bias(&mut s.v[r * kvd..(r + 1) * kvd], bv);
+                }
+            }
             for r in 0..t {
                 let pos = batch.positions[r];
                 let cs = &s.rope[r * hd..(r + 1) * hd];

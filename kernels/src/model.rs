@@ -1,5 +1,7 @@
-//! The Llama-family model: hyperparameters from GGUF metadata, and weights checked against
-//! them (a tensor whose shape disagrees with the metadata is an error).
+//! The Llama-family model: hyperparameters from GGUF metadata (architecture `llama`, and
+//! `qwen2`: Llama's with biases on Q, K and V and RoPE over each head's halves), and
+//! weights checked against them (a tensor whose shape disagrees with the metadata is an
+//! error).
 
 use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
 use crate::kquant;
@@ -27,6 +29,33 @@ pub struct LlamaConfig {
     pub context_len: usize,
     /// How the file says an embedding is made from the tokens' final hidden states.
     pub pooling: Pooling,
+    /// The file's Q and K rows rotate each head's halves together (NEOX's RoPE: pair
+    /// (i, i + head_dim/2); Qwen2's), not adjacent pairs (2i, 2i + 1) as GGUF's Llama
+    /// files. Load permutes those rows (and their biases) to adjacent pairs — q·k is the
+    /// same under one permutation of both — so every RoPE here rotates adjacent pairs.
+    pub neox: bool,
+}
+
+/// The architectures the engine computes, with what sets each apart from `llama`.
+const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+/// Row `j` of a head of Llama's adjacent RoPE pairs is this row of NEOX's halves:
+/// (2i, 2i + 1) ← (i, i + head_dim/2).
+pub fn neox_row(j: usize, head_dim: usize) -> usize {
+    j / 2 + (j % 2) * (head_dim / 2)
+}
+
+/// `rows`' rows (each `rows.len() / n` long) with every `head_dim` of them, a head,
+/// reordered from NEOX's halves to adjacent pairs ([`neox_row`]).
+pub fn neox_to_pairs<T: Copy>(rows: &[T], n: usize, head_dim: usize) -> Vec<T> {
+    let len = rows.len() / n;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in 0..n {
+        let (head, j) = (r / head_dim, r % head_dim);
+        let src = head * head_dim + neox_row(j, head_dim);
+        out.extend_from_slice(&rows[src * len..(src + 1) * len]);
+    }
+    out
 }
 
 /// How a sequence's embedding is made from its tokens' final hidden states, as the file
@@ -52,8 +81,11 @@ pub enum Pooling {
 impl Pooling {
     /// From the file's `llama.pooling_type`: absent, negative (-1, "unspecified") or a
     /// value that is no integer leave the engine's own, the last token.
-    fn from_gguf(g: &Gguf) -> Self {
-        match g.get("llama.pooling_type").and_then(|v| v.as_u64()) {
+    fn from_gguf(g: &Gguf, arch: &str) -> Self {
+        match g
+            .get(&format!("{arch}.pooling_type"))
+            .and_then(|v| v.as_u64())
+        {
             None | Some(3) => Pooling::Last,
             Some(0) => Pooling::None,
             Some(1) => Pooling::Mean,
@@ -94,17 +126,20 @@ impl LlamaConfig {
             rms_eps: 1e-5,
             context_len: 8192,
             pooling: Pooling::Last,
+            neox: false,
         }
     }
 
     pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
         let arch = g.get_str("general.architecture")?;
-        if arch != "llama" {
+        if !ARCHITECTURES.contains(&arch) {
             return Err(GgufError::Metadata(format!(
-                "architecture {arch:?} is not supported (llama only)"
+                "architecture {arch:?} is not supported ({})",
+                ARCHITECTURES.join(", ")
             )));
         }
-        let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let u = |k: &str| g.get_u64(&format!("{arch}.{k}")).map(|v| v as usize);
+        let f = |k: &str| g.get_f64(&format!("{arch}.{k}"));
         let dim = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
@@ -126,7 +161,7 @@ impl LlamaConfig {
                 )));
             }
         }
-        let rope_freq_scale = rope_scale(g)?;
+        let rope_freq_scale = rope_scale(g, arch)?;
         let rope_freq_factors = match g.tensor("rope_freqs.weight") {
             None => None,
             Some(t) if t.ty == GgmlType::F32 && t.n_elems() == head_dim / 2 => Some(
@@ -156,14 +191,13 @@ impl LlamaConfig {
             head_dim,
             ffn_dim: u("feed_forward_length")?,
             vocab,
-            rope_base: g.get_f64("llama.rope.freq_base").unwrap_or(10000.0) as f32,
+            rope_base: f("rope.freq_base").unwrap_or(10000.0) as f32,
             rope_freq_factors,
             rope_freq_scale,
-            rms_eps: g
-                .get_f64("llama.attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-5) as f32,
+            rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             context_len: u("context_length").unwrap_or(2048),
-            pooling: Pooling::from_gguf(g),
+            pooling: Pooling::from_gguf(g, arch),
+            neox: arch == "qwen2",
         })
     }
 
@@ -193,15 +227,17 @@ impl LlamaConfig {
 }
 
 /// The linear RoPE scale the file asks for (`llama.rope.scaling.type`/`.factor`, or the
-/// older `llama.rope.scale_linear`): 1 / factor; 1 for none. YaRN and other kinds are
-/// refused, not approximated.
-fn rope_scale(g: &Gguf) -> Result<f32, GgufError> {
-    let factor = |k: &str| g.get_f64(k).ok().filter(|f| *f > 0.0 && *f != 1.0);
-    match g.get_str("llama.rope.scaling.type") {
-        Err(_) | Ok("none") => {
-            Ok(factor("llama.rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32))
-        }
-        Ok("linear") => Ok(factor("llama.rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
+/// older `llama.rope.scale_linear`; `arch`'s keys): 1 / factor; 1 for none. YaRN and other
+/// kinds are refused, not approximated.
+fn rope_scale(g: &Gguf, arch: &str) -> Result<f32, GgufError> {
+    let factor = |k: &str| {
+        g.get_f64(&format!("{arch}.{k}"))
+            .ok()
+            .filter(|f| *f > 0.0 && *f != 1.0)
+    };
+    match g.get_str(&format!("{arch}.rope.scaling.type")) {
+        Err(_) | Ok("none") => Ok(factor("rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32)),
+        Ok("linear") => Ok(factor("rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
         Ok(other) => Err(GgufError::Metadata(format!(
             "RoPE scaling {other:?} is not supported (linear, or frequency factors)"
         ))),
@@ -232,6 +268,8 @@ pub struct Layer {
     pub attn_norm: Vec<f32>,
     /// Q, K and V.
     pub qkv: Projections,
+    /// Q's, K's and V's biases, one after the other (Qwen2's), where the file has them.
+    pub qkv_bias: Option<Vec<f32>>,
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
     /// Gate and up.
@@ -340,6 +378,51 @@ pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix
     Matrix::new(rows, cols, data)
 }
 
+/// [`matrix`], its rows (a head of `head_dim` at a time) from NEOX's halves to adjacent
+/// RoPE pairs where `neox`.
+fn rope_matrix(
+    g: &Gguf,
+    name: &str,
+    cols: usize,
+    rows: usize,
+    head_dim: usize,
+    neox: bool,
+) -> Result<Matrix, GgufError> {
+    if !neox {
+        return matrix(g, name, cols, rows);
+    }
+    let t = find(g, name)?;
+    if t.dims != [cols, rows] {
+        return Err(shape_err(t, &[cols, rows]));
+    }
+    let bytes = neox_to_pairs(g.data(t), rows, head_dim);
+    Ok(matrix_of(t.ty, rows, cols, &bytes))
+}
+
+/// Q's, K's and V's biases (`blk.i.attn_{q,k,v}.bias`) one after the other, Q's and K's
+/// permuted as their rows where `neox`; `None` where the file has none of them (zeros
+/// for one missing beside the others).
+fn qkv_bias(g: &Gguf, i: usize, c: &LlamaConfig) -> Result<Option<Vec<f32>>, GgufError> {
+    let names = ["attn_q", "attn_k", "attn_v"].map(|s| format!("blk.{i}.{s}.bias"));
+    if names.iter().all(|n| g.tensor(n).is_none()) {
+        return Ok(None);
+    }
+    let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
+    let mut out = Vec::with_capacity(q + 2 * kv);
+    for (j, (name, n)) in names.iter().zip([q, kv, kv]).enumerate() {
+        let b = match g.tensor(name) {
+            Some(_) => vector(g, name, n)?,
+            None => vec![0.0; n],
+        };
+        out.extend(if c.neox && j < 2 {
+            neox_to_pairs(&b, n, c.head_dim)
+        } else {
+            b
+        });
+    }
+    Ok(Some(out))
+}
+
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
     let t = find(g, name)?;
     if t.dims != [n] {
@@ -406,10 +489,11 @@ impl Weights {
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
                 qkv: Projections::new(vec![
-                    matrix(g, &n("attn_q"), d, q)?,
-                    matrix(g, &n("attn_k"), d, kv)?,
+                    rope_matrix(g, &n("attn_q"), d, q, c.head_dim, c.neox)?,
+                    rope_matrix(g, &n("attn_k"), d, kv, c.head_dim, c.neox)?,
                     matrix(g, &n("attn_v"), d, kv)?,
                 ]),
+                qkv_bias: qkv_bias(g, i, c)?,
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
                 gate_up: Projections::new(vec![

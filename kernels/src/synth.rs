@@ -54,6 +54,9 @@ pub struct SynthSpec {
     /// BPE (its token count is the model's vocabulary): a SentencePiece or Llama 3
     /// vocabulary under random weights.
     pub vocabulary: Option<Vec<(String, Value)>>,
+    /// Writes architecture `qwen2` (Qwen2's keys, biases on Q, K and V, whose Q and K
+    /// rows a reader takes as NEOX's halves) instead of `llama`.
+    pub qwen2: bool,
 }
 
 /// How a synthetic model's RoPE frequencies are scaled ([`SynthSpec::rope_scaling`]).
@@ -111,6 +114,7 @@ impl Default for SynthSpec {
             pooling_type: None,
             rope_scaling: SynthRope::None,
             vocabulary: None,
+            qwen2: false,
         }
     }
 }
@@ -132,6 +136,7 @@ impl SynthSpec {
             pooling_type: None,
             rope_scaling: SynthRope::None,
             vocabulary: None,
+            qwen2: false,
         }
     }
 
@@ -513,6 +518,17 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         tensors.push(mat(n("attn_q"), s.dim, s.dim, std_in(s.dim)));
         tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
         tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
+        if s.qwen2 {
+            for (name, len) in [("attn_q", s.dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
+                let b: Vec<f32> = (0..len).map(|_| r2.normal(0.5)).collect();
+                tensors.push(Tensor {
+                    name: format!("blk.{i}.{name}.bias"),
+                    dims: vec![len],
+                    ty: GgmlType::F32,
+                    data: encode(GgmlType::F32, &b),
+                });
+            }
+        }
         tensors.push(mat(n("attn_output"), s.dim, s.dim, 2.0 * std_in(s.dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
         tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
@@ -533,6 +549,15 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     tensors.push(out_norm);
     if s.types.iter().any(|(r, _)| *r == "output") {
         tensors.push(mat("output.weight".into(), s.dim, vocab, 1.0));
+    }
+    if s.qwen2 {
+        for (k, v) in meta.iter_mut() {
+            if let Some(rest) = k.strip_prefix("llama.") {
+                *k = format!("qwen2.{rest}");
+            } else if k == "general.architecture" {
+                *v = Value::String("qwen2".into());
+            }
+        }
     }
     let tmp = path.with_extension("gguf.partial");
     {

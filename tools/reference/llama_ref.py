@@ -26,15 +26,18 @@ def field(r, key):
 class Model:
     def __init__(self, path):
         r = GGUFReader(path)
-        self.n_layers = int(field(r, "llama.block_count"))
-        self.dim = int(field(r, "llama.embedding_length"))
-        self.n_heads = int(field(r, "llama.attention.head_count"))
-        self.n_kv = int(field(r, "llama.attention.head_count_kv"))
-        self.eps = float(field(r, "llama.attention.layer_norm_rms_epsilon"))
-        self.base = float(field(r, "llama.rope.freq_base"))
+        a = field(r, "general.architecture")
+        # Qwen2: Llama with biases on Q, K and V, and RoPE over each head's halves (NEOX).
+        self.neox = a == "qwen2"
+        self.n_layers = int(field(r, f"{a}.block_count"))
+        self.dim = int(field(r, f"{a}.embedding_length"))
+        self.n_heads = int(field(r, f"{a}.attention.head_count"))
+        self.n_kv = int(field(r, f"{a}.attention.head_count_kv"))
+        self.eps = float(field(r, f"{a}.attention.layer_norm_rms_epsilon"))
+        self.base = float(field(r, f"{a}.rope.freq_base"))
         self.freq_scale = 1.0
-        if "llama.rope.scaling.type" in r.fields and field(r, "llama.rope.scaling.type") == "linear":
-            self.freq_scale = 1.0 / float(field(r, "llama.rope.scaling.factor"))
+        if f"{a}.rope.scaling.type" in r.fields and field(r, f"{a}.rope.scaling.type") == "linear":
+            self.freq_scale = 1.0 / float(field(r, f"{a}.rope.scaling.factor"))
         self.hd = self.dim // self.n_heads
         self.w = {}
         for t in r.tensors:
@@ -50,7 +53,8 @@ class Model:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
 
     def rope(self, x, pos):
-        # x: [T, heads, hd]; adjacent pairs (2i, 2i+1), GGUF's Llama layout.
+        # x: [T, heads, hd]; adjacent pairs (2i, 2i+1), GGUF's Llama layout, or each head's
+        # halves (i, i + hd/2) for NEOX's (Hugging Face's `rotate_half`).
         inv = 1.0 / self.base ** (np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
         # Llama 3.1's scaling: each pair's frequency over its factor (`rope_freqs.weight`),
         # as Hugging Face's `_compute_llama3_parameters` gives them; and linear scaling.
@@ -59,11 +63,17 @@ class Model:
         inv = inv * self.freq_scale
         ang = pos[:, None].astype(np.float64) * inv[None, :]
         c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-        a, b = x[..., 0::2], x[..., 1::2]
+        half = self.hd // 2
+        first, second = (slice(0, half), slice(half, None)) if self.neox else (slice(0, None, 2), slice(1, None, 2))
+        a, b = x[..., first], x[..., second]
         out = np.empty_like(x)
-        out[..., 0::2] = a * c - b * s
-        out[..., 1::2] = a * s + b * c
+        out[..., first] = a * c - b * s
+        out[..., second] = a * s + b * c
         return out
+
+    def proj(self, h, name):
+        y = h @ self.w[name + ".weight"].T
+        return y + self.w[name + ".bias"] if name + ".bias" in self.w else y
 
     def forward(self, ids):
         T = len(ids)
@@ -74,9 +84,9 @@ class Model:
         for i in range(self.n_layers):
             p = f"blk.{i}."
             h = self.rms(x, self.w[p + "attn_norm.weight"])
-            q = (h @ self.w[p + "attn_q.weight"].T).reshape(T, self.n_heads, self.hd)
-            k = (h @ self.w[p + "attn_k.weight"].T).reshape(T, self.n_kv, self.hd)
-            v = (h @ self.w[p + "attn_v.weight"].T).reshape(T, self.n_kv, self.hd)
+            q = self.proj(h, p + "attn_q").reshape(T, self.n_heads, self.hd)
+            k = self.proj(h, p + "attn_k").reshape(T, self.n_kv, self.hd)
+            v = self.proj(h, p + "attn_v").reshape(T, self.n_kv, self.hd)
             q, k = self.rope(q, pos), self.rope(k, pos)
             k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
             att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd) + mask

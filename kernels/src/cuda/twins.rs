@@ -157,9 +157,10 @@ pub fn add_rmsnorm(
     out
 }
 
-/// Twin of `rope_kv_write` into one layer's cache: rotates each row's q and k heads in
-/// place in `qkv` (`stride` floats per row: q heads, k heads, v heads) and writes the
-/// rotated keys and the values to the paged cache at the row's slot (none where it is −1).
+/// Twin of `rope_kv_write` into one layer's cache: adds `bias` (q|k|v, where the model
+/// has one) to each row of `qkv` in place (`stride` floats per row: q heads, k heads, v
+/// heads), rotates its q and k heads in place and writes the rotated keys and the values
+/// to the paged cache at the row's slot (none where it is −1).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
     qkv: &mut [f32],
@@ -170,11 +171,15 @@ pub fn rope_kv_write(
     vc: &mut [f16],
     c: &LlamaConfig,
     block_size: usize,
+    bias: Option<&[f32]>,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let inv_freq = c.rope_inv_freq();
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
+        if let Some(b) = bias {
+            row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
         for h in 0..nh + nkv {
             let x = &mut row[h * hd..][..hd];
             for (p, &f) in inv_freq.iter().enumerate() {
@@ -283,6 +288,8 @@ pub struct TwinLayer {
     pub attn_norm: Vec<f32>,
     /// Stacked Q|K|V rows: `(q_dim + 2·kv_dim) × dim`.
     pub wqkv: Vec<f16>,
+    /// Q's, K's and V's biases, one after the other, where the model has them.
+    pub qkv_bias: Option<Vec<f32>>,
     /// `dim × q_dim`.
     pub wo: Vec<f16>,
     pub ffn_norm: Vec<f32>,
@@ -441,31 +448,45 @@ pub struct TwinKv {
 
 /// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
 /// rows).
-fn file_f16(g: &crate::gguf::Gguf, names: &[String]) -> Option<Vec<f16>> {
-    use rayon::prelude::*;
+/// `names`' tensors in f16, one after the other, as the file holds them; where `neox`
+/// gives a head width, Q's and K's rows (`attn_q`, `attn_k`) from NEOX's halves to
+/// adjacent RoPE pairs, as load permutes the CPU's ([`crate::model::neox_to_pairs`]).
+fn file_f16(g: &crate::gguf::Gguf, names: &[String], neox: Option<usize>) -> Option<Vec<f16>> {
     let mut out = Vec::new();
     for name in names {
         let t = g.tensor(name)?;
-        // A run of whole blocks at a time, in parallel.
-        const RUN: usize = 4096;
-        let (data, at) = (g.data(t), out.len());
-        out.resize(at + t.n_elems(), f16::ZERO);
-        let (elems, bytes) = (t.ty.block_elems(), t.ty.block_bytes());
-        out[at..]
-            .par_chunks_mut(RUN * elems)
-            .zip(data.par_chunks(RUN * bytes))
-            .for_each_init(
-                || vec![0f32; RUN * elems],
-                |v, (o, src)| {
-                    let v = &mut v[..o.len()];
-                    crate::quant::dequantize_row(t.ty, src, v);
-                    for (o, &x) in o.iter_mut().zip(v.iter()) {
-                        *o = f16::from_f32(x);
-                    }
-                },
-            );
+        let at = out.len();
+        file_f16_into(g, t, &mut out);
+        let rope = name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight");
+        if let (Some(hd), true, &[_, rows]) = (neox, rope, &t.dims[..]) {
+            let pairs = crate::model::neox_to_pairs(&out[at..], rows, hd);
+            out[at..].copy_from_slice(&pairs);
+        }
     }
     Some(out)
+}
+
+/// Appends tensor `t`'s values to `out` in f16.
+fn file_f16_into(g: &crate::gguf::Gguf, t: &crate::gguf::TensorInfo, out: &mut Vec<f16>) {
+    use rayon::prelude::*;
+    // A run of whole blocks at a time, in parallel.
+    const RUN: usize = 4096;
+    let (data, at) = (g.data(t), out.len());
+    out.resize(at + t.n_elems(), f16::ZERO);
+    let (elems, bytes) = (t.ty.block_elems(), t.ty.block_bytes());
+    out[at..]
+        .par_chunks_mut(RUN * elems)
+        .zip(data.par_chunks(RUN * bytes))
+        .for_each_init(
+            || vec![0f32; RUN * elems],
+            |v, (o, src)| {
+                let v = &mut v[..o.len()];
+                crate::quant::dequantize_row(t.ty, src, v);
+                for (o, &x) in o.iter_mut().zip(v.iter()) {
+                    *o = f16::from_f32(x);
+                }
+            },
+        );
 }
 
 impl TwinModel {
@@ -504,7 +525,8 @@ impl TwinModel {
         use crate::model::Projections;
         let w = &m.weights;
         let from_file = |names: &[String], len: usize| {
-            file.map(|g| file_f16(g, names).filter(|v| v.len() == len))
+            let neox = m.config.neox.then_some(m.config.head_dim);
+            file.map(|g| file_f16(g, names, neox).filter(|v| v.len() == len))
         };
         let one =
             |names: &[String], x: &crate::matmul::Matrix| match from_file(names, x.rows * x.cols) {
@@ -538,6 +560,7 @@ impl TwinModel {
             Some(TwinLayer {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: stacked(&[n("attn_q"), n("attn_k"), n("attn_v")], &l.qkv)?,
+                qkv_bias: l.qkv_bias.clone(),
                 wo: one(&[n("attn_output")], &l.wo)?,
                 ffn_norm: l.ffn_norm.clone(),
                 w_gate_up: stacked(&[n("ffn_gate"), n("ffn_up")], &l.gate_up)?,
@@ -606,6 +629,7 @@ impl TwinModel {
                 &mut kv.v[li],
                 c,
                 kv.block_size,
+                l.qkv_bias.as_deref(),
             );
             let a = attention(
                 &qkv,

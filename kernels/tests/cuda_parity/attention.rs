@@ -162,7 +162,7 @@ fn attention_case<E: Exec>(
             _ if decode => random_batch(&mut rng, 33, 1, bs, max_blocks),
             _ => random_batch(&mut rng, 9, 60, bs, max_blocks),
         };
-        let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng, false);
+        let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng, false, false);
         let t = b.tokens.len();
         let inp = twins::build_batch(
             &twins::stage(&b, max_blocks),

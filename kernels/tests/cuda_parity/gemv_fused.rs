@@ -148,6 +148,7 @@ fn rope_apart<E: Exec>(
         i(rope.head_dim),
         i(rope.block_size),
         inv_freq.arg(),
+        Arg::Null,
     ];
     let threads = (rows * rope.head_dim / 2) as u32;
     g.launch("rope_kv_write", cfg(threads.div_ceil(256), 256), &args)
@@ -682,7 +683,9 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         let h = twins::add_rmsnorm(&mut xw, Some(&delta), &nw, None, d, eps);
         let mut want = twins::gemm(&h, &w, m, d, n);
         let (mut wk, mut wv) = (fill.clone(), fill.clone());
-        twins::rope_kv_write(&mut want, n, &positions, &slots, &mut wk, &mut wv, &c, bs);
+        twins::rope_kv_write(
+            &mut want, n, &positions, &slots, &mut wk, &mut wv, &c, bs, None,
+        );
         assert!(
             rel(&got, &want) < 1e-3,
             "{what}: {m} rows: QKV vs the twins"

@@ -284,7 +284,9 @@ type Written<E> = (
 /// A random batch's QKV rows through `rope_kv_write` into a cache filled with arbitrary
 /// values, on both sides; returns the twin's cache and rows and the device's.
 /// `read_only_last`: the last sequence's block table marked [`READ_ONLY`], as a padded
-/// row's (its rows write no slot).
+/// row's (its rows write no slot); `bias`: random biases on Q, K and V (Qwen2's), added
+/// first.
+#[allow(clippy::too_many_arguments)]
 fn rope_kv<E: Exec>(
     g: &E,
     c: &LlamaConfig,
@@ -293,6 +295,7 @@ fn rope_kv<E: Exec>(
     n_blocks: usize,
     rng: &mut Rng,
     read_only_last: bool,
+    bias: bool,
 ) -> (Cache, Written<E>) {
     let (s, t) = (b.seqs.len(), b.tokens.len());
     let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
@@ -316,6 +319,8 @@ fn rope_kv<E: Exec>(
     let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
     let (kc, vc) = (up(g, &fill), up(g, &fill));
     let inv_freq = up(g, &c.rope_inv_freq());
+    let bias = bias.then(|| rng.vec(qd + 2 * kd, 1.0));
+    let bias_g = bias.as_ref().map(|b| up(g, b));
     let mut cache_k = fill.clone();
     let mut cache_v = fill;
     twins::rope_kv_write(
@@ -327,6 +332,7 @@ fn rope_kv<E: Exec>(
         &mut cache_v,
         c,
         bs,
+        bias.as_deref(),
     );
     let n_threads = (t * c.head_dim / 2) as u32;
     let args = [
@@ -342,6 +348,7 @@ fn rope_kv<E: Exec>(
         i(c.head_dim),
         i(bs),
         inv_freq.arg(),
+        bias_g.as_ref().map_or(Arg::Null, |b| b.arg()),
     ];
     g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)
         .unwrap();
@@ -370,16 +377,26 @@ fn rope_case<E: Exec>(g: &E) {
     };
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    // The last sequence's rows write no slot (the cache's fill stays, on both sides).
-    let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng, true);
-    // Angles of hundreds of radians: float argument reduction differs in the last bits.
-    assert!(rel(&down(g, &qg), &want.qkv) < 1e-3, "{what}: rotated rows");
-    let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
-    assert!(
-        close(&down(g, &kc), &want.k) < 2e-3,
-        "{what}: keys in the cache"
-    );
-    assert_eq!(down(g, &vc), want.v, "{what}: values in the cache");
+    // Without biases, and with Qwen2's on Q, K and V.
+    for bias in [false, true] {
+        // The last sequence's rows write no slot (the cache's fill stays, on both sides).
+        let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng, true, bias);
+        // Angles of hundreds of radians: float argument reduction differs in the last bits.
+        assert!(
+            rel(&down(g, &qg), &want.qkv) < 1e-3,
+            "{what}: rotated rows (biases {bias})"
+        );
+        let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
+        assert!(
+            close(&down(g, &kc), &want.k) < 2e-3,
+            "{what}: keys in the cache (biases {bias})"
+        );
+        assert_eq!(
+            down(g, &vc),
+            want.v,
+            "{what}: values in the cache (biases {bias})"
+        );
+    }
 }
 
 #[test]

@@ -67,6 +67,7 @@ pub(super) fn rope<E: Exec>(
         i(hd),
         i(bs),
         inv_freq.arg(),
+        Arg::Null,
     ];
     let c = cfg((threads.div_ceil(256), 1), 256);
     let secs = time_launch(e, iters, "rope_kv_write", c, &args)?;

@@ -51,6 +51,7 @@ impl<E: Exec> Device<E> {
                         e.upload(&l.ffn_norm)?,
                         e.upload(&l.w_gate_up)?,
                         e.upload(&l.w_down)?,
+                        l.qkv_bias.as_ref().map(|b| e.upload(b)).transpose()?,
                     ),
                     quant,
                 ))
@@ -130,11 +131,12 @@ impl<E: Exec> Device<E> {
         let layers = weights
             .into_iter()
             .map(
-                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down), quant)| {
+                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down, bqkv), quant)| {
                     let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
                     Ok(Layer {
                         attn_norm,
                         wqkv,
+                        bqkv,
                         wo,
                         ffn_norm,
                         w_gate_up,

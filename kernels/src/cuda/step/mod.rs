@@ -12,7 +12,7 @@
 //! ```text
 //! h[T,D]f16  = add_rmsnorm(x += previous layer's down output)
 //! qkv[T,Q+2K] = gemm(h, Wq|Wk|Wv)                           f32, one product
-//! rope_kv_write(qkv): rotate q, k in place; k, v → cache[slot_mapping]
+//! rope_kv_write(qkv): (+ Q/K/V biases) rotate q, k in place; k, v → cache[slot_mapping]
 //! a[T,Q]f16  = attention(q = qkv rows) over the paged cache
 //! o[T,D]     = gemm(a, Wo);  h = add_rmsnorm(x += o)
 //! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
@@ -48,6 +48,9 @@ use small::{fuses, product, Small};
 struct Layer<E: Exec> {
     attn_norm: E::Buf<f32>,
     wqkv: E::Buf<f16>,
+    /// Q's, K's and V's biases (Qwen2's), where the model has them: `rope_kv_write` adds
+    /// them.
+    bqkv: Option<E::Buf<f32>>,
     wo: E::Buf<f16>,
     ffn_norm: E::Buf<f32>,
     w_gate_up: E::Buf<f16>,
@@ -320,9 +323,11 @@ impl<E: Exec> Device<E> {
             quant: *quant_small,
             shared: *max_shared,
         };
-        // The QKV product's fused RoPE computes unscaled frequencies; a model whose file
-        // scales them takes rope_kv_write, which reads the table.
-        let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled();
+        // The QKV product's fused RoPE computes unscaled frequencies and adds no biases; a
+        // model whose file scales them, or has biases on Q, K and V, takes rope_kv_write,
+        // which reads the table and adds them.
+        let biased = layers.iter().any(|l| l.bqkv.is_some());
+        let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && !biased;
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
             let delta = (li > 0).then_some(&b.o);
@@ -382,6 +387,7 @@ impl<E: Exec> Device<E> {
                         hd,
                         bsi,
                         inv_freq,
+                        w.bqkv.as_ref().map_or(Arg::Null, |b| b.arg()),
                     ],
                 )?;
             }
