@@ -224,6 +224,7 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
         "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
         "templates/Qwen-Qwen2.5-7B-Instruct.jinja",
+        "templates/Mistral-Small-3.2-24B-Instruct-2506.jinja",
     ],
 };
 

@@ -301,9 +301,10 @@ fn tokenizer_meta(dir: &Path, name: &str) -> Vec<(String, kernels::gguf::Value)>
 }
 
 /// Llama 3.1/3.2/3.3's, DeepSeek-R1-Distill-Llama's, Mistral's (`[INST]`, Mistral Nemo's
-/// as Mistral 7B v0.3's) and Qwen2.5's chat templates render each
+/// as Mistral 7B v0.3's; Mistral Small 3.2's, whose system turn has today's date) and
+/// Qwen2.5's chat templates render each
 /// conversation to the text Hugging Face's `apply_chat_template` gives (jinja2 with
-/// `trim_blocks` and `lstrip_blocks`, no tools, no `strftime_now`).
+/// `trim_blocks` and `lstrip_blocks` and Hugging Face's `strftime_now`, no tools).
 #[test]
 fn llama_chat_templates_render_as_hugging_faces() {
     use kernels::chat::{ChatTemplate, Message};
@@ -343,14 +344,17 @@ fn llama_chat_templates_render_as_hugging_faces() {
         ),
         ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
         ("Qwen-Qwen2.5-7B-Instruct", "<|endoftext|>", "<|im_end|>"),
+        ("Mistral-Small-3.2-24B-Instruct-2506", "<s>", "</s>"),
     ];
     let script = r#"
 import json, sys
+from datetime import datetime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 def raise_exception(m):
     raise Exception(m)
 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 env.globals["raise_exception"] = raise_exception
+env.globals["strftime_now"] = lambda f: datetime.now().strftime(f)
 t = env.from_string(open(sys.argv[1]).read())
 out = []
 for conv in json.loads(sys.argv[2]):

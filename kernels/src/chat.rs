@@ -1,5 +1,7 @@
-//! Chat templates: the GGUF's `tokenizer.chat_template` (Jinja) rendered with minijinja, so
-//! that a chat request becomes exactly the text the model was trained on.
+//! Chat templates: the GGUF's `tokenizer.chat_template` (Jinja) rendered with minijinja as
+//! Hugging Face's `apply_chat_template` renders it (block trimming, Python's methods,
+//! `raise_exception`, `strftime_now`), so that a chat request becomes exactly the text the
+//! model was trained on.
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
@@ -23,6 +25,21 @@ fn raise_exception(msg: String) -> Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// The local time now in `format` (C's `strftime`), as Hugging Face's
+/// `apply_chat_template` defines it for templates (Llama 3.2's date line, Mistral Small
+/// 3.2's `today`); a format chrono cannot write is the template's error, not a panic.
+fn strftime_now(format: String) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: cannot format {format:?}"),
+        )
+    })?;
+    Ok(out)
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, Error> {
         let mut env = Environment::new();
@@ -30,7 +47,11 @@ impl ChatTemplate {
         // a block tag's own line break and leading indentation are not output.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Python's str, dict and list methods (`.strip()`, `.get()`, `.items()`,
+        // `.startswith()` …), which templates written for jinja2 call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source.to_string())?;
         Ok(Self {
             env,
@@ -77,5 +98,29 @@ mod tests {
         ];
         // jinja2 with trim_blocks and lstrip_blocks gives the same.
         assert_eq!(t.render(&msgs).expect("renders"), "[a]\n[c]\n>");
+    }
+
+    /// `strftime_now` writes the date as the format asks; a format it cannot write is an
+    /// error from `render`, not a panic; `is defined` sees it (Llama 3.2's test).
+    #[test]
+    fn strftime_now_is_defined_and_formats_today() {
+        let t = ChatTemplate::new(
+            "{% if strftime_now is defined %}{{ strftime_now('%Y-%m-%d|%d %b %Y') }}{% endif %}",
+            "",
+            "",
+        )
+        .expect("parses");
+        let out = t.render(&[]).expect("renders");
+        let (iso, human) = out.split_once('|').expect("two dates");
+        let parts: Vec<&str> = iso.split('-').collect();
+        assert_eq!(parts.len(), 3, "{out}");
+        assert!(parts[0].parse::<u32>().expect("a year") >= 2024, "{out}");
+        assert!(
+            human.ends_with(parts[0]) && human.starts_with(parts[2]),
+            "{out}"
+        );
+        let bad = ChatTemplate::new("{{ strftime_now('%Q') }}", "", "").expect("parses");
+        let err = bad.render(&[]).expect_err("an unwritable format");
+        assert!(err.to_string().contains("strftime_now"), "{err}");
     }
 }
