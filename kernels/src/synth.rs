@@ -141,9 +141,9 @@ impl SynthSpec {
     }
 
     /// Qwen2.5-0.5B's shape in Q4_1 (896 wide, 24 layers, 14 query heads on 2 KV heads of
-    /// 64: groups of 7; a feed-forward of 4,864), on SmolLM2's vocabulary (Qwen's has no
-    /// byte-level BPE of its own here, and its biases are not modelled): what the CPU's
-    /// attention does with groups of more than 4 heads.
+    /// 64: groups of 7; a feed-forward of 4,864), on SmolLM2's vocabulary and as a `llama`
+    /// file (`qwen2: true` adds Qwen2's biases and RoPE): what the CPU's attention does
+    /// with groups of more than 4 heads.
     pub fn groups_of_7() -> Self {
         Self {
             n_layers: 24,
