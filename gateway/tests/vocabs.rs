@@ -37,6 +37,21 @@ fn golden(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
+/// Vocabularies `names` give their test texts' ids, and the ids give the texts back.
+fn tokenize_as_their_models(names: &[&str]) {
+    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
+    for name in names {
+        let tk = tokenizer(&dir, name).expect("a tokenizer");
+        let cases = golden(&dir, name);
+        assert!(cases.len() >= 40, "{name}: {} texts", cases.len());
+        for (text, want) in &cases {
+            let got = tk.encode(text).expect("encodes");
+            assert_eq!(&got, want, "{name}: {text:?}");
+            assert_eq!(tk.decode(&got), *text, "{name}: decoded");
+        }
+    }
+}
+
 fn tokenizer(dir: &Path, name: &str) -> Result<Tokenizer, TokenizerError> {
     let g = Gguf::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).expect("a GGUF");
     Tokenizer::from_gguf(&g)
@@ -46,17 +61,7 @@ fn tokenizer(dir: &Path, name: &str) -> Result<Tokenizer, TokenizerError> {
 /// every test text, and the ids give the text back.
 #[test]
 fn llama3_qwen2_and_gpt2_vocabularies_tokenize_as_their_models_do() {
-    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    for name in ["llama-bpe", "qwen2", "gpt-2"] {
-        let tk = tokenizer(&dir, name).expect("a tokenizer");
-        let cases = golden(&dir, name);
-        assert!(cases.len() >= 40, "{name}: {} texts", cases.len());
-        for (text, want) in &cases {
-            let got = tk.encode(text).expect("encodes");
-            assert_eq!(&got, want, "{name}: {text:?}");
-            assert_eq!(tk.decode(&got), *text, "{name}: decoded");
-        }
-    }
+    tokenize_as_their_models(&["llama-bpe", "qwen2", "gpt-2"]);
 }
 
 /// SentencePiece's BPE (`tokenizer.ggml.model = llama`): Llama 2's vocabulary (Mistral
@@ -65,17 +70,7 @@ fn llama3_qwen2_and_gpt2_vocabularies_tokenize_as_their_models_do() {
 /// score, bytes where no piece holds a character — and the ids give the text back.
 #[test]
 fn sentencepiece_vocabularies_tokenize_as_their_models_do() {
-    let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
-    for name in ["llama-spm", "phi-3"] {
-        let tk = tokenizer(&dir, name).expect("a tokenizer");
-        let cases = golden(&dir, name);
-        assert!(cases.len() >= 40, "{name}: {} texts", cases.len());
-        for (text, want) in &cases {
-            let got = tk.encode(text).expect("encodes");
-            assert_eq!(&got, want, "{name}: {text:?}");
-            assert_eq!(tk.decode(&got), *text, "{name}: decoded");
-        }
-    }
+    tokenize_as_their_models(&["llama-spm", "phi-3"]);
 }
 
 /// A SentencePiece prompt begins with `<s>` once; a chat template's special tokens are
