@@ -36,7 +36,8 @@ pub struct LlamaConfig {
     pub neox: bool,
 }
 
-/// The architectures the engine computes, with what sets each apart from `llama`.
+/// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
+/// NEOX's RoPE, [`LlamaConfig::neox`]).
 const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 /// Row `j` of a head of Llama's adjacent RoPE pairs is this row of NEOX's halves:
@@ -79,7 +80,7 @@ pub enum Pooling {
 }
 
 impl Pooling {
-    /// From the file's `llama.pooling_type`: absent, negative (-1, "unspecified") or a
+    /// From the file's `llama.pooling_type` (its architecture's key): absent, negative (-1, "unspecified") or a
     /// value that is no integer leave the engine's own, the last token.
     fn from_gguf(g: &Gguf, arch: &str) -> Self {
         match g
