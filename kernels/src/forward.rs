@@ -137,13 +137,13 @@ impl Scratch {
     }
 }
 
-/// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
-/// (then each row of the stacked result is split into the outputs).
 /// `x += b`, element by element.
 fn add_bias(x: &mut [f32], b: &[f32]) {
     x.iter_mut().zip(b).for_each(|(x, b)| *x += b);
 }
 
+/// `outs[i] = h · parts[i]ᵀ` for every projection, with one product when they are stacked
+/// (then each row of the stacked result is split into the outputs).
 fn project(
     p: &Projections,
     h: &mut Acts,

@@ -379,19 +379,26 @@ pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix
     Matrix::new(rows, cols, data)
 }
 
-/// [`matrix`], its rows (a head of `head_dim` at a time) from NEOX's halves to adjacent
-/// RoPE pairs where `neox`.
+/// The head width by which tensor `name`'s rows are permuted at load from NEOX's halves
+/// to adjacent RoPE pairs ([`neox_to_pairs`]): Q's and K's weights and biases where the
+/// file's RoPE is NEOX's ([`LlamaConfig::neox`]); `None` for every other tensor. Whatever
+/// reads those tensors from the file (the GPU path's exact weights too) permutes by it.
+pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<usize> {
+    let rope = name.contains(".attn_q.") || name.contains(".attn_k.");
+    (c.neox && rope).then_some(c.head_dim)
+}
+
+/// [`matrix`], its rows permuted as [`neox_rows`] says.
 fn rope_matrix(
     g: &Gguf,
     name: &str,
     cols: usize,
     rows: usize,
-    head_dim: usize,
-    neox: bool,
+    c: &LlamaConfig,
 ) -> Result<Matrix, GgufError> {
-    if !neox {
+    let Some(head_dim) = neox_rows(c, name) else {
         return matrix(g, name, cols, rows);
-    }
+    };
     let t = find(g, name)?;
     if t.dims != [cols, rows] {
         return Err(shape_err(t, &[cols, rows]));
@@ -400,9 +407,9 @@ fn rope_matrix(
     Ok(matrix_of(t.ty, rows, cols, &bytes))
 }
 
-/// Q's, K's and V's biases (`blk.i.attn_{q,k,v}.bias`) one after the other, Q's and K's
-/// permuted as their rows where `neox`; `None` where the file has none of them (zeros
-/// for one missing beside the others).
+/// Q's, K's and V's biases (`blk.i.attn_{q,k,v}.bias`) one after the other, permuted as
+/// their rows ([`neox_rows`]); `None` where the file has none of them (zeros for one
+/// missing beside the others).
 fn qkv_bias(g: &Gguf, i: usize, c: &LlamaConfig) -> Result<Option<Vec<f32>>, GgufError> {
     let names = ["attn_q", "attn_k", "attn_v"].map(|s| format!("blk.{i}.{s}.bias"));
     if names.iter().all(|n| g.tensor(n).is_none()) {
@@ -410,15 +417,14 @@ fn qkv_bias(g: &Gguf, i: usize, c: &LlamaConfig) -> Result<Option<Vec<f32>>, Ggu
     }
     let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
     let mut out = Vec::with_capacity(q + 2 * kv);
-    for (j, (name, n)) in names.iter().zip([q, kv, kv]).enumerate() {
+    for (name, n) in names.iter().zip([q, kv, kv]) {
         let b = match g.tensor(name) {
             Some(_) => vector(g, name, n)?,
             None => vec![0.0; n],
         };
-        out.extend(if c.neox && j < 2 {
-            neox_to_pairs(&b, n, c.head_dim)
-        } else {
-            b
+        out.extend(match neox_rows(c, name) {
+            Some(hd) => neox_to_pairs(&b, n, hd),
+            None => b,
         });
     }
     Ok(Some(out))
@@ -490,8 +496,8 @@ impl Weights {
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
                 qkv: Projections::new(vec![
-                    rope_matrix(g, &n("attn_q"), d, q, c.head_dim, c.neox)?,
-                    rope_matrix(g, &n("attn_k"), d, kv, c.head_dim, c.neox)?,
+                    rope_matrix(g, &n("attn_q"), d, q, c)?,
+                    rope_matrix(g, &n("attn_k"), d, kv, c)?,
                     matrix(g, &n("attn_v"), d, kv)?,
                 ]),
                 qkv_bias: qkv_bias(g, i, c)?,

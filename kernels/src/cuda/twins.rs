@@ -447,18 +447,15 @@ pub struct TwinKv {
 }
 
 /// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
-/// rows).
-/// `names`' tensors in f16, one after the other, as the file holds them; where `neox`
-/// gives a head width, Q's and K's rows (`attn_q`, `attn_k`) from NEOX's halves to
-/// adjacent RoPE pairs, as load permutes the CPU's ([`crate::model::neox_to_pairs`]).
-fn file_f16(g: &crate::gguf::Gguf, names: &[String], neox: Option<usize>) -> Option<Vec<f16>> {
+/// rows), each tensor's rows permuted as load permutes the CPU's
+/// ([`crate::model::neox_rows`]: Q's and K's, where the file's RoPE is NEOX's).
+fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<Vec<f16>> {
     let mut out = Vec::new();
     for name in names {
         let t = g.tensor(name)?;
         let at = out.len();
         file_f16_into(g, t, &mut out);
-        let rope = name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight");
-        if let (Some(hd), true, &[_, rows]) = (neox, rope, &t.dims[..]) {
+        if let (Some(hd), &[_, rows]) = (crate::model::neox_rows(c, name), &t.dims[..]) {
             let pairs = crate::model::neox_to_pairs(&out[at..], rows, hd);
             out[at..].copy_from_slice(&pairs);
         }
@@ -525,8 +522,7 @@ impl TwinModel {
         use crate::model::Projections;
         let w = &m.weights;
         let from_file = |names: &[String], len: usize| {
-            let neox = m.config.neox.then_some(m.config.head_dim);
-            file.map(|g| file_f16(g, names, neox).filter(|v| v.len() == len))
+            file.map(|g| file_f16(g, names, &m.config).filter(|v| v.len() == len))
         };
         let one =
             |names: &[String], x: &crate::matmul::Matrix| match from_file(names, x.rows * x.cols) {

@@ -101,12 +101,8 @@ const TOKEN_BYTE: i64 = 6;
 enum Model {
     /// Byte-level BPE through Hugging Face's tokenizer.
     Bpe(Box<HfTokenizer>),
-    /// SentencePiece's BPE over scores; `strip_space`: decoding drops the space the
-    /// encoder put before the text.
-    Spm {
-        spm: Box<spm::Spm>,
-        strip_space: bool,
-    },
+    /// SentencePiece's BPE over scores.
+    Spm(Box<spm::Spm>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,11 +233,7 @@ impl Tokenizer {
                     })
                     .collect();
                 let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
-                let inner = Model::Spm {
-                    spm: Box::new(spm),
-                    strip_space: add_space_prefix,
-                };
-                (inner, special, token_bytes, add_bos)
+                (Model::Spm(Box::new(spm)), special, token_bytes, add_bos)
             }
             other => {
                 return Err(TokenizerError::Unsupported(format!(
@@ -333,7 +325,7 @@ impl Tokenizer {
                 .encode_fast(text, false)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| TokenizerError::Build(e.to_string())),
-            Model::Spm { spm, .. } => {
+            Model::Spm(spm) => {
                 let mut ids = Vec::with_capacity(text.len() / 3 + 1);
                 spm.encode(text, &mut ids);
                 Ok(ids)
@@ -366,8 +358,8 @@ impl Tokenizer {
             .flat_map(|&i| self.token_bytes(i))
             .copied()
             .collect();
-        if let (Model::Spm { strip_space, .. }, Some(&first)) = (&self.inner, ids.first()) {
-            if *strip_space && !self.is_special(first) && bytes.first() == Some(&b' ') {
+        if let (Model::Spm(spm), Some(&first)) = (&self.inner, ids.first()) {
+            if spm.adds_space_prefix() && !self.is_special(first) && bytes.first() == Some(&b' ') {
                 bytes.remove(0);
             }
         }

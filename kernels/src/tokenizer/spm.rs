@@ -122,6 +122,12 @@ impl Spm {
         })
     }
 
+    /// Whether the encoder puts a space before the text (`add_space_prefix`), which
+    /// decoding a whole text drops again.
+    pub fn adds_space_prefix(&self) -> bool {
+        self.add_space_prefix
+    }
+
     /// Appends `text`'s ids to `out`: special tokens' text as their ids, each run of text
     /// between them (with a space before it where it opens the text or follows a special
     /// token, as llama.cpp) merged piece by piece.
