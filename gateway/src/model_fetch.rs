@@ -225,6 +225,8 @@ pub const LLAMA_CPP_VOCABS: KnownArchive = KnownArchive {
         "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
         "templates/Qwen-Qwen2.5-7B-Instruct.jinja",
         "templates/Mistral-Small-3.2-24B-Instruct-2506.jinja",
+        "templates/Qwen-Qwen3-0.6B.jinja",
+        "templates/Qwen-QwQ-32B.jinja",
     ],
 };
 

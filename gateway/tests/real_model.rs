@@ -484,7 +484,7 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
 /// (`inexact_from`) and permutes Q's and K's rows there too.
 #[test]
 fn qwen2_model_logits_match_the_numpy_reference() {
-    use kernels::synth::SynthSpec;
+    use kernels::synth::{SynthArch, SynthSpec};
     let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
         return;
     };
@@ -502,7 +502,7 @@ fn qwen2_model_logits_match_the_numpy_reference() {
         ),
     ] {
         let spec = SynthSpec {
-            qwen2: true,
+            arch: SynthArch::Qwen2,
             ..spec
         };
         let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, prompt);
@@ -532,6 +532,57 @@ fn qwen2_model_logits_match_the_numpy_reference() {
             );
         }
         emulated_matches_the_reference(&m, &ids, &refs[0], &format!("Qwen2, {what}"));
+    }
+}
+
+/// Qwen3's architecture (`qwen3`: an RMSNorm over each Q and K head before RoPE, by
+/// weights permuted with the heads' rows; NEOX's RoPE; heads wider than the model's width
+/// over its heads, `attention.key_length`, so that Q's rows are twice the model's width, as
+/// Qwen3-0.6B's): the CPU's logits and greedy tokens are the reference's — Hugging Face's
+/// `q_norm`/`k_norm` and `rotate_half` — on Q4_1 and on K-quant layouts, and so are the GPU
+/// path's (emulated: `head_rmsnorm`, then `rope_kv_write`).
+#[test]
+fn qwen3_model_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthArch, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let prompt = "hello synthetic world, 123: a prompt long enough that its later positions turn";
+    // Heads of 32 in groups of 2 (the emulator's build for `tiny`), twice as many as
+    // the width holds.
+    for (what, spec) in [
+        ("Q4_1", SynthSpec::tiny()),
+        ("K-quants", SynthSpec::tiny_k_quants()),
+    ] {
+        let spec = SynthSpec {
+            arch: SynthArch::Qwen3,
+            n_heads: 2 * spec.n_heads,
+            n_kv_heads: 2 * spec.n_kv_heads,
+            head_dim: Some(32),
+            ..spec
+        };
+        let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, prompt);
+        let c = &m.model.config;
+        assert!(c.neox, "{what}: NEOX's RoPE read from the file");
+        assert_eq!(
+            (c.head_dim, c.n_heads * c.head_dim),
+            (32, 2 * c.dim),
+            "{what}: the heads' width from the file"
+        );
+        assert!(
+            m.model.weights.layers.iter().all(|l| l.qk_norm.is_some()),
+            "{what}: the heads' norms read"
+        );
+        let (got, logits) = greedy(&m, &ids, 4);
+        let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
+        eprintln!("Qwen3, {what}, CPU: logits within {d:.1e}");
+        assert!(d < LOGIT_TOL, "{what}: logits differ by {d}");
+        assert_eq!(
+            serde_json::to_value(&got).unwrap(),
+            refs[0]["greedy"],
+            "{what}"
+        );
+        emulated_matches_the_reference(&m, &ids, &refs[0], &format!("Qwen3, {what}"));
     }
 }
 

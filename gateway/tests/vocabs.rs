@@ -7,6 +7,7 @@
 
 use gateway::model_fetch::{ensure_archive, LLAMA_CPP_VOCABS};
 use kernels::gguf::Gguf;
+use kernels::synth::{SynthArch, SynthSpec};
 use kernels::tokenizer::{Tokenizer, TokenizerError};
 use std::path::Path;
 
@@ -125,7 +126,11 @@ fn sentencepiece_prompts_and_special_tokens() {
 /// the template's `[INST]` turn as the tokenizer splits it, and the answer streams.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sentencepiece_model_answers_a_chat_turn() {
-    let loaded = chat_model("llama-spm", "mistralai-Mistral-Nemo-Instruct-2407", false);
+    let loaded = chat_model(
+        "llama-spm",
+        "mistralai-Mistral-Nemo-Instruct-2407",
+        SynthArch::Llama,
+    );
     assert_eq!(loaded.model.config.vocab, 32000);
     let (text, prompt) = answers_a_chat_turn(&loaded).await;
     assert_eq!(text, "<s>[INST]Name a colour.[/INST]");
@@ -142,7 +147,7 @@ async fn a_sentencepiece_model_answers_a_chat_turn() {
 /// the template's default system turn and the user's, as ChatML's special tokens.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_qwen2_model_answers_a_chat_turn() {
-    let loaded = chat_model("qwen2", "Qwen-Qwen2.5-7B-Instruct", true);
+    let loaded = chat_model("qwen2", "Qwen-Qwen2.5-7B-Instruct", SynthArch::Qwen2);
     assert!(loaded.model.config.neox);
     let (text, prompt) = answers_a_chat_turn(&loaded).await;
     assert!(
@@ -160,11 +165,32 @@ async fn a_qwen2_model_answers_a_chat_turn() {
     );
 }
 
-/// A synthetic model (`SynthSpec::tiny`'s shape, architecture `qwen2` where asked) with
+/// A Qwen3-shaped file (architecture `qwen3`: each Q and K head normed; Qwen2's vocabulary,
+/// Qwen3's chat template, random weights) loads and answers a chat turn on every engine
+/// backend: no system turn unless one is sent, the user's turn as ChatML's special tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qwen3_model_answers_a_chat_turn() {
+    let loaded = chat_model("qwen2", "Qwen-Qwen3-0.6B", SynthArch::Qwen3);
+    assert!(loaded.model.config.neox);
+    assert!(loaded
+        .model
+        .weights
+        .layers
+        .iter()
+        .all(|l| l.qk_norm.is_some()));
+    let (text, prompt) = answers_a_chat_turn(&loaded).await;
+    assert_eq!(
+        text,
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let start = loaded.tokenizer.encode("<|im_start|>").expect("encodes");
+    assert_eq!(prompt.iter().filter(|&&i| i == start[0]).count(), 2);
+}
+
+/// A synthetic model (`SynthSpec::tiny`'s shape, architecture `arch`) with
 /// vocabulary `vocab`'s tokenizer and chat template `template` (llama.cpp's files).
-fn chat_model(vocab: &str, template: &str, qwen2: bool) -> kernels::load::Loaded {
+fn chat_model(vocab: &str, template: &str, arch: SynthArch) -> kernels::load::Loaded {
     use kernels::gguf::Value;
-    use kernels::synth::SynthSpec;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
     let mut meta = tokenizer_meta(&dir, vocab);
     let template = dir.join(format!("templates/{template}.jinja"));
@@ -175,7 +201,7 @@ fn chat_model(vocab: &str, template: &str, qwen2: bool) -> kernels::load::Loaded
     let path = scratch.0.join(format!("{vocab}.gguf"));
     let spec = SynthSpec {
         vocabulary: Some(meta),
-        qwen2,
+        arch,
         ..SynthSpec::tiny()
     };
     kernels::synth::write_model(&path, &spec).expect("writes");
@@ -296,8 +322,8 @@ fn tokenizer_meta(dir: &Path, name: &str) -> Vec<(String, kernels::gguf::Value)>
 }
 
 /// Llama 3.1/3.2/3.3's, DeepSeek-R1-Distill-Llama's, Mistral's (`[INST]`, Mistral Nemo's
-/// as Mistral 7B v0.3's; Mistral Small 3.2's, whose system turn has today's date) and
-/// Qwen2.5's chat templates render each
+/// as Mistral 7B v0.3's; Mistral Small 3.2's, whose system turn has today's date),
+/// Qwen2.5's, Qwen3's and QwQ's (which drop past turns' thinking) chat templates render each
 /// conversation to the text Hugging Face's `apply_chat_template` gives (jinja2 with
 /// `trim_blocks` and `lstrip_blocks` and Hugging Face's `strftime_now`, no tools).
 #[test]
@@ -314,6 +340,13 @@ fn llama_chat_templates_render_as_hugging_faces() {
             ("user", "Name a colour."),
             ("assistant", "Blue."),
             ("user", "Another?"),
+        ],
+        // A reasoning model's earlier answer with its thinking (which Qwen3's and QwQ's
+        // templates drop from past turns).
+        vec![
+            ("user", "2 + 2?"),
+            ("assistant", "<think>\nAdd them.\n</think>\n\n4."),
+            ("user", "And 3 + 3?"),
         ],
     ];
     let templates = [
@@ -340,6 +373,8 @@ fn llama_chat_templates_render_as_hugging_faces() {
         ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
         ("Qwen-Qwen2.5-7B-Instruct", "<|endoftext|>", "<|im_end|>"),
         ("Mistral-Small-3.2-24B-Instruct-2506", "<s>", "</s>"),
+        ("Qwen-Qwen3-0.6B", "<|endoftext|>", "<|im_end|>"),
+        ("Qwen-QwQ-32B", "<|endoftext|>", "<|im_end|>"),
     ];
     let script = r#"
 import json, sys

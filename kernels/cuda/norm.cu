@@ -27,3 +27,28 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
 #pragma unroll 4
     for (int d = lane; d < dim; d += 32) o[d] = f2h(xr[d] * inv * w[d]);
 }
+
+// The RMSNorm of each Q and K head in place, after the QKV product and before RoPE
+// (Qwen3's): row r's n_heads query heads (by the weights q_w) and n_kv_heads key heads
+// (k_w), head_dim floats each, at the start of its row of the product (`stride` floats a
+// row). The value heads after them are left as they are.
+//
+// One warp per (row, head), as add_rmsnorm's rows: the head's sum of squares by shuffles
+// (add_rms_row), then a second pass from L1 scales it. Launch: n_rows · (n_heads +
+// n_kv_heads) warps, blockDim.x / 32 a block.
+extern "C" __global__ void head_rmsnorm(float* __restrict__ qkv, int stride, int n_rows,
+                                        int n_heads, int n_kv_heads, int head_dim,
+                                        const float* __restrict__ q_w,
+                                        const float* __restrict__ k_w, float eps) {
+    pdl_begin();
+    int lane = threadIdx.x & 31;
+    int heads = n_heads + n_kv_heads;
+    int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= n_rows * heads) return;
+    int r = i / heads, h = i - r * heads;
+    float* x = qkv + (size_t)r * stride + (size_t)h * head_dim;
+    const float* w = h < n_heads ? q_w : k_w;
+    float inv = add_rms_row(x, nullptr, nullptr, head_dim, eps);
+#pragma unroll 4
+    for (int d = lane; d < head_dim; d += 32) x[d] = x[d] * inv * w[d];
+}

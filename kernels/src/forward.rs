@@ -292,6 +292,10 @@ impl Model {
                     add_bias(&mut s.v[r * kvd..(r + 1) * kvd], bv);
                 }
             }
+            if let Some(n) = &l.qk_norm {
+                ops::head_rmsnorm(&mut s.q[..t * qd], &n.q, c.rms_eps);
+                ops::head_rmsnorm(&mut s.k[..t * kvd], &n.k, c.rms_eps);
+            }
             for r in 0..t {
                 let pos = batch.positions[r];
                 let cs = &s.rope[r * hd..(r + 1) * hd];

@@ -1,7 +1,7 @@
-//! The Llama-family model: hyperparameters from GGUF metadata (architecture `llama`, and
-//! `qwen2`: Llama's with biases on Q, K and V and RoPE over each head's halves), and
-//! weights checked against them (a tensor whose shape disagrees with the metadata is an
-//! error).
+//! The Llama-family model: hyperparameters from GGUF metadata (architecture `llama`;
+//! `qwen2`: Llama's with biases on Q, K and V and RoPE over each head's halves; `qwen3`:
+//! Qwen2's without the biases, with an RMSNorm over each Q and K head), and weights checked
+//! against them (a tensor whose shape disagrees with the metadata is an error).
 
 use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
 use crate::kquant;
@@ -37,8 +37,9 @@ pub struct LlamaConfig {
 }
 
 /// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
-/// NEOX's RoPE, [`LlamaConfig::neox`]).
-const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+/// NEOX's RoPE, [`LlamaConfig::neox`]; `qwen3`: NEOX's RoPE, no biases, and each Q and K
+/// head RMS-normed before it, [`Layer::qk_norm`]).
+const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
 
 /// Row `j` of a head of Llama's adjacent RoPE pairs is this row of NEOX's halves:
 /// (2i, 2i + 1) ← (i, i + head_dim/2).
@@ -144,13 +145,25 @@ impl LlamaConfig {
         let dim = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        // A head's width: the file's `attention.key_length` where it writes one (Qwen3's
+        // 128 under a 1,024-wide model: Q's rows need not be the model's width), else
+        // the model's width over the heads.
+        let key_length = u("attention.key_length").ok();
+        let fits = key_length.is_some() || dim.is_multiple_of(n_heads.max(1));
+        if n_heads == 0 || n_kv_heads == 0 || !fits || n_heads % n_kv_heads != 0 {
             return Err(GgufError::Metadata(format!(
                 "inconsistent heads: dim {dim}, heads {n_heads}, kv heads {n_kv_heads}"
             )));
         }
-        let head_dim = dim / n_heads;
-        if head_dim % 2 != 0 {
+        let head_dim = key_length.unwrap_or(dim / n_heads);
+        if let Ok(v) = u("attention.value_length") {
+            if v != head_dim {
+                return Err(GgufError::Metadata(format!(
+                    "value heads of {v} beside key heads of {head_dim} are not supported (equal widths only)"
+                )));
+            }
+        }
+        if head_dim == 0 || head_dim % 2 != 0 {
             return Err(GgufError::Metadata(format!(
                 "odd head dimension {head_dim}"
             )));
@@ -198,7 +211,7 @@ impl LlamaConfig {
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             context_len: u("context_length").unwrap_or(2048),
             pooling: Pooling::from_gguf(g, arch),
-            neox: arch == "qwen2",
+            neox: arch == "qwen2" || arch == "qwen3",
         })
     }
 
@@ -271,11 +284,24 @@ pub struct Layer {
     pub qkv: Projections,
     /// Q's, K's and V's biases, one after the other (Qwen2's), where the file has them.
     pub qkv_bias: Option<Vec<f32>>,
+    /// The RMSNorm of each Q and each K head, after the product and before RoPE (Qwen3's),
+    /// where the file has them.
+    pub qk_norm: Option<QkNorm>,
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
     /// Gate and up.
     pub gate_up: Projections,
     pub w_down: Matrix,
+}
+
+/// The weights of the RMSNorm over each Q head and each K head (`attn_q_norm`,
+/// `attn_k_norm`: `head_dim` each, one for every head of their kind), permuted as Q's and
+/// K's rows ([`neox_rows`]). The norm's sum of squares is over a whole head, so the
+/// permutation moves only the weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QkNorm {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
 }
 
 pub struct Weights {
@@ -384,7 +410,9 @@ pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix
 /// file's RoPE is NEOX's ([`LlamaConfig::neox`]); `None` for every other tensor. Whatever
 /// reads those tensors from the file (the GPU path's exact weights too) permutes by it.
 pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<usize> {
-    let rope = name.contains(".attn_q.") || name.contains(".attn_k.");
+    let rope = [".attn_q.", ".attn_k.", ".attn_q_norm.", ".attn_k_norm."]
+        .iter()
+        .any(|p| name.contains(p));
     (c.neox && rope).then_some(c.head_dim)
 }
 
@@ -428,6 +456,39 @@ fn qkv_bias(g: &Gguf, i: usize, c: &LlamaConfig) -> Result<Option<Vec<f32>>, Ggu
         });
     }
     Ok(Some(out))
+}
+
+/// The Q and K heads' norms (`blk.i.attn_{q,k}_norm.weight`, [`QkNorm`]); `None` where
+/// the file has neither. One without the other, or beside biases on Q, K and V (no model
+/// has both: which comes first is not settled here), is an error.
+fn qk_norm(g: &Gguf, i: usize, c: &LlamaConfig, biased: bool) -> Result<Option<QkNorm>, GgufError> {
+    let [q, k] = ["attn_q_norm", "attn_k_norm"].map(|s| format!("blk.{i}.{s}.weight"));
+    match (g.tensor(&q).is_some(), g.tensor(&k).is_some()) {
+        (false, false) => return Ok(None),
+        (true, true) if !biased => {}
+        (true, true) => {
+            return Err(GgufError::Metadata(format!(
+                "layer {i} has Q/K norms and biases on Q, K and V: not supported together"
+            )))
+        }
+        _ => {
+            return Err(GgufError::Metadata(format!(
+                "layer {i} has one of attn_q_norm and attn_k_norm without the other"
+            )))
+        }
+    }
+    let hd = c.head_dim;
+    let read = |name: &str| -> Result<Vec<f32>, GgufError> {
+        let v = vector(g, name, hd)?;
+        Ok(match neox_rows(c, name) {
+            Some(_) => neox_to_pairs(&v, hd, hd),
+            None => v,
+        })
+    };
+    Ok(Some(QkNorm {
+        q: read(&q)?,
+        k: read(&k)?,
+    }))
 }
 
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
@@ -493,6 +554,8 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let qkv_bias = qkv_bias(g, i, c)?;
+            let qk_norm = qk_norm(g, i, c, qkv_bias.is_some())?;
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
                 qkv: Projections::new(vec![
@@ -500,7 +563,8 @@ impl Weights {
                     rope_matrix(g, &n("attn_k"), d, kv, c)?,
                     matrix(g, &n("attn_v"), d, kv)?,
                 ]),
-                qkv_bias: qkv_bias(g, i, c)?,
+                qkv_bias,
+                qk_norm,
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
                 gate_up: Projections::new(vec![

@@ -9,6 +9,16 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// RMSNorm of each `w.len()`-wide head of `x` in place, every head by the same weights
+/// (Qwen3's norm of the Q and K heads before RoPE).
+pub fn head_rmsnorm(x: &mut [f32], w: &[f32], eps: f32) {
+    for head in x.chunks_exact_mut(w.len()) {
+        let ss = head.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        head.iter_mut().zip(w).for_each(|(v, g)| *v = *v * inv * g);
+    }
+}
+
 /// Rotary embedding over `x` (heads × head_dim) at `pos`, rotating adjacent pairs
 /// (`x[2i]`, `x[2i+1]`) by pos·base^(−2i/head_dim): GGUF's Llama layout (the converter
 /// permutes Q and K so that this equals the original model's rotation).

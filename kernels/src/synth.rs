@@ -54,9 +54,35 @@ pub struct SynthSpec {
     /// BPE (its token count is the model's vocabulary): a SentencePiece or Llama 3
     /// vocabulary under random weights.
     pub vocabulary: Option<Vec<(String, Value)>>,
-    /// Writes architecture `qwen2` (Qwen2's keys, biases on Q, K and V, whose Q and K
-    /// rows a reader takes as NEOX's halves) instead of `llama`.
-    pub qwen2: bool,
+    /// The architecture the file names (`llama` by default).
+    pub arch: SynthArch,
+    /// Each head's width, written as `attention.key_length`/`value_length` (Qwen3's 128
+    /// under a 1,024-wide model); `dim / n_heads`, unwritten, where `None`.
+    pub head_dim: Option<usize>,
+}
+
+/// The architecture a synthetic file names, and the tensors that go with it
+/// ([`SynthSpec::arch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynthArch {
+    #[default]
+    Llama,
+    /// `qwen2`: Qwen2's keys, biases on Q, K and V, and Q and K rows a reader takes as
+    /// NEOX's halves.
+    Qwen2,
+    /// `qwen3`: Qwen3's keys, no biases, a norm of each Q and K head (`attn_q_norm`,
+    /// `attn_k_norm`), NEOX's halves.
+    Qwen3,
+}
+
+impl SynthArch {
+    fn name(self) -> &'static str {
+        match self {
+            SynthArch::Llama => "llama",
+            SynthArch::Qwen2 => "qwen2",
+            SynthArch::Qwen3 => "qwen3",
+        }
+    }
 }
 
 /// How a synthetic model's RoPE frequencies are scaled ([`SynthSpec::rope_scaling`]).
@@ -114,7 +140,8 @@ impl Default for SynthSpec {
             pooling_type: None,
             rope_scaling: SynthRope::None,
             vocabulary: None,
-            qwen2: false,
+            arch: SynthArch::Llama,
+            head_dim: None,
         }
     }
 }
@@ -136,14 +163,15 @@ impl SynthSpec {
             pooling_type: None,
             rope_scaling: SynthRope::None,
             vocabulary: None,
-            qwen2: false,
+            arch: SynthArch::Llama,
+            head_dim: None,
         }
     }
 
     /// Qwen2.5-0.5B's shape in Q4_1 (896 wide, 24 layers, 14 query heads on 2 KV heads of
     /// 64: groups of 7; a feed-forward of 4,864), on SmolLM2's vocabulary and as a `llama`
-    /// file (`qwen2: true` adds Qwen2's biases and RoPE): what the CPU's attention does
-    /// with groups of more than 4 heads.
+    /// file (`arch: SynthArch::Qwen2` adds Qwen2's biases and RoPE): what the CPU's attention
+    /// does with groups of more than 4 heads.
     pub fn groups_of_7() -> Self {
         Self {
             n_layers: 24,
@@ -152,6 +180,23 @@ impl SynthSpec {
             n_kv_heads: 2,
             ffn_dim: 4864,
             seed: 48,
+            ..Self::default()
+        }
+    }
+
+    /// Qwen3-0.6B's shape in Q4_1 as a `qwen3` file (1,024 wide, 28 layers, 16 query heads
+    /// of 128 on 8 KV heads: Q's rows twice the model's width; a feed-forward of 3,072;
+    /// each Q and K head normed), on SmolLM2's vocabulary.
+    pub fn qwen3_0_6b() -> Self {
+        Self {
+            n_layers: 28,
+            dim: 1024,
+            n_heads: 16,
+            n_kv_heads: 8,
+            head_dim: Some(128),
+            ffn_dim: 3072,
+            seed: 49,
+            arch: SynthArch::Qwen3,
             ..Self::default()
         }
     }
@@ -409,8 +454,8 @@ fn vocabulary(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
 /// Writes the synthetic model to `path`.
 pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let s = spec;
-    let head_dim = s.dim / s.n_heads;
-    let kv_dim = s.n_kv_heads * head_dim;
+    let head_dim = s.head_dim.unwrap_or(s.dim / s.n_heads);
+    let (q_dim, kv_dim) = (s.n_heads * head_dim, s.n_kv_heads * head_dim);
     let (tokens, types, merges) = vocabulary(s.vocab.max(259));
     let vocab = match &s.vocabulary {
         Some(meta) => meta
@@ -465,6 +510,10 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         meta.retain(|(k, _)| !k.starts_with("tokenizer."));
         meta.extend(own.iter().cloned());
     }
+    if let Some(hd) = s.head_dim {
+        meta.push(("llama.attention.key_length".into(), u32v(hd)));
+        meta.push(("llama.attention.value_length".into(), u32v(hd)));
+    }
     if let Some(p) = s.pooling_type {
         meta.push(("llama.pooling_type".into(), Value::U32(p)));
     }
@@ -515,11 +564,15 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         let mut r2 = Rng(s.seed ^ ((i as u64 + 1) * 0x1234_5678));
         tensors.push(norm(n("attn_norm"), s.dim, &mut r2));
-        tensors.push(mat(n("attn_q"), s.dim, s.dim, std_in(s.dim)));
+        tensors.push(mat(n("attn_q"), s.dim, q_dim, std_in(s.dim)));
         tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
         tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
-        if s.qwen2 {
-            for (name, len) in [("attn_q", s.dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
+        if s.arch == SynthArch::Qwen3 {
+            tensors.push(norm(n("attn_q_norm"), head_dim, &mut r2));
+            tensors.push(norm(n("attn_k_norm"), head_dim, &mut r2));
+        }
+        if s.arch == SynthArch::Qwen2 {
+            for (name, len) in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
                 let b: Vec<f32> = (0..len).map(|_| r2.normal(0.5)).collect();
                 tensors.push(Tensor {
                     name: format!("blk.{i}.{name}.bias"),
@@ -529,7 +582,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
                 });
             }
         }
-        tensors.push(mat(n("attn_output"), s.dim, s.dim, 2.0 * std_in(s.dim)));
+        tensors.push(mat(n("attn_output"), q_dim, s.dim, 2.0 * std_in(q_dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
         tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
         tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, std_in(s.dim)));
@@ -550,12 +603,13 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     if s.types.iter().any(|(r, _)| *r == "output") {
         tensors.push(mat("output.weight".into(), s.dim, vocab, 1.0));
     }
-    if s.qwen2 {
+    let arch = s.arch.name();
+    if arch != "llama" {
         for (k, v) in meta.iter_mut() {
             if let Some(rest) = k.strip_prefix("llama.") {
-                *k = format!("qwen2.{rest}");
+                *k = format!("{arch}.{rest}");
             } else if k == "general.architecture" {
-                *v = Value::String("qwen2".into());
+                *v = Value::String(arch.into());
             }
         }
     }

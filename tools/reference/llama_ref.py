@@ -28,7 +28,8 @@ class Model:
         r = GGUFReader(path)
         a = field(r, "general.architecture")
         # Qwen2: Llama with biases on Q, K and V, and RoPE over each head's halves (NEOX).
-        self.neox = a == "qwen2"
+        # Qwen3: NEOX's RoPE, no biases, each Q and K head RMS-normed before it.
+        self.neox = a in ("qwen2", "qwen3")
         self.n_layers = int(field(r, f"{a}.block_count"))
         self.dim = int(field(r, f"{a}.embedding_length"))
         self.n_heads = int(field(r, f"{a}.attention.head_count"))
@@ -38,7 +39,9 @@ class Model:
         self.freq_scale = 1.0
         if f"{a}.rope.scaling.type" in r.fields and field(r, f"{a}.rope.scaling.type") == "linear":
             self.freq_scale = 1.0 / float(field(r, f"{a}.rope.scaling.factor"))
-        self.hd = self.dim // self.n_heads
+        # A head's width: the file's key_length where it has one (Qwen3's), else dim / heads.
+        kl = f"{a}.attention.key_length"
+        self.hd = int(field(r, kl)) if kl in r.fields else self.dim // self.n_heads
         self.w = {}
         for t in r.tensors:
             shape = [int(x) for x in reversed(t.shape)]
@@ -87,12 +90,15 @@ class Model:
             q = self.proj(h, p + "attn_q").reshape(T, self.n_heads, self.hd)
             k = self.proj(h, p + "attn_k").reshape(T, self.n_kv, self.hd)
             v = self.proj(h, p + "attn_v").reshape(T, self.n_kv, self.hd)
+            if p + "attn_q_norm.weight" in self.w:
+                # Hugging Face's Qwen3Attention: q_norm and k_norm over each head, before RoPE.
+                q, k = self.rms(q, self.w[p + "attn_q_norm.weight"]), self.rms(k, self.w[p + "attn_k_norm.weight"])
             q, k = self.rope(q, pos), self.rope(k, pos)
             k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
             att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd) + mask
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
-            o = np.einsum("hts,shd->thd", att, v).reshape(T, self.dim)
+            o = np.einsum("hts,shd->thd", att, v).reshape(T, self.n_heads * self.hd)
             x = x + o @ self.w[p + "attn_output.weight"].T
             h = self.rms(x, self.w[p + "ffn_norm.weight"])
             gt = h @ self.w[p + "ffn_gate.weight"].T

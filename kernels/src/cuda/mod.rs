@@ -52,7 +52,7 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "norm",
         code: include_str!("../../cuda/norm.cu"),
-        entries: &["add_rmsnorm"],
+        entries: &["add_rmsnorm", "head_rmsnorm"],
     },
     Source {
         name: "rope_kv",
@@ -187,6 +187,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("build_batch", 256),
     ("embed", 256),
     ("add_rmsnorm", 256),
+    ("head_rmsnorm", 256),
     ("rope_kv_write", 256),
     ("attention_prefill", 512),
     ("attention_decode", 512),

@@ -13,7 +13,7 @@ use super::gemv::QuantRows;
 use super::staging::READ_ONLY;
 use crate::backend::FROM_LAST;
 use crate::forward::Batch;
-use crate::model::LlamaConfig;
+use crate::model::{LlamaConfig, QkNorm};
 use half::f16;
 
 /// The packed inputs of one step, as `build_batch` makes them.
@@ -157,6 +157,17 @@ pub fn add_rmsnorm(
     out
 }
 
+/// Twin of `head_rmsnorm`: the RMSNorm of each Q head (by `norm.q`) and each K head (by
+/// `norm.k`) of each of `qkv`'s rows (`stride` floats a row: q heads, k heads, v heads) in
+/// place.
+pub fn head_rmsnorm(qkv: &mut [f32], stride: usize, n_rows: usize, c: &LlamaConfig, norm: &QkNorm) {
+    let (qd, kvd) = (c.n_heads * c.head_dim, c.kv_dim());
+    for row in qkv.chunks_mut(stride).take(n_rows) {
+        crate::ops::head_rmsnorm(&mut row[..qd], &norm.q, c.rms_eps);
+        crate::ops::head_rmsnorm(&mut row[qd..qd + kvd], &norm.k, c.rms_eps);
+    }
+}
+
 /// Twin of `rope_kv_write` into one layer's cache: adds `bias` (q|k|v, where the model
 /// has one) to each row of `qkv` in place (`stride` floats per row: q heads, k heads, v
 /// heads), rotates its q and k heads in place and writes the rotated keys and the values
@@ -290,6 +301,8 @@ pub struct TwinLayer {
     pub wqkv: Vec<f16>,
     /// Q's, K's and V's biases, one after the other, where the model has them.
     pub qkv_bias: Option<Vec<f32>>,
+    /// The Q and K heads' norms, where the model has them.
+    pub qk_norm: Option<QkNorm>,
     /// `dim × q_dim`.
     pub wo: Vec<f16>,
     pub ffn_norm: Vec<f32>,
@@ -557,6 +570,7 @@ impl TwinModel {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: stacked(&[n("attn_q"), n("attn_k"), n("attn_v")], &l.qkv)?,
                 qkv_bias: l.qkv_bias.clone(),
+                qk_norm: l.qk_norm.clone(),
                 wo: one(&[n("attn_output")], &l.wo)?,
                 ffn_norm: l.ffn_norm.clone(),
                 w_gate_up: stacked(&[n("ffn_gate"), n("ffn_up")], &l.gate_up)?,
@@ -616,6 +630,9 @@ impl TwinModel {
             let h = add_rmsnorm(&mut x, delta.as_deref(), &l.attn_norm, None, d, c.rms_eps);
             let w = qd + 2 * kvd;
             let mut qkv = gemm(&h, &l.wqkv, t, d, w);
+            if let Some(n) = &l.qk_norm {
+                head_rmsnorm(&mut qkv, w, t, c, n);
+            }
             rope_kv_write(
                 &mut qkv,
                 w,

@@ -400,6 +400,71 @@ fn rope_case<E: Exec>(g: &E) {
 }
 
 #[test]
+fn head_rmsnorm_matches_its_twin() {
+    on_each!(head_rmsnorm_case);
+}
+
+/// Qwen3's norm of each Q and K head on rows of the QKV product: Qwen3-0.6B's heads (16
+/// of 128 on 8 KV heads) and SmolLM2's (9 of 64 on 3); every Q and K entry rescaled, the
+/// values left bit for bit.
+fn head_rmsnorm_case<E: Exec>(g: &E) {
+    use kernels::model::QkNorm;
+    let what = g.describe();
+    let mut rng = Rng(12);
+    let qwen3 = LlamaConfig {
+        n_heads: 16,
+        n_kv_heads: 8,
+        head_dim: 128,
+        dim: 1024,
+        ..smol()
+    };
+    for c in [qwen3, smol()] {
+        let (qd, kvd) = (c.n_heads * c.head_dim, c.kv_dim());
+        let (t, stride) = (37, qd + 2 * kvd);
+        let x0 = rng.vec(t * stride, 3.0);
+        let norm = QkNorm {
+            q: rng.vec(c.head_dim, 1.0),
+            k: rng.vec(c.head_dim, 1.0),
+        };
+        let mut want = x0.clone();
+        twins::head_rmsnorm(&mut want, stride, t, &c, &norm);
+        let xd = up(g, &x0);
+        let (qw, kw) = (up(g, &norm.q), up(g, &norm.k));
+        let args = [
+            xd.arg(),
+            i(stride),
+            i(t),
+            i(c.n_heads),
+            i(c.n_kv_heads),
+            i(c.head_dim),
+            qw.arg(),
+            kw.arg(),
+            Arg::F32(c.rms_eps),
+        ];
+        let launch = norm_launch(t * (c.n_heads + c.n_kv_heads));
+        g.launch("head_rmsnorm", launch, &args).unwrap();
+        let got = down(g, &xd);
+        let hd = c.head_dim;
+        for r in 0..t {
+            let row = r * stride;
+            let (qk, v) = (row..row + qd + kvd, row + qd + kvd..row + stride);
+            let e = rel(&got[qk.clone()], &want[qk.clone()]);
+            assert!(e < 1e-5, "{what}: heads of {hd}, row {r}: {e}");
+            let moved = got[qk.clone()].iter().zip(&x0[qk]).all(|(a, b)| a != b);
+            assert!(
+                moved,
+                "{what}: heads of {hd}, row {r}: every Q and K entry normed"
+            );
+            assert_eq!(
+                got[v.clone()],
+                x0[v],
+                "{what}: heads of {hd}, row {r}: values"
+            );
+        }
+    }
+}
+
+#[test]
 fn swiglu_matches_its_twin() {
     on_each!(swiglu_case);
 }

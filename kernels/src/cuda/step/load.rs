@@ -52,6 +52,10 @@ impl<E: Exec> Device<E> {
                         e.upload(&l.w_gate_up)?,
                         e.upload(&l.w_down)?,
                         l.qkv_bias.as_ref().map(|b| e.upload(b)).transpose()?,
+                        l.qk_norm
+                            .as_ref()
+                            .map(|n| Ok::<_, ExecError>((e.upload(&n.q)?, e.upload(&n.k)?)))
+                            .transpose()?,
                     ),
                     quant,
                 ))
@@ -131,12 +135,13 @@ impl<E: Exec> Device<E> {
         let layers = weights
             .into_iter()
             .map(
-                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down, bqkv), quant)| {
+                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down, bqkv, qk_norm), quant)| {
                     let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
                     Ok(Layer {
                         attn_norm,
                         wqkv,
                         bqkv,
+                        qk_norm,
                         wo,
                         ffn_norm,
                         w_gate_up,

@@ -51,6 +51,9 @@ struct Layer<E: Exec> {
     /// Q's, K's and V's biases (Qwen2's), where the model has them: `rope_kv_write` adds
     /// them.
     bqkv: Option<E::Buf<f32>>,
+    /// The Q and K heads' norms' weights (Qwen3's), where the model has them:
+    /// `head_rmsnorm` applies them before `rope_kv_write`.
+    qk_norm: Option<(E::Buf<f32>, E::Buf<f32>)>,
     wo: E::Buf<f16>,
     ffn_norm: E::Buf<f32>,
     w_gate_up: E::Buf<f16>,
@@ -323,11 +326,13 @@ impl<E: Exec> Device<E> {
             quant: *quant_small,
             shared: *max_shared,
         };
-        // The QKV product's fused RoPE computes unscaled frequencies and adds no biases; a
-        // model whose file scales them, or has biases on Q, K and V, takes rope_kv_write,
-        // which reads the table and adds them.
-        let biased = layers.iter().any(|l| l.bqkv.is_some());
-        let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && !biased;
+        // The QKV product's fused RoPE computes unscaled frequencies, adds no biases and
+        // norms no heads; a model whose file scales them, has biases on Q, K and V or norms
+        // its Q and K heads takes rope_kv_write (after head_rmsnorm), which does.
+        let plain = layers
+            .iter()
+            .all(|l| l.bqkv.is_none() && l.qk_norm.is_none());
+        let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && plain;
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
             let delta = (li > 0).then_some(&b.o);
@@ -370,6 +375,23 @@ impl<E: Exec> Device<E> {
                 )?;
                 let weights = (&w.wqkv, w.wqkv_q.as_slice());
                 product(e, small, &b.h, weights, &mut b.qkv, t, d, qkv_w)?;
+                if let Some((q_w, k_w)) = &w.qk_norm {
+                    e.launch(
+                        "head_rmsnorm",
+                        norm_launch(t * (c.n_heads + c.n_kv_heads)),
+                        &[
+                            b.qkv.arg(),
+                            qkv_wi,
+                            ti,
+                            nh,
+                            nkv,
+                            hd,
+                            q_w.arg(),
+                            k_w.arg(),
+                            eps,
+                        ],
+                    )?;
+                }
                 let n = (t * c.head_dim / 2) as u32;
                 e.launch(
                     "rope_kv_write",
