@@ -153,6 +153,19 @@ if [ $SECONDS -lt 380 ]; then
 else
   echo "qwen2 0.5b: not run ($SECONDS s gone)"
 fi
+# Qwen3-0.6B's shape as a qwen3 file (16 query heads of 128 on 8 KV heads under a width of
+# 1,024: Q's rows twice the width; head_rmsnorm before rope_kv_write, the QKV product
+# unfused): the engine at 1 and 256 streams.
+if [ $SECONDS -lt 390 ]; then
+  q3=$(dirname "$model")/qwen3-0.6b.gguf
+  if timeout 40 "$BIN/synth" "$q3" qwen3_0_6b >/dev/null; then
+    BACKEND=cuda STREAMS=1,256 TOKENS=64 timeout 45 "$BIN/engine_bench" "$q3" || status=1
+  else
+    echo "qwen3 0.6b: synth failed"; status=1
+  fi
+else
+  echo "qwen3 0.6b: not run ($SECONDS s gone)"
+fi
 echo
 # Two of Llama-3-8B's layers in the Q4_K_M mix (4,096 wide, feed-forward 14,336, heads of
 # 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-256 rows at an 8B model's

@@ -163,3 +163,52 @@ fn rope_the_engine_does_not_compute_is_refused_at_load() {
         Ok(_) => panic!("partial RoPE accepted"),
     }
 }
+
+/// Attention the engine would not compute as the file means is an error at load: value
+/// heads of another width than the key heads, and a Qwen3 layer with a norm for its Q
+/// heads but none for its K heads. The same file unpatched loads, heads wider than its
+/// width over its heads.
+#[test]
+fn attention_the_engine_does_not_compute_is_refused_at_load() {
+    use kernels::synth::SynthArch;
+    let p = tmp("qwen3-heads");
+    let spec = SynthSpec {
+        arch: SynthArch::Qwen3,
+        n_heads: 8,
+        n_kv_heads: 4,
+        head_dim: Some(32),
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let m = kernels::load::load(&p).expect("the file loads");
+    assert_eq!((m.model.config.head_dim, m.model.config.dim), (32, 128));
+    let refused = |name: &str, from: &[u8], to: &[u8], want: &str| {
+        let mut g = good.clone();
+        let at = g.windows(from.len()).position(|w| w == from).unwrap();
+        g[at..at + to.len()].copy_from_slice(to);
+        let p = tmp(name);
+        std::fs::write(&p, &g).unwrap();
+        match kernels::load::load(&p) {
+            Err(e) => assert!(e.to_string().contains(want), "{name}: {e}"),
+            Ok(_) => panic!("{name}: accepted"),
+        }
+    };
+    // The value length's u32, after its key and the value's type.
+    let key = b"qwen3.attention.value_length";
+    let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    let mut to = good[at - key.len() - 4..at].to_vec();
+    to.extend_from_slice(&16u32.to_le_bytes());
+    refused(
+        "value-width",
+        &good[at - key.len() - 4..at + 4],
+        &to,
+        "value heads of 16 beside key heads of 32",
+    );
+    refused(
+        "one-norm",
+        b"blk.0.attn_k_norm.weight",
+        b"blk.0.attn_k_nXrm.weight",
+        "layer 0 has one of attn_q_norm and attn_k_norm without the other",
+    );
+}

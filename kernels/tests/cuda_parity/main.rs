@@ -550,7 +550,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     let sizes = Sizes::smoke();
     let rows = run(&e, &sizes, 1).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    // rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
+    // rmsnorm, head_rmsnorm, rope, one build_batch, attention at two batches (at the step's context;
     // at the long one, batch 1 also split over 3 blocks, the emulator's 8 SMs over 3 KV
     // heads), swiglu, four sampling settings (two with a mask) and log-probabilities
     // over the same rows; at each of the two
@@ -565,8 +565,9 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt.
-    assert_eq!(rows.len(), 103, "{names:?}");
+    assert_eq!(rows.len(), 104, "{names:?}");
     for name in [
+        "head_rmsnorm 64 rows",
         "logprobs 3×3000, drawn token and top 20",
         "attention_tc batch 3, ctx 1100",
         "attention_prefill prefill, prompt 80",

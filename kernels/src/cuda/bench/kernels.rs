@@ -1,4 +1,4 @@
-//! The memory-bound kernels' benchmarks (add_rmsnorm, rope_kv_write, swiglu) and the
+//! The memory-bound kernels' benchmarks (add_rmsnorm, head_rmsnorm, rope_kv_write, swiglu) and the
 //! sampling kernel's (greedy, and with top-k and top-p cuts).
 
 use super::{cfg, i, time_launch, Row};
@@ -33,6 +33,34 @@ pub(super) fn norm<E: Exec>(
         secs,
         bytes: (t * d) as f64 * (4.0 + 4.0 + 4.0 + 2.0),
         in_step,
+    })
+}
+
+/// head_rmsnorm over `t` rows of Qwen3-0.6B's QKV (16 q + 8 k + 8 v heads of 128): each q
+/// and k head read and written in place (f32); the v heads not touched.
+pub(super) fn head_norm<E: Exec>(e: &E, t: usize, iters: u32) -> Result<Row, ExecError> {
+    let (nh, nkv, hd) = (16usize, 8usize, 128usize);
+    let width = (nh + 2 * nkv) * hd;
+    let qkv = e.zeros::<f32>(t * width)?;
+    let (qw, kw) = (e.zeros::<f32>(hd)?, e.zeros::<f32>(hd)?);
+    let args = [
+        qkv.arg(),
+        i(width),
+        i(t),
+        i(nh),
+        i(nkv),
+        i(hd),
+        qw.arg(),
+        kw.arg(),
+        Arg::F32(1e-6),
+    ];
+    let launch = crate::cuda::norm_launch(t * (nh + nkv));
+    let secs = time_launch(e, iters, "head_rmsnorm", launch, &args)?;
+    Ok(Row {
+        name: format!("head_rmsnorm {t} rows"),
+        secs,
+        bytes: (t * (nh + nkv) * hd) as f64 * 8.0,
+        in_step: None,
     })
 }
 

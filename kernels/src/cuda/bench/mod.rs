@@ -1,5 +1,5 @@
 //! The kernel benchmarks' launches (`examples/gpu_bench.rs` times them on a GPU): the
-//! memory-bound kernels (add_rmsnorm, rope_kv_write, build_batch, swiglu) at engine and
+//! memory-bound kernels (add_rmsnorm, head_rmsnorm, rope_kv_write, build_batch, swiglu) at engine and
 //! large sizes, paged decode attention at several batch sizes, the sampling kernel
 //! (greedy, and with top-k and top-p cuts), and the step's matrix products at decode batch
 //! sizes (cuBLAS, and our `gemv_f16` where it applies, with `gemv_q4` / `gemv_q8` over the
@@ -23,7 +23,7 @@ mod kernels;
 mod products;
 
 pub use attention::{attention, attention_packed, attention_split};
-use kernels::{norm, rope, sample, swiglu};
+use kernels::{head_norm, norm, rope, sample, swiglu};
 
 /// How big each benchmark is.
 #[derive(Debug, Clone)]
@@ -216,6 +216,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     let mut rows = Vec::new();
     let t = sizes.rows;
     rows.push(norm(e, t, iters, None)?);
+    rows.push(head_norm(e, t, iters)?);
     rows.push(rope(e, t, iters, None)?);
 
     // build_batch: the staging words of `ns` sequences of `per` tokens, `mb` table entries.
