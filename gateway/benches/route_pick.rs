@@ -40,10 +40,13 @@ fn bench(c: &mut Criterion) {
     g.finish();
     // Prefix affinity: the key of a chat prompt (its first 1 KB), then a pick with it.
     let mut g = c.benchmark_group("route_pick_affinity");
-    let prompt = Prompt::Chat(vec![ChatMessage {
-        role: "user".into(),
-        content: "a system prompt shared by many requests. ".repeat(40),
-    }]);
+    let prompt = Prompt::Chat(
+        vec![ChatMessage {
+            role: "user".into(),
+            content: "a system prompt shared by many requests. ".repeat(40),
+        }],
+        None,
+    );
     g.bench_function("key of a 1 KB prompt start", |b| {
         b.iter(|| black_box(affinity_key(black_box("tenant"), black_box(&prompt), None)))
     });

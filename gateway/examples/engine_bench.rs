@@ -94,10 +94,13 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     if let Some(n) = std::env::var("LOGPROBS").ok().and_then(|n| n.parse().ok()) {
         r.params.logprobs = Some(n);
     }
-    r.prompt = Prompt::Chat(vec![gateway::worker::ChatMessage {
-        role: "user".into(),
-        content: prompt,
-    }]);
+    r.prompt = Prompt::Chat(
+        vec![gateway::worker::ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        }],
+        None,
+    );
     Arc::new(r)
 }
 

@@ -187,9 +187,19 @@ async fn a_qwen3_model_answers_a_chat_turn() {
     assert_eq!(prompt.iter().filter(|&&i| i == start[0]).count(), 2);
 }
 
-/// A synthetic model (`SynthSpec::tiny`'s shape, architecture `arch`) with
-/// vocabulary `vocab`'s tokenizer and chat template `template` (llama.cpp's files).
+/// A synthetic model (`SynthSpec::tiny`'s shape, architecture `arch`) with vocabulary
+/// `vocab`'s tokenizer and chat template `template` (llama.cpp's files), loaded.
 fn chat_model(vocab: &str, template: &str, arch: SynthArch) -> kernels::load::Loaded {
+    let (_scratch, path) = chat_model_file(vocab, template, arch);
+    kernels::load::load(&path).expect("the model loads")
+}
+
+/// [`chat_model`]'s file, in a scratch folder kept while the `TempDir` lives.
+fn chat_model_file(
+    vocab: &str,
+    template: &str,
+    arch: SynthArch,
+) -> (common::tempdir::TempDir, std::path::PathBuf) {
     use kernels::gguf::Value;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
     let mut meta = tokenizer_meta(&dir, vocab);
@@ -205,7 +215,70 @@ fn chat_model(vocab: &str, template: &str, arch: SynthArch) -> kernels::load::Lo
         ..SynthSpec::tiny()
     };
     kernels::synth::write_model(&path, &spec).expect("writes");
-    kernels::load::load(&path).expect("the model loads")
+    (scratch, path)
+}
+
+/// A chat request's `chat_template_kwargs` (vLLM's extension) reach the model's template
+/// through a gateway and the `gateway worker` behind it: Qwen3's `enable_thinking: false`
+/// adds the template's empty thinking block to the prompt (the prompt's tokens counted by
+/// both hops are the rendered text's); variables tollgate sets itself, or no object, are
+/// refused with a 400 naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn template_variables_reach_the_template_through_a_remote_worker() {
+    use common::{config, post_json, refused, remote_upstream, remote_worker, Gateway};
+    use kernels::chat::Message;
+    let (_scratch, path) = chat_model_file("qwen2", "Qwen-Qwen3-0.6B", SynthArch::Qwen3);
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    let msgs = [Message {
+        role: "user",
+        content: "Name a colour.",
+    }];
+    let tokens = |args: Option<&serde_json::Map<String, serde_json::Value>>| {
+        let text = loaded.template.render_with(&msgs, args).expect("renders");
+        (
+            text.clone(),
+            loaded
+                .tokenizer
+                .encode_prompt(&text)
+                .expect("encodes")
+                .len(),
+        )
+    };
+    let off = serde_json::json!({"enable_thinking": false});
+    let (plain, plain_n) = tokens(None);
+    let (thinking_off, off_n) = tokens(off.as_object());
+    assert_eq!(
+        thinking_off,
+        format!("{plain}<think>\n\n</think>\n\n"),
+        "the template's own block"
+    );
+    let worker = remote_worker(&path);
+    let front = Gateway::start(&config(&remote_upstream(&worker), "", ""));
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"Name a colour."}}],"max_tokens":2,"temperature":0{extra}}}"#
+        )
+    };
+    for (extra, want) in [
+        (String::new(), plain_n),
+        (format!(r#","chat_template_kwargs":{off}"#), off_n),
+        (
+            r#","chat_template_kwargs":{"enable_thinking":true}"#.into(),
+            plain_n,
+        ),
+    ] {
+        let r = post_json(&front, "/v1/chat/completions", &ask(&extra)).await;
+        assert_eq!(r["usage"]["prompt_tokens"], want, "{extra}: {r}");
+    }
+    for (extra, why) in [
+        (r#","chat_template_kwargs":[1]"#, "must be an object"),
+        (
+            r#","chat_template_kwargs":{"messages":[]}"#,
+            "may not set `messages`",
+        ),
+    ] {
+        refused(&front, "/v1/chat/completions", &ask(extra), why).await;
+    }
 }
 
 /// Asks `loaded` "Name a colour." on every engine backend (greedy, 8 tokens at most):
@@ -227,10 +300,13 @@ async fn answers_a_chat_turn(loaded: &kernels::load::Loaded) -> (String, Vec<u32
     for kind in common::engine_backends() {
         let w = common::engine_on(loaded, kind);
         let mut r = (*common::worker_req("", 8)).clone();
-        r.prompt = Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-        }]);
+        r.prompt = Prompt::Chat(
+            vec![ChatMessage {
+                role: "user".into(),
+                content: question.into(),
+            }],
+            None,
+        );
         let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
         let mut answer = String::new();
         let mut usage = None;

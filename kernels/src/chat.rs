@@ -62,12 +62,29 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`, ending with the assistant's turn opening.
     pub fn render(&self, messages: &[Message<'_>]) -> Result<String, Error> {
-        self.env.get_template("chat")?.render(context! {
+        self.render_with(messages, None)
+    }
+
+    /// [`ChatTemplate::render`] with further variables for the template (a request's
+    /// `chat_template_kwargs`: Qwen3's `enable_thinking`, …). The variables set here
+    /// (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`) are not theirs to
+    /// change: where `extra` names one, the template still sees this one.
+    pub fn render_with(
+        &self,
+        messages: &[Message<'_>],
+        extra: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String, Error> {
+        let own = context! {
             messages => messages,
             add_generation_prompt => true,
             bos_token => &self.bos,
             eos_token => &self.eos,
-        })
+        };
+        let ctx = match extra {
+            Some(extra) => context! { ..own, ..minijinja::Value::from_serialize(extra) },
+            None => own,
+        };
+        self.env.get_template("chat")?.render(ctx)
     }
 }
 
@@ -122,5 +139,44 @@ mod tests {
         let bad = ChatTemplate::new("{{ strftime_now('%Q') }}", "", "").expect("parses");
         let err = bad.render(&[]).expect_err("an unwritable format");
         assert!(err.to_string().contains("strftime_now"), "{err}");
+    }
+
+    /// A request's own template variables reach the template (Qwen3's `enable_thinking`,
+    /// its last lines), alongside the messages; ones naming the variables set here do not
+    /// replace them.
+    #[test]
+    fn a_requests_variables_reach_the_template() {
+        let t = ChatTemplate::new(
+            "{{ messages[0].content }}|{% if add_generation_prompt %}gen{% endif %}|{{ bos_token }}|\
+             {%- if enable_thinking is defined and enable_thinking is false %}no-think{% endif %}",
+            "<s>",
+            "</s>",
+        )
+        .expect("parses");
+        let msgs = [Message {
+            role: "user",
+            content: "hi",
+        }];
+        assert_eq!(t.render(&msgs).expect("renders"), "hi|gen|<s>|");
+        let args = |v: serde_json::Value| v.as_object().cloned().expect("an object");
+        let off = args(serde_json::json!({"enable_thinking": false}));
+        assert_eq!(
+            t.render_with(&msgs, Some(&off)).expect("renders"),
+            "hi|gen|<s>|no-think"
+        );
+        let on = args(serde_json::json!({"enable_thinking": true}));
+        assert_eq!(
+            t.render_with(&msgs, Some(&on)).expect("renders"),
+            "hi|gen|<s>|"
+        );
+        let taken = args(serde_json::json!({
+            "messages": [{"content": "other"}],
+            "add_generation_prompt": false,
+            "bos_token": "X"
+        }));
+        assert_eq!(
+            t.render_with(&msgs, Some(&taken)).expect("renders"),
+            "hi|gen|<s>|"
+        );
     }
 }

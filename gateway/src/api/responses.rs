@@ -655,7 +655,7 @@ mod tests {
         assert_eq!(r.endpoint, Endpoint::Responses);
         assert_eq!(r.params.max_tokens, 7);
         assert_eq!(r.params.temperature, 0.0);
-        let crate::worker::Prompt::Chat(m) = &r.prompts[0] else {
+        let crate::worker::Prompt::Chat(m, _) = &r.prompts[0] else {
             panic!("a chat prompt")
         };
         let turns: Vec<(&str, &str)> = m
@@ -680,7 +680,7 @@ mod tests {
             {"type": "function_call_output", "call_id": "c1", "output": "sun"},
             {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
         ]}));
-        let crate::worker::Prompt::Chat(m) = &r.prompts[0] else {
+        let crate::worker::Prompt::Chat(m, _) = &r.prompts[0] else {
             panic!("a chat prompt")
         };
         let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();

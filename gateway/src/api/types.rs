@@ -52,6 +52,9 @@ pub struct ChatRequest {
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
     pub parallel_tool_calls: Option<Value>,
+    /// Not in OpenAI's API; accepted as vLLM and SGLang accept it: further variables for
+    /// the model's chat template (Qwen3's `enable_thinking`).
+    pub chat_template_kwargs: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

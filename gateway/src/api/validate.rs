@@ -343,6 +343,46 @@ fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
     }
 }
 
+/// Variables the chat template's renderer sets itself (`kernels::chat`), or that come from
+/// the request's own fields (`tools`), which `chat_template_kwargs` may not name.
+const TEMPLATE_OWN: &[&str] = &[
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "tools",
+];
+
+/// A chat request's `chat_template_kwargs` (vLLM's and SGLang's extension: Qwen3's
+/// `enable_thinking`, …): an object naming none of [`TEMPLATE_OWN`]; `null` or `{}` as
+/// none.
+fn template_args(v: Option<Value>) -> Result<crate::worker::TemplateArgs, ApiError> {
+    let param = Some("chat_template_kwargs".to_string());
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => {
+            if let Some(k) = m.keys().find(|k| TEMPLATE_OWN.contains(&k.as_str())) {
+                let instead = if k == "tools" {
+                    " (send `tools` itself)"
+                } else {
+                    ""
+                };
+                return Err(ApiError::bad(
+                    format!(
+                        "`chat_template_kwargs` may not set `{k}`: tollgate sets it from the request{instead}."
+                    ),
+                    param,
+                ));
+            }
+            Ok((!m.is_empty()).then(|| Arc::new(m)))
+        }
+        Some(_) => Err(ApiError::bad(
+            "`chat_template_kwargs` must be an object.".to_string(),
+            param,
+        )),
+    }
+}
+
 /// Validates a `/v1/chat/completions` body.
 pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiError> {
     let req: ChatRequest = typed(body)?;
@@ -455,6 +495,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
             ),
         }
     }
+    let template_args = template_args(req.chat_template_kwargs)?;
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
@@ -463,7 +504,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,
-        prompts: vec![Prompt::Chat(messages)],
+        prompts: vec![Prompt::Chat(messages, template_args)],
         params,
         stream,
         include_usage,
@@ -618,10 +659,33 @@ mod tests {
         assert_eq!(r.params.max_tokens, 9);
         assert_eq!(r.params.stop, vec!["\n"]);
         assert_eq!(r.params.seed, Some(7));
-        let [Prompt::Chat(m)] = &r.prompts[..] else {
+        let [Prompt::Chat(m, args)] = &r.prompts[..] else {
             panic!()
         };
         assert_eq!(m[1].content, "hi");
+        assert!(args.is_none());
+    }
+
+    /// `chat_template_kwargs` reach the prompt as sent (vLLM's extension); `null` and `{}`
+    /// are none.
+    #[test]
+    fn template_variables_are_taken_as_sent() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        let args = |extra: &str| {
+            let body = format!("{{{base},{extra}}}");
+            let r = chat(body.as_bytes(), &server()).expect("accepted");
+            let [Prompt::Chat(_, args)] = &r.prompts[..] else {
+                panic!()
+            };
+            args.clone()
+        };
+        let on = args(r#""chat_template_kwargs":{"enable_thinking":false,"x":[1]}"#);
+        assert_eq!(
+            serde_json::to_value(on.as_deref()).expect("json"),
+            serde_json::json!({"enable_thinking": false, "x": [1]})
+        );
+        assert!(args(r#""chat_template_kwargs":null"#).is_none());
+        assert!(args(r#""chat_template_kwargs":{}"#).is_none());
     }
 
     #[test]
@@ -661,6 +725,15 @@ mod tests {
             (r#""logit_bias":{"x":1}"#, "logit_bias"),
             (r#""logit_bias":{"5":101}"#, "logit_bias"),
             (r#""logit_bias":[1]"#, "logit_bias"),
+            (r#""chat_template_kwargs":true"#, "chat_template_kwargs"),
+            (
+                r#""chat_template_kwargs":{"add_generation_prompt":false}"#,
+                "chat_template_kwargs",
+            ),
+            (
+                r#""chat_template_kwargs":{"tools":[]}"#,
+                "chat_template_kwargs",
+            ),
             (
                 r#""response_format":{"type":"json_schema"}"#,
                 "response_format.json_schema",

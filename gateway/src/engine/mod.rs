@@ -284,7 +284,7 @@ impl EngineWorker {
                 };
             }
             Prompt::Text(t) => t.clone(),
-            Prompt::Chat(msgs) => {
+            Prompt::Chat(msgs, args) => {
                 let m: Vec<Message> = msgs
                     .iter()
                     .map(|m| Message {
@@ -293,7 +293,7 @@ impl EngineWorker {
                     })
                     .collect();
                 self.template
-                    .render(&m)
+                    .render_with(&m, args.as_deref())
                     .map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
             }
         };

@@ -159,8 +159,8 @@ fn parts_of(
         .into_iter()
         .map(|prompt| {
             let (prompt, ids) = match prompt {
-                crate::worker::Prompt::Chat(ms) if how.truncate => {
-                    truncated(pool, ms, how.max_tokens)
+                crate::worker::Prompt::Chat(ms, args) if how.truncate => {
+                    truncated(pool, ms, args, how.max_tokens)
                 }
                 p => {
                     let ids = pool.tokenize_prompt(&p);
@@ -554,10 +554,11 @@ async fn run(
 fn truncated(
     pool: &Pool,
     messages: Vec<crate::worker::ChatMessage>,
+    args: crate::worker::TemplateArgs,
     max_tokens: usize,
 ) -> (crate::worker::Prompt, Option<Vec<u32>>) {
     let as_it_is = |ms: Vec<crate::worker::ChatMessage>| {
-        let p = crate::worker::Prompt::Chat(ms);
+        let p = crate::worker::Prompt::Chat(ms, args.clone());
         let ids = pool.tokenize_prompt(&p);
         (p, ids)
     };
@@ -568,7 +569,7 @@ fn truncated(
     // ends on the fewest dropped that fit, its last success).
     let mut fitted = None;
     let fits = |ms: &[crate::worker::ChatMessage]| {
-        let ids = pool.tokenize_prompt(&crate::worker::Prompt::Chat(ms.to_vec()));
+        let ids = pool.tokenize_prompt(&crate::worker::Prompt::Chat(ms.to_vec(), args.clone()));
         let fit = ids
             .as_ref()
             .is_some_and(|ids| ids.len() + max_tokens <= context);
@@ -583,11 +584,11 @@ fn truncated(
                 dropped = messages.len() - kept.len(),
                 "truncated the conversation to fit the context"
             );
-            (crate::worker::Prompt::Chat(kept), fitted)
+            (crate::worker::Prompt::Chat(kept, args), fitted)
         }
         // Whole: it fitted at the first try, or does not fit at all (tokenized again, to
         // be refused for its length).
-        None if fitted.is_some() => (crate::worker::Prompt::Chat(messages), fitted),
+        None if fitted.is_some() => (crate::worker::Prompt::Chat(messages, args), fitted),
         None => as_it_is(messages),
     }
 }

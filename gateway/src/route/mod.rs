@@ -64,7 +64,7 @@ pub fn affinity_key(tenant: &str, prompt: &crate::worker::Prompt, ids: Option<&[
             match prompt {
                 crate::worker::Prompt::Text(t) => take(t),
                 crate::worker::Prompt::Tokens(ids) => ids[..ids.len().min(KEY_TOKENS)].hash(&mut h),
-                crate::worker::Prompt::Chat(msgs) => {
+                crate::worker::Prompt::Chat(msgs, _) => {
                     for m in msgs {
                         take(&m.role);
                         take(&m.content);
@@ -646,10 +646,13 @@ mod tests {
         assert_ne!(k("a", &text("one")), k("a", &text("two")));
         assert_ne!(k("a", &text("one")), k("b", &text("one")));
         let chat = |c: &str| {
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: c.into(),
-            }])
+            Prompt::Chat(
+                vec![ChatMessage {
+                    role: "user".into(),
+                    content: c.into(),
+                }],
+                None,
+            )
         };
         assert_ne!(k("a", &chat("one")), k("a", &chat("two")));
         // With the model's token ids: the first KEY_TOKENS of them.

@@ -21,14 +21,21 @@ use std::sync::Arc;
 /// What the client asked to have completed.
 #[derive(Debug, Clone)]
 pub enum Prompt {
-    /// `/v1/chat/completions`: the messages, already validated.
-    Chat(Vec<ChatMessage>),
+    /// `/v1/chat/completions`: the messages, already validated, and the request's own
+    /// variables for the model's chat template, if any.
+    Chat(Vec<ChatMessage>, TemplateArgs),
     /// `/v1/completions`: a plain prompt.
     Text(String),
     /// `/v1/completions`: a prompt of token ids (the model's vocabulary; checked by the
     /// worker that runs it).
     Tokens(Vec<u32>),
 }
+
+/// A chat request's `chat_template_kwargs` (as vLLM and SGLang take them): further
+/// variables for the model's chat template, such as Qwen3's `enable_thinking`; checked by
+/// the API layer (an object naming none of the variables tollgate sets itself). `None`
+/// where the request sends none.
+pub type TemplateArgs = Option<Arc<serde_json::Map<String, serde_json::Value>>>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
@@ -42,7 +49,7 @@ pub fn estimate_prompt_tokens(prompt: &Prompt) -> u32 {
     let bytes: usize = match prompt {
         Prompt::Text(t) => t.len(),
         Prompt::Tokens(ids) => return (ids.len().max(1)).min(u32::MAX as usize) as u32,
-        Prompt::Chat(msgs) => msgs
+        Prompt::Chat(msgs, _) => msgs
             .iter()
             .map(|m| m.content.len() + m.role.len() + 4)
             .sum(),

@@ -114,7 +114,7 @@ fn prompt_hash(req: &WorkerRequest) -> u64 {
     match &req.prompt {
         Prompt::Text(t) => t.hash(&mut h),
         Prompt::Tokens(ids) => ids.hash(&mut h),
-        Prompt::Chat(msgs) => {
+        Prompt::Chat(msgs, _) => {
             for m in msgs {
                 m.role.hash(&mut h);
                 m.content.hash(&mut h);

@@ -126,7 +126,7 @@ pub(super) fn parse_full(
 ) -> Result<Vec<WorkerEvent>, WorkerError> {
     let v: UpstreamAnswer = serde_json::from_slice(body)
         .map_err(|e| WorkerError::Protocol(format!("upstream answer is not JSON: {e}")))?;
-    let chat = matches!(req.prompt, Prompt::Chat(_));
+    let chat = matches!(req.prompt, Prompt::Chat(..));
     let choice = v
         .choices
         .first()

@@ -99,7 +99,7 @@ impl OpenAiWorker {
             let one = |p: &Prompt| match p {
                 Prompt::Text(t) => serde_json::json!(t),
                 Prompt::Tokens(ids) => serde_json::json!(ids),
-                Prompt::Chat(m) => serde_json::json!(m
+                Prompt::Chat(m, _) => serde_json::json!(m
                     .iter()
                     .map(|m| m.content.as_str())
                     .collect::<Vec<_>>()
@@ -128,10 +128,20 @@ impl OpenAiWorker {
             );
         }
         let p = &req.params;
-        let (path, messages, prompt) = match &req.prompt {
-            Prompt::Chat(m) => ("/v1/chat/completions", Some(m.as_slice()), None),
-            Prompt::Text(t) => ("/v1/completions", None, Some(UpstreamPrompt::Text(t))),
-            Prompt::Tokens(ids) => ("/v1/completions", None, Some(UpstreamPrompt::Tokens(ids))),
+        let (path, messages, prompt, template_args) = match &req.prompt {
+            Prompt::Chat(m, args) => (
+                "/v1/chat/completions",
+                Some(m.as_slice()),
+                None,
+                args.as_deref(),
+            ),
+            Prompt::Text(t) => ("/v1/completions", None, Some(UpstreamPrompt::Text(t)), None),
+            Prompt::Tokens(ids) => (
+                "/v1/completions",
+                None,
+                Some(UpstreamPrompt::Tokens(ids)),
+                None,
+            ),
         };
         let echo = echoed(p);
         let stream = req.stream && !echo;
@@ -139,6 +149,7 @@ impl OpenAiWorker {
             model,
             messages,
             prompt,
+            chat_template_kwargs: template_args,
             max_tokens: p.max_tokens,
             temperature: p.temperature,
             top_p: p.top_p,

@@ -73,7 +73,7 @@ impl StreamState {
         if let Some(f) = choice.finish() {
             self.finish = Some(f);
         }
-        let chat = matches!(self.req.prompt, Prompt::Chat(_));
+        let chat = matches!(self.req.prompt, Prompt::Chat(..));
         let text = choice.text(chat).unwrap_or_default().to_string();
         let logprobs = choice
             .logprobs

@@ -22,6 +22,10 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) messages: Option<&'a [ChatMessage]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) prompt: Option<UpstreamPrompt<'a>>,
+    /// The client's variables for the upstream's chat template (vLLM's and SGLang's
+    /// `chat_template_kwargs`), passed on as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) chat_template_kwargs: Option<&'a serde_json::Map<String, Value>>,
     pub(super) max_tokens: u32,
     pub(super) temperature: f32,
     pub(super) top_p: f32,
