@@ -1,8 +1,8 @@
 //! Live config changes: the file watcher, SIGHUP and `POST /admin/reload` all land here.
 //!
 //! A reload reads the file, validates it whole, checks that it changes only what can
-//! change live (tenants, their keys and contracts, models' `output_weight` and
-//! `cached_input_weight`), and swaps the
+//! change live (tenants, their keys and contracts, models' `output_weight`,
+//! `cached_input_weight` and `chat_template_kwargs`), and swaps the
 //! new generation in atomically. Limiter scopes are updated in place, so bucket state and
 //! in-flight counts survive: raised limits apply to the next request, lowered ones clamp
 //! the bucket. Requests in flight keep the tenant they were admitted as (a removed tenant's
@@ -144,6 +144,19 @@ fn diff(old: &Config, new: &Config) -> Vec<String> {
                     m.id, o.cached_input_weight, m.cached_input_weight
                 ));
             }
+            if o.chat_template_kwargs != m.chat_template_kwargs {
+                let show = |a: &Option<serde_json::Map<String, serde_json::Value>>| {
+                    a.as_ref().map_or("none".to_string(), |a| {
+                        serde_json::Value::from(a.clone()).to_string()
+                    })
+                };
+                out.push(format!(
+                    "model {} chat_template_kwargs {} -> {}",
+                    m.id,
+                    show(&o.chat_template_kwargs),
+                    show(&m.chat_template_kwargs)
+                ));
+            }
         }
     }
     out
@@ -180,7 +193,7 @@ fn apply(state: &AppState, actor: &str) -> Result<Applied, String> {
     let fixed = restart_only(&old.config, &new);
     if !fixed.is_empty() {
         return Err(format!(
-            "{}: {} changed; these need a restart (live: tenants, their keys and contracts, models' output_weight and cached_input_weight)",
+            "{}: {} changed; these need a restart (live: tenants, their keys and contracts, models' output_weight, cached_input_weight and chat_template_kwargs)",
             path.display(),
             fixed.join(", ")
         ));
@@ -321,5 +334,22 @@ mod tests {
             )]
         );
         assert!(restart_only(&old, &new).is_empty());
+    }
+
+    /// A model's template defaults change live, named in the log of changes.
+    #[test]
+    fn a_models_template_defaults_change_live() {
+        let old = Config::from_toml(crate::config::DEFAULT_CONFIG).expect("the default");
+        let mut new = old.clone();
+        let args = serde_json::json!({"enable_thinking": false});
+        new.models[0].chat_template_kwargs = args.as_object().cloned();
+        let id = &new.models[0].id;
+        assert!(restart_only(&old, &new).is_empty());
+        assert_eq!(
+            diff(&old, &new),
+            [format!(
+                r#"model {id} chat_template_kwargs none -> {{"enable_thinking":false}}"#
+            )]
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct Live {
     pub tenants: Tenants,
     /// Per model: (output_weight, cached_input_weight).
     weights: HashMap<String, (f64, f64)>,
+    /// Per model with any: its chat template's default variables.
+    template_defaults: HashMap<String, Arc<serde_json::Map<String, serde_json::Value>>>,
     /// Counts applied configs: 1 at start.
     pub generation: u64,
 }
@@ -33,12 +35,29 @@ impl Live {
             .iter()
             .map(|m| (m.id.clone(), (m.output_weight, m.cached_input_weight)))
             .collect();
+        let template_defaults = config
+            .models
+            .iter()
+            .filter_map(|m| {
+                let args = m.chat_template_kwargs.clone()?;
+                Some((m.id.clone(), Arc::new(args)))
+            })
+            .collect();
         Self {
             tenants: Tenants::from_config(&config, limiter),
             config,
             weights,
+            template_defaults,
             generation,
         }
+    }
+
+    /// `model`'s chat template defaults (its `chat_template_kwargs`), where it has any.
+    pub fn template_defaults(
+        &self,
+        model: &str,
+    ) -> Option<&Arc<serde_json::Map<String, serde_json::Value>>> {
+        self.template_defaults.get(model)
     }
 
     /// Weight of one output token of `model` in a tenant's token rate.

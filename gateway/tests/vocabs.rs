@@ -221,8 +221,8 @@ fn chat_model_file(
 /// A chat request's `chat_template_kwargs` (vLLM's extension) reach the model's template
 /// through a gateway and the `gateway worker` behind it: Qwen3's `enable_thinking: false`
 /// adds the template's empty thinking block to the prompt (the prompt's tokens counted by
-/// both hops are the rendered text's); variables tollgate sets itself, or no object, are
-/// refused with a 400 naming the field.
+/// both hops are the rendered text's); a model's own defaults apply under the request's;
+/// variables tollgate sets itself, or no object, are refused with a 400 naming the field.
 #[tokio::test(flavor = "multi_thread")]
 async fn template_variables_reach_the_template_through_a_remote_worker() {
     use common::{config, post_json, refused, remote_upstream, remote_worker, Gateway};
@@ -269,6 +269,23 @@ async fn template_variables_reach_the_template_through_a_remote_worker() {
     ] {
         let r = post_json(&front, "/v1/chat/completions", &ask(&extra)).await;
         assert_eq!(r["usage"]["prompt_tokens"], want, "{extra}: {r}");
+    }
+    // A model's defaults (`[[models]] chat_template_kwargs`) under the request's own.
+    let defaults = config(&remote_upstream(&worker), "", "").replace(
+        "[[models]]\nid = \"m\"",
+        "[[models]]\nid = \"m\"\nchat_template_kwargs = { enable_thinking = false }",
+    );
+    let quiet = Gateway::start(&defaults);
+    for (extra, want) in [
+        (String::new(), off_n),
+        (
+            r#","chat_template_kwargs":{"enable_thinking":true}"#.into(),
+            plain_n,
+        ),
+        (r#","chat_template_kwargs":{"other":1}"#.into(), off_n),
+    ] {
+        let r = post_json(&quiet, "/v1/chat/completions", &ask(&extra)).await;
+        assert_eq!(r["usage"]["prompt_tokens"], want, "defaults, {extra}: {r}");
     }
     for (extra, why) in [
         (r#","chat_template_kwargs":[1]"#, "must be an object"),

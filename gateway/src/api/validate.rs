@@ -343,25 +343,18 @@ fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
     }
 }
 
-/// Variables the chat template's renderer sets itself (`kernels::chat`), or that come from
-/// the request's own fields (`tools`), which `chat_template_kwargs` may not name.
-const TEMPLATE_OWN: &[&str] = &[
-    "messages",
-    "add_generation_prompt",
-    "bos_token",
-    "eos_token",
-    "tools",
-];
-
 /// A chat request's `chat_template_kwargs` (vLLM's and SGLang's extension: Qwen3's
-/// `enable_thinking`, …): an object naming none of [`TEMPLATE_OWN`]; `null` or `{}` as
+/// `enable_thinking`, …): an object naming none of [`crate::worker::TEMPLATE_OWN`]; `null` or `{}` as
 /// none.
 fn template_args(v: Option<Value>) -> Result<crate::worker::TemplateArgs, ApiError> {
     let param = Some("chat_template_kwargs".to_string());
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => {
-            if let Some(k) = m.keys().find(|k| TEMPLATE_OWN.contains(&k.as_str())) {
+            if let Some(k) = m
+                .keys()
+                .find(|k| crate::worker::TEMPLATE_OWN.contains(&k.as_str()))
+            {
                 let instead = if k == "tools" {
                     " (send `tools` itself)"
                 } else {

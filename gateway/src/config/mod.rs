@@ -473,6 +473,16 @@ impl Config {
                     m.id
                 ));
             }
+            let own = m.chat_template_kwargs.iter().flat_map(|a| a.keys());
+            if let Some(k) = own
+                .into_iter()
+                .find(|k| crate::worker::TEMPLATE_OWN.contains(&k.as_str()))
+            {
+                return invalid(format!(
+                    "models.{}: chat_template_kwargs may not set {k:?} (tollgate sets it from each request)",
+                    m.id
+                ));
+            }
         }
         let mut pool_names = HashSet::new();
         for p in &self.pools {
@@ -697,6 +707,33 @@ workers = [{{ kind = "engine"{fields} }}]
         for bad in ["-1", "nan"] {
             let err = files(bad).unwrap_err().to_string();
             assert!(err.contains("tenants.t: max_files_mib"), "{err}");
+        }
+    }
+
+    /// A model's chat template defaults are read as a table of any values; one naming a
+    /// variable tollgate sets itself is refused.
+    #[test]
+    fn a_models_template_defaults_are_checked() {
+        let with = |line: &str| {
+            Config::from_toml(&engine_pool("").replace(
+                "source = \"m.gguf\"",
+                &format!("source = \"m.gguf\"\n{line}"),
+            ))
+        };
+        let cfg = with("chat_template_kwargs = { enable_thinking = false, depth = 2 }").unwrap();
+        assert_eq!(
+            serde_json::to_value(&cfg.models[0].chat_template_kwargs).unwrap(),
+            serde_json::json!({"enable_thinking": false, "depth": 2})
+        );
+        assert_eq!(with("").unwrap().models[0].chat_template_kwargs, None);
+        for own in ["messages", "add_generation_prompt", "bos_token", "tools"] {
+            let err = with(&format!("chat_template_kwargs = {{ {own} = 1 }}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("models.m: chat_template_kwargs may not set"),
+                "{own}: {err}"
+            );
         }
     }
 

@@ -21,6 +21,11 @@ pub struct ModelConfig {
     /// settled at the end of the request (admission reserves it as a full input token).
     #[serde(default = "default_cached_input_weight")]
     pub cached_input_weight: f64,
+    /// Variables for the model's chat template on every chat request (Qwen3's
+    /// `enable_thinking = false`), under those a request sends in its own
+    /// `chat_template_kwargs` (which win, name by name).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn default_cached_input_weight() -> f64 {

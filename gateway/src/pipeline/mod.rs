@@ -173,7 +173,7 @@ fn parts_of(
 }
 
 /// Serves one validated request end to end.
-pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> Response {
+pub async fn serve(state: &AppState, ctx: RequestCtx, mut req: InferenceRequest) -> Response {
     let Some(pool) = state
         .router
         .pool_for(&req.model, ctx.tenant.cfg.pool.as_deref())
@@ -186,6 +186,13 @@ pub async fn serve(state: &AppState, ctx: RequestCtx, req: InferenceRequest) -> 
     let live = state.live();
     let output_weight = live.output_weight(&req.model);
     let cached_input_weight = live.cached_input_weight(&req.model);
+    if let Some(defaults) = live.template_defaults(&req.model) {
+        for p in &mut req.prompts {
+            if let crate::worker::Prompt::Chat(_, args) = p {
+                *args = crate::worker::with_template_defaults(args.take(), Some(defaults));
+            }
+        }
+    }
     drop(live);
     let mut meter = Meter::start(
         state.metrics.clone(),

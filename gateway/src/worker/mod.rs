@@ -37,6 +37,34 @@ pub enum Prompt {
 /// where the request sends none.
 pub type TemplateArgs = Option<Arc<serde_json::Map<String, serde_json::Value>>>;
 
+/// Variables the chat template's renderer sets itself (`kernels::chat`), or that come from
+/// a request's own fields (`tools`): neither a request's `chat_template_kwargs` nor a
+/// model's defaults may name them.
+pub const TEMPLATE_OWN: &[&str] = &[
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "tools",
+];
+
+/// `defaults` under `args` (a model's `chat_template_kwargs` under a request's, which
+/// win name by name); `args` as they are where there are no defaults.
+pub fn with_template_defaults(
+    args: TemplateArgs,
+    defaults: Option<&Arc<serde_json::Map<String, serde_json::Value>>>,
+) -> TemplateArgs {
+    let Some(defaults) = defaults.filter(|d| !d.is_empty()) else {
+        return args;
+    };
+    let Some(args) = args else {
+        return Some(defaults.clone());
+    };
+    let mut merged = (**defaults).clone();
+    merged.extend(args.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Some(Arc::new(merged))
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
     pub role: String,
