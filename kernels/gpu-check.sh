@@ -141,31 +141,27 @@ LOGPROBS=2 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engin
 # taken at once and their hidden rows read back: what that costs against prefill).
 EMBED=1 BACKEND=cuda STREAMS=64,256 TOKENS=32 timeout 30 "$BIN/engine_bench" "$model" || status=1
 echo
-# Qwen2.5-0.5B's shape as a qwen2 file (biases on Q, K and V: the QKV product unfused,
-# rope_kv_write adding them; 14 query heads on 2 KV heads): the engine at 1 and 256 streams.
-if [ $SECONDS -lt 380 ]; then
-  qw=$(dirname "$model")/qwen2-0.5b.gguf
-  if timeout 40 "$BIN/synth" "$qw" qwen2_0_5b >/dev/null; then
-    BACKEND=cuda STREAMS=1,256 TOKENS=64 timeout 45 "$BIN/engine_bench" "$qw" || status=1
+# engine_file NAME SPEC UNTIL: the synthetic model SPEC written beside the model as
+# NAME.gguf and run through the engine at 1 and 256 streams, unless UNTIL seconds are gone.
+engine_file() {
+  if [ $SECONDS -lt "$3" ]; then
+    f=$(dirname "$model")/$1.gguf
+    if timeout 40 "$BIN/synth" "$f" "$2" >/dev/null; then
+      BACKEND=cuda STREAMS=1,256 TOKENS=64 timeout 45 "$BIN/engine_bench" "$f" || status=1
+    else
+      echo "$1: synth failed"; status=1
+    fi
   else
-    echo "qwen2 0.5b: synth failed"; status=1
+    echo "$1: not run ($SECONDS s gone)"
   fi
-else
-  echo "qwen2 0.5b: not run ($SECONDS s gone)"
-fi
+}
+# Qwen2.5-0.5B's shape as a qwen2 file (biases on Q, K and V: the QKV product unfused,
+# rope_kv_write adding them; 14 query heads on 2 KV heads).
+engine_file qwen2-0.5b qwen2_0_5b 380
 # Qwen3-0.6B's shape as a qwen3 file (16 query heads of 128 on 8 KV heads under a width of
 # 1,024: Q's rows twice the width; head_rmsnorm before rope_kv_write, the QKV product
-# unfused): the engine at 1 and 256 streams.
-if [ $SECONDS -lt 390 ]; then
-  q3=$(dirname "$model")/qwen3-0.6b.gguf
-  if timeout 40 "$BIN/synth" "$q3" qwen3_0_6b >/dev/null; then
-    BACKEND=cuda STREAMS=1,256 TOKENS=64 timeout 45 "$BIN/engine_bench" "$q3" || status=1
-  else
-    echo "qwen3 0.6b: synth failed"; status=1
-  fi
-else
-  echo "qwen3 0.6b: not run ($SECONDS s gone)"
-fi
+# unfused).
+engine_file qwen3-0.6b qwen3_0_6b 390
 echo
 # Two of Llama-3-8B's layers in the Q4_K_M mix (4,096 wide, feed-forward 14,336, heads of
 # 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-256 rows at an 8B model's

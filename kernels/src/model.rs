@@ -406,8 +406,9 @@ pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix
 }
 
 /// The head width by which tensor `name`'s rows are permuted at load from NEOX's halves
-/// to adjacent RoPE pairs ([`neox_to_pairs`]): Q's and K's weights and biases where the
-/// file's RoPE is NEOX's ([`LlamaConfig::neox`]); `None` for every other tensor. Whatever
+/// to adjacent RoPE pairs ([`neox_to_pairs`]): Q's and K's weights, biases and head norms'
+/// weights ([`QkNorm`]: one head's worth) where the file's RoPE is NEOX's
+/// ([`LlamaConfig::neox`]); `None` for every other tensor. Whatever
 /// reads those tensors from the file (the GPU path's exact weights too) permutes by it.
 pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<usize> {
     let rope = [".attn_q.", ".attn_k.", ".attn_q_norm.", ".attn_k_norm."]
