@@ -427,7 +427,8 @@ fn synthetic_model_logits_match_the_numpy_reference() {
 }
 
 /// RoPE scaled as Llama 3.1's files scale it (`rope_freqs.weight`: each pair's frequency
-/// over its factor) and linearly (`llama.rope.scaling.type = "linear"`): the CPU's logits
+/// over its factor), linearly (`llama.rope.scaling.type = "linear"`) and by YaRN (Qwen's
+/// long-context files: frequencies along a ramp, the scores scaled): the CPU's logits
 /// and greedy tokens are the reference's, and not the unscaled model's (the factors are
 /// read, not dropped); so are the GPU path's (emulated), whose kernels read the same
 /// frequency table.
@@ -449,6 +450,10 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
             original_context: 64,
         },
         SynthRope::Linear(4.0),
+        SynthRope::Yarn {
+            factor: 4.0,
+            original_context: 64,
+        },
     ] {
         let spec = SynthSpec {
             rope_scaling: rope,

@@ -275,7 +275,7 @@ fn attention_on(
 ) {
     let (hd, qd) = (c.head_dim, c.n_heads * c.head_dim);
     let group = c.n_heads / c.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.attention_scale();
     let gw = group * hd; // output width of one task
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let width = width.filter(|_| kv.block_size == 16 && hd % 64 == 0 && group >= 1);
@@ -396,7 +396,7 @@ fn attention_rows(
     let (hd, qd, n_kv) = (c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads);
     let group = c.n_heads / n_kv;
     let gw = group * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.attention_scale();
     // Each task's output rows: row r0 + i's columns of its KV head.
     let mut tasks = Vec::with_capacity(tiles.len() * n_kv);
     let mut rows = out.chunks_mut(qd);
@@ -678,6 +678,7 @@ mod tests {
             context_len: 256,
             pooling: crate::model::Pooling::Last,
             neox: false,
+            attn_scale: 1.0,
         };
         let (kvd, qd, group) = (n_kv * hd, n_heads * hd, n_heads / n_kv);
         let mut kv = KvCache::new(1, n_kv, kvd, 16, 8);

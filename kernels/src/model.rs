@@ -34,6 +34,10 @@ pub struct LlamaConfig {
     /// files. Load permutes those rows (and their biases) to adjacent pairs — q·k is the
     /// same under one permutation of both — so every RoPE here rotates adjacent pairs.
     pub neox: bool,
+    /// What multiplies the attention's scores beside `1/√head_dim`: YaRN's `mscale²`
+    /// (`(1 + 0.1·ln factor)²`: YaRN scales each rotated q and k by `mscale`, which is this
+    /// on q·k); 1 otherwise.
+    pub attn_scale: f32,
 }
 
 /// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
@@ -129,6 +133,7 @@ impl LlamaConfig {
             context_len: 8192,
             pooling: Pooling::Last,
             neox: false,
+            attn_scale: 1.0,
         }
     }
 
@@ -175,9 +180,21 @@ impl LlamaConfig {
                 )));
             }
         }
-        let rope_freq_scale = rope_scale(g, arch)?;
+        let (rope_freq_scale, yarn) = match rope_scaling(g, arch)? {
+            Scaling::Linear(s) => (s, None),
+            Scaling::Yarn {
+                factor,
+                original_context,
+            } => (1.0, Some((factor, original_context))),
+        };
+        let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
         let rope_freq_factors = match g.tensor("rope_freqs.weight") {
-            None => None,
+            None => yarn.map(|(factor, orig)| yarn_factors(head_dim, rope_base, factor, orig)),
+            Some(_) if yarn.is_some() => {
+                return Err(GgufError::Metadata(
+                    "YaRN scaling beside rope_freqs.weight factors is not supported".into(),
+                ))
+            }
             Some(t) if t.ty == GgmlType::F32 && t.n_elems() == head_dim / 2 => Some(
                 g.data(t)
                     .chunks_exact(4)
@@ -205,14 +222,23 @@ impl LlamaConfig {
             head_dim,
             ffn_dim: u("feed_forward_length")?,
             vocab,
-            rope_base: f("rope.freq_base").unwrap_or(10000.0) as f32,
+            rope_base,
             rope_freq_factors,
             rope_freq_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             context_len: u("context_length").unwrap_or(2048),
             pooling: Pooling::from_gguf(g, arch),
             neox: arch == "qwen2" || arch == "qwen3",
+            attn_scale: yarn.map_or(1.0, |(factor, _)| {
+                let mscale = 1.0 + 0.1 * factor.ln();
+                (mscale * mscale) as f32
+            }),
         })
+    }
+
+    /// The attention's score scale: `1/√head_dim`, times [`LlamaConfig::attn_scale`].
+    pub fn attention_scale(&self) -> f32 {
+        self.attn_scale / (self.head_dim as f32).sqrt()
     }
 
     pub fn kv_dim(&self) -> usize {
@@ -240,22 +266,86 @@ impl LlamaConfig {
     }
 }
 
-/// The linear RoPE scale the file asks for (`llama.rope.scaling.type`/`.factor`, or the
-/// older `llama.rope.scale_linear`; `arch`'s keys): 1 / factor; 1 for none. YaRN and other
-/// kinds are refused, not approximated.
-fn rope_scale(g: &Gguf, arch: &str) -> Result<f32, GgufError> {
+/// How the file scales RoPE's frequencies ([`rope_scaling`]).
+enum Scaling {
+    /// Each frequency times this (1: none).
+    Linear(f32),
+    /// YaRN (Qwen2.5's and Qwen3's long-context files): pairs of short wavelength kept,
+    /// long ones interpolated by `factor`, a ramp between ([`yarn_factors`]), and the
+    /// scores scaled ([`LlamaConfig::attn_scale`]).
+    Yarn {
+        factor: f64,
+        original_context: usize,
+    },
+}
+
+/// The RoPE scaling the file asks for (`llama.rope.scaling.type`/`.factor`, or the older
+/// `llama.rope.scale_linear`; `arch`'s keys): linear (1 / factor; 1 for none) or YaRN
+/// (with `rope.scaling.original_context_length`, no attention factor or log multiplier of
+/// its own). Other kinds are refused, not approximated.
+fn rope_scaling(g: &Gguf, arch: &str) -> Result<Scaling, GgufError> {
     let factor = |k: &str| {
         g.get_f64(&format!("{arch}.{k}"))
             .ok()
             .filter(|f| *f > 0.0 && *f != 1.0)
     };
+    let linear = |k: &str| Scaling::Linear(factor(k).map_or(1.0, |f| (1.0 / f) as f32));
     match g.get_str(&format!("{arch}.rope.scaling.type")) {
-        Err(_) | Ok("none") => Ok(factor("rope.scale_linear").map_or(1.0, |f| (1.0 / f) as f32)),
-        Ok("linear") => Ok(factor("rope.scaling.factor").map_or(1.0, |f| (1.0 / f) as f32)),
+        Err(_) | Ok("none") => Ok(linear("rope.scale_linear")),
+        Ok("linear") => Ok(linear("rope.scaling.factor")),
+        Ok("yarn") => {
+            let Some(f) = factor("rope.scaling.factor") else {
+                return Ok(Scaling::Linear(1.0));
+            };
+            let own = [
+                "rope.scaling.attn_factor",
+                "rope.scaling.yarn_log_multiplier",
+            ];
+            if let Some(k) = own.iter().find(|k| factor(k).is_some_and(|v| v != 0.0)) {
+                return Err(GgufError::Metadata(format!(
+                    "YaRN with {arch}.{k} is not supported (Qwen's YaRN: factor and original context only)"
+                )));
+            }
+            let orig = g
+                .get_u64(&format!("{arch}.rope.scaling.original_context_length"))
+                .map_err(|_| {
+                    GgufError::Metadata(format!(
+                        "YaRN scaling without {arch}.rope.scaling.original_context_length"
+                    ))
+                })?;
+            Ok(Scaling::Yarn {
+                factor: f,
+                original_context: orig as usize,
+            })
+        }
         Ok(other) => Err(GgufError::Metadata(format!(
-            "RoPE scaling {other:?} is not supported (linear, or frequency factors)"
+            "RoPE scaling {other:?} is not supported (linear, YaRN, or frequency factors)"
         ))),
     }
+}
+
+/// YaRN's frequencies as factors that divide each pair's (what `rope_freqs.weight` holds,
+/// [`LlamaConfig::rope_freq_factors`]): pair i's frequency is interpolated (over `factor`)
+/// where its wavelength is long against `original_context`, kept where short, and mixed
+/// along a linear ramp between the pairs that turn 32 and 1 times over the original context
+/// (`beta_fast`, `beta_slow`), as llama.cpp's `rope_yarn` and Hugging Face's
+/// `_compute_yarn_parameters` make them.
+pub fn yarn_factors(head_dim: usize, base: f32, factor: f64, original_context: usize) -> Vec<f32> {
+    let dim = head_dim as f64;
+    let corr = |rotations: f64| {
+        dim * (original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            / (2.0 * (base as f64).ln())
+    };
+    let low = corr(32.0).floor().max(0.0);
+    let high = corr(1.0).ceil().min(dim - 1.0);
+    (0..head_dim / 2)
+        .map(|i| {
+            let ramp = ((i as f64 - low) / (high - low).max(0.001)).clamp(0.0, 1.0);
+            // The extrapolated (unscaled) share of the pair's frequency.
+            let keep = 1.0 - ramp;
+            (1.0 / ((1.0 - keep) / factor + keep)) as f32
+        })
+        .collect()
 }
 
 /// Several projections of the same input: stacked into one matrix (one product for all)

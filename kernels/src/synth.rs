@@ -98,6 +98,13 @@ pub enum SynthRope {
     },
     /// `llama.rope.scaling.type = "linear"` with this factor.
     Linear(f32),
+    /// `llama.rope.scaling.type = "yarn"` with this factor over an original context of
+    /// this many tokens (Qwen's long-context files: factor 4 over 32,768) — small, so
+    /// that a short prompt meets pairs kept, interpolated and between.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+    },
 }
 
 /// Llama 3.1's RoPE factors for `head_dim`-wide heads at `base` (Hugging Face's
@@ -523,6 +530,21 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             Value::String("linear".into()),
         ));
         meta.push(("llama.rope.scaling.factor".into(), Value::F32(f)));
+    }
+    if let SynthRope::Yarn {
+        factor,
+        original_context,
+    } = s.rope_scaling
+    {
+        meta.push((
+            "llama.rope.scaling.type".into(),
+            Value::String("yarn".into()),
+        ));
+        meta.push(("llama.rope.scaling.factor".into(), Value::F32(factor)));
+        meta.push((
+            "llama.rope.scaling.original_context_length".into(),
+            u32v(original_context),
+        ));
     }
     let mut rng = Rng(s.seed);
     let mut mat = |name: String, cols: usize, rows: usize, std: f32| {

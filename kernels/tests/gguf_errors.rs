@@ -121,8 +121,9 @@ fn the_files_pooling_type_is_read_and_its_absence_is_the_last_token() {
 }
 
 /// RoPE the engine would not compute as the file means is an error at load, not a model
-/// that answers wrongly: scaling of another kind than linear or frequency factors (YaRN's),
-/// and rotation over part of each head only.
+/// that answers wrongly: scaling of another kind than linear, YaRN or frequency factors,
+/// YaRN without the original context its ramp is made for, and rotation over part of each
+/// head only.
 #[test]
 fn rope_the_engine_does_not_compute_is_refused_at_load() {
     use kernels::synth::SynthRope;
@@ -140,13 +141,30 @@ fn rope_the_engine_does_not_compute_is_refused_at_load() {
         g[at..at + to.len()].copy_from_slice(to);
         std::fs::write(p, &g).unwrap();
     };
-    // Linear loads; the same file saying YaRN does not.
-    let (p, g) = write("rope-yarn", SynthRope::Linear(2.0));
+    // Linear loads; the same file naming a kind the engine does not have does not.
+    let (p, g) = write("rope-kind", SynthRope::Linear(2.0));
     assert!(kernels::load::load(&p).is_ok());
-    patch(&p, g, b"linear", b"yarn\0\0");
+    patch(&p, g, b"linear", b"dynami");
     match kernels::load::load(&p) {
-        Err(e) => assert!(e.to_string().contains("RoPE scaling \"yarn"), "{e}"),
-        Ok(_) => panic!("YaRN scaling accepted"),
+        Err(e) => assert!(e.to_string().contains("RoPE scaling \"dynami"), "{e}"),
+        Ok(_) => panic!("an unknown scaling accepted"),
+    }
+    // YaRN loads; without its original context it does not.
+    let yarn = SynthRope::Yarn {
+        factor: 4.0,
+        original_context: 64,
+    };
+    let (p, g) = write("rope-yarn", yarn);
+    assert!(kernels::load::load(&p).is_ok());
+    patch(
+        &p,
+        g,
+        b"original_context_length",
+        b"original_context_lengtX",
+    );
+    match kernels::load::load(&p) {
+        Err(e) => assert!(e.to_string().contains("YaRN scaling without"), "{e}"),
+        Ok(_) => panic!("YaRN without its original context accepted"),
     }
     // tiny's heads are 32 wide; rotating 16 of their dimensions is refused.
     let (p, g) = write("rope-partial", SynthRope::None);

@@ -37,8 +37,13 @@ class Model:
         self.eps = float(field(r, f"{a}.attention.layer_norm_rms_epsilon"))
         self.base = float(field(r, f"{a}.rope.freq_base"))
         self.freq_scale = 1.0
-        if f"{a}.rope.scaling.type" in r.fields and field(r, f"{a}.rope.scaling.type") == "linear":
+        self.yarn = None
+        kind = field(r, f"{a}.rope.scaling.type") if f"{a}.rope.scaling.type" in r.fields else None
+        if kind == "linear":
             self.freq_scale = 1.0 / float(field(r, f"{a}.rope.scaling.factor"))
+        elif kind == "yarn":
+            self.yarn = (float(field(r, f"{a}.rope.scaling.factor")),
+                         int(field(r, f"{a}.rope.scaling.original_context_length")))
         # A head's width: the file's key_length where it has one (Qwen3's), else dim / heads.
         kl = f"{a}.attention.key_length"
         self.hd = int(field(r, kl)) if kl in r.fields else self.dim // self.n_heads
@@ -64,8 +69,23 @@ class Model:
         if "rope_freqs.weight" in self.w:
             inv = inv / self.w["rope_freqs.weight"].reshape(-1).astype(np.float64)
         inv = inv * self.freq_scale
+        mscale = 1.0
+        if self.yarn:
+            # Hugging Face's _compute_yarn_parameters (beta_fast 32, beta_slow 1): each pair
+            # between its interpolated and its own frequency along a linear ramp, and the
+            # rotated q and k scaled by its attention factor.
+            import math
+            factor, orig = self.yarn
+            corr = lambda rot: (self.hd * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(self.base))
+            low, high = max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), self.hd - 1)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(self.hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+            extra = 1 - ramp
+            inv = (inv / factor) * (1 - extra) + inv * extra
+            mscale = 0.1 * math.log(factor) + 1.0
         ang = pos[:, None].astype(np.float64) * inv[None, :]
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        c, s = np.cos(ang)[:, None, :] * mscale, np.sin(ang)[:, None, :] * mscale
         half = self.hd // 2
         first, second = (slice(0, half), slice(half, None)) if self.neox else (slice(0, None, 2), slice(1, None, 2))
         a, b = x[..., first], x[..., second]

@@ -230,7 +230,7 @@ pub fn attention(
 ) -> Vec<f16> {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let group = nh / nkv;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.attention_scale();
     let mut out = vec![f16::ZERO; positions.len() * nh * hd];
     let mut scores = Vec::new();
     for (r, &pos) in positions.iter().enumerate() {

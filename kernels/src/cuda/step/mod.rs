@@ -312,7 +312,7 @@ impl<E: Exec> Device<E> {
             Arg::I32(c.n_kv_heads as i32),
             Arg::I32(c.head_dim as i32),
         );
-        let scale = Arg::F32(1.0 / (c.head_dim as f32).sqrt());
+        let scale = Arg::F32(c.attention_scale());
         let (fi, inv_freq) = (Arg::I32(f as i32), rope_inv_freq.arg());
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
