@@ -297,11 +297,18 @@ fn rope_scaling(g: &Gguf, arch: &str) -> Result<Scaling, GgufError> {
             let Some(f) = factor("rope.scaling.factor") else {
                 return Ok(Scaling::Linear(1.0));
             };
+            // YaRN's own attention factor (neutral at 1) and DeepSeek's log multiplier
+            // (neutral at 0), each read as written: `factor` would take a multiplier of 1
+            // for none.
             let own = [
-                "rope.scaling.attn_factor",
-                "rope.scaling.yarn_log_multiplier",
+                ("rope.scaling.attn_factor", 1.0),
+                ("rope.scaling.yarn_log_multiplier", 0.0),
             ];
-            if let Some(k) = own.iter().find(|k| factor(k).is_some_and(|v| v != 0.0)) {
+            let set = |(k, neutral): &(&str, f64)| {
+                g.get_f64(&format!("{arch}.{k}"))
+                    .is_ok_and(|v| v != *neutral)
+            };
+            if let Some((k, _)) = own.iter().find(|o| set(o)) {
                 return Err(GgufError::Metadata(format!(
                     "YaRN with {arch}.{k} is not supported (Qwen's YaRN: factor and original context only)"
                 )));
