@@ -36,6 +36,7 @@ const USAGE: Usage = Usage {
     prompt_tokens: 7,
     completion_tokens: 4,
     cached_tokens: 0,
+    reasoning_tokens: 0,
 };
 
 fn shapes(c: &mut Criterion) {
@@ -53,6 +54,7 @@ fn shapes(c: &mut Criterion) {
             b.iter(|| {
                 let choice = ChoiceOut {
                     text: "tok tok tok tok",
+                    reasoning: "",
                     logprobs: &[],
                     finish: FinishReason::Length,
                     embedding: &[],

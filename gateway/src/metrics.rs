@@ -631,7 +631,7 @@ impl Meter {
             let usage = Usage {
                 prompt_tokens: input,
                 completion_tokens: output,
-                cached_tokens: 0,
+                ..Usage::default()
             };
             l.record(self.record(status, usage, weighted));
         }

@@ -200,9 +200,32 @@ fn chat_model_file(
     template: &str,
     arch: SynthArch,
 ) -> (common::tempdir::TempDir, std::path::PathBuf) {
+    chat_model_file_with(vocab, template, arch, &[])
+}
+
+/// [`chat_model_file`] with `added` tokens appended to the vocabulary as user-defined
+/// ones (as a model's own added tokens: `<think>` and `</think>` of a reasoning model).
+fn chat_model_file_with(
+    vocab: &str,
+    template: &str,
+    arch: SynthArch,
+    added: &[&str],
+) -> (common::tempdir::TempDir, std::path::PathBuf) {
     use kernels::gguf::Value;
     let dir = ensure_archive(&LLAMA_CPP_VOCABS).expect("llama.cpp's vocabulary files");
     let mut meta = tokenizer_meta(&dir, vocab);
+    for (k, v) in meta.iter_mut() {
+        if let Value::Array(a) = v {
+            match k.as_str() {
+                "tokenizer.ggml.tokens" => {
+                    a.extend(added.iter().map(|t| Value::String(t.to_string())))
+                }
+                // llama.cpp's USER_DEFINED.
+                "tokenizer.ggml.token_type" => a.extend(added.iter().map(|_| Value::I32(4))),
+                _ => {}
+            }
+        }
+    }
     let template = dir.join(format!("templates/{template}.jinja"));
     let template = std::fs::read_to_string(template).expect("read");
     meta.retain(|(k, _)| k != "tokenizer.chat_template");
@@ -513,4 +536,265 @@ print(json.dumps(out))
             assert_eq!(&got, want, "{name}: {conv:?}");
         }
     }
+}
+
+/// A reasoning model's thinking arrives apart from its answer (`reasoning_content`, the
+/// Responses API's `reasoning` item), through a gateway and the `gateway worker` behind it:
+/// with QwQ's template (its prompt opens the `<think>` block) and `<think>`/`</think>` as
+/// tokens of the vocabulary, each answer is the same tokens as the raw completion of the
+/// rendered prompt (same seed), split at its first `</think>` (the marker not sent, the
+/// blank line after it dropped); streamed and whole alike; the usage counts the block's
+/// tokens as `reasoning_tokens`. A `reasoning` item sent back as input is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
+    use common::{config, post, post_json, remote_upstream, remote_worker, sse_events, Gateway};
+    use kernels::chat::Message;
+    use serde_json::{json, Value};
+    let (_scratch, path) = chat_model_file_with(
+        "qwen2",
+        "Qwen-QwQ-32B",
+        SynthArch::Qwen2,
+        &["<think>", "</think>"],
+    );
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    let end = loaded.tokenizer.encode("</think>").expect("encodes");
+    assert_eq!(end.len(), 1, "</think> is one token");
+    let question = "Name a colour.";
+    let prompt = loaded
+        .template
+        .render(&[Message {
+            role: "user",
+            content: question,
+        }])
+        .expect("renders");
+    assert!(
+        prompt.ends_with("<think>\n"),
+        "QwQ's prompt opens the block: {prompt:?}"
+    );
+    let worker = remote_worker(&path);
+    let front = Gateway::start(&config(&remote_upstream(&worker), "", ""));
+    let mut split_inside = None;
+    'search: for bias in [6, 9, 12, 15] {
+        for seed in 0..6 {
+            let sampling = json!({"max_tokens": 10, "temperature": 1.0, "seed": seed,
+                "logit_bias": {end[0].to_string(): bias}, "model": "m"});
+            let with = |extra: Value| {
+                let mut b = sampling.clone();
+                b.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                b.to_string()
+            };
+            // The raw completion of the rendered prompt: the same tokens, unsplit.
+            let raw = post_json(
+                &front,
+                "/v1/completions",
+                &with(json!({"prompt": prompt, "logprobs": 0})),
+            )
+            .await;
+            let text = raw["choices"][0]["text"]
+                .as_str()
+                .expect("text")
+                .to_string();
+            let tokens: Vec<&str> = raw["choices"][0]["logprobs"]["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .map(|t| t.as_str().expect("a token"))
+                .collect();
+            let (thinking, answer, reasoning_tokens) = match text.find("</think>") {
+                Some(at) => (
+                    text[..at].to_string(),
+                    text[at + "</think>".len()..]
+                        .trim_start_matches('\n')
+                        .to_string(),
+                    tokens
+                        .iter()
+                        .position(|t| *t == "</think>")
+                        .expect("the marker's token")
+                        + 1,
+                ),
+                None => (text.clone(), String::new(), tokens.len()),
+            };
+            let chat = with(json!({"messages": [{"role": "user", "content": question}]}));
+            let whole = post_json(&front, "/v1/chat/completions", &chat).await;
+            let m = &whole["choices"][0]["message"];
+            let what = format!("bias {bias}, seed {seed}: raw {text:?}, answer {whole}");
+            assert_eq!(m["content"], answer.as_str(), "{what}");
+            match thinking.is_empty() {
+                true => assert!(m.get("reasoning_content").is_none(), "{what}"),
+                false => assert_eq!(m["reasoning_content"], thinking.as_str(), "{what}"),
+            }
+            let usage = &whole["usage"];
+            assert_eq!(
+                usage["completion_tokens"], raw["usage"]["completion_tokens"],
+                "{what}"
+            );
+            assert_eq!(
+                usage["completion_tokens_details"]["reasoning_tokens"], reasoning_tokens,
+                "{what}"
+            );
+            // Streamed: the same pieces, in `reasoning_content` deltas before `content` ones.
+            let streamed = with(json!({"messages": [{"role": "user", "content": question}],
+                "stream": true, "stream_options": {"include_usage": true}}));
+            let (mut r, mut c, mut answering) = (String::new(), String::new(), false);
+            let mut streamed_reasoning_tokens = None;
+            for e in sse_events(post(&front, "/v1/chat/completions", &streamed).await).await {
+                let Ok(v) = serde_json::from_str::<Value>(&e) else {
+                    continue;
+                };
+                if let Some(n) =
+                    v["usage"]["completion_tokens_details"]["reasoning_tokens"].as_u64()
+                {
+                    streamed_reasoning_tokens = Some(n as usize);
+                }
+                let d = &v["choices"][0]["delta"];
+                if let Some(t) = d["reasoning_content"].as_str() {
+                    assert!(!answering, "{what}: thinking after the answer began");
+                    r.push_str(t);
+                }
+                if let Some(t) = d["content"].as_str() {
+                    answering |= !t.is_empty();
+                    c.push_str(t);
+                }
+            }
+            assert_eq!(
+                (r.as_str(), c.as_str()),
+                (thinking.as_str(), answer.as_str()),
+                "{what}"
+            );
+            assert_eq!(streamed_reasoning_tokens, Some(reasoning_tokens), "{what}");
+            if !thinking.is_empty() && !answer.is_empty() {
+                split_inside = Some((with(json!({})), thinking, answer, reasoning_tokens));
+                break 'search;
+            }
+        }
+    }
+    let (sampling, thinking, answer, reasoning_tokens) =
+        split_inside.expect("some seed's answer closes its block after thinking, then answers");
+    // JSON mode holds the answer, not the thinking: the same thinking (the same draws
+    // as without it), then a JSON object (cut off by `max_tokens` here: sampled at
+    // temperature 1 from a random model, its strings rarely end; JSON mode's own tests
+    // check whole documents).
+    let mut body: Value = serde_json::from_str(&sampling).unwrap();
+    body["max_tokens"] = json!(24);
+    body["messages"] = json!([{"role": "user", "content": question}]);
+    body["response_format"] = json!({"type": "json_object"});
+    let v = post_json(&front, "/v1/chat/completions", &body.to_string()).await;
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], thinking.as_str(), "{v}");
+    let content = m["content"].as_str().expect("content");
+    assert!(
+        !answer.starts_with('{'),
+        "unheld, the answer is no JSON: {answer:?}"
+    );
+    assert!(content.starts_with('{'), "{v}");
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(content).is_ok_and(|d| d.is_object()),
+            "{v}"
+        );
+    }
+    // The Responses API: a `reasoning` item, then the message.
+    let mut body: Value = serde_json::from_str(&sampling).unwrap();
+    let o = body.as_object_mut().unwrap();
+    let max = o.remove("max_tokens").unwrap();
+    o.insert("max_output_tokens".into(), max);
+    o.insert("input".into(), json!(question));
+    let r = post_json(&front, "/v1/responses", &body.to_string()).await;
+    let out = r["output"].as_array().expect("output");
+    assert_eq!(out.len(), 2, "{r}");
+    assert_eq!(out[0]["type"], "reasoning", "{r}");
+    assert_eq!(
+        out[0]["content"][0],
+        json!({"type": "reasoning_text", "text": thinking})
+    );
+    assert_eq!(out[1]["content"][0]["text"], answer.as_str(), "{r}");
+    assert_eq!(
+        r["usage"]["output_tokens_details"]["reasoning_tokens"],
+        reasoning_tokens
+    );
+    // Streamed: the reasoning item's events, then the message's.
+    body["stream"] = json!(true);
+    let text = post(&front, "/v1/responses", &body.to_string())
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("JSON"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let first = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or_else(|| panic!("{k}: {kinds:?}"))
+    };
+    assert!(
+        first("response.reasoning_text.delta") < first("response.output_text.delta"),
+        "{kinds:?}"
+    );
+    let deltas = |k: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["type"] == k)
+            .map(|e| e["delta"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(deltas("response.reasoning_text.delta"), thinking);
+    assert_eq!(deltas("response.output_text.delta"), answer);
+    let done = events.last().expect("events");
+    assert_eq!(done["response"]["status"], r["status"], "{done}");
+    assert_eq!(
+        done["response"]["output"],
+        r["output"]
+            .clone()
+            .as_array()
+            .map(|o| {
+                // Same shape but for the fresh ids.
+                let mut o = o.clone();
+                for (i, item) in o.iter_mut().enumerate() {
+                    item["id"] = done["response"]["output"][i]["id"].clone();
+                }
+                Value::Array(o)
+            })
+            .unwrap()
+    );
+    // The answer's items sent back as input, with the next question: the thinking is left
+    // out of the prompt (as the template drops past turns' thinking).
+    let mut next: Value = serde_json::from_str(&sampling).unwrap();
+    let o = next.as_object_mut().unwrap();
+    o.remove("max_tokens");
+    o.insert("max_output_tokens".into(), json!(2));
+    let mut input = vec![json!({"role": "user", "content": question})];
+    input.extend(out.iter().cloned());
+    input.push(json!({"role": "user", "content": "Another?"}));
+    o.insert("input".into(), Value::Array(input));
+    let r2 = post_json(&front, "/v1/responses", &next.to_string()).await;
+    let plain = loaded
+        .template
+        .render(&[
+            Message {
+                role: "user",
+                content: question,
+            },
+            Message {
+                role: "assistant",
+                content: &answer,
+            },
+            Message {
+                role: "user",
+                content: "Another?",
+            },
+        ])
+        .expect("renders");
+    let want = loaded
+        .tokenizer
+        .encode_prompt(&plain)
+        .expect("encodes")
+        .len();
+    assert_eq!(r2["usage"]["input_tokens"], want, "{r2}");
 }

@@ -19,6 +19,7 @@ fn prefix(kind: &str) -> &'static str {
     match kind {
         "function_call" => "fc",
         "function_call_output" => "fco",
+        "reasoning" => "rs",
         _ => "msg",
     }
 }

@@ -48,6 +48,8 @@ fn tool_call<'a>(name: &'a str, arguments: &'a str, index: Option<u32>) -> ToolC
 /// One finished choice of a whole response.
 pub struct ChoiceOut<'a> {
     pub text: &'a str,
+    /// A reasoning model's thinking (empty where there was none).
+    pub reasoning: &'a str,
     pub logprobs: &'a [TokenLogprob],
     pub finish: FinishReason,
     /// An embeddings request's: the input's vector.
@@ -171,7 +173,7 @@ impl Renderer {
                 let delta = Delta {
                     role: Some("assistant"),
                     content: Some(""),
-                    tool_calls: None,
+                    ..Delta::default()
                 };
                 self.chunk(out, index, delta, "", None, None);
             }
@@ -205,9 +207,8 @@ impl Renderer {
             return;
         }
         let delta = Delta {
-            role: None,
             content: Some(text),
-            tool_calls: None,
+            ..Delta::default()
         };
         self.chunk(
             out,
@@ -223,6 +224,38 @@ impl Renderer {
                 .map(|t| t.token.chars().count())
                 .sum::<usize>();
         }
+    }
+
+    /// A piece of choice `index`'s thinking (a reasoning model's), with its tokens'
+    /// log-probabilities when the request asked: a chat delta's `reasoning_content`, the
+    /// Responses API's reasoning item; a completion's text (no completion is split; an
+    /// upstream's thinking is its text there).
+    pub fn reasoning_frame(
+        &mut self,
+        out: &mut BytesMut,
+        index: usize,
+        text: &str,
+        logprobs: &[TokenLogprob],
+    ) {
+        if let Some(r) = &mut self.responses {
+            r.reasoning(out, text);
+            return;
+        }
+        if self.endpoint != Endpoint::Chat {
+            return self.delta_frame(out, index, text, logprobs);
+        }
+        let delta = Delta {
+            reasoning_content: Some(text),
+            ..Delta::default()
+        };
+        self.chunk(
+            out,
+            index,
+            delta,
+            text,
+            self.logprobs.then_some(logprobs),
+            None,
+        );
     }
 
     /// A piece of a tool-calling answer, as a chat delta.
@@ -334,7 +367,7 @@ impl Renderer {
     pub fn full(&mut self, choices: &[ChoiceOut<'_>], usage: Usage) -> Bytes {
         if let (Some(r), Some(c)) = (&mut self.responses, choices.first()) {
             return r
-                .full(c.text, c.logprobs, c.finish, self.tools, usage)
+                .full(c.reasoning, c.text, c.logprobs, c.finish, self.tools, usage)
                 .freeze();
         }
         // With tool calls, each choice's answer document, when it ended complete.
@@ -346,6 +379,9 @@ impl Renderer {
                     .flatten()
             })
             .collect();
+        fn reasoning<'b>(c: &ChoiceOut<'b>) -> Option<&'b str> {
+            Some(c.reasoning).filter(|r| !r.is_empty())
+        }
         let body = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
                 id: &self.id,
@@ -362,6 +398,7 @@ impl Renderer {
                             Some(Answer::Calls(calls)) => AssistantMessage {
                                 role: "assistant",
                                 content: None,
+                                reasoning_content: reasoning(c),
                                 tool_calls: Some(
                                     calls
                                         .iter()
@@ -372,11 +409,13 @@ impl Renderer {
                             Some(Answer::Content(text)) => AssistantMessage {
                                 role: "assistant",
                                 content: Some(text),
+                                reasoning_content: reasoning(c),
                                 tool_calls: None,
                             },
                             None => AssistantMessage {
                                 role: "assistant",
                                 content: Some(c.text),
+                                reasoning_content: reasoning(c),
                                 tool_calls: None,
                             },
                         },

@@ -36,13 +36,30 @@ enum Item {
         /// The call's index in the answer (what its pieces name).
         index: u32,
     },
+    /// A reasoning model's thinking (before the answer's items).
+    Reasoning { id: String, text: String },
 }
 
 impl Item {
     fn id(&self) -> &str {
         match self {
-            Item::Message { id, .. } | Item::Call { id, .. } => id,
+            Item::Message { id, .. } | Item::Call { id, .. } | Item::Reasoning { id, .. } => id,
         }
+    }
+}
+
+/// A `reasoning_text` content part (of a `reasoning` item).
+#[derive(Serialize)]
+struct ReasoningPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+fn reasoning_part(text: &str) -> ReasoningPart<'_> {
+    ReasoningPart {
+        kind: "reasoning_text",
+        text,
     }
 }
 
@@ -77,6 +94,14 @@ enum ItemOut<'a> {
         name: &'a str,
         arguments: &'a str,
     },
+    Reasoning {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        status: &'a str,
+        summary: [(); 0],
+        content: [ReasoningPart<'a>; 1],
+    },
 }
 
 #[derive(Serialize)]
@@ -107,7 +132,7 @@ impl From<Usage> for UsageOut {
             },
             output_tokens: u.completion_tokens,
             output_tokens_details: OutputDetails {
-                reasoning_tokens: 0,
+                reasoning_tokens: u.reasoning_tokens,
             },
             total_tokens: u.prompt_tokens + u.completion_tokens,
         }
@@ -168,6 +193,24 @@ enum Fields<'a> {
         text: &'a str,
         logprobs: &'a [TokenLogprob],
     },
+    ReasoningPart {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        part: ReasoningPart<'a>,
+    },
+    ReasoningDelta {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        delta: &'a str,
+    },
+    ReasoningDone {
+        item_id: &'a str,
+        output_index: usize,
+        content_index: u32,
+        text: &'a str,
+    },
     ArgumentsDelta {
         item_id: &'a str,
         output_index: usize,
@@ -211,6 +254,9 @@ pub struct ResponsesRender {
     logprobs: bool,
     seq: u64,
     items: Vec<Item>,
+    /// The answer is read as tool calls (streamed: no message item is opened before its
+    /// words come).
+    tools: bool,
     /// How the answer ended, once it has.
     finish: Option<FinishReason>,
 }
@@ -239,6 +285,7 @@ impl ResponsesRender {
             logprobs,
             seq: 0,
             items: Vec::new(),
+            tools: false,
             finish: None,
         }
     }
@@ -310,6 +357,13 @@ impl ResponsesRender {
                 call_id,
                 name,
                 arguments,
+            },
+            Item::Reasoning { id, text } => ItemOut::Reasoning {
+                id,
+                kind: "reasoning",
+                status,
+                summary: [],
+                content: [reasoning_part(text)],
             },
         }
     }
@@ -388,6 +442,12 @@ impl ResponsesRender {
                 "name": name,
                 "arguments": arguments,
             }),
+            Item::Reasoning { id, text } => json!({
+                "id": id,
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}],
+            }),
         }));
         // The request's own input and the output, wherever its conversation starts.
         let own_from = self.info.own_from - parent.as_ref().map_or(0, |p| p.inherits);
@@ -422,13 +482,47 @@ impl ResponsesRender {
         Some((self.saver.clone()?, stored))
     }
 
-    /// The stream's first events; a plain answer's message item starts at once.
+    /// The stream's first events (its items are added as they start: a reasoning model's
+    /// thinking before its answer).
     pub fn start(&mut self, out: &mut BytesMut, tools: bool) {
+        self.tools = tools;
         self.response_event(out, "response.created", None, None);
         self.response_event(out, "response.in_progress", None, None);
-        if !tools {
-            self.open_message(out);
+    }
+
+    /// More of a reasoning model's thinking (into its reasoning item, added if need be).
+    pub fn reasoning(&mut self, out: &mut BytesMut, text: &str) {
+        let k = match self.items.last() {
+            Some(Item::Reasoning { .. }) => self.items.len() - 1,
+            _ => {
+                self.items.push(Item::Reasoning {
+                    id: input_items::new_id("rs"),
+                    text: String::new(),
+                });
+                let k = self.items.len() - 1;
+                self.item_event(out, "response.output_item.added", k, "in_progress");
+                let fields = Fields::ReasoningPart {
+                    item_id: self.items[k].id(),
+                    output_index: k,
+                    content_index: 0,
+                    part: reasoning_part(""),
+                };
+                write_event(out, "response.content_part.added", self.seq, fields);
+                self.seq += 1;
+                k
+            }
+        };
+        if let Some(Item::Reasoning { text: all, .. }) = self.items.get_mut(k) {
+            all.push_str(text);
         }
+        let fields = Fields::ReasoningDelta {
+            item_id: self.items[k].id(),
+            output_index: k,
+            content_index: 0,
+            delta: text,
+        };
+        write_event(out, "response.reasoning_text.delta", self.seq, fields);
+        self.seq += 1;
     }
 
     /// Adds a message item (its `output_item.added` and `content_part.added`).
@@ -536,10 +630,31 @@ impl ResponsesRender {
 
     /// The answer ended: every item's closing events.
     pub fn finish(&mut self, out: &mut BytesMut, finish: FinishReason) {
+        // A plain answer has its message item, words or none.
+        if !self.tools && !self.items.iter().any(|i| matches!(i, Item::Message { .. })) {
+            self.open_message(out);
+        }
         self.finish = Some(finish);
         let status = self.status();
         for k in 0..self.items.len() {
             match &self.items[k] {
+                Item::Reasoning { id, text } => {
+                    let fields = Fields::ReasoningDone {
+                        item_id: id,
+                        output_index: k,
+                        content_index: 0,
+                        text,
+                    };
+                    write_event(out, "response.reasoning_text.done", self.seq, fields);
+                    let fields = Fields::ReasoningPart {
+                        item_id: id,
+                        output_index: k,
+                        content_index: 0,
+                        part: reasoning_part(text),
+                    };
+                    write_event(out, "response.content_part.done", self.seq + 1, fields);
+                    self.seq += 2;
+                }
                 Item::Message { id, text, logprobs } => {
                     let part = self.part(text, logprobs);
                     let fields = Fields::TextDone {
@@ -612,10 +727,11 @@ impl ResponsesRender {
         self.response_event(out, "response.failed", None, Some(failure));
     }
 
-    /// The whole (non-streamed) body of a finished answer: `text`, read as a tool-calling
-    /// answer when `tools`.
+    /// The whole (non-streamed) body of a finished answer: `reasoning` (a reasoning
+    /// model's thinking, if any), then `text`, read as a tool-calling answer when `tools`.
     pub fn full(
         &mut self,
+        reasoning: &str,
         text: &str,
         logprobs: &[TokenLogprob],
         finish: FinishReason,
@@ -646,6 +762,13 @@ impl ResponsesRender {
             Some(Answer::Content(words)) => vec![message(&words, &[])],
             None => vec![message(text, logprobs)],
         };
+        if !reasoning.is_empty() {
+            let thinking = Item::Reasoning {
+                id: input_items::new_id("rs"),
+                text: reasoning.to_string(),
+            };
+            self.items.insert(0, thinking);
+        }
         let mut out = BytesMut::with_capacity(1024);
         self.response(&mut out, Some(usage), None);
         self.keep(&out);

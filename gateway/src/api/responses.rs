@@ -6,8 +6,8 @@
 //! ([`InferenceRequest::responses`]) to [`super::render_responses`].
 //!
 //! Taken: `input` (a string, or items: messages with text parts, `function_call` and
-//! `function_call_output`), `instructions`, `max_output_tokens`, `temperature`, `top_p`,
-//! `stream`, `text.format` (`text`, `json_object`, `json_schema`), function `tools`,
+//! `function_call_output`, and `reasoning` items, left out of the prompt),
+//! `instructions`, `max_output_tokens`, `temperature`, `top_p`, `stream`, `text.format` (`text`, `json_object`, `json_schema`), function `tools`,
 //! `tool_choice`, `parallel_tool_calls`, `include: ["message.output_text.logprobs"]` with
 //! `top_logprobs`, `metadata`, `user`, `store`, `truncation` (`auto`: see
 //! [`crate::truncate`]), and
@@ -207,7 +207,7 @@ fn translate(
         if set {
             return Err(ApiError::unsupported(
                 "reasoning",
-                "reasoning options (the model does not reason apart from its answer)",
+                "reasoning options (a reasoning model's thinking, where it has any, comes as a `reasoning` item; its effort and summaries are not set per request)",
             ));
         }
     }
@@ -432,6 +432,21 @@ fn items(items: &[Value], out: &mut Vec<Value>, origin: &mut Origin) -> Result<(
                     "tool_call_id": field("call_id")?,
                     "content": output,
                 }));
+            }
+            // A reasoning model's earlier thinking (an answer's `reasoning` item sent
+            // back): not part of the prompt, as the models' own templates drop past
+            // turns' thinking.
+            "reasoning" => {
+                if !matches!(
+                    item.get("content"),
+                    None | Some(Value::Null | Value::Array(_))
+                ) {
+                    return Err(ApiError::bad(
+                        format!("`{}` must be an array of parts.", at(".content")),
+                        Some(at(".content")),
+                    ));
+                }
+                continue;
             }
             "item_reference" => {
                 return Err(ApiError::unsupported(

@@ -97,6 +97,13 @@ pub struct UsageOut {
     pub completion_tokens: u32,
     pub total_tokens: u32,
     pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+/// OpenAI's breakdown of the completion tokens: a reasoning model's thinking.
+#[derive(Debug, Serialize)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: u32,
 }
 
 /// OpenAI's breakdown of the prompt tokens: those served from the prefix cache.
@@ -113,6 +120,9 @@ impl From<Usage> for UsageOut {
             total_tokens: u.prompt_tokens + u.completion_tokens,
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens: u.cached_tokens,
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                reasoning_tokens: u.reasoning_tokens,
             },
         }
     }
@@ -142,6 +152,9 @@ pub struct AssistantMessage<'a> {
     pub role: &'static str,
     /// `null` when the answer is a tool call.
     pub content: Option<&'a str>,
+    /// A reasoning model's thinking (DeepSeek's, vLLM's and SGLang's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
 }
@@ -256,6 +269,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
 }

@@ -26,6 +26,7 @@ pub(super) mod flight;
 pub mod outbox;
 pub mod output;
 mod prompts;
+pub mod reasoning;
 mod recover;
 mod run;
 pub mod scheduler;
@@ -151,6 +152,9 @@ pub struct EngineWorker {
     /// How the model's file says its embeddings are made: the engine makes the last
     /// token's, and refuses embeddings where the file asks for another.
     pooling: Pooling,
+    /// A reasoning model's `<think>` markers: a chat's thinking is sent apart from its
+    /// answer ([`reasoning`]).
+    markers: Option<reasoning::Markers>,
     stats: Arc<EngineStats>,
     max_concurrency: usize,
     /// A step running longer takes the engine out of rotation (`step_timeout_secs`).
@@ -202,6 +206,10 @@ impl EngineWorker {
                 "the model's file asks for {pooling} embeddings; the engine makes last-token \
                  ones only, so it refuses embeddings requests (generation is unaffected)"
             );
+        }
+        let markers = reasoning::Markers::of(&loaded.tokenizer);
+        if markers.is_some() {
+            tracing::info!(worker = %name, "a reasoning model: chats' thinking is sent as reasoning, apart from the answer");
         }
         let model_ctx = loaded.model.config.context_len;
         let max_context = model_ctx.min(bs * n_blocks);
@@ -255,6 +263,7 @@ impl EngineWorker {
             template: loaded.template.clone(),
             max_context,
             pooling,
+            markers,
             stats,
             max_concurrency: sizes.max_concurrency,
             step_timeout: std::time::Duration::from_secs_f64(cfg.step_timeout_secs),
@@ -361,6 +370,11 @@ impl EngineWorker {
         }
         let p = &req.params;
         let weight = req.weight.unwrap_or(1.0);
+        // Chats only: a completion's text is the model's as it comes.
+        let reasoning = self
+            .markers
+            .filter(|_| matches!(req.prompt, Prompt::Chat(..)) && !req.embed)
+            .map(|m| reasoning::Reasoning::after_prompt(m, &prompt));
         Ok(NewSeq {
             tenant: req.tenant.clone(),
             share: fair::account(&req.tenant, weight),
@@ -388,6 +402,8 @@ impl EngineWorker {
                 JsonFormat::Schema { compiled, .. } => JsonState::with_schema(compiled.clone()),
             }),
             embed: req.embed,
+            // Chats only: a completion's text is the model's as it comes.
+            reasoning,
             tx,
         })
     }

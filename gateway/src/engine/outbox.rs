@@ -78,6 +78,7 @@ mod tests {
             text: i.to_string(),
             tokens: 1,
             logprobs: Vec::new(),
+            reasoning: false,
         })
     }
 
@@ -98,7 +99,7 @@ mod tests {
                 usage: Usage {
                     prompt_tokens: 1,
                     completion_tokens: 100,
-                    cached_tokens: 0,
+                    ..Usage::default()
                 },
             }),
         );

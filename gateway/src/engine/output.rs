@@ -66,6 +66,12 @@ impl TextOut {
         }
     }
 
+    /// What was held back as a possible stop string's start, released (the text after it
+    /// is told apart from it: a reasoning model's answer after its thinking).
+    pub fn release(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
     /// End of generation for another reason: release what was held.
     pub fn finish(&mut self) -> String {
         let mut s = std::mem::take(&mut self.held);

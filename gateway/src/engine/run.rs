@@ -40,7 +40,7 @@ use super::outbox::Outbox;
 use super::prompts::{by_row, embedded, score_prompt, Hidden};
 use super::recover::{recover, Rebuild};
 use super::scheduler::{self, Limits, Plan, Schedulable};
-use super::seq::{admit, emit, sample_params, NewSeq, Seq};
+use super::seq::{admit, emit, sample_params, tail, NewSeq, Seq};
 use super::{now_ms, EngineStats};
 use crate::worker::{FinishReason, WorkerEvent};
 use kernels::adjust::Adjust;
@@ -619,7 +619,7 @@ impl Engine {
                 continue;
             }
             if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
-                let tail = s.out.finish();
+                let (tail, reasoning) = tail(s);
                 let logprobs = std::mem::take(&mut s.pending_logprobs);
                 if !tail.is_empty() || !logprobs.is_empty() {
                     s.send(
@@ -628,6 +628,7 @@ impl Engine {
                             text: tail,
                             tokens: 0,
                             logprobs,
+                            reasoning,
                         },
                     );
                 }

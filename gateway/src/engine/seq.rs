@@ -6,7 +6,8 @@
 use super::blocks::chain;
 use super::fair::Tenanted;
 use super::outbox::{Events, Outbox};
-use super::output::TextOut;
+use super::output::{Emit, TextOut};
+use super::reasoning::{Kind, Reasoning};
 use super::scheduler::Schedulable;
 use crate::worker::{FinishReason, TokenLogprob, TopLogprob, Usage, WorkerEvent};
 use kernels::adjust::Adjust;
@@ -39,6 +40,8 @@ pub(super) struct NewSeq {
     pub(super) json: Option<JsonState>,
     /// An embeddings request: its answer is the prompt's last hidden state.
     pub(super) embed: bool,
+    /// A chat with a reasoning model: its thinking told apart from its answer.
+    pub(super) reasoning: Option<Reasoning>,
     pub(super) tx: Events,
 }
 
@@ -92,6 +95,10 @@ pub(super) struct Seq {
     /// An embeddings request: it ends with its prompt, answered with the normalized
     /// final hidden state of its last token (no token is generated).
     pub(super) embed: bool,
+    /// A chat with a reasoning model: where its thinking stands, and what its last token
+    /// taken was ([`Seq::take`], read by [`emit`]).
+    pub(super) reasoning: Option<Reasoning>,
+    pub(super) last_kind: Kind,
     pub(super) tx: Events,
 }
 
@@ -207,6 +214,7 @@ impl Seq {
             prompt_tokens: self.prompt_len as u32,
             completion_tokens: self.emitted(),
             cached_tokens: self.cached as u32,
+            reasoning_tokens: self.reasoning.as_ref().map_or(0, |r| r.tokens),
         }
     }
     pub(super) fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
@@ -220,7 +228,12 @@ impl Seq {
             *self.counts.entry(id).or_insert(0) += 1;
         }
         if !tok.stop_tokens.contains(&id) {
-            if let Some(json) = &mut self.json {
+            self.last_kind = self.reasoning.as_mut().map_or(Kind::Answer, |r| r.next(id));
+            if let Some(json) = self
+                .json
+                .as_mut()
+                .filter(|_| self.last_kind == Kind::Answer)
+            {
                 json.advance(tok.token_bytes(id));
             }
             if let Some(lp) = lp {
@@ -276,7 +289,10 @@ impl Seq {
             .as_ref()
             .filter(|_| carried)
             .and_then(|p| p.carry(&self.counts, &deltas));
-        let mask = self.json.as_ref().zip(json_vocab).map(|(json, vocab)| {
+        // A grammar is the answer's: it waits while the model thinks.
+        let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
+        let json = self.json.as_ref().filter(|_| !thinking);
+        let mask = json.zip(json_vocab).map(|(json, vocab)| {
             let mut bits = json.allowed(vocab, n);
             if bits.iter().all(|&w| w == 0) {
                 for &id in tok.stop_tokens.iter().filter(|&&id| (id as usize) < n) {
@@ -339,6 +355,8 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         counts: HashMap::new(),
         json: n.json,
         embed: n.embed,
+        reasoning: n.reasoning,
+        last_kind: Kind::Answer,
         tx: n.tx,
     }
 }
@@ -390,6 +408,16 @@ pub(super) fn sample_params(s: &Seq, step: u32) -> SampleParams {
     }
 }
 
+/// A finished sequence's last text (what was held back), and whether it is thinking.
+pub(super) fn tail(s: &mut Seq) -> (String, bool) {
+    let text = s.out.finish();
+    match &mut s.reasoning {
+        Some(r) if r.thinking() => (text, true),
+        Some(r) => (r.answer_text(text), false),
+        None => (text, false),
+    }
+}
+
 /// Sends the text of a sampled token; returns why the sequence ends, if it does.
 pub(super) fn emit(
     s: &mut Seq,
@@ -400,20 +428,37 @@ pub(super) fn emit(
     if tok.stop_tokens.contains(&id) {
         return Some(FinishReason::Stop);
     }
-    let e = s.out.push(tok, id);
+    let kind = s.last_kind;
+    let e = if kind == Kind::Marker {
+        // A marker has no text: what the thinking still held back goes out as thinking
+        // (after `</think>`), or nothing (after a first `<think>`).
+        Emit {
+            text: s.out.release(),
+            stopped: false,
+        }
+    } else {
+        s.out.push(tok, id)
+    };
     if e.stopped {
         // The token that completed a stop string: its text is not sent, nor its
         // log-probability.
         s.pending_logprobs.pop();
     }
-    if !e.text.is_empty() {
+    let reasoning = kind != Kind::Answer;
+    let text = match (&mut s.reasoning, reasoning) {
+        (Some(r), false) => r.answer_text(e.text),
+        _ => e.text,
+    };
+    // Log-probabilities of tokens with no text yet (a marker's too) go with the next text.
+    if !text.is_empty() {
         let logprobs = std::mem::take(&mut s.pending_logprobs);
         s.send(
             outbox,
             WorkerEvent::Delta {
-                text: e.text,
+                text,
                 tokens: 1,
                 logprobs,
+                reasoning,
             },
         );
     }
@@ -458,6 +503,7 @@ mod tests {
             penalties: None,
             json: None,
             embed: false,
+            reasoning: None,
             tx,
         };
         (admit(n, 0), rx)

@@ -32,6 +32,8 @@ pub(super) struct Choice {
     pub(super) prompt: usize,
     pub(super) echo: Option<String>,
     pub(super) text: String,
+    /// A reasoning model's thinking, apart from its answer `text`.
+    pub(super) reasoning: String,
     pub(super) logprobs: Vec<crate::worker::TokenLogprob>,
     /// Its completion tokens' log-probabilities added up, and how many (`best_of`).
     pub(super) score: (f64, u32),
@@ -99,10 +101,11 @@ fn best(choices: &[Choice], keep: usize) -> impl Iterator<Item = &Choice> {
 fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
     // Per prompt: its prompt tokens and the fewest of them cached.
     let mut prompts: Vec<Option<(u32, u32)>> = Vec::new();
-    let mut completion_tokens = 0;
+    let (mut completion_tokens, mut reasoning_tokens) = (0, 0);
     for c in choices {
         let Some((_, u)) = c.done else { continue };
         completion_tokens += u.completion_tokens;
+        reasoning_tokens += u.reasoning_tokens;
         if prompts.len() <= c.prompt {
             prompts.resize(c.prompt + 1, None);
         }
@@ -115,6 +118,7 @@ fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
         prompt_tokens: prompts.clone().map(|p| p.0).sum(),
         completion_tokens,
         cached_tokens: prompts.map(|p| p.1).sum(),
+        reasoning_tokens,
     }
 }
 
@@ -169,6 +173,7 @@ impl SseStream {
         let out: Vec<ChoiceOut<'_>> = best(&self.choices, self.keep)
             .map(|c| ChoiceOut {
                 text: &c.text,
+                reasoning: &c.reasoning,
                 logprobs: &c.logprobs,
                 finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
                 embedding: &c.embedding,
@@ -184,7 +189,7 @@ impl SseStream {
             .iter()
             .map(|c| {
                 let scored: usize = c.logprobs.iter().map(|t| 1 + t.top_logprobs.len()).sum();
-                c.text.len() + 100 * scored
+                c.text.len() + c.reasoning.len() + 100 * scored
             })
             .sum()
     }
@@ -203,11 +208,15 @@ impl SseStream {
                         text,
                         tokens,
                         logprobs,
+                        reasoning,
                     },
                 ) => {
                     meter.tokens(tokens);
                     let c = &mut self.choices[i];
-                    c.text.push_str(&text);
+                    match reasoning {
+                        true => c.reasoning.push_str(&text),
+                        false => c.text.push_str(&text),
+                    }
                     for t in logprobs.iter().filter(|t| t.logprob.is_finite()) {
                         c.score.0 += t.logprob as f64;
                         c.score.1 += 1;
@@ -278,10 +287,14 @@ impl SseStream {
                             text,
                             tokens,
                             logprobs,
+                            reasoning,
                         },
                     ) => {
                         meter.tokens(tokens);
-                        s.renderer.delta_frame(&mut out, i, &text, &logprobs);
+                        match reasoning {
+                            true => s.renderer.reasoning_frame(&mut out, i, &text, &logprobs),
+                            false => s.renderer.delta_frame(&mut out, i, &text, &logprobs),
+                        }
                         false
                     }
                     // Embeddings are never streamed.

@@ -121,6 +121,7 @@ impl Embedded {
                 .iter()
                 .map(|v| ChoiceOut {
                     text: "",
+                    reasoning: "",
                     logprobs: &[],
                     finish: crate::worker::FinishReason::Stop,
                     embedding: v,

@@ -536,6 +536,7 @@ async fn run(
                     prompt,
                     echo: part.echo.clone(),
                     text: String::new(),
+                    reasoning: String::new(),
                     logprobs: Vec::new(),
                     score: (0.0, 0),
                     done: None,

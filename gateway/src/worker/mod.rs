@@ -288,6 +288,9 @@ pub struct Usage {
     /// Prompt tokens whose keys and values came from the worker's prefix cache (counted
     /// in `prompt_tokens` too).
     pub cached_tokens: u32,
+    /// Completion tokens of a reasoning model's thinking (counted in `completion_tokens`
+    /// too).
+    pub reasoning_tokens: u32,
 }
 
 /// One generated token's log-probability under the model (before temperature and cuts),
@@ -318,6 +321,8 @@ pub enum WorkerEvent {
         text: String,
         tokens: u32,
         logprobs: Vec<TokenLogprob>,
+        /// A reasoning model's thinking, not its answer (the API's `reasoning_content`).
+        reasoning: bool,
     },
     /// The prompt's tokens with their log-probabilities, asked for by
     /// [`SamplingParams::prompt_logprobs`]: before any `Delta`. The first token's

@@ -183,7 +183,7 @@ impl Gen {
             usage: Usage {
                 prompt_tokens: self.prompt_tokens,
                 completion_tokens: self.produced,
-                cached_tokens: 0,
+                ..Usage::default()
             },
         }
     }
@@ -248,12 +248,14 @@ impl Gen {
                 text: emit,
                 tokens: 1,
                 logprobs: Vec::new(),
+                reasoning: false,
             });
         }
         Some(WorkerEvent::Delta {
             text: self.text[before..].to_string(),
             tokens: 1,
             logprobs: Vec::new(),
+            reasoning: false,
         })
     }
 }

@@ -62,8 +62,7 @@ pub(super) fn parse_embedding(
     );
     let usage = Usage {
         prompt_tokens,
-        completion_tokens: 0,
-        cached_tokens: 0,
+        ..Usage::default()
     };
     let mut events = Vec::with_capacity(inputs + 1);
     for d in data {
@@ -131,13 +130,23 @@ pub(super) fn parse_full(
         .choices
         .first()
         .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices".into()))?;
-    let text = choice
-        .text(chat)
-        .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices[0] text".into()))?;
+    let reasoning = chat
+        .then(|| choice.reasoning())
+        .flatten()
+        .map(str::to_string);
+    // A reasoning model's answer cut off while thinking has no content.
+    let text = match choice.text(chat) {
+        Some(t) => t,
+        None if reasoning.is_some() => "",
+        None => {
+            return Err(WorkerError::Protocol(
+                "upstream answer has no choices[0] text".into(),
+            ))
+        }
+    };
     let usage = v.usage.map(Usage::from).unwrap_or(Usage {
         prompt_tokens: estimate_prompt_tokens(&req.prompt),
-        completion_tokens: 0,
-        cached_tokens: 0,
+        ..Usage::default()
     });
     let mut text = text.to_string();
     let finish_reason = choice.finish().unwrap_or(FinishReason::Stop);
@@ -149,7 +158,15 @@ pub(super) fn parse_full(
         .unwrap_or_default();
     let offsets = lp.text_offset.take().unwrap_or_default();
     let mut logprobs = lp.items();
-    let mut events = Vec::with_capacity(3);
+    let mut events = Vec::with_capacity(4);
+    if let Some(text) = reasoning {
+        events.push(WorkerEvent::Delta {
+            text,
+            tokens: usage.reasoning_tokens,
+            logprobs: Vec::new(),
+            reasoning: true,
+        });
+    }
     if req.params.prompt_logprobs {
         let prompt_tokens = v.usage.map(|u| u.prompt_tokens as usize).ok_or_else(|| {
             WorkerError::Protocol("upstream echoed a prompt without `usage`, so its tokens cannot be told from the completion's".into())
@@ -168,8 +185,9 @@ pub(super) fn parse_full(
     }
     events.push(WorkerEvent::Delta {
         text,
-        tokens: usage.completion_tokens,
+        tokens: usage.completion_tokens - usage.reasoning_tokens.min(usage.completion_tokens),
         logprobs,
+        reasoning: false,
     });
     events.push(WorkerEvent::Done {
         finish_reason,

@@ -20,6 +20,8 @@ struct StreamState {
     finish: Option<FinishReason>,
     usage: Option<Usage>,
     deltas: u32,
+    /// The second event of a chunk that carried both thinking and answer text.
+    next: Option<WorkerEvent>,
     ended: bool,
     _guard: InFlight,
 }
@@ -33,7 +35,7 @@ impl StreamState {
         let usage = self.usage.unwrap_or(Usage {
             prompt_tokens: estimate_prompt_tokens(&self.req.prompt),
             completion_tokens: self.deltas,
-            cached_tokens: 0,
+            ..Usage::default()
         });
         Ok(WorkerEvent::Done {
             finish_reason,
@@ -75,19 +77,34 @@ impl StreamState {
         }
         let chat = matches!(self.req.prompt, Prompt::Chat(..));
         let text = choice.text(chat).unwrap_or_default().to_string();
+        // A reasoning model's thinking, apart (before any answer text of the same chunk).
+        let thinking = chat
+            .then(|| choice.reasoning())
+            .flatten()
+            .map(|r| WorkerEvent::Delta {
+                text: r.to_string(),
+                tokens: 1,
+                logprobs: Vec::new(),
+                reasoning: true,
+            });
         let logprobs = choice
             .logprobs
             .map(UpstreamLogprobs::items)
             .unwrap_or_default();
-        if text.is_empty() && logprobs.is_empty() {
-            return None;
-        }
-        self.deltas += 1;
-        Some(Ok(WorkerEvent::Delta {
+        let answer = (!text.is_empty() || !logprobs.is_empty()).then_some(WorkerEvent::Delta {
             text,
             tokens: 1,
             logprobs,
-        }))
+            reasoning: false,
+        });
+        let (first, second) = match (thinking, answer) {
+            (Some(t), a) => (t, a),
+            (None, Some(a)) => (a, None),
+            (None, None) => return None,
+        };
+        self.deltas += 1 + second.is_some() as u32;
+        self.next = second;
+        Some(Ok(first))
     }
 }
 
@@ -103,11 +120,15 @@ pub(super) fn stream_events(
         finish: None,
         usage: None,
         deltas: 0,
+        next: None,
         ended: false,
         _guard: guard,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
+            if let Some(ev) = st.next.take() {
+                return Some((Ok(ev), st));
+            }
             if st.ended {
                 return None;
             }

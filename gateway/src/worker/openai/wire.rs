@@ -176,6 +176,12 @@ impl UpstreamLogprobs {
 pub(super) struct UpstreamText<'a> {
     #[serde(default, borrow)]
     pub(super) content: Option<Cow<'a, str>>,
+    /// A reasoning model's thinking: `reasoning_content` (DeepSeek's API, vLLM's and
+    /// SGLang's reasoning parsers, tollgate workers), or `reasoning` (vLLM's newer name).
+    #[serde(default, borrow)]
+    pub(super) reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub(super) reasoning: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -184,6 +190,15 @@ pub(super) struct UpstreamUsage {
     pub(super) completion_tokens: u32,
     #[serde(default)]
     pub(super) prompt_tokens_details: Option<UpstreamPromptDetails>,
+    #[serde(default)]
+    pub(super) completion_tokens_details: Option<UpstreamCompletionDetails>,
+}
+
+/// Reasoning models' upstreams report their thinking's tokens.
+#[derive(Deserialize, Clone, Copy)]
+pub(super) struct UpstreamCompletionDetails {
+    #[serde(default)]
+    pub(super) reasoning_tokens: Option<u32>,
 }
 
 /// vLLM, SGLang and tollgate workers report prompt tokens served from their prefix cache.
@@ -202,6 +217,10 @@ impl From<UpstreamUsage> for Usage {
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
+            reasoning_tokens: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
         }
     }
 }
@@ -217,6 +236,15 @@ impl<'a> UpstreamChoice<'a> {
         } else {
             self.text.as_deref()
         }
+    }
+
+    /// A chat choice's thinking, where the upstream sent it apart from the answer.
+    pub(super) fn reasoning(&self) -> Option<&str> {
+        let m = self.message.as_ref().or(self.delta.as_ref())?;
+        m.reasoning_content
+            .as_deref()
+            .or(m.reasoning.as_deref())
+            .filter(|r| !r.is_empty())
     }
 
     pub(super) fn finish(&self) -> Option<FinishReason> {
