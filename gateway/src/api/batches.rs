@@ -89,7 +89,7 @@ fn batch_json(b: &BatchRow) -> Value {
             "input_tokens": b.input_tokens,
             "input_tokens_details": {"cached_tokens": b.cached_tokens},
             "output_tokens": b.output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": b.reasoning_tokens},
             "total_tokens": b.input_tokens + b.output_tokens,
         },
     })

@@ -450,12 +450,20 @@ struct Usage {
     completion_tokens: i64,
     #[serde(alias = "input_tokens_details")]
     prompt_tokens_details: Option<Cached>,
+    #[serde(alias = "output_tokens_details")]
+    completion_tokens_details: Option<Reasoned>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Cached {
     cached_tokens: i64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Reasoned {
+    reasoning_tokens: i64,
 }
 
 /// A request's line of the output (2xx) or error file.
@@ -491,6 +499,9 @@ fn outcome(
         input_tokens: usage.prompt_tokens,
         cached_tokens: usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
         output_tokens: usage.completion_tokens,
+        reasoning_tokens: usage
+            .completion_tokens_details
+            .map_or(0, |d| d.reasoning_tokens),
     }
 }
 
@@ -526,12 +537,17 @@ mod tests {
 
     #[test]
     fn an_answer_becomes_its_output_line_with_its_usage() {
-        let body = br#"{"id":"x","usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        let body = br#"{"id":"x","usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
         let r = outcome("batch_1-1", &line(), http::StatusCode::OK, body, 0);
         assert!(r.ok);
         assert_eq!(
-            (r.input_tokens, r.cached_tokens, r.output_tokens),
-            (7, 4, 3)
+            (
+                r.input_tokens,
+                r.cached_tokens,
+                r.output_tokens,
+                r.reasoning_tokens
+            ),
+            (7, 4, 3, 2)
         );
         let v: serde_json::Value = serde_json::from_str(&r.output).expect("json");
         assert_eq!(v["custom_id"], "req \"1\"");
@@ -544,11 +560,16 @@ mod tests {
 
     #[test]
     fn a_responses_answer_counts_its_usage_too() {
-        let body = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"input_tokens_details":{"cached_tokens":1}}}"#;
+        let body = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7,"input_tokens_details":{"cached_tokens":1},"output_tokens_details":{"reasoning_tokens":1}}}"#;
         let r = outcome("b", &line(), http::StatusCode::OK, body, 0);
         assert_eq!(
-            (r.input_tokens, r.cached_tokens, r.output_tokens),
-            (5, 1, 2)
+            (
+                r.input_tokens,
+                r.cached_tokens,
+                r.output_tokens,
+                r.reasoning_tokens
+            ),
+            (5, 1, 2, 1)
         );
     }
 

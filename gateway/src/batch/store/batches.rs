@@ -161,7 +161,7 @@ impl BatchStore {
             let mut count = tx.prepare_cached(
                 "UPDATE batches SET completed = completed + ?2, failed = failed + ?3,
                      input_tokens = input_tokens + ?4, cached_tokens = cached_tokens + ?5,
-                     output_tokens = output_tokens + ?6
+                     output_tokens = output_tokens + ?6, reasoning_tokens = reasoning_tokens + ?7
                  WHERE id = ?1",
             )?;
             for (id, r) in results {
@@ -172,7 +172,8 @@ impl BatchStore {
                         !r.ok as i64,
                         r.input_tokens,
                         r.cached_tokens,
-                        r.output_tokens
+                        r.output_tokens,
+                        r.reasoning_tokens
                     ])?;
                 }
             }

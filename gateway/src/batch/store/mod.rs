@@ -78,7 +78,9 @@ CREATE TABLE IF NOT EXISTS batches (
     -- How long its output and error files are kept (seconds), where the request said.
     output_keep_s INTEGER,
     -- The model its requests ask for, where they all ask for one.
-    model TEXT
+    model TEXT,
+    -- Of output_tokens, a reasoning model's thinking.
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
@@ -91,6 +93,26 @@ CREATE TABLE IF NOT EXISTS batch_results (
     PRIMARY KEY (batch, line)
 );
 ";
+
+/// Brings a database made by an earlier tollgate to [`SCHEMA`]: the columns added since,
+/// each with its default (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is).
+fn upgrade(conn: &rusqlite::Connection) -> Result<()> {
+    const ADDED: &[(&str, &str)] = &[("reasoning_tokens", "INTEGER NOT NULL DEFAULT 0")];
+    let mut have = Vec::new();
+    {
+        let mut q = conn.prepare("SELECT name FROM pragma_table_info('batches')")?;
+        let names = q.query_map([], |r| r.get::<_, String>(0))?;
+        for n in names {
+            have.push(n?);
+        }
+    }
+    for (name, decl) in ADDED {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE batches ADD COLUMN {name} {decl}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// A stored file, without its bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +159,8 @@ pub struct BatchRow {
     pub output_keep_s: Option<i64>,
     /// The model its requests ask for, where they all ask for the same (once checked).
     pub model: Option<String>,
+    /// Of `output_tokens`, a reasoning model's thinking.
+    pub reasoning_tokens: i64,
 }
 
 /// What one tenant keeps (`GET /admin/batches`).
@@ -162,6 +186,7 @@ pub struct LineResult {
     pub input_tokens: i64,
     pub cached_tokens: i64,
     pub output_tokens: i64,
+    pub reasoning_tokens: i64,
 }
 
 /// How a batch ends.
@@ -196,7 +221,7 @@ const BATCH_COLUMNS: &str =
     "id, tenant, created_at, endpoint, input_file_id, completion_window, status,
     metadata, errors, output_file_id, error_file_id, expires_at, in_progress_at, finalizing_at,
     completed_at, failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed,
-    input_tokens, cached_tokens, output_tokens, output_keep_s, model";
+    input_tokens, cached_tokens, output_tokens, output_keep_s, model, reasoning_tokens";
 
 fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
     Ok(BatchRow {
@@ -227,6 +252,7 @@ fn batch_row(r: &Row<'_>) -> rusqlite::Result<BatchRow> {
         output_tokens: r.get(24)?,
         output_keep_s: r.get(25)?,
         model: r.get(26)?,
+        reasoning_tokens: r.get(27)?,
     })
 }
 
@@ -271,7 +297,10 @@ impl BatchStore {
         let pool = r2d2::Pool::builder()
             .max_size(cores.clamp(2, 8) as u32)
             .build(manager)?;
-        pool.get()?.execute_batch(SCHEMA)?;
+        let conn = pool.get()?;
+        conn.execute_batch(SCHEMA)?;
+        upgrade(&conn)?;
+        drop(conn);
         Ok(Self { pool, retention })
     }
 

@@ -111,6 +111,7 @@ fn results_are_counted_once_and_become_files_in_line_order() {
         output: format!("{{\"line\":{line}}}"),
         input_tokens: 10,
         output_tokens: 2,
+        reasoning_tokens: 1,
         ..LineResult::default()
     };
     s.record("batch_1", &line(2, true)).expect("record");
@@ -125,6 +126,7 @@ fn results_are_counted_once_and_become_files_in_line_order() {
     assert_eq!(b.status, "completed");
     assert_eq!((b.total, b.completed, b.failed), (3, 2, 1));
     assert_eq!((b.input_tokens, b.output_tokens), (30, 6));
+    assert_eq!(b.reasoning_tokens, 3);
     let out = s
         .content("a", b.output_file_id.as_deref().expect("output"))
         .expect("read")
@@ -171,4 +173,47 @@ fn only_a_running_batch_is_cancelled() {
     let b = s.cancel("a", "batch_1").expect("cancel").expect("there");
     assert_eq!(b.status, "cancelled");
     assert_eq!(b.output_file_id, None, "nothing ran: no output file");
+}
+
+/// A database an earlier tollgate made (its `batches` table without the columns added
+/// since) is brought up to date when opened: its rows read, with the new counts at 0, and
+/// count on.
+#[test]
+fn a_database_from_before_the_reasoning_count_is_upgraded_in_place() {
+    let dir = Dir(std::env::temp_dir().join(new_id("tollgate-batches-")));
+    std::fs::create_dir_all(&dir.0).expect("dir");
+    let path = dir.0.join("old.db");
+    {
+        let old = SCHEMA.replace(
+            ",\n    -- Of output_tokens, a reasoning model's thinking.\n    reasoning_tokens INTEGER NOT NULL DEFAULT 0",
+            "",
+        );
+        assert_ne!(old, SCHEMA, "the old schema lacks the column");
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(&old).expect("the old schema");
+        conn.execute_batch(
+            "INSERT INTO batches (id, tenant, created_at, purge_at, endpoint, input_file_id,
+             completion_window, status, expires_at, total, output_tokens)
+             VALUES ('batch_old', 'a', 1, 9999999999, '/v1/chat/completions', 'file-x', '24h',
+             'in_progress', 9999999999, 2, 5)",
+        )
+        .expect("an old row");
+    }
+    let s = BatchStore::open(&path, Duration::from_secs(3600)).expect("opens and upgrades");
+    let b = s.batch("a", "batch_old").expect("read").expect("there");
+    assert_eq!((b.output_tokens, b.reasoning_tokens), (5, 0));
+    let r = LineResult {
+        line: 0,
+        ok: true,
+        output: "{}".into(),
+        output_tokens: 4,
+        reasoning_tokens: 3,
+        ..LineResult::default()
+    };
+    s.record("batch_old", &r).expect("record");
+    let b = s.batch("a", "batch_old").expect("read").expect("there");
+    assert_eq!((b.output_tokens, b.reasoning_tokens), (9, 3));
+    drop(s);
+    // Opened again: nothing more to do.
+    BatchStore::open(&path, Duration::from_secs(3600)).expect("opens again");
 }
