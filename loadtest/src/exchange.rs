@@ -137,9 +137,12 @@ pub async fn exchange(
                         done = true;
                         continue;
                     }
-                    match stream_event(data) {
-                        Event::Text(text) => {
-                            out.answer.push_str(&text);
+                    let event = stream_event(data);
+                    if let Event::Text(text) = &event {
+                        out.answer.push_str(text);
+                    }
+                    match event {
+                        Event::Text(_) | Event::Thinking => {
                             match last {
                                 None => out.first = Some(now),
                                 Some(t) => out.gaps_us.push((now - t).as_micros() as u64),
@@ -202,6 +205,10 @@ fn stored_id(response: &Value) -> Option<String> {
 enum Event {
     /// Generated text (or a tool call's piece).
     Text(String),
+    /// A reasoning model's thinking (`reasoning_content`, the Responses API's
+    /// `reasoning_text`): generated tokens, timed as the answer's are, but not part of the
+    /// answer a conversation carries on with.
+    Thinking,
     /// The Responses API's first event: the answer's id, where it is stored.
     Started(Option<String>),
     Usage(Tokens),
@@ -225,6 +232,7 @@ fn stream_event(data: &[u8]) -> Event {
             "response.output_text.delta" | "response.function_call_arguments.delta" => {
                 Event::Text(v["delta"].as_str().unwrap_or_default().to_string())
             }
+            "response.reasoning_text.delta" => Event::Thinking,
             "response.created" => Event::Started(stored_id(&v["response"])),
             "response.completed" | "response.incomplete" => match usage(&v["response"]["usage"]) {
                 Some(u) => Event::End(u),
@@ -240,6 +248,13 @@ fn stream_event(data: &[u8]) -> Event {
     }
     if let Some(t) = text(&c["text"]).or(text(&c["delta"]["content"])) {
         return Event::Text(t.to_string());
+    }
+    let d = &c["delta"];
+    if text(&d["reasoning_content"])
+        .or(text(&d["reasoning"]))
+        .is_some()
+    {
+        return Event::Thinking;
     }
     if let Some(calls) = c["delta"]["tool_calls"].as_array() {
         let args = calls
@@ -317,6 +332,15 @@ mod tests {
         assert!(matches!(
             stream_event(br#"{"choices":[{"text":"x"}]}"#),
             Event::Text(t) if t == "x"
+        ));
+        // A reasoning model's thinking: tokens, not the answer's text.
+        assert!(matches!(
+            stream_event(br#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#),
+            Event::Thinking
+        ));
+        assert!(matches!(
+            stream_event(br#"{"type":"response.reasoning_text.delta","delta":"hm"}"#),
+            Event::Thinking
         ));
         assert!(matches!(
             stream_event(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#),
