@@ -402,7 +402,6 @@ impl EngineWorker {
                 JsonFormat::Schema { compiled, .. } => JsonState::with_schema(compiled.clone()),
             }),
             embed: req.embed,
-            // Chats only: a completion's text is the model's as it comes.
             reasoning,
             tx,
         })
