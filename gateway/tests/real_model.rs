@@ -591,6 +591,56 @@ fn qwen3_model_logits_match_the_numpy_reference() {
     }
 }
 
+/// A Phi-3-shaped synthetic model (`phi3`: Q, K and V in one matrix and the gate and up
+/// projections in one, split at load; NEOX's RoPE): the CPU's logits and greedy tokens are
+/// the reference's — Hugging Face's `qkv_proj` and `gate_up_proj` split as Phi-3's
+/// modelling code splits them — on Q4_1 and on K-quant layouts, and so are the GPU path's
+/// (emulated); with an output head whose conversion moves values, the GPU path reads the
+/// fused matrices from the file again and permutes Q's and K's rows within them.
+#[test]
+fn phi3_model_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthArch, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let prompt = "hello synthetic world, 123: a prompt long enough that its later positions turn";
+    for (what, spec, from_file) in [
+        ("Q4_1", SynthSpec::tiny(), false),
+        ("K-quants", SynthSpec::tiny_k_quants(), false),
+        (
+            "K-quants, 2,050 rows of head",
+            SynthSpec {
+                vocab: 2050,
+                ..SynthSpec::tiny_k_quants()
+            },
+            true,
+        ),
+    ] {
+        let spec = SynthSpec {
+            arch: SynthArch::Phi3,
+            ..spec
+        };
+        let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, prompt);
+        assert!(
+            m.model.config.neox,
+            "{what}: NEOX's RoPE read from the file"
+        );
+        assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
+        if !from_file {
+            let (got, logits) = greedy(&m, &ids, 4);
+            let d = max_rel_diff(&logits, refs[0]["last_logits"].as_array().unwrap());
+            eprintln!("Phi-3, {what}, CPU: logits within {d:.1e}");
+            assert!(d < LOGIT_TOL, "{what}: logits differ by {d}");
+            assert_eq!(
+                serde_json::to_value(&got).unwrap(),
+                refs[0]["greedy"],
+                "{what}"
+            );
+        }
+        emulated_matches_the_reference(&m, &ids, &refs[0], &format!("Phi-3, {what}"));
+    }
+}
+
 /// Every block layout tollgate converts at load (Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS),
 /// as its dequantization reads it and as the `gguf` package's does: synthetic models of
 /// them (`SynthSpec::tiny_k_quants`, `tiny_low_bits`), each tensor's values from both,

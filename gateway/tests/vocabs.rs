@@ -110,15 +110,30 @@ fn sentencepiece_prompts_and_special_tokens() {
     assert!(phi3.is_special(turn[0]) && phi3.is_special(turn[4]));
     assert_eq!(turn[1..3], [29871, 13]);
     assert_eq!(phi3.decode(&turn), "<|user|> \nHi<|end|>");
-    // Phi-3's own architecture (fused QKV, other RoPE) is refused at load, by name.
+    // Phi-3-mini's hyperparameters, as its file writes them: heads of 96, NEOX's RoPE;
+    // `<|end|>`, its end of turn, stops an answer.
     let file = Gguf::open(&dir.join("ggml-vocab-phi-3.gguf")).expect("a GGUF");
-    match kernels::model::LlamaConfig::from_gguf(&file) {
-        Err(e) => {
-            let why = e.to_string();
-            assert!(why.contains("\"phi3\"") && why.contains("qwen2"), "{why}");
-        }
-        Ok(_) => panic!("phi3 taken for a Llama"),
-    }
+    let c = kernels::model::LlamaConfig::from_gguf(&file).expect("phi3 is read");
+    assert_eq!(
+        (c.dim, c.n_heads, c.head_dim, c.ffn_dim),
+        (3072, 32, 96, 8192)
+    );
+    assert!(c.neox, "Phi-3 rotates each head's halves");
+    assert!(phi3.stop_tokens.contains(&turn[4]), "<|end|> ends a turn");
+}
+
+/// A Phi-3-shaped file (`phi3`: Q, K and V in one matrix, the gate and up projections in
+/// one; Phi-3's SentencePiece vocabulary and its own template) answers a chat turn on every
+/// engine backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_phi3_model_answers_a_chat_turn() {
+    let (_scratch, path) = chat_model_file_with("phi-3", None, SynthArch::Phi3, &[]);
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    assert!(loaded.model.config.neox);
+    let (text, prompt) = answers_a_chat_turn(&loaded).await;
+    assert_eq!(text, "<s><|user|>\nName a colour.<|end|>\n<|assistant|>\n");
+    assert_eq!(prompt[0], 1, "one BOS: the template's");
+    assert_eq!(prompt.iter().filter(|&&i| i == 1).count(), 1);
 }
 
 /// A Llama 2–shaped file (SentencePiece's vocabulary, Mistral's chat template, random
@@ -200,14 +215,15 @@ fn chat_model_file(
     template: &str,
     arch: SynthArch,
 ) -> (common::tempdir::TempDir, std::path::PathBuf) {
-    chat_model_file_with(vocab, template, arch, &[])
+    chat_model_file_with(vocab, Some(template), arch, &[])
 }
 
 /// [`chat_model_file`] with `added` tokens appended to the vocabulary as user-defined
-/// ones (as a model's own added tokens: `<think>` and `</think>` of a reasoning model).
+/// ones (as a model's own added tokens: `<think>` and `</think>` of a reasoning model), and
+/// the vocabulary file's own template where `template` is `None`.
 fn chat_model_file_with(
     vocab: &str,
-    template: &str,
+    template: Option<&str>,
     arch: SynthArch,
     added: &[&str],
 ) -> (common::tempdir::TempDir, std::path::PathBuf) {
@@ -226,10 +242,12 @@ fn chat_model_file_with(
             }
         }
     }
-    let template = dir.join(format!("templates/{template}.jinja"));
-    let template = std::fs::read_to_string(template).expect("read");
-    meta.retain(|(k, _)| k != "tokenizer.chat_template");
-    meta.push(("tokenizer.chat_template".into(), Value::String(template)));
+    if let Some(template) = template {
+        let template = dir.join(format!("templates/{template}.jinja"));
+        let template = std::fs::read_to_string(template).expect("read");
+        meta.retain(|(k, _)| k != "tokenizer.chat_template");
+        meta.push(("tokenizer.chat_template".into(), Value::String(template)));
+    }
     let scratch = common::tempdir::TempDir::new();
     let path = scratch.0.join(format!("{vocab}.gguf"));
     let spec = SynthSpec {
@@ -552,7 +570,7 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     use serde_json::{json, Value};
     let (_scratch, path) = chat_model_file_with(
         "qwen2",
-        "Qwen-QwQ-32B",
+        Some("Qwen-QwQ-32B"),
         SynthArch::Qwen2,
         &["<think>", "</think>"],
     );

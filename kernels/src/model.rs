@@ -1,7 +1,9 @@
 //! The Llama-family model: hyperparameters from GGUF metadata (architecture `llama`;
 //! `qwen2`: Llama's with biases on Q, K and V and RoPE over each head's halves; `qwen3`:
-//! Qwen2's without the biases, with an RMSNorm over each Q and K head), and weights checked
-//! against them (a tensor whose shape disagrees with the metadata is an error).
+//! Qwen2's without the biases, with an RMSNorm over each Q and K head; `phi3`: Llama's with
+//! Q, K and V in one matrix and the gate and up projections in one, RoPE over each head's
+//! halves), and weights checked against them (a tensor whose shape disagrees with the
+//! metadata is an error).
 
 use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
 use crate::kquant;
@@ -42,8 +44,26 @@ pub struct LlamaConfig {
 
 /// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
 /// NEOX's RoPE, [`LlamaConfig::neox`]; `qwen3`: NEOX's RoPE, no biases, and each Q and K
-/// head RMS-normed before it, [`Layer::qk_norm`]).
-const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+/// head RMS-normed before it, [`Layer::qk_norm`]; `phi3`: NEOX's RoPE, Q, K and V fused in
+/// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`]).
+const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3"];
+
+/// The context a model is served at: its file's, within its attention's sliding window
+/// where it has one (Phi-3-mini-4k's 2,047 of 4,096; each key attends to that many before
+/// it, and full attention is the same as the window's up to there).
+fn context_len(file: usize, window: Option<usize>) -> usize {
+    match window.filter(|&w| w > 0 && w < file) {
+        Some(w) => {
+            tracing::info!(
+                context = file,
+                sliding_window = w,
+                "the model attends over a sliding window; served at the window's context"
+            );
+            w
+        }
+        None => file,
+    }
+}
 
 /// Row `j` of a head of Llama's adjacent RoPE pairs is this row of NEOX's halves:
 /// (2i, 2i + 1) ← (i, i + head_dim/2).
@@ -210,6 +230,16 @@ impl LlamaConfig {
                 )))
             }
         };
+        // Phi-3's LongRoPE (its 128k files' per-pair factors, long and short, chosen by
+        // the sequence's length) is not computed here.
+        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+            .iter()
+            .find(|n| g.tensor(n).is_some())
+        {
+            return Err(GgufError::Metadata(format!(
+                "{t}: LongRoPE scaling (Phi-3's long-context files) is not supported"
+            )));
+        }
         let vocab = match u("vocab_size") {
             Ok(v) => v,
             Err(_) => g.get_strings("tokenizer.ggml.tokens")?.len(),
@@ -226,9 +256,12 @@ impl LlamaConfig {
             rope_freq_factors,
             rope_freq_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
-            context_len: u("context_length").unwrap_or(2048),
+            context_len: context_len(
+                u("context_length").unwrap_or(2048),
+                u("attention.sliding_window").ok(),
+            ),
             pooling: Pooling::from_gguf(g, arch),
-            neox: arch == "qwen2" || arch == "qwen3",
+            neox: matches!(arch, "qwen2" | "qwen3" | "phi3"),
             attn_scale: yarn.map_or(1.0, |(factor, _)| {
                 let mscale = 1.0 + 0.1 * factor.ln();
                 (mscale * mscale) as f32
@@ -471,6 +504,36 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
     Ok(matrix_of(t.ty, rows, cols, g.data(t)))
 }
 
+/// The matrices stacked in one fused tensor `name` (`cols` wide; Phi-3's `attn_qkv`: Q's,
+/// K's and V's rows one after the other, and `ffn_up`: the gate's then up's), split at
+/// their rows: `parts` are each one's rows and, for Q's and K's where RoPE is NEOX's, the
+/// head width to permute them by as [`rope_matrix`] does.
+fn fused_rows(
+    g: &Gguf,
+    name: &str,
+    cols: usize,
+    parts: &[(usize, Option<usize>)],
+) -> Result<Vec<Matrix>, GgufError> {
+    let t = find(g, name)?;
+    let rows: usize = parts.iter().map(|p| p.0).sum();
+    if t.dims != [cols, rows] || !cols.is_multiple_of(t.ty.block_elems()) {
+        return Err(shape_err(t, &[cols, rows]));
+    }
+    let row_bytes = cols / t.ty.block_elems() * t.ty.block_bytes();
+    let data = g.data(t);
+    let mut at = 0;
+    let mut out = Vec::with_capacity(parts.len());
+    for &(n, neox) in parts {
+        let bytes = &data[at * row_bytes..(at + n) * row_bytes];
+        at += n;
+        out.push(match neox {
+            Some(hd) => matrix_of(t.ty, n, cols, &neox_to_pairs(bytes, n, hd)),
+            None => matrix_of(t.ty, n, cols, bytes),
+        });
+    }
+    Ok(out)
+}
+
 /// A `rows × cols` matrix of a file's tensor of type `ty` (`bytes`, its blocks) as the
 /// kernels hold it: the file's blocks where the kernels read them as they are; Q5_x,
 /// K-quants and IQ4 in the layout the kernels read ([`kquant`]), with offsets beside it
@@ -654,21 +717,32 @@ impl Weights {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let qkv_bias = qkv_bias(g, i, c)?;
             let qk_norm = qk_norm(g, i, c, qkv_bias.is_some())?;
-            layers.push(Layer {
-                attn_norm: vector(g, &n("attn_norm"), d)?,
-                qkv: Projections::new(vec![
+            // Phi-3's fused matrices, split (Q's and K's rows permuted as their own
+            // tensors' would be).
+            let rope = c.neox.then_some(c.head_dim);
+            let qkv = match g.tensor(&n("attn_qkv")) {
+                Some(_) => fused_rows(g, &n("attn_qkv"), d, &[(q, rope), (kv, rope), (kv, None)])?,
+                None => vec![
                     rope_matrix(g, &n("attn_q"), d, q, c)?,
                     rope_matrix(g, &n("attn_k"), d, kv, c)?,
                     matrix(g, &n("attn_v"), d, kv)?,
-                ]),
+                ],
+            };
+            let gate_up = match g.tensor(&n("ffn_gate")) {
+                Some(_) => vec![
+                    matrix(g, &n("ffn_gate"), d, f)?,
+                    matrix(g, &n("ffn_up"), d, f)?,
+                ],
+                None => fused_rows(g, &n("ffn_up"), d, &[(f, None), (f, None)])?,
+            };
+            layers.push(Layer {
+                attn_norm: vector(g, &n("attn_norm"), d)?,
+                qkv: Projections::new(qkv),
                 qkv_bias,
                 qk_norm,
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
-                gate_up: Projections::new(vec![
-                    matrix(g, &n("ffn_gate"), d, f)?,
-                    matrix(g, &n("ffn_up"), d, f)?,
-                ]),
+                gate_up: Projections::new(gate_up),
                 w_down: matrix(g, &n("ffn_down"), f, d)?,
             });
         }
@@ -685,5 +759,23 @@ impl Weights {
             output_norm: vector(g, "output_norm.weight", d)?,
             output,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sliding_window_shorter_than_the_context_is_the_context_served() {
+        // Phi-3-mini-4k's: each key attends over the 2,047 before it.
+        assert_eq!(context_len(4096, Some(2047)), 2047);
+        assert_eq!(
+            context_len(4096, Some(131072)),
+            4096,
+            "a window past the context"
+        );
+        assert_eq!(context_len(4096, Some(0)), 4096, "no window");
+        assert_eq!(context_len(4096, None), 4096);
     }
 }

@@ -73,6 +73,9 @@ pub enum SynthArch {
     /// `qwen3`: Qwen3's keys, no biases, a norm of each Q and K head (`attn_q_norm`,
     /// `attn_k_norm`), NEOX's halves.
     Qwen3,
+    /// `phi3`: Phi-3's keys, Q, K and V in one matrix (`attn_qkv`), the gate and up
+    /// projections in one (`ffn_up`, the gate's rows first), NEOX's halves.
+    Phi3,
 }
 
 impl SynthArch {
@@ -81,6 +84,7 @@ impl SynthArch {
             SynthArch::Llama => "llama",
             SynthArch::Qwen2 => "qwen2",
             SynthArch::Qwen3 => "qwen3",
+            SynthArch::Phi3 => "phi3",
         }
     }
 }
@@ -586,9 +590,15 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         let mut r2 = Rng(s.seed ^ ((i as u64 + 1) * 0x1234_5678));
         tensors.push(norm(n("attn_norm"), s.dim, &mut r2));
-        tensors.push(mat(n("attn_q"), s.dim, q_dim, std_in(s.dim)));
-        tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
-        tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
+        let phi3 = s.arch == SynthArch::Phi3;
+        if phi3 {
+            let rows = q_dim + 2 * kv_dim;
+            tensors.push(mat(n("attn_qkv"), s.dim, rows, std_in(s.dim)));
+        } else {
+            tensors.push(mat(n("attn_q"), s.dim, q_dim, std_in(s.dim)));
+            tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
+            tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
+        }
         if s.arch == SynthArch::Qwen3 {
             tensors.push(norm(n("attn_q_norm"), head_dim, &mut r2));
             tensors.push(norm(n("attn_k_norm"), head_dim, &mut r2));
@@ -606,8 +616,12 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         }
         tensors.push(mat(n("attn_output"), q_dim, s.dim, 2.0 * std_in(q_dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
-        tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
-        tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, std_in(s.dim)));
+        if phi3 {
+            tensors.push(mat(n("ffn_up"), s.dim, 2 * s.ffn_dim, std_in(s.dim)));
+        } else {
+            tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
+            tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, std_in(s.dim)));
+        }
         tensors.push(mat(
             n("ffn_down"),
             s.ffn_dim,

@@ -180,6 +180,45 @@ fn rope_the_engine_does_not_compute_is_refused_at_load() {
         ),
         Ok(_) => panic!("partial RoPE accepted"),
     }
+    // A Phi-3 file loads; with LongRoPE's factors (its 128k files') it does not.
+    use kernels::gguf::write::{gguf, Tensor};
+    let p = tmp("rope-longrope");
+    let spec = SynthSpec {
+        arch: kernels::synth::SynthArch::Phi3,
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    assert!(kernels::load::load(&p).is_ok());
+    let g = kernels::gguf::Gguf::open(&p).unwrap();
+    let meta: Vec<(String, Value)> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut tensors: Vec<Tensor> = g
+        .tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+            data: g.data(t).to_vec(),
+        })
+        .collect();
+    tensors.push(Tensor {
+        name: "rope_factors_long.weight".into(),
+        dims: vec![16],
+        ty: GgmlType::F32,
+        data: [1f32; 16].iter().flat_map(|f| f.to_le_bytes()).collect(),
+    });
+    let mut bytes = Vec::new();
+    gguf(&mut bytes, &meta, &tensors).unwrap();
+    drop(g);
+    std::fs::write(&p, &bytes).unwrap();
+    match kernels::load::load(&p) {
+        Err(e) => assert!(e.to_string().contains("LongRoPE"), "{e}"),
+        Ok(_) => panic!("LongRoPE factors accepted"),
+    }
 }
 
 /// Attention the engine would not compute as the file means is an error at load: value

@@ -29,7 +29,9 @@ class Model:
         a = field(r, "general.architecture")
         # Qwen2: Llama with biases on Q, K and V, and RoPE over each head's halves (NEOX).
         # Qwen3: NEOX's RoPE, no biases, each Q and K head RMS-normed before it.
-        self.neox = a in ("qwen2", "qwen3")
+        # Phi-3: NEOX's RoPE, Q, K and V in one matrix, the gate and up projections in one
+        # (Hugging Face's qkv_proj and gate_up_proj: the gate's rows first).
+        self.neox = a in ("qwen2", "qwen3", "phi3")
         self.n_layers = int(field(r, f"{a}.block_count"))
         self.dim = int(field(r, f"{a}.embedding_length"))
         self.n_heads = int(field(r, f"{a}.attention.head_count"))
@@ -107,9 +109,15 @@ class Model:
         for i in range(self.n_layers):
             p = f"blk.{i}."
             h = self.rms(x, self.w[p + "attn_norm.weight"])
-            q = self.proj(h, p + "attn_q").reshape(T, self.n_heads, self.hd)
-            k = self.proj(h, p + "attn_k").reshape(T, self.n_kv, self.hd)
-            v = self.proj(h, p + "attn_v").reshape(T, self.n_kv, self.hd)
+            if p + "attn_qkv.weight" in self.w:
+                qkv = self.proj(h, p + "attn_qkv")
+                nq, nkv = self.n_heads * self.hd, self.n_kv * self.hd
+                q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+            else:
+                q, k, v = (self.proj(h, p + x) for x in ("attn_q", "attn_k", "attn_v"))
+            q = q.reshape(T, self.n_heads, self.hd)
+            k = k.reshape(T, self.n_kv, self.hd)
+            v = v.reshape(T, self.n_kv, self.hd)
             if p + "attn_q_norm.weight" in self.w:
                 # Hugging Face's Qwen3Attention: q_norm and k_norm over each head, before RoPE.
                 q, k = self.rms(q, self.w[p + "attn_q_norm.weight"]), self.rms(k, self.w[p + "attn_k_norm.weight"])
@@ -121,8 +129,11 @@ class Model:
             o = np.einsum("hts,shd->thd", att, v).reshape(T, self.n_heads * self.hd)
             x = x + o @ self.w[p + "attn_output.weight"].T
             h = self.rms(x, self.w[p + "ffn_norm.weight"])
-            gt = h @ self.w[p + "ffn_gate.weight"].T
-            up = h @ self.w[p + "ffn_up.weight"].T
+            if p + "ffn_gate.weight" in self.w:
+                gt = h @ self.w[p + "ffn_gate.weight"].T
+                up = h @ self.w[p + "ffn_up.weight"].T
+            else:
+                gt, up = np.split(h @ self.w[p + "ffn_up.weight"].T, 2, axis=-1)
             x = x + (gt / (1 + np.exp(-gt)) * up) @ self.w[p + "ffn_down.weight"].T
         return self.rms(x[-1], self.w["output_norm.weight"]) @ self.out.T
 

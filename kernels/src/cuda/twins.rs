@@ -461,7 +461,8 @@ pub struct TwinKv {
 
 /// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
 /// rows), each tensor's rows permuted as load permutes the CPU's
-/// ([`crate::model::neox_rows`]: Q's and K's, where the file's RoPE is NEOX's).
+/// ([`crate::model::neox_rows`]: Q's and K's, where the file's RoPE is NEOX's; within
+/// Phi-3's fused `attn_qkv`, its Q and K rows).
 fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<Vec<f16>> {
     let mut out = Vec::new();
     for name in names {
@@ -471,6 +472,16 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
         if let (Some(hd), &[_, rows]) = (crate::model::neox_rows(c, name), &t.dims[..]) {
             let pairs = crate::model::neox_to_pairs(&out[at..], rows, hd);
             out[at..].copy_from_slice(&pairs);
+        }
+        // Phi-3's fused Q, K and V: Q's and K's rows permuted as their own tensors' are.
+        if name.ends_with(".attn_qkv.weight") && c.neox {
+            let cols = t.dims[0];
+            let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
+            for (from, rows) in [(0, q), (q, kv)] {
+                let part = &mut out[at + from * cols..at + (from + rows) * cols];
+                let pairs = crate::model::neox_to_pairs(part, rows, c.head_dim);
+                part.copy_from_slice(&pairs);
+            }
         }
     }
     Some(out)
@@ -566,14 +577,23 @@ impl TwinModel {
         use rayon::prelude::*;
         let layers = w.layers.par_iter().enumerate().map(|(i, l)| {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            // Phi-3's fused tensors hold the same rows, stacked as these are.
+            let fused = file.is_some_and(|g| g.tensor(&n("attn_qkv")).is_some());
+            let (qkv, gate_up) = match fused {
+                true => (vec![n("attn_qkv")], vec![n("ffn_up")]),
+                false => (
+                    vec![n("attn_q"), n("attn_k"), n("attn_v")],
+                    vec![n("ffn_gate"), n("ffn_up")],
+                ),
+            };
             Some(TwinLayer {
                 attn_norm: l.attn_norm.clone(),
-                wqkv: stacked(&[n("attn_q"), n("attn_k"), n("attn_v")], &l.qkv)?,
+                wqkv: stacked(&qkv, &l.qkv)?,
                 qkv_bias: l.qkv_bias.clone(),
                 qk_norm: l.qk_norm.clone(),
                 wo: one(&[n("attn_output")], &l.wo)?,
                 ffn_norm: l.ffn_norm.clone(),
-                w_gate_up: stacked(&[n("ffn_gate"), n("ffn_up")], &l.gate_up)?,
+                w_gate_up: stacked(&gate_up, &l.gate_up)?,
                 w_down: one(&[n("ffn_down")], &l.w_down)?,
                 quant: if quant {
                     LayerQuant {
