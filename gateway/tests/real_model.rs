@@ -427,8 +427,9 @@ fn synthetic_model_logits_match_the_numpy_reference() {
 }
 
 /// RoPE scaled as Llama 3.1's files scale it (`rope_freqs.weight`: each pair's frequency
-/// over its factor), linearly (`llama.rope.scaling.type = "linear"`) and by YaRN (Qwen's
-/// long-context files: frequencies along a ramp, the scores scaled): the CPU's logits
+/// over its factor), linearly (`llama.rope.scaling.type = "linear"`), by YaRN (Qwen's
+/// long-context files: frequencies along a ramp, the scores scaled) and by LongRoPE
+/// (Phi-3's 128k files: long or short factors, the scores scaled): the CPU's logits
 /// and greedy tokens are the reference's, and not the unscaled model's (the factors are
 /// read, not dropped); so are the GPU path's (emulated), whose kernels read the same
 /// frequency table.
@@ -439,12 +440,19 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
         return;
     };
     let prompt = "hello synthetic world, 123: a prompt long enough that its later positions turn";
+    // The same architecture's file unscaled.
     let dir = tempdir::TempDir::new();
-    let path = dir.0.join("plain.gguf");
-    kernels::synth::write_model(&path, &SynthSpec::tiny()).unwrap();
-    let plain = kernels::load::load(&path).unwrap();
-    let ids = plain.tokenizer.encode(prompt).unwrap();
-    let (_, plain_logits) = greedy(&plain, &ids, 1);
+    let plain_logits = |arch| {
+        let path = dir.0.join(format!("plain-{arch:?}.gguf"));
+        let spec = SynthSpec {
+            arch,
+            ..SynthSpec::tiny()
+        };
+        kernels::synth::write_model(&path, &spec).unwrap();
+        let plain = kernels::load::load(&path).unwrap();
+        let ids = plain.tokenizer.encode(prompt).unwrap();
+        greedy(&plain, &ids, 1).1
+    };
     for rope in [
         SynthRope::Llama3 {
             original_context: 64,
@@ -454,9 +462,24 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
             factor: 4.0,
             original_context: 64,
         },
+        // Served past the original context: the long factors, the attention factor from
+        // Hugging Face's formula; within it, the short ones and the file's factor.
+        SynthRope::LongRope {
+            original_context: 64,
+            attn_factor: None,
+        },
+        SynthRope::LongRope {
+            original_context: 2048,
+            attn_factor: Some(1.2),
+        },
     ] {
+        let arch = match rope {
+            SynthRope::LongRope { .. } => kernels::synth::SynthArch::Phi3,
+            _ => kernels::synth::SynthArch::Llama,
+        };
         let spec = SynthSpec {
             rope_scaling: rope,
+            arch,
             ..SynthSpec::tiny()
         };
         let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, prompt);
@@ -470,7 +493,7 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
             refs[0]["greedy"],
             "{rope:?}"
         );
-        let moved = max_rel_diff(&plain_logits, want);
+        let moved = max_rel_diff(&plain_logits(arch), want);
         assert!(
             moved > 10.0 * LOGIT_TOL,
             "{rope:?}: the unscaled model is within {moved} of the scaled one"

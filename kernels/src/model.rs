@@ -48,6 +48,71 @@ pub struct LlamaConfig {
 /// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`]).
 const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3"];
 
+/// RoPE's per-pair factors in `t` (an f32 tensor of `head_dim / 2` values: Llama 3.1's
+/// `rope_freqs.weight`, Phi-3's LongRoPE factors), each dividing its pair's frequency.
+fn pair_factors(g: &Gguf, t: &TensorInfo, head_dim: usize) -> Result<Vec<f32>, GgufError> {
+    if t.ty != GgmlType::F32 || t.n_elems() != head_dim / 2 {
+        return Err(GgufError::Metadata(format!(
+            "{} is {:?} × {}; RoPE's factors are {} f32 values",
+            t.name,
+            t.ty,
+            t.n_elems(),
+            head_dim / 2
+        )));
+    }
+    Ok(g.data(t)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Phi-3's LongRoPE (its 128k files: `rope_factors_long.weight` and
+/// `rope_factors_short.weight`, each pair's frequency over its factor): the long factors
+/// where the model is served past its original context (`rope.scaling.
+/// original_context_length`), else the short ones — the choice llama.cpp makes by its
+/// context (Hugging Face makes it by each sequence's length, the same below the original
+/// context) — and the attention factor that scales the rotated q and k
+/// (`rope.scaling.attn_factor`, else Hugging Face's `√(1 + ln(s) / ln original)` for the
+/// file's context `s` times the original one); `None` where the file has no factors.
+fn long_rope(
+    g: &Gguf,
+    arch: &str,
+    head_dim: usize,
+    context: usize,
+    file_context: usize,
+) -> Result<Option<(Vec<f32>, f32)>, GgufError> {
+    let (long, short) = (
+        g.tensor("rope_factors_long.weight"),
+        g.tensor("rope_factors_short.weight"),
+    );
+    let (long, short) =
+        match (long, short) {
+            (None, None) => return Ok(None),
+            (Some(l), Some(s)) => (l, s),
+            _ => return Err(GgufError::Metadata(
+                "one of rope_factors_long.weight and rope_factors_short.weight without the other"
+                    .into(),
+            )),
+        };
+    let orig = g
+        .get_u64(&format!("{arch}.rope.scaling.original_context_length"))
+        .map_err(|_| {
+            GgufError::Metadata(format!(
+                "LongRoPE factors without {arch}.rope.scaling.original_context_length"
+            ))
+        })? as usize;
+    let factors = pair_factors(g, if context > orig { long } else { short }, head_dim)?;
+    let attn = match g.get_f64(&format!("{arch}.rope.scaling.attn_factor")) {
+        Ok(a) if a > 0.0 => a as f32,
+        _ if file_context > orig && orig > 1 => {
+            let scale = file_context as f64 / orig as f64;
+            (1.0 + scale.ln() / (orig as f64).ln()).sqrt() as f32
+        }
+        _ => 1.0,
+    };
+    Ok(Some((factors, attn)))
+}
+
 /// The context a model is served at: its file's, within its attention's sliding window
 /// where it has one (Phi-3-mini-4k's 2,047 of 4,096; each key attends to that many before
 /// it, and full attention is the same as the window's up to there).
@@ -208,38 +273,29 @@ impl LlamaConfig {
             } => (1.0, Some((factor, original_context))),
         };
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
+        let context_len = context_len(
+            u("context_length").unwrap_or(2048),
+            u("attention.sliding_window").ok(),
+        );
+        let file_context = u("context_length").unwrap_or(2048);
+        let long_rope = long_rope(g, arch, head_dim, context_len, file_context)?;
+        if long_rope.is_some() && (yarn.is_some() || g.tensor("rope_freqs.weight").is_some()) {
+            return Err(GgufError::Metadata(
+                "LongRoPE factors beside YaRN or rope_freqs.weight are not supported".into(),
+            ));
+        }
         let rope_freq_factors = match g.tensor("rope_freqs.weight") {
-            None => yarn.map(|(factor, orig)| yarn_factors(head_dim, rope_base, factor, orig)),
+            None => match &long_rope {
+                Some((factors, _)) => Some(factors.clone()),
+                None => yarn.map(|(factor, orig)| yarn_factors(head_dim, rope_base, factor, orig)),
+            },
             Some(_) if yarn.is_some() => {
                 return Err(GgufError::Metadata(
                     "YaRN scaling beside rope_freqs.weight factors is not supported".into(),
                 ))
             }
-            Some(t) if t.ty == GgmlType::F32 && t.n_elems() == head_dim / 2 => Some(
-                g.data(t)
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Some(t) => {
-                return Err(GgufError::Metadata(format!(
-                    "rope_freqs.weight is {:?} × {}; RoPE's factors are {} f32 values",
-                    t.ty,
-                    t.n_elems(),
-                    head_dim / 2
-                )))
-            }
+            Some(t) => Some(pair_factors(g, t, head_dim)?),
         };
-        // Phi-3's LongRoPE (its 128k files' per-pair factors, long and short, chosen by
-        // the sequence's length) is not computed here.
-        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
-            .iter()
-            .find(|n| g.tensor(n).is_some())
-        {
-            return Err(GgufError::Metadata(format!(
-                "{t}: LongRoPE scaling (Phi-3's long-context files) is not supported"
-            )));
-        }
         let vocab = match u("vocab_size") {
             Ok(v) => v,
             Err(_) => g.get_strings("tokenizer.ggml.tokens")?.len(),
@@ -256,16 +312,17 @@ impl LlamaConfig {
             rope_freq_factors,
             rope_freq_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
-            context_len: context_len(
-                u("context_length").unwrap_or(2048),
-                u("attention.sliding_window").ok(),
-            ),
+            context_len,
             pooling: Pooling::from_gguf(g, arch),
             neox: matches!(arch, "qwen2" | "qwen3" | "phi3"),
-            attn_scale: yarn.map_or(1.0, |(factor, _)| {
-                let mscale = 1.0 + 0.1 * factor.ln();
-                (mscale * mscale) as f32
-            }),
+            attn_scale: match (yarn, &long_rope) {
+                (Some((factor, _)), _) => {
+                    let mscale = 1.0 + 0.1 * factor.ln();
+                    (mscale * mscale) as f32
+                }
+                (None, Some((_, attn))) => attn * attn,
+                (None, None) => 1.0,
+            },
         })
     }
 

@@ -109,6 +109,14 @@ pub enum SynthRope {
         factor: f32,
         original_context: usize,
     },
+    /// Phi-3's LongRoPE (`rope_factors_long.weight`, `rope_factors_short.weight`): long
+    /// factors from 1 to 8 over the pairs, short ones from 1 to 1.5, for an original
+    /// context of this many tokens (past it, a reader takes the long ones); with
+    /// `rope.scaling.attn_factor` where given (else a reader computes it).
+    LongRope {
+        original_context: usize,
+        attn_factor: Option<f32>,
+    },
 }
 
 /// Llama 3.1's RoPE factors for `head_dim`-wide heads at `base` (Hugging Face's
@@ -535,6 +543,19 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         ));
         meta.push(("llama.rope.scaling.factor".into(), Value::F32(f)));
     }
+    if let SynthRope::LongRope {
+        original_context,
+        attn_factor,
+    } = s.rope_scaling
+    {
+        meta.push((
+            "llama.rope.scaling.original_context_length".into(),
+            u32v(original_context),
+        ));
+        if let Some(a) = attn_factor {
+            meta.push(("llama.rope.scaling.attn_factor".into(), Value::F32(a)));
+        }
+    }
     if let SynthRope::Yarn {
         factor,
         original_context,
@@ -575,6 +596,22 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             ty: GgmlType::F32,
             data: encode(GgmlType::F32, &f),
         });
+    }
+    if let SynthRope::LongRope { .. } = s.rope_scaling {
+        let half = head_dim / 2;
+        let ramp = |to: f32| -> Vec<f32> {
+            (0..half)
+                .map(|i| 1.0 + (to - 1.0) * i as f32 / (half - 1).max(1) as f32)
+                .collect()
+        };
+        for (name, to) in [("rope_factors_long", 8.0), ("rope_factors_short", 1.5)] {
+            tensors.push(Tensor {
+                name: format!("{name}.weight"),
+                dims: vec![half],
+                ty: GgmlType::F32,
+                data: encode(GgmlType::F32, &ramp(to)),
+            });
+        }
     }
     let norm = |name: String, n: usize, r: &mut Rng| Tensor {
         name,

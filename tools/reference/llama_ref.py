@@ -47,6 +47,20 @@ class Model:
             self.yarn = (float(field(r, f"{a}.rope.scaling.factor")),
                          int(field(r, f"{a}.rope.scaling.original_context_length")))
         # A head's width: the file's key_length where it has one (Qwen3's), else dim / heads.
+        # Phi-3's LongRoPE: Hugging Face's _compute_longrope_parameters, its long factors
+        # past the original context (here the file's context decides, as llama.cpp's
+        # does), and the rotated q and k scaled by its attention factor.
+        self.long_rope = None
+        if any(t.name == "rope_factors_long.weight" for t in r.tensors):
+            import math
+            orig = int(field(r, f"{a}.rope.scaling.original_context_length"))
+            ctx = int(field(r, f"{a}.context_length"))
+            key = f"{a}.rope.scaling.attn_factor"
+            if key in r.fields:
+                attn = float(field(r, key))
+            else:
+                attn = math.sqrt(1 + math.log(ctx / orig) / math.log(orig)) if ctx > orig else 1.0
+            self.long_rope = ("rope_factors_long.weight" if ctx > orig else "rope_factors_short.weight", attn)
         kl = f"{a}.attention.key_length"
         self.hd = int(field(r, kl)) if kl in r.fields else self.dim // self.n_heads
         self.w = {}
@@ -72,6 +86,9 @@ class Model:
             inv = inv / self.w["rope_freqs.weight"].reshape(-1).astype(np.float64)
         inv = inv * self.freq_scale
         mscale = 1.0
+        if self.long_rope:
+            name, mscale = self.long_rope
+            inv = inv / self.w[name].reshape(-1).astype(np.float64)
         if self.yarn:
             # Hugging Face's _compute_yarn_parameters (beta_fast 32, beta_slow 1): each pair
             # between its interpolated and its own frequency along a linear ramp, and the
