@@ -679,6 +679,7 @@ mod tests {
             pooling: crate::model::Pooling::Last,
             neox: false,
             attn_scale: 1.0,
+            moe: None,
         };
         let (kvd, qd, group) = (n_kv * hd, n_heads * hd, n_heads / n_kv);
         let mut kv = KvCache::new(1, n_kv, kvd, 16, 8);

@@ -16,14 +16,14 @@
 //!   a[T,Q] = causal GQA attention of q over its sequence's cache
 //!   x     += a·Woᵀ
 //!   h      = rmsnorm(x) · ffn_norm
-//!   x     += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ
+//!   x     += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ   (or a mixture of experts: `moe`)
 //! logits[S,V] = rmsnorm(x[those rows]) · output_norm · Woutᵀ
 //! ```
 
 use crate::attention::attention;
 use crate::kv::KvCache;
-use crate::matmul::{matmul, ActPrecision, Acts};
-use crate::model::{LlamaConfig, Projections, Weights};
+use crate::matmul::{matmul, ActPrecision, Acts, Matrix};
+use crate::model::{Ffn, LlamaConfig, Projections, Weights};
 use crate::ops;
 use rayon::prelude::*;
 
@@ -127,6 +127,7 @@ pub struct Scratch {
     fused: Vec<f32>,
     /// Each row's rotary (cos, sin) pairs: positions are the same in every layer.
     rope: Vec<f32>,
+    moe: crate::moe::MoeScratch,
 }
 
 impl Scratch {
@@ -316,24 +317,26 @@ impl Model {
 
             // Feed-forward block.
             norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
-            project(
-                &l.gate_up,
-                &mut s.h,
-                &mut s.fused,
-                &mut [&mut s.gate.f32, &mut s.up],
-                prec,
-            );
-            if t < PAR_ROWS {
-                ops::swiglu(&mut s.gate.f32[..t * c.ffn_dim], &s.up[..t * c.ffn_dim]);
-            } else {
-                s.gate
-                    .f32
-                    .par_chunks_mut(c.ffn_dim)
-                    .zip(s.up.par_chunks(c.ffn_dim))
-                    .for_each(|(g, u)| ops::swiglu(g, u));
+            match &l.ffn {
+                Ffn::Dense { gate_up, w_down } => {
+                    swiglu_block(
+                        gate_up,
+                        w_down,
+                        &mut s.h,
+                        &mut s.fused,
+                        &mut s.gate,
+                        &mut s.up,
+                        &mut s.o,
+                        prec,
+                    );
+                }
+                Ffn::Experts(x) => {
+                    let moe = c.moe.as_ref().ok_or_else(|| {
+                        StepError::BadBatch("experts without their configuration".into())
+                    })?;
+                    crate::moe::mixture(x, moe, &mut s.h, &mut s.moe, &mut s.o, prec);
+                }
             }
-            s.gate.touched();
-            matmul(&l.w_down, &mut s.gate, &mut s.o, prec);
             add_rows(&mut s.x, &s.o);
         }
 
@@ -359,6 +362,37 @@ impl Model {
 /// Rows below which elementwise work stays on the calling thread (cheaper than waking
 /// the pool).
 const PAR_ROWS: usize = 16;
+
+/// `o = down(silu(gate(h)) · up(h))` for `h`'s rows (`gate` and `up`: scratch, resized
+/// here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn swiglu_block(
+    gate_up: &Projections,
+    down: &Matrix,
+    h: &mut Acts,
+    fused: &mut Vec<f32>,
+    gate: &mut Acts,
+    up: &mut Vec<f32>,
+    o: &mut Vec<f32>,
+    prec: ActPrecision,
+) {
+    let t = h.rows;
+    let f = down.cols;
+    gate.resize(t, f);
+    up.resize(t * f, 0.0);
+    o.resize(t * down.rows, 0.0);
+    project(gate_up, h, fused, &mut [&mut gate.f32, up], prec);
+    if t < PAR_ROWS {
+        ops::swiglu(&mut gate.f32[..t * f], &up[..t * f]);
+    } else {
+        gate.f32
+            .par_chunks_mut(f)
+            .zip(up.par_chunks(f))
+            .for_each(|(g, u)| ops::swiglu(g, u));
+    }
+    gate.touched();
+    matmul(down, gate, o, prec);
+}
 
 fn norm_rows(x: &Acts, w: &[f32], eps: f32, out: &mut Acts) {
     let cols = x.cols;

@@ -21,6 +21,7 @@ pub mod load;
 pub mod logprobs;
 pub mod matmul;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod packed;
 pub mod quant;

@@ -40,13 +40,70 @@ pub struct LlamaConfig {
     /// (`(1 + 0.1·ln factor)²`: YaRN scales each rotated q and k by `mscale`, which is this
     /// on q·k); 1 otherwise.
     pub attn_scale: f32,
+    /// A mixture of experts in place of each layer's feed-forward block (Qwen3-MoE's,
+    /// Qwen2-MoE's, Mixtral's), where the file has one.
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture of experts: each token's block is the weighted sum of the `used` experts of
+/// `count` its router scores highest, each expert a SwiGLU block `ffn` wide.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeConfig {
+    pub count: usize,
+    pub used: usize,
+    pub ffn: usize,
+    /// The chosen experts' weights sum to 1 (their softmax probabilities over the sum of
+    /// theirs: Qwen3-MoE's `norm_topk_prob`, Mixtral's softmax over the chosen); else each
+    /// keeps its probability among all `count` (Qwen2-MoE's).
+    pub norm: bool,
+    /// Qwen2-MoE's shared expert: a SwiGLU block this wide on every token, its output
+    /// weighted by a sigmoid gate of its own.
+    pub shared_ffn: Option<usize>,
 }
 
 /// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
 /// NEOX's RoPE, [`LlamaConfig::neox`]; `qwen3`: NEOX's RoPE, no biases, and each Q and K
 /// head RMS-normed before it, [`Layer::qk_norm`]; `phi3`: NEOX's RoPE, Q, K and V fused in
 /// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`]).
-const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3"];
+const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe"];
+
+/// The file's mixture of experts (`{arch}.expert_count` over 0), if any: Qwen3-MoE's and
+/// Mixtral's (`llama`) chosen experts' weights normalized, Qwen2-MoE's not, and its shared
+/// expert's width.
+fn moe_config(g: &Gguf, arch: &str) -> Result<Option<MoeConfig>, GgufError> {
+    let u = |k: &str| g.get_u64(&format!("{arch}.{k}")).map(|v| v as usize);
+    let count = match u("expert_count") {
+        Ok(n) if n > 0 => n,
+        _ if arch.ends_with("moe") => {
+            return Err(GgufError::Metadata(format!(
+                "{arch} without {arch}.expert_count"
+            )))
+        }
+        _ => return Ok(None),
+    };
+    let used = u("expert_used_count")?;
+    if used == 0 || used > count {
+        return Err(GgufError::Metadata(format!(
+            "{used} experts used of {count}: from 1 to all of them"
+        )));
+    }
+    let ffn = u("expert_feed_forward_length").or_else(|_| u("feed_forward_length"))?;
+    let norm = match g.get(&format!("{arch}.expert_weights_norm")) {
+        Some(crate::gguf::Value::Bool(b)) => *b,
+        _ => arch != "qwen2moe",
+    };
+    let shared_ffn = match arch {
+        "qwen2moe" => Some(u("expert_shared_feed_forward_length")?),
+        _ => None,
+    };
+    Ok(Some(MoeConfig {
+        count,
+        used,
+        ffn,
+        norm,
+        shared_ffn,
+    }))
+}
 
 /// RoPE's per-pair factors in `t` (an f32 tensor of `head_dim / 2` values: Llama 3.1's
 /// `rope_freqs.weight`, Phi-3's LongRoPE factors), each dividing its pair's frequency.
@@ -219,6 +276,7 @@ impl LlamaConfig {
             pooling: Pooling::Last,
             neox: false,
             attn_scale: 1.0,
+            moe: None,
         }
     }
 
@@ -314,7 +372,7 @@ impl LlamaConfig {
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             context_len,
             pooling: Pooling::from_gguf(g, arch),
-            neox: matches!(arch, "qwen2" | "qwen3" | "phi3"),
+            neox: matches!(arch, "qwen2" | "qwen3" | "phi3" | "qwen2moe" | "qwen3moe"),
             attn_scale: match (yarn, &long_rope) {
                 (Some((factor, _)), _) => {
                     let mscale = 1.0 + 0.1 * factor.ln();
@@ -323,6 +381,7 @@ impl LlamaConfig {
                 (None, Some((_, attn))) => attn * attn,
                 (None, None) => 1.0,
             },
+            moe: moe_config(g, arch)?,
         })
     }
 
@@ -476,9 +535,44 @@ pub struct Layer {
     pub qk_norm: Option<QkNorm>,
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
-    /// Gate and up.
+    pub ffn: Ffn,
+}
+
+/// A layer's feed-forward block. (One a layer, read in place: the dense block's size
+/// beside the experts' box costs nothing worth an indirection on every step.)
+#[allow(clippy::large_enum_variant)]
+pub enum Ffn {
+    /// One SwiGLU block: gate and up, then down.
+    Dense {
+        gate_up: Projections,
+        w_down: Matrix,
+    },
+    /// A mixture of experts ([`MoeConfig`]).
+    Experts(Box<Experts>),
+}
+
+/// A mixture of experts' weights: the router (a row per expert), each expert's SwiGLU
+/// block, and Qwen2-MoE's shared expert with its gate.
+pub struct Experts {
+    pub router: Matrix,
+    pub experts: Vec<Expert>,
+    pub shared: Option<(Vec<f32>, Expert)>,
+}
+
+/// One expert: gate and up, then down.
+pub struct Expert {
     pub gate_up: Projections,
-    pub w_down: Matrix,
+    pub down: Matrix,
+}
+
+impl Layer {
+    /// The dense block's gate-and-up and down matrices; `None` for a mixture of experts.
+    pub fn dense(&self) -> Option<(&Projections, &Matrix)> {
+        match &self.ffn {
+            Ffn::Dense { gate_up, w_down } => Some((gate_up, w_down)),
+            Ffn::Experts(_) => None,
+        }
+    }
 }
 
 /// The weights of the RMSNorm over each Q head and each K head (`attn_q_norm`,
@@ -521,8 +615,19 @@ impl Weights {
             .flat_map(move |l| {
                 let mut v = proj(&l.qkv);
                 v.push(&l.wo);
-                v.extend(proj(&l.gate_up));
-                v.push(&l.w_down);
+                match &l.ffn {
+                    Ffn::Dense { gate_up, w_down } => {
+                        v.extend(proj(gate_up));
+                        v.push(w_down);
+                    }
+                    Ffn::Experts(x) => {
+                        v.push(&x.router);
+                        for e in x.experts.iter().chain(x.shared.iter().map(|s| &s.1)) {
+                            v.extend(proj(&e.gate_up));
+                            v.push(&e.down);
+                        }
+                    }
+                }
                 v
             })
             .chain(std::iter::once(self.output()))
@@ -589,6 +694,63 @@ fn fused_rows(
         });
     }
     Ok(out)
+}
+
+/// Each of a 3-D tensor's (`[cols, rows, n]`: llama.cpp's `ffn_*_exps`, an expert's
+/// matrix after another) `n` matrices.
+fn stacked_matrices(
+    g: &Gguf,
+    name: &str,
+    cols: usize,
+    rows: usize,
+    n: usize,
+) -> Result<Vec<Matrix>, GgufError> {
+    let t = find(g, name)?;
+    if t.dims != [cols, rows, n] || !cols.is_multiple_of(t.ty.block_elems()) {
+        return Err(shape_err(t, &[cols, rows, n]));
+    }
+    let each = rows * cols / t.ty.block_elems() * t.ty.block_bytes();
+    Ok(g.data(t)
+        .chunks_exact(each)
+        .map(|b| matrix_of(t.ty, rows, cols, b))
+        .collect())
+}
+
+/// Layer `i`'s mixture of experts (`ffn_gate_inp`, the router; `ffn_{gate,up,down}_exps`,
+/// the experts' matrices; Qwen2-MoE's `ffn_*_shexp` and its gate `ffn_gate_inp_shexp`).
+fn experts(g: &Gguf, i: usize, d: usize, moe: &MoeConfig) -> Result<Experts, GgufError> {
+    let n = |s: &str| format!("blk.{i}.{s}.weight");
+    let (e, f) = (moe.count, moe.ffn);
+    let gates = stacked_matrices(g, &n("ffn_gate_exps"), d, f, e)?;
+    let ups = stacked_matrices(g, &n("ffn_up_exps"), d, f, e)?;
+    let downs = stacked_matrices(g, &n("ffn_down_exps"), f, d, e)?;
+    let experts = gates
+        .into_iter()
+        .zip(ups)
+        .zip(downs)
+        .map(|((gate, up), down)| Expert {
+            gate_up: Projections::new(vec![gate, up]),
+            down,
+        })
+        .collect();
+    let shared = match moe.shared_ffn {
+        None => None,
+        Some(sf) => Some((
+            vector(g, &n("ffn_gate_inp_shexp"), d)?,
+            Expert {
+                gate_up: Projections::new(vec![
+                    matrix(g, &n("ffn_gate_shexp"), d, sf)?,
+                    matrix(g, &n("ffn_up_shexp"), d, sf)?,
+                ]),
+                down: matrix(g, &n("ffn_down_shexp"), sf, d)?,
+            },
+        )),
+    };
+    Ok(Experts {
+        router: matrix(g, &n("ffn_gate_inp"), d, e)?,
+        experts,
+        shared,
+    })
 }
 
 /// A `rows × cols` matrix of a file's tensor of type `ty` (`bytes`, its blocks) as the
@@ -785,12 +947,21 @@ impl Weights {
                     matrix(g, &n("attn_v"), d, kv)?,
                 ],
             };
-            let gate_up = match g.tensor(&n("ffn_gate")) {
-                Some(_) => vec![
-                    matrix(g, &n("ffn_gate"), d, f)?,
-                    matrix(g, &n("ffn_up"), d, f)?,
-                ],
-                None => fused_rows(g, &n("ffn_up"), d, &[(f, None), (f, None)])?,
+            let ffn = match &c.moe {
+                Some(moe) => Ffn::Experts(Box::new(experts(g, i, d, moe)?)),
+                None => {
+                    let gate_up = match g.tensor(&n("ffn_gate")) {
+                        Some(_) => vec![
+                            matrix(g, &n("ffn_gate"), d, f)?,
+                            matrix(g, &n("ffn_up"), d, f)?,
+                        ],
+                        None => fused_rows(g, &n("ffn_up"), d, &[(f, None), (f, None)])?,
+                    };
+                    Ffn::Dense {
+                        gate_up: Projections::new(gate_up),
+                        w_down: matrix(g, &n("ffn_down"), f, d)?,
+                    }
+                }
             };
             layers.push(Layer {
                 attn_norm: vector(g, &n("attn_norm"), d)?,
@@ -799,8 +970,7 @@ impl Weights {
                 qk_norm,
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
-                gate_up: Projections::new(gate_up),
-                w_down: matrix(g, &n("ffn_down"), f, d)?,
+                ffn,
             });
         }
         let output = if g.tensor("output.weight").is_some() {

@@ -76,7 +76,16 @@ pub enum SynthArch {
     /// `phi3`: Phi-3's keys, Q, K and V in one matrix (`attn_qkv`), the gate and up
     /// projections in one (`ffn_up`, the gate's rows first), NEOX's halves.
     Phi3,
+    /// `qwen3moe`: Qwen3's attention, and in each layer a mixture of [`SYNTH_EXPERTS`]
+    /// experts (each half `ffn_dim` wide, 2 chosen a token, their weights normalized).
+    Qwen3Moe,
+    /// `qwen2moe`: Qwen2's attention (biases), the mixture of experts (weights not
+    /// normalized) and a shared expert (half `ffn_dim` wide) behind a sigmoid gate.
+    Qwen2Moe,
 }
+
+/// Experts in a synthetic mixture ([`SynthArch::Qwen3Moe`], [`SynthArch::Qwen2Moe`]).
+pub const SYNTH_EXPERTS: usize = 4;
 
 impl SynthArch {
     fn name(self) -> &'static str {
@@ -85,7 +94,13 @@ impl SynthArch {
             SynthArch::Qwen2 => "qwen2",
             SynthArch::Qwen3 => "qwen3",
             SynthArch::Phi3 => "phi3",
+            SynthArch::Qwen3Moe => "qwen3moe",
+            SynthArch::Qwen2Moe => "qwen2moe",
         }
+    }
+
+    fn experts(self) -> bool {
+        matches!(self, SynthArch::Qwen3Moe | SynthArch::Qwen2Moe)
     }
 }
 
@@ -571,6 +586,20 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             u32v(original_context),
         ));
     }
+    if s.arch.experts() {
+        meta.push(("llama.expert_count".into(), u32v(SYNTH_EXPERTS)));
+        meta.push(("llama.expert_used_count".into(), u32v(2)));
+        meta.push((
+            "llama.expert_feed_forward_length".into(),
+            u32v(s.ffn_dim / 2),
+        ));
+        if s.arch == SynthArch::Qwen2Moe {
+            meta.push((
+                "llama.expert_shared_feed_forward_length".into(),
+                u32v(s.ffn_dim / 2),
+            ));
+        }
+    }
     let mut rng = Rng(s.seed);
     let mut mat = |name: String, cols: usize, rows: usize, std: f32| {
         let x = rng.normals(rows * cols, std);
@@ -636,11 +665,11 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
             tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
         }
-        if s.arch == SynthArch::Qwen3 {
+        if matches!(s.arch, SynthArch::Qwen3 | SynthArch::Qwen3Moe) {
             tensors.push(norm(n("attn_q_norm"), head_dim, &mut r2));
             tensors.push(norm(n("attn_k_norm"), head_dim, &mut r2));
         }
-        if s.arch == SynthArch::Qwen2 {
+        if matches!(s.arch, SynthArch::Qwen2 | SynthArch::Qwen2Moe) {
             for (name, len) in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
                 let b: Vec<f32> = (0..len).map(|_| r2.normal(0.5)).collect();
                 tensors.push(Tensor {
@@ -653,18 +682,55 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         }
         tensors.push(mat(n("attn_output"), q_dim, s.dim, 2.0 * std_in(q_dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
-        if phi3 {
+        if s.arch.experts() {
+            let (e, f) = (SYNTH_EXPERTS, s.ffn_dim / 2);
+            // The router in f32, as llama.cpp's quantizer leaves it.
+            let router: Vec<f32> = (0..e * s.dim).map(|_| r2.normal(std_in(s.dim))).collect();
+            tensors.push(Tensor {
+                name: n("ffn_gate_inp"),
+                dims: vec![s.dim, e],
+                ty: GgmlType::F32,
+                data: encode(GgmlType::F32, &router),
+            });
+            for (name, cols, rows, std) in [
+                ("ffn_gate_exps", s.dim, f, std_in(s.dim)),
+                ("ffn_up_exps", s.dim, f, std_in(s.dim)),
+                ("ffn_down_exps", f, s.dim, 2.0 * std_in(f)),
+            ] {
+                let each: Vec<Tensor> = (0..e).map(|_| mat(n(name), cols, rows, std)).collect();
+                tensors.push(Tensor {
+                    name: n(name),
+                    dims: vec![cols, rows, e],
+                    ty: each[0].ty,
+                    data: each.into_iter().flat_map(|t| t.data).collect(),
+                });
+            }
+            if s.arch == SynthArch::Qwen2Moe {
+                let gate: Vec<f32> = (0..s.dim).map(|_| r2.normal(std_in(s.dim))).collect();
+                tensors.push(Tensor {
+                    name: n("ffn_gate_inp_shexp"),
+                    dims: vec![s.dim],
+                    ty: GgmlType::F32,
+                    data: encode(GgmlType::F32, &gate),
+                });
+                tensors.push(mat(n("ffn_gate_shexp"), s.dim, f, std_in(s.dim)));
+                tensors.push(mat(n("ffn_up_shexp"), s.dim, f, std_in(s.dim)));
+                tensors.push(mat(n("ffn_down_shexp"), f, s.dim, 2.0 * std_in(f)));
+            }
+        } else if phi3 {
             tensors.push(mat(n("ffn_up"), s.dim, 2 * s.ffn_dim, std_in(s.dim)));
         } else {
             tensors.push(mat(n("ffn_gate"), s.dim, s.ffn_dim, std_in(s.dim)));
             tensors.push(mat(n("ffn_up"), s.dim, s.ffn_dim, std_in(s.dim)));
         }
-        tensors.push(mat(
-            n("ffn_down"),
-            s.ffn_dim,
-            s.dim,
-            2.0 * std_in(s.ffn_dim),
-        ));
+        if !s.arch.experts() {
+            tensors.push(mat(
+                n("ffn_down"),
+                s.ffn_dim,
+                s.dim,
+                2.0 * std_in(s.ffn_dim),
+            ));
+        }
     }
     // A small final norm keeps logits in a realistic range (a few units apart), so that
     // sampling has a real distribution to draw from.

@@ -31,7 +31,14 @@ class Model:
         # Qwen3: NEOX's RoPE, no biases, each Q and K head RMS-normed before it.
         # Phi-3: NEOX's RoPE, Q, K and V in one matrix, the gate and up projections in one
         # (Hugging Face's qkv_proj and gate_up_proj: the gate's rows first).
-        self.neox = a in ("qwen2", "qwen3", "phi3")
+        self.neox = a in ("qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe")
+        # Mixtures of experts (Hugging Face's Qwen3MoeSparseMoeBlock, Qwen2MoeSparseMoeBlock):
+        # a softmax over every expert's router score, the top k, their weights
+        # renormalized (Qwen3-MoE's norm_topk_prob; Qwen2-MoE's are not), and Qwen2-MoE's
+        # shared expert behind a sigmoid gate.
+        ek = f"{a}.expert_used_count"
+        self.n_used = int(field(r, ek)) if ek in r.fields else 0
+        self.norm_topk = a != "qwen2moe"
         self.n_layers = int(field(r, f"{a}.block_count"))
         self.dim = int(field(r, f"{a}.embedding_length"))
         self.n_heads = int(field(r, f"{a}.attention.head_count"))
@@ -146,6 +153,9 @@ class Model:
             o = np.einsum("hts,shd->thd", att, v).reshape(T, self.n_heads * self.hd)
             x = x + o @ self.w[p + "attn_output.weight"].T
             h = self.rms(x, self.w[p + "ffn_norm.weight"])
+            if p + "ffn_gate_inp.weight" in self.w:
+                x = x + self.moe(h, p)
+                continue
             if p + "ffn_gate.weight" in self.w:
                 gt = h @ self.w[p + "ffn_gate.weight"].T
                 up = h @ self.w[p + "ffn_up.weight"].T
@@ -153,6 +163,30 @@ class Model:
                 gt, up = np.split(h @ self.w[p + "ffn_up.weight"].T, 2, axis=-1)
             x = x + (gt / (1 + np.exp(-gt)) * up) @ self.w[p + "ffn_down.weight"].T
         return self.rms(x[-1], self.w["output_norm.weight"]) @ self.out.T
+
+
+    def moe(self, h, p):
+        w = self.w
+        logits = h @ w[p + "ffn_gate_inp.weight"].T
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :self.n_used]
+        silu = lambda g: g / (1 + np.exp(-g))
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            ws = probs[t, order[t]]
+            if self.norm_topk:
+                ws = ws / ws.sum()
+            for e, wt in zip(order[t], ws):
+                g = h[t] @ w[p + "ffn_gate_exps.weight"][e].T
+                u = h[t] @ w[p + "ffn_up_exps.weight"][e].T
+                out[t] += wt * ((silu(g) * u) @ w[p + "ffn_down_exps.weight"][e].T)
+        if p + "ffn_gate_inp_shexp.weight" in w:
+            sg = 1 / (1 + np.exp(-(h @ w[p + "ffn_gate_inp_shexp.weight"].reshape(-1))))
+            g = h @ w[p + "ffn_gate_shexp.weight"].T
+            u = h @ w[p + "ffn_up_shexp.weight"].T
+            out += sg[:, None] * ((silu(g) * u) @ w[p + "ffn_down_shexp.weight"].T)
+        return out
 
 
 def tokenizer(m):

@@ -32,6 +32,15 @@ impl Factory {
     ) -> Result<(Box<dyn Backend>, EngineSizes), String> {
         let cfg = &self.cfg;
         let model = &self.model;
+        // What the CUDA kernels cannot run is refused before its weights are converted.
+        if kind != BackendKind::Cpu {
+            let name = match kind {
+                BackendKind::Emulator => "emulator",
+                _ => "cuda",
+            };
+            kernels::cuda::device::attention_defines(&model.config)
+                .map_err(|e| format!("backend = \"{name}\": {e}"))?;
+        }
         // The emulator's and the CPU's KV cache: a number of blocks.
         let blocks = |kv_tokens: Option<usize>| {
             let n = kv_tokens.unwrap_or(65536).div_ceil(cfg.block_size);

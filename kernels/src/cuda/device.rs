@@ -455,6 +455,12 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// `MAX_GROUP`, `MAX_DPL` and `MAX_WARPS` for a model (its group, head_dim / 32, and the
 /// most warps whose state fits in shared memory), or why the CUDA kernels cannot run it.
 pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, GpuError> {
+    if let Some(moe) = &c.moe {
+        return Err(GpuError::Unavailable(format!(
+            "a mixture of {} experts: the CUDA backend has no expert kernels yet (the CPU backend runs it)",
+            moe.count
+        )));
+    }
     let group = c.n_heads / c.n_kv_heads.max(1);
     if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) || group > MAX_GROUP {
         return Err(GpuError::Unavailable(format!(

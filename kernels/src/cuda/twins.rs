@@ -586,6 +586,9 @@ impl TwinModel {
                     vec![n("ffn_gate"), n("ffn_up")],
                 ),
             };
+            // A mixture of experts has no twin (the CUDA backend refuses it first:
+            // `attention_defines`).
+            let (l_gate_up, l_w_down) = l.dense()?;
             Some(TwinLayer {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: stacked(&qkv, &l.qkv)?,
@@ -593,14 +596,14 @@ impl TwinModel {
                 qk_norm: l.qk_norm.clone(),
                 wo: one(&[n("attn_output")], &l.wo)?,
                 ffn_norm: l.ffn_norm.clone(),
-                w_gate_up: stacked(&gate_up, &l.gate_up)?,
-                w_down: one(&[n("ffn_down")], &l.w_down)?,
+                w_gate_up: stacked(&gate_up, l_gate_up)?,
+                w_down: one(&[n("ffn_down")], l_w_down)?,
                 quant: if quant {
                     LayerQuant {
                         wqkv: quant_stack(&l.qkv),
                         wo: quant_rows(&l.wo),
-                        w_gate_up: quant_stack(&l.gate_up),
-                        w_down: quant_rows(&l.w_down),
+                        w_gate_up: quant_stack(l_gate_up),
+                        w_down: quant_rows(l_w_down),
                     }
                 } else {
                     LayerQuant::default()
