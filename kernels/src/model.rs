@@ -2,8 +2,9 @@
 //! `qwen2`: Llama's with biases on Q, K and V and RoPE over each head's halves; `qwen3`:
 //! Qwen2's without the biases, with an RMSNorm over each Q and K head; `phi3`: Llama's with
 //! Q, K and V in one matrix and the gate and up projections in one, RoPE over each head's
-//! halves), and weights checked against them (a tensor whose shape disagrees with the
-//! metadata is an error).
+//! halves; `qwen2moe`, `qwen3moe` and Mixtral's `llama` with experts: a mixture of experts
+//! in place of the feed-forward block, [`Ffn::Experts`]), and weights checked against them
+//! (a tensor whose shape disagrees with the metadata is an error).
 
 use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
 use crate::kquant;
@@ -64,7 +65,9 @@ pub struct MoeConfig {
 /// The architectures the engine computes (`qwen2`: `llama`'s with biases on Q, K and V and
 /// NEOX's RoPE, [`LlamaConfig::neox`]; `qwen3`: NEOX's RoPE, no biases, and each Q and K
 /// head RMS-normed before it, [`Layer::qk_norm`]; `phi3`: NEOX's RoPE, Q, K and V fused in
-/// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`]).
+/// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`];
+/// `qwen2moe` and `qwen3moe`: Qwen2's and Qwen3's attention with a mixture of experts,
+/// [`MoeConfig`]; a `llama` file with experts is Mixtral's).
 const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe"];
 
 /// The file's mixture of experts (`{arch}.expert_count` over 0), if any: Qwen3-MoE's and
@@ -538,8 +541,8 @@ pub struct Layer {
     pub ffn: Ffn,
 }
 
-/// A layer's feed-forward block. (One a layer, read in place: the dense block's size
-/// beside the experts' box costs nothing worth an indirection on every step.)
+/// A layer's feed-forward block. (The dense variant is larger than the boxed experts; one
+/// a layer, it is kept in place rather than behind another indirection.)
 #[allow(clippy::large_enum_variant)]
 pub enum Ffn {
     /// One SwiGLU block: gate and up, then down.
