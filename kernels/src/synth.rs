@@ -82,9 +82,13 @@ pub enum SynthArch {
     /// `qwen2moe`: Qwen2's attention (biases), the mixture of experts (weights not
     /// normalized) and a shared expert (half `ffn_dim` wide) behind a sigmoid gate.
     Qwen2Moe,
+    /// Mixtral's: a `llama` file with `expert_count`, the mixture as Qwen3-MoE's (weights
+    /// normalized), Llama's attention.
+    Mixtral,
 }
 
-/// Experts in a synthetic mixture ([`SynthArch::Qwen3Moe`], [`SynthArch::Qwen2Moe`]).
+/// Experts in a synthetic mixture ([`SynthArch::Qwen3Moe`], [`SynthArch::Qwen2Moe`],
+/// [`SynthArch::Mixtral`]).
 pub const SYNTH_EXPERTS: usize = 4;
 
 impl SynthArch {
@@ -96,11 +100,15 @@ impl SynthArch {
             SynthArch::Phi3 => "phi3",
             SynthArch::Qwen3Moe => "qwen3moe",
             SynthArch::Qwen2Moe => "qwen2moe",
+            SynthArch::Mixtral => "llama",
         }
     }
 
     fn experts(self) -> bool {
-        matches!(self, SynthArch::Qwen3Moe | SynthArch::Qwen2Moe)
+        matches!(
+            self,
+            SynthArch::Qwen3Moe | SynthArch::Qwen2Moe | SynthArch::Mixtral
+        )
     }
 }
 
