@@ -61,6 +61,7 @@ pub struct Metrics {
     input_tokens: Family<TenantModel, Counter>,
     cached_input_tokens: Family<TenantModel, Counter>,
     output_tokens: Family<TenantModel, Counter>,
+    reasoning_tokens: Family<TenantModel, Counter>,
     ttft: HistFamily,
     e2e: HistFamily,
     in_flight: Family<TenantModel, Gauge>,
@@ -78,6 +79,7 @@ pub struct Handles {
     input_tokens: Counter,
     cached_input_tokens: Counter,
     output_tokens: Counter,
+    reasoning_tokens: Counter,
     weighted_tokens: Counter<f64, std::sync::atomic::AtomicU64>,
     ttft: Histogram,
     e2e: Histogram,
@@ -97,6 +99,7 @@ impl Metrics {
         let input_tokens = Family::<TenantModel, Counter>::default();
         let cached_input_tokens = Family::<TenantModel, Counter>::default();
         let output_tokens = Family::<TenantModel, Counter>::default();
+        let reasoning_tokens = Family::<TenantModel, Counter>::default();
         let ttft = HistFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
         let e2e = HistFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
         let in_flight = Family::<TenantModel, Gauge>::default();
@@ -141,6 +144,11 @@ impl Metrics {
             output_tokens.clone(),
         );
         registry.register(
+            "reasoning_tokens",
+            "Of the output tokens, a reasoning model's thinking",
+            reasoning_tokens.clone(),
+        );
+        registry.register(
             "time_to_first_token_seconds",
             "Time from arrival to the first generated token",
             ttft.clone(),
@@ -166,6 +174,7 @@ impl Metrics {
             input_tokens,
             cached_input_tokens,
             output_tokens,
+            reasoning_tokens,
             ttft,
             e2e,
             in_flight,
@@ -198,6 +207,7 @@ impl Metrics {
             input_tokens: self.input_tokens.get_or_create(&labels).clone(),
             cached_input_tokens: self.cached_input_tokens.get_or_create(&labels).clone(),
             output_tokens: self.output_tokens.get_or_create(&labels).clone(),
+            reasoning_tokens: self.reasoning_tokens.get_or_create(&labels).clone(),
             weighted_tokens: self.weighted_tokens.get_or_create(&labels).clone(),
             ttft: self.ttft.get_or_create(&labels).clone(),
             e2e: self.e2e.get_or_create(&labels).clone(),
@@ -577,6 +587,8 @@ impl Meter {
         self.h.input_tokens.inc_by(input as u64);
         self.h.cached_input_tokens.inc_by(cached as u64);
         self.h.output_tokens.inc_by(output as u64);
+        let reasoning = usage.reasoning_tokens.min(output);
+        self.h.reasoning_tokens.inc_by(reasoning as u64);
         self.h.weighted_tokens.inc_by(weighted);
         self.end();
         tracing::info!(
@@ -584,6 +596,7 @@ impl Meter {
             input_tokens = input,
             cached_input_tokens = cached,
             output_tokens = output,
+            reasoning_tokens = reasoning,
             weighted_tokens = weighted,
             ms = self.started.elapsed().as_secs_f64() * 1e3,
             "request done"

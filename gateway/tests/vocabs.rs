@@ -592,6 +592,8 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     let worker = remote_worker(&path);
     let front = Gateway::start(&config(&remote_upstream(&worker), "", ""));
     let mut split_inside = None;
+    // The thinking tokens of every answer the front gateway gives (its /metrics count).
+    let mut thought = 0;
     'search: for bias in [6, 9, 12, 15] {
         for seed in 0..6 {
             let sampling = json!({"max_tokens": 10, "temperature": 1.0, "seed": seed,
@@ -682,6 +684,7 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
                 "{what}"
             );
             assert_eq!(streamed_reasoning_tokens, Some(reasoning_tokens), "{what}");
+            thought += 2 * reasoning_tokens;
             if !thinking.is_empty() && !answer.is_empty() {
                 split_inside = Some((with(json!({})), thinking, answer, reasoning_tokens));
                 break 'search;
@@ -699,6 +702,9 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     body["messages"] = json!([{"role": "user", "content": question}]);
     body["response_format"] = json!({"type": "json_object"});
     let v = post_json(&front, "/v1/chat/completions", &body.to_string()).await;
+    thought += v["usage"]["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap() as usize;
     let m = &v["choices"][0]["message"];
     assert_eq!(m["reasoning_content"], thinking.as_str(), "{v}");
     let content = m["content"].as_str().expect("content");
@@ -720,6 +726,7 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     o.insert("max_output_tokens".into(), max);
     o.insert("input".into(), json!(question));
     let r = post_json(&front, "/v1/responses", &body.to_string()).await;
+    thought += 2 * reasoning_tokens; // this answer, and the same one streamed below
     let out = r["output"].as_array().expect("output");
     assert_eq!(out.len(), 2, "{r}");
     assert_eq!(out[0]["type"], "reasoning", "{r}");
@@ -815,4 +822,12 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
         .expect("encodes")
         .len();
     assert_eq!(r2["usage"]["input_tokens"], want, "{r2}");
+    thought += r2["usage"]["output_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap() as usize;
+    let counted = common::metric(
+        &front.metrics().await,
+        "tollgate_reasoning_tokens_total{tenant=\"demo\",model=\"m\"}",
+    );
+    assert_eq!(counted, Some(thought as f64));
 }
