@@ -210,14 +210,7 @@ impl Renderer {
             content: Some(text),
             ..Delta::default()
         };
-        self.chunk(
-            out,
-            index,
-            delta,
-            text,
-            self.logprobs.then_some(logprobs),
-            None,
-        );
+        self.text_chunk(out, index, delta, text, logprobs);
         if let Some(o) = self.offsets.get_mut(index) {
             *o += logprobs
                 .iter()
@@ -248,14 +241,21 @@ impl Renderer {
             reasoning_content: Some(text),
             ..Delta::default()
         };
-        self.chunk(
-            out,
-            index,
-            delta,
-            text,
-            self.logprobs.then_some(logprobs),
-            None,
-        );
+        self.text_chunk(out, index, delta, text, logprobs);
+    }
+
+    /// A chunk of generated `text` (as `delta`), with its tokens' log-probabilities when
+    /// the request asked.
+    fn text_chunk(
+        &self,
+        out: &mut BytesMut,
+        index: usize,
+        delta: Delta<'_>,
+        text: &str,
+        logprobs: &[TokenLogprob],
+    ) {
+        let shown = self.logprobs.then_some(logprobs);
+        self.chunk(out, index, delta, text, shown, None);
     }
 
     /// A piece of a tool-calling answer, as a chat delta.
