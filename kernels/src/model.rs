@@ -91,6 +91,14 @@ fn moe_config(g: &Gguf, arch: &str) -> Result<Option<MoeConfig>, GgufError> {
         )));
     }
     let ffn = u("expert_feed_forward_length").or_else(|_| u("feed_forward_length"))?;
+    // llama.cpp's gating functions: 1 softmax (these models'), 2 sigmoid (DeepSeek-V3's).
+    if let Ok(f) = u("expert_gating_func") {
+        if f != 1 {
+            return Err(GgufError::Metadata(format!(
+                "expert gating function {f} is not supported (a softmax over the experts only)"
+            )));
+        }
+    }
     let norm = match g.get(&format!("{arch}.expert_weights_norm")) {
         Some(crate::gguf::Value::Bool(b)) => *b,
         _ => arch != "qwen2moe",
@@ -713,8 +721,10 @@ fn stacked_matrices(
         return Err(shape_err(t, &[cols, rows, n]));
     }
     let each = rows * cols / t.ty.block_elems() * t.ty.block_bytes();
+    // The experts converted side by side (a large mixture has thousands of matrices).
+    use rayon::prelude::*;
     Ok(g.data(t)
-        .chunks_exact(each)
+        .par_chunks_exact(each)
         .map(|b| matrix_of(t.ty, rows, cols, b))
         .collect())
 }
