@@ -831,3 +831,60 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     );
     assert_eq!(counted, Some(thought as f64));
 }
+
+/// Qwen3's template leaves the block to the model: a first `<think>` token opens it (not
+/// sent; the rest is thinking, counted with it), while a `</think>` with no block open is
+/// the answer's text. Each forced by a `logit_bias` on the marker, on the CPU backend (the
+/// split is the host's, whatever drew the tokens).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_think_token_opens_the_block_and_a_stray_end_is_text() {
+    use futures::StreamExt;
+    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
+    let (_scratch, path) = chat_model_file_with(
+        "qwen2",
+        Some("Qwen-Qwen3-0.6B"),
+        SynthArch::Qwen3,
+        &["<think>", "</think>"],
+    );
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    let id = |t: &str| loaded.tokenizer.encode(t).expect("encodes")[0];
+    for kind in [gateway::config::BackendKind::Cpu] {
+        let w = common::engine_on(&loaded, kind);
+        for (marker, thinking, answer, counted) in [
+            ("<think>", "<think><think>", "", 3),
+            ("</think>", "", "</think></think></think>", 0),
+        ] {
+            let mut r = (*common::worker_req("", 3)).clone();
+            r.prompt = Prompt::Chat(
+                vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Name a colour.".into(),
+                }],
+                None,
+            );
+            r.params.logit_bias = vec![(id(marker), 100.0)];
+            let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
+            let (mut t, mut a, mut usage) = (String::new(), String::new(), None);
+            while let Some(ev) = s.next().await {
+                match ev.expect("no error") {
+                    WorkerEvent::Delta {
+                        text, reasoning, ..
+                    } => match reasoning {
+                        true => t.push_str(&text),
+                        false => a.push_str(&text),
+                    },
+                    WorkerEvent::Done { usage: u, .. } => usage = Some(u),
+                    _ => {}
+                }
+            }
+            let usage = usage.expect("a Done event");
+            let what = format!("{kind:?}, {marker}");
+            assert_eq!((t.as_str(), a.as_str()), (thinking, answer), "{what}");
+            assert_eq!(
+                (usage.completion_tokens, usage.reasoning_tokens),
+                (3, counted),
+                "{what}"
+            );
+        }
+    }
+}
