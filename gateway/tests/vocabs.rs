@@ -343,47 +343,82 @@ async fn template_variables_reach_the_template_through_a_remote_worker() {
 /// each prompt is the rendered template's tokens and the answer streams with its spaces
 /// decoded. Returns the rendered text and its tokens.
 async fn answers_a_chat_turn(loaded: &kernels::load::Loaded) -> (String, Vec<u32>) {
-    use futures::StreamExt;
-    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
     use kernels::chat::Message;
-    let question = "Name a colour.";
     let text = loaded
         .template
         .render(&[Message {
             role: "user",
-            content: question,
+            content: QUESTION,
         }])
         .expect("renders");
     let prompt = loaded.tokenizer.encode_prompt(&text).expect("encodes");
     for kind in common::engine_backends() {
         let w = common::engine_on(loaded, kind);
-        let mut r = (*common::worker_req("", 8)).clone();
-        r.prompt = Prompt::Chat(
-            vec![ChatMessage {
-                role: "user".into(),
-                content: question.into(),
-            }],
-            None,
-        );
-        let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
-        let mut answer = String::new();
-        let mut usage = None;
-        while let Some(ev) = s.next().await {
-            match ev.expect("no error") {
-                WorkerEvent::Delta { text, .. } => answer.push_str(&text),
-                WorkerEvent::Done { usage: u, .. } => usage = Some(u),
-                _ => {}
-            }
-        }
-        let usage = usage.expect("a Done event");
+        let (thinking, answer, usage) = ask(&w, 8, Vec::new()).await;
         assert_eq!(usage.prompt_tokens as usize, prompt.len(), "{kind:?}");
         assert!((1..=8).contains(&usage.completion_tokens), "{kind:?}");
+        let answer = thinking + &answer;
         assert!(
             !answer.contains(['\u{2581}', '\u{120}']),
             "{kind:?}: spaces decoded: {answer:?}"
         );
     }
     (text, prompt)
+}
+
+/// The chat turn the engine tests ask.
+const QUESTION: &str = "Name a colour.";
+
+/// Asks `w` [`QUESTION`] as a chat (greedy, at most `max_tokens`, with `logit_bias`): its
+/// thinking, its answer and its usage.
+async fn ask(
+    w: &gateway::engine::EngineWorker,
+    max_tokens: u32,
+    logit_bias: Vec<(u32, f32)>,
+) -> (String, String, gateway::worker::Usage) {
+    use futures::StreamExt;
+    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
+    let mut r = (*common::worker_req("", max_tokens)).clone();
+    r.prompt = Prompt::Chat(
+        vec![ChatMessage {
+            role: "user".into(),
+            content: QUESTION.into(),
+        }],
+        None,
+    );
+    r.params.logit_bias = logit_bias;
+    let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
+    let (mut thinking, mut answer) = (String::new(), String::new());
+    while let Some(ev) = s.next().await {
+        match ev.expect("no error") {
+            WorkerEvent::Delta {
+                text, reasoning, ..
+            } => match reasoning {
+                true => thinking.push_str(&text),
+                false => answer.push_str(&text),
+            },
+            WorkerEvent::Done { usage, .. } => return (thinking, answer, usage),
+            _ => {}
+        }
+    }
+    panic!("no Done event");
+}
+
+/// A synthetic model with Qwen2's vocabulary, `<think>` and `</think>` added to it as
+/// tokens of their own (a reasoning model's), and `template`; loaded, its file in a
+/// scratch folder kept while the `TempDir` lives.
+fn thinking_model(
+    template: &str,
+    arch: SynthArch,
+) -> (
+    common::tempdir::TempDir,
+    std::path::PathBuf,
+    kernels::load::Loaded,
+) {
+    let (scratch, path) =
+        chat_model_file_with("qwen2", Some(template), arch, &["<think>", "</think>"]);
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    (scratch, path, loaded)
 }
 
 /// A prompt begins with the BOS token where the file asks (Llama 3's by default), once
@@ -568,16 +603,10 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
     use common::{config, post, post_json, remote_upstream, remote_worker, sse_events, Gateway};
     use kernels::chat::Message;
     use serde_json::{json, Value};
-    let (_scratch, path) = chat_model_file_with(
-        "qwen2",
-        Some("Qwen-QwQ-32B"),
-        SynthArch::Qwen2,
-        &["<think>", "</think>"],
-    );
-    let loaded = kernels::load::load(&path).expect("the model loads");
+    let (_scratch, path, loaded) = thinking_model("Qwen-QwQ-32B", SynthArch::Qwen2);
     let end = loaded.tokenizer.encode("</think>").expect("encodes");
     assert_eq!(end.len(), 1, "</think> is one token");
-    let question = "Name a colour.";
+    let question = QUESTION;
     let prompt = loaded
         .template
         .render(&[Message {
@@ -838,53 +867,19 @@ async fn a_reasoning_models_thinking_comes_apart_from_its_answer() {
 /// split is the host's, whatever drew the tokens).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_first_think_token_opens_the_block_and_a_stray_end_is_text() {
-    use futures::StreamExt;
-    use gateway::worker::{ChatMessage, Prompt, Worker, WorkerEvent};
-    let (_scratch, path) = chat_model_file_with(
-        "qwen2",
-        Some("Qwen-Qwen3-0.6B"),
-        SynthArch::Qwen3,
-        &["<think>", "</think>"],
-    );
-    let loaded = kernels::load::load(&path).expect("the model loads");
+    let (_scratch, _, loaded) = thinking_model("Qwen-Qwen3-0.6B", SynthArch::Qwen3);
     let id = |t: &str| loaded.tokenizer.encode(t).expect("encodes")[0];
-    for kind in [gateway::config::BackendKind::Cpu] {
-        let w = common::engine_on(&loaded, kind);
-        for (marker, thinking, answer, counted) in [
-            ("<think>", "<think><think>", "", 3),
-            ("</think>", "", "</think></think></think>", 0),
-        ] {
-            let mut r = (*common::worker_req("", 3)).clone();
-            r.prompt = Prompt::Chat(
-                vec![ChatMessage {
-                    role: "user".into(),
-                    content: "Name a colour.".into(),
-                }],
-                None,
-            );
-            r.params.logit_bias = vec![(id(marker), 100.0)];
-            let mut s = w.submit(std::sync::Arc::new(r)).await.expect("admitted");
-            let (mut t, mut a, mut usage) = (String::new(), String::new(), None);
-            while let Some(ev) = s.next().await {
-                match ev.expect("no error") {
-                    WorkerEvent::Delta {
-                        text, reasoning, ..
-                    } => match reasoning {
-                        true => t.push_str(&text),
-                        false => a.push_str(&text),
-                    },
-                    WorkerEvent::Done { usage: u, .. } => usage = Some(u),
-                    _ => {}
-                }
-            }
-            let usage = usage.expect("a Done event");
-            let what = format!("{kind:?}, {marker}");
-            assert_eq!((t.as_str(), a.as_str()), (thinking, answer), "{what}");
-            assert_eq!(
-                (usage.completion_tokens, usage.reasoning_tokens),
-                (3, counted),
-                "{what}"
-            );
-        }
+    let w = common::engine_on(&loaded, gateway::config::BackendKind::Cpu);
+    for (marker, thinking, answer, counted) in [
+        ("<think>", "<think><think>", "", 3),
+        ("</think>", "", "</think></think></think>", 0),
+    ] {
+        let (t, a, usage) = ask(&w, 3, vec![(id(marker), 100.0)]).await;
+        assert_eq!((t.as_str(), a.as_str()), (thinking, answer), "{marker}");
+        assert_eq!(
+            (usage.completion_tokens, usage.reasoning_tokens),
+            (3, counted),
+            "{marker}"
+        );
     }
 }

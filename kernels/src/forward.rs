@@ -263,7 +263,6 @@ impl Model {
         }
         s.h.resize(t, d);
         s.att.resize(t, qd);
-        s.gate.resize(t, c.ffn_dim);
         s.q.resize(t * qd, 0.0);
         s.k.resize(t * kvd, 0.0);
         s.v.resize(t * kvd, 0.0);
@@ -273,7 +272,6 @@ impl Model {
         for (r, cs) in s.rope.chunks_exact_mut(hd).enumerate() {
             ops::rope_table(batch.positions[r], &self.inv_freq[..half], cs);
         }
-        s.up.resize(t * c.ffn_dim, 0.0);
 
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
@@ -330,12 +328,7 @@ impl Model {
                         prec,
                     );
                 }
-                Ffn::Experts(x) => {
-                    let moe = c.moe.as_ref().ok_or_else(|| {
-                        StepError::BadBatch("experts without their configuration".into())
-                    })?;
-                    crate::moe::mixture(x, moe, &mut s.h, &mut s.moe, &mut s.o, prec);
-                }
+                Ffn::Experts(x) => crate::moe::mixture(x, &mut s.h, &mut s.moe, &mut s.o, prec),
             }
             add_rows(&mut s.x, &s.o);
         }

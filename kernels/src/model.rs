@@ -342,11 +342,8 @@ impl LlamaConfig {
             } => (1.0, Some((factor, original_context))),
         };
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
-        let context_len = context_len(
-            u("context_length").unwrap_or(2048),
-            u("attention.sliding_window").ok(),
-        );
         let file_context = u("context_length").unwrap_or(2048);
+        let context_len = context_len(file_context, u("attention.sliding_window").ok());
         let long_rope = long_rope(g, arch, head_dim, context_len, file_context)?;
         if long_rope.is_some() && (yarn.is_some() || g.tensor("rope_freqs.weight").is_some()) {
             return Err(GgufError::Metadata(
@@ -562,9 +559,11 @@ pub enum Ffn {
     Experts(Box<Experts>),
 }
 
-/// A mixture of experts' weights: the router (a row per expert), each expert's SwiGLU
-/// block, and Qwen2-MoE's shared expert with its gate.
+/// A mixture of experts: how tokens are routed ([`LlamaConfig::moe`]), its router's
+/// weights (a row per expert), each expert's SwiGLU block, and Qwen2-MoE's shared expert
+/// with its gate.
 pub struct Experts {
+    pub config: MoeConfig,
     pub router: Matrix,
     pub experts: Vec<Expert>,
     pub shared: Option<(Vec<f32>, Expert)>,
@@ -677,10 +676,10 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
     Ok(matrix_of(t.ty, rows, cols, g.data(t)))
 }
 
-/// The matrices stacked in one fused tensor `name` (`cols` wide; Phi-3's `attn_qkv`: Q's,
-/// K's and V's rows one after the other, and `ffn_up`: the gate's then up's), split at
-/// their rows: `parts` are each one's rows and, for Q's and K's where RoPE is NEOX's, the
-/// head width to permute them by as [`rope_matrix`] does.
+/// The matrices stacked in one tensor `name` (`cols` wide; Phi-3's `attn_qkv`: Q's, K's
+/// and V's rows one after the other, and `ffn_up`: the gate's then up's), split at their
+/// rows: `parts` are each one's rows and the head width to permute them by
+/// ([`row_runs`]), if any.
 fn fused_rows(
     g: &Gguf,
     name: &str,
@@ -760,6 +759,7 @@ fn experts(g: &Gguf, i: usize, d: usize, moe: &MoeConfig) -> Result<Experts, Ggu
         )),
     };
     Ok(Experts {
+        config: *moe,
         router: matrix(g, &n("ffn_gate_inp"), d, e)?,
         experts,
         shared,
@@ -809,23 +809,29 @@ pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<usize> {
     (c.neox && rope).then_some(c.head_dim)
 }
 
-/// [`matrix`], its rows permuted as [`neox_rows`] says.
-fn rope_matrix(
+/// The runs of weight tensor `name`'s `rows` rows that load reads as matrices of their
+/// own, each with the head width its rows are permuted by ([`neox_rows`]): one run, but
+/// Phi-3's fused `attn_qkv`, whose Q's, K's and V's rows are three (Q's and K's permuted
+/// as their own tensors' would be). Whatever reads the file's matrices (the GPU path's
+/// exact weights too) splits and permutes by it.
+pub fn row_runs(c: &LlamaConfig, name: &str, rows: usize) -> Vec<(usize, Option<usize>)> {
+    if name.contains(".attn_qkv.") {
+        let rope = c.neox.then_some(c.head_dim);
+        let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
+        return vec![(q, rope), (kv, rope), (kv, None)];
+    }
+    vec![(rows, neox_rows(c, name))]
+}
+
+/// Weight tensor `name` (`rows × cols`) as the matrices of its [`row_runs`].
+fn read_runs(
     g: &Gguf,
     name: &str,
     cols: usize,
     rows: usize,
     c: &LlamaConfig,
-) -> Result<Matrix, GgufError> {
-    let Some(head_dim) = neox_rows(c, name) else {
-        return matrix(g, name, cols, rows);
-    };
-    let t = find(g, name)?;
-    if t.dims != [cols, rows] {
-        return Err(shape_err(t, &[cols, rows]));
-    }
-    let bytes = neox_to_pairs(g.data(t), rows, head_dim);
-    Ok(matrix_of(t.ty, rows, cols, &bytes))
+) -> Result<Vec<Matrix>, GgufError> {
+    fused_rows(g, name, cols, &row_runs(c, name, rows))
 }
 
 /// Q's, K's and V's biases (`blk.i.attn_{q,k,v}.bias`) one after the other, permuted as
@@ -949,16 +955,16 @@ impl Weights {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let qkv_bias = qkv_bias(g, i, c)?;
             let qk_norm = qk_norm(g, i, c, qkv_bias.is_some())?;
-            // Phi-3's fused matrices, split (Q's and K's rows permuted as their own
-            // tensors' would be).
-            let rope = c.neox.then_some(c.head_dim);
+            // Phi-3's are fused in one tensor.
             let qkv = match g.tensor(&n("attn_qkv")) {
-                Some(_) => fused_rows(g, &n("attn_qkv"), d, &[(q, rope), (kv, rope), (kv, None)])?,
-                None => vec![
-                    rope_matrix(g, &n("attn_q"), d, q, c)?,
-                    rope_matrix(g, &n("attn_k"), d, kv, c)?,
-                    matrix(g, &n("attn_v"), d, kv)?,
-                ],
+                Some(_) => read_runs(g, &n("attn_qkv"), d, q + 2 * kv, c)?,
+                None => [(n("attn_q"), q), (n("attn_k"), kv), (n("attn_v"), kv)]
+                    .iter()
+                    .map(|(name, rows)| read_runs(g, name, d, *rows, c))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             };
             let ffn = match &c.moe {
                 Some(moe) => Ffn::Experts(Box::new(experts(g, i, d, moe)?)),

@@ -15,7 +15,7 @@
 
 use crate::forward::swiglu_block;
 use crate::matmul::{matmul, ActPrecision, Acts};
-use crate::model::{Experts, MoeConfig};
+use crate::model::Experts;
 
 /// A step's buffers for its mixtures of experts.
 #[derive(Default)]
@@ -49,12 +49,12 @@ pub fn route(logits: &[f32], used: usize, norm: bool) -> Vec<(usize, f32)> {
 /// `o = the mixture's output` for `h`'s rows (`o` resized to `h.rows × h.cols`).
 pub fn mixture(
     x: &Experts,
-    moe: &MoeConfig,
     h: &mut Acts,
     s: &mut MoeScratch,
     o: &mut Vec<f32>,
     prec: ActPrecision,
 ) {
+    let moe = &x.config;
     let (t, d, e) = (h.rows, h.cols, moe.count);
     s.logits.resize(t * e, 0.0);
     // Scores in f32: a near tie between two experts is decided as the model's own

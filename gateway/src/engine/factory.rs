@@ -32,15 +32,6 @@ impl Factory {
     ) -> Result<(Box<dyn Backend>, EngineSizes), String> {
         let cfg = &self.cfg;
         let model = &self.model;
-        // What the CUDA kernels cannot run is refused before its weights are converted.
-        if kind != BackendKind::Cpu {
-            let name = match kind {
-                BackendKind::Emulator => "emulator",
-                _ => "cuda",
-            };
-            kernels::cuda::device::attention_defines(&model.config)
-                .map_err(|e| format!("backend = \"{name}\": {e}"))?;
-        }
         // The emulator's and the CPU's KV cache: a number of blocks.
         let blocks = |kv_tokens: Option<usize>| {
             let n = kv_tokens.unwrap_or(65536).div_ceil(cfg.block_size);
@@ -61,8 +52,10 @@ impl Factory {
                             * model.config.context_len.div_ceil(cfg.block_size),
                     },
                 };
+                // The device first: what its kernels cannot run (a mixture of experts) is
+                // refused before the weights are converted.
+                let gpu = Gpu::open_for(device, &model.config).map_err(|e| fail(e.to_string()))?;
                 let twin = TwinModel::from_model(model);
-                let gpu = Gpu::open_for(device, &twin.config).map_err(|e| fail(e.to_string()))?;
                 let label = gpu_name(device, &gpu);
                 let b = cuda_backend(gpu, label, &twin, cfg, &sizes, kv, &self.name, true)
                     .map_err(fail)?;
@@ -73,8 +66,8 @@ impl Factory {
                 let fail = |e: String| format!("backend = \"emulator\": {e}");
                 let sizes = cfg.sizes(false);
                 let kv = KvCapacity::Blocks(blocks(sizes.kv_tokens));
+                let emu = Emu::open_for(&model.config).map_err(|e| fail(e.to_string()))?;
                 let twin = TwinModel::from_model(model);
-                let emu = Emu::open_for(&twin.config).map_err(|e| fail(e.to_string()))?;
                 let label = emu.describe();
                 let b = cuda_backend(emu, label, &twin, cfg, &sizes, kv, &self.name, false)
                     .map_err(fail)?;

@@ -123,15 +123,9 @@ impl Reasoning {
             return text;
         }
         let rest = text.trim_start_matches(['\n', '\r']);
-        if rest.is_empty() {
-            return String::new();
-        }
-        self.trim = false;
-        if rest.len() == text.len() {
-            text
-        } else {
-            rest.to_string()
-        }
+        // Until the answer's first other character.
+        self.trim = rest.is_empty();
+        rest.to_string()
     }
 }
 

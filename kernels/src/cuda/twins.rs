@@ -460,28 +460,23 @@ pub struct TwinKv {
 }
 
 /// The file's own values of tensors `names`, stacked, in f16 (as one matrix of their
-/// rows), each tensor's rows permuted as load permutes the CPU's
-/// ([`crate::model::neox_rows`]: Q's and K's, where the file's RoPE is NEOX's; within
-/// Phi-3's fused `attn_qkv`, its Q and K rows).
+/// rows), each tensor's rows split and permuted as load reads the CPU's
+/// ([`crate::model::row_runs`]: Q's and K's, where the file's RoPE is NEOX's, within
+/// Phi-3's fused `attn_qkv` too).
 fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<Vec<f16>> {
     let mut out = Vec::new();
     for name in names {
         let t = g.tensor(name)?;
-        let at = out.len();
+        let mut at = out.len();
         file_f16_into(g, t, &mut out);
-        if let (Some(hd), &[_, rows]) = (crate::model::neox_rows(c, name), &t.dims[..]) {
-            let pairs = crate::model::neox_to_pairs(&out[at..], rows, hd);
-            out[at..].copy_from_slice(&pairs);
-        }
-        // Phi-3's fused Q, K and V: Q's and K's rows permuted as their own tensors' are.
-        if name.ends_with(".attn_qkv.weight") && c.neox {
-            let cols = t.dims[0];
-            let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
-            for (from, rows) in [(0, q), (q, kv)] {
-                let part = &mut out[at + from * cols..at + (from + rows) * cols];
-                let pairs = crate::model::neox_to_pairs(part, rows, c.head_dim);
-                part.copy_from_slice(&pairs);
+        let (cols, rows) = (t.dims[0], t.n_elems() / t.dims[0].max(1));
+        for (n, neox) in crate::model::row_runs(c, name, rows) {
+            let run = out.get_mut(at..at + n * cols)?;
+            if let Some(hd) = neox {
+                let pairs = crate::model::neox_to_pairs(run, n, hd);
+                run.copy_from_slice(&pairs);
             }
+            at += n * cols;
         }
     }
     Some(out)
@@ -577,14 +572,16 @@ impl TwinModel {
         use rayon::prelude::*;
         let layers = w.layers.par_iter().enumerate().map(|(i, l)| {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            // Phi-3's fused tensors hold the same rows, stacked as these are.
-            let fused = file.is_some_and(|g| g.tensor(&n("attn_qkv")).is_some());
-            let (qkv, gate_up) = match fused {
-                true => (vec![n("attn_qkv")], vec![n("ffn_up")]),
-                false => (
-                    vec![n("attn_q"), n("attn_k"), n("attn_v")],
-                    vec![n("ffn_gate"), n("ffn_up")],
-                ),
+            // The tensors as load reads them: Phi-3's fused ones hold the same rows,
+            // stacked as these are.
+            let has = |s: &str| file.is_some_and(|g| g.tensor(&n(s)).is_some());
+            let qkv = match has("attn_qkv") {
+                true => vec![n("attn_qkv")],
+                false => vec![n("attn_q"), n("attn_k"), n("attn_v")],
+            };
+            let gate_up = match has("ffn_gate") {
+                true => vec![n("ffn_gate"), n("ffn_up")],
+                false => vec![n("ffn_up")],
             };
             // A mixture of experts has no twin (the CUDA backend refuses it first:
             // `attention_defines`).

@@ -130,10 +130,7 @@ pub(super) fn parse_full(
         .choices
         .first()
         .ok_or_else(|| WorkerError::Protocol("upstream answer has no choices".into()))?;
-    let reasoning = chat
-        .then(|| choice.reasoning())
-        .flatten()
-        .map(str::to_string);
+    let reasoning = choice.reasoning().map(str::to_string);
     // A reasoning model's answer cut off while thinking has no content.
     let text = match choice.text(chat) {
         Some(t) => t,
@@ -185,7 +182,9 @@ pub(super) fn parse_full(
     }
     events.push(WorkerEvent::Delta {
         text,
-        tokens: usage.completion_tokens - usage.reasoning_tokens.min(usage.completion_tokens),
+        tokens: usage
+            .completion_tokens
+            .saturating_sub(usage.reasoning_tokens),
         logprobs,
         reasoning: false,
     });

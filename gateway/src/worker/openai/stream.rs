@@ -78,15 +78,12 @@ impl StreamState {
         let chat = matches!(self.req.prompt, Prompt::Chat(..));
         let text = choice.text(chat).unwrap_or_default().to_string();
         // A reasoning model's thinking, apart (before any answer text of the same chunk).
-        let thinking = chat
-            .then(|| choice.reasoning())
-            .flatten()
-            .map(|r| WorkerEvent::Delta {
-                text: r.to_string(),
-                tokens: 1,
-                logprobs: Vec::new(),
-                reasoning: true,
-            });
+        let thinking = choice.reasoning().map(|r| WorkerEvent::Delta {
+            text: r.to_string(),
+            tokens: 1,
+            logprobs: Vec::new(),
+            reasoning: true,
+        });
         let logprobs = choice
             .logprobs
             .map(UpstreamLogprobs::items)

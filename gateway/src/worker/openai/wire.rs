@@ -238,7 +238,8 @@ impl<'a> UpstreamChoice<'a> {
         }
     }
 
-    /// A chat choice's thinking, where the upstream sent it apart from the answer.
+    /// A chat choice's thinking, where the upstream sent it apart from the answer (a
+    /// completion's choice has no message to carry it).
     pub(super) fn reasoning(&self) -> Option<&str> {
         let m = self.message.as_ref().or(self.delta.as_ref())?;
         m.reasoning_content
