@@ -456,10 +456,14 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// most warps whose state fits in shared memory), or why the CUDA kernels cannot run it.
 pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, GpuError> {
     if let Some(moe) = &c.moe {
-        return Err(GpuError::Unavailable(format!(
-            "a mixture of {} experts: the CUDA backend has no expert kernels yet (the CPU backend runs it)",
-            moe.count
-        )));
+        let most = super::step::MAX_EXPERTS;
+        if moe.count > most || !c.dim.is_multiple_of(2) || !moe.ffn.is_multiple_of(2) {
+            return Err(GpuError::Unavailable(format!(
+                "a mixture of {} experts {} wide over {} dimensions: the CUDA expert kernels take \
+                 up to {most} experts, of even widths",
+                moe.count, moe.ffn, c.dim
+            )));
+        }
     }
     let group = c.n_heads / c.n_kv_heads.max(1);
     if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) || group > MAX_GROUP {

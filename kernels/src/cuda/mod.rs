@@ -172,6 +172,11 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        name: "moe",
+        code: include_str!("../../cuda/moe.cu"),
+        entries: &["moe_route", "moe_sort", "moe_gemv", "moe_combine"],
+    },
+    Source {
         name: "sample",
         code: include_str!("../../cuda/sample.cu"),
         entries: &["sample", "logprobs"],
@@ -193,6 +198,10 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("attention_decode", 512),
     ("attention_tc", 256),
     ("swiglu", 256),
+    ("moe_route", 256),
+    ("moe_sort", 256),
+    ("moe_gemv", 256),
+    ("moe_combine", 256),
     ("sample", 1024),
     ("logprobs", 1024),
     ("gemv_f16", 256),

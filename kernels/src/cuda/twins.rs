@@ -275,6 +275,124 @@ pub fn swiglu(gu: &[f32], rows: usize, ffn: usize) -> Vec<f16> {
     out
 }
 
+/// Twin of `moe_route`: each of `rows` rows' `used` choices among `n_experts` router
+/// `logits` (greatest first, the lower index on a tie) and their weights (softmax
+/// probabilities, over the chosen ones' sum where `norm`), `used` entries a row.
+pub fn moe_route(
+    logits: &[f32],
+    rows: usize,
+    n_experts: usize,
+    used: usize,
+    norm: bool,
+) -> (Vec<i32>, Vec<f32>) {
+    let (mut expert, mut weight) = (Vec::new(), Vec::new());
+    for l in logits.chunks(n_experts).take(rows) {
+        let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = l.iter().map(|&v| (v - mx).exp()).sum();
+        let mut order: Vec<usize> = (0..n_experts).collect();
+        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        let p: Vec<f32> = order[..used].iter().map(|&e| (l[e] - mx).exp()).collect();
+        let over = if norm { p.iter().sum() } else { total };
+        expert.extend(order[..used].iter().map(|&e| e as i32));
+        weight.extend(p.iter().map(|p| p / over));
+    }
+    (expert, weight)
+}
+
+/// The places of a step's expert entries, by expert (`moe_sort`'s output).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MoePlaces {
+    /// `n_experts + 1`: where each expert's places start (the last: the entries' count).
+    pub offsets: Vec<i32>,
+    /// The entry at each place.
+    pub order: Vec<i32>,
+    /// Each entry's place.
+    pub slot: Vec<i32>,
+}
+
+/// Twin of `moe_sort`: `expert`'s entries placed by expert, each expert's in entry order.
+pub fn moe_sort(expert: &[i32], n_experts: usize) -> MoePlaces {
+    let mut order: Vec<i32> = (0..expert.len() as i32).collect();
+    order.sort_by_key(|&i| expert[i as usize]);
+    let mut slot = vec![0; expert.len()];
+    for (p, &i) in order.iter().enumerate() {
+        slot[i as usize] = p as i32;
+    }
+    let offsets = (0..=n_experts as i32)
+        .map(|e| expert.iter().filter(|&&x| x < e).count() as i32)
+        .collect();
+    MoePlaces {
+        offsets,
+        order,
+        slot,
+    }
+}
+
+/// Twin of `moe_gemv`: `y[p] = x[row(p)] · w[e]ᵀ` for each place p of expert e (`w`:
+/// `[E][n][k]`), row(p) = `order[p] / gather` where `gather` > 0, else p.
+pub fn moe_gemv(
+    x: &[f16],
+    places: &MoePlaces,
+    gather: usize,
+    w: &[f16],
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    let total = places.order.len();
+    let mut y = vec![0f32; total * n];
+    for (e, pair) in places.offsets.windows(2).enumerate() {
+        for p in pair[0] as usize..pair[1] as usize {
+            let row = match gather {
+                0 => p,
+                g => places.order[p] as usize / g,
+            };
+            let xr = &x[row * k..(row + 1) * k];
+            for c in 0..n {
+                let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
+                y[p * n + c] = xr.iter().zip(wr).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+            }
+        }
+    }
+    y
+}
+
+/// Twin of `moe_combine`: each of `rows` rows the weighted sum of its `used` entries'
+/// rows of `y` (at their places), plus `σ(h[r]·gate) · s[r]` where `shared` is
+/// `(h, gate, s)`.
+pub fn moe_combine(
+    y: &[f32],
+    places: &MoePlaces,
+    weight: &[f32],
+    used: usize,
+    shared: Option<(&[f16], &[f32], &[f32])>,
+    rows: usize,
+    d: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * d];
+    for r in 0..rows {
+        let g = shared.map(|(h, gate, _)| {
+            let v: f32 = h[r * d..(r + 1) * d]
+                .iter()
+                .zip(gate)
+                .map(|(a, b)| a.to_f32() * b)
+                .sum();
+            1.0 / (1.0 + (-v).exp())
+        });
+        for i in 0..d {
+            let mut acc = 0f32;
+            for j in 0..used {
+                let at = places.slot[r * used + j] as usize;
+                acc += weight[r * used + j] * y[at * d + i];
+            }
+            if let (Some(g), Some((_, _, s))) = (g, shared) {
+                acc += g * s[r * d + i];
+            }
+            out[r * d + i] = acc;
+        }
+    }
+    out
+}
+
 /// The `sample` kernel's twin: the engine's sampling rule ([`crate::sampler`]).
 pub use crate::sampler::{sample, SampleParams};
 
@@ -310,9 +428,56 @@ pub struct TwinLayer {
     pub w_gate_up: Vec<f16>,
     /// `dim × ffn`.
     pub w_down: Vec<f16>,
+    /// A mixture of experts in place of the dense block, where the model has one (its
+    /// `w_gate_up` and `w_down` then empty).
+    pub moe: Option<TwinMoe>,
     /// The same four matrices in the file's own blocks, each where the CPU holds them
     /// with the file's values (a stack where its parts are one matrix there).
     pub quant: LayerQuant,
+}
+
+/// A mixture of experts as the CUDA backend holds it: f16 matrices, each expert's after
+/// the one before.
+pub struct TwinMoe {
+    pub config: crate::model::MoeConfig,
+    /// `count × dim`.
+    pub router: Vec<f16>,
+    /// Each expert's stacked gate|up rows: `count × 2·ffn × dim`.
+    pub gate_up: Vec<f16>,
+    /// `count × dim × ffn`.
+    pub down: Vec<f16>,
+    /// Qwen2-MoE's shared expert, where the model has one.
+    pub shared: Option<TwinShared>,
+}
+
+/// A shared expert: its gate's weights (`dim`, f32), stacked gate|up rows
+/// (`2·shared_ffn × dim`) and down (`dim × shared_ffn`).
+pub struct TwinShared {
+    pub gate: Vec<f32>,
+    pub gate_up: Vec<f16>,
+    pub down: Vec<f16>,
+}
+
+impl TwinMoe {
+    /// The block's output for `t` rows of `h` (normed, `dim` wide), kernel by kernel in the
+    /// CUDA backend's order.
+    pub fn forward(&self, h: &[f16], t: usize, d: usize) -> Vec<f32> {
+        let c = &self.config;
+        let (ne, k, f) = (c.count, c.used, c.ffn);
+        let logits = gemm(h, &self.router, t, d, ne);
+        let (expert, weight) = moe_route(&logits, t, ne, k, c.norm);
+        let places = moe_sort(&expert, ne);
+        let gu = moe_gemv(h, &places, k, &self.gate_up, d, 2 * f);
+        let g = swiglu(&gu, t * k, f);
+        let y = moe_gemv(&g, &places, 0, &self.down, f, d);
+        let shared = self.shared.as_ref().map(|s| {
+            let sf = s.down.len() / d;
+            let g = swiglu(&gemm(h, &s.gate_up, t, d, 2 * sf), t, sf);
+            (s, gemm(&g, &s.down, t, sf, d))
+        });
+        let shared = shared.as_ref().map(|(s, y)| (h, &s.gate[..], &y[..]));
+        moe_combine(&y, &places, &weight, k, shared, t, d)
+    }
 }
 
 /// A layer's matrices in the file's own blocks, where they have them: a stack's parts,
@@ -482,6 +647,30 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
     Some(out)
 }
 
+/// Layer `i`'s experts' own values from the file: each expert's gate rows then its up rows
+/// (`count × 2·ffn × dim`), and the down rows (`count × dim × ffn`); `None` where a tensor
+/// is missing or of another size.
+fn file_experts(
+    g: &crate::gguf::Gguf,
+    i: usize,
+    c: &LlamaConfig,
+    moe: &crate::model::MoeConfig,
+) -> Option<(Vec<f16>, Vec<f16>)> {
+    let len = moe.count * moe.ffn * c.dim;
+    let read = |s: &str| {
+        file_f16(g, &[format!("blk.{i}.{s}.weight")], c).filter(|v| v.len() == len)
+    };
+    let (gate, up, down) = (read("ffn_gate_exps")?, read("ffn_up_exps")?, read("ffn_down_exps")?);
+    let per = moe.ffn * c.dim;
+    let gate_up = gate
+        .chunks(per)
+        .zip(up.chunks(per))
+        .flat_map(|(g, u)| g.iter().chain(u))
+        .copied()
+        .collect();
+    Some((gate_up, down))
+}
+
 /// Appends tensor `t`'s values to `out` in f16.
 fn file_f16_into(g: &crate::gguf::Gguf, t: &crate::gguf::TensorInfo, out: &mut Vec<f16>) {
     use rayon::prelude::*;
@@ -583,9 +772,40 @@ impl TwinModel {
                 true => vec![n("ffn_gate"), n("ffn_up")],
                 false => vec![n("ffn_up")],
             };
-            // A mixture of experts has no twin (the CUDA backend refuses it first:
-            // `attention_defines`).
-            let (l_gate_up, l_w_down) = l.dense()?;
+            let (w_gate_up, w_down, moe) = match &l.ffn {
+                crate::model::Ffn::Dense { gate_up: g, w_down } => (
+                    stacked(&gate_up, g)?,
+                    one(&[n("ffn_down")], w_down)?,
+                    None,
+                ),
+                crate::model::Ffn::Experts(x) => {
+                    let exps = match file {
+                        Some(g) => Some(file_experts(g, i, &m.config, &x.config)?),
+                        None => None,
+                    };
+                    let (gate_up, down) = exps.unwrap_or_else(|| {
+                        let gu = x.experts.iter().flat_map(|e| stacked_f16(&e.gate_up));
+                        let down = x.experts.iter().flat_map(|e| rows_f16(&e.down));
+                        (gu.collect(), down.collect())
+                    });
+                    let shared = match &x.shared {
+                        Some((gate, e)) => Some(TwinShared {
+                            gate: gate.clone(),
+                            gate_up: stacked(&[n("ffn_gate_shexp"), n("ffn_up_shexp")], &e.gate_up)?,
+                            down: one(&[n("ffn_down_shexp")], &e.down)?,
+                        }),
+                        None => None,
+                    };
+                    let moe = TwinMoe {
+                        config: x.config,
+                        router: one(&[n("ffn_gate_inp")], &x.router)?,
+                        gate_up,
+                        down,
+                        shared,
+                    };
+                    (Vec::new(), Vec::new(), Some(moe))
+                }
+            };
             Some(TwinLayer {
                 attn_norm: l.attn_norm.clone(),
                 wqkv: stacked(&qkv, &l.qkv)?,
@@ -593,14 +813,15 @@ impl TwinModel {
                 qk_norm: l.qk_norm.clone(),
                 wo: one(&[n("attn_output")], &l.wo)?,
                 ffn_norm: l.ffn_norm.clone(),
-                w_gate_up: stacked(&gate_up, l_gate_up)?,
-                w_down: one(&[n("ffn_down")], l_w_down)?,
+                w_gate_up,
+                w_down,
+                moe,
                 quant: if quant {
                     LayerQuant {
                         wqkv: quant_stack(&l.qkv),
                         wo: quant_rows(&l.wo),
-                        w_gate_up: quant_stack(l_gate_up),
-                        w_down: quant_rows(l_w_down),
+                        w_gate_up: l.dense().map(|d| quant_stack(d.0)).unwrap_or_default(),
+                        w_down: l.dense().and_then(|d| quant_rows(d.1)),
                     }
                 } else {
                     LayerQuant::default()
@@ -678,9 +899,14 @@ impl TwinModel {
             );
             let o = gemm(&a, &l.wo, t, qd, d);
             let h = add_rmsnorm(&mut x, Some(&o), &l.ffn_norm, None, d, c.rms_eps);
-            let gu = gemm(&h, &l.w_gate_up, t, d, 2 * f);
-            let g = swiglu(&gu, t, f);
-            delta = Some(gemm(&g, &l.w_down, t, f, d));
+            delta = Some(match &l.moe {
+                Some(moe) => moe.forward(&h, t, d),
+                None => {
+                    let gu = gemm(&h, &l.w_gate_up, t, d, 2 * f);
+                    let g = swiglu(&gu, t, f);
+                    gemm(&g, &l.w_down, t, f, d)
+                }
+            });
         }
         // The last residual add and the final norm, of the rows that want logits only.
         let n_logits = batch.n_logits();

@@ -3,7 +3,8 @@
 //! sized once.
 
 use super::{
-    AttentionKernel, Bufs, Device, KvCapacity, Layer, SmallProducts, Split, PROMPT_LOGIT_ROWS,
+    moe, AttentionKernel, Bufs, Device, Ffn, KvCapacity, Layer, SmallProducts, Split,
+    PROMPT_LOGIT_ROWS,
 };
 use crate::cuda::device::{attention_max_warps, ATTENTION_CHUNK_KEYS};
 use crate::cuda::exec::{Exec, ExecError};
@@ -49,8 +50,13 @@ impl<E: Exec> Device<E> {
                         e.upload(&l.wqkv)?,
                         e.upload(&l.wo)?,
                         e.upload(&l.ffn_norm)?,
-                        e.upload(&l.w_gate_up)?,
-                        e.upload(&l.w_down)?,
+                        match &l.moe {
+                            Some(m) => Ffn::Experts(Box::new(moe::Experts::upload(e, m, c.dim)?)),
+                            None => Ffn::Dense {
+                                w_gate_up: e.upload(&l.w_gate_up)?,
+                                w_down: e.upload(&l.w_down)?,
+                            },
+                        },
                         l.qkv_bias.as_ref().map(|b| e.upload(b)).transpose()?,
                         l.qk_norm
                             .as_ref()
@@ -63,13 +69,13 @@ impl<E: Exec> Device<E> {
             .collect::<Result<Vec<_>, ExecError>>()?;
         let max_blocks = c.context_len.div_ceil(block_size);
         let max_logits = max_seqs + PROMPT_LOGIT_ROWS.min(max_tokens);
-        let (t, d, qd, kvd, f) = (
-            max_tokens,
-            c.dim,
-            c.n_heads * c.head_dim,
-            c.kv_dim(),
-            c.ffn_dim,
-        );
+        // The dense block's width; with experts, the shared expert's (its products use
+        // the dense block's buffers).
+        let f = match &c.moe {
+            Some(m) => m.shared_ffn.unwrap_or(1),
+            None => c.ffn_dim,
+        };
+        let (t, d, qd, kvd) = (max_tokens, c.dim, c.n_heads * c.head_dim, c.kv_dim());
         // Split attention: rows up to one block per SM and KV head may spread their chunks.
         let sms = e.multiprocessors()?;
         let split = Split {
@@ -97,6 +103,7 @@ impl<E: Exec> Device<E> {
             o: e.zeros(t * d)?,
             gu: e.zeros(t * 2 * f)?,
             g: e.zeros(t * f)?,
+            moe: c.moe.as_ref().map(|m| moe::Scratch::new(e, m, t, d)).transpose()?,
             logits: e.zeros(max_logits * c.vocab)?,
             adjusted: e.zeros(max_logits * c.vocab)?,
             sampled: e.zeros(max_logits)?,
@@ -135,7 +142,7 @@ impl<E: Exec> Device<E> {
         let layers = weights
             .into_iter()
             .map(
-                |((attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down, bqkv, qk_norm), quant)| {
+                |((attn_norm, wqkv, wo, ffn_norm, ffn, bqkv, qk_norm), quant)| {
                     let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
                     Ok(Layer {
                         attn_norm,
@@ -144,8 +151,7 @@ impl<E: Exec> Device<E> {
                         qk_norm,
                         wo,
                         ffn_norm,
-                        w_gate_up,
-                        w_down,
+                        ffn,
                         wqkv_q,
                         wo_q,
                         w_gate_up_q,

@@ -42,6 +42,7 @@ use super::{norm_launch, swiglu_launch};
 use crate::model::LlamaConfig;
 use cudarc::driver::LaunchConfig;
 use half::f16;
+pub use moe::MAX_EXPERTS;
 pub use small::SmallProducts;
 use small::{fuses, product, Small};
 
@@ -56,8 +57,7 @@ struct Layer<E: Exec> {
     qk_norm: Option<(E::Buf<f32>, E::Buf<f32>)>,
     wo: E::Buf<f16>,
     ffn_norm: E::Buf<f32>,
-    w_gate_up: E::Buf<f16>,
-    w_down: E::Buf<f16>,
+    ffn: Ffn<E>,
     /// The four matrices in the file's own blocks, where they have them: a stack's parts
     /// one after the other (one a layout: `gemv::QuantRows::stack`), none where not.
     wqkv_q: Vec<QuantBuf<E>>,
@@ -66,6 +66,17 @@ struct Layer<E: Exec> {
     w_down_q: Vec<QuantBuf<E>>,
     k_cache: E::Buf<f16>,
     v_cache: E::Buf<f16>,
+}
+
+/// A layer's feed-forward block on the device.
+enum Ffn<E: Exec> {
+    /// Stacked gate|up rows, and down.
+    Dense {
+        w_gate_up: E::Buf<f16>,
+        w_down: E::Buf<f16>,
+    },
+    /// A mixture of experts (`moe`).
+    Experts(Box<moe::Experts<E>>),
 }
 
 /// Per-step buffers, sized once.
@@ -99,6 +110,8 @@ pub(super) struct Bufs<E: Exec> {
     /// and arrival counts per (row, KV head) (see `kernels/cuda/attention.cu`).
     part: E::Buf<f32>,
     arrive: E::Buf<i32>,
+    /// The mixtures of experts' scratch, where the model has them.
+    moe: Option<moe::Scratch<E>>,
 }
 
 /// Which attention launches split their rows over several blocks, and the scratch for it.
@@ -331,7 +344,7 @@ impl<E: Exec> Device<E> {
         // its Q and K heads takes rope_kv_write (after head_rmsnorm), which does.
         let plain = layers
             .iter()
-            .all(|l| l.bqkv.is_none() && l.qk_norm.is_none());
+            .all(|l| l.bqkv.is_none() && l.qk_norm.is_none() && matches!(l.ffn, Ffn::Dense { .. }));
         let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && plain;
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
@@ -458,7 +471,7 @@ impl<E: Exec> Device<E> {
                 qd,
                 d,
             )?;
-            if fuse {
+            if let (true, Ffn::Dense { w_gate_up, w_down }) = (fuse, &w.ffn) {
                 let input = Input::Norm {
                     x: &b.x2,
                     delta: Some(&b.o),
@@ -467,9 +480,9 @@ impl<E: Exec> Device<E> {
                     rows: None,
                     eps: c.rms_eps,
                 };
-                let weights = small.weights(t, &w.w_gate_up, w.w_gate_up_q.as_slice());
+                let weights = small.weights(t, w_gate_up, w.w_gate_up_q.as_slice());
                 gemv::gemv_from(e, input, weights, &mut b.gu, t, d, 2 * f)?;
-                let weights = small.weights(t, &w.w_down, w.w_down_q.as_slice());
+                let weights = small.weights(t, w_down, w.w_down_q.as_slice());
                 gemv::gemv_from(e, Input::Swiglu(&b.gu), weights, &mut b.o, t, f, d)?;
             } else {
                 e.launch(
@@ -486,15 +499,33 @@ impl<E: Exec> Device<E> {
                         eps,
                     ],
                 )?;
-                let weights = (&w.w_gate_up, w.w_gate_up_q.as_slice());
-                product(e, small, &b.h, weights, &mut b.gu, t, d, 2 * f)?;
-                e.launch(
-                    "swiglu",
-                    swiglu_launch(t, f),
-                    &[b.gu.arg(), b.g.arg(), ti, fi],
-                )?;
-                let weights = (&w.w_down, w.w_down_q.as_slice());
-                product(e, small, &b.g, weights, &mut b.o, t, f, d)?;
+                match (&w.ffn, &mut b.moe) {
+                    (Ffn::Dense { w_gate_up, w_down }, _) => {
+                        let weights = (w_gate_up, w.w_gate_up_q.as_slice());
+                        product(e, small, &b.h, weights, &mut b.gu, t, d, 2 * f)?;
+                        e.launch(
+                            "swiglu",
+                            swiglu_launch(t, f),
+                            &[b.gu.arg(), b.g.arg(), ti, fi],
+                        )?;
+                        let weights = (w_down, w.w_down_q.as_slice());
+                        product(e, small, &b.g, weights, &mut b.o, t, f, d)?;
+                    }
+                    (Ffn::Experts(x), Some(scratch)) => {
+                        let io = moe::Io {
+                            h: &b.h,
+                            gu: &mut b.gu,
+                            g: &mut b.g,
+                            out: &mut b.o,
+                            t,
+                            d,
+                        };
+                        moe::enqueue(e, small, x, scratch, io)?;
+                    }
+                    (Ffn::Experts(_), None) => {
+                        return Err(ExecError::Bounds("a mixture of experts without its scratch".into()))
+                    }
+                }
             }
         }
         if n_logits == 0 {
@@ -624,4 +655,5 @@ pub(crate) fn runs(rows: &[usize]) -> Vec<(usize, usize, usize)> {
 
 mod hidden;
 mod load;
+mod moe;
 mod small;

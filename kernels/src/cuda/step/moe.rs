@@ -1,0 +1,225 @@
+//! A mixture of experts' feed-forward block on the device (`kernels/cuda/moe.cu`): its
+//! weights (the router, every expert's matrices one after another, Qwen2-MoE's shared
+//! expert), its per-step scratch, and the launches that replace the dense block's
+//! products: the router's product, `moe_route`, `moe_sort`, `moe_gemv` over the experts'
+//! gate|up rows, `swiglu`, `moe_gemv` over their down rows, the shared expert's products,
+//! and `moe_combine` into the block's output. Every launch's grid depends on the step's
+//! rows alone, so a captured graph replays it whatever the routing.
+
+use super::small::{product, Small};
+use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
+use crate::cuda::twins::TwinMoe;
+use crate::cuda::{norm_launch, swiglu_launch};
+use crate::model::MoeConfig;
+use cudarc::driver::LaunchConfig;
+use half::f16;
+
+/// Threads of `moe_sort`'s one block (`MOE_MAX_EXPERTS`): the most experts a mixture may
+/// have on the device.
+pub const MAX_EXPERTS: usize = 256;
+
+/// Warps per `moe_gemv` block, one output column each.
+const GEMV_WARPS: u32 = 8;
+
+/// A layer's mixture of experts on the device.
+pub(super) struct Experts<E: Exec> {
+    config: MoeConfig,
+    router: E::Buf<f16>,
+    gate_up: E::Buf<f16>,
+    down: E::Buf<f16>,
+    shared: Option<Shared<E>>,
+}
+
+/// Qwen2-MoE's shared expert on the device.
+struct Shared<E: Exec> {
+    gate: E::Buf<f32>,
+    gate_up: E::Buf<f16>,
+    down: E::Buf<f16>,
+    ffn: usize,
+}
+
+impl<E: Exec> Experts<E> {
+    pub(super) fn upload(e: &E, m: &TwinMoe, dim: usize) -> Result<Self, ExecError> {
+        let shared = match &m.shared {
+            Some(s) => Some(Shared {
+                gate: e.upload(&s.gate)?,
+                gate_up: e.upload(&s.gate_up)?,
+                down: e.upload(&s.down)?,
+                ffn: s.down.len() / dim,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            config: m.config,
+            router: e.upload(&m.router)?,
+            gate_up: e.upload(&m.gate_up)?,
+            down: e.upload(&m.down)?,
+            shared,
+        })
+    }
+}
+
+/// A step's scratch for its mixtures of experts, sized for `t` rows.
+pub(super) struct Scratch<E: Exec> {
+    logits: E::Buf<f32>,
+    expert: E::Buf<i32>,
+    weight: E::Buf<f32>,
+    offsets: E::Buf<i32>,
+    order: E::Buf<i32>,
+    slot: E::Buf<i32>,
+    gu: E::Buf<f32>,
+    g: E::Buf<f16>,
+    y: E::Buf<f32>,
+    /// The shared expert's output, where the model has one.
+    shared: Option<E::Buf<f32>>,
+}
+
+impl<E: Exec> Scratch<E> {
+    pub(super) fn new(e: &E, c: &MoeConfig, t: usize, d: usize) -> Result<Self, ExecError> {
+        let places = t * c.used;
+        Ok(Self {
+            logits: e.zeros(t * c.count)?,
+            expert: e.zeros(places)?,
+            weight: e.zeros(places)?,
+            offsets: e.zeros(c.count + 1)?,
+            order: e.zeros(places)?,
+            slot: e.zeros(places)?,
+            gu: e.zeros(places * 2 * c.ffn)?,
+            g: e.zeros(places * c.ffn)?,
+            y: e.zeros(places * d)?,
+            shared: c.shared_ffn.map(|_| e.zeros(t * d)).transpose()?,
+        })
+    }
+}
+
+/// Where the block reads and writes: `h` (the normed rows, `t × d`), the dense block's
+/// buffers the shared expert uses (`gu`, `g`), and `out` (`t × d`, the block's output).
+pub(super) struct Io<'a, E: Exec> {
+    pub h: &'a E::Buf<f16>,
+    pub gu: &'a mut E::Buf<f32>,
+    pub g: &'a mut E::Buf<f16>,
+    pub out: &'a mut E::Buf<f32>,
+    pub t: usize,
+    pub d: usize,
+}
+
+/// Enqueues the mixture `x`'s block over `io`'s rows.
+pub(super) fn enqueue<E: Exec>(
+    e: &E,
+    small: Small,
+    x: &Experts<E>,
+    s: &mut Scratch<E>,
+    io: Io<'_, E>,
+) -> Result<(), ExecError> {
+    let c = &x.config;
+    let Io { h, gu, g, out, t, d } = io;
+    let (ne, k, f) = (c.count, c.used, c.ffn);
+    let places = t * k;
+    let (nei, ki) = (Arg::I32(ne as i32), Arg::I32(k as i32));
+    product(e, small, h, (&x.router, &[]), &mut s.logits, t, d, ne)?;
+    e.launch(
+        "moe_route",
+        norm_launch(t),
+        &[
+            s.logits.arg(),
+            Arg::I32(t as i32),
+            nei,
+            ki,
+            Arg::I32(c.norm as i32),
+            s.expert.arg(),
+            s.weight.arg(),
+        ],
+    )?;
+    e.launch(
+        "moe_sort",
+        LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (MAX_EXPERTS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &[
+            s.expert.arg(),
+            Arg::I32(places as i32),
+            nei,
+            s.offsets.arg(),
+            s.order.arg(),
+            s.slot.arg(),
+        ],
+    )?;
+    let gemv = |n: usize| LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(GEMV_WARPS), ne as u32, 1),
+        block_dim: (32 * GEMV_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    e.launch(
+        "moe_gemv",
+        gemv(2 * f),
+        &[
+            h.arg(),
+            s.order.arg(),
+            s.offsets.arg(),
+            ki,
+            x.gate_up.arg(),
+            s.gu.arg(),
+            Arg::I32(d as i32),
+            Arg::I32(2 * f as i32),
+        ],
+    )?;
+    e.launch(
+        "swiglu",
+        swiglu_launch(places, f),
+        &[
+            s.gu.arg(),
+            s.g.arg(),
+            Arg::I32(places as i32),
+            Arg::I32(f as i32),
+        ],
+    )?;
+    e.launch(
+        "moe_gemv",
+        gemv(d),
+        &[
+            s.g.arg(),
+            s.order.arg(),
+            s.offsets.arg(),
+            Arg::I32(0),
+            x.down.arg(),
+            s.y.arg(),
+            Arg::I32(f as i32),
+            Arg::I32(d as i32),
+        ],
+    )?;
+    let shared = match (&x.shared, &mut s.shared) {
+        (Some(sh), Some(sy)) => {
+            let sf = sh.ffn;
+            product(e, small, h, (&sh.gate_up, &[]), gu, t, d, 2 * sf)?;
+            e.launch(
+                "swiglu",
+                swiglu_launch(t, sf),
+                &[gu.arg(), g.arg(), Arg::I32(t as i32), Arg::I32(sf as i32)],
+            )?;
+            product(e, small, g, (&sh.down, &[]), sy, t, sf, d)?;
+            Some((&sh.gate, &*sy))
+        }
+        _ => None,
+    };
+    e.launch(
+        "moe_combine",
+        LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &[
+            s.y.arg(),
+            s.slot.arg(),
+            s.weight.arg(),
+            ki,
+            h.arg(),
+            shared.map_or(Arg::Null, |(gate, _)| gate.arg()),
+            shared.map_or(Arg::Null, |(_, sy)| sy.arg()),
+            out.arg(),
+            Arg::I32(d as i32),
+        ],
+    )
+}
