@@ -349,7 +349,11 @@ pub fn moe_gemv(
             let xr = &x[row * k..(row + 1) * k];
             for c in 0..n {
                 let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
-                y[p * n + c] = xr.iter().zip(wr).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                y[p * n + c] = xr
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| a.to_f32() * b.to_f32())
+                    .sum();
             }
         }
     }
@@ -657,10 +661,13 @@ fn file_experts(
     moe: &crate::model::MoeConfig,
 ) -> Option<(Vec<f16>, Vec<f16>)> {
     let len = moe.count * moe.ffn * c.dim;
-    let read = |s: &str| {
-        file_f16(g, &[format!("blk.{i}.{s}.weight")], c).filter(|v| v.len() == len)
-    };
-    let (gate, up, down) = (read("ffn_gate_exps")?, read("ffn_up_exps")?, read("ffn_down_exps")?);
+    let read =
+        |s: &str| file_f16(g, &[format!("blk.{i}.{s}.weight")], c).filter(|v| v.len() == len);
+    let (gate, up, down) = (
+        read("ffn_gate_exps")?,
+        read("ffn_up_exps")?,
+        read("ffn_down_exps")?,
+    );
     let per = moe.ffn * c.dim;
     let gate_up = gate
         .chunks(per)
@@ -773,11 +780,9 @@ impl TwinModel {
                 false => vec![n("ffn_up")],
             };
             let (w_gate_up, w_down, moe) = match &l.ffn {
-                crate::model::Ffn::Dense { gate_up: g, w_down } => (
-                    stacked(&gate_up, g)?,
-                    one(&[n("ffn_down")], w_down)?,
-                    None,
-                ),
+                crate::model::Ffn::Dense { gate_up: g, w_down } => {
+                    (stacked(&gate_up, g)?, one(&[n("ffn_down")], w_down)?, None)
+                }
                 crate::model::Ffn::Experts(x) => {
                     let exps = match file {
                         Some(g) => Some(file_experts(g, i, &m.config, &x.config)?),
@@ -791,7 +796,10 @@ impl TwinModel {
                     let shared = match &x.shared {
                         Some((gate, e)) => Some(TwinShared {
                             gate: gate.clone(),
-                            gate_up: stacked(&[n("ffn_gate_shexp"), n("ffn_up_shexp")], &e.gate_up)?,
+                            gate_up: stacked(
+                                &[n("ffn_gate_shexp"), n("ffn_up_shexp")],
+                                &e.gate_up,
+                            )?,
                             down: one(&[n("ffn_down_shexp")], &e.down)?,
                         }),
                         None => None,

@@ -628,4 +628,5 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
 mod attention;
 mod gemv;
 mod gemv_fused;
+mod moe;
 mod sample;

@@ -103,7 +103,11 @@ impl<E: Exec> Device<E> {
             o: e.zeros(t * d)?,
             gu: e.zeros(t * 2 * f)?,
             g: e.zeros(t * f)?,
-            moe: c.moe.as_ref().map(|m| moe::Scratch::new(e, m, t, d)).transpose()?,
+            moe: c
+                .moe
+                .as_ref()
+                .map(|m| moe::Scratch::new(e, m, t, d))
+                .transpose()?,
             logits: e.zeros(max_logits * c.vocab)?,
             adjusted: e.zeros(max_logits * c.vocab)?,
             sampled: e.zeros(max_logits)?,

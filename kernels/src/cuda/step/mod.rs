@@ -523,7 +523,9 @@ impl<E: Exec> Device<E> {
                         moe::enqueue(e, small, x, scratch, io)?;
                     }
                     (Ffn::Experts(_), None) => {
-                        return Err(ExecError::Bounds("a mixture of experts without its scratch".into()))
+                        return Err(ExecError::Bounds(
+                            "a mixture of experts without its scratch".into(),
+                        ))
                     }
                 }
             }

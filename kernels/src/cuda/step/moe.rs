@@ -112,7 +112,14 @@ pub(super) fn enqueue<E: Exec>(
     io: Io<'_, E>,
 ) -> Result<(), ExecError> {
     let c = &x.config;
-    let Io { h, gu, g, out, t, d } = io;
+    let Io {
+        h,
+        gu,
+        g,
+        out,
+        t,
+        d,
+    } = io;
     let (ne, k, f) = (c.count, c.used, c.ffn);
     let places = t * k;
     let (nei, ki) = (Arg::I32(ne as i32), Arg::I32(k as i32));
