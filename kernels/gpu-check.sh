@@ -14,6 +14,8 @@
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
 # and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; then
+# the qwen2/qwen3/qwen3moe-shaped files through the engine and decode steps over one of
+# Qwen3-30B-A3B's layers (a mixture of 128 experts);
 # decode steps of 1-16 rows over two of Llama-3-8B's layers (in the Q4_K_M mix, then the
 # Q2_K one); last, in the
 # time left, compute-sanitizer's memcheck and racecheck over the kernels' parity tests.
@@ -162,13 +164,28 @@ engine_file qwen2-0.5b qwen2_0_5b 380
 # 1,024: Q's rows twice the width; head_rmsnorm before rope_kv_write, the QKV product
 # unfused).
 engine_file qwen3-0.6b qwen3_0_6b 390
+# A mixture of experts: SmolLM2's shape as a qwen3moe file (4 experts half as wide, 2 a
+# token) through the engine; then one of Qwen3-30B-A3B's layers (8 of 128 experts a
+# token, 768 wide) in decode steps of 1-256 rows against the floor of reading the experts
+# the rows choose (moe_route, moe_sort, moe_gemv, moe_combine at a real mixture's widths).
+engine_file qwen3moe-smol qwen3moe_smol 395
+if [ $SECONDS -lt 400 ]; then
+  q3m=$(dirname "$model")/qwen3moe-30b-layer.gguf
+  if timeout 40 "$BIN/synth" "$q3m" qwen3moe_30b_layer >/dev/null; then
+    timeout 60 "$BIN/decode_bench" "$q3m" --ctx 511 --batches 1,16,64,256 || status=1
+  else
+    echo "qwen3moe layer: synth failed"; status=1
+  fi
+else
+  echo "qwen3moe layer: not run ($SECONDS s gone)"
+fi
 echo
 # Two of Llama-3-8B's layers in the Q4_K_M mix (4,096 wide, feed-forward 14,336, heads of
 # 128 in groups of 4; a vocabulary of 4,096): decode steps of 1-256 rows at an 8B model's
 # widths, where SmolLM2's do not go — its QKV a stack of Q4_K and Q6_K parts, its ffn_down
 # read in runs of columns at 8-16 rows, fused or apart — with the load-time choice per
 # bucket. Left out when the time is the sanitizer's.
-if [ $SECONDS -lt 400 ]; then
+if [ $SECONDS -lt 420 ]; then
   l8=$(dirname "$model")/llama8b-layers.gguf
   if timeout 60 "$BIN/synth" "$l8" llama8b >/dev/null; then
     timeout 90 "$BIN/decode_bench" "$l8" --ctx 511 --batches 1,4,8,16,64,256 || status=1
@@ -203,7 +220,7 @@ fi
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 echo
 printf '| sanitizer | result |\n|---|---|\n'
-for run in "memcheck" "racecheck attention tensor_core build_batch sampling logprobs gemv qkv stack runs_of_columns"; do
+for run in "memcheck" "racecheck attention tensor_core build_batch sampling logprobs gemv qkv stack runs_of_columns moe"; do
   read -r tool filters <<<"$run"
   left=$((560 - SECONDS))
   if [ ! -x "$san" ]; then printf '| %s | not run: no compute-sanitizer |\n' "$tool"; continue; fi

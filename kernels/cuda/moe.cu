@@ -119,12 +119,23 @@ extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n
     }
 }
 
+// acc += the 8 halves of x · the 8 halves of w, in order.
+__device__ __forceinline__ float moe_fma8(uint4 x, uint4 w, float acc) {
+    u32 xs[4] = {x.x, x.y, x.z, x.w}, ws[4] = {w.x, w.y, w.z, w.w};
+    for (int j = 0; j < 4; j++) {
+        acc = fmaf(h2f((half_t)(xs[j] & 0xffffu)), h2f((half_t)(ws[j] & 0xffffu)), acc);
+        acc = fmaf(h2f((half_t)(xs[j] >> 16)), h2f((half_t)(ws[j] >> 16)), acc);
+    }
+    return acc;
+}
+
 // y[p, c] = Σ_i x[row(p), i] · w[e][c][i] for expert e = blockIdx.y's places p in
 // [offsets[e], offsets[e+1]): row(p) = order[p] / gather where gather > 0 (the first
 // product reads the token's row of h), p itself where 0 (the second reads the rows the
-// first made, in place order). w is [E][n][k] f16, k even. Blocks of 8 warps, a warp per
-// column c = blockIdx.x·8 + warp, MOE_ROWS places at a time, the lanes over i in pairs:
-// each sum is lane-strided then reduced across the warp, whatever the places beside it.
+// first made, in place order). w is [E][n][k] f16, k a multiple of 8. Blocks of 8 warps, a
+// warp per column c = blockIdx.x·8 + warp, MOE_ROWS places at a time, the lanes over i in
+// runs of 8 (16-byte loads): each sum is lane-strided then reduced across the warp,
+// whatever the places beside it.
 extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __restrict__ order,
                                     const int* __restrict__ offsets, int gather,
                                     const half_t* __restrict__ w, float* __restrict__ y, int k,
@@ -134,26 +145,21 @@ extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __r
     int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int p0 = offsets[e], p1 = offsets[e + 1];
     if (c >= n || p0 == p1) return;
-    int pairs = k >> 1;
-    const u32* wr = (const u32*)(w + ((size_t)e * n + c) * k);
+    int runs = k >> 3;
+    const uint4* wr = (const uint4*)(w + ((size_t)e * n + c) * k);
     for (int p = p0; p < p1; p += MOE_ROWS) {
         int m = min(MOE_ROWS, p1 - p);
-        const u32* xr[MOE_ROWS];
+        const uint4* xr[MOE_ROWS];
         float acc[MOE_ROWS];
         for (int r = 0; r < MOE_ROWS; r++) {
             int q = p + min(r, m - 1);
             int row = gather > 0 ? order[q] / gather : q;
-            xr[r] = (const u32*)(x + (size_t)row * k);
+            xr[r] = (const uint4*)(x + (size_t)row * k);
             acc[r] = 0.0f;
         }
-        for (int i = lane; i < pairs; i += 32) {
-            u32 wv = wr[i];
-            float w0 = h2f((half_t)(wv & 0xffffu)), w1 = h2f((half_t)(wv >> 16));
-            for (int r = 0; r < MOE_ROWS; r++) {
-                u32 xv = xr[r][i];
-                acc[r] = fmaf(h2f((half_t)(xv & 0xffffu)), w0, acc[r]);
-                acc[r] = fmaf(h2f((half_t)(xv >> 16)), w1, acc[r]);
-            }
+        for (int i = lane; i < runs; i += 32) {
+            uint4 wv = wr[i];
+            for (int r = 0; r < MOE_ROWS; r++) acc[r] = moe_fma8(xr[r][i], wv, acc[r]);
         }
         for (int r = 0; r < MOE_ROWS; r++) {
             float s = warp_sum(acc[r]);

@@ -14,6 +14,10 @@
 //!
 //! `--tensor`: the steps launch the tensor-core attention kernel (`attention_tc`).
 //!
+//! A mixture of experts' floors count its router and shared expert whole and, of its
+//! experts, the share a step's rows are expected to choose under uniform routing (of E
+//! experts, k a row: E·(1 − (1 − k/E)ⁿ) for n rows).
+//!
 //! Without a model path it writes the synthetic SmolLM2-shaped model to a temporary
 //! folder. `--cpu` runs the same harness on the CPU backend, `--emu` on the CUDA backend
 //! over the CPU emulator (checks of the harness, not GPU numbers; use a small model). Each step is the engine's decode step: one token per sequence at
@@ -172,13 +176,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let convert = std::time::Instant::now();
     let twin = TwinModel::from_model(&model);
     let convert_secs = convert.elapsed().as_secs_f64();
+    // A mixture's router and shared expert are read whole every step; of its experts,
+    // those the step's rows choose: of E experts, k a row, E·(1 − (1 − k/E)ⁿ) for n rows
+    // under uniform routing (the floors below count that share of the experts' bytes).
+    let moe_bytes = |l: &kernels::cuda::twins::TwinLayer| {
+        l.moe.as_ref().map_or((0, 0), |m| {
+            let shared = m
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.gate_up.len() + s.down.len());
+            (m.router.len() + shared, m.gate_up.len() + m.down.len())
+        })
+    };
     let weight_bytes = 2.0
         * (twin.output.len()
             + twin
                 .layers
                 .iter()
-                .map(|l| l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len())
+                .map(|l| {
+                    l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len() + moe_bytes(l).0
+                })
                 .sum::<usize>()) as f64;
+    let expert_bytes = 2.0 * twin.layers.iter().map(|l| moe_bytes(l).1).sum::<usize>() as f64;
+    let experts_read = |n: usize| {
+        c.moe.map_or(0.0, |m| {
+            expert_bytes * (1.0 - (1.0 - m.used as f64 / m.count as f64).powi(n as i32))
+        })
+    };
     // What a step of few rows reads where the products take the file's blocks: each
     // matrix's blocks (a stack's parts), or its f16 rows where it has none.
     let block_bytes = {
@@ -259,8 +283,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         path.display(),
         c.n_layers,
         c.dim,
-        weight_bytes / 1e6,
-        block_bytes / 1e6,
+        (weight_bytes + expert_bytes) / 1e6,
+        (block_bytes + expert_bytes) / 1e6,
         load_secs,
         convert_secs,
         rayon::current_num_threads(),
@@ -275,8 +299,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &n in &a.batches {
         let iters = if a.cpu || a.emu { 3 } else { 200 };
         let kv_bytes = (n * (a.ctx + 1) * c.n_layers * c.kv_dim() * 2 * 2) as f64;
-        let floor_w = weight_bytes / (copy_gbs * 1e9);
-        let floor_kv = (weight_bytes + kv_bytes) / (copy_gbs * 1e9);
+        let weights = weight_bytes + experts_read(n);
+        let floor_w = weights / (copy_gbs * 1e9);
+        let floor_kv = (weights + kv_bytes) / (copy_gbs * 1e9);
         let (graphs, ahead, direct, plain) = match &mut which {
             Which::Cuda(cuda) => graphs_and_direct(cuda.as_mut(), n, a.ctx, per, iters)?,
             Which::Emu(emu) => graphs_and_direct(emu.as_mut(), n, a.ctx, per, iters)?,
@@ -305,10 +330,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let iters = if a.emu { 3 } else { 200 };
     // The floors of a step of few rows: reading the f16 rows once, or the blocks.
-    let floor = (
-        weight_bytes / (copy_gbs * 1e9),
-        block_bytes / (copy_gbs * 1e9),
-    );
+    let floor = |n: usize| {
+        (
+            (weight_bytes + experts_read(n)) / (copy_gbs * 1e9),
+            (block_bytes + experts_read(n)) / (copy_gbs * 1e9),
+        )
+    };
     match &mut which {
         Which::Cuda(cuda) => small_products(cuda.as_mut(), &a, per, iters, floor)?,
         Which::Emu(emu) => small_products(emu.as_mut(), &a, per, iters, floor)?,
@@ -326,7 +353,7 @@ fn small_products<E: Exec>(
     a: &Args,
     per: usize,
     iters: usize,
-    (floor_f16, floor_blocks): (f64, f64),
+    floor: impl Fn(usize) -> (f64, f64),
 ) -> Result<(), String> {
     let ctx = a.ctx;
     let small: Vec<usize> = a
@@ -371,6 +398,7 @@ fn small_products<E: Exec>(
             ));
         }
         row.resize(5, "(none)".into());
+        let (floor_f16, floor_blocks) = floor(n);
         row.push(format!("{:.1} µs", floor_f16 * 1e6));
         row.push(format!("{:.1} µs", floor_blocks * 1e6));
         println!("| {n} | {} |", row.join(" | "));

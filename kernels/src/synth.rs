@@ -59,6 +59,9 @@ pub struct SynthSpec {
     /// Each head's width, written as `attention.key_length`/`value_length` (Qwen3's 128
     /// under a 1,024-wide model); `dim / n_heads`, unwritten, where `None`.
     pub head_dim: Option<usize>,
+    /// A mixture's experts and how many a token uses, where the architecture has them
+    /// ([`SynthArch::Qwen3Moe`] and the others): [`SYNTH_EXPERTS`] and 2 by default.
+    pub experts: (usize, usize),
 }
 
 /// The architecture a synthetic file names, and the tensors that go with it
@@ -184,6 +187,7 @@ impl Default for SynthSpec {
             vocabulary: None,
             arch: SynthArch::Llama,
             head_dim: None,
+            experts: (SYNTH_EXPERTS, 2),
         }
     }
 }
@@ -207,6 +211,7 @@ impl SynthSpec {
             vocabulary: None,
             arch: SynthArch::Llama,
             head_dim: None,
+            experts: (SYNTH_EXPERTS, 2),
         }
     }
 
@@ -286,6 +291,26 @@ impl SynthSpec {
                 ("ffn_down", GgmlType::Q6_K),
                 ("output", GgmlType::Q6_K),
             ],
+            ..Self::default()
+        }
+    }
+
+    /// One of Qwen3-30B-A3B's layers as a `qwen3moe` file (2,048 wide, 32 query heads over
+    /// 4 KV heads of 128, each Q and K head normed; 8 of 128 experts a token, each 768
+    /// wide; ~620 M weights) and a vocabulary of 4,096: what the GPU's expert kernels do at
+    /// a real mixture's widths and counts, without the whole model.
+    pub fn qwen3moe_30b_layer() -> Self {
+        Self {
+            n_layers: 1,
+            dim: 2048,
+            n_heads: 32,
+            n_kv_heads: 4,
+            head_dim: Some(128),
+            ffn_dim: 1536,
+            vocab: 4096,
+            seed: 50,
+            arch: SynthArch::Qwen3Moe,
+            experts: (128, 8),
             ..Self::default()
         }
     }
@@ -595,8 +620,8 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         ));
     }
     if s.arch.experts() {
-        meta.push(("llama.expert_count".into(), u32v(SYNTH_EXPERTS)));
-        meta.push(("llama.expert_used_count".into(), u32v(2)));
+        meta.push(("llama.expert_count".into(), u32v(s.experts.0)));
+        meta.push(("llama.expert_used_count".into(), u32v(s.experts.1)));
         meta.push((
             "llama.expert_feed_forward_length".into(),
             u32v(s.ffn_dim / 2),
@@ -691,7 +716,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         tensors.push(mat(n("attn_output"), q_dim, s.dim, 2.0 * std_in(q_dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
         if s.arch.experts() {
-            let (e, f) = (SYNTH_EXPERTS, s.ffn_dim / 2);
+            let (e, f) = (s.experts.0, s.ffn_dim / 2);
             // The router in f32, as llama.cpp's quantizer leaves it.
             let router: Vec<f32> = (0..e * s.dim).map(|_| r2.normal(std_in(s.dim))).collect();
             tensors.push(Tensor {

@@ -457,10 +457,10 @@ pub const MAX_HEAD_DIM: usize = 128;
 pub fn attention_defines(c: &LlamaConfig) -> Result<Vec<(&'static str, usize)>, GpuError> {
     if let Some(moe) = &c.moe {
         let most = super::step::MAX_EXPERTS;
-        if moe.count > most || !c.dim.is_multiple_of(2) || !moe.ffn.is_multiple_of(2) {
+        if moe.count > most || !c.dim.is_multiple_of(8) || !moe.ffn.is_multiple_of(8) {
             return Err(GpuError::Unavailable(format!(
                 "a mixture of {} experts {} wide over {} dimensions: the CUDA expert kernels take \
-                 up to {most} experts, of even widths",
+                 up to {most} experts, of widths in multiples of 8",
                 moe.count, moe.ffn, c.dim
             )));
         }

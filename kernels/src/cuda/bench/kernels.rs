@@ -1,8 +1,9 @@
-//! The memory-bound kernels' benchmarks (add_rmsnorm, head_rmsnorm, rope_kv_write, swiglu) and the
-//! sampling kernel's (greedy, and with top-k and top-p cuts).
+//! The memory-bound kernels' benchmarks (add_rmsnorm, head_rmsnorm, rope_kv_write, swiglu,
+//! moe_gemv) and the sampling kernel's (greedy, and with top-k and top-p cuts).
 
 use super::{cfg, i, time_launch, Row};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
+use cudarc::driver::LaunchConfig;
 use half::f16;
 
 /// add_rmsnorm over `t` rows of 576 (read x, delta; write x, out f16).
@@ -106,6 +107,63 @@ pub(super) fn rope<E: Exec>(
         secs,
         bytes,
         in_step,
+    })
+}
+
+/// moe_gemv over a mixture's gate|up rows (`(experts, used, dim, ffn)`) for a decode step
+/// of `batch` rows, each row's `used` experts drawn at random (a fixed seed): the experts
+/// chosen read once (f16), the rows' inputs once per block (counted once), the outputs
+/// written (f32).
+pub(super) fn moe_gemv<E: Exec>(
+    e: &E,
+    (ne, k, d, f): (usize, usize, usize, usize),
+    batch: usize,
+    iters: u32,
+) -> Result<Row, ExecError> {
+    // Each row's k distinct experts from an xorshift stream.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ batch as u64;
+    let mut expert = Vec::with_capacity(batch * k);
+    for _ in 0..batch {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        while row.len() < k {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let x = (state % ne as u64) as i32;
+            if !row.contains(&x) {
+                row.push(x);
+            }
+        }
+        expert.extend(row);
+    }
+    let places = crate::cuda::twins::moe_sort(&expert, ne);
+    let hit = places.offsets.windows(2).filter(|w| w[1] > w[0]).count();
+    let (order, offsets) = (e.upload(&places.order)?, e.upload(&places.offsets)?);
+    let x = e.zeros::<f16>(batch * d)?;
+    let w = e.zeros::<f16>(ne * 2 * f * d)?;
+    let y = e.zeros::<f32>(batch * k * 2 * f)?;
+    let args = [
+        x.arg(),
+        order.arg(),
+        offsets.arg(),
+        i(k),
+        w.arg(),
+        y.arg(),
+        i(d),
+        i(2 * f),
+    ];
+    let c = LaunchConfig {
+        grid_dim: ((2 * f as u32).div_ceil(8), ne as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let secs = time_launch(e, iters, "moe_gemv", c, &args)?;
+    let bytes = (hit * 2 * f * d * 2 + batch * d * 2 + batch * k * 2 * f * 4) as f64;
+    Ok(Row {
+        name: format!("moe_gemv gate|up, {batch} rows ({hit} of {ne} experts)"),
+        secs,
+        bytes,
+        in_step: None,
     })
 }
 

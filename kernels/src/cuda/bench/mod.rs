@@ -23,7 +23,7 @@ mod kernels;
 mod products;
 
 pub use attention::{attention, attention_packed, attention_split};
-use kernels::{head_norm, norm, rope, sample, swiglu};
+use kernels::{head_norm, moe_gemv, norm, rope, sample, swiglu};
 
 /// How big each benchmark is.
 #[derive(Debug, Clone)]
@@ -50,6 +50,9 @@ pub struct Sizes {
     pub qkv_heads: (usize, usize, usize),
     /// Layers of the model whose decode step the parts add up to.
     pub layers: usize,
+    /// A mixture of experts' shape (experts, used a row, width, expert width): its
+    /// `moe_gemv` over the gate|up rows at each decode batch.
+    pub moe: (usize, usize, usize, usize),
 }
 
 /// How often a decode step of the model runs a product ([`Sizes::products`]).
@@ -89,6 +92,8 @@ impl Sizes {
             product_rows: vec![1, 4, 8, 16, 64, 256],
             qkv_heads: (9, 3, 64),
             layers: 30,
+            // Qwen3-30B-A3B's.
+            moe: (128, 8, 2048, 768),
         }
     }
 
@@ -106,6 +111,7 @@ impl Sizes {
             product_rows: vec![1, 3, 9],
             qkv_heads: (1, 1, 32),
             layers: 2,
+            moe: (8, 2, 64, 32),
         }
     }
 }
@@ -307,6 +313,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     }
     rows.push(swiglu(e, t, iters, None)?);
     rows.extend(sample(e, sizes.sample, true, iters, None)?);
+    for &batch in &sizes.decode {
+        rows.push(moe_gemv(e, sizes.moe, batch, iters)?);
+    }
 
     // A decode step's other kernels at its batch: two norms per layer and the final one,
     // RoPE with the cache write, SwiGLU, and sampling (greedy) once.
