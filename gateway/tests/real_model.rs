@@ -696,6 +696,54 @@ fn moe_model_logits_match_the_numpy_reference() {
     }
 }
 
+/// Mixtral's files from before llama.cpp stacked the experts (one tensor per expert,
+/// `ffn_gate.E.weight`: the most downloaded Mixtral GGUFs) load as the stacked file of the
+/// same weights: the same logits, bit for bit, on the CPU and on the GPU path (emulated),
+/// which with an output head whose conversion moves values reads the experts' tensors from
+/// the file again.
+#[test]
+fn mixtral_files_with_a_tensor_per_expert_answer_as_the_stacked_ones() {
+    use kernels::synth::{SynthArch, SynthSpec};
+    let ids: Vec<u32> = (0..9).map(|i| 3 + 37 * i).collect();
+    for (what, spec, from_file) in three_files() {
+        let dir = tempdir::TempDir::new();
+        let load = |apart: bool| {
+            let path = dir.0.join(format!("{apart}.gguf"));
+            let spec = SynthSpec {
+                arch: SynthArch::Mixtral,
+                experts_apart: apart,
+                ..spec.clone()
+            };
+            kernels::synth::write_model(&path, &spec).unwrap();
+            let g = kernels::gguf::Gguf::open(&path).unwrap();
+            let stacked = g.tensor("blk.0.ffn_gate_exps.weight").is_some();
+            assert_eq!(stacked, !apart, "{what}");
+            assert_eq!(
+                g.tensor("blk.0.ffn_down.3.weight").is_some(),
+                apart,
+                "{what}"
+            );
+            kernels::load::load(&path).unwrap()
+        };
+        let (stacked, apart) = (load(false), load(true));
+        assert_eq!(
+            apart.model.weights.inexact_from.is_some(),
+            from_file,
+            "{what}"
+        );
+        let same =
+            |(a, a_logits): (Vec<u32>, Vec<f32>), (b, b_logits): (Vec<u32>, Vec<f32>), on| {
+                assert_eq!(a, b, "{what}: {on}: tokens");
+                assert!(a_logits == b_logits, "{what}: {on}: logits differ");
+            };
+        same(greedy(&apart, &ids, 4), greedy(&stacked, &ids, 4), "CPU");
+        if let (Some(mut a), Some(mut b)) = (emulated(&apart), emulated(&stacked)) {
+            let got = decode_greedy(&mut a, &ids, 4, 8);
+            same(got, decode_greedy(&mut b, &ids, 4, 8), "GPU path");
+        }
+    }
+}
+
 /// Every block layout tollgate converts at load (Q5_0, Q5_1, Q2_K … Q6_K, IQ4_NL, IQ4_XS),
 /// as its dequantization reads it and as the `gguf` package's does: synthetic models of
 /// them (`SynthSpec::tiny_k_quants`, `tiny_low_bits`), each tensor's values from both,

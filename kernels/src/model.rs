@@ -728,14 +728,48 @@ fn stacked_matrices(
         .collect())
 }
 
+/// The tensors holding layer `i`'s experts' `role` matrices (`ffn_gate`, `ffn_up`,
+/// `ffn_down`), every expert's in order: one 3-D tensor (`{role}_exps`), or, in Mixtral
+/// files written before llama.cpp stacked them, one tensor per expert (`{role}.{x}`).
+pub fn expert_tensors(g: &Gguf, i: usize, role: &str, count: usize) -> Vec<String> {
+    let stacked = format!("blk.{i}.{role}_exps.weight");
+    let apart = |x: usize| format!("blk.{i}.{role}.{x}.weight");
+    if g.tensor(&stacked).is_none() && g.tensor(&apart(0)).is_some() {
+        (0..count).map(apart).collect()
+    } else {
+        vec![stacked]
+    }
+}
+
+/// Layer `i`'s experts' `role` matrices (`rows × cols` each), from their tensors
+/// ([`expert_tensors`]).
+fn expert_matrices(
+    g: &Gguf,
+    i: usize,
+    role: &str,
+    cols: usize,
+    rows: usize,
+    count: usize,
+) -> Result<Vec<Matrix>, GgufError> {
+    use rayon::prelude::*;
+    match expert_tensors(g, i, role, count).as_slice() {
+        [stacked] => stacked_matrices(g, stacked, cols, rows, count),
+        apart => apart
+            .par_iter()
+            .map(|name| matrix(g, name, cols, rows))
+            .collect(),
+    }
+}
+
 /// Layer `i`'s mixture of experts (`ffn_gate_inp`, the router; `ffn_{gate,up,down}_exps`,
-/// the experts' matrices; Qwen2-MoE's `ffn_*_shexp` and its gate `ffn_gate_inp_shexp`).
+/// the experts' matrices, or older Mixtral files' tensor per expert; Qwen2-MoE's
+/// `ffn_*_shexp` and its gate `ffn_gate_inp_shexp`).
 fn experts(g: &Gguf, i: usize, d: usize, moe: &MoeConfig) -> Result<Experts, GgufError> {
     let n = |s: &str| format!("blk.{i}.{s}.weight");
     let (e, f) = (moe.count, moe.ffn);
-    let gates = stacked_matrices(g, &n("ffn_gate_exps"), d, f, e)?;
-    let ups = stacked_matrices(g, &n("ffn_up_exps"), d, f, e)?;
-    let downs = stacked_matrices(g, &n("ffn_down_exps"), f, d, e)?;
+    let gates = expert_matrices(g, i, "ffn_gate", d, f, e)?;
+    let ups = expert_matrices(g, i, "ffn_up", d, f, e)?;
+    let downs = expert_matrices(g, i, "ffn_down", f, d, e)?;
     let experts = gates
         .into_iter()
         .zip(ups)

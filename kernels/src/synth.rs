@@ -62,6 +62,9 @@ pub struct SynthSpec {
     /// A mixture's experts and how many a token uses, where the architecture has them
     /// ([`SynthArch::Qwen3Moe`] and the others): [`SYNTH_EXPERTS`] and 2 by default.
     pub experts: (usize, usize),
+    /// The experts' matrices as one tensor each (`ffn_gate.E.weight`: Mixtral's files
+    /// before llama.cpp stacked them) rather than one 3-D tensor per role.
+    pub experts_apart: bool,
 }
 
 /// The architecture a synthetic file names, and the tensors that go with it
@@ -188,6 +191,7 @@ impl Default for SynthSpec {
             arch: SynthArch::Llama,
             head_dim: None,
             experts: (SYNTH_EXPERTS, 2),
+            experts_apart: false,
         }
     }
 }
@@ -212,6 +216,7 @@ impl SynthSpec {
             arch: SynthArch::Llama,
             head_dim: None,
             experts: (SYNTH_EXPERTS, 2),
+            experts_apart: false,
         }
     }
 
@@ -731,12 +736,20 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
                 ("ffn_down_exps", f, s.dim, 2.0 * std_in(f)),
             ] {
                 let each: Vec<Tensor> = (0..e).map(|_| mat(n(name), cols, rows, std)).collect();
-                tensors.push(Tensor {
-                    name: n(name),
-                    dims: vec![cols, rows, e],
-                    ty: each[0].ty,
-                    data: each.into_iter().flat_map(|t| t.data).collect(),
-                });
+                if s.experts_apart {
+                    let role = name.trim_end_matches("_exps");
+                    for (x, mut t) in each.into_iter().enumerate() {
+                        t.name = format!("blk.{i}.{role}.{x}.weight");
+                        tensors.push(t);
+                    }
+                } else {
+                    tensors.push(Tensor {
+                        name: n(name),
+                        dims: vec![cols, rows, e],
+                        ty: each[0].ty,
+                        data: each.into_iter().flat_map(|t| t.data).collect(),
+                    });
+                }
             }
             if s.arch == SynthArch::Qwen2Moe {
                 let gate: Vec<f32> = (0..s.dim).map(|_| r2.normal(std_in(s.dim))).collect();

@@ -651,7 +651,8 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
     Some(out)
 }
 
-/// Layer `i`'s experts' own values from the file: each expert's gate rows then its up rows
+/// Layer `i`'s experts' own values from the file (stacked tensors or one per expert): each
+/// expert's gate rows then its up rows
 /// (`count × 2·ffn × dim`), and the down rows (`count × dim × ffn`); `None` where a tensor
 /// is missing or of another size.
 fn file_experts(
@@ -661,13 +662,11 @@ fn file_experts(
     moe: &crate::model::MoeConfig,
 ) -> Option<(Vec<f16>, Vec<f16>)> {
     let len = moe.count * moe.ffn * c.dim;
-    let read =
-        |s: &str| file_f16(g, &[format!("blk.{i}.{s}.weight")], c).filter(|v| v.len() == len);
-    let (gate, up, down) = (
-        read("ffn_gate_exps")?,
-        read("ffn_up_exps")?,
-        read("ffn_down_exps")?,
-    );
+    let read = |role: &str| {
+        let names = crate::model::expert_tensors(g, i, role, moe.count);
+        file_f16(g, &names, c).filter(|v| v.len() == len)
+    };
+    let (gate, up, down) = (read("ffn_gate")?, read("ffn_up")?, read("ffn_down")?);
     let per = moe.ffn * c.dim;
     let gate_up = gate
         .chunks(per)
