@@ -11,7 +11,7 @@ use common::*;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::cuda::backend::{CudaBackend, KvCapacity};
 use kernels::cuda::emu::Emu;
-use kernels::cuda::twins::{SampleParams, TwinModel};
+use kernels::cuda::twins::{ExpertHolding, ExpertRows, SampleParams, TwinModel};
 use kernels::forward::Batch;
 use kernels::matmul::ActPrecision;
 use kernels::sampler::argmax;
@@ -185,7 +185,12 @@ fn decode_greedy<B: Backend>(
 /// The CUDA backend on the emulator for the real model (its SmolLM2 build of the
 /// kernels), for one sequence of up to 128 tokens: None where the build has no emulator.
 fn emulated(m: &kernels::load::Loaded) -> Option<CudaBackend<Emu>> {
-    let twin = TwinModel::from_model(&m.model);
+    emulated_holding(m, ExpertHolding::Auto)
+}
+
+/// [`emulated`], with a mixture's experts held as `experts` says.
+fn emulated_holding(m: &kernels::load::Loaded, experts: ExpertHolding) -> Option<CudaBackend<Emu>> {
+    let twin = TwinModel::holding(&m.model, experts);
     let emu = kernels::cuda::emu::or_skip(Emu::open_for(&twin.config))?;
     let kv = KvCapacity::Blocks(8);
     Some(CudaBackend::on(emu, "emulator".into(), &twin, 16, kv, 128, 1).unwrap())
@@ -200,11 +205,24 @@ fn emulated_matches_the_reference(
     want: &Value,
     what: &str,
 ) {
-    if let Some(mut be) = emulated(m) {
+    emulated_holding_matches_the_reference(m, ids, want, what, ExpertHolding::Auto, GPU_LOGIT_TOL)
+}
+
+/// [`emulated_matches_the_reference`], with a mixture's experts held as `experts` says,
+/// within `tol`.
+fn emulated_holding_matches_the_reference(
+    m: &kernels::load::Loaded,
+    ids: &[u32],
+    want: &Value,
+    what: &str,
+    experts: ExpertHolding,
+    tol: f32,
+) {
+    if let Some(mut be) = emulated_holding(m, experts) {
         let (got, logits) = decode_greedy(&mut be, ids, 4, 8);
         let d = max_rel_diff(&logits, want["last_logits"].as_array().unwrap());
         eprintln!("{what}, emulated GPU path: logits within {d:.1e}");
-        assert!(d < GPU_LOGIT_TOL, "{what}: GPU path logits differ by {d}");
+        assert!(d < tol, "{what}: GPU path logits differ by {d}");
         assert_eq!(
             serde_json::to_value(&got).unwrap(),
             want["greedy"],
@@ -673,8 +691,10 @@ fn phi3_model_logits_match_the_numpy_reference() {
 /// are, and a shared expert behind a sigmoid gate; Mixtral's: a `llama` file with
 /// experts): the CPU's logits and greedy tokens are the reference's — Hugging Face's
 /// sparse MoE blocks — on Q4_1 and on K-quant layouts, and so are the GPU path's (emulated:
-/// `moe_route`, `moe_sort`, `moe_gemv`, `moe_combine`), which with an output head whose
-/// conversion moves values reads the experts' stacked tensors from the file again.
+/// `moe_route`, `moe_sort`, `moe_gemv`, `moe_combine`), with the experts held as Q8_0's
+/// values (`moe_gemv_q8`: the default for a quantized file) and in f16, which with an
+/// output head whose conversion moves values reads the experts' stacked tensors from the
+/// file again.
 #[test]
 fn moe_model_logits_match_the_numpy_reference() {
     use kernels::synth::{SynthArch, SynthSpec};
@@ -691,7 +711,24 @@ fn moe_model_logits_match_the_numpy_reference() {
             assert_eq!(moe.shared_ffn.is_some(), arch == SynthArch::Qwen2Moe);
             assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
             let label = format!("{arch:?}, {what}");
-            matches_the_reference(&m, &ids, &refs[0], &label, !from_file, true);
+            matches_the_reference(&m, &ids, &refs[0], &label, !from_file, false);
+            for experts in [ExpertHolding::Auto, ExpertHolding::F16] {
+                let twin = TwinModel::holding(&m.model, experts);
+                let held = twin.layers.iter().filter_map(|l| l.moe.as_ref());
+                let q8 = held.map(|x| matches!(x.down, ExpertRows::Q8(_)));
+                assert!(
+                    q8.clone().count() > 0
+                        && q8.clone().all(|q| q == (experts == ExpertHolding::Auto))
+                );
+                let label = format!("{label}, experts {experts:?}");
+                // Q8_0's values of a Q4_1 or K-quant file's experts: as the CPU's
+                // requantized layouts, against the reference's exact values.
+                let tol = match experts {
+                    ExpertHolding::F16 => GPU_LOGIT_TOL,
+                    _ => REQUANT_LOGIT_TOL,
+                };
+                emulated_holding_matches_the_reference(&m, &ids, &refs[0], &label, experts, tol);
+            }
         }
     }
 }

@@ -10,6 +10,8 @@
 //   moe_gemv (gather)  : gu[place, 2F] = h[order[place] / k] · W_gate|up[e]ᵀ
 //   swiglu             : g[place, F]
 //   moe_gemv           : y[place, D]  = g[place] · W_down[e]ᵀ
+//
+// (moe_gemv_q8 for experts held as signed bytes under scales per 32, Q8_0's values.)
 //   moe_combine        : out[r] = Σ_j weight[r·k + j] · y[slot[r·k + j]]  (+ σ(h[r]·g)·s[r])
 //
 // Every launch's grid depends on T alone (experts with no rows leave their blocks idle), so
@@ -119,9 +121,10 @@ extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n
     }
 }
 
-// acc += the 8 halves of x · the 8 halves of w, in order.
-__device__ __forceinline__ float moe_fma8(uint4 x, uint4 w, float acc) {
+// Σ of the 8 halves of x times the 8 halves of w, in order.
+__device__ __forceinline__ float moe_dot8(uint4 x, uint4 w) {
     u32 xs[4] = {x.x, x.y, x.z, x.w}, ws[4] = {w.x, w.y, w.z, w.w};
+    float acc = 0.0f;
     for (int j = 0; j < 4; j++) {
         acc = fmaf(h2f((half_t)(xs[j] & 0xffffu)), h2f((half_t)(ws[j] & 0xffffu)), acc);
         acc = fmaf(h2f((half_t)(xs[j] >> 16)), h2f((half_t)(ws[j] >> 16)), acc);
@@ -129,43 +132,121 @@ __device__ __forceinline__ float moe_fma8(uint4 x, uint4 w, float acc) {
     return acc;
 }
 
-// y[p, c] = Σ_i x[row(p), i] · w[e][c][i] for expert e = blockIdx.y's places p in
-// [offsets[e], offsets[e+1]): row(p) = order[p] / gather where gather > 0 (the first
-// product reads the token's row of h), p itself where 0 (the second reads the rows the
-// first made, in place order). w is [E][n][k] f16, k a multiple of 8. Blocks of 8 warps, a
-// warp per column c = blockIdx.x·8 + warp, MOE_ROWS places at a time, the lanes over i in
-// runs of 8 (16-byte loads): each sum is lane-strided then reduced across the warp,
-// whatever the places beside it.
-extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __restrict__ order,
-                                    const int* __restrict__ offsets, int gather,
-                                    const half_t* __restrict__ w, float* __restrict__ y, int k,
-                                    int n) {
-    pdl_begin();
-    int e = blockIdx.y, lane = threadIdx.x & 31;
-    int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int p0 = offsets[e], p1 = offsets[e + 1];
-    if (c >= n || p0 == p1) return;
-    int runs = k >> 3;
-    const uint4* wr = (const uint4*)(w + ((size_t)e * n + c) * k);
+// acc + the 4 halves of (xa, xb) times the 4 signed bytes of q, in order.
+__device__ __forceinline__ float moe_dot4_q8(u32 xa, u32 xb, u32 q, float acc) {
+    acc = fmaf(h2f((half_t)(xa & 0xffffu)), (float)(signed char)(q & 0xffu), acc);
+    acc = fmaf(h2f((half_t)(xa >> 16)), (float)(signed char)((q >> 8) & 0xffu), acc);
+    acc = fmaf(h2f((half_t)(xb & 0xffffu)), (float)(signed char)((q >> 16) & 0xffu), acc);
+    acc = fmaf(h2f((half_t)(xb >> 16)), (float)(signed char)(q >> 24), acc);
+    return acc;
+}
+
+// An expert matrix's row in f16, read in runs of 8 (one 16-byte load).
+struct MoeRowF16 {
+    typedef uint4 Run;
+    static const int RUN = 8;
+    const uint4* w;
+    __device__ __forceinline__ Run load(int i) const { return w[i]; }
+    __device__ __forceinline__ float dot(const half_t* xrow, int i, Run r) const {
+        return moe_dot8(((const uint4*)xrow)[i], r);
+    }
+};
+
+// An expert matrix's row as signed bytes under an f16 scale per 32 (Q8_0's values, the
+// bytes and scales apart), read in runs of 16: Σ x·q over the run, times its scale.
+struct MoeRowQ8 {
+    struct Run {
+        uint4 q;
+        float s;
+    };
+    static const int RUN = 16;
+    const uint4* q;
+    const half_t* s;
+    __device__ __forceinline__ Run load(int i) const {
+        Run r;
+        r.q = q[i];
+        r.s = h2f(s[i >> 1]);
+        return r;
+    }
+    __device__ __forceinline__ float dot(const half_t* xrow, int i, Run r) const {
+        const uint4* xv = (const uint4*)xrow + 2 * i;
+        uint4 a = xv[0], b = xv[1];
+        float t = moe_dot4_q8(a.x, a.y, r.q.x, 0.0f);
+        t = moe_dot4_q8(a.z, a.w, r.q.y, t);
+        t = moe_dot4_q8(b.x, b.y, r.q.z, t);
+        t = moe_dot4_q8(b.z, b.w, r.q.w, t);
+        return r.s * t;
+    }
+};
+
+// y[p, c] = Σ_i x[row(p), i] · w[c][i] for the places p in [p0, p1) of the expert whose
+// column c's row is `w`: row(p) = order[p] / gather where gather > 0 (the first product
+// reads the token's row of h), p itself where 0 (the second reads the rows the first
+// made, in place order). One warp, MOE_ROWS places at a time, the lanes over the row's
+// runs: each sum is lane-strided then reduced across the warp, whatever the places beside
+// it.
+template <class W>
+__device__ __forceinline__ void moe_column(const half_t* __restrict__ x,
+                                           const int* __restrict__ order, int p0, int p1,
+                                           int gather, W w, float* __restrict__ y, int k,
+                                           int n, int c) {
+    int lane = threadIdx.x & 31, runs = k / W::RUN;
     for (int p = p0; p < p1; p += MOE_ROWS) {
         int m = min(MOE_ROWS, p1 - p);
-        const uint4* xr[MOE_ROWS];
+        const half_t* xr[MOE_ROWS];
         float acc[MOE_ROWS];
         for (int r = 0; r < MOE_ROWS; r++) {
             int q = p + min(r, m - 1);
             int row = gather > 0 ? order[q] / gather : q;
-            xr[r] = (const uint4*)(x + (size_t)row * k);
+            xr[r] = x + (size_t)row * k;
             acc[r] = 0.0f;
         }
         for (int i = lane; i < runs; i += 32) {
-            uint4 wv = wr[i];
-            for (int r = 0; r < MOE_ROWS; r++) acc[r] = moe_fma8(xr[r][i], wv, acc[r]);
+            typename W::Run wv = w.load(i);
+            for (int r = 0; r < MOE_ROWS; r++) acc[r] += w.dot(xr[r], i, wv);
         }
         for (int r = 0; r < MOE_ROWS; r++) {
             float s = warp_sum(acc[r]);
             if (lane == 0 && r < m) y[(size_t)(p + r) * n + c] = s;
         }
     }
+}
+
+// The experts' product over f16 weights: expert e = blockIdx.y's places (moe_column), w
+// [E][n][k] f16, k a multiple of 8. Blocks of 8 warps, a warp per column
+// c = blockIdx.x·8 + warp.
+extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __restrict__ order,
+                                    const int* __restrict__ offsets, int gather,
+                                    const half_t* __restrict__ w, float* __restrict__ y, int k,
+                                    int n) {
+    pdl_begin();
+    int e = blockIdx.y;
+    int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int p0 = offsets[e], p1 = offsets[e + 1];
+    if (c >= n || p0 == p1) return;
+    MoeRowF16 row;
+    row.w = (const uint4*)(w + ((size_t)e * n + c) * k);
+    moe_column(x, order, p0, p1, gather, row, y, k, n, c);
+}
+
+// The same over signed bytes: wq [E][n][k] (k a multiple of 32), ws their scales
+// [E][n][k / 32].
+extern "C" __global__ void moe_gemv_q8(const half_t* __restrict__ x,
+                                       const int* __restrict__ order,
+                                       const int* __restrict__ offsets, int gather,
+                                       const unsigned char* __restrict__ wq,
+                                       const half_t* __restrict__ ws, float* __restrict__ y,
+                                       int k, int n) {
+    pdl_begin();
+    int e = blockIdx.y;
+    int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int p0 = offsets[e], p1 = offsets[e + 1];
+    if (c >= n || p0 == p1) return;
+    size_t at = (size_t)e * n + c;
+    MoeRowQ8 row;
+    row.q = (const uint4*)(wq + at * k);
+    row.s = ws + at * (k >> 5);
+    moe_column(x, order, p0, p1, gather, row, y, k, n, c);
 }
 
 // One block per row r: out[r, i] = Σ_j weight[r·k + j] · y[slot[r·k + j], i] in choice

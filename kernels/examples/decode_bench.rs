@@ -185,7 +185,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .shared
                 .as_ref()
                 .map_or(0, |s| s.gate_up.len() + s.down.len());
-            (m.router.len() + shared, m.gate_up.len() + m.down.len())
+            (
+                m.router.len() + shared,
+                (m.gate_up.bytes() + m.down.bytes()) / 2,
+            )
         })
     };
     let weight_bytes = 2.0

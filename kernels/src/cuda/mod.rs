@@ -174,7 +174,13 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "moe",
         code: include_str!("../../cuda/moe.cu"),
-        entries: &["moe_route", "moe_sort", "moe_gemv", "moe_combine"],
+        entries: &[
+            "moe_route",
+            "moe_sort",
+            "moe_gemv",
+            "moe_gemv_q8",
+            "moe_combine",
+        ],
     },
     Source {
         name: "sample",
@@ -201,6 +207,7 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("moe_route", 256),
     ("moe_sort", 256),
     ("moe_gemv", 256),
+    ("moe_gemv_q8", 256),
     ("moe_combine", 256),
     ("sample", 1024),
     ("logprobs", 1024),

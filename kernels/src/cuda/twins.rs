@@ -328,36 +328,105 @@ pub fn moe_sort(expert: &[i32], n_experts: usize) -> MoePlaces {
     }
 }
 
-/// Twin of `moe_gemv`: `y[p] = x[row(p)] · w[e]ᵀ` for each place p of expert e (`w`:
-/// `[E][n][k]`), row(p) = `order[p] / gather` where `gather` > 0, else p.
+/// Twin of `moe_gemv` and `moe_gemv_q8`: `y[p] = x[row(p)] · w[e]ᵀ` for each place p of
+/// expert e (`w`: `[E][n][k]`), row(p) = `order[p] / gather` where `gather` > 0, else p.
 pub fn moe_gemv(
     x: &[f16],
     places: &MoePlaces,
     gather: usize,
-    w: &[f16],
+    w: &ExpertRows,
     k: usize,
     n: usize,
 ) -> Vec<f32> {
     let total = places.order.len();
     let mut y = vec![0f32; total * n];
+    let mut wr = vec![0f32; k];
     for (e, pair) in places.offsets.windows(2).enumerate() {
-        for p in pair[0] as usize..pair[1] as usize {
-            let row = match gather {
-                0 => p,
-                g => places.order[p] as usize / g,
-            };
-            let xr = &x[row * k..(row + 1) * k];
-            for c in 0..n {
-                let wr = &w[(e * n + c) * k..(e * n + c + 1) * k];
-                y[p * n + c] = xr
-                    .iter()
-                    .zip(wr)
-                    .map(|(a, b)| a.to_f32() * b.to_f32())
-                    .sum();
+        for c in 0..n {
+            w.row_f32(e * n + c, k, &mut wr);
+            for p in pair[0] as usize..pair[1] as usize {
+                let row = match gather {
+                    0 => p,
+                    g => places.order[p] as usize / g,
+                };
+                let xr = &x[row * k..(row + 1) * k];
+                y[p * n + c] = xr.iter().zip(&wr).map(|(a, b)| a.to_f32() * b).sum();
             }
         }
     }
     y
+}
+
+/// The experts' matrices as the CUDA backend holds them: f16, or signed bytes under an f16
+/// scale per 32 (Q8_0's values: about half the bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExpertRows {
+    F16(Vec<f16>),
+    Q8(Q8Rows),
+}
+
+/// Rows of signed bytes (`q`, as u8) under an f16 scale per 32 consecutive values
+/// (`scales`), the rows' length a multiple of 32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Rows {
+    pub q: Vec<u8>,
+    pub scales: Vec<f16>,
+}
+
+impl Q8Rows {
+    /// `v` as Q8_0 quantizes it: each 32 values' greatest magnitude over 127 the scale (in
+    /// f16), each value rounded to the nearest multiple of it.
+    pub fn quantize(v: &[f16]) -> Self {
+        use rayon::prelude::*;
+        let (q, scales): (Vec<[u8; 32]>, Vec<f16>) = v
+            .par_chunks(32)
+            .map(|b| {
+                let amax = b.iter().fold(0f32, |m, x| m.max(x.to_f32().abs()));
+                let d = f16::from_f32(amax / 127.0);
+                let inv = if d.to_f32() > 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
+                let mut q = [0u8; 32];
+                for (o, x) in q.iter_mut().zip(b) {
+                    *o = (x.to_f32() * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                }
+                (q, d)
+            })
+            .unzip();
+        Self {
+            q: q.concat(),
+            scales,
+        }
+    }
+}
+
+impl ExpertRows {
+    /// Row `r` (of `k` values) in f32.
+    pub fn row_f32(&self, r: usize, k: usize, out: &mut [f32]) {
+        match self {
+            Self::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *o = v.to_f32();
+                }
+            }
+            Self::Q8(m) => {
+                for (j, o) in out.iter_mut().enumerate().take(k) {
+                    let at = r * k + j;
+                    *o = m.q[at] as i8 as f32 * m.scales[at / 32].to_f32();
+                }
+            }
+        }
+    }
+
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::F16(w) => 2 * w.len(),
+            Self::Q8(m) => m.q.len() + 2 * m.scales.len(),
+        }
+    }
 }
 
 /// Twin of `moe_combine`: each of `rows` rows the weighted sum of its `used` entries'
@@ -447,9 +516,9 @@ pub struct TwinMoe {
     /// `count × dim`.
     pub router: Vec<f16>,
     /// Each expert's stacked gate|up rows: `count × 2·ffn × dim`.
-    pub gate_up: Vec<f16>,
+    pub gate_up: ExpertRows,
     /// `count × dim × ffn`.
-    pub down: Vec<f16>,
+    pub down: ExpertRows,
     /// Qwen2-MoE's shared expert, where the model has one.
     pub shared: Option<TwinShared>,
 }
@@ -651,6 +720,47 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
     Some(out)
 }
 
+/// How a mixture's experts are held on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertHolding {
+    /// As Q8_0's values (half the bytes of f16, read at half the cost) where the file's
+    /// experts are quantized and both their widths are multiples of 32; else f16.
+    #[default]
+    Auto,
+    F16,
+    /// As Q8_0's values wherever the widths allow.
+    Q8,
+}
+
+impl ExpertHolding {
+    /// `TOLLGATE_EXPERTS=f16` or `=q8`; else `Auto`.
+    pub fn from_env() -> Self {
+        match std::env::var("TOLLGATE_EXPERTS").as_deref() {
+            Ok("f16") => Self::F16,
+            Ok("q8") => Self::Q8,
+            _ => Self::Auto,
+        }
+    }
+
+    /// Whether `x`'s experts (in a model `dim` wide) are held as Q8_0's values.
+    pub fn q8(self, x: &crate::model::Experts, dim: usize) -> bool {
+        let widths = dim.is_multiple_of(32) && x.config.ffn.is_multiple_of(32);
+        let quant = |m: &crate::matmul::Matrix| matches!(m.data, crate::matmul::MatData::Quant(..));
+        let quantized = x.experts.iter().all(|e| {
+            quant(&e.down)
+                && match &e.gate_up {
+                    crate::model::Projections::Stacked { m, .. } => quant(m),
+                    crate::model::Projections::Separate(parts) => parts.iter().all(quant),
+                }
+        });
+        match self {
+            Self::F16 => false,
+            Self::Q8 => widths,
+            Self::Auto => widths && quantized,
+        }
+    }
+}
+
 /// Layer `i`'s experts' own values from the file (stacked tensors or one per expert): each
 /// expert's gate rows then its up rows
 /// (`count × 2·ffn × dim`), and the down rows (`count × dim × ffn`); `None` where a tensor
@@ -705,8 +815,13 @@ impl TwinModel {
     /// Where converting a layout for the CPU kernels moved values (`kquant`), every
     /// matrix is read from the file instead: f16 holds its own values (to 2⁻¹¹).
     pub fn from_model(m: &crate::forward::Model) -> Self {
+        Self::holding(m, ExpertHolding::from_env())
+    }
+
+    /// [`TwinModel::from_model`] with a mixture's experts held as `experts` says.
+    pub fn holding(m: &crate::forward::Model, experts: ExpertHolding) -> Self {
         let start = std::time::Instant::now();
-        let twin = Self::convert(m);
+        let twin = Self::convert(m, experts);
         tracing::info!(
             secs = format!("{:.2}", start.elapsed().as_secs_f64()),
             threads = rayon::current_num_threads(),
@@ -715,24 +830,29 @@ impl TwinModel {
         twin
     }
 
-    fn convert(m: &crate::forward::Model) -> Self {
+    fn convert(m: &crate::forward::Model, experts: ExpertHolding) -> Self {
         if let Some(path) = &m.weights.inexact_from {
             let exact = crate::gguf::Gguf::open(path)
                 .ok()
-                .and_then(|g| Self::build(m, Some(&g)));
+                .and_then(|g| Self::build(m, Some(&g), experts));
             if let Some(exact) = exact {
                 return exact;
             }
             tracing::warn!(file = %path.display(),
                 "cannot read the model file again: the GPU path keeps the CPU's converted matrices");
         }
-        Self::build(m, None).unwrap_or_else(|| unreachable!("the CPU's matrices are always there"))
+        Self::build(m, None, experts)
+            .unwrap_or_else(|| unreachable!("the CPU's matrices are always there"))
     }
 
     /// The weights in f16: each matrix from `file`'s own values when given (`None` if a
     /// tensor is missing or of another size than the CPU's matrix), else as the CPU
     /// kernels hold them.
-    fn build(m: &crate::forward::Model, file: Option<&crate::gguf::Gguf>) -> Option<Self> {
+    fn build(
+        m: &crate::forward::Model,
+        file: Option<&crate::gguf::Gguf>,
+        experts: ExpertHolding,
+    ) -> Option<Self> {
         use crate::model::Projections;
         let w = &m.weights;
         let from_file = |names: &[String], len: usize| {
@@ -792,6 +912,11 @@ impl TwinModel {
                         let down = x.experts.iter().flat_map(|e| rows_f16(&e.down));
                         (gu.collect(), down.collect())
                     });
+                    let hold = |v: Vec<f16>| match experts.q8(x, m.config.dim) {
+                        true => ExpertRows::Q8(Q8Rows::quantize(&v)),
+                        false => ExpertRows::F16(v),
+                    };
+                    let (gate_up, down) = (hold(gate_up), hold(down));
                     let shared = match &x.shared {
                         Some((gate, e)) => Some(TwinShared {
                             gate: gate.clone(),

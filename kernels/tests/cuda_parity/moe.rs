@@ -1,10 +1,11 @@
 //! A mixture of experts' kernels (`kernels/cuda/moe.cu`) against their twins, each fed its
 //! twin's inputs: routing (ties included), the places by expert (more entries than
 //! `moe_sort` stages at once; all 256 experts a block has threads for), both expert
-//! products, and the combination with and without a shared expert.
+//! products over f16 weights and over Q8_0's values, and the combination with and without
+//! a shared expert.
 
 use super::*;
-use kernels::cuda::twins::MoePlaces;
+use kernels::cuda::twins::{ExpertRows, MoePlaces, Q8Rows};
 
 #[test]
 fn moe_kernels_match_their_twins() {
@@ -95,14 +96,14 @@ fn moe_case<E: Exec>(g: &E) {
             assert!((want.offsets[x]..want.offsets[x + 1]).contains(&(p as i32)));
         }
 
-        // gate|up over the token's rows of h, then down over the places' rows.
+        // gate|up over the token's rows of h, then down over the places' rows; the
+        // weights in f16 and, where the widths are multiples of 32, as Q8_0's values.
         let h: Vec<f16> = rng.vec(t * d, 1.0).into_iter().map(f16::from_f32).collect();
         let w_gu: Vec<f16> = rng
             .vec(ne * 2 * f * d, 0.5)
             .into_iter()
             .map(f16::from_f32)
             .collect();
-        let want_gu = twins::moe_gemv(&h, &want, k, &w_gu, d, 2 * f);
         let gv: Vec<f16> = rng
             .vec(places * f, 1.0)
             .into_iter()
@@ -113,35 +114,53 @@ fn moe_case<E: Exec>(g: &E) {
             .into_iter()
             .map(f16::from_f32)
             .collect();
-        let want_y = twins::moe_gemv(&gv, &want, 0, &w_down, f, d);
-        let (hb, gb, wgu, wd) = (up(g, &h), up(g, &gv), up(g, &w_gu), up(g, &w_down));
-        for (x, gather, w, kk, n, want_out, name) in [
-            (&hb, k, &wgu, d, 2 * f, &want_gu, "gate|up"),
-            (&gb, 0, &wd, f, d, &want_y, "down"),
-        ] {
-            let y = up(g, &vec![f32::NAN; places * n]);
-            let launch = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(8), ne as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+        let (hb, gb) = (up(g, &h), up(g, &gv));
+        let mut forms = vec![(ExpertRows::F16(w_gu), ExpertRows::F16(w_down))];
+        if d % 32 == 0 && f % 32 == 0 {
+            let ExpertRows::F16(gu16) = &forms[0].0 else {
+                unreachable!()
             };
-            g.launch(
-                "moe_gemv",
-                launch,
-                &[
-                    x.arg(),
-                    order.arg(),
-                    offsets.arg(),
-                    i(gather),
-                    w.arg(),
-                    y.arg(),
-                    i(kk),
-                    i(n),
-                ],
-            )
-            .unwrap();
-            let err = rel(&down(g, &y), want_out);
-            assert!(err < 1e-5, "{label}: {name} product {err}");
+            let ExpertRows::F16(down16) = &forms[0].1 else {
+                unreachable!()
+            };
+            let q = (
+                ExpertRows::Q8(Q8Rows::quantize(gu16)),
+                ExpertRows::Q8(Q8Rows::quantize(down16)),
+            );
+            forms.push(q);
+        }
+        for (w_gu, w_down) in &forms {
+            let want_gu = twins::moe_gemv(&h, &want, k, w_gu, d, 2 * f);
+            let want_y = twins::moe_gemv(&gv, &want, 0, w_down, f, d);
+            for (x, gather, w, kk, n, want_out, name) in [
+                (&hb, k, w_gu, d, 2 * f, &want_gu, "gate|up"),
+                (&gb, 0, w_down, f, d, &want_y, "down"),
+            ] {
+                let y = up(g, &vec![f32::NAN; places * n]);
+                let launch = LaunchConfig {
+                    grid_dim: ((n as u32).div_ceil(8), ne as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let head = [x.arg(), order.arg(), offsets.arg(), i(gather)];
+                let tail = [y.arg(), i(kk), i(n)];
+                let (kernel, bufs) = match w {
+                    ExpertRows::F16(w) => ("moe_gemv", (Some(up(g, w)), None, None)),
+                    ExpertRows::Q8(m) => (
+                        "moe_gemv_q8",
+                        (None, Some(up(g, &m.q)), Some(up(g, &m.scales))),
+                    ),
+                };
+                let weights: Vec<Arg> = match &bufs {
+                    (Some(w), _, _) => vec![w.arg()],
+                    (_, Some(q), Some(sc)) => vec![q.arg(), sc.arg()],
+                    _ => unreachable!(),
+                };
+                let args: Vec<Arg> = head.into_iter().chain(weights).chain(tail).collect();
+                g.launch(kernel, launch, &args).unwrap();
+                let err = rel(&down(g, &y), want_out);
+                assert!(err < 1e-5, "{label}: {kernel} {name} product {err}");
+            }
         }
 
         // The combination, with the shared expert's gate and output where there is one.

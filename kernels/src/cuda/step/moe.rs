@@ -8,7 +8,7 @@
 
 use super::small::{product, Small};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
-use crate::cuda::twins::TwinMoe;
+use crate::cuda::twins::{ExpertRows, TwinMoe};
 use crate::cuda::{norm_launch, swiglu_launch};
 use crate::model::MoeConfig;
 use cudarc::driver::LaunchConfig;
@@ -25,9 +25,35 @@ const GEMV_WARPS: u32 = 8;
 pub(super) struct Experts<E: Exec> {
     config: MoeConfig,
     router: E::Buf<f16>,
-    gate_up: E::Buf<f16>,
-    down: E::Buf<f16>,
+    gate_up: Rows<E>,
+    down: Rows<E>,
     shared: Option<Shared<E>>,
+}
+
+/// The experts' matrices of one role on the device ([`ExpertRows`]).
+enum Rows<E: Exec> {
+    F16(E::Buf<f16>),
+    Q8 { q: E::Buf<u8>, scales: E::Buf<f16> },
+}
+
+impl<E: Exec> Rows<E> {
+    fn upload(e: &E, r: &ExpertRows) -> Result<Self, ExecError> {
+        Ok(match r {
+            ExpertRows::F16(w) => Self::F16(e.upload(w)?),
+            ExpertRows::Q8(m) => Self::Q8 {
+                q: e.upload(&m.q)?,
+                scales: e.upload(&m.scales)?,
+            },
+        })
+    }
+
+    /// The product's kernel and its weights' arguments.
+    fn args(&self) -> (&'static str, Vec<Arg>) {
+        match self {
+            Self::F16(w) => ("moe_gemv", vec![w.arg()]),
+            Self::Q8 { q, scales } => ("moe_gemv_q8", vec![q.arg(), scales.arg()]),
+        }
+    }
 }
 
 /// Qwen2-MoE's shared expert on the device.
@@ -52,8 +78,8 @@ impl<E: Exec> Experts<E> {
         Ok(Self {
             config: m.config,
             router: e.upload(&m.router)?,
-            gate_up: e.upload(&m.gate_up)?,
-            down: e.upload(&m.down)?,
+            gate_up: Rows::upload(e, &m.gate_up)?,
+            down: Rows::upload(e, &m.down)?,
             shared,
         })
     }
@@ -158,20 +184,15 @@ pub(super) fn enqueue<E: Exec>(
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    e.launch(
-        "moe_gemv",
-        gemv(2 * f),
-        &[
-            h.arg(),
-            s.order.arg(),
-            s.offsets.arg(),
-            ki,
-            x.gate_up.arg(),
-            s.gu.arg(),
-            Arg::I32(d as i32),
-            Arg::I32(2 * f as i32),
-        ],
-    )?;
+    // The experts' products: gate|up over the tokens' rows of h, down over the places'.
+    let products = |rows: &Rows<E>, x: Arg, gather: usize, y: Arg, k: usize, n: usize| {
+        let (kernel, weights) = rows.args();
+        let mut args = vec![x, s.order.arg(), s.offsets.arg(), Arg::I32(gather as i32)];
+        args.extend(weights);
+        args.extend([y, Arg::I32(k as i32), Arg::I32(n as i32)]);
+        e.launch(kernel, gemv(n), &args)
+    };
+    products(&x.gate_up, h.arg(), k, s.gu.arg(), d, 2 * f)?;
     e.launch(
         "swiglu",
         swiglu_launch(places, f),
@@ -182,20 +203,7 @@ pub(super) fn enqueue<E: Exec>(
             Arg::I32(f as i32),
         ],
     )?;
-    e.launch(
-        "moe_gemv",
-        gemv(d),
-        &[
-            s.g.arg(),
-            s.order.arg(),
-            s.offsets.arg(),
-            Arg::I32(0),
-            x.down.arg(),
-            s.y.arg(),
-            Arg::I32(f as i32),
-            Arg::I32(d as i32),
-        ],
-    )?;
+    products(&x.down, s.g.arg(), 0, s.y.arg(), f, d)?;
     let shared = match (&x.shared, &mut s.shared) {
         (Some(sh), Some(sy)) => {
             let sf = sh.ffn;
