@@ -564,8 +564,9 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // (Q2_K's 2-bit ones under scales and offsets per 16) and
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
-    // kernels over an 80-token prompt; the experts' gate|up product at each decode batch.
-    assert_eq!(rows.len(), 106, "{names:?}");
+    // kernels over an 80-token prompt; the experts' gate|up product at each decode batch,
+    // over f16 weights and over Q8_0's values.
+    assert_eq!(rows.len(), 108, "{names:?}");
     for name in [
         "head_rmsnorm 64 rows",
         "logprobs 3×3000, drawn token and top 20",
@@ -600,9 +601,11 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
         names.contains(&"attention_decode batch 1, ctx 1100, 3 blocks per row"),
         "{names:?}"
     );
-    // The experts' product at each decode batch: 2 of 8 experts for one row, 6 distinct.
+    // The experts' product at each decode batch: 2 of 8 experts for one row, 5 distinct
+    // for three.
     assert!(
         names.contains(&"moe_gemv gate|up, 1 rows (2 of 8 experts)")
+            && names.contains(&"moe_gemv_q8 gate|up, 1 rows (2 of 8 experts)")
             && names
                 .iter()
                 .any(|n| n.starts_with("moe_gemv gate|up, 3 rows")),

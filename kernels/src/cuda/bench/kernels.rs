@@ -110,14 +110,15 @@ pub(super) fn rope<E: Exec>(
     })
 }
 
-/// moe_gemv over a mixture's gate|up rows (`(experts, used, dim, ffn)`) for a decode step
-/// of `batch` rows, each row's `used` experts drawn at random (a fixed seed): the experts
-/// chosen read once (f16), the rows' inputs once per block (counted once), the outputs
-/// written (f32).
+/// moe_gemv (or moe_gemv_q8, `q8`) over a mixture's gate|up rows (`(experts, used, dim,
+/// ffn)`) for a decode step of `batch` rows, each row's `used` experts drawn at random (a
+/// fixed seed): the experts chosen read once (f16, or bytes and a scale per 32), the rows'
+/// inputs once per block (counted once), the outputs written (f32).
 pub(super) fn moe_gemv<E: Exec>(
     e: &E,
     (ne, k, d, f): (usize, usize, usize, usize),
     batch: usize,
+    q8: bool,
     iters: u32,
 ) -> Result<Row, ExecError> {
     // Each row's k distinct experts from an xorshift stream.
@@ -140,27 +141,33 @@ pub(super) fn moe_gemv<E: Exec>(
     let hit = places.offsets.windows(2).filter(|w| w[1] > w[0]).count();
     let (order, offsets) = (e.upload(&places.order)?, e.upload(&places.offsets)?);
     let x = e.zeros::<f16>(batch * d)?;
-    let w = e.zeros::<f16>(ne * 2 * f * d)?;
     let y = e.zeros::<f32>(batch * k * 2 * f)?;
-    let args = [
-        x.arg(),
-        order.arg(),
-        offsets.arg(),
-        i(k),
-        w.arg(),
-        y.arg(),
-        i(d),
-        i(2 * f),
-    ];
+    let weights = ne * 2 * f * d;
+    let (w16, wq, ws) = match q8 {
+        false => (Some(e.zeros::<f16>(weights)?), None, None),
+        true => (
+            None,
+            Some(e.zeros::<u8>(weights)?),
+            Some(e.zeros::<f16>(weights / 32)?),
+        ),
+    };
+    let mut args = vec![x.arg(), order.arg(), offsets.arg(), i(k)];
+    args.extend(w16.iter().map(|w| w.arg()));
+    args.extend(wq.iter().map(|w| w.arg()));
+    args.extend(ws.iter().map(|w| w.arg()));
+    args.extend([y.arg(), i(d), i(2 * f)]);
     let c = LaunchConfig {
         grid_dim: ((2 * f as u32).div_ceil(8), ne as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let secs = time_launch(e, iters, "moe_gemv", c, &args)?;
-    let bytes = (hit * 2 * f * d * 2 + batch * d * 2 + batch * k * 2 * f * 4) as f64;
+    let kernel = if q8 { "moe_gemv_q8" } else { "moe_gemv" };
+    let secs = time_launch(e, iters, kernel, c, &args)?;
+    // Bytes a weight: 2 in f16; 1 and a 2-byte scale per 32 as Q8_0's values.
+    let per = if q8 { 1.0 + 2.0 / 32.0 } else { 2.0 };
+    let bytes = (hit * 2 * f * d) as f64 * per + (batch * d * 2 + batch * k * 2 * f * 4) as f64;
     Ok(Row {
-        name: format!("moe_gemv gate|up, {batch} rows ({hit} of {ne} experts)"),
+        name: format!("{kernel} gate|up, {batch} rows ({hit} of {ne} experts)"),
         secs,
         bytes,
         in_step: None,

@@ -51,7 +51,7 @@ pub struct Sizes {
     /// Layers of the model whose decode step the parts add up to.
     pub layers: usize,
     /// A mixture of experts' shape (experts, used a row, width, expert width): its
-    /// `moe_gemv` over the gate|up rows at each decode batch.
+    /// `moe_gemv` and `moe_gemv_q8` over the gate|up rows at each decode batch.
     pub moe: (usize, usize, usize, usize),
 }
 
@@ -314,7 +314,9 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     rows.push(swiglu(e, t, iters, None)?);
     rows.extend(sample(e, sizes.sample, true, iters, None)?);
     for &batch in &sizes.decode {
-        rows.push(moe_gemv(e, sizes.moe, batch, iters)?);
+        for q8 in [false, true] {
+            rows.push(moe_gemv(e, sizes.moe, batch, q8, iters)?);
+        }
     }
 
     // A decode step's other kernels at its batch: two norms per layer and the final one,
