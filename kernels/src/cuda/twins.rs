@@ -378,27 +378,32 @@ impl Q8Rows {
     /// f16), each value rounded to the nearest multiple of it.
     pub fn quantize(v: &[f16]) -> Self {
         use rayon::prelude::*;
-        let (q, scales): (Vec<[u8; 32]>, Vec<f16>) = v
-            .par_chunks(32)
-            .map(|b| {
-                let amax = b.iter().fold(0f32, |m, x| m.max(x.to_f32().abs()));
-                let d = f16::from_f32(amax / 127.0);
-                let inv = if d.to_f32() > 0.0 {
-                    1.0 / d.to_f32()
-                } else {
-                    0.0
-                };
-                let mut q = [0u8; 32];
-                for (o, x) in q.iter_mut().zip(b) {
-                    *o = (x.to_f32() * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+        // Runs of blocks side by side, written in place.
+        const RUN: usize = 2048;
+        let mut q = vec![0u8; v.len()];
+        let mut scales = vec![f16::ZERO; v.len().div_ceil(32)];
+        q.par_chunks_mut(32 * RUN)
+            .zip(scales.par_chunks_mut(RUN))
+            .zip(v.par_chunks(32 * RUN))
+            .for_each(|((q, s), v)| {
+                for ((qb, d), vb) in q.chunks_mut(32).zip(s.iter_mut()).zip(v.chunks(32)) {
+                    let mut x = [0f32; 32];
+                    for (o, h) in x.iter_mut().zip(vb) {
+                        *o = h.to_f32();
+                    }
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    *d = f16::from_f32(amax / 127.0);
+                    let inv = if d.to_f32() > 0.0 {
+                        1.0 / d.to_f32()
+                    } else {
+                        0.0
+                    };
+                    for (o, v) in qb.iter_mut().zip(&x) {
+                        *o = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                    }
                 }
-                (q, d)
-            })
-            .unzip();
-        Self {
-            q: q.concat(),
-            scales,
-        }
+            });
+        Self { q, scales }
     }
 }
 
