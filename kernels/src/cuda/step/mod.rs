@@ -18,6 +18,9 @@
 //! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
 //! ```
 //!
+//! (a mixture of experts' layer: the last line is `moe`'s router product, routing,
+//! sorting, the experts' products and their weighted sum into d).
+//!
 //! then the final norm of the logits rows, the LM head, and (when asked) the `sample`
 //! kernel over the logits rows with the parameters and adjustments from the staging
 //! buffer, and the `logprobs` kernel over the rows whose log-probabilities are asked for.

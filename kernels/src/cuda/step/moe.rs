@@ -3,8 +3,9 @@
 //! expert), its per-step scratch, and the launches that replace the dense block's
 //! products: the router's product, `moe_route`, `moe_sort`, `moe_gemv` over the experts'
 //! gate|up rows, `swiglu`, `moe_gemv` over their down rows, the shared expert's products,
-//! and `moe_combine` into the block's output. Every launch's grid depends on the step's
-//! rows alone, so a captured graph replays it whatever the routing.
+//! and `moe_combine` into the block's output (`moe_gemv_q8` where the experts are held as
+//! Q8_0's values: [`crate::cuda::twins::ExpertHolding`]). Every launch's grid depends on
+//! the step's rows alone, so a captured graph replays it whatever the routing.
 
 use super::small::{product, Small};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
