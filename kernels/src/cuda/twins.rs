@@ -342,7 +342,11 @@ pub fn moe_gemv(
     let mut y = vec![0f32; total * n];
     let mut wr = vec![0f32; k];
     // Experts no place chose are not read (a step's twin reads what the kernel reads).
-    let chosen = places.offsets.windows(2).enumerate().filter(|(_, p)| p[1] > p[0]);
+    let chosen = places
+        .offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, p)| p[1] > p[0]);
     for (e, pair) in chosen {
         for c in 0..n {
             w.row_f32(e * n + c, k, &mut wr);
