@@ -10,9 +10,10 @@
 //   moe_gemv (gather)  : gu[place, 2F] = h[order[place] / k] · W_gate|up[e]ᵀ
 //   swiglu             : g[place, F]
 //   moe_gemv           : y[place, D]  = g[place] · W_down[e]ᵀ
-//
-// (moe_gemv_q8 for experts held as signed bytes under scales per 32, Q8_0's values.)
 //   moe_combine        : out[r] = Σ_j weight[r·k + j] · y[slot[r·k + j]]  (+ σ(h[r]·g)·s[r])
+//
+// (moe_gemv_q8 in place of moe_gemv for experts held as signed bytes under an f16 scale
+// per 32: Q8_0's values.)
 //
 // Every launch's grid depends on T alone (experts with no rows leave their blocks idle), so
 // a captured graph replays it whatever the routing. Each output element is summed in an
@@ -64,6 +65,9 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_row
                 bi = oi;
             }
         }
+        // No logit after the last choice compares (NaNs: the model's activations overflowed):
+        // a valid expert all the same, so that every place is an expert's.
+        if (bi >= n_experts) bi = j % n_experts;
         float p = expf(bv - mx);
         chosen += p;
         if (lane == 0) {

@@ -59,6 +59,26 @@ fn moe_case<E: Exec>(g: &E) {
             );
             assert_eq!(&want_e[k..k + 2], &[0, 1], "{label}");
         }
+        // Rows of NaNs (a model's overflowed activations) still name valid experts, so
+        // that every place is an expert's.
+        let nan = up(g, &vec![f32::NAN; 2 * ne]);
+        let nan_experts = up(g, &vec![-7i32; 2 * k]);
+        let nan_weights = up(g, &vec![0f32; 2 * k]);
+        let args = [
+            nan.arg(),
+            i(2),
+            i(ne),
+            i(k),
+            i(norm as usize),
+            nan_experts.arg(),
+            nan_weights.arg(),
+        ];
+        g.launch("moe_route", norm_launch(2), &args).unwrap();
+        let got = down(g, &nan_experts);
+        assert!(
+            got.iter().all(|&x| (0..ne as i32).contains(&x)),
+            "{label}: {got:?}"
+        );
         let sums: Vec<f32> = want_w.chunks(k).map(|w| w.iter().sum()).collect();
         assert_eq!(
             sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
