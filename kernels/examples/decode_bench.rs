@@ -176,7 +176,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let convert = std::time::Instant::now();
     let twin = TwinModel::from_model(&model);
     let convert_secs = convert.elapsed().as_secs_f64();
-    // A mixture's router and shared expert are read whole every step; of its experts,
+    // A mixture's router and shared expert (f16 elements) are read whole every step; of
+    // its experts (bytes as held),
     // those the step's rows choose: of E experts, k a row, E·(1 − (1 − k/E)ⁿ) for n rows
     // under uniform routing (the floors below count that share of the experts' bytes).
     let moe_bytes = |l: &kernels::cuda::twins::TwinLayer| {
@@ -185,10 +186,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .shared
                 .as_ref()
                 .map_or(0, |s| s.gate_up.len() + s.down.len());
-            (
-                m.router.len() + shared,
-                (m.gate_up.bytes() + m.down.bytes()) / 2,
-            )
+            (m.router.len() + shared, m.gate_up.bytes() + m.down.bytes())
         })
     };
     let weight_bytes = 2.0
@@ -200,7 +198,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     l.wqkv.len() + l.wo.len() + l.w_gate_up.len() + l.w_down.len() + moe_bytes(l).0
                 })
                 .sum::<usize>()) as f64;
-    let expert_bytes = 2.0 * twin.layers.iter().map(|l| moe_bytes(l).1).sum::<usize>() as f64;
+    let expert_bytes = twin.layers.iter().map(|l| moe_bytes(l).1).sum::<usize>() as f64;
     let experts_read = |n: usize| {
         c.moe.map_or(0.0, |m| {
             expert_bytes * (1.0 - (1.0 - m.used as f64 / m.count as f64).powi(n as i32))

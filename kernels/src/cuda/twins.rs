@@ -520,8 +520,8 @@ pub struct TwinLayer {
     pub quant: LayerQuant,
 }
 
-/// A mixture of experts as the CUDA backend holds it: f16 matrices, each expert's after
-/// the one before.
+/// A mixture of experts as the CUDA backend holds it: the router in f16, the experts'
+/// matrices as [`ExpertHolding`] says, each expert's after the one before.
 pub struct TwinMoe {
     pub config: crate::model::MoeConfig,
     /// `count × dim`.
@@ -923,7 +923,8 @@ impl TwinModel {
                         let down = x.experts.iter().flat_map(|e| rows_f16(&e.down));
                         (gu.collect(), down.collect())
                     });
-                    let hold = |v: Vec<f16>| match experts.q8(x, m.config.dim) {
+                    let q8 = experts.q8(x, m.config.dim);
+                    let hold = |v: Vec<f16>| match q8 {
                         true => ExpertRows::Q8(Q8Rows::quantize(&v)),
                         false => ExpertRows::F16(v),
                     };
