@@ -167,12 +167,18 @@ engine_file qwen3-0.6b qwen3_0_6b 390
 # A mixture of experts: SmolLM2's shape as a qwen3moe file (4 experts half as wide, 2 a
 # token) through the engine; then one of Qwen3-30B-A3B's layers (8 of 128 experts a
 # token, 768 wide) in decode steps of 1-256 rows against the floor of reading the experts
-# the rows choose (moe_route, moe_sort, moe_gemv, moe_combine at a real mixture's widths).
+# the rows choose (moe_route, moe_sort, the experts' products, moe_combine at a real
+# mixture's widths): the experts in the file's blocks (moe_tc_q4, the default), then as
+# Q8_0's values (moe_gemv_q8).
 engine_file qwen3moe-smol qwen3moe_smol 395
 if [ $SECONDS -lt 400 ]; then
   q3m=$(dirname "$model")/qwen3moe-30b-layer.gguf
   if timeout 40 "$BIN/synth" "$q3m" qwen3moe_30b_layer >/dev/null; then
     timeout 60 "$BIN/decode_bench" "$q3m" --ctx 511 --batches 1,16,64,256 || status=1
+    if [ $SECONDS -lt 410 ]; then
+      echo "TOLLGATE_EXPERTS=q8"
+      TOLLGATE_EXPERTS=q8 timeout 40 "$BIN/decode_bench" "$q3m" --ctx 511 --batches 1,16,256 || status=1
+    fi
   else
     echo "qwen3moe layer: synth failed"; status=1
   fi

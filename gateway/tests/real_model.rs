@@ -691,10 +691,11 @@ fn phi3_model_logits_match_the_numpy_reference() {
 /// are, and a shared expert behind a sigmoid gate; Mixtral's: a `llama` file with
 /// experts): the CPU's logits and greedy tokens are the reference's — Hugging Face's
 /// sparse MoE blocks — on Q4_1 and on K-quant layouts, and so are the GPU path's (emulated:
-/// `moe_route`, `moe_sort`, `moe_gemv`, `moe_combine`), with the experts held as Q8_0's
-/// values (`moe_gemv_q8`: the default for a quantized file) and in f16, which with an
-/// output head whose conversion moves values reads the experts' stacked tensors from the
-/// file again.
+/// `moe_route`, `moe_sort`, the experts' products, `moe_combine`), with the experts held in
+/// the file's own blocks (`moe_tc_*` on the tensor cores: the default where the CPU holds
+/// the file's values), as Q8_0's values (`moe_gemv_q8`: the default where it does not)
+/// and in f16, which with an output head whose conversion moves values reads the experts'
+/// stacked tensors from the file again.
 #[test]
 fn moe_model_logits_match_the_numpy_reference() {
     use kernels::synth::{SynthArch, SynthSpec};
@@ -712,21 +713,29 @@ fn moe_model_logits_match_the_numpy_reference() {
             assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
             let label = format!("{arch:?}, {what}");
             matches_the_reference(&m, &ids, &refs[0], &label, !from_file, false);
-            for experts in [ExpertHolding::Auto, ExpertHolding::F16] {
+            for experts in [ExpertHolding::Auto, ExpertHolding::Q8, ExpertHolding::F16] {
                 let twin = TwinModel::holding(&m.model, experts);
-                let held = twin.layers.iter().filter_map(|l| l.moe.as_ref());
-                let q8 = held.map(|x| matches!(x.down, ExpertRows::Q8(_)));
-                assert!(
-                    q8.clone().count() > 0
-                        && q8.clone().all(|q| q == (experts == ExpertHolding::Auto))
-                );
+                let held: Vec<&ExpertRows> = twin
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.moe.as_ref())
+                    .flat_map(|x| [&x.gate_up, &x.down])
+                    .collect();
+                // The file's blocks by default where the CPU holds the file's values; else
+                // Q8_0's values.
+                let blocks = experts == ExpertHolding::Auto && !from_file;
+                let q8 = experts == ExpertHolding::Q8 || (experts == ExpertHolding::Auto && from_file);
+                let as_said = |r: &&ExpertRows| match r {
+                    ExpertRows::Blocks(_) => blocks,
+                    ExpertRows::Q8(_) => q8,
+                    ExpertRows::F16(_) => !blocks && !q8,
+                };
+                assert!(!held.is_empty() && held.iter().all(as_said), "{label}, {experts:?}");
                 let label = format!("{label}, experts {experts:?}");
                 // Q8_0's values of a Q4_1 or K-quant file's experts: as the CPU's
-                // requantized layouts, against the reference's exact values.
-                let tol = match experts {
-                    ExpertHolding::F16 => GPU_LOGIT_TOL,
-                    _ => REQUANT_LOGIT_TOL,
-                };
+                // requantized layouts, against the reference's exact values; the file's
+                // blocks and f16 hold the file's values.
+                let tol = if q8 { REQUANT_LOGIT_TOL } else { GPU_LOGIT_TOL };
                 emulated_holding_matches_the_reference(&m, &ids, &refs[0], &label, experts, tol);
             }
         }

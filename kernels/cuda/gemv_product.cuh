@@ -388,13 +388,11 @@ __device__ __forceinline__ void norm_rope_product(
     });
 }
 
-// swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
-// j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
-template <typename W>
-__device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float* __restrict__ gu,
-                                               const W& w, GemvOut y, int m, int k,
-                                               int n) {
-    const TileBatch<W> v = first_batch(w);
+// swiglu's output over m rows of gu (rows of 2·kt: gate, then up), staged: input row r is
+// silu(gu[r, j]) · gu[r, kt + j] over the product's columns j = k0 .. k0 + k, rounded to
+// f16 as swiglu writes it.
+__device__ __forceinline__ void stage_swiglu(const GemvShared& sh, const float* __restrict__ gu,
+                                             int m, int k) {
     int stride = gemv_stride(k);
     // Columns k0 .. k0 + k of the rows' kt: gate at k0 + j, up at kt + k0 + j.
     int kt = sh.kt;
@@ -404,6 +402,16 @@ __device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float
         int j = e % k;
         sh.x[(e / k) * stride + j] = f2h(silu_mul(row[j], row[kt + j]));
     }
+}
+
+// swiglu fused with the product: input row r is silu(gu[r, j]) · gu[r, k + j] over
+// j < k, rounded to f16 as swiglu writes it (gu holds rows of 2k: gate, then up).
+template <typename W>
+__device__ __forceinline__ void swiglu_product(const GemvShared& sh, const float* __restrict__ gu,
+                                               const W& w, GemvOut y, int m, int k,
+                                               int n) {
+    const TileBatch<W> v = first_batch(w);
+    stage_swiglu(sh, gu, m, k);
     stage_sums(sh, w, k);
     gemv_store(sh, w, v, y, k, n);
 }

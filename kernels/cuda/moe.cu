@@ -6,7 +6,8 @@
 //
 //   logits[T,E]        = h · Wrouterᵀ                 (a product like any other)
 //   moe_route          : expert[r·k + j], weight[r·k + j] (j-th choice of row r)
-//   moe_sort           : offsets[E+1], order[place] = r·k + j, slot[r·k + j] = place
+//   moe_sort           : offsets[E+1], order[place] = r·k + j, slot[r·k + j] = place,
+//                        active[E] = the experts with places, in order (then −1s)
 //   moe_gemv (gather)  : gu[place, 2F] = h[order[place] / k] · W_gate|up[e]ᵀ
 //   swiglu             : g[place, F]
 //   moe_gemv           : y[place, D]  = g[place] · W_down[e]ᵀ
@@ -15,8 +16,10 @@
 // (moe_gemv_q8 in place of moe_gemv for experts held as signed bytes under an f16 scale
 // per 32: Q8_0's values.)
 //
-// Every launch's grid depends on T alone (experts with no rows leave their blocks idle), so
-// a captured graph replays it whatever the routing. Each output element is summed in an
+// Every launch's grid depends on T alone, so a captured graph replays it whatever the
+// routing: the experts' products take min(E, k·T) slots of blocks, slot y the y-th expert
+// with places (active[y]; a slot past the experts chosen returns at once), so that a decode
+// step of few rows launches blocks for the few experts it chose, not for all E. Each output element is summed in an
 // order that does not depend on which other rows share its expert: a row's results are the
 // same alone and in any batch.
 
@@ -85,10 +88,11 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_row
 
 // One block of MOE_MAX_EXPERTS threads, thread e counting and placing expert e's entries
 // (of the n = T·k in `expert`): offsets[e] = the places before expert e's (offsets[E] = n),
-// and each entry's place, in entry order within its expert.
+// each entry's place, in entry order within its expert, and active[0 .. E] the experts
+// with places in index order, then −1s.
 extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n_experts,
                                     int* __restrict__ offsets, int* __restrict__ order,
-                                    int* __restrict__ slot) {
+                                    int* __restrict__ slot, int* __restrict__ active) {
     pdl_begin();
     __shared__ int staged[MOE_STAGE];
     __shared__ int start[MOE_MAX_EXPERTS + 1];
@@ -104,8 +108,14 @@ extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n
     start[e + 1] = count;
     if (e == 0) start[0] = 0;
     __syncthreads();
-    if (e == 0)
-        for (int i = 1; i <= n_experts; i++) start[i] += start[i - 1];
+    if (e == 0) {
+        int a = 0;
+        for (int i = 1; i <= n_experts; i++) {
+            if (start[i] > 0) active[a++] = i - 1;
+            start[i] += start[i - 1];
+        }
+        for (; a < n_experts; a++) active[a] = -1;
+    }
     __syncthreads();
     if (e < n_experts) offsets[e] = start[e];
     if (e == 0) offsets[n_experts] = n;
@@ -216,18 +226,19 @@ __device__ __forceinline__ void moe_column(const half_t* __restrict__ x,
     }
 }
 
-// The experts' product over f16 weights: expert e = blockIdx.y's places (moe_column), w
-// [E][n][k] f16, k a multiple of 8. Blocks of 8 warps, a warp per column
-// c = blockIdx.x·8 + warp.
+// The experts' product over f16 weights: expert e = active[blockIdx.y]'s places
+// (moe_column; none where e < 0), w [E][n][k] f16, k a multiple of 8. Blocks of 8 warps, a
+// warp per column c = blockIdx.x·8 + warp.
 extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __restrict__ order,
-                                    const int* __restrict__ offsets, int gather,
+                                    const int* __restrict__ offsets,
+                                    const int* __restrict__ active, int gather,
                                     const half_t* __restrict__ w, float* __restrict__ y, int k,
                                     int n) {
     pdl_begin();
-    int e = blockIdx.y;
+    int e = active[blockIdx.y];
     int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= n || e < 0) return;
     int p0 = offsets[e], p1 = offsets[e + 1];
-    if (c >= n || p0 == p1) return;
     MoeRowF16 row;
     row.w = (const uint4*)(w + ((size_t)e * n + c) * k);
     moe_column(x, order, p0, p1, gather, row, y, k, n, c);
@@ -237,15 +248,16 @@ extern "C" __global__ void moe_gemv(const half_t* __restrict__ x, const int* __r
 // [E][n][k / 32].
 extern "C" __global__ void moe_gemv_q8(const half_t* __restrict__ x,
                                        const int* __restrict__ order,
-                                       const int* __restrict__ offsets, int gather,
+                                       const int* __restrict__ offsets,
+                                       const int* __restrict__ active, int gather,
                                        const unsigned char* __restrict__ wq,
                                        const half_t* __restrict__ ws, float* __restrict__ y,
                                        int k, int n) {
     pdl_begin();
-    int e = blockIdx.y;
+    int e = active[blockIdx.y];
     int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= n || e < 0) return;
     int p0 = offsets[e], p1 = offsets[e + 1];
-    if (c >= n || p0 == p1) return;
     size_t at = (size_t)e * n + c;
     MoeRowQ8 row;
     row.q = (const uint4*)(wq + at * k);

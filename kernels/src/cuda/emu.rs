@@ -739,9 +739,10 @@ impl Emu {
         if let Ok(mut runs) = self.runs.lock() {
             *runs.entry(kernel.to_string()).or_default() += 1;
         }
-        // Dynamic shared memory: only the gemv kernels take it, from their static area.
-        if cfg.shared_mem_bytes != 0
-            && (!kernel.starts_with("gemv_") || cfg.shared_mem_bytes as usize > self.shared_bytes)
+        // Dynamic shared memory: only the gemv kernels (and the experts' products on their
+        // device code, moe_tc_*) take it, from their static area.
+        let gemv = kernel.starts_with("gemv_") || kernel.starts_with("moe_tc_");
+        if cfg.shared_mem_bytes != 0 && (!gemv || cfg.shared_mem_bytes as usize > self.shared_bytes)
         {
             return Err(ExecError::Emu(format!(
                 "{kernel}: {} bytes of dynamic shared memory (only gemv kernels have it, up \

@@ -308,6 +308,9 @@ pub struct MoePlaces {
     pub order: Vec<i32>,
     /// Each entry's place.
     pub slot: Vec<i32>,
+    /// `n_experts`: the experts with places in index order, then −1s (the experts'
+    /// products' slots).
+    pub active: Vec<i32>,
 }
 
 /// Twin of `moe_sort`: `expert`'s entries placed by expert, each expert's in entry order.
@@ -318,17 +321,24 @@ pub fn moe_sort(expert: &[i32], n_experts: usize) -> MoePlaces {
     for (p, &i) in order.iter().enumerate() {
         slot[i as usize] = p as i32;
     }
-    let offsets = (0..=n_experts as i32)
+    let offsets: Vec<i32> = (0..=n_experts as i32)
         .map(|e| expert.iter().filter(|&&x| x < e).count() as i32)
         .collect();
+    let mut active: Vec<i32> = (0..n_experts)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| e as i32)
+        .collect();
+    active.resize(n_experts, -1);
     MoePlaces {
         offsets,
         order,
         slot,
+        active,
     }
 }
 
-/// Twin of `moe_gemv` and `moe_gemv_q8`: `y[p] = x[row(p)] · w[e]ᵀ` for each place p of
+/// Twin of `moe_gemv`, `moe_gemv_q8` and `moe_tc_*` (the weights as [`ExpertRows`] holds
+/// them, the sums in f32 in order): `y[p] = x[row(p)] · w[e]ᵀ` for each place p of
 /// expert e (`w`: `[E][n][k]`), row(p) = `order[p] / gather` where `gather` > 0, else p.
 pub fn moe_gemv(
     x: &[f16],
@@ -363,12 +373,54 @@ pub fn moe_gemv(
     y
 }
 
-/// The experts' matrices as the CUDA backend holds them: f16, or signed bytes under an f16
-/// scale per 32 (Q8_0's values: about half the bytes).
+/// The experts' matrices as the CUDA backend holds them: f16, signed bytes under an f16
+/// scale per 32 (Q8_0's values: about half the bytes), or the file's own blocks as the
+/// `gemv` kernels lay them out (a Q4_K expert in about a quarter of f16's bytes).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExpertRows {
     F16(Vec<f16>),
     Q8(Q8Rows),
+    Blocks(ExpertBlocks),
+}
+
+/// Every expert's matrix of one role in its file's own blocks: `parts[i][e]` is expert
+/// e's part i (its rows whole, or its gate's rows then its up's where their layouts
+/// differ), each part of one layout `moe_tc` reads for every expert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBlocks {
+    pub parts: Vec<Vec<QuantRows>>,
+}
+
+impl ExpertBlocks {
+    /// `experts`' stacks (each expert's parts, [`QuantRows::stack`]) as one role's blocks;
+    /// `None` unless every expert has the same parts, each of one layout and shape that
+    /// `moe_tc` reads.
+    pub fn new(experts: Vec<Vec<QuantRows>>) -> Option<Self> {
+        let n_parts = experts.first()?.len();
+        let mut parts: Vec<Vec<QuantRows>> = vec![Vec::with_capacity(experts.len()); n_parts];
+        for stack in experts {
+            if stack.len() != n_parts {
+                return None;
+            }
+            for (part, q) in parts.iter_mut().zip(stack) {
+                part.push(q);
+            }
+        }
+        let alike = |a: &QuantRows, b: &QuantRows| {
+            (a.bits, a.scales, a.iq4, a.rows, a.k, a.q.len(), a.s.len())
+                == (b.bits, b.scales, b.iq4, b.rows, b.k, b.q.len(), b.s.len())
+        };
+        let readable = n_parts > 0
+            && parts.iter().all(|p| {
+                super::gemv::expert_kind(&p[0]).is_some() && p.iter().all(|q| alike(q, &p[0]))
+            });
+        readable.then_some(Self { parts })
+    }
+
+    /// Rows of one expert (its parts').
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p[0].rows).sum()
+    }
 }
 
 /// Rows of signed bytes (`q`, as u8) under an f16 scale per 32 consecutive values
@@ -428,6 +480,20 @@ impl ExpertRows {
                     *o = m.q[at] as i8 as f32 * m.scales[at / 32].to_f32();
                 }
             }
+            Self::Blocks(b) => {
+                let n = b.rows();
+                let (e, mut c) = (r / n, r % n);
+                for part in &b.parts {
+                    let q = &part[e];
+                    if c < q.rows {
+                        for (j, o) in out.iter_mut().enumerate().take(k) {
+                            *o = q.weight(c, j);
+                        }
+                        return;
+                    }
+                    c -= q.rows;
+                }
+            }
         }
     }
 
@@ -436,6 +502,7 @@ impl ExpertRows {
         match self {
             Self::F16(w) => 2 * w.len(),
             Self::Q8(m) => m.q.len() + 2 * m.scales.len(),
+            Self::Blocks(b) => b.parts.iter().flatten().map(QuantRows::bytes).sum(),
         }
     }
 }
@@ -734,23 +801,34 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
 /// How a mixture's experts are held on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertHolding {
-    /// As Q8_0's values (half the bytes of f16, read at half the cost) where the file's
-    /// experts are quantized and both their widths are multiples of 32; else f16.
+    /// In the file's own blocks ([`ExpertRows::Blocks`]: the fewest bytes, read by the
+    /// tensor-core `moe_tc_*`) where the CPU holds the file's values and every expert's
+    /// matrices are of a layout `moe_tc` reads; else as Q8_0's values (half the bytes of
+    /// f16, read at half the cost) where the file's experts are quantized and both their
+    /// widths are multiples of 32; else f16.
     #[default]
     Auto,
     F16,
     /// As Q8_0's values wherever the widths allow.
     Q8,
+    /// In the file's blocks wherever they can be (else as `Auto` goes on).
+    Blocks,
 }
 
 impl ExpertHolding {
-    /// `TOLLGATE_EXPERTS=f16` or `=q8`; else `Auto`.
+    /// `TOLLGATE_EXPERTS=f16`, `=q8` or `=blocks`; else `Auto`.
     pub fn from_env() -> Self {
         match std::env::var("TOLLGATE_EXPERTS").as_deref() {
             Ok("f16") => Self::F16,
             Ok("q8") => Self::Q8,
+            Ok("blocks") => Self::Blocks,
             _ => Self::Auto,
         }
+    }
+
+    /// Whether the experts may be held in the file's own blocks.
+    fn blocks(self) -> bool {
+        matches!(self, Self::Auto | Self::Blocks)
     }
 
     /// Whether `x`'s experts (in a model `dim` wide) are held as Q8_0's values.
@@ -767,9 +845,23 @@ impl ExpertHolding {
         match self {
             Self::F16 => false,
             Self::Q8 => widths,
-            Self::Auto => widths && quantized,
+            Self::Auto | Self::Blocks => widths && quantized,
         }
     }
+}
+
+/// `x`'s experts in the file's own blocks (each expert's gate|up stack, [`quant_stack`],
+/// and its down rows), where every one is of a layout `moe_tc` reads (the experts in
+/// parallel).
+fn expert_blocks(x: &crate::model::Experts) -> Option<(ExpertBlocks, ExpertBlocks)> {
+    use rayon::prelude::*;
+    let each: Vec<(Vec<QuantRows>, QuantRows)> = x
+        .experts
+        .par_iter()
+        .map(|e| Some((quant_stack(&e.gate_up), quant_rows(&e.down)?)))
+        .collect::<Option<_>>()?;
+    let (gate_up, down): (Vec<_>, Vec<_>) = each.into_iter().map(|(g, d)| (g, vec![d])).unzip();
+    Some((ExpertBlocks::new(gate_up)?, ExpertBlocks::new(down)?))
 }
 
 /// Layer `i`'s experts' own values from the file (stacked tensors or one per expert): each
@@ -914,21 +1006,30 @@ impl TwinModel {
                     (stacked(&gate_up, g)?, one(&[n("ffn_down")], w_down)?, None)
                 }
                 crate::model::Ffn::Experts(x) => {
-                    let exps = match file {
-                        Some(g) => Some(file_experts(g, i, &m.config, &x.config)?),
-                        None => None,
+                    // The file's blocks where the CPU holds the file's values.
+                    let blocks = (experts.blocks() && w.inexact_from.is_none())
+                        .then(|| expert_blocks(x))
+                        .flatten();
+                    let (gate_up, down) = match blocks {
+                        Some((gu, d)) => (ExpertRows::Blocks(gu), ExpertRows::Blocks(d)),
+                        None => {
+                            let exps = match file {
+                                Some(g) => Some(file_experts(g, i, &m.config, &x.config)?),
+                                None => None,
+                            };
+                            let (gate_up, down) = exps.unwrap_or_else(|| {
+                                let gu = x.experts.iter().flat_map(|e| stacked_f16(&e.gate_up));
+                                let down = x.experts.iter().flat_map(|e| rows_f16(&e.down));
+                                (gu.collect(), down.collect())
+                            });
+                            let q8 = experts.q8(x, m.config.dim);
+                            let hold = |v: Vec<f16>| match q8 {
+                                true => ExpertRows::Q8(Q8Rows::quantize(&v)),
+                                false => ExpertRows::F16(v),
+                            };
+                            (hold(gate_up), hold(down))
+                        }
                     };
-                    let (gate_up, down) = exps.unwrap_or_else(|| {
-                        let gu = x.experts.iter().flat_map(|e| stacked_f16(&e.gate_up));
-                        let down = x.experts.iter().flat_map(|e| rows_f16(&e.down));
-                        (gu.collect(), down.collect())
-                    });
-                    let q8 = experts.q8(x, m.config.dim);
-                    let hold = |v: Vec<f16>| match q8 {
-                        true => ExpertRows::Q8(Q8Rows::quantize(&v)),
-                        false => ExpertRows::F16(v),
-                    };
-                    let (gate_up, down) = (hold(gate_up), hold(down));
                     let shared = match &x.shared {
                         Some((gate, e)) => Some(TwinShared {
                             gate: gate.clone(),

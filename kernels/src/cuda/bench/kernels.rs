@@ -1,7 +1,7 @@
 //! The memory-bound kernels' benchmarks (add_rmsnorm, head_rmsnorm, rope_kv_write, swiglu,
 //! moe_gemv) and the sampling kernel's (greedy, and with top-k and top-p cuts).
 
-use super::{cfg, i, time_launch, Row};
+use super::{cfg, i, time, time_launch, Row};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
@@ -110,17 +110,30 @@ pub(super) fn rope<E: Exec>(
     })
 }
 
-/// moe_gemv (or moe_gemv_q8, `q8`) over a mixture's gate|up rows (`(experts, used, dim,
-/// ffn)`) for a decode step of `batch` rows, each row's `used` experts drawn at random (a
-/// fixed seed): the experts chosen read once (f16, or bytes and a scale per 32), the rows'
-/// inputs once per block (counted once), the outputs written (f32).
+/// How the experts' timed product holds them ([`moe_gemv`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeForm {
+    /// f16 rows, `moe_gemv`.
+    F16,
+    /// Q8_0's values, `moe_gemv_q8`.
+    Q8,
+    /// Q4_K's blocks (integers under factored scales), the tensor cores' `moe_tc_q4f`.
+    Q4K,
+}
+
+/// The experts' product over a mixture's gate|up rows (`(experts, used, dim, ffn)`) for a
+/// decode step of `batch` rows, each row's `used` experts drawn at random (a fixed seed),
+/// the experts held as `form` says: the experts chosen read once (f16; bytes and a scale
+/// per 32; Q4_K's 4.5 bits a weight as laid out, tiles and scales), the rows' inputs once
+/// per block (counted once), the outputs written (f32).
 pub(super) fn moe_gemv<E: Exec>(
     e: &E,
     (ne, k, d, f): (usize, usize, usize, usize),
     batch: usize,
-    q8: bool,
+    form: MoeForm,
     iters: u32,
 ) -> Result<Row, ExecError> {
+    use crate::cuda::gemv::{expert_products, ExpertBuf, ExpertInput, QuantBuf, Routing, Scales};
     // Each row's k distinct experts from an xorshift stream.
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ batch as u64;
     let mut expert = Vec::with_capacity(batch * k);
@@ -139,32 +152,75 @@ pub(super) fn moe_gemv<E: Exec>(
     }
     let places = crate::cuda::twins::moe_sort(&expert, ne);
     let hit = places.offsets.windows(2).filter(|w| w[1] > w[0]).count();
-    let (order, offsets) = (e.upload(&places.order)?, e.upload(&places.offsets)?);
+    let (order, offsets, active) = (
+        e.upload(&places.order)?,
+        e.upload(&places.offsets)?,
+        e.upload(&places.active)?,
+    );
     let x = e.zeros::<f16>(batch * d)?;
-    let y = e.zeros::<f32>(batch * k * 2 * f)?;
+    let mut y = e.zeros::<f32>(batch * k * 2 * f)?;
     let weights = ne * 2 * f * d;
-    let (w16, wq, ws) = match q8 {
-        false => (Some(e.zeros::<f16>(weights)?), None, None),
-        true => (
-            None,
-            Some(e.zeros::<u8>(weights)?),
-            Some(e.zeros::<f16>(weights / 32)?),
-        ),
+    let routing = Routing {
+        order: &order,
+        offsets: &offsets,
+        active: &active,
+        rows: batch,
+        used: k,
     };
-    let mut args = vec![x.arg(), order.arg(), offsets.arg(), i(k)];
-    args.extend(w16.iter().map(|w| w.arg()));
-    args.extend(wq.iter().map(|w| w.arg()));
-    args.extend(ws.iter().map(|w| w.arg()));
-    args.extend([y.arg(), i(d), i(2 * f)]);
-    let c = LaunchConfig {
-        grid_dim: ((2 * f as u32).div_ceil(8), ne as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+    let (kernel, per, secs) = match form {
+        MoeForm::F16 | MoeForm::Q8 => {
+            let q8 = form == MoeForm::Q8;
+            let (w16, wq, ws) = match q8 {
+                false => (Some(e.zeros::<f16>(weights)?), None, None),
+                true => (
+                    None,
+                    Some(e.zeros::<u8>(weights)?),
+                    Some(e.zeros::<f16>(weights / 32)?),
+                ),
+            };
+            let mut args = vec![x.arg(), order.arg(), offsets.arg(), active.arg(), i(k)];
+            args.extend(w16.iter().map(|w| w.arg()));
+            args.extend(wq.iter().map(|w| w.arg()));
+            args.extend(ws.iter().map(|w| w.arg()));
+            args.extend([y.arg(), i(d), i(2 * f)]);
+            let c = LaunchConfig {
+                grid_dim: ((2 * f as u32).div_ceil(8), routing.slots(ne) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let kernel = if q8 { "moe_gemv_q8" } else { "moe_gemv" };
+            // Bytes a weight: 2 in f16; 1 and a 2-byte scale per 32 as Q8_0's values.
+            let per = if q8 { 1.0 + 2.0 / 32.0 } else { 2.0 };
+            (kernel, per, time_launch(e, iters, kernel, c, &args)?)
+        }
+        MoeForm::Q4K => {
+            // One expert's tiles (4 bits a weight) and factored scales.
+            let rows = 2 * f;
+            let q_stride = rows.next_multiple_of(16) * d / 8;
+            let s_stride = rows.div_ceil(16) * Scales::Factored.group_words(d / 32);
+            let blocks = ExpertBuf {
+                blocks: QuantBuf {
+                    q: e.zeros::<u32>(ne * q_stride)?,
+                    s: e.zeros::<u32>(ne * s_stride)?,
+                    bits: 4,
+                    scales: Scales::Factored,
+                    iq4: false,
+                    rows,
+                    k: d,
+                },
+                q_stride,
+                s_stride,
+                count: ne,
+            };
+            let per = 4.0 * (q_stride + s_stride) as f64 / (rows * d) as f64;
+            let parts = [blocks];
+            let run = || {
+                let input = ExpertInput::Rows { x: &x, gather: k };
+                expert_products(e, input, &parts, &routing, &mut y, d, rows)
+            };
+            ("moe_tc_q4f", per, time(e, iters, run)?)
+        }
     };
-    let kernel = if q8 { "moe_gemv_q8" } else { "moe_gemv" };
-    let secs = time_launch(e, iters, kernel, c, &args)?;
-    // Bytes a weight: 2 in f16; 1 and a 2-byte scale per 32 as Q8_0's values.
-    let per = if q8 { 1.0 + 2.0 / 32.0 } else { 2.0 };
     let bytes = (hit * 2 * f * d) as f64 * per + (batch * d * 2 + batch * k * 2 * f * 4) as f64;
     Ok(Row {
         name: format!("{kernel} gate|up, {batch} rows ({hit} of {ne} experts)"),

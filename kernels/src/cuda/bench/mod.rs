@@ -23,7 +23,7 @@ mod kernels;
 mod products;
 
 pub use attention::{attention, attention_packed, attention_split};
-use kernels::{head_norm, moe_gemv, norm, rope, sample, swiglu};
+use kernels::{head_norm, moe_gemv, norm, rope, sample, swiglu, MoeForm};
 
 /// How big each benchmark is.
 #[derive(Debug, Clone)]
@@ -51,7 +51,8 @@ pub struct Sizes {
     /// Layers of the model whose decode step the parts add up to.
     pub layers: usize,
     /// A mixture of experts' shape (experts, used a row, width, expert width): its
-    /// `moe_gemv` and `moe_gemv_q8` over the gate|up rows at each decode batch.
+    /// `moe_gemv`, `moe_gemv_q8` and `moe_tc_q4f` over the gate|up rows at each decode
+    /// batch.
     pub moe: (usize, usize, usize, usize),
 }
 
@@ -314,8 +315,8 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
     rows.push(swiglu(e, t, iters, None)?);
     rows.extend(sample(e, sizes.sample, true, iters, None)?);
     for &batch in &sizes.decode {
-        for q8 in [false, true] {
-            rows.push(moe_gemv(e, sizes.moe, batch, q8, iters)?);
+        for form in [MoeForm::F16, MoeForm::Q8, MoeForm::Q4K] {
+            rows.push(moe_gemv(e, sizes.moe, batch, form, iters)?);
         }
     }
 

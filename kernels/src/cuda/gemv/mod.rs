@@ -21,18 +21,21 @@
 //!
 //! This file owns the launches and their sizes; the quantized weights' layout is
 //! `layout.rs` (where each weight and scale lies), built by `convert.rs` from a file's
-//! blocks or a packed matrix, its scales factored exactly by `factor.rs`.
+//! blocks or a packed matrix, its scales factored exactly by `factor.rs`; a mixture's
+//! experts' products on the same kernels' product are `experts.rs`.
 
 use super::exec::{check_gemm, Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
 mod convert;
+mod experts;
 mod factor;
 mod layout;
 #[cfg(test)]
 mod tests;
 
+pub use experts::{expert_kind, expert_products, ExpertBuf, ExpertInput, Routing};
 pub use layout::{QuantRows, Scales};
 
 /// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cuh: two `mma`s of 8 columns).
@@ -199,37 +202,43 @@ pub struct QuantBuf<E: Exec> {
     pub k: usize,
 }
 
+/// The `gemv` entry points' weights part for a layout (`q4`, `q8`, `q4f`, ...: see
+/// [`QuantBuf::kind`]); `None` for a layout no kernel reads.
+pub fn kind_of(bits: u32, scales: Scales, iq4: bool) -> Option<&'static str> {
+    if iq4 {
+        return match (bits, scales) {
+            (4, Scales::F16Pairs) => Some("iq4"),
+            (4, Scales::F16Scales) => Some("iq4s"),
+            (4, Scales::Factored) => Some("iq4f"),
+            _ => None,
+        };
+    }
+    Some(match (bits, scales) {
+        (4, Scales::F16Pairs) => "q4",
+        (4, Scales::F16Scales) => "q4s",
+        (5, Scales::F16Scales) => "q5s",
+        (8, Scales::F16Scales) => "q8s",
+        (4, Scales::Factored) => "q4f",
+        (5, Scales::F16Pairs) => "q5",
+        (5, Scales::Factored) => "q5f",
+        (6, Scales::FactoredHalves) => "q6h",
+        (8, Scales::F16Pairs) => "q8",
+        (8, Scales::Factored) => "q8f",
+        (8, Scales::FactoredHalves) => "q8h",
+        (4, Scales::FactoredHalves) => "q4h",
+        (2, Scales::FactoredHalfPairs) => "q2h",
+        (4, Scales::F32Pairs) => "q4f32",
+        (8, Scales::F32Pairs) => "q8f32",
+        (8, Scales::F32Halves) => "q8h32",
+        _ => return None,
+    })
+}
+
 impl<E: Exec> QuantBuf<E> {
     /// The entry points' weights part (`q4`, `q8`, `q4f`, `q8f`, `q8h`, `q6h`, `iq4`,
     /// `iq4f`, ...); `None` for a layout no kernel reads.
     pub fn kind(&self) -> Option<&'static str> {
-        if self.iq4 {
-            return match (self.bits, self.scales) {
-                (4, Scales::F16Pairs) => Some("iq4"),
-                (4, Scales::F16Scales) => Some("iq4s"),
-                (4, Scales::Factored) => Some("iq4f"),
-                _ => None,
-            };
-        }
-        Some(match (self.bits, self.scales) {
-            (4, Scales::F16Pairs) => "q4",
-            (4, Scales::F16Scales) => "q4s",
-            (5, Scales::F16Scales) => "q5s",
-            (8, Scales::F16Scales) => "q8s",
-            (4, Scales::Factored) => "q4f",
-            (5, Scales::F16Pairs) => "q5",
-            (5, Scales::Factored) => "q5f",
-            (6, Scales::FactoredHalves) => "q6h",
-            (8, Scales::F16Pairs) => "q8",
-            (8, Scales::Factored) => "q8f",
-            (8, Scales::FactoredHalves) => "q8h",
-            (4, Scales::FactoredHalves) => "q4h",
-            (2, Scales::FactoredHalfPairs) => "q2h",
-            (4, Scales::F32Pairs) => "q4f32",
-            (8, Scales::F32Pairs) => "q8f32",
-            (8, Scales::F32Halves) => "q8h32",
-            _ => return None,
-        })
+        kind_of(self.bits, self.scales, self.iq4)
     }
 
     /// The bytes a product reads of them: the tiles and their scales.

@@ -4,11 +4,14 @@
 //! products: the router's product, `moe_route`, `moe_sort`, `moe_gemv` over the experts'
 //! gate|up rows, `swiglu`, `moe_gemv` over their down rows, the shared expert's products,
 //! and `moe_combine` into the block's output (`moe_gemv_q8` where the experts are held as
-//! Q8_0's values: [`crate::cuda::twins::ExpertHolding`]). Every launch's grid depends on
-//! the step's rows alone, so a captured graph replays it whatever the routing.
+//! Q8_0's values; where they are held in the file's own blocks, the tensor-core
+//! `moe_tc_*` over gate|up, then over down with `swiglu` made in the product:
+//! `kernels/cuda/moe_tc.cu`, [`crate::cuda::twins::ExpertHolding`]). Every launch's grid
+//! depends on the step's rows alone, so a captured graph replays it whatever the routing.
 
 use super::small::{product, Small};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
+use crate::cuda::gemv::{expert_products, ExpertBuf, ExpertInput, Routing};
 use crate::cuda::twins::{ExpertRows, TwinMoe};
 use crate::cuda::{norm_launch, swiglu_launch};
 use crate::model::MoeConfig;
@@ -34,7 +37,12 @@ pub(super) struct Experts<E: Exec> {
 /// The experts' matrices of one role on the device ([`ExpertRows`]).
 enum Rows<E: Exec> {
     F16(E::Buf<f16>),
-    Q8 { q: E::Buf<u8>, scales: E::Buf<f16> },
+    Q8 {
+        q: E::Buf<u8>,
+        scales: E::Buf<f16>,
+    },
+    /// The file's own blocks, a part at a time (`moe_tc_*`).
+    Blocks(Vec<ExpertBuf<E>>),
 }
 
 impl<E: Exec> Rows<E> {
@@ -45,14 +53,21 @@ impl<E: Exec> Rows<E> {
                 q: e.upload(&m.q)?,
                 scales: e.upload(&m.scales)?,
             },
+            ExpertRows::Blocks(b) => Self::Blocks(
+                b.parts
+                    .iter()
+                    .map(|p| ExpertBuf::upload(e, p))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 
-    /// The product's kernel and its weights' arguments.
-    fn args(&self) -> (&'static str, Vec<Arg>) {
+    /// The CUDA-core product's kernel and its weights' arguments (`None` for blocks).
+    fn args(&self) -> Option<(&'static str, Vec<Arg>)> {
         match self {
-            Self::F16(w) => ("moe_gemv", vec![w.arg()]),
-            Self::Q8 { q, scales } => ("moe_gemv_q8", vec![q.arg(), scales.arg()]),
+            Self::F16(w) => Some(("moe_gemv", vec![w.arg()])),
+            Self::Q8 { q, scales } => Some(("moe_gemv_q8", vec![q.arg(), scales.arg()])),
+            Self::Blocks(_) => None,
         }
     }
 }
@@ -94,6 +109,7 @@ pub(super) struct Scratch<E: Exec> {
     offsets: E::Buf<i32>,
     order: E::Buf<i32>,
     slot: E::Buf<i32>,
+    active: E::Buf<i32>,
     gu: E::Buf<f32>,
     g: E::Buf<f16>,
     y: E::Buf<f32>,
@@ -111,6 +127,7 @@ impl<E: Exec> Scratch<E> {
             offsets: e.zeros(c.count + 1)?,
             order: e.zeros(places)?,
             slot: e.zeros(places)?,
+            active: e.zeros(c.count)?,
             gu: e.zeros(places * 2 * c.ffn)?,
             g: e.zeros(places * c.ffn)?,
             y: e.zeros(places * d)?,
@@ -178,33 +195,64 @@ pub(super) fn enqueue<E: Exec>(
             s.offsets.arg(),
             s.order.arg(),
             s.slot.arg(),
+            s.active.arg(),
         ],
     )?;
+    let routing = Routing {
+        order: &s.order,
+        offsets: &s.offsets,
+        active: &s.active,
+        rows: t,
+        used: k,
+    };
+    // A slot of blocks an expert with places (at most the places).
+    let slots = routing.slots(ne) as u32;
     let gemv = |n: usize| LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(GEMV_WARPS), ne as u32, 1),
+        grid_dim: ((n as u32).div_ceil(GEMV_WARPS), slots, 1),
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // The experts' products: gate|up over the tokens' rows of h, down over the places'.
-    let products = |rows: &Rows<E>, x: Arg, gather: usize, y: Arg, k: usize, n: usize| {
-        let (kernel, weights) = rows.args();
-        let mut args = vec![x, s.order.arg(), s.offsets.arg(), Arg::I32(gather as i32)];
+    // The experts' CUDA-core products: gate|up over the tokens' rows of h, down over the
+    // places'.
+    let products = |kernel: &str, weights: Vec<Arg>, x: Arg, gather: usize, y: Arg, k, n| {
+        let mut args = vec![
+            x,
+            s.order.arg(),
+            s.offsets.arg(),
+            s.active.arg(),
+            Arg::I32(gather as i32),
+        ];
         args.extend(weights);
         args.extend([y, Arg::I32(k as i32), Arg::I32(n as i32)]);
         e.launch(kernel, gemv(n), &args)
     };
-    products(&x.gate_up, h.arg(), k, s.gu.arg(), d, 2 * f)?;
-    e.launch(
-        "swiglu",
-        swiglu_launch(places, f),
-        &[
-            s.gu.arg(),
-            s.g.arg(),
-            Arg::I32(places as i32),
-            Arg::I32(f as i32),
-        ],
-    )?;
-    products(&x.down, s.g.arg(), 0, s.y.arg(), f, d)?;
+    match (&x.gate_up, &x.down) {
+        // On the tensor cores, swiglu made in the down product.
+        (Rows::Blocks(gu), Rows::Blocks(down)) => {
+            let input = ExpertInput::Rows { x: h, gather: k };
+            expert_products(e, input, gu, &routing, &mut s.gu, d, 2 * f)?;
+            let input = ExpertInput::Swiglu(&s.gu);
+            expert_products(e, input, down, &routing, &mut s.y, f, d)?;
+        }
+        (gate_up, down) => {
+            let refused =
+                || ExecError::Bounds("experts held in blocks for one product only".into());
+            let (kernel, weights) = gate_up.args().ok_or_else(refused)?;
+            products(kernel, weights, h.arg(), k, s.gu.arg(), d, 2 * f)?;
+            e.launch(
+                "swiglu",
+                swiglu_launch(places, f),
+                &[
+                    s.gu.arg(),
+                    s.g.arg(),
+                    Arg::I32(places as i32),
+                    Arg::I32(f as i32),
+                ],
+            )?;
+            let (kernel, weights) = down.args().ok_or_else(refused)?;
+            products(kernel, weights, s.g.arg(), 0, s.y.arg(), f, d)?;
+        }
+    }
     let shared = match (&x.shared, &mut s.shared) {
         (Some(sh), Some(sy)) => {
             let sf = sh.ffn;
