@@ -724,13 +724,17 @@ fn moe_model_logits_match_the_numpy_reference() {
                 // The file's blocks by default where the CPU holds the file's values; else
                 // Q8_0's values.
                 let blocks = experts == ExpertHolding::Auto && !from_file;
-                let q8 = experts == ExpertHolding::Q8 || (experts == ExpertHolding::Auto && from_file);
+                let q8 =
+                    experts == ExpertHolding::Q8 || (experts == ExpertHolding::Auto && from_file);
                 let as_said = |r: &&ExpertRows| match r {
                     ExpertRows::Blocks(_) => blocks,
                     ExpertRows::Q8(_) => q8,
                     ExpertRows::F16(_) => !blocks && !q8,
                 };
-                assert!(!held.is_empty() && held.iter().all(as_said), "{label}, {experts:?}");
+                assert!(
+                    !held.is_empty() && held.iter().all(as_said),
+                    "{label}, {experts:?}"
+                );
                 let label = format!("{label}, experts {experts:?}");
                 // Q8_0's values of a Q4_1 or K-quant file's experts: as the CPU's
                 // requantized layouts, against the reference's exact values; the file's

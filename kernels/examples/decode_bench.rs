@@ -278,7 +278,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(twin);
     let backend = which.backend();
     println!(
-        "{}{} | model {} ({} layers, dim {}) | weights {:.1} MB as held (f16; a mixture's experts as Q8_0's values where so held) ({:.1} MB as the file's blocks), loaded in {:.2} s and converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
+        "{}{} | model {} ({} layers, dim {}) | weights {:.1} MB as held (f16; a mixture's experts as held: the file's blocks, Q8_0's values or f16) ({:.1} MB as the file's blocks), loaded in {:.2} s and converted in {:.2} s on {} threads | copy {:.0} GB/s | context {}",
         backend.name(),
         if a.tensor { " (attention_tc)" } else { "" },
         path.display(),

@@ -565,8 +565,8 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     // gemv_q4f32 / gemv_q8f32 / gemv_q8h32 (f32 scales), and Q4_K_M's QKV stack
     // (gemv_q4f then gemv_q6h); attention_tc at both batches and contexts, and both
     // kernels over an 80-token prompt; the experts' gate|up product at each decode batch,
-    // over f16 weights and over Q8_0's values.
-    assert_eq!(rows.len(), 108, "{names:?}");
+    // over f16 weights, over Q8_0's values and over Q4_K's blocks (moe_tc_q4f).
+    assert_eq!(rows.len(), 110, "{names:?}");
     for name in [
         "head_rmsnorm 64 rows",
         "logprobs 3×3000, drawn token and top 20",
@@ -606,6 +606,7 @@ fn the_kernel_benchmarks_launches_run_on_the_emulator() {
     assert!(
         names.contains(&"moe_gemv gate|up, 1 rows (2 of 8 experts)")
             && names.contains(&"moe_gemv_q8 gate|up, 1 rows (2 of 8 experts)")
+            && names.contains(&"moe_tc_q4f gate|up, 3 rows (5 of 8 experts)")
             && names
                 .iter()
                 .any(|n| n.starts_with("moe_gemv gate|up, 3 rows")),

@@ -250,7 +250,7 @@ fn laid_out(rng: &mut Rng, ty: GgmlType, n: usize, k: usize) -> QuantRows {
 /// product with swiglu made in it, each place's row **bit for bit** the dense `gemv` of
 /// the same rows and the expert's matrix (the same product, 16 rows a pass: expert 0 has
 /// all 20 rows, two passes) and within 1e-5 of the twin (the same weights, summed in f32
-/// in order); an expert no row chose (its slot returns), poisoned outputs; and rows too
+/// in order); an expert no row chose (the last slot returns), poisoned outputs; and rows too
 /// wide for the shared memory, read in runs of their columns.
 fn moe_tc_case<E: Exec>(g: &E) {
     use kernels::cuda::gemv::{
@@ -280,11 +280,12 @@ fn moe_tc_case<E: Exec>(g: &E) {
     } else {
         println!("skipped the K-quant experts: this CPU has no packed kernels to make them");
     }
-    // 5 experts, 2 a row: expert 0 every row's first choice, 1..=3 the second, 4 none.
+    // 5 experts, 2 a row: expert 0 every row's first choice, 2..=4 the second, 1 none (so
+    // that slot y's expert is not y).
     let (ne, used, t) = (5, 2, 20);
-    let expert: Vec<i32> = (0..t as i32).flat_map(|r| [0, 1 + r % 3]).collect();
+    let expert: Vec<i32> = (0..t as i32).flat_map(|r| [0, 2 + r % 3]).collect();
     let places = twins::moe_sort(&expert, ne);
-    assert_eq!(places.active, [0, 1, 2, 3, -1]);
+    assert_eq!(places.active, [0, 2, 3, 4, -1]);
     let n_places = t * used;
     let order = up(g, &places.order);
     let offsets = up(g, &places.offsets);
