@@ -348,9 +348,9 @@ pub fn moe_gemv(
     k: usize,
     n: usize,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let total = places.order.len();
     let mut y = vec![0f32; total * n];
-    let mut wr = vec![0f32; k];
     // Experts no place chose are not read (a step's twin reads what the kernel reads).
     let chosen = places
         .offsets
@@ -358,15 +358,34 @@ pub fn moe_gemv(
         .enumerate()
         .filter(|(_, p)| p[1] > p[0]);
     for (e, pair) in chosen {
-        for c in 0..n {
-            w.row_f32(e * n + c, k, &mut wr);
-            for p in pair[0] as usize..pair[1] as usize {
+        let (p0, p1) = (pair[0] as usize, pair[1] as usize);
+        let rows: Vec<Vec<f32>> = (p0..p1)
+            .map(|p| {
                 let row = match gather {
                     0 => p,
                     g => places.order[p] as usize / g,
                 };
-                let xr = &x[row * k..(row + 1) * k];
-                y[p * n + c] = xr.iter().zip(&wr).map(|(a, b)| a.to_f32() * b).sum();
+                x[row * k..(row + 1) * k]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect()
+            })
+            .collect();
+        // The expert's columns in parallel, each weight row made once for its places.
+        let cols: Vec<Vec<f32>> = (0..n)
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; k],
+                |wr, c| {
+                    w.row_f32(e * n + c, k, wr);
+                    let dot = |xr: &Vec<f32>| xr.iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
+                    rows.iter().map(dot).collect()
+                },
+            )
+            .collect();
+        for (c, col) in cols.iter().enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[(p0 + i) * n + c] = v;
             }
         }
     }
@@ -486,10 +505,7 @@ impl ExpertRows {
                 for part in &b.parts {
                     let q = &part[e];
                     if c < q.rows {
-                        for (j, o) in out.iter_mut().enumerate().take(k) {
-                            *o = q.weight(c, j);
-                        }
-                        return;
+                        return q.row_f32(c, &mut out[..k]);
                     }
                     c -= q.rows;
                 }

@@ -139,15 +139,6 @@ impl QuantRows {
         4 * (self.q.len() + self.s.len())
     }
 
-    /// Where weight `c` of row `j` lies in `q`: its word, and the bit its field starts at.
-    fn place(&self, j: usize, c: usize) -> (usize, u32) {
-        let (word, shift) = self.block_places()[c % BLOCK];
-        (
-            self.block_base(j, c / BLOCK) + word,
-            shift + self.row_shift(j),
-        )
-    }
-
     /// The bits past [`QuantRows::block_places`]' that row `j`'s fields start at: at 2
     /// bits, 8 for rows `g + 8` (which share their lane's word with rows `g`); else 0.
     pub(super) fn row_shift(&self, j: usize) -> u32 {
@@ -214,21 +205,14 @@ impl QuantRows {
         }
     }
 
-    /// At 5 and 6 bits, where weight `c` of row `j`'s bits past the low 4 start in `q`. At
-    /// 5: the 16 words after a tile's 64 of low bits, lane `l`'s in word `l / 2` (bits 0 ..
-    /// 8 and 16 .. 24, 8 more for an odd lane), weights `2p + s` (`s` 0, 1) at `p + 16s`
-    /// for row `g` and at `4 + p + 16s` for `g + 8`. At 6: the 32 words after them, lane
-    /// `l`'s word `l`, weights `2p + s` two bits at `4 + 2p + 16s` for row `g` and at
-    /// `[12, 14, 0, 2][p] + 16s` for `g + 8`. (The shifts `gemv_q5*` and `gemv_q6h` make:
-    /// `kernels/cuda/gemv_blocks.cuh`'s WeightsHighT.)
-    fn place_high(&self, j: usize, c: usize) -> (usize, u32) {
-        let (word, bit) = self.high_places((j % GROUP) / 8)[c % BLOCK];
-        (self.high_base(j, c / BLOCK) + word, bit)
-    }
-
-    /// Where row `j`'s block `blk`'s high bits start in `q` ([`QuantRows::place_high`]):
-    /// its lanes' first word (lane `4g`'s, `g` the row's), which
-    /// [`QuantRows::high_places`] adds `t`'s part to.
+    /// At 5 and 6 bits, where row `j`'s block `blk`'s bits past the low 4 start in `q`: its
+    /// lanes' first word (lane `4g`'s, `g` the row's), which [`QuantRows::high_places`] adds
+    /// `t`'s part to. At 5: the 16 words after a tile's 64 of low bits, lane `l`'s in word
+    /// `l / 2` (bits 0 .. 8 and 16 .. 24, 8 more for an odd lane), weights `2p + s` (`s`
+    /// 0, 1) at `p + 16s` for row `g` and at `4 + p + 16s` for `g + 8`. At 6: the 32 words
+    /// after them, lane `l`'s word `l`, weights `2p + s` two bits at `4 + 2p + 16s` for row
+    /// `g` and at `[12, 14, 0, 2][p] + 16s` for `g + 8`. (The shifts `gemv_q5*` and
+    /// `gemv_q6h` make: `kernels/cuda/gemv_blocks.cuh`'s WeightsHighT.)
     pub(super) fn high_base(&self, j: usize, blk: usize) -> usize {
         // A lane's high bits: half a word at 5 bits, a word at 6.
         self.tile_start(j, blk) + 64 + 4 * (j % 8) * (self.bits as usize - 4) / 2
@@ -258,25 +242,36 @@ impl QuantRows {
     /// arithmetic); with a scale per 16, its half's scale times `q` (and with an offset per
     /// 16, its half's `d · q + m`).
     pub fn weight(&self, j: usize, c: usize) -> f32 {
+        let mut block = [0f32; BLOCK];
+        let highs = self.high_places((j % GROUP) / 8);
+        self.block_values(j, c / BLOCK, &self.block_places(), &highs, &mut block);
+        block[c % BLOCK]
+    }
+
+    /// Row `j`'s `k` weights as the kernels read them ([`QuantRows::weight`] each), into
+    /// `out`: the layout's places found once, each block's scales made once.
+    pub fn row_f32(&self, j: usize, out: &mut [f32]) {
+        let (places, highs) = (self.block_places(), self.high_places((j % GROUP) / 8));
+        for (blk, block) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
+            self.block_values(j, blk, &places, &highs, block);
+        }
+    }
+
+    /// Row `j`'s block `blk` as the kernels read it, into `out` (32), given the layout's
+    /// places ([`QuantRows::block_places`], and at 5 and 6 bits
+    /// [`QuantRows::high_places`] for the row's half of its group).
+    fn block_values(
+        &self,
+        j: usize,
+        blk: usize,
+        places: &[(usize, u32); BLOCK],
+        highs: &[(usize, u32); BLOCK],
+        out: &mut [f32],
+    ) {
         let nb = self.k / BLOCK;
-        let (r, blk) = (j % GROUP, c / BLOCK);
+        let r = j % GROUP;
         let group = &self.s[(j / GROUP) * self.scales.group_words(nb)..];
         let half = |b: u32| f16::from_bits(b as u16).to_f32();
-        let (word, shift) = self.place(j, c);
-        let field = self.q[word] >> shift;
-        let q = if self.iq4 {
-            f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
-        } else if self.bits == 2 {
-            (field & 3) as f32
-        } else if self.bits == 4 {
-            (field & 15) as f32
-        } else if self.bits == 5 || self.bits == 6 {
-            let (word, bit) = self.place_high(j, c);
-            let high = self.q[word] >> bit & ((1 << (self.bits - 4)) - 1);
-            ((field & 15) | high << 4) as f32
-        } else {
-            field as u8 as i8 as f32
-        };
         // The pair (d, m), or the halves' scales: as the kernels make them.
         let pair = |i: usize| match self.scales {
             Scales::F16Pairs => half(group[blk * GROUP + r] >> (16 * i)),
@@ -300,15 +295,39 @@ impl QuantRows {
                 half(sup >> (16 * (i / 2))) * f32::from(n)
             }
         };
-        // Without offsets the tensor cores take `q − c` (Q6_K's `q − 32`, ...), under `d`
-        // or the half's scale.
-        let taken = q - center(self.bits, self.iq4);
-        let h = (c % BLOCK) / 16;
-        match self.scales {
-            Scales::FactoredHalves | Scales::F32Halves => pair(h) * taken,
-            Scales::FactoredHalfPairs => pair(h).mul_add(q, pair(2 + h)),
-            Scales::F16Scales => pair(0) * taken,
-            _ => pair(0).mul_add(q, pair(1)),
+        let pairs: [f32; 4] = match self.scales {
+            Scales::FactoredHalfPairs => std::array::from_fn(pair),
+            _ => [pair(0), pair(1), 0.0, 0.0],
+        };
+        let (base, row_shift) = (self.block_base(j, blk), self.row_shift(j));
+        let high_base = matches!(self.bits, 5 | 6).then(|| self.high_base(j, blk));
+        let centre = center(self.bits, self.iq4);
+        for (o, v) in out[..BLOCK].iter_mut().enumerate() {
+            let (word, shift) = places[o];
+            let field = self.q[base + word] >> (shift + row_shift);
+            let q = if self.iq4 {
+                f32::from(crate::kquant::IQ4_LEVELS[(field & 15) as usize])
+            } else if self.bits == 2 {
+                (field & 3) as f32
+            } else if self.bits == 4 {
+                (field & 15) as f32
+            } else if let Some(hb) = high_base {
+                let (word, bit) = highs[o];
+                let high = self.q[hb + word] >> bit & ((1 << (self.bits - 4)) - 1);
+                ((field & 15) | high << 4) as f32
+            } else {
+                field as u8 as i8 as f32
+            };
+            // Without offsets the tensor cores take `q − c` (Q6_K's `q − 32`, ...), under
+            // `d` or the half's scale.
+            let taken = q - centre;
+            let h = o / 16;
+            *v = match self.scales {
+                Scales::FactoredHalves | Scales::F32Halves => pairs[h] * taken,
+                Scales::FactoredHalfPairs => pairs[h].mul_add(q, pairs[2 + h]),
+                Scales::F16Scales => pairs[0] * taken,
+                _ => pairs[0].mul_add(q, pairs[1]),
+            };
         }
     }
 }

@@ -40,6 +40,12 @@ fn quantized_rows_hold_the_files_values() {
             // `d`, where the file's arithmetic gives 0.
             assert_eq!(r.weight(i / k, i % k), want, "{ty:?} {i}");
         }
+        // A row at a time, the same values.
+        let mut row = vec![f32::NAN; k];
+        for j in 0..rows {
+            r.row_f32(j, &mut row);
+            assert_eq!(row, want[j * k..(j + 1) * k], "{ty:?} row {j}");
+        }
     }
     // IQ4_NL, Q5_0 and Q3_K, which the CPU holds as Q8_0 blocks (of IQ4's levels; of
     // `4(q − 16)` under `d/4`; of `sc · q`): IQ4's 4-bit indices under the same scales
