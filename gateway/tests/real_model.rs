@@ -713,7 +713,9 @@ fn moe_model_logits_match_the_numpy_reference() {
             assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
             let label = format!("{arch:?}, {what}");
             matches_the_reference(&m, &ids, &refs[0], &label, !from_file, false);
-            for experts in [ExpertHolding::Auto, ExpertHolding::Q8, ExpertHolding::F16] {
+            // Auto: the file's blocks where the CPU holds the file's values, Q8_0's values
+            // where not (the head of 2,050 rows).
+            for experts in [ExpertHolding::Auto, ExpertHolding::F16] {
                 let twin = TwinModel::holding(&m.model, experts);
                 let held: Vec<&ExpertRows> = twin
                     .layers

@@ -25,8 +25,8 @@
 
 // Experts a mixture may have (moe_sort's block: one thread per expert).
 #define MOE_MAX_EXPERTS 256
-// Places moe_sort stages in shared memory at a time.
-#define MOE_STAGE 2048
+// moe_sort's warps (its block: MOE_MAX_EXPERTS threads).
+#define MOE_SORT_WARPS 8
 // Places moe_gemv's warps take at a time (each reads its weight row once for them).
 #define MOE_ROWS 8
 
@@ -86,26 +86,36 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_row
     }
 }
 
-// One block of MOE_MAX_EXPERTS threads, thread e counting and placing expert e's entries
-// (of the n = T·k in `expert`): offsets[e] = the places before expert e's (offsets[E] = n),
-// each entry's place, in entry order within its expert, and active[0 .. E] the experts
-// with places in index order, then −1s.
+// One block of MOE_MAX_EXPERTS threads (MOE_SORT_WARPS warps), placing the n = T·k entries
+// of `expert` by expert: offsets[e] = the places before expert e's (offsets[E] = n), each
+// entry's place, in entry order within its expert, and active[0 .. E] the experts with
+// places in index order, then −1s. Warp w takes a contiguous share of the entries: it
+// counts them by expert (shared atomics: the counts whatever their order), thread e turns
+// the counts into each warp's first place for expert e (the warps before it first), then
+// each warp places its share 32 entries at a time, in order — an entry's place is its
+// expert's cursor plus the lanes before it with the same expert, and the last such lane
+// moves the cursor on —, so the places are the same as one thread's walk through the
+// entries would give.
 extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n_experts,
                                     int* __restrict__ offsets, int* __restrict__ order,
                                     int* __restrict__ slot, int* __restrict__ active) {
     pdl_begin();
-    __shared__ int staged[MOE_STAGE];
+    __shared__ int cursor[MOE_SORT_WARPS][MOE_MAX_EXPERTS];
     __shared__ int start[MOE_MAX_EXPERTS + 1];
-    int e = threadIdx.x;
-    int count = 0;
-    for (int base = 0; base < n; base += MOE_STAGE) {
-        int m = min(MOE_STAGE, n - base);
-        __syncthreads();
-        for (int i = threadIdx.x; i < m; i += blockDim.x) staged[i] = expert[base + i];
-        __syncthreads();
-        for (int i = 0; i < m; i++) count += staged[i] == e;
+    int e = threadIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int w = 0; w < MOE_SORT_WARPS; w++) cursor[w][e] = 0;
+    __syncthreads();
+    // Warp w's share: entries lo .. hi, `per` (a multiple of 32) a warp.
+    int per = (n + MOE_SORT_WARPS * 32 - 1) / (MOE_SORT_WARPS * 32) * 32;
+    int lo = min(n, warp * per), hi = min(n, lo + per);
+    for (int i = lo + lane; i < hi; i += 32) {
+        int x = expert[i];
+        if ((unsigned)x < (unsigned)n_experts) atomicAdd(&cursor[warp][x], 1);
     }
-    start[e + 1] = count;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < MOE_SORT_WARPS; w++) total += cursor[w][e];
+    start[e + 1] = total;
     if (e == 0) start[0] = 0;
     __syncthreads();
     if (e == 0) {
@@ -119,19 +129,34 @@ extern "C" __global__ void moe_sort(const int* __restrict__ expert, int n, int n
     __syncthreads();
     if (e < n_experts) offsets[e] = start[e];
     if (e == 0) offsets[n_experts] = n;
+    // Each warp's first place for expert e: the places before e's, then the warps before.
     int at = start[e];
-    for (int base = 0; base < n; base += MOE_STAGE) {
-        int m = min(MOE_STAGE, n - base);
+    for (int w = 0; w < MOE_SORT_WARPS; w++) {
+        int c = cursor[w][e];
+        cursor[w][e] = at;
+        at += c;
+    }
+    __syncthreads();
+    for (int base = 0; base < per; base += 32) {
+        int i = lo + base + lane;
+        int x = i < hi ? expert[i] : -1;
+        bool valid = (unsigned)x < (unsigned)n_experts;
+        int before = 0;
+        bool last = true;
+        for (int o = 0; o < 32; o++) {
+            int y = __shfl_sync(0xffffffffu, x, o);
+            if (y == x && o < lane) before++;
+            if (y == x && o > lane) last = false;
+        }
+        int p = valid ? cursor[warp][x] + before : 0;
+        // Every lane has read its cursor before the last lane of its expert moves it.
         __syncthreads();
-        for (int i = threadIdx.x; i < m; i += blockDim.x) staged[i] = expert[base + i];
+        if (valid) {
+            order[p] = i;
+            slot[i] = p;
+            if (last) cursor[warp][x] = p + 1;
+        }
         __syncthreads();
-        if (e < n_experts)
-            for (int i = 0; i < m; i++)
-                if (staged[i] == e) {
-                    order[at] = base + i;
-                    slot[base + i] = at;
-                    at++;
-                }
     }
 }
 

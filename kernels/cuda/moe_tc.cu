@@ -62,7 +62,9 @@ __device__ __forceinline__ void moe_tc(const void* __restrict__ in, const int* _
     }
 }
 
-// The entry points, a pair per weights type (gemv.cu's names: q4f for WeightsQ4F, ...).
+// The entry points, a pair per weights type (gemv.cu's names: q4f for WeightsQ4F, ...), for
+// the layouts the files' experts come in: Q4_0, Q4_1, Q4_K, Q3_K, Q2_K, Q5_K, Q6_K, Q8_0 and
+// IQ4_XS's (experts of other layouts are held as Q8_0's values).
 extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q4(
     const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
     const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
@@ -153,42 +155,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q2h_swiglu(
                                   ldy, j0, k0, kt);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q5(
-    const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ5, false>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q5_swiglu(
-    const float* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ5, true>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q5s(
-    const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ5S, false>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q5s_swiglu(
-    const float* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ5S, true>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
 extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q5f(
     const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
     const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
@@ -225,24 +191,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q6h_swiglu(
                                   ldy, j0, k0, kt);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q8(
-    const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ8, false>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q8_swiglu(
-    const float* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsQ8, true>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
 extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q8s(
     const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
     const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
@@ -258,24 +206,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_q8s_swiglu(
     float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
     pdl_begin();
     moe_tc<WeightsQ8S, true>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_iq4s(
-    const half_t* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsIq4S, false>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
-                                  ldy, j0, k0, kt);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3) moe_tc_iq4s_swiglu(
-    const float* __restrict__ x, const int* __restrict__ order, const int* __restrict__ offsets,
-    const int* __restrict__ active, int gather, const u32* __restrict__ q, const u32* __restrict__ s, int q_stride, int s_stride,
-    float* __restrict__ y, int k, int n, int ldy, int j0, int k0, int kt) {
-    pdl_begin();
-    moe_tc<WeightsIq4S, true>(x, order, offsets, active, gather, q, s, q_stride, s_stride, y, k, n,
                                   ldy, j0, k0, kt);
 }
 

@@ -1,6 +1,7 @@
 //! A mixture of experts' kernels (`kernels/cuda/moe.cu`) against their twins, each fed its
-//! twin's inputs: routing (ties included), the places by expert (more entries than
-//! `moe_sort` stages at once; all 256 experts a block has threads for), both expert
+//! twin's inputs: routing (ties included), the places by expert (ties within a warp's 32
+//! entries, several rounds of 32 a warp, warps with part of a share or none; all 256
+//! experts a block has threads for), both expert
 //! products over f16 weights and over Q8_0's values, and the combination with and without
 //! a shared expert; and the experts' products on the tensor cores (`moe_tc_*`) over their
 //! file's own blocks.

@@ -13,10 +13,12 @@ use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-/// The layouts `moe_tc_*` reads (`kernels/cuda/moe_tc.cu`: `gemv`'s kinds the files'
-/// experts come in); experts of other layouts are held another way.
+/// The layouts `moe_tc_*` reads (`kernels/cuda/moe_tc.cu`: the files' experts' Q4_1,
+/// Q4_0, Q4_K, Q3_K, Q2_K, Q5_K, Q6_K, Q8_0 and IQ4_XS); experts of other layouts (Q5_0's,
+/// Q5_1's, IQ4_NL's: rows no multiple of 256, which experts' seldom are) are held another
+/// way.
 const KINDS: &[&str] = &[
-    "q4", "q4s", "q4f", "q4h", "q2h", "q5", "q5s", "q5f", "q6h", "q8", "q8s", "iq4s", "iq4f",
+    "q4", "q4s", "q4f", "q4h", "q2h", "q5f", "q6h", "q8s", "iq4f",
 ];
 
 /// The `moe_tc` kernels' weights part for `r`'s layout; `None` where none reads it.
