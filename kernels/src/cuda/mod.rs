@@ -37,6 +37,21 @@ pub struct Source {
 /// Helpers prepended to every source.
 pub const COMMON: &str = include_str!("../../cuda/common.cuh");
 
+/// The `gemv` kernels' device code (its headers, in the order of build.rs's HEADERS), which
+/// the programs of `gemv.cu`'s and `moe_tc.cu`'s entry points open with.
+macro_rules! gemv_device_code {
+    () => {
+        concat!(
+            "#line 1 \"gemv.cuh\"\n",
+            include_str!("../../cuda/gemv.cuh"),
+            "#line 1 \"gemv_blocks.cuh\"\n",
+            include_str!("../../cuda/gemv_blocks.cuh"),
+            "#line 1 \"gemv_product.cuh\"\n",
+            include_str!("../../cuda/gemv_product.cuh"),
+        )
+    };
+}
+
 /// Every kernel source.
 pub const SOURCES: &[Source] = &[
     Source {
@@ -79,12 +94,7 @@ pub const SOURCES: &[Source] = &[
         // The device code (in the order of build.rs's HEADERS), then the entry points: one
         // program.
         code: concat!(
-            "#line 1 \"gemv.cuh\"\n",
-            include_str!("../../cuda/gemv.cuh"),
-            "#line 1 \"gemv_blocks.cuh\"\n",
-            include_str!("../../cuda/gemv_blocks.cuh"),
-            "#line 1 \"gemv_product.cuh\"\n",
-            include_str!("../../cuda/gemv_product.cuh"),
+            gemv_device_code!(),
             "#line 1 \"gemv.cu\"\n",
             include_str!("../../cuda/gemv.cu")
         ),
@@ -186,12 +196,7 @@ pub const SOURCES: &[Source] = &[
         name: "moe_tc",
         // On gemv's device code (its headers, in order): one program.
         code: concat!(
-            "#line 1 \"gemv.cuh\"\n",
-            include_str!("../../cuda/gemv.cuh"),
-            "#line 1 \"gemv_blocks.cuh\"\n",
-            include_str!("../../cuda/gemv_blocks.cuh"),
-            "#line 1 \"gemv_product.cuh\"\n",
-            include_str!("../../cuda/gemv_product.cuh"),
+            gemv_device_code!(),
             "#line 1 \"moe_tc.cu\"\n",
             include_str!("../../cuda/moe_tc.cu")
         ),

@@ -7,7 +7,7 @@
 //! depends on the step's rows alone (a captured graph replays it) and a decode step
 //! launches blocks for the experts it chose only.
 
-use super::{column_run, kind_of, shared_bytes, QuantBuf, QuantRows, BLOCK, BLOCKS_PER_SM};
+use super::{column_run, holds, kind_of, shared_bytes, QuantBuf, QuantRows, BLOCK, BLOCKS_PER_SM};
 use super::{GROUP, MAX_ROWS, WARPS};
 use crate::cuda::exec::{Arg, DevBuf, Exec, ExecError};
 use cudarc::driver::LaunchConfig;
@@ -139,13 +139,12 @@ pub fn expert_products<E: Exec>(
         )));
     }
     let short = |what: &str, have: usize, need: usize| {
-        if have < need {
-            Err(ExecError::Bounds(format!(
-                "moe_tc over {places} places of {k}: {what} holds {have} elements, not {need}"
-            )))
-        } else {
-            Ok(())
-        }
+        holds(
+            || format!("moe_tc over {places} places of {k}"),
+            what,
+            have,
+            need,
+        )
     };
     let (first, form, gather) = match input {
         ExpertInput::Rows { x, gather } => {

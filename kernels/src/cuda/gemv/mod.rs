@@ -330,6 +330,23 @@ pub fn gemv_rope<E: Exec>(
     product(e, input, Some(rope), weights, qkv, rows, k, n)
 }
 
+/// Refuses a buffer (`what`, of a launch `launch` names) that holds fewer elements than the
+/// launch reads or writes.
+fn holds(
+    launch: impl Fn() -> String,
+    what: &str,
+    have: usize,
+    need: usize,
+) -> Result<(), ExecError> {
+    if have < need {
+        return Err(ExecError::Bounds(format!(
+            "{}: {what} holds {have} elements, not {need}",
+            launch()
+        )));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn product<E: Exec>(
     e: &E,
@@ -354,13 +371,7 @@ fn product<E: Exec>(
         )));
     };
     let short = |what: &str, have: usize, need: usize| {
-        if have < need {
-            Err(ExecError::Bounds(format!(
-                "gemv_{kind} of {rows}×{k}: {what} holds {have} elements, not {need}"
-            )))
-        } else {
-            Ok(())
-        }
+        holds(|| format!("gemv_{kind} of {rows}×{k}"), what, have, need)
     };
     // RoPE goes into the epilogue of the product of normalized rows only (of the last
     // run of columns: the sums whole).
