@@ -413,7 +413,7 @@ pub struct ExpertBlocks {
 impl ExpertBlocks {
     /// `experts`' stacks (each expert's parts, [`QuantRows::stack`]) as one role's blocks;
     /// `None` unless every expert has the same parts, each of one layout and shape that
-    /// `moe_tc` reads.
+    /// `moe_tc` reads (an expert's words under 2³¹).
     pub fn new(experts: Vec<Vec<QuantRows>>) -> Option<Self> {
         let n_parts = experts.first()?.len();
         let mut parts: Vec<Vec<QuantRows>> = vec![Vec::with_capacity(experts.len()); n_parts];
@@ -429,9 +429,13 @@ impl ExpertBlocks {
             (a.bits, a.scales, a.iq4, a.rows, a.k, a.q.len(), a.s.len())
                 == (b.bits, b.scales, b.iq4, b.rows, b.k, b.q.len(), b.s.len())
         };
+        // An expert's words within the kernels' 32-bit strides.
+        let strides = |q: &QuantRows| i32::try_from(q.q.len().max(q.s.len())).is_ok();
         let readable = n_parts > 0
             && parts.iter().all(|p| {
-                super::gemv::expert_kind(&p[0]).is_some() && p.iter().all(|q| alike(q, &p[0]))
+                super::gemv::expert_kind(&p[0]).is_some()
+                    && strides(&p[0])
+                    && p.iter().all(|q| alike(q, &p[0]))
             });
         readable.then_some(Self { parts })
     }

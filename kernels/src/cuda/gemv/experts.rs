@@ -55,10 +55,12 @@ impl<E: Exec> ExpertBuf<E> {
                     first.s.len(),
                 )
         };
-        if expert_kind(first).is_none() || !experts.iter().all(alike) {
+        // The kernels take an expert's strides as 32-bit integers.
+        let fits = i32::try_from(first.q.len().max(first.s.len())).is_ok();
+        if expert_kind(first).is_none() || !experts.iter().all(alike) || !fits {
             return Err(ExecError::Bounds(format!(
-                "experts' blocks of {} bits under {:?}: no moe_tc kernel reads them, or the \
-                 experts' layouts differ",
+                "experts' blocks of {} bits under {:?}: no moe_tc kernel reads them, the \
+                 experts' layouts differ, or an expert's words pass 2³¹",
                 first.bits, first.scales
             )));
         }
