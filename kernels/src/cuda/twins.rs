@@ -425,18 +425,7 @@ impl ExpertBlocks {
                 part.push(q);
             }
         }
-        let alike = |a: &QuantRows, b: &QuantRows| {
-            (a.bits, a.scales, a.iq4, a.rows, a.k, a.q.len(), a.s.len())
-                == (b.bits, b.scales, b.iq4, b.rows, b.k, b.q.len(), b.s.len())
-        };
-        // An expert's words within the kernels' 32-bit strides.
-        let strides = |q: &QuantRows| i32::try_from(q.q.len().max(q.s.len())).is_ok();
-        let readable = n_parts > 0
-            && parts.iter().all(|p| {
-                super::gemv::expert_kind(&p[0]).is_some()
-                    && strides(&p[0])
-                    && p.iter().all(|q| alike(q, &p[0]))
-            });
+        let readable = n_parts > 0 && parts.iter().all(|p| super::gemv::readable(p));
         readable.then_some(Self { parts })
     }
 

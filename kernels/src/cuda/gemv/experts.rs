@@ -21,9 +21,22 @@ const KINDS: &[&str] = &[
     "q4", "q4s", "q4f", "q4h", "q2h", "q5f", "q6h", "q8s", "iq4f",
 ];
 
-/// The `moe_tc` kernels' weights part for `r`'s layout; `None` where none reads it.
-pub fn expert_kind(r: &QuantRows) -> Option<&'static str> {
-    kind_of(r.bits, r.scales, r.iq4).filter(|k| KINDS.contains(k))
+/// The `moe_tc` kernels' weights part for a layout; `None` where none reads it.
+fn moe_kind(bits: u32, scales: super::Scales, iq4: bool) -> Option<&'static str> {
+    kind_of(bits, scales, iq4).filter(|k| KINDS.contains(k))
+}
+
+/// Whether `experts` (one matrix, or one part of it, of each expert) can be held one after
+/// another for `moe_tc`: some, all of one layout and shape that a `moe_tc` kernel reads, an
+/// expert's words within the kernels' 32-bit strides.
+pub fn readable(experts: &[QuantRows]) -> bool {
+    let Some(first) = experts.first() else {
+        return false;
+    };
+    let shape = |r: &QuantRows| (r.bits, r.scales, r.iq4, r.rows, r.k, r.q.len(), r.s.len());
+    moe_kind(first.bits, first.scales, first.iq4).is_some()
+        && i32::try_from(first.q.len().max(first.s.len())).is_ok()
+        && experts.iter().all(|r| shape(r) == shape(first))
 }
 
 /// One matrix of every expert (or a part of it: its gate rows, its up rows) in the file's
@@ -40,30 +53,16 @@ impl<E: Exec> ExpertBuf<E> {
     /// `experts`' blocks, one after another; refused unless they are all of one layout and
     /// shape that `moe_tc` reads.
     pub fn upload(e: &E, experts: &[QuantRows]) -> Result<Self, ExecError> {
-        let first = experts
-            .first()
-            .ok_or_else(|| ExecError::Bounds("experts' blocks of no expert".into()))?;
-        let alike = |r: &QuantRows| {
-            (r.bits, r.scales, r.iq4, r.rows, r.k, r.q.len(), r.s.len())
-                == (
-                    first.bits,
-                    first.scales,
-                    first.iq4,
-                    first.rows,
-                    first.k,
-                    first.q.len(),
-                    first.s.len(),
-                )
+        let first = match experts.first() {
+            Some(first) if readable(experts) => first,
+            _ => {
+                return Err(ExecError::Bounds(format!(
+                    "experts' blocks of {:?}: none, no moe_tc kernel reads them, the experts' \
+                     layouts differ, or an expert's words pass 2³¹",
+                    experts.first().map(|f| (f.bits, f.scales))
+                )))
+            }
         };
-        // The kernels take an expert's strides as 32-bit integers.
-        let fits = i32::try_from(first.q.len().max(first.s.len())).is_ok();
-        if expert_kind(first).is_none() || !experts.iter().all(alike) || !fits {
-            return Err(ExecError::Bounds(format!(
-                "experts' blocks of {} bits under {:?}: no moe_tc kernel reads them, the \
-                 experts' layouts differ, or an expert's words pass 2³¹",
-                first.bits, first.scales
-            )));
-        }
         let q: Vec<u32> = experts.iter().flat_map(|r| r.q.iter().copied()).collect();
         let s: Vec<u32> = experts.iter().flat_map(|r| r.s.iter().copied()).collect();
         Ok(Self {
@@ -80,11 +79,6 @@ impl<E: Exec> ExpertBuf<E> {
             s_stride: first.s.len(),
             count: experts.len(),
         })
-    }
-
-    /// Bytes on the device.
-    pub fn bytes(&self) -> usize {
-        self.blocks.bytes()
     }
 }
 
@@ -234,12 +228,10 @@ pub fn expert_products<E: Exec>(
 }
 
 fn expert_kind_of<E: Exec>(b: &QuantBuf<E>) -> Result<&'static str, ExecError> {
-    kind_of(b.bits, b.scales, b.iq4)
-        .filter(|k| KINDS.contains(k))
-        .ok_or_else(|| {
-            ExecError::Bounds(format!(
-                "no moe_tc kernel reads experts of {} bits under {:?}",
-                b.bits, b.scales
-            ))
-        })
+    moe_kind(b.bits, b.scales, b.iq4).ok_or_else(|| {
+        ExecError::Bounds(format!(
+            "no moe_tc kernel reads experts of {} bits under {:?}",
+            b.bits, b.scales
+        ))
+    })
 }

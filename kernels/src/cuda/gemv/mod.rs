@@ -35,7 +35,7 @@ mod layout;
 #[cfg(test)]
 mod tests;
 
-pub use experts::{expert_kind, expert_products, ExpertBuf, ExpertInput, Routing};
+pub use experts::{expert_products, readable, ExpertBuf, ExpertInput, Routing};
 pub use layout::{QuantRows, Scales};
 
 /// The most rows a product takes (`GEMV_MAX_ROWS` in gemv.cuh: two `mma`s of 8 columns).

@@ -106,7 +106,15 @@ impl<E: Exec> Device<E> {
             moe: c
                 .moe
                 .as_ref()
-                .map(|m| moe::Scratch::new(e, m, t, d))
+                .map(|m| {
+                    // The CUDA-core products' scratch only where some layer takes them.
+                    let cuda_cores = twin
+                        .layers
+                        .iter()
+                        .filter_map(|l| l.moe.as_ref())
+                        .any(|x| !matches!(x.down, crate::cuda::twins::ExpertRows::Blocks(_)));
+                    moe::Scratch::new(e, m, t, d, cuda_cores)
+                })
                 .transpose()?,
             logits: e.zeros(max_logits * c.vocab)?,
             adjusted: e.zeros(max_logits * c.vocab)?,

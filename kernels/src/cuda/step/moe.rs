@@ -111,14 +111,23 @@ pub(super) struct Scratch<E: Exec> {
     slot: E::Buf<i32>,
     active: E::Buf<i32>,
     gu: E::Buf<f32>,
-    g: E::Buf<f16>,
+    /// `swiglu`'s output for the CUDA-core products, where a layer's experts take them
+    /// (the tensor cores' make it in the down product).
+    g: Option<E::Buf<f16>>,
     y: E::Buf<f32>,
     /// The shared expert's output, where the model has one.
     shared: Option<E::Buf<f32>>,
 }
 
 impl<E: Exec> Scratch<E> {
-    pub(super) fn new(e: &E, c: &MoeConfig, t: usize, d: usize) -> Result<Self, ExecError> {
+    /// `cuda_cores`: whether some layer's experts are held for the CUDA-core products.
+    pub(super) fn new(
+        e: &E,
+        c: &MoeConfig,
+        t: usize,
+        d: usize,
+        cuda_cores: bool,
+    ) -> Result<Self, ExecError> {
         let places = t * c.used;
         Ok(Self {
             logits: e.zeros(t * c.count)?,
@@ -129,7 +138,7 @@ impl<E: Exec> Scratch<E> {
             slot: e.zeros(places)?,
             active: e.zeros(c.count)?,
             gu: e.zeros(places * 2 * c.ffn)?,
-            g: e.zeros(places * c.ffn)?,
+            g: cuda_cores.then(|| e.zeros(places * c.ffn)).transpose()?,
             y: e.zeros(places * d)?,
             shared: c.shared_ffn.map(|_| e.zeros(t * d)).transpose()?,
         })
@@ -237,6 +246,10 @@ pub(super) fn enqueue<E: Exec>(
         (gate_up, down) => {
             let refused =
                 || ExecError::Bounds("experts held in blocks for one product only".into());
+            let g = s
+                .g
+                .as_ref()
+                .ok_or_else(|| ExecError::Bounds("no scratch for the CUDA-core experts".into()))?;
             let (kernel, weights) = gate_up.args().ok_or_else(refused)?;
             products(kernel, weights, h.arg(), k, s.gu.arg(), d, 2 * f)?;
             e.launch(
@@ -244,13 +257,13 @@ pub(super) fn enqueue<E: Exec>(
                 swiglu_launch(places, f),
                 &[
                     s.gu.arg(),
-                    s.g.arg(),
+                    g.arg(),
                     Arg::I32(places as i32),
                     Arg::I32(f as i32),
                 ],
             )?;
             let (kernel, weights) = down.args().ok_or_else(refused)?;
-            products(kernel, weights, s.g.arg(), 0, s.y.arg(), f, d)?;
+            products(kernel, weights, g.arg(), 0, s.y.arg(), f, d)?;
         }
     }
     let shared = match (&x.shared, &mut s.shared) {
