@@ -521,6 +521,62 @@ fn scaled_rope_model_logits_match_the_numpy_reference() {
     }
 }
 
+/// Partial RoPE (Phi-4-mini's: `rope.dimension_count` 96 of each head's 128; here 24 of
+/// 32): each head's first dimensions turn and the rest pass as they are, as Hugging Face's
+/// `partial_rotary_factor` has it — in a `phi3` file with NEOX's halves (within the turned
+/// dimensions), grouped KV heads in its fused `attn_qkv` and LongRoPE's attention factor
+/// (which scales only the turned q and k), and in a `llama` file with adjacent pairs. The
+/// CPU's logits and greedy tokens are the reference's, and not those of the same weights
+/// with every dimension turned; so are the GPU path's (emulated: `rope_kv_write` with the
+/// pairs past the turned ones passed through).
+#[test]
+fn partial_rope_model_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthArch, SynthRope, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let long = SynthRope::LongRope {
+        original_context: 64,
+        attn_factor: Some(1.19),
+    };
+    for (arch, rope) in [(SynthArch::Phi3, long), (SynthArch::Llama, SynthRope::None)] {
+        let spec = SynthSpec {
+            arch,
+            rope_scaling: rope,
+            rope_dims: Some(24),
+            ..SynthSpec::tiny()
+        };
+        let what = format!("{arch:?}, {rope:?}, 24 of 32 dimensions turned");
+        let (dir, _, m, ids, refs) = synthetic_reference(&py, &spec, ARCH_PROMPT);
+        let c = &m.model.config;
+        assert_eq!((c.rope_dims, c.turned_dims()), (Some(24), 24), "{what}");
+        assert_eq!(c.rope_pass().0, 12, "{what}");
+        let (got, logits) = greedy(&m, &ids, 4);
+        let want = refs[0]["last_logits"].as_array().unwrap();
+        let d = max_rel_diff(&logits, want);
+        assert!(d < LOGIT_TOL, "{what}: logits differ by {d}");
+        assert_eq!(
+            serde_json::to_value(&got).unwrap(),
+            refs[0]["greedy"],
+            "{what}"
+        );
+        // The same weights with every dimension turned answer otherwise.
+        let full = dir.0.join("full.gguf");
+        let spec = SynthSpec {
+            rope_dims: None,
+            ..spec
+        };
+        kernels::synth::write_model(&full, &spec).unwrap();
+        let full = kernels::load::load(&full).unwrap();
+        let moved = max_rel_diff(&greedy(&full, &ids, 1).1, want);
+        assert!(
+            moved > 10.0 * LOGIT_TOL,
+            "{what}: turning every dimension is within {moved}"
+        );
+        emulated_matches_the_reference(&m, &ids, &refs[0], &what);
+    }
+}
+
 /// The prompt the architectures' reference tests run.
 const ARCH_PROMPT: &str =
     "hello synthetic world, 123: a prompt long enough that its later positions turn";

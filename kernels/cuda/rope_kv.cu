@@ -5,7 +5,10 @@
 // model has biases on Q, K and V (Qwen2's; `bias`, one row's worth, else null), they are
 // added in place first. Each q and k head is rotated in place at the row's position, adjacent pairs (x[2i], x[2i+1]) by
 // pos · inv_freq[i] (the model's frequencies: base^(−2i/head_dim), over the file's RoPE
-// factors where it has them; GGUF's Llama layout); then the rotated keys and the values go
+// factors where it has them; GGUF's Llama layout) — but the pairs from `turned` on (partial
+// RoPE's, whose heads turn their first dimensions only), which are multiplied by
+// pass_scale instead (the model's attention factor undone on them: LlamaConfig::rope_pass;
+// turned = head_dim / 2 where every pair turns); then the rotated keys and the values go
 // to the paged f16 cache (one layer: [block][kv_head][slot][dim]) at slot_mapping[r] =
 // block × block_size + slot (nowhere where it is −1: a padded row's).
 //
@@ -24,15 +27,15 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, int stride,
                                          half_t* __restrict__ kc, half_t* __restrict__ vc,
                                          int n_rows, int n_heads, int n_kv_heads, int head_dim,
                                          int block_size,
-                                         const float* __restrict__ inv_freq,
-                                         const float* __restrict__ bias) {
+                                         const float* __restrict__ inv_freq, int turned,
+                                         float pass_scale, const float* __restrict__ bias) {
     pdl_begin();
     int half_dim = head_dim / 2;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n_rows * half_dim) return;
     int r = i / half_dim, p = i - r * half_dim;
-    float s, c;
-    rope_sincos(positions[r], inv_freq[p], &s, &c);
+    float s = 0.0f, c = pass_scale;
+    if (p < turned) rope_sincos(positions[r], inv_freq[p], &s, &c);
     float* row = qkv + (size_t)r * stride + 2 * p;
     if (bias) {
         const float* b = bias + 2 * p;

@@ -678,6 +678,7 @@ mod tests {
             context_len: 256,
             pooling: crate::model::Pooling::Last,
             neox: false,
+            rope_dims: None,
             attn_scale: 1.0,
             moe: None,
         };

@@ -270,7 +270,12 @@ impl Model {
         let half = hd / 2;
         s.rope.resize(t * hd, 0.0);
         for (r, cs) in s.rope.chunks_exact_mut(hd).enumerate() {
-            ops::rope_table(batch.positions[r], &self.inv_freq[..half], cs);
+            ops::rope_table(
+                batch.positions[r],
+                &self.inv_freq[..half],
+                c.rope_pass(),
+                cs,
+            );
         }
 
         for (li, l) in w.layers.iter().enumerate() {

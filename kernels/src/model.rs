@@ -37,6 +37,12 @@ pub struct LlamaConfig {
     /// files. Load permutes those rows (and their biases) to adjacent pairs — q·k is the
     /// same under one permutation of both — so every RoPE here rotates adjacent pairs.
     pub neox: bool,
+    /// The dimensions of each head that RoPE turns (`rope.dimension_count`), where fewer
+    /// than `head_dim` (`None`: all of them): partial RoPE's files (Phi-4-mini's 96 of
+    /// 128), whose first `rope_dims` (after load's permutation, [`neox_row`]) turn, pairs
+    /// of frequency `base^(−2i/rope_dims)`, and the rest pass as they are
+    /// ([`LlamaConfig::rope_pass`]).
+    pub rope_dims: Option<usize>,
     /// What multiplies the attention's scores beside `1/√head_dim`: YaRN's `mscale²`
     /// (`(1 + 0.1·ln factor)²`: YaRN scales each rotated q and k by `mscale`, which is this
     /// on q·k); 1 otherwise.
@@ -116,16 +122,17 @@ fn moe_config(g: &Gguf, arch: &str) -> Result<Option<MoeConfig>, GgufError> {
     }))
 }
 
-/// RoPE's per-pair factors in `t` (an f32 tensor of `head_dim / 2` values: Llama 3.1's
-/// `rope_freqs.weight`, Phi-3's LongRoPE factors), each dividing its pair's frequency.
-fn pair_factors(g: &Gguf, t: &TensorInfo, head_dim: usize) -> Result<Vec<f32>, GgufError> {
-    if t.ty != GgmlType::F32 || t.n_elems() != head_dim / 2 {
+/// RoPE's per-pair factors in `t` (an f32 tensor of `rope_dims / 2` values, one per pair
+/// that turns: Llama 3.1's `rope_freqs.weight`, Phi-3's LongRoPE factors), each dividing
+/// its pair's frequency.
+fn pair_factors(g: &Gguf, t: &TensorInfo, rope_dims: usize) -> Result<Vec<f32>, GgufError> {
+    if t.ty != GgmlType::F32 || t.n_elems() != rope_dims / 2 {
         return Err(GgufError::Metadata(format!(
             "{} is {:?} × {}; RoPE's factors are {} f32 values",
             t.name,
             t.ty,
             t.n_elems(),
-            head_dim / 2
+            rope_dims / 2
         )));
     }
     Ok(g.data(t)
@@ -145,7 +152,7 @@ fn pair_factors(g: &Gguf, t: &TensorInfo, head_dim: usize) -> Result<Vec<f32>, G
 fn long_rope(
     g: &Gguf,
     arch: &str,
-    head_dim: usize,
+    rope_dims: usize,
     context: usize,
     file_context: usize,
 ) -> Result<Option<(Vec<f32>, f32)>, GgufError> {
@@ -169,7 +176,7 @@ fn long_rope(
                 "LongRoPE factors without {arch}.rope.scaling.original_context_length"
             ))
         })? as usize;
-    let factors = pair_factors(g, if context > orig { long } else { short }, head_dim)?;
+    let factors = pair_factors(g, if context > orig { long } else { short }, rope_dims)?;
     let attn = match g.get_f64(&format!("{arch}.rope.scaling.attn_factor")) {
         Ok(a) if a > 0.0 => a as f32,
         _ if file_context > orig && orig > 1 => {
@@ -198,20 +205,41 @@ fn context_len(file: usize, window: Option<usize>) -> usize {
     }
 }
 
+/// A head's width and the dimensions of it that RoPE turns ([`LlamaConfig::rope_dims`]):
+/// how NEOX's rows are reordered to adjacent pairs ([`neox_row`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadRows {
+    pub head_dim: usize,
+    pub rope_dims: usize,
+}
+
+impl HeadRows {
+    pub fn of(c: &LlamaConfig) -> Self {
+        Self {
+            head_dim: c.head_dim,
+            rope_dims: c.turned_dims(),
+        }
+    }
+}
+
 /// Row `j` of a head of Llama's adjacent RoPE pairs is this row of NEOX's halves:
-/// (2i, 2i + 1) ← (i, i + head_dim/2).
-pub fn neox_row(j: usize, head_dim: usize) -> usize {
-    j / 2 + (j % 2) * (head_dim / 2)
+/// (2i, 2i + 1) ← (i, i + rope_dims/2) for the pairs that turn; the rows past `rope_dims`,
+/// which pass unturned (partial RoPE), stay where they are.
+pub fn neox_row(j: usize, h: HeadRows) -> usize {
+    if j >= h.rope_dims {
+        return j;
+    }
+    j / 2 + (j % 2) * (h.rope_dims / 2)
 }
 
 /// `rows`' rows (each `rows.len() / n` long) with every `head_dim` of them, a head,
 /// reordered from NEOX's halves to adjacent pairs ([`neox_row`]).
-pub fn neox_to_pairs<T: Copy>(rows: &[T], n: usize, head_dim: usize) -> Vec<T> {
+pub fn neox_to_pairs<T: Copy>(rows: &[T], n: usize, h: HeadRows) -> Vec<T> {
     let len = rows.len() / n;
     let mut out = Vec::with_capacity(rows.len());
     for r in 0..n {
-        let (head, j) = (r / head_dim, r % head_dim);
-        let src = head * head_dim + neox_row(j, head_dim);
+        let (head, j) = (r / h.head_dim, r % h.head_dim);
+        let src = head * h.head_dim + neox_row(j, h);
         out.extend_from_slice(&rows[src * len..(src + 1) * len]);
     }
     out
@@ -286,6 +314,7 @@ impl LlamaConfig {
             context_len: 8192,
             pooling: Pooling::Last,
             neox: false,
+            rope_dims: None,
             attn_scale: 1.0,
             moe: None,
         }
@@ -327,12 +356,11 @@ impl LlamaConfig {
                 "odd head dimension {head_dim}"
             )));
         }
-        if let Ok(n) = u("rope.dimension_count") {
-            if n != head_dim {
-                return Err(GgufError::Metadata(format!(
-                    "RoPE over {n} of each head's {head_dim} dimensions is not supported (all of them only)"
-                )));
-            }
+        let rope_dims = u("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dims == 0 || rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(GgufError::Metadata(format!(
+                "RoPE over {rope_dims} of each head's {head_dim} dimensions (an even count, at most the head's)"
+            )));
         }
         let (rope_freq_scale, yarn) = match rope_scaling(g, arch)? {
             Scaling::Linear(s) => (s, None),
@@ -344,7 +372,7 @@ impl LlamaConfig {
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
         let file_context = u("context_length").unwrap_or(2048);
         let context_len = context_len(file_context, u("attention.sliding_window").ok());
-        let long_rope = long_rope(g, arch, head_dim, context_len, file_context)?;
+        let long_rope = long_rope(g, arch, rope_dims, context_len, file_context)?;
         if long_rope.is_some() && (yarn.is_some() || g.tensor("rope_freqs.weight").is_some()) {
             return Err(GgufError::Metadata(
                 "LongRoPE factors beside YaRN or rope_freqs.weight are not supported".into(),
@@ -353,14 +381,14 @@ impl LlamaConfig {
         let rope_freq_factors = match g.tensor("rope_freqs.weight") {
             None => match &long_rope {
                 Some((factors, _)) => Some(factors.clone()),
-                None => yarn.map(|(factor, orig)| yarn_factors(head_dim, rope_base, factor, orig)),
+                None => yarn.map(|(factor, orig)| yarn_factors(rope_dims, rope_base, factor, orig)),
             },
             Some(_) if yarn.is_some() => {
                 return Err(GgufError::Metadata(
                     "YaRN scaling beside rope_freqs.weight factors is not supported".into(),
                 ))
             }
-            Some(t) => Some(pair_factors(g, t, head_dim)?),
+            Some(t) => Some(pair_factors(g, t, rope_dims)?),
         };
         let vocab = match u("vocab_size") {
             Ok(v) => v,
@@ -381,6 +409,7 @@ impl LlamaConfig {
             context_len,
             pooling: Pooling::from_gguf(g, arch),
             neox: matches!(arch, "qwen2" | "qwen3" | "phi3" | "qwen2moe" | "qwen3moe"),
+            rope_dims: (rope_dims < head_dim).then_some(rope_dims),
             attn_scale: match (yarn, &long_rope) {
                 (Some((factor, _)), _) => {
                     let mscale = 1.0 + 0.1 * factor.ln();
@@ -402,24 +431,46 @@ impl LlamaConfig {
         self.n_kv_heads * self.head_dim
     }
 
-    /// RoPE's frequency for each rotation pair: `base^(−2i/head_dim)`, divided by the
-    /// pair's factor where the file has them, times the linear scale where it has one
-    /// (llama.cpp's `freq_scale · θ / factor`).
+    /// RoPE's frequency for each of a head's `head_dim / 2` pairs: `base^(−2i/rope_dims)`,
+    /// divided by the pair's factor where the file has them, times the linear scale where
+    /// it has one (llama.cpp's `freq_scale · θ / factor`); 0 for the pairs past
+    /// `rope_dims`, which do not turn ([`LlamaConfig::rope_pass`]).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let mut f = crate::ops::rope_inv_freq(self.head_dim, self.rope_base);
+        let mut f = crate::ops::rope_inv_freq(self.turned_dims(), self.rope_base);
         if let Some(ff) = &self.rope_freq_factors {
             f.iter_mut().zip(ff).for_each(|(f, ff)| *f /= ff);
         }
         if self.rope_freq_scale != 1.0 {
             f.iter_mut().for_each(|f| *f *= self.rope_freq_scale);
         }
+        f.resize(self.head_dim / 2, 0.0);
         f
     }
 
-    /// Whether RoPE's frequencies are other than `base^(−2i/head_dim)` (factors or a
-    /// linear scale).
+    /// The pairs RoPE turns (`rope_dims / 2`), and what the pairs past them are
+    /// multiplied by instead: `1/√attn_scale`. The attention factor of YaRN's and
+    /// LongRoPE's files scales only the turned q and k (Hugging Face multiplies their
+    /// cosines and sines by it); here every score is multiplied by its square
+    /// ([`LlamaConfig::attn_scale`]), so the q and k that pass unturned are divided by it
+    /// once each to keep their part of q·k as it is. (1 where every pair turns.)
+    pub fn rope_pass(&self) -> (usize, f32) {
+        let scale = match self.rope_dims {
+            Some(_) => self.attn_scale.sqrt().recip(),
+            None => 1.0,
+        };
+        (self.turned_dims() / 2, scale)
+    }
+
+    /// The dimensions of each head that RoPE turns ([`LlamaConfig::rope_dims`]).
+    pub fn turned_dims(&self) -> usize {
+        self.rope_dims.unwrap_or(self.head_dim).min(self.head_dim)
+    }
+
+    /// Whether RoPE's frequencies are other than `base^(−2i/head_dim)` over every pair
+    /// (factors, a linear scale, or pairs that do not turn): the GPU's QKV product then
+    /// leaves RoPE to `rope_kv_write`, which reads them from the table.
     pub fn rope_scaled(&self) -> bool {
-        self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0
+        self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0 || self.rope_dims.is_some()
     }
 }
 
@@ -678,13 +729,13 @@ fn matrix(g: &Gguf, name: &str, cols: usize, rows: usize) -> Result<Matrix, Gguf
 
 /// The matrices stacked in one tensor `name` (`cols` wide; Phi-3's `attn_qkv`: Q's, K's
 /// and V's rows one after the other, and `ffn_up`: the gate's then up's), split at their
-/// rows: `parts` are each one's rows and the head width to permute them by
-/// ([`row_runs`]), if any.
+/// rows: `parts` are each one's rows and the heads to permute them by ([`row_runs`]), if
+/// any.
 fn fused_rows(
     g: &Gguf,
     name: &str,
     cols: usize,
-    parts: &[(usize, Option<usize>)],
+    parts: &[(usize, Option<HeadRows>)],
 ) -> Result<Vec<Matrix>, GgufError> {
     let t = find(g, name)?;
     let rows: usize = parts.iter().map(|p| p.0).sum();
@@ -699,7 +750,7 @@ fn fused_rows(
         let bytes = &data[at * row_bytes..(at + n) * row_bytes];
         at += n;
         out.push(match neox {
-            Some(hd) => matrix_of(t.ty, n, cols, &neox_to_pairs(bytes, n, hd)),
+            Some(h) => matrix_of(t.ty, n, cols, &neox_to_pairs(bytes, n, h)),
             None => matrix_of(t.ty, n, cols, bytes),
         });
     }
@@ -831,26 +882,26 @@ pub fn matrix_of(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix
     Matrix::new(rows, cols, data)
 }
 
-/// The head width by which tensor `name`'s rows are permuted at load from NEOX's halves
+/// The heads by which tensor `name`'s rows are permuted at load from NEOX's halves
 /// to adjacent RoPE pairs ([`neox_to_pairs`]): Q's and K's weights, biases and head norms'
 /// weights ([`QkNorm`]: one head's worth) where the file's RoPE is NEOX's
 /// ([`LlamaConfig::neox`]); `None` for every other tensor. Whatever
 /// reads those tensors from the file (the GPU path's exact weights too) permutes by it.
-pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<usize> {
+pub fn neox_rows(c: &LlamaConfig, name: &str) -> Option<HeadRows> {
     let rope = [".attn_q.", ".attn_k.", ".attn_q_norm.", ".attn_k_norm."]
         .iter()
         .any(|p| name.contains(p));
-    (c.neox && rope).then_some(c.head_dim)
+    (c.neox && rope).then_some(HeadRows::of(c))
 }
 
 /// The runs of weight tensor `name`'s `rows` rows that load reads as matrices of their
-/// own, each with the head width its rows are permuted by ([`neox_rows`]): one run, but
+/// own, each with the heads its rows are permuted by ([`neox_rows`]): one run, but
 /// Phi-3's fused `attn_qkv`, whose Q's, K's and V's rows are three (Q's and K's permuted
 /// as their own tensors' would be). Whatever reads the file's matrices (the GPU path's
 /// exact weights too) splits and permutes by it.
-pub fn row_runs(c: &LlamaConfig, name: &str, rows: usize) -> Vec<(usize, Option<usize>)> {
+pub fn row_runs(c: &LlamaConfig, name: &str, rows: usize) -> Vec<(usize, Option<HeadRows>)> {
     if name.contains(".attn_qkv.") {
-        let rope = c.neox.then_some(c.head_dim);
+        let rope = c.neox.then_some(HeadRows::of(c));
         let (q, kv) = (c.n_heads * c.head_dim, c.kv_dim());
         return vec![(q, rope), (kv, rope), (kv, None)];
     }
@@ -884,7 +935,7 @@ fn qkv_bias(g: &Gguf, i: usize, c: &LlamaConfig) -> Result<Option<Vec<f32>>, Ggu
             None => vec![0.0; n],
         };
         out.extend(match neox_rows(c, name) {
-            Some(hd) => neox_to_pairs(&b, n, hd),
+            Some(h) => neox_to_pairs(&b, n, h),
             None => b,
         });
     }
@@ -914,7 +965,7 @@ fn qk_norm(g: &Gguf, i: usize, c: &LlamaConfig, biased: bool) -> Result<Option<Q
     let read = |name: &str| -> Result<Vec<f32>, GgufError> {
         let v = vector(g, name, hd)?;
         Ok(match neox_rows(c, name) {
-            Some(_) => neox_to_pairs(&v, hd, hd),
+            Some(h) => neox_to_pairs(&v, hd, h),
             None => v,
         })
     };

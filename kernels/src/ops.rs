@@ -33,10 +33,15 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32]) {
     }
 }
 
-/// [`rope`]'s rotation at `pos` as (cos, sin) pairs, one per inverse frequency.
-pub fn rope_table(pos: u32, inv_freq: &[f32], cs: &mut [f32]) {
+/// [`rope`]'s rotation at `pos` as (cos, sin) pairs, one per inverse frequency; the pairs
+/// from `pass.0` on do not turn but are multiplied by `pass.1` (partial RoPE's:
+/// [`crate::model::LlamaConfig::rope_pass`]; `(inv_freq.len(), 1.0)` for none).
+pub fn rope_table(pos: u32, inv_freq: &[f32], pass: (usize, f32), cs: &mut [f32]) {
     for (i, f) in inv_freq.iter().enumerate() {
-        let (s, c) = (pos as f32 * f).sin_cos();
+        let (s, c) = match i < pass.0 {
+            true => (pos as f32 * f).sin_cos(),
+            false => (0.0, pass.1),
+        };
         cs[2 * i] = c;
         cs[2 * i + 1] = s;
     }
@@ -312,7 +317,7 @@ mod rope_tests {
             let (mut a, mut b) = (x.clone(), x.clone());
             super::rope(&mut a, 64, pos, &inv);
             let mut cs = vec![0f32; 64];
-            super::rope_table(pos, &inv, &mut cs);
+            super::rope_table(pos, &inv, (inv.len(), 1.0), &mut cs);
             super::rope_with(&mut b, &cs);
             assert!(
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),

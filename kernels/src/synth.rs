@@ -65,6 +65,10 @@ pub struct SynthSpec {
     /// The experts' matrices as one tensor each (`ffn_gate.E.weight`: Mixtral's files
     /// before llama.cpp stacked them) rather than one 3-D tensor per role.
     pub experts_apart: bool,
+    /// The dimensions of each head RoPE turns (`rope.dimension_count`), where fewer than
+    /// the head's: partial RoPE (Phi-4-mini's 96 of 128); the RoPE factors a scaling
+    /// writes are then one per turned pair.
+    pub rope_dims: Option<usize>,
 }
 
 /// The architecture a synthetic file names, and the tensors that go with it
@@ -192,6 +196,7 @@ impl Default for SynthSpec {
             head_dim: None,
             experts: (SYNTH_EXPERTS, 2),
             experts_apart: false,
+            rope_dims: None,
         }
     }
 }
@@ -217,6 +222,7 @@ impl SynthSpec {
             head_dim: None,
             experts: (SYNTH_EXPERTS, 2),
             experts_apart: false,
+            rope_dims: None,
         }
     }
 
@@ -527,6 +533,7 @@ fn vocabulary(vocab: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
 pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     let s = spec;
     let head_dim = s.head_dim.unwrap_or(s.dim / s.n_heads);
+    let rot = s.rope_dims.unwrap_or(head_dim);
     let (q_dim, kv_dim) = (s.n_heads * head_dim, s.n_kv_heads * head_dim);
     let (tokens, types, merges) = vocabulary(s.vocab.max(259));
     let vocab = match &s.vocabulary {
@@ -556,7 +563,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             Value::F32(1e-5),
         ),
         ("llama.vocab_size".into(), u32v(vocab)),
-        ("llama.rope.dimension_count".into(), u32v(head_dim)),
+        ("llama.rope.dimension_count".into(), u32v(rot)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
         (
@@ -656,7 +663,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
     };
     let mut tensors = vec![mat("token_embd.weight".into(), s.dim, vocab, 1.0)];
     if let SynthRope::Llama3 { original_context } = s.rope_scaling {
-        let f = llama3_rope_factors(head_dim, 100000.0, original_context);
+        let f = llama3_rope_factors(rot, 100000.0, original_context);
         tensors.push(Tensor {
             name: "rope_freqs.weight".into(),
             dims: vec![f.len()],
@@ -665,7 +672,7 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         });
     }
     if let SynthRope::LongRope { .. } = s.rope_scaling {
-        let half = head_dim / 2;
+        let half = rot / 2;
         let ramp = |to: f32| -> Vec<f32> {
             (0..half)
                 .map(|i| 1.0 + (to - 1.0) * i as f32 / (half - 1).max(1) as f32)

@@ -166,19 +166,29 @@ fn rope_the_engine_does_not_compute_is_refused_at_load() {
         Err(e) => assert!(e.to_string().contains("YaRN scaling without"), "{e}"),
         Ok(_) => panic!("YaRN without its original context accepted"),
     }
-    // tiny's heads are 32 wide; rotating 16 of their dimensions is refused.
+    // tiny's heads are 32 wide: turning 16 of their dimensions is partial RoPE; turning
+    // 34, or an odd count, is refused.
     let (p, g) = write("rope-partial", SynthRope::None);
     let key = b"llama.rope.dimension_count";
     let at = g.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
-    let mut g2 = g.clone();
-    g2[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
-    std::fs::write(&p, &g2).unwrap();
-    match kernels::load::load(&p) {
-        Err(e) => assert!(
-            e.to_string().contains("RoPE over 16 of each head's 32"),
-            "{e}"
-        ),
-        Ok(_) => panic!("partial RoPE accepted"),
+    let with = |n: u32| {
+        let mut g2 = g.clone();
+        g2[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        std::fs::write(&p, &g2).unwrap();
+        kernels::load::load(&p)
+    };
+    let partial = with(16).expect("partial RoPE loads");
+    assert_eq!(partial.model.config.rope_dims, Some(16));
+    assert_eq!(with(32).expect("loads").model.config.rope_dims, None);
+    for n in [34, 15, 0] {
+        match with(n) {
+            Err(e) => assert!(
+                e.to_string()
+                    .contains(&format!("RoPE over {n} of each head's 32")),
+                "{e}"
+            ),
+            Ok(_) => panic!("RoPE over {n} dimensions accepted"),
+        }
     }
     // A Phi-3 file loads; with one of LongRoPE's two sets of factors it does not.
     use kernels::gguf::write::{gguf, Tensor};

@@ -70,6 +70,10 @@ class Model:
             self.long_rope = ("rope_factors_long.weight" if ctx > orig else "rope_factors_short.weight", attn)
         kl = f"{a}.attention.key_length"
         self.hd = int(field(r, kl)) if kl in r.fields else self.dim // self.n_heads
+        # Partial RoPE (Hugging Face's partial_rotary_factor: Phi-4-mini's 96 of 128): the
+        # first n_rot dimensions of each head turn, the rest pass as they are.
+        rk = f"{a}.rope.dimension_count"
+        self.n_rot = int(field(r, rk)) if rk in r.fields else self.hd
         self.w = {}
         for t in r.tensors:
             shape = [int(x) for x in reversed(t.shape)]
@@ -84,9 +88,11 @@ class Model:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
 
     def rope(self, x, pos):
-        # x: [T, heads, hd]; adjacent pairs (2i, 2i+1), GGUF's Llama layout, or each head's
-        # halves (i, i + hd/2) for NEOX's (Hugging Face's `rotate_half`).
-        inv = 1.0 / self.base ** (np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
+        # x: [T, heads, hd]; its first n_rot dimensions turn (Hugging Face's q_rot, the rest
+        # its q_pass): adjacent pairs (2i, 2i+1), GGUF's Llama layout, or halves
+        # (i, i + n_rot/2) for NEOX's (Hugging Face's `rotate_half`).
+        rot = self.n_rot
+        inv = 1.0 / self.base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
         # Llama 3.1's scaling: each pair's frequency over its factor (`rope_freqs.weight`),
         # as Hugging Face's `_compute_llama3_parameters` gives them; and linear scaling.
         if "rope_freqs.weight" in self.w:
@@ -102,20 +108,20 @@ class Model:
             # rotated q and k scaled by its attention factor.
             import math
             factor, orig = self.yarn
-            corr = lambda rot: (self.hd * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(self.base))
-            low, high = max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), self.hd - 1)
+            corr = lambda turns: (rot * math.log(orig / (turns * 2 * math.pi))) / (2 * math.log(self.base))
+            low, high = max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), rot - 1)
             if low == high:
                 high += 0.001
-            ramp = np.clip((np.arange(self.hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+            ramp = np.clip((np.arange(rot // 2, dtype=np.float64) - low) / (high - low), 0, 1)
             extra = 1 - ramp
             inv = (inv / factor) * (1 - extra) + inv * extra
             mscale = 0.1 * math.log(factor) + 1.0
         ang = pos[:, None].astype(np.float64) * inv[None, :]
         c, s = np.cos(ang)[:, None, :] * mscale, np.sin(ang)[:, None, :] * mscale
-        half = self.hd // 2
-        first, second = (slice(0, half), slice(half, None)) if self.neox else (slice(0, None, 2), slice(1, None, 2))
+        half = rot // 2
+        first, second = (slice(0, half), slice(half, rot)) if self.neox else (slice(0, rot, 2), slice(1, rot, 2))
         a, b = x[..., first], x[..., second]
-        out = np.empty_like(x)
+        out = x.copy()
         out[..., first] = a * c - b * s
         out[..., second] = a * s + b * c
         return out

@@ -170,8 +170,9 @@ pub fn head_rmsnorm(qkv: &mut [f32], stride: usize, n_rows: usize, c: &LlamaConf
 
 /// Twin of `rope_kv_write` into one layer's cache: adds `bias` (q|k|v, where the model
 /// has one) to each row of `qkv` in place (`stride` floats per row: q heads, k heads, v
-/// heads), rotates its q and k heads in place and writes the rotated keys and the values
-/// to the paged cache at the row's slot (none where it is −1).
+/// heads), rotates its q and k heads in place (the pairs past the turned ones, partial
+/// RoPE's, multiplied by [`LlamaConfig::rope_pass`]'s scale instead) and writes the rotated
+/// keys and the values to the paged cache at the row's slot (none where it is −1).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
     qkv: &mut [f32],
@@ -186,6 +187,7 @@ pub fn rope_kv_write(
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let inv_freq = c.rope_inv_freq();
+    let (turned, pass) = c.rope_pass();
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
         if let Some(b) = bias {
@@ -194,7 +196,10 @@ pub fn rope_kv_write(
         for h in 0..nh + nkv {
             let x = &mut row[h * hd..][..hd];
             for (p, &f) in inv_freq.iter().enumerate() {
-                let (s, co) = (pos as f32 * f).sin_cos();
+                let (s, co) = match p < turned {
+                    true => (pos as f32 * f).sin_cos(),
+                    false => (0.0, pass),
+                };
                 let (a, b) = (x[2 * p], x[2 * p + 1]);
                 x[2 * p] = a * co - b * s;
                 x[2 * p + 1] = a * s + b * co;
@@ -797,8 +802,8 @@ fn file_f16(g: &crate::gguf::Gguf, names: &[String], c: &LlamaConfig) -> Option<
         let (cols, rows) = (t.dims[0], t.n_elems() / t.dims[0].max(1));
         for (n, neox) in crate::model::row_runs(c, name, rows) {
             let run = out.get_mut(at..at + n * cols)?;
-            if let Some(hd) = neox {
-                let pairs = crate::model::neox_to_pairs(run, n, hd);
+            if let Some(h) = neox {
+                let pairs = crate::model::neox_to_pairs(run, n, h);
                 run.copy_from_slice(&pairs);
             }
             at += n * cols;

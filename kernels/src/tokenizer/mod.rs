@@ -1,5 +1,6 @@
 //! The tokenizer, built from GGUF metadata: byte-level BPE (`tokenizer.ggml.model =
-//! gpt2`) with the pre-tokenizer the file names ([`Pre`]: SmolLM's, GPT-2's, Llama 3's) or
+//! gpt2`) with the pre-tokenizer the file names ([`Pre`]: SmolLM's, GPT-2's, Llama 3's,
+//! Qwen2's, GPT-4o's) or
 //! SentencePiece's BPE (`llama`: Llama 2, Mistral 7B; [`spm`]), special tokens from the
 //! token types, and a streaming detokenizer that emits only whole UTF-8 characters across
 //! token boundaries.
@@ -32,10 +33,18 @@ pub enum Pre {
     /// Qwen2's split (`qwen2`: Qwen2, Qwen2.5, QwQ): Llama 3's with every digit a piece
     /// of its own.
     Qwen2,
+    /// GPT-4o's split (`gpt-4o`: o200k's, Phi-4-mini's): Llama 3's, but a word's capitals
+    /// start a piece of their own ("Hello" "World" from "HelloWorld"), a contraction stays
+    /// with its word, and a run of punctuation takes the slashes after it.
+    Gpt4o,
 }
 
 /// Llama 3's split, as its `tokenizer.json` gives it (llama.cpp's `LLAMA3` pre-tokenizer).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-4o's split, as Phi-4-mini's `tokenizer.json` gives it (llama.cpp's `GPT4O`
+/// pre-tokenizer).
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen2's split, as its `tokenizer.json` gives it (llama.cpp's `QWEN2` pre-tokenizer).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -48,9 +57,10 @@ impl Pre {
             "gpt-2" | "default" => Pre::Gpt2,
             "llama-bpe" | "llama3" | "smaug-bpe" => Pre::Llama3,
             "qwen2" => Pre::Qwen2,
+            "gpt-4o" => Pre::Gpt4o,
             other => {
                 return Err(TokenizerError::Unsupported(format!(
-                    "pre-tokenizer {other:?} (supported: smollm, gpt-2, llama-bpe, qwen2)"
+                    "pre-tokenizer {other:?} (supported: smollm, gpt-2, llama-bpe, qwen2, gpt-4o)"
                 )))
             }
         })
@@ -68,11 +78,11 @@ impl Pre {
                     ByteLevel::new(false, true, true).into(),
                 ])));
             }
-            Pre::Llama3 | Pre::Qwen2 => {
-                let regex = if self == Pre::Llama3 {
-                    LLAMA3_SPLIT
-                } else {
-                    QWEN2_SPLIT
+            Pre::Llama3 | Pre::Qwen2 | Pre::Gpt4o => {
+                let regex = match self {
+                    Pre::Llama3 => LLAMA3_SPLIT,
+                    Pre::Qwen2 => QWEN2_SPLIT,
+                    _ => GPT4O_SPLIT,
                 };
                 let split = Split::new(
                     SplitPattern::Regex(regex.into()),
@@ -435,6 +445,63 @@ mod tests {
         assert_eq!(d.push(&[0xff]), "\u{fffd}");
         assert_eq!(d.push(&crab[..2]), "");
         assert_eq!(d.finish(), "\u{fffd}");
+    }
+
+    /// The pieces `pre`'s split makes of `text` (before their bytes become GPT-2's
+    /// characters).
+    fn pieces(pre: Pre, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut tk = HfTokenizer::new(BPE::default());
+        pre.install(&mut tk).expect("installs");
+        let mut s = PreTokenizedString::from(text);
+        tk.get_pre_tokenizer()
+            .expect("set")
+            .pre_tokenize(&mut s)
+            .expect("splits");
+        let bytes = byte_to_char();
+        let from: HashMap<char, u8> = bytes
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, b as u8))
+            .collect();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| {
+                let raw: Vec<u8> = p.chars().map(|c| from[&c]).collect();
+                String::from_utf8(raw).expect("utf-8")
+            })
+            .collect()
+    }
+
+    /// GPT-4o's split (o200k's regex, as Phi-4-mini's `tokenizer.json` has it) where it
+    /// parts from Llama 3's: capitals, contractions, slashes after punctuation.
+    #[test]
+    fn gpt4o_splits_words_at_their_capitals_and_keeps_contractions() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("HelloWorld", &["Hello", "World"], &["HelloWorld"]),
+            ("fooBAR baz", &["foo", "BAR", " baz"], &["fooBAR", " baz"]),
+            ("HTTPServer", &["HTTPServer"], &["HTTPServer"]),
+            ("don't", &["don't"], &["don", "'t"]),
+            ("I'M here", &["I'M", " here"], &["I", "'M", " here"]),
+            ("12345", &["123", "45"], &["123", "45"]),
+            ("a+/ b", &["a", "+/", " b"], &["a", "+/", " b"]),
+            ("a.\n/b", &["a", ".\n/", "b"], &["a", ".\n", "/b"]),
+            (
+                "end.\n\n  next",
+                &["end", ".\n\n", " ", " next"],
+                &["end", ".\n\n", " ", " next"],
+            ),
+            (
+                "Ünïcode Straße",
+                &["Ünïcode", " Straße"],
+                &["Ünïcode", " Straße"],
+            ),
+        ];
+        for (text, gpt4o, llama3) in cases {
+            assert_eq!(pieces(Pre::Gpt4o, text), *gpt4o, "gpt-4o: {text:?}");
+            assert_eq!(pieces(Pre::Llama3, text), *llama3, "llama-bpe: {text:?}");
+        }
+        assert_eq!(Pre::from_name("gpt-4o").expect("known"), Pre::Gpt4o);
     }
 
     #[test]

@@ -148,6 +148,8 @@ fn rope_apart<E: Exec>(
         i(rope.head_dim),
         i(rope.block_size),
         inv_freq.arg(),
+        i(rope.head_dim / 2),
+        Arg::F32(1.0),
         Arg::Null,
     ];
     let threads = (rows * rope.head_dim / 2) as u32;

@@ -27,6 +27,7 @@ use kernels::gguf::GgmlType;
 use kernels::model::LlamaConfig;
 
 /// xorshift64*: reproducible random inputs without a dependency.
+#[derive(Clone)]
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -348,6 +349,8 @@ fn rope_kv<E: Exec>(
         i(c.head_dim),
         i(bs),
         inv_freq.arg(),
+        i(c.rope_pass().0),
+        Arg::F32(c.rope_pass().1),
         bias_g.as_ref().map_or(Arg::Null, |b| b.arg()),
     ];
     g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)
@@ -375,12 +378,39 @@ fn rope_case<E: Exec>(g: &E) {
         rope_freq_factors: Some(kernels::synth::llama3_rope_factors(64, 100_000.0, 512)),
         ..smol()
     };
+    // Partial RoPE (Phi-4-mini's: 96 of 128 dimensions; here 48 of 64) under an
+    // attention factor (LongRoPE's), whose pairs past the 24th pass unturned, divided by
+    // the factor's square root.
+    let partial = LlamaConfig {
+        rope_dims: Some(48),
+        rope_freq_factors: Some(kernels::synth::llama3_rope_factors(48, 100_000.0, 512)),
+        attn_scale: 1.44,
+        ..smol()
+    };
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    // Without biases, and with Qwen2's on Q, K and V.
-    for bias in [false, true] {
+    // Without biases, and with Qwen2's on Q, K and V; partial RoPE.
+    for (c, bias) in [(&c, false), (&c, true), (&partial, false)] {
+        let before = rng.clone();
         // The last sequence's rows write no slot (the cache's fill stays, on both sides).
-        let (want, (qg, kc, vc)) = rope_kv(g, &c, &b, 16, 1024, &mut rng, true, bias);
+        let (want, (qg, kc, vc)) = rope_kv(g, c, &b, 16, 1024, &mut rng, true, bias);
+        if c.rope_dims.is_some() {
+            // The twin itself: each head's last 16 entries are its input's over 1.2.
+            let (t, stride) = (b.tokens.len(), want.stride);
+            let input = before.clone().vec(t * stride, 2.0);
+            let heads = c.n_heads + c.n_kv_heads;
+            for r in 0..t {
+                for h in 0..heads {
+                    let at = r * stride + h * 64;
+                    for d in 48..64 {
+                        let (x, y) = (input[at + d], want.qkv[at + d]);
+                        assert!((y - x / 1.2).abs() <= 1e-6 * x.abs(), "pass entry {d}");
+                    }
+                    let turned = (0..48).any(|d| want.qkv[at + d] != input[at + d]);
+                    assert!(turned || b.positions[r] == 0, "row {r} head {h} turned");
+                }
+            }
+        }
         // Angles of hundreds of radians: float argument reduction differs in the last bits.
         assert!(
             rel(&down(g, &qg), &want.qkv) < 1e-3,

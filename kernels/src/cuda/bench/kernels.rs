@@ -96,6 +96,8 @@ pub(super) fn rope<E: Exec>(
         i(hd),
         i(bs),
         inv_freq.arg(),
+        i(hd / 2),
+        Arg::F32(1.0),
         Arg::Null,
     ];
     let c = cfg((threads.div_ceil(256), 1), 256);

@@ -330,6 +330,7 @@ impl<E: Exec> Device<E> {
         );
         let scale = Arg::F32(c.attention_scale());
         let (fi, inv_freq) = (Arg::I32(f as i32), rope_inv_freq.arg());
+        let (turned, pass_scale) = c.rope_pass();
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
         // Products of few rows on gemv_f16 make their input rows themselves: the norms
@@ -425,6 +426,8 @@ impl<E: Exec> Device<E> {
                         hd,
                         bsi,
                         inv_freq,
+                        Arg::I32(turned as i32),
+                        Arg::F32(pass_scale),
                         w.bqkv.as_ref().map_or(Arg::Null, |b| b.arg()),
                     ],
                 )?;
