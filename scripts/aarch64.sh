@@ -32,12 +32,12 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 # Lints as on x86-64: code under `cfg(target_arch)` is only seen when built for it.
-cargo clippy --locked --release --target "$T" -p kernels --all-targets -- -D warnings
+cargo clippy --locked --profile cross-test --target "$T" -p kernels --all-targets -- -D warnings
 log=$(mktemp)
 for cpu in max cortex-a72; do
   echo "== aarch64 under qemu -cpu $cpu"
   if ! CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \
-    cargo test --locked --release --target "$T" -p kernels --lib --test forward_batches \
+    cargo test --locked --profile cross-test --target "$T" -p kernels --lib --test forward_batches \
     -- --nocapture >"$log" 2>&1; then
     tail -60 "$log"
     echo "aarch64 tests failed under qemu -cpu $cpu"

@@ -34,6 +34,8 @@ cargo test --workspace --locked "$@"
 # suite (no arguments); TOLLGATE_RACECHECK=0 leaves it out.
 if [ $# -eq 0 ] && [ "${TOLLGATE_RACECHECK:-1}" != 0 ]; then
   export TOLLGATE_EMU_RACECHECK=1 CARGO_TARGET_DIR=target/racecheck
+  # The three test binaries in one build (their crates compile side by side).
+  cargo test --locked -p kernels --lib --test cuda_parity --test cuda_backend --no-run
   cargo test --locked -p kernels --lib emu::tests   # its own check first: it finds races
   cargo test --locked -p kernels --test cuda_parity
   cargo test --locked -p kernels --test cuda_backend -- \

@@ -144,6 +144,7 @@ mod ffi {
 }
 
 /// One kernel of an emulator build.
+#[derive(Clone)]
 struct Kernel {
     /// Its name, NUL-terminated (for the fault handler's message).
     name: std::ffi::CString,
@@ -335,7 +336,7 @@ fn builds() -> Vec<Build> {
     static INIT: std::sync::Once = std::sync::Once::new();
     // SAFETY: installs a signal handler once, before any launch.
     INIT.call_once(|| unsafe { ffi::tollgate_emu_init() });
-    let mut out = Vec::new();
+    let mut out: Vec<Build> = Vec::new();
     for i in 0.. {
         // SAFETY: returns a static table, or null past the last build.
         let v = unsafe { ffi::tollgate_emu_variant(i) };
@@ -357,16 +358,30 @@ fn builds() -> Vec<Build> {
                 };
                 (text(e.name), k)
             })
-            .collect();
-        out.push(Build {
-            name: text(v.name),
-            defines: (
-                v.max_group as usize,
-                v.max_dpl as usize,
-                v.max_warps as usize,
-            ),
-            kernels,
-        });
+            .collect::<HashMap<String, Kernel>>();
+        let name = text(v.name);
+        match out.iter_mut().find(|b| b.name == name) {
+            // Each of a build's sources is compiled apart (kernels/build.rs): one table each.
+            Some(b) => b.kernels.extend(kernels),
+            None => out.push(Build {
+                name,
+                defines: (
+                    v.max_group as usize,
+                    v.max_dpl as usize,
+                    v.max_warps as usize,
+                ),
+                kernels,
+            }),
+        }
+    }
+    // Builds past the first hold the kernels that read their constants (the attention
+    // kernels: kernels/build.rs); every other kernel is the first build's.
+    if let Some((first, rest)) = out.split_first_mut() {
+        for b in rest {
+            for (n, k) in &first.kernels {
+                b.kernels.entry(n.clone()).or_insert_with(|| k.clone());
+            }
+        }
     }
     out
 }

@@ -126,7 +126,14 @@ fn attention_case<E: Exec>(
     let scale = 1.0 / (c.head_dim as f32).sqrt();
     // Short contexts (up to ~360 keys, one chunk); a decode step at long ones (1,200–2,000
     // keys: every stream walks many keys and table entries, over 3–4 chunks); a decode step
-    // at the chunks' edges; and a prefill whose rows cross them.
+    // at the chunks' edges; and a prefill whose rows cross them. The racecheck build
+    // (every access instrumented: most of its time is these prefills' rows) takes fewer
+    // prefill rows of the same kinds — 3 sequences of up to 24 rows, and 28 rows from 20
+    // keys before a chunk's edge — so that a row still crosses an edge.
+    let (seqs, rows, across) = match cfg!(tollgate_emu_racecheck) {
+        true => (3, 24, 28),
+        false => (9, 60, 40),
+    };
     for (name, decode, kind) in [
         ("attention_prefill", false, "short"),
         ("attention_decode", true, "short"),
@@ -160,7 +167,7 @@ fn attention_case<E: Exec>(
                 let mut b = Batch::default();
                 let mut next = 0u32;
                 for pos0 in [ATTENTION_CHUNK_KEYS - 20, 1000] {
-                    let len = 40;
+                    let len = across;
                     let need = (pos0 + len).div_ceil(bs) as u32;
                     let toks: Vec<u32> = (0..len).map(|_| rng.below(49152) as u32).collect();
                     b.push(&toks, pos0, (next..next + need).collect(), true);
@@ -169,7 +176,7 @@ fn attention_case<E: Exec>(
                 b
             }
             _ if decode => random_batch(&mut rng, 33, 1, bs, max_blocks),
-            _ => random_batch(&mut rng, 9, 60, bs, max_blocks),
+            _ => random_batch(&mut rng, seqs, rows, bs, max_blocks),
         };
         let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng, false, false);
         let t = b.tokens.len();
