@@ -753,53 +753,67 @@ fn phi3_model_logits_match_the_numpy_reference() {
 /// and in f16, which with an output head whose conversion moves values reads the experts'
 /// stacked tensors from the file again.
 #[test]
-fn moe_model_logits_match_the_numpy_reference() {
+fn qwen3_moe_model_logits_match_the_numpy_reference() {
+    moe_model_matches_the_numpy_reference(kernels::synth::SynthArch::Qwen3Moe);
+}
+
+/// [`qwen3_moe_model_logits_match_the_numpy_reference`] for Qwen2-MoE's files (a test of
+/// its own, so that the suite's threads share the architectures' minutes).
+#[test]
+fn qwen2_moe_model_logits_match_the_numpy_reference() {
+    moe_model_matches_the_numpy_reference(kernels::synth::SynthArch::Qwen2Moe);
+}
+
+/// [`qwen3_moe_model_logits_match_the_numpy_reference`] for Mixtral's files.
+#[test]
+fn mixtral_model_logits_match_the_numpy_reference() {
+    moe_model_matches_the_numpy_reference(kernels::synth::SynthArch::Mixtral);
+}
+
+fn moe_model_matches_the_numpy_reference(arch: kernels::synth::SynthArch) {
     use kernels::synth::{SynthArch, SynthSpec};
     let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
         return;
     };
-    for arch in [SynthArch::Qwen3Moe, SynthArch::Qwen2Moe, SynthArch::Mixtral] {
-        for (what, spec, from_file) in three_files() {
-            let spec = SynthSpec { arch, ..spec };
-            let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, ARCH_PROMPT);
-            let moe = m.model.config.moe.expect("the experts read");
-            assert_eq!((moe.count, moe.used), (4, 2), "{arch:?}");
-            assert_eq!(moe.norm, arch != SynthArch::Qwen2Moe, "{arch:?}");
-            assert_eq!(moe.shared_ffn.is_some(), arch == SynthArch::Qwen2Moe);
-            assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
-            let label = format!("{arch:?}, {what}");
-            matches_the_reference(&m, &ids, &refs[0], &label, !from_file, false);
-            // Auto: the file's blocks where the CPU holds the file's values, Q8_0's values
-            // where not (the head of 2,050 rows).
-            for experts in [ExpertHolding::Auto, ExpertHolding::F16] {
-                let twin = TwinModel::holding(&m.model, experts);
-                let held: Vec<&ExpertRows> = twin
-                    .layers
-                    .iter()
-                    .filter_map(|l| l.moe.as_ref())
-                    .flat_map(|x| [&x.gate_up, &x.down])
-                    .collect();
-                // The file's blocks by default where the CPU holds the file's values; else
-                // Q8_0's values.
-                let blocks = experts == ExpertHolding::Auto && !from_file;
-                let q8 =
-                    experts == ExpertHolding::Q8 || (experts == ExpertHolding::Auto && from_file);
-                let as_said = |r: &&ExpertRows| match r {
-                    ExpertRows::Blocks(_) => blocks,
-                    ExpertRows::Q8(_) => q8,
-                    ExpertRows::F16(_) => !blocks && !q8,
-                };
-                assert!(
-                    !held.is_empty() && held.iter().all(as_said),
-                    "{label}, {experts:?}"
-                );
-                let label = format!("{label}, experts {experts:?}");
-                // Q8_0's values of a Q4_1 or K-quant file's experts: as the CPU's
-                // requantized layouts, against the reference's exact values; the file's
-                // blocks and f16 hold the file's values.
-                let tol = if q8 { REQUANT_LOGIT_TOL } else { GPU_LOGIT_TOL };
-                emulated_holding_matches_the_reference(&m, &ids, &refs[0], &label, experts, tol);
-            }
+    for (what, spec, from_file) in three_files() {
+        let spec = SynthSpec { arch, ..spec };
+        let (_dir, _, m, ids, refs) = synthetic_reference(&py, &spec, ARCH_PROMPT);
+        let moe = m.model.config.moe.expect("the experts read");
+        assert_eq!((moe.count, moe.used), (4, 2), "{arch:?}");
+        assert_eq!(moe.norm, arch != SynthArch::Qwen2Moe, "{arch:?}");
+        assert_eq!(moe.shared_ffn.is_some(), arch == SynthArch::Qwen2Moe);
+        assert_eq!(m.model.weights.inexact_from.is_some(), from_file, "{what}");
+        let label = format!("{arch:?}, {what}");
+        matches_the_reference(&m, &ids, &refs[0], &label, !from_file, false);
+        // Auto: the file's blocks where the CPU holds the file's values, Q8_0's values
+        // where not (the head of 2,050 rows).
+        for experts in [ExpertHolding::Auto, ExpertHolding::F16] {
+            let twin = TwinModel::holding(&m.model, experts);
+            let held: Vec<&ExpertRows> = twin
+                .layers
+                .iter()
+                .filter_map(|l| l.moe.as_ref())
+                .flat_map(|x| [&x.gate_up, &x.down])
+                .collect();
+            // The file's blocks by default where the CPU holds the file's values; else
+            // Q8_0's values.
+            let blocks = experts == ExpertHolding::Auto && !from_file;
+            let q8 = experts == ExpertHolding::Q8 || (experts == ExpertHolding::Auto && from_file);
+            let as_said = |r: &&ExpertRows| match r {
+                ExpertRows::Blocks(_) => blocks,
+                ExpertRows::Q8(_) => q8,
+                ExpertRows::F16(_) => !blocks && !q8,
+            };
+            assert!(
+                !held.is_empty() && held.iter().all(as_said),
+                "{label}, {experts:?}"
+            );
+            let label = format!("{label}, experts {experts:?}");
+            // Q8_0's values of a Q4_1 or K-quant file's experts: as the CPU's
+            // requantized layouts, against the reference's exact values; the file's
+            // blocks and f16 hold the file's values.
+            let tol = if q8 { REQUANT_LOGIT_TOL } else { GPU_LOGIT_TOL };
+            emulated_holding_matches_the_reference(&m, &ids, &refs[0], &label, experts, tol);
         }
     }
 }

@@ -33,6 +33,9 @@
 // One warp per row, 8 rows per block of 256 threads. The j-th choice is the greatest logit
 // after the (j−1)-th in the order (logit descending, index ascending), weighted by its
 // softmax probability over every expert; divided by the chosen ones' sum where `norm`.
+// NaN logits (a row whose activations overflowed) compare with nothing: once every other
+// expert is chosen, the choices go on through them in index order, so that a row names
+// each expert at most once (the twins' `moe::choice_order`).
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_rows, int n_experts,
                                      int used, int norm, int* __restrict__ expert,
                                      float* __restrict__ weight) {
@@ -48,11 +51,11 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_row
     for (int e = lane; e < n_experts; e += 32) total += expf(l[e] - mx);
     total = warp_sum(total);
     float prev_v = INFINITY, chosen = 0.0f;
-    int prev_i = -1;
+    int prev_i = -1, past = -1;  // past: the choices made among the NaNs, from the first on
     for (int j = 0; j < used; j++) {
         float bv = -INFINITY;
         int bi = n_experts;
-        for (int e = lane; e < n_experts; e += 32) {
+        for (int e = lane; e < n_experts && past < 0; e += 32) {
             float v = l[e];
             bool after = v < prev_v || (v == prev_v && e > prev_i);
             if (after && (v > bv || (v == bv && e < bi))) {
@@ -68,9 +71,20 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_row
                 bi = oi;
             }
         }
-        // No logit after the last choice compares (NaNs: the model's activations overflowed):
-        // a valid expert all the same, so that every place is an expert's.
-        if (bi >= n_experts) bi = j % n_experts;
+        // No logit after the last choice compares: the next NaN one in index order (every
+        // lane walks the same row, so all agree).
+        if (bi >= n_experts) {
+            past++;
+            int seen = 0;
+            bi = 0;
+            for (int e = 0; e < n_experts; e++) {
+                if (isnan(l[e]) && seen++ == past) {
+                    bi = e;
+                    break;
+                }
+            }
+            bv = -INFINITY;
+        }
         float p = expf(bv - mx);
         chosen += p;
         if (lane == 0) {

@@ -31,19 +31,37 @@ pub struct MoeScratch {
 }
 
 /// A row's chosen experts and their weights, from its router `logits` (one per expert):
-/// the `used` most probable under a softmax over all of them (ties: the lower index),
-/// weighted by their probabilities, renormalized to sum to 1 where `norm`.
+/// the `used` most probable under a softmax over all of them (the first `used` of
+/// [`choice_order`]), weighted by their probabilities, renormalized to sum to 1 where
+/// `norm`.
 pub fn route(logits: &[f32], used: usize, norm: bool) -> Vec<(usize, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
     let total: f32 = exp.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    // Stable: equal probabilities keep the lower index first.
-    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]));
+    let mut order = choice_order(logits);
     order.truncate(used);
     let chosen: f32 = order.iter().map(|&e| exp[e]).sum();
     let over = if norm { chosen } else { total };
     order.into_iter().map(|e| (e, exp[e] / over)).collect()
+}
+
+/// The order in which a row's experts are chosen (the GPU's `moe_route`'s): by router
+/// logit, greatest first (ties: the lower index), then those whose logit is NaN (a row
+/// whose activations overflowed), in index order — each expert once.
+pub fn choice_order(logits: &[f32]) -> Vec<usize> {
+    use std::cmp::Ordering;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (logits[a], logits[b]);
+        match (x.is_nan(), y.is_nan()) {
+            (false, false) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
+            (false, true) => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (true, true) => Ordering::Equal,
+        }
+        .then(a.cmp(&b))
+    });
+    order
 }
 
 /// `o = the mixture's output` for `h`'s rows (`o` resized to `h.rows × h.cols`).
@@ -132,5 +150,20 @@ mod tests {
         // Ties: the lower index first.
         let r = route(&[1.0, 1.0, 1.0], 1, true);
         assert_eq!(r, [(0, 1.0)]);
+    }
+
+    /// Greatest logit first (ties: the lower index; −∞ among the numbers, −0 equal to 0),
+    /// then the NaNs in index order: every expert once.
+    #[test]
+    fn experts_are_chosen_by_logit_then_the_nans_by_index() {
+        let nan = f32::NAN;
+        let l = [1.0, nan, 3.0, nan, 3.0, f32::NEG_INFINITY, -0.0, 0.0];
+        assert_eq!(choice_order(&l), [2, 4, 0, 6, 7, 5, 1, 3]);
+        let r = route(&l, 7, true);
+        assert_eq!(
+            r.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [2, 4, 0, 6, 7, 5, 1]
+        );
+        assert_eq!(choice_order(&[nan, nan, nan]), [0, 1, 2]);
     }
 }

@@ -294,8 +294,7 @@ pub fn moe_route(
     for l in logits.chunks(n_experts).take(rows) {
         let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let total: f32 = l.iter().map(|&v| (v - mx).exp()).sum();
-        let mut order: Vec<usize> = (0..n_experts).collect();
-        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        let order = crate::moe::choice_order(l);
         let p: Vec<f32> = order[..used].iter().map(|&e| (l[e] - mx).exp()).collect();
         let over = if norm { p.iter().sum() } else { total };
         expert.extend(order[..used].iter().map(|&e| e as i32));

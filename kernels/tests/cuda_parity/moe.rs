@@ -63,7 +63,37 @@ fn moe_case<E: Exec>(g: &E) {
             assert_eq!(&want_e[k..k + 2], &[0, 1], "{label}");
         }
         // Rows of NaNs (a model's overflowed activations) still name valid experts, so
-        // that every place is an expert's.
+        // that every place is an expert's; and each at most once where only some of the
+        // row's logits are NaN (row 0's expert 3; row 1's all but its first max(k/2, 1), so
+        // that its choices run past the numbers into the NaNs), as the twin orders them.
+        let mut partly = rng.vec(2 * ne, 4.0);
+        for (e, x) in partly[ne..2 * ne].iter_mut().enumerate() {
+            if e >= (k / 2).max(1) {
+                *x = f32::NAN;
+            }
+        }
+        partly[3] = f32::NAN;
+        let (want_partly, _) = twins::moe_route(&partly, 2, ne, k, norm);
+        let partly_g = up(g, &partly);
+        let got_e = up(g, &vec![-7i32; 2 * k]);
+        let got_w = up(g, &vec![0f32; 2 * k]);
+        let args = [
+            partly_g.arg(),
+            i(2),
+            i(ne),
+            i(k),
+            i(norm as usize),
+            got_e.arg(),
+            got_w.arg(),
+        ];
+        g.launch("moe_route", norm_launch(2), &args).unwrap();
+        assert_eq!(down(g, &got_e), want_partly, "{label}: partly NaN rows");
+        for row in want_partly.chunks(k) {
+            let mut seen = row.to_vec();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), k, "{label}: an expert twice in {row:?}");
+        }
         let nan = up(g, &vec![f32::NAN; 2 * ne]);
         let nan_experts = up(g, &vec![-7i32; 2 * k]);
         let nan_weights = up(g, &vec![0f32; 2 * k]);
