@@ -551,15 +551,8 @@ fn partial_rope_model_logits_match_the_numpy_reference() {
         let c = &m.model.config;
         assert_eq!((c.rope_dims, c.turned_dims()), (Some(24), 24), "{what}");
         assert_eq!(c.rope_pass().0, 12, "{what}");
-        let (got, logits) = greedy(&m, &ids, 4);
+        matches_the_reference(&m, &ids, &refs[0], &what, true, true);
         let want = refs[0]["last_logits"].as_array().unwrap();
-        let d = max_rel_diff(&logits, want);
-        assert!(d < LOGIT_TOL, "{what}: logits differ by {d}");
-        assert_eq!(
-            serde_json::to_value(&got).unwrap(),
-            refs[0]["greedy"],
-            "{what}"
-        );
         // The same weights with every dimension turned answer otherwise.
         let full = dir.0.join("full.gguf");
         let spec = SynthSpec {
@@ -573,7 +566,6 @@ fn partial_rope_model_logits_match_the_numpy_reference() {
             moved > 10.0 * LOGIT_TOL,
             "{what}: turning every dimension is within {moved}"
         );
-        emulated_matches_the_reference(&m, &ids, &refs[0], &what);
     }
 }
 

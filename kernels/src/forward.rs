@@ -269,13 +269,9 @@ impl Model {
         s.o.resize(t * d, 0.0);
         let half = hd / 2;
         s.rope.resize(t * hd, 0.0);
+        let pass = c.rope_pass();
         for (r, cs) in s.rope.chunks_exact_mut(hd).enumerate() {
-            ops::rope_table(
-                batch.positions[r],
-                &self.inv_freq[..half],
-                c.rope_pass(),
-                cs,
-            );
+            ops::rope_table(batch.positions[r], &self.inv_freq[..half], pass, cs);
         }
 
         for (li, l) in w.layers.iter().enumerate() {

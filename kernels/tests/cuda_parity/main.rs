@@ -336,6 +336,7 @@ fn rope_kv<E: Exec>(
         bias.as_deref(),
     );
     let n_threads = (t * c.head_dim / 2) as u32;
+    let (turned, pass_scale) = c.rope_pass();
     let args = [
         qg.arg(),
         i(stride),
@@ -349,8 +350,8 @@ fn rope_kv<E: Exec>(
         i(c.head_dim),
         i(bs),
         inv_freq.arg(),
-        i(c.rope_pass().0),
-        Arg::F32(c.rope_pass().1),
+        i(turned),
+        Arg::F32(pass_scale),
         bias_g.as_ref().map_or(Arg::Null, |b| b.arg()),
     ];
     g.launch("rope_kv_write", cfg(n_threads.div_ceil(256), 256), &args)

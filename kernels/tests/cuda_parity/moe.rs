@@ -33,26 +33,28 @@ fn moe_case<E: Exec>(g: &E) {
         logits[0] = top;
         logits[1] = top;
         logits[ne..2 * ne].fill(0.5);
-        let (want_e, want_w) = twins::moe_route(&logits, t, ne, k, norm);
-        let l = up(g, &logits);
-        let expert = up(g, &vec![-7i32; places]);
-        let weight = up(g, &vec![f32::NAN; places]);
-        g.launch(
-            "moe_route",
-            norm_launch(t),
-            &[
+        // `moe_route` over `rows` rows of `logits`, into poisoned outputs: their experts
+        // and weights.
+        let route = |logits: &[f32], rows: usize| {
+            let l = up(g, logits);
+            let expert = up(g, &vec![-7i32; rows * k]);
+            let weight = up(g, &vec![f32::NAN; rows * k]);
+            let args = [
                 l.arg(),
-                i(t),
+                i(rows),
                 i(ne),
                 i(k),
                 i(norm as usize),
                 expert.arg(),
                 weight.arg(),
-            ],
-        )
-        .unwrap();
-        assert_eq!(down(g, &expert), want_e, "{label}: experts");
-        let err = rel(&down(g, &weight), &want_w);
+            ];
+            g.launch("moe_route", norm_launch(rows), &args).unwrap();
+            (down(g, &expert), down(g, &weight))
+        };
+        let (want_e, want_w) = twins::moe_route(&logits, t, ne, k, norm);
+        let (got_e, got_w) = route(&logits, t);
+        assert_eq!(got_e, want_e, "{label}: experts");
+        let err = rel(&got_w, &want_w);
         assert!(err < 1e-5, "{label}: weights {err}");
         if k > 1 {
             assert_eq!(
@@ -74,40 +76,14 @@ fn moe_case<E: Exec>(g: &E) {
         }
         partly[3] = f32::NAN;
         let (want_partly, _) = twins::moe_route(&partly, 2, ne, k, norm);
-        let partly_g = up(g, &partly);
-        let got_e = up(g, &vec![-7i32; 2 * k]);
-        let got_w = up(g, &vec![0f32; 2 * k]);
-        let args = [
-            partly_g.arg(),
-            i(2),
-            i(ne),
-            i(k),
-            i(norm as usize),
-            got_e.arg(),
-            got_w.arg(),
-        ];
-        g.launch("moe_route", norm_launch(2), &args).unwrap();
-        assert_eq!(down(g, &got_e), want_partly, "{label}: partly NaN rows");
+        assert_eq!(route(&partly, 2).0, want_partly, "{label}: partly NaN rows");
         for row in want_partly.chunks(k) {
             let mut seen = row.to_vec();
             seen.sort();
             seen.dedup();
             assert_eq!(seen.len(), k, "{label}: an expert twice in {row:?}");
         }
-        let nan = up(g, &vec![f32::NAN; 2 * ne]);
-        let nan_experts = up(g, &vec![-7i32; 2 * k]);
-        let nan_weights = up(g, &vec![0f32; 2 * k]);
-        let args = [
-            nan.arg(),
-            i(2),
-            i(ne),
-            i(k),
-            i(norm as usize),
-            nan_experts.arg(),
-            nan_weights.arg(),
-        ];
-        g.launch("moe_route", norm_launch(2), &args).unwrap();
-        let got = down(g, &nan_experts);
+        let got = route(&vec![f32::NAN; 2 * ne], 2).0;
         assert!(
             got.iter().all(|&x| (0..ne as i32).contains(&x)),
             "{label}: {got:?}"
