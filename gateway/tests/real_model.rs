@@ -569,6 +569,74 @@ fn partial_rope_model_logits_match_the_numpy_reference() {
     }
 }
 
+/// Gemma's three architectures against the reference, which follows Hugging Face's Gemma,
+/// Gemma 2 and Gemma 3: GeGLU, the embeddings scaled by √dim, NEOX's RoPE; Gemma 2's and
+/// 3's norms of each block's output and sliding windows of 16 positions (Gemma 2 on every
+/// other layer, with soft caps on the scores and the logits; Gemma 3 on five layers of
+/// six, those on RoPE base 10,000, with Q and K norms) over a prompt several windows long.
+/// The same weights without the window answer otherwise.
+#[test]
+fn gemma_models_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthArch, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let gemma2 = SynthSpec {
+        arch: SynthArch::Gemma2,
+        window: Some(16),
+        softcaps: Some((2.0, 3.0)),
+        ..SynthSpec::tiny()
+    };
+    let gemma3 = SynthSpec {
+        arch: SynthArch::Gemma3,
+        n_layers: 6,
+        window: Some(16),
+        ..SynthSpec::tiny()
+    };
+    let gemma = SynthSpec {
+        arch: SynthArch::Gemma,
+        ..SynthSpec::tiny()
+    };
+    for spec in [gemma3, gemma2, gemma] {
+        let what = format!("{:?}", spec.arch);
+        let (dir, _, m, ids, refs) = synthetic_reference(&py, &spec, ARCH_PROMPT);
+        let c = &m.model.config;
+        assert!(
+            ids.len() > 3 * 16,
+            "{what}: a prompt of {} tokens",
+            ids.len()
+        );
+        assert_eq!(c.act, kernels::model::Activation::GeluTanh, "{what}");
+        assert_eq!(c.embed_scale, (c.dim as f32).sqrt(), "{what}");
+        let windowed: Vec<bool> = (0..c.n_layers).map(|l| c.window_at(l).is_some()).collect();
+        match spec.arch {
+            SynthArch::Gemma3 => assert_eq!(windowed, [true, true, true, true, true, false]),
+            SynthArch::Gemma2 => {
+                assert_eq!(windowed, [true, false]);
+                assert_eq!((c.attn_softcap, c.final_softcap), (Some(2.0), Some(3.0)));
+            }
+            _ => assert_eq!(windowed, [false, false]),
+        }
+        matches_the_reference(&m, &ids, &refs[0], &what, true, false);
+        if spec.window.is_none() {
+            continue;
+        }
+        let want = refs[0]["last_logits"].as_array().unwrap();
+        let wide = dir.0.join("wide.gguf");
+        let spec = SynthSpec {
+            window: None,
+            ..spec
+        };
+        kernels::synth::write_model(&wide, &spec).unwrap();
+        let wide = kernels::load::load(&wide).unwrap();
+        let moved = max_rel_diff(&greedy(&wide, &ids, 1).1, want);
+        assert!(
+            moved > 10.0 * LOGIT_TOL,
+            "{what}: attending over every position is within {moved}"
+        );
+    }
+}
+
 /// The prompt the architectures' reference tests run.
 const ARCH_PROMPT: &str =
     "hello synthetic world, 123: a prompt long enough that its later positions turn";

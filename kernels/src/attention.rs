@@ -145,7 +145,8 @@ mod avx2 {
 }
 
 /// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
-/// `kvh`, over the row's first `n` positions.
+/// `kvh`, over the row's first `n` positions (its last `window` of them, where the layer
+/// has a sliding window).
 struct HeadTask<'a> {
     layer: usize,
     kvh: usize,
@@ -154,9 +155,30 @@ struct HeadTask<'a> {
     scale: f32,
     n: usize,
     table: &'a [u32],
+    window: Option<usize>,
+    /// Gemma 2's soft cap on the scaled scores ([`LlamaConfig::attn_softcap`]).
+    cap: Option<f32>,
 }
 
 impl HeadTask<'_> {
+    /// The first position a row attending over its first `n` positions sees.
+    #[inline(always)]
+    fn lo(&self, n: usize) -> usize {
+        self.window.map_or(0, |w| n.saturating_sub(w))
+    }
+
+    /// A row's scaled scores `s` (from the start of the block holding its first position
+    /// seen, which is `off` slots in) into its softmax weights: capped where the layer caps
+    /// them, the softmax over the positions seen, the `off` before them weighted 0.
+    #[inline(always)]
+    fn weigh(&self, s: &mut [f32], off: usize) {
+        if let Some(cap) = self.cap {
+            ops::softcap(&mut s[off..], cap);
+        }
+        ops::softmax(&mut s[off..]);
+        s[..off].fill(0.0);
+    }
+
     /// [`HeadTask::run`] compiled for AVX2 and FMA, with the intrinsic inner loops where
     /// the shapes fit. The arithmetic, and so the result, is the same as without them.
     #[cfg(target_arch = "x86_64")]
@@ -167,12 +189,15 @@ impl HeadTask<'_> {
 
     #[inline(always)]
     fn run<const AVX2: bool>(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
-        let (layer, kvh, group, hd, scale, n) = (
-            self.layer, self.kvh, self.group, self.hd, self.scale, self.n,
-        );
-        let mut scores = vec![0f32; n * group];
+        let (layer, kvh, group, hd, scale) =
+            (self.layer, self.kvh, self.group, self.hd, self.scale);
+        // From the block holding the first position seen: `n` positions from there, the
+        // first `off` of them not seen.
         let bs = kv.block_size;
-        let blocks = &self.table[..n.div_ceil(bs)];
+        let (lo, b0) = (self.lo(self.n), self.lo(self.n) / bs);
+        let (n, off) = (self.n - b0 * bs, lo - b0 * bs);
+        let mut scores = vec![0f32; n * group];
+        let blocks = &self.table[b0..self.n.div_ceil(bs)];
         for g in 0..group {
             let qg = &qrow[g * hd..(g + 1) * hd];
             let sg = &mut scores[g * n..(g + 1) * n];
@@ -196,7 +221,7 @@ impl HeadTask<'_> {
                     *o *= scale;
                 }
             }
-            ops::softmax(sg);
+            self.weigh(sg, off);
         }
         for g in 0..group {
             let p = &scores[g * n..(g + 1) * n];
@@ -245,7 +270,8 @@ impl Width {
 }
 
 /// Causal grouped-query attention of every row's query (`q`: rows × heads × head_dim)
-/// over its sequence's cached keys and values, into `out`.
+/// over its sequence's cached keys and values (the last [`LlamaConfig::window_at`] of
+/// them, where `layer` has a sliding window), into `out`.
 pub(crate) fn attention(
     c: &LlamaConfig,
     layer: usize,
@@ -315,6 +341,8 @@ fn attention_on(
                 scale,
                 n: pos + 1,
                 table,
+                window: c.window_at(layer),
+                cap: c.attn_softcap,
             };
             #[cfg(target_arch = "x86_64")]
             if let Some(w) = width {
@@ -421,6 +449,8 @@ fn attention_rows(
             scale,
             n: batch.positions[r0] as usize + 1,
             table: &batch.seqs[row_seq[r0]].block_table,
+            window: c.window_at(layer),
+            cap: c.attn_softcap,
         };
         for (h0, hn) in head_runs(group) {
             let q_of = |i: usize| &q[(r0 + i) * qd + kvh * gw + h0 * hd..][..hn * hd];
@@ -565,7 +595,12 @@ mod tests {
             let (heads, n) = (2, 37);
             let table = [3u32, 0, 4];
             let kv = cache_with(heads, hd, 5, &table, n, 100);
-            for kvh in 0..heads {
+            // No window; windows from inside the first block and past it, one capped.
+            let windows = [(None, None), (Some(30), None), (Some(5), Some(0.5))];
+            for ((window, cap), kvh) in windows
+                .into_iter()
+                .flat_map(|w| (0..heads).map(move |h| (w, h)))
+            {
                 let t = HeadTask {
                     layer: 0,
                     kvh,
@@ -574,6 +609,8 @@ mod tests {
                     scale: 0.125,
                     n,
                     table: &table,
+                    window,
+                    cap,
                 };
                 let q = rand(G * hd, 7 + kvh as u64);
                 let (mut want, mut got) = (vec![0f32; G * hd], vec![0f32; G * hd]);
@@ -581,7 +618,10 @@ mod tests {
                 // SAFETY: the CPU has `w`'s features; G query heads, 16-slot blocks, heads
                 // a multiple of 64 wide.
                 unsafe { grouped::run_one::<G>(w, &t, &kv, &q, &mut got) };
-                assert_eq!(got, want, "{w:?}, G {G}, {hd} wide, KV head {kvh}");
+                assert_eq!(
+                    got, want,
+                    "{w:?}, G {G}, {hd} wide, KV head {kvh}, window {window:?}"
+                );
             }
         }
         for w in widths() {
@@ -602,7 +642,12 @@ mod tests {
             let table = [5u32, 1, 3, 0];
             // Every slot of the table's blocks written (those past a row's end too).
             let kv = cache_with(heads, hd, 6, &table, 64, 300);
-            for kvh in 0..heads {
+            // No window; windows whose rows start in different blocks, one capped.
+            let windows = [(None, None), (Some(18), None), (Some(3), Some(0.5))];
+            for ((window, cap), kvh) in windows
+                .into_iter()
+                .flat_map(|w| (0..heads).map(move |h| (w, h)))
+            {
                 let t = HeadTask {
                     layer: 0,
                     kvh,
@@ -611,6 +656,8 @@ mod tests {
                     scale: 0.125,
                     n: n0,
                     table: &table,
+                    window,
+                    cap,
                 };
                 let qs: Vec<Vec<f32>> = (0..R)
                     .map(|r| rand(G * hd, 50 + (10 * kvh + r) as u64))
@@ -626,7 +673,7 @@ mod tests {
                     alone.run::<false>(&kv, &qs[r], &mut want);
                     assert_eq!(
                         got, &want,
-                        "{w:?}, G {G}, {hd} wide, row {r} of {R} from n {n0}, KV head {kvh}"
+                        "{w:?}, G {G}, {hd} wide, row {r} of {R} from n {n0}, KV head {kvh}, window {window:?}"
                     );
                 }
             }
@@ -654,33 +701,90 @@ mod tests {
     #[test]
     fn a_steps_rows_each_get_their_portable_tasks_bits() {
         for prompt in [true, false] {
-            check_step(9, 3, 64, prompt);
-            check_step(8, 2, 128, prompt);
-            check_step(14, 2, 64, prompt);
+            check_step(9, 3, 64, prompt, None);
+            check_step(8, 2, 128, prompt, None);
+            check_step(14, 2, 64, prompt, None);
         }
     }
 
+    #[test]
+    fn a_sliding_window_and_a_soft_cap_keep_every_paths_bits_and_attend_as_written() {
+        // Windows that start inside the first block, past it, and cover everything; with
+        // Gemma 2's cap on the scores and without.
+        for (window, cap) in [(3, None), (12, Some(0.5)), (1, None), (64, Some(0.5))] {
+            check_step(9, 3, 64, true, Some((window, cap)));
+            check_step(8, 2, 128, true, Some((window, cap)));
+        }
+    }
+
+    /// Row `pos`'s attention for query head `h` (`qh`) over its sequence's cache at
+    /// `table`, in f64 from the definition: its last `window` positions, scores scaled
+    /// and capped, softmax, values weighted.
+    fn naive(
+        c: &LlamaConfig,
+        kv: &KvCache,
+        table: &[u32],
+        pos: usize,
+        h: usize,
+        qh: &[f32],
+    ) -> Vec<f64> {
+        let (hd, bs) = (c.head_dim, kv.block_size);
+        let kvh = h / (c.n_heads / c.n_kv_heads);
+        let lo = c.window_at(0).map_or(0, |w| (pos + 1).saturating_sub(w));
+        let scores: Vec<f64> = (lo..=pos)
+            .map(|j| {
+                let (kb, _) = kv.head_block(0, table[j / bs], kvh);
+                let s: f64 = (0..hd)
+                    .map(|d| qh[d] as f64 * kb[d * bs + j % bs].to_f64())
+                    .sum::<f64>()
+                    * c.attention_scale() as f64;
+                c.attn_softcap
+                    .map_or(s, |cap| cap as f64 * (s / cap as f64).tanh())
+            })
+            .collect();
+        let m = scores.iter().copied().fold(f64::MIN, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = w.iter().sum();
+        (0..hd)
+            .map(|d| {
+                (lo..=pos)
+                    .zip(&w)
+                    .map(|(j, p)| {
+                        let (_, vb) = kv.head_block(0, table[j / bs], kvh);
+                        p / sum * vb[(j % bs) * hd + d].to_f64()
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
     /// [`a_steps_rows_each_get_their_portable_tasks_bits`] for `n_heads` query heads on
-    /// `n_kv` KV heads `hd` wide, with the prompt's 11 rows or without.
-    fn check_step(n_heads: usize, n_kv: usize, hd: usize, prompt: bool) {
+    /// `n_kv` KV heads `hd` wide, with the prompt's 11 rows or without, and a sliding
+    /// window (and soft cap) where given: then each row is also checked against
+    /// [`naive`].
+    fn check_step(
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        prompt: bool,
+        window: Option<(usize, Option<f32>)>,
+    ) {
         let c = LlamaConfig {
             n_layers: 1,
             dim: n_heads * hd,
             n_heads,
             n_kv_heads: n_kv,
             head_dim: hd,
-            ffn_dim: 1536,
             vocab: 100,
             rope_base: 1e4,
-            rope_freq_factors: None,
-            rope_freq_scale: 1.0,
-            rms_eps: 1e-5,
             context_len: 256,
-            pooling: crate::model::Pooling::Last,
-            neox: false,
-            rope_dims: None,
-            attn_scale: 1.0,
-            moe: None,
+            window: window.map(|(size, _)| crate::model::SlidingWindow {
+                size,
+                period: 0,
+                rope_base: None,
+            }),
+            attn_softcap: window.and_then(|(_, cap)| cap),
+            ..LlamaConfig::smollm2_135m()
         };
         let (kvd, qd, group) = (n_kv * hd, n_heads * hd, n_heads / n_kv);
         let mut kv = KvCache::new(1, n_kv, kvd, 16, 8);
@@ -721,6 +825,8 @@ mod tests {
                         scale: 1.0 / (hd as f32).sqrt(),
                         n: batch.positions[r] as usize + 1,
                         table: &batch.seqs[row_seq[r]].block_table,
+                        window: c.window_at(0),
+                        cap: c.attn_softcap,
                     };
                     let at = r * qd + kvh * group * hd;
                     let mut want = vec![0f32; group * hd];
@@ -730,6 +836,21 @@ mod tests {
                         &want[..],
                         "{w:?}, {n_heads} heads on {n_kv}, {hd} wide, row {r} of {rows}, KV head {kvh}"
                     );
+                    if window.is_none() {
+                        continue;
+                    }
+                    for g in 0..group {
+                        let h = kvh * group + g;
+                        let exact =
+                            naive(&c, &kv, t.table, t.n - 1, h, &q[r * qd + h * hd..][..hd]);
+                        for (d, e) in exact.iter().enumerate() {
+                            let got = want[g * hd + d] as f64;
+                            assert!(
+                                (got - e).abs() < 1e-4,
+                                "{window:?}: row {r} head {h} dim {d}: {got} vs {e}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -7,17 +7,20 @@
 //! each sequence that asks):
 //!
 //! ```text
-//! x[T,D]   = embed(tokens)
+//! x[T,D]   = embed(tokens) · embed_scale (Gemma's √D; else 1)
 //! per layer:
 //!   h      = rmsnorm(x) · attn_norm
 //!   q[T,Q], k[T,K], v[T,K] = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ (+ their biases, where the file has
-//!   them) ; rope(q, k) at each token's position
+//!   them) ; rope(q, k) at each token's position (a windowed layer's own frequencies,
+//!   where the model has them)
 //!   cache[seq, pos] ← k, v
-//!   a[T,Q] = causal GQA attention of q over its sequence's cache
-//!   x     += a·Woᵀ
+//!   a[T,Q] = causal GQA attention of q over its sequence's cache (its last `window`
+//!   positions on a windowed layer)
+//!   x     += a·Woᵀ                     (Gemma 2/3: rmsnorm(a·Woᵀ) · post_attention_norm)
 //!   h      = rmsnorm(x) · ffn_norm
-//!   x     += (silu(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ   (or a mixture of experts: `moe`)
-//! logits[S,V] = rmsnorm(x[those rows]) · output_norm · Woutᵀ
+//!   x     += (act(h·Wgateᵀ) ⊙ h·Wupᵀ)·Wdownᵀ   (or a mixture of experts: `moe`; act is
+//!            silu, or Gemma's GELU; Gemma 2/3 norm it by post_ffw_norm first)
+//! logits[S,V] = rmsnorm(x[those rows]) · output_norm · Woutᵀ   (Gemma 2: soft-capped)
 //! ```
 
 use crate::attention::attention;
@@ -109,6 +112,8 @@ pub struct Model {
     pub config: LlamaConfig,
     pub weights: Weights,
     inv_freq: Vec<f32>,
+    /// The windowed layers' frequencies where they have their own (Gemma 3's).
+    inv_freq_local: Option<Vec<f32>>,
 }
 
 /// Reusable buffers of one forward step.
@@ -127,6 +132,8 @@ pub struct Scratch {
     fused: Vec<f32>,
     /// Each row's rotary (cos, sin) pairs: positions are the same in every layer.
     rope: Vec<f32>,
+    /// The same by the windowed layers' own frequencies, where the model has them.
+    rope_local: Vec<f32>,
     moe: crate::moe::MoeScratch,
 }
 
@@ -176,10 +183,15 @@ fn project(
 impl Model {
     pub fn new(config: LlamaConfig, weights: Weights) -> Self {
         let inv_freq = config.rope_inv_freq();
+        let inv_freq_local = config
+            .window
+            .and_then(|w| w.rope_base)
+            .map(|_| config.rope_inv_freq_local());
         Self {
             config,
             weights,
             inv_freq,
+            inv_freq_local,
         }
     }
 
@@ -259,7 +271,11 @@ impl Model {
 
         s.x.resize(t, d);
         for (r, &tok) in batch.tokens.iter().enumerate() {
-            w.token_embd.row_f32(tok as usize, s.x.row_mut(r));
+            let row = s.x.row_mut(r);
+            w.token_embd.row_f32(tok as usize, row);
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
         }
         s.h.resize(t, d);
         s.att.resize(t, qd);
@@ -272,6 +288,12 @@ impl Model {
         let pass = c.rope_pass();
         for (r, cs) in s.rope.chunks_exact_mut(hd).enumerate() {
             ops::rope_table(batch.positions[r], &self.inv_freq[..half], pass, cs);
+        }
+        if let Some(inv) = &self.inv_freq_local {
+            s.rope_local.resize(t * hd, 0.0);
+            for (r, cs) in s.rope_local.chunks_exact_mut(hd).enumerate() {
+                ops::rope_table(batch.positions[r], &inv[..half], pass, cs);
+            }
         }
 
         for (li, l) in w.layers.iter().enumerate() {
@@ -296,9 +318,13 @@ impl Model {
                 ops::head_rmsnorm(&mut s.q[..t * qd], &n.q, c.rms_eps);
                 ops::head_rmsnorm(&mut s.k[..t * kvd], &n.k, c.rms_eps);
             }
+            let table = match c.local_rope_at(li) {
+                true => &s.rope_local,
+                false => &s.rope,
+            };
             for r in 0..t {
                 let pos = batch.positions[r];
-                let cs = &s.rope[r * hd..(r + 1) * hd];
+                let cs = &table[r * hd..(r + 1) * hd];
                 ops::rope_with(&mut s.q[r * qd..(r + 1) * qd], cs);
                 ops::rope_with(&mut s.k[r * kvd..(r + 1) * kvd], cs);
                 let table = &batch.seqs[row_seq[r]].block_table;
@@ -312,13 +338,17 @@ impl Model {
             }
             attention(c, li, batch, &row_seq, &s.q, kv, &mut s.att);
             matmul(&l.wo, &mut s.att, &mut s.o, prec);
+            if let Some(p) = &l.post_norms {
+                norm_in_place(&mut s.o[..t * d], &p.attn, c.rms_eps);
+            }
             add_rows(&mut s.x, &s.o);
 
             // Feed-forward block.
             norm_rows(&s.x, &l.ffn_norm, c.rms_eps, &mut s.h);
             match &l.ffn {
                 Ffn::Dense { gate_up, w_down } => {
-                    swiglu_block(
+                    glu_block(
+                        c.act,
                         gate_up,
                         w_down,
                         &mut s.h,
@@ -330,6 +360,9 @@ impl Model {
                     );
                 }
                 Ffn::Experts(x) => crate::moe::mixture(x, &mut s.h, &mut s.moe, &mut s.o, prec),
+            }
+            if let Some(p) = &l.post_norms {
+                norm_in_place(&mut s.o[..t * d], &p.ffn, c.rms_eps);
             }
             add_rows(&mut s.x, &s.o);
         }
@@ -349,6 +382,9 @@ impl Model {
         }
         let mut logits = vec![0f32; rows.len() * c.vocab];
         matmul(w.output(), &mut s.last, &mut logits, prec);
+        if let Some(cap) = c.final_softcap {
+            ops::softcap(&mut logits, cap);
+        }
         Ok(logits)
     }
 }
@@ -370,6 +406,23 @@ pub(crate) fn swiglu_block(
     o: &mut Vec<f32>,
     prec: ActPrecision,
 ) {
+    use crate::model::Activation::Silu;
+    glu_block(Silu, gate_up, down, h, fused, gate, up, o, prec)
+}
+
+/// [`swiglu_block`] with the gate's activation `act` (GeGLU's GELU for Gemma).
+#[allow(clippy::too_many_arguments)]
+fn glu_block(
+    act: crate::model::Activation,
+    gate_up: &Projections,
+    down: &Matrix,
+    h: &mut Acts,
+    fused: &mut Vec<f32>,
+    gate: &mut Acts,
+    up: &mut Vec<f32>,
+    o: &mut Vec<f32>,
+    prec: ActPrecision,
+) {
     let t = h.rows;
     let f = down.cols;
     gate.resize(t, f);
@@ -377,12 +430,12 @@ pub(crate) fn swiglu_block(
     o.resize(t * down.rows, 0.0);
     project(gate_up, h, fused, &mut [&mut gate.f32, up], prec);
     if t < PAR_ROWS {
-        ops::swiglu(&mut gate.f32[..t * f], &up[..t * f]);
+        ops::glu(act, &mut gate.f32[..t * f], &up[..t * f]);
     } else {
         gate.f32
             .par_chunks_mut(f)
             .zip(up.par_chunks(f))
-            .for_each(|(g, u)| ops::swiglu(g, u));
+            .for_each(|(g, u)| ops::glu(act, g, u));
     }
     gate.touched();
     matmul(down, gate, o, prec);
@@ -406,6 +459,20 @@ fn norm_rows(x: &Acts, w: &[f32], eps: f32, out: &mut Acts) {
             .for_each(|(o, r)| ops::rmsnorm(r, w, eps, o));
     }
     out.touched();
+}
+
+/// Each `w.len()`-wide row of `x` RMS-normed by `w`, in place (a block's output before the
+/// residual add: Gemma 2's and 3's post-norms).
+fn norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let norm = |r: &mut [f32]| {
+        let src = r.to_vec();
+        ops::rmsnorm(&src, w, eps, r);
+    };
+    if x.len() < PAR_ROWS * w.len() {
+        x.chunks_mut(w.len()).for_each(norm);
+    } else {
+        x.par_chunks_mut(w.len()).for_each(norm);
+    }
 }
 
 fn add_rows(x: &mut Acts, o: &[f32]) {

@@ -45,11 +45,48 @@ pub struct LlamaConfig {
     pub rope_dims: Option<usize>,
     /// What multiplies the attention's scores beside `1/√head_dim`: YaRN's `mscale²`
     /// (`(1 + 0.1·ln factor)²`: YaRN scales each rotated q and k by `mscale`, which is this
-    /// on q·k); 1 otherwise.
+    /// on q·k); LongRoPE's factor squared; Gemma's 27B models' `√(head_dim / (dim/heads))`
+    /// (their `query_pre_attn_scalar`); 1 otherwise.
     pub attn_scale: f32,
     /// A mixture of experts in place of each layer's feed-forward block (Qwen3-MoE's,
     /// Qwen2-MoE's, Mixtral's), where the file has one.
     pub moe: Option<MoeConfig>,
+    /// Sliding-window attention on some layers (Gemma 2's and Gemma 3's), where the file
+    /// has it: [`LlamaConfig::window_at`].
+    pub window: Option<SlidingWindow>,
+    /// What each token's embedding is multiplied by as it is read: Gemma's `√dim`; 1
+    /// otherwise.
+    pub embed_scale: f32,
+    /// The feed-forward block's activation of its gate.
+    pub act: Activation,
+    /// Gemma 2's soft caps: each attention score (after its scale) and each logit become
+    /// `cap · tanh(x / cap)`.
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+}
+
+/// The activation of a feed-forward block's gate, multiplied by its up projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `x · sigmoid(x)` (SwiGLU: Llama's, Qwen's, Phi's).
+    #[default]
+    Silu,
+    /// GELU's tanh form, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (GeGLU: Gemma's).
+    GeluTanh,
+}
+
+/// Sliding-window attention: a windowed layer's query at position `p` attends to
+/// positions `p − size + 1 ..= p` only (Hugging Face's and llama.cpp's `n_swa`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Every layer is windowed but the last of each run of this many (llama.cpp's
+    /// `swa_pattern`: Gemma 3's 6, five windowed layers then a global one; Gemma 2's 2);
+    /// 0: every layer.
+    pub period: usize,
+    /// The windowed layers' RoPE base, their frequencies unscaled (Gemma 3's 10,000
+    /// beside its global layers' 1,000,000 and linear scaling); `None`: the model's.
+    pub rope_base: Option<f32>,
 }
 
 /// A mixture of experts: each token's block is the weighted sum of the `used` experts of
@@ -73,8 +110,15 @@ pub struct MoeConfig {
 /// head RMS-normed before it, [`Layer::qk_norm`]; `phi3`: NEOX's RoPE, Q, K and V fused in
 /// `attn_qkv` and the gate and up projections in `ffn_up`, split at load: [`fused_rows`];
 /// `qwen2moe` and `qwen3moe`: Qwen2's and Qwen3's attention with a mixture of experts,
-/// [`MoeConfig`]; a `llama` file with experts is Mixtral's).
-const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe"];
+/// [`MoeConfig`]; a `llama` file with experts is Mixtral's; `gemma`: NEOX's RoPE, GeGLU
+/// ([`Activation::GeluTanh`]) and the embeddings scaled by `√dim`; `gemma2`: Gemma's with
+/// each block's output RMS-normed before the residual add ([`Layer::post_norms`]), every
+/// other layer windowed ([`SlidingWindow`]) and soft caps; `gemma3`: Gemma 2's without the
+/// caps, with Qwen3's Q and K norms, five windowed layers of six, those on their own RoPE
+/// base).
+const ARCHITECTURES: &[&str] = &[
+    "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3",
+];
 
 /// The file's mixture of experts (`{arch}.expert_count` over 0), if any: Qwen3-MoE's and
 /// Mixtral's (`llama`) chosen experts' weights normalized, Qwen2-MoE's not, and its shared
@@ -317,6 +361,11 @@ impl LlamaConfig {
             rope_dims: None,
             attn_scale: 1.0,
             moe: None,
+            window: None,
+            embed_scale: 1.0,
+            act: Activation::Silu,
+            attn_softcap: None,
+            final_softcap: None,
         }
     }
 
@@ -371,7 +420,15 @@ impl LlamaConfig {
         };
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
         let file_context = u("context_length").unwrap_or(2048);
-        let context_len = context_len(file_context, u("attention.sliding_window").ok());
+        let gemma = arch.starts_with("gemma");
+        let window = match arch {
+            "gemma2" | "gemma3" => sliding_window(g, arch)?,
+            _ => None,
+        };
+        // Gemma 2's and 3's windows are their windowed layers' own; another file's window
+        // (Phi-3's) bounds the context served.
+        let file_window = u("attention.sliding_window").ok().filter(|_| !gemma);
+        let context_len = context_len(file_context, file_window);
         let long_rope = long_rope(g, arch, rope_dims, context_len, file_context)?;
         if long_rope.is_some() && (yarn.is_some() || g.tensor("rope_freqs.weight").is_some()) {
             return Err(GgufError::Metadata(
@@ -408,7 +465,7 @@ impl LlamaConfig {
             rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             context_len,
             pooling: Pooling::from_gguf(g, arch),
-            neox: matches!(arch, "qwen2" | "qwen3" | "phi3" | "qwen2moe" | "qwen3moe"),
+            neox: matches!(arch, "qwen2" | "qwen3" | "phi3" | "qwen2moe" | "qwen3moe") || gemma,
             rope_dims: (rope_dims < head_dim).then_some(rope_dims),
             attn_scale: match (yarn, &long_rope) {
                 (Some((factor, _)), _) => {
@@ -416,10 +473,45 @@ impl LlamaConfig {
                     (mscale * mscale) as f32
                 }
                 (None, Some((_, attn))) => attn * attn,
+                (None, None) if gemma => gemma_attn_scale(g, arch, dim, n_heads, head_dim),
                 (None, None) => 1.0,
             },
             moe: moe_config(g, arch)?,
+            window,
+            embed_scale: if gemma { (dim as f32).sqrt() } else { 1.0 },
+            act: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            attn_softcap: softcap(g, arch, "attn_logit_softcapping"),
+            final_softcap: softcap(g, arch, "final_logit_softcapping"),
         })
+    }
+
+    /// The sliding window of layer `layer`'s attention, if it has one.
+    pub fn window_at(&self, layer: usize) -> Option<usize> {
+        let w = self.window.as_ref()?;
+        (w.period == 0 || layer % w.period < w.period - 1).then_some(w.size)
+    }
+
+    /// Whether layer `layer` turns its queries and keys by the windowed layers' own RoPE
+    /// frequencies ([`SlidingWindow::rope_base`], [`LlamaConfig::rope_inv_freq_local`]).
+    pub fn local_rope_at(&self, layer: usize) -> bool {
+        self.window_at(layer).is_some() && self.window.is_some_and(|w| w.rope_base.is_some())
+    }
+
+    /// The windowed layers' RoPE frequencies where they have a base of their own
+    /// ([`SlidingWindow::rope_base`]: unscaled, over every pair), else the model's.
+    pub fn rope_inv_freq_local(&self) -> Vec<f32> {
+        match self.window.and_then(|w| w.rope_base) {
+            Some(base) => {
+                let mut f = crate::ops::rope_inv_freq(self.turned_dims(), base);
+                f.resize(self.head_dim / 2, 0.0);
+                f
+            }
+            None => self.rope_inv_freq(),
+        }
     }
 
     /// The attention's score scale: `1/√head_dim`, times [`LlamaConfig::attn_scale`].
@@ -472,6 +564,66 @@ impl LlamaConfig {
     pub fn rope_scaled(&self) -> bool {
         self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0 || self.rope_dims.is_some()
     }
+}
+
+/// Gemma 2's and Gemma 3's sliding window (`{arch}.attention.sliding_window`; the
+/// period of windowed layers from `attention.sliding_window_pattern` where the file writes
+/// one, else llama.cpp's for the architecture: Gemma 2's 2, Gemma 3's 6). Gemma 3's
+/// windowed layers turn by RoPE base 10,000 (`rope.freq_base_swa` where written).
+fn sliding_window(g: &Gguf, arch: &str) -> Result<Option<SlidingWindow>, GgufError> {
+    let Ok(size) = g.get_u64(&format!("{arch}.attention.sliding_window")) else {
+        return Ok(None);
+    };
+    if size == 0 {
+        return Ok(None);
+    }
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    let period = match g.get(&key) {
+        None => match arch {
+            "gemma2" => 2,
+            _ => 6,
+        },
+        Some(_) => g.get_u64(&key).map_err(|_| {
+            GgufError::Metadata(format!(
+                "{key} as a list of layers is not supported (a period only)"
+            ))
+        })? as usize,
+    };
+    let rope_base = match arch {
+        "gemma3" => Some(
+            g.get_f64(&format!("{arch}.rope.freq_base_swa"))
+                .unwrap_or(10000.0) as f32,
+        ),
+        _ => None,
+    };
+    Ok(Some(SlidingWindow {
+        size: size as usize,
+        period,
+        rope_base,
+    }))
+}
+
+/// Gemma 2's and 3's scale beside `1/√head_dim` ([`LlamaConfig::attn_scale`]): their
+/// queries are scaled by `1/√query_pre_attn_scalar`, which GGUF files do not carry.
+/// llama.cpp's rule: the 27B models' (Gemma 2's 46 layers, Gemma 3's 62) is `dim / heads`,
+/// the others' the head's width (1). `{arch}.attention.scale` overrides it where written.
+fn gemma_attn_scale(g: &Gguf, arch: &str, dim: usize, heads: usize, head_dim: usize) -> f32 {
+    if let Ok(s) = g.get_f64(&format!("{arch}.attention.scale")) {
+        return (s * (head_dim as f64).sqrt()) as f32;
+    }
+    let layers = g.get_u64(&format!("{arch}.block_count")).unwrap_or(0);
+    match (arch, layers) {
+        ("gemma2", 46) | ("gemma3", 62) => (head_dim as f64 / (dim / heads) as f64).sqrt() as f32,
+        _ => 1.0,
+    }
+}
+
+/// A soft cap `{arch}.{key}` (Gemma 2's), where the file has one above 0.
+fn softcap(g: &Gguf, arch: &str, key: &str) -> Option<f32> {
+    g.get_f64(&format!("{arch}.{key}"))
+        .ok()
+        .filter(|c| *c > 0.0)
+        .map(|c| c as f32)
 }
 
 /// How the file scales RoPE's frequencies ([`rope_scaling`]).
@@ -595,6 +747,16 @@ pub struct Layer {
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
     pub ffn: Ffn,
+    /// The RMSNorms of the attention's and the feed-forward block's outputs before each is
+    /// added to the residual (Gemma 2's and 3's `post_attention_norm`, `post_ffw_norm`),
+    /// where the file has them.
+    pub post_norms: Option<PostNorms>,
+}
+
+/// A layer's norms of its blocks' outputs ([`Layer::post_norms`]).
+pub struct PostNorms {
+    pub attn: Vec<f32>,
+    pub ffn: Vec<f32>,
 }
 
 /// A layer's feed-forward block. (The dense variant is larger than the boxed experts; one
@@ -975,6 +1137,22 @@ fn qk_norm(g: &Gguf, i: usize, c: &LlamaConfig, biased: bool) -> Result<Option<Q
     }))
 }
 
+/// Layer `i`'s norms of its blocks' outputs (`post_attention_norm`, `post_ffw_norm`), if the
+/// file has them; one without the other is an error.
+fn post_norms(g: &Gguf, i: usize, d: usize) -> Result<Option<PostNorms>, GgufError> {
+    let [a, f] = ["post_attention_norm", "post_ffw_norm"].map(|s| format!("blk.{i}.{s}.weight"));
+    match (g.tensor(&a).is_some(), g.tensor(&f).is_some()) {
+        (false, false) => Ok(None),
+        (true, true) => Ok(Some(PostNorms {
+            attn: vector(g, &a, d)?,
+            ffn: vector(g, &f, d)?,
+        })),
+        _ => Err(GgufError::Metadata(format!(
+            "layer {i} has one of post_attention_norm and post_ffw_norm without the other"
+        ))),
+    }
+}
+
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
     let t = find(g, name)?;
     if t.dims != [n] {
@@ -1075,6 +1253,7 @@ impl Weights {
                 wo: matrix(g, &n("attn_output"), q, d)?,
                 ffn_norm: vector(g, &n("ffn_norm"), d)?,
                 ffn,
+                post_norms: post_norms(g, i, d)?,
             });
         }
         let output = if g.tensor("output.weight").is_some() {

@@ -100,6 +100,61 @@ fn swiglu_body(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `g = act(g) · u`, in place: [`swiglu`] or [`geglu`] by the model's activation.
+pub fn glu(act: crate::model::Activation, g: &mut [f32], u: &[f32]) {
+    match act {
+        crate::model::Activation::Silu => swiglu(g, u),
+        crate::model::Activation::GeluTanh => geglu(g, u),
+    }
+}
+
+/// `√(2/π)`, GELU's tanh form's constant.
+const GELU_K: f32 = 0.797_884_6;
+
+/// `g = gelu(g) · u`, in place, GELU in its tanh form: `x/2 · (1 + tanh(y))` with
+/// `y = √(2/π)(x + 0.044715 x³)`, computed as `x / (1 + e^(−2y))` (the same function).
+pub fn geglu(g: &mut [f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW detected.
+        return unsafe { geglu_avx512(g, u) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::simd_path() != "scalar" {
+        // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
+        return unsafe { geglu_avx2(g, u) };
+    }
+    geglu_body(g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn geglu_avx2(g: &mut [f32], u: &[f32]) {
+    geglu_body(g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn geglu_avx512(g: &mut [f32], u: &[f32]) {
+    geglu_body(g, u)
+}
+
+#[inline(always)]
+fn geglu_body(g: &mut [f32], u: &[f32]) {
+    for (a, b) in g.iter_mut().zip(u) {
+        let x = *a;
+        let y = GELU_K * (x + 0.044_715 * x * x * x);
+        *a = x / (1.0 + exp(-2.0 * y)) * b;
+    }
+}
+
+/// `x = cap · tanh(x / cap)` for each element (Gemma 2's soft caps).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = cap * (*v / cap).tanh();
+    }
+}
+
 /// `e^x` within 2 ulp of `f32::exp` over the range that matters (below −87.3 it returns
 /// about 1e-38 rather than a denormal or zero; above 88.7 about 3.4e38 rather than
 /// infinity), written so that it vectorizes: `x = n·ln2 + r`, a degree-6 polynomial for
@@ -301,7 +356,40 @@ mod simd_tests {
                 assert_eq!(bits(&s), bits(&soft), "softmax on AVX2, n = {n}");
                 assert_eq!(bits(&w), bits(&glu), "swiglu on AVX2, n = {n}");
             }
+            let mut ge = g.clone();
+            super::geglu_body(&mut ge, &u);
+            let mut got = g.clone();
+            super::geglu(&mut got, &u);
+            assert_eq!(bits(&got), bits(&ge), "geglu, n = {n}");
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::has_avx2() {
+                let mut w = g.clone();
+                // SAFETY: AVX2 and FMA detected.
+                unsafe { super::geglu_avx2(&mut w, &u) };
+                assert_eq!(bits(&w), bits(&ge), "geglu on AVX2, n = {n}");
+            }
         }
+    }
+
+    #[test]
+    fn geglu_is_gelu_in_its_tanh_form_times_up() {
+        let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.05).collect();
+        let u: Vec<f32> = xs.iter().map(|x| 1.0 + 0.1 * x).collect();
+        let mut got = xs.clone();
+        super::geglu(&mut got, &u);
+        for ((x, u), g) in xs.iter().zip(&u).zip(&got) {
+            let x64 = *x as f64;
+            let y = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            let want = 0.5 * x64 * (1.0 + y.tanh()) * *u as f64;
+            assert!(
+                (*g as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "gelu({x}) · {u}: {g} vs {want}"
+            );
+        }
+        let mut capped = vec![-100.0f32, -1.0, 0.0, 2.5, 1e6];
+        super::softcap(&mut capped, 30.0);
+        assert!(capped[0] > -30.0 && capped[0] < -29.0 && capped[4] == 30.0);
+        assert!((capped[1] + 30.0 * (1.0f32 / 30.0).tanh()).abs() < 1e-6 && capped[2] == 0.0);
     }
 }
 

@@ -69,6 +69,12 @@ pub struct SynthSpec {
     /// the head's: partial RoPE (Phi-4-mini's 96 of 128); the RoPE factors a scaling
     /// writes are then one per turned pair.
     pub rope_dims: Option<usize>,
+    /// `attention.sliding_window`, where set: Gemma 2's and 3's windowed layers
+    /// ([`SynthArch::Gemma2`], [`SynthArch::Gemma3`]).
+    pub window: Option<usize>,
+    /// Gemma 2's soft caps on the attention's scores and on the logits
+    /// (`attn_logit_softcapping`, `final_logit_softcapping`), where set.
+    pub softcaps: Option<(f32, f32)>,
 }
 
 /// The architecture a synthetic file names, and the tensors that go with it
@@ -95,6 +101,15 @@ pub enum SynthArch {
     /// Mixtral's: a `llama` file with `expert_count`, the mixture as Qwen3-MoE's (weights
     /// normalized), Llama's attention.
     Mixtral,
+    /// `gemma`: NEOX's halves, GeGLU, the embeddings scaled by `√dim` as they are read.
+    Gemma,
+    /// `gemma2`: Gemma's, with each block's output normed (`post_attention_norm`,
+    /// `post_ffw_norm`), every other layer windowed ([`SynthSpec::window`]) and the soft
+    /// caps ([`SynthSpec::softcaps`]).
+    Gemma2,
+    /// `gemma3`: Gemma 2's without caps, Qwen3's Q and K norms, five windowed layers of six
+    /// on RoPE base 10,000.
+    Gemma3,
 }
 
 /// Experts in a synthetic mixture ([`SynthArch::Qwen3Moe`], [`SynthArch::Qwen2Moe`],
@@ -111,6 +126,9 @@ impl SynthArch {
             SynthArch::Qwen3Moe => "qwen3moe",
             SynthArch::Qwen2Moe => "qwen2moe",
             SynthArch::Mixtral => "llama",
+            SynthArch::Gemma => "gemma",
+            SynthArch::Gemma2 => "gemma2",
+            SynthArch::Gemma3 => "gemma3",
         }
     }
 
@@ -197,6 +215,8 @@ impl Default for SynthSpec {
             experts: (SYNTH_EXPERTS, 2),
             experts_apart: false,
             rope_dims: None,
+            window: None,
+            softcaps: None,
         }
     }
 }
@@ -223,6 +243,8 @@ impl SynthSpec {
             experts: (SYNTH_EXPERTS, 2),
             experts_apart: false,
             rope_dims: None,
+            window: None,
+            softcaps: None,
         }
     }
 
@@ -631,6 +653,13 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             u32v(original_context),
         ));
     }
+    if let Some(w) = s.window {
+        meta.push(("llama.attention.sliding_window".into(), u32v(w)));
+    }
+    if let Some((attn, logits)) = s.softcaps {
+        meta.push(("llama.attn_logit_softcapping".into(), Value::F32(attn)));
+        meta.push(("llama.final_logit_softcapping".into(), Value::F32(logits)));
+    }
     if s.arch.experts() {
         meta.push(("llama.expert_count".into(), u32v(s.experts.0)));
         meta.push(("llama.expert_used_count".into(), u32v(s.experts.1)));
@@ -710,7 +739,10 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
             tensors.push(mat(n("attn_k"), s.dim, kv_dim, std_in(s.dim)));
             tensors.push(mat(n("attn_v"), s.dim, kv_dim, std_in(s.dim)));
         }
-        if matches!(s.arch, SynthArch::Qwen3 | SynthArch::Qwen3Moe) {
+        if matches!(
+            s.arch,
+            SynthArch::Qwen3 | SynthArch::Qwen3Moe | SynthArch::Gemma3
+        ) {
             tensors.push(norm(n("attn_q_norm"), head_dim, &mut r2));
             tensors.push(norm(n("attn_k_norm"), head_dim, &mut r2));
         }
@@ -727,6 +759,10 @@ pub fn write_model(path: &Path, spec: &SynthSpec) -> io::Result<()> {
         }
         tensors.push(mat(n("attn_output"), q_dim, s.dim, 2.0 * std_in(q_dim)));
         tensors.push(norm(n("ffn_norm"), s.dim, &mut r2));
+        if matches!(s.arch, SynthArch::Gemma2 | SynthArch::Gemma3) {
+            tensors.push(norm(n("post_attention_norm"), s.dim, &mut r2));
+            tensors.push(norm(n("post_ffw_norm"), s.dim, &mut r2));
+        }
         if s.arch.experts() {
             let (e, f) = (s.experts.0, s.ffn_dim / 2);
             // The router in f32, as llama.cpp's quantizer leaves it.

@@ -31,7 +31,20 @@ class Model:
         # Qwen3: NEOX's RoPE, no biases, each Q and K head RMS-normed before it.
         # Phi-3: NEOX's RoPE, Q, K and V in one matrix, the gate and up projections in one
         # (Hugging Face's qkv_proj and gate_up_proj: the gate's rows first).
-        self.neox = a in ("qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe")
+        self.neox = a in ("qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
+        # Gemma (Hugging Face's GemmaForCausalLM and its 2 and 3): NEOX's RoPE, the embeddings
+        # times sqrt(hidden) (the normalizer), GELU's tanh form on the gate; Gemma 2 and 3 norm
+        # each block's output before the residual add, window some layers' attention
+        # (Gemma 2 every even layer, Gemma 3 five of six, on rope_local_base_freq 10,000),
+        # and Gemma 2 soft-caps the scores and the logits. (GGUF's norm weights already
+        # hold Gemma's 1 + w.)
+        self.gemma = a.startswith("gemma")
+        get = lambda k, d=None: field(r, f"{a}.{k}") if f"{a}.{k}" in r.fields else d
+        self.window = int(get("attention.sliding_window", 0)) if a in ("gemma2", "gemma3") else 0
+        self.period = {"gemma2": 2, "gemma3": 6}.get(a, 0)
+        self.local_base = 10000.0 if a == "gemma3" else None
+        self.attn_cap = get("attn_logit_softcapping")
+        self.final_cap = get("final_logit_softcapping")
         # Mixtures of experts (Hugging Face's Qwen3MoeSparseMoeBlock, Qwen2MoeSparseMoeBlock):
         # a softmax over every expert's router score, the top k, their weights
         # renormalized (Qwen3-MoE's norm_topk_prob; Qwen2-MoE's are not), and Qwen2-MoE's
@@ -87,11 +100,25 @@ class Model:
     def rms(self, x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
 
-    def rope(self, x, pos):
+    def windowed(self, i):
+        return self.window > 0 and i % self.period < self.period - 1
+
+    def rope(self, x, pos, local=False):
         # x: [T, heads, hd]; its first n_rot dimensions turn (Hugging Face's q_rot, the rest
         # its q_pass): adjacent pairs (2i, 2i+1), GGUF's Llama layout, or halves
         # (i, i + n_rot/2) for NEOX's (Hugging Face's `rotate_half`).
         rot = self.n_rot
+        if local:
+            # Gemma 3's windowed layers: their own base, no scaling.
+            inv = 1.0 / self.local_base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+            ang = pos[:, None].astype(np.float64) * inv[None, :]
+            c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+            half = rot // 2
+            a, b = x[..., :half], x[..., half:rot]
+            out = x.copy()
+            out[..., :half] = a * c - b * s
+            out[..., half:rot] = a * s + b * c
+            return out
         inv = 1.0 / self.base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
         # Llama 3.1's scaling: each pair's frequency over its factor (`rope_freqs.weight`),
         # as Hugging Face's `_compute_llama3_parameters` gives them; and linear scaling.
@@ -133,8 +160,12 @@ class Model:
     def forward(self, ids):
         T = len(ids)
         x = self.w["token_embd.weight"][ids]
+        if self.gemma:
+            x = x * np.float32(np.sqrt(self.dim))
         pos = np.arange(T)
         mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+        # A windowed layer's query at t sees keys t - window < s <= t.
+        wmask = mask + np.tril(np.full((T, T), -np.inf, dtype=np.float32), -self.window) if self.window else mask
         g = self.n_heads // self.n_kv
         for i in range(self.n_layers):
             p = f"blk.{i}."
@@ -151,13 +182,20 @@ class Model:
             if p + "attn_q_norm.weight" in self.w:
                 # Hugging Face's Qwen3Attention: q_norm and k_norm over each head, before RoPE.
                 q, k = self.rms(q, self.w[p + "attn_q_norm.weight"]), self.rms(k, self.w[p + "attn_k_norm.weight"])
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            local = self.windowed(i) and self.local_base is not None
+            q, k = self.rope(q, pos, local), self.rope(k, pos, local)
             k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-            att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd) + mask
+            att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd)
+            if self.attn_cap:
+                att = self.attn_cap * np.tanh(att / self.attn_cap)
+            att = att + (wmask if self.windowed(i) else mask)
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
             o = np.einsum("hts,shd->thd", att, v).reshape(T, self.n_heads * self.hd)
-            x = x + o @ self.w[p + "attn_output.weight"].T
+            o = o @ self.w[p + "attn_output.weight"].T
+            if p + "post_attention_norm.weight" in self.w:
+                o = self.rms(o, self.w[p + "post_attention_norm.weight"])
+            x = x + o
             h = self.rms(x, self.w[p + "ffn_norm.weight"])
             if p + "ffn_gate_inp.weight" in self.w:
                 x = x + self.moe(h, p)
@@ -167,8 +205,18 @@ class Model:
                 up = h @ self.w[p + "ffn_up.weight"].T
             else:
                 gt, up = np.split(h @ self.w[p + "ffn_up.weight"].T, 2, axis=-1)
-            x = x + (gt / (1 + np.exp(-gt)) * up) @ self.w[p + "ffn_down.weight"].T
-        return self.rms(x[-1], self.w["output_norm.weight"]) @ self.out.T
+            if self.gemma:
+                act = 0.5 * gt * (1 + np.tanh(np.sqrt(2 / np.pi) * (gt + 0.044715 * gt ** 3)))
+            else:
+                act = gt / (1 + np.exp(-gt))
+            f = (act * up) @ self.w[p + "ffn_down.weight"].T
+            if p + "post_ffw_norm.weight" in self.w:
+                f = self.rms(f, self.w[p + "post_ffw_norm.weight"])
+            x = x + f
+        logits = self.rms(x[-1], self.w["output_norm.weight"]) @ self.out.T
+        if self.final_cap:
+            logits = self.final_cap * np.tanh(logits / self.final_cap)
+        return logits
 
 
     def moe(self, h, p):

@@ -12,7 +12,6 @@
 
 use super::{HeadTask, Width, PARTS};
 use crate::kv::KvCache;
-use crate::ops;
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -281,9 +280,12 @@ impl HeadTask<'_> {
         qrow: &[f32],
         o: &mut [f32],
     ) {
-        let (layer, kvh, hd, n) = (self.layer, self.kvh, self.hd, self.n);
+        let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
+        // From the block holding the first position seen, as `HeadTask::run`.
+        let (lo, b0) = (self.lo(self.n), self.lo(self.n) / 16);
+        let (n, off) = (self.n - b0 * 16, lo - b0 * 16);
         let mut scores = vec![0f32; n * G];
-        let blocks = &self.table[..n.div_ceil(16)];
+        let blocks = &self.table[b0..self.n.div_ceil(16)];
         let mut block = [[0f32; 16]; G];
         assert!(qrow.len() >= G * hd && o.len() >= G * hd);
         for (bi, &blk) in blocks.iter().enumerate() {
@@ -298,7 +300,7 @@ impl HeadTask<'_> {
             }
         }
         for sg in scores.chunks_exact_mut(n) {
-            ops::softmax(sg);
+            self.weigh(sg, off);
         }
         let rows = blocks.iter().enumerate().map(|(bi, &blk)| {
             let (_, vb) = kv.head_block(layer, blk, kvh);
@@ -324,11 +326,16 @@ impl HeadTask<'_> {
         o: [&mut [f32]; R],
     ) {
         let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
-        let n_of = |r: usize| self.n + r;
+        // From the block holding the first row's first position seen (the rows after it
+        // see from there or later): row r's positions from there, and how many of them
+        // (`off(r)`) it does not see.
+        let b0 = self.lo(self.n) / 16;
+        let n_of = |r: usize| self.n + r - b0 * 16;
+        let off = |r: usize| self.lo(self.n + r) - b0 * 16;
         let n_max = n_of(R - 1);
         // Scores of query (r, g) at `((r·G + g)·n_max ..)[.. n_of(r)]`.
         let mut scores = vec![0f32; R * G * n_max];
-        let blocks = &self.table[..n_max.div_ceil(16)];
+        let blocks = &self.table[b0..(self.n + R - 1).div_ceil(16)];
         let mut block = [[[0f32; 16]; G]; R];
         assert!(q.iter().all(|q| q.len() >= G * hd));
         assert!(o.iter().all(|o| o.len() >= G * hd));
@@ -359,7 +366,7 @@ impl HeadTask<'_> {
         }
         for r in 0..R {
             for g in 0..G {
-                ops::softmax(&mut scores[(r * G + g) * n_max..][..n_of(r)]);
+                self.weigh(&mut scores[(r * G + g) * n_max..][..n_of(r)], off(r));
             }
         }
         let weights = |r: usize, bi: usize| -> [&[f32]; G] {
