@@ -34,6 +34,12 @@
 // positions 0..=positions[r] of its sequence seq_of_row[r].
 // attention_decode: one row per sequence (row r is sequence r), as in decode steps.
 //
+// A sliding window (window > 0: Gemma 2's and 3's windowed layers) leaves row r the
+// positions lo..=positions[r], lo = positions[r] + 1 − window (from 0): keys below lo are
+// neither read nor counted, and chunks wholly below lo are not attended (an empty chunk's
+// state would leave the merge as it is, so the bits are those of attending them). A soft
+// cap (softcap > 0: Gemma 2's) makes each scaled score cap · tanh(score / cap).
+//
 // MAX_GROUP (query heads per KV head) and MAX_DPL (head_dim / 32) size the per-thread
 // state and the merge; the loader sets them to the model's values (-D) so that no
 // register is unused, else these general limits apply.
@@ -74,13 +80,13 @@ __device__ __forceinline__ void unpack8(uint4 q, float* f) {
     }
 }
 
-// Key j's and value j's 8 dimensions from d0 for this lane (zeros past the keys, or for
-// lanes past head_dim), at table entry jb, slot js.
+// Key j's and value j's 8 dimensions from d0 for this lane (zeros outside the keys
+// lo..n_keys, or for lanes past head_dim), at table entry jb, slot js.
 __device__ __forceinline__ void fetch(const half_t* __restrict__ kc, const half_t* __restrict__ vc,
-                                      const int* __restrict__ table, int j, int n_keys, bool dims,
-                                      int kvh, int n_kv_heads, int block_size, int head_dim,
-                                      int d0, int jb, int js, uint4& k, uint4& v) {
-    if (j < n_keys && dims) {
+                                      const int* __restrict__ table, int j, int lo, int n_keys,
+                                      bool dims, int kvh, int n_kv_heads, int block_size,
+                                      int head_dim, int d0, int jb, int js, uint4& k, uint4& v) {
+    if (j >= lo && j < n_keys && dims) {
         int blk = table[jb];
         size_t at = (((size_t)blk * n_kv_heads + kvh) * block_size + js) * head_dim + d0;
         k = *reinterpret_cast<const uint4*>(kc + at);
@@ -91,12 +97,13 @@ __device__ __forceinline__ void fetch(const half_t* __restrict__ kc, const half_
     }
 }
 
-// One chunk, keys [k0, k1): every slice's online-softmax state into the shared arrays
-// (slices in turn over the block's warps), then a barrier.
+// One chunk, keys [k0, k1) (those from lo): every slice's online-softmax state into the
+// shared arrays (slices in turn over the block's warps), then a barrier.
 __device__ __forceinline__ void attend_chunk(
     const float (&qv)[MAX_GROUP][8], const half_t* __restrict__ kc,
-    const half_t* __restrict__ vc, const int* __restrict__ table, int k0, int n_keys, int kvh,
-    int n_kv_heads, int head_dim, int block_size, int group, float (*sm_m)[MAX_GROUP],
+    const half_t* __restrict__ vc, const int* __restrict__ table, int k0, int lo, int n_keys,
+    int kvh, int n_kv_heads, int head_dim, int block_size, int group, float softcap,
+    float (*sm_m)[MAX_GROUP],
     float (*sm_l)[MAX_GROUP], float (*sm_acc)[MAX_GROUP][MAX_DPL * 32]) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nw = min((int)(blockDim.x >> 5), MAX_WARPS);
@@ -122,10 +129,10 @@ __device__ __forceinline__ void attend_chunk(
         int j = k0 + slice * kpw + kg, jb = j / block_size, js = j - jb * block_size;
         int step_b = streams / block_size, step_s = streams - step_b * block_size;
         uint4 kn = make_zero4(), vn = make_zero4();
-        fetch(kc, vc, table, j, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb, js,
-              kn, vn);
+        fetch(kc, vc, table, j, lo, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb,
+              js, kn, vn);
         for (int first = k0 + slice * kpw; first < n_keys; first += streams) {
-            bool live = first + kg < n_keys;
+            bool live = first + kg >= lo && first + kg < n_keys;
             uint4 kq = kn, vq = vn;
             j += streams;
             jb += step_b;
@@ -134,8 +141,8 @@ __device__ __forceinline__ void attend_chunk(
                 js -= block_size;
                 ++jb;
             }
-            fetch(kc, vc, table, j, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0, jb,
-                  js, kn, vn);
+            fetch(kc, vc, table, j, lo, n_keys, dims, kvh, n_kv_heads, block_size, head_dim, d0,
+                  jb, js, kn, vn);
             float kk[8], vv[8];
             unpack8(kq, kk);
             unpack8(vq, vv);
@@ -150,6 +157,7 @@ __device__ __forceinline__ void attend_chunk(
                 for (int o = 1; o < 16; o <<= 1)
                     if (o < lpk) s += __shfl_xor_sync(FULL_MASK, s, o);
                 if (!live) continue;
+                if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
                 if (s > m[g]) {
                     float c = expf(m[g] - s);
                     l[g] *= c;
@@ -198,14 +206,15 @@ __device__ __forceinline__ void attend_chunk(
     __syncthreads();
 }
 
-// Row `row`'s attention for KV head kvh over its n_keys keys, into out_row; `part` and
-// `arrive` are the split launches' partial states and arrival counts (see the top).
+// Row `row`'s attention for KV head kvh over its n_keys keys (the last `window` of them,
+// where window > 0), into out_row; `part` and `arrive` are the split launches' partial
+// states and arrival counts (see the top).
 __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict__ kc,
                        const half_t* __restrict__ vc, const int* __restrict__ table, int n_keys,
                        int kvh, int n_kv_heads, int head_dim, int block_size, int group,
-                       float scale, half_t* __restrict__ out_row, int row,
-                       float* __restrict__ part, int* __restrict__ arrive, int part_rows,
-                       int part_chunks) {
+                       float scale, int window, float softcap, half_t* __restrict__ out_row,
+                       int row, float* __restrict__ part, int* __restrict__ arrive,
+                       int part_rows, int part_chunks) {
     __shared__ float sm_m[MAX_WARPS][MAX_GROUP];
     __shared__ float sm_l[MAX_WARPS][MAX_GROUP];
     __shared__ float sm_acc[MAX_WARPS][MAX_GROUP][MAX_DPL * 32];
@@ -217,9 +226,11 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     __shared__ int last;
     int width = group * head_dim;
     int chunks = (n_keys + CHUNK_KEYS - 1) / CHUNK_KEYS;
+    int lo = window > 0 ? max(0, n_keys - window) : 0;
+    int c0 = lo / CHUNK_KEYS;  // the first chunk with a key seen
     int parts = 1;
     if (gridDim.z > 1 && row < part_rows && chunks <= part_chunks)
-        parts = min((int)gridDim.z, chunks);
+        parts = min((int)gridDim.z, chunks - c0);
     int z = blockIdx.z;
     if (z >= parts) return;  // the whole block: no barrier is left waiting
     int lane = threadIdx.x & 31;
@@ -243,10 +254,10 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
     // This (row, KV head)'s partial states: [chunk][element][m, l, a].
     float* mine =
         parts > 1 ? part + ((size_t)row * n_kv_heads + kvh) * part_chunks * width * 3 : nullptr;
-    for (int c = z; c < chunks; c += parts) {
+    for (int c = c0 + z; c < chunks; c += parts) {
         int k0 = c * CHUNK_KEYS;
-        attend_chunk(qv, kc, vc, table, k0, min(n_keys, k0 + CHUNK_KEYS), kvh, n_kv_heads,
-                     head_dim, block_size, group, sm_m, sm_l, sm_acc);
+        attend_chunk(qv, kc, vc, table, k0, lo, min(n_keys, k0 + CHUNK_KEYS), kvh, n_kv_heads,
+                     head_dim, block_size, group, softcap, sm_m, sm_l, sm_acc);
         // The chunk's slices merged in slice order: thread i takes elements i, i +
         // blockDim.x, ...
         for (int e = threadIdx.x; e < width; e += blockDim.x) {
@@ -277,7 +288,7 @@ __device__ void attend(const float* __restrict__ q_row, const half_t* __restrict
         if (!last_to_arrive(arrive + row * n_kv_heads + kvh, parts, &last)) return;
         for (int e = threadIdx.x; e < width; e += blockDim.x) {
             float M = -INFINITY, L = 0.0f, A = 0.0f;
-            for (int c = 0; c < chunks; ++c) {
+            for (int c = c0; c < chunks; ++c) {
                 const float* at = mine + ((size_t)c * width + e) * 3;
                 merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
             }
@@ -300,16 +311,17 @@ extern "C" __global__ void attention_prefill(const float* __restrict__ q, int q_
                                              const u32* __restrict__ positions,
                                              half_t* __restrict__ out, int max_blocks,
                                              int n_heads, int n_kv_heads, int head_dim,
-                                             int block_size, float scale,
-                                             float* __restrict__ part, int* __restrict__ arrive,
-                                             int part_rows, int part_chunks) {
+                                             int block_size, float scale, int window,
+                                             float softcap, float* __restrict__ part,
+                                             int* __restrict__ arrive, int part_rows,
+                                             int part_chunks) {
     pdl_begin();
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc,
            block_tables + (size_t)seq_of_row[r] * max_blocks, (int)positions[r] + 1, kvh,
-           n_kv_heads, head_dim, block_size, group, scale, out + (size_t)r * n_heads * head_dim,
-           r, part, arrive, part_rows, part_chunks);
+           n_kv_heads, head_dim, block_size, group, scale, window, softcap,
+           out + (size_t)r * n_heads * head_dim, r, part, arrive, part_rows, part_chunks);
 }
 
 extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_stride,
@@ -319,13 +331,15 @@ extern "C" __global__ void attention_decode(const float* __restrict__ q, int q_s
                                             const u32* __restrict__ positions,
                                             half_t* __restrict__ out, int max_blocks,
                                             int n_heads, int n_kv_heads, int head_dim,
-                                            int block_size, float scale,
-                                            float* __restrict__ part, int* __restrict__ arrive,
-                                            int part_rows, int part_chunks) {
+                                            int block_size, float scale, int window,
+                                            float softcap, float* __restrict__ part,
+                                            int* __restrict__ arrive, int part_rows,
+                                            int part_chunks) {
     pdl_begin();
     int r = blockIdx.x, kvh = blockIdx.y;
     int group = n_heads / n_kv_heads;
     attend(q + (size_t)r * q_stride, kc, vc, block_tables + (size_t)r * max_blocks,
-           (int)positions[r] + 1, kvh, n_kv_heads, head_dim, block_size, group, scale,
-           out + (size_t)r * n_heads * head_dim, r, part, arrive, part_rows, part_chunks);
+           (int)positions[r] + 1, kvh, n_kv_heads, head_dim, block_size, group, scale, window,
+           softcap, out + (size_t)r * n_heads * head_dim, r, part, arrive, part_rows,
+           part_chunks);
 }

@@ -27,6 +27,12 @@
 // same arithmetic; a tile's chunks are those of its last row (a chunk past a row's keys
 // is an empty state, which merging leaves unchanged).
 //
+// A sliding window (window > 0) masks each row's keys below its own lo = position + 1 −
+// window as it masks those past its last; the tile's key blocks and chunks start at its
+// first row's lo (a block or chunk below a row's lo leaves its state as it is, so each
+// row's bits are still its own). A soft cap (softcap > 0) makes each scaled score
+// cap · tanh(score / cap), as attention.cu.
+//
 // Precision: queries are rounded to f16 (unscaled; S is scaled in f32) and the softmax
 // weights p are rounded to f16 for P·V (their sum is kept in f32), as FlashAttention
 // does. head_dim must be a multiple of 16 and at most MAX_DPL · 32.
@@ -66,9 +72,9 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
                                         const u32* __restrict__ positions,
                                         half_t* __restrict__ out, int max_blocks, int n_heads,
                                         int n_kv_heads, int head_dim, int block_size,
-                                        float scale, float* __restrict__ part,
-                                        int* __restrict__ arrive, int part_rows,
-                                        int part_chunks) {
+                                        float scale, int window, float softcap,
+                                        float* __restrict__ part, int* __restrict__ arrive,
+                                        int part_rows, int part_chunks) {
     pdl_begin();
     // As uint4, for 16-byte alignment (the keys are stored 16 bytes at a time).
     __shared__ uint4 ks4[TC_KEYS * TC_KS / 8];
@@ -85,9 +91,11 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
     int pos0 = (int)positions[r];
     int n_keys = pos0 + np;  // the tile's last row's keys
     int chunks = (n_keys + CHUNK_KEYS - 1) / CHUNK_KEYS;
+    int lo0 = window > 0 ? max(0, pos0 + 1 - window) : 0;  // the tile's first row's lo
+    int c0 = lo0 / CHUNK_KEYS;
     int parts = 1;
     if (gridDim.z > 1 && r + np - 1 < part_rows && chunks <= part_chunks)
-        parts = min((int)gridDim.z, chunks);
+        parts = min((int)gridDim.z, chunks - c0);
     int z = blockIdx.z;
     if (z >= parts) return;
     const int* table = block_tables + (size_t)seq_of_row[r] * max_blocks;
@@ -101,10 +109,13 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
     // This lane's two matrix rows (g8 and g8 + 8 of the warp's 16), their keys, and
     // their queries as A fragments (k = head dimension).
     int mr[2] = {warp * 16 + g8, warp * 16 + g8 + 8};
-    int row_keys[2];
+    int row_keys[2], row_lo[2];
     u32 qa[TC_HD / 16][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row_keys[h] = mr[h] < rows_m ? pos0 + mr[h] / group + 1 : 0;
+    for (int h = 0; h < 2; ++h) {
+        row_keys[h] = mr[h] < rows_m ? pos0 + mr[h] / group + 1 : 0;
+        row_lo[h] = window > 0 ? max(0, row_keys[h] - window) : 0;
+    }
 #pragma unroll
     for (int s = 0; s < TC_HD / 16; ++s) {
         float v[2][4];
@@ -143,14 +154,14 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
                        g * head_dim + d) * 3;
     };
 
-    for (int c = z; c < chunks; c += parts) {
+    for (int c = c0 + z; c < chunks; c += parts) {
         int k0 = c * CHUNK_KEYS, k1 = min(n_keys, k0 + CHUNK_KEYS);
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
         float o[TC_HD / 8][4];
 #pragma unroll
         for (int n = 0; n < TC_HD / 8; ++n)
             for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
-        for (int kb = k0; kb < k1; kb += TC_KEYS) {
+        for (int kb = max(k0, lo0 / TC_KEYS * TC_KEYS); kb < k1; kb += TC_KEYS) {
             // Stage keys [kb, kb + 64) (zeros past the tile's keys): K row-major, V
             // transposed, so that both B operands are pairs of consecutive halves.
             __syncthreads();  // the previous block's reads are done
@@ -158,7 +169,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
             for (int i = threadIdx.x; i < TC_KEYS * per_key; i += blockDim.x) {
                 int kk = i / per_key, d0 = (i - kk * per_key) * 8, j = kb + kk;
                 uint4 kv4, vv4;
-                if (j < k1) {
+                if (j >= lo0 && j < k1) {
                     int blk = table[j / block_size];
                     size_t at =
                         (((size_t)blk * n_kv_heads + kvh) * block_size + j % block_size) *
@@ -203,7 +214,9 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         int j = kb + n * 8 + 2 * t4 + e;
-                        float x = j < row_keys[h] ? sc[n][2 * h + e] * scale : -INFINITY;
+                        float x = j >= row_lo[h] && j < row_keys[h] ? sc[n][2 * h + e] * scale
+                                                                    : -INFINITY;
+                        if (softcap > 0.0f && x != -INFINITY) x = softcap * tanhf(x / softcap);
                         sc[n][2 * h + e] = x;
                         mx = fmaxf(mx, x);
                     }
@@ -292,7 +305,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
             int mrow = e / head_dim, d = e - mrow * head_dim;
             int p = mrow / group, g = mrow % group;
             float M = -INFINITY, L = 0.0f, A = 0.0f;
-            for (int c = 0; c < chunks; ++c) {
+            for (int c = c0; c < chunks; ++c) {
                 const float* at = part_at(p, c, g, d);
                 merge(M, L, A, __ldcg(at), __ldcg(at + 1), __ldcg(at + 2));
             }

@@ -33,6 +33,9 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
 // (k_w), head_dim floats each, at the start of its row of the product (`stride` floats a
 // row). The value heads after them are left as they are.
 //
+// Also a block's output rows in place (Gemma 2's and 3's post-norms): one "head" of the
+// row's width, n_kv_heads 0 (k_w is then not read).
+//
 // One warp per (row, head), as add_rmsnorm's rows: the head's sum of squares by shuffles
 // (add_rms_row), then a second pass from L1 scales it. Launch: n_rows · (n_heads +
 // n_kv_heads) warps, blockDim.x / 32 a block.

@@ -464,10 +464,7 @@ fn norm_rows(x: &Acts, w: &[f32], eps: f32, out: &mut Acts) {
 /// Each `w.len()`-wide row of `x` RMS-normed by `w`, in place (a block's output before the
 /// residual add: Gemma 2's and 3's post-norms).
 fn norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let norm = |r: &mut [f32]| {
-        let src = r.to_vec();
-        ops::rmsnorm(&src, w, eps, r);
-    };
+    let norm = |r: &mut [f32]| ops::head_rmsnorm(r, w, eps);
     if x.len() < PAR_ROWS * w.len() {
         x.chunks_mut(w.len()).for_each(norm);
     } else {

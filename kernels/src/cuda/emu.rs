@@ -1012,7 +1012,7 @@ mod tests {
         // buffer as the input and the output of a kernel whose pointers are restrict.
         let (both, ids) = (e.zeros::<f32>(64).unwrap(), e.zeros::<u32>(2048).unwrap());
         for (kernel, threads, args, want) in [
-            ("embed", 32, vec![out.arg()], "takes 4 arguments"),
+            ("embed", 32, vec![out.arg()], "takes 5 arguments"),
             ("no_such_kernel", 32, vec![], "no_such_kernel"),
             (
                 "embed",

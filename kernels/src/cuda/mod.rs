@@ -87,7 +87,7 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "swiglu",
         code: include_str!("../../cuda/swiglu.cu"),
-        entries: &["swiglu"],
+        entries: &["swiglu", "geglu", "softcap"],
     },
     Source {
         name: "gemv",

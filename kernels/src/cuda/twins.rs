@@ -116,12 +116,12 @@ pub fn build_batch(
     o
 }
 
-/// Twin of `embed`.
-pub fn embed(table: &[f16], tokens: &[u32], dim: usize) -> Vec<f32> {
+/// Twin of `embed` (each row times `scale`: Gemma's √dim, else 1).
+pub fn embed(table: &[f16], tokens: &[u32], dim: usize, scale: f32) -> Vec<f32> {
     tokens
         .iter()
         .flat_map(|&t| table[t as usize * dim..(t as usize + 1) * dim].iter())
-        .map(|h| h.to_f32())
+        .map(|h| h.to_f32() * scale)
         .collect()
 }
 
@@ -170,8 +170,9 @@ pub fn head_rmsnorm(qkv: &mut [f32], stride: usize, n_rows: usize, c: &LlamaConf
 
 /// Twin of `rope_kv_write` into one layer's cache: adds `bias` (q|k|v, where the model
 /// has one) to each row of `qkv` in place (`stride` floats per row: q heads, k heads, v
-/// heads), rotates its q and k heads in place (the pairs past the turned ones, partial
-/// RoPE's, multiplied by [`LlamaConfig::rope_pass`]'s scale instead) and writes the rotated
+/// heads), rotates its q and k heads in place (by the windowed layers' own frequencies
+/// where `local`: [`LlamaConfig::rope_inv_freq_local`]; the pairs past the turned ones,
+/// partial RoPE's, multiplied by [`LlamaConfig::rope_pass`]'s scale instead) and writes the rotated
 /// keys and the values to the paged cache at the row's slot (none where it is −1).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
@@ -184,9 +185,13 @@ pub fn rope_kv_write(
     c: &LlamaConfig,
     block_size: usize,
     bias: Option<&[f32]>,
+    local: bool,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-    let inv_freq = c.rope_inv_freq();
+    let inv_freq = match local {
+        true => c.rope_inv_freq_local(),
+        false => c.rope_inv_freq(),
+    };
     let (turned, pass) = c.rope_pass();
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
@@ -219,7 +224,9 @@ pub fn rope_kv_write(
     }
 }
 
-/// Twin of `attention_prefill` (and of `attention_decode`, with `seq_of_row[r] = r`).
+/// Twin of `attention_prefill` (and of `attention_decode`, with `seq_of_row[r] = r`) for
+/// layer `layer` (its sliding window, [`LlamaConfig::window_at`], and the model's soft cap
+/// on the scores, where it has them).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -231,6 +238,7 @@ pub fn attention(
     positions: &[u32],
     max_blocks: usize,
     c: &LlamaConfig,
+    layer: usize,
     block_size: usize,
 ) -> Vec<f16> {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
@@ -241,6 +249,7 @@ pub fn attention(
     for (r, &pos) in positions.iter().enumerate() {
         let table = &block_tables[seq_of_row[r] as usize * max_blocks..][..max_blocks];
         let n = pos as usize + 1;
+        let lo = c.window_at(layer).map_or(0, |w| n.saturating_sub(w));
         for h in 0..nh {
             let kvh = h / group;
             let qh = &q[r * q_stride + h * hd..][..hd];
@@ -249,21 +258,54 @@ pub fn attention(
                 ((blk * nkv + kvh) * block_size + j % block_size) * hd
             };
             scores.clear();
-            scores.extend((0..n).map(|j| {
+            scores.extend((lo..n).map(|j| {
                 let kb = &kc[at(j)..][..hd];
-                qh.iter()
+                let s = qh
+                    .iter()
                     .zip(kb)
                     .map(|(a, b)| a * scale * b.to_f32())
-                    .sum::<f32>()
+                    .sum::<f32>();
+                c.attn_softcap.map_or(s, |cap| cap * (s / cap).tanh())
             }));
             crate::ops::softmax(&mut scores);
             for d in 0..hd {
-                let s: f32 = (0..n).map(|j| scores[j] * vc[at(j) + d].to_f32()).sum();
+                let s: f32 = (lo..n)
+                    .zip(&scores)
+                    .map(|(j, p)| p * vc[at(j) + d].to_f32())
+                    .sum();
                 out[(r * nh + h) * hd + d] = f16::from_f32(s);
             }
         }
     }
     out
+}
+
+/// Twin of `geglu` (GELU's tanh form, as `x / (1 + e^(−2y))`), or of `swiglu` for
+/// [`Activation::Silu`](crate::model::Activation::Silu).
+pub fn glu(act: crate::model::Activation, gu: &[f32], rows: usize, ffn: usize) -> Vec<f16> {
+    if act == crate::model::Activation::Silu {
+        return swiglu(gu, rows, ffn);
+    }
+    let mut out = Vec::with_capacity(rows * ffn);
+    for r in 0..rows {
+        let (g, u) = gu[r * 2 * ffn..(r + 1) * 2 * ffn].split_at(ffn);
+        out.extend(g.iter().zip(u).map(|(&x, &u)| {
+            let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+            f16::from_f32(x / (1.0 + (-2.0 * y).exp()) * u)
+        }));
+    }
+    out
+}
+
+/// Twin of `softcap`.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
+/// Twin of `head_rmsnorm` over a block's output rows (`dim` wide, one "head" a row, in
+/// place): Gemma's post-norms.
+pub fn post_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    crate::ops::head_rmsnorm(x, w, eps);
 }
 
 /// Twin of `swiglu`.
@@ -598,6 +640,9 @@ pub struct TwinLayer {
     /// The same four matrices in the file's own blocks, each where the CPU holds them
     /// with the file's values (a stack where its parts are one matrix there).
     pub quant: LayerQuant,
+    /// The norms of the attention's and the feed-forward block's outputs (Gemma 2's and
+    /// 3's), where the model has them.
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// A mixture of experts as the CUDA backend holds it: the router in f16, the experts'
@@ -1084,6 +1129,10 @@ impl TwinModel {
                 } else {
                     LayerQuant::default()
                 },
+                post_norms: l
+                    .post_norms
+                    .as_ref()
+                    .map(|p| (p.attn.clone(), p.ffn.clone())),
             })
         });
         let layers = layers.collect::<Option<Vec<TwinLayer>>>()?;
@@ -1123,7 +1172,7 @@ impl TwinModel {
         let staging = stage(batch, max_blocks);
         let (s, t) = (batch.seqs.len(), batch.tokens.len());
         let inp = build_batch(&staging, &[], s, t, max_blocks, kv.block_size);
-        let mut x = embed(&self.embed, &inp.tokens, d);
+        let mut x = embed(&self.embed, &inp.tokens, d, c.embed_scale);
         let mut delta: Option<Vec<f32>> = None;
         for (li, l) in self.layers.iter().enumerate() {
             let h = add_rmsnorm(&mut x, delta.as_deref(), &l.attn_norm, None, d, c.rms_eps);
@@ -1142,6 +1191,7 @@ impl TwinModel {
                 c,
                 kv.block_size,
                 l.qkv_bias.as_deref(),
+                c.local_rope_at(li),
             );
             let a = attention(
                 &qkv,
@@ -1153,18 +1203,26 @@ impl TwinModel {
                 &inp.positions,
                 max_blocks,
                 c,
+                li,
                 kv.block_size,
             );
-            let o = gemm(&a, &l.wo, t, qd, d);
+            let mut o = gemm(&a, &l.wo, t, qd, d);
+            if let Some((attn, _)) = &l.post_norms {
+                post_norm(&mut o, attn, c.rms_eps);
+            }
             let h = add_rmsnorm(&mut x, Some(&o), &l.ffn_norm, None, d, c.rms_eps);
-            delta = Some(match &l.moe {
+            let mut out = match &l.moe {
                 Some(moe) => moe.forward(&h, t, d),
                 None => {
                     let gu = gemm(&h, &l.w_gate_up, t, d, 2 * f);
-                    let g = swiglu(&gu, t, f);
+                    let g = glu(c.act, &gu, t, f);
                     gemm(&g, &l.w_down, t, f, d)
                 }
-            });
+            };
+            if let Some((_, ffn)) = &l.post_norms {
+                post_norm(&mut out, ffn, c.rms_eps);
+            }
+            delta = Some(out);
         }
         // The last residual add and the final norm, of the rows that want logits only.
         let n_logits = batch.n_logits();
@@ -1177,7 +1235,10 @@ impl TwinModel {
             d,
             c.rms_eps,
         );
-        let logits = gemm(&h, &self.output, n_logits, d, c.vocab);
+        let mut logits = gemm(&h, &self.output, n_logits, d, c.vocab);
+        if let Some(cap) = c.final_softcap {
+            softcap(&mut logits, cap);
+        }
         (logits, h.iter().map(|v| v.to_f32()).collect())
     }
 }

@@ -29,6 +29,7 @@ fn attention_builds<E: Exec>(general: &E, fitted: &E) {
         (general, wide),
         (general, odd),
         (fitted, smol()),
+        (fitted, windowed()),
     ] {
         // Wider blocks; chunks spread over 2 and 5 blocks (with 5, only the first half of
         // the rows may split: the rest keep one block); more blocks than any row's chunks.
@@ -75,6 +76,21 @@ fn same_bits_for_every_launch<E: Exec>(
             if tc { "attention_tc, " } else { "" },
             c.head_dim
         );
+    }
+}
+
+/// SmolLM2's attention on a sliding window of 200 positions (Gemma 2's and 3's windowed
+/// layers): the short rows' first keys, and the long rows' first chunks, fall outside it),
+/// with a soft cap of 4 on the scores (Gemma 2's).
+fn windowed() -> LlamaConfig {
+    LlamaConfig {
+        window: Some(kernels::model::SlidingWindow {
+            size: 200,
+            period: 0,
+            rope_base: None,
+        }),
+        attn_softcap: Some(4.0),
+        ..smol()
     }
 }
 
@@ -199,6 +215,7 @@ fn attention_case<E: Exec>(
             &inp.positions,
             max_blocks,
             &c,
+            0,
             bs,
         );
         let (qd, tb, sr, pd) = (
@@ -222,6 +239,8 @@ fn attention_case<E: Exec>(
             i(c.head_dim),
             i(bs),
             Arg::F32(scale),
+            i(c.window_at(0).unwrap_or(0)),
+            Arg::F32(c.attn_softcap.unwrap_or(0.0)),
         ]);
         // Partial states poisoned (a merge of one never written shows as NaN), arrival
         // counts zeroed as the backend allocates them.
@@ -314,4 +333,5 @@ fn tensor_core_builds<E: Exec>(general: &E, fitted: &E) {
             (128, Spread::Blocks(64)),
         ],
     );
+    same_bits_for_every_launch(fitted, &windowed(), true, &[(128, Spread::HalfRows(5))]);
 }

@@ -203,12 +203,15 @@ fn embed_case<E: Exec>(g: &E) {
         .map(f16::from_f32)
         .collect();
     let toks: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
-    let want = twins::embed(&table, &toks, dim);
     let (td, tk) = (up(g, &table), up(g, &toks));
-    let x = up(g, &vec![f32::NAN; t * dim]);
-    let args = [td.arg(), tk.arg(), x.arg(), i(dim)];
-    g.launch("embed", cfg(t as u32, 256), &args).unwrap();
-    assert_eq!(down(g, &x), want, "{}", g.describe());
+    // Unscaled, and by Gemma's √dim.
+    for scale in [1.0, (dim as f32).sqrt()] {
+        let want = twins::embed(&table, &toks, dim, scale);
+        let x = up(g, &vec![f32::NAN; t * dim]);
+        let args = [td.arg(), tk.arg(), x.arg(), i(dim), Arg::F32(scale)];
+        g.launch("embed", cfg(t as u32, 256), &args).unwrap();
+        assert_eq!(down(g, &x), want, "{}, scale {scale}", g.describe());
+    }
 }
 
 #[test]
@@ -334,6 +337,7 @@ fn rope_kv<E: Exec>(
         c,
         bs,
         bias.as_deref(),
+        false,
     );
     let n_threads = (t * c.head_dim / 2) as u32;
     let (turned, pass_scale) = c.rope_pass();
@@ -517,6 +521,21 @@ fn swiglu_case<E: Exec>(g: &E) {
         g.launch("swiglu", launch, &args).unwrap();
         let e = rel(&f32s(&down(g, &out)), &f32s(&want));
         assert!(e < 2e-3, "{}: {t}×{ffn}: {e}", g.describe());
+        // Gemma's GeGLU, on the same launch.
+        let want = twins::glu(kernels::model::Activation::GeluTanh, &gu, t, ffn);
+        let out = up(g, &nan16(t * ffn));
+        let args = [gd.arg(), out.arg(), i(t), i(ffn)];
+        g.launch("geglu", launch, &args).unwrap();
+        let e = rel(&f32s(&down(g, &out)), &f32s(&want));
+        assert!(e < 2e-3, "{}: geglu {t}×{ffn}: {e}", g.describe());
+        // Gemma 2's soft cap, in place over the same rows (as logits).
+        let mut capped = gu[..t * ffn].to_vec();
+        twins::softcap(&mut capped, 3.0);
+        let x = up(g, &gu[..t * ffn]);
+        let args = [x.arg(), i(t), i(ffn), Arg::F32(3.0)];
+        g.launch("softcap", launch, &args).unwrap();
+        let e = rel(&down(g, &x), &capped);
+        assert!(e < 1e-5, "{}: softcap {t}×{ffn}: {e}", g.describe());
     }
 }
 

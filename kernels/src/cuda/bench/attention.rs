@@ -140,6 +140,8 @@ fn attention_launch<E: Exec>(
         i(hd),
         i(bs),
         Arg::F32(0.125),
+        i(0),
+        Arg::F32(0.0),
         part.arg(),
         arrive.arg(),
         i(part_rows),

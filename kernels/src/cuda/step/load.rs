@@ -64,6 +64,10 @@ impl<E: Exec> Device<E> {
                             .transpose()?,
                     ),
                     quant,
+                    l.post_norms
+                        .as_ref()
+                        .map(|(a, f)| Ok::<_, ExecError>((e.upload(a)?, e.upload(f)?)))
+                        .transpose()?,
                 ))
             })
             .collect::<Result<Vec<_>, ExecError>>()?;
@@ -126,6 +130,10 @@ impl<E: Exec> Device<E> {
         let embed = e.upload(&twin.embed)?;
         let output_norm = e.upload(&twin.output_norm)?;
         let rope_inv_freq = e.upload(&c.rope_inv_freq())?;
+        let rope_inv_freq_local = match c.window.and_then(|w| w.rope_base) {
+            Some(_) => Some(e.upload(&c.rope_inv_freq_local())?),
+            None => None,
+        };
         let output = e.upload(&twin.output)?;
         let output_q = twin
             .output_q
@@ -154,7 +162,7 @@ impl<E: Exec> Device<E> {
         let layers = weights
             .into_iter()
             .map(
-                |((attn_norm, wqkv, wo, ffn_norm, ffn, bqkv, qk_norm), quant)| {
+                |((attn_norm, wqkv, wo, ffn_norm, ffn, bqkv, qk_norm), quant, post_norms)| {
                     let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
                     Ok(Layer {
                         attn_norm,
@@ -170,6 +178,7 @@ impl<E: Exec> Device<E> {
                         w_down_q,
                         k_cache: e.zeros(kv_len)?,
                         v_cache: e.zeros(kv_len)?,
+                        post_norms,
                     })
                 },
             )
@@ -191,6 +200,7 @@ impl<E: Exec> Device<E> {
             embed,
             output_norm,
             rope_inv_freq,
+            rope_inv_freq_local,
             output_norm_host: twin.output_norm.clone(),
             output,
             output_q,

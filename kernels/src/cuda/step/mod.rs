@@ -42,7 +42,7 @@ use super::exec::{Arg, DevBuf, Exec, ExecError};
 use super::gemv::{self, Input, QuantBuf, RopeKv};
 use super::staging::Layout;
 use super::{norm_launch, swiglu_launch};
-use crate::model::LlamaConfig;
+use crate::model::{Activation, LlamaConfig};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 pub use moe::MAX_EXPERTS;
@@ -69,6 +69,9 @@ struct Layer<E: Exec> {
     w_down_q: Vec<QuantBuf<E>>,
     k_cache: E::Buf<f16>,
     v_cache: E::Buf<f16>,
+    /// The norms of the attention's and the feed-forward block's outputs (Gemma 2's and
+    /// 3's), where the model has them: `head_rmsnorm` over each output row, in place.
+    post_norms: Option<(E::Buf<f32>, E::Buf<f32>)>,
 }
 
 /// A layer's feed-forward block on the device.
@@ -139,6 +142,8 @@ pub struct Device<E: Exec> {
     /// RoPE's frequency per rotation pair ([`LlamaConfig::rope_inv_freq`]: the file's
     /// factors or scale applied), which the kernels that rotate read.
     rope_inv_freq: E::Buf<f32>,
+    /// The windowed layers' own frequencies, where the model has them (Gemma 3's).
+    rope_inv_freq_local: Option<E::Buf<f32>>,
     /// The output norm's weights on the host too (hidden states are normalized there).
     output_norm_host: Vec<f32>,
     output: E::Buf<f16>,
@@ -276,6 +281,7 @@ impl<E: Exec> Device<E> {
             layers,
             output_norm,
             rope_inv_freq,
+            rope_inv_freq_local,
             output,
             output_q,
             block_size,
@@ -321,7 +327,13 @@ impl<E: Exec> Device<E> {
         e.launch(
             "embed",
             rows(t as u32, 256),
-            &[embed.arg(), b.tokens.arg(), b.x.arg(), di],
+            &[
+                embed.arg(),
+                b.tokens.arg(),
+                b.x.arg(),
+                di,
+                Arg::F32(c.embed_scale),
+            ],
         )?;
         let (nh, nkv, hd) = (
             Arg::I32(c.n_heads as i32),
@@ -329,7 +341,7 @@ impl<E: Exec> Device<E> {
             Arg::I32(c.head_dim as i32),
         );
         let scale = Arg::F32(c.attention_scale());
-        let (fi, inv_freq) = (Arg::I32(f as i32), rope_inv_freq.arg());
+        let fi = Arg::I32(f as i32);
         let (turned, pass_scale) = c.rope_pass();
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
@@ -345,10 +357,27 @@ impl<E: Exec> Device<E> {
         };
         // The QKV product's fused RoPE computes unscaled frequencies, adds no biases and
         // norms no heads; a model whose file scales them, has biases on Q, K and V or norms
-        // its Q and K heads takes rope_kv_write (after head_rmsnorm), which does.
-        let plain = layers
-            .iter()
-            .all(|l| l.bqkv.is_none() && l.qk_norm.is_none() && matches!(l.ffn, Ffn::Dense { .. }));
+        // its Q and K heads takes rope_kv_write (after head_rmsnorm), which does. The fused
+        // products add each block's output to the residual as it is, and gate by silu:
+        // Gemma's (post-norms, GELU, a windowed layer's own RoPE base) take the kernels
+        // one by one.
+        let plain = layers.iter().all(|l| {
+            l.bqkv.is_none()
+                && l.qk_norm.is_none()
+                && l.post_norms.is_none()
+                && matches!(l.ffn, Ffn::Dense { .. })
+        }) && c.act == Activation::Silu
+            && rope_inv_freq_local.is_none();
+        let (qd_i, di_1) = (Arg::I32(1), Arg::I32(0));
+        // A block's output rows normed in place (Gemma's post-norms): head_rmsnorm with one
+        // head the row's width.
+        let post_norm = |e: &mut E, o: &E::Buf<f32>, w: &E::Buf<f32>| {
+            e.launch(
+                "head_rmsnorm",
+                norm_launch(t),
+                &[o.arg(), di, ti, qd_i, di_1, di, w.arg(), Arg::Null, eps],
+            )
+        };
         let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && plain;
         for (li, w) in layers.iter_mut().enumerate() {
             // h = rmsnorm(x += the previous layer's down output).
@@ -425,7 +454,10 @@ impl<E: Exec> Device<E> {
                         nkv,
                         hd,
                         bsi,
-                        inv_freq,
+                        match (c.local_rope_at(li), &*rope_inv_freq_local) {
+                            (true, Some(local)) => local.arg(),
+                            _ => rope_inv_freq.arg(),
+                        },
                         Arg::I32(turned as i32),
                         Arg::F32(pass_scale),
                         w.bqkv.as_ref().map_or(Arg::Null, |b| b.arg()),
@@ -461,6 +493,8 @@ impl<E: Exec> Device<E> {
                     hd,
                     bsi,
                     scale,
+                    Arg::I32(c.window_at(li).unwrap_or(0) as i32),
+                    Arg::F32(c.attn_softcap.unwrap_or(0.0)),
                     b.part.arg(),
                     b.arrive.arg(),
                     Arg::I32(split.rows as i32),
@@ -477,6 +511,9 @@ impl<E: Exec> Device<E> {
                 qd,
                 d,
             )?;
+            if let Some((attn, _)) = &w.post_norms {
+                post_norm(e, &b.o, attn)?;
+            }
             if let (true, Ffn::Dense { w_gate_up, w_down }) = (fuse, &w.ffn) {
                 let input = Input::Norm {
                     x: &b.x2,
@@ -509,11 +546,11 @@ impl<E: Exec> Device<E> {
                     (Ffn::Dense { w_gate_up, w_down }, _) => {
                         let weights = (w_gate_up, w.w_gate_up_q.as_slice());
                         product(e, small, &b.h, weights, &mut b.gu, t, d, 2 * f)?;
-                        e.launch(
-                            "swiglu",
-                            swiglu_launch(t, f),
-                            &[b.gu.arg(), b.g.arg(), ti, fi],
-                        )?;
+                        let act = match c.act {
+                            Activation::Silu => "swiglu",
+                            Activation::GeluTanh => "geglu",
+                        };
+                        e.launch(act, swiglu_launch(t, f), &[b.gu.arg(), b.g.arg(), ti, fi])?;
                         let weights = (w_down, w.w_down_q.as_slice());
                         product(e, small, &b.g, weights, &mut b.o, t, f, d)?;
                     }
@@ -534,6 +571,9 @@ impl<E: Exec> Device<E> {
                         ))
                     }
                 }
+            }
+            if let Some((_, ffn)) = &w.post_norms {
+                post_norm(e, &b.o, ffn)?;
             }
         }
         if n_logits == 0 {
@@ -569,6 +609,18 @@ impl<E: Exec> Device<E> {
             )?;
             let weights = (&*output, output_q.as_slice());
             product(e, small, &b.h, weights, &mut b.logits, n_logits, d, c.vocab)?;
+        }
+        if let Some(cap) = c.final_softcap {
+            e.launch(
+                "softcap",
+                swiglu_launch(n_logits, c.vocab),
+                &[
+                    b.logits.arg(),
+                    Arg::I32(n_logits as i32),
+                    Arg::I32(c.vocab as i32),
+                    Arg::F32(cap),
+                ],
+            )?;
         }
         if sample {
             self.enqueue_sample(lay, n_logits)?;
