@@ -583,11 +583,20 @@ fn sliding_window(g: &Gguf, arch: &str) -> Result<Option<SlidingWindow>, GgufErr
             "gemma2" => 2,
             _ => 6,
         },
-        Some(_) => g.get_u64(&key).map_err(|_| {
-            GgufError::Metadata(format!(
-                "{key} as a list of layers is not supported (a period only)"
-            ))
-        })? as usize,
+        // A list of the layers that are windowed (newer converters'): read as the period
+        // it follows.
+        Some(crate::gguf::Value::Array(layers)) => {
+            let windowed: Vec<bool> = layers
+                .iter()
+                .map(|v| matches!(v, crate::gguf::Value::Bool(true)))
+                .collect();
+            window_period(&windowed).ok_or_else(|| {
+                GgufError::Metadata(format!(
+                    "{key}: windowed layers in no period (every layer but the last of each run                      of n) are not supported"
+                ))
+            })?
+        }
+        Some(_) => g.get_u64(&key)? as usize,
     };
     let rope_base = match arch {
         "gemma3" => Some(
@@ -601,6 +610,21 @@ fn sliding_window(g: &Gguf, arch: &str) -> Result<Option<SlidingWindow>, GgufErr
         period,
         rope_base,
     }))
+}
+
+/// The period of a list of windowed layers ([`SlidingWindow::period`]): 0 where every layer
+/// is windowed, else the smallest `p` under which layer `i` is windowed just when
+/// `i % p < p − 1`; `None` where no period gives the list.
+fn window_period(windowed: &[bool]) -> Option<usize> {
+    if windowed.iter().all(|&w| w) {
+        return Some(0);
+    }
+    (1..=windowed.len()).find(|&p| {
+        windowed
+            .iter()
+            .enumerate()
+            .all(|(i, &w)| w == (i % p < p - 1))
+    })
 }
 
 /// Gemma 2's and 3's scale beside `1/√head_dim` ([`LlamaConfig::attn_scale`]): their
@@ -1275,6 +1299,39 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_windowed_layers_is_read_as_its_period() {
+        let gemma3: Vec<bool> = (0..26).map(|i| i % 6 != 5).collect();
+        assert_eq!(window_period(&gemma3), Some(6));
+        let gemma2: Vec<bool> = (0..26).map(|i| i % 2 == 0).collect();
+        assert_eq!(window_period(&gemma2), Some(2));
+        assert_eq!(window_period(&[true; 4]), Some(0));
+        assert_eq!(window_period(&[false; 4]), Some(1));
+        assert_eq!(window_period(&[true, false, false, true]), None);
+        let c = LlamaConfig {
+            window: Some(SlidingWindow {
+                size: 512,
+                period: 6,
+                rope_base: Some(1e4),
+            }),
+            ..LlamaConfig::smollm2_135m()
+        };
+        let at: Vec<Option<usize>> = (0..7).map(|l| c.window_at(l)).collect();
+        assert_eq!(
+            at,
+            [
+                Some(512),
+                Some(512),
+                Some(512),
+                Some(512),
+                Some(512),
+                None,
+                Some(512)
+            ]
+        );
+        assert!(c.local_rope_at(0) && !c.local_rope_at(5));
+    }
 
     #[test]
     fn a_sliding_window_shorter_than_the_context_is_the_context_served() {

@@ -243,6 +243,8 @@ pub const LAUNCH_THREADS: &[(&str, u32)] = &[
     ("attention_decode", 512),
     ("attention_tc", 256),
     ("swiglu", 256),
+    ("geglu", 256),
+    ("softcap", 256),
     ("moe_route", 256),
     ("moe_sort", 256),
     ("moe_gemv", 256),
