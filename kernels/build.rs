@@ -15,7 +15,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Emulator builds: a name and the attention kernel's `MAX_GROUP`, `MAX_DPL`,
-/// `MAX_WARPS` (the sources' general defaults; SmolLM2-135M's; the tiny synthetic model's).
+/// `MAX_WARPS` (the sources' general defaults; SmolLM2-135M's; the tiny synthetic model's;
+/// heads 256 wide in pairs, Gemma's).
 /// The first builds every source; the others only the sources that read those constants
 /// ([`CONSTANTS`]: the attention kernels), and take every other kernel from the first
 /// (`emu.rs`'s `builds`), whose code would be the same.
@@ -23,6 +24,7 @@ const VARIANTS: &[(&str, usize, usize, usize)] = &[
     ("general", 8, 4, 4),
     ("g3d2w16", 3, 2, 16),
     ("g2d1w16", 2, 1, 16),
+    ("g2d8w8", 2, 8, 8),
 ];
 
 /// The sources' own headers (`kernels/cuda/*.cuh` but common.cuh), in the order each builds

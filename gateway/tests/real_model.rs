@@ -573,7 +573,8 @@ fn partial_rope_model_logits_match_the_numpy_reference() {
 /// Gemma 2 and Gemma 3: GeGLU, the embeddings scaled by √dim, NEOX's RoPE; Gemma 2's and
 /// 3's norms of each block's output and sliding windows of 16 positions (Gemma 2 on every
 /// other layer, with soft caps on the scores and the logits; Gemma 3 on five layers of
-/// six, those on RoPE base 10,000, with Q and K norms) over a prompt several windows long.
+/// six, those on RoPE base 10,000, with Q and K norms, heads 256 wide) over a prompt several
+/// windows long.
 /// The same weights without the window answer otherwise.
 #[test]
 fn gemma_models_logits_match_the_numpy_reference() {
@@ -587,10 +588,12 @@ fn gemma_models_logits_match_the_numpy_reference() {
         softcaps: Some((2.0, 3.0)),
         ..SynthSpec::tiny()
     };
+    // Heads 256 wide, as Gemma 3's 1B–12B (the GPU path's attention build for them).
     let gemma3 = SynthSpec {
         arch: SynthArch::Gemma3,
         n_layers: 6,
         window: Some(16),
+        head_dim: Some(256),
         ..SynthSpec::tiny()
     };
     let gemma = SynthSpec {
@@ -618,6 +621,14 @@ fn gemma_models_logits_match_the_numpy_reference() {
             _ => assert_eq!(windowed, [false, false]),
         }
         matches_the_reference(&m, &ids, &refs[0], &what, true, true);
+        if c.head_dim > 128 {
+            // The tensor-core attention stages heads up to 128 wide: refused, by name.
+            if let Some(mut be) = emulated_holding(&m, ExpertHolding::Auto) {
+                let tensor = kernels::cuda::backend::AttentionKernel::Tensor;
+                let err = be.set_attention(tensor).unwrap_err().to_string();
+                assert!(err.contains("heads up to 128 wide"), "{what}: {err}");
+            }
+        }
         if spec.window.is_none() {
             continue;
         }

@@ -47,7 +47,7 @@
 #define MAX_GROUP 8
 #endif
 #ifndef MAX_DPL
-#define MAX_DPL 4   // head_dim <= 128
+#define MAX_DPL 4   // head_dim <= 128 (the loader's builds: up to 8, head_dim 256)
 #endif
 // Slices per row, and the most warps per block (a launch with more leaves the extra idle;
 // one with fewer runs several slices per warp); the loader raises it where the model's
@@ -154,7 +154,7 @@ __device__ __forceinline__ void attend_chunk(
                 for (int t = 0; t < 8; ++t) s += qv[g][t] * kk[t];
                 // A butterfly within the lane group: every lane of it ends with the same sum.
 #pragma unroll
-                for (int o = 1; o < 16; o <<= 1)
+                for (int o = 1; o < 32; o <<= 1)
                     if (o < lpk) s += __shfl_xor_sync(FULL_MASK, s, o);
                 if (!live) continue;
                 if (softcap > 0.0f) s = softcap * tanhf(s / softcap);

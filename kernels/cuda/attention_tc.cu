@@ -48,7 +48,11 @@
 
 #define TC_KEYS 64                // keys per staged block (a divisor of CHUNK_KEYS)
 #define TC_ROWS 64                // matrix rows per block: 4 warps × 16
-#define TC_HD (MAX_DPL * 32)      // the largest head_dim
+// The largest head_dim: at most 128, whose staged keys and values fit the 48 KB of static
+// shared memory (the loader refuses this kernel for wider heads; a build for them, whose
+// MAX_DPL is larger, compiles it at 128 and it writes nothing for wider heads).
+#define TC_DPL (MAX_DPL > 4 ? 4 : MAX_DPL)
+#define TC_HD (TC_DPL * 32)
 #define TC_KS (TC_HD + 8)         // shared key row stride (halves): no bank conflicts
 #define TC_VS (TC_KEYS + 8)       // shared transposed value row stride (halves)
 
@@ -83,6 +87,7 @@ extern "C" __global__ void attention_tc(const float* __restrict__ q, int q_strid
     half_t* vt = reinterpret_cast<half_t*>(vt4);
     __shared__ int last;
     int r = blockIdx.x, kvh = blockIdx.y, n_rows = gridDim.x;
+    if (head_dim > TC_HD) return;  // refused by the loader (see TC_HD)
     int group = n_heads / n_kv_heads;
     int tile_pos = TC_ROWS / group;
     if (!tc_leads(seq_of_row, positions, r, tile_pos)) return;  // the whole block

@@ -450,7 +450,10 @@ impl Exec for Gpu {
 /// The attention kernel's limits: query heads per KV head, and head dimension (a multiple
 /// of 32, one warp's lanes times `MAX_DPL`).
 pub const MAX_GROUP: usize = 8;
-pub const MAX_HEAD_DIM: usize = 128;
+pub const MAX_HEAD_DIM: usize = 256;
+/// The widest heads `attention_tc` takes (its staged keys and values in 48 KB of shared
+/// memory); wider ones take `attention_prefill`.
+pub const MAX_TC_HEAD_DIM: usize = 128;
 
 /// `MAX_GROUP`, `MAX_DPL` and `MAX_WARPS` for a model (its group, head_dim / 32, and the
 /// most warps whose state fits in shared memory), or why the CUDA kernels cannot run it.
@@ -550,6 +553,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("groups of up to 8"));
+        // Gemma's heads 256 wide, in pairs: 8 lanes' dimensions each, 8 warps.
+        let gemma = LlamaConfig {
+            n_heads: 8,
+            n_kv_heads: 4,
+            head_dim: 256,
+            ..smol.clone()
+        };
+        assert_eq!(
+            attention_defines(&gemma).unwrap(),
+            [("MAX_GROUP", 2), ("MAX_DPL", 8), ("MAX_WARPS", 8)]
+        );
         let odd = LlamaConfig {
             head_dim: 80,
             ..smol

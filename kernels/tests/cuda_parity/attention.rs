@@ -15,6 +15,39 @@ fn attention_prefill_and_decode_match_their_twin() {
     }
 }
 
+/// Heads 256 wide (Gemma 3's 1B–12B, Gemma 2's 2B and 9B: 32 lanes a key, one key a warp
+/// at a time), in pairs on a KV head, in the build the backend loads for them: against the
+/// twin and the same bits for other launches, with a sliding window and soft cap and
+/// without.
+#[test]
+fn attention_on_heads_256_wide_matches_its_twin() {
+    let wide = wide_heads();
+    let windowed = LlamaConfig {
+        window: windowed().window,
+        attn_softcap: windowed().attn_softcap,
+        ..wide.clone()
+    };
+    let launches = [(256, Spread::One), (128, Spread::HalfRows(5))];
+    if let Some(fitted) = emu_for(&wide) {
+        same_bits_for_every_launch(&fitted, &wide, false, &launches);
+        same_bits_for_every_launch(&fitted, &windowed, false, &launches);
+    }
+    if let Some(fitted) = gpu_for(&wide) {
+        same_bits_for_every_launch(&fitted, &wide, false, &launches);
+        same_bits_for_every_launch(&fitted, &windowed, false, &launches);
+    }
+}
+
+/// 4 query heads on 2 KV heads, 256 wide (Gemma 2-2B's group, Gemma 3's head width).
+fn wide_heads() -> LlamaConfig {
+    LlamaConfig {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 256,
+        ..smol()
+    }
+}
+
 /// Each build against the twin at every launch width and split; and within a build, the
 /// same bits whatever the width (the keys' split into slices does not depend on it) and
 /// whatever the number of blocks a row's chunks are spread over (they are merged in chunk

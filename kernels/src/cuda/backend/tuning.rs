@@ -158,6 +158,14 @@ impl<E: Exec> CudaBackend<E> {
     /// Launches `kernel` for attention from the next step on (the decode graphs are
     /// captured again).
     pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<(), ExecError> {
+        let hd = self.dev.config.head_dim;
+        if kernel == AttentionKernel::Tensor && hd > crate::cuda::device::MAX_TC_HEAD_DIM {
+            return Err(ExecError::Bounds(format!(
+                "attention = \"tensor\" takes heads up to {} wide; this model's are {hd} \
+                 (attention = \"simt\" takes them)",
+                crate::cuda::device::MAX_TC_HEAD_DIM
+            )));
+        }
         self.dev.attention = kernel;
         self.recapture_all()?;
         Ok(())
