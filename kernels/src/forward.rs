@@ -393,26 +393,10 @@ impl Model {
 /// the pool).
 const PAR_ROWS: usize = 16;
 
-/// `o = down(silu(gate(h)) · up(h))` for `h`'s rows (`gate` and `up`: scratch, resized
-/// here).
+/// `o = down(act(gate(h)) · up(h))` for `h`'s rows (`gate` and `up`: scratch, resized
+/// here): SwiGLU, or Gemma's GeGLU.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn swiglu_block(
-    gate_up: &Projections,
-    down: &Matrix,
-    h: &mut Acts,
-    fused: &mut Vec<f32>,
-    gate: &mut Acts,
-    up: &mut Vec<f32>,
-    o: &mut Vec<f32>,
-    prec: ActPrecision,
-) {
-    use crate::model::Activation::Silu;
-    glu_block(Silu, gate_up, down, h, fused, gate, up, o, prec)
-}
-
-/// [`swiglu_block`] with the gate's activation `act` (GeGLU's GELU for Gemma).
-#[allow(clippy::too_many_arguments)]
-fn glu_block(
+pub(crate) fn glu_block(
     act: crate::model::Activation,
     gate_up: &Projections,
     down: &Matrix,

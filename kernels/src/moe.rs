@@ -13,8 +13,9 @@
 //! o[r]    = Σⱼ wⱼ · expert_eⱼ(h[r])  (+ σ(h[r]·g) · shared(h[r]))
 //! ```
 
-use crate::forward::swiglu_block;
+use crate::forward::glu_block;
 use crate::matmul::{matmul, ActPrecision, Acts};
+use crate::model::Activation::Silu;
 use crate::model::Experts;
 
 /// A step's buffers for its mixtures of experts.
@@ -96,7 +97,8 @@ pub fn mixture(
             s.xs.row_mut(i).copy_from_slice(h.row(r));
         }
         let expert = &x.experts[ex];
-        swiglu_block(
+        glu_block(
+            Silu,
             &expert.gate_up,
             &expert.down,
             &mut s.xs,
@@ -112,7 +114,8 @@ pub fn mixture(
         }
     }
     if let Some((gate, shared)) = &x.shared {
-        swiglu_block(
+        glu_block(
+            Silu,
             &shared.gate_up,
             &shared.down,
             h,
