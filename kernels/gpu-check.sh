@@ -171,6 +171,10 @@ engine_file qwen3-0.6b qwen3_0_6b 390
 # mixture's widths): the experts in the file's blocks (moe_tc_q4, the default), then as
 # Q8_0's values (moe_gemv_q8).
 engine_file qwen3moe-smol qwen3moe_smol 395
+# Gemma 3 (SmolLM2's width and depth, Gemma 3 1B's attention: 4 query heads of 256 on one
+# KV head, five layers of six on a window of 512): GeGLU, the post-norms, the windowed
+# layers' own RoPE table, the attention build for heads of 256.
+engine_file gemma3-smol gemma3_smol 398
 if [ $SECONDS -lt 400 ]; then
   q3m=$(dirname "$model")/qwen3moe-30b-layer.gguf
   if timeout 40 "$BIN/synth" "$q3m" qwen3moe_30b_layer >/dev/null; then
