@@ -136,6 +136,36 @@ async fn a_phi3_model_answers_a_chat_turn() {
     assert_eq!(prompt.iter().filter(|&&i| i == 1).count(), 1);
 }
 
+/// A Gemma 3–shaped file (`gemma3`: GeGLU, post-norms, windowed layers; a SentencePiece
+/// vocabulary with Gemma's turn tokens added, a template in Gemma's turn format) answers a
+/// chat turn on every engine backend, and `<end_of_turn>` stops an answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gemma3_model_answers_a_chat_turn() {
+    let template = "{{ bos_token }}{% for m in messages %}<start_of_turn>\
+        {{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}\
+        <end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+    let turns = ["<start_of_turn>", "<end_of_turn>"];
+    let (_scratch, path) =
+        chat_model_file_with("llama-spm", Some(template), SynthArch::Gemma3, &turns);
+    let loaded = kernels::load::load(&path).expect("the model loads");
+    assert_eq!(
+        loaded.model.config.act,
+        kernels::model::Activation::GeluTanh
+    );
+    let (text, prompt) = answers_a_chat_turn(&loaded).await;
+    assert_eq!(
+        text,
+        "<s><start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let end = loaded.tokenizer.encode("<end_of_turn>").expect("encodes");
+    assert_eq!(end.len(), 1, "one special token");
+    assert!(
+        loaded.tokenizer.stop_tokens.contains(&end[0]),
+        "<end_of_turn> ends a turn"
+    );
+    assert!(prompt.contains(&end[0]));
+}
+
 /// A Llama 2–shaped file (SentencePiece's vocabulary, Mistral's chat template, random
 /// weights) loads and answers a chat turn on every engine backend: the prompt is `<s>` and
 /// the template's `[INST]` turn as the tokenizer splits it, and the answer streams.
@@ -238,13 +268,21 @@ fn chat_model_file_with(
                 }
                 // llama.cpp's USER_DEFINED.
                 "tokenizer.ggml.token_type" => a.extend(added.iter().map(|_| Value::I32(4))),
+                // SentencePiece's scores, one a token (an added token's unused).
+                "tokenizer.ggml.scores" => a.extend(added.iter().map(|_| Value::F32(0.0))),
                 _ => {}
             }
         }
     }
     if let Some(template) = template {
-        let template = dir.join(format!("templates/{template}.jinja"));
-        let template = std::fs::read_to_string(template).expect("read");
+        // A template's text, or the name of one of llama.cpp's.
+        let template = match template.contains("{%") {
+            true => template.to_string(),
+            false => {
+                let path = dir.join(format!("templates/{template}.jinja"));
+                std::fs::read_to_string(path).expect("read")
+            }
+        };
         meta.retain(|(k, _)| k != "tokenizer.chat_template");
         meta.push(("tokenizer.chat_template".into(), Value::String(template)));
     }

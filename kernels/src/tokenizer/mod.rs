@@ -256,7 +256,8 @@ impl Tokenizer {
             .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
         let mut stop_tokens = vec![eos];
         // The turn and text ends of the chat formats: ChatML's, GPT-2's, Llama 3's (its
-        // end of turn, of a tool call's message, and of text), Phi-3's end of turn.
+        // end of turn, of a tool call's message, and of text), Phi-3's and Gemma's ends of
+        // turn.
         for name in [
             "<|im_end|>",
             "<|endoftext|>",
@@ -264,6 +265,7 @@ impl Tokenizer {
             "<|eom_id|>",
             "<|end_of_text|>",
             "<|end|>",
+            "<end_of_turn>",
         ] {
             if let Some(&i) = tokens.iter().position(|t| *t == name).as_ref() {
                 let i = i as u32;
