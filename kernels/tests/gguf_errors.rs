@@ -279,3 +279,61 @@ fn attention_the_engine_does_not_compute_is_refused_at_load() {
         "layer 0 has one of attn_q_norm and attn_k_norm without the other",
     );
 }
+
+/// A Gemma 3 file loads with its windowed layers and post-norms; one of a layer's
+/// post-norms without the other, or a list of windowed layers in no period, is refused
+/// by name.
+#[test]
+fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
+    use kernels::gguf::Value;
+    use kernels::synth::SynthArch;
+    let p = tmp("gemma3");
+    let spec = SynthSpec {
+        arch: SynthArch::Gemma3,
+        window: Some(8),
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let m = kernels::load::load(&p).expect("the file loads");
+    let c = &m.model.config;
+    assert_eq!((c.window_at(0), c.window_at(1)), (Some(8), Some(8)));
+    assert!(m
+        .model
+        .weights
+        .layers
+        .iter()
+        .all(|l| l.post_norms.is_some()));
+    let mut g = good.clone();
+    let from = b"blk.1.post_ffw_norm.weight";
+    let at = g.windows(from.len()).position(|w| w == from).unwrap();
+    g[at..at + from.len()].copy_from_slice(b"blk.1.post_ffX_norm.weight");
+    let bad = tmp("gemma3-one-post-norm");
+    std::fs::write(&bad, &g).unwrap();
+    let e = kernels::load::load(&bad)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("layer 1 has one of post_attention_norm and post_ffw_norm without the other"),
+        "{e}"
+    );
+    // Windowed layers as a list (newer converters'): a period is read, another list refused.
+    let key = "gemma3.attention.sliding_window_pattern";
+    let mut g = kernels::gguf::Gguf::open(&p).unwrap();
+    let mut list = |layers: [bool; 2]| {
+        let v = Value::Array(layers.into_iter().map(Value::Bool).collect());
+        g.metadata.insert(key.into(), v);
+        kernels::model::LlamaConfig::from_gguf(&g)
+    };
+    let c = list([true, false]).expect("every other layer windowed");
+    assert_eq!(
+        (c.window_at(0), c.window_at(1), c.window_at(2)),
+        (Some(8), None, Some(8))
+    );
+    let e = list([false, true]).err().expect("refused").to_string();
+    assert!(
+        e.contains(&format!("{key}: windowed layers in no period")),
+        "{e}"
+    );
+}
