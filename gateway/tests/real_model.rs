@@ -588,12 +588,15 @@ fn gemma_models_logits_match_the_numpy_reference() {
         softcaps: Some((2.0, 3.0)),
         ..SynthSpec::tiny()
     };
-    // Heads 256 wide, as Gemma 3's 1B–12B (the GPU path's attention build for them).
+    // Heads 256 wide, as Gemma 3's 1B–12B (the GPU path's attention build for them); its
+    // global layers' RoPE scaled linearly by 8, as Gemma 3 4B's and larger files write it
+    // (the windowed layers' stays unscaled).
     let gemma3 = SynthSpec {
         arch: SynthArch::Gemma3,
         n_layers: 6,
         window: Some(16),
         head_dim: Some(256),
+        rope_scaling: kernels::synth::SynthRope::Linear(8.0),
         ..SynthSpec::tiny()
     };
     let gemma = SynthSpec {

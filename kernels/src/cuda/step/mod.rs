@@ -13,10 +13,15 @@
 //! h[T,D]f16  = add_rmsnorm(x += previous layer's down output)
 //! qkv[T,Q+2K] = gemm(h, Wq|Wk|Wv)                           f32, one product
 //! rope_kv_write(qkv): (+ Q/K/V biases) rotate q, k in place; k, v → cache[slot_mapping]
-//! a[T,Q]f16  = attention(q = qkv rows) over the paged cache
+//! a[T,Q]f16  = attention(q = qkv rows) over the paged cache (a windowed layer's rows
+//!              over their last `window` positions)
 //! o[T,D]     = gemm(a, Wo);  h = add_rmsnorm(x += o)
 //! gu[T,2F]   = gemm(h, Wgate|up);  g[T,F]f16 = swiglu(gu);  d[T,D] = gemm(g, Wdown)
 //! ```
+//!
+//! (Gemma's: `embed` scales by √D, `geglu` for `swiglu`, and Gemma 2's and 3's post-norms,
+//! `head_rmsnorm` over o's and d's rows before each is added; Gemma 2's `softcap` over the
+//! logits.)
 //!
 //! (a mixture of experts' layer: the last line is `moe`'s router product, routing,
 //! sorting, the experts' products and their weighted sum into d).
@@ -368,14 +373,24 @@ impl<E: Exec> Device<E> {
                 && matches!(l.ffn, Ffn::Dense { .. })
         }) && c.act == Activation::Silu
             && rope_inv_freq_local.is_none();
-        let (qd_i, di_1) = (Arg::I32(1), Arg::I32(0));
+        let (one_head, no_heads) = (Arg::I32(1), Arg::I32(0));
         // A block's output rows normed in place (Gemma's post-norms): head_rmsnorm with one
         // head the row's width.
         let post_norm = |e: &mut E, o: &E::Buf<f32>, w: &E::Buf<f32>| {
             e.launch(
                 "head_rmsnorm",
                 norm_launch(t),
-                &[o.arg(), di, ti, qd_i, di_1, di, w.arg(), Arg::Null, eps],
+                &[
+                    o.arg(),
+                    di,
+                    ti,
+                    one_head,
+                    no_heads,
+                    di,
+                    w.arg(),
+                    Arg::Null,
+                    eps,
+                ],
             )
         };
         let fuse = fused(t, d) && fused(t, f) && !c.rope_scaled() && plain;
