@@ -331,7 +331,7 @@ fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
         (c.window_at(0), c.window_at(1), c.window_at(2)),
         (Some(8), None, Some(8))
     );
-    let e = list([false, true]).err().expect("refused").to_string();
+    let e = list([false, true]).expect_err("refused").to_string();
     assert!(
         e.contains(&format!("{key}: windowed layers in no period")),
         "{e}"
