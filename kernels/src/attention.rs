@@ -167,6 +167,20 @@ impl HeadTask<'_> {
         self.window.map_or(0, |w| n.saturating_sub(w))
     }
 
+    /// The row's blocks from the one holding its first position seen (`bs`-slot blocks),
+    /// the positions from there to its last (`n`), and how many of those, at the start, it
+    /// does not see (`off`).
+    #[inline(always)]
+    fn span(&self, bs: usize) -> (&[u32], usize, usize) {
+        let lo = self.lo(self.n);
+        let b0 = lo / bs;
+        (
+            &self.table[b0..self.n.div_ceil(bs)],
+            self.n - b0 * bs,
+            lo - b0 * bs,
+        )
+    }
+
     /// A row's scaled scores `s` (from the start of the block holding its first position
     /// seen, which is `off` slots in) into its softmax weights: capped where the layer caps
     /// them, the softmax over the positions seen, the `off` before them weighted 0.
@@ -191,13 +205,10 @@ impl HeadTask<'_> {
     fn run<const AVX2: bool>(&self, kv: &KvCache, qrow: &[f32], o: &mut [f32]) {
         let (layer, kvh, group, hd, scale) =
             (self.layer, self.kvh, self.group, self.hd, self.scale);
-        // From the block holding the first position seen: `n` positions from there, the
-        // first `off` of them not seen.
+        // From the block holding the first position seen.
         let bs = kv.block_size;
-        let (lo, b0) = (self.lo(self.n), self.lo(self.n) / bs);
-        let (n, off) = (self.n - b0 * bs, lo - b0 * bs);
+        let (blocks, n, off) = self.span(bs);
         let mut scores = vec![0f32; n * group];
-        let blocks = &self.table[b0..self.n.div_ceil(bs)];
         for g in 0..group {
             let qg = &qrow[g * hd..(g + 1) * hd];
             let sg = &mut scores[g * n..(g + 1) * n];

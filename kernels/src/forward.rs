@@ -183,10 +183,7 @@ fn project(
 impl Model {
     pub fn new(config: LlamaConfig, weights: Weights) -> Self {
         let inv_freq = config.rope_inv_freq();
-        let inv_freq_local = config
-            .window
-            .and_then(|w| w.rope_base)
-            .map(|_| config.rope_inv_freq_local());
+        let inv_freq_local = config.rope_inv_freq_local();
         Self {
             config,
             weights,

@@ -502,16 +502,13 @@ impl LlamaConfig {
     }
 
     /// The windowed layers' RoPE frequencies where they have a base of their own
-    /// ([`SlidingWindow::rope_base`]: unscaled, over every pair), else the model's.
-    pub fn rope_inv_freq_local(&self) -> Vec<f32> {
-        match self.window.and_then(|w| w.rope_base) {
-            Some(base) => {
-                let mut f = crate::ops::rope_inv_freq(self.turned_dims(), base);
-                f.resize(self.head_dim / 2, 0.0);
-                f
-            }
-            None => self.rope_inv_freq(),
-        }
+    /// ([`SlidingWindow::rope_base`]: unscaled, over every pair); `None` where they turn
+    /// by the model's ([`LlamaConfig::rope_inv_freq`]).
+    pub fn rope_inv_freq_local(&self) -> Option<Vec<f32>> {
+        let base = self.window?.rope_base?;
+        let mut f = crate::ops::rope_inv_freq(self.turned_dims(), base);
+        f.resize(self.head_dim / 2, 0.0);
+        Some(f)
     }
 
     /// The attention's score scale: `1/√head_dim`, times [`LlamaConfig::attn_scale`].

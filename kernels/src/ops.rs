@@ -1,5 +1,7 @@
 //! Elementwise and row operations of the Llama forward pass, on the CPU.
 
+use crate::model::Activation;
+
 /// `out = x / rms(x) · w`.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -65,32 +67,42 @@ pub fn rope_inv_freq(head_dim: usize, base: f32) -> Vec<f32> {
         .collect()
 }
 
-/// `g = silu(g) · u`, in place.
-pub fn swiglu(g: &mut [f32], u: &[f32]) {
+/// `g = act(g) · u`, in place: SwiGLU (`silu`) or Gemma's GeGLU (GELU in its tanh form:
+/// `x/2 · (1 + tanh(y))` with `y = √(2/π)(x + 0.044715 x³)`, computed as `x / (1 + e^(−2y))`,
+/// the same function).
+pub fn glu(act: Activation, g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx512() {
         // SAFETY: AVX-512F/BW detected.
-        return unsafe { swiglu_avx512(g, u) };
+        return unsafe { glu_avx512(act, g, u) };
     }
     #[cfg(target_arch = "x86_64")]
     if crate::quant::simd_path() != "scalar" {
         // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
-        return unsafe { swiglu_avx2(g, u) };
+        return unsafe { glu_avx2(act, g, u) };
     }
-    swiglu_body(g, u)
+    glu_body(act, g, u)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(g: &mut [f32], u: &[f32]) {
-    swiglu_body(g, u)
+unsafe fn glu_avx2(act: Activation, g: &mut [f32], u: &[f32]) {
+    glu_body(act, g, u)
 }
 
-/// The same loop 16 lanes wide (each lane's operations, and so its bits, unchanged).
+/// The same loops 16 lanes wide (each lane's operations, and so its bits, unchanged).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-unsafe fn swiglu_avx512(g: &mut [f32], u: &[f32]) {
-    swiglu_body(g, u)
+unsafe fn glu_avx512(act: Activation, g: &mut [f32], u: &[f32]) {
+    glu_body(act, g, u)
+}
+
+#[inline(always)]
+fn glu_body(act: Activation, g: &mut [f32], u: &[f32]) {
+    match act {
+        Activation::Silu => swiglu_body(g, u),
+        Activation::GeluTanh => geglu_body(g, u),
+    }
 }
 
 #[inline(always)]
@@ -100,44 +112,8 @@ fn swiglu_body(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// `g = act(g) · u`, in place: [`swiglu`] or [`geglu`] by the model's activation.
-pub fn glu(act: crate::model::Activation, g: &mut [f32], u: &[f32]) {
-    match act {
-        crate::model::Activation::Silu => swiglu(g, u),
-        crate::model::Activation::GeluTanh => geglu(g, u),
-    }
-}
-
 /// `√(2/π)`, GELU's tanh form's constant.
 const GELU_K: f32 = 0.797_884_6;
-
-/// `g = gelu(g) · u`, in place, GELU in its tanh form: `x/2 · (1 + tanh(y))` with
-/// `y = √(2/π)(x + 0.044715 x³)`, computed as `x / (1 + e^(−2y))` (the same function).
-pub fn geglu(g: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx512() {
-        // SAFETY: AVX-512F/BW detected.
-        return unsafe { geglu_avx512(g, u) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::simd_path() != "scalar" {
-        // SAFETY: AVX2 and FMA detected (the SIMD paths require them).
-        return unsafe { geglu_avx2(g, u) };
-    }
-    geglu_body(g, u)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_avx2(g: &mut [f32], u: &[f32]) {
-    geglu_body(g, u)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-unsafe fn geglu_avx512(g: &mut [f32], u: &[f32]) {
-    geglu_body(g, u)
-}
 
 #[inline(always)]
 fn geglu_body(g: &mut [f32], u: &[f32]) {
@@ -317,6 +293,7 @@ mod exp_tests {
 
 #[cfg(test)]
 mod simd_tests {
+    use crate::model::Activation::{GeluTanh, Silu};
     use crate::testutil::rand;
 
     fn bits(x: &[f32]) -> Vec<u32> {
@@ -343,7 +320,7 @@ mod simd_tests {
             let mut glu = g.clone();
             super::swiglu_body(&mut glu, &u);
             let mut got = g.clone();
-            super::swiglu(&mut got, &u);
+            super::glu(Silu, &mut got, &u);
             assert_eq!(bits(&got), bits(&glu), "swiglu, n = {n}");
             #[cfg(target_arch = "x86_64")]
             if crate::quant::has_avx2() {
@@ -351,7 +328,7 @@ mod simd_tests {
                 // SAFETY: AVX2 and FMA detected.
                 unsafe {
                     super::softmax_avx2(&mut s);
-                    super::swiglu_avx2(&mut w, &u);
+                    super::glu_avx2(Silu, &mut w, &u);
                 }
                 assert_eq!(bits(&s), bits(&soft), "softmax on AVX2, n = {n}");
                 assert_eq!(bits(&w), bits(&glu), "swiglu on AVX2, n = {n}");
@@ -359,13 +336,13 @@ mod simd_tests {
             let mut ge = g.clone();
             super::geglu_body(&mut ge, &u);
             let mut got = g.clone();
-            super::geglu(&mut got, &u);
+            super::glu(GeluTanh, &mut got, &u);
             assert_eq!(bits(&got), bits(&ge), "geglu, n = {n}");
             #[cfg(target_arch = "x86_64")]
             if crate::quant::has_avx2() {
                 let mut w = g.clone();
                 // SAFETY: AVX2 and FMA detected.
-                unsafe { super::geglu_avx2(&mut w, &u) };
+                unsafe { super::glu_avx2(GeluTanh, &mut w, &u) };
                 assert_eq!(bits(&w), bits(&ge), "geglu on AVX2, n = {n}");
             }
         }
@@ -376,7 +353,7 @@ mod simd_tests {
         let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.05).collect();
         let u: Vec<f32> = xs.iter().map(|x| 1.0 + 0.1 * x).collect();
         let mut got = xs.clone();
-        super::geglu(&mut got, &u);
+        super::glu(GeluTanh, &mut got, &u);
         for ((x, u), g) in xs.iter().zip(&u).zip(&got) {
             let x64 = *x as f64;
             let y = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));

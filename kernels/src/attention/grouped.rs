@@ -282,10 +282,8 @@ impl HeadTask<'_> {
     ) {
         let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
         // From the block holding the first position seen, as `HeadTask::run`.
-        let (lo, b0) = (self.lo(self.n), self.lo(self.n) / 16);
-        let (n, off) = (self.n - b0 * 16, lo - b0 * 16);
+        let (blocks, n, off) = self.span(16);
         let mut scores = vec![0f32; n * G];
-        let blocks = &self.table[b0..self.n.div_ceil(16)];
         let mut block = [[0f32; 16]; G];
         assert!(qrow.len() >= G * hd && o.len() >= G * hd);
         for (bi, &blk) in blocks.iter().enumerate() {

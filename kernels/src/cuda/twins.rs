@@ -188,9 +188,9 @@ pub fn rope_kv_write(
     local: bool,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-    let inv_freq = match local {
-        true => c.rope_inv_freq_local(),
-        false => c.rope_inv_freq(),
+    let inv_freq = match c.rope_inv_freq_local().filter(|_| local) {
+        Some(f) => f,
+        None => c.rope_inv_freq(),
     };
     let (turned, pass) = c.rope_pass();
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {

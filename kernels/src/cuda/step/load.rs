@@ -130,10 +130,7 @@ impl<E: Exec> Device<E> {
         let embed = e.upload(&twin.embed)?;
         let output_norm = e.upload(&twin.output_norm)?;
         let rope_inv_freq = e.upload(&c.rope_inv_freq())?;
-        let rope_inv_freq_local = match c.window.and_then(|w| w.rope_base) {
-            Some(_) => Some(e.upload(&c.rope_inv_freq_local())?),
-            None => None,
-        };
+        let rope_inv_freq_local = c.rope_inv_freq_local().map(|f| e.upload(&f)).transpose()?;
         let output = e.upload(&twin.output)?;
         let output_q = twin
             .output_q
