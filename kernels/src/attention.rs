@@ -6,7 +6,7 @@
 //! block's scores build up in registers across the key dimensions), takes the softmax,
 //! then sums the values weighted by it. Keys and values are f16 in the cache, widened to
 //! f32 (exactly) as they are read. For the common shapes (16-slot blocks, heads a
-//! multiple of 64 wide), on AVX-512 and AVX2 ([`grouped`], one source for both widths), a
+//! multiple of 16 wide), on AVX-512 and AVX2 ([`grouped`], one source for both widths), a
 //! task's query heads go together (in runs of up to 4), and a prompt's rows go in tiles of
 //! up to four ([`ROW_TILE`]) for each KV head: each key block is read and widened once for
 //! the tile's rows and heads, each value row once for two rows. Other shapes take a task's
@@ -296,7 +296,7 @@ pub(crate) fn attention(
 }
 
 /// [`attention`] with the grouped loops on `width`'s registers where the shapes fit
-/// (16-slot blocks, heads a multiple of 64 wide; a KV head's query heads in runs of 1–4,
+/// (16-slot blocks, heads a multiple of 16 wide; a KV head's query heads in runs of 1–4,
 /// `head_runs`), else (or for `None`) each query head on its own. Every row's output is
 /// the same bits either way.
 #[allow(clippy::too_many_arguments)]
@@ -315,7 +315,7 @@ fn attention_on(
     let scale = c.attention_scale();
     let gw = group * hd; // output width of one task
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let width = width.filter(|_| kv.block_size == 16 && hd % 64 == 0 && group >= 1);
+    let width = width.filter(|_| kv.block_size == 16 && hd % 16 == 0 && group >= 1);
     #[cfg(target_arch = "x86_64")]
     if let Some(w) = width {
         let tiles = row_tiles(batch, row_seq);
@@ -470,7 +470,7 @@ fn attention_rows(
                 ($($g:literal, $r:literal);*) => {
                     match (hn, o.len()) {
                         // SAFETY: the CPU has `width`'s features; the run's heads are G, the
-                        // cache's blocks 16 slots and the heads a multiple of 64 wide
+                        // cache's blocks 16 slots and the heads a multiple of 16 wide
                         // (checked by `attention_on`); each query and output row holds G·hd.
                         $(($g, $r) => unsafe { grouped::run_tile::<$g, $r>(width, &t, kv, q_of, o) },)*
                         _ => unreachable!("runs of 1-4 heads, tiles of 1-{ROW_TILE} rows"),
@@ -598,7 +598,7 @@ mod tests {
 
     /// A whole task (two KV heads, 37 positions over three blocks in a shuffled table)
     /// on each width gives the portable task's bits: three query heads a KV head 64 wide
-    /// (SmolLM2's), four 128 wide (Llama-3-8B's).
+    /// (SmolLM2's), four 128 wide (Llama-3-8B's), one 96 wide (Phi-3's), two 80 wide.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_grouped_task_gives_the_portable_tasks_bits() {
@@ -627,7 +627,7 @@ mod tests {
                 let (mut want, mut got) = (vec![0f32; G * hd], vec![0f32; G * hd]);
                 t.run::<false>(&kv, &q, &mut want);
                 // SAFETY: the CPU has `w`'s features; G query heads, 16-slot blocks, heads
-                // a multiple of 64 wide.
+                // a multiple of 16 wide.
                 unsafe { grouped::run_one::<G>(w, &t, &kv, &q, &mut got) };
                 assert_eq!(
                     got, want,
@@ -638,11 +638,16 @@ mod tests {
         for w in widths() {
             check::<3>(w, 64);
             check::<4>(w, 128);
+            // Phi-3's heads (96: AVX-512 in a pass of 64 and one of 32) and 80-wide ones
+            // (64 and 16).
+            check::<1>(w, 96);
+            check::<2>(w, 80);
         }
     }
 
     /// A prompt's rows together on each width (2-4 rows, groups of 1, 3 and 4 heads 64
-    /// wide and of 2 and 4 heads 128 wide, rows ending on both sides of a block's edge,
+    /// wide, of 2 and 4 heads 128 wide, of 1 and 2 heads 96 wide and of 3 heads 80 wide,
+    /// rows ending on both sides of a block's edge,
     /// stale values in the slots past them): each row's output is the portable task's
     /// bits for that row alone.
     #[cfg(target_arch = "x86_64")]
@@ -676,7 +681,7 @@ mod tests {
                 let mut got = vec![vec![0f32; G * hd]; R];
                 let outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
                 // SAFETY: the CPU has `w`'s features; G heads, 16-slot blocks, heads a
-                // multiple of 64 wide.
+                // multiple of 16 wide.
                 unsafe { grouped::run_tile::<G, R>(w, &t, &kv, |r| &qs[r][..], outs) };
                 for (r, got) in got.iter().enumerate() {
                     let alone = HeadTask { n: n0 + r, ..t };
@@ -699,13 +704,17 @@ mod tests {
                 check::<4, 2>(w, 128, n0);
                 check::<4, 4>(w, 128, n0);
                 check::<2, 3>(w, 128, n0);
+                check::<1, 4>(w, 96, n0);
+                check::<2, 2>(w, 96, n0);
+                check::<3, 3>(w, 80, n0);
             }
         }
     }
 
     /// A whole step's attention at SmolLM2's shape (9 query heads on 3 KV heads, 64
     /// wide), at Llama-3-8B's (heads 128 wide in groups of 4; 8 on 2 here) and at
-    /// Qwen2.5-0.5B's (14 on 2, 64 wide: groups of 7, in runs of 3 and 4): a prompt of 11
+    /// Qwen2.5-0.5B's (14 on 2, 64 wide: groups of 7, in runs of 3 and 4), at Phi-3's (a
+    /// KV head a query head, 96 wide; 4 here) and with 80-wide heads: a prompt of 11
     /// rows from position 5 (tiles of 4, 4 and 3 where the grouped loops run) beside
     /// one-row sequences, then the one-row sequences alone, on each width and with none;
     /// every row's output is its portable task's alone.
@@ -715,6 +724,8 @@ mod tests {
             check_step(9, 3, 64, prompt, None);
             check_step(8, 2, 128, prompt, None);
             check_step(14, 2, 64, prompt, None);
+            check_step(4, 4, 96, prompt, None);
+            check_step(6, 2, 80, prompt, None);
         }
     }
 
@@ -725,6 +736,7 @@ mod tests {
         for (window, cap) in [(3, None), (12, Some(0.5)), (1, None), (64, Some(0.5))] {
             check_step(9, 3, 64, true, Some((window, cap)));
             check_step(8, 2, 128, true, Some((window, cap)));
+            check_step(4, 4, 96, true, Some((window, cap)));
         }
     }
 

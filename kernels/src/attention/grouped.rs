@@ -1,5 +1,5 @@
 //! The query heads that share a KV head, and a prompt's rows, together (x86-64): for the
-//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 64; a KV
+//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 16, Phi-3's 96; a KV
 //! head's query heads in runs of 1–4) each key and value read from the cache is widened
 //! (f16 → f32) once for all of a task's queries instead of once per head and row.
 //!
@@ -19,12 +19,12 @@ use std::arch::x86_64::*;
 ///
 /// # Safety
 /// Every method needs the CPU features its width names ([`Width`]); they are inlined
-/// into functions compiled for them.
+/// into functions compiled for them ([`Lanes::value_sums`] is one itself).
 trait Lanes: Copy {
     /// Lanes a register (a divisor of 16).
     const N: usize;
     /// Registers a head's outputs are summed in at a time (at most 4): a head `hd` wide
-    /// takes `hd / (VALUE_REGS · N)` passes over its values.
+    /// takes `⌈hd / (VALUE_REGS · N)⌉` passes over its values, the last over what is left.
     const VALUE_REGS: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
@@ -35,14 +35,41 @@ trait Lanes: Copy {
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     unsafe fn add(self, b: Self) -> Self;
     unsafe fn store(self, p: *mut f32);
+    /// [`value_sums`] in a function of its own, compiled for this width and never
+    /// inlined: inlined into the grouped loops around it, the compiler kept its sums on
+    /// the stack, not in registers (a load and a store about every multiply-add; with its
+    /// own registers SmolLM2's 2,048-token prompt runs 1.2× as fast).
+    unsafe fn value_sums<'a, const G: usize, const R: usize>(
+        hd: usize,
+        blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+        out: [&mut [f32]; R],
+    );
 }
 
 /// [`Lanes`] for a register type from its intrinsics: `N` f16 load as a `$half` (by
 /// `$load_half`) and widen by `$widen`; the rest are the operations by name.
 macro_rules! lanes {
-    ($v:ty, $n:literal, $regs:literal, $half:ty, $load_half:ident, $widen:ident,
-     $zero:ident, $splat:ident, $load:ident, $fma:ident, $add:ident, $store:ident) => {
+    ($v:ty, $n:literal, $regs:literal, $features:literal, $half:ty, $load_half:ident,
+     $widen:ident, $zero:ident, $splat:ident, $load:ident, $fma:ident, $add:ident,
+     $store:ident) => {
         impl Lanes for $v {
+            #[inline(always)]
+            unsafe fn value_sums<'a, const G: usize, const R: usize>(
+                hd: usize,
+                blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+                out: [&mut [f32]; R],
+            ) {
+                #[target_feature(enable = $features)]
+                #[inline(never)]
+                unsafe fn on<'a, const G: usize, const R: usize>(
+                    hd: usize,
+                    blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+                    out: [&mut [f32]; R],
+                ) {
+                    value_sums::<$v, G, R>(hd, blocks, out)
+                }
+                on::<G, R>(hd, blocks, out)
+            }
             const N: usize = $n;
             const VALUE_REGS: usize = $regs;
             #[inline(always)]
@@ -81,6 +108,7 @@ lanes!(
     __m512,
     16,
     4,
+    "avx512f",
     __m256i,
     _mm256_loadu_si256,
     _mm512_cvtph_ps,
@@ -95,6 +123,7 @@ lanes!(
     __m256,
     8,
     2,
+    "avx2,fma,f16c",
     __m128i,
     _mm_loadu_si128,
     _mm256_cvtph_ps,
@@ -190,15 +219,15 @@ unsafe fn scores16_rows<V: Lanes, const G: usize, const R: usize>(
 /// all of them. A row's weights for a block may be fewer than another's (its last block),
 /// or none; each query's sum runs over its own slots in order, from zero, as in the
 /// portable loop. Where a head's outputs take more than `V`'s value registers (AVX2, or
-/// heads wider than 64),
-/// a block's values are taken `VALUE_REGS·N` dimensions at a time (the block's 2 KiB stay
-/// in L1 across the passes), those outputs' running sums loaded from `out` into registers
-/// and stored back ([`one_pass`]).
+/// heads wider than 64 on AVX-512), a block's values are taken `VALUE_REGS·N` dimensions
+/// at a time, and the last pass takes what is left (Phi-3's 96: 64, then 32), those
+/// outputs' running sums loaded from `out` into registers and stored back (the block's
+/// values stay in L1 across the passes; [`one_pass`]).
 ///
 /// # Safety
-/// `V`'s features; `hd` a multiple of `VALUE_REGS·N`; each `out[r].len() ≥ hd·G`; each
-/// block's values hold `hd` per weight of
-/// its longest row, and a row's heads have as many weights for a block.
+/// `V`'s features; `hd` a multiple of `N`; each `out[r].len() ≥ hd·G`; each block's
+/// values hold `hd` per weight of its longest row, and a row's heads have as many weights
+/// for a block.
 #[inline(always)]
 unsafe fn value_sums<'a, V: Lanes, const G: usize, const R: usize>(
     hd: usize,
@@ -209,50 +238,111 @@ unsafe fn value_sums<'a, V: Lanes, const G: usize, const R: usize>(
         o[..hd * G].fill(0.0);
         o.as_mut_ptr()
     });
-    let mut a = [[[V::zero(); 4]; G]; R];
-    let load_store = |a: &mut [[[V; 4]; G]; R], at: usize, store: bool| {
-        for (op, a) in op.iter().zip(a.iter_mut()) {
-            for (g, a) in a.iter_mut().enumerate() {
-                for (i, a) in a.iter_mut().enumerate().take(V::VALUE_REGS) {
-                    let o = op.add(hd * g + at + i * V::N);
-                    match store {
-                        true => a.store(o),
-                        false => *a = V::load(o),
-                    }
-                }
-            }
+    if one_pass::<V>(hd) {
+        // The outputs stay in registers from the first block to the last.
+        match V::VALUE_REGS {
+            4 => resident::<V, G, R, 4>(hd, blocks, op),
+            _ => resident::<V, G, R, 2>(hd, blocks, op),
         }
-    };
+        return;
+    }
     for (vb, p) in blocks {
-        let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
         for at in (0..hd).step_by(V::VALUE_REGS * V::N) {
             let vp = vb.as_ptr().add(at);
-            if !one_pass::<V>(hd) {
-                load_store(&mut a, at, false);
-            }
-            for s in 0..len {
-                let mut v = [V::zero(); 4];
-                for (i, v) in v.iter_mut().enumerate().take(V::VALUE_REGS) {
-                    *v = V::load_f16(vp.add(s * hd + i * V::N));
-                }
-                for (p, a) in p.iter().zip(a.iter_mut()) {
-                    if s < p[0].len() {
-                        for (pg, a) in p.iter().zip(a.iter_mut()) {
-                            let wv = V::splat(*pg.get_unchecked(s));
-                            for i in 0..V::VALUE_REGS {
-                                a[i] = wv.mul_add(v[i], a[i]);
-                            }
-                        }
-                    }
-                }
-            }
-            if !one_pass::<V>(hd) {
-                load_store(&mut a, at, true);
+            match ((hd - at) / V::N).min(V::VALUE_REGS) {
+                4 => pass::<V, G, R, 4>(vp, hd, &p, op, at),
+                3 => pass::<V, G, R, 3>(vp, hd, &p, op, at),
+                2 => pass::<V, G, R, 2>(vp, hd, &p, op, at),
+                _ => pass::<V, G, R, 1>(vp, hd, &p, op, at),
             }
         }
     }
-    if one_pass::<V>(hd) {
-        load_store(&mut a, 0, true);
+}
+
+/// [`value_sums`] where a head's outputs are `REGS` registers (`hd = REGS·N`): kept in
+/// them over every block, stored at the end.
+#[inline(always)]
+unsafe fn resident<'a, V: Lanes, const G: usize, const R: usize, const REGS: usize>(
+    hd: usize,
+    blocks: impl Iterator<Item = (&'a [f16], [[&'a [f32]; G]; R])>,
+    op: [*mut f32; R],
+) {
+    let mut a = [[[V::zero(); REGS]; G]; R];
+    for (vb, p) in blocks {
+        slots::<V, G, R, REGS>(vb.as_ptr(), hd, &p, &mut a);
+    }
+    sums_io::<V, G, R, REGS>(&mut a, op, hd, 0, true);
+}
+
+/// One pass of [`value_sums`] over a block: the `REGS·N` outputs a head from dimension
+/// `at` (where `vp` starts in the block's values) loaded, summed over the block's slots,
+/// stored back.
+#[inline(always)]
+unsafe fn pass<V: Lanes, const G: usize, const R: usize, const REGS: usize>(
+    vp: *const f16,
+    hd: usize,
+    p: &[[&[f32]; G]; R],
+    op: [*mut f32; R],
+    at: usize,
+) {
+    let mut a = [[[V::zero(); REGS]; G]; R];
+    sums_io::<V, G, R, REGS>(&mut a, op, hd, at, false);
+    slots::<V, G, R, REGS>(vp, hd, p, &mut a);
+    sums_io::<V, G, R, REGS>(&mut a, op, hd, at, true);
+}
+
+/// Loads (or, `store`, stores) the running sums of every row's heads' outputs
+/// `at..at + REGS·N` from (into) `op`.
+#[inline(always)]
+unsafe fn sums_io<V: Lanes, const G: usize, const R: usize, const REGS: usize>(
+    a: &mut [[[V; REGS]; G]; R],
+    op: [*mut f32; R],
+    hd: usize,
+    at: usize,
+    store: bool,
+) {
+    for (op, a) in op.iter().zip(a.iter_mut()) {
+        for (g, a) in a.iter_mut().enumerate() {
+            for (i, a) in a.iter_mut().enumerate() {
+                let o = op.add(hd * g + at + i * V::N);
+                match store {
+                    true => a.store(o),
+                    false => *a = V::load(o),
+                }
+            }
+        }
+    }
+}
+
+/// One block's slots into the running sums `a` (`REGS` registers a head, from the
+/// dimension `vp` starts at): each value read and widened once for every row's heads.
+///
+/// # Safety
+/// As [`value_sums`]; `vp` at a block's values, `REGS · N` dimensions of each slot
+/// readable from it.
+#[inline(always)]
+unsafe fn slots<V: Lanes, const G: usize, const R: usize, const REGS: usize>(
+    vp: *const f16,
+    hd: usize,
+    p: &[[&[f32]; G]; R],
+    a: &mut [[[V; REGS]; G]; R],
+) {
+    let len = p.iter().map(|p| p[0].len()).max().unwrap_or(0);
+    for s in 0..len {
+        let mut v = [V::zero(); REGS];
+        for (i, v) in v.iter_mut().enumerate() {
+            *v = V::load_f16(vp.add(s * hd + i * V::N));
+        }
+        for (p, a) in p.iter().zip(a.iter_mut()) {
+            if s < p[0].len() {
+                for (pg, a) in p.iter().zip(a.iter_mut()) {
+                    let wv = V::splat(*pg.get_unchecked(s));
+                    for i in 0..REGS {
+                        a[i] = wv.mul_add(v[i], a[i]);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -266,13 +356,13 @@ fn one_pass<V: Lanes>(hd: usize) -> bool {
 
 impl HeadTask<'_> {
     /// [`HeadTask::run`] for `G` query heads a KV head, 16-slot blocks and heads a
-    /// multiple of 64 wide:
+    /// multiple of 16 wide:
     /// the heads' scores block by block, each key read once for all of them, then their
     /// softmaxes, then their outputs, each value read once. The same bits.
     ///
     /// # Safety
     /// `V`'s features; `self.group == G`, the cache's blocks hold 16 slots, `self.hd` a
-    /// multiple of 64.
+    /// multiple of 16.
     #[inline(always)]
     unsafe fn run_grouped<V: Lanes, const G: usize>(
         &self,
@@ -306,7 +396,7 @@ impl HeadTask<'_> {
             assert!(vb.len() >= len * hd);
             (vb, [std::array::from_fn(|g| &scores[g * n + j0..][..len])])
         });
-        value_sums::<V, G, 1>(hd, rows, [o]);
+        V::value_sums::<G, 1>(hd, rows, [o]);
     }
 
     /// [`HeadTask::run_grouped`] for `R` consecutive rows of one sequence (a prompt's),
@@ -390,7 +480,7 @@ impl HeadTask<'_> {
                     .iter()
                     .enumerate()
                     .map(|(bi, &blk)| (values(blk), [weights(r, bi), weights(r + 1, bi)]));
-                value_sums::<V, G, 2>(hd, rows, [o0, o1]);
+                V::value_sums::<G, 2>(hd, rows, [o0, o1]);
                 r += 2;
             } else {
                 let Some(o0) = outs.next() else {
@@ -400,7 +490,7 @@ impl HeadTask<'_> {
                     .iter()
                     .enumerate()
                     .map(|(bi, &blk)| (values(blk), [weights(r, bi)]));
-                value_sums::<V, G, 1>(hd, rows, [o0]);
+                V::value_sums::<G, 1>(hd, rows, [o0]);
                 r += 1;
             }
         }
@@ -411,7 +501,7 @@ impl HeadTask<'_> {
 ///
 /// # Safety
 /// The CPU has `width`'s features; `t.group == G`, the cache's blocks hold 16 slots,
-/// `t.hd` a multiple of 64; `qrow` and `o` hold `G·hd`.
+/// `t.hd` a multiple of 16; `qrow` and `o` hold `G·hd`.
 pub(super) unsafe fn run_one<const G: usize>(
     width: Width,
     t: &HeadTask,
