@@ -144,6 +144,53 @@ mod avx2 {
     }
 }
 
+thread_local! {
+    /// This thread's buffer for a task's scores, kept from one task to the next
+    /// ([`Scores`]).
+    static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A task's scores, in this thread's buffer: taken for the task and given back when it
+/// ends, so that a long prompt's tasks (a 4,096-token prompt's tile of rows holds 190 KB of
+/// scores) neither allocate nor zero their scores each. What it holds at first is
+/// unspecified (NaN in debug builds, so that a test reading a score not written fails):
+/// every task writes each score it reads.
+struct Scores(Vec<f32>);
+
+impl Scores {
+    fn new(len: usize) -> Scores {
+        let mut v = SCORES.take();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        v.truncate(len);
+        if cfg!(debug_assertions) {
+            v.fill(f32::NAN);
+        }
+        Scores(v)
+    }
+}
+
+impl std::ops::Deref for Scores {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scores {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Scores {
+    fn drop(&mut self) {
+        // A nested task's buffer (none is nested today) would be dropped for this one.
+        SCORES.set(std::mem::take(&mut self.0));
+    }
+}
+
 /// One (row, KV head) task of [`attention`]: the `group` query heads that share KV head
 /// `kvh`, over the row's first `n` positions (its last `window` of them, where the layer
 /// has a sliding window).
@@ -208,7 +255,7 @@ impl HeadTask<'_> {
         // From the block holding the first position seen.
         let bs = kv.block_size;
         let (blocks, n, off) = self.span(bs);
-        let mut scores = vec![0f32; n * group];
+        let mut scores = Scores::new(n * group);
         for g in 0..group {
             let qg = &qrow[g * hd..(g + 1) * hd];
             let sg = &mut scores[g * n..(g + 1) * n];

@@ -10,7 +10,7 @@
 //! order are [`super::block_scores`]' and [`super::weighted_values`]' lane for lane: every
 //! row gets the portable loops' bits, alone or in a tile, on either width.
 
-use super::{HeadTask, Width, PARTS};
+use super::{HeadTask, Scores, Width, PARTS};
 use crate::kv::KvCache;
 use half::f16;
 use std::arch::x86_64::*;
@@ -373,7 +373,7 @@ impl HeadTask<'_> {
         let (layer, kvh, hd) = (self.layer, self.kvh, self.hd);
         // From the block holding the first position seen, as `HeadTask::run`.
         let (blocks, n, off) = self.span(16);
-        let mut scores = vec![0f32; n * G];
+        let mut scores = Scores::new(n * G);
         let mut block = [[0f32; 16]; G];
         assert!(qrow.len() >= G * hd && o.len() >= G * hd);
         for (bi, &blk) in blocks.iter().enumerate() {
@@ -422,7 +422,7 @@ impl HeadTask<'_> {
         let off = |r: usize| self.lo(self.n + r) - b0 * 16;
         let n_max = n_of(R - 1);
         // Scores of query (r, g) at `((r·G + g)·n_max ..)[.. n_of(r)]`.
-        let mut scores = vec![0f32; R * G * n_max];
+        let mut scores = Scores::new(R * G * n_max);
         let blocks = &self.table[b0..(self.n + R - 1).div_ceil(16)];
         let mut block = [[[0f32; 16]; G]; R];
         assert!(q.iter().all(|q| q.len() >= G * hd));
