@@ -796,7 +796,9 @@ fn qwen3_model_logits_match_the_numpy_reference() {
 /// the reference's — Hugging Face's `qkv_proj` and `gate_up_proj` split as Phi-3's
 /// modelling code splits them — on Q4_1 and on K-quant layouts, and so are the GPU path's
 /// (emulated); with an output head whose conversion moves values, the GPU path reads the
-/// fused matrices from the file again and permutes Q's and K's rows within them.
+/// fused matrices from the file again and permutes Q's and K's rows within them. A file
+/// with a sliding window shorter than its context (Phi-3-mini-4k's) attends over it on
+/// every layer, as the reference does, at the file's whole context.
 #[test]
 fn phi3_model_logits_match_the_numpy_reference() {
     use kernels::synth::{SynthArch, SynthSpec};
@@ -823,6 +825,27 @@ fn phi3_model_logits_match_the_numpy_reference() {
             true,
         );
     }
+    // Phi-3-mini-4k's sliding window (2,047 of 4,096; 16 of 2,048 here): every layer's,
+    // the file's whole context served.
+    let windowed = SynthSpec {
+        arch: SynthArch::Phi3,
+        window: Some(16),
+        ..SynthSpec::tiny()
+    };
+    let (dir, _, m, ids, refs) = synthetic_reference(&py, &windowed, ARCH_PROMPT);
+    let c = &m.model.config;
+    assert!(ids.len() > 3 * 16, "a prompt of {} tokens", ids.len());
+    assert_eq!(
+        c.context_len, windowed.context_len,
+        "the file's context served"
+    );
+    assert!((0..c.n_layers).all(|l| c.window_at(l) == Some(16)));
+    matches_the_reference(&m, &ids, &refs[0], "Phi-3, windowed", true, true);
+    let wide = SynthSpec {
+        window: None,
+        ..windowed
+    };
+    answers_otherwise(&dir.0, &wide, &ids, &refs[0], "Phi-3, no window");
 }
 
 /// Mixtures of experts (`qwen3moe`: Qwen3's attention, 2 of 4 experts a token, their

@@ -232,21 +232,23 @@ fn long_rope(
     Ok(Some((factors, attn)))
 }
 
-/// The context a model is served at: its file's, within its attention's sliding window
-/// where it has one (Phi-3-mini-4k's 2,047 of 4,096; each key attends to that many before
-/// it, and full attention is the same as the window's up to there).
-fn context_len(file: usize, window: Option<usize>) -> usize {
-    match window.filter(|&w| w > 0 && w < file) {
-        Some(w) => {
-            tracing::info!(
-                context = file,
-                sliding_window = w,
-                "the model attends over a sliding window; served at the window's context"
-            );
-            w
-        }
-        None => file,
-    }
+/// Another file's sliding window (not Gemma's: Phi-3-mini-4k's 2,047 positions of its
+/// 4,096, Mistral's), on every layer, where it is shorter than the file's context: each
+/// row attends to its last `size` positions, as Hugging Face's Phi-3 and Mistral attend and
+/// as they were trained (llama.cpp leaves Phi-3's window off and attends over the whole
+/// context). The context served stays the file's.
+fn every_layer_window(file_context: usize, window: Option<usize>) -> Option<SlidingWindow> {
+    let size = window.filter(|&w| w > 0 && w < file_context)?;
+    tracing::info!(
+        context = file_context,
+        sliding_window = size,
+        "the model attends over a sliding window on every layer"
+    );
+    Some(SlidingWindow {
+        size,
+        period: 0,
+        rope_base: None,
+    })
 }
 
 /// A head's width and the dimensions of it that RoPE turns ([`LlamaConfig::rope_dims`]):
@@ -423,12 +425,10 @@ impl LlamaConfig {
         let gemma = arch.starts_with("gemma");
         let window = match arch {
             "gemma2" | "gemma3" => sliding_window(g, arch)?,
-            _ => None,
+            "gemma" => None,
+            _ => every_layer_window(file_context, u("attention.sliding_window").ok()),
         };
-        // Gemma 2's and 3's windows are their windowed layers' own; another file's window
-        // (Phi-3's) bounds the context served.
-        let file_window = u("attention.sliding_window").ok().filter(|_| !gemma);
-        let context_len = context_len(file_context, file_window);
+        let context_len = file_context;
         let long_rope = long_rope(g, arch, rope_dims, context_len, file_context)?;
         if long_rope.is_some() && (yarn.is_some() || g.tensor("rope_freqs.weight").is_some()) {
             return Err(GgufError::Metadata(
@@ -1331,15 +1331,19 @@ mod tests {
     }
 
     #[test]
-    fn a_sliding_window_shorter_than_the_context_is_the_context_served() {
-        // Phi-3-mini-4k's: each key attends over the 2,047 before it.
-        assert_eq!(context_len(4096, Some(2047)), 2047);
-        assert_eq!(
-            context_len(4096, Some(131072)),
-            4096,
-            "a window past the context"
-        );
-        assert_eq!(context_len(4096, Some(0)), 4096, "no window");
-        assert_eq!(context_len(4096, None), 4096);
+    fn another_files_sliding_window_is_every_layers_where_shorter_than_the_context() {
+        // Phi-3-mini-4k's: each row attends over the 2,047 positions up to its own.
+        let w = every_layer_window(4096, Some(2047)).expect("windowed");
+        assert_eq!((w.size, w.period, w.rope_base), (2047, 0, None));
+        let c = LlamaConfig {
+            n_layers: 4,
+            window: Some(w),
+            ..LlamaConfig::smollm2_135m()
+        };
+        assert!((0..4).all(|l| c.window_at(l) == Some(2047) && !c.local_rope_at(l)));
+        // Phi-3-mini-128k's and Phi-3.5's 262,144: past the context, no window.
+        assert_eq!(every_layer_window(131072, Some(262144)), None);
+        assert_eq!(every_layer_window(4096, Some(0)), None, "no window");
+        assert_eq!(every_layer_window(4096, None), None);
     }
 }

@@ -40,7 +40,11 @@ class Model:
         # hold Gemma's 1 + w.)
         self.gemma = a.startswith("gemma")
         get = lambda k, d=None: field(r, f"{a}.{k}") if f"{a}.{k}" in r.fields else d
-        self.window = int(get("attention.sliding_window", 0)) if a in ("gemma2", "gemma3") else 0
+        # Another file's window (Phi-3-mini-4k's, Mistral's), where shorter than its
+        # context: every layer's (Hugging Face's Phi3Attention, MistralAttention).
+        self.window = int(get("attention.sliding_window", 0)) if a != "gemma" else 0
+        if a not in ("gemma2", "gemma3") and self.window >= int(get("context_length", 0)):
+            self.window = 0
         self.period = {"gemma2": 2, "gemma3": 6}.get(a, 0)
         self.local_base = 10000.0 if a == "gemma3" else None
         self.attn_cap = get("attn_logit_softcapping")
@@ -101,7 +105,7 @@ class Model:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
 
     def windowed(self, i):
-        return self.window > 0 and i % self.period < self.period - 1
+        return self.window > 0 and (self.period == 0 or i % self.period < self.period - 1)
 
     def rope(self, x, pos, local=False):
         # x: [T, heads, hd]; its first n_rot dimensions turn (Hugging Face's q_rot, the rest
