@@ -426,7 +426,18 @@ impl LlamaConfig {
         let window = match arch {
             "gemma2" | "gemma3" => sliding_window(g, arch)?,
             "gemma" => None,
-            _ => every_layer_window(file_context, u("attention.sliding_window").ok()),
+            _ => match every_layer_window(file_context, u("attention.sliding_window").ok()) {
+                Some(_)
+                    if g.get(&format!("{arch}.attention.sliding_window_pattern"))
+                        .is_some() =>
+                {
+                    return Err(GgufError::Metadata(format!(
+                        "{arch}.attention.sliding_window_pattern: a sliding window on some \
+                         layers only is supported for Gemma 2 and 3, not for {arch}"
+                    )))
+                }
+                w => w,
+            },
         };
         let context_len = file_context;
         let long_rope = long_rope(g, arch, rope_dims, context_len, file_context)?;
@@ -589,7 +600,8 @@ fn sliding_window(g: &Gguf, arch: &str) -> Result<Option<SlidingWindow>, GgufErr
                 .collect();
             window_period(&windowed).ok_or_else(|| {
                 GgufError::Metadata(format!(
-                    "{key}: windowed layers in no period (every layer but the last of each run                      of n) are not supported"
+                    "{key}: windowed layers in no period (every layer but the last of each run \
+                     of n) are not supported"
                 ))
             })?
         }

@@ -336,4 +336,37 @@ fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
         e.contains(&format!("{key}: windowed layers in no period")),
         "{e}"
     );
+    assert!(!e.contains("  "), "one line of words: {e}");
+}
+
+/// Another architecture's sliding window (Phi-3-mini-4k's) is every layer's, at the file's
+/// whole context; a list of windowed layers beside it, which only Gemma 2's and 3's
+/// layers are read by, is refused by name rather than read as every layer's.
+#[test]
+fn a_phi3_window_is_every_layers_and_a_list_of_windowed_layers_beside_it_is_refused() {
+    use kernels::gguf::Value;
+    use kernels::synth::SynthArch;
+    let p = tmp("phi3-window");
+    let spec = SynthSpec {
+        arch: SynthArch::Phi3,
+        window: Some(8),
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    let mut g = kernels::gguf::Gguf::open(&p).unwrap();
+    let c = kernels::model::LlamaConfig::from_gguf(&g).expect("the file loads");
+    assert_eq!(c.context_len, spec.context_len, "the file's context");
+    assert!((0..c.n_layers).all(|l| c.window_at(l) == Some(8) && !c.local_rope_at(l)));
+    let key = "phi3.attention.sliding_window_pattern";
+    let v = Value::Array([true, false].into_iter().map(Value::Bool).collect());
+    g.metadata.insert(key.into(), v);
+    let e = kernels::model::LlamaConfig::from_gguf(&g)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "{key}: a sliding window on some layers only is supported for Gemma 2 and 3, not for phi3"
+        )),
+        "{e}"
+    );
 }
