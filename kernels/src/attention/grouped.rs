@@ -1,7 +1,8 @@
 //! The query heads that share a KV head, and a prompt's rows, together (x86-64): for the
-//! common shapes (16-slot blocks, heads 64 or 128 wide or another multiple of 16, Phi-3's 96; a KV
-//! head's query heads in runs of 1–4) each key and value read from the cache is widened
-//! (f16 → f32) once for all of a task's queries instead of once per head and row.
+//! common shapes (16-slot blocks; heads 64 or 128 wide or another multiple of 16, such as
+//! Phi-3's 96; a KV head's query heads in runs of 1–4) each key and value read from the
+//! cache is widened (f16 → f32) once for all of a task's queries instead of once per head
+//! and row.
 //!
 //! The loops are written once over [`Lanes`], a register of f32 lanes, and compiled for
 //! two widths ([`Width`]): AVX-512 (a 16-slot block's scores, or 16 of a head's outputs, to
