@@ -186,7 +186,8 @@ impl std::ops::DerefMut for Scores {
 
 impl Drop for Scores {
     fn drop(&mut self) {
-        // A nested task's buffer (none is nested today) would be dropped for this one.
+        // Two alive at once on a thread (none are today) each have their own; the one
+        // dropped last is kept.
         SCORES.set(std::mem::take(&mut self.0));
     }
 }
