@@ -160,10 +160,7 @@ struct Scores(Vec<f32>);
 impl Scores {
     fn new(len: usize) -> Scores {
         let mut v = SCORES.take();
-        if v.len() < len {
-            v.resize(len, 0.0);
-        }
-        v.truncate(len);
+        v.resize(len, 0.0);
         if cfg!(debug_assertions) {
             v.fill(f32::NAN);
         }

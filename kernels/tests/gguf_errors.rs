@@ -10,6 +10,36 @@ fn tmp(name: &str) -> PathBuf {
     d.join("m.gguf")
 }
 
+/// A tiny `arch` file with an 8-position sliding window, written under `name`, and its
+/// spec.
+fn windowed_file(name: &str, arch: kernels::synth::SynthArch) -> (PathBuf, SynthSpec) {
+    let p = tmp(name);
+    let spec = SynthSpec {
+        arch,
+        window: Some(8),
+        ..SynthSpec::tiny()
+    };
+    write_model(&p, &spec).unwrap();
+    (p, spec)
+}
+
+/// `g`'s model read with `key` set to a list of windowed layers (newer converters'
+/// `attention.sliding_window_pattern`).
+fn with_windowed_layers(
+    g: &mut Gguf,
+    key: &str,
+    layers: &[bool],
+) -> Result<kernels::model::LlamaConfig, GgufError> {
+    let v = kernels::gguf::Value::Array(
+        layers
+            .iter()
+            .map(|&w| kernels::gguf::Value::Bool(w))
+            .collect(),
+    );
+    g.metadata.insert(key.into(), v);
+    kernels::model::LlamaConfig::from_gguf(g)
+}
+
 fn open_bytes(name: &str, bytes: &[u8]) -> Result<Gguf, GgufError> {
     let p = tmp(name);
     std::fs::write(&p, bytes).unwrap();
@@ -285,15 +315,7 @@ fn attention_the_engine_does_not_compute_is_refused_at_load() {
 /// by name.
 #[test]
 fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
-    use kernels::gguf::Value;
-    use kernels::synth::SynthArch;
-    let p = tmp("gemma3");
-    let spec = SynthSpec {
-        arch: SynthArch::Gemma3,
-        window: Some(8),
-        ..SynthSpec::tiny()
-    };
-    write_model(&p, &spec).unwrap();
+    let (p, _) = windowed_file("gemma3", kernels::synth::SynthArch::Gemma3);
     let good = std::fs::read(&p).unwrap();
     let m = kernels::load::load(&p).expect("the file loads");
     let c = &m.model.config;
@@ -321,17 +343,14 @@ fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
     // Windowed layers as a list (newer converters'): a period is read, another list refused.
     let key = "gemma3.attention.sliding_window_pattern";
     let mut g = kernels::gguf::Gguf::open(&p).unwrap();
-    let mut list = |layers: [bool; 2]| {
-        let v = Value::Array(layers.into_iter().map(Value::Bool).collect());
-        g.metadata.insert(key.into(), v);
-        kernels::model::LlamaConfig::from_gguf(&g)
-    };
-    let c = list([true, false]).expect("every other layer windowed");
+    let c = with_windowed_layers(&mut g, key, &[true, false]).expect("every other layer windowed");
     assert_eq!(
         (c.window_at(0), c.window_at(1), c.window_at(2)),
         (Some(8), None, Some(8))
     );
-    let e = list([false, true]).expect_err("refused").to_string();
+    let e = with_windowed_layers(&mut g, key, &[false, true])
+        .expect_err("refused")
+        .to_string();
     assert!(
         e.contains(&format!("{key}: windowed layers in no period")),
         "{e}"
@@ -344,23 +363,13 @@ fn gemma_layers_the_engine_does_not_compute_are_refused_at_load() {
 /// layers are read by, is refused by name rather than read as every layer's.
 #[test]
 fn a_phi3_window_is_every_layers_and_a_list_of_windowed_layers_beside_it_is_refused() {
-    use kernels::gguf::Value;
-    use kernels::synth::SynthArch;
-    let p = tmp("phi3-window");
-    let spec = SynthSpec {
-        arch: SynthArch::Phi3,
-        window: Some(8),
-        ..SynthSpec::tiny()
-    };
-    write_model(&p, &spec).unwrap();
+    let (p, spec) = windowed_file("phi3-window", kernels::synth::SynthArch::Phi3);
     let mut g = kernels::gguf::Gguf::open(&p).unwrap();
     let c = kernels::model::LlamaConfig::from_gguf(&g).expect("the file loads");
     assert_eq!(c.context_len, spec.context_len, "the file's context");
     assert!((0..c.n_layers).all(|l| c.window_at(l) == Some(8) && !c.local_rope_at(l)));
     let key = "phi3.attention.sliding_window_pattern";
-    let v = Value::Array([true, false].into_iter().map(Value::Bool).collect());
-    g.metadata.insert(key.into(), v);
-    let e = kernels::model::LlamaConfig::from_gguf(&g)
+    let e = with_windowed_layers(&mut g, key, &[true, false])
         .expect_err("refused")
         .to_string();
     assert!(
