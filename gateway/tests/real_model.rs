@@ -848,6 +848,56 @@ fn phi3_model_logits_match_the_numpy_reference() {
     answers_otherwise(&dir.0, &wide, &ids, &refs[0], "Phi-3, no window");
 }
 
+/// SmolLM3's architecture (`smollm3`: Llama's, with no RoPE on every fourth layer, as
+/// llama.cpp's `n_no_rope_layer_step` and Hugging Face's `no_rope_layers` have it): the
+/// CPU's logits and greedy tokens are the reference's, on Q4_1 and on K-quant layouts,
+/// and under YaRN (SmolLM3's 128k files; its attention factor scales the turned layers'
+/// q and k alone); so are the GPU path's (emulated: `rope_kv_write` turning no pair on a
+/// NoPE layer). The same weights as a `llama` file, every layer turned, answer otherwise.
+#[test]
+fn smollm3_model_logits_match_the_numpy_reference() {
+    use kernels::synth::{SynthArch, SynthRope, SynthSpec};
+    let Some(py) = python_with("numpy, gguf, tokenizers, jinja2") else {
+        return;
+    };
+    let yarn = SynthRope::Yarn {
+        factor: 4.0,
+        original_context: 64,
+    };
+    let [q4, kq, _] = three_files();
+    for (what, spec, rope) in [
+        (q4.0, q4.1, SynthRope::None),
+        (kq.0, kq.1, SynthRope::None),
+        ("Q4_1 under YaRN", SynthSpec::tiny(), yarn),
+    ] {
+        // Eight layers: 3 and 7 turn nothing.
+        let spec = SynthSpec {
+            arch: SynthArch::SmolLM3,
+            n_layers: 8,
+            rope_scaling: rope,
+            ..spec
+        };
+        let (dir, _, m, ids, refs) = synthetic_reference(&py, &spec, ARCH_PROMPT);
+        let c = &m.model.config;
+        assert!(!c.neox, "{what}: Llama's layout");
+        let nope: Vec<usize> = (0..8).filter(|&l| !c.ropes_at(l)).collect();
+        assert_eq!(nope, [3, 7], "{what}");
+        let label = format!("SmolLM3, {what}");
+        matches_the_reference(&m, &ids, &refs[0], &label, true, true);
+        let every_layer = SynthSpec {
+            arch: SynthArch::Llama,
+            ..spec
+        };
+        answers_otherwise(
+            &dir.0,
+            &every_layer,
+            &ids,
+            &refs[0],
+            &format!("{label}, every layer turned"),
+        );
+    }
+}
+
 /// Mixtures of experts (`qwen3moe`: Qwen3's attention, 2 of 4 experts a token, their
 /// weights renormalized; `qwen2moe`: Qwen2's biases, the chosen experts' weights as they
 /// are, and a shared expert behind a sigmoid gate; Mixtral's: a `llama` file with

@@ -179,4 +179,56 @@ mod tests {
             "hi|gen|<s>|"
         );
     }
+
+    /// What SmolLM3's template leans on renders as jinja2 renders it: a flag looked for in
+    /// a system message that may not be there (an undefined value contains nothing), the
+    /// flags cut out with `.replace()` and `.rstrip()`, a turn's leading line breaks with
+    /// `.lstrip("\n")`, a namespace filled over a list with `| string`, and `is string`;
+    /// `enable_thinking` from the request's variables decides the mode.
+    #[test]
+    fn smollm3s_constructs_render_as_jinja2s() {
+        let source = r#"{%- set mode = "/think" if enable_thinking is not defined or enable_thinking else "/no_think" -%}
+{%- if messages[0].role == "system" -%}
+  {%- set system_message = messages[0].content -%}
+  {%- if "/no_think" in system_message -%}{%- set mode = "/no_think" -%}{%- endif -%}
+  {%- set custom = system_message.replace("/no_think", "").replace("/think", "").rstrip() -%}
+{%- endif -%}
+{%- if "/system_override" in system_message -%}override{%- else -%}mode {{ mode }}|{{ custom }}|{%- endif -%}
+{%- if tools is defined -%}
+  {%- set ns = namespace(text="<tools>") -%}
+  {%- for tool in tools -%}{%- set ns.text = ns.text + (tool | string) + ";" -%}{%- endfor -%}
+  {{- ns.text -}}|
+{%- endif -%}
+{%- for m in messages if m.role != "system" -%}
+  {%- set content = m.content if m.content is string else "" -%}
+  [{{ m.role }}:{{ content.lstrip("
+") }}]
+{%- endfor -%}
+{%- if add_generation_prompt and mode == "/no_think" %}<think>
+
+</think>
+{% endif -%}"#;
+        let t = ChatTemplate::new(source, "", "").expect("parses");
+        let user = Message {
+            role: "user",
+            content: "\n\nhi",
+        };
+        assert_eq!(
+            t.render(std::slice::from_ref(&user)).expect("renders"),
+            "mode /think||[user:hi]"
+        );
+        let system = Message {
+            role: "system",
+            content: "Be brief. /no_think  ",
+        };
+        assert_eq!(
+            t.render(&[system, user.clone()]).expect("renders"),
+            "mode /no_think|Be brief.|[user:hi]<think>\n\n</think>\n"
+        );
+        let args = serde_json::json!({"enable_thinking": false, "tools": ["f", 1]});
+        assert_eq!(
+            t.render_with(&[user], args.as_object()).expect("renders"),
+            "mode /no_think||<tools>f;1;|[user:hi]<think>\n\n</think>\n"
+        );
+    }
 }

@@ -12,7 +12,7 @@
 //!   h      = rmsnorm(x) · attn_norm
 //!   q[T,Q], k[T,K], v[T,K] = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ (+ their biases, where the file has
 //!   them) ; rope(q, k) at each token's position (a windowed layer's own frequencies,
-//!   where the model has them)
+//!   where the model has them; none on SmolLM3's NoPE layers)
 //!   cache[seq, pos] ← k, v
 //!   a[T,Q] = causal GQA attention of q over its sequence's cache (its last `window`
 //!   positions on a windowed layer)
@@ -134,6 +134,9 @@ pub struct Scratch {
     rope: Vec<f32>,
     /// The same by the windowed layers' own frequencies, where the model has them.
     rope_local: Vec<f32>,
+    /// The same for NoPE layers, where the model has them: no pair turns, each passes
+    /// ([`LlamaConfig::rope_pass_at`]).
+    rope_none: Vec<f32>,
     moe: crate::moe::MoeScratch,
 }
 
@@ -292,6 +295,13 @@ impl Model {
                 ops::rope_table(batch.positions[r], &inv[..half], pass, cs);
             }
         }
+        if let Some(nope) = (0..c.n_layers).find(|&l| !c.ropes_at(l)) {
+            s.rope_none.resize(t * hd, 0.0);
+            let pass = c.rope_pass_at(nope);
+            for (r, cs) in s.rope_none.chunks_exact_mut(hd).enumerate() {
+                ops::rope_table(batch.positions[r], &self.inv_freq[..half], pass, cs);
+            }
+        }
 
         for (li, l) in w.layers.iter().enumerate() {
             // Attention block.
@@ -315,9 +325,10 @@ impl Model {
                 ops::head_rmsnorm(&mut s.q[..t * qd], &n.q, c.rms_eps);
                 ops::head_rmsnorm(&mut s.k[..t * kvd], &n.k, c.rms_eps);
             }
-            let table = match c.local_rope_at(li) {
-                true => &s.rope_local,
-                false => &s.rope,
+            let table = match (c.ropes_at(li), c.local_rope_at(li)) {
+                (false, _) => &s.rope_none,
+                (true, true) => &s.rope_local,
+                (true, false) => &s.rope,
             };
             for r in 0..t {
                 let pos = batch.positions[r];

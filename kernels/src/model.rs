@@ -3,7 +3,8 @@
 //! Qwen2's without the biases, with an RMSNorm over each Q and K head; `phi3`: Llama's with
 //! Q, K and V in one matrix and the gate and up projections in one, RoPE over each head's
 //! halves; `qwen2moe`, `qwen3moe` and Mixtral's `llama` with experts: a mixture of experts
-//! in place of the feed-forward block, [`Ffn::Experts`]), and weights checked against them
+//! in place of the feed-forward block, [`Ffn::Experts`]; `smollm3`: Llama's with every
+//! fourth layer's RoPE left out, [`LlamaConfig::no_rope_period`]), and weights checked against them
 //! (a tensor whose shape disagrees with the metadata is an error).
 
 use crate::gguf::{GgmlType, Gguf, GgufError, TensorInfo};
@@ -63,6 +64,11 @@ pub struct LlamaConfig {
     /// `cap · tanh(x / cap)`.
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
+    /// SmolLM3's NoPE layers: the last layer of each run of this many (SmolLM3's 4: layers
+    /// 3, 7, 11, …) turns none of its q's and k's pairs, which pass as they are
+    /// ([`LlamaConfig::ropes_at`], [`LlamaConfig::rope_pass_at`]). llama.cpp's
+    /// `n_no_rope_layer_step`, which its `smollm3` sets to 4: no GGUF key carries it.
+    pub no_rope_period: Option<usize>,
 }
 
 /// The activation of a feed-forward block's gate, multiplied by its up projection.
@@ -115,9 +121,10 @@ pub struct MoeConfig {
 /// each block's output RMS-normed before the residual add ([`Layer::post_norms`]), every
 /// other layer windowed ([`SlidingWindow`]) and soft caps; `gemma3`: Gemma 2's without the
 /// caps, with Qwen3's Q and K norms, five windowed layers of six, those on their own RoPE
-/// base).
+/// base; `smollm3`: Llama's, with no RoPE on every fourth layer, [`LlamaConfig::no_rope_period`]).
 const ARCHITECTURES: &[&str] = &[
     "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3",
+    "smollm3",
 ];
 
 /// The file's mixture of experts (`{arch}.expert_count` over 0), if any: Qwen3-MoE's and
@@ -368,6 +375,7 @@ impl LlamaConfig {
             act: Activation::Silu,
             attn_softcap: None,
             final_softcap: None,
+            no_rope_period: None,
         }
     }
 
@@ -497,6 +505,7 @@ impl LlamaConfig {
             },
             attn_softcap: softcap(g, arch, "attn_logit_softcapping"),
             final_softcap: softcap(g, arch, "final_logit_softcapping"),
+            no_rope_period: (arch == "smollm3").then_some(4),
         })
     }
 
@@ -520,6 +529,24 @@ impl LlamaConfig {
         let mut f = crate::ops::rope_inv_freq(self.turned_dims(), base);
         f.resize(self.head_dim / 2, 0.0);
         Some(f)
+    }
+
+    /// Whether layer `layer` turns its queries and keys by RoPE: all but SmolLM3's NoPE
+    /// layers ([`LlamaConfig::no_rope_period`]: llama.cpp's `(il + 1) % step != 0`).
+    pub fn ropes_at(&self, layer: usize) -> bool {
+        self.no_rope_period
+            .is_none_or(|p| !(layer + 1).is_multiple_of(p))
+    }
+
+    /// [`LlamaConfig::rope_pass`] for layer `layer`: a NoPE layer ([`LlamaConfig::ropes_at`])
+    /// turns no pair, and every pair passes, divided by `√attn_scale` as partial RoPE's
+    /// passing pairs are (YaRN's attention factor belongs to the turned q and k alone:
+    /// Hugging Face's and llama.cpp's NoPE layers leave it out); 1 where there is none.
+    pub fn rope_pass_at(&self, layer: usize) -> (usize, f32) {
+        match self.ropes_at(layer) {
+            true => self.rope_pass(),
+            false => (0, self.attn_scale.sqrt().recip()),
+        }
     }
 
     /// The attention's score scale: `1/√head_dim`, times [`LlamaConfig::attn_scale`].
@@ -567,10 +594,14 @@ impl LlamaConfig {
     }
 
     /// Whether RoPE's frequencies are other than `base^(−2i/head_dim)` over every pair
-    /// (factors, a linear scale, or pairs that do not turn): the GPU's QKV product then
-    /// leaves RoPE to `rope_kv_write`, which reads them from the table.
+    /// of every layer (factors, a linear scale, pairs that do not turn, or layers that turn
+    /// none): the GPU's QKV product then leaves RoPE to `rope_kv_write`, which reads them
+    /// from the table and takes each layer's turned pairs.
     pub fn rope_scaled(&self) -> bool {
-        self.rope_freq_factors.is_some() || self.rope_freq_scale != 1.0 || self.rope_dims.is_some()
+        self.rope_freq_factors.is_some()
+            || self.rope_freq_scale != 1.0
+            || self.rope_dims.is_some()
+            || self.no_rope_period.is_some()
     }
 }
 
@@ -1357,5 +1388,28 @@ mod tests {
         assert_eq!(every_layer_window(131072, Some(262144)), None);
         assert_eq!(every_layer_window(4096, Some(0)), None, "no window");
         assert_eq!(every_layer_window(4096, None), None);
+    }
+
+    #[test]
+    fn smollm3s_every_fourth_layer_turns_no_pair() {
+        // SmolLM3-3B's 36 layers: llama.cpp's `(il + 1) % 4 != 0` leaves 3, 7, …, 35 out.
+        let c = LlamaConfig {
+            n_layers: 36,
+            no_rope_period: Some(4),
+            attn_scale: 1.44,
+            ..LlamaConfig::smollm2_135m()
+        };
+        let nope: Vec<usize> = (0..36).filter(|&l| !c.ropes_at(l)).collect();
+        assert_eq!(nope, [3, 7, 11, 15, 19, 23, 27, 31, 35]);
+        // A NoPE layer's pairs all pass, over YaRN's factor; the others turn every pair.
+        assert_eq!(c.rope_pass_at(3), (0, 1.0 / 1.2));
+        assert_eq!(c.rope_pass_at(2), (32, 1.0));
+        assert!(
+            c.rope_scaled(),
+            "the fused QKV product leaves it to rope_kv_write"
+        );
+        let plain = LlamaConfig::smollm2_135m();
+        assert!((0..30).all(|l| plain.ropes_at(l) && plain.rope_pass_at(l) == (32, 1.0)));
+        assert!(!plain.rope_scaled());
     }
 }

@@ -110,6 +110,9 @@ pub enum SynthArch {
     /// `gemma3`: Gemma 2's without caps, Qwen3's Q and K norms, five windowed layers of six
     /// on RoPE base 10,000.
     Gemma3,
+    /// `smollm3`: Llama's tensors and layout; a reader leaves RoPE out of every fourth
+    /// layer (SmolLM3's NoPE layers).
+    SmolLM3,
 }
 
 /// Experts in a synthetic mixture ([`SynthArch::Qwen3Moe`], [`SynthArch::Qwen2Moe`],
@@ -129,6 +132,7 @@ impl SynthArch {
             SynthArch::Gemma => "gemma",
             SynthArch::Gemma2 => "gemma2",
             SynthArch::Gemma3 => "gemma3",
+            SynthArch::SmolLM3 => "smollm3",
         }
     }
 

@@ -39,6 +39,10 @@ class Model:
         # and Gemma 2 soft-caps the scores and the logits. (GGUF's norm weights already
         # hold Gemma's 1 + w.)
         self.gemma = a.startswith("gemma")
+        # SmolLM3 (Hugging Face's no_rope_layers, llama.cpp's n_no_rope_layer_step 4): every
+        # fourth layer (3, 7, ...) applies no rotary embedding, so neither YaRN's attention
+        # factor, which scales the rotated q and k.
+        self.no_rope_period = 4 if a == "smollm3" else 0
         get = lambda k, d=None: field(r, f"{a}.{k}") if f"{a}.{k}" in r.fields else d
         # Another file's window (Phi-3-mini-4k's, Mistral's), where shorter than its
         # context: every layer's (Hugging Face's Phi3Attention, MistralAttention).
@@ -187,7 +191,8 @@ class Model:
                 # Hugging Face's Qwen3Attention: q_norm and k_norm over each head, before RoPE.
                 q, k = self.rms(q, self.w[p + "attn_q_norm.weight"]), self.rms(k, self.w[p + "attn_k_norm.weight"])
             local = self.windowed(i) and self.local_base is not None
-            q, k = self.rope(q, pos, local), self.rope(k, pos, local)
+            if not (self.no_rope_period and (i + 1) % self.no_rope_period == 0):
+                q, k = self.rope(q, pos, local), self.rope(k, pos, local)
             k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
             att = np.einsum("thd,shd->hts", q, k) / np.sqrt(self.hd)
             if self.attn_cap:

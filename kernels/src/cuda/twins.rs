@@ -168,12 +168,13 @@ pub fn head_rmsnorm(qkv: &mut [f32], stride: usize, n_rows: usize, c: &LlamaConf
     }
 }
 
-/// Twin of `rope_kv_write` into one layer's cache: adds `bias` (q|k|v, where the model
+/// Twin of `rope_kv_write` into layer `layer`'s cache: adds `bias` (q|k|v, where the model
 /// has one) to each row of `qkv` in place (`stride` floats per row: q heads, k heads, v
 /// heads), rotates its q and k heads in place (by the windowed layers' own frequencies
-/// where `local`: [`LlamaConfig::rope_inv_freq_local`]; the pairs past the turned ones,
-/// partial RoPE's, multiplied by [`LlamaConfig::rope_pass`]'s scale instead) and writes the rotated
-/// keys and the values to the paged cache at the row's slot (none where it is −1).
+/// on a windowed layer that has them: [`LlamaConfig::rope_inv_freq_local`]; the pairs past
+/// the turned ones, partial RoPE's and all of a NoPE layer's, multiplied by
+/// [`LlamaConfig::rope_pass_at`]'s scale instead) and writes the rotated keys and the
+/// values to the paged cache at the row's slot (none where it is −1).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_kv_write(
     qkv: &mut [f32],
@@ -185,14 +186,14 @@ pub fn rope_kv_write(
     c: &LlamaConfig,
     block_size: usize,
     bias: Option<&[f32]>,
-    local: bool,
+    layer: usize,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-    let inv_freq = match c.rope_inv_freq_local().filter(|_| local) {
+    let inv_freq = match c.rope_inv_freq_local().filter(|_| c.local_rope_at(layer)) {
         Some(f) => f,
         None => c.rope_inv_freq(),
     };
-    let (turned, pass) = c.rope_pass();
+    let (turned, pass) = c.rope_pass_at(layer);
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];
         if let Some(b) = bias {
@@ -1191,7 +1192,7 @@ impl TwinModel {
                 c,
                 kv.block_size,
                 l.qkv_bias.as_deref(),
-                c.local_rope_at(li),
+                li,
             );
             let a = attention(
                 &qkv,

@@ -227,7 +227,7 @@ fn attention_case<E: Exec>(
             _ if decode => random_batch(&mut rng, 33, 1, bs, max_blocks),
             _ => random_batch(&mut rng, seqs, rows, bs, max_blocks),
         };
-        let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng, false, false);
+        let (cache, (_, kc, vc)) = rope_kv(g, &c, &b, bs, n_blocks, &mut rng, false, false, 0);
         let t = b.tokens.len();
         let inp = twins::build_batch(
             &twins::stage(&b, max_blocks),

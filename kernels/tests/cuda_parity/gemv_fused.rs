@@ -686,7 +686,7 @@ fn gemv_rope_case<E: Exec>(g: &E) {
         let mut want = twins::gemm(&h, &w, m, d, n);
         let (mut wk, mut wv) = (fill.clone(), fill.clone());
         twins::rope_kv_write(
-            &mut want, n, &positions, &slots, &mut wk, &mut wv, &c, bs, None, false,
+            &mut want, n, &positions, &slots, &mut wk, &mut wv, &c, bs, None, 0,
         );
         assert!(
             rel(&got, &want) < 1e-3,

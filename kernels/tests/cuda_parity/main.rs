@@ -289,7 +289,8 @@ type Written<E> = (
 /// values, on both sides; returns the twin's cache and rows and the device's.
 /// `read_only_last`: the last sequence's block table marked [`READ_ONLY`], as a padded
 /// row's (its rows write no slot); `bias`: random biases on Q, K and V (Qwen2's), added
-/// first.
+/// first; `layer`: the layer whose RoPE it is ([`LlamaConfig::rope_pass_at`], a windowed
+/// layer's own frequencies).
 #[allow(clippy::too_many_arguments)]
 fn rope_kv<E: Exec>(
     g: &E,
@@ -300,6 +301,7 @@ fn rope_kv<E: Exec>(
     rng: &mut Rng,
     read_only_last: bool,
     bias: bool,
+    layer: usize,
 ) -> (Cache, Written<E>) {
     let (s, t) = (b.seqs.len(), b.tokens.len());
     let (qd, kd) = (c.n_heads * c.head_dim, c.kv_dim());
@@ -322,7 +324,10 @@ fn rope_kv<E: Exec>(
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
     let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
     let (kc, vc) = (up(g, &fill), up(g, &fill));
-    let inv_freq = up(g, &c.rope_inv_freq());
+    let inv_freq = match c.rope_inv_freq_local().filter(|_| c.local_rope_at(layer)) {
+        Some(f) => up(g, &f),
+        None => up(g, &c.rope_inv_freq()),
+    };
     let bias = bias.then(|| rng.vec(qd + 2 * kd, 1.0));
     let bias_g = bias.as_ref().map(|b| up(g, b));
     let mut cache_k = fill.clone();
@@ -337,10 +342,10 @@ fn rope_kv<E: Exec>(
         c,
         bs,
         bias.as_deref(),
-        false,
+        layer,
     );
     let n_threads = (t * c.head_dim / 2) as u32;
-    let (turned, pass_scale) = c.rope_pass();
+    let (turned, pass_scale) = c.rope_pass_at(layer);
     let args = [
         qg.arg(),
         i(stride),
@@ -392,34 +397,59 @@ fn rope_case<E: Exec>(g: &E) {
         attn_scale: 1.44,
         ..smol()
     };
+    // SmolLM3's NoPE layers (every fourth) under YaRN's attention factor: on layer 3 no
+    // pair turns, every one passes divided by the factor's square root; layer 2 turns.
+    let nope = LlamaConfig {
+        no_rope_period: Some(4),
+        attn_scale: 1.44,
+        ..c.clone()
+    };
     // Positions up to ~2000 (the batch's own), rows of many sequences.
     let b = random_batch(&mut rng, 20, 30, 16, 128);
-    // Without biases, and with Qwen2's on Q, K and V; partial RoPE.
-    for (c, bias) in [(&c, false), (&c, true), (&partial, false)] {
+    // Without biases, and with Qwen2's on Q, K and V; partial RoPE; a NoPE layer and the
+    // layer before it.
+    let cases = [
+        (&c, false, 0),
+        (&c, true, 0),
+        (&partial, false, 0),
+        (&nope, false, 3),
+        (&nope, false, 2),
+    ];
+    for (c, bias, layer) in cases {
         let before = rng.clone();
         // The last sequence's rows write no slot (the cache's fill stays, on both sides).
-        let (want, (qg, kc, vc)) = rope_kv(g, c, &b, 16, 1024, &mut rng, true, bias);
-        if c.rope_dims.is_some() {
-            // The twin itself: each head's last 16 entries are its input's over 1.2.
-            let (t, stride) = (b.tokens.len(), want.stride);
-            let input = before.clone().vec(t * stride, 2.0);
-            let heads = c.n_heads + c.n_kv_heads;
+        let (want, (qg, kc, vc)) = rope_kv(g, c, &b, 16, 1024, &mut rng, true, bias, layer);
+        let (t, stride) = (b.tokens.len(), want.stride);
+        let input = before.clone().vec(t * stride, 2.0);
+        let heads = c.n_heads + c.n_kv_heads;
+        // The twin itself: each head's entries from the first that passes are its
+        // input's over 1.2, and those before it turned.
+        let first_pass = 2 * c.rope_pass_at(layer).0;
+        if c.rope_dims.is_some() || !c.ropes_at(layer) {
             for r in 0..t {
                 for h in 0..heads {
                     let at = r * stride + h * 64;
-                    for d in 48..64 {
+                    for d in first_pass..64 {
                         let (x, y) = (input[at + d], want.qkv[at + d]);
                         assert!((y - x / 1.2).abs() <= 1e-6 * x.abs(), "pass entry {d}");
                     }
-                    let turned = (0..48).any(|d| want.qkv[at + d] != input[at + d]);
-                    assert!(turned || b.positions[r] == 0, "row {r} head {h} turned");
                 }
+            }
+        }
+        for r in 0..t {
+            for h in 0..heads {
+                let at = r * stride + h * 64;
+                let turned = (0..first_pass).any(|d| want.qkv[at + d] != input[at + d]);
+                assert!(
+                    turned || first_pass == 0 || b.positions[r] == 0,
+                    "row {r} head {h} turned"
+                );
             }
         }
         // Angles of hundreds of radians: float argument reduction differs in the last bits.
         assert!(
             rel(&down(g, &qg), &want.qkv) < 1e-3,
-            "{what}: rotated rows (biases {bias})"
+            "{what}: rotated rows (biases {bias}, layer {layer})"
         );
         let close = |a: &[f16], b: &[f16]| rel(&f32s(a), &f32s(b));
         assert!(

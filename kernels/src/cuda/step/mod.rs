@@ -347,7 +347,6 @@ impl<E: Exec> Device<E> {
         );
         let scale = Arg::F32(c.attention_scale());
         let fi = Arg::I32(f as i32);
-        let (turned, pass_scale) = c.rope_pass();
         let qkv_w = qd + 2 * kvd;
         let qkv_wi = Arg::I32(qkv_w as i32);
         // Products of few rows on gemv_f16 make their input rows themselves: the norms
@@ -454,6 +453,8 @@ impl<E: Exec> Device<E> {
                     )?;
                 }
                 let n = (t * c.head_dim / 2) as u32;
+                // A NoPE layer's (SmolLM3's) turns no pair: all pass.
+                let (turned, pass_scale) = c.rope_pass_at(li);
                 e.launch(
                     "rope_kv_write",
                     launch(n, 256),
