@@ -398,7 +398,7 @@ fn render_engines(router: &Router, out: &mut String) {
     fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
         (name, help, "counter", pick)
     }
-    let series: [(&str, &str, &str, Pick); 12] = [
+    let series: [(&str, &str, &str, Pick); 14] = [
         counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -426,6 +426,16 @@ fn render_engines(router: &Router, out: &mut String) {
             "tollgate_engine_rows_scored_on_device",
             "GPU path: rows whose log-probabilities were computed on the device (a few words read back instead of a row of logits)",
             |c| c.rows_scored_on_device as f64,
+        ),
+        counter(
+            "tollgate_engine_draft_tokens",
+            "Speculative decoding (speculative_tokens): tokens proposed by prompt lookup and computed after a sequence's last one",
+            |c| c.draft_tokens as f64,
+        ),
+        counter(
+            "tollgate_engine_draft_tokens_accepted",
+            "Speculative decoding: proposed tokens the sequence's own draw kept (each one a step saved)",
+            |c| c.draft_tokens_accepted as f64,
         ),
         counter(
             "tollgate_engine_device_faults",

@@ -924,3 +924,112 @@ async fn a_mixture_of_experts_answers_alike_alone_and_in_a_batch_on_either_backe
         assert!(alone.iter().all(|(_, _, n)| *n == 12));
     }
 }
+
+/// Speculative decoding by prompt lookup (`speculative_tokens`, the CPU backend): every
+/// answer (each event: text, log-probabilities, usage) is the one the engine gives without
+/// it — greedy and seeded samples, a stop string met inside a step's drafts, length limits
+/// that end a step's drafts early, log-probabilities, penalties, JSON mode — alone, and two
+/// at once (one speculating alone until the other arrives, then neither); and drafts were proposed and kept (the prompts repeat themselves, as the
+/// synthetic model's answers do), and some not (seeded samples). Each engine's prefix
+/// cache serves the repeats (what speculating sequences registered among them), so the
+/// prompt tokens it served are left out of the comparison.
+#[tokio::test(flavor = "multi_thread")]
+async fn speculative_decoding_changes_no_answer() {
+    let uncached = |mut evs: Vec<WorkerEvent>| {
+        for e in &mut evs {
+            if let WorkerEvent::Done { usage, .. } = e {
+                usage.cached_tokens = 0;
+            }
+        }
+        evs
+    };
+    let (_d, m) = synthetic();
+    let base = EngineConfig {
+        backend: BackendKind::Cpu,
+        threads: 2,
+        kv_tokens: Some(4096),
+        ..EngineConfig::default()
+    };
+    let plain = engine(&m, base.clone());
+    let spec = engine(
+        &m,
+        EngineConfig {
+            speculative_tokens: 4,
+            ..base
+        },
+    );
+    let prompt = |i: usize| "one two three four five six ".repeat(2 + i);
+    let mut reqs: Vec<Arc<WorkerRequest>> = Vec::new();
+    for i in 0..10 {
+        let (temperature, seed) = if i % 2 == 0 {
+            (0.0, None)
+        } else {
+            (1.0, Some(i as u64))
+        };
+        let mut r = (*req(
+            &prompt(i),
+            [40, 3, 17, 60][i % 4],
+            temperature,
+            seed,
+            vec![],
+        ))
+        .clone();
+        match i {
+            2 => r.params.logprobs = Some(2),
+            3 => {
+                r.params.presence_penalty = 0.7;
+                r.params.frequency_penalty = 0.4;
+            }
+            5 => r.params.json = Some(JsonFormat::Object),
+            _ => {}
+        }
+        reqs.push(Arc::new(r));
+    }
+    // A stop string from the greedy answer, met part way through it.
+    let first = events(&plain, reqs[0].clone()).await;
+    let text: String = first
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Delta { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    let stop: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(4)
+        .collect();
+    let mut r = (*reqs[0]).clone();
+    r.params.stop = vec![stop];
+    reqs.push(Arc::new(r));
+    // Each request alone, then two at once; each answer within two minutes (`all_events`).
+    let alone = reqs.chunks(1).map(|r| (r, "alone"));
+    for (group, how) in alone.chain(reqs.chunks(2).map(|r| (r, "two at once"))) {
+        let mut answers = Vec::new();
+        for e in [&plain, &spec] {
+            let got = all_events(e, group).await;
+            answers.push(got.into_iter().map(uncached).collect::<Vec<_>>());
+        }
+        assert_eq!(answers[1], answers[0], "{how}: {group:?}");
+    }
+    let c = spec.engine_counters().expect("counters");
+    eprintln!(
+        "drafts proposed {}, kept {}",
+        c.draft_tokens, c.draft_tokens_accepted
+    );
+    assert!(c.draft_tokens_accepted > 0, "no draft kept: {c:?}");
+    assert!(
+        c.draft_tokens > c.draft_tokens_accepted,
+        "every draft kept: {c:?}"
+    );
+    assert!(
+        c.steps < plain.engine_counters().expect("counters").steps,
+        "no step saved: {c:?}"
+    );
+    let p = plain.engine_counters().expect("counters");
+    assert_eq!(
+        (p.draft_tokens, p.draft_tokens_accepted),
+        (0, 0),
+        "off by default"
+    );
+}

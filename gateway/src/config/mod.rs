@@ -668,6 +668,17 @@ workers = [{{ kind = "engine"{fields} }}]
     }
 
     #[test]
+    fn speculative_tokens_are_off_by_default_and_capped() {
+        let cfg = Config::from_toml(&engine_pool("")).unwrap();
+        assert_eq!(engine(&cfg).speculative_tokens, 0);
+        let cfg = Config::from_toml(&engine_pool(", speculative_tokens = 4")).unwrap();
+        assert_eq!(engine(&cfg).speculative_tokens, 4);
+        let err =
+            Config::from_toml(&engine_pool(", speculative_tokens = 17")).expect_err("past the cap");
+        assert!(err.to_string().contains("speculative_tokens"), "{err}");
+    }
+
+    #[test]
     fn stored_responses_need_a_path_and_a_retention() {
         let with = |fields: &str| Config::from_toml(&format!("[responses]\n{fields}\n"));
         let cfg = with("store = true").unwrap();

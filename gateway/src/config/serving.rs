@@ -178,7 +178,15 @@ pub struct EngineConfig {
     /// that carries interactive ones; the others keep their place and wait for steps
     /// without interactive work. Unset: the backend's default ([`EngineConfig::sizes`]).
     pub lowest_weight_rows: Option<usize>,
+    /// Speculative decoding by prompt lookup (CPU backend): most tokens a decoding
+    /// sequence proposes after its last one, from where its last tokens occurred earlier
+    /// in its context, checked by its own draws in the next step; 0: off.
+    pub speculative_tokens: usize,
 }
+
+/// Most draft tokens a sequence may propose a step (`speculative_tokens`): each is a row
+/// of the step's compute, and prompt lookup's runs seldom hold longer.
+pub const MAX_SPECULATIVE_TOKENS: usize = 16;
 
 /// An engine's step and cache sizes, once its backend is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +245,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             overlap_steps: true,
             lowest_weight_rows: None,
+            speculative_tokens: 0,
         }
     }
 }
@@ -406,6 +415,12 @@ impl WorkerConfig {
                 if !positive(e.step_timeout_secs) {
                     return invalid(format!(
                         "pools.{pool}: engine step_timeout_secs must be > 0"
+                    ));
+                }
+                if e.speculative_tokens > MAX_SPECULATIVE_TOKENS {
+                    return invalid(format!(
+                        "pools.{pool}: engine speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, not {}",
+                        e.speculative_tokens
                     ));
                 }
             }

@@ -105,12 +105,12 @@ pub(super) fn draw(
 /// `s`'s next token not known yet from its adjusted row `l`, by the rule the device's
 /// `sample` kernel follows (so a row drawn here gets the token the device would have
 /// drawn).
-fn sample(s: &Seq, l: &[f32]) -> u32 {
+pub(super) fn sample(s: &Seq, l: &[f32]) -> u32 {
     kernels::sampler::sample(l, sample_params(s, s.emitted()))
 }
 
 /// The JSON vocabulary, built on first use by any of `seqs`.
-fn vocab_for<'a, 's>(
+pub(super) fn vocab_for<'a, 's>(
     mut seqs: impl Iterator<Item = &'s Seq>,
     tok: &Tokenizer,
     json_vocab: &'a mut Option<JsonVocab>,

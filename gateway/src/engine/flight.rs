@@ -247,7 +247,7 @@ impl Engine {
                     .filter_map(|p| Some((find(&self.running, &p.who)?, *p)))
                     .collect();
                 let draws = self.drawing(&f.draws);
-                self.finish(&parts, &draws, next, hidden);
+                self.finish(&parts, &draws, &[], next, hidden);
                 Turn::Go
             }
             Err(e) => {

@@ -31,6 +31,7 @@ mod recover;
 mod run;
 pub mod scheduler;
 mod seq;
+mod speculate;
 
 use crate::config::{BackendKind, EngineConfig};
 use crate::worker::{
@@ -77,6 +78,10 @@ pub struct EngineStats {
     /// GPU path: rows whose log-probabilities were computed on the device (a few words
     /// read back instead of a row of logits).
     pub rows_scored_on_device: AtomicU64,
+    /// Speculative decoding ([`speculate`]): tokens proposed, and those of them the
+    /// sequences' own draws kept.
+    pub draft_tokens: AtomicU64,
+    pub draft_tokens_accepted: AtomicU64,
     /// Nanoseconds the engine thread spent in the backend's steps.
     pub backend_ns: AtomicU64,
     /// Nanoseconds it spent around them on steps: arrivals, scheduling, building the
@@ -229,6 +234,7 @@ impl EngineWorker {
             max_logit_rows: usize::MAX,
             preempt: true,
             lowest_rows: sizes.lowest_rows,
+            speculate: cfg.speculative_tokens,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
@@ -488,6 +494,8 @@ impl Worker for EngineWorker {
             rows_adjusted_on_device: s.rows_adjusted_on_device.load(Ordering::Relaxed),
             rows_read_back: s.rows_read_back.load(Ordering::Relaxed),
             rows_scored_on_device: s.rows_scored_on_device.load(Ordering::Relaxed),
+            draft_tokens: s.draft_tokens.load(Ordering::Relaxed),
+            draft_tokens_accepted: s.draft_tokens_accepted.load(Ordering::Relaxed),
             device_faults: s.faults.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),

@@ -27,7 +27,9 @@
 //! waits for the step in flight, which reads the blocks). A sequence that stops at step N
 //! has drawn a row in step N+1 already; that token is dropped. Its blocks are freed at
 //! once: everything on the device runs in order, so a block handed out again is written
-//! only after that step. An embeddings request ends with its prompt: the step that ends
+//! only after that step. On the CPU, a decoding sequence may compute tokens proposed to
+//! follow its last one in the same step, kept as far as its draws agree
+//! ([`super::speculate`]). An embeddings request ends with its prompt: the step that ends
 //! it reads its row's final hidden state back with its tokens ([`ReadBack::hidden`]; a
 //! step taken at once, after it: [`Backend::hidden_rows`]), and it holds no token from
 //! the device meanwhile, so no later step computes a row for it.
@@ -41,6 +43,7 @@ use super::prompts::{by_row, embedded, score_prompt, Hidden};
 use super::recover::{recover, Rebuild};
 use super::scheduler::{self, Limits, Plan, Schedulable};
 use super::seq::{admit, emit, sample_params, tail, NewSeq, Seq};
+use super::speculate;
 use super::{now_ms, EngineStats};
 use crate::worker::{FinishReason, WorkerEvent};
 use kernels::adjust::Adjust;
@@ -48,7 +51,7 @@ use kernels::backend::{Backend, ReadBack};
 use kernels::cuda::twins::SampleParams;
 use kernels::forward::{Batch, StepError};
 use kernels::json_mode::JsonVocab;
-use kernels::logprobs::{Score, TokenLogprobs};
+use kernels::logprobs::{token_logprobs, Score, TokenLogprobs};
 use kernels::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -214,7 +217,14 @@ fn wanted(
 pub(super) struct Rows {
     pub(super) draws: Vec<Option<usize>>,
     pub(super) scoring: Vec<Option<(u32, usize)>>,
+    /// Sequences computing drafts ([`super::speculate`]): index in `running`, first logits
+    /// row, rows (its last token's and each draft's), drawn by [`Engine::verify`].
+    pub(super) verify: Vec<Verify>,
 }
+
+/// A sequence computing drafts in a step: its index in `running`, its first logits row,
+/// and its rows.
+pub(super) type Verify = (usize, usize, usize);
 
 /// A sampled step's parameters and device adjustments per logits row, what it reads back
 /// and the rows whose token the host draws again ([`wanted`]).
@@ -286,6 +296,7 @@ impl Engine {
             self.arrive(n);
         }
         self.drop_cancelled();
+        self.propose(self.overlap && backend.overlaps());
         let mut backend_ns = 0;
         // A step in flight whose tokens the next one's planning needs is collected first.
         if self.flight.is_some() && !self.may_plan_ahead() {
@@ -372,6 +383,38 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
+    /// Drafts for the decoding sequences ([`super::speculate`]), where speculation is on
+    /// and the host draws every row (not on the device, nor steps planned ahead), while
+    /// few sequences run and none wait ([`speculate::MAX_SEQS`]): up to `speculate` tokens
+    /// each, leaving room under `max_tokens` for the token drawn after them; none from a
+    /// sequence backing off after drafts that missed ([`speculate::backoff`]).
+    fn propose(&mut self, overlapping: bool) {
+        let k = self.limits.speculate;
+        if k == 0
+            || self.on_device
+            || overlapping
+            || !self.waiting.is_empty()
+            || self.running.len() > speculate::MAX_SEQS
+        {
+            return;
+        }
+        for s in &mut self.running {
+            let decoding = s.draft.is_empty()
+                && s.resolved == s.tokens.len()
+                && s.computed + 1 == s.tokens.len()
+                && s.tokens.len() > s.prompt_len;
+            if !decoding || s.embed || s.ends_with_prompt() {
+                continue;
+            }
+            if s.draft_wait > 0 {
+                s.draft_wait -= 1;
+                continue;
+            }
+            let room = (s.max_tokens as usize).saturating_sub(s.generated() as usize + 1);
+            s.draft = speculate::propose(&s.tokens, k.min(room));
+        }
+    }
+
     /// Whether the next step may be planned before the one in flight is collected.
     fn may_plan_ahead(&self) -> bool {
         !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
@@ -422,6 +465,22 @@ impl Engine {
             let s = &mut self.running[i];
             let end = s.computed + n;
             let k = s.logit_rows(n);
+            if !s.draft.is_empty() {
+                // Its last token and the drafts after it as far as the chunk reaches, a
+                // logits row each, drawn by `verify`.
+                s.draft.truncate(end.saturating_sub(s.tokens.len()));
+                self.stats
+                    .draft_tokens
+                    .fetch_add(s.draft.len() as u64, Ordering::Relaxed);
+                let mut tokens = s.tokens[s.computed..].to_vec();
+                tokens.extend_from_slice(&s.draft);
+                batch.push_rows(&tokens, s.computed, s.blocks.clone(), k);
+                rows.verify.push((i, rows.draws.len(), k));
+                rows.draws.extend(std::iter::repeat_n(None, k));
+                rows.scoring.extend(std::iter::repeat_n(None, k));
+                s.computed = end;
+                continue;
+            }
             batch.push_rows(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), k);
             let drawing = end == s.tokens.len();
             rows.draws
@@ -529,22 +588,24 @@ impl Engine {
                     .map(|&(i, _)| i)
                     .zip(self.parts(plan, batch))
                     .collect();
-                self.finish(&parts, draws, next, hidden);
+                self.finish(&parts, draws, &rows.verify, next, hidden);
                 Turn::Go
             }
             Err(e) => self.fail(e, plan.items.iter().map(|&(i, _)| i).collect()),
         }
     }
 
-    /// A step's answer: its prompts' rows scored, each drawing sequence's token drawn,
-    /// taken and sent (an embeddings request's: its vector, from `hidden`, instead), the
-    /// blocks its sequences filled offered to the prefix cache, and the sequences that
-    /// finished freed. `parts`: the step's sequences (index in `running`, part); `draws`:
-    /// each logits row's drawing sequence.
+    /// A step's answer: its prompts' rows scored, the drafts it computed checked
+    /// (`verify`: [`Engine::verify`]), each drawing sequence's token drawn, taken and sent
+    /// (an embeddings request's: its vector, from `hidden`, instead), the blocks its
+    /// sequences filled offered to the prefix cache, and the sequences that finished
+    /// freed. `parts`: the step's sequences (index in `running`, part); `draws`: each
+    /// logits row's drawing sequence.
     pub(super) fn finish(
         &mut self,
         parts: &[(usize, Part)],
         draws: &[Option<usize>],
+        verify: &[Verify],
         mut next: Next,
         mut hidden: Hidden,
     ) {
@@ -554,6 +615,8 @@ impl Engine {
             let s = &mut self.running[i];
             score_prompt(s, p.end, rows, &next, vocab, tok, &mut self.outbox);
         }
+        let mut finished = self.verify(verify, &next);
+        let tok = &*self.tok;
         // Each drawing sequence's row of the step's answer; every such token drawn at once.
         let mut rows: Vec<Option<usize>> = vec![None; self.running.len()];
         for (row, i) in draws.iter().enumerate() {
@@ -570,7 +633,6 @@ impl Engine {
             &mut self.json_vocab,
         );
         let bs = self.limits.block_size;
-        let mut finished = Vec::new();
         for &(i, _) in parts {
             let s = &mut self.running[i];
             let got = drawn.get_mut(i).and_then(Option::take);
@@ -619,28 +681,7 @@ impl Engine {
                 continue;
             }
             if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
-                let (tail, reasoning) = tail(s);
-                let logprobs = std::mem::take(&mut s.pending_logprobs);
-                if !tail.is_empty() || !logprobs.is_empty() {
-                    s.send(
-                        &mut self.outbox,
-                        WorkerEvent::Delta {
-                            text: tail,
-                            tokens: 0,
-                            logprobs,
-                            reasoning,
-                        },
-                    );
-                }
-                let usage = s.usage();
-                self.stats.count_prompt(&usage);
-                s.send(
-                    &mut self.outbox,
-                    WorkerEvent::Done {
-                        finish_reason: reason,
-                        usage,
-                    },
-                );
+                close(s, reason, &self.stats, &mut self.outbox);
                 finished.push(i);
             }
         }
@@ -651,9 +692,89 @@ impl Engine {
         }
     }
 
+    /// Each sequence that computed drafts in the step (`verify`): its rows drawn in
+    /// order, each by its own rule and taken and sent as it comes, while each draw is the
+    /// draft its row was computed after; the first that is not, its own token, ends it
+    /// (the rows after it followed a token it did not take). Its computed positions end
+    /// before its last token, as after any step. Returns those that finished.
+    fn verify(&mut self, verify: &[Verify], next: &Next) -> Vec<usize> {
+        let mut finished = Vec::new();
+        if verify.is_empty() {
+            return finished;
+        }
+        let (vocab, tok) = (self.vocab, &*self.tok);
+        let seqs = verify.iter().map(|&(i, _, _)| &self.running[i]);
+        let jv = draw::vocab_for(seqs, tok, &mut self.json_vocab);
+        let mut kept = 0;
+        for &(i, first, rows) in verify {
+            let s = &mut self.running[i];
+            let draft = std::mem::take(&mut s.draft);
+            let before = kept;
+            for j in 0..rows {
+                let Some(row) = next.row(first + j, vocab) else {
+                    break;
+                };
+                let mut l = row.to_vec();
+                s.adjust(&mut l, tok, jv);
+                let id = draw::sample(s, &l);
+                let lp = s.logprobs.map(|k| token_logprobs(row, id, k as usize));
+                s.take(id, lp, tok);
+                let agrees = draft.get(j) == Some(&id);
+                kept += usize::from(agrees);
+                if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
+                    close(s, reason, &self.stats, &mut self.outbox);
+                    finished.push(i);
+                    break;
+                }
+                if !agrees {
+                    break;
+                }
+            }
+            s.computed = s.tokens.len() - 1;
+            // A step whose drafts all missed backs the next proposal off.
+            if kept == before && !draft.is_empty() {
+                s.draft_misses += 1;
+                s.draft_wait = speculate::backoff(s.draft_misses);
+            } else {
+                s.draft_misses = 0;
+            }
+        }
+        self.stats
+            .draft_tokens_accepted
+            .fetch_add(kept as u64, Ordering::Relaxed);
+        finished
+    }
+
     pub(super) fn publish(&self) {
         publish(&self.stats, &self.running, &self.waiting, &self.pool);
     }
+}
+
+/// Ends `s` for `reason`: the text it held back and the log-probabilities not sent yet go
+/// out, then its usage (counted in `stats`).
+fn close(s: &mut Seq, reason: FinishReason, stats: &EngineStats, outbox: &mut Outbox) {
+    let (tail, reasoning) = tail(s);
+    let logprobs = std::mem::take(&mut s.pending_logprobs);
+    if !tail.is_empty() || !logprobs.is_empty() {
+        s.send(
+            outbox,
+            WorkerEvent::Delta {
+                text: tail,
+                tokens: 0,
+                logprobs,
+                reasoning,
+            },
+        );
+    }
+    let usage = s.usage();
+    stats.count_prompt(&usage);
+    s.send(
+        outbox,
+        WorkerEvent::Done {
+            finish_reason: reason,
+            usage,
+        },
+    );
 }
 
 /// A step's result: the next tokens (sampled by the backend) or the logits to sample.

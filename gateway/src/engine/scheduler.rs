@@ -62,6 +62,10 @@ pub struct Limits {
     /// without interactive work, so that on a backend whose step time grows with its rows
     /// (the CPU) bulk work does not slow interactive answers down.
     pub lowest_rows: Option<usize>,
+    /// Most draft tokens a decoding sequence proposes a step (speculative decoding,
+    /// [`super::speculate`]; the engine's, not the scheduler's: drafts reach it as pending
+    /// tokens); 0: none.
+    pub speculate: usize,
 }
 
 /// Whether `s` is lowest-weight work.
@@ -357,6 +361,7 @@ mod tests {
         max_logit_rows: usize::MAX,
         preempt: true,
         lowest_rows: None,
+        speculate: 0,
     };
 
     #[test]

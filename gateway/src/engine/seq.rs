@@ -99,6 +99,14 @@ pub(super) struct Seq {
     /// taken was ([`Seq::take`], read by [`emit`]).
     pub(super) reasoning: Option<Reasoning>,
     pub(super) last_kind: Kind,
+    /// Tokens proposed to follow its last one ([`super::speculate`]): the next step
+    /// computes them after it, and its draws keep them as far as they agree. Never on the
+    /// GPU path, and only while its last token is its only one not computed.
+    pub(super) draft: Vec<u32>,
+    /// Steps its drafts keep missing in a row (none of a step's kept), and steps left
+    /// before it proposes again: a run of misses backs off ([`super::speculate::backoff`]).
+    pub(super) draft_misses: u32,
+    pub(super) draft_wait: u32,
     pub(super) tx: Events,
 }
 
@@ -125,10 +133,10 @@ impl Tenanted for Seq {
 
 impl Schedulable for Seq {
     /// Its tokens not yet computed, less a token still on the device that is its last
-    /// (`max_tokens`): nothing is drawn after it.
+    /// (`max_tokens`): nothing is drawn after it; and its drafts.
     fn pending(&self) -> usize {
         let last = self.resolved < self.tokens.len() && self.generated() >= self.max_tokens;
-        (self.tokens.len() - self.computed).saturating_sub(usize::from(last))
+        (self.tokens.len() - self.computed).saturating_sub(usize::from(last)) + self.draft.len()
     }
     fn computed(&self) -> usize {
         self.computed
@@ -137,6 +145,7 @@ impl Schedulable for Seq {
         &mut self.blocks
     }
     fn reset(&mut self) {
+        self.draft.clear();
         self.computed = 0;
         self.registered = 0;
         if self.generated() == 0 {
@@ -164,6 +173,10 @@ impl Schedulable for Seq {
             return 0;
         }
         let end = self.computed + n;
+        if !self.draft.is_empty() {
+            // Its last token's row and each draft's the chunk reaches.
+            return end.saturating_sub(self.tokens.len() - 1);
+        }
         let last = usize::from(end == self.tokens.len());
         match self.prompt_next {
             // Row p scores prompt token p + 1.
@@ -357,6 +370,9 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         embed: n.embed,
         reasoning: n.reasoning,
         last_kind: Kind::Answer,
+        draft: Vec::new(),
+        draft_misses: 0,
+        draft_wait: 0,
         tx: n.tx,
     }
 }

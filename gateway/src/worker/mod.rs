@@ -416,6 +416,9 @@ pub struct EngineCounters {
     pub rows_read_back: u64,
     /// GPU path: rows whose log-probabilities were computed on the device.
     pub rows_scored_on_device: u64,
+    /// Speculative decoding: draft tokens proposed, and those the draws kept.
+    pub draft_tokens: u64,
+    pub draft_tokens_accepted: u64,
     /// Steps the device failed, each followed by a rebuild of the backend.
     pub device_faults: u64,
     /// Prompt tokens of finished requests, and those of them served from the prefix cache.

@@ -1,0 +1,101 @@
+//! Speculative decoding by prompt lookup, on backends that return logits to the host (the
+//! CPU's): a decoding sequence whose last tokens already occurred earlier in its context
+//! (its prompt or its answer) proposes the tokens that followed them there as its next
+//! ones ([`propose`]), and the next step computes its last token and those drafts
+//! together, a logits row each. The host then draws from the rows in order, each by the
+//! sequence's own rule (seed and step, penalties, JSON mode), and keeps going while each
+//! draw is the draft that its row was computed after ([`super::run::Engine::verify`]).
+//!
+//! **The answer does not change.** A draw whose row follows a kept draft is the draw the
+//! sequence would have made a step later: the same logits (a row's result does not depend
+//! on the rows beside it), the same rule, the same step of its seed. The first draw that
+//! differs from its draft is kept too (it is the sequence's own token), and the rows
+//! after it are dropped with the drafts they followed; their keys and values lie past the
+//! sequence's computed positions, written again by the step that computes them. So a
+//! sampled answer is the one it would be without speculation, token for token, and a
+//! step yields from one token to all its drafts and one more.
+//!
+//! A draft costs a row of compute in the step. On the CPU a step's time grows with its
+//! rows, so drafts are proposed only while one sequence runs ([`MAX_SEQS`]) and none
+//! waits: beside other sequences' rows, a draft's row is better spent on them (two or four
+//! sequences at once lost 5–10 % with drafts, BENCHMARKS.md). A sequence whose drafts keep
+//! missing proposes less often ([`backoff`]). The GPU path draws on the device, steps
+//! planned ahead, and does not speculate.
+
+/// The longest and shortest run of last tokens looked up (llama.cpp's and vLLM's prompt
+/// lookup take 1 to 3 or so): a longer match is tried first, as its continuation is
+/// likelier to be the sequence's.
+const LONGEST: usize = 4;
+const SHORTEST: usize = 2;
+
+/// Most sequences running at once for drafts to be proposed: one, the latency case.
+pub(super) const MAX_SEQS: usize = 1;
+
+/// Steps a sequence waits before it proposes again after `misses` steps in a row whose
+/// drafts it kept none of: 2, 4, 8, then 16 at most. Text that does not repeat its
+/// context (a poem, an answer in the model's own words) stops costing rows, and text
+/// that does (a quote, code edited in place) is found again within 16 steps.
+pub(super) fn backoff(misses: u32) -> u32 {
+    1 << misses.clamp(1, 4)
+}
+
+/// Up to `k` tokens proposed to follow `tokens`: those that followed the latest earlier
+/// occurrence of its last `LONGEST` tokens (then of fewer, down to `SHORTEST`); none when
+/// they occur nowhere before.
+pub(super) fn propose(tokens: &[u32], k: usize) -> Vec<u32> {
+    let len = tokens.len();
+    if k == 0 {
+        return Vec::new();
+    }
+    for n in (SHORTEST..=LONGEST.min(len.saturating_sub(1))).rev() {
+        let tail = &tokens[len - n..];
+        // The latest earlier start, so that what follows is the freshest context; a match
+        // must leave at least one token after it.
+        if let Some(start) = (0..len - n).rev().find(|&p| &tokens[p..p + n] == tail) {
+            let from = start + n;
+            return tokens[from..(from + k).min(len)].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokens_after_the_latest_earlier_run_of_the_last_ones_are_proposed() {
+        // "a b c d | x a b c" → after the last "a b c": "d x a".
+        let t = [1, 2, 3, 4, 9, 1, 2, 3];
+        assert_eq!(propose(&t, 3), [4, 9, 1]);
+        assert_eq!(propose(&t, 1), [4]);
+        // The continuation stops at the sequence's end.
+        assert_eq!(propose(&t, 10), [4, 9, 1, 2, 3]);
+        // The latest earlier occurrence wins: 5 6 7 then 5 6 8, last "5 6" → 8.
+        let t = [5, 6, 7, 5, 6, 8, 0, 5, 6];
+        assert_eq!(propose(&t, 1), [8]);
+        // A longer match first: "1 2 3" is followed by 4 once, "2 3" by 7 later.
+        let t = [1, 2, 3, 4, 2, 3, 7, 1, 2, 3];
+        assert_eq!(propose(&t, 2), [4, 2]);
+        // A run of one token repeated: its own continuation.
+        assert_eq!(propose(&[7, 7, 7, 7], 3), [7]);
+    }
+
+    #[test]
+    fn missing_drafts_back_off_up_to_16_steps() {
+        let waits: Vec<u32> = (1..7).map(backoff).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 16, 16]);
+    }
+
+    #[test]
+    fn nothing_is_proposed_without_an_earlier_match() {
+        assert!(propose(&[1, 2, 3, 4, 5], 4).is_empty());
+        assert!(
+            propose(&[1, 2, 1, 3], 4).is_empty(),
+            "one token alone is no match"
+        );
+        assert!(propose(&[1], 4).is_empty());
+        assert!(propose(&[], 4).is_empty());
+        assert!(propose(&[1, 2, 1, 2], 0).is_empty(), "none asked");
+    }
+}
