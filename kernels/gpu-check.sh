@@ -175,6 +175,9 @@ engine_file qwen3moe-smol qwen3moe_smol 395
 # KV head, five layers of six on a window of 512): GeGLU, the post-norms, the windowed
 # layers' own RoPE table, the attention build for heads of 256.
 engine_file gemma3-smol gemma3_smol 398
+# SmolLM3 (SmolLM2's shape as a smollm3 file): every fourth layer turns no pair, so
+# rope_kv_write takes each layer's turned pairs and the QKV product stays unfused.
+engine_file smollm3-smol smollm3_smol 399
 if [ $SECONDS -lt 400 ]; then
   q3m=$(dirname "$model")/qwen3moe-30b-layer.gguf
   if timeout 40 "$BIN/synth" "$q3m" qwen3moe_30b_layer >/dev/null; then
