@@ -549,6 +549,18 @@ impl LlamaConfig {
         }
     }
 
+    /// Layer `layer`'s RoPE frequencies: a windowed layer's own where it has them
+    /// ([`LlamaConfig::rope_inv_freq_local`]), else the model's ([`LlamaConfig::rope_inv_freq`]).
+    pub fn rope_inv_freq_at(&self, layer: usize) -> Vec<f32> {
+        match self
+            .rope_inv_freq_local()
+            .filter(|_| self.local_rope_at(layer))
+        {
+            Some(f) => f,
+            None => self.rope_inv_freq(),
+        }
+    }
+
     /// The attention's score scale: `1/√head_dim`, times [`LlamaConfig::attn_scale`].
     pub fn attention_scale(&self) -> f32 {
         self.attn_scale / (self.head_dim as f32).sqrt()

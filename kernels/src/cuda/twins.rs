@@ -189,10 +189,7 @@ pub fn rope_kv_write(
     layer: usize,
 ) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-    let inv_freq = match c.rope_inv_freq_local().filter(|_| c.local_rope_at(layer)) {
-        Some(f) => f,
-        None => c.rope_inv_freq(),
-    };
+    let inv_freq = c.rope_inv_freq_at(layer);
     let (turned, pass) = c.rope_pass_at(layer);
     for (r, (&pos, &sm)) in positions.iter().zip(slot_mapping).enumerate() {
         let row = &mut qkv[r * stride..][..(nh + 2 * nkv) * hd];

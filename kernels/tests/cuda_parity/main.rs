@@ -324,10 +324,7 @@ fn rope_kv<E: Exec>(
     let fill: Vec<f16> = rng.vec(n, 1.0).into_iter().map(f16::from_f32).collect();
     let (qg, sm, pd) = (up(g, &qkv), up(g, &inp.slot_mapping), up(g, &inp.positions));
     let (kc, vc) = (up(g, &fill), up(g, &fill));
-    let inv_freq = match c.rope_inv_freq_local().filter(|_| c.local_rope_at(layer)) {
-        Some(f) => up(g, &f),
-        None => up(g, &c.rope_inv_freq()),
-    };
+    let inv_freq = up(g, &c.rope_inv_freq_at(layer));
     let bias = bias.then(|| rng.vec(qd + 2 * kd, 1.0));
     let bias_g = bias.as_ref().map(|b| up(g, b));
     let mut cache_k = fill.clone();
