@@ -387,7 +387,7 @@ fn attention_on(
         .for_each(|(task, o)| {
             let (r, kvh) = (task / c.n_kv_heads, task % c.n_kv_heads);
             let pos = batch.positions[r] as usize;
-            let table = &batch.seqs[row_seq[r]].block_table;
+            let table = batch.seqs[row_seq[r]].table(kv, layer);
             let qrow = &q[r * qd + kvh * gw..r * qd + (kvh + 1) * gw];
             let t = HeadTask {
                 layer,
@@ -504,7 +504,7 @@ fn attention_rows(
             hd,
             scale,
             n: batch.positions[r0] as usize + 1,
-            table: &batch.seqs[row_seq[r0]].block_table,
+            table: batch.seqs[row_seq[r0]].table(kv, layer),
             window: c.window_at(layer),
             cap: c.attn_softcap,
         };

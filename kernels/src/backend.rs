@@ -60,6 +60,13 @@ pub trait Backend: Send {
     fn config(&self) -> &LlamaConfig;
     /// Tokens per KV block, and how many blocks the cache holds.
     fn kv_geometry(&self) -> (usize, usize);
+    /// Blocks of the windowed layers' own pool, where the cache gives them one: each
+    /// sequence of a step then carries its blocks there too
+    /// ([`crate::forward::BatchSeq::window_table`]), and only those its window still
+    /// covers need be held.
+    fn kv_window_blocks(&self) -> Option<usize> {
+        None
+    }
     /// One step: returns `batch.n_logits() × vocab` logits.
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError>;
     /// Whether [`Backend::step_sample`] samples where the logits are (the GPU), so that a
@@ -260,6 +267,20 @@ impl CpuBackend {
         })
     }
 
+    /// Gives the model's windowed layers (where it has some) `blocks` blocks of their own
+    /// ([`KvCache::with_window`]), fewer than the others' as they hold only a window's
+    /// positions a sequence: the engine then sends each sequence's second block table.
+    pub fn with_window_blocks(mut self, blocks: usize) -> Self {
+        let c = &self.model.config;
+        if c.window_size().is_some() {
+            let windowed: Vec<bool> = (0..c.n_layers).map(|l| c.window_at(l).is_some()).collect();
+            let (bs, n) = (self.kv.block_size, self.kv.n_blocks);
+            self.kv =
+                KvCache::with_window(&windowed, c.n_kv_heads, c.kv_dim(), bs, n, Some(blocks));
+        }
+        self
+    }
+
     /// How activations meet quantized weights (default: 16-bit, see [`ActPrecision`]).
     pub fn with_precision(mut self, p: ActPrecision) -> Self {
         self.precision = p;
@@ -277,6 +298,9 @@ impl Backend for CpuBackend {
     }
     fn kv_geometry(&self) -> (usize, usize) {
         (self.kv.block_size, self.kv.n_blocks)
+    }
+    fn kv_window_blocks(&self) -> Option<usize> {
+        self.kv.window_blocks
     }
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
         let (model, kv, scratch, p) =

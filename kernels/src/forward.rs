@@ -39,10 +39,27 @@ pub struct BatchSeq {
     pub len: usize,
     /// KV blocks of this sequence, covering every position up to its last row.
     pub block_table: Vec<u32>,
+    /// Its blocks in the windowed layers' own pool, where the cache gives them one
+    /// ([`KvCache::with_window`]): covering the positions its rows see on those layers
+    /// (the entries before the block holding its first row's window start are not
+    /// read); empty where they have none.
+    pub window_table: Vec<u32>,
     /// How many of its last rows return logits: 0, 1 (the last row's, to draw the next
     /// token), or more (a prompt's log-probabilities: each row's logits score the next
     /// row's token).
     pub logits: usize,
+}
+
+impl BatchSeq {
+    /// Its block table for layer `layer` of `kv`: the windowed layers' own where `kv`
+    /// gives them a pool of their own.
+    #[inline]
+    pub fn table(&self, kv: &KvCache, layer: usize) -> &[u32] {
+        match kv.own_pool(layer) {
+            true => &self.window_table,
+            false => &self.block_table,
+        }
+    }
 }
 
 /// A packed batch.
@@ -71,8 +88,17 @@ impl Batch {
             start,
             len: tokens.len(),
             block_table,
+            window_table: Vec::new(),
             logits,
         });
+    }
+
+    /// Gives the sequence pushed last its blocks in the windowed layers' own pool
+    /// ([`BatchSeq::window_table`]).
+    pub fn set_window_table(&mut self, table: Vec<u32>) {
+        if let Some(s) = self.seqs.last_mut() {
+            s.window_table = table;
+        }
     }
 
     /// The input token of each row that returns logits, in order (a carried adjustment
@@ -239,6 +265,19 @@ impl Model {
             {
                 return bad("block table names a block outside the cache".into());
             }
+            if let (Some(n), Some(w)) = (kv.window_blocks, self.config.window_size()) {
+                // From the block holding the first row's first position seen.
+                let lo = (pos0 + 1).saturating_sub(w) / kv.block_size;
+                if s.window_table.len() < need {
+                    return bad(format!(
+                        "window block table covers {} blocks, needs {need}",
+                        s.window_table.len()
+                    ));
+                }
+                if s.window_table[lo..need].iter().any(|&b| b as usize >= n) {
+                    return bad("window block table names a block outside its pool".into());
+                }
+            }
         }
         if next != batch.tokens.len() {
             return bad("sequences must cover every token".into());
@@ -335,7 +374,7 @@ impl Model {
                 let cs = &table[r * hd..(r + 1) * hd];
                 ops::rope_with(&mut s.q[r * qd..(r + 1) * qd], cs);
                 ops::rope_with(&mut s.k[r * kvd..(r + 1) * kvd], cs);
-                let table = &batch.seqs[row_seq[r]].block_table;
+                let table = batch.seqs[row_seq[r]].table(kv, li);
                 kv.write(
                     li,
                     table,

@@ -515,6 +515,11 @@ impl LlamaConfig {
         (w.period == 0 || layer % w.period < w.period - 1).then_some(w.size)
     }
 
+    /// The windowed layers' window, where some layer has one (each has the same).
+    pub fn window_size(&self) -> Option<usize> {
+        self.window.as_ref().map(|w| w.size)
+    }
+
     /// Whether layer `layer` turns its queries and keys by the windowed layers' own RoPE
     /// frequencies ([`SlidingWindow::rope_base`], [`LlamaConfig::rope_inv_freq_local`]).
     pub fn local_rope_at(&self, layer: usize) -> bool {

@@ -123,3 +123,114 @@ fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
         "{err}"
     );
 }
+
+/// A small model of `arch` whose windowed layers see `window` positions.
+fn windowed(name: &str, arch: kernels::synth::SynthArch, window: usize) -> CpuBackend {
+    let dir = std::env::temp_dir().join(format!("tollgate-fwd-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("windowed.gguf");
+    let spec = SynthSpec {
+        arch,
+        n_layers: 6,
+        window: Some(window),
+        ..SynthSpec::tiny()
+    };
+    write_model(&path, &spec).unwrap();
+    let m = kernels::load::load(&path).unwrap();
+    CpuBackend::new(m.model.clone(), 16, 16, 2).unwrap()
+}
+
+#[test]
+fn windowed_layers_in_a_pool_of_their_own_compute_the_same_logits() {
+    // Two sequences, each alone on one cache (one block table), and side by side on a
+    // cache whose windowed layers hold 8 blocks of their own: blocks out of a window go
+    // back and the other sequence writes them at once, so a read of one would show.
+    use kernels::synth::SynthArch;
+    const NONE: u32 = u32::MAX;
+    for (arch, window) in [
+        (SynthArch::Gemma3, 20),
+        (SynthArch::Gemma2, 33),
+        (SynthArch::Phi3, 17),
+    ] {
+        let name = format!("{arch:?}-{window}");
+        let mut one = windowed(&format!("one-{name}"), arch, window);
+        let mut own = windowed(&format!("own-{name}"), arch, window).with_window_blocks(8);
+        assert_eq!(one.kv_window_blocks(), None);
+        assert_eq!(own.kv_window_blocks(), Some(8));
+        let v = one.config().vocab;
+        let seqs: [Vec<u32>; 2] = [
+            (0..90).map(|i| (i * 37 + 11) % 2000).collect(),
+            (0..90).map(|i| (i * 53 + 5) % 2000).collect(),
+        ];
+        // Chunks: prompts of 23 and 40 rows, then rows of 1 or 2 (a draft).
+        let chunks = |s: usize| -> Vec<usize> {
+            let mut c = vec![23 + 17 * s];
+            while c.iter().sum::<usize>() < 90 {
+                c.push(1 + c.len() % 2);
+            }
+            *c.last_mut().unwrap() -= c.iter().sum::<usize>() - 90;
+            c
+        };
+        let (mut free, mut tables): (Vec<u32>, [Vec<u32>; 2]) =
+            ((0..8).rev().collect(), [vec![], vec![]]);
+        let mut returned = 0;
+        let mut at = [0usize; 2];
+        let plans = [chunks(0), chunks(1)];
+        let mut step = [0usize; 2];
+        while at[0] < 90 || at[1] < 90 {
+            let mut both = Batch::default();
+            let mut alone = vec![];
+            for s in 0..2 {
+                let Some(&n) = plans[s].get(step[s]) else {
+                    continue;
+                };
+                let (p0, p1) = (at[s], at[s] + n);
+                // Its window's blocks: those below the first row's window go back first.
+                let lo = (p0 + 1).saturating_sub(window) / 16;
+                for b in tables[s].iter_mut().take(lo) {
+                    if *b != NONE {
+                        free.push(std::mem::replace(b, NONE));
+                        returned += 1;
+                    }
+                }
+                while tables[s].len() < p1.div_ceil(16) {
+                    tables[s].push(free.pop().expect("8 blocks hold two windows"));
+                }
+                let full: Vec<u32> = (s as u32 * 8..s as u32 * 8 + 8).collect();
+                both.push_rows(&seqs[s][p0..p1], p0, full.clone(), n);
+                both.set_window_table(tables[s].clone());
+                let mut a = Batch::default();
+                a.push_rows(&seqs[s][p0..p1], p0, full, n);
+                alone.push((s, a));
+                at[s] = p1;
+                step[s] += 1;
+            }
+            let got = own.step(&both).unwrap();
+            let mut want = vec![];
+            for (_, a) in &alone {
+                want.extend(one.step(a).unwrap());
+            }
+            assert_eq!(got.len(), want.len());
+            assert!(got == want, "{name}: the same logits bit for bit at {at:?}");
+        }
+        assert!(returned >= 6, "{name}: {returned} blocks went back");
+        // A window table short of the rows' blocks, or naming a block outside its pool,
+        // is refused.
+        let mut b = Batch::default();
+        b.push(&[5; 40], 0, vec![8, 9, 10], true);
+        b.set_window_table(vec![0, 1]);
+        assert!(own
+            .step(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("window block table"));
+        let mut b = Batch::default();
+        b.push(&[5; 4], 0, vec![8], true);
+        b.set_window_table(vec![8]);
+        assert!(own
+            .step(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("outside its pool"));
+    }
+}
