@@ -157,7 +157,6 @@ fn windowed_layers_in_a_pool_of_their_own_compute_the_same_logits() {
         let mut own = windowed(&format!("own-{name}"), arch, window).with_window_blocks(8);
         assert_eq!(one.kv_window_blocks(), None);
         assert_eq!(own.kv_window_blocks(), Some(8));
-        let v = one.config().vocab;
         let seqs: [Vec<u32>; 2] = [
             (0..90).map(|i| (i * 37 + 11) % 2000).collect(),
             (0..90).map(|i| (i * 53 + 5) % 2000).collect(),
