@@ -398,7 +398,7 @@ fn render_engines(router: &Router, out: &mut String) {
     fn counter<'a>(name: &'a str, help: &'a str, pick: Pick) -> (&'a str, &'a str, &'a str, Pick) {
         (name, help, "counter", pick)
     }
-    let series: [(&str, &str, &str, Pick); 14] = [
+    let series: [(&str, &str, &str, Pick); 16] = [
         counter("tollgate_engine_steps", "Forward steps the engine ran", |c| {
             c.steps as f64
         }),
@@ -467,6 +467,18 @@ fn render_engines(router: &Router, out: &mut String) {
             "KV blocks in the engine's prefix cache (in use or idle; idle ones count as free)",
             "gauge",
             |c| c.kv_blocks_cached as f64,
+        ),
+        (
+            "tollgate_engine_kv_window_blocks_used",
+            "KV blocks of the windowed layers' own pool held by sequences (0 where the model's windowed layers have no pool of their own)",
+            "gauge",
+            |c| c.kv_window_blocks_used as f64,
+        ),
+        (
+            "tollgate_engine_kv_window_blocks_total",
+            "KV blocks of the windowed layers' own pool (the blocks before each sequence's window go back to it)",
+            "gauge",
+            |c| c.kv_window_blocks_total as f64,
         ),
     ];
     for (name, help, kind, pick) in series {

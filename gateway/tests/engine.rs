@@ -1033,3 +1033,91 @@ async fn speculative_decoding_changes_no_answer() {
         "off by default"
     );
 }
+
+/// A model with sliding-window layers (Gemma 3's five of six, a window of 24 positions),
+/// on the CPU: with the windowed layers in a pool of their own, whose blocks before each
+/// sequence's window go back as it moves on, every answer is the one the engine gives
+/// with every position kept on every layer (`window_kv_tokens = 0`), 16 at once in a pool
+/// smaller than their windows together (so some wait or are preempted), and a repeated
+/// prompt's prefix is served from the cache with its windowed blocks.
+#[tokio::test(flavor = "multi_thread")]
+async fn windowed_layers_in_a_pool_of_their_own_change_no_token() {
+    let d = common::tempdir::TempDir::new();
+    let path = d.0.join("windowed.gguf");
+    let spec = kernels::synth::SynthSpec {
+        arch: kernels::synth::SynthArch::Gemma3,
+        n_layers: 6,
+        window: Some(24),
+        ..kernels::synth::SynthSpec::tiny()
+    };
+    kernels::synth::write_model(&path, &spec).unwrap();
+    let m = kernels::load::load(&path).unwrap();
+    let base = EngineConfig {
+        backend: BackendKind::Cpu,
+        threads: 2,
+        max_batch_tokens: Some(64),
+        max_seqs: Some(16),
+        ..EngineConfig::default()
+    };
+    let kept = engine(
+        &m,
+        EngineConfig {
+            window_kv_tokens: Some(0),
+            ..base.clone()
+        },
+    );
+    let mut want = Vec::new();
+    for p in prompts() {
+        want.push(run(&kept, req(&p, 24, 0.0, None, vec![])).await);
+    }
+    let c = kept.engine_counters().unwrap();
+    assert_eq!((c.kv_window_blocks_used, c.kv_window_blocks_total), (0, 0));
+    // 20 blocks of 16: room for a step's rows and a few windows, not 16 (each reads 24
+    // positions, 2 or 3 blocks), so sequences are preempted for blocks.
+    let own = engine(
+        &m,
+        EngineConfig {
+            window_kv_tokens: Some(320),
+            ..base.clone()
+        },
+    );
+    let tasks: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| {
+            let e = own.clone();
+            tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), want[i], "sequence {i}");
+    }
+    let c = own.engine_counters().unwrap();
+    assert_eq!(c.kv_window_blocks_total, 20);
+    assert!(c.preemptions > 0, "the windows did not fit at once");
+    // Every window block back (the gauge is published after each step).
+    for _ in 0..200 {
+        if own.engine_counters().unwrap().kv_window_blocks_used == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(own.engine_counters().unwrap().kv_window_blocks_used, 0);
+    // The longest prompt again, alone, twice: the second takes its prefix from the cache,
+    // windowed blocks and all (the first's were let go last, so nothing evicted them;
+    // the first may find some of its windowed blocks evicted by the 16 and compute from
+    // there).
+    let p = prompts().pop().unwrap();
+    for _ in 0..2 {
+        let again = run_usage(&own, req(&p, 24, 0.0, None, vec![])).await;
+        assert_eq!(
+            (again.0.as_str(), again.1),
+            (want[15].0.as_str(), want[15].1)
+        );
+        let (prompt, cached) = (again.2.prompt_tokens, again.2.cached_tokens);
+        assert!(cached <= (prompt - 1) / 16 * 16, "{:?}", again.2);
+        if cached == (prompt - 1) / 16 * 16 {
+            return;
+        }
+    }
+    panic!("the prompt's prefix was not served from the cache");
+}

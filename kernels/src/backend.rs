@@ -281,6 +281,11 @@ impl CpuBackend {
         self
     }
 
+    /// Bytes its KV cache holds (keys and values, every layer).
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
     /// How activations meet quantized weights (default: 16-bit, see [`ActPrecision`]).
     pub fn with_precision(mut self, p: ActPrecision) -> Self {
         self.precision = p;

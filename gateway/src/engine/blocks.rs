@@ -35,7 +35,16 @@ struct Content {
 
 enum Link {
     First(Arc<str>),
-    After { block: u32, generation: u64 },
+    After {
+        block: u32,
+        generation: u64,
+    },
+    /// A windowed layers' block ([`super::kv_pools`]): the other layers' cached block at
+    /// the same place of the same prefix, and its registration count then.
+    Twin {
+        block: u32,
+        generation: u64,
+    },
 }
 
 pub struct BlockPool {
@@ -200,6 +209,7 @@ impl BlockPool {
                             out.last() == Some(block)
                                 && self.generation[*block as usize] == *generation
                         }
+                        Link::Twin { .. } => false,
                     }
             });
             if !holds {
@@ -245,6 +255,57 @@ impl BlockPool {
         self.generation[i] += 1;
         self.content[i] = Some(Content {
             link,
+            tokens: tokens.into(),
+        });
+        self.hash[i] = Some(hash);
+        self.by_hash.insert(hash, block);
+    }
+}
+
+/// The windowed layers' pool's side of prefix caching ([`super::kv_pools`]): its blocks
+/// are cached by the same content hashes, each tied to the other layers' cached block at
+/// the same place (its twin), since the blocks before a window are let go.
+impl BlockPool {
+    /// The cached block under `hash` and its registration count.
+    pub fn cached(&self, hash: u64) -> Option<(u32, u64)> {
+        let &b = self.by_hash.get(&hash)?;
+        Some((b, self.generation[b as usize]))
+    }
+
+    /// The cached block under `hash` that holds `tokens` and was registered as the twin of
+    /// `twin` (a block of the other pool and its registration count), if any.
+    pub fn find_twin(&self, hash: u64, tokens: &[u32], twin: (u32, u64)) -> Option<u32> {
+        let &b = self.by_hash.get(&hash)?;
+        let c = self.content[b as usize].as_ref()?;
+        let tied =
+            matches!(c.link, Link::Twin { block, generation } if (block, generation) == twin);
+        (tied && *c.tokens == *tokens).then_some(b)
+    }
+
+    /// Holds cached block `b` for one more sequence.
+    pub fn hold(&mut self, b: u32) {
+        let i = b as usize;
+        if self.refs[i] == 0 {
+            self.idle.remove(&self.idle_at[i]);
+        }
+        self.refs[i] += 1;
+    }
+
+    /// Records that `block` (held by the caller, every position computed) holds `tokens`
+    /// at the place of `twin` (the other pool's cached block there, and its registration
+    /// count), under the content hash `hash`; where another block already has that hash,
+    /// that one stays the cached one.
+    pub fn register_twin(&mut self, block: u32, hash: u64, tokens: &[u32], twin: (u32, u64)) {
+        let i = block as usize;
+        if !self.caching || self.hash[i].is_some() || self.by_hash.contains_key(&hash) {
+            return;
+        }
+        self.generation[i] += 1;
+        self.content[i] = Some(Content {
+            link: Link::Twin {
+                block: twin.0,
+                generation: twin.1,
+            },
             tokens: tokens.into(),
         });
         self.hash[i] = Some(hash);

@@ -81,12 +81,46 @@ impl Factory {
                     crate::config::Activations::Q8 => ActPrecision::Q8,
                     crate::config::Activations::F32 => ActPrecision::F32,
                 };
-                let b = CpuBackend::new(model.clone(), cfg.block_size, n_blocks, cfg.threads)?
+                let mut b = CpuBackend::new(model.clone(), cfg.block_size, n_blocks, cfg.threads)?
                     .with_precision(precision);
+                if let Some(w) = window_blocks(cfg, &sizes, &model.config, n_blocks) {
+                    b = b.with_window_blocks(w);
+                    tracing::info!(
+                        worker = %self.name,
+                        kv_blocks = n_blocks,
+                        window_kv_blocks = w,
+                        kv_mib = b.kv_bytes() >> 20,
+                        "the model's windowed layers keep a KV pool of their own: each \
+                         sequence's blocks before its window go back to it"
+                    );
+                }
                 Ok((Box::new(b), sizes))
             }
         }
     }
+}
+
+/// Blocks of the windowed layers' own KV pool on the CPU, where the model has such layers
+/// and the pool would be smaller than the others' (`n_blocks`): `window_kv_tokens`, or
+/// enough for every sequence slot's window, the block partly before it and the one its
+/// next rows start, and a step's rows besides; at least one sequence's window and a
+/// step's rows (else a long prompt could never run).
+fn window_blocks(
+    cfg: &EngineConfig,
+    sizes: &EngineSizes,
+    c: &kernels::model::LlamaConfig,
+    n_blocks: usize,
+) -> Option<usize> {
+    let w = c.window_size()?;
+    let bs = cfg.block_size;
+    let per_seq = w.saturating_sub(1).div_ceil(bs) + 2;
+    let step = sizes.max_batch_tokens.div_ceil(bs);
+    let n = match cfg.window_kv_tokens {
+        Some(0) => return None,
+        Some(k) => k.div_ceil(bs).max(per_seq + step),
+        None => sizes.max_seqs * per_seq + step,
+    };
+    (n < n_blocks).then_some(n)
 }
 
 /// The CUDA backend on `exec` (a GPU or the emulator), sized by `sizes` and `kv`, with its

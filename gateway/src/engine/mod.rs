@@ -23,6 +23,7 @@ mod draw;
 mod factory;
 pub mod fair;
 pub(super) mod flight;
+pub mod kv_pools;
 pub mod outbox;
 pub mod output;
 mod prompts;
@@ -64,6 +65,9 @@ pub struct EngineStats {
     /// Blocks held in the prefix cache (in use or idle).
     pub kv_blocks_cached: AtomicU64,
     pub kv_blocks_total: AtomicU64,
+    /// The windowed layers' own pool ([`kv_pools`]): blocks held, and in all (0: none).
+    pub kv_window_blocks_used: AtomicU64,
+    pub kv_window_blocks_total: AtomicU64,
     pub steps: AtomicU64,
     /// Steps sent while the step before was still running (planned ahead).
     pub steps_ahead: AtomicU64,
@@ -500,6 +504,8 @@ impl Worker for EngineWorker {
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
             kv_blocks_cached: s.kv_blocks_cached.load(Ordering::Relaxed),
+            kv_window_blocks_used: s.kv_window_blocks_used.load(Ordering::Relaxed),
+            kv_window_blocks_total: s.kv_window_blocks_total.load(Ordering::Relaxed),
             backend_seconds: secs(&s.backend_ns),
             host_seconds: secs(&s.host_ns),
         })

@@ -2,7 +2,7 @@
 //! backend is dropped and built again until one passes its self-check, while arrivals fail
 //! at once.
 
-use super::blocks::BlockPool;
+use super::kv_pools::KvPools;
 use super::outbox::Outbox;
 use super::run::{Engine, Turn};
 use super::seq::NewSeq;
@@ -59,7 +59,7 @@ impl Engine {
     /// After the backend was built again: a fresh cache, and back in service.
     pub(super) fn rebuilt(&mut self, backend: &dyn Backend) {
         self.on_device = backend.samples_on_device();
-        self.pool = BlockPool::new(backend.kv_geometry().1, self.limits.prefix_caching);
+        self.pool = KvPools::for_backend(backend, self.limits.prefix_caching);
         self.fair.reset();
         self.stats.set_fault(None);
         self.publish();

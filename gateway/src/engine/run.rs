@@ -34,10 +34,11 @@
 //! step taken at once, after it: [`Backend::hidden_rows`]), and it holds no token from
 //! the device meanwhile, so no later step computes a row for it.
 
-use super::blocks::{chain, BlockPool};
+use super::blocks::chain;
 use super::draw;
 use super::fair::Fair;
 use super::flight::{Flight, Part, Who};
+use super::kv_pools::KvPools;
 use super::outbox::Outbox;
 use super::prompts::{by_row, embedded, score_prompt, Hidden};
 use super::recover::{recover, Rebuild};
@@ -76,7 +77,7 @@ pub(super) fn run_engine(
     let mut e = Engine {
         vocab: backend.config().vocab,
         on_device: backend.samples_on_device(),
-        pool: BlockPool::new(backend.kv_geometry().1, limits.prefix_caching),
+        pool: KvPools::for_backend(backend.as_ref(), limits.prefix_caching),
         rebuild,
         tok,
         rx,
@@ -129,7 +130,7 @@ pub(super) struct Engine {
     pub(super) json_vocab: Option<JsonVocab>,
     pub(super) on_device: bool,
     pub(super) overlap: bool,
-    pub(super) pool: BlockPool,
+    pub(super) pool: KvPools,
     pub(super) running: Vec<Seq>,
     pub(super) waiting: VecDeque<Seq>,
     pub(super) fair: Fair,
@@ -474,14 +475,21 @@ impl Engine {
                     .fetch_add(s.draft.len() as u64, Ordering::Relaxed);
                 let mut tokens = s.tokens[s.computed..].to_vec();
                 tokens.extend_from_slice(&s.draft);
-                batch.push_rows(&tokens, s.computed, s.blocks.clone(), k);
+                batch.push_rows(&tokens, s.computed, s.blocks.full.clone(), k);
+                batch.set_window_table(s.blocks.window.clone());
                 rows.verify.push((i, rows.draws.len(), k));
                 rows.draws.extend(std::iter::repeat_n(None, k));
                 rows.scoring.extend(std::iter::repeat_n(None, k));
                 s.computed = end;
                 continue;
             }
-            batch.push_rows(&s.tokens[s.computed..end], s.computed, s.blocks.clone(), k);
+            batch.push_rows(
+                &s.tokens[s.computed..end],
+                s.computed,
+                s.blocks.full.clone(),
+                k,
+            );
+            batch.set_window_table(s.blocks.window.clone());
             let drawing = end == s.tokens.len();
             rows.draws
                 .extend((0..k).map(|j| (drawing && j + 1 == k).then_some(i)));
@@ -655,7 +663,7 @@ impl Engine {
                     let after = b.checked_sub(1).map(|p| s.hashes[p]);
                     let tokens = &s.tokens[b * bs..(b + 1) * bs];
                     self.pool
-                        .register(s.blocks[b], s.hashes[b], after, tokens, &s.tenant);
+                        .register(&s.blocks, b, s.hashes[b], after, tokens, &s.tenant);
                 }
                 s.registered = full;
             }
@@ -821,7 +829,8 @@ impl Next {
     }
 }
 
-fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: &BlockPool) {
+fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pools: &KvPools) {
+    let pool = &pools.full;
     stats.running.store(running.len() as u64, Ordering::Relaxed);
     stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
     stats
@@ -830,4 +839,11 @@ fn publish(stats: &EngineStats, running: &[Seq], waiting: &VecDeque<Seq>, pool: 
     stats
         .kv_blocks_cached
         .store(pool.cached_count() as u64, Ordering::Relaxed);
+    let (used, total) = pools.window_use().unwrap_or((0, 0));
+    stats
+        .kv_window_blocks_used
+        .store(used as u64, Ordering::Relaxed);
+    stats
+        .kv_window_blocks_total
+        .store(total as u64, Ordering::Relaxed);
 }

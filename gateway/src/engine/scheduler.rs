@@ -12,8 +12,8 @@
 //! flight (planned ahead, [`Limits::preempt`] off) nobody is preempted: a sequence short
 //! of a block ends the step's running part, and the plan says so ([`Plan::starved`]).
 
-use super::blocks::BlockPool;
 use super::fair::{Fair, Tenanted};
+use super::kv_pools::{KvPools, Tables};
 use std::collections::VecDeque;
 use std::hash::RandomState;
 
@@ -23,7 +23,8 @@ pub trait Schedulable: Tenanted {
     fn pending(&self) -> usize;
     /// Tokens already in the cache.
     fn computed(&self) -> usize;
-    fn blocks_mut(&mut self) -> &mut Vec<u32>;
+    /// Its KV blocks ([`Tables`]).
+    fn blocks_mut(&mut self) -> &mut Tables;
     /// Forget the cache (after preemption): everything is pending again.
     fn reset(&mut self);
     /// The content hashes of the full blocks of its tokens ([`super::blocks::chain`]),
@@ -85,28 +86,23 @@ pub struct Plan {
     pub held: usize,
 }
 
-fn blocks_for(tokens: usize, block_size: usize) -> usize {
-    tokens.div_ceil(block_size)
-}
-
-/// Gives `s` enough blocks to hold `tokens` positions, if the pool has them.
-fn grow<S: Schedulable>(s: &mut S, tokens: usize, pool: &mut BlockPool, bs: usize) -> bool {
-    let need = blocks_for(tokens, bs).saturating_sub(s.blocks_mut().len());
-    if need == 0 {
-        return true;
-    }
-    match pool.alloc(need) {
-        Some(mut b) => {
-            s.blocks_mut().append(&mut b);
-            true
-        }
-        None => false,
-    }
+/// Gives `s` enough blocks to hold `tokens` positions, if the pools have them (its
+/// windowed blocks before its next row's window let go first, when `trim`: no step in
+/// flight).
+fn grow<S: Schedulable>(
+    s: &mut S,
+    tokens: usize,
+    pool: &mut KvPools,
+    bs: usize,
+    trim: bool,
+) -> bool {
+    let from = s.computed();
+    pool.grow(s.blocks_mut(), from, tokens, bs, trim)
 }
 
 /// Gives a sequence that holds no blocks the cached blocks of its longest cached prefix,
 /// leaving at least its last token to compute (its logits are wanted).
-fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
+fn reuse<S: Schedulable>(s: &mut S, pool: &mut KvPools, bs: usize) {
     if !pool.caching() || s.computed() > 0 || !s.blocks_mut().is_empty() || !s.reuses_prefix() {
         return;
     }
@@ -115,9 +111,9 @@ fn reuse<S: Schedulable>(s: &mut S, pool: &mut BlockPool, bs: usize) {
     let (hashes, tokens) = s.cache_keys(pool.hasher(), bs);
     let usable = (total.saturating_sub(1) / bs).min(hashes.len());
     let found = pool.lookup(&hashes[..usable], tokens, &tenant, bs);
-    if !found.is_empty() {
-        let n = found.len() * bs;
-        s.blocks_mut().extend(found);
+    if !found.full.is_empty() {
+        let n = found.full.len() * bs;
+        *s.blocks_mut() = found;
         s.skip(n, bs);
     }
 }
@@ -140,7 +136,7 @@ fn fit_rows<S: Schedulable>(s: &S, n: usize, left: &mut usize) -> usize {
     n
 }
 
-fn preempt<S: Schedulable>(mut s: S, pool: &mut BlockPool, waiting: &mut VecDeque<S>) {
+fn preempt<S: Schedulable>(mut s: S, pool: &mut KvPools, waiting: &mut VecDeque<S>) {
     pool.release(s.blocks_mut());
     s.reset();
     waiting.push_front(s);
@@ -149,7 +145,7 @@ fn preempt<S: Schedulable>(mut s: S, pool: &mut BlockPool, waiting: &mut VecDequ
 pub fn schedule<S: Schedulable>(
     running: &mut Vec<S>,
     waiting: &mut VecDeque<S>,
-    pool: &mut BlockPool,
+    pool: &mut KvPools,
     lim: Limits,
     fair: &mut Fair,
 ) -> Plan {
@@ -171,7 +167,7 @@ pub fn schedule<S: Schedulable>(
 fn plan_step<S: Schedulable>(
     running: &mut Vec<S>,
     waiting: &mut VecDeque<S>,
-    pool: &mut BlockPool,
+    pool: &mut KvPools,
     lim: Limits,
     fair: &mut Fair,
 ) -> Plan {
@@ -202,7 +198,7 @@ fn plan_step<S: Schedulable>(
             continue;
         }
         let target = running[i].computed() + n;
-        let mut ok = grow(&mut running[i], target, pool, lim.block_size);
+        let mut ok = grow(&mut running[i], target, pool, lim.block_size, lim.preempt);
         if !ok && !lim.preempt {
             plan.starved = true;
             break;
@@ -213,7 +209,7 @@ fn plan_step<S: Schedulable>(
             let victim = running.remove(v);
             preempt(victim, pool, waiting);
             plan.preempted += 1;
-            ok = grow(&mut running[i], target, pool, lim.block_size);
+            ok = grow(&mut running[i], target, pool, lim.block_size, lim.preempt);
         }
         if !ok {
             // Nothing younger left to preempt: this one waits its turn again.
@@ -253,7 +249,7 @@ fn plan_step<S: Schedulable>(
         reuse(s, pool, lim.block_size);
         let mut rows = rows_left;
         let n = fit_rows(s, s.pending().min(budget), &mut rows);
-        if n == 0 || !grow(s, s.computed() + n, pool, lim.block_size) {
+        if n == 0 || !grow(s, s.computed() + n, pool, lim.block_size, lim.preempt) {
             // Not now: what it took from the cache goes back (and stays cached).
             pool.release(s.blocks_mut());
             s.reset();
@@ -284,7 +280,7 @@ mod tests {
     struct S {
         total: usize,
         computed: usize,
-        blocks: Vec<u32>,
+        blocks: Tables,
         tenant: Arc<str>,
         hashes: Vec<u64>,
         tokens: Vec<u32>,
@@ -307,7 +303,7 @@ mod tests {
         fn computed(&self) -> usize {
             self.computed
         }
-        fn blocks_mut(&mut self) -> &mut Vec<u32> {
+        fn blocks_mut(&mut self) -> &mut Tables {
             &mut self.blocks
         }
         fn reset(&mut self) {
@@ -345,7 +341,7 @@ mod tests {
         S {
             total,
             computed: 0,
-            blocks: vec![],
+            blocks: Tables::default(),
             tenant: tenant.into(),
             hashes: vec![],
             tokens: vec![],
@@ -366,7 +362,7 @@ mod tests {
 
     #[test]
     fn chunks_are_cut_to_the_steps_logits_rows_and_scored_prompts_skip_the_cache() {
-        let mut pool = BlockPool::new(100, true);
+        let mut pool = KvPools::new(100, true, None);
         let mut fair = Fair::default();
         let every = |total| S {
             every_row: true,
@@ -377,10 +373,11 @@ mod tests {
         let tokens: Vec<u32> = (0..8).collect();
         let mut hashes = vec![];
         super::super::blocks::chain(pool.hasher(), "a", &tokens, 4, &mut hashes);
-        let mut earlier = pool.alloc(1).unwrap();
+        let mut earlier = pool.full.alloc(1).unwrap();
         let a: Arc<str> = "a".into();
-        pool.register(earlier[0], hashes[0], None, &tokens[..4], &a);
-        pool.release(&mut earlier);
+        pool.full
+            .register(earlier[0], hashes[0], None, &tokens[..4], &a);
+        pool.full.release(&mut earlier);
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![every(6), every(6), s(3)]));
         let lim = Limits {
             max_batch_tokens: 64,
@@ -402,7 +399,7 @@ mod tests {
 
     #[test]
     fn chunked_prefill_under_the_budget_and_decodes_first() {
-        let mut pool = BlockPool::new(100, true);
+        let mut pool = KvPools::new(100, true, None);
         let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(20), s(3)]));
         let p = schedule(&mut run, &mut wait, &mut pool, L, &mut fair);
@@ -431,18 +428,20 @@ mod tests {
 
     #[test]
     fn a_new_sequence_takes_its_cached_prefix_but_computes_its_last_token() {
-        let mut pool = BlockPool::new(100, true);
+        let mut pool = KvPools::new(100, true, None);
         let mut fair = Fair::default();
         // An earlier sequence of tenant a filled blocks 0 and 1 with tokens 0..8.
         let mut hashes = vec![];
         let tokens: Vec<u32> = (0..8).collect();
         super::super::blocks::chain(pool.hasher(), "a", &tokens, 4, &mut hashes);
-        let mut earlier = pool.alloc(2).unwrap();
+        let mut earlier = pool.full.alloc(2).unwrap();
         let a: Arc<str> = "a".into();
-        pool.register(earlier[0], hashes[0], None, &tokens[..4], &a);
-        pool.register(earlier[1], hashes[1], Some(hashes[0]), &tokens[4..], &a);
+        pool.full
+            .register(earlier[0], hashes[0], None, &tokens[..4], &a);
+        pool.full
+            .register(earlier[1], hashes[1], Some(hashes[0]), &tokens[4..], &a);
         let ids = earlier.clone();
-        pool.release(&mut earlier);
+        pool.full.release(&mut earlier);
         // Tokens 0..10 of tenant a: both blocks cached, 2 tokens to compute. Tokens 0..8:
         // one block, since its last token must be computed. Tenant b: nothing.
         let mut wait = VecDeque::from(vec![s(10), s(8), st(10, "b")]);
@@ -457,13 +456,17 @@ mod tests {
         assert_eq!(&*run[1].tenant, "b");
         assert_eq!(run[1].computed, 0, "nothing shared across tenants");
         assert_eq!((run[0].computed, run[2].computed), (8, 4));
-        assert_eq!(run[0].blocks[..2], ids[..], "the cached blocks, shared");
-        assert_eq!(run[2].blocks[0], ids[0]);
+        assert_eq!(
+            run[0].blocks.full[..2],
+            ids[..],
+            "the cached blocks, shared"
+        );
+        assert_eq!(run[2].blocks.full[0], ids[0]);
     }
 
     #[test]
     fn preempts_the_youngest_when_blocks_run_out() {
-        let mut pool = BlockPool::new(3, true);
+        let mut pool = KvPools::new(3, true, None);
         let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
         let p = schedule(
@@ -487,12 +490,12 @@ mod tests {
         assert_eq!(run.len(), 1);
         assert_eq!(wait.len(), 1);
         assert_eq!(wait[0].computed, 0, "preempted sequences recompute");
-        assert_eq!(pool.free_count(), 1);
+        assert_eq!(pool.full.free_count(), 1);
     }
 
     #[test]
     fn with_preemption_off_a_sequence_short_of_a_block_ends_the_running_part() {
-        let mut pool = BlockPool::new(3, true);
+        let mut pool = KvPools::new(3, true, None);
         let mut fair = Fair::default();
         let (mut run, mut wait) = (vec![], VecDeque::from(vec![s(4), s(4)]));
         let lim = Limits {
@@ -512,13 +515,13 @@ mod tests {
         assert_eq!(p.items, vec![(0, 1)], "the first grows into the last block");
         assert_eq!((p.preempted, p.starved), (0, true));
         assert_eq!((run.len(), wait.len()), (2, 0), "nobody preempted");
-        assert_eq!(run[1].blocks.len(), 1);
-        assert_eq!(pool.free_count(), 0);
+        assert_eq!(run[1].blocks.full.len(), 1);
+        assert_eq!(pool.full.free_count(), 0);
     }
 
     #[test]
     fn slots_go_to_the_least_served_tenant_and_preemption_to_the_most_served() {
-        let mut pool = BlockPool::new(100, true);
+        let mut pool = KvPools::new(100, true, None);
         let mut fair = Fair::default();
         let lim = Limits {
             max_batch_tokens: 64,
@@ -547,7 +550,7 @@ mod tests {
 
         // Blocks run out: the victim is the most served tenant's sequence after the one
         // being grown, not simply the youngest.
-        let mut pool = BlockPool::new(4, true);
+        let mut pool = KvPools::new(4, true, None);
         let mut fair = Fair::default();
         fair.charge(&"a".into(), 100.0, 1.0);
         let lim = Limits {
@@ -578,7 +581,7 @@ mod tests {
             weight: crate::worker::LOWEST_WEIGHT,
             ..st(total, "a")
         };
-        let mut pool = BlockPool::new(100, true);
+        let mut pool = KvPools::new(100, true, None);
         let mut fair = Fair::default();
         let lim = Limits {
             max_batch_tokens: 64,
@@ -598,11 +601,11 @@ mod tests {
         // An interactive request arrives: it is admitted, and two batch rows run beside it;
         // the other two keep their blocks for a later step.
         wait.push_back(st(4, "a"));
-        let held: Vec<usize> = run.iter().map(|r| r.blocks.len()).collect();
+        let held: Vec<usize> = run.iter().map(|r| r.blocks.full.len()).collect();
         let p = schedule(&mut run, &mut wait, &mut pool, lim, &mut fair);
         assert_eq!(p.items, vec![(0, 1), (1, 1), (4, 4)]);
         assert_eq!(p.held, 2);
-        let kept: Vec<usize> = run[2..4].iter().map(|r| r.blocks.len()).collect();
+        let kept: Vec<usize> = run[2..4].iter().map(|r| r.blocks.full.len()).collect();
         assert_eq!(kept, held[2..4], "the held ones keep their blocks");
         // More batch work waiting is not admitted past the cap while the interactive one
         // runs; an interactive one behind it is.
@@ -632,7 +635,7 @@ mod tests {
 
         // Held back for nothing: an interactive request waits for blocks the batch holds
         // (cap 0): the batch runs, and frees them as it ends.
-        let mut pool = BlockPool::new(2, true);
+        let mut pool = KvPools::new(2, true, None);
         let mut fair = Fair::default();
         let none = Limits {
             lowest_rows: Some(0),

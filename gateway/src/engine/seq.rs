@@ -5,6 +5,7 @@
 
 use super::blocks::chain;
 use super::fair::Tenanted;
+use super::kv_pools::Tables;
 use super::outbox::{Events, Outbox};
 use super::output::{Emit, TextOut};
 use super::reasoning::{Kind, Reasoning};
@@ -62,7 +63,7 @@ pub(super) struct Seq {
     pub(super) resolved: usize,
     pub(super) prompt_len: usize,
     pub(super) computed: usize,
-    pub(super) blocks: Vec<u32>,
+    pub(super) blocks: Tables,
     /// Content hashes of the full blocks of `tokens` known so far (prefix caching).
     pub(super) hashes: Vec<u64>,
     /// Blocks registered in the pool's prefix cache (the first ones of `blocks`).
@@ -141,7 +142,7 @@ impl Schedulable for Seq {
     fn computed(&self) -> usize {
         self.computed
     }
-    fn blocks_mut(&mut self) -> &mut Vec<u32> {
+    fn blocks_mut(&mut self) -> &mut Tables {
         &mut self.blocks
     }
     fn reset(&mut self) {
@@ -351,7 +352,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         prompt_len: n.prompt.len(),
         tokens: n.prompt,
         computed: 0,
-        blocks: Vec::new(),
+        blocks: Tables::default(),
         hashes: Vec::new(),
         registered: 0,
         cached: 0,

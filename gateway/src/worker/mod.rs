@@ -426,6 +426,10 @@ pub struct EngineCounters {
     pub cached_tokens: u64,
     /// Now (a gauge): KV blocks in the prefix cache, in use or idle.
     pub kv_blocks_cached: u64,
+    /// Now (gauges): the windowed layers' own KV pool's blocks held by sequences (cached
+    /// idle ones count as free), and its blocks in all; 0 where it has none.
+    pub kv_window_blocks_used: u64,
+    pub kv_window_blocks_total: u64,
     /// Seconds the engine thread spent in the backend's steps, and around them.
     pub backend_seconds: f64,
     pub host_seconds: f64,
