@@ -679,6 +679,16 @@ workers = [{{ kind = "engine"{fields} }}]
     }
 
     #[test]
+    fn the_windowed_layers_pool_is_sized_by_default_and_may_be_set_or_off() {
+        let cfg = Config::from_toml(&engine_pool("")).unwrap();
+        assert_eq!(engine(&cfg).window_kv_tokens, None);
+        let cfg = Config::from_toml(&engine_pool(", window_kv_tokens = 8192")).unwrap();
+        assert_eq!(engine(&cfg).window_kv_tokens, Some(8192));
+        let cfg = Config::from_toml(&engine_pool(", window_kv_tokens = 0")).unwrap();
+        assert_eq!(engine(&cfg).window_kv_tokens, Some(0));
+    }
+
+    #[test]
     fn stored_responses_need_a_path_and_a_retention() {
         let with = |fields: &str| Config::from_toml(&format!("[responses]\n{fields}\n"));
         let cfg = with("store = true").unwrap();

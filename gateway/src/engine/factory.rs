@@ -168,3 +168,34 @@ fn cuda_backend<E: Exec + 'static>(
     );
     Ok(Box::new(b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::model::{LlamaConfig, SlidingWindow};
+
+    #[test]
+    fn the_windowed_layers_pool_holds_every_slots_window_and_a_steps_rows() {
+        let mut c = LlamaConfig::smollm2_135m();
+        let cfg = EngineConfig::default();
+        let sizes = cfg.sizes(false);
+        assert_eq!((sizes.max_seqs, sizes.max_batch_tokens), (64, 128));
+        assert_eq!(window_blocks(&cfg, &sizes, &c, 4096), None, "no window");
+        c.window = Some(SlidingWindow {
+            size: 512,
+            period: 6,
+            rope_base: None,
+        });
+        // 64 slots × (32 blocks of window + 2) + 8 blocks of a step's rows.
+        assert_eq!(window_blocks(&cfg, &sizes, &c, 4096), Some(64 * 34 + 8));
+        assert_eq!(window_blocks(&cfg, &sizes, &c, 64 * 34 + 8), None, "no smaller");
+        let with = |tokens| EngineConfig {
+            window_kv_tokens: Some(tokens),
+            ..EngineConfig::default()
+        };
+        assert_eq!(window_blocks(&with(0), &sizes, &c, 4096), None, "off");
+        assert_eq!(window_blocks(&with(16000), &sizes, &c, 4096), Some(1000));
+        // Never less than one sequence's window and a step's rows.
+        assert_eq!(window_blocks(&with(16), &sizes, &c, 4096), Some(34 + 8));
+    }
+}
