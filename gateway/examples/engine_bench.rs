@@ -19,7 +19,11 @@
 //! `LOGPROBS=n` (every stream asks for its tokens' log-probabilities and the n most
 //! likely: their logits rows come back to the host), `EMBED=1` (each stream is an
 //! embeddings request of an input of about `TOKENS` tokens, each its own: the table counts
-//! input tokens embedded; on the GPU path an input's last row comes back with its step's tokens).
+//! input tokens embedded; on the GPU path an input's last row comes back with its step's tokens),
+//! `PROMPT_TOKENS=n` (each stream's prompt that long, its own from its first token: no
+//! prefix shared), `KV_TOKENS=n` (the KV cache's tokens; default every stream's prompt
+//! and answer, at least 32,768), `WINDOW_KV_TOKENS=n` (a model with sliding-window
+//! layers: their own pool's tokens; 0: none; it prints the engine's preemptions too).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -171,17 +175,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => 128,
     };
     let max_seqs = streams.iter().copied().max().unwrap_or(1);
+    let prompt_tokens: Option<usize> = std::env::var("PROMPT_TOKENS")
+        .ok()
+        .and_then(|n| n.parse().ok());
     let cfg = EngineConfig {
         backend,
         max_seqs: Some(max_seqs),
         max_concurrency: Some(max_seqs.max(256)),
         // Room for every stream's prompt and answer.
-        kv_tokens: Some((max_seqs * (tokens as usize + 128)).max(32768)),
+        kv_tokens: Some(
+            match std::env::var("KV_TOKENS").ok().and_then(|n| n.parse().ok()) {
+                Some(n) => n,
+                None => (max_seqs * (tokens as usize + prompt_tokens.unwrap_or(128))).max(32768),
+            },
+        ),
         activations,
         max_batch_tokens: std::env::var("MAX_BATCH_TOKENS")
             .ok()
             .and_then(|n| n.parse().ok()),
         prefix_caching: std::env::var("PREFIX_CACHING").as_deref() != Ok("0"),
+        // A model with sliding-window layers: their own pool's tokens (0: none).
+        window_kv_tokens: std::env::var("WINDOW_KV_TOKENS")
+            .ok()
+            .and_then(|n| n.parse().ok()),
         overlap_steps: std::env::var("OVERLAP").as_deref() != Ok("0"),
         attention: match std::env::var("ATTENTION").as_deref() {
             Ok("tensor") => gateway::config::AttentionKind::Tensor,
@@ -250,7 +266,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // Inputs of this round its own (past the earlier rounds' numbers).
                 true => tokio::spawn(embed(w.clone(), i + 1000 * c, tokens)),
                 false => {
-                    let prompt = format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains.");
+                    let mut prompt = format!("Write a long story about a traveller named Alex, number {i}, who crosses the mountains.");
+                    if let Some(n) = prompt_tokens {
+                        // Its number first: no two streams share a block of prompt.
+                        let text = format!("{i}. {}", long.repeat(n / 64 + 2));
+                        let ids = loaded.tokenizer.encode(&text).expect("the prompt encodes");
+                        prompt = loaded.tokenizer.decode(&ids[..n.min(ids.len())]);
+                    }
                     let run = run(w.clone(), chat(prompt, tokens));
                     tokio::spawn(async move { run.await.1 })
                 }
@@ -272,6 +294,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             per(after.2, before.2),
         );
     }
+    if let Some(c) = w.engine_counters().filter(|c| c.kv_window_blocks_total > 0) {
+        println!(
+            "windowed layers' own KV pool: {} blocks (WINDOW_KV_TOKENS; 0: none)",
+            c.kv_window_blocks_total
+        );
+    }
+    println!(
+        "preemptions: {}",
+        w.stats()
+            .preemptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     let s = w.stats();
     let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let (adjusted, read, scored) = (

@@ -75,7 +75,17 @@ impl Factory {
             }
             BackendKind::Cpu => {
                 let sizes = cfg.sizes(false);
-                let n_blocks = blocks(sizes.kv_tokens);
+                let mut n_blocks = blocks(sizes.kv_tokens);
+                let window = window_blocks(cfg, &sizes, &model.config, n_blocks);
+                if let Some(w) = window.filter(|_| cfg.kv_tokens.is_none()) {
+                    // The default cache is a memory budget: what the windowed layers do
+                    // not hold, the others hold more positions with (built again after a
+                    // fault: the same blocks, `self.kv_blocks`).
+                    let cap = sizes.max_seqs * model.config.context_len.div_ceil(cfg.block_size);
+                    n_blocks = self
+                        .kv_blocks
+                        .unwrap_or_else(|| same_memory(&model.config, n_blocks, w, cap));
+                }
                 let precision = match cfg.activations {
                     crate::config::Activations::I16 => ActPrecision::I16,
                     crate::config::Activations::Q8 => ActPrecision::Q8,
@@ -83,7 +93,7 @@ impl Factory {
                 };
                 let mut b = CpuBackend::new(model.clone(), cfg.block_size, n_blocks, cfg.threads)?
                     .with_precision(precision);
-                if let Some(w) = window_blocks(cfg, &sizes, &model.config, n_blocks) {
+                if let Some(w) = window {
                     b = b.with_window_blocks(w);
                     tracing::info!(
                         worker = %self.name,
@@ -98,6 +108,27 @@ impl Factory {
             }
         }
     }
+}
+
+/// Blocks for the other layers of a model whose windowed layers hold `window` blocks of
+/// their own, in the memory that `n_blocks` on every layer takes: at least `n_blocks`, at
+/// most `cap` (every sequence slot at the model's context) unless `n_blocks` is more.
+fn same_memory(
+    c: &kernels::model::LlamaConfig,
+    n_blocks: usize,
+    window: usize,
+    cap: usize,
+) -> usize {
+    let windowed = (0..c.n_layers)
+        .filter(|&l| c.window_at(l).is_some())
+        .count();
+    let others = c.n_layers - windowed;
+    let n = match others {
+        // Every layer windowed: the others' pool is bookkeeping alone.
+        0 => cap,
+        _ => (c.n_layers * n_blocks).saturating_sub(windowed * window) / others,
+    };
+    n.min(cap).max(n_blocks)
 }
 
 /// Blocks of the windowed layers' own KV pool on the CPU, where the model has such layers
@@ -188,7 +219,11 @@ mod tests {
         });
         // 64 slots × (32 blocks of window + 2) + 8 blocks of a step's rows.
         assert_eq!(window_blocks(&cfg, &sizes, &c, 4096), Some(64 * 34 + 8));
-        assert_eq!(window_blocks(&cfg, &sizes, &c, 64 * 34 + 8), None, "no smaller");
+        assert_eq!(
+            window_blocks(&cfg, &sizes, &c, 64 * 34 + 8),
+            None,
+            "no smaller"
+        );
         let with = |tokens| EngineConfig {
             window_kv_tokens: Some(tokens),
             ..EngineConfig::default()
@@ -197,5 +232,21 @@ mod tests {
         assert_eq!(window_blocks(&with(16000), &sizes, &c, 4096), Some(1000));
         // Never less than one sequence's window and a step's rows.
         assert_eq!(window_blocks(&with(16), &sizes, &c, 4096), Some(34 + 8));
+        // SmolLM2's 30 layers as Gemma 3's, 25 windowed: what they do not hold of 4,096
+        // blocks each, the other 5 hold more positions with, up to every slot's context.
+        let w = 64 * 34 + 8;
+        assert_eq!(same_memory(&c, 4096, w, 1 << 20), (30 * 4096 - 25 * w) / 5);
+        assert_eq!(same_memory(&c, 4096, w, 8192), 8192);
+        assert_eq!(same_memory(&c, 4096, w, 1024), 4096, "never fewer");
+        c.window = Some(SlidingWindow {
+            size: 2047,
+            period: 0,
+            rope_base: None,
+        });
+        assert_eq!(
+            same_memory(&c, 4096, w, 16384),
+            16384,
+            "every layer windowed"
+        );
     }
 }
