@@ -935,6 +935,23 @@ async fn a_mixture_of_experts_answers_alike_alone_and_in_a_batch_on_either_backe
 /// prompt tokens it served are left out of the comparison.
 #[tokio::test(flavor = "multi_thread")]
 async fn speculative_decoding_changes_no_answer() {
+    let (_d, m) = synthetic();
+    speculation_case(&m, None).await;
+}
+
+/// The same on a model with sliding-window layers: speculation over the windowed layers'
+/// own pool (20 blocks: drafts' rows and rewinds as blocks go back) against the engine
+/// without either (every position kept on every layer).
+#[tokio::test(flavor = "multi_thread")]
+async fn speculative_decoding_over_the_windowed_layers_pool_changes_no_answer() {
+    let (_d, m) = windowed_model(24);
+    speculation_case(&m, Some(320)).await;
+}
+
+/// Requests alone and two at once, on a plain engine and one that speculates (with the
+/// windowed layers' own pool of `window_kv_tokens`, where given: the plain one keeps every
+/// position then): the same events.
+async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<usize>) {
     let uncached = |mut evs: Vec<WorkerEvent>| {
         for e in &mut evs {
             if let WorkerEvent::Done { usage, .. } = e {
@@ -943,21 +960,28 @@ async fn speculative_decoding_changes_no_answer() {
         }
         evs
     };
-    let (_d, m) = synthetic();
     let base = EngineConfig {
         backend: BackendKind::Cpu,
         threads: 2,
         kv_tokens: Some(4096),
         ..EngineConfig::default()
     };
-    let plain = engine(&m, base.clone());
+    let plain = engine(
+        m,
+        EngineConfig {
+            window_kv_tokens: window_kv_tokens.map(|_| 0),
+            ..base.clone()
+        },
+    );
     let spec = engine(
-        &m,
+        m,
         EngineConfig {
             speculative_tokens: 4,
+            window_kv_tokens,
             ..base
         },
     );
+
     let prompt = |i: usize| "one two three four five six ".repeat(2 + i);
     let mut reqs: Vec<Arc<WorkerRequest>> = Vec::new();
     for i in 0..10 {
@@ -1032,6 +1056,26 @@ async fn speculative_decoding_changes_no_answer() {
         (0, 0),
         "off by default"
     );
+    let w = window_kv_tokens.map(|t| (t / 16) as u64);
+    assert_eq!(
+        (c.kv_window_blocks_total, p.kv_window_blocks_total),
+        (w.unwrap_or(0), 0)
+    );
+}
+
+/// The tiny synthetic model as a Gemma 3 file of 6 layers, five windowed to `window`
+/// positions.
+fn windowed_model(window: usize) -> (common::tempdir::TempDir, kernels::load::Loaded) {
+    let d = common::tempdir::TempDir::new();
+    let path = d.0.join("windowed.gguf");
+    let spec = kernels::synth::SynthSpec {
+        arch: kernels::synth::SynthArch::Gemma3,
+        n_layers: 6,
+        window: Some(window),
+        ..kernels::synth::SynthSpec::tiny()
+    };
+    kernels::synth::write_model(&path, &spec).unwrap();
+    (d, kernels::load::load(&path).unwrap())
 }
 
 /// A model with sliding-window layers (Gemma 3's five of six, a window of 24 positions),
@@ -1042,16 +1086,7 @@ async fn speculative_decoding_changes_no_answer() {
 /// prompt's prefix is served from the cache with its windowed blocks.
 #[tokio::test(flavor = "multi_thread")]
 async fn windowed_layers_in_a_pool_of_their_own_change_no_token() {
-    let d = common::tempdir::TempDir::new();
-    let path = d.0.join("windowed.gguf");
-    let spec = kernels::synth::SynthSpec {
-        arch: kernels::synth::SynthArch::Gemma3,
-        n_layers: 6,
-        window: Some(24),
-        ..kernels::synth::SynthSpec::tiny()
-    };
-    kernels::synth::write_model(&path, &spec).unwrap();
-    let m = kernels::load::load(&path).unwrap();
+    let (_d, m) = windowed_model(24);
     let base = EngineConfig {
         backend: BackendKind::Cpu,
         threads: 2,
