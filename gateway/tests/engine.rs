@@ -1086,9 +1086,23 @@ fn windowed_model(window: usize) -> (common::tempdir::TempDir, kernels::load::Lo
 /// prompt's prefix is served from the cache with its windowed blocks.
 #[tokio::test(flavor = "multi_thread")]
 async fn windowed_layers_in_a_pool_of_their_own_change_no_token() {
+    windowed_case(BackendKind::Cpu).await;
+}
+
+/// The same on the GPU path (the emulator): the windowed layers' caches hold their own
+/// pool's blocks, named by a second block table and slot mapping `build_batch` makes.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_windowed_layers_in_a_pool_of_their_own_change_no_token() {
+    if !common::emulator_present() {
+        return;
+    }
+    windowed_case(BackendKind::Emulator).await;
+}
+
+async fn windowed_case(backend: BackendKind) {
     let (_d, m) = windowed_model(24);
     let base = EngineConfig {
-        backend: BackendKind::Cpu,
+        backend,
         threads: 2,
         max_batch_tokens: Some(64),
         max_seqs: Some(16),

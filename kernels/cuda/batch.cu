@@ -2,7 +2,9 @@
 // staging buffer the host sends in one copy.
 //
 // staging (u32): n_seqs headers of 4 words {start, len, pos0, logits}, then the T
-// token ids, then n_seqs × max_blocks block-table entries.
+// token ids, then n_seqs × max_blocks block-table entries, then (where `windowed`: the
+// model's windowed layers keep a pool of their own) n_seqs × max_blocks more, the
+// sequences' tables in that pool.
 // A token word with its top bit set (FROM_LAST | r) stands for the token the step before
 // sampled for its logits row r: read from `sampled`, which that step's `sample` wrote and
 // this step's has not yet (the engine plans a step while the one before runs).
@@ -11,18 +13,23 @@
 // Outputs: tokens[T], positions[T], slot_mapping[T] (block × block_size + slot, where row
 // r's key and value go; −1: nowhere), seq_of_row[T], block_tables[n_seqs × max_blocks] and
 // logit_rows (the last `logits` rows of each sequence, packed in order: one row to draw
-// from, or more for a prompt's log-probabilities; entries past them up to n_seqs −1). Launch: one thread per max(n_tokens, n_seqs × max_blocks), blocks of
-// a multiple of 32 threads (block 0 also computes logit_rows).
+// from, or more for a prompt's log-probabilities; entries past them up to n_seqs −1);
+// where `windowed`, slot_mapping_w[T] and block_tables_w[n_seqs × max_blocks] the same
+// from the windowed layers' tables. Launch: one thread per max(n_tokens, n_seqs ×
+// max_blocks), blocks of a multiple of 32 threads (block 0 also computes logit_rows).
 extern "C" __global__ void build_batch(const u32* __restrict__ staging,
                                        const u32* __restrict__ sampled, int n_seqs, int n_tokens,
                                        int max_blocks, int block_size, u32* __restrict__ tokens,
                                        u32* __restrict__ positions, int* __restrict__ slot_mapping,
                                        int* __restrict__ seq_of_row, int* __restrict__ block_tables,
-                                       int* __restrict__ logit_rows) {
+                                       int* __restrict__ logit_rows, int windowed,
+                                       int* __restrict__ slot_mapping_w,
+                                       int* __restrict__ block_tables_w) {
     pdl_begin();
     const u32* heads = staging;
     const u32* toks = staging + 4 * n_seqs;
     const u32* tables = toks + n_tokens;
+    const u32* tables_w = tables + n_seqs * max_blocks;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n_tokens) {
         // The sequence that holds row i: the last whose start is <= i.
@@ -40,8 +47,16 @@ extern "C" __global__ void build_batch(const u32* __restrict__ staging,
         u32 blk = tables[s * max_blocks + pos / block_size];
         slot_mapping[i] =
             (blk & 0x80000000u) ? -1 : (int)blk * block_size + (int)(pos % block_size);
+        if (windowed) {
+            u32 bw = tables_w[s * max_blocks + pos / block_size];
+            slot_mapping_w[i] =
+                (bw & 0x80000000u) ? -1 : (int)bw * block_size + (int)(pos % block_size);
+        }
     }
-    if (i < n_seqs * max_blocks) block_tables[i] = (int)(tables[i] & 0x7fffffffu);
+    if (i < n_seqs * max_blocks) {
+        block_tables[i] = (int)(tables[i] & 0x7fffffffu);
+        if (windowed) block_tables_w[i] = (int)(tables_w[i] & 0x7fffffffu);
+    }
     // logit_rows: an exclusive prefix count of the sequences that want logits, by block 0
     // alone in one pass: each thread counts a run of consecutive sequences, one
     // block-wide scan of those counts gives each run its first output entry, and each

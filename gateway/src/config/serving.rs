@@ -153,11 +153,11 @@ pub struct EngineConfig {
     /// KV-cache capacity in tokens (all sequences together); unset: 65,536 on the CPU, and
     /// on a GPU `gpu_memory_fraction` of the memory left after the weights.
     pub kv_tokens: Option<usize>,
-    /// CPU backend, a model with sliding-window layers (Gemma 2 and 3, Phi-3-mini-4k):
-    /// tokens its windowed layers' own KV pool holds, all sequences together (they read a
-    /// window's positions only, so the blocks before each sequence's window go back);
-    /// unset: every sequence slot's window and a step's rows, at most `kv_tokens`; 0: no
-    /// pool of their own (every position kept on every layer).
+    /// A model with sliding-window layers (Gemma 2 and 3, Phi-3-mini-4k), on either
+    /// backend: tokens its windowed layers' own KV pool holds, all sequences together
+    /// (they read a window's positions only, so the blocks before each sequence's window
+    /// go back); unset: every sequence slot's window and a step's rows, at most
+    /// `kv_tokens`; 0: no pool of their own (every position kept on every layer).
     pub window_kv_tokens: Option<usize>,
     /// CUDA with `kv_tokens` unset: the share of the GPU memory free after loading the
     /// weights and step buffers that the KV cache takes (capped at every sequence slot at

@@ -3,7 +3,7 @@
 
 use crate::config::{AttentionKind, BackendKind, EngineConfig, EngineSizes};
 use kernels::backend::{Backend, CpuBackend};
-use kernels::cuda::backend::{gpu_name, AttentionKernel, CudaBackend, KvCapacity};
+use kernels::cuda::backend::{gpu_name, AttentionKernel, CudaBackend, KvCapacity, KvRequest};
 use kernels::cuda::device::Gpu;
 use kernels::cuda::emu::Emu;
 use kernels::cuda::exec::Exec;
@@ -52,6 +52,16 @@ impl Factory {
                             * model.config.context_len.div_ceil(cfg.block_size),
                     },
                 };
+                // The windowed layers' own pool, where the model has such layers: beside
+                // the blocks asked for, or out of the free memory before the others'.
+                let most = match kv {
+                    KvCapacity::Blocks(n) => n,
+                    KvCapacity::FreeMemory { max_blocks, .. } => max_blocks,
+                };
+                let kv = KvRequest {
+                    capacity: kv,
+                    window_blocks: window_blocks(cfg, &sizes, &model.config, most),
+                };
                 // The device first: what its kernels cannot run (a mixture of experts) is
                 // refused before the weights are converted.
                 let gpu = Gpu::open_for(device, &model.config).map_err(|e| fail(e.to_string()))?;
@@ -65,7 +75,11 @@ impl Factory {
             BackendKind::Emulator => {
                 let fail = |e: String| format!("backend = \"emulator\": {e}");
                 let sizes = cfg.sizes(false);
-                let kv = KvCapacity::Blocks(blocks(sizes.kv_tokens));
+                let n = blocks(sizes.kv_tokens);
+                let kv = KvRequest {
+                    capacity: KvCapacity::Blocks(n),
+                    window_blocks: window_blocks(cfg, &sizes, &model.config, n),
+                };
                 let emu = Emu::open_for(&model.config).map_err(|e| fail(e.to_string()))?;
                 let twin = TwinModel::from_model(model);
                 let label = emu.describe();
@@ -131,7 +145,7 @@ fn same_memory(
     n.min(cap).max(n_blocks)
 }
 
-/// Blocks of the windowed layers' own KV pool on the CPU, where the model has such layers
+/// Blocks of the windowed layers' own KV pool, where the model has such layers
 /// and the pool would be smaller than the others' (`n_blocks`): `window_kv_tokens`, or
 /// enough for every sequence slot's window, the block partly before it and the one its
 /// next rows start, and a step's rows besides; at least one sequence's window and a
@@ -165,7 +179,7 @@ fn cuda_backend<E: Exec + 'static>(
     twin: &TwinModel,
     cfg: &EngineConfig,
     sizes: &EngineSizes,
-    kv: KvCapacity,
+    kv: KvRequest,
     worker: &str,
     timed: bool,
 ) -> Result<Box<dyn Backend>, String> {
@@ -195,6 +209,7 @@ fn cuda_backend<E: Exec + 'static>(
         attention = ?b.attention(),
         self_check_rel_err = err,
         kv_blocks = b.kv_geometry().1,
+        window_kv_blocks = b.kv_window_blocks(),
         "engine on the CUDA backend"
     );
     Ok(Box::new(b))

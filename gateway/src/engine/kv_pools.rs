@@ -1,7 +1,8 @@
 //! The engine's KV block pools: the model's layers' blocks ([`BlockPool`]) and, where the
 //! backend gives a model's windowed layers blocks of their own
-//! ([`kernels::backend::Backend::kv_window_blocks`]: Gemma 2 and 3, Phi-3-mini-4k on the
-//! CPU), those layers' pool. A sequence holds a block table in each ([`Tables`]).
+//! ([`kernels::backend::Backend::kv_window_blocks`]: Gemma 2 and 3, Phi-3-mini-4k, on the
+//! CPU and the GPU), those layers' pool. A sequence holds a block table in each
+//! ([`Tables`]).
 //!
 //! A windowed layer's row at position `p` reads positions `p − window + 1 ..= p` only, so
 //! a sequence's windowed blocks wholly before its next row's window go back to their pool
@@ -90,17 +91,13 @@ impl KvPools {
     }
 
     /// Gives `t` blocks for positions up to `tokens` (exclusive) in each pool, if both
-    /// have them (else takes none), for rows from position `from`. When `trim`, its
-    /// windowed blocks before the window of the row at `from` go back first (not while a
-    /// step in flight may still read them).
-    pub fn grow(
-        &mut self,
-        t: &mut Tables,
-        from: usize,
-        tokens: usize,
-        bs: usize,
-        trim: bool,
-    ) -> bool {
+    /// have them (else takes none), for rows from position `from`; its windowed blocks
+    /// before the window of the row at `from` go back first. (A step still in flight may
+    /// read those: a GPU runs its steps in order on one stream, so the step that writes
+    /// them again for another sequence runs after it. One let go before the step that
+    /// filled it was collected is not registered in the prefix cache: its entry is
+    /// [`NO_BLOCK`] by then.)
+    pub fn grow(&mut self, t: &mut Tables, from: usize, tokens: usize, bs: usize) -> bool {
         let blocks = tokens.div_ceil(bs);
         let need = blocks.saturating_sub(t.full.len());
         let Some(w) = &mut self.window else {
@@ -112,15 +109,13 @@ impl KvPools {
                 None => need == 0,
             };
         };
-        if trim {
-            let lo = Self::first_seen(w.size, from, bs).min(t.window.len());
-            let mut gone: Vec<u32> = t.window[..lo]
-                .iter_mut()
-                .filter(|b| **b != NO_BLOCK)
-                .map(|b| std::mem::replace(b, NO_BLOCK))
-                .collect();
-            w.pool.release(&mut gone);
-        }
+        let lo = Self::first_seen(w.size, from, bs).min(t.window.len());
+        let mut gone: Vec<u32> = t.window[..lo]
+            .iter_mut()
+            .filter(|b| **b != NO_BLOCK)
+            .map(|b| std::mem::replace(b, NO_BLOCK))
+            .collect();
+        w.pool.release(&mut gone);
         let need_w = blocks.saturating_sub(t.window.len());
         if need > self.full.free_count() || need_w > w.pool.free_count() {
             return false;
@@ -229,22 +224,22 @@ mod tests {
         // Blocks of 2, a window of 3: the row at position p reads p − 2 ..= p.
         let mut p = KvPools::new(20, false, Some((4, 3)));
         let mut t = Tables::default();
-        assert!(p.grow(&mut t, 0, 7, 2, true), "a prompt of 7");
+        assert!(p.grow(&mut t, 0, 7, 2), "a prompt of 7");
         assert_eq!((t.full.len(), t.window.len()), (4, 4));
         assert_eq!(p.window_use(), Some((4, 4)));
         // The row at 7 reads 5 ..= 7: blocks 2 and 3 of the window table.
-        assert!(p.grow(&mut t, 7, 8, 2, true));
+        assert!(p.grow(&mut t, 7, 8, 2));
         assert_eq!(t.window[..2], [NO_BLOCK, NO_BLOCK]);
         assert_eq!(p.window_use(), Some((2, 4)));
         // At 8 (reads 6 ..= 8): block 2 goes back too, and block 4 comes from those let
         // go.
-        assert!(p.grow(&mut t, 8, 9, 2, true));
+        assert!(p.grow(&mut t, 8, 9, 2));
         assert_eq!(t.window.len(), 5);
         assert_eq!(t.window[..3], [NO_BLOCK; 3]);
         assert_eq!(p.window_use(), Some((2, 4)));
         // A pool short of blocks says no, and takes none from either pool.
         let mut u = Tables::default();
-        assert!(!p.grow(&mut u, 0, 6, 2, false));
+        assert!(!p.grow(&mut u, 0, 6, 2));
         assert!(u.is_empty());
         assert_eq!(p.full.free_count(), 15);
         p.release(&mut t);
@@ -253,9 +248,9 @@ mod tests {
         assert_eq!(p.full.free_count(), 20);
         // Without a window pool, only the full one.
         let mut q = KvPools::new(3, false, None);
-        assert!(q.grow(&mut u, 0, 6, 2, true));
+        assert!(q.grow(&mut u, 0, 6, 2));
         assert_eq!((u.full.len(), u.window.len()), (3, 0));
-        assert!(!q.grow(&mut u, 6, 7, 2, true));
+        assert!(!q.grow(&mut u, 6, 7, 2));
         assert_eq!(q.window_use(), None);
     }
 
@@ -268,12 +263,12 @@ mod tests {
         // A first sequence computes 12 tokens, letting go of its windowed blocks as it
         // goes (trimmed before its row at 10: blocks 0..4 go back, cached).
         let mut t = Tables::default();
-        assert!(p.grow(&mut t, 0, 10, 2, true));
+        assert!(p.grow(&mut t, 0, 10, 2));
         for k in 0..5usize {
             let after = k.checked_sub(1).map(|j| hashes[j]);
             p.register(&t, k, hashes[k], after, &tokens[2 * k..2 * k + 2], &tenant);
         }
-        assert!(p.grow(&mut t, 10, 12, 2, true));
+        assert!(p.grow(&mut t, 10, 12, 2));
         assert_eq!(t.window[..4], [NO_BLOCK; 4]);
         p.register(&t, 5, hashes[5], Some(hashes[4]), &tokens[10..], &tenant);
         p.release(&mut t);
@@ -289,7 +284,7 @@ mod tests {
         // Its windowed blocks evicted (a pool's worth taken by another sequence), the
         // prefix is taken only up to where they are still cached: none here.
         let mut other = Tables::default();
-        assert!(p.grow(&mut other, 0, 16, 2, false));
+        assert!(p.grow(&mut other, 0, 16, 2));
         let miss = p.lookup(&hashes, &tokens, "a", 2);
         assert!(miss.is_empty(), "{miss:?}");
         assert_eq!(

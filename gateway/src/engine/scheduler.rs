@@ -87,17 +87,10 @@ pub struct Plan {
 }
 
 /// Gives `s` enough blocks to hold `tokens` positions, if the pools have them (its
-/// windowed blocks before its next row's window let go first, when `trim`: no step in
-/// flight).
-fn grow<S: Schedulable>(
-    s: &mut S,
-    tokens: usize,
-    pool: &mut KvPools,
-    bs: usize,
-    trim: bool,
-) -> bool {
+/// windowed blocks before its next row's window let go first).
+fn grow<S: Schedulable>(s: &mut S, tokens: usize, pool: &mut KvPools, bs: usize) -> bool {
     let from = s.computed();
-    pool.grow(s.blocks_mut(), from, tokens, bs, trim)
+    pool.grow(s.blocks_mut(), from, tokens, bs)
 }
 
 /// Gives a sequence that holds no blocks the cached blocks of its longest cached prefix,
@@ -198,7 +191,7 @@ fn plan_step<S: Schedulable>(
             continue;
         }
         let target = running[i].computed() + n;
-        let mut ok = grow(&mut running[i], target, pool, lim.block_size, lim.preempt);
+        let mut ok = grow(&mut running[i], target, pool, lim.block_size);
         if !ok && !lim.preempt {
             plan.starved = true;
             break;
@@ -209,7 +202,7 @@ fn plan_step<S: Schedulable>(
             let victim = running.remove(v);
             preempt(victim, pool, waiting);
             plan.preempted += 1;
-            ok = grow(&mut running[i], target, pool, lim.block_size, lim.preempt);
+            ok = grow(&mut running[i], target, pool, lim.block_size);
         }
         if !ok {
             // Nothing younger left to preempt: this one waits its turn again.
@@ -249,7 +242,7 @@ fn plan_step<S: Schedulable>(
         reuse(s, pool, lim.block_size);
         let mut rows = rows_left;
         let n = fit_rows(s, s.pending().min(budget), &mut rows);
-        if n == 0 || !grow(s, s.computed() + n, pool, lim.block_size, lim.preempt) {
+        if n == 0 || !grow(s, s.computed() + n, pool, lim.block_size) {
             // Not now: what it took from the cache goes back (and stays cached).
             pool.release(s.blocks_mut());
             s.reset();

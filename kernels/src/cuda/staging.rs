@@ -6,7 +6,9 @@
 //! ```text
 //! [0, 4S)            headers {start, len, pos0, logits rows}   ┐ read by `build_batch`
 //! [4S, 4S+T)         token ids                                 │ (its twin:
-//! [.., +S·max_blocks) block tables                             ┘  `twins::stage`)
+//! [.., +S·max_blocks) block tables                             │  `twins::stage`)
+//! [.., +S·max_blocks) the windowed layers' tables, where they   ┘
+//!                    keep a pool of their own (`Layout::windowed`)
 //! sample (even)      temperature[L] f32 | top_k[L] i32 | top_p[L] f32 | step[L] u32
 //! sample + 4L        seed[L] u64 (two words each, 8-byte aligned)
 //! sample + 6L        adjust[L]: where the row's adjustment starts in the extra part,
@@ -59,6 +61,8 @@ pub struct Layout {
     pub n_tokens: usize,
     /// Logits rows the sampling part has room for.
     pub n_logits: usize,
+    /// Whether the sequences' tables in the windowed layers' own pool follow theirs.
+    pub windowed: bool,
     /// First word of the sampling part (even).
     pub sample: usize,
     /// Words in all.
@@ -69,17 +73,34 @@ impl Layout {
     /// `n_logits` is raised to `n_seqs` (a step of one row per sequence, as a decode
     /// graph's, keeps its layout whatever its rows want).
     pub fn new(n_seqs: usize, n_tokens: usize, max_blocks: usize, n_logits: usize) -> Self {
+        Self::with_window(n_seqs, n_tokens, max_blocks, n_logits, false)
+    }
+
+    /// The same, with the windowed layers' tables too where `windowed`.
+    pub fn with_window(
+        n_seqs: usize,
+        n_tokens: usize,
+        max_blocks: usize,
+        n_logits: usize,
+        windowed: bool,
+    ) -> Self {
         let n_logits = n_logits.max(n_seqs);
-        let end = 4 * n_seqs + n_tokens + n_seqs * max_blocks;
+        let end = Self::tables_end(n_seqs, n_tokens, max_blocks, windowed);
         let sample = end + (end & 1);
         Self {
             n_seqs,
             n_tokens,
             n_logits,
+            windowed,
             sample,
             len: sample + 7 * n_logits,
         }
     }
+    /// Where the block tables (the part `build_batch` reads) end.
+    fn tables_end(n_seqs: usize, n_tokens: usize, max_blocks: usize, windowed: bool) -> usize {
+        4 * n_seqs + n_tokens + (1 + windowed as usize) * n_seqs * max_blocks
+    }
+
     fn part(&self, i: usize, words: usize) -> std::ops::Range<usize> {
         let a = self.sample + i * self.n_logits;
         a..a + words * self.n_logits
@@ -144,7 +165,9 @@ impl Extra {
 /// logits rows (`params[i]` for the i-th row that wants logits; greedy where absent),
 /// their adjustments (`adjust[i]`, none where absent) and the rows scored on the device
 /// into `out`. `out` must hold the layout's `len` words; `None` when the adjustments and
-/// scored rows do not fit in the rest.
+/// scored rows do not fit in the rest. `trash_w`: the windowed layers' own pool's spare
+/// block, where they keep a pool of their own: the sequences' tables there follow
+/// theirs (entries let go, [`u32::MAX`], and padded rows' name it, [`READ_ONLY`]).
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     out: &mut [u32],
@@ -152,13 +175,20 @@ pub fn write(
     pad: usize,
     max_blocks: usize,
     trash: u32,
+    trash_w: Option<u32>,
     params: &[SampleParams],
     adjust: &[Option<Adjust>],
     scores: &[Score],
 ) -> Option<Written> {
     let n = batch.seqs.len();
     let t = batch.tokens.len();
-    let lay = Layout::new(n + pad, t + pad, max_blocks, batch.n_logits() + pad);
+    let lay = Layout::with_window(
+        n + pad,
+        t + pad,
+        max_blocks,
+        batch.n_logits() + pad,
+        trash_w.is_some(),
+    );
     if out.len() < lay.len {
         return None;
     }
@@ -189,7 +219,24 @@ pub fn write(
         w += max_blocks;
     }
     out[w..w + pad * max_blocks].fill(trash | READ_ONLY);
-    if lay.sample > 4 * lay.n_seqs + lay.n_tokens + lay.n_seqs * max_blocks {
+    w += pad * max_blocks;
+    if let Some(trash_w) = trash_w {
+        for sq in &batch.seqs {
+            let k = sq.window_table.len().min(max_blocks);
+            for (to, &b) in out[w..w + k].iter_mut().zip(&sq.window_table) {
+                *to = if b == u32::MAX {
+                    trash_w | READ_ONLY
+                } else {
+                    b
+                };
+            }
+            out[w + k..w + max_blocks].fill(0);
+            w += max_blocks;
+        }
+        out[w..w + pad * max_blocks].fill(trash_w | READ_ONLY);
+    }
+    let end = Layout::tables_end(lay.n_seqs, lay.n_tokens, max_blocks, lay.windowed);
+    if lay.sample > end {
         out[lay.sample - 1] = 0;
     }
     let extra = write_sample(out_all, lay, params, adjust, scores)?;
@@ -261,7 +308,9 @@ mod tests {
         let b = batch();
         let poison = 0xdead_beef;
         let mut out = vec![poison; 4096];
-        let lay = write(&mut out, &b, 0, 4, 99, &[], &[], &[]).unwrap().lay;
+        let lay = write(&mut out, &b, 0, 4, 99, None, &[], &[], &[])
+            .unwrap()
+            .lay;
         let twin = twins::stage(&b, 4);
         assert_eq!(&out[..twin.len()], &twin[..]);
         assert_eq!(lay.len, lay.sample + 21);
@@ -280,7 +329,7 @@ mod tests {
         let b = batch();
         let (mb, bs, trash) = (4, 16, 99u32);
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 2, mb, trash, &[], &[], &[])
+        let lay = write(&mut out, &b, 2, mb, trash, None, &[], &[], &[])
             .unwrap()
             .lay;
         assert_eq!((lay.n_seqs, lay.n_tokens), (5, 7));
@@ -308,7 +357,9 @@ mod tests {
         };
         let params = [p(0.7, 40, 0x1234_5678_9abc_def0), p(0.0, 0, 7)];
         let mut out = vec![u32::MAX; 4096];
-        let lay = write(&mut out, &b, 1, 3, 0, &params, &[], &[]).unwrap().lay;
+        let lay = write(&mut out, &b, 1, 3, 0, None, &params, &[], &[])
+            .unwrap()
+            .lay;
         assert_eq!(lay.sample % 2, 0);
         assert_eq!(f32::from_bits(out[lay.temperature().start]), 0.7);
         assert_eq!(out[lay.top_k().start] as i32, 40);
@@ -339,7 +390,7 @@ mod tests {
             token: None,
             top: 5,
         }];
-        let w = write(&mut out, &b, 1, 3, 0, &[], &adjust, &scores).unwrap();
+        let w = write(&mut out, &b, 1, 3, 0, None, &[], &adjust, &scores).unwrap();
         let lay = w.lay;
         assert_eq!(w.extra.adjust, 12);
         assert_eq!(w.words(), lay.len + 15);
@@ -354,8 +405,8 @@ mod tests {
         assert_eq!(&out[lay.len + 6..lay.len + 12], &words[..]);
         // Adjustments past the buffer are refused, not cut.
         let mut small = vec![0u32; lay.len + 11];
-        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust, &[]).is_none());
+        assert!(write(&mut small, &b, 1, 3, 0, None, &[], &adjust, &[]).is_none());
         let mut small = vec![0u32; lay.len + 14];
-        assert!(write(&mut small, &b, 1, 3, 0, &[], &adjust, &scores).is_none());
+        assert!(write(&mut small, &b, 1, 3, 0, None, &[], &adjust, &scores).is_none());
     }
 }

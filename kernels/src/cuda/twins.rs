@@ -26,16 +26,27 @@ pub struct StepInputs {
     pub block_tables: Vec<i32>,
     /// Last row of each sequence that wants logits, in order; then −1.
     pub logit_rows: Vec<i32>,
+    /// The slots and tables in the windowed layers' own pool, where the staging has
+    /// their tables (empty where not).
+    pub slot_mapping_w: Vec<i32>,
+    pub block_tables_w: Vec<i32>,
 }
 
 /// The part of a batch's staging words that `build_batch` reads (`max_blocks` table
 /// entries per sequence; [`super::staging`] has the whole layout).
 pub fn stage(batch: &Batch, max_blocks: usize) -> Vec<u32> {
+    stage_windowed(batch, max_blocks, None)
+}
+
+/// The same, with the sequences' window tables after theirs where `trash_w` (the windowed
+/// layers' own pool's spare block) is given.
+pub fn stage_windowed(batch: &Batch, max_blocks: usize, trash_w: Option<u32>) -> Vec<u32> {
     let (n, t) = (batch.seqs.len(), batch.tokens.len());
-    let lay = super::staging::Layout::new(n, t, max_blocks, batch.n_logits());
+    let windowed = trash_w.is_some();
+    let lay = super::staging::Layout::with_window(n, t, max_blocks, batch.n_logits(), windowed);
     let mut out = vec![0; lay.len];
-    super::staging::write(&mut out, batch, 0, max_blocks, 0, &[], &[], &[]);
-    out.truncate(4 * n + t + n * max_blocks);
+    super::staging::write(&mut out, batch, 0, max_blocks, 0, trash_w, &[], &[], &[]);
+    out.truncate(4 * n + t + (1 + windowed as usize) * n * max_blocks);
     out
 }
 
@@ -67,6 +78,22 @@ pub fn build_batch(
     max_blocks: usize,
     block_size: usize,
 ) -> StepInputs {
+    build_batch_windowed(
+        staging, sampled, n_seqs, n_tokens, max_blocks, block_size, false,
+    )
+}
+
+/// Twin of `build_batch` with its `windowed` flag: the window tables follow the tables in
+/// `staging`, and their slots and tables come out too.
+pub fn build_batch_windowed(
+    staging: &[u32],
+    sampled: &[u32],
+    n_seqs: usize,
+    n_tokens: usize,
+    max_blocks: usize,
+    block_size: usize,
+    windowed: bool,
+) -> StepInputs {
     let heads = &staging[..4 * n_seqs];
     let toks = &staging[4 * n_seqs..4 * n_seqs + n_tokens];
     let tables = &staging[4 * n_seqs + n_tokens..];
@@ -89,7 +116,23 @@ pub fn build_batch(
             .map(|&b| (b & !READ_ONLY) as i32)
             .collect(),
         logit_rows: Vec::new(),
+        slot_mapping_w: Vec::new(),
+        block_tables_w: Vec::new(),
     };
+    let slot = |blk: u32, pos: u32| {
+        if blk & READ_ONLY != 0 {
+            -1
+        } else {
+            blk as i32 * block_size as i32 + (pos as usize % block_size) as i32
+        }
+    };
+    let tables_w = &tables[n_seqs * max_blocks..];
+    if windowed {
+        o.block_tables_w = tables_w[..n_seqs * max_blocks]
+            .iter()
+            .map(|&b| (b & !READ_ONLY) as i32)
+            .collect();
+    }
     for i in 0..n_tokens {
         let s = (0..n_seqs)
             .rev()
@@ -98,12 +141,11 @@ pub fn build_batch(
         let pos = heads[4 * s + 2] + (i as u32 - heads[4 * s]);
         o.positions[i] = pos;
         o.seq_of_row[i] = s as i32;
-        let blk = tables[s * max_blocks + pos as usize / block_size];
-        o.slot_mapping[i] = if blk & READ_ONLY != 0 {
-            -1
-        } else {
-            blk as i32 * block_size as i32 + (pos as usize % block_size) as i32
-        };
+        o.slot_mapping[i] = slot(tables[s * max_blocks + pos as usize / block_size], pos);
+        if windowed {
+            let blk = tables_w[s * max_blocks + pos as usize / block_size];
+            o.slot_mapping_w.push(slot(blk, pos));
+        }
     }
     for s in 0..n_seqs {
         let end = heads[4 * s] + heads[4 * s + 1];

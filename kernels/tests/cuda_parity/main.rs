@@ -125,11 +125,23 @@ fn build_batch_matches_its_twin() {
 fn build_batch_case<E: Exec>(g: &E) {
     let mut rng = Rng(1);
     let (bs, mb) = (16, 64);
-    // 600 sequences: each thread of the logit-rows scan counts a run of 3.
-    for (seqs, max_len) in [(37, 40), (600, 3)] {
-        let b = random_batch(&mut rng, seqs, max_len, bs, mb);
+    // 600 sequences: each thread of the logit-rows scan counts a run of 3; the windowed
+    // layers' own pool's tables too (some entries let go: its spare, read-only).
+    for (seqs, max_len, windowed) in [(37, 40, false), (600, 3, false), (37, 40, true)] {
+        let mut b = random_batch(&mut rng, seqs, max_len, bs, mb);
+        let trash_w = windowed.then_some(4000);
+        if windowed {
+            for q in &mut b.seqs {
+                q.window_table = (0..q.block_table.len() as u32)
+                    .map(|j| match rng.below(4) {
+                        0 => u32::MAX,
+                        _ => 3999 - (q.block_table[j as usize] * 7) % 3999,
+                    })
+                    .collect();
+            }
+        }
         let (s, t) = (b.seqs.len(), b.tokens.len());
-        let mut staging = twins::stage(&b, mb);
+        let mut staging = twins::stage_windowed(&b, mb, trash_w);
         // Every fifth token stands for one the step before sampled.
         let sampled: Vec<u32> = (0..64).map(|_| rng.below(50_000) as u32).collect();
         for w in staging[4 * s..4 * s + t].iter_mut().step_by(5) {
@@ -142,7 +154,11 @@ fn build_batch_case<E: Exec>(g: &E) {
                 *w |= READ_ONLY;
             }
         }
-        let want = twins::build_batch(&staging, &sampled, s, t, mb, bs);
+        let want = twins::build_batch_windowed(&staging, &sampled, s, t, mb, bs, windowed);
+        if windowed {
+            let let_go = want.block_tables_w.iter().filter(|&&x| x == 4000).count();
+            assert!(let_go > 0 && want.slot_mapping_w.contains(&-1));
+        }
         assert!(want.tokens.iter().all(|&t| t & FROM_LAST == 0));
         let nowhere: usize = b.seqs.iter().step_by(7).map(|q| q.len).sum();
         assert_eq!(
@@ -158,6 +174,8 @@ fn build_batch_case<E: Exec>(g: &E) {
         let seq_of_row = up(g, &vec![-7i32; t]);
         let tables = up(g, &vec![-7i32; s * mb]);
         let logit_rows = up(g, &vec![-7i32; s]);
+        let slots_w = up(g, &vec![-7i32; t]);
+        let tables_w = up(g, &vec![-7i32; s * mb]);
         let n = t.max(s * mb).max(s) as u32;
         let args = [
             st.arg(),
@@ -172,6 +190,9 @@ fn build_batch_case<E: Exec>(g: &E) {
             seq_of_row.arg(),
             tables.arg(),
             logit_rows.arg(),
+            i(windowed as usize),
+            slots_w.arg(),
+            tables_w.arg(),
         ];
         g.launch("build_batch", cfg(n.div_ceil(256), 256), &args)
             .unwrap();
@@ -181,6 +202,12 @@ fn build_batch_case<E: Exec>(g: &E) {
         assert_eq!(down(g, &slots), want.slot_mapping, "{what}");
         assert_eq!(down(g, &seq_of_row), want.seq_of_row, "{what}");
         assert_eq!(down(g, &tables), want.block_tables, "{what}");
+        if windowed {
+            assert_eq!(down(g, &slots_w), want.slot_mapping_w, "{what}");
+            assert_eq!(down(g, &tables_w), want.block_tables_w, "{what}");
+        } else {
+            assert!(down(g, &slots_w).iter().all(|&x| x == -7), "{what}");
+        }
         assert_eq!(
             down(g, &logit_rows),
             want.logit_rows,

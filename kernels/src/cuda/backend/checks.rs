@@ -42,6 +42,16 @@ impl<E: Exec> CudaBackend<E> {
             {
                 return bad("block table too short or outside the cache".into());
             }
+            // The windowed layers' own pool: the blocks the rows' windows read.
+            if let (Some(n), Some(w)) = (self.dev.window_blocks, c.window_size()) {
+                let pos0 = batch.positions[s.start] as usize;
+                let lo = (pos0 + 1).saturating_sub(w) / self.dev.block_size;
+                if s.window_table.len() < need
+                    || s.window_table[lo..need].iter().any(|&b| b as usize >= n)
+                {
+                    return bad("window block table too short or outside its pool".into());
+                }
+            }
         }
         let known = |t: u32| match t & FROM_LAST {
             0 => (t as usize) < c.vocab,

@@ -92,6 +92,7 @@ impl<E: Exec> CudaBackend<E> {
             None => min_rows.saturating_sub(n),
         };
         let trash = self.dev.n_blocks as u32;
+        let trash_w = self.dev.window_blocks.map(|n| n as u32);
         self.dev.exec.make_current()?;
         // Waits for the last copy out of this buffer (two steps ago).
         let host = self
@@ -105,10 +106,12 @@ impl<E: Exec> CudaBackend<E> {
         // The staging buffer holds `Layout::new(max_seqs, max_tokens)` words and the
         // adjustments' and scored rows' room, which `step_checked` held the step to.
         let max_blocks = self.dev.max_blocks;
-        let w = staging::write(host, batch, pad, max_blocks, trash, params, adjust, scores)
-            .ok_or_else(|| {
-                ExecError::Bounds("a step's adjustments or scored rows past their room".into())
-            })?;
+        let w = staging::write(
+            host, batch, pad, max_blocks, trash, trash_w, params, adjust, scores,
+        )
+        .ok_or_else(|| {
+            ExecError::Bounds("a step's adjustments or scored rows past their room".into())
+        })?;
         let words = match sampling {
             Sampling::Later => 0..w.lay.sample,
             _ => 0..w.words(),

@@ -87,7 +87,8 @@ impl<E: Exec> CudaBackend<E> {
 
     /// The decode graphs of `bucket` sequences, sampled and not.
     fn capture(&mut self, bucket: usize) -> Result<Graph<E>, ExecError> {
-        let lay = Layout::new(bucket, bucket, self.dev.max_blocks, bucket);
+        let windowed = self.dev.window_blocks.is_some();
+        let lay = Layout::with_window(bucket, bucket, self.dev.max_blocks, bucket, windowed);
         self.dev.exec.make_current()?;
         let mut one = |sample: bool| {
             self.dev.exec.begin_capture()?;

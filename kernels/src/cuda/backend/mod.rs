@@ -77,7 +77,7 @@ use crate::cuda::device::{Gpu, GpuError};
 use crate::cuda::exec::{Exec, ExecError};
 use crate::cuda::staging::{self, Layout};
 use crate::cuda::step::{runs, Device};
-pub use crate::cuda::step::{AttentionKernel, KvCapacity, SmallProducts};
+pub use crate::cuda::step::{AttentionKernel, KvCapacity, KvRequest, SmallProducts};
 use crate::cuda::twins::{SampleParams, TwinModel};
 use crate::forward::{Batch, Model, StepError};
 use crate::logprobs::{from_words, Score, TokenLogprobs, SCORE_WORDS};
@@ -187,13 +187,20 @@ impl<E: Exec> CudaBackend<E> {
         name: String,
         twin: &TwinModel,
         block_size: usize,
-        kv: KvCapacity,
+        kv: impl Into<KvRequest>,
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, ExecError> {
-        let dev = Device::new(exec, twin, block_size, kv, max_tokens, max_seqs)?;
-        let cap = Layout::new(max_seqs, max_tokens, dev.max_blocks, dev.max_logits).len
-            + staging::adjust_room(dev.max_logits, dev.config.vocab)
+        let dev = Device::new(exec, twin, block_size, kv.into(), max_tokens, max_seqs)?;
+        let windowed = dev.window_blocks.is_some();
+        let cap = Layout::with_window(
+            max_seqs,
+            max_tokens,
+            dev.max_blocks,
+            dev.max_logits,
+            windowed,
+        )
+        .len + staging::adjust_room(dev.max_logits, dev.config.vocab)
             + staging::score_room(dev.max_logits);
         let slots = [
             Slot::new(&dev.exec, cap, dev.max_logits)?,
@@ -282,6 +289,9 @@ impl<E: Exec> Backend for CudaBackend<E> {
     }
     fn kv_geometry(&self) -> (usize, usize) {
         (self.dev.block_size, self.dev.n_blocks)
+    }
+    fn kv_window_blocks(&self) -> Option<usize> {
+        self.dev.window_blocks
     }
     fn step(&mut self, batch: &Batch) -> Result<Vec<f32>, StepError> {
         self.step_checked(batch, None, logits)

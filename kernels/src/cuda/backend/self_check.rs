@@ -18,12 +18,20 @@ impl<E: Exec> CudaBackend<E> {
         let bs = self.dev.block_size;
         let prompt: Vec<u32> = (0..6u32).map(|i| (17 + 101 * i) % c.vocab as u32).collect();
         let blocks: Vec<u32> = (0..(prompt.len() + 1).div_ceil(bs) as u32).collect();
-        if blocks.len() > self.dev.n_blocks {
+        let room = self.dev.window_blocks.unwrap_or(usize::MAX);
+        if blocks.len() > self.dev.n_blocks.min(room) {
             return Err("the KV cache is too small for the self-check".into());
         }
+        // The windowed layers' own pool, where they keep one: the same blocks there (the
+        // twin reads the one table).
+        let window = match self.dev.window_blocks {
+            Some(_) => blocks.clone(),
+            None => Vec::new(),
+        };
         let mut kv = twin.kv(bs, blocks.len());
         let mut prefill = Batch::default();
         prefill.push(&prompt, 0, blocks.clone(), true);
+        prefill.set_window_table(window.clone());
         let got = self.step(&prefill).map_err(|e| e.to_string())?;
         let want = twin.forward(&prefill, &mut kv);
         let err = twins::rel_err(&got, &want);
@@ -35,6 +43,7 @@ impl<E: Exec> CudaBackend<E> {
         let next = twins::sample(&want, SampleParams::GREEDY);
         let mut decode = Batch::default();
         decode.push(&[next], prompt.len(), blocks, true);
+        decode.set_window_table(window);
         let token = self
             .step_sample(&decode, &[SampleParams::GREEDY], &[])
             .map_err(|e| e.to_string())?;

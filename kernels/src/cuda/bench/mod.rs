@@ -260,6 +260,10 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             o_seq.arg(),
             o_tab.arg(),
             o_log.arg(),
+            // No windowed layers' own pool (its outputs unwritten).
+            i(0),
+            o_slot.arg(),
+            o_tab.arg(),
         ];
         let secs = time_launch(
             e,

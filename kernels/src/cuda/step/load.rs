@@ -3,7 +3,7 @@
 //! sized once.
 
 use super::{
-    moe, AttentionKernel, Bufs, Device, Ffn, KvCapacity, Layer, SmallProducts, Split,
+    moe, AttentionKernel, Bufs, Device, Ffn, KvCapacity, KvRequest, Layer, SmallProducts, Split,
     PROMPT_LOGIT_ROWS,
 };
 use crate::cuda::device::{attention_max_warps, ATTENTION_CHUNK_KEYS};
@@ -22,12 +22,19 @@ impl<E: Exec> Device<E> {
         exec: E,
         twin: &TwinModel,
         block_size: usize,
-        kv: KvCapacity,
+        kv: KvRequest,
         max_tokens: usize,
         max_seqs: usize,
     ) -> Result<Self, ExecError> {
         let e = &exec;
         let c = twin.config.clone();
+        let KvRequest {
+            capacity: kv,
+            window_blocks,
+        } = kv;
+        let window_blocks = window_blocks.filter(|_| c.window_size().is_some());
+        let own = |li: usize| window_blocks.is_some() && c.window_at(li).is_some();
+        let windowed = (0..c.n_layers).filter(|&l| own(l)).count();
         let weights = twin
             .layers
             .iter()
@@ -89,7 +96,8 @@ impl<E: Exec> Device<E> {
         };
         let bufs = Bufs {
             staging: e.zeros(
-                Layout::new(max_seqs, t, max_blocks, max_logits).len
+                Layout::with_window(max_seqs, t, max_blocks, max_logits, window_blocks.is_some())
+                    .len
                     + adjust_room(max_logits, c.vocab)
                     + score_room(max_logits),
             )?,
@@ -98,6 +106,12 @@ impl<E: Exec> Device<E> {
             slots: e.zeros(t)?,
             seq_of_row: e.zeros(t)?,
             tables: e.zeros(max_seqs * max_blocks)?,
+            slots_w: e.zeros(if windowed > 0 { t } else { 1 })?,
+            tables_w: e.zeros(if windowed > 0 {
+                max_seqs * max_blocks
+            } else {
+                1
+            })?,
             logit_rows: e.zeros(max_logits)?,
             x: e.zeros(t * d)?,
             x2: e.zeros(t * d)?,
@@ -137,16 +151,25 @@ impl<E: Exec> Device<E> {
             .iter()
             .map(|r| QuantBuf::upload(e, r))
             .collect::<Result<Vec<_>, _>>()?;
-        // The KV cache last, from what is left: one spare block past the engine's.
-        let block_bytes = 2 * c.n_layers * block_size * c.kv_dim() * std::mem::size_of::<f16>();
+        // The KV cache last, from what is left: one spare block past the engine's (and
+        // past the windowed layers' own pool's, where they keep one).
+        let layer_block = 2 * block_size * c.kv_dim() * std::mem::size_of::<f16>();
+        let block_bytes = (c.n_layers - windowed) * layer_block;
+        let window_bytes = windowed * (window_blocks.unwrap_or(0) + 1) * layer_block;
         let n_blocks = match kv {
             KvCapacity::Blocks(n) => n,
+            // Every layer in the windowed pool: the others' blocks are bookkeeping alone.
+            KvCapacity::FreeMemory { max_blocks, .. } if block_bytes == 0 => max_blocks,
             KvCapacity::FreeMemory {
                 fraction,
                 max_blocks,
             } => {
                 let free = e.free_memory()?;
-                let n = ((free as f64 * fraction) as usize / block_bytes).saturating_sub(1);
+                let n = ((free as f64 * fraction) as usize)
+                    .saturating_sub(window_bytes)
+                    .checked_div(block_bytes)
+                    .unwrap_or(0)
+                    .saturating_sub(1);
                 if n == 0 {
                     return Err(ExecError::Bounds(format!(
                         "no device memory left for the KV cache ({free} bytes free after the weights)"
@@ -155,11 +178,18 @@ impl<E: Exec> Device<E> {
                 n.min(max_blocks)
             }
         };
-        let kv_len = (n_blocks + 1) * block_size * c.kv_dim();
+        let kv_len = |li: usize| {
+            let blocks = match own(li) {
+                true => window_blocks.unwrap_or(0),
+                false => n_blocks,
+            };
+            (blocks + 1) * block_size * c.kv_dim()
+        };
         let layers = weights
             .into_iter()
+            .enumerate()
             .map(
-                |((attn_norm, wqkv, wo, ffn_norm, ffn, bqkv, qk_norm), quant, post_norms)| {
+                |(li, ((attn_norm, wqkv, wo, ffn_norm, ffn, bqkv, qk_norm), quant, post_norms))| {
                     let [wqkv_q, wo_q, w_gate_up_q, w_down_q] = quant;
                     Ok(Layer {
                         attn_norm,
@@ -173,8 +203,8 @@ impl<E: Exec> Device<E> {
                         wo_q,
                         w_gate_up_q,
                         w_down_q,
-                        k_cache: e.zeros(kv_len)?,
-                        v_cache: e.zeros(kv_len)?,
+                        k_cache: e.zeros(kv_len(li))?,
+                        v_cache: e.zeros(kv_len(li))?,
                         post_norms,
                     })
                 },
@@ -202,6 +232,7 @@ impl<E: Exec> Device<E> {
             output,
             output_q,
             n_blocks,
+            window_blocks,
             exec,
             config: c,
             layers,

@@ -98,6 +98,10 @@ pub(super) struct Bufs<E: Exec> {
     slots: E::Buf<i32>,
     seq_of_row: E::Buf<i32>,
     tables: E::Buf<i32>,
+    /// The same two for the windowed layers' own pool, where they keep one (else one
+    /// word each, unread).
+    slots_w: E::Buf<i32>,
+    tables_w: E::Buf<i32>,
     logit_rows: E::Buf<i32>,
     x: E::Buf<f32>,
     /// The residual's other copy: fused products of few rows write the sums x + delta
@@ -157,6 +161,9 @@ pub struct Device<E: Exec> {
     pub block_size: usize,
     /// KV blocks the engine may use (the cache holds one more, the spare).
     pub n_blocks: usize,
+    /// The windowed layers' own pool's blocks, where they keep one ([`KvRequest`]): their
+    /// caches hold that many (and a spare), named by the sequences' window tables.
+    pub window_blocks: Option<usize>,
     /// The most warps per attention block this build allows (`MAX_WARPS`).
     att_warps: usize,
     split: Split,
@@ -218,6 +225,24 @@ impl AttentionKernel {
 /// log-probabilities are asked for (`echo` with `logprobs`), 50 MB of logits buffer for
 /// SmolLM2's vocabulary.
 pub const PROMPT_LOGIT_ROWS: usize = 256;
+
+/// The KV cache a device is loaded with: its size, and where the model's windowed layers
+/// keep a pool of their own, its blocks (their caches hold only each sequence's window:
+/// [`crate::backend::Backend::kv_window_blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvRequest {
+    pub capacity: KvCapacity,
+    pub window_blocks: Option<usize>,
+}
+
+impl From<KvCapacity> for KvRequest {
+    fn from(capacity: KvCapacity) -> Self {
+        Self {
+            capacity,
+            window_blocks: None,
+        }
+    }
+}
 
 /// How big the KV cache is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -291,6 +316,7 @@ impl<E: Exec> Device<E> {
             output_q,
             block_size,
             max_blocks,
+            window_blocks,
             att_warps,
             split,
             small,
@@ -310,6 +336,8 @@ impl<E: Exec> Device<E> {
             Arg::I32(*block_size as i32),
         );
         let n = t.max(n_seqs * *max_blocks) as u32;
+        // The windowed layers' own pool, where they keep one: their tables and slots.
+        let own = |li: usize| window_blocks.is_some() && c.window_at(li).is_some();
         e.launch(
             "build_batch",
             launch(n, 256),
@@ -326,6 +354,9 @@ impl<E: Exec> Device<E> {
                 b.seq_of_row.arg(),
                 b.tables.arg(),
                 b.logit_rows.arg(),
+                Arg::I32(lay.windowed as i32),
+                b.slots_w.arg(),
+                b.tables_w.arg(),
             ],
         )?;
         let (di, eps) = (Arg::I32(d as i32), Arg::F32(c.rms_eps));
@@ -407,7 +438,7 @@ impl<E: Exec> Device<E> {
                 };
                 let rope = RopeKv {
                     positions: &b.positions,
-                    slots: &b.slots,
+                    slots: if own(li) { &b.slots_w } else { &b.slots },
                     k_cache: &mut w.k_cache,
                     v_cache: &mut w.v_cache,
                     n_heads: c.n_heads,
@@ -462,7 +493,7 @@ impl<E: Exec> Device<E> {
                         b.qkv.arg(),
                         qkv_wi,
                         b.positions.arg(),
-                        b.slots.arg(),
+                        if own(li) { &b.slots_w } else { &b.slots }.arg(),
                         w.k_cache.arg(),
                         w.v_cache.arg(),
                         ti,
@@ -499,7 +530,7 @@ impl<E: Exec> Device<E> {
                     qkv_wi,
                     w.k_cache.arg(),
                     w.v_cache.arg(),
-                    b.tables.arg(),
+                    if own(li) { &b.tables_w } else { &b.tables }.arg(),
                     b.seq_of_row.arg(),
                     b.positions.arg(),
                     b.att.arg(),
