@@ -68,6 +68,22 @@ async fn run_usage(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishRe
     panic!("no Done event");
 }
 
+/// Each of [`prompts`] greedily for 24 tokens, all sent at once: their answers, in order.
+async fn all_at_once(e: &Arc<EngineWorker>) -> Vec<(String, FinishReason, u32)> {
+    let tasks: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| {
+            let e = e.clone();
+            tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 fn prompts() -> Vec<String> {
     // 16 mixed lengths: about 10 to 300 tokens.
     (0..16)
@@ -129,17 +145,9 @@ async fn batching_case(backend: BackendKind) {
         ),
     ] {
         let e = engine(&m, cfg);
-        let tasks: Vec<_> = prompts()
-            .into_iter()
-            .map(|p| {
-                let e = e.clone();
-                tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
-            })
-            .collect();
-        for (i, t) in tasks.into_iter().enumerate() {
+        for (i, got) in all_at_once(&e).await.into_iter().enumerate() {
             assert_eq!(
-                t.await.unwrap(),
-                solo[i],
+                got, solo[i],
                 "{label}: sequence {i} differs from its solo run"
             );
         }
@@ -1130,15 +1138,8 @@ async fn windowed_case(backend: BackendKind) {
             ..base.clone()
         },
     );
-    let tasks: Vec<_> = prompts()
-        .into_iter()
-        .map(|p| {
-            let e = own.clone();
-            tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
-        })
-        .collect();
-    for (i, t) in tasks.into_iter().enumerate() {
-        assert_eq!(t.await.unwrap(), want[i], "sequence {i}");
+    for (i, got) in all_at_once(&own).await.into_iter().enumerate() {
+        assert_eq!(got, want[i], "sequence {i}");
     }
     let c = own.engine_counters().unwrap();
     assert_eq!(c.kv_window_blocks_total, 20);
