@@ -32,8 +32,9 @@ impl<E: Exec> Device<E> {
             capacity: kv,
             window_blocks,
         } = kv;
-        let window_blocks = window_blocks.filter(|_| c.window_size().is_some());
-        let own = |li: usize| window_blocks.is_some() && c.window_at(li).is_some();
+        let mut window_blocks = window_blocks.filter(|_| c.window_size().is_some());
+        let has_pool = window_blocks.is_some();
+        let own = |li: usize| has_pool && c.window_at(li).is_some();
         let windowed = (0..c.n_layers).filter(|&l| own(l)).count();
         let weights = twin
             .layers
@@ -154,22 +155,22 @@ impl<E: Exec> Device<E> {
         // The KV cache last, from what is left: one spare block past the engine's (and
         // past the windowed layers' own pool's, where they keep one).
         let layer_block = 2 * block_size * c.kv_dim() * std::mem::size_of::<f16>();
-        let block_bytes = (c.n_layers - windowed) * layer_block;
-        let window_bytes = windowed * (window_blocks.unwrap_or(0) + 1) * layer_block;
         let n_blocks = match kv {
             KvCapacity::Blocks(n) => n,
-            // Every layer in the windowed pool: the others' blocks are bookkeeping alone.
-            KvCapacity::FreeMemory { max_blocks, .. } if block_bytes == 0 => max_blocks,
             KvCapacity::FreeMemory {
                 fraction,
                 max_blocks,
             } => {
                 let free = e.free_memory()?;
-                let n = ((free as f64 * fraction) as usize)
-                    .saturating_sub(window_bytes)
-                    .checked_div(block_bytes)
-                    .unwrap_or(0)
-                    .saturating_sub(1);
+                let budget = (free as f64 * fraction) as usize;
+                let (n, w) = split_memory(
+                    budget,
+                    (c.n_layers, windowed),
+                    layer_block,
+                    window_blocks,
+                    max_blocks,
+                );
+                window_blocks = w;
                 if n == 0 {
                     return Err(ExecError::Bounds(format!(
                         "no device memory left for the KV cache ({free} bytes free after the weights)"
@@ -241,5 +242,62 @@ impl<E: Exec> Device<E> {
             max_logits,
             bufs,
         })
+    }
+}
+
+/// A KV cache in `budget` bytes for `layers` (all, and those in the windowed layers' own
+/// pool) of `layer_block` bytes a block: the other layers' blocks (`max_blocks` where every
+/// layer is in the pool: theirs are bookkeeping alone) and the pool's. The pool comes
+/// first, but never with more blocks than every position on every layer would have had:
+/// a large model's slots' windows may not fit, and the pool then holds what fits, as the
+/// one pool did. Each count is past one spare block of its caches.
+fn split_memory(
+    budget: usize,
+    layers: (usize, usize),
+    layer_block: usize,
+    window: Option<usize>,
+    max_blocks: usize,
+) -> (usize, Option<usize>) {
+    let (all_layers, windowed) = layers;
+    let all = (budget / (all_layers * layer_block)).saturating_sub(1);
+    let window = window.map(|w| w.min(all));
+    let window_bytes = windowed * (window.unwrap_or(0) + 1) * layer_block;
+    let n = match all_layers - windowed {
+        0 => max_blocks,
+        others => (budget.saturating_sub(window_bytes) / (others * layer_block)).saturating_sub(1),
+    };
+    (n, window)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_memory;
+
+    #[test]
+    fn the_windowed_pool_comes_first_and_never_past_what_one_pool_held() {
+        let mib = 1 << 20;
+        // 26 layers, 22 windowed (Gemma 3 1B's), 16 KiB a block: 8,000 MiB.
+        let (budget, block) = (8000 * mib, 16 << 10);
+        let one_pool = budget / (26 * block) - 1;
+        assert_eq!(
+            split_memory(budget, (26, 0), block, None, 1 << 30),
+            (one_pool, None)
+        );
+        // A pool of 8,832 blocks: the other 4 layers hold what is left.
+        let (n, w) = split_memory(budget, (26, 22), block, Some(8832), 1 << 30);
+        assert_eq!(w, Some(8832));
+        assert_eq!(n, (budget - 22 * 8833 * block) / (4 * block) - 1);
+        assert!(n > 3 * one_pool, "{n} against {one_pool}");
+        // Slots' windows past what one pool held (a large model's): the pool holds that.
+        let (n, w) = split_memory(budget, (26, 22), block, Some(10 * one_pool), 1 << 30);
+        assert_eq!(w, Some(one_pool));
+        assert!(n >= one_pool);
+        // Every layer windowed: the others' blocks are bookkeeping (up to the cap).
+        assert_eq!(
+            split_memory(budget, (32, 32), block, Some(100), 777),
+            (777, Some(100))
+        );
+        // Nothing left.
+        assert_eq!(split_memory(block, (26, 22), block, Some(100), 777).0, 0);
     }
 }
