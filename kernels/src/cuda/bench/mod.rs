@@ -244,6 +244,7 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
         let o_seq = e.zeros::<i32>(tt)?;
         let o_tab = e.zeros::<i32>(ns * mb)?;
         let o_log = e.zeros::<i32>(ns)?;
+        let (o_slot_w, o_tab_w) = (e.zeros::<i32>(1)?, e.zeros::<i32>(1)?);
         // The step before's sampled tokens (no token word here stands for one).
         let last = e.zeros::<u32>(ns)?;
         let n_threads = (ns * mb).max(tt) as u32;
@@ -260,10 +261,10 @@ pub fn run<E: Exec>(e: &E, sizes: &Sizes, iters: u32) -> Result<Vec<Row>, ExecEr
             o_seq.arg(),
             o_tab.arg(),
             o_log.arg(),
-            // No windowed layers' own pool (its outputs unwritten).
+            // No windowed layers' own pool (its outputs, buffers of their own, unwritten).
             i(0),
-            o_slot.arg(),
-            o_tab.arg(),
+            o_slot_w.arg(),
+            o_tab_w.arg(),
         ];
         let secs = time_launch(
             e,
