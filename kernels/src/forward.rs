@@ -267,7 +267,7 @@ impl Model {
             }
             if let (Some(n), Some(w)) = (kv.window_blocks, self.config.window_size()) {
                 // From the block holding the first row's first position seen.
-                let lo = (pos0 + 1).saturating_sub(w) / kv.block_size;
+                let lo = crate::kv::first_window_block(w, pos0, kv.block_size);
                 if s.window_table.len() < need {
                     return bad(format!(
                         "window block table covers {} blocks, needs {need}",

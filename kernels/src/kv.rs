@@ -17,6 +17,13 @@
 use half::f16;
 use half::vec::HalfBitsVecExt;
 
+/// The first block (of `block_size` positions) a row at position `pos` reads on a layer
+/// whose window is `window` positions: the blocks before it may be let go.
+#[inline]
+pub fn first_window_block(window: usize, pos: usize, block_size: usize) -> usize {
+    (pos + 1).saturating_sub(window) / block_size
+}
+
 pub struct KvCache {
     pub block_size: usize,
     pub n_blocks: usize,

@@ -87,7 +87,7 @@ impl KvPools {
 
     /// The first block a row at position `pos` reads on a windowed layer.
     fn first_seen(size: usize, pos: usize, bs: usize) -> usize {
-        (pos + 1).saturating_sub(size) / bs
+        kernels::kv::first_window_block(size, pos, bs)
     }
 
     /// Gives `t` blocks for positions up to `tokens` (exclusive) in each pool, if both

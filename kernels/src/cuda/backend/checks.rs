@@ -45,7 +45,7 @@ impl<E: Exec> CudaBackend<E> {
             // The windowed layers' own pool: the blocks the rows' windows read.
             if let (Some(n), Some(w)) = (self.dev.window_blocks, c.window_size()) {
                 let pos0 = batch.positions[s.start] as usize;
-                let lo = (pos0 + 1).saturating_sub(w) / self.dev.block_size;
+                let lo = crate::kv::first_window_block(w, pos0, self.dev.block_size);
                 if s.window_table.len() < need
                     || s.window_table[lo..need].iter().any(|&b| b as usize >= n)
                 {
