@@ -12,7 +12,7 @@
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench, with the load-time choice for 1-16 rows among cuBLAS, gemv_f16 and
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
-# and 256 streams (engine_bench; at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
+# and 256 streams (engine_bench; at 1 also speculating, at 256 also with no step planned ahead, in JSON mode at 64 and 256 (and at 256 with no step planned ahead), with penalties at 256, and embeddings at 64 and 256), then decode steps and the engine again with the
 # tensor-core attention kernel (attention_tc), all on the synthetic SmolLM2-shaped model; then
 # the qwen2/qwen3/qwen3moe-shaped files through the engine and decode steps over one of
 # Qwen3-30B-A3B's layers (a mixture of 128 experts);
@@ -116,6 +116,11 @@ echo
 # The same at 256 streams with each step waiting for the one before (no step planned
 # ahead): what overlapping the host's work with the device's is worth.
 OVERLAP=0 BACKEND=cuda STREAMS=256 TOKENS=256 timeout 60 "$BIN/engine_bench" "$model" || status=1
+echo
+# Speculative decoding by prompt lookup on one stream (the synthetic model's answers
+# repeat themselves): drafts drawn on the device, each drafting step collected before the
+# next is planned and launched rather than replayed; against the one-stream line above.
+SPECULATE=4 BACKEND=cuda STREAMS=1 TOKENS=256 timeout 30 "$BIN/engine_bench" "$model" || status=1
 echo
 # The same with the tensor-core attention kernel (attention_tc): decode steps at 512 and
 # 4,096 keys, and through the engine (its prefill row is a 512-token prompt).

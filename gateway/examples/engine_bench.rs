@@ -23,7 +23,10 @@
 //! `PROMPT_TOKENS=n` (each stream's prompt that long, its own from its first token: no
 //! prefix shared), `KV_TOKENS=n` (the KV cache's tokens; default every stream's prompt
 //! and answer, at least 32,768), `WINDOW_KV_TOKENS=n` (a model with sliding-window
-//! layers: their own pool's tokens; 0: none; it prints the engine's preemptions too).
+//! layers: their own pool's tokens; 0: none; it prints the engine's preemptions too),
+//! `SPECULATE=k` (speculative decoding by prompt lookup, `speculative_tokens = k`: a
+//! stream decoding alone proposes up to k drafts a step; it prints the drafts proposed
+//! and kept).
 //! Without a model path it fetches the real model; `kernels/gpu-check.sh` passes the
 //! synthetic SmolLM2-shaped one and `BACKEND=cuda STREAMS=1,64,256 TOKENS=256`.
 //! After the prefill it sends the same prompt again, served from the prefix cache.
@@ -199,6 +202,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok()
             .and_then(|n| n.parse().ok()),
         overlap_steps: std::env::var("OVERLAP").as_deref() != Ok("0"),
+        speculative_tokens: std::env::var("SPECULATE")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
         attention: match std::env::var("ATTENTION").as_deref() {
             Ok("tensor") => gateway::config::AttentionKind::Tensor,
             _ => gateway::config::AttentionKind::Simt,
@@ -298,6 +305,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "windowed layers' own KV pool: {} blocks (WINDOW_KV_TOKENS; 0: none)",
             c.kv_window_blocks_total
+        );
+    }
+    if let Some(c) = w.engine_counters().filter(|c| c.draft_tokens > 0) {
+        println!(
+            "speculation (SPECULATE): {} drafts proposed, {} kept",
+            c.draft_tokens, c.draft_tokens_accepted
         );
     }
     println!(

@@ -937,14 +937,29 @@ async fn a_mixture_of_experts_answers_alike_alone_and_in_a_batch_on_either_backe
 /// answer (each event: text, log-probabilities, usage) is the one the engine gives without
 /// it — greedy and seeded samples, a stop string met inside a step's drafts, length limits
 /// that end a step's drafts early, log-probabilities, penalties, JSON mode — alone, and two
-/// at once (one speculating alone until the other arrives, then neither); and drafts were proposed and kept (the prompts repeat themselves, as the
-/// synthetic model's answers do), and some not (seeded samples). Each engine's prefix
+/// at once (one speculating alone until the other arrives, then neither); and drafts were
+/// proposed and kept (the prompts repeat themselves, as the synthetic model's answers do),
+/// and some not (answers that leave their loop: a growing penalty, a sample). Each engine's prefix
 /// cache serves the repeats (what speculating sequences registered among them), so the
 /// prompt tokens it served are left out of the comparison.
 #[tokio::test(flavor = "multi_thread")]
 async fn speculative_decoding_changes_no_answer() {
     let (_d, m) = synthetic();
-    speculation_case(&m, None).await;
+    speculation_case(&m, None, BackendKind::Cpu).await;
+}
+
+/// The same on the GPU path (the emulator), against an engine that plans its steps ahead:
+/// drafts' rows drawn on the device by each sequence's rule at the step each would be
+/// drawn at (log-probabilities computed there), a penalized or JSON-mode sequence's rows
+/// read back and drawn on the host; the step in flight collected before a sequence due to
+/// propose looks up its last token.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_speculative_decoding_changes_no_answer() {
+    if !common::emulator_present() {
+        return;
+    }
+    let (_d, m) = synthetic();
+    speculation_case(&m, None, BackendKind::Emulator).await;
 }
 
 /// The same on a model with sliding-window layers: speculation over the windowed layers'
@@ -953,13 +968,17 @@ async fn speculative_decoding_changes_no_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn speculative_decoding_over_the_windowed_layers_pool_changes_no_answer() {
     let (_d, m) = windowed_model(24);
-    speculation_case(&m, Some(320)).await;
+    speculation_case(&m, Some(320), BackendKind::Cpu).await;
 }
 
 /// Requests alone and two at once, on a plain engine and one that speculates (with the
 /// windowed layers' own pool of `window_kv_tokens`, where given: the plain one keeps every
 /// position then): the same events.
-async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<usize>) {
+async fn speculation_case(
+    m: &kernels::load::Loaded,
+    window_kv_tokens: Option<usize>,
+    backend: BackendKind,
+) {
     let uncached = |mut evs: Vec<WorkerEvent>| {
         for e in &mut evs {
             if let WorkerEvent::Done { usage, .. } = e {
@@ -969,7 +988,7 @@ async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<us
         evs
     };
     let base = EngineConfig {
-        backend: BackendKind::Cpu,
+        backend,
         threads: 2,
         kv_tokens: Some(4096),
         ..EngineConfig::default()
@@ -1017,6 +1036,19 @@ async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<us
         }
         reqs.push(Arc::new(r));
     }
+    // Answers that loop and then leave the loop, so that drafts are kept and then missed
+    // while the sequence runs alone: greedy with a frequency penalty that grows as the loop
+    // repeats, greedy in JSON mode, and a sample among the two likeliest tokens.
+    let long = |i: usize| (*req(&prompt(i), 60, 0.0, None, vec![])).clone();
+    let mut r = long(10);
+    r.params.frequency_penalty = 0.3;
+    reqs.push(Arc::new(r));
+    let mut r = long(11);
+    r.params.json = Some(JsonFormat::Object);
+    reqs.push(Arc::new(r));
+    let mut r = long(12);
+    (r.params.temperature, r.params.top_k, r.params.seed) = (1.0, 2, Some(12));
+    reqs.push(Arc::new(r));
     // A stop string from the greedy answer, met part way through it.
     let first = events(&plain, reqs[0].clone()).await;
     let text: String = first
@@ -1042,7 +1074,7 @@ async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<us
             let got = all_events(e, group).await;
             answers.push(got.into_iter().map(uncached).collect::<Vec<_>>());
         }
-        assert_eq!(answers[1], answers[0], "{how}: {group:?}");
+        assert_eq!(answers[1], answers[0], "{backend:?}, {how}: {group:?}");
     }
     let c = spec.engine_counters().expect("counters");
     eprintln!(
@@ -1064,6 +1096,14 @@ async fn speculation_case(m: &kernels::load::Loaded, window_kv_tokens: Option<us
         (0, 0),
         "off by default"
     );
+    if backend == BackendKind::Emulator {
+        // The penalized and JSON-mode sequences' drafts' rows came back to the host (the
+        // plain engine adjusts every row on the device).
+        assert!(
+            c.rows_read_back > p.rows_read_back,
+            "no draft's row read back: {c:?}"
+        );
+    }
     let w = window_kv_tokens.map(|t| (t / 16) as u64);
     assert_eq!(
         (c.kv_window_blocks_total, p.kv_window_blocks_total),

@@ -184,7 +184,7 @@ pub struct EngineConfig {
     /// that carries interactive ones; the others keep their place and wait for steps
     /// without interactive work. Unset: the backend's default ([`EngineConfig::sizes`]).
     pub lowest_weight_rows: Option<usize>,
-    /// Speculative decoding by prompt lookup (CPU backend): most tokens a decoding
+    /// Speculative decoding by prompt lookup: most tokens a decoding
     /// sequence proposes after its last one, from where its last tokens occurred earlier
     /// in its context, checked by its own draws in the next step; 0: off.
     pub speculative_tokens: usize,

@@ -69,7 +69,7 @@ impl Engine {
         if late {
             return self.send_late(backend, plan, batch, rows, backend_ns);
         }
-        let s = self.sampling(backend, draws, &rows.scoring, &[]);
+        let s = self.sampling(backend, draws, &rows.scoring, &[], &[]);
         let sent = in_backend(&self.stats, backend_ns, || {
             backend.submit(batch, &s.params, &s.adjust, &s.back)
         });
@@ -159,7 +159,7 @@ impl Engine {
         let gone: Vec<bool> = (0..drawing.len())
             .map(|r| now.draws[r].is_some() && drawing[r].is_none())
             .collect();
-        let s = self.sampling(backend, &drawing, &rows.scoring, &gone);
+        let s = self.sampling(backend, &drawing, &rows.scoring, &[], &gone);
         let sampled = in_backend(&self.stats, backend_ns, || {
             backend.submit_sample(&s.params, &s.adjust, &s.back)
         });

@@ -27,9 +27,9 @@
 //! waits for the step in flight, which reads the blocks). A sequence that stops at step N
 //! has drawn a row in step N+1 already; that token is dropped. Its blocks are freed at
 //! once: everything on the device runs in order, so a block handed out again is written
-//! only after that step. On the CPU, a decoding sequence may compute tokens proposed to
-//! follow its last one in the same step, kept as far as its draws agree
-//! ([`super::speculate`]). An embeddings request ends with its prompt: the step that ends
+//! only after that step. A decoding sequence may compute tokens proposed to follow its
+//! last one in the same step, kept as far as its draws agree ([`super::speculate`]): its
+//! last token is collected first, and that step runs before the next is planned. An embeddings request ends with its prompt: the step that ends
 //! it reads its row's final hidden state back with its tokens ([`ReadBack::hidden`]; a
 //! step taken at once, after it: [`Backend::hidden_rows`]), and it holds no token from
 //! the device meanwhile, so no later step computes a row for it.
@@ -212,6 +212,35 @@ fn wanted(
     (back, redraw)
 }
 
+/// The rows of the sequences computing drafts (`verify`: [`Engine::verify`] draws them),
+/// on a backend that samples on the device: row `j` of a sequence is drawn there by its
+/// own rule at the step it would be drawn at were the drafts before it kept (its seed's
+/// `emitted + j`), and its log-probabilities computed there where it wants them; a
+/// sequence with penalties or JSON mode has its rows read back whole and drawn on the
+/// host, each adjusted by what the draws before it took.
+fn verify_rows(
+    running: &[Seq],
+    verify: &[Verify],
+    params: &mut [SampleParams],
+    back: &mut ReadBack,
+) {
+    for &(i, first, k) in verify {
+        let s = &running[i];
+        for (j, row) in (first..first + k).enumerate() {
+            params[row] = sample_params(s, s.emitted() + j as u32);
+            if s.constrained() {
+                back.rows.push(row);
+            } else if let Some(top) = s.logprobs {
+                back.scores.push(Score {
+                    row,
+                    token: None,
+                    top: top as usize,
+                });
+            }
+        }
+    }
+}
+
 /// Each logits row of a planned step: the sequence it draws for (by index in `running`),
 /// and the prompt token it scores, with how many most likely tokens.
 #[derive(Default)]
@@ -297,8 +326,18 @@ impl Engine {
             self.arrive(n);
         }
         self.drop_cancelled();
-        self.propose(self.overlap && backend.overlaps());
+        let overlapping = self.overlap && backend.overlaps();
         let mut backend_ns = 0;
+        // A sequence due to propose drafts needs its last token, which the step in flight
+        // draws: that step is collected first (the pipeline drains for it).
+        if self.flight.is_some() && self.due_to_propose() {
+            let f = self.flight.take();
+            let t = self.collect(backend, f, None, &mut backend_ns);
+            if !matches!(t, Turn::Go) {
+                return t;
+            }
+        }
+        self.propose(overlapping);
         // A step in flight whose tokens the next one's planning needs is collected first.
         if self.flight.is_some() && !self.may_plan_ahead() {
             let f = self.flight.take();
@@ -341,7 +380,9 @@ impl Engine {
             }
         } else {
             let (batch, rows) = self.build(&plan);
-            if self.overlap && backend.overlaps() {
+            // A step computing drafts is verified as soon as it has run: the next one
+            // starts from the tokens it kept.
+            if overlapping && rows.verify.is_empty() {
                 self.send(backend, &plan, &batch, &rows, &mut backend_ns)
             } else {
                 self.step(backend, &plan, &batch, &rows, &mut backend_ns)
@@ -384,35 +425,53 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
+    /// Whether speculation is on and its conditions hold: few sequences run and none
+    /// wait ([`speculate::MAX_SEQS`]).
+    fn speculating(&self) -> bool {
+        self.limits.speculate > 0
+            && self.waiting.is_empty()
+            && self.running.len() <= speculate::MAX_SEQS
+    }
+
+    /// Whether a decoding sequence is due to propose drafts this turn (speculating, its
+    /// wait after misses over), so that its last token must be on the host.
+    fn due_to_propose(&self) -> bool {
+        self.speculating()
+            && self
+                .running
+                .iter()
+                .any(|s| s.may_draft() && s.draft_wait == 0)
+    }
+
     /// Drafts for the decoding sequences ([`super::speculate`]), where speculation is on
-    /// and the host draws every row (not on the device, nor steps planned ahead), while
-    /// few sequences run and none wait ([`speculate::MAX_SEQS`]): up to `speculate` tokens
-    /// each, leaving room under `max_tokens` for the token drawn after them; none from a
-    /// sequence backing off after drafts that missed ([`speculate::backoff`]).
+    /// ([`Engine::speculating`]) and no step is in flight: up to `speculate` tokens each,
+    /// leaving room under `max_tokens` for the token drawn after them; none from a
+    /// sequence backing off after drafts that missed ([`speculate::backoff`]), whose wait
+    /// goes down a step at a time. Where steps are planned ahead (`overlapping`), looking
+    /// cost the device its next step's overlap, so finding nothing backs off too.
     fn propose(&mut self, overlapping: bool) {
         let k = self.limits.speculate;
-        if k == 0
-            || self.on_device
-            || overlapping
-            || !self.waiting.is_empty()
-            || self.running.len() > speculate::MAX_SEQS
-        {
+        if !self.speculating() {
             return;
         }
+        let in_flight = self.flight.is_some();
         for s in &mut self.running {
-            let decoding = s.draft.is_empty()
-                && s.resolved == s.tokens.len()
-                && s.computed + 1 == s.tokens.len()
-                && s.tokens.len() > s.prompt_len;
-            if !decoding || s.embed || s.ends_with_prompt() {
+            if !s.may_draft() {
                 continue;
             }
             if s.draft_wait > 0 {
                 s.draft_wait -= 1;
                 continue;
             }
+            if in_flight || s.carried() {
+                continue;
+            }
             let room = (s.max_tokens as usize).saturating_sub(s.generated() as usize + 1);
             s.draft = speculate::propose(&s.tokens, k.min(room));
+            if s.draft.is_empty() && overlapping {
+                s.draft_misses += 1;
+                s.draft_wait = speculate::backoff(s.draft_misses);
+            }
         }
     }
 
@@ -421,18 +480,20 @@ impl Engine {
         !self.plan_after && self.flight.as_ref().is_none_or(|f| f.redraw.is_empty())
     }
 
-    /// A sampled step's [`Sampling`], for logits rows drawn by `draws` and prompt rows
-    /// `scoring` (counted in the stats), but for rows whose sequence left (`gone`).
+    /// A sampled step's [`Sampling`], for logits rows drawn by `draws`, prompt rows
+    /// `scoring` and the rows of sequences computing drafts (`verify`, [`verify_rows`])
+    /// (counted in the stats), but for rows whose sequence left (`gone`).
     pub(super) fn sampling(
         &mut self,
         backend: &dyn Backend,
         draws: &[Option<usize>],
         scoring: &[Option<(u32, usize)>],
+        verify: &[Verify],
         gone: &[bool],
     ) -> Sampling {
         let row_seqs: Vec<Option<&Seq>> =
             draws.iter().map(|r| r.map(|i| &self.running[i])).collect();
-        let params = params(&self.running, draws);
+        let mut params = params(&self.running, draws);
         let adjust = draw::adjustments(
             &row_seqs,
             backend.adjust_room(),
@@ -440,7 +501,8 @@ impl Engine {
             &self.tok,
             &mut self.json_vocab,
         );
-        let (back, redraw) = wanted(&self.running, draws, scoring, &adjust, gone);
+        let (mut back, redraw) = wanted(&self.running, draws, scoring, &adjust, gone);
+        verify_rows(&self.running, verify, &mut params, &mut back);
         let st = &self.stats;
         st.rows_adjusted_on_device
             .fetch_add(adjust.iter().flatten().count() as u64, Ordering::Relaxed);
@@ -462,8 +524,14 @@ impl Engine {
     fn build(&mut self, plan: &Plan) -> (Batch, Rows) {
         let mut batch = Batch::default();
         let mut rows = Rows::default();
+        let ahead = self.flight.is_some();
         for &(i, n) in &plan.items {
             let s = &mut self.running[i];
+            if ahead {
+                // Drafts follow a last token known on the host, and their step is verified
+                // before the next is planned: never beside a step in flight.
+                s.draft.clear();
+            }
             let end = s.computed + n;
             let k = s.logit_rows(n);
             if !s.draft.is_empty() {
@@ -543,7 +611,7 @@ impl Engine {
         let draws = &rows.draws;
         let sampling = self
             .on_device
-            .then(|| self.sampling(backend, draws, &rows.scoring, &[]));
+            .then(|| self.sampling(backend, draws, &rows.scoring, &rows.verify, &[]));
         let stepped = in_backend(&self.stats, backend_ns, || {
             if let Some(s) = sampling {
                 backend
@@ -719,13 +787,27 @@ impl Engine {
             let draft = std::mem::take(&mut s.draft);
             let before = kept;
             for j in 0..rows {
-                let Some(row) = next.row(first + j, vocab) else {
-                    break;
+                let r = first + j;
+                let (id, lp) = match (next.row(r, vocab), next) {
+                    // Read back (the CPU's rows, or a constrained sequence's): drawn here.
+                    (Some(row), _) => {
+                        let mut l = row.to_vec();
+                        s.adjust(&mut l, tok, jv);
+                        let id = draw::sample(s, &l);
+                        (id, s.logprobs.map(|k| token_logprobs(row, id, k as usize)))
+                    }
+                    // Drawn on the device by the same rule ([`verify_rows`]).
+                    (None, Next::Tokens(t)) => {
+                        let Some(&id) = t.tokens.get(r) else {
+                            break;
+                        };
+                        let lp = s
+                            .logprobs
+                            .and_then(|_| t.scored(r).filter(|lp| lp.id == id).cloned());
+                        (id, lp)
+                    }
+                    (None, Next::Logits(_)) => break,
                 };
-                let mut l = row.to_vec();
-                s.adjust(&mut l, tok, jv);
-                let id = draw::sample(s, &l);
-                let lp = s.logprobs.map(|k| token_logprobs(row, id, k as usize));
                 s.take(id, lp, tok);
                 let agrees = draft.get(j) == Some(&id);
                 kept += usize::from(agrees);

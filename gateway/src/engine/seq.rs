@@ -101,8 +101,8 @@ pub(super) struct Seq {
     pub(super) reasoning: Option<Reasoning>,
     pub(super) last_kind: Kind,
     /// Tokens proposed to follow its last one ([`super::speculate`]): the next step
-    /// computes them after it, and its draws keep them as far as they agree. Never on the
-    /// GPU path, and only while its last token is its only one not computed.
+    /// computes them after it, and its draws keep them as far as they agree. Only while
+    /// its last token is its only one not computed, and known on the host.
     pub(super) draft: Vec<u32>,
     /// Steps its drafts keep missing in a row (none of a step's kept), and steps left
     /// before it proposes again: a run of misses backs off ([`super::speculate::backoff`]).
@@ -218,6 +218,16 @@ impl Seq {
     /// on the device there ([`kernels::adjust::Carry`]).
     pub(super) fn masked(&self) -> bool {
         self.json.is_some()
+    }
+    /// Whether it decodes with only its last token left to compute and no drafts yet, so
+    /// that it may propose some to follow it ([`super::speculate`]): not an embeddings
+    /// request, nor a prompt that ends the request.
+    pub(super) fn may_draft(&self) -> bool {
+        self.draft.is_empty()
+            && self.computed + 1 == self.tokens.len()
+            && self.tokens.len() > self.prompt_len
+            && !self.embed
+            && !self.ends_with_prompt()
     }
     /// Whether its last token is still on the device.
     pub(super) fn carried(&self) -> bool {

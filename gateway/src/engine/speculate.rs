@@ -1,10 +1,13 @@
-//! Speculative decoding by prompt lookup, on backends that return logits to the host (the
-//! CPU's): a decoding sequence whose last tokens already occurred earlier in its context
+//! Speculative decoding by prompt lookup: a decoding sequence whose last tokens already occurred earlier in its context
 //! (its prompt or its answer) proposes the tokens that followed them there as its next
 //! ones ([`propose`]), and the next step computes its last token and those drafts
-//! together, a logits row each. The host then draws from the rows in order, each by the
-//! sequence's own rule (seed and step, penalties, JSON mode), and keeps going while each
-//! draw is the draft that its row was computed after ([`super::run::Engine::verify`]).
+//! together, a logits row each. The rows are drawn in order, each by the sequence's own
+//! rule (seed and step, penalties, JSON mode), and kept while each draw is the draft that
+//! its row was computed after ([`super::run::Engine::verify`]). On the CPU the host draws
+//! them. On the GPU path the device draws every row at once, each at the step of the
+//! sequence's seed it would be drawn at were the drafts before it kept, and only tokens
+//! come back; a sequence with penalties or JSON mode has its rows read back and drawn on
+//! the host, each adjusted by the draws before it.
 //!
 //! **The answer does not change.** A draw whose row follows a kept draft is the draw the
 //! sequence would have made a step later: the same logits (a row's result does not depend
@@ -19,8 +22,14 @@
 //! rows, so drafts are proposed only while one sequence runs ([`MAX_SEQS`]) and none
 //! waits: beside other sequences' rows, a draft's row is better spent on them (two or four
 //! sequences at once lost 5–10 % with drafts, BENCHMARKS.md). A sequence whose drafts keep
-//! missing proposes less often ([`backoff`]). The GPU path draws on the device, steps
-//! planned ahead, and does not speculate.
+//! missing proposes less often ([`backoff`]).
+//!
+//! Where the backend plans a step while the one before runs (the GPU), a sequence's last
+//! token is on the device until its step is collected; a sequence due to propose has that
+//! step collected first, and a step computing drafts is collected before the next is
+//! planned (it decides where the next one starts). So each look costs the device the
+//! overlap of one step, and finding nothing backs off as a miss does. A step with drafts
+//! is not a decode step: it launches its kernels rather than replaying a graph.
 
 /// The longest and shortest run of last tokens looked up (llama.cpp's and vLLM's prompt
 /// lookup take 1 to 3 or so): a longer match is tried first, as its continuation is

@@ -182,6 +182,67 @@ fn graphs_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert!(rel_err(&a, &b) < 2e-3);
 }
 
+/// A sequence's last token and the drafts after it (speculative decoding: one sequence,
+/// every row a logits row) replay a graph of their row count, captured when that count
+/// first comes and replayed when it comes again, with the bits of direct launches: logits,
+/// and tokens sampled on the device.
+#[test]
+fn a_sequences_drafts_replay_a_graph_of_their_rows_with_the_bits_of_direct_launches() {
+    on_each!("draft_graphs", draft_graphs_case);
+}
+
+fn draft_graphs_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
+    let vocab = cuda.config().vocab;
+    let p = prefill(1);
+    let last = greedy(&cuda.step(&p).unwrap(), vocab)[0];
+    let (at, table) = (p.tokens.len(), p.seqs[0].block_table.clone());
+    let steps: Vec<Batch> = [5u32, 3, 5]
+        .iter()
+        .map(|&rows| {
+            let toks: Vec<u32> = std::iter::once(last).chain(11..10 + rows).collect();
+            let mut b = Batch::default();
+            b.push_rows(&toks, at, table.clone(), rows as usize);
+            b
+        })
+        .collect();
+    let params = |rows: usize| -> Vec<SampleParams> {
+        (0..rows as u32)
+            .map(|i| SampleParams {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.95,
+                seed: 7,
+                step: i,
+            })
+            .collect()
+    };
+    let mut got = Vec::new();
+    for on in [true, false] {
+        cuda.set_graphs(on).unwrap();
+        let mut out = Vec::new();
+        for b in &steps {
+            let rows = b.tokens.len();
+            out.push((
+                cuda.step(b).unwrap(),
+                cuda.step_sample(b, &params(rows), &[]).unwrap(),
+            ));
+        }
+        let want: Vec<usize> = if on { vec![5, 3] } else { Vec::new() };
+        assert_eq!(cuda.draft_graph_rows(), want, "graphs on: {on}");
+        got.push(out);
+    }
+    for (i, (with, without)) in got[0].iter().zip(&got[1]).enumerate() {
+        let same = with
+            .0
+            .iter()
+            .zip(&without.0)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {i}: {}", rel_err(&with.0, &without.0));
+        assert_eq!(with.1, without.1, "step {i}'s tokens");
+    }
+    cuda.set_graphs(true).unwrap();
+}
+
 #[test]
 fn overlapped_steps_give_the_tokens_of_steps_one_at_a_time() {
     on_each!("overlapped", overlapped_case);

@@ -88,7 +88,7 @@ impl<E: Exec> CudaBackend<E> {
         let n_logits = batch.n_logits();
         self.last_padded = 0;
         let pad = match graph {
-            Some(i) => self.graphs[i].bucket - n,
+            Some(i) => self.graph(i).bucket - n,
             None => min_rows.saturating_sub(n),
         };
         let trash = self.dev.n_blocks as u32;
@@ -126,9 +126,9 @@ impl<E: Exec> CudaBackend<E> {
         let padded = n_logits + pad;
         match graph {
             Some(i) if matches!(sampling, Sampling::Later) => {
-                self.dev.exec.replay(&self.graphs[i].forward)?
+                self.dev.exec.replay(&self.graph(i).forward)?
             }
-            Some(i) => self.dev.exec.replay(&self.graphs[i].graph)?,
+            Some(i) => self.dev.exec.replay(&self.graph(i).graph)?,
             None => self.dev.enqueue(w.lay, padded, sample)?,
         }
         if sample {

@@ -8,8 +8,10 @@
 //! smallest bucket that holds it with dummy rows that read the cache's spare block and
 //! write nothing to the cache ([`super::staging::READ_ONLY`]).
 //! A graph's launches read everything from the fixed device buffers, so one capture
-//! serves every step of its bucket. Other steps (prefill chunks, mixed batches) launch
-//! their kernels directly. If a capture fails, graphs are turned off with one log line and
+//! serves every step of its bucket. A step of one sequence whose rows all want logits (its
+//! last token and the drafts after it: speculative decoding) is replayed from a graph of
+//! its row count, captured the first time that count comes. Other steps (prefill chunks,
+//! mixed batches) launch their kernels directly. If a capture fails, graphs are turned off with one log line and
 //! every step launches directly; `TOLLGATE_CUDA_GRAPHS=0` turns them off from the start.
 //!
 //! **Products of few rows.** At load on a GPU, each decode graph of up to 16 sequences is
@@ -103,8 +105,14 @@ pub struct CudaBackend<E: Exec = Gpu> {
     /// any other step).
     last_sampled: usize,
     graphs: Vec<Graph<E>>,
+    /// Graphs of one sequence's rows that all want logits (its last token and drafts,
+    /// speculative decoding), captured as each shape first comes ([`graphs`]); indexed
+    /// after the decode graphs.
+    draft_graphs: Vec<Graph<E>>,
     /// Why graphs are off, when they are.
     graphs_off: Option<String>,
+    /// Why drafts' graphs are off (a capture failed): their steps launch directly.
+    draft_graphs_off: Option<String>,
     max_tokens: usize,
     max_seqs: usize,
     name: String,
@@ -213,7 +221,9 @@ impl<E: Exec> CudaBackend<E> {
             flight: VecDeque::new(),
             last_sampled: 0,
             graphs: Vec::new(),
+            draft_graphs: Vec::new(),
             graphs_off: None,
+            draft_graphs_off: None,
             max_tokens,
             max_seqs,
             name,
@@ -268,6 +278,7 @@ impl<E: Exec> CudaBackend<E> {
         if batch.tokens.is_empty() {
             return Ok(Vec::new());
         }
+        self.capture_draft_graph(batch);
         let graph = self.graph_for(batch);
         self.last_rows = 0;
         let sampling = sample.map_or(Sampling::No, Sampling::Now);
