@@ -49,8 +49,11 @@ pub(super) fn backoff(misses: u32) -> u32 {
 }
 
 /// Up to `k` tokens proposed to follow `tokens`: those that followed the latest earlier
-/// occurrence of its last `LONGEST` tokens (then of fewer, down to `SHORTEST`); none when
-/// they occur nowhere before.
+/// occurrence of its last `LONGEST` tokens (then of fewer, down to `SHORTEST`), repeated
+/// where they reach the sequence's end; none when they occur nowhere before. The tokens
+/// from that occurrence to the end are a loop the text is in: once they follow it again,
+/// its last tokens are the same and so is what follows (a run of one token repeated
+/// proposes that token `k` times, not once).
 pub(super) fn propose(tokens: &[u32], k: usize) -> Vec<u32> {
     let len = tokens.len();
     if k == 0 {
@@ -62,7 +65,8 @@ pub(super) fn propose(tokens: &[u32], k: usize) -> Vec<u32> {
         // must leave at least one token after it.
         if let Some(start) = (0..len - n).rev().find(|&p| &tokens[p..p + n] == tail) {
             let from = start + n;
-            return tokens[from..(from + k).min(len)].to_vec();
+            let period = len - from;
+            return (0..k).map(|i| tokens[from + i % period]).collect();
         }
     }
     Vec::new()
@@ -78,16 +82,18 @@ mod tests {
         let t = [1, 2, 3, 4, 9, 1, 2, 3];
         assert_eq!(propose(&t, 3), [4, 9, 1]);
         assert_eq!(propose(&t, 1), [4]);
-        // The continuation stops at the sequence's end.
-        assert_eq!(propose(&t, 10), [4, 9, 1, 2, 3]);
+        // Past the sequence's end, the loop from the match on goes round again.
+        assert_eq!(propose(&t, 7), [4, 9, 1, 2, 3, 4, 9]);
         // The latest earlier occurrence wins: 5 6 7 then 5 6 8, last "5 6" → 8.
         let t = [5, 6, 7, 5, 6, 8, 0, 5, 6];
         assert_eq!(propose(&t, 1), [8]);
         // A longer match first: "1 2 3" is followed by 4 once, "2 3" by 7 later.
         let t = [1, 2, 3, 4, 2, 3, 7, 1, 2, 3];
         assert_eq!(propose(&t, 2), [4, 2]);
-        // A run of one token repeated: its own continuation.
-        assert_eq!(propose(&[7, 7, 7, 7], 3), [7]);
+        // A run of one token repeated: its own continuation, as far as asked; a loop of
+        // two tokens, both in turn.
+        assert_eq!(propose(&[7, 7, 7, 7], 3), [7, 7, 7]);
+        assert_eq!(propose(&[1, 2, 1, 2, 1], 4), [2, 1, 2, 1]);
     }
 
     #[test]
