@@ -28,8 +28,9 @@
 //! token is on the device until its step is collected; a sequence due to propose has that
 //! step collected first, and a step computing drafts is collected before the next is
 //! planned (it decides where the next one starts). So each look costs the device the
-//! overlap of one step, and finding nothing backs off as a miss does. A step with drafts
-//! is not a decode step: it launches its kernels rather than replaying a graph.
+//! overlap of one step, and finding nothing backs off as a miss does. A step of one
+//! sequence's last token and drafts replays a CUDA graph of its row count, as a decode
+//! step replays its bucket's.
 
 /// The longest and shortest run of last tokens looked up (llama.cpp's and vLLM's prompt
 /// lookup take 1 to 3 or so): a longer match is tried first, as its continuation is
