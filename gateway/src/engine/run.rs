@@ -29,10 +29,11 @@
 //! once: everything on the device runs in order, so a block handed out again is written
 //! only after that step. A decoding sequence may compute tokens proposed to follow its
 //! last one in the same step, kept as far as its draws agree ([`super::speculate`]): its
-//! last token is collected first, and that step runs before the next is planned. An embeddings request ends with its prompt: the step that ends
-//! it reads its row's final hidden state back with its tokens ([`ReadBack::hidden`]; a
-//! step taken at once, after it: [`Backend::hidden_rows`]), and it holds no token from
-//! the device meanwhile, so no later step computes a row for it.
+//! last token is collected first, and that step runs before the next is planned. An
+//! embeddings request ends with its prompt: the step that ends it reads its row's final
+//! hidden state back with its tokens ([`ReadBack::hidden`]; a step taken at once, after
+//! it: [`Backend::hidden_rows`]), and it holds no token from the device meanwhile, so no
+//! later step computes a row for it.
 
 use super::blocks::chain;
 use super::draw;
