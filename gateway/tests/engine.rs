@@ -962,6 +962,43 @@ async fn on_the_emulated_gpu_path_speculative_decoding_changes_no_answer() {
     speculation_case(&m, None, BackendKind::Emulator).await;
 }
 
+/// On the GPU path, where each step is planned while the one before runs, a sequence due
+/// to look for drafts has the step in flight collected first; one whose look finds nothing
+/// backs off as after a miss, so an answer that never repeats itself keeps most of its
+/// steps planned ahead (looking every step would plan none ahead).
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_a_sequence_that_finds_no_drafts_keeps_its_steps_planned_ahead() {
+    if !common::emulator_present() {
+        return;
+    }
+    let (_d, m) = synthetic();
+    let w = engine(
+        &m,
+        EngineConfig {
+            backend: BackendKind::Emulator,
+            speculative_tokens: 4,
+            ..EngineConfig::default()
+        },
+    );
+    // A sample over the whole vocabulary: its pairs of tokens seldom come again.
+    let (_, _, n) = run(&w, req("The history of the city", 64, 1.0, Some(3), vec![])).await;
+    let st = w.stats();
+    let (steps, ahead) = (
+        st.steps.load(std::sync::atomic::Ordering::Relaxed),
+        st.steps_ahead.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let c = w.engine_counters().expect("counters");
+    eprintln!(
+        "{n} tokens, {steps} steps, {ahead} planned ahead, drafts {} kept {}",
+        c.draft_tokens, c.draft_tokens_accepted
+    );
+    assert!(n >= 32, "a short answer: {n} tokens");
+    assert!(
+        2 * ahead > steps,
+        "{ahead} of {steps} steps planned ahead: {c:?}"
+    );
+}
+
 /// The same on a model with sliding-window layers: speculation over the windowed layers'
 /// own pool (20 blocks: drafts' rows and rewinds as blocks go back) against the engine
 /// without either (every position kept on every layer).
