@@ -939,9 +939,9 @@ async fn a_mixture_of_experts_answers_alike_alone_and_in_a_batch_on_either_backe
 /// that end a step's drafts early, log-probabilities, penalties, JSON mode — alone, and two
 /// at once (one speculating alone until the other arrives, then neither); and drafts were
 /// proposed and kept (the prompts repeat themselves, as the synthetic model's answers do),
-/// and some not (answers that leave their loop: a growing penalty, a sample). Each engine's prefix
-/// cache serves the repeats (what speculating sequences registered among them), so the
-/// prompt tokens it served are left out of the comparison.
+/// and some not (answers that leave their loop: a growing penalty, a sample). Each
+/// engine's prefix cache serves the repeats (what speculating sequences registered among
+/// them), so the prompt tokens it served are left out of the comparison.
 #[tokio::test(flavor = "multi_thread")]
 async fn speculative_decoding_changes_no_answer() {
     let (_d, m) = synthetic();
