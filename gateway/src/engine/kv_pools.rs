@@ -15,6 +15,7 @@
 
 use super::blocks::BlockPool;
 use kernels::backend::Backend;
+use kernels::kv::first_window_block;
 use std::hash::RandomState;
 use std::sync::Arc;
 
@@ -85,11 +86,6 @@ impl KvPools {
         Some((w.total() - w.free_count(), w.total()))
     }
 
-    /// The first block a row at position `pos` reads on a windowed layer.
-    fn first_seen(size: usize, pos: usize, bs: usize) -> usize {
-        kernels::kv::first_window_block(size, pos, bs)
-    }
-
     /// Gives `t` blocks for positions up to `tokens` (exclusive) in each pool, if both
     /// have them (else takes none), for rows from position `from`; its windowed blocks
     /// before the window of the row at `from` go back first. (A step still in flight may
@@ -109,7 +105,7 @@ impl KvPools {
                 None => need == 0,
             };
         };
-        let lo = Self::first_seen(w.size, from, bs).min(t.window.len());
+        let lo = first_window_block(w.size, from, bs).min(t.window.len());
         let mut gone: Vec<u32> = t.window[..lo]
             .iter_mut()
             .filter(|b| **b != NO_BLOCK)
@@ -161,7 +157,7 @@ impl KvPools {
             .collect();
         let mut n = found.len();
         while n > 0 {
-            let lo = Self::first_seen(w.size, n * bs, bs);
+            let lo = first_window_block(w.size, n * bs, bs);
             if twins[lo..n].iter().all(Option::is_some) {
                 break;
             }
@@ -169,7 +165,7 @@ impl KvPools {
         }
         let mut rest = found.split_off(n);
         self.full.release(&mut rest);
-        let lo = Self::first_seen(w.size, n * bs, bs).min(n);
+        let lo = first_window_block(w.size, n * bs, bs).min(n);
         let mut window = vec![NO_BLOCK; lo];
         for &b in twins[lo..n].iter().flatten() {
             w.pool.hold(b);

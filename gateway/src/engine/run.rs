@@ -455,7 +455,6 @@ impl Engine {
         if !self.speculating() {
             return;
         }
-        let in_flight = self.flight.is_some();
         for s in &mut self.running {
             if !s.may_draft() {
                 continue;
@@ -464,9 +463,12 @@ impl Engine {
                 s.draft_wait -= 1;
                 continue;
             }
-            if in_flight || s.carried() {
-                continue;
-            }
+            // Due, so the step in flight (if any) was collected first: its last token is
+            // known ([`Engine::due_to_propose`]).
+            debug_assert!(
+                !s.carried(),
+                "a sequence due to propose holds a token in flight"
+            );
             let room = (s.max_tokens as usize).saturating_sub(s.generated() as usize + 1);
             s.draft = speculate::propose(&s.tokens, k.min(room));
             if s.draft.is_empty() && overlapping {

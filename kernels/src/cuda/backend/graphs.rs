@@ -20,6 +20,14 @@ const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 2
 /// 16 drafts `speculative_tokens` allows at most.
 pub const MAX_DRAFT_ROWS: usize = 17;
 
+/// The rows of `batch` where it is a drafts' step: one sequence whose rows all want
+/// logits, 2 to [`MAX_DRAFT_ROWS`] of them.
+fn draft_rows(batch: &Batch) -> Option<usize> {
+    let rows = batch.tokens.len();
+    let one = batch.seqs.len() == 1 && batch.seqs[0].logits == rows;
+    (one && (2..=MAX_DRAFT_ROWS).contains(&rows)).then_some(rows)
+}
+
 /// A captured step of `bucket` sequences over `rows` rows, each wanting logits (a decode
 /// step's one row each, or a sequence's last token and drafts): sampled, and without its
 /// sampling (for a step whose adjustments come later,
@@ -68,12 +76,10 @@ impl<E: Exec> CudaBackend<E> {
     /// and none of that count is held yet. A capture that fails turns the drafts' graphs
     /// off with one log line: their steps launch directly, as before.
     pub(super) fn capture_draft_graph(&mut self, batch: &Batch) {
-        let rows = batch.tokens.len();
-        let drafting = batch.seqs.len() == 1
-            && batch.seqs[0].logits == rows
-            && (2..=MAX_DRAFT_ROWS.min(self.max_tokens)).contains(&rows);
-        if !drafting
-            || self.graphs.is_empty()
+        let Some(rows) = draft_rows(batch).filter(|&r| r <= self.max_tokens) else {
+            return;
+        };
+        if self.graphs.is_empty()
             || self.draft_graphs_off.is_some()
             || self.draft_graphs.iter().any(|g| g.rows == rows)
         {
@@ -171,10 +177,8 @@ impl<E: Exec> CudaBackend<E> {
         if decode {
             return self.graphs.iter().position(|g| g.bucket >= n);
         }
-        if n == 1 && batch.seqs[0].logits == rows {
-            let j = self.draft_graphs.iter().position(|g| g.rows == rows)?;
-            return Some(self.graphs.len() + j);
-        }
-        None
+        let rows = draft_rows(batch)?;
+        let j = self.draft_graphs.iter().position(|g| g.rows == rows)?;
+        Some(self.graphs.len() + j)
     }
 }
