@@ -999,6 +999,144 @@ async fn on_the_emulated_gpu_path_a_sequence_that_finds_no_drafts_keeps_its_step
     );
 }
 
+/// Predicted outputs (`prediction`): a request's answer, each of its events, is the one it
+/// gets without a prediction, whether the prediction is that answer, that answer edited in
+/// its middle, or unrelated text — greedy and seeded samples, log-probabilities,
+/// penalties, JSON mode, a stop string — and the usage counts the prediction's drafts
+/// kept and not kept. An engine that takes predictions without drafting from them
+/// (`prediction_tokens = 0`) counts none; the one that drafts takes fewer steps.
+async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
+    // The usage without the prefix cache's share (repeats are served from it) and with the
+    // prediction's counts taken out, which it returns.
+    let split = |mut evs: Vec<WorkerEvent>| {
+        let mut counts = (0, 0);
+        for e in &mut evs {
+            if let WorkerEvent::Done { usage, .. } = e {
+                usage.cached_tokens = 0;
+                counts = (
+                    usage.accepted_prediction_tokens,
+                    usage.rejected_prediction_tokens,
+                );
+                (
+                    usage.accepted_prediction_tokens,
+                    usage.rejected_prediction_tokens,
+                ) = (0, 0);
+            }
+        }
+        (evs, counts)
+    };
+    let text = |evs: &[WorkerEvent]| -> String {
+        evs.iter()
+            .filter_map(|e| match e {
+                WorkerEvent::Delta { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    };
+    let base = EngineConfig {
+        backend,
+        threads: 2,
+        kv_tokens: Some(4096),
+        ..EngineConfig::default()
+    };
+    let plain = engine(
+        m,
+        EngineConfig {
+            prediction_tokens: 0,
+            ..base.clone()
+        },
+    );
+    let predicting = engine(m, base);
+    let mut reqs = Vec::new();
+    for i in 0..6 {
+        let (temperature, seed) = if i % 2 == 0 {
+            (0.0, None)
+        } else {
+            (1.0, Some(i as u64))
+        };
+        let prompt = format!("Rewrite the list {i}: alpha beta gamma delta epsilon");
+        let mut r = (*req(&prompt, 48, temperature, seed, vec![])).clone();
+        match i {
+            2 => r.params.logprobs = Some(2),
+            3 => r.params.frequency_penalty = 0.5,
+            5 => r.params.json = Some(JsonFormat::Object),
+            _ => {}
+        }
+        reqs.push(r);
+    }
+    // A stop string met inside the answer.
+    let first = text(&events(&plain, Arc::new(reqs[0].clone())).await);
+    let mut r = reqs[0].clone();
+    r.params.stop = vec![first
+        .chars()
+        .skip(first.chars().count() / 2)
+        .take(3)
+        .collect()];
+    reqs.push(r);
+    let steps = |e: &EngineWorker| e.engine_counters().expect("counters").steps;
+    let (mut accepted, mut rejected, mut plain_steps) = (0, 0, 0);
+    for r in &reqs {
+        let (want, _) = split(events(&plain, Arc::new(r.clone())).await);
+        let answer = text(&want);
+        let chars: Vec<char> = answer.chars().collect();
+        let half = chars.len() / 2;
+        let edited: String = chars[..half]
+            .iter()
+            .chain(" an edit here ".chars().collect::<Vec<_>>().iter())
+            .chain(chars[(half + 6).min(chars.len())..].iter())
+            .collect();
+        for prediction in [answer.clone(), edited, "unrelated words entirely".into()] {
+            let mut with = r.clone();
+            with.params.prediction = Some(prediction.as_str().into());
+            let with = Arc::new(with);
+            let (got, counts) = split(events(&predicting, with.clone()).await);
+            assert_eq!(got, want, "{backend:?}: prediction {prediction:?}: {r:?}");
+            accepted += counts.0;
+            rejected += counts.1;
+            let before = steps(&plain);
+            let (got, counts) = split(events(&plain, with).await);
+            plain_steps += steps(&plain) - before;
+            assert_eq!(got, want, "{backend:?}, taken and not drafted from");
+            assert_eq!(counts, (0, 0), "not drafted from, not counted");
+        }
+    }
+    let c = predicting.engine_counters().expect("counters");
+    eprintln!(
+        "{backend:?}: prediction tokens kept {accepted}, not kept {rejected}; steps {} against {plain_steps}",
+        c.steps
+    );
+    assert!(
+        accepted > 0 && rejected > 0,
+        "{accepted} kept, {rejected} not"
+    );
+    assert_eq!(
+        u64::from(accepted),
+        c.draft_tokens_accepted,
+        "every draft kept is the prediction's"
+    );
+    assert!(
+        c.steps < plain_steps,
+        "{} steps against {plain_steps}: {c:?}",
+        c.steps
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prediction_changes_no_answer_and_saves_steps() {
+    let (_d, m) = synthetic();
+    prediction_case(&m, BackendKind::Cpu).await;
+}
+
+/// The same on the GPU path (the emulator): a prediction's drafts drawn on the device.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_a_prediction_changes_no_answer_and_saves_steps() {
+    if !common::emulator_present() {
+        return;
+    }
+    let (_d, m) = synthetic();
+    prediction_case(&m, BackendKind::Emulator).await;
+}
+
 /// The same on a model with sliding-window layers: speculation over the windowed layers'
 /// own pool (20 blocks: drafts' rows and rewinds as blocks go back) against the engine
 /// without either (every position kept on every layer).

@@ -55,6 +55,8 @@ pub struct ChatRequest {
     /// Not in OpenAI's API; accepted as vLLM and SGLang accept it: further variables for
     /// the model's chat template (Qwen3's `enable_thinking`).
     pub chat_template_kwargs: Option<Value>,
+    /// OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`.
+    pub prediction: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,10 +102,13 @@ pub struct UsageOut {
     pub completion_tokens_details: CompletionTokensDetails,
 }
 
-/// OpenAI's breakdown of the completion tokens: a reasoning model's thinking.
+/// OpenAI's breakdown of the completion tokens: a reasoning model's thinking, and a
+/// `prediction`'s tokens kept in the answer and drafted but not kept.
 #[derive(Debug, Serialize)]
 pub struct CompletionTokensDetails {
     pub reasoning_tokens: u32,
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
 }
 
 /// OpenAI's breakdown of the prompt tokens: those served from the prefix cache.
@@ -123,6 +128,8 @@ impl From<Usage> for UsageOut {
             },
             completion_tokens_details: CompletionTokensDetails {
                 reasoning_tokens: u.reasoning_tokens,
+                accepted_prediction_tokens: u.accepted_prediction_tokens,
+                rejected_prediction_tokens: u.rejected_prediction_tokens,
             },
         }
     }

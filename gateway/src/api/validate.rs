@@ -298,6 +298,7 @@ fn common(
             frequency_penalty,
             logit_bias,
             json: None,
+            prediction: None,
         },
         stream,
         include_usage,
@@ -374,6 +375,45 @@ fn template_args(v: Option<Value>) -> Result<crate::worker::TemplateArgs, ApiErr
             param,
         )),
     }
+}
+
+/// A chat request's `prediction` (OpenAI's Predicted Outputs): `{"type": "content",
+/// "content": …}`, its content a string or text parts (joined); `null` or empty content as
+/// none.
+fn prediction(v: Option<Value>) -> Result<Option<Arc<str>>, ApiError> {
+    let v = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let shape = || {
+        ApiError::bad(
+            "`prediction` must be {\"type\": \"content\", \"content\": a string or text parts}.",
+            Some("prediction".to_string()),
+        )
+    };
+    if v.get("type").and_then(Value::as_str) != Some("content") {
+        return Err(shape());
+    }
+    let text = match v.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::bad(
+                            format!("`prediction.content[{j}]` must be {{\"type\": \"text\", \"text\": a string}}."),
+                            Some(format!("prediction.content[{j}]")),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+        _ => return Err(shape()),
+    };
+    Ok((!text.is_empty()).then(|| Arc::from(text)))
 }
 
 /// Validates a `/v1/chat/completions` body.
@@ -489,11 +529,13 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         }
     }
     let template_args = template_args(req.chat_template_kwargs)?;
+    let prediction = prediction(req.prediction)?;
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, 1, logprobs, server)?;
     params.json = json;
+    params.prediction = prediction;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
         model,

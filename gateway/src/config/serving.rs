@@ -188,10 +188,14 @@ pub struct EngineConfig {
     /// sequence proposes after its last one, from where its last tokens occurred earlier
     /// in its context, checked by its own draws in the next step; 0: off.
     pub speculative_tokens: usize,
+    /// Most tokens a sequence with a `prediction` (Predicted Outputs) drafts from it a
+    /// step, checked as prompt lookup's are; 0: predictions are taken and not drafted from.
+    pub prediction_tokens: usize,
 }
 
-/// Most draft tokens a sequence may propose a step (`speculative_tokens`): each is a row
-/// of the step's compute, and prompt lookup's runs seldom hold longer.
+/// Most draft tokens a sequence may propose a step (`speculative_tokens`,
+/// `prediction_tokens`): each is a row of the step's compute, and prompt lookup's runs
+/// seldom hold longer.
 pub const MAX_SPECULATIVE_TOKENS: usize = 16;
 
 /// An engine's step and cache sizes, once its backend is known.
@@ -253,6 +257,7 @@ impl Default for EngineConfig {
             overlap_steps: true,
             lowest_weight_rows: None,
             speculative_tokens: 0,
+            prediction_tokens: MAX_SPECULATIVE_TOKENS,
         }
     }
 }
@@ -424,11 +429,15 @@ impl WorkerConfig {
                         "pools.{pool}: engine step_timeout_secs must be > 0"
                     ));
                 }
-                if e.speculative_tokens > MAX_SPECULATIVE_TOKENS {
-                    return invalid(format!(
-                        "pools.{pool}: engine speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, not {}",
-                        e.speculative_tokens
-                    ));
+                for (field, n) in [
+                    ("speculative_tokens", e.speculative_tokens),
+                    ("prediction_tokens", e.prediction_tokens),
+                ] {
+                    if n > MAX_SPECULATIVE_TOKENS {
+                        return invalid(format!(
+                            "pools.{pool}: engine {field} must be at most {MAX_SPECULATIVE_TOKENS}, not {n}"
+                        ));
+                    }
                 }
             }
             WorkerConfig::Openai(o) => {

@@ -26,6 +26,7 @@ pub(super) mod flight;
 pub mod kv_pools;
 pub mod outbox;
 pub mod output;
+mod prediction;
 mod prompts;
 pub mod reasoning;
 mod recover;
@@ -239,6 +240,7 @@ impl EngineWorker {
             preempt: true,
             lowest_rows: sizes.lowest_rows,
             speculate: cfg.speculative_tokens,
+            predict: cfg.prediction_tokens,
         };
         let (tok, st) = (loaded.tokenizer.clone(), stats.clone());
         let outbox = Outbox::start(format!("deliver-{name}")).map_err(|e| e.to_string())?;
@@ -385,6 +387,19 @@ impl EngineWorker {
             .markers
             .filter(|_| matches!(req.prompt, Prompt::Chat(..)) && !req.embed)
             .map(|m| reasoning::Reasoning::after_prompt(m, &prompt));
+        // The answer is at most `max_tokens` long: a prediction's tokens past the context
+        // are never reached.
+        let prediction = match p.prediction.as_deref() {
+            Some(text) if !req.embed => {
+                let mut ids = self
+                    .tokenizer
+                    .encode(text)
+                    .map_err(|e| reject(format!("cannot tokenize `prediction`: {e}")))?;
+                ids.truncate(self.max_context);
+                Some(ids).filter(|ids| !ids.is_empty())
+            }
+            _ => None,
+        };
         Ok(NewSeq {
             tenant: req.tenant.clone(),
             share: fair::account(&req.tenant, weight),
@@ -413,6 +428,7 @@ impl EngineWorker {
             }),
             embed: req.embed,
             reasoning,
+            prediction,
             tx,
         })
     }

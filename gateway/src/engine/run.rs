@@ -426,12 +426,10 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
-    /// Whether speculation is on and its conditions hold: few sequences run and none
-    /// wait ([`speculate::MAX_SEQS`]).
+    /// Whether speculation's conditions hold: few sequences run and none wait
+    /// ([`speculate::MAX_SEQS`]).
     fn speculating(&self) -> bool {
-        self.limits.speculate > 0
-            && self.waiting.is_empty()
-            && self.running.len() <= speculate::MAX_SEQS
+        self.waiting.is_empty() && self.running.len() <= speculate::MAX_SEQS
     }
 
     /// Whether a decoding sequence is due to propose drafts this turn (speculating, its
@@ -441,22 +439,24 @@ impl Engine {
             && self
                 .running
                 .iter()
-                .any(|s| s.may_draft() && s.draft_wait == 0)
+                .any(|s| s.may_draft() && s.draft_wait == 0 && draft_limit(&self.limits, s) > 0)
     }
 
-    /// Drafts for the decoding sequences ([`super::speculate`]), where speculation is on
-    /// ([`Engine::speculating`]) and no step is in flight: up to `speculate` tokens each,
-    /// leaving room under `max_tokens` for the token drawn after them; none from a
-    /// sequence backing off after drafts that missed ([`speculate::backoff`]), whose wait
-    /// goes down a step at a time. Where steps are planned ahead (`overlapping`), looking
-    /// cost the device its next step's overlap, so finding nothing backs off too.
+    /// Drafts for the decoding sequences, where speculation's conditions hold
+    /// ([`Engine::speculating`]) and no step is in flight: from a sequence's prediction
+    /// ([`super::prediction`]), up to `predict` tokens, else by prompt lookup
+    /// ([`super::speculate`]), up to `speculate`; each leaving room under `max_tokens` for
+    /// the token drawn after them. None from a sequence backing off after drafts that
+    /// missed ([`speculate::backoff`]), whose wait goes down a step at a time. Where steps
+    /// are planned ahead (`overlapping`), looking cost the device its next step's overlap,
+    /// so finding nothing backs off too.
     fn propose(&mut self, overlapping: bool) {
-        let k = self.limits.speculate;
+        let (lookup, predict) = (self.limits.speculate, self.limits.predict);
         if !self.speculating() {
             return;
         }
         for s in &mut self.running {
-            if !s.may_draft() {
+            if !s.may_draft() || draft_limit(&self.limits, s) == 0 {
                 continue;
             }
             if s.draft_wait > 0 {
@@ -470,7 +470,14 @@ impl Engine {
                 "a sequence due to propose holds a token in flight"
             );
             let room = (s.max_tokens as usize).saturating_sub(s.generated() as usize + 1);
-            s.draft = speculate::propose(&s.tokens, k.min(room));
+            let answer = &s.tokens[s.prompt_len..];
+            s.draft = match &mut s.prediction {
+                Some(p) if predict > 0 => p.propose(answer, predict.min(room)),
+                _ => Vec::new(),
+            };
+            if s.draft.is_empty() && lookup > 0 {
+                s.draft = speculate::propose(&s.tokens, lookup.min(room));
+            }
             if s.draft.is_empty() && overlapping {
                 s.draft_misses += 1;
                 s.draft_wait = speculate::backoff(s.draft_misses);
@@ -789,6 +796,7 @@ impl Engine {
             let s = &mut self.running[i];
             let draft = std::mem::take(&mut s.draft);
             let before = kept;
+            let mut end = None;
             for j in 0..rows {
                 let r = first + j;
                 let (id, lp) = match (next.row(r, vocab), next) {
@@ -814,16 +822,20 @@ impl Engine {
                 s.take(id, lp, tok);
                 let agrees = draft.get(j) == Some(&id);
                 kept += usize::from(agrees);
-                if let Some(reason) = emit(s, tok, id, &mut self.outbox) {
-                    close(s, reason, &self.stats, &mut self.outbox);
-                    finished.push(i);
-                    break;
-                }
-                if !agrees {
+                end = emit(s, tok, id, &mut self.outbox);
+                if end.is_some() || !agrees {
                     break;
                 }
             }
             s.computed = s.tokens.len() - 1;
+            // Counted before the usage goes out with its end.
+            if let Some(p) = &mut s.prediction {
+                p.settle(draft.len(), kept - before, self.limits.predict);
+            }
+            if let Some(reason) = end {
+                close(s, reason, &self.stats, &mut self.outbox);
+                finished.push(i);
+            }
             // A step whose drafts all missed backs the next proposal off.
             if kept == before && !draft.is_empty() {
                 s.draft_misses += 1;
@@ -840,6 +852,15 @@ impl Engine {
 
     pub(super) fn publish(&self) {
         publish(&self.stats, &self.running, &self.waiting, &self.pool);
+    }
+}
+
+/// Most drafts `s` may propose a step: from its prediction, or by prompt lookup where that
+/// is on; 0: none.
+fn draft_limit(limits: &Limits, s: &Seq) -> usize {
+    match s.prediction {
+        Some(_) => limits.predict.max(limits.speculate),
+        None => limits.speculate,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct Limits {
     /// [`super::speculate`]; the engine's, not the scheduler's: drafts reach it as pending
     /// tokens); 0: none.
     pub speculate: usize,
+    /// Most draft tokens a sequence with a prediction takes from it a step
+    /// ([`super::prediction`]); 0: none.
+    pub predict: usize,
 }
 
 /// Whether `s` is lowest-weight work.
@@ -351,6 +354,7 @@ mod tests {
         preempt: true,
         lowest_rows: None,
         speculate: 0,
+        predict: 0,
     };
 
     #[test]

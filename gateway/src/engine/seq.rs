@@ -8,6 +8,7 @@ use super::fair::Tenanted;
 use super::kv_pools::Tables;
 use super::outbox::{Events, Outbox};
 use super::output::{Emit, TextOut};
+use super::prediction::Prediction;
 use super::reasoning::{Kind, Reasoning};
 use super::scheduler::Schedulable;
 use crate::worker::{FinishReason, TokenLogprob, TopLogprob, Usage, WorkerEvent};
@@ -43,6 +44,8 @@ pub(super) struct NewSeq {
     pub(super) embed: bool,
     /// A chat with a reasoning model: its thinking told apart from its answer.
     pub(super) reasoning: Option<Reasoning>,
+    /// A chat's `prediction`, tokenized: drafts for its answer.
+    pub(super) prediction: Option<Vec<u32>>,
     pub(super) tx: Events,
 }
 
@@ -108,6 +111,8 @@ pub(super) struct Seq {
     /// before it proposes again: a run of misses backs off ([`super::speculate::backoff`]).
     pub(super) draft_misses: u32,
     pub(super) draft_wait: u32,
+    /// A chat's `prediction`, and where its answer stands in it ([`super::prediction`]).
+    pub(super) prediction: Option<Prediction>,
     pub(super) tx: Events,
 }
 
@@ -239,6 +244,8 @@ impl Seq {
             completion_tokens: self.emitted(),
             cached_tokens: self.cached as u32,
             reasoning_tokens: self.reasoning.as_ref().map_or(0, |r| r.tokens),
+            accepted_prediction_tokens: self.prediction.as_ref().map_or(0, |p| p.accepted),
+            rejected_prediction_tokens: self.prediction.as_ref().map_or(0, |p| p.rejected),
         }
     }
     pub(super) fn send(&self, out: &mut Outbox, ev: WorkerEvent) {
@@ -384,6 +391,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         draft: Vec::new(),
         draft_misses: 0,
         draft_wait: 0,
+        prediction: n.prediction.map(Prediction::new),
         tx: n.tx,
     }
 }
@@ -531,6 +539,7 @@ mod tests {
             json: None,
             embed: false,
             reasoning: None,
+            prediction: None,
             tx,
         };
         (admit(n, 0), rx)

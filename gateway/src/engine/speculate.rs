@@ -35,8 +35,8 @@
 /// The longest and shortest run of last tokens looked up (llama.cpp's and vLLM's prompt
 /// lookup take 1 to 3 or so): a longer match is tried first, as its continuation is
 /// likelier to be the sequence's.
-const LONGEST: usize = 4;
-const SHORTEST: usize = 2;
+pub(super) const LONGEST: usize = 4;
+pub(super) const SHORTEST: usize = 2;
 
 /// Most sequences running at once for drafts to be proposed: one, the latency case.
 pub(super) const MAX_SEQS: usize = 1;

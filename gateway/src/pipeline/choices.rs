@@ -101,11 +101,13 @@ fn best(choices: &[Choice], keep: usize) -> impl Iterator<Item = &Choice> {
 fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
     // Per prompt: its prompt tokens and the fewest of them cached.
     let mut prompts: Vec<Option<(u32, u32)>> = Vec::new();
-    let (mut completion_tokens, mut reasoning_tokens) = (0, 0);
+    let mut sum = crate::worker::Usage::default();
     for c in choices {
         let Some((_, u)) = c.done else { continue };
-        completion_tokens += u.completion_tokens;
-        reasoning_tokens += u.reasoning_tokens;
+        sum.completion_tokens += u.completion_tokens;
+        sum.reasoning_tokens += u.reasoning_tokens;
+        sum.accepted_prediction_tokens += u.accepted_prediction_tokens;
+        sum.rejected_prediction_tokens += u.rejected_prediction_tokens;
         if prompts.len() <= c.prompt {
             prompts.resize(c.prompt + 1, None);
         }
@@ -116,9 +118,8 @@ fn total_usage(choices: &[Choice]) -> crate::worker::Usage {
     let prompts = prompts.iter().flatten();
     crate::worker::Usage {
         prompt_tokens: prompts.clone().map(|p| p.0).sum(),
-        completion_tokens,
         cached_tokens: prompts.map(|p| p.1).sum(),
-        reasoning_tokens,
+        ..sum
     }
 }
 

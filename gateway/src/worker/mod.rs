@@ -110,6 +110,10 @@ pub struct SamplingParams {
     /// `response_format` `json_object` or `json_schema`: the output is one JSON object, or
     /// one document of a schema.
     pub json: Option<JsonFormat>,
+    /// Chat `prediction` (OpenAI's Predicted Outputs): text much of the answer is expected
+    /// to repeat (a file edited in place). Engines draft from it (speculative decoding):
+    /// the answer is the same with it or without, sooner where it agrees.
+    pub prediction: Option<Arc<str>>,
 }
 
 /// What shape of JSON a request's output must have.
@@ -168,6 +172,7 @@ impl SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             json: None,
+            prediction: None,
         }
     }
 }
@@ -291,6 +296,10 @@ pub struct Usage {
     /// Completion tokens of a reasoning model's thinking (counted in `completion_tokens`
     /// too).
     pub reasoning_tokens: u32,
+    /// With a `prediction`: its tokens drafted and kept in the answer (counted in
+    /// `completion_tokens`), and those drafted and not kept (not counted there).
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
 }
 
 /// One generated token's log-probability under the model (before temperature and cuts),

@@ -170,6 +170,11 @@ impl OpenAiWorker {
             presence_penalty: (p.presence_penalty != 0.0).then_some(p.presence_penalty),
             frequency_penalty: (p.frequency_penalty != 0.0).then_some(p.frequency_penalty),
             response_format: p.json.as_ref().map(|j| j.response_format()),
+            prediction: p
+                .prediction
+                .as_ref()
+                .filter(|_| messages.is_some())
+                .map(|t| serde_json::json!({"type": "content", "content": t.as_ref()})),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

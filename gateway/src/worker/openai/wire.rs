@@ -52,6 +52,9 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) logit_bias: Option<BTreeMap<String, f32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) response_format: Option<Value>,
+    /// Chat `prediction` (Predicted Outputs), passed on as the text it came as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) prediction: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -199,6 +202,10 @@ pub(super) struct UpstreamUsage {
 pub(super) struct UpstreamCompletionDetails {
     #[serde(default)]
     pub(super) reasoning_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) accepted_prediction_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) rejected_prediction_tokens: Option<u32>,
 }
 
 /// vLLM, SGLang and tollgate workers report prompt tokens served from their prefix cache.
@@ -210,6 +217,12 @@ pub(super) struct UpstreamPromptDetails {
 
 impl From<UpstreamUsage> for Usage {
     fn from(u: UpstreamUsage) -> Self {
+        let details = |f: fn(&UpstreamCompletionDetails) -> Option<u32>| {
+            u.completion_tokens_details
+                .as_ref()
+                .and_then(f)
+                .unwrap_or(0)
+        };
         Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
@@ -217,10 +230,9 @@ impl From<UpstreamUsage> for Usage {
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
-            reasoning_tokens: u
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0),
+            reasoning_tokens: details(|d| d.reasoning_tokens),
+            accepted_prediction_tokens: details(|d| d.accepted_prediction_tokens),
+            rejected_prediction_tokens: details(|d| d.rejected_prediction_tokens),
         }
     }
 }
