@@ -723,6 +723,49 @@ mod tests {
         assert!(args(r#""chat_template_kwargs":{}"#).is_none());
     }
 
+    /// `prediction` (Predicted Outputs): its text, from a string or text parts; `null` and
+    /// empty content as none; any other shape a 400 naming the field.
+    #[test]
+    fn a_prediction_is_its_text() {
+        let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        let body = |extra: &str| format!("{{{base},{extra}}}");
+        let text = |extra: &str| {
+            let r = chat(body(extra).as_bytes(), &server()).expect("accepted");
+            r.params.prediction.map(|p| p.to_string())
+        };
+        assert_eq!(
+            text(r#""prediction":{"type":"content","content":"def f():\n"}"#).as_deref(),
+            Some("def f():\n")
+        );
+        assert_eq!(
+            text(r#""prediction":{"type":"content","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#)
+                .as_deref(),
+            Some("ab")
+        );
+        assert_eq!(text(r#""prediction":null"#), None);
+        assert_eq!(
+            text(r#""prediction":{"type":"content","content":""}"#),
+            None
+        );
+        assert_eq!(text("\"n\":1"), None);
+        for (extra, param) in [
+            (r#""prediction":"text""#, "prediction"),
+            (r#""prediction":{"content":"x"}"#, "prediction"),
+            (r#""prediction":{"type":"content"}"#, "prediction"),
+            (
+                r#""prediction":{"type":"content","content":5}"#,
+                "prediction",
+            ),
+            (
+                r#""prediction":{"type":"content","content":[{"type":"text","text":"a"},{"type":"image_url"}]}"#,
+                "prediction.content[1]",
+            ),
+        ] {
+            let (s, p, m) = err(&body(extra));
+            assert_eq!((s, p.as_deref()), (400, Some(param)), "{extra}: {m}");
+        }
+    }
+
     #[test]
     fn names_the_field_of_a_wrong_type() {
         let (s, p, m) =

@@ -274,6 +274,23 @@ if engine:
             "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 2}},
         }
     )["message"]
+    # Predicted outputs: the model copies a function, drafted from the prediction; the
+    # same answer as without one, and the usage says how much of it was kept.
+    code = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
+    copy = [{"role": "user", "content": "Copy this code exactly:\n\n```python\n" + code + "```"}]
+    plain = client.chat.completions.create(model=model, messages=copy, max_tokens=60, temperature=0)
+    predicted = client.chat.completions.create(
+        model=model,
+        messages=copy,
+        max_tokens=60,
+        temperature=0,
+        prediction={"type": "content", "content": "```python\n" + code + "```"},
+    )
+    assert predicted.choices[0].message.content == plain.choices[0].message.content, (plain, predicted)
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0, predicted.usage
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0, plain.usage
+    print("prediction:", details.accepted_prediction_tokens, "kept,", details.rejected_prediction_tokens, "not")
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
@@ -285,6 +302,11 @@ try:
 except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
 assert refused(temperature=9)["param"] == "temperature"
+assert refused(prediction={"type": "text", "content": "x"})["param"] == "prediction"
+assert refused(prediction={"type": "content", "content": [{"type": "image_url"}]})["param"] == "prediction.content[0]"
+# A prediction is taken by every worker (those that cannot draft from it answer the same).
+r = hello(prediction={"type": "content", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]})
+assert r.choices[0].message.content, r
 try:
     openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
     raise AssertionError("expected AuthenticationError")
