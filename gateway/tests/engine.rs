@@ -1075,6 +1075,7 @@ async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
     reqs.push(r);
     let steps = |e: &EngineWorker| e.engine_counters().expect("counters").steps;
     let (mut accepted, mut rejected, mut plain_steps) = (0, 0, 0);
+    let mut exact = Vec::new();
     for r in &reqs {
         let (want, _) = split(events(&plain, Arc::new(r.clone())).await);
         let answer = text(&want);
@@ -1085,6 +1086,9 @@ async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
             .chain(" an edit here ".chars().collect::<Vec<_>>().iter())
             .chain(chars[(half + 6).min(chars.len())..].iter())
             .collect();
+        let mut e = r.clone();
+        e.params.prediction = Some(answer.as_str().into());
+        exact.push(Arc::new(e));
         for prediction in [answer.clone(), edited, "unrelated words entirely".into()] {
             let mut with = r.clone();
             with.params.prediction = Some(prediction.as_str().into());
@@ -1105,6 +1109,28 @@ async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
         "{backend:?}: prediction tokens kept {accepted}, not kept {rejected}; steps {} against {plain_steps}",
         c.steps
     );
+    // Two greedy requests at once, each predicting its answer: the same answers. On the
+    // CPU each drafts beside the other; where steps are planned ahead, only alone.
+    let pair = [exact[0].clone(), exact[2].clone()];
+    let mut pair_steps = Vec::new();
+    let mut answers = Vec::new();
+    for e in [&plain, &predicting] {
+        let before = steps(e);
+        let got = all_events(e, &pair).await;
+        pair_steps.push(steps(e) - before);
+        answers.push(got.into_iter().map(|evs| split(evs).0).collect::<Vec<_>>());
+    }
+    assert_eq!(answers[1], answers[0], "{backend:?}, two at once");
+    eprintln!(
+        "two at once: {} steps, {} without drafts",
+        pair_steps[1], pair_steps[0]
+    );
+    if backend == BackendKind::Cpu {
+        assert!(
+            pair_steps[1] < pair_steps[0],
+            "no step saved two at once: {pair_steps:?}"
+        );
+    }
     assert!(
         accepted > 0 && rejected > 0,
         "{accepted} kept, {rejected} not"

@@ -331,7 +331,7 @@ impl Engine {
         let mut backend_ns = 0;
         // A sequence due to propose drafts needs its last token, which the step in flight
         // draws: that step is collected first (the pipeline drains for it).
-        if self.flight.is_some() && self.due_to_propose() {
+        if self.flight.is_some() && self.due_to_propose(overlapping) {
             let f = self.flight.take();
             let t = self.collect(backend, f, None, &mut backend_ns);
             if !matches!(t, Turn::Go) {
@@ -426,37 +426,53 @@ impl Engine {
         self.waiting.retain_mut(&mut keep);
     }
 
-    /// Whether speculation's conditions hold: few sequences run and none wait
-    /// ([`speculate::MAX_SEQS`]).
-    fn speculating(&self) -> bool {
-        self.waiting.is_empty() && self.running.len() <= speculate::MAX_SEQS
-    }
-
-    /// Whether a decoding sequence is due to propose drafts this turn (speculating, its
-    /// wait after misses over), so that its last token must be on the host.
-    fn due_to_propose(&self) -> bool {
-        self.speculating()
-            && self
-                .running
-                .iter()
-                .any(|s| s.may_draft() && s.draft_wait == 0 && draft_limit(&self.limits, s) > 0)
-    }
-
-    /// Drafts for the decoding sequences, where speculation's conditions hold
-    /// ([`Engine::speculating`]) and no step is in flight: from a sequence's prediction
-    /// ([`super::prediction`]), up to `predict` tokens, else by prompt lookup
-    /// ([`super::speculate`]), up to `speculate`; each leaving room under `max_tokens` for
-    /// the token drawn after them. None from a sequence backing off after drafts that
-    /// missed ([`speculate::backoff`]), whose wait goes down a step at a time. Where steps
-    /// are planned ahead (`overlapping`), looking cost the device its next step's overlap,
-    /// so finding nothing backs off too.
-    fn propose(&mut self, overlapping: bool) {
-        let (lookup, predict) = (self.limits.speculate, self.limits.predict);
-        if !self.speculating() {
-            return;
+    /// The most drafts a sequence may propose this turn, by prompt lookup and from a
+    /// prediction: none while sequences wait; by lookup only while one sequence runs
+    /// ([`speculate::MAX_SEQS`]); from a prediction while a few do where steps are not
+    /// planned ahead (the CPU: [`speculate::MAX_PREDICTED_SEQS`]), else only alone too.
+    fn drafting(&self, overlapping: bool) -> Drafting {
+        let few = |most: usize| self.waiting.is_empty() && self.running.len() <= most;
+        let predicted = if overlapping {
+            speculate::MAX_SEQS
+        } else {
+            speculate::MAX_PREDICTED_SEQS
+        };
+        Drafting {
+            lookup: if few(speculate::MAX_SEQS) {
+                self.limits.speculate
+            } else {
+                0
+            },
+            predict: if few(predicted) {
+                self.limits.predict
+            } else {
+                0
+            },
         }
+    }
+
+    /// Whether a decoding sequence is due to propose drafts this turn (allowed some
+    /// ([`Engine::drafting`]), its wait after misses over), so that its last token must be
+    /// on the host.
+    fn due_to_propose(&self, overlapping: bool) -> bool {
+        let d = self.drafting(overlapping);
+        self.running
+            .iter()
+            .any(|s| s.may_draft() && s.draft_wait == 0 && d.limit(s) > 0)
+    }
+
+    /// Drafts for the decoding sequences, as many as [`Engine::drafting`] allows, where no
+    /// step is in flight: from a sequence's prediction ([`super::prediction`]), else by
+    /// prompt lookup ([`super::speculate`]); each leaving room under `max_tokens` for the
+    /// token drawn after them. None from a sequence backing off after drafts that missed
+    /// ([`speculate::backoff`]), whose wait goes down a step at a time. Where steps are
+    /// planned ahead (`overlapping`), looking cost the device its next step's overlap, so
+    /// finding nothing backs off too.
+    fn propose(&mut self, overlapping: bool) {
+        let d = self.drafting(overlapping);
+        let Drafting { lookup, predict } = d;
         for s in &mut self.running {
-            if !s.may_draft() || draft_limit(&self.limits, s) == 0 {
+            if !s.may_draft() || d.limit(s) == 0 {
                 continue;
             }
             if s.draft_wait > 0 {
@@ -855,12 +871,20 @@ impl Engine {
     }
 }
 
-/// Most drafts `s` may propose a step: from its prediction, or by prompt lookup where that
-/// is on; 0: none.
-fn draft_limit(limits: &Limits, s: &Seq) -> usize {
-    match s.prediction {
-        Some(_) => limits.predict.max(limits.speculate),
-        None => limits.speculate,
+/// The most drafts a sequence may propose this turn ([`Engine::drafting`]).
+#[derive(Clone, Copy)]
+struct Drafting {
+    lookup: usize,
+    predict: usize,
+}
+
+impl Drafting {
+    /// For `s`: from its prediction, or by prompt lookup; 0: none.
+    fn limit(self, s: &Seq) -> usize {
+        match s.prediction {
+            Some(_) => self.predict.max(self.lookup),
+            None => self.lookup,
+        }
     }
 }
 

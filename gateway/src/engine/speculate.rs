@@ -41,6 +41,10 @@ pub(super) const SHORTEST: usize = 2;
 /// Most sequences running at once for drafts to be proposed: one, the latency case.
 pub(super) const MAX_SEQS: usize = 1;
 
+/// Most sequences running at once for a prediction's drafts to be proposed on a backend
+/// that does not plan steps ahead (the CPU).
+pub(super) const MAX_PREDICTED_SEQS: usize = 4;
+
 /// Steps a sequence waits before it proposes again after `misses` steps in a row whose
 /// drafts it kept none of: 2, 4, 8, then 16 at most. Text that does not repeat its
 /// context (a poem, an answer in the model's own words) stops costing rows, and text
