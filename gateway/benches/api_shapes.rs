@@ -37,6 +37,8 @@ const USAGE: Usage = Usage {
     completion_tokens: 4,
     cached_tokens: 0,
     reasoning_tokens: 0,
+    accepted_prediction_tokens: 0,
+    rejected_prediction_tokens: 0,
 };
 
 fn shapes(c: &mut Criterion) {
