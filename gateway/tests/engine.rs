@@ -631,6 +631,33 @@ async fn remote_worker_mode_behind_a_gateway() {
         m.contains("tollgate_engine_kv_blocks_cached{pool=\"worker\""),
         "{m}"
     );
+    // A prediction passes on to the worker, which drafts from it; its counts come back.
+    let chat = |prediction: &str| {
+        let mut body = serde_json::json!({"model": "m", "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "user", "content": "say something"}]});
+        if !prediction.is_empty() {
+            body["prediction"] = serde_json::json!({"type": "content", "content": prediction});
+        }
+        let gw = &gw;
+        async move {
+            let r = post(gw, "/v1/chat/completions", &body.to_string()).await;
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let plain = chat("").await;
+    let answer = plain["choices"][0]["message"]["content"].as_str().unwrap();
+    let predicted = chat(answer).await;
+    assert_eq!(predicted["choices"], plain["choices"]);
+    let details = &predicted["usage"]["completion_tokens_details"];
+    assert!(
+        details["accepted_prediction_tokens"].as_u64().unwrap() > 0,
+        "{predicted}"
+    );
+    assert_eq!(
+        plain["usage"]["completion_tokens_details"]["accepted_prediction_tokens"],
+        0
+    );
     // Embeddings through the worker's engine: the gateway passes its vectors on.
     let v: serde_json::Value = post(
         &gw,
