@@ -429,7 +429,7 @@ fn render_engines(router: &Router, out: &mut String) {
         ),
         counter(
             "tollgate_engine_draft_tokens",
-            "Speculative decoding (speculative_tokens): tokens proposed by prompt lookup and computed after a sequence's last one",
+            "Speculative decoding: tokens proposed (by prompt lookup, speculative_tokens, or from a request's prediction, prediction_tokens) and computed after a sequence's last one",
             |c| c.draft_tokens as f64,
         ),
         counter(

@@ -21,8 +21,10 @@
 //! A draft costs a row of compute in the step. On the CPU a step's time grows with its
 //! rows, so drafts are proposed only while one sequence runs ([`MAX_SEQS`]) and none
 //! waits: beside other sequences' rows, a draft's row is better spent on them (two or four
-//! sequences at once lost 5–10 % with drafts, BENCHMARKS.md). A sequence whose drafts keep
-//! missing proposes less often ([`backoff`]).
+//! sequences at once lost 5–10 % with drafts, BENCHMARKS.md). A request's own prediction
+//! ([`super::prediction`]), whose drafts are kept far more often, drafts while up to
+//! [`MAX_PREDICTED_SEQS`] run. A sequence whose drafts keep missing proposes less often
+//! ([`backoff`]).
 //!
 //! Where the backend plans a step while the one before runs (the GPU), a sequence's last
 //! token is on the device until its step is collected; a sequence due to propose has that
