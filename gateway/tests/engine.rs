@@ -1052,20 +1052,7 @@ async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
         }
         (evs, counts)
     };
-    let text = |evs: &[WorkerEvent]| -> String {
-        evs.iter()
-            .filter_map(|e| match e {
-                WorkerEvent::Delta { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect()
-    };
-    let base = EngineConfig {
-        backend,
-        threads: 2,
-        kv_tokens: Some(4096),
-        ..EngineConfig::default()
-    };
+    let base = compared(backend);
     let plain = engine(
         m,
         EngineConfig {
@@ -1199,6 +1186,26 @@ async fn speculative_decoding_over_the_windowed_layers_pool_changes_no_answer() 
     speculation_case(&m, Some(320), BackendKind::Cpu).await;
 }
 
+/// The engines' settings the speculation and prediction cases compare, but for drafts.
+fn compared(backend: BackendKind) -> EngineConfig {
+    EngineConfig {
+        backend,
+        threads: 2,
+        kv_tokens: Some(4096),
+        ..EngineConfig::default()
+    }
+}
+
+/// The text of an answer's events.
+fn text(evs: &[WorkerEvent]) -> String {
+    evs.iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Delta { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Requests alone and two at once, on a plain engine and one that speculates (with the
 /// windowed layers' own pool of `window_kv_tokens`, where given: the plain one keeps every
 /// position then): the same events.
@@ -1215,12 +1222,7 @@ async fn speculation_case(
         }
         evs
     };
-    let base = EngineConfig {
-        backend,
-        threads: 2,
-        kv_tokens: Some(4096),
-        ..EngineConfig::default()
-    };
+    let base = compared(backend);
     let plain = engine(
         m,
         EngineConfig {
@@ -1279,13 +1281,7 @@ async fn speculation_case(
     reqs.push(Arc::new(r));
     // A stop string from the greedy answer, met part way through it.
     let first = events(&plain, reqs[0].clone()).await;
-    let text: String = first
-        .iter()
-        .filter_map(|e| match e {
-            WorkerEvent::Delta { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = text(&first);
     let stop: String = text
         .chars()
         .skip(text.chars().count() / 2)
