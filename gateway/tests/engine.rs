@@ -1177,6 +1177,118 @@ async fn on_the_emulated_gpu_path_a_prediction_changes_no_answer_and_saves_steps
     prediction_case(&m, BackendKind::Emulator).await;
 }
 
+/// vLLM's `ignore_eos`, `min_tokens` and `stop_token_ids`. With the end of sequence pushed
+/// up (`logit_bias` +100: every greedy draw would be it) an answer ends at once; with
+/// `ignore_eos` it runs to `max_tokens`, its end-of-sequence tokens generated without
+/// text; with `min_tokens` its first that many are other tokens, and the next ends it. A
+/// token pushed up likewise runs to `max_tokens`, and named in `stop_token_ids` ends the
+/// answer after its text (after `min_tokens` others, with them).
+async fn stop_controls_case(m: &kernels::load::Loaded, backend: BackendKind) {
+    let w = engine(
+        m,
+        EngineConfig {
+            backend,
+            ..EngineConfig::default()
+        },
+    );
+    let tok = &m.tokenizer;
+    let eos = tok.stop_tokens[0];
+    let x = tok.encode(" hello").expect("tokens")[0];
+    let x_text = String::from_utf8_lossy(tok.token_bytes(x)).into_owned();
+    let ask = |id: u32, ignore_eos: bool, min_tokens: u32, stop_ids: Vec<u32>| {
+        let mut r = (*req("Tell me a story", 12, 0.0, None, vec![])).clone();
+        r.params.logit_bias = vec![(id, 100.0)];
+        (
+            r.params.ignore_eos,
+            r.params.min_tokens,
+            r.params.stop_token_ids,
+        ) = (ignore_eos, min_tokens, stop_ids);
+        let w = w.clone();
+        async move {
+            let (text, reason, usage) = run_usage(&w, Arc::new(r)).await;
+            (text, reason, usage.completion_tokens)
+        }
+    };
+    use FinishReason::{Length, Stop};
+    let s = String::new;
+    assert_eq!(
+        ask(eos, false, 0, vec![]).await,
+        (s(), Stop, 1),
+        "{backend:?}"
+    );
+    assert_eq!(
+        ask(eos, true, 0, vec![]).await,
+        (s(), Length, 12),
+        "ignore_eos"
+    );
+    let (text, reason, n) = ask(eos, false, 5, vec![]).await;
+    assert_eq!((reason, n), (Stop, 6), "min_tokens: {text:?}");
+    assert!(!text.is_empty());
+    assert_eq!(
+        ask(eos, true, 0, vec![eos]).await,
+        (s(), Stop, 1),
+        "ignored, then named"
+    );
+    assert_eq!(
+        ask(x, false, 0, vec![]).await,
+        (x_text.repeat(12), Length, 12)
+    );
+    assert_eq!(ask(x, false, 0, vec![x]).await, (x_text.clone(), Stop, 1));
+    let (text, reason, n) = ask(x, false, 3, vec![x]).await;
+    assert_eq!(
+        (reason, n),
+        (Stop, 4),
+        "min_tokens, then the stop token: {text:?}"
+    );
+    assert!(
+        text.ends_with(&x_text) && text.len() > x_text.len(),
+        "{text:?}"
+    );
+    // With nothing else adjusting its draws: the first token of its greedy answer, named
+    // in `stop_token_ids`, ends it at once; with `min_tokens` it is held back (masked)
+    // for the first three.
+    let mut r = (*req("Tell me a story", 12, 0.0, None, vec![])).clone();
+    r.params.logprobs = Some(0);
+    let first = events(&w, Arc::new(r.clone()))
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            WorkerEvent::Delta { logprobs, .. } => logprobs.first().map(|l| l.bytes.clone()),
+            _ => None,
+        });
+    let first = first.expect("a first token");
+    let t = (0..tok.vocab_size() as u32)
+        .find(|&id| tok.token_bytes(id) == first.as_slice())
+        .expect("its id");
+    r.params.logprobs = None;
+    r.params.stop_token_ids = vec![t];
+    let (_, reason, usage) = run_usage(&w, Arc::new(r.clone())).await;
+    assert_eq!((reason, usage.completion_tokens), (Stop, 1));
+    r.params.min_tokens = 3;
+    let (text, _, usage) = run_usage(&w, Arc::new(r)).await;
+    assert!(
+        usage.completion_tokens >= 4,
+        "{backend:?}: {text:?} in {usage:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ignore_eos_min_tokens_and_stop_token_ids() {
+    let (_d, m) = synthetic();
+    stop_controls_case(&m, BackendKind::Cpu).await;
+}
+
+/// The same on the GPU path (the emulator): the tokens held back before `min_tokens` are
+/// masked on the device, as JSON mode's are.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_emulated_gpu_path_ignore_eos_min_tokens_and_stop_token_ids() {
+    if !common::emulator_present() {
+        return;
+    }
+    let (_d, m) = synthetic();
+    stop_controls_case(&m, BackendKind::Emulator).await;
+}
+
 /// The same on a model with sliding-window layers: speculation over the windowed layers'
 /// own pool (20 blocks: drafts' rows and rewinds as blocks go back) against the engine
 /// without either (every position kept on every layer).

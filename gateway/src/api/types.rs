@@ -39,6 +39,11 @@ pub struct CommonParams {
     pub logit_bias: Option<Value>,
     pub logprobs: Option<Value>,
     pub user: Option<String>,
+    /// Not in OpenAI's API; vLLM's: the model's end-of-sequence tokens do not end the
+    /// answer, the most tokens generated before one may, and further tokens that end it.
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<u32>,
+    pub stop_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

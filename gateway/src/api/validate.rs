@@ -163,6 +163,9 @@ fn chat_logprobs(logprobs: &Option<Value>, top: &Option<Value>) -> Result<Option
 /// The most entries a `logit_bias` may have (OpenAI's limit).
 const MAX_LOGIT_BIAS: usize = 300;
 
+/// Most `stop_token_ids` a request may name.
+const MAX_STOP_TOKEN_IDS: usize = 64;
+
 /// `logit_bias`: `{"token id": bias}` with biases from −100 to 100, at most 300 entries
 /// (whether an id is in the vocabulary is the worker's to say).
 fn logit_bias(v: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -282,6 +285,20 @@ fn common(
         ));
     }
     let include_usage = c.stream_options.map(|o| o.include_usage).unwrap_or(false);
+    let min_tokens = c.min_tokens.unwrap_or(0);
+    if min_tokens > max_tokens {
+        return Err(ApiError::bad(
+            format!("`min_tokens` ({min_tokens}) must not exceed `max_tokens` ({max_tokens})."),
+            Some("min_tokens".into()),
+        ));
+    }
+    let stop_token_ids = c.stop_token_ids.unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::bad(
+            format!("`stop_token_ids` takes at most {MAX_STOP_TOKEN_IDS} tokens."),
+            Some("stop_token_ids".into()),
+        ));
+    }
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
     Ok((
         c.model,
@@ -299,6 +316,9 @@ fn common(
             logit_bias,
             json: None,
             prediction: None,
+            ignore_eos: c.ignore_eos.unwrap_or(false),
+            min_tokens,
+            stop_token_ids,
         },
         stream,
         include_usage,
@@ -414,6 +434,15 @@ fn prediction(v: Option<Value>) -> Result<Option<Arc<str>>, ApiError> {
         _ => return Err(shape()),
     };
     Ok((!text.is_empty()).then(|| Arc::from(text)))
+}
+
+/// What makes a chat's answer a JSON document, if anything: tool calls or `response_format`.
+fn json_by(tools: &Option<tools::ToolPlan>, json: &Option<JsonFormat>) -> Option<&'static str> {
+    match (tools, json) {
+        (Some(_), _) => Some("tool calls"),
+        (None, Some(_)) => Some("`response_format`"),
+        (None, None) => None,
+    }
 }
 
 /// Validates a `/v1/chat/completions` body.
@@ -534,6 +563,19 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, 1, logprobs, server)?;
+    if params.ignore_eos || params.min_tokens > 0 {
+        if let Some(what) = json_by(&tool_plan, &json) {
+            let field = if params.ignore_eos {
+                "ignore_eos"
+            } else {
+                "min_tokens"
+            };
+            return Err(ApiError::bad(
+                format!("`{field}` cannot be combined with {what}: its answer ends where the document does."),
+                Some(field.into()),
+            ));
+        }
+    }
     params.json = json;
     params.prediction = prediction;
     Ok(InferenceRequest {
@@ -699,6 +741,24 @@ mod tests {
         };
         assert_eq!(m[1].content, "hi");
         assert!(args.is_none());
+        assert!(!r.params.ignore_eos && r.params.min_tokens == 0);
+        // vLLM's stop and length options, on both endpoints.
+        for (body, parse) in [
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"ignore_eos":true,"min_tokens":3,"stop_token_ids":[7,9]}"#,
+                chat as fn(&[u8], &ServerConfig) -> Result<InferenceRequest, ApiError>,
+            ),
+            (
+                r#"{"model":"m","prompt":"x","ignore_eos":true,"min_tokens":3,"stop_token_ids":[7,9]}"#,
+                completion,
+            ),
+        ] {
+            let p = parse(body.as_bytes(), &server()).expect("accepted").params;
+            assert_eq!(
+                (p.ignore_eos, p.min_tokens, p.stop_token_ids),
+                (true, 3, vec![7, 9])
+            );
+        }
     }
 
     /// `chat_template_kwargs` reach the prompt as sent (vLLM's extension); `null` and `{}`
@@ -834,10 +894,26 @@ mod tests {
                 "stream_options",
             ),
             (r#""stop":["a","b","c","d","e"]"#, "stop"),
+            (r#""max_tokens":5,"min_tokens":6"#, "min_tokens"),
+            (r#""stop_token_ids":[1,-2]"#, "stop_token_ids[1]"),
+            (
+                r#""ignore_eos":true,"response_format":{"type":"json_object"}"#,
+                "ignore_eos",
+            ),
+            (
+                r#""min_tokens":2,"tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "min_tokens",
+            ),
         ] {
             let (s, p, m) = err(&format!("{{{base},{extra}}}"));
             assert_eq!((s, p.as_deref()), (400, Some(param)), "{extra}: {m}");
         }
+        let ids: Vec<String> = (0..65).map(|i| i.to_string()).collect();
+        let (s, p, _) = err(&format!(
+            "{{{base},\"stop_token_ids\":[{}]}}",
+            ids.join(",")
+        ));
+        assert_eq!((s, p.as_deref()), (400, Some("stop_token_ids")));
         let (_, _, m) = err(&format!("{{{base},\"functions\":[{{\"name\":\"f\"}}]}}"));
         assert!(m.contains("not supported"), "{m}");
     }

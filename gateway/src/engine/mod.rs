@@ -359,6 +359,16 @@ impl EngineWorker {
                 "`logit_bias` names token {id}; this model's vocabulary has {vocab} tokens."
             )));
         }
+        if let Some(id) = req
+            .params
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(reject(format!(
+                "`stop_token_ids` names token {id}; this model's vocabulary has {vocab} tokens."
+            )));
+        }
         let need = prompt.len() + req.params.max_tokens as usize;
         let too_long = |message: String| WorkerError::Rejected {
             status: 400,
@@ -429,6 +439,11 @@ impl EngineWorker {
             embed: req.embed,
             reasoning,
             prediction,
+            ends: seq::Ends {
+                ignore_eos: p.ignore_eos,
+                min_tokens: p.min_tokens,
+                stop_ids: p.stop_token_ids.clone(),
+            },
             tx,
         })
     }

@@ -46,7 +46,20 @@ pub(super) struct NewSeq {
     pub(super) reasoning: Option<Reasoning>,
     /// A chat's `prediction`, tokenized: drafts for its answer.
     pub(super) prediction: Option<Vec<u32>>,
+    /// What ends it ([`Ends`]).
+    pub(super) ends: Ends,
     pub(super) tx: Events,
+}
+
+/// What ends a sequence besides its length and stop strings (vLLM's options): the model's
+/// stop tokens unless `ignore_eos` (then tokens without text), the request's
+/// `stop_token_ids` (their text sent), and none of them drawn before `min_tokens` are
+/// generated.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Ends {
+    pub(super) ignore_eos: bool,
+    pub(super) min_tokens: u32,
+    pub(super) stop_ids: Vec<u32>,
 }
 
 pub(super) struct Seq {
@@ -113,6 +126,7 @@ pub(super) struct Seq {
     pub(super) draft_wait: u32,
     /// A chat's `prediction`, and where its answer stands in it ([`super::prediction`]).
     pub(super) prediction: Option<Prediction>,
+    pub(super) ends: Ends,
     pub(super) tx: Events,
 }
 
@@ -284,9 +298,16 @@ impl Seq {
         }
         self.resolved += 1;
     }
-    /// Whether its next token is drawn from adjusted logits (penalties, JSON mode).
+    /// Whether its next token is drawn from adjusted logits (penalties, JSON mode, the
+    /// tokens that would end it before `min_tokens`).
     pub(super) fn constrained(&self) -> bool {
-        self.penalties.is_some() || self.json.is_some()
+        self.penalties.is_some() || self.json.is_some() || self.holds_ends()
+    }
+    /// Whether its next draw may not end it (`min_tokens` not reached): it always has
+    /// a token that would (the model's end of sequence, or a `stop_token_ids` one).
+    fn holds_ends(&self) -> bool {
+        self.generated() < self.ends.min_tokens
+            && (!self.ends.ignore_eos || !self.ends.stop_ids.is_empty())
     }
     /// Its penalties and JSON mode, applied to a row of logits.
     pub(super) fn adjust(
@@ -323,7 +344,7 @@ impl Seq {
         // A grammar is the answer's: it waits while the model thinks.
         let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
         let json = self.json.as_ref().filter(|_| !thinking);
-        let mask = json.zip(json_vocab).map(|(json, vocab)| {
+        let mut mask = json.zip(json_vocab).map(|(json, vocab)| {
             let mut bits = json.allowed(vocab, n);
             if bits.iter().all(|&w| w == 0) {
                 for &id in tok.stop_tokens.iter().filter(|&&id| (id as usize) < n) {
@@ -332,6 +353,26 @@ impl Seq {
             }
             bits
         });
+        if self.holds_ends() {
+            // Every token the grammar allows (or any), but those that would end it; unless
+            // that leaves none.
+            let mut bits = mask
+                .clone()
+                .unwrap_or_else(|| vec![u32::MAX; n.div_ceil(32)]);
+            let model = if self.ends.ignore_eos {
+                &[][..]
+            } else {
+                &tok.stop_tokens[..]
+            };
+            for &id in model.iter().chain(&self.ends.stop_ids) {
+                if let Some(w) = bits.get_mut(id as usize / 32).filter(|_| (id as usize) < n) {
+                    *w &= !(1 << (id % 32));
+                }
+            }
+            if bits.iter().any(|&w| w != 0) {
+                mask = Some(bits);
+            }
+        }
         Adjust {
             deltas,
             mask,
@@ -349,7 +390,7 @@ impl Seq {
         } else {
             0
         };
-        let mask = if self.json.is_some() {
+        let mask = if self.json.is_some() || self.holds_ends() {
             n.div_ceil(32)
         } else {
             0
@@ -392,6 +433,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         draft_misses: 0,
         draft_wait: 0,
         prediction: n.prediction.map(Prediction::new),
+        ends: n.ends,
         tx: n.tx,
     }
 }
@@ -461,7 +503,11 @@ pub(super) fn emit(
     outbox: &mut Outbox,
 ) -> Option<FinishReason> {
     if tok.stop_tokens.contains(&id) {
-        return Some(FinishReason::Stop);
+        // The model's end of sequence; with `ignore_eos`, a token without text.
+        if !s.ends.ignore_eos || s.ends.stop_ids.contains(&id) {
+            return Some(FinishReason::Stop);
+        }
+        return (s.emitted() >= s.max_tokens).then_some(FinishReason::Length);
     }
     let kind = s.last_kind;
     let e = if kind == Kind::Marker {
@@ -497,7 +543,7 @@ pub(super) fn emit(
             },
         );
     }
-    if e.stopped {
+    if e.stopped || s.ends.stop_ids.contains(&id) {
         return Some(FinishReason::Stop);
     }
     (s.emitted() >= s.max_tokens).then_some(FinishReason::Length)
@@ -540,6 +586,7 @@ mod tests {
             embed: false,
             reasoning: None,
             prediction: None,
+            ends: Ends::default(),
             tx,
         };
         (admit(n, 0), rx)

@@ -114,6 +114,14 @@ pub struct SamplingParams {
     /// to repeat (a file edited in place). Engines draft from it (speculative decoding):
     /// the answer is the same with it or without, sooner where it agrees.
     pub prediction: Option<Arc<str>>,
+    /// vLLM's `ignore_eos`: the model's end-of-sequence tokens do not end the answer (they
+    /// are generated as tokens without text), so it runs to `max_tokens` or a stop.
+    pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: none of the tokens that would end the answer is drawn before
+    /// this many are generated.
+    pub min_tokens: u32,
+    /// vLLM's `stop_token_ids`: tokens that end the answer when drawn (their text sent).
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// What shape of JSON a request's output must have.
@@ -173,6 +181,9 @@ impl SamplingParams {
             logit_bias: Vec::new(),
             json: None,
             prediction: None,
+            ignore_eos: false,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   running` milliseconds;
 //! - output: deterministic filler words, one "token" each, chosen from a hash of the prompt
 //!   and `seed`; the natural length lies in `[min_output_tokens, max_output_tokens]`
-//!   (finish `stop`), cut by `max_tokens` (finish `length`) or a `stop` string.
+//!   (finish `stop`; at least the request's `min_tokens`, and none with `ignore_eos`), cut
+//!   by `max_tokens` (finish `length`) or a `stop` string.
 //!
 //! Prompt tokens are estimated as one per 4 bytes of prompt text (at least 1). An
 //! embeddings request is answered after its prefill time with a unit vector of
@@ -315,7 +316,13 @@ impl Worker for SimWorker {
             };
             let mut rng = prompt_hash(&req);
             let span = (cfg.max_output_tokens - cfg.min_output_tokens) as u64 + 1;
-            let natural_len = cfg.min_output_tokens + (splitmix(&mut rng) % span) as u32;
+            // `ignore_eos`: no natural end (only `max_tokens` or a stop string); `min_tokens`:
+            // none before it.
+            let natural_len = match req.params.ignore_eos {
+                true => u32::MAX,
+                false => (cfg.min_output_tokens + (splitmix(&mut rng) % span) as u32)
+                    .max(req.params.min_tokens),
+            };
             let prefill = if cfg.prefill_tokens_per_s > 0.0 {
                 Duration::from_secs_f64(prompt_tokens as f64 / cfg.prefill_tokens_per_s)
             } else {

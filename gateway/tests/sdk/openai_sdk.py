@@ -84,10 +84,10 @@ c = client.completions.create(model=model, prompt="Once upon a time", max_tokens
 assert c.choices[0].text and 0 < c.usage.completion_tokens <= 3, c
 
 
-def hello(**extra):
+def hello(max_tokens=6, **extra):
     """A short greedy chat with `extra` options."""
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=6, temperature=0, **extra
+        model=model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=max_tokens, temperature=0, **extra
     )
 
 
@@ -291,6 +291,16 @@ if engine:
     assert details.accepted_prediction_tokens > 0, predicted.usage
     assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0, plain.usage
     print("prediction:", details.accepted_prediction_tokens, "kept,", details.rejected_prediction_tokens, "not")
+    # vLLM's stop and length options (as load generators send them): a short answer run
+    # to `max_tokens` past its end of sequence, and one held to `min_tokens`.
+    short = hello(max_tokens=60)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 60, short
+    long = hello(max_tokens=60, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 60, long
+    assert long.choices[0].message.content.startswith(short.choices[0].message.content), long
+    n = short.usage.completion_tokens + 5
+    held = hello(max_tokens=60, extra_body={"min_tokens": n})
+    assert held.usage.completion_tokens >= n, held.usage
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
@@ -304,6 +314,11 @@ except openai.NotFoundError as e:
 assert refused(temperature=9)["param"] == "temperature"
 assert refused(prediction={"type": "text", "content": "x"})["param"] == "prediction"
 assert refused(prediction={"type": "content", "content": [{"type": "image_url"}]})["param"] == "prediction.content[0]"
+# vLLM's `ignore_eos` and `min_tokens` hold every worker's answers to their lengths.
+r = hello(max_tokens=20, extra_body={"ignore_eos": True, "stop_token_ids": [2]})
+assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length", r
+assert hello(max_tokens=20, extra_body={"min_tokens": 14}).usage.completion_tokens >= 14
+assert refused(max_tokens=4, extra_body={"min_tokens": 5})["param"] == "min_tokens"
 # A prediction is taken by every worker (those that cannot draft from it answer the same).
 r = hello(prediction={"type": "content", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]})
 assert r.choices[0].message.content, r

@@ -175,6 +175,9 @@ impl OpenAiWorker {
                 .as_ref()
                 .filter(|_| messages.is_some())
                 .map(|t| serde_json::json!({"type": "content", "content": t.as_ref()})),
+            ignore_eos: p.ignore_eos.then_some(true),
+            min_tokens: (p.min_tokens > 0).then_some(p.min_tokens),
+            stop_token_ids: (!p.stop_token_ids.is_empty()).then_some(p.stop_token_ids.as_slice()),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

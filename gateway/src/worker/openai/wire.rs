@@ -55,6 +55,13 @@ pub(super) struct UpstreamRequest<'a> {
     /// Chat `prediction` (Predicted Outputs), passed on as the text it came as.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) prediction: Option<Value>,
+    /// vLLM's `ignore_eos`, `min_tokens` and `stop_token_ids`, where the request sets them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) ignore_eos: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) min_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) stop_token_ids: Option<&'a [u32]>,
 }
 
 #[derive(Serialize)]
