@@ -6,7 +6,7 @@
 
 use super::error::ApiError;
 use super::tools;
-use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, OneOrMany};
+use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, ContentPart, OneOrMany};
 use crate::config::ServerConfig;
 use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
 use serde::de::DeserializeOwned;
@@ -416,33 +416,31 @@ fn prediction(v: Option<Value>) -> Result<Option<Arc<str>>, ApiError> {
     }
     let text = match v.get("content") {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for (j, p) in parts.iter().enumerate() {
-                match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
-                    _ => {
-                        return Err(ApiError::bad(
-                            format!("`prediction.content[{j}]` must be {{\"type\": \"text\", \"text\": a string}}."),
-                            Some(format!("prediction.content[{j}]")),
-                        ))
-                    }
-                }
-            }
-            text
+        Some(parts @ Value::Array(_)) => {
+            let parts = serde_json::from_value(parts.clone()).map_err(|_| shape())?;
+            parts_text(parts, "prediction.content")?
         }
         _ => return Err(shape()),
     };
     Ok((!text.is_empty()).then(|| Arc::from(text)))
 }
 
-/// What makes a chat's answer a JSON document, if anything: tool calls or `response_format`.
-fn json_by(tools: &Option<tools::ToolPlan>, json: &Option<JsonFormat>) -> Option<&'static str> {
-    match (tools, json) {
-        (Some(_), _) => Some("tool calls"),
-        (None, Some(_)) => Some("`response_format`"),
-        (None, None) => None,
+/// The text of a message's (or a prediction's) content parts, joined; a part of another
+/// kind is refused, named `{param}[j]`.
+fn parts_text(parts: Vec<ContentPart>, param: &str) -> Result<String, ApiError> {
+    let mut text = String::new();
+    for (j, p) in parts.into_iter().enumerate() {
+        match (p.kind.as_str(), p.text) {
+            ("text", Some(t)) => text.push_str(&t),
+            (kind, _) => {
+                return Err(ApiError::unsupported(
+                    &format!("{param}[{j}]"),
+                    &format!("content of type {kind:?}"),
+                ))
+            }
+        }
     }
+    Ok(text)
 }
 
 /// Validates a `/v1/chat/completions` body.
@@ -505,21 +503,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         let _ = m.name;
         let content = match m.content {
             Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for (j, p) in parts.into_iter().enumerate() {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(ApiError::unsupported(
-                                &format!("messages[{i}].content[{j}]"),
-                                &format!("content of type {kind:?}"),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
+            Some(Content::Parts(parts)) => parts_text(parts, &format!("messages[{i}].content"))?,
             None if m.role == "assistant" => String::new(),
             None => {
                 return Err(ApiError::bad(
@@ -563,18 +547,21 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, 1, logprobs, server)?;
-    if params.ignore_eos || params.min_tokens > 0 {
-        if let Some(what) = json_by(&tool_plan, &json) {
-            let field = if params.ignore_eos {
-                "ignore_eos"
-            } else {
-                "min_tokens"
-            };
-            return Err(ApiError::bad(
-                format!("`{field}` cannot be combined with {what}: its answer ends where the document does."),
-                Some(field.into()),
-            ));
-        }
+    // Tool calls are a document too (`json` holds their schema).
+    if (params.ignore_eos || params.min_tokens > 0) && json.is_some() {
+        let what = match tool_plan {
+            Some(_) => "tool calls",
+            None => "`response_format`",
+        };
+        let field = if params.ignore_eos {
+            "ignore_eos"
+        } else {
+            "min_tokens"
+        };
+        return Err(ApiError::bad(
+            format!("`{field}` cannot be combined with {what}: its answer ends where the document does."),
+            Some(field.into()),
+        ));
     }
     params.json = json;
     params.prediction = prediction;
