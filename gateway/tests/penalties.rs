@@ -1,14 +1,18 @@
 //! Presence and frequency penalties and logit bias, in the engine on the CPU backend and
 //! on the GPU path (the CUDA emulator: rows with penalties are drawn again on the host from
 //! their penalized logits): checked token by token against the raw log-probabilities the
-//! same requests report.
+//! same requests report. vLLM's repetition penalty and `min_p`: checked against the rules
+//! applied here to the model's logits.
 
 mod common;
 use common::*;
 use futures::StreamExt;
 use gateway::config::BackendKind;
 use gateway::engine::EngineWorker;
-use gateway::worker::{TokenLogprob, Worker, WorkerEvent};
+use gateway::worker::{SamplingParams, TokenLogprob, Worker, WorkerEvent, WorkerRequest};
+use kernels::backend::{Backend, CpuBackend};
+use kernels::forward::Batch;
+use kernels::sampler::{sample, SampleParams};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -115,5 +119,135 @@ async fn logit_bias_forces_and_bans_tokens() {
     match w.submit(Arc::new(r)).await {
         Err(e) => assert!(e.to_string().contains("vocabulary"), "{e}"),
         Ok(_) => panic!("a bias on a token past the vocabulary was accepted"),
+    }
+}
+
+/// The text of a request on `w`.
+async fn answer(w: &EngineWorker, r: WorkerRequest) -> String {
+    let mut s = w.submit(Arc::new(r)).await.unwrap();
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
+            WorkerEvent::Done { .. } => return text,
+            _ => {}
+        }
+    }
+    panic!("no Done event");
+}
+
+/// What vLLM's `repetition_penalty` and `min_p` make of `prompt`, computed here: at each
+/// step the CPU model's logits of the whole text so far, every token seen (the prompt's
+/// and those drawn) divided by the penalty where positive, else multiplied, then drawn by
+/// the sampler's rule with `min_p` (the request's seed, the step's number).
+fn by_the_rules(
+    be: &mut CpuBackend,
+    prompt: &[u32],
+    stop: &[u32],
+    n: usize,
+    p: &SamplingParams,
+    seed: u64,
+) -> Vec<u32> {
+    let mut tokens = prompt.to_vec();
+    for step in 0..n {
+        let mut batch = Batch::default();
+        let blocks = tokens.len().div_ceil(16);
+        batch.push(&tokens, 0, (0..blocks as u32).collect(), true);
+        let mut row = be.step(&batch).unwrap();
+        let mut seen = tokens.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        for &t in &seen {
+            let x = &mut row[t as usize];
+            *x = if *x > 0.0 {
+                *x / p.repetition_penalty
+            } else {
+                *x * p.repetition_penalty
+            };
+        }
+        let next = sample(
+            &row,
+            SampleParams {
+                temperature: p.temperature,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: p.min_p,
+                seed,
+                step: step as u32,
+            },
+        );
+        if stop.contains(&next) {
+            break;
+        }
+        tokens.push(next);
+    }
+    tokens.split_off(prompt.len())
+}
+
+/// vLLM's `repetition_penalty` and `min_p`, in the engine on each backend: greedy and
+/// sampled answers are exactly those of the rules applied here to the model's logits
+/// (`by_the_rules`), penalties above and below 1, the seen tokens' logits also adjusted on
+/// the device (the GPU path's `sample` kernel, its input token not yet known on the host);
+/// and they change answers: the synthetic model's greedy answer repeats its favourite
+/// token, a penalty of 2 stops that; `min_p` 1 keeps only the most likely token, so a hot
+/// sampled answer is the greedy one.
+#[tokio::test(flavor = "multi_thread")]
+async fn repetition_penalty_and_min_p_follow_their_rules() {
+    let (_dir, loaded) = synthetic_model();
+    let tok = loaded.tokenizer.clone();
+    let mut be = CpuBackend::new(loaded.model.clone(), 16, 64, 2).unwrap();
+    let prompt = tok.encode_prompt("the quick brown fox").unwrap();
+    let n = 24;
+    let cases = [
+        // (repetition_penalty, min_p, temperature, seed)
+        (1.0, 0.0, 0.0, 0),
+        (2.0, 0.0, 0.0, 0),
+        (0.8, 0.0, 0.0, 0),
+        (1.0, 0.2, 1.5, 7),
+        (1.3, 0.05, 1.0, 11),
+        (1.0, 1.0, 1.8, 5),
+        // Last, computed here only: the hot draw without `min_p`, nearly uniform over
+        // the synthetic model's tokens (the GPU path's logits, not the CPU's bits, soon
+        // draw otherwise).
+        (1.0, 0.0, 1.5, 7),
+    ];
+    let mut want = Vec::new();
+    for &(rep, min_p, temperature, seed) in &cases {
+        let p = SamplingParams {
+            repetition_penalty: rep,
+            min_p,
+            temperature,
+            seed: Some(seed),
+            ..SamplingParams::greedy(n as u32)
+        };
+        let ids = by_the_rules(&mut be, &prompt, &tok.stop_tokens, n, &p, seed);
+        want.push((p, tok.decode(&ids), ids));
+    }
+    let (greedy, penalized) = (&want[0].2, &want[1].2);
+    let most = |ids: &[u32]| {
+        let mut c = HashMap::new();
+        for &t in ids {
+            *c.entry(t).or_insert(0) += 1;
+        }
+        c.into_values().max().unwrap_or(0)
+    };
+    assert!(most(greedy) > 4, "the plain answer repeats: {greedy:?}");
+    assert!(
+        most(penalized) < most(greedy),
+        "{penalized:?} against {greedy:?}"
+    );
+    assert_ne!(want[3].1, want[6].1, "min_p 0.2 changed nothing");
+    assert_eq!(
+        want[5].1, want[0].1,
+        "min_p 1 keeps the most likely token only"
+    );
+    want.pop();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
+        for (p, text, _) in &want {
+            let mut r = (*worker_req("the quick brown fox", n as u32)).clone();
+            r.params = p.clone();
+            assert_eq!(&answer(&w, r).await, text, "{kind:?}: {p:?}");
+        }
     }
 }

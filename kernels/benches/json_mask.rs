@@ -100,6 +100,7 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("bits+apply {} tokens, {name}", v.len()), |b| {
             b.iter(|| {
                 let a = kernels::adjust::Adjust {
+                    repeat: None,
                     deltas: Vec::new(),
                     mask: Some(st.allowed(&jv, v.len())),
                     carry: None,

@@ -17,6 +17,7 @@ fn bench(c: &mut Criterion) {
     ];
     for (label, temperature, top_k, top_p) in settings {
         let p = SampleParams {
+            min_p: 0.0,
             temperature,
             top_k,
             top_p,

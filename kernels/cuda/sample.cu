@@ -6,7 +6,10 @@
 // a refused token), its key (p_i's bits, which order as p_i does) and its mass
 // floor(p_i · 2^40), an integer. The cuts are exact selections over the keys, by radix
 // (four passes of 8-bit digits, histograms in shared memory):
-//   top_k (0 = none): keep the tokens whose key is >= the k-th largest key (ties kept);
+//   min_p (0 = none): keep the tokens whose key is >= min_p's bits (p_i >= min_p × the
+//                     largest p, which is 1), vLLM's first cut;
+//   top_k (0 = none): of those, keep the tokens whose key is >= the k-th largest key
+//                     (ties kept; all of them where fewer are left);
 //   top_p (< 1):      of those, keep the tokens whose key is >= t, t the largest key
 //                     whose kept mass at or above it is >= top_p × the top-k mass.
 // The draw: r = floor(u · kept mass) with u = uniform(seed, step) (24 bits, SplitMix64 of
@@ -17,9 +20,12 @@
 // About 10 passes over the row with both cuts (the bisection this replaced made ~80).
 //
 // A row may first be adjusted (its CPU twin: `Adjust::apply_after`): adjust[s] is
-// 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas | CARRIED,
-// mask_words, (token, delta as f32 bits) × n_deltas, mask words, and when CARRIED (bit
-// 31): fresh, alt × n_deltas}. The deltas (penalties, logit bias; one per token) are
+// 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas | CARRIED |
+// REPEATED, mask_words, (token, delta as f32 bits) × n_deltas, mask words, when CARRIED
+// (bit 31): fresh, alt × n_deltas, and when REPEATED (bit 30): factor, n_seen | LAST,
+// seen × n_seen}. A repetition penalty first scales the seen tokens' logits (sorted, each
+// once; x / factor where x > 0, else x × factor; with LAST, bit 31, the row's input token
+// too where it is not listed). The deltas (penalties, logit bias; one per token) are
 // added, then every token whose mask bit is clear (or past the mask's words) becomes −∞:
 // a grammar's mask costs its bits in the step's staging copy instead of the row's logits
 // read back. A carried row's input token (tokens[logit_rows[s]]: drawn by the step
@@ -28,8 +34,9 @@
 // The adjusted row is written to row s of `adjusted` and sampled from there: `logits`
 // stays the model's, so that a row read back for its log-probabilities is the model's
 // distribution whatever the row's penalties or grammar (the host keeps the device's draw).
-// One pass copies the row with the mask applied; the deltas then go only to allowed
-// tokens (a refused token's delta would be lost to its −∞ anyway).
+// One pass copies the row with the mask applied; the repetition penalty then scales
+// (a refused token's −∞ stays), and the deltas go only to allowed tokens (a refused
+// token's delta would be lost to its −∞ anyway).
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define FULL_WARP 0xffffffffu
@@ -56,6 +63,24 @@ __device__ __forceinline__ float sample_exp(float z) {
     p = fmaf(p, r, 5.0000001201e-1f);
     float e = fmaf(p, r * r, r) + 1.0f;
     return e * __int_as_float(((int)n + 127) << 23);
+}
+
+// A repetition penalty's logit (twin: `Repeat::of`).
+__device__ __forceinline__ float repeat_penalty(float factor, float x) {
+    return x > 0.0f ? x / factor : x * factor;
+}
+
+// Whether sorted `list` of n tokens holds t.
+__device__ __forceinline__ bool sorted_has(const u32* list, u32 n, u32 t) {
+    u32 lo = 0, hi = n;
+    while (lo < hi) {
+        u32 mid = (lo + hi) >> 1;
+        if (list[mid] < t)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && list[lo] == t;
 }
 
 // A token's mass: floor(p · 2^40).
@@ -191,6 +216,7 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
                                   float* __restrict__ adjusted, int vocab,
                                   const float* __restrict__ temperature,
                                   const int* __restrict__ top_k, const float* __restrict__ top_p,
+                                  const float* __restrict__ min_p,
                                   const u64* __restrict__ seeds, const u32* __restrict__ steps,
                                   const u32* __restrict__ adjust, const u32* __restrict__ extra,
                                   const u32* __restrict__ tokens,
@@ -209,16 +235,29 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
     u32 at = adjust[s];
     if (at != 0xFFFFFFFFu) {
         const u32* a = extra + at;
-        u32 n_deltas = a[0] & 0x7fffffffu, mask_words = a[1];
-        bool carried = (a[0] >> 31) != 0u;
+        u32 n_deltas = a[0] & 0x3fffffffu, mask_words = a[1];
+        bool carried = (a[0] >> 31) != 0u, repeated = ((a[0] >> 30) & 1u) != 0u;
         const u32* mask = a + 2 + 2 * n_deltas;
         const u32* carry = mask + mask_words;
+        const u32* rep = carry + (carried ? 1u + n_deltas : 0u);
+        bool rep_last = repeated && (rep[1] >> 31) != 0u;
         float* y = adjusted + (size_t)s * vocab;
         for (int i = threadIdx.x; i < vocab; i += blockDim.x)
             y[i] = sample_allowed(mask, mask_words, (u32)i) ? x[i] : -INFINITY;
-        u32 last = carried ? tokens[logit_rows[s]] : 0u;
+        u32 last = carried || rep_last ? tokens[logit_rows[s]] : 0u;
         if (carried && threadIdx.x == 0) listed = 0;  // the same for the whole block
         __syncthreads();
+        if (repeated) {
+            float factor = __int_as_float((int)rep[0]);
+            u32 n_seen = rep[1] & 0x7fffffffu;
+            const u32* seen = rep + 2;
+            for (u32 j = threadIdx.x; j < n_seen; j += blockDim.x)
+                if (seen[j] < (u32)vocab) y[seen[j]] = repeat_penalty(factor, y[seen[j]]);
+            if (rep_last && threadIdx.x == 0 && last < (u32)vocab &&
+                !sorted_has(seen, n_seen, last))
+                y[last] = repeat_penalty(factor, y[last]);
+            __syncthreads();
+        }
         for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {
             u32 t = a[2 + 2 * j], d = a[3 + 2 * j];
             if (carried && t == last) {
@@ -263,13 +302,15 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
     }
     float inv_t = 1.0f / temp;
     int k = top_k[s];
-    float tp = top_p[s];
-    u32 keep = 0;
+    float tp = top_p[s], mp = min_p[s];
+    u32 min_key = mp > 0.0f ? sample_key(fminf(mp, 1.0f)) : 0u;
+    u32 keep = min_key;
     if (k > 0 && k < vocab)
-        keep = select_key(ProbKey{x, mx, inv_t, false}, vocab, 0u, (u64)k, -1.0f, bin, &sel);
+        keep = max(min_key, select_key(ProbKey{x, mx, inv_t, false}, vocab, min_key, (u64)k,
+                                       -1.0f, bin, &sel));
     if (tp < 1.0f)
-        keep = select_key(ProbKey{x, mx, inv_t, true}, vocab, keep, 0ull, fmaxf(tp, 0.0f), bin,
-                          &sel);
+        keep = max(keep, select_key(ProbKey{x, mx, inv_t, true}, vocab, keep, 0ull,
+                                    fmaxf(tp, 0.0f), bin, &sel));
     // The draw. Warp w owns the elements [w·span, (w + 1)·span): their kept masses' sum,
     // then the warp holding the draw walks its span 32 elements at a time.
     int span = (vocab + nw - 1) / nw;

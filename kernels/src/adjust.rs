@@ -1,12 +1,14 @@
 //! A row's adjustments before it is sampled, in the one form that both the host and the
-//! GPU's `sample` kernel apply: additive deltas (logit bias, presence and frequency
-//! penalties, merged to one per token) and then, when a grammar constrains the row, a
-//! bitmask of the tokens that may come next (the others become −∞).
+//! GPU's `sample` kernel apply: first a repetition penalty's factor on the tokens already
+//! seen ([`Repeat`]: vLLM's `repetition_penalty`), then additive deltas (logit bias,
+//! presence and frequency penalties, merged to one per token) and then, when a grammar
+//! constrains the row, a bitmask of the tokens that may come next (the others become −∞).
 //!
 //! On the GPU path an adjusted row travels in the step's staging copy
-//! ([`crate::cuda::staging`]) as words: `[n_deltas | CARRIED, mask_words, (token, delta
-//! bits) × n_deltas, mask…, (fresh, alt × n_deltas when carried)]`, and only its sampled
-//! token comes back, instead of its whole row of logits. [`Adjust::apply_after`] is the
+//! ([`crate::cuda::staging`]) as words: `[n_deltas | CARRIED | REPEATED, mask_words,
+//! (token, delta bits) × n_deltas, mask…, (fresh, alt × n_deltas when carried), (factor
+//! bits, n_tokens | LAST, token × n_tokens when repeated)]`, and only its sampled token
+//! comes back, instead of its whole row of logits. [`Adjust::apply_after`] is the
 //! kernel's CPU twin.
 //!
 //! **A carried token.** A step planned while the one before still runs does not know the
@@ -25,6 +27,32 @@ pub struct Adjust {
     pub mask: Option<Vec<u32>>,
     /// When present: the row's input token is counted by the penalties too.
     pub carry: Option<Carry>,
+    /// When present: a repetition penalty, applied before the deltas.
+    pub repeat: Option<Repeat>,
+}
+
+/// A repetition penalty (vLLM's and Hugging Face's `repetition_penalty`): each listed
+/// token's logit x becomes x / `factor` where x > 0, else x × `factor`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Repeat {
+    pub factor: f32,
+    /// The tokens seen (the prompt's and those generated), sorted, each once.
+    pub tokens: Vec<u32>,
+    /// The row's input token (not known on the host yet: drawn by a step still running)
+    /// is penalized too, where it is not listed.
+    pub last: bool,
+}
+
+impl Repeat {
+    /// The penalized logit: a number's division or product, as the kernel computes it.
+    #[inline]
+    pub fn of(factor: f32, x: f32) -> f32 {
+        if x > 0.0 {
+            x / factor
+        } else {
+            x * factor
+        }
+    }
 }
 
 /// The deltas of an [`Adjust`] with the row's input token `t` counted once more: `t`'s
@@ -39,6 +67,12 @@ pub struct Carry {
 
 /// The bit of an adjustment's first word that says a [`Carry`] follows its mask.
 pub const CARRIED: u32 = 1 << 31;
+
+/// The bit of an adjustment's first word that says a [`Repeat`] comes last.
+pub const REPEATED: u32 = 1 << 30;
+
+/// The bit of a [`Repeat`]'s count word that says the row's input token is penalized too.
+pub const LAST: u32 = 1 << 31;
 
 impl Adjust {
     /// Deltas from any number of `(token, delta)` pairs: summed per token, in the order
@@ -59,7 +93,10 @@ impl Adjust {
 
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.mask.is_none() && self.carry.is_none() && self.deltas.iter().all(|d| d.1 == 0.0)
+        self.mask.is_none()
+            && self.carry.is_none()
+            && self.repeat.is_none()
+            && self.deltas.iter().all(|d| d.1 == 0.0)
     }
 
     /// Whether its words can be written: a mask has words (none would refuse every
@@ -70,7 +107,10 @@ impl Adjust {
                 .carry
                 .as_ref()
                 .is_none_or(|c| c.alt.len() == self.deltas.len())
-            && self.deltas.len() < CARRIED as usize
+            && self.deltas.len() < REPEATED as usize
+            && self.repeat.as_ref().is_none_or(|r| {
+                r.tokens.len() < LAST as usize && r.tokens.windows(2).all(|w| w[0] < w[1])
+            })
     }
 
     /// Its length in staging words.
@@ -78,13 +118,15 @@ impl Adjust {
         2 + 2 * self.deltas.len()
             + self.mask.as_ref().map_or(0, Vec::len)
             + self.carry.as_ref().map_or(0, |c| 1 + c.alt.len())
+            + self.repeat.as_ref().map_or(0, |r| 2 + r.tokens.len())
     }
 
     /// Appends its staging words to `out` (it must be [well formed](Adjust::is_well_formed)).
     pub fn write(&self, out: &mut Vec<u32>) {
         let mask = self.mask.as_deref().unwrap_or_default();
-        let flag = if self.carry.is_some() { CARRIED } else { 0 };
-        out.push(self.deltas.len() as u32 | flag);
+        let carried = if self.carry.is_some() { CARRIED } else { 0 };
+        let repeated = if self.repeat.is_some() { REPEATED } else { 0 };
+        out.push(self.deltas.len() as u32 | carried | repeated);
         out.push(mask.len() as u32);
         for &(t, d) in &self.deltas {
             out.push(t);
@@ -95,19 +137,39 @@ impl Adjust {
             out.push(c.fresh.to_bits());
             out.extend(c.alt.iter().map(|a| a.to_bits()));
         }
+        if let Some(r) = &self.repeat {
+            out.push(r.factor.to_bits());
+            out.push(r.tokens.len() as u32 | if r.last { LAST } else { 0 });
+            out.extend_from_slice(&r.tokens);
+        }
     }
 
-    /// Applies it to `row`, which must have no [`Carry`] (the host's adjustment of a row
-    /// whose tokens are all known).
+    /// Applies it to `row`, which must have no [`Carry`] nor a [`Repeat`] of the input
+    /// token (the host's adjustment of a row whose tokens are all known).
     pub fn apply(&self, row: &mut [f32]) {
-        debug_assert!(self.carry.is_none(), "a carried adjustment needs its token");
+        debug_assert!(
+            self.carry.is_none() && !self.repeat.as_ref().is_some_and(|r| r.last),
+            "a carried adjustment needs its token"
+        );
         self.apply_after(row, 0);
     }
 
     /// Applies it to `row` (the `sample` kernel's adjustment, on the CPU), `last` being the
-    /// row's input token (counted by a [`Carry`], if any): the deltas (tokens past the row
-    /// are passed over), then the mask.
+    /// row's input token (counted by a [`Carry`] and a [`Repeat`], if any): the repetition
+    /// penalty, the deltas (tokens past the row are passed over), then the mask.
     pub fn apply_after(&self, row: &mut [f32], last: u32) {
+        if let Some(r) = &self.repeat {
+            for &t in &r.tokens {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = Repeat::of(r.factor, *l);
+                }
+            }
+            if r.last && r.tokens.binary_search(&last).is_err() {
+                if let Some(l) = row.get_mut(last as usize) {
+                    *l = Repeat::of(r.factor, *l);
+                }
+            }
+        }
         let carry = self.carry.as_ref();
         let mut listed = false;
         for (j, &(t, d)) in self.deltas.iter().enumerate() {
@@ -164,6 +226,7 @@ mod tests {
     #[test]
     fn apply_adds_deltas_then_masks_and_writes_its_words() {
         let a = Adjust {
+            repeat: None,
             deltas: vec![(1, 2.0), (3, -1.0), (40, 5.0), (99, 1.0)],
             // Tokens 1, 3 and 33 kept; 40 refused despite its delta; 99 past the words.
             mask: Some(vec![0b1010, 0b10]),
@@ -192,6 +255,7 @@ mod tests {
     #[test]
     fn a_carried_token_takes_its_alternative_or_the_fresh_delta() {
         let a = Adjust {
+            repeat: None,
             deltas: vec![(2, -1.0), (5, -2.0)],
             mask: None,
             carry: Some(Carry {
@@ -234,5 +298,46 @@ mod tests {
             ..Adjust::default()
         };
         assert!(!empty.is_well_formed());
+    }
+
+    /// A repetition penalty divides a positive logit and multiplies any other, once per
+    /// token, before the deltas; the input token too where it says so, once; its words
+    /// come last.
+    #[test]
+    fn a_repetition_penalty_scales_seen_tokens_before_the_deltas() {
+        let a = Adjust {
+            deltas: vec![(1, 1.0), (3, -1.0)],
+            mask: None,
+            carry: None,
+            repeat: Some(Repeat {
+                factor: 2.0,
+                tokens: vec![1, 2, 3, 40],
+                last: true,
+            }),
+        };
+        let run = |last: u32| {
+            let mut row = vec![4.0f32, 4.0, -4.0, 0.0, 4.0, 4.0];
+            a.apply_after(&mut row, last);
+            row
+        };
+        // Listed (2): scaled once. Not listed (5): scaled. Past the row (40): passed over.
+        assert_eq!(run(2), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
+        assert_eq!(run(5), [4.0, 3.0, -8.0, -1.0, 4.0, 2.0]);
+        assert_eq!(run(40), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
+        let mut w = Vec::new();
+        a.write(&mut w);
+        assert_eq!(w.len(), a.words());
+        assert_eq!(w[0], 2 | REPEATED);
+        assert_eq!(&w[6..], &[2.0f32.to_bits(), 4 | LAST, 1, 2, 3, 40]);
+        assert!(a.is_well_formed() && !a.is_empty());
+        let unsorted = Adjust {
+            repeat: Some(Repeat {
+                factor: 2.0,
+                tokens: vec![3, 1],
+                last: false,
+            }),
+            ..Adjust::default()
+        };
+        assert!(!unsorted.is_well_formed());
     }
 }

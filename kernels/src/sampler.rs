@@ -13,6 +13,9 @@ pub struct SamplingConfig {
     pub top_p: f32,
     /// 0 = no top-k cut.
     pub top_k: usize,
+    /// vLLM's `min_p` (0 = no cut): tokens less likely than this times the most likely
+    /// one's probability are cut.
+    pub min_p: f32,
 }
 
 /// A sequence's sampling parameters for one draw.
@@ -23,6 +26,9 @@ pub struct SampleParams {
     /// 0: no cut.
     pub top_k: i32,
     pub top_p: f32,
+    /// 0: no cut. Else the tokens whose probability is below `min_p` × the most likely
+    /// one's are cut, before the top-k and top-p cuts (vLLM's order).
+    pub min_p: f32,
     pub seed: u64,
     pub step: u32,
 }
@@ -33,6 +39,7 @@ impl SampleParams {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
         seed: 0,
         step: 0,
     };
@@ -109,31 +116,45 @@ pub fn draw24(seed: u64, step: u32) -> u64 {
     z >> 40
 }
 
+/// The key below which `min_p` cuts (0: none): `min_p`'s own bits, as the most likely
+/// token's probability is 1 (`sample_exp(0)`), so that p ≥ `min_p` × the largest exactly
+/// where p's key is at least this.
+pub fn min_p_key(min_p: f32) -> u32 {
+    if min_p > 0.0 {
+        min_p.min(1.0).to_bits()
+    } else {
+        0
+    }
+}
+
 /// The smallest key (bits of a probability, which order as the probabilities do) the cuts
-/// keep among `probs`: with `top_k` in 1..len, the k-th largest key (ties kept); then with
-/// `top_p` < 1, among the keys at or above that, the largest key t whose kept mass at or
-/// above t reaches `top_p` × their total (at least 1). 0 when nothing is cut.
-pub fn kept_key(probs: &[f32], top_k: i32, top_p: f32) -> u32 {
+/// keep among `probs` (the most likely's 1): first `min_p`'s ([`min_p_key`]); then with
+/// `top_k` in 1..len, the k-th largest key among those (ties kept; all of them where
+/// fewer are left); then with `top_p` < 1, among the keys at or above that, the largest
+/// key t whose kept mass at or above t reaches `top_p` × their total (at least 1). 0 when
+/// nothing is cut.
+pub fn kept_key(probs: &[f32], top_k: i32, top_p: f32, min_p: f32) -> u32 {
+    let floor = min_p_key(min_p);
     let cut_k = top_k > 0 && (top_k as usize) < probs.len();
     if !cut_k && top_p >= 1.0 {
-        return 0;
+        return floor;
     }
     let keys: Vec<u32> = probs.iter().map(|p| p.to_bits()).collect();
-    let mut keep = 0;
+    let mut keep = floor;
     if cut_k {
-        keep = select(&keys, |_| 1, 0, |_| top_k as u64);
+        keep = select(&keys, |_| 1, floor, |_| top_k as u64).max(floor);
     }
     if top_p < 1.0 {
         let want = |total: u64| ((top_p.max(0.0) as f64 * total as f64) as u64).max(1);
-        keep = select(&keys, |k| mass(f32::from_bits(k)), keep, want);
+        keep = select(&keys, |k| mass(f32::from_bits(k)), keep, want).max(keep);
     }
     keep
 }
 
 /// The largest key t among `keys` >= `floor` whose weight at or above t reaches `want`
 /// (given the first level's total): by radix, four 8-bit digits from the top, as the
-/// kernel finds it (digit 0 where no bin reaches `want`, which the callers never ask
-/// for). After the first level only the keys in its chosen bin are looked at again.
+/// kernel finds it (digit 0 where no bin reaches `want`: fewer than k keys at or above
+/// a `min_p` floor, which the callers raise to the floor). After the first level only the keys in its chosen bin are looked at again.
 fn select(keys: &[u32], weight: impl Fn(u32) -> u64, floor: u32, want: impl Fn(u64) -> u64) -> u32 {
     let mut want_left = 0;
     let (mut prefix, mut mask) = (0u32, 0u32);
@@ -176,7 +197,7 @@ pub fn sample(x: &[f32], p: SampleParams) -> u32 {
     }
     let inv_t = 1.0 / p.temperature;
     let probs = probabilities(x, mx, inv_t);
-    let keep = kept_key(&probs, p.top_k, p.top_p);
+    let keep = kept_key(&probs, p.top_k, p.top_p, p.min_p);
     let masses: Vec<u64> = probs
         .iter()
         .map(|&q| if q.to_bits() >= keep { mass(q) } else { 0 })
@@ -249,6 +270,38 @@ mod tests {
         assert_eq!(built, want);
     }
 
+    /// vLLM's `min_p`: a token less likely than `min_p` × the most likely one is never
+    /// drawn, every other one is; before top-k, which keeps every token left where fewer
+    /// than k are.
+    #[test]
+    fn min_p_cuts_the_unlikely_tokens_first() {
+        let x = [0.0f32, 0.5f32.ln(), 0.2f32.ln(), 0.05f32.ln(), 0.01f32.ln()];
+        let drawn = |min_p: f32, top_k: i32| {
+            let mut seen = [false; 5];
+            for seed in 0..4000 {
+                let p = SampleParams {
+                    temperature: 1.0,
+                    top_k,
+                    top_p: 1.0,
+                    min_p,
+                    seed,
+                    step: 0,
+                };
+                seen[sample(&x, p) as usize] = true;
+            }
+            seen
+        };
+        assert_eq!(drawn(0.0, 0), [true; 5]);
+        assert_eq!(drawn(0.1, 0), [true, true, true, false, false]);
+        assert_eq!(drawn(0.3, 0), [true, true, false, false, false]);
+        assert_eq!(drawn(0.1, 2), [true, true, false, false, false]);
+        // One token at or above the floor, k = 3: it alone.
+        assert_eq!(drawn(0.6, 3), [true, false, false, false, false]);
+        assert_eq!(drawn(1.0, 0), [true, false, false, false, false]);
+        assert_eq!(min_p_key(0.0), 0);
+        assert_eq!(kept_key(&[1.0, 0.5, 0.2], 0, 1.0, 0.3), 0.3f32.to_bits());
+    }
+
     #[test]
     fn argmax_is_the_first_largest() {
         let naive = |x: &[f32]| {
@@ -276,9 +329,10 @@ mod tests {
     }
 }
 
-/// OpenAI's presence and frequency penalties and logit bias: what a sequence's generated
-/// tokens and its request do to a row of logits before sampling.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// OpenAI's presence and frequency penalties and logit bias, and vLLM's repetition
+/// penalty: what a sequence's tokens and its request do to a row of logits before
+/// sampling.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Penalties {
     /// Subtracted once from every token already generated.
     pub presence: f32,
@@ -286,12 +340,56 @@ pub struct Penalties {
     pub frequency: f32,
     /// Added to these tokens' logits.
     pub bias: Vec<(u32, f32)>,
+    /// vLLM's `repetition_penalty` (1: none; > 0): the logit x of every token in the
+    /// prompt or generated becomes x / it where x > 0, else x × it, before the rest
+    /// ([`crate::adjust::Repeat`]).
+    pub repetition: f32,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Self {
+            presence: 0.0,
+            frequency: 0.0,
+            bias: Vec::new(),
+            repetition: 1.0,
+        }
+    }
 }
 
 impl Penalties {
     /// Whether they change nothing.
     pub fn is_empty(&self) -> bool {
-        self.presence == 0.0 && self.frequency == 0.0 && self.bias.iter().all(|b| b.1 == 0.0)
+        self.presence == 0.0
+            && self.frequency == 0.0
+            && self.bias.iter().all(|b| b.1 == 0.0)
+            && self.repetition == 1.0
+    }
+
+    /// The repetition penalty of a row (none where its factor is 1): on the prompt's
+    /// tokens `seen` (sorted, each once) and those generated (`counts`' keys), and with
+    /// `last`, on the row's input token, not known yet.
+    pub fn repeat(
+        &self,
+        seen: &[u32],
+        counts: &std::collections::HashMap<u32, u32>,
+        last: bool,
+    ) -> Option<crate::adjust::Repeat> {
+        if self.repetition == 1.0 {
+            return None;
+        }
+        let mut tokens: Vec<u32> = counts
+            .keys()
+            .copied()
+            .filter(|t| seen.binary_search(t).is_err())
+            .collect();
+        tokens.extend_from_slice(seen);
+        tokens.sort_unstable();
+        Some(crate::adjust::Repeat {
+            factor: self.repetition,
+            tokens,
+            last,
+        })
     }
 
     /// `logits[t] += bias[t] − frequency·count[t] − presence·[count[t] > 0]`, with
@@ -357,6 +455,7 @@ mod penalty_tests {
             presence: 0.5,
             frequency: 0.25,
             bias: vec![(1, 3.0), (9, 1.0)],
+            ..Penalties::default()
         };
         let counts = std::collections::HashMap::from([(0u32, 4u32), (2, 1), (7, 2)]);
         let mut l = [1.0f32, 1.0, 1.0, 1.0];
@@ -369,11 +468,16 @@ mod penalty_tests {
             ..Default::default()
         }
         .is_empty());
+        assert!(!Penalties {
+            repetition: 1.2,
+            ..Default::default()
+        }
+        .is_empty());
     }
 
     /// Counting the input token on the device gives the bits of counting it on the host:
-    /// every token of a small vocabulary as the unknown one, listed (counted, biased) or
-    /// not.
+    /// every token of a small vocabulary as the unknown one, listed (counted, biased,
+    /// seen in the prompt) or not; with a repetition penalty too.
     #[test]
     fn a_carried_token_gives_the_deltas_of_counting_it_here() {
         use crate::adjust::Adjust;
@@ -381,16 +485,23 @@ mod penalty_tests {
             presence: 0.3,
             frequency: 0.7,
             bias: vec![(1, 3.1), (9, 1.3), (4, -0.9), (1, 0.45)],
+            repetition: 1.7,
         };
+        let seen = [3u32, 4, 13];
         let counts = std::collections::HashMap::from([(0u32, 4u32), (4, 1), (7, 3), (11, 2)]);
         let deltas = p.deltas(&counts);
         let carry = p.carry(&counts, &deltas);
         let a = Adjust {
+            repeat: p.repeat(&seen, &counts, true),
             deltas,
             mask: None,
             carry,
         };
         assert!(a.is_well_formed());
+        assert_eq!(
+            a.repeat.as_ref().map(|r| &r.tokens[..]),
+            Some(&[0, 3, 4, 7, 11, 13][..])
+        );
         let row: Vec<f32> = (0..16).map(|i| 0.37 * i as f32 - 2.0).collect();
         for t in 0..16u32 {
             let mut got = row.clone();
@@ -398,7 +509,12 @@ mod penalty_tests {
             let mut more = counts.clone();
             *more.entry(t).or_insert(0) += 1;
             let mut want = row.clone();
-            p.apply(&mut want, &more);
+            let here = Adjust {
+                repeat: p.repeat(&seen, &more, false),
+                deltas: p.deltas(&more),
+                ..Adjust::default()
+            };
+            here.apply(&mut want);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "carried token {t}");
         }

@@ -65,6 +65,7 @@ fn sampler_twin_greedy_seeds_and_cuts() {
         .collect();
     let best = argmax(&x) as u32;
     let p = |temperature, top_k, top_p, seed, step| SampleParams {
+        min_p: 0.0,
         temperature,
         top_k,
         top_p,
@@ -113,6 +114,7 @@ fn sampler_twin_follows_the_softmax() {
         let t = twins::sample(
             &x,
             SampleParams {
+                min_p: 0.0,
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 1.0,
@@ -131,6 +133,7 @@ fn sampler_twin_follows_the_softmax() {
     let mut counts = [0usize; 4];
     for s in 0..n {
         let p = SampleParams {
+            min_p: 0.0,
             temperature: 1.0,
             top_k: 0,
             top_p: 0.5,
@@ -211,7 +214,7 @@ fn the_samplers_cuts_are_exact() {
             }
         }
         assert_eq!(
-            kept_key(&probs, top_k, top_p),
+            kept_key(&probs, top_k, top_p, 0.0),
             want,
             "case {case}: {len} tokens, top_k {top_k}, top_p {top_p}"
         );

@@ -99,6 +99,7 @@ fn step_sample_on_the_cpu_is_the_sample_rule_over_step_logits() {
     b.push(&[4, 5], 0, vec![1], false);
     b.push(&[6], 0, vec![2], true);
     let p = |t: f32, seed: u64| SampleParams {
+        min_p: 0.0,
         temperature: t,
         top_k: 10,
         top_p: 0.9,

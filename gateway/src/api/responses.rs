@@ -39,6 +39,8 @@ const EXTENSIONS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "min_p",
+    "repetition_penalty",
 ];
 
 /// Validates a `/v1/responses` body that continues no stored response.

@@ -44,6 +44,10 @@ pub struct CommonParams {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<u32>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// Not in OpenAI's API; vLLM's: a cut below a share of the most likely token's
+    /// probability, and a penalty on every token already in the prompt or answer.
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]

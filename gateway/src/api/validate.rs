@@ -266,6 +266,14 @@ fn common(
         2.0,
     )?;
     let logit_bias = logit_bias(&c.logit_bias)?;
+    let min_p = range("min_p", c.min_p.unwrap_or(0.0), 0.0, 1.0)?;
+    let repetition_penalty = c.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return Err(ApiError::bad(
+            format!("`repetition_penalty` must be a number above 0, got {repetition_penalty}."),
+            Some("repetition_penalty".into()),
+        ));
+    }
     let stop = match c.stop {
         None => vec![],
         Some(OneOrMany::One(s)) => vec![s],
@@ -307,6 +315,7 @@ fn common(
             temperature,
             top_p,
             top_k: c.top_k.unwrap_or(0),
+            min_p,
             seed: c.seed.map(|s| s as u64),
             stop,
             logprobs,
@@ -314,6 +323,7 @@ fn common(
             presence_penalty,
             frequency_penalty,
             logit_bias,
+            repetition_penalty,
             json: None,
             prediction: None,
             ignore_eos: c.ignore_eos.unwrap_or(false),
@@ -847,6 +857,10 @@ mod tests {
             ),
             (r#""presence_penalty":2.5"#, "presence_penalty"),
             (r#""frequency_penalty":-3"#, "frequency_penalty"),
+            (r#""min_p":1.5"#, "min_p"),
+            (r#""min_p":-0.1"#, "min_p"),
+            (r#""repetition_penalty":0"#, "repetition_penalty"),
+            (r#""repetition_penalty":-1.2"#, "repetition_penalty"),
             (r#""logit_bias":{"x":1}"#, "logit_bias"),
             (r#""logit_bias":{"5":101}"#, "logit_bias"),
             (r#""logit_bias":[1]"#, "logit_bias"),
@@ -941,6 +955,10 @@ mod tests {
         assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
         assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
         assert!(p.json.is_none());
+        assert_eq!((p.min_p, p.repetition_penalty), (0.0, 1.0));
+        let body = br#"{"model":"m","prompt":"x","min_p":0.05,"repetition_penalty":1.15}"#;
+        let p = completion(body, &server()).expect("test input").params;
+        assert_eq!((p.min_p, p.repetition_penalty), (0.05, 1.15));
         let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#;
         assert!(matches!(
             chat(body, &server()).expect("test input").params.json,

@@ -418,6 +418,7 @@ impl EngineWorker {
             prompt,
             max_tokens: p.max_tokens,
             sampling: SamplingConfig {
+                min_p: p.min_p,
                 temperature: p.temperature,
                 top_p: if p.top_p <= 0.0 { 1e-6 } else { p.top_p },
                 top_k: p.top_k as usize,
@@ -430,6 +431,7 @@ impl EngineWorker {
                 presence: p.presence_penalty,
                 frequency: p.frequency_penalty,
                 bias: p.logit_bias.clone(),
+                repetition: p.repetition_penalty,
             })
             .filter(|p| !p.is_empty()),
             json: p.json.as_ref().map(|j| match j {

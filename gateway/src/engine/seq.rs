@@ -103,10 +103,12 @@ pub(super) struct Seq {
     pub(super) prompt_scored: Vec<TokenLogprob>,
     /// Its prompt is scored (`echo` with `logprobs`): a stop token gets an item too.
     pub(super) scored: bool,
-    /// Presence and frequency penalties and logit bias, when the request has any; and
-    /// how often each token has been generated.
+    /// Presence and frequency penalties, logit bias and a repetition penalty, when the
+    /// request has any; how often each token has been generated; and under a repetition
+    /// penalty, the prompt's tokens (sorted, each once).
     pub(super) penalties: Option<Penalties>,
     pub(super) counts: HashMap<u32, u32>,
+    pub(super) seen: Vec<u32>,
     /// JSON mode or structured output: where the document generated so far stands.
     pub(super) json: Option<JsonState>,
     /// An embeddings request: it ends with its prompt, answered with the normalized
@@ -341,6 +343,10 @@ impl Seq {
             .as_ref()
             .filter(|_| carried)
             .and_then(|p| p.carry(&self.counts, &deltas));
+        let repeat = self
+            .penalties
+            .as_ref()
+            .and_then(|p| p.repeat(&self.seen, &self.counts, carried));
         // A grammar is the answer's: it waits while the model thinks.
         let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
         let json = self.json.as_ref().filter(|_| !thinking);
@@ -374,6 +380,7 @@ impl Seq {
             }
         }
         Adjust {
+            repeat,
             deltas,
             mask,
             carry,
@@ -395,11 +402,24 @@ impl Seq {
         } else {
             0
         };
-        2 + 2 * deltas + mask + carry
+        let repeat = match &self.penalties {
+            Some(p) if p.repetition != 1.0 => 2 + self.seen.len() + self.counts.len(),
+            _ => 0,
+        };
+        2 + 2 * deltas + mask + carry + repeat
     }
 }
 
 pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
+    let seen = match &n.penalties {
+        Some(p) if p.repetition != 1.0 => {
+            let mut seen = n.prompt.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            seen
+        }
+        _ => Vec::new(),
+    };
     Seq {
         id,
         resolved: n.prompt.len(),
@@ -423,6 +443,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         prompt_next: n.prompt_logprobs.then_some(1),
         prompt_scored: Vec::new(),
         scored: n.prompt_logprobs,
+        seen,
         penalties: n.penalties,
         counts: HashMap::new(),
         json: n.json,
@@ -473,6 +494,7 @@ pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob 
 pub(super) fn sample_params(s: &Seq, step: u32) -> SampleParams {
     let c = s.sampling;
     SampleParams {
+        min_p: c.min_p,
         temperature: if c.temperature < 1e-5 {
             0.0
         } else {
@@ -573,6 +595,7 @@ mod tests {
             prompt,
             max_tokens,
             sampling: SamplingConfig {
+                min_p: 0.0,
                 temperature: 0.0,
                 top_p: 1.0,
                 top_k: 0,

@@ -93,6 +93,9 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep only the k most likely tokens (0 = no cut).
     pub top_k: u32,
+    /// vLLM's `min_p` (0 = no cut): keep only the tokens at least this times as likely as
+    /// the most likely one.
+    pub min_p: f32,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     /// Return each generated token's log-probability and this many most likely
@@ -107,6 +110,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// `logit_bias`: added to these token ids' logits (−100 to 100).
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `repetition_penalty` (1 = none, > 0): the logits of the tokens in the prompt
+    /// or generated are divided by it where positive, else multiplied.
+    pub repetition_penalty: f32,
     /// `response_format` `json_object` or `json_schema`: the output is one JSON object, or
     /// one document of a schema.
     pub json: Option<JsonFormat>,
@@ -172,6 +178,7 @@ impl SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
             stop: Vec::new(),
             logprobs: None,
@@ -179,6 +186,7 @@ impl SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            repetition_penalty: 1.0,
             json: None,
             prediction: None,
             ignore_eos: false,

@@ -301,6 +301,15 @@ if engine:
     n = short.usage.completion_tokens + 5
     held = hello(max_tokens=60, extra_body={"min_tokens": n})
     assert held.usage.completion_tokens >= n, held.usage
+    # vLLM's `min_p` and `repetition_penalty`: `min_p` 1 keeps only the most likely token,
+    # so a hot sampled answer is the greedy one; a penalty on the prompt's tokens (the
+    # code to copy) changes the answer.
+    def copied(**extra):
+        return client.chat.completions.create(model=model, messages=copy, max_tokens=30, **extra).choices[0].message.content
+
+    greedy = copied(temperature=0)
+    assert copied(temperature=1.5, seed=3, extra_body={"min_p": 1.0}) == greedy
+    assert copied(temperature=0, extra_body={"repetition_penalty": 1.5}) != greedy
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
@@ -319,6 +328,10 @@ r = hello(max_tokens=20, extra_body={"ignore_eos": True, "stop_token_ids": [2]})
 assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length", r
 assert hello(max_tokens=20, extra_body={"min_tokens": 14}).usage.completion_tokens >= 14
 assert refused(max_tokens=4, extra_body={"min_tokens": 5})["param"] == "min_tokens"
+assert refused(extra_body={"repetition_penalty": 0})["param"] == "repetition_penalty"
+assert refused(extra_body={"min_p": 2})["param"] == "min_p"
+# vLLM's `min_p` and `repetition_penalty` are taken by every worker.
+assert hello(extra_body={"min_p": 0.1, "repetition_penalty": 1.2}).choices[0].message.content
 # A prediction is taken by every worker (those that cannot draft from it answer the same).
 r = hello(prediction={"type": "content", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]})
 assert r.choices[0].message.content, r

@@ -13,6 +13,7 @@
 //! sample + 4L        seed[L] u64 (two words each, 8-byte aligned)
 //! sample + 6L        adjust[L]: where the row's adjustment starts in the extra part,
 //!                    or 0xFFFFFFFF for none
+//! sample + 7L        min_p[L] f32
 //! len ..             the extra part: the adjustments' words ([`Adjust::write`]),
 //!                    then three words per scored row ([`Score::words`])
 //! ```
@@ -93,7 +94,7 @@ impl Layout {
             n_logits,
             windowed,
             sample,
-            len: sample + 7 * n_logits,
+            len: sample + 8 * n_logits,
         }
     }
     /// Where the block tables (the part `build_batch` reads) end.
@@ -124,6 +125,9 @@ impl Layout {
     /// Each row's adjustment, by its first word in the extra part.
     pub fn adjust(&self) -> std::ops::Range<usize> {
         self.part(6, 1)
+    }
+    pub fn min_p(&self) -> std::ops::Range<usize> {
+        self.part(7, 1)
     }
 }
 
@@ -260,6 +264,7 @@ pub fn write_sample(
         out[lay.temperature().start + row] = p.temperature.to_bits();
         out[lay.top_k().start + row] = p.top_k as u32;
         out[lay.top_p().start + row] = p.top_p.to_bits();
+        out[lay.min_p().start + row] = p.min_p.to_bits();
         out[lay.steps().start + row] = p.step;
         let s = lay.seeds().start + 2 * row;
         out[s] = p.seed as u32;
@@ -313,7 +318,7 @@ mod tests {
             .lay;
         let twin = twins::stage(&b, 4);
         assert_eq!(&out[..twin.len()], &twin[..]);
-        assert_eq!(lay.len, lay.sample + 21);
+        assert_eq!(lay.len, lay.sample + 24);
         assert!(
             out[..lay.len].iter().all(|&w| w != poison),
             "every word written"
@@ -352,6 +357,7 @@ mod tests {
             temperature: t,
             top_k: k,
             top_p: 0.9,
+            min_p: 0.05,
             seed,
             step: 3,
         };
@@ -365,6 +371,7 @@ mod tests {
         assert_eq!(out[lay.top_k().start] as i32, 40);
         assert_eq!(f32::from_bits(out[lay.top_p().start + 1]), 0.9);
         assert_eq!(out[lay.steps().start], 3);
+        assert_eq!(f32::from_bits(out[lay.min_p().start + 1]), 0.05);
         let s = lay.seeds().start;
         assert_eq!(
             out[s] as u64 | (out[s + 1] as u64) << 32,
@@ -373,12 +380,15 @@ mod tests {
         // Rows past the given parameters (the dummy) are greedy.
         assert_eq!(f32::from_bits(out[lay.temperature().start + 2]), 0.0);
         assert_eq!(f32::from_bits(out[lay.top_p().start + 3]), 1.0);
+        assert_eq!(f32::from_bits(out[lay.min_p().start + 3]), 0.0);
+        assert_eq!(lay.min_p().end, lay.len);
     }
 
     #[test]
     fn adjustments_follow_the_layout_by_row_and_must_fit() {
         let b = batch();
         let a = |t: u32| Adjust {
+            repeat: None,
             deltas: vec![(t, -1.5)],
             mask: Some(vec![1 << t, 0]),
             carry: None,

@@ -208,6 +208,7 @@ fn draft_graphs_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let params = |rows: usize| -> Vec<SampleParams> {
         (0..rows as u32)
             .map(|i| SampleParams {
+                min_p: 0.0,
                 temperature: 0.9,
                 top_k: 40,
                 top_p: 0.95,
@@ -254,6 +255,7 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let params = |step: u32| -> Vec<SampleParams> {
         (0..n)
             .map(|i| SampleParams {
+                min_p: [0.0, 0.0, 0.02, 0.0][i % 4],
                 temperature: if i % 3 == 0 { 0.0 } else { 0.9 },
                 top_k: [0, 5, 50][i % 3],
                 top_p: 1.0,
@@ -266,12 +268,15 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     // Every other row has penalties: counting the tokens drawn before it, known on the
     // host when each step waits for the one before; the last of them carried (counted on
     // the device, as the step's input token) when the step is sent before the one before
-    // is collected.
+    // is collected. A repetition penalty too, on some tokens taken as the prompt's and on
+    // those drawn, the last carried likewise.
     let pen = kernels::sampler::Penalties {
         presence: 0.8,
         frequency: 0.6,
         bias: vec![(3, 0.5)],
+        repetition: 1.4,
     };
+    let prompt_seen = [3u32, 11, 12, 40];
     let adjust = |drawn: &[Vec<u32>], carried: bool| -> Vec<Option<Adjust>> {
         (0..n)
             .map(|i| {
@@ -288,6 +293,7 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                         None
                     };
                     Adjust {
+                        repeat: pen.repeat(&prompt_seen, &counts, carried && !drawn.is_empty()),
                         deltas,
                         mask: None,
                         carry,

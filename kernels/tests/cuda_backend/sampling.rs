@@ -15,6 +15,7 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     let p = prefill(n);
     let params: Vec<SampleParams> = (0..n)
         .map(|i| SampleParams {
+            min_p: 0.0,
             temperature: if i % 3 == 0 { 0.0 } else { 0.8 },
             top_k: [0, 5, 50][i % 3],
             top_p: if i % 2 == 0 { 1.0 } else { 0.9 },
@@ -76,6 +77,7 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                 let best = greedy(row, vocab)[0] as usize;
                 mask[best / 32] &= !(1 << (best % 32));
                 Adjust {
+                    repeat: None,
                     deltas: vec![(7 + r as u32, 1.0)],
                     mask: Some(mask),
                     carry: (r % 4 == 3).then(|| Carry {
@@ -126,6 +128,7 @@ fn sampling_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
     assert!(cuda.step_sample(&d, &greedy_params[1..], &[]).is_err());
     assert!(cuda.step_sample(&d, &greedy_params, &adjust[1..]).is_err());
     let huge = Adjust {
+        repeat: None,
         deltas: vec![(0, 1.0); cuda.adjust_room() / 2],
         mask: None,
         carry: None,

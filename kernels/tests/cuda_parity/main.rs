@@ -15,7 +15,7 @@ use common::rel_err as rel;
 use common::{emu, emu_for, gpu, gpu_for};
 use cudarc::driver::LaunchConfig;
 use half::f16;
-use kernels::adjust::{allowed, Adjust, Carry};
+use kernels::adjust::{allowed, Adjust, Carry, Repeat};
 use kernels::backend::FROM_LAST;
 use kernels::cuda::device::ATTENTION_CHUNK_KEYS;
 use kernels::cuda::exec::{Arg, DevBuf, Elem, Exec};

@@ -13,6 +13,9 @@ fn sampling_case<E: Exec>(g: &E) {
     let logits = rng.vec(s * vocab, 8.0);
     let params: Vec<SampleParams> = (0..s)
         .map(|i| SampleParams {
+            // vLLM's min_p, alone and before the other cuts: none, 1 (the top only), a
+            // denormal floor (nearly none) and others.
+            min_p: [0.0, 0.1, 0.0, 0.02, 0.5, 1.0, 1e-40][i % 7],
             temperature: if i % 4 == 0 {
                 0.0
             } else {
@@ -55,12 +58,14 @@ fn sampling_case<E: Exec>(g: &E) {
                         alt: deltas.iter().map(|_| -rng.f32() * 4.0).collect(),
                     });
                     Some(Adjust {
+                        repeat: None,
                         deltas,
                         mask: None,
                         carry,
                     })
                 }
                 Some(1) => Some(Adjust {
+                    repeat: None,
                     deltas: vec![],
                     mask: Some(mask(&mut rng, words, 2)),
                     carry: None,
@@ -71,6 +76,7 @@ fn sampling_case<E: Exec>(g: &E) {
                         .filter(|&t| allowed(&m, t as usize))
                         .collect();
                     Some(Adjust {
+                        repeat: None,
                         deltas: Adjust::merged(kept.iter().step_by(3).map(|&t| (t, 2.5))),
                         mask: Some(m),
                         carry: None,
@@ -85,6 +91,7 @@ fn sampling_case<E: Exec>(g: &E) {
                         alt: deltas.iter().map(|_| rng.f32()).collect(),
                     });
                     Some(Adjust {
+                        repeat: None,
                         deltas,
                         mask: Some(mask(&mut rng, words / 2, 4)),
                         carry,
@@ -118,6 +125,42 @@ fn sampling_case<E: Exec>(g: &E) {
             inputs[2 * i + 1] = t as u32;
         }
     }
+    // Every third row from 8 on (masked or not, carried or not) has a repetition penalty
+    // too: seen tokens (some past the row) scaled by a factor above or below 1, every
+    // other one's input token too (in turn listed and, most likely, not).
+    let mut adjust = adjust;
+    for (i, a) in adjust
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 0 && *i >= 8)
+    {
+        let mut tokens: Vec<u32> = (0..150).map(|_| rng.below(vocab + 10) as u32).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let last = i % 6 == 0;
+        if last && i % 16 != 0 && i % 16 != 15 {
+            inputs[2 * i + 1] = if i % 12 == 0 {
+                tokens[rng.below(tokens.len() / 2)]
+            } else {
+                rng.below(vocab) as u32
+            };
+        }
+        let repeat = Some(Repeat {
+            factor: [1.3, 0.7, 2.0][(i / 3) % 3],
+            tokens,
+            last,
+        });
+        match a {
+            Some(a) => a.repeat = repeat,
+            None => {
+                *a = Some(Adjust {
+                    repeat,
+                    ..Adjust::default()
+                })
+            }
+        }
+    }
+    assert!(adjust.iter().flatten().all(Adjust::is_well_formed));
     let mut adjusted = logits.clone();
     for (i, (row, a)) in adjusted.chunks_exact_mut(vocab).zip(&adjust).enumerate() {
         if let Some(a) = a {
@@ -143,6 +186,7 @@ fn sampling_case<E: Exec>(g: &E) {
     let temp = up(g, &params.iter().map(|p| p.temperature).collect::<Vec<_>>());
     let topk = up(g, &params.iter().map(|p| p.top_k).collect::<Vec<_>>());
     let topp = up(g, &params.iter().map(|p| p.top_p).collect::<Vec<_>>());
+    let minp = up(g, &params.iter().map(|p| p.min_p).collect::<Vec<_>>());
     let seeds = up(g, &params.iter().map(|p| p.seed).collect::<Vec<_>>());
     let steps = up(g, &params.iter().map(|p| p.step).collect::<Vec<_>>());
     let (offs, extra) = (up(g, &offsets), up(g, &extra));
@@ -157,6 +201,7 @@ fn sampling_case<E: Exec>(g: &E) {
         temp.arg(),
         topk.arg(),
         topp.arg(),
+        minp.arg(),
         seeds.arg(),
         steps.arg(),
         offs.arg(),

@@ -178,6 +178,8 @@ impl OpenAiWorker {
             ignore_eos: p.ignore_eos.then_some(true),
             min_tokens: (p.min_tokens > 0).then_some(p.min_tokens),
             stop_token_ids: (!p.stop_token_ids.is_empty()).then_some(p.stop_token_ids.as_slice()),
+            min_p: (p.min_p > 0.0).then_some(p.min_p),
+            repetition_penalty: (p.repetition_penalty != 1.0).then_some(p.repetition_penalty),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

@@ -172,3 +172,38 @@ fn an_upstreams_context_length_rejection_keeps_its_code() {
     assert_eq!(code(other), None);
     assert_eq!(code("not json at all"), None);
 }
+
+/// vLLM's sampling and stopping options are passed to the upstream where the request sets
+/// them, and left out where it does not (an OpenAI upstream would refuse them).
+#[test]
+fn vllms_options_reach_the_upstream_only_when_set() {
+    let w = OpenAiWorker::new(
+        "w".into(),
+        toml::from_str(r#"url = "http://127.0.0.1:1""#).expect("config"),
+    )
+    .expect("worker");
+    let mut r = embed_req(Prompt::Text("a".into()), vec![]);
+    r.embed = false;
+    r.params = SamplingParams::greedy(8);
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    for field in [
+        "min_p",
+        "repetition_penalty",
+        "ignore_eos",
+        "min_tokens",
+        "stop_token_ids",
+    ] {
+        assert!(v.get(field).is_none(), "{field} sent unset: {v}");
+    }
+    r.params.min_p = 0.05;
+    r.params.repetition_penalty = 1.25;
+    r.params.ignore_eos = true;
+    r.params.min_tokens = 3;
+    r.params.stop_token_ids = vec![7, 9];
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    assert_eq!(v["min_p"], 0.05);
+    assert_eq!(v["repetition_penalty"], 1.25);
+    assert_eq!(v["ignore_eos"], true);
+    assert_eq!(v["min_tokens"], 3);
+    assert_eq!(v["stop_token_ids"], serde_json::json!([7, 9]));
+}

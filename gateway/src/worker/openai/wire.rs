@@ -62,6 +62,11 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) min_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) stop_token_ids: Option<&'a [u32]>,
+    /// vLLM's `min_p` and `repetition_penalty`, where the request sets them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) repetition_penalty: Option<f32>,
 }
 
 #[derive(Serialize)]

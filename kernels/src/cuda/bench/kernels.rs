@@ -279,6 +279,7 @@ pub(super) fn sample<E: Exec>(
     let adjusted = e.zeros::<f32>(n_rows * vocab)?;
     // Every row's adjustment: the same words, at the extra part's start.
     let adjust = crate::adjust::Adjust {
+        repeat: None,
         deltas: (0..32).map(|t| (t * 97, -0.5)).collect(),
         mask: Some(
             (0..vocab.div_ceil(32))
@@ -305,6 +306,7 @@ pub(super) fn sample<E: Exec>(
         let tv = e.upload(&vec![*temp; n_rows])?;
         let kv = e.upload(&vec![*top_k; n_rows])?;
         let pv = e.upload(&vec![*top_p; n_rows])?;
+        let mv = e.upload(&vec![0.0f32; n_rows])?;
         let args = [
             lg.arg(),
             adjusted.arg(),
@@ -312,6 +314,7 @@ pub(super) fn sample<E: Exec>(
             tv.arg(),
             kv.arg(),
             pv.arg(),
+            mv.arg(),
             seeds.arg(),
             steps.arg(),
             if *masked { all.arg() } else { none.arg() },

@@ -711,6 +711,7 @@ impl<E: Exec> Device<E> {
                     st.arg_at_as::<f32>(lay.temperature())?,
                     st.arg_at_as::<i32>(lay.top_k())?,
                     st.arg_at_as::<f32>(lay.top_p())?,
+                    st.arg_at_as::<f32>(lay.min_p())?,
                     st.arg_at_as::<u64>(lay.seeds())?,
                     st.arg_at_as::<u32>(lay.steps())?,
                     st.arg_at_as::<u32>(lay.adjust())?,
