@@ -310,6 +310,15 @@ async fn seeds_case(backend: BackendKind) {
         let (cut, reason, _) = run(&e, req("stop test", 30, 0.0, None, vec![stop.clone()])).await;
         assert_eq!(cut, full[..full.find(&stop).unwrap()], "stop {stop:?}");
         assert_eq!(reason, FinishReason::Stop);
+        // vLLM's `include_stop_str_in_output`: the stop string met ends the text, kept in
+        // it (another listed first, never met, changes nothing).
+        let never = "\u{2603} never".to_string();
+        let mut r = (*req("stop test", 30, 0.0, None, vec![never, stop.clone()])).clone();
+        r.params.include_stop_str_in_output = true;
+        let (kept, reason, _) = run(&e, Arc::new(r)).await;
+        let end = full.find(&stop).unwrap() + stop.len();
+        assert_eq!(kept, full[..end], "stop {stop:?} kept");
+        assert_eq!(reason, FinishReason::Stop);
     }
     // Over the context: a 400 from the worker, before any generation.
     match e.submit(req("x", 5000, 0.0, None, vec![])).await {

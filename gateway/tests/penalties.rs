@@ -2,7 +2,7 @@
 //! on the GPU path (the CUDA emulator: rows with penalties are drawn again on the host from
 //! their penalized logits): checked token by token against the raw log-probabilities the
 //! same requests report. vLLM's repetition penalty and `min_p`: checked against the rules
-//! applied here to the model's logits.
+//! applied here to the model's logits; its `allowed_token_ids`, by the tokens drawn.
 
 mod common;
 use common::*;
@@ -124,16 +124,7 @@ async fn logit_bias_forces_and_bans_tokens() {
 
 /// The text of a request on `w`.
 async fn answer(w: &EngineWorker, r: WorkerRequest) -> String {
-    let mut s = w.submit(Arc::new(r)).await.unwrap();
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev.unwrap() {
-            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
-            WorkerEvent::Done { .. } => return text,
-            _ => {}
-        }
-    }
-    panic!("no Done event");
+    answer_and_usage(w, r).await.0
 }
 
 /// What vLLM's `repetition_penalty` and `min_p` make of `prompt`, computed here: at each
@@ -250,4 +241,72 @@ async fn repetition_penalty_and_min_p_follow_their_rules() {
             assert_eq!(&answer(&w, r).await, text, "{kind:?}: {p:?}");
         }
     }
+}
+
+/// vLLM's `allowed_token_ids`, in the engine on each backend (on the GPU path a mask drawn
+/// on the device): greedy and sampled answers have those tokens only, and without the end
+/// of sequence among them run to `max_tokens`; with `min_tokens`, the end of sequence
+/// allowed, none is drawn before it. An id past the vocabulary is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_token_ids_are_the_only_tokens_drawn() {
+    let (_dir, loaded) = synthetic_model();
+    let tok = loaded.tokenizer.clone();
+    // Three tokens of one printable character each, told apart by their text.
+    let picked: Vec<(u32, char)> = (0..tok.vocab_size() as u32)
+        .filter_map(|id| match tok.token_bytes(id) {
+            [b] if b.is_ascii_lowercase() => Some((id, *b as char)),
+            _ => None,
+        })
+        .skip(3)
+        .take(3)
+        .collect();
+    assert_eq!(picked.len(), 3);
+    let ids: Vec<u32> = picked.iter().map(|p| p.0).collect();
+    let chars: Vec<char> = picked.iter().map(|p| p.1).collect();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
+        for (temperature, seed) in [(0.0, 0), (1.5, 3), (1.0, 9)] {
+            let mut r = (*worker_req("the quick brown fox", 12)).clone();
+            r.params.allowed_token_ids = ids.clone();
+            r.params.temperature = temperature;
+            r.params.seed = Some(seed);
+            let (text, usage) = answer_and_usage(&w, r).await;
+            assert_eq!(usage.completion_tokens, 12, "{kind:?}: {text:?}");
+            assert!(
+                text.chars().count() == 12 && text.chars().all(|c| chars.contains(&c)),
+                "{kind:?}, temperature {temperature}: {text:?} has tokens not in {chars:?}"
+            );
+        }
+        // The end of sequence allowed too, held back by `min_tokens`.
+        let mut r = (*worker_req("the quick brown fox", 12)).clone();
+        r.params.allowed_token_ids = [ids.clone(), tok.stop_tokens.clone()].concat();
+        r.params.min_tokens = 5;
+        let (text, usage) = answer_and_usage(&w, r).await;
+        assert!(usage.completion_tokens >= 5, "{kind:?}: {text:?}");
+        assert!(
+            text.chars().all(|c| chars.contains(&c)),
+            "{kind:?}: {text:?}"
+        );
+    }
+    let w = engine_on(&loaded, gateway::config::BackendKind::Cpu);
+    let mut r = (*worker_req("x", 4)).clone();
+    r.params.allowed_token_ids = vec![5, 1 << 30];
+    match w.submit(Arc::new(r)).await {
+        Err(e) => assert!(e.to_string().contains("allowed_token_ids"), "{e}"),
+        Ok(_) => panic!("an allowed token past the vocabulary was accepted"),
+    }
+}
+
+/// The text and usage of a request on `w`.
+async fn answer_and_usage(w: &EngineWorker, r: WorkerRequest) -> (String, gateway::worker::Usage) {
+    let mut s = w.submit(Arc::new(r)).await.unwrap();
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
+            WorkerEvent::Done { usage, .. } => return (text, usage),
+            _ => {}
+        }
+    }
+    panic!("no Done event");
 }

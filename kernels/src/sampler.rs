@@ -378,13 +378,23 @@ impl Penalties {
         if self.repetition == 1.0 {
             return None;
         }
-        let mut tokens: Vec<u32> = counts
+        // The generated tokens not in the prompt (few), sorted, merged with the prompt's.
+        let mut more: Vec<u32> = counts
             .keys()
             .copied()
             .filter(|t| seen.binary_search(t).is_err())
             .collect();
-        tokens.extend_from_slice(seen);
-        tokens.sort_unstable();
+        more.sort_unstable();
+        let mut tokens = Vec::with_capacity(seen.len() + more.len());
+        let mut i = 0;
+        for t in more {
+            while seen.get(i).is_some_and(|&s| s < t) {
+                tokens.push(seen[i]);
+                i += 1;
+            }
+            tokens.push(t);
+        }
+        tokens.extend_from_slice(&seen[i..]);
         Some(crate::adjust::Repeat {
             factor: self.repetition,
             tokens,

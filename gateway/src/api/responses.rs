@@ -41,6 +41,8 @@ const EXTENSIONS: &[&str] = &[
     "logit_bias",
     "min_p",
     "repetition_penalty",
+    "allowed_token_ids",
+    "include_stop_str_in_output",
 ];
 
 /// Validates a `/v1/responses` body that continues no stored response.

@@ -48,6 +48,10 @@ pub struct CommonParams {
     /// probability, and a penalty on every token already in the prompt or answer.
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Not in OpenAI's API; vLLM's: the only tokens the answer may have, and whether a
+    /// stop string that ends it is in its text.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    pub include_stop_str_in_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -166,6 +166,9 @@ const MAX_LOGIT_BIAS: usize = 300;
 /// Most `stop_token_ids` a request may name.
 const MAX_STOP_TOKEN_IDS: usize = 64;
 
+/// Most `allowed_token_ids` a request may name (a large vocabulary's).
+const MAX_ALLOWED_TOKEN_IDS: usize = 262_144;
+
 /// `logit_bias`: `{"token id": bias}` with biases from −100 to 100, at most 300 entries
 /// (whether an id is in the vocabulary is the worker's to say).
 fn logit_bias(v: &Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -307,6 +310,15 @@ fn common(
             Some("stop_token_ids".into()),
         ));
     }
+    let allowed_token_ids = match c.allowed_token_ids {
+        Some(ids) if ids.is_empty() || ids.len() > MAX_ALLOWED_TOKEN_IDS => {
+            return Err(ApiError::bad(
+                format!("`allowed_token_ids` takes 1 to {MAX_ALLOWED_TOKEN_IDS} tokens."),
+                Some("allowed_token_ids".into()),
+            ));
+        }
+        ids => ids.unwrap_or_default(),
+    };
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
     Ok((
         c.model,
@@ -329,6 +341,8 @@ fn common(
             ignore_eos: c.ignore_eos.unwrap_or(false),
             min_tokens,
             stop_token_ids,
+            allowed_token_ids,
+            include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
         },
         stream,
         include_usage,
@@ -557,20 +571,21 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, 1, logprobs, server)?;
-    // Tool calls are a document too (`json` holds their schema).
-    if (params.ignore_eos || params.min_tokens > 0) && json.is_some() {
+    // Tool calls are a document too (`json` holds their schema); its grammar chooses the
+    // tokens.
+    let held = [
+        ("ignore_eos", params.ignore_eos),
+        ("min_tokens", params.min_tokens > 0),
+        ("allowed_token_ids", !params.allowed_token_ids.is_empty()),
+    ];
+    if let Some((field, _)) = held.iter().find(|h| h.1).filter(|_| json.is_some()) {
         let what = match tool_plan {
             Some(_) => "tool calls",
             None => "`response_format`",
         };
-        let field = if params.ignore_eos {
-            "ignore_eos"
-        } else {
-            "min_tokens"
-        };
         return Err(ApiError::bad(
-            format!("`{field}` cannot be combined with {what}: its answer ends where the document does."),
-            Some(field.into()),
+            format!("`{field}` cannot be combined with {what}: the document's grammar chooses the answer's tokens and its end."),
+            Some(field.to_string()),
         ));
     }
     params.json = json;
@@ -861,6 +876,11 @@ mod tests {
             (r#""min_p":-0.1"#, "min_p"),
             (r#""repetition_penalty":0"#, "repetition_penalty"),
             (r#""repetition_penalty":-1.2"#, "repetition_penalty"),
+            (r#""allowed_token_ids":[]"#, "allowed_token_ids"),
+            (
+                r#""allowed_token_ids":[5],"response_format":{"type":"json_object"}"#,
+                "allowed_token_ids",
+            ),
             (r#""logit_bias":{"x":1}"#, "logit_bias"),
             (r#""logit_bias":{"5":101}"#, "logit_bias"),
             (r#""logit_bias":[1]"#, "logit_bias"),
@@ -956,9 +976,19 @@ mod tests {
         assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
         assert!(p.json.is_none());
         assert_eq!((p.min_p, p.repetition_penalty), (0.0, 1.0));
-        let body = br#"{"model":"m","prompt":"x","min_p":0.05,"repetition_penalty":1.15}"#;
+        assert!(p.allowed_token_ids.is_empty());
+        let body = br#"{"model":"m","prompt":"x","min_p":0.05,"repetition_penalty":1.15,"allowed_token_ids":[9,4]}"#;
         let p = completion(body, &server()).expect("test input").params;
         assert_eq!((p.min_p, p.repetition_penalty), (0.05, 1.15));
+        assert_eq!(p.allowed_token_ids, vec![9, 4]);
+        assert!(!p.include_stop_str_in_output);
+        let body = br#"{"model":"m","prompt":"x","stop":"y","include_stop_str_in_output":true}"#;
+        assert!(
+            completion(body, &server())
+                .expect("test input")
+                .params
+                .include_stop_str_in_output
+        );
         let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#;
         assert!(matches!(
             chat(body, &server()).expect("test input").params.json,

@@ -359,15 +359,16 @@ impl EngineWorker {
                 "`logit_bias` names token {id}; this model's vocabulary has {vocab} tokens."
             )));
         }
-        if let Some(id) = req
-            .params
-            .stop_token_ids
-            .iter()
-            .find(|&&id| id as usize >= vocab)
-        {
-            return Err(reject(format!(
-                "`stop_token_ids` names token {id}; this model's vocabulary has {vocab} tokens."
-            )));
+        let named = [
+            ("stop_token_ids", &req.params.stop_token_ids),
+            ("allowed_token_ids", &req.params.allowed_token_ids),
+        ];
+        for (field, ids) in named {
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(reject(format!(
+                    "`{field}` names token {id}; this model's vocabulary has {vocab} tokens."
+                )));
+            }
         }
         let need = prompt.len() + req.params.max_tokens as usize;
         let too_long = |message: String| WorkerError::Rejected {
@@ -425,6 +426,7 @@ impl EngineWorker {
             },
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
+            keep_stop: p.include_stop_str_in_output,
             logprobs: p.logprobs,
             prompt_logprobs: p.prompt_logprobs && p.logprobs.is_some(),
             penalties: Some(Penalties {
@@ -446,6 +448,13 @@ impl EngineWorker {
                 min_tokens: p.min_tokens,
                 stop_ids: p.stop_token_ids.clone(),
             },
+            allowed: (!p.allowed_token_ids.is_empty()).then(|| {
+                let mut bits = vec![0u32; self.tokenizer.vocab_size().div_ceil(32)];
+                for &id in &p.allowed_token_ids {
+                    bits[id as usize / 32] |= 1 << (id % 32);
+                }
+                bits.into()
+            }),
             tx,
         })
     }

@@ -7,21 +7,25 @@ use kernels::tokenizer::{Detokenizer, Tokenizer};
 pub struct TextOut {
     detok: Detokenizer,
     stop: Vec<String>,
+    /// The stop string that ends the text is kept in it (vLLM's
+    /// `include_stop_str_in_output`).
+    keep_stop: bool,
     held: String,
 }
 
 /// What one token produced.
 pub struct Emit {
     pub text: String,
-    /// A stop string was reached: generation ends (its text is not emitted).
+    /// A stop string was reached: generation ends (its text is not emitted, unless kept).
     pub stopped: bool,
 }
 
 impl TextOut {
-    pub fn new(stop: Vec<String>) -> Self {
+    pub fn new(stop: Vec<String>, keep_stop: bool) -> Self {
         Self {
             detok: Detokenizer::default(),
             stop,
+            keep_stop,
             held: String::new(),
         }
     }
@@ -29,13 +33,15 @@ impl TextOut {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Emit {
         let piece = self.detok.push(tok.token_bytes(id));
         self.held.push_str(&piece);
-        if let Some(cut) = self
+        // The first stop string met (the first listed of those met at one place).
+        if let Some((at, len)) = self
             .stop
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|m| m.0)
         {
-            self.held.truncate(cut);
+            self.held
+                .truncate(if self.keep_stop { at + len } else { at });
             return Emit {
                 text: std::mem::take(&mut self.held),
                 stopped: true,

@@ -33,6 +33,8 @@ pub(super) struct NewSeq {
     pub(super) sampling: SamplingConfig,
     pub(super) seed: u64,
     pub(super) stop: Vec<String>,
+    /// The stop string met is kept in the text (`include_stop_str_in_output`).
+    pub(super) keep_stop: bool,
     /// Log-probabilities asked for: this many alternatives per token.
     pub(super) logprobs: Option<u8>,
     /// The prompt's log-probabilities too (`echo` with `logprobs`).
@@ -48,6 +50,8 @@ pub(super) struct NewSeq {
     pub(super) prediction: Option<Vec<u32>>,
     /// What ends it ([`Ends`]).
     pub(super) ends: Ends,
+    /// vLLM's `allowed_token_ids`, as a bitmask of the vocabulary: the only tokens drawn.
+    pub(super) allowed: Option<Arc<[u32]>>,
     pub(super) tx: Events,
 }
 
@@ -129,6 +133,7 @@ pub(super) struct Seq {
     /// A chat's `prediction`, and where its answer stands in it ([`super::prediction`]).
     pub(super) prediction: Option<Prediction>,
     pub(super) ends: Ends,
+    pub(super) allowed: Option<Arc<[u32]>>,
     pub(super) tx: Events,
 }
 
@@ -301,9 +306,12 @@ impl Seq {
         self.resolved += 1;
     }
     /// Whether its next token is drawn from adjusted logits (penalties, JSON mode, the
-    /// tokens that would end it before `min_tokens`).
+    /// tokens that would end it before `min_tokens`, `allowed_token_ids`).
     pub(super) fn constrained(&self) -> bool {
-        self.penalties.is_some() || self.json.is_some() || self.holds_ends()
+        self.penalties.is_some()
+            || self.json.is_some()
+            || self.holds_ends()
+            || self.allowed.is_some()
     }
     /// Whether its next draw may not end it (`min_tokens` not reached): it always has
     /// a token that would (the model's end of sequence, or a `stop_token_ids` one).
@@ -359,6 +367,12 @@ impl Seq {
             }
             bits
         });
+        // The API refuses `allowed_token_ids` with a grammar: its mask is the row's.
+        if let Some(allowed) = self.allowed.as_deref().filter(|_| mask.is_none()) {
+            let mut bits = allowed.to_vec();
+            bits.resize(n.div_ceil(32), 0);
+            mask = Some(bits);
+        }
         if self.holds_ends() {
             // Every token the grammar allows (or any), but those that would end it; unless
             // that leaves none.
@@ -397,7 +411,7 @@ impl Seq {
         } else {
             0
         };
-        let mask = if self.json.is_some() || self.holds_ends() {
+        let mask = if self.json.is_some() || self.holds_ends() || self.allowed.is_some() {
             n.div_ceil(32)
         } else {
             0
@@ -437,7 +451,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         max_tokens: n.max_tokens,
         sampling: n.sampling,
         seed: n.seed,
-        out: TextOut::new(n.stop),
+        out: TextOut::new(n.stop, n.keep_stop),
         logprobs: n.logprobs,
         pending_logprobs: Vec::new(),
         prompt_next: n.prompt_logprobs.then_some(1),
@@ -455,6 +469,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         draft_wait: 0,
         prediction: n.prediction.map(Prediction::new),
         ends: n.ends,
+        allowed: n.allowed,
         tx: n.tx,
     }
 }
@@ -602,6 +617,7 @@ mod tests {
             },
             seed: 0,
             stop: vec![],
+            keep_stop: false,
             logprobs: None,
             prompt_logprobs: false,
             penalties: None,
@@ -610,6 +626,7 @@ mod tests {
             reasoning: None,
             prediction: None,
             ends: Ends::default(),
+            allowed: None,
             tx,
         };
         (admit(n, 0), rx)

@@ -128,6 +128,12 @@ pub struct SamplingParams {
     pub min_tokens: u32,
     /// vLLM's `stop_token_ids`: tokens that end the answer when drawn (their text sent).
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's `allowed_token_ids`: the only tokens drawn (empty: any). The model's end of
+    /// sequence too: an answer without it among them runs to `max_tokens` or a stop.
+    pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `include_stop_str_in_output`: the stop string that ends the answer is the
+    /// end of its text (by default it is cut off).
+    pub include_stop_str_in_output: bool,
 }
 
 /// What shape of JSON a request's output must have.
@@ -192,6 +198,8 @@ impl SamplingParams {
             ignore_eos: false,
             min_tokens: 0,
             stop_token_ids: Vec::new(),
+            allowed_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
         }
     }
 }

@@ -330,6 +330,7 @@ assert hello(max_tokens=20, extra_body={"min_tokens": 14}).usage.completion_toke
 assert refused(max_tokens=4, extra_body={"min_tokens": 5})["param"] == "min_tokens"
 assert refused(extra_body={"repetition_penalty": 0})["param"] == "repetition_penalty"
 assert refused(extra_body={"min_p": 2})["param"] == "min_p"
+assert refused(extra_body={"allowed_token_ids": []})["param"] == "allowed_token_ids"
 # vLLM's `min_p` and `repetition_penalty` are taken by every worker.
 assert hello(extra_body={"min_p": 0.1, "repetition_penalty": 1.2}).choices[0].message.content
 # A prediction is taken by every worker (those that cannot draft from it answer the same).

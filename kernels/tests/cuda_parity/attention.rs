@@ -3,15 +3,43 @@
 
 use super::*;
 
+// The general build with 4 warps per block (and a 16-warp launch, whose extra warps it
+// must leave idle), and the build the backend loads for SmolLM2 with 4 to 16 warps: each
+// build and head shape of [`attention_builds`] a test of its own, so that they run side
+// by side (together they are the suite's longest).
+
 #[test]
-fn attention_prefill_and_decode_match_their_twin() {
-    // The general build with 4 warps per block (and a 16-warp launch, whose extra warps it
-    // must leave idle), and the build the backend loads for SmolLM2 with 4 to 16 warps.
+fn attention_prefill_and_decode_match_their_twin_general_smollm2() {
+    attention_in_builds(0);
+}
+
+#[test]
+fn attention_prefill_and_decode_match_their_twin_general_groups_of_8() {
+    attention_in_builds(1);
+}
+
+#[test]
+fn attention_prefill_and_decode_match_their_twin_general_heads_96() {
+    attention_in_builds(2);
+}
+
+#[test]
+fn attention_prefill_and_decode_match_their_twin_fitted_smollm2() {
+    attention_in_builds(3);
+}
+
+#[test]
+fn attention_prefill_and_decode_match_their_twin_fitted_windowed() {
+    attention_in_builds(4);
+}
+
+/// Case `i` of [`attention_builds`] on the emulator and on a GPU.
+fn attention_in_builds(i: usize) {
     if let (Some(general), Some(fitted)) = (emu(), emu_for(&smol())) {
-        attention_builds(&general, &fitted);
+        attention_builds(&general, &fitted, i);
     }
     if let (Some(general), Some(fitted)) = (gpu(), gpu_for(&smol())) {
-        attention_builds(&general, &fitted);
+        attention_builds(&general, &fitted, i);
     }
 }
 
@@ -55,15 +83,18 @@ fn wide_heads() -> LlamaConfig {
 /// The general build also runs the other head shapes it supports: groups of 8 with
 /// head_dim 128 (16 lanes per key), and head_dim 96 (lanes past the head in each key's
 /// group of 16).
-fn attention_builds<E: Exec>(general: &E, fitted: &E) {
+/// Case `i` (0 to 4) of them: the general build with SmolLM2's heads, groups of 8 and
+/// head_dim 96; the fitted build with SmolLM2's heads, and with a sliding window.
+fn attention_builds<E: Exec>(general: &E, fitted: &E, i: usize) {
     let (wide, odd) = other_head_shapes();
-    for (g, c) in [
+    let cases = [
         (general, smol()),
         (general, wide),
         (general, odd),
         (fitted, smol()),
         (fitted, windowed()),
-    ] {
+    ];
+    if let Some((g, c)) = cases.into_iter().nth(i) {
         // Wider blocks; chunks spread over 2 and 5 blocks (with 5, only the first half of
         // the rows may split: the rest keep one block); more blocks than any row's chunks.
         same_bits_for_every_launch(

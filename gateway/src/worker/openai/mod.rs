@@ -180,6 +180,9 @@ impl OpenAiWorker {
             stop_token_ids: (!p.stop_token_ids.is_empty()).then_some(p.stop_token_ids.as_slice()),
             min_p: (p.min_p > 0.0).then_some(p.min_p),
             repetition_penalty: (p.repetition_penalty != 1.0).then_some(p.repetition_penalty),
+            allowed_token_ids: (!p.allowed_token_ids.is_empty())
+                .then_some(p.allowed_token_ids.as_slice()),
+            include_stop_str_in_output: p.include_stop_str_in_output.then_some(true),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

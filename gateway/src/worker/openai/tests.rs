@@ -192,6 +192,8 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "ignore_eos",
         "min_tokens",
         "stop_token_ids",
+        "allowed_token_ids",
+        "include_stop_str_in_output",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -200,10 +202,14 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     r.params.ignore_eos = true;
     r.params.min_tokens = 3;
     r.params.stop_token_ids = vec![7, 9];
+    r.params.allowed_token_ids = vec![3, 1];
+    r.params.include_stop_str_in_output = true;
     let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
     assert_eq!(v["min_p"], 0.05);
     assert_eq!(v["repetition_penalty"], 1.25);
     assert_eq!(v["ignore_eos"], true);
     assert_eq!(v["min_tokens"], 3);
     assert_eq!(v["stop_token_ids"], serde_json::json!([7, 9]));
+    assert_eq!(v["allowed_token_ids"], serde_json::json!([3, 1]));
+    assert_eq!(v["include_stop_str_in_output"], true);
 }

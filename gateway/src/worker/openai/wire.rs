@@ -67,6 +67,10 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) min_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) repetition_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) allowed_token_ids: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) include_stop_str_in_output: Option<bool>,
 }
 
 #[derive(Serialize)]
