@@ -139,6 +139,9 @@ echo
 # Presence and frequency penalties on every stream: deltas on the device, steps still
 # planned ahead (each counts the token the step before drew, on the device).
 PENALTIES=1 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$model" || status=1
+# vLLM's repetition penalty (each row's seen tokens to the device as a list) and min_p on
+# sampled streams.
+REPETITION=1.1 SAMPLING=top_p MIN_P=0.05 BACKEND=cuda STREAMS=256 TOKENS=64 timeout 30 "$BIN/engine_bench" "$model" || status=1
 # And with log-probabilities (the same 64 tokens: their cost is the ratio of the two
 # lines): the `logprobs` kernel computes each row's from the model's logits (44 words back
 # a row instead of 49,152 floats) while the device draws from its adjusted copy; steps

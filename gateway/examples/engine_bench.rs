@@ -16,6 +16,8 @@
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
 //! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream),
+//! `REPETITION=r` (vLLM's repetition penalty r on every stream: the prompt's and answer's
+//! tokens travel to the device as a list), `MIN_P=p` (vLLM's `min_p`, with `SAMPLING`),
 //! `LOGPROBS=n` (every stream asks for its tokens' log-probabilities and the n most
 //! likely: their logits rows come back to the host), `EMBED=1` (each stream is an
 //! embeddings request of an input of about `TOKENS` tokens, each its own: the table counts
@@ -97,6 +99,13 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     if std::env::var("PENALTIES").as_deref() == Ok("1") {
         r.params.presence_penalty = 0.5;
         r.params.frequency_penalty = 0.3;
+    }
+    let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<f32>().ok());
+    if let Some(v) = number("REPETITION") {
+        r.params.repetition_penalty = v;
+    }
+    if let Some(p) = number("MIN_P") {
+        r.params.min_p = p;
     }
     if let Some(n) = std::env::var("LOGPROBS").ok().and_then(|n| n.parse().ok()) {
         r.params.logprobs = Some(n);
