@@ -320,6 +320,33 @@ async fn seeds_case(backend: BackendKind) {
         assert_eq!(kept, full[..end], "stop {stop:?} kept");
         assert_eq!(reason, FinishReason::Stop);
     }
+    // vLLM's `truncate_prompt_tokens`: only the prompt's last k tokens are read, the
+    // answer that of those tokens sent alone; more than the prompt has cuts nothing.
+    let long = "one two three four five six seven eight nine ten eleven twelve";
+    let ids = e
+        .tokenize_prompt(&gateway::worker::Prompt::Text(long.into()))
+        .expect("ids");
+    for k in [5, ids.len() + 3] {
+        let mut cut = (*req(long, 8, 0.0, None, vec![])).clone();
+        cut.params.truncate_prompt_tokens = Some(k as u32);
+        let mut alone = (*req("", 8, 0.0, None, vec![])).clone();
+        alone.prompt = gateway::worker::Prompt::Tokens(ids[ids.len().saturating_sub(k)..].to_vec());
+        let (text, _, usage) = run_usage(&e, Arc::new(cut)).await;
+        assert_eq!(usage.prompt_tokens as usize, k.min(ids.len()), "k = {k}");
+        assert_eq!(text, run(&e, Arc::new(alone)).await.0, "k = {k}");
+    }
+    // −1: as many as the context holds; with the answer the request is then too long,
+    // as vLLM has it, and refused for it.
+    let mut r = (*req(&"word ".repeat(3000), 4, 0.0, None, vec![])).clone();
+    r.params.truncate_prompt_tokens = Some(gateway::worker::KEEP_CONTEXT);
+    let context = e.max_context().expect("context");
+    match e.submit(Arc::new(r)).await {
+        Err(WorkerError::Rejected { message, .. }) => {
+            let cut = format!("the prompt has {context} tokens");
+            assert!(message.contains(&cut), "{message}")
+        }
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
     // Over the context: a 400 from the worker, before any generation.
     match e.submit(req("x", 5000, 0.0, None, vec![])).await {
         Err(WorkerError::Rejected {

@@ -43,6 +43,7 @@ const EXTENSIONS: &[&str] = &[
     "repetition_penalty",
     "allowed_token_ids",
     "include_stop_str_in_output",
+    "truncate_prompt_tokens",
 ];
 
 /// Validates a `/v1/responses` body that continues no stored response.

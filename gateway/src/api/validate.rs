@@ -319,6 +319,19 @@ fn common(
         }
         ids => ids.unwrap_or_default(),
     };
+    let truncate_prompt_tokens = match c.truncate_prompt_tokens {
+        None => None,
+        Some(-1) => Some(crate::worker::KEEP_CONTEXT),
+        Some(k) if k >= 1 && k < crate::worker::KEEP_CONTEXT as i64 => Some(k as u32),
+        Some(k) => {
+            return Err(ApiError::bad(
+                format!(
+                "`truncate_prompt_tokens` must be −1 (the model's context) or at least 1, got {k}."
+            ),
+                Some("truncate_prompt_tokens".into()),
+            ))
+        }
+    };
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
     Ok((
         c.model,
@@ -343,6 +356,7 @@ fn common(
             stop_token_ids,
             allowed_token_ids,
             include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
+            truncate_prompt_tokens,
         },
         stream,
         include_usage,
@@ -650,6 +664,12 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
     }
     let least = u32::from(!echo);
     let (model, mut params, stream, include_usage) = common(c, None, least, logprobs, server)?;
+    if echo && params.truncate_prompt_tokens.is_some() {
+        return Err(ApiError::bad(
+            "`truncate_prompt_tokens` cannot be combined with `echo` (the prompt echoed is the one sent).",
+            Some("truncate_prompt_tokens".into()),
+        ));
+    }
     params.prompt_logprobs = echo && logprobs.is_some();
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
@@ -877,6 +897,8 @@ mod tests {
             (r#""repetition_penalty":0"#, "repetition_penalty"),
             (r#""repetition_penalty":-1.2"#, "repetition_penalty"),
             (r#""allowed_token_ids":[]"#, "allowed_token_ids"),
+            (r#""truncate_prompt_tokens":0"#, "truncate_prompt_tokens"),
+            (r#""truncate_prompt_tokens":-2"#, "truncate_prompt_tokens"),
             (
                 r#""allowed_token_ids":[5],"response_format":{"type":"json_object"}"#,
                 "allowed_token_ids",
@@ -982,6 +1004,13 @@ mod tests {
         assert_eq!((p.min_p, p.repetition_penalty), (0.05, 1.15));
         assert_eq!(p.allowed_token_ids, vec![9, 4]);
         assert!(!p.include_stop_str_in_output);
+        assert_eq!(p.truncate_prompt_tokens, None);
+        let body = br#"{"model":"m","prompt":"x","truncate_prompt_tokens":-1}"#;
+        let p = completion(body, &server()).expect("test input").params;
+        assert_eq!(p.truncate_prompt_tokens, Some(crate::worker::KEEP_CONTEXT));
+        let body = br#"{"model":"m","prompt":"x","truncate_prompt_tokens":7,"echo":true}"#;
+        let e = completion(body, &server()).expect_err("echo");
+        assert_eq!(e.param(), Some("truncate_prompt_tokens"));
         let body = br#"{"model":"m","prompt":"x","stop":"y","include_stop_str_in_output":true}"#;
         assert!(
             completion(body, &server())

@@ -346,10 +346,14 @@ impl EngineWorker {
         }
         // Ids the gateway made with this model's tokenizer (`tokenize_prompt`), checked
         // there.
-        let prompt = match &req.prompt_ids {
+        let mut prompt = match &req.prompt_ids {
             Some(ids) => ids.to_vec(),
             None => self.prompt_ids(&req.prompt)?,
         };
+        // Cut at the gateway already where it tokenized: the same cut again changes nothing.
+        if let Some(keep) = req.params.truncate_prompt_tokens {
+            crate::worker::keep_last(&mut prompt, keep, Some(self.max_context));
+        }
         if prompt.is_empty() {
             return Err(reject("The prompt is empty.".into()));
         }

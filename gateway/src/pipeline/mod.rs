@@ -106,6 +106,7 @@ async fn prompt_parts(
 ) -> Result<Vec<PromptPart>, ApiError> {
     let how = PromptsHow {
         truncate: req.responses.as_ref().is_some_and(|r| r.truncate),
+        keep_last: req.params.truncate_prompt_tokens,
         max_tokens: req.params.max_tokens as usize,
         echo: req.echo,
         scored: req.params.prompt_logprobs,
@@ -144,6 +145,9 @@ where
 #[derive(Clone, Copy)]
 struct PromptsHow {
     truncate: bool,
+    /// `truncate_prompt_tokens`: the prompt's last tokens only, where the pool tokenizes
+    /// (else the worker cuts it).
+    keep_last: Option<u32>,
     max_tokens: usize,
     echo: bool,
     scored: bool,
@@ -158,7 +162,7 @@ fn parts_of(
     prompts
         .into_iter()
         .map(|prompt| {
-            let (prompt, ids) = match prompt {
+            let (prompt, mut ids) = match prompt {
                 crate::worker::Prompt::Chat(ms, args) if how.truncate => {
                     truncated(pool, ms, args, how.max_tokens)
                 }
@@ -167,6 +171,9 @@ fn parts_of(
                     (p, ids)
                 }
             };
+            if let (Some(keep), Some(ids)) = (how.keep_last, ids.as_mut()) {
+                crate::worker::keep_last(ids, keep, pool.max_context());
+            }
             PromptPart::new(prompt, ids, pool, how.echo, how.scored)
         })
         .collect()

@@ -134,6 +134,26 @@ pub struct SamplingParams {
     /// vLLM's `include_stop_str_in_output`: the stop string that ends the answer is the
     /// end of its text (by default it is cut off).
     pub include_stop_str_in_output: bool,
+    /// vLLM's `truncate_prompt_tokens`: only the prompt's last this many tokens are read
+    /// ([`KEEP_CONTEXT`]: as many as the model's context holds).
+    pub truncate_prompt_tokens: Option<u32>,
+}
+
+/// [`SamplingParams::truncate_prompt_tokens`]'s "as many as the context holds" (vLLM's −1).
+pub const KEEP_CONTEXT: u32 = u32::MAX;
+
+/// `ids` cut to their last `keep` (`KEEP_CONTEXT`: `context`, where known).
+pub fn keep_last(ids: &mut Vec<u32>, keep: u32, context: Option<usize>) {
+    let keep = match keep {
+        KEEP_CONTEXT => match context {
+            Some(c) => c,
+            None => return,
+        },
+        k => k as usize,
+    };
+    if ids.len() > keep {
+        ids.drain(..ids.len() - keep);
+    }
 }
 
 /// What shape of JSON a request's output must have.
@@ -200,6 +220,7 @@ impl SamplingParams {
             stop_token_ids: Vec::new(),
             allowed_token_ids: Vec::new(),
             include_stop_str_in_output: false,
+            truncate_prompt_tokens: None,
         }
     }
 }
@@ -511,5 +532,24 @@ pub trait Worker: Send + Sync + 'static {
     /// Whether it makes embeddings of the size a request asks (`dimensions`).
     fn sets_dimensions(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod keep_last_tests {
+    use super::*;
+
+    /// The last `keep` ids, or as many as the context holds, or all where there are no more.
+    #[test]
+    fn a_prompt_keeps_its_last_tokens() {
+        let cut = |keep: u32, context: Option<usize>| {
+            let mut ids = vec![1, 2, 3, 4, 5];
+            keep_last(&mut ids, keep, context);
+            ids
+        };
+        assert_eq!(cut(2, None), [4, 5]);
+        assert_eq!(cut(9, None), [1, 2, 3, 4, 5]);
+        assert_eq!(cut(KEEP_CONTEXT, Some(3)), [3, 4, 5]);
+        assert_eq!(cut(KEEP_CONTEXT, None), [1, 2, 3, 4, 5]);
     }
 }

@@ -310,6 +310,11 @@ if engine:
     greedy = copied(temperature=0)
     assert copied(temperature=1.5, seed=3, extra_body={"min_p": 1.0}) == greedy
     assert copied(temperature=0, extra_body={"repetition_penalty": 1.5}) != greedy
+    # vLLM's `truncate_prompt_tokens`: the prompt's last 4 tokens only (cut at the gateway,
+    # which tokenizes for an engine pool).
+    words = "one two three four five six seven eight"
+    cut = client.completions.create(model=model, prompt=words, max_tokens=3, temperature=0, extra_body={"truncate_prompt_tokens": 4})
+    assert cut.usage.prompt_tokens == 4, cut.usage
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]

@@ -183,6 +183,10 @@ impl OpenAiWorker {
             allowed_token_ids: (!p.allowed_token_ids.is_empty())
                 .then_some(p.allowed_token_ids.as_slice()),
             include_stop_str_in_output: p.include_stop_str_in_output.then_some(true),
+            truncate_prompt_tokens: p.truncate_prompt_tokens.map(|k| match k {
+                crate::worker::KEEP_CONTEXT => -1,
+                k => i64::from(k),
+            }),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()

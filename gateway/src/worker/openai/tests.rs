@@ -194,6 +194,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "stop_token_ids",
         "allowed_token_ids",
         "include_stop_str_in_output",
+        "truncate_prompt_tokens",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -204,6 +205,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     r.params.stop_token_ids = vec![7, 9];
     r.params.allowed_token_ids = vec![3, 1];
     r.params.include_stop_str_in_output = true;
+    r.params.truncate_prompt_tokens = Some(crate::worker::KEEP_CONTEXT);
     let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
     assert_eq!(v["min_p"], 0.05);
     assert_eq!(v["repetition_penalty"], 1.25);
@@ -212,4 +214,8 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     assert_eq!(v["stop_token_ids"], serde_json::json!([7, 9]));
     assert_eq!(v["allowed_token_ids"], serde_json::json!([3, 1]));
     assert_eq!(v["include_stop_str_in_output"], true);
+    assert_eq!(
+        v["truncate_prompt_tokens"], -1,
+        "vLLM's word for the context"
+    );
 }
