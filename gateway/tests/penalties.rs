@@ -187,23 +187,37 @@ async fn repetition_penalty_and_min_p_follow_their_rules() {
     let (_dir, loaded) = synthetic_model();
     let tok = loaded.tokenizer.clone();
     let mut be = CpuBackend::new(loaded.model.clone(), 16, 64, 2).unwrap();
-    let prompt = tok.encode_prompt("the quick brown fox").unwrap();
+    let short = "the quick brown fox";
+    // More distinct tokens than the vocabulary's bitmask has words: the seen tokens go to
+    // the device as a bitmask, not a list.
+    let long = "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow! \
+                THE QUICK BROWN FOX JUMPS OVER 13 LAZY DOGS?";
+    let mut distinct = tok.encode_prompt(long).unwrap();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(
+        distinct.len() > tok.vocab_size().div_ceil(32),
+        "{}",
+        distinct.len()
+    );
     let n = 24;
     let cases = [
-        // (repetition_penalty, min_p, temperature, seed)
-        (1.0, 0.0, 0.0, 0),
-        (2.0, 0.0, 0.0, 0),
-        (0.8, 0.0, 0.0, 0),
-        (1.0, 0.2, 1.5, 7),
-        (1.3, 0.05, 1.0, 11),
-        (1.0, 1.0, 1.8, 5),
+        // (prompt, repetition_penalty, min_p, temperature, seed)
+        (short, 1.0, 0.0, 0.0, 0),
+        (short, 2.0, 0.0, 0.0, 0),
+        (short, 0.8, 0.0, 0.0, 0),
+        (short, 1.0, 0.2, 1.5, 7),
+        (short, 1.3, 0.05, 1.0, 11),
+        (short, 1.0, 1.0, 1.8, 5),
+        (long, 2.0, 0.0, 0.0, 0),
+        (long, 1.3, 0.05, 1.0, 11),
         // Last, computed here only: the hot draw without `min_p`, nearly uniform over
         // the synthetic model's tokens (the GPU path's logits, not the CPU's bits, soon
         // draw otherwise).
-        (1.0, 0.0, 1.5, 7),
+        (short, 1.0, 0.0, 1.5, 7),
     ];
     let mut want = Vec::new();
-    for &(rep, min_p, temperature, seed) in &cases {
+    for &(text, rep, min_p, temperature, seed) in &cases {
         let p = SamplingParams {
             repetition_penalty: rep,
             min_p,
@@ -211,10 +225,11 @@ async fn repetition_penalty_and_min_p_follow_their_rules() {
             seed: Some(seed),
             ..SamplingParams::greedy(n as u32)
         };
+        let prompt = tok.encode_prompt(text).unwrap();
         let ids = by_the_rules(&mut be, &prompt, &tok.stop_tokens, n, &p, seed);
-        want.push((p, tok.decode(&ids), ids));
+        want.push((text, p, tok.decode(&ids), ids));
     }
-    let (greedy, penalized) = (&want[0].2, &want[1].2);
+    let (greedy, penalized) = (&want[0].3, &want[1].3);
     let most = |ids: &[u32]| {
         let mut c = HashMap::new();
         for &t in ids {
@@ -227,18 +242,18 @@ async fn repetition_penalty_and_min_p_follow_their_rules() {
         most(penalized) < most(greedy),
         "{penalized:?} against {greedy:?}"
     );
-    assert_ne!(want[3].1, want[6].1, "min_p 0.2 changed nothing");
+    assert_ne!(want[3].2, want[8].2, "min_p 0.2 changed nothing");
     assert_eq!(
-        want[5].1, want[0].1,
+        want[5].2, want[0].2,
         "min_p 1 keeps the most likely token only"
     );
     want.pop();
     for kind in engine_backends() {
         let w = engine_on(&loaded, kind);
-        for (p, text, _) in &want {
-            let mut r = (*worker_req("the quick brown fox", n as u32)).clone();
+        for (prompt, p, text, _) in &want {
+            let mut r = (*worker_req(prompt, n as u32)).clone();
             r.params = p.clone();
-            assert_eq!(&answer(&w, r).await, text, "{kind:?}: {p:?}");
+            assert_eq!(&answer(&w, r).await, text, "{kind:?}: {prompt:?} {p:?}");
         }
     }
 }

@@ -22,10 +22,11 @@
 // A row may first be adjusted (its CPU twin: `Adjust::apply_after`): adjust[s] is
 // 0xFFFFFFFF for none, else where the row's words start in `extra`: {n_deltas | CARRIED |
 // REPEATED, mask_words, (token, delta as f32 bits) × n_deltas, mask words, when CARRIED
-// (bit 31): fresh, alt × n_deltas, and when REPEATED (bit 30): factor, n_seen | LAST,
-// seen × n_seen}. A repetition penalty first scales the seen tokens' logits (sorted, each
-// once; x / factor where x > 0, else x × factor; with LAST, bit 31, the row's input token
-// too where it is not listed). The deltas (penalties, logit bias; one per token) are
+// (bit 31): fresh, alt × n_deltas, and when REPEATED (bit 30): factor, n_seen | LAST |
+// BITS, seen × n_seen}. A repetition penalty first scales the seen tokens' logits (x /
+// factor where x > 0, else x × factor), listed (sorted, each once) or with BITS (bit 30)
+// as a bitmask of the vocabulary, whichever the host found shorter; with LAST (bit 31)
+// the row's input token too where it is not seen. The deltas (penalties, logit bias; one per token) are
 // added, then every token whose mask bit is clear (or past the mask's words) becomes −∞:
 // a grammar's mask costs its bits in the step's staging copy instead of the row's logits
 // read back. A carried row's input token (tokens[logit_rows[s]]: drawn by the step
@@ -249,13 +250,22 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
         __syncthreads();
         if (repeated) {
             float factor = __int_as_float((int)rep[0]);
-            u32 n_seen = rep[1] & 0x7fffffffu;
+            u32 n_seen = rep[1] & 0x3fffffffu;
+            bool bits = ((rep[1] >> 30) & 1u) != 0u;
             const u32* seen = rep + 2;
-            for (u32 j = threadIdx.x; j < n_seen; j += blockDim.x)
-                if (seen[j] < (u32)vocab) y[seen[j]] = repeat_penalty(factor, y[seen[j]]);
-            if (rep_last && threadIdx.x == 0 && last < (u32)vocab &&
-                !sorted_has(seen, n_seen, last))
-                y[last] = repeat_penalty(factor, y[last]);
+            if (bits) {
+                for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+                    if (n_seen > 0u && sample_allowed(seen, n_seen, (u32)i))
+                        y[i] = repeat_penalty(factor, y[i]);
+            } else {
+                for (u32 j = threadIdx.x; j < n_seen; j += blockDim.x)
+                    if (seen[j] < (u32)vocab) y[seen[j]] = repeat_penalty(factor, y[seen[j]]);
+            }
+            if (rep_last && threadIdx.x == 0 && last < (u32)vocab) {
+                bool has = bits ? n_seen > 0u && sample_allowed(seen, n_seen, last)
+                                : sorted_has(seen, n_seen, last);
+                if (!has) y[last] = repeat_penalty(factor, y[last]);
+            }
             __syncthreads();
         }
         for (u32 j = threadIdx.x; j < n_deltas; j += blockDim.x) {

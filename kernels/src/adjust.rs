@@ -7,7 +7,8 @@
 //! On the GPU path an adjusted row travels in the step's staging copy
 //! ([`crate::cuda::staging`]) as words: `[n_deltas | CARRIED | REPEATED, mask_words,
 //! (token, delta bits) × n_deltas, mask…, (fresh, alt × n_deltas when carried), (factor
-//! bits, n_tokens | LAST, token × n_tokens when repeated)]`, and only its sampled token
+//! bits, n | LAST | BITS, n words of seen tokens when repeated: a list, or a bitmask where
+//! that is shorter)]`, and only its sampled token
 //! comes back, instead of its whole row of logits. [`Adjust::apply_after`] is the
 //! kernel's CPU twin.
 //!
@@ -31,19 +32,55 @@ pub struct Adjust {
     pub repeat: Option<Repeat>,
 }
 
-/// A repetition penalty (vLLM's and Hugging Face's `repetition_penalty`): each listed
+/// A repetition penalty (vLLM's and Hugging Face's `repetition_penalty`): each seen
 /// token's logit x becomes x / `factor` where x > 0, else x × `factor`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Repeat {
     pub factor: f32,
-    /// The tokens seen (the prompt's and those generated), sorted, each once.
+    /// The tokens seen (the prompt's and those generated): sorted, each once; or with
+    /// `bits`, a bitmask (bit `i % 32` of word `i / 32` set for token i).
     pub tokens: Vec<u32>,
+    pub bits: bool,
     /// The row's input token (not known on the host yet: drawn by a step still running)
-    /// is penalized too, where it is not listed.
+    /// is penalized too, where it is not seen.
     pub last: bool,
 }
 
 impl Repeat {
+    /// The penalty on `seen` (sorted, each once) in the shorter of its two forms for a
+    /// vocabulary of `vocab` tokens: a list, or a bitmask (a long prompt's, whose words
+    /// would not fit a step's room as a list).
+    pub fn new(factor: f32, seen: Vec<u32>, last: bool, vocab: usize) -> Self {
+        let words = vocab.div_ceil(32);
+        if seen.len() <= words {
+            return Self {
+                factor,
+                tokens: seen,
+                bits: false,
+                last,
+            };
+        }
+        let mut mask = vec![0u32; words];
+        for &t in seen.iter().filter(|&&t| (t as usize) < vocab) {
+            mask[t as usize / 32] |= 1 << (t % 32);
+        }
+        Self {
+            factor,
+            tokens: mask,
+            bits: true,
+            last,
+        }
+    }
+
+    /// Whether token `t` is seen.
+    pub fn has(&self, t: u32) -> bool {
+        if self.bits {
+            allowed(&self.tokens, t as usize)
+        } else {
+            self.tokens.binary_search(&t).is_ok()
+        }
+    }
+
     /// The penalized logit: a number's division or product, as the kernel computes it.
     #[inline]
     pub fn of(factor: f32, x: f32) -> f32 {
@@ -73,6 +110,9 @@ pub const REPEATED: u32 = 1 << 30;
 
 /// The bit of a [`Repeat`]'s count word that says the row's input token is penalized too.
 pub const LAST: u32 = 1 << 31;
+
+/// The bit of a [`Repeat`]'s count word that says its words are a bitmask.
+pub const BITS: u32 = 1 << 30;
 
 impl Adjust {
     /// Deltas from any number of `(token, delta)` pairs: summed per token, in the order
@@ -109,7 +149,8 @@ impl Adjust {
                 .is_none_or(|c| c.alt.len() == self.deltas.len())
             && self.deltas.len() < REPEATED as usize
             && self.repeat.as_ref().is_none_or(|r| {
-                r.tokens.len() < LAST as usize && r.tokens.windows(2).all(|w| w[0] < w[1])
+                r.tokens.len() < BITS as usize
+                    && (r.bits || r.tokens.windows(2).all(|w| w[0] < w[1]))
             })
     }
 
@@ -139,7 +180,8 @@ impl Adjust {
         }
         if let Some(r) = &self.repeat {
             out.push(r.factor.to_bits());
-            out.push(r.tokens.len() as u32 | if r.last { LAST } else { 0 });
+            let flags = if r.last { LAST } else { 0 } | if r.bits { BITS } else { 0 };
+            out.push(r.tokens.len() as u32 | flags);
             out.extend_from_slice(&r.tokens);
         }
     }
@@ -159,12 +201,20 @@ impl Adjust {
     /// penalty, the deltas (tokens past the row are passed over), then the mask.
     pub fn apply_after(&self, row: &mut [f32], last: u32) {
         if let Some(r) = &self.repeat {
-            for &t in &r.tokens {
-                if let Some(l) = row.get_mut(t as usize) {
-                    *l = Repeat::of(r.factor, *l);
+            if r.bits {
+                for (i, l) in row.iter_mut().enumerate() {
+                    if allowed(&r.tokens, i) {
+                        *l = Repeat::of(r.factor, *l);
+                    }
+                }
+            } else {
+                for &t in &r.tokens {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = Repeat::of(r.factor, *l);
+                    }
                 }
             }
-            if r.last && r.tokens.binary_search(&last).is_err() {
+            if r.last && !r.has(last) {
                 if let Some(l) = row.get_mut(last as usize) {
                     *l = Repeat::of(r.factor, *l);
                 }
@@ -309,31 +359,50 @@ mod tests {
             deltas: vec![(1, 1.0), (3, -1.0)],
             mask: None,
             carry: None,
-            repeat: Some(Repeat {
-                factor: 2.0,
-                tokens: vec![1, 2, 3, 40],
-                last: true,
-            }),
+            repeat: Some(Repeat::new(2.0, vec![1, 2, 3, 40], true, 1024)),
         };
-        let run = |last: u32| {
+        let run = |a: &Adjust, last: u32| {
             let mut row = vec![4.0f32, 4.0, -4.0, 0.0, 4.0, 4.0];
             a.apply_after(&mut row, last);
             row
         };
         // Listed (2): scaled once. Not listed (5): scaled. Past the row (40): passed over.
-        assert_eq!(run(2), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
-        assert_eq!(run(5), [4.0, 3.0, -8.0, -1.0, 4.0, 2.0]);
-        assert_eq!(run(40), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
+        assert_eq!(run(&a, 2), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
+        assert_eq!(run(&a, 5), [4.0, 3.0, -8.0, -1.0, 4.0, 2.0]);
+        assert_eq!(run(&a, 40), [4.0, 3.0, -8.0, -1.0, 4.0, 4.0]);
         let mut w = Vec::new();
         a.write(&mut w);
         assert_eq!(w.len(), a.words());
         assert_eq!(w[0], 2 | REPEATED);
         assert_eq!(&w[6..], &[2.0f32.to_bits(), 4 | LAST, 1, 2, 3, 40]);
         assert!(a.is_well_formed() && !a.is_empty());
+        // In a vocabulary of 48 (2 words), 4 seen tokens are a bitmask: the same rows.
+        let as_bits = Adjust {
+            repeat: Some(Repeat::new(2.0, vec![1, 2, 3, 40], true, 48)),
+            ..a.clone()
+        };
+        assert!(
+            !a.repeat.as_ref().unwrap().bits,
+            "4 tokens listed, not 32 words"
+        );
+        let r = as_bits.repeat.as_ref().unwrap();
+        assert!(r.bits && r.has(40) && !r.has(5));
+        assert_eq!(r.tokens, [0b1110, 1 << 8]);
+        for last in [2, 5, 40] {
+            assert_eq!(run(&as_bits, last), run(&a, last), "input token {last}");
+        }
+        w.clear();
+        as_bits.write(&mut w);
+        assert_eq!(
+            &w[6..],
+            &[2.0f32.to_bits(), 2 | LAST | BITS, 0b1110, 1 << 8]
+        );
+        assert!(as_bits.is_well_formed());
         let unsorted = Adjust {
             repeat: Some(Repeat {
                 factor: 2.0,
                 tokens: vec![3, 1],
+                bits: false,
                 last: false,
             }),
             ..Adjust::default()

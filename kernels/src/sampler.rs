@@ -368,12 +368,14 @@ impl Penalties {
 
     /// The repetition penalty of a row (none where its factor is 1): on the prompt's
     /// tokens `seen` (sorted, each once) and those generated (`counts`' keys), and with
-    /// `last`, on the row's input token, not known yet.
+    /// `last`, on the row's input token, not known yet; for rows of `vocab` logits (a
+    /// list of the tokens or a bitmask, the shorter: [`crate::adjust::Repeat::new`]).
     pub fn repeat(
         &self,
         seen: &[u32],
         counts: &std::collections::HashMap<u32, u32>,
         last: bool,
+        vocab: usize,
     ) -> Option<crate::adjust::Repeat> {
         if self.repetition == 1.0 {
             return None;
@@ -395,11 +397,12 @@ impl Penalties {
             tokens.push(t);
         }
         tokens.extend_from_slice(&seen[i..]);
-        Some(crate::adjust::Repeat {
-            factor: self.repetition,
+        Some(crate::adjust::Repeat::new(
+            self.repetition,
             tokens,
             last,
-        })
+            vocab,
+        ))
     }
 
     /// `logits[t] += bias[t] − frequency·count[t] − presence·[count[t] > 0]`, with
@@ -501,32 +504,42 @@ mod penalty_tests {
         let counts = std::collections::HashMap::from([(0u32, 4u32), (4, 1), (7, 3), (11, 2)]);
         let deltas = p.deltas(&counts);
         let carry = p.carry(&counts, &deltas);
-        let a = Adjust {
-            repeat: p.repeat(&seen, &counts, true),
-            deltas,
-            mask: None,
-            carry,
-        };
-        assert!(a.is_well_formed());
-        assert_eq!(
-            a.repeat.as_ref().map(|r| &r.tokens[..]),
-            Some(&[0, 3, 4, 7, 11, 13][..])
-        );
-        let row: Vec<f32> = (0..16).map(|i| 0.37 * i as f32 - 2.0).collect();
-        for t in 0..16u32 {
-            let mut got = row.clone();
-            a.apply_after(&mut got, t);
-            let mut more = counts.clone();
-            *more.entry(t).or_insert(0) += 1;
-            let mut want = row.clone();
-            let here = Adjust {
-                repeat: p.repeat(&seen, &more, false),
-                deltas: p.deltas(&more),
-                ..Adjust::default()
+        // The seen tokens listed (a vocabulary of 1,024 has 32 words of bits), and as bits
+        // (16 tokens, one word).
+        for vocab in [1024, 16] {
+            let a = Adjust {
+                repeat: p.repeat(&seen, &counts, true, vocab),
+                deltas: deltas.clone(),
+                mask: None,
+                carry: carry.clone(),
             };
-            here.apply(&mut want);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "carried token {t}");
+            assert!(a.is_well_formed());
+            let r = a.repeat.as_ref().expect("a repetition penalty");
+            if vocab == 1024 {
+                assert_eq!((&r.tokens[..], r.bits), (&[0, 3, 4, 7, 11, 13][..], false));
+            } else {
+                assert_eq!((&r.tokens[..], r.bits), (&[0b10_1000_1001_1001][..], true));
+            }
+            let row: Vec<f32> = (0..16).map(|i| 0.37 * i as f32 - 2.0).collect();
+            for t in 0..16u32 {
+                let mut got = row.clone();
+                a.apply_after(&mut got, t);
+                let mut more = counts.clone();
+                *more.entry(t).or_insert(0) += 1;
+                let mut want = row.clone();
+                let here = Adjust {
+                    repeat: p.repeat(&seen, &more, false, vocab),
+                    deltas: p.deltas(&more),
+                    ..Adjust::default()
+                };
+                here.apply(&mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "carried token {t}, vocabulary {vocab}"
+                );
+            }
         }
         let bias_only = Penalties {
             bias: vec![(2, 1.0)],

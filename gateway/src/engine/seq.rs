@@ -354,7 +354,7 @@ impl Seq {
         let repeat = self
             .penalties
             .as_ref()
-            .and_then(|p| p.repeat(&self.seen, &self.counts, carried));
+            .and_then(|p| p.repeat(&self.seen, &self.counts, carried, n));
         // A grammar is the answer's: it waits while the model thinks.
         let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
         let json = self.json.as_ref().filter(|_| !thinking);
@@ -417,7 +417,9 @@ impl Seq {
             0
         };
         let repeat = match &self.penalties {
-            Some(p) if p.repetition != 1.0 => 2 + self.seen.len() + self.counts.len(),
+            Some(p) if p.repetition != 1.0 => {
+                2 + (self.seen.len() + self.counts.len()).min(n.div_ceil(32))
+            }
             _ => 0,
         };
         2 + 2 * deltas + mask + carry + repeat

@@ -293,7 +293,12 @@ fn overlapped_case<E: Exec>(cuda: &mut CudaBackend<E>, _: &TwinModel) {
                         None
                     };
                     Adjust {
-                        repeat: pen.repeat(&prompt_seen, &counts, carried && !drawn.is_empty()),
+                        repeat: pen.repeat(
+                            &prompt_seen,
+                            &counts,
+                            carried && !drawn.is_empty(),
+                            vocab,
+                        ),
                         deltas,
                         mask: None,
                         carry,

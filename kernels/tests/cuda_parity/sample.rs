@@ -134,7 +134,9 @@ fn sampling_case<E: Exec>(g: &E) {
         .enumerate()
         .filter(|(i, _)| i % 3 == 0 && *i >= 8)
     {
-        let mut tokens: Vec<u32> = (0..150).map(|_| rng.below(vocab + 10) as u32).collect();
+        // Every third such row sees more tokens than its bitmask's words: sent as that.
+        let n = if i % 9 == 0 { 3000 } else { 150 };
+        let mut tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab + 10) as u32).collect();
         tokens.sort_unstable();
         tokens.dedup();
         let last = i % 6 == 0;
@@ -145,11 +147,13 @@ fn sampling_case<E: Exec>(g: &E) {
                 rng.below(vocab) as u32
             };
         }
-        let repeat = Some(Repeat {
-            factor: [1.3, 0.7, 2.0][(i / 3) % 3],
+        let repeat = Some(Repeat::new(
+            [1.3, 0.7, 2.0][(i / 3) % 3],
             tokens,
             last,
-        });
+            vocab,
+        ));
+        assert_eq!(repeat.as_ref().unwrap().bits, i % 9 == 0);
         match a {
             Some(a) => a.repeat = repeat,
             None => {
