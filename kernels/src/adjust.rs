@@ -60,13 +60,9 @@ impl Repeat {
                 last,
             };
         }
-        let mut mask = vec![0u32; words];
-        for &t in seen.iter().filter(|&&t| (t as usize) < vocab) {
-            mask[t as usize / 32] |= 1 << (t % 32);
-        }
         Self {
             factor,
-            tokens: mask,
+            tokens: bitmask(&seen, vocab),
             bits: true,
             last,
         }
@@ -256,6 +252,16 @@ impl Adjust {
             }
         }
     }
+}
+
+/// The bitmask of `ids` over a vocabulary of `n` tokens (bit `i % 32` of word `i / 32`;
+/// ids past it are passed over): what [`allowed`] reads.
+pub fn bitmask(ids: &[u32], n: usize) -> Vec<u32> {
+    let mut bits = vec![0u32; n.div_ceil(32)];
+    for &id in ids.iter().filter(|&&id| (id as usize) < n) {
+        bits[id as usize / 32] |= 1 << (id % 32);
+    }
+    bits
 }
 
 /// Whether `mask` keeps token `i`.

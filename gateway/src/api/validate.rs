@@ -324,12 +324,8 @@ fn common(
         Some(-1) => Some(crate::worker::KEEP_CONTEXT),
         Some(k) if k >= 1 && k < crate::worker::KEEP_CONTEXT as i64 => Some(k as u32),
         Some(k) => {
-            return Err(ApiError::bad(
-                format!(
-                "`truncate_prompt_tokens` must be −1 (the model's context) or at least 1, got {k}."
-            ),
-                Some("truncate_prompt_tokens".into()),
-            ))
+            let why = format!("`truncate_prompt_tokens` must be −1 (the context) or ≥ 1, got {k}.");
+            return Err(ApiError::bad(why, Some("truncate_prompt_tokens".into())));
         }
     };
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key

@@ -453,11 +453,7 @@ impl EngineWorker {
                 stop_ids: p.stop_token_ids.clone(),
             },
             allowed: (!p.allowed_token_ids.is_empty()).then(|| {
-                let mut bits = vec![0u32; self.tokenizer.vocab_size().div_ceil(32)];
-                for &id in &p.allowed_token_ids {
-                    bits[id as usize / 32] |= 1 << (id % 32);
-                }
-                bits.into()
+                kernels::adjust::bitmask(&p.allowed_token_ids, self.tokenizer.vocab_size()).into()
             }),
             tx,
         })

@@ -359,13 +359,12 @@ impl Seq {
         let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
         let json = self.json.as_ref().filter(|_| !thinking);
         let mut mask = json.zip(json_vocab).map(|(json, vocab)| {
-            let mut bits = json.allowed(vocab, n);
+            let bits = json.allowed(vocab, n);
             if bits.iter().all(|&w| w == 0) {
-                for &id in tok.stop_tokens.iter().filter(|&&id| (id as usize) < n) {
-                    bits[id as usize / 32] |= 1 << (id % 32);
-                }
+                kernels::adjust::bitmask(&tok.stop_tokens, n)
+            } else {
+                bits
             }
-            bits
         });
         // The API refuses `allowed_token_ids` with a grammar: its mask is the row's.
         if let Some(allowed) = self.allowed.as_deref().filter(|_| mask.is_none()) {
