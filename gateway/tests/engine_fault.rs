@@ -7,6 +7,7 @@
 //!
 //! The fault injection is process-wide, so this test has a binary of its own.
 
+#[path = "suite/common/mod.rs"]
 mod common;
 use common::worker_req as req;
 use futures::StreamExt;

@@ -6,6 +6,7 @@
 //!
 //! The stall is injected process-wide, so this test has a binary of its own.
 
+#[path = "suite/common/mod.rs"]
 mod common;
 use common::worker_req;
 use futures::StreamExt;

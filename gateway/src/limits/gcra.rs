@@ -6,7 +6,7 @@
 //! depth `burst` refilled at `rate`, held in one `u64` and advanced by compare-and-swap:
 //! no mutex, no background refill.
 //!
-//! Guarantees (tested in `tests/limiter_props.rs`): over any window of length `w` the units
+//! Guarantees (tested in `tests/suite/limiter_props.rs`): over any window of length `w` the units
 //! taken, net of refunds, never exceed `rate × w + burst`; a denial's `retry_after` is
 //! exact (taking the same cost at `now + retry_after`, with nothing else changed, succeeds).
 //!

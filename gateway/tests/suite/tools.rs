@@ -3,7 +3,7 @@
 //! validate against the tool's schema; several calls in one answer (`parallel_tool_calls`);
 //! earlier tool turns in the conversation; simulated workers refuse.
 
-mod common;
+use crate::common;
 use common::*;
 use serde_json::{json, Value};
 

@@ -2,7 +2,7 @@
 //! background responses; with either way of serving, per core and shared), connections
 //! spread over the serving threads, config checking, key making.
 
-mod common;
+use crate::common;
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! admitted rate. Then stops Redis: the fail-closed replicas answer 503, a fail-open
 //! replica admits under its local buckets; and when Redis is back, global limits resume.
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures::future::join_all;

@@ -3,7 +3,7 @@
 //! files; a faulty input file refused with each fault; cancel; a gateway killed or drained
 //! mid-batch resumes it at its next start and runs each request once; tenants apart.
 
-mod common;
+use crate::common;
 use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

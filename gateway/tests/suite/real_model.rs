@@ -6,7 +6,7 @@
 //! CUDA backend's path (f16 weights, the kernel sources, sampling on the device) run on
 //! the CPU emulator.
 
-mod common;
+use crate::common;
 use common::*;
 use kernels::backend::{Backend, CpuBackend};
 use kernels::cuda::backend::{CudaBackend, KvCapacity};

@@ -6,7 +6,7 @@
 //! survives a SIGKILL of the gateway right after: the export (or the next start) copies what
 //! the killed gateway left into the database.
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures::future::join_all;

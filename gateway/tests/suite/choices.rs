@@ -2,7 +2,7 @@
 //! and streamed, with the seed moving on by the choice's index; admission reserves for
 //! all of them; completions with several prompts, `n` choices each; `best_of`.
 
-mod common;
+use crate::common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -7,7 +7,7 @@
 //! over the CPU emulator (`backend = "emulator"`: the GPU path, with sampling on the
 //! device, run by the kernel sources themselves on the CPU).
 
-mod common;
+use crate::common;
 use common::tempdir::TempDir;
 use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};

@@ -1,9 +1,7 @@
 //! The tenant API over HTTP against the real binary: responses, streaming, usage, errors,
 //! auth, request ids, models, ops endpoints.
 
-#[path = "../common/mod.rs"]
-mod common;
-use common::*;
+use crate::common::{self, *};
 use futures::StreamExt;
 use serde_json::Value;
 

@@ -1,7 +1,7 @@
 //! Routing to workers over HTTP against the real binary: OpenAI-compatible upstreams,
 //! failures mid-stream, retries before the first byte, cancellation, ejection, big pools.
 
-mod common;
+use crate::common;
 use common::*;
 use loadtest::stub::StubArgs;
 use serde_json::Value;

@@ -6,7 +6,7 @@
 //! prefix cache, many at once, and amid other requests being generated, whose outputs are
 //! those of their solo runs. A file that asks for another pooling gets embeddings refused.
 
-mod common;
+use crate::common;
 use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;

@@ -4,7 +4,7 @@
 //! same requests report. vLLM's repetition penalty and `min_p`: checked against the rules
 //! applied here to the model's logits; its `allowed_token_ids`, by the tokens drawn.
 
-mod common;
+use crate::common;
 use common::*;
 use futures::StreamExt;
 use gateway::config::BackendKind;

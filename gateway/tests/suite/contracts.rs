@@ -6,7 +6,7 @@
 //! Sim workers make token counts exact: a prompt of 12 bytes is 3 tokens, and FAST_SIM
 //! answers 8 tokens, so one request costs 3 + 3 × 8 = 27 weighted tokens.
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures::future::join_all;

@@ -4,7 +4,7 @@
 //! and not; passed on by a gateway from a remote tollgate worker; refused by simulated
 //! workers.
 
-mod common;
+use crate::common;
 use common::*;
 use futures::StreamExt;
 use gateway::engine::EngineWorker;

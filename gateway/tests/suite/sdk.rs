@@ -2,7 +2,7 @@
 //!
 //! Needs a Python with `openai` installed (see `common::python_with`).
 
-mod common;
+use crate::common;
 use common::*;
 use std::process::Command;
 

@@ -11,7 +11,7 @@ use kernels::synth::{SynthArch, SynthSpec};
 use kernels::tokenizer::{Tokenizer, TokenizerError};
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 /// The test texts of vocabulary `name` with their token ids.
 fn golden(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {

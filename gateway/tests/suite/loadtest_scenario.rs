@@ -11,7 +11,7 @@
 //! run as a batch beside interactive users. Every shipped scenario and example config
 //! reads.
 
-mod common;
+use crate::common;
 use common::*;
 use loadtest::scenario::Scenario;
 

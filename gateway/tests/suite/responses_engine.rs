@@ -3,7 +3,7 @@
 //! fit, where `"disabled"` (the default) refuses it for its length; and
 //! `POST /v1/responses/input_tokens` counts what a response's prompt would take.
 
-mod common;
+use crate::common;
 use common::*;
 use serde_json::{json, Value};
 

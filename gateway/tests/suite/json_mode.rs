@@ -6,7 +6,7 @@
 //! complete when the engine stops, a valid beginning of one when it runs out of tokens.
 //! Through the API, and through a gateway in front of a remote `gateway worker`.
 
-mod common;
+use crate::common;
 use common::*;
 use futures::StreamExt;
 use gateway::engine::EngineWorker;
