@@ -13,7 +13,7 @@ use futures::StreamExt;
 use gateway::config::{BackendKind, EngineConfig};
 use gateway::engine::EngineWorker;
 use gateway::worker::{
-    FinishReason, JsonFormat, SamplingParams, Usage, Worker, WorkerError, WorkerEvent,
+    FinishReason, OutputFormat, SamplingParams, Usage, Worker, WorkerError, WorkerEvent,
     WorkerRequest,
 };
 use std::sync::atomic::Ordering;
@@ -53,7 +53,11 @@ async fn run(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, 
 
 /// Runs a request to the end: (text, finish reason, usage).
 async fn run_usage(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishReason, Usage) {
-    let mut s = w.submit(r).await.unwrap();
+    read_to_end(w.submit(r).await.unwrap()).await
+}
+
+/// Reads a request's events to the end: (text, finish reason, usage).
+async fn read_to_end(mut s: gateway::worker::EventStream) -> (String, FinishReason, Usage) {
     let mut text = String::new();
     while let Some(ev) = s.next().await {
         match ev.unwrap() {
@@ -69,17 +73,22 @@ async fn run_usage(w: &EngineWorker, r: Arc<WorkerRequest>) -> (String, FinishRe
 }
 
 /// Each of [`prompts`] greedily for 24 tokens, all sent at once: their answers, in order.
+/// All are submitted before any answer is read, so that the engine finds them waiting
+/// together however busy the machine (tasks spawned to submit them could start late, one
+/// after another finished, on a loaded machine).
 async fn all_at_once(e: &Arc<EngineWorker>) -> Vec<(String, FinishReason, u32)> {
-    let tasks: Vec<_> = prompts()
+    let mut streams = Vec::new();
+    for p in prompts() {
+        streams.push(e.submit(req(&p, 24, 0.0, None, vec![])).await.unwrap());
+    }
+    let tasks: Vec<_> = streams
         .into_iter()
-        .map(|p| {
-            let e = e.clone();
-            tokio::spawn(async move { run(&e, req(&p, 24, 0.0, None, vec![])).await })
-        })
+        .map(|s| tokio::spawn(read_to_end(s)))
         .collect();
     let mut out = Vec::new();
     for t in tasks {
-        out.push(t.await.unwrap());
+        let (text, reason, usage) = t.await.unwrap();
+        out.push((text, reason, usage.completion_tokens));
     }
     out
 }
@@ -462,9 +471,9 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                 11 => r.params.presence_penalty = -1.2,
                 // JSON mode: each step's masks are sent once the step before is collected
                 // (its forward pass runs meanwhile).
-                4 => r.params.json = Some(JsonFormat::Object),
+                4 => r.params.format = Some(OutputFormat::Object),
                 12 => {
-                    r.params.json = Some(JsonFormat::Object);
+                    r.params.format = Some(OutputFormat::Object);
                     r.params.frequency_penalty = 0.8;
                 }
                 // With log-probabilities too: the device draws from an adjusted copy of the
@@ -474,7 +483,7 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
                     r.params.logprobs = Some(1);
                 }
                 13 => {
-                    r.params.json = Some(JsonFormat::Object);
+                    r.params.format = Some(OutputFormat::Object);
                     r.params.logprobs = Some(3);
                 }
                 _ => {}
@@ -1109,7 +1118,7 @@ async fn prediction_case(m: &kernels::load::Loaded, backend: BackendKind) {
         match i {
             2 => r.params.logprobs = Some(2),
             3 => r.params.frequency_penalty = 0.5,
-            5 => r.params.json = Some(JsonFormat::Object),
+            5 => r.params.format = Some(OutputFormat::Object),
             _ => {}
         }
         reqs.push(r);
@@ -1409,7 +1418,7 @@ async fn speculation_case(
                 r.params.presence_penalty = 0.7;
                 r.params.frequency_penalty = 0.4;
             }
-            5 => r.params.json = Some(JsonFormat::Object),
+            5 => r.params.format = Some(OutputFormat::Object),
             _ => {}
         }
         reqs.push(Arc::new(r));
@@ -1422,7 +1431,7 @@ async fn speculation_case(
     r.params.frequency_penalty = 0.3;
     reqs.push(Arc::new(r));
     let mut r = long(11);
-    r.params.json = Some(JsonFormat::Object);
+    r.params.format = Some(OutputFormat::Object);
     reqs.push(Arc::new(r));
     let mut r = long(12);
     (r.params.temperature, r.params.top_k, r.params.seed) = (1.0, 2, Some(12));
