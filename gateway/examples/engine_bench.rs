@@ -11,8 +11,9 @@
 //! `PREFIX_CACHING=0` (the prefix cache off), `PREFILL_TOKENS=n` (the prefill's prompt
 //! length, default 512), `MAX_BATCH_TOKENS=n` (the per-step token
 //! budget, chunked prefill), `ATTENTION=tensor` (CUDA: the tensor-core
-//! attention kernel), `FORMAT=json|schema` (the streams' answers
-//! in JSON mode, or held to a small schema: the constrained-decoding mask's cost),
+//! attention kernel), `FORMAT=json|schema|regex` (the streams' answers
+//! in JSON mode, held to a small schema, or to a regular expression as vLLM's
+//! `guided_regex`: the constrained-decoding mask's cost),
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
 //! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream),
@@ -62,11 +63,11 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     })
 }
 
-/// `FORMAT`: the streams' output format.
-fn format() -> Option<gateway::worker::JsonFormat> {
-    use gateway::worker::JsonFormat;
+/// `FORMAT`: the streams' output format (`json`, `schema`, `regex`).
+fn format() -> Option<gateway::worker::OutputFormat> {
+    use gateway::worker::OutputFormat;
     match std::env::var("FORMAT").as_deref() {
-        Ok("json") => Some(JsonFormat::Object),
+        Ok("json") => Some(OutputFormat::Object),
         Ok("schema") => {
             let schema = serde_json::json!({
                 "type": "object",
@@ -80,15 +81,17 @@ fn format() -> Option<gateway::worker::JsonFormat> {
                 "additionalProperties": false
             });
             let spec = serde_json::json!({"name": "story", "schema": schema});
-            Some(JsonFormat::schema(spec).expect("the schema"))
+            Some(OutputFormat::schema(spec).expect("the schema"))
         }
+        // vLLM's `guided_regex`: a text of words and punctuation as long as the stream.
+        Ok("regex") => Some(OutputFormat::regex(r"[A-Za-z][A-Za-z ,.'\n]*").expect("the regex")),
         _ => None,
     }
 }
 
 fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     let mut r = (*req(String::new(), max_tokens)).clone();
-    r.params.json = format();
+    r.params.format = format();
     if std::env::var("SAMPLING").as_deref() == Ok("top_p") {
         r.params.temperature = 0.8;
         r.params.top_p = 0.9;

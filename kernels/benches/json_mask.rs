@@ -5,7 +5,7 @@
 //! model's own vocabulary is used; otherwise 49,152 tokens: the 256 single bytes and
 //! random strings of 2 to 8 printable bytes (about as long as byte-level BPE tokens).
 //! JSON mode's states, then structured output's (a schema with fixed keys, an enum and
-//! optional properties).
+//! optional properties), then regular expressions' (`guided_choice`, `guided_regex`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kernels::json_mode::{JsonState, JsonVocab};
@@ -112,5 +112,41 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Regular expressions (vLLM's `guided_regex` and `guided_choice`): the mask's walk of
+/// the vocabulary as a trie, at the start of a text and inside one.
+fn bench_regex(c: &mut Criterion) {
+    use kernels::regex_mode::{choice_regex, compile, RegexState};
+    let v = vocab();
+    let jv = JsonVocab::new(v.len(), |id| &v[id as usize], |_| false, &[0]);
+    let labels: Vec<String> = ["positive", "negative", "neutral"]
+        .map(String::from)
+        .to_vec();
+    let cases = [
+        ("choice: start", choice_regex(&labels), &b""[..]),
+        (
+            "date: start",
+            r"[0-9]{4}-[0-9]{2}-[0-9]{2}".to_string(),
+            &b""[..],
+        ),
+        (
+            "words: inside",
+            r"[A-Za-z ,.]{1,200}".to_string(),
+            &b"Once upon a ti"[..],
+        ),
+        (
+            "any: inside",
+            r"(?s).{0,100}".to_string(),
+            &b"Once upon a ti"[..],
+        ),
+    ];
+    for (name, re, prefix) in cases {
+        let mut st = RegexState::new(compile(&re).expect("compiles"));
+        assert!(st.advance(prefix));
+        c.bench_function(&format!("regex bits {} tokens, {name}", v.len()), |b| {
+            b.iter(|| st.allowed(&jv, v.len()))
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_regex);
 criterion_main!(benches);

@@ -35,7 +35,8 @@ mod dfa;
 
 use bounds::bounds;
 pub use bounds::Bounds;
-use dfa::{format_regex, pattern_dfa, whole_match_dfa};
+pub(crate) use dfa::whole_match_dfa;
+use dfa::{format_regex, pattern_dfa};
 pub use dfa::{Dfa, StringRule};
 use serde_json::Value;
 use std::collections::HashMap;

@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod error;
 pub mod event_log;
 mod files;
+pub mod guided;
 mod handlers;
 pub(crate) mod input_items;
 mod item_reference;

@@ -44,6 +44,13 @@ const EXTENSIONS: &[&str] = &[
     "allowed_token_ids",
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
+    "structured_outputs",
 ];
 
 /// Validates a `/v1/responses` body that continues no stored response.
@@ -721,7 +728,7 @@ mod tests {
         let r = ok(json!({"model": "m", "input": "x",
             "text": {"format": {"type": "json_schema", "name": "p",
                 "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}));
-        assert!(r.params.json.is_some());
+        assert!(r.params.format.is_some());
         let r = ok(json!({"model": "m", "input": "x",
             "tools": [{"type": "function", "name": "w",
                 "parameters": {"type": "object", "properties": {}}}],

@@ -1,7 +1,7 @@
 //! Tool calling (`tools`, `tool_choice`) on any worker that honours structured output.
 //!
 //! The model is told the functions (a system message) and its answer is constrained to one
-//! JSON document (structured output, [`crate::worker::JsonFormat`]):
+//! JSON document (structured output, [`crate::worker::OutputFormat`]):
 //! `{"name": <a tool's name>, "arguments": <that tool's parameters schema>}` for a call;
 //! unless `parallel_tool_calls` is `false` (or `tool_choice` names one function), also an
 //! array of 2 to [`MAX_CALLS`] such objects for several calls at once; and, with

@@ -57,6 +57,19 @@ pub struct CommonParams {
     pub truncate_prompt_tokens: Option<i64>,
 }
 
+/// Not in OpenAI's API; vLLM's structured outputs (chat and completions): the older
+/// `guided_*` fields and the newer `structured_outputs` object (see `guided`).
+#[derive(Debug, Deserialize)]
+pub struct GuidedParams {
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub guided_whitespace_pattern: Option<Value>,
+    pub guided_decoding_backend: Option<Value>,
+    pub structured_outputs: Option<Value>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
@@ -102,6 +115,8 @@ pub struct ContentPart {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Value,
+    /// vLLM takes it on completions too: JSON mode or a schema's structured output.
+    pub response_format: Option<Value>,
     pub echo: Option<bool>,
     pub best_of: Option<u32>,
     pub suffix: Option<Value>,

@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::tools;
 use super::types::{ChatRequest, CommonParams, CompletionRequest, Content, ContentPart, OneOrMany};
 use crate::config::ServerConfig;
-use crate::worker::{ChatMessage, JsonFormat, Prompt, SamplingParams};
+use crate::worker::{ChatMessage, OutputFormat, Prompt, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::Arc;
@@ -345,7 +345,7 @@ fn common(
             frequency_penalty,
             logit_bias,
             repetition_penalty,
-            json: None,
+            format: None,
             prediction: None,
             ignore_eos: c.ignore_eos.unwrap_or(false),
             min_tokens,
@@ -359,16 +359,53 @@ fn common(
     ))
 }
 
+/// The output format a chat or completions body asks for, and the field that asks
+/// (`response_format` where none does): `response_format`, or one of vLLM's structured
+/// outputs ([`super::guided`]), not both.
+fn output_format(
+    body: &[u8],
+    rf: Option<&Value>,
+) -> Result<(Option<OutputFormat>, String), ApiError> {
+    let json = response_format(rf)?;
+    match super::guided::format(typed(body)?)? {
+        Some((_, param)) if json.is_some() => Err(ApiError::bad(
+            format!(
+                "`{param}` cannot be combined with `response_format`: one output format at a time."
+            ),
+            Some(param),
+        )),
+        Some((format, param)) => Ok((Some(format), param)),
+        None => Ok((json, "response_format".to_string())),
+    }
+}
+
+/// Refuses the options a grammar's output cannot keep (`what`: what asks for the
+/// grammar): its grammar chooses the answer's tokens and where it ends.
+fn grammar_holds(params: &SamplingParams, what: &str) -> Result<(), ApiError> {
+    let held = [
+        ("ignore_eos", params.ignore_eos),
+        ("min_tokens", params.min_tokens > 0),
+        ("allowed_token_ids", !params.allowed_token_ids.is_empty()),
+    ];
+    match held.iter().find(|h| h.1) {
+        Some((field, _)) => Err(ApiError::bad(
+            format!("`{field}` cannot be combined with {what}: its grammar chooses the answer's tokens and its end."),
+            Some(field.to_string()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `response_format`: text (`None`), JSON mode, or structured output with its schema
 /// compiled here, so that a schema the engine cannot follow is refused before it is
 /// admitted.
-fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
+fn response_format(rf: Option<&Value>) -> Result<Option<OutputFormat>, ApiError> {
     let Some(rf) = rf.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     match rf["type"].as_str() {
         Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(JsonFormat::Object)),
+        Some("json_object") => Ok(Some(OutputFormat::Object)),
         Some("json_schema") => {
             let param = "response_format.json_schema";
             let spec = rf
@@ -386,7 +423,7 @@ fn response_format(rf: Option<&Value>) -> Result<Option<JsonFormat>, ApiError> {
                     Some(format!("{param}.name")),
                 ));
             }
-            Ok(Some(JsonFormat::schema(spec.clone())?))
+            Ok(Some(OutputFormat::schema(spec.clone())?))
         }
         _ => Err(ApiError::bad(
             format!(
@@ -492,12 +529,12 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
         req.tool_choice.as_ref(),
         req.parallel_tool_calls.as_ref(),
     )?;
-    let mut json = response_format(req.response_format.as_ref())?;
+    let (mut format, format_param) = output_format(body, req.response_format.as_ref())?;
     if let Some(plan) = &tool_plan {
-        if json.is_some() {
+        if format.is_some() {
             return Err(ApiError::bad(
-                "`response_format` cannot be combined with tool calls (the answer is a call's JSON).",
-                Some("response_format".into()),
+                format!("`{format_param}` cannot be combined with tool calls (the answer is a call's JSON)."),
+                Some(format_param),
             ));
         }
         if not_null(&c.logprobs) && c.logprobs != Some(Value::Bool(false)) {
@@ -506,7 +543,7 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
                 "`logprobs` with tool calls",
             ));
         }
-        json = Some(JsonFormat::schema(
+        format = Some(OutputFormat::schema(
             serde_json::json!({"name": "tool_call", "schema": plan.schema}),
         )?);
     }
@@ -581,24 +618,16 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
     let n = choices(c.n)?;
     let (model, mut params, stream, include_usage) =
         common(c, req.max_completion_tokens, 1, logprobs, server)?;
-    // Tool calls are a document too (`json` holds their schema); its grammar chooses the
-    // tokens.
-    let held = [
-        ("ignore_eos", params.ignore_eos),
-        ("min_tokens", params.min_tokens > 0),
-        ("allowed_token_ids", !params.allowed_token_ids.is_empty()),
-    ];
-    if let Some((field, _)) = held.iter().find(|h| h.1).filter(|_| json.is_some()) {
+    // Tool calls are a document too (`format` holds their schema); its grammar chooses
+    // the tokens.
+    if format.is_some() {
         let what = match tool_plan {
-            Some(_) => "tool calls",
-            None => "`response_format`",
+            Some(_) => "tool calls".to_string(),
+            None => format!("`{format_param}`"),
         };
-        return Err(ApiError::bad(
-            format!("`{field}` cannot be combined with {what}: the document's grammar chooses the answer's tokens and its end."),
-            Some(field.to_string()),
-        ));
+        grammar_holds(&params, &what)?;
     }
-    params.json = json;
+    params.format = format;
     params.prediction = prediction;
     Ok(InferenceRequest {
         endpoint: Endpoint::Chat,
@@ -658,8 +687,10 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
             Some("max_tokens".into()),
         ));
     }
+    let (format, format_param) = output_format(body, req.response_format.as_ref())?;
     let least = u32::from(!echo);
     let (model, mut params, stream, include_usage) = common(c, None, least, logprobs, server)?;
+    params.format = format;
     if echo && params.truncate_prompt_tokens.is_some() {
         return Err(ApiError::bad(
             "`truncate_prompt_tokens` cannot be combined with `echo` (the prompt echoed is the one sent).",
@@ -667,6 +698,9 @@ pub fn completion(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest
         ));
     }
     params.prompt_logprobs = echo && logprobs.is_some();
+    if params.format.is_some() {
+        grammar_holds(&params, &format!("`{format_param}`"))?;
+    }
     Ok(InferenceRequest {
         endpoint: Endpoint::Completion,
         model,
@@ -992,7 +1026,7 @@ mod tests {
         let p = chat(body, &server()).expect("test input").params;
         assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
         assert_eq!(p.logit_bias, vec![(3, 2.5), (7, -100.0)]);
-        assert!(p.json.is_none());
+        assert!(p.format.is_none());
         assert_eq!((p.min_p, p.repetition_penalty), (0.0, 1.0));
         assert!(p.allowed_token_ids.is_empty());
         let body = br#"{"model":"m","prompt":"x","min_p":0.05,"repetition_penalty":1.15,"allowed_token_ids":[9,4]}"#;
@@ -1016,12 +1050,12 @@ mod tests {
         );
         let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#;
         assert!(matches!(
-            chat(body, &server()).expect("test input").params.json,
-            Some(JsonFormat::Object)
+            chat(body, &server()).expect("test input").params.format,
+            Some(OutputFormat::Object)
         ));
         let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":false}}}}"#;
-        match chat(body, &server()).expect("test input").params.json {
-            Some(JsonFormat::Schema { spec, .. }) => assert_eq!(spec["name"], "p"),
+        match chat(body, &server()).expect("test input").params.format {
+            Some(OutputFormat::Schema { spec, .. }) => assert_eq!(spec["name"], "p"),
             other => panic!("{other:?}"),
         }
         let many: String = (0..301)

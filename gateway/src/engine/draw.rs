@@ -109,13 +109,13 @@ pub(super) fn sample(s: &Seq, l: &[f32]) -> u32 {
     kernels::sampler::sample(l, sample_params(s, s.emitted()))
 }
 
-/// The JSON vocabulary, built on first use by any of `seqs`.
+/// The grammars' vocabulary, built on first use by any of `seqs`.
 pub(super) fn vocab_for<'a, 's>(
     mut seqs: impl Iterator<Item = &'s Seq>,
     tok: &Tokenizer,
     json_vocab: &'a mut Option<JsonVocab>,
 ) -> Option<&'a JsonVocab> {
-    if seqs.any(|s| s.json.is_some()) {
+    if seqs.any(|s| s.grammar.is_some()) {
         json_vocab.get_or_insert_with(|| JsonVocab::of(tok));
     }
     json_vocab.as_ref()

@@ -37,13 +37,12 @@ mod speculate;
 
 use crate::config::{BackendKind, EngineConfig};
 use crate::worker::{
-    EngineCounters, EventStream, JsonFormat, Load, Prompt, Worker, WorkerError, WorkerRequest,
+    EngineCounters, EventStream, Load, OutputFormat, Prompt, Worker, WorkerError, WorkerRequest,
 };
 use factory::Factory;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use kernels::chat::{ChatTemplate, Message};
-use kernels::json_mode::JsonState;
 use kernels::load::Loaded;
 use kernels::model::Pooling;
 use kernels::sampler::{Penalties, SamplingConfig};
@@ -440,10 +439,7 @@ impl EngineWorker {
                 repetition: p.repetition_penalty,
             })
             .filter(|p| !p.is_empty()),
-            json: p.json.as_ref().map(|j| match j {
-                JsonFormat::Object => JsonState::new(),
-                JsonFormat::Schema { compiled, .. } => JsonState::with_schema(compiled.clone()),
-            }),
+            grammar: p.format.as_ref().map(OutputFormat::grammar),
             embed: req.embed,
             reasoning,
             prediction,

@@ -14,7 +14,8 @@ use super::scheduler::Schedulable;
 use crate::worker::{FinishReason, TokenLogprob, TopLogprob, Usage, WorkerEvent};
 use kernels::adjust::Adjust;
 use kernels::cuda::twins::SampleParams;
-use kernels::json_mode::{JsonState, JsonVocab};
+use kernels::grammar::Grammar;
+use kernels::json_mode::JsonVocab;
 use kernels::logprobs::TokenLogprobs;
 use kernels::sampler::{Penalties, SamplingConfig};
 use kernels::tokenizer::Tokenizer;
@@ -40,8 +41,9 @@ pub(super) struct NewSeq {
     /// The prompt's log-probabilities too (`echo` with `logprobs`).
     pub(super) prompt_logprobs: bool,
     pub(super) penalties: Option<Penalties>,
-    /// JSON mode or structured output: where the document starts.
-    pub(super) json: Option<JsonState>,
+    /// JSON mode, structured output or a regular expression (`guided_regex`,
+    /// `guided_choice`): where the output starts.
+    pub(super) grammar: Option<Grammar>,
     /// An embeddings request: its answer is the prompt's last hidden state.
     pub(super) embed: bool,
     /// A chat with a reasoning model: its thinking told apart from its answer.
@@ -113,8 +115,9 @@ pub(super) struct Seq {
     pub(super) penalties: Option<Penalties>,
     pub(super) counts: HashMap<u32, u32>,
     pub(super) seen: Vec<u32>,
-    /// JSON mode or structured output: where the document generated so far stands.
-    pub(super) json: Option<JsonState>,
+    /// JSON mode, structured output or a regular expression: where the output generated
+    /// so far stands.
+    pub(super) grammar: Option<Grammar>,
     /// An embeddings request: it ends with its prompt, answered with the normalized
     /// final hidden state of its last token (no token is generated).
     pub(super) embed: bool,
@@ -243,7 +246,7 @@ impl Seq {
     /// ([`kernels::backend::Backend::submit_sample`]), while penalties count a token still
     /// on the device there ([`kernels::adjust::Carry`]).
     pub(super) fn masked(&self) -> bool {
-        self.json.is_some()
+        self.grammar.is_some()
     }
     /// Whether it decodes with only its last token left to compute and no drafts yet, so
     /// that it may propose some to follow it ([`super::speculate`]): not an embeddings
@@ -281,12 +284,12 @@ impl Seq {
         }
         if !tok.stop_tokens.contains(&id) {
             self.last_kind = self.reasoning.as_mut().map_or(Kind::Answer, |r| r.next(id));
-            if let Some(json) = self
-                .json
+            if let Some(grammar) = self
+                .grammar
                 .as_mut()
                 .filter(|_| self.last_kind == Kind::Answer)
             {
-                json.advance(tok.token_bytes(id));
+                grammar.advance(tok.token_bytes(id));
             }
             if let Some(lp) = lp {
                 self.pending_logprobs.push(logprob_item(tok, &lp));
@@ -309,7 +312,7 @@ impl Seq {
     /// tokens that would end it before `min_tokens`, `allowed_token_ids`).
     pub(super) fn constrained(&self) -> bool {
         self.penalties.is_some()
-            || self.json.is_some()
+            || self.grammar.is_some()
             || self.holds_ends()
             || self.allowed.is_some()
     }
@@ -357,9 +360,9 @@ impl Seq {
             .and_then(|p| p.repeat(&self.seen, &self.counts, carried, n));
         // A grammar is the answer's: it waits while the model thinks.
         let thinking = self.reasoning.as_ref().is_some_and(Reasoning::thinking);
-        let json = self.json.as_ref().filter(|_| !thinking);
-        let mut mask = json.zip(json_vocab).map(|(json, vocab)| {
-            let bits = json.allowed(vocab, n);
+        let grammar = self.grammar.as_ref().filter(|_| !thinking);
+        let mut mask = grammar.zip(json_vocab).map(|(grammar, vocab)| {
+            let bits = grammar.allowed(vocab, n);
             if bits.iter().all(|&w| w == 0) {
                 kernels::adjust::bitmask(&tok.stop_tokens, n)
             } else {
@@ -410,7 +413,7 @@ impl Seq {
         } else {
             0
         };
-        let mask = if self.json.is_some() || self.holds_ends() || self.allowed.is_some() {
+        let mask = if self.grammar.is_some() || self.holds_ends() || self.allowed.is_some() {
             n.div_ceil(32)
         } else {
             0
@@ -461,7 +464,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         seen,
         penalties: n.penalties,
         counts: HashMap::new(),
-        json: n.json,
+        grammar: n.grammar,
         embed: n.embed,
         reasoning: n.reasoning,
         last_kind: Kind::Answer,
@@ -622,7 +625,7 @@ mod tests {
             logprobs: None,
             prompt_logprobs: false,
             penalties: None,
-            json: None,
+            grammar: None,
             embed: false,
             reasoning: None,
             prediction: None,

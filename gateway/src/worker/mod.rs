@@ -114,8 +114,9 @@ pub struct SamplingParams {
     /// or generated are divided by it where positive, else multiplied.
     pub repetition_penalty: f32,
     /// `response_format` `json_object` or `json_schema`: the output is one JSON object, or
-    /// one document of a schema.
-    pub json: Option<JsonFormat>,
+    /// one document of a schema; vLLM's `guided_regex` and `guided_choice` (or
+    /// `structured_outputs`): a text a regular expression matches, or one of a list.
+    pub format: Option<OutputFormat>,
     /// Chat `prediction` (OpenAI's Predicted Outputs): text much of the answer is expected
     /// to repeat (a file edited in place). Engines draft from it (speculative decoding):
     /// the answer is the same with it or without, sooner where it agrees.
@@ -156,9 +157,10 @@ pub fn keep_last(ids: &mut Vec<u32>, keep: u32, context: Option<usize>) {
     }
 }
 
-/// What shape of JSON a request's output must have.
+/// What shape a request's output must have: JSON (an object, or a schema's document) or
+/// a text of a regular expression (or of a list of choices).
 #[derive(Debug, Clone)]
-pub enum JsonFormat {
+pub enum OutputFormat {
     /// `{"type": "json_object"}`: one JSON object.
     Object,
     /// `{"type": "json_schema", "json_schema": spec}`: a document of `spec.schema`,
@@ -168,9 +170,20 @@ pub enum JsonFormat {
         spec: Arc<serde_json::Value>,
         compiled: Arc<kernels::json_schema::Schema>,
     },
+    /// vLLM's `guided_regex`: a text `regex` matches whole, its DFA compiled when the
+    /// request was validated.
+    Regex {
+        regex: Arc<str>,
+        dfa: Arc<kernels::json_schema::Dfa>,
+    },
+    /// vLLM's `guided_choice`: exactly one of `choices`.
+    Choice {
+        choices: Arc<[String]>,
+        dfa: Arc<kernels::json_schema::Dfa>,
+    },
 }
 
-impl JsonFormat {
+impl OutputFormat {
     /// Structured output for a `json_schema` object (`name`, `schema`, …), its schema
     /// compiled (no `schema`: any JSON value, the empty schema).
     pub fn schema(spec: serde_json::Value) -> Result<Self, kernels::json_schema::SchemaError> {
@@ -185,13 +198,61 @@ impl JsonFormat {
         })
     }
 
-    /// The `response_format` object that asks an OpenAI-compatible server for it.
-    pub fn response_format(&self) -> serde_json::Value {
+    /// A text `regex` matches whole; `Err`: why it cannot be followed (not an expression,
+    /// or one whose DFA is past the size limit).
+    pub fn regex(regex: &str) -> Result<Self, String> {
+        Ok(Self::Regex {
+            dfa: kernels::regex_mode::compile(regex)?,
+            regex: regex.into(),
+        })
+    }
+
+    /// One of `choices`, as written.
+    pub fn choice(choices: Vec<String>) -> Result<Self, String> {
+        Ok(Self::Choice {
+            dfa: kernels::regex_mode::compile(&kernels::regex_mode::choice_regex(&choices))?,
+            choices: choices.into(),
+        })
+    }
+
+    /// The grammar an engine follows for it, where the output starts.
+    pub fn grammar(&self) -> kernels::grammar::Grammar {
+        use kernels::grammar::Grammar;
+        use kernels::json_mode::JsonState;
         match self {
-            Self::Object => serde_json::json!({"type": "json_object"}),
-            Self::Schema { spec, .. } => {
-                serde_json::json!({"type": "json_schema", "json_schema": spec.as_ref()})
+            Self::Object => Grammar::Json(JsonState::new()),
+            Self::Schema { compiled, .. } => {
+                Grammar::Json(JsonState::with_schema(compiled.clone()))
             }
+            Self::Regex { dfa, .. } | Self::Choice { dfa, .. } => {
+                Grammar::Regex(kernels::regex_mode::RegexState::new(dfa.clone()))
+            }
+        }
+    }
+
+    /// Whether it is a JSON document's (`response_format`).
+    pub fn is_json(&self) -> bool {
+        matches!(self, Self::Object | Self::Schema { .. })
+    }
+
+    /// The `response_format` object that asks an OpenAI-compatible server for it (a JSON
+    /// format's).
+    pub fn response_format(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Object => Some(serde_json::json!({"type": "json_object"})),
+            Self::Schema { spec, .. } => {
+                Some(serde_json::json!({"type": "json_schema", "json_schema": spec.as_ref()}))
+            }
+            Self::Regex { .. } | Self::Choice { .. } => None,
+        }
+    }
+
+    /// vLLM's `structured_outputs` object that asks it for a text format.
+    pub fn structured_outputs(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Regex { regex, .. } => Some(serde_json::json!({"regex": regex.as_ref()})),
+            Self::Choice { choices, .. } => Some(serde_json::json!({"choice": choices.as_ref()})),
+            Self::Object | Self::Schema { .. } => None,
         }
     }
 }
@@ -213,7 +274,7 @@ impl SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             repetition_penalty: 1.0,
-            json: None,
+            format: None,
             prediction: None,
             ignore_eos: false,
             min_tokens: 0,

@@ -277,10 +277,10 @@ impl Worker for SimWorker {
         let queued = self.queued.clone();
         async move {
             super::one_plain_input(&req)?;
-            if req.params.logprobs.is_some() || req.params.json.is_some() {
+            if req.params.logprobs.is_some() || req.params.format.is_some() {
                 // Its text is made up: it has no distribution to report or constrain.
-                let what = if req.params.json.is_some() {
-                    "JSON mode or structured output (`response_format`)"
+                let what = if req.params.format.is_some() {
+                    "JSON mode, structured output or a regular expression (`response_format`, `guided_*`)"
                 } else {
                     "log-probabilities (`logprobs`, or `best_of` past `n`, which ranks by them)"
                 };

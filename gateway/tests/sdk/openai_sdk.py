@@ -9,6 +9,7 @@ refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import json
+import re
 import sys
 
 import openai
@@ -315,9 +316,19 @@ if engine:
     words = "one two three four five six seven eight"
     cut = client.completions.create(model=model, prompt=words, max_tokens=3, temperature=0, extra_body={"truncate_prompt_tokens": 4})
     assert cut.usage.prompt_tokens == 4, cut.usage
+    # vLLM's structured outputs: a classification held to its labels, a date to its shape.
+    labels = ["positive", "negative", "neutral"]
+    review = [{"role": "user", "content": "Is this review positive, negative or neutral? 'I loved every minute of it.'"}]
+    label = client.chat.completions.create(model=model, messages=review, max_tokens=8, temperature=0, extra_body={"guided_choice": labels})
+    assert label.choices[0].message.content in labels and label.choices[0].finish_reason == "stop", label
+    when = [{"role": "user", "content": "On what date did Apollo 11 land on the Moon?"}]
+    date = client.chat.completions.create(model=model, messages=when, max_tokens=16, temperature=0, extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}})
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.choices[0].message.content), date
+    print("guided:", label.choices[0].message.content, date.choices[0].message.content)
 else:
     assert "logprobs" in refused(logprobs=True)["message"]
     assert "JSON mode" in refused(response_format={"type": "json_object"})["message"]
+    assert "regular expression" in refused(extra_body={"guided_regex": "a+"})["message"]
 
 # Errors become the SDK's typed exceptions.
 try:

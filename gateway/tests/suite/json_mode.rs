@@ -10,7 +10,7 @@ use crate::common;
 use common::*;
 use futures::StreamExt;
 use gateway::engine::EngineWorker;
-use gateway::worker::{FinishReason, JsonFormat, Worker, WorkerEvent};
+use gateway::worker::{FinishReason, OutputFormat, Worker, WorkerEvent};
 use kernels::json_mode::JsonState;
 use kernels::json_schema::Schema;
 use serde_json::Value;
@@ -18,14 +18,14 @@ use std::sync::Arc;
 
 async fn run(
     w: &EngineWorker,
-    json: JsonFormat,
+    json: OutputFormat,
     temperature: f32,
     seed: u64,
     max_tokens: u32,
     bias: Vec<(u32, f32)>,
 ) -> (String, FinishReason) {
     let mut r = (*worker_req("a json object:", max_tokens)).clone();
-    r.params.json = Some(json);
+    r.params.format = Some(json);
     r.params.temperature = temperature;
     r.params.seed = Some(seed);
     r.params.logit_bias = bias;
@@ -47,7 +47,7 @@ async fn run(
 async fn draws(
     w: &EngineWorker,
     kind: gateway::config::BackendKind,
-    format: impl Fn() -> JsonFormat,
+    format: impl Fn() -> OutputFormat,
     state: impl Fn() -> JsonState,
     max_tokens: u32,
     valid: impl Fn(&Value) -> bool,
@@ -86,7 +86,7 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
         let stopped = draws(
             &w,
             kind,
-            || JsonFormat::Object,
+            || OutputFormat::Object,
             JsonState::new,
             48,
             Value::is_object,
@@ -94,7 +94,7 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
         .await;
         eprintln!("{kind:?}: {stopped} of 5 objects complete within 48 tokens");
         // Pushed to close at once, it closes, then stops: `{}` and nothing after.
-        let (text, finish) = run(&w, JsonFormat::Object, 0.0, 0, 16, vec![(close, 30.0)]).await;
+        let (text, finish) = run(&w, OutputFormat::Object, 0.0, 0, 16, vec![(close, 30.0)]).await;
         assert_eq!(text.trim(), "{}", "{kind:?}");
         assert_eq!(finish, FinishReason::Stop, "{kind:?}: {text:?}");
         // On the GPU path every row was masked on the device; none was read back.
@@ -108,8 +108,8 @@ async fn the_engine_writes_json_objects_on_the_cpu_and_on_the_gpu_path() {
     }
 }
 
-fn schema_format(schema: Value) -> JsonFormat {
-    JsonFormat::schema(serde_json::json!({"name": "t", "schema": schema})).unwrap()
+fn schema_format(schema: Value) -> OutputFormat {
+    OutputFormat::schema(serde_json::json!({"name": "t", "schema": schema})).unwrap()
 }
 
 /// A schema with fixed keys, an enum, an integer, a boolean and an optional array of

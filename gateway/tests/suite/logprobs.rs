@@ -142,7 +142,7 @@ async fn the_engine_reports_the_models_logprobs_under_penalties_and_json_mode() 
     for kind in engine_backends() {
         let w = engine_on(&loaded, kind);
         let mut r = (*worker_req("the quick brown fox", 12)).clone();
-        r.params.json = Some(gateway::worker::JsonFormat::Object);
+        r.params.format = Some(gateway::worker::OutputFormat::Object);
         r.params.frequency_penalty = 0.9;
         r.params.presence_penalty = 0.4;
         r.params.logprobs = Some(3);

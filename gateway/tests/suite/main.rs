@@ -13,6 +13,7 @@ mod choices;
 mod contracts;
 mod embeddings_engine;
 mod engine;
+mod guided;
 mod json_mode;
 mod lifecycle;
 mod limiter_props;

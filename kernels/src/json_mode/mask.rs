@@ -239,9 +239,17 @@ impl Cut for Bits {
     }
 }
 
-/// A vocabulary as JSON mode sees it, built once per model.
+/// A vocabulary as the grammars see it (JSON mode, structured output, and regular
+/// expressions: [`crate::regex_mode`]), built once per model.
 pub struct JsonVocab {
     bytes: Vec<Vec<u8>>,
+    /// The text tokens (not stop, special or empty) in the order of their bytes, and each
+    /// one's longest common beginning with the one before it (in bytes, at most 65,535):
+    /// a trie of the vocabulary, walked once per row by [`crate::regex_mode`].
+    sorted: Vec<u32>,
+    shared: Vec<u16>,
+    /// The stop tokens.
+    stops: Vec<u32>,
     /// The token ids, grouped by their signature for the mask (`groups`: a signature
     /// and the range of `order` that has it). A signature (its "gate") is a text token's
     /// first byte, or [`GATE_STOP`], or [`GATE_NEVER`], with the flags below: what the
@@ -371,12 +379,54 @@ impl JsonVocab {
             b.groups.end = gi + 1;
             b.tokens.end = g.hi as usize;
         }
+        let text = &order[buckets[..256]
+            .iter()
+            .map(|b| b.tokens.start)
+            .min()
+            .unwrap_or(0)
+            ..buckets[..256]
+                .iter()
+                .map(|b| b.tokens.end)
+                .max()
+                .unwrap_or(0)];
+        let mut sorted = text.to_vec();
+        sorted.sort_unstable_by(|&a, &b| bytes[a as usize].cmp(&bytes[b as usize]));
+        let shared = std::iter::once(0)
+            .chain(sorted.windows(2).map(|w| {
+                let (a, b) = (&bytes[w[0] as usize], &bytes[w[1] as usize]);
+                a.iter()
+                    .zip(b)
+                    .take_while(|(x, y)| x == y)
+                    .count()
+                    .min(u16::MAX as usize) as u16
+            }))
+            .collect();
+        let stops = order[buckets[GATE_STOP as usize].tokens.clone()].to_vec();
         Self {
             bytes,
             order,
             groups,
             buckets,
+            sorted,
+            shared,
+            stops,
         }
+    }
+
+    /// The bytes of token `id`.
+    pub(crate) fn bytes(&self, id: u32) -> &[u8] {
+        &self.bytes[id as usize]
+    }
+
+    /// The text tokens in the order of their bytes, with each one's common beginning with
+    /// the one before it.
+    pub(crate) fn trie(&self) -> (&[u32], &[u16]) {
+        (&self.sorted, &self.shared)
+    }
+
+    /// The stop tokens.
+    pub(crate) fn stops(&self) -> &[u32] {
+        &self.stops
     }
 
     /// A model's tokenizer's.

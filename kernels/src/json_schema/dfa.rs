@@ -126,7 +126,7 @@ pub(super) fn format_regex(format: &str) -> Option<&'static str> {
 /// A DFA that matches whole strings of `regex`, from the process's cache of them (a
 /// `format`'s DFA, or a pattern's, is built once, not per request: building one takes
 /// 0.1–1 ms for the formats and up to milliseconds for Unicode classes).
-pub(super) fn whole_match_dfa(regex: &str, source: &str) -> Result<Arc<Dfa>, String> {
+pub(crate) fn whole_match_dfa(regex: &str, source: &str) -> Result<Arc<Dfa>, String> {
     /// The cache's DFAs, and the bytes they hold.
     type Cache = (HashMap<String, Arc<Dfa>>, usize);
     static CACHE: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();

@@ -17,7 +17,8 @@
 //! `answer`, a streamed one in `stream`.
 
 use super::{
-    EventStream, Load, Prompt, Worker, WorkerError, WorkerRequest, CONTEXT_LENGTH_EXCEEDED,
+    EventStream, Load, OutputFormat, Prompt, Worker, WorkerError, WorkerRequest,
+    CONTEXT_LENGTH_EXCEEDED,
 };
 use crate::config::OpenAiConfig;
 use answer::{parse_embedding, parse_full};
@@ -169,7 +170,8 @@ impl OpenAiWorker {
             top_logprobs: p.logprobs.filter(|_| messages.is_some()),
             presence_penalty: (p.presence_penalty != 0.0).then_some(p.presence_penalty),
             frequency_penalty: (p.frequency_penalty != 0.0).then_some(p.frequency_penalty),
-            response_format: p.json.as_ref().map(|j| j.response_format()),
+            response_format: p.format.as_ref().and_then(OutputFormat::response_format),
+            structured_outputs: p.format.as_ref().and_then(OutputFormat::structured_outputs),
             prediction: p
                 .prediction
                 .as_ref()

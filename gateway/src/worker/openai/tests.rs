@@ -195,6 +195,8 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "allowed_token_ids",
         "include_stop_str_in_output",
         "truncate_prompt_tokens",
+        "structured_outputs",
+        "response_format",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -218,4 +220,27 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         v["truncate_prompt_tokens"], -1,
         "vLLM's word for the context"
     );
+    // A text format goes as vLLM's `structured_outputs`; a JSON one as `response_format`.
+    assert!(v.get("structured_outputs").is_none() && v.get("response_format").is_none());
+    r.params.format = Some(crate::worker::OutputFormat::regex("[0-9]+").expect("regex"));
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    assert_eq!(
+        v["structured_outputs"],
+        serde_json::json!({"regex": "[0-9]+"})
+    );
+    assert!(v.get("response_format").is_none(), "{v}");
+    let choices = vec!["a.b".to_string(), "c".to_string()];
+    r.params.format = Some(crate::worker::OutputFormat::choice(choices).expect("choice"));
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    assert_eq!(
+        v["structured_outputs"],
+        serde_json::json!({"choice": ["a.b", "c"]})
+    );
+    r.params.format = Some(crate::worker::OutputFormat::Object);
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    assert_eq!(
+        v["response_format"],
+        serde_json::json!({"type": "json_object"})
+    );
+    assert!(v.get("structured_outputs").is_none(), "{v}");
 }

@@ -52,6 +52,9 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) logit_bias: Option<BTreeMap<String, f32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) response_format: Option<Value>,
+    /// vLLM's `structured_outputs` (`regex`, `choice`), where the request has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) structured_outputs: Option<Value>,
     /// Chat `prediction` (Predicted Outputs), passed on as the text it came as.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) prediction: Option<Value>,

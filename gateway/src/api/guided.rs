@@ -1,0 +1,227 @@
+//! vLLM's structured outputs, as its clients send them: the `guided_json`,
+//! `guided_regex` and `guided_choice` fields, and their newer form, the
+//! `structured_outputs` object (`json`, `regex`, `choice`, `json_object`). Each becomes
+//! the output format the engine follows ([`OutputFormat`]), checked here so that an
+//! expression or schema the engine cannot follow is a 400 before anything is admitted.
+//! What vLLM takes and tollgate cannot follow (a context-free `grammar`, a
+//! `structural_tag`, a whitespace pattern) is refused by name, never ignored.
+
+use super::error::ApiError;
+use super::types::GuidedParams;
+use crate::worker::OutputFormat;
+use serde_json::Value;
+
+/// Most choices a `guided_choice` may list.
+pub const MAX_CHOICES: usize = 1024;
+
+/// The output format a request's vLLM fields ask for, with the field that asks (for the
+/// 400s of what it cannot be combined with); `None` where none does.
+pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiError> {
+    let refused = |param: &str, what: &str| Err(ApiError::unsupported(param, what));
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if set(&g.guided_grammar) {
+        return refused(
+            "guided_grammar",
+            "a context-free grammar (`guided_regex`, `guided_choice` and `guided_json` are followed)",
+        );
+    }
+    if set(&g.guided_whitespace_pattern) {
+        return refused(
+            "guided_whitespace_pattern",
+            "a whitespace pattern (JSON is generated with at most one space, or a newline and indentation, between tokens)",
+        );
+    }
+    // The implementation vLLM should use: tollgate has one.
+    if let Some(b) = g.guided_decoding_backend.as_ref().filter(|b| !b.is_null()) {
+        if !b.is_string() {
+            return Err(ApiError::bad(
+                "`guided_decoding_backend` must be a string.",
+                Some("guided_decoding_backend".into()),
+            ));
+        }
+    }
+    let mut asked: Vec<(String, Value)> = [
+        ("guided_json", g.guided_json),
+        ("guided_regex", g.guided_regex),
+        ("guided_choice", g.guided_choice),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.filter(|v| !v.is_null()).map(|v| (k.to_string(), v)))
+    .collect();
+    match g.structured_outputs {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                let param = format!("structured_outputs.{k}");
+                match k.as_str() {
+                    _ if v.is_null() => {}
+                    "json" | "regex" | "choice" => asked.push((param, v)),
+                    "json_object" => match v {
+                        Value::Bool(true) => asked.push((param, v)),
+                        Value::Bool(false) => {}
+                        _ => {
+                            return Err(ApiError::bad(
+                                format!("`{param}` must be a boolean."),
+                                Some(param),
+                            ))
+                        }
+                    },
+                    "grammar" => return refused(&param, "a context-free grammar"),
+                    "structural_tag" => return refused(&param, "a structural tag"),
+                    "whitespace_pattern" => return refused(&param, "a whitespace pattern"),
+                    // Options of vLLM's implementations: where set, tollgate's JSON is
+                    // not what they ask for.
+                    "disable_any_whitespace" | "disable_additional_properties" => match v {
+                        Value::Bool(false) => {}
+                        _ => return refused(&param, "this option"),
+                    },
+                    "disable_fallback" | "backend" => {}
+                    _ => return Err(ApiError::unknown(&param)),
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "`structured_outputs` must be an object.",
+                Some("structured_outputs".into()),
+            ))
+        }
+    }
+    if asked.len() > 1 {
+        return Err(ApiError::bad(
+            format!(
+                "Only one kind of structured output at a time: `{}` and `{}` are both set.",
+                asked[0].0, asked[1].0
+            ),
+            Some(asked[1].0.clone()),
+        ));
+    }
+    let Some((param, v)) = asked.pop() else {
+        return Ok(None);
+    };
+    let bad = |m: String| ApiError::bad(m, Some(param.clone()));
+    let format = if param.ends_with("json_object") {
+        OutputFormat::Object
+    } else if param.ends_with("json") {
+        // A schema, or its JSON text.
+        let schema = match v {
+            Value::String(s) => serde_json::from_str(&s)
+                .map_err(|e| bad(format!("`{param}` is not a JSON schema: {e}.")))?,
+            v @ (Value::Object(_) | Value::Bool(_)) => v,
+            _ => return Err(bad(format!("`{param}` must be a JSON schema (an object)."))),
+        };
+        OutputFormat::schema(serde_json::json!({"name": "guided_json", "schema": schema})).map_err(
+            |e| {
+                let mut err = ApiError::from(e);
+                if let ApiError::BadRequest {
+                    message, param: p, ..
+                } = &mut err
+                {
+                    *message = message.replace("response_format.json_schema.schema", &param);
+                    *p = Some(param.clone());
+                }
+                err
+            },
+        )?
+    } else if param.ends_with("regex") {
+        let Value::String(re) = v else {
+            return Err(bad(format!(
+                "`{param}` must be a string (a regular expression)."
+            )));
+        };
+        OutputFormat::regex(&re).map_err(|e| {
+            bad(format!(
+                "`{param}` is not a regular expression tollgate can follow: {e}"
+            ))
+        })?
+    } else {
+        let choices: Option<Vec<String>> = match v {
+            Value::Array(a) => a
+                .into_iter()
+                .map(|c| c.as_str().map(String::from))
+                .collect(),
+            _ => None,
+        };
+        match choices {
+            Some(c) if !c.is_empty() && c.len() <= MAX_CHOICES => OutputFormat::choice(c)
+                .map_err(|e| bad(format!("`{param}` cannot be followed: {e}")))?,
+            _ => {
+                return Err(bad(format!(
+                    "`{param}` must be a list of 1 to {MAX_CHOICES} strings."
+                )))
+            }
+        }
+    };
+    Ok(Some((format, param)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Option<(OutputFormat, String)>, ApiError> {
+        format(serde_json::from_str(body).expect("test body"))
+    }
+
+    #[test]
+    fn each_form_names_its_field() {
+        let cases = [
+            (r#"{"guided_regex":"a+"}"#, "guided_regex"),
+            (
+                r#"{"guided_choice":["x","y"],"guided_decoding_backend":"xgrammar"}"#,
+                "guided_choice",
+            ),
+            (r#"{"guided_json":{"type":"object"}}"#, "guided_json"),
+            (
+                r#"{"structured_outputs":{"regex":"a+","disable_fallback":true}}"#,
+                "structured_outputs.regex",
+            ),
+            (
+                r#"{"structured_outputs":{"json_object":true,"disable_any_whitespace":false}}"#,
+                "structured_outputs.json_object",
+            ),
+            (
+                r#"{"guided_regex":null,"structured_outputs":{"choice":["x"],"json":null}}"#,
+                "structured_outputs.choice",
+            ),
+        ];
+        for (body, field) in cases {
+            let (format, param) = parse(body).expect(body).expect(body);
+            assert_eq!(param, field, "{body}");
+            match (field, format) {
+                (f, OutputFormat::Regex { regex, .. }) if f.ends_with("regex") => {
+                    assert_eq!(&*regex, "a+")
+                }
+                (f, OutputFormat::Choice { .. }) if f.ends_with("choice") => {}
+                (f, OutputFormat::Schema { spec, .. }) if f.ends_with("json") => {
+                    assert_eq!(spec["schema"]["type"], "object")
+                }
+                (f, OutputFormat::Object) if f.ends_with("json_object") => {}
+                (f, other) => panic!("{f}: {other:?}"),
+            }
+        }
+        for none in [
+            r#"{}"#,
+            r#"{"structured_outputs":{"json_object":false}}"#,
+            r#"{"guided_json":null}"#,
+        ] {
+            assert!(parse(none).expect(none).is_none(), "{none}");
+        }
+    }
+
+    #[test]
+    fn a_schema_error_names_the_guided_field() {
+        let e = parse(r#"{"structured_outputs":{"json":{"type":"object","not":{}}}}"#)
+            .expect_err("unsupported keyword");
+        match e {
+            ApiError::BadRequest { message, param, .. } => {
+                assert_eq!(param.as_deref(), Some("structured_outputs.json"));
+                assert!(
+                    message.starts_with("`structured_outputs.json`") && message.contains("not"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

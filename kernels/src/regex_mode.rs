@@ -1,0 +1,144 @@
+//! Text held to a regular expression (vLLM's `guided_regex`, and `guided_choice`: one of
+//! a list of texts): which tokens may come next, so that sampling only ever continues a
+//! text the expression matches, whole, and ends only where it does.
+//!
+//! The expression is compiled once to a minimized DFA over UTF-8 bytes, anchored at both
+//! ends (the one `pattern` in a JSON schema compiles to: [`crate::json_schema::Dfa`],
+//! size-limited and cached). A token may come next when its bytes lead the DFA from the
+//! text's state to a live one; a stop token when the text so far is a whole match. The
+//! mask walks the vocabulary as a trie ([`JsonVocab`]'s tokens in byte order, each
+//! sharing a beginning with the one before): a shared beginning is run once, and every
+//! token under a beginning that kills the DFA is refused without running it.
+
+use crate::json_mode::JsonVocab;
+use crate::json_schema::Dfa;
+use regex_automata::util::primitives::StateID;
+use std::sync::Arc;
+
+/// Where a text held to a regular expression stands.
+#[derive(Debug, Clone)]
+pub struct RegexState {
+    dfa: Arc<Dfa>,
+    state: StateID,
+}
+
+impl PartialEq for RegexState {
+    fn eq(&self, o: &Self) -> bool {
+        self.dfa.source == o.dfa.source && self.state == o.state
+    }
+}
+
+/// A regular expression compiled for [`RegexState`]: the text must match it whole (the
+/// `^…$` are implied). An expression past the DFA's size limit, or not one, is refused
+/// with the compiler's reason.
+pub fn compile(regex: &str) -> Result<Arc<Dfa>, String> {
+    crate::json_schema::whole_match_dfa(regex, regex)
+}
+
+/// The expression that matches exactly the texts of `choices`.
+pub fn choice_regex(choices: &[String]) -> String {
+    let alts: Vec<String> = choices.iter().map(|c| regex_syntax::escape(c)).collect();
+    format!("(?:{})", alts.join("|"))
+}
+
+impl RegexState {
+    /// A text of this compiled expression must follow.
+    pub fn new(dfa: Arc<Dfa>) -> Self {
+        let state = dfa.start;
+        Self { dfa, state }
+    }
+
+    /// Whether the text so far matches whole (a stop token may follow).
+    pub fn done(&self) -> bool {
+        self.dfa.accepts(self.state)
+    }
+
+    /// The state after `bytes`, `None` if they may not come next.
+    fn run(&self, bytes: &[u8]) -> Option<StateID> {
+        bytes
+            .iter()
+            .try_fold(self.state, |s, &b| self.dfa.next(s, b))
+    }
+
+    /// Whether `bytes` (a token's) may come next.
+    pub fn allows(&self, bytes: &[u8]) -> bool {
+        !bytes.is_empty() && self.run(bytes).is_some()
+    }
+
+    /// Takes `bytes`; returns false, changing nothing, if they may not come next.
+    pub fn advance(&mut self, bytes: &[u8]) -> bool {
+        match self.run(bytes) {
+            Some(s) => {
+                self.state = s;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The tokens that may come next as a bitmask over a row of `n` logits: bit `i % 32`
+    /// of word `i / 32` set when token `i` may (the form of
+    /// [`crate::json_mode::JsonState::allowed`]). Special tokens never may; stop tokens
+    /// once the text matches.
+    pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
+        let mut words = vec![0u32; n.div_ceil(32)];
+        let mut keep = |id: u32| {
+            if (id as usize) < n {
+                words[id as usize / 32] |= 1 << (id % 32);
+            }
+        };
+        let (sorted, shared) = vocab.trie();
+        // states[d]: the DFA's state after the first d bytes of the token last run, all
+        // live; `dead`: whether its next byte killed it.
+        let mut states: Vec<StateID> = vec![self.state];
+        let mut dead = false;
+        for (&id, &common) in sorted.iter().zip(shared) {
+            let common = common as usize;
+            let live = states.len() - 1;
+            if dead && common > live {
+                // It begins with the beginning that killed the DFA.
+                continue;
+            }
+            let from = common.min(live);
+            states.truncate(from + 1);
+            let bytes = vocab.bytes(id);
+            dead = false;
+            let mut s = states[from];
+            for &b in &bytes[from..] {
+                match self.dfa.next(s, b) {
+                    Some(next) => {
+                        s = next;
+                        states.push(s);
+                    }
+                    None => {
+                        dead = true;
+                        break;
+                    }
+                }
+            }
+            if !dead {
+                keep(id);
+            }
+        }
+        if self.done() {
+            for &id in vocab.stops() {
+                keep(id);
+            }
+        }
+        words
+    }
+
+    /// Sets every logit of a token that may not come next to −∞ (as
+    /// [`RegexState::allowed`] decides).
+    pub fn mask(&self, logits: &mut [f32], vocab: &JsonVocab) {
+        let bits = self.allowed(vocab, logits.len());
+        for (i, l) in logits.iter_mut().enumerate() {
+            if bits[i / 32] & (1 << (i % 32)) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
