@@ -113,7 +113,8 @@ fn bench(c: &mut Criterion) {
 }
 
 /// Regular expressions (vLLM's `guided_regex` and `guided_choice`): the mask's walk of
-/// the vocabulary as a trie, at the start of a text and inside one.
+/// the vocabulary as a trie, at the start of a text and inside one; and the same state's
+/// mask again, kept.
 fn bench_regex(c: &mut Criterion) {
     use kernels::regex_mode::{choice_regex, compile, RegexState};
     let v = vocab();
@@ -142,6 +143,10 @@ fn bench_regex(c: &mut Criterion) {
     for (name, re, prefix) in cases {
         let mut st = RegexState::new(compile(&re).expect("compiles"));
         assert!(st.advance(prefix));
+        // A state's first row (the trie walked), then one it has been in before.
+        c.bench_function(&format!("regex walk {} tokens, {name}", v.len()), |b| {
+            b.iter(|| st.walk(&jv, v.len()))
+        });
         c.bench_function(&format!("regex bits {} tokens, {name}", v.len()), |b| {
             b.iter(|| st.allowed(&jv, v.len()))
         });

@@ -8,12 +8,49 @@
 //! text's state to a live one; a stop token when the text so far is a whole match. The
 //! mask walks the vocabulary as a trie ([`JsonVocab`]'s tokens in byte order, each
 //! sharing a beginning with the one before): a shared beginning is run once, and every
-//! token under a beginning that kills the DFA is refused without running it.
+//! token under a beginning that kills the DFA is refused without running it. A state's
+//! mask depends on nothing else, so each is kept ([`Masks`], per vocabulary) and a text
+//! that comes back to a state (a loop in the expression; the same expression in the next
+//! request) costs a copy of its bits.
 
 use crate::json_mode::JsonVocab;
 use crate::json_schema::Dfa;
 use regex_automata::util::primitives::StateID;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The most bytes of masks a vocabulary keeps (about 5,000 rows of SmolLM2's 49,152
+/// tokens); past it, they are dropped and computed again as needed.
+const MAX_MASK_BYTES: usize = 32 << 20;
+
+/// What a mask is kept by: its DFA ([`Dfa::id`]), state and row width.
+type MaskKey = (u64, StateID, usize);
+
+/// A vocabulary's masks already computed.
+#[derive(Debug, Default)]
+pub struct Masks(Mutex<Kept>);
+
+/// The masks, and the bytes they take.
+#[derive(Debug, Default)]
+struct Kept {
+    masks: HashMap<MaskKey, Arc<[u32]>>,
+    bytes: usize,
+}
+
+impl Masks {
+    fn get(&self, key: MaskKey) -> Option<Arc<[u32]>> {
+        self.0.lock().ok()?.masks.get(&key).cloned()
+    }
+    fn keep(&self, key: MaskKey, bits: &[u32]) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.bytes + bits.len() * 4 > MAX_MASK_BYTES {
+                *m = Kept::default();
+            }
+            m.masks.insert(key, bits.into());
+            m.bytes += bits.len() * 4;
+        }
+    }
+}
 
 /// Where a text held to a regular expression stands.
 #[derive(Debug, Clone)]
@@ -81,6 +118,18 @@ impl RegexState {
     /// [`crate::json_mode::JsonState::allowed`]). Special tokens never may; stop tokens
     /// once the text matches.
     pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
+        let key = (self.dfa.id, self.state, n);
+        if let Some(bits) = vocab.regex_masks().get(key) {
+            return bits.to_vec();
+        }
+        let bits = self.walk(vocab, n);
+        vocab.regex_masks().keep(key, &bits);
+        bits
+    }
+
+    /// [`RegexState::allowed`], computed: the vocabulary's trie walked from this state,
+    /// without the masks kept (what a state's first row costs).
+    pub fn walk(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
         let mut words = vec![0u32; n.div_ceil(32)];
         let mut keep = |id: u32| {
             if (id as usize) < n {
@@ -92,7 +141,7 @@ impl RegexState {
         // live; `dead`: whether its next byte killed it.
         let mut states: Vec<StateID> = vec![self.state];
         let mut dead = false;
-        for (&id, &common) in sorted.iter().zip(shared) {
+        for (i, (&id, &common)) in sorted.iter().zip(shared).enumerate() {
             let common = common as usize;
             let live = states.len() - 1;
             if dead && common > live {
@@ -101,7 +150,7 @@ impl RegexState {
             }
             let from = common.min(live);
             states.truncate(from + 1);
-            let bytes = vocab.bytes(id);
+            let bytes = vocab.trie_token(i);
             dead = false;
             let mut s = states[from];
             for &b in &bytes[from..] {

@@ -248,8 +248,14 @@ pub struct JsonVocab {
     /// a trie of the vocabulary, walked once per row by [`crate::regex_mode`].
     sorted: Vec<u32>,
     shared: Vec<u16>,
+    /// Their bytes, one after another in that order (`trie_at[i]..trie_at[i + 1]`: the
+    /// `i`th's), so that the walk reads memory in order.
+    trie_bytes: Vec<u8>,
+    trie_at: Vec<u32>,
     /// The stop tokens.
     stops: Vec<u32>,
+    /// Masks already computed for regular expressions' states.
+    regex_masks: crate::regex_mode::Masks,
     /// The token ids, grouped by their signature for the mask (`groups`: a signature
     /// and the range of `order` that has it). A signature (its "gate") is a text token's
     /// first byte, or [`GATE_STOP`], or [`GATE_NEVER`], with the flags below: what the
@@ -401,6 +407,13 @@ impl JsonVocab {
                     .min(u16::MAX as usize) as u16
             }))
             .collect();
+        let mut trie_at = Vec::with_capacity(sorted.len() + 1);
+        let mut trie_bytes = Vec::new();
+        trie_at.push(0);
+        for &id in &sorted {
+            trie_bytes.extend_from_slice(&bytes[id as usize]);
+            trie_at.push(trie_bytes.len() as u32);
+        }
         let stops = order[buckets[GATE_STOP as usize].tokens.clone()].to_vec();
         Self {
             bytes,
@@ -409,19 +422,27 @@ impl JsonVocab {
             buckets,
             sorted,
             shared,
+            trie_bytes,
+            trie_at,
             stops,
+            regex_masks: Default::default(),
         }
-    }
-
-    /// The bytes of token `id`.
-    pub(crate) fn bytes(&self, id: u32) -> &[u8] {
-        &self.bytes[id as usize]
     }
 
     /// The text tokens in the order of their bytes, with each one's common beginning with
     /// the one before it.
     pub(crate) fn trie(&self) -> (&[u32], &[u16]) {
         (&self.sorted, &self.shared)
+    }
+
+    /// The bytes of the `i`th token in the order of [`JsonVocab::trie`].
+    pub(crate) fn trie_token(&self, i: usize) -> &[u8] {
+        &self.trie_bytes[self.trie_at[i] as usize..self.trie_at[i + 1] as usize]
+    }
+
+    /// The masks already computed for regular expressions' states.
+    pub(crate) fn regex_masks(&self) -> &crate::regex_mode::Masks {
+        &self.regex_masks
     }
 
     /// The stop tokens.

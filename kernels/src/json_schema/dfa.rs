@@ -23,6 +23,9 @@ pub struct StringRule {
 /// match (so that a `maxLength` never leaves a string that cannot end).
 #[derive(Debug)]
 pub struct Dfa {
+    /// Unique to this build in the process: what masks computed from it are kept by
+    /// ([`crate::regex_mode`]).
+    pub id: u64,
     pub source: String,
     pub dfa: dense::DFA<Vec<u32>>,
     pub start: StateID,
@@ -189,7 +192,9 @@ fn build_dfa(regex: &str, source: &str) -> Result<Dfa, String> {
     let start = dfa
         .start_state(&start::Config::new().anchored(Anchored::Yes))
         .map_err(|e| e.to_string())?;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     Ok(Dfa {
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         source: source.to_string(),
         to_match: chars_to_match(&dfa, start),
         dfa,

@@ -81,8 +81,11 @@ fn the_trie_walk_allows_exactly_the_tokens_that_continue_a_match() {
             assert!(s.advance(text), "{re}: {text:?} is a beginning");
             // A row as wide as the vocabulary, and one padded past it.
             for n in [tokens.len(), tokens.len() + 40] {
-                let got = s.allowed(&v, n);
                 let want = by_hand(&s, &tokens, n);
+                // Walked, then kept and taken from the vocabulary's masks.
+                let got = s.walk(&v, n);
+                assert_eq!(s.allowed(&v, n), got);
+                assert_eq!(s.allowed(&v, n), got);
                 let diff: Vec<usize> = (0..n)
                     .filter(|&i| (got[i / 32] ^ want[i / 32]) & (1 << (i % 32)) != 0)
                     .collect();
