@@ -44,6 +44,7 @@ const EXTENSIONS: &[&str] = &[
     "allowed_token_ids",
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
+    "bad_words",
     "guided_json",
     "guided_regex",
     "guided_choice",

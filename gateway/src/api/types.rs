@@ -52,6 +52,8 @@ pub struct CommonParams {
     /// stop string that ends it is in its text.
     pub allowed_token_ids: Option<Vec<u32>>,
     pub include_stop_str_in_output: Option<bool>,
+    /// Not in OpenAI's API; vLLM's: texts the answer never has (as token sequences).
+    pub bad_words: Option<Vec<String>>,
     /// Not in OpenAI's API; vLLM's: only the prompt's last k tokens are read (−1: as many
     /// as the model's context holds).
     pub truncate_prompt_tokens: Option<i64>,

@@ -166,6 +166,10 @@ const MAX_LOGIT_BIAS: usize = 300;
 /// Most `stop_token_ids` a request may name.
 const MAX_STOP_TOKEN_IDS: usize = 64;
 
+/// Most `bad_words` a request may list, and the longest.
+const MAX_BAD_WORDS: usize = 256;
+const MAX_BAD_WORD_BYTES: usize = 1024;
+
 /// Most `allowed_token_ids` a request may name (a large vocabulary's).
 const MAX_ALLOWED_TOKEN_IDS: usize = 262_144;
 
@@ -319,6 +323,17 @@ fn common(
         }
         ids => ids.unwrap_or_default(),
     };
+    let bad_words = c.bad_words.unwrap_or_default();
+    if bad_words.len() > MAX_BAD_WORDS
+        || bad_words
+            .iter()
+            .any(|w| w.trim_start().is_empty() || w.len() > MAX_BAD_WORD_BYTES)
+    {
+        return Err(ApiError::bad(
+            format!("`bad_words` takes at most {MAX_BAD_WORDS} words, each of 1 to {MAX_BAD_WORD_BYTES} bytes and not only spaces."),
+            Some("bad_words".into()),
+        ));
+    }
     let truncate_prompt_tokens = match c.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(crate::worker::KEEP_CONTEXT),
@@ -351,6 +366,7 @@ fn common(
             min_tokens,
             stop_token_ids,
             allowed_token_ids,
+            bad_words,
             include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
             truncate_prompt_tokens,
         },
@@ -927,6 +943,8 @@ mod tests {
             (r#""repetition_penalty":0"#, "repetition_penalty"),
             (r#""repetition_penalty":-1.2"#, "repetition_penalty"),
             (r#""allowed_token_ids":[]"#, "allowed_token_ids"),
+            (r#""bad_words":["  "]"#, "bad_words"),
+            (r#""bad_words":[""]"#, "bad_words"),
             (r#""truncate_prompt_tokens":0"#, "truncate_prompt_tokens"),
             (r#""truncate_prompt_tokens":-2"#, "truncate_prompt_tokens"),
             (
@@ -1033,6 +1051,9 @@ mod tests {
         let p = completion(body, &server()).expect("test input").params;
         assert_eq!((p.min_p, p.repetition_penalty), (0.05, 1.15));
         assert_eq!(p.allowed_token_ids, vec![9, 4]);
+        let body = br#"{"model":"m","prompt":"x","bad_words":["pie"," cake"]}"#;
+        let p = completion(body, &server()).expect("test input").params;
+        assert_eq!(p.bad_words, vec!["pie".to_string(), " cake".to_string()]);
         assert!(!p.include_stop_str_in_output);
         assert_eq!(p.truncate_prompt_tokens, None);
         let body = br#"{"model":"m","prompt":"x","truncate_prompt_tokens":-1}"#;

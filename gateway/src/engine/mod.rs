@@ -18,6 +18,7 @@
 //! a prompt's scored tokens and embedding, [`prompts`]; a device fault and the backend
 //! built again, [`recover`]; building the backend, [`factory`].
 
+mod bad_words;
 pub mod blocks;
 mod draw;
 mod factory;
@@ -414,6 +415,9 @@ impl EngineWorker {
             }
             _ => None,
         };
+        let bad_words = bad_words::BadWords::new(&p.bad_words, &self.tokenizer)
+            .map_err(|e| reject(format!("cannot tokenize `bad_words`: {e}")))?
+            .map(Arc::new);
         Ok(NewSeq {
             tenant: req.tenant.clone(),
             share: fair::account(&req.tenant, weight),
@@ -451,6 +455,7 @@ impl EngineWorker {
             allowed: (!p.allowed_token_ids.is_empty()).then(|| {
                 kernels::adjust::bitmask(&p.allowed_token_ids, self.tokenizer.vocab_size()).into()
             }),
+            bad_words,
             tx,
         })
     }

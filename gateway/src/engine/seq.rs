@@ -3,6 +3,7 @@
 //! costs its tenant and asks of the scheduler, and what it sends back as its tokens come
 //! ([`emit`]).
 
+use super::bad_words::BadWords;
 use super::blocks::chain;
 use super::fair::Tenanted;
 use super::kv_pools::Tables;
@@ -54,6 +55,8 @@ pub(super) struct NewSeq {
     pub(super) ends: Ends,
     /// vLLM's `allowed_token_ids`, as a bitmask of the vocabulary: the only tokens drawn.
     pub(super) allowed: Option<Arc<[u32]>>,
+    /// vLLM's `bad_words`, as token sequences never generated.
+    pub(super) bad_words: Option<Arc<BadWords>>,
     pub(super) tx: Events,
 }
 
@@ -137,6 +140,7 @@ pub(super) struct Seq {
     pub(super) prediction: Option<Prediction>,
     pub(super) ends: Ends,
     pub(super) allowed: Option<Arc<[u32]>>,
+    pub(super) bad_words: Option<Arc<BadWords>>,
     pub(super) tx: Events,
 }
 
@@ -247,6 +251,10 @@ impl Seq {
     /// on the device there ([`kernels::adjust::Carry`]).
     pub(super) fn masked(&self) -> bool {
         self.grammar.is_some()
+            || self
+                .bad_words
+                .as_ref()
+                .is_some_and(|b| b.follow_the_answer())
     }
     /// Whether it decodes with only its last token left to compute and no drafts yet, so
     /// that it may propose some to follow it ([`super::speculate`]): not an embeddings
@@ -315,6 +323,7 @@ impl Seq {
             || self.grammar.is_some()
             || self.holds_ends()
             || self.allowed.is_some()
+            || self.bad_words.is_some()
     }
     /// Whether its next draw may not end it (`min_tokens` not reached): it always has
     /// a token that would (the model's end of sequence, or a `stop_token_ids` one).
@@ -395,6 +404,24 @@ impl Seq {
                 mask = Some(bits);
             }
         }
+        if let Some(bad) = &self.bad_words {
+            // Every token allowed so far, less the last tokens of the bad words the answer
+            // has begun; unless that leaves none.
+            let answer = &self.tokens[self.prompt_len..self.resolved.min(self.tokens.len())];
+            let mut bits = mask
+                .clone()
+                .unwrap_or_else(|| vec![u32::MAX; n.div_ceil(32)]);
+            let mut cut = false;
+            for id in bad.refused(answer) {
+                if let Some(w) = bits.get_mut(id as usize / 32).filter(|_| (id as usize) < n) {
+                    *w &= !(1 << (id % 32));
+                    cut = true;
+                }
+            }
+            if cut && bits.iter().any(|&w| w != 0) {
+                mask = Some(bits);
+            }
+        }
         Adjust {
             repeat,
             deltas,
@@ -413,7 +440,11 @@ impl Seq {
         } else {
             0
         };
-        let mask = if self.grammar.is_some() || self.holds_ends() || self.allowed.is_some() {
+        let mask = if self.grammar.is_some()
+            || self.holds_ends()
+            || self.allowed.is_some()
+            || self.bad_words.is_some()
+        {
             n.div_ceil(32)
         } else {
             0
@@ -474,6 +505,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         prediction: n.prediction.map(Prediction::new),
         ends: n.ends,
         allowed: n.allowed,
+        bad_words: n.bad_words,
         tx: n.tx,
     }
 }
@@ -631,6 +663,7 @@ mod tests {
             prediction: None,
             ends: Ends::default(),
             allowed: None,
+            bad_words: None,
             tx,
         };
         (admit(n, 0), rx)

@@ -132,6 +132,9 @@ pub struct SamplingParams {
     /// vLLM's `allowed_token_ids`: the only tokens drawn (empty: any). The model's end of
     /// sequence too: an answer without it among them runs to `max_tokens` or a stop.
     pub allowed_token_ids: Vec<u32>,
+    /// vLLM's `bad_words`: texts whose token sequences the answer never has (each as
+    /// written and, as vLLM tokenizes it, after a space).
+    pub bad_words: Vec<String>,
     /// vLLM's `include_stop_str_in_output`: the stop string that ends the answer is the
     /// end of its text (by default it is cut off).
     pub include_stop_str_in_output: bool,
@@ -280,6 +283,7 @@ impl SamplingParams {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
             include_stop_str_in_output: false,
             truncate_prompt_tokens: None,
         }

@@ -2,7 +2,8 @@
 //! on the GPU path (the CUDA emulator: rows with penalties are drawn again on the host from
 //! their penalized logits): checked token by token against the raw log-probabilities the
 //! same requests report. vLLM's repetition penalty and `min_p`: checked against the rules
-//! applied here to the model's logits; its `allowed_token_ids`, by the tokens drawn.
+//! applied here to the model's logits; its `allowed_token_ids` and `bad_words`, by the
+//! tokens drawn.
 
 use crate::common;
 use common::*;
@@ -324,4 +325,103 @@ async fn answer_and_usage(w: &EngineWorker, r: WorkerRequest) -> (String, gatewa
         }
     }
     panic!("no Done event");
+}
+
+/// vLLM's `bad_words`: a word of one token is never drawn, and one of two tokens never
+/// completed, on the CPU and on the GPU path (the emulator: a word of two tokens makes the
+/// row's mask wait for the answer's last token). The answers are held to single
+/// characters (`allowed_token_ids`), so that the text shows every token.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_words_are_never_generated() {
+    let (_dir, loaded) = synthetic_model();
+    let tok = loaded.tokenizer.clone();
+    let picked: Vec<(u32, char)> = (0..tok.vocab_size() as u32)
+        .filter_map(|id| match tok.token_bytes(id) {
+            [b] if b.is_ascii_lowercase() => Some((id, *b as char)),
+            _ => None,
+        })
+        .take(6)
+        .collect();
+    let ids: Vec<u32> = picked.iter().map(|p| p.0).collect();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
+        let ask = |bad: Vec<String>, temperature: f32| {
+            let mut r = (*worker_req("the quick brown fox", 24)).clone();
+            r.params.allowed_token_ids = ids.clone();
+            r.params.bad_words = bad;
+            r.params.temperature = temperature;
+            r.params.seed = Some(5);
+            r
+        };
+        for temperature in [0.0, 1.0] {
+            let plain = answer(&w, ask(vec![], temperature)).await;
+            assert_eq!(plain.chars().count(), 24, "{kind:?}: {plain:?}");
+            // The answer's most frequent character, banned.
+            let top = picked
+                .iter()
+                .map(|p| p.1)
+                .max_by_key(|&c| plain.matches(c).count())
+                .unwrap();
+            let banned = answer(&w, ask(vec![top.to_string()], temperature)).await;
+            assert!(
+                !banned.contains(top) && banned.chars().count() == 24,
+                "{kind:?}, temperature {temperature}: {banned:?} has {top:?} (unbanned: {plain:?})"
+            );
+            // Pairs of the answer's characters that tokenize as two tokens, banned: never
+            // written together, though each is.
+            let pairs: Vec<String> = plain
+                .chars()
+                .zip(plain.chars().skip(1))
+                .map(|(a, b)| format!("{a}{b}"))
+                .filter(|p| tok.encode(p).map(|t| t.len() == 2).unwrap_or(false))
+                .collect();
+            assert!(
+                !pairs.is_empty(),
+                "{kind:?}: no pair of two tokens in {plain:?}"
+            );
+            let banned = answer(&w, ask(pairs.clone(), temperature)).await;
+            assert_eq!(banned.chars().count(), 24, "{kind:?}: {banned:?}");
+            for p in &pairs {
+                assert!(
+                    !banned.contains(p.as_str()),
+                    "{kind:?}, temperature {temperature}: {banned:?} has {p:?} (unbanned: {plain:?})"
+                );
+            }
+            assert_ne!(banned, plain, "{kind:?}: the ban changed nothing");
+        }
+        // Alone (no other option makes the row adjusted): the greedy answer's most
+        // frequent token, banned, is never drawn.
+        let tokens_of = |bad: Vec<String>| {
+            let mut r = (*worker_req("the quick brown fox", 16)).clone();
+            r.params.logprobs = Some(0);
+            r.params.bad_words = bad;
+            r
+        };
+        let items = |r| async {
+            let mut s = w.submit(Arc::new(r)).await.unwrap();
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            while let Some(ev) = s.next().await {
+                match ev.unwrap() {
+                    WorkerEvent::Delta { logprobs, .. } => {
+                        out.extend(logprobs.into_iter().map(|t| t.bytes))
+                    }
+                    WorkerEvent::Done { .. } => return out,
+                    _ => {}
+                }
+            }
+            panic!("no Done event");
+        };
+        let plain = items(tokens_of(vec![])).await;
+        let top = plain
+            .iter()
+            .max_by_key(|b| plain.iter().filter(|c| c == b).count())
+            .unwrap()
+            .clone();
+        let word = String::from_utf8(top.clone()).unwrap();
+        let banned = items(tokens_of(vec![word.clone()])).await;
+        assert!(
+            !banned.contains(&top) && banned != plain,
+            "{kind:?}: {word:?} banned, drawn: {banned:?}"
+        );
+    }
 }

@@ -185,6 +185,7 @@ impl OpenAiWorker {
             allowed_token_ids: (!p.allowed_token_ids.is_empty())
                 .then_some(p.allowed_token_ids.as_slice()),
             include_stop_str_in_output: p.include_stop_str_in_output.then_some(true),
+            bad_words: (!p.bad_words.is_empty()).then_some(p.bad_words.as_slice()),
             truncate_prompt_tokens: p.truncate_prompt_tokens.map(|k| match k {
                 crate::worker::KEEP_CONTEXT => -1,
                 k => i64::from(k),

@@ -197,6 +197,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "truncate_prompt_tokens",
         "structured_outputs",
         "response_format",
+        "bad_words",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -207,6 +208,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     r.params.stop_token_ids = vec![7, 9];
     r.params.allowed_token_ids = vec![3, 1];
     r.params.include_stop_str_in_output = true;
+    r.params.bad_words = vec!["pie".into()];
     r.params.truncate_prompt_tokens = Some(crate::worker::KEEP_CONTEXT);
     let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
     assert_eq!(v["min_p"], 0.05);
@@ -216,6 +218,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     assert_eq!(v["stop_token_ids"], serde_json::json!([7, 9]));
     assert_eq!(v["allowed_token_ids"], serde_json::json!([3, 1]));
     assert_eq!(v["include_stop_str_in_output"], true);
+    assert_eq!(v["bad_words"], serde_json::json!(["pie"]));
     assert_eq!(
         v["truncate_prompt_tokens"], -1,
         "vLLM's word for the context"

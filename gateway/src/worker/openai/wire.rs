@@ -74,6 +74,8 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) allowed_token_ids: Option<&'a [u32]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) include_stop_str_in_output: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) bad_words: Option<&'a [String]>,
     /// vLLM's −1 for [`crate::worker::KEEP_CONTEXT`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) truncate_prompt_tokens: Option<i64>,
