@@ -9,7 +9,8 @@
 //! Taken: `model`, `input` (a string, token ids, or a list of either: at most
 //! [`MAX_EMBEDDING_INPUTS`] inputs, none empty), `encoding_format`, `dimensions` (a
 //! positive integer: passed to an upstream pool's workers; a pool whose workers make the
-//! model's own vectors refuses it, 400 naming it); `user` and other fields are ignored.
+//! model's own vectors refuses it, 400 naming it), vLLM's `truncate_prompt_tokens` (each
+//! input's last k tokens, −1: the context's worth); `user` and other fields are ignored.
 
 use super::error::ApiError;
 use super::validate::{Endpoint, InferenceRequest, MAX_EMBEDDING_INPUTS};
@@ -25,6 +26,7 @@ struct EmbeddingsRequest {
     input: Value,
     encoding_format: Option<String>,
     dimensions: Option<Value>,
+    truncate_prompt_tokens: Option<i64>,
 }
 
 /// The largest `dimensions` taken (an upstream checks its own model's).
@@ -61,11 +63,14 @@ pub fn validate(body: &[u8], _server: &ServerConfig) -> Result<InferenceRequest,
             }
         },
     };
+    let mut params = SamplingParams::greedy(0);
+    params.truncate_prompt_tokens =
+        super::validate::truncate_prompt_tokens(req.truncate_prompt_tokens)?;
     Ok(InferenceRequest {
         endpoint: Endpoint::Embeddings { base64, dimensions },
         model: req.model,
         prompts: inputs(req.input)?,
-        params: SamplingParams::greedy(0),
+        params,
         stream: false,
         include_usage: true,
         echo: false,

@@ -54,6 +54,12 @@ pub struct CommonParams {
     pub include_stop_str_in_output: Option<bool>,
     /// Not in OpenAI's API; vLLM's: texts the answer never has (as token sequences).
     pub bad_words: Option<Vec<String>>,
+    /// Not in OpenAI's API; vLLM's: whether special tokens in the answer have no text
+    /// (true, the default), and how its slow tokenizers space them (taken, no effect).
+    pub skip_special_tokens: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    /// Not in OpenAI's API; vLLM's beam search: refused where true.
+    pub use_beam_search: Option<bool>,
     /// Not in OpenAI's API; vLLM's: only the prompt's last k tokens are read (−1: as many
     /// as the model's context holds).
     pub truncate_prompt_tokens: Option<i64>,

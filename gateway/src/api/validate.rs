@@ -334,16 +334,17 @@ fn common(
             Some("bad_words".into()),
         ));
     }
-    let truncate_prompt_tokens = match c.truncate_prompt_tokens {
-        None => None,
-        Some(-1) => Some(crate::worker::KEEP_CONTEXT),
-        Some(k) if k >= 1 && k < crate::worker::KEEP_CONTEXT as i64 => Some(k as u32),
-        Some(k) => {
-            let why = format!("`truncate_prompt_tokens` must be −1 (the context) or ≥ 1, got {k}.");
-            return Err(ApiError::bad(why, Some("truncate_prompt_tokens".into())));
-        }
-    };
+    let truncate_prompt_tokens = truncate_prompt_tokens(c.truncate_prompt_tokens)?;
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
+                    // vLLM's spacing of special tokens by its slow tokenizers (its fast ones, and tollgate,
+                    // write each token's own text).
+    let _ = c.spaces_between_special_tokens;
+    if c.use_beam_search == Some(true) {
+        return Err(ApiError::unsupported(
+            "use_beam_search",
+            "beam search (sample `n` or `best_of` choices instead)",
+        ));
+    }
     Ok((
         c.model,
         SamplingParams {
@@ -368,11 +369,25 @@ fn common(
             allowed_token_ids,
             bad_words,
             include_stop_str_in_output: c.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
             truncate_prompt_tokens,
         },
         stream,
         include_usage,
     ))
+}
+
+/// vLLM's `truncate_prompt_tokens`: k ≥ 1, or −1 ([`crate::worker::KEEP_CONTEXT`]).
+pub(super) fn truncate_prompt_tokens(v: Option<i64>) -> Result<Option<u32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(-1) => Ok(Some(crate::worker::KEEP_CONTEXT)),
+        Some(k) if k >= 1 && k < crate::worker::KEEP_CONTEXT as i64 => Ok(Some(k as u32)),
+        Some(k) => {
+            let why = format!("`truncate_prompt_tokens` must be −1 (the context) or ≥ 1, got {k}.");
+            Err(ApiError::bad(why, Some("truncate_prompt_tokens".into())))
+        }
+    }
 }
 
 /// The output format a chat or completions body asks for, and the field that asks
@@ -945,6 +960,7 @@ mod tests {
             (r#""allowed_token_ids":[]"#, "allowed_token_ids"),
             (r#""bad_words":["  "]"#, "bad_words"),
             (r#""bad_words":[""]"#, "bad_words"),
+            (r#""use_beam_search":true"#, "use_beam_search"),
             (r#""truncate_prompt_tokens":0"#, "truncate_prompt_tokens"),
             (r#""truncate_prompt_tokens":-2"#, "truncate_prompt_tokens"),
             (

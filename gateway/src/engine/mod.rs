@@ -434,6 +434,7 @@ impl EngineWorker {
             seed: p.seed.unwrap_or_else(rand::random),
             stop: p.stop.clone(),
             keep_stop: p.include_stop_str_in_output,
+            skip_special: p.skip_special_tokens,
             logprobs: p.logprobs,
             prompt_logprobs: p.prompt_logprobs && p.logprobs.is_some(),
             penalties: Some(Penalties {

@@ -10,6 +10,9 @@ pub struct TextOut {
     /// The stop string that ends the text is kept in it (vLLM's
     /// `include_stop_str_in_output`).
     keep_stop: bool,
+    /// Special tokens have no text (vLLM's `skip_special_tokens`, its default); else their
+    /// text is written (`<|im_start|>`).
+    skip_special: bool,
     held: String,
 }
 
@@ -21,16 +24,23 @@ pub struct Emit {
 }
 
 impl TextOut {
-    pub fn new(stop: Vec<String>, keep_stop: bool) -> Self {
+    pub fn new(stop: Vec<String>, keep_stop: bool, skip_special: bool) -> Self {
         Self {
             detok: Detokenizer::default(),
             stop,
             keep_stop,
+            skip_special,
             held: String::new(),
         }
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Emit {
+        if self.skip_special && tok.is_control(id) {
+            return Emit {
+                text: String::new(),
+                stopped: false,
+            };
+        }
         let piece = self.detok.push(tok.token_bytes(id));
         self.held.push_str(&piece);
         // The first stop string met (the first listed of those met at one place).

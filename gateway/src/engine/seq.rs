@@ -37,6 +37,8 @@ pub(super) struct NewSeq {
     pub(super) stop: Vec<String>,
     /// The stop string met is kept in the text (`include_stop_str_in_output`).
     pub(super) keep_stop: bool,
+    /// Special tokens are written without text (vLLM's `skip_special_tokens`).
+    pub(super) skip_special: bool,
     /// Log-probabilities asked for: this many alternatives per token.
     pub(super) logprobs: Option<u8>,
     /// The prompt's log-probabilities too (`echo` with `logprobs`).
@@ -486,7 +488,7 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         max_tokens: n.max_tokens,
         sampling: n.sampling,
         seed: n.seed,
-        out: TextOut::new(n.stop, n.keep_stop),
+        out: TextOut::new(n.stop, n.keep_stop, n.skip_special),
         logprobs: n.logprobs,
         pending_logprobs: Vec::new(),
         prompt_next: n.prompt_logprobs.then_some(1),
@@ -654,6 +656,7 @@ mod tests {
             seed: 0,
             stop: vec![],
             keep_stop: false,
+            skip_special: true,
             logprobs: None,
             prompt_logprobs: false,
             penalties: None,

@@ -138,6 +138,10 @@ pub struct SamplingParams {
     /// vLLM's `include_stop_str_in_output`: the stop string that ends the answer is the
     /// end of its text (by default it is cut off).
     pub include_stop_str_in_output: bool,
+    /// vLLM's `skip_special_tokens` (its default, true): special tokens drawn in the answer
+    /// (control tokens, other than those that end it) have no text; false: their text is
+    /// written.
+    pub skip_special_tokens: bool,
     /// vLLM's `truncate_prompt_tokens`: only the prompt's last this many tokens are read
     /// ([`KEEP_CONTEXT`]: as many as the model's context holds).
     pub truncate_prompt_tokens: Option<u32>,
@@ -285,6 +289,7 @@ impl SamplingParams {
             allowed_token_ids: Vec::new(),
             bad_words: Vec::new(),
             include_stop_str_in_output: false,
+            skip_special_tokens: true,
             truncate_prompt_tokens: None,
         }
     }

@@ -253,3 +253,69 @@ async fn case(backend: BackendKind) {
         );
     }
 }
+
+/// vLLM's `truncate_prompt_tokens` on embeddings, through the gateway: each input's last k
+/// tokens only, counted so, and embedded as those tokens alone are; −1 keeps an input that
+/// fits the context whole; 0 is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_prompt_tokens_embeds_each_inputs_last_tokens() {
+    let (_d, model) = common::synthetic_model_file();
+    let gw = common::Gateway::start(&common::engine_config(&model, ""));
+    let ids: Vec<u32> = (100..120).collect();
+    let ask = |input: serde_json::Value, keep: Option<i64>| {
+        let mut body = serde_json::json!({"model": "m", "input": input});
+        if let Some(k) = keep {
+            body["truncate_prompt_tokens"] = k.into();
+        }
+        body.to_string()
+    };
+    let vectors = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                d["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let cut = common::post_json(
+        &gw,
+        "/v1/embeddings",
+        &ask(serde_json::json!([ids, ids[..12]]), Some(5)),
+    )
+    .await;
+    assert_eq!(cut["usage"]["prompt_tokens"], 10, "{cut}");
+    let tails = common::post_json(
+        &gw,
+        "/v1/embeddings",
+        &ask(serde_json::json!([ids[15..], ids[7..12]]), None),
+    )
+    .await;
+    let (got, want) = (vectors(&cut), vectors(&tails));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            g.iter().zip(w).all(|(a, b)| (a - b).abs() < 1e-5),
+            "the cut input's vector is its last tokens'"
+        );
+    }
+    let whole = common::post_json(
+        &gw,
+        "/v1/embeddings",
+        &ask(serde_json::json!(ids), Some(-1)),
+    )
+    .await;
+    assert_eq!(whole["usage"]["prompt_tokens"], 20, "{whole}");
+    common::refused(
+        &gw,
+        "/v1/embeddings",
+        &ask(serde_json::json!(ids), Some(0)),
+        "truncate_prompt_tokens",
+    )
+    .await;
+}

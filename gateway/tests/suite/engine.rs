@@ -281,6 +281,36 @@ async fn on_the_emulated_gpu_path_seeds_stops_limits_and_cancellation() {
     seeds_case(BackendKind::Emulator).await;
 }
 
+/// vLLM's `skip_special_tokens`: a special token the model draws in its answer (one that
+/// does not end it) has no text by default, and its own with `skip_special_tokens` false;
+/// the tokens are counted either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn special_tokens_have_no_text_unless_asked() {
+    let (_d, m) = synthetic();
+    let tok = m.tokenizer.clone();
+    let special = (0..tok.vocab_size() as u32)
+        .find(|&id| tok.is_control(id) && !tok.stop_tokens.contains(&id))
+        .expect("a special token that ends nothing");
+    let name = String::from_utf8(tok.token_bytes(special).to_vec()).unwrap();
+    let e = engine(
+        &m,
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    );
+    let forced = |skip: bool| {
+        let mut r = (*req("sampling test", 6, 0.0, None, vec![])).clone();
+        r.params.logit_bias = vec![(special, 100.0)];
+        r.params.skip_special_tokens = skip;
+        Arc::new(r)
+    };
+    let (text, reason, n) = run(&e, forced(true)).await;
+    assert_eq!((text.as_str(), reason, n), ("", FinishReason::Length, 6));
+    let (text, _, n) = run(&e, forced(false)).await;
+    assert_eq!((text, n), (name.repeat(6), 6));
+}
+
 async fn seeds_case(backend: BackendKind) {
     let (_d, m) = synthetic();
     let e = engine(

@@ -131,6 +131,9 @@ pub struct Tokenizer {
     /// their text.
     token_bytes: Vec<Vec<u8>>,
     special: Vec<bool>,
+    /// The special tokens Hugging Face calls special (control and unknown tokens, not the
+    /// user-defined ones such as Qwen3's `<think>`): what `skip_special_tokens` leaves out.
+    control: Vec<bool>,
     pub bos: Option<u32>,
     /// Whether a prompt begins with [`Tokenizer::bos`] ([`Tokenizer::encode_prompt`]).
     add_bos: bool,
@@ -252,6 +255,9 @@ impl Tokenizer {
                 )))
             }
         };
+        let control = (0..tokens.len())
+            .map(|i| matches!(ty(i), TOKEN_CONTROL | TOKEN_UNKNOWN))
+            .collect();
         let eos = id("tokenizer.ggml.eos_token_id")
             .ok_or_else(|| TokenizerError::Build("missing tokenizer.ggml.eos_token_id".into()))?;
         let mut stop_tokens = vec![eos];
@@ -278,6 +284,7 @@ impl Tokenizer {
             inner,
             token_bytes,
             special,
+            control,
             bos: id("tokenizer.ggml.bos_token_id"),
             add_bos,
             eos,
@@ -388,6 +395,13 @@ impl Tokenizer {
 
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether `id` is a control (or the unknown) token: a special token as Hugging Face
+    /// counts them (`skip_special_tokens` leaves it out), where user-defined tokens
+    /// (Qwen3's `<think>`) are text.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
     }
 
     pub fn vocab_size(&self) -> usize {

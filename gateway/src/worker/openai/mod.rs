@@ -123,6 +123,13 @@ impl OpenAiWorker {
             if let Some(d) = req.dimensions {
                 body["dimensions"] = d.into();
             }
+            if let Some(k) = req.params.truncate_prompt_tokens {
+                body["truncate_prompt_tokens"] = match k {
+                    crate::worker::KEEP_CONTEXT => -1,
+                    k => i64::from(k),
+                }
+                .into();
+            }
             return (
                 "/v1/embeddings",
                 serde_json::to_vec(&body).unwrap_or_default(),
@@ -186,6 +193,7 @@ impl OpenAiWorker {
                 .then_some(p.allowed_token_ids.as_slice()),
             include_stop_str_in_output: p.include_stop_str_in_output.then_some(true),
             bad_words: (!p.bad_words.is_empty()).then_some(p.bad_words.as_slice()),
+            skip_special_tokens: (!p.skip_special_tokens).then_some(false),
             truncate_prompt_tokens: p.truncate_prompt_tokens.map(|k| match k {
                 crate::worker::KEEP_CONTEXT => -1,
                 k => i64::from(k),

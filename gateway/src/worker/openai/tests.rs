@@ -77,6 +77,10 @@ fn several_embeddings_inputs_are_one_upstream_call_answered_in_input_order() {
     let v: Value = serde_json::from_slice(&w.body(&ids).1).expect("JSON");
     assert_eq!(v["input"], serde_json::json!([[1, 2], [3]]));
     assert_eq!(v["dimensions"], 64, "asked of the upstream");
+    assert!(v.get("truncate_prompt_tokens").is_none());
+    ids.params.truncate_prompt_tokens = Some(3);
+    let v: Value = serde_json::from_slice(&w.body(&ids).1).expect("JSON");
+    assert_eq!(v["truncate_prompt_tokens"], 3, "vLLM's, passed on");
 
     // Answered out of order: put back in order by index; the upstream's count.
     let answer = br#"{"data":[{"index":2,"embedding":[2.0]},{"index":0,"embedding":[0.0]},
@@ -198,6 +202,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "structured_outputs",
         "response_format",
         "bad_words",
+        "skip_special_tokens",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -209,6 +214,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     r.params.allowed_token_ids = vec![3, 1];
     r.params.include_stop_str_in_output = true;
     r.params.bad_words = vec!["pie".into()];
+    r.params.skip_special_tokens = false;
     r.params.truncate_prompt_tokens = Some(crate::worker::KEEP_CONTEXT);
     let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
     assert_eq!(v["min_p"], 0.05);
@@ -219,6 +225,7 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     assert_eq!(v["allowed_token_ids"], serde_json::json!([3, 1]));
     assert_eq!(v["include_stop_str_in_output"], true);
     assert_eq!(v["bad_words"], serde_json::json!(["pie"]));
+    assert_eq!(v["skip_special_tokens"], false);
     assert_eq!(
         v["truncate_prompt_tokens"], -1,
         "vLLM's word for the context"

@@ -76,6 +76,9 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) include_stop_str_in_output: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) bad_words: Option<&'a [String]>,
+    /// vLLM's `skip_special_tokens`, where the request turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) skip_special_tokens: Option<bool>,
     /// vLLM's −1 for [`crate::worker::KEEP_CONTEXT`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) truncate_prompt_tokens: Option<i64>,
