@@ -259,6 +259,14 @@ async fn repetition_penalty_and_min_p_follow_their_rules() {
     }
 }
 
+/// The tokens of one lowercase letter each, and their letters.
+fn letters(tok: &kernels::tokenizer::Tokenizer) -> impl Iterator<Item = (u32, char)> + '_ {
+    (0..tok.vocab_size() as u32).filter_map(|id| match tok.token_bytes(id) {
+        [b] if b.is_ascii_lowercase() => Some((id, *b as char)),
+        _ => None,
+    })
+}
+
 /// vLLM's `allowed_token_ids`, in the engine on each backend (on the GPU path a mask drawn
 /// on the device): greedy and sampled answers have those tokens only, and without the end
 /// of sequence among them run to `max_tokens`; with `min_tokens`, the end of sequence
@@ -268,14 +276,7 @@ async fn allowed_token_ids_are_the_only_tokens_drawn() {
     let (_dir, loaded) = synthetic_model();
     let tok = loaded.tokenizer.clone();
     // Three tokens of one printable character each, told apart by their text.
-    let picked: Vec<(u32, char)> = (0..tok.vocab_size() as u32)
-        .filter_map(|id| match tok.token_bytes(id) {
-            [b] if b.is_ascii_lowercase() => Some((id, *b as char)),
-            _ => None,
-        })
-        .skip(3)
-        .take(3)
-        .collect();
+    let picked: Vec<(u32, char)> = letters(&tok).skip(3).take(3).collect();
     assert_eq!(picked.len(), 3);
     let ids: Vec<u32> = picked.iter().map(|p| p.0).collect();
     let chars: Vec<char> = picked.iter().map(|p| p.1).collect();
@@ -335,13 +336,7 @@ async fn answer_and_usage(w: &EngineWorker, r: WorkerRequest) -> (String, gatewa
 async fn bad_words_are_never_generated() {
     let (_dir, loaded) = synthetic_model();
     let tok = loaded.tokenizer.clone();
-    let picked: Vec<(u32, char)> = (0..tok.vocab_size() as u32)
-        .filter_map(|id| match tok.token_bytes(id) {
-            [b] if b.is_ascii_lowercase() => Some((id, *b as char)),
-            _ => None,
-        })
-        .take(6)
-        .collect();
+    let picked: Vec<(u32, char)> = letters(&tok).take(6).collect();
     let ids: Vec<u32> = picked.iter().map(|p| p.0).collect();
     for kind in engine_backends() {
         let w = engine_on(&loaded, kind);
