@@ -7,10 +7,9 @@
 
 use crate::common;
 use common::*;
-use futures::StreamExt;
 use gateway::config::BackendKind;
 use gateway::engine::EngineWorker;
-use gateway::worker::{FinishReason, OutputFormat, Worker, WorkerEvent};
+use gateway::worker::{FinishReason, OutputFormat, Worker};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -26,16 +25,7 @@ async fn run(
     r.params.format = Some(format);
     r.params.temperature = temperature;
     r.params.seed = Some(seed);
-    let mut s = w.submit(Arc::new(r)).await.unwrap();
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev.unwrap() {
-            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
-            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
-            WorkerEvent::Done { finish_reason, .. } => return (text, finish_reason),
-        }
-    }
-    panic!("no Done event");
+    text_and_finish(w.submit(Arc::new(r)).await.unwrap()).await
 }
 
 const DRAWS: [(f32, u64); 5] = [(0.0, 0), (1.0, 1), (1.5, 2), (1.8, 3), (0.7, 4)];

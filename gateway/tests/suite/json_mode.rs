@@ -8,9 +8,8 @@
 
 use crate::common;
 use common::*;
-use futures::StreamExt;
 use gateway::engine::EngineWorker;
-use gateway::worker::{FinishReason, OutputFormat, Worker, WorkerEvent};
+use gateway::worker::{FinishReason, OutputFormat, Worker};
 use kernels::json_mode::JsonState;
 use kernels::json_schema::Schema;
 use serde_json::Value;
@@ -29,16 +28,7 @@ async fn run(
     r.params.temperature = temperature;
     r.params.seed = Some(seed);
     r.params.logit_bias = bias;
-    let mut s = w.submit(Arc::new(r)).await.unwrap();
-    let mut text = String::new();
-    while let Some(ev) = s.next().await {
-        match ev.unwrap() {
-            WorkerEvent::Prompt { .. } | WorkerEvent::Embedding(_) => {}
-            WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
-            WorkerEvent::Done { finish_reason, .. } => return (text, finish_reason),
-        }
-    }
-    panic!("no Done event");
+    text_and_finish(w.submit(Arc::new(r)).await.unwrap()).await
 }
 
 /// Five draws (greedy and sampled) of `format` on `w`: each must be a valid beginning of a

@@ -510,6 +510,24 @@ pub fn engine_on(
     gateway::engine::EngineWorker::start("test".into(), loaded, &cfg, 0).unwrap()
 }
 
+/// A worker's answer read to its end: its text and why it ended.
+pub async fn text_and_finish(
+    mut s: gateway::worker::EventStream,
+) -> (String, gateway::worker::FinishReason) {
+    use futures::StreamExt;
+    let mut text = String::new();
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            gateway::worker::WorkerEvent::Delta { text: t, .. } => text.push_str(&t),
+            gateway::worker::WorkerEvent::Done { finish_reason, .. } => {
+                return (text, finish_reason)
+            }
+            _ => {}
+        }
+    }
+    panic!("no Done event");
+}
+
 /// A streamed, greedy request for a worker, of tenant `t`.
 pub fn worker_req(prompt: &str, max_tokens: u32) -> Arc<gateway::worker::WorkerRequest> {
     use gateway::worker::{Prompt, SamplingParams, WorkerRequest};
