@@ -293,6 +293,7 @@ impl EngineWorker {
             status: 400,
             message,
             code: None,
+            param: None,
         };
         let text = match prompt {
             Prompt::Tokens(ids) => {
@@ -335,6 +336,14 @@ impl EngineWorker {
             status: 400,
             message,
             code: None,
+            param: None,
+        };
+        // A 400 that names the field at fault.
+        let refuse = |field: &str, message: String| WorkerError::Rejected {
+            status: 400,
+            message,
+            code: None,
+            param: Some(field.into()),
         };
         crate::worker::one_plain_input(req)?;
         if req.embed && self.pooling != Pooling::Last {
@@ -359,9 +368,12 @@ impl EngineWorker {
         }
         let vocab = self.tokenizer.vocab_size();
         if let Some(&(id, _)) = req.params.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
-            return Err(reject(format!(
-                "`logit_bias` names token {id}; this model's vocabulary has {vocab} tokens."
-            )));
+            return Err(refuse(
+                "logit_bias",
+                format!(
+                    "`logit_bias` names token {id}; this model's vocabulary has {vocab} tokens."
+                ),
+            ));
         }
         let named = [
             ("stop_token_ids", &req.params.stop_token_ids),
@@ -369,9 +381,12 @@ impl EngineWorker {
         ];
         for (field, ids) in named {
             if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(reject(format!(
-                    "`{field}` names token {id}; this model's vocabulary has {vocab} tokens."
-                )));
+                return Err(refuse(
+                    field,
+                    format!(
+                        "`{field}` names token {id}; this model's vocabulary has {vocab} tokens."
+                    ),
+                ));
             }
         }
         let need = prompt.len() + req.params.max_tokens as usize;
@@ -379,6 +394,7 @@ impl EngineWorker {
             status: 400,
             message,
             code: Some(crate::worker::CONTEXT_LENGTH_EXCEEDED),
+            param: None,
         };
         if req.embed && need > self.max_context {
             return Err(too_long(format!(
@@ -406,17 +422,16 @@ impl EngineWorker {
         // are never reached.
         let prediction = match p.prediction.as_deref() {
             Some(text) if !req.embed => {
-                let mut ids = self
-                    .tokenizer
-                    .encode(text)
-                    .map_err(|e| reject(format!("cannot tokenize `prediction`: {e}")))?;
+                let mut ids = self.tokenizer.encode(text).map_err(|e| {
+                    refuse("prediction", format!("cannot tokenize `prediction`: {e}"))
+                })?;
                 ids.truncate(self.max_context);
                 Some(ids).filter(|ids| !ids.is_empty())
             }
             _ => None,
         };
         let bad_words = bad_words::BadWords::new(&p.bad_words, &self.tokenizer)
-            .map_err(|e| reject(format!("cannot tokenize `bad_words`: {e}")))?
+            .map_err(|e| refuse("bad_words", format!("cannot tokenize `bad_words`: {e}")))?
             .map(Arc::new);
         Ok(NewSeq {
             tenant: req.tenant.clone(),

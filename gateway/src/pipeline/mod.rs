@@ -736,9 +736,10 @@ fn worker_error(e: WorkerError) -> ApiError {
             status: 400 | 422,
             message,
             code,
+            param,
         } => ApiError::BadRequest {
             message,
-            param: None,
+            param,
             code,
         },
         WorkerError::Rejected {

@@ -336,20 +336,25 @@ pub struct WorkerRequest {
 /// embed one input at a time into the model's own vectors (the pipeline sends them
 /// neither: a pool batches, and takes `dimensions`, only where all its workers do).
 pub fn one_plain_input(req: &WorkerRequest) -> Result<(), WorkerError> {
-    let refuse = |message: String| WorkerError::Rejected {
+    let refuse = |message: String, param: &str| WorkerError::Rejected {
         status: 400,
         message,
         code: None,
+        param: Some(param.into()),
     };
     if !req.more_inputs.is_empty() {
-        return Err(refuse(format!(
-            "this worker embeds one input a request; this one has {}",
-            req.more_inputs.len() + 1
-        )));
+        return Err(refuse(
+            format!(
+                "this worker embeds one input a request; this one has {}",
+                req.more_inputs.len() + 1
+            ),
+            "input",
+        ));
     }
     if req.dimensions.is_some() {
         return Err(refuse(
             "this worker's vectors are the model's own size: no `dimensions`".into(),
+            "dimensions",
         ));
     }
     Ok(())
@@ -495,6 +500,8 @@ pub enum WorkerError {
         status: u16,
         message: String,
         code: Option<&'static str>,
+        /// The request's field at fault, where one is (`stop_token_ids`).
+        param: Option<String>,
     },
     /// The worker's answer did not follow the protocol, or broke off mid-stream.
     #[error("worker protocol error: {0}")]

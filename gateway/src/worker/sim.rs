@@ -288,6 +288,7 @@ impl Worker for SimWorker {
                     status: 400,
                     message: format!("this pool's workers are simulated: no {what}"),
                     code: None,
+                    param: None,
                 });
             }
             let prompt_tokens = estimate_prompt_tokens(&req.prompt);
@@ -300,6 +301,7 @@ impl Worker for SimWorker {
                         req.params.max_tokens, cfg.kv_tokens
                     ),
                     code: Some(super::CONTEXT_LENGTH_EXCEEDED),
+                    param: None,
                 });
             }
             queued.fetch_add(1, Ordering::Relaxed);

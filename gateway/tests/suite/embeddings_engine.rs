@@ -105,6 +105,7 @@ async fn a_file_that_asks_for_another_pooling_gets_no_embeddings() {
             status,
             message,
             code,
+            ..
         }) => {
             assert_eq!((status, code), (400, None));
             assert!(
@@ -187,6 +188,7 @@ async fn case(backend: BackendKind) {
             status,
             message,
             code,
+            ..
         }) => {
             assert_eq!((status, code), (400, Some("context_length_exceeded")));
             assert!(message.contains("the input has"), "{message}");

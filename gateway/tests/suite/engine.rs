@@ -392,6 +392,7 @@ async fn seeds_case(backend: BackendKind) {
             status: 400,
             message,
             code,
+            ..
         }) => {
             assert!(message.contains("context"), "{message}");
             assert_eq!(code, Some(gateway::worker::CONTEXT_LENGTH_EXCEEDED));

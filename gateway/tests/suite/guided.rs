@@ -169,6 +169,14 @@ async fn vllms_fields_reach_the_engine_and_what_it_cannot_follow_is_refused() {
             assert!(text.starts_with('{'), "{text}");
         }
     }
+    // The Responses API takes them as chat does.
+    let body =
+        r#"{"model":"m","input":"hello","max_output_tokens":16,"guided_choice":["left","right"]}"#;
+    let v: Value = post_json(&gw, "/v1/responses", body).await;
+    let text = v["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text == "left" || text == "right", "{v}");
     // vLLM takes `response_format` on completions too.
     let body = completion(r#""response_format":{"type":"json_object"},"temperature":0"#);
     let v: Value = post_json(&gw, "/v1/completions", &body).await;
@@ -235,6 +243,13 @@ async fn vllms_fields_reach_the_engine_and_what_it_cannot_follow_is_refused() {
             completion(r#""guided_choice":["a"],"ignore_eos":true"#),
             "ignore_eos",
         ),
+        // Refused by the engine, which names the field too.
+        (chat(r#""stop_token_ids":[999999]"#), "stop_token_ids"),
+        (
+            completion(r#""allowed_token_ids":[7,999999]"#),
+            "allowed_token_ids",
+        ),
+        (completion(r#""logit_bias":{"999999":5}"#), "logit_bias"),
     ];
     for (body, param) in &refused {
         let path = if body.contains("messages") {

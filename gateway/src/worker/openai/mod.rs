@@ -240,6 +240,14 @@ fn error_message(body: &[u8]) -> String {
 /// over the model's context, said by its code (OpenAI, another tollgate) or, where the
 /// server sets no such code (vLLM: `"code": 400`), by OpenAI's wording of it, which those
 /// servers keep.
+/// The field an upstream's error names, if any: OpenAI's `error.param` (vLLM's is at the
+/// top level).
+fn error_param(body: &[u8]) -> Option<String> {
+    let v = serde_json::from_slice::<Value>(body).ok()?;
+    let param = v["error"]["param"].as_str().or(v["param"].as_str());
+    param.map(String::from)
+}
+
 fn error_code(body: &[u8], message: &str) -> Option<&'static str> {
     let code = serde_json::from_slice::<Value>(body).ok();
     let code = code.as_ref().and_then(|v| v["error"]["code"].as_str());
@@ -298,6 +306,7 @@ impl Worker for OpenAiWorker {
                     WorkerError::Rejected {
                         status,
                         code: error_code(&body, &message),
+                        param: error_param(&body),
                         message,
                     }
                 });

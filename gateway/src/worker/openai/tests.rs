@@ -1,7 +1,7 @@
 //! The upstream worker's request bodies and answers, without an upstream.
 
 use super::answer::{parse_embedding, split_echo};
-use super::{error_code, error_message, OpenAiWorker};
+use super::{error_code, error_message, error_param, OpenAiWorker};
 use crate::worker::{
     Prompt, SamplingParams, TokenLogprob, WorkerError, WorkerEvent, WorkerRequest,
     CONTEXT_LENGTH_EXCEEDED,
@@ -174,6 +174,17 @@ fn an_upstreams_context_length_rejection_keeps_its_code() {
     assert!(error_message(vllm.as_bytes()).starts_with("This model's maximum context"));
     let other = r#"{"error":{"message":"`temperature` must be between 0 and 2.","type":"invalid_request_error","param":"temperature","code":null}}"#;
     assert_eq!(code(other), None);
+    // The field at fault is passed on (OpenAI's and tollgate's under `error`, vLLM's at the
+    // top level), where there is one.
+    assert_eq!(error_param(openai.as_bytes()).as_deref(), Some("messages"));
+    assert_eq!(
+        error_param(other.as_bytes()).as_deref(),
+        Some("temperature")
+    );
+    assert_eq!(error_param(vllm.as_bytes()), None);
+    let vllm_named =
+        r#"{"object":"error","message":"bad","type":"BadRequestError","param":"min_p","code":400}"#;
+    assert_eq!(error_param(vllm_named.as_bytes()).as_deref(), Some("min_p"));
     assert_eq!(code("not json at all"), None);
 }
 
