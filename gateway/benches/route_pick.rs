@@ -44,6 +44,7 @@ fn bench(c: &mut Criterion) {
         vec![ChatMessage {
             role: "user".into(),
             content: "a system prompt shared by many requests. ".repeat(40),
+            open: false,
         }],
         None,
     );

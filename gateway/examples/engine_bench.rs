@@ -117,6 +117,7 @@ fn chat(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
         vec![gateway::worker::ChatMessage {
             role: "user".into(),
             content: prompt,
+            open: false,
         }],
         None,
     );

@@ -67,6 +67,7 @@ mod tests {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            open: false,
         }
     }
 

@@ -74,9 +74,42 @@ impl ChatTemplate {
         messages: &[Message<'_>],
         extra: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<String, Error> {
+        self.render_ctx(messages, extra, true)
+    }
+
+    /// The prompt text for `messages` whose last one (an assistant's) the answer goes on
+    /// with (vLLM's `continue_final_message`): rendered without the assistant's turn
+    /// opening, and cut right after that message's text (its end of turn, and whatever the
+    /// template writes after it, dropped). Its text as written, or less its trailing
+    /// whitespace where the template trims it; an error where the template writes neither.
+    pub fn render_continuing(
+        &self,
+        messages: &[Message<'_>],
+        extra: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String, Error> {
+        let text = self.render_ctx(messages, extra, false)?;
+        let last = messages.last().map_or("", |m| m.content);
+        [last, last.trim_end()]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .find_map(|t| text.rfind(t).map(|at| text[..at + t.len()].to_string()))
+            .ok_or_else(|| {
+                Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    "the chat template does not write the final message's text, so it cannot be continued",
+                )
+            })
+    }
+
+    fn render_ctx(
+        &self,
+        messages: &[Message<'_>],
+        extra: Option<&serde_json::Map<String, serde_json::Value>>,
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let own = context! {
             messages => messages,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos,
             eos_token => &self.eos,
         };
@@ -115,6 +148,49 @@ mod tests {
         ];
         // jinja2 with trim_blocks and lstrip_blocks gives the same.
         assert_eq!(t.render(&msgs).expect("renders"), "[a]\n[c]\n>");
+    }
+
+    /// vLLM's `continue_final_message`: the prompt stops right after the final message's
+    /// text (no end of turn, no turn opened), whose trailing whitespace a template may
+    /// trim; a template that does not write it cannot be continued.
+    #[test]
+    fn a_final_message_is_continued_where_its_text_ends() {
+        let msgs = |last: &'static str| {
+            [
+                Message {
+                    role: "user",
+                    content: "Sure is a word",
+                },
+                Message {
+                    role: "assistant",
+                    content: last,
+                },
+            ]
+        };
+        let t = ChatTemplate::new(CHATML, "", "").expect("parses");
+        assert_eq!(
+            t.render_continuing(&msgs("Sure"), None).expect("renders"),
+            "<|im_start|>user\nSure is a word<|im_end|>\n<|im_start|>assistant\nSure"
+        );
+        let trims = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "",
+            "",
+        )
+        .expect("parses");
+        assert_eq!(
+            trims
+                .render_continuing(&msgs("Sure, "), None)
+                .expect("renders"),
+            "<user>Sure is a word</user><assistant>Sure,"
+        );
+        let drops = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+            "",
+            "",
+        )
+        .expect("parses");
+        assert!(drops.render_continuing(&msgs("absent"), None).is_err());
     }
 
     /// `strftime_now` writes the date as the format asks; a format it cannot write is an

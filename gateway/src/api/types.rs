@@ -94,6 +94,11 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<Value>,
     /// OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`.
     pub prediction: Option<Value>,
+    /// Not in OpenAI's API; vLLM's: the answer goes on with the final (assistant) message,
+    /// whose turn is left open; and whether the assistant's turn is opened after the
+    /// messages (only as `continue_final_message` needs: false with it).
+    pub continue_final_message: Option<bool>,
+    pub add_generation_prompt: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -466,6 +466,43 @@ fn response_format(rf: Option<&Value>) -> Result<Option<OutputFormat>, ApiError>
     }
 }
 
+/// vLLM's `continue_final_message` (with `add_generation_prompt` false, or unset): the
+/// final message, an assistant's with text, left open for the answer to go on with.
+/// `add_generation_prompt` false alone (a prompt with no turn opened) is refused.
+fn continue_final(
+    messages: &mut [ChatMessage],
+    cont: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    tools: bool,
+) -> Result<(), ApiError> {
+    let param = Some("continue_final_message".to_string());
+    match (cont == Some(true), add_generation_prompt) {
+        (true, Some(true)) => Err(ApiError::bad(
+            "`continue_final_message` and `add_generation_prompt` cannot both be true.",
+            param,
+        )),
+        (false, Some(false)) => Err(ApiError::unsupported(
+            "add_generation_prompt",
+            "a chat prompt with no assistant turn opened (`continue_final_message` goes on with an assistant message; `/v1/completions` takes any text)",
+        )),
+        (false, _) => Ok(()),
+        (true, _) if tools => Err(ApiError::bad(
+            "`continue_final_message` cannot be combined with tool calls.",
+            param,
+        )),
+        (true, _) => match messages.last_mut() {
+            Some(m) if m.role == "assistant" && !m.content.trim().is_empty() => {
+                m.open = true;
+                Ok(())
+            }
+            _ => Err(ApiError::bad(
+                "`continue_final_message` needs the last message to be the assistant's, with text to go on from.",
+                param,
+            )),
+        },
+    }
+}
+
 /// A chat request's `chat_template_kwargs` (vLLM's and SGLang's extension: Qwen3's
 /// `enable_thinking`, …): an object naming none of [`crate::worker::TEMPLATE_OWN`]; `null` or `{}` as
 /// none.
@@ -627,7 +664,11 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
             }
             _ => (m.role, content),
         };
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage {
+            role,
+            content,
+            open: false,
+        });
     }
     if let Some(plan) = &tool_plan {
         match messages.first_mut() {
@@ -639,10 +680,17 @@ pub fn chat(body: &[u8], server: &ServerConfig) -> Result<InferenceRequest, ApiE
                 ChatMessage {
                     role: "system".into(),
                     content: plan.instructions.clone(),
+                    open: false,
                 },
             ),
         }
     }
+    continue_final(
+        &mut messages,
+        req.continue_final_message,
+        req.add_generation_prompt,
+        tool_plan.is_some(),
+    )?;
     let template_args = template_args(req.chat_template_kwargs)?;
     let prediction = prediction(req.prediction)?;
     let logprobs = chat_logprobs(&c.logprobs, &req.top_logprobs)?;
@@ -933,6 +981,45 @@ mod tests {
     }
 
     #[test]
+    fn continue_final_message_leaves_the_assistants_last_message_open() {
+        let body = |extra: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}},{{"role":"assistant","content":"Sure"}}]{extra}}}"#
+            )
+        };
+        let open = |extra: &str| match chat(body(extra).as_bytes(), &server()) {
+            Ok(r) => match &r.prompts[0] {
+                Prompt::Chat(ms, _) => Ok(ms.iter().map(|m| m.open).collect::<Vec<_>>()),
+                other => panic!("{other:?}"),
+            },
+            Err(ApiError::BadRequest { param, .. }) => Err(param.unwrap_or_default()),
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(open(""), Ok(vec![false, false]));
+        assert_eq!(
+            open(r#","continue_final_message":true"#),
+            Ok(vec![false, true])
+        );
+        assert_eq!(
+            open(r#","continue_final_message":true,"add_generation_prompt":false"#),
+            Ok(vec![false, true])
+        );
+        for (extra, param) in [
+            (
+                r#","continue_final_message":true,"add_generation_prompt":true"#,
+                "continue_final_message",
+            ),
+            (r#","add_generation_prompt":false"#, "add_generation_prompt"),
+            (
+                r#","continue_final_message":true,"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#,
+                "continue_final_message",
+            ),
+        ] {
+            assert_eq!(open(extra), Err(param.to_string()), "{extra}");
+        }
+    }
+
+    #[test]
     fn ranges_and_unsupported_options() {
         let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
         for (extra, param) in [
@@ -961,6 +1048,8 @@ mod tests {
             (r#""bad_words":["  "]"#, "bad_words"),
             (r#""bad_words":[""]"#, "bad_words"),
             (r#""use_beam_search":true"#, "use_beam_search"),
+            (r#""continue_final_message":true"#, "continue_final_message"),
+            (r#""add_generation_prompt":false"#, "add_generation_prompt"),
             (r#""truncate_prompt_tokens":0"#, "truncate_prompt_tokens"),
             (r#""truncate_prompt_tokens":-2"#, "truncate_prompt_tokens"),
             (

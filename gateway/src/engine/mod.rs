@@ -314,9 +314,11 @@ impl EngineWorker {
                         content: &m.content,
                     })
                     .collect();
-                self.template
-                    .render_with(&m, args.as_deref())
-                    .map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
+                let rendered = match msgs.last().is_some_and(|m| m.open) {
+                    true => self.template.render_continuing(&m, args.as_deref()),
+                    false => self.template.render_with(&m, args.as_deref()),
+                };
+                rendered.map_err(|e| reject(format!("cannot apply the chat template: {e}")))?
             }
         };
         self.tokenizer

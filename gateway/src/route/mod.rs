@@ -650,6 +650,7 @@ mod tests {
                 vec![ChatMessage {
                     role: "user".into(),
                     content: c.into(),
+                    open: false,
                 }],
                 None,
             )

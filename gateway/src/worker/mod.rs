@@ -65,10 +65,15 @@ pub fn with_template_defaults(
     Some(Arc::new(merged))
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The final assistant message, left open: the answer continues its text (vLLM's
+    /// `continue_final_message`). Not sent as a message field: upstreams are asked with
+    /// the request's own fields.
+    #[serde(skip)]
+    pub open: bool,
 }
 
 /// Estimated prompt tokens, for workers that do not tokenize (the simulator) and until an

@@ -325,6 +325,12 @@ if engine:
     date = client.chat.completions.create(model=model, messages=when, max_tokens=16, temperature=0, extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}})
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.choices[0].message.content), date
     print("guided:", label.choices[0].message.content, date.choices[0].message.content)
+    # vLLM's `continue_final_message`: the answer goes on from the assistant's own start.
+    prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
+    cont = client.chat.completions.create(model=model, messages=prefill, max_tokens=8, temperature=0, extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    said = cont.choices[0].message.content
+    assert said and not said.startswith("My favourite"), cont
+    print("continued: My favourite colour is" + said)
     # vLLM's `bad_words`: the greedy answer's first word, banned, changes the answer.
     first = greedy.split()[0]
     assert copied(temperature=0, extra_body={"bad_words": [first]}) != greedy, first

@@ -281,6 +281,45 @@ async fn on_the_emulated_gpu_path_seeds_stops_limits_and_cancellation() {
     seeds_case(BackendKind::Emulator).await;
 }
 
+/// vLLM's `continue_final_message`: a chat whose final assistant message is left open is
+/// the prompt its template writes up to that message's last character (no end of turn):
+/// the same tokens and answer as a completion of that text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_final_assistant_message_left_open_is_continued() {
+    let (_d, m) = synthetic();
+    let e = engine(
+        &m,
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    );
+    let message = |role: &str, content: &str, open| gateway::worker::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+        open,
+    };
+    let mut chat = (*req("", 12, 0.0, None, vec![])).clone();
+    chat.prompt = gateway::worker::Prompt::Chat(
+        vec![
+            message("user", "tell me a story", false),
+            message("assistant", "Once upon", true),
+        ],
+        None,
+    );
+    let text = "<|im_start|>user\ntell me a story<|im_end|>\n<|im_start|>assistant\nOnce upon";
+    let (got, _, got_usage) = run_usage(&e, Arc::new(chat.clone())).await;
+    let (want, _, want_usage) = run_usage(&e, req(text, 12, 0.0, None, vec![])).await;
+    assert_eq!(got, want);
+    assert_eq!(got_usage.prompt_tokens, want_usage.prompt_tokens);
+    // Closed, the same messages are another prompt: the turn ended, a new one opened.
+    if let gateway::worker::Prompt::Chat(ms, _) = &mut chat.prompt {
+        ms[1].open = false;
+    }
+    let (_, _, closed) = run_usage(&e, Arc::new(chat)).await;
+    assert!(closed.prompt_tokens > got_usage.prompt_tokens, "{closed:?}");
+}
+
 /// vLLM's `skip_special_tokens`: a special token the model draws in its answer (one that
 /// does not end it) has no text by default, and its own with `skip_special_tokens` false;
 /// the tokens are counted either way.

@@ -421,6 +421,7 @@ async fn ask(
         vec![ChatMessage {
             role: "user".into(),
             content: QUESTION.into(),
+            open: false,
         }],
         None,
     );

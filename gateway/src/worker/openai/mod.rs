@@ -151,6 +151,8 @@ impl OpenAiWorker {
                 None,
             ),
         };
+        // The final message left open: the answer goes on with it.
+        let open = messages.and_then(<[_]>::last).is_some_and(|m| m.open);
         let echo = echoed(p);
         let stream = req.stream && !echo;
         let body = UpstreamRequest {
@@ -194,6 +196,8 @@ impl OpenAiWorker {
             include_stop_str_in_output: p.include_stop_str_in_output.then_some(true),
             bad_words: (!p.bad_words.is_empty()).then_some(p.bad_words.as_slice()),
             skip_special_tokens: (!p.skip_special_tokens).then_some(false),
+            continue_final_message: open.then_some(true),
+            add_generation_prompt: open.then_some(false),
             truncate_prompt_tokens: p.truncate_prompt_tokens.map(|k| match k {
                 crate::worker::KEEP_CONTEXT => -1,
                 k => i64::from(k),

@@ -214,6 +214,8 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         "response_format",
         "bad_words",
         "skip_special_tokens",
+        "continue_final_message",
+        "add_generation_prompt",
     ] {
         assert!(v.get(field).is_none(), "{field} sent unset: {v}");
     }
@@ -240,6 +242,25 @@ fn vllms_options_reach_the_upstream_only_when_set() {
     assert_eq!(
         v["truncate_prompt_tokens"], -1,
         "vLLM's word for the context"
+    );
+    // A chat whose final message is left open: vLLM's `continue_final_message`.
+    let mut chat = r.clone();
+    chat.prompt = Prompt::Chat(
+        vec![crate::worker::ChatMessage {
+            role: "assistant".into(),
+            content: "Sure".into(),
+            open: true,
+        }],
+        None,
+    );
+    let v: Value = serde_json::from_slice(&w.body(&chat).1).expect("JSON");
+    assert_eq!(
+        (&v["continue_final_message"], &v["add_generation_prompt"]),
+        (&Value::Bool(true), &Value::Bool(false))
+    );
+    assert_eq!(
+        v["messages"],
+        serde_json::json!([{"role": "assistant", "content": "Sure"}])
     );
     // A text format goes as vLLM's `structured_outputs`; a JSON one as `response_format`.
     assert!(v.get("structured_outputs").is_none() && v.get("response_format").is_none());

@@ -76,6 +76,12 @@ pub(super) struct UpstreamRequest<'a> {
     pub(super) include_stop_str_in_output: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) bad_words: Option<&'a [String]>,
+    /// vLLM's `continue_final_message` (with `add_generation_prompt` false), where the
+    /// final message is left open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) continue_final_message: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) add_generation_prompt: Option<bool>,
     /// vLLM's `skip_special_tokens`, where the request turns it off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) skip_special_tokens: Option<bool>,
