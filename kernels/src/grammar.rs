@@ -15,22 +15,6 @@ pub enum Grammar {
 }
 
 impl Grammar {
-    /// Whether the output may end here (a stop token may follow).
-    pub fn done(&self) -> bool {
-        match self {
-            Self::Json(j) => j.done(),
-            Self::Regex(r) => r.done(),
-        }
-    }
-
-    /// Whether `bytes` (a token's) may come next.
-    pub fn allows(&self, bytes: &[u8]) -> bool {
-        match self {
-            Self::Json(j) => j.allows(bytes),
-            Self::Regex(r) => r.allows(bytes),
-        }
-    }
-
     /// Takes `bytes`; returns false, changing nothing, if they may not come next.
     pub fn advance(&mut self, bytes: &[u8]) -> bool {
         match self {
@@ -45,14 +29,6 @@ impl Grammar {
         match self {
             Self::Json(j) => j.allowed(vocab, n),
             Self::Regex(r) => r.allowed(vocab, n),
-        }
-    }
-
-    /// Sets every logit of a token that may not come next to −∞.
-    pub fn mask(&self, logits: &mut [f32], vocab: &JsonVocab) {
-        match self {
-            Self::Json(j) => j.mask(logits, vocab),
-            Self::Regex(r) => r.mask(logits, vocab),
         }
     }
 }

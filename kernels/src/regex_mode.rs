@@ -176,17 +176,6 @@ impl RegexState {
         }
         words
     }
-
-    /// Sets every logit of a token that may not come next to −∞ (as
-    /// [`RegexState::allowed`] decides).
-    pub fn mask(&self, logits: &mut [f32], vocab: &JsonVocab) {
-        let bits = self.allowed(vocab, logits.len());
-        for (i, l) in logits.iter_mut().enumerate() {
-            if bits[i / 32] & (1 << (i % 32)) == 0 {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

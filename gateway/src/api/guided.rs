@@ -11,6 +11,15 @@ use super::types::GuidedParams;
 use crate::worker::OutputFormat;
 use serde_json::Value;
 
+/// What a field asks for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Json,
+    JsonObject,
+    Regex,
+    Choice,
+}
+
 /// Most choices a `guided_choice` may list.
 pub const MAX_CHOICES: usize = 1024;
 
@@ -40,13 +49,13 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
             ));
         }
     }
-    let mut asked: Vec<(String, Value)> = [
-        ("guided_json", g.guided_json),
-        ("guided_regex", g.guided_regex),
-        ("guided_choice", g.guided_choice),
+    let mut asked: Vec<(String, Kind, Value)> = [
+        ("guided_json", Kind::Json, g.guided_json),
+        ("guided_regex", Kind::Regex, g.guided_regex),
+        ("guided_choice", Kind::Choice, g.guided_choice),
     ]
     .into_iter()
-    .filter_map(|(k, v)| v.filter(|v| !v.is_null()).map(|v| (k.to_string(), v)))
+    .filter_map(|(k, kind, v)| v.filter(|v| !v.is_null()).map(|v| (k.to_string(), kind, v)))
     .collect();
     match g.structured_outputs {
         None | Some(Value::Null) => {}
@@ -55,9 +64,11 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
                 let param = format!("structured_outputs.{k}");
                 match k.as_str() {
                     _ if v.is_null() => {}
-                    "json" | "regex" | "choice" => asked.push((param, v)),
+                    "json" => asked.push((param, Kind::Json, v)),
+                    "regex" => asked.push((param, Kind::Regex, v)),
+                    "choice" => asked.push((param, Kind::Choice, v)),
                     "json_object" => match v {
-                        Value::Bool(true) => asked.push((param, v)),
+                        Value::Bool(true) => asked.push((param, Kind::JsonObject, v)),
                         Value::Bool(false) => {}
                         _ => {
                             return Err(ApiError::bad(
@@ -96,59 +107,61 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
             Some(asked[1].0.clone()),
         ));
     }
-    let Some((param, v)) = asked.pop() else {
+    let Some((param, kind, v)) = asked.pop() else {
         return Ok(None);
     };
     let bad = |m: String| ApiError::bad(m, Some(param.clone()));
-    let format = if param.ends_with("json_object") {
-        OutputFormat::Object
-    } else if param.ends_with("json") {
-        // A schema, or its JSON text.
-        let schema = match v {
-            Value::String(s) => serde_json::from_str(&s)
-                .map_err(|e| bad(format!("`{param}` is not a JSON schema: {e}.")))?,
-            v @ (Value::Object(_) | Value::Bool(_)) => v,
-            _ => return Err(bad(format!("`{param}` must be a JSON schema (an object)."))),
-        };
-        OutputFormat::schema(serde_json::json!({"name": "guided_json", "schema": schema})).map_err(
-            |e| {
-                let mut err = ApiError::from(e);
-                if let ApiError::BadRequest {
-                    message, param: p, ..
-                } = &mut err
-                {
-                    *message = message.replace("response_format.json_schema.schema", &param);
-                    *p = Some(param.clone());
-                }
-                err
-            },
-        )?
-    } else if param.ends_with("regex") {
-        let Value::String(re) = v else {
-            return Err(bad(format!(
-                "`{param}` must be a string (a regular expression)."
-            )));
-        };
-        OutputFormat::regex(&re).map_err(|e| {
-            bad(format!(
-                "`{param}` is not a regular expression tollgate can follow: {e}"
-            ))
-        })?
-    } else {
-        let choices: Option<Vec<String>> = match v {
-            Value::Array(a) => a
-                .into_iter()
-                .map(|c| c.as_str().map(String::from))
-                .collect(),
-            _ => None,
-        };
-        match choices {
-            Some(c) if !c.is_empty() && c.len() <= MAX_CHOICES => OutputFormat::choice(c)
-                .map_err(|e| bad(format!("`{param}` cannot be followed: {e}")))?,
-            _ => {
+    let format = match kind {
+        Kind::JsonObject => OutputFormat::Object,
+        Kind::Json => {
+            // A schema, or its JSON text.
+            let schema = match v {
+                Value::String(s) => serde_json::from_str(&s)
+                    .map_err(|e| bad(format!("`{param}` is not a JSON schema: {e}.")))?,
+                v @ (Value::Object(_) | Value::Bool(_)) => v,
+                _ => return Err(bad(format!("`{param}` must be a JSON schema (an object)."))),
+            };
+            OutputFormat::schema(serde_json::json!({"name": "guided_json", "schema": schema}))
+                .map_err(|e| {
+                    let mut err = ApiError::from(e);
+                    if let ApiError::BadRequest {
+                        message, param: p, ..
+                    } = &mut err
+                    {
+                        *message = message.replace("response_format.json_schema.schema", &param);
+                        *p = Some(param.clone());
+                    }
+                    err
+                })?
+        }
+        Kind::Regex => {
+            let Value::String(re) = v else {
                 return Err(bad(format!(
-                    "`{param}` must be a list of 1 to {MAX_CHOICES} strings."
-                )))
+                    "`{param}` must be a string (a regular expression)."
+                )));
+            };
+            OutputFormat::regex(&re).map_err(|e| {
+                bad(format!(
+                    "`{param}` is not a regular expression tollgate can follow: {e}"
+                ))
+            })?
+        }
+        Kind::Choice => {
+            let choices: Option<Vec<String>> = match v {
+                Value::Array(a) => a
+                    .into_iter()
+                    .map(|c| c.as_str().map(String::from))
+                    .collect(),
+                _ => None,
+            };
+            match choices {
+                Some(c) if !c.is_empty() && c.len() <= MAX_CHOICES => OutputFormat::choice(c)
+                    .map_err(|e| bad(format!("`{param}` cannot be followed: {e}")))?,
+                _ => {
+                    return Err(bad(format!(
+                        "`{param}` must be a list of 1 to {MAX_CHOICES} strings."
+                    )))
+                }
             }
         }
     };

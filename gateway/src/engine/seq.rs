@@ -397,11 +397,11 @@ impl Seq {
             } else {
                 &tok.stop_tokens[..]
             };
-            for &id in model.iter().chain(&self.ends.stop_ids) {
-                if let Some(w) = bits.get_mut(id as usize / 32).filter(|_| (id as usize) < n) {
-                    *w &= !(1 << (id % 32));
-                }
-            }
+            clear(
+                &mut bits,
+                model.iter().chain(&self.ends.stop_ids).copied(),
+                n,
+            );
             if bits.iter().any(|&w| w != 0) {
                 mask = Some(bits);
             }
@@ -413,13 +413,7 @@ impl Seq {
             let mut bits = mask
                 .clone()
                 .unwrap_or_else(|| vec![u32::MAX; n.div_ceil(32)]);
-            let mut cut = false;
-            for id in bad.refused(answer) {
-                if let Some(w) = bits.get_mut(id as usize / 32).filter(|_| (id as usize) < n) {
-                    *w &= !(1 << (id % 32));
-                    cut = true;
-                }
-            }
+            let cut = clear(&mut bits, bad.refused(answer), n);
             if cut && bits.iter().any(|&w| w != 0) {
                 mask = Some(bits);
             }
@@ -459,6 +453,19 @@ impl Seq {
         };
         2 + 2 * deltas + mask + carry + repeat
     }
+}
+
+/// Clears the bits of `ids` in a bitmask over a row of `n` tokens (ids past it are passed
+/// over); whether any was.
+fn clear(bits: &mut [u32], ids: impl Iterator<Item = u32>, n: usize) -> bool {
+    let mut cut = false;
+    for id in ids.filter(|&id| (id as usize) < n) {
+        if let Some(w) = bits.get_mut(id as usize / 32) {
+            *w &= !(1 << (id % 32));
+            cut = true;
+        }
+    }
+    cut
 }
 
 pub(super) fn admit(n: NewSeq, id: u64) -> Seq {

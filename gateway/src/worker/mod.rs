@@ -155,6 +155,15 @@ pub struct SamplingParams {
 /// [`SamplingParams::truncate_prompt_tokens`]'s "as many as the context holds" (vLLM's −1).
 pub const KEEP_CONTEXT: u32 = u32::MAX;
 
+/// A [`SamplingParams::truncate_prompt_tokens`] as vLLM writes it (−1 for
+/// [`KEEP_CONTEXT`]).
+pub fn vllm_truncate(keep: u32) -> i64 {
+    match keep {
+        KEEP_CONTEXT => -1,
+        k => i64::from(k),
+    }
+}
+
 /// `ids` cut to their last `keep` (`KEEP_CONTEXT`: `context`, where known).
 pub fn keep_last(ids: &mut Vec<u32>, keep: u32, context: Option<usize>) {
     let keep = match keep {

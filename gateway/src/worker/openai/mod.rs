@@ -124,11 +124,7 @@ impl OpenAiWorker {
                 body["dimensions"] = d.into();
             }
             if let Some(k) = req.params.truncate_prompt_tokens {
-                body["truncate_prompt_tokens"] = match k {
-                    crate::worker::KEEP_CONTEXT => -1,
-                    k => i64::from(k),
-                }
-                .into();
+                body["truncate_prompt_tokens"] = crate::worker::vllm_truncate(k).into();
             }
             return (
                 "/v1/embeddings",
@@ -198,10 +194,7 @@ impl OpenAiWorker {
             skip_special_tokens: (!p.skip_special_tokens).then_some(false),
             continue_final_message: open.then_some(true),
             add_generation_prompt: open.then_some(false),
-            truncate_prompt_tokens: p.truncate_prompt_tokens.map(|k| match k {
-                crate::worker::KEEP_CONTEXT => -1,
-                k => i64::from(k),
-            }),
+            truncate_prompt_tokens: p.truncate_prompt_tokens.map(crate::worker::vllm_truncate),
             logit_bias: (!p.logit_bias.is_empty()).then(|| {
                 p.logit_bias
                     .iter()
