@@ -8,7 +8,8 @@
 # Carry `target/gpu-check` to the GPU machine. It runs every kernel's parity test against
 # its CPU twin, the twin chain against the CPU engine, the NVRTC compile of every kernel
 # for the device, the CUDA backend's tests (graphs vs direct launches, sampling on the
-# device, the load-time self-check), then the benchmarks: kernel bandwidth against the
+# device, the load-time self-check), the gateway's engine tests with `backend = "cuda"`,
+# then the benchmarks: kernel bandwidth against the
 # card's copy bandwidth (gpu_bench), decode step time at batch 1/16/64/256 against the
 # weights floor (decode_bench, with the load-time choice for 1-16 rows among cuBLAS, gemv_f16 and
 # the file's own blocks; and at batch 1 and 16 with 4,096 keys), and aggregate decode tokens/s through the engine at 1, 64
@@ -37,13 +38,35 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$t" | tail -1)
     cp "$bin" "$BIN/$t"
   done
+  # The gateway's integration tests: their engine tests run the GPU path on device 0 where
+  # the driver sees a GPU (gateway/tests/suite/common: gpu_paths).
+  bin=$(cargo test --release -p gateway --test suite --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="suite": print(m["executable"])' | tail -1)
+  cp "$bin" "$BIN/suite"
   cargo build --release -q -p kernels --example gpu_bench --example decode_bench --example synth
   cargo build --release -q -p gateway --example engine_bench
   for e in gpu_bench decode_bench synth engine_bench; do cp "target/release/examples/$e" "$BIN/$e"; done
-  # Debug info is not needed there; the carry limit is 64 MiB.
+  # Debug info is not needed there; the carry limit is 64 MiB, which the binaries pass
+  # unless compressed (79 MB stripped, 27 MB gzipped at session 69).
   command -v strip >/dev/null && strip --strip-debug "$BIN"/*
+  rm -f "$BIN"/*.gz
+  gzip -9 "$BIN"/*
   du -sh "$BIN"
   exit 0
+fi
+# The binaries come gzipped (see --build): unpacked into a folder of their own here.
+if ls "$BIN"/*.gz >/dev/null 2>&1; then
+  unpacked=$(mktemp -d)
+  for f in "$BIN"/*.gz; do
+    out="$unpacked/$(basename "$f" .gz)"
+    gzip -dc "$f" >"$out" 2>/dev/null \
+      || python3 -c 'import gzip,shutil,sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$out"
+    chmod +x "$out"
+  done
+  BIN=$unpacked
 fi
 # Where the CUDA libraries may be, first found first used: the toolkit, NVIDIA's Python
 # wheels (nvidia-cuda-nvrtc, nvidia-cublas: `nvidia/cu13/lib` beside PyTorch), the
@@ -93,6 +116,18 @@ for t in cuda_compile cuda_twins cuda_parity cuda_backend; do
   printf '| %s | %s — %s |\n' "$t" "$r" "$(grep -m1 'test result' "$log")"
   [ "$r" = "pass" ] || tail -30 "$log"
 done
+# The engine's tests whose GPU path runs on device 0 here (each also on the CPU backend):
+# batching, seeds and stops, steps planned ahead, rows drawn on the host, speculation and
+# predictions, ignore_eos/min_tokens, windowed pools, a mixture of experts, embeddings,
+# JSON mode, regular expressions and choices, log-probabilities, penalties, bad words.
+# Those that start the gateway's binary are left out (it is not carried).
+log=$(mktemp)
+if timeout 120 "$BIN/suite" --test-threads=4 --nocapture gpu_path penalties:: \
+  each_answer_is_exactly_one_of_the_choices a_mixture_of_experts_answers_alike \
+  the_engine_reports_the_models_logprobs >"$log" 2>&1; then r="pass"; else r="FAIL"; status=1; fi
+grep -q "the GPU path runs on device 0" "$log" || r="$r (no GPU seen: $(grep -m1 'no GPU (' "$log" | cut -c1-80))"
+printf '| engine tests (suite) | %s — %s |\n' "$r" "$(grep -m1 'test result' "$log")"
+[ "$r" = "pass" ] || grep -E "panicked|FAILED|failures:|^---- " "$log" | head -40
 echo
 timeout 60 "$BIN/gpu_bench" || status=1
 model=$(mktemp -d)/smollm2-shape.gguf

@@ -5,7 +5,8 @@
 //!
 //! The batching and sampling tests run twice: on the CPU backend, and on the CUDA backend
 //! over the CPU emulator (`backend = "emulator"`: the GPU path, with sampling on the
-//! device, run by the kernel sources themselves on the CPU).
+//! device, run by the kernel sources themselves on the CPU), and, where the driver sees a
+//! GPU, on device 0 (`backend = "cuda"`; `common::gpu_paths`).
 
 use crate::common;
 use common::tempdir::TempDir;
@@ -106,11 +107,10 @@ async fn greedy_output_is_the_same_alone_and_in_a_batch_of_16_with_and_without_p
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_greedy_output_is_the_same_alone_and_in_a_batch() {
-    if !common::emulator_present() {
-        return;
+async fn on_the_gpu_path_greedy_output_is_the_same_alone_and_in_a_batch() {
+    for backend in common::gpu_paths() {
+        batching_case(backend).await;
     }
-    batching_case(BackendKind::Emulator).await;
 }
 
 async fn batching_case(backend: BackendKind) {
@@ -274,11 +274,10 @@ async fn seeds_stops_limits_and_cancellation() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_seeds_stops_limits_and_cancellation() {
-    if !common::emulator_present() {
-        return;
+async fn on_the_gpu_path_seeds_stops_limits_and_cancellation() {
+    for backend in common::gpu_paths() {
+        seeds_case(backend).await;
     }
-    seeds_case(BackendKind::Emulator).await;
 }
 
 /// vLLM's `continue_final_message`: a chat whose final assistant message is left open is
@@ -511,11 +510,14 @@ async fn all_events(e: &Arc<EngineWorker>, reqs: &[Arc<WorkerRequest>]) -> Vec<V
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_one_at_a_time() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_steps_planned_ahead_give_the_answers_of_steps_one_at_a_time() {
     let (_d, m) = synthetic();
+    for backend in common::gpu_paths() {
+        steps_planned_ahead_case(&m, backend).await;
+    }
+}
+
+async fn steps_planned_ahead_case(m: &kernels::load::Loaded, backend: BackendKind) {
     let reqs: Vec<Arc<WorkerRequest>> = prompts()
         .into_iter()
         .enumerate()
@@ -566,9 +568,9 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
         let (mut ahead, mut steps) = (Vec::new(), Vec::new());
         for overlap_steps in [true, false] {
             let e = engine(
-                &m,
+                m,
                 EngineConfig {
-                    backend: BackendKind::Emulator,
+                    backend,
                     max_batch_tokens: Some(64),
                     max_seqs: Some(16),
                     kv_tokens: Some(kv_tokens),
@@ -627,18 +629,22 @@ async fn on_the_emulated_gpu_path_steps_planned_ahead_give_the_answers_of_steps_
 /// plan: the last two end with a step planned ahead for one length, and after one for the
 /// other).
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_rows_past_the_adjustments_room_are_drawn_on_the_host() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_rows_past_the_adjustments_room_are_drawn_on_the_host() {
     let (_d, m) = synthetic();
     let vocab = m.model.config.vocab as u32;
-    for last in [12u32, 13] {
-        rows_past_the_room_case(&m, vocab, last).await;
+    for backend in common::gpu_paths() {
+        for last in [12u32, 13] {
+            rows_past_the_room_case(&m, backend, vocab, last).await;
+        }
     }
 }
 
-async fn rows_past_the_room_case(m: &kernels::load::Loaded, vocab: u32, last: u32) {
+async fn rows_past_the_room_case(
+    m: &kernels::load::Loaded,
+    backend: BackendKind,
+    vocab: u32,
+    last: u32,
+) {
     let reqs: Vec<Arc<WorkerRequest>> = [4, last, last]
         .into_iter()
         .enumerate()
@@ -656,7 +662,7 @@ async fn rows_past_the_room_case(m: &kernels::load::Loaded, vocab: u32, last: u3
         let e = engine(
             m,
             EngineConfig {
-                backend: BackendKind::Emulator,
+                backend,
                 max_batch_tokens: Some(16),
                 max_seqs: Some(3),
                 overlap_steps,
@@ -1053,12 +1059,15 @@ async fn a_mixture_of_experts_answers_alike_alone_and_in_a_batch_on_either_backe
         threads: 2,
         ..EngineConfig::default()
     };
-    let emulated = EngineConfig {
-        backend: BackendKind::Emulator,
-        ..cpu.clone()
-    };
+    let mut configs = vec![cpu.clone()];
+    for backend in common::gpu_paths() {
+        configs.push(EngineConfig {
+            backend,
+            ..cpu.clone()
+        });
+    }
     let prompts: Vec<String> = prompts().into_iter().take(8).collect();
-    for config in [cpu, emulated] {
+    for config in configs {
         let w = engine(&loaded, config.clone());
         let mut alone = Vec::new();
         for p in &prompts {
@@ -1090,18 +1099,17 @@ async fn speculative_decoding_changes_no_answer() {
     speculation_case(&m, None, BackendKind::Cpu).await;
 }
 
-/// The same on the GPU path (the emulator), against an engine that plans its steps ahead:
+/// The same on the GPU path (the emulator, and a real GPU where there is one), against an engine that plans its steps ahead:
 /// drafts' rows drawn on the device by each sequence's rule at the step each would be
 /// drawn at (log-probabilities computed there), a penalized or JSON-mode sequence's rows
 /// read back and drawn on the host; the step in flight collected before a sequence due to
 /// propose looks up its last token.
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_speculative_decoding_changes_no_answer() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_speculative_decoding_changes_no_answer() {
     let (_d, m) = synthetic();
-    speculation_case(&m, None, BackendKind::Emulator).await;
+    for backend in common::gpu_paths() {
+        speculation_case(&m, None, backend).await;
+    }
 }
 
 /// On the GPU path, where each step is planned while the one before runs, a sequence due
@@ -1109,15 +1117,18 @@ async fn on_the_emulated_gpu_path_speculative_decoding_changes_no_answer() {
 /// backs off as after a miss, so an answer that never repeats itself keeps most of its
 /// steps planned ahead (looking every step would plan none ahead).
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_a_sequence_that_finds_no_drafts_keeps_its_steps_planned_ahead() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_a_sequence_that_finds_no_drafts_keeps_its_steps_planned_ahead() {
     let (_d, m) = synthetic();
+    for backend in common::gpu_paths() {
+        no_drafts_case(&m, backend).await;
+    }
+}
+
+async fn no_drafts_case(m: &kernels::load::Loaded, backend: BackendKind) {
     let w = engine(
-        &m,
+        m,
         EngineConfig {
-            backend: BackendKind::Emulator,
+            backend,
             speculative_tokens: 4,
             ..EngineConfig::default()
         },
@@ -1282,14 +1293,13 @@ async fn a_prediction_changes_no_answer_and_saves_steps() {
     prediction_case(&m, BackendKind::Cpu).await;
 }
 
-/// The same on the GPU path (the emulator): a prediction's drafts drawn on the device.
+/// The same on the GPU path (the emulator, and a real GPU where there is one): a prediction's drafts drawn on the device.
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_a_prediction_changes_no_answer_and_saves_steps() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_a_prediction_changes_no_answer_and_saves_steps() {
     let (_d, m) = synthetic();
-    prediction_case(&m, BackendKind::Emulator).await;
+    for backend in common::gpu_paths() {
+        prediction_case(&m, backend).await;
+    }
 }
 
 /// vLLM's `ignore_eos`, `min_tokens` and `stop_token_ids`. With the end of sequence pushed
@@ -1393,15 +1403,14 @@ async fn ignore_eos_min_tokens_and_stop_token_ids() {
     stop_controls_case(&m, BackendKind::Cpu).await;
 }
 
-/// The same on the GPU path (the emulator): the tokens held back before `min_tokens` are
+/// The same on the GPU path (the emulator, and a real GPU where there is one): the tokens held back before `min_tokens` are
 /// masked on the device, as JSON mode's are.
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_ignore_eos_min_tokens_and_stop_token_ids() {
-    if !common::emulator_present() {
-        return;
-    }
+async fn on_the_gpu_path_ignore_eos_min_tokens_and_stop_token_ids() {
     let (_d, m) = synthetic();
-    stop_controls_case(&m, BackendKind::Emulator).await;
+    for backend in common::gpu_paths() {
+        stop_controls_case(&m, backend).await;
+    }
 }
 
 /// The same on a model with sliding-window layers: speculation over the windowed layers'
@@ -1547,7 +1556,7 @@ async fn speculation_case(
         (0, 0),
         "off by default"
     );
-    if backend == BackendKind::Emulator {
+    if backend != BackendKind::Cpu {
         // The penalized and JSON-mode sequences' drafts' rows came back to the host (the
         // plain engine adjusts every row on the device).
         assert!(
@@ -1588,14 +1597,13 @@ async fn windowed_layers_in_a_pool_of_their_own_change_no_token() {
     windowed_case(BackendKind::Cpu).await;
 }
 
-/// The same on the GPU path (the emulator): the windowed layers' caches hold their own
+/// The same on the GPU path (the emulator, and a real GPU where there is one): the windowed layers' caches hold their own
 /// pool's blocks, named by a second block table and slot mapping `build_batch` makes.
 #[tokio::test(flavor = "multi_thread")]
-async fn on_the_emulated_gpu_path_windowed_layers_in_a_pool_of_their_own_change_no_token() {
-    if !common::emulator_present() {
-        return;
+async fn on_the_gpu_path_windowed_layers_in_a_pool_of_their_own_change_no_token() {
+    for backend in common::gpu_paths() {
+        windowed_case(backend).await;
     }
-    windowed_case(BackendKind::Emulator).await;
 }
 
 async fn windowed_case(backend: BackendKind) {

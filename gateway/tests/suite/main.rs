@@ -4,6 +4,10 @@
 //!
 //! `engine_fault` and `engine_stall` stay their own binaries: they set the CUDA
 //! emulator's process-wide faults, which would reach every test running beside them.
+//!
+//! The engine tests' GPU path runs on the emulator, and on a real GPU too where the driver
+//! sees one (`common::gpu_paths`): `kernels/gpu-check.sh` carries this binary to the GPU
+//! machine and runs the engine modules there with the emulator off.
 
 mod common;
 

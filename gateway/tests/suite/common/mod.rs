@@ -487,14 +487,41 @@ pub fn remote_upstream(worker: &Gateway) -> String {
     )
 }
 
-/// The engine backends to run a test on: the CPU, and the GPU path on the CUDA emulator
-/// where it is built.
+/// The engine backends to run a test on: the CPU, then the GPU path ([`gpu_paths`]).
 pub fn engine_backends() -> Vec<gateway::config::BackendKind> {
     let mut kinds = vec![gateway::config::BackendKind::Cpu];
+    kinds.extend(gpu_paths());
+    kinds
+}
+
+/// The GPU code path's backends to run a test on: the CUDA emulator where it is built, and
+/// a real GPU (`backend = "cuda"`, device 0) where the driver sees one, as on the GPU
+/// machine `kernels/gpu-check.sh` runs this binary on (with the emulator off there).
+pub fn gpu_paths() -> Vec<gateway::config::BackendKind> {
+    let mut kinds = Vec::new();
     if emulator_present() {
         kinds.push(gateway::config::BackendKind::Emulator);
     }
+    if gpu_present() {
+        kinds.push(gateway::config::BackendKind::Cuda);
+    }
     kinds
+}
+
+/// Whether the CUDA driver, NVRTC and cuBLAS load and the driver sees a GPU (asked once a
+/// process); the reason it does not is printed once.
+pub fn gpu_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| match kernels::cuda::available() {
+        Ok(n) => {
+            println!("GPU: the driver sees {n}; the GPU path runs on device 0 too");
+            true
+        }
+        Err(why) => {
+            println!("no GPU ({why}): the GPU path runs on the emulator only");
+            false
+        }
+    })
 }
 
 /// An engine worker on `kind` with 2 CPU threads and the default sizes.
