@@ -172,6 +172,8 @@ BACKEND=cuda FORMAT=json STREAMS=64,256 TOKENS=128 timeout 90 "$BIN/engine_bench
 OVERLAP=0 BACKEND=cuda FORMAT=json STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
 # A regular expression (vLLM's guided_regex): its mask from the vocabulary's trie walk.
 BACKEND=cuda FORMAT=regex STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
+# A context-free grammar (vLLM's guided_grammar): its stacks followed on the host.
+BACKEND=cuda FORMAT=grammar STREAMS=256 TOKENS=128 timeout 45 "$BIN/engine_bench" "$model" || status=1
 echo
 # Presence and frequency penalties on every stream: deltas on the device, steps still
 # planned ahead (each counts the token the step before drew, on the device).

@@ -11,9 +11,10 @@
 //! `PREFIX_CACHING=0` (the prefix cache off), `PREFILL_TOKENS=n` (the prefill's prompt
 //! length, default 512), `MAX_BATCH_TOKENS=n` (the per-step token
 //! budget, chunked prefill), `ATTENTION=tensor` (CUDA: the tensor-core
-//! attention kernel), `FORMAT=json|schema|regex` (the streams' answers
-//! in JSON mode, held to a small schema, or to a regular expression as vLLM's
-//! `guided_regex`: the constrained-decoding mask's cost),
+//! attention kernel), `FORMAT=json|schema|regex|grammar` (the streams' answers
+//! in JSON mode, held to a small schema, to a regular expression as vLLM's
+//! `guided_regex`, or to a context-free grammar as its `guided_grammar`: the
+//! constrained-decoding mask's cost),
 //! `SAMPLING=top_p` (temperature 0.8, top-p 0.9, seeded, in place of greedy),
 //! `OVERLAP=0` (CUDA: each step waits for the one before instead of being planned while it
 //! runs), `PENALTIES=1` (presence 0.5 and frequency 0.3 penalties on every stream),
@@ -63,7 +64,7 @@ fn req(prompt: String, max_tokens: u32) -> Arc<WorkerRequest> {
     })
 }
 
-/// `FORMAT`: the streams' output format (`json`, `schema`, `regex`).
+/// `FORMAT`: the streams' output format (`json`, `schema`, `regex`, `grammar`).
 fn format() -> Option<gateway::worker::OutputFormat> {
     use gateway::worker::OutputFormat;
     match std::env::var("FORMAT").as_deref() {
@@ -85,6 +86,16 @@ fn format() -> Option<gateway::worker::OutputFormat> {
         }
         // vLLM's `guided_regex`: a text of words and punctuation as long as the stream.
         Ok("regex") => Some(OutputFormat::regex(r"[A-Za-z][A-Za-z ,.'\n]*").expect("the regex")),
+        // vLLM's `guided_grammar`: the same text as sentences of words, a context-free
+        // grammar's (its stacks followed each step, its masks kept by them).
+        Ok("grammar") => Some(
+            OutputFormat::ebnf(
+                r#"root ::= sentence+
+                   sentence ::= word ( [ ,'\n] word )* [.!?] [ \n]?
+                   word ::= [A-Za-z]+"#,
+            )
+            .expect("the grammar"),
+        ),
         _ => None,
     }
 }

@@ -5,7 +5,8 @@
 //! model's own vocabulary is used; otherwise 49,152 tokens: the 256 single bytes and
 //! random strings of 2 to 8 printable bytes (about as long as byte-level BPE tokens).
 //! JSON mode's states, then structured output's (a schema with fixed keys, an enum and
-//! optional properties), then regular expressions' (`guided_choice`, `guided_regex`).
+//! optional properties), then regular expressions' (`guided_choice`, `guided_regex`), then
+//! context-free grammars' (`guided_grammar`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kernels::json_mode::{JsonState, JsonVocab};
@@ -153,5 +154,41 @@ fn bench_regex(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_regex);
+/// Context-free grammars (vLLM's `guided_grammar`): the mask's walk of the vocabulary as a
+/// trie from a state's stacks, at the start of vLLM's SQL example, inside a nested list
+/// (stacks several deep) and inside a free text; and a state's mask again, kept.
+fn bench_ebnf(c: &mut Criterion) {
+    use kernels::ebnf::{compile, EbnfState};
+    let v = vocab();
+    let jv = JsonVocab::new(v.len(), |id| &v[id as usize], |_| false, &[0]);
+    let sql = include_str!("../testdata/vllm_sql.gbnf");
+    let lists = r#"
+        root ::= value
+        value ::= list | word | [0-9]+
+        list ::= "[" ( value ( ", " value )* )? "]"
+        word ::= [a-z]+
+    "#;
+    let prose = r#"
+        root ::= sentence+
+        sentence ::= word ( [ ,] word )* [.!?] " "?
+        word ::= [A-Za-z']+
+    "#;
+    let cases = [
+        ("sql: start", sql, &b""[..]),
+        ("lists: inside", lists, &b"[[one, [2, three], [[fo"[..]),
+        ("prose: inside", prose, &b"Once upon a ti"[..]),
+    ];
+    for (name, g, prefix) in cases {
+        let mut st = EbnfState::new(compile(g).expect("compiles"));
+        assert!(st.advance(prefix));
+        c.bench_function(&format!("ebnf walk {} tokens, {name}", v.len()), |b| {
+            b.iter(|| st.walk(&jv, v.len()))
+        });
+        c.bench_function(&format!("ebnf bits {} tokens, {name}", v.len()), |b| {
+            b.iter(|| st.allowed(&jv, v.len()))
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_regex, bench_ebnf);
 criterion_main!(benches);

@@ -1,9 +1,11 @@
 //! The grammar a sequence's output is held to, whichever kind: a JSON document (JSON
-//! mode, a schema's structured output, tool calls: [`crate::json_mode`]) or a text a
+//! mode, a schema's structured output, tool calls: [`crate::json_mode`]), a text a
 //! regular expression matches (vLLM's `guided_regex` and `guided_choice`:
-//! [`crate::regex_mode`]). The engine follows it through one interface: what may come
+//! [`crate::regex_mode`]), or a text of a context-free grammar (vLLM's `guided_grammar`:
+//! [`crate::ebnf`]). The engine follows it through one interface: what may come
 //! next as a bitmask of the vocabulary, and each token taken.
 
+use crate::ebnf::EbnfState;
 use crate::json_mode::{JsonState, JsonVocab};
 use crate::regex_mode::RegexState;
 
@@ -12,6 +14,7 @@ use crate::regex_mode::RegexState;
 pub enum Grammar {
     Json(JsonState),
     Regex(RegexState),
+    Ebnf(EbnfState),
 }
 
 impl Grammar {
@@ -20,6 +23,7 @@ impl Grammar {
         match self {
             Self::Json(j) => j.advance(bytes),
             Self::Regex(r) => r.advance(bytes),
+            Self::Ebnf(e) => e.advance(bytes),
         }
     }
 
@@ -29,6 +33,7 @@ impl Grammar {
         match self {
             Self::Json(j) => j.allowed(vocab, n),
             Self::Regex(r) => r.allowed(vocab, n),
+            Self::Ebnf(e) => e.allowed(vocab, n),
         }
     }
 }

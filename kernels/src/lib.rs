@@ -11,6 +11,7 @@ pub mod attention;
 pub mod backend;
 pub mod chat;
 pub mod cuda;
+pub mod ebnf;
 pub mod forward;
 pub mod gguf;
 pub mod grammar;
@@ -20,6 +21,7 @@ pub mod kquant;
 pub mod kv;
 pub mod load;
 pub mod logprobs;
+pub mod mask_cache;
 pub mod matmul;
 pub mod model;
 pub mod moe;
@@ -30,6 +32,7 @@ pub mod regex_mode;
 pub mod sampler;
 pub mod synth;
 pub mod tokenizer;
+pub(crate) mod trie_walk;
 
 #[cfg(test)]
 mod testutil;

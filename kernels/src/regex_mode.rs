@@ -6,51 +6,20 @@
 //! ends (the one `pattern` in a JSON schema compiles to: [`crate::json_schema::Dfa`],
 //! size-limited and cached). A token may come next when its bytes lead the DFA from the
 //! text's state to a live one; a stop token when the text so far is a whole match. The
-//! mask walks the vocabulary as a trie ([`JsonVocab`]'s tokens in byte order, each
-//! sharing a beginning with the one before): a shared beginning is run once, and every
-//! token under a beginning that kills the DFA is refused without running it. A state's
-//! mask depends on nothing else, so each is kept ([`Masks`], per vocabulary) and a text
+//! mask walks the vocabulary as a trie ([`crate::trie_walk`]): a shared beginning is run
+//! once, and every token under a beginning that kills the DFA is refused without running
+//! it. A state's
+//! mask depends on nothing else, so each is kept ([`crate::mask_cache::Masks`], per vocabulary) and a text
 //! that comes back to a state (a loop in the expression; the same expression in the next
 //! request) costs a copy of its bits.
 
 use crate::json_mode::JsonVocab;
 use crate::json_schema::Dfa;
 use regex_automata::util::primitives::StateID;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-/// The most bytes of masks a vocabulary keeps (about 5,000 rows of SmolLM2's 49,152
-/// tokens); past it, they are dropped and computed again as needed.
-const MAX_MASK_BYTES: usize = 32 << 20;
+use std::sync::Arc;
 
 /// What a mask is kept by: its DFA ([`Dfa::id`]), state and row width.
-type MaskKey = (u64, StateID, usize);
-
-/// A vocabulary's masks already computed.
-#[derive(Debug, Default)]
-pub struct Masks(Mutex<Kept>);
-
-/// The masks, and the bytes they take.
-#[derive(Debug, Default)]
-struct Kept {
-    masks: HashMap<MaskKey, Arc<[u32]>>,
-    bytes: usize,
-}
-
-impl Masks {
-    fn get(&self, key: MaskKey) -> Option<Arc<[u32]>> {
-        self.0.lock().ok()?.masks.get(&key).cloned()
-    }
-    fn keep(&self, key: MaskKey, bits: &[u32]) {
-        if let Ok(mut m) = self.0.lock() {
-            if m.bytes + bits.len() * 4 > MAX_MASK_BYTES {
-                *m = Kept::default();
-            }
-            m.masks.insert(key, bits.into());
-            m.bytes += bits.len() * 4;
-        }
-    }
-}
+pub type MaskKey = (u64, StateID, usize);
 
 /// Where a text held to a regular expression stands.
 #[derive(Debug, Clone)]
@@ -119,7 +88,7 @@ impl RegexState {
     /// once the text matches.
     pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
         let key = (self.dfa.id, self.state, n);
-        if let Some(bits) = vocab.regex_masks().get(key) {
+        if let Some(bits) = vocab.regex_masks().get(&key) {
             return bits.to_vec();
         }
         let bits = self.walk(vocab, n);
@@ -130,51 +99,36 @@ impl RegexState {
     /// [`RegexState::allowed`], computed: the vocabulary's trie walked from this state,
     /// without the masks kept (what a state's first row costs).
     pub fn walk(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
-        let mut words = vec![0u32; n.div_ceil(32)];
-        let mut keep = |id: u32| {
-            if (id as usize) < n {
-                words[id as usize / 32] |= 1 << (id % 32);
-            }
+        let mut levels = DfaLevels {
+            dfa: &self.dfa,
+            states: vec![self.state],
         };
-        let (sorted, shared) = vocab.trie();
-        // states[d]: the DFA's state after the first d bytes of the token last run, all
-        // live; `dead`: whether its next byte killed it.
-        let mut states: Vec<StateID> = vec![self.state];
-        let mut dead = false;
-        for (i, (&id, &common)) in sorted.iter().zip(shared).enumerate() {
-            let common = common as usize;
-            let live = states.len() - 1;
-            if dead && common > live {
-                // It begins with the beginning that killed the DFA.
-                continue;
+        crate::trie_walk::allowed(vocab, n, &mut levels, self.done())
+    }
+}
+
+/// The DFA's state after each byte of the token last run.
+struct DfaLevels<'a> {
+    dfa: &'a Dfa,
+    states: Vec<StateID>,
+}
+
+impl crate::trie_walk::Levels for DfaLevels<'_> {
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+    fn truncate(&mut self, len: usize) {
+        self.states.truncate(len);
+    }
+    fn push(&mut self, b: u8) -> bool {
+        let last = self.states[self.states.len() - 1];
+        match self.dfa.next(last, b) {
+            Some(s) => {
+                self.states.push(s);
+                true
             }
-            let from = common.min(live);
-            states.truncate(from + 1);
-            let bytes = vocab.trie_token(i);
-            dead = false;
-            let mut s = states[from];
-            for &b in &bytes[from..] {
-                match self.dfa.next(s, b) {
-                    Some(next) => {
-                        s = next;
-                        states.push(s);
-                    }
-                    None => {
-                        dead = true;
-                        break;
-                    }
-                }
-            }
-            if !dead {
-                keep(id);
-            }
+            None => false,
         }
-        if self.done() {
-            for &id in vocab.stops() {
-                keep(id);
-            }
-        }
-        words
     }
 }
 

@@ -1,10 +1,10 @@
 //! vLLM's structured outputs, as its clients send them: the `guided_json`,
-//! `guided_regex` and `guided_choice` fields, and their newer form, the
-//! `structured_outputs` object (`json`, `regex`, `choice`, `json_object`). Each becomes
-//! the output format the engine follows ([`OutputFormat`]), checked here so that an
-//! expression or schema the engine cannot follow is a 400 before anything is admitted.
-//! What vLLM takes and tollgate cannot follow (a context-free `grammar`, a
-//! `structural_tag`, a whitespace pattern) is refused by name, never ignored.
+//! `guided_regex`, `guided_choice` and `guided_grammar` fields, and their newer form, the
+//! `structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`).
+//! Each becomes the output format the engine follows ([`OutputFormat`]), checked here so
+//! that an expression, grammar or schema the engine cannot follow is a 400 before
+//! anything is admitted. What vLLM takes and tollgate cannot follow (a `structural_tag`,
+//! a whitespace pattern) is refused by name, never ignored.
 
 use super::error::ApiError;
 use super::types::GuidedParams;
@@ -18,7 +18,11 @@ enum Kind {
     JsonObject,
     Regex,
     Choice,
+    Grammar,
 }
+
+/// The longest grammar text `guided_grammar` takes, in bytes.
+pub const MAX_GRAMMAR_BYTES: usize = 64 << 10;
 
 /// Most choices a `guided_choice` may list.
 pub const MAX_CHOICES: usize = 1024;
@@ -28,12 +32,6 @@ pub const MAX_CHOICES: usize = 1024;
 pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiError> {
     let refused = |param: &str, what: &str| Err(ApiError::unsupported(param, what));
     let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    if set(&g.guided_grammar) {
-        return refused(
-            "guided_grammar",
-            "a context-free grammar (`guided_regex`, `guided_choice` and `guided_json` are followed)",
-        );
-    }
     if set(&g.guided_whitespace_pattern) {
         return refused(
             "guided_whitespace_pattern",
@@ -53,6 +51,7 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
         ("guided_json", Kind::Json, g.guided_json),
         ("guided_regex", Kind::Regex, g.guided_regex),
         ("guided_choice", Kind::Choice, g.guided_choice),
+        ("guided_grammar", Kind::Grammar, g.guided_grammar),
     ]
     .into_iter()
     .filter_map(|(k, kind, v)| v.filter(|v| !v.is_null()).map(|v| (k.to_string(), kind, v)))
@@ -77,7 +76,7 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
                             ))
                         }
                     },
-                    "grammar" => return refused(&param, "a context-free grammar"),
+                    "grammar" => asked.push((param, Kind::Grammar, v)),
                     "structural_tag" => return refused(&param, "a structural tag"),
                     "whitespace_pattern" => return refused(&param, "a whitespace pattern"),
                     // Options of vLLM's implementations: where set, tollgate's JSON is
@@ -146,6 +145,19 @@ pub fn format(g: GuidedParams) -> Result<Option<(OutputFormat, String)>, ApiErro
                 ))
             })?
         }
+        Kind::Grammar => match v {
+            Value::String(g) if g.len() <= MAX_GRAMMAR_BYTES => OutputFormat::ebnf(&g)
+                .map_err(|e| {
+                    bad(format!(
+                        "`{param}` is not a grammar tollgate can follow (EBNF, as `root ::= …`): {e}."
+                    ))
+                })?,
+            _ => {
+                return Err(bad(format!(
+                    "`{param}` must be a string of at most {MAX_GRAMMAR_BYTES} bytes (an EBNF grammar)."
+                )))
+            }
+        },
         Kind::Choice => {
             let choices: Option<Vec<String>> = match v {
                 Value::Array(a) => a
@@ -185,6 +197,11 @@ mod tests {
                 "guided_choice",
             ),
             (r#"{"guided_json":{"type":"object"}}"#, "guided_json"),
+            (r#"{"guided_grammar":"root ::= \"a\"+"}"#, "guided_grammar"),
+            (
+                r#"{"structured_outputs":{"grammar":"root ::= \"a\"+"}}"#,
+                "structured_outputs.grammar",
+            ),
             (
                 r#"{"structured_outputs":{"regex":"a+","disable_fallback":true}}"#,
                 "structured_outputs.regex",
@@ -206,6 +223,9 @@ mod tests {
                     assert_eq!(&*regex, "a+")
                 }
                 (f, OutputFormat::Choice { .. }) if f.ends_with("choice") => {}
+                (f, OutputFormat::Grammar { grammar, .. }) if f.ends_with("grammar") => {
+                    assert_eq!(&*grammar, r#"root ::= "a"+"#)
+                }
                 (f, OutputFormat::Schema { spec, .. }) if f.ends_with("json") => {
                     assert_eq!(spec["schema"]["type"], "object")
                 }
@@ -220,6 +240,38 @@ mod tests {
         ] {
             assert!(parse(none).expect(none).is_none(), "{none}");
         }
+    }
+
+    #[test]
+    fn a_grammar_that_cannot_be_followed_is_a_400_with_its_reason() {
+        for (body, field, why) in [
+            (
+                r#"{"guided_grammar":"start: \"a\""}"#,
+                "guided_grammar",
+                "expected `::=`",
+            ),
+            (
+                r#"{"structured_outputs":{"grammar":"root ::= root \"a\""}}"#,
+                "structured_outputs.grammar",
+                "left recursion",
+            ),
+            (
+                r#"{"guided_grammar":{"root":"a"}}"#,
+                "guided_grammar",
+                "must be a string",
+            ),
+        ] {
+            match parse(body).expect_err(body) {
+                ApiError::BadRequest { message, param, .. } => {
+                    assert_eq!(param.as_deref(), Some(field), "{body}");
+                    assert!(message.contains(why), "{body}: {message}");
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        let long = format!("root ::= \"{}\"", "a".repeat(MAX_GRAMMAR_BYTES));
+        let body = serde_json::json!({ "guided_grammar": long }).to_string();
+        assert!(parse(&body).is_err());
     }
 
     #[test]

@@ -202,6 +202,12 @@ pub enum OutputFormat {
         choices: Arc<[String]>,
         dfa: Arc<kernels::json_schema::Dfa>,
     },
+    /// vLLM's `guided_grammar`: a text of the context-free grammar `grammar` (EBNF),
+    /// compiled when the request was validated.
+    Grammar {
+        grammar: Arc<str>,
+        program: Arc<kernels::ebnf::Program>,
+    },
 }
 
 impl OutputFormat {
@@ -236,6 +242,15 @@ impl OutputFormat {
         })
     }
 
+    /// A text of the EBNF grammar `grammar` (its rule `root`); `Err`: why it cannot be
+    /// followed.
+    pub fn ebnf(grammar: &str) -> Result<Self, String> {
+        Ok(Self::Grammar {
+            program: kernels::ebnf::compile(grammar)?,
+            grammar: grammar.into(),
+        })
+    }
+
     /// The grammar an engine follows for it, where the output starts.
     pub fn grammar(&self) -> kernels::grammar::Grammar {
         use kernels::grammar::Grammar;
@@ -247,6 +262,9 @@ impl OutputFormat {
             }
             Self::Regex { dfa, .. } | Self::Choice { dfa, .. } => {
                 Grammar::Regex(kernels::regex_mode::RegexState::new(dfa.clone()))
+            }
+            Self::Grammar { program, .. } => {
+                Grammar::Ebnf(kernels::ebnf::EbnfState::new(program.clone()))
             }
         }
     }
@@ -264,7 +282,7 @@ impl OutputFormat {
             Self::Schema { spec, .. } => {
                 Some(serde_json::json!({"type": "json_schema", "json_schema": spec.as_ref()}))
             }
-            Self::Regex { .. } | Self::Choice { .. } => None,
+            Self::Regex { .. } | Self::Choice { .. } | Self::Grammar { .. } => None,
         }
     }
 
@@ -273,6 +291,7 @@ impl OutputFormat {
         match self {
             Self::Regex { regex, .. } => Some(serde_json::json!({"regex": regex.as_ref()})),
             Self::Choice { choices, .. } => Some(serde_json::json!({"choice": choices.as_ref()})),
+            Self::Grammar { grammar, .. } => Some(serde_json::json!({"grammar": grammar.as_ref()})),
             Self::Object | Self::Schema { .. } => None,
         }
     }

@@ -9,6 +9,7 @@ refused (simulated workers).
 Exits non-zero (with a traceback) on any mismatch; prints "ok" at the end.
 """
 import json
+import pathlib
 import re
 import sys
 
@@ -325,6 +326,14 @@ if engine:
     date = client.chat.completions.create(model=model, messages=when, max_tokens=16, temperature=0, extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}})
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.choices[0].message.content), date
     print("guided:", label.choices[0].message.content, date.choices[0].message.content)
+    # vLLM's `guided_grammar` (its SQL example): a query of the grammar's, whole.
+    sql = (pathlib.Path(__file__).resolve().parents[3] / "kernels/testdata/vllm_sql.gbnf").read_text()
+    ask = [{"role": "user", "content": "Write an SQL query that selects col_1 from table_2 where col_2 is 1."}]
+    query = client.chat.completions.create(model=model, messages=ask, max_tokens=32, temperature=0, extra_body={"guided_grammar": sql})
+    said = query.choices[0].message.content
+    assert re.fullmatch(r"SELECT col_[12]  from table_[12]  where col_[12] = [12] ", said), query
+    assert query.choices[0].finish_reason == "stop", query
+    print("grammar:", said)
     # vLLM's `continue_final_message`: the answer goes on from the assistant's own start.
     prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
     cont = client.chat.completions.create(model=model, messages=prefill, max_tokens=8, temperature=0, extra_body={"continue_final_message": True, "add_generation_prompt": False})

@@ -1,5 +1,6 @@
 //! vLLM's structured outputs in the engine: `guided_regex` (the answer is a text the
-//! expression matches whole) and `guided_choice` (exactly one of a list), on the CPU
+//! expression matches whole), `guided_choice` (exactly one of a list) and
+//! `guided_grammar` (a text of a context-free grammar), on the CPU
 //! backend and on the GPU path (the CUDA emulator: such rows go to the `sample` kernel
 //! with the mask's bits, and only their tokens come back), greedy and sampled; checked
 //! with the `regex` crate, which shares no code with the engine's DFA walk. Through the
@@ -69,6 +70,43 @@ async fn answers_match_their_regular_expression_whole_on_the_cpu_and_on_the_gpu_
     }
 }
 
+/// `guided_grammar`: nested lists, a grammar of calls and repetitions whose answers are
+/// bounded (every one must stop within its budget), checked against a regular
+/// expression of the same language with the `regex` crate.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_are_texts_of_their_context_free_grammar_on_the_cpu_and_on_the_gpu_path() {
+    let (_dir, loaded) = synthetic_model();
+    let grammar = r#"
+        root ::= list "."
+        list ::= "[" ( item ( ", " item ){0,2} )? "]"
+        item ::= letter | "[" ( letter ( "," letter ){0,2} )? "]"
+        letter ::= [a-c] | "é"
+    "#;
+    let item = r"(?:[a-c]|é|\[(?:(?:[a-c]|é)(?:,(?:[a-c]|é)){0,2})?\])";
+    let whole = regex::Regex::new(&format!(r"^\[(?:{item}(?:, {item}){{0,2}})?\]\.$")).unwrap();
+    for kind in engine_backends() {
+        let w = engine_on(&loaded, kind);
+        let mut seen = std::collections::BTreeSet::new();
+        for (temperature, seed) in DRAWS.into_iter().chain([(1.3, 5), (1.6, 6), (2.0, 7)]) {
+            let format = OutputFormat::ebnf(grammar).unwrap();
+            let (text, finish) = run(&w, format, temperature, seed, 48).await;
+            assert!(
+                whole.is_match(&text),
+                "{kind:?}, temperature {temperature}: {text:?}"
+            );
+            assert_eq!(finish, FinishReason::Stop, "{kind:?}: {text:?}");
+            seen.insert(text);
+        }
+        eprintln!("{kind:?}: {seen:?}");
+        assert!(seen.len() > 2, "{kind:?}: {seen:?}");
+        let c = w.engine_counters().unwrap();
+        if kind != BackendKind::Cpu {
+            assert!(c.rows_adjusted_on_device > 20, "{kind:?}: {c:?}");
+            assert_eq!(c.rows_read_back, 0, "{kind:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_answer_is_exactly_one_of_the_choices() {
     let (_dir, loaded) = synthetic_model();
@@ -99,6 +137,14 @@ async fn each_answer_is_exactly_one_of_the_choices() {
     }
 }
 
+/// vLLM's example of `guided_grammar`, and an expression of the same language.
+const SQL: &str = include_str!("../../../kernels/testdata/vllm_sql.gbnf");
+const SQL_RE: &str = "^SELECT col_[12]  from table_[12]  where col_[12] = [12] $";
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn vllms_fields_reach_the_engine_and_what_it_cannot_follow_is_refused() {
     let (_dir, model) = synthetic_model_file();
@@ -127,6 +173,21 @@ async fn vllms_fields_reach_the_engine_and_what_it_cannot_follow_is_refused() {
         (
             completion(r#""structured_outputs":{"choice":["a.b","c"]},"temperature":1.2,"seed":3"#),
             r"^(?:a\.b|c)$",
+        ),
+        // A context-free grammar (vLLM's SQL example), in both forms.
+        (
+            chat(&format!(
+                r#""guided_grammar":{},"temperature":1.0,"seed":5"#,
+                json_str(SQL)
+            )),
+            SQL_RE,
+        ),
+        (
+            completion(&format!(
+                r#""structured_outputs":{{"grammar":{}}}"#,
+                json_str(SQL)
+            )),
+            SQL_RE,
         ),
     ];
     for (body, re) in &asked {
@@ -184,13 +245,14 @@ async fn vllms_fields_reach_the_engine_and_what_it_cannot_follow_is_refused() {
     assert!(text.starts_with('{'), "{v}");
     // Refused by name, never ignored.
     let refused = [
+        (chat(r#""guided_grammar":"start: \"a\"""#), "guided_grammar"),
         (
-            chat(r#""guided_grammar":"root ::= \"a\"""#),
-            "guided_grammar",
+            chat(r#""structured_outputs":{"grammar":"root ::= x"}"#),
+            "structured_outputs.grammar",
         ),
         (
-            chat(r#""structured_outputs":{"grammar":"root ::= \"a\""}"#),
-            "structured_outputs.grammar",
+            chat(r#""structured_outputs":{"structural_tag":"{}"}"#),
+            "structured_outputs.structural_tag",
         ),
         (
             chat(r#""guided_whitespace_pattern":" ?""#),

@@ -254,8 +254,10 @@ pub struct JsonVocab {
     trie_at: Vec<u32>,
     /// The stop tokens.
     stops: Vec<u32>,
-    /// Masks already computed for regular expressions' states.
-    regex_masks: crate::regex_mode::Masks,
+    /// Masks already computed for regular expressions' states, and for context-free
+    /// grammars'.
+    regex_masks: crate::mask_cache::Masks<crate::regex_mode::MaskKey>,
+    ebnf_masks: crate::mask_cache::Masks<crate::ebnf::MaskKey>,
     /// The token ids, grouped by their signature for the mask (`groups`: a signature
     /// and the range of `order` that has it). A signature (its "gate") is a text token's
     /// first byte, or [`GATE_STOP`], or [`GATE_NEVER`], with the flags below: what the
@@ -426,6 +428,7 @@ impl JsonVocab {
             trie_at,
             stops,
             regex_masks: Default::default(),
+            ebnf_masks: Default::default(),
         }
     }
 
@@ -441,8 +444,13 @@ impl JsonVocab {
     }
 
     /// The masks already computed for regular expressions' states.
-    pub(crate) fn regex_masks(&self) -> &crate::regex_mode::Masks {
+    pub(crate) fn regex_masks(&self) -> &crate::mask_cache::Masks<crate::regex_mode::MaskKey> {
         &self.regex_masks
+    }
+
+    /// The masks already computed for context-free grammars' states.
+    pub(crate) fn ebnf_masks(&self) -> &crate::mask_cache::Masks<crate::ebnf::MaskKey> {
+        &self.ebnf_masks
     }
 
     /// The stop tokens.

@@ -1,60 +1,11 @@
 use super::*;
-
-/// A vocabulary of every single byte, then random printable strings of 2 to 6 bytes
-/// (sharing beginnings often: 16 letters, digits and punctuation), a few multibyte
-/// characters whole and split, an empty token, a special and a stop token.
-fn vocab_tokens() -> Vec<Vec<u8>> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let alphabet = b"abcdefghijklmnop0123456789-. ,()";
-    let mut v: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    v.push(Vec::new());
-    for s in ["é", "ü", "日本", "\u{e9}\u{e9}"] {
-        v.push(s.as_bytes().to_vec());
-    }
-    v.push("é".as_bytes()[..1].to_vec());
-    while v.len() < 6000 {
-        let n = 2 + (next() % 5) as usize;
-        v.push(
-            (0..n)
-                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
-                .collect(),
-        );
-    }
-    v
-}
-
-const SPECIAL: u32 = 300;
-const STOP: u32 = 301;
-
-fn vocab(tokens: &[Vec<u8>]) -> JsonVocab {
-    JsonVocab::new(
-        tokens.len(),
-        |id| &tokens[id as usize],
-        |id| id == SPECIAL,
-        &[STOP],
-    )
-}
+use crate::testutil::{
+    grammar_vocab as vocab, grammar_vocab_tokens as vocab_tokens, mask_by_hand, STOP,
+};
 
 /// What the mask must be, token by token.
 fn by_hand(s: &RegexState, tokens: &[Vec<u8>], n: usize) -> Vec<u32> {
-    let mut words = vec![0u32; n.div_ceil(32)];
-    for id in 0..n.min(tokens.len()) as u32 {
-        let ok = match id {
-            SPECIAL => false,
-            STOP => s.done(),
-            _ => s.allows(&tokens[id as usize]),
-        };
-        if ok {
-            words[id as usize / 32] |= 1 << (id % 32);
-        }
-    }
-    words
+    mask_by_hand(tokens, n, s.done(), |b| s.allows(b))
 }
 
 #[test]

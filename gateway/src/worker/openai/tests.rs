@@ -278,6 +278,13 @@ fn vllms_options_reach_the_upstream_only_when_set() {
         v["structured_outputs"],
         serde_json::json!({"choice": ["a.b", "c"]})
     );
+    let grammar = "root ::= \"a\"+";
+    r.params.format = Some(crate::worker::OutputFormat::ebnf(grammar).expect("grammar"));
+    let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
+    assert_eq!(
+        v["structured_outputs"],
+        serde_json::json!({ "grammar": grammar })
+    );
     r.params.format = Some(crate::worker::OutputFormat::Object);
     let v: Value = serde_json::from_slice(&w.body(&r).1).expect("JSON");
     assert_eq!(
