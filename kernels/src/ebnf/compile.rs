@@ -5,9 +5,10 @@
 //! Strings become their UTF-8 bytes, one set each; a character class becomes one set
 //! where its characters are all one byte long, and otherwise a rule whose alternatives
 //! are its UTF-8 byte sequences (`regex_syntax`'s). Repetitions become rules: `x*` is
-//! `r ::= x r | ""`, `x{2,4}` is `x x (x (x)?)?`. A grammar that would loop without
-//! reading anything (left recursion, through rules that may be empty or not) is refused,
-//! as is one past [`MAX_ELEMS`].
+//! `r ::= x r | ""`, `x{2,4}` is `x x (x (x)?)?`. Refused: a grammar that would loop
+//! without reading anything (left recursion, through rules that may be empty or not), one
+//! that repeats what may be empty (its ways to match a text, and so its stacks, would
+//! multiply with each repeat), and one past [`MAX_ELEMS`].
 
 use super::parse::{parse, Expr};
 use regex_syntax::hir::{ClassUnicode, ClassUnicodeRange};
@@ -67,9 +68,13 @@ pub fn compile(text: &str) -> Result<Program, String> {
         .get("root")
         .ok_or("the grammar has no rule named `root` (where the output starts)")?;
     for (i, (name, expr)) in rules.iter().enumerate() {
-        b.rules[i] = b.alts(expr, name)?;
+        let alts = b.alts(expr, name)?;
+        b.grow(alts.iter().map(|a| a.len() + 1).sum())?;
+        b.rules[i] = alts;
     }
-    b.check_left_recursion()?;
+    let nullable = b.nullable();
+    b.check_repeats(&nullable)?;
+    b.check_left_recursion(&nullable)?;
     let mut elems = Vec::with_capacity(b.size + b.rules.len());
     let mut alts = Vec::with_capacity(b.rules.len());
     for rule in &b.rules {
@@ -104,6 +109,8 @@ struct Builder {
     classes: HashMap<Vec<(u32, u32)>, Elem>,
     /// Elements so far.
     size: usize,
+    /// The unit each repetition repeats, and the rule it was written in.
+    repeated: Vec<(Elem, String)>,
 }
 
 impl Builder {
@@ -124,21 +131,27 @@ impl Builder {
         self.set(bits)
     }
 
-    /// A rule made here, named for the rule it was made for.
-    fn new_rule(&mut self, owner: &str, alts: Vec<Vec<Elem>>) -> Result<u32, String> {
-        self.size += alts.iter().map(|a| a.len() + 1).sum::<usize>();
+    /// Counts `n` more elements; refused past [`MAX_ELEMS`].
+    fn grow(&mut self, n: usize) -> Result<(), String> {
+        self.size += n;
         if self.size > MAX_ELEMS {
             return Err(format!(
                 "the grammar is too large (past {MAX_ELEMS} elements with its repetitions written out)"
             ));
         }
+        Ok(())
+    }
+
+    /// A rule made here, named for the rule it was made for.
+    fn new_rule(&mut self, owner: &str, alts: Vec<Vec<Elem>>) -> Result<u32, String> {
+        self.grow(alts.iter().map(|a| a.len() + 1).sum())?;
         self.rules.push(alts);
         self.names.push(format!("{owner}#{}", self.rules.len()));
         Ok(self.rules.len() as u32 - 1)
     }
 
     fn alts(&mut self, e: &Expr, owner: &str) -> Result<Vec<Vec<Elem>>, String> {
-        let alts = match e {
+        Ok(match e {
             Expr::Alt(v) => v
                 .iter()
                 .map(|a| {
@@ -152,14 +165,7 @@ impl Builder {
                 self.seq(e, owner, &mut out)?;
                 vec![out]
             }
-        };
-        self.size += alts.iter().map(|a: &Vec<Elem>| a.len() + 1).sum::<usize>();
-        if self.size > MAX_ELEMS {
-            return Err(format!(
-                "the grammar is too large (past {MAX_ELEMS} elements with its repetitions written out)"
-            ));
-        }
-        Ok(alts)
+        })
     }
 
     fn seq(&mut self, e: &Expr, owner: &str, out: &mut Vec<Elem>) -> Result<(), String> {
@@ -190,6 +196,8 @@ impl Builder {
             }
             Expr::Repeat { inner, min, max } => {
                 let unit = self.unit(inner, owner)?;
+                self.repeated.push((unit, owner.to_string()));
+                self.grow(*min as usize)?;
                 for _ in 0..*min {
                     out.push(unit);
                 }
@@ -211,12 +219,6 @@ impl Builder {
                         out.extend(next.map(Elem::Call));
                     }
                     Some(_) => {}
-                }
-                self.size += *min as usize;
-                if self.size > MAX_ELEMS {
-                    return Err(format!(
-                        "the grammar is too large (past {MAX_ELEMS} elements with its repetitions written out)"
-                    ));
                 }
             }
         }
@@ -288,28 +290,66 @@ impl Builder {
         Ok(e)
     }
 
-    /// Refuses a rule that can reach itself before reading a byte: following it would
-    /// never end.
-    fn check_left_recursion(&self) -> Result<(), String> {
+    /// Which rules may match the empty text: a rule is where one of its alternatives is
+    /// only calls of such rules. Worked out from the empty alternatives up, each call
+    /// visited once.
+    fn nullable(&self) -> Vec<bool> {
         let n = self.rules.len();
         let mut nullable = vec![false; n];
-        loop {
-            let mut changed = false;
-            for r in 0..n {
-                if !nullable[r]
-                    && self.rules[r].iter().any(|alt| {
-                        alt.iter()
-                            .all(|e| matches!(e, Elem::Call(x) if nullable[*x as usize]))
-                    })
-                {
-                    nullable[r] = true;
-                    changed = true;
+        // Per alternative (rule, index): the calls in it not yet known to be empty; an
+        // alternative with a byte set never is.
+        let mut waiting: Vec<(usize, usize)> = Vec::new();
+        let mut callers: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut ready = Vec::new();
+        for (r, alts) in self.rules.iter().enumerate() {
+            for alt in alts {
+                if alt.iter().any(|e| matches!(e, Elem::Set(_))) {
+                    continue;
+                }
+                let id = waiting.len();
+                waiting.push((r, alt.len()));
+                for e in alt {
+                    if let Elem::Call(x) = e {
+                        callers[*x as usize].push(id);
+                    }
+                }
+                if alt.is_empty() {
+                    ready.push(r);
                 }
             }
-            if !changed {
-                break;
+        }
+        while let Some(r) = ready.pop() {
+            if std::mem::replace(&mut nullable[r], true) {
+                continue;
+            }
+            for &id in &callers[r] {
+                let w = &mut waiting[id];
+                w.1 -= 1;
+                if w.1 == 0 {
+                    ready.push(w.0);
+                }
             }
         }
+        nullable
+    }
+
+    /// Refuses a repetition of what may be empty (`("a"?){0,9}`): the ways to match one
+    /// text multiply with each repeat, and so would the stacks.
+    fn check_repeats(&self, nullable: &[bool]) -> Result<(), String> {
+        for (unit, owner) in &self.repeated {
+            if matches!(unit, Elem::Call(r) if nullable[*r as usize]) {
+                return Err(format!(
+                    "rule `{owner}` repeats something that may be empty, which cannot be followed (repeat a part that reads at least one character)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a rule that can reach itself before reading a byte: following it would
+    /// never end.
+    fn check_left_recursion(&self, nullable: &[bool]) -> Result<(), String> {
+        let n = self.rules.len();
         // The rules each can call before reading a byte.
         let first: Vec<Vec<u32>> = self
             .rules

@@ -33,6 +33,11 @@ use std::sync::Arc;
 /// rest are dropped, which can only narrow what may come next.
 pub const MAX_STACKS: usize = 4096;
 
+/// The most nodes a walk's arena holds (16 MB): a grammar ambiguous enough to pass it
+/// (its stacks multiplying with each byte) has the rest dropped, which can only narrow
+/// what may come next, rather than stall the engine.
+pub const MAX_STEP_NODES: usize = 2 << 20;
+
 /// What a mask is kept by: the grammar ([`Program::id`]), the state's stacks
 /// ([`EbnfState::key`]) and the row's width.
 pub type MaskKey = (u64, Vec<u32>, usize);
@@ -197,6 +202,8 @@ impl crate::trie_walk::Levels for StackLevels<'_> {
 struct Walker<'a> {
     prog: &'a Program,
     nodes: Vec<(u32, u32)>,
+    /// [`Walker::expand`]'s worklist, kept for its allocation.
+    work: Vec<(u32, u32)>,
 }
 
 impl<'a> Walker<'a> {
@@ -204,6 +211,7 @@ impl<'a> Walker<'a> {
         Self {
             prog,
             nodes: Vec::new(),
+            work: Vec::new(),
         }
     }
 
@@ -214,43 +222,54 @@ impl<'a> Walker<'a> {
 
     /// Goes on at `pos` with `under` beneath: pushes the tops this makes to `out` (a call
     /// expanded into its alternatives, an alternative's end popped), and sets `done` where
-    /// `root` is complete.
-    fn expand(&mut self, mut pos: u32, mut under: u32, out: &mut Vec<u32>, done: &mut bool) {
-        loop {
-            match self.prog.elems[pos as usize] {
-                Elem::End => {
-                    if under == NIL {
-                        *done = true;
-                        return;
+    /// `root` is complete. A worklist, not recursion: how deep a text nests is the
+    /// client's. Past [`MAX_STEP_NODES`] nodes in the arena, what is left is dropped.
+    fn expand(&mut self, pos: u32, under: u32, out: &mut Vec<u32>, done: &mut bool) {
+        let mut work = std::mem::take(&mut self.work);
+        work.push((pos, under));
+        while let Some((mut pos, mut under)) = work.pop() {
+            if self.nodes.len() >= MAX_STEP_NODES {
+                work.clear();
+                break;
+            }
+            loop {
+                match self.prog.elems[pos as usize] {
+                    Elem::End => {
+                        if under == NIL {
+                            *done = true;
+                            break;
+                        }
+                        let (p, u) = self.nodes[under as usize];
+                        if matches!(self.prog.elems[p as usize], Elem::Set(_)) {
+                            out.push(under);
+                            break;
+                        }
+                        (pos, under) = (p, u);
                     }
-                    let (p, u) = self.nodes[under as usize];
-                    if matches!(self.prog.elems[p as usize], Elem::Set(_)) {
-                        out.push(under);
-                        return;
+                    Elem::Set(_) => {
+                        let n = self.node(pos, under);
+                        out.push(n);
+                        break;
                     }
-                    (pos, under) = (p, u);
-                }
-                Elem::Set(_) => {
-                    let n = self.node(pos, under);
-                    out.push(n);
-                    return;
-                }
-                Elem::Call(r) => {
-                    // Where to go on after the rule; nothing to keep where its caller's
-                    // alternative ends there (so right recursion does not grow stacks).
-                    let after = if self.prog.elems[pos as usize + 1] == Elem::End {
-                        under
-                    } else {
-                        self.node(pos + 1, under)
-                    };
-                    for i in 0..self.prog.alts[r as usize].len() {
-                        let a = self.prog.alts[r as usize][i];
-                        self.expand(a, after, out, done);
+                    Elem::Call(r) => {
+                        // Where to go on after the rule; nothing to keep where its
+                        // caller's alternative ends there (so right recursion does not
+                        // grow stacks).
+                        let after = if self.prog.elems[pos as usize + 1] == Elem::End {
+                            under
+                        } else {
+                            self.node(pos + 1, under)
+                        };
+                        // Last first, so that the first alternative's tops come first.
+                        for &a in self.prog.alts[r as usize].iter().rev() {
+                            work.push((a, after));
+                        }
+                        break;
                     }
-                    return;
                 }
             }
         }
+        self.work = work;
     }
 
     /// The tops after byte `b` from `tops`, to `out`; whether `root` is then complete.

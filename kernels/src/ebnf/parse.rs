@@ -12,6 +12,10 @@
 /// The most times `{m,n}` may repeat an item.
 pub const MAX_REPEAT: u32 = 1000;
 
+/// The deepest parentheses and repetitions may nest (an expression is parsed and compiled
+/// by recursion).
+pub const MAX_NESTING: usize = 64;
+
 /// An expression of a rule.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
@@ -41,6 +45,7 @@ pub fn parse(text: &str) -> Result<Vec<(String, Expr)>, String> {
     let mut p = Parser {
         s: text.chars().collect(),
         i: 0,
+        depth: 0,
     };
     let mut rules = Vec::new();
     p.space();
@@ -62,6 +67,8 @@ pub fn parse(text: &str) -> Result<Vec<(String, Expr)>, String> {
 struct Parser {
     s: Vec<char>,
     i: usize,
+    /// Groups and repetitions open around `i`.
+    depth: usize,
 }
 
 impl Parser {
@@ -166,16 +173,19 @@ impl Parser {
                 Some(_) => {}
             }
             let mut item = self.primary()?;
+            let depth = self.depth;
             while let Some((min, max)) = {
                 self.space();
                 self.quantifier()?
             } {
+                self.nest()?;
                 item = Expr::Repeat {
                     inner: Box::new(item),
                     min,
                     max,
                 };
             }
+            self.depth = depth;
             items.push(item);
         }
         Ok(if items.len() == 1 {
@@ -252,7 +262,9 @@ impl Parser {
             }
             Some('(') => {
                 self.i += 1;
+                self.nest()?;
                 let inner = self.alternatives()?;
+                self.depth -= 1;
                 self.space();
                 if self.peek() != Some(')') {
                     return Err(self.error("expected `)`"));
@@ -265,6 +277,17 @@ impl Parser {
                 None => Err(self.error("expected a string, a class, a rule's name or `(`")),
             },
         }
+    }
+
+    /// One more group or repetition around what follows; refused past [`MAX_NESTING`].
+    fn nest(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(self.error(&format!(
+                "groups and repetitions nested more than {MAX_NESTING} deep"
+            )));
+        }
+        Ok(())
     }
 
     fn class_char(&mut self) -> Result<char, String> {

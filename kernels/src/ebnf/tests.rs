@@ -228,7 +228,11 @@ fn a_grammar_that_cannot_be_followed_is_refused_with_its_reason() {
             "root ::= x\nx ::= y? x \"a\" | \"b\"\ny ::= \"c\"",
             "`x` can come back",
         ),
-        ("root ::= (\"a\"?)*", "`root` can come back"),
+        (
+            "root ::= (\"a\"?)*",
+            "`root` repeats something that may be empty",
+        ),
+        ("root ::= x{0,50}\nx ::= \"a\"?", "`root` repeats something"),
         ("root ::= ::=", "expected a string"),
         ("root \"a\"", "expected `::=`"),
     ] {
@@ -242,6 +246,21 @@ fn a_grammar_that_cannot_be_followed_is_refused_with_its_reason() {
     }
     let err = compile(&big).expect_err("compiled");
     assert!(err.contains("too large"), "{err}");
+    // Nesting is parsed and compiled by recursion: bounded.
+    let deep = format!("root ::= {}\"a\"{}", "(".repeat(20_000), ")".repeat(20_000));
+    assert!(compile(&deep)
+        .expect_err("compiled")
+        .contains("nested more than 64"));
+    let stars = format!("root ::= \"a\"{}", "+".repeat(100));
+    assert!(compile(&stars)
+        .expect_err("compiled")
+        .contains("nested more than 64"));
+    assert!(compile(&format!(
+        "root ::= {}\"a\"{}",
+        "(".repeat(60),
+        ")".repeat(60)
+    ))
+    .is_ok());
     assert!(compile(r#"root ::= (("a"{1000}){1000}){1000}"#).is_ok());
 }
 
