@@ -53,6 +53,11 @@ pub fn parse(text: &str) -> Result<Vec<(String, Expr)>, String> {
         let name = p.name().ok_or_else(|| p.error("expected a rule's name"))?;
         p.space();
         if !p.eat_str("::=") {
+            if p.peek() == Some(':') {
+                return Err(p.error(&format!(
+                    "expected `::=` after `{name}`: Lark's form (`{name}: …`) is not read; write each rule as `name ::= …` (GBNF), the output's as `root ::= …`"
+                )));
+            }
             return Err(p.error(&format!("expected `::=` after `{name}`")));
         }
         let expr = p.alternatives()?;

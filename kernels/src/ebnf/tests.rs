@@ -235,6 +235,11 @@ fn a_grammar_that_cannot_be_followed_is_refused_with_its_reason() {
         ("root ::= x{0,50}\nx ::= \"a\"?", "`root` repeats something"),
         ("root ::= ::=", "expected a string"),
         ("root \"a\"", "expected `::=`"),
+        ("?start: value\nvalue: \"a\"", "expected a rule's name"),
+        (
+            "start: value\nvalue: \"a\"",
+            "Lark's form (`start: …`) is not read",
+        ),
     ] {
         let err = compile(g).err().unwrap_or_else(|| panic!("{g:?} compiled"));
         assert!(err.contains(why), "{g:?}: {err}");
