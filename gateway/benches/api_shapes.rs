@@ -60,6 +60,7 @@ fn shapes(c: &mut Criterion) {
                     logprobs: &[],
                     finish: FinishReason::Length,
                     embedding: &[],
+                    prompt_logprobs: None,
                 };
                 renderer(&req).full(&[choice], USAGE)
             })

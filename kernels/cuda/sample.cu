@@ -375,8 +375,9 @@ extern "C" __global__ void sample(const float* __restrict__ logits,
 // log-probability is reported (LOGPROB_DRAWN: the one `sample` drew for the row,
 // sampled[row]) and how many of the most likely tokens (at most LOGPROB_TOP). Over the
 // model's logits (NaN counts as impossible): lse = max + log Σ e^(x − max), then
-// out[i · LOGPROB_WORDS ..] = {token, its x − lse, n, 0, then n pairs (id, x − lse), the
-// largest logits first, equal ones by lower id}. The n-th largest logit is found by radix
+// out[i · LOGPROB_WORDS ..] = {token, its x − lse, n, its rank (how many logits are at
+// least its own, itself included: vLLM's; 0 where it has none), then n pairs (id,
+// x − lse), the largest logits first, equal ones by lower id}. The n-th largest logit is found by radix
 // selection over keys that order as the logits do (`select_key`, as `sample`'s cuts); the
 // tokens above it and the lowest-id ones equal to it are gathered and sorted.
 #define LOGPROB_TOP 20
@@ -415,15 +416,19 @@ extern "C" __global__ void logprobs(const float* __restrict__ logits, int vocab,
     const float* x = logits + (size_t)row * vocab;
     u32* o = out + (size_t)blockIdx.x * LOGPROB_WORDS;
     if (token == LOGPROB_DRAWN) token = sampled[row];
-    // The normalizer, and how many logits are numbers.
-    float mx = -INFINITY, valid = 0.0f;
+    float t = token < (u32)vocab ? x[token] : __int_as_float(0x7fc00000);
+    // The normalizer, how many logits are numbers, and how many are at least the token's
+    // (exact as floats up to 2^24).
+    float mx = -INFINITY, valid = 0.0f, at_least = 0.0f;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         float v = x[i];
         mx = fmaxf(mx, v);
         valid += v == v ? 1.0f : 0.0f;
+        at_least += v >= t ? 1.0f : 0.0f;
     }
     mx = block_max(mx, red);
     valid = block_sum(valid, red);
+    at_least = block_sum(at_least, red);
     float sum = 0.0f;
     if (mx > -INFINITY && mx < INFINITY)
         for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
@@ -479,11 +484,10 @@ extern "C" __global__ void logprobs(const float* __restrict__ logits, int vocab,
         }
         cand[b] = c;
     }
-    float t = token < (u32)vocab ? x[token] : __int_as_float(0x7fc00000);
     o[0] = token;
     o[1] = (u32)__float_as_int(t == t ? t - lse : -INFINITY);
     o[2] = (u32)n;
-    o[3] = 0u;
+    o[3] = (u32)at_least;
     for (int j = 0; j < n; ++j) {
         o[4 + 2 * j] = (u32)cand[j];
         o[5 + 2 * j] = (u32)__float_as_int(x[cand[j]] - lse);

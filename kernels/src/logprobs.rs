@@ -13,6 +13,9 @@ pub const MAX_TOP: usize = 20;
 pub struct TokenLogprobs {
     pub id: u32,
     pub logprob: f32,
+    /// How many tokens are at least as likely, itself included (vLLM's `rank`: 1 for the
+    /// most likely); 0 for a token with no logit (past the row, or NaN).
+    pub rank: u32,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -46,11 +49,11 @@ pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> TokenLogprobs {
             best.truncate(top);
         }
     }
+    let own = logits.get(id as usize).copied();
     TokenLogprobs {
         id,
-        logprob: logits
-            .get(id as usize)
-            .map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        logprob: own.map_or(f32::NEG_INFINITY, lp),
+        rank: own.map_or(0, |t| logits.iter().filter(|&&x| x >= t).count() as u32),
         top: best.into_iter().map(|(i, x)| (i, lp(x))).collect(),
     }
 }
@@ -101,7 +104,7 @@ fn sum_exp_body(logits: &[f32], max: f32) -> f64 {
 }
 
 /// Words the device writes for one scored row ([`Score`]): the token, its
-/// log-probability, how many of the most likely follow, a spare word, then (id,
+/// log-probability, how many of the most likely follow, its rank, then (id,
 /// log-probability) pairs for up to [`MAX_TOP`] tokens (the `logprobs` kernel's
 /// `LOGPROB_WORDS`).
 pub const SCORE_WORDS: usize = 4 + 2 * MAX_TOP;
@@ -138,6 +141,7 @@ pub fn from_words(w: &[u32]) -> TokenLogprobs {
     TokenLogprobs {
         id: w.first().copied().unwrap_or(0),
         logprob: w.get(1).map_or(f32::NAN, |&b| f32::from_bits(b)),
+        rank: w.get(3).copied().unwrap_or(0),
         top: (0..n)
             .take_while(|j| 5 + 2 * j < w.len())
             .map(pair)
@@ -156,6 +160,15 @@ mod tests {
         let z: f64 = logits[..5].iter().map(|&x| (x as f64).exp()).sum();
         let want = |x: f32| (x as f64 - z.ln()) as f32;
         assert!((r.logprob - want(0.5)).abs() < 1e-6, "{r:?}");
+        // 3, 3, 1 and 0.5 are at least 0.5; NaN is nothing.
+        assert_eq!(r.rank, 4);
+        assert_eq!(
+            token_logprobs(&logits, 2, 0).rank,
+            2,
+            "ties count all equal"
+        );
+        assert_eq!(token_logprobs(&logits, 5, 0).rank, 0, "a NaN logit");
+        assert_eq!(token_logprobs(&logits, 9, 0).rank, 0, "past the row");
         let ids: Vec<u32> = r.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, [1, 2, 0], "ties by lower id");
         assert!((r.top[0].1 - want(3.0)).abs() < 1e-6);

@@ -15,6 +15,7 @@ pub mod guided;
 mod handlers;
 pub(crate) mod input_items;
 mod item_reference;
+pub mod prompt_logprobs;
 pub mod render;
 mod render_responses;
 pub mod request_id;

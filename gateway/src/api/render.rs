@@ -54,6 +54,8 @@ pub struct ChoiceOut<'a> {
     pub finish: FinishReason,
     /// An embeddings request's: the input's vector.
     pub embedding: &'a [f32],
+    /// vLLM's `prompt_logprobs`, where asked ([`super::prompt_logprobs`]).
+    pub prompt_logprobs: Option<&'a serde_json::Value>,
 }
 
 fn frame<T: Serialize>(out: &mut BytesMut, v: &T) {
@@ -153,6 +155,7 @@ impl Renderer {
                             TextLogprobs::new(items, self.offsets.get(index).copied().unwrap_or(0))
                         }),
                         finish_reason: finish,
+                        prompt_logprobs: None,
                     }],
                     usage: self.usage_field(),
                 },
@@ -434,6 +437,8 @@ impl Renderer {
                     .collect(),
                 usage: usage.into(),
                 system_fingerprint: None,
+                // One prompt, whichever choice: vLLM's is the response's.
+                prompt_logprobs: choices.first().and_then(|c| c.prompt_logprobs),
             }),
             Endpoint::Completion => serde_json::to_vec(&TextCompletion {
                 id: &self.id,
@@ -451,6 +456,7 @@ impl Renderer {
                             .then_some(c.logprobs)
                             .map(|items| TextLogprobs::new(items, 0)),
                         finish_reason: Some(c.finish),
+                        prompt_logprobs: c.prompt_logprobs,
                     })
                     .collect(),
                 usage: usage.into(),

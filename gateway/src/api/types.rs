@@ -63,6 +63,9 @@ pub struct CommonParams {
     /// Not in OpenAI's API; vLLM's: only the prompt's last k tokens are read (−1: as many
     /// as the model's context holds).
     pub truncate_prompt_tokens: Option<i64>,
+    /// Not in OpenAI's API; vLLM's: each prompt token's log-probability, id and rank,
+    /// with this many most likely alternatives' (0 to 20).
+    pub prompt_logprobs: Option<i64>,
 }
 
 /// Not in OpenAI's API; vLLM's structured outputs (chat and completions): the older
@@ -188,6 +191,9 @@ pub struct ChatCompletion<'a> {
     pub choices: Vec<ChatChoice<'a>>,
     pub usage: UsageOut,
     pub system_fingerprint: Option<&'a str>,
+    /// vLLM's `prompt_logprobs` (where asked): see [`super::prompt_logprobs`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<&'a serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,6 +253,9 @@ pub struct TextChoice<'a> {
     pub text: &'a str,
     pub logprobs: Option<TextLogprobs<'a>>,
     pub finish_reason: Option<FinishReason>,
+    /// vLLM's `prompt_logprobs` (where asked): see [`super::prompt_logprobs`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<&'a serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]

@@ -335,6 +335,22 @@ fn common(
         ));
     }
     let truncate_prompt_tokens = truncate_prompt_tokens(c.truncate_prompt_tokens)?;
+    let prompt_top = match c.prompt_logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as u8),
+        Some(k) => {
+            return Err(ApiError::bad(
+                format!("`prompt_logprobs` takes 0 to {MAX_TOP_LOGPROBS} (the most likely tokens shown at each prompt position), got {k}."),
+                Some("prompt_logprobs".into()),
+            ))
+        }
+    };
+    if prompt_top.is_some() && stream {
+        return Err(ApiError::bad(
+            "`prompt_logprobs` is not available when `stream` is true (as in vLLM).",
+            Some("prompt_logprobs".into()),
+        ));
+    }
     let _ = c.user; // accepted for SDK compatibility; tenants are identified by key
                     // vLLM's spacing of special tokens by its slow tokenizers (its fast ones, and tollgate,
                     // write each token's own text).
@@ -357,6 +373,7 @@ fn common(
             stop,
             logprobs,
             prompt_logprobs: false,
+            prompt_top,
             presence_penalty,
             frequency_penalty,
             logit_bias,

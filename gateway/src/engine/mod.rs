@@ -453,7 +453,16 @@ impl EngineWorker {
             keep_stop: p.include_stop_str_in_output,
             skip_special: p.skip_special_tokens,
             logprobs: p.logprobs,
-            prompt_logprobs: p.prompt_logprobs && p.logprobs.is_some(),
+            // Scored for `echo` with `logprobs`, for vLLM's `prompt_logprobs`, or both
+            // (as many alternatives as the larger asks).
+            prompt_logprobs: match (
+                p.prompt_logprobs.then_some(p.logprobs).flatten(),
+                p.prompt_top,
+            ) {
+                (None, None) => None,
+                (echo, vllm) => Some(echo.unwrap_or(0).max(vllm.unwrap_or(0))),
+            },
+            echo_scored: p.prompt_logprobs && p.logprobs.is_some(),
             penalties: Some(Penalties {
                 presence: p.presence_penalty,
                 frequency: p.frequency_penalty,

@@ -75,7 +75,7 @@ pub(super) fn score_prompt(
     let Some(mut want) = s.prompt_next else {
         return;
     };
-    let top = s.logprobs.unwrap_or(0) as usize;
+    let top = s.prompt_top;
     for (j, row) in rows.clone().enumerate() {
         // Row `row` is position p; it scores token p + 1.
         let target = end - rows.len() + j + 1;
@@ -106,6 +106,8 @@ pub(super) fn score_prompt(
         bytes,
         logprob: f32::NAN,
         top_logprobs: Vec::new(),
+        id: Some(first),
+        rank: None,
     }];
     logprobs.append(&mut s.prompt_scored);
     s.send(

@@ -589,7 +589,7 @@ impl Engine {
                 .extend((0..k).map(|j| (drawing && j + 1 == k).then_some(i)));
             // Row j is position end − k + j; it scores the prompt token after it, from the
             // first not scored yet ([`score_prompt`]).
-            let top = s.logprobs.unwrap_or(0) as usize;
+            let top = s.prompt_top;
             let scores = |j: usize| {
                 let target = end - k + j + 1;
                 let next = s.prompt_next?;

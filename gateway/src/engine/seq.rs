@@ -41,8 +41,11 @@ pub(super) struct NewSeq {
     pub(super) skip_special: bool,
     /// Log-probabilities asked for: this many alternatives per token.
     pub(super) logprobs: Option<u8>,
-    /// The prompt's log-probabilities too (`echo` with `logprobs`).
-    pub(super) prompt_logprobs: bool,
+    /// The prompt's log-probabilities too, with this many alternatives each (`echo` with
+    /// `logprobs`, vLLM's `prompt_logprobs`).
+    pub(super) prompt_logprobs: Option<u8>,
+    /// The prompt is scored for `echo`: a stop token generated gets an item too.
+    pub(super) echo_scored: bool,
     pub(super) penalties: Option<Penalties>,
     /// JSON mode, structured output or a regular expression (`guided_regex`,
     /// `guided_choice`): where the output starts.
@@ -107,10 +110,12 @@ pub(super) struct Seq {
     /// text is not sent yet.
     pub(super) logprobs: Option<u8>,
     pub(super) pending_logprobs: Vec<TokenLogprob>,
-    /// While its prompt is being scored (`echo` with `logprobs`): the next prompt token to
-    /// score (from 1: each row's logits score the next row's token), and the prompt's
-    /// tokens scored so far, its first unscored. Sent once all are, before any text.
+    /// While its prompt is being scored (`echo` with `logprobs`, vLLM's
+    /// `prompt_logprobs`): the next prompt token to score (from 1: each row's logits score
+    /// the next row's token), and the prompt's tokens scored so far, its first unscored.
+    /// Sent once all are, before any text; with `prompt_top` alternatives each.
     pub(super) prompt_next: Option<usize>,
+    pub(super) prompt_top: usize,
     pub(super) prompt_scored: Vec<TokenLogprob>,
     /// Its prompt is scored (`echo` with `logprobs`): a stop token gets an item too.
     pub(super) scored: bool,
@@ -498,9 +503,10 @@ pub(super) fn admit(n: NewSeq, id: u64) -> Seq {
         out: TextOut::new(n.stop, n.keep_stop, n.skip_special),
         logprobs: n.logprobs,
         pending_logprobs: Vec::new(),
-        prompt_next: n.prompt_logprobs.then_some(1),
+        prompt_next: n.prompt_logprobs.map(|_| 1),
+        prompt_top: n.prompt_logprobs.unwrap_or(0) as usize,
         prompt_scored: Vec::new(),
-        scored: n.prompt_logprobs,
+        scored: n.echo_scored,
         seen,
         penalties: n.penalties,
         counts: HashMap::new(),
@@ -531,6 +537,8 @@ pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob 
         token,
         bytes,
         logprob: lp.logprob.max(-9999.0),
+        id: Some(lp.id),
+        rank: Some(lp.rank),
         top_logprobs: lp
             .top
             .iter()
@@ -540,6 +548,7 @@ pub(super) fn logprob_item(tok: &Tokenizer, lp: &TokenLogprobs) -> TokenLogprob 
                     token,
                     bytes,
                     logprob: logprob.max(-9999.0),
+                    id: Some(id),
                 }
             })
             .collect(),
@@ -665,7 +674,8 @@ mod tests {
             keep_stop: false,
             skip_special: true,
             logprobs: None,
-            prompt_logprobs: false,
+            prompt_logprobs: None,
+            echo_scored: false,
             penalties: None,
             grammar: None,
             embed: false,

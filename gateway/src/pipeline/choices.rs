@@ -41,6 +41,8 @@ pub(super) struct Choice {
     pub(super) done: Option<(crate::worker::FinishReason, crate::worker::Usage)>,
     /// An embeddings request's answer.
     pub(super) embedding: Vec<f32>,
+    /// vLLM's `prompt_logprobs`, rendered, once the worker scored the prompt.
+    pub(super) prompt_logprobs: Option<serde_json::Value>,
 }
 
 /// Stores a finished `/v1/responses` answer when it is to be stored (through the store's
@@ -64,6 +66,10 @@ pub(super) struct SseStream {
     /// `echo` with `logprobs`: streamed, the prompt goes out with its tokens'
     /// log-probabilities when the worker sends them ([`WorkerEvent::Prompt`]).
     pub(super) prompt_logprobs: bool,
+    /// With it, the alternatives each of the prompt's tokens shows (`logprobs`); vLLM's
+    /// `prompt_logprobs`, where asked (the worker scores the prompt with the larger).
+    pub(super) echo_top: usize,
+    pub(super) prompt_top: Option<u8>,
     /// Choices returned per prompt (`n`); the others (`best_of` past `n`) are dropped
     /// once all have ended (whole answers only).
     pub(super) keep: usize,
@@ -178,6 +184,7 @@ impl SseStream {
                 logprobs: &c.logprobs,
                 finish: c.done.map_or(crate::worker::FinishReason::Stop, |d| d.0),
                 embedding: &c.embedding,
+                prompt_logprobs: c.prompt_logprobs.as_ref(),
             })
             .collect();
         self.renderer.full(&out, usage)
@@ -225,12 +232,21 @@ impl SseStream {
                     c.logprobs.extend(logprobs);
                 }
                 Step::Event(i, WorkerEvent::Embedding(v)) => self.choices[i].embedding = v,
-                Step::Event(i, WorkerEvent::Prompt { logprobs, text }) => {
-                    // The prompt's tokens come first, before the completion's.
+                Step::Event(i, WorkerEvent::Prompt { mut logprobs, text }) => {
                     let c = &mut self.choices[i];
-                    c.logprobs.splice(0..0, logprobs);
-                    if let (None, Some(text)) = (&c.echo, text) {
-                        c.text.insert_str(0, &text);
+                    if let Some(k) = self.prompt_top {
+                        c.prompt_logprobs =
+                            Some(crate::api::prompt_logprobs::vllm(&logprobs, k as usize));
+                    }
+                    // For `echo`: the prompt's tokens come first, before the completion's.
+                    if self.prompt_logprobs || self.prompt_top.is_none() {
+                        for t in &mut logprobs {
+                            t.top_logprobs.truncate(self.echo_top);
+                        }
+                        c.logprobs.splice(0..0, logprobs);
+                        if let (None, Some(text)) = (&c.echo, text) {
+                            c.text.insert_str(0, &text);
+                        }
                     }
                 }
                 Step::Event(

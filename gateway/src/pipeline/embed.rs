@@ -125,6 +125,7 @@ impl Embedded {
                     logprobs: &[],
                     finish: crate::worker::FinishReason::Stop,
                     embedding: v,
+                    prompt_logprobs: None,
                 })
                 .collect();
             renderer.full(&out, usage)

@@ -440,6 +440,7 @@ async fn run(
     );
     let stream = req.stream;
     let prompt_logprobs = params.prompt_logprobs;
+    let (echo_top, prompt_top) = (params.logprobs.unwrap_or(0) as usize, params.prompt_top);
     let weight = if meter.best_effort || spot {
         Some(crate::worker::LOWEST_WEIGHT)
     } else {
@@ -548,12 +549,15 @@ async fn run(
                     score: (0.0, 0),
                     done: None,
                     embedding: Vec::new(),
+                    prompt_logprobs: None,
                 })
             })
             .collect(),
         _concurrency_slot: concurrency_slot,
         deadline,
         prompt_logprobs,
+        echo_top,
+        prompt_top,
         keep,
     };
     if stream {

@@ -110,6 +110,11 @@ pub struct SamplingParams {
     /// (with `logprobs` alternatives each), sent as one [`WorkerEvent::Prompt`] before the
     /// first generated text.
     pub prompt_logprobs: bool,
+    /// vLLM's `prompt_logprobs` (0 to 20): the prompt's tokens' log-probabilities, each
+    /// with its id and rank and this many most likely alternatives', sent as one
+    /// [`WorkerEvent::Prompt`] (with `prompt_logprobs` above too, each item has as many
+    /// alternatives as the larger asks).
+    pub prompt_top: Option<u8>,
     /// OpenAI's `presence_penalty` and `frequency_penalty` (−2 to 2).
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -310,6 +315,7 @@ impl SamplingParams {
             stop: Vec::new(),
             logprobs: None,
             prompt_logprobs: false,
+            prompt_top: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
@@ -363,6 +369,22 @@ pub struct WorkerRequest {
     /// An embeddings request's `dimensions`, for workers that make vectors of a size asked
     /// ([`Worker::sets_dimensions`]).
     pub dimensions: Option<u32>,
+}
+
+/// Refuses vLLM's `prompt_logprobs` on a worker that does not score prompts with token ids
+/// and ranks (`what`: which it is).
+pub fn no_prompt_logprobs(req: &WorkerRequest, what: &str) -> Result<(), WorkerError> {
+    match req.params.prompt_top {
+        Some(_) => Err(WorkerError::Rejected {
+            status: 400,
+            message: format!(
+                "this pool's workers are {what}: `prompt_logprobs` (token ids and ranks) is served by engine pools"
+            ),
+            code: None,
+            param: Some("prompt_logprobs".into()),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Refuses an embeddings request of several inputs or with `dimensions`, for workers that
@@ -467,6 +489,13 @@ pub struct TokenLogprob {
     /// The token's bytes (its text may be part of a character).
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
+    /// Its id, and how many tokens were at least as likely (itself included), where the
+    /// worker knows them (an engine's; vLLM's `prompt_logprobs` shows them). Not in
+    /// OpenAI's shape.
+    #[serde(skip)]
+    pub id: Option<u32>,
+    #[serde(skip)]
+    pub rank: Option<u32>,
 }
 
 /// An alternative token at the same position.
@@ -475,6 +504,9 @@ pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
+    /// Its id, where the worker knows it (not in OpenAI's shape).
+    #[serde(skip)]
+    pub id: Option<u32>,
 }
 
 /// What a worker emits.

@@ -277,6 +277,7 @@ impl Worker for SimWorker {
         let queued = self.queued.clone();
         async move {
             super::one_plain_input(&req)?;
+            super::no_prompt_logprobs(&req, "simulated")?;
             if req.params.logprobs.is_some() || req.params.format.is_some() {
                 // Its text is made up: it has no distribution to report or constrain.
                 let what = if req.params.format.is_some() {

@@ -334,6 +334,15 @@ if engine:
     assert re.fullmatch(r"SELECT col_[12]  from table_[12]  where col_[12] = [12] ", said), query
     assert query.choices[0].finish_reason == "stop", query
     print("grammar:", said)
+    # vLLM's `prompt_logprobs`: each prompt token's id, rank and log-probability, with the
+    # most likely at its place; the real model finds some of a familiar sentence's tokens
+    # the most likely.
+    scored = client.completions.create(model=model, prompt="The capital of France is Paris.", max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2})
+    listed = scored.model_dump()["choices"][0]["prompt_logprobs"]
+    assert listed[0] is None and len(listed) == scored.usage.prompt_tokens, listed
+    ranks = [next(iter(e.values()))["rank"] for e in listed[1:]]
+    assert all(r >= 1 for r in ranks) and 1 in ranks, ranks
+    print("prompt ranks:", ranks)
     # vLLM's `continue_final_message`: the answer goes on from the assistant's own start.
     prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
     cont = client.chat.completions.create(model=model, messages=prefill, max_tokens=8, temperature=0, extra_body={"continue_final_message": True, "add_generation_prompt": False})

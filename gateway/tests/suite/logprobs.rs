@@ -460,6 +460,15 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
         for t in &scored[1..] {
             assert!(t.logprob <= 0.0 && t.logprob > -9999.0, "{kind:?}: {t:?}");
             assert_eq!(t.top_logprobs.len(), 2, "{kind:?}: {t:?}");
+            // Its rank (vLLM's): 1 where it is the most likely, else past those likelier.
+            let rank = t.rank.expect("an engine's items have ranks");
+            let likelier = t
+                .top_logprobs
+                .iter()
+                .filter(|a| a.logprob > t.logprob)
+                .count();
+            assert!(rank as usize > likelier, "{kind:?}: {t:?}");
+            assert_eq!(t.top_logprobs[0].id == t.id, rank == 1, "{kind:?}: {t:?}");
         }
         // The generated tokens, scored in the prompt: the numbers they were drawn with.
         let tail = &scored[scored.len() - generated.len()..];
@@ -504,6 +513,28 @@ async fn the_engine_scores_prompts_on_the_cpu_and_on_the_gpu_path() {
         long_scores.push(scored);
     }
     if let [cpu, gpu] = &long_scores[..] {
+        let same_rank = cpu
+            .iter()
+            .zip(gpu)
+            .filter(|(a, b)| a.rank == b.rank)
+            .count();
+        let worst = cpu
+            .iter()
+            .zip(gpu)
+            .skip(1)
+            .map(|(a, b)| {
+                let (a, b) = (a.rank.unwrap_or(0) as f64, b.rank.unwrap_or(0) as f64);
+                (a - b).abs() / a.max(b)
+            })
+            .fold(0.0, f64::max);
+        eprintln!(
+            "ranks: {same_rank} of {} the same on both paths, worst {worst}",
+            cpu.len()
+        );
+        // The paths' logits differ in their last bits (f16 on the GPU path), and this
+        // model's are close together: a rank moves by the tokens in between (2.8 % at
+        // most, measured).
+        assert!(worst < 0.1, "ranks differ by {worst} of themselves");
         for (i, (a, b)) in cpu.iter().zip(gpu).enumerate().skip(1) {
             assert_eq!(a.bytes, b.bytes);
             assert!(
@@ -702,4 +733,125 @@ async fn the_api_answers_the_prompt_alone_for_max_tokens_0_with_echo() {
     let (text_u, lps_u, _, usage_u) = prompt_alone(&up, &echoed).await;
     assert_eq!((text_u.as_str(), &usage_u), (prompt, &usage));
     assert!(lps_u.is_null(), "{lps_u}");
+}
+
+/// vLLM's `prompt_logprobs`: each prompt token's log-probability, id and rank, with the k
+/// most likely tokens at its place, on completions (in each choice) and chat (in the
+/// response); the same numbers as `echo` with `logprobs` scores; refused where it cannot
+/// be served (past 20, streamed, a pool of simulated workers).
+#[tokio::test(flavor = "multi_thread")]
+async fn vllms_prompt_logprobs_give_each_prompt_tokens_id_rank_and_the_most_likely() {
+    let (_dir, model) = synthetic_model_file();
+    let gw = Gateway::start(&engine_config(&model, ""));
+    let tok = kernels::load::load(&model).unwrap().tokenizer;
+    let ids = tok.encode("once upon a time").unwrap();
+    let body = r#"{"model":"m","prompt":"once upon a time","max_tokens":3,"temperature":0,"prompt_logprobs":3}"#;
+    let v: Value = post_json(&gw, "/v1/completions", body).await;
+    let choice = &v["choices"][0];
+    assert!(choice["logprobs"].is_null(), "not asked: {v}");
+    assert!(
+        !choice["text"].as_str().unwrap().starts_with("once"),
+        "no echo: {v}"
+    );
+    let list = choice["prompt_logprobs"].as_array().expect("a list");
+    assert_eq!(list.len(), ids.len(), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    assert!(list[0].is_null());
+    let mut ranks = Vec::new();
+    for (at, (entry, id)) in list.iter().zip(&ids).enumerate().skip(1) {
+        let m = entry.as_object().unwrap();
+        // The prompt's own token first, then the 3 most likely (ranks 1 to 3), one entry
+        // each: 3 entries where the prompt's token is among them, else 4.
+        let (first, own) = m.iter().next().unwrap();
+        assert_eq!(first, &id.to_string(), "position {at}: {entry}");
+        assert_eq!(
+            own["decoded_token"],
+            String::from_utf8_lossy(tok.token_bytes(*id)).as_ref()
+        );
+        let rank = own["rank"].as_u64().unwrap();
+        let lp = own["logprob"].as_f64().unwrap();
+        let top: Vec<(u64, f64)> = m
+            .values()
+            .skip(1)
+            .map(|e| (e["rank"].as_u64().unwrap(), e["logprob"].as_f64().unwrap()))
+            .collect();
+        let in_top = rank <= 3;
+        assert_eq!(
+            m.len(),
+            if in_top { 3 } else { 4 },
+            "position {at}: {entry}"
+        );
+        // Ranks 1.., most likely first; the prompt's token no likelier than the first,
+        // and past the third where it is not among them.
+        let best = top.first().map_or(lp, |t| t.1);
+        assert!(
+            top.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 >= w[1].1),
+            "{entry}"
+        );
+        assert!(rank >= 1 && lp <= best + 1e-6, "position {at}: {entry}");
+        if !in_top {
+            assert!(top.iter().all(|t| t.1 >= lp), "position {at}: {entry}");
+        }
+        ranks.push(rank);
+    }
+    // The same log-probabilities as `echo` with `logprobs` gives the prompt's tokens.
+    let echo = body.replace(r#""prompt_logprobs":3"#, r#""echo":true,"logprobs":1"#);
+    let e: Value = post_json(&gw, "/v1/completions", &echo).await;
+    let lps = e["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    for (at, entry) in list.iter().enumerate().skip(1) {
+        let own = entry.as_object().unwrap().values().next().unwrap();
+        assert_eq!(own["logprob"], lps[at], "position {at}");
+    }
+    // Both at once: each its own number of alternatives.
+    let both = body.replace(
+        r#""prompt_logprobs":3"#,
+        r#""prompt_logprobs":3,"echo":true,"logprobs":1"#,
+    );
+    let b: Value = post_json(&gw, "/v1/completions", &both).await;
+    assert_eq!(
+        b["choices"][0]["prompt_logprobs"], choice["prompt_logprobs"],
+        "{b}"
+    );
+    assert_eq!(
+        b["choices"][0]["logprobs"], e["choices"][0]["logprobs"],
+        "{b}"
+    );
+    // Chat: one list, in the response, as long as the templated prompt.
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":2,"prompt_logprobs":0}"#;
+    let c: Value = post_json(&gw, "/v1/chat/completions", chat).await;
+    let list = c["prompt_logprobs"].as_array().expect("a list");
+    assert_eq!(
+        list.len() as u64,
+        c["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{c}"
+    );
+    assert!(
+        list[1..].iter().all(|e| e.as_object().unwrap().len() == 1),
+        "k = 0: {c}"
+    );
+    assert!(c["choices"][0].get("prompt_logprobs").is_none(), "{c}");
+    // Refused, naming the field.
+    for (body, why) in [
+        (body.replace(":3}", ":21}"), "0 to 20"),
+        (body.replace(":3}", ":-1}"), "0 to 20"),
+        (body.replace(":3}", r#":3,"stream":true}"#), "stream"),
+    ] {
+        let r = post(&gw, "/v1/completions", &body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["param"], "prompt_logprobs", "{err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(why),
+            "{err}"
+        );
+    }
+    let sim = Gateway::start(&config(FAST_SIM, "", ""));
+    let r = post(&sim, "/v1/completions", body).await;
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "prompt_logprobs", "{err}");
+    eprintln!("ranks: {ranks:?}");
 }

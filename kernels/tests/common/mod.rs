@@ -41,7 +41,7 @@ pub fn assert_logprobs(
 ) {
     let close =
         |a: f32, b: f32| a.to_bits() == b.to_bits() || (a - b).abs() <= 2e-5 * (1.0 + b.abs());
-    assert_eq!(d.id, h.id, "{what}: token");
+    assert_eq!((d.id, d.rank), (h.id, h.rank), "{what}: token and rank");
     assert!(close(d.logprob, h.logprob), "{what}: {d:?} vs {h:?}");
     let ids = |t: &kernels::logprobs::TokenLogprobs| t.top.iter().map(|p| p.0).collect::<Vec<_>>();
     assert_eq!(ids(d), ids(h), "{what}: the most likely tokens");

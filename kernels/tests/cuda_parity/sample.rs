@@ -324,7 +324,7 @@ fn logprobs_case<E: Exec>(g: &E) {
         let want = kernels::logprobs::token_logprobs(l, token, top as usize);
         let n = want.top.len();
         assert!(
-            w[..4 + 2 * n].iter().all(|&x| x != poison) && w[3] == 0,
+            w[..4 + 2 * n].iter().all(|&x| x != poison),
             "{what}: score {k}: words unwritten"
         );
         let d = kernels::logprobs::from_words(w);

@@ -279,6 +279,7 @@ impl Worker for OpenAiWorker {
         let timeout = Duration::from_secs_f64(self.cfg.timeout_secs);
         let in_flight = self.in_flight.clone();
         async move {
+            super::no_prompt_logprobs(&req, "an OpenAI-compatible upstream")?;
             let request = request.map_err(|e| WorkerError::Protocol(e.to_string()))?;
             in_flight.fetch_add(1, Ordering::Relaxed);
             let guard = InFlight(in_flight);

@@ -16,6 +16,8 @@ fn items(tokens: &[&str]) -> Vec<TokenLogprob> {
             bytes: t.as_bytes().to_vec(),
             logprob: -1.0,
             top_logprobs: Vec::new(),
+            id: None,
+            rank: None,
         })
         .collect()
 }

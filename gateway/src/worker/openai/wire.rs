@@ -166,6 +166,8 @@ impl UpstreamLogprobs {
                     bytes: t.bytes.unwrap_or_else(|| t.token.as_bytes().to_vec()),
                     token: t.token,
                     logprob: t.logprob,
+                    id: None,
+                    rank: None,
                     top_logprobs: t
                         .top_logprobs
                         .into_iter()
@@ -173,6 +175,7 @@ impl UpstreamLogprobs {
                             bytes: a.bytes.unwrap_or_else(|| a.token.as_bytes().to_vec()),
                             token: a.token,
                             logprob: a.logprob,
+                            id: None,
                         })
                         .collect(),
                 })
@@ -194,6 +197,7 @@ impl UpstreamLogprobs {
                         bytes: token.as_bytes().to_vec(),
                         token,
                         logprob,
+                        id: None,
                     })
                     .collect();
                 top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
@@ -202,6 +206,8 @@ impl UpstreamLogprobs {
                     token,
                     logprob: lp.unwrap_or(f32::NAN),
                     top_logprobs: top,
+                    id: None,
+                    rank: None,
                 }
             })
             .collect()
