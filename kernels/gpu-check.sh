@@ -29,6 +29,8 @@ RESULTS=${OUT:-}
 BIN=target/gpu-check
 if [ "${1:-}" = "--build" ]; then
   set -e
+  # A fresh folder: a build before this one left its binaries gzipped there.
+  rm -rf "$BIN"
   mkdir -p "$BIN"
   for t in cuda_parity cuda_compile cuda_twins cuda_backend; do
     bin=$(cargo test --release -p kernels --test "$t" --no-run --message-format=json 2>/dev/null \
@@ -52,7 +54,6 @@ for l in sys.stdin:
   # Debug info is not needed there; the carry limit is 64 MiB, which the binaries pass
   # unless compressed (79 MB stripped, 27 MB gzipped at session 69).
   command -v strip >/dev/null && strip --strip-debug "$BIN"/*
-  rm -f "$BIN"/*.gz
   gzip -9 "$BIN"/*
   du -sh "$BIN"
   exit 0
