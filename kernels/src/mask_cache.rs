@@ -33,13 +33,23 @@ struct Kept<K> {
 }
 
 impl<K: Hash + Eq> Masks<K> {
+    /// The mask kept for `key`; else `walk`'s, kept.
+    pub fn get_or_walk(&self, key: K, walk: impl FnOnce() -> Vec<u32>) -> Vec<u32> {
+        if let Some(bits) = self.get(&key) {
+            return bits.to_vec();
+        }
+        let bits = walk();
+        self.keep(key, &bits);
+        bits
+    }
+
     /// The mask kept for `key`, if any.
-    pub fn get(&self, key: &K) -> Option<Arc<[u32]>> {
+    fn get(&self, key: &K) -> Option<Arc<[u32]>> {
         self.0.lock().ok()?.masks.get(key).cloned()
     }
 
     /// Keeps `bits` for `key`; past [`MAX_MASK_BYTES`], drops all the others first.
-    pub fn keep(&self, key: K, bits: &[u32]) {
+    fn keep(&self, key: K, bits: &[u32]) {
         if let Ok(mut m) = self.0.lock() {
             let size = bits.len() * 4 + std::mem::size_of::<K>();
             if m.bytes + size > MAX_MASK_BYTES {

@@ -87,13 +87,9 @@ impl RegexState {
     /// [`crate::json_mode::JsonState::allowed`]). Special tokens never may; stop tokens
     /// once the text matches.
     pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
-        let key = (self.dfa.id, self.state, n);
-        if let Some(bits) = vocab.regex_masks().get(&key) {
-            return bits.to_vec();
-        }
-        let bits = self.walk(vocab, n);
-        vocab.regex_masks().keep(key, &bits);
-        bits
+        vocab
+            .regex_masks()
+            .get_or_walk((self.dfa.id, self.state, n), || self.walk(vocab, n))
     }
 
     /// [`RegexState::allowed`], computed: the vocabulary's trie walked from this state,

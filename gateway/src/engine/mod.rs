@@ -414,6 +414,8 @@ impl EngineWorker {
             )));
         }
         let p = &req.params;
+        // `echo` with `logprobs` scores the prompt with `logprobs` alternatives.
+        let echo_top = p.prompt_logprobs.then_some(p.logprobs).flatten();
         let weight = req.weight.unwrap_or(1.0);
         // Chats only: a completion's text is the model's as it comes.
         let reasoning = self
@@ -454,15 +456,9 @@ impl EngineWorker {
             skip_special: p.skip_special_tokens,
             logprobs: p.logprobs,
             // Scored for `echo` with `logprobs`, for vLLM's `prompt_logprobs`, or both
-            // (as many alternatives as the larger asks).
-            prompt_logprobs: match (
-                p.prompt_logprobs.then_some(p.logprobs).flatten(),
-                p.prompt_top,
-            ) {
-                (None, None) => None,
-                (echo, vllm) => Some(echo.unwrap_or(0).max(vllm.unwrap_or(0))),
-            },
-            echo_scored: p.prompt_logprobs && p.logprobs.is_some(),
+            // (as many alternatives as the larger asks: `None` is the least).
+            prompt_logprobs: echo_top.max(p.prompt_top),
+            echo_scored: echo_top.is_some(),
             penalties: Some(Penalties {
                 presence: p.presence_penalty,
                 frequency: p.frequency_penalty,

@@ -135,13 +135,9 @@ impl EbnfState {
     /// [`crate::json_mode::JsonState::allowed`]). Special tokens never may; stop tokens
     /// once the text is a whole `root`.
     pub fn allowed(&self, vocab: &JsonVocab, n: usize) -> Vec<u32> {
-        let key = (self.prog.id, self.key(), n);
-        if let Some(bits) = vocab.ebnf_masks().get(&key) {
-            return bits.to_vec();
-        }
-        let bits = self.walk(vocab, n);
-        vocab.ebnf_masks().keep(key, &bits);
-        bits
+        vocab
+            .ebnf_masks()
+            .get_or_walk((self.prog.id, self.key(), n), || self.walk(vocab, n))
     }
 
     /// [`EbnfState::allowed`], computed: the vocabulary's trie walked from this state.
